@@ -1,0 +1,319 @@
+"""Many adapters resident on the device at once, in the layout the multi-LoRA kernels read.
+
+Per target layer, one ``LayerStack``:
+
+    lora_A  (slots, r_max, in)    adapter s's A in rows 0..rank[s]-1, zeros below
+    lora_B  (slots, out, r_max)   adapter s's B in columns 0..rank[s]-1, zeros to the right
+    scaling (slots,) float32      alpha / r (or alpha / sqrt(r)); 0 for an empty slot
+    rank    (slots,) int32        0 for an empty slot
+
+An ``AdapterStack`` shares one name <-> slot table over the LayerStacks of several layers, so a batch's row plan
+(``lorakit.kernels.multi_lora.RowPlan``) is built once and read by every layer. Adapters of different ranks share
+the buffers: they are padded to r_max with zeros, and the kernels also mask the rank axis by ``rank[s]``, so padded
+rows contribute exactly zero. Loading into or evicting from existing capacity writes that slot in place (no
+reallocation, the other slots' bytes are untouched, so requests running on other slots are not disturbed); only
+growing the capacity (more slots, or a larger r_max) reallocates.
+
+Plain LoRA / rsLoRA only: DoRA's output also rescales the base output per adapter, so DoRA adapters take the
+per-adapter reference path (``lorakit.layers``).
+"""
+
+from __future__ import annotations
+
+import collections
+import weakref
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from lorakit.errors import LorakitError
+from lorakit.kernels.multi_lora import RowPlan, multi_lora_add_, multi_lora_delta, plan_batch
+
+__all__ = ["LayerStack", "AdapterStack", "stack_for_layer", "stack_dtype_for", "shared_plan"]
+
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class LayerStack:
+    """The stacked buffers of one target layer (shapes in the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, slots: int, r_max: int, dtype: torch.dtype, device):
+        if slots < 1 or r_max < 1:
+            raise LorakitError(f"a layer stack needs at least one slot and r_max >= 1, got slots={slots}, r_max={r_max}")
+        self.in_features, self.out_features = in_features, out_features
+        self.lora_A = torch.zeros(slots, r_max, in_features, dtype=dtype, device=device)
+        self.lora_B = torch.zeros(slots, out_features, r_max, dtype=dtype, device=device)
+        self.scaling = torch.zeros(slots, dtype=torch.float32, device=device)
+        self.rank = torch.zeros(slots, dtype=torch.int32, device=device)
+
+    @property
+    def slots(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def r_max(self) -> int:
+        return self.lora_A.shape[1]
+
+    def load(self, slot: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+        """Copy one adapter, lora_A (r, in) and lora_B (out, r), into ``slot`` in place (r <= r_max)."""
+        r = lora_A.shape[0]
+        if lora_A.shape != (r, self.in_features) or lora_B.shape != (self.out_features, r):
+            raise LorakitError(
+                f"adapter shapes lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)} do not fit this layer: "
+                f"expected (r, {self.in_features}) / ({self.out_features}, r)"
+            )
+        if r > self.r_max:
+            raise LorakitError(f"rank {r} exceeds the stack's r_max={self.r_max}; grow the stack first (AdapterStack grows itself)")
+        if not 0 <= slot < self.slots:
+            raise LorakitError(f"slot {slot} is out of range: the stack has {self.slots} slots")
+        with torch.no_grad():
+            self.lora_A[slot, :r].copy_(lora_A)
+            self.lora_A[slot, r:].zero_()
+            self.lora_B[slot, :, :r].copy_(lora_B)
+            self.lora_B[slot, :, r:].zero_()
+            self.scaling[slot] = float(scaling)
+            self.rank[slot] = r
+
+    def evict(self, slot: int) -> None:
+        """Empty ``slot`` in place: rank 0 and zero weights (a row pointed at it gets exactly zero)."""
+        with torch.no_grad():
+            self.lora_A[slot].zero_()
+            self.lora_B[slot].zero_()
+            self.scaling[slot] = 0.0
+            self.rank[slot] = 0
+
+    def resized(self, slots: int, r_max: int) -> "LayerStack":
+        """A new LayerStack with at least this capacity holding the same adapters (reallocates)."""
+        new = LayerStack(self.in_features, self.out_features, max(slots, self.slots), max(r_max, self.r_max),
+                         self.lora_A.dtype, self.lora_A.device)
+        n, r = self.slots, self.r_max
+        new.lora_A[:n, :r].copy_(self.lora_A)
+        new.lora_B[:n, :, :r].copy_(self.lora_B)
+        new.scaling[:n].copy_(self.scaling)
+        new.rank[:n].copy_(self.rank)
+        return new
+
+    def delta(self, x: torch.Tensor, slot_of_row: torch.Tensor) -> torch.Tensor:
+        """x (T, in), slot_of_row (T,) -> (T, out): the multi-LoRA delta (dispatcher: Triton or reference)."""
+        return multi_lora_delta(x, self.lora_A, self.lora_B, self.scaling, slot_of_row, self.rank)
+
+    def add_(self, y: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+        """In place y (T, out) += delta of x (T, in) for the rows in ``plan``; inference only."""
+        return multi_lora_add_(y, x, self.lora_A, self.lora_B, self.scaling, self.rank, plan)
+
+
+class AdapterStack:
+    """Named adapters in slots, shared by the LayerStacks of several layers (keyed by layer name).
+
+    ``load(name, weights)`` puts an adapter into a free slot (or its old slot) of every layer; a layer missing
+    from ``weights`` gets an empty slot, so the adapter contributes nothing there. ``evict(name)`` frees its slot.
+    """
+
+    def __init__(self, layer_shapes: Mapping[str, tuple[int, int]], slots: int = 8, r_max: int = 16,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", plan_cache: int = 32):
+        """layer_shapes: layer key -> (in_features, out_features)."""
+        self.dtype, self.device = dtype, torch.device(device)
+        self.layers = {key: LayerStack(i, o, slots, r_max, dtype, self.device) for key, (i, o) in layer_shapes.items()}
+        self.capacity, self.r_max = slots, r_max
+        self.slot_of: dict[str, int] = {}
+        self._plans: collections.OrderedDict = collections.OrderedDict()
+        self._plan_cache = plan_cache
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.slot_of
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    def grow(self, slots: int | None = None, r_max: int | None = None) -> None:
+        """More slots and/or a larger r_max. Reallocates every layer's buffers (the only call that does)."""
+        slots, r_max = max(slots or 0, self.capacity), max(r_max or 0, self.r_max)
+        if (slots, r_max) == (self.capacity, self.r_max):
+            return
+        self.layers = {key: layer.resized(slots, r_max) for key, layer in self.layers.items()}
+        self.capacity, self.r_max = slots, r_max
+
+    def _free_slot(self) -> int:
+        used = set(self.slot_of.values())
+        for slot in range(self.capacity):
+            if slot not in used:
+                return slot
+        self.grow(slots=2 * self.capacity)
+        return self._free_slot()
+
+    def load(self, name: str, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> int:
+        """Load adapter ``name``: layer key -> (lora_A (r, in), lora_B (out, r), scaling). Returns its slot.
+
+        Reloading a loaded name overwrites its slot in place. Grows the capacity only when no slot is free or the
+        rank exceeds r_max.
+        """
+        unknown = sorted(set(weights) - set(self.layers))
+        if unknown:
+            raise LorakitError(f"adapter {name!r} has weights for layers the stack does not hold: {unknown[:3]}; build the stack over those layers")
+        rank = max((a.shape[0] for a, _, _ in weights.values()), default=0)
+        if rank > self.r_max:
+            self.grow(r_max=rank)
+        slot = self.slot_of.get(name)
+        if slot is None:
+            slot = self._free_slot()
+        for key, layer in self.layers.items():
+            if key in weights:
+                lora_A, lora_B, scaling = weights[key]
+                layer.load(slot, lora_A.detach().to(self.dtype), lora_B.detach().to(self.dtype), scaling)
+            else:
+                layer.evict(slot)
+        self.slot_of[name] = slot
+        return slot
+
+    def evict(self, name: str) -> None:
+        """Free ``name``'s slot in place; the other slots are untouched."""
+        if name not in self.slot_of:
+            raise LorakitError(f"adapter {name!r} is not loaded in this stack; loaded: {sorted(self.slot_of)}")
+        slot = self.slot_of.pop(name)
+        for layer in self.layers.values():
+            layer.evict(slot)
+
+    def slots_for(self, names: Sequence[str | None]) -> list[int]:
+        """Slot of each name (None -> -1, no adapter)."""
+        try:
+            return [-1 if n is None else self.slot_of[n] for n in names]
+        except KeyError as missing:
+            raise LorakitError(f"adapter {missing.args[0]!r} is not loaded in this stack; load it first (loaded: {sorted(self.slot_of)})") from None
+
+    def plan(self, names: Sequence[str | None], seq_len: int) -> RowPlan:
+        """The row plan for a (len(names), seq_len) batch, cached per (slots, seq_len)."""
+        return plan_for_slots(tuple(self.slots_for(names)), seq_len, self.device, self._plans, self._plan_cache)
+
+    def add_(self, key: str, y: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+        """In place y (T, out) += layer ``key``'s delta for x (T, in) (inference only)."""
+        return self.layers[key].add_(y, x, plan)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, adapters: Iterable[str] | None = None, slots: int | None = None,
+                   dtype: torch.dtype | None = None, device=None) -> "AdapterStack":
+        """A stack over every lorakit linear layer of ``model``, loaded with ``adapters`` (default: all of them).
+
+        Raises LorakitError for a DoRA adapter (it is served by the per-adapter reference path instead).
+        """
+        from lorakit.layers import LoraLinear  # core -> core; kept lazy so the kernels stay importable alone
+
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+        if not layers:
+            raise LorakitError("the model has no lorakit LoRA layers; call lorakit.inject(model, config) first")
+        names = list(adapters) if adapters is not None else sorted({a for m in layers.values() for a in m.adapters})
+        first = next(iter(layers.values()))
+        some = next((m.adapters[n] for m in layers.values() for n in names if n in m.adapters), None)
+        dtype = dtype or (some.lora_A.dtype if some is not None else torch.float32)
+        device = device or first.linear_weight(torch.float32).device
+        ranks = [m.adapters[n].rank for m in layers.values() for n in names if n in m.adapters]
+        stack = cls({k: (m.in_features, m.out_features) for k, m in layers.items()}, slots=slots or max(1, len(names)),
+                    r_max=max(ranks, default=1), dtype=dtype, device=device)
+        for name in names:
+            weights = {}
+            for key, m in layers.items():
+                if name in m.adapters:
+                    adapter = m.adapters[name]
+                    if not adapter.variant.plain:
+                        raise LorakitError(f"adapter {name!r} is {adapter.variant_name}; the adapter stack serves lora/rslora only (DoRA runs on the reference path)")
+                    weights[key] = (adapter.lora_A, adapter.lora_B, adapter.scaling)
+            stack.load(name, weights)
+        return stack
+
+
+_SHARED_PLANS: collections.OrderedDict = collections.OrderedDict()
+
+
+def plan_for_slots(slots: tuple[int, ...], seq_len: int, device: torch.device, cache: collections.OrderedDict,
+                   size: int = 32) -> RowPlan:
+    """Cached ``plan_batch``: every layer whose slot table agrees reuses the same plan (one build per batch)."""
+    key = (slots, seq_len, device)
+    plan = cache.get(key)
+    if plan is None:
+        plan = plan_batch(slots, seq_len, device)
+        cache[key] = plan
+        if len(cache) > size:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return plan
+
+
+def stack_dtype_for(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer's stack holds: the activations' 16-bit dtype when adapters are float32 (as a server
+    stores them: half the bytes to read per decode step, tensor-core dots; rounding A and B to 16 bits changes the
+    output far less than the 16-bit output's own rounding), else the adapters' dtype."""
+    if x_dtype in (torch.float16, torch.bfloat16) and adapter_dtype == torch.float32:
+        return x_dtype
+    return adapter_dtype
+
+
+class _LayerCache:
+    """A one-layer AdapterStack cached on a LoRA layer, plus what each slot was loaded from."""
+
+    def __init__(self, stack: AdapterStack):
+        self.stack = stack
+        self.source: dict[str, tuple] = {}  # name -> (weakref adapter, weakref A, A version, A ptr, weakref B, ...)
+
+
+def _fingerprint(adapter) -> tuple:
+    a, b = adapter.lora_A, adapter.lora_B
+    return (a._version, a.data_ptr(), b._version, b.data_ptr(), adapter.scaling, adapter.rank)
+
+
+def _same_source(source: tuple, adapter) -> bool:
+    ref_adapter, ref_A, ref_B, fingerprint = source
+    # weak references: a deleted and re-created adapter is a different object even if it reuses an id or address
+    return ref_adapter() is adapter and ref_A() is adapter.lora_A and ref_B() is adapter.lora_B and fingerprint == _fingerprint(adapter)
+
+
+def _evict_deleted(cache: _LayerCache, adapters) -> None:
+    for stale in [n for n in cache.stack.slot_of if n not in adapters]:
+        cache.stack.evict(stale)
+        cache.source.pop(stale, None)
+
+
+def shared_plan(slots: Sequence[int], seq_len: int, device: torch.device) -> RowPlan:
+    """The row plan for a (len(slots), seq_len) batch from a process-wide cache shared by all layers."""
+    return plan_for_slots(tuple(slots), seq_len, device, _SHARED_PLANS)
+
+
+def stack_for_layer(layer, names: Sequence[str | None], device: torch.device, dtype: torch.dtype) -> tuple[AdapterStack, list[int]]:
+    """The layer's cached one-layer stack, synced with its adapters for the names in this batch; and the slots.
+
+    ``layer`` has ``.adapters`` (name -> adapter with lora_A (r, in), lora_B (out, r), scaling, rank),
+    ``in_features`` and ``out_features``. A name the layer does not hold maps to -1 (no adapter on this layer).
+    An adapter whose tensors were replaced or changed in place (tensor version counters) is reloaded into its
+    slot; a deleted one is evicted when its name comes up again. Slots are assigned in order of first appearance,
+    so layers that hold the same adapters agree on slots and share one row plan.
+    """
+    cache: _LayerCache | None = layer.__dict__.get("_lorakit_stack_cache")
+    if cache is None or cache.stack.device != device or cache.stack.dtype != dtype:
+        ranks = [a.rank for a in layer.adapters.values()]
+        stack = AdapterStack({"": (layer.in_features, layer.out_features)}, slots=max(8, len(ranks)),
+                             r_max=max(ranks, default=1), dtype=dtype, device=device)
+        cache = _LayerCache(stack)
+        layer.__dict__["_lorakit_stack_cache"] = cache
+    stack = cache.stack
+    adapters = layer.adapters
+    slots = []
+    seen: dict[str | None, int] = {None: -1}
+    for name in names:
+        slot = seen.get(name)
+        if slot is None:
+            adapter = adapters[name] if name in adapters else None
+            if adapter is None:
+                if name in stack:  # deleted from the layer since it was loaded
+                    stack.evict(name)
+                    cache.source.pop(name, None)
+                slot = -1
+            else:
+                source = cache.source.get(name)
+                if source is None and len(stack) >= stack.capacity:
+                    _evict_deleted(cache, adapters)  # reuse slots of deleted adapters before growing
+                if source is None or not _same_source(source, adapter):
+                    stack.load(name, {"": (adapter.lora_A, adapter.lora_B, adapter.scaling)})
+                    cache.source[name] = (weakref.ref(adapter), weakref.ref(adapter.lora_A), weakref.ref(adapter.lora_B), _fingerprint(adapter))
+                slot = stack.slot_of[name]
+            seen[name] = slot
+        slots.append(slot)
+    return stack, slots

@@ -1,0 +1,190 @@
+"""Multi-adapter LoRA: the Triton SGMV kernels (run on the CPU under TRITON_INTERPRET=1) against the reference,
+the reference against a float64 per-row formula, and the mixed-batch fast path of a model against per-row runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TOLERANCE, assert_close, tiny_llama
+from lorakit.errors import LorakitError
+from lorakit.kernels._triton import triton_usable
+from lorakit.kernels.multi_lora import (
+    multi_lora_add_,
+    multi_lora_delta,
+    multi_lora_delta_reference,
+    plan_rows,
+    slot_of_row_from_plan,
+)
+from lorakit.kernels.triton.sgmv import sgmv_expand_add_, sgmv_shrink
+
+DTYPES = [torch.float32, torch.float16]
+
+
+def make_stack(d_in, d_out, ranks, dtype, r_max=None, garbage_padding=False):
+    """A (slots, r_max, in), B (slots, out, r_max), scalings (slots,), ranks (slots,) int32."""
+    r_max = r_max or max(max(ranks), 1)
+    slots = len(ranks)
+    fill = torch.randn if garbage_padding else torch.zeros
+    A = fill(slots, r_max, d_in).to(dtype)
+    B = fill(slots, d_out, r_max).to(dtype)
+    for s, r in enumerate(ranks):
+        A[s, :r] = (torch.randn(r, d_in) / d_in**0.5).to(dtype)
+        B[s, :, :r] = torch.randn(d_out, r).to(dtype)
+    scalings = torch.rand(slots) + 0.5
+    return A, B, scalings, torch.tensor(ranks, dtype=torch.int32)
+
+
+def per_row_float64(x, A, B, scalings, slot_of_row, ranks):
+    """The formula, one row at a time, in float64: the truth the reference is checked against."""
+    out = torch.zeros(x.shape[0], B.shape[1], dtype=torch.float64)
+    for i, s in enumerate(slot_of_row.tolist()):
+        if s >= 0:
+            r = int(ranks[s])
+            out[i] = scalings[s].double() * (x[i].double() @ A[s, :r].double().T) @ B[s, :, :r].double().T
+    return out
+
+
+CASES = {
+    # name: (T, in, out, ranks, slot_of_row builder)
+    "odd-shapes-mixed-ranks-some-rows-without": (45, 37, 130, [4, 8, 16], lambda T, S: torch.randint(-1, S, (T,))),
+    "all-rows-one-adapter-long-segment": (70, 37, 130, [8, 16], lambda T, S: torch.full((T,), 1)),
+    "decode-every-row-different": (9, 37, 130, [4, 8, 16, 4, 8, 16, 4, 8, 16], lambda T, S: torch.randperm(S)),
+    "no-row-has-an-adapter": (5, 37, 130, [4], lambda T, S: torch.full((T,), -1)),
+}
+
+
+def test_triton_path_is_taken_in_tests():
+    # the comparisons below are only meaningful if the dispatcher really runs the kernels
+    assert triton_usable(torch.zeros(1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernels_match_reference(case, dtype):
+    T, d_in, d_out, ranks, slots_fn = CASES[case]
+    A, B, scalings, ranks_t = make_stack(d_in, d_out, ranks, dtype)
+    x = torch.randn(T, d_in).to(dtype)
+    slot_of_row = slots_fn(T, len(ranks))
+    expected = multi_lora_delta_reference(x, A, B, scalings, slot_of_row, ranks_t)
+    actual = multi_lora_delta(x, A, B, scalings, slot_of_row, ranks_t)
+    assert actual.dtype == dtype and actual.shape == (T, d_out)
+    assert_close(actual, expected)
+    truth = per_row_float64(x, A, B, scalings, slot_of_row, ranks_t)
+    assert_close(actual, truth)
+    assert_close(expected, truth)
+    no_adapter = slot_of_row < 0
+    assert torch.equal(actual[no_adapter], torch.zeros_like(actual[no_adapter]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_k_shrink_matches_single_pass(dtype):
+    # split-K (used for decode on the GPU) adds partial sums atomically; its result must match the one-pass kernel
+    A, B, scalings, ranks = make_stack(300, 40, [4, 16, 8], dtype)
+    x = torch.randn(6, 300).to(dtype)
+    plan = plan_rows(torch.tensor([2, 0, -1, 1, 2, 0]))
+    one = sgmv_shrink(x, A, scalings, ranks, plan, split_k=1)
+    three = sgmv_shrink(x, A, scalings, ranks, plan, split_k=3)
+    assert_close(three, one, dtype=torch.float32)
+    y = torch.zeros(6, 40, dtype=dtype)
+    sgmv_expand_add_(y, three, B, ranks, plan)
+    assert_close(y, multi_lora_delta_reference(x, A, B, scalings, plan_slots(plan), ranks))
+
+
+def plan_slots(plan):
+    return slot_of_row_from_plan(plan)
+
+
+def test_padded_rank_rows_contribute_exactly_zero():
+    # garbage beyond each slot's rank must be ignored: the kernels mask the rank axis by ranks[slot]
+    A, B, scalings, ranks = make_stack(37, 130, [4, 8, 16], torch.float32, garbage_padding=True)
+    A_clean, B_clean = A.clone(), B.clone()
+    for s, r in enumerate(ranks.tolist()):
+        A_clean[s, r:] = 0
+        B_clean[s, :, r:] = 0
+    x = torch.randn(20, 37)
+    slot_of_row = torch.randint(0, 3, (20,))
+    with_garbage = multi_lora_delta(x, A, B, scalings, slot_of_row, ranks)
+    clean = multi_lora_delta(x, A_clean, B_clean, scalings, slot_of_row, ranks)
+    assert torch.equal(with_garbage, clean)
+
+
+def test_rows_without_adapter_are_never_read_or_written():
+    A, B, scalings, ranks = make_stack(37, 130, [4, 8], torch.float32)
+    x = torch.randn(12, 37)
+    slot_of_row = torch.tensor([0, -1, 1, -1, 0, 0, -1, 1, 1, -1, 0, -1])
+    x[slot_of_row < 0] = float("nan")  # a read of these rows would spread NaN
+    y = torch.randn(12, 130)
+    y[slot_of_row < 0] = float("inf")  # a write would turn inf into NaN or change it
+    before = y.clone()
+    plan = plan_rows(slot_of_row)
+    assert plan.row_order.numel() == int((slot_of_row >= 0).sum())
+    multi_lora_add_(y, x, A, B, scalings, ranks, plan)
+    assert torch.equal(y[slot_of_row < 0], before[slot_of_row < 0])
+    x_clean = torch.where(torch.isnan(x), torch.zeros_like(x), x)
+    expected = before[slot_of_row >= 0] + multi_lora_delta_reference(x_clean, A, B, scalings, slot_of_row, ranks)[slot_of_row >= 0]
+    assert_close(y[slot_of_row >= 0], expected)
+
+
+def test_plan_groups_rows_by_slot_in_tiles_of_one_slot():
+    slot_of_row = torch.tensor([3, 1, -1, 3, 1, 1] + [2] * 40)
+    plan = plan_rows(slot_of_row)
+    order, (start, end, slot) = plan.row_order.tolist(), plan.tiles.tolist()
+    assert plan.block_m == 64 and plan.max_segment == 40  # a long segment: prefill tiles
+    assert order[:3] == [1, 4, 5] and order[-2:] == [0, 3]  # stable inside each slot
+    for s, e, sl in zip(start, end, slot):
+        rows = order[s : min(e, s + plan.block_m)]
+        assert {int(slot_of_row[r]) for r in rows} == {sl}
+    assert torch.equal(slot_of_row_from_plan(plan), slot_of_row)
+    decode = plan_rows(torch.arange(8))
+    assert decode.block_m == 16 and decode.n_tiles == 8
+
+
+def test_reference_gradients_match_float64_formula():
+    # training through a mixed batch goes through the reference: its gradients must be right
+    A, B, scalings, ranks = make_stack(37, 13, [4, 8], torch.float64)
+    x = torch.randn(10, 37, dtype=torch.float64, requires_grad=True)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    slot_of_row = torch.tensor([0, 1, -1, 1, 0, 0, 1, -1, 1, 0])
+    weight = torch.randn(10, 13, dtype=torch.float64)
+    (multi_lora_delta(x, A, B, scalings, slot_of_row, ranks) * weight).sum().backward()
+    grads = [t.grad.clone() for t in (x, A, B)]
+    for t in (x, A, B):
+        t.grad = None
+    (per_row_float64_autograd(x, A, B, scalings, slot_of_row, ranks) * weight).sum().backward()
+    for got, want in zip(grads, (x.grad, A.grad, B.grad)):
+        assert_close(got, want)
+    assert grads[1][0, 4:].abs().sum() == 0  # padded rows of a rank-4 slot get no gradient
+
+
+def per_row_float64_autograd(x, A, B, scalings, slot_of_row, ranks):
+    rows = []
+    for i, s in enumerate(slot_of_row.tolist()):
+        if s < 0:
+            rows.append(torch.zeros(B.shape[1], dtype=x.dtype))
+        else:
+            r = int(ranks[s])
+            rows.append(scalings[s].to(x.dtype) * (x[i] @ A[s, :r].T) @ B[s, :, :r].T)
+    return torch.stack(rows)
+
+
+def test_dispatcher_uses_reference_when_gradients_are_needed():
+    A, B, scalings, ranks = make_stack(37, 13, [4], torch.float32)
+    x = torch.randn(3, 37, requires_grad=True)
+    out = multi_lora_delta(x, A, B, scalings, torch.tensor([0, -1, 0]), ranks)
+    assert out.requires_grad  # the kernels have no backward; the reference keeps the graph
+    out.sum().backward()
+    assert x.grad is not None and torch.equal(x.grad[1], torch.zeros(37))
+
+
+def test_shape_mistakes_raise_one_line_errors():
+    A, B, scalings, ranks = make_stack(37, 13, [4, 8], torch.float32)
+    with pytest.raises(LorakitError, match="in_features=37"):
+        multi_lora_delta(torch.randn(3, 36), A, B, scalings, torch.zeros(3, dtype=torch.long), ranks)
+    with pytest.raises(LorakitError, match="one slot per row"):
+        multi_lora_delta(torch.randn(3, 37), A, B, scalings, torch.zeros(4, dtype=torch.long), ranks)
+    with pytest.raises(LorakitError, match="stack has 2 slots"):
+        multi_lora_delta(torch.randn(3, 37), A, B, scalings, torch.tensor([0, 2, 1]), ranks)
+    with pytest.raises(LorakitError, match="row plan covers"):
+        multi_lora_add_(torch.zeros(3, 13), torch.randn(3, 37), A, B, scalings, ranks, plan_rows([0, 1]))
