@@ -1,0 +1,68 @@
+"""SwiGLU: ``h = silu(gate) * up`` (the Llama / Qwen / Mistral MLP's activation), forward and backward.
+
+``swiglu_reference`` is the spec (``F.silu(gate) * up``, as transformers computes it). ``swiglu`` dispatches to the
+Triton kernels (``kernels/triton/swiglu.py``) when ``triton_usable``: one pass forward, one backward, saving only
+gate and up (the reference also keeps silu(gate)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.kernels._triton import interpreter_on, triton_usable
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up (..., I) -> (..., I)."""
+    return F.silu(gate) * up
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        from lorakit.kernels.triton.swiglu import swiglu_forward
+
+        dtype = torch.promote_types(gate.dtype, up.dtype)
+        gate, up = gate.to(dtype).contiguous(), up.to(dtype).contiguous()
+        ctx.save_for_backward(gate, up)
+        return swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, dh):
+        from lorakit.kernels.triton.swiglu import swiglu_backward
+
+        gate, up = ctx.saved_tensors
+        dg, du = swiglu_backward(dh.to(gate.dtype).contiguous(), gate, up)
+        return dg, du
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up (..., I) of the same shape -> silu(gate) * up; fused when it can run, else the reference."""
+    usable = (
+        gate.shape == up.shape
+        and triton_usable(gate, up)
+        and {gate.dtype, up.dtype} <= {torch.float32, torch.float16, torch.bfloat16}
+        and not (gate.device.type == "cpu" and interpreter_on() and torch.bfloat16 in {gate.dtype, up.dtype})
+    )
+    if usable:
+        return SwiGLUFunction.apply(gate, up)
+    return swiglu_reference(gate, up)
+
+
+class FusedSwiGLUMLP(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))`` with the fused activation.
+
+    Takes over the three projection modules of a transformers MLP as they are (LoRA-wrapped or not), under the
+    same names, so state-dict keys and adapter paths do not change.
+    """
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
+        super().__init__()
+        self.gate_proj = gate_proj
+        self.up_proj = up_proj
+        self.down_proj = down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
