@@ -1,0 +1,30 @@
+"""lorakit: low-rank adaptation (LoRA, rsLoRA, DoRA, LoRA+, QLoRA) for language models.
+
+The public API, nothing else. Heavy parts (transformers, training, serving) load only when used.
+"""
+
+__version__ = "0.1.0"
+
+from lorakit.adapters import active_adapters, delete_adapter, disable_adapters, lora_parameters, mixed_batch, set_adapter
+from lorakit.config import LoraConfig
+from lorakit.errors import LorakitError
+from lorakit.inject import adapter_names, inject, trainable_report
+from lorakit.io import base_fingerprint, load_adapter, read_adapter, save_adapter
+from lorakit.merge import merge, merge_and_unload, unmerge
+
+
+def load_base(name_or_folder: str = "smollm2-135m", **kwargs):
+    """Load a base causal LM and its tokenizer: the embedded default model or any local Hugging Face folder.
+
+    See ``lorakit.models.load_base`` for the arguments.
+    """
+    from lorakit.models import load_base as _load_base
+
+    return _load_base(name_or_folder, **kwargs)
+
+
+__all__ = [
+    "__version__", "LoraConfig", "LorakitError", "inject", "trainable_report", "adapter_names", "set_adapter",
+    "active_adapters", "delete_adapter", "disable_adapters", "mixed_batch", "lora_parameters", "merge", "unmerge",
+    "merge_and_unload", "save_adapter", "load_adapter", "read_adapter", "base_fingerprint", "load_base",
+]

@@ -1,0 +1,66 @@
+"""``lorakit`` command line: a thin table of subcommands, each implemented in its own module.
+
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only
+when their subcommand runs, so ``lorakit --help`` stays fast. A ``LorakitError`` (a user mistake) prints one
+line and exits with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("lorakit.commands.demo", "load the embedded model, inject an adapter, show trainable share and a generation"),
+    "train": ("lorakit.train.cli", "fine-tune a causal LM with LoRA (no arguments: the embedded demo task)"),
+    "eval": ("lorakit.train.eval_cli", "loss, perplexity and exact match of a model (+ adapter) on a data file"),
+    "generate": ("lorakit.commands.generate", "generate text with a base model and zero or more adapters"),
+    "merge": ("lorakit.commands.merge", "merge an adapter into its base and write a Hugging Face (or GGUF) model"),
+    "inspect": ("lorakit.commands.inspect", "describe an adapter folder: rank, alpha, variant, targets, size, base"),
+    "serve": ("lorakit.serve.cli", "OpenAI-compatible HTTP server over one base model and many adapters"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorakit",
+        description="Low-rank adaptation of language models: train, merge, hot-swap and serve LoRA adapters.",
+    )
+    from lorakit import __version__
+
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == only:  # only the chosen subcommand's module is imported
+            importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lorakit.errors import LorakitError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in SUBCOMMANDS:
+        command = None
+    parser = build_parser(only=command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except LorakitError as error:
+        print(f"lorakit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Find target modules (names, a regex, or "all-linear"), wrap them in LoRA layers, and freeze the base.
+
+Every check runs before the model is touched, so a refused call leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorakit import quant
+from lorakit.config import LoraConfig
+from lorakit.errors import LorakitError
+from lorakit.layers import LORA_HOSTS, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+
+# Name segments of lorakit's wrappers, removed to get the original module / parameter path.
+_WRAPPER_SEGMENTS = re.compile(r"\.(base_layer)(?=\.|$)")
+
+
+def original_path(path: str) -> str:
+    """``model.layers.0.q_proj.base_layer.weight`` -> ``model.layers.0.q_proj.weight``."""
+    return _WRAPPER_SEGMENTS.sub("", path)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """Every LoRA layer of the model by its original module path."""
+    return {original_path(name): m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def adapter_hosts(model: nn.Module) -> dict[str, nn.Module]:
+    """LoRA layers and modules-to-save wrappers by original module path."""
+    return {original_path(name): m for name, m in model.named_modules() if isinstance(m, LORA_HOSTS)}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of every adapter in the model, in the order they were added."""
+    names: dict[str, None] = {}
+    for host in adapter_hosts(model).values():
+        for name in host.adapter_names():
+            names[name] = None
+    return list(names)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Paths of the output head (excluded from "all-linear", as PEFT does)."""
+    heads = {"lm_head"}
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        try:
+            head = get_output()
+        except Exception:  # some models raise NotImplementedError
+            head = None
+        for name, module in model.named_modules():
+            if head is not None and (module is head or getattr(module, "base_layer", None) is head):
+                heads.add(original_path(name))
+    return heads
+
+
+def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Original (unwrapped) modules by original path; lorakit's own adapter modules are left out."""
+    modules: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if ".adapters." in f".{name}." or ".copies." in f".{name}.":
+            continue
+        if isinstance(module, LORA_HOSTS):
+            modules[original_path(name)] = module.base_layer
+        elif not name.endswith("base_layer") and ".base_layer." not in name:
+            modules[name] = module
+    return modules
+
+
+def _matches(path: str, spec: list[str] | str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == key or path.endswith("." + key) for key in spec)
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+    """Target path -> original module, following the config's rules. Raises if nothing matches."""
+    modules = _base_modules(model)
+    heads = output_head_names(model)
+    targets: dict[str, nn.Module] = {}
+    for path, module in modules.items():
+        if not path:
+            continue
+        if config.target_modules == "all-linear":
+            chosen = quant.is_linear_like(module) and path not in heads
+        else:
+            chosen = _matches(path, config.target_modules)
+        if chosen and config.exclude_modules and _matches(path, config.exclude_modules):
+            chosen = False
+        if chosen and config.modules_to_save and _matches(path, config.modules_to_save):
+            chosen = False  # a module trained whole needs no adapter on top
+        if chosen:
+            targets[path] = module
+    if not targets:
+        kinds = sorted({path.rsplit(".", 1)[-1] for path, m in modules.items() if _supported(m)})
+        raise LorakitError(f"target_modules {config.target_modules!r} matched no module; this model's linear/embedding "
+                           f"modules are named: {', '.join(kinds) or '(none)'}")
+    for path, module in targets.items():
+        if not _supported(module):
+            raise LorakitError(f"target {path!r} is a {type(module).__name__}; lorakit adapts nn.Linear, Conv1D, "
+                               "nn.Embedding and quantized linear layers only")
+    return targets
+
+
+def _supported(module: nn.Module) -> bool:
+    return quant.is_linear_like(module) or isinstance(module, nn.Embedding)
+
+
+def find_modules_to_save(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+    if not config.modules_to_save:
+        return {}
+    modules = _base_modules(model)
+    found = {path: m for path, m in modules.items() if path and _matches(path, list(config.modules_to_save))}
+    missing = [key for key in config.modules_to_save if not any(p == key or p.endswith("." + key) for p in found)]
+    if missing:
+        raise LorakitError(f"modules_to_save names {missing} that this model does not have")
+    return found
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, module)
+
+
+def _host_for(model: nn.Module, path: str, module: nn.Module, hosts: dict[str, nn.Module], kind,
+              created: list[tuple[str, nn.Module]]) -> nn.Module:
+    host = hosts.get(path)
+    if host is None:
+        host = kind(module)
+        _set_module(model, path, host)
+        hosts[path] = host
+        created.append((path, module))
+    return host
+
+
+@dataclass
+class TrainableReport:
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.share:.3f}%)"
+
+
+def trainable_report(model: nn.Module) -> TrainableReport:
+    """Count trainable and total parameters (quantized bases count their logical, dequantized size)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if quant.is_quantized(module):
+            out_features, in_features = quant.linear_shape(module)
+            total += out_features * in_features
+    return TrainableReport(trainable, total)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Every parameter frozen except the adapters' (their trainability is set per adapter)."""
+    for name, parameter in model.named_parameters():
+        if ".adapters." not in name and ".copies." not in name:
+            parameter.requires_grad_(False)
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", trainable: bool = True,
+           dtype: torch.dtype | None = None) -> nn.Module:
+    """Add adapter ``adapter`` to every target module of ``model`` (in place), freeze the base, make it active.
+
+    Args:
+        model: any PyTorch model (transformers models included).
+        config: what to inject.
+        adapter: the adapter's name; must be new.
+        trainable: whether the new adapter's parameters require gradients.
+        dtype: adapter parameter dtype (default float32, so adapters train in full precision on a 16-bit base).
+    Returns:
+        the same model.
+    """
+    if not isinstance(adapter, str) or not adapter or "." in adapter:
+        raise LorakitError(f"adapter name {adapter!r} must be a non-empty string without dots")
+    if adapter in adapter_names(model):
+        raise LorakitError(f"the model already has an adapter named {adapter!r}; delete it first or choose another name")
+    if config.init == "pissa" and adapter_names(model):
+        raise LorakitError("init='pissa' rewrites the base weights, so it must be the model's only adapter")
+    targets = find_targets(model, config)
+    saved = find_modules_to_save(model, config)
+    if config.variant == "dora":
+        embeddings = [p for p, m in targets.items() if isinstance(m, nn.Embedding)]
+        if embeddings:
+            raise LorakitError(f"DoRA on embedding layers is not supported ({embeddings[0]}); exclude them from target_modules")
+
+    hosts = adapter_hosts(model)
+    added: list[tuple[nn.Module, str]] = []
+    created: list[tuple[str, nn.Module]] = []
+    try:
+        for path, module in targets.items():
+            kind = LoraEmbedding if isinstance(module, nn.Embedding) else LoraLinear
+            host = _host_for(model, path, module, hosts, kind, created)
+            host.add_adapter(adapter, config.rank_for(path), config.alpha_for(path), config.variant, config.dropout,
+                             config.init, dtype)
+            added.append((host, adapter))
+        for path, module in saved.items():
+            host = _host_for(model, path, module, hosts, ModulesToSave, created)
+            host.add_adapter(adapter)
+            added.append((host, adapter))
+    except BaseException:
+        for host, name in added:  # leave the model as it was
+            host.delete_adapter(name)
+        for path, original in created:
+            _set_module(model, path, original)
+        raise
+    freeze_base(model)
+    for host, name in added:
+        for parameter in (host.adapters[name] if isinstance(host, LoraLayer) else host.copies[name]).parameters():
+            parameter.requires_grad_(trainable)
+    from lorakit.adapters import set_adapter
+
+    set_adapter(model, adapter)
+    model.lorakit_configs = {**getattr(model, "lorakit_configs", {}), adapter: config}
+    return model

@@ -1,0 +1,323 @@
+"""LoRA layers: a frozen base module plus named adapters, each with one variant (a strategy object).
+
+``LoraLinear`` wraps ``nn.Linear``, transformers' ``Conv1D`` and any ``lorakit.quant.QuantizedLinear``;
+``LoraEmbedding`` wraps ``nn.Embedding``. Storage of the base weight is hidden behind ``lorakit.quant``'s
+``dense_weight`` / ``set_dense_weight``, so forward and merge are written once for every kind of base.
+
+Nothing happens by side effect: ``.eval()`` only switches dropout off; merging is an explicit call.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit import quant
+from lorakit.errors import LorakitError
+from lorakit.kernels.lora_linear import lora_linear
+from lorakit.variants import get_variant
+
+
+class LoraAdapter(nn.Module):
+    """One adapter on one layer, in linear form: ``lora_A (r, in)``, ``lora_B (out, r)``, DoRA's ``magnitude (out,)``.
+
+    For an embedding, ``in`` is the number of embeddings and ``out`` the embedding size (PEFT's
+    ``lora_embedding_A`` / ``lora_embedding_B`` have exactly these shapes).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, variant: str, dropout: float,
+                 dtype: torch.dtype, device: torch.device | None):
+        super().__init__()
+        self.rank, self.alpha, self.variant_name = rank, float(alpha), variant
+        self.variant = get_variant(variant)
+        self.scaling = self.variant.scaling(rank, alpha)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        self.magnitude: nn.Parameter | None = None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merge_norm: torch.Tensor | None = None  # DoRA: the norm at merge time, so unmerge can invert it
+        self.pissa_init: tuple[torch.Tensor, torch.Tensor] | None = None  # PiSSA: (A0, B0), to save in LoRA form
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant_name}, rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B @ A`` in float32, ``(out, in)`` (plain LoRA's update; DoRA's merged update differs)."""
+        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+
+
+class _AdapterHost(nn.Module):
+    """What every lorakit wrapper shares: named adapters, which are active, merged, disabled or mixed per row."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self.row_adapters: list[str | None] | None = None  # set by lorakit.mixed_batch: adapter of each batch row
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active = [n for n in names if n in self.adapter_names()]
+
+    def _rows_by_adapter(self, batch: int) -> dict[str | None, torch.Tensor]:
+        rows = self.row_adapters
+        if len(rows) != batch:
+            raise LorakitError(f"mixed_batch was given {len(rows)} adapter names but the batch has {batch} rows")
+        groups: dict[str | None, list[int]] = {}
+        for index, name in enumerate(rows):
+            groups.setdefault(name if name in self.adapter_names() else None, []).append(index)
+        return {name: torch.tensor(idx, dtype=torch.long) for name, idx in groups.items()}
+
+
+class LoraLayer(_AdapterHost):
+    """Shared logic of ``LoraLinear`` and ``LoraEmbedding``: adapters, forward dispatch, merge and unmerge."""
+
+    adapters: nn.ModuleDict
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.adapters = nn.ModuleDict()
+
+    # -- shapes ------------------------------------------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        raise NotImplementedError
+
+    def linear_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base weight in linear form ``(out, in)``."""
+        raise NotImplementedError
+
+    def write_linear_weight(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters.keys())
+
+    # -- adapters ----------------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, rank: int, alpha: float, variant: str, dropout: float, init: str,
+                    dtype: torch.dtype | None = None) -> LoraAdapter:
+        if name in self.adapters:
+            raise LorakitError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
+        weight = self.linear_weight(torch.float32)
+        dtype = dtype or (torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        adapter = LoraAdapter(self.in_features, self.out_features, rank, alpha, variant, dropout, dtype, weight.device)
+        self._init_adapter(adapter, init)
+        adapter.variant.init_extra(adapter, self.linear_weight(torch.float32))
+        self.adapters[name] = adapter
+        return adapter
+
+    def _init_adapter(self, adapter: LoraAdapter, init: str) -> None:
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(adapter.lora_A, std=1.0 / adapter.rank)
+            elif init == "pissa":
+                self._init_pissa(adapter)
+            else:
+                nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))  # nn.Linear's default, as in PEFT
+
+    def _init_pissa(self, adapter: LoraAdapter) -> None:
+        """PiSSA (Meng et al. 2024): A, B from the top-r singular triplets of W; W keeps only the residual."""
+        if quant.is_quantized(self.base_layer):
+            raise LorakitError("init='pissa' needs a dense base weight; quantize after training or use init='default'")
+        weight = self.linear_weight(torch.float32)
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        r = adapter.rank
+        root = (S[:r] / adapter.scaling).sqrt()
+        adapter.lora_A.copy_(root.unsqueeze(1) * Vh[:r])
+        adapter.lora_B.copy_(U[:, :r] * root.unsqueeze(0))
+        self.write_linear_weight(weight - adapter.delta_weight())
+        adapter.pissa_init = (adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone())
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise LorakitError(f"adapter {name!r} is merged; unmerge it before deleting it")
+        del self.adapters[name]
+        self.active = [n for n in self.active if n != name]
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def _unmerged_active(self) -> list[str]:
+        return [n for n in self.active if n not in self.merged]
+
+    def _apply(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        adapter = self.adapters[name]
+        return adapter.variant.forward(adapter, self._adapter_input(x), base_out, lambda: self.linear_weight(adapter.lora_A.dtype))
+
+    def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
+        """Each batch row through its own adapter (or none), in one call: the reference for mixed batches."""
+        if self.merged:
+            raise LorakitError("mixed_batch needs unmerged adapters; call lorakit.unmerge(model) first")
+        result = self.base_layer(x)
+        for name, rows in self._rows_by_adapter(x.shape[0]).items():
+            if name is None:
+                continue
+            rows = rows.to(x.device)
+            result = result.index_copy(0, rows, self._apply(name, x.index_select(0, rows), result.index_select(0, rows)))
+        return result
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x)
+        if self.row_adapters is not None:
+            return self._forward_mixed(x)
+        names = self._unmerged_active()
+        if not names:
+            return self.base_layer(x)
+        result = self._first_output(names[0], x)
+        for name in names[1:]:
+            result = self._apply(name, x, result)
+        return result
+
+    def _first_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self._apply(name, x, self.base_layer(x))
+
+    # -- merge -------------------------------------------------------------------------------------------------
+    def merged_candidate(self, name: str) -> torch.Tensor:
+        """The float32 ``(out, in)`` weight this layer would hold after merging ``name`` (nothing is changed)."""
+        adapter = self.adapters[name]
+        return adapter.variant.merged_weight(adapter, self.linear_weight(torch.float32))
+
+    def merge(self, name: str, candidate: torch.Tensor | None = None) -> None:
+        if name in self.merged or name not in self.adapters:
+            return
+        if quant.is_quantized(self.base_layer):
+            warnings.warn(
+                "merging into a quantized base weight re-quantizes it and loses part of the adapter; "
+                "to keep it exact, merge into a 16-bit copy (lorakit merge --dtype bf16)", stacklevel=3)
+        self.write_linear_weight(self.merged_candidate(name) if candidate is None else candidate)
+        self.merged.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged:
+            name = self.merged.pop()
+            adapter = self.adapters[name]
+            self.write_linear_weight(adapter.variant.unmerged_weight(adapter, self.linear_weight(torch.float32)))
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on a linear layer: ``y = base(x) + s * dropout(x) A^T B^T`` (or the adapter's variant).
+
+    x (..., in_features) -> (..., out_features).
+    """
+
+    @property
+    def in_features(self) -> int:
+        return quant.linear_shape(self.base_layer)[1]
+
+    @property
+    def out_features(self) -> int:
+        return quant.linear_shape(self.base_layer)[0]
+
+    def linear_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return quant.dense_weight(self.base_layer, dtype)
+
+    def write_linear_weight(self, weight: torch.Tensor) -> None:
+        quant.set_dense_weight(self.base_layer, weight)
+
+    def _first_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        adapter = self.adapters[name]
+        fusable = (adapter.variant.plain and isinstance(self.base_layer, nn.Linear)
+                   and not (self.training and isinstance(adapter.dropout, nn.Dropout)))
+        if fusable:  # one op for base + low-rank path, so a fused kernel can take it
+            return lora_linear(x, self.base_layer.weight, self.base_layer.bias, adapter.lora_A, adapter.lora_B, adapter.scaling)
+        return super()._first_output(name, x)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on an embedding: ``y = E[ids] + s * A^T[ids] B^T`` with A (r, num_embeddings), B (dim, r) as in PEFT.
+
+    ids (...) -> (..., embedding_dim). Dropout does not apply to embeddings (PEFT ignores it there too).
+    """
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.num_embeddings
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.embedding_dim
+
+    def linear_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.base_layer.weight.T.to(dtype)
+
+    def write_linear_weight(self, weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.base_layer.weight.copy_(weight.T.to(self.base_layer.weight.dtype))
+
+    def add_adapter(self, name, rank, alpha, variant, dropout, init, dtype=None):
+        if variant == "dora":
+            raise LorakitError("DoRA on embedding layers is not supported; exclude the embedding from target_modules")
+        if init == "pissa":
+            raise LorakitError("init='pissa' is not supported on embedding layers; exclude the embedding from target_modules")
+        adapter = super().add_adapter(name, rank, alpha, variant, 0.0, "default", dtype)
+        with torch.no_grad():  # PEFT's embedding init: A zero, B normal (the product still starts at zero)
+            nn.init.zeros_(adapter.lora_A)
+            nn.init.normal_(adapter.lora_B)
+        return adapter
+
+    def _apply(self, name: str, ids: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        adapter = self.adapters[name]
+        base = self.base_layer
+        after_A = F.embedding(ids, adapter.lora_A.T, base.padding_idx, base.max_norm, base.norm_type,
+                              base.scale_grad_by_freq, base.sparse)  # (..., r)
+        return base_out + (F.linear(after_A, adapter.lora_B) * adapter.scaling).to(base_out.dtype)
+
+
+class ModulesToSave(_AdapterHost):
+    """A whole module trained and saved per adapter (PEFT's ``modules_to_save``), e.g. the output head.
+
+    ``copies[name]`` is a trainable copy of the original; the active adapter's copy runs in its place.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.copies = nn.ModuleDict()
+
+    def adapter_names(self) -> list[str]:
+        return list(self.copies.keys())
+
+    def add_adapter(self, name: str) -> nn.Module:
+        import copy
+
+        if name in self.copies:
+            raise LorakitError(f"adapter {name!r} already exists on this module")
+        clone = copy.deepcopy(self.base_layer)
+        for parameter in clone.parameters():
+            parameter.requires_grad_(True)
+        self.copies[name] = clone
+        return clone
+
+    def delete_adapter(self, name: str) -> None:
+        del self.copies[name]
+        self.active = [n for n in self.active if n != name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            result = self.base_layer(x, *args, **kwargs)
+            for name, rows in self._rows_by_adapter(x.shape[0]).items():
+                if name is not None:
+                    rows = rows.to(x.device)
+                    result = result.index_copy(0, rows, self.copies[name](x.index_select(0, rows), *args, **kwargs))
+            return result
+        module = self.copies[self.active[-1]] if self.active else self.base_layer
+        return module(x, *args, **kwargs)
+
+
+LORA_HOSTS = (LoraLayer, ModulesToSave)

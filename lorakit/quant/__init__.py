@@ -1,0 +1,81 @@
+"""How a frozen base weight is stored: dense (nn.Linear, transformers' Conv1D, nn.Embedding) or quantized.
+
+The LoRA layers never look at storage directly. They call ``dense_weight(base)`` to read the base weight as a
+dense ``(out_features, in_features)`` tensor (``(num_embeddings, embedding_dim)`` for embeddings) and
+``set_dense_weight(base, W)`` to write one back (merge / unmerge). A quantized base is a ``QuantizedLinear``
+subclass that implements the same two operations, so QLoRA needs no second layer class.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class QuantizedLinear(nn.Module):
+    """Base class of a frozen, quantized linear layer used as the base of a LoRA layer.
+
+    Subclasses hold their packed storage as buffers and implement:
+      * ``forward(x)``: ``x (..., in_features) -> (..., out_features)``, the same as ``F.linear(x, W, bias)``.
+      * ``dequantize(dtype)``: the dense weight ``(out_features, in_features)``.
+      * ``load_dense(W)``: re-quantize from a dense ``(out_features, in_features)`` weight (lossy).
+    They must set ``in_features``, ``out_features`` and ``bias`` (a Parameter or None).
+    """
+
+    in_features: int
+    out_features: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load_dense(self, weight: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D``: a linear layer whose weight is stored (in, out).
+
+    Detected by name so that the core never imports transformers.
+    """
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, QuantizedLinear)) or is_conv1d(module)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, QuantizedLinear)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a linear-like module, or ``(num_embeddings, embedding_dim)``."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape
+        return out_features, in_features
+    return module.out_features, module.in_features
+
+
+def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The base weight as a dense tensor, ``(out, in)`` for linear layers and ``(num, dim)`` for embeddings.
+
+    For dense storage this is a view of the parameter (no copy unless ``dtype`` differs); for quantized
+    storage it is a freshly dequantized tensor.
+    """
+    if isinstance(module, QuantizedLinear):
+        return module.dequantize(dtype or torch.float32)
+    weight = module.weight.T if is_conv1d(module) else module.weight
+    return weight if dtype is None else weight.to(dtype)
+
+
+@torch.no_grad()
+def set_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write a dense ``(out, in)`` weight back into the module's own storage and dtype."""
+    if isinstance(module, QuantizedLinear):
+        module.load_dense(weight)
+        return
+    target = module.weight
+    source = weight.T if is_conv1d(module) else weight
+    target.copy_(source.to(target.dtype))

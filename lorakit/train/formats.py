@@ -1,0 +1,272 @@
+"""Reading and validating training records: JSONL, CSV, or a local ``datasets`` folder.
+
+A record has exactly one of three shapes (the fields are strict: anything else is a mistake we report):
+
+- ``{"text": str}``: plain text, every token is a target (continued pre-training style).
+- ``{"prompt": str, "completion": str}``: only the completion (plus the end-of-turn token) is a target.
+- ``{"messages": [{"role": ..., "content": str}, ...]}``: a chat, rendered through the tokenizer's chat
+  template; only assistant turns (each with its end-of-turn token) are targets. The chat must end with an
+  assistant turn, since a trailing user turn would be an unanswered question with nothing to learn.
+
+Every record carries ``where`` ("orders.jsonl:12", "data.csv:4", "folder[train] row 7") so that any later
+error (a template failure, an example too long) names the place the user has to fix. Every mistake raises
+:class:`lorakit.errors.LorakitError` with one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LorakitError
+
+SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+}
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = ("role", "content")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+CSV_SUFFIXES = (".csv",)
+_EXPECTED = '{"text"}, {"prompt", "completion"} or {"messages": [...]}'
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated training example.
+
+    Attributes:
+        shape: "text", "prompt_completion" or "messages".
+        fields: the record's fields, validated (strings are str; messages are dicts with role and content).
+        where: where it came from, for error messages ("train.jsonl:12").
+    """
+
+    shape: str
+    fields: Mapping[str, Any]
+    where: str = "<record>"
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+
+def validate_record(obj: Any, where: str = "<record>") -> Record:
+    """Check one raw record (a dict from JSON, CSV or datasets) and return it as a :class:`Record`.
+
+    Raises:
+        LorakitError: not an object, no known field, an unknown or missing field, a field of the wrong type,
+            an empty text or completion, a bad message, or a chat that does not end with an assistant turn.
+    """
+    if isinstance(obj, Record):
+        return obj
+    if not isinstance(obj, Mapping):
+        raise LorakitError(f"{where}: expected an object with {_EXPECTED}, got {type(obj).__name__}")
+    keys = list(obj.keys())
+    if "messages" in obj:
+        shape = "messages"
+    elif "prompt" in obj or "completion" in obj:
+        shape = "prompt_completion"
+    elif "text" in obj:
+        shape = "text"
+    else:
+        raise LorakitError(f"{where}: no known field in {sorted(map(str, keys))}; a record is {_EXPECTED}")
+    allowed = SHAPE_FIELDS[shape]
+    for key in keys:
+        if key not in allowed:
+            fields = ", ".join(repr(k) for k in allowed)
+            raise LorakitError(f"{where}: unknown field {key!r}; a {shape} record has only {fields}: remove it")
+    for key in allowed:
+        if key not in obj:
+            raise LorakitError(f"{where}: missing field {key!r}; a {shape} record needs {', '.join(map(repr, allowed))}")
+    if shape == "text":
+        _check_string(obj["text"], "text", where, nonempty=True, what="empty text")
+        return Record(shape, {"text": obj["text"]}, where)
+    if shape == "prompt_completion":
+        _check_string(obj["prompt"], "prompt", where, nonempty=False)
+        _check_string(obj["completion"], "completion", where, nonempty=True, what="empty completion")
+        return Record(shape, {"prompt": obj["prompt"], "completion": obj["completion"]}, where)
+    return Record(shape, {"messages": _validate_messages(obj["messages"], where)}, where)
+
+
+def _check_string(value: Any, key: str, where: str, nonempty: bool, what: str = "") -> None:
+    if value is None:
+        raise LorakitError(f"{where}: field {key!r} is null; give it a string")
+    if not isinstance(value, str):
+        raise LorakitError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if nonempty and not value.strip():
+        raise LorakitError(f"{where}: {what or 'empty ' + key}: field {key!r} has no text; fill it or drop the record")
+
+
+def _validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    if isinstance(messages, str):  # CSV cells and some datasets columns hold the chat as a JSON string
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as exc:
+            raise LorakitError(f"{where}: field 'messages' is a string that is not JSON ({exc.msg}); give a list") from None
+    if not isinstance(messages, list) or not messages:
+        raise LorakitError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    out: list[dict[str, str]] = []
+    for i, msg in enumerate(messages):
+        at = f"{where}: messages[{i}]"
+        if not isinstance(msg, Mapping):
+            raise LorakitError(f"{at} must be an object with 'role' and 'content', got {type(msg).__name__}")
+        for key in msg:
+            if key not in MESSAGE_KEYS:
+                raise LorakitError(f"{at} has unknown key {key!r}; a message has only 'role' and 'content'")
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:
+            raise LorakitError(f"{at} has role {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            got = "missing" if "content" not in msg else type(content).__name__
+            raise LorakitError(f"{at} ({role}) content must be a string, got {got}")
+        if role == "assistant" and not content.strip():
+            raise LorakitError(f"{at}: empty completion: the assistant turn has no text; fill it or drop the record")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "assistant":
+        raise LorakitError(
+            f"{where}: the chat does not end with an assistant turn (last role is {out[-1]['role']!r}); "
+            "add the assistant reply to learn or drop the trailing turn"
+        )
+    return out
+
+
+def read_records(path: str | Path, split: str | None = None) -> list[Record]:
+    """Read and validate every record of one source.
+
+    Args:
+        path: a ``.jsonl`` / ``.ndjson`` / ``.json`` file (one JSON object per line; a ``.json`` file may also
+            hold one JSON array of objects), a ``.csv`` file with a header row naming the fields, or a folder
+            written by ``datasets``' ``save_to_disk`` (needs the ``datasets`` package: ``lorakit[data]``).
+        split: for a ``DatasetDict`` folder, which split to read (default "train", or the only one).
+
+    Returns:
+        The records in file order (blank JSONL lines are skipped).
+
+    Raises:
+        LorakitError: a missing path, an unsupported type, an unreadable or malformed line (with its number and
+            the reason), a bad record, or a source with no records.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LorakitError(f"data file not found: {path}; check the path (JSONL, CSV or a datasets folder)")
+    if path.is_dir():
+        records = _read_datasets_folder(path, split)
+    elif path.suffix.lower() in JSONL_SUFFIXES:
+        records = _read_jsonl(path)
+    elif path.suffix.lower() in CSV_SUFFIXES:
+        records = _read_csv(path)
+    else:
+        raise LorakitError(
+            f"{path}: unsupported data file type {path.suffix!r}; use .jsonl, .csv or a folder saved with save_to_disk"
+        )
+    if not records:
+        raise LorakitError(f"{path}: no records in it; a data file needs at least one {_EXPECTED} record")
+    return records
+
+
+def read_many(paths: str | Path | Iterable[str | Path]) -> list[Record]:
+    """Read several sources (or one) and concatenate their records in the order given."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    records: list[Record] = []
+    for p in paths:
+        records.extend(read_records(p))
+    return records
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise LorakitError(f"{path}: cannot read it ({exc.strerror}); check the file's permissions") from None
+    if path.suffix.lower() == ".json" and raw.lstrip()[:1] == b"[":
+        return _read_json_array(path, raw)
+    records = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        where = f"{path.name}:{lineno}"
+        try:
+            text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise LorakitError(f"{where}: not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8") from None
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LorakitError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); one object per line") from None
+        records.append(validate_record(obj, where))
+    return records
+
+
+def _read_json_array(path: Path, raw: bytes) -> list[Record]:
+    try:
+        items = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise LorakitError(f"{path.name}: not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise LorakitError(f"{path.name}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    return [validate_record(obj, f"{path.name}[{i}]") for i, obj in enumerate(items)]
+
+
+def _read_csv(path: Path) -> list[Record]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames
+            if not header:
+                raise LorakitError(f"{path.name}: empty CSV; the first line must name the fields ({_EXPECTED})")
+            records = []
+            for row in reader:
+                where = f"{path.name}:{reader.line_num}"
+                if None in row:  # DictReader files extra cells under the key None
+                    raise LorakitError(f"{where}: {len(header) + len(row[None])} cells but the header has {len(header)}")
+                if any(v is None for v in row.values()):
+                    raise LorakitError(f"{where}: fewer cells than the header's {len(header)}; fill every column")
+                records.append(validate_record(row, where))
+            return records
+    except UnicodeDecodeError as exc:
+        raise LorakitError(f"{path.name}: not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8") from None
+    except csv.Error as exc:
+        raise LorakitError(f"{path.name}: malformed CSV ({exc}); check quoting") from None
+    except OSError as exc:
+        raise LorakitError(f"{path}: cannot read it ({exc.strerror}); check the file's permissions") from None
+
+
+def _read_datasets_folder(path: Path, split: str | None) -> list[Record]:
+    try:
+        import datasets  # lazy: an optional dependency (lorakit[data])
+    except ImportError:
+        raise LorakitError(f"{path}: reading a datasets folder needs the 'datasets' package: pip install 'lorakit[data]'") from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises FileNotFoundError/ValueError/... for folders it did not write
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LorakitError(f"{path}: not a folder written by datasets' save_to_disk ({reason})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded.keys())
+        if split is None:
+            split = "train" if "train" in loaded else (names[0] if len(names) == 1 else None)
+        if split not in loaded:
+            raise LorakitError(f"{path}: has splits {names}; choose one (split={split!r} is not among them)")
+        loaded = loaded[split]
+        label = f"{path.name}[{split}]"
+    else:
+        label = path.name
+    return [validate_record(_drop_nulls(row), f"{label} row {i}") for i, row in enumerate(loaded)]
+
+
+def _drop_nulls(row: Mapping[str, Any]) -> dict[str, Any]:
+    """datasets stores a table, so a column one record lacks comes back as None: treat it as absent.
+
+    The same holds inside a chat (a message without "name" gets name=None when another message has one).
+    """
+    out = {k: v for k, v in row.items() if v is not None}
+    if isinstance(out.get("messages"), list):
+        out["messages"] = [
+            {k: v for k, v in m.items() if v is not None} if isinstance(m, Mapping) else m for m in out["messages"]
+        ]
+    return out

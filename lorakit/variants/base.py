@@ -1,0 +1,44 @@
+"""The interface every variant implements."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from lorakit import functional as LF
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lorakit.layers import LoraAdapter
+
+
+class Variant:
+    """Strategy for one kind of adapter. Stateless: all state lives on the ``LoraAdapter`` module.
+
+    ``base_weight`` arguments are the frozen weight in linear form ``(out, in)``; ``base_out`` is the base layer's
+    output ``(..., out)`` for the input ``x (..., in)``.
+    """
+
+    name = "abstract"
+    #: True when the forward is exactly ``base_out + s * dropout(x) A^T B^T`` (lets the layer use fused kernels)
+    plain = False
+
+    def scaling(self, rank: int, alpha: float) -> float:
+        return LF.scaling(self.name, rank, alpha)
+
+    def init_extra(self, adapter: "LoraAdapter", base_weight: torch.Tensor) -> None:
+        """Create variant-specific parameters once A and B exist (DoRA: the magnitude vector)."""
+
+    def forward(
+        self, adapter: "LoraAdapter", x: torch.Tensor, base_out: torch.Tensor, base_weight: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """``base_out + delta``; ``base_weight()`` returns the dense base weight only if the variant needs it."""
+        raise NotImplementedError
+
+    def merged_weight(self, adapter: "LoraAdapter", base_weight: torch.Tensor) -> torch.Tensor:
+        """W' such that ``x W'^T`` equals the adapted layer (float32, ``(out, in)``)."""
+        raise NotImplementedError
+
+    def unmerged_weight(self, adapter: "LoraAdapter", merged_weight: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``merged_weight`` (float32, ``(out, in)``)."""
+        raise NotImplementedError

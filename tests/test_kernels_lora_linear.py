@@ -1,0 +1,107 @@
+"""The fused LoRA linear (LoraLinearFunction) against the reference, outputs and every gradient, element by element."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_close
+from lorakit.kernels.lora_linear import LoraLinearFunction, lora_linear, lora_linear_reference
+
+
+def _inputs(dtype, lead=(3, 7), n_in=37, n_out=29, rank=5, bias=True, base_grad=False):
+    """Awkward sizes on purpose; B is non-zero so every term of the backward is exercised."""
+    x = torch.randn(*lead, n_in, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(n_out, n_in, dtype=dtype) / n_in**0.5).requires_grad_(base_grad)
+    b = (torch.randn(n_out, dtype=dtype) * 0.1).requires_grad_(base_grad) if bias else None
+    lora_A = (torch.randn(rank, n_in) / n_in**0.5).requires_grad_(True)  # adapters stay float32
+    lora_B = (torch.randn(n_out, rank) / rank**0.5).requires_grad_(True)
+    return x, weight, b, lora_A, lora_B
+
+
+def _run(fn, tensors, scaling, dy):
+    x, weight, b, lora_A, lora_B = tensors
+    y = fn(x, weight, b, lora_A, lora_B, scaling)
+    y.backward(dy)
+    grads = [t.grad.clone() if t is not None and t.grad is not None else None for t in tensors]
+    for t in tensors:
+        if t is not None:
+            t.grad = None
+    return y.detach(), grads
+
+
+def _clone(tensors):
+    return [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference(dtype, bias):
+    tensors = _inputs(dtype, bias=bias)
+    # gradients of unit scale, which is what the tolerance table's atol assumes (dA sums 21 rows of s dY B x)
+    dy = torch.randn(3, 7, 29, dtype=dtype) * 0.05
+    y, grads = _run(lora_linear, tensors, 1.75, dy)
+    # the reference evaluated in float64 is the truth for both dtypes
+    ref_inputs = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
+    y_ref, grads_ref = _run(lora_linear_reference, ref_inputs, 1.75, dy.double())
+    assert y.dtype == dtype
+    assert_close(y, y_ref, dtype)
+    names = ["x", "weight", "bias", "lora_A", "lora_B"]
+    for name, g, g_ref, t in zip(names, grads, grads_ref, tensors):
+        if t is None or not t.requires_grad:
+            assert g is None, name
+            continue
+        assert g.dtype == t.dtype, name  # float32 grads for the float32 adapters
+        assert_close(g, g_ref, dtype, msg=f"grad of {name}")
+
+
+def test_base_gradients_when_unfrozen():
+    """If someone unfreezes the base, its gradients are right too (the usual case skips them)."""
+    tensors = _inputs(torch.float32, base_grad=True)
+    dy = torch.randn(3, 7, 29)
+    _, grads = _run(lora_linear, tensors, 0.5, dy)
+    _, grads_ref = _run(lora_linear_reference, _clone(tensors), 0.5, dy)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref)
+
+
+def test_autocast_runs_in_bf16_and_returns_float32_adapter_grads():
+    x, weight, b, lora_A, lora_B = _inputs(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, weight, b, lora_A, lora_B, 2.0)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and lora_A.grad.dtype == torch.float32 and lora_B.grad.dtype == torch.float32
+    ref = _clone([x, weight, b, lora_A, lora_B])
+    y_ref = lora_linear_reference(*ref, 2.0)
+    y_ref.sum().backward()
+    assert_close(y, y_ref, torch.bfloat16)
+    assert_close(lora_B.grad, ref[4].grad, torch.bfloat16)
+    assert_close(lora_A.grad, ref[3].grad, torch.bfloat16)
+
+
+def test_saves_only_x_and_xa():
+    """The memory claim: the activations saved are x and x A^T (r columns), nothing of size (N, out)."""
+    x, weight, b, lora_A, lora_B = _inputs(torch.float32, n_out=64)
+    y = LoraLinearFunction.apply(x, weight, b, lora_A, lora_B, 1.0, torch.float32)
+    saved = y.grad_fn.saved_tensors
+    activation_sizes = sorted(t.numel() for t in saved if t.data_ptr() not in {weight.data_ptr(), lora_A.data_ptr(), lora_B.data_ptr()})
+    assert activation_sizes == sorted([21 * 5, 21 * 37])
+
+
+def test_disable_switch_uses_reference(monkeypatch):
+    x, weight, b, lora_A, lora_B = _inputs(torch.float32)
+    monkeypatch.setenv("LORAKIT_DISABLE_TRITON", "1")
+    y = lora_linear(x, weight, b, lora_A, lora_B, 1.0)
+    assert not isinstance(y.grad_fn, LoraLinearFunction._backward_cls)
+    monkeypatch.setenv("LORAKIT_DISABLE_TRITON", "0")
+    y2 = lora_linear(x, weight, b, lora_A, lora_B, 1.0)
+    assert isinstance(y2.grad_fn, LoraLinearFunction._backward_cls)
+    assert_close(y2, y)
+
+
+def test_empty_batch():
+    x, weight, b, lora_A, lora_B = _inputs(torch.float32, lead=(0,))
+    y = lora_linear(x, weight, b, lora_A, lora_B, 1.0)
+    y.sum().backward()
+    assert y.shape == (0, 29) and lora_A.grad.abs().sum() == 0
