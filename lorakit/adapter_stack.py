@@ -29,7 +29,7 @@ import torch
 from lorakit.errors import LorakitError
 from lorakit.kernels.multi_lora import RowPlan, multi_lora_add_, multi_lora_delta, plan_batch
 
-__all__ = ["LayerStack", "AdapterStack", "stack_for_layer", "stack_dtype_for", "shared_plan"]
+__all__ = ["LayerStack", "AdapterStack", "stack_for_layer", "stack_dtype_for", "shared_plan", "stacked_mixed_forward"]
 
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -317,3 +317,41 @@ def stack_for_layer(layer, names: Sequence[str | None], device: torch.device, dt
             seen[name] = slot
         slots.append(slot)
     return stack, slots
+
+
+def stacked_mixed_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """A mixed batch through a LoRA linear layer with the SGMV kernels; None when this batch needs the reference.
+
+    ``layer`` is a ``LoraLinear`` with ``row_adapters`` set (adapter name or None per batch row); x (B, ..., in) ->
+    (B, ..., out), equal to the per-adapter reference within the dtype's tolerance. Taken only for inference
+    (autograd off), float32/float16/bfloat16 inputs on a device where the Triton kernels run, and when every
+    adapter of the batch on this layer is plain LoRA / rsLoRA without active dropout (DoRA: reference).
+    """
+    names = layer.row_adapters
+    if torch.is_grad_enabled() or x.dtype not in FAST_DTYPES or x.dim() < 2 or len(names) != x.shape[0]:
+        return None
+    from lorakit.kernels._triton import triton_usable
+
+    if not triton_usable(x):
+        return None
+    adapters = layer.adapters
+    adapter_dtype = None
+    for name in set(names):
+        adapter = adapters[name] if name is not None and name in adapters else None
+        if adapter is None:
+            continue
+        if not adapter.variant.plain or (layer.training and isinstance(adapter.dropout, torch.nn.Dropout)):
+            return None
+        adapter_dtype = adapter_dtype or adapter.lora_A.dtype
+    if adapter_dtype is None:  # no row of this batch has an adapter on this layer
+        return layer.base_layer(x)
+    dtype = stack_dtype_for(x.dtype, adapter_dtype)
+    if dtype not in FAST_DTYPES:
+        return None
+    stack, slots = stack_for_layer(layer, names, x.device, dtype)
+    result = layer.base_layer(x)
+    adapter_in = layer._adapter_input(x)
+    tokens_per_row = x[0].numel() // x.shape[-1]
+    out = result.reshape(-1, result.shape[-1])  # a view when contiguous: the delta is added in place
+    stack.add_("", out, adapter_in.reshape(-1, adapter_in.shape[-1]), shared_plan(slots, tokens_per_row, x.device))
+    return out.view(result.shape)

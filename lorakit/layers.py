@@ -162,6 +162,12 @@ class LoraLayer(_AdapterHost):
         """Each batch row through its own adapter (or none), in one call: the reference for mixed batches."""
         if self.merged:
             raise LorakitError("mixed_batch needs unmerged adapters; call lorakit.unmerge(model) first")
+        if isinstance(self, LoraLinear):  # inference over plain adapters: stacked SGMV kernels (None: not this batch)
+            from lorakit.adapter_stack import stacked_mixed_forward
+
+            fast = stacked_mixed_forward(self, x)
+            if fast is not None:
+                return fast
         result = self.base_layer(x)
         for name, rows in self._rows_by_adapter(x.shape[0]).items():
             if name is None:

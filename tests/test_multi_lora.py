@@ -188,3 +188,138 @@ def test_shape_mistakes_raise_one_line_errors():
         multi_lora_delta(torch.randn(3, 37), A, B, scalings, torch.tensor([0, 2, 1]), ranks)
     with pytest.raises(LorakitError, match="row plan covers"):
         multi_lora_add_(torch.zeros(3, 13), torch.randn(3, 37), A, B, scalings, ranks, plan_rows([0, 1]))
+
+
+# -- the mixed batch of a model through the stacked kernels ------------------------------------------------------
+
+def llama_with_adapters(dtype=torch.float32, dora=False):
+    """Tiny llama with adapters of ranks 4, 8, 16 (random B, so every adapter changes the output)."""
+    import lorakit
+
+    model = tiny_llama().to(dtype)
+    specs = [("r4", 4, "lora"), ("r8", 8, "rslora"), ("r16", 16, "lora")] + ([("dora", 4, "dora")] if dora else [])
+    for name, r, variant in specs:
+        lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=2.0 * r, variant=variant), adapter=name)
+    with torch.no_grad():
+        for name, parameter in lorakit.lora_parameters(model):
+            if name.endswith("lora_B"):
+                parameter.normal_(0, 0.2)
+    return model
+
+
+def per_row_logits(model, ids, names):
+    import lorakit
+
+    rows = []
+    for i, name in enumerate(names):
+        if name is None:
+            with lorakit.disable_adapters(model):
+                rows.append(model(ids[i : i + 1]).logits)
+        else:
+            lorakit.set_adapter(model, name)
+            rows.append(model(ids[i : i + 1]).logits)
+    return torch.cat(rows)
+
+
+class KernelCalls:
+    def __init__(self, monkeypatch):
+        import lorakit.kernels.triton.sgmv as sgmv
+
+        self.count = 0
+        original = sgmv.sgmv_shrink
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(sgmv, "sgmv_shrink", counted)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mixed_batch_fast_path_equals_per_row_runs(dtype, monkeypatch):
+    import lorakit
+
+    model = llama_with_adapters(dtype)
+    names = ["r16", None, "r4", "r8", "r4", "r16"]
+    ids = torch.randint(0, 128, (len(names), 7))
+    calls = KernelCalls(monkeypatch)
+    with torch.no_grad():
+        with lorakit.mixed_batch(model, names):
+            fast = model(ids).logits
+        assert calls.count == 2 * 7  # every linear layer of both blocks went through the kernels
+        expected = per_row_logits(model, ids, names)
+        monkeypatch.setenv("LORAKIT_DISABLE_TRITON", "1")
+        with lorakit.mixed_batch(model, names):
+            reference = model(ids).logits
+    assert calls.count == 2 * 7  # the reference run did not use them
+    assert_close(fast, expected)
+    assert_close(fast, reference)
+    assert (fast[0] - fast[1]).abs().max() > 0.01  # the adapters do change the output
+
+
+def test_mixed_batch_decode_with_cache_through_fast_path(monkeypatch):
+    import lorakit
+
+    model = llama_with_adapters()
+    names = ["r8", "r4", None, "r16"]
+    ids = torch.randint(0, 128, (4, 6))
+    calls = KernelCalls(monkeypatch)
+    with torch.no_grad(), lorakit.mixed_batch(model, names):
+        out = model(ids[:, :5], use_cache=True)
+        step = model(ids[:, 5:], past_key_values=out.past_key_values).logits  # one token per request
+    assert calls.count == 2 * 2 * 7
+    with torch.no_grad():
+        expected = per_row_logits(model, ids, names)[:, 5:]
+    assert_close(step, expected)
+
+
+def test_mixed_batch_with_dora_uses_reference_and_stays_correct(monkeypatch):
+    import lorakit
+
+    model = llama_with_adapters(dora=True)
+    names = ["dora", "r4", None]
+    ids = torch.randint(0, 128, (3, 5))
+    calls = KernelCalls(monkeypatch)
+    with torch.no_grad():
+        with lorakit.mixed_batch(model, names):
+            mixed = model(ids).logits
+        assert calls.count == 0
+        with lorakit.mixed_batch(model, ["r4", "r8", None]):  # no DoRA in this batch: the kernels again
+            model(ids)
+        assert calls.count == 2 * 7
+        assert_close(mixed, per_row_logits(model, ids, names))
+
+
+def test_mixed_batch_follows_adapter_updates_and_deletes(monkeypatch):
+    import lorakit
+
+    model = llama_with_adapters()
+    names = ["r4", "r8", "r16"]
+    ids = torch.randint(0, 128, (3, 5))
+    with torch.no_grad():
+        with lorakit.mixed_batch(model, names):
+            model(ids)  # fills the stacks
+        for name, parameter in lorakit.lora_parameters(model, "r8"):
+            if name.endswith("lora_B"):
+                parameter.mul_(-2.0)  # in place, as an optimizer step would
+        lorakit.delete_adapter(model, "r16")
+        lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=4.0, init="gaussian"), adapter="r16")
+        for name, parameter in lorakit.lora_parameters(model, "r16"):
+            if name.endswith("lora_B"):
+                parameter.normal_(0, 0.2)
+        with lorakit.mixed_batch(model, names):
+            fast = model(ids).logits
+        assert_close(fast, per_row_logits(model, ids, names))
+
+
+def test_mixed_batch_with_gradients_uses_reference(monkeypatch):
+    import lorakit
+
+    model = llama_with_adapters()
+    calls = KernelCalls(monkeypatch)
+    ids = torch.randint(0, 128, (2, 5))
+    with lorakit.mixed_batch(model, ["r4", "r8"]):
+        model(ids).logits.sum().backward()
+    assert calls.count == 0
+    grads = [p.grad for n, p in lorakit.lora_parameters(model, "r8") if n.endswith("lora_A")]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
