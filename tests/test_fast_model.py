@@ -1,0 +1,140 @@
+"""use_fast_kernels on tiny transformers models (CPU, Triton interpreter): same loss and LoRA gradients as the
+unmodified model, same state-dict keys, checkpointing still works, clean refusal and undo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit
+from conftest import assert_close, tiny_llama
+from lorakit.kernels.rmsnorm import FusedRMSNorm
+from lorakit.kernels.swiglu import FusedSwiGLUMLP
+from lorakit.models.fast import causal_lm_loss, disable_fast_kernels, use_fast_kernels
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_model(model):
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=TARGETS))
+    torch.manual_seed(3)
+    for name, p in model.named_parameters():  # non-zero B so every LoRA gradient is exercised
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    return model.train()
+
+
+def _loss_and_grads(model, ids, labels, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels, **kw)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _batch(vocab=128):
+    ids = torch.randint(0, vocab, (2, 13))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a masked prompt
+    return ids, labels
+
+
+def _other_model(kind):
+    import transformers
+
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    if kind == "qwen3":
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=8, **common))
+    if kind == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**common))
+    if kind == "gemma":
+        return transformers.GemmaForCausalLM(transformers.GemmaConfig(head_dim=8, **common))
+    return tiny_llama()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral", "gemma"])
+def test_same_loss_and_lora_grads(kind):
+    torch.manual_seed(0)
+    model = _lora_model(_other_model(kind))
+    ids, labels = _batch()
+    ref_out, ref_grads = _loss_and_grads(model, ids, labels)
+    keys = set(model.state_dict())
+    report = use_fast_kernels(model, require_cuda=False)
+    assert report.applied and report.fused_loss, str(report)
+    expected_norms = 2 * 2 + 1 + (2 * 2 if kind == "qwen3" else 0)  # 2 per layer + final (+ q/k norms)
+    assert report.rms_norms == expected_norms
+    assert report.mlps == (0 if kind == "gemma" else 2)  # Gemma's MLP is GeGLU: left as it is
+    assert set(model.state_dict()) == keys
+    out, grads = _loss_and_grads(model, ids, labels)
+    assert out.logits is None  # never built
+    assert_close(out.loss, ref_out.loss)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 7 * 2
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], msg=name)
+
+
+def test_checkpointing_num_items_and_no_grad_paths():
+    model = _lora_model(tiny_llama())
+    ids, labels = _batch()
+    ref_out, ref_grads = _loss_and_grads(model, ids, labels, num_items_in_batch=torch.tensor(7))
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids).logits
+    use_fast_kernels(model, require_cuda=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out, grads = _loss_and_grads(model, ids, labels, num_items_in_batch=torch.tensor(7))
+    assert_close(out.loss, ref_out.loss)
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], msg=name)
+    with torch.no_grad():  # evaluation keeps its logits
+        out = model(input_ids=ids, labels=labels)
+    assert_close(out.logits, ref_logits)
+    n_valid = (labels[:, 1:] != -100).sum()  # the reference loss above was a sum divided by 7
+    assert_close(out.loss, ref_out.loss * 7 / n_valid)
+    hidden = model.model(input_ids=ids).last_hidden_state
+    assert_close(causal_lm_loss(hidden, model.lm_head.weight, labels), out.loss)
+
+
+def test_tuple_output_and_inject_after():
+    model = tiny_llama().train()
+    use_fast_kernels(model, require_cuda=False)
+    _lora_model(model)  # LoRA wraps the projections inside the fused MLP under the same paths
+    assert isinstance(model.model.layers[0].mlp, FusedSwiGLUMLP)
+    assert isinstance(model.model.layers[0].mlp.gate_proj, lorakit.layers.LoraLinear)
+    ids, labels = _batch()
+    out = model(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and out[0].requires_grad
+
+
+def test_refuses_cleanly():
+    model = tiny_llama()
+    before = {n: type(m) for n, m in model.named_modules()}
+    report = use_fast_kernels(model)  # on CPU: nothing changes
+    assert not report.applied and "CUDA" in report.reason
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+    report = use_fast_kernels(gpt2, require_cuda=False)
+    assert not report.applied and "gpt2" in report.reason
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_lora_on_lm_head_keeps_the_original_loss():
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["lm_head"]))
+    report = use_fast_kernels(model, require_cuda=False)
+    assert report.applied and not report.fused_loss and "lm_head" in report.reason
+    assert model(input_ids=_batch()[0], labels=_batch()[1]).logits is not None
+
+
+def test_disable_restores_everything():
+    model = tiny_llama().train()
+    ids, labels = _batch()
+    ref = model(input_ids=ids, labels=labels).loss
+    use_fast_kernels(model, require_cuda=False)
+    use_fast_kernels(model, require_cuda=False)  # twice is harmless
+    assert sum(isinstance(m, FusedRMSNorm) for m in model.modules()) == 5
+    disable_fast_kernels(model)
+    assert not any(isinstance(m, (FusedRMSNorm, FusedSwiGLUMLP)) for m in model.modules())
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is not None
+    assert_close(out.loss, ref)
