@@ -1,0 +1,675 @@
+"""Training data: tokenization with label masks, datasets, padding, packing, splits and a resumable order.
+
+The pipeline, each step a function the training loop can call on its own::
+
+    records = read_many(paths)                              # formats.py: validated Records
+    train, val = split_records(records, 0.1, seed=0)        # or a separate validation file
+    ds = build_dataset(train, tokenizer, max_length=96)     # tokenize_example on each, summary of drops
+    ds = build_dataset(..., pack=True)                      # optional: several examples per row
+    batches = BatchIterator(ds, batch_size=8, collate_fn=Collator(pad_id), seed=0)
+    state = batches.state_dict(); batches.load_state_dict(state)   # exact resume
+
+Label rules (``labels`` are aligned with ``input_ids``; the model shifts them by one, as transformers does):
+
+- Only targets are supervised: the completion, the assistant turns, or all of a ``text`` record. Prompts,
+  system and user turns and template filler are ``IGNORE_INDEX`` (-100).
+- Each supervised turn ends with the end-of-turn token (default: the tokenizer's eos token, ``<|im_end|>`` for
+  SmolLM2), and that token is supervised, so the model learns to stop. Template tokens after it (ChatML's
+  trailing newline) are not targets. If a template or a completion does not emit it, it is appended.
+- Position 0 is never a target (nothing precedes it); in packed rows each example's first position is not a
+  target either, so no loss term crosses from one example into the next.
+- BOS appears at most once: the text is tokenized without special tokens, and BOS is prepended only when the
+  tokenizer adds one by default and the rendered text does not already start with it.
+- Padding is told apart by ``attention_mask`` (or the packed 4D mask), never by token id: SmolLM2's pad token
+  is its end-of-turn token, which is also a supervised label at the end of every answer.
+
+Packing: transformers 5.x (Llama, sdpa or eager, on CPU) only isolates examples by ``position_ids`` when no
+attention mask is passed AND no KV cache is created, i.e. only with ``use_cache=False``; with the default
+``use_cache`` (True in the config, also in ``.train()`` mode) attention silently crosses examples. A 4D mask is
+used as given by every backend, so packed batches carry an explicit block-diagonal causal 4D mask (additive
+float, which sdpa and eager read the same way; a bool mask is read wrongly by eager) plus ``position_ids`` that
+restart at 0 for each example. ``tests/test_train_data.py`` checks the logits of a packed row against each
+example run alone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.errors import LorakitError
+from lorakit.train.formats import Record, read_many, validate_record
+
+IGNORE_INDEX = -100
+OVERFLOW_CHOICES = ("drop", "truncate", "error")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer facts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The few facts about a tokenizer that label masking needs, computed once per dataset.
+
+    Attributes:
+        bos_id: the BOS token id, or None.
+        adds_bos: whether ``tokenizer(text)`` puts BOS in front by default (then we must add it ourselves,
+            since we tokenize with ``add_special_tokens=False``).
+        eot_id: the end-of-turn token id that ends every supervised turn.
+        eot_token: its text.
+        pad_id: the id used to pad ``input_ids`` (its value never matters: padding is masked).
+        has_offsets: whether the tokenizer can return character offsets (fast tokenizers).
+    """
+
+    bos_id: int | None
+    adds_bos: bool
+    eot_id: int
+    eot_token: str
+    pad_id: int
+    has_offsets: bool
+
+
+def tokenizer_info(tokenizer: Any, eot_token: str | None = None) -> TokenizerInfo:
+    """Inspect ``tokenizer`` once. ``eot_token`` overrides the end-of-turn token (default: its eos token)."""
+    eot_token = eot_token if eot_token is not None else getattr(tokenizer, "eos_token", None)
+    if not eot_token:
+        raise LorakitError("the tokenizer has no eos token to end turns with; pass eot_token (e.g. '<|im_end|>')")
+    eot_ids = tokenizer(eot_token, add_special_tokens=False)["input_ids"]
+    if len(eot_ids) != 1:
+        raise LorakitError(f"end-of-turn token {eot_token!r} is {len(eot_ids)} tokens for this tokenizer; give a single token")
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    probe = tokenizer("a")["input_ids"]
+    adds_bos = bos_id is not None and len(probe) > 0 and probe[0] == bos_id
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    try:
+        tokenizer("a", add_special_tokens=False, return_offsets_mapping=True)
+        has_offsets = True
+    except (NotImplementedError, ValueError, TypeError):
+        has_offsets = False
+    return TokenizerInfo(bos_id, adds_bos, eot_ids[0], eot_token, eot_ids[0] if pad_id is None else pad_id, has_offsets)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering a record to text + the character spans that are targets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _render_chat(tokenizer: Any, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise LorakitError(f"{where}: the tokenizer has no chat template; use prompt/completion records for this model")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # jinja raises TemplateError (e.g. "roles must alternate") or anything the template does
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LorakitError(f"{where}: the chat template rejected this chat ({reason})") from None
+    return text
+
+
+def render(record: Record | Mapping, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    """Render a record to the text the model sees and the character spans ``[start, end)`` that are targets.
+
+    For a chat, the span of assistant turn i starts where ``render(messages[:i], add_generation_prompt=True)``
+    ends and stops where ``render(messages[:i+1])`` ends, so it holds the answer, the end-of-turn token and
+    whatever filler the template puts after it (masked later). This needs a template whose render of a prefix
+    of the chat is a prefix of the render of the chat; templates that rewrite earlier turns are reported.
+    """
+    record = validate_record(record)
+    if record.shape == "text":
+        return record["text"], [(0, len(record["text"]))]
+    if record.shape == "prompt_completion":
+        prompt, completion = record["prompt"], record["completion"]
+        return prompt + completion, [(len(prompt), len(prompt) + len(completion))]
+    messages, where = record["messages"], record.where
+    full = _render_chat(tokenizer, messages, False, where)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        if i == 0:
+            raise LorakitError(f"{where}: the chat starts with an assistant turn; add the user turn it answers first")
+        before = _render_chat(tokenizer, messages[:i], True, where)
+        through = _render_chat(tokenizer, messages[: i + 1], False, where)
+        if not full.startswith(before) or not full.startswith(through) or len(through) <= len(before):
+            raise LorakitError(
+                f"{where}: the chat template does not render messages[:{i}] as a prefix of the whole chat, so the "
+                f"assistant turn cannot be located; use prompt/completion records for this tokenizer"
+            )
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenization with labels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tokenize_with_spans(text: str, spans: list[tuple[int, int]], tokenizer: Any, info: TokenizerInfo):
+    """Token ids of ``text`` and, per character span, the ``[a, b)`` token range that overlaps it.
+
+    With offsets (fast tokenizers) the text is tokenized once, as at inference; a token that straddles a span
+    boundary (e.g. a prompt ending in a space merged into the completion's first word) counts as a target.
+    Without offsets, the text is cut at the span boundaries and each piece tokenized alone.
+    """
+    if info.has_offsets:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        ranges = []
+        for start, end in spans:
+            inside = [k for k, (s, e) in enumerate(offsets) if e > start and s < end]
+            ranges.append((inside[0], inside[-1] + 1) if inside else (len(ids), len(ids)))
+        return ids, ranges
+    ids, ranges, cursor = [], [], 0
+    for start, end in spans:
+        ids += tokenizer(text[cursor:start], add_special_tokens=False)["input_ids"] if start > cursor else []
+        a = len(ids)
+        ids += tokenizer(text[start:end], add_special_tokens=False)["input_ids"]
+        ranges.append((a, len(ids)))
+        cursor = end
+    if cursor < len(text):
+        ids += tokenizer(text[cursor:], add_special_tokens=False)["input_ids"]
+    return ids, ranges
+
+
+def tokenize_example(
+    record: Record | Mapping,
+    tokenizer: Any,
+    max_length: int,
+    overflow: str = "drop",
+    *,
+    eot_token: str | None = None,
+    info: TokenizerInfo | None = None,
+) -> dict[str, Any] | None:
+    """Tokenize one record into ``input_ids`` and ``labels`` (lists of int of the same length L <= max_length).
+
+    Args:
+        record: a :class:`Record` or a raw dict of one of the three shapes (validated here).
+        tokenizer: a transformers tokenizer (a chat template is needed for ``messages`` records).
+        max_length: the most tokens an example may have.
+        overflow: what to do with a longer example: "drop" (return None), "truncate" (keep the first
+            ``max_length`` tokens; None if no target is left), or "error" (raise).
+        eot_token: the end-of-turn token (default: the tokenizer's eos token).
+        info: a precomputed :func:`tokenizer_info` (saves re-inspecting the tokenizer per example).
+
+    Returns:
+        ``{"input_ids": [...], "labels": [...], "truncated": bool}`` with ``labels[k] == IGNORE_INDEX`` where
+        token k is not a target, or None when the example was dropped.
+    """
+    if overflow not in OVERFLOW_CHOICES:
+        raise LorakitError(f"overflow={overflow!r} is not one of {', '.join(OVERFLOW_CHOICES)}")
+    if max_length < 2:
+        raise LorakitError(f"max_length={max_length} is too small; an example needs at least 2 tokens")
+    record = validate_record(record)
+    info = info or tokenizer_info(tokenizer, eot_token)
+    text, spans = render(record, tokenizer)
+    ids, ranges = _tokenize_with_spans(text, spans, tokenizer, info)
+
+    input_ids: list[int] = []
+    labels: list[int] = []
+    pos = 0
+    for a, b in ranges:
+        input_ids += ids[pos:a]
+        labels += [IGNORE_INDEX] * (a - pos)
+        target = ids[a:b]
+        if record.shape == "messages":  # the template's own end of turn, followed by filler such as "\n"
+            last_eot = max((k for k, t in enumerate(target) if t == info.eot_id), default=None)
+        else:  # the user's own text: all of it is a target; it ends the turn only if its last token does
+            last_eot = len(target) - 1 if target and target[-1] == info.eot_id else None
+        if last_eot is None:  # the template / completion did not end the turn: add the end-of-turn token
+            input_ids += target + [info.eot_id]
+            labels += target + [info.eot_id]
+        else:  # supervise through the end-of-turn token; template filler after it is not a target
+            input_ids += target
+            labels += target[: last_eot + 1] + [IGNORE_INDEX] * (len(target) - last_eot - 1)
+        pos = b
+    input_ids += ids[pos:]
+    labels += [IGNORE_INDEX] * (len(ids) - pos)
+
+    if info.adds_bos and (not input_ids or input_ids[0] != info.bos_id):
+        input_ids.insert(0, info.bos_id)
+        labels.insert(0, IGNORE_INDEX)
+    labels[0] = IGNORE_INDEX  # nothing precedes position 0, so it is never predicted
+
+    truncated = False
+    if len(input_ids) > max_length:
+        if overflow == "error":
+            raise LorakitError(
+                f"{record.where}: example is {len(input_ids)} tokens, longer than max_length={max_length}; "
+                "raise max_length or choose overflow='drop' or 'truncate'"
+            )
+        if overflow == "drop":
+            return None
+        input_ids, labels, truncated = input_ids[:max_length], labels[:max_length], True
+    if all(lab == IGNORE_INDEX for lab in labels):
+        return None  # truncation cut every target away: nothing to learn from this example
+    return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+
+
+def generation_prompt(record: Record | Mapping, tokenizer: Any, *, info: TokenizerInfo | None = None) -> list[int]:
+    """Token ids to feed ``generate`` for evaluation: the chat up to its last assistant turn plus the generation
+    prompt, or the prompt of a prompt/completion record; tokenized exactly as in training (same BOS rule)."""
+    record = validate_record(record)
+    info = info or tokenizer_info(tokenizer)
+    if record.shape == "messages":
+        text = _render_chat(tokenizer, record["messages"][:-1], True, record.where)
+    elif record.shape == "prompt_completion":
+        text = record["prompt"]
+    else:
+        raise LorakitError(f"{record.where}: a text record has no prompt to generate from; use prompt/completion or messages")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+    if info.adds_bos and (not ids or ids[0] != info.bos_id):
+        ids.insert(0, info.bos_id)
+    return ids
+
+
+def reference_text(record: Record | Mapping) -> str:
+    """The answer a generation is scored against: the last assistant turn, or the completion."""
+    record = validate_record(record)
+    if record.shape == "messages":
+        return record["messages"][-1]["content"]
+    if record.shape == "prompt_completion":
+        return record["completion"]
+    raise LorakitError(f"{record.where}: a text record has no reference answer; use prompt/completion or messages")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pack_examples(examples: Sequence[Mapping[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """Pack tokenized examples into rows of at most ``max_length`` tokens (best-fit decreasing, deterministic).
+
+    Each row holds ``input_ids``, ``labels`` and ``position_ids`` (restarting at 0 for every example), plus
+    ``seq_lens`` (the length of each example in the row, in order). The first label of every example is
+    IGNORE_INDEX, so no target is predicted from the previous example's last token.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))  # stable: ties keep order
+    rows: list[list[int]] = []  # example indices per row
+    free: list[tuple[int, int]] = []  # sorted (space left, row index)
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        if n > max_length:
+            raise LorakitError(f"an example of {n} tokens does not fit a packed row of max_length={max_length}")
+        k = bisect.bisect_left(free, (n, -1))  # the fullest row that still has room for n tokens
+        if k < len(free):
+            space, row = free.pop(k)
+            rows[row].append(i)
+        else:
+            space, row = max_length, len(rows)
+            rows.append([i])
+        bisect.insort(free, (space - n, row))
+    packed = []
+    for members in rows:
+        row = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
+        for i in members:
+            ex = examples[i]
+            n = len(ex["input_ids"])
+            row["input_ids"] += list(ex["input_ids"])
+            row["labels"] += [IGNORE_INDEX] + list(ex["labels"][1:])
+            row["position_ids"] += list(range(n))
+            row["seq_lens"].append(n)
+        packed.append(row)
+    return packed
+
+
+def block_causal_mask(seq_lens: Sequence[Sequence[int]], length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A 4D additive attention mask: causal within each example, nothing across examples.
+
+    Args:
+        seq_lens: per row, the lengths of its examples in order; the rest of the row (up to ``length``) is
+            padding, which gets a causal block of its own so that no attention row is empty (an all-masked
+            row turns into NaN, and NaN values would reach real tokens through 0 * NaN).
+        length: T, the padded row length.
+        dtype: the model's compute dtype (sdpa needs the mask in the query's dtype, or bool).
+
+    Returns:
+        (B, 1, T, T) tensor, 0 where query t may attend to key s and the dtype's minimum elsewhere.
+    """
+    rows = []
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    for lens in seq_lens:
+        segment = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(list(lens), dtype=torch.long))
+        segment = torch.cat([segment, torch.full((length - len(segment),), len(lens), dtype=torch.long)])
+        rows.append((segment[:, None] == segment[None, :]) & causal)
+    allowed = torch.stack(rows)[:, None]  # (B, 1, T, T)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset and summary
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSummary:
+    """What happened to the records on the way to training rows.
+
+    Attributes:
+        examples: examples kept. dropped: examples dropped (too long with overflow="drop", or no target left
+        after truncation). truncated: examples kept but cut to max_length. supervised_tokens: label positions
+        that are targets. tokens: all tokens of kept examples. rows: dataset rows (== examples unless packed).
+        shapes: records per shape. max_length: the limit used.
+    """
+
+    examples: int = 0
+    dropped: int = 0
+    truncated: int = 0
+    supervised_tokens: int = 0
+    tokens: int = 0
+    rows: int = 0
+    max_length: int = 0
+    packed: bool = False
+    shapes: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        shapes = ", ".join(f"{n} {s}" for s, n in sorted(self.shapes.items()))
+        packed = f", packed into {self.rows} rows" if self.packed else ""
+        return (
+            f"{self.examples} examples ({shapes}), {self.dropped} dropped, {self.truncated} truncated at "
+            f"max_length={self.max_length}; {self.supervised_tokens} supervised of {self.tokens} tokens{packed}"
+        )
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Tokenized examples (or packed rows) ready for a :class:`Collator`.
+
+    Item i is a dict with ``input_ids`` and ``labels`` (lists of int), and for packed rows also
+    ``position_ids`` and ``seq_lens``. ``records`` holds the records that were kept, in order, for generation
+    evaluation (:func:`generation_prompt`, :func:`reference_text`); ``summary`` says what was dropped.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], records: list[Record], summary: DataSummary):
+        self.rows, self.records, self.summary = rows, records, summary
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.rows[index]
+
+
+def build_dataset(
+    records: Iterable[Record | Mapping],
+    tokenizer: Any,
+    max_length: int = 512,
+    overflow: str = "drop",
+    *,
+    pack: bool = False,
+    eot_token: str | None = None,
+    name: str = "dataset",
+) -> SupervisedDataset:
+    """Tokenize every record (see :func:`tokenize_example`) and optionally pack the results.
+
+    Raises:
+        LorakitError: a bad record, an example too long with overflow="error", or no example left.
+    """
+    info = tokenizer_info(tokenizer, eot_token)
+    summary = DataSummary(max_length=max_length, packed=pack)
+    shapes: Counter[str] = Counter()
+    examples, kept = [], []
+    n_records = 0
+    for raw in records:
+        record = validate_record(raw)
+        n_records += 1
+        shapes[record.shape] += 1
+        ex = tokenize_example(record, tokenizer, max_length, overflow, info=info)
+        if ex is None:
+            summary.dropped += 1
+            continue
+        summary.truncated += ex["truncated"]
+        summary.tokens += len(ex["input_ids"])
+        summary.supervised_tokens += sum(lab != IGNORE_INDEX for lab in ex["labels"])
+        examples.append({"input_ids": ex["input_ids"], "labels": ex["labels"]})
+        kept.append(record)
+    if n_records == 0:
+        raise LorakitError(f"{name} is empty: give at least one record")
+    if not examples:
+        raise LorakitError(
+            f"{name}: no examples left: all {n_records} were longer than max_length={max_length} or had no target "
+            "within it; raise max_length or use overflow='truncate'"
+        )
+    summary.examples, summary.shapes = len(examples), dict(shapes)
+    rows = pack_examples(examples, max_length) if pack else examples
+    summary.rows = len(rows)
+    return SupervisedDataset(rows, kept, summary)
+
+
+def split_records(records: Sequence[Record], val_fraction: float, seed: int = 0) -> tuple[list[Record], list[Record]]:
+    """Split records into (train, validation) with a seeded shuffle; each split keeps the original order.
+
+    The validation split has ``round(len(records) * val_fraction)`` records (at least 1); both must be non-empty.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise LorakitError(f"validation fraction {val_fraction} must be between 0 and 1 (e.g. 0.1)")
+    n = len(records)
+    n_val = max(1, round(n * val_fraction))
+    if n_val >= n:
+        raise LorakitError(f"cannot hold out {val_fraction:.0%} of {n} records and keep any for training; add data")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    return [r for i, r in enumerate(records) if i not in val_idx], [r for i, r in enumerate(records) if i in val_idx]
+
+
+@dataclass
+class DataBundle:
+    """What :func:`build_datasets` returns: the training set and the validation set (None if not asked for)."""
+
+    train: SupervisedDataset
+    val: SupervisedDataset | None
+
+
+def build_datasets(
+    train: str | Path | Sequence[str | Path],
+    tokenizer: Any,
+    *,
+    validation: str | Path | Sequence[str | Path] | None = None,
+    val_fraction: float | None = None,
+    seed: int = 0,
+    max_length: int = 512,
+    overflow: str = "drop",
+    pack: bool = False,
+    eot_token: str | None = None,
+) -> DataBundle:
+    """Read files (JSONL, CSV, datasets folders), split or read validation, tokenize: what ``--data`` does.
+
+    The validation set is never packed: it is scored per example. Give ``validation`` or ``val_fraction``
+    (not both), or neither for no validation set.
+    """
+    if validation is not None and val_fraction is not None:
+        raise LorakitError("give a validation file or a validation fraction, not both")
+    records = read_many(train)
+    val_records = None
+    if validation is not None:
+        val_records = read_many(validation)
+    elif val_fraction is not None:
+        records, val_records = split_records(records, val_fraction, seed)
+    train_ds = build_dataset(records, tokenizer, max_length, overflow, pack=pack, eot_token=eot_token, name="training data")
+    val_ds = None
+    if val_records is not None:
+        val_ds = build_dataset(val_records, tokenizer, max_length, overflow, eot_token=eot_token, name="validation data")
+    return DataBundle(train_ds, val_ds)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Collator:
+    """Pad a list of dataset items into a batch of tensors (right padding).
+
+    Unpacked items give ``input_ids`` (B, T), ``attention_mask`` (B, T) with 1 on real tokens and 0 on
+    padding, and ``labels`` (B, T) with IGNORE_INDEX on padding. Packed items (with ``position_ids``) give
+    ``input_ids``, ``labels``, ``position_ids`` (B, T) and either:
+
+    - ``packed_attention="mask"`` (default): ``attention_mask`` (B, 1, T, T) from :func:`block_causal_mask` in
+      ``mask_dtype`` (use the model's compute dtype). Works with sdpa and eager, whatever ``use_cache`` is.
+    - ``packed_attention="position_ids"``: no attention mask; padding gets its own positions restarting at 0,
+      so transformers' packed-sequence detection (and flash attention's varlen path) separates examples.
+      The model must then be called with ``use_cache=False``, or attention crosses examples.
+
+    Every value of the batch is a model keyword, so ``model(**batch)`` works.
+
+    Args:
+        pad_id: the id written on padding positions (any id: padding is told apart by the mask).
+        pad_to_multiple_of: round T up to a multiple of this (e.g. 8 for tensor cores), or None.
+    """
+
+    def __init__(
+        self,
+        pad_id: int,
+        *,
+        pad_to_multiple_of: int | None = None,
+        mask_dtype: torch.dtype = torch.float32,
+        packed_attention: str = "mask",
+    ):
+        if packed_attention not in ("mask", "position_ids"):
+            raise LorakitError(f"packed_attention={packed_attention!r} is not 'mask' or 'position_ids'")
+        self.pad_id, self.pad_to_multiple_of = pad_id, pad_to_multiple_of
+        self.mask_dtype, self.packed_attention = mask_dtype, packed_attention
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise LorakitError("cannot collate an empty batch")
+        length = max(len(it["input_ids"]) for it in items)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(items)
+        input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+        real = torch.zeros((batch, length), dtype=torch.long)
+        for i, it in enumerate(items):
+            n = len(it["input_ids"])
+            input_ids[i, :n] = torch.as_tensor(it["input_ids"], dtype=torch.long)
+            labels[i, :n] = torch.as_tensor(it["labels"], dtype=torch.long)
+            real[i, :n] = 1
+        packed = ["position_ids" in it for it in items]
+        if not any(packed):
+            return {"input_ids": input_ids, "attention_mask": real, "labels": labels}
+        if not all(packed):
+            raise LorakitError("cannot mix packed and unpacked items in one batch; build the dataset with one setting")
+        position_ids = torch.zeros((batch, length), dtype=torch.long)
+        for i, it in enumerate(items):
+            n = len(it["position_ids"])
+            position_ids[i, :n] = torch.as_tensor(it["position_ids"], dtype=torch.long)
+            position_ids[i, n:] = torch.arange(length - n)  # padding is one more "example" of its own
+        out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if self.packed_attention == "mask":
+            out["attention_mask"] = block_causal_mask([it["seq_lens"] for it in items], length, self.mask_dtype)
+        return out
+
+
+def pad_id_for(tokenizer: Any, eot_token: str | None = None) -> int:
+    """The pad id to give :class:`Collator`: the tokenizer's pad token, else its end-of-turn token."""
+    return tokenizer_info(tokenizer, eot_token).pad_id
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Deterministic, resumable order
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """The order of ``n`` examples in ``epoch``: a fixed function of (seed, epoch), stable across runs and
+    Python versions (``random.Random`` seeded with an int)."""
+    order = list(range(n))
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+class BatchIterator:
+    """An endless, seeded stream of collated batches whose position can be saved and restored exactly.
+
+    Epoch e visits the dataset in :func:`epoch_permutation` (n, seed, e); the position is (epoch, index within
+    that permutation). ``state_dict()`` after k batches, loaded into a new iterator over the same data, makes
+    it yield exactly the batches k+1, k+2, ... of the original. With ``drop_last`` (default) every batch is
+    full and the tail of an epoch is skipped; otherwise the last batch of an epoch may be smaller.
+
+    Attributes:
+        epoch: the epoch the next batch comes from. index: the position of its first example in the
+        permutation. batches_per_epoch: full (or, without drop_last, all) batches per epoch.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[Mapping[str, Any]],
+        batch_size: int,
+        collate_fn: Callable[[list], Any],
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
+        if batch_size < 1:
+            raise LorakitError(f"batch_size={batch_size} must be at least 1")
+        if drop_last and len(dataset) < batch_size:
+            raise LorakitError(
+                f"batch_size={batch_size} is larger than the {len(dataset)} training rows; lower it or add data"
+            )
+        self.dataset, self.batch_size, self.collate_fn = dataset, batch_size, collate_fn
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.epoch, self.index = 0, 0
+        self._order: list[int] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def next_indices(self) -> list[int]:
+        """The dataset indices of the next batch (advances the position)."""
+        n = len(self.dataset)
+        if self.index >= n or (self.drop_last and self.index + self.batch_size > n):
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = epoch_permutation(n, self.seed, self.epoch, self.shuffle)
+        indices = self._order[self.index : self.index + self.batch_size]
+        self.index += len(indices)
+        return indices
+
+    def __next__(self) -> Any:
+        return self.collate_fn([self.dataset[i] for i in self.next_indices()])
+
+    def state_dict(self) -> dict[str, int | bool]:
+        """The data position, JSON-serialisable, for a checkpoint."""
+        return {
+            "epoch": self.epoch, "index": self.index, "seed": self.seed, "num_rows": len(self.dataset),
+            "batch_size": self.batch_size, "shuffle": self.shuffle, "drop_last": self.drop_last,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a position saved by :meth:`state_dict`; the data and settings must be the same."""
+        expected = self.state_dict()
+        missing = [k for k in expected if k not in state]
+        if missing:
+            raise LorakitError(f"data position in the checkpoint lacks {missing}; it was not saved by BatchIterator")
+        for key in ("num_rows", "seed", "batch_size", "shuffle", "drop_last"):
+            if state[key] != expected[key]:
+                raise LorakitError(
+                    f"checkpoint's data position has {key}={state[key]!r} but this run has {expected[key]!r}; "
+                    "resume with the same data, max_length, packing and batch settings"
+                )
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index <= len(self.dataset):
+            raise LorakitError(f"checkpoint's data position epoch={epoch}, index={index} is out of range")
+        self.epoch, self.index, self._order = epoch, index, None
+
+
+def eval_batches(dataset: Sequence[Mapping[str, Any]], batch_size: int, collate_fn: Callable[[list], Any]) -> Iterator[Any]:
+    """Every row once, in order, in batches of ``batch_size`` (the last may be smaller): for validation loss."""
+    for start in range(0, len(dataset), batch_size):
+        yield collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
