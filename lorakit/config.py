@@ -194,7 +194,7 @@ _READ_FIELDS = {
 }
 _IGNORED_FIELDS = {
     "base_model_name_or_path", "revision", "inference_mode", "task_type", "auto_mapping", "peft_version",
-    "megatron_core", "qalora_group_size", "lorakit",
+    "megatron_core", "qalora_group_size", "runtime_config",
 }
 
 # PEFT 0.21 LoraConfig fields lorakit does not implement, with the value that means "off". Any other value is refused.
@@ -224,5 +224,4 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "arrow_config": None,
     "kasa_config": None,
     "ensure_weight_tying": False,
-    "runtime_config": None,
 }

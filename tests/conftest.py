@@ -53,3 +53,16 @@ def tiny_llama(seed: int = 0, **overrides):
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def embedded_base():
+    """A factory of fresh copies of the embedded SmolLM2-135M-Instruct (converted once per machine, ~40 s in CI;
+    then ~0.3 s a copy). Use only where a test truly needs the real model."""
+    import lorakit
+
+    def make():
+        return lorakit.load_base("smollm2-135m", device="cpu")
+
+    make()
+    return make
