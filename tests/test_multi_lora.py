@@ -323,3 +323,23 @@ def test_mixed_batch_with_gradients_uses_reference(monkeypatch):
     assert calls.count == 0
     grads = [p.grad for n, p in lorakit.lora_parameters(model, "r8") if n.endswith("lora_A")]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_adapter_replaced_inside_an_open_block_is_seen_at_once():
+    import lorakit
+
+    model = llama_with_adapters()
+    names = ["r4", "r8"]
+    ids = torch.randint(0, 128, (2, 5))
+    with torch.no_grad(), lorakit.mixed_batch(model, names):
+        before = model(ids).logits
+        lorakit.delete_adapter(model, "r8")
+        lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16.0, init="gaussian"), adapter="r8")
+        for name, parameter in lorakit.lora_parameters(model, "r8"):
+            if name.endswith("lora_B"):
+                parameter.normal_(0, 0.2)
+        after = model(ids).logits
+    with torch.no_grad():
+        expected = per_row_logits(model, ids, names)
+    assert_close(after, expected)
+    assert torch.equal(after[0], before[0]) and (after[1] - before[1]).abs().max() > 0.01
