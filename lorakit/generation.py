@@ -1,0 +1,293 @@
+"""Generation shared by ``lorakit generate`` and ``lorakit serve``: prompts, sampling, and a batched KV cache.
+
+Rows of one batch may use different adapters (``lorakit.mixed_batch``) and have different lengths. Prompts are
+left-padded, so every row's newest token sits in the last column and one decode step feeds one token per row:
+
+    input_ids / mask   (B, L)   left padding, mask 0 on padding
+    KV cache           per layer (B, kv_heads, L, head_dim), same left padding
+    positions          (B,)     the next position of each row (its count of real tokens)
+
+``KVBatch`` keeps that layout while rows join (their cache is left-padded to the longer length) and leave (their
+rows are dropped and all-padding columns trimmed), which is what the continuous-batching server needs. Padding
+never changes a row's result: masked keys get exactly zero attention weight, and padded K/V are zeroed so no
+NaN from a fully masked padding query can leak into real rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+# Tokens that end an assistant turn in common chat templates (ChatML, Llama 3, Gemma, Phi-3).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` is greedy; ``top_p < 1`` keeps the smallest nucleus of that mass."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise LorakitError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not (0.0 <= float(self.temperature) <= 100.0):
+            raise LorakitError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not (0.0 < float(self.top_p) <= 1.0):
+            raise LorakitError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        if self.temperature == 0:
+            return None
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        return generator
+
+
+# -- prompts -------------------------------------------------------------------------------------------------------
+def end_of_turn_ids(tokenizer) -> tuple[int, ...]:
+    """Token ids that end a generation: the tokenizer's EOS plus the end-of-turn tokens it knows."""
+    ids: set[int] = set()
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab:
+            ids.add(vocab[token])
+    return tuple(sorted(ids))
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat: bool | None = None) -> list[int]:
+    """Token ids of a prompt.
+
+    Args:
+        prompt: plain text, or chat messages ``[{"role": ..., "content": ...}]``.
+        chat: wrap plain text as one user message in the chat template. Default: when the tokenizer has one.
+    """
+    if isinstance(prompt, str):
+        if chat is None:
+            chat = has_chat_template(tokenizer)
+        if not chat:
+            return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        messages: Sequence[dict] = [{"role": "user", "content": prompt}]
+    else:
+        messages = prompt
+    if not has_chat_template(tokenizer):
+        raise LorakitError("this tokenizer has no chat template, so chat messages cannot be formatted; send a plain "
+                           "prompt (/v1/completions, or --no-chat)")
+    try:
+        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as error:  # a template may raise for roles it does not know (jinja's TemplateError and others)
+        raise LorakitError(f"the chat template refused these messages: {str(error).splitlines()[0]}") from None
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+# -- sampling ------------------------------------------------------------------------------------------------------
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token id from ``logits (V,)``: argmax when greedy, else temperature + nucleus (top-p) sampling."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits).item())
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep tokens until the mass before them reaches top_p (the first token always stays)
+        keep = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) < params.top_p
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice].item())
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+# -- the batched KV cache ------------------------------------------------------------------------------------------
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers >= 5.2x names the cache argument ``cache``; earlier versions ``past_key_values``."""
+    names = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def _new_cache(model: nn.Module):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+@dataclass
+class KVBatch:
+    """Rows of running sequences: their KV cache, padding mask ``(B, L)`` and next positions ``(B,)``."""
+
+    cache: object
+    mask: torch.Tensor
+    positions: torch.Tensor
+    layers: list = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def _kv_layers(self):
+        return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False) and layer.keys.numel()]
+
+    def left_pad(self, length: int) -> None:
+        """Grow to ``length`` columns by adding zero K/V and mask 0 on the left."""
+        extra = length - self.length
+        if extra <= 0:
+            return
+        for layer in self._kv_layers():
+            k, v = layer.keys, layer.values
+            layer.keys = torch.cat([k.new_zeros(k.shape[0], k.shape[1], extra, k.shape[3]), k], dim=2)
+            layer.values = torch.cat([v.new_zeros(v.shape[0], v.shape[1], extra, v.shape[3]), v], dim=2)
+        self.mask = torch.cat([self.mask.new_zeros(self.rows, extra), self.mask], dim=1)
+
+    def extend(self, other: "KVBatch") -> None:
+        """Append ``other``'s rows (both are left-padded to the longer length first)."""
+        length = max(self.length, other.length)
+        self.left_pad(length)
+        other.left_pad(length)
+        for mine, theirs in zip(self._kv_layers(), other._kv_layers()):
+            mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
+            mine.values = torch.cat([mine.values, theirs.values], dim=0)
+        self.mask = torch.cat([self.mask, other.mask], dim=0)
+        self.positions = torch.cat([self.positions, other.positions], dim=0)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (in that order), then drop columns that are padding in every remaining row."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        self.mask = self.mask.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0].item()) if used.numel() else self.length
+        self.mask = self.mask[:, start:]
+        for layer in self._kv_layers():
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+    def zero_padding(self) -> None:
+        """Zero the K/V at padding columns (a fully masked padding query may produce NaN; keep it out)."""
+        pad = (self.mask == 0)[:, None, :, None]
+        if not pad.any():
+            return
+        for layer in self._kv_layers():
+            layer.keys = layer.keys.masked_fill(pad, 0.0)
+            layer.values = layer.values.masked_fill(pad, 0.0)
+
+
+def _forward(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
+             adapters: Sequence[str | None]) -> torch.Tensor:
+    """Run the model once; returns the logits of the last column, ``(B, V)`` float32."""
+    from lorakit.adapters import mixed_batch
+
+    kwargs = {_cache_kwarg(model): cache}
+    with torch.inference_mode(), mixed_batch(model, list(adapters)):
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **kwargs)
+    return out.logits[:, -1, :].float()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def prefill(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
+            pad_id: int = 0) -> tuple[torch.Tensor, KVBatch]:
+    """Run new prompts (left-padded into one batch, row i through adapter ``adapters[i]``).
+
+    Returns the next-token logits ``(n, V)`` and the rows' ``KVBatch``.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise LorakitError("cannot generate from an empty prompt; give at least one token")
+    device = model_device(model)
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long, device=device)
+        mask[row, length - len(prompt):] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # real tokens count from 0; padding's position is unused
+    cache = _new_cache(model)
+    logits = _forward(model, input_ids, mask, positions, cache, adapters)
+    batch = KVBatch(cache, mask, mask.sum(dim=1))
+    batch.zero_padding()
+    return logits, batch
+
+
+def decode(model: nn.Module, batch: KVBatch, tokens: Sequence[int], adapters: Sequence[str | None]) -> torch.Tensor:
+    """Feed one token per row (the rows' newest tokens); returns the next-token logits ``(B, V)``."""
+    device = batch.mask.device
+    input_ids = torch.tensor(list(tokens), dtype=torch.long, device=device).unsqueeze(1)  # (B, 1)
+    batch.mask = torch.cat([batch.mask, batch.mask.new_ones(batch.rows, 1)], dim=1)
+    logits = _forward(model, input_ids, batch.mask, batch.positions.unsqueeze(1), batch.cache, adapters)
+    batch.positions = batch.positions + 1
+    return logits
+
+
+# -- offline generation --------------------------------------------------------------------------------------------
+@dataclass
+class Generation:
+    """One finished row: the new token ids, why it stopped (``"stop"`` or ``"length"``) and, if asked, the logits."""
+
+    tokens: list[int]
+    finish_reason: str
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
+             params: SamplingParams | Sequence[SamplingParams], pad_id: int = 0,
+             keep_logits: bool = False) -> list[Generation]:
+    """Generate for several prompts at once, row i through ``adapters[i]``, with one KV cache.
+
+    Finished rows leave the batch, so every step only computes rows still running.
+
+    Args:
+        prompts: token ids per row.
+        adapters: adapter name per row (None: the base model).
+        params: one ``SamplingParams`` for all rows or one per row.
+        keep_logits: keep each step's next-token logits ``(V,)`` per row (for tests and log-probabilities).
+    """
+    if len(adapters) != len(prompts):
+        raise LorakitError(f"{len(prompts)} prompts but {len(adapters)} adapter names; give one per prompt")
+    per_row = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    device = model_device(model)
+    generators = [p.generator(device) for p in per_row]
+    results = [Generation([], "length") for _ in prompts]
+    logits, batch = prefill(model, prompts, adapters, pad_id)
+    running = list(range(len(prompts)))
+    while running:
+        still, last = [], []
+        for slot, row in enumerate(running):
+            if keep_logits:
+                results[row].logits.append(logits[slot].cpu())
+            token = sample(logits[slot], per_row[row], generators[row])
+            results[row].tokens.append(token)
+            if token in per_row[row].stop_token_ids:
+                results[row].finish_reason = "stop"
+            elif len(results[row].tokens) < per_row[row].max_new_tokens:
+                still.append(slot)
+                last.append(token)
+        if not still:
+            break
+        if len(still) < len(running):
+            batch.keep(still)
+            running = [running[s] for s in still]
+        logits = decode(model, batch, last, [adapters[r] for r in running])
+    return results

@@ -1,0 +1,373 @@
+"""The HTTP server: OpenAI-compatible endpoints over one base model and a folder of adapters.
+
+    GET  /health                 liveness (no API key needed)
+    GET  /v1/models              the base and every adapter folder (``loaded``: in memory now)
+    POST /v1/completions         ``model`` names an adapter (or the base); ``stream`` for server-sent events
+    POST /v1/chat/completions    the same, with the tokenizer's chat template
+    POST /v1/adapters/load       ``{"name": ...}``: load (or reload from disk) an adapter now
+    POST /v1/adapters/unload     ``{"name": ...}``: free it (409 while requests use it)
+    GET  /v1/adapters            the adapters in memory
+
+Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for the client's mistakes
+(bad JSON, unknown fields, oversized input, unknown or refused adapters) and 5xx only for the server's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request as HTTPRequest
+
+from lorakit.errors import LorakitError
+from lorakit.generation import SamplingParams, encode_prompt
+from lorakit.serve.engine import Engine, Request, TokenInfo
+from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name
+from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected
+from lorakit.serve.protocol import AdapterRequest, APIError, ChatRequest, CompletionRequest, error_body
+from lorakit.serve.text import TextAssembler
+
+
+@dataclass
+class ServerState:
+    """Everything the endpoints share."""
+
+    model: object
+    tokenizer: object
+    base_name: str
+    pool: AdapterPool
+    engine: Engine
+    stop_token_ids: tuple[int, ...]
+    context_length: int
+    max_prompt_tokens: int
+    max_new_tokens: int
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    acquire_timeout: float = 60.0
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _validation_error(error: ValidationError) -> APIError:
+    first = error.errors()[0]
+    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "extra_forbidden":
+        message = f"unknown field {param!r}"
+    elif first.get("type") == "missing":
+        message = f"missing required field {param!r}"
+    else:
+        message = f"{param}: {message}" if param else message
+    return APIError(400, message, param=param, code="invalid_request")
+
+
+async def _read_json(request, state: ServerState) -> dict:
+    body = await request.body()
+    if len(body) > state.max_body_bytes:
+        raise APIError(413, f"request body of {len(body):,} bytes is over the limit of {state.max_body_bytes:,}",
+                       code="request_too_large")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise APIError(400, f"malformed JSON body: {error}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _parse(cls, data: dict):
+    try:
+        return cls.model_validate(data)
+    except ValidationError as error:
+        raise _validation_error(error) from None
+
+
+def _adapter_error(error: LorakitError, param: str = "model") -> APIError:
+    if isinstance(error, UnsafeNameError):
+        return APIError(400, str(error), param=param, code="invalid_adapter_name")
+    if isinstance(error, UnknownAdapterError):
+        return APIError(404, str(error), param=param, code="model_not_found")
+    if isinstance(error, AdapterRejected):
+        return APIError(400, str(error), param=param, code="adapter_rejected")
+    if isinstance(error, AdapterBusy):
+        return APIError(503, str(error), type="server_error", param=param, code="adapter_busy")
+    return APIError(400, str(error), param=param)
+
+
+class _Bridge:
+    """Events from the engine thread into the request's asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.lorakit = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, error: APIError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, error: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        return JSONResponse(error_body(str(error.detail), code=code), status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_, error: Exception):
+        traceback.print_exception(type(error), error, error.__traceback__)  # a bug: keep its trace in the server log
+        return JSONResponse(error_body(f"internal error: {type(error).__name__}", type="server_error"), status_code=500)
+
+    @app.middleware("http")
+    async def _guard(request, call_next):
+        if state.api_key is not None and request.url.path != "/health":
+            header = request.headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), state.api_key.encode()):
+                return JSONResponse(error_body("missing or wrong API key; send 'Authorization: Bearer <key>'",
+                                               code="invalid_api_key"), status_code=401)
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > state.max_body_bytes):
+            return JSONResponse(error_body(f"request body is over the limit of {state.max_body_bytes:,} bytes",
+                                           code="request_too_large"), status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **state.engine.stats()}
+
+    @app.get("/v1/models")
+    async def models():
+        base = {"id": state.base_name, "object": "model", "created": state.created, "owned_by": "lorakit"}
+        available = await run_in_threadpool(state.pool.available)
+        adapters = [{"id": name, "object": "model", "created": state.created, "owned_by": "lorakit",
+                     "parent": state.base_name, "loaded": state.pool.is_loaded(name)}
+                    for name in available if name != state.base_name]
+        return {"object": "list", "data": [base, *adapters]}
+
+    @app.get("/v1/adapters")
+    async def adapters():
+        return {"object": "list", "data": state.pool.loaded(), "max_loaded": state.pool.max_loaded}
+
+    @app.post("/v1/adapters/load")
+    async def load(request: HTTPRequest):
+        body = _parse(AdapterRequest, await _read_json(request, state))
+        try:
+            info = await run_in_threadpool(state.pool.load, body.name, state.acquire_timeout)
+        except AdapterBusy as error:
+            raise APIError(409, str(error), param="name", code="adapter_busy") from None
+        except LorakitError as error:
+            raise _adapter_error(error, "name") from None
+        return {"object": "adapter", "loaded": True, **info}
+
+    @app.post("/v1/adapters/unload")
+    async def unload(request: HTTPRequest):
+        body = _parse(AdapterRequest, await _read_json(request, state))
+        try:
+            await run_in_threadpool(state.pool.unload, body.name)
+        except AdapterBusy as error:
+            raise APIError(409, str(error), param="name", code="adapter_busy") from None
+        except LorakitError as error:
+            raise _adapter_error(error, "name") from None
+        return {"object": "adapter", "name": body.name, "loaded": False}
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        body = _parse(CompletionRequest, await _read_json(request, state))
+        if isinstance(body.prompt, list):
+            vocab = len(state.tokenizer)
+            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in body.prompt):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            prompt_ids = list(body.prompt)
+        else:
+            prompt_ids = await run_in_threadpool(_encode, state, body.prompt, False)
+        return await _serve(state, body, prompt_ids, body.max_tokens, body.logprobs, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: HTTPRequest):
+        body = _parse(ChatRequest, await _read_json(request, state))
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+        prompt_ids = await run_in_threadpool(_encode, state, messages, True)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        return await _serve(state, body, prompt_ids, max_tokens, top, chat=True)
+
+    return app
+
+
+def _encode(state: ServerState, prompt, chat: bool) -> list[int]:
+    if isinstance(prompt, str) and len(prompt) > 16 * state.max_prompt_tokens:  # cheap guard before tokenizing
+        raise APIError(400, f"prompt of {len(prompt):,} characters is far over the limit of {state.max_prompt_tokens} "
+                       "tokens", param="prompt", code="context_length_exceeded")
+    try:
+        with state.tokenizer_lock:
+            return encode_prompt(state.tokenizer, prompt, chat=chat)
+    except LorakitError as error:
+        raise APIError(400, str(error), param="messages" if chat else "prompt") from None
+
+
+def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | None, chat: bool) -> int:
+    param = "messages" if chat else "prompt"
+    if not prompt_ids:
+        raise APIError(400, "the prompt is empty", param=param)
+    if len(prompt_ids) > state.max_prompt_tokens:
+        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens, over the limit of {state.max_prompt_tokens}",
+                       param=param, code="context_length_exceeded")
+    room = state.context_length - len(prompt_ids)
+    if max_tokens is None:
+        max_tokens = max(1, min(state.max_new_tokens, room))
+    if max_tokens > state.max_new_tokens:
+        raise APIError(400, f"max_tokens {max_tokens} is over the server's limit of {state.max_new_tokens}",
+                       param="max_tokens", code="max_tokens_exceeded")
+    if max_tokens > room:
+        raise APIError(400, f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                       f"context of {state.context_length} tokens", param="max_tokens", code="context_length_exceeded")
+    return max_tokens
+
+
+async def _serve(state: ServerState, body, prompt_ids: list[int], max_tokens: int | None, logprobs: int | None,
+                 chat: bool):
+    max_tokens = _check_lengths(state, prompt_ids, max_tokens, chat)
+    adapter_name = None if body.model == state.base_name else body.model
+    internal = None
+    if adapter_name is not None:
+        try:
+            check_name(adapter_name)
+            internal = await run_in_threadpool(state.pool.acquire, adapter_name, state.acquire_timeout)
+        except LorakitError as error:
+            raise _adapter_error(error) from None
+    try:
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                stop_token_ids=state.stop_token_ids, seed=body.seed)
+    except LorakitError as error:
+        if adapter_name is not None:
+            state.pool.release(adapter_name)
+        raise APIError(400, str(error)) from None
+    bridge = _Bridge(asyncio.get_running_loop())
+    assembler = TextAssembler(state.tokenizer, body.stop, state.stop_token_ids, state.tokenizer_lock)
+
+    def on_token(token: int, info: TokenInfo | None) -> bool:
+        bridge.put(("token", assembler.add(token), token, info))
+        return not assembler.stopped
+
+    def on_finish(reason: str) -> None:
+        if adapter_name is not None:
+            state.pool.release(adapter_name)
+        bridge.put(("done", assembler.finish(), reason))
+
+    job = Request(prompt_ids, internal, params, on_token, on_finish, logprobs=logprobs)
+    state.engine.submit(job)
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    if body.stream:
+        return StreamingResponse(_stream(state, body, job, bridge, ident, created, chat, len(prompt_ids)),
+                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    pieces, infos, reason = [], [], None
+    try:
+        while True:
+            event = await bridge.queue.get()
+            if event[0] == "token":
+                pieces.append(event[1])
+                if event[3] is not None:
+                    infos.append((event[2], event[3]))
+            else:
+                pieces.append(event[1])
+                reason = event[2]
+                break
+    finally:
+        if reason is None:
+            state.engine.cancel(job)
+    if reason.startswith("error"):
+        raise APIError(500, f"generation failed: {reason[7:]}", type="server_error")
+    text = "".join(pieces)
+    finish = "stop" if reason == "stop" else "length"
+    usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(job.tokens),
+             "total_tokens": len(prompt_ids) + len(job.tokens)}
+    lp = _logprobs(state, infos, chat) if logprobs is not None else None
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": lp}
+        return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [choice], "usage": usage}
+    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}
+    return {"id": ident, "object": "text_completion", "created": created, "model": body.model,
+            "choices": [choice], "usage": usage}
+
+
+def _token_text(state: ServerState, token: int) -> str:
+    with state.tokenizer_lock:
+        return state.tokenizer.decode([token])
+
+
+def _logprobs(state: ServerState, infos: list[tuple[int, TokenInfo]], chat: bool) -> dict:
+    if chat:
+        content = []
+        for token, info in infos:
+            text = _token_text(state, token)
+            top = [{"token": (t := _token_text(state, i)), "logprob": lp, "bytes": list(t.encode())} for i, lp in info.top]
+            content.append({"token": text, "logprob": info.logprob, "bytes": list(text.encode()), "top_logprobs": top})
+        return {"content": content}
+    tokens = [_token_text(state, t) for t, _ in infos]
+    offsets, position = [], 0
+    for text in tokens:
+        offsets.append(position)
+        position += len(text)
+    return {"tokens": tokens, "token_logprobs": [info.logprob for _, info in infos],
+            "top_logprobs": [{_token_text(state, i): lp for i, lp in info.top} for _, info in infos],
+            "text_offset": offsets}
+
+
+async def _stream(state: ServerState, body, job: Request, bridge: _Bridge, ident: str, created: int, chat: bool,
+                  prompt_tokens: int):
+    """Server-sent events: one chunk per piece of final text, then the finish reason, then ``[DONE]``."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        payload = {"id": ident, "object": kind, "created": created, "model": body.model, "choices": [choice]}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    reason = None
+    try:
+        if chat:
+            yield chunk("", None, first=True)
+        while True:
+            event = await bridge.queue.get()
+            if event[0] == "token":
+                if event[1]:
+                    yield chunk(event[1], None)
+                continue
+            reason = event[2]
+            if event[1]:
+                yield chunk(event[1], None)
+            break
+        if reason.startswith("error"):
+            yield f"data: {json.dumps(error_body(f'generation failed: {reason[7:]}', type='server_error'))}\n\n"
+        else:
+            yield chunk(None, "stop" if reason == "stop" else "length")
+            if body.stream_options is not None and body.stream_options.include_usage:
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(job.tokens),
+                         "total_tokens": prompt_tokens + len(job.tokens)}
+                yield f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': body.model, 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        if reason is None:  # the client went away: stop generating for it
+            state.engine.cancel(job)

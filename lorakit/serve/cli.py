@@ -1,0 +1,82 @@
+"""``lorakit serve --model M --adapters DIR``: start the HTTP server (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+
+from lorakit.errors import LorakitError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder (default: %(default)s)")
+    parser.add_argument("--adapters", required=True, help="folder of adapters: each subfolder is one adapter, named by the folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 exposes it)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    parser.add_argument("--max-loaded", type=int, default=8, help="adapters kept in memory; least recently used evicted (default: %(default)s)")
+    parser.add_argument("--max-rank", type=int, default=64, help="refuse adapters of a higher rank (default: %(default)s)")
+    parser.add_argument("--max-adapter-mb", type=float, default=512, help="refuse adapter files larger than this (default: %(default)s MiB)")
+    parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together per step (default: %(default)s)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="refuse longer prompts (default: the model's context)")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for (default: %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $LORAKIT_API_KEY)")
+    parser.add_argument("--name", default=None, help="the base model's name in /v1/models (default: the --model value's last part)")
+    parser.add_argument("--dtype", default=None, help="weights dtype: fp32, bf16, fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best available)")
+    parser.add_argument("--preload", action="store_true", help="load the first --max-loaded adapters at start")
+    parser.add_argument("--log-level", default="warning", help="uvicorn log level (default: %(default)s)")
+
+
+def build_state(args: argparse.Namespace):
+    """Load the model and build the engine, pool and limits (everything but the HTTP layer)."""
+    import lorakit
+    from lorakit.generation import end_of_turn_ids
+    from lorakit.serve.app import ServerState
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.pool import AdapterPool
+
+    for flag, value in (("--max-loaded", args.max_loaded), ("--max-rank", args.max_rank), ("--max-batch", args.max_batch),
+                        ("--max-tokens", args.max_tokens)):
+        if value < 1:
+            raise LorakitError(f"{flag} must be at least 1, got {value}")
+    model, tokenizer = lorakit.load_base(args.model, dtype=args.dtype, device=args.device)
+    model_lock = threading.RLock()
+    pool = AdapterPool(model, args.adapters, model_lock, max_loaded=args.max_loaded, max_rank=args.max_rank,
+                       max_bytes=int(args.max_adapter_mb * 2**20))
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    max_prompt = args.max_prompt_tokens or context
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    engine = Engine(model, model_lock, max_batch=args.max_batch, pad_id=pad_id)
+    name = args.name or os.path.basename(os.path.normpath(str(args.model)))
+    state = ServerState(model=model, tokenizer=tokenizer, base_name=name, pool=pool, engine=engine,
+                        stop_token_ids=end_of_turn_ids(tokenizer), context_length=context,
+                        max_prompt_tokens=min(max_prompt, context), max_new_tokens=args.max_tokens,
+                        api_key=args.api_key or None)
+    if args.preload:
+        for adapter in pool.available()[: args.max_loaded]:
+            try:
+                pool.load(adapter)
+            except LorakitError as error:
+                print(f"lorakit serve: skipped adapter {adapter!r}: {error}", flush=True)
+    return state
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from lorakit.serve.app import create_app
+    except ImportError as error:
+        raise LorakitError(f"lorakit serve needs FastAPI and uvicorn ({error.name} is missing); install them with: "
+                           "pip install 'lorakit[serve]'") from None
+    state = build_state(args)
+    app = create_app(state)
+    print(f"lorakit serve: {state.base_name} with adapters from {args.adapters} on http://{args.host}:{args.port} "
+          f"(max {state.pool.max_loaded} loaded, batch {state.engine.max_batch})", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        state.engine.close()
+    return 0

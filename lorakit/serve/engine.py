@@ -1,0 +1,193 @@
+"""Continuous batching: one scheduler thread runs every request through shared forward passes.
+
+Each step (under the model lock, so adapters are never swapped mid-forward):
+
+1. drop cancelled rows;
+2. admit waiting requests (up to ``max_batch`` rows in all): prefill them together, one row per request, each
+   through its own adapter (``lorakit.mixed_batch``), sample their first token and join the running batch;
+3. decode one token for every running row in one forward pass over the shared ``KVBatch``;
+4. rows that finished (end-of-turn token, ``max_new_tokens``, a stop string, or cancelled) leave the batch.
+
+Requests join and leave only between steps. Padding never changes a row's logits (see ``lorakit.generation``),
+so a request's output equals the same request served alone. Callbacks that may take other locks (releasing an
+adapter pin) run after the model lock is released, so the adapter pool and the engine cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lorakit.generation import KVBatch, SamplingParams, decode, prefill, sample
+
+
+@dataclass
+class TokenInfo:
+    """The chosen token's log-probability and the ``top`` most likely tokens' (id, log-probability)."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Request:
+    """One generation request as the engine sees it.
+
+    ``on_token(token_id, info) -> bool`` runs on the engine thread for every new token (``info`` is None unless
+    ``logprobs`` is set); returning False finishes the request with reason ``"stop"`` (a stop string matched).
+    ``on_finish(reason)`` runs once at the end, outside the model lock; reason is ``"stop"``, ``"length"``,
+    ``"cancelled"`` or ``"error: ..."``.
+    """
+
+    prompt: list[int]
+    adapter: str | None
+    params: SamplingParams
+    on_token: Callable[[int, TokenInfo | None], bool]
+    on_finish: Callable[[str], None]
+    logprobs: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    finished: bool = False
+    generator: torch.Generator | None = None
+    created: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    """The scheduler thread over one model. ``submit`` requests; ``cancel`` them; ``close`` to stop."""
+
+    def __init__(self, model: nn.Module, model_lock: threading.RLock, max_batch: int = 32, pad_id: int = 0):
+        self.model = model
+        self.model_lock = model_lock
+        self.max_batch = max_batch
+        self.pad_id = pad_id
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []
+        self._batch: KVBatch | None = None
+        self._wake = threading.Condition()
+        self._closing = False
+        self.steps = 0
+        self.device = next(model.parameters()).device
+        self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+        self._thread.start()
+
+    # -- public --------------------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        request.generator = request.params.generator(self.device)
+        with self._wake:
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def stats(self) -> dict:
+        return {"running": len(self._running), "waiting": len(self._waiting), "steps": self.steps}
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closing and not self._waiting and not self._running:
+                    self._wake.wait()
+                if self._closing:
+                    finished = self._running + list(self._waiting)
+                    self._running, self._waiting = [], collections.deque()
+                    for request in finished:
+                        request.finished = True
+                        request.on_finish("cancelled")
+                    return
+                room = max(0, self.max_batch - len(self._running))
+                newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            done: list[tuple[Request, str]] = []
+            try:
+                with self.model_lock:
+                    self._step(newcomers, done)
+                    self.steps += 1
+            except Exception as error:  # a bug or an out-of-memory: fail this batch, keep serving
+                traceback.print_exc()
+                message = f"error: {type(error).__name__}: {error}"
+                done += [(r, message) for r in self._running + newcomers if not r.finished]
+                self._running, self._batch = [], None
+            for request, reason in done:  # outside the model lock: callbacks may take the pool's lock
+                request.finished = True
+                try:
+                    request.on_finish(reason)
+                except Exception:
+                    traceback.print_exc()
+
+    def _step(self, newcomers: list[Request], done: list[tuple[Request, str]]) -> None:
+        self._drop([i for i, r in enumerate(self._running) if r.cancelled], done, "cancelled")
+        done += [(r, "cancelled") for r in newcomers if r.cancelled]
+        newcomers = [r for r in newcomers if not r.cancelled]
+        if newcomers:
+            logits, batch = prefill(self.model, [r.prompt for r in newcomers], [r.adapter for r in newcomers], self.pad_id)
+            keep = [i for i, r in enumerate(newcomers) if self._accept(r, logits[i], done)]
+            if keep:
+                if len(keep) < len(newcomers):
+                    batch.keep(keep)
+                if self._batch is None:
+                    self._batch = batch
+                else:
+                    self._batch.extend(batch)
+                self._running += [newcomers[i] for i in keep]
+        if not self._running:
+            self._batch = None
+            return
+        logits = decode(self.model, self._batch, [r.tokens[-1] for r in self._running], [r.adapter for r in self._running])
+        finished = [i for i, r in enumerate(self._running) if not self._accept(r, logits[i], done)]
+        self._drop(finished, done, None)
+
+    def _accept(self, request: Request, logits: torch.Tensor, done: list) -> bool:
+        """Sample the request's next token from ``logits (V,)``; False (and a ``done`` entry) when it finished."""
+        params = request.params
+        token = sample(logits, params, request.generator)
+        info = None
+        if request.logprobs is not None:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            top = torch.topk(logprobs, k=min(max(request.logprobs, 1), logprobs.shape[-1])) if request.logprobs else None
+            pairs = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
+            info = TokenInfo(float(logprobs[token]), pairs)
+        request.tokens.append(token)
+        if request.cancelled:
+            done.append((request, "cancelled"))
+            return False
+        if token in params.stop_token_ids:
+            request.on_token(token, info)
+            done.append((request, "stop"))
+            return False
+        if not request.on_token(token, info):
+            done.append((request, "stop"))
+            return False
+        if len(request.tokens) >= params.max_new_tokens:
+            done.append((request, "length"))
+            return False
+        return True
+
+    def _drop(self, rows: list[int], done: list, reason: str | None) -> None:
+        """Remove running rows (``reason`` None: their done entries were already added)."""
+        if not rows:
+            return
+        gone = set(rows)
+        if reason is not None:
+            done += [(self._running[i], reason) for i in rows]
+        keep = [i for i in range(len(self._running)) if i not in gone]
+        self._running = [self._running[i] for i in keep]
+        if keep:
+            self._batch.keep(keep)
+        else:
+            self._batch = None

@@ -1,0 +1,73 @@
+"""Adapter names -> folders, strictly inside the adapters folder.
+
+A name comes from an HTTP client, so it is hostile until proven otherwise. It must be a plain folder name
+(letters, digits, ``.``, ``_``, ``-``; no ``..``, no separators, no ``%``, no NUL, at most 128 characters), and the
+folder, after resolving every symlink, must be a direct child of the adapters folder. The files an adapter is
+read from must also resolve inside that folder, so a symlinked ``adapter_model.safetensors`` pointing at
+``/etc/shadow`` is refused before anything is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+from lorakit.io import CONFIG_NAME, WEIGHTS_NAME
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class UnsafeNameError(LorakitError):
+    """The adapter name tries to leave the adapters folder (or is not a plain folder name)."""
+
+
+class UnknownAdapterError(LorakitError):
+    """No adapter folder of that name."""
+
+
+def check_name(name: object) -> str:
+    """The name itself, if it is a plain folder name; raises ``UnsafeNameError`` otherwise."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        shown = repr(name)[:80]
+        raise UnsafeNameError(f"adapter name {shown} is not allowed: use a folder name of the adapters folder "
+                              "(letters, digits, '.', '_', '-'; no paths)")
+    return name
+
+
+def _inside(root: Path, path: Path) -> bool:
+    return os.path.commonpath([str(root), str(path)]) == str(root) and path != root
+
+
+def resolve_adapter(root: str | os.PathLike, name: object) -> Path:
+    """The real folder of adapter ``name`` under ``root``; every file it holds that lorakit reads stays inside."""
+    name = check_name(name)
+    real_root = Path(os.path.realpath(root))
+    candidate = real_root / name
+    real = Path(os.path.realpath(candidate))
+    if not _inside(real_root, real):
+        raise UnsafeNameError(f"adapter {name!r} is a link that leaves the adapters folder; refused")
+    if not real.is_dir():
+        raise UnknownAdapterError(f"no adapter named {name!r} in the adapters folder")
+    for file_name in (CONFIG_NAME, WEIGHTS_NAME):
+        file_path = real / file_name
+        if os.path.lexists(file_path) and not _inside(real_root, Path(os.path.realpath(file_path))):
+            raise UnsafeNameError(f"adapter {name!r}: {file_name} is a link that leaves the adapters folder; refused")
+    return real
+
+
+def list_adapter_names(root: str | os.PathLike) -> list[str]:
+    """Names of the subfolders of ``root`` that are valid, safe adapter names (sorted)."""
+    names = []
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            resolve_adapter(root, entry)
+        except LorakitError:
+            continue
+        names.append(entry)
+    return names

@@ -1,0 +1,196 @@
+"""Which adapters are in memory: at most ``max_loaded``, least recently used evicted, never one in use.
+
+An adapter is named by its folder under the adapters folder (``lorakit.serve.paths``). Inside the model it gets
+an internal name (``lk0``, ``lk1``, ...), so folder names with dots or a reload of the same folder never clash.
+A request *pins* its adapter from admission until it finishes; a pinned adapter is neither evicted nor unloaded.
+
+Admission (before an adapter serves): the name is safe, the weights file is under ``max_bytes`` and is
+safetensors (never pickle), every rank is at most ``max_rank``, and ``lorakit.load_adapter`` accepts it (config
+fields, target modules this base has, tensor keys and shapes, the base fingerprint). A refusal changes nothing.
+
+Lock order: the pool's lock, then the model lock. The engine never takes the pool's lock while it holds the
+model lock (it releases pins after a step), so the two cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.serve.paths import list_adapter_names, resolve_adapter
+
+
+class AdapterRejected(LorakitError):
+    """The adapter failed an admission check (the message says which)."""
+
+
+class AdapterBusy(LorakitError):
+    """The adapter is in use (unload), or every loaded adapter is in use and none can be evicted (load)."""
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    internal: str
+    folder: Path
+    rank: int
+    alpha: float
+    variant: str
+    size_bytes: int
+    pins: int = 0
+    last_used: float = 0.0
+
+    def describe(self) -> dict:
+        return {"name": self.name, "rank": self.rank, "alpha": self.alpha, "variant": self.variant,
+                "size_bytes": self.size_bytes, "in_use": self.pins}
+
+
+class AdapterPool:
+    """Loads, pins and evicts adapters of one adapters folder on one model."""
+
+    def __init__(self, model: nn.Module, root: str | os.PathLike, model_lock: threading.RLock, max_loaded: int = 8,
+                 max_rank: int = 64, max_bytes: int = 512 * 2**20):
+        if max_loaded < 1:
+            raise LorakitError(f"--max-loaded must be at least 1, got {max_loaded}")
+        self.model = model
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise LorakitError(f"adapters folder {self.root} does not exist; create it and put one adapter per subfolder")
+        self.model_lock = model_lock
+        self.max_loaded, self.max_rank, self.max_bytes = max_loaded, max_rank, max_bytes
+        self._loaded: collections.OrderedDict[str, LoadedAdapter] = collections.OrderedDict()  # LRU first
+        self._cond = threading.Condition()
+        self._ids = itertools.count()
+        self.loads = 0
+        self.evictions = 0
+
+    # -- queries -------------------------------------------------------------------------------------------------
+    def available(self) -> list[str]:
+        return list_adapter_names(self.root)
+
+    def loaded(self) -> list[dict]:
+        with self._cond:
+            return [a.describe() for a in self._loaded.values()]
+
+    def is_loaded(self, name: str) -> bool:
+        with self._cond:
+            return name in self._loaded
+
+    # -- pins ----------------------------------------------------------------------------------------------------
+    def acquire(self, name: str, timeout: float = 60.0) -> str:
+        """Pin adapter ``name`` (loading it, evicting the least recently used idle one if needed).
+
+        Returns the adapter's internal name for ``lorakit.mixed_batch``. Raises ``UnsafeNameError``,
+        ``UnknownAdapterError``, ``AdapterRejected``, or ``AdapterBusy`` after ``timeout`` s with no free room.
+        """
+        with self._cond:
+            entry = self._ensure_loaded(name, timeout)
+            entry.pins += 1
+            entry.last_used = time.monotonic()
+            self._loaded.move_to_end(name)
+            return entry.internal
+
+    def release(self, name: str) -> None:
+        with self._cond:
+            entry = self._loaded.get(name)
+            if entry is not None and entry.pins > 0:
+                entry.pins -= 1
+            self._cond.notify_all()
+
+    # -- explicit load / unload ----------------------------------------------------------------------------------
+    def load(self, name: str, timeout: float = 60.0) -> dict:
+        """Load (or reload from disk, when idle) adapter ``name``; returns its description."""
+        with self._cond:
+            entry = self._loaded.get(name)
+            if entry is not None and entry.pins == 0:
+                self._unload_locked(name)  # hot-swap: pick up a changed folder
+            elif entry is not None:
+                raise AdapterBusy(f"adapter {name!r} is serving {entry.pins} request(s); unload it when they finish")
+            return self._ensure_loaded(name, timeout).describe()
+
+    def unload(self, name: str) -> None:
+        with self._cond:
+            entry = self._loaded.get(name)
+            if entry is None:
+                from lorakit.serve.paths import UnknownAdapterError, check_name
+
+                check_name(name)
+                raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+            if entry.pins:
+                raise AdapterBusy(f"adapter {name!r} is serving {entry.pins} request(s); unload it when they finish")
+            self._unload_locked(name)
+
+    # -- internals (hold self._cond) -----------------------------------------------------------------------------
+    def _ensure_loaded(self, name: str, timeout: float) -> LoadedAdapter:
+        entry = self._loaded.get(name)
+        if entry is not None:
+            return entry
+        folder = resolve_adapter(self.root, name)  # refuses unsafe names before any file is opened
+        adapter_file = self._admit(name, folder)
+        deadline = time.monotonic() + timeout
+        while len(self._loaded) >= self.max_loaded:
+            idle = next((n for n, a in self._loaded.items() if a.pins == 0), None)
+            if idle is not None:
+                self._unload_locked(idle)
+                self.evictions += 1
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AdapterBusy(f"all {self.max_loaded} loaded adapters are in use (--max-loaded); retry later")
+            self._cond.wait(left)
+            entry = self._loaded.get(name)  # another thread may have loaded it meanwhile
+            if entry is not None:
+                return entry
+        internal = f"lk{next(self._ids)}"
+        from lorakit.inject import lora_layers
+        from lorakit.io import load_adapter
+
+        with self.model_lock:
+            try:
+                load_adapter(self.model, folder, adapter=internal, max_bytes=self.max_bytes)
+            except LorakitError as error:
+                raise AdapterRejected(f"adapter {name!r} refused: {error}") from None
+            ranks = [layer.adapters[internal].rank for layer in lora_layers(self.model).values() if internal in layer.adapters]
+            if ranks and max(ranks) > self.max_rank:  # the file changed between the check and the load
+                self._delete(internal)
+                raise AdapterRejected(f"adapter {name!r} refused: rank {max(ranks)} is above --max-rank {self.max_rank}")
+        config = adapter_file.config
+        entry = LoadedAdapter(name, internal, folder, max(ranks or [config.r]), config.alpha, config.variant,
+                              adapter_file.size_bytes, last_used=time.monotonic())
+        self._loaded[name] = entry
+        self.loads += 1
+        return entry
+
+    def _admit(self, name: str, folder: Path):
+        """Cheap checks on the files alone (no model): size, format, config, ranks. Returns the AdapterFile."""
+        from lorakit.io import read_adapter
+
+        try:
+            adapter_file = read_adapter(folder, max_bytes=self.max_bytes)
+        except LorakitError as error:
+            raise AdapterRejected(f"adapter {name!r} refused: {error}") from None
+        config = adapter_file.config
+        ranks = [config.r, *config.rank_pattern.values()]
+        ranks += [t.shape[0] for k, t in adapter_file.tensors.items() if k.endswith(("lora_A.weight", "lora_embedding_A")) and t.dim() == 2]
+        if max(ranks) > self.max_rank:
+            raise AdapterRejected(f"adapter {name!r} refused: rank {max(ranks)} is above --max-rank {self.max_rank}")
+        return adapter_file
+
+    def _unload_locked(self, name: str) -> None:
+        entry = self._loaded.pop(name)
+        with self.model_lock:
+            self._delete(entry.internal)
+        self._cond.notify_all()
+
+    def _delete(self, internal: str) -> None:
+        from lorakit.adapters import delete_adapter
+
+        delete_adapter(self.model, internal)
