@@ -41,10 +41,13 @@ class LayerStack:
         if slots < 1 or r_max < 1:
             raise LorakitError(f"a layer stack needs at least one slot and r_max >= 1, got slots={slots}, r_max={r_max}")
         self.in_features, self.out_features = in_features, out_features
-        self.lora_A = torch.zeros(slots, r_max, in_features, dtype=dtype, device=device)
-        self.lora_B = torch.zeros(slots, out_features, r_max, dtype=dtype, device=device)
-        self.scaling = torch.zeros(slots, dtype=torch.float32, device=device)
-        self.rank = torch.zeros(slots, dtype=torch.int32, device=device)
+        # ordinary tensors even when first built under torch.inference_mode(): a later load outside that mode
+        # writes into them in place, which inference tensors refuse
+        with torch.inference_mode(False):
+            self.lora_A = torch.zeros(slots, r_max, in_features, dtype=dtype, device=device)
+            self.lora_B = torch.zeros(slots, out_features, r_max, dtype=dtype, device=device)
+            self.scaling = torch.zeros(slots, dtype=torch.float32, device=device)
+            self.rank = torch.zeros(slots, dtype=torch.int32, device=device)
 
     @property
     def slots(self) -> int:
@@ -87,11 +90,15 @@ class LayerStack:
         new = LayerStack(self.in_features, self.out_features, max(slots, self.slots), max(r_max, self.r_max),
                          self.lora_A.dtype, self.lora_A.device)
         n, r = self.slots, self.r_max
+        with torch.no_grad():
+            self._copy_into(new, n, r)
+        return new
+
+    def _copy_into(self, new: "LayerStack", n: int, r: int) -> None:
         new.lora_A[:n, :r].copy_(self.lora_A)
         new.lora_B[:n, :, :r].copy_(self.lora_B)
         new.scaling[:n].copy_(self.scaling)
         new.rank[:n].copy_(self.rank)
-        return new
 
     def delta(self, x: torch.Tensor, slot_of_row: torch.Tensor) -> torch.Tensor:
         """x (T, in), slot_of_row (T,) -> (T, out): the multi-LoRA delta (dispatcher: Triton or reference)."""

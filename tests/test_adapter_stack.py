@@ -181,3 +181,16 @@ def test_reference_agrees_with_stack_delta_for_float16():
     x = torch.randn(5, 37, dtype=torch.float16)
     slots = torch.tensor(stack.slots_for(["a", "b", None, "b", "a"]))
     assert_close(layer.delta(x, slots), multi_lora_delta_reference(x, layer.lora_A, layer.lora_B, layer.scaling, slots, layer.rank))
+
+
+def test_stack_first_built_under_inference_mode_still_loads_later():
+    stack = None
+    with torch.inference_mode():
+        stack = AdapterStack({"q": (37, 13)}, slots=1, r_max=4)
+        stack.load("a", {"q": adapter(37, 13, 4)})
+    w = adapter(37, 13, 8)
+    with torch.no_grad():
+        stack.load("a", {"q": w})  # in place, and a growth of r_max
+        stack.load("b", {"q": adapter(37, 13, 4)})
+    x = torch.randn(1, 37)
+    assert_close(stack.layers["q"].delta(x, torch.tensor(stack.slots_for(["a"])))[0], formula(x[0], *w))
