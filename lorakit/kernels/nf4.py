@@ -107,8 +107,6 @@ class NF4Weight:
 def _use_triton(w: NF4Weight, *tensors: torch.Tensor, force_reference: bool = False) -> bool:
     if force_reference or w.packed.numel() == 0:
         return False
-    if any(t.numel() == 0 for t in tensors):
-        return False
     # the interpreter handles float32/float16 but not bf16 (see ARCHITECTURE.md); on CUDA every float dtype is fine
     if w.packed.device.type == "cpu" and any(t.dtype == torch.bfloat16 for t in tensors):
         return False

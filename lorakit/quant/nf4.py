@@ -128,6 +128,8 @@ def quantize_nf4(weight: torch.Tensor, *, blocksize: int = 64, double_quant: boo
     flat = weight.detach().reshape(-1).float()
     n = flat.numel()
     blocks, absmax = _blockwise_absmax(flat, blocksize)
+    if n % blocksize:  # bitsandbytes stores a partial last block's absmax clamped to >= 1e-38 (full ones are not)
+        absmax[-1] = absmax[-1].clamp(min=1e-38)
     # bitsandbytes: x * (1 / absmax.clamp(min=1e-38)); the clamp only matters for an all-zero block (-> code 7)
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1)).clamp(-1.0, 1.0).reshape(-1)[:n]
     if n % 2:
