@@ -1,0 +1,89 @@
+"""``lorakit train``: flags generated from :class:`lorakit.train.config.TrainConfig` (its field docs are the help).
+
+Precedence: defaults < ``--config FILE`` (YAML or TOML) < flags given on the command line (only flags actually
+given override: argparse defaults are suppressed, so the help shows the real defaults without applying them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from lorakit.train.config import FIELDS, TrainConfig, check_values, read_config_file, resolve_config
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+EPILOG = """examples:
+  lorakit train                                     # the embedded demo: SmolLM2-135M-Instruct on the 'orders' task
+  lorakit train --data train.jsonl --val-fraction 0.1 --out runs/mine --rank 8 --epochs 3
+  lorakit train --config run.yaml --lr 1e-4         # a config file, with one option overridden
+  lorakit train --resume --out runs/mine            # continue a stopped run from its last checkpoint
+"""
+
+
+def _base_type(field: dataclasses.Field) -> type:
+    kind = str(field.type)
+    for name, typ in _TYPES.items():
+        if kind.startswith(name) or kind.startswith(f"list[{name}]"):
+            return typ
+    return str
+
+
+def _default_text(field: dataclasses.Field) -> str:
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if default is None or default == [] or default == {}:
+        return ""
+    if isinstance(default, bool):
+        return " (default: on)" if default else ""
+    return f" (default: {default})"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as a flag, in groups, plus --config, --resume and --overwrite."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    run = parser.add_argument_group("run")
+    run.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                     help="YAML or TOML file of options (names as below, dashes or underscores); flags override it")
+    run.add_argument("--resume", nargs="?", const="latest", default=argparse.SUPPRESS, metavar="RUN_OR_CHECKPOINT",
+                     help="continue a stopped run from its last checkpoint: a run folder or checkpoint folder; alone, "
+                          "the run in --out (or the newest under runs/). The run's saved options are reused; "
+                          "a different model, data or batch setting is refused")
+    run.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                     help="allow --out to be a folder that already holds files")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        if meta.get("cli") is False:
+            continue
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        flag = "--" + field.name.replace("_", "-")
+        help_text = meta["help"] + _default_text(field)
+        if str(field.type) == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "type": _base_type(field)}
+        if "choices" in meta:
+            kwargs["choices"] = list(meta["choices"])
+        if meta.get("nargs"):
+            kwargs["nargs"] = meta["nargs"]
+            kwargs["metavar"] = "PATH" if field.name in ("data", "val_data") else "NAME"
+        group.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any], dict[str, Any]]:
+    """(resolved config, the config file's values, the flags given), from parsed arguments."""
+    given = {k: v for k, v in vars(args).items() if k in FIELDS}
+    file_values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    cli_values = check_values(given, source="command line")
+    return resolve_config(file_values, cli_values), file_values, cli_values
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.train.runner import run_training
+
+    config, file_values, cli_values = config_from_args(args)
+    run_training(config, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False),
+                 config_file_values=file_values, cli_values=cli_values)
+    return 0

@@ -1,0 +1,317 @@
+"""``TrainConfig``: every training option in one dataclass, read from defaults, a YAML/TOML file and the command line.
+
+Each field's ``metadata["help"]`` is its ``--help`` text (the CLI is generated from this class, so the two cannot
+drift apart). Precedence: dataclass defaults < config file < command-line flags. The resolved config (every field,
+after defaults were filled in) is written to the run folder as ``config.yaml`` and can be passed back with
+``--config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorakit.config import INITS, VARIANTS, LoraConfig
+from lorakit.errors import LorakitError
+from lorakit.optim import SCHEDULES
+
+DEFAULT_LORA_LR = 2e-3
+DEFAULT_FULL_LR = 5e-5
+QUANTIZE_CHOICES = ("nf4",)
+DEVICES = ("cuda", "mps", "cpu")
+
+
+def _f(default: Any, help: str, group: str, **extra: Any) -> Any:
+    """A dataclass field carrying its help text and CLI group; mutable defaults go through a factory."""
+    metadata = {"help": help, "group": group, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run. See ``lorakit train --help`` for each one."""
+
+    # -- model and data ------------------------------------------------------------------------------------------
+    model: str = _f("smollm2-135m", "base model: the embedded name (smollm2-135m) or a local Hugging Face folder", "model and data")
+    data: list[str] | None = _f(None, "training data: JSONL or CSV files or a datasets folder, records {text}, "
+                                "{prompt, completion} or {messages}; default: the embedded 'orders' task", "model and data",
+                                nargs="+")
+    val_data: list[str] | None = _f(None, "validation files (same formats); default: none, or the embedded task's "
+                                    "held-out set when --data is not given", "model and data", nargs="+")
+    val_fraction: float | None = _f(None, "hold out this share of --data for validation instead of a file (e.g. 0.1)",
+                                    "model and data")
+    out: str | None = _f(None, "run folder for the adapter, checkpoints, metrics.jsonl, loss_curve.png and "
+                         "config.yaml; default: runs/<date-time>", "model and data")
+    max_length: int = _f(256, "most tokens per example; longer ones are handled by --overflow", "model and data")
+    overflow: str = _f("drop", "what to do with an example longer than --max-length: drop, truncate or error",
+                       "model and data", choices=("drop", "truncate", "error"))
+    pack: bool = _f(False, "pack several examples per row (no attention across them)", "model and data")
+
+    # -- adapter ---------------------------------------------------------------------------------------------------
+    rank: int = _f(16, "LoRA rank r", "adapter")
+    alpha: float = _f(32.0, "LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) for rslora)", "adapter")
+    dropout: float = _f(0.0, "dropout on the adapter input during training", "adapter")
+    targets: list[str] | None = _f(None, "module names to adapt (e.g. q_proj v_proj) or one regular expression; "
+                                   "default: all-linear (every linear layer except the output head)", "adapter", nargs="+")
+    exclude: list[str] | None = _f(None, "module names (or one regular expression) to leave out", "adapter", nargs="+")
+    variant: str = _f("lora", "adapter variant", "adapter", choices=VARIANTS)
+    init: str = _f("default", "adapter initialisation", "adapter", choices=INITS)
+    modules_to_save: list[str] | None = _f(None, "modules trained whole and saved with the adapter (e.g. lm_head)",
+                                           "adapter", nargs="+")
+    rank_pattern: dict = _f({}, "per-module rank overrides {regex: rank} (config file only)", "adapter", cli=False)
+    alpha_pattern: dict = _f({}, "per-module alpha overrides {regex: alpha} (config file only)", "adapter", cli=False)
+    full: bool = _f(False, "full fine-tuning of every weight instead of LoRA (the quality baseline)", "adapter")
+
+    # -- optimisation ----------------------------------------------------------------------------------------------
+    max_steps: int | None = _f(None, "optimizer steps to run (overrides --epochs)", "optimisation")
+    epochs: float = _f(1.0, "passes over the training data when --max-steps is not given", "optimisation")
+    batch_size: int = _f(8, "examples per device per micro-step; the global batch is batch size x grad accum x "
+                         "processes", "optimisation")
+    grad_accum: int = _f(1, "micro-steps accumulated per optimizer step (loss weighted by supervised tokens)",
+                         "optimisation")
+    lr: float | None = _f(None, f"peak learning rate (of lora_A under LoRA+); default {DEFAULT_LORA_LR:g} for LoRA, "
+                          f"{DEFAULT_FULL_LR:g} with --full", "optimisation")
+    loraplus_ratio: float | None = _f(None, "LoRA+: learning rate of lora_B over that of lora_A (e.g. 16)", "optimisation")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay (matrices only)", "optimisation")
+    adam_beta1: float = _f(0.9, "AdamW beta1", "optimisation")
+    adam_beta2: float = _f(0.999, "AdamW beta2", "optimisation")
+    adam_eps: float = _f(1e-8, "AdamW epsilon", "optimisation")
+    schedule: str = _f("cosine", "learning-rate schedule after warmup", "optimisation", choices=SCHEDULES)
+    warmup_ratio: float = _f(0.05, "warmup steps as a share of all steps (ignored when --warmup-steps is given)",
+                             "optimisation")
+    warmup_steps: int | None = _f(None, "linear warmup steps", "optimisation")
+    min_lr_ratio: float = _f(0.0, "final learning rate as a share of the peak", "optimisation")
+    max_grad_norm: float | None = _f(1.0, "clip the global gradient norm to this (0: no clipping)", "optimisation")
+    seed: int = _f(0, "random seed (adapter init, data order, dropout)", "optimisation")
+
+    # -- precision, memory, device --------------------------------------------------------------------------------
+    device: str | None = _f(None, "cuda, mps or cpu; default: the best available", "precision and memory",
+                            choices=DEVICES)
+    dtype: str | None = _f(None, "base weight dtype (float32, bfloat16, float16); default float32 on CPU/MPS and "
+                           "for --full, bfloat16 on CUDA (with bf16 autocast; adapters stay float32)",
+                           "precision and memory")
+    quantize: str | None = _f(None, "store the frozen base in 4-bit NF4 (QLoRA)", "precision and memory",
+                              choices=QUANTIZE_CHOICES)
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory", "precision and memory")
+    fast_kernels: bool = _f(True, "use lorakit's fused kernels on CUDA when the model supports them "
+                            "(--no-fast-kernels to turn off)", "precision and memory")
+
+    # -- during training ----------------------------------------------------------------------------------------
+    eval_every: int | None = _f(None, "validation loss every N steps (0: never); default: 4 times per run",
+                                "during training")
+    eval_batch_size: int | None = _f(None, "batch size for validation and generation; default 2 x --batch-size",
+                                     "during training")
+    save_every: int | None = _f(50, "write a checkpoint every N steps (0: only at the end)", "during training")
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep (the best one is kept apart)", "during training")
+    early_stopping_patience: int | None = _f(None, "stop after N validations without a better validation loss",
+                                             "during training")
+    tensorboard: bool = _f(False, "also log to TensorBoard in <out>/tensorboard (needs the tensorboard package)",
+                           "during training")
+    log_every: int = _f(1, "write a metrics.jsonl line every N steps", "during training")
+    max_bad_steps: int = _f(5, "stop after this many steps in a row with a NaN/infinite loss or gradient "
+                            "(each such step is skipped)", "during training")
+
+    # -- evaluation before and after ------------------------------------------------------------------------------
+    eval_examples: int = _f(60, "held-out examples scored by exact match of greedy generations before and after "
+                            "training (0: skip)", "evaluation")
+    samples: int = _f(3, "sample generations printed after training", "evaluation")
+    max_new_tokens: int = _f(64, "most tokens generated per example when scoring", "evaluation")
+    progress: bool = _f(True, "show the progress bar (--no-progress for logs)", "evaluation")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- checks and derived values ----------------------------------------------------------------------------
+    def validate(self) -> None:
+        positive = ("max_length", "rank", "batch_size", "grad_accum", "keep_checkpoints", "log_every", "max_bad_steps",
+                    "max_new_tokens")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LorakitError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "early_stopping_patience", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise LorakitError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
+        if self.max_steps == 0:
+            raise LorakitError("--max-steps must be at least 1")
+        if self.eval_batch_size == 0:
+            raise LorakitError("--eval-batch-size must be at least 1")
+        for name in ("eval_examples", "samples", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LorakitError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
+        if not (_number(self.epochs) and self.epochs > 0):
+            raise LorakitError(f"--epochs must be a positive number, got {self.epochs!r}")
+        if self.lr is not None and not (_number(self.lr) and self.lr > 0):
+            raise LorakitError(f"--lr must be a positive number, got {self.lr!r}")
+        if self.val_fraction is not None and not (_number(self.val_fraction) and 0 < self.val_fraction < 1):
+            raise LorakitError(f"--val-fraction must be between 0 and 1 (e.g. 0.1), got {self.val_fraction!r}")
+        if self.val_fraction is not None and self.val_data:
+            raise LorakitError("give --val-data or --val-fraction, not both")
+        if not (_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
+            raise LorakitError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.max_grad_norm is not None and not (_number(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise LorakitError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm!r}")
+        for name, choices in (("overflow", ("drop", "truncate", "error")), ("variant", VARIANTS), ("init", INITS),
+                              ("schedule", SCHEDULES)):
+            if getattr(self, name) not in choices:
+                raise LorakitError(f"{_flag(name)} {getattr(self, name)!r} is not one of {', '.join(choices)}")
+        if self.device is not None and self.device not in DEVICES:
+            raise LorakitError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise LorakitError(f"--quantize {self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+        if self.full and self.quantize:
+            raise LorakitError("--full trains every weight, which a quantized (--quantize nf4) base cannot; drop one")
+        if self.loraplus_ratio is not None and not (_number(self.loraplus_ratio) and self.loraplus_ratio > 0):
+            raise LorakitError(f"--loraplus-ratio must be a positive number (e.g. 16), got {self.loraplus_ratio!r}")
+        if not self.full:
+            self.lora_config()  # LoraConfig checks rank, alpha, dropout, targets
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (DEFAULT_FULL_LR if self.full else DEFAULT_LORA_LR)
+
+    def lora_config(self) -> LoraConfig:
+        targets: Any = self.targets or "all-linear"
+        if isinstance(targets, list) and len(targets) == 1 and _looks_like_regex(targets[0]):
+            targets = targets[0]
+        exclude: Any = self.exclude
+        if isinstance(exclude, list) and len(exclude) == 1 and _looks_like_regex(exclude[0]):
+            exclude = exclude[0]
+        return LoraConfig(r=self.rank, alpha=float(self.alpha), dropout=float(self.dropout), target_modules=targets,
+                          exclude_modules=exclude, rank_pattern=dict(self.rank_pattern),
+                          alpha_pattern=dict(self.alpha_pattern), variant=self.variant, init=self.init,
+                          modules_to_save=self.modules_to_save)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _looks_like_regex(text: str) -> bool:
+    return any(ch in text for ch in "*+?[](){}|^$\\")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+# -- config files ---------------------------------------------------------------------------------------------------
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file of ``TrainConfig`` fields (dashes or underscores).
+
+    Unknown keys and values of the wrong type are refused by name, with the file in the message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LorakitError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise LorakitError(f"cannot read config file {path}: {error}") from None
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise LorakitError(f"{path}{where}: malformed YAML ({getattr(error, 'problem', None) or error})") from None
+    elif suffix == ".toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise LorakitError(f"{path}: malformed TOML ({error})") from None
+    else:
+        raise LorakitError(f"{path}: unknown config file type {suffix!r}; use .yaml, .yml or .toml")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LorakitError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    if isinstance(data.get("train"), dict) and len(data) == 1:  # allow a [train] table in TOML
+        data = data["train"]
+    return check_values(data, source=str(path))
+
+
+def check_values(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Normalise keys (dashes -> underscores) and check each value's type against the field."""
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise LorakitError(f"{source}: unknown option {raw_key!r}{hint}")
+        out[key] = _coerce(key, value, source)
+    return out
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    kind = str(FIELDS[key].type)
+    bad = LorakitError(f"{source}: option {key!r} has the wrong type: {value!r} (expected {kind})")
+    if value is None:
+        if "None" not in kind:
+            raise bad
+        return None
+    if kind.startswith("list") or (FIELDS[key].metadata.get("nargs") == "+"):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad
+        return [str(v) for v in value]
+    if kind == "dict":
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if kind.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if kind.startswith("str"):
+        if not isinstance(value, str):
+            raise bad
+        return value
+    return value
+
+
+def resolve_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the config file's values, then command-line overrides."""
+    values = {**(file_values or {}), **(overrides or {})}
+    return TrainConfig(**values)
+
+
+def dump_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML (readable back with ``--config``), with the effective learning rate filled in."""
+    import yaml
+
+    data = config.to_dict()
+    data["lr"] = config.learning_rate
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

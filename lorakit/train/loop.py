@@ -1,0 +1,534 @@
+"""The training loop, as one Python function: ``train(model, tokenizer, train_data, config=TrainConfig(...))``.
+
+Read top to bottom, one optimizer step is:
+
+1. take ``grad_accum`` micro-batches of ``batch_size`` rows (this process's share of each global micro-batch);
+2. count the supervised tokens N of the whole accumulated batch (summed over processes);
+3. for each micro-batch, backward ``sum of its per-token losses / N``, so the accumulated gradient equals the
+   gradient of the full batch's mean per-token loss, however the batch is split (into micro-batches or processes);
+4. if the loss or the gradient is NaN/infinite, skip the step (counted; the run stops after ``max_bad_steps`` in a
+   row); else clip the gradient norm, set the step's learning rate (:class:`lorakit.optim.Schedule`) and step AdamW;
+5. log; validate every ``eval_every`` steps (keeping the best adapter, stopping early if asked); checkpoint every
+   ``save_every`` steps and at the end.
+
+Everything that decides the next step (trainable weights, optimizer state, random states, data position) is in
+the checkpoint, so a run killed at any moment and resumed from its last checkpoint ends bit-identical (on CPU) to
+one never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.optim import Schedule, build_optimizer
+from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
+from lorakit.train.config import TrainConfig
+from lorakit.train.data import BatchIterator, Collator, SupervisedDataset, build_dataset, pad_id_for
+from lorakit.train.evaluate import autocast_context, dataset_loss, loss_sum, supervised_tokens, to_device
+from lorakit.train.report import CURVE_NAME, METRICS_NAME, MetricsLog, plot_loss_curve
+
+ADAPTER_DIR = "adapter"
+BEST_DIR = "best"
+MODEL_DIR = "model"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did.
+
+    Attributes:
+        steps: optimizer steps done (including skipped ones). total_steps: steps planned.
+        stopped: "completed", "early_stopping".
+        train_loss: mean per-token loss of the last step. best_val_loss / best_step: best validation (or None).
+        skipped_steps: steps skipped for a NaN/infinite loss or gradient, or no supervised token.
+        tokens: input tokens processed (all processes). seconds: wall time of this call's loop.
+        out: the run folder (None without one). adapter_dir / checkpoint: where the final adapter / checkpoint went.
+    """
+
+    steps: int
+    total_steps: int
+    stopped: str
+    train_loss: float | None
+    best_val_loss: float | None
+    best_step: int | None
+    skipped_steps: int
+    tokens: int
+    seconds: float
+    out: Path | None = None
+    adapter_dir: Path | None = None
+    checkpoint: Path | None = None
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+# -- processes (torchrun) -------------------------------------------------------------------------------------------
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without torch.distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if world()[1] > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+# -- the pieces of one step -----------------------------------------------------------------------------------------
+def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]], total_tokens: int,
+                         device: torch.device, compute_dtype: torch.dtype | None = None) -> float:
+    """Backward every micro-batch with weight 1 / ``total_tokens``; returns the sum of its per-token losses.
+
+    Since each micro-batch contributes ``sum(token losses) / total_tokens``, the gradients that accumulate in
+    ``.grad`` are exactly those of ``mean(token losses over the whole batch)``, whatever the split.
+    """
+    total = 0.0
+    for batch in micro_batches:
+        if supervised_tokens(batch["labels"]) == 0:
+            continue  # contributes nothing; a forward would only cost time
+        with autocast_context(device, compute_dtype):
+            summed = loss_sum(model, to_device(batch, device))
+        (summed / total_tokens).backward()
+        total += float(summed.detach())
+    return total
+
+
+def _grad_norm_and_clip(params: list[nn.Parameter], max_norm: float | None) -> float:
+    """Global L2 norm of the gradients (before clipping); clips to ``max_norm`` when it is set and > 0."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    limit = max_norm if max_norm else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(grads, limit, error_if_nonfinite=False, foreach=False))
+
+
+def _all_reduce_grads(params: list[nn.Parameter]) -> None:
+    if world()[1] == 1:
+        return
+    for p in params:  # adapter gradients are small: one all-reduce each keeps this simple
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        _all_reduce_sum(p.grad)
+
+
+# -- setup helpers --------------------------------------------------------------------------------------------------
+def as_dataset(data: Any, tokenizer: Any, config: TrainConfig, name: str, pack: bool) -> SupervisedDataset:
+    """A :class:`SupervisedDataset` as is, or records / dicts tokenized with the config's length rules."""
+    if isinstance(data, SupervisedDataset):
+        return data
+    if isinstance(data, (str, Path)):
+        raise LorakitError(f"{name}: pass records or a dataset to train(); to read files use "
+                           "lorakit.train.data.build_datasets(paths, tokenizer)")
+    return build_dataset(list(data), tokenizer, config.max_length, config.overflow, pack=pack, name=name)
+
+
+def dataset_fingerprint(dataset: SupervisedDataset) -> str:
+    """A hash of the training rows' token ids and labels: a resume on other data (or tokenization) is refused."""
+    digest = hashlib.sha256()
+    for row in dataset.rows:
+        digest.update(json.dumps([row["input_ids"], row["labels"], row.get("seq_lens")]).encode())
+    return digest.hexdigest()[:16]
+
+
+def run_identity(model: nn.Module, dataset: SupervisedDataset, config: TrainConfig, world_size: int) -> dict[str, Any]:
+    """What must not change between a run and its resume (checked key by key, with the reason on refusal)."""
+    from lorakit.io import base_fingerprint
+
+    return {
+        "model": base_fingerprint(model),
+        "data": dataset_fingerprint(dataset),
+        "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
+        "processes": world_size,
+        "max_length": config.max_length,
+        "pack": config.pack,
+        "seed": config.seed,
+        "full": config.full,
+        "adapter": None if config.full else json.dumps(config.lora_config().to_peft_dict(), sort_keys=True),
+    }
+
+
+_IDENTITY_HINTS = {
+    "model": "another base model",
+    "data": "other training data (or another --max-length / --overflow / tokenizer)",
+    "batch_size": "another --batch-size",
+    "grad_accum": "another --grad-accum",
+    "processes": "another number of processes",
+    "max_length": "another --max-length",
+    "pack": "another --pack setting",
+    "seed": "another --seed",
+    "full": "--full switched",
+    "adapter": "other adapter settings (rank, alpha, targets, variant, dropout)",
+}
+
+
+def check_identity(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
+    for key, value in current.items():
+        if saved.get(key) != value:
+            shown = (f"{saved.get(key)!r} then, {value!r} now" if key not in ("adapter", "data", "model")
+                     else f"fingerprint {str(saved.get(key))[:16]} then, {str(value)[:16]} now")
+            raise LorakitError(f"cannot resume from {checkpoint}: {_IDENTITY_HINTS.get(key, key)} ({key}: {shown}); "
+                               "resume with the run's original settings, or start a new run with another --out")
+
+
+def trainable_adapter(model: nn.Module) -> str | None:
+    """The name of the adapter being trained (the first with trainable tensors), or None."""
+    from lorakit.adapters import lora_parameters
+
+    for name, parameter in lora_parameters(model):
+        if parameter.requires_grad:
+            parts = name.split(".")
+            for marker in ("adapters", "copies"):
+                if marker in parts:
+                    return parts[parts.index(marker) + 1]
+    return None
+
+
+def prepare_model(model: nn.Module, config: TrainConfig) -> str | None:
+    """Inject the config's adapter (when the model has none) or unfreeze everything for ``--full``.
+
+    Returns the trained adapter's name (None for full fine-tuning).
+    """
+    from lorakit.inject import adapter_names, inject
+
+    if config.full:
+        if adapter_names(model):
+            raise LorakitError("--full trains the base weights, but this model holds adapters; pass a plain base model")
+        for module in model.modules():
+            from lorakit import quant
+
+            if quant.is_quantized(module):
+                raise LorakitError("--full cannot train a quantized base; load it without quantize")
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return None
+    if not adapter_names(model):
+        inject(model, config.lora_config())
+    name = trainable_adapter(model)
+    if name is None:
+        raise LorakitError("the model's adapters are frozen; inject one with trainable=True or let train() inject it")
+    return name
+
+
+def _enable_fast_kernels(model: nn.Module, device: torch.device, log: Callable[[str], None]) -> None:
+    """lorakit's fused kernels on CUDA, if that module exists and accepts the model; any failure falls back."""
+    if device.type != "cuda":
+        return
+    try:
+        from lorakit.models.fast import use_fast_kernels
+    except ImportError:
+        return
+    try:
+        log(str(use_fast_kernels(model)))
+    except Exception as error:  # an optional speed-up must never stop training
+        try:
+            from lorakit.models.fast import disable_fast_kernels
+
+            disable_fast_kernels(model)
+        except Exception:
+            pass
+        log(f"fast kernels not used ({type(error).__name__}: {error}); training with the reference path")
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise LorakitError(f"{type(model).__name__} does not support gradient checkpointing; drop --gradient-checkpointing")
+    try:
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except (ValueError, TypeError) as error:
+        raise LorakitError(f"gradient checkpointing is not available for this model ({error})") from None
+
+
+def compute_dtype_for(model: nn.Module, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA (fp16 if the base is fp16); None (plain float32) elsewhere."""
+    if device.type != "cuda":
+        return None
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return torch.float16 if torch.float16 in dtypes and torch.bfloat16 not in dtypes else torch.bfloat16
+
+
+def total_steps_for(config: TrainConfig, rows: int, world_size: int) -> int:
+    if config.max_steps:
+        return config.max_steps
+    micro_per_epoch = rows // (config.batch_size * world_size)
+    if micro_per_epoch == 0:
+        raise LorakitError(f"the training set has {rows} rows, fewer than one global micro-batch of "
+                           f"{config.batch_size * world_size}; lower --batch-size or add data")
+    return max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accum))
+
+
+def _atomic_folder(final: Path, write: Callable[[Path], Any]) -> Path:
+    """Let ``write`` fill a temporary folder, then swap it in for ``final`` (never half a folder under ``final``)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        write(tmp)
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LorakitError(f"writing {final} failed ({error.strerror or error}); free disk space and try again") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def save_result(model: nn.Module, tokenizer: Any, folder: Path, adapter: str | None) -> Path:
+    """The adapter in PEFT's format (or, for full fine-tuning, the whole model + tokenizer), written atomically."""
+    from lorakit.io import save_adapter
+
+    if adapter is not None:
+        return _atomic_folder(folder, lambda tmp: save_adapter(model, tmp, adapter=adapter))
+
+    def write_model(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return _atomic_folder(folder, write_model)
+
+
+# -- the loop -------------------------------------------------------------------------------------------------------
+def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig | None = None, *,
+          val_data: Any = None, out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
+          log: Callable[[str], None] | None = None, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Fine-tune ``model`` on ``train_data``: LoRA (injected from ``config`` unless the model already has a trainable
+    adapter) or, with ``config.full``, every weight.
+
+    Args:
+        model: a causal LM (transformers), on the device to train on.
+        tokenizer: its tokenizer (pad id, and saved beside a fully fine-tuned model).
+        train_data: a :class:`lorakit.train.data.SupervisedDataset`, or records / dicts in one of the three shapes.
+        config: the options (default ``TrainConfig()``).
+        val_data: validation data (same kinds), for the periodic validation loss; None for none.
+        out: the run folder (checkpoints, metrics.jsonl, loss_curve.png, adapter/); default ``config.out``;
+            None: nothing is written.
+        resume: a checkpoint, or a run folder whose latest checkpoint to continue from.
+        log: where one-line messages go (default: print to stderr, on process 0 only).
+        on_step: called as ``on_step(step, metrics)`` after each step (tests, notebooks).
+    Returns:
+        a :class:`TrainResult`. The model is left in eval mode holding the final weights.
+    """
+    config = config or TrainConfig()
+    rank, world_size = world()
+    main = rank == 0
+    if log is None:
+        log = (lambda message: print(message, file=sys.stderr, flush=True)) if main else (lambda message: None)
+    out = Path(out) if out is not None else (Path(config.out) if config.out else None)
+    device = next(model.parameters()).device
+    compute_dtype = compute_dtype_for(model, device)
+
+    torch.manual_seed(config.seed)  # adapter init and dropout; a resume restores the saved states instead
+    adapter = prepare_model(model, config)
+    if config.fast_kernels:
+        _enable_fast_kernels(model, device, log)
+    if config.gradient_checkpointing:
+        _enable_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    train_ds = as_dataset(train_data, tokenizer, config, "training data", config.pack)
+    val_ds = as_dataset(val_data, tokenizer, config, "validation data", False) if val_data is not None else None
+    pad_id = pad_id_for(tokenizer)
+    collator = Collator(pad_id, pad_to_multiple_of=8 if device.type == "cuda" else None,
+                        mask_dtype=compute_dtype or torch.float32)
+    global_micro = config.batch_size * world_size
+    if len(train_ds) < global_micro:
+        raise LorakitError(f"the training set has {len(train_ds)} rows, fewer than one micro-batch of {global_micro} "
+                           f"(--batch-size {config.batch_size} x {world_size} processes); lower --batch-size or add data")
+    batches = BatchIterator(train_ds, global_micro, collate_fn=collator, seed=config.seed)
+    total_steps = total_steps_for(config, len(train_ds), world_size)
+    warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * total_steps)
+    schedule = Schedule(config.schedule, min(warmup, total_steps), total_steps, config.min_lr_ratio)
+    optimizer = build_optimizer(model, config.learning_rate, config.weight_decay, config.loraplus_ratio,
+                                (config.adam_beta1, config.adam_beta2), config.adam_eps)
+    eval_every = config.eval_every if config.eval_every is not None else max(1, total_steps // 4)
+    eval_batch = config.eval_batch_size or 2 * config.batch_size
+    identity = run_identity(model, train_ds, config, world_size)
+
+    step, skipped, bad_in_row, tokens_seen, resumed_at = 0, 0, 0, 0, None
+    best_val, best_step, since_best = None, None, 0
+    val_losses: list[tuple[int, float]] = []
+    if resume is not None:
+        checkpoint = find_checkpoint(resume)
+        check_identity(read_state(checkpoint).get("identity", {}), identity, checkpoint)
+        state = load_checkpoint(checkpoint, model, optimizer)
+        batches.load_state_dict(state["data"])
+        step, skipped, tokens_seen = int(state["step"]), int(state["skipped_steps"]), int(state["tokens"])
+        resumed_at = step
+        best_val, best_step, since_best = state.get("best_val_loss"), state.get("best_step"), int(state.get("since_best", 0))
+        val_losses = [tuple(v) for v in state.get("val_losses", [])]
+        if step >= total_steps:
+            log(f"checkpoint {checkpoint} is at step {step}, the end of this run ({total_steps} steps); nothing to do "
+                "(raise --max-steps or --epochs to train further)")
+        else:
+            log(f"resuming from {checkpoint} at step {step} of {total_steps}")
+    metrics = MetricsLog(out, config.tensorboard, resume_step=step if resume is not None else None) if (out and main) else None
+
+    def checkpoint_state() -> dict[str, Any]:
+        return {"data": batches.state_dict(), "skipped_steps": skipped, "tokens": tokens_seen, "identity": identity,
+                "best_val_loss": best_val, "best_step": best_step, "since_best": since_best, "val_losses": val_losses,
+                "total_steps": total_steps}
+
+    def write_checkpoint() -> Path | None:
+        if out is None or not main:
+            return None
+        writer = (lambda path: save_result(model, None, path, adapter)) if adapter is not None else None
+        return save_checkpoint(out / CHECKPOINTS_DIR, step, model, optimizer, checkpoint_state(), writer,
+                               keep=config.keep_checkpoints)
+
+    progress = _progress_bar(config.progress and main, total_steps, step)
+    model.train()
+    started, stopped, last_loss, last_checkpoint = time.perf_counter(), "completed", None, None
+    try:
+        while step < total_steps:
+            step_start = time.perf_counter()
+            micro = []
+            for _ in range(config.grad_accum):
+                indices = batches.next_indices()
+                micro.append(collator([train_ds[i] for i in indices[rank * config.batch_size:(rank + 1) * config.batch_size]]))
+            n_tokens = int(_all_reduce_sum(torch.tensor(sum(supervised_tokens(b["labels"]) for b in micro))))
+            n_inputs = int(_all_reduce_sum(torch.tensor(sum(_input_tokens(b) for b in micro))))
+            entry: dict[str, Any] = {"kind": "train", "step": step + 1, "epoch": round(batches.epoch + batches.index / len(train_ds), 4)}
+            if n_tokens == 0:
+                skipped += 1
+                log(f"step {step + 1}: the batch has no supervised token (every label is masked); step skipped")
+                entry.update(skipped="no supervised token")
+            else:
+                summed = accumulate_gradients(model, micro, n_tokens, device, compute_dtype)
+                summed = float(_all_reduce_sum(torch.tensor(summed, dtype=torch.float64)))
+                _all_reduce_grads(params)
+                grad_norm = _grad_norm_and_clip(params, config.max_grad_norm)
+                loss = summed / n_tokens
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    skipped += 1
+                    bad_in_row += 1
+                    what = "loss" if not math.isfinite(loss) else "gradient"
+                    log(f"step {step + 1}: {what} is {loss if what == 'loss' else grad_norm}; step skipped "
+                        f"({bad_in_row} in a row, stop at {config.max_bad_steps})")
+                    entry.update(skipped=f"non-finite {what}")
+                    if bad_in_row >= config.max_bad_steps:
+                        optimizer.zero_grad(set_to_none=True)
+                        raise LorakitError(f"{bad_in_row} steps in a row had a NaN or infinite {what} (last at step "
+                                           f"{step + 1}); lower --lr (now {config.learning_rate:g}), keep "
+                                           "--max-grad-norm on, or check the data")
+                else:
+                    bad_in_row = 0
+                    factor = schedule.apply(optimizer, step)
+                    optimizer.step()
+                    last_loss = loss
+                    entry.update(loss=loss, lr=config.learning_rate * factor, grad_norm=grad_norm)
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += n_inputs
+            elapsed = time.perf_counter() - step_start
+            entry.update(tokens=n_inputs, supervised_tokens=n_tokens, tokens_per_s=n_inputs / max(elapsed, 1e-9),
+                         step_seconds=elapsed)
+            if metrics is not None and (step % config.log_every == 0 or step == total_steps or "skipped" in entry):
+                metrics.write(entry)
+            progress.update(1)
+            progress.set_postfix_str(_postfix(entry), refresh=False)
+
+            if val_ds is not None and eval_every and (step % eval_every == 0 or step == total_steps):
+                val_loss, _ = dataset_loss(model, val_ds, eval_batch, collator, device, compute_dtype)
+                model.train()
+                val_losses.append((step, val_loss))
+                improved = best_val is None or val_loss < best_val
+                if improved:
+                    best_val, best_step, since_best = val_loss, step, 0
+                    if out is not None and main and adapter is not None:
+                        save_result(model, None, out / BEST_DIR, adapter)
+                else:
+                    since_best += 1
+                if metrics is not None:
+                    metrics.write({"kind": "val", "step": step, "val_loss": val_loss, "val_ppl": _ppl(val_loss),
+                                   "best": improved})
+                progress.write(f"step {step}: validation loss {val_loss:.4f}{' (best)' if improved else ''}")
+                if config.early_stopping_patience and since_best >= config.early_stopping_patience:
+                    stopped = "early_stopping"
+                    log(f"early stopping at step {step}: no better validation loss for {since_best} validations "
+                        f"(best {best_val:.4f} at step {best_step})")
+            if on_step is not None:
+                on_step(step, entry)
+            if stopped != "completed" or step == total_steps:
+                break
+            if config.save_every and step % config.save_every == 0:
+                last_checkpoint = write_checkpoint()
+        if step > 0 and step != resumed_at:  # the end of the run (a resume with nothing left to do wrote it already)
+            last_checkpoint = write_checkpoint()
+    finally:
+        progress.close()
+        if metrics is not None:
+            metrics.close()
+    seconds = time.perf_counter() - started
+    model.eval()
+
+    adapter_dir = None
+    if out is not None and main:
+        adapter_dir = save_result(model, tokenizer, out / (ADAPTER_DIR if adapter is not None else MODEL_DIR), adapter)
+        plot_loss_curve(out / METRICS_NAME, out / CURVE_NAME,
+                        title=f"{'full fine-tuning' if config.full else config.variant} on {config.model}")
+    return TrainResult(step, total_steps, stopped, last_loss, best_val, best_step, skipped, tokens_seen, seconds, out,
+                       adapter_dir, last_checkpoint, val_losses)
+
+
+def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return int(mask.sum())
+    return int(batch["input_ids"].numel())
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def _postfix(entry: dict[str, Any]) -> str:
+    if "loss" not in entry:
+        return f"skipped ({entry.get('skipped')})"
+    return f"loss={entry['loss']:.4f} lr={entry['lr']:.2e} tok/s={entry['tokens_per_s']:.0f}"
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None: ...
+    def write(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+    def close(self) -> None: ...
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    """A tqdm bar with loss, tokens/s and time left (tqdm's own remaining-time estimate); plain lines if disabled."""
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps "
+                           "[{elapsed}<{remaining}{postfix}]")

@@ -1,0 +1,112 @@
+"""What a run leaves behind besides the adapter: ``metrics.jsonl``, ``loss_curve.png``, optional TensorBoard logs.
+
+``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step": ..., "loss": ..., "lr": ..., ...}``
+for training steps, ``{"kind": "val", "step": ..., "val_loss": ...}`` for validations and ``{"kind": "eval", ...}``
+for the before/after scores. A resumed run first drops the lines of steps after its checkpoint, so the file
+reads as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LorakitError
+
+METRICS_NAME = "metrics.jsonl"
+CURVE_NAME = "loss_curve.png"
+
+
+class MetricsLog:
+    """Append-only JSON lines (flushed per line), mirrored to TensorBoard when asked for."""
+
+    def __init__(self, folder: str | os.PathLike, tensorboard: bool = False, resume_step: int | None = None):
+        self.path = Path(folder) / METRICS_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        self._handle = open(self.path, "a", encoding="utf-8")
+        self._tb = _tensorboard_writer(Path(folder) / "tensorboard") if tensorboard else None
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if entry.get("kind") == "eval" or int(entry.get("step", 0)) <= step:
+                kept.append(line)
+        from lorakit._fs import atomic_write_text
+
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+
+    def write(self, entry: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in entry.items()}
+        self._handle.write(json.dumps(clean) + "\n")
+        self._handle.flush()
+        if self._tb is not None and "step" in entry:
+            prefix = entry.get("kind", "train")
+            for key, value in entry.items():
+                if key not in ("step", "kind") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, entry["step"])
+
+    def close(self) -> None:
+        self._handle.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+def _tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LorakitError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                           "(or drop --tensorboard; metrics.jsonl has the same numbers)") from None
+    return SummaryWriter(log_dir=str(folder))
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    entries = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike, title: str = "") -> Path:
+    """Training loss per step (and validation loss where measured) as a PNG, drawn with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # no display needed; never opens a window
+    import matplotlib.pyplot as plt
+
+    entries = read_metrics(metrics_path)
+    train = [(e["step"], e["loss"]) for e in entries if e.get("kind") == "train" and e.get("loss") is not None]
+    val = [(e["step"], e["val_loss"]) for e in entries if e.get("kind") == "val" and e.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), label="validation loss", color="tab:orange", marker="o", linewidth=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per supervised token)")
+    ax.set_title(title or "lorakit training")
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path

@@ -1,0 +1,233 @@
+"""``lorakit train`` as a function: load the model and data, score before, train, score after, write the report.
+
+``run_training(config)`` is what the CLI calls; notebooks that already hold a model call
+:func:`lorakit.train.loop.train` instead. The run folder ends up with::
+
+    adapter/            the adapter (PEFT format; ``model/`` for --full)
+    best/               the adapter at the best validation loss
+    checkpoints/        step-NNNNNN/ checkpoints and the ``latest`` pointer
+    config.yaml         the resolved config (every option), reusable with --config
+    metrics.jsonl       one JSON line per step / validation / score
+    loss_curve.png      training and validation loss
+    results.json        before/after scores, losses, time, trainable share
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit._fs import atomic_write_text
+from lorakit.errors import LorakitError
+from lorakit.train.config import TrainConfig, dump_yaml, read_config_file
+from lorakit.train.evaluate import GenerationScore, score_generations, scorable
+from lorakit.train.loop import train
+
+RUNS_DIR = "runs"
+CONFIG_NAME = "config.yaml"
+RESULTS_NAME = "results.json"
+BEFORE_NAME = "eval_before.json"
+
+
+def say(message: str = "") -> None:
+    print(message, flush=True)
+
+
+# -- the run folder -------------------------------------------------------------------------------------------------
+def latest_run(root: Path = Path(RUNS_DIR)) -> Path:
+    runs = sorted((p for p in root.glob("*") if (p / CONFIG_NAME).is_file()), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise LorakitError(f"--resume without a folder continues the newest run in {root}/, but there is none; "
+                           "give the run folder: --resume RUN_DIR")
+    return runs[-1]
+
+
+def resolve_run_folder(out: str | None, resume: str | None, overwrite: bool) -> tuple[Path, Path | None]:
+    """(run folder, folder or checkpoint to resume from). A fresh run never writes into a folder holding another run."""
+    if resume is not None:
+        source = Path(resume) if resume != "latest" else (Path(out) if out else latest_run())
+        if not source.exists():
+            raise LorakitError(f"cannot resume: {source} does not exist; give the run folder of the earlier run")
+        run_dir = Path(out) if out else (source.parent.parent if (source / "state.json").is_file() else source)
+        return run_dir, source
+    run_dir = Path(out) if out else Path(RUNS_DIR) / time.strftime("%Y%m%d-%H%M%S")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LorakitError(f"--out {run_dir} is a file; give a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise LorakitError(f"{run_dir} already holds files (an earlier run?); continue it with --resume, choose another "
+                           "--out, or pass --overwrite")
+    return run_dir, None
+
+
+def saved_config(run_dir: Path) -> dict[str, Any]:
+    """The config a run was started with (the base of a resume, so `--resume` alone repeats the same run)."""
+    path = run_dir / CONFIG_NAME
+    return read_config_file(path) if path.is_file() else {}
+
+
+# -- pieces ---------------------------------------------------------------------------------------------------------
+def setup_distributed() -> None:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def choose_device(config: TrainConfig) -> torch.device:
+    from lorakit.models.loading import default_device
+
+    if config.device is None:
+        device = default_device()
+    else:
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise LorakitError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise LorakitError("--device mps: Apple's MPS backend is not available here; use --device cpu")
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def load_model(config: TrainConfig, device: torch.device):
+    """The base model and tokenizer; float32 weights for --full on CUDA (bf16 autocast does the compute)."""
+    from lorakit.models import load_base
+
+    dtype = config.dtype
+    if dtype is None and config.full:
+        dtype = "float32"
+    try:
+        return load_base(config.model, dtype=dtype, device=device, quantize=config.quantize)
+    except (ImportError, NotImplementedError) as error:
+        if config.quantize:
+            raise LorakitError(f"--quantize {config.quantize} is not available in this install ({error}); train "
+                               "without --quantize") from None
+        raise
+
+
+def load_data(config: TrainConfig, tokenizer: Any):
+    from lorakit.train.data import build_datasets
+
+    train_files, val_files, val_fraction = config.data, config.val_data, config.val_fraction
+    if not train_files:
+        from lorakit.data import embedded_dataset_paths
+
+        train_path, val_path = embedded_dataset_paths()
+        train_files = [str(train_path)]
+        if val_files is None and val_fraction is None:
+            val_files = [str(val_path)]
+    return build_datasets(train_files, tokenizer, validation=val_files, val_fraction=val_fraction, seed=config.seed,
+                          max_length=config.max_length, overflow=config.overflow, pack=config.pack)
+
+
+def score(model, tokenizer, records, config: TrainConfig, device: torch.device) -> GenerationScore:
+    from lorakit.train.loop import compute_dtype_for
+
+    return score_generations(model, tokenizer, records, max_new_tokens=config.max_new_tokens,
+                             batch_size=config.eval_batch_size or 2 * config.batch_size, device=device,
+                             compute_dtype=compute_dtype_for(model, device))
+
+
+def _score_line(label: str, result: GenerationScore) -> str:
+    return f"{label}: exact match {100 * result.exact_match:.1f}% ({result.correct}/{len(result.references)})"
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: bool = False,
+                 config_file_values: dict[str, Any] | None = None, cli_values: dict[str, Any] | None = None) -> dict:
+    """Everything ``lorakit train`` does; returns the results written to ``results.json``."""
+    started = time.perf_counter()
+    setup_distributed()
+    from lorakit.train.loop import world
+
+    rank, world_size = world()
+    main = rank == 0
+    out = config.out
+    run_dir, resume_from = resolve_run_folder(out, resume, overwrite)
+    if resume_from is not None:  # the earlier run's options, then the config file's, then the flags'
+        config = TrainConfig(**{**saved_config(run_dir), **(config_file_values or {}), **(cli_values or {})})
+    config = config.replace(out=str(run_dir))
+    device = choose_device(config)
+    torch.manual_seed(config.seed)
+
+    say(f"lorakit train: {'full fine-tuning' if config.full else config.variant} of {config.model} on {device.type}; "
+        f"run folder {run_dir}")
+    model, tokenizer = load_model(config, device)
+    bundle = load_data(config, tokenizer)
+    say(f"training data: {bundle.train.summary}")
+    if bundle.val is not None:
+        say(f"validation data: {bundle.val.summary}")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / CONFIG_NAME, dump_yaml(config))
+
+    eval_records = scorable(bundle.val.records)[: config.eval_examples] if bundle.val is not None else []
+    before: dict[str, Any] | None = None
+    if eval_records and main:
+        before_path = run_dir / BEFORE_NAME
+        if resume_from is not None and before_path.is_file():
+            before = json.loads(before_path.read_text(encoding="utf-8"))
+        elif resume_from is None:
+            t = time.perf_counter()
+            result = score(model, tokenizer, eval_records, config, device)
+            before = {"exact_match": result.exact_match, "examples": len(result.references),
+                      "seconds": round(time.perf_counter() - t, 1)}
+            atomic_write_text(before_path, json.dumps(before) + "\n")
+            say(_score_line(f"before training ({len(eval_records)} held-out examples)", result))
+    elif not eval_records:
+        say("no held-out examples with a reference answer: skipping the exact-match score (give --val-data or "
+            "--val-fraction with prompt/completion or chat records)")
+
+    result = train(model, tokenizer, bundle.train, config, val_data=bundle.val, out=run_dir, resume=resume_from)
+    from lorakit.inject import trainable_report
+
+    share = trainable_report(model)
+    summary: dict[str, Any] = {
+        "model": config.model, "method": "full" if config.full else config.variant, "device": device.type,
+        "steps": result.steps, "total_steps": result.total_steps, "stopped": result.stopped,
+        "train_loss": result.train_loss, "best_val_loss": result.best_val_loss, "best_step": result.best_step,
+        "skipped_steps": result.skipped_steps, "tokens": result.tokens, "train_seconds": round(result.seconds, 1),
+        "trainable_parameters": share.trainable, "total_parameters": share.total, "trainable_share": share.share,
+        "dropped_examples": bundle.train.summary.dropped, "truncated_examples": bundle.train.summary.truncated,
+        "exact_match_before": before["exact_match"] if before else None,
+    }
+    if device.type == "cuda":
+        summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if eval_records and main:
+        after = score(model, tokenizer, eval_records, config, device)
+        summary["exact_match_after"] = after.exact_match
+        summary["eval_examples"] = len(after.references)
+        if before:
+            say(f"held-out exact match: {100 * before['exact_match']:.1f}% before -> {100 * after.exact_match:.1f}% "
+                f"after ({len(after.references)} examples)")
+        else:
+            say(_score_line("after training", after))
+        for i in range(min(config.samples, len(after.references))):
+            mark = "ok " if after.predictions[i].strip() == after.references[i].strip() else "XX "
+            say(f"  [{mark.strip()}] {after.prompts[i]!r}\n       -> {after.predictions[i]!r}"
+                + ("" if mark == "ok " else f"\n       expected {after.references[i]!r}"))
+    summary["total_seconds"] = round(time.perf_counter() - started, 1)
+    if main:
+        atomic_write_text(run_dir / RESULTS_NAME, json.dumps(summary, indent=2) + "\n")
+        what = "model" if config.full else "adapter"
+        say(f"done in {summary['total_seconds']:.0f} s: {result.steps} steps, final train loss "
+            f"{_fmt(result.train_loss)}, best validation loss {_fmt(result.best_val_loss)}"
+            + (f", {result.skipped_steps} steps skipped" if result.skipped_steps else ""))
+        say(f"{what}: {result.adapter_dir}  |  metrics: {run_dir / 'metrics.jsonl'}  |  curve: "
+            f"{run_dir / 'loss_curve.png'}  |  config: {run_dir / CONFIG_NAME}")
+    return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
