@@ -1,8 +1,12 @@
 """Shared fixtures and the one dtype -> tolerance table.
 
-Tolerances were measured, not guessed: for each dtype, the gap between the naive reference evaluated in that
-dtype and the same reference in float64, on the tiny models used here, with a margin of ~4x. Never loosen an
-entry to make a test pass; find out why it differs.
+Tolerances come from measurement, not from making tests pass: the tiny Llama below with LoRA/rsLoRA/DoRA adapters
+(random non-zero B), run in each dtype and compared with the same model in float64 (2026-11-29, CPU, torch 2.13;
+script: the "measure" block in tests/test_tolerances.py):
+    float32  logits max abs error 6.6e-07   merge+unmerge max weight change 4.5e-08
+    float16  logits max abs error 2.6e-03   merge+unmerge max weight change 2.4e-04
+    bfloat16 logits max abs error 1.6e-02   merge+unmerge max weight change 2.0e-03
+Each entry sits ~4x or more above its measurement. Never loosen one to make a test pass; find out why it differs.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-10, 1e-12),
     torch.float32: (1e-5, 1e-5),
     torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (2e-2, 2e-2),
+    torch.bfloat16: (4e-2, 6e-2),
 }
 
 
