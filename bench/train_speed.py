@@ -21,7 +21,6 @@ import argparse
 import collections
 import gc
 import json
-import math
 import os
 import re
 import statistics

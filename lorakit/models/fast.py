@@ -153,8 +153,9 @@ def _make_fast_forward(original_forward):
             return original_forward(*args, **kwargs)  # let the original report the bad call
         named = dict(bound.arguments)
         extra = dict(named.pop(var_kw, {}) or {}) if var_kw else {}
-        labels = named.pop("labels", None)
-        logits_to_keep = named.pop("logits_to_keep", 0)
+        # (from either place: a decorator may hide the named parameters behind **kwargs)
+        labels = named.pop("labels", extra.pop("labels", None))
+        logits_to_keep = named.pop("logits_to_keep", extra.pop("logits_to_keep", 0))
         if labels is None or not torch.is_grad_enabled() or not (logits_to_keep is None or logits_to_keep == 0):
             return original_forward(*args, **kwargs)
         return_dict = extra.pop("return_dict", named.pop("return_dict", None))  # the decoder returns a ModelOutput
