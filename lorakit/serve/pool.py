@@ -154,6 +154,7 @@ class AdapterPool:
         from lorakit.io import load_adapter
 
         with self.model_lock:
+            self._check_targets(name, adapter_file.config)
             try:
                 load_adapter(self.model, folder, adapter=internal, max_bytes=self.max_bytes)
             except LorakitError as error:
@@ -183,6 +184,18 @@ class AdapterPool:
         if max(ranks) > self.max_rank:
             raise AdapterRejected(f"adapter {name!r} refused: rank {max(ranks)} is above --max-rank {self.max_rank}")
         return adapter_file
+
+    def _check_targets(self, name: str, config) -> None:
+        """Every module name in a target list must exist in this base (PEFT skips missing ones silently)."""
+        if not isinstance(config.target_modules, (list, tuple)):
+            return
+        from lorakit.inject import _base_modules
+
+        paths = [p for p in _base_modules(self.model) if p]
+        missing = [key for key in config.target_modules if not any(p == key or p.endswith("." + key) for p in paths)]
+        if missing:
+            raise AdapterRejected(f"adapter {name!r} refused: target module(s) {', '.join(map(repr, missing))} do not "
+                                  "exist in this base model; it was made for another architecture")
 
     def _unload_locked(self, name: str) -> None:
         entry = self._loaded.pop(name)
