@@ -46,7 +46,7 @@ def decode_absmax_reference(absmax: torch.Tensor, nested_absmax: torch.Tensor | 
         return absmax.float()
     n_blocks = absmax.numel()
     n_nested = nested_absmax.numel()
-    values = nested_code[absmax.long()]
+    values = nested_code.index_select(0, absmax.int())
     padded = F.pad(values, (0, n_nested * nested_blocksize - n_blocks)).view(n_nested, nested_blocksize)
     scales = (padded * nested_absmax.view(-1, 1)).reshape(-1)[:n_blocks]  # float32 product, then
     return scales + offset  # the offset added as a second rounding, as bitsandbytes does
@@ -63,7 +63,10 @@ def dequantize_nf4_reference(packed: torch.Tensor, scales: torch.Tensor, code: t
                              shape: tuple[int, ...], blocksize: int, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight ``shape`` in ``dtype`` from ``packed (ceil(n/2),) uint8`` and float32 ``scales (n_blocks,)``."""
     numel = math.prod(shape)
-    values = code[unpack_nibbles(packed, numel)]
+    # byte b -> (code[b >> 4], code[b & 15]): one gather per byte instead of unpacking nibbles (10x faster on CPU)
+    byte = torch.arange(256, device=code.device)
+    pairs = torch.stack((code[byte >> 4], code[byte & 0xF]), dim=1)
+    values = pairs.index_select(0, packed.reshape(-1).int()).reshape(-1)[:numel]
     n_blocks = scales.numel()
     padded = F.pad(values, (0, n_blocks * blocksize - numel)).view(n_blocks, blocksize)
     return (padded * scales.view(-1, 1)).reshape(-1)[:numel].to(dtype).reshape(shape)

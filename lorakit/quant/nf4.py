@@ -78,7 +78,8 @@ def _blockwise_absmax(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, to
     """x (n,) float32 -> (x padded to (n_blocks, blocksize) with zeros, absmax (n_blocks,) float32)."""
     n = x.numel()
     n_blocks = -(-n // blocksize)
-    blocks = F.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    pad = n_blocks * blocksize - n
+    blocks = (F.pad(x, (0, pad)) if pad else x).view(n_blocks, blocksize)  # no copy when the blocks fit exactly
     return blocks, blocks.abs().amax(dim=1)
 
 
