@@ -1,0 +1,48 @@
+"""``lorakit merge --model M --adapter DIR --out OUT``: fold an adapter into its base and write a plain model.
+
+The output is a Hugging Face folder (safetensors, config, tokenizer) that transformers loads without lorakit;
+``--format gguf`` also writes a GGUF file for llama.cpp / Ollama. The merge itself runs in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder (default: %(default)s)")
+    parser.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weights dtype of the output folder (default: %(default)s)")
+    parser.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: the HF folder; gguf: also a GGUF file inside it")
+    parser.add_argument("--gguf-type", default="f16", choices=["f16", "q8_0"], help="GGUF tensor type (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import lorakit
+    from lorakit.export import LOSS_WARNING, export_merged
+
+    start = time.perf_counter()
+    dtype = getattr(torch, DTYPES[args.dtype])
+    model, tokenizer = lorakit.load_base(args.model, dtype=torch.float32, device="cpu")
+    lorakit.load_adapter(model, args.adapter, adapter="merged")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, report = export_merged(model, tokenizer, "merged", args.out, dtype=dtype,
+                                    gguf_type=args.gguf_type if args.format == "gguf" else None, overwrite=args.overwrite)
+    print(f"merged {args.adapter} into {args.model}: {report}")
+    for warning in caught:
+        if "loses" in str(warning.message):
+            print(f"warning: {warning.message} (warning threshold: {100 * LOSS_WARNING:.0f}%)")
+    files = sorted(p.name for p in out.iterdir())
+    print(f"wrote {out} ({', '.join(files)}) in {time.perf_counter() - start:.1f} s")
+    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0

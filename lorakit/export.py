@@ -1,0 +1,350 @@
+"""Export a merged model: a Hugging Face folder (safetensors, config, tokenizer) and, optionally, a GGUF file.
+
+The folder loads with ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` alone (no lorakit). It is
+written into a temporary folder next to the target and renamed into place, so a crash never leaves half a model.
+
+Casting the merged weights to 16 bits rounds them, and a small adapter update can drown in that rounding
+(unsloth#2142 and friends). ``delta_survival`` measures it per merge: with W the base weight, D the adapter's
+update and c() the cast, the exported model carries c(W + D) - c(W) where D was meant, and
+
+    lost share = ||(c(W + D) - c(W)) - D|| / ||D||      (summed over every merged layer)
+
+is reported; above ``LOSS_WARNING`` the command warns.
+
+GGUF (llama.cpp / Ollama): Llama-architecture models (``LlamaForCausalLM``, and Mistral, which llama.cpp runs as
+llama) with llama.cpp's tensor names and metadata, q/k rows permuted as llama.cpp's ``convert_hf_to_gguf.py``
+does (its rotary embedding pairs neighbouring dimensions; transformers pairs the two halves), and the tokenizer
+from the HF tokenizer (byte-level BPE as ``gpt2``, BPE with byte fallback as ``llama``). transformers' own GGUF
+loader (``modeling_gguf_pytorch_utils``) undoes exactly this permutation when it reads the file back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+LOSS_WARNING = 0.25
+GGUF_TYPES = ("f16", "q8_0")
+
+
+# -- how much of the update survives the cast -------------------------------------------------------------------
+@dataclass
+class DeltaReport:
+    layers: int
+    delta_norm: float
+    error_norm: float
+    dtype: torch.dtype
+
+    @property
+    def lost_share(self) -> float:
+        return min(1.0, self.error_norm / self.delta_norm) if self.delta_norm > 0 else 0.0
+
+    def __str__(self) -> str:
+        name = str(self.dtype).replace("torch.", "")
+        return (f"{self.layers} merged layers; share of the adapter's update kept after the cast to {name}: "
+                f"{100 * (1 - self.lost_share):.2f}% (relative error {100 * self.lost_share:.2f}%)")
+
+
+def delta_survival(model: nn.Module, adapter: str, dtype: torch.dtype) -> DeltaReport:
+    """Measure, before merging, how much of adapter ``adapter``'s update the merged weights keep in ``dtype``."""
+    from lorakit.inject import lora_layers
+
+    delta_sq = error_sq = 0.0
+    count = 0
+    for layer in lora_layers(model).values():
+        if adapter not in layer.adapters or adapter in layer.merged:
+            continue
+        base = layer.linear_weight(torch.float32)
+        merged = layer.merged_candidate(adapter)
+        delta = merged - base
+        kept = merged.to(dtype).float() - base.to(dtype).float()
+        delta_sq += float(delta.double().pow(2).sum())
+        error_sq += float((kept - delta).double().pow(2).sum())
+        count += 1
+    return DeltaReport(count, delta_sq ** 0.5, error_sq ** 0.5, dtype)
+
+
+# -- the merged Hugging Face folder -------------------------------------------------------------------------------
+def _untie_if_embedding_merged(model: nn.Module, adapter: str) -> None:
+    """A tied output head shares the embedding's tensor; merging into the embedding would change the head too,
+    which the unmerged model never did. Give the head its own copy first (and say so in the config)."""
+    from lorakit.layers import LoraEmbedding
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return
+    for module in model.modules():
+        if isinstance(module, LoraEmbedding) and adapter in module.adapters and module.base_layer.weight is head.weight:
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
+            text_config = getattr(model.config, "get_text_config", None)
+            if callable(text_config):
+                text_config().tie_word_embeddings = False
+
+
+def merge_model(model: nn.Module, adapter: str, dtype: torch.dtype) -> tuple[nn.Module, DeltaReport]:
+    """Merge ``adapter`` into ``model`` (float32 math), unwrap every lorakit layer, and cast to ``dtype``."""
+    from lorakit.merge import merge_and_unload
+
+    report = delta_survival(model, adapter, dtype)
+    _untie_if_embedding_merged(model, adapter)
+    merge_and_unload(model, adapter)
+    return model, report
+
+
+def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: torch.dtype, overwrite: bool = False,
+                 extra_files=None) -> Path:
+    """Save ``model`` (cast to ``dtype``) and ``tokenizer`` as a Hugging Face folder at ``out``, atomically.
+
+    ``extra_files(tmp_folder)`` may write more files (the GGUF) into the folder before it is renamed into place.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LorakitError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"{out} exists and is not a folder; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        if extra_files is not None:
+            extra_files(tmp)
+        model.to(dtype)
+        for attr in ("lorakit_base_name", "lorakit_configs"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():  # --overwrite: swap in the new folder, then drop the old one
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "model")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# -- GGUF ---------------------------------------------------------------------------------------------------------
+_LLAMA_TYPES = ("llama", "mistral")
+_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+
+
+def permute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k permutation (``convert_hf_to_gguf.py`` ``LlamaModel.permute``): within each head, rows
+    ``[x0..x(d/2-1), y0..y(d/2-1)]`` (transformers' rotate-half pairs) become ``[x0, y0, x1, y1, ...]``.
+
+    weight: (n_head * head_dim, ...) -> the same shape.
+    """
+    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _config_value(config, name: str, default=None):
+    value = getattr(config, name, None)
+    return default if value is None else value
+
+
+def llama_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under llama.cpp's names (float32, q/k permuted). Refuses other architectures."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _LLAMA_TYPES:
+        raise LorakitError(f"GGUF export supports Llama-architecture models ({', '.join(_LLAMA_TYPES)}); this model is "
+                           f"{model_type!r}: export the Hugging Face folder and convert it with llama.cpp's convert_hf_to_gguf.py")
+    n_head = config.num_attention_heads
+    n_kv = _config_value(config, "num_key_value_heads", n_head)
+    out: dict[str, torch.Tensor] = {}
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    tied = "lm_head.weight" not in state or (
+        getattr(config, "tie_word_embeddings", False) and torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]))
+    for key, tensor in state.items():
+        if key == "model.embed_tokens.weight":
+            out["token_embd.weight"] = tensor
+        elif key == "model.norm.weight":
+            out["output_norm.weight"] = tensor
+        elif key == "lm_head.weight":
+            if not tied:  # llama.cpp uses token_embd for the head when output.weight is absent
+                out["output.weight"] = tensor
+        elif key.startswith("model.layers."):
+            _, _, index, rest = key.split(".", 3)
+            module, _, kind = rest.rpartition(".")
+            name = _LAYER_NAMES.get(module)
+            if name is None or kind not in ("weight", "bias"):
+                raise LorakitError(f"GGUF export: no llama.cpp name for tensor {key}; this Llama variant is not supported")
+            array = tensor.numpy()
+            if name == "attn_q":
+                array = permute_rows(array, n_head)
+            elif name == "attn_k":
+                array = permute_rows(array, n_kv)
+            out[f"blk.{index}.{name}.{kind}"] = torch.from_numpy(np.ascontiguousarray(array))
+        elif "rotary_emb" in key:
+            continue
+        else:
+            raise LorakitError(f"GGUF export: no llama.cpp name for tensor {key}; this Llama variant is not supported")
+    return out
+
+
+def _tokenizer_metadata(writer, tokenizer, vocab_size: int, base_name: str) -> None:
+    """Vocabulary, merges, special ids and chat template, as llama.cpp's converter writes them."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise LorakitError("GGUF export needs a fast (tokenizer.json) tokenizer")
+    spec = json.loads(backend.to_str())
+    model_spec = spec.get("model", {})
+    if model_spec.get("type") != "BPE":
+        raise LorakitError(f"GGUF export supports BPE tokenizers; this one is {model_spec.get('type')!r}")
+    id_to_token = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    tokens, types = [], []
+    byte_fallback = bool(model_spec.get("byte_fallback"))
+    for i in range(vocab_size):
+        token = id_to_token.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        elif byte_fallback and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            tokens.append(token)
+            types.append(gguf.TokenType.BYTE)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model_spec.get("merges", [])]
+    if byte_fallback:  # SentencePiece-style BPE (Llama 2, Mistral): llama.cpp's "llama" vocabulary with scores
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([-float(i) for i in range(vocab_size)])
+    else:  # byte-level BPE (GPT-2 family, SmolLM, Llama 3)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_tokenizer_name(spec, base_name))
+        writer.add_token_list(tokens)
+        writer.add_token_merges(merges)
+    writer.add_token_types(types)
+    for setter, token_id in (("add_bos_token_id", tokenizer.bos_token_id), ("add_eos_token_id", tokenizer.eos_token_id),
+                             ("add_pad_token_id", tokenizer.pad_token_id), ("add_unk_token_id", tokenizer.unk_token_id)):
+        if isinstance(token_id, int) and hasattr(writer, setter):
+            getattr(writer, setter)(token_id)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _pre_tokenizer_name(spec: dict, base_name: str) -> str:
+    """llama.cpp picks its pre-tokenizer regex by this name (``tokenizer.ggml.pre``)."""
+    if "smollm" in base_name.lower():
+        return "smollm"
+    text = json.dumps(spec.get("pre_tokenizer"))
+    if "Split" in text and "\\p{N}{1,3}" in text:
+        return "llama-bpe"  # Llama 3's regex
+    return "gpt-2"
+
+
+def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str = "f16", name: str = "merged") -> Path:
+    """Write ``model`` (a plain, merged Llama) as GGUF ``kind`` (``f16`` or ``q8_0``) to ``path``, atomically.
+
+    Norms stay float32 and tensors whose rows do not split into Q8_0 blocks of 32 stay f16, as llama.cpp does.
+    """
+    import gguf
+
+    if kind not in GGUF_TYPES:
+        raise LorakitError(f"unknown GGUF type {kind!r}; choose one of {', '.join(GGUF_TYPES)}")
+    tensors = llama_tensors(model)
+    config = model.config
+    n_head = config.num_attention_heads
+    head_dim = _config_value(config, "head_dim", config.hidden_size // n_head)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in ("default", None):
+        raise LorakitError(f"GGUF export: rope type {rope_type!r} is not supported yet; export the HF folder and convert "
+                           "it with llama.cpp's convert_hf_to_gguf.py")
+    rope_theta = _config_value(config, "rope_theta", rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0)
+    vocab_size = tensors["token_embd.weight"].shape[0]
+    if len(tokenizer) > vocab_size:
+        raise LorakitError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab_size}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        writer.add_name(name)
+        writer.add_context_length(int(config.max_position_embeddings))
+        writer.add_embedding_length(int(config.hidden_size))
+        writer.add_block_count(int(config.num_hidden_layers))
+        writer.add_feed_forward_length(int(config.intermediate_size))
+        writer.add_rope_dimension_count(int(head_dim))
+        writer.add_head_count(int(n_head))
+        writer.add_head_count_kv(int(_config_value(config, "num_key_value_heads", n_head)))
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        writer.add_rope_freq_base(float(rope_theta))
+        writer.add_vocab_size(int(vocab_size))
+        if head_dim * n_head != config.hidden_size:
+            writer.add_key_length(int(head_dim))
+            writer.add_value_length(int(head_dim))
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _tokenizer_metadata(writer, tokenizer, vocab_size, name)
+        for tensor_name, tensor in tensors.items():
+            array = tensor.numpy().astype(np.float32)
+            if array.ndim == 1:
+                writer.add_tensor(tensor_name, array)
+            elif kind == "q8_0" and array.shape[-1] % 32 == 0:
+                quantized = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+                writer.add_tensor(tensor_name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                writer.add_tensor(tensor_name, array.astype(np.float16))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def export_merged(model: nn.Module, tokenizer, adapter: str, out: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                  gguf_type: str | None = None, overwrite: bool = False, name: str | None = None) -> tuple[Path, DeltaReport]:
+    """Merge ``adapter`` and write the HF folder ``out`` (and ``out/<name>-<gguf_type>.gguf`` when asked).
+
+    The GGUF is written from the float32 merged weights, before the folder's cast to ``dtype``.
+    """
+    if gguf_type is not None:  # fail before any work when the model cannot be exported
+        if getattr(model.config, "model_type", None) not in _LLAMA_TYPES:
+            llama_tensors(model)
+        if gguf_type not in GGUF_TYPES:
+            raise LorakitError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+    model, report = merge_model(model, adapter, dtype)
+    if report.lost_share > LOSS_WARNING:
+        warnings.warn(f"the cast to {str(dtype).replace('torch.', '')} loses {100 * report.lost_share:.0f}% of the "
+                      "adapter's update; merge with --dtype fp32 to keep it", stacklevel=2)
+    stem = name or Path(out).name
+    extra = (lambda folder: write_gguf(model, tokenizer, folder / f"{stem}-{gguf_type}.gguf", gguf_type, stem)) if gguf_type else None
+    return write_folder(model, tokenizer, out, dtype, overwrite=overwrite, extra_files=extra), report
