@@ -110,6 +110,9 @@ def _set_state(tensors, **changes):
     (lambda t: t.__setitem__("model.layers.0.self_attn.k_proj.weight.quant_map", torch.linspace(-1, 1, 16)),
      "not the NF4 code"),
     (lambda t: t.pop("model.layers.1.mlp.down_proj.weight"), "model.layers.1.mlp.down_proj.weight"),
+    (lambda t: t["model.layers.0.self_attn.k_proj.weight.nested_absmax"].fill_(float("nan")),
+     "k_proj.weight.nested_absmax holds NaN"),
+    (lambda t: _set_state(t, nested_blocksize=10 ** 12), "nested_blocksize"),
     (lambda t: t.__setitem__("model.norm.weight", torch.ones(41)), r"'model.norm.weight'.*\(41,\).*\(40,\)"),
 ])
 def test_corrupt_bnb_checkpoint_refused_naming_the_key(tmp_path, edit, message):

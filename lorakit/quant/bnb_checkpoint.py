@@ -127,8 +127,8 @@ def read_bnb_linear(weight_key: str, get: Callable[[str], torch.Tensor], keys, d
     nested_key = f"{stem}.weight.nested_absmax"
     if nested_key in keys:
         nested_blocksize = state.get("nested_blocksize")
-        if not isinstance(nested_blocksize, int) or nested_blocksize <= 0:
-            raise LorakitError(f"{qs_key}: nested_blocksize must be a positive integer, got {nested_blocksize!r}")
+        if nested_blocksize not in BLOCKSIZES:
+            raise LorakitError(f"{qs_key}: nested_blocksize {nested_blocksize!r} is not one of {BLOCKSIZES}")
         if absmax.dtype != torch.uint8:
             raise LorakitError(f"{stem}.weight.absmax must be uint8 codes with double quantization, got {absmax.dtype}")
         nested_absmax = get(nested_key).float().reshape(-1)
@@ -147,6 +147,10 @@ def read_bnb_linear(weight_key: str, get: Callable[[str], torch.Tensor], keys, d
         if not absmax.dtype.is_floating_point:
             raise LorakitError(f"{stem}.weight.absmax is {absmax.dtype} but there is no nested_absmax")
         w = NF4Weight(packed, absmax.float(), None, None, quant_map, None, shape, blocksize)
+    for label, tensor in (("absmax", w.absmax), ("nested_absmax", w.nested_absmax), ("nested_quant_map", w.nested_code),
+                          ("nested_offset", w.offset)):
+        if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LorakitError(f"{stem}.weight.{label} holds NaN/inf values; the checkpoint is corrupt")
     if device is not None:
         w = NF4Weight(*(t.to(device) if t is not None else None for t in (w.packed, w.absmax, w.nested_absmax,
                                                                          w.offset, w.code, w.nested_code)),
