@@ -1,0 +1,67 @@
+"""``lorakit generate --model M --adapter DIR "prompt"``: generate with zero, one or several adapters.
+
+Several ``--adapter`` flags load every adapter once onto the same base and answer the prompt with all of them in
+one batched generation (row i through adapter i, ``lorakit.mixed_batch``), printed side by side; ``--base`` adds
+the base model's own answer for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
+    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder (default: %(default)s)")
+    parser.add_argument("--adapter", action="append", default=[], help="adapter folder; repeat to compare adapters")
+    parser.add_argument("--base", action="store_true", help="also answer with the base model alone")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template (raw completion)")
+    parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
+
+
+def _names(folders: list[str]) -> list[str]:
+    """Display names: the folder names, made unique."""
+    names: list[str] = []
+    for folder in folders:
+        name = os.path.basename(os.path.normpath(folder)) or "adapter"
+        candidate, k = name, 2
+        while candidate in names:
+            candidate, k = f"{name}#{k}", k + 1
+        names.append(candidate)
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    import lorakit
+    from lorakit.errors import LorakitError
+    from lorakit.generation import SamplingParams, encode_prompt, end_of_turn_ids, generate
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise LorakitError("the prompt is empty; pass it as an argument or on standard input")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    model, tokenizer = lorakit.load_base(args.model, dtype=args.dtype, device=args.device)
+    labels = _names(args.adapter)
+    rows: list[tuple[str, str | None]] = [("base", None)] if args.base or not args.adapter else []
+    for index, (folder, label) in enumerate(zip(args.adapter, labels)):
+        internal = f"adapter{index}"
+        lorakit.load_adapter(model, folder, adapter=internal)
+        rows.append((label, internal))
+    stops = end_of_turn_ids(tokenizer)
+    params.stop_token_ids = stops
+    ids = encode_prompt(tokenizer, prompt, chat=False if args.no_chat else None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results = generate(model, [ids] * len(rows), [internal for _, internal in rows], params, pad_id=pad)
+    for (label, _), result in zip(rows, results):
+        text = tokenizer.decode([t for t in result.tokens if t not in stops], skip_special_tokens=True)
+        if len(rows) > 1:
+            print(f"=== {label} ({len(result.tokens)} tokens, {result.finish_reason}) ===")
+        print(text.strip() if len(rows) > 1 else text)
+    return 0

@@ -1,0 +1,77 @@
+"""``lorakit inspect DIR``: what an adapter folder holds, read without loading any model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--json", action="store_true", help="print the description as JSON")
+
+
+def describe(folder: str) -> dict:
+    """rank, alpha, variant, targets, trainable parameters, size and base model of an adapter folder."""
+    from lorakit.io import read_adapter
+
+    adapter = read_adapter(folder)
+    config = adapter.config
+    modules: dict[str, int] = {}
+    layers: set[str] = set()
+    for key in adapter.tensors:
+        match = re.match(r"(?:base_model\.model\.)?(.+?)\.(lora_A|lora_embedding_A)(?:\.weight)?$", key)
+        if match:
+            path = match.group(1)
+            layers.add(path)
+            kind = path.rsplit(".", 1)[-1]
+            modules[kind] = modules.get(kind, 0) + 1
+    ranks = sorted({t.shape[0] for k, t in adapter.tensors.items() if re.search(r"\.(lora_A\.weight|lora_embedding_A)$", k)})
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in adapter.tensors.values()})
+    return {
+        "folder": str(adapter.folder),
+        "variant": config.variant,
+        "rank": config.r,
+        "ranks_in_file": ranks,
+        "alpha": config.alpha,
+        "scaling": config.scaling_for(""),
+        "rank_pattern": config.rank_pattern,
+        "alpha_pattern": config.alpha_pattern,
+        "target_modules": config.target_modules,
+        "adapted_modules": dict(sorted(modules.items())),
+        "adapted_layers": len(layers),
+        "modules_to_save": config.modules_to_save,
+        "trainable_parameters": int(sum(t.numel() for t in adapter.tensors.values())),
+        "dtypes": dtypes,
+        "file_bytes": adapter.size_bytes,
+        "base_model": adapter.raw_config.get("base_model_name_or_path"),
+        "base_fingerprint": adapter.metadata.get("lorakit_base_fingerprint"),
+        "made_by": f"lorakit {adapter.metadata['lorakit_version']}" if "lorakit_version" in adapter.metadata else "peft (or another tool)",
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    info = describe(args.folder)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    targets = ", ".join(f"{k} x{v}" for k, v in info["adapted_modules"].items())
+    lines = [
+        ("folder", info["folder"]),
+        ("variant", info["variant"]),
+        ("rank", f"{info['rank']}" + (f" (in file: {info['ranks_in_file']})" if info["ranks_in_file"] != [info["rank"]] else "")),
+        ("alpha", f"{info['alpha']:g} (scaling {info['scaling']:g})"),
+        ("targets", f"{info['target_modules']} -> {info['adapted_layers']} layers: {targets}"),
+        ("modules to save", info["modules_to_save"] or "none"),
+        ("trainable parameters", f"{info['trainable_parameters']:,} ({', '.join(info['dtypes'])})"),
+        ("file size", f"{info['file_bytes']:,} bytes ({info['file_bytes'] / 2**20:.2f} MiB)"),
+        ("base model", f"{info['base_model'] or 'unknown'}" + (f" (fingerprint {info['base_fingerprint']})" if info["base_fingerprint"] else "")),
+        ("made by", info["made_by"]),
+    ]
+    if info["rank_pattern"] or info["alpha_pattern"]:
+        lines.insert(4, ("patterns", f"rank {info['rank_pattern']}, alpha {info['alpha_pattern']}"))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key:<{width}}  {value}")
+    return 0
