@@ -53,54 +53,120 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# (device type, input dtype, output dtype) -> whether ``torch.mm(..., out_dtype=)`` runs there. cuBLAS writes a
+# float32 product of bf16/fp16 inputs directly (one launch, no bf16 rounding of dA/dB); other backends lack the
+# overload (torch 2.13 CPU: "Could not run 'aten::mm.dtype' with arguments from the 'CPU' backend").
+_MM_OUT_DTYPE: dict[tuple, bool] = {}
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """``(a @ b) * scale`` returned in ``out_dtype``; a (m, k), b (k, n) in the compute dtype.
+
+    One launch when the backend writes ``out_dtype`` from the GEMM itself, else the GEMM and one cast-and-scale pass
+    (the old path was GEMM, cast, scale: three launches).
+    """
+    if torch.compiler.is_compiling():  # inductor fuses the scale and cast into one pass; no probing in a trace
+        product = torch.mm(a, b)
+        return (product * scale).to(out_dtype) if scale != 1.0 else product.to(out_dtype)
+    if a.dtype != out_dtype:
+        key = (a.device.type, a.dtype, out_dtype)
+        if _MM_OUT_DTYPE.get(key, a.device.type == "cuda"):
+            try:
+                product = torch.mm(a, b, out_dtype=out_dtype)
+                _MM_OUT_DTYPE[key] = True
+                return product.mul_(scale) if scale != 1.0 else product
+            except (RuntimeError, TypeError, NotImplementedError):  # an older torch or a backend without it
+                _MM_OUT_DTYPE[key] = False
+        product = torch.mm(a, b)
+        return torch.mul(product, scale, out=torch.empty(product.shape, dtype=out_dtype, device=product.device))
+    product = torch.mm(a, b)
+    return product.mul_(scale) if scale != 1.0 else product
+
+
+def _scaled_copy(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``(t * scale).to(dtype)`` in one pass (the product is rounded once, straight to ``dtype``)."""
+    if torch.compiler.is_compiling():  # out= is eager-only plumbing; inductor fuses the two ops anyway
+        return (t * scale).to(dtype)
+    return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
+
+
 class LoraLinearFunction(torch.autograd.Function):
-    """Fused forward/backward of ``x W^T + b + s (x A^T) B^T``; see the module docstring for the derivation."""
+    """Fused forward/backward of ``x W^T + b + s (x A^T) B^T``; see the module docstring for the derivation.
+
+    Launches per call (no bias, bf16 activations, float32 adapters): forward 5 (cast A, scale+cast B, x A^T,
+    (x A^T) Bs^T, base GEMM with beta=1); backward 6 on CUDA (g = dY Bs, g A, base GEMM onto it, dA and dB written
+    in float32 by the GEMMs, scale dB). The compute-dtype A and Bs are saved for backward rather than cast again
+    (r x (in + out) elements each). They are not cached across calls: each adapter runs once per step between
+    optimizer updates, and a cache keyed on ``Parameter._version`` would go stale under optimizers that write
+    through ``p.data`` (bitsandbytes' 8-bit optimizers do), which do not bump the version counter.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dtype):
-        in_features, out_features = weight.shape[1], weight.shape[0]
-        lead_shape = x.shape[:-1]
-        with torch.autocast(x.device.type, enabled=False):  # every dtype below is explicit
-            x2 = x.reshape(-1, in_features).to(dtype)  # (N, in); a view when x already is in `dtype`
-            w = weight.to(dtype)
-            a = lora_A.to(dtype)
-            b_scaled = (lora_B * scaling).to(dtype)  # (out, r): folding s here costs out*r, not N*out
-            xa = x2 @ a.t()  # (N, r)
-            # the low-rank term (plus bias) first, then the base GEMM accumulates onto it in its epilogue (beta=1):
-            # one write + one read of (N, out) instead of a separate add pass, and a single rounding
-            low = torch.addmm(bias.to(dtype), xa, b_scaled.t()) if bias is not None else xa @ b_scaled.t()
-            y = torch.addmm(low, x2, w.t())  # (N, out)
-        ctx.save_for_backward(x2, xa, weight, lora_A, lora_B)
+        if torch.is_autocast_enabled(x.device.type):  # every dtype below is explicit; entering costs ~25 us
+            with torch.autocast(x.device.type, enabled=False):
+                return LoraLinearFunction._forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dtype)
+        return LoraLinearFunction._forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dtype)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dtype):
+        out_features, in_features = weight.shape
+        x2 = x.reshape(-1, in_features) if x.dim() != 2 else x  # (N, in); a view
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        w = weight if weight.dtype == dtype else weight.to(dtype)
+        a = lora_A if lora_A.dtype == dtype else lora_A.to(dtype)  # (r, in)
+        b_scaled = _scaled_copy(lora_B, scaling, dtype)  # (out, r): folding s here costs out*r, not N*out
+        xa = torch.mm(x2, a.t())  # (N, r)
+        # the low-rank term (plus bias) first, then the base GEMM accumulates onto it in its epilogue (beta=1):
+        # one write + one read of (N, out) instead of a separate add pass, and a single rounding
+        if bias is not None:
+            low = torch.addmm(bias if bias.dtype == dtype else bias.to(dtype), xa, b_scaled.t())
+        else:
+            low = torch.mm(xa, b_scaled.t())
+        y = low.addmm_(x2, w.t())  # (N, out)
+        ctx.save_for_backward(x2, xa, weight, a, b_scaled)
         ctx.scaling = scaling
         ctx.dtype = dtype
         ctx.x_dtype = x.dtype
         ctx.x_shape = x.shape
+        ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y.reshape(*lead_shape, out_features)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        if torch.is_autocast_enabled(dy.device.type):
+            with torch.autocast(dy.device.type, enabled=False):
+                return LoraLinearFunction._backward(ctx, dy)
+        return LoraLinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
+        x2, xa, weight, a, b_scaled = ctx.saved_tensors
         dtype, s = ctx.dtype, ctx.scaling
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dx = dw = db = da = dbb = None
-        with torch.autocast(dy.device.type, enabled=False):
-            dy2 = dy.reshape(-1, weight.shape[0]).to(dtype)  # (N, out)
-            a = lora_A.to(dtype)
-            b_scaled = (lora_B * s).to(dtype)
-            if need_x or need_a:
-                g = dy2 @ b_scaled  # (N, r) = s dY B
-            if need_x:
-                dx = torch.addmm(g @ a, dy2, weight.to(dtype))  # (N, in): dY W accumulated onto s (dY B) A
-                dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
-            if need_a:
-                da = (g.t() @ x2).to(lora_A.dtype)  # (r, in)
-            if need_bb:
-                dbb = (dy2.t() @ xa).to(lora_B.dtype).mul_(s)  # (out, r)
-            if need_w:
-                dw = (dy2.t() @ x2).to(weight.dtype)
-            if need_b and ctx.bias_dtype is not None:
-                db = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        dy2 = dy.reshape(-1, weight.shape[0]) if dy.dim() != 2 else dy  # (N, out)
+        if dy2.dtype != dtype:
+            dy2 = dy2.to(dtype)
+        if need_x or need_a:
+            g = torch.mm(dy2, b_scaled)  # (N, r) = s dY B
+        if need_x:
+            w = weight if weight.dtype == dtype else weight.to(dtype)
+            dx = torch.mm(g, a).addmm_(dy2, w)  # (N, in): dY W accumulated onto s (dY B) A
+            if len(ctx.x_shape) != 2:
+                dx = dx.view(ctx.x_shape)
+            if dx.dtype != ctx.x_dtype:
+                dx = dx.to(ctx.x_dtype)
+        if need_a:
+            da = _mm_into(g.t(), x2, ctx.adapter_dtypes[0])  # (r, in)
+        if need_bb:
+            dbb = _mm_into(dy2.t(), xa, ctx.adapter_dtypes[1], s)  # (out, r)
+        if need_w:
+            dw = torch.mm(dy2.t(), x2).to(weight.dtype)
+        if need_b and ctx.bias_dtype is not None:
+            db = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dw, db, da, dbb, None, None
 
 
