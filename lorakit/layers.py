@@ -149,9 +149,12 @@ class LoraLayer(_AdapterHost):
 
     # -- forward -----------------------------------------------------------------------------------------------
     def _unmerged_active(self) -> list[str]:
+        """The active adapters not merged into the base (read-only: may be ``self.active`` itself)."""
+        if not self.merged:  # the training case: no list built per call
+            return self.active
         return [n for n in self.active if n not in self.merged]
 
-    def _apply(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def _adapter_forward(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         adapter = self.adapters[name]
         return adapter.variant.forward(adapter, self._adapter_input(x), base_out, lambda: self.linear_weight(adapter.lora_A.dtype))
 
@@ -173,7 +176,7 @@ class LoraLayer(_AdapterHost):
             if name is None:
                 continue
             rows = rows.to(x.device)
-            result = result.index_copy(0, rows, self._apply(name, x.index_select(0, rows), result.index_select(0, rows)))
+            result = result.index_copy(0, rows, self._adapter_forward(name, x.index_select(0, rows), result.index_select(0, rows)))
         return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,11 +189,11 @@ class LoraLayer(_AdapterHost):
             return self.base_layer(x)
         result = self._first_output(names[0], x)
         for name in names[1:]:
-            result = self._apply(name, x, result)
+            result = self._adapter_forward(name, x, result)
         return result
 
     def _first_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self._apply(name, x, self.base_layer(x))
+        return self._adapter_forward(name, x, self.base_layer(x))
 
     # -- merge -------------------------------------------------------------------------------------------------
     def merged_candidate(self, name: str) -> torch.Tensor:
@@ -237,10 +240,11 @@ class LoraLinear(LoraLayer):
 
     def _first_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         adapter = self.adapters[name]
-        fusable = (adapter.variant.plain and isinstance(self.base_layer, nn.Linear)
+        base = self.base_layer  # each submodule/parameter read goes through nn.Module.__getattr__: read once
+        fusable = (adapter.variant.plain and isinstance(base, nn.Linear)
                    and not (self.training and isinstance(adapter.dropout, nn.Dropout)))
         if fusable:  # one op for base + low-rank path, so a fused kernel can take it
-            return lora_linear(x, self.base_layer.weight, self.base_layer.bias, adapter.lora_A, adapter.lora_B, adapter.scaling)
+            return lora_linear(x, base.weight, base.bias, adapter.lora_A, adapter.lora_B, adapter.scaling)
         return super()._first_output(name, x)
 
 
@@ -276,7 +280,7 @@ class LoraEmbedding(LoraLayer):
             nn.init.normal_(adapter.lora_B)
         return adapter
 
-    def _apply(self, name: str, ids: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def _adapter_forward(self, name: str, ids: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         adapter = self.adapters[name]
         base = self.base_layer
         after_A = F.embedding(ids, adapter.lora_A.T, base.padding_idx, base.max_norm, base.norm_type,

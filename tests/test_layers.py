@@ -244,3 +244,15 @@ def test_gaussian_and_pissa_init():
     lorakit.inject(other, lorakit.LoraConfig(r=4, init="gaussian"))
     std = other.model.layers[0].self_attn.q_proj.adapters["default"].lora_A.std().item()
     assert 0.15 < std < 0.35  # normal(0, 1/r) with r=4
+
+
+def test_model_moves_and_casts_after_inject():
+    """``.to()`` / ``.double()`` walk every module through nn.Module._apply; the LoRA layers must not shadow it."""
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    randomize(model)
+    ids = torch.randint(0, 128, (2, 5))
+    expected = model(ids).logits.double()
+    model.to(torch.float64)
+    assert model.model.layers[0].self_attn.q_proj.adapters["default"].lora_A.dtype == torch.float64
+    assert_close(model(ids).logits, expected, torch.float32)
