@@ -107,3 +107,39 @@ def test_empty_batch():
     y = lora_linear(x, weight, b, lora_A, lora_B, 1.0)
     y.sum().backward()
     assert y.shape == (0, 29) and lora_A.grad.abs().sum() == 0
+
+
+def test_2d_input_and_backward_under_autocast():
+    """The 2-D fast path (no reshape) and a backward run inside an autocast region (its own branch)."""
+    x = torch.randn(11, 37, requires_grad=True)
+    weight = torch.randn(29, 37) / 37**0.5
+    lora_A = (torch.randn(5, 37) / 37**0.5).requires_grad_(True)
+    lora_B = (torch.randn(29, 5) / 5**0.5).requires_grad_(True)
+    dy = torch.randn(11, 29) * 0.05
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, weight, None, lora_A, lora_B, 0.5)
+        y.backward(dy.to(y.dtype))
+    ref = _clone([x, weight, None, lora_A, lora_B])
+    y_ref = lora_linear_reference(*ref, 0.5)
+    y_ref.backward(dy)
+    assert y.shape == (11, 29) and x.grad.shape == (11, 37)
+    assert_close(y, y_ref, torch.bfloat16)
+    for got, want, name in ((x.grad, ref[0].grad, "x"), (lora_A.grad, ref[3].grad, "A"), (lora_B.grad, ref[4].grad, "B")):
+        assert got.dtype == torch.float32, name
+        assert_close(got, want, torch.bfloat16, msg=name)
+
+
+def test_scaling_zero_and_half_precision_adapters():
+    """s = 0 (alpha 0) gives the base output and zero adapter gradients; fp16 adapters get fp16 gradients."""
+    x, weight, b, lora_A, lora_B = _inputs(torch.float16)
+    y = lora_linear(x, weight, b, lora_A.detach().half().requires_grad_(True), lora_B, 0.0)
+    assert_close(y, torch.nn.functional.linear(x, weight, b))
+    A16 = lora_A.detach().half().requires_grad_(True)
+    dy = torch.randn(3, 7, 29, dtype=torch.float16) * 0.05
+    _, grads = _run(lora_linear, [x, weight, b, A16, lora_B], 1.5, dy)
+    ref = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in (x, weight, b, A16, lora_B)]
+    _, grads_ref = _run(lora_linear_reference, ref, 1.5, dy.double())
+    assert grads[3].dtype == torch.float16 and grads[4].dtype == torch.float32
+    for g, g_ref, name in zip(grads, grads_ref, ["x", "weight", "bias", "A", "B"]):
+        if g is not None:
+            assert_close(g, g_ref, torch.float16, msg=name)
