@@ -105,7 +105,7 @@ class TrainConfig:
     # -- during training ----------------------------------------------------------------------------------------
     eval_every: int | None = _f(None, "validation loss every N steps (0: never); default: 4 times per run",
                                 "during training")
-    eval_batch_size: int | None = _f(None, "batch size for validation and generation; default 2 x --batch-size",
+    eval_batch_size: int | None = _f(None, "batch size for validation loss (default 2 x --batch-size) and for generation (default 64)",
                                      "during training")
     save_every: int | None = _f(50, "write a checkpoint every N steps (0: only at the end)", "during training")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep (the best one is kept apart)", "during training")

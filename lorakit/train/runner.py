@@ -32,6 +32,9 @@ RUNS_DIR = "runs"
 CONFIG_NAME = "config.yaml"
 RESULTS_NAME = "results.json"
 BEFORE_NAME = "eval_before.json"
+# Greedy decoding on a CPU reads every weight once per new token, whatever the batch: 60 prompts in one batch of
+# 64 were scored 4.6x faster (CPU time) than in batches of 16 (SmolLM2-135M, 2 cores).
+GENERATION_BATCH = 64
 
 
 def say(message: str = "") -> None:
@@ -135,7 +138,7 @@ def score(model, tokenizer, records, config: TrainConfig, device: torch.device) 
     from lorakit.train.loop import compute_dtype_for
 
     return score_generations(model, tokenizer, records, max_new_tokens=config.max_new_tokens,
-                             batch_size=config.eval_batch_size or 2 * config.batch_size, device=device,
+                             batch_size=config.eval_batch_size or GENERATION_BATCH, device=device,
                              compute_dtype=compute_dtype_for(model, device))
 
 

@@ -1,0 +1,101 @@
+"""``lorakit eval``: loss, perplexity and exact match of greedy generations, for a base model with or without an adapter.
+
+Loss is the mean cross-entropy per supervised token (the same targets as training: completions / assistant turns,
+or all of a text record); perplexity is exp(loss); exact match compares each greedy generation, whitespace-trimmed,
+with the record's answer (records of the text shape have no answer and are only used for the loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="base model: embedded name or local Hugging Face folder "
+                        "(default: smollm2-135m)")
+    parser.add_argument("--adapter", metavar="FOLDER", help="adapter folder (PEFT format, e.g. RUN/adapter); omit to "
+                        "score the base model alone")
+    parser.add_argument("--data", nargs="+", metavar="PATH", help="JSONL / CSV files or a datasets folder; default: the "
+                        "embedded task's held-out set")
+    parser.add_argument("--max-length", type=int, default=256, help="most tokens per example (default: 256)")
+    parser.add_argument("--overflow", choices=("drop", "truncate", "error"), default="drop",
+                        help="examples longer than --max-length: drop (counted), truncate or error (default: drop)")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
+    parser.add_argument("--limit", type=int, default=None, help="score at most this many examples")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per example (default: 64)")
+    parser.add_argument("--no-generate", action="store_true", help="report loss and perplexity only")
+    parser.add_argument("--samples", type=int, default=3, help="generations to print (default: 3)")
+    parser.add_argument("--device", choices=("cuda", "mps", "cpu"), default=None, help="default: the best available")
+    parser.add_argument("--dtype", default=None, help="base weight dtype (float32, bfloat16, float16)")
+    parser.add_argument("--quantize", choices=("nf4",), default=None, help="store the base in 4-bit NF4")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from lorakit._fs import atomic_write_text
+    from lorakit.io import load_adapter
+    from lorakit.models import load_base
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.data import Collator, build_dataset, pad_id_for
+    from lorakit.train.evaluate import dataset_loss, perplexity, score_generations, scorable
+    from lorakit.train.formats import read_many
+    from lorakit.train.loop import compute_dtype_for
+    from lorakit.train.runner import choose_device
+
+    for name in ("max_length", "batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise LorakitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        raise LorakitError(f"--limit must be at least 1, got {args.limit}")
+    started = time.perf_counter()
+    device = choose_device(TrainConfig(device=args.device))
+    if args.data:
+        paths = args.data
+    else:
+        from lorakit.data import embedded_dataset_paths
+
+        paths = [str(embedded_dataset_paths()[1])]
+    records = read_many(paths)
+    if args.limit is not None:
+        records = records[: args.limit]
+    try:
+        model, tokenizer = load_base(args.model, dtype=args.dtype, device=device, quantize=args.quantize)
+    except (ImportError, NotImplementedError) as error:
+        if args.quantize:
+            raise LorakitError(f"--quantize {args.quantize} is not available in this install ({error})") from None
+        raise
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    dataset = build_dataset(records, tokenizer, args.max_length, args.overflow, name=", ".join(map(str, paths)))
+    compute_dtype = compute_dtype_for(model, device)
+    loss, tokens = dataset_loss(model, dataset, args.batch_size, Collator(pad_id_for(tokenizer)), device, compute_dtype)
+    what = f"{args.model}" + (f" + adapter {args.adapter}" if args.adapter else " (no adapter)")
+    results = {"model": args.model, "adapter": args.adapter, "data": [str(p) for p in paths],
+               "examples": len(dataset), "dropped": dataset.summary.dropped, "truncated": dataset.summary.truncated,
+               "supervised_tokens": tokens, "loss": loss, "perplexity": perplexity(loss)}
+    print(f"{what} on {len(dataset)} examples ({dataset.summary.dropped} dropped, {dataset.summary.truncated} truncated "
+          f"at max_length={args.max_length})")
+    print(f"loss {loss:.4f} per supervised token ({tokens} tokens), perplexity {perplexity(loss):.3f}")
+    scored = scorable(dataset.records)
+    if not args.no_generate and scored:
+        result = score_generations(model, tokenizer, scored, max_new_tokens=args.max_new_tokens,
+                                   batch_size=args.batch_size, device=device, compute_dtype=compute_dtype)
+        results.update(exact_match=result.exact_match, scored_examples=len(result.references))
+        print(f"exact match {100 * result.exact_match:.1f}% ({result.correct}/{len(result.references)})")
+        for i in range(min(args.samples, len(result.references))):
+            ok = result.predictions[i].strip() == result.references[i].strip()
+            print(f"  [{'ok' if ok else 'XX'}] {result.prompts[i]!r} -> {result.predictions[i]!r}"
+                  + ("" if ok else f" (expected {result.references[i]!r})"))
+    elif not args.no_generate:
+        print("exact match: no record has a reference answer (text records); loss and perplexity only")
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(results, indent=2) + "\n")
+    return 0
