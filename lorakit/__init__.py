@@ -11,6 +11,9 @@ from lorakit.errors import LorakitError
 from lorakit.inject import adapter_names, inject, trainable_report
 from lorakit.io import base_fingerprint, load_adapter, read_adapter, save_adapter
 from lorakit.merge import merge, merge_and_unload, unmerge
+from lorakit.quant.merge_loss import LossyMergeWarning
+from lorakit.quant.nf4 import NF4Linear, nf4_roundtrip_error
+from lorakit.quant.quantize import quantize
 
 
 def load_base(name_or_folder: str = "smollm2-135m", **kwargs):
@@ -23,8 +26,25 @@ def load_base(name_or_folder: str = "smollm2-135m", **kwargs):
     return _load_base(name_or_folder, **kwargs)
 
 
+def use_fast_kernels(model, **kwargs):
+    """Swap in lorakit's fused GPU kernels (RMSNorm, SwiGLU, chunked linear cross-entropy) on a supported CUDA model.
+
+    See ``lorakit.models.fast.use_fast_kernels``; ``disable_fast_kernels`` undoes it.
+    """
+    from lorakit.models.fast import use_fast_kernels as _use
+
+    return _use(model, **kwargs)
+
+
+def disable_fast_kernels(model):
+    from lorakit.models.fast import disable_fast_kernels as _disable
+
+    return _disable(model)
+
+
 __all__ = [
     "__version__", "LoraConfig", "LorakitError", "inject", "trainable_report", "adapter_names", "set_adapter",
     "active_adapters", "delete_adapter", "disable_adapters", "mixed_batch", "lora_parameters", "merge", "unmerge",
     "merge_and_unload", "save_adapter", "load_adapter", "read_adapter", "base_fingerprint", "load_base",
+    "quantize", "NF4Linear", "nf4_roundtrip_error", "LossyMergeWarning", "use_fast_kernels", "disable_fast_kernels",
 ]

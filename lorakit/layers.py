@@ -10,7 +10,6 @@ Nothing happens by side effect: ``.eval()`` only switches dropout off; merging i
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Iterable
 
 import torch
@@ -204,10 +203,6 @@ class LoraLayer(_AdapterHost):
     def merge(self, name: str, candidate: torch.Tensor | None = None) -> None:
         if name in self.merged or name not in self.adapters:
             return
-        if quant.is_quantized(self.base_layer):
-            warnings.warn(
-                "merging into a quantized base weight re-quantizes it and loses part of the adapter; "
-                "to keep it exact, merge into a 16-bit copy (lorakit merge --dtype bf16)", stacklevel=3)
         self.write_linear_weight(self.merged_candidate(name) if candidate is None else candidate)
         self.merged.append(name)
 

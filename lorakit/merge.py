@@ -7,21 +7,26 @@ the base untouched.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from lorakit import quant
 from lorakit.adapters import _require, active_adapters
 from lorakit.errors import LorakitError
 from lorakit.inject import _set_module, adapter_hosts, lora_layers
 from lorakit.layers import ModulesToSave
 
 
-def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: bool = True) -> nn.Module:
+def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: bool = True,
+          allow_lossy: bool = False) -> nn.Module:
     """Fold adapters (default: the active ones) into the base weights. ``unmerge`` restores them.
 
-    With ``safe=True`` (the default) every merged weight is checked for NaN/Inf before any is written.
+    With ``safe=True`` (the default) every merged weight is checked for NaN/Inf before any is written. Merging into
+    a quantized (NF4) base re-quantizes it and loses part of the update: that warns (``LossyMergeWarning``) with the
+    measured share that survives, unless ``allow_lossy=True``. To keep the adapter exact, merge into a 16-bit copy.
     """
     names = active_adapters(model) if adapters is None else ([adapters] if isinstance(adapters, str) else list(adapters))
     _require(model, names)
@@ -33,9 +38,27 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
             if bad:
                 raise LorakitError(f"merging adapter {name!r} would put NaN/Inf into {len(bad)} weight(s), e.g. {bad[0]}; "
                                    "nothing was merged (check the adapter's weights)")
+        quantized = {path: layer for path, layer in todo.items() if quant.is_quantized(layer.base_layer)}
+        if quantized and not allow_lossy:
+            _warn_lossy(name, quantized)
         for layer in todo.values():
             layer.merge(name)
     return model
+
+
+def _warn_lossy(name: str, layers: dict) -> None:
+    """One warning for the whole merge, with the update share that survives re-quantization (RMS-weighted)."""
+    from lorakit.quant.merge_loss import LossyMergeWarning, merge_loss
+
+    deltas = errors = 0.0
+    for layer in layers.values():
+        loss = merge_loss(layer.base_layer, layer.merged_candidate(name))
+        deltas += loss["delta_rms"] ** 2
+        errors += loss["error_rms"] ** 2
+    kept = max(0.0, 1.0 - (errors / deltas) ** 0.5) if deltas > 0 else 1.0
+    warnings.warn(f"merging adapter {name!r} into {len(layers)} quantized base layer(s) re-quantizes them: about "
+                  f"{100 * kept:.0f}% of the update survives (RMS); merge into a 16-bit copy of the base to keep it "
+                  "exact, or pass allow_lossy=True to accept the loss", LossyMergeWarning, stacklevel=3)
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -45,12 +68,13 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: bool = True) -> nn.Module:
+def merge_and_unload(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: bool = True,
+                     allow_lossy: bool = False) -> nn.Module:
     """Merge, then replace every lorakit wrapper by its (now merged) base module: a plain model again.
 
     Modules-to-save wrappers are replaced by the active adapter's trained copy.
     """
-    merge(model, adapters, safe=safe)
+    merge(model, adapters, safe=safe, allow_lossy=allow_lossy)
     active = active_adapters(model)
     for path, host in adapter_hosts(model).items():
         if isinstance(host, ModulesToSave):

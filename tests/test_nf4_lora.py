@@ -70,3 +70,18 @@ def test_merge_into_nf4_requantizes_and_warns():
         lorakit.merge(quantized)
     assert torch.equal(layer.base_layer.dequantize(), expected)
     assert isinstance(layer.base_layer, NF4Linear)
+
+
+def test_merge_into_nf4_warns_once_with_measured_share_unless_allowed():
+    import warnings as _warnings
+
+    from lorakit.quant.merge_loss import LossyMergeWarning
+
+    quantized, _ = _pair("lora")
+    with pytest.warns(LossyMergeWarning) as caught:
+        lorakit.merge(quantized)
+    assert len(caught) == 1 and "% of the update survives" in str(caught[0].message)
+    lorakit.unmerge(quantized)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error", LossyMergeWarning)
+        lorakit.merge(quantized, allow_lossy=True)

@@ -12,9 +12,9 @@ output dtype; ``nested_code[q] * nested_absmax`` then ``+ offset`` as two float3
 
 The dispatcher runs Triton (``lorakit/kernels/triton/nf4.py``) when ``triton_usable`` allows and the reference
 otherwise. The forward/backward of the linear op dequantize to the compute dtype and call the BLAS matmul for
-many rows (training: the dequantize is memory-bound and cheap next to the GEMM, which cuBLAS does best) and use
-the fused dequantize-and-matmul kernel for few rows (decoding: it reads the 4-bit weight once instead of writing
-and re-reading a 16-bit copy).
+every row count by default: on an H200 (2026-11-29, bench/results/qlora_check.json) the Triton dequantize + cuBLAS
+path took 0.14 ms for a 4096x14336 weight at 1 to 64 rows, while the fused dequantize-and-matmul kernel took 2.0 ms,
+so the fused kernel is used only when asked for (``mode="fused"``) until it is tuned.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from lorakit.kernels._triton import triton_usable
 
-# Row counts up to this use the fused kernel (reads 0.5 byte per weight instead of 4.5 for dequantize + GEMM).
-FUSED_MAX_ROWS = 32
+# Row counts up to this use the fused kernel in "auto" mode. 0: never, as measured (see the module docstring).
+FUSED_MAX_ROWS = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
