@@ -1,0 +1,163 @@
+"""End-to-end benchmark of ``lorakit serve``: requests/s and generated tokens/s for 1, 8 and 32 concurrent
+clients over 1 and 8 adapters, through the real server process and real HTTP (httpx).
+
+    python bench/serve_bench.py [--model smollm2-135m] [--max-tokens 16] [--requests 32]
+
+Adapters: r=16 on every linear layer of the model, with random non-zero B (speed does not depend on the
+values). Each client sends greedy /v1/completions requests back to back until the case's requests are done.
+Writes bench/results/serve_bench.json (or $OUT/serve_bench.json) and prints a table; docs/PERFORMANCE.md holds
+the numbers of a recorded run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain LoRA in one sentence.",
+           "List three prime numbers.", "What is 12 times 7?", "Name a famous painter.", "Say hello in Spanish.",
+           "What colour is the sky?"]
+
+
+def make_adapters(model_name: str, folder: Path, count: int, rank: int) -> None:
+    import torch
+
+    import lorakit
+
+    model, _ = lorakit.load_base(model_name, device="cpu")
+    for index in range(count):
+        name = f"bench{index}"
+        lorakit.inject(model, lorakit.LoraConfig(r=rank, alpha=2 * rank), adapter=name)
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for key, parameter in lorakit.lora_parameters(model, name):
+                if key.endswith("lora_B"):
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 1e-3)
+        lorakit.save_adapter(model, folder / name, adapter=name)
+        lorakit.delete_adapter(model, name)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_case(url: str, clients: int, adapters: list[str], requests: int, max_tokens: int) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    tokens = [0]
+    errors: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                body = {"model": adapters[i % len(adapters)], "prompt": PROMPTS[i % len(PROMPTS)],
+                        "max_tokens": max_tokens, "temperature": 0}
+                start = time.perf_counter()
+                response = http.post("/v1/completions", json=body)
+                elapsed = time.perf_counter() - start
+                with lock:
+                    if response.status_code != 200:
+                        errors.append(response.text[:200])
+                    else:
+                        latencies.append(elapsed)
+                        tokens[0] += response.json()["usage"]["completion_tokens"]
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return {"clients": clients, "adapters": len(adapters), "requests": requests, "max_tokens": max_tokens,
+            "wall_s": round(wall, 3), "requests_per_s": round(requests / wall, 3),
+            "tokens_per_s": round(tokens[0] / wall, 2), "generated_tokens": tokens[0],
+            "latency_p50_s": round(statistics.median(latencies), 3),
+            "latency_max_s": round(max(latencies), 3)}
+
+
+def main() -> int:
+    import httpx
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=32, help="requests per case (at least the client count)")
+    parser.add_argument("--rank", type=int, default=16)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "adapters"
+        make_adapters(args.model, folder, 8, args.rank)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", args.model, "--adapters", str(folder),
+                                   "--port", str(port), "--max-loaded", "8", "--max-batch", "32", "--name", "base"],
+                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the server did not start")
+                time.sleep(0.5)
+            names = [f"bench{i}" for i in range(8)]
+            run_case(url, 8, names, 8, 2)  # warm-up: loads all 8 adapters
+            results = []
+            for adapters in (1, 8):
+                for clients in (1, 8, 32):
+                    requests = max(args.requests, clients) if clients > 1 else max(2, args.requests // 8)
+                    result = run_case(url, clients, names[:adapters], requests, args.max_tokens)
+                    results.append(result)
+                    print(f"{adapters} adapter(s), {clients:2d} clients: {result['requests_per_s']:7.2f} req/s "
+                          f"{result['tokens_per_s']:8.1f} tok/s  p50 {result['latency_p50_s']:.2f} s", flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    import torch
+
+    record = {"benchmark": "serve_bench", "model": args.model, "rank": args.rank, "max_tokens": args.max_tokens,
+              "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+              "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "python": platform.python_version(),
+              "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+              # other work on the machine slows every case alike; a load average above the CPU count means a busy machine
+              "load_average_at_end": list(os.getloadavg()), "results": results}
+    out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "serve_bench.json").write_text(json.dumps(record, indent=2) + "\n")
+    print("\n| adapters | clients | requests | req/s | tokens/s | p50 latency s |\n|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['adapters']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+              f"{r['latency_p50_s']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
