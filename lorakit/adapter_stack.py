@@ -27,7 +27,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from lorakit.errors import LorakitError
-from lorakit.kernels.multi_lora import RowPlan, multi_lora_add_, multi_lora_delta, plan_batch
+from lorakit.kernels.multi_lora import RowPlan, multi_lora_add_, multi_lora_delta, plan_batch, plan_rows_device
 
 __all__ = ["LayerStack", "AdapterStack", "stack_for_layer", "stack_dtype_for", "shared_plan", "stacked_mixed_forward"]
 
@@ -232,11 +232,19 @@ _SHARED_PLANS: collections.OrderedDict = collections.OrderedDict()
 
 def plan_for_slots(slots: tuple[int, ...], seq_len: int, device: torch.device, cache: collections.OrderedDict,
                    size: int = 32) -> RowPlan:
-    """Cached ``plan_batch``: every layer whose slot table agrees reuses the same plan (one build per batch)."""
+    """Cached ``plan_batch``: every layer whose slot table agrees reuses the same plan (one build per batch).
+
+    Decode (seq_len 1: one row per sequence) gets the device-built plan: sorted on the device, no host sort or
+    unique, fixed tile count; a decode step then runs no host work for planning and can be captured in a CUDA
+    graph (the cached plan's tensors stay alive while any layer's memo holds the plan).
+    """
     key = (slots, seq_len, device)
     plan = cache.get(key)
     if plan is None:
-        plan = plan_batch(slots, seq_len, device)
+        if seq_len == 1:
+            plan = plan_rows_device(torch.tensor(slots, dtype=torch.int32, device=device))
+        else:
+            plan = plan_batch(slots, seq_len, device)
         cache[key] = plan
         if len(cache) > size:
             cache.popitem(last=False)

@@ -194,3 +194,33 @@ def test_stack_first_built_under_inference_mode_still_loads_later():
         stack.load("b", {"q": adapter(37, 13, 4)})
     x = torch.randn(1, 37)
     assert_close(stack.layers["q"].delta(x, torch.tensor(stack.slots_for(["a"])))[0], formula(x[0], *w))
+
+
+def test_decode_plans_are_built_on_the_device_and_shared():
+    # seq_len 1 (decode): the cached plan comes from plan_rows_device (fixed T tiles, no host sort), prefill from
+    # the host planner; both describe the same rows, and a second lookup returns the very same object (all layers
+    # of a forward share it, and a captured CUDA graph keeps reading its tensors)
+    import collections
+
+    from lorakit.adapter_stack import plan_for_slots
+    from lorakit.kernels.multi_lora import slot_of_row_from_plan
+
+    cache = collections.OrderedDict()
+    slots = (3, -1, 0, 3, 1, 1, -1, 2)
+    decode = plan_for_slots(slots, 1, torch.device("cpu"), cache)
+    assert decode.n_tiles == len(slots) and decode.max_segment == -1
+    assert slot_of_row_from_plan(decode).tolist() == list(slots)
+    assert plan_for_slots(slots, 1, torch.device("cpu"), cache) is decode
+    prefill = plan_for_slots(slots, 5, torch.device("cpu"), cache)
+    assert prefill.max_segment == 10 and slot_of_row_from_plan(prefill).tolist() == [s for s in slots for _ in range(5)]
+    stack = AdapterStack({"q": (37, 130)}, slots=4, r_max=8)
+    weights = {name: adapter(37, 130, r) for name, r in [("a", 4), ("b", 8), ("c", 2), ("d", 8)]}
+    for name, w in weights.items():
+        stack.load(name, {"q": w})
+    x = torch.randn(len(slots), 37)
+    y = torch.zeros(len(slots), 130)
+    stack.add_("q", y, x, decode)
+    name_of = {v: k for k, v in stack.slot_of.items()}
+    for i, s in enumerate(slots):
+        expected = torch.zeros(130, dtype=torch.float64) if s < 0 else formula(x[i], *weights[name_of[s]])
+        assert_close(y[i], expected.float())

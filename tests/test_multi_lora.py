@@ -343,3 +343,71 @@ def test_adapter_replaced_inside_an_open_block_is_seen_at_once():
         expected = per_row_logits(model, ids, names)
     assert_close(after, expected)
     assert torch.equal(after[0], before[0]) and (after[1] - before[1]).abs().max() > 0.01
+
+
+# -- the device-built plan (decode; graph-safe) ------------------------------------------------------------------------
+
+DEVICE_PLAN_CASES = [
+    [3, 1, -1, 3, 1, 1],
+    list(range(9)),
+    [2] * 40 + [-1, 0, 2],  # a segment longer than block_m: several live tiles of one slot
+    [-1, -1, -1],
+    [0],
+    [5, -1, 5, 5, 0, -1, 0, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 5],
+]
+
+
+@pytest.mark.parametrize("slots", DEVICE_PLAN_CASES)
+@pytest.mark.parametrize("block_m", [16, 4])
+def test_device_plan_equals_host_plan(slots, block_m):
+    from lorakit.kernels.multi_lora import plan_rows_device
+
+    slot_of_row = torch.tensor(slots)
+    host = plan_rows(slot_of_row, block_m=block_m)
+    device = plan_rows_device(slot_of_row, block_m=block_m)
+    assert device.num_rows == len(slots) and device.n_tiles == len(slots) and device.block_m == block_m
+    live = device.tiles[1] > device.tiles[0]
+    assert torch.equal(device.tiles[:, live], host.tiles)  # the same tiles, in the same order
+    assert torch.equal(device.tiles[:, ~live], torch.tensor([[0], [0], [-1]], dtype=torch.int32).expand(3, int((~live).sum())))
+    n_active = host.row_order.numel()
+    assert torch.equal(device.row_order[:n_active], host.row_order)  # stable grouping by slot, as on the host
+    assert sorted(device.row_order[n_active:].tolist()) == [i for i, s in enumerate(slots) if s < 0]
+    assert torch.equal(slot_of_row_from_plan(device), slot_of_row_from_plan(host))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_with_device_plan_match_reference_and_skip_rows_without(dtype):
+    from lorakit.kernels.multi_lora import plan_rows_device
+
+    A, B, scalings, ranks = make_stack(37, 130, [4, 8, 16, 8], dtype)
+    slot_of_row = torch.tensor([3, -1, 0, 3, 2, -1, 1, 0, 0])
+    x = torch.randn(9, 37).to(dtype)
+    x[slot_of_row < 0] = float("nan")
+    y = torch.randn(9, 130).to(dtype)
+    y[slot_of_row < 0] = float("inf")
+    before = y.clone()
+    multi_lora_add_(y, x, A, B, scalings, ranks, plan_rows_device(slot_of_row))
+    assert torch.equal(y[slot_of_row < 0], before[slot_of_row < 0])
+    x_clean = torch.where(torch.isnan(x), torch.zeros_like(x), x)
+    has = slot_of_row >= 0
+    expected = before[has].double() + per_row_float64(x_clean, A, B, scalings, slot_of_row, ranks)[has]
+    assert_close(y[has], expected.to(dtype))
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_shrink_partial_planes_sum_to_the_shrink(split_k):
+    # the decode path stores one partial plane per split (no memset, no atomics); the expand adds the planes
+    A, B, scalings, ranks = make_stack(300, 40, [4, 16, 8], torch.float32)
+    x = torch.randn(6, 300)
+    plan = plan_rows(torch.tensor([2, 0, -1, 1, 2, 0]))
+    whole = sgmv_shrink(x, A, scalings, ranks, plan, split_k=split_k)
+    planes = sgmv_shrink(x, A, scalings, ranks, plan, split_k=split_k, partials=True)
+    assert planes.shape[1:] == (6, A.shape[1]) and 1 <= planes.shape[0] <= split_k  # split_k is capped by K's blocks
+    assert split_k == 1 or planes.shape[0] > 1
+    rows = plan.row_order.long()
+    assert_close(planes[:, rows].sum(0), whole[rows], dtype=torch.float32)
+    y_planes, y_whole = torch.zeros(6, 40), torch.zeros(6, 40)
+    sgmv_expand_add_(y_planes, planes, B, ranks, plan)
+    sgmv_expand_add_(y_whole, whole, B, ranks, plan)
+    assert_close(y_planes, y_whole, dtype=torch.float32)
+    assert torch.equal(y_planes[2], torch.zeros(40))  # the row without adapter: garbage in its planes never read

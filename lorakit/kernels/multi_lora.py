@@ -23,7 +23,7 @@ import torch
 from lorakit.errors import LorakitError
 from lorakit.kernels._triton import triton_usable
 
-__all__ = ["RowPlan", "plan_rows", "multi_lora_delta", "multi_lora_add_", "multi_lora_delta_reference", "check_stack_args"]
+__all__ = ["RowPlan", "plan_rows", "plan_rows_device", "multi_lora_delta", "multi_lora_add_", "multi_lora_delta_reference", "check_stack_args"]
 
 
 def check_stack_args(x, A_stack, B_stack, scalings, slot_of_row=None, ranks=None) -> None:
@@ -85,6 +85,8 @@ class RowPlan:
     row_order (T_active,) int32: indices of the rows with an adapter, grouped by slot (rows with -1 are left out,
     so they cost nothing). tiles (3, n_tiles) int32: per tile, its start and end offsets into row_order and its slot.
     Built once per batch and reused by every layer whose slot table agrees (the plan does not depend on the layer).
+    ``plan_rows_device`` builds the same live tiles on the device with a fixed count T (empty tiles have
+    start = end, and its row_order (T,) lists the rows without adapter last); max_segment is -1 there (unknown).
     """
 
     num_rows: int
@@ -141,6 +143,36 @@ def plan_rows(slot_of_row: torch.Tensor | Sequence[int], device: torch.device | 
     )
 
 
+def plan_rows_device(slot_of_row: torch.Tensor, block_m: int = 16) -> RowPlan:
+    """``plan_rows`` built with device ops only: no host sync, fixed shapes, so it may run inside a CUDA graph.
+
+    slot_of_row (T,) int on any device; -1 marks a row without adapter. The plan always has T tiles (the host
+    plan's count is data-dependent): tile j is live when sorted position j starts a block of ``block_m`` rows of
+    one slot, and then equals the host plan's tile; the others are empty (start = end = 0, slot -1) and the
+    kernels skip them. row_order (T,) holds the rows with an adapter grouped by slot (stable), as in the host
+    plan, followed by the rows without. Meant for decode (T = batch, block_m 16): T tiles are cheap there; for
+    prefill the host plan's few long tiles launch far fewer programs.
+    """
+    if slot_of_row.dim() != 1:
+        raise LorakitError(f"slot_of_row must be 1-D (one slot per row), got shape {tuple(slot_of_row.shape)}")
+    T = slot_of_row.numel()
+    slots = slot_of_row.to(torch.long)
+    none = torch.iinfo(torch.int32).max  # rows without adapter sort last
+    key = torch.where(slots < 0, torch.full_like(slots, none), slots)
+    sorted_key, order = torch.sort(key, stable=True)
+    index = torch.arange(T, device=slots.device)
+    seg_start = torch.searchsorted(sorted_key, sorted_key, right=False)
+    seg_end = torch.searchsorted(sorted_key, sorted_key, right=True)
+    live = ((index - seg_start) % block_m == 0) & (sorted_key != none)
+    zero = torch.zeros_like(index)
+    tiles = torch.stack([
+        torch.where(live, index, zero),
+        torch.where(live, seg_end, zero),  # the segment's end, as on the host: the kernels take block_m rows from start
+        torch.where(live, sorted_key, zero - 1),
+    ]).to(torch.int32)
+    return RowPlan(num_rows=T, row_order=order.to(torch.int32), tiles=tiles, block_m=block_m, max_segment=-1)
+
+
 def plan_batch(slot_of_sequence: Sequence[int], seq_len: int, device: torch.device | str) -> RowPlan:
     """Plan for a (batch, seq_len) input flattened to rows: sequence b's tokens all use slot_of_sequence[b]."""
     slots = torch.as_tensor(list(slot_of_sequence), dtype=torch.long).repeat_interleave(seq_len)
@@ -175,7 +207,7 @@ def multi_lora_add_(
     if triton_usable(y, x, A_stack, B_stack, scalings, ranks, plan.row_order) and not _needs_grad(x, A_stack, B_stack, scalings):
         from lorakit.kernels.triton.sgmv import sgmv_expand_add_, sgmv_shrink
 
-        low = sgmv_shrink(x, A_stack, scalings, ranks, plan)
+        low = sgmv_shrink(x, A_stack, scalings, ranks, plan, partials=True)  # (split, T, r_max): no memset
         sgmv_expand_add_(y, low, B_stack, ranks, plan)
         return y
     slot_of_row = slot_of_row_from_plan(plan, x.device)

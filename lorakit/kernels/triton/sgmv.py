@@ -14,8 +14,10 @@ Why the intermediate is float32: it is tiny (T x r_max) and keeps the scaling an
 expand; the expand then runs its dot in the adapters' dtype (tensor cores for bf16/fp16) with float32 accumulation.
 float32 stacks use IEEE dots (no TF32), so float32 results match the reference to float32 tolerance.
 
-Decode has few tiles (one per distinct adapter), so the shrink splits the input dimension (SPLIT_K) across programs
-and adds partial sums atomically, to keep all SMs reading adapter weights.
+Decode has few tiles (one per distinct adapter), so the shrink splits the input dimension (SPLIT_K) across programs,
+to keep all SMs reading adapter weights; each split stores its own partial-sum plane and the expand adds the planes
+(deterministic, and no zero-fill launch: one decode layer is exactly two launches, which a CUDA graph replays).
+Empty tiles (``end <= start``, from a plan built on the device with a fixed tile count) exit at once.
 """
 
 from __future__ import annotations
@@ -33,14 +35,16 @@ from lorakit.errors import LorakitError
 def _shrink_kernel(
     x_ptr, a_ptr, scaling_ptr, rank_ptr, low_ptr, rows_ptr, tiles_ptr,
     n_tiles, K, R,
-    stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_lm, stride_lr,
+    stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_ls, stride_lm, stride_lr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
     start = tl.load(tiles_ptr + tile)
     end = tl.load(tiles_ptr + n_tiles + tile)
+    if end <= start:  # an empty tile of a device-built plan (fixed tile count): nothing to do
+        return
     slot = tl.load(tiles_ptr + 2 * n_tiles + tile).to(tl.int64)
     rank = tl.load(rank_ptr + slot)
 
@@ -69,23 +73,25 @@ def _shrink_kernel(
     acc = acc * tl.load(scaling_ptr + slot).to(tl.float32)
     low_ptrs = low_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr
     store_mask = mask_m[:, None] & (offs_r[None, :] < R)
-    if SPLIT_K == 1:
-        tl.store(low_ptrs, acc, mask=store_mask)
-    else:
+    if ATOMIC:  # one (T, r_max) result: splits add up in place (needs a zeroed buffer)
         tl.atomic_add(low_ptrs, acc, mask=store_mask)
+    else:  # partial sums, one plane per split (every split stores, even an empty k-range): the expand adds them
+        tl.store(low_ptrs + split * stride_ls, acc, mask=store_mask)
 
 
 @triton.jit
 def _expand_kernel(
     low_ptr, b_ptr, rank_ptr, y_ptr, rows_ptr, tiles_ptr,
     n_tiles, N,
-    stride_lm, stride_lr, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    stride_ls, stride_lm, stride_lr, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     start = tl.load(tiles_ptr + tile)
     end = tl.load(tiles_ptr + n_tiles + tile)
+    if end <= start:
+        return
     slot = tl.load(tiles_ptr + 2 * n_tiles + tile).to(tl.int64)
     rank = tl.load(rank_ptr + slot)
 
@@ -97,8 +103,11 @@ def _expand_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
 
-    low = tl.load(low_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                  mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # (BLOCK_M, BLOCK_R) float32
+    low_ptrs = low_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr
+    low_mask = mask_m[:, None] & mask_r[None, :]
+    low = tl.load(low_ptrs, mask=low_mask, other=0.0)  # (BLOCK_M, BLOCK_R) float32
+    for sp in tl.static_range(1, SPLIT):  # the shrink's split-K partial sums
+        low += tl.load(low_ptrs + sp * stride_ls, mask=low_mask, other=0.0)
     b_tile = tl.load(b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_R, BLOCK_N) = B^T
     if IEEE:
@@ -116,6 +125,20 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Tile sizes per kind of plan: "prefill" (64-row tiles, long segments) and "decode" (16-row tiles, ~1 row each).
+# Decode moves only adapter bytes, so its tiles are wide (more bytes in flight per program) and the shrink splits
+# the input dimension until ~``programs_per_sm`` programs per SM read A. bench/multi_adapter.py sweeps these on
+# the GPU (``--sweep``) and reports the fastest; the first H200 run used prefill (64, 64, 4) and was 0.842x base.
+CONFIGS = {
+    "prefill": dict(block_k=64, block_n=128, num_warps=4, programs_per_sm=0),
+    "decode": dict(block_k=256, block_n=256, num_warps=4, programs_per_sm=4),
+}
+
+
+def _config(plan) -> dict:
+    return CONFIGS["decode" if plan.block_m <= 16 else "prefill"]
+
+
 def _block_r(r_max: int) -> int:
     return max(16, triton.next_power_of_2(r_max))  # tl.dot needs every dimension >= 16
 
@@ -126,12 +149,25 @@ def _check_dtypes(x: torch.Tensor, stack: torch.Tensor) -> None:
         raise LorakitError(f"the SGMV kernels take float32/float16/bfloat16, got input {x.dtype} and adapters {stack.dtype}")
 
 
+def _split_k(x: torch.Tensor, n_k_blocks: int, plan, cfg: dict, split_k: int | None) -> int:
+    if split_k is not None:
+        return max(1, min(split_k, n_k_blocks))
+    if x.device.type != "cuda" or not cfg["programs_per_sm"]:
+        return 1
+    # few tiles (decode): split the input dimension so that enough programs read the adapters at once
+    want = cfg["programs_per_sm"] * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return max(1, min(n_k_blocks, want // max(plan.n_tiles, 1)))
+
+
 def sgmv_shrink(
-    x: torch.Tensor, A_stack: torch.Tensor, scalings: torch.Tensor, ranks: torch.Tensor, plan, split_k: int | None = None
+    x: torch.Tensor, A_stack: torch.Tensor, scalings: torch.Tensor, ranks: torch.Tensor, plan, split_k: int | None = None,
+    partials: bool = False,
 ) -> torch.Tensor:
     """x (T, in), A_stack (slots, r_max, in), scalings (slots,), ranks (slots,) int -> low (T, r_max) float32.
 
     Rows outside the plan are left as zeros (never computed). ``split_k`` overrides the heuristic (tests use it).
+    ``partials=True`` returns the split-K partial sums instead, (split_k, T, r_max) float32 from ``torch.empty``
+    (rows outside the plan hold garbage): ``sgmv_expand_add_`` adds the planes, so no memset and no atomics run.
     """
     _check_dtypes(x, A_stack)
     T, K = x.shape
@@ -139,40 +175,44 @@ def sgmv_shrink(
     block_r = _block_r(r_max)
     if block_r > 128:
         raise LorakitError(f"the SGMV kernels support ranks up to 128, got r_max={r_max}; use the reference (LORAKIT_DISABLE_TRITON=1)")
-    low = torch.zeros(T, r_max, dtype=torch.float32, device=x.device)
-    block_k = 64 if block_r <= 32 else 32
-    n_k_blocks = triton.cdiv(K, block_k)
-    if split_k is not None:
-        split_k = max(1, min(split_k, n_k_blocks))
-    elif x.device.type != "cuda":
-        split_k = 1
+    cfg = _config(plan)
+    block_k = cfg["block_k"] if block_r <= 32 else min(cfg["block_k"], 32)
+    split_k = _split_k(x, triton.cdiv(K, block_k), plan, cfg, split_k)
+    if partials:
+        low = torch.empty(split_k, T, r_max, dtype=torch.float32, device=x.device)
     else:
-        # few tiles (decode): split the input dimension so that about two programs run per SM
-        want = 2 * _sm_count(x.device.index or 0)
-        split_k = max(1, min(n_k_blocks // 4, want // max(plan.n_tiles, 1)))
+        low = torch.zeros(1, T, r_max, dtype=torch.float32, device=x.device)
     grid = (plan.n_tiles, split_k)
     _shrink_kernel[grid](
         x, A_stack, scalings, ranks, low, plan.row_order, plan.tiles,
         plan.n_tiles, K, r_max,
-        x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2), low.stride(0), low.stride(1),
+        x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
+        low.stride(0), low.stride(1), low.stride(2),
         BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k,
-        IEEE=A_stack.dtype == torch.float32,
+        IEEE=A_stack.dtype == torch.float32, ATOMIC=not partials and split_k > 1, num_warps=cfg["num_warps"],
     )
-    return low
+    return low if partials else low[0]
 
 
 def sgmv_expand_add_(y: torch.Tensor, low: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, plan) -> torch.Tensor:
-    """In place: y (T, out) += low (T, r_max) @ B[slot]^T per planned row; B_stack (slots, out, r_max). Returns y."""
+    """In place: y (T, out) += low @ B[slot]^T per planned row; B_stack (slots, out, r_max). Returns y.
+
+    low: (T, r_max) float32, or (split, T, r_max) split-K partial sums from ``sgmv_shrink(..., partials=True)``.
+    """
     _check_dtypes(y, B_stack)
     T, N = y.shape
+    low3 = low if low.dim() == 3 else low.unsqueeze(0)
     r_max = B_stack.shape[2]
     block_r = _block_r(r_max)
-    block_n = 64 if plan.block_m > 16 else 128
+    cfg = _config(plan)
+    block_n = min(cfg["block_n"], max(16, triton.next_power_of_2(N)))
     grid = (plan.n_tiles, triton.cdiv(N, block_n))
     _expand_kernel[grid](
-        low, B_stack, ranks, y, plan.row_order, plan.tiles,
+        low3, B_stack, ranks, y, plan.row_order, plan.tiles,
         plan.n_tiles, N,
-        low.stride(0), low.stride(1), B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), y.stride(0), y.stride(1),
-        BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_N=block_n, IEEE=B_stack.dtype == torch.float32,
+        low3.stride(0), low3.stride(1), low3.stride(2), B_stack.stride(0), B_stack.stride(1), B_stack.stride(2),
+        y.stride(0), y.stride(1),
+        BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_N=block_n, SPLIT=low3.shape[0], IEEE=B_stack.dtype == torch.float32,
+        num_warps=cfg["num_warps"],
     )
     return y
