@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import assert_close, tiny_llama
-from lorakit.data import embedded_dataset_paths, exact_match, exact_match_score
+from lorakit.data import EVAL_MAX_NEW_TOKENS, embedded_dataset_paths, exact_match, exact_match_score
 from lorakit.errors import LorakitError
 from lorakit.train.data import (
     IGNORE_INDEX,
@@ -187,8 +187,9 @@ def test_generation_prompt_is_the_training_prefix(smol_tokenizer):
     rec = {"messages": CHAT}
     ex = tokenize_example(rec, smol_tokenizer, 256)
     prompt = generation_prompt(rec, smol_tokenizer)
-    first_target_of_last_turn = max(k for k, lab in enumerate(ex["labels"]) if lab == IGNORE_INDEX and k < len(ex["labels"]) - 3) + 1
-    assert prompt == ex["input_ids"][:first_target_of_last_turn]
+    supervised = [k for k, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX]
+    start_of_last_run = max(k for k in supervised if k - 1 not in supervised)
+    assert prompt == ex["input_ids"][:start_of_last_run]
     assert reference_text(rec) == '{"a": 1}'
     assert reference_text({"prompt": "p", "completion": "c"}) == "c"
     with pytest.raises(LorakitError, match="no reference"):
@@ -383,6 +384,21 @@ def test_jsonl_csv_and_datasets_folder_read_the_same(tmp_path):
     assert read_records(tmp_path / "m.csv")[0]["messages"] == chat
 
 
+def test_json_array_and_mixed_shapes_in_a_datasets_folder(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "one"}, {"text": "two"}]), encoding="utf-8")
+    assert [r["text"] for r in read_records(tmp_path / "a.json")] == ["one", "two"]
+    (tmp_path / "b.json").write_text(json.dumps([{"text": "one"}, {"txt": "two"}]), encoding="utf-8")
+    with pytest.raises(LorakitError, match=r"b\.json\[1\]: no known field"):
+        read_records(tmp_path / "b.json")
+    import datasets
+
+    # a table fills the columns a row lacks with None: those count as absent, so shapes can be mixed
+    table = {"text": ["t", None], "prompt": [None, "p"], "completion": [None, "c"]}
+    datasets.Dataset.from_dict(table).save_to_disk(str(tmp_path / "mix"))
+    records = read_records(tmp_path / "mix")
+    assert [r.shape for r in records] == ["text", "prompt_completion"] and records[1].where == "mix row 1"
+
+
 def test_build_datasets_with_validation_file_and_fraction(tmp_path, smol_tokenizer):
     recs = [{"prompt": f"Q{i}:", "completion": f" A{i}"} for i in range(12)]
     tr = write_jsonl(tmp_path / "tr.jsonl", recs)
@@ -508,6 +524,8 @@ def test_embedded_dataset(smol_tokenizer):
     assert [dict(r.fields) for r in train] == fresh_train and [dict(r.fields) for r in val] == fresh_val
     ds = build_dataset(train + val, smol_tokenizer, max_length=96, overflow="error")
     assert max(len(r["input_ids"]) for r in ds.rows) <= 80 and ds.summary.dropped == 0
+    longest_answer = max(sum(lab != IGNORE_INDEX for lab in r["labels"]) for r in ds.rows)  # with <|im_end|>
+    assert longest_answer < EVAL_MAX_NEW_TOKENS
     for rec in val[:5]:
         answer = json.loads(reference_text(rec))
         assert list(answer) == ["item", "qty", "city", "day"]

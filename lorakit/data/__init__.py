@@ -13,6 +13,9 @@ from pathlib import Path
 from lorakit.errors import LorakitError
 
 EMBEDDED_TASK = "orders"
+# Generation length for scoring: the longest answer is 34 SmolLM2 tokens with its <|im_end|> (mean 29.6); 32 new
+# tokens cut one validation answer short, which then fails exact match.
+EVAL_MAX_NEW_TOKENS = 48
 
 
 def embedded_dataset_paths() -> tuple[Path, Path]:
