@@ -240,8 +240,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
             return found
     if not path.exists():
         raise LorakitError(f"cannot resume: {path} does not exist; give a run folder (--out of the earlier run) or a checkpoint")
-    raise LorakitError(f"cannot resume: no checkpoint in {path} (the run stopped before its first checkpoint; "
-                       "start it again without --resume, or lower --save-every)")
+    raise LorakitError(f"cannot resume: no checkpoint in {path} (the run stopped before its first checkpoint); "
+                       "start it again with --overwrite instead of --resume, and a lower --save-every")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -352,6 +352,9 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     if config.gradient_checkpointing:
         _enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    from lorakit.inject import trainable_report
+
+    log(str(trainable_report(model)))
 
     train_ds = as_dataset(train_data, tokenizer, config, "training data", config.pack)
     val_ds = as_dataset(val_data, tokenizer, config, "validation data", False) if val_data is not None else None

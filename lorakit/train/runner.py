@@ -150,7 +150,7 @@ def _score_line(label: str, result: GenerationScore) -> str:
 def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: bool = False,
                  config_file_values: dict[str, Any] | None = None, cli_values: dict[str, Any] | None = None) -> dict:
     """Everything ``lorakit train`` does; returns the results written to ``results.json``."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     setup_distributed()
     from lorakit.train.loop import world
 
@@ -166,6 +166,7 @@ def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: b
 
     say(f"lorakit train: {'full fine-tuning' if config.full else config.variant} of {config.model} on {device.type}; "
         f"run folder {run_dir}")
+    _quiet_transformers()
     model, tokenizer = load_model(config, device)
     bundle = load_data(config, tokenizer)
     say(f"training data: {bundle.train.summary}")
@@ -221,6 +222,7 @@ def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: b
             say(f"  [{mark.strip()}] {after.prompts[i]!r}\n       -> {after.predictions[i]!r}"
                 + ("" if mark == "ok " else f"\n       expected {after.references[i]!r}"))
     summary["total_seconds"] = round(time.perf_counter() - started, 1)
+    summary["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
     if main:
         atomic_write_text(run_dir / RESULTS_NAME, json.dumps(summary, indent=2) + "\n")
         what = "model" if config.full else "adapter"
@@ -230,6 +232,16 @@ def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: b
         say(f"{what}: {result.adapter_dir}  |  metrics: {run_dir / 'metrics.jsonl'}  |  curve: "
             f"{run_dir / 'loss_curve.png'}  |  config: {run_dir / CONFIG_NAME}")
     return summary
+
+
+def _quiet_transformers() -> None:
+    """No per-file loading bars from transformers: the run prints its own progress."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # a transformers without this switch only prints more
+        pass
 
 
 def _fmt(value: float | None) -> str:
