@@ -297,3 +297,52 @@ def test_supervised_positions_head_equals_full_logits_loss(dataset, tok, wrap_he
     for name, grad in _grads(model).items():
         assert_close(fast_grads[name], grad)
     assert wrap_head == any("lm_head" in n for n in fast_grads)
+
+
+DDP_SCRIPT = '''
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+import torch.distributed as dist
+from conftest import tiny_llama
+from test_train_helpers import task_records, tiny_tokenizer
+from lorakit.train.config import TrainConfig
+from lorakit.train.data import build_dataset
+from lorakit.train.loop import train
+from safetensors.torch import save_file
+world = int(os.environ.get("WORLD_SIZE", "1"))
+if world > 1:
+    dist.init_process_group("gloo")
+tok = tiny_tokenizer()
+model = tiny_llama(seed=0, vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=2)
+train(model, tok, build_dataset(task_records(32, seed=3), tok, max_length=32),
+      TrainConfig(rank=4, batch_size=4 // world, max_steps=3, progress=False, save_every=0, eval_examples=0, lr=5e-3))
+if os.environ.get("RANK", "0") == "0":
+    save_file({{n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}}, sys.argv[1])
+'''
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo) x batch 2 == one process x batch 4: gradients are summed over processes
+    with the global supervised-token count, so the global batch is batch size x accumulation x processes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    tests = str(Path(__file__).resolve().parent)
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=tests))
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(tests).parent)}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path / "two.safetensors")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert a.keys() == b.keys() and any(float(t.abs().max()) > 0 for k, t in a.items() if k.endswith("lora_B"))
+    for key in a:
+        assert_close(b[key], a[key])

@@ -97,6 +97,9 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
         ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
     if val:
         ax.plot(*zip(*val), label="validation loss", color="tab:orange", marker="o", linewidth=1.5)
+    values = [v for _, v in train + val]
+    if values and min(values) > 0 and max(values) / min(values) > 100:
+        ax.set_yscale("log")  # a loss that falls by orders of magnitude: the tail stays readable
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per supervised token)")
     ax.set_title(title or "lorakit training")

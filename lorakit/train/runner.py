@@ -38,7 +38,9 @@ GENERATION_BATCH = 64
 
 
 def say(message: str = "") -> None:
-    print(message, flush=True)
+    """Print on the first process only (torchrun starts several)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
 
 
 # -- the run folder -------------------------------------------------------------------------------------------------
@@ -188,6 +190,7 @@ def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: b
             before = {"exact_match": result.exact_match, "examples": len(result.references),
                       "seconds": round(time.perf_counter() - t, 1)}
             atomic_write_text(before_path, json.dumps(before) + "\n")
+            append_metric(run_dir, {"kind": "eval", "when": "before", "step": 0, **before})
             say(_score_line(f"before training ({len(eval_records)} held-out examples)", result))
     elif not eval_records:
         say("no held-out examples with a reference answer: skipping the exact-match score (give --val-data or "
@@ -212,6 +215,8 @@ def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: b
         after = score(model, tokenizer, eval_records, config, device)
         summary["exact_match_after"] = after.exact_match
         summary["eval_examples"] = len(after.references)
+        append_metric(run_dir, {"kind": "eval", "when": "after", "step": result.steps,
+                                "exact_match": after.exact_match, "examples": len(after.references)})
         if before:
             say(f"held-out exact match: {100 * before['exact_match']:.1f}% before -> {100 * after.exact_match:.1f}% "
                 f"after ({len(after.references)} examples)")
@@ -232,6 +237,12 @@ def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: b
         say(f"{what}: {result.adapter_dir}  |  metrics: {run_dir / 'metrics.jsonl'}  |  curve: "
             f"{run_dir / 'loss_curve.png'}  |  config: {run_dir / CONFIG_NAME}")
     return summary
+
+
+def append_metric(run_dir: Path, entry: dict[str, Any]) -> None:
+    """One more line in metrics.jsonl (the before/after scores sit beside the training lines)."""
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
 
 
 def _quiet_transformers() -> None:
