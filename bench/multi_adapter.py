@@ -452,7 +452,8 @@ def check_kernels(device, dtype) -> bool:
 
 def check_model(model, cfg, device) -> bool:
     """Logits of a lorakit mixed batch: the kernels (bf16) and the reference path (bf16), each vs the reference path
-    on a float32 copy of the same model (the same bf16 weights, float32 math): the truth."""
+    on a float32 copy of the same model (the same bf16 weights, float32 math): the truth. Also the adapters must
+    move the logits by more than 4x the kernels' error (else the check could not see a wrong adapter)."""
     import lorakit
 
     names = [f"a{i}" for i in range(6)] + [None, "a1"]
@@ -468,7 +469,9 @@ def check_model(model, cfg, device) -> bool:
             os.environ.pop("LORAKIT_DISABLE_TRITON", None)
 
     fast_dtype = next(model.parameters()).dtype
-    truth_model = copy.deepcopy(model).float()  # before any mixed batch: no stack caches to copy
+    # the truth: float32 math for a bf16 model (float64 for the float32 CPU smoke run, where float32 is the path
+    # under test); deep-copied before any mixed batch, so no stack caches are copied
+    truth_model = copy.deepcopy(model).to(torch.float64 if fast_dtype == torch.float32 else torch.float32)
     truth = logits(truth_model, True)
     del truth_model
     gc.collect()
