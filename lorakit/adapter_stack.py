@@ -104,9 +104,10 @@ class LayerStack:
         """x (T, in), slot_of_row (T,) -> (T, out): the multi-LoRA delta (dispatcher: Triton or reference)."""
         return multi_lora_delta(x, self.lora_A, self.lora_B, self.scaling, slot_of_row, self.rank)
 
-    def add_(self, y: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
-        """In place y (T, out) += delta of x (T, in) for the rows in ``plan``; inference only."""
-        return multi_lora_add_(y, x, self.lora_A, self.lora_B, self.scaling, self.rank, plan)
+    def add_(self, y: torch.Tensor, x: torch.Tensor, plan: RowPlan, accumulate: bool = True) -> torch.Tensor:
+        """In place y (T, out) += delta of x (T, in) for the rows in ``plan`` (``accumulate=False``: y = delta
+        there); inference only."""
+        return multi_lora_add_(y, x, self.lora_A, self.lora_B, self.scaling, self.rank, plan, accumulate=accumulate)
 
 
 class AdapterStack:
@@ -191,9 +192,9 @@ class AdapterStack:
         """The row plan for a (len(names), seq_len) batch, cached per (slots, seq_len)."""
         return plan_for_slots(tuple(self.slots_for(names)), seq_len, self.device, self._plans, self._plan_cache)
 
-    def add_(self, key: str, y: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
-        """In place y (T, out) += layer ``key``'s delta for x (T, in) (inference only)."""
-        return self.layers[key].add_(y, x, plan)
+    def add_(self, key: str, y: torch.Tensor, x: torch.Tensor, plan: RowPlan, accumulate: bool = True) -> torch.Tensor:
+        """In place y (T, out) += layer ``key``'s delta for x (T, in) (inference only; ``accumulate=False``: y = delta)."""
+        return self.layers[key].add_(y, x, plan, accumulate)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, adapters: Iterable[str] | None = None, slots: int | None = None,
@@ -421,12 +422,24 @@ def stacked_mixed_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
             return None
         stack, slots = stack_for_layer(layer, names, x.device, dtype)
         layer.__dict__["_lorakit_stack_cache"].batch_x_dtype = x.dtype
-    result = layer.base_layer(x)
     adapter_in = layer._adapter_input(x)
     tokens_per_row = x[0].numel() // x.shape[-1]
-    out = result.reshape(-1, result.shape[-1])  # a view when contiguous: the delta is added in place
     cache = layer.__dict__["_lorakit_stack_cache"]
     if cache.batch_plan is None or cache.batch_plan.num_rows != x.shape[0] * tokens_per_row:
         cache.batch_plan = shared_plan(slots, tokens_per_row, x.device)  # built once per batch shape, for all layers
-    stack.add_("", out, adapter_in.reshape(-1, adapter_in.shape[-1]), cache.batch_plan)
+    plan = cache.batch_plan
+    base = layer.base_layer
+    x2d = adapter_in.reshape(-1, adapter_in.shape[-1])
+    if (plan.block_m > 16 and plan.covers_all and type(base) is torch.nn.Linear and base.bias is None
+            and base.weight.dtype == x.dtype):
+        # prefill, every row adapted: the expand writes the delta (no read of y) and the base GEMM adds itself
+        # onto it in its epilogue (beta=1), instead of writing y and the expand reading and rewriting it: one pass
+        # over the (tokens, out) output less (the first H200 run: the y read-modify-write was most of the 16%)
+        out = torch.empty(x2d.shape[0], base.weight.shape[0], dtype=x.dtype, device=x.device)
+        stack.add_("", out, x2d, plan, accumulate=False)
+        out.addmm_(x2d, base.weight.t())
+        return out.view(*x.shape[:-1], out.shape[-1])
+    result = base(x)
+    out = result.reshape(-1, result.shape[-1])  # a view when contiguous: the delta is added in place
+    stack.add_("", out, x2d, plan)
     return out.view(result.shape)

@@ -411,3 +411,47 @@ def test_shrink_partial_planes_sum_to_the_shrink(split_k):
     sgmv_expand_add_(y_whole, whole, B, ranks, plan)
     assert_close(y_planes, y_whole, dtype=torch.float32)
     assert torch.equal(y_planes[2], torch.zeros(40))  # the row without adapter: garbage in its planes never read
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_with_every_row_adapted_writes_delta_then_base_gemm_adds(dtype, monkeypatch):
+    # long segments (> 16 tokens: 64-row tiles) and no row without adapter: the expand writes the delta and the
+    # base GEMM accumulates onto it (beta=1); the result must equal per-row runs and the reference path
+    import lorakit
+    import lorakit.kernels.triton.sgmv as sgmv
+
+    model = llama_with_adapters(dtype)
+    names = ["r16", "r4", "r8", "r4"]
+    ids = torch.randint(0, 128, (len(names), 20))
+    modes = []
+    original = sgmv.sgmv_expand_add_
+
+    def recorded(*args, **kwargs):
+        modes.append(kwargs.get("accumulate", True))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sgmv, "sgmv_expand_add_", recorded)
+    with torch.no_grad():
+        with lorakit.mixed_batch(model, names):
+            fast = model(ids).logits
+        expected = per_row_logits(model, ids, names)
+        with lorakit.mixed_batch(model, names + [None]):  # a row without adapter: the accumulate path
+            partly = model(torch.cat([ids, ids[:1]])).logits
+    assert modes[:14] == [False] * 14 and modes[14:] == [True] * 14
+    assert_close(fast, expected)
+    assert_close(partly[:4], expected)
+
+
+@pytest.mark.parametrize("triton", [True, False])
+def test_add_without_accumulate_overwrites_planned_rows_only(triton, monkeypatch):
+    if not triton:
+        monkeypatch.setenv("LORAKIT_DISABLE_TRITON", "1")  # the reference branch of the dispatcher
+    A, B, scalings, ranks = make_stack(37, 130, [4, 8], torch.float32)
+    slot_of_row = torch.tensor([0, -1, 1] + [1] * 20)
+    x = torch.randn(23, 37)
+    y = torch.randn(23, 130)
+    before = y.clone()
+    multi_lora_add_(y, x, A, B, scalings, ranks, plan_rows(slot_of_row), accumulate=False)
+    assert torch.equal(y[1], before[1])
+    has = slot_of_row >= 0
+    assert_close(y[has], per_row_float64(x, A, B, scalings, slot_of_row, ranks)[has].float())

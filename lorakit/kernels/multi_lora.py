@@ -94,6 +94,7 @@ class RowPlan:
     tiles: torch.Tensor
     block_m: int
     max_segment: int
+    covers_all: bool = False  # every row has an adapter (known on the host; False when unknown)
 
     @property
     def n_tiles(self) -> int:
@@ -140,6 +141,7 @@ def plan_rows(slot_of_row: torch.Tensor | Sequence[int], device: torch.device | 
         tiles=tiles.to(device, non_blocking=True),
         block_m=bm,
         max_segment=max_segment,
+        covers_all=order.numel() == slots.numel(),
     )
 
 
@@ -191,11 +193,13 @@ def multi_lora_add_(
     scalings: torch.Tensor,
     ranks: torch.Tensor,
     plan: RowPlan,
+    accumulate: bool = True,
 ) -> torch.Tensor:
     """In place: y (T, out) += multi-LoRA delta of x (T, in), rows planned by ``plan``. Returns y.
 
     The fast path for inference (no autograd). Rows without adapter are never read or written. Uses the Triton
     SGMV kernels when ``triton_usable``, else the reference (rebuilding slot_of_row from the plan).
+    ``accumulate=False``: the planned rows of y are overwritten with the delta (y is not read there).
     """
     check_stack_args(x, A_stack, B_stack, scalings, None, ranks)
     if y.shape != (x.shape[0], B_stack.shape[1]):
@@ -208,10 +212,15 @@ def multi_lora_add_(
         from lorakit.kernels.triton.sgmv import sgmv_expand_add_, sgmv_shrink
 
         low = sgmv_shrink(x, A_stack, scalings, ranks, plan, partials=True)  # (split, T, r_max): no memset
-        sgmv_expand_add_(y, low, B_stack, ranks, plan)
+        sgmv_expand_add_(y, low, B_stack, ranks, plan, accumulate=accumulate)
         return y
     slot_of_row = slot_of_row_from_plan(plan, x.device)
-    y += multi_lora_delta_reference(x, A_stack, B_stack, scalings, slot_of_row, ranks).to(y.dtype)
+    delta = multi_lora_delta_reference(x, A_stack, B_stack, scalings, slot_of_row, ranks).to(y.dtype)
+    if accumulate:
+        y += delta
+    else:
+        planned = slot_of_row >= 0
+        y[planned] = delta[planned]
     return y
 
 

@@ -85,6 +85,7 @@ def _expand_kernel(
     n_tiles, N,
     stride_ls, stride_lm, stride_lr, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -116,8 +117,11 @@ def _expand_kernel(
         delta = tl.dot(low.to(b_tile.dtype), b_tile)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
     y_mask = mask_m[:, None] & mask_n[None, :]
-    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
+    if ACCUMULATE:
+        y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=y_mask)
+    else:  # write the delta only (prefill: the base GEMM then adds itself onto it, beta=1)
+        tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @functools.lru_cache(maxsize=8)
@@ -194,10 +198,12 @@ def sgmv_shrink(
     return low if partials else low[0]
 
 
-def sgmv_expand_add_(y: torch.Tensor, low: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, plan) -> torch.Tensor:
+def sgmv_expand_add_(y: torch.Tensor, low: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, plan,
+                     accumulate: bool = True) -> torch.Tensor:
     """In place: y (T, out) += low @ B[slot]^T per planned row; B_stack (slots, out, r_max). Returns y.
 
     low: (T, r_max) float32, or (split, T, r_max) split-K partial sums from ``sgmv_shrink(..., partials=True)``.
+    ``accumulate=False`` overwrites the planned rows with the delta instead (y is not read).
     """
     _check_dtypes(y, B_stack)
     T, N = y.shape
@@ -213,6 +219,6 @@ def sgmv_expand_add_(y: torch.Tensor, low: torch.Tensor, B_stack: torch.Tensor, 
         low3.stride(0), low3.stride(1), low3.stride(2), B_stack.stride(0), B_stack.stride(1), B_stack.stride(2),
         y.stride(0), y.stride(1),
         BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_N=block_n, SPLIT=low3.shape[0], IEEE=B_stack.dtype == torch.float32,
-        num_warps=cfg["num_warps"],
+        ACCUMULATE=accumulate, num_warps=cfg["num_warps"],
     )
     return y
