@@ -577,8 +577,11 @@ def sweep(cfg, device, dtype, args):
                 for _, (d_in, d_out) in projection_shapes(cfg):
                     A, B, scalings, ranks, x, y = kernel_operands(d_in, d_out, plan.num_rows, args.batch, device, dtype)
                     with torch.no_grad():
-                        total += graph_seconds(lambda: multi_lora_add_(y, x, A, B, scalings, ranks, plan), device,
-                                               calls=10 if kind == "decode" else 2)
+                        # prefill: as the model runs it when every row has an adapter (the delta is written, the
+                        # base GEMM adds onto it); decode: accumulated into y
+                        total += graph_seconds(lambda: multi_lora_add_(y, x, A, B, scalings, ranks, plan,
+                                                                       accumulate=kind == "decode"),
+                                               device, calls=10 if kind == "decode" else 2)
                     del A, B, x, y
             except Exception as error:
                 log(f"FAIL sweep {kind} {config}: {type(error).__name__}: {error}")
