@@ -133,9 +133,12 @@ def _sm_count(device_index: int) -> int:
 # Decode moves only adapter bytes, so its tiles are wide (more bytes in flight per program) and the shrink splits
 # the input dimension until ~``programs_per_sm`` programs per SM read A. bench/multi_adapter.py sweeps these on
 # the GPU (``--sweep``) and reports the fastest; the first H200 run used prefill (64, 64, 4) and was 0.842x base.
+# Tile sizes chosen by bench/multi_adapter.py's sweep on an H200 (2026-11-29, Llama-3.2-1B shape, 64 adapters, r=16;
+# bench/results/multi_adapter_1b_v2.json): prefill kept its default (1,091 us for the seven projections), decode
+# 87.5 us with these against 93.7 us with the former default (256, 256, 4 warps, 4 programs per SM).
 CONFIGS = {
     "prefill": dict(block_k=64, block_n=128, num_warps=4, programs_per_sm=0),
-    "decode": dict(block_k=256, block_n=256, num_warps=4, programs_per_sm=4),
+    "decode": dict(block_k=64, block_n=128, num_warps=4, programs_per_sm=2),
 }
 
 
