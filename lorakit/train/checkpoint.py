@@ -6,7 +6,11 @@ A checkpoint is a folder ``<run>/checkpoints/step-000120/`` holding:
 - ``adapter/``: the adapter in PEFT's format (or nothing for full fine-tuning), so any checkpoint is usable;
 - ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's state tensors, and its scalars and groups;
 - ``rng.safetensors`` + (in ``state.json``) the random states: torch CPU/CUDA states as uint8 tensors, Python's
-  and NumPy's Mersenne Twister states as uint8 tensors of their 32-bit words;
+  and NumPy's Mersenne Twister states as uint8 tensors of their 32-bit words; under torchrun, those of every
+  process (keys ``rank<r>.<name>`` and ``state.json`` ``rng_ranks`` for ranks r >= 1: dropout draws differ per
+  process);
+- (several processes) the same files as one process: sharded tensors (FSDP2) are gathered whole before rank 0
+  writes them (see lorakit/train/distributed.py), and each process takes its shard back on resume;
 - ``state.json``: the step, the data position, counters, the best validation loss, and the run's identity (what
   must match for a resume: model, data, batch settings).
 
@@ -153,7 +157,9 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], adapter_writer=None, keep: int | None = None) -> Path:
+                    state: dict[str, Any], adapter_writer=None, keep: int | None = None, *,
+                    trainable: dict[str, torch.Tensor] | None = None, optimizer_state: dict[str, Any] | None = None,
+                    rank_rngs: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> Path:
     """Write checkpoint ``step`` under ``folder`` (the run's ``checkpoints/``) atomically; returns its path.
 
     Args:
@@ -164,6 +170,9 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
         state: JSON-serialisable trainer state (data position, counters, identity).
         adapter_writer: ``f(path)`` writing the user-facing adapter (PEFT format) into ``path``, or None.
         keep: after success, delete all but the ``keep`` newest step folders.
+        trainable / optimizer_state: the whole (gathered) trainable tensors and optimizer state, when they differ
+            from ``model`` and ``optimizer`` (FSDP2 shards); default: read from them.
+        rank_rngs: ``rng_state()`` of every process in rank order (torchrun); default: this process's.
     Raises:
         LorakitError: the write failed (e.g. a full disk); the previous checkpoint is untouched.
     """
@@ -175,17 +184,23 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
     except OSError as error:
         raise LorakitError(f"cannot create a checkpoint in {folder}: {error.strerror or error}") from None
     try:
-        trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-        _write_safetensors(tmp / "trainable.safetensors", trainable)
+        if trainable is None:
+            trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        _write_safetensors(tmp / "trainable.safetensors", {k: v.detach().cpu() for k, v in trainable.items()})
         opt_tensors: dict[str, torch.Tensor] = {}
-        opt_tree = flatten_state(optimizer.state_dict(), "optimizer", opt_tensors)
+        opt_tree = flatten_state(optimizer.state_dict() if optimizer_state is None else optimizer_state, "optimizer",
+                                 opt_tensors)
         _write_safetensors(tmp / "optimizer.safetensors", opt_tensors)
         _write_json(tmp / "optimizer.json", opt_tree)
-        rng_tensors, rng_scalars = rng_state()
+        rngs = rank_rngs or [rng_state()]
+        rng_tensors = dict(rngs[0][0])
+        for r, (tensors, _) in enumerate(rngs[1:], start=1):
+            rng_tensors.update({f"rank{r}.{k}": v for k, v in tensors.items()})
         _write_safetensors(tmp / "rng.safetensors", rng_tensors)
         if adapter_writer is not None:
             adapter_writer(tmp / "adapter")
-        _write_json(tmp / "state.json", {"format": FORMAT, "step": step, "rng": rng_scalars, **state})
+        _write_json(tmp / "state.json", {"format": FORMAT, "step": step, "rng": rngs[0][1],
+                                         "rng_ranks": [scalars for _, scalars in rngs[1:]], **state})
         _fsync_dir(tmp)
         if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
             shutil.rmtree(final)
@@ -272,11 +287,16 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore trainable parameters, optimizer state and random states from ``checkpoint``; returns its state.
+def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    rank: int = 0) -> dict[str, Any]:
+    """Restore trainable parameters, optimizer state and random states (those of process ``rank``) from
+    ``checkpoint``; returns its state. Sharded (FSDP2) parameters and their optimizer state take this process's
+    shard of the whole tensors saved.
 
     Every file is read and checked before anything is changed.
     """
+    from lorakit.train.distributed import to_local_layout
+
     state = read_state(checkpoint)
     trainable = _read_safetensors(checkpoint / "trainable.safetensors")
     opt_tensors = _read_safetensors(checkpoint / "optimizer.safetensors")
@@ -296,12 +316,28 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
         raise LorakitError(f"checkpoint {checkpoint}: the optimizer's parameter groups differ from this run's "
                            "(another --loraplus-ratio, --weight-decay or adapter?); resume with the same settings")
+    if rank > len(state.get("rng_ranks", [])):
+        raise LorakitError(f"checkpoint {checkpoint} holds the random states of {len(state.get('rng_ranks', [])) + 1} "
+                           f"process(es), not of rank {rank}; resume with the run's number of processes")
     with torch.no_grad():
         for name, tensor in trainable.items():
-            params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+            params[name].copy_(to_local_layout(tensor.to(device=params[name].device, dtype=params[name].dtype),
+                                               params[name]))
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in opt_state.get("state", {}).items():  # AdamW moments of a sharded parameter: its shard
+        param = ordered[int(index)] if int(index) < len(ordered) else None
+        if param is not None and isinstance(values, dict):
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 0:
+                    values[key] = to_local_layout(value, param)
     for saved, current in zip(groups, optimizer.param_groups):
         if "betas" in saved:
             saved["betas"] = tuple(saved["betas"])
     optimizer.load_state_dict(opt_state)
-    set_rng_state(rng_tensors, state.get("rng", {}))
+    if rank == 0:
+        set_rng_state(rng_tensors, state.get("rng", {}))
+    else:
+        prefix = f"rank{rank}."
+        set_rng_state({k[len(prefix):]: v for k, v in rng_tensors.items() if k.startswith(prefix)},
+                      state["rng_ranks"][rank - 1])
     return state

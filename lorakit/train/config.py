@@ -75,6 +75,8 @@ class TrainConfig:
                          "processes", "optimisation")
     grad_accum: int = _f(1, "micro-steps accumulated per optimizer step (loss weighted by supervised tokens)",
                          "optimisation")
+    global_batch: int | None = _f(None, "examples per optimizer step over all processes; sets --grad-accum to "
+                                  "global batch / (batch size x processes), which must divide evenly", "optimisation")
     lr: float | None = _f(None, f"peak learning rate (of lora_A under LoRA+); default {DEFAULT_LORA_LR:g} for LoRA, "
                           f"{DEFAULT_FULL_LR:g} with --full", "optimisation")
     loraplus_ratio: float | None = _f(None, "LoRA+: learning rate of lora_B over that of lora_A (e.g. 16)", "optimisation")
@@ -99,6 +101,9 @@ class TrainConfig:
     quantize: str | None = _f(None, "store the frozen base in 4-bit NF4 (QLoRA)", "precision and memory",
                               choices=QUANTIZE_CHOICES)
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory", "precision and memory")
+    fsdp: bool = _f(False, "under torchrun, shard the frozen base over the processes with FSDP2 (per decoder "
+                    "layer) for models that do not fit on one device; default: data parallel (whole base on each)",
+                    "precision and memory")
     fast_kernels: bool = _f(True, "use lorakit's fused kernels on CUDA when the model supports them "
                             "(--no-fast-kernels to turn off)", "precision and memory")
 
@@ -139,6 +144,13 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise LorakitError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
+        if self.global_batch is not None and (isinstance(self.global_batch, bool)
+                                              or not isinstance(self.global_batch, int) or self.global_batch < 1):
+            raise LorakitError(f"--global-batch must be a positive integer, got {self.global_batch!r}")
+        if self.global_batch is not None and self.grad_accum != 1:
+            raise LorakitError("give --global-batch or --grad-accum, not both (--global-batch sets the accumulation)")
+        if self.fsdp and self.full:
+            raise LorakitError("--fsdp shards the frozen base under LoRA; --full with --fsdp is not supported: drop one")
         if self.max_steps == 0:
             raise LorakitError("--max-steps must be at least 1")
         if self.eval_batch_size == 0:

@@ -35,8 +35,11 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.optim import Schedule, build_optimizer
-from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
+from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, read_state, rng_state, save_checkpoint
 from lorakit.train.config import TrainConfig
+from lorakit.train.distributed import (  # world is re-exported: the runner imports it from here
+    all_reduce_gradients, all_reduce_sum, apply_fsdp, full_state, gather_objects, gathered_trainable, is_sharded,
+    sharded_grad_norm_and_clip, world)
 from lorakit.train.data import BatchIterator, Collator, SupervisedDataset, build_dataset, pad_id_for
 from lorakit.train.evaluate import autocast_context, dataset_loss, loss_sum, supervised_tokens, to_device
 from lorakit.train.report import CURVE_NAME, METRICS_NAME, MetricsLog, plot_loss_curve
@@ -75,24 +78,6 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
 
 
-# -- processes (torchrun) -------------------------------------------------------------------------------------------
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) without torch.distributed."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if world()[1] > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
-
-
 # -- the pieces of one step -----------------------------------------------------------------------------------------
 def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]], total_tokens: int,
                          device: torch.device, compute_dtype: torch.dtype | None = None) -> float:
@@ -117,17 +102,10 @@ def _grad_norm_and_clip(params: list[nn.Parameter], max_norm: float | None) -> f
     grads = [p for p in params if p.grad is not None]
     if not grads:
         return 0.0
+    if any(is_sharded(p) for p in grads):  # FSDP2: the norm needs the shards of every process
+        return sharded_grad_norm_and_clip(grads, max_norm)
     limit = max_norm if max_norm else float("inf")
     return float(torch.nn.utils.clip_grad_norm_(grads, limit, error_if_nonfinite=False, foreach=False))
-
-
-def _all_reduce_grads(params: list[nn.Parameter]) -> None:
-    if world()[1] == 1:
-        return
-    for p in params:  # adapter gradients are small: one all-reduce each keeps this simple
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        _all_reduce_sum(p.grad)
 
 
 # -- setup helpers --------------------------------------------------------------------------------------------------
@@ -156,13 +134,14 @@ def run_identity(model: nn.Module, dataset: SupervisedDataset, config: TrainConf
     return {
         "model": base_fingerprint(model),
         "data": dataset_fingerprint(dataset),
+        "processes": world_size,
         "batch_size": config.batch_size,
         "grad_accum": config.grad_accum,
-        "processes": world_size,
         "max_length": config.max_length,
         "pack": config.pack,
         "seed": config.seed,
         "full": config.full,
+        "rank": None if config.full else config.rank,
         "adapter": None if config.full else json.dumps(config.lora_config().to_peft_dict(), sort_keys=True),
     }
 
@@ -172,7 +151,8 @@ _IDENTITY_HINTS = {
     "data": "other training data (or another --max-length / --overflow / tokenizer)",
     "batch_size": "another --batch-size",
     "grad_accum": "another --grad-accum",
-    "processes": "another number of processes",
+    "processes": "another number of processes (torchrun --nproc_per_node)",
+    "rank": "another --rank",
     "max_length": "another --max-length",
     "pack": "another --pack setting",
     "seed": "another --seed",
@@ -181,8 +161,13 @@ _IDENTITY_HINTS = {
 }
 
 
+_ADDED_LATER = ("rank",)
+
+
 def check_identity(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
     for key, value in current.items():
+        if key in _ADDED_LATER and key not in saved:
+            continue  # a checkpoint from before this key existed (the adapter fingerprint still covers it)
         if saved.get(key) != value:
             shown = (f"{saved.get(key)!r} then, {value!r} now" if key not in ("adapter", "data", "model")
                      else f"fingerprint {str(saved.get(key))[:16]} then, {str(value)[:16]} now")
@@ -267,6 +252,21 @@ def compute_dtype_for(model: nn.Module, device: torch.device) -> torch.dtype | N
     return torch.float16 if torch.float16 in dtypes and torch.bfloat16 not in dtypes else torch.bfloat16
 
 
+def accumulation_steps(config: TrainConfig, world_size: int) -> int:
+    """Micro-steps per optimizer step: ``--grad-accum``, or ``--global-batch / (--batch-size x processes)``.
+
+    The global batch is batch size x accumulation x processes; with ``--global-batch`` the same command gives the
+    same global batch (and so the same training) on any number of processes that divides it.
+    """
+    if config.global_batch is None:
+        return config.grad_accum
+    per_step = config.batch_size * world_size
+    if config.global_batch % per_step:
+        raise LorakitError(f"--global-batch {config.global_batch} is not a multiple of --batch-size {config.batch_size} "
+                           f"x {world_size} processes = {per_step}; choose a global batch (or batch size) so that it is")
+    return config.global_batch // per_step
+
+
 def total_steps_for(config: TrainConfig, rows: int, world_size: int) -> int:
     if config.max_steps:
         return config.max_steps
@@ -300,12 +300,20 @@ def _atomic_folder(final: Path, write: Callable[[Path], Any]) -> Path:
     return final
 
 
-def save_result(model: nn.Module, tokenizer: Any, folder: Path, adapter: str | None) -> Path:
-    """The adapter in PEFT's format (or, for full fine-tuning, the whole model + tokenizer), written atomically."""
+def save_result(model: nn.Module, tokenizer: Any, folder: Path, adapter: str | None, write: bool = True) -> Path:
+    """The adapter in PEFT's format (or, for full fine-tuning, the whole model + tokenizer), written atomically.
+
+    Under FSDP every process must call this (the sharded adapter is gathered); only those with ``write`` write.
+    """
     from lorakit.io import save_adapter
 
     if adapter is not None:
-        return _atomic_folder(folder, lambda tmp: save_adapter(model, tmp, adapter=adapter))
+        with gathered_trainable(model):
+            if write:
+                _atomic_folder(folder, lambda tmp: save_adapter(model, tmp, adapter=adapter))
+        return folder
+    if not write:
+        return folder
 
     def write_model(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -343,11 +351,16 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         log = (lambda message: print(message, file=sys.stderr, flush=True)) if main else (lambda message: None)
     out = Path(out) if out is not None else (Path(config.out) if config.out else None)
     device = next(model.parameters()).device
-    compute_dtype = compute_dtype_for(model, device)
+    if config.fsdp and torch.cuda.is_available() and world_size > 1:  # the base may wait on the CPU until sharded
+        device = torch.device("cuda", torch.cuda.current_device())
+    grad_accum = accumulation_steps(config, world_size)
 
     torch.manual_seed(config.seed)  # adapter init and dropout; a resume restores the saved states instead
     adapter = prepare_model(model, config)
-    if config.fast_kernels:
+    if config.fsdp:
+        log(f"FSDP2: {apply_fsdp(model, device)} sharded units over {world_size} processes")
+    compute_dtype = compute_dtype_for(model, device)
+    if config.fast_kernels and not config.fsdp:  # the fused kernels read whole weights, which FSDP keeps sharded
         _enable_fast_kernels(model, device, log)
     if config.gradient_checkpointing:
         _enable_checkpointing(model)
@@ -366,14 +379,14 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         raise LorakitError(f"the training set has {len(train_ds)} rows, fewer than one micro-batch of {global_micro} "
                            f"(--batch-size {config.batch_size} x {world_size} processes); lower --batch-size or add data")
     batches = BatchIterator(train_ds, global_micro, collate_fn=collator, seed=config.seed)
-    total_steps = total_steps_for(config, len(train_ds), world_size)
+    total_steps = total_steps_for(config.replace(grad_accum=grad_accum, global_batch=None), len(train_ds), world_size)
     warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * total_steps)
     schedule = Schedule(config.schedule, min(warmup, total_steps), total_steps, config.min_lr_ratio)
     optimizer = build_optimizer(model, config.learning_rate, config.weight_decay, config.loraplus_ratio,
                                 (config.adam_beta1, config.adam_beta2), config.adam_eps)
     eval_every = config.eval_every if config.eval_every is not None else max(1, total_steps // 4)
     eval_batch = config.eval_batch_size or 2 * config.batch_size
-    identity = run_identity(model, train_ds, config, world_size)
+    identity = run_identity(model, train_ds, config.replace(grad_accum=grad_accum, global_batch=None), world_size)
 
     step, skipped, bad_in_row, tokens_seen, resumed_at = 0, 0, 0, 0, None
     best_val, best_step, since_best = None, None, 0
@@ -381,7 +394,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     if resume is not None:
         checkpoint = find_checkpoint(resume)
         check_identity(read_state(checkpoint).get("identity", {}), identity, checkpoint)
-        state = load_checkpoint(checkpoint, model, optimizer)
+        state = load_checkpoint(checkpoint, model, optimizer, rank=rank)
         batches.load_state_dict(state["data"])
         step, skipped, tokens_seen = int(state["step"]), int(state["skipped_steps"]), int(state["tokens"])
         resumed_at = step
@@ -400,11 +413,18 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                 "total_steps": total_steps}
 
     def write_checkpoint() -> Path | None:
-        if out is None or not main:
+        """Every process gathers (sharded tensors, random states); rank 0 alone writes."""
+        if out is None:
             return None
-        writer = (lambda path: save_result(model, None, path, adapter)) if adapter is not None else None
-        return save_checkpoint(out / CHECKPOINTS_DIR, step, model, optimizer, checkpoint_state(), writer,
-                               keep=config.keep_checkpoints)
+        rngs = gather_objects(rng_state())
+        with gathered_trainable(model) as trainable:
+            opt_state = full_state(optimizer.state_dict())
+            if not main:
+                return None
+            writer = (lambda path: save_result(model, None, path, adapter)) if adapter is not None else None
+            return save_checkpoint(out / CHECKPOINTS_DIR, step, model, optimizer, checkpoint_state(), writer,
+                                   keep=config.keep_checkpoints, trainable=trainable, optimizer_state=opt_state,
+                                   rank_rngs=rngs)
 
     progress = _progress_bar(config.progress and main, total_steps, step)
     model.train()
@@ -413,11 +433,11 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         while step < total_steps:
             step_start = time.perf_counter()
             micro = []
-            for _ in range(config.grad_accum):
+            for _ in range(grad_accum):
                 indices = batches.next_indices()
                 micro.append(collator([train_ds[i] for i in indices[rank * config.batch_size:(rank + 1) * config.batch_size]]))
-            n_tokens = int(_all_reduce_sum(torch.tensor(sum(supervised_tokens(b["labels"]) for b in micro))))
-            n_inputs = int(_all_reduce_sum(torch.tensor(sum(_input_tokens(b) for b in micro))))
+            n_tokens = int(all_reduce_sum(torch.tensor(sum(supervised_tokens(b["labels"]) for b in micro))))
+            n_inputs = int(all_reduce_sum(torch.tensor(sum(_input_tokens(b) for b in micro))))
             entry: dict[str, Any] = {"kind": "train", "step": step + 1, "epoch": round(batches.epoch + batches.index / len(train_ds), 4)}
             if n_tokens == 0:
                 skipped += 1
@@ -425,8 +445,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                 entry.update(skipped="no supervised token")
             else:
                 summed = accumulate_gradients(model, micro, n_tokens, device, compute_dtype)
-                summed = float(_all_reduce_sum(torch.tensor(summed, dtype=torch.float64)))
-                _all_reduce_grads(params)
+                summed = float(all_reduce_sum(torch.tensor(summed, dtype=torch.float64)))
+                all_reduce_gradients(params)  # replicated (non-FSDP) trainable tensors; one bucketed all-reduce
                 grad_norm = _grad_norm_and_clip(params, config.max_grad_norm)
                 loss = summed / n_tokens
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -465,8 +485,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                 improved = best_val is None or val_loss < best_val
                 if improved:
                     best_val, best_step, since_best = val_loss, step, 0
-                    if out is not None and main and adapter is not None:
-                        save_result(model, None, out / BEST_DIR, adapter)
+                    if out is not None and adapter is not None:
+                        save_result(model, None, out / BEST_DIR, adapter, write=main)
                 else:
                     since_best += 1
                 if metrics is not None:
@@ -493,8 +513,10 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     model.eval()
 
     adapter_dir = None
+    if out is not None:
+        adapter_dir = save_result(model, tokenizer, out / (ADAPTER_DIR if adapter is not None else MODEL_DIR), adapter,
+                                  write=main)
     if out is not None and main:
-        adapter_dir = save_result(model, tokenizer, out / (ADAPTER_DIR if adapter is not None else MODEL_DIR), adapter)
         plot_loss_curve(out / METRICS_NAME, out / CURVE_NAME,
                         title=f"{'full fine-tuning' if config.full else config.variant} on {config.model}")
     return TrainResult(step, total_steps, stopped, last_loss, best_val, best_step, skipped, tokens_seen, seconds, out,

@@ -169,7 +169,9 @@ def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: b
     say(f"lorakit train: {'full fine-tuning' if config.full else config.variant} of {config.model} on {device.type}; "
         f"run folder {run_dir}")
     _quiet_transformers()
-    model, tokenizer = load_model(config, device)
+    # --fsdp: the whole base waits in CPU memory; sharding moves each process's shard to its device
+    sharded = config.fsdp and world_size > 1
+    model, tokenizer = load_model(config, torch.device("cpu") if sharded else device)
     bundle = load_data(config, tokenizer)
     say(f"training data: {bundle.train.summary}")
     if bundle.val is not None:
@@ -180,7 +182,9 @@ def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: b
 
     eval_records = scorable(bundle.val.records)[: config.eval_examples] if bundle.val is not None else []
     before: dict[str, Any] | None = None
-    if eval_records and main:
+    # generation under FSDP needs every process (each forward gathers the shards); rank 0 alone writes and prints
+    scoring = main or sharded
+    if eval_records and scoring:
         before_path = run_dir / BEFORE_NAME
         if resume_from is not None and before_path.is_file():
             before = json.loads(before_path.read_text(encoding="utf-8"))
@@ -189,8 +193,9 @@ def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: b
             result = score(model, tokenizer, eval_records, config, device)
             before = {"exact_match": result.exact_match, "examples": len(result.references),
                       "seconds": round(time.perf_counter() - t, 1)}
-            atomic_write_text(before_path, json.dumps(before) + "\n")
-            append_metric(run_dir, {"kind": "eval", "when": "before", "step": 0, **before})
+            if main:
+                atomic_write_text(before_path, json.dumps(before) + "\n")
+                append_metric(run_dir, {"kind": "eval", "when": "before", "step": 0, **before})
             say(_score_line(f"before training ({len(eval_records)} held-out examples)", result))
     elif not eval_records:
         say("no held-out examples with a reference answer: skipping the exact-match score (give --val-data or "
@@ -211,12 +216,13 @@ def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: b
     }
     if device.type == "cuda":
         summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    if eval_records and main:
+    if eval_records and scoring:
         after = score(model, tokenizer, eval_records, config, device)
         summary["exact_match_after"] = after.exact_match
         summary["eval_examples"] = len(after.references)
-        append_metric(run_dir, {"kind": "eval", "when": "after", "step": result.steps,
-                                "exact_match": after.exact_match, "examples": len(after.references)})
+        if main:
+            append_metric(run_dir, {"kind": "eval", "when": "after", "step": result.steps,
+                                    "exact_match": after.exact_match, "examples": len(after.references)})
         if before:
             say(f"held-out exact match: {100 * before['exact_match']:.1f}% before -> {100 * after.exact_match:.1f}% "
                 f"after ({len(after.references)} examples)")
