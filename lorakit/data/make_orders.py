@@ -9,6 +9,12 @@ so a 135M model learns it with LoRA in ~100 steps of batch 8, while the base mod
 key names or their order, scores close to zero exact match. Each example renders to ~50-60 SmolLM2 tokens with
 the chat template. The validation split uses sentences and value combinations never seen in training, and a
 few cities and items that appear only there, so a high score means the model copies values, not memorises.
+
+Measured (SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on all linear layers, AdamW lr 1e-3 with 10 warm-up steps,
+batch 8, greedy decoding): after 60 steps 59/60 exact (loss 0.0006). The base model scored 0/60 on the
+earlier 24-city version of this split (it answers in prose or code, never with these keys). With only 24 training
+cities the same run scored 52/60, every miss a city seen only in validation ("Lima" -> "Limba"): the model
+memorised the city list instead of copying, hence the longer list.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ VAL_ONLY_ITEMS = ["bird feeders", "dog leashes", "picture frames", "soup bowls"]
 CITIES = [
     "Amsterdam", "Athens", "Berlin", "Bilbao", "Bristol", "Chicago", "Dublin", "Geneva", "Hamburg", "Helsinki",
     "Kyoto", "Leeds", "Lisbon", "Lyon", "Madrid", "Milan", "Nairobi", "Oslo", "Porto", "Prague", "Seattle",
-    "Seoul", "Toronto", "Vienna",
+    "Seoul", "Toronto", "Vienna", "Baku", "Bern", "Cairo", "Delhi", "Doha", "Graz", "Hanoi", "Kiev", "Lagos",
+    "Lille", "Malmo", "Nice", "Osaka", "Perth", "Pisa", "Quito", "Riga", "Rome", "Sofia", "Tunis", "Utrecht",
+    "Accra", "Bonn", "Cork", "Dakar", "Essen", "Faro", "Genoa", "Havana", "Izmir", "Jena", "Kobe",
 ]
 VAL_ONLY_CITIES = ["Austin", "Krakow", "Lima", "Turin"]
 
