@@ -357,8 +357,10 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
 
     torch.manual_seed(config.seed)  # adapter init and dropout; a resume restores the saved states instead
     adapter = prepare_model(model, config)
-    if config.fsdp:
+    if config.fsdp and world_size > 1:
         log(f"FSDP2: {apply_fsdp(model, device)} sharded units over {world_size} processes")
+    elif config.fsdp:
+        log("--fsdp on one process: nothing to shard, the whole model stays on this device")
     compute_dtype = compute_dtype_for(model, device)
     if config.fast_kernels and not config.fsdp:  # the fused kernels read whole weights, which FSDP keeps sharded
         _enable_fast_kernels(model, device, log)
