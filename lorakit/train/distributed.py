@@ -157,7 +157,7 @@ def apply_fsdp(model: nn.Module, device: torch.device) -> int:
     # loaded (the CPU, under the runner's --fsdp): a whole copy on this process's device
     for module in model.modules():
         for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-            if tensor is not None and not is_sharded(tensor) and tensor.device != device:
+            if tensor is not None and not is_sharded(tensor) and tensor.device != device and not tensor.is_meta:
                 moved = tensor.detach().to(device)
                 if name in module._parameters:
                     module._parameters[name] = nn.Parameter(moved, requires_grad=tensor.requires_grad)
