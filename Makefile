@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/lorakit demo
+	$(VENV)/bin/lorakit train --out runs/demo --overwrite
 
 test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
