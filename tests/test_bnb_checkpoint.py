@@ -21,7 +21,8 @@ from conftest import assert_close, tiny_llama
 from lorakit.errors import LorakitError
 from lorakit.quant.bnb_checkpoint import bnb_tensors, read_bnb_linear
 from lorakit.quant.nf4 import NF4Linear
-from lorakit.quant.quantize import load_quantized, quantize
+from lorakit.models.quantized_loading import load_quantized
+from lorakit.quant.quantize import quantize
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bnb_nf4_tiny"
 

@@ -69,7 +69,7 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if quantize is not None:
-        from lorakit.quant.quantize import load_quantized
+        from lorakit.models.quantized_loading import load_quantized
 
         model = load_quantized(folder, quant=quantize, dtype=dtype, device=device)
     else:

@@ -1,0 +1,223 @@
+"""Load a Hugging Face folder straight into NF4: the whole model never exists in 16-bit.
+
+``load_quantized(folder, "nf4")`` builds a transformers model from a local folder with its parameters on the meta
+device and reads the safetensors tensors one at a time, quantizing linear weights as they arrive (peak = the 4-bit
+model + one 16-bit tensor). A folder saved 4-bit by bitsandbytes (``quantization_config.load_in_4bit``, NF4) is read
+directly into ``NF4Linear`` without bitsandbytes and without any loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.quant.nf4 import NF4Linear
+from lorakit.quant.quantize import DEFAULT_SKIP, _output_head_names, _skipped, check_quant_type
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no init compute); buffers stay
+    real, so computed non-persistent buffers (rotary ``inv_freq``) keep their values."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class _TensorReader:
+    """One tensor at a time from a folder's safetensors files (``model.safetensors`` or a sharded index)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index_file = folder / "model.safetensors.index.json"
+        if index_file.is_file():
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise LorakitError(f"{index_file}: not a safetensors index with a weight_map ({error})") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in folder.glob("*.safetensors") if p.name != "reference.safetensors")
+            if not files:
+                raise LorakitError(f"{folder} has no *.safetensors weights (lorakit never reads pickled .bin files)")
+        self.handles = {}
+        self.where: dict[str, str] = {}
+        for name in files:
+            path = (folder / name).resolve()
+            if path.parent != folder.resolve() or not path.is_file():
+                raise LorakitError(f"{index_file}: shard {name!r} is not a file inside {folder}")
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as error:  # safetensors raises its own error types for corrupt headers
+                raise LorakitError(f"{path}: not a readable safetensors file ({error})") from None
+            self.handles[name] = handle
+            for key in handle.keys():
+                self.where[key] = name
+
+    def keys(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.handles[self.where[key]].get_tensor(key)
+
+
+def _key_mapper(checkpoint_keys: set[str], model_keys: set[str], prefix: str):
+    """model key -> checkpoint key, tolerating checkpoints saved with or without the base-model prefix."""
+
+    def to_checkpoint(model_key: str) -> str | None:
+        if model_key in checkpoint_keys:
+            return model_key
+        if prefix and model_key.startswith(prefix + ".") and model_key[len(prefix) + 1:] in checkpoint_keys:
+            return model_key[len(prefix) + 1:]
+        if prefix and f"{prefix}.{model_key}" in checkpoint_keys:
+            return f"{prefix}.{model_key}"
+        return None
+
+    return to_checkpoint
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, source: str) -> None:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    current = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
+    if current is not None and tuple(current.shape) != tuple(value.shape):
+        raise LorakitError(f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the model expects "
+                           f"{tuple(current.shape)} (does config.json match the weights?)")
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=value.is_floating_point())
+    else:
+        module._buffers[attr] = value
+
+
+def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None, *, skip: Iterable[str] = DEFAULT_SKIP,
+                   blocksize: int = 64, double_quant: bool = True, attn_implementation: str | None = "sdpa"):
+    """A transformers causal LM from a local folder with its linear layers in NF4, loaded tensor by tensor.
+
+    Args:
+        folder: a Hugging Face model folder (config.json + safetensors). If it was saved 4-bit by bitsandbytes
+            (NF4), its 4-bit weights are read as they are (no re-quantization, exactly bitsandbytes' values).
+        quant: ``"nf4"``. dtype: dtype of everything not quantized (embeddings, norms, head, biases); default
+            bfloat16 on CUDA, float32 otherwise. device: where the model goes (default CUDA if available).
+        skip / blocksize / double_quant: as in ``quantize``.
+    Returns:
+        the model, in eval mode. Raises ``LorakitError`` for a missing/mismatched tensor (naming it), an unsupported
+        checkpoint quantization (8-bit, FP4), or an unknown ``quant``.
+    """
+    from lorakit.quant import bnb_checkpoint
+
+    check_quant_type(quant)
+    folder = Path(folder).expanduser()
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise LorakitError(f"{folder} has no config.json; point at a Hugging Face model folder")
+    try:
+        config_dict = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise LorakitError(f"{config_file}: not valid JSON (line {error.lineno}: {error.msg})") from None
+    prequantized = bnb_checkpoint.bnb_quantization(config_dict, str(config_file)) is not None
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    skip = tuple(skip or ())
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if prequantized:  # the model is built plain; lorakit itself puts the 4-bit layers in
+        config.quantization_config = None
+        delattr(config, "quantization_config")
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    reader = _TensorReader(folder)
+    checkpoint_keys = reader.keys()
+    model_keys = set(model.state_dict().keys())
+    to_checkpoint = _key_mapper(checkpoint_keys, model_keys, getattr(model, "base_model_prefix", ""))
+    used: set[str] = set()
+    heads = _output_head_names(model)
+    source = str(folder)
+
+    def read(key: str) -> torch.Tensor:
+        used.add(key)
+        return reader.get(key)
+
+    # 1. the linear layers that become NF4, one at a time
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or _skipped(name, skip) or name in heads:
+            continue
+        weight_key = to_checkpoint(f"{name}.weight")
+        if weight_key is None:
+            raise LorakitError(f"{source}: no tensor for {name}.weight in the safetensors files")
+        bias_key = to_checkpoint(f"{name}.bias") if module.bias is not None else None
+        if module.bias is not None and bias_key is None:
+            raise LorakitError(f"{source}: no tensor for {name}.bias in the safetensors files")
+        bias = read(bias_key).to(device, dtype) if bias_key else None
+        if prequantized and bnb_checkpoint.quant_state_key(weight_key, checkpoint_keys):
+            quantized = bnb_checkpoint.read_bnb_linear(weight_key, read, checkpoint_keys, device=device, bias=bias)
+            if (quantized.out_features, quantized.in_features) != (module.out_features, module.in_features):
+                raise LorakitError(f"{source}: {weight_key} is {quantized.out_features}x{quantized.in_features}, the "
+                                   f"model expects {module.out_features}x{module.in_features}")
+        elif prequantized:
+            continue  # bitsandbytes left this layer dense (llm_int8_skip_modules): step 2 loads it as it is
+        else:
+            weight = read(weight_key)
+            if tuple(weight.shape) != (module.out_features, module.in_features):
+                raise LorakitError(f"{source}: tensor {weight_key!r} has shape {tuple(weight.shape)}, the model "
+                                   f"expects {(module.out_features, module.in_features)}")
+            quantized = NF4Linear.from_weight(weight.to(device, dtype), bias, blocksize=blocksize,
+                                              double_quant=double_quant, name=name)
+            del weight
+        quantized.train(False)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, quantized)
+
+    # 2. everything else (embeddings, norms, dense layers, persistent buffers)
+    remaining = {k for k in model.state_dict().keys()}
+    missing = []
+    for key in sorted(remaining):
+        module_name, _, attr = key.rpartition(".")
+        owner = model.get_submodule(module_name) if module_name else model
+        if isinstance(owner, NF4Linear):
+            continue
+        checkpoint_key = to_checkpoint(key)
+        if checkpoint_key is None:
+            tensor = owner._parameters.get(attr) if attr in owner._parameters else owner._buffers.get(attr)
+            if tensor is not None and tensor.device.type == "meta":
+                missing.append(key)
+            continue
+        value = read(checkpoint_key)
+        value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        _set_tensor(model, key, value, source)
+
+    # 3. tied output head: share the (now loaded) input embedding
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        head_names = {n for n, m in model.named_modules() if m is model.get_output_embeddings()}
+        missing = [k for k in missing if k.rpartition(".")[0] not in head_names]
+    if missing:
+        raise LorakitError(f"{source}: {len(missing)} tensor(s) missing from the safetensors files, e.g. {missing[0]!r}")
+    leftover = [k for k in checkpoint_keys - used if not bnb_checkpoint.is_bnb_aux_key(k)
+                and not k.endswith("rotary_emb.inv_freq")]
+    if leftover:
+        warnings.warn(f"{source}: {len(leftover)} tensor(s) in the checkpoint are not used by the model, "
+                      f"e.g. {sorted(leftover)[0]!r}", stacklevel=2)
+    model.to(device)  # buffers created on the CPU (rotary inv_freq) follow; NF4 state stays float32
+    model.eval()
+    return model
