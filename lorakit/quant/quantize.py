@@ -95,8 +95,3 @@ def quantize(model: nn.Module, quant: str = "nf4", *, skip: Iterable[str] = DEFA
     if device is not None:  # what was skipped or is not linear (embeddings, norms, the head) follows to the device
         model.to(device)
     return model
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# streaming load
-# ----------------------------------------------------------------------------------------------------------------
