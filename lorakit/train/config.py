@@ -106,6 +106,13 @@ class TrainConfig:
                     "precision and memory")
     fast_kernels: bool = _f(True, "use lorakit's fused kernels on CUDA when the model supports them "
                             "(--no-fast-kernels to turn off)", "precision and memory")
+    compile_layers: bool = _f(False, "with the fused kernels on CUDA, compile the decoder layers once with "
+                              "torch.compile (one graph shared by all layers, ~10 s before the first step): removes "
+                              "most Python overhead, 1.8x PEFT at batch 1 on an H200 (docs/PERFORMANCE.md)",
+                              "precision and memory")
+    offload_activations: bool = _f(False, "keep the activations saved for backward in pinned CPU memory "
+                                   "(torch.autograd.graph.save_on_cpu): less GPU memory, slower steps",
+                                   "precision and memory")
 
     # -- during training ----------------------------------------------------------------------------------------
     eval_every: int | None = _f(None, "validation loss every N steps (0: never); default: 4 times per run",

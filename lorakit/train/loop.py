@@ -18,6 +18,7 @@ one never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -80,7 +81,8 @@ class TrainResult:
 
 # -- the pieces of one step -----------------------------------------------------------------------------------------
 def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]], total_tokens: int,
-                         device: torch.device, compute_dtype: torch.dtype | None = None) -> float:
+                         device: torch.device, compute_dtype: torch.dtype | None = None,
+                         offload_activations: bool = False) -> float:
     """Backward every micro-batch with weight 1 / ``total_tokens``; returns the sum of its per-token losses.
 
     Since each micro-batch contributes ``sum(token losses) / total_tokens``, the gradients that accumulate in
@@ -90,11 +92,18 @@ def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, tor
     for batch in micro_batches:
         if supervised_tokens(batch["labels"]) == 0:
             continue  # contributes nothing; a forward would only cost time
-        with autocast_context(device, compute_dtype):
+        with autocast_context(device, compute_dtype), _activation_offload(offload_activations, device):
             summed = loss_sum(model, to_device(batch, device))
         (summed / total_tokens).backward()
         total += float(summed.detach())
     return total
+
+
+def _activation_offload(enabled: bool, device: torch.device):
+    """Saved activations go to (pinned) CPU memory and come back for backward: GPU memory for PCIe time."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
 def _grad_norm_and_clip(params: list[nn.Parameter], max_norm: float | None) -> float:
@@ -214,7 +223,8 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> str | None:
     return name
 
 
-def _enable_fast_kernels(model: nn.Module, device: torch.device, log: Callable[[str], None]) -> None:
+def _enable_fast_kernels(model: nn.Module, device: torch.device, log: Callable[[str], None],
+                         compile_layers: bool = False) -> None:
     """lorakit's fused kernels on CUDA, if that module exists and accepts the model; any failure falls back."""
     if device.type != "cuda":
         return
@@ -223,7 +233,7 @@ def _enable_fast_kernels(model: nn.Module, device: torch.device, log: Callable[[
     except ImportError:
         return
     try:
-        log(str(use_fast_kernels(model)))
+        log(str(use_fast_kernels(model, compile="layers" if compile_layers else None)))
     except Exception as error:  # an optional speed-up must never stop training
         try:
             from lorakit.models.fast import disable_fast_kernels
@@ -363,7 +373,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         log("--fsdp on one process: nothing to shard, the whole model stays on this device")
     compute_dtype = compute_dtype_for(model, device)
     if config.fast_kernels and not config.fsdp:  # the fused kernels read whole weights, which FSDP keeps sharded
-        _enable_fast_kernels(model, device, log)
+        _enable_fast_kernels(model, device, log, compile_layers=config.compile_layers)
     if config.gradient_checkpointing:
         _enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -446,7 +456,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                 log(f"step {step + 1}: the batch has no supervised token (every label is masked); step skipped")
                 entry.update(skipped="no supervised token")
             else:
-                summed = accumulate_gradients(model, micro, n_tokens, device, compute_dtype)
+                summed = accumulate_gradients(model, micro, n_tokens, device, compute_dtype, config.offload_activations)
                 summed = float(all_reduce_sum(torch.tensor(summed, dtype=torch.float64)))
                 all_reduce_gradients(params)  # replicated (non-FSDP) trainable tensors; one bucketed all-reduce
                 grad_norm = _grad_norm_and_clip(params, config.max_grad_norm)
