@@ -1,10 +1,36 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+Temporary files and folders are created private (``tempfile`` uses mode 0600/0700) and given the usual permissions
+(0666/0777 minus the umask) before they are renamed into place, so results are readable like any other file.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back (read once per process)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: str | os.PathLike) -> None:
+    """Give a temporary file or folder the permissions a normally created one would have."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
+def temp_dir(final: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """A new empty folder beside ``final`` (same file system, so ``os.replace`` onto ``final`` is atomic)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent))
+    publish_mode(folder)
+    return folder
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -17,6 +43,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorakit._fs import publish_mode, temp_dir
 from lorakit.errors import LorakitError
 
 LOSS_WARNING = 0.25
@@ -115,7 +116,7 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
     if out.exists() and not out.is_dir():
         raise LorakitError(f"{out} exists and is not a folder; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_dir(out)
     try:
         if extra_files is not None:
             extra_files(tmp)
@@ -288,6 +289,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    publish_mode(tmp)
     try:
         writer = gguf.GGUFWriter(tmp, "llama")
         writer.add_name(name)

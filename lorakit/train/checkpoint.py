@@ -26,13 +26,12 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorakit._fs import atomic_write_text
+from lorakit._fs import atomic_write_text, temp_dir
 from lorakit.errors import LorakitError
 
 FORMAT = "lorakit-checkpoint-1"
@@ -85,8 +84,6 @@ def _words_to_uint8(words: list[int] | Any) -> torch.Tensor:
 
 
 def _uint8_to_words(tensor: torch.Tensor) -> list[int]:
-    import numpy as np
-
     return tensor.numpy().view("<u4").tolist()
 
 
@@ -180,7 +177,7 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
     final = folder / checkpoint_name(step)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder))
+        tmp = temp_dir(final)
     except OSError as error:
         raise LorakitError(f"cannot create a checkpoint in {folder}: {error.strerror or error}") from None
     try:

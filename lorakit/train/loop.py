@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from lorakit.train.distributed import (  # world is re-exported: the runner impo
 from lorakit.train.data import BatchIterator, Collator, SupervisedDataset, build_dataset, pad_id_for
 from lorakit.train.evaluate import autocast_context, dataset_loss, loss_sum, supervised_tokens, to_device
 from lorakit.train.report import CURVE_NAME, METRICS_NAME, MetricsLog, plot_loss_curve
+from lorakit._fs import temp_dir
 
 ADAPTER_DIR = "adapter"
 BEST_DIR = "best"
@@ -289,8 +289,7 @@ def total_steps_for(config: TrainConfig, rows: int, world_size: int) -> int:
 
 def _atomic_folder(final: Path, write: Callable[[Path], Any]) -> Path:
     """Let ``write`` fill a temporary folder, then swap it in for ``final`` (never half a folder under ``final``)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = temp_dir(final)
     try:
         write(tmp)
         old = None
