@@ -61,6 +61,9 @@ class LoraConfig:
     def validate(self) -> None:
         _check_rank("r", self.r)
         _check_alpha("alpha", self.alpha)
+        for name, value in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise LorakitError(f"{name} must map module-name patterns to numbers, got {value!r}")
         for pattern, rank in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{pattern!r}]", rank)
         for pattern, alpha in self.alpha_pattern.items():
@@ -75,6 +78,13 @@ class LoraConfig:
             raise LorakitError(f"bias={self.bias!r} is not supported; lorakit keeps biases frozen (bias='none')")
         if self.target_modules is None or self.target_modules == [] or self.target_modules == "":
             raise LorakitError("target_modules is empty; name modules (e.g. ['q_proj', 'v_proj']), a regex, or 'all-linear'")
+        for name, value in (("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules),
+                            ("modules_to_save", self.modules_to_save)):
+            if value is not None and not isinstance(value, str) and not (
+                    isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+                raise LorakitError(f"{name} must be a list of module names or one regular expression, got {value!r}")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
         for name, value in (("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules)):
             if isinstance(value, str) and value != "all-linear":
                 try:
@@ -150,8 +160,8 @@ class LoraConfig:
                 dropout=data.get("lora_dropout", 0.0) or 0.0,
                 target_modules=data.get("target_modules"),
                 exclude_modules=data.get("exclude_modules"),
-                rank_pattern=dict(data.get("rank_pattern") or {}),
-                alpha_pattern=dict(data.get("alpha_pattern") or {}),
+                rank_pattern=data.get("rank_pattern") or {},
+                alpha_pattern=data.get("alpha_pattern") or {},
                 variant=variant,
                 init=init_name,
                 bias=data.get("bias", "none"),
@@ -159,7 +169,7 @@ class LoraConfig:
             )
         except LorakitError as error:
             raise LorakitError(f"{source}: {error}") from None
-        except TypeError as error:
+        except (TypeError, ValueError) as error:
             raise LorakitError(f"{source}: malformed field: {error}") from None
 
     def replace(self, **changes: Any) -> "LoraConfig":

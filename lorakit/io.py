@@ -181,7 +181,11 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None) -> Ada
     except Exception as error:  # safetensors raises its own error type for malformed files
         raise LorakitError(f"{weights} is not a valid safetensors file ({type(error).__name__}: {error}); "
                            "it may be truncated: save the adapter again") from None
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    not_float = [k for k, t in tensors.items() if not t.is_floating_point()]
+    if not_float:
+        raise LorakitError(f"{weights}: tensor {not_float[0]} has dtype {tensors[not_float[0]].dtype}; adapter weights "
+                           "are floating point")
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         raise LorakitError(f"{weights}: tensor {bad[0]} holds NaN or Inf; the adapter is broken")
     return AdapterFile(folder, config, tensors, metadata, raw_config)

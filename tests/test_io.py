@@ -177,3 +177,19 @@ def test_saved_files_get_normal_permissions(saved):
     os.umask(umask)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         assert (saved / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_hostile_config_values_and_integer_tensors(saved):
+    for bad in ({"target_modules": [1, 2]}, {"target_modules": ["q_proj", None]}, {"rank_pattern": ["q_proj"]},
+                {"r": "8"}, {"lora_alpha": "16"}, {"modules_to_save": 3}):
+        config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **bad}
+        (saved / CONFIG_NAME).write_text(json.dumps(config))
+        refused(tiny_llama(), saved, "must be|must map|positive integer|finite number")
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    (saved / CONFIG_NAME).write_text(json.dumps(config))
+
+    def to_int(t):
+        key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        t[key] = t[key].to(torch.int32)
+    rewrite_tensors(saved, to_int)
+    refused(tiny_llama(), saved, "dtype torch.int32")
