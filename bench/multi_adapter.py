@@ -45,17 +45,11 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from bench_common import ALPHA, LLAMA_SHAPES, RANK, TARGETS  # noqa: E402
 
-SHAPES = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256),
-}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RANK, ALPHA = 16, 32.0
+SHAPES = {**{k: LLAMA_SHAPES[k] for k in ("1b", "8b")},
+          "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=256)}
 BF16_TOLERANCE = (2e-2, 2e-2)  # tests/conftest.py TOLERANCE[torch.bfloat16]
 ROWS: list[dict] = []
 CHECKS: list[dict] = []

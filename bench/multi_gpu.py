@@ -39,23 +39,17 @@ os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the GPU machine runs the checkout without installing it
+from bench_common import ALPHA, LLAMA_SHAPES, RANK, TARGETS  # noqa: E402
 
-SHAPES = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8, vocab_size=128256),
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000),
-}
+SHAPES = {**{k: LLAMA_SHAPES[k] for k in ("8b", "70b")},
+          "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=1000)}
 # case -> (shape, mode, batch per GPU, gradient checkpointing, default GPU counts)
 CASES = {
     "ddp-8b": ("8b", "ddp", 4, True, (1, 2, 4, 8)),
     "fsdp-70b": ("70b", "fsdp", 1, True, (4, 8)),
 }
 SMOKE_CASES = {"ddp-tiny": ("tiny", "ddp", 2, False, (1,)), "fsdp-tiny": ("tiny", "fsdp", 2, True, (1,))}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RANK, ALPHA = 16, 32
 
 
 # ------------------------------------------------------------------------------------------------ worker (one rank)

@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -34,20 +33,12 @@ from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the GPU machine runs the checkout without installing it
+from bench_common import ALPHA, LLAMA_SHAPES, RANK, TARGETS, time_steps  # noqa: E402
 
-SHAPES = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8, vocab_size=128256),
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000),
-}
+SHAPES = {**LLAMA_SHAPES,
+          "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=1000)}
 PEFT_BNB_ANCHORS = {"1b": 27161, "8b": 6597}  # ANCHORS.md, PEFT + bitsandbytes QLoRA, batch 4, checkpointing
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RANK, ALPHA = 16, 32
 RESULTS: list[dict] = []
 
 
@@ -86,28 +77,6 @@ def free(device):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-
-def time_steps(step, device, warm=3, reps=8):
-    for _ in range(warm):
-        step()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            step()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1000)
-        else:
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times), min(times), max(times)
-
-
-# ------------------------------------------------------------------------------------------------- model building
 
 def _init_(module: nn.Module, generator: torch.Generator) -> None:
     """Random weights like a trained Llama's scale: linear/embedding N(0, 0.02), norms 1."""
@@ -246,7 +215,7 @@ def run_case(system, shape, device, bs, seq, ckpt, warm, reps):
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    med, lo, hi = time_steps(step, device, warm=warm, reps=reps)
+    med, lo, hi, _ = time_steps(step, device, warm=warm, reps=reps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     tok_s = bs * seq / med
     row = dict(case=tag, system=system, shape=shape, batch=bs, seq=seq, ckpt=ckpt, tokens_per_s=round(tok_s, 1),

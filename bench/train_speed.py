@@ -27,7 +27,6 @@ import gc
 import json
 import os
 import re
-import statistics
 import sys
 import time
 import traceback
@@ -36,19 +35,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the GPU machine runs the checkout without installing it
+from bench_common import ALPHA, LLAMA_SHAPES, RANK, TARGETS, time_steps  # noqa: E402
 
-SHAPES = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000),
-}
+SHAPES = {**{k: LLAMA_SHAPES[k] for k in ("1b", "8b")},
+          "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=1000)}
 CASES = {"8b": [(1, False), (4, True)], "1b": [(4, False), (8, True)], "tiny": [(2, False), (2, True)]}
 PEFT_ANCHORS = {("8b", 1, False): 8344, ("8b", 4, True): 6505, ("1b", 4, False): 36371, ("1b", 8, True): 27920}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RANK, ALPHA = 16, 32
 RESULTS: list[dict] = []
 
 
@@ -136,30 +129,6 @@ def make_step(call, params, ids, labels=None, lr=1e-4):
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def time_steps(step, device, warm=3, reps=8):
-    first = time.perf_counter()
-    step()
-    sync(device)
-    first = time.perf_counter() - first  # includes torch.compile's compilation for peft+compile
-    for _ in range(warm - 1):
-        step()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            step()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1000)
-        else:
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times), min(times), max(times), first
 
 
 def free(device):
