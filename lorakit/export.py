@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorakit._fs import publish_mode, temp_dir
+from lorakit._fs import atomic_path, temp_dir
 from lorakit.errors import LorakitError
 
 LOSS_WARNING = 0.25
@@ -286,12 +286,8 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
     if len(tokenizer) > vocab_size:
         raise LorakitError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab_size}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    publish_mode(tmp)
-    try:
-        writer = gguf.GGUFWriter(tmp, "llama")
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_name(name)
         writer.add_context_length(int(config.max_position_embeddings))
         writer.add_embedding_length(int(config.hidden_size))
@@ -322,13 +318,6 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return path
 
 
