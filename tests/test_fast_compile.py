@@ -11,24 +11,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lorakit
 from conftest import assert_close, tiny_llama
 from lorakit.errors import LorakitError
 from lorakit.kernels.lora_linear import lora_linear, lora_linear_reference
 from lorakit.kernels.rmsnorm import FusedRMSNorm
 from lorakit.models.fast import disable_fast_kernels, use_fast_kernels
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from test_fast_model import _lora_model  # the same adapted tiny model
 
 
 def _model(layers=3):
-    model = tiny_llama(num_hidden_layers=layers)
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=TARGETS))
-    torch.manual_seed(3)
-    for name, p in model.named_parameters():  # non-zero B so every LoRA gradient is exercised
-        if "lora_B" in name:
-            p.data.normal_(0, 0.1)
-    return model.train()
+    return _lora_model(tiny_llama(num_hidden_layers=layers))
 
 
 def _loss_and_grads(model, ids, labels):
