@@ -2,6 +2,12 @@
 clients over 1 and 8 adapters, through the real server process and real HTTP (httpx).
 
     python bench/serve_bench.py [--model smollm2-135m] [--max-tokens 16] [--requests 32]
+    python bench/serve_bench.py --random-from DIR [--shape 1b]   # random weights: a GPU machine has no model files
+
+--random-from DIR takes config.json and the tokenizer from DIR (e.g. a copy of SmolLM2's folder without weights),
+optionally resizes it to a Llama shape of bench_common.py, and writes random bf16 weights once: the speed of a
+forward pass does not depend on the values, only the generated text does (random weights rarely emit end-of-text,
+so most requests generate their full max_tokens).
 
 Adapters: r=16 on every linear layer of the model, with random non-zero B (speed does not depend on the
 values). Each client sends greedy /v1/completions requests back to back until the case's requests are done.
@@ -28,6 +34,31 @@ sys.path.insert(0, str(ROOT))
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain LoRA in one sentence.",
            "List three prime numbers.", "What is 12 times 7?", "Name a famous painter.", "Say hello in Spanish.",
            "What colour is the sky?"]
+
+
+def make_random_model(source: Path, shape: str | None, folder: Path) -> str:
+    """A HF folder with ``source``'s config (resized to ``shape``) and tokenizer files and random bf16 weights."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from bench_common import LLAMA_SHAPES
+
+    folder.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.is_file() and not item.name.endswith((".safetensors", ".bin", ".pt", ".gguf")):
+            shutil.copy(item, folder / item.name)
+    config = transformers.AutoConfig.from_pretrained(source)
+    if shape:
+        dims = dict(LLAMA_SHAPES[shape], vocab_size=config.vocab_size)  # keep the tokenizer's vocabulary
+        for key, value in dims.items():
+            setattr(config, key, value)
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    return str(folder)
 
 
 def make_adapters(model_name: str, folder: Path, count: int, rank: int) -> None:
@@ -108,8 +139,13 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--requests", type=int, default=32, help="requests per case (at least the client count)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--random-from", type=Path, default=None,
+                        help="folder with config.json + tokenizer: serve random weights of that model (see above)")
+    parser.add_argument("--shape", default=None, help="with --random-from: resize to this Llama shape (1b, 8b)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.random_from:
+            args.model = make_random_model(args.random_from, args.shape, Path(tmp) / "model")
         folder = Path(tmp) / "adapters"
         make_adapters(args.model, folder, 8, args.rank)
         port = free_port()
@@ -143,7 +179,8 @@ def main() -> int:
             server.wait(timeout=30)
     import torch
 
-    record = {"benchmark": "serve_bench", "model": args.model, "rank": args.rank, "max_tokens": args.max_tokens,
+    model_name = f"random {args.shape or args.random_from.name}" if args.random_from else args.model
+    record = {"benchmark": "serve_bench", "model": model_name, "rank": args.rank, "max_tokens": args.max_tokens,
               "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "python": platform.python_version(),
               "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -15,7 +15,7 @@ no recompute. Each system's step is then profiled once (torch.profiler) and its 
 Systems: peft; peft+compile (torch.compile of the whole PEFT model); lorakit (eager: LoRA autograd.Function, Triton
 RMSNorm/SwiGLU, chunked-logits loss); lorakit+compile (``use_fast_kernels(model, compile="layers")``: the decoder
 layers compiled regionally, one graph for all of them; its first_step_s includes that compilation).
-Options: --compile on|off|auto (PEFT+compile), --systems a,b,c, --no-profile, --steps N. JSON rows {case, system,
+Options: --compile on|off|auto (PEFT+compile), --systems a,b,c, --cases b4ckpt, --no-profile, --steps N. JSON rows {case, system,
 tokens_per_s, peak_gib, first_step_s, ...} go to $OUT/train_speed_<shape>.json (or bench/results/ when $OUT is unset).
 """
 
@@ -276,6 +276,9 @@ def run_speed(args):
     if args.systems:
         systems = args.systems.split(",")
     cases = CASES[shape][:1] if args.quick else CASES[shape]
+    if args.cases:  # e.g. "b4ckpt" or "b1,b4ckpt"
+        wanted = {(int(c.strip()[1:].removesuffix("ckpt")), c.strip().endswith("ckpt")) for c in args.cases.split(",")}
+        cases = [case for case in CASES[shape] if case in wanted] or sorted(wanted)
     for bs, ckpt in cases:
         rows = {}
         for system in systems:
@@ -516,6 +519,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="only the first case of the shape (8b: batch 1), "
                         "for peft, lorakit and lorakit+compile")
     parser.add_argument("--systems", default=None, help="comma-separated systems to run instead of the default set")
+    parser.add_argument("--cases", default=None, help="comma-separated cases instead of the shape's default ones, "
+                        "as b<batch>[ckpt], e.g. b4ckpt")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (after 3 warm-up steps)")
     parser.add_argument("--seq", type=int, default=None)
