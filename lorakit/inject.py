@@ -191,10 +191,11 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
         raise LorakitError("init='pissa' rewrites the base weights, so it must be the model's only adapter")
     targets = find_targets(model, config)
     saved = find_modules_to_save(model, config)
-    if config.variant == "dora":
+    if config.init == "pissa":  # checked here, before PiSSA rewrites any base weight
         embeddings = [p for p, m in targets.items() if isinstance(m, nn.Embedding)]
         if embeddings:
-            raise LorakitError(f"DoRA on embedding layers is not supported ({embeddings[0]}); exclude them from target_modules")
+            raise LorakitError(f"init='pissa' is not supported on embedding layers ({embeddings[0]}); exclude them from "
+                               "target_modules")
 
     hosts = adapter_hosts(model)
     added: list[tuple[nn.Module, str]] = []

@@ -247,6 +247,9 @@ class LoraEmbedding(LoraLayer):
     """LoRA on an embedding: ``y = E[ids] + s * A^T[ids] B^T`` with A (r, num_embeddings), B (dim, r) as in PEFT.
 
     ids (...) -> (..., embedding_dim). Dropout does not apply to embeddings (PEFT ignores it there too).
+    DoRA works on the linear form ``E^T (dim, num_embeddings)``: one magnitude per embedding dimension (PEFT's
+    ``DoraEmbeddingLayer``). Scaled embeddings (Gemma's ``embed_scale``, applied inside the base's forward) scale
+    the adapter's output too, as PEFT does, so the unmerged forward equals the merged one.
     """
 
     @property
@@ -265,8 +268,6 @@ class LoraEmbedding(LoraLayer):
             self.base_layer.weight.copy_(weight.T.to(self.base_layer.weight.dtype))
 
     def add_adapter(self, name, rank, alpha, variant, dropout, init, dtype=None):
-        if variant == "dora":
-            raise LorakitError("DoRA on embedding layers is not supported; exclude the embedding from target_modules")
         if init == "pissa":
             raise LorakitError("init='pissa' is not supported on embedding layers; exclude the embedding from target_modules")
         adapter = super().add_adapter(name, rank, alpha, variant, 0.0, "default", dtype)
@@ -275,12 +276,27 @@ class LoraEmbedding(LoraLayer):
             nn.init.normal_(adapter.lora_B)
         return adapter
 
+    def embed_scale(self) -> torch.Tensor | None:
+        """The scalar the base multiplies its lookups by (Gemma's ``embed_scale``), in the weight's dtype, or None."""
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            scale = torch.tensor(float(scale))
+        if not isinstance(scale, torch.Tensor) or scale.numel() != 1:
+            return None  # PEFT applies only scalar scales too
+        weight = self.base_layer.weight
+        return scale.to(device=weight.device, dtype=weight.dtype).reshape(())
+
     def _adapter_forward(self, name: str, ids: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         adapter = self.adapters[name]
         base = self.base_layer
         after_A = F.embedding(ids, adapter.lora_A.T, base.padding_idx, base.max_norm, base.norm_type,
                               base.scale_grad_by_freq, base.sparse)  # (..., r)
-        return base_out + (F.linear(after_A, adapter.lora_B) * adapter.scaling).to(base_out.dtype)
+        low_rank = F.linear(after_A, adapter.lora_B) * adapter.scaling  # (..., dim)
+        scale = self.embed_scale()
+        if scale is not None:
+            low_rank = low_rank * scale.to(low_rank.dtype)
+        return adapter.variant.embedding_forward(adapter, low_rank, base_out, lambda: base(ids),
+                                                 lambda: self.linear_weight(adapter.lora_A.dtype))
 
 
 class ModulesToSave(_AdapterHost):

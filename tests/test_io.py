@@ -150,8 +150,8 @@ def test_targets_that_match_nothing_list_what_exists():
 def test_failed_inject_leaves_model_unwrapped():
     model = tiny_llama()
     before = snapshot(model)
-    with pytest.raises(lorakit.LorakitError, match="DoRA on embedding"):
-        lorakit.inject(model, lorakit.LoraConfig(variant="dora", target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(lorakit.LorakitError, match="pissa.*embedding"):
+        lorakit.inject(model, lorakit.LoraConfig(init="pissa", target_modules=["q_proj", "embed_tokens"]))
     assert_unchanged(model, before)
     with pytest.raises(lorakit.LorakitError, match="modules_to_save"):
         lorakit.inject(model, lorakit.LoraConfig(target_modules=["q_proj"], modules_to_save=["score"]))

@@ -35,6 +35,18 @@ class Variant:
         """``base_out + delta``; ``base_weight()`` returns the dense base weight only if the variant needs it."""
         raise NotImplementedError
 
+    def embedding_forward(
+        self, adapter: "LoraAdapter", low_rank: torch.Tensor, base_out: torch.Tensor,
+        base_rows: Callable[[], torch.Tensor], base_weight: Callable[[], torch.Tensor],
+    ) -> torch.Tensor:
+        """``base_out + delta`` for an embedding, in the linear form ``W = E^T (dim, num_embeddings)``.
+
+        ``low_rank`` is ``s * A^T[ids] B^T`` ``(..., dim)`` in the adapter's dtype (already times the layer's
+        ``embed_scale``, if any); ``base_rows()`` is the base layer's own output ``E[ids]`` (times ``embed_scale``)
+        without any adapter; ``base_weight()`` the dense ``(dim, num_embeddings)`` weight. Both only if needed.
+        """
+        raise NotImplementedError
+
     def merged_weight(self, adapter: "LoraAdapter", base_weight: torch.Tensor) -> torch.Tensor:
         """W' such that ``x W'^T`` equals the adapted layer (float32, ``(out, in)``)."""
         raise NotImplementedError

@@ -7,6 +7,10 @@ the output stays finite (the row's magnitude is then zero too, so it contributes
 
 Forward, with ``r = m / ||W + s B A||`` (shape ``(out,)``) and the base output ``x W^T`` (bias removed):
 ``y = base_out + (r - 1) * (x W^T) + r * s * x A^T B^T``, PEFT's formula, exact for dropout 0.
+
+Embeddings (PEFT's ``DoraEmbeddingLayer``) use the same formula on the linear form ``W = E^T (dim, num_embeddings)``:
+the norm is per embedding dimension, over the vocabulary, and ``x W^T`` becomes the row lookup ``E[ids]``:
+``y = E[ids] + (r - 1) * E[ids] + r * s * A^T[ids] B^T`` (times the layer's ``embed_scale`` where it has one).
 """
 
 from __future__ import annotations
@@ -40,6 +44,14 @@ class DoRA(Variant):
         bias_free = torch.nn.functional.linear(x_drop.to(weight.dtype), weight)  # x W^T without the bias
         low_rank = LF.lora_delta_output(x_drop, adapter.lora_A, adapter.lora_B, adapter.scaling, weight.dtype)
         delta = (ratio - 1) * bias_free + ratio * low_rank
+        return base_out + delta.to(base_out.dtype)
+
+    def embedding_forward(self, adapter, low_rank, base_out, base_rows, base_weight):
+        weight = base_weight().to(adapter.lora_A.dtype)  # (dim, num_embeddings)
+        with torch.no_grad():
+            norm = self._norm(adapter, weight).clamp_min(NORM_EPS)  # (dim,), detached as in the linear case
+        ratio = adapter.magnitude / norm  # (dim,)
+        delta = (ratio - 1) * base_rows().to(ratio.dtype) + ratio * low_rank
         return base_out + delta.to(base_out.dtype)
 
     def merged_weight(self, adapter, base_weight: torch.Tensor) -> torch.Tensor:

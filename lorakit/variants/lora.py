@@ -19,6 +19,9 @@ class LoRA(Variant):
     def forward(self, adapter, x, base_out, base_weight):
         return base_out + LF.lora_delta_output(adapter.dropout(x), adapter.lora_A, adapter.lora_B, adapter.scaling, base_out.dtype)
 
+    def embedding_forward(self, adapter, low_rank, base_out, base_rows, base_weight):
+        return base_out + low_rank.to(base_out.dtype)
+
     def merged_weight(self, adapter, base_weight: torch.Tensor) -> torch.Tensor:
         return base_weight + LF.delta_weight(adapter.lora_A, adapter.lora_B, adapter.scaling)
 
