@@ -59,16 +59,26 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _validation_error(error: ValidationError) -> APIError:
     first = error.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
-    message = first.get("msg", "invalid request")
-    if first.get("type") == "extra_forbidden":
+    # pydantic names the union member it tried (``prompt.str``, ``content.list[TextPart]``): not a field the client sent
+    loc = [p for p in first.get("loc", ()) if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
+    param = ".".join(str(p) for p in loc) or None
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
         message = f"unknown field {param!r}"
-    elif first.get("type") == "missing":
+    elif kind == "missing":
         message = f"missing required field {param!r}"
     else:
-        message = f"{param}: {message}" if param else message
+        if kind.endswith("_type") and "input" in first:  # "should be a valid integer": say what came instead
+            value = first["input"]
+            message += f", got {'null' if value is None else type(value).__name__} {json.dumps(value)[:40]}"
+        if param and not message.startswith(str(loc[-1])):
+            message = f"{param}: {message}"
     return APIError(400, message, param=param, code="invalid_request")
 
 
@@ -79,8 +89,15 @@ async def _read_json(request, state: ServerState) -> dict:
                        code="request_too_large")
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise APIError(400, f"malformed JSON body: {error}", code="invalid_json") from None
+        # a lone UTF-16 surrogate ("\ud800") parses to a str no tokenizer or UTF-8 encoder takes: refuse it here
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise APIError(400, "the JSON body is nested too deeply", code="invalid_json") from None
+    except UnicodeEncodeError:
+        raise APIError(400, "the JSON body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair); "
+                       "send valid Unicode", code="invalid_json") from None
+    except ValueError as error:  # JSONDecodeError, bad UTF-8, an integer of thousands of digits
+        raise APIError(400, f"malformed JSON body: {str(error).split(';')[0]}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     return data
@@ -91,6 +108,11 @@ def _parse(cls, data: dict):
         return cls.model_validate(data)
     except ValidationError as error:
         raise _validation_error(error) from None
+
+
+def _internal_error(error: Exception) -> JSONResponse:
+    traceback.print_exception(type(error), error, error.__traceback__)  # a bug: keep its trace in the server log
+    return JSONResponse(error_body(f"internal error: {type(error).__name__}", type="server_error"), status_code=500)
 
 
 def _adapter_error(error: LorakitError, param: str = "model") -> APIError:
@@ -130,8 +152,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(_, error: Exception):
-        traceback.print_exception(type(error), error, error.__traceback__)  # a bug: keep its trace in the server log
-        return JSONResponse(error_body(f"internal error: {type(error).__name__}", type="server_error"), status_code=500)
+        return _internal_error(error)
 
     @app.middleware("http")
     async def _guard(request, call_next):
@@ -145,9 +166,12 @@ def create_app(state: ServerState) -> FastAPI:
         if length is not None and (not length.isdigit() or int(length) > state.max_body_bytes):
             return JSONResponse(error_body(f"request body is over the limit of {state.max_body_bytes:,} bytes",
                                            code="request_too_large"), status_code=413)
-        return await call_next(request)
+        try:
+            return await call_next(request)
+        except Exception as error:  # answered here, the keep-alive connection survives (Starlette's handler drops it)
+            return _internal_error(error)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", **state.engine.stats()}
 
@@ -190,13 +214,13 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(request: HTTPRequest):
         body = _parse(CompletionRequest, await _read_json(request, state))
         if isinstance(body.prompt, list):
-            vocab = len(state.tokenizer)
-            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in body.prompt):
+            vocab = _vocab_size(state)
+            if any(t < 0 or t >= vocab for t in body.prompt):
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
             prompt_ids = list(body.prompt)
         else:
             prompt_ids = await run_in_threadpool(_encode, state, body.prompt, False)
-        return await _serve(state, body, prompt_ids, body.max_tokens, body.logprobs, chat=False)
+        return await _serve(state, request, body, prompt_ids, body.max_tokens, body.logprobs, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
@@ -205,15 +229,23 @@ def create_app(state: ServerState) -> FastAPI:
         prompt_ids = await run_in_threadpool(_encode, state, messages, True)
         max_tokens = body.max_completion_tokens or body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
-        return await _serve(state, body, prompt_ids, max_tokens, top, chat=True)
+        return await _serve(state, request, body, prompt_ids, max_tokens, top, chat=True)
 
     return app
 
 
+def _vocab_size(state: ServerState) -> int:
+    """Token ids a prompt may hold: known to the tokenizer and inside the embedding table (an id past it would fail
+    the whole engine batch, other clients' rows included)."""
+    rows = state.model.get_input_embeddings().weight.shape[0]
+    return min(len(state.tokenizer), rows)
+
+
 def _encode(state: ServerState, prompt, chat: bool) -> list[int]:
-    if isinstance(prompt, str) and len(prompt) > 16 * state.max_prompt_tokens:  # cheap guard before tokenizing
-        raise APIError(400, f"prompt of {len(prompt):,} characters is far over the limit of {state.max_prompt_tokens} "
-                       "tokens", param="prompt", code="context_length_exceeded")
+    chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+    if chars > 16 * state.max_prompt_tokens:  # cheap guard before tokenizing
+        raise APIError(400, f"prompt of {chars:,} characters is far over the limit of {state.max_prompt_tokens} "
+                       "tokens", param="messages" if chat else "prompt", code="context_length_exceeded")
     try:
         with state.tokenizer_lock:
             return encode_prompt(state.tokenizer, prompt, chat=chat)
@@ -240,47 +272,64 @@ def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | 
     return max_tokens
 
 
-async def _serve(state: ServerState, body, prompt_ids: list[int], max_tokens: int | None, logprobs: int | None,
-                 chat: bool):
+async def _acquire(state: ServerState, name: str) -> str:
+    """Pin adapter ``name`` (a pool thread may load it); returns its internal name. Never leaks a pin."""
+    try:
+        check_name(name)
+    except LorakitError as error:
+        raise _adapter_error(error) from None
+    pinning = asyncio.ensure_future(run_in_threadpool(state.pool.acquire, name, state.acquire_timeout))
+    try:
+        return await asyncio.shield(pinning)
+    except asyncio.CancelledError:  # the request was cancelled while the thread pins: unpin once it has
+        pinning.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or state.pool.release(name))
+        raise
+    except LorakitError as error:
+        raise _adapter_error(error) from None
+
+
+async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[int], max_tokens: int | None,
+                 logprobs: int | None, chat: bool):
     max_tokens = _check_lengths(state, prompt_ids, max_tokens, chat)
-    adapter_name = None if body.model == state.base_name else body.model
-    internal = None
-    if adapter_name is not None:
-        try:
-            check_name(adapter_name)
-            internal = await run_in_threadpool(state.pool.acquire, adapter_name, state.acquire_timeout)
-        except LorakitError as error:
-            raise _adapter_error(error) from None
     try:
         params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                 stop_token_ids=state.stop_token_ids, seed=body.seed)
     except LorakitError as error:
-        if adapter_name is not None:
-            state.pool.release(adapter_name)
         raise APIError(400, str(error)) from None
-    bridge = _Bridge(asyncio.get_running_loop())
-    assembler = TextAssembler(state.tokenizer, body.stop, state.stop_token_ids, state.tokenizer_lock)
+    adapter_name = None if body.model == state.base_name else body.model
+    internal = None if adapter_name is None else await _acquire(state, adapter_name)
+    submitted = False
+    try:  # from here the pin belongs to the job: the engine's on_finish releases it, exactly once
+        bridge = _Bridge(asyncio.get_running_loop())
+        assembler = TextAssembler(state.tokenizer, body.stop, state.stop_token_ids, state.tokenizer_lock)
 
-    def on_token(token: int, info: TokenInfo | None) -> bool:
-        bridge.put(("token", assembler.add(token), token, info))
-        return not assembler.stopped
+        def on_token(token: int, info: TokenInfo | None) -> bool:
+            bridge.put(("token", assembler.add(token), token, info))
+            return not assembler.stopped
 
-    def on_finish(reason: str) -> None:
-        if adapter_name is not None:
+        def on_finish(reason: str) -> None:
+            if adapter_name is not None:
+                state.pool.release(adapter_name)
+            bridge.put(("done", assembler.finish(), reason))
+
+        job = Request(prompt_ids, internal, params, on_token, on_finish, logprobs=logprobs)
+        state.engine.submit(job)
+        submitted = True
+    finally:
+        if not submitted and adapter_name is not None:
             state.pool.release(adapter_name)
-        bridge.put(("done", assembler.finish(), reason))
-
-    job = Request(prompt_ids, internal, params, on_token, on_finish, logprobs=logprobs)
-    state.engine.submit(job)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
-        return StreamingResponse(_stream(state, body, job, bridge, ident, created, chat, len(prompt_ids)),
-                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(_stream(state, body, job, bridge, ident, created, chat, len(prompt_ids), logprobs),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     pieces, infos, reason = [], [], None
+    watcher = asyncio.ensure_future(_watch_disconnect(http, bridge))
     try:
         while True:
             event = await bridge.queue.get()
+            if event[0] == "gone":  # nobody will read the answer: stop generating it (finally cancels the job)
+                return JSONResponse(error_body("the client closed the connection"), status_code=499)
             if event[0] == "token":
                 pieces.append(event[1])
                 if event[3] is not None:
@@ -290,6 +339,7 @@ async def _serve(state: ServerState, body, prompt_ids: list[int], max_tokens: in
                 reason = event[2]
                 break
     finally:
+        watcher.cancel()
         if reason is None:
             state.engine.cancel(job)
     if reason.startswith("error"):
@@ -308,12 +358,27 @@ async def _serve(state: ServerState, body, prompt_ids: list[int], max_tokens: in
             "choices": [choice], "usage": usage}
 
 
+async def _watch_disconnect(http: HTTPRequest, bridge: _Bridge) -> None:
+    """Put ``("gone",)`` on the request's queue when its client disconnects (the body was read already).
+
+    Awaiting ``receive`` is the one way that works through every middleware: ``Request.is_disconnected`` polls
+    under a cancelled scope, which Starlette's BaseHTTPMiddleware wrapper never answers.
+    """
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            bridge.queue.put_nowait(("gone",))
+            return
+        await asyncio.sleep(0.1)  # a server that answers with empty body messages must not make this spin
+
+
 def _token_text(state: ServerState, token: int) -> str:
     with state.tokenizer_lock:
         return state.tokenizer.decode([token])
 
 
-def _logprobs(state: ServerState, infos: list[tuple[int, TokenInfo]], chat: bool) -> dict:
+def _logprobs(state: ServerState, infos: list[tuple[int, TokenInfo]], chat: bool, offset: int = 0) -> dict:
+    """OpenAI's logprobs object for these tokens; ``offset``: characters of completion text before the first."""
     if chat:
         content = []
         for token, info in infos:
@@ -322,7 +387,7 @@ def _logprobs(state: ServerState, infos: list[tuple[int, TokenInfo]], chat: bool
             content.append({"token": text, "logprob": info.logprob, "bytes": list(text.encode()), "top_logprobs": top})
         return {"content": content}
     tokens = [_token_text(state, t) for t, _ in infos]
-    offsets, position = [], 0
+    offsets, position = [], offset
     for text in tokens:
         offsets.append(position)
         position += len(text)
@@ -332,17 +397,33 @@ def _logprobs(state: ServerState, infos: list[tuple[int, TokenInfo]], chat: bool
 
 
 async def _stream(state: ServerState, body, job: Request, bridge: _Bridge, ident: str, created: int, chat: bool,
-                  prompt_tokens: int):
-    """Server-sent events: one chunk per piece of final text, then the finish reason, then ``[DONE]``."""
+                  prompt_tokens: int, logprobs: int | None):
+    """Server-sent events: one chunk per piece of final text, then the finish reason, then ``[DONE]``.
+
+    With ``logprobs``, each chunk carries the tokens that produced it (a token whose text is held back, a partial
+    character or a possible stop string, rides on the next chunk), so the chunks' logprobs together equal the
+    non-streaming answer's.
+    """
     kind = "chat.completion.chunk" if chat else "text_completion"
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    pending: list[tuple[int, TokenInfo]] = []
+    offset = 0
 
     def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        nonlocal pending, offset
+        lp = None
+        if logprobs is not None and pending:
+            lp = _logprobs(state, pending, chat, offset)
+            pending = []
+        offset += len(text or "")
         if chat:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": lp}
         payload = {"id": ident, "object": kind, "created": created, "model": body.model, "choices": [choice]}
+        if include_usage:
+            payload["usage"] = None  # as OpenAI: every chunk has the key, only the last one a value
         return f"data: {json.dumps(payload)}\n\n"
 
     reason = None
@@ -352,18 +433,20 @@ async def _stream(state: ServerState, body, job: Request, bridge: _Bridge, ident
         while True:
             event = await bridge.queue.get()
             if event[0] == "token":
+                if event[3] is not None:
+                    pending.append((event[2], event[3]))
                 if event[1]:
                     yield chunk(event[1], None)
                 continue
             reason = event[2]
-            if event[1]:
+            if event[1] or pending:
                 yield chunk(event[1], None)
             break
         if reason.startswith("error"):
             yield f"data: {json.dumps(error_body(f'generation failed: {reason[7:]}', type='server_error'))}\n\n"
         else:
             yield chunk(None, "stop" if reason == "stop" else "length")
-            if body.stream_options is not None and body.stream_options.include_usage:
+            if include_usage:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(job.tokens),
                          "total_tokens": prompt_tokens + len(job.tokens)}
                 yield f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': body.model, 'choices': [], 'usage': usage})}\n\n"

@@ -5,8 +5,12 @@ an internal name (``lk0``, ``lk1``, ...), so folder names with dots or a reload 
 A request *pins* its adapter from admission until it finishes; a pinned adapter is neither evicted nor unloaded.
 
 Admission (before an adapter serves): the name is safe, the weights file is under ``max_bytes`` and is
-safetensors (never pickle), every rank is at most ``max_rank``, and ``lorakit.load_adapter`` accepts it (config
-fields, target modules this base has, tensor keys and shapes, the base fingerprint). A refusal changes nothing.
+safetensors (never pickle), the config is under ``MAX_CONFIG_BYTES``, its regular expressions (target_modules,
+exclude_modules, rank/alpha patterns) match this model's module names within ``REGEX_TIMEOUT_S`` (tried in a
+child process: Python's ``re`` has no timeout and holds the GIL, so a catastrophic pattern such as ``(.*.*)*x``
+would freeze the whole server), every rank is at most ``max_rank``, and ``lorakit.load_adapter`` accepts it
+(config fields, target modules this base has, tensor keys and shapes, the base fingerprint). A refusal changes
+nothing.
 
 Lock order: the pool's lock, then the model lock. The engine never takes the pool's lock while it holds the
 model lock (it releases pins after a step), so the two cannot deadlock.
@@ -16,7 +20,10 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +33,21 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.serve.paths import list_adapter_names, resolve_adapter
+
+MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few KB
+REGEX_TIMEOUT_S = 2.0  # a sane pattern over a few thousand module names takes milliseconds
+
+# Runs in a child process: every regex call lorakit makes on module paths (inject's fullmatch, the PEFT-style
+# rank/alpha pattern match), on this model's paths. Finishing in time proves the in-process calls finish too.
+_REGEX_PROBE = r"""
+import json, re, sys
+full, suffix, paths = json.load(sys.stdin)
+for path in paths:
+    for pattern in full:
+        re.fullmatch(pattern, path)
+    for pattern in suffix:
+        re.match(rf"(.*\.)?({pattern})$", path)
+"""
 
 
 class AdapterRejected(LorakitError):
@@ -172,18 +194,48 @@ class AdapterPool:
 
     def _admit(self, name: str, folder: Path):
         """Cheap checks on the files alone (no model): size, format, config, ranks. Returns the AdapterFile."""
-        from lorakit.io import read_adapter
+        from lorakit.io import CONFIG_NAME, read_adapter
 
+        config_path = folder / CONFIG_NAME
+        if config_path.is_file() and config_path.stat().st_size > MAX_CONFIG_BYTES:
+            raise AdapterRejected(f"adapter {name!r} refused: {CONFIG_NAME} is {config_path.stat().st_size:,} bytes, "
+                                  f"over the limit of {MAX_CONFIG_BYTES:,}")
         try:
             adapter_file = read_adapter(folder, max_bytes=self.max_bytes)
         except LorakitError as error:
             raise AdapterRejected(f"adapter {name!r} refused: {error}") from None
+        except RecursionError:  # json nested thousands deep
+            raise AdapterRejected(f"adapter {name!r} refused: {CONFIG_NAME} is nested too deeply") from None
+        except ValueError as error:  # e.g. an integer of thousands of digits
+            raise AdapterRejected(f"adapter {name!r} refused: {CONFIG_NAME}: {str(error).split(';')[0]}") from None
         config = adapter_file.config
+        self._check_patterns(name, config)
         ranks = [config.r, *config.rank_pattern.values()]
         ranks += [t.shape[0] for k, t in adapter_file.tensors.items() if k.endswith(("lora_A.weight", "lora_embedding_A")) and t.dim() == 2]
         if max(ranks) > self.max_rank:
             raise AdapterRejected(f"adapter {name!r} refused: rank {max(ranks)} is above --max-rank {self.max_rank}")
         return adapter_file
+
+    def _check_patterns(self, name: str, config) -> None:
+        """Refuse regular expressions that take more than ``REGEX_TIMEOUT_S`` on this model's module paths."""
+        full = [v for v in (config.target_modules, config.exclude_modules) if isinstance(v, str) and v != "all-linear"]
+        suffix = [*config.rank_pattern, *config.alpha_pattern]
+        if not full and not suffix:
+            return
+        from lorakit.inject import _base_modules
+
+        paths = [p for p in _base_modules(self.model) if p]
+        try:
+            subprocess.run([sys.executable, "-I", "-S", "-c", _REGEX_PROBE], input=json.dumps([full, suffix, paths]),
+                           capture_output=True, text=True, timeout=REGEX_TIMEOUT_S, check=True)
+        except subprocess.TimeoutExpired:
+            raise AdapterRejected(f"adapter {name!r} refused: a regular expression in its adapter_config.json "
+                                  "(target_modules, exclude_modules, rank_pattern or alpha_pattern) takes over "
+                                  f"{REGEX_TIMEOUT_S:g} s to match this model's module names; simplify it") from None
+        except (subprocess.CalledProcessError, OSError) as error:
+            detail = getattr(error, "stderr", "") or str(error)
+            raise AdapterRejected(f"adapter {name!r} refused: its regular expressions could not be checked: "
+                                  f"{detail.strip().splitlines()[-1] if detail.strip() else error}") from None
 
     def _check_targets(self, name: str, config) -> None:
         """Every module name in a target list must exist in this base (PEFT skips missing ones silently)."""
