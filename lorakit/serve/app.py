@@ -83,10 +83,15 @@ def _validation_error(error: ValidationError) -> APIError:
 
 
 async def _read_json(request, state: ServerState) -> dict:
-    body = await request.body()
-    if len(body) > state.max_body_bytes:
-        raise APIError(413, f"request body of {len(body):,} bytes is over the limit of {state.max_body_bytes:,}",
-                       code="request_too_large")
+    # read piece by piece: a chunked body (no Content-Length) of gigabytes is refused at the limit, not buffered
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > state.max_body_bytes:
+            raise APIError(413, f"request body is over the limit of {state.max_body_bytes:,} bytes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         data = json.loads(body)
         # a lone UTF-16 surrogate ("\ud800") parses to a str no tokenizer or UTF-8 encoder takes: refuse it here
@@ -163,7 +168,10 @@ def create_app(state: ServerState) -> FastAPI:
                 return JSONResponse(error_body("missing or wrong API key; send 'Authorization: Bearer <key>'",
                                                code="invalid_api_key"), status_code=401)
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > state.max_body_bytes):
+        if length is not None and not (length.isascii() and length.isdigit()):
+            return JSONResponse(error_body(f"invalid Content-Length header {length[:40]!r}", code="invalid_request"),
+                                status_code=400)
+        if length is not None and (len(length) > 18 or int(length) > state.max_body_bytes):
             return JSONResponse(error_body(f"request body is over the limit of {state.max_body_bytes:,} bytes",
                                            code="request_too_large"), status_code=413)
         try:

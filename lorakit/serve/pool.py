@@ -10,7 +10,9 @@ exclude_modules, rank/alpha patterns) match this model's module names within ``R
 child process: Python's ``re`` has no timeout and holds the GIL, so a catastrophic pattern such as ``(.*.*)*x``
 would freeze the whole server), every rank is at most ``max_rank``, and ``lorakit.load_adapter`` accepts it
 (config fields, target modules this base has, tensor keys and shapes, the base fingerprint). A refusal changes
-nothing.
+nothing: a reload of a loaded adapter whose new files are refused leaves the old version serving. A refusal is
+remembered until the folder's files change (size or time), so clients naming a broken adapter again and again
+cost one ``stat`` each, not a re-read (nor another regex check) under the pool's lock.
 
 Lock order: the pool's lock, then the model lock. The engine never takes the pool's lock while it holds the
 model lock (it releases pins after a step), so the two cannot deadlock.
@@ -91,6 +93,7 @@ class AdapterPool:
         self._loaded: collections.OrderedDict[str, LoadedAdapter] = collections.OrderedDict()  # LRU first
         self._cond = threading.Condition()
         self._ids = itertools.count()
+        self._refused: dict[str, tuple[tuple, str]] = {}  # name -> (file stamp, message)
         self.loads = 0
         self.evictions = 0
 
@@ -129,14 +132,23 @@ class AdapterPool:
 
     # -- explicit load / unload ----------------------------------------------------------------------------------
     def load(self, name: str, timeout: float = 60.0) -> dict:
-        """Load (or reload from disk, when idle) adapter ``name``; returns its description."""
+        """Load (or reload from disk, when idle) adapter ``name``; returns its description.
+
+        A reload loads the new files next to the old version and swaps only when they pass every check.
+        """
         with self._cond:
-            entry = self._loaded.get(name)
-            if entry is not None and entry.pins == 0:
-                self._unload_locked(name)  # hot-swap: pick up a changed folder
-            elif entry is not None:
-                raise AdapterBusy(f"adapter {name!r} is serving {entry.pins} request(s); unload it when they finish")
-            return self._ensure_loaded(name, timeout).describe()
+            old = self._loaded.get(name)
+            if old is None:
+                return self._ensure_loaded(name, timeout).describe()
+            if old.pins:
+                raise AdapterBusy(f"adapter {name!r} is serving {old.pins} request(s); unload it when they finish")
+            folder = resolve_adapter(self.root, name)
+            fresh = self._load_new(name, folder, self._admit(name, folder))  # refused: the old version keeps serving
+            self._loaded[name] = fresh
+            with self.model_lock:
+                self._delete(old.internal)
+            self._cond.notify_all()
+            return fresh.describe()
 
     def unload(self, name: str) -> None:
         with self._cond:
@@ -156,7 +168,7 @@ class AdapterPool:
         if entry is not None:
             return entry
         folder = resolve_adapter(self.root, name)  # refuses unsafe names before any file is opened
-        adapter_file = self._admit(name, folder)
+        adapter_file = self._admit(name, folder)  # refuse before evicting anything for it
         deadline = time.monotonic() + timeout
         while len(self._loaded) >= self.max_loaded:
             idle = next((n for n, a in self._loaded.items() if a.pins == 0), None)
@@ -171,29 +183,46 @@ class AdapterPool:
             entry = self._loaded.get(name)  # another thread may have loaded it meanwhile
             if entry is not None:
                 return entry
+        entry = self._load_new(name, folder, adapter_file)
+        self._loaded[name] = entry
+        return entry
+
+    def _load_new(self, name: str, folder: Path, adapter_file) -> LoadedAdapter:
+        """Load admitted adapter ``name`` under a fresh internal name (the caller puts it in ``_loaded``)."""
         internal = f"lk{next(self._ids)}"
         from lorakit.inject import lora_layers
         from lorakit.io import load_adapter
 
         with self.model_lock:
-            self._check_targets(name, adapter_file.config)
             try:
+                self._check_targets(name, adapter_file.config)
                 load_adapter(self.model, folder, adapter=internal, max_bytes=self.max_bytes)
             except LorakitError as error:
-                raise AdapterRejected(f"adapter {name!r} refused: {error}") from None
+                message = str(error) if isinstance(error, AdapterRejected) else f"adapter {name!r} refused: {error}"
+                self._refused[name] = (_stamp(folder), message)
+                raise AdapterRejected(message) from None
             ranks = [layer.adapters[internal].rank for layer in lora_layers(self.model).values() if internal in layer.adapters]
             if ranks and max(ranks) > self.max_rank:  # the file changed between the check and the load
                 self._delete(internal)
                 raise AdapterRejected(f"adapter {name!r} refused: rank {max(ranks)} is above --max-rank {self.max_rank}")
         config = adapter_file.config
-        entry = LoadedAdapter(name, internal, folder, max(ranks or [config.r]), config.alpha, config.variant,
-                              adapter_file.size_bytes, last_used=time.monotonic())
-        self._loaded[name] = entry
         self.loads += 1
-        return entry
+        return LoadedAdapter(name, internal, folder, max(ranks or [config.r]), config.alpha, config.variant,
+                             adapter_file.size_bytes, last_used=time.monotonic())
 
     def _admit(self, name: str, folder: Path):
-        """Cheap checks on the files alone (no model): size, format, config, ranks. Returns the AdapterFile."""
+        """Checks on the files alone (no model): size, format, config, regexes, ranks. Returns the AdapterFile."""
+        stamp = _stamp(folder)
+        refused = self._refused.get(name)
+        if refused is not None and refused[0] == stamp:
+            raise AdapterRejected(refused[1])
+        try:
+            return self._admit_files(name, folder)
+        except AdapterRejected as error:
+            self._refused[name] = (stamp, str(error))
+            raise
+
+    def _admit_files(self, name: str, folder: Path):
         from lorakit.io import CONFIG_NAME, read_adapter
 
         config_path = folder / CONFIG_NAME
@@ -250,6 +279,7 @@ class AdapterPool:
                                   "exist in this base model; it was made for another architecture")
 
     def _unload_locked(self, name: str) -> None:
+        """Drop ``name`` (held: ``self._cond``)."""
         entry = self._loaded.pop(name)
         with self.model_lock:
             self._delete(entry.internal)
@@ -259,3 +289,19 @@ class AdapterPool:
         from lorakit.adapters import delete_adapter
 
         delete_adapter(self.model, internal)
+
+
+def _stamp(folder: Path) -> tuple:
+    """What changes when an adapter folder's files change: (name, size, mtime_ns, inode) of each file in it."""
+    stamp = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    info = entry.stat()
+                except OSError:
+                    continue
+                stamp.append((entry.name, info.st_size, info.st_mtime_ns, info.st_ino))
+    except OSError:
+        return ()
+    return tuple(sorted(stamp))
