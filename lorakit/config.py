@@ -37,6 +37,10 @@ class LoraConfig:
             (A, B from the top-r singular vectors of W, removed from the base).
         bias: only ``"none"`` (biases stay frozen).
         modules_to_save: modules (such as the output head) trained and saved as whole copies.
+        layers_to_transform: only modules in these layer indices (an int or a list) are targeted, PEFT's rule: the
+            index is the first number in the module path after ``<layers_pattern>.`` (any segment when no pattern);
+            applies when ``target_modules`` is a list of names or ``"all-linear"``, as in PEFT.
+        layers_pattern: the name(s) of the layer list (``"layers"``, ``"h"``), used with ``layers_to_transform``.
     """
 
     r: int = 8
@@ -50,6 +54,8 @@ class LoraConfig:
     init: str = "default"
     bias: str = "none"
     modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (tuple, set)):
@@ -75,7 +81,8 @@ class LoraConfig:
         if self.init not in INITS:
             raise LorakitError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.bias != "none":
-            raise LorakitError(f"bias={self.bias!r} is not supported; lorakit keeps biases frozen (bias='none')")
+            raise LorakitError(f"bias={self.bias!r} is not supported: lorakit keeps biases frozen, use bias='none' (an "
+                               "adapter peft trained with biases: merge it with peft's merge_and_unload and load the merged model)")
         if self.target_modules is None or self.target_modules == [] or self.target_modules == "":
             raise LorakitError("target_modules is empty; name modules (e.g. ['q_proj', 'v_proj']), a regex, or 'all-linear'")
         for name, value in (("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules),
@@ -85,12 +92,37 @@ class LoraConfig:
                 raise LorakitError(f"{name} must be a list of module names or one regular expression, got {value!r}")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+        layers = self.layers_to_transform
+        if layers is not None and not (_is_index(layers) or (isinstance(layers, list) and all(_is_index(i) for i in layers))):
+            raise LorakitError(f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
+        pattern = self.layers_pattern
+        if pattern is not None and not isinstance(pattern, str) and not (
+                isinstance(pattern, list) and all(isinstance(p, str) and p for p in pattern)):
+            raise LorakitError(f"layers_pattern must be a name (such as 'layers') or a list of names, got {pattern!r}")
         for name, value in (("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules)):
             if isinstance(value, str) and value != "all-linear":
                 try:
                     re.compile(value)
                 except re.error as error:
                     raise LorakitError(f"{name} {value!r} is not a valid regular expression: {error}") from None
+
+    def in_chosen_layers(self, module_path: str) -> bool:
+        """PEFT's ``layers_to_transform`` rule (true when no layers are chosen or targets are a regular expression)."""
+        layers = self.layers_to_transform
+        if layers is None or layers == [] or (isinstance(self.target_modules, str) and self.target_modules != "all-linear"):
+            return True
+        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else (self.layers_pattern or [])
+        match = None
+        if not patterns:  # the first numbered segment is the layer index (not an expert index further in)
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_path)
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_path)
+            if match is not None:
+                break
+        if match is None:
+            return False
+        index = int(match.group("idx"))
+        return index == layers if isinstance(layers, int) else index in layers
 
     # -- per-module values -------------------------------------------------------------------------------------
     def rank_for(self, module_path: str) -> int:
@@ -123,6 +155,8 @@ class LoraConfig:
             "bias": self.bias,
             "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
             "fan_in_fan_out": fan_in_fan_out,
+            "layers_to_transform": self.layers_to_transform,
+            "layers_pattern": self.layers_pattern,
         }
 
     @classmethod
@@ -138,34 +172,40 @@ class LoraConfig:
                 continue
             if key in PEFT_DEFAULTS:
                 if not _is_default(value, PEFT_DEFAULTS[key]):
-                    raise LorakitError(f"{source}: PEFT option {key}={value!r} is not supported by lorakit")
+                    hint = _UNSUPPORTED_HINTS.get(key, "it changes the adapter's math in a way lorakit does not implement")
+                    raise LorakitError(f"{source}: PEFT option {key}={value!r} is not supported by lorakit ({hint}); "
+                                       f"merge the adapter with peft (merge_and_unload) and load the merged model instead")
                 continue
             if value not in (None, False, {}, [], ""):
-                raise LorakitError(f"{source}: unknown field {key!r}={value!r}; lorakit cannot apply it")
+                raise LorakitError(f"{source}: unknown field {key!r}={value!r} (from a newer peft?); lorakit cannot apply "
+                                   f"it. If it does not change the adapter's math, delete it from the file")
         use_rslora, use_dora = bool(data.get("use_rslora", False)), bool(data.get("use_dora", False))
         if use_rslora and use_dora:  # PEFT allows DoRA with rsLoRA scaling; lorakit's variants are exclusive
             raise LorakitError(f"{source}: use_rslora and use_dora together are not supported by lorakit")
         variant = "dora" if use_dora else "rslora" if use_rslora else "lora"
         init = data.get("init_lora_weights", True)
-        init_name = {True: "default", "gaussian": "gaussian"}.get(init)
-        if init_name is None:
-            if init is False or (isinstance(init, str) and init.lower().startswith(("pissa", "olora", "loftq", "eva", "corda"))):
-                init_name = "default"  # the saved weights are final; the init only mattered before training
-            else:
-                raise LorakitError(f"{source}: init_lora_weights={init!r} is not supported by lorakit")
+        # the saved weights are final: the init only mattered before training (but see _warn_residual_base)
+        init_name = "gaussian" if init == "gaussian" else "default"
+        if not isinstance(init, (bool, str, type(None))):
+            raise LorakitError(f"{source}: init_lora_weights={init!r} must be true, false or a method name")
+        _warn_residual_base(init, source)
+        bias = data.get("bias")
         try:
             return cls(
-                r=data.get("r", 8),
+                r=_integral(data.get("r", 8)),
                 alpha=data.get("lora_alpha", 8),
                 dropout=data.get("lora_dropout", 0.0) or 0.0,
                 target_modules=data.get("target_modules"),
                 exclude_modules=data.get("exclude_modules"),
-                rank_pattern=data.get("rank_pattern") or {},
+                rank_pattern={k: _integral(v) for k, v in (data.get("rank_pattern") or {}).items()}
+                if isinstance(data.get("rank_pattern"), dict) else data.get("rank_pattern") or {},
                 alpha_pattern=data.get("alpha_pattern") or {},
                 variant=variant,
                 init=init_name,
-                bias=data.get("bias", "none"),
-                modules_to_save=data.get("modules_to_save"),
+                bias="none" if bias is None else bias,
+                modules_to_save=data.get("modules_to_save") or None,
+                layers_to_transform=data.get("layers_to_transform"),
+                layers_pattern=data.get("layers_pattern") or None,
             )
         except LorakitError as error:
             raise LorakitError(f"{source}: {error}") from None
@@ -174,6 +214,29 @@ class LoraConfig:
 
     def replace(self, **changes: Any) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _integral(value: Any) -> Any:
+    """4.0 -> 4 (some tools write JSON numbers as floats); anything else unchanged, for the checks to report."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# Inits after which PEFT's saved A, B belong to a changed base (W minus the initial B A, or LoftQ's quantized one)
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _warn_residual_base(init: Any, source: str) -> None:
+    if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
+        import warnings
+
+        warnings.warn(f"{source}: init_lora_weights={init!r}: {init} rewrites the base weights when the adapter is "
+                      "created, and peft saved A and B for that rewritten base, not for the original model: load it on "
+                      "the base saved with it, or re-save it from peft with path_initial_model_for_weight_conversion to get an "
+                      "adapter for the original model", UserWarning, stacklevel=4)
 
 
 def _check_rank(name: str, value: Any) -> None:
@@ -200,11 +263,26 @@ def _is_default(value: Any, default: Any) -> bool:
 # Fields lorakit reads (mapped onto LoraConfig) or that only describe the file, never the math.
 _READ_FIELDS = {
     "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
-    "use_rslora", "use_dora", "init_lora_weights", "bias", "modules_to_save", "fan_in_fan_out",
+    "use_rslora", "use_dora", "init_lora_weights", "bias", "modules_to_save", "fan_in_fan_out", "layers_to_transform",
+    "layers_pattern",
 }
+# Fields that never change a saved adapter's math: file metadata, and settings of inits (the weights are final).
 _IGNORED_FIELDS = {
     "base_model_name_or_path", "revision", "inference_mode", "task_type", "auto_mapping", "peft_version",
-    "megatron_core", "qalora_group_size", "runtime_config",
+    "megatron_core", "qalora_group_size", "runtime_config", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config",
+}
+
+# Why an unsupported option is refused, said in the error.
+_UNSUPPORTED_HINTS = {
+    "layer_replication": "layers duplicated inside the model",
+    "trainable_token_indices": "trained rows of the token embedding",
+    "lora_bias": "a trained bias on lora_B",
+    "use_qalora": "QA-LoRA's pooled input",
+    "ensure_weight_tying": "one LoRA shared by the tied embedding and output head",
+    "target_parameters": "LoRA on raw parameters such as MoE experts",
+    "alora_invocation_tokens": "activated LoRA, switched on by tokens",
+    "megatron_config": "Megatron parallel layers",
 }
 
 # PEFT 0.21 LoraConfig fields lorakit does not implement, with the value that means "off". Any other value is refused.
@@ -213,15 +291,9 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "task_type": "CAUSAL_LM",
     "inference_mode": True,
     "revision": None,
-    "layers_to_transform": None,
-    "layers_pattern": None,
     "megatron_config": None,
     "megatron_core": "megatron.core",
     "trainable_token_indices": None,
-    "loftq_config": {},
-    "eva_config": None,
-    "corda_config": None,
-    "lora_ga_config": None,
     "velora_config": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,

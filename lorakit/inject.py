@@ -6,6 +6,7 @@ Every check runs before the model is touched, so a refused call leaves the model
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,11 @@ def _matches(path: str, spec: list[str] | str) -> bool:
     return any(path == key or path.endswith("." + key) for key in spec)
 
 
+def _inside(path: str, names: list[str]) -> bool:
+    """``path`` is one of ``names`` or lies inside one (``names`` are module names or dotted path endings)."""
+    return any(re.match(rf"(^|.*\.){re.escape(name)}($|\..*)", path) for name in names)
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     """Target path -> original module, following the config's rules. Raises if nothing matches."""
     modules = _base_modules(model)
@@ -90,10 +96,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
             chosen = quant.is_linear_like(module) and path not in heads
         else:
             chosen = _matches(path, config.target_modules)
+        if chosen and not config.in_chosen_layers(path):
+            chosen = False
         if chosen and config.exclude_modules and _matches(path, config.exclude_modules):
             chosen = False
-        if chosen and config.modules_to_save and _matches(path, config.modules_to_save):
-            chosen = False  # a module trained whole needs no adapter on top
+        if chosen and config.modules_to_save and _inside(path, config.modules_to_save):
+            chosen = False  # a module trained whole (or inside one) needs no adapter on top, as in PEFT
         if chosen:
             targets[path] = module
     if not targets:
@@ -197,6 +205,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
             raise LorakitError(f"init='pissa' is not supported on embedding layers ({embeddings[0]}); exclude them from "
                                "target_modules")
 
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     hosts = adapter_hosts(model)
     added: list[tuple[nn.Module, str]] = []
     created: list[tuple[str, nn.Module]] = []
@@ -204,6 +213,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
         for path, module in targets.items():
             kind = LoraEmbedding if isinstance(module, nn.Embedding) else LoraLinear
             host = _host_for(model, path, module, hosts, kind, created)
+            weight = getattr(module, "weight", None)
+            host.shared_weight = isinstance(weight, nn.Parameter) and uses[id(weight)] > 1
             host.add_adapter(adapter, config.rank_for(path), config.alpha_for(path), config.variant, config.dropout,
                              config.init, dtype)
             added.append((host, adapter))
@@ -219,8 +230,12 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
         raise
     freeze_base(model)
     for host, name in added:
-        for parameter in (host.adapters[name] if isinstance(host, LoraLayer) else host.copies[name]).parameters():
+        module = host.adapters[name] if isinstance(host, LoraLayer) else host.copies[name]
+        for parameter in module.parameters():
             parameter.requires_grad_(trainable)
+        # new modules start in training mode; follow the wrapped module, or a model in eval() would run dropout
+        host.training = host.base_layer.training
+        module.train(host.base_layer.training)
     from lorakit.adapters import set_adapter
 
     set_adapter(model, adapter)

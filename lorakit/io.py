@@ -128,7 +128,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
         raise LorakitError(f"{folder} exists and is not a folder; choose another output path")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / WEIGHTS_NAME, safetensors_bytes(tensors, metadata=metadata))
-    atomic_write_text(folder / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    # top-level keys sorted, but rank_pattern / alpha_pattern keep their order: the first matching pattern wins
+    # (PEFT's rule too), so sorting them could give a module another rank when the file is read back
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(dict(sorted(peft_config.items())), indent=2) + "\n")
     return folder
 
 
@@ -157,6 +159,10 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None) -> Ada
         raise LorakitError(f"adapter folder {folder} does not exist (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)")
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
+        named = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
+        if named:  # peft saves an adapter that is not named "default" into a subfolder of its name
+            raise LorakitError(f"{folder} holds adapters in subfolders ({', '.join(named[:5])}); pass one of them, "
+                               f"e.g. {folder / named[0]}")
         pickled = [n for n in PICKLED_NAMES if (folder / n).exists()]
         if pickled:
             raise LorakitError(f"{folder / pickled[0]} is a pickled checkpoint; lorakit never unpickles files. Re-save it "
@@ -226,7 +232,7 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
     for key, tensor in adapter_file.tensors.items():
         path, attr = _match_key(_strip(key), targets, saved)
         if path is None:
-            if _is_unchanged_base_copy(_strip(key), tensor, base_modules):
+            if _is_unchanged_base_copy(_strip(key), tensor, base_modules, adapter_file.folder):
                 continue  # PEFT saves full embedding copies next to embedding adapters; equal to ours: harmless
             unexpected.append(key)
             continue
@@ -280,12 +286,25 @@ def _match_key(key: str, targets: dict[str, nn.Module], saved: dict[str, nn.Modu
     return None, ""
 
 
-def _is_unchanged_base_copy(key: str, tensor: torch.Tensor, base_modules: dict[str, nn.Module]) -> bool:
-    if not key.endswith(".base_layer.weight"):
-        return False
-    module = base_modules.get(key[: -len(".base_layer.weight")])
+def _is_unchanged_base_copy(key: str, tensor: torch.Tensor, base_modules: dict[str, nn.Module], folder: Path) -> bool:
+    """A full copy of a base embedding / output head that PEFT saved (``save_embedding_layers``; as
+    ``<path>.base_layer.weight`` when the module holds an adapter, ``<path>.weight`` otherwise): True when it equals
+    this model's weight. A copy that differs (a resized or retrained vocabulary) is refused by name."""
+    suffix = ".base_layer.weight" if key.endswith(".base_layer.weight") else ".weight"
+    module = base_modules.get(key[: -len(suffix)])
     weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.shape == tensor.shape and torch.equal(weight.detach().cpu().to(tensor.dtype), tensor)
+    if not key.endswith(suffix) or not isinstance(module, (nn.Embedding, nn.Linear)) or not isinstance(weight, torch.Tensor):
+        return False
+    path = f"{key[: -len(suffix)]}.weight"
+    if weight.shape != tensor.shape:
+        raise LorakitError(f"{folder}: {PREFIX}{key} is a full copy of {path} with shape {tuple(tensor.shape)}, but this "
+                           f"model's is {tuple(weight.shape)}; the adapter was trained on a resized vocabulary: resize "
+                           f"the base (model.resize_token_embeddings({tensor.shape[0]})) or load the base it was saved with")
+    if not torch.equal(weight.detach().cpu().to(tensor.dtype), tensor):
+        raise LorakitError(f"{folder}: {PREFIX}{key} is a full copy of {path} (peft's save_embedding_layers) that differs "
+                           "from this model's; load the adapter on the base it was trained with, or re-save it from peft "
+                           "with save_embedding_layers=False if the base is the same")
+    return True
 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "default", trainable: bool = False,

@@ -85,6 +85,10 @@ class LoraLayer(_AdapterHost):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.adapters = nn.ModuleDict()
+        # set by inject when the base weight is also another module's (tied embeddings and output head): merging
+        # then writes into a private copy, so the other module keeps the weight it had unmerged
+        self.shared_weight = False
+        self._tied: tuple[nn.Parameter, ...] = ()  # the shared parameter while merged (a tuple: not registered)
 
     # -- shapes ------------------------------------------------------------------------------------------------
     @property
@@ -203,10 +207,27 @@ class LoraLayer(_AdapterHost):
     def merge(self, name: str, candidate: torch.Tensor | None = None) -> None:
         if name in self.merged or name not in self.adapters:
             return
-        self.write_linear_weight(self.merged_candidate(name) if candidate is None else candidate)
+        weight = self.merged_candidate(name) if candidate is None else candidate
+        if self.shared_weight and not self._tied:
+            self._untie()
+        self.write_linear_weight(weight)
         self.merged.append(name)
 
+    def _untie(self) -> None:
+        """Give the base its own copy of a shared weight; the shared one is kept for unmerge (exact, tied again)."""
+        shared = self.base_layer.weight
+        self._tied = (shared,)
+        self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=False)
+
     def unmerge(self) -> None:
+        shared, self._tied = (self._tied or (None,))[0], ()
+        current = getattr(self.base_layer, "weight", None)
+        if shared is not None and (shared.dtype, shared.device) == (current.dtype, current.device):
+            self.base_layer.weight = shared  # never written while merged: restored exactly, and tied again
+            for name in self.merged:
+                self.adapters[name].merge_norm = None
+            self.merged = []
+            return
         while self.merged:
             name = self.merged.pop()
             adapter = self.adapters[name]

@@ -111,10 +111,10 @@ def test_malformed_and_unsupported_config(saved):
     (saved / CONFIG_NAME).write_text(json.dumps(config))
     refused(tiny_llama(), saved, "use_qalora")
     config.pop("use_qalora")
-    config["layers_to_transform"] = [0]
+    config["layer_replication"] = [[0, 2]]
     (saved / CONFIG_NAME).write_text(json.dumps(config))
-    refused(tiny_llama(), saved, "layers_to_transform")
-    config.pop("layers_to_transform")
+    refused(tiny_llama(), saved, "layer_replication")
+    config.pop("layer_replication")
     config["brand_new_field"] = 3
     (saved / CONFIG_NAME).write_text(json.dumps(config))
     refused(tiny_llama(), saved, "unknown field 'brand_new_field'")
