@@ -321,3 +321,8 @@ def test_reload_with_broken_files_keeps_the_old_version(server):
 def test_no_tracebacks_for_client_mistakes(server):
     log = server["server"].output()
     assert "Traceback" not in log, log
+
+
+def test_trailing_slash_is_404_not_redirect(server):
+    response = server["client"].get("/v1/models/", headers={"Host": "evil.example"})
+    assert _error(response, 404)["code"] == "not_found" and "location" not in response.headers

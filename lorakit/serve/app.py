@@ -144,6 +144,7 @@ class _Bridge:
 
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.router.redirect_slashes = False  # "/v1/models/" is a 404 with an error body, not a 307 to the Host header's site
     app.state.lorakit = state
 
     @app.exception_handler(APIError)

@@ -41,6 +41,10 @@ def build_state(args: argparse.Namespace):
                         ("--max-tokens", args.max_tokens)):
         if value < 1:
             raise LorakitError(f"{flag} must be at least 1, got {value}")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise LorakitError(f"--max-prompt-tokens must be at least 1, got {args.max_prompt_tokens}")
+    if not args.max_adapter_mb > 0:  # also refuses NaN
+        raise LorakitError(f"--max-adapter-mb must be a positive number, got {args.max_adapter_mb}")
     model, tokenizer = lorakit.load_base(args.model, dtype=args.dtype, device=args.device)
     model_lock = threading.RLock()
     pool = AdapterPool(model, args.adapters, model_lock, max_loaded=args.max_loaded, max_rank=args.max_rank,
