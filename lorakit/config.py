@@ -14,7 +14,7 @@ from typing import Any
 from lorakit.errors import LorakitError
 from lorakit.functional import scaling
 
-VARIANTS = ("lora", "rslora", "dora")
+VARIANTS = ("lora", "rslora", "dora", "rsdora")
 INITS = ("default", "gaussian", "pissa")
 
 
@@ -32,14 +32,15 @@ class LoraConfig:
         exclude_modules: names or a regular expression removed from the targets.
         rank_pattern / alpha_pattern: per-module overrides ``{pattern: value}``; a pattern is a regular expression
             matched against the end of the module path (PEFT's rule).
-        variant: ``"lora"``, ``"rslora"`` or ``"dora"``.
+        variant: ``"lora"``, ``"rslora"``, ``"dora"`` or ``"rsdora"`` (DoRA scaled by alpha / sqrt(r), as PEFT's
+            ``use_dora`` with ``use_rslora``).
         init: ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A normal(0, 1/r)), or ``"pissa"``
             (A, B from the top-r singular vectors of W, removed from the base).
         bias: only ``"none"`` (biases stay frozen).
         modules_to_save: modules (such as the output head) trained and saved as whole copies.
         layers_to_transform: only modules in these layer indices (an int or a list) are targeted, PEFT's rule: the
             index is the first number in the module path after ``<layers_pattern>.`` (any segment when no pattern);
-            applies when ``target_modules`` is a list of names or ``"all-linear"``, as in PEFT.
+            needs ``target_modules`` as a list of names, as in PEFT.
         layers_pattern: the name(s) of the layer list (``"layers"``, ``"h"``), used with ``layers_to_transform``.
     """
 
@@ -99,6 +100,11 @@ class LoraConfig:
         if pattern is not None and not isinstance(pattern, str) and not (
                 isinstance(pattern, list) and all(isinstance(p, str) and p for p in pattern)):
             raise LorakitError(f"layers_pattern must be a name (such as 'layers') or a list of names, got {pattern!r}")
+        if isinstance(self.target_modules, str) and (layers is not None or pattern):  # PEFT's LoraConfig refuses it too
+            raise LorakitError("layers_to_transform / layers_pattern need target_modules as a list of module names (such as "
+                               f"['q_proj', 'v_proj']), not {self.target_modules!r}; a regex can name the layers itself")
+        if pattern and layers is None:
+            raise LorakitError(f"layers_pattern={pattern!r} needs layers_to_transform (the layer indices to adapt)")
         for name, value in (("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules)):
             if isinstance(value, str) and value != "all-linear":
                 try:
@@ -109,7 +115,7 @@ class LoraConfig:
     def in_chosen_layers(self, module_path: str) -> bool:
         """PEFT's ``layers_to_transform`` rule (true when no layers are chosen or targets are a regular expression)."""
         layers = self.layers_to_transform
-        if layers is None or layers == [] or (isinstance(self.target_modules, str) and self.target_modules != "all-linear"):
+        if layers is None or layers == []:
             return True
         patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else (self.layers_pattern or [])
         match = None
@@ -132,7 +138,8 @@ class LoraConfig:
         return float(_pattern_value(self.alpha_pattern, module_path, self.alpha))
 
     def scaling_for(self, module_path: str) -> float:
-        return scaling(self.variant, self.rank_for(module_path), self.alpha_for(module_path))
+        kind = "rslora" if self.variant in ("rslora", "rsdora") else self.variant
+        return scaling(kind, self.rank_for(module_path), self.alpha_for(module_path))
 
     # -- PEFT adapter_config.json ------------------------------------------------------------------------------
     def to_peft_dict(self, base_model_name_or_path: str | None = None, fan_in_fan_out: bool = False) -> dict[str, Any]:
@@ -148,8 +155,8 @@ class LoraConfig:
             "exclude_modules": self.exclude_modules,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
-            "use_rslora": self.variant == "rslora",
-            "use_dora": self.variant == "dora",
+            "use_rslora": self.variant in ("rslora", "rsdora"),
+            "use_dora": self.variant in ("dora", "rsdora"),
             # a PiSSA adapter is saved converted to plain LoRA form, so it loads with the default init
             "init_lora_weights": "gaussian" if self.init == "gaussian" else True,
             "bias": self.bias,
@@ -180,9 +187,7 @@ class LoraConfig:
                 raise LorakitError(f"{source}: unknown field {key!r}={value!r} (from a newer peft?); lorakit cannot apply "
                                    f"it. If it does not change the adapter's math, delete it from the file")
         use_rslora, use_dora = bool(data.get("use_rslora", False)), bool(data.get("use_dora", False))
-        if use_rslora and use_dora:  # PEFT allows DoRA with rsLoRA scaling; lorakit's variants are exclusive
-            raise LorakitError(f"{source}: use_rslora and use_dora together are not supported by lorakit")
-        variant = "dora" if use_dora else "rslora" if use_rslora else "lora"
+        variant = {(True, True): "rsdora", (False, True): "dora", (True, False): "rslora"}.get((use_rslora, use_dora), "lora")
         init = data.get("init_lora_weights", True)
         # the saved weights are final: the init only mattered before training (but see _warn_residual_base)
         init_name = "gaussian" if init == "gaussian" else "default"
@@ -204,7 +209,7 @@ class LoraConfig:
                 init=init_name,
                 bias="none" if bias is None else bias,
                 modules_to_save=data.get("modules_to_save") or None,
-                layers_to_transform=data.get("layers_to_transform"),
+                layers_to_transform=None if data.get("layers_to_transform") == [] else data.get("layers_to_transform"),
                 layers_pattern=data.get("layers_pattern") or None,
             )
         except LorakitError as error:

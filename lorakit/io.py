@@ -103,7 +103,7 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> tuple[dict
 
 def _doubled_rank(config: LoraConfig) -> LoraConfig:
     """Same scaling at twice the rank: alpha x2 for LoRA, x sqrt(2) for rsLoRA."""
-    factor = math.sqrt(2) if config.variant == "rslora" else 2.0
+    factor = math.sqrt(2) if config.variant in ("rslora", "rsdora") else 2.0
     return config.replace(
         r=2 * config.r, alpha=config.alpha * factor, init="default",
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
@@ -247,7 +247,7 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
             out_features, in_features = in_features, out_features  # linear form: (dim, num)
         rank = config.rank_for(path)
         expected = {"lora_A": (rank, in_features), "lora_B": (out_features, rank)}
-        if config.variant == "dora":
+        if config.variant in ("dora", "rsdora"):
             expected["magnitude"] = (out_features,)
         slot = 1 if isinstance(module, nn.Embedding) else 0
         for attr, shape in expected.items():

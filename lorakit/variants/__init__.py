@@ -7,14 +7,14 @@ the linear form ``(out_features, in_features)`` and float32 (embeddings are tran
 from __future__ import annotations
 
 from lorakit.variants.base import Variant
-from lorakit.variants.dora import DoRA
+from lorakit.variants.dora import DoRA, RsDoRA
 from lorakit.variants.lora import LoRA, RsLoRA
 
-VARIANTS: dict[str, Variant] = {"lora": LoRA(), "rslora": RsLoRA(), "dora": DoRA()}
+VARIANTS: dict[str, Variant] = {"lora": LoRA(), "rslora": RsLoRA(), "dora": DoRA(), "rsdora": RsDoRA()}
 
 
 def get_variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
-__all__ = ["Variant", "LoRA", "RsLoRA", "DoRA", "VARIANTS", "get_variant"]
+__all__ = ["Variant", "LoRA", "RsLoRA", "DoRA", "RsDoRA", "VARIANTS", "get_variant"]

@@ -68,3 +68,12 @@ class DoRA(Variant):
         scale = torch.where(magnitude != 0, norm / magnitude, torch.zeros_like(norm))
         adapter.merge_norm = None
         return merged_weight * scale.unsqueeze(1) - LF.delta_weight(adapter.lora_A, adapter.lora_B, adapter.scaling)
+
+
+class RsDoRA(DoRA):
+    """DoRA with rsLoRA's scaling ``alpha / sqrt(r)`` (PEFT: ``use_dora=True`` with ``use_rslora=True``)."""
+
+    name = "rsdora"
+
+    def scaling(self, rank: int, alpha: float) -> float:
+        return LF.scaling("rslora", rank, alpha)
