@@ -82,6 +82,23 @@ def main() -> int:
     args = parser.parse_args()
     model, config = build(args.config, args.shape, args.device, 8)
     results = []
+    if args.device == "cuda":  # which attention backend sdpa takes matters for the host: time each allowed set
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        sets = {"default": None, "no-cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+                "efficient": [SDPBackend.EFFICIENT_ATTENTION], "math": [SDPBackend.MATH],
+                "cudnn": [SDPBackend.CUDNN_ATTENTION]}
+        for label, backends in sets.items():
+            try:
+                if backends is None:
+                    ms, _ = step_ms(model, 32, 8, args.context, args.steps, args.device)
+                else:
+                    with sdpa_kernel(backends):
+                        ms, _ = step_ms(model, 32, 8, args.context, args.steps, args.device)
+                print(f"sdpa backends {label:10s}: {ms:7.2f} ms/step (32 rows, 8 adapters)", flush=True)
+                results.append({"rows": 32, "adapters": 8, "sdpa": label, "step_ms": round(ms, 3)})
+            except Exception as error:
+                print(f"sdpa backends {label:10s}: failed: {type(error).__name__}: {str(error)[:100]}", flush=True)
     for rows, adapters in ((1, 1), (32, 8)):
         ms, run = step_ms(model, rows, adapters, args.context, args.steps, args.device)
         gpu_ms = None
@@ -108,9 +125,9 @@ def main() -> int:
     out = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_step_profile.json").write_text(json.dumps(record, indent=2) + "\n")
-    print("\n| rows | adapters | step ms (wall) | GPU busy ms |\n|---|---|---|---|")
+    print("\n| rows | adapters | sdpa backends | step ms (wall) | GPU busy ms |\n|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['rows']} | {r['adapters']} | {r['step_ms']:.2f} | {r['gpu_ms']} |")
+        print(f"| {r['rows']} | {r['adapters']} | {r.get('sdpa', 'default')} | {r['step_ms']:.2f} | {r.get('gpu_ms', '')} |")
     return 0
 
 

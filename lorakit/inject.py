@@ -31,9 +31,47 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     return {original_path(name): m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+# Bumped whenever lorakit puts a module into a model or takes one out (``_set_module``): a cached host list made
+# before is then rebuilt. Serving calls ``adapter_hosts`` several times per decode step, and walking every module
+# of a 30-layer model with 8 adapters took 12 ms of host time per call on an H200 machine (the GPU step: 4 ms).
+_STRUCTURE_VERSION = [0]
+
+
 def adapter_hosts(model: nn.Module) -> dict[str, nn.Module]:
-    """LoRA layers and modules-to-save wrappers by original module path."""
-    return {original_path(name): m for name, m in model.named_modules() if isinstance(m, LORA_HOSTS)}
+    """LoRA layers and modules-to-save wrappers by original module path.
+
+    Cached on the model; the cache is used only when no module was set by lorakit since, and every host is still
+    reached from the model through the same chain of parent modules (so a module swapped by other code, like
+    ``use_fast_kernels`` replacing an MLP, is noticed too).
+    """
+    cached = model.__dict__.get("_lorakit_host_cache")
+    if cached is not None and cached[0] == _STRUCTURE_VERSION[0] and all(_still_attached(model, c) for c in cached[2]):
+        return dict(cached[1])
+    hosts, chains = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, LORA_HOSTS):
+            hosts[original_path(name)] = module
+            chains.append(_chain(model, name))
+    model.__dict__["_lorakit_host_cache"] = (_STRUCTURE_VERSION[0], hosts, chains)
+    return dict(hosts)
+
+
+def _chain(model: nn.Module, path: str) -> tuple[tuple[str, nn.Module], ...]:
+    """((attribute, module), ...) from the model down to the module at ``path``."""
+    links, current = [], model
+    for attr in path.split("."):
+        current = current._modules[attr]
+        links.append((attr, current))
+    return tuple(links)
+
+
+def _still_attached(model: nn.Module, chain: tuple[tuple[str, nn.Module], ...]) -> bool:
+    current = model
+    for attr, expected in chain:
+        current = current._modules.get(attr)
+        if current is not expected:
+            return False
+    return True
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -134,6 +172,7 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, attr, module)
+    _STRUCTURE_VERSION[0] += 1
 
 
 def _host_for(model: nn.Module, path: str, module: nn.Module, hosts: dict[str, nn.Module], kind,
