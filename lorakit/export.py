@@ -104,6 +104,34 @@ def merge_model(model: nn.Module, adapter: str, dtype: torch.dtype) -> tuple[nn.
     return model, report
 
 
+def check_output_folder(out: str | os.PathLike, flag: str = "--out", overwrite: bool = False,
+                        protected: dict[str, str | os.PathLike] | None = None, allow_empty: bool = False) -> Path:
+    """Refuse, before any work, an output folder that cannot be written or would destroy an input.
+
+    ``out`` may not exist yet (its nearest existing parent must be a writable folder); if it exists it must be a
+    folder, and without ``overwrite`` it is refused (unless it is empty and ``allow_empty``). ``protected`` maps a description ("the adapter folder") to an
+    input path that ``out`` may not be, contain, or sit inside.
+    """
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"{flag} {out} is a file; give a folder")
+    if out.is_dir() and not overwrite and not (allow_empty and not any(out.iterdir())):
+        raise LorakitError(f"{flag} {out} already exists; choose another {flag} or pass --overwrite")
+    resolved = out.resolve()
+    for what, path in (protected or {}).items():
+        source = Path(path).expanduser().resolve()
+        if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
+            raise LorakitError(f"{flag} {out} is, holds or sits inside {what} {path}; choose a folder outside it")
+    parent = out if out.exists() else out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LorakitError(f"{flag} {out}: {parent} is a file, not a folder; choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LorakitError(f"{flag} {out}: no permission to write in {parent}; choose another {flag}")
+    return out
+
+
 def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: torch.dtype, overwrite: bool = False,
                  extra_files=None) -> Path:
     """Save ``model`` (cast to ``dtype``) and ``tokenizer`` as a Hugging Face folder at ``out``, atomically.
@@ -115,8 +143,11 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
         raise LorakitError(f"{out} already exists; choose another --out or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise LorakitError(f"{out} exists and is not a folder; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir(out)
+    except OSError as error:
+        raise LorakitError(f"cannot write {out}: {error.strerror or error}; choose another --out") from None
     try:
         if extra_files is not None:
             extra_files(tmp)

@@ -15,9 +15,10 @@ NaN from a fully masked padding query can leak into real rows.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -192,13 +193,44 @@ class KVBatch:
             layer.values = layer.values.masked_fill(pad, 0.0)
 
 
+@contextlib.contextmanager
+def _routing(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[None]:
+    """Route row i through ``adapters[i]``. When every row uses the same adapter (or none), that adapter is simply
+    made the only active one for the call: no per-row routing, which also serves models that flatten
+    ``(B, T, H)`` to ``(B * T, H)`` before a linear layer (OPT's MLP), where rows cannot be told apart."""
+    from lorakit.adapters import disable_adapters, mixed_batch
+    from lorakit.inject import adapter_hosts, adapter_names
+
+    names = list(adapters)
+    hosts = adapter_hosts(model)
+    merged = any(getattr(h, "merged", None) for h in hosts.values())
+    if len(set(names)) != 1 or not hosts or merged:
+        with mixed_batch(model, names):
+            yield
+        return
+    if names[0] is None:
+        with disable_adapters(model):
+            yield
+        return
+    known = adapter_names(model)
+    if names[0] not in known:
+        raise LorakitError(f"unknown adapter {names[0]!r}; this model has: {', '.join(known) or '(no adapters)'}")
+    previous = {path: (list(h.active), h.disabled) for path, h in hosts.items()}
+    for host in hosts.values():
+        host.set_active([names[0]])
+        host.disabled = False
+    try:
+        yield
+    finally:
+        for path, host in hosts.items():
+            host.active, host.disabled = previous[path]
+
+
 def _forward(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
              adapters: Sequence[str | None]) -> torch.Tensor:
     """Run the model once; returns the logits of the last column, ``(B, V)`` float32."""
-    from lorakit.adapters import mixed_batch
-
     kwargs = {_cache_kwarg(model): cache}
-    with torch.inference_mode(), mixed_batch(model, list(adapters)):
+    with torch.inference_mode(), _routing(model, adapters):
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **kwargs)
     return out.logits[:, -1, :].float()
@@ -270,7 +302,22 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Seque
     device = model_device(model)
     generators = [p.generator(device) for p in per_row]
     results = [Generation([], "length") for _ in prompts]
-    logits, batch = prefill(model, prompts, adapters, pad_id)
+    try:
+        logits, batch = prefill(model, prompts, adapters, pad_id)
+    except LorakitError as error:
+        if len(set(adapters)) == 1 or "adapter names but the batch has" not in str(error):
+            raise
+        # the model flattens (B, T, H) to (B * T, H) before a linear layer (OPT), so rows cannot be routed to
+        # different adapters in one pass: generate each adapter's rows as a batch of their own
+        groups: dict[str | None, list[int]] = {}
+        for row, name in enumerate(adapters):
+            groups.setdefault(name, []).append(row)
+        for name, rows in groups.items():
+            done = generate(model, [prompts[r] for r in rows], [name] * len(rows), [per_row[r] for r in rows],
+                            pad_id, keep_logits)
+            for row, result in zip(rows, done):
+                results[row] = result
+        return results
     running = list(range(len(prompts)))
     while running:
         still, last = [], []

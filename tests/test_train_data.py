@@ -468,7 +468,7 @@ def test_bad_sources(tmp_path):
     with pytest.raises(LorakitError, match=r"cols\.csv:2: unknown field 'answer'"):
         read_records(tmp_path / "cols.csv")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(LorakitError, match="not a folder written by datasets") as exc:
+    with pytest.raises(LorakitError, match="a folder with no data files .* and not a folder saved with datasets") as exc:
         read_records(tmp_path / "folder")
     _one_line(exc)
 

@@ -57,6 +57,15 @@ def run(args: argparse.Namespace) -> int:
     stops = end_of_turn_ids(tokenizer)
     params.stop_token_ids = stops
     ids = encode_prompt(tokenizer, prompt, chat=False if args.no_chat else None)
+    from lorakit.models.loading import context_length
+
+    limit = context_length(model)
+    if limit is not None and len(ids) >= limit:
+        raise LorakitError(f"the prompt is {len(ids)} tokens, but the model's context is {limit}; shorten it")
+    if limit is not None and len(ids) + params.max_new_tokens > limit:
+        params.max_new_tokens = limit - len(ids)
+        print(f"note: --max-new-tokens lowered to {params.max_new_tokens}: the prompt's {len(ids)} tokens plus the "
+              f"answer must fit the model's context of {limit}", file=sys.stderr)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results = generate(model, [ids] * len(rows), [internal for _, internal in rows], params, pad_id=pad)
     for (label, _), result in zip(rows, results):

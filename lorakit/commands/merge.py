@@ -7,6 +7,7 @@ The output is a Hugging Face folder (safetensors, config, tokenizer) that transf
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import warnings
 
@@ -30,7 +31,13 @@ def run(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit.export import LOSS_WARNING, export_merged
 
+    from lorakit.export import check_output_folder
+
     start = time.perf_counter()
+    protected = {"the adapter folder": args.adapter}
+    if os.path.isdir(os.path.expanduser(args.model)):
+        protected["the model folder"] = args.model
+    check_output_folder(args.out, overwrite=args.overwrite, protected=protected)  # before minutes of loading
     dtype = getattr(torch, DTYPES[args.dtype])
     model, tokenizer = lorakit.load_base(args.model, dtype=torch.float32, device="cpu")
     lorakit.load_adapter(model, args.adapter, adapter="merged")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -28,7 +29,43 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
                            "local folder; lorakit loads no models from the internet: download it first")
     if not (folder / "config.json").is_file():
         raise LorakitError(f"{folder} has no config.json; point --model at a Hugging Face model folder")
+    _refuse_pickled_only(folder)
+    check_causal_config(folder)
     return folder, str(folder)
+
+
+def check_causal_config(folder: Path) -> dict:
+    """Read ``folder/config.json`` and refuse what ``AutoModelForCausalLM`` cannot (or should not) build.
+
+    Caught here, before any weight is read, with a line that says what to do: invalid JSON, a ``model_type``
+    this transformers does not know (too old, or custom code lorakit will not run), and models that are not
+    decoder-only causal LMs (T5, BART and other encoder-decoders; BERT-style encoders).
+    """
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise LorakitError(f"{path}: not UTF-8 text; it is not a Hugging Face config.json") from None
+    except json.JSONDecodeError as error:
+        raise LorakitError(f"{path}: not valid JSON (line {error.lineno}: {error.msg}); fix or re-save the config") from None
+    if not isinstance(config, dict):
+        raise LorakitError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise LorakitError(f"{path} has no model_type; re-save the model with transformers' save_pretrained")
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        custom = " (it needs the model's own code, auto_map, which lorakit does not run)" if "auto_map" in config else ""
+        raise LorakitError(f"{path}: model_type {model_type!r} is unknown to transformers {transformers.__version__}"
+                           f"{custom}; upgrade transformers (pip install -U transformers) or use a supported model")
+    if config.get("is_encoder_decoder") or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind = "an encoder-decoder model" if config.get("is_encoder_decoder") else "not a causal language model"
+        raise LorakitError(f"{folder}: {model_type!r} is {kind}; lorakit fine-tunes decoder-only causal LMs "
+                           "(Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)")
+    return config
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -65,26 +102,85 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
     folder, display = resolve_model_folder(name_or_folder)
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    _refuse_pickled_only(folder)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    tokenizer = load_tokenizer(folder)  # first: a folder without a tokenizer fails before any weight is read
     if quantize is not None:
         from lorakit.models.quantized_loading import load_quantized
 
         model = load_quantized(folder, quant=quantize, dtype=dtype, device=device)
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation,
-                                                         use_safetensors=True)
-        except (OSError, ValueError) as error:
-            raise LorakitError(f"cannot load the model in {folder}: {str(error).splitlines()[0]}") from None
+        model = _load_dense(folder, dtype, attn_implementation)
         model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     model.lorakit_base_name = display
     return model, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer (with a pad token: its eos token when it has none), or a one-line error."""
+    from transformers import AutoTokenizer
+
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise LorakitError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save it beside the weights "
+                           "with tokenizer.save_pretrained(folder)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # transformers raises OSError, ValueError, TypeError, ... for broken tokenizer files
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise LorakitError(f"cannot load the tokenizer in {folder}: {reason}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LorakitError(f"the tokenizer in {folder} has neither a pad nor an eos token; set eos_token in "
+                               "tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | None):
+    """``AutoModelForCausalLM.from_pretrained`` from safetensors, refusing a folder whose weights do not cover the
+    model (transformers would fill the gap with random values and only log it)."""
+    from transformers import AutoModelForCausalLM
+
+    def load(attn: str | None):
+        kwargs = {"attn_implementation": attn} if attn else {}
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
+                                                    output_loading_info=True, **kwargs)
+
+    try:
+        with _quiet_loading():
+            try:
+                model, info = load(attn_implementation)
+            except ValueError as error:  # e.g. Gemma 2 (soft-capped attention) has no sdpa path: use eager attention
+                if not attn_implementation or "attention implementation" not in str(error) or attn_implementation == "eager":
+                    raise
+                model, info = load("eager")
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise LorakitError(f"cannot load the model in {folder}: {reason}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise LorakitError(f"{folder}: the safetensors weights lack {len(missing)} of the model's tensors (e.g. "
+                           f"{missing[0]!r}); the folder is incomplete or its config.json is for another model")
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No per-tensor progress bar and no load report from transformers: lorakit says what matters itself (a
+    missing tensor is an error below). The previous settings come back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _refuse_pickled_only(folder: Path) -> None:
@@ -96,3 +192,24 @@ def _refuse_pickled_only(folder: Path) -> None:
 
 def model_config_dict(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(model) -> int | None:
+    """The most positions the model was built for (``max_position_embeddings`` or its older names), or None.
+
+    Models with learned position embeddings (GPT-2, OPT) fail with an index error beyond it; rotary models run
+    but were not trained there. Multimodal configs keep it in their text config.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    get_text = getattr(config, "get_text_config", None)
+    for source in ((get_text(),) if callable(get_text) else ()) + (config,):
+        for key in _CONTEXT_KEYS:
+            value = getattr(source, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None

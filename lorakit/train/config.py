@@ -147,7 +147,11 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LorakitError(f"{_flag(name)} must be a positive integer, got {value!r}")
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "early_stopping_patience", "eval_batch_size"):
+        for name in ("max_steps", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise LorakitError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise LorakitError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
@@ -158,14 +162,12 @@ class TrainConfig:
             raise LorakitError("give --global-batch or --grad-accum, not both (--global-batch sets the accumulation)")
         if self.fsdp and self.full:
             raise LorakitError("--fsdp shards the frozen base under LoRA; --full with --fsdp is not supported: drop one")
-        if self.max_steps == 0:
-            raise LorakitError("--max-steps must be at least 1")
-        if self.eval_batch_size == 0:
-            raise LorakitError("--eval-batch-size must be at least 1")
         for name in ("eval_examples", "samples", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise LorakitError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
+        if not (_number(self.alpha) and self.alpha > 0):  # alpha 0 scales the update (and its gradients) to nothing
+            raise LorakitError(f"--alpha must be a positive number (e.g. 2 x --rank), got {self.alpha!r}")
         if not (_number(self.epochs) and self.epochs > 0):
             raise LorakitError(f"--epochs must be a positive number, got {self.epochs!r}")
         if self.lr is not None and not (_number(self.lr) and self.lr > 0):
@@ -199,7 +201,7 @@ class TrainConfig:
 
     def lora_config(self) -> LoraConfig:
         targets: Any = self.targets or "all-linear"
-        if isinstance(targets, list) and len(targets) == 1 and _looks_like_regex(targets[0]):
+        if isinstance(targets, list) and len(targets) == 1 and (_looks_like_regex(targets[0]) or targets[0] == "all-linear"):
             targets = targets[0]
         exclude: Any = self.exclude
         if isinstance(exclude, list) and len(exclude) == 1 and _looks_like_regex(exclude[0]):
@@ -272,14 +274,36 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return check_values(data, source=str(path))
 
 
+# what other tools (transformers' TrainingArguments, PEFT's LoraConfig, TRL) call our options: a config written
+# for them gets "did you mean" with our name rather than a refusal without a hint
+ALIASES = {
+    "learning_rate": "lr", "r": "rank", "lora_r": "rank", "lora_rank": "rank", "lora_alpha": "alpha",
+    "lora_dropout": "dropout", "target_modules": "targets", "exclude_modules": "exclude", "use_dora": "variant",
+    "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size", "micro_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "max_length", "max_seq_len": "max_length", "sequence_len": "max_length",
+    "output_dir": "out", "model_name_or_path": "model", "base_model": "model", "lr_scheduler_type": "schedule",
+    "train_file": "data", "dataset": "data", "datasets": "data", "validation_file": "val_data",
+    "val_set_size": "val_fraction", "per_device_eval_batch_size": "eval_batch_size", "eval_steps": "eval_every",
+    "save_steps": "save_every", "logging_steps": "log_every", "save_total_limit": "keep_checkpoints",
+    "load_in_4bit": "quantize", "bf16": "dtype", "fp16": "dtype",
+}
+_CLI_ONLY = ("resume", "overwrite", "config")
+_KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "list": "a list of strings (or one string)", "dict": "a mapping"}
+
+
 def check_values(data: dict[str, Any], source: str) -> dict[str, Any]:
     """Normalise keys (dashes -> underscores) and check each value's type against the field."""
     out: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
         if key not in FIELDS:
-            close = difflib.get_close_matches(key, FIELDS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            if key in _CLI_ONLY:
+                raise LorakitError(f"{source}: {raw_key!r} is a command-line flag only (--{key}), not a config option; "
+                                   "remove it from the file")
+            close = [ALIASES[key.lower()]] if key.lower() in ALIASES else difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; `lorakit train --help` lists every option"
             raise LorakitError(f"{source}: unknown option {raw_key!r}{hint}")
         out[key] = _coerce(key, value, source)
     return out
@@ -287,7 +311,15 @@ def check_values(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any, source: str) -> Any:
     kind = str(FIELDS[key].type)
-    bad = LorakitError(f"{source}: option {key!r} has the wrong type: {value!r} (expected {kind})")
+    base = kind.split("[")[0].split(" ")[0]
+    expected = _KIND_WORDS.get(base, kind) + (" or null" if "None" in kind else "")
+    bad = LorakitError(f"{source}: option {key!r} has the wrong type: {value!r} (expected {expected})")
+    if kind.startswith("float") and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 1e-4 (no dot) as a string: accept any number written that way
+        try:
+            value = float(value)
+        except ValueError:
+            raise bad from None
     if value is None:
         if "None" not in kind:
             raise bad

@@ -187,6 +187,7 @@ def tokenize_example(
     *,
     eot_token: str | None = None,
     info: TokenizerInfo | None = None,
+    drops: Counter | None = None,
 ) -> dict[str, Any] | None:
     """Tokenize one record into ``input_ids`` and ``labels`` (lists of int of the same length L <= max_length).
 
@@ -198,6 +199,8 @@ def tokenize_example(
             ``max_length`` tokens; None if no target is left), or "error" (raise).
         eot_token: the end-of-turn token (default: the tokenizer's eos token).
         info: a precomputed :func:`tokenizer_info` (saves re-inspecting the tokenizer per example).
+        drops: if given, counts why an example was dropped: ``"too_long"`` (overflow="drop") or ``"no_target"``
+            (its prompt alone fills max_length, so truncation left nothing to learn).
 
     Returns:
         ``{"input_ids": [...], "labels": [...], "truncated": bool}`` with ``labels[k] == IGNORE_INDEX`` where
@@ -246,11 +249,17 @@ def tokenize_example(
                 "raise max_length or choose overflow='drop' or 'truncate'"
             )
         if overflow == "drop":
-            return None
+            return _dropped(drops, "too_long")
         input_ids, labels, truncated = input_ids[:max_length], labels[:max_length], True
     if all(lab == IGNORE_INDEX for lab in labels):
-        return None  # truncation cut every target away: nothing to learn from this example
+        return _dropped(drops, "no_target")  # truncation cut every target away: nothing to learn from this example
     return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+
+
+def _dropped(drops: Counter | None, reason: str) -> None:
+    if drops is not None:
+        drops[reason] += 1
+    return None
 
 
 def generation_prompt(record: Record | Mapping, tokenizer: Any, *, info: TokenizerInfo | None = None) -> list[int]:
@@ -357,7 +366,8 @@ class DataSummary:
         examples: examples kept. dropped: examples dropped (too long with overflow="drop", or no target left
         after truncation). truncated: examples kept but cut to max_length. supervised_tokens: label positions
         that are targets. tokens: all tokens of kept examples. rows: dataset rows (== examples unless packed).
-        shapes: records per shape. max_length: the limit used.
+        shapes: records per shape. max_length: the limit used. too_long / no_target: the dropped examples by
+        reason (longer than max_length; no target left within it).
     """
 
     examples: int = 0
@@ -369,6 +379,8 @@ class DataSummary:
     max_length: int = 0
     packed: bool = False
     shapes: dict[str, int] = field(default_factory=dict)
+    too_long: int = 0  # of ``dropped``: longer than max_length under overflow="drop"
+    no_target: int = 0  # of ``dropped``: no target token left within max_length (a prompt that fills it)
 
     def __str__(self) -> str:
         shapes = ", ".join(f"{n} {s}" for s, n in sorted(self.shapes.items()))
@@ -377,6 +389,21 @@ class DataSummary:
             f"{self.examples} examples ({shapes}), {self.dropped} dropped, {self.truncated} truncated at "
             f"max_length={self.max_length}; {self.supervised_tokens} supervised of {self.tokens} tokens{packed}"
         )
+
+
+    def drop_note(self) -> str | None:
+        """One line on dropped examples, why and what to do about it (None when nothing was dropped)."""
+        if not self.dropped:
+            return None
+        parts = []
+        if self.too_long:
+            parts.append(f"{self.too_long} longer than max_length={self.max_length} tokens (raise --max-length or "
+                         "pass --overflow truncate)")
+        if self.no_target:
+            parts.append(f"{self.no_target} whose prompt fills max_length={self.max_length}, leaving no target "
+                         "(raise --max-length or shorten the prompts)")
+        total = self.examples + self.dropped
+        return f"note: {self.dropped} of {total} examples were dropped: " + "; ".join(parts)
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
@@ -416,12 +443,13 @@ def build_dataset(
     summary = DataSummary(max_length=max_length, packed=pack)
     shapes: Counter[str] = Counter()
     examples, kept = [], []
+    drops: Counter[str] = Counter()
     n_records = 0
     for raw in records:
         record = validate_record(raw)
         n_records += 1
         shapes[record.shape] += 1
-        ex = tokenize_example(record, tokenizer, max_length, overflow, info=info)
+        ex = tokenize_example(record, tokenizer, max_length, overflow, info=info, drops=drops)
         if ex is None:
             summary.dropped += 1
             continue
@@ -432,10 +460,17 @@ def build_dataset(
         kept.append(record)
     if n_records == 0:
         raise LorakitError(f"{name} is empty: give at least one record")
+    summary.too_long, summary.no_target = drops["too_long"], drops["no_target"]
     if not examples:
+        if drops["no_target"] and not drops["too_long"]:
+            raise LorakitError(
+                f"{name}: no examples left: in all {n_records} the prompt alone fills max_length={max_length} tokens, "
+                "so truncation leaves no completion to learn; raise max_length (--max-length) or shorten the prompts"
+            )
         raise LorakitError(
-            f"{name}: no examples left: all {n_records} were longer than max_length={max_length} or had no target "
-            "within it; raise max_length or use overflow='truncate'"
+            f"{name}: no examples left: all {n_records} are longer than max_length={max_length} tokens"
+            + (f" ({drops['no_target']} with no target within it)" if drops["no_target"] else "")
+            + "; raise max_length (--max-length) or truncate them (--overflow truncate)"
         )
     summary.examples, summary.shapes = len(examples), dict(shapes)
     rows = pack_examples(examples, max_length) if pack else examples

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "score the base model alone")
     parser.add_argument("--data", nargs="+", metavar="PATH", help="JSONL / CSV files or a datasets folder; default: the "
                         "embedded task's held-out set")
-    parser.add_argument("--max-length", type=int, default=256, help="most tokens per example (default: 256)")
+    parser.add_argument("--max-length", type=int, default=None, help="most tokens per example (default: 256, or the "
+                        "model's context length when shorter)")
     parser.add_argument("--overflow", choices=("drop", "truncate", "error"), default="drop",
                         help="examples longer than --max-length: drop (counted), truncate or error (default: drop)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit._fs import atomic_write_text
     from lorakit.io import load_adapter
     from lorakit.models import load_base
+    from lorakit.models.loading import context_length
     from lorakit.train.config import TrainConfig
     from lorakit.train.data import Collator, build_dataset, pad_id_for
     from lorakit.train.evaluate import dataset_loss, perplexity, score_generations, scorable
@@ -50,10 +53,15 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.runner import choose_device
 
     for name in ("max_length", "batch_size", "max_new_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise LorakitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.limit is not None and args.limit < 1:
         raise LorakitError(f"--limit must be at least 1, got {args.limit}")
+    if args.json:  # a results file that cannot be written is found out before minutes of scoring
+        target = Path(args.json)
+        if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+            raise LorakitError(f"--json {args.json}: cannot write a file there (a folder, or a parent folder that does "
+                               "not exist or is not writable)")
     started = time.perf_counter()
     device = choose_device(TrainConfig(device=args.device))
     if args.data:
@@ -73,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
         raise
     if args.adapter:
         load_adapter(model, args.adapter)
+    limit = context_length(model)
+    if args.max_length is None:
+        args.max_length = min(256, limit or 256)
+    elif limit is not None and args.max_length > limit:
+        raise LorakitError(f"--max-length {args.max_length} is longer than the model's context of {limit} tokens; "
+                           f"pass --max-length {limit} or less")
     dataset = build_dataset(records, tokenizer, args.max_length, args.overflow, name=", ".join(map(str, paths)))
     compute_dtype = compute_dtype_for(model, device)
     loss, tokens = dataset_loss(model, dataset, args.batch_size, Collator(pad_id_for(tokenizer)), device, compute_dtype)
@@ -82,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
                "supervised_tokens": tokens, "loss": loss, "perplexity": perplexity(loss)}
     print(f"{what} on {len(dataset)} examples ({dataset.summary.dropped} dropped, {dataset.summary.truncated} truncated "
           f"at max_length={args.max_length})")
+    if dataset.summary.drop_note():
+        print(dataset.summary.drop_note())
     print(f"loss {loss:.4f} per supervised token ({tokens} tokens), perplexity {perplexity(loss):.3f}")
     scored = scorable(dataset.records)
     if not args.no_generate and scored:

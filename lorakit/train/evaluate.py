@@ -148,6 +148,9 @@ def generate_answers(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     stop = [info.eot_id] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id not in (None, info.eot_id) else [])
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    from lorakit.models.loading import context_length
+
+    context = context_length(model)  # learned position embeddings (GPT-2, OPT) fail with an index error beyond it
     answers: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
@@ -161,7 +164,12 @@ def generate_answers(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
                 ids = prompts[i]
                 input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
                 mask[row, width - len(ids):] = 1
-            config = GenerationConfig(max_new_tokens=max(limits[i] for i in chunk), do_sample=False,
+            new_tokens = max(limits[i] for i in chunk)
+            if context is not None:
+                new_tokens = min(new_tokens, context - width)
+            if new_tokens < 1:  # the prompt fills the context: nothing can be generated
+                continue
+            config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False,
                                       eos_token_id=stop, pad_token_id=info.pad_id)
             with autocast_context(device, compute_dtype):
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),

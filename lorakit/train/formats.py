@@ -16,6 +16,7 @@ error (a template failure, an example too long) names the place the user has to 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = ("role", "content")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 CSV_SUFFIXES = (".csv",)
+PARQUET_SUFFIXES = (".parquet",)
+DATA_SUFFIXES = JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
 _EXPECTED = '{"text"}, {"prompt", "completion"} or {"messages": [...]}'
 
 
@@ -99,6 +102,16 @@ def _check_string(value: Any, key: str, where: str, nonempty: bool, what: str = 
         raise LorakitError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
     if nonempty and not value.strip():
         raise LorakitError(f"{where}: {what or 'empty ' + key}: field {key!r} has no text; fill it or drop the record")
+    _check_unicode(value, f"{where}: field {key!r}")
+
+
+def _check_unicode(value: str, what: str) -> None:
+    """JSON may spell a lone UTF-16 surrogate ("\\ud800"), which is not text: tokenizers fail on it with a TypeError."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LorakitError(f"{what} holds an unpaired surrogate {value[exc.start]!r} at character {exc.start}, which "
+                           "is not valid Unicode; fix the \\uXXXX escape (a cut emoji?)") from None
 
 
 def _validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
@@ -123,6 +136,7 @@ def _validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
         if not isinstance(content, str):
             got = "missing" if "content" not in msg else type(content).__name__
             raise LorakitError(f"{at} ({role}) content must be a string, got {got}")
+        _check_unicode(content, f"{at} ({role}) content")
         if role == "assistant" and not content.strip():
             raise LorakitError(f"{at}: empty completion: the assistant turn has no text; fill it or drop the record")
         out.append({"role": role, "content": content})
@@ -154,18 +168,60 @@ def read_records(path: str | Path, split: str | None = None) -> list[Record]:
     if not path.exists():
         raise LorakitError(f"data file not found: {path}; check the path (JSONL, CSV or a datasets folder)")
     if path.is_dir():
-        records = _read_datasets_folder(path, split)
-    elif path.suffix.lower() in JSONL_SUFFIXES:
-        records = _read_jsonl(path)
-    elif path.suffix.lower() in CSV_SUFFIXES:
-        records = _read_csv(path)
+        if _is_datasets_folder(path):
+            records = _read_datasets_folder(path, split)
+        else:
+            files = sorted(p for p in path.iterdir() if p.is_file() and _data_suffix(p) is not None)
+            if not files:
+                raise LorakitError(f"{path} is a folder with no data files ({', '.join(DATA_SUFFIXES)}) and not a "
+                                   "folder saved with datasets' save_to_disk; give the data files themselves")
+            records = [r for f in files for r in read_records(f)]
     else:
-        raise LorakitError(
-            f"{path}: unsupported data file type {path.suffix!r}; use .jsonl, .csv or a folder saved with save_to_disk"
-        )
+        suffix = _data_suffix(path)
+        if suffix is None:
+            raise LorakitError(f"{path}: unsupported data file type {''.join(path.suffixes[-2:]) or '(none)'!r}; use "
+                               f"{', '.join(DATA_SUFFIXES)} (optionally .gz) or a folder saved with save_to_disk")
+        if suffix in PARQUET_SUFFIXES:
+            records = _read_parquet(path)
+        else:
+            raw = _read_bytes(path)
+            records = _read_jsonl(path, raw, suffix) if suffix in JSONL_SUFFIXES else _read_csv(path, raw)
     if not records:
         raise LorakitError(f"{path}: no records in it; a data file needs at least one {_EXPECTED} record")
     return records
+
+
+def _data_suffix(path: Path) -> str | None:
+    """The data type of a file name (``.jsonl``, ``.csv``, ``.parquet``, ...; ``x.jsonl.gz`` is ``.jsonl``)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    suffix = suffixes[-1] if suffixes else ""
+    return suffix if suffix in DATA_SUFFIXES else None
+
+
+def _is_datasets_folder(path: Path) -> bool:
+    """What save_to_disk writes: dataset_dict.json (a DatasetDict) or state.json + dataset_info.json (a Dataset)."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped when it is gzip (by name or by its magic number)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise LorakitError(f"{path}: cannot read it ({exc.strerror}); check the file's permissions") from None
+    if raw[:2] == b"\x1f\x8b":
+        import gzip
+        import zlib
+
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise LorakitError(f"{path}: a damaged gzip file ({exc}); compress it again or give it uncompressed") from None
+    elif path.suffix.lower() == ".gz":
+        raise LorakitError(f"{path}: named .gz but not gzip-compressed; rename or recompress it")
+    return raw
 
 
 def read_many(paths: str | Path | Iterable[str | Path]) -> list[Record]:
@@ -178,13 +234,18 @@ def read_many(paths: str | Path | Iterable[str | Path]) -> list[Record]:
     return records
 
 
-def _read_jsonl(path: Path) -> list[Record]:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise LorakitError(f"{path}: cannot read it ({exc.strerror}); check the file's permissions") from None
-    if path.suffix.lower() == ".json" and raw.lstrip()[:1] == b"[":
-        return _read_json_array(path, raw)
+def _read_jsonl(path: Path, raw: bytes, suffix: str) -> list[Record]:
+    if suffix == ".json":  # a .json file may be one array of records, or one (pretty-printed) record
+        start = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+        if start == b"[":
+            return _read_json_array(path, raw)
+        if start == b"{":
+            try:
+                whole = json.loads(raw.decode("utf-8-sig"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                whole = None  # one object per line (JSONL named .json), or malformed: the line reader says where
+            if isinstance(whole, dict):
+                return [validate_record(whole, path.name)]
     records = []
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         where = f"{path.name}:{lineno}"
@@ -212,28 +273,41 @@ def _read_json_array(path: Path, raw: bytes) -> list[Record]:
     return [validate_record(obj, f"{path.name}[{i}]") for i, obj in enumerate(items)]
 
 
-def _read_csv(path: Path) -> list[Record]:
+def _read_csv(path: Path, raw: bytes) -> list[Record]:
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames
-            if not header:
-                raise LorakitError(f"{path.name}: empty CSV; the first line must name the fields ({_EXPECTED})")
-            records = []
-            for row in reader:
-                where = f"{path.name}:{reader.line_num}"
-                if None in row:  # DictReader files extra cells under the key None
-                    raise LorakitError(f"{where}: {len(header) + len(row[None])} cells but the header has {len(header)}")
-                if any(v is None for v in row.values()):
-                    raise LorakitError(f"{where}: fewer cells than the header's {len(header)}; fill every column")
-                records.append(validate_record(row, where))
-            return records
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise LorakitError(f"{path.name}: not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8") from None
+    # newline="": the csv module itself handles CRLF line ends and newlines quoted inside cells
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames
+        if not header:
+            raise LorakitError(f"{path.name}: empty CSV; the first line must name the fields ({_EXPECTED})")
+        records = []
+        for row in reader:
+            where = f"{path.name}:{reader.line_num}"
+            if None in row:  # DictReader files extra cells under the key None
+                raise LorakitError(f"{where}: {len(header) + len(row[None])} cells but the header has {len(header)}")
+            if any(v is None for v in row.values()):
+                raise LorakitError(f"{where}: fewer cells than the header's {len(header)}; fill every column")
+            records.append(validate_record(row, where))
+        return records
     except csv.Error as exc:
-        raise LorakitError(f"{path.name}: malformed CSV ({exc}); check quoting") from None
-    except OSError as exc:
-        raise LorakitError(f"{path}: cannot read it ({exc.strerror}); check the file's permissions") from None
+        raise LorakitError(f"{path.name}:{reader.line_num}: malformed CSV ({exc}); check quoting") from None
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    try:
+        import pyarrow.parquet as pq  # lazy: comes with the datasets package (lorakit[data])
+    except ImportError:
+        raise LorakitError(f"{path}: reading Parquet needs pyarrow: pip install 'lorakit[data]'") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for files that are not Parquet
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LorakitError(f"{path}: not a readable Parquet file ({reason})") from None
+    return [validate_record(_drop_nulls(row), f"{path.name} row {i}") for i, row in enumerate(rows)]
 
 
 def _read_datasets_folder(path: Path, split: str | None) -> list[Record]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,9 @@ def resolve_run_folder(out: str | None, resume: str | None, overwrite: bool) -> 
     if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
         raise LorakitError(f"{run_dir} already holds files (an earlier run?); continue it with --resume, choose another "
                            "--out, or pass --overwrite")
+    from lorakit.export import check_output_folder
+
+    check_output_folder(run_dir, overwrite=True)  # a writable place, checked before minutes of loading
     return run_dir, None
 
 
@@ -74,6 +79,59 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
     """The config a run was started with (the base of a resume, so `--resume` alone repeats the same run)."""
     path = run_dir / CONFIG_NAME
     return read_config_file(path) if path.is_file() else {}
+
+
+def interrupted_hint(run_dir: Path) -> str:
+    """What a Ctrl-C leaves behind: the last complete checkpoint and the command that continues from it."""
+    from lorakit.train.checkpoint import latest_checkpoint
+    from lorakit.train.loop import CHECKPOINTS_DIR
+
+    last = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
+    if last is None:
+        return (f"training interrupted before its first checkpoint; nothing to resume in {run_dir} (--save-every N "
+                "writes one every N steps)")
+    return f"training interrupted; the last checkpoint is {last}; continue with: lorakit train --resume {run_dir}"
+
+
+def check_module_names(model: Any, config: TrainConfig) -> None:
+    """Every name given to --targets, --exclude and --modules-to-save must match a module of this model (as a
+    full path or its last parts): a typo among several names would otherwise be skipped without a word."""
+    import difflib
+
+    from torch import nn
+
+    from lorakit.train.config import _looks_like_regex
+
+    names = [name for name, _ in model.named_modules() if name]
+    layers = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if name and (
+        isinstance(module, (nn.Linear, nn.Embedding)) or type(module).__name__ == "Conv1D")})
+    lists = (("--targets", config.targets), ("--exclude", config.exclude), ("--modules-to-save", config.modules_to_save))
+    for flag, values in lists:
+        if config.full and flag != "--modules-to-save" or not values:
+            continue
+        if flag != "--modules-to-save" and len(values) == 1 and (_looks_like_regex(values[0]) or values[0] == "all-linear"):
+            continue  # one regular expression (or all-linear): the injection reports one that matches nothing
+        for value in values:
+            if not any(name == value or name.endswith("." + value) for name in names):
+                close = difflib.get_close_matches(value, layers, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise LorakitError(f"{flag} {value!r} matches no module of this model{hint}; its linear and embedding "
+                                   f"layers are named: {', '.join(layers)}")
+
+
+def fit_max_length(config: TrainConfig, model: Any, explicit: bool) -> TrainConfig:
+    """Keep ``max_length`` within the model's context: lowered to it (and said) when it is the default, refused when
+    the user asked for more. Beyond it, learned position embeddings (GPT-2, OPT) fail with an index error."""
+    from lorakit.models.loading import context_length
+
+    limit = context_length(model)
+    if limit is None or config.max_length <= limit:
+        return config
+    if explicit:
+        raise LorakitError(f"--max-length {config.max_length} is longer than the model's context of {limit} tokens "
+                           f"(max_position_embeddings in its config.json); pass --max-length {limit} or less")
+    say(f"max_length lowered from {config.max_length} to {limit}, the model's context length")
+    return config.replace(max_length=limit)
 
 
 # -- pieces ---------------------------------------------------------------------------------------------------------
@@ -161,6 +219,43 @@ def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: b
     main = rank == 0
     out = config.out
     run_dir, resume_from = resolve_run_folder(out, resume, overwrite)
+    existed = run_dir.is_dir()
+    fresh = resume_from is None and not (existed and any(run_dir.iterdir()))
+    try:
+        return _run(config, run_dir, resume_from, started, cpu_started, config_file_values, cli_values,
+                    replace=resume_from is None and not fresh)
+    except BaseException as error:
+        # a new run that failed (or was stopped) before its first checkpoint leaves nothing to resume: remove what
+        # it wrote, so the same command can run again without --overwrite (a folder that held files is kept)
+        if fresh and main and run_dir.is_dir() and not (run_dir / "checkpoints" / "latest").is_file():
+            for child in (list(run_dir.iterdir()) if existed else [run_dir]):
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            if isinstance(error, KeyboardInterrupt):
+                print(f"removed the unfinished run in {run_dir}", file=sys.stderr, flush=True)
+        raise
+
+
+def clear_run_files(run_dir: Path) -> None:
+    """``--overwrite``: remove an earlier run's files (only lorakit's own names; anything else stays), so its
+    checkpoints, best adapter and metrics cannot mix with the new run's."""
+    from lorakit.train.loop import ADAPTER_DIR, BEST_DIR, CHECKPOINTS_DIR, MODEL_DIR
+    from lorakit.train.report import CURVE_NAME, METRICS_NAME
+
+    for name in (ADAPTER_DIR, BEST_DIR, CHECKPOINTS_DIR, MODEL_DIR, "tensorboard", METRICS_NAME, CURVE_NAME,
+                 CONFIG_NAME, RESULTS_NAME, BEFORE_NAME):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: float, cpu_started: float,
+         config_file_values: dict[str, Any] | None, cli_values: dict[str, Any] | None, replace: bool) -> dict:
+    from lorakit.train.loop import world
+
+    rank, world_size = world()
+    main = rank == 0
     if resume_from is not None:  # the earlier run's options, then the config file's, then the flags'
         config = TrainConfig(**{**saved_config(run_dir), **(config_file_values or {}), **(cli_values or {})})
     config = config.replace(out=str(run_dir))
@@ -176,12 +271,22 @@ def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: b
     # --fsdp: the whole base waits in CPU memory; sharding moves each process's shard to its device
     sharded = config.fsdp and world_size > 1
     model, tokenizer = load_model(config, torch.device("cpu") if sharded else device)
+    check_module_names(model, config)
+    given = {**(config_file_values or {}), **(cli_values or {})}
+    config = fit_max_length(config, model, explicit="max_length" in given or resume_from is not None)
     bundle = load_data(config, tokenizer)
     say(f"training data: {bundle.train.summary}")
+    if bundle.train.summary.drop_note():
+        say(bundle.train.summary.drop_note())
     if bundle.val is not None:
         say(f"validation data: {bundle.val.summary}")
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if replace:
+                clear_run_files(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise LorakitError(f"cannot write the run folder {run_dir}: {error.strerror or error}; choose another --out") from None
         atomic_write_text(run_dir / CONFIG_NAME, dump_yaml(config))
 
     eval_records = scorable(bundle.val.records)[: config.eval_examples] if bundle.val is not None else []
@@ -205,7 +310,12 @@ def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: b
         say("no held-out examples with a reference answer: skipping the exact-match score (give --val-data or "
             "--val-fraction with prompt/completion or chat records)")
 
-    result = train(model, tokenizer, bundle.train, config, val_data=bundle.val, out=run_dir, resume=resume_from)
+    try:
+        result = train(model, tokenizer, bundle.train, config, val_data=bundle.val, out=run_dir, resume=resume_from)
+    except KeyboardInterrupt:
+        if main:
+            print(interrupted_hint(run_dir), file=sys.stderr, flush=True)
+        raise
     from lorakit.inject import trainable_report
 
     share = trainable_report(model)
