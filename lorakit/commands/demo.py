@@ -19,17 +19,23 @@ def run(args: argparse.Namespace) -> int:
 
     import lorakit
 
+    from lorakit.errors import LorakitError
+    from lorakit.generation import encode_prompt, has_chat_template
+
+    if args.rank < 1:
+        raise LorakitError(f"--rank must be a positive integer, got {args.rank}")
     start = time.perf_counter()
     model, tokenizer = lorakit.load_base(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
     lorakit.inject(model, lorakit.LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules="all-linear"))
     print(lorakit.trainable_report(model))
-    messages = [{"role": "user", "content": args.prompt}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    inputs = {k: v.to(next(model.parameters()).device) for k, v in inputs.items()}
+    # a base model without a chat template gets the prompt as plain text to continue
+    ids = torch.tensor([encode_prompt(tokenizer, args.prompt)], device=next(model.parameters()).device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(f"user: {args.prompt}\nassistant (base + fresh adapter, which starts equal to the base): {answer.strip()}")
+    who = "assistant" if has_chat_template(tokenizer) else "continuation (no chat template)"
+    print(f"user: {args.prompt}\n{who} (base + fresh adapter, which starts equal to the base): {answer.strip()}")
     print("next: `lorakit train` fine-tunes this model on the embedded task in a few minutes")
     return 0

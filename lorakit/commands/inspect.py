@@ -14,8 +14,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def describe(folder: str) -> dict:
     """rank, alpha, variant, targets, trainable parameters, size and base model of an adapter folder."""
+    from pathlib import Path
+
+    from lorakit.errors import LorakitError
     from lorakit.io import read_adapter
 
+    path = Path(folder)
+    if path.is_file():
+        raise LorakitError(f"{folder} is a file; give the adapter folder that holds adapter_config.json and "
+                           "adapter_model.safetensors")
+    if path.is_dir() and not (path / "adapter_config.json").exists() and (path / "config.json").is_file():
+        raise LorakitError(f"{folder} is a model folder (config.json), not an adapter; give a folder with "
+                           "adapter_config.json and adapter_model.safetensors (e.g. RUN/adapter)")
     adapter = read_adapter(folder)
     config = adapter.config
     modules: dict[str, int] = {}
