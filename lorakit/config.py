@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,41 @@ from lorakit.functional import scaling
 
 VARIANTS = ("lora", "rslora", "dora", "rsdora")
 INITS = ("default", "gaussian", "pissa")
+SHOWN_CHARS = 80  # an error message quotes at most this much of a value that came from a file
+
+
+# -- quoting file data in error messages ----------------------------------------------------------------------------
+# A value read from a file can be 20 MB long, nested thousands deep, or an int whose repr() raises: error messages
+# quote it through these, so they stay one short line whatever the file holds.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, SHOWN_CHARS, SHOWN_CHARS, SHOWN_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 5
+
+
+def clipped(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` on one line, at most ``limit`` characters (cut ones end in ``...``)."""
+    cut = len(text) > limit
+    text = text[:limit]  # first, so a 20 MB text costs nothing
+    text = text if text.isprintable() else repr(text)[1:-1]  # newlines and control characters escaped
+    return text[: limit - 3] + "..." if cut or len(text) > limit else text
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message: one line, at most ``limit`` characters, never raises."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"  # repr() may raise on these
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a hostile object's __repr__, or an int nested in a list
+        text = f"<{type(value).__name__}>"
+    return clipped(text, limit)
+
+
+def listed(items: Any, limit: int = 5) -> str:
+    """The first ``limit`` items (each cut by ``clipped``), then "and N more": ``a, b, c and 7 more``."""
+    items = list(items)
+    text = ", ".join(clipped(str(item)) for item in items[:limit])
+    return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 @dataclass
@@ -70,19 +106,19 @@ class LoraConfig:
         _check_alpha("alpha", self.alpha)
         for name, value in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-                raise LorakitError(f"{name} must map module-name patterns to numbers, got {value!r}")
+                raise LorakitError(f"{name} must map module-name patterns to numbers, got {shown(value)}")
         for pattern, rank in self.rank_pattern.items():
-            _check_rank(f"rank_pattern[{pattern!r}]", rank)
+            _check_rank(f"rank_pattern[{shown(pattern)}]", rank)
         for pattern, alpha in self.alpha_pattern.items():
-            _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
+            _check_alpha(f"alpha_pattern[{shown(pattern)}]", alpha)
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise LorakitError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise LorakitError(f"dropout must be in [0, 1), got {shown(self.dropout)}")
         if self.variant not in VARIANTS:
-            raise LorakitError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+            raise LorakitError(f"unknown variant {shown(self.variant)}; choose one of {', '.join(VARIANTS)}")
         if self.init not in INITS:
-            raise LorakitError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+            raise LorakitError(f"unknown init {shown(self.init)}; choose one of {', '.join(INITS)}")
         if self.bias != "none":
-            raise LorakitError(f"bias={self.bias!r} is not supported: lorakit keeps biases frozen, use bias='none' (an "
+            raise LorakitError(f"bias={shown(self.bias)} is not supported: lorakit keeps biases frozen, use bias='none' (an "
                                "adapter peft trained with biases: merge it with peft's merge_and_unload and load the merged model)")
         if self.target_modules is None or self.target_modules == [] or self.target_modules == "":
             raise LorakitError("target_modules is empty; name modules (e.g. ['q_proj', 'v_proj']), a regex, or 'all-linear'")
@@ -90,27 +126,28 @@ class LoraConfig:
                             ("modules_to_save", self.modules_to_save)):
             if value is not None and not isinstance(value, str) and not (
                     isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
-                raise LorakitError(f"{name} must be a list of module names or one regular expression, got {value!r}")
+                raise LorakitError(f"{name} must be a list of module names or one regular expression, got {shown(value)}")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
         layers = self.layers_to_transform
         if layers is not None and not (_is_index(layers) or (isinstance(layers, list) and all(_is_index(i) for i in layers))):
-            raise LorakitError(f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
+            raise LorakitError(f"layers_to_transform must be a layer index or a list of them, got {shown(layers)}")
         pattern = self.layers_pattern
         if pattern is not None and not isinstance(pattern, str) and not (
                 isinstance(pattern, list) and all(isinstance(p, str) and p for p in pattern)):
-            raise LorakitError(f"layers_pattern must be a name (such as 'layers') or a list of names, got {pattern!r}")
+            raise LorakitError(f"layers_pattern must be a name (such as 'layers') or a list of names, got {shown(pattern)}")
         if isinstance(self.target_modules, str) and (layers is not None or pattern):  # PEFT's LoraConfig refuses it too
             raise LorakitError("layers_to_transform / layers_pattern need target_modules as a list of module names (such as "
-                               f"['q_proj', 'v_proj']), not {self.target_modules!r}; a regex can name the layers itself")
+                               f"['q_proj', 'v_proj']), not {shown(self.target_modules)}; a regex can name the layers itself")
         if pattern and layers is None:
-            raise LorakitError(f"layers_pattern={pattern!r} needs layers_to_transform (the layer indices to adapt)")
+            raise LorakitError(f"layers_pattern={shown(pattern)} needs layers_to_transform (the layer indices to adapt)")
         for name, value in (("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules)):
             if isinstance(value, str) and value != "all-linear":
                 try:
                     re.compile(value)
-                except re.error as error:
-                    raise LorakitError(f"{name} {value!r} is not a valid regular expression: {error}") from None
+                except (re.error, RecursionError, OverflowError) as error:  # "((((..." deep enough makes re recurse
+                    raise LorakitError(f"{name} {shown(value)} is not a valid regular expression: "
+                                       f"{clipped(str(error) or type(error).__name__)}") from None
 
     def in_chosen_layers(self, module_path: str) -> bool:
         """PEFT's ``layers_to_transform`` rule (true when no layers are chosen or targets are a regular expression)."""
@@ -172,19 +209,19 @@ class LoraConfig:
         if not isinstance(data, dict):
             raise LorakitError(f"{source}: expected a JSON object, got {type(data).__name__}")
         peft_type = data.get("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
-            raise LorakitError(f"{source}: peft_type {peft_type!r} is not LoRA; lorakit reads LoRA adapters only")
+        if not isinstance(peft_type, str) or peft_type.upper() != "LORA":  # str() of a deep list would recurse
+            raise LorakitError(f"{source}: peft_type {shown(peft_type)} is not LoRA; lorakit reads LoRA adapters only")
         for key, value in data.items():
             if key in _READ_FIELDS or key in _IGNORED_FIELDS:
                 continue
             if key in PEFT_DEFAULTS:
                 if not _is_default(value, PEFT_DEFAULTS[key]):
                     hint = _UNSUPPORTED_HINTS.get(key, "it changes the adapter's math in a way lorakit does not implement")
-                    raise LorakitError(f"{source}: PEFT option {key}={value!r} is not supported by lorakit ({hint}); "
+                    raise LorakitError(f"{source}: PEFT option {key}={shown(value)} is not supported by lorakit ({hint}); "
                                        f"merge the adapter with peft (merge_and_unload) and load the merged model instead")
                 continue
             if value not in (None, False, {}, [], ""):
-                raise LorakitError(f"{source}: unknown field {key!r}={value!r} (from a newer peft?); lorakit cannot apply "
+                raise LorakitError(f"{source}: unknown field {shown(key)}={shown(value)} (from a newer peft?); lorakit cannot apply "
                                    f"it. If it does not change the adapter's math, delete it from the file")
         use_rslora, use_dora = bool(data.get("use_rslora", False)), bool(data.get("use_dora", False))
         variant = {(True, True): "rsdora", (False, True): "dora", (True, False): "rslora"}.get((use_rslora, use_dora), "lora")
@@ -192,7 +229,7 @@ class LoraConfig:
         # the saved weights are final: the init only mattered before training (but see _warn_residual_base)
         init_name = "gaussian" if init == "gaussian" else "default"
         if not isinstance(init, (bool, str, type(None))):
-            raise LorakitError(f"{source}: init_lora_weights={init!r} must be true, false or a method name")
+            raise LorakitError(f"{source}: init_lora_weights={shown(init)} must be true, false or a method name")
         _warn_residual_base(init, source)
         bias = data.get("bias")
         try:
@@ -215,7 +252,7 @@ class LoraConfig:
         except LorakitError as error:
             raise LorakitError(f"{source}: {error}") from None
         except (TypeError, ValueError) as error:
-            raise LorakitError(f"{source}: malformed field: {error}") from None
+            raise LorakitError(f"{source}: malformed field: {clipped(str(error), 4 * SHOWN_CHARS)}") from None
 
     def replace(self, **changes: Any) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
@@ -238,7 +275,7 @@ def _warn_residual_base(init: Any, source: str) -> None:
     if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
         import warnings
 
-        warnings.warn(f"{source}: init_lora_weights={init!r}: {init} rewrites the base weights when the adapter is "
+        warnings.warn(f"{source}: init_lora_weights={shown(init)}: {clipped(init)} rewrites the base weights when the adapter is "
                       "created, and peft saved A and B for that rewritten base, not for the original model: load it on "
                       "the base saved with it, or re-save it from peft with path_initial_model_for_weight_conversion to get an "
                       "adapter for the original model", UserWarning, stacklevel=4)
@@ -246,12 +283,12 @@ def _warn_residual_base(init: Any, source: str) -> None:
 
 def _check_rank(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise LorakitError(f"{name} must be a positive integer, got {value!r}")
+        raise LorakitError(f"{name} must be a positive integer, got {shown(value)}")
 
 
 def _check_alpha(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LorakitError(f"{name} must be a finite number, got {value!r}")
+        raise LorakitError(f"{name} must be a finite number, got {shown(value)}")
 
 
 def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:

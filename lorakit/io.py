@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch import nn
 
 from lorakit import quant
 from lorakit._fs import atomic_write_bytes, atomic_write_text
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.inject import _base_modules, adapter_hosts, adapter_names, find_modules_to_save, find_targets, inject
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
@@ -31,6 +32,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = "1"
 PREFIX = "base_model.model."
 PICKLED_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
+MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few KB (the server's limit, lorakit.serve.pool, too)
 
 # (linear form attribute, PEFT key suffix for linear layers, for embeddings)
 _SUFFIXES = {
@@ -137,23 +139,33 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
 # -- read ----------------------------------------------------------------------------------------------------------
 @dataclass
 class AdapterFile:
-    """A validated adapter folder: its config, tensors (PEFT keys) and lorakit metadata (empty if made by PEFT)."""
+    """A validated adapter folder: its config, tensors (PEFT keys) and lorakit metadata (empty if made by PEFT).
+
+    ``read_adapter`` reads each file once, so these are exactly the bytes it checked; ``load_adapter`` accepts this
+    object, so a caller that checked an adapter loads what it checked even if the files change afterwards.
+    """
 
     folder: Path
     config: LoraConfig
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
     raw_config: dict[str, Any]
+    file_bytes: int | None = None  # size of the weights file when it was read
 
     @property
     def size_bytes(self) -> int:
-        return (self.folder / WEIGHTS_NAME).stat().st_size
+        return self.file_bytes if self.file_bytes is not None else (self.folder / WEIGHTS_NAME).stat().st_size
 
 
-def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None) -> AdapterFile:
-    """Read and validate an adapter folder without touching any model. Never unpickles."""
-    from safetensors import safe_open
+def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow_symlinks: bool = True) -> AdapterFile:
+    """Read and validate an adapter folder without touching any model. Never unpickles.
 
+    Each file is opened once and read whole (what is validated is what is returned). ``max_bytes`` caps the weights
+    file; ``adapter_config.json`` is capped at ``MAX_CONFIG_BYTES``. ``follow_symlinks=False`` refuses a folder or
+    file that is a symbolic link (``O_NOFOLLOW``, checked by the open itself, so it cannot be swapped in between):
+    for folders others can write to, such as a server's. The default follows them, as the Hugging Face hub cache
+    (files linked to blobs) needs.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise LorakitError(f"adapter folder {folder} does not exist (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)")
@@ -161,7 +173,7 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None) -> Ada
     if not weights.is_file():
         named = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
         if named:  # peft saves an adapter that is not named "default" into a subfolder of its name
-            raise LorakitError(f"{folder} holds adapters in subfolders ({', '.join(named[:5])}); pass one of them, "
+            raise LorakitError(f"{folder} holds adapters in subfolders ({listed(named)}); pass one of them, "
                                f"e.g. {folder / named[0]}")
         pickled = [n for n in PICKLED_NAMES if (folder / n).exists()]
         if pickled:
@@ -171,39 +183,97 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None) -> Ada
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise LorakitError(f"{config_path} not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    size = weights.stat().st_size
-    if max_bytes is not None and size > max_bytes:
-        raise LorakitError(f"{weights} is {size:,} bytes, over the limit of {max_bytes:,}")
+    folder_fd = None if follow_symlinks else _open(folder, follow_symlinks, None, directory=True)
     try:
-        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LorakitError(f"{config_path} is not valid JSON: {error}") from None
-    config = LoraConfig.from_peft_dict(raw_config, source=str(config_path))
-    _check_header(weights, size)
+        weights_fd = _open(weights, follow_symlinks, folder_fd)
+        try:
+            config_fd = _open(config_path, follow_symlinks, folder_fd)
+        except BaseException:
+            os.close(weights_fd)
+            raise
+    finally:
+        if folder_fd is not None:
+            os.close(folder_fd)
+    with os.fdopen(weights_fd, "rb") as weights_handle, os.fdopen(config_fd, "rb") as config_handle:
+        size = os.fstat(weights_fd).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise LorakitError(f"{weights} is {size:,} bytes, over the limit of {max_bytes:,}")
+        raw_config = _read_config(config_path, config_handle)
+        try:
+            config = LoraConfig.from_peft_dict(raw_config, source=str(config_path))
+        except RecursionError:  # a field nested hundreds deep: deep enough for some check to recurse
+            raise LorakitError(f"{config_path} is nested too deeply; a PEFT adapter_config.json is a flat object") from None
+        data = _read_exactly(weights, weights_handle, size)
+    _check_header(weights, data)
+    from safetensors.torch import load as safetensors_load
+
     try:
-        with safe_open(str(weights), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        tensors = safetensors_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = dict(json.loads(data[8:8 + header_len]).get("__metadata__") or {})
     except Exception as error:  # safetensors raises its own error type for malformed files
-        raise LorakitError(f"{weights} is not a valid safetensors file ({type(error).__name__}: {error}); "
-                           "it may be truncated: save the adapter again") from None
+        raise LorakitError(f"{weights} is not a valid safetensors file ({type(error).__name__}: "
+                           f"{clipped(str(error), 200)}); it may be truncated: save the adapter again") from None
+    del data  # the tensors hold their own copies
     not_float = [k for k, t in tensors.items() if not t.is_floating_point()]
     if not_float:
-        raise LorakitError(f"{weights}: tensor {not_float[0]} has dtype {tensors[not_float[0]].dtype}; adapter weights "
-                           "are floating point")
+        raise LorakitError(f"{weights}: tensor {clipped(not_float[0])} has dtype {tensors[not_float[0]].dtype}; adapter "
+                           "weights are floating point")
     bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
-        raise LorakitError(f"{weights}: tensor {bad[0]} holds NaN or Inf; the adapter is broken")
-    return AdapterFile(folder, config, tensors, metadata, raw_config)
+        raise LorakitError(f"{weights}: tensor {clipped(bad[0])} holds NaN or Inf; the adapter is broken")
+    return AdapterFile(folder, config, tensors, metadata, raw_config, size)
 
 
-def _check_header(path: Path, size: int) -> None:
+def _open(path: Path, follow_symlinks: bool, folder_fd: int | None, directory: bool = False) -> int:
+    """A read-only descriptor of the regular file (or folder) ``path``; with ``follow_symlinks=False`` the open
+    itself refuses a symbolic link as the last component, and opens relative to ``folder_fd`` when given."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    flags |= 0 if directory else getattr(os, "O_NONBLOCK", 0)  # a FIFO swapped in must not block the open
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    relative = folder_fd is not None and os.open in os.supports_dir_fd
+    try:
+        fd = os.open(path.name if relative else path, flags, dir_fd=folder_fd if relative else None)
+    except OSError as error:
+        if not follow_symlinks and path.is_symlink():  # ELOOP, or ENOTDIR for a folder
+            raise LorakitError(f"{path} is a symbolic link, refused here (follow_symlinks=False): put the adapter's "
+                               "files themselves there") from None
+        raise LorakitError(f"{path} cannot be opened: {error.strerror}") from None
+    kind = os.fstat(fd).st_mode
+    if not (stat.S_ISDIR(kind) if directory else stat.S_ISREG(kind)):
+        os.close(fd)
+        raise LorakitError(f"{path} is not a regular {'folder' if directory else 'file'}")
+    return fd
+
+
+def _read_exactly(path: Path, handle, size: int) -> bytes:
+    data = handle.read(size + 1)
+    if len(data) != size:
+        raise LorakitError(f"{path} changed while it was read ({size:,} bytes expected, {len(data):,} read); try again")
+    return data
+
+
+def _read_config(path: Path, handle) -> Any:
+    """Parse ``adapter_config.json`` from an open file, refusing it over ``MAX_CONFIG_BYTES`` before reading it."""
+    size = os.fstat(handle.fileno()).st_size
+    if size > MAX_CONFIG_BYTES:
+        raise LorakitError(f"{path} is {size:,} bytes, over the limit of {MAX_CONFIG_BYTES:,} (a PEFT adapter config is "
+                           "a few KB)")
+    try:
+        return json.loads(_read_exactly(path, handle, size).decode("utf-8"))
+    except RecursionError:
+        raise LorakitError(f"{path} is nested too deeply to be an adapter config") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
+        raise LorakitError(f"{path} is not valid JSON: {clipped(str(error).split(';')[0], 160)}") from None
+
+
+def _check_header(path: Path, data: bytes) -> None:
     """The safetensors header must be a sane length and lie inside the file (cheap check before parsing)."""
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    if len(head) < 8:
+    size = len(data)
+    if size < 8:
         raise LorakitError(f"{path} is truncated ({size} bytes); save the adapter again")
-    header_len = int.from_bytes(head, "little")
+    header_len = int.from_bytes(data[:8], "little")
     if header_len > 100_000_000 or 8 + header_len > size:
         raise LorakitError(f"{path} is not a valid safetensors file (header of {header_len} bytes in a {size}-byte "
                            "file); it may be truncated: save the adapter again")
@@ -222,7 +292,7 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
     config = adapter_file.config
     fingerprint = adapter_file.metadata.get("lorakit_base_fingerprint")
     if check_base and fingerprint and fingerprint != base_fingerprint(model):
-        raise LorakitError(f"{adapter_file.folder} was made for another base model (fingerprint {fingerprint}, this model "
+        raise LorakitError(f"{adapter_file.folder} was made for another base model (fingerprint {shown(fingerprint)}, this model "
                            f"{base_fingerprint(model)}); load it on the model it was trained on")
     targets = find_targets(model, config)
     saved = find_modules_to_save(model, config)
@@ -238,8 +308,7 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
             continue
         plan[(path, attr)] = tensor
     if unexpected:
-        raise LorakitError(f"{adapter_file.folder}: unexpected tensor keys for this model and config: "
-                           f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        raise LorakitError(f"{adapter_file.folder}: unexpected tensor keys for this model and config: {listed(unexpected)}")
     missing: list[str] = []
     for path, module in targets.items():
         out_features, in_features = quant.linear_shape(module)
@@ -256,7 +325,7 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
             if tensor is None:
                 missing.append(key)
             elif tuple(tensor.shape) != shape:
-                raise LorakitError(f"{adapter_file.folder}: {key} has shape {tuple(tensor.shape)}, but module {path} "
+                raise LorakitError(f"{adapter_file.folder}: {key} has shape {shown(tuple(tensor.shape))}, but module {path} "
                                    f"needs {shape}; the adapter was made for a different model or rank")
     for path, module in saved.items():
         for name, parameter in module.state_dict().items():
@@ -265,11 +334,10 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
             if tensor is None:
                 missing.append(key)
             elif tuple(tensor.shape) != tuple(parameter.shape):
-                raise LorakitError(f"{adapter_file.folder}: {key} has shape {tuple(tensor.shape)}, but this model's "
+                raise LorakitError(f"{adapter_file.folder}: {key} has shape {shown(tuple(tensor.shape))}, but this model's "
                                    f"{path}.{name} is {tuple(parameter.shape)}")
     if missing:
-        raise LorakitError(f"{adapter_file.folder}: missing tensor keys: {', '.join(missing[:5])}"
-                           f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+        raise LorakitError(f"{adapter_file.folder}: missing tensor keys: {listed(missing)} ({len(missing)} in all)")
     return plan
 
 
@@ -297,8 +365,8 @@ def _is_unchanged_base_copy(key: str, tensor: torch.Tensor, base_modules: dict[s
         return False
     path = f"{key[: -len(suffix)]}.weight"
     if weight.shape != tensor.shape:
-        raise LorakitError(f"{folder}: {PREFIX}{key} is a full copy of {path} with shape {tuple(tensor.shape)}, but this "
-                           f"model's is {tuple(weight.shape)}; the adapter was trained on a resized vocabulary: resize "
+        raise LorakitError(f"{folder}: {PREFIX}{key} is a full copy of {path} with shape {shown(tuple(tensor.shape))}, "
+                           f"but this model's is {tuple(weight.shape)}; the adapter was trained on a resized vocabulary: resize "
                            f"the base (model.resize_token_embeddings({tensor.shape[0]})) or load the base it was saved with")
     if not torch.equal(weight.detach().cpu().to(tensor.dtype), tensor):
         raise LorakitError(f"{folder}: {PREFIX}{key} is a full copy of {path} (peft's save_embedding_layers) that differs "
@@ -307,14 +375,23 @@ def _is_unchanged_base_copy(key: str, tensor: torch.Tensor, base_modules: dict[s
     return True
 
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "default", trainable: bool = False,
-                 check_base: bool = True, max_bytes: int | None = None) -> str:
+def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adapter: str = "default",
+                 trainable: bool = False, check_base: bool = True, max_bytes: int | None = None,
+                 follow_symlinks: bool = True) -> str:
     """Load a PEFT-format adapter folder into ``model`` (a plain base or one holding other adapters).
 
+    ``folder`` may also be what ``read_adapter`` returned: then nothing is read again, so a caller that checked
+    the files (a server) loads exactly what it checked. ``max_bytes`` and ``follow_symlinks``: see ``read_adapter``.
     The layers the adapter needs are injected, its tensors copied in, and it becomes the active adapter.
     Every check runs first; on any error the model is left exactly as it was. Returns the adapter's name.
     """
-    adapter_file = read_adapter(folder, max_bytes=max_bytes)
+    if isinstance(folder, AdapterFile):
+        adapter_file = folder
+        if max_bytes is not None and adapter_file.size_bytes > max_bytes:
+            raise LorakitError(f"{adapter_file.folder / WEIGHTS_NAME} is {adapter_file.size_bytes:,} bytes, over the "
+                               f"limit of {max_bytes:,}")
+    else:
+        adapter_file = read_adapter(folder, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
     if adapter in adapter_names(model):
         raise LorakitError(f"the model already has an adapter named {adapter!r}; pass another name or delete it first")
     plan = plan_load(model, adapter_file, check_base=check_base)

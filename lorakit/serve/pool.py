@@ -196,7 +196,7 @@ class AdapterPool:
         with self.model_lock:
             try:
                 self._check_targets(name, adapter_file.config)
-                load_adapter(self.model, folder, adapter=internal, max_bytes=self.max_bytes)
+                load_adapter(self.model, adapter_file, adapter=internal)  # what _admit checked, not a re-read
             except LorakitError as error:
                 message = str(error) if isinstance(error, AdapterRejected) else f"adapter {name!r} refused: {error}"
                 self._refused[name] = (_stamp(folder), message)
@@ -230,7 +230,7 @@ class AdapterPool:
             raise AdapterRejected(f"adapter {name!r} refused: {CONFIG_NAME} is {config_path.stat().st_size:,} bytes, "
                                   f"over the limit of {MAX_CONFIG_BYTES:,}")
         try:
-            adapter_file = read_adapter(folder, max_bytes=self.max_bytes)
+            adapter_file = read_adapter(folder, max_bytes=self.max_bytes, follow_symlinks=False)  # no link swapped in
         except LorakitError as error:
             raise AdapterRejected(f"adapter {name!r} refused: {error}") from None
         except RecursionError:  # json nested thousands deep
