@@ -72,9 +72,13 @@ def merge_and_unload(model: nn.Module, adapters: str | Sequence[str] | None = No
                      allow_lossy: bool = False) -> nn.Module:
     """Merge, then replace every lorakit wrapper by its (now merged) base module: a plain model again.
 
-    Modules-to-save wrappers are replaced by the active adapter's trained copy.
+    Modules-to-save wrappers are replaced by the active adapter's trained copy. A weight tied to another (the
+    embedding and output head) that a merge changed is no longer tied: the config then says so too
+    (``tie_word_embeddings=False``), so ``save_pretrained`` keeps both and a reload does not tie them again.
     """
     merge(model, adapters, safe=safe, allow_lossy=allow_lossy)
+    if any(layer._tied for layer in lora_layers(model).values()):  # LoraLayer._untie ran: the weights now differ
+        _untie_config(model)
     active = active_adapters(model)
     for path, host in adapter_hosts(model).items():
         if isinstance(host, ModulesToSave):
@@ -86,6 +90,17 @@ def merge_and_unload(model: nn.Module, adapters: str | Sequence[str] | None = No
     if hasattr(model, "lorakit_configs"):
         del model.lorakit_configs
     return model
+
+
+def _untie_config(model: nn.Module) -> None:
+    """Set ``tie_word_embeddings=False`` on a transformers config (and its text config, for multimodal models)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "tie_word_embeddings"):
+        return
+    config.tie_word_embeddings = False
+    text_config = getattr(config, "get_text_config", None)
+    if callable(text_config) and hasattr(text_config(), "tie_word_embeddings"):
+        text_config().tie_word_embeddings = False
 
 
 __all__ = ["merge", "unmerge", "merge_and_unload"]
