@@ -226,11 +226,22 @@ def _routing(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[None]
             host.active, host.disabled = previous[path]
 
 
+def _attention_backends(device: torch.device):
+    """On CUDA, keep sdpa off the cuDNN backend: the KV length grows by one every decode step, and cuDNN builds a new
+    graph for every new shape (a 30-layer step on an H200 machine: 62 ms of host time without it, 83-108 ms with it;
+    bench/results/decode_step_profile_h200_smol.json). Flash, memory-efficient and math kernels stay allowed."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def _forward(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
              adapters: Sequence[str | None]) -> torch.Tensor:
     """Run the model once; returns the logits of the last column, ``(B, V)`` float32."""
     kwargs = {_cache_kwarg(model): cache}
-    with torch.inference_mode(), _routing(model, adapters):
+    with torch.inference_mode(), _routing(model, adapters), _attention_backends(input_ids.device):
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **kwargs)
     return out.logits[:, -1, :].float()

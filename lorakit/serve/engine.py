@@ -136,7 +136,8 @@ class Engine:
         newcomers = [r for r in newcomers if not r.cancelled]
         if newcomers:
             logits, batch = prefill(self.model, [r.prompt for r in newcomers], [r.adapter for r in newcomers], self.pad_id)
-            keep = [i for i, r in enumerate(newcomers) if self._accept(r, logits[i], done)]
+            greedy = logits.argmax(dim=-1).tolist()
+            keep = [i for i, r in enumerate(newcomers) if self._accept(r, logits[i], done, greedy[i])]
             if keep:
                 if len(keep) < len(newcomers):
                     batch.keep(keep)
@@ -149,13 +150,15 @@ class Engine:
             self._batch = None
             return
         logits = decode(self.model, self._batch, [r.tokens[-1] for r in self._running], [r.adapter for r in self._running])
-        finished = [i for i, r in enumerate(self._running) if not self._accept(r, logits[i], done)]
+        greedy = logits.argmax(dim=-1).tolist()  # one device-to-host copy for the batch, not one per greedy row
+        finished = [i for i, r in enumerate(self._running) if not self._accept(r, logits[i], done, greedy[i])]
         self._drop(finished, done, None)
 
-    def _accept(self, request: Request, logits: torch.Tensor, done: list) -> bool:
-        """Sample the request's next token from ``logits (V,)``; False (and a ``done`` entry) when it finished."""
+    def _accept(self, request: Request, logits: torch.Tensor, done: list, greedy: int) -> bool:
+        """Sample the request's next token from ``logits (V,)`` (``greedy``: its argmax, computed for the whole
+        batch at once); False (and a ``done`` entry) when it finished."""
         params = request.params
-        token = sample(logits, params, request.generator)
+        token = greedy if params.temperature == 0 else sample(logits, params, request.generator)
         info = None
         if request.logprobs is not None:
             logprobs = torch.log_softmax(logits.float(), dim=-1)
