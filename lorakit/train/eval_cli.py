@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
                            f"pass --max-length {limit} or less")
     dataset = build_dataset(records, tokenizer, args.max_length, args.overflow, name=", ".join(map(str, paths)))
     compute_dtype = compute_dtype_for(model, device)
-    loss, tokens = dataset_loss(model, dataset, args.batch_size, Collator(pad_id_for(tokenizer)), device, compute_dtype)
+    loss, tokens = dataset_loss(model, dataset, args.batch_size, Collator(pad_id_for(tokenizer)), device, compute_dtype,
+                                progress=True)
     what = f"{args.model}" + (f" + adapter {args.adapter}" if args.adapter else " (no adapter)")
     results = {"model": args.model, "adapter": args.adapter, "data": [str(p) for p in paths],
                "examples": len(dataset), "dropped": dataset.summary.dropped, "truncated": dataset.summary.truncated,
@@ -102,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     scored = scorable(dataset.records)
     if not args.no_generate and scored:
         result = score_generations(model, tokenizer, scored, max_new_tokens=args.max_new_tokens,
-                                   batch_size=args.batch_size, device=device, compute_dtype=compute_dtype)
+                                   batch_size=args.batch_size, device=device, compute_dtype=compute_dtype,
+                                   progress=True)
         results.update(exact_match=result.exact_match, scored_examples=len(result.references))
         print(f"exact match {100 * result.exact_match:.1f}% ({result.correct}/{len(result.references)})")
         for i in range(min(args.samples, len(result.references))):

@@ -87,13 +87,14 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def dataset_loss(model: nn.Module, dataset: Sequence[dict], batch_size: int, collator: Collator, device: torch.device,
-                 compute_dtype: torch.dtype | None = None) -> tuple[float, int]:
-    """(mean loss per supervised token, supervised tokens) over every row of ``dataset``."""
+                 compute_dtype: torch.dtype | None = None, progress: bool = False) -> tuple[float, int]:
+    """(mean loss per supervised token, supervised tokens) over every row of ``dataset``; ``progress`` shows a bar
+    of batches (``lorakit eval``; validation inside training reports through the training bar instead)."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
     try:
-        for batch in eval_batches(dataset, batch_size, collator):
+        for batch in _bar(eval_batches(dataset, batch_size, collator), -(-len(dataset) // batch_size), "loss", progress):
             n = supervised_tokens(batch["labels"])
             if n == 0:
                 continue
@@ -105,6 +106,15 @@ def dataset_loss(model: nn.Module, dataset: Sequence[dict], batch_size: int, col
     if tokens == 0:
         raise LorakitError("the evaluation data has no supervised token; give records with a completion or assistant turn")
     return total / tokens, tokens
+
+
+def _bar(items, total: int, what: str, enabled: bool):
+    """A tqdm bar over ``items`` (on stderr) when enabled, else the items themselves."""
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc=what, unit="batch", leave=False, dynamic_ncols=True)
 
 
 def perplexity(loss: float) -> float:
@@ -133,7 +143,7 @@ def scorable(records: Sequence[Any]) -> list[Any]:
 @torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer: Any, records: Sequence[Any], *, max_new_tokens: int | Sequence[int] = 64,
                      batch_size: int = 16, device: torch.device | None = None, compute_dtype: torch.dtype | None = None,
-                     eot_token: str | None = None) -> list[str]:
+                     eot_token: str | None = None, progress: bool = False) -> list[str]:
     """Greedy generations for each record's prompt (the chat up to its last assistant turn, or the prompt).
 
     Prompts are left-padded and batched by length (less padding); generation stops at the end-of-turn token, or
@@ -155,7 +165,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
+        for start in _bar(range(0, len(order), batch_size), -(-len(order) // batch_size), "generating", progress):
             chunk = order[start:start + batch_size]
             width = max(len(prompts[i]) for i in chunk)
             input_ids = torch.full((len(chunk), width), info.pad_id, dtype=torch.long)
