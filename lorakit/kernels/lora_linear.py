@@ -110,7 +110,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dtype):
-        out_features, in_features = weight.shape
+        in_features = weight.shape[1]
         x2 = x.reshape(-1, in_features) if x.dim() != 2 else x  # (N, in); a view
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
@@ -132,7 +132,9 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)
+        # (N, out) always: a view made inside a custom Function may not be modified in place by the caller
+        # (Falcon adds its attention output into the MLP's output with +=), one made outside may
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -180,4 +182,5 @@ def lora_linear(
     """
     if os.environ.get("LORAKIT_DISABLE_TRITON", "0") == "1":
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
-    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), _compute_dtype(x))
+    y = LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), _compute_dtype(x))  # (N, out)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
