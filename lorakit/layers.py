@@ -70,7 +70,12 @@ class _AdapterHost(nn.Module):
     def _rows_by_adapter(self, batch: int) -> dict[str | None, torch.Tensor]:
         rows = self.row_adapters
         if len(rows) != batch:
-            raise LorakitError(f"mixed_batch was given {len(rows)} adapter names but the batch has {batch} rows")
+            if not rows or batch % len(rows):
+                raise LorakitError(f"mixed_batch was given {len(rows)} adapter names but the batch has {batch} rows")
+            # the model flattened (B, T, H) to (B * T, H) before this layer (OPT's MLP): each row's T tokens stay
+            # together, so row i's name covers T consecutive rows
+            tokens = batch // len(rows)
+            rows = [name for name in rows for _ in range(tokens)]
         groups: dict[str | None, list[int]] = {}
         for index, name in enumerate(rows):
             groups.setdefault(name if name in self.adapter_names() else None, []).append(index)

@@ -53,3 +53,26 @@ def test_files_both_ways_and_merge(kind, variant, tmp_path):
     assert_close(loaded(ids).logits, reference)
     lorakit.merge(loaded)
     assert_close(loaded(ids).logits, reference)
+
+
+def test_mixed_batch_on_a_model_that_flattens_rows():
+    """OPT reshapes (B, T, H) to (B * T, H) before its MLP: a mixed batch still routes each row's tokens through
+    its own adapter, equal to running each row alone with its adapter active."""
+    model = build("opt")
+    for name in ("a", "b"):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter=name)
+    randomize(model)
+    ids = torch.randint(0, 100, (3, 5))
+    names = ["a", None, "b"]
+    with torch.no_grad(), lorakit.mixed_batch(model, names):
+        mixed = model(ids).logits
+    for row, name in enumerate(names):
+        with torch.no_grad():
+            if name is None:
+                with lorakit.disable_adapters(model):
+                    alone = model(ids[row:row + 1]).logits
+            else:
+                lorakit.set_adapter(model, name)
+                alone = model(ids[row:row + 1]).logits
+        assert_close(mixed[row:row + 1], alone)
+    assert not torch.allclose(mixed[0], mixed[2])  # the two adapters really differ
