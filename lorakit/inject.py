@@ -6,6 +6,7 @@ Every check runs before the model is touched, so a refused call leaves the model
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -146,6 +147,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
         kinds = sorted({path.rsplit(".", 1)[-1] for path, m in modules.items() if _supported(m)})
         raise LorakitError(f"target_modules {config.target_modules!r} matched no module; this model's linear/embedding "
                            f"modules are named: {', '.join(kinds) or '(none)'}")
+    if not isinstance(config.target_modules, str):
+        unmatched = [key for key in config.target_modules if not any(_matches(p, [key]) for p in modules if p)]
+        if unmatched:  # PEFT skips these silently; a typo would then train fewer layers than the user meant
+            kinds = sorted({path.rsplit(".", 1)[-1] for path, m in modules.items() if _supported(m)})
+            warnings.warn(f"target_modules {unmatched} matched no module and are skipped; this model's linear/embedding "
+                          f"modules are named: {', '.join(kinds)}", stacklevel=3)
     for path, module in targets.items():
         if not _supported(module):
             raise LorakitError(f"target {path!r} is a {type(module).__name__}; lorakit adapts nn.Linear, Conv1D, "
