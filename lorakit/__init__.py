@@ -9,7 +9,7 @@ from lorakit.adapters import active_adapters, delete_adapter, disable_adapters, 
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import adapter_names, inject, trainable_report
-from lorakit.io import base_fingerprint, load_adapter, read_adapter, save_adapter
+from lorakit.io import AdapterFile, base_fingerprint, load_adapter, read_adapter, save_adapter
 from lorakit.merge import merge, merge_and_unload, unmerge
 from lorakit.quant.merge_loss import LossyMergeWarning
 from lorakit.quant.nf4 import NF4Linear, nf4_roundtrip_error
@@ -45,6 +45,6 @@ def disable_fast_kernels(model):
 __all__ = [
     "__version__", "LoraConfig", "LorakitError", "inject", "trainable_report", "adapter_names", "set_adapter",
     "active_adapters", "delete_adapter", "disable_adapters", "mixed_batch", "lora_parameters", "merge", "unmerge",
-    "merge_and_unload", "save_adapter", "load_adapter", "read_adapter", "base_fingerprint", "load_base",
+    "merge_and_unload", "save_adapter", "load_adapter", "read_adapter", "AdapterFile", "base_fingerprint", "load_base",
     "quantize", "NF4Linear", "nf4_roundtrip_error", "LossyMergeWarning", "use_fast_kernels", "disable_fast_kernels",
 ]
