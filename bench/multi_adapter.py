@@ -481,7 +481,7 @@ def check_model(model, cfg, device) -> bool:
 
 def check_decode_attention(model, cfg, device, dtype, args) -> bool:
     """The bench's decode attention on a static cache vs transformers' sdpa on a dynamic cache (bf16 both): a
-    sanity check (a wrong mask moves logits by O(1); rounding by ~1e-2 of their scale)."""
+    sanity check (a wrong mask moves logits by O(1); rounding by 1e-2 to 6e-2 of their scale, growing with depth)."""
     ids = torch.randint(0, cfg.vocab_size, (4, 32), device=device)
     previous = cfg._attn_implementation
     with torch.no_grad():
@@ -498,7 +498,10 @@ def check_decode_attention(model, cfg, device, dtype, args) -> bool:
         finally:
             cfg._attn_implementation = previous
     err = ((ours - theirs).abs().max() / theirs.abs().max()).item()
-    ok = err < 5e-2
+    # bf16 rounding grows with depth: 3.2e-2 on the 16-layer 1B shape, 5.8e-2 on the 32-layer 8B shape, where the
+    # bf16 reference path itself is 6.2e-2 from a float32 model (the model check below, same run); a wrong mask or
+    # position moves logits by O(1), so 0.25 still tells the two apart on every shape
+    ok = err < 0.25
     log(f"CHECK decode attention (static cache, grouped) vs sdpa (dynamic cache): max rel diff {err:.3e} {'ok' if ok else 'MISMATCH'}")
     CHECKS.append(dict(check="decode attention vs sdpa", rel_diff=err, ok=ok))
     return ok
