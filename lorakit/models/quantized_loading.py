@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.quant import is_conv1d, linear_shape
 from lorakit.quant.nf4 import NF4Linear
 from lorakit.quant.quantize import DEFAULT_SKIP, _output_head_names, _skipped, check_quant_type
 
@@ -158,10 +159,12 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
         used.add(key)
         return reader.get(key)
 
-    # 1. the linear layers that become NF4, one at a time
+    # 1. the linear layers (nn.Linear and GPT-2's Conv1D, as quantize() does) that become NF4, one at a time
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or _skipped(name, skip) or name in heads:
+        conv1d = is_conv1d(module)
+        if not (isinstance(module, nn.Linear) or conv1d) or _skipped(name, skip) or name in heads:
             continue
+        out_features, in_features = linear_shape(module)
         weight_key = to_checkpoint(f"{name}.weight")
         if weight_key is None:
             raise LorakitError(f"{source}: no tensor for {name}.weight in the safetensors files")
@@ -169,19 +172,29 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
         if module.bias is not None and bias_key is None:
             raise LorakitError(f"{source}: no tensor for {name}.bias in the safetensors files")
         bias = read(bias_key).to(device, dtype) if bias_key else None
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise LorakitError(f"{source}: tensor {bias_key!r} has shape {tuple(bias.shape)}, the model expects "
+                               f"({out_features},) (does config.json match the weights?)")
         if prequantized and bnb_checkpoint.quant_state_key(weight_key, checkpoint_keys):
+            # bitsandbytes quantizes a Conv1D's weight transposed, so its 4-bit state is (out, in) like a Linear's
             quantized = bnb_checkpoint.read_bnb_linear(weight_key, read, checkpoint_keys, device=device, bias=bias)
-            if (quantized.out_features, quantized.in_features) != (module.out_features, module.in_features):
+            if (quantized.out_features, quantized.in_features) != (out_features, in_features):
                 raise LorakitError(f"{source}: {weight_key} is {quantized.out_features}x{quantized.in_features}, the "
-                                   f"model expects {module.out_features}x{module.in_features}")
+                                   f"model expects {out_features}x{in_features}")
         elif prequantized:
+            aux = [k for k in (f"{weight_key}.absmax", f"{weight_key}.quant_map") if k in checkpoint_keys]
+            if aux:  # 4-bit tensors without the JSON state that says how to read them
+                raise LorakitError(f"{source}: {weight_key} has {aux[0].rsplit('.', 1)[-1]} but no "
+                                   f"{weight_key}.quant_state.bitsandbytes__nf4 entry; the checkpoint is incomplete")
             continue  # bitsandbytes left this layer dense (llm_int8_skip_modules): step 2 loads it as it is
         else:
             weight = read(weight_key)
-            if tuple(weight.shape) != (module.out_features, module.in_features):
+            stored = (in_features, out_features) if conv1d else (out_features, in_features)  # Conv1D keeps (in, out)
+            if tuple(weight.shape) != stored:
                 raise LorakitError(f"{source}: tensor {weight_key!r} has shape {tuple(weight.shape)}, the model "
-                                   f"expects {(module.out_features, module.in_features)}")
-            quantized = NF4Linear.from_weight(weight.to(device, dtype), bias, blocksize=blocksize,
+                                   f"expects {stored}")
+            weight = weight.to(device, dtype)
+            quantized = NF4Linear.from_weight(weight.T.contiguous() if conv1d else weight, bias, blocksize=blocksize,
                                               double_quant=double_quant, name=name)
             del weight
         quantized.train(False)

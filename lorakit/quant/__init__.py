@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorakit.errors import LorakitError
+
 
 class QuantizedLinear(nn.Module):
     """Base class of a frozen, quantized linear layer used as the base of a LoRA layer.
@@ -67,7 +69,14 @@ def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.T
     if isinstance(module, QuantizedLinear):
         return module.dequantize(dtype or torch.float32)
     weight = module.weight.T if is_conv1d(module) else module.weight
+    if type(weight).__name__ in _BNB_PARAMS:  # an nn.Linear subclass whose weight is packed bytes, not (out, in)
+        raise LorakitError(f"{type(module).__name__} is a bitsandbytes quantized layer, which lorakit cannot read as a "
+                           "dense weight: convert the model with lorakit.quantize(model, 'nf4') first (exact for NF4), "
+                           "or load the folder with lorakit.load_base(folder, quantize='nf4')")
     return weight if dtype is None else weight.to(dtype)
+
+
+_BNB_PARAMS = ("Params4bit", "Int8Params")
 
 
 @torch.no_grad()

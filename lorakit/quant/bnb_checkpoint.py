@@ -76,8 +76,10 @@ def _parse_quant_state(raw: torch.Tensor, key: str) -> dict:
         raise LorakitError(f"{key}: expected a 1-D uint8 tensor of JSON bytes, got {raw.dtype} {tuple(raw.shape)}")
     try:
         state = json.loads(bytes(raw.tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError, so is a huge number
         raise LorakitError(f"{key}: the packed quant state is not valid JSON ({error})") from None
+    except RecursionError:  # "[[[[..." nested deeper than Python's stack
+        raise LorakitError(f"{key}: the packed quant state is nested too deeply to be bitsandbytes' JSON") from None
     if not isinstance(state, dict):
         raise LorakitError(f"{key}: the packed quant state must be a JSON object")
     return state
@@ -87,9 +89,17 @@ def read_bnb_linear(weight_key: str, get: Callable[[str], torch.Tensor], keys, d
                     bias: torch.Tensor | None = None) -> NF4Linear:
     """Build an ``NF4Linear`` from the bitsandbytes tensors of one layer (``get(key)`` reads one tensor).
 
-    Raises ``LorakitError`` naming the key for FP4, an unknown blocksize, wrong shapes or a quant_map that is not NF4.
+    Raises ``LorakitError`` naming the key for FP4, an unknown blocksize, wrong shapes, a missing tensor, a bias
+    that is not ``(out_features,)`` or a quant_map that is not NF4.
     """
     stem = weight_key[: -len(".weight")]
+
+    def need(key: str) -> torch.Tensor:
+        if key not in keys:
+            raise LorakitError(f"{key}: missing from the checkpoint (bitsandbytes stores it beside every 4-bit weight "
+                               f"{weight_key}); the safetensors file is incomplete")
+        return get(key)
+
     qs_key = quant_state_key(weight_key, keys)
     if qs_key is None:
         raise LorakitError(f"{weight_key}: no {QUANT_STATE_PREFIX}nf4 entry next to this 4-bit weight")
@@ -100,10 +110,10 @@ def read_bnb_linear(weight_key: str, get: Callable[[str], torch.Tensor], keys, d
     if state.get("quant_type") != "nf4":
         raise LorakitError(f"{qs_key}: quant_type is {state.get('quant_type')!r}, expected 'nf4'")
     blocksize = state.get("blocksize")
-    if blocksize not in BLOCKSIZES:
+    if type(blocksize) is not int or blocksize not in BLOCKSIZES:  # bool/float compare equal to ints: refused
         raise LorakitError(f"{qs_key}: blocksize {blocksize!r} is not one of bitsandbytes' {BLOCKSIZES}")
     shape = state.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and s > 0 for s in shape)):
         raise LorakitError(f"{qs_key}: shape must be [out_features, in_features], got {shape!r}")
     weight_dtype = _DTYPES.get(state.get("dtype"))
     if weight_dtype is None:
@@ -111,23 +121,23 @@ def read_bnb_linear(weight_key: str, get: Callable[[str], torch.Tensor], keys, d
     numel = math.prod(shape)
     n_blocks = -(-numel // blocksize)
 
-    packed = get(weight_key)
+    packed = need(weight_key)
     if packed.dtype != torch.uint8:  # quant_storage other than uint8 (e.g. bf16 for FSDP) holds the same bytes
         packed = packed.contiguous().view(torch.uint8)
     packed = packed.reshape(-1)
     if packed.numel() != (numel + 1) // 2:
         raise LorakitError(f"{weight_key}: {packed.numel()} packed bytes, expected {(numel + 1) // 2} for shape {shape}")
-    quant_map = get(f"{stem}.weight.quant_map").float()
+    quant_map = need(f"{stem}.weight.quant_map").float()
     if not torch.equal(quant_map.cpu(), nf4_code()):
         raise LorakitError(f"{stem}.weight.quant_map is not the NF4 code {NF4_LEVELS[:3]}...; not an NF4 checkpoint")
-    absmax = get(f"{stem}.weight.absmax").reshape(-1)
+    absmax = need(f"{stem}.weight.absmax").reshape(-1)
     if absmax.numel() != n_blocks:
         raise LorakitError(f"{stem}.weight.absmax has {absmax.numel()} entries, expected {n_blocks} "
                            f"(shape {shape}, blocksize {blocksize})")
     nested_key = f"{stem}.weight.nested_absmax"
     if nested_key in keys:
         nested_blocksize = state.get("nested_blocksize")
-        if nested_blocksize not in BLOCKSIZES:
+        if type(nested_blocksize) is not int or nested_blocksize not in BLOCKSIZES:
             raise LorakitError(f"{qs_key}: nested_blocksize {nested_blocksize!r} is not one of {BLOCKSIZES}")
         if absmax.dtype != torch.uint8:
             raise LorakitError(f"{stem}.weight.absmax must be uint8 codes with double quantization, got {absmax.dtype}")
@@ -135,12 +145,15 @@ def read_bnb_linear(weight_key: str, get: Callable[[str], torch.Tensor], keys, d
         if nested_absmax.numel() != -(-n_blocks // nested_blocksize):
             raise LorakitError(f"{nested_key} has {nested_absmax.numel()} entries, expected "
                                f"{-(-n_blocks // nested_blocksize)}")
-        nested_code = get(f"{stem}.weight.nested_quant_map").float().reshape(-1)
+        nested_code = need(f"{stem}.weight.nested_quant_map").float().reshape(-1)
         if nested_code.numel() != 256:
             raise LorakitError(f"{stem}.weight.nested_quant_map has {nested_code.numel()} entries, expected 256")
         try:
-            offset = torch.tensor(float(state["nested_offset"]), dtype=torch.float32)
-        except (KeyError, TypeError, ValueError):
+            value = state["nested_offset"]
+            if isinstance(value, bool):  # float(True) would be 1.0
+                raise TypeError
+            offset = torch.tensor(float(value), dtype=torch.float32)
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float range
             raise LorakitError(f"{qs_key}: nested_offset missing or not a number") from None
         w = NF4Weight(packed, absmax, nested_absmax, offset, quant_map, nested_code, shape, blocksize, nested_blocksize)
     else:
@@ -151,6 +164,9 @@ def read_bnb_linear(weight_key: str, get: Callable[[str], torch.Tensor], keys, d
                           ("nested_offset", w.offset)):
         if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise LorakitError(f"{stem}.weight.{label} holds NaN/inf values; the checkpoint is corrupt")
+    if bias is not None and tuple(bias.shape) != (shape[0],):
+        raise LorakitError(f"{stem}.bias has shape {tuple(bias.shape)}, expected ({shape[0]},) for the "
+                           f"{shape[0]}x{shape[1]} 4-bit weight {weight_key}")
     if device is not None:
         w = NF4Weight(*(t.to(device) if t is not None else None for t in (w.packed, w.absmax, w.nested_absmax,
                                                                          w.offset, w.code, w.nested_code)),

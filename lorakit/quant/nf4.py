@@ -60,8 +60,11 @@ def _dynamic_code_cpu() -> torch.Tensor:
 
 
 def dynamic_code(device: torch.device | str | None = None) -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map, float32 ``(256,)``, sorted (the code of the nested absmax)."""
-    return _dynamic_code_cpu().to(device)
+    """bitsandbytes' signed 8-bit dynamic map, float32 ``(256,)``, sorted (the code of the nested absmax).
+
+    Always a fresh tensor: each NF4Linear owns its buffer, so ``load_state_dict`` (which copies in place) cannot
+    write into the cached map, and ``save_pretrained``/safetensors see no shared storage between layers."""
+    return _dynamic_code_cpu().to(device, copy=True)
 
 
 @functools.lru_cache(maxsize=4)

@@ -14,7 +14,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.quant import is_conv1d
-from lorakit.quant.nf4 import NF4Linear
+from lorakit.quant.nf4 import BLOCKSIZES, NF4Linear
 
 QUANT_TYPES = ("nf4",)
 DEFAULT_SKIP = ("lm_head",)
@@ -33,19 +33,108 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == s or name.endswith("." + s) or name.split(".")[-1] == s for s in skip)
 
 
+def _host_class():
+    from lorakit.layers import _AdapterHost  # lazy: layers imports lorakit.quant
+
+    return _AdapterHost
+
+
+def _unwrap(module: nn.Module | None) -> nn.Module | None:
+    """The module under any lorakit wrappers (LoraLinear, LoraEmbedding, ModulesToSave): their ``base_layer``."""
+    host = _host_class()
+    while isinstance(module, host):
+        module = module.base_layer
+    return module
+
+
 def _output_head_names(model: nn.Module) -> set[str]:
-    """Paths of the output head when its weight is tied to the input embeddings (never quantized: it is shared)."""
+    """Paths of the output head when its weight is tied to the input embeddings (never quantized: it is shared).
+
+    Looks through lorakit wrappers, so an adapter on the head or the embeddings does not hide the tie."""
     get_out = getattr(model, "get_output_embeddings", None)
     get_in = getattr(model, "get_input_embeddings", None)
     if get_out is None or get_in is None:
         return set()
     try:
-        head, embed = get_out(), get_in()
+        wrapped_head, embed = get_out(), _unwrap(get_in())
     except (NotImplementedError, AttributeError):
         return set()
+    head = _unwrap(wrapped_head)
     if head is None or embed is None or getattr(head, "weight", None) is not getattr(embed, "weight", None):
         return set()
-    return {name for name, module in model.named_modules() if module is head}
+    return {name for name, module in model.named_modules() if module is head or module is wrapped_head}
+
+
+def _children(model: nn.Module):
+    """``(parent, attribute, child, path)`` for every module reachable from ``model``, once per parent link.
+
+    A lorakit wrapper contributes only its ``base_layer``, under the wrapper's own path (``model.layers.0.q_proj``,
+    not ``...q_proj.base_layer``), so ``skip`` names and the tied head match as they do on a plain model; the
+    adapters and the trainable ``modules_to_save`` copies are never visited (they are not the frozen base).
+    """
+    host = _host_class()
+    visited = {id(model)}
+
+    def walk(parent: nn.Module, path: str):
+        if isinstance(parent, host):
+            links = [("base_layer", parent.base_layer, path)]
+        else:
+            links = [(name, child, f"{path}.{name}" if path else name) for name, child in parent.named_children()]
+        for attribute, child, child_path in links:
+            yield parent, attribute, child, child_path
+            if id(child) not in visited:
+                visited.add(id(child))
+                yield from walk(child, child_path)
+
+    return walk(model, "")
+
+
+def _bnb_kind(module: nn.Module) -> str | None:
+    """``"4bit"`` / ``"8bit"`` for bitsandbytes' quantized linear layers (nn.Linear subclasses), by name: the core
+    never imports bitsandbytes."""
+    name = type(module).__name__
+    if name in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(getattr(module, "weight", None), "quant_state"):
+        return "4bit"
+    if name == "Linear8bitLt":
+        return "8bit"
+    return None
+
+
+def from_bnb_linear4bit(module: nn.Module, name: str = "") -> NF4Linear:
+    """An ``NF4Linear`` holding exactly the 4-bit state of a bitsandbytes ``Linear4bit`` (no re-quantization).
+
+    Reads the module's own ``state_dict``: exactly what bitsandbytes' ``save_pretrained`` would write (its standard
+    layout; after an inference forward on the CPU, bitsandbytes has already repacked the weight and re-encoded the
+    absmax, and its state_dict undoes that only approximately, so convert before running it there). FP4 and corrupt
+    states are refused as for a checkpoint, naming the module.
+    """
+    from lorakit.quant.bnb_checkpoint import read_bnb_linear
+
+    prefix = name or type(module).__name__
+    state = {f"{prefix}.{key}": value for key, value in module.state_dict().items()}
+    bias = state.pop(f"{prefix}.bias", None)
+    if f"{prefix}.weight.quant_state.bitsandbytes__nf4" not in state and \
+            f"{prefix}.weight.quant_state.bitsandbytes__fp4" not in state:
+        raise LorakitError(f"module '{prefix}': this bitsandbytes 4-bit layer holds no quantized weight yet (move it to "
+                           "a device first, as bitsandbytes quantizes on .to(device))")
+    layer = read_bnb_linear(f"{prefix}.weight", state.__getitem__, set(state), device=module.weight.device,
+                            bias=bias.detach() if bias is not None else None)
+    layer.train(module.training)
+    return layer
+
+
+def _check_dense(module: nn.Module, path: str) -> None:
+    """Refuse, before anything changes, a weight NF4 cannot quantize: not loaded (meta), not float, not finite."""
+    from lorakit.quant.nf4 import check_finite
+
+    weight = module.weight
+    if weight.device.type == "meta":
+        raise LorakitError(f"module '{path}' has no weight values yet (meta device); load the weights before quantizing "
+                           "(lorakit.load_base(folder, quantize='nf4') loads a folder straight into NF4)")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise LorakitError(f"module '{path}': NF4 quantizes float32/float16/bfloat16 weights, got {weight.dtype}; "
+                           "cast the model first (model.float())")
+    check_finite(weight, path)
 
 
 @torch.no_grad()
@@ -61,37 +150,59 @@ def quantize(model: nn.Module, quant: str = "nf4", *, skip: Iterable[str] = DEFA
         device: quantize on this device (e.g. ``"cuda"`` for a model still on the CPU): each layer is moved,
             quantized and its dense weight dropped, so the dense model never has to fit on the device.
     Returns:
-        the same model. Non-finite weights raise ``LorakitError`` naming the module, before anything changes.
+        the same model. Layers already in NF4 are kept as they are; bitsandbytes ``Linear4bit`` (NF4) layers of a
+        model loaded with ``BitsAndBytesConfig`` become ``NF4Linear`` exactly (their 4-bit state is copied, not
+        re-quantized). On a model with lorakit adapters, the frozen base layers under them are quantized (the
+        adapters and ``modules_to_save`` copies stay trainable in their dtype); a merged adapter is refused.
+        Non-finite or non-float weights, weights not loaded yet (meta), bitsandbytes 8-bit or FP4 layers raise
+        ``LorakitError`` naming the module, before anything changes.
     """
     check_quant_type(quant)
+    if blocksize not in BLOCKSIZES:
+        raise LorakitError(f"NF4 blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     skip = tuple(skip or ())
     heads = _output_head_names(model)
+    host = _host_class()
     # every (parent, attribute) pointing at a module, so a module shared by two paths is replaced in both
     targets: dict[int, tuple[str, nn.Module, list[tuple[nn.Module, str]]]] = {}
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in parent.named_children():
-            path = f"{parent_name}.{child_name}" if parent_name else child_name
-            if not (isinstance(child, nn.Linear) or is_conv1d(child)) or _skipped(path, skip) or path in heads:
-                continue
-            entry = targets.setdefault(id(child), (path, child, []))
-            entry[2].append((parent, child_name))
-    for path, module, _ in targets.values():  # refuse before changing anything
-        from lorakit.quant.nf4 import check_finite
-
-        check_finite(module.weight, path)
+    for parent, attribute, child, path in _children(model):
+        if isinstance(parent, host) and parent.merged:
+            raise LorakitError(f"adapter(s) {parent.merged} are merged into '{path}'; quantizing would bake them into "
+                               "the 4-bit base: call lorakit.unmerge(model) first")
+        linear = isinstance(child, nn.Linear) or is_conv1d(child)
+        if not linear or _skipped(path, skip) or path in heads:
+            continue
+        entry = targets.setdefault(id(child), (path, child, []))
+        entry[2].append((parent, attribute))
+    converted: dict[int, NF4Linear] = {}
+    for key, (path, module, _) in targets.items():  # refuse before changing anything
+        kind = _bnb_kind(module)
+        if kind == "8bit":
+            raise LorakitError(f"module '{path}' is a bitsandbytes 8-bit (LLM.int8) layer; lorakit stores NF4 only: load "
+                               "the 16-bit model and quantize it, or use load_base(folder, quantize='nf4')")
+        if kind == "4bit":
+            converted[key] = from_bnb_linear4bit(module, path)
+        else:
+            _check_dense(module, path)
     for key in list(targets):
         path, module, parents = targets.pop(key)
-        weight = module.weight.detach()
-        weight = weight.T if is_conv1d(module) else weight
+        if key in converted:
+            quantized = converted.pop(key)
+        else:
+            weight = module.weight.detach()
+            weight = weight.T if is_conv1d(module) else weight
+            if device is not None:
+                weight = weight.to(device)
+            bias = module.bias.detach().to(weight.device) if module.bias is not None else None
+            quantized = NF4Linear.from_weight(weight.contiguous(), bias, blocksize=blocksize,
+                                              double_quant=double_quant, name=path)
+            quantized.train(module.training)
+            del weight, bias
         if device is not None:
-            weight = weight.to(device)
-        bias = module.bias.detach().to(weight.device) if module.bias is not None else None
-        quantized = NF4Linear.from_weight(weight.contiguous(), bias, blocksize=blocksize, double_quant=double_quant,
-                                          name=path)
-        quantized.train(module.training)
+            quantized.to(device)
         for parent, attribute in parents:
             setattr(parent, attribute, quantized)
-        del module, weight, bias, parents  # the dense weight goes as soon as nothing else holds it
+        del module, parents  # the dense weight goes as soon as nothing else holds it
     if device is not None:  # what was skipped or is not linear (embeddings, norms, the head) follows to the device
         model.to(device)
     return model
