@@ -198,6 +198,7 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
                                               double_quant=double_quant, name=name)
             del weight
         quantized.train(False)
+        quantized.conv1d_layout = conv1d
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, quantized)
 

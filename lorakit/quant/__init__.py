@@ -26,6 +26,7 @@ class QuantizedLinear(nn.Module):
 
     in_features: int
     out_features: int
+    conv1d_layout: bool = False  # set when made from a transformers Conv1D (see ``from_conv1d``)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -40,6 +41,20 @@ def is_conv1d(module: nn.Module) -> bool:
     Detected by name so that the core never imports transformers.
     """
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def from_conv1d(module: nn.Module) -> bool:
+    """A ``Conv1D`` or a quantized layer made from one (``conv1d_layout``): its dense original stores ``(in, out)``.
+
+    What a file about the dense model records (PEFT's ``fan_in_fan_out``, the base fingerprint's weight shape)
+    follows the original layout, so an adapter trained on the NF4 model matches the dense one."""
+    return is_conv1d(module) or bool(getattr(module, "conv1d_layout", False))
+
+
+def weight_param_shape(module: nn.Module) -> tuple[int, int]:
+    """The shape of the dense ``weight`` parameter the module has or had: ``(out, in)``, or ``(in, out)`` for Conv1D."""
+    out_features, in_features = linear_shape(module)
+    return (in_features, out_features) if from_conv1d(module) else (out_features, in_features)
 
 
 def is_linear_like(module: nn.Module) -> bool:

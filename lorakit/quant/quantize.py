@@ -196,6 +196,7 @@ def quantize(model: nn.Module, quant: str = "nf4", *, skip: Iterable[str] = DEFA
             bias = module.bias.detach().to(weight.device) if module.bias is not None else None
             quantized = NF4Linear.from_weight(weight.contiguous(), bias, blocksize=blocksize,
                                               double_quant=double_quant, name=path)
+            quantized.conv1d_layout = is_conv1d(module)
             quantized.train(module.training)
             del weight, bias
         if device is not None:
