@@ -186,6 +186,24 @@ def test_bnb_saved_fp4_refused_by_name(dense_folder, tmp_path):
         load_quantized(tmp_path, device="cpu")
 
 
+def test_bnb_checkpoint_with_4bit_head_and_skipped_layers_loads_them_dense(dense_folder, tmp_path):
+    """bitsandbytes quantizes lm_head when llm_int8_skip_modules is overridden; lorakit keeps the head dense and
+    failed with a shape error on the packed tensor (so did skip= naming any layer the file holds in 4-bit)."""
+    model = _bnb_model(dense_folder, llm_int8_skip_modules=["nothing"])
+    model.save_pretrained(tmp_path)
+    expected = _bnb_dequantized(model)
+    assert "lm_head" in expected
+    loaded = load_quantized(tmp_path, device="cpu", dtype=torch.float32, skip=("lm_head", "down_proj"))
+    for name, weight in expected.items():
+        layer = loaded.get_submodule(name)
+        dense = name == "lm_head" or name.endswith("down_proj")
+        assert (type(layer) is nn.Linear) if dense else isinstance(layer, NF4Linear), name
+        assert torch.equal(layer.weight if dense else layer.dequantize(), weight), name
+    ids = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, _dense_with(dense_folder, expected)(input_ids=ids).logits)
+
+
 # -- GPT-2 (Conv1D) bases -------------------------------------------------------------------------------------------
 
 

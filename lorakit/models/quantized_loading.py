@@ -160,12 +160,25 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
         return reader.get(key)
 
     # 1. the linear layers (nn.Linear and GPT-2's Conv1D, as quantize() does) that become NF4, one at a time
+    written: set[str] = set()  # model keys step 1 filled in dense form (step 2 leaves them alone)
     for name, module in list(model.named_modules()):
         conv1d = is_conv1d(module)
-        if not (isinstance(module, nn.Linear) or conv1d) or _skipped(name, skip) or name in heads:
+        if not (isinstance(module, nn.Linear) or conv1d):
             continue
         out_features, in_features = linear_shape(module)
         weight_key = to_checkpoint(f"{name}.weight")
+        if _skipped(name, skip) or name in heads:
+            if prequantized and weight_key and bnb_checkpoint.quant_state_key(weight_key, checkpoint_keys):
+                # kept dense here but 4-bit in the file (bitsandbytes quantized the head, or skip= names a layer
+                # it quantized): bitsandbytes' dequantized values, exactly
+                layer = bnb_checkpoint.read_bnb_linear(weight_key, read, checkpoint_keys, device=device)
+                if (layer.out_features, layer.in_features) != (out_features, in_features):
+                    raise LorakitError(f"{source}: {weight_key} is {layer.out_features}x{layer.in_features}, the "
+                                       f"model expects {out_features}x{in_features}")
+                dense = layer.dequantize(layer.weight_dtype).to(dtype)
+                _set_tensor(model, f"{name}.weight", dense.T.contiguous() if conv1d else dense, source)
+                written.add(f"{name}.weight")
+            continue
         if weight_key is None:
             raise LorakitError(f"{source}: no tensor for {name}.weight in the safetensors files")
         bias_key = to_checkpoint(f"{name}.bias") if module.bias is not None else None
@@ -208,7 +221,7 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
     for key in sorted(remaining):
         module_name, _, attr = key.rpartition(".")
         owner = model.get_submodule(module_name) if module_name else model
-        if isinstance(owner, NF4Linear):
+        if isinstance(owner, NF4Linear) or key in written:
             continue
         checkpoint_key = to_checkpoint(key)
         if checkpoint_key is None:
