@@ -64,7 +64,8 @@ def base_fingerprint(model: nn.Module) -> str:
                 entries.append(f"config.{key}={value}")
     for path, module in _base_modules(model).items():
         if quant.is_quantized(module):
-            entries.append(f"{path}.weight:{list(quant.linear_shape(module))}")
+            # the dense original's parameter shape ((in, out) for a Conv1D), so the NF4 and dense models agree
+            entries.append(f"{path}.weight:{list(quant.weight_param_shape(module))}")
         for name, parameter in module.named_parameters(recurse=False):
             entries.append(f"{path + '.' if path else ''}{name}:{list(parameter.shape)}")
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]
@@ -120,7 +121,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
     from lorakit import __version__
 
     tensors, config = adapter_state_dict(model, adapter)
-    has_conv1d = any(quant.is_conv1d(h.base_layer) for h in adapter_hosts(model).values() if isinstance(h, LoraLayer))
+    has_conv1d = any(quant.from_conv1d(h.base_layer) for h in adapter_hosts(model).values() if isinstance(h, LoraLayer))
     base_name = base_name or getattr(model, "lorakit_base_name", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     peft_config = config.to_peft_dict(base_model_name_or_path=base_name or None, fan_in_fan_out=has_conv1d)
     metadata = {"format": "pt", "lorakit_format": FORMAT_VERSION, "lorakit_version": __version__,
