@@ -152,3 +152,24 @@ def test_fixture_keys_are_what_bitsandbytes_writes():
     stem = "model.layers.0.mlp.up_proj.weight"
     assert {stem, f"{stem}.absmax", f"{stem}.quant_map", f"{stem}.nested_absmax", f"{stem}.nested_quant_map",
             f"{stem}.quant_state.bitsandbytes__nf4"} <= keys
+
+
+def test_load_base_reads_a_bitsandbytes_folder_as_nf4_without_being_asked(tmp_path):
+    """`lorakit train/generate/merge --model <bnb 4-bit folder>` with no --quantize: read as NF4, exactly."""
+    from test_train_helpers import tiny_tokenizer
+
+    import lorakit
+
+    folder = tmp_path / "bnb"
+    shutil.copytree(FIXTURE, folder)
+    tiny_tokenizer().save_pretrained(folder)
+    model, _ = lorakit.load_base(str(folder), device="cpu", dtype="fp32")
+    reference = _reference()
+    assert isinstance(model.model.layers[0].self_attn.q_proj, NF4Linear)
+    with torch.no_grad():
+        assert_close(model(input_ids=reference["input_ids"]).logits, reference["logits"])
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LorakitError, match="quant_method is 'gptq'"):
+        lorakit.load_base(str(folder), device="cpu")

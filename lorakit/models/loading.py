@@ -95,7 +95,7 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
         dtype: weights dtype; default float32 on CPU, bfloat16 on CUDA.
         device: default: CUDA if available, else MPS, else CPU.
         quantize: ``"nf4"`` to store the base linear weights in 4-bit NF4 (QLoRA), quantized layer by layer while
-            loading.
+            loading. A folder saved 4-bit NF4 by bitsandbytes is read as NF4 without it.
     Returns:
         the model in eval mode and its tokenizer (with a pad token set).
     """
@@ -103,6 +103,12 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = load_tokenizer(folder)  # first: a folder without a tokenizer fails before any weight is read
+    if quantize is None:
+        from lorakit.quant.bnb_checkpoint import bnb_quantization
+
+        # a folder saved 4-bit by bitsandbytes loads as lorakit NF4 (exactly, no bitsandbytes needed); other
+        # quantization methods are refused here by name instead of failing inside transformers
+        quantize = bnb_quantization(check_causal_config(folder), str(folder / "config.json"))
     if quantize is not None:
         from lorakit.models.quantized_loading import load_quantized
 
