@@ -262,3 +262,12 @@ def test_makefile_targets_do_what_the_readme_says():
     assert "lorakit train" in demo and "--data" not in demo and "--model" not in demo  # the embedded demo task
     assert "TRITON_INTERPRET=1" in test and "pytest" in test and "tests" in test
     assert os.path.isfile(REPO / "lorakit" / "data" / "orders_train.jsonl")
+
+
+def test_generate_labels_runs_compared_side_by_side_apart():
+    """The README compares run folders' adapters with `lorakit generate --adapter A --adapter B`: the answers are
+    labelled by run (`runs/a/adapter` and `runs/b/adapter` were both "adapter" before)."""
+    from lorakit.commands.generate import _names
+
+    assert _names(["runs/a/adapter", "runs/b/adapter/", "runs/b/best", "my-adapter", "x/my-adapter"]) == \
+        ["a/adapter", "b/adapter", "b/best", "my-adapter", "my-adapter#2"]

@@ -27,10 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _names(folders: list[str]) -> list[str]:
-    """Display names: the folder names, made unique."""
+    """Display names: the folder names, made unique. A run's own ``adapter`` / ``best`` folder is named with its run
+    (``runs/demo/adapter`` -> ``demo/adapter``), so two runs compared side by side are told apart."""
     names: list[str] = []
     for folder in folders:
-        name = os.path.basename(os.path.normpath(folder)) or "adapter"
+        path = os.path.normpath(folder)
+        name = os.path.basename(path) or "adapter"
+        parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        if name in ("adapter", "best") and parent:
+            name = f"{parent}/{name}"
         candidate, k = name, 2
         while candidate in names:
             candidate, k = f"{name}#{k}", k + 1
