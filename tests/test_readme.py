@@ -271,3 +271,13 @@ def test_generate_labels_runs_compared_side_by_side_apart():
 
     assert _names(["runs/a/adapter", "runs/b/adapter/", "runs/b/best", "my-adapter", "x/my-adapter"]) == \
         ["a/adapter", "b/adapter", "b/best", "my-adapter", "my-adapter#2"]
+
+
+def test_the_readme_config_file_example_is_a_valid_train_config(tmp_path):
+    from lorakit.train.config import read_config_file, resolve_config
+
+    (yaml_block,) = blocks("yaml")
+    (tmp_path / "run.yaml").write_text(yaml_block)
+    values = read_config_file(str(tmp_path / "run.yaml"))
+    config = resolve_config(values, {})
+    assert config.targets == ["q_proj", "v_proj"] and config.data == ["train.jsonl"] and config.rank == 8
