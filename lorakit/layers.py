@@ -209,12 +209,18 @@ class LoraLayer(_AdapterHost):
         adapter = self.adapters[name]
         return adapter.variant.merged_weight(adapter, self.linear_weight(torch.float32))
 
-    def merge(self, name: str, candidate: torch.Tensor | None = None) -> None:
+    def merge(self, name: str, candidate: torch.Tensor | None = None, keep_original: bool = True) -> None:
+        """Fold adapter ``name`` into the base weight. A quantized base is re-quantized, which rounds the update
+        away in part: with ``keep_original`` its packed state is first copied to the CPU (half a byte per weight),
+        so ``unmerge`` restores the base exactly instead of re-quantizing ``W' - delta``."""
         if name in self.merged or name not in self.adapters:
             return
         weight = self.merged_candidate(name) if candidate is None else candidate
         if self.shared_weight and not self._tied:
             self._untie()
+        if keep_original and not self.merged and quant.is_quantized(self.base_layer):
+            self._quantized_original = {key: value.detach().to("cpu", copy=True)
+                                        for key, value in self.base_layer.state_dict().items()}
         self.write_linear_weight(weight)
         self.merged.append(name)
 
@@ -225,6 +231,13 @@ class LoraLayer(_AdapterHost):
         self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=False)
 
     def unmerge(self) -> None:
+        original = self.__dict__.pop("_quantized_original", None)
+        if original is not None and self.merged:
+            self.base_layer.load_state_dict(original)  # the exact packed base of before the first merge
+            for name in self.merged:
+                self.adapters[name].merge_norm = None
+            self.merged = []
+            return
         shared, self._tied = (self._tied or (None,))[0], ()
         current = getattr(self.base_layer, "weight", None)
         if shared is not None and (shared.dtype, shared.device) == (current.dtype, current.device):

@@ -21,7 +21,7 @@ from lorakit.layers import ModulesToSave
 
 
 def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: bool = True,
-          allow_lossy: bool = False) -> nn.Module:
+          allow_lossy: bool = False, _keep_originals: bool = True) -> nn.Module:
     """Fold adapters (default: the active ones) into the base weights. ``unmerge`` restores them.
 
     With ``safe=True`` (the default) every merged weight is checked for NaN/Inf before any is written. Merging into
@@ -42,7 +42,7 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
         if quantized and not allow_lossy:
             _warn_lossy(name, quantized)
         for layer in todo.values():
-            layer.merge(name)
+            layer.merge(name, keep_original=_keep_originals)  # merge_and_unload never unmerges: no copies
     return model
 
 
@@ -62,7 +62,8 @@ def _warn_lossy(name: str, layers: dict) -> None:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo every merge (in reverse order), restoring the base weights (exactly up to float rounding)."""
+    """Undo every merge (in reverse order), restoring the base weights (exactly up to float rounding; a quantized
+    base exactly, from the copy its first merge kept)."""
     for layer in lora_layers(model).values():
         layer.unmerge()
     return model
@@ -76,7 +77,7 @@ def merge_and_unload(model: nn.Module, adapters: str | Sequence[str] | None = No
     embedding and output head) that a merge changed is no longer tied: the config then says so too
     (``tie_word_embeddings=False``), so ``save_pretrained`` keeps both and a reload does not tie them again.
     """
-    merge(model, adapters, safe=safe, allow_lossy=allow_lossy)
+    merge(model, adapters, safe=safe, allow_lossy=allow_lossy, _keep_originals=False)
     if any(layer._tied for layer in lora_layers(model).values()):  # LoraLayer._untie ran: the weights now differ
         _untie_config(model)
     active = active_adapters(model)
