@@ -245,11 +245,15 @@ def _enable_fast_kernels(model: nn.Module, device: torch.device, log: Callable[[
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
-    enable = getattr(model, "gradient_checkpointing_enable", None)
+    # transformers >= 5.2x renamed it (the old name warns, FutureWarning, on every run); older ones have only the old
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    keyword = "activation_checkpointing_kwargs"
+    if enable is None:
+        enable, keyword = getattr(model, "gradient_checkpointing_enable", None), "gradient_checkpointing_kwargs"
     if enable is None:
         raise LorakitError(f"{type(model).__name__} does not support gradient checkpointing; drop --gradient-checkpointing")
     try:
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable(**{keyword: {"use_reentrant": False}})
     except (ValueError, TypeError) as error:
         raise LorakitError(f"gradient checkpointing is not available for this model ({error})") from None
 

@@ -306,7 +306,7 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
                 atomic_write_text(before_path, json.dumps(before) + "\n")
                 append_metric(run_dir, {"kind": "eval", "when": "before", "step": 0, **before})
             say(_score_line(f"before training ({len(eval_records)} held-out examples)", result))
-    elif not eval_records:
+    elif not eval_records and config.eval_examples:
         say("no held-out examples with a reference answer: skipping the exact-match score (give --val-data or "
             "--val-fraction with prompt/completion or chat records)")
 
