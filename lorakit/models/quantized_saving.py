@@ -1,0 +1,237 @@
+"""Save a model whose linear layers are lorakit NF4 as a bitsandbytes 4-bit Hugging Face folder.
+
+Quantizing a 70B base from 16 bits takes minutes on every run; ``save_quantized`` writes the 4-bit model once, in
+exactly the layout transformers + bitsandbytes write for ``BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=<as the layers are>, bnb_4bit_compute_dtype=<model dtype>)``:
+
+    config.json              the model's config + ``quantization_config`` (``quant_method: "bitsandbytes"``)
+    model.safetensors        (or model-0000i-of-0000n.safetensors + model.safetensors.index.json above the shard size)
+                             every NF4 layer as ``bnb_checkpoint.bnb_tensors`` writes it (packed bytes, absmax,
+                             quant_map, nested stats, the JSON quant state), every other tensor as it is; tied
+                             weights once (the output head that shares the embedding is left out, as transformers does)
+    generation_config.json, tokenizer files
+
+``lorakit.load_base(folder)`` reads it back bit for bit (no re-quantization) and so does
+``transformers.AutoModelForCausalLM.from_pretrained(folder)`` with bitsandbytes installed. A GPT-2 (``Conv1D``) base
+needs nothing special: bitsandbytes quantizes a Conv1D's weight transposed, as ``(out, in)`` like a Linear's, which
+is how ``NF4Linear`` holds it too (``conv1d_layout`` only remembers the dense original's layout).
+
+The folder is written beside ``out`` and renamed into place, so a crash never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit._fs import publish_mode, temp_dir
+from lorakit.errors import LorakitError
+from lorakit.quant import QuantizedLinear, is_conv1d
+from lorakit.quant.bnb_checkpoint import bnb_tensors
+from lorakit.quant.nf4 import NF4Linear
+
+MAX_SHARD_SIZE = "5GB"  # huggingface_hub's default and the Hub's habit; transformers 5 itself defaults to 50GB
+
+
+def _refuse_unsavable(model: nn.Module) -> dict[str, NF4Linear]:
+    """The model's NF4 layers by path; refuses adapters, no NF4 at all, other quantized layers and meta tensors."""
+    from lorakit.inject import adapter_hosts
+
+    hosts = adapter_hosts(model)
+    if hosts:
+        raise LorakitError(f"the model has LoRA adapters injected ({len(hosts)} layers, e.g. {next(iter(hosts))!r}); "
+                           "save_quantized writes a base model: call lorakit.merge_and_unload(model) first, or save the "
+                           "adapter separately with lorakit.save_adapter(model, folder) and save the base before inject")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+    other = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear) and not isinstance(m, NF4Linear)]
+    if other:
+        raise LorakitError(f"module {other[0]!r} is a {type(model.get_submodule(other[0])).__name__}, which has no "
+                           "bitsandbytes format; only NF4 layers can be saved 4-bit")
+    if not layers:
+        raise LorakitError("the model has no NF4 layers, so there is nothing 4-bit to save: save it with "
+                           "model.save_pretrained(folder), or quantize it first (lorakit.quantize(model, 'nf4') or "
+                           "lorakit.load_base(folder, quantize='nf4'))")
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.device.type == "meta":
+            raise LorakitError(f"tensor {name!r} is on the meta device (never loaded), so it has no values to save; "
+                               "load the model fully (lorakit.load_base) before save_quantized")
+    return layers
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the unquantized weights (embeddings, norms, head): bitsandbytes' compute dtype and config dtype."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    weight = getattr(embedding, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def _dense_linear_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
+
+
+def skip_modules(model: nn.Module, nf4_names, dense_names) -> list[str] | None:
+    """``llm_int8_skip_modules`` for the config: ``None`` (transformers' default, as it writes it) when its default
+    skips (tied weights, the output head, the last module) are exactly the layers lorakit kept dense; otherwise the
+    dense linear layers by full path, so transformers builds Linear4bit for the NF4 layers and nothing else."""
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.quantizers.base import get_keys_to_not_convert
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        with torch.device("meta"):  # the plain model transformers builds before it swaps in Linear4bit (no memory)
+            skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+        default = get_keys_to_not_convert(skeleton)
+        if all(should_convert_module(n, default) for n in nf4_names) and \
+                not any(should_convert_module(n, default) for n in dense_names):
+            return None
+    except Exception:  # another transformers version or a custom model class: the explicit list is always right
+        pass
+    return sorted(dense_names)
+
+
+def quantization_config(model: nn.Module, layers: dict[str, NF4Linear]) -> dict:
+    """The ``quantization_config`` transformers writes for the matching ``BitsAndBytesConfig``."""
+    from transformers import BitsAndBytesConfig
+
+    double_quant = all(layer.double_quant for layer in layers.values())
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=_model_dtype(model),
+                                llm_int8_skip_modules=skip_modules(model, list(layers), _dense_linear_names(model)))
+    return config.to_dict()
+
+
+def _drop_tied(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` with each group of tensors sharing memory (a tied output head) reduced to one key."""
+    try:  # transformers' own rule for which name of a tied pair to keep (the one the model expects on reload)
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        return remove_tied_weights_from_state_dict(dict(state), model)
+    except (ImportError, RuntimeError):  # RuntimeError: sharing the model does not declare (tied at run time)
+        pass
+    kept, seen = {}, set()
+    for key, tensor in state.items():  # keep the first name, as save_pretrained did before tied-key tables
+        ident = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ident not in seen:
+            kept[key] = tensor
+        seen.add(ident)
+    return kept
+
+
+def quantized_state_dict(model: nn.Module, layers: dict[str, NF4Linear]) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder by key: NF4 layers in bitsandbytes' form, the rest as they are, tied ones once."""
+    state = {k: v for k, v in model.state_dict().items()
+             if k.rpartition(".")[0] not in layers}  # the NF4 buffers (weight_packed, ...) are replaced below
+    state = _drop_tied(state, model)
+    for name, layer in layers.items():
+        state.update(bnb_tensors(layer, name))
+    # safetensors refuses tensors that share memory; a few small ones can (a cached code table): give each its own
+    storages: set[tuple] = set()
+    for key, tensor in state.items():
+        ident = (tensor.device, tensor.untyped_storage().data_ptr())
+        if ident in storages:
+            state[key] = tensor.clone()
+        else:
+            storages.add(ident)
+        state[key] = state[key].contiguous()
+    return state
+
+
+def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str, progress: bool) -> int:
+    """Write the safetensors file(s) (+ index when sharded) into ``folder``; returns the bytes of tensor data."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        # delay: a small model is written before the bar would show; a 70B one shows it (one update per tensor)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing 4-bit shards", delay=2.0, file=sys.stderr)
+    try:
+        for filename, keys in split.filename_to_tensors.items():
+            shard = {}
+            for key in keys:
+                shard[key] = state[key].detach().cpu()
+                if bar is not None:
+                    bar.update(shard[key].numel() * shard[key].element_size())
+            save_file(shard, str(folder / filename), metadata={"format": "pt"})
+            del shard
+    finally:
+        if bar is not None:
+            bar.close()
+    if split.is_sharded:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return total
+
+
+def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False, *,
+                   max_shard_size: int | str = MAX_SHARD_SIZE, progress: bool = True) -> Path:
+    """Write ``model`` (a transformers causal LM with lorakit ``NF4Linear`` layers) as a bitsandbytes 4-bit folder.
+
+    Args:
+        model: e.g. from ``lorakit.load_base(folder, quantize="nf4")`` or ``lorakit.quantize(model, "nf4")``; no
+            adapters injected (merge_and_unload first, or save the adapter separately).
+        tokenizer: saved beside the weights (``None``: no tokenizer files; ``load_base`` then refuses the folder).
+        out: the folder to write; must not exist unless ``overwrite`` (then it is replaced atomically).
+        max_shard_size: above it the weights are split into shards with a ``model.safetensors.index.json``.
+        progress: a progress bar on stderr when writing takes more than a couple of seconds.
+    Returns:
+        the folder. Raises ``LorakitError`` (one line) for adapters, a model without NF4 layers, meta tensors or an
+        unusable ``out``.
+    """
+    from lorakit.export import check_output_folder
+
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise LorakitError(f"{out} already exists; choose another folder or pass overwrite=True (CLI: --overwrite)")
+    out = check_output_folder(out, flag="out", overwrite=True)  # a file, no permission, ... named in one line
+    layers = _refuse_unsavable(model)
+    config = copy.deepcopy(model.config)
+    config.quantization_config = quantization_config(model, layers)
+    config.dtype = _model_dtype(model)
+    config.architectures = [type(model).__name__]
+    state = quantized_state_dict(model, layers)
+    try:
+        tmp = temp_dir(out)
+    except OSError as error:
+        raise LorakitError(f"cannot write {out}: {error.strerror or error}; choose another folder") from None
+    try:
+        config.save_pretrained(tmp)
+        generation_config = getattr(model, "generation_config", None)
+        can_generate = getattr(model, "can_generate", None)
+        if generation_config is not None and (not callable(can_generate) or can_generate()):
+            generation_config.save_pretrained(tmp)
+        _write_weights(state, tmp, max_shard_size, progress)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for path in tmp.iterdir():
+            publish_mode(path)
+        if out.exists():  # overwrite: swap the new folder in, then drop the old one
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "model")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
