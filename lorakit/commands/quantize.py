@@ -1,0 +1,64 @@
+"""``lorakit quantize --model M --out OUT``: quantize a 16-bit base to NF4 once and save it as a 4-bit folder.
+
+The folder is in bitsandbytes' 4-bit format (what transformers writes for ``BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_type="nf4")``): ``lorakit train --model OUT`` and ``lorakit.load_base(OUT)`` read it as NF4 in
+seconds, and so does transformers with bitsandbytes installed. The model is loaded layer by layer straight into
+NF4 (the 16-bit model never exists in memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import time
+from pathlib import Path
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+EPILOG = """example:
+  lorakit quantize --model ./llama-3.1-70b --out ./llama-3.1-70b-nf4
+  lorakit train --model ./llama-3.1-70b-nf4 --data train.jsonl --gradient-checkpointing
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("--model", required=True, help="embedded model name or local Hugging Face folder (16-bit)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
+                        help="dtype of the weights before quantization and of everything kept dense (embeddings, "
+                             "norms, head); the compute dtype recorded for bitsandbytes (default: %(default)s)")
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors") if p.is_file())
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import lorakit
+    from lorakit.export import check_output_folder
+    from lorakit.models.loading import resolve_model_folder
+    from lorakit.models.quantized_saving import save_quantized
+
+    start = time.perf_counter()
+    protected = {"the model folder": args.model} if os.path.isdir(os.path.expanduser(args.model)) else {}
+    out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected)  # before minutes of loading
+    source, _ = resolve_model_folder(args.model)
+    model, tokenizer = lorakit.load_base(args.model, dtype=getattr(torch, DTYPES[args.dtype]), quantize="nf4")
+    loaded = time.perf_counter()
+    print(f"loaded {args.model} into NF4 in {loaded - start:.1f} s; writing {out}")
+    save_quantized(model, tokenizer, out, overwrite=args.overwrite)
+    before, after = _size(Path(source)), _size(out)
+    ratio = f" ({before / after:.1f}x smaller)" if after else ""
+    print(f"wrote {out} in {time.perf_counter() - loaded:.1f} s: weights {_gib(before)} -> {_gib(after)}{ratio}")
+    print(f"train on it: lorakit train --model {shlex.quote(str(out))} --data train.jsonl --gradient-checkpointing")
+    return 0
