@@ -200,7 +200,7 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, overwrit
     from lorakit.export import check_output_folder
 
     out = Path(out).expanduser()
-    if out.exists() and not overwrite:
+    if out.is_dir() and not overwrite:
         raise LorakitError(f"{out} already exists; choose another folder or pass overwrite=True (CLI: --overwrite)")
     out = check_output_folder(out, flag="out", overwrite=True)  # a file, no permission, ... named in one line
     layers = _refuse_unsavable(model)
