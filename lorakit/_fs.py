@@ -65,3 +65,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace_folder(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Put the finished folder ``tmp`` (made by ``temp_dir(out)``) at ``out``. An existing ``out`` is first moved
+    aside into a hidden sibling, so ``out`` is never missing nor half-written, and is deleted after the swap."""
+    import shutil
+
+    tmp, out = Path(tmp), Path(out)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, old / "model")
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

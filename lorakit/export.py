@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorakit._fs import atomic_path, temp_dir
+from lorakit._fs import atomic_path, replace_folder, temp_dir
 from lorakit.errors import LorakitError
 
 LOSS_WARNING = 0.25
@@ -158,13 +157,7 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():  # --overwrite: swap in the new folder, then drop the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "model")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)  # an existing folder (--overwrite) is swapped out only once this one is whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

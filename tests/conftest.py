@@ -70,3 +70,14 @@ def embedded_base():
 
     make()
     return make
+
+
+@pytest.fixture
+def no_dynamo():
+    """bitsandbytes' pure-PyTorch dequantize is wrapped in torch.compile; eager is exact and much faster here."""
+    import torch._dynamo
+
+    previous = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    yield
+    torch._dynamo.config.disable = previous

@@ -26,15 +26,7 @@ SHAPES = [(3, 7), (65, 129), (300, 77), (1, 1), (517, 300)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _no_dynamo():
-    """bitsandbytes' pure-PyTorch dequantize is wrapped in torch.compile; eager is exact and much faster here."""
-    import torch._dynamo
-
-    previous = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = previous
+pytestmark = pytest.mark.usefixtures("no_dynamo")  # bitsandbytes' dequantize is compiled: eager here
 
 
 def _bnb_dequantize(packed, state, dtype):

@@ -36,15 +36,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "bnb_nf4_tiny"
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _no_dynamo():
-    """bitsandbytes' pure-PyTorch dequantize is wrapped in torch.compile; eager is exact and much faster here."""
-    import torch._dynamo
-
-    previous = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = previous
+pytestmark = pytest.mark.usefixtures("no_dynamo")  # bitsandbytes' dequantize is compiled: eager here
 
 
 def _bnb_config(**overrides):

@@ -28,15 +28,7 @@ pytest.importorskip("bitsandbytes")  # a test dependency (pyproject [test]), as 
 NF4_STATE = ("weight_packed", "absmax", "nested_absmax", "absmax_offset", "code", "nested_code", "bias")
 
 
-@pytest.fixture(autouse=True)
-def _no_dynamo():
-    """bitsandbytes' pure-PyTorch dequantize is wrapped in torch.compile; eager is exact and much faster here."""
-    import torch._dynamo
-
-    previous = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = previous
+pytestmark = pytest.mark.usefixtures("no_dynamo")  # bitsandbytes' dequantize is compiled: eager here
 
 
 def _with_tokenizer(folder: Path) -> Path:

@@ -26,13 +26,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lorakit._fs import publish_mode, temp_dir
+from lorakit._fs import publish_mode, replace_folder, temp_dir
 from lorakit.errors import LorakitError
 from lorakit.quant import QuantizedLinear, is_conv1d
 from lorakit.quant.bnb_checkpoint import bnb_tensors
@@ -224,13 +223,7 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, overwrit
             tokenizer.save_pretrained(tmp)
         for path in tmp.iterdir():
             publish_mode(path)
-        if out.exists():  # overwrite: swap the new folder in, then drop the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "model")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)  # an existing folder (--overwrite) is swapped out only once this one is whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

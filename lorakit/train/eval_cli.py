@@ -39,8 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from lorakit._fs import atomic_write_text
     from lorakit.io import load_adapter
     from lorakit.models import load_base
