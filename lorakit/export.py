@@ -11,11 +11,13 @@ update and c() the cast, the exported model carries c(W + D) - c(W) where D was 
 
 is reported; above ``LOSS_WARNING`` the command warns.
 
-GGUF (llama.cpp / Ollama): Llama-architecture models (``LlamaForCausalLM``, and Mistral, which llama.cpp runs as
-llama) with llama.cpp's tensor names and metadata, q/k rows permuted as llama.cpp's ``convert_hf_to_gguf.py``
-does (its rotary embedding pairs neighbouring dimensions; transformers pairs the two halves), and the tokenizer
-from the HF tokenizer (byte-level BPE as ``gpt2``, BPE with byte fallback as ``llama``). transformers' own GGUF
-loader (``modeling_gguf_pytorch_utils``) undoes exactly this permutation when it reads the file back.
+GGUF (llama.cpp / Ollama): one small table per family (``GGUF_ARCHS``: llama.cpp's architecture, tensor names,
+q/k rule, extra metadata). Llama (and Mistral, which llama.cpp runs as llama) has its q/k rows permuted as
+llama.cpp's ``convert_hf_to_gguf.py`` does (its rotary embedding pairs neighbouring dimensions; transformers pairs
+the two halves); Qwen2 (q/k/v biases) and Qwen3 (q/k norms) use NEOX-style rotary, which pairs the halves too, so
+their rows stay as they are. The tokenizer comes from the HF tokenizer (byte-level BPE as ``gpt2``, BPE with byte
+fallback as ``llama``). transformers' own GGUF loader (``modeling_gguf_pytorch_utils``) undoes exactly these
+rewrites when it reads the file back, which is how tests/test_gguf_architectures.py checks each family.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -165,12 +168,60 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
 
 
 # -- GGUF ---------------------------------------------------------------------------------------------------------
-_LLAMA_TYPES = ("llama", "mistral")
-_LAYER_NAMES = {
+_LLAMA_LAYERS = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
 }
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    """What one model family needs in a GGUF: llama.cpp's architecture name, its per-layer tensor names, and the
+    two rewrites llama.cpp's ``convert_hf_to_gguf.py`` applies (and transformers' GGUF reader undoes).
+
+    ``permute_qk``: the family's llama.cpp rotary pairs neighbouring dimensions (``LLAMA_ROPE_TYPE_NORM``), so the
+    q/k rows are interleaved by ``permute_rows``; NEOX-style families (Qwen) pair the halves as transformers does
+    and keep the rows as they are. ``metadata(writer, config)`` writes the keys only this family has;
+    ``refuse(config)`` returns why a config cannot be exported faithfully (or None).
+    """
+
+    arch: str
+    layers: dict[str, str]
+    permute_qk: bool = False
+    metadata: Callable[[Any, Any], None] | None = None
+    refuse: Callable[[Any], str | None] | None = None
+
+
+def _qwen2_refuse(config) -> str | None:
+    # llama.cpp's qwen2 graph has no sliding window: a config that uses one would attend differently past it
+    if getattr(config, "use_sliding_window", False):
+        return "use_sliding_window=True has no llama.cpp equivalent"
+    return None
+
+
+GGUF_ARCHS: dict[str, GgufArch] = {
+    "llama": GgufArch("llama", _LLAMA_LAYERS, permute_qk=True),
+    "mistral": GgufArch("llama", _LLAMA_LAYERS, permute_qk=True),  # llama.cpp runs Mistral as llama
+    "qwen2": GgufArch("qwen2", _LLAMA_LAYERS, refuse=_qwen2_refuse),  # q/k/v biases ride along as .bias
+    "qwen3": GgufArch("qwen3", {**_LLAMA_LAYERS, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
+                      refuse=_qwen2_refuse),
+}
+
+
+def gguf_arch(config) -> GgufArch:
+    """The export table for ``config``'s family; one line naming the supported ones otherwise."""
+    model_type = getattr(config, "model_type", None)
+    arch = GGUF_ARCHS.get(model_type)
+    if arch is None:
+        raise LorakitError(f"GGUF export supports Llama-architecture models (llama, mistral) and "
+                           f"{', '.join(t for t in GGUF_ARCHS if t not in ('llama', 'mistral'))}; this model is "
+                           f"{model_type!r}: export the Hugging Face folder and convert it with llama.cpp's convert_hf_to_gguf.py")
+    reason = arch.refuse(config) if arch.refuse is not None else None
+    if reason:
+        raise LorakitError(f"GGUF export of this {model_type} model: {reason}; export the Hugging Face folder and "
+                           "convert it with llama.cpp's convert_hf_to_gguf.py")
+    return arch
 
 
 def permute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -188,19 +239,18 @@ def _config_value(config, name: str, default=None):
     return default if value is None else value
 
 
-def llama_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors under llama.cpp's names (float32, q/k permuted). Refuses other architectures."""
+def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under llama.cpp's names (float32, rewritten as its family's ``GgufArch`` says).
+    Refuses families without a table."""
     config = model.config
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _LLAMA_TYPES:
-        raise LorakitError(f"GGUF export supports Llama-architecture models ({', '.join(_LLAMA_TYPES)}); this model is "
-                           f"{model_type!r}: export the Hugging Face folder and convert it with llama.cpp's convert_hf_to_gguf.py")
+    arch = gguf_arch(config)
     n_head = config.num_attention_heads
     n_kv = _config_value(config, "num_key_value_heads", n_head)
     out: dict[str, torch.Tensor] = {}
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     tied = "lm_head.weight" not in state or (
         getattr(config, "tie_word_embeddings", False) and torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]))
+    unsupported = f"this {config.model_type} variant is not supported"
     for key, tensor in state.items():
         if key == "model.embed_tokens.weight":
             out["token_embd.weight"] = tensor
@@ -212,20 +262,23 @@ def llama_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         elif key.startswith("model.layers."):
             _, _, index, rest = key.split(".", 3)
             module, _, kind = rest.rpartition(".")
-            name = _LAYER_NAMES.get(module)
+            name = arch.layers.get(module)
             if name is None or kind not in ("weight", "bias"):
-                raise LorakitError(f"GGUF export: no llama.cpp name for tensor {key}; this Llama variant is not supported")
+                raise LorakitError(f"GGUF export: no llama.cpp name for tensor {key}; {unsupported}")
             array = tensor.numpy()
-            if name == "attn_q":
+            if arch.permute_qk and name == "attn_q":
                 array = permute_rows(array, n_head)
-            elif name == "attn_k":
+            elif arch.permute_qk and name == "attn_k":
                 array = permute_rows(array, n_kv)
             out[f"blk.{index}.{name}.{kind}"] = torch.from_numpy(np.ascontiguousarray(array))
         elif "rotary_emb" in key:
             continue
         else:
-            raise LorakitError(f"GGUF export: no llama.cpp name for tensor {key}; this Llama variant is not supported")
+            raise LorakitError(f"GGUF export: no llama.cpp name for tensor {key}; {unsupported}")
     return out
+
+
+llama_tensors = gguf_tensors  # the name before other families were added
 
 
 def _tokenizer_metadata(writer, tokenizer, vocab_size: int, base_name: str) -> None:
@@ -277,10 +330,24 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int, base_name: str) -> N
         writer.add_chat_template(tokenizer.chat_template)
 
 
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _split_patterns(node) -> list[str]:
+    """Every ``Split`` regex in a tokenizer.json pre-tokenizer (they nest inside ``Sequence``)."""
+    if isinstance(node, dict):
+        found = [node["pattern"]["Regex"]] if node.get("type") == "Split" and "Regex" in (node.get("pattern") or {}) else []
+        return found + [p for child in node.get("pretokenizers") or [] for p in _split_patterns(child)]
+    return []
+
+
 def _pre_tokenizer_name(spec: dict, base_name: str) -> str:
     """llama.cpp picks its pre-tokenizer regex by this name (``tokenizer.ggml.pre``)."""
     if "smollm" in base_name.lower():
         return "smollm"
+    if _QWEN2_SPLIT in _split_patterns(spec.get("pre_tokenizer")):
+        return "qwen2"  # Llama 3's regex with single digits: Qwen2, Qwen2.5, Qwen3
     text = json.dumps(spec.get("pre_tokenizer"))
     if "Split" in text and "\\p{N}{1,3}" in text:
         return "llama-bpe"  # Llama 3's regex
@@ -288,7 +355,7 @@ def _pre_tokenizer_name(spec: dict, base_name: str) -> str:
 
 
 def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str = "f16", name: str = "merged") -> Path:
-    """Write ``model`` (a plain, merged Llama) as GGUF ``kind`` (``f16`` or ``q8_0``) to ``path``, atomically.
+    """Write ``model`` (a plain, merged model of a ``GGUF_ARCHS`` family) as GGUF ``kind`` (``f16`` or ``q8_0``) to ``path``, atomically.
 
     Norms stay float32 and tensors whose rows do not split into Q8_0 blocks of 32 stay f16, as llama.cpp does.
     """
@@ -296,8 +363,9 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
 
     if kind not in GGUF_TYPES:
         raise LorakitError(f"unknown GGUF type {kind!r}; choose one of {', '.join(GGUF_TYPES)}")
-    tensors = llama_tensors(model)
+    tensors = gguf_tensors(model)
     config = model.config
+    arch = gguf_arch(config)
     n_head = config.num_attention_heads
     head_dim = _config_value(config, "head_dim", config.hidden_size // n_head)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
@@ -311,7 +379,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
         raise LorakitError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab_size}")
     path = Path(path)
     with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer = gguf.GGUFWriter(str(tmp), arch.arch)
         writer.add_name(name)
         writer.add_context_length(int(config.max_position_embeddings))
         writer.add_embedding_length(int(config.hidden_size))
@@ -326,6 +394,8 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
         if head_dim * n_head != config.hidden_size:
             writer.add_key_length(int(head_dim))
             writer.add_value_length(int(head_dim))
+        if arch.metadata is not None:
+            arch.metadata(writer, config)
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _tokenizer_metadata(writer, tokenizer, vocab_size, name)
@@ -352,8 +422,7 @@ def export_merged(model: nn.Module, tokenizer, adapter: str, out: str | os.PathL
     The GGUF is written from the float32 merged weights, before the folder's cast to ``dtype``.
     """
     if gguf_type is not None:  # fail before any work when the model cannot be exported
-        if getattr(model.config, "model_type", None) not in _LLAMA_TYPES:
-            llama_tensors(model)
+        gguf_arch(model.config)
         if gguf_type not in GGUF_TYPES:
             raise LorakitError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     model, report = merge_model(model, adapter, dtype)

@@ -1,0 +1,171 @@
+"""GGUF export beyond Llama: each family is merged, written, and read back with transformers' own GGUF loader
+(``from_pretrained(folder, gguf_file=...)``), which undoes exactly what llama.cpp's converter does per architecture
+(names, q/k permutation or not, norm offsets). The Llama path is covered in test_merge_export.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lorakit
+from lorakit.export import export_merged
+from test_serve_support import CHATML, TEXT, make_adapter
+
+IDS = torch.tensor([[3, 17, 42, 99, 150, 7, 250, 31, 64, 1], [5, 6, 7, 8, 9, 10, 11, 12, 13, 300]])
+SENTENCE = "Paris is the capital of France 🙂 2024 <|im_start|>user\nhi<|im_end|>"
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, initializer_range=0.3)
+
+
+def qwen_tokenizer():
+    """A byte-level BPE with Qwen2's own pre-tokenizer regex (single digits), as Qwen2/2.5/3 ship it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TEXT * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHATML)
+
+
+def qwen2(vocab: int, **overrides):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, **{**SHAPE, **overrides}))
+
+
+def qwen3(vocab: int, **overrides):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    # head_dim 128 is Qwen3Config's default, and transformers' reader takes it from there (its qwen3 table does not
+    # read attention.key_length), so only this head size can be checked by reading back; llama.cpp reads the key.
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, tie_word_embeddings=False, head_dim=128,
+                                        **{**SHAPE, **overrides}))
+
+
+FAMILIES = {"qwen2": (qwen2, qwen_tokenizer, "Qwen2ForCausalLM"), "qwen3": (qwen3, qwen_tokenizer, "Qwen3ForCausalLM")}
+
+
+def _stored(weight: np.ndarray, kind: str, name: str) -> np.ndarray:
+    """``weight`` as the file stores it: norms float32, Q8_0 where rows split into blocks of 32, else f16."""
+    import gguf
+
+    if weight.ndim == 1 or "norm" in name:
+        return weight
+    if kind == "q8_0" and weight.shape[-1] % 32 == 0:
+        packed = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
+        return gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q8_0).reshape(weight.shape)
+    return weight.astype(np.float16).astype(np.float32)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def exported(request, tmp_path_factory):
+    """One tiny random model of the family with a PEFT-format adapter, merged and written as f16 and q8_0."""
+    from transformers import AutoModelForCausalLM
+
+    build, make_tokenizer, class_name = FAMILIES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    base = build(len(tokenizer)).eval()
+    if getattr(base.config, "attention_bias", True):  # Qwen2's q/k/v biases start at zero: make them matter
+        with torch.no_grad():
+            for name, parameter in base.named_parameters():
+                if name.endswith("bias") or "norm" in name:
+                    parameter.copy_(torch.randn_like(parameter) * 0.5 + (1.0 if "norm" in name else 0.0))
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    adapter = make_adapter(base, root / "adapter", seed=1, std=0.05)
+    out = {"root": root, "base": root / "base", "class": class_name}
+    for kind in ("f16", "q8_0"):
+        model = AutoModelForCausalLM.from_pretrained(root / "base").eval()
+        lorakit.load_adapter(model, adapter, adapter="x")
+        export_merged(model, tokenizer, "x", root / kind, dtype=torch.float32, gguf_type=kind, name="m")
+        out[kind] = root / kind
+    return out
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_transformers_reads_back_the_merged_model(exported, kind):
+    """Logits of the file, as transformers reads it, equal the merged model's with the file's rounding applied.
+
+    With the rounding emulated (``_stored``) the weights are the same numbers and the ops the same: measured
+    difference exactly 0, so atol 1e-5 only allows for a different summation order; a wrong name, permutation or
+    missing bias moves these logits (max |logit| ~9) by O(1). Against the unrounded merged model, f16 rounding
+    (2^-11 relative per weight, amplified by these deliberately large random weights, biases and norms) moved the
+    logits by 0.47% (qwen2) and 0.11% (qwen3) of their largest magnitude: the bound is 2% of it. (Q8_0 moves them
+    3-8%, as much as a real error could on two layers, so only the emulated comparison is meaningful there.)
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = exported[kind]
+    from_gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=f"m-{kind}.gguf").eval()
+    assert type(from_gguf).__name__ == exported["class"]
+    merged = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        exact = merged(IDS).logits
+        for name, parameter in merged.named_parameters():
+            parameter.copy_(torch.from_numpy(_stored(parameter.numpy(), kind, name)))
+        expected = merged(IDS).logits
+        actual = from_gguf(IDS).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    if kind == "f16":
+        torch.testing.assert_close(actual, exact, rtol=0, atol=0.02 * float(exact.abs().max()))
+    assert from_gguf.config.tie_word_embeddings == merged.config.tie_word_embeddings
+
+
+def test_tokenizer_and_chat_template_round_trip(exported):
+    """transformers rebuilds the tokenizer from the file's vocabulary, merges and pre-tokenizer name."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    original = AutoTokenizer.from_pretrained(exported["base"])
+    from_gguf = AutoTokenizer.from_pretrained(exported["f16"], gguf_file="m-f16.gguf")
+    assert from_gguf(SENTENCE)["input_ids"] == original(SENTENCE)["input_ids"]
+    assert from_gguf.decode(original(SENTENCE)["input_ids"]) == SENTENCE
+    # transformers 5.24 drops the template and special tokens when it rebuilds a qwen3 tokenizer (a plain
+    # TokenizersBackend), so read the fields llama.cpp uses
+    fields = gguf.GGUFReader(exported["f16"] / "m-f16.gguf").fields
+    assert fields["tokenizer.chat_template"].contents() == original.chat_template
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == original.eos_token_id
+    assert fields["tokenizer.ggml.padding_token_id"].contents() == original.pad_token_id
+
+
+def test_qwen_files_name_their_architecture_and_pre_tokenizer(exported):
+    import gguf
+
+    reader = gguf.GGUFReader(exported["f16"] / "m-f16.gguf")
+    arch = reader.fields["general.architecture"].contents()
+    assert arch == exported["class"].removesuffix("ForCausalLM").lower()
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "qwen2"  # llama.cpp picks its digit splitting by this
+    names = {t.name for t in reader.tensors}
+    if arch == "qwen2":
+        assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names and "output.weight" not in names
+    else:
+        assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight", "output.weight"} <= names
+        assert reader.fields["qwen3.attention.key_length"].contents() == 128
+
+
+def test_unsupported_families_and_configs_are_refused_in_one_line(tmp_path):
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    model = GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="x")
+    with pytest.raises(lorakit.LorakitError, match=r"llama, mistral\) and qwen2, qwen3; this model is 'gemma'") as info:
+        export_merged(model, None, "x", tmp_path / "out", gguf_type="f16")
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+    windowed = qwen2(64, use_sliding_window=True, sliding_window=8, num_hidden_layers=1)
+    lorakit.inject(windowed, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="x")
+    with pytest.raises(lorakit.LorakitError, match="use_sliding_window"):
+        export_merged(windowed, None, "x", tmp_path / "out", gguf_type="q8_0")
+    assert not (tmp_path / "out").exists()
