@@ -14,7 +14,7 @@ is reported; above ``LOSS_WARNING`` the command warns.
 GGUF (llama.cpp / Ollama): one small table per family (``GGUF_ARCHS``: llama.cpp's architecture, tensor names,
 q/k rule, extra metadata). Llama (and Mistral, which llama.cpp runs as llama) has its q/k rows permuted as
 llama.cpp's ``convert_hf_to_gguf.py`` does (its rotary embedding pairs neighbouring dimensions; transformers pairs
-the two halves); Qwen2 (q/k/v biases) and Qwen3 (q/k norms) use NEOX-style rotary, which pairs the halves too, so
+the two halves); Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Phi-3 (fused qkv and gate|up) use NEOX-style rotary, which pairs the halves too, so
 their rows stay as they are. The tokenizer comes from the HF tokenizer (byte-level BPE as ``gpt2``, BPE with byte
 fallback as ``llama``). transformers' own GGUF loader (``modeling_gguf_pytorch_utils``) undoes exactly these
 rewrites when it reads the file back, which is how tests/test_gguf_architectures.py checks each family.
@@ -200,12 +200,29 @@ def _qwen2_refuse(config) -> str | None:
     return None
 
 
+def _phi3_refuse(config) -> str | None:
+    rope = getattr(config, "rope_parameters", None) or {}
+    factor = _config_value(config, "partial_rotary_factor", rope.get("partial_rotary_factor", 1.0) if isinstance(rope, dict) else 1.0)
+    if factor != 1.0:  # llama.cpp would take it from rope.dimension_count; transformers' reader cannot check that
+        return f"partial_rotary_factor={factor} is not supported yet (only 1.0)"
+    return None
+
+
+def _phi3_metadata(writer, config) -> None:
+    # llama.cpp's phi3 graph reads the window (convert_hf_to_gguf.py Phi3MiniModel writes it when the config has one)
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(int(config.sliding_window))
+
+
 GGUF_ARCHS: dict[str, GgufArch] = {
     "llama": GgufArch("llama", _LLAMA_LAYERS, permute_qk=True),
     "mistral": GgufArch("llama", _LLAMA_LAYERS, permute_qk=True),  # llama.cpp runs Mistral as llama
     "qwen2": GgufArch("qwen2", _LLAMA_LAYERS, refuse=_qwen2_refuse),  # q/k/v biases ride along as .bias
     "qwen3": GgufArch("qwen3", {**_LLAMA_LAYERS, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
                       refuse=_qwen2_refuse),
+    # fused q|k|v and gate|up projections, kept fused as llama.cpp's attn_qkv and ffn_up; NEOX rotary: no permutation
+    "phi3": GgufArch("phi3", {**_LLAMA_LAYERS, "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
+                     metadata=_phi3_metadata, refuse=_phi3_refuse),
 }
 
 

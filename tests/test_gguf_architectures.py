@@ -52,7 +52,16 @@ def qwen3(vocab: int, **overrides):
                                         **{**SHAPE, **overrides}))
 
 
-FAMILIES = {"qwen2": (qwen2, qwen_tokenizer, "Qwen2ForCausalLM"), "qwen3": (qwen3, qwen_tokenizer, "Qwen3ForCausalLM")}
+def phi3(vocab: int, **overrides):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    # the reader does not map phi3's sliding window, so it takes Phi3Config's default (None) as this model does
+    return Phi3ForCausalLM(Phi3Config(vocab_size=vocab, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2, **{**SHAPE, **overrides}))
+
+
+FAMILIES = {"qwen2": (qwen2, qwen_tokenizer, "Qwen2ForCausalLM"), "qwen3": (qwen3, qwen_tokenizer, "Qwen3ForCausalLM"),
+            "phi3": (phi3, qwen_tokenizer, "Phi3ForCausalLM")}
 
 
 def _stored(weight: np.ndarray, kind: str, name: str) -> np.ndarray:
@@ -102,7 +111,7 @@ def test_transformers_reads_back_the_merged_model(exported, kind):
     difference exactly 0, so atol 1e-5 only allows for a different summation order; a wrong name, permutation or
     missing bias moves these logits (max |logit| ~9) by O(1). Against the unrounded merged model, f16 rounding
     (2^-11 relative per weight, amplified by these deliberately large random weights, biases and norms) moved the
-    logits by 0.47% (qwen2) and 0.11% (qwen3) of their largest magnitude: the bound is 2% of it. (Q8_0 moves them
+    logits by 0.47% (qwen2), 0.11% (qwen3) and 0.36% (phi3) of their largest magnitude: the bound is 2% of it. (Q8_0 moves them
     3-8%, as much as a real error could on two layers, so only the emulated comparison is meaningful there.)
     """
     from transformers import AutoModelForCausalLM
@@ -140,7 +149,7 @@ def test_tokenizer_and_chat_template_round_trip(exported):
     assert fields["tokenizer.ggml.padding_token_id"].contents() == original.pad_token_id
 
 
-def test_qwen_files_name_their_architecture_and_pre_tokenizer(exported):
+def test_files_name_their_architecture_tensors_and_pre_tokenizer(exported):
     import gguf
 
     reader = gguf.GGUFReader(exported["f16"] / "m-f16.gguf")
@@ -150,6 +159,10 @@ def test_qwen_files_name_their_architecture_and_pre_tokenizer(exported):
     names = {t.name for t in reader.tensors}
     if arch == "qwen2":
         assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names and "output.weight" not in names
+    elif arch == "phi3":
+        shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # GGUF lists (columns, rows)
+        assert shapes["blk.0.attn_qkv.weight"] == (64, 64 + 2 * 2 * 16) and shapes["blk.0.ffn_up.weight"] == (64, 2 * 96)
+        assert not any("attn_q." in n or "ffn_gate" in n for n in names)
     else:
         assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight", "output.weight"} <= names
         assert reader.fields["qwen3.attention.key_length"].contents() == 128
@@ -161,11 +174,16 @@ def test_unsupported_families_and_configs_are_refused_in_one_line(tmp_path):
     model = GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8))
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="x")
-    with pytest.raises(lorakit.LorakitError, match=r"llama, mistral\) and qwen2, qwen3; this model is 'gemma'") as info:
+    with pytest.raises(lorakit.LorakitError, match=r"llama, mistral\) and qwen2, qwen3, phi3; this model is 'gemma'") as info:
         export_merged(model, None, "x", tmp_path / "out", gguf_type="f16")
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
     windowed = qwen2(64, use_sliding_window=True, sliding_window=8, num_hidden_layers=1)
     lorakit.inject(windowed, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="x")
     with pytest.raises(lorakit.LorakitError, match="use_sliding_window"):
         export_merged(windowed, None, "x", tmp_path / "out", gguf_type="q8_0")
+    partial = phi3(64, num_hidden_layers=1, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                             "partial_rotary_factor": 0.75})
+    lorakit.inject(partial, lorakit.LoraConfig(r=2, target_modules=["qkv_proj"]), adapter="x")
+    with pytest.raises(lorakit.LorakitError, match="partial_rotary_factor=0.75"):
+        export_merged(partial, None, "x", tmp_path / "out", gguf_type="f16")
     assert not (tmp_path / "out").exists()
