@@ -14,9 +14,9 @@ is reported; above ``LOSS_WARNING`` the command warns.
 GGUF (llama.cpp / Ollama): one small table per family (``GGUF_ARCHS``: llama.cpp's architecture, tensor names,
 q/k rule, extra metadata). Llama (and Mistral, which llama.cpp runs as llama) has its q/k rows permuted as
 llama.cpp's ``convert_hf_to_gguf.py`` does (its rotary embedding pairs neighbouring dimensions; transformers pairs
-the two halves); Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Phi-3 (fused qkv and gate|up) use NEOX-style rotary, which pairs the halves too, so
-their rows stay as they are. The tokenizer comes from the HF tokenizer (byte-level BPE as ``gpt2``, BPE with byte
-fallback as ``llama``). transformers' own GGUF loader (``modeling_gguf_pytorch_utils``) undoes exactly these
+the two halves); Qwen2 (q/k/v biases), Qwen3 (q/k norms), Phi-3 (fused qkv and gate|up) and Gemma 2 (norms
+stored as 1 + w) use NEOX-style rotary, which pairs the halves too, so their rows stay as they are. The tokenizer
+comes from the HF tokenizer (byte-level BPE as ``gpt2``, BPE with byte fallback as ``llama``). transformers' own GGUF loader (``modeling_gguf_pytorch_utils``) undoes exactly these
 rewrites when it reads the file back, which is how tests/test_gguf_architectures.py checks each family.
 """
 
@@ -182,13 +182,17 @@ class GgufArch:
 
     ``permute_qk``: the family's llama.cpp rotary pairs neighbouring dimensions (``LLAMA_ROPE_TYPE_NORM``), so the
     q/k rows are interleaved by ``permute_rows``; NEOX-style families (Qwen) pair the halves as transformers does
-    and keep the rows as they are. ``metadata(writer, config)`` writes the keys only this family has;
-    ``refuse(config)`` returns why a config cannot be exported faithfully (or None).
+    and keep the rows as they are. ``norm_offset`` is added to every RMSNorm weight (Gemma's norms multiply by
+    ``1 + w``, llama.cpp's by ``w``). ``head_dim_key`` writes ``attention.key_length`` even when it equals
+    hidden/heads. ``metadata(writer, config)`` writes the keys only this family has; ``refuse(config)`` returns why
+    a config cannot be exported faithfully (or None).
     """
 
     arch: str
     layers: dict[str, str]
     permute_qk: bool = False
+    norm_offset: float = 0.0
+    head_dim_key: bool = False
     metadata: Callable[[Any, Any], None] | None = None
     refuse: Callable[[Any], str | None] | None = None
 
@@ -214,6 +218,33 @@ def _phi3_metadata(writer, config) -> None:
         writer.add_sliding_window(int(config.sliding_window))
 
 
+_GEMMA_LAYERS = {**_LLAMA_LAYERS, "post_attention_layernorm": "post_attention_norm",
+                 "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def _gemma2_refuse(config) -> str | None:
+    n_layers, head_dim = config.num_hidden_layers, _config_value(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    # llama.cpp's gemma2 graph scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B (46 layers)
+    expected = config.hidden_size // config.num_attention_heads if n_layers == 46 else head_dim
+    if _config_value(config, "query_pre_attn_scalar", expected) != expected:
+        return f"query_pre_attn_scalar={config.query_pre_attn_scalar} but llama.cpp scales queries by {expected}"
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+    if list(getattr(config, "layer_types", None) or alternating) != alternating:
+        return "layer_types other than sliding/full alternation (llama.cpp hard-codes it)"
+    if _config_value(config, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        return f"hidden_activation={config.hidden_activation!r} (llama.cpp uses tanh-approximated GELU)"
+    return None
+
+
+def _gemma2_metadata(writer, config) -> None:
+    # what convert_hf_to_gguf.py's Gemma2Model writes beyond the common keys
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    writer.add_sliding_window(int(config.sliding_window))
+
+
 GGUF_ARCHS: dict[str, GgufArch] = {
     "llama": GgufArch("llama", _LLAMA_LAYERS, permute_qk=True),
     "mistral": GgufArch("llama", _LLAMA_LAYERS, permute_qk=True),  # llama.cpp runs Mistral as llama
@@ -223,6 +254,10 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     # fused q|k|v and gate|up projections, kept fused as llama.cpp's attn_qkv and ffn_up; NEOX rotary: no permutation
     "phi3": GgufArch("phi3", {**_LLAMA_LAYERS, "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
                      metadata=_phi3_metadata, refuse=_phi3_refuse),
+    # norms stored as 1 + w (transformers' reader subtracts 1 from every *norm.weight); the sqrt(hidden) embedding
+    # scale is applied by llama.cpp at run time, so embeddings are written as they are
+    "gemma2": GgufArch("gemma2", _GEMMA_LAYERS, norm_offset=1.0, head_dim_key=True, metadata=_gemma2_metadata,
+                       refuse=_gemma2_refuse),
 }
 
 
@@ -272,7 +307,7 @@ def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if key == "model.embed_tokens.weight":
             out["token_embd.weight"] = tensor
         elif key == "model.norm.weight":
-            out["output_norm.weight"] = tensor
+            out["output_norm.weight"] = tensor + arch.norm_offset if arch.norm_offset else tensor
         elif key == "lm_head.weight":
             if not tied:  # llama.cpp uses token_embd for the head when output.weight is absent
                 out["output.weight"] = tensor
@@ -287,6 +322,8 @@ def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
                 array = permute_rows(array, n_head)
             elif arch.permute_qk and name == "attn_k":
                 array = permute_rows(array, n_kv)
+            if arch.norm_offset and name.endswith("norm"):
+                array = array + np.float32(arch.norm_offset)
             out[f"blk.{index}.{name}.{kind}"] = torch.from_numpy(np.ascontiguousarray(array))
         elif "rotary_emb" in key:
             continue
@@ -408,7 +445,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_rope_freq_base(float(rope_theta))
         writer.add_vocab_size(int(vocab_size))
-        if head_dim * n_head != config.hidden_size:
+        if head_dim * n_head != config.hidden_size or arch.head_dim_key:
             writer.add_key_length(int(head_dim))
             writer.add_value_length(int(head_dim))
         if arch.metadata is not None:

@@ -60,15 +60,29 @@ def phi3(vocab: int, **overrides):
                                       eos_token_id=2, **{**SHAPE, **overrides}))
 
 
-FAMILIES = {"qwen2": (qwen2, qwen_tokenizer, "Qwen2ForCausalLM"), "qwen3": (qwen3, qwen_tokenizer, "Qwen3ForCausalLM"),
-            "phi3": (phi3, qwen_tokenizer, "Phi3ForCausalLM")}
+def gemma2(vocab: int, **overrides):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    # llama.cpp scales queries by 1/sqrt(head_dim) and the reader takes query_pre_attn_scalar from Gemma2Config's
+    # default (256), as it does the soft-capping values: only head_dim 256 is checkable by reading back
+    shape = {**SHAPE, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256,
+             **overrides}
+    return Gemma2ForCausalLM(Gemma2Config(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape))
 
 
-def _stored(weight: np.ndarray, kind: str, name: str) -> np.ndarray:
-    """``weight`` as the file stores it: norms float32, Q8_0 where rows split into blocks of 32, else f16."""
+# family -> (builder, the class transformers' reader builds, what llama.cpp adds to every RMSNorm weight)
+FAMILIES = {"qwen2": (qwen2, "Qwen2ForCausalLM", 0.0), "qwen3": (qwen3, "Qwen3ForCausalLM", 0.0),
+            "phi3": (phi3, "Phi3ForCausalLM", 0.0), "gemma2": (gemma2, "Gemma2ForCausalLM", 1.0)}
+
+
+def _stored(weight: np.ndarray, kind: str, name: str, norm_offset: float) -> np.ndarray:
+    """``weight`` as the file stores it and the reader gives it back: norms float32 (as ``(w + offset) - offset``),
+    Q8_0 where rows split into blocks of 32, else f16."""
     import gguf
 
-    if weight.ndim == 1 or "norm" in name:
+    if "norm" in name:
+        return (weight + np.float32(norm_offset)) - np.float32(norm_offset)
+    if weight.ndim == 1:
         return weight
     if kind == "q8_0" and weight.shape[-1] % 32 == 0:
         packed = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
@@ -81,20 +95,20 @@ def exported(request, tmp_path_factory):
     """One tiny random model of the family with a PEFT-format adapter, merged and written as f16 and q8_0."""
     from transformers import AutoModelForCausalLM
 
-    build, make_tokenizer, class_name = FAMILIES[request.param]
+    build, class_name, norm_offset = FAMILIES[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    tokenizer = make_tokenizer()
+    tokenizer = qwen_tokenizer()
     torch.manual_seed(0)
     base = build(len(tokenizer)).eval()
-    if getattr(base.config, "attention_bias", True):  # Qwen2's q/k/v biases start at zero: make them matter
-        with torch.no_grad():
-            for name, parameter in base.named_parameters():
-                if name.endswith("bias") or "norm" in name:
-                    parameter.copy_(torch.randn_like(parameter) * 0.5 + (1.0 if "norm" in name else 0.0))
+    with torch.no_grad():  # biases (Qwen2's q/k/v) and norms start at constants: make every element matter
+        for name, parameter in base.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                scale = 1.0 - norm_offset if "norm" in name else 0.0  # Gemma's norms multiply by 1 + w
+                parameter.copy_(torch.randn_like(parameter) * 0.5 + scale)
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     adapter = make_adapter(base, root / "adapter", seed=1, std=0.05)
-    out = {"root": root, "base": root / "base", "class": class_name}
+    out = {"root": root, "base": root / "base", "class": class_name, "norm_offset": norm_offset}
     for kind in ("f16", "q8_0"):
         model = AutoModelForCausalLM.from_pretrained(root / "base").eval()
         lorakit.load_adapter(model, adapter, adapter="x")
@@ -111,7 +125,7 @@ def test_transformers_reads_back_the_merged_model(exported, kind):
     difference exactly 0, so atol 1e-5 only allows for a different summation order; a wrong name, permutation or
     missing bias moves these logits (max |logit| ~9) by O(1). Against the unrounded merged model, f16 rounding
     (2^-11 relative per weight, amplified by these deliberately large random weights, biases and norms) moved the
-    logits by 0.47% (qwen2), 0.11% (qwen3) and 0.36% (phi3) of their largest magnitude: the bound is 2% of it. (Q8_0 moves them
+    logits by 0.47% (qwen2), 0.11% (qwen3), 0.36% (phi3) and 0.12% (gemma2) of their largest magnitude: the bound is 2% of it. (Q8_0 moves them
     3-8%, as much as a real error could on two layers, so only the emulated comparison is meaningful there.)
     """
     from transformers import AutoModelForCausalLM
@@ -123,7 +137,7 @@ def test_transformers_reads_back_the_merged_model(exported, kind):
     with torch.no_grad():
         exact = merged(IDS).logits
         for name, parameter in merged.named_parameters():
-            parameter.copy_(torch.from_numpy(_stored(parameter.numpy(), kind, name)))
+            parameter.copy_(torch.from_numpy(_stored(parameter.numpy(), kind, name, exported["norm_offset"])))
         expected = merged(IDS).logits
         actual = from_gguf(IDS).logits
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
@@ -159,6 +173,11 @@ def test_files_name_their_architecture_tensors_and_pre_tokenizer(exported):
     names = {t.name for t in reader.tensors}
     if arch == "qwen2":
         assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names and "output.weight" not in names
+    elif arch == "gemma2":
+        assert {"blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight"} <= names
+        assert reader.fields["gemma2.attention.key_length"].contents() == 256
+        assert reader.fields["gemma2.final_logit_softcapping"].contents() == 30.0
+        assert reader.fields["gemma2.attention.sliding_window"].contents() == 4096
     elif arch == "phi3":
         shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # GGUF lists (columns, rows)
         assert shapes["blk.0.attn_qkv.weight"] == (64, 64 + 2 * 2 * 16) and shapes["blk.0.ffn_up.weight"] == (64, 2 * 96)
@@ -174,7 +193,7 @@ def test_unsupported_families_and_configs_are_refused_in_one_line(tmp_path):
     model = GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8))
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="x")
-    with pytest.raises(lorakit.LorakitError, match=r"llama, mistral\) and qwen2, qwen3, phi3; this model is 'gemma'") as info:
+    with pytest.raises(lorakit.LorakitError, match=r"llama, mistral\) and qwen2, qwen3, phi3, gemma2; this model is 'gemma'") as info:
         export_merged(model, None, "x", tmp_path / "out", gguf_type="f16")
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
     windowed = qwen2(64, use_sliding_window=True, sliding_window=8, num_hidden_layers=1)
@@ -186,4 +205,8 @@ def test_unsupported_families_and_configs_are_refused_in_one_line(tmp_path):
     lorakit.inject(partial, lorakit.LoraConfig(r=2, target_modules=["qkv_proj"]), adapter="x")
     with pytest.raises(lorakit.LorakitError, match="partial_rotary_factor=0.75"):
         export_merged(partial, None, "x", tmp_path / "out", gguf_type="f16")
+    scaled = gemma2(64, num_hidden_layers=1, query_pre_attn_scalar=64)  # llama.cpp would scale by head_dim 256
+    lorakit.inject(scaled, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="x")
+    with pytest.raises(lorakit.LorakitError, match="query_pre_attn_scalar=64 but llama.cpp scales queries by 256"):
+        export_merged(scaled, None, "x", tmp_path / "out", gguf_type="f16")
     assert not (tmp_path / "out").exists()
