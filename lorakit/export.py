@@ -12,11 +12,12 @@ update and c() the cast, the exported model carries c(W + D) - c(W) where D was 
 is reported; above ``LOSS_WARNING`` the command warns.
 
 GGUF (llama.cpp / Ollama): one small table per family (``GGUF_ARCHS``: llama.cpp's architecture, tensor names,
-q/k rule, extra metadata). Llama (and Mistral, which llama.cpp runs as llama) has its q/k rows permuted as
-llama.cpp's ``convert_hf_to_gguf.py`` does (its rotary embedding pairs neighbouring dimensions; transformers pairs
-the two halves); Qwen2 (q/k/v biases), Qwen3 (q/k norms), Phi-3 (fused qkv and gate|up) and Gemma 2 (norms
-stored as 1 + w) use NEOX-style rotary, which pairs the halves too, so their rows stay as they are. The tokenizer
-comes from the HF tokenizer (byte-level BPE as ``gpt2``, BPE with byte fallback as ``llama``). transformers' own GGUF loader (``modeling_gguf_pytorch_utils``) undoes exactly these
+q/k rule, norm offset, extra metadata, what llama.cpp cannot run). Llama (and Mistral, which llama.cpp runs as
+llama) has its q/k rows permuted as llama.cpp's ``convert_hf_to_gguf.py`` does (its rotary embedding pairs
+neighbouring dimensions; transformers pairs the two halves); Qwen2 (q/k/v biases), Qwen3 (q/k norms), Phi-3 (fused
+qkv and gate|up), Gemma 2 and Gemma 3 (norms stored as 1 + w) use NEOX-style rotary, which pairs the halves too, so
+their rows stay as they are. The tokenizer comes from the HF tokenizer (byte-level BPE as ``gpt2``, BPE with byte
+fallback as ``llama``). transformers' own GGUF loader (``modeling_gguf_pytorch_utils``) undoes exactly these
 rewrites when it reads the file back, which is how tests/test_gguf_architectures.py checks each family.
 """
 
@@ -193,6 +194,7 @@ class GgufArch:
     permute_qk: bool = False
     norm_offset: float = 0.0
     head_dim_key: bool = False
+    rope_section: str | None = None  # rope_parameters holds one dict per layer type: this one is llama.cpp's main rope
     metadata: Callable[[Any, Any], None] | None = None
     refuse: Callable[[Any], str | None] | None = None
 
@@ -245,6 +247,31 @@ def _gemma2_metadata(writer, config) -> None:
     writer.add_sliding_window(int(config.sliding_window))
 
 
+def _gemma3_refuse(config) -> str | None:
+    """llama.cpp's gemma3 graph hard-codes what a Gemma 3 text model may vary in its config (llama-model.cpp):
+    every 6th layer global, sliding layers' rope base 10000, no soft-capping, queries scaled by 1/sqrt(head_dim)
+    (by 1/sqrt(hidden/heads) for the 27B, 62 layers)."""
+    n_layers, head_dim = config.num_hidden_layers, config.head_dim
+    expected = config.hidden_size // config.num_attention_heads if n_layers == 62 else head_dim
+    if config.query_pre_attn_scalar != expected:
+        return f"query_pre_attn_scalar={config.query_pre_attn_scalar} but llama.cpp scales queries by {expected}"
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)]
+    if list(config.layer_types) != pattern:
+        return "layer_types other than five sliding layers then one global (llama.cpp hard-codes it)"
+    local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention") or {}
+    if local.get("rope_type", "default") != "default" or local.get("rope_theta", 10000.0) != 10000.0:
+        return f"sliding-layer rope {local} (llama.cpp hard-codes default rope with base 10000)"
+    if config.attn_logit_softcapping is not None or config.final_logit_softcapping is not None:
+        return "logit soft-capping (llama.cpp's gemma3 graph has none)"
+    if config.hidden_activation != "gelu_pytorch_tanh":
+        return f"hidden_activation={config.hidden_activation!r} (llama.cpp uses tanh-approximated GELU)"
+    return None
+
+
+def _gemma3_metadata(writer, config) -> None:
+    writer.add_sliding_window(int(config.sliding_window))
+
+
 GGUF_ARCHS: dict[str, GgufArch] = {
     "llama": GgufArch("llama", _LLAMA_LAYERS, permute_qk=True),
     "mistral": GgufArch("llama", _LLAMA_LAYERS, permute_qk=True),  # llama.cpp runs Mistral as llama
@@ -258,7 +285,20 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     # scale is applied by llama.cpp at run time, so embeddings are written as they are
     "gemma2": GgufArch("gemma2", _GEMMA_LAYERS, norm_offset=1.0, head_dim_key=True, metadata=_gemma2_metadata,
                        refuse=_gemma2_refuse),
+    # Gemma 3's text model (the multimodal "gemma3" checkpoint nests it under language_model: not this table);
+    # q/k norms are RMSNorms with 1 + w too, and the reader's "- 1" covers them
+    "gemma3_text": GgufArch("gemma3", {**_GEMMA_LAYERS, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
+                            norm_offset=1.0, head_dim_key=True, rope_section="full_attention",
+                            metadata=_gemma3_metadata, refuse=_gemma3_refuse),
 }
+
+
+def _rope(config, arch: GgufArch) -> dict:
+    """The rope parameters llama.cpp's main rope takes (transformers 5 ``rope_parameters``, or 4's ``rope_scaling``)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if arch.rope_section is not None and isinstance(rope, dict):
+        rope = rope.get(arch.rope_section) or {}
+    return rope if isinstance(rope, dict) else {}
 
 
 def gguf_arch(config) -> GgufArch:
@@ -270,6 +310,10 @@ def gguf_arch(config) -> GgufArch:
                            f"{', '.join(t for t in GGUF_ARCHS if t not in ('llama', 'mistral'))}; this model is "
                            f"{model_type!r}: export the Hugging Face folder and convert it with llama.cpp's convert_hf_to_gguf.py")
     reason = arch.refuse(config) if arch.refuse is not None else None
+    rope_type = _rope(config, arch).get("rope_type", _rope(config, arch).get("type", "default"))
+    if rope_type not in ("default", None):
+        raise LorakitError(f"GGUF export: rope type {rope_type!r} is not supported yet; export the HF folder and convert "
+                           "it with llama.cpp's convert_hf_to_gguf.py")
     if reason:
         raise LorakitError(f"GGUF export of this {model_type} model: {reason}; export the Hugging Face folder and "
                            "convert it with llama.cpp's convert_hf_to_gguf.py")
@@ -422,12 +466,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
     arch = gguf_arch(config)
     n_head = config.num_attention_heads
     head_dim = _config_value(config, "head_dim", config.hidden_size // n_head)
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in ("default", None):
-        raise LorakitError(f"GGUF export: rope type {rope_type!r} is not supported yet; export the HF folder and convert "
-                           "it with llama.cpp's convert_hf_to_gguf.py")
-    rope_theta = _config_value(config, "rope_theta", rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0)
+    rope_theta = _config_value(config, "rope_theta", _rope(config, arch).get("rope_theta", 10000.0))
     vocab_size = tensors["token_embd.weight"].shape[0]
     if len(tokenizer) > vocab_size:
         raise LorakitError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab_size}")

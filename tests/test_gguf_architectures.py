@@ -70,9 +70,20 @@ def gemma2(vocab: int, **overrides):
     return Gemma2ForCausalLM(Gemma2Config(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape))
 
 
+def gemma3(vocab: int, **overrides):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    # six layers: five sliding (rope base 10000, window 4 < the 10 test tokens) and one global (base 5e5), the
+    # pattern llama.cpp hard-codes; head_dim 256 for the same reason as Gemma 2
+    shape = {**SHAPE, "num_hidden_layers": 6, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256,
+             "query_pre_attn_scalar": 256, "sliding_window": 4, "rope_theta": 5e5, **overrides}
+    return Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape))
+
+
 # family -> (builder, the class transformers' reader builds, what llama.cpp adds to every RMSNorm weight)
 FAMILIES = {"qwen2": (qwen2, "Qwen2ForCausalLM", 0.0), "qwen3": (qwen3, "Qwen3ForCausalLM", 0.0),
-            "phi3": (phi3, "Phi3ForCausalLM", 0.0), "gemma2": (gemma2, "Gemma2ForCausalLM", 1.0)}
+            "phi3": (phi3, "Phi3ForCausalLM", 0.0), "gemma2": (gemma2, "Gemma2ForCausalLM", 1.0),
+            "gemma3": (gemma3, "Gemma3ForCausalLM", 1.0)}
 
 
 def _stored(weight: np.ndarray, kind: str, name: str, norm_offset: float) -> np.ndarray:
@@ -125,7 +136,8 @@ def test_transformers_reads_back_the_merged_model(exported, kind):
     difference exactly 0, so atol 1e-5 only allows for a different summation order; a wrong name, permutation or
     missing bias moves these logits (max |logit| ~9) by O(1). Against the unrounded merged model, f16 rounding
     (2^-11 relative per weight, amplified by these deliberately large random weights, biases and norms) moved the
-    logits by 0.47% (qwen2), 0.11% (qwen3), 0.36% (phi3) and 0.12% (gemma2) of their largest magnitude: the bound is 2% of it. (Q8_0 moves them
+    logits by 0.47% (qwen2), 0.11% (qwen3), 0.36% (phi3), 0.12% (gemma2) and 0.08% (gemma3) of
+    their largest magnitude: the bound is 2% of it. (Q8_0 moves them
     3-8%, as much as a real error could on two layers, so only the emulated comparison is meaningful there.)
     """
     from transformers import AutoModelForCausalLM
@@ -178,6 +190,10 @@ def test_files_name_their_architecture_tensors_and_pre_tokenizer(exported):
         assert reader.fields["gemma2.attention.key_length"].contents() == 256
         assert reader.fields["gemma2.final_logit_softcapping"].contents() == 30.0
         assert reader.fields["gemma2.attention.sliding_window"].contents() == 4096
+    elif arch == "gemma3":
+        assert {"blk.5.attn_q_norm.weight", "blk.5.post_ffw_norm.weight"} <= names
+        assert reader.fields["gemma3.rope.freq_base"].contents() == 5e5  # the global layers' base
+        assert reader.fields["gemma3.attention.sliding_window"].contents() == 4
     elif arch == "phi3":
         shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # GGUF lists (columns, rows)
         assert shapes["blk.0.attn_qkv.weight"] == (64, 64 + 2 * 2 * 16) and shapes["blk.0.ffn_up.weight"] == (64, 2 * 96)
@@ -193,7 +209,7 @@ def test_unsupported_families_and_configs_are_refused_in_one_line(tmp_path):
     model = GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8))
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="x")
-    with pytest.raises(lorakit.LorakitError, match=r"llama, mistral\) and qwen2, qwen3, phi3, gemma2; this model is 'gemma'") as info:
+    with pytest.raises(lorakit.LorakitError, match=r"llama, mistral\) and qwen2, qwen3, phi3, gemma2, gemma3_text; this model is 'gemma'") as info:
         export_merged(model, None, "x", tmp_path / "out", gguf_type="f16")
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
     windowed = qwen2(64, use_sliding_window=True, sliding_window=8, num_hidden_layers=1)
@@ -209,4 +225,12 @@ def test_unsupported_families_and_configs_are_refused_in_one_line(tmp_path):
     lorakit.inject(scaled, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="x")
     with pytest.raises(lorakit.LorakitError, match="query_pre_attn_scalar=64 but llama.cpp scales queries by 256"):
         export_merged(scaled, None, "x", tmp_path / "out", gguf_type="f16")
+    # Gemma 3 4B and up scale the global layers' rope linearly: refused before any work, not after the merge
+    long = gemma3(64, rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                       "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    lorakit.inject(long, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="x")
+    with pytest.raises(lorakit.LorakitError, match="rope type 'linear'"):
+        export_merged(long, None, "x", tmp_path / "out", gguf_type="f16")
+    assert "x" in next(m for m in long.modules() if hasattr(m, "adapters")).adapters  # nothing was merged
+    assert not (tmp_path / "out").exists()
     assert not (tmp_path / "out").exists()
