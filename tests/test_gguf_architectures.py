@@ -37,6 +37,22 @@ def qwen_tokenizer():
                                    chat_template=CHATML)
 
 
+def sentencepiece_tokenizer():
+    """A BPE with byte fallback and "▁" for spaces, the shape of Gemma's, Phi-3's and Llama 2's tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=special + [f"<0x{i:02X}>" for i in range(256)],
+                                  show_progress=False)
+    tok.train_from_iterator(TEXT * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
 def qwen2(vocab: int, **overrides):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -173,6 +189,25 @@ def test_tokenizer_and_chat_template_round_trip(exported):
     assert fields["tokenizer.chat_template"].contents() == original.chat_template
     assert fields["tokenizer.ggml.eos_token_id"].contents() == original.eos_token_id
     assert fields["tokenizer.ggml.padding_token_id"].contents() == original.pad_token_id
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma3"])
+def test_sentencepiece_style_vocabulary_round_trips(family, tmp_path):
+    """Phi-3 and Gemma ship BPE with byte fallback: written as llama.cpp's "llama" vocabulary (scores in merge order),
+    which transformers rebuilds with its per-architecture builder (phi3_tokenizer, gemma_tokenizer)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer = sentencepiece_tokenizer()
+    model = FAMILIES[family][0](len(tokenizer), num_hidden_layers=1)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["o_proj"]), adapter="x")
+    export_merged(model, tokenizer, "x", tmp_path / "out", gguf_type="f16", name="m")
+    assert gguf.GGUFReader(tmp_path / "out" / "m-f16.gguf").fields["tokenizer.ggml.model"].contents() == "llama"
+    from_gguf = AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file="m-f16.gguf")
+    for text in ("Paris is the capital of France", "two  spaces 🙂 中文 42 <start_of_turn>user 🚀"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert from_gguf(text, add_special_tokens=False)["input_ids"] == ids
+    assert "<0xF0>" in tokenizer.convert_ids_to_tokens(ids)  # 🚀 is not in the vocabulary: byte fallback was used
 
 
 def test_files_name_their_architecture_tensors_and_pre_tokenizer(exported):
