@@ -207,8 +207,8 @@ def _qwen2_refuse(config) -> str | None:
 
 
 def _phi3_refuse(config) -> str | None:
-    rope = getattr(config, "rope_parameters", None) or {}
-    factor = _config_value(config, "partial_rotary_factor", rope.get("partial_rotary_factor", 1.0) if isinstance(rope, dict) else 1.0)
+    rope = getattr(config, "rope_parameters", None)
+    factor = _config_value(config, "partial_rotary_factor", (rope or {}).get("partial_rotary_factor", 1.0))
     if factor != 1.0:  # llama.cpp would take it from rope.dimension_count; transformers' reader cannot check that
         return f"partial_rotary_factor={factor} is not supported yet (only 1.0)"
     return None
@@ -225,7 +225,8 @@ _GEMMA_LAYERS = {**_LLAMA_LAYERS, "post_attention_layernorm": "post_attention_no
 
 
 def _gemma2_refuse(config) -> str | None:
-    n_layers, head_dim = config.num_hidden_layers, _config_value(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    n_layers = config.num_hidden_layers
+    head_dim = _config_value(config, "head_dim", config.hidden_size // config.num_attention_heads)
     # llama.cpp's gemma2 graph scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B (46 layers)
     expected = config.hidden_size // config.num_attention_heads if n_layers == 46 else head_dim
     if _config_value(config, "query_pre_attn_scalar", expected) != expected:
@@ -287,7 +288,8 @@ GGUF_ARCHS: dict[str, GgufArch] = {
                        refuse=_gemma2_refuse),
     # Gemma 3's text model (the multimodal "gemma3" checkpoint nests it under language_model: not this table);
     # q/k norms are RMSNorms with 1 + w too, and the reader's "- 1" covers them
-    "gemma3_text": GgufArch("gemma3", {**_GEMMA_LAYERS, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
+    "gemma3_text": GgufArch("gemma3", {**_GEMMA_LAYERS, "self_attn.q_norm": "attn_q_norm",
+                                       "self_attn.k_norm": "attn_k_norm"},
                             norm_offset=1.0, head_dim_key=True, rope_section="full_attention",
                             metadata=_gemma3_metadata, refuse=_gemma3_refuse),
 }
@@ -435,7 +437,8 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 def _split_patterns(node) -> list[str]:
     """Every ``Split`` regex in a tokenizer.json pre-tokenizer (they nest inside ``Sequence``)."""
     if isinstance(node, dict):
-        found = [node["pattern"]["Regex"]] if node.get("type") == "Split" and "Regex" in (node.get("pattern") or {}) else []
+        pattern = node.get("pattern") or {}
+        found = [pattern["Regex"]] if node.get("type") == "Split" and "Regex" in pattern else []
         return found + [p for child in node.get("pretokenizers") or [] for p in _split_patterns(child)]
     return []
 

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -244,7 +242,8 @@ def test_unsupported_families_and_configs_are_refused_in_one_line(tmp_path):
     model = GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8))
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="x")
-    with pytest.raises(lorakit.LorakitError, match=r"llama, mistral\) and qwen2, qwen3, phi3, gemma2, gemma3_text; this model is 'gemma'") as info:
+    supported = r"llama, mistral\) and qwen2, qwen3, phi3, gemma2, gemma3_text; this model is 'gemma'"
+    with pytest.raises(lorakit.LorakitError, match=supported) as info:
         export_merged(model, None, "x", tmp_path / "out", gguf_type="f16")
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
     windowed = qwen2(64, use_sliding_window=True, sliding_window=8, num_hidden_layers=1)
