@@ -179,7 +179,7 @@ _LLAMA_LAYERS = {
 @dataclass(frozen=True)
 class GgufArch:
     """What one model family needs in a GGUF: llama.cpp's architecture name, its per-layer tensor names, and the
-    two rewrites llama.cpp's ``convert_hf_to_gguf.py`` applies (and transformers' GGUF reader undoes).
+    rewrites llama.cpp's ``convert_hf_to_gguf.py`` applies to it (which transformers' GGUF reader undoes).
 
     ``permute_qk``: the family's llama.cpp rotary pairs neighbouring dimensions (``LLAMA_ROPE_TYPE_NORM``), so the
     q/k rows are interleaved by ``permute_rows``; NEOX-style families (Qwen) pair the halves as transformers does
@@ -245,7 +245,8 @@ def _gemma2_metadata(writer, config) -> None:
         writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
     if getattr(config, "final_logit_softcapping", None) is not None:
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
-    writer.add_sliding_window(int(config.sliding_window))
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(int(config.sliding_window))
 
 
 def _gemma3_refuse(config) -> str | None:
@@ -270,7 +271,8 @@ def _gemma3_refuse(config) -> str | None:
 
 
 def _gemma3_metadata(writer, config) -> None:
-    writer.add_sliding_window(int(config.sliding_window))
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(int(config.sliding_window))
 
 
 GGUF_ARCHS: dict[str, GgufArch] = {
@@ -311,11 +313,12 @@ def gguf_arch(config) -> GgufArch:
         raise LorakitError(f"GGUF export supports Llama-architecture models (llama, mistral) and "
                            f"{', '.join(t for t in GGUF_ARCHS if t not in ('llama', 'mistral'))}; this model is "
                            f"{model_type!r}: export the Hugging Face folder and convert it with llama.cpp's convert_hf_to_gguf.py")
-    reason = arch.refuse(config) if arch.refuse is not None else None
-    rope_type = _rope(config, arch).get("rope_type", _rope(config, arch).get("type", "default"))
+    rope = _rope(config, arch)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", None):
         raise LorakitError(f"GGUF export: rope type {rope_type!r} is not supported yet; export the HF folder and convert "
                            "it with llama.cpp's convert_hf_to_gguf.py")
+    reason = arch.refuse(config) if arch.refuse is not None else None
     if reason:
         raise LorakitError(f"GGUF export of this {model_type} model: {reason}; export the Hugging Face folder and "
                            "convert it with llama.cpp's convert_hf_to_gguf.py")
