@@ -66,19 +66,16 @@ def serving(plt) -> Path | None:
     panels = [(n, d) for n, d in panels if d]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
-    for axis, (name, record) in zip(axes if len(panels) > 1 else [axes], panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for axis, (name, record) in zip(axes[0], panels):
         for adapters, style in ((1, "-o"), (8, "--s")):
             rows = [r for r in record["results"] if r["adapters"] == adapters]
             axis.plot([r["clients"] for r in rows], [r["tokens_per_s"] for r in rows], style,
                       label=f"{adapters} adapter{'s' if adapters > 1 else ''}", color="#e65100" if adapters == 1 else "#5c6bc0")
-        axis.set_xscale("log", base=2)
-        axis.set_xticks([1, 8, 32], ["1", "8", "32"])
-        axis.set_xlabel("concurrent clients")
+        _log2_axis(axis, [1, 8, 32], "concurrent clients")
         axis.set_ylabel("generated tokens/s")
         device = "CPU, 2 cores" if record["device"] == "cpu" else record["device"]
         axis.set_title(f"{record['model']} ({device})", fontsize=10)
-        axis.spines[["top", "right"]].set_visible(False)
         axis.legend(frameon=False, fontsize=8)
     fig.suptitle("lorakit serve end to end over HTTP (continuous batching)", fontsize=11)
     fig.tight_layout()
@@ -91,8 +88,8 @@ def multi_adapter(plt) -> Path | None:
     panels = [(s, d) for s, d in panels if d]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), sharey=True)
-    for axis, (shape, rows) in zip(axes if len(panels) > 1 else [axes], panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), sharey=True, squeeze=False)
+    for axis, (shape, rows) in zip(axes[0], panels):
         for system in ("lorakit", "peft"):
             points = sorted((r["adapters"], r["ratio_vs_base"]) for r in rows
                             if r["case"].startswith("prefill") and r["system"] == system)
@@ -100,17 +97,21 @@ def multi_adapter(plt) -> Path | None:
                 axis.plot(*zip(*points), "-o", label="PEFT adapter_names" if system == "peft" else "lorakit SGMV",
                           color=COLORS[system])
         axis.axhline(0.85, color="#424242", linestyle=":", linewidth=1, label="target 0.85x")
-        axis.set_xscale("log", base=2)
-        axis.set_xticks([1, 8, 64], ["1", "8", "64"])
+        _log2_axis(axis, [1, 8, 64], "distinct adapters in the batch")
         axis.set_ylim(0, 1.05)
-        axis.set_xlabel("distinct adapters in the batch")
         axis.set_title(f"prefill 64 x 512, {shape.upper()} shape", fontsize=10)
-        axis.spines[["top", "right"]].set_visible(False)
-    (axes[0] if len(panels) > 1 else axes).set_ylabel("tokens/s relative to the base model")
-    (axes[0] if len(panels) > 1 else axes).legend(frameon=False, fontsize=8)
+    axes[0][0].set_ylabel("tokens/s relative to the base model")
+    axes[0][0].legend(frameon=False, fontsize=8)
     fig.suptitle("Mixed-adapter batches on one H200", fontsize=11)
     fig.tight_layout()
     return _save(fig, "multi_adapter_prefill.png")
+
+
+def _log2_axis(axis, ticks: list[int], label: str) -> None:
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(ticks, [str(t) for t in ticks])
+    axis.set_xlabel(label)
+    axis.spines[["top", "right"]].set_visible(False)
 
 
 def _save(fig, name: str) -> Path:

@@ -196,8 +196,7 @@ class KVBatch:
 @contextlib.contextmanager
 def _routing(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[None]:
     """Route row i through ``adapters[i]``. When every row uses the same adapter (or none), that adapter is simply
-    made the only active one for the call: no per-row routing, which also serves models that flatten
-    ``(B, T, H)`` to ``(B * T, H)`` before a linear layer (OPT's MLP), where rows cannot be told apart."""
+    made the only active one for the call: the plain (fused) adapter path, no per-row routing."""
     from lorakit.adapters import disable_adapters, mixed_batch
     from lorakit.inject import adapter_hosts, adapter_names
 
@@ -313,22 +312,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Seque
     device = model_device(model)
     generators = [p.generator(device) for p in per_row]
     results = [Generation([], "length") for _ in prompts]
-    try:
-        logits, batch = prefill(model, prompts, adapters, pad_id)
-    except LorakitError as error:
-        if len(set(adapters)) == 1 or "adapter names but the batch has" not in str(error):
-            raise
-        # the model flattens (B, T, H) to (B * T, H) before a linear layer (OPT), so rows cannot be routed to
-        # different adapters in one pass: generate each adapter's rows as a batch of their own
-        groups: dict[str | None, list[int]] = {}
-        for row, name in enumerate(adapters):
-            groups.setdefault(name, []).append(row)
-        for name, rows in groups.items():
-            done = generate(model, [prompts[r] for r in rows], [name] * len(rows), [per_row[r] for r in rows],
-                            pad_id, keep_logits)
-            for row, result in zip(rows, done):
-                results[row] = result
-        return results
+    logits, batch = prefill(model, prompts, adapters, pad_id)
     running = list(range(len(prompts)))
     while running:
         still, last = [], []
