@@ -14,13 +14,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -135,17 +136,24 @@ def fit_max_length(config: TrainConfig, model: Any, explicit: bool) -> TrainConf
 
 
 # -- pieces ---------------------------------------------------------------------------------------------------------
-def setup_distributed() -> None:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
+@contextlib.contextmanager
+def distributed_group() -> Iterator[None]:
+    """Inside: joined to the process group when launched by torchrun (WORLD_SIZE > 1). A group this made is
+    destroyed on the way out: a process that exits with a live gloo group can abort in its threads' destructors
+    ("terminate called without an active exception", seen once in CI)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def choose_device(config: TrainConfig) -> torch.device:
@@ -211,8 +219,13 @@ def _score_line(label: str, result: GenerationScore) -> str:
 def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: bool = False,
                  config_file_values: dict[str, Any] | None = None, cli_values: dict[str, Any] | None = None) -> dict:
     """Everything ``lorakit train`` does; returns the results written to ``results.json``."""
+    with distributed_group():
+        return _run_training(config, resume, overwrite, config_file_values, cli_values)
+
+
+def _run_training(config: TrainConfig, resume: str | None, overwrite: bool, config_file_values: dict[str, Any] | None,
+                  cli_values: dict[str, Any] | None) -> dict:
     started, cpu_started = time.perf_counter(), time.process_time()
-    setup_distributed()
     from lorakit.train.loop import world
 
     rank, world_size = world()
