@@ -1,0 +1,170 @@
+"""Decode-shaped grouped multi-LoRA kernels: several projections that share one input, rows indexed by a slot table.
+
+One shrink + one expand launch serve G (1..4) projections of one input (q,k,v -> 3 segments; gate,up -> 2; o or
+down -> 1), every row with its own adapter slot (``slot_of_row[t]``, -1 = none), read straight from a device tensor:
+no row plan, no host work that depends on the data, so a decode step is CUDA-graph safe.
+
+    shrink  grid (T, SPLIT_K):  part[split, t, j] = x[t, k-chunk] . A[s, j, k-chunk]       j < G*R, float32
+    expand  grid (T, cdiv(N, BLOCK_N)):
+            low_g = scaling[s, g] * sum_split part[:, t, g*R : g*R + rank[s, g]]
+            y[t, c] += low_{g(c)} . B[s, c, :rank[s, g(c)]]                                  in y's dtype
+
+Why no ``tl.dot``: with one row per adapter a program multiplies a vector by a (G*R, BLOCK_K) tile; tl.dot would pad
+the row to 16 and compute 16x the FLOPs for nothing. Elementwise FMAs in float32 + one reduction keep every lane busy
+loading adapter bytes, which is all decode is bound by (the SGMV kernels' 16-row tiles reached ~30% of the bound).
+The partial sums go to a (SPLIT_K, T, G*R) float32 scratch from ``torch.empty`` (every split stores its plane, the
+expand adds the planes): deterministic, no memset launch, no atomics.
+
+Masking: rows of A beyond a segment's rank and columns of B beyond it are never loaded (masked loads, so NaN or
+garbage padding cannot leak and the skipped bytes are not fetched); the summed low-rank vector is masked with
+``tl.where`` as well, so an inf in x times a masked zero cannot become NaN. Rows whose slot is -1, or outside
+0..slots-1 (memory safety: checking on the host would need a sync), exit at once and never touch y.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _grouped_shrink_kernel(
+    x_ptr, a_ptr, rank_ptr, slot_ptr, part_ptr,
+    T, K, n_slots, k_per_split,
+    stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_rs, stride_ps, stride_pm,
+    G: tl.constexpr, R: tl.constexpr, BLOCK_GR: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    slot = tl.load(slot_ptr + row).to(tl.int64)
+    if (slot < 0) | (slot >= n_slots):  # no adapter on this row: its partial sums are never read
+        return
+    offs_j = tl.arange(0, BLOCK_GR)  # rows of A[s]: segment j // R, rank position j % R
+    in_rows = offs_j < G * R
+    rank_j = tl.load(rank_ptr + slot * stride_rs + offs_j // R, mask=in_rows, other=0)
+    mask_j = in_rows & (offs_j % R < rank_j)  # rows beyond a segment's rank are never read
+
+    a_base = a_ptr + slot * stride_as
+    x_base = x_ptr + row.to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_GR, BLOCK_K), dtype=tl.float32)  # reduced once at the end, not per chunk
+    k_lo = split * k_per_split
+    for k in range(k_lo, k_lo + k_per_split, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_base + offs_j[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=mask_j[:, None] & mask_k[None, :], other=0.0)
+        xk = tl.load(x_base + offs_k * stride_xk, mask=mask_k, other=0.0)
+        xk = xk.to(a.dtype).to(tl.float32)  # x rounded to the adapters' dtype, as the SGMV kernels and PEFT do
+        acc += a.to(tl.float32) * xk[None, :]
+    part = tl.sum(acc, axis=1)
+    tl.store(part_ptr + split * stride_ps + row.to(tl.int64) * stride_pm + offs_j, part, mask=in_rows)
+
+
+@triton.jit
+def _grouped_expand_kernel(
+    part_ptr, b_ptr, scaling_ptr, rank_ptr, slot_ptr, y_ptr,
+    N, n_slots, C1, C2, C3,
+    stride_ps, stride_pm, stride_bs, stride_bn, stride_br, stride_ss, stride_rs, stride_ym, stride_yn,
+    G: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.load(slot_ptr + row).to(tl.int64)
+    if (slot < 0) | (slot >= n_slots):  # no adapter: y's row is neither read nor written
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    seg = (offs_n >= C1).to(tl.int32) + (offs_n >= C2).to(tl.int32) + (offs_n >= C3).to(tl.int32)  # column's segment
+    offs_r = tl.arange(0, BLOCK_R)
+    part_base = part_ptr + row.to(tl.int64) * stride_pm
+
+    low = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)  # each column's scaled low-rank vector
+    rank_n = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for g in tl.static_range(G):
+        rank_g = tl.minimum(tl.load(rank_ptr + slot * stride_rs + g).to(tl.int32), R)  # never past the segment
+        mask_r = offs_r < rank_g
+        low_g = tl.load(part_base + g * R + offs_r, mask=mask_r, other=0.0)
+        for sp in tl.static_range(1, SPLIT):  # the shrink's split-K planes, added in a fixed order
+            low_g += tl.load(part_base + sp * stride_ps + g * R + offs_r, mask=mask_r, other=0.0)
+        low_g = tl.where(mask_r, low_g * tl.load(scaling_ptr + slot * stride_ss + g).to(tl.float32), 0.0)
+        here = seg == g
+        low = tl.where(here[:, None], low_g[None, :], low)
+        rank_n = tl.where(here, rank_g, rank_n)
+
+    b_mask = mask_n[:, None] & (offs_r[None, :] < rank_n[:, None])  # B's columns beyond the rank are never read
+    b = tl.load(b_ptr + slot * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=b_mask, other=0.0)  # (BLOCK_N, BLOCK_R): BLOCK_N x R contiguous bytes when B is contiguous
+    delta = tl.sum(b.to(tl.float32) * low, axis=1)
+    y_ptrs = y_ptr + row.to(tl.int64) * stride_ym + offs_n * stride_yn
+    y = tl.load(y_ptrs, mask=mask_n, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask_n)
+
+
+# Tile sizes. bench/grouped_lora_speed.py sweeps candidates on the GPU and prints the fastest; programs_per_sm sets
+# SPLIT_K so that about that many shrink programs per SM read A at once (decode has only T rows). max_tile bounds
+# the shrink's (G*R, BLOCK_K) float32 accumulator (registers), so block_k shrinks when G*R is large.
+CONFIGS = {
+    "shrink": dict(block_k=256, num_warps=4, programs_per_sm=3, max_tile=16384),
+    "expand": dict(block_n=128, num_warps=4),
+}
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def shrink_blocks(T: int, K: int, GR: int, device: torch.device, split_k: int | None) -> tuple[int, int, int]:
+    """(BLOCK_K, SPLIT_K, k_per_split) from the shapes and the SM count only (no data, so graph replays agree).
+
+    Each split covers a whole number of BLOCK_K chunks and none is empty (the split count is recomputed from the
+    chunks per split), so every plane the expand adds was written.
+    """
+    cfg = CONFIGS["shrink"]
+    block_gr = triton.next_power_of_2(GR)
+    block_k = max(16, min(cfg["block_k"], cfg["max_tile"] // block_gr, triton.next_power_of_2(K)))
+    n_chunks = triton.cdiv(K, block_k)
+    if split_k is None:
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            split_k = (cfg["programs_per_sm"] * _sm_count(index)) // max(T, 1)
+        else:
+            split_k = 1  # the interpreter: one program per row is the fastest
+    split_k = max(1, min(int(split_k), n_chunks))
+    chunks_per_split = triton.cdiv(n_chunks, split_k)
+    split_k = triton.cdiv(n_chunks, chunks_per_split)
+    return block_k, split_k, chunks_per_split * block_k
+
+
+def grouped_lora_add_triton_(y, x, A, B, scaling, rank, slot_of_row, bounds, split_k=None):
+    """The two launches; arguments as ``lorakit.kernels.grouped_lora.grouped_lora_add_`` (already validated).
+
+    bounds: the cumulative column bounds of the segments (len G + 1, starting at 0, ending at N).
+    """
+    T, K = x.shape
+    N = y.shape[1]
+    slots, GR, _ = A.shape
+    G = len(bounds) - 1
+    R = GR // G
+    block_k, split, k_per_split = shrink_blocks(T, K, GR, x.device, split_k)
+    part = torch.empty(split, T, GR, dtype=torch.float32, device=x.device)  # no memset: every live plane is stored
+    _grouped_shrink_kernel[(T, split)](
+        x, A, rank, slot_of_row, part,
+        T, K, slots, k_per_split,
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), rank.stride(0), part.stride(0), part.stride(1),
+        G=G, R=R, BLOCK_GR=triton.next_power_of_2(GR), BLOCK_K=block_k, num_warps=CONFIGS["shrink"]["num_warps"],
+    )
+    cuts = list(bounds[1:-1]) + [N] * (4 - G)  # unused bounds at N: no column reaches them
+    block_n = max(16, min(CONFIGS["expand"]["block_n"], triton.next_power_of_2(N)))
+    _grouped_expand_kernel[(T, triton.cdiv(N, block_n))](
+        part, B, scaling, rank, slot_of_row, y,
+        N, slots, cuts[0], cuts[1], cuts[2],
+        part.stride(0), part.stride(1), B.stride(0), B.stride(1), B.stride(2), scaling.stride(0), rank.stride(0),
+        y.stride(0), y.stride(1),
+        G=G, R=R, BLOCK_R=triton.next_power_of_2(R), BLOCK_N=block_n, SPLIT=split,
+        num_warps=CONFIGS["expand"]["num_warps"],
+    )
+    return y
