@@ -1,0 +1,188 @@
+"""One decode step of a Llama-family model over a static KV cache: attention for one new token per row, and the
+rotary embedding + cache store that precedes it. Both are CUDA-graph safe: no host syncs, no data-dependent shapes
+or grids; everything that changes per step (``lengths``, ``positions``) lives in device tensors.
+
+``decode_attention(q, k_cache, v_cache, lengths, scale)``
+    q (B, H, D) one query token per row, already rotated; k_cache, v_cache (B, Hkv, S_max, D) one layer of the
+    cache; lengths (B,) int32/int64 on q's device: keys ``0 .. lengths[b]-1`` of row b are valid, the rest may hold
+    garbage (NaN/inf) and never reach the result. Grouped-query attention: query head h reads kv head
+    ``h // (H // Hkv)``. Returns (B, H, D) in q's dtype; a row with length 0 gets zeros. Scores and softmax in
+    float32 (``scores * scale``, max-subtracted). Lengths outside ``[0, S_max]`` are clamped to it (the kernel must
+    never read past the cache; checking on the host would need a sync).
+
+``rope_store_(q, k, v, cos, sin, positions, k_cache, v_cache)``
+    q (B, H, D), k, v (B, Hkv, D) for the new token (any strides, e.g. views of a fused qkv output); cos, sin (B, D)
+    rows of the rotary table (HF layout, ``cat(freqs, freqs)``); positions (B,) integer. Rotates q in place and
+    writes the rotated k and the v to ``k_cache[b, :, positions[b]]`` / ``v_cache[b, :, positions[b]]``; rows with
+    ``positions[b] < 0`` (inactive) or ``>= S_max`` write nothing.
+
+Rounding of ``rope_store_`` compared with transformers' ``apply_rotary_pos_emb`` on bf16/fp16 tensors: transformers
+rounds cos/sin to the model dtype, then rounds ``q * cos`` and ``rotate_half(q) * sin`` to it and rounds their sum
+(four roundings); here cos/sin stay float32 and ``x * cos + rotate_half(x) * sin`` is computed in float32 and
+rounded once to the destination dtype (q's dtype for q, the cache's for k and v). The result is the correctly
+rounded value of the float32 formula, within ~2 ulps of transformers' (tests check it with conftest's TOLERANCE).
+
+Each op has a reference (plain PyTorch, float32 math, also graph safe) and a dispatcher that runs the Triton
+kernels in ``kernels/triton/decode_attention.py`` when ``triton_usable`` (and the dtype/size allow), else the
+reference. Triton is imported only when a kernel runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorakit.errors import LorakitError
+from lorakit.kernels._triton import interpreter_on, triton_usable
+
+MAX_KERNEL_HEAD_DIM = 256  # one head row must fit one Triton block
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# -- checks (host-side shape/dtype only: never reads device values) ---------------------------------------------
+
+def _check_decode_attention(q, k_cache, v_cache, lengths) -> None:
+    if q.dim() != 3:
+        raise LorakitError(f"decode_attention: q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise LorakitError(f"decode_attention: k_cache and v_cache must both be (batch, kv_heads, max_len, head_dim), "
+                           f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    b, h, d = q.shape
+    cb, hkv, _, cd = k_cache.shape
+    if cb != b:
+        raise LorakitError(f"decode_attention: q has batch {b} but the cache has batch {cb}; pass one cache row per q row")
+    if cd != d:
+        raise LorakitError(f"decode_attention: q head_dim {d} != cache head_dim {cd}")
+    if hkv == 0 or h % hkv:
+        raise LorakitError(f"decode_attention: q heads {h} must be a multiple of the cache's kv heads {hkv}")
+    if k_cache.dtype != v_cache.dtype or q.dtype != k_cache.dtype:
+        raise LorakitError(f"decode_attention: q, k_cache, v_cache must share one dtype, got {q.dtype}, "
+                           f"{k_cache.dtype}, {v_cache.dtype}")
+    if not isinstance(lengths, torch.Tensor) or lengths.shape != (b,) or lengths.dtype not in (torch.int32, torch.int64):
+        got = f"{tuple(lengths.shape)} {lengths.dtype}" if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+        raise LorakitError(f"decode_attention: lengths must be a ({b},) int32 tensor (one length per row), got {got}")
+    if lengths.device != q.device or k_cache.device != q.device or v_cache.device != q.device:
+        raise LorakitError(f"decode_attention: q, caches and lengths must be on one device, got q on {q.device}, "
+                           f"k_cache on {k_cache.device}, v_cache on {v_cache.device}, lengths on {lengths.device}")
+
+
+def _check_rope_store(q, k, v, cos, sin, positions, k_cache, v_cache) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise LorakitError(f"rope_store_: q, k, v must be (batch, heads, head_dim), got {tuple(q.shape)}, "
+                           f"{tuple(k.shape)}, {tuple(v.shape)}")
+    b, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != d:
+        raise LorakitError(f"rope_store_: k and v must be ({b}, kv_heads, {d}) like q (batch {b}, head_dim {d}), "
+                           f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    hkv = k.shape[1]
+    if hkv == 0 or h % hkv:
+        raise LorakitError(f"rope_store_: q heads {h} must be a multiple of k/v heads {hkv}")
+    if d % 2:
+        raise LorakitError(f"rope_store_: head_dim must be even for rotate_half, got {d}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.shape != (b, d) or not t.is_floating_point():
+            raise LorakitError(f"rope_store_: {name} must be a ({b}, {d}) float tensor (the rotary row of each "
+                               f"position), got {tuple(t.shape)} {t.dtype}")
+    if positions.shape != (b,) or positions.dtype not in (torch.int32, torch.int64):
+        raise LorakitError(f"rope_store_: positions must be a ({b},) int32/int64 tensor (cache index per row), got "
+                           f"{tuple(positions.shape)} {positions.dtype}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != b or k_cache.shape[1] != hkv \
+            or k_cache.shape[3] != d:
+        raise LorakitError(f"rope_store_: k_cache and v_cache must both be ({b}, {hkv}, max_len, {d}), got "
+                           f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    devices = {t.device for t in (q, k, v, cos, sin, positions, k_cache, v_cache)}
+    if len(devices) != 1:
+        raise LorakitError(f"rope_store_: all tensors must be on one device, got {sorted(str(x) for x in devices)}")
+
+
+def _kernel_ok(*tensors: torch.Tensor) -> bool:
+    if not triton_usable(*tensors):
+        return False
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    if not dtypes <= set(_KERNEL_DTYPES):
+        return False
+    return not (tensors[0].device.type == "cpu" and interpreter_on() and torch.bfloat16 in dtypes)  # no bf16 there
+
+
+# -- decode attention ---------------------------------------------------------------------------------------------
+
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """q (B, H, D), caches (B, Hkv, S, D), lengths (B,) -> (B, H, D) in q's dtype; float32 math, graph safe."""
+    b, h, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    g = h // hkv
+    valid = torch.arange(s, device=q.device)[None, :] < lengths[:, None].to(torch.long)  # (B, S)
+    qf = q.float().reshape(b, hkv, g, d)
+    scores = torch.einsum("bkgd,bksd->bkgs", qf, k_cache.float()) * scale  # (B, Hkv, G, S)
+    scores = torch.where(valid[:, None, None, :], scores, float("-inf"))  # where, not masked_fill*: NaN keys vanish
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # length 0: all -inf, keep exp() at 0, not NaN
+    p = torch.exp(scores - row_max)
+    denom = p.sum(dim=-1, keepdim=True)
+    v = torch.where(valid[:, None, :, None], v_cache.float(), 0.0)  # 0 * NaN would be NaN: zero the garbage first
+    out = torch.einsum("bkgs,bksd->bkgd", p, v) / torch.where(denom > 0, denom, 1.0)
+    return out.reshape(b, h, d).to(q.dtype)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                     scale: float, *, splits: int | None = None) -> torch.Tensor:
+    """Attention of one new token per row over a static cache: q (B, H, D) -> (B, H, D) in q's dtype.
+
+    Flash-decoding (``kernels/triton/decode_attention.py``) when Triton can run, else the reference. ``splits``
+    forces the number of key-range splits per (row, kv head) (tests; benchmarks); by default it is chosen from the
+    shapes and the GPU's SM count, never from ``lengths``.
+    """
+    _check_decode_attention(q, k_cache, v_cache, lengths)
+    if splits is not None and (not isinstance(splits, int) or splits < 1):
+        raise LorakitError(f"decode_attention: splits must be a positive int, got {splits!r}")
+    if q.shape[-1] <= MAX_KERNEL_HEAD_DIM and q.numel() and _kernel_ok(q, k_cache, v_cache, lengths):
+        from lorakit.kernels.triton.decode_attention import flash_decode
+
+        return flash_decode(q, k_cache, v_cache, lengths, float(scale), splits)
+    return decode_attention_reference(q, k_cache, v_cache, lengths, scale)
+
+
+# -- rotary embedding + cache store ---------------------------------------------------------------------------------
+
+def rotate_half_float(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, D), cos/sin (B, D) float32 -> x * cos + rotate_half(x) * sin in float32 (HF convention)."""
+    x = x.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def rope_store_reference_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """In place: q <- rope(q); k_cache[b, :, positions[b]] <- rope(k[b]), v_cache[...] <- v[b] for active rows.
+
+    Graph safe: inactive rows write back the value already in the cache (a gather + where + scatter, no sync).
+    """
+    cos, sin = cos.float(), sin.float()
+    q.copy_(rotate_half_float(q, cos, sin).to(q.dtype))
+    s = k_cache.shape[2]
+    pos = positions.to(torch.long)
+    active = ((pos >= 0) & (pos < s))[:, None, None]  # (B, 1, 1)
+    rows = torch.arange(q.shape[0], device=q.device)
+    idx = pos.clamp(0, s - 1)
+    # advanced indices split by a slice: the (B,) dims come first, so both sides are (B, Hkv, D)
+    k_new = rotate_half_float(k, cos, sin).to(k_cache.dtype)
+    k_cache[rows, :, idx] = torch.where(active, k_new, k_cache[rows, :, idx])
+    v_cache[rows, :, idx] = torch.where(active, v.to(v_cache.dtype), v_cache[rows, :, idx])
+
+
+def rope_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Rotate q in place and store rotated k and v at ``positions`` in the caches; one Triton kernel when it can.
+
+    q (B, H, D), k, v (B, Hkv, D): any strides (views of a fused qkv output); cos, sin (B, D) float32;
+    positions (B,) int32/int64 (< 0: the row writes nothing); caches (B, Hkv, S_max, D).
+    """
+    _check_rope_store(q, k, v, cos, sin, positions, k_cache, v_cache)
+    if q.numel() and q.shape[-1] <= MAX_KERNEL_HEAD_DIM and \
+            _kernel_ok(q, k, v, cos.float(), sin.float(), positions, k_cache, v_cache):
+        from lorakit.kernels.triton.decode_attention import rope_store_kernel_
+
+        rope_store_kernel_(q, k, v, cos.float(), sin.float(), positions, k_cache, v_cache)
+        return
+    rope_store_reference_(q, k, v, cos, sin, positions, k_cache, v_cache)

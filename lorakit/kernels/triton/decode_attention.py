@@ -1,0 +1,213 @@
+"""Triton kernels for one decode step: flash-decoding attention over a static KV cache, and rotary + cache store.
+
+Flash-decoding: grid (B, Hkv, splits). A program takes all G = H // Hkv query heads of one kv head (padded to
+``BLOCK_G >= 16`` rows so ``tl.dot`` runs on tensor cores) and the keys ``[split * split_len, (split+1) * split_len)
+∩ [0, length)`` of its row, in ``BLOCK_S`` blocks with an online softmax (base 2: scores are pre-multiplied by
+``scale * log2(e)``). The key loop stops at ``length``, so only the valid K/V is read; a split wholly past the
+length reads nothing and writes (zeros, lse = -inf), which the combine kernel weighs by exp2(-inf) = 0. With one
+split the program normalises and writes the output directly (no scratch, no second launch).
+
+The number of splits is chosen on the host from (B, Hkv, S_max, SM count) only: lengths live on the device and
+change every step inside a CUDA graph. The grid is fixed by the shapes, so the step is graph safe.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_MIN_SPLIT_KEYS = 256  # below this a split's fixed cost (q load, partial write, combine) outweighs its parallelism
+_PROGRAMS_PER_SM = 4  # enough resident programs per SM to keep a few K/V tiles in flight each
+
+
+@triton.jit
+def _flash_decode_split(Q, K, V, LENGTHS, O, LSE, OUT,
+                        stride_qb, stride_qh, stride_qd,
+                        stride_kb, stride_kh, stride_ks, stride_kd,
+                        stride_vb, stride_vh, stride_vs, stride_vd,
+                        stride_ob, stride_oh, stride_od,
+                        s_max, split_len, n_groups, head_dim, qk_scale,
+                        NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+                        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    length = tl.minimum(tl.maximum(tl.load(LENGTHS + b).to(tl.int32), 0), s_max)  # never read past the cache
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, length)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_mask = g < n_groups
+    d_mask = d < head_dim
+    heads = kvh * n_groups + g  # (BLOCK_G,) query heads of this kv head
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D), input dtype
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    s_offs = tl.arange(0, BLOCK_S)
+    for start in range(lo, hi, BLOCK_S):
+        s = start + s_offs
+        s_mask = s < hi
+        kv_mask = s_mask[:, None] & d_mask[None, :]  # keys past the length are never loaded (may be NaN)
+        k = tl.load(k_base + s[:, None] * stride_ks + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_G, BLOCK_S) float32
+        scores = tl.where(s_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: every block has >= 1 valid key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + s[:, None] * stride_vs + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        # p rounded to V's dtype for the tensor-core dot, as flash attention does (exact in float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / safe_l[:, None]  # zeros where the split saw no key
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od,
+                 o.to(OUT.dtype.element_ty), mask=out_mask)
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))  # base-2 log-sum-exp of the split's scores
+        row = (b * tl.num_programs(1) * n_groups + heads) * NUM_SPLITS + split  # scratch is (B, H, splits, ...)
+        tl.store(O + row[:, None] * BLOCK_D + d[None, :], o, mask=out_mask)
+        tl.store(LSE + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _flash_decode_combine(O, LSE, OUT, stride_ob, stride_oh, stride_od, n_heads, head_dim,
+                          NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (b, h): out = sum_i w_i o_i / sum_i w_i with w_i = exp2(lse_i - max lse)."""
+    bh = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    i_mask = i < NUM_SPLITS
+    lse = tl.load(LSE + bh * NUM_SPLITS + i, mask=i_mask, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # length 0: every split empty; weights exp2(-inf) = 0, output 0
+    w = tl.exp2(lse - m)  # (BLOCK_SPLITS,)
+    o = tl.load(O + (bh * NUM_SPLITS + i)[:, None] * BLOCK_D + d[None, :],
+                mask=i_mask[:, None] & (d < head_dim)[None, :], other=0.0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    b = bh // n_heads
+    h = bh % n_heads
+    tl.store(OUT + b * stride_ob + h * stride_oh + d * stride_od, out.to(OUT.dtype.element_ty), mask=d < head_dim)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_splits(batch: int, kv_heads: int, s_max: int, sm_count: int, block_s: int) -> int:
+    """Splits per (row, kv head): enough programs to fill ``_PROGRAMS_PER_SM`` per SM, each with at least
+    ``_MIN_SPLIT_KEYS`` keys of S_max. Shapes only: never the lengths (device values that change per step)."""
+    base = max(1, batch * kv_heads)
+    want = -(-(_PROGRAMS_PER_SM * sm_count) // base)
+    most = max(1, s_max // max(_MIN_SPLIT_KEYS, block_s))
+    return max(1, min(want, most))
+
+
+def _blocks(head_dim: int, n_groups: int) -> tuple[int, int, int]:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_g = max(16, triton.next_power_of_2(n_groups))  # tl.dot wants >= 16 rows
+    block_s = 64 if block_d <= 128 else 32  # keeps the K and V tiles (BLOCK_S x BLOCK_D) at <= 16 KiB in bf16
+    return block_g, block_s, block_d
+
+
+def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                 scale: float, splits: int | None = None) -> torch.Tensor:
+    """q (B, H, D), caches (B, Hkv, S, D), lengths (B,) int -> (B, H, D) in q's dtype. Shapes checked by caller."""
+    b, h, d = q.shape
+    hkv, s_max = k_cache.shape[1], k_cache.shape[2]
+    n_groups = h // hkv
+    block_g, block_s, block_d = _blocks(d, n_groups)
+    if splits is None:
+        sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+            if q.device.type == "cuda" else 1  # the CPU interpreter: fewer programs run faster
+        splits = choose_splits(b, hkv, s_max, sm, block_s)
+    # each split's key range is a whole number of blocks; recount so no split is wholly past S_max
+    per_split = -(-s_max // splits)
+    split_len = max(block_s, -(-per_split // block_s) * block_s)
+    splits = max(1, -(-s_max // split_len))
+    out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
+    if splits == 1:
+        o_part = lse = out  # unused by the kernel when NUM_SPLITS == 1
+    else:
+        o_part = torch.empty((b, h, splits, block_d), dtype=torch.float32, device=q.device)
+        lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # float32: exact products, like the reference
+    _flash_decode_split[(b, hkv, splits)](
+        q, k_cache, v_cache, lengths, o_part, lse, out,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        s_max, split_len, n_groups, d, float(scale) * _LOG2E,
+        NUM_SPLITS=splits, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_D=block_d, DOT_PRECISION=precision,
+        num_warps=4, num_stages=3)
+    if splits > 1:
+        _flash_decode_combine[(b * h,)](o_part, lse, out, *out.stride(), h, d, NUM_SPLITS=splits,
+                                        BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+                                        num_warps=1 if block_d <= 64 else 2)
+    return out
+
+
+# -- rotary embedding + cache store ---------------------------------------------------------------------------------
+
+@triton.jit
+def _rope_store(Q, K, V, COS, SIN, POS, KC, VC,
+                stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kd, stride_vb, stride_vh, stride_vd,
+                stride_cb, stride_cd, stride_sb, stride_sd,
+                stride_kcb, stride_kch, stride_kcs, stride_kcd, stride_vcb, stride_vch, stride_vcs, stride_vcd,
+                n_heads, s_max, half, BLOCK_HALF: tl.constexpr):
+    """Program (b, j): j < H rotates q[b, j] in place; j >= H rotates k[b, j-H] into the cache and copies v."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    i = tl.arange(0, BLOCK_HALF)
+    mask = i < half
+    cos1 = tl.load(COS + b * stride_cb + i * stride_cd, mask=mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(COS + b * stride_cb + (i + half) * stride_cd, mask=mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(SIN + b * stride_sb + i * stride_sd, mask=mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(SIN + b * stride_sb + (i + half) * stride_sd, mask=mask, other=0.0).to(tl.float32)
+    if j < n_heads:
+        ptr = Q + b * stride_qb + j.to(tl.int64) * stride_qh
+        x1 = tl.load(ptr + i * stride_qd, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(ptr + (i + half) * stride_qd, mask=mask, other=0.0).to(tl.float32)
+        # rotate_half(x) = cat(-x2, x1): out = cat(x1*cos1 - x2*sin1, x2*cos2 + x1*sin2)
+        tl.store(ptr + i * stride_qd, (x1 * cos1 - x2 * sin1).to(Q.dtype.element_ty), mask=mask)
+        tl.store(ptr + (i + half) * stride_qd, (x2 * cos2 + x1 * sin2).to(Q.dtype.element_ty), mask=mask)
+    else:
+        kh = (j - n_heads).to(tl.int64)
+        pos = tl.load(POS + b).to(tl.int64)
+        if (pos >= 0) & (pos < s_max):  # inactive rows (pos < 0) and out-of-range positions write nothing
+            kp = K + b * stride_kb + kh * stride_kh
+            x1 = tl.load(kp + i * stride_kd, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(kp + (i + half) * stride_kd, mask=mask, other=0.0).to(tl.float32)
+            kc = KC + b * stride_kcb + kh * stride_kch + pos * stride_kcs
+            tl.store(kc + i * stride_kcd, (x1 * cos1 - x2 * sin1).to(KC.dtype.element_ty), mask=mask)
+            tl.store(kc + (i + half) * stride_kcd, (x2 * cos2 + x1 * sin2).to(KC.dtype.element_ty), mask=mask)
+            vp = V + b * stride_vb + kh * stride_vh
+            vc = VC + b * stride_vcb + kh * stride_vch + pos * stride_vcs
+            v1 = tl.load(vp + i * stride_vd, mask=mask, other=0.0)
+            v2 = tl.load(vp + (i + half) * stride_vd, mask=mask, other=0.0)
+            tl.store(vc + i * stride_vcd, v1.to(VC.dtype.element_ty), mask=mask)
+            tl.store(vc + (i + half) * stride_vcd, v2.to(VC.dtype.element_ty), mask=mask)
+
+
+def rope_store_kernel_(q, k, v, cos, sin, positions, k_cache, v_cache) -> None:
+    """See ``lorakit.kernels.decode_attention.rope_store_``; shapes checked by the caller, cos/sin float32."""
+    b, h, d = q.shape
+    hkv = k.shape[1]
+    half = d // 2
+    _rope_store[(b, h + hkv)](
+        q, k, v, cos, sin, positions, k_cache, v_cache,
+        *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(), *k_cache.stride(), *v_cache.stride(),
+        h, k_cache.shape[2], half, BLOCK_HALF=max(16, triton.next_power_of_2(half)), num_warps=1)
