@@ -118,6 +118,14 @@ def choose_splits(batch: int, kv_heads: int, s_max: int, sm_count: int, block_s:
     return max(1, min(want, most))
 
 
+def split_plan(s_max: int, splits: int, block_s: int) -> tuple[int, int]:
+    """(splits, keys per split) actually used: each split's key range is a whole number of ``block_s`` blocks, and
+    the count is redone so that no split starts past S_max (``splits`` may come back smaller than asked)."""
+    per_split = -(-s_max // max(1, splits))
+    split_len = max(block_s, -(-per_split // block_s) * block_s)
+    return max(1, -(-s_max // split_len)), split_len
+
+
 def _blocks(head_dim: int, n_groups: int) -> tuple[int, int, int]:
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_g = max(16, triton.next_power_of_2(n_groups))  # tl.dot wants >= 16 rows
@@ -136,10 +144,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
             if q.device.type == "cuda" else 1  # the CPU interpreter: fewer programs run faster
         splits = choose_splits(b, hkv, s_max, sm, block_s)
-    # each split's key range is a whole number of blocks; recount so no split is wholly past S_max
-    per_split = -(-s_max // splits)
-    split_len = max(block_s, -(-per_split // block_s) * block_s)
-    splits = max(1, -(-s_max // split_len))
+    splits, split_len = split_plan(s_max, splits, block_s)
     out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
     if splits == 1:
         o_part = lse = out  # unused by the kernel when NUM_SPLITS == 1
