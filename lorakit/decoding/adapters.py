@@ -1,0 +1,195 @@
+"""The adapters a static decoder serves, stacked per projection group in the layout the grouped kernels read.
+
+Per decoder layer and group (``qkv``: q, k, v; ``o``; ``gate_up``: gate, up; ``down``), one ``GroupStack``:
+
+    A        (slots, G*R, in)   segment g of slot s: rows g*R .. g*R + rank[s, g] - 1 hold projection g's lora_A
+    B        (slots, N, R)      columns of projection g (its rows of the fused output) hold its lora_B
+    scaling  (slots, G) float32 alpha / r (or alpha / sqrt(r)); 0 where the slot has no adapter
+    rank     (slots, G) int32   0 where the slot has no adapter on that projection
+    ratio    (slots + 1, N) float32, DoRA only: m / ||W + s B A|| per output feature (ones for plain adapters and
+             for the last row, which rows without an adapter (slot -1) index)
+
+Slots are shared by all layers (one name -> slot table), so a decode step's ``slot_of_row`` is one device tensor.
+Loading writes one slot in place; only growing (more slots, larger R) reallocates, which bumps ``version`` so
+that a captured CUDA graph (which holds buffer addresses) is captured again.
+
+DoRA (Liu et al. 2024, PEFT's formula) is served exactly: with r = m / ||W + s B A|| per output feature, the
+projection is ``r * (x W^T + s x A^T B^T) + bias``; the decoder multiplies the group's output by ``ratio`` gathered
+per row before adding the bias. The norm is computed once at load from the current base weight.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from lorakit.decoding.architecture import ModelParts
+from lorakit.errors import LorakitError
+
+GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)), ("gate_up", ("gate_proj", "up_proj")),
+          ("down", ("down_proj",)))
+NORM_EPS = 1e-12  # as lorakit.variants.dora
+
+
+class GroupStack:
+    """Stacked adapters of one projection group of one layer (shapes in the module docstring)."""
+
+    def __init__(self, in_features: int, splits: Sequence[int], slots: int, r_max: int, dtype, device):
+        self.in_features, self.splits = in_features, tuple(splits)
+        G, N = len(self.splits), sum(self.splits)
+        self.A = torch.zeros(slots, G * r_max, in_features, dtype=dtype, device=device)
+        self.B = torch.zeros(slots, N, r_max, dtype=dtype, device=device)
+        self.scaling = torch.zeros(slots, G, dtype=torch.float32, device=device)
+        self.rank = torch.zeros(slots, G, dtype=torch.int32, device=device)
+        self.ratio: torch.Tensor | None = None  # allocated when the first DoRA adapter arrives
+
+    @property
+    def r_max(self) -> int:
+        return self.B.shape[2]
+
+    def column_ranges(self):
+        start = 0
+        for size in self.splits:
+            yield start, start + size
+            start += size
+
+    def clear(self, slot: int) -> None:
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.scaling[slot] = 0.0
+        self.rank[slot] = 0
+        if self.ratio is not None:
+            self.ratio[slot] = 1.0
+
+    def write(self, slot: int, segment: int, adapter, base_weight: torch.Tensor) -> None:
+        """Put one projection's adapter (a lorakit LoraAdapter) into ``slot``, segment ``segment``."""
+        r, R = adapter.rank, self.r_max
+        lo, hi = list(self.column_ranges())[segment]
+        self.A[slot, segment * R:segment * R + r].copy_(adapter.lora_A.detach())
+        self.B[slot, lo:hi, :r].copy_(adapter.lora_B.detach())
+        self.scaling[slot, segment] = float(adapter.scaling)
+        self.rank[slot, segment] = r
+        if adapter.magnitude is not None:
+            if self.ratio is None:
+                self.ratio = torch.ones(self.A.shape[0] + 1, self.B.shape[1], dtype=torch.float32, device=self.A.device)
+            weight = base_weight.float() + adapter.delta_weight().to(base_weight.device)
+            norm = torch.linalg.vector_norm(weight, dim=1).clamp_min(NORM_EPS)
+            self.ratio[slot, lo:hi] = adapter.magnitude.detach().float() / norm
+
+    def resized(self, slots: int, r_max: int) -> "GroupStack":
+        new = GroupStack(self.in_features, self.splits, slots, r_max, self.A.dtype, self.A.device)
+        n, R = self.A.shape[0], self.r_max
+        for g in range(len(self.splits)):
+            new.A[:n, g * r_max:g * r_max + R].copy_(self.A[:, g * R:(g + 1) * R])
+        new.B[:n, :, :R].copy_(self.B)
+        new.scaling[:n].copy_(self.scaling)
+        new.rank[:n].copy_(self.rank)
+        if self.ratio is not None:
+            new.ratio = torch.ones(slots + 1, self.B.shape[1], dtype=torch.float32, device=self.A.device)
+            new.ratio[:n].copy_(self.ratio[:n])
+        return new
+
+
+class DecodeAdapters:
+    """Named adapters of a model in slots, stacked for every layer's four projection groups.
+
+    ``weights[i][group]`` is layer i's fused base weight (a ``FusedWeight``), read for DoRA norms.
+    """
+
+    def __init__(self, parts: ModelParts, weights: list[dict], slots: int, r_max: int, dtype, device):
+        self.parts, self.weights = parts, weights
+        self.dtype, self.device = dtype, torch.device(device)
+        self.layers = [
+            {group: GroupStack(weights[i][group].weight.shape[1], weights[i][group].splits, slots, r_max, dtype, device)
+             for group, _ in GROUPS}
+            for i in range(len(parts.layers))
+        ]
+        self.capacity, self.r_max = slots, r_max
+        self.slot_of: dict[str, int] = {}
+        self.dora: set[str] = set()
+        self.version = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.slot_of
+
+    @property
+    def has_dora(self) -> bool:
+        return bool(self.dora)
+
+    def _modules(self, name: str):
+        """(layer, group, segment, adapter module) of every projection holding ``name``."""
+        found = []
+        for i, layer in enumerate(self.parts.layers):
+            for group, members in GROUPS:
+                for segment, proj in enumerate(members):
+                    adapters = getattr(layer.projections[proj], "adapters", None)
+                    if adapters is not None and name in adapters:
+                        found.append((i, group, segment, adapters[name]))
+        return found
+
+    def grow(self, slots: int, r_max: int) -> None:
+        slots, r_max = max(slots, self.capacity), max(r_max, self.r_max)
+        if (slots, r_max) == (self.capacity, self.r_max):
+            return
+        with torch.no_grad():
+            self.layers = [{g: stack.resized(slots, r_max) for g, stack in layer.items()} for layer in self.layers]
+        self.capacity, self.r_max = slots, r_max
+        self.version += 1
+
+    def load(self, name: str, present: Sequence[str] = ()) -> int:
+        """Copy adapter ``name`` from the model's LoRA layers into a slot (its old one when reloading).
+
+        ``present``: names still in the model; when no slot is free, slots of names not in it are freed first.
+        """
+        found = self._modules(name)
+        if not found:
+            raise LorakitError(f"adapter {name!r} is not on any attention or MLP projection of this model")
+        rank = max(adapter.rank for *_, adapter in found)
+        slot = self.slot_of.get(name)
+        if slot is None:
+            for stale in [n for n in self.slot_of if present and n not in present]:
+                self.evict(stale)
+            used = set(self.slot_of.values())
+            slot = next((s for s in range(self.capacity) if s not in used), None)
+            if slot is None:
+                self.grow(2 * self.capacity, rank)
+                slot = len(used)
+        self.grow(self.capacity, rank)
+        dora = False
+        with torch.no_grad():
+            for layer in self.layers:
+                for stack in layer.values():
+                    stack.clear(slot)
+            for i, group, segment, adapter in found:
+                fused = self.weights[i][group]
+                lo = sum(fused.splits[:segment])
+                base = fused.weight[lo:lo + fused.splits[segment]]
+                had_ratio = self.layers[i][group].ratio is not None
+                self.layers[i][group].write(slot, segment, adapter, base)
+                if adapter.magnitude is not None:
+                    dora = True
+                    if not had_ratio:
+                        self.version += 1  # a new buffer the captured graph does not know
+        self.slot_of[name] = slot
+        (self.dora.add if dora else self.dora.discard)(name)
+        return slot
+
+    def evict(self, name: str) -> None:
+        slot = self.slot_of.pop(name)
+        self.dora.discard(name)
+        with torch.no_grad():
+            for layer in self.layers:
+                for stack in layer.values():
+                    stack.clear(slot)
+
+    def slots_for(self, names: Sequence[str | None], present: Sequence[str] = ()) -> list[int]:
+        """The slot of each name (None -> -1), loading names not loaded yet."""
+        slots = []
+        for name in names:
+            if name is None:
+                slots.append(-1)
+            else:
+                slot = self.slot_of.get(name)
+                slots.append(self.load(name, present) if slot is None else slot)
+        return slots

@@ -1,0 +1,164 @@
+"""Which models the static decoder runs, and the parts of one it reads.
+
+The static decoder (``lorakit.decoding.StaticDecoder``) replaces transformers' forward for decode steps only, so
+it must know the architecture exactly. It runs the Llama family: ``llama`` (also SmolLM2, Llama 2/3), ``mistral``
+(without a sliding window), ``qwen2`` (q/k/v biases) and ``qwen3`` (per-head q/k RMSNorm), with SwiGLU MLPs and
+RMSNorms; rope types whose table does not depend on the sequence length (default, linear, llama3, yarn).
+Anything else gets a one-line reason from ``static_decoding_unsupported`` and callers keep transformers' forward.
+
+A projection may be a plain ``nn.Linear`` or a lorakit ``LoraLinear`` over one (16/32-bit weights; an NF4 base is
+not supported here). Adapters elsewhere (embeddings, the output head, modules_to_save) are refused, because the
+decoder would silently skip them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION + MLP
+
+
+@dataclass
+class LayerParts:
+    """One decoder layer: its two RMSNorms, seven projection modules (by name) and Qwen3's q/k norms (or None)."""
+
+    input_norm: nn.Module
+    post_norm: nn.Module
+    projections: dict[str, nn.Module]
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    scaling: float
+
+
+@dataclass
+class ModelParts:
+    """What a decode step reads. Shapes: hidden d, heads H of head_dim D, kv heads Hkv, MLP width F, vocab V."""
+
+    model_type: str
+    embed: nn.Embedding
+    layers: list[LayerParts]
+    final_norm: nn.Module
+    lm_head: nn.Linear
+    rotary: nn.Module
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    max_positions: int
+
+
+def base_linear(module: nn.Module) -> nn.Module:
+    """The ``nn.Linear`` under a projection (itself, or a LoraLinear's base layer)."""
+    return getattr(module, "base_layer", module)
+
+
+def norm_eps(norm: nn.Module, default: float) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", default)))
+
+
+def _rope_type(config) -> str:
+    for name in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, name, None)
+        if isinstance(params, dict) and params:
+            return str(params.get("rope_type", params.get("type", "default")))
+    return "default"
+
+
+def static_decoding_unsupported(model: nn.Module) -> str | None:
+    """Why ``model`` cannot use the static decoder (one line), or None when it can."""
+    try:
+        model_parts(model)
+    except LorakitError as error:
+        return str(error)
+    return None
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    """The parts of a supported causal LM; raises LorakitError naming the first thing that is not supported."""
+    from lorakit.layers import LoraLinear
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_TYPES:
+        raise LorakitError(f"static decoding supports {', '.join(SUPPORTED_TYPES)} models, not {model_type!r}")
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or not hasattr(model, "lm_head"):
+        raise LorakitError(f"this {model_type} model does not have the usual model.layers / lm_head structure")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise LorakitError(f"static decoding needs a SwiGLU MLP (hidden_act 'silu'), not {config.hidden_act!r}")
+    rope = _rope_type(config)
+    if rope not in ROPE_TYPES:
+        raise LorakitError(f"static decoding does not run rope type {rope!r} (its table depends on the length); "
+                           f"supported: {', '.join(ROPE_TYPES)}")
+    window = getattr(config, "sliding_window", None)
+    if window and (model_type in ("mistral",) or getattr(config, "use_sliding_window", False)):
+        raise LorakitError(f"static decoding does not implement sliding-window attention (sliding_window={window})")
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise LorakitError("static decoding runs full-attention layers only; this model has sliding-window layers")
+
+    hosts = _adapter_hosts(model)
+    allowed = {f"model.layers.{i}.{'self_attn' if p in ATTENTION else 'mlp'}.{p}"
+               for i in range(len(layers)) for p in PROJECTIONS}
+    extra = sorted(p for p in hosts if p not in allowed)
+    if extra:
+        raise LorakitError(f"static decoding serves adapters on the attention and MLP projections only; this model "
+                           f"has lorakit layers on {extra[0]}")
+    merged = sorted(p for p, h in hosts.items() if getattr(h, "merged", None))
+    if merged:
+        raise LorakitError(f"static decoding needs unmerged adapters ({merged[0]} holds a merged one); call lorakit.unmerge(model)")
+
+    parts = []
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None:
+            raise LorakitError(f"layer {i} has no self_attn / mlp module")
+        projections = {}
+        for name in PROJECTIONS:
+            module = getattr(attn if name in ATTENTION else mlp, name, None)
+            if module is None:
+                raise LorakitError(f"layer {i} has no {name}")
+            if not isinstance(module, LoraLinear) and hasattr(module, "base_layer"):
+                raise LorakitError(f"layer {i} {name} is wrapped by another library ({type(module).__name__})")
+            linear = base_linear(module)
+            if type(linear) is not nn.Linear:
+                raise LorakitError(f"layer {i} {name} is a {type(linear).__name__}; static decoding needs 16/32-bit "
+                                   "nn.Linear weights (quantized bases decode through transformers)")
+            projections[name] = module
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        if (q_norm is None) != (k_norm is None) or (model_type == "qwen3") != (q_norm is not None):
+            raise LorakitError(f"layer {i} has unexpected q/k norms for a {model_type} model")
+        parts.append(LayerParts(layer.input_layernorm, layer.post_attention_layernorm, projections, q_norm, k_norm,
+                                float(getattr(attn, "scaling", attn.head_dim ** -0.5))))
+
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    embed = inner.embed_tokens
+    if type(embed) is not nn.Embedding:
+        raise LorakitError(f"the input embedding is a {type(embed).__name__}; static decoding needs a plain nn.Embedding")
+    if type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None:
+        raise LorakitError("static decoding needs a plain bias-free nn.Linear output head")
+    return ModelParts(
+        model_type=model_type, embed=embed, layers=parts, final_norm=inner.norm, lm_head=model.lm_head,
+        rotary=inner.rotary_emb, hidden=config.hidden_size, heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+        intermediate=config.intermediate_size, vocab=model.lm_head.out_features,
+        max_positions=int(getattr(config, "max_position_embeddings", 4096) or 4096),
+    )
+
+
+def _adapter_hosts(model: nn.Module) -> dict:
+    from lorakit.inject import adapter_hosts
+
+    return adapter_hosts(model)

@@ -1,0 +1,262 @@
+"""Decode steps over a static KV cache with a few large kernels per layer, replayable as one CUDA graph.
+
+transformers' forward runs ~50 kernels per decoder layer for one token (norms, rope and residuals as separate
+elementwise kernels, a mask, K/V repeated to every query head), and its Python costs more than the GPU work at
+decode batch sizes. ``StaticDecoder`` runs the same model, for one token per row, as:
+
+    x = rmsnorm(h)                                   Triton rmsnorm
+    qkv = x Wqkv^T (+ LoRA of q, k, v)               one GEMM + one grouped shrink/expand pair
+    rope(q, k); K/V cache[row, :, position] = k, v   one Triton kernel
+    a = attention(q, K/V cache[:length])             Triton flash-decoding (GQA, reads the valid cache once)
+    h = h + a Wo^T (+ LoRA of o)                     addmm (residual in the GEMM) + one pair
+    x = rmsnorm(h); gu = x Wgu^T (+ LoRA)            one GEMM + one pair
+    h = h + swiglu(gu) Wd^T (+ LoRA of down)         swiglu, addmm + one pair
+
+Rows (batch slots of the cache) are independent: each has a position (-1 = inactive: it computes garbage that is
+never stored or read), a length, and an adapter slot (-1 = the base model). ``step`` uploads one small int tensor
+(tokens, positions, adapter slots), replays the captured graph (CUDA) or runs the same code eagerly (elsewhere),
+and returns the rows' next-token logits. Prompts are prefilled by transformers (``lorakit.generation.prefill``,
+which also serves DoRA, mixed adapters and everything else) and their K/V copied into the rows (``admit``).
+
+Shapes: rows B (``max_batch``), cache length S (``max_len``), hidden d, heads H x head_dim D, kv heads Hkv.
+Cache: K, V (layers, B, Hkv, S, D) in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.decoding.adapters import GROUPS, DecodeAdapters
+from lorakit.decoding.architecture import model_parts, norm_eps
+from lorakit.decoding.weights import fuse_projections
+from lorakit.errors import LorakitError
+
+
+class StaticDecoder:
+    """One model's static-cache decoder: ``admit`` prefilled rows, ``step`` them, ``release`` finished ones.
+
+    Args:
+        model: a supported causal LM (``static_decoding_unsupported(model)`` says why not), in eval mode.
+        max_batch: rows of the cache (concurrent sequences).
+        max_len: tokens per row (prompt + generated).
+        graph: capture the step in a CUDA graph (default: on CUDA).
+        adapter_slots: initial adapter capacity (grows on demand; growing re-captures the graph).
+
+    The model's q/k/v and gate/up weights become views of fused tensors (values and keys unchanged; see
+    ``lorakit.decoding.weights``). Adapters are copied from the model's LoRA layers the first time a row uses them
+    (by name): an adapter changed in place afterwards must be reloaded with ``reload_adapter(name)``.
+    """
+
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, graph: bool | None = None,
+                 adapter_slots: int = 8):
+        self.parts = parts = model_parts(model)
+        if max_batch < 1 or max_len < 2:
+            raise LorakitError(f"a static decoder needs max_batch >= 1 and max_len >= 2, got {max_batch} and {max_len}")
+        self.model = model
+        weight = parts.embed.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.max_batch, self.max_len = max_batch, max_len
+        self.use_graph = self.device.type == "cuda" if graph is None else bool(graph)
+        self.weights = [self._fuse(layer) for layer in parts.layers]
+        self.adapters = DecodeAdapters(parts, self.weights, adapter_slots, 16, self.dtype, self.device)
+        L, B, S, Hkv, D = len(parts.layers), max_batch, max_len, parts.kv_heads, parts.head_dim
+        self.k_cache = torch.zeros(L, B, Hkv, S, D, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        self.cos, self.sin = self._rope_table(S)
+        # the step's inputs (one upload per step) and output: fixed buffers, so a captured graph reads them
+        self.inputs = torch.zeros(3, B, dtype=torch.int64, device=self.device)  # token, position, adapter slot
+        self.logits = torch.zeros(B, parts.vocab, dtype=torch.float32, device=self.device)
+        self._host = torch.zeros(3, B, dtype=torch.int64)
+        if self.device.type == "cuda":
+            self._host = self._host.pin_memory()
+        self.lengths = [0] * B  # tokens in each row's cache (host copy; -1 marks a free row)
+        self.active = [False] * B
+        self._graph = None
+        self._graph_key = None
+
+    # -- set-up ------------------------------------------------------------------------------------------------
+    def _fuse(self, layer) -> dict:
+        return {group: fuse_projections([layer.projections[p] for p in members]) for group, members in GROUPS}
+
+    def _rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (S, D) float32 for positions 0..S-1, from the model's own rotary module (all its scalings)."""
+        positions = torch.arange(length, device=self.device).unsqueeze(0)
+        probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            cos, sin = self.parts.rotary(probe, positions)
+        return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+    def refresh(self) -> None:
+        """Fuse again the weights of layers whose modules were given new weight tensors since."""
+        for i, layer in enumerate(self.parts.layers):
+            if not all(fused.is_current() for fused in self.weights[i].values()):
+                self.weights[i] = self._fuse(layer)
+                self._graph = None
+        self.adapters.weights = self.weights
+
+    def reload_adapter(self, name: str) -> None:
+        """Copy adapter ``name`` from the model again (after its weights were changed in place)."""
+        self.adapters.load(name)
+
+    # -- rows --------------------------------------------------------------------------------------------------
+    def free_rows(self) -> list[int]:
+        return [row for row in range(self.max_batch) if not self.active[row]]
+
+    def admit(self, rows: Sequence[int], batch, members: Sequence[int] | None = None) -> None:
+        """Copy prefilled sequences into cache rows: ``batch`` is a ``lorakit.generation.KVBatch`` (left-padded);
+        its row ``members[j]`` (default j) goes to cache row ``rows[j]``."""
+        members = list(range(len(rows))) if members is None else list(members)
+        layers = batch._kv_layers()
+        if len(layers) != len(self.parts.layers):
+            raise LorakitError(f"the prefilled cache has {len(layers)} layers, the model {len(self.parts.layers)}")
+        lengths = batch.mask.sum(dim=1).tolist()
+        width = batch.length
+        for row, member in zip(rows, members):
+            if self.active[row]:
+                raise LorakitError(f"cache row {row} is in use; release it first")
+            if lengths[member] >= self.max_len:
+                raise LorakitError(f"a prompt of {lengths[member]} tokens does not fit the decoder's {self.max_len}-token rows")
+        with torch.no_grad():
+            rows_t = torch.tensor(list(rows), device=self.device)
+            members_t = torch.tensor(members, device=self.device)
+            # column j of the static row holds the prompt's j-th real token: the left padding is skipped
+            start = torch.tensor([width - lengths[m] for m in members], device=self.device)
+            cols = (start[:, None] + torch.arange(width, device=self.device)[None, :]).clamp(max=width - 1)
+            index = cols[:, None, :, None]
+            for i, layer in enumerate(layers):
+                for source, cache in ((layer.keys, self.k_cache[i]), (layer.values, self.v_cache[i])):
+                    picked = source.index_select(0, members_t)
+                    picked = torch.gather(picked, 2, index.expand(-1, picked.shape[1], -1, picked.shape[3]))
+                    cache[:, :, :width].index_copy_(0, rows_t, picked.to(cache.dtype))
+        for row, member in zip(rows, members):
+            self.lengths[row], self.active[row] = lengths[member], True
+
+    def release(self, rows: Sequence[int]) -> None:
+        for row in rows:
+            self.active[row], self.lengths[row] = False, 0
+
+    # -- stepping ----------------------------------------------------------------------------------------------
+    def step(self, rows: Sequence[int], tokens: Sequence[int], adapters: Sequence[str | None]) -> torch.Tensor:
+        """Feed ``tokens[j]`` to cache row ``rows[j]`` (through adapter ``adapters[j]``); returns (len(rows), V)
+        float32 next-token logits. Rows not named here do not move."""
+        if not (len(rows) == len(tokens) == len(adapters)):
+            raise LorakitError(f"step needs one token and one adapter per row, got {len(rows)} rows, {len(tokens)} "
+                               f"tokens and {len(adapters)} adapter names")
+        for row in rows:
+            if not self.active[row]:
+                raise LorakitError(f"cache row {row} holds no sequence; admit a prefilled one first")
+            if self.lengths[row] >= self.max_len:
+                raise LorakitError(f"cache row {row} is full ({self.max_len} tokens)")
+        from lorakit.inject import adapter_names
+
+        present = adapter_names(self.model) if any(a is not None and a not in self.adapters for a in adapters) else ()
+        slots = self.adapters.slots_for(adapters, present)
+        host = self._host
+        host.zero_()
+        host[1].fill_(-1)
+        index = torch.tensor(list(rows), dtype=torch.long)
+        host[0, index] = torch.tensor(list(tokens), dtype=torch.int64)
+        host[1, index] = torch.tensor([self.lengths[r] for r in rows], dtype=torch.int64)
+        host[2, index] = torch.tensor(slots, dtype=torch.int64)
+        self.inputs.copy_(host)  # blocking: the host buffer is rewritten next step
+        self._run()
+        for row in rows:
+            self.lengths[row] += 1
+        return self.logits.index_select(0, index.to(self.device))
+
+    def _run(self) -> None:
+        if not self.use_graph:
+            with torch.inference_mode():
+                self._forward()
+            return
+        key = (self.adapters.version, self.adapters.has_dora, bool(self.adapters.slot_of))  # what the graph holds
+        if self._graph is None or self._graph_key != key:
+            self._capture()
+            self._graph_key = key
+        self._graph.replay()
+
+    def _capture(self) -> None:
+        """Capture ``_forward`` (after two warm-up runs on a side stream, which compile the Triton kernels)."""
+        self._graph = None
+        saved = self.inputs.clone()
+        self.inputs[1].fill_(-1)  # warm-up and capture store nothing: every row inactive
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            self._forward()
+        self.inputs.copy_(saved)
+        self._graph = graph
+
+    # -- the step ----------------------------------------------------------------------------------------------
+    def _forward(self) -> None:
+        from lorakit.kernels.decode_attention import decode_attention, rope_store_
+        from lorakit.kernels.rmsnorm import rms_norm
+
+        parts = self.parts
+        tokens, positions, slots = self.inputs[0], self.inputs[1], self.inputs[2].to(torch.int32)
+        lengths = torch.where(positions >= 0, positions + 1, 0).to(torch.int32)
+        safe = positions.clamp(min=0)
+        cos, sin = self.cos.index_select(0, safe), self.sin.index_select(0, safe)
+        B, H, Hkv, D = self.max_batch, parts.heads, parts.kv_heads, parts.head_dim
+        Nq, Nkv = H * D, Hkv * D
+        eps = norm_eps(parts.final_norm, 1e-6)
+        h = F.embedding(tokens, parts.embed.weight)  # (B, d)
+        for i, layer in enumerate(parts.layers):
+            w = self.weights[i]
+            x = rms_norm(h, layer.input_norm.weight, norm_eps(layer.input_norm, eps))
+            qkv = self._project(x, i, "qkv", slots)
+            q = qkv[:, :Nq].view(B, H, D)
+            k = qkv[:, Nq:Nq + Nkv].view(B, Hkv, D)
+            v = qkv[:, Nq + Nkv:].view(B, Hkv, D)
+            if layer.q_norm is not None:
+                q, k = layer.q_norm(q).contiguous(), layer.k_norm(k).contiguous()
+            rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i])
+            attn = decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling)
+            h = self._project(attn.reshape(B, Nq), i, "o", slots, residual=h)
+            x = rms_norm(h, layer.post_norm.weight, norm_eps(layer.post_norm, eps))
+            gu = self._project(x, i, "gate_up", slots)
+            F_ = w["gate_up"].splits[0]
+            act = swiglu_rows(gu[:, :F_], gu[:, F_:])
+            h = self._project(act, i, "down", slots, residual=h)
+        x = rms_norm(h, parts.final_norm.weight, eps)
+        self.logits.copy_(x @ parts.lm_head.weight.t())
+
+    def _project(self, x: torch.Tensor, layer: int, group: str, slots: torch.Tensor,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """One projection group: (residual +) bias + [DoRA ratio *] (x W^T + LoRA deltas). x (B, K) -> (B, N)."""
+        from lorakit.kernels.grouped_lora import grouped_lora_add_
+
+        fused = self.weights[layer][group]
+        stack = self.adapters.layers[layer][group]
+        use_lora = bool(self.adapters.slot_of)
+        dora = stack.ratio is not None and self.adapters.has_dora
+        if residual is not None and not dora:
+            y = torch.addmm(residual, x, fused.weight.t())  # the residual add inside the GEMM's epilogue
+        else:
+            y = x @ fused.weight.t()
+        if use_lora:
+            grouped_lora_add_(y, x, stack.A, stack.B, stack.scaling, stack.rank, slots, fused.splits)
+        if dora:
+            # rows without an adapter (-1) read the last row of ones
+            y = (y.float() * stack.ratio.index_select(0, slots.remainder(stack.ratio.shape[0]))).to(y.dtype)
+        if fused.bias is not None:
+            y = y + fused.bias
+        if residual is not None and dora:
+            y = residual + y
+        return y
+
+
+def swiglu_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for (B, F) views of the fused gate/up output (the Triton kernel where it runs)."""
+    from lorakit.kernels.swiglu import swiglu
+
+    return swiglu(gate, up)
