@@ -7,7 +7,8 @@ Llama-3.2-1B one (D=64), in bf16:
      reference's output, with garbage (NaN/inf) in every cache tail past the length; the kernel passes when it is
      finite, within conftest's bf16 tolerance of the truth, and its error is within 2x the bf16 reference's own
      error (+1e-3). rope_store_ likewise, on q/k/v views of a fused qkv buffer, one inactive row;
-  1. copy bandwidth (a 1 GiB device-to-device copy, bytes read + written over the time; as bench/multi_adapter.py);
+  1. copy bandwidth (a 1 GiB device-to-device copy, bytes read + written over the time; the method of
+     bench/multi_adapter.py);
   2. GPU time per call from a CUDA graph of 10 calls (median of the replays): Triton decode_attention (the default
      split count, then a sweep of forced ones), the reference, sdpa with the kv heads expanded (repeat_interleave,
      what transformers' repeat_kv does) and sdpa with ``enable_gqa=True``; GB/s counts only the valid K/V bytes
@@ -29,15 +30,14 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from multi_adapter import copy_bandwidth, graph_seconds  # noqa: E402  (the same timing as the other benchmarks)
-
 from lorakit.kernels.decode_attention import (decode_attention, decode_attention_reference,  # noqa: E402
                                               rope_store_, rope_store_reference_)
 
@@ -54,6 +54,65 @@ ROWS: list[dict] = []
 def log(*args):
     print(*args, flush=True)
 
+
+# -- timing: the same method as bench/multi_adapter.py (copied so this script stands alone) ------------------------
+
+def time_fn(fn, device, warm=2, reps=8, budget_s=10.0):
+    """Median seconds of ``fn()`` (CUDA events on GPU); fewer timed runs when one call is slow."""
+    for _ in range(warm):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    reps = max(2, min(reps, int(budget_s / max(time.perf_counter() - start, 1e-6))))
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) / 1000)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a large device-to-device copy, counting the bytes read and the bytes written."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 24)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_fn(lambda: dst.copy_(src), device, warm=3, reps=20)
+    return 2 * n / seconds
+
+
+def graph_seconds(fn, device, calls=10) -> float:
+    """GPU seconds of one ``fn()``: ``calls`` calls captured in one CUDA graph, replays timed (no host overhead)."""
+    if device.type != "cuda":
+        return time_fn(fn, device, warm=1, reps=3, budget_s=1.0)
+    stream = torch.cuda.Stream()  # warm up (Triton compiles here) off the capture stream, as PyTorch advises
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    seconds = time_fn(g.replay, device, warm=3, reps=20, budget_s=1.0) / calls
+    del g
+    return seconds
+
+
+# -- checks -------------------------------------------------------------------------------------------------------
 
 def make_inputs(shape, device, dtype, garbage, ends=False):
     """q (B, H, D), caches (B, Hkv, S, D), lengths (B,) int32; ``ends``: row 0 empty, the last row full."""
@@ -134,6 +193,8 @@ def check_rope(name, shape, device, dtype) -> bool:
     CHECKS.append(dict(check=f"rope_store_ v/inactive {name}", ok=same_v and untouched))
     return ok and same_v and untouched
 
+
+# -- timings ------------------------------------------------------------------------------------------------------
 
 def sdpa_expanded(q, k, v, lengths, scale):
     """The peer as transformers runs it: kv heads repeated to the query heads, the full S_max cache, a mask."""
