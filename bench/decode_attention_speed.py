@@ -224,6 +224,7 @@ def time_attention(name, shape, device, dtype, copy_bw, sweep):
     valid_bytes = int(lengths.sum()) * shape["kv_heads"] * shape["head_dim"] * 2 * k.element_size()
     peer_ok = torch.allclose(sdpa_expanded(q, k, v, lengths, scale).float(),
                              decode_attention_reference(q, k, v, lengths, scale).float(), rtol=4e-2, atol=6e-2)
+    log(f"CHECK sdpa peer vs reference {name} (finite cache): {'ok' if peer_ok else 'MISMATCH'}")
     CHECKS.append(dict(check=f"sdpa peer vs reference {name}", ok=peer_ok))
     case = f"attn {name}"
     row(case, "lorakit triton (auto)", graph_seconds(lambda: decode_attention(q, k, v, lengths, scale), device),

@@ -13,7 +13,7 @@ from lorakit.errors import LorakitError
 from lorakit.kernels import decode_attention as da
 from lorakit.kernels.decode_attention import (decode_attention, decode_attention_reference, rope_store_,
                                               rope_store_reference_)
-from tests.conftest import assert_close
+from conftest import assert_close
 
 DTYPES = [torch.float32, torch.float16]  # the interpreter has no bf16; bf16 is checked by bench/decode_attention_speed.py
 
