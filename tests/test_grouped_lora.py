@@ -217,7 +217,7 @@ def _args(T=3, K=16, splits=(8, 4), R=4, slots=2):
     (dict(slot_of_row=torch.zeros(3)), "integer tensors"),
     (dict(out_splits=[]), "out_splits must list"),
     (dict(out_splits=[4, 4, 2, 1, 1]), "out_splits must list"),
-    (dict(x=torch.zeros(3, 16, dtype=torch.float64)), "float32/float16/bfloat16"),
+    (dict(x=torch.zeros(3, 16, dtype=torch.int32)), "floating-point"),
 ])
 def test_shape_mistakes_raise_one_line_errors(change, message):
     args = {**_args(), **change}
@@ -225,6 +225,14 @@ def test_shape_mistakes_raise_one_line_errors(change, message):
         with pytest.raises(LorakitError, match=message) as info:
             fn(**args)
         assert "\n" not in str(info.value)
+
+
+def test_dispatcher_takes_16_and_32_bit_floats_only_and_the_reference_also_float64():
+    args = {k: (v.double() if k in ("x", "y", "A", "B") else v) for k, v in _args().items()}
+    with pytest.raises(LorakitError, match="float32/float16/bfloat16") as info:
+        grouped_lora_add_(**args)
+    assert "\n" not in str(info.value)
+    assert grouped_lora_add_reference(**args).dtype == torch.float64
 
 
 def test_grouped_stack_mistakes_raise_one_line_errors():

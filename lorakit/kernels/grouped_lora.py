@@ -65,8 +65,8 @@ def check_grouped_args(y, x, A, B, scaling, rank, slot_of_row, out_splits) -> li
         raise LorakitError(f"scaling and rank must be (slots, G) = ({slots}, {G}), got {tuple(scaling.shape)} and {tuple(rank.shape)}")
     if slot_of_row.shape != (T,):
         raise LorakitError(f"slot_of_row must have shape ({T},) (one slot per row of x), got {tuple(slot_of_row.shape)}")
-    if x.dtype not in _DTYPES or y.dtype not in _DTYPES or A.dtype not in _DTYPES or B.dtype not in _DTYPES:
-        raise LorakitError(f"grouped LoRA takes float32/float16/bfloat16 tensors, got x {x.dtype}, y {y.dtype}, A {A.dtype}, B {B.dtype}")
+    if not (x.is_floating_point() and y.is_floating_point() and A.is_floating_point() and B.is_floating_point()):
+        raise LorakitError(f"x, y, A and B must be floating-point tensors, got x {x.dtype}, y {y.dtype}, A {A.dtype}, B {B.dtype}")
     if rank.dtype.is_floating_point or slot_of_row.dtype.is_floating_point:
         raise LorakitError(f"rank and slot_of_row must be integer tensors, got {rank.dtype} and {slot_of_row.dtype}")
     if y.shape[1] > 1 and y.stride(1) != 1:
@@ -77,7 +77,7 @@ def check_grouped_args(y, x, A, B, scaling, rank, slot_of_row, out_splits) -> li
 def grouped_lora_add_reference(y, x, A, B, scaling, rank, slot_of_row, out_splits) -> torch.Tensor:
     """The spec, in place: y (T, N) += the grouped delta of x (T, K); returns y. Arguments as ``grouped_lora_add_``.
 
-    Math in the adapters' dtype, as PEFT and ``multi_lora_delta_reference`` do it (x cast to A's dtype; the low-rank
+    Any floating dtypes (float64 too: a truth for checks). Math in the adapters' dtype, as PEFT and ``multi_lora_delta_reference`` do it (x cast to A's dtype; the low-rank
     product cast to B's dtype); only rows with a slot and segments with rank > 0 are touched. Groups rows by slot on
     the host (syncs), and raises LorakitError for a slot outside -1..slots-1 or a rank outside 0..R.
     """
@@ -126,6 +126,9 @@ def grouped_lora_add_(y, x, A, B, scaling, rank, slot_of_row, out_splits, *, spl
     ``triton_usable`` (R <= 128); they treat a slot outside 0..slots-1 as "no adapter" (checking would sync).
     """
     bounds = check_grouped_args(y, x, A, B, scaling, rank, slot_of_row, out_splits)
+    if x.dtype not in _DTYPES or y.dtype not in _DTYPES or A.dtype not in _DTYPES or B.dtype not in _DTYPES:
+        raise LorakitError(f"grouped LoRA takes float32/float16/bfloat16 tensors, got x {x.dtype}, y {y.dtype}, A {A.dtype}, B {B.dtype} "
+                           "(float64 only through grouped_lora_add_reference)")
     if triton_usable(y, x, A, B, scaling, rank, slot_of_row):
         if A.shape[1] // (len(bounds) - 1) > MAX_TRITON_RANK:
             raise LorakitError(f"the grouped kernels support R <= {MAX_TRITON_RANK}, got A {tuple(A.shape)} with {len(bounds) - 1} segments; "
