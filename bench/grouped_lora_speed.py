@@ -88,8 +88,7 @@ def copy_bandwidth(device) -> float:
     n = (1 << 30) if device.type == "cuda" else (1 << 24)
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    seconds = time_fn(lambda: dst.copy_(src), device, warm=3, reps=20)
-    del src, dst
+    seconds = time_fn(lambda: dst.copy_(src), device, warm=3, reps=20)  # both freed on return
     return 2 * n / seconds
 
 
@@ -304,7 +303,7 @@ def main():
         log(f"| {m} | per layer (4 groups) | {layer['grouped_us']:.1f} | {layer['sgmv_us']:.1f} | {layer['bound_us']:.1f} | "
             f"{layer['grouped_fraction_of_bound']:.1%} | {layer['sgmv_fraction_of_bound']:.1%} | "
             f"{layer['sgmv_us'] / layer['grouped_us']:.2f}x |")
-    log(f"host us per layer (eager): " + ", ".join(f"{m} grouped {l['grouped_host_us']:.0f} / sgmv {l['sgmv_host_us']:.0f}"
+    log("host us per layer (eager): " + ", ".join(f"{m} grouped {l['grouped_host_us']:.0f} / sgmv {l['sgmv_host_us']:.0f}"
                                                    for m, l in layers.items()))
     log(f"checks: {'all ok' if ok else 'FAILED'}; {RESULTS['seconds']:.0f} s")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

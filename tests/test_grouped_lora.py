@@ -45,7 +45,7 @@ def make_grouped(slots, K, splits, R, dtype, seed=0):
 def float64_formula(y, x, A, B, scaling, rank, slot_of_row, splits):
     """Row by row, segment by segment, in float64: the truth (written independently of the reference)."""
     out = y.double().clone()
-    G, R = len(splits), A.shape[1] // len(splits)
+    R = A.shape[1] // len(splits)
     col = 0
     for j, n in enumerate(splits):
         for t, s in enumerate(slot_of_row.tolist()):

@@ -77,9 +77,10 @@ def check_grouped_args(y, x, A, B, scaling, rank, slot_of_row, out_splits) -> li
 def grouped_lora_add_reference(y, x, A, B, scaling, rank, slot_of_row, out_splits) -> torch.Tensor:
     """The spec, in place: y (T, N) += the grouped delta of x (T, K); returns y. Arguments as ``grouped_lora_add_``.
 
-    Any floating dtypes (float64 too: a truth for checks). Math in the adapters' dtype, as PEFT and ``multi_lora_delta_reference`` do it (x cast to A's dtype; the low-rank
-    product cast to B's dtype); only rows with a slot and segments with rank > 0 are touched. Groups rows by slot on
-    the host (syncs), and raises LorakitError for a slot outside -1..slots-1 or a rank outside 0..R.
+    Any floating dtypes (float64 too: a truth for checks). Math in the adapters' dtype, as PEFT and
+    ``multi_lora_delta_reference`` do it (x cast to A's dtype; the low-rank product cast to B's dtype); only rows
+    with a slot and segments with rank > 0 are touched. Groups rows by slot on the host (syncs), and raises
+    LorakitError for a slot outside -1..slots-1 or a rank outside 0..R.
     """
     bounds = check_grouped_args(y, x, A, B, scaling, rank, slot_of_row, out_splits)
     G = len(bounds) - 1
