@@ -106,9 +106,11 @@ def _grouped_expand_kernel(
 # Tile sizes. bench/grouped_lora_speed.py sweeps candidates on the GPU and prints the fastest; programs_per_sm sets
 # SPLIT_K so that about that many shrink programs per SM read A at once (decode has only T rows). max_tile bounds
 # the shrink's (G*R, BLOCK_K) float32 accumulator (registers), so block_k shrinks when G*R is large.
+# Defaults (not yet measured on a GPU): the shrink's 64 x 256 float32 accumulator over 8 warps is 64 registers a
+# thread (4 warps would need 128 and risk spills); the expand's 256 x 16 tile reads 8 KiB of B per program.
 CONFIGS = {
-    "shrink": dict(block_k=256, num_warps=4, programs_per_sm=3, max_tile=16384),
-    "expand": dict(block_n=128, num_warps=4),
+    "shrink": dict(block_k=256, num_warps=8, programs_per_sm=3, max_tile=16384),
+    "expand": dict(block_n=256, num_warps=4),
 }
 
 
