@@ -342,6 +342,57 @@ def decode_cases(system, forward, hf_model, cfg, ids, args, device, dtype, n, bo
     return measured
 
 
+def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_bytes, bandwidth, base_tps):
+    """Decode with ``lorakit.decoding.StaticDecoder`` (fused GEMMs, grouped LoRA pairs, Triton attention, one CUDA
+    graph per step on CUDA): tokens/s of ``decoder.step`` as a server calls it (host work, one upload, replay,
+    the rows' logits). Also a check of its first step against transformers' decode (lorakit.generation, the same
+    bf16 model and adapters): relative max diff, and how far the adapters move the logits (a wrong slot or
+    position would be O(that))."""
+    from lorakit.decoding import StaticDecoder
+    from lorakit.generation import decode, prefill
+
+    batch = ids.shape[0]
+    names = [None] * batch if n == 0 else [f"a{i % n}" for i in range(batch)]
+    prompts = ids.tolist()
+    rows = list(range(batch))
+    with torch.no_grad():
+        logits, kv = prefill(model, prompts, names)
+        first = logits.argmax(-1).tolist()
+        decoder = StaticDecoder(model, max_batch=batch, max_len=ids.shape[1] + args.steps + 16)
+        decoder.admit(rows, kv)
+        ours = decoder.step(rows, first, names).double()
+        theirs = decode(model, kv, first, names).double()
+        scale = theirs.abs().max().item()
+        err = (ours - theirs).abs().max().item() / scale
+        agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+        del kv
+        extra = dict(static_vs_transformers_rel_err=float(f"{err:.3e}"), argmax_agreement=round(agree, 4))
+        if n:
+            _, kv0 = prefill(model, prompts, [None] * batch)
+            base_logits = decode(model, kv0, first, [None] * batch).double()
+            del kv0
+            moved = (theirs - base_logits).abs().max().item() / scale
+            extra["adapters_move_logits_rel"] = float(f"{moved:.3e}")
+            ok = err < moved / 4
+        else:
+            ok = err < 0.25  # bf16 rounding grows with depth (see check_decode_attention); a bug is O(1)
+        log(f"CHECK static decoder vs transformers ({system}, {n} adapters): rel diff {err:.3e}, argmax agree "
+            f"{agree:.3f} {'ok' if ok else 'MISMATCH'}")
+        CHECKS.append(dict(check=f"static decoder vs transformers, {n} adapters", rel_diff=err, ok=ok))
+        tokens = first
+
+        def step():
+            decoder.step(rows, tokens, names)
+
+        seconds = time_fn(step, device, warm=2, reps=args.steps, budget_s=8.0)
+    context = ids.shape[1] + 4 + args.steps // 2
+    bound = (bound_bytes + kv_bytes(cfg, batch, context, dtype)) / bandwidth
+    record(f"decode-{args.shape}-static", system, n, batch / seconds, base_tps, fraction_of_bound=round(bound / seconds, 4),
+           step_ms=round(seconds * 1e3, 3), bound_ms=round(bound * 1e3, 3), **extra)
+    del decoder
+    return batch / seconds, ok
+
+
 def run_system(system, model, hf_model, cfg, args, device, dtype, base, bandwidth):
     """Prefill and decode for one system over 1, 8 and 64 adapters (``model`` already holds the 64 adapters)."""
     import lorakit
@@ -373,6 +424,10 @@ def run_system(system, model, hf_model, cfg, args, device, dtype, base, bandwidt
                 record(f"prefill-{args.shape}", system, n, tps, base["prefill"])
                 decode_cases(system, forward, hf_model, cfg, ids, args, device, dtype, n,
                              base["weights"] + min(n, batch) * per_adapter, bandwidth, base["decode"], modes)
+            if system == "lorakit" and args.static:
+                tps, ok = static_decode_case(system, model, cfg, ids, args, device, dtype, n,
+                                             base["weights"] + min(n, batch) * per_adapter, bandwidth, base.get("static"))
+                base["static_ok"] = base.get("static_ok", True) and ok
         except Exception as error:  # one failed case must not lose the others
             log(f"FAIL {system} adapters={n}: {type(error).__name__}: {error}")
             traceback.print_exc()
@@ -633,6 +688,8 @@ def main():
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed prefill runs per case")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--no-sweep", action="store_true", help="keep sgmv.CONFIGS as they are (no tile sweep)")
+    parser.add_argument("--no-static", dest="static", action="store_false",
+                        help="skip the lorakit.decoding.StaticDecoder decode cases")
     args = parser.parse_args()
     if args.shape == "tiny":
         args.batch, args.seq, args.steps, args.budget = min(args.batch, 64), min(args.seq, 16), min(args.steps, 3), 1.0
@@ -665,6 +722,11 @@ def main():
         base["prefill"] = prefill_tokens_per_s(model, ids, device, args.budget)
         record(f"prefill-{args.shape}", "base", 0, base["prefill"], base["prefill"])
         measured = decode_cases("base", model, model, cfg, ids, args, device, dtype, 0, base["weights"], bandwidth, {}, modes)
+        if args.static:
+            base["static"] = None
+            base["static"], base["static_ok"] = static_decode_case("base", model, cfg, ids, args, device, dtype, 0,
+                                                                   base["weights"], bandwidth, None)
+            ROWS[-1]["ratio_vs_base"] = 1.0
     for row in ROWS:  # each decode mode of a system is compared with the base in the same mode
         if row["system"] == "base" and row["case"].startswith("decode"):
             row["ratio_vs_base"] = 1.0
@@ -691,6 +753,7 @@ def main():
 
     from lorakit.kernels.triton import sgmv
 
+    checks_ok &= base.get("static_ok", True)
     ROWS.append(dict(case="checks", system="lorakit", adapters=64, tokens_per_s=None, ratio_vs_base=None, ok=bool(checks_ok),
                      details=CHECKS, sgmv_configs=sgmv.CONFIGS))
     with open(out_path + ".tmp", "w") as f:

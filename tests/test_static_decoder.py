@@ -191,3 +191,14 @@ def test_unsupported_models_and_bad_calls_get_one_line_reasons():
     with pytest.raises(LorakitError, match="not on any"):
         decoder.admit([1], prefill(plain, [[1]], [None])[1])
         decoder.step([1], [1], ["nope"])
+
+
+def test_adapters_injected_after_the_decoder_was_built():
+    model = tiny_llama(seed=9)
+    decoder = StaticDecoder(model, max_batch=2, max_len=12)
+    _with_adapters(model)  # wraps the projections the decoder read at construction
+    expected = _reference(model, PROMPTS[:2], ["a", "d"], steps=1)
+    _, batch = prefill(model, PROMPTS[:2], ["a", "d"])
+    decoder.admit([0, 1], batch)
+    got = decoder.step([0, 1], expected[0].argmax(-1).tolist(), ["a", "d"])
+    assert torch.allclose(got, expected[1], atol=ATOL, rtol=1e-5)

@@ -77,6 +77,7 @@ class StaticDecoder:
         self.active = [False] * B
         self._graph = None
         self._graph_key = None
+        self._structure = _structure_version()
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def _fuse(self, layer) -> dict:
@@ -89,6 +90,15 @@ class StaticDecoder:
         with torch.no_grad():
             cos, sin = self.parts.rotary(probe, positions)
         return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+    def _sync_structure(self) -> None:
+        """lorakit put modules into the model or took them out since (adapters injected, loaded, deleted): read
+        its projection modules again (the base linears, and so the fused weights, stay the same objects)."""
+        version = _structure_version()
+        if version != self._structure:
+            self.parts = self.adapters.parts = model_parts(self.model)
+            self.refresh()
+            self._structure = version
 
     def refresh(self) -> None:
         """Fuse again the weights of layers whose modules were given new weight tensors since."""
@@ -109,6 +119,7 @@ class StaticDecoder:
     def admit(self, rows: Sequence[int], batch, members: Sequence[int] | None = None) -> None:
         """Copy prefilled sequences into cache rows: ``batch`` is a ``lorakit.generation.KVBatch`` (left-padded);
         its row ``members[j]`` (default j) goes to cache row ``rows[j]``."""
+        self._sync_structure()
         members = list(range(len(rows))) if members is None else list(members)
         layers = batch._kv_layers()
         if len(layers) != len(self.parts.layers):
@@ -153,6 +164,7 @@ class StaticDecoder:
                 raise LorakitError(f"cache row {row} is full ({self.max_len} tokens)")
         from lorakit.inject import adapter_names
 
+        self._sync_structure()
         present = adapter_names(self.model) if any(a is not None and a not in self.adapters for a in adapters) else ()
         slots = self.adapters.slots_for(adapters, present)
         host = self._host
@@ -253,6 +265,12 @@ class StaticDecoder:
         if residual is not None and dora:
             y = residual + y
         return y
+
+
+def _structure_version() -> int:
+    from lorakit.inject import _STRUCTURE_VERSION
+
+    return _STRUCTURE_VERSION[0]
 
 
 def swiglu_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="weights dtype: fp32, bf16, fp16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best available)")
     parser.add_argument("--preload", action="store_true", help="load the first --max-loaded adapters at start")
+    parser.add_argument("--decoder", choices=("auto", "static", "transformers"), default="auto",
+                        help="decode steps: 'static' (lorakit.decoding: static KV cache, fused kernels, one CUDA graph "
+                             "per step; CUDA and Llama/Mistral/Qwen2/Qwen3 models), 'transformers' (the model's own "
+                             "forward), 'auto' (static where it runs; default)")
+    parser.add_argument("--max-context", type=int, default=None,
+                        help="tokens per sequence (prompt + output); with the static decoder this sizes its KV cache "
+                             "(default: the model's context, capped at 8192 and to 40%% of free GPU memory)")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (default: %(default)s)")
 
 
@@ -50,9 +57,16 @@ def build_state(args: argparse.Namespace):
     pool = AdapterPool(model, args.adapters, model_lock, max_loaded=args.max_loaded, max_rank=args.max_rank,
                        max_bytes=int(args.max_adapter_mb * 2**20))
     context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    if args.max_context is not None:
+        if args.max_context < 2:
+            raise LorakitError(f"--max-context must be at least 2, got {args.max_context}")
+        context = min(context, args.max_context)
+    decoder = static_decoder(model, args.decoder, args.max_batch, context, explicit_context=args.max_context is not None)
+    if decoder is not None:
+        context = decoder.max_len
     max_prompt = args.max_prompt_tokens or context
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    engine = Engine(model, model_lock, max_batch=args.max_batch, pad_id=pad_id)
+    engine = Engine(model, model_lock, max_batch=args.max_batch, pad_id=pad_id, decoder=decoder)
     name = args.name or os.path.basename(os.path.normpath(str(args.model)))
     state = ServerState(model=model, tokenizer=tokenizer, base_name=name, pool=pool, engine=engine,
                         stop_token_ids=end_of_turn_ids(tokenizer), context_length=context,
@@ -67,6 +81,44 @@ def build_state(args: argparse.Namespace):
     return state
 
 
+def static_decoder(model, choice: str, max_batch: int, context: int, explicit_context: bool = False):
+    """The ``lorakit.decoding.StaticDecoder`` that ``--decoder`` asks for, or None (decode through transformers).
+
+    'auto' uses it on CUDA for the models it runs; 'static' insists (a one-line error says why it cannot). Its KV
+    cache holds ``max_batch`` rows of ``context`` tokens; unless ``--max-context`` was given, the context is capped
+    at 8192 and to what fits in 40% of the free GPU memory, and the server's context becomes the cache's.
+    """
+    if choice == "transformers":
+        return None
+    from lorakit.decoding import StaticDecoder, static_decoding_unsupported
+
+    device = next(model.parameters()).device
+    reason = static_decoding_unsupported(model) or (None if device.type == "cuda" or choice == "static" else "not on CUDA")
+    if reason is not None:
+        if choice == "static":
+            raise LorakitError(f"--decoder static: {reason}; use --decoder transformers")
+        return None
+    if not explicit_context:
+        config = model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * next(model.parameters()).element_size() * max_batch
+        free = torch_free_memory(device)
+        context = min(context, 8192, max(256, int(0.4 * free / per_token)) if free else context)
+    return StaticDecoder(model, max_batch=max_batch, max_len=context)
+
+
+def torch_free_memory(device) -> int:
+    """Free bytes on a CUDA device (0 elsewhere: no cap)."""
+    import torch
+
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -78,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     state = build_state(args)
     app = create_app(state)
     print(f"lorakit serve: {state.base_name} with adapters from {args.adapters} on http://{args.host}:{args.port} "
-          f"(max {state.pool.max_loaded} loaded, batch {state.engine.max_batch})", flush=True)
+          f"(max {state.pool.max_loaded} loaded, batch {state.engine.max_batch}, {state.engine.stats()['decoder']} "
+          f"decoder, context {state.context_length})", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

@@ -9,7 +9,11 @@ Each step (under the model lock, so adapters are never swapped mid-forward):
 4. rows that finished (end-of-turn token, ``max_new_tokens``, a stop string, or cancelled) leave the batch.
 
 Requests join and leave only between steps. Padding never changes a row's logits (see ``lorakit.generation``),
-so a request's output equals the same request served alone. Callbacks that may take other locks (releasing an
+so a request's output equals the same request served alone.
+
+With a ``StaticDecoder`` (``lorakit.decoding``: CUDA, Llama-family models) the decode step of 3. runs there
+instead: each request owns a row of its static KV cache from admission to the end (its prefilled K/V are copied
+in), and a step is one replay of a captured CUDA graph over all rows; prefill still runs through transformers. Callbacks that may take other locks (releasing an
 adapter pin) run after the model lock is released, so the adapter pool and the engine cannot deadlock.
 """
 
@@ -57,13 +61,18 @@ class Request:
     finished: bool = False
     generator: torch.Generator | None = None
     created: float = field(default_factory=time.monotonic)
+    row: int = -1  # its row of the static decoder's cache (-1: none)
 
 
 class Engine:
     """The scheduler thread over one model. ``submit`` requests; ``cancel`` them; ``close`` to stop."""
 
-    def __init__(self, model: nn.Module, model_lock: threading.RLock, max_batch: int = 32, pad_id: int = 0):
+    def __init__(self, model: nn.Module, model_lock: threading.RLock, max_batch: int = 32, pad_id: int = 0,
+                 decoder=None):
+        if decoder is not None and decoder.max_batch < max_batch:
+            raise ValueError(f"the static decoder has {decoder.max_batch} rows, fewer than max_batch={max_batch}")
         self.model = model
+        self.decoder = decoder  # a lorakit.decoding.StaticDecoder, or None: decode through transformers
         self.model_lock = model_lock
         self.max_batch = max_batch
         self.pad_id = pad_id
@@ -96,7 +105,8 @@ class Engine:
         self._thread.join(timeout=10)
 
     def stats(self) -> dict:
-        return {"running": len(self._running), "waiting": len(self._waiting), "steps": self.steps}
+        return {"running": len(self._running), "waiting": len(self._waiting), "steps": self.steps,
+                "decoder": "static" if self.decoder is not None else "transformers"}
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -123,6 +133,8 @@ class Engine:
                 message = f"error: {type(error).__name__}: {error}"
                 done += [(r, message) for r in self._running + newcomers if not r.finished]
                 self._running, self._batch = [], None
+                if self.decoder is not None:
+                    self.decoder.release([row for row in range(self.decoder.max_batch) if self.decoder.active[row]])
             for request, reason in done:  # outside the model lock: callbacks may take the pool's lock
                 request.finished = True
                 try:
@@ -138,7 +150,13 @@ class Engine:
             logits, batch = prefill(self.model, [r.prompt for r in newcomers], [r.adapter for r in newcomers], self.pad_id)
             greedy = logits.argmax(dim=-1).tolist()
             keep = [i for i, r in enumerate(newcomers) if self._accept(r, logits[i], done, greedy[i])]
-            if keep:
+            if keep and self.decoder is not None:
+                rows = self.decoder.free_rows()[:len(keep)]
+                self.decoder.admit(rows, batch, members=keep)
+                for row, i in zip(rows, keep):
+                    newcomers[i].row = row
+                self._running += [newcomers[i] for i in keep]
+            elif keep:
                 if len(keep) < len(newcomers):
                     batch.keep(keep)
                 if self._batch is None:
@@ -149,7 +167,11 @@ class Engine:
         if not self._running:
             self._batch = None
             return
-        logits = decode(self.model, self._batch, [r.tokens[-1] for r in self._running], [r.adapter for r in self._running])
+        tokens, adapters = [r.tokens[-1] for r in self._running], [r.adapter for r in self._running]
+        if self.decoder is not None:
+            logits = self.decoder.step([r.row for r in self._running], tokens, adapters)
+        else:
+            logits = decode(self.model, self._batch, tokens, adapters)
         greedy = logits.argmax(dim=-1).tolist()  # one device-to-host copy for the batch, not one per greedy row
         finished = [i for i, r in enumerate(self._running) if not self._accept(r, logits[i], done, greedy[i])]
         self._drop(finished, done, None)
@@ -189,6 +211,10 @@ class Engine:
         if reason is not None:
             done += [(self._running[i], reason) for i in rows]
         keep = [i for i in range(len(self._running)) if i not in gone]
+        if self.decoder is not None:
+            self.decoder.release([self._running[i].row for i in rows])
+            self._running = [self._running[i] for i in keep]
+            return
         self._running = [self._running[i] for i in keep]
         if keep:
             self._batch.keep(keep)
