@@ -21,7 +21,10 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 _MIN_SPLIT_KEYS = 256  # below this a split's fixed cost (q load, partial write, combine) outweighs its parallelism
-_PROGRAMS_PER_SM = 4  # enough resident programs per SM to keep a few K/V tiles in flight each
+# programs (row, kv head, split) wanted per SM. Measured on an H200 (bench/results/decode_attention_speed_h200.json):
+# with 64 rows x 8 kv heads (512 programs, ~3.9 per SM) one split was fastest for head_dim 128 (41.3 us vs 43.4 at
+# two) and 64 (21.2 vs 26.0); splitting pays only when rows x kv heads leave SMs idle (small batches, long context)
+_PROGRAMS_PER_SM = 2
 
 
 @triton.jit
