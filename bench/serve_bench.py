@@ -142,6 +142,8 @@ def main() -> int:
     parser.add_argument("--random-from", type=Path, default=None,
                         help="folder with config.json + tokenizer: serve random weights of that model (see above)")
     parser.add_argument("--shape", default=None, help="with --random-from: resize to this Llama shape (1b, 8b)")
+    parser.add_argument("--decoder", choices=("auto", "static", "transformers"), default="auto",
+                        help="the server's --decoder (static: lorakit.decoding on CUDA); the JSON file is named after it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.random_from:
@@ -151,7 +153,8 @@ def main() -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", args.model, "--adapters", str(folder),
-                                   "--port", str(port), "--max-loaded", "8", "--max-batch", "32", "--name", "base"],
+                                   "--port", str(port), "--max-loaded", "8", "--max-batch", "32", "--name", "base",
+                                   "--decoder", args.decoder],
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
@@ -180,7 +183,8 @@ def main() -> int:
     import torch
 
     model_name = f"random {args.shape or args.random_from.name}" if args.random_from else args.model
-    record = {"benchmark": "serve_bench", "model": model_name, "rank": args.rank, "max_tokens": args.max_tokens,
+    record = {"benchmark": "serve_bench", "model": model_name, "decoder": args.decoder, "rank": args.rank,
+              "max_tokens": args.max_tokens,
               "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "python": platform.python_version(),
               "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -188,7 +192,8 @@ def main() -> int:
               "load_average_at_end": list(os.getloadavg()), "results": results}
     out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "serve_bench.json").write_text(json.dumps(record, indent=2) + "\n")
+    name = "serve_bench.json" if args.decoder == "auto" else f"serve_bench_{args.decoder}.json"
+    (out_dir / name).write_text(json.dumps(record, indent=2) + "\n")
     print("\n| adapters | clients | requests | req/s | tokens/s | p50 latency s |\n|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['adapters']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
