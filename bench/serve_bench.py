@@ -192,7 +192,8 @@ def main() -> int:
               "load_average_at_end": list(os.getloadavg()), "results": results}
     out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "serve_bench.json" if args.decoder == "auto" else f"serve_bench_{args.decoder}.json"
+    tag = "".join(f"_{part}" for part in (args.shape, None if args.decoder == "auto" else args.decoder) if part)
+    name = f"serve_bench{tag}.json"  # one file per shape and decoder: runs in one session do not overwrite each other
     (out_dir / name).write_text(json.dumps(record, indent=2) + "\n")
     print("\n| adapters | clients | requests | req/s | tokens/s | p50 latency s |\n|---|---|---|---|---|---|")
     for r in results:
