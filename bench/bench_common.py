@@ -55,3 +55,64 @@ def time_steps(step, device: str, warm: int = 3, reps: int = 8) -> tuple[float, 
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+# -- timing shared by the kernel and decode benchmarks (device: a torch.device) ------------------------------------
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device, warm=2, reps=8, budget_s=10.0) -> float:
+    """Median seconds of ``fn()`` (CUDA events on the GPU, a host clock elsewhere); the number of timed runs shrinks
+    so that one case stays within ``budget_s``."""
+    for _ in range(warm):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    reps = max(2, min(reps, int(budget_s / max(time.perf_counter() - start, 1e-6))))
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) / 1000)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a large device-to-device copy, counting the bytes read and the bytes written."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 24)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_fn(lambda: dst.copy_(src), device, warm=3, reps=20)
+    return 2 * n / seconds
+
+
+def graph_seconds(fn, device, calls=10) -> float:
+    """GPU seconds of one ``fn()``: ``calls`` calls captured in one CUDA graph, replays timed (no host overhead)."""
+    if device.type != "cuda":
+        return time_fn(fn, device, warm=1, reps=3, budget_s=1.0)
+    stream = torch.cuda.Stream()  # warm up (Triton compiles here) off the capture stream, as PyTorch advises
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    seconds = time_fn(g.replay, device, warm=3, reps=20, budget_s=1.0) / calls
+    del g
+    return seconds

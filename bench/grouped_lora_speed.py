@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
+
+from bench_common import copy_bandwidth, graph_seconds, sync  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -58,54 +59,8 @@ def log(*args):
     print(*args, flush=True)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
-def time_fn(fn, device, warm=2, reps=20):
-    """Median seconds of ``fn()`` (CUDA events on the GPU, a host clock on the CPU)."""
-    for _ in range(warm):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1000)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a large device-to-device copy, counting the bytes read and the bytes written."""
-    n = (1 << 30) if device.type == "cuda" else (1 << 24)
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    seconds = time_fn(lambda: dst.copy_(src), device, warm=3, reps=20)  # both freed on return
-    return 2 * n / seconds
-
-
-def graph_seconds(fn, device, calls=10) -> float:
-    """GPU seconds of one ``fn()``: ``calls`` calls captured in one CUDA graph, the replays' median over calls."""
-    if device.type != "cuda":
-        return time_fn(fn, device, warm=1, reps=3)
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    seconds = time_fn(g.replay, device, warm=3, reps=20) / calls
-    del g
-    return seconds
 
 
 def host_seconds(fn, device) -> float:

@@ -37,7 +37,6 @@ import gc
 import inspect
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -45,7 +44,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from bench_common import ALPHA, LLAMA_SHAPES, RANK, TARGETS  # noqa: E402
+from bench_common import ALPHA, LLAMA_SHAPES, RANK, TARGETS, copy_bandwidth, graph_seconds, sync, time_fn  # noqa: E402
 
 SHAPES = {**{k: LLAMA_SHAPES[k] for k in ("1b", "8b")},
           "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -61,45 +60,7 @@ def log(*args):
 
 # -- timing --------------------------------------------------------------------------------------------------------
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
-
-def time_fn(fn, device, warm=2, reps=8, budget_s=10.0):
-    """Median seconds of ``fn()``; the number of timed runs shrinks so that one case stays within ``budget_s``."""
-    for _ in range(warm):
-        fn()
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    once = time.perf_counter() - start
-    reps = max(2, min(reps, int(budget_s / max(once, 1e-6))))
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1000)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a large device-to-device copy, counting the bytes read and the bytes written."""
-    n = (1 << 30) if device.type == "cuda" else (1 << 24)
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    seconds = time_fn(lambda: dst.copy_(src), device, warm=3, reps=20)
-    del src, dst
-    return 2 * n / seconds
 
 
 # -- models --------------------------------------------------------------------------------------------------------
@@ -563,20 +524,6 @@ def check_decode_attention(model, cfg, device, dtype, args) -> bool:
 
 
 # -- the kernels alone ---------------------------------------------------------------------------------------------
-
-def graph_seconds(fn, device, calls=10) -> float:
-    """GPU seconds of one ``fn()``: ``calls`` calls captured in one CUDA graph, replays timed (no host overhead)."""
-    if device.type != "cuda":
-        return time_fn(fn, device, warm=1, reps=3, budget_s=1.0)
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    seconds = time_fn(g.replay, device, warm=3, reps=20, budget_s=1.0) / calls
-    del g
-    return seconds
 
 
 def projection_shapes(cfg):
