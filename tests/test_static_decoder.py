@@ -170,7 +170,15 @@ def test_unsupported_models_and_bad_calls_get_one_line_reasons():
     assert "sliding-window" in static_decoding_unsupported(mistral)
     model = tiny_llama(seed=6)
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]), adapter="x")
-    assert "embed_tokens" in static_decoding_unsupported(model)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="ok")
+    assert static_decoding_unsupported(model) is None  # rows on "x" are refused, the others decode
+    foreign = StaticDecoder(model, max_batch=2, max_len=8)
+    assert "embed_tokens" in foreign.unservable("x") and foreign.unservable("ok") is None
+    foreign.admit([0], prefill(model, [[1, 2]], ["ok"])[1])
+    foreign.step([0], [3], ["ok"])
+    foreign.admit([1], prefill(model, [[1, 2]], ["x"])[1])
+    with pytest.raises(LorakitError, match="embed_tokens"):
+        foreign.step([1], [3], ["x"])
     merged = tiny_llama(seed=7)
     lorakit.inject(merged, lorakit.LoraConfig(r=2), adapter="m")
     lorakit.merge(merged)

@@ -7,8 +7,8 @@ RMSNorms; rope types whose table does not depend on the sequence length (default
 Anything else gets a one-line reason from ``static_decoding_unsupported`` and callers keep transformers' forward.
 
 A projection may be a plain ``nn.Linear`` or a lorakit ``LoraLinear`` over one (16/32-bit weights; an NF4 base is
-not supported here). Adapters elsewhere (embeddings, the output head, modules_to_save) are refused, because the
-decoder would silently skip them.
+not supported here). Adapters that also change other modules (embeddings, the output head, modules_to_save) are
+listed in ``ModelParts.foreign``: the decoder refuses rows that use them (it would silently skip those modules).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class ModelParts:
     intermediate: int
     vocab: int
     max_positions: int
+    foreign: dict[str, str]  # adapter name -> a module outside the projections that holds it (not served here)
 
 
 def base_linear(module: nn.Module) -> nn.Module:
@@ -111,10 +112,12 @@ def model_parts(model: nn.Module) -> ModelParts:
     hosts = _adapter_hosts(model)
     allowed = {f"model.layers.{i}.{'self_attn' if p in ATTENTION else 'mlp'}.{p}"
                for i in range(len(layers)) for p in PROJECTIONS}
-    extra = sorted(p for p in hosts if p not in allowed)
-    if extra:
-        raise LorakitError(f"static decoding serves adapters on the attention and MLP projections only; this model "
-                           f"has lorakit layers on {extra[0]}")
+    # adapters that also change other modules (embeddings, the head, modules_to_save) cannot be served by the
+    # decoder: rows that use them are refused (``foreign``: adapter name -> one such module), the other rows decode
+    foreign: dict[str, str] = {}
+    for path in sorted(p for p in hosts if p not in allowed):
+        for name in hosts[path].adapter_names():
+            foreign.setdefault(name, path)
     merged = sorted(p for p, h in hosts.items() if getattr(h, "merged", None))
     if merged:
         raise LorakitError(f"static decoding needs unmerged adapters ({merged[0]} holds a merged one); call lorakit.unmerge(model)")
@@ -144,17 +147,17 @@ def model_parts(model: nn.Module) -> ModelParts:
 
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    embed = inner.embed_tokens
+    embed, lm_head = base_linear(inner.embed_tokens), base_linear(model.lm_head)  # wrapped: see ``foreign``
     if type(embed) is not nn.Embedding:
         raise LorakitError(f"the input embedding is a {type(embed).__name__}; static decoding needs a plain nn.Embedding")
-    if type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None:
+    if type(lm_head) is not nn.Linear or lm_head.bias is not None:
         raise LorakitError("static decoding needs a plain bias-free nn.Linear output head")
     return ModelParts(
-        model_type=model_type, embed=embed, layers=parts, final_norm=inner.norm, lm_head=model.lm_head,
+        model_type=model_type, embed=embed, layers=parts, final_norm=inner.norm, lm_head=lm_head,
         rotary=inner.rotary_emb, hidden=config.hidden_size, heads=heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
-        intermediate=config.intermediate_size, vocab=model.lm_head.out_features,
-        max_positions=int(getattr(config, "max_position_embeddings", 4096) or 4096),
+        intermediate=config.intermediate_size, vocab=lm_head.out_features,
+        max_positions=int(getattr(config, "max_position_embeddings", 4096) or 4096), foreign=foreign,
     )
 
 

@@ -108,6 +108,15 @@ class StaticDecoder:
                 self._graph = None
         self.adapters.weights = self.weights
 
+    def unservable(self, name: str | None) -> str | None:
+        """Why rows on adapter ``name`` cannot decode here (one line), or None when they can."""
+        self._sync_structure()
+        module = self.parts.foreign.get(name) if name is not None else None
+        if module is None:
+            return None
+        return (f"adapter {name!r} also changes {module}; the static decoder serves adapters on the attention and MLP "
+                "projections only (use --decoder transformers)")
+
     def reload_adapter(self, name: str) -> None:
         """Copy adapter ``name`` from the model again (after its weights were changed in place)."""
         self.adapters.load(name)
@@ -166,6 +175,10 @@ class StaticDecoder:
 
         self._sync_structure()
         present = adapter_names(self.model) if any(a is not None and a not in self.adapters for a in adapters) else ()
+        for name in dict.fromkeys(adapters):
+            reason = self.unservable(name)
+            if reason is not None:
+                raise LorakitError(reason)
         slots = self.adapters.slots_for(adapters, present)
         host = self._host
         host.zero_()

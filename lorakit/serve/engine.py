@@ -146,6 +146,10 @@ class Engine:
         self._drop([i for i, r in enumerate(self._running) if r.cancelled], done, "cancelled")
         done += [(r, "cancelled") for r in newcomers if r.cancelled]
         newcomers = [r for r in newcomers if not r.cancelled]
+        if self.decoder is not None and newcomers:  # refused alone, so the other rows keep decoding
+            reasons = [self.decoder.unservable(r.adapter) for r in newcomers]
+            done += [(r, f"error: {why}") for r, why in zip(newcomers, reasons) if why is not None]
+            newcomers = [r for r, why in zip(newcomers, reasons) if why is None]
         if newcomers:
             logits, batch = prefill(self.model, [r.prompt for r in newcomers], [r.adapter for r in newcomers], self.pad_id)
             greedy = logits.argmax(dim=-1).tolist()
