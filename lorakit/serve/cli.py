@@ -99,11 +99,10 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
             raise LorakitError(f"--decoder static: {reason}; use --decoder transformers")
         return None
     if not explicit_context:
-        config = model.config
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * next(model.parameters()).element_size() * max_batch
+        from lorakit.decoding.architecture import model_parts
+
+        parts = model_parts(model)  # the shapes the decoder's cache will have
+        per_token = 2 * len(parts.layers) * parts.kv_heads * parts.head_dim * parts.embed.weight.element_size() * max_batch
         free = torch_free_memory(device)
         context = min(context, 8192, max(256, int(0.4 * free / per_token)) if free else context)
     return StaticDecoder(model, max_batch=max_batch, max_len=context)
