@@ -44,13 +44,12 @@ GROUPS = {
 }
 SWEEP = {
     # the first of each list is the default in lorakit/kernels/triton/grouped_lora.py
-    "shrink": [dict(block_k=256, num_warps=8, programs_per_sm=3, max_tile=16384),
-               dict(block_k=128, num_warps=4, programs_per_sm=4, max_tile=8192),
-               dict(block_k=256, num_warps=4, programs_per_sm=3, max_tile=16384),
-               dict(block_k=512, num_warps=8, programs_per_sm=2, max_tile=32768),
-               dict(block_k=128, num_warps=4, programs_per_sm=8, max_tile=8192)],
-    "expand": [dict(block_n=256, num_warps=4), dict(block_n=128, num_warps=4), dict(block_n=512, num_warps=8),
-               dict(block_n=64, num_warps=2)],
+    "shrink": [dict(block_k=512, num_warps=8, programs_per_sm=2, max_tile=32768),
+               dict(block_k=512, num_warps=8, programs_per_sm=3, max_tile=32768),
+               dict(block_k=256, num_warps=8, programs_per_sm=3, max_tile=16384)],
+    "expand": [dict(block_n=256, num_warps=4, iters=1), dict(block_n=256, num_warps=4, iters=4),
+               dict(block_n=128, num_warps=4, iters=8), dict(block_n=512, num_warps=8, iters=4),
+               dict(block_n=256, num_warps=8, iters=8), dict(block_n=1024, num_warps=8, iters=2)],
 }
 RESULTS: dict = {"checks": [], "rows": [], "sweep": []}
 

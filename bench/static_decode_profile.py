@@ -51,6 +51,8 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--grouped-configs", default=None,
+                        help="a grouped_lora_speed.json: use the tile configs its sweep kept (else the defaults)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -59,6 +61,11 @@ def main() -> int:
 
     import lorakit
     from lorakit.decoding import StaticDecoder
+    from lorakit.kernels.triton import grouped_lora
+
+    if args.grouped_configs:
+        with open(args.grouped_configs) as fh:
+            grouped_lora.CONFIGS.update(json.load(fh)["configs"])
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=8192, tie_word_embeddings=False)
@@ -117,7 +124,7 @@ def main() -> int:
         "grouped lora shrink": adapter_bytes / 2, "grouped lora expand": adapter_bytes / 2,
     }
     total = sum(v[0] for v in per_family.values())
-    result = dict(shape=args.shape, adapters=args.adapters, batch=args.batch, context=args.context,
+    result = dict(shape=args.shape, adapters=args.adapters, grouped_configs=grouped_lora.CONFIGS, batch=args.batch, context=args.context,
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"), graph_step_ms=round(step_s * 1e3, 3),
                   profiled_gpu_ms_per_step=round(total / 1e3, 3), bandwidth_bytes_per_s=bandwidth, families={})
@@ -132,7 +139,7 @@ def main() -> int:
               f"{'' if moved is None else f'{moved / 1e9:.2f} GB'} | {'' if frac is None else f'{frac:.1%}'} |")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"static_decode_profile_{args.shape}.json")
+    path = os.path.join(out_dir, f"static_decode_profile_{args.shape}_{args.adapters}.json")
     with open(path + ".tmp", "w") as fh:
         json.dump(result, fh, indent=1)
     os.replace(path + ".tmp", path)

@@ -20,9 +20,10 @@ RANK_CHOICES = (0, 3, 8, 16)
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    """Tiles smaller than the test shapes, so K splits into several chunks and column blocks straddle segments."""
+    """Tiles smaller than the test shapes, so K splits into several chunks, column blocks straddle segments and an
+    expand program loops over column blocks (its last ones partly or wholly past N)."""
     monkeypatch.setitem(tg.CONFIGS, "shrink", dict(tg.CONFIGS["shrink"], block_k=32))
-    monkeypatch.setitem(tg.CONFIGS, "expand", dict(tg.CONFIGS["expand"], block_n=32))
+    monkeypatch.setitem(tg.CONFIGS, "expand", dict(tg.CONFIGS["expand"], block_n=32, iters=2))  # and 2 blocks a program
 
 
 def make_grouped(slots, K, splits, R, dtype, seed=0):

@@ -64,43 +64,68 @@ def _grouped_shrink_kernel(
 
 
 @triton.jit
+def _segment_low(part_base, stride_ps, scaling_ptr, rank_ptr, slot, stride_ss, stride_rs, g,
+                 R: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr):
+    """Segment g's scaled low-rank vector (BLOCK_R,) float32 (zero beyond its rank) and its rank."""
+    offs_r = tl.arange(0, BLOCK_R)
+    rank_g = tl.minimum(tl.load(rank_ptr + slot * stride_rs + g).to(tl.int32), R)  # never past the segment
+    mask_r = offs_r < rank_g
+    low = tl.load(part_base + g * R + offs_r, mask=mask_r, other=0.0)
+    for sp in tl.static_range(1, SPLIT):  # the shrink's split-K planes, added in a fixed order
+        low += tl.load(part_base + sp * stride_ps + g * R + offs_r, mask=mask_r, other=0.0)
+    return tl.where(mask_r, low * tl.load(scaling_ptr + slot * stride_ss + g).to(tl.float32), 0.0), rank_g
+
+
+@triton.jit
 def _grouped_expand_kernel(
     part_ptr, b_ptr, scaling_ptr, rank_ptr, slot_ptr, y_ptr,
     N, n_slots, C1, C2, C3,
     stride_ps, stride_pm, stride_bs, stride_bn, stride_br, stride_ss, stride_rs, stride_ym, stride_yn,
     G: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    ITERS: tl.constexpr,
 ):
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = tl.load(slot_ptr + row).to(tl.int64)
     if (slot < 0) | (slot >= n_slots):  # no adapter: y's row is neither read nor written
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    seg = (offs_n >= C1).to(tl.int32) + (offs_n >= C2).to(tl.int32) + (offs_n >= C3).to(tl.int32)  # column's segment
     offs_r = tl.arange(0, BLOCK_R)
     part_base = part_ptr + row.to(tl.int64) * stride_pm
-
-    low = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)  # each column's scaled low-rank vector
-    rank_n = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    for g in tl.static_range(G):
-        rank_g = tl.minimum(tl.load(rank_ptr + slot * stride_rs + g).to(tl.int32), R)  # never past the segment
-        mask_r = offs_r < rank_g
-        low_g = tl.load(part_base + g * R + offs_r, mask=mask_r, other=0.0)
-        for sp in tl.static_range(1, SPLIT):  # the shrink's split-K planes, added in a fixed order
-            low_g += tl.load(part_base + sp * stride_ps + g * R + offs_r, mask=mask_r, other=0.0)
-        low_g = tl.where(mask_r, low_g * tl.load(scaling_ptr + slot * stride_ss + g).to(tl.float32), 0.0)
-        here = seg == g
-        low = tl.where(here[:, None], low_g[None, :], low)
-        rank_n = tl.where(here, rank_g, rank_n)
-
-    b_mask = mask_n[:, None] & (offs_r[None, :] < rank_n[:, None])  # B's columns beyond the rank are never read
-    b = tl.load(b_ptr + slot * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                mask=b_mask, other=0.0)  # (BLOCK_N, BLOCK_R): BLOCK_N x R contiguous bytes when B is contiguous
-    delta = tl.sum(b.to(tl.float32) * low, axis=1)
-    y_ptrs = y_ptr + row.to(tl.int64) * stride_ym + offs_n * stride_yn
-    y = tl.load(y_ptrs, mask=mask_n, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask_n)
+    # the G low-rank vectors once per program (G <= 4), then ITERS column blocks: the chain slot -> rank -> partial
+    # sums is paid once for ITERS x BLOCK_N columns instead of once per block (it dominated 8 KiB programs)
+    low0, rank0 = _segment_low(part_base, stride_ps, scaling_ptr, rank_ptr, slot, stride_ss, stride_rs, 0, R, BLOCK_R, SPLIT)
+    low1, rank1 = low0, rank0
+    low2, rank2 = low0, rank0
+    low3, rank3 = low0, rank0
+    if G > 1:
+        low1, rank1 = _segment_low(part_base, stride_ps, scaling_ptr, rank_ptr, slot, stride_ss, stride_rs, 1, R, BLOCK_R, SPLIT)
+    if G > 2:
+        low2, rank2 = _segment_low(part_base, stride_ps, scaling_ptr, rank_ptr, slot, stride_ss, stride_rs, 2, R, BLOCK_R, SPLIT)
+    if G > 3:
+        low3, rank3 = _segment_low(part_base, stride_ps, scaling_ptr, rank_ptr, slot, stride_ss, stride_rs, 3, R, BLOCK_R, SPLIT)
+    b_base = b_ptr + slot * stride_bs
+    y_base = y_ptr + row.to(tl.int64) * stride_ym
+    for it in range(ITERS):
+        offs_n = (pid_n * ITERS + it) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        # B's address does not depend on the ranks, so its load is issued at once; columns beyond R are never read
+        # and those beyond a segment's rank are zeroed after the load (NaN padding cannot leak)
+        b = tl.load(b_base + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=mask_n[:, None] & (offs_r[None, :] < R), other=0.0)  # (BLOCK_N, BLOCK_R)
+        y_ptrs = y_base + offs_n * stride_yn
+        y = tl.load(y_ptrs, mask=mask_n, other=0.0)
+        seg = (offs_n >= C1).to(tl.int32) + (offs_n >= C2).to(tl.int32) + (offs_n >= C3).to(tl.int32)
+        low = tl.where((seg == 0)[:, None], low0[None, :], low1[None, :])
+        rank_n = tl.where(seg == 0, rank0, rank1)
+        if G > 2:
+            low = tl.where((seg == 2)[:, None], low2[None, :], low)
+            rank_n = tl.where(seg == 2, rank2, rank_n)
+        if G > 3:
+            low = tl.where((seg == 3)[:, None], low3[None, :], low)
+            rank_n = tl.where(seg == 3, rank3, rank_n)
+        b = tl.where(offs_r[None, :] < rank_n[:, None], b.to(tl.float32), 0.0)
+        delta = tl.sum(b * low, axis=1)
+        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask_n)
 
 
 # Tile sizes. bench/grouped_lora_speed.py sweeps candidates on the GPU and prints the fastest; programs_per_sm sets
@@ -112,7 +137,7 @@ def _grouped_expand_kernel(
 # 2 programs per SM) keeps more adapter bytes in flight per program than more, smaller programs do.
 CONFIGS = {
     "shrink": dict(block_k=512, num_warps=8, programs_per_sm=2, max_tile=32768),
-    "expand": dict(block_n=256, num_warps=4),
+    "expand": dict(block_n=256, num_warps=4, iters=1),
 }
 
 
@@ -163,12 +188,13 @@ def grouped_lora_add_triton_(y, x, A, B, scaling, rank, slot_of_row, bounds, spl
     )
     cuts = list(bounds[1:-1]) + [N] * (4 - G)  # unused bounds at N: no column reaches them
     block_n = max(16, min(CONFIGS["expand"]["block_n"], triton.next_power_of_2(N)))
-    _grouped_expand_kernel[(T, triton.cdiv(N, block_n))](
+    iters = max(1, min(CONFIGS["expand"].get("iters", 1), triton.cdiv(N, block_n)))
+    _grouped_expand_kernel[(T, triton.cdiv(N, block_n * iters))](
         part, B, scaling, rank, slot_of_row, y,
         N, slots, cuts[0], cuts[1], cuts[2],
         part.stride(0), part.stride(1), B.stride(0), B.stride(1), B.stride(2), scaling.stride(0), rank.stride(0),
         y.stride(0), y.stride(1),
-        G=G, R=R, BLOCK_R=triton.next_power_of_2(R), BLOCK_N=block_n, SPLIT=split,
+        G=G, R=R, BLOCK_R=triton.next_power_of_2(R), BLOCK_N=block_n, SPLIT=split, ITERS=iters,
         num_warps=CONFIGS["expand"]["num_warps"],
     )
     return y
