@@ -99,11 +99,14 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
     per_family: dict = collections.defaultdict(lambda: [0.0, 0])
+    other: list = []  # (us per step, kernels per step, name) of kernels no family claims, to see what they are
     for event in prof.key_averages():
         gpu_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0) or 0
         if device.type != "cuda" or gpu_us <= 0 or event.key.startswith(("aten::", "cuda", "Memcpy", "Memset")):
             continue
         fam = per_family[family(event.key)]
+        if family(event.key) == "other":
+            other.append((gpu_us / args.steps, event.count / args.steps, event.key[:90]))
         fam[0] += gpu_us / args.steps
         fam[1] += event.count // args.steps
     decoder.use_graph = graph
@@ -137,6 +140,9 @@ def main() -> int:
         result["families"][name] = dict(kernels=count, us=round(us, 1), bytes=moved, fraction=frac and round(frac, 3))
         print(f"| {name} | {count} | {us:.0f} | {us / max(total, 1e-9):.1%} | "
               f"{'' if moved is None else f'{moved / 1e9:.2f} GB'} | {'' if frac is None else f'{frac:.1%}'} |")
+    result["other_kernels"] = [dict(us=round(us, 1), per_step=n, name=name) for us, n, name in sorted(other, reverse=True)[:15]]
+    for row in result["other_kernels"]:
+        print(f"  other: {row['per_step']:6.1f} / step {row['us']:8.1f} us  {row['name']}")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"static_decode_profile_{args.shape}_{args.adapters}.json")
