@@ -38,3 +38,20 @@ def test_mlp_module_keeps_names_and_matches():
 def test_shape_mismatch_uses_reference_broadcasting():
     gate, up = torch.randn(4, 6), torch.randn(1, 6)
     assert_close(swiglu(gate, up), swiglu_reference(gate, up))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_packed_gate_up_matches_reference_on_a_strided_view(dtype, monkeypatch):
+    from lorakit.kernels.swiglu import swiglu_packed
+    from lorakit.kernels.triton import swiglu as triton_swiglu
+
+    calls = []
+    real = triton_swiglu.swiglu_packed_forward
+    monkeypatch.setattr(triton_swiglu, "swiglu_packed_forward", lambda gu: calls.append(1) or real(gu))
+    F = 1100  # not a multiple of the 1024 block
+    wide = torch.randn(5, 2 * F + 7, dtype=dtype) * 3
+    gate_up = wide[:, 3:3 + 2 * F]  # a view with a row stride wider than 2F, as a slice of a bigger buffer
+    with torch.no_grad():
+        h = swiglu_packed(gate_up)
+    assert calls == [1] and h.shape == (5, F) and h.dtype == dtype
+    assert_close(h, swiglu_reference(gate_up[:, :F].double(), gate_up[:, F:].double()), dtype)

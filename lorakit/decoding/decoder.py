@@ -225,6 +225,7 @@ class StaticDecoder:
     def _forward(self) -> None:
         from lorakit.kernels.decode_attention import decode_attention, rope_store_
         from lorakit.kernels.rmsnorm import rms_norm
+        from lorakit.kernels.swiglu import swiglu_packed
 
         parts = self.parts
         tokens, positions, slots = self.inputs[0], self.inputs[1], self.inputs[2].to(torch.int32)
@@ -236,7 +237,6 @@ class StaticDecoder:
         eps = norm_eps(parts.final_norm, 1e-6)
         h = F.embedding(tokens, parts.embed.weight)  # (B, d)
         for i, layer in enumerate(parts.layers):
-            w = self.weights[i]
             x = rms_norm(h, layer.input_norm.weight, norm_eps(layer.input_norm, eps))
             qkv = self._project(x, i, "qkv", slots)
             q = qkv[:, :Nq].view(B, H, D)
@@ -248,9 +248,7 @@ class StaticDecoder:
             attn = decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling)
             h = self._project(attn.reshape(B, Nq), i, "o", slots, residual=h)
             x = rms_norm(h, layer.post_norm.weight, norm_eps(layer.post_norm, eps))
-            gu = self._project(x, i, "gate_up", slots)
-            F_ = w["gate_up"].splits[0]
-            act = swiglu_rows(gu[:, :F_], gu[:, F_:])
+            act = swiglu_packed(self._project(x, i, "gate_up", slots))  # (B, 2F) -> (B, F)
             h = self._project(act, i, "down", slots, residual=h)
         x = rms_norm(h, parts.final_norm.weight, eps)
         self.logits.copy_(x @ parts.lm_head.weight.t())
@@ -286,8 +284,3 @@ def _structure_version() -> int:
     return _STRUCTURE_VERSION[0]
 
 
-def swiglu_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for (B, F) views of the fused gate/up output (the Triton kernel where it runs)."""
-    from lorakit.kernels.swiglu import swiglu
-
-    return swiglu(gate, up)

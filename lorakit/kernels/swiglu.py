@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.errors import LorakitError
 from lorakit.kernels._triton import interpreter_on, triton_usable
 
 
@@ -49,6 +50,27 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if usable:
         return SwiGLUFunction.apply(gate, up)
     return swiglu_reference(gate, up)
+
+
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up (T, 2F), the output of one GEMM over fused gate/up weights (gate in columns :F, up in F:) ->
+    silu(gate) * up (T, F). Inference only (no autograd): one Triton kernel reading each row once, instead of the
+    two copies that making the two column halves contiguous for ``swiglu`` would cost; else the reference."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise LorakitError(f"swiglu_packed takes (T, 2F), got shape {tuple(gate_up.shape)}")
+    usable = (
+        gate_up.stride(1) == 1
+        and triton_usable(gate_up)
+        and gate_up.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and not (gate_up.device.type == "cpu" and interpreter_on() and gate_up.dtype == torch.bfloat16)
+        and not (torch.is_grad_enabled() and gate_up.requires_grad)
+    )
+    F = gate_up.shape[1] // 2
+    if usable:
+        from lorakit.kernels.triton.swiglu import swiglu_packed_forward
+
+        return swiglu_packed_forward(gate_up)
+    return swiglu_reference(gate_up[:, :F], gate_up[:, F:])
 
 
 class FusedSwiGLUMLP(nn.Module):

@@ -37,6 +37,25 @@ def _swiglu_bwd(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
     tl.store(DU + offs, (dh * silu).to(DU.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _swiglu_packed_fwd(GU, H, F, stride_gu, stride_h, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < F
+    g = tl.load(GU + row * stride_gu + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * stride_gu + F + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(H + row * stride_h + offs, (g * tl.sigmoid(g) * u).to(H.dtype.element_ty), mask=mask)
+
+
+def swiglu_packed_forward(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up (T, 2F), unit column stride -> silu(gate_up[:, :F]) * gate_up[:, F:] (T, F), same dtype."""
+    T, F = gate_up.shape[0], gate_up.shape[1] // 2
+    h = torch.empty((T, F), dtype=gate_up.dtype, device=gate_up.device)
+    if h.numel():
+        _swiglu_packed_fwd[(T, triton.cdiv(F, BLOCK))](gate_up, h, F, gate_up.stride(0), h.stride(0), BLOCK=BLOCK, num_warps=4)
+    return h
+
+
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """g, u contiguous, same shape and dtype -> silu(g) * u, same shape and dtype."""
     h = torch.empty_like(g)
