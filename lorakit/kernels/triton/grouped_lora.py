@@ -134,7 +134,9 @@ def _grouped_expand_kernel(
 # Chosen by that sweep on an H200 (2026-11-29, Llama-3.1-8B groups, 64 rows with 64 adapters, r=16, bf16;
 # bench/results/grouped_lora_speed_h200.json): shrink 81.9 us for the four groups with these against 93.3-165 us
 # for the other candidates; expand 82.0 us against 88-103 us. The wide shrink tile (48 x 512 float32 over 8 warps,
-# 2 programs per SM) keeps more adapter bytes in flight per program than more, smaller programs do.
+# 2 programs per SM) keeps more adapter bytes in flight per program than more, smaller programs do. Second sweep
+# (bench/results/grouped_lora_speed_h200_v2.json, B loaded before the ranks): expand 69.4 us at 256 columns and one
+# block a program, against 70.9-81.0 us for programs looping over 2-8 blocks (``iters``), so that stays at 1.
 CONFIGS = {
     "shrink": dict(block_k=512, num_warps=8, programs_per_sm=2, max_tile=32768),
     "expand": dict(block_n=256, num_warps=4, iters=1),
