@@ -31,11 +31,11 @@ def time_steps(step, device: str, warm: int = 3, reps: int = 8) -> tuple[float, 
     """
     first = time.perf_counter()
     step()
-    _sync(device)
+    sync(device)
     first = time.perf_counter() - first
     for _ in range(warm - 1):
         step()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(reps):
         if device == "cuda":
@@ -52,15 +52,11 @@ def time_steps(step, device: str, warm: int = 3, reps: int = 8) -> tuple[float, 
     return statistics.median(times), min(times), max(times), first
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 # -- timing shared by the kernel and decode benchmarks (device: a torch.device) ------------------------------------
 
 def sync(device) -> None:
-    if device.type == "cuda":
+    """Wait for the GPU (``device``: a torch.device or a name such as "cuda")."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
