@@ -14,14 +14,24 @@ tokens/s per GPU, peak memory per GPU (``torch.cuda.max_memory_allocated``, max 
 ``scaling_efficiency`` = (tokens/s per GPU at N) / (tokens/s per GPU at the fewest GPUs measured), writes
 $OUT/multi_gpu.json (bench/results/ when $OUT is unset) and appends a table to docs/PERFORMANCE.md (GPU runs only).
 
+Every launch also checks the adapter it trained (``adapter_check`` per row): after the timed steps the workers
+save it through ``lorakit train``'s own torchrun path (``lorakit.train.loop.save_result``: FSDP shards gathered,
+rank 0 writes the PEFT-format folder atomically) with the trained model's logits on a fixed tiny input; the
+launcher then rebuilds the same random base in one process (every weight drawn from a generator seeded by its
+name, so the FSDP shards and the whole model agree) and loads the folder with ``lorakit.load_adapter`` and with
+``peft.PeftModel.from_pretrained`` (see ``check_saved_adapter``). Skipped, and said so, when the base does not fit
+one GPU (70B). A failed check makes the script exit non-zero after the results are written.
+
     python bench/multi_gpu.py                         # ddp-8b at 1,2,4,8 GPUs and fsdp-70b at 4,8 (what is visible)
     python bench/multi_gpu.py --cases ddp-8b --gpus 1,2,4
     python bench/multi_gpu.py --smoke                 # CPU, gloo, tiny shape, 1 process: checks the script only
+    python bench/multi_gpu.py --smoke --cases fsdp-tiny --gpus 2   # the same with 2 CPU processes (real shards)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -29,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 # On shared multi-GPU hosts a program that uses NVLink multicast (NVLS) can take the GPUs out of service for
 # everyone: keep NCCL, torch symmetric memory and NVSHMEM off it. Set before torch or NCCL initialise, and
@@ -52,50 +63,142 @@ CASES = {
 SMOKE_CASES = {"ddp-tiny": ("tiny", "ddp", 2, False, (1,)), "fsdp-tiny": ("tiny", "fsdp", 2, True, (1,))}
 
 
-# ------------------------------------------------------------------------------------------------ worker (one rank)
-def build_model(shape: str, mode: str, device, seq: int, ckpt: bool):
-    """A random-weight Llama of ``shape`` in bf16 with a LoRA adapter, sharded for ``fsdp`` (built on meta)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+# ------------------------------------------------------------------------------------------------ model (shared)
+ADAPTER_DIR = "adapter"  # under the --save folder: the trained adapter, PEFT format
+REFERENCE_FILE = "reference.safetensors"  # under the --save folder: {"logits": the trained model's probe logits}
+PROBE_SHAPE = (2, 12)  # (batch, tokens) of the fixed tiny input the adapter check runs: cheap even for 70B
+CHECK_MEMORY_FACTOR = 3.3  # the check holds the bf16 base, then a float32 copy beside it: ~3x the bf16 bytes
 
-    import lorakit
-    from lorakit.train.distributed import apply_fsdp
+
+def llama_config(shape: str, seq: int):
+    from transformers import LlamaConfig
 
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(8192, seq), tie_word_embeddings=False)
     cfg._attn_implementation = "sdpa"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
+    return cfg
+
+
+def model_on_meta(cfg, dtype, lora: bool):
+    """A ``LlamaForCausalLM`` of ``cfg`` on the meta device (no memory, no values), parameters in ``dtype``; with
+    ``lora`` a LoRA r=RANK on TARGETS injected, its tensors in float32 (lorakit's default) whatever the base's."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import lorakit
+
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta" if mode == "fsdp" else device):
+        with torch.device("meta"):
             model = LlamaForCausalLM(cfg)
-            lorakit.inject(model, lorakit.LoraConfig(r=RANK, alpha=ALPHA, target_modules=TARGETS))
+            if lora:
+                lorakit.inject(model, lorakit.LoraConfig(r=RANK, alpha=ALPHA, target_modules=TARGETS))
     finally:
         torch.set_default_dtype(prev)
-    for p in model.parameters():  # adapters in float32 (lorakit's default), the base in bf16
-        if p.requires_grad:
-            p.data = p.data.float()
+    if lora:  # inject froze the base: what still needs a gradient is the adapter
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    return model
+
+
+def fill_by_name(model) -> None:
+    """Give every parameter values drawn from a generator seeded by its name (lorakit's ``.base_layer`` left out).
+
+    So a worker's model (lorakit-wrapped, FSDP-sharded or not, any process count) and the plain transformers model
+    the launcher rebuilds hold the same base values name for name, on the same device type and dtype: an FSDP
+    process draws the whole tensor (one at a time, so at most the largest weight in transient memory) and keeps its
+    own shard. Norm weights 1, lora_B N(0, 1e-3) (nonzero, so every adapter tensor has a gradient), else N(0, 0.02).
+    """
+    import zlib
+
+    import torch
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = name.replace(".base_layer", "")
+            sharded = isinstance(p, DTensor)
+            local = p.to_local() if sharded else p
+            whole = torch.empty(p.shape, dtype=p.dtype, device=local.device) if sharded else p
+            if "norm" in key:
+                whole.fill_(1.0)
+            else:
+                gen = torch.Generator(device=local.device).manual_seed(zlib.crc32(key.encode()))
+                whole.normal_(0.0, 1e-3 if key.endswith("lora_B") else 0.02, generator=gen)
+            if sharded:  # this process's shard, cut locally (src_data_rank=None: no communication)
+                mine = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                if mine.shape != local.shape:
+                    raise RuntimeError(f"{name}: shard of shape {tuple(mine.shape)} for a local tensor of "
+                                       f"{tuple(local.shape)}")
+                local.copy_(mine)
+
+
+def materialise(model, cfg, device) -> None:
+    """Allocate ``model`` (built on meta; FSDP-sharded: each process its own shards) on ``device``, fill it by name,
+    and rebuild the rotary embedding (its buffers were computed on meta)."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model.to_empty(device=device)
+    fill_by_name(model)
+    with torch.device(device):
+        model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)
+
+
+def probe_logits(model, vocab: int, device, compute):
+    """float32 CPU logits (PROBE_SHAPE + (vocab,)) of ``model`` on the fixed probe input, no gradient, under the
+    training step's autocast (``compute``: bf16 on CUDA, None for plain float32). Every FSDP process must call it."""
+    import torch
+
+    from lorakit.train.evaluate import autocast_context
+
+    ids = torch.randint(0, vocab, PROBE_SHAPE, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad(), autocast_context(device, compute):
+        return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+
+
+# ------------------------------------------------------------------------------------------------ worker (one rank)
+def build_model(shape: str, mode: str, device, seq: int, ckpt: bool):
+    """A random-weight Llama of ``shape`` in bf16 (float32 on CPU) with a LoRA adapter, built on meta and then
+    allocated on ``device`` (``fsdp``: sharded first, so no process ever holds the whole base), filled by name."""
+    import torch
+
+    from lorakit.train.distributed import apply_fsdp
+
+    cfg = llama_config(shape, seq)
+    torch.manual_seed(0)
+    model = model_on_meta(cfg, torch.bfloat16 if device.type == "cuda" else torch.float32, lora=True)
     if mode == "fsdp":
         apply_fsdp(model, device)
-        model.to_empty(device=device)  # each process allocates its own shards only
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                local = p.to_local() if hasattr(p, "to_local") else p
-                if name.endswith("lora_B"):
-                    local.normal_(0, 1e-3)  # nonzero, so every adapter tensor has a gradient
-                elif "norm" in name:
-                    local.fill_(1.0)
-                else:
-                    local.normal_(0, 0.02)
-        with torch.device(device):
-            model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)  # its buffers were on meta
+    materialise(model, cfg, device)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
+
+
+def save_adapter_and_reference(model, folder: str, device, compute, sharded: bool) -> None:
+    """Write the trained adapter to ``folder/adapter`` through the path ``lorakit train`` takes under torchrun
+    (``lorakit.train.loop.save_result``: FSDP shards gathered on every process, rank 0 writes the PEFT-format folder
+    atomically), then, from rank 0, ``folder/reference.safetensors``: the trained model's probe logits (for FSDP
+    every process takes part in that forward; data parallel: rank 0 alone, its replica is the whole model)."""
+    from pathlib import Path
+
+    from safetensors.torch import save as safetensors_bytes
+
+    from lorakit._fs import atomic_write_bytes
+    from lorakit.train.distributed import barrier, world
+    from lorakit.train.loop import save_result, trainable_adapter
+
+    rank = world()[0]
+    model.eval()
+    save_result(model, None, Path(folder) / ADAPTER_DIR, trainable_adapter(model), write=rank == 0)
+    if sharded or rank == 0:
+        logits = probe_logits(model, model.config.vocab_size, device, compute)
+    if rank == 0:
+        atomic_write_bytes(Path(folder) / REFERENCE_FILE, safetensors_bytes({"logits": logits.contiguous()}))
+    barrier()
 
 
 def worker(args) -> None:
@@ -155,6 +258,7 @@ def worker(args) -> None:
     if world_size > 1:
         dist.all_reduce(median, op=dist.ReduceOp.MAX)  # the slowest process sets the pace
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    save_adapter_and_reference(model, args.save, device, compute, sharded=mode == "fsdp")  # after the timing
     if rank == 0:
         per_gpu = batch * args.seq / float(median)
         row = {"case": args.case, "mode": mode, "shape": shape, "gpus": world_size, "batch_per_gpu": batch,
@@ -168,6 +272,134 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------------------------------------ adapter check
+class CheckFailed(Exception):
+    """One line: what the saved adapter got wrong."""
+
+
+def tolerance(dtype) -> tuple[float, float]:
+    """(rtol, atol) for ``dtype`` from the TOLERANCE table of tests/conftest.py, the project's one table. Read with
+    ``ast``, not imported: importing conftest sets TRITON_INTERPRET=1, which would put later GPU launches on the
+    Triton interpreter."""
+    import ast
+
+    path = os.path.join(ROOT, "tests", "conftest.py")
+    with open(path, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign)
+                                                                      else None)
+        if isinstance(target, ast.Name) and target.id == "TOLERANCE" and isinstance(node.value, ast.Dict):
+            for key, value in zip(node.value.keys, node.value.values):
+                if isinstance(key, ast.Attribute) and key.attr == str(dtype).rpartition(".")[2]:
+                    return tuple(ast.literal_eval(value))
+    raise CheckFailed(f"{path} has no TOLERANCE entry for {dtype}")
+
+
+def _close(what: str, actual, expected, dtype) -> None:
+    import torch
+
+    rtol, atol = tolerance(dtype)
+    if not torch.allclose(actual, expected, rtol=rtol, atol=atol):
+        raise CheckFailed(f"{what} differ beyond the {str(dtype).rpartition('.')[2]} tolerance (rtol {rtol}, atol "
+                          f"{atol}): max abs difference {float((actual - expected).abs().max()):.3g}")
+
+
+def _same_tensors(who: str, loaded: dict, files: dict) -> None:
+    import torch
+
+    if set(loaded) != set(files):
+        extra, missing = sorted(set(loaded) - set(files)), sorted(set(files) - set(loaded))
+        raise CheckFailed(f"{who} holds other adapter keys than the file: {len(missing)} missing (e.g. "
+                          f"{missing[:1]}), {len(extra)} extra (e.g. {extra[:1]})")
+    for key, tensor in files.items():
+        if not torch.equal(loaded[key].detach().cpu(), tensor):
+            raise CheckFailed(f"{who}'s {key} differs from the file's tensor")
+
+
+def check_saved_adapter(shape: str, seq: int, folder: str, device) -> None:
+    """Load the adapter a launch saved under ``folder`` into a rebuilt base in this one process; raise CheckFailed.
+
+    The base is rebuilt as the workers built it (meta, then filled by name: bf16 on CUDA, float32 on CPU). Checked:
+    lorakit.load_adapter and peft.PeftModel.from_pretrained (on a plain transformers model) both load it and hold
+    exactly the file's tensors; lorakit's logits under the training autocast match the trained model's (the
+    reference the workers wrote: so the saved adapter is the trained one, and the rebuilt base the workers' base);
+    in float32 (the bf16 base cast up exactly), lorakit's and PEFT's logits agree and differ from the base's (an
+    adapter that changes nothing fails).
+    """
+    import copy
+
+    import torch
+    from safetensors.torch import load_file
+
+    import lorakit
+    from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict
+
+    adapter_dir = os.path.join(folder, ADAPTER_DIR)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not os.path.isfile(os.path.join(adapter_dir, name)):
+            raise CheckFailed(f"the workers wrote no {name} in {adapter_dir}")
+    files = load_file(os.path.join(adapter_dir, WEIGHTS_NAME))  # our own file: safetensors, no pickle
+    if not files:
+        raise CheckFailed("the adapter file holds no tensor")
+    reference = load_file(os.path.join(folder, REFERENCE_FILE))["logits"]
+    cuda = device.type == "cuda"
+    compute = torch.bfloat16 if cuda else None
+    cfg = llama_config(shape, seq)
+    base = model_on_meta(cfg, torch.bfloat16 if cuda else torch.float32, lora=False)
+    materialise(base, cfg, device)
+    base.eval()
+
+    ours = copy.deepcopy(base)
+    name = lorakit.load_adapter(ours, adapter_dir)
+    _same_tensors("lorakit", adapter_state_dict(ours, name)[0], files)
+    _close("lorakit's logits and the trained model's (the reference)",
+           probe_logits(ours, cfg.vocab_size, device, compute), reference, compute or torch.float32)
+    ours.float()
+    adapted = probe_logits(ours, cfg.vocab_size, device, None)
+    with lorakit.disable_adapters(ours):
+        plain = probe_logits(ours, cfg.vocab_size, device, None)
+    del ours
+
+    from peft import PeftModel, get_peft_model_state_dict  # optional dependency: only this check needs it
+
+    theirs = PeftModel.from_pretrained(base.float(), adapter_dir)
+    _same_tensors("PEFT", get_peft_model_state_dict(theirs), files)
+    _close("lorakit's and PEFT's float32 logits", adapted, probe_logits(theirs, cfg.vocab_size, device, None),
+           torch.float32)
+    rtol, atol = tolerance(torch.float32)
+    if torch.allclose(adapted, plain, rtol=rtol, atol=atol):
+        raise CheckFailed(f"the adapter does not change the logits (max abs change "
+                          f"{float((adapted - plain).abs().max()):.3g}, within the float32 tolerance)")
+
+
+def adapter_check(shape: str, seq: int, folder: str, smoke: bool) -> str:
+    """"ok", "skipped: ..." or "failed: <one line>" for the adapter a launch saved under ``folder``."""
+    import torch
+
+    if smoke:
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", 0)
+        on_meta = model_on_meta(llama_config(shape, seq), torch.bfloat16, lora=False)
+        params = sum(p.numel() for p in on_meta.parameters())
+        if CHECK_MEMORY_FACTOR * 2 * params > torch.cuda.mem_get_info(device)[0]:
+            return "skipped: base does not fit one GPU"
+    try:
+        check_saved_adapter(shape, seq, folder, device)
+        return "ok"
+    except Exception as error:  # any failure is the check's result: reported per row, the script exits non-zero
+        if not isinstance(error, CheckFailed):
+            traceback.print_exc()
+        lines = str(error).strip().splitlines() or [""]
+        kind = "" if isinstance(error, CheckFailed) else f"{type(error).__name__}: "
+        return f"failed: {kind}{lines[0]}"[:400]
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # give the next launch's rank 0 its GPU back
+
+
 # ---------------------------------------------------------------------------------------------------- launcher
 def launch(case: str, spec, gpus: int, args) -> dict | None:
     shape, mode, batch, ckpt, _ = spec
@@ -176,15 +408,21 @@ def launch(case: str, spec, gpus: int, args) -> dict | None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
                os.path.abspath(__file__), "--worker", "--case", case, "--shape", shape, "--mode", mode,
                "--batch", str(batch), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--result", result] + (["--ckpt"] if ckpt else []) + (["--cpu"] if args.smoke else [])
+               "--result", result, "--save", tmp] + (["--ckpt"] if ckpt else []) + (["--cpu"] if args.smoke else [])
         print(f"== {case} on {gpus} GPU(s): {' '.join(cmd[3:6])} ...", flush=True)
         done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1" if args.smoke else
                                         os.environ.get("OMP_NUM_THREADS", "4")}, timeout=args.timeout)
         if done.returncode != 0 or not os.path.isfile(result):
             print(f"!! {case} at {gpus} GPU(s) failed (exit {done.returncode})", flush=True)
-            return {"case": case, "gpus": gpus, "error": f"exit {done.returncode}"}
+            return {"case": case, "gpus": gpus, "error": f"exit {done.returncode}",
+                    "adapter_check": "not run: the launch failed"}
         with open(result) as handle:
-            return json.load(handle)
+            row = json.load(handle)
+        started = time.perf_counter()
+        row["adapter_check"] = adapter_check(shape, args.seq, tmp, args.smoke)
+        print(f"-- {case} at {gpus} GPU(s): adapter check {row['adapter_check']} "
+              f"({time.perf_counter() - started:.1f} s)", flush=True)
+        return row
 
 
 def add_efficiency(rows: list[dict]) -> None:
@@ -204,15 +442,16 @@ def write_outputs(rows: list[dict], smoke: bool) -> None:
         json.dump(rows, handle, indent=1)
     os.replace(path + ".tmp", path)
     print(f"JSON: {path}")
-    lines = ["| case | GPUs | batch/GPU | tokens/s per GPU | tokens/s total | peak GiB per GPU | scaling efficiency |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| case | GPUs | batch/GPU | tokens/s per GPU | tokens/s total | peak GiB per GPU | scaling efficiency "
+             "| adapter check |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        check = r.get("adapter_check", "-").replace("|", "/")
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['gpus']} | - | failed ({r['error']}) | - | - | - |")
+            lines.append(f"| {r['case']} | {r['gpus']} | - | failed ({r['error']}) | - | - | - | {check} |")
         else:
             lines.append(f"| {r['case']} | {r['gpus']} | {r['batch_per_gpu']} x {r['seq']} | "
                          f"{r['tokens_per_s_per_gpu']:,.0f} | {r['tokens_per_s']:,.0f} | {r['peak_gib_per_gpu']} | "
-                         f"{r.get('scaling_efficiency', '-')} |")
+                         f"{r.get('scaling_efficiency', '-')} | {check} |")
     print("\n".join(lines))
     if smoke:
         return
@@ -221,14 +460,18 @@ def write_outputs(rows: list[dict], smoke: bool) -> None:
                f"{time.strftime('%Y-%m-%d')}, {device}, torchrun, random bf16 weights, LoRA r={RANK} on the seven "
                "projections, seq 2048, gradient checkpointing; ddp = whole base per GPU with the adapter gradients "
                "all-reduced, fsdp = FSDP2-sharded base; scaling efficiency = tokens/s per GPU relative to the fewest "
-               "GPUs measured. Raw rows: bench/results/multi_gpu.json.\n\n" + "\n".join(lines) + "\n")
+               "GPUs measured; adapter check = the adapter the run saved (lorakit's torchrun save path) loads in one "
+               "process in lorakit and in PEFT with the same tensors, lorakit's logits match the trained model's and "
+               "PEFT's, and it changes the base's logits. Raw rows: bench/results/multi_gpu.json.\n\n"
+               + "\n".join(lines) + "\n")
     with open(os.path.join(ROOT, "docs", "PERFORMANCE.md"), "a", encoding="utf-8") as handle:
         handle.write(section)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", default=None, help="comma-separated: " + ", ".join(CASES))
+    parser.add_argument("--cases", default=None, help="comma-separated: " + ", ".join(CASES)
+                        + " (with --smoke: " + ", ".join(SMOKE_CASES) + ")")
     parser.add_argument("--gpus", default=None, help="comma-separated GPU counts (default: each case's, up to visible)")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=8)
@@ -237,7 +480,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny shape, 1 process")
     # worker-only arguments
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    for name in ("case", "shape", "mode", "result"):
+    for name in ("case", "shape", "mode", "result", "save"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
@@ -248,7 +491,7 @@ def main() -> None:
         return
     if args.smoke:
         args.seq, args.steps, args.warmup = 64, 2, 1
-        cases = SMOKE_CASES
+        cases = {k: v for k, v in SMOKE_CASES.items() if args.cases is None or k in args.cases.split(",")}
     else:
         import torch
 
@@ -268,6 +511,10 @@ def main() -> None:
             rows.append(launch(case, spec, gpus, args))
     add_efficiency(rows)
     write_outputs(rows, args.smoke)
+    failed = [f"{r['case']} at {r['gpus']}: {r['adapter_check']}" for r in rows
+              if r["adapter_check"] != "ok" and not r["adapter_check"].startswith("skipped")]
+    if failed:
+        sys.exit("adapter check failed (results written): " + "; ".join(failed))
 
 
 if __name__ == "__main__":
