@@ -303,7 +303,7 @@ def decode_cases(system, forward, hf_model, cfg, ids, args, device, dtype, n, bo
     return measured
 
 
-def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_bytes, bandwidth, base_tps):
+def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_bytes, bandwidth, base_tps, overlap=None):
     """Decode with ``lorakit.decoding.StaticDecoder`` (fused GEMMs, grouped LoRA pairs, Triton attention, one CUDA
     graph per step on CUDA): tokens/s of ``decoder.step`` as a server calls it (host work, one upload, replay,
     the rows' logits). Also a check of its first step against transformers' decode (lorakit.generation, the same
@@ -319,7 +319,7 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
     with torch.no_grad():
         logits, kv = prefill(model, prompts, names)
         first = logits.argmax(-1).tolist()
-        decoder = StaticDecoder(model, max_batch=batch, max_len=ids.shape[1] + args.steps + 16)
+        decoder = StaticDecoder(model, max_batch=batch, max_len=ids.shape[1] + args.steps + 16, lora_overlap=overlap)
         decoder.admit(rows, kv)
         ours = decoder.step(rows, first, names).double()
         theirs = decode(model, kv, first, names).double()
@@ -337,7 +337,7 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
             ok = err < moved / 4
         else:
             ok = err < 0.25  # bf16 rounding grows with depth (see check_decode_attention); a bug is O(1)
-        log(f"CHECK static decoder vs transformers ({system}, {n} adapters): rel diff {err:.3e}, argmax agree "
+        log(f"CHECK static decoder vs transformers ({system}, {n} adapters, overlap {decoder.lora_overlap}): rel diff {err:.3e}, argmax agree "
             f"{agree:.3f} {'ok' if ok else 'MISMATCH'}")
         CHECKS.append(dict(check=f"static decoder vs transformers, {n} adapters", rel_diff=err, ok=ok))
         tokens = first
@@ -349,7 +349,7 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
     context = ids.shape[1] + 4 + args.steps // 2
     bound = (bound_bytes + kv_bytes(cfg, batch, context, dtype)) / bandwidth
     record(f"decode-{args.shape}-static", system, n, batch / seconds, base_tps, fraction_of_bound=round(bound / seconds, 4),
-           step_ms=round(seconds * 1e3, 3), bound_ms=round(bound * 1e3, 3), **extra)
+           step_ms=round(seconds * 1e3, 3), bound_ms=round(bound * 1e3, 3), lora_overlap=decoder.lora_overlap, **extra)
     del decoder
     return batch / seconds, ok
 
@@ -386,9 +386,11 @@ def run_system(system, model, hf_model, cfg, args, device, dtype, base, bandwidt
                 decode_cases(system, forward, hf_model, cfg, ids, args, device, dtype, n,
                              base["weights"] + min(n, batch) * per_adapter, bandwidth, base["decode"], modes)
             if system == "lorakit" and args.static:
-                tps, ok = static_decode_case(system, model, cfg, ids, args, device, dtype, n,
-                                             base["weights"] + min(n, batch) * per_adapter, bandwidth, base.get("static"))
-                base["static_ok"] = base.get("static_ok", True) and ok
+                for overlap in args.overlap.split(","):
+                    tps, ok = static_decode_case(system, model, cfg, ids, args, device, dtype, n,
+                                                 base["weights"] + min(n, batch) * per_adapter, bandwidth,
+                                                 base.get("static"), overlap=overlap or None)
+                    base["static_ok"] = base.get("static_ok", True) and ok
         except Exception as error:  # one failed case must not lose the others
             log(f"FAIL {system} adapters={n}: {type(error).__name__}: {error}")
             traceback.print_exc()
@@ -637,6 +639,9 @@ def main():
     parser.add_argument("--no-sweep", action="store_true", help="keep sgmv.CONFIGS as they are (no tile sweep)")
     parser.add_argument("--no-static", dest="static", action="store_false",
                         help="skip the lorakit.decoding.StaticDecoder decode cases")
+    parser.add_argument("--overlap", default="",
+                        help="comma-separated StaticDecoder lora_overlap modes to measure (lora, shrink, off; "
+                             "empty: the decoder's default)")
     args = parser.parse_args()
     if args.shape == "tiny":
         args.batch, args.seq, args.steps, args.budget = min(args.batch, 64), min(args.seq, 16), min(args.steps, 3), 1.0
@@ -708,12 +713,13 @@ def main():
     os.replace(out_path + ".tmp", out_path)
 
     log("")
-    log(f"{'case':22s} {'system':8s} {'adapters':>8s} {'tokens/s':>12s} {'vs base':>8s} {'of bound':>9s} {'step ms':>8s}")
+    log(f"{'case':22s} {'system':14s} {'adapters':>8s} {'tokens/s':>12s} {'vs base':>8s} {'of bound':>9s} {'step ms':>8s}")
     for row in ROWS:
         if row.get("tokens_per_s") is None or row["case"].startswith("kernel"):
             continue
         fraction = row.get("fraction_of_bound")
-        log(f"{row['case']:22s} {row['system']:8s} {row['adapters']:8d} {row['tokens_per_s']:12.1f} "
+        system = row["system"] + (f"/{row['lora_overlap']}" if row.get("lora_overlap") not in (None, "off") else "")
+        log(f"{row['case']:22s} {system:14s} {row['adapters']:8d} {row['tokens_per_s']:12.1f} "
             f"{row['ratio_vs_base'] if row['ratio_vs_base'] is not None else '':>8} {fraction if fraction is not None else '':>9} "
             f"{row.get('step_ms', ''):>8}")
     log(f"checks {'ok' if checks_ok else 'FAILED'}; wrote {out_path} in {time.time() - t_start:.0f}s")

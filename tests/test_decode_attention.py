@@ -228,6 +228,36 @@ def test_rope_store_matches_reference(dtype, layout, d, hkv):
     assert torch.equal(v_cache[0, :, 4], v_before[0]) and torch.equal(v_cache[2, :, 10], v_before[2])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["rows", "heads_first"])
+def test_rope_store_adds_a_delta_first(dtype, layout, monkeypatch):
+    """delta=(dq, dk, dv) (views of a second qkv buffer with the same layout): the kernel stores what the reference
+    stores for q + dq, k + dk, v + dv rounded to their dtype; q holds rope(q + dq), k and v are unchanged."""
+    from lorakit.kernels.triton import decode_attention as tda
+
+    calls = []
+    real = tda.rope_store_kernel_
+    monkeypatch.setattr(tda, "rope_store_kernel_", lambda *a: calls.append(1) or real(*a))
+    b, h, hkv, d, s = 3, 6, 2, 64, 11
+    positions = torch.tensor([4, -1, 10], dtype=torch.int32)
+    cos, sin = rope_inputs(b, d, positions)
+    _, q, k, v = fused_views(b, h, hkv, d, dtype, layout)
+    _, dq, dk, dv = fused_views(b, h, hkv, d, dtype, layout)
+    k_cache, v_cache = torch.randn(b, hkv, s, d).to(dtype), torch.randn(b, hkv, s, d).to(dtype)
+    kc_ref, vc_ref, k_before, v_before = k_cache.clone(), v_cache.clone(), k.clone(), v.clone()
+    q_ref = q + dq
+    rope_store_reference_(q_ref, k + dk, v + dv, cos, sin, positions, kc_ref, vc_ref)
+    rope_store_(q, k, v, cos, sin, positions, k_cache, v_cache, delta=(dq, dk, dv))
+    assert calls == [1]
+    assert_close(q, q_ref)
+    assert_close(k_cache, kc_ref)
+    assert torch.equal(v_cache, vc_ref)
+    assert torch.equal(k, k_before) and torch.equal(v, v_before)
+    assert not torch.equal(v_cache[0, :, 4], v_before[0])  # the delta really reached the cache
+    with pytest.raises(LorakitError, match="delta must be"):
+        rope_store_(q, k, v, cos, sin, positions, k_cache, v_cache, delta=(dq, dk))
+
+
 def _rot64(x, cos, sin):
     x = x.double()
     half = x.shape[-1] // 2

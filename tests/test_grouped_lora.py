@@ -111,6 +111,30 @@ def test_kernels_match_reference_and_float64(case, dtype, split_k):
         assert used == min(split_k, -(-K // block_k))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_store_mode_writes_the_delta_and_zeros_rows_without_adapter(case, dtype):
+    """accumulate=False: y = delta on every row (zeros where slot is -1), whatever y held (NaN here), columns
+    outside the view untouched; kernels and reference agree with the float64 formula on a zero output."""
+    T, K, splits, rows = CASES[case]
+    A, B, scaling, rank = make_grouped(8, K, splits, 16, dtype, seed=1)
+    slot_of_row = torch.tensor(rows, dtype=torch.int32)
+    x = torch.randn(T, K).to(dtype)
+    wide, y = strided_output(T, sum(splits), dtype, slot_of_row)
+    y.fill_(float("nan"))
+    before = wide.clone()
+    truth = float64_formula(torch.zeros(y.shape), x, A, B, scaling, rank, slot_of_row, splits)
+    ref = grouped_lora_add_reference(y.clone(), x, A, B, scaling, rank, slot_of_row, splits, accumulate=False)
+    grouped_lora_add_(y, x, A, B, scaling, rank, slot_of_row, splits, accumulate=False)
+    assert_close(y, truth, msg="store-mode kernels vs float64 formula")
+    assert_close(ref, truth, msg="store-mode reference vs float64 formula")
+    assert torch.equal(y[slot_of_row < 0], torch.zeros_like(y[slot_of_row < 0]))
+    bits = torch.int16 if dtype == torch.float16 else torch.int32
+    outside = torch.ones(wide.shape[1], dtype=torch.bool)
+    outside[3 : 3 + y.shape[1]] = False
+    assert torch.equal(wide[:, outside].view(bits), before[:, outside].view(bits))
+
+
 def test_split_planes_cover_k_without_empty_splits():
     for K in (16, 72, 130, 1000):
         for split in range(1, 12):
@@ -168,7 +192,7 @@ def test_disable_triton_runs_the_reference(monkeypatch):
     import lorakit.kernels.grouped_lora as gl
 
     calls = []
-    monkeypatch.setattr(gl, "grouped_lora_add_reference", lambda *a: calls.append(1) or a[0])
+    monkeypatch.setattr(gl, "grouped_lora_add_reference", lambda *a, **k: calls.append(1) or a[0])
     monkeypatch.setenv("LORAKIT_DISABLE_TRITON", "1")
     A, B, scaling, rank = make_grouped(2, 16, [8], 4, torch.float32)
     gl.grouped_lora_add_(torch.zeros(1, 8), torch.zeros(1, 16), A, B, scaling, rank, torch.zeros(1, dtype=torch.int32), [8])

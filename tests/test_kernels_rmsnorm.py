@@ -65,3 +65,30 @@ def test_promotes_like_transformers():
     y = rms_norm(x, weight, 1e-6)
     assert y.dtype == torch.float32
     assert_close(y, rms_norm_reference(x, weight, 1e-6), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode", [dict(offset=0.0, cast_before_weight=True), dict(offset=1.0, cast_before_weight=False)],
+                         ids=["llama", "gemma"])
+def test_add_rms_norm_updates_the_residual_and_normalises_it(dtype, mode, monkeypatch):
+    """add_rms_norm_(x, delta): x becomes x + delta rounded to x's dtype (bit-identical to an in-place add) and the
+    result is rms_norm of that, through one kernel on strided rows; mismatched shapes are refused."""
+    from lorakit.errors import LorakitError
+    from lorakit.kernels import rmsnorm as rn
+    from lorakit.kernels.triton import rmsnorm as triton_rmsnorm
+
+    calls = []
+    real = triton_rmsnorm.add_rmsnorm_forward_
+    monkeypatch.setattr(triton_rmsnorm, "add_rmsnorm_forward_", lambda *a: calls.append(1) or real(*a))
+    width = 45
+    x = torch.randn(7, width + 3).to(dtype)[:, 2:2 + width]  # row stride 48
+    delta = torch.randn(7, width).to(dtype)
+    weight = (1 + 0.3 * torch.randn(width)).to(dtype)
+    expected_x = x + delta
+    with torch.no_grad():
+        y = rn.add_rms_norm_(x, delta, weight, 1e-6, **mode)
+    assert calls == [1]
+    assert torch.equal(x, expected_x)
+    assert_close(y, rms_norm_reference(expected_x.double(), weight.double(), 1e-6, **mode), dtype)
+    with pytest.raises(LorakitError, match="same shape"):
+        rn.add_rms_norm_(x, delta[:, :5], weight, 1e-6)

@@ -50,8 +50,8 @@ def _reference(model, prompts, names, steps):
     return out
 
 
-def _static(model, prompts, names, steps, rows=None, max_batch=6):
-    decoder = StaticDecoder(model, max_batch=max_batch, max_len=16)
+def _static(model, prompts, names, steps, rows=None, max_batch=6, overlap=None):
+    decoder = StaticDecoder(model, max_batch=max_batch, max_len=16, lora_overlap=overlap)
     rows = rows or list(range(len(prompts)))
     logits, batch = prefill(model, prompts, names)
     decoder.admit(rows, batch)
@@ -63,11 +63,23 @@ def _static(model, prompts, names, steps, rows=None, max_batch=6):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_static_decoder_matches_transformers_with_mixed_adapters(family):
+@pytest.mark.parametrize("overlap,names", [("off", NAMES), ("lora", NAMES), ("lora", ["a", None, "b", "a"])],
+                         ids=["one-pass", "delta-scratch-with-dora", "delta-fused-into-next-kernels"])
+def test_static_decoder_matches_transformers_with_mixed_adapters(family, overlap, names, monkeypatch):
+    """overlap "lora" computes each LoRA pair into a scratch (on CUDA: on a second stream beside the GEMM); without
+    DoRA (and for Llama without biases) the scratch is added inside rope + KV store, add + RMSNorm and SwiGLU."""
+    import lorakit.kernels.rmsnorm as rn
+
+    fused_adds = []
+    real = rn.add_rms_norm_
+    monkeypatch.setattr(rn, "add_rms_norm_", lambda *a: fused_adds.append(1) or real(*a))
     model = _family(family)
     _with_adapters(model)
-    expected = _reference(model, PROMPTS, NAMES, steps=3)
-    got, _ = _static(model, PROMPTS, NAMES, steps=3, rows=[4, 0, 2, 5])
+    expected = _reference(model, PROMPTS, names, steps=3)
+    got, decoder = _static(model, PROMPTS, names, steps=3, rows=[4, 0, 2, 5], overlap=overlap)
+    assert decoder.lora_overlap == overlap and decoder.adapters.has_dora == ("d" in names)
+    # per step and layer: after o and after down (the last one into the final norm); none when DoRA or one pass
+    assert len(fused_adds) == (0 if overlap == "off" or "d" in names else 3 * 2 * 2)
     for step, (e, g) in enumerate(zip(expected, got)):
         assert torch.allclose(g, e, atol=ATOL, rtol=1e-5), f"step {step}: max diff {(g - e).abs().max():.2e}"
     # the adapters matter: the base model's logits differ by far more than the tolerance

@@ -45,6 +45,10 @@ class StaticDecoder:
         max_len: tokens per row (prompt + generated).
         graph: capture the step in a CUDA graph (default: on CUDA).
         adapter_slots: initial adapter capacity (grows on demand; growing re-captures the graph).
+        lora_overlap: "lora" (the default on CUDA): each LoRA pair runs on a second stream beside its base GEMM,
+            into a scratch that the next kernel (rope + KV store, add + RMSNorm, SwiGLU) adds as it reads the GEMM's
+            output; "off" (the default elsewhere): the pair adds into the GEMM's output after it. Off CUDA, "lora"
+            runs the same data flow on one stream.
 
     The model's q/k/v and gate/up weights become views of fused tensors (values and keys unchanged; see
     ``lorakit.decoding.weights``). Adapters are copied from the model's LoRA layers the first time a row uses them
@@ -52,7 +56,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, graph: bool | None = None,
-                 adapter_slots: int = 8):
+                 adapter_slots: int = 8, lora_overlap: str | None = None):
         self.parts = parts = model_parts(model)
         if max_batch < 1 or max_len < 2:
             raise LorakitError(f"a static decoder needs max_batch >= 1 and max_len >= 2, got {max_batch} and {max_len}")
@@ -61,6 +65,13 @@ class StaticDecoder:
         self.device, self.dtype = weight.device, weight.dtype
         self.max_batch, self.max_len = max_batch, max_len
         self.use_graph = self.device.type == "cuda" if graph is None else bool(graph)
+        cuda = self.device.type == "cuda"
+        overlap = ("lora" if cuda else "off") if lora_overlap is None else lora_overlap
+        if overlap not in ("lora", "off"):
+            raise LorakitError(f"lora_overlap must be 'lora' or 'off', got {overlap!r}")
+        self.lora_overlap = overlap
+        # elsewhere "lora" keeps the same data flow (delta scratch, fused adds) on the one stream
+        self._lora_stream = torch.cuda.Stream(self.device) if cuda and overlap == "lora" else None
         self.weights = [self._fuse(layer) for layer in parts.layers]
         self.adapters = DecodeAdapters(parts, self.weights, adapter_slots, 16, self.dtype, self.device)
         L, B, S, Hkv, D = len(parts.layers), max_batch, max_len, parts.kv_heads, parts.head_dim
@@ -224,7 +235,7 @@ class StaticDecoder:
     # -- the step ----------------------------------------------------------------------------------------------
     def _forward(self) -> None:
         from lorakit.kernels.decode_attention import decode_attention, rope_store_
-        from lorakit.kernels.rmsnorm import rms_norm
+        from lorakit.kernels.rmsnorm import add_rms_norm_, rms_norm
         from lorakit.kernels.swiglu import swiglu_packed
 
         parts = self.parts
@@ -235,39 +246,74 @@ class StaticDecoder:
         B, H, Hkv, D = self.max_batch, parts.heads, parts.kv_heads, parts.head_dim
         Nq, Nkv = H * D, Hkv * D
         eps = norm_eps(parts.final_norm, 1e-6)
+
+        def norm(h, weight, eps, delta):  # a LoRA delta still to add goes into the residual stream here
+            return rms_norm(h, weight, eps) if delta is None else add_rms_norm_(h, delta, weight, eps)
+
         h = F.embedding(tokens, parts.embed.weight)  # (B, d)
+        delta = None
         for i, layer in enumerate(parts.layers):
-            x = rms_norm(h, layer.input_norm.weight, norm_eps(layer.input_norm, eps))
-            qkv = self._project(x, i, "qkv", slots)
-            q = qkv[:, :Nq].view(B, H, D)
-            k = qkv[:, Nq:Nq + Nkv].view(B, Hkv, D)
-            v = qkv[:, Nq + Nkv:].view(B, Hkv, D)
+            x = norm(h, layer.input_norm.weight, norm_eps(layer.input_norm, eps), delta)
+            qkv, delta = self._project(x, i, "qkv", slots)
+            if layer.q_norm is not None and delta is not None:
+                qkv.add_(delta)  # the q/k norms come first: no kernel to fuse the add into
+                delta = None
+
+            def heads(t):
+                return t[:, :Nq].view(B, H, D), t[:, Nq:Nq + Nkv].view(B, Hkv, D), t[:, Nq + Nkv:].view(B, Hkv, D)
+
+            q, k, v = heads(qkv)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q).contiguous(), layer.k_norm(k).contiguous()
-            rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i])
+            rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i],
+                        delta=None if delta is None else heads(delta))
             attn = decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling)
-            h = self._project(attn.reshape(B, Nq), i, "o", slots, residual=h)
-            x = rms_norm(h, layer.post_norm.weight, norm_eps(layer.post_norm, eps))
-            act = swiglu_packed(self._project(x, i, "gate_up", slots))  # (B, 2F) -> (B, F)
-            h = self._project(act, i, "down", slots, residual=h)
-        x = rms_norm(h, parts.final_norm.weight, eps)
+            h, delta = self._project(attn.reshape(B, Nq), i, "o", slots, residual=h)
+            x = norm(h, layer.post_norm.weight, norm_eps(layer.post_norm, eps), delta)
+            gate_up, delta = self._project(x, i, "gate_up", slots)
+            act = swiglu_packed(gate_up, delta)  # (B, 2F) -> (B, F)
+            h, delta = self._project(act, i, "down", slots, residual=h)
+        x = norm(h, parts.final_norm.weight, eps, delta)
         self.logits.copy_(x @ parts.lm_head.weight.t())
 
     def _project(self, x: torch.Tensor, layer: int, group: str, slots: torch.Tensor,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        """One projection group: (residual +) bias + [DoRA ratio *] (x W^T + LoRA deltas). x (B, K) -> (B, N)."""
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One projection group: (residual +) bias + [DoRA ratio *] (x W^T + LoRA deltas). x (B, K) -> (y, delta)
+        with y (B, N). delta is None, or (with ``lora_overlap="lora"``) the (B, N) LoRA delta computed on the side
+        stream that the caller still adds to y, inside the kernel that reads y next."""
         from lorakit.kernels.grouped_lora import grouped_lora_add_
 
         fused = self.weights[layer][group]
         stack = self.adapters.layers[layer][group]
         use_lora = bool(self.adapters.slot_of)
         dora = stack.ratio is not None and self.adapters.has_dora
+        args = (stack.A, stack.B, stack.scaling, stack.rank, slots, fused.splits)
+        overlap = use_lora and self.lora_overlap == "lora"
+        side = self._lora_stream if overlap else None
+        if overlap:
+            # the LoRA pair on a second stream while the GEMM runs: both are bound by memory bandwidth, and each
+            # alone leaves SMs idle while it ramps up and drains. Its output buffer is allocated here, on the main
+            # stream, before the fork; the main stream waits for the side stream before reading it.
+            delta = torch.empty(x.shape[0], sum(fused.splits), dtype=x.dtype, device=x.device)
+            if side is None:
+                grouped_lora_add_(delta, x, *args, accumulate=False)
+            else:
+                main = torch.cuda.current_stream(self.device)
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    grouped_lora_add_(delta, x, *args, accumulate=False)
         if residual is not None and not dora:
             y = torch.addmm(residual, x, fused.weight.t())  # the residual add inside the GEMM's epilogue
         else:
             y = x @ fused.weight.t()
-        if use_lora:
-            grouped_lora_add_(y, x, stack.A, stack.B, stack.scaling, stack.rank, slots, fused.splits)
+        if overlap:
+            if side is not None:
+                main.wait_stream(side)
+            if not dora and fused.bias is None:
+                return y, delta
+            y.add_(delta)
+        elif use_lora:
+            grouped_lora_add_(y, x, *args)
         if dora:
             # rows without an adapter (-1) read the last row of ones
             y = (y.float() * stack.ratio.index_select(0, slots.remainder(stack.ratio.shape[0]))).to(y.dtype)
@@ -275,7 +321,7 @@ class StaticDecoder:
             y = y + fused.bias
         if residual is not None and dora:
             y = residual + y
-        return y
+        return y, None
 
 
 def _structure_version() -> int:

@@ -172,17 +172,29 @@ def rope_store_reference_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
 
 
 def rope_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+                positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                delta: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """Rotate q in place and store rotated k and v at ``positions`` in the caches; one Triton kernel when it can.
 
     q (B, H, D), k, v (B, Hkv, D): any strides (views of a fused qkv output); cos, sin (B, D) float32;
     positions (B,) int32/int64 (< 0: the row writes nothing); caches (B, Hkv, S_max, D).
+    delta: None, or (dq, dk, dv) of q's, k's and v's shapes, added to them first (rounded to their dtype, as
+    ``q + dq`` would be): the static decoder's LoRA deltas, computed beside the GEMM, read in the same pass. q ends
+    up holding rope(q + dq); k and v themselves are not changed.
     """
     _check_rope_store(q, k, v, cos, sin, positions, k_cache, v_cache)
-    if q.numel() and q.shape[-1] <= MAX_KERNEL_HEAD_DIM and \
-            _kernel_ok(q, k, v, cos.float(), sin.float(), positions, k_cache, v_cache):
+    if delta is not None:
+        if len(delta) != 3 or any(d.shape != t.shape for d, t in zip(delta, (q, k, v))):
+            raise LorakitError(f"rope_store_'s delta must be (dq, dk, dv) shaped like q, k, v {tuple(q.shape)}, "
+                               f"{tuple(k.shape)}, {tuple(v.shape)}")
+    same_strides = delta is None or all(d.stride() == t.stride() and d.device == t.device for d, t in zip(delta, (q, k, v)))
+    if q.numel() and q.shape[-1] <= MAX_KERNEL_HEAD_DIM and same_strides and \
+            _kernel_ok(q, k, v, cos.float(), sin.float(), positions, k_cache, v_cache, *(delta or ())):
         from lorakit.kernels.triton.decode_attention import rope_store_kernel_
 
-        rope_store_kernel_(q, k, v, cos.float(), sin.float(), positions, k_cache, v_cache)
+        rope_store_kernel_(q, k, v, cos.float(), sin.float(), positions, k_cache, v_cache, delta)
         return
+    if delta is not None:
+        q.add_(delta[0].to(q.dtype))
+        k, v = k + delta[1].to(k.dtype), v + delta[2].to(v.dtype)
     rope_store_reference_(q, k, v, cos, sin, positions, k_cache, v_cache)

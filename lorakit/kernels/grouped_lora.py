@@ -74,8 +74,9 @@ def check_grouped_args(y, x, A, B, scaling, rank, slot_of_row, out_splits) -> li
     return bounds
 
 
-def grouped_lora_add_reference(y, x, A, B, scaling, rank, slot_of_row, out_splits) -> torch.Tensor:
-    """The spec, in place: y (T, N) += the grouped delta of x (T, K); returns y. Arguments as ``grouped_lora_add_``.
+def grouped_lora_add_reference(y, x, A, B, scaling, rank, slot_of_row, out_splits, *, accumulate: bool = True) -> torch.Tensor:
+    """The spec, in place: y (T, N) += (or, accumulate=False, =) the grouped delta of x (T, K); returns y.
+    Arguments as ``grouped_lora_add_``.
 
     Any floating dtypes (float64 too: a truth for checks). Math in the adapters' dtype, as PEFT and
     ``multi_lora_delta_reference`` do it (x cast to A's dtype; the low-rank product cast to B's dtype); only rows
@@ -92,6 +93,8 @@ def grouped_lora_add_reference(y, x, A, B, scaling, rank, slot_of_row, out_split
     if rank_cpu.numel() and (int(rank_cpu.max()) > R or int(rank_cpu.min()) < 0):
         raise LorakitError(f"rank holds {int(rank_cpu.min())}..{int(rank_cpu.max())}; each segment's rank must be 0..R={R}")
     with torch.no_grad():
+        if not accumulate:
+            y.zero_()
         for slot in torch.unique(slot_cpu).tolist():
             if slot < 0:
                 continue
@@ -109,7 +112,8 @@ def grouped_lora_add_reference(y, x, A, B, scaling, rank, slot_of_row, out_split
     return y
 
 
-def grouped_lora_add_(y, x, A, B, scaling, rank, slot_of_row, out_splits, *, split_k: int | None = None) -> torch.Tensor:
+def grouped_lora_add_(y, x, A, B, scaling, rank, slot_of_row, out_splits, *, split_k: int | None = None,
+                      accumulate: bool = True) -> torch.Tensor:
     """In place: y (T, N) += the grouped multi-LoRA delta of x (T, K); returns y. Inference only.
 
     Args:
@@ -121,6 +125,8 @@ def grouped_lora_add_(y, x, A, B, scaling, rank, slot_of_row, out_splits, *, spl
         slot_of_row: (T,) int32 on x's device; -1 = no adapter (that row of y is not read or written).
         out_splits: the G (1..4) output sizes, e.g. [4096, 1024, 1024] for q, k, v.
         split_k: force the Triton shrink's number of input-dimension splits (tests; None = from T, K, SM count).
+        accumulate: False stores the delta instead (y = delta; rows without an adapter get zeros), so y may come
+            from ``torch.empty``: the decoder computes the LoRA side by side with the base GEMM this way.
 
     x, y, A and B may be float32, float16 or bfloat16 independently; x is cast to A's dtype for the products,
     which accumulate in float32 on the Triton path; y is updated in its own dtype. The Triton kernels run when
@@ -137,8 +143,9 @@ def grouped_lora_add_(y, x, A, B, scaling, rank, slot_of_row, out_splits, *, spl
         from lorakit.kernels.triton.grouped_lora import grouped_lora_add_triton_
 
         # (slots, G) is tiny: contiguous() is a no-op when it already is, and the kernels index it as rows of G
-        return grouped_lora_add_triton_(y, x, A, B, scaling.contiguous(), rank.contiguous(), slot_of_row, bounds, split_k)
-    return grouped_lora_add_reference(y, x, A, B, scaling, rank, slot_of_row, out_splits)
+        return grouped_lora_add_triton_(y, x, A, B, scaling.contiguous(), rank.contiguous(), slot_of_row, bounds, split_k,
+                                        accumulate)
+    return grouped_lora_add_reference(y, x, A, B, scaling, rank, slot_of_row, out_splits, accumulate=accumulate)
 
 
 def grouped_stack(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorakit.errors import LorakitError
 from lorakit.kernels._triton import interpreter_on, triton_usable
 
 _MAX_FUSED_WIDTH = 65536  # one row must fit one Triton block
@@ -71,6 +72,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     """x (..., H), weight (H,) -> (..., H); the fused kernel when it can run, else the reference."""
     if _fusable(x, weight):
         return RMSNormFunction.apply(x, weight, float(eps), float(offset), bool(cast_before_weight))
+    return rms_norm_reference(x, weight, eps, offset, cast_before_weight)
+
+
+def add_rms_norm_(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+                  cast_before_weight: bool = True) -> torch.Tensor:
+    """In place x (T, H) <- x + delta (rounded to x's dtype); returns rms_norm(x) (T, H). Inference only: one
+    Triton kernel reads x and delta once (the static decoder adds a LoRA delta, computed beside the GEMM, into the
+    residual stream and normalises it for the next projection), else the reference."""
+    if x.dim() != 2 or delta.shape != x.shape:
+        raise LorakitError(f"add_rms_norm_ takes x (T, H) and delta of the same shape, got {tuple(x.shape)} and {tuple(delta.shape)}")
+    if (_fusable(x, weight) and triton_usable(delta) and delta.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and not (delta.device.type == "cpu" and interpreter_on() and delta.dtype == torch.bfloat16)
+            and x.stride(1) == 1 and delta.stride(1) == 1 and not (torch.is_grad_enabled() and x.requires_grad)):
+        from lorakit.kernels.triton.rmsnorm import add_rmsnorm_forward_
+
+        out_dtype = torch.promote_types(weight.dtype, x.dtype) if cast_before_weight else x.dtype
+        return add_rmsnorm_forward_(x, delta, weight, float(eps), float(offset), bool(cast_before_weight), out_dtype)
+    x.add_(delta.to(x.dtype))
     return rms_norm_reference(x, weight, eps, offset, cast_before_weight)
 
 

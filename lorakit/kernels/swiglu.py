@@ -52,14 +52,21 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return swiglu_reference(gate, up)
 
 
-def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+def swiglu_packed(gate_up: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
     """gate_up (T, 2F), the output of one GEMM over fused gate/up weights (gate in columns :F, up in F:) ->
     silu(gate) * up (T, F). Inference only (no autograd): one Triton kernel reading each row once, instead of the
-    two copies that making the two column halves contiguous for ``swiglu`` would cost; else the reference."""
+    two copies that making the two column halves contiguous for ``swiglu`` would cost; else the reference.
+
+    delta: None, or (T, 2F) added to gate_up first (rounded to gate_up's dtype, as ``gate_up + delta`` would be;
+    the static decoder's LoRA deltas, computed beside the GEMM), read in the same pass.
+    """
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise LorakitError(f"swiglu_packed takes (T, 2F), got shape {tuple(gate_up.shape)}")
+    if delta is not None and delta.shape != gate_up.shape:
+        raise LorakitError(f"swiglu_packed's delta must have gate_up's shape {tuple(gate_up.shape)}, got {tuple(delta.shape)}")
     usable = (
         gate_up.stride(1) == 1
+        and (delta is None or (delta.stride(1) == 1 and delta.device == gate_up.device))
         and triton_usable(gate_up)
         and gate_up.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and not (gate_up.device.type == "cpu" and interpreter_on() and gate_up.dtype == torch.bfloat16)
@@ -69,7 +76,9 @@ def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     if usable:
         from lorakit.kernels.triton.swiglu import swiglu_packed_forward
 
-        return swiglu_packed_forward(gate_up)
+        return swiglu_packed_forward(gate_up, delta)
+    if delta is not None:
+        gate_up = gate_up + delta.to(gate_up.dtype)
     return swiglu_reference(gate_up[:, :F], gate_up[:, F:])
 
 

@@ -171,12 +171,14 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 # -- rotary embedding + cache store ---------------------------------------------------------------------------------
 
 @triton.jit
-def _rope_store(Q, K, V, COS, SIN, POS, KC, VC,
+def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, KC, VC,
                 stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kd, stride_vb, stride_vh, stride_vd,
                 stride_cb, stride_cd, stride_sb, stride_sd,
                 stride_kcb, stride_kch, stride_kcs, stride_kcd, stride_vcb, stride_vch, stride_vcs, stride_vcd,
-                n_heads, s_max, half, BLOCK_HALF: tl.constexpr):
-    """Program (b, j): j < H rotates q[b, j] in place; j >= H rotates k[b, j-H] into the cache and copies v."""
+                n_heads, s_max, half, HAS_DELTA: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Program (b, j): j < H rotates q[b, j] in place; j >= H rotates k[b, j-H] into the cache and copies v.
+    HAS_DELTA: q, k, v are first replaced by q + dq, k + dk, v + dv (rounded to their dtype; the deltas have
+    q's, k's and v's strides), and q + dq is what q holds afterwards (rotated)."""
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     i = tl.arange(0, BLOCK_HALF)
@@ -187,8 +189,14 @@ def _rope_store(Q, K, V, COS, SIN, POS, KC, VC,
     sin2 = tl.load(SIN + b * stride_sb + (i + half) * stride_sd, mask=mask, other=0.0).to(tl.float32)
     if j < n_heads:
         ptr = Q + b * stride_qb + j.to(tl.int64) * stride_qh
-        x1 = tl.load(ptr + i * stride_qd, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(ptr + (i + half) * stride_qd, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(ptr + i * stride_qd, mask=mask, other=0.0)
+        x2 = tl.load(ptr + (i + half) * stride_qd, mask=mask, other=0.0)
+        if HAS_DELTA:
+            dptr = DQ + b * stride_qb + j.to(tl.int64) * stride_qh
+            x1 = (x1.to(tl.float32) + tl.load(dptr + i * stride_qd, mask=mask, other=0.0).to(tl.float32)).to(Q.dtype.element_ty)
+            x2 = (x2.to(tl.float32) + tl.load(dptr + (i + half) * stride_qd, mask=mask, other=0.0).to(tl.float32)).to(Q.dtype.element_ty)
+        x1 = x1.to(tl.float32)
+        x2 = x2.to(tl.float32)
         # rotate_half(x) = cat(-x2, x1): out = cat(x1*cos1 - x2*sin1, x2*cos2 + x1*sin2)
         tl.store(ptr + i * stride_qd, (x1 * cos1 - x2 * sin1).to(Q.dtype.element_ty), mask=mask)
         tl.store(ptr + (i + half) * stride_qd, (x2 * cos2 + x1 * sin2).to(Q.dtype.element_ty), mask=mask)
@@ -197,8 +205,14 @@ def _rope_store(Q, K, V, COS, SIN, POS, KC, VC,
         pos = tl.load(POS + b).to(tl.int64)
         if (pos >= 0) & (pos < s_max):  # inactive rows (pos < 0) and out-of-range positions write nothing
             kp = K + b * stride_kb + kh * stride_kh
-            x1 = tl.load(kp + i * stride_kd, mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(kp + (i + half) * stride_kd, mask=mask, other=0.0).to(tl.float32)
+            x1 = tl.load(kp + i * stride_kd, mask=mask, other=0.0)
+            x2 = tl.load(kp + (i + half) * stride_kd, mask=mask, other=0.0)
+            if HAS_DELTA:
+                dkp = DK + b * stride_kb + kh * stride_kh
+                x1 = (x1.to(tl.float32) + tl.load(dkp + i * stride_kd, mask=mask, other=0.0).to(tl.float32)).to(K.dtype.element_ty)
+                x2 = (x2.to(tl.float32) + tl.load(dkp + (i + half) * stride_kd, mask=mask, other=0.0).to(tl.float32)).to(K.dtype.element_ty)
+            x1 = x1.to(tl.float32)
+            x2 = x2.to(tl.float32)
             kc = KC + b * stride_kcb + kh * stride_kch + pos * stride_kcs
             tl.store(kc + i * stride_kcd, (x1 * cos1 - x2 * sin1).to(KC.dtype.element_ty), mask=mask)
             tl.store(kc + (i + half) * stride_kcd, (x2 * cos2 + x1 * sin2).to(KC.dtype.element_ty), mask=mask)
@@ -206,16 +220,22 @@ def _rope_store(Q, K, V, COS, SIN, POS, KC, VC,
             vc = VC + b * stride_vcb + kh * stride_vch + pos * stride_vcs
             v1 = tl.load(vp + i * stride_vd, mask=mask, other=0.0)
             v2 = tl.load(vp + (i + half) * stride_vd, mask=mask, other=0.0)
+            if HAS_DELTA:
+                dvp = DV + b * stride_vb + kh * stride_vh
+                v1 = (v1.to(tl.float32) + tl.load(dvp + i * stride_vd, mask=mask, other=0.0).to(tl.float32)).to(V.dtype.element_ty)
+                v2 = (v2.to(tl.float32) + tl.load(dvp + (i + half) * stride_vd, mask=mask, other=0.0).to(tl.float32)).to(V.dtype.element_ty)
             tl.store(vc + i * stride_vcd, v1.to(VC.dtype.element_ty), mask=mask)
             tl.store(vc + (i + half) * stride_vcd, v2.to(VC.dtype.element_ty), mask=mask)
 
 
-def rope_store_kernel_(q, k, v, cos, sin, positions, k_cache, v_cache) -> None:
-    """See ``lorakit.kernels.decode_attention.rope_store_``; shapes checked by the caller, cos/sin float32."""
+def rope_store_kernel_(q, k, v, cos, sin, positions, k_cache, v_cache, delta=None) -> None:
+    """See ``lorakit.kernels.decode_attention.rope_store_``; shapes checked by the caller, cos/sin float32;
+    delta: None or (dq, dk, dv) with q's, k's and v's shapes and strides."""
     b, h, d = q.shape
     hkv = k.shape[1]
     half = d // 2
+    dq, dk, dv = (q, k, v) if delta is None else delta
     _rope_store[(b, h + hkv)](
-        q, k, v, cos, sin, positions, k_cache, v_cache,
+        q, k, v, dq, dk, dv, cos, sin, positions, k_cache, v_cache,
         *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(), *k_cache.stride(), *v_cache.stride(),
-        h, k_cache.shape[2], half, BLOCK_HALF=max(16, triton.next_power_of_2(half)), num_warps=1)
+        h, k_cache.shape[2], half, HAS_DELTA=delta is not None, BLOCK_HALF=max(16, triton.next_power_of_2(half)), num_warps=1)

@@ -8,6 +8,7 @@ no row plan, no host work that depends on the data, so a decode step is CUDA-gra
     expand  grid (T, cdiv(N, BLOCK_N)):
             low_g = scaling[s, g] * sum_split part[:, t, g*R : g*R + rank[s, g]]
             y[t, c] += low_{g(c)} . B[s, c, :rank[s, g(c)]]                                  in y's dtype
+            (store mode, ACCUMULATE=False: y[t, c] = that delta, and rows without an adapter are set to zero)
 
 Why no ``tl.dot``: with one row per adapter a program multiplies a vector by a (G*R, BLOCK_K) tile; tl.dot would pad
 the row to 16 and compute 16x the FLOPs for nothing. Elementwise FMAs in float32 + one reduction keep every lane busy
@@ -82,13 +83,19 @@ def _grouped_expand_kernel(
     N, n_slots, C1, C2, C3,
     stride_ps, stride_pm, stride_bs, stride_bn, stride_br, stride_ss, stride_rs, stride_ym, stride_yn,
     G: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    ITERS: tl.constexpr,
+    ITERS: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = tl.load(slot_ptr + row).to(tl.int64)
-    if (slot < 0) | (slot >= n_slots):  # no adapter: y's row is neither read nor written
-        return
+    if (slot < 0) | (slot >= n_slots):
+        if not ACCUMULATE:  # store mode: y = delta, which is zero for a row without an adapter
+            y_row = y_ptr + row.to(tl.int64) * stride_ym
+            for it in range(ITERS):
+                offs_z = (pid_n * ITERS + it) * BLOCK_N + tl.arange(0, BLOCK_N)
+                tl.store(y_row + offs_z * stride_yn, tl.zeros((BLOCK_N,), dtype=tl.float32).to(y_ptr.dtype.element_ty),
+                         mask=offs_z < N)
+        return  # add mode: y's row is neither read nor written
     offs_r = tl.arange(0, BLOCK_R)
     part_base = part_ptr + row.to(tl.int64) * stride_pm
     # the G low-rank vectors once per program (G <= 4), then ITERS column blocks: the chain slot -> rank -> partial
@@ -113,7 +120,10 @@ def _grouped_expand_kernel(
         b = tl.load(b_base + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=mask_n[:, None] & (offs_r[None, :] < R), other=0.0)  # (BLOCK_N, BLOCK_R)
         y_ptrs = y_base + offs_n * stride_yn
-        y = tl.load(y_ptrs, mask=mask_n, other=0.0)
+        if ACCUMULATE:
+            y = tl.load(y_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+        else:
+            y = tl.zeros((BLOCK_N,), dtype=tl.float32)
         seg = (offs_n >= C1).to(tl.int32) + (offs_n >= C2).to(tl.int32) + (offs_n >= C3).to(tl.int32)
         low = tl.where((seg == 0)[:, None], low0[None, :], low1[None, :])
         rank_n = tl.where(seg == 0, rank0, rank1)
@@ -125,7 +135,7 @@ def _grouped_expand_kernel(
             rank_n = tl.where(seg == 3, rank3, rank_n)
         b = tl.where(offs_r[None, :] < rank_n[:, None], b.to(tl.float32), 0.0)
         delta = tl.sum(b * low, axis=1)
-        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask_n)
+        tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 # Tile sizes. bench/grouped_lora_speed.py sweeps candidates on the GPU and prints the fastest; programs_per_sm sets
@@ -170,24 +180,28 @@ def shrink_blocks(T: int, K: int, GR: int, device: torch.device, split_k: int | 
     return block_k, split_k, chunks_per_split * block_k
 
 
-def grouped_lora_add_triton_(y, x, A, B, scaling, rank, slot_of_row, bounds, split_k=None):
-    """The two launches; arguments as ``lorakit.kernels.grouped_lora.grouped_lora_add_`` (already validated).
-
-    bounds: the cumulative column bounds of the segments (len G + 1, starting at 0, ending at N).
-    """
+def grouped_shrink_triton(x, A, rank, slot_of_row, G, split_k=None):
+    """The shrink launch: returns ``part`` (SPLIT_K, T, G*R) float32, the split-K partial sums of x . A[slot]
+    (planes of rows without an adapter are left unwritten; the expand never reads them)."""
     T, K = x.shape
-    N = y.shape[1]
     slots, GR, _ = A.shape
-    G = len(bounds) - 1
-    R = GR // G
     block_k, split, k_per_split = shrink_blocks(T, K, GR, x.device, split_k)
     part = torch.empty(split, T, GR, dtype=torch.float32, device=x.device)  # no memset: every live plane is stored
     _grouped_shrink_kernel[(T, split)](
         x, A, rank, slot_of_row, part,
         T, K, slots, k_per_split,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), rank.stride(0), part.stride(0), part.stride(1),
-        G=G, R=R, BLOCK_GR=triton.next_power_of_2(GR), BLOCK_K=block_k, num_warps=CONFIGS["shrink"]["num_warps"],
+        G=G, R=GR // G, BLOCK_GR=triton.next_power_of_2(GR), BLOCK_K=block_k, num_warps=CONFIGS["shrink"]["num_warps"],
     )
+    return part
+
+
+def grouped_expand_triton_(y, part, B, scaling, rank, slot_of_row, bounds, accumulate=True):
+    """The expand launch: y += (accumulate) or y = (store; rows without an adapter get zeros) the grouped delta
+    from the shrink's ``part``. bounds: the cumulative column bounds of the segments (G + 1 ints, 0 .. N)."""
+    T, N = y.shape
+    slots, _, R = B.shape
+    G = len(bounds) - 1
     cuts = list(bounds[1:-1]) + [N] * (4 - G)  # unused bounds at N: no column reaches them
     block_n = max(16, min(CONFIGS["expand"]["block_n"], triton.next_power_of_2(N)))
     iters = max(1, min(CONFIGS["expand"].get("iters", 1), triton.cdiv(N, block_n)))
@@ -196,7 +210,16 @@ def grouped_lora_add_triton_(y, x, A, B, scaling, rank, slot_of_row, bounds, spl
         N, slots, cuts[0], cuts[1], cuts[2],
         part.stride(0), part.stride(1), B.stride(0), B.stride(1), B.stride(2), scaling.stride(0), rank.stride(0),
         y.stride(0), y.stride(1),
-        G=G, R=R, BLOCK_R=triton.next_power_of_2(R), BLOCK_N=block_n, SPLIT=split, ITERS=iters,
-        num_warps=CONFIGS["expand"]["num_warps"],
+        G=G, R=R, BLOCK_R=triton.next_power_of_2(R), BLOCK_N=block_n, SPLIT=part.shape[0], ITERS=iters,
+        ACCUMULATE=bool(accumulate), num_warps=CONFIGS["expand"]["num_warps"],
     )
     return y
+
+
+def grouped_lora_add_triton_(y, x, A, B, scaling, rank, slot_of_row, bounds, split_k=None, accumulate=True):
+    """The two launches; arguments as ``lorakit.kernels.grouped_lora.grouped_lora_add_`` (already validated).
+
+    bounds: the cumulative column bounds of the segments (len G + 1, starting at 0, ending at N).
+    """
+    part = grouped_shrink_triton(x, A, rank, slot_of_row, len(bounds) - 1, split_k)
+    return grouped_expand_triton_(y, part, B, scaling, rank, slot_of_row, bounds, accumulate)

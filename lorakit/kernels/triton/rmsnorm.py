@@ -28,6 +28,26 @@ def _rmsnorm_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, offset,
 
 
 @triton.jit
+def _add_rmsnorm_fwd(X, D, W, Y, stride_x, stride_d, stride_y, n_cols, eps, offset,
+                     CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """x <- x + d (rounded to x's dtype, stored back: the residual stream), y = rmsnorm(x)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    s = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    s += tl.load(D + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
+    s = s.to(X.dtype.element_ty)
+    tl.store(X + row * stride_x + cols, s, mask=mask)
+    x = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    x_hat = x * rstd
+    if CAST_BEFORE_WEIGHT:
+        x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+    tl.store(Y + row * stride_y + cols, (x_hat * w).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rmsnorm_bwd(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, n_rows, n_cols, offset,
                  rows_per_program, COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -71,6 +91,18 @@ def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: f
     _rmsnorm_fwd[(n_rows,)](x, weight, y, rstd, x.stride(0), y.stride(0), n_cols, eps, offset,
                             CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK=block, num_warps=num_warps)
     return y, rstd
+
+
+def add_rmsnorm_forward_(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
+                         cast_before_weight: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """x (rows, H) and delta (rows, H), unit column stride; x <- x + delta in place; returns rmsnorm(x) (rows, H)."""
+    n_rows, n_cols = x.shape
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+    if n_rows:
+        block, num_warps = _launch_config(n_cols)
+        _add_rmsnorm_fwd[(n_rows,)](x, delta, weight, y, x.stride(0), delta.stride(0), y.stride(0), n_cols, eps, offset,
+                                    CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK=block, num_warps=num_warps)
+    return y
 
 
 def _num_programs(x: torch.Tensor, n_rows: int) -> int:

@@ -38,21 +38,29 @@ def _swiglu_bwd(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_packed_fwd(GU, H, F, stride_gu, stride_h, BLOCK: tl.constexpr):
+def _swiglu_packed_fwd(GU, D, H, F, stride_gu, stride_d, stride_h, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < F
-    g = tl.load(GU + row * stride_gu + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(GU + row * stride_gu + F + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GU + row * stride_gu + offs, mask=mask, other=0.0)
+    u = tl.load(GU + row * stride_gu + F + offs, mask=mask, other=0.0)
+    if HAS_DELTA:  # gate_up + delta, rounded to gate_up's dtype as an in-place add would leave it
+        g = (g.to(tl.float32) + tl.load(D + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)).to(GU.dtype.element_ty)
+        u = (u.to(tl.float32) + tl.load(D + row * stride_d + F + offs, mask=mask, other=0.0).to(tl.float32)).to(GU.dtype.element_ty)
+    g = g.to(tl.float32)
+    u = u.to(tl.float32)
     tl.store(H + row * stride_h + offs, (g * tl.sigmoid(g) * u).to(H.dtype.element_ty), mask=mask)
 
 
-def swiglu_packed_forward(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up (T, 2F), unit column stride -> silu(gate_up[:, :F]) * gate_up[:, F:] (T, F), same dtype."""
+def swiglu_packed_forward(gate_up: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+    """gate_up (T, 2F), unit column stride (and delta, same shape, unit column stride, or None) -> silu(g) * u
+    (T, F) in gate_up's dtype, where g, u are the column halves of gate_up (+ delta, rounded to gate_up's dtype)."""
     T, F = gate_up.shape[0], gate_up.shape[1] // 2
     h = torch.empty((T, F), dtype=gate_up.dtype, device=gate_up.device)
     if h.numel():
-        _swiglu_packed_fwd[(T, triton.cdiv(F, BLOCK))](gate_up, h, F, gate_up.stride(0), h.stride(0), BLOCK=BLOCK, num_warps=4)
+        d = gate_up if delta is None else delta
+        _swiglu_packed_fwd[(T, triton.cdiv(F, BLOCK))](gate_up, d, h, F, gate_up.stride(0), d.stride(0), h.stride(0),
+                                                       HAS_DELTA=delta is not None, BLOCK=BLOCK, num_warps=4)
     return h
 
 
