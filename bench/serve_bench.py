@@ -115,6 +115,7 @@ def run_case(url: str, clients: int, adapters: list[str], requests: int, max_tok
                         latencies.append(elapsed)
                         tokens[0] += response.json()["usage"]["completion_tokens"]
 
+    before = httpx.get(url + "/health", timeout=10).json()
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for thread in threads:
@@ -122,13 +123,23 @@ def run_case(url: str, clients: int, adapters: list[str], requests: int, max_tok
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
+    after = httpx.get(url + "/health", timeout=10).json()
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    # the engine's own split of this case's time (servers without these fields report nothing)
+    phase = {k: after[k] - before[k] for k in ("prefill_s", "prefill_calls", "prefill_rows", "decode_s", "decode_steps")
+             if k in after and k in before}
+    if phase:
+        phase["prefill_share"] = round(phase["prefill_s"] / wall, 3)
+        phase["decode_share"] = round(phase["decode_s"] / wall, 3)
+        phase["rows_per_prefill"] = round(phase["prefill_rows"] / max(phase["prefill_calls"], 1), 2)
+        phase["ms_per_decode_step"] = round(1e3 * phase["decode_s"] / max(phase["decode_steps"], 1), 3)
+        phase = {k: round(v, 3) if isinstance(v, float) else v for k, v in phase.items()}
     return {"clients": clients, "adapters": len(adapters), "requests": requests, "max_tokens": max_tokens,
             "wall_s": round(wall, 3), "requests_per_s": round(requests / wall, 3),
             "tokens_per_s": round(tokens[0] / wall, 2), "generated_tokens": tokens[0],
             "latency_p50_s": round(statistics.median(latencies), 3),
-            "latency_max_s": round(max(latencies), 3)}
+            "latency_max_s": round(max(latencies), 3), **phase}
 
 
 def main() -> int:
@@ -176,7 +187,10 @@ def main() -> int:
                     result = run_case(url, clients, names[:adapters], requests, args.max_tokens)
                     results.append(result)
                     print(f"{adapters} adapter(s), {clients:2d} clients: {result['requests_per_s']:7.2f} req/s "
-                          f"{result['tokens_per_s']:8.1f} tok/s  p50 {result['latency_p50_s']:.2f} s", flush=True)
+                          f"{result['tokens_per_s']:8.1f} tok/s  p50 {result['latency_p50_s']:.2f} s  prefill "
+                          f"{result.get('prefill_share', 0):.0%} of wall ({result.get('rows_per_prefill', 0)} rows/call), "
+                          f"decode {result.get('decode_share', 0):.0%} ({result.get('ms_per_decode_step', 0)} ms/step)",
+                          flush=True)
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -195,10 +209,11 @@ def main() -> int:
     tag = "".join(f"_{part}" for part in (args.shape, None if args.decoder == "auto" else args.decoder) if part)
     name = f"serve_bench{tag}.json"  # one file per shape and decoder: runs in one session do not overwrite each other
     (out_dir / name).write_text(json.dumps(record, indent=2) + "\n")
-    print("\n| adapters | clients | requests | req/s | tokens/s | p50 latency s |\n|---|---|---|---|---|---|")
+    print("\n| adapters | clients | requests | req/s | tokens/s | p50 latency s | prefill share | decode ms/step |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['adapters']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-              f"{r['latency_p50_s']:.2f} |")
+              f"{r['latency_p50_s']:.2f} | {r.get('prefill_share', '')} | {r.get('ms_per_decode_step', '')} |")
     return 0
 
 

@@ -43,6 +43,37 @@ def family(name: str) -> str:
     return "other"
 
 
+SHRINK_CANDIDATES = [dict(block_k=512, num_warps=8, programs_per_sm=2), dict(block_k=512, num_warps=8, programs_per_sm=1),
+                     dict(block_k=512, num_warps=8, programs_per_sm=3), dict(block_k=512, num_warps=4, programs_per_sm=2),
+                     dict(block_k=256, num_warps=4, programs_per_sm=2), dict(block_k=256, num_warps=4, programs_per_sm=4),
+                     dict(block_k=1024, num_warps=8, programs_per_sm=1)]
+EXPAND_CANDIDATES = [dict(block_n=256, num_warps=4), dict(block_n=128, num_warps=4), dict(block_n=128, num_warps=2),
+                     dict(block_n=512, num_warps=4), dict(block_n=512, num_warps=8), dict(block_n=64, num_warps=2)]
+
+
+def sweep_configs(decoder, rows, tokens, names, device, grouped_lora) -> dict:
+    """Graph step time per candidate tile config: shrink candidates with the current expand, then expand
+    candidates with the best shrink. Leaves the best in ``grouped_lora.CONFIGS``; returns every timing."""
+    def timed(kind, cand):
+        grouped_lora.CONFIGS[kind] = dict(grouped_lora.CONFIGS[kind], **cand)
+        decoder._graph = None  # recapture with the new tiles
+        for row in rows:
+            decoder.lengths[row] = decoder.max_len - 16
+        seconds = time_fn(lambda: decoder.step(rows, tokens, names), device, warm=2, reps=10, budget_s=1.5)
+        print(f"sweep {kind} {cand}: {seconds * 1e3:.3f} ms", flush=True)
+        return seconds
+
+    out = {}
+    for kind, candidates in (("shrink", SHRINK_CANDIDATES), ("expand", EXPAND_CANDIDATES)):
+        times = [(timed(kind, cand), cand) for cand in candidates]
+        best = min(times, key=lambda t: t[0])
+        grouped_lora.CONFIGS[kind] = dict(grouped_lora.CONFIGS[kind], **best[1])
+        out[kind] = dict(best=best[1], best_ms=round(best[0] * 1e3, 3),
+                         all=[dict(cand, ms=round(t * 1e3, 3)) for t, cand in times])
+        print(f"sweep {kind}: best {best[1]} at {best[0] * 1e3:.3f} ms", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
@@ -51,6 +82,9 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time graph steps over a few grouped-LoRA tile configs (shrink, then expand; the "
+                             "pair now runs beside the GEMMs, so the kernels-alone optimum may not hold) and report the best")
     parser.add_argument("--grouped-configs", default=None,
                         help="a grouped_lora_speed.json: use the tile configs its sweep kept (else the defaults)")
     args = parser.parse_args()
@@ -140,6 +174,8 @@ def main() -> int:
         result["families"][name] = dict(kernels=count, us=round(us, 1), bytes=moved, fraction=frac and round(frac, 3))
         print(f"| {name} | {count} | {us:.0f} | {us / max(total, 1e-9):.1%} | "
               f"{'' if moved is None else f'{moved / 1e9:.2f} GB'} | {'' if frac is None else f'{frac:.1%}'} |")
+    if args.sweep:
+        result["sweep"] = sweep_configs(decoder, rows, tokens, names, device, grouped_lora)
     result["other_kernels"] = [dict(us=round(us, 1), per_step=n, name=name) for us, n, name in sorted(other, reverse=True)[:15]]
     for row in result["other_kernels"]:
         print(f"  other: {row['per_step']:6.1f} / step {row['us']:8.1f} us  {row['name']}")

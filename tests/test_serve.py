@@ -218,14 +218,21 @@ def test_sampling_with_seed_is_reproducible(setup):
 
 def test_32_concurrent_clients_over_8_adapters(setup):
     client = setup["client"]
-    steps_before = client.get("/health").json()["steps"]
+    before = client.get("/health").json()
+    steps_before = before["steps"]
     jobs = [(GOOD[i % 8], PROMPTS[(i * 3) % len(PROMPTS)]) for i in range(32)]
     for model, prompt in jobs:  # expected answers first, so the clients really run concurrently
         setup["ref"].run(prompt, model, 12)
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(lambda job: check_answer(setup, *job), jobs))
-    steps = client.get("/health").json()["steps"] - steps_before
+    after = client.get("/health").json()
+    steps = after["steps"] - steps_before
     assert steps < 32 * 12 / 2, f"{steps} engine steps for 32 x 12 tokens: requests were not batched together"
+    # /health splits the engine's time: every request was prefilled once, in batches; decode steps took time
+    assert after["prefill_rows"] - before["prefill_rows"] == 32
+    assert after["prefill_calls"] - before["prefill_calls"] < 32
+    assert after["decode_steps"] > before["decode_steps"] and after["decode_s"] > before["decode_s"]
+    assert after["prefill_s"] > before["prefill_s"]
 
 
 def test_load_and_unload_during_traffic(setup):

@@ -82,6 +82,9 @@ class Engine:
         self._wake = threading.Condition()
         self._closing = False
         self.steps = 0
+        # where the loop's time goes (seconds of wall clock; each phase ends in a device-to-host copy, so it includes
+        # the GPU work): prefill + admission of newcomers, and decode steps; GET /health reports them
+        self.timings = {"prefill_s": 0.0, "prefill_calls": 0, "prefill_rows": 0, "decode_s": 0.0, "decode_steps": 0}
         self.device = next(model.parameters()).device
         self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
         self._thread.start()
@@ -106,7 +109,8 @@ class Engine:
 
     def stats(self) -> dict:
         return {"running": len(self._running), "waiting": len(self._waiting), "steps": self.steps,
-                "decoder": "static" if self.decoder is not None else "transformers"}
+                "decoder": "static" if self.decoder is not None else "transformers",
+                **{k: round(v, 4) if isinstance(v, float) else v for k, v in self.timings.items()}}
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -151,6 +155,7 @@ class Engine:
             done += [(r, f"error: {why}") for r, why in zip(newcomers, reasons) if why is not None]
             newcomers = [r for r, why in zip(newcomers, reasons) if why is None]
         if newcomers:
+            started = time.perf_counter()
             logits, batch = prefill(self.model, [r.prompt for r in newcomers], [r.adapter for r in newcomers], self.pad_id)
             greedy = logits.argmax(dim=-1).tolist()
             keep = [i for i, r in enumerate(newcomers) if self._accept(r, logits[i], done, greedy[i])]
@@ -168,15 +173,21 @@ class Engine:
                 else:
                     self._batch.extend(batch)
                 self._running += [newcomers[i] for i in keep]
+            self.timings["prefill_s"] += time.perf_counter() - started
+            self.timings["prefill_calls"] += 1
+            self.timings["prefill_rows"] += len(newcomers)
         if not self._running:
             self._batch = None
             return
+        started = time.perf_counter()
         tokens, adapters = [r.tokens[-1] for r in self._running], [r.adapter for r in self._running]
         if self.decoder is not None:
             logits = self.decoder.step([r.row for r in self._running], tokens, adapters)
         else:
             logits = decode(self.model, self._batch, tokens, adapters)
         greedy = logits.argmax(dim=-1).tolist()  # one device-to-host copy for the batch, not one per greedy row
+        self.timings["decode_s"] += time.perf_counter() - started
+        self.timings["decode_steps"] += 1
         finished = [i for i, r in enumerate(self._running) if not self._accept(r, logits[i], done, greedy[i])]
         self._drop(finished, done, None)
 
