@@ -147,8 +147,13 @@ def _grouped_expand_kernel(
 # 2 programs per SM) keeps more adapter bytes in flight per program than more, smaller programs do. Second sweep
 # (bench/results/grouped_lora_speed_h200_v2.json, B loaded before the ranks): expand 69.4 us at 256 columns and one
 # block a program, against 70.9-81.0 us for programs looping over 2-8 blocks (``iters``), so that stays at 1.
+# Third sweep (bench/static_decode_profile.py --sweep; bench/results/static_decode_profile_h200_{8b,1b}_64_v2.json):
+# timed as the whole graph step, now that the pair runs on a second stream beside the base GEMMs, one program per SM
+# and a 1024-wide chunk (capped by max_tile: 512 for q/k/v) gave 8.41 ms against 8.93 ms at the old 2 per SM (8B,
+# 64 adapters; 1B 2.36 against 2.44 ms): fewer shrink programs leave the GEMM its SMs. The expand stayed best at
+# 256 columns over 4 warps on the 8B shape (the 1B differences were within the run-to-run spread of ~0.1 ms).
 CONFIGS = {
-    "shrink": dict(block_k=512, num_warps=8, programs_per_sm=2, max_tile=32768),
+    "shrink": dict(block_k=1024, num_warps=8, programs_per_sm=1, max_tile=32768),
     "expand": dict(block_n=256, num_warps=4, iters=1),
 }
 
