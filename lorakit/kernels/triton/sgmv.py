@@ -31,12 +31,15 @@ import triton.language as tl
 from lorakit.errors import LorakitError
 
 
-@triton.jit
+# The tile and split counts change with every batch's mix of adapters: as plain (unspecialised) integers they do
+# not make Triton compile a new variant per value (on the H200 each new one cost 0.5-2.4 s inside a server's
+# prefill call, bench/results/prefill_mixed_probe_h200_1b.json).
+@triton.jit(do_not_specialize=["n_tiles", "SPLIT_K"])
 def _shrink_kernel(
     x_ptr, a_ptr, scaling_ptr, rank_ptr, low_ptr, rows_ptr, tiles_ptr,
-    n_tiles, K, R,
+    n_tiles, K, R, SPLIT_K,
     stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_ls, stride_lm, stride_lr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -79,12 +82,12 @@ def _shrink_kernel(
         tl.store(low_ptrs + split * stride_ls, acc, mask=store_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles", "SPLIT"])
 def _expand_kernel(
     low_ptr, b_ptr, rank_ptr, y_ptr, rows_ptr, tiles_ptr,
-    n_tiles, N,
+    n_tiles, N, SPLIT,
     stride_ls, stride_lm, stride_lr, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -107,7 +110,7 @@ def _expand_kernel(
     low_ptrs = low_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr
     low_mask = mask_m[:, None] & mask_r[None, :]
     low = tl.load(low_ptrs, mask=low_mask, other=0.0)  # (BLOCK_M, BLOCK_R) float32
-    for sp in tl.static_range(1, SPLIT):  # the shrink's split-K partial sums
+    for sp in range(1, SPLIT):  # the shrink's split-K partial sums
         low += tl.load(low_ptrs + sp * stride_ls, mask=low_mask, other=0.0)
     b_tile = tl.load(b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_R, BLOCK_N) = B^T
@@ -192,10 +195,10 @@ def sgmv_shrink(
     grid = (plan.n_tiles, split_k)
     _shrink_kernel[grid](
         x, A_stack, scalings, ranks, low, plan.row_order, plan.tiles,
-        plan.n_tiles, K, r_max,
+        plan.n_tiles, K, r_max, split_k,
         x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
         low.stride(0), low.stride(1), low.stride(2),
-        BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k,
+        BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_K=block_k,
         IEEE=A_stack.dtype == torch.float32, ATOMIC=not partials and split_k > 1, num_warps=cfg["num_warps"],
     )
     return low if partials else low[0]
@@ -218,10 +221,10 @@ def sgmv_expand_add_(y: torch.Tensor, low: torch.Tensor, B_stack: torch.Tensor, 
     grid = (plan.n_tiles, triton.cdiv(N, block_n))
     _expand_kernel[grid](
         low3, B_stack, ranks, y, plan.row_order, plan.tiles,
-        plan.n_tiles, N,
+        plan.n_tiles, N, low3.shape[0],
         low3.stride(0), low3.stride(1), low3.stride(2), B_stack.stride(0), B_stack.stride(1), B_stack.stride(2),
         y.stride(0), y.stride(1),
-        BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_N=block_n, SPLIT=low3.shape[0], IEEE=B_stack.dtype == torch.float32,
+        BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_N=block_n, IEEE=B_stack.dtype == torch.float32,
         ACCUMULATE=accumulate, num_warps=cfg["num_warps"],
     )
     return y
