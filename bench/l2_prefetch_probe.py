@@ -71,7 +71,7 @@ def main() -> int:
         turn, kv_turn = itertools.cycle(range(copies)), itertools.cycle(range(2))
 
         def before():
-            torch.sum(kvs[next(kv_turn)], dtype=torch.float32, out=red)
+            torch.sum(kvs[next(kv_turn)], dim=0, dtype=torch.float32, out=red)
 
         def mm_cold():
             torch.mm(x, ws[next(turn)].t(), out=out)
