@@ -43,7 +43,7 @@ class StaticDecoder:
         model: a supported causal LM (``static_decoding_unsupported(model)`` says why not), in eval mode.
         max_batch: rows of the cache (concurrent sequences).
         max_len: tokens per row (prompt + generated).
-        graph: capture the step in a CUDA graph (default: on CUDA).
+        graph: capture the step in a CUDA graph (default: on CUDA when the Triton kernels run there).
         adapter_slots: initial adapter capacity (grows on demand; growing re-captures the graph).
         lora_overlap: "lora" (the default on CUDA): each LoRA pair runs on a second stream beside its base GEMM,
             into a scratch that the next kernel (rope + KV store, add + RMSNorm, SwiGLU) adds as it reads the GEMM's
@@ -64,7 +64,10 @@ class StaticDecoder:
         weight = parts.embed.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.max_batch, self.max_len = max_batch, max_len
-        self.use_graph = self.device.type == "cuda" if graph is None else bool(graph)
+        from lorakit.kernels._triton import triton_usable
+
+        # the references of the kernels (LORAKIT_DISABLE_TRITON=1, or no Triton) sync the host: no graph capture then
+        self.use_graph = (self.device.type == "cuda" and triton_usable(weight)) if graph is None else bool(graph)
         cuda = self.device.type == "cuda"
         overlap = ("lora" if cuda else "off") if lora_overlap is None else lora_overlap
         if overlap not in ("lora", "off"):
