@@ -8,6 +8,9 @@ shows apart from the steady cost; then profiles one warm mixed call by operator.
 
     python bench/prefill_mixed_probe.py [--shape 1b] [--device cuda]
 
+On CUDA it then times ``StaticDecoder.prefill`` against transformers' prefill + ``admit`` from a few short
+prompts to a few long ones (the server's choice between them), with the two paths' logits compared.
+
 Random-weight bf16 Llama shape, 8 adapters r=16 on all seven projections. Writes $OUT/prefill_mixed_probe.json.
 """
 
@@ -66,7 +69,7 @@ def main() -> int:
 
     call(2, 12, 1)  # the first call of the process (CUDA context, cuBLAS handles)
     rows_out = []
-    print(f"| rows | prompt tokens | adapters in batch | cold ms | warm ms (median of 3) |\n|---|---|---|---|---|")
+    print("| rows | prompt tokens | adapters in batch | cold ms | warm ms (median of 3) |\n|---|---|---|---|---|")
     for rows, length, mix in [(1, 20, 1), (4, 20, 1), (4, 20, 4), (8, 24, 8), (3, 31, 3), (11, 27, 8),
                               (8, 40, 1), (8, 40, 8), (16, 33, 8)]:
         cold = call(rows, length, mix)
@@ -74,6 +77,51 @@ def main() -> int:
         rows_out.append(dict(rows=rows, prompt_tokens=length, adapters=mix, cold_ms=round(cold * 1e3, 2),
                              warm_ms=round(warm * 1e3, 2)))
         print(f"| {rows} | {length} | {mix} | {cold * 1e3:.1f} | {warm * 1e3:.1f} |", flush=True)
+
+    # the static decoder's own prefill against transformers' prefill + admit, warm, over growing token counts (the
+    # server picks between them by the newcomers' total prompt tokens: lorakit.serve.engine.STATIC_PREFILL_MAX_TOKENS)
+    compare = []
+    if device.type == "cuda":
+        from lorakit.decoding import StaticDecoder
+
+        decoder = StaticDecoder(model, max_batch=32, max_len=2100)
+        print("\n| rows x prompt tokens | transformers prefill + admit ms | decoder.prefill ms | logits rel diff |\n|---|---|---|---|")
+        for rows, length in [(1, 20), (4, 20), (8, 24), (16, 33), (32, 40), (8, 128), (8, 256), (8, 512), (4, 1024), (2, 2048)]:
+            prompts = [torch.randint(0, cfg.vocab_size, (length - (i % 3),), generator=gen).tolist() for i in range(rows)]
+            adapters = [names[i % len(names)] for i in range(rows)]
+            slots = list(range(rows))
+
+            def via_transformers():
+                with torch.no_grad():
+                    logits, batch = prefill(model, prompts, adapters)
+                    decoder.admit(slots, batch)
+                    logits.argmax(-1).tolist()
+                decoder.release(slots)
+                return logits
+
+            def via_decoder():
+                logits = decoder.prefill(slots, prompts, adapters)
+                logits.argmax(-1).tolist()
+                decoder.release(slots)
+                return logits
+
+            timings = {}
+            for label, fn in (("transformers", via_transformers), ("decoder", via_decoder)):
+                out = fn()  # warm (compiles)
+                runs = []
+                for _ in range(3):
+                    sync(device)
+                    start = time.perf_counter()
+                    fn()
+                    runs.append(time.perf_counter() - start)
+                timings[label] = (sorted(runs)[1], out)
+            ref, ours = timings["transformers"][1].double(), timings["decoder"][1].double()
+            err = ((ours - ref).abs().max() / ref.abs().max()).item()
+            compare.append(dict(rows=rows, prompt_tokens=length, transformers_ms=round(timings["transformers"][0] * 1e3, 2),
+                                decoder_ms=round(timings["decoder"][0] * 1e3, 2), logits_rel_diff=float(f"{err:.3e}")))
+            print(f"| {rows} x {length} | {timings['transformers'][0] * 1e3:.1f} | {timings['decoder'][0] * 1e3:.1f} | {err:.2e} |",
+                  flush=True)
+        del decoder
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -85,7 +133,8 @@ def main() -> int:
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     record = dict(shape=args.shape, adapters=args.adapters, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"), calls=rows_out, profile_top=table.splitlines()[:20])
+                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"), calls=rows_out, static_vs_transformers=compare,
+                  profile_top=table.splitlines()[:20])
     path = os.path.join(out_dir, "prefill_mixed_probe.json")
     with open(path + ".tmp", "w") as fh:
         json.dump(record, fh, indent=1)

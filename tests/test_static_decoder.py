@@ -222,3 +222,45 @@ def test_adapters_injected_after_the_decoder_was_built():
     decoder.admit([0, 1], batch)
     got = decoder.step([0, 1], expected[0].argmax(-1).tolist(), ["a", "d"])
     assert torch.allclose(got, expected[1], atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("overlap", ["off", "lora"])
+def test_prefill_matches_transformers_and_then_decodes(family, overlap):
+    """decoder.prefill (the decoder's own layers over all prompts' tokens, a slot per token) gives transformers'
+    prefill logits for every prompt and fills the rows' caches so that the steps after it match as well; mixed
+    adapters (LoRA, rsLoRA on a few projections, DoRA, none), prompts of different lengths, rows out of order."""
+    model = _family(family)
+    _with_adapters(model)
+    expected = _reference(model, PROMPTS, NAMES, steps=3)
+    decoder = StaticDecoder(model, max_batch=6, max_len=16, lora_overlap=overlap)
+    rows = [4, 0, 2, 5]
+    got = [decoder.prefill(rows, PROMPTS, NAMES)]
+    assert [decoder.lengths[r] for r in rows] == [len(p) for p in PROMPTS]
+    for _ in range(3):
+        got.append(decoder.step(rows, got[-1].argmax(dim=-1).tolist(), NAMES))
+    for step, (e, g) in enumerate(zip(expected, got)):
+        assert torch.allclose(g, e, atol=ATOL, rtol=1e-5), f"step {step}: max diff {(g - e).abs().max():.2e}"
+
+
+def test_prefill_refuses_bad_calls_with_one_line_reasons():
+    model = tiny_llama(seed=3)
+    decoder = StaticDecoder(model, max_batch=2, max_len=6)
+    vocab = model.config.vocab_size
+    cases = [
+        (([0], [[1, 2]], [None, None]), "one prompt and one adapter name per row"),
+        (([0, 0], [[1], [2]], [None, None]), "distinct cache rows"),
+        (([2], [[1]], [None]), "distinct cache rows in 0..1"),
+        (([0], [[]], [None]), "does not fit"),
+        (([0], [list(range(6))], [None]), "does not fit"),
+        (([0], [[1, vocab]], [None]), f"token ids must be in 0..{vocab - 1}"),
+        (([0], [[1, 2]], ["missing"]), "missing"),
+    ]
+    for args, message in cases:
+        with pytest.raises(LorakitError, match=message) as error:
+            decoder.prefill(*args)
+        assert "\n" not in str(error.value)
+    assert decoder.free_rows() == [0, 1]  # nothing was admitted by a refused call
+    decoder.prefill([1], [[3, 4, 5]], [None])
+    with pytest.raises(LorakitError, match="in use"):
+        decoder.prefill([1], [[3]], [None])

@@ -15,8 +15,12 @@ decode batch sizes. ``StaticDecoder`` runs the same model, for one token per row
 Rows (batch slots of the cache) are independent: each has a position (-1 = inactive: it computes garbage that is
 never stored or read), a length, and an adapter slot (-1 = the base model). ``step`` uploads one small int tensor
 (tokens, positions, adapter slots), replays the captured graph (CUDA) or runs the same code eagerly (elsewhere),
-and returns the rows' next-token logits. Prompts are prefilled by transformers (``lorakit.generation.prefill``,
-which also serves DoRA, mixed adapters and everything else) and their K/V copied into the rows (``admit``).
+and returns the rows' next-token logits. Prompts enter the rows either through ``prefill`` (the same fused layers
+over all the prompts' tokens, eager, causal attention per prompt) or, prefilled by transformers
+(``lorakit.generation.prefill``), through ``admit``, which copies their K/V in.
+
+On CUDA each LoRA pair runs on a second stream beside its base GEMM, into a scratch that the next kernel (rope + KV
+store, add + RMSNorm, SwiGLU) adds as it reads the GEMM's output (``lora_overlap``).
 
 Shapes: rows B (``max_batch``), cache length S (``max_len``), hidden d, heads H x head_dim D, kv heads Hkv.
 Cache: K, V (layers, B, Hkv, S, D) in the model's dtype.
@@ -169,6 +173,78 @@ class StaticDecoder:
         for row, member in zip(rows, members):
             self.lengths[row], self.active[row] = lengths[member], True
 
+    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> torch.Tensor:
+        """Run ``prompts[j]`` (token ids) through adapter ``adapters[j]`` into free cache row ``rows[j]``; returns
+        (n, V) float32 next-token logits of each prompt's last token. The rows then decode with ``step``.
+
+        One eager pass over all the prompts' tokens, with the decoder's own fused projections and grouped LoRA (a
+        slot per token), instead of transformers' forward: a server's newcomers are a few short prompts, where that
+        forward's ~50 kernels per layer and its Python cost most of the time. Attention is causal within each
+        prompt (``scaled_dot_product_attention`` over the row's cache).
+        """
+        n = len(rows)
+        if not (n == len(prompts) == len(adapters)) or n == 0:
+            raise LorakitError(f"prefill needs one prompt and one adapter name per row (at least one), got {n} rows, "
+                               f"{len(prompts)} prompts and {len(adapters)} adapter names")
+        if len(set(rows)) != n or any(not 0 <= row < self.max_batch for row in rows):
+            raise LorakitError(f"prefill rows must be distinct cache rows in 0..{self.max_batch - 1}, got {list(rows)}")
+        vocab = self.parts.embed.weight.shape[0]
+        for row, prompt in zip(rows, prompts):
+            if self.active[row]:
+                raise LorakitError(f"cache row {row} is in use; release it first")
+            if not 0 < len(prompt) < self.max_len:
+                raise LorakitError(f"a prompt of {len(prompt)} tokens does not fit the decoder's {self.max_len}-token rows "
+                                   "(it needs 1 to max_len - 1 tokens)")
+            if min(prompt) < 0 or max(prompt) >= vocab:
+                raise LorakitError(f"prompt token ids must be in 0..{vocab - 1}, got {min(prompt)}..{max(prompt)}")
+        from lorakit.inject import adapter_names
+
+        self._sync_structure()
+        for name in dict.fromkeys(adapters):
+            reason = self.unservable(name)
+            if reason is not None:
+                raise LorakitError(reason)
+        present = adapter_names(self.model) if any(a is not None and a not in self.adapters for a in adapters) else ()
+        slot_of_prompt = self.adapters.slots_for(adapters, present)
+        lengths = [len(p) for p in prompts]
+        device = self.device
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
+        positions = torch.cat([torch.arange(length) for length in lengths]).to(device)
+        cache_rows = torch.tensor([row for row, length in zip(rows, lengths) for _ in range(length)], device=device)
+        slots = torch.tensor([s for s, length in zip(slot_of_prompt, lengths) for _ in range(length)],
+                             dtype=torch.int32, device=device)
+        starts = [sum(lengths[:j]) for j in range(n)]
+        cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+
+        def attend(i, layer, q, k, v, delta):
+            from lorakit.kernels.decode_attention import rotate_half_float
+
+            if delta is not None:
+                q, k, v = q + delta[0], k + delta[1], v + delta[2]
+            q = rotate_half_float(q, cos, sin).to(q.dtype)
+            self.k_cache[i][cache_rows, :, positions] = rotate_half_float(k, cos, sin).to(self.k_cache.dtype)
+            self.v_cache[i][cache_rows, :, positions] = v.to(self.v_cache.dtype)
+            out = torch.empty_like(q)
+            gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+            for row, start, length in zip(rows, starts, lengths):
+                qj = q[start:start + length].transpose(0, 1).unsqueeze(0)  # (1, H, L, D)
+                kj = self.k_cache[i][row, :, :length].unsqueeze(0)  # (1, Hkv, L, D)
+                vj = self.v_cache[i][row, :, :length].unsqueeze(0)
+                oj = F.scaled_dot_product_attention(qj, kj, vj, is_causal=True, scale=layer.scaling, **gqa)
+                out[start:start + length] = oj[0].transpose(0, 1)
+            return out
+
+        with torch.inference_mode():
+            h, delta = self._layers(F.embedding(tokens, self.parts.embed.weight), slots, attend)
+            last = torch.tensor([start + length - 1 for start, length in zip(starts, lengths)], device=device)
+            h = h.index_select(0, last)
+            delta = None if delta is None else delta.index_select(0, last)
+            x = _norm(h, self.parts.final_norm, self._eps, delta)
+            logits = (x @ self.parts.lm_head.weight.t()).float()
+        for row, length in zip(rows, lengths):
+            self.lengths[row], self.active[row] = length, True
+        return logits
+
     def release(self, rows: Sequence[int]) -> None:
         for row in rows:
             self.active[row], self.lengths[row] = False, 0
@@ -238,46 +314,57 @@ class StaticDecoder:
     # -- the step ----------------------------------------------------------------------------------------------
     def _forward(self) -> None:
         from lorakit.kernels.decode_attention import decode_attention, rope_store_
-        from lorakit.kernels.rmsnorm import add_rms_norm_, rms_norm
-        from lorakit.kernels.swiglu import swiglu_packed
 
         parts = self.parts
         tokens, positions, slots = self.inputs[0], self.inputs[1], self.inputs[2].to(torch.int32)
         lengths = torch.where(positions >= 0, positions + 1, 0).to(torch.int32)
         safe = positions.clamp(min=0)
         cos, sin = self.cos.index_select(0, safe), self.sin.index_select(0, safe)
-        B, H, Hkv, D = self.max_batch, parts.heads, parts.kv_heads, parts.head_dim
+
+        def attend(i, layer, q, k, v, delta):  # one new token per row: rotate, store at its position, attend
+            rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i], delta=delta)
+            return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling)
+
+        h, delta = self._layers(F.embedding(tokens, parts.embed.weight), slots, attend)
+        x = _norm(h, parts.final_norm, self._eps, delta)
+        self.logits.copy_(x @ parts.lm_head.weight.t())
+
+    def _layers(self, h: torch.Tensor, slots: torch.Tensor, attend) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every decoder layer over rows h (T, d) with adapter slots (T,) int32 (-1: none). ``attend(i, layer, q, k,
+        v, delta)`` rotates q and k, stores k and v in layer i's cache and returns the attention (T, H, D); q (T, H,
+        D), k, v (T, Hkv, D) are views of the q/k/v output and delta None or views of the LoRA delta still to add
+        to them. Returns the residual stream (T, d) and the delta still to add to it (or None)."""
+        from lorakit.kernels.swiglu import swiglu_packed
+
+        parts = self.parts
+        T = h.shape[0]
+        H, Hkv, D = parts.heads, parts.kv_heads, parts.head_dim
         Nq, Nkv = H * D, Hkv * D
-        eps = norm_eps(parts.final_norm, 1e-6)
 
-        def norm(h, weight, eps, delta):  # a LoRA delta still to add goes into the residual stream here
-            return rms_norm(h, weight, eps) if delta is None else add_rms_norm_(h, delta, weight, eps)
+        def heads(t):
+            return t[:, :Nq].view(T, H, D), t[:, Nq:Nq + Nkv].view(T, Hkv, D), t[:, Nq + Nkv:].view(T, Hkv, D)
 
-        h = F.embedding(tokens, parts.embed.weight)  # (B, d)
         delta = None
         for i, layer in enumerate(parts.layers):
-            x = norm(h, layer.input_norm.weight, norm_eps(layer.input_norm, eps), delta)
+            x = _norm(h, layer.input_norm, self._eps, delta)
             qkv, delta = self._project(x, i, "qkv", slots)
             if layer.q_norm is not None and delta is not None:
                 qkv.add_(delta)  # the q/k norms come first: no kernel to fuse the add into
                 delta = None
-
-            def heads(t):
-                return t[:, :Nq].view(B, H, D), t[:, Nq:Nq + Nkv].view(B, Hkv, D), t[:, Nq + Nkv:].view(B, Hkv, D)
-
             q, k, v = heads(qkv)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q).contiguous(), layer.k_norm(k).contiguous()
-            rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i],
-                        delta=None if delta is None else heads(delta))
-            attn = decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling)
-            h, delta = self._project(attn.reshape(B, Nq), i, "o", slots, residual=h)
-            x = norm(h, layer.post_norm.weight, norm_eps(layer.post_norm, eps), delta)
+            attn = attend(i, layer, q, k, v, None if delta is None else heads(delta))
+            h, delta = self._project(attn.reshape(T, Nq), i, "o", slots, residual=h)
+            x = _norm(h, layer.post_norm, self._eps, delta)
             gate_up, delta = self._project(x, i, "gate_up", slots)
-            act = swiglu_packed(gate_up, delta)  # (B, 2F) -> (B, F)
+            act = swiglu_packed(gate_up, delta)  # (T, 2F) -> (T, F)
             h, delta = self._project(act, i, "down", slots, residual=h)
-        x = norm(h, parts.final_norm.weight, eps, delta)
-        self.logits.copy_(x @ parts.lm_head.weight.t())
+        return h, delta
+
+    @property
+    def _eps(self) -> float:
+        return norm_eps(self.parts.final_norm, 1e-6)
 
     def _project(self, x: torch.Tensor, layer: int, group: str, slots: torch.Tensor,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -325,6 +412,14 @@ class StaticDecoder:
         if residual is not None and dora:
             y = residual + y
         return y, None
+
+
+def _norm(h: torch.Tensor, module, default_eps: float, delta: torch.Tensor | None) -> torch.Tensor:
+    """RMSNorm of the residual stream h (T, d); a LoRA delta still to add goes into h first (in place)."""
+    from lorakit.kernels.rmsnorm import add_rms_norm_, rms_norm
+
+    eps = norm_eps(module, default_eps)
+    return rms_norm(h, module.weight, eps) if delta is None else add_rms_norm_(h, delta, module.weight, eps)
 
 
 def _structure_version() -> int:

@@ -11,10 +11,13 @@ Each step (under the model lock, so adapters are never swapped mid-forward):
 Requests join and leave only between steps. Padding never changes a row's logits (see ``lorakit.generation``),
 so a request's output equals the same request served alone.
 
-With a ``StaticDecoder`` (``lorakit.decoding``: CUDA, Llama-family models) the decode step of 3. runs there
-instead: each request owns a row of its static KV cache from admission to the end (its prefilled K/V are copied
-in), and a step is one replay of a captured CUDA graph over all rows; prefill still runs through transformers. Callbacks that may take other locks (releasing an
-adapter pin) run after the model lock is released, so the adapter pool and the engine cannot deadlock.
+With a ``StaticDecoder`` (``lorakit.decoding``: CUDA, Llama-family models) steps 2. and 3. run there instead: each
+request owns a row of its static KV cache from admission to the end, the decoder prefills newcomers straight into
+their rows (``StaticDecoder.prefill``: its fused layers, a slot per token), and a decode step is one replay of a
+captured CUDA graph over all rows.
+
+Callbacks that may take other locks (releasing an adapter pin) run after the model lock is released, so the adapter
+pool and the engine cannot deadlock.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ class TokenInfo:
 
     logprob: float
     top: list[tuple[int, float]]
+
+
+# Newcomers with at most this many prompt tokens in all are prefilled by the static decoder itself; longer ones go
+# through transformers' forward, whose segmented multi-LoRA kernels read each adapter once per 64-token tile where
+# the decoder's row-wise grouped kernels read it once per token.
+STATIC_PREFILL_MAX_TOKENS = 2048
 
 
 @dataclass
@@ -154,7 +163,21 @@ class Engine:
             reasons = [self.decoder.unservable(r.adapter) for r in newcomers]
             done += [(r, f"error: {why}") for r, why in zip(newcomers, reasons) if why is not None]
             newcomers = [r for r, why in zip(newcomers, reasons) if why is None]
-        if newcomers:
+        if newcomers and self.decoder is not None and sum(len(r.prompt) for r in newcomers) <= STATIC_PREFILL_MAX_TOKENS:
+            # the decoder prefills into the rows itself (its fused layers; transformers' forward costs most of a
+            # short prompt's time in Python and small kernels); rows of requests that end at once are released
+            started = time.perf_counter()
+            rows = self.decoder.free_rows()[:len(newcomers)]
+            logits = self.decoder.prefill(rows, [r.prompt for r in newcomers], [r.adapter for r in newcomers])
+            greedy = logits.argmax(dim=-1).tolist()
+            for j, (row, request) in enumerate(zip(rows, newcomers)):
+                request.row = row
+                if self._accept(request, logits[j], done, greedy[j]):
+                    self._running.append(request)
+                else:
+                    self.decoder.release([row])
+            self._time_prefill(started, len(newcomers))
+        elif newcomers:  # transformers' forward (segmented multi-LoRA kernels: long prompts, or no static decoder)
             started = time.perf_counter()
             logits, batch = prefill(self.model, [r.prompt for r in newcomers], [r.adapter for r in newcomers], self.pad_id)
             greedy = logits.argmax(dim=-1).tolist()
@@ -173,9 +196,7 @@ class Engine:
                 else:
                     self._batch.extend(batch)
                 self._running += [newcomers[i] for i in keep]
-            self.timings["prefill_s"] += time.perf_counter() - started
-            self.timings["prefill_calls"] += 1
-            self.timings["prefill_rows"] += len(newcomers)
+            self._time_prefill(started, len(newcomers))
         if not self._running:
             self._batch = None
             return
@@ -190,6 +211,11 @@ class Engine:
         self.timings["decode_steps"] += 1
         finished = [i for i, r in enumerate(self._running) if not self._accept(r, logits[i], done, greedy[i])]
         self._drop(finished, done, None)
+
+    def _time_prefill(self, started: float, rows: int) -> None:
+        self.timings["prefill_s"] += time.perf_counter() - started
+        self.timings["prefill_calls"] += 1
+        self.timings["prefill_rows"] += rows
 
     def _accept(self, request: Request, logits: torch.Tensor, done: list, greedy: int) -> bool:
         """Sample the request's next token from ``logits (V,)`` (``greedy``: its argmax, computed for the whole
