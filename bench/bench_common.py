@@ -112,3 +112,13 @@ def graph_seconds(fn, device, calls=10) -> float:
     seconds = time_fn(g.replay, device, warm=3, reps=20, budget_s=1.0) / calls
     del g
     return seconds
+
+
+def write_json(path: str, record) -> None:
+    """Write ``record`` as JSON to ``path`` atomically (a temp file in the same folder, then a rename)."""
+    import json
+    import os
+
+    with open(path + ".tmp", "w") as handle:
+        json.dump(record, handle, indent=1)
+    os.replace(path + ".tmp", path)

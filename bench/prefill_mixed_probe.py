@@ -17,7 +17,6 @@ Random-weight bf16 Llama shape, 8 adapters r=16 on all seven projections. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ALPHA, LLAMA_SHAPES, RANK, TARGETS, sync  # noqa: E402
+from bench_common import ALPHA, LLAMA_SHAPES, RANK, TARGETS, sync, write_json  # noqa: E402
 
 
 def main() -> int:
@@ -59,7 +58,7 @@ def main() -> int:
 
     def call(rows: int, length: int, mix: int) -> float:
         prompts = [torch.randint(0, cfg.vocab_size, (length - (i % 3),), generator=gen).tolist() for i in range(rows)]
-        adapters = [names[i % mix] for i in range(rows)]
+        adapters = [names[i % min(mix, len(names))] for i in range(rows)]
         sync(device)
         start = time.perf_counter()
         with torch.no_grad():
@@ -136,9 +135,7 @@ def main() -> int:
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"), calls=rows_out, static_vs_transformers=compare,
                   profile_top=table.splitlines()[:20])
     path = os.path.join(out_dir, "prefill_mixed_probe.json")
-    with open(path + ".tmp", "w") as fh:
-        json.dump(record, fh, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, record)
     print(f"wrote {path}")
     return 0
 

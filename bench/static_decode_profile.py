@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from bench_common import ALPHA, LLAMA_SHAPES, RANK, TARGETS, copy_bandwidth, time_fn  # noqa: E402
+from bench_common import ALPHA, LLAMA_SHAPES, RANK, TARGETS, copy_bandwidth, time_fn, write_json  # noqa: E402
 
 SHAPES = {**{k: LLAMA_SHAPES[k] for k in ("1b", "8b")},
           "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -182,9 +182,7 @@ def main() -> int:
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"static_decode_profile_{args.shape}_{args.adapters}.json")
-    with open(path + ".tmp", "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, result)
     print(f"wrote {path}")
     return 0
 

@@ -171,6 +171,12 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 # -- rotary embedding + cache store ---------------------------------------------------------------------------------
 
 @triton.jit
+def _plus(x, ptr, mask):
+    """x + the values at ptr, rounded to x's dtype (what an in-place add of the delta would leave)."""
+    return (x.to(tl.float32) + tl.load(ptr, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
 def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, KC, VC,
                 stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kd, stride_vb, stride_vh, stride_vd,
                 stride_cb, stride_cd, stride_sb, stride_sd,
@@ -193,8 +199,8 @@ def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, KC, VC,
         x2 = tl.load(ptr + (i + half) * stride_qd, mask=mask, other=0.0)
         if HAS_DELTA:
             dptr = DQ + b * stride_qb + j.to(tl.int64) * stride_qh
-            x1 = (x1.to(tl.float32) + tl.load(dptr + i * stride_qd, mask=mask, other=0.0).to(tl.float32)).to(Q.dtype.element_ty)
-            x2 = (x2.to(tl.float32) + tl.load(dptr + (i + half) * stride_qd, mask=mask, other=0.0).to(tl.float32)).to(Q.dtype.element_ty)
+            x1 = _plus(x1, dptr + i * stride_qd, mask)
+            x2 = _plus(x2, dptr + (i + half) * stride_qd, mask)
         x1 = x1.to(tl.float32)
         x2 = x2.to(tl.float32)
         # rotate_half(x) = cat(-x2, x1): out = cat(x1*cos1 - x2*sin1, x2*cos2 + x1*sin2)
@@ -209,8 +215,8 @@ def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, KC, VC,
             x2 = tl.load(kp + (i + half) * stride_kd, mask=mask, other=0.0)
             if HAS_DELTA:
                 dkp = DK + b * stride_kb + kh * stride_kh
-                x1 = (x1.to(tl.float32) + tl.load(dkp + i * stride_kd, mask=mask, other=0.0).to(tl.float32)).to(K.dtype.element_ty)
-                x2 = (x2.to(tl.float32) + tl.load(dkp + (i + half) * stride_kd, mask=mask, other=0.0).to(tl.float32)).to(K.dtype.element_ty)
+                x1 = _plus(x1, dkp + i * stride_kd, mask)
+                x2 = _plus(x2, dkp + (i + half) * stride_kd, mask)
             x1 = x1.to(tl.float32)
             x2 = x2.to(tl.float32)
             kc = KC + b * stride_kcb + kh * stride_kch + pos * stride_kcs
@@ -222,8 +228,8 @@ def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, KC, VC,
             v2 = tl.load(vp + (i + half) * stride_vd, mask=mask, other=0.0)
             if HAS_DELTA:
                 dvp = DV + b * stride_vb + kh * stride_vh
-                v1 = (v1.to(tl.float32) + tl.load(dvp + i * stride_vd, mask=mask, other=0.0).to(tl.float32)).to(V.dtype.element_ty)
-                v2 = (v2.to(tl.float32) + tl.load(dvp + (i + half) * stride_vd, mask=mask, other=0.0).to(tl.float32)).to(V.dtype.element_ty)
+                v1 = _plus(v1, dvp + i * stride_vd, mask)
+                v2 = _plus(v2, dvp + (i + half) * stride_vd, mask)
             tl.store(vc + i * stride_vcd, v1.to(VC.dtype.element_ty), mask=mask)
             tl.store(vc + (i + half) * stride_vcd, v2.to(VC.dtype.element_ty), mask=mask)
 
