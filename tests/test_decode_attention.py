@@ -336,3 +336,49 @@ def test_rope_store_errors(change, match):
 def test_rotate_half_float_is_the_hf_formula():
     x, cos, sin = torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 8)
     assert_close(da.rotate_half_float(x, cos, sin), _rot64(x, cos, sin), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_map_query_tokens_to_cache_rows(dtype, monkeypatch):
+    """rows=: prefill tokens (each with its own length) attend their prompt's cache row, and rope_store_ writes each
+    token's rotated k / v at its (row, position); kernels (checked taken) equal the references and a per-token
+    computation through the plain (rows=None) reference; pos -1 and a row outside the cache store nothing and
+    attend nothing."""
+    from lorakit.kernels.triton import decode_attention as tda
+
+    calls = []
+    for name in ("rope_store_kernel_", "flash_decode"):
+        real = getattr(tda, name)
+        monkeypatch.setattr(tda, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    T, h, hkv, d, s, C = 7, 4, 2, 32, 9, 3
+    rows = torch.tensor([2, 2, 2, 0, 0, 5, 1], dtype=torch.int32)  # 5 is outside the 3-row cache
+    positions = torch.tensor([0, 1, 2, 0, -1, 3, 4], dtype=torch.int32)  # token 4 is padding
+    cos, sin = rope_inputs(T, d, positions)
+    q, k, v = (torch.randn(T, n, d).to(dtype) for n in (h, hkv, hkv))
+    k_cache, v_cache = torch.randn(C, hkv, s, d).to(dtype), torch.randn(C, hkv, s, d).to(dtype)
+    kc_ref, vc_ref, q_ref, kc_before = k_cache.clone(), v_cache.clone(), q.clone(), k_cache.clone()
+    rope_store_(q, k, v, cos, sin, positions, k_cache, v_cache, rows=rows)
+    rope_store_reference_(q_ref, k, v, cos, sin, positions, kc_ref, vc_ref, rows=rows)
+    assert_close(q, q_ref)
+    assert_close(k_cache, kc_ref)
+    assert torch.equal(v_cache, vc_ref)
+    changed = (k_cache != kc_before).any(dim=-1).any(dim=1)  # (C, S)
+    expected = torch.zeros_like(changed)
+    for r, p in ((2, 0), (2, 1), (2, 2), (0, 0), (1, 4)):
+        expected[r, p] = True
+    assert torch.equal(changed, expected)
+    assert torch.equal(v_cache[1, :, 4], v[6])
+    lengths = torch.where(positions >= 0, positions + 1, 0)
+    out = decode_attention(q, k_cache, v_cache, lengths, 0.3, rows=rows)
+    ref = decode_attention_reference(q, k_cache, v_cache, lengths, 0.3, rows=rows)
+    assert_close(out, ref)
+    for t in range(T):  # each token alone through the rows=None reference on its own cache row
+        r = int(rows[t])
+        if r >= C:
+            assert torch.equal(out[t], torch.zeros_like(out[t]))
+            continue
+        alone = decode_attention_reference(q[t:t + 1], k_cache[r:r + 1], v_cache[r:r + 1], lengths[t:t + 1], 0.3)
+        assert_close(out[t:t + 1], alone)
+    assert len(calls) == 2
+    with pytest.raises(LorakitError, match="rows must be a"):
+        decode_attention(q, k_cache, v_cache, lengths, 0.3, rows=rows[:3])

@@ -40,7 +40,16 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # -- checks (host-side shape/dtype only: never reads device values) ---------------------------------------------
 
-def _check_decode_attention(q, k_cache, v_cache, lengths) -> None:
+def _check_rows(name: str, rows, b: int, device) -> None:
+    if rows is None:
+        return
+    if not isinstance(rows, torch.Tensor) or rows.shape != (b,) or rows.dtype not in (torch.int32, torch.int64) \
+            or rows.device != device:
+        got = f"{tuple(rows.shape)} {rows.dtype} on {rows.device}" if isinstance(rows, torch.Tensor) else type(rows).__name__
+        raise LorakitError(f"{name}: rows must be a ({b},) int32/int64 tensor on {device} (the cache row of each q row), got {got}")
+
+
+def _check_decode_attention(q, k_cache, v_cache, lengths, rows=None) -> None:
     if q.dim() != 3:
         raise LorakitError(f"decode_attention: q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -48,8 +57,10 @@ def _check_decode_attention(q, k_cache, v_cache, lengths) -> None:
                            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     b, h, d = q.shape
     cb, hkv, _, cd = k_cache.shape
-    if cb != b:
-        raise LorakitError(f"decode_attention: q has batch {b} but the cache has batch {cb}; pass one cache row per q row")
+    if cb != b and rows is None:
+        raise LorakitError(f"decode_attention: q has batch {b} but the cache has batch {cb}; pass one cache row per q row "
+                           "(or rows=, the cache row of each q row)")
+    _check_rows("decode_attention", rows, b, q.device)
     if cd != d:
         raise LorakitError(f"decode_attention: q head_dim {d} != cache head_dim {cd}")
     if hkv == 0 or h % hkv:
@@ -65,7 +76,7 @@ def _check_decode_attention(q, k_cache, v_cache, lengths) -> None:
                            f"k_cache on {k_cache.device}, v_cache on {v_cache.device}, lengths on {lengths.device}")
 
 
-def _check_rope_store(q, k, v, cos, sin, positions, k_cache, v_cache) -> None:
+def _check_rope_store(q, k, v, cos, sin, positions, k_cache, v_cache, rows=None) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise LorakitError(f"rope_store_: q, k, v must be (batch, heads, head_dim), got {tuple(q.shape)}, "
                            f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -85,10 +96,11 @@ def _check_rope_store(q, k, v, cos, sin, positions, k_cache, v_cache) -> None:
     if positions.shape != (b,) or positions.dtype not in (torch.int32, torch.int64):
         raise LorakitError(f"rope_store_: positions must be a ({b},) int32/int64 tensor (cache index per row), got "
                            f"{tuple(positions.shape)} {positions.dtype}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != b or k_cache.shape[1] != hkv \
-            or k_cache.shape[3] != d:
-        raise LorakitError(f"rope_store_: k_cache and v_cache must both be ({b}, {hkv}, max_len, {d}), got "
-                           f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or (k_cache.shape[0] != b and rows is None) \
+            or k_cache.shape[1] != hkv or k_cache.shape[3] != d:
+        raise LorakitError(f"rope_store_: k_cache and v_cache must both be ({b if rows is None else 'rows'}, {hkv}, "
+                           f"max_len, {d}), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    _check_rows("rope_store_", rows, b, q.device)
     devices = {t.device for t in (q, k, v, cos, sin, positions, k_cache, v_cache)}
     if len(devices) != 1:
         raise LorakitError(f"rope_store_: all tensors must be on one device, got {sorted(str(x) for x in devices)}")
@@ -106,8 +118,14 @@ def _kernel_ok(*tensors: torch.Tensor) -> bool:
 # -- decode attention ---------------------------------------------------------------------------------------------
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                               scale: float) -> torch.Tensor:
-    """q (B, H, D), caches (B, Hkv, S, D), lengths (B,) -> (B, H, D) in q's dtype; float32 math, graph safe."""
+                               scale: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, H, D), caches (B, Hkv, S, D) (or (C, Hkv, S, D) with rows (B,): q row i reads cache row rows[i]; a row
+    outside 0..C-1 attends nothing), lengths (B,) -> (B, H, D) in q's dtype; float32 math, graph safe."""
+    if rows is not None:
+        inside = (rows >= 0) & (rows < k_cache.shape[0])
+        index = torch.where(inside, rows, 0).to(torch.long)
+        k_cache, v_cache = k_cache.index_select(0, index), v_cache.index_select(0, index)
+        lengths = torch.where(inside, lengths, 0)
     b, h, d = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
     g = h // hkv
@@ -125,21 +143,24 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                     scale: float, *, splits: int | None = None) -> torch.Tensor:
+                     scale: float, *, splits: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per row over a static cache: q (B, H, D) -> (B, H, D) in q's dtype.
 
     Flash-decoding (``kernels/triton/decode_attention.py``) when Triton can run, else the reference. ``splits``
     forces the number of key-range splits per (row, kv head) (tests; benchmarks); by default it is chosen from the
-    shapes and the GPU's SM count, never from ``lengths``.
+    shapes and the GPU's SM count, never from ``lengths``. ``rows`` (B,): the cache row each q row reads (default:
+    its own), so the tokens of a prefilled prompt, each with its own length, attend their one row (a row outside
+    the cache attends nothing and gives zeros).
     """
-    _check_decode_attention(q, k_cache, v_cache, lengths)
+    _check_decode_attention(q, k_cache, v_cache, lengths, rows)
     if splits is not None and (not isinstance(splits, int) or splits < 1):
         raise LorakitError(f"decode_attention: splits must be a positive int, got {splits!r}")
-    if q.shape[-1] <= MAX_KERNEL_HEAD_DIM and q.numel() and _kernel_ok(q, k_cache, v_cache, lengths):
+    extra = () if rows is None else (rows,)
+    if q.shape[-1] <= MAX_KERNEL_HEAD_DIM and q.numel() and _kernel_ok(q, k_cache, v_cache, lengths, *extra):
         from lorakit.kernels.triton.decode_attention import flash_decode
 
-        return flash_decode(q, k_cache, v_cache, lengths, float(scale), splits)
-    return decode_attention_reference(q, k_cache, v_cache, lengths, scale)
+        return flash_decode(q, k_cache, v_cache, lengths, float(scale), splits, rows)
+    return decode_attention_reference(q, k_cache, v_cache, lengths, scale, rows)
 
 
 # -- rotary embedding + cache store ---------------------------------------------------------------------------------
@@ -153,27 +174,38 @@ def rotate_half_float(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 
 def rope_store_reference_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """In place: q <- rope(q); k_cache[b, :, positions[b]] <- rope(k[b]), v_cache[...] <- v[b] for active rows.
+                          positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          rows: torch.Tensor | None = None) -> None:
+    """In place: q <- rope(q); k_cache[r, :, positions[b]] <- rope(k[b]), v_cache[...] <- v[b] for active rows b,
+    with r = b (or rows[b]).
 
-    Graph safe: inactive rows write back the value already in the cache (a gather + where + scatter, no sync).
+    Graph safe without ``rows``: inactive rows write back the value already in the cache (a gather + where +
+    scatter, no sync). With ``rows`` several q rows share a cache row, so inactive ones could collide with active
+    ones: only the active are scattered (selected on the host: a sync).
     """
     cos, sin = cos.float(), sin.float()
     q.copy_(rotate_half_float(q, cos, sin).to(q.dtype))
     s = k_cache.shape[2]
     pos = positions.to(torch.long)
+    k_new = rotate_half_float(k, cos, sin).to(k_cache.dtype)
+    if rows is not None:
+        keep = ((pos >= 0) & (pos < s) & (rows >= 0) & (rows < k_cache.shape[0])).nonzero().squeeze(1)
+        where = (rows.to(torch.long).index_select(0, keep), slice(None), pos.index_select(0, keep))
+        k_cache[where] = k_new.index_select(0, keep)
+        v_cache[where] = v.to(v_cache.dtype).index_select(0, keep)
+        return
     active = ((pos >= 0) & (pos < s))[:, None, None]  # (B, 1, 1)
     rows = torch.arange(q.shape[0], device=q.device)
     idx = pos.clamp(0, s - 1)
     # advanced indices split by a slice: the (B,) dims come first, so both sides are (B, Hkv, D)
-    k_new = rotate_half_float(k, cos, sin).to(k_cache.dtype)
     k_cache[rows, :, idx] = torch.where(active, k_new, k_cache[rows, :, idx])
     v_cache[rows, :, idx] = torch.where(active, v.to(v_cache.dtype), v_cache[rows, :, idx])
 
 
 def rope_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                delta: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                delta: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                rows: torch.Tensor | None = None) -> None:
     """Rotate q in place and store rotated k and v at ``positions`` in the caches; one Triton kernel when it can.
 
     q (B, H, D), k, v (B, Hkv, D): any strides (views of a fused qkv output); cos, sin (B, D) float32;
@@ -181,20 +213,23 @@ def rope_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
     delta: None, or (dq, dk, dv) of q's, k's and v's shapes, added to them first (rounded to their dtype, as
     ``q + dq`` would be): the static decoder's LoRA deltas, computed beside the GEMM, read in the same pass. q ends
     up holding rope(q + dq); k and v themselves are not changed.
+    rows: None, or (B,) the cache row of each q row (the tokens of a prefilled prompt share one; the caches may then
+    hold any number of rows; a row outside them stores nothing).
     """
-    _check_rope_store(q, k, v, cos, sin, positions, k_cache, v_cache)
+    _check_rope_store(q, k, v, cos, sin, positions, k_cache, v_cache, rows)
     if delta is not None:
         if len(delta) != 3 or any(d.shape != t.shape for d, t in zip(delta, (q, k, v))):
             raise LorakitError(f"rope_store_'s delta must be (dq, dk, dv) shaped like q, k, v {tuple(q.shape)}, "
                                f"{tuple(k.shape)}, {tuple(v.shape)}")
     same_strides = delta is None or all(d.stride() == t.stride() and d.device == t.device for d, t in zip(delta, (q, k, v)))
+    extra = (*(delta or ()), *(() if rows is None else (rows,)))
     if q.numel() and q.shape[-1] <= MAX_KERNEL_HEAD_DIM and same_strides and \
-            _kernel_ok(q, k, v, cos.float(), sin.float(), positions, k_cache, v_cache, *(delta or ())):
+            _kernel_ok(q, k, v, cos.float(), sin.float(), positions, k_cache, v_cache, *extra):
         from lorakit.kernels.triton.decode_attention import rope_store_kernel_
 
-        rope_store_kernel_(q, k, v, cos.float(), sin.float(), positions, k_cache, v_cache, delta)
+        rope_store_kernel_(q, k, v, cos.float(), sin.float(), positions, k_cache, v_cache, delta, rows)
         return
     if delta is not None:
         q.add_(delta[0].to(q.dtype))
         k, v = k + delta[1].to(k.dtype), v + delta[2].to(v.dtype)
-    rope_store_reference_(q, k, v, cos, sin, positions, k_cache, v_cache)
+    rope_store_reference_(q, k, v, cos, sin, positions, k_cache, v_cache, rows)

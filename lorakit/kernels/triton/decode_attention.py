@@ -28,18 +28,24 @@ _PROGRAMS_PER_SM = 2
 
 
 @triton.jit
-def _flash_decode_split(Q, K, V, LENGTHS, O, LSE, OUT,
+def _flash_decode_split(Q, K, V, LENGTHS, ROWS, O, LSE, OUT,
                         stride_qb, stride_qh, stride_qd,
                         stride_kb, stride_kh, stride_ks, stride_kd,
                         stride_vb, stride_vh, stride_vs, stride_vd,
                         stride_ob, stride_oh, stride_od,
-                        s_max, split_len, n_groups, head_dim, qk_scale,
+                        s_max, split_len, n_groups, head_dim, qk_scale, n_cache_rows,
                         NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-                        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     length = tl.minimum(tl.maximum(tl.load(LENGTHS + b).to(tl.int32), 0), s_max)  # never read past the cache
+    cb = b  # the cache row this q row reads
+    if HAS_ROWS:
+        cb = tl.load(ROWS + b).to(tl.int64)
+        inside = (cb >= 0) & (cb < n_cache_rows)
+        length = tl.where(inside, length, 0)  # a row outside the cache attends nothing
+        cb = tl.where(inside, cb, 0)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, length)
 
@@ -54,8 +60,8 @@ def _flash_decode_split(Q, K, V, LENGTHS, O, LSE, OUT,
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
+    k_base = K + cb * stride_kb + kvh * stride_kh
+    v_base = V + cb * stride_vb + kvh * stride_vh
     s_offs = tl.arange(0, BLOCK_S)
     for start in range(lo, hi, BLOCK_S):
         s = start + s_offs
@@ -137,8 +143,9 @@ def _blocks(head_dim: int, n_groups: int) -> tuple[int, int, int]:
 
 
 def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                 scale: float, splits: int | None = None) -> torch.Tensor:
-    """q (B, H, D), caches (B, Hkv, S, D), lengths (B,) int -> (B, H, D) in q's dtype. Shapes checked by caller."""
+                 scale: float, splits: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, H, D), caches (B or C, Hkv, S, D), lengths (B,) int, rows None or (B,) int (the cache row of each q
+    row) -> (B, H, D) in q's dtype. Shapes checked by caller."""
     b, h, d = q.shape
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     n_groups = h // hkv
@@ -156,11 +163,11 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # float32: exact products, like the reference
     _flash_decode_split[(b, hkv, splits)](
-        q, k_cache, v_cache, lengths, o_part, lse, out,
+        q, k_cache, v_cache, lengths, lengths if rows is None else rows, o_part, lse, out,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        s_max, split_len, n_groups, d, float(scale) * _LOG2E,
+        s_max, split_len, n_groups, d, float(scale) * _LOG2E, k_cache.shape[0],
         NUM_SPLITS=splits, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_D=block_d, DOT_PRECISION=precision,
-        num_warps=4, num_stages=3)
+        HAS_ROWS=rows is not None, num_warps=4, num_stages=3)
     if splits > 1:
         _flash_decode_combine[(b * h,)](o_part, lse, out, *out.stride(), h, d, NUM_SPLITS=splits,
                                         BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
@@ -177,11 +184,12 @@ def _plus(x, ptr, mask):
 
 
 @triton.jit
-def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, KC, VC,
+def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, ROWS, KC, VC,
                 stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kd, stride_vb, stride_vh, stride_vd,
                 stride_cb, stride_cd, stride_sb, stride_sd,
                 stride_kcb, stride_kch, stride_kcs, stride_kcd, stride_vcb, stride_vch, stride_vcs, stride_vcd,
-                n_heads, s_max, half, HAS_DELTA: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                n_heads, s_max, half, n_cache_rows, HAS_DELTA: tl.constexpr, HAS_ROWS: tl.constexpr,
+                BLOCK_HALF: tl.constexpr):
     """Program (b, j): j < H rotates q[b, j] in place; j >= H rotates k[b, j-H] into the cache and copies v.
     HAS_DELTA: q, k, v are first replaced by q + dq, k + dk, v + dv (rounded to their dtype; the deltas have
     q's, k's and v's strides), and q + dq is what q holds afterwards (rotated)."""
@@ -209,7 +217,12 @@ def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, KC, VC,
     else:
         kh = (j - n_heads).to(tl.int64)
         pos = tl.load(POS + b).to(tl.int64)
-        if (pos >= 0) & (pos < s_max):  # inactive rows (pos < 0) and out-of-range positions write nothing
+        cb = b  # the cache row of this q row
+        inside = (pos >= 0) & (pos < s_max)
+        if HAS_ROWS:
+            cb = tl.load(ROWS + b).to(tl.int64)
+            inside = inside & (cb >= 0) & (cb < n_cache_rows)
+        if inside:  # inactive rows (pos < 0), out-of-range positions and rows outside the cache write nothing
             kp = K + b * stride_kb + kh * stride_kh
             x1 = tl.load(kp + i * stride_kd, mask=mask, other=0.0)
             x2 = tl.load(kp + (i + half) * stride_kd, mask=mask, other=0.0)
@@ -219,11 +232,11 @@ def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, KC, VC,
                 x2 = _plus(x2, dkp + (i + half) * stride_kd, mask)
             x1 = x1.to(tl.float32)
             x2 = x2.to(tl.float32)
-            kc = KC + b * stride_kcb + kh * stride_kch + pos * stride_kcs
+            kc = KC + cb * stride_kcb + kh * stride_kch + pos * stride_kcs
             tl.store(kc + i * stride_kcd, (x1 * cos1 - x2 * sin1).to(KC.dtype.element_ty), mask=mask)
             tl.store(kc + (i + half) * stride_kcd, (x2 * cos2 + x1 * sin2).to(KC.dtype.element_ty), mask=mask)
             vp = V + b * stride_vb + kh * stride_vh
-            vc = VC + b * stride_vcb + kh * stride_vch + pos * stride_vcs
+            vc = VC + cb * stride_vcb + kh * stride_vch + pos * stride_vcs
             v1 = tl.load(vp + i * stride_vd, mask=mask, other=0.0)
             v2 = tl.load(vp + (i + half) * stride_vd, mask=mask, other=0.0)
             if HAS_DELTA:
@@ -234,14 +247,15 @@ def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, KC, VC,
             tl.store(vc + (i + half) * stride_vcd, v2.to(VC.dtype.element_ty), mask=mask)
 
 
-def rope_store_kernel_(q, k, v, cos, sin, positions, k_cache, v_cache, delta=None) -> None:
+def rope_store_kernel_(q, k, v, cos, sin, positions, k_cache, v_cache, delta=None, rows=None) -> None:
     """See ``lorakit.kernels.decode_attention.rope_store_``; shapes checked by the caller, cos/sin float32;
-    delta: None or (dq, dk, dv) with q's, k's and v's shapes and strides."""
+    delta: None or (dq, dk, dv) with q's, k's and v's shapes and strides; rows: None or the cache row of each row."""
     b, h, d = q.shape
     hkv = k.shape[1]
     half = d // 2
     dq, dk, dv = (q, k, v) if delta is None else delta
     _rope_store[(b, h + hkv)](
-        q, k, v, dq, dk, dv, cos, sin, positions, k_cache, v_cache,
+        q, k, v, dq, dk, dv, cos, sin, positions, positions if rows is None else rows, k_cache, v_cache,
         *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(), *k_cache.stride(), *v_cache.stride(),
-        h, k_cache.shape[2], half, HAS_DELTA=delta is not None, BLOCK_HALF=max(16, triton.next_power_of_2(half)), num_warps=1)
+        h, k_cache.shape[2], half, k_cache.shape[0], HAS_DELTA=delta is not None, HAS_ROWS=rows is not None,
+        BLOCK_HALF=max(16, triton.next_power_of_2(half)), num_warps=1)
