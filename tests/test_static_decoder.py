@@ -225,11 +225,16 @@ def test_adapters_injected_after_the_decoder_was_built():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("overlap", ["off", "lora"])
-def test_prefill_matches_transformers_and_then_decodes(family, overlap):
+@pytest.mark.parametrize("overlap,attention", [("off", "kernels"), ("lora", "kernels"), ("lora", "sdpa-per-prompt")])
+def test_prefill_matches_transformers_and_then_decodes(family, overlap, attention, monkeypatch):
     """decoder.prefill (the decoder's own layers over all prompts' tokens, a slot per token) gives transformers'
     prefill logits for every prompt and fills the rows' caches so that the steps after it match as well; mixed
-    adapters (LoRA, rsLoRA on a few projections, DoRA, none), prompts of different lengths, rows out of order."""
+    adapters (LoRA, rsLoRA on a few projections, DoRA, none), prompts of different lengths, rows out of order;
+    attention through the decode kernels (rows=) or, as for long prompts, causal SDPA per prompt."""
+    import lorakit.decoding.decoder as decoder_module
+
+    if attention == "sdpa-per-prompt":
+        monkeypatch.setattr(decoder_module, "PREFILL_KERNEL_MAX_PROMPT", 0)
     model = _family(family)
     _with_adapters(model)
     expected = _reference(model, PROMPTS, NAMES, steps=3)

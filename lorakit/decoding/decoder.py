@@ -95,6 +95,10 @@ class StaticDecoder:
         self.active = [False] * B
         self._graph = None
         self._graph_key = None
+        # prefill graphs, one per token-count bucket, sharing one memory pool; their inputs and outputs
+        self._prefill_graphs: dict = {}
+        self._prefill_key = None
+        self._prefill_last = self._prefill_logits = self._pool = None
         self._structure = _structure_version()
 
     # -- set-up ------------------------------------------------------------------------------------------------
@@ -123,7 +127,7 @@ class StaticDecoder:
         for i, layer in enumerate(self.parts.layers):
             if not all(fused.is_current() for fused in self.weights[i].values()):
                 self.weights[i] = self._fuse(layer)
-                self._graph = None
+                self._graph, self._prefill_graphs = None, {}
         self.adapters.weights = self.weights
 
     def unservable(self, name: str | None) -> str | None:
@@ -177,10 +181,13 @@ class StaticDecoder:
         """Run ``prompts[j]`` (token ids) through adapter ``adapters[j]`` into free cache row ``rows[j]``; returns
         (n, V) float32 next-token logits of each prompt's last token. The rows then decode with ``step``.
 
-        One eager pass over all the prompts' tokens, with the decoder's own fused projections and grouped LoRA (a
-        slot per token), instead of transformers' forward: a server's newcomers are a few short prompts, where that
-        forward's ~50 kernels per layer and its Python cost most of the time. Attention is causal within each
-        prompt (``scaled_dot_product_attention`` over the row's cache).
+        One pass over all the prompts' tokens with the decoder's own layers (fused projections, grouped LoRA with a
+        slot per token) instead of transformers' forward, whose ~50 kernels per layer and Python cost most of the
+        time of a server's newcomers (a few short prompts). Each token's K/V go straight to (its row, its position).
+        Prompts of up to ``PREFILL_KERNEL_MAX_PROMPT`` tokens attend with the decode kernels (each token over its
+        row's cache up to itself) and, on CUDA with up to ``PREFILL_GRAPH_MAX_TOKENS`` tokens in all, the pass is
+        the replay of a CUDA graph captured once per power-of-two token count; longer prompts run eagerly with
+        causal ``scaled_dot_product_attention`` per prompt.
         """
         n = len(rows)
         if not (n == len(prompts) == len(adapters)) or n == 0:
@@ -207,43 +214,104 @@ class StaticDecoder:
         present = adapter_names(self.model) if any(a is not None and a not in self.adapters for a in adapters) else ()
         slot_of_prompt = self.adapters.slots_for(adapters, present)
         lengths = [len(p) for p in prompts]
-        device = self.device
-        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
-        positions = torch.cat([torch.arange(length) for length in lengths]).to(device)
-        cache_rows = torch.tensor([row for row, length in zip(rows, lengths) for _ in range(length)], device=device)
-        slots = torch.tensor([s for s, length in zip(slot_of_prompt, lengths) for _ in range(length)],
-                             dtype=torch.int32, device=device)
+        T = sum(lengths)
         starts = [sum(lengths[:j]) for j in range(n)]
-        cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+        # the flat token table: token id, position in its prompt, cache row, adapter slot
+        flat = torch.tensor([[t for p in prompts for t in p],
+                             [i for length in lengths for i in range(length)],
+                             [row for row, length in zip(rows, lengths) for _ in range(length)],
+                             [s for s, length in zip(slot_of_prompt, lengths) for _ in range(length)]], dtype=torch.long)
+        last = torch.tensor([start + length - 1 for start, length in zip(starts, lengths)], dtype=torch.long)
+        if max(lengths) > PREFILL_KERNEL_MAX_PROMPT:  # long prompts: causal SDPA per prompt (reads K/V once)
+            logits = self._prefill_eager(flat.to(self.device), last.to(self.device), rows, starts, lengths)
+        elif self.use_graph and T <= PREFILL_GRAPH_MAX_TOKENS:
+            logits = self._prefill_graphed(flat, last)
+        else:
+            logits = self._prefill_eager(flat.to(self.device), last.to(self.device))
+        for row, length in zip(rows, lengths):
+            self.lengths[row], self.active[row] = length, True
+        return logits
 
-        def attend(i, layer, q, k, v, delta):
-            from lorakit.kernels.decode_attention import rotate_half_float
+    def _prefill_eager(self, flat, last, rows=None, starts=None, lengths=None) -> torch.Tensor:
+        """The prefill pass, eager: ``_prefill_forward`` with the decode kernels (rows=None), or with causal SDPA per
+        prompt (rows, starts, lengths given: long prompts, where each token reading its row's cache would re-read
+        the prompt's K/V once per token)."""
+        out = torch.empty(last.shape[0], self.parts.vocab, dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            self._prefill_forward(flat, last, out, None if rows is None else (rows, starts, lengths))
+        return out
 
+    def _prefill_graphed(self, flat: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The prefill pass as the replay of a CUDA graph captured for the token count's bucket (a power of two from
+        16: padding tokens have position -1, store and attend nothing and have no adapter)."""
+        T, n = flat.shape[1], last.shape[0]
+        bucket = max(16, 1 << (T - 1).bit_length())
+        key = (self.adapters.version, self.adapters.has_dora, bool(self.adapters.slot_of))
+        if self._prefill_key != key:
+            self._prefill_graphs, self._prefill_key = {}, key
+        if self._prefill_last is None:
+            self._prefill_last = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+            self._prefill_logits = torch.zeros(self.max_batch, self.parts.vocab, dtype=torch.float32, device=self.device)
+        entry = self._prefill_graphs.get(bucket)
+        if entry is None:
+            inputs = torch.zeros(4, bucket, dtype=torch.long, device=self.device)
+            inputs[1].fill_(-1)  # warm-up and capture store nothing
+            inputs[3].fill_(-1)
+
+            def forward(inputs=inputs):
+                self._prefill_forward(inputs, self._prefill_last, self._prefill_logits)
+
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()  # the buckets' graphs never run at once: one pool
+            entry = self._prefill_graphs[bucket] = (inputs, self._capture_graph(forward, self._pool))
+        inputs, graph = entry
+        host = torch.empty(4, bucket, dtype=torch.long)
+        host[:, :T] = flat
+        host[0, T:], host[1, T:], host[2, T:], host[3, T:] = 0, -1, 0, -1
+        inputs.copy_(host)
+        index = torch.zeros(self.max_batch, dtype=torch.long)
+        index[:n] = last  # the rest point at token 0: stale indices of a larger bucket would be out of range
+        self._prefill_last.copy_(index)
+        graph.replay()
+        return self._prefill_logits[:n].clone()
+
+    def _prefill_forward(self, flat: torch.Tensor, last: torch.Tensor, out: torch.Tensor, per_prompt=None) -> None:
+        """All layers over the flat tokens (4, T) (token, position, cache row, slot), storing every token's K/V at
+        (row, position); out[:n] <- the float32 logits of the tokens at ``last`` (n,)."""
+        from lorakit.kernels.decode_attention import decode_attention, rope_store_, rotate_half_float
+
+        tokens, positions, cache_rows, slots = flat[0], flat[1], flat[2], flat[3].to(torch.int32)
+        lengths = torch.where(positions >= 0, positions + 1, 0).to(torch.int32)
+        safe = positions.clamp(min=0)
+        cos, sin = self.cos.index_select(0, safe), self.sin.index_select(0, safe)
+
+        def attend(i, layer, q, k, v, delta):  # each token attends its row's cache up to its own position
+            rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i], delta=delta, rows=cache_rows)
+            return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling, rows=cache_rows)
+
+        def attend_per_prompt(i, layer, q, k, v, delta):
+            rows, starts, prompt_lengths = per_prompt
             if delta is not None:
                 q, k, v = q + delta[0], k + delta[1], v + delta[2]
             q = rotate_half_float(q, cos, sin).to(q.dtype)
             self.k_cache[i][cache_rows, :, positions] = rotate_half_float(k, cos, sin).to(self.k_cache.dtype)
             self.v_cache[i][cache_rows, :, positions] = v.to(self.v_cache.dtype)
-            out = torch.empty_like(q)
+            result = torch.empty_like(q)
             gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
-            for row, start, length in zip(rows, starts, lengths):
+            for row, start, length in zip(rows, starts, prompt_lengths):
                 qj = q[start:start + length].transpose(0, 1).unsqueeze(0)  # (1, H, L, D)
                 kj = self.k_cache[i][row, :, :length].unsqueeze(0)  # (1, Hkv, L, D)
                 vj = self.v_cache[i][row, :, :length].unsqueeze(0)
                 oj = F.scaled_dot_product_attention(qj, kj, vj, is_causal=True, scale=layer.scaling, **gqa)
-                out[start:start + length] = oj[0].transpose(0, 1)
-            return out
+                result[start:start + length] = oj[0].transpose(0, 1)
+            return result
 
-        with torch.inference_mode():
-            h, delta = self._layers(F.embedding(tokens, self.parts.embed.weight), slots, attend)
-            last = torch.tensor([start + length - 1 for start, length in zip(starts, lengths)], device=device)
-            h = h.index_select(0, last)
-            delta = None if delta is None else delta.index_select(0, last)
-            x = _norm(h, self.parts.final_norm, self._eps, delta)
-            logits = (x @ self.parts.lm_head.weight.t()).float()
-        for row, length in zip(rows, lengths):
-            self.lengths[row], self.active[row] = length, True
-        return logits
+        h, delta = self._layers(F.embedding(tokens, self.parts.embed.weight), slots,
+                                attend if per_prompt is None else attend_per_prompt)
+        h = h.index_select(0, last)
+        delta = None if delta is None else delta.index_select(0, last)
+        x = _norm(h, self.parts.final_norm, self._eps, delta)
+        out[:last.shape[0]].copy_(x @ self.parts.lm_head.weight.t())
 
     def release(self, rows: Sequence[int]) -> None:
         for row in rows:
@@ -295,21 +363,25 @@ class StaticDecoder:
         self._graph.replay()
 
     def _capture(self) -> None:
-        """Capture ``_forward`` (after two warm-up runs on a side stream, which compile the Triton kernels)."""
         self._graph = None
         saved = self.inputs.clone()
         self.inputs[1].fill_(-1)  # warm-up and capture store nothing: every row inactive
+        self._graph = self._capture_graph(self._forward)
+        self.inputs.copy_(saved)
+
+    @staticmethod
+    def _capture_graph(forward, pool=None) -> "torch.cuda.CUDAGraph":
+        """Capture ``forward()`` (after two warm-up runs on a side stream, which compile the Triton kernels)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):
-                self._forward()
+                forward()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
-            self._forward()
-        self.inputs.copy_(saved)
-        self._graph = graph
+        with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
+            forward()
+        return graph
 
     # -- the step ----------------------------------------------------------------------------------------------
     def _forward(self) -> None:
@@ -412,6 +484,13 @@ class StaticDecoder:
         if residual is not None and dora:
             y = residual + y
         return y, None
+
+
+# prefill: prompts up to this many tokens attend with the decode kernels (each token reads its row's cache up to
+# itself: quadratic in the prompt, cheap when short); longer ones with causal SDPA per prompt. Up to
+# PREFILL_GRAPH_MAX_TOKENS tokens in all, on CUDA, the pass is a CUDA graph replay (one per power-of-two bucket).
+PREFILL_KERNEL_MAX_PROMPT = 256
+PREFILL_GRAPH_MAX_TOKENS = 512
 
 
 def _norm(h: torch.Tensor, module, default_eps: float, delta: torch.Tensor | None) -> torch.Tensor:
