@@ -122,3 +122,20 @@ def write_json(path: str, record) -> None:
     with open(path + ".tmp", "w") as handle:
         json.dump(record, handle, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def random_llama(fields: dict, device, dtype, max_positions: int = 8192):
+    """A random-weight ``LlamaForCausalLM`` of the given config fields (seed 0), built directly on ``device`` in
+    ``dtype``, in eval mode, with an untied head."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**fields, max_position_embeddings=max_positions, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(previous)

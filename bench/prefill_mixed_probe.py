@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ALPHA, LLAMA_SHAPES, RANK, TARGETS, sync, write_json  # noqa: E402
+from bench_common import ALPHA, LLAMA_SHAPES, RANK, TARGETS, random_llama, sync, write_json  # noqa: E402
 
 
 def main() -> int:
@@ -39,17 +39,11 @@ def main() -> int:
 
     import lorakit
     from lorakit.generation import prefill
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = LLAMA_SHAPES.get(args.shape) or dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
-    cfg = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).eval()
-    torch.set_default_dtype(previous)
+    model = random_llama(shape, device, dtype, max_positions=4096)
+    cfg = model.config
     names = [f"a{i}" for i in range(args.adapters)]
     for name in names:
         lorakit.inject(model, lorakit.LoraConfig(r=RANK, alpha=ALPHA, target_modules=TARGETS), adapter=name,

@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from bench_common import ALPHA, LLAMA_SHAPES, RANK, TARGETS, copy_bandwidth, time_fn, write_json  # noqa: E402
+from bench_common import ALPHA, LLAMA_SHAPES, RANK, TARGETS, copy_bandwidth, random_llama, time_fn, write_json  # noqa: E402
 
 SHAPES = {**{k: LLAMA_SHAPES[k] for k in ("1b", "8b")},
           "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -100,15 +100,8 @@ def main() -> int:
     if args.grouped_configs:
         with open(args.grouped_configs) as fh:
             grouped_lora.CONFIGS.update(json.load(fh)["configs"])
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=8192, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).eval()
-    torch.set_default_dtype(previous)
+    model = random_llama(SHAPES[args.shape], device, dtype)
     for i in range(args.adapters):
         lorakit.inject(model, lorakit.LoraConfig(r=RANK, alpha=ALPHA, target_modules=TARGETS), adapter=f"a{i}",
                        trainable=False, dtype=dtype)
