@@ -36,19 +36,7 @@ def time_steps(step, device: str, warm: int = 3, reps: int = 8) -> tuple[float, 
     for _ in range(warm - 1):
         step()
     sync(device)
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
+    times = _timed_runs(step, device, reps)
     return statistics.median(times), min(times), max(times), first
 
 
@@ -70,20 +58,25 @@ def time_fn(fn, device, warm=2, reps=8, budget_s=10.0) -> float:
     fn()
     sync(device)
     reps = max(2, min(reps, int(budget_s / max(time.perf_counter() - start, 1e-6))))
+    return statistics.median(_timed_runs(fn, device, reps))
+
+
+def _timed_runs(fn, device, reps: int) -> list[float]:
+    """Seconds of each of ``reps`` calls of ``fn()``: CUDA events on the GPU, a host clock elsewhere."""
     times = []
     for _ in range(reps):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
+        if torch.device(device).type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             fn()
-            e.record()
+            end.record()
             torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1000)
+            times.append(start.elapsed_time(end) / 1000)
         else:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
 
 
 def copy_bandwidth(device) -> float:

@@ -640,7 +640,7 @@ def main():
     parser.add_argument("--no-static", dest="static", action="store_false",
                         help="skip the lorakit.decoding.StaticDecoder decode cases")
     parser.add_argument("--overlap", default="",
-                        help="comma-separated StaticDecoder lora_overlap modes to measure (lora, shrink, off; "
+                        help="comma-separated StaticDecoder lora_overlap modes to measure (lora, off; "
                              "empty: the decoder's default)")
     args = parser.parse_args()
     if args.shape == "tiny":

@@ -28,6 +28,7 @@ Cache: K, V (layers, B, Hkv, S, D) in the model's dtype.
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import torch
@@ -215,7 +216,7 @@ class StaticDecoder:
         slot_of_prompt = self.adapters.slots_for(adapters, present)
         lengths = [len(p) for p in prompts]
         T = sum(lengths)
-        starts = [sum(lengths[:j]) for j in range(n)]
+        starts = [0, *itertools.accumulate(lengths[:-1])]
         # the flat token table: token id, position in its prompt, cache row, adapter slot
         flat = torch.tensor([[t for p in prompts for t in p],
                              [i for length in lengths for i in range(length)],
