@@ -179,11 +179,16 @@ class LoraConfig:
         return scaling(kind, self.rank_for(module_path), self.alpha_for(module_path))
 
     # -- PEFT adapter_config.json ------------------------------------------------------------------------------
-    def to_peft_dict(self, base_model_name_or_path: str | None = None, fan_in_fan_out: bool = False) -> dict[str, Any]:
-        """The ``adapter_config.json`` that PEFT writes for the same adapter (``peft.LoraConfig`` reads it)."""
+    def to_peft_dict(self, base_model_name_or_path: str | None = None, fan_in_fan_out: bool = False,
+                     task_type: str | None = "CAUSAL_LM") -> dict[str, Any]:
+        """The ``adapter_config.json`` that PEFT writes for the same adapter (``peft.LoraConfig`` reads it).
+
+        ``task_type`` picks the class ``peft.PeftModel.from_pretrained`` wraps the base in (None: the generic one,
+        for a model that is not a causal LM)."""
         target = self.target_modules
         return {
             **PEFT_DEFAULTS,
+            "task_type": task_type,
             "base_model_name_or_path": base_model_name_or_path,
             "r": self.r,
             "lora_alpha": self.alpha,
@@ -223,6 +228,9 @@ class LoraConfig:
             if value not in (None, False, {}, [], ""):
                 raise LorakitError(f"{source}: unknown field {shown(key)}={shown(value)} (from a newer peft?); lorakit cannot apply "
                                    f"it. If it does not change the adapter's math, delete it from the file")
+        for flag in ("use_rslora", "use_dora"):  # bool("false") is True: a hand-edited string would switch it on
+            if not isinstance(data.get(flag), (bool, type(None))):
+                raise LorakitError(f"{source}: {flag} must be true or false, got {shown(data.get(flag))}")
         use_rslora, use_dora = bool(data.get("use_rslora", False)), bool(data.get("use_dora", False))
         variant = {(True, True): "rsdora", (False, True): "dora", (True, False): "rslora"}.get((use_rslora, use_dora), "lora")
         init = data.get("init_lora_weights", True)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,10 @@ from torch import nn
 
 from lorakit import quant
 from lorakit._fs import atomic_write_bytes, atomic_write_text
-from lorakit.config import LoraConfig, clipped, listed, shown
+from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.inject import _base_modules, adapter_hosts, adapter_names, find_modules_to_save, find_targets, inject
-from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
+from lorakit.layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -33,6 +34,9 @@ FORMAT_VERSION = "1"
 PREFIX = "base_model.model."
 PICKLED_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few KB (the server's limit, lorakit.serve.pool, too)
+# peft's inits that rewrite the base (W -> W - s B0 A0) when an adapter is created, and again, from the same original
+# W, when PeftModel.from_pretrained loads the file: deterministic (an SVD, a QR), so lorakit repeats them on load
+BASE_REWRITES = ("pissa", "olora")
 
 # (linear form attribute, PEFT key suffix for linear layers, for embeddings)
 _SUFFIXES = {
@@ -123,7 +127,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
     tensors, config = adapter_state_dict(model, adapter)
     has_conv1d = any(quant.from_conv1d(h.base_layer) for h in adapter_hosts(model).values() if isinstance(h, LoraLayer))
     base_name = base_name or getattr(model, "lorakit_base_name", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    peft_config = config.to_peft_dict(base_model_name_or_path=base_name or None, fan_in_fan_out=has_conv1d)
+    peft_config = config.to_peft_dict(base_model_name_or_path=base_name or None, fan_in_fan_out=has_conv1d,
+                                      task_type=task_type(model))
     metadata = {"format": "pt", "lorakit_format": FORMAT_VERSION, "lorakit_version": __version__,
                 "lorakit_base_fingerprint": base_fingerprint(model)}
     folder = Path(folder)
@@ -135,6 +140,21 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
     # (PEFT's rule too), so sorting them could give a module another rank when the file is read back
     atomic_write_text(folder / CONFIG_NAME, json.dumps(dict(sorted(peft_config.items())), indent=2) + "\n")
     return folder
+
+
+def task_type(model: nn.Module) -> str | None:
+    """peft's ``task_type`` for this model, from its transformers class name (None: any other model).
+
+    peft wraps the base in the class the task names; a causal-LM wrapper on a classifier fails on load."""
+    name = type(model).__name__
+    if name.endswith("ForConditionalGeneration") and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"  # T5, BART; a vision-language ...ForConditionalGeneration is a causal LM
+    for suffixes, task in ((("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"), "CAUSAL_LM"),
+                           (("ForSequenceClassification",), "SEQ_CLS"), (("ForTokenClassification",), "TOKEN_CLS"),
+                           (("ForQuestionAnswering",), "QUESTION_ANS")):
+        if name.endswith(suffixes):
+            return task
+    return None
 
 
 # -- read ----------------------------------------------------------------------------------------------------------
@@ -157,6 +177,23 @@ class AdapterFile:
     def size_bytes(self) -> int:
         return self.file_bytes if self.file_bytes is not None else (self.folder / WEIGHTS_NAME).stat().st_size
 
+    @property
+    def base_rewrite(self) -> str | None:
+        """``"pissa"`` / ``"olora"`` when peft rewrote the base with that init (load_adapter repeats it), else None."""
+        init = self.raw_config.get("init_lora_weights") if isinstance(self.raw_config, dict) else None
+        return init.lower() if isinstance(init, str) and init.lower() in BASE_REWRITES else None
+
+    @property
+    def bias_mode(self) -> str:
+        """peft's ``bias`` option: with "all" / "lora_only" the file may hold bias copies (checked by ``plan_load``)."""
+        bias = self.raw_config.get("bias") if isinstance(self.raw_config, dict) else None
+        return bias if isinstance(bias, str) else "none"
+
+    @property
+    def base_name(self) -> str | None:
+        name = self.raw_config.get("base_model_name_or_path") if isinstance(self.raw_config, dict) else None
+        return name if isinstance(name, str) and name else None
+
 
 def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow_symlinks: bool = True) -> AdapterFile:
     """Read and validate an adapter folder without touching any model. Never unpickles.
@@ -177,9 +214,11 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
             raise LorakitError(f"{folder} holds adapters in subfolders ({listed(named)}); pass one of them, "
                                f"e.g. {folder / named[0]}")
         pickled = [n for n in PICKLED_NAMES if (folder / n).exists()]
-        if pickled:
-            raise LorakitError(f"{folder / pickled[0]} is a pickled checkpoint; lorakit never unpickles files. Re-save it "
-                               "as safetensors (peft: model.save_pretrained(dir, safe_serialization=True))")
+        if pickled:  # torch.load(weights_only=True) refuses code, so a user who trusts the file can convert it once
+            raise LorakitError(f"{folder / pickled[0]} is a pickled checkpoint; lorakit never unpickles files. Convert it once "
+                               f"where you trust it: python -c \"import torch, safetensors.torch as st; st.save_file(torch.load("
+                               f"'{folder / pickled[0]}', weights_only=True), '{weights}')\" (or re-save from peft: "
+                               "model.save_pretrained(dir), safetensors by default)")
         raise LorakitError(f"{weights} not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
@@ -200,10 +239,8 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
         if max_bytes is not None and size > max_bytes:
             raise LorakitError(f"{weights} is {size:,} bytes, over the limit of {max_bytes:,}")
         raw_config = _read_config(config_path, config_handle)
-        try:
-            config = LoraConfig.from_peft_dict(raw_config, source=str(config_path))
-        except RecursionError:  # a field nested hundreds deep: deep enough for some check to recurse
-            raise LorakitError(f"{config_path} is nested too deeply; a PEFT adapter_config.json is a flat object") from None
+        # no target_modules (peft would guess them from the model type): read after the tensors, which name them
+        config = _parse_config(raw_config, config_path) if _names_targets(raw_config) else None
         data = _read_exactly(weights, weights_handle, size)
     _check_header(weights, data)
     from safetensors.torch import load as safetensors_load
@@ -223,7 +260,52 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
     bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         raise LorakitError(f"{weights}: tensor {clipped(bad[0])} holds NaN or Inf; the adapter is broken")
+    if config is None:
+        config = _parse_config({**raw_config, "target_modules": _targets_from_keys(tensors, weights)}, config_path)
     return AdapterFile(folder, config, tensors, metadata, raw_config, size)
+
+
+def _names_targets(raw_config: Any) -> bool:
+    return not isinstance(raw_config, dict) or raw_config.get("target_modules") not in (None, [], "")
+
+
+def _targets_from_keys(tensors: dict[str, torch.Tensor], weights: Path) -> list[str]:
+    """The module paths that hold LoRA tensors (exact paths, so they match only those modules)."""
+    paths = set()
+    for key in tensors:
+        for suffixes in _SUFFIXES.values():
+            for suffix in (suffixes[0], suffixes[1]):
+                if key.endswith("." + suffix):
+                    paths.add(_strip(key)[: -len(suffix) - 1])
+    if not paths:
+        raise LorakitError(f"{weights.parent / CONFIG_NAME} names no target_modules and {weights.name} holds no LoRA tensors "
+                           "(keys ending in lora_A.weight); add target_modules to the config")
+    return sorted(paths)
+
+
+def _parse_config(raw_config: Any, config_path: Path) -> LoraConfig:
+    """``LoraConfig.from_peft_dict`` plus what only a whole folder can settle: a base rewrite lorakit repeats
+    (pissa, olora) or refuses, and bias="all"/"lora_only" (accepted here; ``plan_load`` checks the bias tensors)."""
+    rewrite = None
+    if isinstance(raw_config, dict):
+        init = raw_config.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
+            rewrite = init.lower()
+            if rewrite not in BASE_REWRITES:  # pissa_niter_K (a randomized SVD), corda, loftq, lora_ga: data or chance
+                raise LorakitError(
+                    f"{config_path}: init_lora_weights={shown(init)} rewrote the base weights in a way lorakit cannot repeat "
+                    "(randomized or data-dependent), and A and B belong to that rewritten base: load the adapter on the base "
+                    "saved with it after setting init_lora_weights to true in this file, or re-save it from peft with "
+                    "save_pretrained(..., path_initial_model_for_weight_conversion=...) to get a LoRA for the original model")
+        if raw_config.get("bias") in ("all", "lora_only"):
+            raw_config = {**raw_config, "bias": "none"}
+    try:
+        with warnings.catch_warnings():
+            if rewrite:  # from_peft_dict warns that the base was rewritten: load_adapter repeats the rewrite
+                warnings.simplefilter("ignore", UserWarning)
+            return LoraConfig.from_peft_dict(raw_config, source=str(config_path))
+    except RecursionError:  # a field nested hundreds deep: deep enough for some check to recurse
+        raise LorakitError(f"{config_path} is nested too deeply; a PEFT adapter_config.json is a flat object") from None
 
 
 def _open(path: Path, follow_symlinks: bool, folder_fd: int | None, directory: bool = False) -> int:
@@ -290,7 +372,8 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
 
     Raises on another base's fingerprint, missing or unexpected keys, and wrong shapes.
     """
-    config = adapter_file.config
+    config = fitted_config(model, adapter_file)
+    made_for = f" ({CONFIG_NAME} names the base {shown(adapter_file.base_name)})" if adapter_file.base_name else ""
     fingerprint = adapter_file.metadata.get("lorakit_base_fingerprint")
     if check_base and fingerprint and fingerprint != base_fingerprint(model):
         raise LorakitError(f"{adapter_file.folder} was made for another base model (fingerprint {shown(fingerprint)}, this model "
@@ -305,11 +388,14 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
         if path is None:
             if _is_unchanged_base_copy(_strip(key), tensor, base_modules, adapter_file.folder):
                 continue  # PEFT saves full embedding copies next to embedding adapters; equal to ours: harmless
+            if adapter_file.bias_mode != "none" and _is_unchanged_bias(_strip(key), tensor, base_modules, adapter_file):
+                continue  # bias="all"/"lora_only" saves the biases; untrained ones (or none at all) change nothing
             unexpected.append(key)
             continue
         plan[(path, attr)] = tensor
     if unexpected:
-        raise LorakitError(f"{adapter_file.folder}: unexpected tensor keys for this model and config: {listed(unexpected)}")
+        raise LorakitError(f"{adapter_file.folder}: unexpected tensor keys for this model and config: {listed(unexpected)}"
+                           f"{_wrapped_hint(model, unexpected, base_modules) or made_for}")
     missing: list[str] = []
     for path, module in targets.items():
         out_features, in_features = quant.linear_shape(module)
@@ -327,7 +413,7 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
                 missing.append(key)
             elif tuple(tensor.shape) != shape:
                 raise LorakitError(f"{adapter_file.folder}: {key} has shape {shown(tuple(tensor.shape))}, but module {path} "
-                                   f"needs {shape}; the adapter was made for a different model or rank")
+                                   f"needs {shape}; the adapter was made for a different model or rank{made_for}")
     for path, module in saved.items():
         for name, parameter in module.state_dict().items():
             tensor = plan.get((path, name))
@@ -338,8 +424,94 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
                 raise LorakitError(f"{adapter_file.folder}: {key} has shape {shown(tuple(tensor.shape))}, but this model's "
                                    f"{path}.{name} is {tuple(parameter.shape)}")
     if missing:
-        raise LorakitError(f"{adapter_file.folder}: missing tensor keys: {listed(missing)} ({len(missing)} in all)")
+        raise LorakitError(f"{adapter_file.folder}: missing tensor keys: {listed(missing)} ({len(missing)} in all){made_for}")
+    if adapter_file.base_rewrite:
+        _check_rewritable(model, targets, adapter_file)
     return plan
+
+
+def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
+    """The file's config for this model: ``modules_to_save`` names this model lacks, with no tensors in the file,
+    are dropped, as peft does (peft's SEQ_CLS task saves ["classifier", "score"]; a model has one of them)."""
+    config = adapter_file.config
+    if not config.modules_to_save:
+        return config
+    paths = [p for p in _base_modules(model) if p]
+    keys = [_strip(k) for k in adapter_file.tensors]
+    kept = [name for name in config.modules_to_save
+            if any(p == name or p.endswith("." + name) for p in paths)
+            or any(k.startswith(name + ".") or f".{name}." in k for k in keys)]  # still refused if the file has it
+    return config if kept == config.modules_to_save else config.replace(modules_to_save=kept or None)
+
+
+def _is_unchanged_bias(key: str, tensor: torch.Tensor, base_modules: dict[str, nn.Module], adapter_file: AdapterFile) -> bool:
+    """A bias peft saved (``<path>.bias``, ``<path>.base_layer.bias`` on a target): True when it equals this model's;
+    a trained one is refused by name (lorakit keeps base biases frozen)."""
+    if not key.endswith(".bias"):
+        return False
+    path = key[: -len(".bias")].removesuffix(".base_layer")
+    bias = getattr(base_modules.get(path), "bias", None)
+    if not isinstance(bias, torch.Tensor) or bias.shape != tensor.shape:
+        return False
+    if torch.equal(bias.detach().cpu().to(tensor.dtype), tensor):
+        return True
+    raise LorakitError(f"{adapter_file.folder}: {PREFIX}{clipped(key)} is a trained bias (peft bias="
+                       f"{shown(adapter_file.bias_mode)}); lorakit keeps base biases frozen and cannot apply it: merge the "
+                       "adapter with peft (merge_and_unload) and load the merged model")
+
+
+def _wrapped_hint(model: nn.Module, keys: list[str], base_modules: dict[str, nn.Module]) -> str:
+    """When the keys name this model's modules under another root (saved from LlamaModel, loaded into
+    LlamaForCausalLM, or the reverse), say which module to load into."""
+    path = _strip(keys[0]).split(".lora_", 1)[0]
+    inner = [p[: -len(path) - 1] for p in base_modules if p.endswith("." + path)]
+    if len(inner) == 1:
+        return (f"; they name modules of this model's {inner[0]!r}: pass that submodule "
+                f"(lorakit.load_adapter(model.{inner[0]}, folder)) or load the base class the adapter was saved from")
+    parts = path.split(".")
+    for start in range(1, len(parts)):
+        if ".".join(parts[start:]) in base_modules:
+            return (f"; they were saved from a model that holds this one as {'.'.join(parts[:start])!r}: load that model "
+                    "class (such as AutoModelForCausalLM) and the adapter into it")
+    return ""
+
+
+def _check_rewritable(model: nn.Module, targets: dict[str, nn.Module], adapter_file: AdapterFile) -> None:
+    """A pissa / olora base rewrite needs dense, unshared weights and no other adapter (trained on the old base)."""
+    name = f"{CONFIG_NAME} has init_lora_weights={adapter_file.base_rewrite!r}: peft rewrote the base when it made the adapter"
+    others = adapter_names(model)
+    if others:
+        raise LorakitError(f"{adapter_file.folder}: {name}, and loading it repeats that, which would change the base under "
+                           f"adapter {others[0]!r}: load it into a model without other adapters")
+    for path, module in targets.items():
+        if quant.is_quantized(module):
+            raise LorakitError(f"{adapter_file.folder}: {name}; {path} is quantized and cannot be rewritten: load it on the "
+                               "dense base (quantize after merging)")
+
+
+def _rewrite_base(hosts: dict[str, nn.Module], adapter: str, method: str) -> dict[str, torch.Tensor]:
+    """peft's pissa / olora init on the original W: W -> W - s B0 A0, with (A0, B0) kept so ``save_adapter`` writes a
+    plain LoRA for the original base. Embeddings keep their weights, as in peft. Returns the old weights by path."""
+    old: dict[str, torch.Tensor] = {}
+    for path, host in hosts.items():
+        if not isinstance(host, LoraLinear) or adapter not in host.adapters:
+            continue
+        lora = host.adapters[adapter]
+        weight = host.linear_weight(torch.float32)
+        rank = lora.rank
+        if rank > min(weight.shape):
+            raise LorakitError(f"{path}: rank {rank} is above min{tuple(weight.shape)}; {method} cannot make such an adapter")
+        if method == "pissa":  # the top-r singular triplets, split evenly (peft's pissa_init)
+            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+            root = (S[:rank] / lora.scaling).sqrt()
+            lora_A0, lora_B0 = root.unsqueeze(1) * Vh[:rank], U[:, :rank] * root.unsqueeze(0)
+        else:  # olora: the first r columns of Q and rows of R of W = Q R (peft's olora_init)
+            Q, R = torch.linalg.qr(weight)
+            lora_A0, lora_B0 = R[:rank], Q[:, :rank]
+        old[path] = quant.dense_weight(host.base_layer).clone()  # (out, in) in the base's dtype
+        host.write_linear_weight(weight - lora.scaling * (lora_B0 @ lora_A0))
+        lora.pissa_init = (lora_A0.to(lora.lora_A.dtype).contiguous(), lora_B0.to(lora.lora_B.dtype).contiguous())
+    return old
 
 
 def _match_key(key: str, targets: dict[str, nn.Module], saved: dict[str, nn.Module]) -> tuple[str | None, str]:
@@ -396,10 +568,13 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     if adapter in adapter_names(model):
         raise LorakitError(f"the model already has an adapter named {adapter!r}; pass another name or delete it first")
     plan = plan_load(model, adapter_file, check_base=check_base)
-    inject(model, adapter_file.config, adapter=adapter, trainable=trainable)
+    inject(model, fitted_config(model, adapter_file), adapter=adapter, trainable=trainable)
+    old_weights: dict[str, torch.Tensor] = {}
     try:
         hosts = adapter_hosts(model)
         with torch.no_grad():
+            if adapter_file.base_rewrite:  # as peft's from_pretrained: the init runs again on the original base
+                old_weights = _rewrite_base(hosts, adapter, adapter_file.base_rewrite)
             for (path, attr), tensor in plan.items():
                 host = hosts[path]
                 if isinstance(host, ModulesToSave):
@@ -410,6 +585,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     except BaseException:
         from lorakit.adapters import delete_adapter
 
+        with torch.no_grad():
+            for path, weight in old_weights.items():
+                hosts[path].write_linear_weight(weight)
         delete_adapter(model, adapter)
         raise
     return adapter
