@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
 import warnings
 from dataclasses import dataclass
@@ -378,8 +379,13 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
     if check_base and fingerprint and fingerprint != base_fingerprint(model):
         raise LorakitError(f"{adapter_file.folder} was made for another base model (fingerprint {shown(fingerprint)}, this model "
                            f"{base_fingerprint(model)}); load it on the model it was trained on")
-    targets = find_targets(model, config)
-    saved = find_modules_to_save(model, config)
+    try:
+        targets = find_targets(model, config)
+        saved = find_modules_to_save(model, config)
+    except LorakitError as error:  # say which file, and which base it names
+        raise LorakitError(f"{adapter_file.folder}: {error}{made_for}") from None
+    if check_base:
+        _warn_other_base_name(model, adapter_file)
     base_modules = _base_modules(model)
     plan: dict[tuple[str, str], torch.Tensor] = {}
     unexpected: list[str] = []
@@ -413,7 +419,7 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
                 missing.append(key)
             elif tuple(tensor.shape) != shape:
                 raise LorakitError(f"{adapter_file.folder}: {key} has shape {shown(tuple(tensor.shape))}, but module {path} "
-                                   f"needs {shape}; the adapter was made for a different model or rank{made_for}")
+                                   f"needs {shape}; {_shape_cause(tensor, shape, attr, adapter_file)}{made_for}")
     for path, module in saved.items():
         for name, parameter in module.state_dict().items():
             tensor = plan.get((path, name))
@@ -428,6 +434,39 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
     if adapter_file.base_rewrite:
         _check_rewritable(model, targets, adapter_file)
     return plan
+
+
+def _shape_cause(tensor: torch.Tensor, shape: tuple[int, ...], attr: str, adapter_file: AdapterFile) -> str:
+    """Why a tensor has the wrong shape: a rank the config does not state, or another model."""
+    rank_dim = {"lora_A": 0, "lora_B": 1}.get(attr)
+    got = tuple(tensor.shape)
+    if rank_dim is not None and len(got) == 2 and got[1 - rank_dim] == shape[1 - rank_dim]:
+        missing = "" if "r" in adapter_file.raw_config else " (it has no 'r', so peft's default 8 applies)"
+        return (f"the tensors have rank {got[rank_dim]}, the config says {shape[rank_dim]}{missing}: fix r / rank_pattern "
+                f"in {CONFIG_NAME}")
+    return "the adapter was made for a different model or rank"
+
+
+def _short_name(name: str) -> str:
+    """``meta-llama/Llama-3.2-1B``, ``/models/Llama-3.2-1B/`` and a hub cache path all give ``llama-3.2-1b``."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p and not (len(p) == 40 and all(c in "0123456789abcdef" for c in p))]
+    parts = [p for p in parts if p != "snapshots"]
+    last = parts[-1] if parts else name
+    return re.sub(r"(-unsloth)?(-bnb)?-[48]bit$", "", last.rsplit("--", 1)[-1].lower())  # unsloth's quantized copies
+
+
+def _warn_other_base_name(model: nn.Module, adapter_file: AdapterFile) -> None:
+    """Warn when the file names another base than this model's (the shapes fit, so nothing else can tell). Names are
+    compared by their last part, and one that extends the other (a base and its ``-Instruct``) passes."""
+    ours = getattr(model, "lorakit_base_name", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    theirs = adapter_file.base_name
+    if not (isinstance(ours, str) and ours and theirs):
+        return
+    ours_short, theirs_short = _short_name(ours), _short_name(theirs)
+    if not (ours_short.startswith(theirs_short) or theirs_short.startswith(ours_short)):  # "x" and "x-instruct": quiet
+        warnings.warn(f"{adapter_file.folder}: {CONFIG_NAME} names the base {shown(theirs)}, this model is {shown(ours)}; the "
+                      "shapes fit, but an adapter on another base than it was trained on gives wrong outputs",
+                      UserWarning, stacklevel=4)
 
 
 def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
@@ -460,9 +499,17 @@ def _is_unchanged_bias(key: str, tensor: torch.Tensor, base_modules: dict[str, n
                        "adapter with peft (merge_and_unload) and load the merged model")
 
 
+_IN_MEMORY_KEY = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save)"
+                            r"\.(?!weight$)([^.]+)(\.weight)?$")
+
+
 def _wrapped_hint(model: nn.Module, keys: list[str], base_modules: dict[str, nn.Module]) -> str:
     """When the keys name this model's modules under another root (saved from LlamaModel, loaded into
-    LlamaForCausalLM, or the reverse), say which module to load into."""
+    LlamaForCausalLM, or the reverse), say which module to load into; or when they are peft's in-memory names."""
+    named = next((m for m in map(_IN_MEMORY_KEY.search, keys) if m), None)
+    if named:
+        return (f"; they carry peft's adapter name {named.group(2)!r} (model.state_dict() names, not the file format): "
+                "save the adapter with peft's save_pretrained, or with save_file(get_peft_model_state_dict(model), ...)")
     path = _strip(keys[0]).split(".lora_", 1)[0]
     inner = [p[: -len(path) - 1] for p in base_modules if p.endswith("." + path)]
     if len(inner) == 1:
