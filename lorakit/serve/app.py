@@ -2,6 +2,7 @@
 
     GET  /health                 liveness (no API key needed)
     GET  /v1/models              the base and every adapter folder (``loaded``: in memory now)
+    GET  /v1/models/{id}         one of them (the openai package's ``models.retrieve``)
     POST /v1/completions         ``model`` names an adapter (or the base); ``stream`` for server-sent events
     POST /v1/chat/completions    the same, with the tokenizer's chat template
     POST /v1/adapters/load       ``{"name": ...}``: load (or reload from disk) an adapter now
@@ -28,15 +29,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 
 from lorakit.errors import LorakitError
 from lorakit.generation import SamplingParams, encode_prompt
 from lorakit.serve.engine import Engine, Request, TokenInfo
-from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name
+from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, resolve_adapter
 from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected
 from lorakit.serve.protocol import AdapterRequest, APIError, ChatRequest, CompletionRequest, error_body
-from lorakit.serve.text import TextAssembler
+from lorakit.serve.text import TextAssembler, token_bytes
 
 
 @dataclass
@@ -54,6 +56,7 @@ class ServerState:
     max_new_tokens: int
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    body_timeout: float = 60.0  # seconds to receive a request body: a client that stops sending mid-body is answered
     acquire_timeout: float = 60.0
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -76,13 +79,13 @@ def _validation_error(error: ValidationError) -> APIError:
     else:
         if kind.endswith("_type") and "input" in first:  # "should be a valid integer": say what came instead
             value = first["input"]
-            message += f", got {'null' if value is None else type(value).__name__} {json.dumps(value)[:40]}"
+            message += ", got null" if value is None else f", got {type(value).__name__} {json.dumps(value)[:40]}"
         if param and not message.startswith(str(loc[-1])):
             message = f"{param}: {message}"
     return APIError(400, message, param=param, code="invalid_request")
 
 
-async def _read_json(request, state: ServerState) -> dict:
+async def _read_body(request, state: ServerState) -> bytes:
     # read piece by piece: a chunked body (no Content-Length) of gigabytes is refused at the limit, not buffered
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -91,7 +94,23 @@ async def _read_json(request, state: ServerState) -> dict:
             raise APIError(413, f"request body is over the limit of {state.max_body_bytes:,} bytes",
                            code="request_too_large")
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def _read_json(request, state: ServerState) -> dict:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise APIError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the JSON body uncompressed",
+                       code="unsupported_encoding")
+    try:
+        body = await asyncio.wait_for(_read_body(request, state), state.body_timeout)
+    except ClientDisconnect:  # the client left mid-body: nobody reads the answer, and it is no server error
+        raise APIError(400, "the client closed the connection before sending the whole body",
+                       code="client_disconnected") from None
+    except asyncio.TimeoutError:  # Content-Length promised more than came: do not hold the connection forever
+        raise APIError(408, f"the request body did not arrive within {state.body_timeout:g} s (is Content-Length "
+                       "larger than the body?)", code="request_timeout",
+                       headers={"Connection": "close"}) from None  # the rest of that body must not read as a request
     try:
         data = json.loads(body)
         # a lone UTF-16 surrogate ("\ud800") parses to a str no tokenizer or UTF-8 encoder takes: refuse it here
@@ -149,7 +168,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(_, error: APIError):
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, error: StarletteHTTPException):
@@ -193,6 +212,19 @@ def create_app(state: ServerState) -> FastAPI:
                     for name in available if name != state.base_name]
         return {"object": "list", "data": [base, *adapters]}
 
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        if not model:  # "/v1/models/": no model named, and no redirect either
+            raise APIError(404, "Not Found: list the models with GET /v1/models", code="not_found")
+        if model == state.base_name:
+            return {"id": model, "object": "model", "created": state.created, "owned_by": "lorakit"}
+        try:
+            await run_in_threadpool(resolve_adapter, state.pool.root, model)
+        except LorakitError as error:
+            raise _adapter_error(error) from None
+        return {"id": model, "object": "model", "created": state.created, "owned_by": "lorakit",
+                "parent": state.base_name, "loaded": state.pool.is_loaded(model)}
+
     @app.get("/v1/adapters")
     async def adapters():
         return {"object": "list", "data": state.pool.loaded(), "max_loaded": state.pool.max_loaded}
@@ -229,7 +261,9 @@ def create_app(state: ServerState) -> FastAPI:
             prompt_ids = list(body.prompt)
         else:
             prompt_ids = await run_in_threadpool(_encode, state, body.prompt, False)
-        return await _serve(state, request, body, prompt_ids, body.max_tokens, body.logprobs, chat=False)
+        # left out (or null): OpenAI's 16, cut to what the context and --max-tokens leave, never a 400 about it
+        max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set else None
+        return await _serve(state, request, body, prompt_ids, max_tokens, body.logprobs, chat=False, default_tokens=16)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
@@ -262,7 +296,10 @@ def _encode(state: ServerState, prompt, chat: bool) -> list[int]:
         raise APIError(400, str(error), param="messages" if chat else "prompt") from None
 
 
-def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | None, chat: bool) -> int:
+def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | None, chat: bool,
+                   default_tokens: int | None = None) -> int:
+    """The number of tokens to generate; ``max_tokens`` None (not sent): ``default_tokens`` (None: as many as
+    fit), cut to the server's limit and the room the context leaves."""
     param = "messages" if chat else "prompt"
     if not prompt_ids:
         raise APIError(400, "the prompt is empty", param=param)
@@ -271,7 +308,7 @@ def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | 
                        param=param, code="context_length_exceeded")
     room = state.context_length - len(prompt_ids)
     if max_tokens is None:
-        max_tokens = max(1, min(state.max_new_tokens, room))
+        max_tokens = max(1, min(state.max_new_tokens, room, default_tokens or state.max_new_tokens))
     if max_tokens > state.max_new_tokens:
         raise APIError(400, f"max_tokens {max_tokens} is over the server's limit of {state.max_new_tokens}",
                        param="max_tokens", code="max_tokens_exceeded")
@@ -298,10 +335,15 @@ async def _acquire(state: ServerState, name: str) -> str:
 
 
 async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[int], max_tokens: int | None,
-                 logprobs: int | None, chat: bool):
-    max_tokens = _check_lengths(state, prompt_ids, max_tokens, chat)
+                 logprobs: int | None, chat: bool, default_tokens: int | None = None):
+    max_tokens = _check_lengths(state, prompt_ids, max_tokens, chat, default_tokens)
     try:
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+        # the sampler works in float32, where 1e-300 is 0: a top_p that small would keep no token, a temperature
+        # that small would divide by zero. Raised to 1e-30 they mean the same (top_p: only the most likely token,
+        # whose probability is at least 1/vocab; temperature: only the largest logit, as float32 logits differ by
+        # far more than 1e-30 x 100 unless they tie)
+        temperature = body.temperature if body.temperature == 0 else max(body.temperature, 1e-30)
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=max(body.top_p, 1e-30),
                                 stop_token_ids=state.stop_token_ids, seed=body.seed)
     except LorakitError as error:
         raise APIError(400, str(error)) from None
@@ -386,14 +428,21 @@ def _token_text(state: ServerState, token: int) -> str:
         return state.tokenizer.decode([token])
 
 
+def _token_bytes(state: ServerState, token: int) -> list[int]:
+    with state.tokenizer_lock:
+        return list(token_bytes(state.tokenizer, token))
+
+
 def _logprobs(state: ServerState, infos: list[tuple[int, TokenInfo]], chat: bool, offset: int = 0) -> dict:
     """OpenAI's logprobs object for these tokens; ``offset``: characters of completion text before the first."""
     if chat:
         content = []
         for token, info in infos:
-            text = _token_text(state, token)
-            top = [{"token": (t := _token_text(state, i)), "logprob": lp, "bytes": list(t.encode())} for i, lp in info.top]
-            content.append({"token": text, "logprob": info.logprob, "bytes": list(text.encode()), "top_logprobs": top})
+            # bytes: the token's own, so that joined they rebuild the text even where a token holds part of a
+            # character (its decoded text is then U+FFFD)
+            top = [{"token": _token_text(state, i), "logprob": lp, "bytes": _token_bytes(state, i)} for i, lp in info.top]
+            content.append({"token": _token_text(state, token), "logprob": info.logprob,
+                            "bytes": _token_bytes(state, token), "top_logprobs": top})
         return {"content": content}
     tokens = [_token_text(state, t) for t, _ in infos]
     offsets, position = [], offset

@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together per step (default: %(default)s)")
     parser.add_argument("--max-prompt-tokens", type=int, default=None, help="refuse longer prompts (default: the model's context)")
     parser.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for (default: %(default)s)")
+    parser.add_argument("--body-timeout", type=float, default=60.0,
+                        help="seconds a client has to send its request body; slower ones get a 408 (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $LORAKIT_API_KEY)")
     parser.add_argument("--name", default=None, help="the base model's name in /v1/models (default: the --model value's last part)")
@@ -50,6 +52,8 @@ def build_state(args: argparse.Namespace):
             raise LorakitError(f"{flag} must be at least 1, got {value}")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise LorakitError(f"--max-prompt-tokens must be at least 1, got {args.max_prompt_tokens}")
+    if not 0 < args.body_timeout < float("inf"):  # also refuses NaN
+        raise LorakitError(f"--body-timeout must be a positive number of seconds, got {args.body_timeout}")
     if not args.max_adapter_mb > 0:  # also refuses NaN
         raise LorakitError(f"--max-adapter-mb must be a positive number, got {args.max_adapter_mb}")
     model, tokenizer = lorakit.load_base(args.model, dtype=args.dtype, device=args.device)
@@ -71,7 +75,7 @@ def build_state(args: argparse.Namespace):
     state = ServerState(model=model, tokenizer=tokenizer, base_name=name, pool=pool, engine=engine,
                         stop_token_ids=end_of_turn_ids(tokenizer), context_length=context,
                         max_prompt_tokens=min(max_prompt, context), max_new_tokens=args.max_tokens,
-                        api_key=args.api_key or None)
+                        api_key=args.api_key or None, body_timeout=args.body_timeout)
     if args.preload:
         for adapter in pool.available()[: args.max_loaded]:
             try:

@@ -221,7 +221,13 @@ class Engine:
         """Sample the request's next token from ``logits (V,)`` (``greedy``: its argmax, computed for the whole
         batch at once); False (and a ``done`` entry) when it finished."""
         params = request.params
-        token = greedy if params.temperature == 0 else sample(logits, params, request.generator)
+        try:
+            # shifted so the largest logit is 0: divided by a tiny temperature (1e-40) the logits stay finite or
+            # -inf (probability 0) instead of overflowing to inf and NaN probabilities; the distribution is the same
+            token = greedy if params.temperature == 0 else sample(logits - logits.max(), params, request.generator)
+        except RuntimeError as error:  # this request's sampling alone fails: the other rows keep decoding
+            done.append((request, f"error: sampling failed: {str(error).splitlines()[0]}"))
+            return False
         info = None
         if request.logprobs is not None:
             logprobs = torch.log_softmax(logits.float(), dim=-1)

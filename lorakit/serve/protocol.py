@@ -3,22 +3,25 @@
 Unknown fields are refused (``extra="forbid"``), so a typo never silently changes a request. OpenAI fields that
 lorakit does not implement are accepted only at their "off" value and otherwise refused by name. Types are strict,
 as OpenAI's are: ``"max_tokens": "10"`` or ``true`` is refused, never read as 10 or 1 (a float field takes an int).
+``null`` is OpenAI's "not given" for every optional field (client wrappers send ``"temperature": null``), so it
+means the field's default; only a required field (``model``, ``prompt``, ``messages``) must not be null.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -40,6 +43,23 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """``"field": null`` for an optional field reads as the field left out (OpenAI's nullable fields)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if not (v is None and k in fields and not fields[k].is_required() and fields[k].default is not None)}
+
+
+def _off(value: Any, name: str, allowed: tuple, why: str) -> Any:
+    """An OpenAI field lorakit does not implement: only its "off" values pass."""
+    if value is not None and value not in allowed:
+        raise ValueError(f"{name} is not supported ({why}); leave it out")
+    return value
+
 
 def _finite(default: float, **bounds) -> Any:
     return Field(default, allow_inf_nan=False, **bounds)
@@ -47,6 +67,7 @@ def _finite(default: float, **bounds) -> Any:
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool = True  # OpenAI pads chunks against side channels; lorakit sends no padding field
 
 
 class _Sampling(_Strict):
@@ -61,6 +82,8 @@ class _Sampling(_Strict):
     stop: Union[str, list[str], None] = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # the range torch.Generator.manual_seed takes
     user: str | None = None
+    safety_identifier: str | None = None  # OpenAI's newer names for ``user``: identify the caller, nothing more
+    prompt_cache_key: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -152,6 +175,20 @@ class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart]]
     name: str | None = None
+    # what the openai package's ``message.model_dump()`` of an earlier answer holds: a client that appends the
+    # reply to its history sends them back, empty
+    refusal: str | None = None
+    annotations: list | None = None
+    audio: None = None
+    function_call: None = None
+    tool_calls: list | None = None
+
+    @field_validator("tool_calls", "annotations")
+    @classmethod
+    def _empty(cls, value: list | None, info) -> list | None:
+        if value:
+            raise ValueError(f"{info.field_name} are not supported (no tools on this server)")
+        return value
 
     @field_validator("content", mode="before")
     @classmethod
@@ -171,12 +208,49 @@ class Message(_Strict):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
+class ResponseFormat(_Strict):
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        return _off(value, f"response_format {value!r}", ("text",), "only plain text answers")
+
+
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # OpenAI fields at their "off" values, as client libraries send them
+    tools: list | None = None
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: bool | None = None
+    functions: list | None = None
+    response_format: ResponseFormat | None = None
+    store: bool | None = None
+    modalities: list[str] | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list | None, info) -> list | None:
+        return _off(value, info.field_name, ([],), "no function calling")
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: Any) -> Any:
+        return _off(value, f"tool_choice {str(value)[:40]!r}", ("none", "auto"), "no function calling")
+
+    @field_validator("store")
+    @classmethod
+    def _no_store(cls, value: bool | None) -> bool | None:
+        return _off(value, "store=true", (False,), "this server keeps no answers")
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_modality(cls, value: list | None) -> list | None:
+        return _off(value, f"modalities {value!r}"[:60], (["text"],), "only text")
 
 
 class AdapterRequest(_Strict):

@@ -7,6 +7,8 @@ never shows part of a stop string. Stop tokens (end of turn) are never part of t
 
 from __future__ import annotations
 
+import functools
+import re
 import threading
 
 
@@ -62,3 +64,47 @@ class TextAssembler:
         delta = self.text[self.emitted:end]
         self.emitted = end
         return delta
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback tokens
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the character a token string uses for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(256 + extra)] = byte
+            extra += 1
+    return table
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The raw bytes of one token: what OpenAI's logprobs ``bytes`` field holds.
+
+    Decoding a single token loses its bytes when it holds part of a UTF-8 character (it decodes to U+FFFD), so
+    a client that joins the ``bytes`` of every token to rebuild the text needs the token's own bytes: byte-level
+    BPE (GPT-2, Llama 3, Qwen, SmolLM) spells each byte as one character of a fixed alphabet, SentencePiece
+    spells a lone byte ``<0xE2>`` and a space ``▁``. Special tokens are their text.
+    """
+    token_id = int(token_id)
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if not isinstance(piece, str):
+        return tokenizer.decode([token_id]).encode("utf-8")
+    match = _BYTE_PIECE.fullmatch(piece)
+    if match:
+        return bytes([int(match.group(1), 16)])
+    if token_id in (getattr(tokenizer, "added_tokens_decoder", None) or {}):
+        return tokenizer.decode([token_id]).encode("utf-8")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.decoder).__name__ == "ByteLevel":
+        table = _byte_level_table()
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+    if "\u2581" in piece:
+        return piece.replace("\u2581", " ").encode("utf-8")
+    return tokenizer.decode([token_id]).encode("utf-8")

@@ -1,0 +1,320 @@
+"""``lorakit serve`` as clients we have not seen would use it: the ``openai`` package and the wrappers around it,
+strict SSE parsers, sloppy or broken HTTP clients, over a real socket.
+
+One server per module. Each test pins a bug found by acting as such a client against a real server (before the
+fix: a 400 for a request OpenAI accepts, a 404 for an OpenAI route, a 500 that failed other clients' rows, a
+traceback in the server log, a connection held forever, or wrong bytes in an answer). ``test_serve.py`` and
+``test_serve_hostile.py`` cover the ordinary paths and the hostile bodies and adapter folders; nothing here
+repeats them.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder
+
+CONTEXT = 256  # the tiny model's max_position_embeddings: the server's context
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clients")
+    model_dir = tiny_hf_folder(root / "model", initializer_range=0.5)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.generation import end_of_turn_ids
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():  # the model never ends a turn by itself: greedy answers run to max_tokens
+        for token in end_of_turn_ids(tokenizer):
+            base.lm_head.weight[token] = 0
+    base.save_pretrained(model_dir)
+    adapters = root / "adapters"
+    for seed, name in enumerate(("a0", "a1", "a2")):
+        make_adapter(base, adapters / name, seed=seed + 11)
+    log = root / "server.log"
+    server = ServerProcess(model_dir, adapters, "--max-tokens", "200", "--body-timeout", "1", log=log)
+    client = httpx.Client(base_url=server.url, timeout=60)
+    try:
+        yield {"url": server.url, "client": client, "server": server, "tokenizer": tokenizer}
+    finally:
+        client.close()
+        server.stop()
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert "\n" not in error["message"]
+    return error
+
+
+def _ok(response: httpx.Response) -> dict:
+    assert response.status_code == 200, response.text[:500]
+    return response.json()
+
+
+def _chat(client, messages=None, **extra) -> httpx.Response:
+    body = {"model": "a0", "messages": messages or [{"role": "user", "content": "Hello"}], "max_tokens": 6,
+            "temperature": 0, **extra}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def _text(client, model="a0", prompt="Hello", max_tokens=8, **extra) -> str:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    return _ok(client.post("/v1/completions", json=body))["choices"][0]["text"]
+
+
+def _raw(url: str, data: bytes) -> socket.socket:
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(data)
+    return sock
+
+
+# -- what openai-package clients and their wrappers send ---------------------------------------------------------
+def test_null_means_the_default(server):
+    """Wrappers (LangChain, LiteLLM, hand-written ones) send ``"temperature": null`` for "not given"; OpenAI reads
+    null as the default. Before the fix: 400 'temperature: Input should be a valid number, got null null'."""
+    client = server["client"]
+    plain = _ok(_chat(client))["choices"][0]["message"]["content"]
+    nulls = {"top_p": None, "n": None, "stream": None, "stop": None, "logprobs": None, "top_logprobs": None,
+             "presence_penalty": None, "frequency_penalty": None, "logit_bias": None, "seed": None, "user": None,
+             "stream_options": None, "max_completion_tokens": None}
+    assert _ok(_chat(client, **nulls))["choices"][0]["message"]["content"] == plain
+    body = {"model": "a1", "prompt": "Hello", "temperature": 0, "echo": None, "best_of": None, "suffix": None,
+            "logprobs": None, "n": None}
+    assert _ok(client.post("/v1/completions", json=body))["usage"]["completion_tokens"] == 16  # null max_tokens: 16
+    error = _error(client.post("/v1/completions", json={"model": None, "prompt": "hi"}), 400)  # required: refused
+    assert error["param"] == "model" and error["message"].endswith("got null"), error
+
+
+def test_echoed_reply_and_off_values_accepted(server):
+    """``messages.append(reply.choices[0].message.model_dump())`` sends back refusal/annotations/audio/
+    function_call/tool_calls as null; wrappers send ``tools: []``, ``tool_choice: "none"`` and friends. Before the
+    fix: 400 'unknown field messages.1.refusal' (and 'unknown field tools', ...)."""
+    client = server["client"]
+    first = _ok(_chat(client))["choices"][0]["message"]
+    echoed = {**first, "refusal": None, "annotations": None, "audio": None, "function_call": None, "tool_calls": None}
+    history = [{"role": "user", "content": "Hello"}, echoed, {"role": "user", "content": "More"}]
+    expected = _ok(_chat(client, [history[0], first, history[2]]))["choices"][0]["message"]["content"]
+    assert _ok(_chat(client, history))["choices"][0]["message"]["content"] == expected
+    off = {"tools": [], "tool_choice": "none", "parallel_tool_calls": False, "functions": [], "store": False,
+           "response_format": {"type": "text"}, "modalities": ["text"], "safety_identifier": "u-1",
+           "prompt_cache_key": "k"}
+    plain = _ok(_chat(client))["choices"][0]["message"]["content"]
+    assert _ok(_chat(client, **off))["choices"][0]["message"]["content"] == plain
+    events = _sse(client, "/v1/chat/completions", {"model": "a0", "messages": [{"role": "user", "content": "Hello"}],
+                                                   "max_tokens": 6, "temperature": 0, "stream_options":
+                                                   {"include_usage": True, "include_obfuscation": False}})
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]) == plain
+    # the "on" values are refused by name, never silently ignored
+    for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
+                         ("response_format", {"type": "json_object"}), ("store", True), ("modalities", ["audio"])]:
+        error = _error(_chat(client, **{field: value}), 400)
+        assert error["param"].startswith(field) and "not supported" in error["message"], error
+    tool_call = {**first, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    assert _error(_chat(client, [history[0], tool_call]), 400)["param"] == "messages.1.tool_calls"
+
+
+def test_models_retrieve(server):
+    """``client.models.retrieve("a0")`` is ``GET /v1/models/a0``. Before the fix: 404 'Not Found' for every model."""
+    client = server["client"]
+    listed = {m["id"]: m for m in _ok(client.get("/v1/models"))["data"]}
+    for name in ("base", "a0", "a2"):
+        assert _ok(client.get(f"/v1/models/{name}")) == listed[name]
+    assert _error(client.get("/v1/models/nope"), 404)["code"] == "model_not_found"
+    assert _error(client.get("/v1/models/..%2F..%2Fetc"), 400)["code"] == "invalid_adapter_name"
+
+
+def test_default_max_tokens_fits_the_context(server):
+    """A completion without ``max_tokens`` (OpenAI's default, 16) on a prompt that leaves fewer than 16 tokens of
+    context. Before the fix: 400 'prompt plus max_tokens (16) exceeds the context', about a field never sent."""
+    client = server["client"]
+    body = {"model": "a1", "prompt": [5] * (CONTEXT - 6), "temperature": 0}
+    assert _ok(client.post("/v1/completions", json=body))["usage"]["completion_tokens"] == 6
+    assert _error(client.post("/v1/completions", json={**body, "max_tokens": 16}), 400)["param"] == "max_tokens"
+
+
+# -- sampling edge values ------------------------------------------------------------------------------------------
+def test_tiny_temperature_and_top_p_are_greedy_and_fail_nobody(server):
+    """temperature 1e-45 (or 5e-324) overflowed the logits to inf, top_p 1e-300 rounded to 0 in float32 and kept no
+    token: NaN probabilities, a 500, and the engine failed the whole batch, the other clients' rows included."""
+    client = server["client"]
+    greedy = _text(client, "a0", "The quick", 12)
+    long_prompt, long_tokens = "Numbers: 1 2 3", 150
+    expected = _text(client, "a1", long_prompt, long_tokens)
+    streamed: list[str] = []
+    started = threading.Event()
+
+    def other_client() -> None:  # a long generation on another adapter, running through every request below
+        with httpx.Client(base_url=server["url"], timeout=60) as own, own.stream(
+                "POST", "/v1/completions", json={"model": "a1", "prompt": long_prompt, "max_tokens": long_tokens,
+                                                 "temperature": 0, "stream": True}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    streamed.append(line)
+                    started.set()
+
+    thread = threading.Thread(target=other_client)
+    thread.start()
+    try:
+        assert started.wait(30)
+        for extra in ({"temperature": 1e-45}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-300},
+                      {"temperature": 0.7, "top_p": 5e-324, "seed": 3}):
+            assert _text(client, "a0", "The quick", 12, **extra) == greedy, extra
+    finally:
+        thread.join(60)
+    events = [json.loads(line[6:]) for line in streamed]
+    assert "".join(e["choices"][0]["text"] for e in events) == expected
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+# -- strict SSE clients --------------------------------------------------------------------------------------------
+def _sse(client, path: str, body: dict) -> list[dict]:
+    """Parse a stream as a strict client does: every event one ``data:`` line of JSON, ``[DONE]`` last, nothing
+    after it, exactly one finish_reason per choice."""
+    with client.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode("utf-8")
+    blocks = raw.split("\n\n")
+    assert blocks[-1] == "" and blocks[-2] == "data: [DONE]", raw[-200:]
+    events = []
+    for block in blocks[:-2]:
+        assert block.startswith("data: ") and "\n" not in block, block
+        events.append(json.loads(block[6:]))
+    finishes = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"] is not None]
+    assert len(finishes) == 1 and finishes[0] in ("stop", "length"), finishes
+    assert len({e["id"] for e in events}) == 1 and all(e["model"] == body["model"] for e in events)
+    return events
+
+
+def test_strict_sse_clients_on_different_adapters(server):
+    client = server["client"]
+    jobs = []
+    for i, model in enumerate(["a0", "a1", "a2", "base"] * 2):
+        if i % 2:
+            jobs.append(("/v1/completions", {"model": model, "prompt": f"Servers {i}", "max_tokens": 5 + i,
+                                             "temperature": 0, "stream_options": {"include_usage": True}}))
+        else:
+            jobs.append(("/v1/chat/completions", {"model": model, "max_tokens": 5 + i, "temperature": 0,
+                                                  "messages": [{"role": "user", "content": f"Hi {i}"}],
+                                                  "stream_options": {"include_usage": True}}))
+    whole = [_ok(client.post(path, json=body)) for path, body in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        streams = list(pool.map(lambda job: _sse(client, *job), jobs))
+    for (path, body), answer, events in zip(jobs, whole, streams):
+        chat = "chat" in path
+        *chunks, last = events
+        assert last["choices"] == [] and last["usage"] == answer["usage"]  # usage: the last event, and right
+        assert all(e["usage"] is None for e in chunks)
+        pieces = [c["delta"].get("content") or "" if chat else c["text"] for e in chunks for c in e["choices"]]
+        expected = answer["choices"][0]["message"]["content"] if chat else answer["choices"][0]["text"]
+        assert "".join(pieces) == expected and answer["usage"]["completion_tokens"] == body["max_tokens"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        if chat:
+            assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+            assert all(e["object"] == "chat.completion.chunk" for e in events)
+
+
+def test_logprob_bytes_rebuild_the_text(server):
+    """OpenAI's ``bytes`` are the token's own bytes, so joined they rebuild the answer. Before the fix they were
+    the UTF-8 of the token decoded alone: U+FFFD (EF BF BD) for every token holding part of a character."""
+    client = server["client"]
+    partial = 0
+    for i, model in enumerate(["a0", "a1", "a2", "base"]):
+        answer = _ok(_chat(client, [{"role": "user", "content": f"Ünïcödé {i}"}], model=model, max_tokens=24,
+                           logprobs=True, top_logprobs=2))["choices"][0]
+        content = answer["logprobs"]["content"]
+        rebuilt = b"".join(bytes(c["bytes"]) for c in content)
+        assert rebuilt.decode("utf-8", errors="replace") == answer["message"]["content"]
+        partial += sum(c["token"] == "\ufffd" and bytes(c["bytes"]) != "\ufffd".encode() for c in content)
+        for c in content:  # the chosen token is the first alternative: the same token, the same bytes
+            assert (c["top_logprobs"][0]["token"], c["top_logprobs"][0]["bytes"]) == (c["token"], c["bytes"])
+    assert partial > 0  # the random model does write tokens that hold part of a character: the case was exercised
+
+
+def test_token_bytes_of_a_sentencepiece_tokenizer():
+    """Byte-fallback SentencePiece (Llama 2, Mistral) spells lone bytes ``<0xC3>`` and spaces ``\u2581``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorakit.serve.text import token_bytes
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))])
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    text = "the fox é 🙂 dog"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert b"".join(token_bytes(tokenizer, i) for i in ids) == b" " + text.encode()  # the leading space is the piece's
+    assert token_bytes(tokenizer, tokenizer.convert_tokens_to_ids("<0xC3>")) == b"\xc3"
+    assert token_bytes(tokenizer, tokenizer.eos_token_id) == b"</s>"
+
+
+def test_token_bytes_of_a_byte_level_tokenizer(server):
+    from lorakit.serve.text import token_bytes
+
+    tokenizer = server["tokenizer"]
+    text = "Ünïcödé tëxt, emoji 🙂 and 中文 <|im_end|>"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = [token_bytes(tokenizer, i) for i in ids]
+    assert b"".join(pieces) == text.encode() and any(tokenizer.decode([i]) == "\ufffd" for i in ids)
+
+
+# -- broken HTTP clients -------------------------------------------------------------------------------------------
+def test_client_leaving_mid_body_is_no_server_error(server):
+    """Before the fix: Starlette's ClientDisconnect became an 'internal error' with a traceback in the log."""
+    sock = _raw(server["url"], b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 100\r\n\r\n{\"model\": ")
+    time.sleep(0.2)
+    sock.close()
+    time.sleep(0.5)
+    assert "Traceback" not in server["server"].output() and "ClientDisconnect" not in server["server"].output()
+    assert _text(server["client"]) == _text(server["client"])
+
+
+def test_body_shorter_than_content_length_gets_408(server):
+    """A client whose Content-Length promises more than it sends. Before the fix: the connection hung forever."""
+    sock = _raw(server["url"], b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 100\r\n\r\n{\"model\": ")
+    sock.settimeout(10)
+    start, reply = time.monotonic(), b""
+    try:
+        while chunk := sock.recv(65536):  # the server answers, then closes the connection
+            reply += chunk
+    finally:
+        sock.close()
+    assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 5, reply[:200]
+    error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == "request_timeout" and "Content-Length" in error["message"]
+
+
+def test_compressed_body_is_415(server):
+    """Before the fix: 400 "malformed JSON body: 'utf-8' codec can't decode byte 0x8b", which hides the cause."""
+    import gzip
+
+    body = gzip.compress(json.dumps({"model": "a0", "prompt": "hi", "max_tokens": 2}).encode())
+    response = server["client"].post("/v1/completions", content=body, headers={"Content-Encoding": "gzip"})
+    assert _error(response, 415)["code"] == "unsupported_encoding"
+
+
+def test_no_tracebacks_and_still_serving(server):
+    assert _text(server["client"], "a2") == _text(server["client"], "a2")
+    assert "Traceback" not in server["server"].output(), server["server"].output()
