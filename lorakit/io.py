@@ -129,7 +129,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
     has_conv1d = any(quant.from_conv1d(h.base_layer) for h in adapter_hosts(model).values() if isinstance(h, LoraLayer))
     base_name = base_name or getattr(model, "lorakit_base_name", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     peft_config = config.to_peft_dict(base_model_name_or_path=base_name or None, fan_in_fan_out=has_conv1d,
-                                      task_type=task_type(model))
+                                      task_type=task_type(model, adapter))
     metadata = {"format": "pt", "lorakit_format": FORMAT_VERSION, "lorakit_version": __version__,
                 "lorakit_base_fingerprint": base_fingerprint(model)}
     folder = Path(folder)
@@ -143,10 +143,26 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
     return folder
 
 
-def task_type(model: nn.Module) -> str | None:
+# peft's task wrappers make these heads modules-to-save copies on load (so they cannot hold LoRA tensors)
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def task_type(model: nn.Module, adapter: str | None = None) -> str | None:
     """peft's ``task_type`` for this model, from its transformers class name (None: any other model).
 
-    peft wraps the base in the class the task names; a causal-LM wrapper on a classifier fails on load."""
+    peft wraps the base in the class the task names; a causal-LM wrapper on a classifier fails on load. When
+    ``adapter`` puts LoRA on the task's head (lorakit's "all-linear" includes a classifier), None: peft's task
+    wrapper would replace that head by a modules-to-save copy and fail on its LoRA tensors."""
+    task = _class_task(model)
+    heads = _TASK_HEADS.get(task or "", ())
+    if adapter is not None and heads and any(
+            isinstance(host, LoraLayer) and adapter in host.adapters and path.rsplit(".", 1)[-1] in heads
+            for path, host in adapter_hosts(model).items()):
+        return None
+    return task
+
+
+def _class_task(model: nn.Module) -> str | None:
     name = type(model).__name__
     if name.endswith("ForConditionalGeneration") and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return "SEQ_2_SEQ_LM"  # T5, BART; a vision-language ...ForConditionalGeneration is a causal LM
