@@ -328,7 +328,7 @@ def test_admission_checks(setup, name, words):
     ({"model": "a0"}, 400, "prompt"),
     ({"model": "a0", "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
     ({"model": "a0", "prompt": "hi", "temperature": 5}, 400, "temperature"),
-    ({"model": "a0", "prompt": "hi", "n": 2}, 400, "n"),
+    ({"model": "a0", "prompt": "hi", "n": 17}, 400, "n"),  # n takes 1 to 16
     ({"model": "a0", "prompt": "word " * 200}, 400, "prompt"),  # over --max-prompt-tokens 64
     ({"model": "a0", "prompt": "hi", "max_tokens": 1000}, 400, "max_tokens"),  # over --max-tokens 64
     ({"model": "a0", "prompt": [1, 2, 10**9]}, 400, "prompt"),

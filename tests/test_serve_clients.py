@@ -42,6 +42,7 @@ def server(tmp_path_factory):
     adapters = root / "adapters"
     for seed, name in enumerate(("a0", "a1", "a2")):
         make_adapter(base, adapters / name, seed=seed + 11)
+    make_adapter(base, adapters / "my adapter", seed=14)  # a name no client can send: told at start
     log = root / "server.log"
     server = ServerProcess(model_dir, adapters, "--max-tokens", "200", "--body-timeout", "1", log=log)
     client = httpx.Client(base_url=server.url, timeout=60)
@@ -195,8 +196,9 @@ def _sse(client, path: str, body: dict) -> list[dict]:
     for block in blocks[:-2]:
         assert block.startswith("data: ") and "\n" not in block, block
         events.append(json.loads(block[6:]))
-    finishes = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"] is not None]
-    assert len(finishes) == 1 and finishes[0] in ("stop", "length"), finishes
+    finishes = [(c["index"], c["finish_reason"]) for e in events for c in e["choices"] if c["finish_reason"]]
+    assert sorted(i for i, _ in finishes) == list(range(body.get("n", 1))), finishes  # once per choice
+    assert all(reason in ("stop", "length") for _, reason in finishes), finishes
     assert len({e["id"] for e in events}) == 1 and all(e["model"] == body["model"] for e in events)
     return events
 
@@ -276,6 +278,56 @@ def test_token_bytes_of_a_byte_level_tokenizer(server):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     pieces = [token_bytes(tokenizer, i) for i in ids]
     assert b"".join(pieces) == text.encode() and any(tokenizer.decode([i]) == "\ufffd" for i in ids)
+
+
+# -- n choices ------------------------------------------------------------------------------------------------------
+def test_n_choices(server):
+    """``n`` > 1 (OpenAI's several choices; LangChain's ``n``). Before the fix: 400 'only n=1 is supported'.
+    Choice i samples with seed + i, so choice 0 is the n=1 answer."""
+    client = server["client"]
+    body = {"model": "a2", "prompt": "Paris is", "max_tokens": 10, "temperature": 1.0, "seed": 5}
+    alone = [_ok(client.post("/v1/completions", json={**body, "seed": 5 + i}))["choices"][0]["text"] for i in range(3)]
+    assert len(set(alone)) > 1  # the seeds really give different samples
+    answer = _ok(client.post("/v1/completions", json={**body, "n": 3, "logprobs": 1}))
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in answer["choices"]] == alone
+    assert all(len(c["logprobs"]["tokens"]) == 10 for c in answer["choices"])
+    assert answer["usage"] == {"prompt_tokens": answer["usage"]["prompt_tokens"], "completion_tokens": 30,
+                               "total_tokens": answer["usage"]["prompt_tokens"] + 30}
+    chat = {"model": "a1", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 7, "temperature": 0.8,
+            "seed": 9, "n": 2}
+    whole = _ok(client.post("/v1/chat/completions", json=chat))
+    events = _sse(client, "/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}})
+    for index in range(2):
+        deltas = [c["delta"] for e in events for c in e["choices"] if c["index"] == index]
+        assert deltas[0] == {"role": "assistant", "content": ""}
+        assert "".join(d.get("content") or "" for d in deltas) == whole["choices"][index]["message"]["content"]
+    assert events[-1]["usage"] == whole["usage"] and whole["usage"]["completion_tokens"] == 14
+    _error(client.post("/v1/completions", json={**body, "n": 17}), 400)
+    # every choice released its share of the adapter's pin, exactly once
+    assert all(a["in_use"] == 0 for a in _ok(client.get("/v1/adapters"))["data"])
+    assert _ok(client.post("/v1/adapters/unload", json={"name": "a2"}))["loaded"] is False
+
+
+def test_n_choices_client_leaves(server):
+    client = server["client"]
+    body = json.dumps({"model": "a0", "prompt": "x", "max_tokens": 200, "temperature": 0.5, "n": 3, "stream": True})
+    sock = _raw(server["url"], b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: %d\r\n\r\n" % len(body) + body.encode())
+    sock.recv(1)
+    sock.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _ok(client.get("/health"))["running"]:
+        time.sleep(0.05)
+    assert _ok(client.get("/health"))["running"] == 0  # all three rows stopped
+    assert _ok(client.post("/v1/adapters/unload", json={"name": "a0"}))["loaded"] is False  # and the pin is free
+
+
+def test_folders_no_client_can_name_are_reported_at_start(server):
+    models = [m["id"] for m in _ok(server["client"].get("/v1/models"))["data"]]
+    assert "my adapter" not in models
+    log = server["server"].log.read_text()  # the whole log: output() is its tail
+    assert "folder 'my adapter'" in log and "not allowed" in log
 
 
 # -- broken HTTP clients -------------------------------------------------------------------------------------------

@@ -334,6 +334,28 @@ async def _acquire(state: ServerState, name: str) -> str:
         raise _adapter_error(error) from None
 
 
+class _SharedPin:
+    """One adapter pin shared by the ``n`` jobs of a request: released when the last of them has finished."""
+
+    def __init__(self, state: ServerState, name: str | None, jobs: int):
+        self.state, self.name, self.left, self.lock = state, name, jobs, threading.Lock()
+
+    def done(self, jobs: int = 1) -> None:
+        with self.lock:
+            self.left -= jobs
+            last = self.left == 0
+        if last and self.name is not None:
+            self.state.pool.release(self.name)
+
+
+def _choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice ``index``'s seed: ``seed + index`` (choice 0 is the n=1 answer), kept in manual_seed's range."""
+    if seed is None:
+        return None
+    seed += index
+    return seed - 2**64 if seed > 2**64 - 1 else seed
+
+
 async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[int], max_tokens: int | None,
                  logprobs: int | None, chat: bool, default_tokens: int | None = None):
     max_tokens = _check_lengths(state, prompt_ids, max_tokens, chat, default_tokens)
@@ -343,70 +365,80 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[i
         # whose probability is at least 1/vocab; temperature: only the largest logit, as float32 logits differ by
         # far more than 1e-30 x 100 unless they tie)
         temperature = body.temperature if body.temperature == 0 else max(body.temperature, 1e-30)
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=max(body.top_p, 1e-30),
-                                stop_token_ids=state.stop_token_ids, seed=body.seed)
+        params = [SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=max(body.top_p, 1e-30),
+                                 stop_token_ids=state.stop_token_ids, seed=_choice_seed(body.seed, i))
+                  for i in range(body.n)]
     except LorakitError as error:
         raise APIError(400, str(error)) from None
     adapter_name = None if body.model == state.base_name else body.model
     internal = None if adapter_name is None else await _acquire(state, adapter_name)
-    submitted = False
-    try:  # from here the pin belongs to the job: the engine's on_finish releases it, exactly once
-        bridge = _Bridge(asyncio.get_running_loop())
-        assembler = TextAssembler(state.tokenizer, body.stop, state.stop_token_ids, state.tokenizer_lock)
+    pin = _SharedPin(state, adapter_name, body.n)  # from here each job's on_finish releases its share, exactly once
+    bridge = _Bridge(asyncio.get_running_loop())
+    jobs: list[Request] = []
+    try:
+        for index, choice_params in enumerate(params):
+            assembler = TextAssembler(state.tokenizer, body.stop, state.stop_token_ids, state.tokenizer_lock)
 
-        def on_token(token: int, info: TokenInfo | None) -> bool:
-            bridge.put(("token", assembler.add(token), token, info))
-            return not assembler.stopped
+            def on_token(token: int, info: TokenInfo | None, index=index, assembler=assembler) -> bool:
+                bridge.put(("token", index, assembler.add(token), token, info))
+                return not assembler.stopped
 
-        def on_finish(reason: str) -> None:
-            if adapter_name is not None:
-                state.pool.release(adapter_name)
-            bridge.put(("done", assembler.finish(), reason))
+            def on_finish(reason: str, index=index, assembler=assembler) -> None:
+                pin.done()
+                bridge.put(("done", index, assembler.finish(), reason))
 
-        job = Request(prompt_ids, internal, params, on_token, on_finish, logprobs=logprobs)
-        state.engine.submit(job)
-        submitted = True
+            job = Request(prompt_ids, internal, choice_params, on_token, on_finish, logprobs=logprobs)
+            state.engine.submit(job)
+            jobs.append(job)
     finally:
-        if not submitted and adapter_name is not None:
-            state.pool.release(adapter_name)
+        if len(jobs) < body.n:  # submitting failed: the jobs never submitted give back their share of the pin
+            for job in jobs:
+                state.engine.cancel(job)
+            pin.done(body.n - len(jobs))
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
-        return StreamingResponse(_stream(state, body, job, bridge, ident, created, chat, len(prompt_ids), logprobs),
+        return StreamingResponse(_stream(state, body, jobs, bridge, ident, created, chat, len(prompt_ids), logprobs),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    pieces, infos, reason = [], [], None
+    pieces = [[] for _ in jobs]
+    infos = [[] for _ in jobs]
+    reasons: list[str | None] = [None] * len(jobs)
     watcher = asyncio.ensure_future(_watch_disconnect(http, bridge))
     try:
-        while True:
+        while None in reasons:
             event = await bridge.queue.get()
-            if event[0] == "gone":  # nobody will read the answer: stop generating it (finally cancels the job)
+            if event[0] == "gone":  # nobody will read the answer: stop generating it (finally cancels the jobs)
                 return JSONResponse(error_body("the client closed the connection"), status_code=499)
+            index = event[1]
+            pieces[index].append(event[2])
             if event[0] == "token":
-                pieces.append(event[1])
-                if event[3] is not None:
-                    infos.append((event[2], event[3]))
+                if event[4] is not None:
+                    infos[index].append((event[3], event[4]))
             else:
-                pieces.append(event[1])
-                reason = event[2]
-                break
+                reasons[index] = event[3]
     finally:
         watcher.cancel()
-        if reason is None:
-            state.engine.cancel(job)
-    if reason.startswith("error"):
-        raise APIError(500, f"generation failed: {reason[7:]}", type="server_error")
-    text = "".join(pieces)
-    finish = "stop" if reason == "stop" else "length"
-    usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(job.tokens),
-             "total_tokens": len(prompt_ids) + len(job.tokens)}
-    lp = _logprobs(state, infos, chat) if logprobs is not None else None
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": lp}
-        return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [choice], "usage": usage}
-    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}
-    return {"id": ident, "object": "text_completion", "created": created, "model": body.model,
-            "choices": [choice], "usage": usage}
+        for job, reason in zip(jobs, reasons):
+            if reason is None:
+                state.engine.cancel(job)
+    failed = next((r for r in reasons if r.startswith("error")), None)
+    if failed is not None:
+        raise APIError(500, f"generation failed: {failed[7:]}", type="server_error")
+    completion = sum(len(job.tokens) for job in jobs)
+    usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
+             "total_tokens": len(prompt_ids) + completion}
+    choices = []
+    for index, reason in enumerate(reasons):
+        text = "".join(pieces[index])
+        finish = "stop" if reason == "stop" else "length"
+        lp = _logprobs(state, infos[index], chat) if logprobs is not None else None
+        if chat:
+            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                            "logprobs": lp})
+        else:
+            choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": lp})
+    return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": body.model, "choices": choices, "usage": usage}
 
 
 async def _watch_disconnect(http: HTTPRequest, bridge: _Bridge) -> None:
@@ -454,61 +486,67 @@ def _logprobs(state: ServerState, infos: list[tuple[int, TokenInfo]], chat: bool
             "text_offset": offsets}
 
 
-async def _stream(state: ServerState, body, job: Request, bridge: _Bridge, ident: str, created: int, chat: bool,
-                  prompt_tokens: int, logprobs: int | None):
-    """Server-sent events: one chunk per piece of final text, then the finish reason, then ``[DONE]``.
+async def _stream(state: ServerState, body, jobs: list[Request], bridge: _Bridge, ident: str, created: int,
+                  chat: bool, prompt_tokens: int, logprobs: int | None):
+    """Server-sent events: one chunk per piece of final text, each choice's finish reason as it ends, then the
+    usage (``stream_options.include_usage``), then ``[DONE]``.
 
     With ``logprobs``, each chunk carries the tokens that produced it (a token whose text is held back, a partial
     character or a possible stop string, rides on the next chunk), so the chunks' logprobs together equal the
-    non-streaming answer's.
+    non-streaming answer's. With ``n`` > 1 the choices' chunks interleave, each with its ``index``.
     """
     kind = "chat.completion.chunk" if chat else "text_completion"
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    pending: list[tuple[int, TokenInfo]] = []
-    offset = 0
+    pending: list[list[tuple[int, TokenInfo]]] = [[] for _ in jobs]
+    offsets = [0] * len(jobs)
+    reasons: list[str | None] = [None] * len(jobs)
 
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
-        nonlocal pending, offset
+    def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> str:
         lp = None
-        if logprobs is not None and pending:
-            lp = _logprobs(state, pending, chat, offset)
-            pending = []
-        offset += len(text or "")
+        if logprobs is not None and pending[index]:
+            lp = _logprobs(state, pending[index], chat, offsets[index])
+            pending[index] = []
+        offsets[index] += len(text or "")
         if chat:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": lp}
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}
         payload = {"id": ident, "object": kind, "created": created, "model": body.model, "choices": [choice]}
         if include_usage:
             payload["usage"] = None  # as OpenAI: every chunk has the key, only the last one a value
         return f"data: {json.dumps(payload)}\n\n"
 
-    reason = None
     try:
         if chat:
-            yield chunk("", None, first=True)
-        while True:
+            for index in range(len(jobs)):
+                yield chunk(index, "", None, first=True)
+        failed = None
+        while None in reasons:
             event = await bridge.queue.get()
+            index = event[1]
             if event[0] == "token":
-                if event[3] is not None:
-                    pending.append((event[2], event[3]))
-                if event[1]:
-                    yield chunk(event[1], None)
+                if event[4] is not None:
+                    pending[index].append((event[3], event[4]))
+                if event[2]:
+                    yield chunk(index, event[2], None)
                 continue
-            reason = event[2]
-            if event[1] or pending:
-                yield chunk(event[1], None)
-            break
-        if reason.startswith("error"):
-            yield f"data: {json.dumps(error_body(f'generation failed: {reason[7:]}', type='server_error'))}\n\n"
-        else:
-            yield chunk(None, "stop" if reason == "stop" else "length")
-            if include_usage:
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(job.tokens),
-                         "total_tokens": prompt_tokens + len(job.tokens)}
-                yield f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': body.model, 'choices': [], 'usage': usage})}\n\n"
+            reasons[index] = reason = event[3]
+            if reason.startswith("error"):
+                failed = reason
+                break
+            if event[2] or pending[index]:
+                yield chunk(index, event[2], None)
+            yield chunk(index, None, "stop" if reason == "stop" else "length")
+        if failed is not None:
+            yield f"data: {json.dumps(error_body(f'generation failed: {failed[7:]}', type='server_error'))}\n\n"
+        elif include_usage:
+            completion = sum(len(job.tokens) for job in jobs)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                     "total_tokens": prompt_tokens + completion}
+            yield f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': body.model, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        if reason is None:  # the client went away: stop generating for it
-            state.engine.cancel(job)
+        for job, reason in zip(jobs, reasons):
+            if reason is None:  # the client went away (or another choice failed): stop generating for it
+                state.engine.cancel(job)

@@ -76,6 +76,8 @@ def build_state(args: argparse.Namespace):
                         stop_token_ids=end_of_turn_ids(tokenizer), context_length=context,
                         max_prompt_tokens=min(max_prompt, context), max_new_tokens=args.max_tokens,
                         api_key=args.api_key or None, body_timeout=args.body_timeout)
+    for entry, why in skipped_folders(args.adapters):
+        print(f"lorakit serve: folder {entry!r} in {args.adapters} is not served: {why}", flush=True)
     if args.preload:
         for adapter in pool.available()[: args.max_loaded]:
             try:
@@ -83,6 +85,23 @@ def build_state(args: argparse.Namespace):
             except LorakitError as error:
                 print(f"lorakit serve: skipped adapter {adapter!r}: {error}", flush=True)
     return state
+
+
+def skipped_folders(root) -> list[tuple[str, str]]:
+    """(name, why) of each subfolder that is no adapter name clients can use (a space in its name, a link out of
+    the folder): /v1/models leaves them out, so the one who started the server is told why at start."""
+    from lorakit.serve.paths import list_adapter_names, resolve_adapter
+
+    served = set(list_adapter_names(root))
+    skipped = []
+    for entry in sorted(os.listdir(root)):
+        if entry in served or entry.startswith(".") or not os.path.isdir(os.path.join(root, entry)):
+            continue
+        try:
+            resolve_adapter(root, entry)
+        except LorakitError as error:
+            skipped.append((entry, str(error)))
+    return skipped
 
 
 def static_decoder(model, choice: str, max_batch: int, context: int, explicit_context: bool = False):

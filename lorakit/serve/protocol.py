@@ -76,7 +76,7 @@ class _Sampling(_Strict):
     model: str
     temperature: float = _finite(1.0, ge=0.0, le=2.0)
     top_p: float = _finite(1.0, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(1, ge=1, le=16)  # choices; each is one engine row, so a request holds at most 16
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
@@ -87,13 +87,6 @@ class _Sampling(_Strict):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported; send several requests for several choices")
-        return value
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
