@@ -182,6 +182,38 @@ def test_tiny_temperature_and_top_p_are_greedy_and_fail_nobody(server):
     assert events[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_row_whose_sampling_fails_fails_alone():
+    """The engine, in process: two requests in one batch, one whose sampling raises (a temperature that is 0 in
+    float32, past the HTTP layer's guard). Before the fix the exception failed the whole batch: both rows."""
+    from conftest import tiny_llama
+
+    from lorakit.generation import SamplingParams, generate
+    from lorakit.serve.engine import Engine, Request
+
+    model = tiny_llama(seed=2).eval()
+    prompt = [5, 9, 2, 7, 1]
+    expected = generate(model, [prompt], [None], [SamplingParams(max_new_tokens=6)])[0].tokens
+    engine = Engine(model, threading.RLock(), max_batch=4)
+    tokens, reasons, finished = {0: [], 1: []}, {}, threading.Semaphore(0)
+
+    def request(i: int, params) -> Request:
+        def on_finish(reason: str) -> None:
+            reasons[i] = reason
+            finished.release()
+
+        return Request(list(prompt), None, params, lambda token, info: tokens[i].append(token) or True, on_finish)
+
+    try:
+        with engine._wake:  # both wait together, so the engine admits them in one step
+            engine.submit(request(0, SamplingParams(max_new_tokens=6, temperature=5e-324)))
+            engine.submit(request(1, SamplingParams(max_new_tokens=6)))
+        assert finished.acquire(timeout=60) and finished.acquire(timeout=60)
+    finally:
+        engine.close()
+    assert reasons[0].startswith("error: ") and tokens[0] == []
+    assert reasons[1] == "length" and tokens[1] == expected
+
+
 # -- strict SSE clients --------------------------------------------------------------------------------------------
 def _sse(client, path: str, body: dict) -> list[dict]:
     """Parse a stream as a strict client does: every event one ``data:`` line of JSON, ``[DONE]`` last, nothing
