@@ -27,7 +27,7 @@ from lorakit._fs import atomic_write_bytes, atomic_write_text
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.inject import _base_modules, adapter_hosts, adapter_names, find_modules_to_save, find_targets, inject
-from lorakit.layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,7 +36,7 @@ PREFIX = "base_model.model."
 PICKLED_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few KB (the server's limit, lorakit.serve.pool, too)
 # peft's inits that rewrite the base (W -> W - s B0 A0) when an adapter is created, and again, from the same original
-# W, when PeftModel.from_pretrained loads the file: deterministic (an SVD, a QR), so lorakit repeats them on load
+# W, when PeftModel.from_pretrained loads the file: deterministic (an SVD, a QR), so lorakit can repeat them on load
 BASE_REWRITES = ("pissa", "olora")
 
 # (linear form attribute, PEFT key suffix for linear layers, for embeddings)
@@ -196,7 +196,7 @@ class AdapterFile:
 
     @property
     def base_rewrite(self) -> str | None:
-        """``"pissa"`` / ``"olora"`` when peft rewrote the base with that init (load_adapter repeats it), else None."""
+        """``"pissa"`` / ``"olora"`` when peft rewrote the base with that init (see ``_plain_form``), else None."""
         init = self.raw_config.get("init_lora_weights") if isinstance(self.raw_config, dict) else None
         return init.lower() if isinstance(init, str) and init.lower() in BASE_REWRITES else None
 
@@ -447,8 +447,6 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
                                    f"{path}.{name} is {tuple(parameter.shape)}")
     if missing:
         raise LorakitError(f"{adapter_file.folder}: missing tensor keys: {listed(missing)} ({len(missing)} in all){made_for}")
-    if adapter_file.base_rewrite:
-        _check_rewritable(model, targets, adapter_file)
     return plan
 
 
@@ -539,42 +537,37 @@ def _wrapped_hint(model: nn.Module, keys: list[str], base_modules: dict[str, nn.
     return ""
 
 
-def _check_rewritable(model: nn.Module, targets: dict[str, nn.Module], adapter_file: AdapterFile) -> None:
-    """A pissa / olora base rewrite needs dense, unshared weights and no other adapter (trained on the old base)."""
-    name = f"{CONFIG_NAME} has init_lora_weights={adapter_file.base_rewrite!r}: peft rewrote the base when it made the adapter"
-    others = adapter_names(model)
-    if others:
-        raise LorakitError(f"{adapter_file.folder}: {name}, and loading it repeats that, which would change the base under "
-                           f"adapter {others[0]!r}: load it into a model without other adapters")
-    for path, module in targets.items():
-        if quant.is_quantized(module):
-            raise LorakitError(f"{adapter_file.folder}: {name}; {path} is quantized and cannot be rewritten: load it on the "
-                               "dense base (quantize after merging)")
+def _plain_form(model: nn.Module, plan: dict[tuple[str, str], torch.Tensor], config: LoraConfig,
+                method: str) -> tuple[dict[tuple[str, str], torch.Tensor], LoraConfig]:
+    """A pissa / olora adapter as a plain LoRA of rank 2r on the original base: the same weights peft gets.
 
-
-def _rewrite_base(hosts: dict[str, nn.Module], adapter: str, method: str) -> dict[str, torch.Tensor]:
-    """peft's pissa / olora init on the original W: W -> W - s B0 A0, with (A0, B0) kept so ``save_adapter`` writes a
-    plain LoRA for the original base. Embeddings keep their weights, as in peft. Returns the old weights by path."""
-    old: dict[str, torch.Tensor] = {}
-    for path, host in hosts.items():
-        if not isinstance(host, LoraLinear) or adapter not in host.adapters:
+    peft made (A0, B0) from W (pissa: the top-r singular triplets; olora: the first r columns of Q and rows of R in
+    W = Q R), set the base to W - s B0 A0, and saved A, B for that base; ``PeftModel.from_pretrained`` repeats the
+    init on the original W. W - s B0 A0 + s B A == W + s [B, -B0] [A; A0], so the base stays untouched (other
+    adapters, ``disable_adapters`` and serving keep the real base). Embeddings keep their weights in peft, so
+    theirs are padded with zeros to the doubled rank. Scaling is unchanged (``_doubled_rank``).
+    """
+    out = dict(plan)
+    for path, module in find_targets(model, config).items():
+        lora_A, lora_B = plan[(path, "lora_A")], plan[(path, "lora_B")]  # (r, in), (out, r)
+        rank, scale = config.rank_for(path), config.scaling_for(path)
+        if isinstance(module, nn.Embedding):
+            out[(path, "lora_A")] = torch.cat([lora_A, torch.zeros_like(lora_A)])
+            out[(path, "lora_B")] = torch.cat([lora_B, torch.zeros_like(lora_B)], dim=1)
             continue
-        lora = host.adapters[adapter]
-        weight = host.linear_weight(torch.float32)
-        rank = lora.rank
+        weight = quant.dense_weight(module, torch.float32).float()  # (out, in), Conv1D transposed
         if rank > min(weight.shape):
-            raise LorakitError(f"{path}: rank {rank} is above min{tuple(weight.shape)}; {method} cannot make such an adapter")
-        if method == "pissa":  # the top-r singular triplets, split evenly (peft's pissa_init)
+            raise LorakitError(f"{path}: rank {rank} is above min{tuple(weight.shape)}; {method} cannot make that adapter")
+        if method == "pissa":  # peft's pissa_init: sqrt(S / s) on both sides
             U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-            root = (S[:rank] / lora.scaling).sqrt()
+            root = (S[:rank] / scale).sqrt()
             lora_A0, lora_B0 = root.unsqueeze(1) * Vh[:rank], U[:, :rank] * root.unsqueeze(0)
-        else:  # olora: the first r columns of Q and rows of R of W = Q R (peft's olora_init)
+        else:  # peft's olora_init
             Q, R = torch.linalg.qr(weight)
             lora_A0, lora_B0 = R[:rank], Q[:, :rank]
-        old[path] = quant.dense_weight(host.base_layer).clone()  # (out, in) in the base's dtype
-        host.write_linear_weight(weight - lora.scaling * (lora_B0 @ lora_A0))
-        lora.pissa_init = (lora_A0.to(lora.lora_A.dtype).contiguous(), lora_B0.to(lora.lora_B.dtype).contiguous())
-    return old
+        out[(path, "lora_A")] = torch.cat([lora_A.float(), lora_A0])
+        out[(path, "lora_B")] = torch.cat([lora_B.float(), -lora_B0], dim=1)
+    return out, _doubled_rank(config)
 
 
 def _match_key(key: str, targets: dict[str, nn.Module], saved: dict[str, nn.Module]) -> tuple[str | None, str]:
@@ -631,13 +624,13 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     if adapter in adapter_names(model):
         raise LorakitError(f"the model already has an adapter named {adapter!r}; pass another name or delete it first")
     plan = plan_load(model, adapter_file, check_base=check_base)
-    inject(model, fitted_config(model, adapter_file), adapter=adapter, trainable=trainable)
-    old_weights: dict[str, torch.Tensor] = {}
+    config = fitted_config(model, adapter_file)
+    if adapter_file.base_rewrite:  # as peft's from_pretrained, which repeats the init on the original base
+        plan, config = _plain_form(model, plan, config, adapter_file.base_rewrite)
+    inject(model, config, adapter=adapter, trainable=trainable)
     try:
         hosts = adapter_hosts(model)
         with torch.no_grad():
-            if adapter_file.base_rewrite:  # as peft's from_pretrained: the init runs again on the original base
-                old_weights = _rewrite_base(hosts, adapter, adapter_file.base_rewrite)
             for (path, attr), tensor in plan.items():
                 host = hosts[path]
                 if isinstance(host, ModulesToSave):
@@ -648,9 +641,6 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     except BaseException:
         from lorakit.adapters import delete_adapter
 
-        with torch.no_grad():
-            for path, weight in old_weights.items():
-                hosts[path].write_linear_weight(weight)
         delete_adapter(model, adapter)
         raise
     return adapter

@@ -134,16 +134,25 @@ def test_peft_inits_load_as_peft_loads_them(init, tmp_path):
         assert json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())["r"] == 8  # 2r: [B, -B0] [A; A0]
 
 
-def test_pissa_with_dora_on_conv1d_and_rollback(tmp_path):
-    round_trip("gpt2", tmp_path / "a", target_modules=["c_attn", "c_fc"], init_lora_weights="pissa", use_dora=True)
-    # a base rewrite would change the base under an adapter already there: refused, the model left as it was
+def test_pissa_next_to_other_adapters_keeps_the_base(tmp_path):
+    """The pissa adapter is loaded in plain form (rank 2r on the original W), so the base is never rewritten: an
+    adapter already there keeps its logits, and disable_adapters gives the real base. DoRA, Conv1D and an
+    embedding target (which peft's pissa leaves alone) in one case."""
+    ids = torch.randint(0, 100, (2, 7))
+    theirs = peft_saved("gpt2", tmp_path / "pissa", target_modules=["c_attn", "c_fc", "wte"], init_lora_weights="pissa",
+                        use_dora=True)
     model = build("gpt2")
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["c_proj"]), adapter="first")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(lorakit.LorakitError, match="init_lora_weights='pissa'.*without other adapters"):
-        lorakit.load_adapter(model, tmp_path / "a" / "peft")
-    assert lorakit.adapter_names(model) == ["first"]
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with torch.no_grad():
+        for _, p in lorakit.lora_parameters(model, "first"):
+            p.add_(0.3 * torch.randn_like(p))
+    first = logits(model, ids)
+    lorakit.load_adapter(model, tmp_path / "pissa", adapter="pissa")
+    assert_close(logits(model, ids), logits(theirs, ids))
+    lorakit.set_adapter(model, "first")
+    assert_close(logits(model, ids), first)
+    with lorakit.disable_adapters(model):
+        assert_close(logits(model, ids), logits(build("gpt2"), ids))
 
 
 @pytest.mark.parametrize("init", ["pissa_niter_2", "corda", "loftq"])
