@@ -44,7 +44,8 @@ def server(tmp_path_factory):
         make_adapter(base, adapters / name, seed=seed + 11)
     make_adapter(base, adapters / "my adapter", seed=14)  # a name no client can send: told at start
     log = root / "server.log"
-    server = ServerProcess(model_dir, adapters, "--max-tokens", "200", "--body-timeout", "1", log=log)
+    server = ServerProcess(model_dir, adapters, "--max-tokens", "200", "--body-timeout", "1",
+                           "--cors-origin", "http://ui.example", log=log)
     client = httpx.Client(base_url=server.url, timeout=60)
     try:
         yield {"url": server.url, "client": client, "server": server, "tokenizer": tokenizer}
@@ -397,6 +398,40 @@ def test_compressed_body_is_415(server):
     body = gzip.compress(json.dumps({"model": "a0", "prompt": "hi", "max_tokens": 2}).encode())
     response = server["client"].post("/v1/completions", content=body, headers={"Content-Encoding": "gzip"})
     assert _error(response, 415)["code"] == "unsupported_encoding"
+
+
+def _preflight(client, origin: str) -> httpx.Response:
+    return client.options("/v1/chat/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+
+
+@pytest.mark.parametrize("origins", [(), ("http://ui.example",)])
+def test_browser_clients(origins):
+    """A chat page in a browser sends a CORS preflight (OPTIONS, no API key) first. Before the fix: a bare 405 (or a
+    401 with --api-key) with no hint, and no way to allow the page."""
+    from starlette.testclient import TestClient
+
+    from lorakit.serve.app import ServerState, create_app
+
+    state = ServerState(model=None, tokenizer=None, base_name="base", pool=None, engine=None, stop_token_ids=(),
+                        context_length=8, max_prompt_tokens=8, max_new_tokens=8, api_key="key", cors_origins=origins)
+    with TestClient(create_app(state)) as client:
+        if not origins:
+            assert "--cors-origin" in _error(_preflight(client, "http://ui.example"), 405)["message"]
+            return
+        allowed = _preflight(client, "http://ui.example")
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://ui.example"
+        assert _error(_preflight(client, "http://evil.example"), 400)["code"] == "cors_refused"
+        refused = client.get("/v1/models", headers={"Origin": "http://ui.example"})  # no key: still refused
+        assert _error(refused, 401) and refused.headers["access-control-allow-origin"] == "http://ui.example"
+
+
+def test_cors_origin_flag(server):
+    response = _preflight(server["client"], "http://ui.example")
+    assert response.status_code == 200 and response.headers["access-control-allow-origin"] == "http://ui.example"
+    answer = server["client"].get("/v1/models", headers={"Origin": "http://ui.example"})
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "http://ui.example"
 
 
 def test_no_tracebacks_and_still_serving(server):

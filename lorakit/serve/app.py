@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.middleware.cors import CORSMiddleware
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -56,6 +57,7 @@ class ServerState:
     max_new_tokens: int
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    cors_origins: tuple[str, ...] = ()  # web pages (origins) whose scripts may call the server; "*": any
     body_timeout: float = 60.0  # seconds to receive a request body: a client that stops sending mid-body is answered
     acquire_timeout: float = 60.0
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -161,6 +163,19 @@ class _Bridge:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+class _CORS(CORSMiddleware):
+    """Starlette's CORS, with its refusal of a preflight in the OpenAI error body instead of plain text."""
+
+    def preflight_response(self, request_headers):
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        reason = bytes(response.body).decode("utf-8", "replace")
+        return JSONResponse(error_body(f"cross-origin request refused: {reason}", code="cors_refused"),
+                            status_code=400, headers={k: v for k, v in response.headers.items()
+                                                      if k.lower() not in ("content-length", "content-type")})
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # "/v1/models/" is a 404 with an error body, not a 307 to the Host header's site
@@ -171,9 +186,13 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_, error: StarletteHTTPException):
+    async def _http_error(request, error: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-        return JSONResponse(error_body(str(error.detail), code=code), status_code=error.status_code)
+        message = str(error.detail)
+        if request.method == "OPTIONS" and "origin" in request.headers:  # a browser's preflight
+            message = (f"cross-origin requests from {request.headers['origin'][:100]!r} are not allowed; start the "
+                       "server with --cors-origin ORIGIN")
+        return JSONResponse(error_body(message, code=code), status_code=error.status_code)
 
     @app.exception_handler(Exception)
     async def _internal(_, error: Exception):
@@ -181,7 +200,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.middleware("http")
     async def _guard(request, call_next):
-        if state.api_key is not None and request.url.path != "/health":
+        # a browser's preflight (OPTIONS) carries no key; no route answers OPTIONS with data, only a 405 or CORS
+        if state.api_key is not None and request.url.path != "/health" and request.method != "OPTIONS":
             header = request.headers.get("authorization", "")
             given = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), state.api_key.encode()):
@@ -198,6 +218,10 @@ def create_app(state: ServerState) -> FastAPI:
             return await call_next(request)
         except Exception as error:  # answered here, the keep-alive connection survives (Starlette's handler drops it)
             return _internal_error(error)
+
+    if state.cors_origins:  # added last, so outermost: a preflight is answered before the API key check
+        app.add_middleware(_CORS, allow_origins=list(state.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], max_age=600)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():

@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together per step (default: %(default)s)")
     parser.add_argument("--max-prompt-tokens", type=int, default=None, help="refuse longer prompts (default: the model's context)")
     parser.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for (default: %(default)s)")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let scripts on this web origin (e.g. http://localhost:3000; '*': any) call the server "
+                             "from a browser; repeat for several (default: none)")
     parser.add_argument("--body-timeout", type=float, default=60.0,
                         help="seconds a client has to send its request body; slower ones get a 408 (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
@@ -75,7 +78,8 @@ def build_state(args: argparse.Namespace):
     state = ServerState(model=model, tokenizer=tokenizer, base_name=name, pool=pool, engine=engine,
                         stop_token_ids=end_of_turn_ids(tokenizer), context_length=context,
                         max_prompt_tokens=min(max_prompt, context), max_new_tokens=args.max_tokens,
-                        api_key=args.api_key or None, body_timeout=args.body_timeout)
+                        api_key=args.api_key or None, body_timeout=args.body_timeout,
+                        cors_origins=tuple(args.cors_origin))
     for entry, why in skipped_folders(args.adapters):
         print(f"lorakit serve: folder {entry!r} in {args.adapters} is not served: {why}", flush=True)
     if args.preload:
