@@ -226,8 +226,11 @@ class LoraConfig:
                                        f"merge the adapter with peft (merge_and_unload) and load the merged model instead")
                 continue
             if value not in (None, False, {}, [], ""):
-                raise LorakitError(f"{source}: unknown field {shown(key)}={shown(value)} (from a newer peft?); lorakit cannot apply "
-                                   f"it. If it does not change the adapter's math, delete it from the file")
+                version = data.get("peft_version")
+                origin = f"saved by peft {clipped(version, 20)}" if isinstance(version, str) else "from a newer peft?"
+                raise LorakitError(f"{source}: unknown field {shown(key)}={shown(value)} ({origin}; lorakit knows peft 0.21's "
+                                   "fields); lorakit cannot apply it. If it does not change the adapter's math, delete it from "
+                                   "the file")
         for flag in ("use_rslora", "use_dora"):  # bool("false") is True: a hand-edited string would switch it on
             if not isinstance(data.get(flag), (bool, type(None))):
                 raise LorakitError(f"{source}: {flag} must be true or false, got {shown(data.get(flag))}")

@@ -361,7 +361,7 @@ def _read_config(path: Path, handle) -> Any:
         raise LorakitError(f"{path} is {size:,} bytes, over the limit of {MAX_CONFIG_BYTES:,} (a PEFT adapter config is "
                            "a few KB)")
     try:
-        return json.loads(_read_exactly(path, handle, size).decode("utf-8"))
+        return json.loads(_read_exactly(path, handle, size).decode("utf-8-sig"))  # -sig: a BOM from a Windows editor
     except RecursionError:
         raise LorakitError(f"{path} is nested too deeply to be an adapter config") from None
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits

@@ -286,6 +286,11 @@ def test_config_field_mistakes(peft_folder):
     assert "use_dora must be true or false, got 'false'" in refusal(peft_folder)
     edit(peft_folder, config=lambda c: {**c, "use_dora": False, "use_rslora": "no"})  # was a silent rsLoRA scaling
     assert "use_rslora must be true or false" in refusal(peft_folder)
+    edit(peft_folder, config=lambda c: {**c, "use_rslora": False, "peft_version": "0.23.0", "use_brand_new": True})
+    assert "unknown field 'use_brand_new'=True (saved by peft 0.23.0; lorakit knows peft 0.21's" in refusal(peft_folder)
+    text = json.dumps({k: v for k, v in json.loads((peft_folder / CONFIG_NAME).read_text()).items() if k != "use_brand_new"})
+    (peft_folder / CONFIG_NAME).write_bytes(b"\xef\xbb\xbf" + text.encode())  # a BOM, as a Windows editor writes
+    lorakit.load_adapter(build("llama"), peft_folder)
 
 
 def test_pickled_only_folder_says_how_to_convert(peft_folder, tmp_path):
