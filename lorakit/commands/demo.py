@@ -22,6 +22,9 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
     from lorakit.generation import encode_prompt, has_chat_template
 
+    from lorakit.commands._args import check_model_arg
+
+    check_model_arg(args.model)
     if args.rank < 1:
         raise LorakitError(f"--rank must be a positive integer, got {args.rank}")
     start = time.perf_counter()

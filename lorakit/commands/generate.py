@@ -48,10 +48,16 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
     from lorakit.generation import SamplingParams, encode_prompt, end_of_turn_ids, generate
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    from lorakit.commands._args import check_adapter_arg, check_device, check_model_arg
+
+    check_model_arg(args.model)
+    for folder in args.adapter:
+        check_adapter_arg(folder)
+    check_device(args.device)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()  # read after the checks: no waiting on stdin
     if not prompt.strip():
         raise LorakitError("the prompt is empty; pass it as an argument or on standard input")
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     model, tokenizer = lorakit.load_base(args.model, dtype=args.dtype, device=args.device)
     labels = _names(args.adapter)
     rows: list[tuple[str, str | None]] = [("base", None)] if args.base or not args.adapter else []

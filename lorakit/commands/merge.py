@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weights dtype of the output folder (default: %(default)s)")
     parser.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: the HF folder; gguf: also a GGUF file inside it")
-    parser.add_argument("--gguf-type", default="f16", choices=["f16", "q8_0"], help="GGUF tensor type (default: %(default)s)")
+    parser.add_argument("--gguf-type", default=None, choices=["f16", "q8_0"], help="GGUF tensor type, with --format gguf "
+                        "(default: f16)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically)")
 
 
@@ -33,6 +34,14 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.export import check_output_folder
 
+    from lorakit.commands._args import check_adapter_arg, check_model_arg
+    from lorakit.errors import LorakitError
+
+    if args.gguf_type is not None and args.format != "gguf":
+        raise LorakitError(f"--gguf-type {args.gguf_type} applies to a GGUF file only; add --format gguf (or drop "
+                           "--gguf-type for the Hugging Face folder alone)")
+    check_model_arg(args.model)
+    check_adapter_arg(args.adapter)
     start = time.perf_counter()
     protected = {"the adapter folder": args.adapter}
     if os.path.isdir(os.path.expanduser(args.model)):
@@ -44,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out, report = export_merged(model, tokenizer, "merged", args.out, dtype=dtype,
-                                    gguf_type=args.gguf_type if args.format == "gguf" else None, overwrite=args.overwrite)
+                                    gguf_type=(args.gguf_type or "f16") if args.format == "gguf" else None, overwrite=args.overwrite)
     print(f"merged {args.adapter} into {args.model}: {report}")
     for warning in caught:
         if "loses" in str(warning.message):

@@ -49,10 +49,21 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.models.loading import resolve_model_folder
     from lorakit.models.quantized_saving import save_quantized
 
+    from lorakit.commands._args import check_model_arg
+    from lorakit.errors import LorakitError
+    from lorakit.models.loading import model_config_dict
+
+    check_model_arg(args.model)
     start = time.perf_counter()
     protected = {"the model folder": args.model} if os.path.isdir(os.path.expanduser(args.model)) else {}
     out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected)  # before minutes of loading
     source, _ = resolve_model_folder(args.model)
+    quantization = model_config_dict(Path(source)).get("quantization_config")
+    if quantization:  # re-quantizing would only copy it (or dequantize and lose more): say so instead
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        raise LorakitError(f"{args.model} is already quantized ({method}, quantization_config in config.json); train "
+                           f"on it directly (lorakit train --model {shlex.quote(str(args.model))}) or quantize its "
+                           "16-bit original")
     model, tokenizer = lorakit.load_base(args.model, dtype=getattr(torch, DTYPES[args.dtype]), quantize="nf4")
     loaded = time.perf_counter()
     print(f"loaded {args.model} into NF4 in {loaded - start:.1f} s; writing {out}")

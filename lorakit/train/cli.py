@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from lorakit.errors import LorakitError
 from lorakit.train.config import FIELDS, TrainConfig, check_values, read_config_file, resolve_config
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     run = parser.add_argument_group("run")
     run.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                     help="YAML or TOML file of options (names as below, dashes or underscores); flags override it")
+                     help="YAML, TOML or JSON file of options (names as below, dashes or underscores); flags override it")
     run.add_argument("--resume", nargs="?", const="latest", default=argparse.SUPPRESS, metavar="RUN_OR_CHECKPOINT",
                      help="continue a stopped run from its last checkpoint: a run folder or checkpoint folder; alone, "
                           "the run in --out (or the newest under runs/). The run's saved options are reused; "
@@ -72,12 +73,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, **kwargs)
 
 
+# options that only shape a LoRA adapter: with --full (every weight trained) they would be ignored without a word
+LORA_ONLY = ("rank", "alpha", "dropout", "targets", "exclude", "variant", "init", "rank_pattern", "alpha_pattern",
+             "loraplus_ratio")
+
+
+def check_conflicts(config: TrainConfig, file_values: dict[str, Any], cli_values: dict[str, Any]) -> None:
+    """Refuse options given together that cannot both apply (a config file's values count only when they differ
+    from the default, so a run's own resolved config.yaml, which lists every option, passes back in)."""
+    defaults = TrainConfig()
+    given = {k for k in cli_values} | {k for k, v in file_values.items() if v != getattr(defaults, k)}
+    if config.full:
+        ignored = [k for k in LORA_ONLY if k in given]
+        if ignored:
+            flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+            raise LorakitError(f"--full trains every weight, so {flags} would be ignored (adapter options); drop "
+                               f"{'it' if len(ignored) == 1 else 'them'} or drop --full")
+
+
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any], dict[str, Any]]:
     """(resolved config, the config file's values, the flags given), from parsed arguments."""
     given = {k: v for k, v in vars(args).items() if k in FIELDS}
     file_values = read_config_file(args.config) if getattr(args, "config", None) else {}
     cli_values = check_values(given, source="command line")
-    return resolve_config(file_values, cli_values), file_values, cli_values
+    config = resolve_config(file_values, cli_values)
+    check_conflicts(config, file_values, cli_values)
+    return config, file_values, cli_values
 
 
 def run(args: argparse.Namespace) -> int:

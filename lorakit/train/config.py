@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,7 +236,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 # -- config files ---------------------------------------------------------------------------------------------------
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) file of ``TrainConfig`` fields (dashes or underscores).
+    """Read a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file of ``TrainConfig`` fields (dashes or underscores).
 
     Unknown keys and values of the wrong type are refused by name, with the file in the message.
     """
@@ -263,8 +264,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
             raise LorakitError(f"{path}: malformed TOML ({error})") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(text) if text.strip() else None
+        except json.JSONDecodeError as error:
+            raise LorakitError(f"{path} line {error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
     else:
-        raise LorakitError(f"{path}: unknown config file type {suffix!r}; use .yaml, .yml or .toml")
+        raise LorakitError(f"{path}: unknown config file type {suffix!r}; use .yaml, .yml, .toml or .json")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -302,7 +308,9 @@ def check_values(data: dict[str, Any], source: str) -> dict[str, Any]:
             if key in _CLI_ONLY:
                 raise LorakitError(f"{source}: {raw_key!r} is a command-line flag only (--{key}), not a config option; "
                                    "remove it from the file")
-            close = [ALIASES[key.lower()]] if key.lower() in ALIASES else difflib.get_close_matches(key, FIELDS, n=1)
+            # a typo of our name or of another tool's name for it ("lerning_rate" -> learning_rate -> lr)
+            close = ([ALIASES[key.lower()]] if key.lower() in ALIASES else
+                     [ALIASES.get(m, m) for m in difflib.get_close_matches(key.lower(), [*FIELDS, *ALIASES], n=1)])
             hint = f"; did you mean {close[0]!r}?" if close else "; `lorakit train --help` lists every option"
             raise LorakitError(f"{source}: unknown option {raw_key!r}{hint}")
         out[key] = _coerce(key, value, source)

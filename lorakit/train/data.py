@@ -114,6 +114,15 @@ def _render_chat(tokenizer: Any, messages: list[dict], generation_prompt: bool, 
     return text
 
 
+def for_tokenizer(record: Record | Mapping, tokenizer: Any) -> Record:
+    """The record validated, as this tokenizer trains it: a chat that has a prompt/completion form (an Alpaca
+    record) takes that form when the tokenizer has no chat template."""
+    record = validate_record(record)
+    if record.fallback is not None and not getattr(tokenizer, "chat_template", None):
+        return record.fallback
+    return record
+
+
 def render(record: Record | Mapping, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
     """Render a record to the text the model sees and the character spans ``[start, end)`` that are targets.
 
@@ -121,8 +130,9 @@ def render(record: Record | Mapping, tokenizer: Any) -> tuple[str, list[tuple[in
     ends and stops where ``render(messages[:i+1])`` ends, so it holds the answer, the end-of-turn token and
     whatever filler the template puts after it (masked later). This needs a template whose render of a prefix
     of the chat is a prefix of the render of the chat; templates that rewrite earlier turns are reported.
+    Assistant turns given ``"weight": 0`` are rendered but are not targets.
     """
-    record = validate_record(record)
+    record = for_tokenizer(record, tokenizer)
     if record.shape == "text":
         return record["text"], [(0, len(record["text"]))]
     if record.shape == "prompt_completion":
@@ -131,8 +141,9 @@ def render(record: Record | Mapping, tokenizer: Any) -> tuple[str, list[tuple[in
     messages, where = record["messages"], record.where
     full = _render_chat(tokenizer, messages, False, where)
     spans = []
+    unsupervised = record.fields.get("unsupervised", ())
     for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
+        if msg["role"] != "assistant" or i in unsupervised:
             continue
         if i == 0:
             raise LorakitError(f"{where}: the chat starts with an assistant turn; add the user turn it answers first")
@@ -210,7 +221,7 @@ def tokenize_example(
         raise LorakitError(f"overflow={overflow!r} is not one of {', '.join(OVERFLOW_CHOICES)}")
     if max_length < 2:
         raise LorakitError(f"max_length={max_length} is too small; an example needs at least 2 tokens")
-    record = validate_record(record)
+    record = for_tokenizer(record, tokenizer)
     info = info or tokenizer_info(tokenizer, eot_token)
     text, spans = render(record, tokenizer)
     ids, ranges = _tokenize_with_spans(text, spans, tokenizer, info)
@@ -265,7 +276,7 @@ def _dropped(drops: Counter | None, reason: str) -> None:
 def generation_prompt(record: Record | Mapping, tokenizer: Any, *, info: TokenizerInfo | None = None) -> list[int]:
     """Token ids to feed ``generate`` for evaluation: the chat up to its last assistant turn plus the generation
     prompt, or the prompt of a prompt/completion record; tokenized exactly as in training (same BOS rule)."""
-    record = validate_record(record)
+    record = for_tokenizer(record, tokenizer)
     info = info or tokenizer_info(tokenizer)
     if record.shape == "messages":
         text = _render_chat(tokenizer, record["messages"][:-1], True, record.where)
@@ -503,6 +514,13 @@ class DataBundle:
     val: SupervisedDataset | None
 
 
+def _records(source: Any) -> list[Record]:
+    """Records already read pass through; paths are read."""
+    if isinstance(source, (list, tuple)) and source and all(isinstance(r, Record) for r in source):
+        return list(source)
+    return read_many(source)
+
+
 def build_datasets(
     train: str | Path | Sequence[str | Path],
     tokenizer: Any,
@@ -517,15 +535,16 @@ def build_datasets(
 ) -> DataBundle:
     """Read files (JSONL, CSV, datasets folders), split or read validation, tokenize: what ``--data`` does.
 
-    The validation set is never packed: it is scored per example. Give ``validation`` or ``val_fraction``
-    (not both), or neither for no validation set.
+    ``train`` and ``validation`` are paths, or lists of records already read (:func:`read_many`). The validation
+    set is never packed: it is scored per example. Give ``validation`` or ``val_fraction`` (not both), or neither
+    for no validation set.
     """
     if validation is not None and val_fraction is not None:
         raise LorakitError("give a validation file or a validation fraction, not both")
-    records = read_many(train)
+    records = _records(train)
     val_records = None
     if validation is not None:
-        val_records = read_many(validation)
+        val_records = _records(validation)
     elif val_fraction is not None:
         records, val_records = split_records(records, val_fraction, seed)
     train_ds = build_dataset(records, tokenizer, max_length, overflow, pack=pack, eot_token=eot_token, name="training data")

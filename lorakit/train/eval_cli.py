@@ -60,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
         if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
             raise LorakitError(f"--json {args.json}: cannot write a file there (a folder, or a parent folder that does "
                                "not exist or is not writable)")
+    from lorakit.commands._args import check_adapter_arg, check_model_arg
+
+    check_model_arg(args.model)
+    if args.adapter:
+        check_adapter_arg(args.adapter)
     started = time.perf_counter()
     device = choose_device(TrainConfig(device=args.device))
     if args.data:

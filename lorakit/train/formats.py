@@ -1,4 +1,4 @@
-"""Reading and validating training records: JSONL, CSV, or a local ``datasets`` folder.
+"""Reading and validating training records: JSONL, JSON, CSV/TSV, Parquet, or a local ``datasets`` folder.
 
 A record has exactly one of three shapes (the fields are strict: anything else is a mistake we report):
 
@@ -7,6 +7,16 @@ A record has exactly one of three shapes (the fields are strict: anything else i
 - ``{"messages": [{"role": ..., "content": str}, ...]}``: a chat, rendered through the tokenizer's chat
   template; only assistant turns (each with its end-of-turn token) are targets. The chat must end with an
   assistant turn, since a trailing user turn would be an unanswered question with nothing to learn.
+  A message's content may also be a list of text parts (``[{"type": "text", "text": ...}]``, as OpenAI and
+  multimodal datasets write it; the parts are joined), and an assistant message may carry OpenAI's ``"weight": 0``
+  to leave that turn unsupervised. Keys whose value is null (``"tool_calls": null``) are ignored.
+
+Two formats of other tools are read as chats (see :func:`_convert_other_formats`):
+
+- Alpaca ``{"instruction", "input" (optional), "output", "system" (optional)}``: one user turn (the instruction,
+  a blank line, the input) and the output as the assistant turn. A tokenizer without a chat template trains it
+  in Alpaca's own prompt format ("### Instruction: ... ### Response:") instead (``Record.fallback``).
+- ShareGPT ``{"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": str}], "system" (optional)}``.
 
 Every record carries ``where`` ("orders.jsonl:12", "data.csv:4", "folder[train] row 7") so that any later
 error (a template failure, an example too long) names the place the user has to fix. Every mistake raises
@@ -33,10 +43,17 @@ SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = ("role", "content")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-CSV_SUFFIXES = (".csv",)
+CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet",)
 DATA_SUFFIXES = JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
 _EXPECTED = '{"text"}, {"prompt", "completion"} or {"messages": [...]}'
+ALPACA_KEYS = ("instruction", "input", "output", "system")
+SHAREGPT_KEYS = ("conversations", "system")
+# ShareGPT speaker names (from FastChat, Axolotl and LLaMA-Factory exports) -> chat roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
+                  "tool": "tool", "function": "tool", "observation": "tool", "function_response": "tool"}
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"  # Alpaca's template, without its preamble
 
 
 @dataclass(frozen=True)
@@ -45,13 +62,17 @@ class Record:
 
     Attributes:
         shape: "text", "prompt_completion" or "messages".
-        fields: the record's fields, validated (strings are str; messages are dicts with role and content).
+        fields: the record's fields, validated (strings are str; messages are dicts with role and content; a
+            chat may also hold ``"unsupervised"``: indices of assistant turns given ``"weight": 0``).
         where: where it came from, for error messages ("train.jsonl:12").
+        fallback: the same example as a prompt/completion record, used with a tokenizer that has no chat
+            template (Alpaca records: Alpaca's prompt format); None for records that need the template.
     """
 
     shape: str
     fields: Mapping[str, Any]
     where: str = "<record>"
+    fallback: "Record | None" = None
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]
@@ -68,6 +89,9 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
         return obj
     if not isinstance(obj, Mapping):
         raise LorakitError(f"{where}: expected an object with {_EXPECTED}, got {type(obj).__name__}")
+    converted = _convert_other_formats(obj, where)
+    if converted is not None:
+        return converted
     keys = list(obj.keys())
     if "messages" in obj:
         shape = "messages"
@@ -92,7 +116,63 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
         _check_string(obj["prompt"], "prompt", where, nonempty=False)
         _check_string(obj["completion"], "completion", where, nonempty=True, what="empty completion")
         return Record(shape, {"prompt": obj["prompt"], "completion": obj["completion"]}, where)
-    return Record(shape, {"messages": _validate_messages(obj["messages"], where)}, where)
+    messages, unsupervised = _validate_messages(obj["messages"], where)
+    return Record(shape, {"messages": messages, "unsupervised": unsupervised} if unsupervised else {"messages": messages},
+                  where)
+
+
+def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
+    """An Alpaca or ShareGPT record as a chat :class:`Record` (None for anything else).
+
+    Detected by their required keys ("instruction" + "output"; "conversations"), so a record of our own shapes is
+    never taken for one; their other keys are as strict as ours.
+    """
+    if "instruction" in obj and "output" in obj and not {"messages", "prompt", "completion"} & set(obj):
+        for key in obj:
+            if key not in ALPACA_KEYS:
+                raise LorakitError(f"{where}: unknown field {key!r}; an Alpaca record has only "
+                                   f"{', '.join(map(repr, ALPACA_KEYS))}: remove it")
+        _check_string(obj["instruction"], "instruction", where, nonempty=True, what="empty instruction")
+        _check_string(obj["output"], "output", where, nonempty=True, what="empty output")
+        for key in ("input", "system"):
+            if obj.get(key) is not None:
+                _check_string(obj[key], key, where, nonempty=False)
+        instruction, extra, system = obj["instruction"], obj.get("input") or "", obj.get("system") or ""
+        user = instruction + (f"\n\n{extra}" if extra.strip() else "")
+        messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
+            {"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+        prompt = ALPACA_PROMPT.format(instruction=instruction,
+                                      input=f"### Input:\n{extra}\n\n" if extra.strip() else "")
+        if system.strip():
+            prompt = f"{system}\n\n{prompt}"
+        fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj["output"]}, where)
+        return Record("messages", {"messages": messages}, where, fallback=fallback)
+    if "conversations" in obj and "messages" not in obj:
+        for key in obj:
+            if key not in SHAREGPT_KEYS:
+                raise LorakitError(f"{where}: unknown field {key!r}; a ShareGPT record has only "
+                                   f"{', '.join(map(repr, SHAREGPT_KEYS))}: remove it")
+        turns = obj["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise LorakitError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} objects")
+        messages: list[dict[str, Any]] = []
+        if obj.get("system") is not None:
+            _check_string(obj["system"], "system", where, nonempty=False)
+            if obj["system"].strip():
+                messages.append({"role": "system", "content": obj["system"]})
+        for i, turn in enumerate(turns):
+            at = f"{where}: conversations[{i}]"
+            if not isinstance(turn, Mapping) or set(turn) - {"from", "value", "weight"}:
+                raise LorakitError(f"{at} must be an object with only 'from' and 'value' (ShareGPT), got "
+                                   f"{sorted(turn) if isinstance(turn, Mapping) else type(turn).__name__}")
+            speaker = turn.get("from")
+            role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+            if role is None:
+                raise LorakitError(f"{at} is from {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
+            messages.append({"role": role, "content": turn.get("value"),
+                             **({"weight": turn["weight"]} if "weight" in turn else {})})
+        return validate_record({"messages": messages}, where)
+    return None
 
 
 def _check_string(value: Any, key: str, where: str, nonempty: bool, what: str = "") -> None:
@@ -114,7 +194,8 @@ def _check_unicode(value: str, what: str) -> None:
                            "is not valid Unicode; fix the \\uXXXX escape (a cut emoji?)") from None
 
 
-def _validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
+def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, str]], tuple[int, ...]]:
+    """The chat as ``[{role, content}]`` with content a string, and the indices of assistant turns with weight 0."""
     if isinstance(messages, str):  # CSV cells and some datasets columns hold the chat as a JSON string
         try:
             messages = json.loads(messages)
@@ -123,16 +204,26 @@ def _validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise LorakitError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
     out: list[dict[str, str]] = []
+    unsupervised: list[int] = []
     for i, msg in enumerate(messages):
         at = f"{where}: messages[{i}]"
         if not isinstance(msg, Mapping):
             raise LorakitError(f"{at} must be an object with 'role' and 'content', got {type(msg).__name__}")
         for key in msg:
-            if key not in MESSAGE_KEYS:
-                raise LorakitError(f"{at} has unknown key {key!r}; a message has only 'role' and 'content'")
+            if key not in MESSAGE_KEYS and key != "weight" and msg[key] is not None:  # "tool_calls": null is noise
+                raise LorakitError(f"{at} has unknown key {key!r}; a message has only 'role', 'content' (and "
+                                   "'weight' on assistant turns)")
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
             raise LorakitError(f"{at} has role {role!r}; expected one of {', '.join(ROLES)}")
+        if msg.get("weight") is not None:
+            weight = msg["weight"]
+            if role != "assistant" or isinstance(weight, bool) or weight not in (0, 1):
+                raise LorakitError(f"{at} has weight {weight!r}; OpenAI's weight is 0 or 1, on assistant turns only")
+            if weight == 0:
+                unsupervised.append(i)
+        if isinstance(content, list):
+            content = _join_parts(content, at, role)
         if not isinstance(content, str):
             got = "missing" if "content" not in msg else type(content).__name__
             raise LorakitError(f"{at} ({role}) content must be a string, got {got}")
@@ -145,7 +236,25 @@ def _validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
             f"{where}: the chat does not end with an assistant turn (last role is {out[-1]['role']!r}); "
             "add the assistant reply to learn or drop the trailing turn"
         )
-    return out
+    if len(unsupervised) == sum(m["role"] == "assistant" for m in out):
+        raise LorakitError(f"{where}: every assistant turn has weight 0, so nothing is learnt from this chat; drop it "
+                           "or set weight 1 on a turn")
+    return out, tuple(unsupervised)
+
+
+def _join_parts(parts: list, at: str, role: str) -> str:
+    """Content given as a list of parts (OpenAI's format): the text parts joined; other kinds are refused."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type", "text") if isinstance(part, Mapping) else type(part).__name__
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise LorakitError(f"{at} ({role}) content[{j}] is a {kind!r} part; lorakit trains on text only (parts "
+                               "of type 'text' with a 'text' string)")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def read_records(path: str | Path, split: str | None = None) -> list[Record]:
@@ -153,7 +262,7 @@ def read_records(path: str | Path, split: str | None = None) -> list[Record]:
 
     Args:
         path: a ``.jsonl`` / ``.ndjson`` / ``.json`` file (one JSON object per line; a ``.json`` file may also
-            hold one JSON array of objects), a ``.csv`` file with a header row naming the fields, or a folder
+            hold one JSON array of objects), a ``.csv`` / ``.tsv`` file with a header row naming the fields, or a folder
             written by ``datasets``' ``save_to_disk`` (needs the ``datasets`` package: ``lorakit[data]``).
         split: for a ``DatasetDict`` folder, which split to read (default "train", or the only one).
 
@@ -185,7 +294,8 @@ def read_records(path: str | Path, split: str | None = None) -> list[Record]:
             records = _read_parquet(path)
         else:
             raw = _read_bytes(path)
-            records = _read_jsonl(path, raw, suffix) if suffix in JSONL_SUFFIXES else _read_csv(path, raw)
+            records = (_read_jsonl(path, raw, suffix) if suffix in JSONL_SUFFIXES
+                       else _read_csv(path, raw, delimiter="\t" if suffix == ".tsv" else ","))
     if not records:
         raise LorakitError(f"{path}: no records in it; a data file needs at least one {_EXPECTED} record")
     return records
@@ -273,13 +383,13 @@ def _read_json_array(path: Path, raw: bytes) -> list[Record]:
     return [validate_record(obj, f"{path.name}[{i}]") for i, obj in enumerate(items)]
 
 
-def _read_csv(path: Path, raw: bytes) -> list[Record]:
+def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise LorakitError(f"{path.name}: not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8") from None
     # newline="": the csv module itself handles CRLF line ends and newlines quoted inside cells
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = reader.fieldnames
         if not header:

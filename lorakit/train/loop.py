@@ -286,7 +286,7 @@ def total_steps_for(config: TrainConfig, rows: int, world_size: int) -> int:
         return config.max_steps
     micro_per_epoch = rows // (config.batch_size * world_size)
     if micro_per_epoch == 0:
-        raise LorakitError(f"the training set has {rows} rows, fewer than one global micro-batch of "
+        raise LorakitError(f"the training set has {rows} row{'s' * (rows != 1)}, fewer than one global micro-batch of "
                            f"{config.batch_size * world_size}; lower --batch-size or add data")
     return max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accum))
 
@@ -391,7 +391,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                         mask_dtype=compute_dtype or torch.float32)
     global_micro = config.batch_size * world_size
     if len(train_ds) < global_micro:
-        raise LorakitError(f"the training set has {len(train_ds)} rows, fewer than one micro-batch of {global_micro} "
+        raise LorakitError(f"the training set has {len(train_ds)} row{'s' * (len(train_ds) != 1)}, fewer than one micro-batch of {global_micro} "
                            f"(--batch-size {config.batch_size} x {world_size} processes); lower --batch-size or add data")
     batches = BatchIterator(train_ds, global_micro, collate_fn=collator, seed=config.seed)
     total_steps = total_steps_for(config.replace(grad_accum=grad_accum, global_batch=None), len(train_ds), world_size)

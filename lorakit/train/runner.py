@@ -188,8 +188,10 @@ def load_model(config: TrainConfig, device: torch.device):
         raise
 
 
-def load_data(config: TrainConfig, tokenizer: Any):
-    from lorakit.train.data import build_datasets
+def read_data(config: TrainConfig) -> tuple[list, list | None]:
+    """(training records, validation records or None), read and validated: done before the model loads, so a bad
+    line in the data is reported in seconds rather than after minutes of loading a large model."""
+    from lorakit.train.formats import read_many
 
     train_files, val_files, val_fraction = config.data, config.val_data, config.val_fraction
     if not train_files:
@@ -199,8 +201,16 @@ def load_data(config: TrainConfig, tokenizer: Any):
         train_files = [str(train_path)]
         if val_files is None and val_fraction is None:
             val_files = [str(val_path)]
-    return build_datasets(train_files, tokenizer, validation=val_files, val_fraction=val_fraction, seed=config.seed,
-                          max_length=config.max_length, overflow=config.overflow, pack=config.pack)
+    return read_many(train_files), (read_many(val_files) if val_files is not None else None)
+
+
+def load_data(config: TrainConfig, tokenizer: Any, records: tuple[list, list | None] | None = None):
+    """The tokenized training (and validation) sets; ``records`` from :func:`read_data` (read here when None)."""
+    from lorakit.train.data import build_datasets
+
+    train_records, val_records = records if records is not None else read_data(config)
+    return build_datasets(train_records, tokenizer, validation=val_records, val_fraction=config.val_fraction,
+                          seed=config.seed, max_length=config.max_length, overflow=config.overflow, pack=config.pack)
 
 
 def score(model, tokenizer, records, config: TrainConfig, device: torch.device) -> GenerationScore:
@@ -272,6 +282,9 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     if resume_from is not None:  # the earlier run's options, then the config file's, then the flags'
         config = TrainConfig(**{**saved_config(run_dir), **(config_file_values or {}), **(cli_values or {})})
     config = config.replace(out=str(run_dir))
+    from lorakit.commands._args import check_model_arg
+
+    check_model_arg(config.model)  # a GGUF or weights file where a folder goes: said before reading any data
     if not config.data and config.max_steps is None and config.epochs == 1.0:
         # the embedded task is learnt by step ~12 (validation loss 0.011); 30 steps keep the demo inside 5 CPU minutes
         config = config.replace(max_steps=EMBEDDED_DEMO_STEPS)
@@ -283,11 +296,12 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     _quiet_transformers()
     # --fsdp: the whole base waits in CPU memory; sharding moves each process's shard to its device
     sharded = config.fsdp and world_size > 1
+    records = read_data(config)  # a malformed line is found before the model loads
     model, tokenizer = load_model(config, torch.device("cpu") if sharded else device)
     check_module_names(model, config)
     given = {**(config_file_values or {}), **(cli_values or {})}
     config = fit_max_length(config, model, explicit="max_length" in given or resume_from is not None)
-    bundle = load_data(config, tokenizer)
+    bundle = load_data(config, tokenizer, records)
     say(f"training data: {bundle.train.summary}")
     if bundle.train.summary.drop_note():
         say(bundle.train.summary.drop_note())
