@@ -26,7 +26,7 @@ from lorakit import quant
 from lorakit._fs import atomic_write_bytes, atomic_write_text
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
-from lorakit.inject import _base_modules, adapter_hosts, adapter_names, find_modules_to_save, find_targets, inject
+from lorakit.inject import _base_modules, _matches, adapter_hosts, adapter_names, find_modules_to_save, find_targets, inject
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
@@ -38,6 +38,8 @@ MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few KB (the server
 # peft's inits that rewrite the base (W -> W - s B0 A0) when an adapter is created, and again, from the same original
 # W, when PeftModel.from_pretrained loads the file: deterministic (an SVD, a QR), so lorakit can repeat them on load
 BASE_REWRITES = ("pissa", "olora")
+# peft's trainable_token_indices: new rows of an embedding (and of the output head tied to it), saved as a delta
+TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
 
 # (linear form attribute, PEFT key suffix for linear layers, for embeddings)
 _SUFFIXES = {
@@ -201,6 +203,12 @@ class AdapterFile:
         return init.lower() if isinstance(init, str) and init.lower() in BASE_REWRITES else None
 
     @property
+    def token_indices(self) -> list[int] | dict[str, list[int]] | None:
+        """peft's ``trainable_token_indices`` (validated by ``read_adapter``); loaded as modules-to-save copies."""
+        value = self.raw_config.get("trainable_token_indices") if isinstance(self.raw_config, dict) else None
+        return value or None
+
+    @property
     def bias_mode(self) -> str:
         """peft's ``bias`` option: with "all" / "lora_only" the file may hold bias copies (checked by ``plan_load``)."""
         bias = self.raw_config.get("bias") if isinstance(self.raw_config, dict) else None
@@ -282,6 +290,11 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
     return AdapterFile(folder, config, tensors, metadata, raw_config, size)
 
 
+def _is_index_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value) and len(set(value)) == len(value)
+
+
 def _names_targets(raw_config: Any) -> bool:
     return not isinstance(raw_config, dict) or raw_config.get("target_modules") not in (None, [], "")
 
@@ -316,6 +329,13 @@ def _parse_config(raw_config: Any, config_path: Path) -> LoraConfig:
                     "save_pretrained(..., path_initial_model_for_weight_conversion=...) to get a LoRA for the original model")
         if raw_config.get("bias") in ("all", "lora_only"):
             raw_config = {**raw_config, "bias": "none"}
+        tokens = raw_config.get("trainable_token_indices")
+        if tokens not in (None, [], {}):  # loaded as whole copies of the embedding (``_token_copies``)
+            if not (_is_index_list(tokens) or (isinstance(tokens, dict) and tokens and all(
+                    isinstance(k, str) and k and _is_index_list(v) for k, v in tokens.items()))):
+                raise LorakitError(f"{config_path}: trainable_token_indices must be a list of token ids or a map from "
+                                   f"embedding names to such lists, got {shown(tokens)}")
+            raw_config = {**raw_config, "trainable_token_indices": None}
     try:
         with warnings.catch_warnings():
             if rewrite:  # from_peft_dict warns that the base was rewritten: load_adapter repeats the rewrite
@@ -405,7 +425,13 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
     base_modules = _base_modules(model)
     plan: dict[tuple[str, str], torch.Tensor] = {}
     unexpected: list[str] = []
+    tokens = _token_copies(model, adapter_file)
+    for path, weight in tokens.items():  # the rest of each copy's state (a head's bias) is the base's own
+        plan.update({(path, name): value for name, value in base_modules[path].state_dict().items()})
+        plan[(path, "weight")] = weight
     for key, tensor in adapter_file.tensors.items():
+        if key.endswith(TOKEN_DELTA) and tokens:
+            continue
         path, attr = _match_key(_strip(key), targets, saved)
         if path is None:
             if _is_unchanged_base_copy(_strip(key), tensor, base_modules, adapter_file.folder):
@@ -487,6 +513,9 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
     """The file's config for this model: ``modules_to_save`` names this model lacks, with no tensors in the file,
     are dropped, as peft does (peft's SEQ_CLS task saves ["classifier", "score"]; a model has one of them)."""
     config = adapter_file.config
+    copies = list(_token_copies(model, adapter_file))
+    if copies:  # whole copies of the embedding (and its tied head) with the trained rows: same outputs as peft's
+        config = config.replace(modules_to_save=list(dict.fromkeys((config.modules_to_save or []) + copies)))
     if not config.modules_to_save:
         return config
     paths = [p for p in _base_modules(model) if p]
@@ -495,6 +524,47 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
             if any(p == name or p.endswith("." + name) for p in paths)
             or any(k.startswith(name + ".") or f".{name}." in k for k in keys)]  # still refused if the file has it
     return config if kept == config.modules_to_save else config.replace(modules_to_save=kept or None)
+
+
+def _token_copies(model: nn.Module, adapter_file: AdapterFile) -> dict[str, torch.Tensor]:
+    """peft's trainable tokens as full weights: ``{module path: weight with the trained rows}`` for each embedding
+    with a ``token_adapter.trainable_tokens_delta`` and each module whose weight is tied to it (peft ties the output
+    head's rows to the embedding's). Checks indices and shapes; empty when the file has no trainable tokens."""
+    indices_spec = adapter_file.token_indices
+    deltas = {_strip(k)[: -len(TOKEN_DELTA)]: t for k, t in adapter_file.tensors.items() if k.endswith(TOKEN_DELTA)}
+    if not deltas and not indices_spec:
+        return {}
+    where = f"{adapter_file.folder}: trainable_token_indices"
+    if not deltas or not indices_spec:
+        raise LorakitError(f"{where}: {CONFIG_NAME} and {WEIGHTS_NAME} disagree (one has trained token rows, the other "
+                           "not); save the adapter again with peft")
+    base_modules = _base_modules(model)
+    config = adapter_file.config
+    weights: dict[str, torch.Tensor] = {}
+    for path, delta in deltas.items():
+        module = base_modules.get(path)
+        if not isinstance(module, nn.Embedding):
+            raise LorakitError(f"{where}: {PREFIX}{clipped(path)}{TOKEN_DELTA} names no embedding of this model")
+        if isinstance(indices_spec, dict):
+            names = [n for n in indices_spec if path == n or path.endswith("." + n)]
+            if not names:
+                raise LorakitError(f"{where} names {listed(indices_spec)}, not {path}")
+            indices = indices_spec[names[0]]
+        else:
+            indices = indices_spec
+        weight = module.weight
+        if tuple(delta.shape) != (len(indices), weight.shape[1]) or max(indices) >= weight.shape[0]:
+            raise LorakitError(f"{where}: {path} has a delta of shape {shown(tuple(delta.shape))} for {len(indices)} token "
+                               f"ids up to {max(indices)}; this model's {path} is {tuple(weight.shape)}")
+        if config.target_modules != "all-linear" and _matches(path, config.target_modules):  # all-linear: no embedding
+            raise LorakitError(f"{where}: {path} is also a LoRA target; lorakit cannot put trained token rows and LoRA on "
+                               "one embedding: merge the adapter with peft (merge_and_unload) and load the merged model")
+        full = weight.detach().cpu().clone()
+        full[torch.tensor(indices)] = delta.to(full.dtype)
+        for other, tied in base_modules.items():  # the embedding and every module sharing its weight (a tied head)
+            if other and getattr(tied, "weight", None) is weight:
+                weights[other] = full
+    return weights
 
 
 def _is_unchanged_bias(key: str, tensor: torch.Tensor, base_modules: dict[str, nn.Module], adapter_file: AdapterFile) -> bool:

@@ -31,6 +31,7 @@ def build(kind: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     models = {
         "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, **SMALL)),
+        "llama-tied": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **SMALL)),
         "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(num_key_value_heads=2, **SMALL)),  # q/k/v biases
         "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(num_key_value_heads=2, head_dim=8, **SMALL)),
         "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(num_key_value_heads=2, **SMALL)),
@@ -57,7 +58,7 @@ def randomize_peft(model, seed: int = 1, biases: bool = False) -> None:
         for name, p in model.named_parameters():
             if "lora_magnitude" in name:
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif "lora_" in name:
+            elif "lora_" in name or (p.requires_grad and "trainable_tokens_delta" in name):
                 p.add_(torch.randn(p.shape, generator=gen) * 0.3)
             elif "modules_to_save" in name or (biases and p.requires_grad and name.endswith("bias")):
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
@@ -215,7 +216,6 @@ def test_bias_options(tmp_path):
 
 @pytest.mark.parametrize("options, option", [
     (dict(target_modules=["q_proj"], lora_bias=True), "lora_bias=True"),
-    (dict(target_modules=["q_proj"], trainable_token_indices=[1, 5]), "trainable_token_indices="),
     (dict(target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]]), "layer_replication="),
     (dict(target_modules=["q_proj"], target_parameters=["mlp.down_proj.weight"]), "target_parameters="),
     (dict(target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True), "ensure_weight_tying=True"),
@@ -226,6 +226,18 @@ def test_unsupported_peft_options_refused_in_one_line(options, option, tmp_path)
     with pytest.raises(lorakit.LorakitError, match=rf"PEFT option {option}.* is not supported .*merge_and_unload") as error:
         lorakit.load_adapter(model, tmp_path)
     assert "\n" not in str(error.value) and not lorakit.adapter_names(model)
+
+
+@pytest.mark.parametrize("kind, tokens", [("llama-tied", [1, 5, 7]), ("qwen2", {"embed_tokens": [0, 99]})])
+def test_trainable_tokens_load_as_copies(kind, tokens, tmp_path):
+    """peft's trainable_token_indices (new rows of the embedding, and of the output head tied to it) was refused;
+    it loads as modules-to-save copies with those rows, which peft loads back too."""
+    round_trip(kind, tmp_path, target_modules=["q_proj", "down_proj"], trainable_token_indices=tokens)
+    config = json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())
+    assert config["modules_to_save"] == (["model.embed_tokens", "lm_head"] if kind == "llama-tied" else ["model.embed_tokens"])
+    bad = json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())
+    (tmp_path / "peft" / CONFIG_NAME).write_text(json.dumps({**bad, "trainable_token_indices": [1, 2, 3, 4]}))
+    assert "has a delta of shape" in refusal(tmp_path / "peft", build(kind))  # 4 ids, fewer trained rows
 
 
 def test_two_adapters_saved_in_one_folder(tmp_path):
