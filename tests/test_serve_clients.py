@@ -140,6 +140,19 @@ def test_models_retrieve(server):
     assert _error(client.get("/v1/models/..%2F..%2Fetc"), 400)["code"] == "invalid_adapter_name"
 
 
+@pytest.mark.parametrize("method, path, words", [
+    ("POST", "/chat/completions", "did you mean /v1/chat/completions? Set the client's base_url to the server ending in /v1"),
+    ("GET", "/models/a0", "did you mean /v1/models/a0?"),
+    ("GET", "/v1/v1/models", "did you mean /v1/models? Set the client's base_url to the server without /v1"),
+    ("POST", "/v1/completions/", "did you mean /v1/completions (no trailing slash)?"),
+    ("POST", "/v1/chat/completion", "the API is /health, /v1/models"),
+])
+def test_wrong_base_url_is_named(server, method, path, words):
+    """``OpenAI(base_url="http://host:8000")`` (no /v1) is a new user's first mistake. Before the fix: 404 'Not Found'."""
+    error = _error(server["client"].request(method, path, json={}), 404)
+    assert words in error["message"] and error["code"] == "not_found", error
+
+
 def test_default_max_tokens_fits_the_context(server):
     """A completion without ``max_tokens`` (OpenAI's default, 16) on a prompt that leaves fewer than 16 tokens of
     context. Before the fix: 400 'prompt plus max_tokens (16) exceeds the context', about a field never sent."""

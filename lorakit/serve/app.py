@@ -176,6 +176,24 @@ class _CORS(CORSMiddleware):
                                                       if k.lower() not in ("content-length", "content-type")})
 
 
+ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/adapters", "/v1/adapters/load",
+          "/v1/adapters/unload")
+
+
+def _not_found(method: str, path: str) -> str:
+    """A 404's message; where the path is a known route with /v1 missing or doubled (a client's base_url without
+    or with /v1, when the client adds it too), it says which base_url to use."""
+    shown = f"{method} {path[:100]!r}"
+    stripped = path.rstrip("/")
+    if stripped != path and stripped in ROUTES:
+        return f"no route {shown}; did you mean {stripped} (no trailing slash)?"
+    for candidate in ("/v1" + stripped, stripped.replace("/v1/v1/", "/v1/", 1)):
+        if candidate != stripped and (candidate in ROUTES or candidate.startswith("/v1/models/")):
+            base = "ending in /v1" if candidate == "/v1" + stripped else "without /v1 (this client adds it)"
+            return f"no route {shown}; did you mean {candidate}? Set the client's base_url to the server {base}"
+    return f"no route {shown}; the API is {', '.join(ROUTES)}"
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # "/v1/models/" is a 404 with an error body, not a 307 to the Host header's site
@@ -189,7 +207,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def _http_error(request, error: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
         message = str(error.detail)
-        if request.method == "OPTIONS" and "origin" in request.headers:  # a browser's preflight
+        if error.status_code == 404:
+            message = _not_found(request.method, request.url.path)
+        elif request.method == "OPTIONS" and "origin" in request.headers:  # a browser's preflight
             message = (f"cross-origin requests from {request.headers['origin'][:100]!r} are not allowed; start the "
                        "server with --cors-origin ORIGIN")
         return JSONResponse(error_body(message, code=code), status_code=error.status_code)
