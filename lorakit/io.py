@@ -513,7 +513,7 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
     """The file's config for this model: ``modules_to_save`` names this model lacks, with no tensors in the file,
     are dropped, as peft does (peft's SEQ_CLS task saves ["classifier", "score"]; a model has one of them)."""
     config = adapter_file.config
-    copies = list(_token_copies(model, adapter_file))
+    copies = list(_token_copies(model, adapter_file, weights=False))
     if copies:  # whole copies of the embedding (and its tied head) with the trained rows: same outputs as peft's
         config = config.replace(modules_to_save=list(dict.fromkeys((config.modules_to_save or []) + copies)))
     if not config.modules_to_save:
@@ -526,10 +526,11 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
     return config if kept == config.modules_to_save else config.replace(modules_to_save=kept or None)
 
 
-def _token_copies(model: nn.Module, adapter_file: AdapterFile) -> dict[str, torch.Tensor]:
+def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = True) -> dict[str, torch.Tensor | None]:
     """peft's trainable tokens as full weights: ``{module path: weight with the trained rows}`` for each embedding
     with a ``token_adapter.trainable_tokens_delta`` and each module whose weight is tied to it (peft ties the output
-    head's rows to the embedding's). Checks indices and shapes; empty when the file has no trainable tokens."""
+    head's rows to the embedding's). Checks indices and shapes; empty when the file has no trainable tokens.
+    ``weights=False``: the paths only (values None), without copying a (vocab, dim) weight."""
     indices_spec = adapter_file.token_indices
     deltas = {_strip(k)[: -len(TOKEN_DELTA)]: t for k, t in adapter_file.tensors.items() if k.endswith(TOKEN_DELTA)}
     if not deltas and not indices_spec:
@@ -540,7 +541,7 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile) -> dict[str, torc
                            "not); save the adapter again with peft")
     base_modules = _base_modules(model)
     config = adapter_file.config
-    weights: dict[str, torch.Tensor] = {}
+    copies: dict[str, torch.Tensor | None] = {}
     for path, delta in deltas.items():
         module = base_modules.get(path)
         if not isinstance(module, nn.Embedding):
@@ -559,12 +560,14 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile) -> dict[str, torc
         if config.target_modules != "all-linear" and _matches(path, config.target_modules):  # all-linear: no embedding
             raise LorakitError(f"{where}: {path} is also a LoRA target; lorakit cannot put trained token rows and LoRA on "
                                "one embedding: merge the adapter with peft (merge_and_unload) and load the merged model")
-        full = weight.detach().cpu().clone()
-        full[torch.tensor(indices)] = delta.to(full.dtype)
+        full = None
+        if weights:
+            full = weight.detach().cpu().clone()
+            full[torch.tensor(indices)] = delta.to(full.dtype)
         for other, tied in base_modules.items():  # the embedding and every module sharing its weight (a tied head)
             if other and getattr(tied, "weight", None) is weight:
-                weights[other] = full
-    return weights
+                copies[other] = full
+    return copies
 
 
 def _is_unchanged_bias(key: str, tensor: torch.Tensor, base_modules: dict[str, nn.Module], adapter_file: AdapterFile) -> bool:
