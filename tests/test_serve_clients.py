@@ -153,6 +153,15 @@ def test_wrong_base_url_is_named(server, method, path, words):
     assert words in error["message"] and error["code"] == "not_found", error
 
 
+def test_wrong_method_names_the_right_one(server):
+    for method, path, allowed in [("GET", "/v1/chat/completions", "POST"), ("PUT", "/v1/completions", "POST"),
+                                  ("POST", "/v1/models", "GET"), ("DELETE", "/v1/adapters/load", "POST")]:
+        response = server["client"].request(method, path)
+        error = _error(response, 405)
+        assert error["message"] == f"{method} is not allowed on {path}; use {allowed}", error
+        assert response.headers["allow"] == allowed
+
+
 def test_default_max_tokens_fits_the_context(server):
     """A completion without ``max_tokens`` (OpenAI's default, 16) on a prompt that leaves fewer than 16 tokens of
     context. Before the fix: 400 'prompt plus max_tokens (16) exceeds the context', about a field never sent."""

@@ -212,7 +212,9 @@ def create_app(state: ServerState) -> FastAPI:
         elif request.method == "OPTIONS" and "origin" in request.headers:  # a browser's preflight
             message = (f"cross-origin requests from {request.headers['origin'][:100]!r} are not allowed; start the "
                        "server with --cors-origin ORIGIN")
-        return JSONResponse(error_body(message, code=code), status_code=error.status_code)
+        elif error.status_code == 405 and (error.headers or {}).get("Allow"):
+            message = f"{request.method} is not allowed on {request.url.path}; use {error.headers['Allow']}"
+        return JSONResponse(error_body(message, code=code), status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def _internal(_, error: Exception):
