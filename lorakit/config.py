@@ -260,8 +260,9 @@ class LoraConfig:
                 layers_to_transform=None if data.get("layers_to_transform") == [] else data.get("layers_to_transform"),
                 layers_pattern=data.get("layers_pattern") or None,
             )
-        except LorakitError as error:
-            raise LorakitError(f"{source}: {error}") from None
+        except LorakitError as error:  # named as the file names them: alpha -> lora_alpha, dropout -> lora_dropout
+            message = re.sub(r"^(alpha|dropout)\b", r"lora_\1", str(error))
+            raise LorakitError(f"{source}: {message}") from None
         except (TypeError, ValueError) as error:
             raise LorakitError(f"{source}: malformed field: {clipped(str(error), 4 * SHOWN_CHARS)}") from None
 

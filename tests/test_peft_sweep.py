@@ -294,7 +294,9 @@ def test_config_without_target_modules_targets_the_saved_modules(peft_folder):
 def test_config_field_mistakes(peft_folder):
     edit(peft_folder, config=lambda c: {k: v for k, v in c.items() if k != "r"})
     assert "the tensors have rank 4, the config says 8 (it has no 'r'" in refusal(peft_folder)
-    edit(peft_folder, config=lambda c: {**c, "r": 4, "use_dora": "false"})  # bool("false") is True: was DoRA
+    edit(peft_folder, config=lambda c: {**c, "r": 4, "lora_alpha": "8"})
+    assert "lora_alpha must be a finite number, got '8'" in refusal(peft_folder)  # the file's name for it
+    edit(peft_folder, config=lambda c: {**c, "lora_alpha": 8, "use_dora": "false"})  # bool("false") is True: was DoRA
     assert "use_dora must be true or false, got 'false'" in refusal(peft_folder)
     edit(peft_folder, config=lambda c: {**c, "use_dora": False, "use_rslora": "no"})  # was a silent rsLoRA scaling
     assert "use_rslora must be true or false" in refusal(peft_folder)
