@@ -108,7 +108,10 @@ def test_echoed_reply_and_off_values_accepted(server):
     fix: 400 'unknown field messages.1.refusal' (and 'unknown field tools', ...)."""
     client = server["client"]
     first = _ok(_chat(client))["choices"][0]["message"]
-    echoed = {**first, "refusal": None, "annotations": None, "audio": None, "function_call": None, "tool_calls": None}
+    citation = {"type": "url_citation", "url_citation": {"url": "https://x.example", "title": "x", "start_index": 0,
+                                                         "end_index": 1}}  # an answer's citations: metadata
+    echoed = {**first, "refusal": None, "annotations": [citation], "audio": None, "function_call": None,
+              "tool_calls": None}
     history = [{"role": "user", "content": "Hello"}, echoed, {"role": "user", "content": "More"}]
     expected = _ok(_chat(client, [history[0], first, history[2]]))["choices"][0]["message"]["content"]
     assert _ok(_chat(client, history))["choices"][0]["message"]["content"] == expected

@@ -169,18 +169,19 @@ class Message(_Strict):
     content: Union[str, list[TextPart]]
     name: str | None = None
     # what the openai package's ``message.model_dump()`` of an earlier answer holds: a client that appends the
-    # reply to its history sends them back, empty
+    # reply to its history sends them back. Empty, they change nothing; annotations (an answer's citations) are
+    # metadata the chat template never shows; tool calls would change the conversation, so only none pass
     refusal: str | None = None
     annotations: list | None = None
     audio: None = None
     function_call: None = None
     tool_calls: list | None = None
 
-    @field_validator("tool_calls", "annotations")
+    @field_validator("tool_calls")
     @classmethod
-    def _empty(cls, value: list | None, info) -> list | None:
+    def _no_tool_calls(cls, value: list | None) -> list | None:
         if value:
-            raise ValueError(f"{info.field_name} are not supported (no tools on this server)")
+            raise ValueError("tool_calls are not supported (no tools on this server)")
         return value
 
     @field_validator("content", mode="before")
