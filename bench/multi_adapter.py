@@ -35,6 +35,7 @@ import argparse
 import copy
 import gc
 import inspect
+import itertools
 import json
 import os
 import sys
@@ -303,13 +304,17 @@ def decode_cases(system, forward, hf_model, cfg, ids, args, device, dtype, n, bo
     return measured
 
 
-def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_bytes, bandwidth, base_tps, overlap=None):
+def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_bytes, bandwidth, base_tps, overlap=None,
+                       pdl="on"):
     """Decode with ``lorakit.decoding.StaticDecoder`` (fused GEMMs, grouped LoRA pairs, Triton attention, one CUDA
     graph per step on CUDA): tokens/s of ``decoder.step`` as a server calls it (host work, one upload, replay,
     the rows' logits). Also a check of its first step against transformers' decode (lorakit.generation, the same
     bf16 model and adapters): relative max diff, and how far the adapters move the logits (a wrong slot or
-    position would be O(that))."""
+    position would be O(that)). pdl: "on" (the default), "off", or "noprefetch" (on, but the Triton GEMMs read
+    their first weight chunk after the wait)."""
     from lorakit.decoding import StaticDecoder
+    from lorakit.kernels._triton import pdl_supported
+    from lorakit.kernels.triton import rows_gemm
     from lorakit.generation import decode, prefill
 
     batch = ids.shape[0]
@@ -319,7 +324,10 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
     with torch.no_grad():
         logits, kv = prefill(model, prompts, names)
         first = logits.argmax(-1).tolist()
-        decoder = StaticDecoder(model, max_batch=batch, max_len=ids.shape[1] + args.steps + 16, lora_overlap=overlap)
+        rows_gemm.PREFETCH = pdl != "noprefetch"
+        decoder = StaticDecoder(model, max_batch=batch, max_len=ids.shape[1] + args.steps + 16, lora_overlap=overlap,
+                                pdl=pdl != "off")
+        pdl_used = pdl if decoder.pdl and device.type == "cuda" and pdl_supported(device.index or 0) else "off"
         decoder.admit(rows, kv)
         ours = decoder.step(rows, first, names).double()
         theirs = decode(model, kv, first, names).double()
@@ -337,7 +345,7 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
             ok = err < moved / 4
         else:
             ok = err < 0.25  # bf16 rounding grows with depth (see check_decode_attention); a bug is O(1)
-        log(f"CHECK static decoder vs transformers ({system}, {n} adapters, overlap {decoder.lora_overlap}): rel diff {err:.3e}, argmax agree "
+        log(f"CHECK static decoder vs transformers ({system}, {n} adapters, overlap {decoder.lora_overlap}, pdl {pdl_used}): rel diff {err:.3e}, argmax agree "
             f"{agree:.3f} {'ok' if ok else 'MISMATCH'}")
         CHECKS.append(dict(check=f"static decoder vs transformers, {n} adapters", rel_diff=err, ok=ok))
         tokens = first
@@ -349,8 +357,10 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
     context = ids.shape[1] + 4 + args.steps // 2
     bound = (bound_bytes + kv_bytes(cfg, batch, context, dtype)) / bandwidth
     record(f"decode-{args.shape}-static", system, n, batch / seconds, base_tps, fraction_of_bound=round(bound / seconds, 4),
-           step_ms=round(seconds * 1e3, 3), bound_ms=round(bound * 1e3, 3), lora_overlap=decoder.lora_overlap, **extra)
+           step_ms=round(seconds * 1e3, 3), bound_ms=round(bound * 1e3, 3), lora_overlap=decoder.lora_overlap, pdl=pdl_used,
+           **extra)
     del decoder
+    rows_gemm.PREFETCH = True
     return batch / seconds, ok
 
 
@@ -386,10 +396,10 @@ def run_system(system, model, hf_model, cfg, args, device, dtype, base, bandwidt
                 decode_cases(system, forward, hf_model, cfg, ids, args, device, dtype, n,
                              base["weights"] + min(n, batch) * per_adapter, bandwidth, base["decode"], modes)
             if system == "lorakit" and args.static:
-                for overlap in args.overlap.split(","):
+                for overlap, pdl in itertools.product(args.overlap.split(","), args.pdl.split(",")):
                     tps, ok = static_decode_case(system, model, cfg, ids, args, device, dtype, n,
                                                  base["weights"] + min(n, batch) * per_adapter, bandwidth,
-                                                 base.get("static"), overlap=overlap or None)
+                                                 base.get("static"), overlap=overlap or None, pdl=pdl)
                     base["static_ok"] = base.get("static_ok", True) and ok
         except Exception as error:  # one failed case must not lose the others
             log(f"FAIL {system} adapters={n}: {type(error).__name__}: {error}")
@@ -642,6 +652,9 @@ def main():
     parser.add_argument("--overlap", default="",
                         help="comma-separated StaticDecoder lora_overlap modes to measure (lora, off; "
                              "empty: the decoder's default)")
+    parser.add_argument("--pdl", default="on",
+                        help="comma-separated programmatic-dependent-launch modes of the StaticDecoder cases: on (the "
+                             "default), off, noprefetch (on, GEMMs read their first weight chunk after the wait)")
     args = parser.parse_args()
     if args.shape == "tiny":
         args.batch, args.seq, args.steps, args.budget = min(args.batch, 64), min(args.seq, 16), min(args.steps, 3), 1.0
@@ -676,9 +689,12 @@ def main():
         measured = decode_cases("base", model, model, cfg, ids, args, device, dtype, 0, base["weights"], bandwidth, {}, modes)
         if args.static:
             base["static"] = None
-            base["static"], base["static_ok"] = static_decode_case("base", model, cfg, ids, args, device, dtype, 0,
-                                                                   base["weights"], bandwidth, None)
-            ROWS[-1]["ratio_vs_base"] = 1.0
+            for pdl in args.pdl.split(","):  # the first mode's is the base the adapters' cases are compared with
+                tps, ok = static_decode_case("base", model, cfg, ids, args, device, dtype, 0, base["weights"], bandwidth,
+                                             None, pdl=pdl)
+                base["static"] = base["static"] or tps
+                base["static_ok"] = base.get("static_ok", True) and ok
+                ROWS[-1]["ratio_vs_base"] = round(tps / base["static"], 4)
     for row in ROWS:  # each decode mode of a system is compared with the base in the same mode
         if row["system"] == "base" and row["case"].startswith("decode"):
             row["ratio_vs_base"] = 1.0
@@ -718,7 +734,8 @@ def main():
         if row.get("tokens_per_s") is None or row["case"].startswith("kernel"):
             continue
         fraction = row.get("fraction_of_bound")
-        system = row["system"] + (f"/{row['lora_overlap']}" if row.get("lora_overlap") not in (None, "off") else "")
+        system = row["system"] + (f"/{row['lora_overlap']}" if row.get("lora_overlap") not in (None, "off") else "") \
+            + (f"/pdl-{row['pdl']}" if row.get("pdl") not in (None, "on") else "")
         log(f"{row['case']:22s} {system:14s} {row['adapters']:8d} {row['tokens_per_s']:12.1f} "
             f"{row['ratio_vs_base'] if row['ratio_vs_base'] is not None else '':>8} {fraction if fraction is not None else '':>9} "
             f"{row.get('step_ms', ''):>8}")

@@ -20,7 +20,10 @@ over all the prompts' tokens, eager, causal attention per prompt) or, prefilled 
 (``lorakit.generation.prefill``), through ``admit``, which copies their K/V in.
 
 On CUDA each LoRA pair runs on a second stream beside its base GEMM, into a scratch that the next kernel (rope + KV
-store, add + RMSNorm, SwiGLU) adds as it reads the GEMM's output (``lora_overlap``).
+store, add + RMSNorm, SwiGLU) adds as it reads the GEMM's output (``lora_overlap``). On GPUs with programmatic
+dependent launch (Hopper on), the step's kernels launch with it (``pdl``): each is scheduled while the previous one
+drains and reads its weights before it waits for the previous kernel's output; the base GEMMs are then Triton's
+(``lorakit.kernels.rows_linear``) so that they take part.
 
 Shapes: rows B (``max_batch``), cache length S (``max_len``), hidden d, heads H x head_dim D, kv heads Hkv.
 Cache: K, V (layers, B, Hkv, S, D) in the model's dtype.
@@ -39,6 +42,7 @@ from lorakit.decoding.adapters import GROUPS, DecodeAdapters
 from lorakit.decoding.architecture import model_parts, norm_eps
 from lorakit.decoding.weights import fuse_projections
 from lorakit.errors import LorakitError
+from lorakit.kernels._triton import programmatic_launches
 
 
 class StaticDecoder:
@@ -54,6 +58,8 @@ class StaticDecoder:
             into a scratch that the next kernel (rope + KV store, add + RMSNorm, SwiGLU) adds as it reads the GEMM's
             output; "off" (the default elsewhere): the pair adds into the GEMM's output after it. Off CUDA, "lora"
             runs the same data flow on one stream.
+        pdl: launch the step's kernels with programmatic dependent launch (default: on where the GPU and Triton
+            support it; ignored elsewhere).
 
     The model's q/k/v and gate/up weights become views of fused tensors (values and keys unchanged; see
     ``lorakit.decoding.weights``). Adapters are copied from the model's LoRA layers the first time a row uses them
@@ -61,7 +67,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, graph: bool | None = None,
-                 adapter_slots: int = 8, lora_overlap: str | None = None):
+                 adapter_slots: int = 8, lora_overlap: str | None = None, pdl: bool | None = None):
         self.parts = parts = model_parts(model)
         if max_batch < 1 or max_len < 2:
             raise LorakitError(f"a static decoder needs max_batch >= 1 and max_len >= 2, got {max_batch} and {max_len}")
@@ -78,6 +84,7 @@ class StaticDecoder:
         if overlap not in ("lora", "off"):
             raise LorakitError(f"lora_overlap must be 'lora' or 'off', got {overlap!r}")
         self.lora_overlap = overlap
+        self.pdl = True if pdl is None else bool(pdl)  # kernels check the device (``pdl_on``) at each launch
         # elsewhere "lora" keeps the same data flow (delta scratch, fused adds) on the one stream
         self._lora_stream = torch.cuda.Stream(self.device) if cuda and overlap == "lora" else None
         self.weights = [self._fuse(layer) for layer in parts.layers]
@@ -238,7 +245,7 @@ class StaticDecoder:
         prompt (rows, starts, lengths given: long prompts, where each token reading its row's cache would re-read
         the prompt's K/V once per token)."""
         out = torch.empty(last.shape[0], self.parts.vocab, dtype=torch.float32, device=self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), programmatic_launches(self.pdl):
             self._prefill_forward(flat, last, out, None if rows is None else (rows, starts, lengths))
         return out
 
@@ -260,7 +267,8 @@ class StaticDecoder:
             inputs[3].fill_(-1)
 
             def forward(inputs=inputs):
-                self._prefill_forward(inputs, self._prefill_last, self._prefill_logits)
+                with programmatic_launches(self.pdl):
+                    self._prefill_forward(inputs, self._prefill_last, self._prefill_logits)
 
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()  # the buckets' graphs never run at once: one pool
@@ -354,7 +362,7 @@ class StaticDecoder:
 
     def _run(self) -> None:
         if not self.use_graph:
-            with torch.inference_mode():
+            with torch.inference_mode(), programmatic_launches(self.pdl):
                 self._forward()
             return
         key = (self.adapters.version, self.adapters.has_dora, bool(self.adapters.slot_of))  # what the graph holds
@@ -367,7 +375,7 @@ class StaticDecoder:
         self._graph = None
         saved = self.inputs.clone()
         self.inputs[1].fill_(-1)  # warm-up and capture store nothing: every row inactive
-        self._graph = self._capture_graph(self._forward)
+        self._graph = self._capture_graph(self._pdl_forward)
         self.inputs.copy_(saved)
 
     @staticmethod
@@ -385,6 +393,10 @@ class StaticDecoder:
         return graph
 
     # -- the step ----------------------------------------------------------------------------------------------
+    def _pdl_forward(self) -> None:
+        with programmatic_launches(self.pdl):
+            self._forward()
+
     def _forward(self) -> None:
         from lorakit.kernels.decode_attention import decode_attention, rope_store_
 
@@ -445,6 +457,7 @@ class StaticDecoder:
         with y (B, N). delta is None, or (with ``lora_overlap="lora"``) the (B, N) LoRA delta computed on the side
         stream that the caller still adds to y, inside the kernel that reads y next."""
         from lorakit.kernels.grouped_lora import grouped_lora_add_
+        from lorakit.kernels.rows_linear import rows_linear
 
         fused = self.weights[layer][group]
         stack = self.adapters.layers[layer][group]
@@ -465,10 +478,8 @@ class StaticDecoder:
                 side.wait_stream(main)
                 with torch.cuda.stream(side):
                     grouped_lora_add_(delta, x, *args, accumulate=False)
-        if residual is not None and not dora:
-            y = torch.addmm(residual, x, fused.weight.t())  # the residual add inside the GEMM's epilogue
-        else:
-            y = x @ fused.weight.t()
+        # the residual add inside the GEMM's epilogue
+        y = rows_linear(x, fused.weight, residual if residual is not None and not dora else None)
         if overlap:
             if side is not None:
                 main.wait_stream(side)

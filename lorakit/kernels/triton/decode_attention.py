@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from lorakit.kernels._triton import pdl_launch, pdl_on
+from lorakit.kernels.triton.pdl import pdl_enter
+
 _LOG2E = 1.4426950408889634
 _MIN_SPLIT_KEYS = 256  # below this a split's fixed cost (q load, partial write, combine) outweighs its parallelism
 # programs (row, kv head, split) wanted per SM. Measured on an H200 (bench/results/decode_attention_speed_h200.json):
@@ -35,10 +38,12 @@ def _flash_decode_split(Q, K, V, LENGTHS, ROWS, O, LSE, OUT,
                         stride_ob, stride_oh, stride_od,
                         s_max, split_len, n_groups, head_dim, qk_scale, n_cache_rows,
                         NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-                        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr):
+                        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
+                        PDL: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
+    pdl_enter(PDL)
     length = tl.minimum(tl.maximum(tl.load(LENGTHS + b).to(tl.int32), 0), s_max)  # never read past the cache
     cb = b  # the cache row this q row reads
     if HAS_ROWS:
@@ -94,9 +99,11 @@ def _flash_decode_split(Q, K, V, LENGTHS, ROWS, O, LSE, OUT,
 
 @triton.jit
 def _flash_decode_combine(O, LSE, OUT, stride_ob, stride_oh, stride_od, n_heads, head_dim,
-                          NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+                          NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PDL: tl.constexpr):
     """One program per (b, h): out = sum_i w_i o_i / sum_i w_i with w_i = exp2(lse_i - max lse)."""
     bh = tl.program_id(0).to(tl.int64)
+    pdl_enter(PDL)
     i = tl.arange(0, BLOCK_SPLITS)
     d = tl.arange(0, BLOCK_D)
     i_mask = i < NUM_SPLITS
@@ -162,16 +169,17 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         o_part = torch.empty((b, h, splits, block_d), dtype=torch.float32, device=q.device)
         lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # float32: exact products, like the reference
+    pdl = pdl_on(q)
     _flash_decode_split[(b, hkv, splits)](
         q, k_cache, v_cache, lengths, lengths if rows is None else rows, o_part, lse, out,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         s_max, split_len, n_groups, d, float(scale) * _LOG2E, k_cache.shape[0],
         NUM_SPLITS=splits, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_D=block_d, DOT_PRECISION=precision,
-        HAS_ROWS=rows is not None, num_warps=4, num_stages=3)
+        HAS_ROWS=rows is not None, PDL=pdl, num_warps=4, num_stages=3, **pdl_launch(pdl))
     if splits > 1:
         _flash_decode_combine[(b * h,)](o_part, lse, out, *out.stride(), h, d, NUM_SPLITS=splits,
                                         BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
-                                        num_warps=1 if block_d <= 64 else 2)
+                                        PDL=pdl, num_warps=1 if block_d <= 64 else 2, **pdl_launch(pdl))
     return out
 
 
@@ -189,7 +197,7 @@ def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, ROWS, KC, VC,
                 stride_cb, stride_cd, stride_sb, stride_sd,
                 stride_kcb, stride_kch, stride_kcs, stride_kcd, stride_vcb, stride_vch, stride_vcs, stride_vcd,
                 n_heads, s_max, half, n_cache_rows, HAS_DELTA: tl.constexpr, HAS_ROWS: tl.constexpr,
-                BLOCK_HALF: tl.constexpr):
+                BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
     """Program (b, j): j < H rotates q[b, j] in place; j >= H rotates k[b, j-H] into the cache and copies v.
     HAS_DELTA: q, k, v are first replaced by q + dq, k + dk, v + dv (rounded to their dtype; the deltas have
     q's, k's and v's strides), and q + dq is what q holds afterwards (rotated)."""
@@ -197,6 +205,7 @@ def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, ROWS, KC, VC,
     j = tl.program_id(1)
     i = tl.arange(0, BLOCK_HALF)
     mask = i < half
+    pdl_enter(PDL)
     cos1 = tl.load(COS + b * stride_cb + i * stride_cd, mask=mask, other=0.0).to(tl.float32)
     cos2 = tl.load(COS + b * stride_cb + (i + half) * stride_cd, mask=mask, other=0.0).to(tl.float32)
     sin1 = tl.load(SIN + b * stride_sb + i * stride_sd, mask=mask, other=0.0).to(tl.float32)
@@ -254,8 +263,9 @@ def rope_store_kernel_(q, k, v, cos, sin, positions, k_cache, v_cache, delta=Non
     hkv = k.shape[1]
     half = d // 2
     dq, dk, dv = (q, k, v) if delta is None else delta
+    pdl = pdl_on(q)
     _rope_store[(b, h + hkv)](
         q, k, v, dq, dk, dv, cos, sin, positions, positions if rows is None else rows, k_cache, v_cache,
         *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(), *k_cache.stride(), *v_cache.stride(),
         h, k_cache.shape[2], half, k_cache.shape[0], HAS_DELTA=delta is not None, HAS_ROWS=rows is not None,
-        BLOCK_HALF=max(16, triton.next_power_of_2(half)), num_warps=1)
+        BLOCK_HALF=max(16, triton.next_power_of_2(half)), PDL=pdl, num_warps=1, **pdl_launch(pdl))

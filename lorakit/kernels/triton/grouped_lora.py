@@ -30,16 +30,20 @@ import torch
 import triton
 import triton.language as tl
 
+from lorakit.kernels._triton import pdl_launch, pdl_on
+from lorakit.kernels.triton.pdl import pdl_enter
+
 
 @triton.jit
 def _grouped_shrink_kernel(
     x_ptr, a_ptr, rank_ptr, slot_ptr, part_ptr,
     T, K, n_slots, k_per_split,
     stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_rs, stride_ps, stride_pm,
-    G: tl.constexpr, R: tl.constexpr, BLOCK_GR: tl.constexpr, BLOCK_K: tl.constexpr,
+    G: tl.constexpr, R: tl.constexpr, BLOCK_GR: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
+    pdl_enter(PDL)
     slot = tl.load(slot_ptr + row).to(tl.int64)
     if (slot < 0) | (slot >= n_slots):  # no adapter on this row: its partial sums are never read
         return
@@ -83,12 +87,22 @@ def _grouped_expand_kernel(
     N, n_slots, C1, C2, C3,
     stride_ps, stride_pm, stride_bs, stride_bn, stride_br, stride_ss, stride_rs, stride_ym, stride_yn,
     G: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    ITERS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    ITERS: tl.constexpr, ACCUMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = tl.load(slot_ptr + row).to(tl.int64)
-    if (slot < 0) | (slot >= n_slots):
+    has_adapter = (slot >= 0) & (slot < n_slots)
+    offs_r = tl.arange(0, BLOCK_R)
+    b_base = b_ptr + tl.where(has_adapter, slot, 0) * stride_bs
+    # B's first column block before the PDL wait: no kernel of a step writes B, and slot_of_row is an input of the
+    # shrink just before this kernel, so it was written before the shrink launched. B's address does not depend on
+    # the ranks: columns beyond R are never read and those beyond a segment's rank are zeroed below
+    offs_n0 = pid_n * ITERS * BLOCK_N + tl.arange(0, BLOCK_N)
+    b_first = tl.load(b_base + offs_n0[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                      mask=(offs_n0 < N)[:, None] & (offs_r < tl.where(has_adapter, R, 0))[None, :], other=0.0)
+    pdl_enter(PDL)
+    if not has_adapter:
         if not ACCUMULATE:  # store mode: y = delta, which is zero for a row without an adapter
             y_row = y_ptr + row.to(tl.int64) * stride_ym
             for it in range(ITERS):
@@ -96,7 +110,6 @@ def _grouped_expand_kernel(
                 tl.store(y_row + offs_z * stride_yn, tl.zeros((BLOCK_N,), dtype=tl.float32).to(y_ptr.dtype.element_ty),
                          mask=offs_z < N)
         return  # add mode: y's row is neither read nor written
-    offs_r = tl.arange(0, BLOCK_R)
     part_base = part_ptr + row.to(tl.int64) * stride_pm
     # the G low-rank vectors once per program (G <= 4), then ITERS column blocks: the chain slot -> rank -> partial
     # sums is paid once for ITERS x BLOCK_N columns instead of once per block (it dominated 8 KiB programs)
@@ -110,15 +123,15 @@ def _grouped_expand_kernel(
         low2, rank2 = _segment_low(part_base, stride_ps, scaling_ptr, rank_ptr, slot, stride_ss, stride_rs, 2, R, BLOCK_R, SPLIT)
     if G > 3:
         low3, rank3 = _segment_low(part_base, stride_ps, scaling_ptr, rank_ptr, slot, stride_ss, stride_rs, 3, R, BLOCK_R, SPLIT)
-    b_base = b_ptr + slot * stride_bs
     y_base = y_ptr + row.to(tl.int64) * stride_ym
-    for it in range(ITERS):
+    for it in tl.static_range(ITERS):
         offs_n = (pid_n * ITERS + it) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        # B's address does not depend on the ranks, so its load is issued at once; columns beyond R are never read
-        # and those beyond a segment's rank are zeroed after the load (NaN padding cannot leak)
-        b = tl.load(b_base + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=mask_n[:, None] & (offs_r[None, :] < R), other=0.0)  # (BLOCK_N, BLOCK_R)
+        if it == 0:
+            b = b_first  # (BLOCK_N, BLOCK_R)
+        else:
+            b = tl.load(b_base + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                        mask=mask_n[:, None] & (offs_r[None, :] < R), other=0.0)
         y_ptrs = y_base + offs_n * stride_yn
         if ACCUMULATE:
             y = tl.load(y_ptrs, mask=mask_n, other=0.0).to(tl.float32)
@@ -192,11 +205,13 @@ def grouped_shrink_triton(x, A, rank, slot_of_row, G, split_k=None):
     slots, GR, _ = A.shape
     block_k, split, k_per_split = shrink_blocks(T, K, GR, x.device, split_k)
     part = torch.empty(split, T, GR, dtype=torch.float32, device=x.device)  # no memset: every live plane is stored
+    pdl = pdl_on(x)
     _grouped_shrink_kernel[(T, split)](
         x, A, rank, slot_of_row, part,
         T, K, slots, k_per_split,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), rank.stride(0), part.stride(0), part.stride(1),
-        G=G, R=GR // G, BLOCK_GR=triton.next_power_of_2(GR), BLOCK_K=block_k, num_warps=CONFIGS["shrink"]["num_warps"],
+        G=G, R=GR // G, BLOCK_GR=triton.next_power_of_2(GR), BLOCK_K=block_k, PDL=pdl,
+        num_warps=CONFIGS["shrink"]["num_warps"], **pdl_launch(pdl),
     )
     return part
 
@@ -210,13 +225,14 @@ def grouped_expand_triton_(y, part, B, scaling, rank, slot_of_row, bounds, accum
     cuts = list(bounds[1:-1]) + [N] * (4 - G)  # unused bounds at N: no column reaches them
     block_n = max(16, min(CONFIGS["expand"]["block_n"], triton.next_power_of_2(N)))
     iters = max(1, min(CONFIGS["expand"].get("iters", 1), triton.cdiv(N, block_n)))
+    pdl = pdl_on(y)
     _grouped_expand_kernel[(T, triton.cdiv(N, block_n * iters))](
         part, B, scaling, rank, slot_of_row, y,
         N, slots, cuts[0], cuts[1], cuts[2],
         part.stride(0), part.stride(1), B.stride(0), B.stride(1), B.stride(2), scaling.stride(0), rank.stride(0),
         y.stride(0), y.stride(1),
         G=G, R=R, BLOCK_R=triton.next_power_of_2(R), BLOCK_N=block_n, SPLIT=part.shape[0], ITERS=iters,
-        ACCUMULATE=bool(accumulate), num_warps=CONFIGS["expand"]["num_warps"],
+        ACCUMULATE=bool(accumulate), PDL=pdl, num_warps=CONFIGS["expand"]["num_warps"], **pdl_launch(pdl),
     )
     return y
 

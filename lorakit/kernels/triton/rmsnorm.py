@@ -10,30 +10,36 @@ import torch
 import triton
 import triton.language as tl
 
+from lorakit.kernels._triton import pdl_launch, pdl_on
+from lorakit.kernels.triton.pdl import pdl_enter
+
 
 @triton.jit
 def _rmsnorm_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, offset,
-                 CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+                 CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset  # a weight: read before the wait
+    pdl_enter(PDL)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     x_hat = x * rstd
     if CAST_BEFORE_WEIGHT:  # Llama/Qwen/Mistral round the normalised x to the input dtype before the weight
         x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
     tl.store(Y + row * stride_y + cols, (x_hat * w).to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + row, rstd)
 
 
 @triton.jit
 def _add_rmsnorm_fwd(X, D, W, Y, stride_x, stride_d, stride_y, n_cols, eps, offset,
-                     CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+                     CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """x <- x + d (rounded to x's dtype, stored back: the residual stream), y = rmsnorm(x)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset  # a weight: read before the wait
+    pdl_enter(PDL)
     s = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     s += tl.load(D + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
     s = s.to(X.dtype.element_ty)
@@ -43,7 +49,6 @@ def _add_rmsnorm_fwd(X, D, W, Y, stride_x, stride_d, stride_y, n_cols, eps, offs
     x_hat = x * rstd
     if CAST_BEFORE_WEIGHT:
         x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
     tl.store(Y + row * stride_y + cols, (x_hat * w).to(Y.dtype.element_ty), mask=mask)
 
 
@@ -88,8 +93,10 @@ def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: f
     if n_rows == 0:
         return y, rstd
     block, num_warps = _launch_config(n_cols)
+    pdl = pdl_on(x)
     _rmsnorm_fwd[(n_rows,)](x, weight, y, rstd, x.stride(0), y.stride(0), n_cols, eps, offset,
-                            CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK=block, num_warps=num_warps)
+                            CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK=block, PDL=pdl, num_warps=num_warps,
+                            **pdl_launch(pdl))
     return y, rstd
 
 
@@ -100,8 +107,10 @@ def add_rmsnorm_forward_(x: torch.Tensor, delta: torch.Tensor, weight: torch.Ten
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     if n_rows:
         block, num_warps = _launch_config(n_cols)
+        pdl = pdl_on(x)
         _add_rmsnorm_fwd[(n_rows,)](x, delta, weight, y, x.stride(0), delta.stride(0), y.stride(0), n_cols, eps, offset,
-                                    CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK=block, num_warps=num_warps)
+                                    CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK=block, PDL=pdl, num_warps=num_warps,
+                                    **pdl_launch(pdl))
     return y
 
 

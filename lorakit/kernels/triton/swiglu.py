@@ -10,6 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from lorakit.kernels._triton import pdl_launch, pdl_on
+from lorakit.kernels.triton.pdl import pdl_enter
+
 BLOCK = 1024
 
 
@@ -38,10 +41,12 @@ def _swiglu_bwd(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_packed_fwd(GU, D, H, F, stride_gu, stride_d, stride_h, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+def _swiglu_packed_fwd(GU, D, H, F, stride_gu, stride_d, stride_h, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < F
+    pdl_enter(PDL)
     g = tl.load(GU + row * stride_gu + offs, mask=mask, other=0.0)
     u = tl.load(GU + row * stride_gu + F + offs, mask=mask, other=0.0)
     if HAS_DELTA:  # gate_up + delta, rounded to gate_up's dtype as an in-place add would leave it
@@ -59,8 +64,10 @@ def swiglu_packed_forward(gate_up: torch.Tensor, delta: torch.Tensor | None = No
     h = torch.empty((T, F), dtype=gate_up.dtype, device=gate_up.device)
     if h.numel():
         d = gate_up if delta is None else delta
+        pdl = pdl_on(gate_up)
         _swiglu_packed_fwd[(T, triton.cdiv(F, BLOCK))](gate_up, d, h, F, gate_up.stride(0), d.stride(0), h.stride(0),
-                                                       HAS_DELTA=delta is not None, BLOCK=BLOCK, num_warps=4)
+                                                       HAS_DELTA=delta is not None, BLOCK=BLOCK, PDL=pdl, num_warps=4,
+                                                       **pdl_launch(pdl))
     return h
 
 

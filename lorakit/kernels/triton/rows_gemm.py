@@ -1,0 +1,106 @@
+"""A weight-streaming GEMM for a decode step's few rows: y = (residual +) x W^T, x (M <= 64, K), W (N, K).
+
+At decode batch sizes a projection is bound by reading W once; one program streams BLOCK_N rows of W over all of K
+while the M rows of x (a few KiB) come from L2. On its own it only matches cuBLAS (bench/skinny_gemm_probe.py); it
+exists so that the step's GEMMs launch with PDL like its other kernels: each program loads its first chunk of W
+before the PDL wait, while the previous kernel drains (bench/pdl_probe.py measured the chain).
+
+    grid (cdiv(N, BLOCK_N),): acc (BLOCK_M, BLOCK_N) float32 += x[:, k-chunk] . W[n-block, k-chunk]^T
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from lorakit.kernels._triton import pdl_launch, pdl_on
+from lorakit.kernels.triton.pdl import pdl_enter
+
+# the first W chunk is loaded before the PDL wait (False: after it, as without PDL; for A/B runs of the benchmarks)
+PREFETCH = True
+
+
+@triton.jit
+def _rows_gemm(x_ptr, w_ptr, r_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_rm, stride_ym,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+               HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start = 0
+    if PREFETCH:  # no kernel of a step writes W: its first chunk is read while the previous kernel drains
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
+        pdl_enter(PDL)
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        start = 1
+    else:
+        pdl_enter(PDL)
+    for k in range(start, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+        else:
+            rest = K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < rest), other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < rest), other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:  # as addmm's epilogue: the residual added to the float32 product, one rounding
+        acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def rows_gemm_config(N: int, K: int, sm_count: int, prefetch: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) from the shapes. The widest column block that still gives 70% of
+    the SMs a program, 128-wide chunks for 64-column blocks and 256-wide otherwise, one stage fewer for very wide
+    outputs: bench/skinny_gemm_probe.py's best tiles for every Llama-3.1-8B and -3.2-1B projection on the H200
+    (bench/results/skinny_gemm_probe_h200.json). The prefetched chunk costs one pipeline stage of shared memory."""
+    block_n = 16
+    for candidate in (64, 32):
+        if N // candidate >= (7 * sm_count) // 10:
+            block_n = candidate
+            break
+    block_k = min(128 if block_n == 64 else 256, max(16, triton.next_power_of_2(K)))
+    stages = (3 if N >= 16384 else 4) - (1 if prefetch else 0)
+    return block_n, block_k, 4, stages
+
+
+def rows_gemm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """(residual +) x @ weight^T: x (M <= 64, K), weight (N, K), residual (M, N) or None, unit column strides, one
+    dtype (checked by the caller) -> (M, N) new tensor in x's dtype."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    sm = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.device.type == "cuda" else 8
+    pdl = pdl_on(x)
+    prefetch = PREFETCH and pdl  # without PDL the early load buys nothing
+    block_n, block_k, warps, stages = rows_gemm_config(N, K, sm, prefetch)
+    r = y if residual is None else residual
+    _rows_gemm[(triton.cdiv(N, block_n),)](
+        x, weight, r, y, M, N, K, x.stride(0), weight.stride(0), r.stride(0), y.stride(0),
+        BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
+        HAS_RESIDUAL=residual is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PREFETCH=prefetch, PDL=pdl, num_warps=warps, num_stages=stages, **pdl_launch(pdl))
+    return y
