@@ -230,8 +230,13 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
     (files linked to blobs) needs.
     """
     folder = Path(folder)
+    if folder.is_file() and folder.name in (CONFIG_NAME, WEIGHTS_NAME, *PICKLED_NAMES):
+        raise LorakitError(f"{folder} is a file of an adapter; pass the folder that holds it: {folder.parent}")
     if not folder.is_dir():
-        raise LorakitError(f"adapter folder {folder} does not exist (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)")
+        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(folder)) is not None and not folder.exists()
+        raise LorakitError(f"adapter folder {folder} does not exist (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)" + (
+            f"; lorakit reads local folders: download a hub adapter first (hf download {folder} --local-dir DIR)"
+            if hub else ""))
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         named = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())

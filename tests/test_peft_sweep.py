@@ -343,3 +343,9 @@ def test_other_base_named_in_the_config(peft_folder):
         warnings.simplefilter("error")
         lorakit.load_adapter(same, peft_folder)  # a base and its -Instruct, through a hub cache path: quiet
     assert "names the base 'meta-llama/Llama-3.2-1B'" in refusal(peft_folder, build("gpt2"))  # nothing matches: said
+
+
+def test_file_or_hub_id_instead_of_a_folder(peft_folder, monkeypatch):
+    assert f"pass the folder that holds it: {peft_folder}" in refusal(peft_folder / WEIGHTS_NAME)
+    monkeypatch.chdir(peft_folder)  # a hub id that is no local path
+    assert "download a hub adapter first (hf download tloen/alpaca-lora-7b --local-dir DIR)" in refusal("tloen/alpaca-lora-7b")
