@@ -249,7 +249,7 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
                                f"where you trust it: python -c \"import torch, safetensors.torch as st; st.save_file(torch.load("
                                f"'{folder / pickled[0]}', weights_only=True), '{weights}')\" (or re-save from peft: "
                                "model.save_pretrained(dir), safetensors by default)")
-        raise LorakitError(f"{weights} not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise LorakitError(f"{weights} not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}{_other_files(folder)}")
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise LorakitError(f"{config_path} not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -348,6 +348,18 @@ def _parse_config(raw_config: Any, config_path: Path) -> LoraConfig:
             return LoraConfig.from_peft_dict(raw_config, source=str(config_path))
     except RecursionError:  # a field nested hundreds deep: deep enough for some check to recurse
         raise LorakitError(f"{config_path} is nested too deeply; a PEFT adapter_config.json is a flat object") from None
+
+
+def _other_files(folder: Path) -> str:
+    """What the folder holds instead of an adapter, said when it is something else users pass by mistake."""
+    names = {p.name for p in folder.iterdir()}
+    if "config.json" in names and any(n.startswith(("model", "pytorch_model")) for n in names):
+        return "; this is a whole model's folder (config.json and model weights): load it with lorakit.load_base(folder)"
+    if "adapters.safetensors" in names:
+        return ("; it holds adapters.safetensors, MLX-LM's adapter format (other key names and scaling): convert it to "
+                "PEFT's format first")
+    others = sorted(n for n in names if n.endswith(".safetensors"))
+    return f"; it holds {listed(others)}" if others else ""
 
 
 def _open(path: Path, follow_symlinks: bool, folder_fd: int | None, directory: bool = False) -> int:

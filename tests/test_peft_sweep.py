@@ -349,3 +349,14 @@ def test_file_or_hub_id_instead_of_a_folder(peft_folder, monkeypatch):
     assert f"pass the folder that holds it: {peft_folder}" in refusal(peft_folder / WEIGHTS_NAME)
     monkeypatch.chdir(peft_folder)  # a hub id that is no local path
     assert "download a hub adapter first (hf download tloen/alpaca-lora-7b --local-dir DIR)" in refusal("tloen/alpaca-lora-7b")
+
+
+def test_folders_that_hold_something_else(tmp_path):
+    model_folder = tmp_path / "model"
+    build("llama").save_pretrained(model_folder)
+    assert "a whole model's folder (config.json and model weights): load it with lorakit.load_base" in refusal(model_folder)
+    mlx = tmp_path / "mlx"
+    mlx.mkdir()
+    (mlx / "adapters.safetensors").write_bytes(b"")
+    (mlx / "adapter_config.json").write_text('{"fine_tune_type": "lora"}')
+    assert "adapters.safetensors, MLX-LM's adapter format" in refusal(mlx)
