@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         check_adapter_arg(folder)
     check_device(args.device)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.prompt is None and sys.stdin.isatty():  # reading a terminal would wait without a word
+        raise LorakitError('no prompt: give it as an argument (lorakit generate "Hello") or pipe it on standard input')
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()  # read after the checks: no waiting on stdin
     if not prompt.strip():
         raise LorakitError("the prompt is empty; pass it as an argument or on standard input")

@@ -40,8 +40,10 @@ class TrainConfig:
 
     # -- model and data ------------------------------------------------------------------------------------------
     model: str = _f("smollm2-135m", "base model: the embedded name (smollm2-135m) or a local Hugging Face folder", "model and data")
-    data: list[str] | None = _f(None, "training data: JSONL or CSV files or a datasets folder, records {text}, "
-                                "{prompt, completion} or {messages}; default: the embedded 'orders' task", "model and data",
+    data: list[str] | None = _f(None, "training data: JSONL, JSON, CSV, TSV or Parquet files (or .gz), a folder of "
+                                "them or a datasets folder; records {text}, {prompt, completion}, {messages} (OpenAI "
+                                "chat), Alpaca {instruction, input, output} or ShareGPT {conversations}; default: "
+                                "the embedded 'orders' task", "model and data",
                                 nargs="+")
     val_data: list[str] | None = _f(None, "validation files (same formats); default: none, or the embedded task's "
                                     "held-out set when --data is not given", "model and data", nargs="+")
@@ -179,6 +181,15 @@ class TrainConfig:
             raise LorakitError("give --val-data or --val-fraction, not both")
         if not (_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
             raise LorakitError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        for name in ("adam_beta1", "adam_beta2"):  # torch's AdamW would raise a ValueError at the first step
+            if not (_number(getattr(self, name)) and 0 <= getattr(self, name) < 1):
+                raise LorakitError(f"{_flag(name)} must be in [0, 1) (e.g. 0.9 and 0.999), got {getattr(self, name)!r}")
+        if not (_number(self.adam_eps) and self.adam_eps > 0):
+            raise LorakitError(f"--adam-eps must be a small positive number (e.g. 1e-8), got {self.adam_eps!r}")
+        if not (_number(self.weight_decay) and self.weight_decay >= 0):
+            raise LorakitError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        if not (_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            raise LorakitError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.max_grad_norm is not None and not (_number(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise LorakitError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm!r}")
         for name, choices in (("overflow", ("drop", "truncate", "error")), ("variant", VARIANTS), ("init", INITS),

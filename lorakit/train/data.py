@@ -68,6 +68,11 @@ class TokenizerInfo:
         eot_token: its text.
         pad_id: the id used to pad ``input_ids`` (its value never matters: padding is masked).
         has_offsets: whether the tokenizer can return character offsets (fast tokenizers).
+        chat_eot_id: the token the chat template ends an assistant turn with, which ends supervised chat turns.
+            It differs from the eos token in base tokenizers that carry an instruct template (Qwen2.5 base: eos
+            ``<|endoftext|>``, turns end with ``<|im_end|>``; Gemma: ``<eos>`` vs ``<end_of_turn>``): appending
+            eos there would put a token inside every multi-turn chat that the template never writes. Equal to
+            ``eot_id`` without a template, or when ``eot_token`` was given.
     """
 
     bos_id: int | None
@@ -76,16 +81,21 @@ class TokenizerInfo:
     eot_token: str
     pad_id: int
     has_offsets: bool
+    chat_eot_id: int | None = None
 
 
 def tokenizer_info(tokenizer: Any, eot_token: str | None = None) -> TokenizerInfo:
-    """Inspect ``tokenizer`` once. ``eot_token`` overrides the end-of-turn token (default: its eos token)."""
-    eot_token = eot_token if eot_token is not None else getattr(tokenizer, "eos_token", None)
+    """Inspect ``tokenizer`` once. ``eot_token`` overrides the end-of-turn token (default: its eos token for
+    text and prompt/completion records, the chat template's own end of turn for chats)."""
+    explicit = eot_token is not None
+    eot_token = eot_token if explicit else getattr(tokenizer, "eos_token", None)
     if not eot_token:
-        raise LorakitError("the tokenizer has no eos token to end turns with; pass eot_token (e.g. '<|im_end|>')")
+        raise LorakitError("the tokenizer has no eos token to end examples with; set \"eos_token\" in the model's "
+                           "tokenizer_config.json (e.g. \"</s>\"), or from Python pass eot_token='...'")
     eot_ids = tokenizer(eot_token, add_special_tokens=False)["input_ids"]
     if len(eot_ids) != 1:
-        raise LorakitError(f"end-of-turn token {eot_token!r} is {len(eot_ids)} tokens for this tokenizer; give a single token")
+        raise LorakitError(f"end-of-turn token {eot_token!r} is {len(eot_ids)} tokens for this tokenizer, not one; make it "
+                           "a special token of the tokenizer (tokenizer_config.json) or give another")
     bos_id = getattr(tokenizer, "bos_token_id", None)
     probe = tokenizer("a")["input_ids"]
     adds_bos = bos_id is not None and len(probe) > 0 and probe[0] == bos_id
@@ -95,7 +105,34 @@ def tokenizer_info(tokenizer: Any, eot_token: str | None = None) -> TokenizerInf
         has_offsets = True
     except (NotImplementedError, ValueError, TypeError):
         has_offsets = False
-    return TokenizerInfo(bos_id, adds_bos, eot_ids[0], eot_token, eot_ids[0] if pad_id is None else pad_id, has_offsets)
+    chat_eot = eot_ids[0] if explicit else (_template_end_of_turn(tokenizer) or eot_ids[0])
+    return TokenizerInfo(bos_id, adds_bos, eot_ids[0], eot_token, eot_ids[0] if pad_id is None else pad_id, has_offsets,
+                         chat_eot)
+
+
+def _template_end_of_turn(tokenizer: Any) -> int | None:
+    """The first special (added) token the chat template writes after an assistant's words, or None.
+
+    Found by rendering a one-turn chat with and without its answer: what follows the answer is the template's end
+    of turn (``<|im_end|>\n``, ``<end_of_turn>\n``, ``<|eot_id|>``, ``</s>``)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    answer = "Sure."
+    try:
+        before = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                               add_generation_prompt=True)
+        through = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                                 {"role": "assistant", "content": answer}], tokenize=False)
+    except Exception:  # a template that wants other roles: the eos token stays the end of turn
+        return None
+    if not isinstance(before, str) or not isinstance(through, str) or not through.startswith(before):
+        return None
+    turn = through[len(before):]
+    if answer not in turn:
+        return None
+    tail = turn.split(answer, 1)[1]
+    special = {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})} | set(tokenizer.all_special_ids)
+    return next((t for t in tokenizer(tail, add_special_tokens=False)["input_ids"] if t in special), None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,13 +270,14 @@ def tokenize_example(
         input_ids += ids[pos:a]
         labels += [IGNORE_INDEX] * (a - pos)
         target = ids[a:b]
+        eot = info.chat_eot_id if record.shape == "messages" and info.chat_eot_id is not None else info.eot_id
         if record.shape == "messages":  # the template's own end of turn, followed by filler such as "\n"
-            last_eot = max((k for k, t in enumerate(target) if t == info.eot_id), default=None)
+            last_eot = max((k for k, t in enumerate(target) if t == eot), default=None)
         else:  # the user's own text: all of it is a target; it ends the turn only if its last token does
-            last_eot = len(target) - 1 if target and target[-1] == info.eot_id else None
+            last_eot = len(target) - 1 if target and target[-1] == eot else None
         if last_eot is None:  # the template / completion did not end the turn: add the end-of-turn token
-            input_ids += target + [info.eot_id]
-            labels += target + [info.eot_id]
+            input_ids += target + [eot]
+            labels += target + [eot]
         else:  # supervise through the end-of-turn token; template filler after it is not a target
             input_ids += target
             labels += target[: last_eot + 1] + [IGNORE_INDEX] * (len(target) - last_eot - 1)
@@ -457,7 +495,7 @@ def build_dataset(
     drops: Counter[str] = Counter()
     n_records = 0
     for raw in records:
-        record = validate_record(raw)
+        record = for_tokenizer(raw, tokenizer)  # an Alpaca record counts as the shape it trains as
         n_records += 1
         shapes[record.shape] += 1
         ex = tokenize_example(record, tokenizer, max_length, overflow, info=info, drops=drops)

@@ -157,6 +157,8 @@ def generate_answers(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
     prompts = [generation_prompt(r, tokenizer, info=info) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     stop = [info.eot_id] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id not in (None, info.eot_id) else [])
+    if info.chat_eot_id is not None and info.chat_eot_id not in stop:  # a chat's answer ends with the template's token
+        stop.append(info.chat_eot_id)
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     from lorakit.models.loading import context_length
 

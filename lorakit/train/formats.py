@@ -274,9 +274,20 @@ def read_records(path: str | Path, split: str | None = None) -> list[Record]:
             the reason), a bad record, or a source with no records.
     """
     path = Path(path)
+    if not path.exists() and any(ch in str(path) for ch in "*?["):  # a pattern from a config file (no shell expands it)
+        import glob
+
+        matches = sorted(glob.glob(str(path)))
+        if not matches:
+            raise LorakitError(f"data pattern {path} matches no file; check the folder and the pattern")
+        return [r for match in matches for r in read_records(match, split)]
     if not path.exists():
         raise LorakitError(f"data file not found: {path}; check the path (JSONL, CSV or a datasets folder)")
     if path.is_dir():
+        kind = _not_data_folder(path)
+        if kind:  # its JSON files would be read as records, and the first would fail with "no known field"
+            raise LorakitError(f"{path} is {kind}, not training data; give the data files (JSONL, JSON, CSV, TSV, "
+                               "Parquet) or a folder of them")
         if _is_datasets_folder(path):
             records = _read_datasets_folder(path, split)
         else:
@@ -299,6 +310,17 @@ def read_records(path: str | Path, split: str | None = None) -> list[Record]:
     if not records:
         raise LorakitError(f"{path}: no records in it; a data file needs at least one {_EXPECTED} record")
     return records
+
+
+def _not_data_folder(path: Path) -> str | None:
+    """What a folder that is certainly not data is (a model, an adapter, a lorakit run), or None."""
+    if (path / "adapter_config.json").is_file():
+        return "an adapter folder (adapter_config.json)"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return "a model folder (config.json + safetensors)"
+    if (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file():
+        return "a lorakit run folder (config.yaml, metrics.jsonl)"
+    return None
 
 
 def _data_suffix(path: Path) -> str | None:
@@ -331,6 +353,12 @@ def _read_bytes(path: Path) -> bytes:
             raise LorakitError(f"{path}: a damaged gzip file ({exc}); compress it again or give it uncompressed") from None
     elif path.suffix.lower() == ".gz":
         raise LorakitError(f"{path}: named .gz but not gzip-compressed; rename or recompress it")
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16 with a BOM: what Windows PowerShell 5's `>` writes
+        try:
+            raw = raw.decode("utf-16").encode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LorakitError(f"{path}: starts with a UTF-16 byte-order mark but is not UTF-16 (byte {exc.start}); "
+                               "save the file as UTF-8") from None
     return raw
 
 
