@@ -341,6 +341,8 @@ def _parse_config(raw_config: Any, config_path: Path) -> LoraConfig:
                 raise LorakitError(f"{config_path}: trainable_token_indices must be a list of token ids or a map from "
                                    f"embedding names to such lists, got {shown(tokens)}")
             raw_config = {**raw_config, "trainable_token_indices": None}
+        if raw_config.get("ensure_weight_tying") is True:  # the tied head's LoRA is in the file too (see fitted_config)
+            raw_config = {**raw_config, "ensure_weight_tying": False}
     try:
         with warnings.catch_warnings():
             if rewrite:  # from_peft_dict warns that the base was rewritten: load_adapter repeats the rewrite
@@ -530,6 +532,11 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
     """The file's config for this model: ``modules_to_save`` names this model lacks, with no tensors in the file,
     are dropped, as peft does (peft's SEQ_CLS task saves ["classifier", "score"]; a model has one of them)."""
     config = adapter_file.config
+    if isinstance(adapter_file.raw_config, dict) and adapter_file.raw_config.get("ensure_weight_tying") is True:
+        # peft adds the LoRA of the head tied to a targeted embedding (or the reverse) and saves both, equal by the
+        # tie; its target list does not name the partner, so the file's keys say what to adapt
+        config = config.replace(target_modules=_targets_from_keys(adapter_file.tensors, adapter_file.folder / WEIGHTS_NAME),
+                                exclude_modules=None)
     copies = list(_token_copies(model, adapter_file, weights=False))
     if copies:  # whole copies of the embedding (and its tied head) with the trained rows: same outputs as peft's
         config = config.replace(modules_to_save=list(dict.fromkeys((config.modules_to_save or []) + copies)))

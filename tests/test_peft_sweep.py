@@ -218,7 +218,7 @@ def test_bias_options(tmp_path):
     (dict(target_modules=["q_proj"], lora_bias=True), "lora_bias=True"),
     (dict(target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]]), "layer_replication="),
     (dict(target_modules=["q_proj"], target_parameters=["mlp.down_proj.weight"]), "target_parameters="),
-    (dict(target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True), "ensure_weight_tying=True"),
+    (dict(target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[3, 4]), "alora_invocation_tokens="),
 ])
 def test_unsupported_peft_options_refused_in_one_line(options, option, tmp_path):
     peft_saved("llama", tmp_path, **options)
@@ -238,6 +238,15 @@ def test_trainable_tokens_load_as_copies(kind, tokens, tmp_path):
     bad = json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())
     (tmp_path / "peft" / CONFIG_NAME).write_text(json.dumps({**bad, "trainable_token_indices": [1, 2, 3, 4]}))
     assert "has a delta of shape" in refusal(tmp_path / "peft", build(kind))  # 4 ids, fewer trained rows
+
+
+def test_ensure_weight_tying(tmp_path):
+    """peft's ensure_weight_tying (refused before) also adapts the head tied to a targeted embedding and saves both
+    LoRAs, while its target list names only the embedding: the file's keys say what to adapt. (peft's own
+    merge_and_unload is off on tied weights, so lorakit's merge is checked against the unmerged logits.)"""
+    round_trip("llama-tied", tmp_path, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True,
+               peft_merge_ok=False)
+    assert "lm_head" in json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())["target_modules"]
 
 
 def test_two_adapters_saved_in_one_folder(tmp_path):
