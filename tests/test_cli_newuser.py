@@ -93,10 +93,67 @@ def test_alpaca_sharegpt_and_openai_chat_records(tmp_path):
              "every assistant turn has weight 0"),
             ({"messages": [{"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}]},
              "weight is 0 or 1, on assistant turns only"),
-            ({"messages": [{"role": "user", "content": "q", "name": "bob"}, {"role": "assistant", "content": "a"}]},
-             r"messages\[0\] has unknown key 'name'")):
+            ({"messages": [{"role": "user", "content": "q", "audio": {"id": "x"}}, {"role": "assistant", "content": "a"}]},
+             r"messages\[0\] has unknown key 'audio'"),
+            ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
+                                                                "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]},
+             r"tool_calls\[0\] \(f\) arguments are not JSON")):
         with pytest.raises(LorakitError, match=message):
             validate_record(bad, "x:1")
+
+
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>"
+    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>{% endfor %}"
+    "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_openai_tool_calls_reach_the_template_or_are_refused():
+    """OpenAI tool use: tools and tool calls (arguments as a JSON string, content null) are rendered by a template
+    that supports them, and the call is the target; a template that drops them is refused, not trained on."""
+    record = {"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+              "messages": [{"role": "user", "content": "Weather in Paris?"},
+                           {"role": "assistant", "content": None, "tool_calls": [
+                               {"id": "c1", "type": "function",
+                                "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                           {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                           {"role": "assistant", "content": "Sunny."}],
+              "parallel_tool_calls": False}
+    tools_tok = make_tokenizer()
+    tools_tok.chat_template = TOOL_TEMPLATE
+    example = tokenize_example(record, tools_tok, 256)
+    text = tools_tok.decode(example["input_ids"])
+    assert text.startswith('<|im_start|>system\nTools: [{"type": "function", "function": {"name": "get_weather"')
+    targets = tools_tok.decode([t for t, lab in zip(example["input_ids"], example["labels"]) if lab != IGNORE_INDEX])
+    assert targets == '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>Sunny.<|im_end|>'
+    with pytest.raises(LorakitError, match="calls tool 'get_weather', but this model's chat template does not write"):
+        tokenize_example(record, make_tokenizer(), 256)
+
+
+def test_data_files_windows_and_config_files_write(tmp_path):
+    """UTF-16 with a BOM (PowerShell 5's `>`), a glob pattern (a config file's `data: shards/*.jsonl`, which no shell
+    expands), and folders that are not data."""
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "u16.jsonl").write_bytes('{"text": "héllo"}\r\n{"text": "bye"}\r\n'.encode("utf-16"))
+    records = read_records(tmp_path / "u16.jsonl")
+    assert [r["text"] for r in records] == ["héllo", "bye"] and records[1].where == "u16.jsonl:2"
+    for i in (2, 1):
+        write_jsonl(tmp_path / "shards" / f"part-{i}.jsonl", [{"text": f"shard {i}"}])
+    assert [r["text"] for r in read_records(tmp_path / "shards" / "part-*.jsonl")] == ["shard 1", "shard 2"]
+    with pytest.raises(LorakitError, match="matches no file"):
+        read_records(tmp_path / "shards" / "*.csv")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("rank: 2\n")
+    write_jsonl(run / "metrics.jsonl", [{"step": 1, "loss": 1.0}])
+    with pytest.raises(LorakitError, match="is a lorakit run folder"):
+        read_records(run)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(LorakitError, match="is an adapter folder"):
+        read_records(tmp_path / "adapter")
 
 
 def test_chats_end_each_turn_with_the_templates_token_not_eos():
@@ -144,12 +201,15 @@ def test_mistakes_are_one_line_before_anything_loads(tmp_path, tiny_folder, caps
         (["merge", "--model", str(tiny_folder), "--adapter", str(tmp_path), "--out", str(tmp_path / "m"), "--gguf-type",
           "q8_0"], "--gguf-type q8_0 applies to a GGUF file only; add --format gguf"),
         (["eval", "--model", str(tmp_path / "model.gguf")], "is a GGUF file"),
+        ([*train, str(tmp_path / "r6"), "--data", str(good), "--adam-beta2", "1"], "--adam-beta2 must be in [0, 1)"),
+        ([*train, str(tmp_path / "r7"), "--data", str(good), "--adam-eps", "0"], "--adam-eps must be a small positive"),
+        ([*train, str(tmp_path / "r8"), "--data", str(good), "--min-lr-ratio", "2"], "--min-lr-ratio must be in [0, 1]"),
     ]
     if not torch.cuda.is_available():
         cases.append((["generate", "--model", str(tiny_folder), "--device", "cuda", "hi"], "no CUDA GPU is visible"))
     for argv, message in cases:
         assert message in _error(capsys, main(argv)), argv
-    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 6))
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 9))
 
     monkeypatch.setattr("sys.stdin.isatty", lambda: True)  # `lorakit generate` with no prompt would wait forever
     assert "no prompt: give it as an argument" in _error(capsys, main(["generate", "--model", str(tiny_folder)]))

@@ -140,11 +140,13 @@ def _template_end_of_turn(tokenizer: Any) -> int | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _render_chat(tokenizer: Any, messages: list[dict], generation_prompt: bool, where: str) -> str:
+def _render_chat(tokenizer: Any, messages: list[dict], generation_prompt: bool, where: str,
+                 tools: list[dict] | None = None) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise LorakitError(f"{where}: the tokenizer has no chat template; use prompt/completion records for this model")
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                             **({"tools": tools} if tools else {}))
     except Exception as exc:  # jinja raises TemplateError (e.g. "roles must alternate") or anything the template does
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LorakitError(f"{where}: the chat template rejected this chat ({reason})") from None
@@ -175,8 +177,8 @@ def render(record: Record | Mapping, tokenizer: Any) -> tuple[str, list[tuple[in
     if record.shape == "prompt_completion":
         prompt, completion = record["prompt"], record["completion"]
         return prompt + completion, [(len(prompt), len(prompt) + len(completion))]
-    messages, where = record["messages"], record.where
-    full = _render_chat(tokenizer, messages, False, where)
+    messages, where, tools = record["messages"], record.where, record.fields.get("tools")
+    full = _render_chat(tokenizer, messages, False, where, tools)
     spans = []
     unsupervised = record.fields.get("unsupervised", ())
     for i, msg in enumerate(messages):
@@ -184,8 +186,13 @@ def render(record: Record | Mapping, tokenizer: Any) -> tuple[str, list[tuple[in
             continue
         if i == 0:
             raise LorakitError(f"{where}: the chat starts with an assistant turn; add the user turn it answers first")
-        before = _render_chat(tokenizer, messages[:i], True, where)
-        through = _render_chat(tokenizer, messages[: i + 1], False, where)
+        before = _render_chat(tokenizer, messages[:i], True, where, tools)
+        through = _render_chat(tokenizer, messages[: i + 1], False, where, tools)
+        for call in msg.get("tool_calls", ()):
+            if call["function"]["name"] not in through[len(before):]:  # the target would lack the call it teaches
+                raise LorakitError(f"{where}: messages[{i}] calls tool {call['function']['name']!r}, but this model's "
+                                   "chat template does not write tool calls; use a model whose template supports "
+                                   "tools, or write the call into the content")
         if not full.startswith(before) or not full.startswith(through) or len(through) <= len(before):
             raise LorakitError(
                 f"{where}: the chat template does not render messages[:{i}] as a prefix of the whole chat, so the "
@@ -317,7 +324,7 @@ def generation_prompt(record: Record | Mapping, tokenizer: Any, *, info: Tokeniz
     record = for_tokenizer(record, tokenizer)
     info = info or tokenizer_info(tokenizer)
     if record.shape == "messages":
-        text = _render_chat(tokenizer, record["messages"][:-1], True, record.where)
+        text = _render_chat(tokenizer, record["messages"][:-1], True, record.where, record.fields.get("tools"))
     elif record.shape == "prompt_completion":
         text = record["prompt"]
     else:

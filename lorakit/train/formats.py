@@ -9,7 +9,9 @@ A record has exactly one of three shapes (the fields are strict: anything else i
   assistant turn, since a trailing user turn would be an unanswered question with nothing to learn.
   A message's content may also be a list of text parts (``[{"type": "text", "text": ...}]``, as OpenAI and
   multimodal datasets write it; the parts are joined), and an assistant message may carry OpenAI's ``"weight": 0``
-  to leave that turn unsupervised. Keys whose value is null (``"tool_calls": null``) are ignored.
+  to leave that turn unsupervised. Keys whose value is null (``"tool_calls": null``) are ignored. OpenAI tool use
+  (``tools`` beside ``messages``; ``tool_calls`` on assistant turns, ``tool_call_id`` / ``name`` on tool turns) is
+  handed to the chat template, and a template that does not write the calls is reported (the call would be lost).
 
 Two formats of other tools are read as chats (see :func:`_convert_other_formats`):
 
@@ -42,6 +44,10 @@ SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = ("role", "content")
+# OpenAI tool use, handed to the chat template as they are (templates with tool support render them)
+TOOL_MESSAGE_KEYS = ("name", "tool_calls", "tool_call_id")
+# optional record-level keys of a chat: the tool schemas given to the template; OpenAI's API flag (ignored)
+CHAT_OPTIONAL_FIELDS = ("tools", "parallel_tool_calls")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet",)
@@ -52,7 +58,8 @@ SHAREGPT_KEYS = ("conversations", "system")
 # ShareGPT speaker names (from FastChat, Axolotl and LLaMA-Factory exports) -> chat roles
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
-                  "tool": "tool", "function": "tool", "observation": "tool", "function_response": "tool"}
+                  "tool": "tool", "function": "tool", "observation": "tool", "function_response": "tool",
+                  "function_call": "assistant"}  # LLaMA-Factory: the call, as the assistant's text
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"  # Alpaca's template, without its preamble
 
 
@@ -102,8 +109,9 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     else:
         raise LorakitError(f"{where}: no known field in {sorted(map(str, keys))}; a record is {_EXPECTED}")
     allowed = SHAPE_FIELDS[shape]
+    optional = CHAT_OPTIONAL_FIELDS if shape == "messages" else ()
     for key in keys:
-        if key not in allowed:
+        if key not in allowed and key not in optional:
             fields = ", ".join(repr(k) for k in allowed)
             raise LorakitError(f"{where}: unknown field {key!r}; a {shape} record has only {fields}: remove it")
     for key in allowed:
@@ -117,8 +125,51 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
         _check_string(obj["completion"], "completion", where, nonempty=True, what="empty completion")
         return Record(shape, {"prompt": obj["prompt"], "completion": obj["completion"]}, where)
     messages, unsupervised = _validate_messages(obj["messages"], where)
-    return Record(shape, {"messages": messages, "unsupervised": unsupervised} if unsupervised else {"messages": messages},
-                  where)
+    fields: dict[str, Any] = {"messages": messages}
+    if unsupervised:
+        fields["unsupervised"] = unsupervised
+    if obj.get("tools") is not None:
+        fields["tools"] = _validate_tools(obj["tools"], where)
+    return Record(shape, fields, where)
+
+
+def _json_field(value: Any, what: str) -> Any:
+    """A field a CSV cell or a datasets column may hold as a JSON string."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise LorakitError(f"{what} is a string that is not JSON ({exc.msg}); give a list") from None
+
+
+def _validate_tools(tools: Any, where: str) -> list[dict]:
+    tools = _json_field(tools, f"{where}: field 'tools'")
+    if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
+        raise LorakitError(f"{where}: field 'tools' must be a list of tool schemas ({{\"type\": \"function\", "
+                           "\"function\": {\"name\": ...}}})")
+    return [dict(t) for t in tools]
+
+
+def _validate_tool_calls(calls: Any, at: str) -> list[dict]:
+    """OpenAI tool calls, with each function's ``arguments`` parsed from its JSON string into a dict, as the chat
+    templates of transformers expect (a string would be written JSON-in-a-string)."""
+    calls = _json_field(calls, f"{at} tool_calls")
+    if not isinstance(calls, list) or not calls:
+        raise LorakitError(f"{at} tool_calls must be a non-empty list of {{\"function\": {{\"name\", \"arguments\"}}}}")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise LorakitError(f"{at} tool_calls[{j}] needs a \"function\" with a \"name\" (OpenAI's format)")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise LorakitError(f"{at} tool_calls[{j}] ({function['name']}) arguments are not JSON ({exc.msg})") from None
+        out.append({**call, "function": {**function, "arguments": arguments}})
+    return out
 
 
 def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
@@ -194,8 +245,9 @@ def _check_unicode(value: str, what: str) -> None:
                            "is not valid Unicode; fix the \\uXXXX escape (a cut emoji?)") from None
 
 
-def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, str]], tuple[int, ...]]:
-    """The chat as ``[{role, content}]`` with content a string, and the indices of assistant turns with weight 0."""
+def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]], tuple[int, ...]]:
+    """The chat as ``[{role, content, (tool keys)}]`` with content a string, and the indices of assistant turns
+    with weight 0."""
     if isinstance(messages, str):  # CSV cells and some datasets columns hold the chat as a JSON string
         try:
             messages = json.loads(messages)
@@ -210,10 +262,21 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, str]],
         if not isinstance(msg, Mapping):
             raise LorakitError(f"{at} must be an object with 'role' and 'content', got {type(msg).__name__}")
         for key in msg:
-            if key not in MESSAGE_KEYS and key != "weight" and msg[key] is not None:  # "tool_calls": null is noise
-                raise LorakitError(f"{at} has unknown key {key!r}; a message has only 'role', 'content' (and "
-                                   "'weight' on assistant turns)")
+            if key not in (*MESSAGE_KEYS, *TOOL_MESSAGE_KEYS, "weight") and msg[key] is not None:  # null is noise
+                raise LorakitError(f"{at} has unknown key {key!r}; a message has only 'role', 'content', 'weight' "
+                                   "(assistant turns) and OpenAI's tool keys 'tool_calls', 'tool_call_id', 'name'")
         role, content = msg.get("role"), msg.get("content")
+        extra: dict[str, Any] = {}
+        for key in ("name", "tool_call_id"):
+            if msg.get(key) is not None:
+                _check_string(msg[key], key, at, nonempty=True)
+                extra[key] = msg[key]
+        if msg.get("tool_calls") is not None:
+            if role != "assistant":
+                raise LorakitError(f"{at} ({role}) has tool_calls; only assistant turns call tools")
+            extra["tool_calls"] = _validate_tool_calls(msg["tool_calls"], at)
+            if content is None:  # OpenAI writes content null beside tool calls; templates print None as "None"
+                content = ""
         if role not in ROLES:
             raise LorakitError(f"{at} has role {role!r}; expected one of {', '.join(ROLES)}")
         if msg.get("weight") is not None:
@@ -228,9 +291,9 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, str]],
             got = "missing" if "content" not in msg else type(content).__name__
             raise LorakitError(f"{at} ({role}) content must be a string, got {got}")
         _check_unicode(content, f"{at} ({role}) content")
-        if role == "assistant" and not content.strip():
+        if role == "assistant" and not content.strip() and "tool_calls" not in extra:
             raise LorakitError(f"{at}: empty completion: the assistant turn has no text; fill it or drop the record")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": content, **extra})
     if out[-1]["role"] != "assistant":
         raise LorakitError(
             f"{where}: the chat does not end with an assistant turn (last role is {out[-1]['role']!r}); "
