@@ -220,6 +220,9 @@ class LoraConfig:
             if key in _READ_FIELDS or key in _IGNORED_FIELDS:
                 continue
             if key in PEFT_DEFAULTS:
+                if not _is_default(value, PEFT_DEFAULTS[key]) and key in _FOLDER_OPTIONS:
+                    raise LorakitError(f"{source}: PEFT option {key}={shown(value)} cannot be part of a LoraConfig; "
+                                       "lorakit.load_adapter(model, folder) loads such an adapter from its folder")
                 if not _is_default(value, PEFT_DEFAULTS[key]):
                     hint = _UNSUPPORTED_HINTS.get(key, "it changes the adapter's math in a way lorakit does not implement")
                     raise LorakitError(f"{source}: PEFT option {key}={shown(value)} is not supported by lorakit ({hint}); "
@@ -327,13 +330,14 @@ _IGNORED_FIELDS = {
     "lora_ga_config",
 }
 
+# Options lorakit.io reads from a whole adapter folder (they need its tensors), not from the config alone.
+_FOLDER_OPTIONS = {"trainable_token_indices", "ensure_weight_tying"}
+
 # Why an unsupported option is refused, said in the error.
 _UNSUPPORTED_HINTS = {
     "layer_replication": "layers duplicated inside the model",
-    "trainable_token_indices": "trained rows of the token embedding",
     "lora_bias": "a trained bias on lora_B",
     "use_qalora": "QA-LoRA's pooled input",
-    "ensure_weight_tying": "one LoRA shared by the tied embedding and output head",
     "target_parameters": "LoRA on raw parameters such as MoE experts",
     "alora_invocation_tokens": "activated LoRA, switched on by tokens",
     "megatron_config": "Megatron parallel layers",
