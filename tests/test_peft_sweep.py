@@ -247,6 +247,9 @@ def test_ensure_weight_tying(tmp_path):
     round_trip("llama-tied", tmp_path, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True,
                peft_merge_ok=False)
     assert "lm_head" in json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())["target_modules"]
+    raw = json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())
+    with pytest.raises(lorakit.LorakitError, match="ensure_weight_tying=True cannot be part of a LoraConfig; lorakit.load_adapter"):
+        lorakit.LoraConfig.from_peft_dict(raw)  # the config alone cannot say which head is tied
 
 
 def test_two_adapters_saved_in_one_folder(tmp_path):
