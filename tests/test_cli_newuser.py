@@ -223,8 +223,16 @@ def test_mistakes_are_one_line_before_anything_loads(tmp_path, tiny_folder, caps
                                                                          str(tmp_path / "q")]))
 
 
-def test_json_config_files_and_typos_through_other_tools_names(tmp_path):
+def test_json_config_files_and_typos_through_other_tools_names(tmp_path, capsys, monkeypatch):
     from lorakit.train.config import read_config_file
+
+    # a config file beside its data, run from elsewhere: the path to write is named (paths are read from the cwd)
+    (tmp_path / "project").mkdir()
+    write_jsonl(tmp_path / "project" / "train.jsonl", [{"text": "a b"}])
+    (tmp_path / "project" / "run.yaml").write_text("data: train.jsonl\n")
+    monkeypatch.chdir(tmp_path)
+    line = _error(capsys, main(["train", "--config", "project/run.yaml"]))
+    assert "data 'train.jsonl' is not found from the current folder, but project/train.jsonl is" in line
 
     (tmp_path / "run.json").write_text(json.dumps({"rank": 4, "max-steps": 3, "targets": ["q_proj"]}))
     assert read_config_file(tmp_path / "run.json") == {"rank": 4, "max_steps": 3, "targets": ["q_proj"]}
@@ -292,6 +300,7 @@ def test_other_architectures_train_generate_merge_inspect(tmp_path, capsys):
         out = capsys.readouterr().out
         shape = "prompt_completion" if name == "gpt2" else "messages"  # no template: Alpaca's own prompt format
         assert f"training data: 4 examples (4 {shape})" in out, out
+        assert ("Alpaca records are trained in Alpaca's prompt format" in out) == (name == "gpt2")
         adapter = run / "adapter"
         assert main(["generate", "--model", str(folder), "--adapter", str(adapter), "--max-new-tokens", "3",
                      "--base", "Reverse the words."]) == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
@@ -91,10 +92,27 @@ def check_conflicts(config: TrainConfig, file_values: dict[str, Any], cli_values
                                f"{'it' if len(ignored) == 1 else 'them'} or drop --full")
 
 
+def check_file_paths(config_file: str, file_values: dict[str, Any]) -> None:
+    """Paths in a config file are read from the current folder (as on the command line). A path that is missing
+    from here but sits beside the config file is the likely mix-up: say which path to write."""
+    here = Path(config_file).parent
+    for key in ("model", "data", "val_data"):
+        values = file_values.get(key)
+        for value in ([values] if isinstance(values, str) else values or []):
+            path = Path(value).expanduser()
+            if path.is_absolute() or path.exists() or not (here / path).exists() or str(here) in ("", "."):
+                continue
+            raise LorakitError(f"{config_file}: {key} {value!r} is not found from the current folder, but "
+                               f"{here / path} is; paths in a config file are read from where lorakit runs: write "
+                               f"{str(here / path)!r} (or run from {str(here)!r})")
+
+
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any], dict[str, Any]]:
     """(resolved config, the config file's values, the flags given), from parsed arguments."""
     given = {k: v for k, v in vars(args).items() if k in FIELDS}
     file_values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    if file_values:
+        check_file_paths(args.config, file_values)
     cli_values = check_values(given, source="command line")
     config = resolve_config(file_values, cli_values)
     check_conflicts(config, file_values, cli_values)

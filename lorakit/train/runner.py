@@ -303,6 +303,9 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     config = fit_max_length(config, model, explicit="max_length" in given or resume_from is not None)
     bundle = load_data(config, tokenizer, records)
     say(f"training data: {bundle.train.summary}")
+    if not getattr(tokenizer, "chat_template", None) and any(r.fallback is not None for r in records[0]):
+        say("note: Alpaca records are trained in Alpaca's prompt format (this tokenizer has no chat template); prompt "
+            "the adapter the same way: lorakit generate --no-chat $'### Instruction:\\n...\\n\\n### Response:\\n'")
     if bundle.train.summary.drop_note():
         say(bundle.train.summary.drop_note())
     if bundle.val is not None:
