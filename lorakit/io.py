@@ -319,8 +319,9 @@ def _targets_from_keys(tensors: dict[str, torch.Tensor], weights: Path) -> list[
 
 
 def _parse_config(raw_config: Any, config_path: Path) -> LoraConfig:
-    """``LoraConfig.from_peft_dict`` plus what only a whole folder can settle: a base rewrite lorakit repeats
-    (pissa, olora) or refuses, and bias="all"/"lora_only" (accepted here; ``plan_load`` checks the bias tensors)."""
+    """``LoraConfig.from_peft_dict`` plus the options only a whole folder can settle, accepted here and applied by
+    ``load_adapter``: a pissa / olora base rewrite (others refused), bias="all"/"lora_only" (``plan_load`` checks the
+    bias tensors), trainable_token_indices (checked here, loaded as copies) and ensure_weight_tying."""
     rewrite = None
     if isinstance(raw_config, dict):
         init = raw_config.get("init_lora_weights")
@@ -345,7 +346,7 @@ def _parse_config(raw_config: Any, config_path: Path) -> LoraConfig:
             raw_config = {**raw_config, "ensure_weight_tying": False}
     try:
         with warnings.catch_warnings():
-            if rewrite:  # from_peft_dict warns that the base was rewritten: load_adapter repeats the rewrite
+            if rewrite:  # from_peft_dict warns that the base was rewritten: load_adapter takes care of it
                 warnings.simplefilter("ignore", UserWarning)
             return LoraConfig.from_peft_dict(raw_config, source=str(config_path))
     except RecursionError:  # a field nested hundreds deep: deep enough for some check to recurse
@@ -710,6 +711,12 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     the files (a server) loads exactly what it checked. ``max_bytes`` and ``follow_symlinks``: see ``read_adapter``.
     The layers the adapter needs are injected, its tensors copied in, and it becomes the active adapter.
     Every check runs first; on any error the model is left exactly as it was. Returns the adapter's name.
+
+    Folders saved by peft load with the logits ``peft.PeftModel.from_pretrained`` gives, including: pissa / olora
+    inits (as a plain LoRA of rank 2r on the untouched base), ``trainable_token_indices`` (modules-to-save copies
+    of the embedding and its tied head), ``ensure_weight_tying``, SEQ_CLS's ``modules_to_save``, and
+    ``bias="all"/"lora_only"`` when the saved biases are the base's. Options lorakit cannot reproduce are refused
+    in one line that names them.
     """
     if isinstance(folder, AdapterFile):
         adapter_file = folder
