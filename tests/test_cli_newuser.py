@@ -182,6 +182,16 @@ def test_mistakes_are_one_line_before_anything_loads(tmp_path, tiny_folder, caps
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the mistake was found")
 
+    pickled = tmp_path / "pickled"  # only pytorch_model.bin: refused (never unpickled), as is a folder without config
+    shutil.copytree(tiny_folder, pickled, ignore=shutil.ignore_patterns("*.safetensors"))
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x02 not to be unpickled")
+    no_config = tmp_path / "no-config"
+    shutil.copytree(tiny_folder, no_config, ignore=shutil.ignore_patterns("config.json"))
+    for command in (["generate", "--model", str(pickled), "hi"], ["merge", "--model", str(pickled), "--adapter",
+                    str(tmp_path / "no-adapter"), "--out", str(tmp_path / "m0")], ["generate", "--model", str(no_config), "hi"]):
+        line = _error(capsys, main(command))
+        assert "never unpickles" in line or "has no config.json" in line, line
+
     monkeypatch.setattr(runner, "load_model", no_loading)
     monkeypatch.setattr("lorakit.load_base", no_loading)
     good = write_jsonl(tmp_path / "good.jsonl", [{"text": "a b"}] * 4)
