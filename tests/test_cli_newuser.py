@@ -139,6 +139,11 @@ def test_data_files_windows_and_config_files_write(tmp_path):
     (tmp_path / "u16.jsonl").write_bytes('{"text": "héllo"}\r\n{"text": "bye"}\r\n'.encode("utf-16"))
     records = read_records(tmp_path / "u16.jsonl")
     assert [r["text"] for r in records] == ["héllo", "bye"] and records[1].where == "u16.jsonl:2"
+    (tmp_path / "array.jsonl").write_text('[\n  {"text": "a"},\n  {"text": "b"}\n]\n')  # a JSON array named .jsonl
+    assert [r["text"] for r in read_records(tmp_path / "array.jsonl")] == ["a", "b"]
+    (tmp_path / "array.jsonl").write_text('[\n  {"text": "a"},\n  {"text": "b"\n]\n')
+    with pytest.raises(LorakitError, match=r"array.jsonl:4: malformed JSON"):
+        read_records(tmp_path / "array.jsonl")
     for i in (2, 1):
         write_jsonl(tmp_path / "shards" / f"part-{i}.jsonl", [{"text": f"shard {i}"}])
     assert [r["text"] for r in read_records(tmp_path / "shards" / "part-*.jsonl")] == ["shard 1", "shard 2"]

@@ -447,6 +447,8 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str) -> list[Record]:
                 whole = None  # one object per line (JSONL named .json), or malformed: the line reader says where
             if isinstance(whole, dict):
                 return [validate_record(whole, path.name)]
+    elif raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":  # a JSON array saved as .jsonl: read it as one
+        return _read_json_array(path, raw)
     records = []
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         where = f"{path.name}:{lineno}"
