@@ -48,7 +48,8 @@ def server(tmp_path_factory):
                            "--cors-origin", "http://ui.example", log=log)
     client = httpx.Client(base_url=server.url, timeout=60)
     try:
-        yield {"url": server.url, "client": client, "server": server, "tokenizer": tokenizer}
+        yield {"url": server.url, "client": client, "server": server, "tokenizer": tokenizer, "model_dir": model_dir,
+               "adapters": adapters}
     finally:
         client.close()
         server.stop()
@@ -306,6 +307,19 @@ def test_logprob_bytes_rebuild_the_text(server):
     assert partial > 0  # the random model does write tokens that hold part of a character: the case was exercised
 
 
+def test_top_logprobs_keys_that_read_the_same(server):
+    """The completions API keys top_logprobs by token text; two tokens holding parts of characters both read
+    U+FFFD. Before the fix the later (less likely) one's value overwrote the chosen token's."""
+    client, collisions = server["client"], 0
+    for i, model in enumerate(["a0", "a1", "a2", "base"]):
+        lp = _ok(client.post("/v1/completions", json={"model": model, "prompt": f"Ünïcödé {i}", "max_tokens": 16,
+                                                      "temperature": 0, "logprobs": 8}))["choices"][0]["logprobs"]
+        for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+            assert top[token] == logprob == max(top.values())  # greedy: the chosen token is the likeliest
+            collisions += len(top) < 8
+    assert collisions > 0  # the case was exercised
+
+
 def test_token_bytes_of_a_sentencepiece_tokenizer():
     """Byte-fallback SentencePiece (Llama 2, Mistral) spells lone bytes ``<0xC3>`` and spaces ``\u2581``."""
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
@@ -336,6 +350,74 @@ def test_token_bytes_of_a_byte_level_tokenizer(server):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     pieces = [token_bytes(tokenizer, i) for i in ids]
     assert b"".join(pieces) == text.encode() and any(tokenizer.decode([i]) == "\ufffd" for i in ids)
+
+
+# -- echo: scoring a prompt (lm-eval's loglikelihood) ----------------------------------------------------------------
+def test_echo_scores_the_prompt(server):
+    """lm-eval's ``local-completions`` scores a context + continuation with ``echo: true, max_tokens: 0,
+    logprobs: 1`` and reads ``token_logprobs[ctxlen:]``. Before the fix: 400 'echo is not supported'."""
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+
+    client = server["client"]
+    ids = server["tokenizer"]("Paris is the capital of France.")["input_ids"]
+    answer = _ok(client.post("/v1/completions", json={"model": "a1", "prompt": ids, "echo": True, "max_tokens": 0,
+                                                      "logprobs": 2, "temperature": 0}))
+    choice = answer["choices"][0]
+    assert choice["text"] == server["tokenizer"].decode(ids) and answer["usage"]["completion_tokens"] == 0
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["tokens"]) == len(ids)
+    assert "".join(lp["tokens"]) == choice["text"] and lp["text_offset"][-1] == len(choice["text"]) - len(lp["tokens"][-1])
+    model = AutoModelForCausalLM.from_pretrained(server["model_dir"]).eval()  # the reference: plain transformers
+    lorakit.load_adapter(model, server["adapters"] / "a1", adapter="a1")
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    chosen = expected.gather(1, torch.tensor(ids[1:]).unsqueeze(1))[:, 0]
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), chosen, rtol=1e-4, atol=1e-4)
+    top = [max(t, key=t.get) for t in lp["top_logprobs"][1:]]
+    assert top == [server["tokenizer"].decode([i]) for i in expected.argmax(-1).tolist()]
+    # with max_tokens: the prompt, then the answer, whose part equals the answer without echo
+    plain = _ok(client.post("/v1/completions", json={"model": "a1", "prompt": ids, "max_tokens": 5, "logprobs": 1,
+                                                     "temperature": 0}))["choices"][0]
+    echoed = _ok(client.post("/v1/completions", json={"model": "a1", "prompt": ids, "max_tokens": 5, "logprobs": 1,
+                                                      "temperature": 0, "echo": True}))["choices"][0]
+    assert echoed["text"] == choice["text"] + plain["text"]
+    assert echoed["logprobs"]["token_logprobs"][len(ids):] == plain["logprobs"]["token_logprobs"]
+    assert echoed["logprobs"]["text_offset"][len(ids):] == [o + len(choice["text"]) for o in plain["logprobs"]["text_offset"]]
+    assert _error(client.post("/v1/completions", json={"model": "a1", "prompt": "hi", "max_tokens": 0}), 400)["param"] == "max_tokens"
+    assert _error(client.post("/v1/completions", json={"model": "a1", "prompt": "hi", "echo": True, "stream": True}),
+                  400)["param"] == "echo"
+    assert all(a["in_use"] == 0 for a in _ok(client.get("/v1/adapters"))["data"])  # scoring released its pin
+
+
+def test_score_in_slices_equals_one_forward(monkeypatch):
+    """A prompt longer than ``SCORE_LOGITS`` allows is scored a slice of positions per forward: the same numbers."""
+    from conftest import tiny_llama
+
+    import lorakit
+    from lorakit.serve import engine as engine_module
+    from lorakit.serve.engine import Engine
+
+    model = tiny_llama(seed=3)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter="x")
+    with torch.no_grad():
+        for name, parameter in lorakit.lora_parameters(model, "x"):
+            if name.endswith("lora_B"):
+                parameter.normal_(0, 0.2)
+    engine = Engine(model.eval(), threading.RLock(), max_batch=2)
+    try:
+        prompt = [3, 17, 5, 9, 22, 1, 8, 30, 2, 11, 4]
+        whole = engine.score(prompt, "x", 3)
+        monkeypatch.setattr(engine_module, "SCORE_LOGITS", 4 * model.get_output_embeddings().weight.shape[0])
+        sliced = engine.score(prompt, "x", 3)  # 4 positions per forward: 3 forwards
+        base = engine.score(prompt, None, 3)
+    finally:
+        engine.close()
+    assert whole[0] is None and sliced[0] is None and len(whole) == len(prompt)
+    for a, b in zip(whole[1:], sliced[1:]):
+        assert abs(a.logprob - b.logprob) < 1e-5 and [i for i, _ in a.top] == [i for i, _ in b.top]
+    assert any(abs(a.logprob - c.logprob) > 1e-3 for a, c in zip(whole[1:], base[1:]))  # the adapter was applied
 
 
 # -- n choices ------------------------------------------------------------------------------------------------------
@@ -372,12 +454,17 @@ def test_n_choices_client_leaves(server):
     body = json.dumps({"model": "a0", "prompt": "x", "max_tokens": 200, "temperature": 0.5, "n": 3, "stream": True})
     sock = _raw(server["url"], b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                                b"Content-Length: %d\r\n\r\n" % len(body) + body.encode())
+    steps = _ok(client.get("/health"))["steps"]
     sock.recv(1)
     sock.close()
+    def busy() -> bool:  # rows leave the batch a moment before their pins are released: wait for both
+        return _ok(client.get("/health"))["running"] > 0 or any(a["in_use"] for a in _ok(client.get("/v1/adapters"))["data"])
+
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _ok(client.get("/health"))["running"]:
+    while time.monotonic() < deadline and busy():
         time.sleep(0.05)
-    assert _ok(client.get("/health"))["running"] == 0  # all three rows stopped
+    assert not busy()  # all three rows stopped, long before their 200 tokens
+    assert _ok(client.get("/health"))["steps"] - steps < 100
     assert _ok(client.post("/v1/adapters/unload", json={"name": "a0"}))["loaded"] is False  # and the pin is free
 
 

@@ -300,6 +300,11 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         body = _parse(CompletionRequest, await _read_json(request, state))
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 only with echo, which scores the prompt)",
+                           param="max_tokens")
+        if body.echo and body.stream:
+            raise APIError(400, "echo with stream is not supported; send stream=false", param="echo")
         if isinstance(body.prompt, list):
             vocab = _vocab_size(state)
             if any(t < 0 or t >= vocab for t in body.prompt):
@@ -309,7 +314,11 @@ def create_app(state: ServerState) -> FastAPI:
             prompt_ids = await run_in_threadpool(_encode, state, body.prompt, False)
         # left out (or null): OpenAI's 16, cut to what the context and --max-tokens leave, never a 400 about it
         max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set else None
-        return await _serve(state, request, body, prompt_ids, max_tokens, body.logprobs, chat=False, default_tokens=16)
+        echo = None
+        if body.echo:  # the prompt as sent; token ids as their text
+            echo = body.prompt if isinstance(body.prompt, str) else await run_in_threadpool(_decode, state, prompt_ids)
+        return await _serve(state, request, body, prompt_ids, max_tokens, body.logprobs, chat=False, default_tokens=16,
+                            echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
@@ -340,6 +349,11 @@ def _encode(state: ServerState, prompt, chat: bool) -> list[int]:
             return encode_prompt(state.tokenizer, prompt, chat=chat)
     except LorakitError as error:
         raise APIError(400, str(error), param="messages" if chat else "prompt") from None
+
+
+def _decode(state: ServerState, ids: list[int]) -> str:
+    with state.tokenizer_lock:
+        return state.tokenizer.decode(ids)
 
 
 def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | None, chat: bool,
@@ -403,8 +417,12 @@ def _choice_seed(seed: int | None, index: int) -> int | None:
 
 
 async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[int], max_tokens: int | None,
-                 logprobs: int | None, chat: bool, default_tokens: int | None = None):
+                 logprobs: int | None, chat: bool, default_tokens: int | None = None, echo: str | None = None):
+    """Generate ``body.n`` answers to ``prompt_ids``; ``echo``: the prompt's text, which each answer then starts
+    with (its logprobs too: the prompt's tokens scored by one forward, the first token's None)."""
     max_tokens = _check_lengths(state, prompt_ids, max_tokens, chat, default_tokens)
+    if max_tokens == 0:  # echo alone: score the prompt, generate nothing
+        return await _echo_only(state, body, prompt_ids, logprobs, echo)
     try:
         # the sampler works in float32, where 1e-300 is 0: a top_p that small would keep no token, a temperature
         # that small would divide by zero. Raised to 1e-30 they mean the same (top_p: only the most likely token,
@@ -418,6 +436,15 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[i
         raise APIError(400, str(error)) from None
     adapter_name = None if body.model == state.base_name else body.model
     internal = None if adapter_name is None else await _acquire(state, adapter_name)
+    prompt_lp = None
+    if echo is not None and logprobs is not None:
+        try:
+            prompt_lp = _prompt_logprobs(state, prompt_ids, await run_in_threadpool(
+                state.engine.score, prompt_ids, internal, logprobs))
+        except BaseException:
+            if adapter_name is not None:
+                state.pool.release(adapter_name)
+            raise
     pin = _SharedPin(state, adapter_name, body.n)  # from here each job's on_finish releases its share, exactly once
     bridge = _Bridge(asyncio.get_running_loop())
     jobs: list[Request] = []
@@ -475,9 +502,11 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[i
              "total_tokens": len(prompt_ids) + completion}
     choices = []
     for index, reason in enumerate(reasons):
-        text = "".join(pieces[index])
+        text = (echo or "") + "".join(pieces[index])
         finish = "stop" if reason == "stop" else "length"
-        lp = _logprobs(state, infos[index], chat) if logprobs is not None else None
+        lp = _logprobs(state, infos[index], chat, len(echo or "")) if logprobs is not None else None
+        if prompt_lp is not None:
+            lp = {key: prompt_lp[key] + lp[key] for key in lp}
         if chat:
             choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                             "logprobs": lp})
@@ -485,6 +514,36 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[i
             choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": lp})
     return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": body.model, "choices": choices, "usage": usage}
+
+
+async def _echo_only(state: ServerState, body, prompt_ids: list[int], logprobs: int | None, echo: str) -> dict:
+    """``echo`` with ``max_tokens`` 0: the prompt back, scored when ``logprobs`` is set (lm-eval's loglikelihood)."""
+    lp = None
+    if logprobs is not None:
+        adapter_name = None if body.model == state.base_name else body.model
+        internal = None if adapter_name is None else await _acquire(state, adapter_name)
+        try:
+            lp = _prompt_logprobs(state, prompt_ids, await run_in_threadpool(
+                state.engine.score, prompt_ids, internal, logprobs))
+        finally:
+            if adapter_name is not None:
+                state.pool.release(adapter_name)
+    choices = [{"index": i, "text": echo, "finish_reason": "length", "logprobs": lp} for i in range(body.n)]
+    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": body.model, "choices": choices,
+            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": 0, "total_tokens": len(prompt_ids)}}
+
+
+def _prompt_logprobs(state: ServerState, prompt_ids: list[int], infos: list[TokenInfo | None]) -> dict:
+    """The completions logprobs object of an echoed prompt: the first token has no log-probability (null)."""
+    tokens = [_token_text(state, t) for t in prompt_ids]
+    offsets = [0]
+    for text in tokens[:-1]:
+        offsets.append(offsets[-1] + len(text))
+    return {"tokens": tokens, "token_logprobs": [None if info is None else info.logprob for info in infos],
+            "top_logprobs": [None if info is None else _top_dict(state, info.top)
+                             for info in infos],
+            "text_offset": offsets}
 
 
 async def _watch_disconnect(http: HTTPRequest, bridge: _Bridge) -> None:
@@ -511,6 +570,15 @@ def _token_bytes(state: ServerState, token: int) -> list[int]:
         return list(token_bytes(state.tokenizer, token))
 
 
+def _top_dict(state: ServerState, top: list[tuple[int, float]]) -> dict[str, float]:
+    """The completions API's ``{token text: logprob}``; where two tokens read the same (two partial characters
+    both decode to U+FFFD) the likelier one's value stays, not the last one's."""
+    out: dict[str, float] = {}
+    for token, logprob in top:
+        out.setdefault(_token_text(state, token), logprob)
+    return out
+
+
 def _logprobs(state: ServerState, infos: list[tuple[int, TokenInfo]], chat: bool, offset: int = 0) -> dict:
     """OpenAI's logprobs object for these tokens; ``offset``: characters of completion text before the first."""
     if chat:
@@ -528,7 +596,7 @@ def _logprobs(state: ServerState, infos: list[tuple[int, TokenInfo]], chat: bool
         offsets.append(position)
         position += len(text)
     return {"tokens": tokens, "token_logprobs": [info.logprob for _, info in infos],
-            "top_logprobs": [{_token_text(state, i): lp for i, lp in info.top} for _, info in infos],
+            "top_logprobs": [_top_dict(state, info.top) for _, info in infos],
             "text_offset": offsets}
 
 

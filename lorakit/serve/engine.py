@@ -48,6 +48,10 @@ class TokenInfo:
 # the decoder's row-wise grouped kernels read it once per token.
 STATIC_PREFILL_MAX_TOKENS = 2048
 
+# ``Engine.score`` keeps at most this many logits (float32) at once: 256 MiB, 1,365 prompt positions of a 49k
+# vocabulary per forward; a longer prompt takes one forward per slice of positions
+SCORE_LOGITS = 1 << 26
+
 
 @dataclass
 class Request:
@@ -115,6 +119,30 @@ class Engine:
             self._closing = True
             self._wake.notify()
         self._thread.join(timeout=10)
+
+    def score(self, prompt: list[int], adapter: str | None, top: int) -> list[TokenInfo | None]:
+        """Each prompt token's log-probability given the tokens before it (None for the first), and the ``top``
+        most likely tokens there: what OpenAI's ``echo`` with ``logprobs`` returns, e.g. for lm-eval's
+        loglikelihood tasks. One forward of the prompt through ``adapter`` (internal name; None: the base), under
+        the model lock, between engine steps; the logits are kept ``SCORE_LOGITS`` at a time, never (L, V) whole.
+        """
+        from lorakit.generation import _attention_backends, _routing
+
+        infos: list[TokenInfo | None] = [None]
+        targets = torch.tensor(prompt[1:], device=self.device)
+        chunk = max(1, SCORE_LOGITS // self.model.get_output_embeddings().weight.shape[0])
+        ids = torch.tensor([prompt], device=self.device)
+        with self.model_lock, torch.inference_mode(), _routing(self.model, [adapter]), _attention_backends(self.device):
+            for start in range(0, len(prompt) - 1, chunk):
+                keep = torch.arange(start, min(start + chunk, len(prompt) - 1), device=self.device)
+                logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[0]  # (k, V)
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                chosen = logprobs.gather(1, targets[keep].unsqueeze(1))[:, 0].tolist()
+                best = torch.topk(logprobs, k=min(top, logprobs.shape[-1])) if top else None
+                for j, value in enumerate(chosen):
+                    pairs = [] if best is None else list(zip(best.indices[j].tolist(), best.values[j].tolist()))
+                    infos.append(TokenInfo(value, pairs))
+        return infos
 
     def stats(self) -> dict:
         return {"running": len(self._running), "waiting": len(self._waiting), "steps": self.steps,

@@ -115,9 +115,9 @@ class _Sampling(_Strict):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: only with echo (score the prompt, generate nothing)
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = False  # the answer's text (and logprobs) start with the prompt's
     best_of: int | None = None
     suffix: str | None = None
 
@@ -136,13 +136,6 @@ class CompletionRequest(_Sampling):
                 raise ValueError("prompt is empty")
             return value
         raise ValueError("prompt must be a string or a list of token ids (integers), or a list holding one of them")
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
-        return value
 
     @field_validator("best_of")
     @classmethod
