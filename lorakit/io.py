@@ -446,6 +446,7 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
     plan: dict[tuple[str, str], torch.Tensor] = {}
     unexpected: list[str] = []
     tokens = _token_copies(model, adapter_file)
+    renamed = _layout_renamer(model)
     for path, weight in tokens.items():  # the rest of each copy's state (a head's bias) is the base's own
         plan.update({(path, name): value for name, value in base_modules[path].state_dict().items()})
         plan[(path, "weight")] = weight
@@ -453,6 +454,8 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
         if key.endswith(TOKEN_DELTA) and tokens:
             continue
         path, attr = _match_key(_strip(key), targets, saved)
+        if path is None and renamed is not None:  # saved with an older transformers layout (Llava, Gemma3, ...)
+            path, attr = _match_key(renamed(_strip(key)), targets, saved)
         if path is None:
             if _is_unchanged_base_copy(_strip(key), tensor, base_modules, adapter_file.folder):
                 continue  # PEFT saves full embedding copies next to embedding adapters; equal to ours: harmless
@@ -494,6 +497,36 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
     if missing:
         raise LorakitError(f"{adapter_file.folder}: missing tensor keys: {listed(missing)} ({len(missing)} in all){made_for}")
     return plan
+
+
+def _layout_renamer(model: nn.Module):
+    """transformers' renamings from older checkpoint layouts of this model class (``language_model.model.layers``
+    of Llava before transformers 4.52 is ``model.language_model.layers`` now), as a key -> key function, or None.
+
+    peft applies them when it loads an adapter; only the renamings are used here (the converters that fuse MoE
+    experts have no LoRA counterpart in lorakit), and only for keys that do not match as they are."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # an older transformers: its checkpoints already have the layout its models have
+        return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    try:
+        renamings = [w for w in get_model_conversion_mapping(model) if isinstance(w, WeightRenaming)]
+    except Exception:  # an internal API of transformers: when it changes, keys are matched as they are
+        return None
+    if not renamings:
+        return None
+
+    def rename(key: str) -> str:
+        try:
+            return rename_source_key(key, renamings, [])[0]
+        except Exception:
+            return key
+
+    return rename
 
 
 def _shape_cause(tensor: torch.Tensor, shape: tuple[int, ...], attr: str, adapter_file: AdapterFile) -> str:

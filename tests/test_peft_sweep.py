@@ -372,3 +372,31 @@ def test_folders_that_hold_something_else(tmp_path):
     (mlx / "adapters.safetensors").write_bytes(b"")
     (mlx / "adapter_config.json").write_text('{"fine_tune_type": "lora"}')
     assert "adapters.safetensors, MLX-LM's adapter format" in refusal(mlx)
+
+
+def test_adapter_from_an_older_transformers_layout(tmp_path):
+    """A Llava adapter saved before transformers 4.52 names language_model.model.layers...; transformers 5's model
+    has model.language_model.layers... peft renames the keys with transformers' conversion mapping; lorakit
+    refused them as unexpected keys. It now applies the same renamings to keys that do not match as they are."""
+    text = tf.LlamaConfig(num_key_value_heads=2, **SMALL)
+    vision = tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=16, patch_size=8)
+
+    def llava():
+        torch.manual_seed(0)
+        return tf.LlavaForConditionalGeneration(tf.LlavaConfig(text_config=text, vision_config=vision,
+                                                               image_token_index=99)).eval()
+
+    ids = torch.randint(0, 90, (2, 6))
+    theirs = peft.get_peft_model(llava(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    randomize_peft(theirs)
+    theirs.save_pretrained(tmp_path)
+    old = {k.replace(".model.model.language_model.", ".model.language_model.model.").replace(
+        ".model.model.vision_tower.", ".model.vision_tower."): v for k, v in load_file(tmp_path / WEIGHTS_NAME).items()}
+    assert any(".language_model.model.layers." in k for k in old)
+    save_file(old, tmp_path / WEIGHTS_NAME)
+    expected = logits(theirs, ids)
+    assert_close(logits(peft.PeftModel.from_pretrained(llava(), tmp_path).eval(), ids), expected)  # peft renames
+    ours = llava()
+    lorakit.load_adapter(ours, tmp_path)
+    assert_close(logits(ours, ids), expected)
