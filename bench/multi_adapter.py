@@ -310,8 +310,8 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
     graph per step on CUDA): tokens/s of ``decoder.step`` as a server calls it (host work, one upload, replay,
     the rows' logits). Also a check of its first step against transformers' decode (lorakit.generation, the same
     bf16 model and adapters): relative max diff, and how far the adapters move the logits (a wrong slot or
-    position would be O(that)). pdl: "on" (the default), "off", or "noprefetch" (on, but the Triton GEMMs read
-    their first weight chunk after the wait)."""
+    position would be O(that)). pdl: "on" (the default), "off", or "prefetch" (on, and the Triton GEMMs read
+    their first weight chunk before the wait)."""
     from lorakit.decoding import StaticDecoder
     from lorakit.kernels._triton import pdl_supported
     from lorakit.kernels.triton import rows_gemm
@@ -324,7 +324,8 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
     with torch.no_grad():
         logits, kv = prefill(model, prompts, names)
         first = logits.argmax(-1).tolist()
-        rows_gemm.PREFETCH = pdl != "noprefetch"
+        default_prefetch = rows_gemm.PREFETCH
+        rows_gemm.PREFETCH = pdl == "prefetch"
         decoder = StaticDecoder(model, max_batch=batch, max_len=ids.shape[1] + args.steps + 16, lora_overlap=overlap,
                                 pdl=pdl != "off")
         pdl_used = pdl if decoder.pdl and device.type == "cuda" and pdl_supported(device.index or 0) else "off"
@@ -360,7 +361,7 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
            step_ms=round(seconds * 1e3, 3), bound_ms=round(bound * 1e3, 3), lora_overlap=decoder.lora_overlap, pdl=pdl_used,
            **extra)
     del decoder
-    rows_gemm.PREFETCH = True
+    rows_gemm.PREFETCH = default_prefetch
     return batch / seconds, ok
 
 
@@ -650,11 +651,11 @@ def main():
     parser.add_argument("--no-static", dest="static", action="store_false",
                         help="skip the lorakit.decoding.StaticDecoder decode cases")
     parser.add_argument("--overlap", default="",
-                        help="comma-separated StaticDecoder lora_overlap modes to measure (lora, off; "
+                        help="comma-separated StaticDecoder lora_overlap modes to measure (lora, serial, off; "
                              "empty: the decoder's default)")
     parser.add_argument("--pdl", default="on",
                         help="comma-separated programmatic-dependent-launch modes of the StaticDecoder cases: on (the "
-                             "default), off, noprefetch (on, GEMMs read their first weight chunk after the wait)")
+                             "default), off, prefetch (on, GEMMs read their first weight chunk before the wait)")
     args = parser.parse_args()
     if args.shape == "tiny":
         args.batch, args.seq, args.steps, args.budget = min(args.batch, 64), min(args.seq, 16), min(args.steps, 3), 1.0

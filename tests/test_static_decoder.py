@@ -211,6 +211,10 @@ def test_unsupported_models_and_bad_calls_get_one_line_reasons():
     with pytest.raises(LorakitError, match="not on any"):
         decoder.admit([1], prefill(plain, [[1]], [None])[1])
         decoder.step([1], [1], ["nope"])
+    with pytest.raises(LorakitError, match="'lora', 'serial' or 'off', got 'side'"):
+        StaticDecoder(plain, max_batch=2, max_len=4, lora_overlap="side")
+    serial = StaticDecoder(plain, max_batch=2, max_len=4, lora_overlap="serial", pdl=False)
+    assert serial.lora_overlap == "serial" and serial._lora_stream is None and serial.pdl is False
 
 
 def test_adapters_injected_after_the_decoder_was_built():

@@ -56,7 +56,8 @@ class StaticDecoder:
         adapter_slots: initial adapter capacity (grows on demand; growing re-captures the graph).
         lora_overlap: "lora" (the default on CUDA): each LoRA pair runs on a second stream beside its base GEMM,
             into a scratch that the next kernel (rope + KV store, add + RMSNorm, SwiGLU) adds as it reads the GEMM's
-            output; "off" (the default elsewhere): the pair adds into the GEMM's output after it. Off CUDA, "lora"
+            output; "serial": the same data flow on one stream (the pair before the GEMM); "off" (the default
+            elsewhere): the pair adds into the GEMM's output after it. Off CUDA, "lora" is "serial".
             runs the same data flow on one stream.
         pdl: launch the step's kernels with programmatic dependent launch (default: on where the GPU and Triton
             support it; ignored elsewhere).
@@ -81,8 +82,8 @@ class StaticDecoder:
         self.use_graph = (self.device.type == "cuda" and triton_usable(weight)) if graph is None else bool(graph)
         cuda = self.device.type == "cuda"
         overlap = ("lora" if cuda else "off") if lora_overlap is None else lora_overlap
-        if overlap not in ("lora", "off"):
-            raise LorakitError(f"lora_overlap must be 'lora' or 'off', got {overlap!r}")
+        if overlap not in ("lora", "serial", "off"):
+            raise LorakitError(f"lora_overlap must be 'lora', 'serial' or 'off', got {overlap!r}")
         self.lora_overlap = overlap
         self.pdl = True if pdl is None else bool(pdl)  # kernels check the device (``pdl_on``) at each launch
         # elsewhere "lora" keeps the same data flow (delta scratch, fused adds) on the one stream
@@ -464,7 +465,7 @@ class StaticDecoder:
         use_lora = bool(self.adapters.slot_of)
         dora = stack.ratio is not None and self.adapters.has_dora
         args = (stack.A, stack.B, stack.scaling, stack.rank, slots, fused.splits)
-        overlap = use_lora and self.lora_overlap == "lora"
+        overlap = use_lora and self.lora_overlap in ("lora", "serial")
         side = self._lora_stream if overlap else None
         if overlap:
             # the LoRA pair on a second stream while the GEMM runs: both are bound by memory bandwidth, and each

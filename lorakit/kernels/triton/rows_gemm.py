@@ -19,8 +19,10 @@ import triton.language as tl
 from lorakit.kernels._triton import pdl_launch, pdl_on
 from lorakit.kernels.triton.pdl import pdl_enter
 
-# the first W chunk is loaded before the PDL wait (False: after it, as without PDL; for A/B runs of the benchmarks)
-PREFETCH = True
+# load the first W chunk before the PDL wait (True) or after it. Off: on the H200 the early load (which costs a
+# pipeline stage of shared memory) made the 8B step slower, 7.28 against 6.39 ms without it and 6.75 without PDL
+# (bench/results/multi_adapter_8b_pdl_v1.json); kept for A/B runs of the benchmarks
+PREFETCH = False
 
 
 @triton.jit
