@@ -463,6 +463,8 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
                 continue  # bias="all"/"lora_only" saves the biases; untrained ones (or none at all) change nothing
             unexpected.append(key)
             continue
+        if (path, attr) in plan:  # the same tensor twice, e.g. under an old and a new transformers layout
+            raise LorakitError(f"{adapter_file.folder}: {clipped(key)} is a second tensor for {path} {attr}; keep one")
         plan[(path, attr)] = tensor
     if unexpected:
         raise LorakitError(f"{adapter_file.folder}: unexpected tensor keys for this model and config: {listed(unexpected)}"
