@@ -17,29 +17,26 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import threading
 import time
-import traceback
 import uuid
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 
 from lorakit.errors import LorakitError
 from lorakit.generation import SamplingParams, encode_prompt
+from lorakit.serve.answers import logprobs_object, prompt_logprobs, stream_events
 from lorakit.serve.engine import Engine, Request, TokenInfo
 from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, resolve_adapter
 from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected
 from lorakit.serve.protocol import AdapterRequest, APIError, ChatRequest, CompletionRequest, error_body
-from lorakit.serve.text import TextAssembler, token_bytes
+from lorakit.serve.text import TextAssembler
+from lorakit.serve.transport import CORS, internal_error, not_found, parse, read_json
 
 
 @dataclass
@@ -64,83 +61,6 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
-def _validation_error(error: ValidationError) -> APIError:
-    first = error.errors()[0]
-    # pydantic names the union member it tried (``prompt.str``, ``content.list[TextPart]``): not a field the client sent
-    loc = [p for p in first.get("loc", ()) if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
-    param = ".".join(str(p) for p in loc) or None
-    message = first.get("msg", "invalid request").removeprefix("Value error, ")
-    kind = first.get("type", "")
-    if kind == "extra_forbidden":
-        message = f"unknown field {param!r}"
-    elif kind == "missing":
-        message = f"missing required field {param!r}"
-    else:
-        if kind.endswith("_type") and "input" in first:  # "should be a valid integer": say what came instead
-            value = first["input"]
-            message += ", got null" if value is None else f", got {type(value).__name__} {json.dumps(value)[:40]}"
-        if param and not message.startswith(str(loc[-1])):
-            message = f"{param}: {message}"
-    return APIError(400, message, param=param, code="invalid_request")
-
-
-async def _read_body(request, state: ServerState) -> bytes:
-    # read piece by piece: a chunked body (no Content-Length) of gigabytes is refused at the limit, not buffered
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > state.max_body_bytes:
-            raise APIError(413, f"request body is over the limit of {state.max_body_bytes:,} bytes",
-                           code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _read_json(request, state: ServerState) -> dict:
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise APIError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the JSON body uncompressed",
-                       code="unsupported_encoding")
-    try:
-        body = await asyncio.wait_for(_read_body(request, state), state.body_timeout)
-    except ClientDisconnect:  # the client left mid-body: nobody reads the answer, and it is no server error
-        raise APIError(400, "the client closed the connection before sending the whole body",
-                       code="client_disconnected") from None
-    except asyncio.TimeoutError:  # Content-Length promised more than came: do not hold the connection forever
-        raise APIError(408, f"the request body did not arrive within {state.body_timeout:g} s (is Content-Length "
-                       "larger than the body?)", code="request_timeout",
-                       headers={"Connection": "close"}) from None  # the rest of that body must not read as a request
-    try:
-        data = json.loads(body)
-        # a lone UTF-16 surrogate ("\ud800") parses to a str no tokenizer or UTF-8 encoder takes: refuse it here
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except RecursionError:
-        raise APIError(400, "the JSON body is nested too deeply", code="invalid_json") from None
-    except UnicodeEncodeError:
-        raise APIError(400, "the JSON body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair); "
-                       "send valid Unicode", code="invalid_json") from None
-    except ValueError as error:  # JSONDecodeError, bad UTF-8, an integer of thousands of digits
-        raise APIError(400, f"malformed JSON body: {str(error).split(';')[0]}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    return data
-
-
-def _parse(cls, data: dict):
-    try:
-        return cls.model_validate(data)
-    except ValidationError as error:
-        raise _validation_error(error) from None
-
-
-def _internal_error(error: Exception) -> JSONResponse:
-    traceback.print_exception(type(error), error, error.__traceback__)  # a bug: keep its trace in the server log
-    return JSONResponse(error_body(f"internal error: {type(error).__name__}", type="server_error"), status_code=500)
-
-
 def _adapter_error(error: LorakitError, param: str = "model") -> APIError:
     if isinstance(error, UnsafeNameError):
         return APIError(400, str(error), param=param, code="invalid_adapter_name")
@@ -163,37 +83,6 @@ class _Bridge:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
-class _CORS(CORSMiddleware):
-    """Starlette's CORS, with its refusal of a preflight in the OpenAI error body instead of plain text."""
-
-    def preflight_response(self, request_headers):
-        response = super().preflight_response(request_headers)
-        if response.status_code != 400:
-            return response
-        reason = bytes(response.body).decode("utf-8", "replace")
-        return JSONResponse(error_body(f"cross-origin request refused: {reason}", code="cors_refused"),
-                            status_code=400, headers={k: v for k, v in response.headers.items()
-                                                      if k.lower() not in ("content-length", "content-type")})
-
-
-ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/adapters", "/v1/adapters/load",
-          "/v1/adapters/unload")
-
-
-def _not_found(method: str, path: str) -> str:
-    """A 404's message; where the path is a known route with /v1 missing or doubled (a client's base_url without
-    or with /v1, when the client adds it too), it says which base_url to use."""
-    shown = f"{method} {path[:100]!r}"
-    stripped = path.rstrip("/")
-    if stripped != path and stripped in ROUTES:
-        return f"no route {shown}; did you mean {stripped} (no trailing slash)?"
-    for candidate in ("/v1" + stripped, stripped.replace("/v1/v1/", "/v1/", 1)):
-        if candidate != stripped and (candidate in ROUTES or candidate.startswith("/v1/models/")):
-            base = "ending in /v1" if candidate == "/v1" + stripped else "without /v1 (this client adds it)"
-            return f"no route {shown}; did you mean {candidate}? Set the client's base_url to the server {base}"
-    return f"no route {shown}; the API is {', '.join(ROUTES)}"
-
-
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # "/v1/models/" is a 404 with an error body, not a 307 to the Host header's site
@@ -208,7 +97,7 @@ def create_app(state: ServerState) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
         message = str(error.detail)
         if error.status_code == 404:
-            message = _not_found(request.method, request.url.path)
+            message = not_found(request.method, request.url.path)
         elif request.method == "OPTIONS" and "origin" in request.headers:  # a browser's preflight
             message = (f"cross-origin requests from {request.headers['origin'][:100]!r} are not allowed; start the "
                        "server with --cors-origin ORIGIN")
@@ -218,7 +107,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(_, error: Exception):
-        return _internal_error(error)
+        return internal_error(error)
 
     @app.middleware("http")
     async def _guard(request, call_next):
@@ -239,10 +128,10 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             return await call_next(request)
         except Exception as error:  # answered here, the keep-alive connection survives (Starlette's handler drops it)
-            return _internal_error(error)
+            return internal_error(error)
 
     if state.cors_origins:  # added last, so outermost: a preflight is answered before the API key check
-        app.add_middleware(_CORS, allow_origins=list(state.cors_origins), allow_methods=["GET", "POST"],
+        app.add_middleware(CORS, allow_origins=list(state.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], max_age=600)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
@@ -277,7 +166,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/adapters/load")
     async def load(request: HTTPRequest):
-        body = _parse(AdapterRequest, await _read_json(request, state))
+        body = parse(AdapterRequest, await read_json(request, state))
         try:
             info = await run_in_threadpool(state.pool.load, body.name, state.acquire_timeout)
         except AdapterBusy as error:
@@ -288,7 +177,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/adapters/unload")
     async def unload(request: HTTPRequest):
-        body = _parse(AdapterRequest, await _read_json(request, state))
+        body = parse(AdapterRequest, await read_json(request, state))
         try:
             await run_in_threadpool(state.pool.unload, body.name)
         except AdapterBusy as error:
@@ -299,7 +188,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        body = _parse(CompletionRequest, await _read_json(request, state))
+        body = parse(CompletionRequest, await read_json(request, state))
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens must be at least 1 (0 only with echo, which scores the prompt)",
                            param="max_tokens")
@@ -322,7 +211,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
-        body = _parse(ChatRequest, await _read_json(request, state))
+        body = parse(ChatRequest, await read_json(request, state))
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
         prompt_ids = await run_in_threadpool(_encode, state, messages, True)
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -439,7 +328,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[i
     prompt_lp = None
     if echo is not None and logprobs is not None:
         try:
-            prompt_lp = _prompt_logprobs(state, prompt_ids, await run_in_threadpool(
+            prompt_lp = prompt_logprobs(state, prompt_ids, await run_in_threadpool(
                 state.engine.score, prompt_ids, internal, logprobs))
         except BaseException:
             if adapter_name is not None:
@@ -471,7 +360,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[i
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
-        return StreamingResponse(_stream(state, body, jobs, bridge, ident, created, chat, len(prompt_ids), logprobs),
+        return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, len(prompt_ids), logprobs),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     pieces = [[] for _ in jobs]
     infos = [[] for _ in jobs]
@@ -504,7 +393,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[i
     for index, reason in enumerate(reasons):
         text = (echo or "") + "".join(pieces[index])
         finish = "stop" if reason == "stop" else "length"
-        lp = _logprobs(state, infos[index], chat, len(echo or "")) if logprobs is not None else None
+        lp = logprobs_object(state, infos[index], chat, len(echo or "")) if logprobs is not None else None
         if prompt_lp is not None:
             lp = {key: prompt_lp[key] + lp[key] for key in lp}
         if chat:
@@ -523,7 +412,7 @@ async def _echo_only(state: ServerState, body, prompt_ids: list[int], logprobs: 
         adapter_name = None if body.model == state.base_name else body.model
         internal = None if adapter_name is None else await _acquire(state, adapter_name)
         try:
-            lp = _prompt_logprobs(state, prompt_ids, await run_in_threadpool(
+            lp = prompt_logprobs(state, prompt_ids, await run_in_threadpool(
                 state.engine.score, prompt_ids, internal, logprobs))
         finally:
             if adapter_name is not None:
@@ -532,18 +421,6 @@ async def _echo_only(state: ServerState, body, prompt_ids: list[int], logprobs: 
     return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": body.model, "choices": choices,
             "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": 0, "total_tokens": len(prompt_ids)}}
-
-
-def _prompt_logprobs(state: ServerState, prompt_ids: list[int], infos: list[TokenInfo | None]) -> dict:
-    """The completions logprobs object of an echoed prompt: the first token has no log-probability (null)."""
-    tokens = [_token_text(state, t) for t in prompt_ids]
-    offsets = [0]
-    for text in tokens[:-1]:
-        offsets.append(offsets[-1] + len(text))
-    return {"tokens": tokens, "token_logprobs": [None if info is None else info.logprob for info in infos],
-            "top_logprobs": [None if info is None else _top_dict(state, info.top)
-                             for info in infos],
-            "text_offset": offsets}
 
 
 async def _watch_disconnect(http: HTTPRequest, bridge: _Bridge) -> None:
@@ -560,107 +437,3 @@ async def _watch_disconnect(http: HTTPRequest, bridge: _Bridge) -> None:
         await asyncio.sleep(0.1)  # a server that answers with empty body messages must not make this spin
 
 
-def _token_text(state: ServerState, token: int) -> str:
-    with state.tokenizer_lock:
-        return state.tokenizer.decode([token])
-
-
-def _token_bytes(state: ServerState, token: int) -> list[int]:
-    with state.tokenizer_lock:
-        return list(token_bytes(state.tokenizer, token))
-
-
-def _top_dict(state: ServerState, top: list[tuple[int, float]]) -> dict[str, float]:
-    """The completions API's ``{token text: logprob}``; where two tokens read the same (two partial characters
-    both decode to U+FFFD) the likelier one's value stays, not the last one's."""
-    out: dict[str, float] = {}
-    for token, logprob in top:
-        out.setdefault(_token_text(state, token), logprob)
-    return out
-
-
-def _logprobs(state: ServerState, infos: list[tuple[int, TokenInfo]], chat: bool, offset: int = 0) -> dict:
-    """OpenAI's logprobs object for these tokens; ``offset``: characters of completion text before the first."""
-    if chat:
-        content = []
-        for token, info in infos:
-            # bytes: the token's own, so that joined they rebuild the text even where a token holds part of a
-            # character (its decoded text is then U+FFFD)
-            top = [{"token": _token_text(state, i), "logprob": lp, "bytes": _token_bytes(state, i)} for i, lp in info.top]
-            content.append({"token": _token_text(state, token), "logprob": info.logprob,
-                            "bytes": _token_bytes(state, token), "top_logprobs": top})
-        return {"content": content}
-    tokens = [_token_text(state, t) for t, _ in infos]
-    offsets, position = [], offset
-    for text in tokens:
-        offsets.append(position)
-        position += len(text)
-    return {"tokens": tokens, "token_logprobs": [info.logprob for _, info in infos],
-            "top_logprobs": [_top_dict(state, info.top) for _, info in infos],
-            "text_offset": offsets}
-
-
-async def _stream(state: ServerState, body, jobs: list[Request], bridge: _Bridge, ident: str, created: int,
-                  chat: bool, prompt_tokens: int, logprobs: int | None):
-    """Server-sent events: one chunk per piece of final text, each choice's finish reason as it ends, then the
-    usage (``stream_options.include_usage``), then ``[DONE]``.
-
-    With ``logprobs``, each chunk carries the tokens that produced it (a token whose text is held back, a partial
-    character or a possible stop string, rides on the next chunk), so the chunks' logprobs together equal the
-    non-streaming answer's. With ``n`` > 1 the choices' chunks interleave, each with its ``index``.
-    """
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
-    pending: list[list[tuple[int, TokenInfo]]] = [[] for _ in jobs]
-    offsets = [0] * len(jobs)
-    reasons: list[str | None] = [None] * len(jobs)
-
-    def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> str:
-        lp = None
-        if logprobs is not None and pending[index]:
-            lp = _logprobs(state, pending[index], chat, offsets[index])
-            pending[index] = []
-        offsets[index] += len(text or "")
-        if chat:
-            delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
-        else:
-            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}
-        payload = {"id": ident, "object": kind, "created": created, "model": body.model, "choices": [choice]}
-        if include_usage:
-            payload["usage"] = None  # as OpenAI: every chunk has the key, only the last one a value
-        return f"data: {json.dumps(payload)}\n\n"
-
-    try:
-        if chat:
-            for index in range(len(jobs)):
-                yield chunk(index, "", None, first=True)
-        failed = None
-        while None in reasons:
-            event = await bridge.queue.get()
-            index = event[1]
-            if event[0] == "token":
-                if event[4] is not None:
-                    pending[index].append((event[3], event[4]))
-                if event[2]:
-                    yield chunk(index, event[2], None)
-                continue
-            reasons[index] = reason = event[3]
-            if reason.startswith("error"):
-                failed = reason
-                break
-            if event[2] or pending[index]:
-                yield chunk(index, event[2], None)
-            yield chunk(index, None, "stop" if reason == "stop" else "length")
-        if failed is not None:
-            yield f"data: {json.dumps(error_body(f'generation failed: {failed[7:]}', type='server_error'))}\n\n"
-        elif include_usage:
-            completion = sum(len(job.tokens) for job in jobs)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                     "total_tokens": prompt_tokens + completion}
-            yield f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': body.model, 'choices': [], 'usage': usage})}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        for job, reason in zip(jobs, reasons):
-            if reason is None:  # the client went away (or another choice failed): stop generating for it
-                state.engine.cancel(job)

@@ -1,0 +1,132 @@
+"""The OpenAI answer objects that need the tokenizer: logprobs (chat and completions forms, an echoed prompt's)
+and the server-sent events of a streamed answer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from lorakit.serve.engine import Request, TokenInfo
+from lorakit.serve.protocol import error_body
+from lorakit.serve.text import token_bytes
+
+if TYPE_CHECKING:
+    from lorakit.serve.app import ServerState, _Bridge
+
+
+def token_text(state: ServerState, token: int) -> str:
+    with state.tokenizer_lock:
+        return state.tokenizer.decode([token])
+
+
+def _token_bytes(state: ServerState, token: int) -> list[int]:
+    with state.tokenizer_lock:
+        return list(token_bytes(state.tokenizer, token))
+
+
+def _top_dict(state: ServerState, top: list[tuple[int, float]]) -> dict[str, float]:
+    """The completions API's ``{token text: logprob}``; where two tokens read the same (two partial characters
+    both decode to U+FFFD) the likelier one's value stays, not the last one's."""
+    out: dict[str, float] = {}
+    for token, logprob in top:
+        out.setdefault(token_text(state, token), logprob)
+    return out
+
+
+def logprobs_object(state: ServerState, infos: list[tuple[int, TokenInfo]], chat: bool, offset: int = 0) -> dict:
+    """OpenAI's logprobs object for these tokens; ``offset``: characters of completion text before the first."""
+    if chat:
+        content = []
+        for token, info in infos:
+            # bytes: the token's own, so that joined they rebuild the text even where a token holds part of a
+            # character (its decoded text is then U+FFFD)
+            top = [{"token": token_text(state, i), "logprob": lp, "bytes": _token_bytes(state, i)} for i, lp in info.top]
+            content.append({"token": token_text(state, token), "logprob": info.logprob,
+                            "bytes": _token_bytes(state, token), "top_logprobs": top})
+        return {"content": content}
+    tokens = [token_text(state, t) for t, _ in infos]
+    offsets, position = [], offset
+    for text in tokens:
+        offsets.append(position)
+        position += len(text)
+    return {"tokens": tokens, "token_logprobs": [info.logprob for _, info in infos],
+            "top_logprobs": [_top_dict(state, info.top) for _, info in infos],
+            "text_offset": offsets}
+
+
+def prompt_logprobs(state: ServerState, prompt_ids: list[int], infos: list[TokenInfo | None]) -> dict:
+    """The completions logprobs object of an echoed prompt: the first token has no log-probability (null)."""
+    tokens = [token_text(state, t) for t in prompt_ids]
+    offsets = [0]
+    for text in tokens[:-1]:
+        offsets.append(offsets[-1] + len(text))
+    return {"tokens": tokens, "token_logprobs": [None if info is None else info.logprob for info in infos],
+            "top_logprobs": [None if info is None else _top_dict(state, info.top) for info in infos],
+            "text_offset": offsets}
+
+
+async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _Bridge, ident: str, created: int,
+                  chat: bool, prompt_tokens: int, logprobs: int | None):
+    """Server-sent events: one chunk per piece of final text, each choice's finish reason as it ends, then the
+    usage (``stream_options.include_usage``), then ``[DONE]``.
+
+    With ``logprobs``, each chunk carries the tokens that produced it (a token whose text is held back, a partial
+    character or a possible stop string, rides on the next chunk), so the chunks' logprobs together equal the
+    non-streaming answer's. With ``n`` > 1 the choices' chunks interleave, each with its ``index``.
+    """
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    pending: list[list[tuple[int, TokenInfo]]] = [[] for _ in jobs]
+    offsets = [0] * len(jobs)
+    reasons: list[str | None] = [None] * len(jobs)
+
+    def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> str:
+        lp = None
+        if logprobs is not None and pending[index]:
+            lp = logprobs_object(state, pending[index], chat, offsets[index])
+            pending[index] = []
+        offsets[index] += len(text or "")
+        if chat:
+            delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
+        else:
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}
+        payload = {"id": ident, "object": kind, "created": created, "model": body.model, "choices": [choice]}
+        if include_usage:
+            payload["usage"] = None  # as OpenAI: every chunk has the key, only the last one a value
+        return f"data: {json.dumps(payload)}\n\n"
+
+    try:
+        if chat:
+            for index in range(len(jobs)):
+                yield chunk(index, "", None, first=True)
+        failed = None
+        while None in reasons:
+            event = await bridge.queue.get()
+            index = event[1]
+            if event[0] == "token":
+                if event[4] is not None:
+                    pending[index].append((event[3], event[4]))
+                if event[2]:
+                    yield chunk(index, event[2], None)
+                continue
+            reasons[index] = reason = event[3]
+            if reason.startswith("error"):
+                failed = reason
+                break
+            if event[2] or pending[index]:
+                yield chunk(index, event[2], None)
+            yield chunk(index, None, "stop" if reason == "stop" else "length")
+        if failed is not None:
+            yield f"data: {json.dumps(error_body(f'generation failed: {failed[7:]}', type='server_error'))}\n\n"
+        elif include_usage:
+            completion = sum(len(job.tokens) for job in jobs)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                     "total_tokens": prompt_tokens + completion}
+            yield f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': body.model, 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        for job, reason in zip(jobs, reasons):
+            if reason is None:  # the client went away (or another choice failed): stop generating for it
+                state.engine.cancel(job)
