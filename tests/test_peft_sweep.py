@@ -400,6 +400,6 @@ def test_adapter_from_an_older_transformers_layout(tmp_path):
     ours = llava()
     lorakit.load_adapter(ours, tmp_path)
     assert_close(logits(ours, ids), expected)
-    new = {k.replace(".language_model.model.", ".model.language_model."): v for k, v in old.items()}
+    new = {k.replace(".language_model.model.", ".model.language_model."): v.clone() for k, v in old.items()}
     save_file({**old, **new}, tmp_path / WEIGHTS_NAME)  # both layouts in one file: which one should win?
     assert "is a second tensor for" in refusal(tmp_path, llava())
