@@ -215,7 +215,8 @@ class LoraConfig:
             raise LorakitError(f"{source}: expected a JSON object, got {type(data).__name__}")
         peft_type = data.get("peft_type", "LORA")
         if not isinstance(peft_type, str) or peft_type.upper() != "LORA":  # str() of a deep list would recurse
-            raise LorakitError(f"{source}: peft_type {shown(peft_type)} is not LoRA; lorakit reads LoRA adapters only")
+            raise LorakitError(f"{source}: peft_type {shown(peft_type)} is not LoRA; lorakit reads LoRA adapters only "
+                               "(merge this one into the base with peft: merge_and_unload, then load the merged model)")
         for key, value in data.items():
             if key in _READ_FIELDS or key in _IGNORED_FIELDS:
                 continue
