@@ -128,9 +128,9 @@ def test_architectures_and_options_both_ways(case, tmp_path):
 @pytest.mark.parametrize("init", ["pissa", "olora", "orthogonal", "mica", "gaussian"])
 def test_peft_inits_load_as_peft_loads_them(init, tmp_path):
     """pissa / olora rewrite the base (W - s B0 A0) and peft's from_pretrained repeats that on the original base;
-    lorakit loaded A and B onto the unchanged base (wrong logits, a warning only). Now it repeats the rewrite too,
-    and its own save is a plain LoRA for the original base."""
-    ours = round_trip("llama", tmp_path, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=init)
+    lorakit loaded A and B onto the unchanged base (wrong logits, a warning only). Now it loads the same weights as
+    a plain LoRA of rank 2r ([B, -B0] [A; A0]) on the untouched base, and saves that form."""
+    round_trip("llama", tmp_path, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=init)
     if init in ("pissa", "olora"):
         assert json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())["r"] == 8  # 2r: [B, -B0] [A; A0]
 
