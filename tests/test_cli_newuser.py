@@ -217,6 +217,9 @@ def test_mistakes_are_one_line_before_anything_loads(tmp_path, tiny_folder, caps
           "q8_0"], "--gguf-type q8_0 applies to a GGUF file only; add --format gguf"),
         (["eval", "--model", str(tmp_path / "model.gguf")], "is a GGUF file"),
         ([*train, str(tmp_path / "r6"), "--data", str(good), "--adam-beta2", "1"], "--adam-beta2 must be in [0, 1)"),
+        # --overwrite clears a run's file names (config.yaml, metrics.jsonl, ...) in --out: never in an input
+        ([*train, str(tmp_path), "--data", str(good), "--overwrite"], f"holds or sits inside the training data {good}"),
+        ([*train, str(tiny_folder / "run"), "--data", str(good)], "holds or sits inside the model folder"),
         ([*train, str(tmp_path / "r7"), "--data", str(good), "--adam-eps", "0"], "--adam-eps must be a small positive"),
         ([*train, str(tmp_path / "r8"), "--data", str(good), "--min-lr-ratio", "2"], "--min-lr-ratio must be in [0, 1]"),
     ]

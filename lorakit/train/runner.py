@@ -242,6 +242,16 @@ def _run_training(config: TrainConfig, resume: str | None, overwrite: bool, conf
     main = rank == 0
     out = config.out
     run_dir, resume_from = resolve_run_folder(out, resume, overwrite)
+    if resume_from is None:  # --overwrite clears lorakit's file names in the run folder: never in an input
+        from lorakit.export import check_output_folder
+
+        inputs: dict[str, str] = {}
+        for kind, paths in (("training", config.data or []), ("validation", config.val_data or [])):
+            for i, path in enumerate(p for p in paths if not any(ch in str(p) for ch in "*?[")):
+                inputs[f"the {kind} data" + (f" ({i + 1})" if i else "")] = path
+        if os.path.isdir(os.path.expanduser(config.model)):
+            inputs["the model folder"] = config.model
+        check_output_folder(run_dir, overwrite=True, protected=inputs)
     existed = run_dir.is_dir()
     fresh = resume_from is None and not (existed and any(run_dir.iterdir()))
     try:
