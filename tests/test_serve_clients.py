@@ -256,7 +256,8 @@ def _sse(client, path: str, body: dict) -> list[dict]:
         assert block.startswith("data: ") and "\n" not in block, block
         events.append(json.loads(block[6:]))
     finishes = [(c["index"], c["finish_reason"]) for e in events for c in e["choices"] if c["finish_reason"]]
-    assert sorted(i for i, _ in finishes) == list(range(body.get("n", 1))), finishes  # once per choice
+    prompts = len(body["prompt"]) if isinstance(body.get("prompt"), list) and not isinstance(body["prompt"][0], int) else 1
+    assert sorted(i for i, _ in finishes) == list(range(body.get("n", 1) * prompts)), finishes  # once per choice
     assert all(reason in ("stop", "length") for _, reason in finishes), finishes
     assert len({e["id"] for e in events}) == 1 and all(e["model"] == body["model"] for e in events)
     return events
@@ -389,6 +390,32 @@ def test_echo_scores_the_prompt(server):
     assert _error(client.post("/v1/completions", json={"model": "a1", "prompt": "hi", "echo": True, "stream": True}),
                   400)["param"] == "echo"
     assert all(a["in_use"] == 0 for a in _ok(client.get("/v1/adapters"))["data"])  # scoring released its pin
+
+
+def test_batch_of_prompts(server):
+    """A list of prompts in one completions request (the openai package takes one; lm-eval sends its batches so).
+    Choice p * n + i is prompt p's answer i, each as if sent alone. Before the fix: 400 'only one prompt'."""
+    client = server["client"]
+    prompts = ["Hello", [5, 6, 7], "Paris is"]
+    alone = [_ok(client.post("/v1/completions", json={"model": "a2", "prompt": prompt, "max_tokens": 6,
+                                                      "temperature": 0.9, "seed": 4 + i}))
+             for prompt in prompts for i in range(2)]
+    body = {"model": "a2", "prompt": prompts, "max_tokens": 6, "temperature": 0.9, "seed": 4, "n": 2}
+    batch = _ok(client.post("/v1/completions", json=body))
+    assert [c["index"] for c in batch["choices"]] == list(range(6))
+    assert [c["text"] for c in batch["choices"]] == [a["choices"][0]["text"] for a in alone]
+    assert batch["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone[::2])
+    assert batch["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+    events = _sse(client, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    for index in range(6):
+        assert "".join(c["text"] for e in events for c in e["choices"] if c["index"] == index) == alone[index]["choices"][0]["text"]
+    scored = _ok(client.post("/v1/completions", json={"model": "a2", "prompt": prompts[:2], "echo": True,
+                                                      "max_tokens": 0, "logprobs": 0}))
+    assert [c["text"] for c in scored["choices"]] == ["Hello", server["tokenizer"].decode([5, 6, 7])]
+    assert [len(c["logprobs"]["tokens"]) for c in scored["choices"]] == [a["usage"]["prompt_tokens"] for a in alone[:3:2]]
+    error = _error(client.post("/v1/completions", json={"model": "a2", "prompt": ["hi", [1] * 300]}), 400)
+    assert error["message"].startswith("prompt 1 of the batch has 300 tokens"), error
+    assert all(a["in_use"] == 0 for a in _ok(client.get("/v1/adapters"))["data"])
 
 
 def test_score_in_slices_equals_one_forward(monkeypatch):

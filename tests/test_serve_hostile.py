@@ -125,7 +125,7 @@ def test_chunked_body_over_the_limit(server, answer):
     ("max_tokens", "10", "max_tokens"), ("max_tokens", True, "max_tokens"), ("max_tokens", 10.0, "max_tokens"),
     ("temperature", "0.5", "temperature"), ("temperature", True, "temperature"), ("top_p", float("nan"), "top_p"),
     ("logprobs", True, "logprobs"), ("prompt", [True, 1], "prompt"), ("prompt", [1.0, 2.0], "prompt"),
-    ("prompt", ["a", "b"], "prompt"), ("prompt", [[1, 2], [3]], "prompt"), ("prompt", None, "prompt"),
+    ("prompt", ["a", 1], "prompt"), ("prompt", [[1, 2], [3.0]], "prompt"), ("prompt", None, "prompt"),
     ("seed", "7", "seed"), ("seed", 2**70, "seed"), ("stop", 5, "stop"),
 ])
 def test_wrong_types_are_refused_not_coerced(server, field, value, param):

@@ -194,20 +194,21 @@ def create_app(state: ServerState) -> FastAPI:
                            param="max_tokens")
         if body.echo and body.stream:
             raise APIError(400, "echo with stream is not supported; send stream=false", param="echo")
-        if isinstance(body.prompt, list):
-            vocab = _vocab_size(state)
-            if any(t < 0 or t >= vocab for t in body.prompt):
-                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-            prompt_ids = list(body.prompt)
-        else:
-            prompt_ids = await run_in_threadpool(_encode, state, body.prompt, False)
+        prompts, echoes = [], []
+        for prompt in body.prompt:  # one or a batch
+            if isinstance(prompt, list):
+                vocab = _vocab_size(state)
+                if any(t < 0 or t >= vocab for t in prompt):
+                    raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+                prompts.append(list(prompt))
+            else:
+                prompts.append(await run_in_threadpool(_encode, state, prompt, False))
+            if body.echo:  # the prompt as sent; token ids as their text
+                echoes.append(prompt if isinstance(prompt, str) else await run_in_threadpool(_decode, state, prompt))
         # left out (or null): OpenAI's 16, cut to what the context and --max-tokens leave, never a 400 about it
         max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set else None
-        echo = None
-        if body.echo:  # the prompt as sent; token ids as their text
-            echo = body.prompt if isinstance(body.prompt, str) else await run_in_threadpool(_decode, state, prompt_ids)
-        return await _serve(state, request, body, prompt_ids, max_tokens, body.logprobs, chat=False, default_tokens=16,
-                            echo=echo)
+        return await _serve(state, request, body, prompts, max_tokens, body.logprobs, chat=False, default_tokens=16,
+                            echoes=echoes if body.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
@@ -216,7 +217,7 @@ def create_app(state: ServerState) -> FastAPI:
         prompt_ids = await run_in_threadpool(_encode, state, messages, True)
         max_tokens = body.max_completion_tokens or body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
-        return await _serve(state, request, body, prompt_ids, max_tokens, top, chat=True)
+        return await _serve(state, request, body, [prompt_ids], max_tokens, top, chat=True)
 
     return app
 
@@ -246,14 +247,14 @@ def _decode(state: ServerState, ids: list[int]) -> str:
 
 
 def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | None, chat: bool,
-                   default_tokens: int | None = None) -> int:
+                   default_tokens: int | None = None, which: str = "the prompt") -> int:
     """The number of tokens to generate; ``max_tokens`` None (not sent): ``default_tokens`` (None: as many as
-    fit), cut to the server's limit and the room the context leaves."""
+    fit), cut to the server's limit and the room the context leaves. ``which``: the prompt's name in errors."""
     param = "messages" if chat else "prompt"
     if not prompt_ids:
-        raise APIError(400, "the prompt is empty", param=param)
+        raise APIError(400, f"{which} is empty", param=param)
     if len(prompt_ids) > state.max_prompt_tokens:
-        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens, over the limit of {state.max_prompt_tokens}",
+        raise APIError(400, f"{which} has {len(prompt_ids)} tokens, over the limit of {state.max_prompt_tokens}",
                        param=param, code="context_length_exceeded")
     room = state.context_length - len(prompt_ids)
     if max_tokens is None:
@@ -262,7 +263,7 @@ def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | 
         raise APIError(400, f"max_tokens {max_tokens} is over the server's limit of {state.max_new_tokens}",
                        param="max_tokens", code="max_tokens_exceeded")
     if max_tokens > room:
-        raise APIError(400, f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+        raise APIError(400, f"{which} ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                        f"context of {state.context_length} tokens", param="max_tokens", code="context_length_exceeded")
     return max_tokens
 
@@ -305,36 +306,49 @@ def _choice_seed(seed: int | None, index: int) -> int | None:
     return seed - 2**64 if seed > 2**64 - 1 else seed
 
 
-async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[int], max_tokens: int | None,
-                 logprobs: int | None, chat: bool, default_tokens: int | None = None, echo: str | None = None):
-    """Generate ``body.n`` answers to ``prompt_ids``; ``echo``: the prompt's text, which each answer then starts
-    with (its logprobs too: the prompt's tokens scored by one forward, the first token's None)."""
-    max_tokens = _check_lengths(state, prompt_ids, max_tokens, chat, default_tokens)
-    if max_tokens == 0:  # echo alone: score the prompt, generate nothing
-        return await _echo_only(state, body, prompt_ids, logprobs, echo)
+async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list[int]], max_tokens: int | None,
+                 logprobs: int | None, chat: bool, default_tokens: int | None = None,
+                 echoes: list[str] | None = None):
+    """Generate ``body.n`` answers to each prompt; choice ``p * n + i`` is prompt p's answer i (OpenAI's order).
+    ``echoes``: the prompts' texts, which their answers then start with (their logprobs too: each prompt's tokens
+    scored by one forward, the first token's None); with ``max_tokens`` 0, all there is."""
+    n = body.n
+    limits = [_check_lengths(state, ids, max_tokens, chat, default_tokens,
+                             "the prompt" if len(prompts) == 1 else f"prompt {p} of the batch")
+              for p, ids in enumerate(prompts)]
     try:
         # the sampler works in float32, where 1e-300 is 0: a top_p that small would keep no token, a temperature
         # that small would divide by zero. Raised to 1e-30 they mean the same (top_p: only the most likely token,
         # whose probability is at least 1/vocab; temperature: only the largest logit, as float32 logits differ by
         # far more than 1e-30 x 100 unless they tie)
         temperature = body.temperature if body.temperature == 0 else max(body.temperature, 1e-30)
-        params = [SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=max(body.top_p, 1e-30),
+        params = [SamplingParams(max_new_tokens=limit, temperature=temperature, top_p=max(body.top_p, 1e-30),
                                  stop_token_ids=state.stop_token_ids, seed=_choice_seed(body.seed, i))
-                  for i in range(body.n)]
+                  for limit in limits if limit > 0 for i in range(n)]  # seed + i: each prompt as if sent alone
     except LorakitError as error:
         raise APIError(400, str(error)) from None
     adapter_name = None if body.model == state.base_name else body.model
     internal = None if adapter_name is None else await _acquire(state, adapter_name)
-    prompt_lp = None
-    if echo is not None and logprobs is not None:
-        try:
-            prompt_lp = prompt_logprobs(state, prompt_ids, await run_in_threadpool(
-                state.engine.score, prompt_ids, internal, logprobs))
-        except BaseException:
-            if adapter_name is not None:
-                state.pool.release(adapter_name)
-            raise
-    pin = _SharedPin(state, adapter_name, body.n)  # from here each job's on_finish releases its share, exactly once
+    prompt_lps = None
+    try:
+        if echoes is not None and logprobs is not None:
+            prompt_lps = [prompt_logprobs(state, ids, await run_in_threadpool(state.engine.score, ids, internal, logprobs))
+                          for ids in prompts]
+    except BaseException:
+        if adapter_name is not None:
+            state.pool.release(adapter_name)
+        raise
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    if not params:  # echo with max_tokens 0: the prompts back (scored), nothing generated
+        if adapter_name is not None:
+            state.pool.release(adapter_name)
+        choices = [{"index": p * n + i, "text": echoes[p], "finish_reason": "length",
+                    "logprobs": None if prompt_lps is None else prompt_lps[p]}
+                   for p in range(len(prompts)) for i in range(n)]
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": body.model, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
+    pin = _SharedPin(state, adapter_name, len(params))  # from here each job's on_finish releases its share, once
     bridge = _Bridge(asyncio.get_running_loop())
     jobs: list[Request] = []
     try:
@@ -349,18 +363,18 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[i
                 pin.done()
                 bridge.put(("done", index, assembler.finish(), reason))
 
-            job = Request(prompt_ids, internal, choice_params, on_token, on_finish, logprobs=logprobs)
+            job = Request(prompts[index // n], internal, choice_params, on_token, on_finish, logprobs=logprobs)
             state.engine.submit(job)
             jobs.append(job)
     finally:
-        if len(jobs) < body.n:  # submitting failed: the jobs never submitted give back their share of the pin
+        if len(jobs) < len(params):  # submitting failed: the jobs never submitted give back their share of the pin
             for job in jobs:
                 state.engine.cancel(job)
-            pin.done(body.n - len(jobs))
+            pin.done(len(params) - len(jobs))
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
-        return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, len(prompt_ids), logprobs),
+        return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     pieces = [[] for _ in jobs]
     infos = [[] for _ in jobs]
@@ -387,15 +401,15 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[i
     if failed is not None:
         raise APIError(500, f"generation failed: {failed[7:]}", type="server_error")
     completion = sum(len(job.tokens) for job in jobs)
-    usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
-             "total_tokens": len(prompt_ids) + completion}
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
     choices = []
     for index, reason in enumerate(reasons):
-        text = (echo or "") + "".join(pieces[index])
+        echo = echoes[index // n] if echoes is not None else ""
+        text = echo + "".join(pieces[index])
         finish = "stop" if reason == "stop" else "length"
-        lp = logprobs_object(state, infos[index], chat, len(echo or "")) if logprobs is not None else None
-        if prompt_lp is not None:
-            lp = {key: prompt_lp[key] + lp[key] for key in lp}
+        lp = logprobs_object(state, infos[index], chat, len(echo)) if logprobs is not None else None
+        if prompt_lps is not None:
+            lp = {key: prompt_lps[index // n][key] + lp[key] for key in lp}
         if chat:
             choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                             "logprobs": lp})
@@ -403,24 +417,6 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompt_ids: list[i
             choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": lp})
     return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": body.model, "choices": choices, "usage": usage}
-
-
-async def _echo_only(state: ServerState, body, prompt_ids: list[int], logprobs: int | None, echo: str) -> dict:
-    """``echo`` with ``max_tokens`` 0: the prompt back, scored when ``logprobs`` is set (lm-eval's loglikelihood)."""
-    lp = None
-    if logprobs is not None:
-        adapter_name = None if body.model == state.base_name else body.model
-        internal = None if adapter_name is None else await _acquire(state, adapter_name)
-        try:
-            lp = prompt_logprobs(state, prompt_ids, await run_in_threadpool(
-                state.engine.score, prompt_ids, internal, logprobs))
-        finally:
-            if adapter_name is not None:
-                state.pool.release(adapter_name)
-    choices = [{"index": i, "text": echo, "finish_reason": "length", "logprobs": lp} for i in range(body.n)]
-    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": body.model, "choices": choices,
-            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": 0, "total_tokens": len(prompt_ids)}}
 
 
 async def _watch_disconnect(http: HTTPRequest, bridge: _Bridge) -> None:

@@ -113,8 +113,12 @@ class _Sampling(_Strict):
         return stops
 
 
+MAX_PROMPTS = 64  # prompts in one completions request (lm-eval sends its batch as one request)
+
+
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[int]]
+    # always a list of prompts, each a string or token ids: the validator reads OpenAI's four forms into it
+    prompt: list[Union[str, list[int]]]
     max_tokens: int | None = Field(16, ge=0)  # 0: only with echo (score the prompt, generate nothing)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False  # the answer's text (and logprobs) start with the prompt's
@@ -123,19 +127,19 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
-        """OpenAI's four prompt forms: a string, token ids, or a batch of either; a batch must hold one prompt."""
-        if isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
-            if len(value) != 1:
-                raise ValueError(f"only one prompt per request is supported, got {len(value)}; send one request per prompt")
-            value = value[0]
-        if isinstance(value, str):
+    def _prompts(cls, value: Any) -> Any:
+        """OpenAI's four prompt forms: a string, token ids, or a batch (a list) of either."""
+        if isinstance(value, str) or (isinstance(value, list) and value and _token_ids(value)):
+            return [value]
+        if isinstance(value, list) and value and all(isinstance(v, str) or _token_ids(v) for v in value):
+            if len(value) > MAX_PROMPTS:
+                raise ValueError(f"{len(value)} prompts in one request, over the limit of {MAX_PROMPTS}; split them")
+            if any(isinstance(v, list) and not v for v in value):
+                raise ValueError("a prompt of the batch is empty")
             return value
-        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            if not value:
-                raise ValueError("prompt is empty")
-            return value
-        raise ValueError("prompt must be a string or a list of token ids (integers), or a list holding one of them")
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt is empty")
+        raise ValueError("prompt must be a string, a list of token ids (integers), or a list of either")
 
     @field_validator("best_of")
     @classmethod
@@ -150,6 +154,11 @@ class CompletionRequest(_Sampling):
         if value:
             raise ValueError("suffix (insertion) is not supported")
         return value
+
+
+def _token_ids(value: Any) -> bool:
+    """A list of token ids (an empty list counts: it is refused later as an empty prompt, by name)."""
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 class TextPart(_Strict):
