@@ -211,6 +211,7 @@ def test_mistakes_are_one_line_before_anything_loads(tmp_path, tiny_folder, caps
         (["train", "--model", str(tiny_folder / "config.json"), "--data", str(good), "--out", str(tmp_path / "r4")],
          f"is a file, not a model folder; did you mean its folder '{tiny_folder}'?"),
         ([*train, str(tmp_path / "r5"), "--data", str(good), "--full"], "--full trains every weight, so --rank would be ignored"),
+        ([*train, str(tmp_path / "r5"), "--resume", "--overwrite"], "--resume continues a run and --overwrite starts it"),
         (["generate", "--model", str(tiny_folder), "--adapter", str(good), "hi"], "is a file, not an adapter folder"),
         (["generate", "--model", str(tiny_folder), "--device", "tpu9", "hi"], "--device 'tpu9' is not a device"),
         (["merge", "--model", str(tiny_folder), "--adapter", str(tmp_path), "--out", str(tmp_path / "m"), "--gguf-type",

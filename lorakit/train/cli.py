@@ -122,6 +122,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, A
 def run(args: argparse.Namespace) -> int:
     from lorakit.train.runner import run_training
 
+    if getattr(args, "resume", None) is not None and getattr(args, "overwrite", False):
+        raise LorakitError("--resume continues a run and --overwrite starts it again from scratch; give one")
     config, file_values, cli_values = config_from_args(args)
     run_training(config, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False),
                  config_file_values=file_values, cli_values=cli_values)
