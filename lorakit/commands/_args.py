@@ -20,8 +20,11 @@ def check_model_arg(model: str, flag: str = "--model") -> None:
     path = Path(os.path.expanduser(str(model)))
     if not path.is_file():
         return
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError:  # unreadable: the suffix alone tells a GGUF file
+        magic = b""
     if magic == b"GGUF" or path.suffix.lower() == ".gguf":
         raise LorakitError(
             f"{flag} {model} is a GGUF file; lorakit trains and merges Hugging Face folders (config.json, safetensors, "
