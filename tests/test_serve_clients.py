@@ -392,6 +392,34 @@ def test_echo_scores_the_prompt(server):
     assert all(a["in_use"] == 0 for a in _ok(client.get("/v1/adapters"))["data"])  # scoring released its pin
 
 
+def test_lm_eval_requests(server):
+    """What lm-eval's ``local-completions`` sends (its _create_payload) and how it reads the answers (its
+    parse_logprobs / parse_generations): a batch of token-id prompts, echo, max_tokens 1, logprobs 1; generation
+    with its stop words plus the end-of-text string (5 of them: OpenAI's limit of 4 refused them all)."""
+    client, tokenizer = server["client"], server["tokenizer"]
+    contexts = [tokenizer("Paris is the capital of")["input_ids"], tokenizer("The quick brown")["input_ids"]]
+    continuations = [tokenizer(" France.")["input_ids"], tokenizer(" fox jumps")["input_ids"]]
+    requests = [c + k for c, k in zip(contexts, continuations)]
+    payload = {"model": "a0", "prompt": requests, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+               "echo": True}
+    out = _ok(client.post("/v1/completions", json=payload))
+    scores = []
+    for choice, context in zip(sorted(out["choices"], key=lambda c: c["index"]), contexts):
+        token_logprobs = choice["logprobs"]["token_logprobs"][len(context):-1]
+        top = choice["logprobs"]["top_logprobs"][len(context):-1]
+        scores.append((sum(token_logprobs), all(t == max(d.values()) for t, d in zip(token_logprobs, top))))
+    for (score, _), request, context in zip(scores, requests, contexts):  # each equals scoring it alone
+        alone = _ok(client.post("/v1/completions", json={"model": "a0", "prompt": request, "echo": True,
+                                                         "max_tokens": 0, "logprobs": 1}))
+        assert score == pytest.approx(sum(alone["choices"][0]["logprobs"]["token_logprobs"][len(context):]), abs=1e-4)
+    stop = ["Question:", "</s>", "<|im_end|>", "\n\n", "<|endoftext|>"]
+    generated = _ok(client.post("/v1/completions", json={"model": "a0", "prompt": ["Q: 2+2?", "Q: 3+3?"],
+                                                         "max_tokens": 8, "temperature": 0, "stop": stop, "seed": 1234}))
+    assert [c["index"] for c in generated["choices"]] == [0, 1]
+    assert _error(client.post("/v1/completions", json={"model": "a0", "prompt": "x", "stop": ["s"] * 17}),
+                  400)["param"] == "stop"
+
+
 def test_batch_of_prompts(server):
     """A list of prompts in one completions request (the openai package takes one; lm-eval sends its batches so).
     Choice p * n + i is prompt p's answer i, each as if sent alone. Before the fix: 400 'only one prompt'."""

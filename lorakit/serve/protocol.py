@@ -65,6 +65,9 @@ def _finite(default: float, **bounds) -> Any:
     return Field(default, allow_inf_nan=False, **bounds)
 
 
+MAX_STOPS = 16
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
     include_obfuscation: bool = True  # OpenAI pads chunks against side channels; lorakit sends no padding field
@@ -108,8 +111,10 @@ class _Sampling(_Strict):
         stops = [value] if isinstance(value, str) else value if isinstance(value, list) else [] if value is None else None
         if stops is None or not all(isinstance(s, str) for s in stops):
             raise ValueError("stop must be a string or a list of strings")
-        if len(stops) > 4 or any(not s or len(s) > 256 for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings of at most 256 characters")
+        # OpenAI takes 4; lm-eval's generation tasks send their stop words plus the end-of-text string (5 or more),
+        # and each costs one search of the newest characters per token, so 16 is as cheap
+        if len(stops) > MAX_STOPS or any(not s or len(s) > 256 for s in stops):
+            raise ValueError(f"stop takes at most {MAX_STOPS} non-empty strings of at most 256 characters")
         return stops
 
 
