@@ -242,6 +242,23 @@ def test_mistakes_are_one_line_before_anything_loads(tmp_path, tiny_folder, caps
                                                                          str(tmp_path / "q")]))
 
 
+def test_repeated_list_flags_add_up():
+    """`--data a --data b` trains on both (argparse's default keeps only the last, dropping data without a word)."""
+    import argparse
+
+    from lorakit.train import cli as train_cli
+    from lorakit.train import eval_cli
+
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    args = parser.parse_args(["--data", "a.jsonl", "--data", "b.jsonl", "c.jsonl", "--targets", "q_proj", "--targets", "v_proj"])
+    assert args.data == ["a.jsonl", "b.jsonl", "c.jsonl"] and args.targets == ["q_proj", "v_proj"]
+    assert "data" not in vars(parser.parse_args([]))  # not given: the config file's value stands
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    assert parser.parse_args(["--data", "a.jsonl", "--data", "b.jsonl"]).data == ["a.jsonl", "b.jsonl"]
+
+
 def test_json_config_files_and_typos_through_other_tools_names(tmp_path, capsys, monkeypatch):
     from lorakit.train.config import read_config_file
 

@@ -70,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = list(meta["choices"])
         if meta.get("nargs"):
             kwargs["nargs"] = meta["nargs"]
+            kwargs["action"] = "extend"  # --data a.jsonl --data b.jsonl trains on both (not only the last)
             kwargs["metavar"] = "PATH" if field.name in ("data", "val_data") else "NAME"
         group.add_argument(flag, **kwargs)
 

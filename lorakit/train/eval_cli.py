@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: smollm2-135m)")
     parser.add_argument("--adapter", metavar="FOLDER", help="adapter folder (PEFT format, e.g. RUN/adapter); omit to "
                         "score the base model alone")
-    parser.add_argument("--data", nargs="+", metavar="PATH", help="JSONL / CSV files or a datasets folder; default: the "
+    parser.add_argument("--data", nargs="+", action="extend", metavar="PATH", help="JSONL / CSV files or a datasets folder; default: the "
                         "embedded task's held-out set")
     parser.add_argument("--max-length", type=int, default=None, help="most tokens per example (default: 256, or the "
                         "model's context length when shorter)")
