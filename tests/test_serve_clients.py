@@ -441,6 +441,8 @@ def test_batch_of_prompts(server):
                                                       "max_tokens": 0, "logprobs": 0}))
     assert [c["text"] for c in scored["choices"]] == ["Hello", server["tokenizer"].decode([5, 6, 7])]
     assert [len(c["logprobs"]["tokens"]) for c in scored["choices"]] == [a["usage"]["prompt_tokens"] for a in alone[:3:2]]
+    error = _error(client.post("/v1/completions", json={"model": "a2", "prompt": ["hi"] * 9, "n": 16}), 400)
+    assert error["param"] == "n" and "144 answers, over the limit of 128" in error["message"], error
     error = _error(client.post("/v1/completions", json={"model": "a2", "prompt": ["hi", [1] * 300]}), 400)
     assert error["message"].startswith("prompt 1 of the batch has 300 tokens"), error
     assert all(a["in_use"] == 0 for a in _ok(client.get("/v1/adapters"))["data"])

@@ -284,6 +284,9 @@ async def _acquire(state: ServerState, name: str) -> str:
         raise _adapter_error(error) from None
 
 
+MAX_ROWS = 128  # answers per request (prompts x n): each is an engine row, and one request must not hold them all
+
+
 class _SharedPin:
     """One adapter pin shared by the ``n`` jobs of a request: released when the last of them has finished."""
 
@@ -313,6 +316,9 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     ``echoes``: the prompts' texts, which their answers then start with (their logprobs too: each prompt's tokens
     scored by one forward, the first token's None); with ``max_tokens`` 0, all there is."""
     n = body.n
+    if len(prompts) * n > MAX_ROWS:
+        raise APIError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} answers, over the limit of "
+                       f"{MAX_ROWS} per request; split the request", param="n")
     limits = [_check_lengths(state, ids, max_tokens, chat, default_tokens,
                              "the prompt" if len(prompts) == 1 else f"prompt {p} of the batch")
               for p, ids in enumerate(prompts)]
