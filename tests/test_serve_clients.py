@@ -3,7 +3,8 @@ strict SSE parsers, sloppy or broken HTTP clients, over a real socket.
 
 One server per module. Each test pins a bug found by acting as such a client against a real server (before the
 fix: a 400 for a request OpenAI accepts, a 404 for an OpenAI route, a 500 that failed other clients' rows, a
-traceback in the server log, a connection held forever, or wrong bytes in an answer). ``test_serve.py`` and
+traceback in the server log, a connection held forever, wrong bytes in an answer, or a refusal of what lm-eval and
+other OpenAI clients send: ``n``, ``echo``, a batch of prompts, five stop strings). ``test_serve.py`` and
 ``test_serve_hostile.py`` cover the ordinary paths and the hostile bodies and adapter folders; nothing here
 repeats them.
 """
