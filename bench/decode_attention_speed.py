@@ -27,6 +27,7 @@ Writes ``$OUT/decode_attention_speed.json`` (or bench/results/ when $OUT is unse
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -166,7 +167,7 @@ def row(case, system, seconds, nbytes, copy_bw, **extra):
     log(f"  {case:<14} {system:<26} {seconds * 1e6:9.1f} us {gbs:8.1f} GB/s {gbs * 1e9 / copy_bw:6.1%} of copy")
 
 
-def time_attention(name, shape, device, dtype, copy_bw, sweep):
+def time_attention(name, shape, device, dtype, copy_bw, sweep, tiles=False):
     q, k, v, lengths = make_inputs(shape, device, dtype, garbage=False)  # finite everywhere: sdpa reads the tail
     scale = 1 / math.sqrt(shape["head_dim"])
     valid_bytes = int(lengths.sum()) * shape["kv_heads"] * shape["head_dim"] * 2 * k.element_size()
@@ -181,6 +182,23 @@ def time_attention(name, shape, device, dtype, copy_bw, sweep):
         row(case, f"lorakit triton splits={splits}", graph_seconds(
             lambda: decode_attention(q, k, v, lengths, scale, splits=splits), device), valid_bytes, copy_bw,
             splits=splits)
+    if tiles and device.type == "cuda":  # the split kernel's tiles (splits as the default picks them)
+        from lorakit.kernels.triton import decode_attention as kernel
+
+        default = dict(kernel.TILES)
+        for block_s, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
+            kernel.TILES.update(block_s=block_s, num_warps=warps, num_stages=stages)
+            try:
+                err = (decode_attention(q, k, v, lengths, scale).float()
+                       - decode_attention_reference(q, k, v, lengths, scale).float()).abs().max().item()
+                seconds = graph_seconds(lambda: decode_attention(q, k, v, lengths, scale), device)
+            except Exception as error:  # a tile that does not fit: say so, go on
+                log(f"  tiles {block_s}/{warps}/{stages}: {type(error).__name__}")
+                continue
+            row(case, f"tiles block_s={block_s} warps={warps} stages={stages}", seconds, valid_bytes, copy_bw,
+                tiles=[block_s, warps, stages], max_abs_diff_vs_reference=err)
+        kernel.TILES.clear()
+        kernel.TILES.update(default)
     row(case, "lorakit reference", graph_seconds(lambda: decode_attention_reference(q, k, v, lengths, scale), device),
         valid_bytes, copy_bw)
     if device.type == "cuda":  # the interpreter smoke run skips the peers (CPU sdpa is not the comparison)
@@ -222,6 +240,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape (CPU smoke test under TRITON_INTERPRET=1)")
+    parser.add_argument("--tiles", action="store_true", help="also sweep the split kernel's tiles (GPU only)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter has no bf16
@@ -236,7 +255,7 @@ def main() -> int:
     sweep = (1, 2) if args.tiny else (1, 2, 4, 8, 16)
     log(f"  {'case':<14} {'system':<26} {'time':>12} {'valid-KV':>13} {'share':>14}")
     for name in names:
-        time_attention(name, SHAPES[name], device, dtype, copy_bw, sweep)
+        time_attention(name, SHAPES[name], device, dtype, copy_bw, sweep, args.tiles)
         time_rope(name, SHAPES[name], device, dtype, copy_bw)
     ok &= all(c["ok"] for c in CHECKS)
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

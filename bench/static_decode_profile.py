@@ -16,6 +16,7 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -51,9 +52,11 @@ EXPAND_CANDIDATES = [dict(block_n=256, num_warps=4), dict(block_n=128, num_warps
                      dict(block_n=512, num_warps=4), dict(block_n=512, num_warps=8), dict(block_n=64, num_warps=2)]
 
 
-def sweep_configs(decoder, rows, tokens, names, device, grouped_lora) -> dict:
+def sweep_configs(decoder, rows, tokens, names, device, grouped_lora, rounds: int = 3) -> dict:
     """Graph step time per candidate tile config: shrink candidates with the current expand, then expand
-    candidates with the best shrink. Leaves the best in ``grouped_lora.CONFIGS``; returns every timing."""
+    candidates with the best shrink. The candidates are timed in ``rounds`` interleaved rounds and ranked by their
+    median (one step's time drifts by ~5% within a process: host work is part of it). Leaves the best in
+    ``grouped_lora.CONFIGS``; returns every timing."""
     def timed(kind, cand):
         grouped_lora.CONFIGS[kind] = dict(grouped_lora.CONFIGS[kind], **cand)
         decoder._graph = None  # recapture with the new tiles
@@ -65,11 +68,16 @@ def sweep_configs(decoder, rows, tokens, names, device, grouped_lora) -> dict:
 
     out = {}
     for kind, candidates in (("shrink", SHRINK_CANDIDATES), ("expand", EXPAND_CANDIDATES)):
-        times = [(timed(kind, cand), cand) for cand in candidates]
+        runs = [[] for _ in candidates]
+        for _ in range(rounds):
+            for i, cand in enumerate(candidates):
+                runs[i].append(timed(kind, cand))
+        times = [(statistics.median(r), cand) for r, cand in zip(runs, candidates)]
         best = min(times, key=lambda t: t[0])
         grouped_lora.CONFIGS[kind] = dict(grouped_lora.CONFIGS[kind], **best[1])
         out[kind] = dict(best=best[1], best_ms=round(best[0] * 1e3, 3),
-                         all=[dict(cand, ms=round(t * 1e3, 3)) for t, cand in times])
+                         all=[dict(cand, ms=round(t * 1e3, 3), runs_ms=[round(x * 1e3, 3) for x in r])
+                              for (t, cand), r in zip(times, runs)])
         print(f"sweep {kind}: best {best[1]} at {best[0] * 1e3:.3f} ms", flush=True)
     return out
 

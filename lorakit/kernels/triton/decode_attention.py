@@ -28,6 +28,9 @@ _MIN_SPLIT_KEYS = 256  # below this a split's fixed cost (q load, partial write,
 # with 64 rows x 8 kv heads (512 programs, ~3.9 per SM) one split was fastest for head_dim 128 (41.3 us vs 43.4 at
 # two) and 64 (21.2 vs 26.0); splitting pays only when rows x kv heads leave SMs idle (small batches, long context)
 _PROGRAMS_PER_SM = 2
+# the split kernel's tiles: keys per block (None: 64 for head_dim <= 128, else 32), warps, pipeline stages
+# (bench/decode_attention_speed.py --tiles sweeps them on the GPU)
+TILES = dict(block_s=None, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -145,7 +148,7 @@ def split_plan(s_max: int, splits: int, block_s: int) -> tuple[int, int]:
 def _blocks(head_dim: int, n_groups: int) -> tuple[int, int, int]:
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_g = max(16, triton.next_power_of_2(n_groups))  # tl.dot wants >= 16 rows
-    block_s = 64 if block_d <= 128 else 32  # keeps the K and V tiles (BLOCK_S x BLOCK_D) at <= 16 KiB in bf16
+    block_s = TILES["block_s"] or (64 if block_d <= 128 else 32)  # K and V tiles of <= 16 KiB in bf16 by default
     return block_g, block_s, block_d
 
 
@@ -175,7 +178,8 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         s_max, split_len, n_groups, d, float(scale) * _LOG2E, k_cache.shape[0],
         NUM_SPLITS=splits, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_D=block_d, DOT_PRECISION=precision,
-        HAS_ROWS=rows is not None, PDL=pdl, num_warps=4, num_stages=3, **pdl_launch(pdl))
+        HAS_ROWS=rows is not None, PDL=pdl, num_warps=TILES["num_warps"], num_stages=TILES["num_stages"],
+        **pdl_launch(pdl))
     if splits > 1:
         _flash_decode_combine[(b * h,)](o_part, lse, out, *out.stride(), h, d, NUM_SPLITS=splits,
                                         BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,

@@ -165,8 +165,11 @@ def _grouped_expand_kernel(
 # and a 1024-wide chunk (capped by max_tile: 512 for q/k/v) gave 8.41 ms against 8.93 ms at the old 2 per SM (8B,
 # 64 adapters; 1B 2.36 against 2.44 ms): fewer shrink programs leave the GEMM its SMs. The expand stayed best at
 # 256 columns over 4 warps on the 8B shape (the 1B differences were within the run-to-run spread of ~0.1 ms).
+# Fourth sweep, with the step's kernels under PDL (three interleaved rounds, medians;
+# bench/results/static_decode_profile_h200_{8b,1b}_64_pdl_sweep.json): 512-wide chunks, still one program per SM,
+# 8.42 ms against 8.87 for 1024 (8B) and 2.26 against 2.35 (1B); the expand's best stayed within noise of 256/4.
 CONFIGS = {
-    "shrink": dict(block_k=1024, num_warps=8, programs_per_sm=1, max_tile=32768),
+    "shrink": dict(block_k=512, num_warps=8, programs_per_sm=1, max_tile=32768),
     "expand": dict(block_n=256, num_warps=4, iters=1),
 }
 
