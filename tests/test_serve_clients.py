@@ -174,6 +174,9 @@ def test_default_max_tokens_fits_the_context(server):
     body = {"model": "a1", "prompt": [5] * (CONTEXT - 6), "temperature": 0}
     assert _ok(client.post("/v1/completions", json=body))["usage"]["completion_tokens"] == 6
     assert _error(client.post("/v1/completions", json={**body, "max_tokens": 16}), 400)["param"] == "max_tokens"
+    # the error names the field the client sent (the openai package sends max_completion_tokens for chat)
+    error = _error(_chat(client, max_tokens=None, max_completion_tokens=500), 400)
+    assert error["param"] == "max_completion_tokens" and error["message"].startswith("max_completion_tokens 500 is over")
 
 
 # -- sampling edge values ------------------------------------------------------------------------------------------

@@ -247,9 +247,10 @@ def _decode(state: ServerState, ids: list[int]) -> str:
 
 
 def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | None, chat: bool,
-                   default_tokens: int | None = None, which: str = "the prompt") -> int:
+                   default_tokens: int | None = None, which: str = "the prompt", field: str = "max_tokens") -> int:
     """The number of tokens to generate; ``max_tokens`` None (not sent): ``default_tokens`` (None: as many as
-    fit), cut to the server's limit and the room the context leaves. ``which``: the prompt's name in errors."""
+    fit), cut to the server's limit and the room the context leaves. ``which``: the prompt's name in errors;
+    ``field``: the request field ``max_tokens`` came from."""
     param = "messages" if chat else "prompt"
     if not prompt_ids:
         raise APIError(400, f"{which} is empty", param=param)
@@ -260,11 +261,11 @@ def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | 
     if max_tokens is None:
         max_tokens = max(1, min(state.max_new_tokens, room, default_tokens or state.max_new_tokens))
     if max_tokens > state.max_new_tokens:
-        raise APIError(400, f"max_tokens {max_tokens} is over the server's limit of {state.max_new_tokens}",
-                       param="max_tokens", code="max_tokens_exceeded")
+        raise APIError(400, f"{field} {max_tokens} is over the server's limit of {state.max_new_tokens}",
+                       param=field, code="max_tokens_exceeded")
     if max_tokens > room:
-        raise APIError(400, f"{which} ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-                       f"context of {state.context_length} tokens", param="max_tokens", code="context_length_exceeded")
+        raise APIError(400, f"{which} ({len(prompt_ids)} tokens) plus {field} ({max_tokens}) exceeds the model's "
+                       f"context of {state.context_length} tokens", param=field, code="context_length_exceeded")
     return max_tokens
 
 
@@ -319,8 +320,9 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     if len(prompts) * n > MAX_ROWS:
         raise APIError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} answers, over the limit of "
                        f"{MAX_ROWS} per request; split the request", param="n")
+    field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
     limits = [_check_lengths(state, ids, max_tokens, chat, default_tokens,
-                             "the prompt" if len(prompts) == 1 else f"prompt {p} of the batch")
+                             "the prompt" if len(prompts) == 1 else f"prompt {p} of the batch", field)
               for p, ids in enumerate(prompts)]
     try:
         # the sampler works in float32, where 1e-300 is 0: a top_p that small would keep no token, a temperature
