@@ -5,6 +5,8 @@ Every check runs before the model is touched, so a refused call leaves the model
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 import warnings
 from collections import Counter
@@ -157,7 +159,47 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
         if not _supported(module):
             raise LorakitError(f"target {path!r} is a {type(module).__name__}; lorakit adapts nn.Linear, Conv1D, "
                                "nn.Embedding and quantized linear layers only")
+    raw = [path for path in targets if _weight_read_raw(modules, path)]
+    if raw and config.target_modules == "all-linear":
+        warnings.warn(f"all-linear skips {len(raw)} modules ({', '.join(sorted({p.rsplit('.', 1)[-1] for p in raw}))}) "
+                      "whose weight the model's forward uses directly, so an adapter there would not apply", stacklevel=3)
+        targets = {path: module for path, module in targets.items() if path not in raw}
+    elif raw:
+        name = raw[0].rsplit(".", 1)[-1]
+        raise LorakitError(f"{type(modules[raw[0].rpartition('.')[0]]).__name__} uses {name}.weight directly in its "
+                           f"forward ({raw[0]}), so a LoRA adapter there would not apply; remove {name!r} from "
+                           "target_modules")
+    if not targets:
+        raise LorakitError("no target is left once the modules whose weight the model reads directly are skipped; name "
+                           "target_modules explicitly")
     return targets
+
+
+def _weight_read_raw(modules: dict[str, nn.Module], path: str) -> bool:
+    """True when the parent module's code uses ``self.<name>.weight`` as a tensor (Mamba's ``dt_proj.weight @ x``,
+    the fused kernels' ``x_proj.weight`` argument) rather than calling the module: LoRA there would be bypassed.
+    Reads of its dtype / device / shape (T5 casts to ``wo.weight.dtype``), isinstance checks and initialisation
+    are not uses."""
+    parent_path, _, name = path.rpartition(".")
+    parent = modules.get(parent_path)
+    if parent is None or not name.isidentifier():
+        return False
+    source = _class_source(type(parent))
+    pattern = rf"self\.{name}\.weight\b(?!\s*\.\s*(?:dtype|device|shape|ndim|data\b|is_meta|requires_grad))"
+    for match in re.finditer(pattern, source):
+        line = source[source.rfind("\n", 0, match.start()) + 1: match.start()]
+        if not re.search(r"isinstance\(|init\.\w+\(|nn\.init|_init_", line):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=256)
+def _class_source(cls: type) -> str:
+    """The source of a module class (empty when it has none: built in, or defined in a REPL)."""
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return ""
 
 
 def _supported(module: nn.Module) -> bool:

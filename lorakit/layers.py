@@ -95,6 +95,16 @@ class LoraLayer(_AdapterHost):
         self.shared_weight = False
         self._tied: tuple[nn.Parameter, ...] = ()  # the shared parameter while merged (a tuple: not registered)
 
+    # -- the base layer's tensors, where models read them from the module (T5's feed-forward casts to
+    # ``wo.weight.dtype``, Mamba reads ``in_proj.weight``); peft's layers answer these the same way
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     # -- shapes ------------------------------------------------------------------------------------------------
     @property
     def in_features(self) -> int:
