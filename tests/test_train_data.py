@@ -427,7 +427,7 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
     [
         ('{"text": "ok"}\n{"text": "broken"\n', r"bad\.jsonl:2: malformed JSON"),
         ('{"text": "ok"}\n\n[1, 2]\n', r"bad\.jsonl:3: expected an object"),
-        ('{"prompt": "p", "completion": "c", "id": 3}\n', r"bad\.jsonl:1: unknown field 'id'"),
+        ('{"prompt": "p", "completion": "c", "label": 3}\n', r"bad\.jsonl:1: unknown field 'label'"),
         ('{"prompt": "p", "completion": "   "}\n', r"bad\.jsonl:1: empty completion"),
         ('{"prompt": "p"}\n', r"missing field 'completion'"),
         ('{"text": 5}\n', r"field 'text' must be a string, got int"),
@@ -538,3 +538,22 @@ def test_exact_match_scorer():
     assert exact_match_score(["x", "y", " z "], ["x", "n", "z"]) == pytest.approx(2 / 3)
     with pytest.raises(LorakitError, match="2 predictions for 1 references"):
         exact_match_score(["a", "b"], ["a"])
+
+
+def test_bookkeeping_columns_of_dataset_exports_are_ignored(tmp_path):
+    from lorakit.train.formats import read_records
+
+    rows = [  # UltraChat-like, OpenHermes-like (ShareGPT with a source), a Dolly-like category on Alpaca fields
+        {"prompt_id": "a1", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"id": 7, "source": "x", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"category": "qa", "instruction": "q", "input": "", "output": "a"},
+        {"id": 3, "text": "plain"},
+    ]
+    path = tmp_path / "export.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    records = read_records(path)
+    assert [r.shape for r in records] == ["messages", "messages", "messages", "text"]
+    assert all("id" not in r.fields and "source" not in r.fields for r in records)
+    path.write_text(json.dumps({"id": 1, "answer": "a"}) + "\n")  # nothing but bookkeeping and a misnamed field
+    with pytest.raises(LorakitError, match=r"export\.jsonl:1: no known field in \['answer'\]"):
+        read_records(path)

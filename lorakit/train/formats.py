@@ -48,6 +48,11 @@ MESSAGE_KEYS = ("role", "content")
 TOOL_MESSAGE_KEYS = ("name", "tool_calls", "tool_call_id")
 # optional record-level keys of a chat: the tool schemas given to the template; OpenAI's API flag (ignored)
 CHAT_OPTIONAL_FIELDS = ("tools", "parallel_tool_calls")
+# bookkeeping columns of public dataset exports (UltraChat's prompt_id, OpenHermes' source, Dolly's category, ...):
+# they say nothing about the text to train on, so a record may carry them; any other unknown field is refused,
+# since it is usually a misnamed one (an "answer" meant as the completion)
+IGNORED_FIELDS = frozenset({"id", "idx", "index", "uuid", "prompt_id", "conversation_id", "source", "dataset",
+                            "category", "metadata", "meta", "lang", "language", "license", "url", "timestamp"})
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet",)
@@ -96,6 +101,8 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
         return obj
     if not isinstance(obj, Mapping):
         raise LorakitError(f"{where}: expected an object with {_EXPECTED}, got {type(obj).__name__}")
+    if not IGNORED_FIELDS.isdisjoint(obj.keys()):
+        obj = {key: value for key, value in obj.items() if key not in IGNORED_FIELDS}
     converted = _convert_other_formats(obj, where)
     if converted is not None:
         return converted
