@@ -245,6 +245,22 @@ def test_a_row_whose_sampling_fails_fails_alone():
     assert reasons[1] == "length" and tokens[1] == expected
 
 
+def test_top_k(server):
+    """``top_k`` is vLLM's (and llama.cpp's) extension, sent by clients and lm-eval ``--gen_kwargs`` built for them.
+    Before the fix: 400 'unknown field top_k'."""
+    client = server["client"]
+    greedy = _text(client, "a1", "The quick", 12)
+    assert all(_text(client, "a1", "The quick", 12, temperature=1.0, top_k=1, seed=s) == greedy for s in range(3))
+    sampled = {_text(client, "a1", "The quick", 12, temperature=1.0, top_k=-1, seed=s) for s in range(3)}
+    assert sampled != {greedy}  # -1: off, as in vLLM
+    chat = {"max_tokens": 12, "temperature": 2.0, "top_k": 3, "seed": 5, "logprobs": True, "top_logprobs": 3}
+    content = _ok(_chat(client, **chat))["choices"][0]["logprobs"]["content"]
+    for entry in content:  # every sampled token is one of the 3 most likely there
+        assert (entry["token"], entry["bytes"]) in [(t["token"], t["bytes"]) for t in entry["top_logprobs"]]
+    assert any(entry["top_logprobs"][0]["bytes"] != entry["bytes"] for entry in content)  # not just greedy
+    assert _error(client.post("/v1/completions", json={"model": "a1", "prompt": "x", "top_k": -2}), 400)["param"] == "top_k"
+
+
 # -- strict SSE clients --------------------------------------------------------------------------------------------
 def _sse(client, path: str, body: dict) -> list[dict]:
     """Parse a stream as a strict client does: every event one ``data:`` line of JSON, ``[DONE]`` last, nothing

@@ -371,7 +371,8 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
                 pin.done()
                 bridge.put(("done", index, assembler.finish(), reason))
 
-            job = Request(prompts[index // n], internal, choice_params, on_token, on_finish, logprobs=logprobs)
+            job = Request(prompts[index // n], internal, choice_params, on_token, on_finish, logprobs=logprobs,
+                          top_k=max(body.top_k, 0))
             state.engine.submit(job)
             jobs.append(job)
     finally:

@@ -53,6 +53,14 @@ STATIC_PREFILL_MAX_TOKENS = 2048
 SCORE_LOGITS = 1 << 26
 
 
+def _top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """``logits (V,)`` with all but the ``k`` largest set to -inf (ties with the k-th stay); ``k`` 0: unchanged."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
 @dataclass
 class Request:
     """One generation request as the engine sees it.
@@ -75,6 +83,7 @@ class Request:
     generator: torch.Generator | None = None
     created: float = field(default_factory=time.monotonic)
     row: int = -1  # its row of the static decoder's cache (-1: none)
+    top_k: int = 0  # sample among the k most likely tokens only (0: all); vLLM's extension of the OpenAI API
 
 
 class Engine:
@@ -252,7 +261,8 @@ class Engine:
         try:
             # shifted so the largest logit is 0: divided by a tiny temperature (1e-40) the logits stay finite or
             # -inf (probability 0) instead of overflowing to inf and NaN probabilities; the distribution is the same
-            token = greedy if params.temperature == 0 else sample(logits - logits.max(), params, request.generator)
+            token = greedy if params.temperature == 0 else sample(_top_k(logits, request.top_k) - logits.max(), params,
+                                                                  request.generator)
         except RuntimeError as error:  # this request's sampling alone fails: the other rows keep decoding
             done.append((request, f"error: sampling failed: {str(error).splitlines()[0]}"))
             return False

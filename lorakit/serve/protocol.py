@@ -79,6 +79,7 @@ class _Sampling(_Strict):
     model: str
     temperature: float = _finite(1.0, ge=0.0, le=2.0)
     top_p: float = _finite(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # not OpenAI's: vLLM's (and llama.cpp's), which clients built for them send; -1, 0: off
     n: int = Field(1, ge=1, le=16)  # choices; each is one engine row, so a request holds at most 16
     stream: bool = False
     stream_options: StreamOptions | None = None
