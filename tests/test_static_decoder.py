@@ -116,6 +116,8 @@ def _family(family):
 def test_rows_join_and_leave_without_disturbing_others():
     model = _with_adapters(tiny_llama(seed=3))
     decoder = StaticDecoder(model, max_batch=3, max_len=12)
+    decoder.warm_up()  # what the server does at start: a throwaway prompt and step on row 0, released after
+    assert decoder.free_rows() == [0, 1, 2] and decoder.lengths == [0, 0, 0]
     first, batch = prefill(model, PROMPTS[:2], NAMES[:2])
     decoder.admit([1, 2], batch)
     step1 = decoder.step([1, 2], first.argmax(-1).tolist(), NAMES[:2])
@@ -129,6 +131,9 @@ def test_rows_join_and_leave_without_disturbing_others():
     assert torch.allclose(both[0], alone0[2][0], atol=ATOL, rtol=1e-5)
     assert torch.allclose(both[1], alone2[1][0], atol=ATOL, rtol=1e-5)
     assert decoder.free_rows() == [0]
+    decoder.admit([0], prefill(model, [PROMPTS[0]], [NAMES[0]])[1])
+    with pytest.raises(LorakitError, match="warm_up needs a free cache row"):
+        decoder.warm_up()
 
 
 def test_model_unchanged_by_fusion_and_refresh_after_new_weights():

@@ -327,6 +327,19 @@ class StaticDecoder:
         for row in rows:
             self.active[row], self.lengths[row] = False, 0
 
+    def warm_up(self) -> None:
+        """Compile the kernels and capture the graphs a first request would otherwise wait for: a one-token prompt
+        through ``prefill`` and one ``step`` on a free row, on the base model, then the row is released (its
+        cache holds garbage, which no later row reads: each stores before it attends). Needs a free row."""
+        row = next((r for r in range(self.max_batch) if not self.active[r]), None)
+        if row is None:
+            raise LorakitError("warm_up needs a free cache row; call it before admitting requests")
+        try:
+            logits = self.prefill([row], [[0]], [None])
+            self.step([row], [int(logits[0].argmax())], [None])
+        finally:
+            self.release([row])
+
     # -- stepping ----------------------------------------------------------------------------------------------
     def step(self, rows: Sequence[int], tokens: Sequence[int], adapters: Sequence[str | None]) -> torch.Tensor:
         """Feed ``tokens[j]`` to cache row ``rows[j]`` (through adapter ``adapters[j]``); returns (len(rows), V)

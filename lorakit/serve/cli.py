@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import threading
 
 from lorakit.errors import LorakitError
@@ -132,7 +133,11 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
         per_token = 2 * len(parts.layers) * parts.kv_heads * parts.head_dim * parts.embed.weight.element_size() * max_batch
         free = torch_free_memory(device)
         context = min(context, 8192, max(256, int(0.4 * free / per_token)) if free else context)
-    return StaticDecoder(model, max_batch=max_batch, max_len=context)
+    decoder = StaticDecoder(model, max_batch=max_batch, max_len=context)
+    if device.type == "cuda":  # the first request would otherwise wait seconds for kernel compiles and captures
+        print("lorakit serve: warming up the static decoder (compiles its kernels once)", file=sys.stderr, flush=True)
+        decoder.warm_up()
+    return decoder
 
 
 def torch_free_memory(device) -> int:
