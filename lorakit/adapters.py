@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from typing import Iterator, Sequence
 
 from torch import nn
@@ -15,13 +17,26 @@ from lorakit.layers import LoraLayer
 def _require(model: nn.Module, names: Sequence[str]) -> None:
     known = adapter_names(model)
     unknown = [n for n in names if n not in known]
+    if unknown and not known:
+        raise LorakitError(f"unknown adapter {unknown[0]!r}: this model has no lorakit adapters (add one with "
+                           "lorakit.inject or lorakit.load_adapter; after merge_and_unload it is a plain model: save it "
+                           "with model.save_pretrained)")
     if unknown:
-        raise LorakitError(f"unknown adapter {unknown[0]!r}; this model has: {', '.join(known) or '(no adapters)'}")
+        raise LorakitError(f"unknown adapter {unknown[0]!r}; this model has: {', '.join(known)}")
+
+
+def _names(value, what: str) -> list[str]:
+    """One adapter name or a list of names, as a list; anything else is one line."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise LorakitError(f"{what} takes an adapter name or a list of names, got {value!r}; the model's adapters are "
+                           "listed by lorakit.adapter_names(model)")
+    return list(names)
 
 
 def set_adapter(model: nn.Module, name: str | Sequence[str]) -> None:
     """Make ``name`` (or several names, applied in order) the active adapter(s) everywhere in the model."""
-    names = [name] if isinstance(name, str) else list(name)
+    names = _names(name, "set_adapter")
     _require(model, names)
     for host in adapter_hosts(model).values():
         host.set_active(names)
@@ -36,6 +51,8 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove an adapter from every layer (it must not be merged). Layers left without adapters stay wrapped."""
+    if not isinstance(name, str):
+        raise LorakitError(f"delete_adapter takes one adapter name, got {name!r}; call it once per adapter")
     _require(model, [name])
     hosts = adapter_hosts(model)
     merged = [path for path, h in hosts.items() if isinstance(h, LoraLayer) and name in h.merged]
@@ -64,25 +81,58 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
             host.disabled = previous[path]
 
 
+# model -> (thread id, open blocks): the per-row routing is state of the model, so one thread at a time
+_MIXED_OWNERS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, int]]" = weakref.WeakKeyDictionary()
+_MIXED_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     """Inside the block, row ``i`` of every batch goes through adapter ``names[i]`` (``None``: the base alone).
 
     One forward pass serves requests for different adapters; each row's output equals running that row alone
-    with its adapter active.
+    with its adapter active. Blocks nest (the inner one's names apply inside it, the outer's again after it);
+    ``disable_adapters`` inside the block runs the base for every row. The routing belongs to the model, not
+    the thread: a block opened while another thread holds one on the same model is refused (use one thread, as
+    ``lorakit serve`` does, or a lock). Merging inside the block is refused.
     """
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise LorakitError(f"mixed_batch takes a list with one adapter name (or None) per batch row, got {names!r}; "
+                           "for one adapter on every row use lorakit.set_adapter(model, name)")
     names = list(names)
+    if not all(n is None or isinstance(n, str) for n in names):
+        bad = next(n for n in names if not (n is None or isinstance(n, str)))
+        raise LorakitError(f"mixed_batch: {bad!r} is not an adapter name; give a name (str) or None per batch row")
     _require(model, [n for n in names if n is not None])
     hosts = adapter_hosts(model)
     if any(isinstance(h, LoraLayer) and h.merged for h in hosts.values()):
         raise LorakitError("mixed_batch needs unmerged adapters; call lorakit.unmerge(model) first")
+    me = threading.get_ident()
+    with _MIXED_LOCK:
+        owner, depth = _MIXED_OWNERS.get(model, (me, 0))
+        if owner != me:
+            raise LorakitError("another thread has a mixed_batch block open on this model; the per-row routing is "
+                               "the model's state, so run mixed batches of one model from one thread (or a lock)")
+        _MIXED_OWNERS[model] = (me, depth + 1)
+    previous = {path: host.row_adapters for path, host in hosts.items()}
     for host in hosts.values():
         host.row_adapters = names
     try:
         yield
     finally:
-        for host in hosts.values():
-            host.row_adapters = None
+        for path, host in hosts.items():
+            host.row_adapters = previous[path]
+        with _MIXED_LOCK:
+            owner, depth = _MIXED_OWNERS.get(model, (me, 1))
+            if depth <= 1:
+                _MIXED_OWNERS.pop(model, None)
+            else:
+                _MIXED_OWNERS[model] = (owner, depth - 1)
+
+
+def mixed_batch_open(model: nn.Module) -> bool:
+    """Whether a ``mixed_batch`` block is open on ``model`` (in any thread)."""
+    return any(getattr(h, "row_adapters", None) is not None for h in adapter_hosts(model).values())
 
 
 def lora_parameters(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:

@@ -6,6 +6,8 @@ The base weights' storage (dense or quantized) is not part of this config: it be
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
 import re
 import reprlib
@@ -112,9 +114,11 @@ class LoraConfig:
         for pattern, alpha in self.alpha_pattern.items():
             _check_alpha(f"alpha_pattern[{shown(pattern)}]", alpha)
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise LorakitError(f"dropout must be in [0, 1), got {shown(self.dropout)}")
+            raise LorakitError(f"dropout must be in [0, 1), got {shown(self.dropout)} (the chance of zeroing each adapter "
+                               "input while training; 0 turns it off)")
         if self.variant not in VARIANTS:
-            raise LorakitError(f"unknown variant {shown(self.variant)}; choose one of {', '.join(VARIANTS)}")
+            hint = f" (did you mean {self.variant.lower()!r}?)" if str(self.variant).lower() in VARIANTS else ""
+            raise LorakitError(f"unknown variant {shown(self.variant)}{hint}; choose one of {', '.join(VARIANTS)}")
         if self.init not in INITS:
             raise LorakitError(f"unknown init {shown(self.init)}; choose one of {', '.join(INITS)}")
         if self.bias != "none":
@@ -274,6 +278,32 @@ class LoraConfig:
         return dataclasses.replace(self, **changes)
 
 
+# peft.LoraConfig's names for lorakit's fields: code copied from peft gets a line saying what to write instead
+_PEFT_FIELD_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "rank": "r", "lora_r": "r",
+                     "use_dora": "variant='dora'", "use_rslora": "variant='rslora'", "init_lora_weights": "init",
+                     "task_type": None, "inference_mode": None, "fan_in_fan_out": None}
+_dataclass_init = LoraConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_naming_peft_fields(self, *args: Any, **kwargs: Any) -> None:
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    for key in kwargs:
+        if key in fields:
+            continue
+        if key in _PEFT_FIELD_NAMES:
+            instead = _PEFT_FIELD_NAMES[key]
+            raise LorakitError(f"LoraConfig has no field {key!r} (peft's name); " + (
+                f"write {instead}" if instead else "lorakit does not need it: leave it out"))
+        close = difflib.get_close_matches(key, sorted(fields), n=1)
+        raise LorakitError(f"LoraConfig has no field {key!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                                                 f"; its fields: {', '.join(sorted(fields))}"))
+    _dataclass_init(self, *args, **kwargs)
+
+
+LoraConfig.__init__ = _init_naming_peft_fields
+
+
 def _integral(value: Any) -> Any:
     """4.0 -> 4 (some tools write JSON numbers as floats); anything else unchanged, for the checks to report."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
@@ -299,12 +329,13 @@ def _warn_residual_base(init: Any, source: str) -> None:
 
 def _check_rank(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise LorakitError(f"{name} must be a positive integer, got {shown(value)}")
+        raise LorakitError(f"{name} must be a positive integer, got {shown(value)} (a rank such as 8 or 16)")
 
 
 def _check_alpha(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LorakitError(f"{name} must be a finite number, got {shown(value)}")
+        raise LorakitError(f"{name} must be a finite number, got {shown(value)} (the update is scaled by alpha / r; "
+                           "often 2 x r)")
 
 
 def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:

@@ -31,21 +31,35 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` is greedy; ``top_p < 1`` keeps the smallest nucleus of that mass."""
+    """How to pick tokens. ``temperature == 0`` is greedy; ``top_p < 1`` keeps the smallest nucleus of that mass;
+    ``top_k > 0`` samples among the k most likely tokens only. ``stop_token_ids`` end a row (one id or several)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    top_k: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise LorakitError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not (0.0 <= float(self.temperature) <= 100.0):
-            raise LorakitError(f"temperature must be in [0, 100], got {self.temperature!r}")
-        if not (0.0 < float(self.top_p) <= 1.0):
-            raise LorakitError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        for key, low, high, open_low in (("temperature", 0.0, 100.0, False), ("top_p", 0.0, 1.0, True)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # value != value: NaN
+                raise LorakitError(f"{key} must be a number in {'(' if open_low else '['}{low:g}, {high:g}], got {value!r}")
+            if not ((low < value if open_low else low <= value) and value <= high):
+                raise LorakitError(f"{key} must be in {'(' if open_low else '['}{low:g}, {high:g}], got {value!r}")
+            setattr(self, key, float(value))
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise LorakitError(f"top_k must be a non-negative integer (0: off), got {self.top_k!r}")
+        stops = (self.stop_token_ids,) if _is_int(self.stop_token_ids) else self.stop_token_ids
+        if isinstance(stops, (str, bytes)) or not all(_is_int(t) for t in _iterable(stops)):
+            raise LorakitError(f"stop_token_ids must be token ids (ints), got {self.stop_token_ids!r}; for a text, "
+                               "use tokenizer.convert_tokens_to_ids(...) or lorakit.generation.end_of_turn_ids(tokenizer)")
+        self.stop_token_ids = tuple(int(t) for t in stops)
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
+            raise LorakitError(f"seed must be an integer (a signed 64-bit value) or None, got {self.seed!r}")
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.temperature == 0:
@@ -55,13 +69,30 @@ class SamplingParams:
         return generator
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _iterable(value) -> Iterator:
+    try:
+        return iter(value)
+    except TypeError:
+        return iter([None])  # not iterable: reported by the caller's check (None is not an int)
+
+
 # -- prompts -------------------------------------------------------------------------------------------------------
 def end_of_turn_ids(tokenizer) -> tuple[int, ...]:
-    """Token ids that end a generation: the tokenizer's EOS plus the end-of-turn tokens it knows."""
+    """Token ids that end a generation: the tokenizer's EOS, the token its chat template ends a turn with (found by
+    rendering the template, so an unusual one stops generation too), and the common end-of-turn tokens it knows."""
+    from lorakit.chat_template import template_end_of_turn
+
     ids: set[int] = set()
     eos = getattr(tokenizer, "eos_token_id", None)
     if isinstance(eos, int):
         ids.add(eos)
+    template_eot = template_end_of_turn(tokenizer)
+    if template_eot is not None:
+        ids.add(int(template_eot))
     vocab = tokenizer.get_vocab()
     for token in END_OF_TURN_TOKENS:
         if token in vocab:
@@ -102,10 +133,15 @@ def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat: bool | None = N
 
 # -- sampling ------------------------------------------------------------------------------------------------------
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from ``logits (V,)``: argmax when greedy, else temperature + nucleus (top-p) sampling."""
+    """One token id from ``logits (V,)``: argmax when greedy, else top-k, temperature and nucleus (top-p) sampling."""
     if params.temperature == 0:
         return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    logits = logits.float()
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    # shift before dividing: the best token scores 0, so a tiny temperature gives -inf elsewhere, never inf - inf = NaN
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep tokens until the mass before them reaches top_p (the first token always stays)
@@ -250,21 +286,57 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _check_prompts(prompts) -> None:
+    """Refuse what is not a batch of token-id lists, with the fix (a common slip: one prompt, or text)."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not isinstance(prompts, torch.Tensor):
+        raise LorakitError("prompts must be a list of prompts, each a list of token ids; encode text with "
+                           "lorakit.generation.encode_prompt(tokenizer, text)")
+    if len(prompts) == 0:
+        raise LorakitError("no prompts to generate from; give a list of token-id lists")
+    for row, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)):
+            raise LorakitError(f"prompt {row} is text; give token ids: lorakit.generation.encode_prompt(tokenizer, text)")
+        if isinstance(prompt, int) or isinstance(prompt, torch.Tensor) and prompt.dim() == 0:
+            raise LorakitError("prompts must be a list of prompts, each a list of token ids; wrap a single prompt in a "
+                               "list: [ids]")
+        if len(prompt) == 0:
+            raise LorakitError("cannot generate from an empty prompt; give at least one token")
+        integral = (not prompt.is_floating_point() and not prompt.is_complex() if isinstance(prompt, torch.Tensor)
+                    else all(hasattr(t, "__index__") and not isinstance(t, torch.Tensor) or
+                             isinstance(t, torch.Tensor) and not t.is_floating_point() for t in prompt))
+        if not integral:
+            raise LorakitError(f"prompt {row} is not a list of token ids (ints): {list(prompt)[:4]!r}...; encode text "
+                               "with lorakit.generation.encode_prompt(tokenizer, text)")
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embeddings, "num_embeddings", None)
+
+
 def prefill(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
             pad_id: int = 0) -> tuple[torch.Tensor, KVBatch]:
     """Run new prompts (left-padded into one batch, row i through adapter ``adapters[i]``).
 
     Returns the next-token logits ``(n, V)`` and the rows' ``KVBatch``.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise LorakitError("cannot generate from an empty prompt; give at least one token")
+    _check_prompts(prompts)
     device = model_device(model)
     length = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), length), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
-        input_ids[row, length - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long, device=device)
+        try:
+            input_ids[row, length - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long, device=device)
+        except (TypeError, ValueError, RuntimeError):
+            raise LorakitError(f"prompt {row} is not a list of token ids (ints): {list(prompt)[:4]!r}...") from None
         mask[row, length - len(prompt):] = 1
+    vocab = _vocab_size(model)
+    bad = (input_ids < 0) | (input_ids >= vocab if vocab else False)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise LorakitError(f"prompt {row} holds token id {int(input_ids[row, col])}, outside this model's vocabulary "
+                           f"[0, {vocab}); encode prompts with this model's tokenizer")
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # real tokens count from 0; padding's position is unused
     cache = _new_cache(model)
     logits = _forward(model, input_ids, mask, positions, cache, adapters)
@@ -306,9 +378,16 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Seque
         params: one ``SamplingParams`` for all rows or one per row.
         keep_logits: keep each step's next-token logits ``(V,)`` per row (for tests and log-probabilities).
     """
+    _check_prompts(prompts)
+    if isinstance(adapters, str) or adapters is None:
+        raise LorakitError(f"adapters must be a list with one adapter name (or None) per prompt, got {adapters!r}; "
+                           f"e.g. [{adapters!r}] * {len(prompts)}")
     if len(adapters) != len(prompts):
         raise LorakitError(f"{len(prompts)} prompts but {len(adapters)} adapter names; give one per prompt")
     per_row = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(per_row) != len(prompts) or not all(isinstance(p, SamplingParams) for p in per_row):
+        raise LorakitError(f"params must be one SamplingParams or a list of {len(prompts)} (one per prompt), got "
+                           f"{len(per_row)} item(s) of type {type(per_row[0]).__name__ if per_row else 'none'}")
     device = model_device(model)
     generators = [p.generator(device) for p in per_row]
     results = [Generation([], "length") for _ in prompts]

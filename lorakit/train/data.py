@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from lorakit.chat_template import template_end_of_turn
 from lorakit.errors import LorakitError
 from lorakit.train.formats import Record, read_many, validate_record
 
@@ -105,34 +106,9 @@ def tokenizer_info(tokenizer: Any, eot_token: str | None = None) -> TokenizerInf
         has_offsets = True
     except (NotImplementedError, ValueError, TypeError):
         has_offsets = False
-    chat_eot = eot_ids[0] if explicit else (_template_end_of_turn(tokenizer) or eot_ids[0])
+    chat_eot = eot_ids[0] if explicit else (template_end_of_turn(tokenizer) or eot_ids[0])
     return TokenizerInfo(bos_id, adds_bos, eot_ids[0], eot_token, eot_ids[0] if pad_id is None else pad_id, has_offsets,
                          chat_eot)
-
-
-def _template_end_of_turn(tokenizer: Any) -> int | None:
-    """The first special (added) token the chat template writes after an assistant's words, or None.
-
-    Found by rendering a one-turn chat with and without its answer: what follows the answer is the template's end
-    of turn (``<|im_end|>\n``, ``<end_of_turn>\n``, ``<|eot_id|>``, ``</s>``)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    answer = "Sure."
-    try:
-        before = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                               add_generation_prompt=True)
-        through = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
-                                                 {"role": "assistant", "content": answer}], tokenize=False)
-    except Exception:  # a template that wants other roles: the eos token stays the end of turn
-        return None
-    if not isinstance(before, str) or not isinstance(through, str) or not through.startswith(before):
-        return None
-    turn = through[len(before):]
-    if answer not in turn:
-        return None
-    tail = turn.split(answer, 1)[1]
-    special = {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})} | set(tokenizer.all_special_ids)
-    return next((t for t in tokenizer(tail, add_special_tokens=False)["input_ids"] if t in special), None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
