@@ -98,9 +98,15 @@ def _untie_if_embedding_merged(model: nn.Module, adapter: str) -> None:
 
 
 def merge_model(model: nn.Module, adapter: str, dtype: torch.dtype) -> tuple[nn.Module, DeltaReport]:
-    """Merge ``adapter`` into ``model`` (float32 math), unwrap every lorakit layer, and cast to ``dtype``."""
-    from lorakit.merge import merge_and_unload
+    """Merge ``adapter`` into ``model`` (float32 math), unwrap every lorakit layer, and cast to ``dtype``.
 
+    A 4-bit (NF4) base is dequantized to float32 first: the adapter was trained on exactly those dequantized
+    weights, so merging into them keeps the trained model (merging into the NF4 storage would re-quantize and lose
+    part of the update, and leave packed tensors that transformers and llama.cpp cannot read)."""
+    from lorakit.merge import merge_and_unload
+    from lorakit.quant.quantize import dequantize
+
+    dequantize(model, torch.float32)
     report = delta_survival(model, adapter, dtype)
     _untie_if_embedding_merged(model, adapter)
     merge_and_unload(model, adapter)

@@ -50,6 +50,11 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, DTYPES[args.dtype])
     model, tokenizer = lorakit.load_base(args.model, dtype=torch.float32, device="cpu")
     lorakit.load_adapter(model, args.adapter, adapter="merged")
+    from lorakit.quant import is_quantized
+
+    if any(is_quantized(module) for module in model.modules()):  # export_merged dequantizes it before merging
+        print(f"{args.model} is 4-bit (NF4): merging into its dequantized weights, the ones the adapter was trained "
+              "on; the output is a 16-bit model (for the original weights, pass the 16-bit folder as --model)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out, report = export_merged(model, tokenizer, "merged", args.out, dtype=dtype,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.quant import is_conv1d
+from lorakit.quant import QuantizedLinear, is_conv1d
 from lorakit.quant.nf4 import BLOCKSIZES, NF4Linear
 
 QUANT_TYPES = ("nf4",)
@@ -206,4 +206,62 @@ def quantize(model: nn.Module, quant: str = "nf4", *, skip: Iterable[str] = DEFA
         del module, parents  # the dense weight goes as soon as nothing else holds it
     if device is not None:  # what was skipped or is not linear (embeddings, norms, the head) follows to the device
         model.to(device)
+    return model
+
+
+def _dense_module(layer: QuantizedLinear, dtype: torch.dtype, path: str) -> nn.Module:
+    """The dense twin of a quantized layer: ``nn.Linear`` (``Conv1D`` for one made from a GPT-2 ``Conv1D``) holding
+    ``layer.dequantize(dtype)`` exactly, with the bias cast to ``dtype``, frozen and in the layer's train/eval mode."""
+    weight = layer.dequantize(dtype)  # (out, in)
+    bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
+    if getattr(layer, "conv1d_layout", False):
+        # the model came from transformers, so its module is loaded: look it up rather than import it (the core
+        # never imports transformers)
+        import sys
+
+        conv1d_class = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+        if conv1d_class is None:
+            raise LorakitError(f"module '{path}' was a transformers Conv1D, but transformers is not loaded")
+        dense = conv1d_class(layer.out_features, layer.in_features).to(device=weight.device, dtype=dtype)
+        dense.weight = nn.Parameter(weight.T.contiguous(), requires_grad=False)  # Conv1D stores (in, out)
+        dense.bias = nn.Parameter(bias if bias is not None else torch.zeros(layer.out_features, dtype=dtype,
+                                                                            device=weight.device), requires_grad=False)
+    else:
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+        dense.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            dense.bias = nn.Parameter(bias, requires_grad=False)
+    dense.train(layer.training)
+    return dense
+
+
+@torch.no_grad()
+def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every quantized (NF4) base layer by a dense one holding its dequantized weight, in place.
+
+    The inverse of ``quantize`` up to NF4's rounding: ``dense = layer.dequantize(dtype)``, exactly the weight the
+    NF4 layer computes with, so an adapter trained on the 4-bit base gives the same outputs on the dequantized one
+    (and merges into it without a second rounding). Use it before ``merge_and_unload`` + ``save_pretrained`` or a
+    GGUF export: a plain model that transformers and llama.cpp read.
+
+    Args:
+        dtype: the dense weights' dtype (default: each layer's ``weight_dtype``, the dtype before quantization).
+    Returns:
+        the same model. Layers under lorakit adapters are replaced beneath them (the adapters stay). An adapter
+        merged into a quantized layer raises ``LorakitError`` (unmerge first), before anything changes.
+    """
+    host = _host_class()
+    targets: dict[int, tuple[str, QuantizedLinear, list[tuple[nn.Module, str]]]] = {}
+    for parent, attribute, child, path in _children(model):
+        if isinstance(parent, host) and parent.merged and isinstance(child, QuantizedLinear):
+            raise LorakitError(f"adapter(s) {parent.merged} are merged into the quantized layer '{path}'; dequantizing "
+                               "would keep their re-quantized merge: call lorakit.unmerge(model) first")
+        if isinstance(child, QuantizedLinear):
+            targets.setdefault(id(child), (path, child, []))[2].append((parent, attribute))
+    for key in list(targets):
+        path, layer, parents = targets.pop(key)
+        dense = _dense_module(layer, dtype or getattr(layer, "weight_dtype", torch.float32), path)
+        for parent, attribute in parents:
+            setattr(parent, attribute, dense)
+        del layer, parents  # the packed storage goes as soon as nothing else holds it
     return model

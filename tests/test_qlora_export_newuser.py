@@ -1,0 +1,189 @@
+"""QLoRA and merge/export as a new user runs them from the README, on inputs our other tests do not use.
+
+What each test pins (each was broken before the fix it names):
+  * ``lorakit merge --model <4-bit folder>`` (the folder ``lorakit quantize`` writes, which ``train`` takes as its
+    --model) used to merge into the NF4 storage and save lorakit's packed buffers (``weight_packed``, ...) under
+    a plain config: transformers loaded that folder with *random* q/k/v/... weights and no error, and the GGUF
+    export died on "no llama.cpp name for ...weight_packed" after the merge. Now the NF4 base is dequantized first
+    (exactly the weights the adapter trained on), so the folder and the GGUF carry the trained model.
+  * ``export_merged`` on a model quantized in memory (``lorakit.quantize``) with a DoRA/rsLoRA adapter, a tied
+    embedding, hidden sizes that are not multiples of the 64-value NF4 block, a float16 base, GPT-2's Conv1D.
+  * an adapter already merged into NF4 storage is refused in one line (unmerge first), not saved as packed bytes.
+  * ``lorakit.quant.quantize.dequantize``: the inverse of ``quantize`` that makes all of this possible.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import lorakit
+from conftest import assert_close
+from lorakit.cli import main
+from lorakit.errors import LorakitError
+from lorakit.export import export_merged
+from lorakit.quant.nf4 import NF4Linear
+from lorakit.quant.quantize import dequantize
+from test_serve_support import make_adapter, make_tokenizer, tiny_hf_folder
+
+IDS = torch.tensor([[3, 17, 42, 99, 150, 7, 250, 31, 64], [5, 6, 7, 8, 9, 10, 11, 12, 13]])
+
+
+def _random_b(model, std: float = 0.1, adapter: str = "default") -> None:
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for key, parameter in lorakit.lora_parameters(model, adapter):
+            if key.endswith("lora_B"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+
+@pytest.fixture(scope="module")
+def nf4_folders(tmp_path_factory):
+    """A tied-embedding Llama with hidden 40 / intermediate 54 (rows of 40 and 54: neither a multiple of NF4's 64
+    nor of Q8_0's 32), its 4-bit folder written by ``lorakit quantize``, and a DoRA adapter trained on the 16-bit."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("qlora_newuser")
+    model_dir = tiny_hf_folder(root / "model", initializer_range=0.3, hidden_size=40, intermediate_size=54,
+                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    nf4_dir = root / "model-nf4"
+    assert main(["quantize", "--model", str(model_dir), "--out", str(nf4_dir), "--dtype", "fp32"]) == 0
+    adapter = make_adapter(AutoModelForCausalLM.from_pretrained(model_dir), root / "adapter", seed=3, std=0.1,
+                           variant="dora")
+    return {"root": root, "model": model_dir, "nf4": nf4_dir, "adapter": adapter}
+
+
+def test_cli_merge_of_a_4bit_base_writes_the_trained_model_for_transformers_and_llama_cpp(nf4_folders, tmp_path,
+                                                                                          capsys):
+    import gguf
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    # what the adapter computes on the 4-bit base (lorakit, unmerged): the model the user trained
+    model, _ = lorakit.load_base(str(nf4_folders["nf4"]), dtype=torch.float32)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, NF4Linear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "names another base": the adapter was trained on the 16-bit folder
+        lorakit.load_adapter(model, str(nf4_folders["adapter"]))
+    with torch.no_grad():
+        expected = model(IDS).logits
+
+    out = tmp_path / "merged"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["merge", "--model", str(nf4_folders["nf4"]), "--adapter", str(nf4_folders["adapter"]),
+                     "--out", str(out), "--dtype", "fp32", "--format", "gguf", "--gguf-type", "q8_0"]) == 0
+    printed = capsys.readouterr().out
+    assert "4-bit (NF4): merging into its dequantized weights" in printed and "100.00%" in printed
+
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    assert "model.layers.0.self_attn.q_proj.weight" in keys
+    assert not [k for k in keys if k.endswith(("weight_packed", "absmax", "nested_code"))], sorted(keys)[:5]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no bitsandbytes involved
+    assert not getattr(reloaded.config, "quantization_config", None)
+    with torch.no_grad():
+        assert_close(reloaded(IDS).logits, expected)
+
+    reader = gguf.GGUFReader(out / "merged-q8_0.gguf")
+    field = lambda name: reader.fields[name].contents()  # noqa: E731
+    assert field("general.architecture") == "llama"
+    assert field("llama.context_length") == reloaded.config.max_position_embeddings
+    assert field("llama.rope.freq_base") == pytest.approx(reloaded.config.rope_parameters["rope_theta"])
+    assert field("llama.embedding_length") == 40 and field("llama.feed_forward_length") == 54
+    assert len(field("tokenizer.ggml.tokens")) == reloaded.config.vocab_size
+    assert "<|im_start|>" in field("tokenizer.chat_template")
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied head: llama.cpp reuses token_embd
+    q = tensors["blk.0.attn_q.weight"]  # rows of 40 do not split into Q8_0 blocks of 32: kept f16
+    assert q.tensor_type == gguf.GGMLQuantizationType.F16 and list(q.shape) == [40, 40]
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert len(tensors) == 2 + 2 * 9  # token_embd, output_norm + 9 per layer: no packed buffer slipped through
+
+
+@pytest.mark.parametrize("variant,dtype", [("rslora", torch.float16), ("dora", torch.bfloat16)])
+def test_export_of_a_model_quantized_in_memory(tmp_path, variant, dtype):
+    """README's QLoRA flow in Python: quantize a 16-bit model, train an adapter, export it merged."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_llama
+
+    tokenizer = make_tokenizer()
+    # default init: with 0.3 the float32 merge-vs-unmerged rounding alone reaches 4e-5 on these logits
+    model = tiny_llama(vocab_size=len(tokenizer), hidden_size=40, intermediate_size=54, tie_word_embeddings=True)
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.clone()
+    model.to(dtype)
+    lorakit.quantize(model, "nf4")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, variant=variant))
+    _random_b(model)
+    model.float()  # compare in float32: the NF4 layers compute in the input's dtype, the storage stays 4-bit
+    rotary.inv_freq.copy_(inv_freq)  # .to(float16) rounded it; the reloaded model computes it afresh
+    with torch.no_grad():
+        expected = model(IDS).logits
+    out, report = export_merged(model, tokenizer, "default", tmp_path / "merged", dtype=torch.float32)
+    assert report.layers == 14 and report.lost_share == 0.0
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert_close(reloaded(IDS).logits, expected)
+
+
+def test_export_of_a_gpt2_conv1d_nf4_model(tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = make_tokenizer()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=40, n_layer=2, n_head=4,
+                                       n_positions=64)).eval()
+    lorakit.quantize(model, "nf4")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8))
+    _random_b(model)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    with pytest.raises(LorakitError, match="'gpt2'.*convert_hf_to_gguf"):  # refused before anything changes
+        export_merged(model, tokenizer, "default", tmp_path / "gguf", gguf_type="f16")
+    assert isinstance(model.transformer.h[0].attn.c_attn.base_layer, NF4Linear)
+    out, _ = export_merged(model, tokenizer, "default", tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(reloaded.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    with torch.no_grad():
+        assert_close(reloaded(IDS).logits, expected)
+
+
+def test_adapter_merged_into_nf4_storage_is_refused_not_exported(tmp_path):
+    from conftest import tiny_llama
+
+    model = lorakit.quantize(tiny_llama(), "nf4")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8))
+    _random_b(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lorakit.merge(model)
+    with pytest.raises(LorakitError, match=r"merged into the quantized layer .*lorakit.unmerge\(model\) first"):
+        export_merged(model, make_tokenizer(), "default", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    lorakit.unmerge(model)
+    out, report = export_merged(model, make_tokenizer(), "default", tmp_path / "merged")
+    assert report.layers == 14 and (out / "model.safetensors").is_file()
+
+
+def test_dequantize_is_exact_and_keeps_adapters():
+    from conftest import tiny_llama
+
+    model = lorakit.quantize(tiny_llama(hidden_size=40, intermediate_size=50), "nf4")
+    layer = model.model.layers[1].mlp.down_proj
+    packed = layer.dequantize(torch.float32)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8))
+    _random_b(model)
+    with torch.no_grad():
+        expected = model(IDS % 128).logits
+    dequantize(model)
+    down = model.model.layers[1].mlp.down_proj
+    assert isinstance(down.base_layer, torch.nn.Linear) and not down.base_layer.weight.requires_grad
+    assert torch.equal(down.base_layer.weight, packed)  # bit for bit what the NF4 layer computed with
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == len(list(lorakit.lora_parameters(model, "default"))) == 2 * 14
+    with torch.no_grad():
+        assert_close(model(IDS % 128).logits, expected)
