@@ -187,3 +187,52 @@ def test_dequantize_is_exact_and_keeps_adapters():
     assert len(trainable) == len(list(lorakit.lora_parameters(model, "default"))) == 2 * 14
     with torch.no_grad():
         assert_close(model(IDS % 128).logits, expected)
+
+
+def test_cli_merge_of_a_bitsandbytes_folder_uses_bitsandbytes_dequantization(tmp_path, no_dynamo, capsys):
+    """A folder saved by transformers + bitsandbytes (NF4, double quant) is a foreign base a user brings: the merged
+    weights are bitsandbytes' own dequantization plus the adapter's update; an FP4 folder is refused in one line."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import copy
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    # hidden 64 / intermediate 96: widths bitsandbytes' CPU kernels dequantize correctly (see test_qlora_audit.py)
+    dense = tiny_hf_folder(tmp_path / "dense", hidden_size=64, intermediate_size=96)
+    adapter = make_adapter(AutoModelForCausalLM.from_pretrained(dense), tmp_path / "adapter", seed=5, std=0.05)
+    results = {}
+    for quant_type in ("nf4", "fp4"):
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(dense, quantization_config=config, device_map="cpu")
+        model.save_pretrained(tmp_path / quant_type)
+        make_tokenizer().save_pretrained(tmp_path / quant_type)
+        results[quant_type] = model
+    expected = {}  # bitsandbytes' dequantization of each 4-bit layer, asked for flat (its 2-D CPU path is off)
+    for name, module in results["nf4"].named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = copy.copy(module.weight.quant_state)
+            state.shape = torch.Size([module.weight.quant_state.shape.numel()])
+            flat = bnb.functional.dequantize_4bit(module.weight.data, state)
+            expected[name] = flat.reshape(module.weight.quant_state.shape).float()
+    assert len(expected) == 14
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["merge", "--model", str(tmp_path / "nf4"), "--adapter", str(adapter), "--out",
+                     str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    probe = AutoModelForCausalLM.from_pretrained(dense)
+    lorakit.load_adapter(probe, str(adapter))
+    for name, weight in expected.items():
+        layer = probe.get_submodule(name)
+        delta = layer.merged_candidate("default") - layer.linear_weight(torch.float32)  # the adapter's update
+        torch.testing.assert_close(merged[f"{name}.weight"], weight + delta, rtol=0, atol=1e-6, msg=name)
+
+    capsys.readouterr()
+    assert main(["merge", "--model", str(tmp_path / "fp4"), "--adapter", str(adapter), "--out",
+                 str(tmp_path / "merged-fp4")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "bnb_4bit_quant_type is 'fp4'" in error and "16-bit" in error
+    assert not (tmp_path / "merged-fp4").exists()
