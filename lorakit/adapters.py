@@ -91,7 +91,9 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]
     """Inside the block, row ``i`` of every batch goes through adapter ``names[i]`` (``None``: the base alone).
 
     One forward pass serves requests for different adapters; each row's output equals running that row alone
-    with its adapter active. Blocks nest (the inner one's names apply inside it, the outer's again after it);
+    with its adapter active. A batch of k x len(names) rows gives each name k consecutive rows: transformers'
+    ``generate`` with ``num_beams=k`` or ``num_return_sequences=k`` repeats each row k times in place, so those
+    work as expected; any other row count is refused at the forward pass. Blocks nest (the inner one's names apply inside it, the outer's again after it);
     ``disable_adapters`` inside the block runs the base for every row. The routing belongs to the model, not
     the thread: a block opened while another thread holds one on the same model is refused (use one thread, as
     ``lorakit serve`` does, or a lock). Merging inside the block is refused.

@@ -32,7 +32,8 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<
 @dataclass
 class SamplingParams:
     """How to pick tokens. ``temperature == 0`` is greedy; ``top_p < 1`` keeps the smallest nucleus of that mass;
-    ``top_k > 0`` samples among the k most likely tokens only. ``stop_token_ids`` end a row (one id or several)."""
+    ``top_k > 0`` samples among the k most likely tokens only. ``stop_token_ids`` end a row (one id or several);
+    ``stop`` strings end it too when ``generate`` is given the tokenizer (the text is cut before the match)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -40,6 +41,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     top_k: int = 0
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -58,8 +60,12 @@ class SamplingParams:
             raise LorakitError(f"stop_token_ids must be token ids (ints), got {self.stop_token_ids!r}; for a text, "
                                "use tokenizer.convert_tokens_to_ids(...) or lorakit.generation.end_of_turn_ids(tokenizer)")
         self.stop_token_ids = tuple(int(t) for t in stops)
-        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
-            raise LorakitError(f"seed must be an integer (a signed 64-bit value) or None, got {self.seed!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(t, str) and t for t in stop):
+            raise LorakitError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        self.stop = tuple(stop)
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise LorakitError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.temperature == 0:
@@ -111,6 +117,9 @@ def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat: bool | None = N
         prompt: plain text, or chat messages ``[{"role": ..., "content": ...}]``.
         chat: wrap plain text as one user message in the chat template. Default: when the tokenizer has one.
     """
+    if not isinstance(prompt, (str, list, tuple)):
+        raise LorakitError(f"a prompt is a string or a list of chat messages ({{'role': ..., 'content': ...}}), got "
+                           f"{type(prompt).__name__}")
     if isinstance(prompt, str):
         if chat is None:
             chat = has_chat_template(tokenizer)
@@ -120,8 +129,8 @@ def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat: bool | None = N
     else:
         messages = prompt
     if not has_chat_template(tokenizer):
-        raise LorakitError("this tokenizer has no chat template, so chat messages cannot be formatted; send a plain "
-                           "prompt (/v1/completions, or --no-chat)")
+        raise LorakitError("this tokenizer has no chat template, so chat messages cannot be formatted; give plain text "
+                           "instead (encode_prompt(tokenizer, text, chat=False), /v1/completions, or --no-chat)")
     try:
         ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
     except Exception as error:  # a template may raise for roles it does not know (jinja's TemplateError and others)
@@ -358,16 +367,18 @@ def decode(model: nn.Module, batch: KVBatch, tokens: Sequence[int], adapters: Se
 # -- offline generation --------------------------------------------------------------------------------------------
 @dataclass
 class Generation:
-    """One finished row: the new token ids, why it stopped (``"stop"`` or ``"length"``) and, if asked, the logits."""
+    """One finished row: the new token ids, why it stopped (``"stop"`` or ``"length"``), if asked the logits, and
+    with a tokenizer the decoded text (cut before a matched stop string; the tokens keep the whole match)."""
 
     tokens: list[int]
     finish_reason: str
     logits: list[torch.Tensor] = field(default_factory=list)
+    text: str | None = None
 
 
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
              params: SamplingParams | Sequence[SamplingParams], pad_id: int = 0,
-             keep_logits: bool = False) -> list[Generation]:
+             keep_logits: bool = False, tokenizer=None) -> list[Generation]:
     """Generate for several prompts at once, row i through ``adapters[i]``, with one KV cache.
 
     Finished rows leave the batch, so every step only computes rows still running.
@@ -377,6 +388,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Seque
         adapters: adapter name per row (None: the base model).
         params: one ``SamplingParams`` for all rows or one per row.
         keep_logits: keep each step's next-token logits ``(V,)`` per row (for tests and log-probabilities).
+        tokenizer: decode each row into ``Generation.text``; needed for ``stop`` strings.
     """
     _check_prompts(prompts)
     if isinstance(adapters, str) or adapters is None:
@@ -388,6 +400,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Seque
     if len(per_row) != len(prompts) or not all(isinstance(p, SamplingParams) for p in per_row):
         raise LorakitError(f"params must be one SamplingParams or a list of {len(prompts)} (one per prompt), got "
                            f"{len(per_row)} item(s) of type {type(per_row[0]).__name__ if per_row else 'none'}")
+    if tokenizer is None and any(p.stop for p in per_row):
+        raise LorakitError("stop strings need the tokenizer to read the text: generate(..., tokenizer=tokenizer)")
     device = model_device(model)
     generators = [p.generator(device) for p in per_row]
     results = [Generation([], "length") for _ in prompts]
@@ -400,7 +414,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Seque
                 results[row].logits.append(logits[slot].cpu())
             token = sample(logits[slot], per_row[row], generators[row])
             results[row].tokens.append(token)
-            if token in per_row[row].stop_token_ids:
+            if token in per_row[row].stop_token_ids or _stopped(results[row], per_row[row], tokenizer):
                 results[row].finish_reason = "stop"
             elif len(results[row].tokens) < per_row[row].max_new_tokens:
                 still.append(slot)
@@ -411,4 +425,19 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Seque
             batch.keep(still)
             running = [running[s] for s in still]
         logits = decode(model, batch, last, [adapters[r] for r in running])
+    if tokenizer is not None:
+        for result, param in zip(results, per_row):
+            text = tokenizer.decode(result.tokens, skip_special_tokens=True)
+            cuts = [text.find(stop) for stop in param.stop if stop in text]
+            result.text = text[:min(cuts)] if cuts else text
     return results
+
+
+def _stopped(result: Generation, params: SamplingParams, tokenizer) -> bool:
+    """Whether the row's text now holds one of its stop strings (only the tail that the newest token can complete
+    is decoded: each step costs the same however long the row is)."""
+    if not params.stop:
+        return False
+    longest = max(len(stop) for stop in params.stop)
+    tail = tokenizer.decode(result.tokens[-(longest + 8):], skip_special_tokens=True)
+    return any(stop in tail for stop in params.stop)

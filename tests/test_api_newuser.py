@@ -219,6 +219,38 @@ def test_generate_refuses_misshaped_inputs_with_the_fix():
         assert message in _one_line(error), args
 
 
+def test_stop_strings_end_a_row_and_cut_its_text():
+    from test_serve_support import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer), initializer_range=0.5)
+    prompts = [G.encode_prompt(tokenizer, "Hello"), G.encode_prompt(tokenizer, TEXT[2], chat=False)]
+    free = G.generate(model, prompts, [None, None], G.SamplingParams(max_new_tokens=12), tokenizer=tokenizer)
+    assert [row.text for row in free] == [tokenizer.decode(row.tokens, skip_special_tokens=True) for row in free]
+    text = free[0].text
+    assert len(text) >= 6
+    stop = text[3:5]
+    params = [G.SamplingParams(max_new_tokens=12, stop=[stop, "\x00never"]), G.SamplingParams(max_new_tokens=12)]
+    rows = G.generate(model, prompts, [None, None], params, tokenizer=tokenizer)
+    assert rows[0].finish_reason == "stop" and rows[0].text == text[:text.find(stop)]
+    assert rows[0].tokens == free[0].tokens[:len(rows[0].tokens)] and len(rows[0].tokens) < 12
+    assert rows[1].tokens == free[1].tokens and rows[1].finish_reason == "length"  # its neighbour is untouched
+    with pytest.raises(LorakitError, match=r"stop strings need the tokenizer .*generate\(\.\.\., tokenizer=tokenizer\)"):
+        G.generate(model, prompts[:1], [None], G.SamplingParams(stop="x"))
+    with pytest.raises(LorakitError, match="stop must be a non-empty string or a list of them, got"):
+        G.SamplingParams(stop=[""])
+    with pytest.raises(LorakitError, match="give plain text instead"):
+        G.encode_prompt(_unusual_tokenizer_without_template(), [{"role": "user", "content": "hi"}])
+    with pytest.raises(LorakitError, match="a prompt is a string or a list of chat messages"):
+        G.encode_prompt(tokenizer, 5)
+
+
+def _unusual_tokenizer_without_template():
+    tokenizer = _unusual_tokenizer()
+    tokenizer.chat_template = None
+    return tokenizer
+
+
 # -- adapters, mixed batches, merging ---------------------------------------------------------------------------------
 def test_adapter_misuse_is_one_line():
     model = _two_adapters()
@@ -258,6 +290,29 @@ def test_nested_mixed_batch_restores_the_outer_routing_and_disable_wins():
     assert_close(disabled, base)
     assert_close(outer[2], base[2])
     model(ids)  # outside every block: the active adapter again, no row routing left behind
+
+
+def test_transformers_generate_with_beams_inside_mixed_batch_keeps_each_rows_adapter(folder):
+    """``model.generate`` (README's way) with num_beams=2 repeats each row twice in place: row i's beams still use
+    names[i], so the answer equals that row generated alone with its adapter set."""
+    model, tokenizer = lorakit.load_base(folder, device="cpu")
+    for name, seed in (("a", 1), ("b", 2)):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter=name)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for key, parameter in lorakit.lora_parameters(model, name):
+                if key.endswith("lora_B"):
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    texts = ["Hello", TEXT[0]]
+    kwargs = dict(max_new_tokens=4, do_sample=False, num_beams=2, pad_token_id=tokenizer.pad_token_id)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with lorakit.mixed_batch(model, ["a", "b"]):
+        together = model.generate(**batch, **kwargs)[:, batch.input_ids.shape[1]:]
+    for row, (text, name) in enumerate(zip(texts, ["a", "b"])):
+        lorakit.set_adapter(model, name)
+        alone = tokenizer([text], return_tensors="pt")
+        assert together[row].tolist() == model.generate(**alone, **kwargs)[0, alone.input_ids.shape[1]:].tolist()
 
 
 def test_a_second_thread_cannot_open_mixed_batch_on_the_same_model():
