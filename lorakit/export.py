@@ -435,8 +435,29 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int, base_name: str) -> N
                              ("add_pad_token_id", tokenizer.pad_token_id), ("add_unk_token_id", tokenizer.unk_token_id)):
         if isinstance(token_id, int) and hasattr(writer, setter):
             getattr(writer, setter)(token_id)
+    # llama.cpp adds BOS/EOS around a prompt by its own per-vocabulary default unless these keys say otherwise
+    # (convert_hf_to_gguf.py writes them from tokenizer_config.json): write what this tokenizer does, so llama.cpp
+    # tokenizes a prompt as transformers does
+    adds = _adds_special_tokens(tokenizer)
+    if adds is not None:
+        writer.add_add_bos_token(adds[0])
+        writer.add_add_eos_token(adds[1])
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def _adds_special_tokens(tokenizer) -> tuple[bool, bool] | None:
+    """Whether encoding a text with the tokenizer's defaults puts BOS before it and EOS after it (None: unknown)."""
+    text = "a"
+    try:
+        with_special = list(tokenizer(text).input_ids)
+        plain = list(tokenizer(text, add_special_tokens=False).input_ids)
+    except Exception:  # a tokenizer that cannot encode here: write no key, llama.cpp keeps its default
+        return None
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    add_bos = bos is not None and with_special[:1] == [bos] and plain[:1] != [bos]
+    add_eos = eos is not None and with_special[-1:] == [eos] and plain[-1:] != [eos]
+    return add_bos, add_eos
 
 
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"

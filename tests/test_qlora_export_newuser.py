@@ -236,3 +236,25 @@ def test_cli_merge_of_a_bitsandbytes_folder_uses_bitsandbytes_dequantization(tmp
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "bnb_4bit_quant_type is 'fp4'" in error and "16-bit" in error
     assert not (tmp_path / "merged-fp4").exists()
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_gguf_says_whether_the_tokenizer_adds_bos(tmp_path, adds_bos):
+    """llama.cpp adds BOS by its own per-vocabulary default unless tokenizer.ggml.add_bos_token says otherwise (a
+    Llama-3-style 'llama-bpe' vocabulary defaults to adding it): the file now says what the HF tokenizer does."""
+    import gguf
+    from tokenizers.processors import TemplateProcessing
+
+    from conftest import tiny_llama
+    from lorakit.export import write_gguf
+
+    tokenizer = make_tokenizer()
+    if adds_bos:
+        bos = tokenizer.bos_token
+        tokenizer._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                                 special_tokens=[(bos, tokenizer.bos_token_id)])
+    assert (tokenizer("hello").input_ids[0] == tokenizer.bos_token_id) == adds_bos
+    path = write_gguf(tiny_llama(vocab_size=len(tokenizer)), tokenizer, tmp_path / "m.gguf", "f16")
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is adds_bos
+    assert fields["tokenizer.ggml.add_eos_token"].contents() is False
