@@ -85,6 +85,12 @@ def test_load_base_checks_device_and_dtype_before_loading(tmp_path, monkeypatch)
         assert message in _one_line(error), dtype
     with pytest.raises(LorakitError, match="not both"):
         lorakit.load_base(missing, dtype="bf16", torch_dtype="bf16")
+    with pytest.raises(LorakitError, match="unknown quantization 'int4'; lorakit supports: nf4"):
+        lorakit.load_base(missing, quantize="int4")
+    with pytest.raises(LorakitError) as error:
+        lorakit.load_base("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert "looks like a Hugging Face Hub id: `huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct " in (
+        _one_line(error))
 
 
 def test_load_base_reads_dtype_names_as_people_type_them(folder):

@@ -28,13 +28,23 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
     check_model_arg(str(name_or_folder), flag="model")  # a GGUF or weights file where a folder goes: say how to fix it
     folder = Path(name_or_folder).expanduser()
     if not folder.is_dir():
+        text = str(name_or_folder)
+        hub = (f" ({text!r} looks like a Hugging Face Hub id: `huggingface-cli download {text} --local-dir "
+               f"{text.rsplit('/', 1)[1]}`, then pass that folder)") if _looks_like_hub_id(text) else ""
         raise LorakitError(f"model {name_or_folder!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a "
-                           "local folder; lorakit loads no models from the internet: download it first")
+                           f"local folder; lorakit loads no models from the internet: download it first{hub}")
     if not (folder / "config.json").is_file():
-        raise LorakitError(f"{folder} has no config.json; point --model at a Hugging Face model folder")
+        raise LorakitError(f"{folder} has no config.json; give a Hugging Face model folder (config.json, safetensors "
+                           "weights, tokenizer files)")
     _refuse_pickled_only(folder)
     check_causal_config(folder)
     return folder, str(folder)
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """``org/name`` (one slash, no leading ./ ~ or /): what people copy from the Hugging Face Hub."""
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and " " not in text
 
 
 def check_causal_config(folder: Path) -> dict:
@@ -136,6 +146,10 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
     # arguments first: a typo costs nothing, not a model load
     parsed_dtype = parse_dtype(dtype)
     device = parse_device(device)
+    if quantize is not None:
+        from lorakit.quant.quantize import check_quant_type
+
+        quantize = check_quant_type(quantize)
     folder, display = resolve_model_folder(name_or_folder)
     dtype = parsed_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = load_tokenizer(folder)  # first: a folder without a tokenizer fails before any weight is read
