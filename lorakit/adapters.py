@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
+import warnings
 import weakref
 from typing import Iterator, Sequence
 
@@ -65,9 +67,38 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     configs.pop(name, None)
 
 
+class _Block:
+    """A ``with`` block that warns when it is created but never entered: ``lorakit.disable_adapters(model)`` written
+    as a plain call would otherwise do nothing, silently, and the next forward would still use the adapters."""
+
+    def __init__(self, context: contextlib.AbstractContextManager, what: str) -> None:
+        self._context, self._what, self._entered = context, what, False
+        caller = sys._getframe(2)  # 0: here, 1: disable_adapters / mixed_batch, 2: the user's line
+        self._where = (caller.f_code.co_filename, caller.f_lineno)
+
+    def __enter__(self):
+        self._entered = True
+        return self._context.__enter__()
+
+    def __exit__(self, *exc_info):
+        return self._context.__exit__(*exc_info)
+
+    def __del__(self) -> None:
+        if not self._entered:
+            try:
+                warnings.warn_explicit(f"lorakit.{self._what}(...) does nothing unless used as a block: "
+                                       f"`with lorakit.{self._what}(...):`", UserWarning, *self._where)
+            except Exception:  # interpreter shutdown: nothing left to warn with
+                pass
+
+
+def disable_adapters(model: nn.Module) -> _Block:
+    """Run the base model alone inside the ``with`` block (merged adapters must be unmerged first)."""
+    return _Block(_disable_adapters(model), "disable_adapters")
+
+
 @contextlib.contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Run the base model alone inside the block (merged adapters must be unmerged first)."""
+def _disable_adapters(model: nn.Module) -> Iterator[None]:
     hosts = adapter_hosts(model)
     if any(isinstance(h, LoraLayer) and h.merged for h in hosts.values()):
         raise LorakitError("adapters are merged into the base weights; call lorakit.unmerge(model) before disabling them")
@@ -86,9 +117,8 @@ _MIXED_OWNERS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, int]]" = weakref
 _MIXED_LOCK = threading.Lock()
 
 
-@contextlib.contextmanager
-def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
-    """Inside the block, row ``i`` of every batch goes through adapter ``names[i]`` (``None``: the base alone).
+def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> _Block:
+    """Inside the ``with`` block, row ``i`` of every batch goes through adapter ``names[i]`` (``None``: the base alone).
 
     One forward pass serves requests for different adapters; each row's output equals running that row alone
     with its adapter active. A batch of k x len(names) rows gives each name k consecutive rows: transformers'
@@ -98,6 +128,11 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]
     the thread: a block opened while another thread holds one on the same model is refused (use one thread, as
     ``lorakit serve`` does, or a lock). Merging inside the block is refused.
     """
+    return _Block(_mixed_batch(model, names), "mixed_batch")
+
+
+@contextlib.contextmanager
+def _mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
         raise LorakitError(f"mixed_batch takes a list with one adapter name (or None) per batch row, got {names!r}; "
                            "for one adapter on every row use lorakit.set_adapter(model, name)")

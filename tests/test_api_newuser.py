@@ -279,6 +279,21 @@ def test_adapter_misuse_is_one_line():
     assert not any(layer.merged for layer in lora_layers(model).values())
 
 
+def test_disable_adapters_called_without_with_warns_at_the_users_line():
+    import warnings
+
+    model = _two_adapters()
+    with pytest.warns(UserWarning, match=r"disable_adapters\(\.\.\.\) does nothing unless used as a block") as record:
+        lorakit.disable_adapters(model)  # a plain call: the adapters stay on
+    assert record[0].filename == __file__ and record[0].lineno == inspect.currentframe().f_lineno - 1
+    with pytest.warns(UserWarning, match="mixed_batch"):
+        lorakit.mixed_batch(model, ["a"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # used as blocks: not a word
+        with lorakit.disable_adapters(model), lorakit.mixed_batch(model, ["a"]):
+            model(torch.randint(0, 128, (1, 3)))
+
+
 def test_nested_mixed_batch_restores_the_outer_routing_and_disable_wins():
     model = _two_adapters()
     ids = torch.randint(0, 128, (3, 6))
