@@ -49,6 +49,7 @@ class DeltaReport:
     delta_norm: float
     error_norm: float
     dtype: torch.dtype
+    overflow: list[str] | None = None  # merged layers with a weight beyond ``dtype``'s range (it would become inf)
 
     @property
     def lost_share(self) -> float:
@@ -66,17 +67,35 @@ def delta_survival(model: nn.Module, adapter: str, dtype: torch.dtype) -> DeltaR
 
     delta_sq = error_sq = 0.0
     count = 0
-    for layer in lora_layers(model).values():
+    overflow = []
+    for path, layer in lora_layers(model).items():
         if adapter not in layer.adapters or adapter in layer.merged:
             continue
         base = layer.linear_weight(torch.float32)
         merged = layer.merged_candidate(adapter)
         delta = merged - base
-        kept = merged.to(dtype).float() - base.to(dtype).float()
+        cast = merged.to(dtype)
+        if not torch.isfinite(cast).all():
+            overflow.append(path)
+        kept = cast.float() - base.to(dtype).float()
         delta_sq += float(delta.double().pow(2).sum())
         error_sq += float((kept - delta).double().pow(2).sum())
         count += 1
-    return DeltaReport(count, delta_sq ** 0.5, error_sq ** 0.5, dtype)
+    return DeltaReport(count, delta_sq ** 0.5, error_sq ** 0.5, dtype, overflow)
+
+
+def _refuse_overflow(model: nn.Module, report: DeltaReport) -> None:
+    """Refuse, before merging, an export whose cast to ``report.dtype`` would turn weights into inf (float16's
+    largest value is 65504): the folder would load and generate NaN."""
+    name = str(report.dtype).replace("torch.", "")
+    bad = report.overflow[0] if report.overflow else None
+    if bad is None and report.dtype == torch.float16:
+        limit = torch.finfo(torch.float16).max
+        bad = next((key for key, t in model.state_dict().items()
+                    if t.is_floating_point() and t.numel() and t.abs().max().item() > limit), None)
+    if bad is not None:
+        raise LorakitError(f"merged weights of {bad} exceed the {name} range (largest {torch.finfo(report.dtype).max:.6g})"
+                           f" and would be saved as inf; export with --dtype bf16 or fp32 (nothing was merged)")
 
 
 # -- the merged Hugging Face folder -------------------------------------------------------------------------------
@@ -106,8 +125,9 @@ def merge_model(model: nn.Module, adapter: str, dtype: torch.dtype) -> tuple[nn.
     from lorakit.merge import merge_and_unload
     from lorakit.quant.quantize import dequantize
 
-    dequantize(model, torch.float32)
     report = delta_survival(model, adapter, dtype)
+    _refuse_overflow(model, report)  # before anything changes
+    dequantize(model, torch.float32)
     _untie_if_embedding_merged(model, adapter)
     merge_and_unload(model, adapter)
     return model, report

@@ -258,3 +258,23 @@ def test_gguf_says_whether_the_tokenizer_adds_bos(tmp_path, adds_bos):
     fields = gguf.GGUFReader(path).fields
     assert fields["tokenizer.ggml.add_bos_token"].contents() is adds_bos
     assert fields["tokenizer.ggml.add_eos_token"].contents() is False
+
+
+def test_float16_export_that_would_overflow_is_refused_before_merging(tmp_path):
+    """float16 tops out at 65504: a merged weight beyond it used to be saved as inf (with only a "loses 100%"
+    warning), a folder that loads and generates NaN. Now refused in one line, nothing merged or written."""
+    from conftest import tiny_llama
+    from lorakit.inject import lora_layers
+
+    tokenizer = make_tokenizer()
+    model = lorakit.quantize(tiny_llama(vocab_size=len(tokenizer)), "nf4")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for _, parameter in lorakit.lora_parameters(model, "default"):
+            parameter.fill_(200.0)  # (alpha / r) * r * 200 * 200 = 80,000 added to every weight
+    with pytest.raises(LorakitError, match=r"q_proj exceed the float16 range .*--dtype bf16 or fp32"):
+        export_merged(model, tokenizer, "default", tmp_path / "merged", dtype=torch.float16)
+    assert not (tmp_path / "merged").exists() and len(lora_layers(model)) == 2
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, NF4Linear)  # untouched
+    out, report = export_merged(model, tokenizer, "default", tmp_path / "merged", dtype=torch.bfloat16)
+    assert report.overflow == [] and (out / "model.safetensors").is_file()
