@@ -16,17 +16,24 @@ def template_end_of_turn(tokenizer: Any) -> int | None:
 
     Found by rendering a one-turn chat with and without its answer: what follows the answer is the template's end
     of turn (``<|im_end|>\\n``, ``<end_of_turn>\\n``, ``<|eot_id|>``, ``</s>``, or any token a custom template
-    uses). None without a template, or when the template refuses the probe chat or writes no special token there.
+    uses). None without a template, or when the template refuses the probe chats or writes no special token there.
     """
     if not getattr(tokenizer, "chat_template", None):
         return None
-    try:
-        before = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                               add_generation_prompt=True)
-        through = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
-                                                 {"role": "assistant", "content": _PROBE_ANSWER}], tokenize=False)
-    except Exception:  # a template that wants other roles (a system turn first, ...): no answer from the template
-        return None
+    for opening in ([], [{"role": "system", "content": "Be brief."}]):  # some templates want a system turn first
+        try:
+            before = tokenizer.apply_chat_template(opening + [{"role": "user", "content": "Hi"}], tokenize=False,
+                                                   add_generation_prompt=True)
+            through = tokenizer.apply_chat_template(opening + [{"role": "user", "content": "Hi"},
+                                                               {"role": "assistant", "content": _PROBE_ANSWER}],
+                                                    tokenize=False)
+        except Exception:  # a template that refuses this chat (jinja raise_exception): try the next opening
+            continue
+        return _first_special_after_answer(tokenizer, before, through)
+    return None
+
+
+def _first_special_after_answer(tokenizer: Any, before: Any, through: Any) -> int | None:
     if not isinstance(before, str) or not isinstance(through, str) or not through.startswith(before):
         return None
     turn = through[len(before):]

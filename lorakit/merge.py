@@ -28,6 +28,9 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
     a quantized (NF4) base re-quantizes it and loses part of the update: that warns (``LossyMergeWarning``) with the
     measured share that survives, unless ``allow_lossy=True``. To keep the adapter exact, merge into a 16-bit copy.
     """
+    if not adapter_hosts(model):  # a forgotten load_adapter would otherwise "merge" into a copy of the plain base
+        raise LorakitError("this model has no lorakit adapters to merge; load one first (lorakit.load_adapter(model, "
+                           "folder)), or it was merged and unloaded already")
     if mixed_batch_open(model):
         raise LorakitError("cannot merge inside a lorakit.mixed_batch block (its rows use unmerged adapters); merge "
                            "before or after the block")

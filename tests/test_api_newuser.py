@@ -169,6 +169,18 @@ def test_a_template_that_ends_turns_with_an_unusual_token_stops_generation():
     assert row.tokens == [over] and row.finish_reason == "stop"
 
 
+def test_a_template_that_demands_a_system_turn_still_gives_its_end_of_turn():
+    from lorakit.chat_template import template_end_of_turn
+
+    tokenizer = _unusual_tokenizer()
+    tokenizer.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+                               + UNUSUAL)
+    assert template_end_of_turn(tokenizer) == tokenizer.convert_tokens_to_ids("<|over|>")
+    tokenizer.chat_template = "{{ raise_exception('no chats') }}"
+    assert template_end_of_turn(tokenizer) is None
+    assert G.end_of_turn_ids(tokenizer) == (tokenizer.eos_token_id,)
+
+
 def test_core_side_helpers_never_import_training_code():
     import lorakit.chat_template
     import lorakit.generation
@@ -386,6 +398,9 @@ def test_merge_twice_unmerge_twice_then_merge_and_unload_and_save(tmp_path):
                                            "with model.save_pretrained"):
         lorakit.set_adapter(plain, "a")
     assert_close(plain(ids).logits, expected)
+    for again in (lorakit.merge, lorakit.merge_and_unload):  # a plain model: "merging" would save the bare base
+        with pytest.raises(LorakitError, match="this model has no lorakit adapters to merge; load one first"):
+            again(plain)
 
 
 def test_adapter_round_trip_through_a_unicode_path_and_a_second_load_under_one_name(tmp_path):
