@@ -163,10 +163,11 @@ def main() -> int:
         make_adapters(args.model, folder, 8, args.rank)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
+        server_log = open(Path(tmp) / "server.log", "w")  # shown when a case fails: the server's own traceback
         server = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", args.model, "--adapters", str(folder),
                                    "--port", str(port), "--max-loaded", "8", "--max-batch", "32", "--name", "base",
                                    "--decoder", args.decoder],
-                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                                  cwd=ROOT, stdout=server_log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
             while True:
@@ -191,9 +192,17 @@ def main() -> int:
                           f"{result.get('prefill_share', 0):.0%} of wall ({result.get('rows_per_prefill', 0)} rows/call), "
                           f"decode {result.get('decode_share', 0):.0%} ({result.get('ms_per_decode_step', 0)} ms/step)",
                           flush=True)
+        except BaseException:
+            server_log.flush()
+            lines = (Path(tmp) / "server.log").read_text(errors="replace").splitlines(True)
+            first = next((i for i, line in enumerate(lines) if line.startswith("Traceback")), max(0, len(lines) - 60))
+            print("--- the server's log from its first traceback (60 lines) ---\n" + "".join(lines[first:first + 60]),
+                  file=sys.stderr)
+            raise
         finally:
             server.terminate()
             server.wait(timeout=30)
+            server_log.close()
     import torch
 
     model_name = f"random {args.shape or args.random_from.name}" if args.random_from else args.model

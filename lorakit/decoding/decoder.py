@@ -136,7 +136,8 @@ class StaticDecoder:
         for i, layer in enumerate(self.parts.layers):
             if not all(fused.is_current() for fused in self.weights[i].values()):
                 self.weights[i] = self._fuse(layer)
-                self._graph, self._prefill_graphs = None, {}
+                self._graph = None
+                self._drop_prefill_graphs()
         self.adapters.weights = self.weights
 
     def unservable(self, name: str | None) -> str | None:
@@ -257,7 +258,8 @@ class StaticDecoder:
         bucket = max(16, 1 << (T - 1).bit_length())
         key = (self.adapters.version, self.adapters.has_dora, bool(self.adapters.slot_of))
         if self._prefill_key != key:
-            self._prefill_graphs, self._prefill_key = {}, key
+            self._drop_prefill_graphs()
+            self._prefill_key = key
         if self._prefill_last is None:
             self._prefill_last = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
             self._prefill_logits = torch.zeros(self.max_batch, self.parts.vocab, dtype=torch.float32, device=self.device)
@@ -284,6 +286,12 @@ class StaticDecoder:
         self._prefill_last.copy_(index)
         graph.replay()
         return self._prefill_logits[:n].clone()
+
+    def _drop_prefill_graphs(self) -> None:
+        """Forget the prefill graphs and their memory pool. The pool goes with them: once its last graph is
+        freed, PyTorch releases the pool, and capturing into the old handle fails an allocator assert (and leaves
+        the CUDA RNG in capture mode for every other thread)."""
+        self._prefill_graphs, self._pool = {}, None
 
     def _prefill_forward(self, flat: torch.Tensor, last: torch.Tensor, out: torch.Tensor, per_prompt=None) -> None:
         """All layers over the flat tokens (4, T) (token, position, cache row, slot), storing every token's K/V at
