@@ -278,3 +278,35 @@ def test_float16_export_that_would_overflow_is_refused_before_merging(tmp_path):
     assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, NF4Linear)  # untouched
     out, report = export_merged(model, tokenizer, "default", tmp_path / "merged", dtype=torch.bfloat16)
     assert report.overflow == [] and (out / "model.safetensors").is_file()
+
+
+def test_nf4linear_from_linear_takes_conv1d_and_bitsandbytes_layers_and_refuses_others(no_dynamo):
+    """``NF4Linear.from_linear`` (the lorakit.quant API) read a GPT-2 Conv1D's (in, out) weight as (out, in): a
+    square Conv1D quantized silently transposed. A bitsandbytes Linear4bit was refused for its uint8 weight, an
+    embedding died on AttributeError."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(48, 48)
+    torch.nn.init.normal_(conv.weight)
+    torch.nn.init.normal_(conv.bias)
+    layer = NF4Linear.from_linear(conv)
+    assert layer.conv1d_layout and torch.equal(layer.dequantize(), NF4Linear.from_weight(conv.weight.T).dequantize())
+    x = torch.randn(3, 48)
+    error = (layer(x) - conv(x)).abs().max() / conv(x).abs().max()
+    assert error < 0.2  # NF4 rounding only (a transposed weight gave ~1.4)
+
+    dense = torch.nn.Linear(64, 96)
+    packed = bnb.nn.Linear4bit(64, 96, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    packed.load_state_dict(dense.state_dict())
+    packed = packed.to("cpu")  # bitsandbytes quantizes on the move to a device
+    state = copy.copy(packed.weight.quant_state)
+    state.shape = torch.Size([64 * 96])
+    expected = bnb.functional.dequantize_4bit(packed.weight.data, state).reshape(96, 64).float()
+    converted = NF4Linear.from_linear(packed, name="up_proj")
+    assert torch.equal(converted.dequantize(), expected) and torch.equal(converted.bias, dense.bias)
+
+    with pytest.raises(LorakitError, match=r"'embed' \(Embedding\) is not linear"):
+        NF4Linear.from_linear(torch.nn.Embedding(10, 64), name="embed")

@@ -220,12 +220,26 @@ class NF4Linear(QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: torch.nn.Module, *, blocksize: int = 64, double_quant: bool = True,
                     device: torch.device | str | None = None, name: str = "") -> "NF4Linear":
-        """An NF4Linear from an ``nn.Linear`` (quantized on ``device``, default the weight's own)."""
+        """An NF4Linear from an ``nn.Linear`` or a transformers ``Conv1D`` (quantized on ``device``, default the
+        weight's own); a bitsandbytes 4-bit NF4 layer is converted exactly (its state copied, not re-quantized)."""
+        from lorakit.quant import is_conv1d
+        from lorakit.quant.quantize import _bnb_kind, from_bnb_linear4bit
+
+        label = name or type(linear).__name__
+        if _bnb_kind(linear) == "4bit":
+            return from_bnb_linear4bit(linear, name)
+        conv1d = is_conv1d(linear)
+        if not (isinstance(linear, torch.nn.Linear) or conv1d) or _bnb_kind(linear) is not None:
+            raise LorakitError(f"module '{label}' ({type(linear).__name__}) is not linear; NF4Linear.from_linear takes an "
+                               "nn.Linear or a transformers Conv1D (lorakit.quantize(model) picks them for you)")
         weight = linear.weight.detach()
+        weight = weight.T.contiguous() if conv1d else weight  # Conv1D stores (in, out)
         if device is not None:
             weight = weight.to(device)
         bias = linear.bias.detach().to(weight.device) if linear.bias is not None else None
-        return cls.from_weight(weight, bias, blocksize=blocksize, double_quant=double_quant, name=name)
+        module = cls.from_weight(weight, bias, blocksize=blocksize, double_quant=double_quant, name=name)
+        module.conv1d_layout = conv1d
+        return module
 
     @classmethod
     def from_nf4_weight(cls, w: NF4Weight, bias: torch.Tensor | None = None, *,
