@@ -403,3 +403,19 @@ def test_adapter_from_an_older_transformers_layout(tmp_path):
     new = {k.replace(".language_model.model.", ".model.language_model."): v.clone() for k, v in old.items()}
     save_file({**old, **new}, tmp_path / WEIGHTS_NAME)  # both layouts in one file: which one should win?
     assert "is a second tensor for" in refusal(tmp_path, llava())
+
+
+def test_server_pool_admits_a_pissa_adapter_at_the_rank_it_loads_with(tmp_path):
+    """peft's pissa adapter of rank r loads as a plain LoRA of rank 2r: the server pool's --max-rank check counts
+    that before loading, so it neither admits what it then refuses after the load nor names a rank never written."""
+    import threading
+
+    from lorakit.serve.pool import AdapterPool, AdapterRejected
+
+    peft_saved("llama", tmp_path / "adapters" / "p", r=4, target_modules=["q_proj"], init_lora_weights="pissa")
+    model = build("llama")
+    with pytest.raises(AdapterRejected, match=r"rank 8 is above --max-rank 6 \(a pissa adapter of rank 4 loads at rank 8\)"):
+        AdapterPool(model, tmp_path / "adapters", threading.RLock(), max_rank=6).acquire("p")
+    pool = AdapterPool(model, tmp_path / "adapters", threading.RLock(), max_rank=8)
+    internal = pool.acquire("p")
+    assert model.model.layers[0].self_attn.q_proj.adapters[internal].rank == 8

@@ -241,8 +241,11 @@ class AdapterPool:
         self._check_patterns(name, config)
         ranks = [config.r, *config.rank_pattern.values()]
         ranks += [t.shape[0] for k, t in adapter_file.tensors.items() if k.endswith(("lora_A.weight", "lora_embedding_A")) and t.dim() == 2]
-        if max(ranks) > self.max_rank:
-            raise AdapterRejected(f"adapter {name!r} refused: rank {max(ranks)} is above --max-rank {self.max_rank}")
+        rewrite = adapter_file.base_rewrite  # peft's PiSSA / OLoRA: loaded as a plain LoRA of twice the rank
+        if max(ranks) * (2 if rewrite else 1) > self.max_rank:
+            how = f" (a {rewrite} adapter of rank {max(ranks)} loads at rank {2 * max(ranks)})" if rewrite else ""
+            raise AdapterRejected(f"adapter {name!r} refused: rank {max(ranks) * (2 if rewrite else 1)} is above "
+                                  f"--max-rank {self.max_rank}{how}")
         return adapter_file
 
     def _check_patterns(self, name: str, config) -> None:
