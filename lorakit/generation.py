@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -248,7 +249,10 @@ def _routing(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[None]
     names = list(adapters)
     hosts = adapter_hosts(model)
     merged = any(getattr(h, "merged", None) for h in hosts.values())
-    if len(set(names)) != 1 or not hosts or merged:
+    if merged:  # a merged adapter cannot be turned off for a row, nor another one run beside it
+        raise LorakitError("each row runs through its adapter (or the base alone), which needs unmerged adapters; call "
+                           "lorakit.unmerge(model) first, or generate from the merged model with model.generate")
+    if len(set(names)) != 1 or not hosts:
         with mixed_batch(model, names):
             yield
         return
@@ -402,6 +406,17 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Seque
                            f"{len(per_row)} item(s) of type {type(per_row[0]).__name__ if per_row else 'none'}")
     if tokenizer is None and any(p.stop for p in per_row):
         raise LorakitError("stop strings need the tokenizer to read the text: generate(..., tokenizer=tokenizer)")
+    from lorakit.models.loading import context_length
+
+    limit = context_length(model)
+    for row, (prompt, param) in enumerate(zip(prompts, per_row)):
+        if limit is not None and len(prompt) + param.max_new_tokens > limit:  # learned positions fail past it
+            raise LorakitError(f"prompt {row} is {len(prompt)} tokens and max_new_tokens is {param.max_new_tokens}: "
+                               f"more than the model's context of {limit} positions; shorten the prompt or lower "
+                               "max_new_tokens")
+    if model.training:
+        warnings.warn("generating with the model in training mode: dropout makes the answers random; call "
+                      "model.eval() first", UserWarning, stacklevel=2)
     device = model_device(model)
     generators = [p.generator(device) for p in per_row]
     results = [Generation([], "length") for _ in prompts]

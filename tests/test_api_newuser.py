@@ -269,6 +269,22 @@ def _unusual_tokenizer_without_template():
     return tokenizer
 
 
+def test_generate_names_context_overflow_training_mode_and_a_merged_model():
+    model = _two_adapters()  # context: 128 positions
+    with pytest.raises(LorakitError, match="prompt 1 is 120 tokens and max_new_tokens is 9: more than the model's "
+                                           "context of 128 positions"):
+        G.generate(model, [[1] * 5, [1] * 120], ["a", "b"], G.SamplingParams(max_new_tokens=9))
+    assert len(G.generate(model, [[1] * 120], ["a"], G.SamplingParams(max_new_tokens=8))[0].tokens) == 8
+    model.train()
+    with pytest.warns(UserWarning, match=r"training mode: dropout makes the answers random; call model.eval\(\)"):
+        G.generate(model, [[1, 2]], ["a"], G.SamplingParams(max_new_tokens=1))
+    model.eval()
+    lorakit.merge(model, "a")
+    for adapters in (["a"], [None], ["a", "b"]):
+        with pytest.raises(LorakitError, match="needs unmerged adapters; call lorakit.unmerge"):
+            G.generate(model, [[1, 2]] * len(adapters), adapters, G.SamplingParams(max_new_tokens=1))
+
+
 # -- adapters, mixed batches, merging ---------------------------------------------------------------------------------
 def test_adapter_misuse_is_one_line():
     model = _two_adapters()
