@@ -85,6 +85,8 @@ def test_load_base_checks_device_and_dtype_before_loading(tmp_path, monkeypatch)
         assert message in _one_line(error), dtype
     with pytest.raises(LorakitError, match="not both"):
         lorakit.load_base(missing, dtype="bf16", torch_dtype="bf16")
+    with pytest.raises(LorakitError, match="got a LlamaForCausalLM; a model already in memory needs no loading"):
+        lorakit.load_base(tiny_llama())
     with pytest.raises(LorakitError, match="unknown quantization 'int4'; lorakit supports: nf4"):
         lorakit.load_base(missing, quantize="int4")
     with pytest.raises(LorakitError) as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -130,8 +131,10 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
     Args:
         name_or_folder: ``"smollm2-135m"`` (the embedded model, converted once to a local cache) or a local
             Hugging Face folder (config.json, safetensors weights, tokenizer files).
-        dtype: weights dtype; default float32 on CPU, bfloat16 on CUDA.
-        device: default: CUDA if available, else MPS, else CPU.
+        dtype: weights dtype: a ``torch.dtype`` or a name (``"bf16"``, ``"float16"``, ``"torch.float32"``, any case);
+            default float32 on CPU, bfloat16 on CUDA.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a ``torch.device``; one this machine lacks is refused
+            before anything loads. Default: CUDA if available, else MPS, else CPU.
         quantize: ``"nf4"`` to store the base linear weights in 4-bit NF4 (QLoRA), quantized layer by layer while
             loading. A folder saved 4-bit NF4 by bitsandbytes is read as NF4 without it.
         attn_implementation: transformers' attention (``"sdpa"``, ``"eager"``, ...).
@@ -139,6 +142,9 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
     Returns:
         the model in eval mode and its tokenizer (with a pad token set).
     """
+    if not isinstance(name_or_folder, (str, os.PathLike)):
+        raise LorakitError(f"load_base takes a model name or a folder path, got a {type(name_or_folder).__name__}; a "
+                           "model already in memory needs no loading: lorakit.inject(model, lorakit.LoraConfig())")
     if torch_dtype is not None:
         if dtype is not None:
             raise LorakitError("give dtype or torch_dtype (its older name), not both")
