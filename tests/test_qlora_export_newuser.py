@@ -310,3 +310,25 @@ def test_nf4linear_from_linear_takes_conv1d_and_bitsandbytes_layers_and_refuses_
 
     with pytest.raises(LorakitError, match=r"'embed' \(Embedding\) is not linear"):
         NF4Linear.from_linear(torch.nn.Embedding(10, 64), name="embed")
+
+
+def test_cli_gguf_of_an_unknown_family_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32,
+                                               bos_token_id=0, eos_token_id=0)).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(lorakit, "load_base", never)
+    capsys.readouterr()  # the setup's progress bars
+    assert main(["merge", "--model", str(folder), "--adapter", str(adapter), "--out", str(tmp_path / "out"),
+                 "--format", "gguf"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "'gpt2'" in error and "convert_hf_to_gguf.py" in error
+    assert not (tmp_path / "out").exists()

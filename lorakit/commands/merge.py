@@ -47,6 +47,12 @@ def run(args: argparse.Namespace) -> int:
     if os.path.isdir(os.path.expanduser(args.model)):
         protected["the model folder"] = args.model
     check_output_folder(args.out, overwrite=args.overwrite, protected=protected)  # before minutes of loading
+    if args.format == "gguf" and os.path.isdir(os.path.expanduser(args.model)):  # refuse a family before loading it
+        from transformers import AutoConfig
+
+        from lorakit.export import gguf_arch
+
+        gguf_arch(AutoConfig.from_pretrained(os.path.expanduser(args.model)))
     dtype = getattr(torch, DTYPES[args.dtype])
     model, tokenizer = lorakit.load_base(args.model, dtype=torch.float32, device="cpu")
     lorakit.load_adapter(model, args.adapter, adapter="merged")
