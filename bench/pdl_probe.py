@@ -13,7 +13,10 @@ step's rope / add+RMSNorm / SwiGLU), repeated over the model's layers with disti
     triton+pdl    both launched with PDL (wait at the top, dependents released at the top)
     +prefetch     as triton+pdl, and each GEMM program loads its first weight chunk before it waits
 
-and checks every variant's final activations against torch.mm's in float32.
+and checks every variant's final activations against torch.mm's in float32. The GEMM is lorakit's own
+(``lorakit.kernels.triton.rows_gemm``). The recorded run (bench/results/pdl_probe_{8b,1b}_h200.json) came from this
+script's first version, whose kernels released their dependents before waiting and whose +prefetch mode did not fit
+in shared memory (it now drops a pipeline stage, as lorakit does).
 
     python bench/pdl_probe.py --shape 8b      # prints a table, writes $OUT/pdl_probe_<shape>.json
 """
@@ -30,50 +33,13 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import LLAMA_SHAPES, copy_bandwidth, time_fn, write_json  # noqa: E402
+from bench_common import LLAMA_SHAPES, copy_bandwidth, graph_seconds, write_json  # noqa: E402
 
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # an older Triton: the probe reports PDL as unavailable
-    gdc_launch_dependents = gdc_wait = None
-
-
-@triton.jit
-def _gemm(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-          PREFETCH: tl.constexpr):
-    """y[:M, :N] = x[:M, :K] @ w[:N, :K]^T; one program streams BLOCK_N rows of w over all of K (K % BLOCK_K == 0)."""
-    pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    if PDL:
-        gdc_launch_dependents()
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    start = 0
-    if PREFETCH:  # the weight does not depend on the previous kernel: read its first chunk while that one drains
-        w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
-        if PDL:
-            gdc_wait()
-        x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-        start = 1
-    elif PDL:
-        gdc_wait()
-    for k in range(start, tl.cdiv(K, BLOCK_K)):
-        x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from lorakit.kernels._triton import pdl_launch  # noqa: E402
+from lorakit.kernels.triton import pdl as device_pdl  # noqa: E402
+from lorakit.kernels.triton.pdl import pdl_enter  # noqa: E402
+from lorakit.kernels.triton.rows_gemm import rows_gemm  # noqa: E402  (the GEMM: lorakit's, with its PDL switches)
 
 
 @triton.jit
@@ -81,9 +47,7 @@ def _row_scale(x_ptr, y_ptr, N, stride_x, stride_y, BLOCK: tl.constexpr, PDL: tl
     """y[row, :N] = x[row, :N] / rms(x[row, :N]): the step's small row-wise kernels (RMSNorm and kin)."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_enter(PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=offs < N, other=0.0).to(tl.float32)
     scale = tl.rsqrt(tl.sum(x * x, axis=0) / N + 1e-6)
     tl.store(y_ptr + row * stride_y + offs, (x * scale).to(y_ptr.dtype.element_ty), mask=offs < N)
@@ -95,21 +59,10 @@ CONFIG = {  # (N, K) -> (block_n, block_k, warps, stages): bench/skinny_gemm_pro
 }
 
 
-def gemm(x, w, y, cfg, pdl, prefetch):
-    M, K = x.shape
-    N = w.shape[0]
-    block_n, block_k, warps, stages = cfg
-    extra = {"launch_pdl": True} if pdl else {}
-    _gemm[(triton.cdiv(N, block_n),)](x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
-                                      BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
-                                      PDL=pdl, PREFETCH=prefetch, num_warps=warps, num_stages=stages, **extra)
-
-
 def row_scale(x, y, pdl):
     M, N = x.shape
-    extra = {"launch_pdl": True} if pdl else {}
     _row_scale[(M,)](x, y, N, x.stride(0), y.stride(0), BLOCK=triton.next_power_of_2(N), PDL=pdl,
-                     num_warps=8, **extra)
+                     num_warps=8, **pdl_launch(pdl))
 
 
 def main() -> int:
@@ -147,7 +100,8 @@ def main() -> int:
             if mode == "cublas":
                 torch.mm(x, w.t(), out=y)
             else:
-                gemm(x, w, y, cfg[name], pdl, prefetch)
+                block_n, block_k, warps, stages = cfg[name]  # the early chunk costs a stage of shared memory
+                rows_gemm(x, w, out=y, config=(block_n, block_k, warps, stages - prefetch), pdl=pdl, prefetch=prefetch)
 
         def run():
             xh.copy_(x0)
@@ -163,27 +117,14 @@ def main() -> int:
             return xh
         return run
 
-    modes = ["cublas", "triton"] + (["triton+pdl", "+prefetch"] if gdc_wait is not None else [])
+    modes = ["cublas", "triton"] + (["triton+pdl", "+prefetch"] if device_pdl.gdc_wait is not None else [])
     results, reference = [], None
     for mode in modes:
         run = chain(mode)
         try:
             out = run().float().clone()
-            torch.cuda.synchronize()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                run()
-            torch.cuda.current_stream().wait_stream(stream)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                run()
-            seconds = time_fn(graph.replay, device, warm=3, reps=20, budget_s=3.0)
-            graph.replay()
-            torch.cuda.synchronize()
+            seconds = graph_seconds(run, device, calls=1)  # the buffers then hold the last replay's results
             replayed = xh.float().clone()
-            del graph
         except Exception as error:  # PDL not supported by this Triton / driver: say so and go on
             print(f"{mode}: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
             continue

@@ -2,8 +2,8 @@
 W (N, K) bf16) are bound by reading W; the static decoder's profile has cuBLAS at ~84% of the copy bandwidth.
 
 For each projection shape of the Llama-3.1-8B and -3.2-1B decoders this times torch.mm (cuBLAS) and a plain Triton
-kernel (one program per BLOCK_N output columns streams its W rows over all of K; the 64 rows of x come from L2)
-over a small grid of tiles and pipeline depths, each in a CUDA graph of 20 calls that rotate over enough copies of
+kernel (lorakit's rows GEMM: one program per BLOCK_N output columns streams its W rows over all of K; the 64 rows of
+x come from L2) over a small grid of tiles and pipeline depths, each in a CUDA graph of 20 calls that rotate over enough copies of
 W to defeat the 60 MB L2, and checks the Triton result against torch.mm in float32.
 
     python bench/skinny_gemm_probe.py            # prints a table, writes $OUT/skinny_gemm_probe.json
@@ -19,47 +19,17 @@ import time
 
 import torch
 import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import copy_bandwidth, graph_seconds  # noqa: E402
 
-
-@triton.jit
-def _skinny_gemm(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
-        else:
-            rest = K - k * BLOCK_K
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < rest), other=0.0)
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < rest), other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from lorakit.kernels.triton.rows_gemm import rows_gemm  # noqa: E402
 
 
 def skinny_mm(x, w, out, block_n, block_k, num_warps, num_stages):
-    M, K = x.shape
-    N = w.shape[0]
-    _skinny_gemm[(triton.cdiv(N, block_n),)](x, w, out, M, N, K, x.stride(0), w.stride(0), out.stride(0),
-                                            BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n,
-                                            BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-                                            num_warps=num_warps, num_stages=num_stages)
-    return out
+    """lorakit's weight-streaming GEMM (``lorakit.kernels.triton.rows_gemm``) with one candidate tile, no PDL."""
+    return rows_gemm(x, w, out=out, config=(block_n, block_k, num_warps, num_stages), pdl=False, prefetch=False)
 
 
 SHAPES = {  # name: (N, K)

@@ -65,3 +65,15 @@ def test_pdl_is_off_on_the_cpu_and_scoped_to_its_thread():
         assert _triton._PDL_STATE.on
     assert not _triton._PDL_STATE.on
     assert _triton.pdl_launch(True) == {"launch_pdl": True} and _triton.pdl_launch(False) == {}
+
+
+def test_rows_gemm_takes_an_output_buffer_and_an_explicit_tile():
+    """What the benchmarks use: a given out buffer (a strided view), a forced tile, PDL and the early read off."""
+    x, weight = torch.randn(7, 300), torch.randn(40, 300) / 300 ** 0.5
+    wide = torch.full((7, 45), float("nan"))
+    out = wide[:, 2:42]
+    y = triton_rows_gemm.rows_gemm(x, weight, out=out, config=(16, 128, 4, 2), pdl=False, prefetch=False)
+    assert y is out and wide[:, :2].isnan().all() and wide[:, 42:].isnan().all()  # nothing written outside
+    assert_close(y, x.double() @ weight.double().t(), torch.float32)
+    early = triton_rows_gemm.rows_gemm(x, weight, config=(16, 128, 4, 2), pdl=False, prefetch=True)
+    assert_close(early, y)  # the first chunk read before the (absent) wait: the same sums

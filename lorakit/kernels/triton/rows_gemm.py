@@ -86,19 +86,25 @@ def rows_gemm_config(N: int, K: int, sm_count: int, prefetch: bool) -> tuple[int
     return block_n, block_k, 4, stages
 
 
-def rows_gemm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+def rows_gemm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None, *,
+              out: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
+              pdl: bool | None = None, prefetch: bool | None = None) -> torch.Tensor:
     """(residual +) x @ weight^T: x (M <= 64, K), weight (N, K), residual (M, N) or None, unit column strides, one
-    dtype (checked by the caller) -> (M, N) new tensor in x's dtype."""
+    dtype (checked by the caller) -> (M, N) in x's dtype: ``out`` (unit column stride) or a new tensor.
+
+    The benchmarks set the rest: ``config`` (BLOCK_N, BLOCK_K, warps, stages; default ``rows_gemm_config``),
+    ``pdl`` (default ``pdl_on(x)``), ``prefetch`` (default ``PREFETCH`` when PDL is on).
+    """
     M, K = x.shape
     N = weight.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     if M == 0 or N == 0:
         return y
     sm = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
         if x.device.type == "cuda" else 8
-    pdl = pdl_on(x)
-    prefetch = PREFETCH and pdl  # without PDL the early load buys nothing
-    block_n, block_k, warps, stages = rows_gemm_config(N, K, sm, prefetch)
+    pdl = pdl_on(x) if pdl is None else pdl
+    prefetch = (PREFETCH and pdl) if prefetch is None else prefetch  # without PDL the early load buys nothing
+    block_n, block_k, warps, stages = config or rows_gemm_config(N, K, sm, prefetch)
     r = y if residual is None else residual
     _rows_gemm[(triton.cdiv(N, block_n),)](
         x, weight, r, y, M, N, K, x.stride(0), weight.stride(0), r.stride(0), y.stride(0),
