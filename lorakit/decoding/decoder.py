@@ -58,7 +58,6 @@ class StaticDecoder:
             into a scratch that the next kernel (rope + KV store, add + RMSNorm, SwiGLU) adds as it reads the GEMM's
             output; "serial": the same data flow on one stream (the pair before the GEMM); "off" (the default
             elsewhere): the pair adds into the GEMM's output after it. Off CUDA, "lora" is "serial".
-            runs the same data flow on one stream.
         pdl: launch the step's kernels with programmatic dependent launch (default: on where the GPU and Triton
             support it; ignored elsewhere).
 
