@@ -332,3 +332,19 @@ def test_cli_gguf_of_an_unknown_family_is_refused_before_loading(tmp_path, capsy
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "'gpt2'" in error and "convert_hf_to_gguf.py" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_dequantize_follows_the_models_compute_dtype():
+    """A base quantized from bf16 (``lorakit quantize``'s default --dtype) and loaded in float32 computes in
+    float32: its dense layers must be float32 too (bf16 ones crashed the forward with a dtype mismatch)."""
+    from conftest import tiny_llama
+
+    model = lorakit.quantize(tiny_llama().to(torch.bfloat16), "nf4").float()
+    assert model.model.layers[0].mlp.up_proj.weight_dtype == torch.bfloat16
+    with torch.no_grad():
+        expected = model(IDS % 128).logits
+    dequantize(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert torch.equal(model(IDS % 128).logits, expected)
+    assert dequantize(lorakit.quantize(tiny_llama(), "nf4"), torch.float16).lm_head.weight.dtype == torch.float32

@@ -245,12 +245,21 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     GGUF export: a plain model that transformers and llama.cpp read.
 
     Args:
-        dtype: the dense weights' dtype (default: each layer's ``weight_dtype``, the dtype before quantization).
+        dtype: the dense weights' dtype (default: the input embeddings' dtype, which is the dtype the NF4 layers
+            compute in; a model without them: each layer's ``weight_dtype``, the dtype before quantization).
     Returns:
         the same model. Layers under lorakit adapters are replaced beneath them (the adapters stay). An adapter
         merged into a quantized layer raises ``LorakitError`` (unmerge first), before anything changes.
     """
     host = _host_class()
+    if dtype is None:  # a folder quantized from bf16 and loaded in float32 computes in float32: keep it so
+        get_in = getattr(model, "get_input_embeddings", None)
+        try:
+            weight = getattr(_unwrap(get_in()), "weight", None) if callable(get_in) else None
+        except (NotImplementedError, AttributeError):
+            weight = None
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            dtype = weight.dtype
     targets: dict[int, tuple[str, QuantizedLinear, list[tuple[nn.Module, str]]]] = {}
     for parent, attribute, child, path in _children(model):
         if isinstance(parent, host) and parent.merged and isinstance(child, QuantizedLinear):
