@@ -102,7 +102,7 @@ def _grouped_expand_kernel(
     b_first = tl.load(b_base + offs_n0[:, None] * stride_bn + offs_r[None, :] * stride_br,
                       mask=(offs_n0 < N)[:, None] & (offs_r < tl.where(has_adapter, R, 0))[None, :], other=0.0)
     pdl_enter(PDL)
-    if not has_adapter:
+    if (slot < 0) | (slot >= n_slots):  # no adapter on this row
         if not ACCUMULATE:  # store mode: y = delta, which is zero for a row without an adapter
             y_row = y_ptr + row.to(tl.int64) * stride_ym
             for it in range(ITERS):
