@@ -374,7 +374,7 @@ def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     n_head = config.num_attention_heads
     n_kv = _config_value(config, "num_key_value_heads", n_head)
     out: dict[str, torch.Tensor] = {}
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    state = _dense_state(model)
     tied = "lm_head.weight" not in state or (
         getattr(config, "tie_word_embeddings", False) and torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]))
     unsupported = f"this {config.model_type} variant is not supported"
@@ -408,6 +408,31 @@ def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 llama_tensors = gguf_tensors  # the name before other families were added
+
+
+def _dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as float32 on the CPU, an NF4 layer's as its dequantized ``weight`` (and ``bias``)
+    instead of its packed buffers; refuses a model that still carries lorakit adapters (they must be merged)."""
+    from lorakit.inject import adapter_hosts
+    from lorakit.quant import QuantizedLinear
+
+    hosts = adapter_hosts(model)
+    if hosts:
+        raise LorakitError(f"the model still has lorakit adapters (e.g. on {next(iter(hosts))!r}); a GGUF holds a plain "
+                           "model: merge them first (lorakit.merge_and_unload(model)), or use lorakit.export.export_merged")
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    state: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner in quantized:  # packed buffers: the layer's dense weight instead, once
+            layer = quantized[owner]
+            if f"{owner}.weight" not in state:
+                state[f"{owner}.weight"] = layer.dequantize(torch.float32).cpu()
+                if layer.bias is not None:
+                    state[f"{owner}.bias"] = layer.bias.detach().float().cpu()
+            continue
+        state[key] = value.detach().float().cpu()
+    return state
 
 
 def _tokenizer_metadata(writer, tokenizer, vocab_size: int, base_name: str) -> None:

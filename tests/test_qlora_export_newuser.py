@@ -348,3 +348,29 @@ def test_dequantize_follows_the_models_compute_dtype():
     with torch.no_grad():
         assert torch.equal(model(IDS % 128).logits, expected)
     assert dequantize(lorakit.quantize(tiny_llama(), "nf4"), torch.float16).lm_head.weight.dtype == torch.float32
+
+
+def test_write_gguf_of_an_nf4_model_and_of_one_with_adapters(tmp_path):
+    """``write_gguf`` on an NF4 model used to die on "no llama.cpp name for ...weight_packed; this llama variant is
+    not supported" (and on ``...base_layer.weight`` for a model with adapters): the first now writes the dequantized
+    weights, the second says to merge first."""
+    import gguf
+
+    from conftest import tiny_llama
+    from lorakit.export import permute_rows, write_gguf
+
+    tokenizer = make_tokenizer()
+    model = lorakit.quantize(tiny_llama(vocab_size=len(tokenizer)), "nf4")
+    path = write_gguf(model, tokenizer, tmp_path / "nf4.gguf", "f16")
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    layer = model.model.layers[1].mlp.down_proj
+    values = gguf.quants.dequantize(tensors["blk.1.ffn_down.weight"].data, tensors["blk.1.ffn_down.weight"].tensor_type)
+    assert torch.equal(torch.from_numpy(values.reshape(32, 48).copy()), layer.dequantize().half().float())
+    q = gguf.quants.dequantize(tensors["blk.0.attn_q.weight"].data, gguf.GGMLQuantizationType.F16).reshape(32, 32)
+    expected_q = permute_rows(model.model.layers[0].self_attn.q_proj.dequantize().half().float().numpy(), 4)
+    assert (q == expected_q).all() and len(tensors) == 3 + 2 * 9
+
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4))
+    with pytest.raises(LorakitError, match=r"still has lorakit adapters .*merge_and_unload"):
+        write_gguf(model, tokenizer, tmp_path / "adapters.gguf", "f16")
+    assert not (tmp_path / "adapters.gguf").exists()
