@@ -332,6 +332,12 @@ def test_cli_gguf_of_an_unknown_family_is_refused_before_loading(tmp_path, capsy
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "'gpt2'" in error and "convert_hf_to_gguf.py" in error
     assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    (folder / "config.json").write_text('{"model_type": "nonsense"}')  # the early look may not turn into a traceback
+    assert main(["merge", "--model", str(folder), "--adapter", str(adapter), "--out", str(tmp_path / "out"),
+                 "--format", "gguf"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "model_type 'nonsense'" in error
 
 
 def test_dequantize_follows_the_models_compute_dtype():

@@ -52,7 +52,12 @@ def run(args: argparse.Namespace) -> int:
 
         from lorakit.export import gguf_arch
 
-        gguf_arch(AutoConfig.from_pretrained(os.path.expanduser(args.model)))
+        try:
+            config = AutoConfig.from_pretrained(os.path.expanduser(args.model))
+        except Exception:  # no or a broken config.json: load_base below says what is wrong, in one line
+            config = None
+        if config is not None:
+            gguf_arch(config)
     dtype = getattr(torch, DTYPES[args.dtype])
     model, tokenizer = lorakit.load_base(args.model, dtype=torch.float32, device="cpu")
     lorakit.load_adapter(model, args.adapter, adapter="merged")
