@@ -9,7 +9,9 @@ update and c() the cast, the exported model carries c(W + D) - c(W) where D was 
 
     lost share = ||(c(W + D) - c(W)) - D|| / ||D||      (summed over every merged layer)
 
-is reported; above ``LOSS_WARNING`` the command warns.
+is reported; above ``LOSS_WARNING`` the command warns, and a cast that would overflow (float16) is refused.
+A 4-bit (NF4) base is dequantized before merging: the adapter trained on exactly those weights, and the packed
+buffers mean nothing to transformers or llama.cpp.
 
 GGUF (llama.cpp / Ollama): one small table per family (``GGUF_ARCHS``: llama.cpp's architecture, tensor names,
 q/k rule, norm offset, extra metadata, what llama.cpp cannot run). Llama (and Mistral, which llama.cpp runs as

@@ -1,7 +1,8 @@
-"""Quantize a model's linear layers to NF4 in memory.
+"""Quantize a model's linear layers to NF4 in memory, and back.
 
 ``quantize(model, "nf4")`` replaces ``nn.Linear`` modules in place by ``NF4Linear`` (not the output head by default),
-one at a time, dropping each dense weight as soon as its layer is quantized. Loading a checkpoint straight into NF4
+one at a time, dropping each dense weight as soon as its layer is quantized. ``dequantize(model)`` replaces them by
+dense layers holding exactly the dequantized weights (what merging and exporting a QLoRA model need). Loading a checkpoint straight into NF4
 (never holding the 16-bit model) is ``lorakit.models.quantized_loading.load_quantized``.
 """
 
