@@ -334,6 +334,13 @@ def prefill(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Sequen
     Returns the next-token logits ``(n, V)`` and the rows' ``KVBatch``.
     """
     _check_prompts(prompts)
+    vocab = _vocab_size(model)
+    for row, prompt in enumerate(prompts):  # in Python, before any tensor: no device sync in the server's prefill
+        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt
+        low, high = min(ids), max(ids)
+        if low < 0 or (vocab is not None and high >= vocab):
+            raise LorakitError(f"prompt {row} holds token id {low if low < 0 else high}, outside this model's "
+                               f"vocabulary [0, {vocab}); encode prompts with this model's tokenizer")
     device = model_device(model)
     length = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long, device=device)
@@ -344,12 +351,6 @@ def prefill(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Sequen
         except (TypeError, ValueError, RuntimeError):
             raise LorakitError(f"prompt {row} is not a list of token ids (ints): {list(prompt)[:4]!r}...") from None
         mask[row, length - len(prompt):] = 1
-    vocab = _vocab_size(model)
-    bad = (input_ids < 0) | (input_ids >= vocab if vocab else False)
-    if bool(bad.any()):
-        row, col = (int(i) for i in bad.nonzero()[0])
-        raise LorakitError(f"prompt {row} holds token id {int(input_ids[row, col])}, outside this model's vocabulary "
-                           f"[0, {vocab}); encode prompts with this model's tokenizer")
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # real tokens count from 0; padding's position is unused
     cache = _new_cache(model)
     logits = _forward(model, input_ids, mask, positions, cache, adapters)
