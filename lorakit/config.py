@@ -288,16 +288,19 @@ _dataclass_init = LoraConfig.__init__
 @functools.wraps(_dataclass_init)
 def _init_naming_peft_fields(self, *args: Any, **kwargs: Any) -> None:
     fields = {f.name for f in dataclasses.fields(LoraConfig)}
-    for key in kwargs:
-        if key in fields:
-            continue
-        if key in _PEFT_FIELD_NAMES:
-            instead = _PEFT_FIELD_NAMES[key]
-            raise LorakitError(f"LoraConfig has no field {key!r} (peft's name); " + (
-                f"write {instead}" if instead else "lorakit does not need it: leave it out"))
-        close = difflib.get_close_matches(key, sorted(fields), n=1)
-        raise LorakitError(f"LoraConfig has no field {key!r}" + (f"; did you mean {close[0]!r}?" if close else
-                                                                 f"; its fields: {', '.join(sorted(fields))}"))
+    unknown = [key for key in kwargs if key not in fields]
+    if unknown:  # all of them in one line: code copied from peft often has three
+        advice = []
+        for key in unknown:
+            if key in _PEFT_FIELD_NAMES:
+                instead = _PEFT_FIELD_NAMES[key]
+                advice.append(f"{key!r} (peft's name): " + (f"write {instead}" if instead else "not needed, leave it out"))
+            else:
+                close = difflib.get_close_matches(key, sorted(fields), n=1)
+                advice.append(f"{key!r}" + (f": did you mean {close[0]!r}?" if close else ""))
+        listing = "" if all(key in _PEFT_FIELD_NAMES or difflib.get_close_matches(key, sorted(fields), n=1)
+                            for key in unknown) else f" (its fields: {', '.join(sorted(fields))})"
+        raise LorakitError(f"LoraConfig has no field {'; '.join(advice)}{listing}")
     _dataclass_init(self, *args, **kwargs)
 
 

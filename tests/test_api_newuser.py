@@ -439,10 +439,12 @@ def test_adapter_round_trip_through_a_unicode_path_and_a_second_load_under_one_n
 
 # -- LoraConfig -------------------------------------------------------------------------------------------------------
 def test_lora_config_errors_say_the_value_the_range_and_the_fix():
-    cases = [(dict(lora_alpha=32), "LoraConfig has no field 'lora_alpha' (peft's name); write alpha"),
+    cases = [(dict(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM"),  # as peft's tutorials write it
+              "LoraConfig has no field 'lora_alpha' (peft's name): write alpha; 'lora_dropout' (peft's name): write "
+              "dropout; 'task_type' (peft's name): not needed, leave it out"),
              (dict(use_dora=True), "write variant='dora'"),
-             (dict(task_type="CAUSAL_LM"), "lorakit does not need it: leave it out"),
-             (dict(target_module=["q_proj"]), "did you mean 'target_modules'?"),
+             (dict(target_module=["q_proj"]), "'target_module': did you mean 'target_modules'?"),
+             (dict(zzz=1), "LoraConfig has no field 'zzz' (its fields: alpha, alpha_pattern, bias,"),
              (dict(dropout=1.0), "dropout must be in [0, 1), got 1.0 (the chance of zeroing"),
              (dict(r=0), "r must be a positive integer, got 0 (a rank such as 8 or 16)"),
              (dict(alpha="16"), "alpha must be a finite number, got '16' (the update is scaled by alpha / r"),
