@@ -13,7 +13,7 @@ from lorakit.io import AdapterFile, base_fingerprint, load_adapter, read_adapter
 from lorakit.merge import merge, merge_and_unload, unmerge
 from lorakit.quant.merge_loss import LossyMergeWarning
 from lorakit.quant.nf4 import NF4Linear, nf4_roundtrip_error
-from lorakit.quant.quantize import quantize
+from lorakit.quant.quantize import dequantize, quantize
 from lorakit.models.quantized_saving import save_quantized
 
 
@@ -47,5 +47,5 @@ __all__ = [
     "__version__", "LoraConfig", "LorakitError", "inject", "trainable_report", "adapter_names", "set_adapter",
     "active_adapters", "delete_adapter", "disable_adapters", "mixed_batch", "lora_parameters", "merge", "unmerge",
     "merge_and_unload", "save_adapter", "load_adapter", "read_adapter", "AdapterFile", "base_fingerprint", "load_base",
-    "quantize", "save_quantized", "NF4Linear", "nf4_roundtrip_error", "LossyMergeWarning", "use_fast_kernels", "disable_fast_kernels",
+    "quantize", "dequantize", "save_quantized", "NF4Linear", "nf4_roundtrip_error", "LossyMergeWarning", "use_fast_kernels", "disable_fast_kernels",
 ]
