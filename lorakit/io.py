@@ -137,11 +137,15 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise LorakitError(f"{folder} exists and is not a folder; choose another output path")
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / WEIGHTS_NAME, safetensors_bytes(tensors, metadata=metadata))
-    # top-level keys sorted, but rank_pattern / alpha_pattern keep their order: the first matching pattern wins
-    # (PEFT's rule too), so sorting them could give a module another rank when the file is read back
-    atomic_write_text(folder / CONFIG_NAME, json.dumps(dict(sorted(peft_config.items())), indent=2) + "\n")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / WEIGHTS_NAME, safetensors_bytes(tensors, metadata=metadata))
+        # top-level keys sorted, but rank_pattern / alpha_pattern keep their order: the first matching pattern wins
+        # (PEFT's rule too), so sorting them could give a module another rank when the file is read back
+        atomic_write_text(folder / CONFIG_NAME, json.dumps(dict(sorted(peft_config.items())), indent=2) + "\n")
+    except OSError as error:  # a path under a file, no permission, a full disk: the atomic writes left nothing half
+        raise LorakitError(f"cannot save the adapter to {folder}: {error.strerror or error}; choose a folder you can "
+                           "write") from None
     return folder
 
 

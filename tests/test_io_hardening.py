@@ -227,3 +227,12 @@ def test_merge_and_unload_keeps_untouched_ties(tmp_path):
     lorakit.merge_and_unload(model)
     assert model.config.tie_word_embeddings is True
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_save_adapter_to_a_path_it_cannot_write_is_one_line(tmp_path):
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(lorakit.LorakitError, match=r"cannot save the adapter to .*file.*sub: .*; choose a folder you can write"):
+        lorakit.save_adapter(model, tmp_path / "file" / "sub")  # a folder under a file
+    assert (tmp_path / "file").read_text() == "x"

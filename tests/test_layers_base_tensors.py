@@ -64,3 +64,4 @@ def test_naming_a_module_the_model_reads_directly_is_refused():
     with pytest.raises(LorakitError, match=r"MambaMixer uses dt_proj.weight directly .* remove 'dt_proj'"):
         lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["in_proj", "dt_proj"]))
     assert not any(isinstance(m, lorakit.layers.LoraLayer) for m in model.modules())  # left as it was
+
