@@ -43,16 +43,27 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
     for name in names:
         todo = {path: layer for path, layer in layers.items() if name in layer.adapters and name not in layer.merged}
         if safe:
-            bad = [path for path, layer in todo.items() if not torch.isfinite(layer.merged_candidate(name)).all()]
+            bad = [path for path, layer in todo.items() if not _finite_when_stored(layer, name)]
             if bad:
                 raise LorakitError(f"merging adapter {name!r} would put NaN/Inf into {len(bad)} weight(s), e.g. {bad[0]}; "
-                                   "nothing was merged (check the adapter's weights)")
+                                   "nothing was merged (check the adapter's weights; beyond float16's range, merge into "
+                                   "a bfloat16 or float32 copy)")
         quantized = {path: layer for path, layer in todo.items() if quant.is_quantized(layer.base_layer)}
         if quantized and not allow_lossy:
             _warn_lossy(name, quantized)
         for layer in todo.values():
             layer.merge(name, keep_original=_keep_originals)  # merge_and_unload never unmerges: no copies
     return model
+
+
+def _finite_when_stored(layer, name: str) -> bool:
+    """The merged weight is finite in the dtype it will be stored in (a float16 base overflows past 65504, which
+    the float32 candidate does not show); quantized bases store it re-quantized from float32."""
+    candidate = layer.merged_candidate(name)
+    weight = getattr(layer.base_layer, "weight", None)
+    if not quant.is_quantized(layer.base_layer) and isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        candidate = candidate.to(weight.dtype)
+    return bool(torch.isfinite(candidate).all())
 
 
 def _warn_lossy(name: str, layers: dict) -> None:

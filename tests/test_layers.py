@@ -203,6 +203,20 @@ def test_safe_merge_refuses_nan_and_leaves_base():
     assert not any(l.merged for l in lora_layers(model).values())
 
 
+def test_safe_merge_checks_the_dtype_the_weight_is_stored_in():
+    """A float16 base: a merged value past 65504 is finite in float32 and inf once stored."""
+    model = tiny_llama().half()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        layer = model.model.layers[0].self_attn.q_proj
+        layer.adapters["default"].lora_A.fill_(1.0)
+        layer.adapters["default"].lora_B.zero_()
+        layer.adapters["default"].lora_B[0, 0] = 10000.0  # x alpha / r = 8: row 0 gets 80,000 > 65,504
+    with pytest.raises(lorakit.LorakitError, match="beyond float16's range"):
+        lorakit.merge(model)
+    assert not layer.merged and torch.isfinite(layer.base_layer.weight).all()
+
+
 def test_dora_zero_row_is_finite():
     base = nn.Linear(6, 4)
     with torch.no_grad():
