@@ -96,6 +96,8 @@ def merge_and_unload(model: nn.Module, adapters: str | Sequence[str] | None = No
     Modules-to-save wrappers are replaced by the active adapter's trained copy. A weight tied to another (the
     embedding and output head) that a merge changed is no longer tied: the config then says so too
     (``tie_word_embeddings=False``), so ``save_pretrained`` keeps both and a reload does not tie them again.
+    A 4-bit (NF4) base stays 4-bit, re-quantized with the update: ``lorakit.dequantize(model)`` first merges into
+    dense weights instead.
     """
     merge(model, adapters, safe=safe, allow_lossy=allow_lossy, _keep_originals=False)
     if any(layer._tied for layer in lora_layers(model).values()):  # LoraLayer._untie ran: the weights now differ
