@@ -380,3 +380,14 @@ def test_write_gguf_of_an_nf4_model_and_of_one_with_adapters(tmp_path):
     with pytest.raises(LorakitError, match=r"still has lorakit adapters .*merge_and_unload"):
         write_gguf(model, tokenizer, tmp_path / "adapters.gguf", "f16")
     assert not (tmp_path / "adapters.gguf").exists()
+
+
+def test_save_pretrained_of_a_4bit_model_is_named_when_loaded(tmp_path):
+    """model.save_pretrained on a 4-bit model writes lorakit's NF4 buffers, which transformers would fill with random
+    weights: load_base says what wrote the folder and what to use instead."""
+    folder = tiny_hf_folder(tmp_path / "dense", hidden_size=64, intermediate_size=128)
+    model, tokenizer = lorakit.load_base(str(folder), quantize="nf4")
+    model.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    with pytest.raises(LorakitError, match=r"4-bit buffers \(e\.g\. '.*weight_packed'\).*lorakit\.save_quantized"):
+        lorakit.load_base(str(tmp_path / "saved"))

@@ -222,6 +222,11 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
         reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise LorakitError(f"cannot load the model in {folder}: {reason}") from None
     missing = sorted(info.get("missing_keys") or [])
+    packed = [key for key in info.get("unexpected_keys") or [] if key.endswith(".weight_packed")]
+    if missing and packed:  # lorakit's own NF4 buffers: save_pretrained was called on a 4-bit model
+        raise LorakitError(f"{folder} holds lorakit's 4-bit buffers (e.g. {sorted(packed)[0]!r}), which "
+                           "model.save_pretrained writes for a 4-bit model; save 4-bit models with "
+                           "lorakit.save_quantized, or call lorakit.dequantize(model) before save_pretrained")
     if missing:
         raise LorakitError(f"{folder}: the safetensors weights lack {len(missing)} of the model's tensors (e.g. "
                            f"{missing[0]!r}); the folder is incomplete or its config.json is for another model")
