@@ -23,12 +23,19 @@ def _rmsnorm_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, offset,
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset  # a weight: read before the wait
     pdl_enter(PDL)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = _normalize_store(x, w, Y + row * stride_y + cols, mask, n_cols, eps, X.dtype.element_ty, CAST_BEFORE_WEIGHT)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _normalize_store(x, w, y_ptrs, mask, n_cols, eps, x_dtype: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr):
+    """Store rmsnorm(x) * w (x, w float32 rows) at y_ptrs; returns the row's 1 / rms."""
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     x_hat = x * rstd
     if CAST_BEFORE_WEIGHT:  # Llama/Qwen/Mistral round the normalised x to the input dtype before the weight
-        x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (x_hat * w).to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
+        x_hat = x_hat.to(x_dtype).to(tl.float32)
+    tl.store(y_ptrs, (x_hat * w).to(y_ptrs.dtype.element_ty), mask=mask)
+    return rstd
 
 
 @triton.jit
@@ -44,12 +51,8 @@ def _add_rmsnorm_fwd(X, D, W, Y, stride_x, stride_d, stride_y, n_cols, eps, offs
     s += tl.load(D + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
     s = s.to(X.dtype.element_ty)
     tl.store(X + row * stride_x + cols, s, mask=mask)
-    x = s.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    x_hat = x * rstd
-    if CAST_BEFORE_WEIGHT:
-        x_hat = x_hat.to(X.dtype.element_ty).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (x_hat * w).to(Y.dtype.element_ty), mask=mask)
+    _normalize_store(s.to(tl.float32), w, Y + row * stride_y + cols, mask, n_cols, eps, X.dtype.element_ty,
+                     CAST_BEFORE_WEIGHT)
 
 
 @triton.jit
