@@ -44,6 +44,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from lorakit.errors import LorakitError
 
+    argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and command not in SUBCOMMANDS:
@@ -55,14 +56,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except LorakitError as error:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process hits the same mistake: say it once
             print(f"lorakit {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print(f"lorakit {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if argv_given is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_without_teardown(code)
+    return code
+
+
+def _exit_without_teardown(code: int) -> None:
+    """End a torchrun worker here, its work done and its files closed: the interpreter's teardown frees torch's
+    distributed objects in no set order, and gloo can then abort a worker that finished cleanly ("terminate called
+    without an active exception"; torchrun then kills the other workers and the run reads as failed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

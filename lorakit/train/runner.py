@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -139,8 +140,9 @@ def fit_max_length(config: TrainConfig, model: Any, explicit: bool) -> TrainConf
 @contextlib.contextmanager
 def distributed_group() -> Iterator[None]:
     """Inside: joined to the process group when launched by torchrun (WORLD_SIZE > 1). A group this made is
-    destroyed on the way out: a process that exits with a live gloo group can abort in its threads' destructors
-    ("terminate called without an active exception", seen once in CI)."""
+    destroyed on the way out, after a garbage collection: FSDP2's modules sit in reference cycles that hold the
+    group, and a group whose last reference dies in interpreter teardown can abort in gloo's thread destructors
+    ("terminate called without an active exception", seen twice in CI; see also ``cli.main``)."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
@@ -153,6 +155,7 @@ def distributed_group() -> Iterator[None]:
     try:
         yield
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 
