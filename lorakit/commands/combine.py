@@ -1,0 +1,122 @@
+"""``lorakit combine --model M --adapter A=0.7 --adapter B=0.3 --method cat --out DIR``: one adapter from several.
+
+PEFT's ``add_weighted_adapter`` as a command: the adapter folders are loaded onto the base, combined by
+``lorakit.combine_adapters`` and the result written as a PEFT-format adapter folder (atomically: ``--out`` is whole
+or untouched), which lorakit and peft load like any other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+METHOD_HELP = (
+    "cat: exact, rank = sum of the ranks (default). linear: A and B summed separately with sqrt(weight x scaling) "
+    "(an approximation; all ranks equal). svd: exact weighted sum of the updates cut to --svd-rank by an SVD. "
+    "ties / dare_linear / dare_ties / magnitude_prune (and their _svd forms): prune each update to --density "
+    "(by magnitude, or at random for DARE) before summing; ties elects a sign per element"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lorakit.combine import METHODS
+
+    parser.description = (
+        "Build one adapter from weighted adapters of the same base (peft's add_weighted_adapter) and write it as a "
+        "PEFT-format adapter folder. Example: lorakit combine --model BASE --adapter math=0.7 --adapter chat=0.3 "
+        "--method cat --out mixed")
+    parser.add_argument("--model", default="smollm2-135m", help="the base the adapters were trained on: embedded "
+                        "model name or local HF folder (default: %(default)s)")
+    parser.add_argument("--adapter", action="append", required=True, metavar="DIR[=WEIGHT]",
+                        help="an adapter folder and its weight (default 1.0; negative subtracts it); repeat for each "
+                             "input, e.g. --adapter a=0.7 --adapter b=0.3")
+    parser.add_argument("--out", required=True, help="output adapter folder (must not exist unless --overwrite)")
+    parser.add_argument("--method", default="cat", choices=METHODS, metavar="METHOD",
+                        help=f"{METHOD_HELP}. One of: {', '.join(METHODS)}")
+    parser.add_argument("--density", type=float, default=None, help="share of each update's elements kept, in (0, 1] "
+                        "(required by ties, dare_*, magnitude_prune and their _svd forms)")
+    parser.add_argument("--majority-sign", default="total", choices=["total", "frequency"],
+                        help="how ties / dare_ties elect each element's sign: sign of the sum, or the most common sign "
+                             "(default: %(default)s)")
+    parser.add_argument("--svd-rank", type=int, default=None, help="rank of an svd method's result (default: the "
+                        "largest input rank)")
+    parser.add_argument("--svd-clamp", type=float, default=None, help="clamp an svd method's factors at this quantile "
+                        "of their entries, e.g. 0.99 (default: no clamping)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of DARE's random masks (default: 0)")
+    parser.add_argument("--device", default="cpu", help="where the combination runs: cpu, cuda, cuda:N (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically)")
+
+
+def parse_adapter(value: str) -> tuple[str, float]:
+    """``DIR=WEIGHT`` -> (DIR, WEIGHT); ``DIR`` alone (or a folder whose own name holds '=') -> (DIR, 1.0)."""
+    import math
+
+    from lorakit.errors import LorakitError
+
+    folder, sep, weight = value.rpartition("=")
+    if not sep or os.path.isdir(os.path.expanduser(value)):
+        return value, 1.0
+    try:
+        number = float(weight)
+    except ValueError:
+        raise LorakitError(f"--adapter {value}: the weight after '=' must be a number (e.g. {folder or 'DIR'}=0.5)") from None
+    if not folder or not math.isfinite(number):
+        raise LorakitError(f"--adapter {value}: give an adapter folder and a finite weight, e.g. --adapter my_adapter=0.5")
+    return folder, number
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    import torch
+
+    import lorakit
+    from lorakit._fs import replace_folder, temp_dir
+    from lorakit.combine import combine_adapters
+    from lorakit.commands._args import check_adapter_arg, check_device, check_model_arg
+    from lorakit.errors import LorakitError
+    from lorakit.export import check_output_folder
+    from lorakit.inject import lora_layers
+
+    start = time.perf_counter()
+    inputs = [parse_adapter(value) for value in args.adapter]
+    check_model_arg(args.model)
+    for folder, _ in inputs:
+        check_adapter_arg(folder)
+    check_device(args.device)
+    seen = [os.path.realpath(os.path.expanduser(f)) for f, _ in inputs]
+    twice = next((f for f, real in zip([f for f, _ in inputs], seen) if seen.count(real) > 1), None)
+    if twice is not None:
+        raise LorakitError(f"--adapter {twice} is given twice; give each adapter once with its total weight")
+    protected = {f"the adapter folder {folder}": folder for folder, _ in inputs}
+    if os.path.isdir(os.path.expanduser(args.model)):
+        protected["the model folder"] = args.model
+    out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected)
+    for folder, _ in inputs:  # every folder checked (config, tensors) before the base is loaded
+        lorakit.read_adapter(folder)
+
+    model, _ = lorakit.load_base(args.model, dtype=torch.float32, device=args.device)
+    names = {}
+    for i, (folder, weight) in enumerate(inputs):
+        names[lorakit.load_adapter(model, folder, adapter=f"input{i}")] = weight
+    combine_adapters(model, names, name="combined", method=args.method, density=args.density,
+                     majority_sign_method=args.majority_sign, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
+                     seed=0 if args.seed is None and args.method.startswith("dare") else args.seed)
+    tmp = temp_dir(out)
+    try:
+        lorakit.save_adapter(model, tmp, adapter="combined")
+        replace_folder(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    layers = [layer for layer in lora_layers(model).values() if "combined" in layer.adapters]
+    rank = layers[0].adapters["combined"].rank
+    summary = " + ".join(f"{folder} x {weight:g}" for folder, weight in inputs)
+    print(f"combined {summary} with {args.method}: rank {rank} on {len(layers)} layers")
+    print(f"wrote {Path(out)} ({', '.join(sorted(p.name for p in Path(out).iterdir()))}) in "
+          f"{time.perf_counter() - start:.1f} s")
+    print(f"load it with: lorakit.load_adapter(model, {str(out)!r}) or peft.PeftModel.from_pretrained(model, {str(out)!r})")
+    return 0
