@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -79,7 +81,28 @@ def check_causal_config(folder: Path) -> dict:
         kind = "an encoder-decoder model" if config.get("is_encoder_decoder") else "not a causal language model"
         raise LorakitError(f"{folder}: {model_type!r} is {kind}; lorakit fine-tunes decoder-only causal LMs "
                            "(Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)")
+    if not config.get("is_decoder") and _encoder_unless_decoder(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]):
+        raise LorakitError(f"{folder}: {model_type!r} is an encoder (bidirectional attention, so each token sees the "
+                           "ones it should predict; config.json has no \"is_decoder\": true), not a causal language "
+                           "model; lorakit fine-tunes decoder-only causal LMs (Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)")
     return config
+
+
+@functools.lru_cache(maxsize=64)
+def _encoder_unless_decoder(class_name) -> bool:
+    """True for BERT-style causal-LM classes (BertLMHeadModel, RobertaForCausalLM, ...): they are listed as causal
+    LMs but attend both ways unless the config says ``is_decoder`` (their ``__init__`` only warns about it), so
+    next-token training on them would let every position read its own target."""
+    import inspect
+
+    import transformers
+
+    name = class_name[0] if isinstance(class_name, (list, tuple)) else class_name
+    try:
+        source = inspect.getsource(getattr(transformers, name).__init__)
+    except Exception:  # not importable or no source: nothing to go by, leave it to the load
+        return False
+    return re.search(r"if not (?:self\.)?config\.is_decoder\b", source) is not None
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

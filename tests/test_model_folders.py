@@ -1,0 +1,210 @@
+"""Other models' folders, end to end through the command line: what a new user does with a Hugging Face folder of
+an architecture our other tests do not build.
+
+Each family is a tiny random model (transformers' own config classes, 2 layers, hidden 32, vocab 128) saved with
+``save_pretrained`` beside the word-level test tokenizer. ``lorakit train`` (2 steps), ``generate`` with the adapter,
+``merge`` (float32) and ``inspect`` run in-process through ``lorakit.cli.main``; then the merged folder, read back by
+transformers alone, and peft 0.21 reading lorakit's adapter must both give the logits of base + adapter in lorakit.
+Encoders (BERT) and encoder-decoders (T5) are refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import lorakit
+from conftest import assert_close
+from lorakit.cli import main
+from lorakit.errors import LorakitError
+from test_train_helpers import task_records, tiny_tokenizer, write_jsonl
+
+VOCAB = 128
+# the tokenizer's <s> is 1 and <|im_end|> (eos, pad) is 3: the configs name the same ids
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=128, bos_token_id=1, eos_token_id=3, pad_token_id=3)
+
+
+def build(kind: str):
+    """A tiny random model of one family (seeded, so a second call gives the same weights)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    gqa = dict(num_key_value_heads=2, **COMMON)
+    ids = dict(bos_token_id=1, eos_token_id=3)
+    makers = {
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**gqa)),
+        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=8, **gqa)),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(sliding_window=16, **gqa)),
+        "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(head_dim=8, **gqa)),
+        # soft-capped attention and logits, sliding window: transformers has no sdpa path, lorakit falls back to eager
+        "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(head_dim=8, sliding_window=8, attn_logit_softcapping=50.0,
+                                                               final_logit_softcapping=30.0, **gqa)),
+        "gemma3_text": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(head_dim=8, sliding_window=8, **gqa)),
+        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**gqa)),  # fused qkv_proj and gate_up_proj
+        "phi": lambda: tf.PhiForCausalLM(tf.PhiConfig(**COMMON)),  # biases, partial rotary
+        "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**COMMON)),  # fused query_key_value
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB,
+                                                         n_positions=128, **ids)),  # Conv1D (fan_in_fan_out)
+        "falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                               num_attention_heads=4, **ids)),
+        "opt": lambda: tf.OPTForCausalLM(tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                                                      num_attention_heads=4, word_embed_proj_dim=32,
+                                                      max_position_embeddings=128, pad_token_id=3, **ids)),
+        "stablelm": lambda: tf.StableLmForCausalLM(tf.StableLmConfig(**gqa)),
+        "olmo": lambda: tf.OlmoForCausalLM(tf.OlmoConfig(**gqa)),
+        "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**gqa)),
+        "granite": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(logits_scaling=2.0, residual_multiplier=0.5,
+                                                                  embedding_multiplier=2.0, attention_multiplier=0.3, **gqa)),
+        "cohere": lambda: tf.CohereForCausalLM(tf.CohereConfig(logit_scale=0.5, **gqa)),
+        "starcoder2": lambda: tf.Starcoder2ForCausalLM(tf.Starcoder2Config(**gqa)),
+        # transformers 5 keeps experts fused as 3-D parameters (not nn.Linear): only attention / shared experts adapt
+        "mixtral": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **gqa)),
+        "qwen2_moe": lambda: tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2,
+                                                                      moe_intermediate_size=24,
+                                                                      shared_expert_intermediate_size=32, **gqa)),
+        "qwen3_moe": lambda: tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                                                      moe_intermediate_size=24, **gqa)),
+        "bert": lambda: tf.BertForMaskedLM(tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                         num_attention_heads=4, intermediate_size=48)),
+        "t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=VOCAB, d_model=32, d_ff=48, d_kv=8,
+                                                                 num_layers=2, num_heads=4)),
+    }
+    return makers[kind]().eval()
+
+
+CAUSAL = ["qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "phi", "gpt_neox", "gpt2", "falcon",
+          "opt", "stablelm", "olmo", "olmo2", "granite", "cohere", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe"]
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One tokenizer and one data file for every family."""
+    root = tmp_path_factory.mktemp("model-folders")
+    return tiny_tokenizer(), write_jsonl(root / "train.jsonl", task_records(16, seed=1))
+
+
+def save_folder(kind: str, folder, tokenizer):
+    build(kind).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("kind", CAUSAL)
+def test_folder_train_generate_merge_inspect_and_peft(kind, shared, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, data = shared
+    folder = save_folder(kind, tmp_path / kind, tokenizer)
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = cli(capsys, "train", "--model", folder, "--data", data, "--max-steps", 2, "--out", run,
+                             "--batch-size", 4, "--rank", 4, "--lr", 0.05, "--eval-examples", 0, "--samples", 0,
+                             "--no-progress")
+    assert code == 0, err
+    assert "final train loss" in out and (run / "adapter" / "adapter_model.safetensors").is_file()
+    expert_warnings = [w for w in caught if "fused MoE expert weights" in str(w.message)]
+    assert bool(expert_warnings) == (kind in MOE)  # the user is told the experts stay frozen, and only then
+    adapter = run / "adapter"
+
+    code, out, err = cli(capsys, "generate", "--model", folder, "--adapter", adapter, "--max-new-tokens", 3, "reverse a b :")
+    assert code == 0, err
+    code, out, err = cli(capsys, "merge", "--model", folder, "--adapter", adapter, "--out", merged, "--dtype", "fp32")
+    assert code == 0, err
+    assert "merged layers" in out
+    code, out, err = cli(capsys, "inspect", adapter)
+    assert code == 0, err
+    assert "variant" in out and "lora" in out and "->" in out
+
+    ids = torch.tensor([[1, 7, 10, 11, 8, 3, 12, 13], [1, 9, 12, 14, 15, 8, 3, 3]])
+    base, _ = lorakit.load_base(str(folder), device="cpu")
+    with torch.no_grad():
+        plain = base(ids).logits
+        lorakit.load_adapter(base, adapter)
+        expected = base(ids).logits
+    assert (expected - plain).abs().max() > 1e-3  # two steps at lr 0.05 moved the adapter off zero
+    with torch.no_grad():
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
+    assert_close(merged_logits, expected)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder).eval(), adapter).eval()
+    # peft 0.21 re-reads "all-linear" on transformers-5 MoE models as covering the experts too; lorakit's file names
+    # the modules it adapted, so peft builds exactly this adapter (no missing keys, nothing extra to train)
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
+    with torch.no_grad():
+        assert_close(theirs(ids).logits, expected)
+
+
+@pytest.mark.parametrize("kind, words", [("bert", "'bert' is an encoder"), ("t5", "'t5' is an encoder-decoder")])
+@pytest.mark.parametrize("command", ["train", "merge"])
+def test_encoder_folders_refused_in_one_line(kind, words, command, shared, tmp_path, capsys):
+    """BertLMHeadModel is listed as a causal LM, but without is_decoder it attends both ways: training it on next
+    tokens would let each position read its target. Both kinds are refused before any weight is read."""
+    tokenizer, data = shared
+    folder = save_folder(kind, tmp_path / kind, tokenizer)
+    args = (["train", "--model", folder, "--data", data, "--max-steps", 1, "--out", tmp_path / "run"] if command == "train"
+            else ["merge", "--model", folder, "--adapter", tmp_path / "none", "--out", tmp_path / "merged"])
+    if command == "merge":  # an adapter folder that exists, so the model is what gets refused
+        (tmp_path / "none").mkdir()
+        (tmp_path / "none" / "adapter_config.json").write_text("{}")
+        (tmp_path / "none" / "adapter_model.safetensors").write_bytes(b"")
+    code, out, err = cli(capsys, *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "decoder-only causal LMs" in lines[0], err
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "merged").exists()
+
+
+def test_bert_built_as_a_decoder_is_accepted(tmp_path):
+    """is_decoder: true makes BertLMHeadModel causal, so the folder passes the check."""
+    from transformers import BertConfig
+
+    from lorakit.models.loading import check_causal_config
+
+    BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               is_decoder=True).save_pretrained(tmp_path)
+    assert check_causal_config(tmp_path)["model_type"] == "bert"
+
+
+def test_expert_parameters_named_as_targets_say_why(tmp_path):
+    """``--targets gate_up_proj down_proj`` on Mixtral: no module has those names (they are 3-D parameters), and the
+    one-line error says so instead of only listing the linear names."""
+    model = build("mixtral")
+    with pytest.raises(LorakitError, match=r"down_proj, gate_up_proj are fused 3-D MoE expert parameters"):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["gate_up_proj", "down_proj"]))
+    assert not any(isinstance(m, lorakit.layers.LoraLinear) for m in model.modules())  # untouched
+
+
+def test_moe_adapter_file_names_the_adapted_modules(tmp_path):
+    """On a model with fused experts, an "all-linear" adapter is saved with its module paths (what peft needs to
+    rebuild exactly it), and lorakit loads that file back with the same logits."""
+    model = build("qwen3_moe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    config = lorakit.LoraConfig.from_peft_dict(json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()))
+    assert config.target_modules == sorted(f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo")
+    ids = torch.randint(0, VOCAB, (2, 6))
+    again = build("qwen3_moe")
+    lorakit.load_adapter(again, tmp_path / "adapter")
+    with torch.no_grad():
+        assert_close(again(ids).logits, model(ids).logits)
