@@ -148,7 +148,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     if not targets:
         kinds = sorted({path.rsplit(".", 1)[-1] for path, m in modules.items() if _supported(m)})
         raise LorakitError(f"target_modules {config.target_modules!r} matched no module; this model's linear/embedding "
-                           f"modules are named: {', '.join(kinds) or '(none)'}")
+                           f"modules are named: {', '.join(kinds) or '(none)'}{_expert_note(modules, config)}")
     if not isinstance(config.target_modules, str):
         unmatched = [key for key in config.target_modules if not any(_matches(p, [key]) for p in modules if p)]
         if unmatched:  # PEFT skips these silently; a typo would then train fewer layers than the user meant
@@ -172,7 +172,42 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     if not targets:
         raise LorakitError("no target is left once the modules whose weight the model reads directly are skipped; name "
                            "target_modules explicitly")
+    experts = expert_parameters(modules)
+    if experts and config.target_modules == "all-linear":
+        total = sum(p.numel() for m in modules.values() for p in m.parameters(recurse=False))
+        share = sum(experts.values()) / max(total, 1)
+        names = sorted({re.sub(r"^.*?\.\d+\.", "", path) for path in experts})  # per-layer part: mlp.experts.down_proj
+        warnings.warn(f"all-linear adapts the linear layers only: this model's fused MoE expert weights ("
+                      f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}; {100 * share:.0f}% of its weights) "
+                      "are 3-D parameters, not linear layers, and stay frozen (lorakit has no LoRA for such parameters, which "
+                      "peft calls target_parameters); attention and any shared-expert linear layers are adapted", stacklevel=3)
     return targets
+
+
+def expert_parameters(modules: dict[str, nn.Module]) -> dict[str, int]:
+    """Path -> size of every parameter of 3 or more dimensions held directly by a module that is not a convolution:
+    transformers 5 stores MoE experts fused this way (``mlp.experts.gate_up_proj``: (experts, 2 x ffn, hidden)),
+    outside any nn.Linear, so no LoRA layer can wrap them."""
+    found = {}
+    for path, module in modules.items():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.ndim >= 3:
+                found[f"{path}.{name}" if path else name] = parameter.numel()
+    return found
+
+
+def _expert_note(modules: dict[str, nn.Module], config: LoraConfig) -> str:
+    """When target names are those of fused 3-D expert parameters: say why they are not modules."""
+    if isinstance(config.target_modules, str):
+        return ""
+    experts = {path.rsplit(".", 1)[-1] for path in expert_parameters(modules)}
+    named = sorted(set(config.target_modules) & experts)
+    if not named:
+        return ""
+    what = "is a fused 3-D MoE expert parameter" if len(named) == 1 else "are fused 3-D MoE expert parameters"
+    return f"; {', '.join(named)} {what}, not linear layers, which lorakit cannot adapt"
 
 
 def _weight_read_raw(modules: dict[str, nn.Module], path: str) -> bool:

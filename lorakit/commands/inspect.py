@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         ("variant", info["variant"]),
         ("rank", f"{info['rank']}" + (f" (in file: {info['ranks_in_file']})" if info["ranks_in_file"] != [info["rank"]] else "")),
         ("alpha", f"{info['alpha']:g} (scaling {info['scaling']:g})"),
-        ("targets", f"{info['target_modules']} -> {info['adapted_layers']} layers: {targets}"),
+        ("targets", f"{_spec(info['target_modules'])} -> {info['adapted_layers']} layers: {targets}"),
         ("modules to save", info["modules_to_save"] or "none"),
         ("trainable parameters", f"{info['trainable_parameters']:,} ({', '.join(info['dtypes'])})"),
         ("file size", f"{info['file_bytes']:,} bytes ({info['file_bytes'] / 2**20:.2f} MiB)"),
@@ -85,3 +85,11 @@ def run(args: argparse.Namespace) -> int:
     for key, value in lines:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _spec(target_modules) -> str:
+    """The config's target_modules for one line: a list of many module paths (lorakit writes one for MoE models,
+    peft for some configs) is counted, not printed; --json has it whole."""
+    if isinstance(target_modules, list) and len(target_modules) > 8:
+        return f"{len(target_modules)} module paths ({target_modules[0]}, ...)"
+    return str(target_modules)
