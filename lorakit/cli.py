@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lorakit.train.eval_cli", "loss, perplexity and exact match of a model (+ adapter) on a data file"),
     "generate": ("lorakit.commands.generate", "generate text with a base model and zero or more adapters"),
     "merge": ("lorakit.commands.merge", "merge an adapter into its base and write a Hugging Face (or GGUF) model"),
+    "combine": ("lorakit.commands.combine", "build one adapter from weighted adapters (peft's add_weighted_adapter)"),
     "quantize": ("lorakit.commands.quantize", "quantize a 16-bit base to NF4 once and save it as a 4-bit folder"),
     "inspect": ("lorakit.commands.inspect", "describe an adapter folder: rank, alpha, variant, targets, size, base"),
     "serve": ("lorakit.serve.cli", "OpenAI-compatible HTTP server over one base model and many adapters"),

@@ -19,7 +19,7 @@ from test_serve_support import make_adapter
 from test_train_helpers import tiny_folder  # noqa: F401 (fixture)
 
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(5))
-WEIGHTS = {"a": 0.7, "b": -0.4}
+WEIGHTS = {"math": 0.7, "chat": -0.4}
 
 
 def _quiet_inject(peft_model):
@@ -36,23 +36,23 @@ def _quiet_inject(peft_model):
 
 
 def _peft_pair(folder, rank_b: int = 4, rslora_first: bool = False):
-    """peft model with a (LoRA on q, v and the embedding) and b (rsLoRA, another alpha, on q, k, up), saved to
+    """peft model with math (LoRA on q, v and the embedding) and chat (rsLoRA, another alpha, on q, k, up), saved to
     ``folder``; non-zero B everywhere (init_lora_weights=False)."""
     torch.manual_seed(1)
     config_a = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
                                use_rslora=rslora_first, init_lora_weights=False)
     config_b = peft.LoraConfig(r=rank_b, lora_alpha=16, target_modules=["q_proj", "k_proj", "up_proj"],
                                use_rslora=not rslora_first, init_lora_weights=False)
-    peft_model = peft.get_peft_model(tiny_llama(), config_a, adapter_name="a")
-    peft_model.add_adapter("b", config_b)
+    peft_model = peft.get_peft_model(tiny_llama(), config_a, adapter_name="math")
+    peft_model.add_adapter("chat", config_b)
     peft_model.eval().save_pretrained(folder)
     return _quiet_inject(peft_model)
 
 
 def _lorakit_pair(folder, model=None):
     model = tiny_llama() if model is None else model
-    lorakit.load_adapter(model, folder / "a", adapter="a")
-    lorakit.load_adapter(model, folder / "b", adapter="b")
+    lorakit.load_adapter(model, folder / "math", adapter="math")
+    lorakit.load_adapter(model, folder / "chat", adapter="chat")
     return model
 
 
@@ -97,7 +97,7 @@ def test_options_different_ranks_and_conv1d_agree_with_peft(tmp_path):
     peft_model = _peft_pair(tmp_path, rank_b=2)
     model = _lorakit_pair(tmp_path)
     for method, options in (("cat", {}), ("svd", {"svd_rank": 3, "svd_clamp": 0.9}), ("ties_svd", {"density": 0.3})):
-        peft_model.add_weighted_adapter(["a", "b"], [0.7, -0.4], method, combination_type=method, **options)
+        peft_model.add_weighted_adapter(["math", "chat"], [0.7, -0.4], method, combination_type=method, **options)
         combine_adapters(model, WEIGHTS, name=method, method=method, **options)
         _assert_equal_to_peft(model, peft_model, method)
     assert model.model.layers[0].self_attn.q_proj.adapters["cat"].rank == 6  # 4 + 2
@@ -111,16 +111,192 @@ def test_options_different_ranks_and_conv1d_agree_with_peft(tmp_path):
         return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
 
     config = dict(target_modules=["c_attn", "c_fc", "wte"], fan_in_fan_out=True, init_lora_weights=False)
-    peft_model = peft.get_peft_model(gpt2(), peft.LoraConfig(r=2, lora_alpha=4, **config), adapter_name="a")
-    peft_model.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=8, **config))
+    peft_model = peft.get_peft_model(gpt2(), peft.LoraConfig(r=2, lora_alpha=4, **config), adapter_name="math")
+    peft_model.add_adapter("chat", peft.LoraConfig(r=2, lora_alpha=8, **config))
     peft_model.save_pretrained(tmp_path / "gpt2")
     _quiet_inject(peft_model)
     model = gpt2()
-    lorakit.load_adapter(model, tmp_path / "gpt2" / "a", adapter="a")
-    lorakit.load_adapter(model, tmp_path / "gpt2" / "b", adapter="b")
+    lorakit.load_adapter(model, tmp_path / "gpt2" / "math", adapter="math")
+    lorakit.load_adapter(model, tmp_path / "gpt2" / "chat", adapter="chat")
     for method in ("dare_ties_svd", "dare_linear", "svd"):
         options = {} if method == "svd" else {"density": 0.5}
         torch.manual_seed(9)
-        peft_model.add_weighted_adapter(["a", "b"], [0.5, 0.5], method, combination_type=method, **options)
-        combine_adapters(model, {"a": 0.5, "b": 0.5}, name=method, method=method, seed=9, **options)
+        peft_model.add_weighted_adapter(["math", "chat"], [0.5, 0.5], method, combination_type=method, **options)
+        combine_adapters(model, {"math": 0.5, "chat": 0.5}, name=method, method=method, seed=9, **options)
         assert _assert_equal_to_peft(model, peft_model, method) == 3
+
+
+# -- what lorakit does where peft's result would be wrong or lost ----------------------------------------------------
+def test_rslora_first_input_saves_a_scaling_one_adapter_peft_and_lorakit_agree_on(tmp_path):
+    """peft's combined adapter copies use_rslora from the first input (scaling sqrt(r) on tensors made for 1);
+    lorakit's tensors are peft's, saved as plain LoRA with alpha = r, so the file means the weighted sum."""
+    peft_model = _peft_pair(tmp_path, rank_b=2, rslora_first=True)
+    model = _lorakit_pair(tmp_path)
+    peft_model.add_weighted_adapter(["math", "chat"], [1.0, 1.0], "code", combination_type="cat")
+    combine_adapters(model, ["math", "chat"], name="code")  # weights default to 1.0 each
+    _assert_equal_to_peft(model, peft_model, "code")
+    combined = model(IDS).logits
+    lorakit.set_adapter(model, ["math", "chat"])  # both inputs applied at once: what cat with weights 1, 1 is
+    assert_close(combined, model(IDS).logits)
+    lorakit.save_adapter(model, tmp_path / "code", adapter="code")
+    saved = json.loads((tmp_path / "code" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["use_rslora"], saved["use_dora"]) == (6, 6, False, False)
+    assert sorted(saved["target_modules"]) == ["embed_tokens", "k_proj", "q_proj", "up_proj", "v_proj"]
+    reloaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "code").eval()
+    assert_close(reloaded(IDS).logits, combined)
+
+
+def test_cat_is_the_exact_weighted_sum_and_merges_like_any_adapter(tmp_path):
+    model = _lorakit_pair(_peft_pair(tmp_path, rank_b=2) and tmp_path)
+    combine_adapters(model, WEIGHTS, name="mix")
+    for path, layer in lora_layers(model).items():
+        expected = sum(w * layer.adapters[n].delta_weight() for n, w in WEIGHTS.items() if n in layer.adapters)
+        assert_close(layer.adapters["mix"].delta_weight(), expected, msg=path)
+        assert not layer.adapters["mix"].lora_A.requires_grad and not layer.adapters["mix"].training
+    unmerged = model(IDS).logits
+    lorakit.merge(model, "mix")
+    assert_close(model(IDS).logits, unmerged)
+    lorakit.unmerge(model)
+    # svd at the full rank is exact too; linear (A and B summed apart) is not the weighted sum
+    combine_adapters(model, WEIGHTS, name="full", method="svd", svd_rank=6)
+    assert_close(model(IDS).logits, unmerged, dtype=torch.float16)
+
+
+def test_modules_to_save_copy_passes_on_from_its_one_owner(tmp_path):
+    torch.manual_seed(2)
+    config = dict(r=2, alpha=4, target_modules=["q_proj"])
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(**config, modules_to_save=["lm_head"]), adapter="math")
+    lorakit.inject(model, lorakit.LoraConfig(**config), adapter="chat")
+    with torch.no_grad():
+        model.lm_head.copies["math"].weight.add_(0.05)
+        for _, p in lorakit.lora_parameters(model):
+            p.add_(0.1 * torch.randn_like(p))
+    combine_adapters(model, {"math": 1.0, "chat": 0.5}, name="mix")
+    assert torch.equal(model.lm_head.copies["mix"].weight, model.lm_head.copies["math"].weight)
+    assert model.lm_head.copies["mix"] is not model.lm_head.copies["math"]
+    expected = model(IDS).logits
+    lorakit.save_adapter(model, tmp_path / "mix", adapter="mix")
+    assert json.loads((tmp_path / "mix" / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+    assert_close(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "mix").eval()(IDS).logits, expected)
+    lorakit.inject(model, lorakit.LoraConfig(**config, modules_to_save=["lm_head"]), adapter="code")
+    with pytest.raises(lorakit.LorakitError, match=r"adapters math, code each have a trained copy of lm_head"):
+        combine_adapters(model, ["math", "code"], name="both")
+
+
+def test_nf4_base_combines_the_same_tensors(tmp_path):
+    peft_model = _peft_pair(tmp_path, rank_b=2)
+    dense = _lorakit_pair(tmp_path)
+    quantized = _lorakit_pair(tmp_path, lorakit.quantize(tiny_llama(), "nf4"))
+    for model in (dense, quantized):
+        combine_adapters(model, WEIGHTS, name="mix", method="ties_svd", density=0.5)
+    peft_model.add_weighted_adapter(list(WEIGHTS), list(WEIGHTS.values()), "mix", combination_type="ties_svd", density=0.5)
+    assert _assert_equal_to_peft(quantized, peft_model, "mix") == 9
+    assert isinstance(quantized.model.layers[0].self_attn.q_proj.base_layer, lorakit.NF4Linear)
+    with lorakit.disable_adapters(quantized):
+        base = quantized(IDS).logits
+    assert not torch.allclose(quantized(IDS).logits, base)  # the combined adapter runs on the 4-bit base
+
+
+def test_dare_seed_is_reproducible_and_leaves_the_global_generator_alone(tmp_path):
+    model = _lorakit_pair(_peft_pair(tmp_path) and tmp_path)
+    state = torch.random.get_rng_state()
+    for name, seed in (("x", 7), ("y", 7), ("z", 8)):
+        combine_adapters(model, WEIGHTS, name=name, method="dare_ties", density=0.5, seed=seed)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    q = model.model.layers[0].self_attn.q_proj.adapters
+    assert torch.equal(q["x"].lora_A, q["y"].lora_A) and not torch.equal(q["x"].lora_A, q["z"].lora_A)
+    # one input: peft's rule, every method is linear (said in a warning), which is the adapter itself
+    with pytest.warns(UserWarning, match="method 'ties' is 'linear'"):
+        combine_adapters(model, {"math": 1.0}, name="only_a", method="ties", density=0.5)
+    lorakit.set_adapter(model, "math")
+    expected = model(IDS).logits
+    lorakit.set_adapter(model, "only_a")
+    assert_close(model(IDS).logits, expected)
+
+
+def test_overwrite_replaces_an_adapter_even_an_input(tmp_path):
+    model = _lorakit_pair(_peft_pair(tmp_path) and tmp_path)
+    q = model.model.layers[0].self_attn.q_proj
+    before = q.adapters["math"].delta_weight()
+    with pytest.raises(lorakit.LorakitError, match="already has an adapter named 'math'; pass another name, or overwrite=True"):
+        combine_adapters(model, {"math": 0.5}, name="math")
+    combine_adapters(model, {"math": 0.5}, name="math", overwrite=True)  # the adapter at half strength
+    assert_close(q.adapters["math"].delta_weight(), 0.5 * before)
+    assert sorted(lorakit.adapter_names(model)) == ["chat", "math"] and model.lorakit_configs["math"].r == 4
+    lorakit.merge(model, "math")
+    with pytest.raises(lorakit.LorakitError, match="is merged .* call lorakit.unmerge"):
+        combine_adapters(model, {"chat": 1.0}, name="math", overwrite=True)
+
+
+def test_mistakes_are_one_line_and_leave_the_model_as_it_was(tmp_path):
+    model = _lorakit_pair(_peft_pair(tmp_path, rank_b=2) and tmp_path)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["o_proj"], variant="dora"), adapter="dora")
+    lorakit.set_adapter(model, "math")
+    expected = model(IDS).logits
+    cases = [
+        (dict(adapters={"math": 1.0, "nope": 1.0}), r"unknown adapter 'nope'; this model has: math, chat, dora"),
+        (dict(adapters=["math", "chat"], weights=[1.0]), r"2 adapters \(math, chat\) but 1 weights; give one weight per adapter"),
+        (dict(adapters={"math": 1.0}, weights=[1.0]), "give the weights once"),
+        (dict(adapters=["math", "math"]), "adapter 'math' is named twice"),
+        (dict(adapters={"math": float("nan")}), "the weight of adapter 'math' must be a finite number"),
+        (dict(adapters={"math": "0.5"}), "the weight of adapter 'math' must be a finite number"),
+        (dict(adapters=[]), "no adapters to combine"),
+        (dict(adapters=WEIGHTS, name="chat"), "already has an adapter named 'chat'"),
+        (dict(adapters=WEIGHTS, name="x.y"), "without dots"),
+        (dict(adapters=WEIGHTS, method="TIES"), r"unknown method 'TIES' \(did you mean 'ties'\?\)"),
+        (dict(adapters=WEIGHTS, method="ties"), "method 'ties' needs density"),
+        (dict(adapters=WEIGHTS, method="dare_linear", density=0), r"density must be a number in \(0, 1\]"),
+        (dict(adapters=WEIGHTS, density=0.5), "density applies to the ties / dare / magnitude_prune methods, not 'cat'"),
+        (dict(adapters=WEIGHTS, svd_rank=2), "svd_rank / svd_clamp / svd_driver apply to the svd methods"),
+        (dict(adapters=WEIGHTS, method="svd", svd_rank=0), "svd_rank must be a positive integer"),
+        (dict(adapters=WEIGHTS, method="svd", svd_driver="gesvdj"), "works on CUDA tensors only"),
+        (dict(adapters=WEIGHTS, method="linear"), r"needs adapters of one rank, got math: r=4, chat: r=2; use method='cat'"),
+        (dict(adapters=WEIGHTS, method="ties", density=0.5, majority_sign_method="max"), "majority_sign_method must be"),
+        (dict(adapters={"math": 1.0, "dora": 1.0}), r"adapter 'dora' is DoRA .* merge them one at a time"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(lorakit.LorakitError, match=message) as caught:
+            combine_adapters(model, **kwargs)
+        assert "\n" not in str(caught.value)
+    assert lorakit.adapter_names(model) == ["math", "chat", "dora"] and lorakit.active_adapters(model) == ["math"]
+    assert_close(model(IDS).logits, expected)
+
+
+# -- the command -----------------------------------------------------------------------------------------------------
+def test_combine_command_writes_a_peft_folder(tmp_path, tiny_folder, capsys):  # noqa: F811 (fixture)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    first = make_adapter(base, tmp_path / "first", seed=1, r=4)
+    second = make_adapter(base, tmp_path / "second", seed=2, r=2, target_modules=["q_proj", "v_proj"])
+    out = tmp_path / "mix"
+    args = ["combine", "--model", str(tiny_folder), "--adapter", f"{first}=0.7", "--adapter", f"{second}=-0.3", "--out"]
+    assert main([*args, str(out), "--method", "svd", "--svd-rank", "3"]) == 0
+    assert "with svd: rank 3 on" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+    lorakit.load_adapter(model, first, adapter="first")
+    lorakit.load_adapter(model, second, adapter="second")
+    combine_adapters(model, {"first": 0.7, "second": -0.3}, name="mix", method="svd", svd_rank=3)
+    ids = torch.randint(0, 32, (1, 6))
+    expected = model(ids).logits
+    again = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+    lorakit.load_adapter(again, out)
+    assert_close(again(ids).logits, expected)
+
+    def error(argv) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err.strip().splitlines()[-1]
+
+    assert "already exists" in error([*args, str(out)])
+    assert "the weight after '=' must be a number" in error([*args[:4], f"{first}=lots", "--out", str(tmp_path / "x")])
+    assert "is given twice" in error([*args[:4], f"{first}=1", "--adapter", str(first), "--out", str(tmp_path / "x")])
+    assert "density applies to" in error([*args, str(tmp_path / "x"), "--density", "0.5"])
+    assert not (tmp_path / "x").exists()
+    assert "got first: r=4, second: r=2" in error([*args, str(out), "--overwrite", "--method", "dare_ties", "--density", "0.5"])
+    assert main([*args, str(out), "--overwrite", "--method", "dare_ties_svd", "--density", "0.5"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4

@@ -66,6 +66,7 @@ def parse_adapter(value: str) -> tuple[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import re
     import time
     from pathlib import Path
 
@@ -98,8 +99,10 @@ def run(args: argparse.Namespace) -> int:
 
     model, _ = lorakit.load_base(args.model, dtype=torch.float32, device=args.device)
     names = {}
-    for i, (folder, weight) in enumerate(inputs):
-        names[lorakit.load_adapter(model, folder, adapter=f"input{i}")] = weight
+    for i, (folder, weight) in enumerate(inputs):  # named after their folders, so messages name them as the user did
+        name = re.sub(r"[^\w-]", "_", Path(os.path.abspath(os.path.expanduser(folder))).name) or f"input{i}"
+        name = f"{name}_{i}" if name in names or name == "combined" else name
+        names[lorakit.load_adapter(model, folder, adapter=name)] = weight
     combine_adapters(model, names, name="combined", method=args.method, density=args.density,
                      majority_sign_method=args.majority_sign, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
                      seed=0 if args.seed is None and args.method.startswith("dare") else args.seed)
