@@ -101,6 +101,10 @@ def combine_adapters(model: nn.Module, adapters: dict[str, float] | Sequence[str
                           "density / svd_rank do not apply", UserWarning, stacklevel=2)
         method = "linear"
     layers = {path: host for path, host in adapter_hosts(model).items() if isinstance(host, LoraLayer)}
+    merged = next(((path, layer.merged[0]) for path, layer in layers.items() if layer.merged), None)
+    if merged is not None:  # the new adapter becomes active: on top of a merged one, both would apply
+        raise LorakitError(f"adapter {merged[1]!r} is merged into the base (e.g. {merged[0]}); call lorakit.unmerge(model) "
+                           "before combining, so the new adapter is not applied on top of it")
     _check_variants(layers, names)
     ranks = {n: max(h.adapters[n].rank for h in layers.values() if n in h.adapters) for n in names if
              any(n in h.adapters for h in layers.values())}
@@ -156,10 +160,10 @@ def _inputs(adapters, weights) -> tuple[list[str], list[float]]:
         names = list(adapters)
         if weights is None:
             weights = [1.0] * len(names)
-        elif isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) and not (
-                isinstance(weights, torch.Tensor) and weights.dim() == 1):
+        elif isinstance(weights, (str, bytes, dict)) or not hasattr(weights, "__len__") or (
+                isinstance(weights, torch.Tensor) and weights.dim() != 1):
             raise LorakitError(f"weights must be a list with one number per adapter, got {shown(weights)}")
-        weights = [w.item() if isinstance(w, torch.Tensor) else w for w in weights]
+        weights = [w.item() if isinstance(w, torch.Tensor) and w.numel() == 1 else w for w in list(weights)]
         if len(weights) != len(names):
             raise LorakitError(f"{len(names)} adapters ({listed(names)}) but {len(weights)} weights; give one weight per "
                                "adapter")

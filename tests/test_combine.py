@@ -225,8 +225,16 @@ def test_overwrite_replaces_an_adapter_even_an_input(tmp_path):
     assert_close(q.adapters["math"].delta_weight(), 0.5 * before)
     assert sorted(lorakit.adapter_names(model)) == ["chat", "math"] and model.lorakit_configs["math"].r == 4
     lorakit.merge(model, "math")
-    with pytest.raises(lorakit.LorakitError, match="is merged .* call lorakit.unmerge"):
+    with pytest.raises(lorakit.LorakitError, match="adapter 'math' is merged .* so it cannot be overwritten; call lorakit.unmerge"):
         combine_adapters(model, {"chat": 1.0}, name="math", overwrite=True)
+    with pytest.raises(lorakit.LorakitError, match="adapter 'math' is merged into the base .* call lorakit.unmerge"):
+        combine_adapters(model, {"chat": 1.0}, name="new")
+    lorakit.unmerge(model)
+    import numpy as np  # weights as an array, as a sweep over mixing weights would give them
+
+    combine_adapters(model, ["math", "chat"], weights=np.array([0.25, 0.75]), name="sweep")
+    combine_adapters(model, ["math", "chat"], weights=torch.tensor([0.25, 0.75]), name="sweep2")
+    assert torch.equal(q.adapters["sweep"].lora_A, q.adapters["sweep2"].lora_A)
 
 
 def test_mistakes_are_one_line_and_leave_the_model_as_it_was(tmp_path):
