@@ -65,7 +65,7 @@ def combine_adapters(model: nn.Module, adapters: dict[str, float] | Sequence[str
                      weights: Sequence[float] | None = None, name: str = "combined", method: str = "cat",
                      density: float | None = None, majority_sign_method: str = "total", svd_rank: int | None = None,
                      svd_clamp: float | None = None, svd_full_matrices: bool = True, svd_driver: str | None = None,
-                     seed: int | None = None, overwrite: bool = False, trainable: bool = False) -> str:
+                     seed: int | None = None, overwrite: bool = False, trainable: bool = False, **peft_names) -> str:
     """Add adapter ``name``, a weighted combination of ``adapters``, to ``model`` and make it the active adapter.
 
     Args:
@@ -91,6 +91,11 @@ def combine_adapters(model: nn.Module, adapters: dict[str, float] | Sequence[str
     Returns:
         ``name``. On any error the model is left exactly as it was.
     """
+    if peft_names:  # code ported from peft's add_weighted_adapter: say what its names are here
+        ours = {"combination_type": "method", "adapter_name": "name"}
+        advice = [f"{key}= (peft's name: write {ours[key]}=)" if key in ours else f"{key}= (not an option)"
+                  for key in peft_names]
+        raise LorakitError(f"combine_adapters got unknown keyword(s): {'; '.join(advice)}")
     names, weight_list = _inputs(adapters, weights)
     _require(model, names)
     _check_name(model, name, overwrite)

@@ -126,6 +126,29 @@ def test_options_different_ranks_and_conv1d_agree_with_peft(tmp_path):
         assert _assert_equal_to_peft(model, peft_model, method) == 3
 
 
+def test_rank_pattern_and_svd_rank_above_a_layer_keep_the_product(tmp_path):
+    """peft writes a linear layer below the common rank at its own size (its file then does not load) and raises on
+    an svd_rank above min(out, in); lorakit zero-pads both, so the adapter is exactly what was asked."""
+    model = tiny_llama()
+    config = dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], rank_pattern={"v_proj": 2})
+    for name in ("math", "chat"):
+        lorakit.inject(model, lorakit.LoraConfig(**config), adapter=name)
+    with torch.no_grad():
+        for _, p in lorakit.lora_parameters(model):
+            p.normal_(0, 0.2)
+    combine_adapters(model, WEIGHTS, name="lin", method="linear")
+    v = model.model.layers[0].self_attn.v_proj.adapters
+    assert v["lin"].rank == 4 and torch.equal(v["lin"].lora_B[:, 2:], torch.zeros(v["lin"].lora_B.shape[0], 2))
+    lorakit.save_adapter(model, tmp_path / "lin", adapter="lin")
+    expected = model(IDS).logits
+    assert_close(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lin").eval()(IDS).logits, expected)
+    combine_adapters(model, WEIGHTS, name="cat")
+    exact = model(IDS).logits
+    combine_adapters(model, WEIGHTS, name="big", method="svd", svd_rank=40)  # the 32-wide embedding keeps 32
+    assert model.model.embed_tokens.adapters["big"].rank == 40
+    assert_close(model(IDS).logits, exact)
+
+
 # -- what lorakit does where peft's result would be wrong or lost ----------------------------------------------------
 def test_rslora_first_input_saves_a_scaling_one_adapter_peft_and_lorakit_agree_on(tmp_path):
     """peft's combined adapter copies use_rslora from the first input (scaling sqrt(r) on tensors made for 1);
@@ -159,7 +182,7 @@ def test_cat_is_the_exact_weighted_sum_and_merges_like_any_adapter(tmp_path):
     lorakit.unmerge(model)
     # svd at the full rank is exact too; linear (A and B summed apart) is not the weighted sum
     combine_adapters(model, WEIGHTS, name="full", method="svd", svd_rank=6)
-    assert_close(model(IDS).logits, unmerged, dtype=torch.float16)
+    assert_close(model(IDS).logits, unmerged)
 
 
 def test_modules_to_save_copy_passes_on_from_its_one_owner(tmp_path):
@@ -262,6 +285,8 @@ def test_mistakes_are_one_line_and_leave_the_model_as_it_was(tmp_path):
         (dict(adapters=WEIGHTS, method="linear"), r"needs adapters of one rank, got math: r=4, chat: r=2; use method='cat'"),
         (dict(adapters=WEIGHTS, method="ties", density=0.5, majority_sign_method="max"), "majority_sign_method must be"),
         (dict(adapters={"math": 1.0, "dora": 1.0}), r"adapter 'dora' is DoRA .* merge them one at a time"),
+        (dict(adapters=WEIGHTS, combination_type="ties", adapter_name="x"),
+         r"unknown keyword\(s\): combination_type= \(peft's name: write method=\); adapter_name= \(peft's name: write name=\)"),
     ]
     for kwargs, message in cases:
         with pytest.raises(lorakit.LorakitError, match=message) as caught:
