@@ -231,7 +231,8 @@ def tokenize_example(
         eot_token: the end-of-turn token (default: the tokenizer's eos token).
         info: a precomputed :func:`tokenizer_info` (saves re-inspecting the tokenizer per example).
         drops: if given, counts why an example was dropped: ``"too_long"`` (overflow="drop") or ``"no_target"``
-            (its prompt alone fills max_length, so truncation left nothing to learn).
+            (its prompt alone fills max_length, so truncation left nothing to learn); ``"too_long_min_tokens"``
+            holds the length of the shortest example dropped as too long.
 
     Returns:
         ``{"input_ids": [...], "labels": [...], "truncated": bool}`` with ``labels[k] == IGNORE_INDEX`` where
@@ -281,6 +282,8 @@ def tokenize_example(
                 "raise max_length or choose overflow='drop' or 'truncate'"
             )
         if overflow == "drop":
+            if drops is not None:  # the shortest overlong example: what max_length would have kept one
+                drops["too_long_min_tokens"] = min(drops.get("too_long_min_tokens") or len(input_ids), len(input_ids))
             return _dropped(drops, "too_long")
         input_ids, labels, truncated = input_ids[:max_length], labels[:max_length], True
     if all(lab == IGNORE_INDEX for lab in labels):
@@ -399,7 +402,8 @@ class DataSummary:
         after truncation). truncated: examples kept but cut to max_length. supervised_tokens: label positions
         that are targets. tokens: all tokens of kept examples. rows: dataset rows (== examples unless packed).
         shapes: records per shape. max_length: the limit used. too_long / no_target: the dropped examples by
-        reason (longer than max_length; no target left within it).
+        reason (longer than max_length; no target left within it). first_dropped: where the first dropped one
+        came from. trimmed_chats: chats that ended in user/tool turns after their last answer, which were trimmed.
     """
 
     examples: int = 0
@@ -413,6 +417,8 @@ class DataSummary:
     shapes: dict[str, int] = field(default_factory=dict)
     too_long: int = 0  # of ``dropped``: longer than max_length under overflow="drop"
     no_target: int = 0  # of ``dropped``: no target token left within max_length (a prompt that fills it)
+    first_dropped: str | None = None  # where the first dropped example came from ("train.jsonl:12")
+    trimmed_chats: int = 0  # chats whose turns after the last assistant turn were trimmed (kept or not)
 
     def __str__(self) -> str:
         shapes = ", ".join(f"{n} {s}" for s, n in sorted(self.shapes.items()))
@@ -424,9 +430,12 @@ class DataSummary:
 
 
     def drop_note(self) -> str | None:
-        """One line on dropped examples, why and what to do about it (None when nothing was dropped)."""
+        """One line on dropped examples (why, the first one, what to do about it) and on chats trimmed after
+        their last answer; None when neither happened."""
+        trimmed = (f"{self.trimmed_chats} chats end with turns after their last assistant reply, which were trimmed "
+                   "(nothing follows them to learn)") if self.trimmed_chats else None
         if not self.dropped:
-            return None
+            return f"note: {trimmed}" if trimmed else None
         parts = []
         if self.too_long:
             parts.append(f"{self.too_long} longer than max_length={self.max_length} tokens (raise --max-length or "
@@ -435,7 +444,9 @@ class DataSummary:
             parts.append(f"{self.no_target} whose prompt fills max_length={self.max_length}, leaving no target "
                          "(raise --max-length or shorten the prompts)")
         total = self.examples + self.dropped
-        return f"note: {self.dropped} of {total} examples were dropped: " + "; ".join(parts)
+        first = f" (the first: {self.first_dropped})" if self.first_dropped else ""
+        return (f"note: {self.dropped} of {total} examples were dropped{first}: " + "; ".join(parts)
+                + (f"; {trimmed}" if trimmed else ""))
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
@@ -481,9 +492,11 @@ def build_dataset(
         record = for_tokenizer(raw, tokenizer)  # an Alpaca record counts as the shape it trains as
         n_records += 1
         shapes[record.shape] += 1
+        summary.trimmed_chats += bool(record.fields.get("trimmed_turns"))
         ex = tokenize_example(record, tokenizer, max_length, overflow, info=info, drops=drops)
         if ex is None:
             summary.dropped += 1
+            summary.first_dropped = summary.first_dropped or record.where
             continue
         summary.truncated += ex["truncated"]
         summary.tokens += len(ex["input_ids"])
@@ -494,13 +507,17 @@ def build_dataset(
         raise LorakitError(f"{name} is empty: give at least one record")
     summary.too_long, summary.no_target = drops["too_long"], drops["no_target"]
     if not examples:
+        source = f" ({summary.first_dropped}" + (", ...)" if n_records > 1 else ")")  # the file to fix
         if drops["no_target"] and not drops["too_long"]:
             raise LorakitError(
-                f"{name}: no examples left: in all {n_records} the prompt alone fills max_length={max_length} tokens, "
-                "so truncation leaves no completion to learn; raise max_length (--max-length) or shorten the prompts"
+                f"{name}: no examples left: in all {n_records}{source} the prompt alone fills max_length={max_length} "
+                "tokens, so truncation leaves no completion to learn; raise max_length (--max-length) or shorten the "
+                "prompts"
             )
+        shortest = drops.get("too_long_min_tokens")
         raise LorakitError(
-            f"{name}: no examples left: all {n_records} are longer than max_length={max_length} tokens"
+            f"{name}: no examples left: all {n_records}{source} are longer than max_length={max_length} tokens"
+            + (f" (the shortest has {shortest})" if shortest else "")
             + (f" ({drops['no_target']} with no target within it)" if drops["no_target"] else "")
             + "; raise max_length (--max-length) or truncate them (--overflow truncate)"
         )

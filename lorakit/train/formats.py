@@ -5,8 +5,8 @@ A record has exactly one of three shapes (the fields are strict: anything else i
 - ``{"text": str}``: plain text, every token is a target (continued pre-training style).
 - ``{"prompt": str, "completion": str}``: only the completion (plus the end-of-turn token) is a target.
 - ``{"messages": [{"role": ..., "content": str}, ...]}``: a chat, rendered through the tokenizer's chat
-  template; only assistant turns (each with its end-of-turn token) are targets. The chat must end with an
-  assistant turn, since a trailing user turn would be an unanswered question with nothing to learn.
+  template; only assistant turns (each with its end-of-turn token) are targets. The chat needs an assistant
+  turn; turns after the last one are trimmed, since nothing follows them to learn.
   A message's content may also be a list of text parts (``[{"type": "text", "text": ...}]``, as OpenAI and
   multimodal datasets write it; the parts are joined), and an assistant message may carry OpenAI's ``"weight": 0``
   to leave that turn unsupervised. Keys whose value is null (``"tool_calls": null``) are ignored. OpenAI tool use
@@ -19,6 +19,17 @@ Two formats of other tools are read as chats (see :func:`_convert_other_formats`
   a blank line, the input) and the output as the assistant turn. A tokenizer without a chat template trains it
   in Alpaca's own prompt format ("### Instruction: ... ### Response:") instead (``Record.fallback``).
 - ShareGPT ``{"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": str}], "system" (optional)}``.
+- Dolly ``{"instruction", "context" (optional), "response"}``, read as Alpaca; question/answer pairs (GSM8K's
+  ``{"question", "answer"}``) as one user and one assistant turn (without a chat template: "Question: ...\nAnswer: ").
+
+What a user's file may differ in and is still read the same: field names in another case or with spaces
+(``"Prompt"``, ``" completion"`` from a CSV header; roles ``"User"``), OpenAI's legacy function calling
+(``functions``, ``function_call``, role ``function``: read as ``tools`` / ``tool_calls`` / ``tool``), trailing
+user or tool turns after the last assistant turn (trimmed: nothing follows them to learn, and a causal model's
+loss on the earlier turns does not depend on them; the summary counts the chats trimmed), a ``.json`` file that
+wraps its records in one object (``{"data": [...]}``), and pretty-printed JSON objects one after another in a
+``.jsonl`` file (``jq .`` output). Preference (DPO) records ``{"prompt", "chosen", "rejected"}`` are refused:
+lorakit trains supervised fine-tuning, and training on ``chosen`` alone is a choice the user makes by renaming it.
 
 Every record carries ``where`` ("orders.jsonl:12", "data.csv:4", "folder[train] row 7") so that any later
 error (a template failure, an example too long) names the place the user has to fix. Every mistake raises
@@ -30,7 +41,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,13 +70,29 @@ PARQUET_SUFFIXES = (".parquet",)
 DATA_SUFFIXES = JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
 _EXPECTED = '{"text"}, {"prompt", "completion"} or {"messages": [...]}'
 ALPACA_KEYS = ("instruction", "input", "output", "system")
+DOLLY_KEYS = ("instruction", "context", "response")  # databricks-dolly-15k (its "category" is a bookkeeping field)
+QA_KEYS = ("question", "answer", "system")  # GSM8K and most QA sets
+QA_PROMPT = "Question: {question}\nAnswer: "  # the prompt/completion form, for a tokenizer without a chat template
+LEGACY_CHAT_FIELDS = ("functions",)  # OpenAI's function calling before tools: read as tools
+PREFERENCE_KEYS = ("chosen", "rejected")
+# names other tools give the two halves of an example: a record with no known field is told which to rename
+PROMPT_LIKE = ("input", "query", "instruction", "question", "context", "source_text", "src", "human", "user")
+COMPLETION_LIKE = ("output", "response", "answer", "target", "reply", "label_text", "tgt", "gpt", "assistant")
+MESSAGE_LIKE = ("conversation", "conversations", "dialog", "dialogue", "chat", "turns", "history")
 SHAREGPT_KEYS = ("conversations", "system")
 # ShareGPT speaker names (from FastChat, Axolotl and LLaMA-Factory exports) -> chat roles
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
                   "tool": "tool", "function": "tool", "observation": "tool", "function_response": "tool",
                   "function_call": "assistant"}  # LLaMA-Factory: the call, as the assistant's text
+# the DatasetDict split --val-data reads, the first present (--data reads "train")
+VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "eval", "test")
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"  # Alpaca's template, without its preamble
+# every top-level field a record may have, in lowercase: a key that matches one of these once lowercased and stripped
+# ("Prompt", " completion") is read as it
+KNOWN_FIELDS = frozenset({"text", "prompt", "completion", "messages", *CHAT_OPTIONAL_FIELDS, *LEGACY_CHAT_FIELDS,
+                          *ALPACA_KEYS, *DOLLY_KEYS, *QA_KEYS, *SHAREGPT_KEYS, *PREFERENCE_KEYS, *IGNORED_FIELDS})
+KNOWN_MESSAGE_KEYS = frozenset({*MESSAGE_KEYS, *TOOL_MESSAGE_KEYS, "weight", "function_call", "from", "value"})
 
 
 @dataclass(frozen=True)
@@ -101,8 +128,15 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
         return obj
     if not isinstance(obj, Mapping):
         raise LorakitError(f"{where}: expected an object with {_EXPECTED}, got {type(obj).__name__}")
+    obj = _normalize_keys(obj, KNOWN_FIELDS)
     if not IGNORED_FIELDS.isdisjoint(obj.keys()):
         obj = {key: value for key, value in obj.items() if key not in IGNORED_FIELDS}
+    if any(key in obj for key in PREFERENCE_KEYS):
+        present = "/".join(k for k in ("prompt", "chosen", "rejected") if k in obj)
+        raise LorakitError(
+            f"{where}: a preference (DPO) record ({present}); lorakit trains supervised fine-tuning, not preference "
+            "optimisation: to learn the preferred answers, rename 'chosen' to 'completion' (for chats: "
+            "{\"messages\": prompt + chosen}) and delete 'rejected'")
     converted = _convert_other_formats(obj, where)
     if converted is not None:
         return converted
@@ -114,9 +148,10 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     elif "text" in obj:
         shape = "text"
     else:
-        raise LorakitError(f"{where}: no known field in {sorted(map(str, keys))}; a record is {_EXPECTED}")
+        raise LorakitError(f"{where}: no known field in {sorted(map(str, keys))}; a record is {_EXPECTED}"
+                           + _rename_hint(obj))
     allowed = SHAPE_FIELDS[shape]
-    optional = CHAT_OPTIONAL_FIELDS if shape == "messages" else ()
+    optional = (*CHAT_OPTIONAL_FIELDS, *LEGACY_CHAT_FIELDS) if shape == "messages" else ()
     for key in keys:
         if key not in allowed and key not in optional:
             fields = ", ".join(repr(k) for k in allowed)
@@ -131,13 +166,54 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
         _check_string(obj["prompt"], "prompt", where, nonempty=False)
         _check_string(obj["completion"], "completion", where, nonempty=True, what="empty completion")
         return Record(shape, {"prompt": obj["prompt"], "completion": obj["completion"]}, where)
-    messages, unsupervised = _validate_messages(obj["messages"], where)
+    messages, unsupervised, trimmed = _validate_messages(obj["messages"], where)
     fields: dict[str, Any] = {"messages": messages}
     if unsupervised:
         fields["unsupervised"] = unsupervised
-    if obj.get("tools") is not None:
-        fields["tools"] = _validate_tools(obj["tools"], where)
+    if trimmed:
+        fields["trimmed_turns"] = trimmed
+    tools = obj.get("tools")
+    if obj.get("functions") is not None:  # OpenAI's legacy function schemas are tool schemas of type "function"
+        if tools is not None:
+            raise LorakitError(f"{where}: has both 'tools' and the legacy 'functions'; keep one")
+        functions = _json_field(obj["functions"], f"{where}: field 'functions'")
+        if not isinstance(functions, list) or not all(isinstance(f, Mapping) for f in functions):
+            raise LorakitError(f"{where}: field 'functions' must be a list of function schemas ({{\"name\": ...}})")
+        tools = [{"type": "function", "function": dict(f)} for f in functions]
+    if tools is not None:
+        fields["tools"] = _validate_tools(tools, where)
     return Record(shape, fields, where)
+
+
+def _normalize_keys(obj: Mapping, known: frozenset) -> Mapping:
+    """``obj`` with keys that are a known key in another case or with spaces around it ("Prompt", " completion",
+    as spreadsheets and CSV headers write them) renamed to it; a key that would collide is left for the caller to
+    report as unknown."""
+    if all(isinstance(k, str) and (k in known or k.strip().lower() not in known) for k in obj):
+        return obj  # the common case: nothing to rename
+    out: dict[Any, Any] = {}
+    for key, value in obj.items():
+        norm = key.strip().lower() if isinstance(key, str) else key
+        if norm != key and norm in known and norm not in obj and norm not in out:
+            key = norm
+        out[key] = value
+    return out
+
+
+def _rename_hint(obj: Mapping) -> str:
+    """For a record with no known field: which of its fields to rename to what (or "")."""
+    prompt = next((k for k in PROMPT_LIKE if k in obj), None)
+    completion = next((k for k in COMPLETION_LIKE if k in obj and k != prompt), None)
+    if prompt and completion:
+        return f"; rename {prompt!r} to 'prompt' and {completion!r} to 'completion'"
+    for key, value in obj.items():
+        if isinstance(key, str) and key.strip().lower() in MESSAGE_LIKE and isinstance(value, list):
+            first = value[0] if value and isinstance(value[0], Mapping) else {}
+            target = "conversations" if "from" in first else "messages"
+            return f"; if {key!r} is the chat, rename it to {target!r}"
+    if completion:
+        return f"; if {completion!r} is the answer, rename it to 'completion' and add the 'prompt' it answers"
+    return ""
 
 
 def _json_field(value: Any, what: str) -> Any:
@@ -180,30 +256,50 @@ def _validate_tool_calls(calls: Any, at: str) -> list[dict]:
 
 
 def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
-    """An Alpaca or ShareGPT record as a chat :class:`Record` (None for anything else).
+    """An Alpaca, Dolly, question/answer or ShareGPT record as a chat :class:`Record` (None for anything else).
 
-    Detected by their required keys ("instruction" + "output"; "conversations"), so a record of our own shapes is
-    never taken for one; their other keys are as strict as ours.
+    Detected by their required keys ("instruction" + "output"; "instruction" + "response"; "question" +
+    "answer"; "conversations"), so a record of our own shapes is never taken for one; their other keys are as
+    strict as ours.
     """
-    if "instruction" in obj and "output" in obj and not {"messages", "prompt", "completion"} & set(obj):
+    ours = {"messages", "prompt", "completion", "text"} & set(obj)
+    if "question" in obj and "answer" in obj and not ours and "instruction" not in obj:
         for key in obj:
-            if key not in ALPACA_KEYS:
-                raise LorakitError(f"{where}: unknown field {key!r}; an Alpaca record has only "
-                                   f"{', '.join(map(repr, ALPACA_KEYS))}: remove it")
+            if key not in QA_KEYS:
+                raise LorakitError(f"{where}: unknown field {key!r}; a question/answer record has only "
+                                   f"{', '.join(map(repr, QA_KEYS))}: remove it")
+        _check_string(obj["question"], "question", where, nonempty=True, what="empty question")
+        _check_string(obj["answer"], "answer", where, nonempty=True, what="empty answer")
+        if obj.get("system") is not None:
+            _check_string(obj["system"], "system", where, nonempty=False)
+        system = obj.get("system") or ""
+        messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
+            {"role": "user", "content": obj["question"]}, {"role": "assistant", "content": obj["answer"]}]
+        prompt = (f"{system}\n\n" if system.strip() else "") + QA_PROMPT.format(question=obj["question"])
+        fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj["answer"]}, where)
+        return Record("messages", {"messages": messages}, where, fallback=fallback)
+    dolly = "instruction" in obj and "response" in obj and "output" not in obj
+    if "instruction" in obj and ("output" in obj or dolly) and not ours - {"text"}:
+        keys, name = (DOLLY_KEYS, "a Dolly") if dolly else (ALPACA_KEYS, "an Alpaca")
+        out_key, in_key = ("response", "context") if dolly else ("output", "input")
+        for key in obj:
+            if key not in keys:
+                raise LorakitError(f"{where}: unknown field {key!r}; {name} record has only "
+                                   f"{', '.join(map(repr, keys))}: remove it")
         _check_string(obj["instruction"], "instruction", where, nonempty=True, what="empty instruction")
-        _check_string(obj["output"], "output", where, nonempty=True, what="empty output")
-        for key in ("input", "system"):
+        _check_string(obj[out_key], out_key, where, nonempty=True, what=f"empty {out_key}")
+        for key in (in_key, "system"):
             if obj.get(key) is not None:
                 _check_string(obj[key], key, where, nonempty=False)
-        instruction, extra, system = obj["instruction"], obj.get("input") or "", obj.get("system") or ""
+        instruction, extra, system = obj["instruction"], obj.get(in_key) or "", obj.get("system") or ""
         user = instruction + (f"\n\n{extra}" if extra.strip() else "")
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
-            {"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+            {"role": "user", "content": user}, {"role": "assistant", "content": obj[out_key]}]
         prompt = ALPACA_PROMPT.format(instruction=instruction,
                                       input=f"### Input:\n{extra}\n\n" if extra.strip() else "")
         if system.strip():
             prompt = f"{system}\n\n{prompt}"
-        fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj["output"]}, where)
+        fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj[out_key]}, where)
         return Record("messages", {"messages": messages}, where, fallback=fallback)
     if "conversations" in obj and "messages" not in obj:
         for key in obj:
@@ -220,6 +316,8 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
                 messages.append({"role": "system", "content": obj["system"]})
         for i, turn in enumerate(turns):
             at = f"{where}: conversations[{i}]"
+            if isinstance(turn, Mapping):  # "From"/"Value"; a column a datasets table filled with null is absent
+                turn = {k: v for k, v in _normalize_keys(turn, KNOWN_MESSAGE_KEYS).items() if v is not None}
             if not isinstance(turn, Mapping) or set(turn) - {"from", "value", "weight"}:
                 raise LorakitError(f"{at} must be an object with only 'from' and 'value' (ShareGPT), got "
                                    f"{sorted(turn) if isinstance(turn, Mapping) else type(turn).__name__}")
@@ -237,10 +335,19 @@ def _check_string(value: Any, key: str, where: str, nonempty: bool, what: str = 
     if value is None:
         raise LorakitError(f"{where}: field {key!r} is null; give it a string")
     if not isinstance(value, str):
-        raise LorakitError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        raise LorakitError(f"{where}: field {key!r} must be a string, got {_got(value)}")
     if nonempty and not value.strip():
         raise LorakitError(f"{where}: {what or 'empty ' + key}: field {key!r} has no text; fill it or drop the record")
     _check_unicode(value, f"{where}: field {key!r}")
+
+
+def _got(value: Any) -> str:
+    """What a value is, and how to fix it, for "must be a string, got ..."."""
+    if isinstance(value, float) and value != value:
+        return "NaN (an empty cell in a pandas export?); fill it or drop the record"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{type(value).__name__} {value!r}; write it as a JSON string (\"{value!r}\")"
+    return type(value).__name__
 
 
 def _check_unicode(value: str, what: str) -> None:
@@ -252,9 +359,9 @@ def _check_unicode(value: str, what: str) -> None:
                            "is not valid Unicode; fix the \\uXXXX escape (a cut emoji?)") from None
 
 
-def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]], tuple[int, ...]]:
-    """The chat as ``[{role, content, (tool keys)}]`` with content a string, and the indices of assistant turns
-    with weight 0."""
+def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]], tuple[int, ...], int]:
+    """The chat as ``[{role, content, (tool keys)}]`` with content a string, through its last assistant turn; the
+    indices of assistant turns with weight 0; how many turns after the last assistant turn were trimmed."""
     if isinstance(messages, str):  # CSV cells and some datasets columns hold the chat as a JSON string
         try:
             messages = json.loads(messages)
@@ -268,11 +375,21 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
         at = f"{where}: messages[{i}]"
         if not isinstance(msg, Mapping):
             raise LorakitError(f"{at} must be an object with 'role' and 'content', got {type(msg).__name__}")
-        for key in msg:
-            if key not in (*MESSAGE_KEYS, *TOOL_MESSAGE_KEYS, "weight") and msg[key] is not None:  # null is noise
+        msg = _normalize_keys(msg, KNOWN_MESSAGE_KEYS)
+        for key in msg:  # null, [] and {} are noise: OpenAI's API writes "refusal": null, "annotations": []
+            if key not in (*MESSAGE_KEYS, *TOOL_MESSAGE_KEYS, "weight", "function_call") and msg[key] not in (None, [], {}):
                 raise LorakitError(f"{at} has unknown key {key!r}; a message has only 'role', 'content', 'weight' "
                                    "(assistant turns) and OpenAI's tool keys 'tool_calls', 'tool_call_id', 'name'")
         role, content = msg.get("role"), msg.get("content")
+        if isinstance(role, str):
+            role = role.strip().lower()  # "User", "Assistant"
+        if role == "function":  # OpenAI's legacy function result: a tool turn (its "name" says which function)
+            role = "tool"
+        if msg.get("function_call") is not None:  # OpenAI's legacy single call: one tool call
+            if msg.get("tool_calls") is not None:
+                raise LorakitError(f"{at} has both 'function_call' and 'tool_calls'; keep one")
+            call = _json_field(msg["function_call"], f"{at} function_call")
+            msg = {**msg, "tool_calls": [{"type": "function", "function": call}]}
         extra: dict[str, Any] = {}
         for key in ("name", "tool_call_id"):
             if msg.get(key) is not None:
@@ -295,21 +412,23 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
         if isinstance(content, list):
             content = _join_parts(content, at, role)
         if not isinstance(content, str):
-            got = "missing" if "content" not in msg else type(content).__name__
+            got = "missing" if "content" not in msg else _got(content)
             raise LorakitError(f"{at} ({role}) content must be a string, got {got}")
         _check_unicode(content, f"{at} ({role}) content")
         if role == "assistant" and not content.strip() and "tool_calls" not in extra:
             raise LorakitError(f"{at}: empty completion: the assistant turn has no text; fill it or drop the record")
         out.append({"role": role, "content": content, **extra})
-    if out[-1]["role"] != "assistant":
-        raise LorakitError(
-            f"{where}: the chat does not end with an assistant turn (last role is {out[-1]['role']!r}); "
-            "add the assistant reply to learn or drop the trailing turn"
-        )
+    last = max((i for i, m in enumerate(out) if m["role"] == "assistant"), default=None)
+    if last is None:
+        roles = ", ".join(dict.fromkeys(m["role"] for m in out))
+        raise LorakitError(f"{where}: the chat does not end with an assistant turn (it has none, only {roles}), so "
+                           "there is nothing to learn; add the assistant reply or drop the record")
     if len(unsupervised) == sum(m["role"] == "assistant" for m in out):
         raise LorakitError(f"{where}: every assistant turn has weight 0, so nothing is learnt from this chat; drop it "
                            "or set weight 1 on a turn")
-    return out, tuple(unsupervised)
+    # turns after the last answer (a question left open) are not targets, and with causal attention no target
+    # sees them: trimming them changes no loss term and saves their tokens
+    return out[: last + 1], tuple(unsupervised), len(out) - last - 1
 
 
 def _join_parts(parts: list, at: str, role: str) -> str:
@@ -327,14 +446,16 @@ def _join_parts(parts: list, at: str, role: str) -> str:
     return "".join(texts)
 
 
-def read_records(path: str | Path, split: str | None = None) -> list[Record]:
+def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> list[Record]:
     """Read and validate every record of one source.
 
     Args:
         path: a ``.jsonl`` / ``.ndjson`` / ``.json`` file (one JSON object per line; a ``.json`` file may also
             hold one JSON array of objects), a ``.csv`` / ``.tsv`` file with a header row naming the fields, or a folder
             written by ``datasets``' ``save_to_disk`` (needs the ``datasets`` package: ``lorakit[data]``).
-        split: for a ``DatasetDict`` folder, which split to read (default "train", or the only one).
+        split: for a ``DatasetDict`` folder, which split to read, or a list of them in order of preference
+            (the first present is read; :data:`VALIDATION_SPLITS` for a validation set); default "train", or
+            the only one.
 
     Returns:
         The records in file order (blank JSONL lines are skipped).
@@ -347,9 +468,14 @@ def read_records(path: str | Path, split: str | None = None) -> list[Record]:
     if not path.exists() and any(ch in str(path) for ch in "*?["):  # a pattern from a config file (no shell expands it)
         import glob
 
-        matches = sorted(glob.glob(str(path)))
-        if not matches:
+        found = sorted(glob.glob(str(path), recursive=True))
+        if not found:
             raise LorakitError(f"data pattern {path} matches no file; check the folder and the pattern")
+        # "data/*" also matches a README or a .gitignore: read the data files it matches and skip the rest
+        matches = [m for m in found if Path(m).is_dir() or _data_suffix(Path(m)) is not None]
+        if not matches:
+            raise LorakitError(f"data pattern {path} matches {len(found)} files but no data file ({', '.join(DATA_SUFFIXES)}"
+                               f"), e.g. {Path(found[0]).name}; check the pattern")
         return [r for match in matches for r in read_records(match, split)]
     if not path.exists():
         raise LorakitError(f"data file not found: {path}; check the path (JSONL, CSV or a datasets folder)")
@@ -365,7 +491,7 @@ def read_records(path: str | Path, split: str | None = None) -> list[Record]:
             if not files:
                 raise LorakitError(f"{path} is a folder with no data files ({', '.join(DATA_SUFFIXES)}) and not a "
                                    "folder saved with datasets' save_to_disk; give the data files themselves")
-            records = [r for f in files for r in read_records(f)]
+            records = [r for f in _split_files(path, files, split) for r in read_records(f)]
     else:
         suffix = _data_suffix(path)
         if suffix is None:
@@ -380,6 +506,38 @@ def read_records(path: str | Path, split: str | None = None) -> list[Record]:
     if not records:
         raise LorakitError(f"{path}: no records in it; a data file needs at least one {_EXPECTED} record")
     return records
+
+
+SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "eval": "validation", "test": "test", "testing": "test"}
+
+
+def _split_of(file: Path) -> str | None:
+    """The split a file's name says it holds ("train-00000-of-00002.parquet", "val.jsonl", "my_test.csv"), or None."""
+    stem = file.name.split(".")[0].lower()
+    words = stem.replace("-", "_").replace(" ", "_").split("_")
+    return next((SPLIT_WORDS[w] for w in words if w in SPLIT_WORDS), None)
+
+
+def _split_files(folder: Path, files: list[Path], split: str | Sequence[str] | None) -> list[Path]:
+    """The files of a folder to read: all of them, or, when their names say which split they hold (train.jsonl,
+    val.jsonl, test.jsonl: a folder as Hugging Face lays it out), those of the split asked for ("train" for
+    --data; the first of :data:`VALIDATION_SPLITS` present for --val-data), so a test file never trains."""
+    splits = {f: _split_of(f) for f in files}
+    if all(v is None for v in splits.values()):
+        return files
+    unnamed = [f.name for f, v in splits.items() if v is None]
+    named = ", ".join(f.name for f, v in splits.items() if v is not None)
+    if unnamed:
+        raise LorakitError(f"{folder}: some files are named for a split ({named}) and some not ({', '.join(unnamed)}), "
+                           "so which to train on is unclear; give the data files themselves (or a pattern)")
+    wanted = [split] if isinstance(split, str) else list(split or ["train"])
+    wanted = [SPLIT_WORDS.get(w, w) for w in wanted]
+    chosen = next((w for w in wanted if w in splits.values()), None)
+    if chosen is None:
+        raise LorakitError(f"{folder}: its files are named for the splits {sorted(set(splits.values()))} ({named}), "
+                           f"none of them {'/'.join(dict.fromkeys(wanted))}; give the data files themselves")
+    return [f for f, v in splits.items() if v == chosen]
 
 
 def _not_data_folder(path: Path) -> str | None:
@@ -432,52 +590,107 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
-def read_many(paths: str | Path | Iterable[str | Path]) -> list[Record]:
-    """Read several sources (or one) and concatenate their records in the order given."""
+def read_many(paths: str | Path | Iterable[str | Path], split: str | Sequence[str] | None = None) -> list[Record]:
+    """Read several sources (or one) and concatenate their records in the order given; ``split`` as in
+    :func:`read_records` (pass :data:`VALIDATION_SPLITS` for ``--val-data``)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     records: list[Record] = []
     for p in paths:
-        records.extend(read_records(p))
+        records.extend(read_records(p, split))
     return records
 
 
 def _read_jsonl(path: Path, raw: bytes, suffix: str) -> list[Record]:
-    if suffix == ".json":  # a .json file may be one array of records, or one (pretty-printed) record
-        start = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
-        if start == b"[":
-            return _read_json_array(path, raw)
-        if start == b"{":
-            try:
-                whole = json.loads(raw.decode("utf-8-sig"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                whole = None  # one object per line (JSONL named .json), or malformed: the line reader says where
-            if isinstance(whole, dict):
-                return [validate_record(whole, path.name)]
-    elif raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":  # a JSON array saved as .jsonl: read it as one
+    """One JSON object per line; also a JSON array, one (pretty-printed) object, pretty-printed objects one after
+    another, or one object wrapping the records (``{"data": [...]}``), whatever the suffix says."""
+    if raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":  # a JSON array (also one saved as .jsonl): read it as one
         return _read_json_array(path, raw)
-    records = []
+    objects: list[tuple[str, Any]] = []
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         where = f"{path.name}:{lineno}"
         try:
             text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as exc:
-            raise LorakitError(f"{where}: not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8") from None
+            raise LorakitError(_not_utf8(where, line, exc)) from None
         if not text.strip():
             continue
         try:
-            obj = json.loads(text)
+            objects.append((where, json.loads(text)))
         except json.JSONDecodeError as exc:
-            raise LorakitError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); one object per line") from None
-        records.append(validate_record(obj, where))
-    return records
+            values = _concatenated_json(raw)  # pretty-printed objects one after another (`jq .` writes that)
+            if values is None:
+                raise LorakitError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); one object per "
+                                   "line") from None
+            objects = [(f"{path.name}:{line_no}", value) for line_no, value in values]
+            break
+    if len(objects) == 1 and isinstance(objects[0][1], dict):
+        wrapped = _wrapped_records(objects[0][1])
+        if wrapped is not None:  # {"data": [...]}, {"version": ..., "examples": [...]}
+            key, items = wrapped
+            return [validate_record(obj, f"{path.name}[{key}][{i}]") for i, obj in enumerate(items)]
+        if suffix == ".json":  # one (pretty-printed) record
+            return [validate_record(objects[0][1], path.name)]
+    return [validate_record(obj, where) for where, obj in objects]
+
+
+def _concatenated_json(raw: bytes) -> list[tuple[int, Any]] | None:
+    """``[(line where it starts, value)]`` when the whole file is JSON values one after another (only whitespace
+    between them, at least one spanning several lines), else None (the caller reports the malformed line)."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+    decoder, pos, out = json.JSONDecoder(), 0, []
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos == len(text):
+            break
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return None
+        out.append((text.count("\n", 0, pos) + 1, value))
+        pos = end
+    return out or None
+
+
+def _wrapped_records(obj: Mapping) -> tuple[str, list] | None:
+    """(key, records) for a JSON document that wraps its records in one object (``{"data": [...]}``, also with
+    other keys beside it such as "version"), else None: an object with a record field, none or several lists of
+    objects, or a list of messages (a chat under a misnamed key, which the record check reports)."""
+    if any(isinstance(k, str) and k.strip().lower() in KNOWN_FIELDS - IGNORED_FIELDS for k in obj):
+        return None
+    lists = [(k, v) for k, v in obj.items() if isinstance(v, list) and all(isinstance(x, Mapping) for x in v)]
+    if len(lists) != 1:
+        return None
+    key, items = lists[0]
+    if items and ({"role", "from"} & set(items[0])):
+        return None
+    return str(key), items
+
+
+def _not_utf8(where: str, data: bytes, exc: UnicodeDecodeError) -> str:
+    """The one-line refusal of bytes that are not UTF-8, with the conversion to run when they read as Latin-1."""
+    bad = data[exc.start:exc.start + 1]
+    column = exc.start - data.rfind(b"\n", 0, exc.start)  # 1-based byte within its line
+    hint = "save the file as UTF-8"
+    try:
+        data.decode("cp1252")
+        hint = ("it looks like Latin-1 / Windows-1252 (byte 0x%s is %r there): convert it with "
+                "`iconv -f cp1252 -t utf-8 IN > OUT`" % (bad.hex(), bad.decode("cp1252")))
+    except UnicodeDecodeError:
+        pass
+    return f"{where}: not valid UTF-8 (byte {column}); {hint}"
 
 
 def _read_json_array(path: Path, raw: bytes) -> list[Record]:
     try:
         items = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
-        raise LorakitError(f"{path.name}: not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8") from None
+        line = raw[: exc.start].count(b"\n") + 1
+        raise LorakitError(_not_utf8(f"{path.name}:{line}", raw, exc)) from None
     except json.JSONDecodeError as exc:
         raise LorakitError(f"{path.name}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     return [validate_record(obj, f"{path.name}[{i}]") for i, obj in enumerate(items)]
@@ -487,7 +700,8 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise LorakitError(f"{path.name}: not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8") from None
+        line = raw[: exc.start].count(b"\n") + 1
+        raise LorakitError(_not_utf8(f"{path.name}:{line}", raw, exc)) from None
     # newline="": the csv module itself handles CRLF line ends and newlines quoted inside cells
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
@@ -532,10 +746,14 @@ def _read_datasets_folder(path: Path, split: str | None) -> list[Record]:
         raise LorakitError(f"{path}: not a folder written by datasets' save_to_disk ({reason})") from None
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded.keys())
-        if split is None:
-            split = "train" if "train" in loaded else (names[0] if len(names) == 1 else None)
-        if split not in loaded:
-            raise LorakitError(f"{path}: has splits {names}; choose one (split={split!r} is not among them)")
+        wanted = [split] if isinstance(split, str) else list(split or ["train"])
+        chosen = next((s for s in wanted if s in loaded), None)
+        if chosen is None and len(names) == 1 and not isinstance(split, str):
+            chosen = names[0]
+        if chosen is None:
+            raise LorakitError(f"{path}: has splits {names}, none of them {'/'.join(wanted)}; give the split's own "
+                               f"folder (e.g. {path / names[0]})")
+        split = chosen
         loaded = loaded[split]
         label = f"{path.name}[{split}]"
     else:

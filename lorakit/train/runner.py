@@ -194,7 +194,7 @@ def load_model(config: TrainConfig, device: torch.device):
 def read_data(config: TrainConfig) -> tuple[list, list | None]:
     """(training records, validation records or None), read and validated: done before the model loads, so a bad
     line in the data is reported in seconds rather than after minutes of loading a large model."""
-    from lorakit.train.formats import read_many
+    from lorakit.train.formats import VALIDATION_SPLITS, read_many
 
     train_files, val_files, val_fraction = config.data, config.val_data, config.val_fraction
     if not train_files:
@@ -204,7 +204,8 @@ def read_data(config: TrainConfig) -> tuple[list, list | None]:
         train_files = [str(train_path)]
         if val_files is None and val_fraction is None:
             val_files = [str(val_path)]
-    return read_many(train_files), (read_many(val_files) if val_files is not None else None)
+    # a DatasetDict folder as --val-data gives its validation (or test) split, not "train"
+    return read_many(train_files), (read_many(val_files, split=VALIDATION_SPLITS) if val_files is not None else None)
 
 
 def load_data(config: TrainConfig, tokenizer: Any, records: tuple[list, list | None] | None = None):
@@ -316,7 +317,8 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     config = fit_max_length(config, model, explicit="max_length" in given or resume_from is not None)
     bundle = load_data(config, tokenizer, records)
     say(f"training data: {bundle.train.summary}")
-    if not getattr(tokenizer, "chat_template", None) and any(r.fallback is not None for r in records[0]):
+    if not getattr(tokenizer, "chat_template", None) and any(
+            r.fallback is not None and r.fallback["prompt"].endswith("### Response:\n") for r in records[0]):
         say("note: Alpaca records are trained in Alpaca's prompt format (this tokenizer has no chat template); prompt "
             "the adapter the same way: lorakit generate --no-chat $'### Instruction:\\n...\\n\\n### Response:\\n'")
     if bundle.train.summary.drop_note():
