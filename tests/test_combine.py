@@ -328,7 +328,9 @@ def test_combine_command_writes_a_peft_folder(tmp_path, tiny_folder, capsys):  #
     assert "already exists" in error([*args, str(out)])
     assert "the weight after '=' must be a number" in error([*args[:4], f"{first}=lots", "--out", str(tmp_path / "x")])
     assert "is given twice" in error([*args[:4], f"{first}=1", "--adapter", str(first), "--out", str(tmp_path / "x")])
-    assert "density applies to" in error([*args, str(tmp_path / "x"), "--density", "0.5"])
+    assert "--density applies to" in error([*args, str(tmp_path / "x"), "--density", "0.5"])
+    assert "method 'ties' needs --density, the share" in error([*args, str(tmp_path / "x"), "--method", "ties"])
+    assert "--svd-rank / --svd-clamp apply to the svd methods" in error([*args, str(tmp_path / "x"), "--svd-rank", "2"])
     assert not (tmp_path / "x").exists()
     assert "got first: r=4, second: r=2" in error([*args, str(out), "--overwrite", "--method", "dare_ties", "--density", "0.5"])
     assert main([*args, str(out), "--overwrite", "--method", "dare_ties_svd", "--density", "0.5"]) == 0

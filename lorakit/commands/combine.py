@@ -8,7 +8,9 @@ or untouched), which lorakit and peft load like any other.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 
 METHOD_HELP = (
     "cat: exact, rank = sum of the ranks (default). linear: A and B summed separately with sqrt(weight x scaling) "
@@ -65,8 +67,25 @@ def parse_adapter(value: str) -> tuple[str, float]:
     return folder, number
 
 
+# the Python names in combine_adapters' messages, as this command's flags
+_FLAGS = (("majority_sign_method", "--majority-sign"), ("svd_rank", "--svd-rank"), ("svd_clamp", "--svd-clamp"),
+          ("density=", "--density "), ("density", "--density"), ("method=", "--method "))
+
+
+@contextlib.contextmanager
+def _flag_names():
+    from lorakit.errors import LorakitError
+
+    try:
+        yield
+    except LorakitError as error:
+        message = str(error).replace(" / svd_driver", "")
+        for python, flag in _FLAGS:
+            message = re.sub(rf"(?<![\w-]){re.escape(python)}", flag, message)
+        raise LorakitError(message) from None
+
+
 def run(args: argparse.Namespace) -> int:
-    import re
     import time
     from pathlib import Path
 
@@ -74,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
     import lorakit
     from lorakit._fs import replace_folder, temp_dir
-    from lorakit.combine import combine_adapters
+    from lorakit.combine import _check_options, combine_adapters
     from lorakit.commands._args import check_adapter_arg, check_device, check_model_arg
     from lorakit.errors import LorakitError
     from lorakit.export import check_output_folder
@@ -94,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
     if os.path.isdir(os.path.expanduser(args.model)):
         protected["the model folder"] = args.model
     out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected)
+    options = dict(method=args.method, density=args.density, majority_sign_method=args.majority_sign,
+                   svd_rank=args.svd_rank, svd_clamp=args.svd_clamp)
+    with _flag_names():  # the options are checked before minutes of loading
+        _check_options(**options, svd_driver=None)
     for folder, _ in inputs:  # every folder checked (config, tensors) before the base is loaded
         lorakit.read_adapter(folder)
 
@@ -103,9 +126,9 @@ def run(args: argparse.Namespace) -> int:
         name = re.sub(r"[^\w-]", "_", Path(os.path.abspath(os.path.expanduser(folder))).name) or f"input{i}"
         name = f"{name}_{i}" if name in names or name == "combined" else name
         names[lorakit.load_adapter(model, folder, adapter=name)] = weight
-    combine_adapters(model, names, name="combined", method=args.method, density=args.density,
-                     majority_sign_method=args.majority_sign, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
-                     seed=0 if args.seed is None and args.method.startswith("dare") else args.seed)
+    with _flag_names():
+        combine_adapters(model, names, name="combined", **options,
+                         seed=0 if args.seed is None and args.method.startswith("dare") else args.seed)
     tmp = temp_dir(out)
     try:
         lorakit.save_adapter(model, tmp, adapter="combined")
