@@ -208,3 +208,69 @@ def test_moe_adapter_file_names_the_adapted_modules(tmp_path):
     lorakit.load_adapter(again, tmp_path / "adapter")
     with torch.no_grad():
         assert_close(again(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2", "gemma3_text", "qwen2"])
+def test_packed_rows_keep_the_sliding_window(kind):
+    """Two examples longer than the window (8 or 16 tokens), packed in one row: lorakit's training loss on the row
+    equals the two examples' losses run alone. Without the window put back on the packed 4D mask the sliding layers
+    saw the whole example (Gemma 2's loss was off by whole units)."""
+    from lorakit.train.data import Collator, pack_examples
+    from lorakit.train.evaluate import loss_sum
+    from lorakit.train.packing import window_packed_masks
+
+    model = build(kind)
+    for name, parameter in model.named_parameters():  # larger weights: attention that reaches too far shows
+        if parameter.ndim == 2:
+            torch.nn.init.normal_(parameter, std=0.3)
+    examples = [{"input_ids": list(range(4, 26)), "labels": list(range(4, 26))},
+                {"input_ids": list(range(40, 59)), "labels": list(range(40, 59))}]
+    packed = Collator(3)(pack_examples(examples, 64))
+    alone = [Collator(3)([example]) for example in examples]
+    handle = window_packed_masks(model)
+    assert (handle is None) == (kind == "qwen2")  # Qwen2 slides only with use_sliding_window
+    try:
+        with torch.no_grad():
+            got = loss_sum(model, packed)
+            want = sum(loss_sum(model, batch) for batch in alone)
+            plain = model(**{k: v for k, v in alone[0].items() if k != "labels"}).logits  # 2D masks untouched
+    finally:
+        if handle is not None:
+            handle.remove()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        assert_close(plain, model(**{k: v for k, v in alone[0].items() if k != "labels"}).logits)
+
+
+def test_pack_refused_for_layers_no_mask_confines():
+    """Linear-attention / state-space layer kinds read across packed examples whatever the mask: one line."""
+    from types import SimpleNamespace
+
+    from lorakit.train.packing import sliding_window_layout
+
+    model = torch.nn.Linear(2, 2)
+    model.config = SimpleNamespace(model_type="qwen3_next", layer_types=["linear_attention", "full_attention"],
+                                   sliding_window=None)
+    with pytest.raises(LorakitError, match=r"--pack: .* linear_attention layers, .* train without --pack"):
+        sliding_window_layout(model)
+
+
+def test_packed_training_on_gemma2_leaves_no_hook(shared, tmp_path):
+    """lorakit.train with pack=True on Gemma 2 trains (the per-kind mask dict goes through the real loop) and takes
+    its hook off the model afterwards: later 4D masks the user passes reach transformers as given."""
+    from lorakit.train import TrainConfig, train
+
+    tokenizer, _ = shared
+    model = build("gemma2")
+    seen = {0: [], 1: []}  # layer 0 slides (window 8), layer 1 attends fully: what reaches each, 10 tokens back
+    for index in seen:
+        model.model.layers[index].register_forward_pre_hook(
+            lambda m, a, k, index=index: seen[index].append(float(k["attention_mask"][0, 0, 10, 0])), with_kwargs=True)
+    records = [{"prompt": "reverse a b c d e f g h a b c :", "completion": "c b a h g f e d c b a"}] * 4
+    result = train(model, tokenizer, records, config=TrainConfig(max_steps=2, batch_size=2, rank=4, pack=True,
+                                                                 max_length=64, progress=False, eval_examples=0,
+                                                                 samples=0))
+    assert result.steps == 2
+    assert seen[0] and all(v == torch.finfo(torch.float32).min for v in seen[0])  # out of the sliding window
+    assert seen[1] and all(v == 0 for v in seen[1])  # the full layer reaches it
+    assert not model.model._forward_pre_hooks  # the loop took its hook off again

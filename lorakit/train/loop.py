@@ -42,6 +42,7 @@ from lorakit.train.distributed import (  # world is re-exported: the runner impo
     sharded_grad_norm_and_clip, world)
 from lorakit.train.data import BatchIterator, Collator, SupervisedDataset, build_dataset, pad_id_for
 from lorakit.train.evaluate import autocast_context, dataset_loss, loss_sum, supervised_tokens, to_device
+from lorakit.train.packing import sliding_window_layout, window_packed_masks
 from lorakit.train.report import CURVE_NAME, METRICS_NAME, MetricsLog, plot_loss_curve
 from lorakit._fs import temp_dir
 
@@ -389,6 +390,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     pad_id = pad_id_for(tokenizer)
     collator = Collator(pad_id, pad_to_multiple_of=8 if device.type == "cuda" else None,
                         mask_dtype=compute_dtype or torch.float32)
+    if config.pack:  # refused here, before any step, for layer kinds a packed mask cannot confine
+        sliding_window_layout(model)
     global_micro = config.batch_size * world_size
     if len(train_ds) < global_micro:
         raise LorakitError(f"the training set has {len(train_ds)} row{'s' * (len(train_ds) != 1)}, fewer than one micro-batch of {global_micro} "
@@ -444,6 +447,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     progress = _progress_bar(config.progress and main, total_steps, step)
     model.train()
     started, stopped, last_loss, last_checkpoint = time.perf_counter(), "completed", None, None
+    # packed rows carry a 4D mask, which drops the model's sliding window unless it is put back (train/packing.py)
+    windows = window_packed_masks(model) if config.pack else None
     try:
         while step < total_steps:
             step_start = time.perf_counter()
@@ -521,6 +526,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         if step > 0 and step != resumed_at:  # the end of the run (a resume with nothing left to do wrote it already)
             last_checkpoint = write_checkpoint()
     finally:
+        if windows is not None:
+            windows.remove()
         progress.close()
         if metrics is not None:
             metrics.close()

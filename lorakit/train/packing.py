@@ -1,0 +1,97 @@
+"""Packed rows on sliding-window models (Mistral, Gemma 2/3, Qwen2 with use_sliding_window, Phi-3 with a window).
+
+A packed batch carries an explicit (B, 1, T, T) block-causal mask (``lorakit.train.data.block_causal_mask``), and
+transformers uses a 4D mask as given: the sliding window the model applies to a 2D mask is then lost, so a packed
+example longer than the window trained its sliding layers on more context than they ever see at inference
+(measured: Gemma 2 with a window of 8, two examples of 20 and 18 tokens, logits off by 0.28 from each example
+run alone). :func:`window_packed_masks` puts the window back with a forward pre-hook on the decoder:
+
+- one attention kind (Mistral: every layer slides): the 4D mask loses keys ``window`` or more positions back;
+- mixed kinds (``config.layer_types``, Gemma 2/3): the decoder gets ``{"full_attention": mask,
+  "sliding_attention": windowed}``, the per-kind mapping transformers 5 decoders accept in place of a mask.
+
+Positions restart at 0 for every packed example and the block mask already keeps examples apart, so "``window``
+positions back in the row" is the same as "``window`` positions back in the example". Layer kinds no mask can
+confine (linear attention, state-space layers) make packing refuse in one line.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+_MASKED_KINDS = {"full_attention", "sliding_attention"}
+
+
+def sliding_window_layout(model: nn.Module) -> tuple[int, bool] | None:
+    """``(window, per_kind)`` when some attention layers slide, else None.
+
+    ``per_kind`` is True when the config lists ``layer_types`` (the decoder then takes a mask per kind).
+    Raises LorakitError for layer kinds a packed attention mask cannot keep from reading across examples.
+    """
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    config = get_text() if callable(get_text) else config
+    if config is None:
+        return None
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        unknown = sorted(set(kinds) - _MASKED_KINDS)
+        if unknown:
+            raise LorakitError(f"--pack: this {getattr(config, 'model_type', 'model')} model has {', '.join(unknown)} "
+                               "layers, which an attention mask cannot keep from reading across packed examples; "
+                               "train without --pack")
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    if kinds:
+        return (window, True) if "sliding_attention" in kinds else None
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2-style flag with no layer_types
+        return None
+    return window, False
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The module that turns ``attention_mask`` into per-layer masks (lorakit's loss calls it directly)."""
+    decoder = getattr(model, getattr(model, "base_model_prefix", "") or "model", None)
+    return decoder if isinstance(decoder, nn.Module) else model
+
+
+def window_packed_masks(model: nn.Module):
+    """Install the pre-hook (see the module docstring) when the model has sliding layers; returns its handle (call
+    ``.remove()`` after training) or None when nothing is needed. 2D masks (unpacked batches, generation) pass
+    through untouched."""
+    layout = sliding_window_layout(model)
+    if layout is None:
+        return None
+    window, per_kind = layout
+    decoder = _decoder(model)
+    if per_kind and "attention_mask, dict)" not in _forward_source(type(decoder)):
+        raise LorakitError(f"--pack: {type(decoder).__name__} mixes sliding-window and full attention layers but "
+                           "takes no mask per layer kind, so packed rows would lose the window; train without --pack")
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        mask = kwargs.get("attention_mask")
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.is_floating_point()):
+            return None
+        length = mask.shape[-1]
+        windowed = mask
+        if length > window:  # keys `window` or more positions back are out of reach (transformers' sliding rule)
+            far = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril(-window)
+            windowed = mask.masked_fill(far, torch.finfo(mask.dtype).min)
+        kwargs["attention_mask"] = {"full_attention": mask, "sliding_attention": windowed} if per_kind else windowed
+        return args, kwargs
+
+    return decoder.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
