@@ -170,8 +170,9 @@ def test_file_layouts_other_tools_write(tmp_path):
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in pc).encode())
     (tmp_path / "caps.csv").write_text("Prompt, Completion\nq1 ,a1\nq2 ,a2\n")
     (tmp_path / "t.tsv").write_text("prompt\tcompletion\nq1 \ta1\nq2 \ta2\n")
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfprompt;completion\r\nq1 ;a1\r\nq2 ;a2\r\n")  # European Excel
     for name in ("array.json", "wrapped.json", "wrapped.jsonl", "pretty.jsonl", "gz.jsonl.gz", "bom.jsonl", "caps.csv",
-                 "t.tsv"):
+                 "t.tsv", "excel.csv"):
         assert fields(tmp_path / name) == expected, name
     assert read_records(tmp_path / "wrapped.json")[1].where == "wrapped.json[data][1]"
     assert [r.where for r in read_records(tmp_path / "pretty.jsonl")] == ["pretty.jsonl:1", "pretty.jsonl:5"]
@@ -222,7 +223,9 @@ HOSTILE = [
      r"latin1\.jsonl:2: not valid UTF-8 \(byte 14\); it looks like Latin-1 .*iconv -f cp1252 -t utf-8"),
     ("latin1.csv", "text\nok\ncafé\n".encode("latin-1"), r"latin1\.csv:3: not valid UTF-8 .*iconv"),
     ("list.jsonl", GOOD + b"[1, 2]\n", r"list\.jsonl:2: expected an object"),
-    ("string.jsonl", GOOD + b'"just text"\n', r"string\.jsonl:2: expected an object .* got str"),
+    ("null_line.jsonl", GOOD + b"null\n", r"null_line\.jsonl:2: expected an object .* got null"),
+    ("commas.jsonl", GOOD.strip() + b",\n" + GOOD, r"commas\.jsonl:1: malformed JSON .*a comma after the object"),
+    ("string.jsonl", GOOD + b'"just text"\n', r"string\.jsonl:2: expected an object .* got a string"),
     ("broken.jsonl", GOOD + b'{"text": "a"\n' + GOOD, r"broken\.jsonl:2: malformed JSON"),
     ("null.jsonl", GOOD + b'{"prompt": "q", "completion": null}\n', r"null\.jsonl:2: field 'completion' is null"),
     ("number.jsonl", GOOD + b'{"prompt": "2+2=", "completion": 4}\n',
@@ -251,13 +254,16 @@ def test_hostile_paths_stop_with_one_line(tmp_path):
     _write(tmp_path / "halfsplit" / "train.jsonl", [{"text": "a"}])
     _write(tmp_path / "halfsplit" / "more.jsonl", [{"text": "b"}])
     _write(tmp_path / "testonly" / "test.jsonl", [{"text": "b"}])
+    _write(tmp_path / "snapshot" / "data" / "train.jsonl", [{"text": "b"}])  # a downloaded HF dataset repo
+    (tmp_path / "snapshot" / "README.md").write_text("card")
     import datasets
 
     datasets.DatasetDict({"validation": datasets.Dataset.from_list([{"text": "a"}]),
                           "test": datasets.Dataset.from_list([{"text": "b"}])}).save_to_disk(str(tmp_path / "dd"))
     for path, message in (
         (tmp_path / "missing.jsonl", r"data file not found: .*missing\.jsonl"),
-        (tmp_path / "nothing", r"nothing is a folder with no data files"),
+        (tmp_path / "nothing", r"nothing is a folder with no data files .*; give the data files themselves"),
+        (tmp_path / "snapshot", r"snapshot is a folder with no data files .*it has the subfolder\(s\) data: give the one"),
         (str(tmp_path / "nothing" / "*"), r"matches 1 files but no data file .*notes\.txt"),
         (tmp_path / "halfsplit", r"halfsplit: some files are named for a split \(train\.jsonl\) and some not \(more\.jsonl\)"),
         (tmp_path / "testonly", r"testonly: its files are named for the splits \['test'\] .*none of them train"),

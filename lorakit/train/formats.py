@@ -127,7 +127,7 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     if isinstance(obj, Record):
         return obj
     if not isinstance(obj, Mapping):
-        raise LorakitError(f"{where}: expected an object with {_EXPECTED}, got {type(obj).__name__}")
+        raise LorakitError(f"{where}: expected an object with {_EXPECTED}, got {_json_type(obj)}")
     obj = _normalize_keys(obj, KNOWN_FIELDS)
     if not IGNORED_FIELDS.isdisjoint(obj.keys()):
         obj = {key: value for key, value in obj.items() if key not in IGNORED_FIELDS}
@@ -341,6 +341,13 @@ def _check_string(value: Any, key: str, where: str, nonempty: bool, what: str = 
     _check_unicode(value, f"{where}: field {key!r}")
 
 
+def _json_type(value: Any) -> str:
+    """The JSON name of a value's type (what the user wrote), for messages."""
+    names = {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "a string",
+             list: "an array", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
 def _got(value: Any) -> str:
     """What a value is, and how to fix it, for "must be a string, got ..."."""
     if isinstance(value, float) and value != value:
@@ -487,10 +494,18 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
         if _is_datasets_folder(path):
             records = _read_datasets_folder(path, split)
         else:
-            files = sorted(p for p in path.iterdir() if p.is_file() and _data_suffix(p) is not None)
+            try:
+                entries = sorted(path.iterdir())
+            except OSError as exc:
+                raise LorakitError(f"{path}: cannot list the folder ({exc.strerror}); check its permissions") from None
+            files = [p for p in entries if p.is_file() and _data_suffix(p) is not None]
             if not files:
+                subfolders = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
+                inside = (f"; it has the subfolder(s) {', '.join(subfolders[:5])}: give the one with the data (a "
+                          "downloaded Hugging Face dataset keeps its files in data/)") if subfolders else \
+                    "; give the data files themselves"
                 raise LorakitError(f"{path} is a folder with no data files ({', '.join(DATA_SUFFIXES)}) and not a "
-                                   "folder saved with datasets' save_to_disk; give the data files themselves")
+                                   f"folder saved with datasets' save_to_disk{inside}")
             records = [r for f in _split_files(path, files, split) for r in read_records(f)]
     else:
         suffix = _data_suffix(path)
@@ -620,8 +635,10 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str) -> list[Record]:
         except json.JSONDecodeError as exc:
             values = _concatenated_json(raw)  # pretty-printed objects one after another (`jq .` writes that)
             if values is None:
-                raise LorakitError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); one object per "
-                                   "line") from None
+                comma = exc.msg == "Extra data" and text[exc.pos:].strip() == ","
+                fix = ("a comma after the object: JSON Lines has no commas between lines (or make the file one JSON "
+                       "array in [...])") if comma else "one object per line"
+                raise LorakitError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); {fix}") from None
             objects = [(f"{path.name}:{line_no}", value) for line_no, value in values]
             break
     if len(objects) == 1 and isinstance(objects[0][1], dict):
@@ -702,6 +719,9 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise LorakitError(_not_utf8(f"{path.name}:{line}", raw, exc)) from None
+    first = text.split("\n", 1)[0]
+    if delimiter == "," and "," not in first and ";" in first:  # Excel in European locales separates with ";"
+        delimiter = ";"
     # newline="": the csv module itself handles CRLF line ends and newlines quoted inside cells
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
