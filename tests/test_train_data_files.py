@@ -71,6 +71,19 @@ RECORDS = [
     ("dolly", {"instruction": "What is", "context": "2+2?", "response": "4", "category": "open_qa"},
      "<|im_start|>user\nWhat is\n\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n", "4<|im_end|>"),
     ("question/answer", {"question": "What is 2+2?", "answer": "4"}, USER_ASSISTANT, "4<|im_end|>"),
+    ("question/context/answer", {"context": "Numbers:", "question": "What is 2+2?", "answer": "4"},
+     "<|im_start|>user\nNumbers:\n\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n", "4<|im_end|>"),
+    # OpenAI's newer names: the developer role, the Responses API's input_text / output_text parts
+    ("developer role", {"messages": [
+        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "input_text", "text": "What is 2+2?"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "4"}]}]},
+     "<|im_start|>system\nBe brief.<|im_end|>\n" + USER_ASSISTANT, "4<|im_end|>"),
+    # a tool result given as a JSON object (glaive / xlam exports) is written as JSON text
+    ("tool result object", {"messages": [
+        {"role": "user", "content": "What is 2+2?"}, {"role": "tool", "content": {"sum": 4}},
+        {"role": "assistant", "content": "4"}]},
+     '<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>tool\n{"sum": 4}<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n',
+     "4<|im_end|>"),
     # the space before "4" merges into its token, which is then a target (as it is at inference)
     ("prompt/completion", {"prompt": "What is 2+2? ", "completion": "4"}, "What is 2+2? 4<|im_end|>", " 4<|im_end|>"),
     ("capitalised keys", {"Prompt": "What is 2+2?", " Completion ": " 4"}, "What is 2+2? 4<|im_end|>", " 4<|im_end|>"),
@@ -86,6 +99,18 @@ def test_record_formats_train_the_answer_only(case, record, text, targets, tok):
     example = tokenize_example(record, tok, 256)
     assert tok.decode(example["input_ids"]) == text
     assert _targets(example, tok) == (targets or tok.decode(example["input_ids"][1:]))
+
+
+def test_without_a_chat_template_pairs_train_in_a_prompt_format():
+    """A base tokenizer without a template: question/answer and Dolly records take a plain prompt form instead."""
+    plain = make_tokenizer()
+    plain.chat_template = None
+    qa = tokenize_example({"question": "What is 2+2?", "answer": "4"}, plain, 128)
+    assert plain.decode(qa["input_ids"]) == "Question: What is 2+2?\nAnswer: 4<|im_end|>"
+    assert _targets(qa, plain) in ("4<|im_end|>", " 4<|im_end|>")
+    dolly = tokenize_example({"instruction": "Add.", "context": "2 2", "response": "4"}, plain, 128)
+    assert plain.decode(dolly["input_ids"]) == "### Instruction:\nAdd.\n\n### Input:\n2 2\n\n### Response:\n4<|im_end|>"
+    assert _targets(dolly, plain) == "4<|im_end|>"
 
 
 def test_trimmed_chats_are_counted_in_the_summary(tok):
@@ -285,7 +310,8 @@ def test_examples_longer_than_max_length_name_the_file(tmp_path, tok):
     records = read_records(write_jsonl(tmp_path / "most.jsonl", [{"prompt": "q ", "completion": "a"}, long, long]))
     ds = build_dataset(records, tok, max_length=16)
     assert str(ds.summary).startswith("1 examples (3 prompt_completion), 2 dropped")
-    assert ds.summary.drop_note().startswith("note: 2 of 3 examples were dropped (the first: most.jsonl:2): 2 longer")
+    assert re.fullmatch(r"note: 2 of 3 examples were dropped: 2 longer than max_length=16 tokens \(raise --max-length "
+                        r"or pass --overflow truncate\); the first is most\.jsonl:2", ds.summary.drop_note())
 
 
 def test_a_5mb_single_line_is_dropped_and_counted_quickly(tmp_path):

@@ -444,9 +444,9 @@ class DataSummary:
             parts.append(f"{self.no_target} whose prompt fills max_length={self.max_length}, leaving no target "
                          "(raise --max-length or shorten the prompts)")
         total = self.examples + self.dropped
-        first = f" (the first: {self.first_dropped})" if self.first_dropped else ""
-        return (f"note: {self.dropped} of {total} examples were dropped{first}: " + "; ".join(parts)
-                + (f"; {trimmed}" if trimmed else ""))
+        if self.first_dropped and self.first_dropped != "<record>":  # the file and line to look at
+            parts.append(f"the first is {self.first_dropped}")
+        return f"note: {self.dropped} of {total} examples were dropped: " + "; ".join(parts + ([trimmed] if trimmed else []))
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
@@ -507,7 +507,8 @@ def build_dataset(
         raise LorakitError(f"{name} is empty: give at least one record")
     summary.too_long, summary.no_target = drops["too_long"], drops["no_target"]
     if not examples:
-        source = f" ({summary.first_dropped}" + (", ...)" if n_records > 1 else ")")  # the file to fix
+        source = "" if summary.first_dropped == "<record>" else (  # the file to fix
+            f" ({summary.first_dropped}" + (", ...)" if n_records > 1 else ")"))
         if drops["no_target"] and not drops["too_long"]:
             raise LorakitError(
                 f"{name}: no examples left: in all {n_records}{source} the prompt alone fills max_length={max_length} "

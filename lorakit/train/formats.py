@@ -13,22 +13,25 @@ A record has exactly one of three shapes (the fields are strict: anything else i
   (``tools`` beside ``messages``; ``tool_calls`` on assistant turns, ``tool_call_id`` / ``name`` on tool turns) is
   handed to the chat template, and a template that does not write the calls is reported (the call would be lost).
 
-Two formats of other tools are read as chats (see :func:`_convert_other_formats`):
+The formats of other tools are read as chats (see :func:`_convert_other_formats`):
 
 - Alpaca ``{"instruction", "input" (optional), "output", "system" (optional)}``: one user turn (the instruction,
   a blank line, the input) and the output as the assistant turn. A tokenizer without a chat template trains it
   in Alpaca's own prompt format ("### Instruction: ... ### Response:") instead (``Record.fallback``).
 - ShareGPT ``{"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": str}], "system" (optional)}``.
 - Dolly ``{"instruction", "context" (optional), "response"}``, read as Alpaca; question/answer pairs (GSM8K's
-  ``{"question", "answer"}``) as one user and one assistant turn (without a chat template: "Question: ...\nAnswer: ").
+  ``{"question", "answer"}``, optionally ``"context"`` before the question) as one user and one assistant turn
+  (without a chat template: "Question: ...\nAnswer: ").
 
 What a user's file may differ in and is still read the same: field names in another case or with spaces
 (``"Prompt"``, ``" completion"`` from a CSV header; roles ``"User"``), OpenAI's legacy function calling
-(``functions``, ``function_call``, role ``function``: read as ``tools`` / ``tool_calls`` / ``tool``), trailing
-user or tool turns after the last assistant turn (trimmed: nothing follows them to learn, and a causal model's
-loss on the earlier turns does not depend on them; the summary counts the chats trimmed), a ``.json`` file that
-wraps its records in one object (``{"data": [...]}``), and pretty-printed JSON objects one after another in a
-``.jsonl`` file (``jq .`` output). Preference (DPO) records ``{"prompt", "chosen", "rejected"}`` are refused:
+(``functions``, ``function_call``, role ``function``: read as ``tools`` / ``tool_calls`` / ``tool``), role
+``developer`` (OpenAI's system turn), Responses API parts (``input_text`` / ``output_text``), a tool turn whose
+content is a JSON object (written as JSON text), trailing user or tool turns after the last assistant turn
+(trimmed: nothing follows them to learn, and a causal model's loss on the earlier turns does not depend on them;
+the summary counts the chats trimmed), a ``.json`` file that wraps its records in one object (``{"data": [...]}``),
+pretty-printed JSON objects one after another in a ``.jsonl`` file (``jq .`` output), a ``;``-separated CSV, and
+a folder of ``train*`` / ``validation*`` / ``test*`` files (the split asked for is read, see :func:`_split_files`). Preference (DPO) records ``{"prompt", "chosen", "rejected"}`` are refused:
 lorakit trains supervised fine-tuning, and training on ``chosen`` alone is a choice the user makes by renaming it.
 
 Every record carries ``where`` ("orders.jsonl:12", "data.csv:4", "folder[train] row 7") so that any later
@@ -71,8 +74,8 @@ DATA_SUFFIXES = JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
 _EXPECTED = '{"text"}, {"prompt", "completion"} or {"messages": [...]}'
 ALPACA_KEYS = ("instruction", "input", "output", "system")
 DOLLY_KEYS = ("instruction", "context", "response")  # databricks-dolly-15k (its "category" is a bookkeeping field)
-QA_KEYS = ("question", "answer", "system")  # GSM8K and most QA sets
-QA_PROMPT = "Question: {question}\nAnswer: "  # the prompt/completion form, for a tokenizer without a chat template
+QA_KEYS = ("question", "answer", "context", "system")  # GSM8K, SQuAD-like sets flattened to strings
+QA_PROMPT = "{context}Question: {question}\nAnswer: "  # the prompt/completion form, for a tokenizer without a template
 LEGACY_CHAT_FIELDS = ("functions",)  # OpenAI's function calling before tools: read as tools
 PREFERENCE_KEYS = ("chosen", "rejected")
 # names other tools give the two halves of an example: a record with no known field is told which to rename
@@ -263,19 +266,22 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
     strict as ours.
     """
     ours = {"messages", "prompt", "completion", "text"} & set(obj)
-    if "question" in obj and "answer" in obj and not ours and "instruction" not in obj:
+    if "question" in obj and "answer" in obj and not ours and "instruction" not in obj and "response" not in obj:
         for key in obj:
             if key not in QA_KEYS:
                 raise LorakitError(f"{where}: unknown field {key!r}; a question/answer record has only "
                                    f"{', '.join(map(repr, QA_KEYS))}: remove it")
         _check_string(obj["question"], "question", where, nonempty=True, what="empty question")
         _check_string(obj["answer"], "answer", where, nonempty=True, what="empty answer")
-        if obj.get("system") is not None:
-            _check_string(obj["system"], "system", where, nonempty=False)
-        system = obj.get("system") or ""
+        for key in ("context", "system"):
+            if obj.get(key) is not None:
+                _check_string(obj[key], key, where, nonempty=False)
+        system, context = obj.get("system") or "", obj.get("context") or ""
+        user = (f"{context}\n\n" if context.strip() else "") + obj["question"]
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
-            {"role": "user", "content": obj["question"]}, {"role": "assistant", "content": obj["answer"]}]
-        prompt = (f"{system}\n\n" if system.strip() else "") + QA_PROMPT.format(question=obj["question"])
+            {"role": "user", "content": user}, {"role": "assistant", "content": obj["answer"]}]
+        prompt = (f"{system}\n\n" if system.strip() else "") + QA_PROMPT.format(
+            question=obj["question"], context=f"Context: {context}\n" if context.strip() else "")
         fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj["answer"]}, where)
         return Record("messages", {"messages": messages}, where, fallback=fallback)
     dolly = "instruction" in obj and "response" in obj and "output" not in obj
@@ -354,7 +360,7 @@ def _got(value: Any) -> str:
         return "NaN (an empty cell in a pandas export?); fill it or drop the record"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{type(value).__name__} {value!r}; write it as a JSON string (\"{value!r}\")"
-    return type(value).__name__
+    return _json_type(value)
 
 
 def _check_unicode(value: str, what: str) -> None:
@@ -392,6 +398,8 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
             role = role.strip().lower()  # "User", "Assistant"
         if role == "function":  # OpenAI's legacy function result: a tool turn (its "name" says which function)
             role = "tool"
+        elif role == "developer":  # OpenAI's name for the system turn since o1
+            role = "system"
         if msg.get("function_call") is not None:  # OpenAI's legacy single call: one tool call
             if msg.get("tool_calls") is not None:
                 raise LorakitError(f"{at} has both 'function_call' and 'tool_calls'; keep one")
@@ -416,6 +424,10 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
                 raise LorakitError(f"{at} has weight {weight!r}; OpenAI's weight is 0 or 1, on assistant turns only")
             if weight == 0:
                 unsupervised.append(i)
+        if role == "tool" and (isinstance(content, Mapping) or (
+                isinstance(content, list) and content and not all(isinstance(c, (str, Mapping)) and (
+                    isinstance(c, str) or "type" in c) for c in content))):
+            content = json.dumps(content, ensure_ascii=False)  # a tool's JSON result (glaive, xlam), as the model reads it
         if isinstance(content, list):
             content = _join_parts(content, at, role)
         if not isinstance(content, str):
@@ -446,7 +458,8 @@ def _join_parts(parts: list, at: str, role: str) -> str:
         if isinstance(part, str):
             texts.append(part)
             continue
-        if kind != "text" or not isinstance(part.get("text"), str):
+        # OpenAI's Responses API names its text parts input_text / output_text
+        if kind not in ("text", "input_text", "output_text") or not isinstance(part.get("text"), str):
             raise LorakitError(f"{at} ({role}) content[{j}] is a {kind!r} part; lorakit trains on text only (parts "
                                "of type 'text' with a 'text' string)")
         texts.append(part["text"])
