@@ -65,7 +65,8 @@ def combine_adapters(model: nn.Module, adapters: dict[str, float] | Sequence[str
                      weights: Sequence[float] | None = None, name: str = "combined", method: str = "cat",
                      density: float | None = None, majority_sign_method: str = "total", svd_rank: int | None = None,
                      svd_clamp: float | None = None, svd_full_matrices: bool = True, svd_driver: str | None = None,
-                     seed: int | None = None, overwrite: bool = False, trainable: bool = False, **peft_names) -> str:
+                     svd_lowrank: bool = False, seed: int | None = None, overwrite: bool = False,
+                     trainable: bool = False, **peft_names) -> str:
     """Add adapter ``name``, a weighted combination of ``adapters``, to ``model`` and make it the active adapter.
 
     Args:
@@ -84,6 +85,11 @@ def combine_adapters(model: nn.Module, adapters: dict[str, float] | Sequence[str
         svd_full_matrices, svd_driver: passed to ``torch.linalg.svd`` (the driver works on CUDA tensors only).
             PEFT's default ``full_matrices=True`` is kept for equal results; ``False`` needs far less memory on
             large layers (the product B A is the same, A and B may differ in sign).
+        svd_lowrank: for ``method="svd"``: factor the sum from the inputs' own factors (QR of the stacked A's and
+            B's, then the SVD of an R x R core, R = the sum of the ranks) instead of an SVD of each full (out, in)
+            delta. The same rank-``svd_rank`` result (B A equal to float32 rounding; A and B may differ in sign) in
+            O((out + in) R^2) instead of O(out in min(out, in)): seconds instead of hours for a 7B model on a CPU.
+            Not for the pruned ``_svd`` methods, whose sums are not low-rank.
         seed: when given, DARE's random masks are drawn from a generator seeded with it (torch's global generator
             is left as it was); otherwise from the global generator, as PEFT does.
         overwrite: replace an existing adapter ``name`` (it must not be merged); it may be one of the inputs.
@@ -99,7 +105,7 @@ def combine_adapters(model: nn.Module, adapters: dict[str, float] | Sequence[str
     names, weight_list = _inputs(adapters, weights)
     _require(model, names)
     _check_name(model, name, overwrite)
-    method = _check_options(method, density, majority_sign_method, svd_rank, svd_clamp, svd_driver)
+    method = _check_options(method, density, majority_sign_method, svd_rank, svd_clamp, svd_driver, svd_lowrank)
     if len(names) == 1 and method != "linear":
         if method != "cat":
             warnings.warn(f"combine_adapters: one input adapter, so method {method!r} is 'linear' (PEFT's rule); "
@@ -135,7 +141,7 @@ def combine_adapters(model: nn.Module, adapters: dict[str, float] | Sequence[str
                 results[path] = _same_rank(layer, path, present, new_rank, method, density, majority_sign_method)
             else:
                 results[path] = _svd(layer, present, new_rank, method.removesuffix("_svd"), density, majority_sign_method,
-                                     svd_clamp, svd_full_matrices, svd_driver)
+                                     svd_clamp, svd_full_matrices, svd_driver, svd_lowrank)
     saved_copies = {path: copy.deepcopy(host.copies[owner]) for path, (host, owner) in copies.items()}
 
     # everything is computed and checked: only now is the model changed
@@ -202,7 +208,7 @@ def _check_name(model: nn.Module, name: str, overwrite: bool) -> None:
                            "lorakit.unmerge(model) first")
 
 
-def _check_options(method, density, majority_sign_method, svd_rank, svd_clamp, svd_driver) -> str:
+def _check_options(method, density, majority_sign_method, svd_rank, svd_clamp, svd_driver, svd_lowrank=False) -> str:
     if method not in METHODS:
         close = [m for m in METHODS if isinstance(method, str) and m == method.lower().replace("-", "_")]
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -228,6 +234,9 @@ def _check_options(method, density, majority_sign_method, svd_rank, svd_clamp, s
     if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, numbers.Real)
                                   or not 0 <= float(svd_clamp) <= 1):
         raise LorakitError(f"svd_clamp must be a quantile in [0, 1] (e.g. 0.99), got {shown(svd_clamp)}")
+    if svd_lowrank and method != "svd":
+        raise LorakitError(f"svd_lowrank works with method='svd' only, not {method!r} (a pruned sum is not low-rank); "
+                           "leave it out")
     if svd_driver not in (None, "gesvd", "gesvdj", "gesvda"):
         raise LorakitError(f"svd_driver must be None, 'gesvd', 'gesvdj' or 'gesvda', got {shown(svd_driver)}")
     return method
@@ -328,9 +337,13 @@ def _same_rank(layer: LoraLayer, path: str, present, rank: int, method: str, den
     return _padded(lora_A, lora_B, rank)
 
 
-def _svd(layer: LoraLayer, present, rank: int, method: str, density, sign_method, clamp, full_matrices, driver):
+def _svd(layer: LoraLayer, present, rank: int, method: str, density, sign_method, clamp, full_matrices, driver,
+         lowrank: bool = False):
     """The weighted deltas (s_i B_i A_i, float32 (out, in)) combined, then their best rank-``rank`` factors."""
     lora = [layer.adapters[n] for n, _ in present]
+    if lowrank:
+        U, S, Vh = _lowrank_svd(lora, [w for _, w in present], driver)
+        return _factors(U, S, Vh, rank, clamp, lora[0].lora_A.dtype)
     # PEFT combines embeddings' and Conv1D's deltas in their base layout (in, out): DARE's masks are drawn in that
     # order, so the same layout gives the same masks
     flipped = isinstance(layer, LoraEmbedding) or quant.from_conv1d(layer.base_layer)
@@ -339,13 +352,28 @@ def _svd(layer: LoraLayer, present, rank: int, method: str, density, sign_method
     delta = _merge_tensors(deltas, weights, "linear" if method == "svd" else method, density, sign_method)
     delta = delta.T if flipped else delta  # (out, in)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
+    return _factors(U, S, Vh, rank, clamp, lora[0].lora_A.dtype)
+
+
+def _lowrank_svd(lora, weights: list[float], driver):
+    """The SVD of sum_i w_i s_i B_i A_i = B_cat A_cat without forming it: B_cat = Q_b R_b, A_cat^T = Q_a R_a, and
+    R_b R_a^T = U_c S V_c^T (R x R) give U = Q_b U_c, V^T = V_c^T Q_a^T. Float32; (out, k), (k,), (k, in)."""
+    B_cat = torch.cat([a.lora_B.detach().float() for a in lora], dim=1)  # (out, R)
+    A_cat = torch.cat([a.lora_A.detach().float() * (w * a.scaling) for a, w in zip(lora, weights)])  # (R, in)
+    Q_b, R_b = torch.linalg.qr(B_cat)  # (out, m), (m, R) with m = min(out, R)
+    Q_a, R_a = torch.linalg.qr(A_cat.T)  # (in, n), (n, R)
+    U_c, S, Vh_c = torch.linalg.svd(R_b @ R_a.T, full_matrices=False, driver=driver)
+    return Q_b @ U_c, S, Vh_c @ Q_a.T
+
+
+def _factors(U, S, Vh, rank: int, clamp, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-``rank`` factors A = V^T (rank, in), B = U S (out, rank) of an SVD, clamped, zero-padded, cast."""
     k = min(rank, S.shape[0])  # a layer smaller than the rank keeps all it has (zero-padded below)
     lora_B = U[:, :k] @ torch.diag(S[:k])  # (out, k); the same product PEFT forms, so equal bits
     lora_A = Vh[:k, :]  # (k, in)
     if clamp is not None:  # clip outliers at a quantile of all factor entries (kohya's svd_merge_lora)
         high = torch.quantile(torch.cat([lora_B.flatten(), lora_A.flatten()]), float(clamp))
         lora_B, lora_A = lora_B.clamp(-high, high), lora_A.clamp(-high, high)
-    dtype = lora[0].lora_A.dtype
     return _padded(lora_A.to(dtype), lora_B.to(dtype), rank)
 
 

@@ -183,6 +183,16 @@ def test_cat_is_the_exact_weighted_sum_and_merges_like_any_adapter(tmp_path):
     # svd at the full rank is exact too; linear (A and B summed apart) is not the weighted sum
     combine_adapters(model, WEIGHTS, name="full", method="svd", svd_rank=6)
     assert_close(model(IDS).logits, unmerged)
+    # the same svd from the inputs' factors (QR + a small SVD), without an SVD of any full (out, in) update
+    for rank in (6, 3):
+        combine_adapters(model, WEIGHTS, name=f"dense{rank}", method="svd", svd_rank=rank)
+        combine_adapters(model, WEIGHTS, name=f"fast{rank}", method="svd", svd_rank=rank, svd_lowrank=True)
+        for path, layer in lora_layers(model).items():
+            assert_close(layer.adapters[f"fast{rank}"].delta_weight(), layer.adapters[f"dense{rank}"].delta_weight(), msg=path)
+    lorakit.set_adapter(model, "fast6")
+    assert_close(model(IDS).logits, unmerged)
+    with pytest.raises(lorakit.LorakitError, match="svd_lowrank works with method='svd' only, not 'ties_svd'"):
+        combine_adapters(model, WEIGHTS, name="no", method="ties_svd", density=0.5, svd_lowrank=True)
 
 
 def test_modules_to_save_copy_passes_on_from_its_one_owner(tmp_path):
