@@ -274,3 +274,22 @@ def test_packed_training_on_gemma2_leaves_no_hook(shared, tmp_path):
     assert seen[0] and all(v == torch.finfo(torch.float32).min for v in seen[0])  # out of the sliding window
     assert seen[1] and all(v == 0 for v in seen[1])  # the full layer reaches it
     assert not model.model._forward_pre_hooks  # the loop took its hook off again
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "mixtral", "qwen3_moe"])
+def test_nf4_loading_of_eager_only_and_fused_expert_folders(kind, shared, tmp_path):
+    """``--quantize nf4`` on Gemma 2 (no sdpa path: a raw transformers ValueError before) and on MoE folders (experts
+    saved per expert, fused 3-D on load: '6 tensor(s) missing' before) gives the same model as loading it dense and
+    quantizing in memory, value for value."""
+    from lorakit.quant import is_quantized
+    from lorakit.quant.quantize import quantize
+
+    tokenizer, _ = shared
+    folder = save_folder(kind, tmp_path / kind, tokenizer)
+    loaded, _ = lorakit.load_base(str(folder), device="cpu", quantize="nf4")
+    reference, _ = lorakit.load_base(str(folder), device="cpu")
+    quantize(reference, "nf4")
+    assert sum(is_quantized(m) for m in loaded.modules()) == sum(is_quantized(m) for m in reference.modules()) > 0
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=0)

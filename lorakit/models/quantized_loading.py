@@ -146,11 +146,33 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
         delattr(config, "quantization_config")
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        except ValueError as error:  # Gemma 2 (soft-capped attention) has no sdpa path: eager, as load_base does
+            if "attention implementation" not in str(error) or attn_implementation in (None, "eager"):
+                raise
+            attn_implementation = "eager"
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
     reader = _TensorReader(folder)
     checkpoint_keys = reader.keys()
     model_keys = set(model.state_dict().keys())
     to_checkpoint = _key_mapper(checkpoint_keys, model_keys, getattr(model, "base_model_prefix", ""))
+    # transformers 5 builds MoE experts as fused 3-D parameters (mlp.experts.gate_up_proj) but saves them per expert
+    # (experts.0.w1.weight ...) and converts while loading; NF4 leaves such parameters dense anyway, so the model is
+    # loaded through transformers and its linear layers quantized after (the experts are most of it in either case)
+    fused = [key for key, parameter in model.named_parameters() if parameter.ndim >= 3 and to_checkpoint(key) is None]
+    if fused and prequantized:
+        raise LorakitError(f"{folder}: a 4-bit checkpoint of a model whose experts transformers fuses on load ({fused[0]!r} "
+                           "is not in the file); load the 16-bit folder with quantize='nf4' instead")
+    if fused:
+        from lorakit.models.loading import _load_dense
+        from lorakit.quant.quantize import quantize
+
+        dense = _load_dense(folder, dtype, attn_implementation)
+        quantize(dense, quant, skip=skip, blocksize=blocksize, double_quant=double_quant, device=device)
+        dense.to(device)
+        dense.eval()
+        return dense
     used: set[str] = set()
     heads = _output_head_names(model)
     source = str(folder)
