@@ -121,15 +121,14 @@ def run(args: argparse.Namespace) -> int:
                    svd_rank=args.svd_rank, svd_clamp=args.svd_clamp, svd_lowrank=args.svd_lowrank)
     with _flag_names():  # the options are checked before minutes of loading
         _check_options(**options, svd_driver=None)
-    for folder, _ in inputs:  # every folder checked (config, tensors) before the base is loaded
-        lorakit.read_adapter(folder)
+    files = [lorakit.read_adapter(folder) for folder, _ in inputs]  # each checked (config, tensors) before the base loads
 
     model, _ = lorakit.load_base(args.model, dtype=torch.float32, device=args.device)
     names = {}
     for i, (folder, weight) in enumerate(inputs):  # named after their folders, so messages name them as the user did
         name = re.sub(r"[^\w-]", "_", Path(os.path.abspath(os.path.expanduser(folder))).name) or f"input{i}"
         name = f"{name}_{i}" if name in names or name == "combined" else name
-        names[lorakit.load_adapter(model, folder, adapter=name)] = weight
+        names[lorakit.load_adapter(model, files[i], adapter=name)] = weight
     with _flag_names():
         combine_adapters(model, names, name="combined", **options,
                          seed=0 if args.seed is None and args.method.startswith("dare") else args.seed)
