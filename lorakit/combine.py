@@ -47,11 +47,11 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from lorakit import quant
 from lorakit.adapters import _require, delete_adapter, set_adapter
 from lorakit.config import LoraConfig, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.inject import adapter_hosts, adapter_names, find_targets
-from lorakit import quant
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 
 SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -292,8 +292,9 @@ def _generator(seed: int | None, layers) -> Iterator[None]:
     if seed is None:
         yield
         return
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise LorakitError(f"seed must be an integer, got {shown(seed)}")
+    seed = int(seed)
     devices = sorted({a.lora_A.device.index or 0 for layer in layers for a in layer.adapters.values() if a.lora_A.is_cuda})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

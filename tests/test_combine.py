@@ -4,7 +4,6 @@ method; the cases where lorakit differs on purpose (rsLoRA first input, DoRA, mo
 from __future__ import annotations
 
 import json
-import warnings
 
 import peft
 import pytest
