@@ -261,13 +261,22 @@ HOSTILE = [
     ("user_only.jsonl", b'{"messages": [{"role": "user", "content": "q"}]}\n',
      r"user_only\.jsonl:1: the chat does not end with an assistant turn"),
     ("dpo.jsonl", b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n', r"dpo\.jsonl:1: a preference \(DPO\) record"),
-    ("notes.txt", b"hello\n", r"notes\.txt: unsupported data file type '\.txt'"),
+    ("notes.txt", b"hello\n", r"notes\.txt: unsupported data file type '\.txt'.*write each document as \{\"text\""),
+    ("sheet.xlsx", b"PK\x03\x04", r"sheet\.xlsx: unsupported data file type '\.xlsx'.*export the sheet as CSV"),
+    ("binary.jsonl", bytes(range(256)), r"binary\.jsonl: binary data \(NUL bytes\), not a JSONL/CSV text file"),
+    ("parquet.jsonl", b"", r"parquet\.jsonl: a Parquet file with a text file's name; rename it to \.parquet"),
+    ("u16.jsonl", '{"text": "a"}\n'.encode("utf-16-le"), r"u16\.jsonl: UTF-16 text without a byte-order mark"),
 ]
 
 
 @pytest.mark.parametrize("name,content,message", HOSTILE, ids=[c[0] for c in HOSTILE])
 def test_hostile_files_stop_with_one_line(name, content, message, tmp_path):
     (tmp_path / name).write_bytes(content)
+    if name == "parquet.jsonl":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist([{"text": "a"}]), tmp_path / name)
     with pytest.raises(LorakitError) as info:
         read_many([tmp_path / name])
     assert re.search(message, _one_line(info)), str(info.value)

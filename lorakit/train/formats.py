@@ -523,8 +523,9 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
     else:
         suffix = _data_suffix(path)
         if suffix is None:
+            hint = OTHER_FILE_HINTS.get(path.suffix.lower(), "")
             raise LorakitError(f"{path}: unsupported data file type {''.join(path.suffixes[-2:]) or '(none)'!r}; use "
-                               f"{', '.join(DATA_SUFFIXES)} (optionally .gz) or a folder saved with save_to_disk")
+                               f"{', '.join(DATA_SUFFIXES)} (optionally .gz) or a folder saved with save_to_disk{hint}")
         if suffix in PARQUET_SUFFIXES:
             records = _read_parquet(path)
         else:
@@ -536,6 +537,14 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
     return records
 
 
+# what to do with files people have that are not data files lorakit reads
+OTHER_FILE_HINTS = {
+    ".txt": "; for plain text write each document as {\"text\": ...} on its own line of a .jsonl file",
+    ".xlsx": "; export the sheet as CSV (CSV UTF-8) first", ".xls": "; export the sheet as CSV (CSV UTF-8) first",
+    ".arrow": "; give the folder datasets' save_to_disk wrote (with state.json), not its .arrow file",
+    ".zst": "; decompress it first (zstd -d); only gzip is read", ".bz2": "; decompress it first; only gzip is read",
+    ".xz": "; decompress it first; only gzip is read", ".zip": "; unzip it and give the files or their folder",
+}
 SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                "val": "validation", "dev": "validation", "eval": "validation", "test": "test", "testing": "test"}
 
@@ -615,6 +624,14 @@ def _read_bytes(path: Path) -> bytes:
         except UnicodeDecodeError as exc:
             raise LorakitError(f"{path}: starts with a UTF-16 byte-order mark but is not UTF-16 (byte {exc.start}); "
                                "save the file as UTF-8") from None
+    if raw[:4] == b"PAR1":
+        raise LorakitError(f"{path}: a Parquet file with a text file's name; rename it to .parquet")
+    if b"\x00" in raw[:4096]:  # JSONL and CSV never hold NUL: an Arrow/pickle/zip/... file under a text name
+        head = raw[:4096]
+        if head[1::2].count(0) > len(head) // 4 or head[0::2].count(0) > len(head) // 4:  # ASCII as UTF-16
+            raise LorakitError(f"{path}: UTF-16 text without a byte-order mark; save the file as UTF-8")
+        raise LorakitError(f"{path}: binary data (NUL bytes), not a JSONL/CSV text file; give the text file, or a "
+                           "Parquet file named .parquet")
     return raw
 
 
