@@ -344,3 +344,29 @@ def test_combine_command_writes_a_peft_folder(tmp_path, tiny_folder, capsys):  #
     assert "got first: r=4, second: r=2" in error([*args, str(out), "--overwrite", "--method", "dare_ties", "--density", "0.5"])
     assert main([*args, str(out), "--overwrite", "--method", "dare_ties_svd", "--density", "0.5"]) == 0
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_combined_adapter_serves_in_mixed_batches_and_keeps_16_bit_inputs_dtype():
+    model = tiny_llama()
+    for seed, name in ((1, "math"), (2, "chat")):
+        torch.manual_seed(seed)
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), adapter=name,
+                       dtype=torch.float16)
+    with torch.no_grad():
+        for _, p in lorakit.lora_parameters(model):
+            p.normal_(0, 0.2)
+    for method in ("cat", "svd", "dare_linear"):
+        combine_adapters(model, WEIGHTS, name=method, method=method, **({"density": 0.7, "seed": 0} if "dare" in method else {}))
+        assert model.model.layers[1].self_attn.v_proj.adapters[method].lora_A.dtype == torch.float16
+    ids = IDS[:1].repeat(3, 1)
+    alone = {}
+    for name in ("cat", "svd"):
+        lorakit.set_adapter(model, name)
+        alone[name] = model(ids[:1]).logits[0]
+    with torch.no_grad(), lorakit.mixed_batch(model, ["cat", None, "svd"]):
+        mixed = model(ids).logits
+    # float16 adapters: the stacked mixed-batch path and the one-adapter path round differently (float16's tolerance)
+    assert_close(mixed[0], alone["cat"], dtype=torch.float16)
+    assert_close(mixed[2], alone["svd"], dtype=torch.float16)
+    with lorakit.disable_adapters(model):
+        assert_close(mixed[1], model(ids[:1]).logits[0])
