@@ -228,6 +228,15 @@ def test_file_layouts_other_tools_write(tmp_path):
     assert fields(tmp_path / "hf", split=VALIDATION_SPLITS) == expected[1:]
 
 
+def test_a_chat_given_as_its_bare_list_of_turns(tmp_path):
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    (tmp_path / "lines.jsonl").write_text(json.dumps(chat) + "\n" + json.dumps(chat) + "\n")
+    (tmp_path / "array.json").write_text(json.dumps([chat, [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]]))
+    for name, wheres in (("lines.jsonl", ["lines.jsonl:1", "lines.jsonl:2"]), ("array.json", ["array.json[0]", "array.json[1]"])):
+        records = read_records(tmp_path / name)
+        assert [r.where for r in records] == wheres and all(r["messages"] == chat for r in records)
+
+
 def test_mixed_shapes_in_one_file_each_masked_as_its_shape(tmp_path, tok):
     rows = [{"text": "The quick brown fox."}, {"prompt": "What is 2+2?", "completion": " 4"},
             {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]},

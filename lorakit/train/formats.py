@@ -30,7 +30,8 @@ What a user's file may differ in and is still read the same: field names in anot
 content is a JSON object (written as JSON text), trailing user or tool turns after the last assistant turn
 (trimmed: nothing follows them to learn, and a causal model's loss on the earlier turns does not depend on them;
 the summary counts the chats trimmed), a ``.json`` file that wraps its records in one object (``{"data": [...]}``),
-pretty-printed JSON objects one after another in a ``.jsonl`` file (``jq .`` output), a ``;``-separated CSV, and
+pretty-printed JSON objects one after another in a ``.jsonl`` file (``jq .`` output), a chat given as its bare
+list of turns (a JSONL line ``[{"role": ...}, ...]``), a ``;``-separated CSV, and
 a folder of ``train*`` / ``validation*`` / ``test*`` files (the split asked for is read, see :func:`_split_files`). Preference (DPO) records ``{"prompt", "chosen", "rejected"}`` are refused:
 lorakit trains supervised fine-tuning, and training on ``chosen`` alone is a choice the user makes by renaming it.
 
@@ -129,6 +130,11 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     """
     if isinstance(obj, Record):
         return obj
+    if isinstance(obj, list) and obj and all(isinstance(m, Mapping) for m in obj):  # a bare chat: its list of turns
+        if all("role" in m or "Role" in m for m in obj):
+            obj = {"messages": obj}
+        elif all("from" in m or "From" in m for m in obj):
+            obj = {"conversations": obj}
     if not isinstance(obj, Mapping):
         raise LorakitError(f"{where}: expected an object with {_EXPECTED}, got {_json_type(obj)}")
     obj = _normalize_keys(obj, KNOWN_FIELDS)
@@ -650,7 +656,9 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str) -> list[Record]:
     """One JSON object per line; also a JSON array, one (pretty-printed) object, pretty-printed objects one after
     another, or one object wrapping the records (``{"data": [...]}``), whatever the suffix says."""
     if raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":  # a JSON array (also one saved as .jsonl): read it as one
-        return _read_json_array(path, raw)
+        records = _read_json_array(path, raw)
+        if records is not None:
+            return records
     objects: list[tuple[str, Any]] = []
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         where = f"{path.name}:{lineno}"
@@ -732,13 +740,16 @@ def _not_utf8(where: str, data: bytes, exc: UnicodeDecodeError) -> str:
     return f"{where}: not valid UTF-8 (byte {column}); {hint}"
 
 
-def _read_json_array(path: Path, raw: bytes) -> list[Record]:
+def _read_json_array(path: Path, raw: bytes) -> list[Record] | None:
+    """The records of a file holding one JSON array; None when it holds one array per line (each a chat)."""
     try:
         items = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise LorakitError(_not_utf8(f"{path.name}:{line}", raw, exc)) from None
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and exc.lineno > 1 and exc.colno == 1:  # a second array on the next line: JSONL
+            return None
         raise LorakitError(f"{path.name}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     return [validate_record(obj, f"{path.name}[{i}]") for i, obj in enumerate(items)]
 
