@@ -88,7 +88,7 @@ def combine_adapters(model: nn.Module, adapters: dict[str, float] | Sequence[str
         svd_lowrank: for ``method="svd"``: factor the sum from the inputs' own factors (QR of the stacked A's and
             B's, then the SVD of an R x R core, R = the sum of the ranks) instead of an SVD of each full (out, in)
             delta. The same rank-``svd_rank`` result (B A equal to float32 rounding; A and B may differ in sign) in
-            O((out + in) R^2) instead of O(out in min(out, in)): seconds instead of hours for a 7B model on a CPU.
+            O((out + in) R^2) instead of O(out in min(out, in)): minutes instead of hours for a 7B model on a CPU
             Not for the pruned ``_svd`` methods, whose sums are not low-rank.
         seed: when given, DARE's random masks are drawn from a generator seeded with it (torch's global generator
             is left as it was); otherwise from the global generator, as PEFT does.

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "of their entries, e.g. 0.99 (default: no clamping)")
     parser.add_argument("--svd-lowrank", action="store_true", help="with --method svd: factor the sum from the "
                         "adapters' own factors (QR + a small SVD) instead of an SVD of each full weight update: the same "
-                        "result up to float rounding and the signs of A and B, in seconds instead of hours on a big model")
+                        "result up to float rounding and the signs of A and B, in minutes instead of hours on a 7B model")
     parser.add_argument("--seed", type=int, default=None, help="seed of DARE's random masks (default: 0)")
     parser.add_argument("--device", default="cpu", help="where the combination runs: cpu, cuda, cuda:N (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically)")
