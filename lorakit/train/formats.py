@@ -31,9 +31,11 @@ content is a JSON object (written as JSON text), trailing user or tool turns aft
 (trimmed: nothing follows them to learn, and a causal model's loss on the earlier turns does not depend on them;
 the summary counts the chats trimmed), a ``.json`` file that wraps its records in one object (``{"data": [...]}``),
 pretty-printed JSON objects one after another in a ``.jsonl`` file (``jq .`` output), a chat given as its bare
-list of turns (a JSONL line ``[{"role": ...}, ...]``), a ``;``-separated CSV, and
-a folder of ``train*`` / ``validation*`` / ``test*`` files (the split asked for is read, see :func:`_split_files`). Preference (DPO) records ``{"prompt", "chosen", "rejected"}`` are refused:
-lorakit trains supervised fine-tuning, and training on ``chosen`` alone is a choice the user makes by renaming it.
+list of turns (a JSONL line ``[{"role": ...}, ...]``), a ``;``-separated CSV, and a folder of ``train*`` /
+``validation*`` / ``test*`` files (the split asked for is read, see :func:`_split_files`).
+
+Preference (DPO) records ``{"prompt", "chosen", "rejected"}`` are refused: lorakit trains supervised
+fine-tuning, and training on ``chosen`` alone is a choice the user makes by renaming it.
 
 Every record carries ``where`` ("orders.jsonl:12", "data.csv:4", "folder[train] row 7") so that any later
 error (a template failure, an example too long) names the place the user has to fix. Every mistake raises
@@ -290,10 +292,12 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
             question=obj["question"], context=f"Context: {context}\n" if context.strip() else "")
         fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj["answer"]}, where)
         return Record("messages", {"messages": messages}, where, fallback=fallback)
-    dolly = "instruction" in obj and "response" in obj and "output" not in obj
-    if "instruction" in obj and ("output" in obj or dolly) and not ours - {"text"}:
-        keys, name = (DOLLY_KEYS, "a Dolly") if dolly else (ALPACA_KEYS, "an Alpaca")
-        out_key, in_key = ("response", "context") if dolly else ("output", "input")
+    if "instruction" in obj and ("output" in obj or "response" in obj) and not ours - {"text"}:
+        # Alpaca's input/output, Dolly's context/response, and the mixes other exports write
+        out_key = "output" if "output" in obj else "response"
+        in_key = "context" if "context" in obj and "input" not in obj else "input"
+        keys = ("instruction", in_key, out_key, "system")
+        name = "a Dolly" if (in_key, out_key) == ("context", "response") else "an Alpaca"
         for key in obj:
             if key not in keys:
                 raise LorakitError(f"{where}: unknown field {key!r}; {name} record has only "
