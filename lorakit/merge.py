@@ -110,9 +110,27 @@ def merge_and_unload(model: nn.Module, adapters: str | Sequence[str] | None = No
         else:
             replacement = host.base_layer
         _set_module(model, path, replacement)
+    if _embeddings_parted(model):  # a trained copy (modules_to_save) of a tied head or embedding now stands alone
+        _untie_config(model)
     if hasattr(model, "lorakit_configs"):
         del model.lorakit_configs
     return model
+
+
+def _embeddings_parted(model: nn.Module) -> bool:
+    """The config ties the input embedding and output head, but they no longer share one tensor: left so, the saved
+    folder says "tied" over two different matrices, and a loader that ties (llama.cpp's converter, vLLM, older
+    transformers) keeps one of them."""
+    config = getattr(model, "config", None)
+    get_input, get_output = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not getattr(config, "tie_word_embeddings", False) or not callable(get_input) or not callable(get_output):
+        return False
+    try:
+        embedding, head = get_input(), get_output()
+    except Exception:  # some models raise NotImplementedError
+        return False
+    weights = getattr(embedding, "weight", None), getattr(head, "weight", None)
+    return all(isinstance(w, torch.Tensor) for w in weights) and weights[0] is not weights[1]
 
 
 def _untie_config(model: nn.Module) -> None:

@@ -125,6 +125,8 @@ def test_folder_train_generate_merge_inspect_and_peft(kind, shared, tmp_path, ca
     code, out, err = cli(capsys, "merge", "--model", folder, "--adapter", adapter, "--out", merged, "--dtype", "fp32")
     assert code == 0, err
     assert "merged layers" in out
+    tied = [json.loads((f / "config.json").read_text()).get("tie_word_embeddings") for f in (folder, merged)]
+    assert tied[0] == tied[1]  # LoRA on the linear layers leaves a tied head tied
     code, out, err = cli(capsys, "inspect", adapter)
     assert code == 0, err
     assert "variant" in out and "lora" in out and "->" in out
@@ -293,3 +295,28 @@ def test_nf4_loading_of_eager_only_and_fused_expert_folders(kind, shared, tmp_pa
     ids = torch.randint(0, VOCAB, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind, saved", [("gemma", "lm_head"), ("gpt2", "wte")])
+def test_merged_trained_copy_of_a_tied_head_unties_the_config(kind, saved, shared, tmp_path, capsys):
+    """--modules-to-save lm_head (or the embedding) on a model whose head is tied to its embedding: the merged folder
+    holds two different matrices, so its config must say tie_word_embeddings false (it said true, and transformers
+    warned 'both are present ... with different values'; a loader that ties would drop the trained copy)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, data = shared
+    folder = save_folder(kind, tmp_path / kind, tokenizer)
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is True
+    code, out, err = cli(capsys, "train", "--model", folder, "--data", data, "--max-steps", 2, "--out", tmp_path / "run",
+                         "--batch-size", 4, "--rank", 4, "--lr", 0.05, "--modules-to-save", saved, "--eval-examples", 0,
+                         "--samples", 0, "--no-progress")
+    assert code == 0, err
+    code, out, err = cli(capsys, "merge", "--model", folder, "--adapter", tmp_path / "run" / "adapter", "--out",
+                         tmp_path / "merged", "--dtype", "fp32")
+    assert code == 0, err
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    ids = torch.tensor([[1, 7, 10, 11, 8, 3, 12, 13]])
+    model, _ = lorakit.load_base(str(folder), device="cpu")
+    lorakit.load_adapter(model, tmp_path / "run" / "adapter")
+    with torch.no_grad():
+        assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits, model(ids).logits)
