@@ -226,6 +226,10 @@ def test_file_layouts_other_tools_write(tmp_path):
         _write(tmp_path / "hf" / name, [r])
     assert fields(tmp_path / "hf") == expected[:1]
     assert fields(tmp_path / "hf", split=VALIDATION_SPLITS) == expected[1:]
+    _write(tmp_path / "nested" / "train" / "part-0.jsonl", pc[:1])  # one subfolder per split
+    _write(tmp_path / "nested" / "test" / "part-0.jsonl", pc[1:])
+    assert fields(tmp_path / "nested") == expected[:1]
+    assert fields(tmp_path / "nested", split=VALIDATION_SPLITS) == expected[1:]
 
 
 def test_a_chat_given_as_its_bare_list_of_turns(tmp_path):

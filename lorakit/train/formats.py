@@ -522,6 +522,9 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
             except OSError as exc:
                 raise LorakitError(f"{path}: cannot list the folder ({exc.strerror}); check its permissions") from None
             files = [p for p in entries if p.is_file() and _data_suffix(p) is not None]
+            split_dirs = [p for p in entries if p.is_dir() and SPLIT_WORDS.get(p.name.lower())]
+            if not files and split_dirs:  # data/train/, data/validation/, data/test/: the split asked for
+                return read_records(_split_files(path, split_dirs, split)[0], split)
             if not files:
                 subfolders = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
                 inside = (f"; it has the subfolder(s) {', '.join(subfolders[:5])}: give the one with the data (a "
