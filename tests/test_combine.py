@@ -344,6 +344,11 @@ def test_combine_command_writes_a_peft_folder(tmp_path, tiny_folder, capsys):  #
     assert "got first: r=4, second: r=2" in error([*args, str(out), "--overwrite", "--method", "dare_ties", "--density", "0.5"])
     assert main([*args, str(out), "--overwrite", "--method", "dare_ties_svd", "--density", "0.5"]) == 0
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    assert main(["combine", "--model", str(tiny_folder), "--adapter", f"{second}=-1", "--out", str(out), "--overwrite",
+                 "--method", "svd"]) == 0  # one input: linear, said in one plain line
+    printed = capsys.readouterr()
+    assert "warning: one input adapter, so method 'svd' is 'linear'" in printed.out and "with linear: rank 2" in printed.out
+    assert "Warning" not in printed.err
 
 
 def test_combined_adapter_serves_in_mixed_batches_and_keeps_16_bit_inputs_dtype():

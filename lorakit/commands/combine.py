@@ -91,6 +91,7 @@ def _flag_names():
 
 def run(args: argparse.Namespace) -> int:
     import time
+    import warnings
     from pathlib import Path
 
     import torch
@@ -129,9 +130,12 @@ def run(args: argparse.Namespace) -> int:
         name = re.sub(r"[^\w-]", "_", Path(os.path.abspath(os.path.expanduser(folder))).name) or f"input{i}"
         name = f"{name}_{i}" if name in names or name == "combined" else name
         names[lorakit.load_adapter(model, files[i], adapter=name)] = weight
-    with _flag_names():
+    with _flag_names(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         combine_adapters(model, names, name="combined", **options,
                          seed=0 if args.seed is None and args.method.startswith("dare") else args.seed)
+    for warning in caught:  # one line each, without Python's file:line prefix
+        print(f"warning: {str(warning.message).removeprefix('combine_adapters: ')}")
     tmp = temp_dir(out)
     try:
         lorakit.save_adapter(model, tmp, adapter="combined")
@@ -144,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     layers = [layer for layer in lora_layers(model).values() if "combined" in layer.adapters]
     rank = layers[0].adapters["combined"].rank
     summary = " + ".join(f"{folder} x {weight:g}" for folder, weight in inputs)
-    print(f"combined {summary} with {args.method}: rank {rank} on {len(layers)} layers")
+    method = "linear" if len(inputs) == 1 else args.method  # combine_adapters' rule for one input (it warned)
+    print(f"combined {summary} with {method}: rank {rank} on {len(layers)} layers")
     print(f"wrote {Path(out)} ({', '.join(sorted(p.name for p in Path(out).iterdir()))}) in "
           f"{time.perf_counter() - start:.1f} s")
     print(f"load it with: lorakit.load_adapter(model, {str(out)!r}) or peft.PeftModel.from_pretrained(model, {str(out)!r})")
