@@ -195,9 +195,10 @@ def test_file_layouts_other_tools_write(tmp_path):
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in pc).encode())
     (tmp_path / "caps.csv").write_text("Prompt, Completion\nq1 ,a1\nq2 ,a2\n")
     (tmp_path / "t.tsv").write_text("prompt\tcompletion\nq1 \ta1\nq2 \ta2\n")
+    (tmp_path / "pandas.csv").write_text(",prompt,completion\n5,q1 ,a1\n7,q2 ,a2\n")  # df.to_csv() keeps the index
     (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfprompt;completion\r\nq1 ;a1\r\nq2 ;a2\r\n")  # European Excel
     for name in ("array.json", "wrapped.json", "wrapped.jsonl", "pretty.jsonl", "gz.jsonl.gz", "bom.jsonl", "caps.csv",
-                 "t.tsv", "excel.csv"):
+                 "t.tsv", "excel.csv", "pandas.csv"):
         assert fields(tmp_path / name) == expected, name
     assert read_records(tmp_path / "wrapped.json")[1].where == "wrapped.json[data][1]"
     assert [r.where for r in read_records(tmp_path / "pretty.jsonl")] == ["pretty.jsonl:1", "pretty.jsonl:5"]
@@ -208,6 +209,9 @@ def test_file_layouts_other_tools_write(tmp_path):
 
     pq.write_table(pa.Table.from_pylist(pc), tmp_path / "p.parquet")
     assert fields(tmp_path / "p.parquet") == expected
+    indexed = [{**r, "__index_level_0__": i + 5} for i, r in enumerate(pc)]  # df.to_parquet() with an index
+    pq.write_table(pa.Table.from_pylist(indexed), tmp_path / "indexed.parquet")
+    assert fields(tmp_path / "indexed.parquet") == expected
     datasets.Dataset.from_list(pc).save_to_disk(str(tmp_path / "ds"))
     assert fields(tmp_path / "ds") == expected
     splits = {"train": pc[:1], "test": pc[1:]}

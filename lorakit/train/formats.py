@@ -69,7 +69,9 @@ CHAT_OPTIONAL_FIELDS = ("tools", "parallel_tool_calls")
 # they say nothing about the text to train on, so a record may carry them; any other unknown field is refused,
 # since it is usually a misnamed one (an "answer" meant as the completion)
 IGNORED_FIELDS = frozenset({"id", "idx", "index", "uuid", "prompt_id", "conversation_id", "source", "dataset",
-                            "category", "metadata", "meta", "lang", "language", "license", "url", "timestamp"})
+                            "category", "metadata", "meta", "lang", "language", "license", "url", "timestamp",
+                            # the row index pandas writes: to_csv's unnamed first column, pyarrow's parquet column
+                            "", "unnamed: 0", "__index_level_0__"})
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet",)
