@@ -167,6 +167,15 @@ def test_preference_records_are_refused_with_the_way_to_sft(record):
     _one_line(info)
 
 
+def test_all_unknown_fields_are_named_at_once():
+    """An export with several extra columns (LMSYS-Chat: model, turn, ...) is fixed in one go, not one run per field."""
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(LorakitError) as info:
+        validate_record({"messages": chat, "model": "gpt-4", "turn": 1, "redacted": False}, "chats.jsonl:9")
+    assert _one_line(info) == ("chats.jsonl:9: unknown fields 'model', 'turn', 'redacted'; a messages record has only "
+                               "'messages': remove them")
+
+
 @pytest.mark.parametrize("record,hint", [
     ({"query": "q", "response": "r"}, "rename 'query' to 'prompt' and 'response' to 'completion'"),
     ({"input": "q", "output": "r"}, "rename 'input' to 'prompt' and 'output' to 'completion'"),

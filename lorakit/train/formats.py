@@ -165,10 +165,7 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
                            + _rename_hint(obj))
     allowed = SHAPE_FIELDS[shape]
     optional = (*CHAT_OPTIONAL_FIELDS, *LEGACY_CHAT_FIELDS) if shape == "messages" else ()
-    for key in keys:
-        if key not in allowed and key not in optional:
-            fields = ", ".join(repr(k) for k in allowed)
-            raise LorakitError(f"{where}: unknown field {key!r}; a {shape} record has only {fields}: remove it")
+    _refuse_unknown(obj, (*allowed, *optional), f"a {shape} record", allowed, where)
     for key in allowed:
         if key not in obj:
             raise LorakitError(f"{where}: missing field {key!r}; a {shape} record needs {', '.join(map(repr, allowed))}")
@@ -196,6 +193,16 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     if tools is not None:
         fields["tools"] = _validate_tools(tools, where)
     return Record(shape, fields, where)
+
+
+def _refuse_unknown(obj: Mapping, allowed: Iterable[str], what: str, listed: Iterable[str], where: str) -> None:
+    """Refuse a record with fields its format does not have, naming all of them at once (an export with several
+    extra columns is fixed in one go, not one run per column)."""
+    unknown = [key for key in obj if key not in allowed]
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        raise LorakitError(f"{where}: unknown field{'s' if len(unknown) > 1 else ''} {names}; {what} has only "
+                           f"{', '.join(map(repr, listed))}: remove {'them' if len(unknown) > 1 else 'it'}")
 
 
 def _normalize_keys(obj: Mapping, known: frozenset) -> Mapping:
@@ -277,10 +284,7 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
     """
     ours = {"messages", "prompt", "completion", "text"} & set(obj)
     if "question" in obj and "answer" in obj and not ours and "instruction" not in obj and "response" not in obj:
-        for key in obj:
-            if key not in QA_KEYS:
-                raise LorakitError(f"{where}: unknown field {key!r}; a question/answer record has only "
-                                   f"{', '.join(map(repr, QA_KEYS))}: remove it")
+        _refuse_unknown(obj, QA_KEYS, "a question/answer record", QA_KEYS, where)
         _check_string(obj["question"], "question", where, nonempty=True, what="empty question")
         _check_string(obj["answer"], "answer", where, nonempty=True, what="empty answer")
         for key in ("context", "system"):
@@ -300,10 +304,7 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
         in_key = "context" if "context" in obj and "input" not in obj else "input"
         keys = ("instruction", in_key, out_key, "system")
         name = "a Dolly" if (in_key, out_key) == ("context", "response") else "an Alpaca"
-        for key in obj:
-            if key not in keys:
-                raise LorakitError(f"{where}: unknown field {key!r}; {name} record has only "
-                                   f"{', '.join(map(repr, keys))}: remove it")
+        _refuse_unknown(obj, keys, f"{name} record", keys, where)
         _check_string(obj["instruction"], "instruction", where, nonempty=True, what="empty instruction")
         _check_string(obj[out_key], out_key, where, nonempty=True, what=f"empty {out_key}")
         for key in (in_key, "system"):
@@ -320,10 +321,7 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
         fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj[out_key]}, where)
         return Record("messages", {"messages": messages}, where, fallback=fallback)
     if "conversations" in obj and "messages" not in obj:
-        for key in obj:
-            if key not in SHAREGPT_KEYS:
-                raise LorakitError(f"{where}: unknown field {key!r}; a ShareGPT record has only "
-                                   f"{', '.join(map(repr, SHAREGPT_KEYS))}: remove it")
+        _refuse_unknown(obj, SHAREGPT_KEYS, "a ShareGPT record", SHAREGPT_KEYS, where)
         turns = obj["conversations"]
         if not isinstance(turns, list) or not turns:
             raise LorakitError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} objects")
