@@ -66,6 +66,11 @@ RECORDS = [
      "<|im_start|>system\nBe brief.<|im_end|>\n" + USER_ASSISTANT, "4<|im_end|>"),
     ("sharegpt capitalised", {"Conversations": [{"From": "Human", "Value": "What is 2+2?"}, {"From": "GPT", "Value": "4"}]},
      USER_ASSISTANT, "4<|im_end|>"),
+    # the two key sets swapped, as many Hub datasets have them
+    ("conversations of role/content", {"conversations": [{"role": "user", "content": "What is 2+2?"},
+                                                         {"role": "assistant", "content": "4"}]}, USER_ASSISTANT, "4<|im_end|>"),
+    ("messages of from/value", {"messages": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4"}]},
+     USER_ASSISTANT, "4<|im_end|>"),
     ("alpaca empty input", {"instruction": "What is 2+2?", "input": "", "output": "4"}, USER_ASSISTANT, "4<|im_end|>"),
     ("alpaca null input", {"instruction": "What is 2+2?", "input": None, "output": "4"}, USER_ASSISTANT, "4<|im_end|>"),
     ("dolly", {"instruction": "What is", "context": "2+2?", "response": "4", "category": "open_qa"},

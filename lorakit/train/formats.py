@@ -18,7 +18,8 @@ The formats of other tools are read as chats (see :func:`_convert_other_formats`
 - Alpaca ``{"instruction", "input" (optional), "output", "system" (optional)}``: one user turn (the instruction,
   a blank line, the input) and the output as the assistant turn. A tokenizer without a chat template trains it
   in Alpaca's own prompt format ("### Instruction: ... ### Response:") instead (``Record.fallback``).
-- ShareGPT ``{"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": str}], "system" (optional)}``.
+- ShareGPT ``{"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": str}], "system" (optional)}`` (also
+  under ``"messages"``, and role/content turns under ``"conversations"``, as many Hub datasets mix them).
 - Dolly ``{"instruction", "context" (optional), "response"}``, read as Alpaca; question/answer pairs (GSM8K's
   ``{"question", "answer"}``, optionally ``"context"`` before the question) as one user and one assistant turn
   (without a chat template: "Question: ...\nAnswer: ").
@@ -134,11 +135,10 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     """
     if isinstance(obj, Record):
         return obj
-    if isinstance(obj, list) and obj and all(isinstance(m, Mapping) for m in obj):  # a bare chat: its list of turns
-        if all("role" in m or "Role" in m for m in obj):
-            obj = {"messages": obj}
-        elif all("from" in m or "From" in m for m in obj):
-            obj = {"conversations": obj}
+    if _turns_have(obj, "role"):  # a bare chat: its list of turns
+        obj = {"messages": obj}
+    elif _turns_have(obj, "from"):
+        obj = {"conversations": obj}
     if not isinstance(obj, Mapping):
         raise LorakitError(f"{where}: expected an object with {_EXPECTED}, got {_json_type(obj)}")
     obj = _normalize_keys(obj, KNOWN_FIELDS)
@@ -193,6 +193,12 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     if tools is not None:
         fields["tools"] = _validate_tools(tools, where)
     return Record(shape, fields, where)
+
+
+def _turns_have(turns: Any, key: str) -> bool:
+    """Whether ``turns`` is a non-empty list of objects that all have ``key`` (in any case)."""
+    return isinstance(turns, list) and bool(turns) and all(
+        isinstance(t, Mapping) and any(isinstance(k, str) and k.strip().lower() == key for k in t) for t in turns)
 
 
 def _refuse_unknown(obj: Mapping, allowed: Iterable[str], what: str, listed: Iterable[str], where: str) -> None:
@@ -320,6 +326,8 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
             prompt = f"{system}\n\n{prompt}"
         fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj[out_key]}, where)
         return Record("messages", {"messages": messages}, where, fallback=fallback)
+    if "messages" in obj and "conversations" not in obj and _turns_have(obj["messages"], "from"):
+        obj = {("conversations" if k == "messages" else k): v for k, v in obj.items()}  # ShareGPT turns, our key
     if "conversations" in obj and "messages" not in obj:
         _refuse_unknown(obj, SHAREGPT_KEYS, "a ShareGPT record", SHAREGPT_KEYS, where)
         turns = obj["conversations"]
@@ -330,6 +338,8 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
             _check_string(obj["system"], "system", where, nonempty=False)
             if obj["system"].strip():
                 messages.append({"role": "system", "content": obj["system"]})
+        if _turns_have(turns, "role"):  # OpenAI role/content turns under ShareGPT's key (many Hub datasets)
+            return validate_record({"messages": messages + turns}, where)
         for i, turn in enumerate(turns):
             at = f"{where}: conversations[{i}]"
             if isinstance(turn, Mapping):  # "From"/"Value"; a column a datasets table filled with null is absent
