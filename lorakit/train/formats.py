@@ -20,6 +20,7 @@ The formats of other tools are read as chats (see :func:`_convert_other_formats`
   in Alpaca's own prompt format ("### Instruction: ... ### Response:") instead (``Record.fallback``).
 - ShareGPT ``{"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": str}], "system" (optional)}`` (also
   under ``"messages"``, and role/content turns under ``"conversations"``, as many Hub datasets mix them).
+- Gemini / Vertex AI ``{"systemInstruction" (optional), "contents": [{"role": "user" | "model", "parts": [{"text"}]}]}``.
 - Dolly ``{"instruction", "context" (optional), "response"}``, read as Alpaca; question/answer pairs (GSM8K's
   ``{"question", "answer"}``, optionally ``"context"`` before the question) as one user and one assistant turn
   (without a chat template: "Question: ...\nAnswer: ").
@@ -84,6 +85,8 @@ QA_KEYS = ("question", "answer", "context", "system")  # GSM8K, SQuAD-like sets 
 QA_PROMPT = "{context}Question: {question}\nAnswer: "  # the prompt/completion form, for a tokenizer without a template
 LEGACY_CHAT_FIELDS = ("functions",)  # OpenAI's function calling before tools: read as tools
 PREFERENCE_KEYS = ("chosen", "rejected")
+GEMINI_KEYS = ("contents", "systeminstruction", "system_instruction")  # Vertex AI tuning files (keys lowercased)
+GEMINI_ROLES = {"user": "user", "model": "assistant", "system": "system"}
 # names other tools give the two halves of an example: a record with no known field is told which to rename
 PROMPT_LIKE = ("input", "query", "instruction", "question", "context", "source_text", "src", "human", "user")
 COMPLETION_LIKE = ("output", "response", "answer", "target", "reply", "label_text", "tgt", "gpt", "assistant")
@@ -100,7 +103,8 @@ ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"  # A
 # every top-level field a record may have, in lowercase: a key that matches one of these once lowercased and stripped
 # ("Prompt", " completion") is read as it
 KNOWN_FIELDS = frozenset({"text", "prompt", "completion", "messages", *CHAT_OPTIONAL_FIELDS, *LEGACY_CHAT_FIELDS,
-                          *ALPACA_KEYS, *DOLLY_KEYS, *QA_KEYS, *SHAREGPT_KEYS, *PREFERENCE_KEYS, *IGNORED_FIELDS})
+                          *ALPACA_KEYS, *DOLLY_KEYS, *QA_KEYS, *SHAREGPT_KEYS, *PREFERENCE_KEYS, *GEMINI_KEYS,
+                          *IGNORED_FIELDS})
 KNOWN_MESSAGE_KEYS = frozenset({*MESSAGE_KEYS, *TOOL_MESSAGE_KEYS, "weight", "function_call", "from", "value"})
 
 
@@ -195,6 +199,32 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     return Record(shape, fields, where)
 
 
+def _convert_gemini(obj: Mapping, where: str) -> Record:
+    """A Gemini / Vertex AI tuning record (``{"systemInstruction": {"parts": [...]}, "contents": [{"role": "user" |
+    "model", "parts": [{"text": ...}]}]}``) as a chat; parts other than text (function calls, inline data) are
+    refused, since the chat template would not write them."""
+    _refuse_unknown(obj, GEMINI_KEYS, "a Gemini record", ("contents", "systemInstruction"), where)
+    contents = obj["contents"]
+    if not isinstance(contents, list) or not contents:
+        raise LorakitError(f"{where}: field 'contents' must be a non-empty list of {{role, parts}} objects (Gemini)")
+    system = obj.get("systeminstruction", obj.get("system_instruction"))
+    turns = [("systemInstruction", {**system, "role": "system"})] if isinstance(system, Mapping) else []
+    turns += [(f"contents[{i}]", turn) for i, turn in enumerate(contents)]
+    messages = []
+    for at, turn in turns:
+        at = f"{where}: {at}"
+        parts = turn.get("parts") if isinstance(turn, Mapping) else None
+        role = GEMINI_ROLES.get(str(turn.get("role", "user")).lower()) if isinstance(turn, Mapping) else None
+        if role is None or not isinstance(parts, list):
+            raise LorakitError(f"{at} must be an object with a role ('user' or 'model') and a list of parts (Gemini)")
+        for j, part in enumerate(parts):
+            if not isinstance(part, Mapping) or not isinstance(part.get("text"), str):
+                kind = next(iter(part), "empty") if isinstance(part, Mapping) and part else _json_type(part)
+                raise LorakitError(f"{at}.parts[{j}] is a {kind!r} part; lorakit reads the text parts of Gemini records")
+        messages.append({"role": role, "content": "".join(part["text"] for part in parts)})
+    return validate_record({"messages": messages}, where)
+
+
 def _turns_have(turns: Any, key: str) -> bool:
     """Whether ``turns`` is a non-empty list of objects that all have ``key`` (in any case)."""
     return isinstance(turns, list) and bool(turns) and all(
@@ -282,13 +312,16 @@ def _validate_tool_calls(calls: Any, at: str) -> list[dict]:
 
 
 def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
-    """An Alpaca, Dolly, question/answer or ShareGPT record as a chat :class:`Record` (None for anything else).
+    """An Alpaca, Dolly, question/answer, ShareGPT or Gemini record as a chat :class:`Record` (None for anything
+    else).
 
     Detected by their required keys ("instruction" + "output"; "instruction" + "response"; "question" +
-    "answer"; "conversations"), so a record of our own shapes is never taken for one; their other keys are as
+    "answer"; "conversations"; "contents"), so a record of our own shapes is never taken for one; their other keys are as
     strict as ours.
     """
     ours = {"messages", "prompt", "completion", "text"} & set(obj)
+    if "contents" in obj and not ours:
+        return _convert_gemini(obj, where)
     if "question" in obj and "answer" in obj and not ours and "instruction" not in obj and "response" not in obj:
         _refuse_unknown(obj, QA_KEYS, "a question/answer record", QA_KEYS, where)
         _check_string(obj["question"], "question", where, nonempty=True, what="empty question")
@@ -420,6 +453,8 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
             role = "tool"
         elif role == "developer":  # OpenAI's name for the system turn since o1
             role = "system"
+        elif role in ("model", "chatbot"):  # Gemini's and Cohere's name for the assistant
+            role = "assistant"
         if msg.get("function_call") is not None:  # OpenAI's legacy single call: one tool call
             if msg.get("tool_calls") is not None:
                 raise LorakitError(f"{at} has both 'function_call' and 'tool_calls'; keep one")
