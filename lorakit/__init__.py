@@ -6,6 +6,7 @@ The public API, nothing else. Heavy parts (transformers, training, serving) load
 __version__ = "0.1.0"
 
 from lorakit.adapters import active_adapters, delete_adapter, disable_adapters, lora_parameters, mixed_batch, set_adapter
+from lorakit.combine import combine_adapters
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import adapter_names, inject, trainable_report
@@ -46,6 +47,6 @@ def disable_fast_kernels(model):
 __all__ = [
     "__version__", "LoraConfig", "LorakitError", "inject", "trainable_report", "adapter_names", "set_adapter",
     "active_adapters", "delete_adapter", "disable_adapters", "mixed_batch", "lora_parameters", "merge", "unmerge",
-    "merge_and_unload", "save_adapter", "load_adapter", "read_adapter", "AdapterFile", "base_fingerprint", "load_base",
+    "merge_and_unload", "combine_adapters", "save_adapter", "load_adapter", "read_adapter", "AdapterFile", "base_fingerprint", "load_base",
     "quantize", "dequantize", "save_quantized", "NF4Linear", "nf4_roundtrip_error", "LossyMergeWarning", "use_fast_kernels", "disable_fast_kernels",
 ]

@@ -240,3 +240,80 @@ def test_gradient_buckets_and_fsdp_refusals(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     with pytest.raises(LorakitError, match="--fsdp cannot shard the NF4 base .*uint8 buffers"):
         distributed.apply_fsdp(model, torch.device("cpu"))
+
+
+LOAD_SCRIPT = '''
+import json, os, sys, time, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+import torch.distributed as dist
+from lorakit.errors import LorakitError
+from lorakit.train import runner
+from lorakit.train.config import TrainConfig
+from lorakit.train.distributed import fsdp_units, full
+from lorakit.train.loop import prepare_model
+dist.init_process_group("gloo")
+rank, spans = dist.get_rank(), []
+real_load = runner.load_model
+def timed_load(config, device):
+    start = time.monotonic()
+    loaded = real_load(config, device)
+    time.sleep(0.2)  # a load long enough that two at once would overlap for sure
+    spans.append((start, time.monotonic()))
+    return loaded
+runner.load_model = timed_load
+config = TrainConfig(model={folder!r}, rank=4, fsdp=True, seed=3, dtype="bfloat16")  # the file is float32: a copy
+model, tokenizer = runner.load_sharded(config, torch.device("cpu"))
+q = model.model.layers[0].self_attn.q_proj
+sharded = {{"base": full(q.base_layer.weight), "A": full(q.adapters["default"].lora_A)}}
+whole, _ = real_load(config, torch.device("cpu"))
+torch.manual_seed(config.seed)
+prepare_model(whole, config)
+q1 = whole.model.layers[0].self_attn.q_proj
+try:
+    runner.load_sharded(config.replace(targets=["q_prj"]), torch.device("cpu"))
+    error = None
+except LorakitError as e:
+    error = str(e)
+json.dump({{"spans": spans, "units": fsdp_units(model), "local_rows": q.base_layer.weight.to_local().shape[0],
+           "base_equal": torch.equal(sharded["base"], q1.base_layer.weight),
+           "A_equal": torch.equal(sharded["A"], q1.adapters["default"].lora_A), "error": error}},
+          open(os.path.join({out!r}, f"rank{{rank}}.json"), "w"))
+dist.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
+'''
+
+
+def test_fsdp_processes_load_the_base_one_at_a_time(tmp_path, tiny_folder):
+    """--fsdp with a load that copies the weights (a float32 file loaded as bfloat16): each process loads the whole
+    base, injects the adapter and keeps its shard in turn, so the host holds one whole copy at a time (the loads'
+    time spans do not overlap); the shards are the loaded weights and the adapter is the one a single process
+    injects with the same seed; a mistake on process 0 stops both processes with the same one-line error instead
+    of leaving process 1 waiting. (A load in the file's own dtype maps the file and runs at once: the other
+    torchrun tests in this file take that path.)"""
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT.format(tests=str(TESTS), folder=str(tiny_folder), out=str(tmp_path)))
+    done = subprocess.run([*TORCHRUN, str(script)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    (start0, end0), (start1, end1) = ranks[0]["spans"][0], ranks[1]["spans"][0]
+    assert end0 <= start1, "process 1 loaded while process 0 still held its whole copy"
+    for got in ranks:
+        assert got["units"] == 4 and got["base_equal"] and got["A_equal"]
+        assert got["error"] is not None and "--targets 'q_prj' matches no module" in got["error"]
+    assert ranks[0]["local_rows"] + ranks[1]["local_rows"] == 32  # q_proj's 32 rows, split over the two processes
+
+
+def test_fsdp_loads_in_the_training_devices_dtype(tiny_folder):
+    """--fsdp loads on the CPU before sharding: the weights still get the training device's dtype (bfloat16 for
+    CUDA, not the CPU's float32), and the file's dtype decides whether the processes must load in turn."""
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.runner import load_dtype, stored_dtype
+
+    config = TrainConfig(model=str(tiny_folder))
+    assert load_dtype(config, torch.device("cuda", 1)) == torch.bfloat16
+    assert load_dtype(config, torch.device("cpu")) == torch.float32
+    assert load_dtype(config.replace(dtype="fp16"), torch.device("cuda")) == torch.float16
+    assert stored_dtype(str(tiny_folder)) == torch.float32
+    assert stored_dtype(str(tiny_folder / "missing")) is None

@@ -120,29 +120,50 @@ def decoder_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
                        "train without --fsdp")
 
 
-def apply_fsdp(model: nn.Module, device: torch.device) -> int:
+def fsdp_mesh(device: torch.device):
+    """The 1-D device mesh over every process that :func:`apply_fsdp` shards over (all processes must call this)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise LorakitError("--fsdp needs several processes: launch with torchrun --nproc_per_node N -m lorakit train ...")
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def fsdp_units(model: nn.Module) -> int:
+    """How many FSDP2 units ``model`` holds (0: not sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return sum(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def apply_fsdp(model: nn.Module, device: torch.device, mesh=None) -> int:
     """Shard ``model`` in place with FSDP2: each decoder layer, then the decoder (embeddings, final norm) as the root
-    unit, then an untied output head on its own. Returns the number of FSDP units.
+    unit, then an untied output head on its own. Returns the number of FSDP units; a model already sharded (the
+    runner shards while loading, :func:`lorakit.train.runner.load_sharded`) is left as it is.
 
     The decoder, not the whole LM, is the root because the loss (``lorakit.train.evaluate.loss_sum``) calls the
     decoder and the head separately; a tied head shares the embedding weight and stays whole on every process.
-    Refused (one line) for NF4 bases: their weights are uint8 buffers, which FSDP2 does not shard.
+    Refused (one line) for NF4 bases: their weights are uint8 buffers, which FSDP2 does not shard. ``mesh``: from
+    :func:`fsdp_mesh` (made here when None; making one is collective, so a caller sharding on one process at a time
+    makes it first).
     """
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     from lorakit import quant
 
-    if not (dist.is_available() and dist.is_initialized()):
-        raise LorakitError("--fsdp needs several processes: launch with torchrun --nproc_per_node N -m lorakit train ...")
+    if fsdp_units(model):
+        return fsdp_units(model)
+    if mesh is None and not (dist.is_available() and dist.is_initialized()):
+        fsdp_mesh(device)  # says how to launch
     for name, module in model.named_modules():
         if quant.is_quantized(module):
             raise LorakitError(f"--fsdp cannot shard the NF4 base ({name} keeps its 4-bit weights in uint8 buffers, "
                                "which FSDP2 does not shard): drop --fsdp (data parallel holds the 4-bit base on each "
                                "device) or drop --quantize")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    if mesh is None:
+        mesh = fsdp_mesh(device)
     decoder, layers = decoder_layers(model)
     units = []
     for layer in layers:

@@ -191,6 +191,102 @@ def load_model(config: TrainConfig, device: torch.device):
         raise
 
 
+_SHARDED_LOADS = 0
+
+
+def load_sharded(config: TrainConfig, device: torch.device):
+    """--fsdp: the base and tokenizer, the config's adapter injected, sharded over the processes (FSDP2).
+
+    Each process loads the whole base into CPU memory, injects the adapter (from the same seed everywhere, as
+    ``train`` would) and keeps only its shard, moved to ``device``. The weights load in the dtype the training
+    device would get (bfloat16 for CUDA unless --dtype says otherwise), not the CPU's float32.
+
+    When the checkpoint is stored in that dtype, transformers maps the safetensors files instead of copying them:
+    the processes share those pages and load at once. Otherwise each load is a private whole copy (8 processes x a
+    70B base converted to bf16: 1.1 TB of host memory), so the processes load in turn and the host holds one copy
+    at a time (bench/fsdp_host_memory.py). The turns pass through the rendezvous store, not a collective, which a
+    process may wait on longer than NCCL's watchdog allows. A mistake found while loading (a --targets typo, an NF4
+    base) is passed on, so every process stops with the same one-line error and rank 0 prints it.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    from lorakit.train.distributed import apply_fsdp, fsdp_mesh
+    from lorakit.train.loop import prepare_model
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    dtype = load_dtype(config, device)
+    config = config.replace(dtype=str(dtype).removeprefix("torch."))
+    mesh = fsdp_mesh(device)  # collective: made by every process before any turn
+
+    def load():
+        model, tokenizer = load_model(config, torch.device("cpu"))
+        check_module_names(model, config)
+        torch.manual_seed(config.seed)
+        prepare_model(model, config)
+        apply_fsdp(model, device, mesh)
+        gc.collect()  # whole weights copied at load are garbage now: free them before the next process loads
+        return model, tokenizer
+
+    if stored_dtype(config.model) == dtype:
+        return load()
+    store = dist.distributed_c10d._get_default_store()
+    global _SHARDED_LOADS
+    _SHARDED_LOADS += 1  # every process counts its calls alike: each call has its own keys in the store
+    turn_key = f"lorakit/fsdp-load/{_SHARDED_LOADS}/{{}}".format
+    patience = datetime.timedelta(hours=4)  # a 400B base loads for minutes per process; the store default is 5 min
+
+    def outcome(turn: int) -> str:
+        store.wait([turn_key(turn)], patience)
+        return store.get(turn_key(turn)).decode()
+
+    failure = outcome(rank - 1) if rank > 0 else "ok"
+    loaded = None
+    if failure == "ok":
+        try:
+            loaded = load()
+        except LorakitError as error:
+            failure = str(error)
+        except BaseException as error:
+            store.set(turn_key(rank), f"process {rank} failed while loading the model ({type(error).__name__}); "
+                                      "its traceback is above")
+            raise
+    store.set(turn_key(rank), failure)
+    last = outcome(world_size - 1)
+    if last != "ok":
+        raise LorakitError(last)
+    return loaded
+
+
+def load_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """The base weights' dtype on ``device``: --dtype, else what ``load_base`` picks for that device (bfloat16 on
+    CUDA, float32 elsewhere). --fsdp loads on the CPU first: without this, a GPU run would shard float32 weights."""
+    from lorakit.models.loading import parse_dtype
+
+    return parse_dtype(config.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def stored_dtype(model: str) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor in a model folder's safetensors files (None: not known)."""
+    from safetensors import safe_open
+
+    from lorakit.models.loading import resolve_model_folder
+
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    try:
+        folder, _ = resolve_model_folder(model)
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    found = names.get(handle.get_slice(key).get_dtype())
+                    if found is not None:
+                        return found
+    except (LorakitError, OSError, ValueError):
+        return None  # load_model says what is wrong with the folder
+    return None
+
+
 def read_data(config: TrainConfig) -> tuple[list, list | None]:
     """(training records, validation records or None), read and validated: done before the model loads, so a bad
     line in the data is reported in seconds rather than after minutes of loading a large model."""
@@ -308,11 +404,13 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     say(f"lorakit train: {'full fine-tuning' if config.full else config.variant} of {config.model} on {device.type}; "
         f"run folder {run_dir}")
     _quiet_transformers()
-    # --fsdp: the whole base waits in CPU memory; sharding moves each process's shard to its device
     sharded = config.fsdp and world_size > 1
     records = read_data(config)  # a malformed line is found before the model loads
-    model, tokenizer = load_model(config, torch.device("cpu") if sharded else device)
-    check_module_names(model, config)
+    if sharded:
+        model, tokenizer = load_sharded(config, device)
+    else:
+        model, tokenizer = load_model(config, device)
+        check_module_names(model, config)
     given = {**(config_file_values or {}), **(cli_values or {})}
     config = fit_max_length(config, model, explicit="max_length" in given or resume_from is not None)
     bundle = load_data(config, tokenizer, records)
