@@ -130,7 +130,7 @@ def test_trimmed_chats_are_counted_in_the_summary(tok):
     assert [m["role"] for m in record["messages"]] == ["user", "assistant"] and record.fields["trimmed_turns"] == 1
     ds = build_dataset([chat, {"prompt": "a ", "completion": "b"}], tok, 64)
     assert ds.summary.trimmed_chats == 1 and ds.summary.examples == 2
-    assert "1 chats end with turns after their last assistant reply, which were trimmed" in ds.summary.drop_note()
+    assert "note: 1 chat ends with turns after the last assistant reply, which were trimmed" in ds.summary.drop_note()
     with pytest.raises(LorakitError, match=r"x:1: the chat does not end with an assistant turn \(it has none, only "
                                            r"system, user\)") as info:
         validate_record({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}, "x:1")
@@ -391,7 +391,7 @@ def test_cli_reads_a_split_folder_for_data_and_val_data(tmp_path, tiny_folder, c
     out = capsys.readouterr().out
     assert code == 0, out
     assert re.search(r"training data: 16 examples \(6 messages, 10 prompt_completion\), 0 dropped", out), out
-    assert "note: 2 chats end with turns after their last assistant reply, which were trimmed" in out
+    assert "note: 2 chats end with turns after the last assistant reply, which were trimmed" in out
     assert re.search(r"validation data: 3 examples", out), out
 
 

@@ -432,8 +432,9 @@ class DataSummary:
     def drop_note(self) -> str | None:
         """One line on dropped examples (why, the first one, what to do about it) and on chats trimmed after
         their last answer; None when neither happened."""
-        trimmed = (f"{self.trimmed_chats} chats end with turns after their last assistant reply, which were trimmed "
-                   "(nothing follows them to learn)") if self.trimmed_chats else None
+        n = self.trimmed_chats
+        trimmed = (f"{n} chat{'s end' if n > 1 else ' ends'} with turns after the last assistant reply, which were "
+                   "trimmed (nothing follows them to learn)") if n else None
         if not self.dropped:
             return f"note: {trimmed}" if trimmed else None
         parts = []
