@@ -220,6 +220,9 @@ def test_file_layouts_other_tools_write(tmp_path):
                  "t.tsv", "excel.csv", "pandas.csv"):
         assert fields(tmp_path / name) == expected, name
     assert read_records(tmp_path / "wrapped.json")[1].where == "wrapped.json[data][1]"
+    (tmp_path / "splits.json").write_text(json.dumps({"train": pc[:1], "test": pc[1:]}))  # one file, split by key
+    assert fields(tmp_path / "splits.json") == expected[:1]
+    assert fields(tmp_path / "splits.json", split=VALIDATION_SPLITS) == expected[1:]
     assert [r.where for r in read_records(tmp_path / "pretty.jsonl")] == ["pretty.jsonl:1", "pretty.jsonl:5"]
 
     import datasets

@@ -31,7 +31,8 @@ What a user's file may differ in and is still read the same: field names in anot
 ``developer`` (OpenAI's system turn), Responses API parts (``input_text`` / ``output_text``), a tool turn whose
 content is a JSON object (written as JSON text), trailing user or tool turns after the last assistant turn
 (trimmed: nothing follows them to learn, and a causal model's loss on the earlier turns does not depend on them;
-the summary counts the chats trimmed), a ``.json`` file that wraps its records in one object (``{"data": [...]}``),
+the summary counts the chats trimmed), a ``.json`` file that wraps its records in one object (``{"data": [...]}``;
+``{"train": [...], "test": [...]}`` gives the split asked for),
 pretty-printed JSON objects one after another in a ``.jsonl`` file (``jq .`` output), a chat given as its bare
 list of turns (a JSONL line ``[{"role": ...}, ...]``), a ``;``-separated CSV, and a folder of ``train*`` /
 ``validation*`` / ``test*`` files (the split asked for is read, see :func:`_split_files`).
@@ -577,7 +578,7 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
                     "; give the data files themselves"
                 raise LorakitError(f"{path} is a folder with no data files ({', '.join(DATA_SUFFIXES)}) and not a "
                                    f"folder saved with datasets' save_to_disk{inside}")
-            records = [r for f in _split_files(path, files, split) for r in read_records(f)]
+            records = [r for f in _split_files(path, files, split) for r in read_records(f, split)]
     else:
         suffix = _data_suffix(path)
         if suffix is None:
@@ -588,7 +589,7 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
             records = _read_parquet(path)
         else:
             raw = _read_bytes(path)
-            records = (_read_jsonl(path, raw, suffix) if suffix in JSONL_SUFFIXES
+            records = (_read_jsonl(path, raw, suffix, split) if suffix in JSONL_SUFFIXES
                        else _read_csv(path, raw, delimiter="\t" if suffix == ".tsv" else ","))
     if not records:
         raise LorakitError(f"{path}: no records in it; a data file needs at least one {_EXPECTED} record")
@@ -704,7 +705,7 @@ def read_many(paths: str | Path | Iterable[str | Path], split: str | Sequence[st
     return records
 
 
-def _read_jsonl(path: Path, raw: bytes, suffix: str) -> list[Record]:
+def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] | None = None) -> list[Record]:
     """One JSON object per line; also a JSON array, one (pretty-printed) object, pretty-printed objects one after
     another, or one object wrapping the records (``{"data": [...]}``), whatever the suffix says."""
     if raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":  # a JSON array (also one saved as .jsonl): read it as one
@@ -732,7 +733,7 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str) -> list[Record]:
             objects = [(f"{path.name}:{line_no}", value) for line_no, value in values]
             break
     if len(objects) == 1 and isinstance(objects[0][1], dict):
-        wrapped = _wrapped_records(objects[0][1])
+        wrapped = _wrapped_records(objects[0][1], path, split)
         if wrapped is not None:  # {"data": [...]}, {"version": ..., "examples": [...]}
             key, items = wrapped
             return [validate_record(obj, f"{path.name}[{key}][{i}]") for i, obj in enumerate(items)]
@@ -763,13 +764,23 @@ def _concatenated_json(raw: bytes) -> list[tuple[int, Any]] | None:
     return out or None
 
 
-def _wrapped_records(obj: Mapping) -> tuple[str, list] | None:
+def _wrapped_records(obj: Mapping, path: Path, split: str | Sequence[str] | None = None) -> tuple[str, list] | None:
     """(key, records) for a JSON document that wraps its records in one object (``{"data": [...]}``, also with
-    other keys beside it such as "version"), else None: an object with a record field, none or several lists of
-    objects, or a list of messages (a chat under a misnamed key, which the record check reports)."""
+    other keys beside it such as "version"; ``{"train": [...], "test": [...]}`` gives the split asked for), else
+    None: an object with a record field, no list of objects, or a list of messages (a chat under a misnamed key,
+    which the record check reports)."""
     if any(isinstance(k, str) and k.strip().lower() in KNOWN_FIELDS - IGNORED_FIELDS for k in obj):
         return None
     lists = [(k, v) for k, v in obj.items() if isinstance(v, list) and all(isinstance(x, Mapping) for x in v)]
+    if len(lists) > 1 and all(isinstance(k, str) and SPLIT_WORDS.get(k.lower()) for k, _ in lists):
+        wanted = [split] if isinstance(split, str) else list(split or ["train"])
+        wanted = [SPLIT_WORDS.get(w, w) for w in wanted]
+        by_split = {SPLIT_WORDS[k.lower()]: (k, v) for k, v in reversed(lists)}
+        chosen = next((by_split[w] for w in wanted if w in by_split), None)
+        if chosen is None:
+            raise LorakitError(f"{path.name}: holds the splits {', '.join(k for k, _ in lists)}, none of them "
+                               f"{'/'.join(dict.fromkeys(wanted))}; give a file with that split")
+        lists = [chosen]
     if len(lists) != 1:
         return None
     key, items = lists[0]
