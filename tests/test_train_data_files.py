@@ -163,6 +163,30 @@ def test_openai_legacy_function_calling_reads_as_tools(tok):
         validate_record(both, "x:1")
 
 
+THINK_TEMPLATE = (  # Qwen3's handling of reasoning_content, reduced
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.reasoning_content %}<think>\n"
+    "{{ m.reasoning_content.strip() }}\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_reasoning_content_is_trained_where_the_template_writes_it(tok):
+    """Distilled-reasoning chats: the reasoning is part of the target with a template that writes it, and refused
+    (not silently dropped) with one that does not."""
+    record = {"messages": [{"role": "user", "content": "What is 2+2?"},
+                           {"role": "assistant", "reasoning_content": "Two and two make four.", "content": "4"}]}
+    think_tok = make_tokenizer()
+    think_tok.chat_template = THINK_TEMPLATE
+    example = tokenize_example(record, think_tok, 256)
+    assert _targets(example, think_tok) == "<think>\nTwo and two make four.\n</think>\n\n4<|im_end|>"
+    with pytest.raises(LorakitError) as info:
+        tokenize_example(validate_record(record, "r1.jsonl:7"), tok, 256)
+    assert _one_line(info).startswith("r1.jsonl:7: messages[1] has 'reasoning_content', but this model's chat template "
+                                      "does not write it; put the reasoning into the content")
+    with pytest.raises(LorakitError, match=r"messages\[0\] \(user\) has 'thinking'; give one, on an assistant turn"):
+        validate_record({"messages": [{"role": "user", "content": "q", "thinking": "x"},
+                                      {"role": "assistant", "content": "a"}]}, "x:1")
+
+
 @pytest.mark.parametrize("record", [
     {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
     {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],

@@ -46,7 +46,7 @@ import torch
 
 from lorakit.chat_template import template_end_of_turn
 from lorakit.errors import LorakitError
-from lorakit.train.formats import Record, read_many, validate_record
+from lorakit.train.formats import REASONING_KEYS, Record, read_many, validate_record
 
 IGNORE_INDEX = -100
 OVERFLOW_CHOICES = ("drop", "truncate", "error")
@@ -169,6 +169,11 @@ def render(record: Record | Mapping, tokenizer: Any) -> tuple[str, list[tuple[in
                 raise LorakitError(f"{where}: messages[{i}] calls tool {call['function']['name']!r}, but this model's "
                                    "chat template does not write tool calls; use a model whose template supports "
                                    "tools, or write the call into the content")
+        for key in REASONING_KEYS:  # the target would teach the answer without the reasoning that leads to it
+            if msg.get(key) and msg[key].strip()[:200] not in through[len(before):]:
+                raise LorakitError(f"{where}: messages[{i}] has {key!r}, but this model's chat template does not write "
+                                   "it; put the reasoning into the content (e.g. '<think>...</think>' before the "
+                                   "answer) or remove the key")
         if not full.startswith(before) or not full.startswith(through) or len(through) <= len(before):
             raise LorakitError(
                 f"{where}: the chat template does not render messages[:{i}] as a prefix of the whole chat, so the "

@@ -12,6 +12,8 @@ A record has exactly one of three shapes (the fields are strict: anything else i
   to leave that turn unsupervised. Keys whose value is null (``"tool_calls": null``) are ignored. OpenAI tool use
   (``tools`` beside ``messages``; ``tool_calls`` on assistant turns, ``tool_call_id`` / ``name`` on tool turns) is
   handed to the chat template, and a template that does not write the calls is reported (the call would be lost).
+  So is an assistant turn's ``reasoning_content`` (or ``thinking`` / ``reasoning``), as reasoning-distillation
+  datasets write it: trained where the template writes it (Qwen3), reported where it would be dropped.
 
 The formats of other tools are read as chats (see :func:`_convert_other_formats`):
 
@@ -66,6 +68,9 @@ ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = ("role", "content")
 # OpenAI tool use, handed to the chat template as they are (templates with tool support render them)
 TOOL_MESSAGE_KEYS = ("name", "tool_calls", "tool_call_id")
+# an assistant turn's reasoning, as distilled-reasoning datasets write it: handed to the chat template under the
+# key given (Qwen3's template reads reasoning_content, gpt-oss's thinking); a template that drops it is reported
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 # optional record-level keys of a chat: the tool schemas given to the template; OpenAI's API flag (ignored)
 CHAT_OPTIONAL_FIELDS = ("tools", "parallel_tool_calls")
 # bookkeeping columns of public dataset exports (UltraChat's prompt_id, OpenHermes' source, Dolly's category, ...):
@@ -106,7 +111,8 @@ ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"  # A
 KNOWN_FIELDS = frozenset({"text", "prompt", "completion", "messages", *CHAT_OPTIONAL_FIELDS, *LEGACY_CHAT_FIELDS,
                           *ALPACA_KEYS, *DOLLY_KEYS, *QA_KEYS, *SHAREGPT_KEYS, *PREFERENCE_KEYS, *GEMINI_KEYS,
                           *IGNORED_FIELDS})
-KNOWN_MESSAGE_KEYS = frozenset({*MESSAGE_KEYS, *TOOL_MESSAGE_KEYS, "weight", "function_call", "from", "value"})
+KNOWN_MESSAGE_KEYS = frozenset({*MESSAGE_KEYS, *TOOL_MESSAGE_KEYS, *REASONING_KEYS, "weight", "function_call", "from",
+                                "value"})
 
 
 @dataclass(frozen=True)
@@ -444,9 +450,10 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
             raise LorakitError(f"{at} must be an object with 'role' and 'content', got {type(msg).__name__}")
         msg = _normalize_keys(msg, KNOWN_MESSAGE_KEYS)
         for key in msg:  # null, [] and {} are noise: OpenAI's API writes "refusal": null, "annotations": []
-            if key not in (*MESSAGE_KEYS, *TOOL_MESSAGE_KEYS, "weight", "function_call") and msg[key] not in (None, [], {}):
+            if key not in KNOWN_MESSAGE_KEYS - {"from", "value"} and msg[key] not in (None, [], {}, ""):
                 raise LorakitError(f"{at} has unknown key {key!r}; a message has only 'role', 'content', 'weight' "
-                                   "(assistant turns) and OpenAI's tool keys 'tool_calls', 'tool_call_id', 'name'")
+                                   "(assistant turns), OpenAI's tool keys 'tool_calls', 'tool_call_id', 'name' and "
+                                   "the assistant's 'reasoning_content' (or 'thinking')")
         role, content = msg.get("role"), msg.get("content")
         if isinstance(role, str):
             role = role.strip().lower()  # "User", "Assistant"
@@ -466,6 +473,12 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
             if msg.get(key) is not None:
                 _check_string(msg[key], key, at, nonempty=True)
                 extra[key] = msg[key]
+        reasoning = [key for key in REASONING_KEYS if msg.get(key) not in (None, "")]
+        if len(reasoning) > 1 or (reasoning and role != "assistant"):
+            raise LorakitError(f"{at} ({role}) has {' and '.join(map(repr, reasoning))}; give one, on an assistant turn")
+        if reasoning:
+            _check_string(msg[reasoning[0]], reasoning[0], at, nonempty=False)
+            extra[reasoning[0]] = msg[reasoning[0]]
         if msg.get("tool_calls") is not None:
             if role != "assistant":
                 raise LorakitError(f"{at} ({role}) has tool_calls; only assistant turns call tools")
