@@ -184,6 +184,22 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     return targets
 
 
+def peft_resolves_differently(model: nn.Module, target_modules: list[str] | str) -> bool:
+    """Whether peft, given this string ``target_modules`` in adapter_config.json, would adapt other modules than
+    lorakit did: on fused MoE experts (peft 0.21 adds LoRA on them and the router) and, for "all-linear", where
+    lorakit skipped layers whose weight the forward reads directly (Mamba's x_proj/dt_proj/out_proj, which peft
+    even refuses). The adapter file then names the adapted modules instead."""
+    if not isinstance(target_modules, str):
+        return False
+    modules = _base_modules(model)
+    if expert_parameters(modules):
+        return True
+    if target_modules != "all-linear":
+        return False  # a regex naming a raw-read layer is refused by find_targets, so none was skipped
+    heads = output_head_names(model)
+    return any(p and p not in heads and quant.is_linear_like(m) and _weight_read_raw(modules, p) for p, m in modules.items())
+
+
 def expert_parameters(modules: dict[str, nn.Module]) -> dict[str, int]:
     """Path -> size of every parameter of 3 or more dimensions held directly by a module that is not a convolution:
     transformers 5 stores MoE experts fused this way (``mlp.experts.gate_up_proj``: (experts, 2 x ffn, hidden)),
@@ -223,8 +239,39 @@ def _weight_read_raw(modules: dict[str, nn.Module], path: str) -> bool:
     pattern = rf"self\.{name}\.weight\b(?!\s*\.\s*(?:dtype|device|shape|ndim|data\b|is_meta|requires_grad))"
     for match in re.finditer(pattern, source):
         line = source[source.rfind("\n", 0, match.start()) + 1: match.start()]
-        if not re.search(r"isinstance\(|init\.\w+\(|nn\.init|_init_", line):
+        if not re.search(r"isinstance\(|init\.\w+\(|nn\.init|_init_", line) and not _in_dead_branch(parent, source,
+                                                                                                    match.start()):
             return True
+    return False
+
+
+_RUNTIME_FLAGS = {"training", "gradient_checkpointing", "is_causal"}
+
+
+def _in_dead_branch(module: nn.Module, source: str, offset: int) -> bool:
+    """True when the code at ``offset`` sits under an ``if`` whose condition is ``and``-joined terms, one of which is
+    a bare ``self.<flag>`` that is falsy on this module: that branch never runs. Bloom reads ``self.dense.weight``
+    only under ``if self.pretraining_tp > 1 and self.slow_but_exact:`` (False in its released configs) and calls
+    ``self.dense(...)`` otherwise, so its adapters apply."""
+    lines = source[:offset].split("\n")
+    indent = len(lines[-1]) - len(lines[-1].lstrip())
+    for text in reversed(lines[:-1]):
+        stripped = text.lstrip()
+        depth = len(text) - len(stripped)
+        if not stripped or depth >= indent:
+            continue
+        indent = depth
+        branch = re.match(r"(?:if|elif)\s+(.+):\s*(?:#.*)?$", stripped)
+        if branch and " or " not in branch.group(1):
+            for term in branch.group(1).split(" and "):
+                flag = re.fullmatch(r"\(?\s*self\.(\w+)\s*\)?", term.strip())
+                # a setting the module keeps from its config; not a mode that changes at run time (Mamba reads
+                # x_proj/out_proj.weight under `if self.training and cache is None:`, i.e. in every training step)
+                if flag and flag.group(1) not in _RUNTIME_FLAGS and not flag.group(1).startswith("_") and \
+                        flag.group(1) in vars(module) and vars(module)[flag.group(1)] in (False, None, 0):
+                    return True
+        if stripped.startswith(("def ", "class ")):
+            return False
     return False
 
 

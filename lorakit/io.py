@@ -26,8 +26,8 @@ from lorakit import quant
 from lorakit._fs import atomic_write_bytes, atomic_write_text
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
-from lorakit.inject import (_base_modules, _matches, adapter_hosts, adapter_names, expert_parameters, find_modules_to_save,
-                            find_targets, inject)
+from lorakit.inject import (_base_modules, _matches, adapter_hosts, adapter_names, find_modules_to_save, find_targets,
+                            inject, peft_resolves_differently)
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
@@ -129,10 +129,11 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
     from lorakit import __version__
 
     tensors, config = adapter_state_dict(model, adapter)
-    if isinstance(config.target_modules, str) and expert_parameters(_base_modules(model)):
+    if peft_resolves_differently(model, config.target_modules):
         # peft 0.21 re-reads a string target ("all-linear", a regex) on transformers-5 MoE models (Mixtral, Qwen3-MoE)
-        # as also covering the fused experts and the router: it would add LoRA there, warn of missing keys, and train
-        # more than lorakit did. The adapted modules by path load as exactly this adapter in both libraries.
+        # as also covering the fused experts and the router, and "all-linear" on Mamba as covering the layers lorakit
+        # skips (then refuses out_proj): it would add LoRA there (missing-key warnings, more to train) or fail. The
+        # adapted modules by path load as exactly this adapter in both libraries.
         config = config.replace(target_modules=sorted(
             path for path, host in adapter_hosts(model).items() if isinstance(host, LoraLayer) and adapter in host.adapters))
     has_conv1d = any(quant.from_conv1d(h.base_layer) for h in adapter_hosts(model).values() if isinstance(h, LoraLayer))

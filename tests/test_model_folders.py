@@ -20,6 +20,7 @@ import lorakit
 from conftest import assert_close
 from lorakit.cli import main
 from lorakit.errors import LorakitError
+from lorakit.inject import lora_layers
 from test_train_helpers import task_records, tiny_tokenizer, write_jsonl
 
 VOCAB = 128
@@ -68,6 +69,13 @@ def build(kind: str):
                                                                       shared_expert_intermediate_size=32, **gqa)),
         "qwen3_moe": lambda: tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(head_dim=8, num_experts=4, num_experts_per_tok=2,
                                                                       moe_intermediate_size=24, **gqa)),
+        # reads dense.weight itself only when slow_but_exact (False here): its adapters apply
+        "bloom": lambda: tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, **ids)),
+        "gpt_bigcode": lambda: tf.GPTBigCodeForCausalLM(tf.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=32, n_layer=2,
+                                                                            n_head=4, n_positions=128, **ids)),
+        # its training forward reads x_proj/dt_proj/out_proj.weight directly: only in_proj is adapted
+        "mamba": lambda: tf.MambaForCausalLM(tf.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                            state_size=4, **ids)),
         "bert": lambda: tf.BertForMaskedLM(tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                                          num_attention_heads=4, intermediate_size=48)),
         "t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=VOCAB, d_model=32, d_ff=48, d_kv=8,
@@ -77,7 +85,8 @@ def build(kind: str):
 
 
 CAUSAL = ["qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "phi", "gpt_neox", "gpt2", "falcon",
-          "opt", "stablelm", "olmo", "olmo2", "granite", "cohere", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe"]
+          "opt", "stablelm", "olmo", "olmo2", "granite", "cohere", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe",
+          "bloom", "gpt_bigcode", "mamba"]
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
 
 
@@ -320,3 +329,24 @@ def test_merged_trained_copy_of_a_tied_head_unties_the_config(kind, saved, share
     lorakit.load_adapter(model, tmp_path / "run" / "adapter")
     with torch.no_grad():
         assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits, model(ids).logits)
+
+
+def test_raw_weight_reads_only_count_in_branches_that_can_run():
+    """A layer whose weight the forward reads itself is skipped by all-linear (an adapter there would not apply) --
+    but not when that read sits under `if ... and self.<flag>:` with the flag off in this model's config (Bloom's
+    slow_but_exact). A run-time mode is no such flag: Mamba reads x_proj/out_proj.weight under
+    `if self.training and cache is None`, i.e. in every training step. The adapter file then names its modules, so
+    peft (which refuses Mamba's out_proj under "all-linear") builds the same adapter."""
+    import transformers as tf
+
+    def adapted(model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lorakit.inject(model, lorakit.LoraConfig(r=2))
+        return sorted({path.rsplit(".", 1)[-1] for path in lora_layers(model)})
+
+    assert adapted(build("bloom")) == ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
+    exact = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, pretraining_tp=2,
+                                               slow_but_exact=True))
+    assert adapted(exact) == ["dense_h_to_4h", "query_key_value"]
+    assert adapted(build("mamba")) == ["in_proj"]
