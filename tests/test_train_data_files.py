@@ -282,6 +282,20 @@ def test_file_layouts_other_tools_write(tmp_path):
     assert fields(tmp_path / "nested", split=VALIDATION_SPLITS) == expected[1:]
 
 
+def test_a_chat_column_pandas_wrote_as_python_repr(tmp_path):
+    """df.to_csv() writes a column of lists as Python repr (single quotes), not JSON: read as the chat it is."""
+    import csv
+
+    chat = [{"role": "user", "content": "it's 2+2?"}, {"role": "assistant", "content": "4"}]
+    with open(tmp_path / "chats.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["messages"], [repr(chat)]])
+    assert read_records(tmp_path / "chats.csv")[0]["messages"] == chat
+    with open(tmp_path / "bad.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["messages"], ["[{'role': 'user', 'content': open('x')}]"]])  # not a literal
+    with pytest.raises(LorakitError, match=r"bad\.csv:2: field 'messages' is a string that is not JSON"):
+        read_records(tmp_path / "bad.csv")
+
+
 def test_a_chat_given_as_its_bare_list_of_turns(tmp_path):
     chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     (tmp_path / "lines.jsonl").write_text(json.dumps(chat) + "\n" + json.dumps(chat) + "\n")

@@ -280,12 +280,20 @@ def _rename_hint(obj: Mapping) -> str:
 
 
 def _json_field(value: Any, what: str) -> Any:
-    """A field a CSV cell or a datasets column may hold as a JSON string."""
+    """A field a CSV cell or a datasets column may hold as a JSON string, or as the Python repr pandas' to_csv
+    writes for a column of lists (``[{'role': 'user', ...}]``), read with ``ast.literal_eval`` (literals only)."""
     if not isinstance(value, str):
         return value
     try:
         return json.loads(value)
     except json.JSONDecodeError as exc:
+        if value.lstrip()[:1] in ("[", "{"):
+            import ast
+
+            try:
+                return ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                pass
         raise LorakitError(f"{what} is a string that is not JSON ({exc.msg}); give a list") from None
 
 
@@ -435,11 +443,8 @@ def _check_unicode(value: str, what: str) -> None:
 def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]], tuple[int, ...], int]:
     """The chat as ``[{role, content, (tool keys)}]`` with content a string, through its last assistant turn; the
     indices of assistant turns with weight 0; how many turns after the last assistant turn were trimmed."""
-    if isinstance(messages, str):  # CSV cells and some datasets columns hold the chat as a JSON string
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError as exc:
-            raise LorakitError(f"{where}: field 'messages' is a string that is not JSON ({exc.msg}); give a list") from None
+    # CSV cells and some datasets columns hold the chat as a JSON string (or pandas' Python repr of the list)
+    messages = _json_field(messages, f"{where}: field 'messages'")
     if not isinstance(messages, list) or not messages:
         raise LorakitError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
     out: list[dict[str, str]] = []
