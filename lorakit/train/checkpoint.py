@@ -327,10 +327,23 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
             for key, value in values.items():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 0:
                     values[key] = to_local_layout(value, param)
-    for saved, current in zip(groups, optimizer.param_groups):
-        if "betas" in saved:
-            saved["betas"] = tuple(saved["betas"])
+    # the saved groups carry the earlier run's learning rate, LoRA+ ratio, weight decay, betas and eps; loading
+    # them as they are would silently undo a flag changed on resume (--lr lowered after a divergence): the
+    # moments and step counts come from the checkpoint, the hyperparameters from this run (changes are returned)
+    changes = []
+    for index, (saved, current) in enumerate(zip(groups, optimizer.param_groups)):
+        for key, value in current.items():
+            if key == "params":
+                continue
+            before = tuple(saved[key]) if isinstance(saved.get(key), list) else saved.get(key)
+            if key in saved and before != value and key != "lr":  # lr is the schedule's, re-set every step
+                shown = "lr" if key == "initial_lr" else key
+                label = f"{shown} of group {saved.get('name', index)}" if len(groups) > 1 else shown
+                changes.append(f"{label}: {before:g} then, {value:g} now" if isinstance(value, float) and
+                               isinstance(before, (int, float)) else f"{label}: {before} then, {value} now")
+            saved[key] = value
     optimizer.load_state_dict(opt_state)
+    state["optimizer_changes"] = changes
     if rank == 0:
         set_rng_state(rng_tensors, state.get("rng", {}))
     else:

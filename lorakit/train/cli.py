@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # options that only shape a LoRA adapter: with --full (every weight trained) they would be ignored without a word
 LORA_ONLY = ("rank", "alpha", "dropout", "targets", "exclude", "variant", "init", "rank_pattern", "alpha_pattern",
-             "loraplus_ratio")
+             "loraplus_ratio", "modules_to_save")
 
 
 def check_conflicts(config: TrainConfig, file_values: dict[str, Any], cli_values: dict[str, Any]) -> None:
@@ -91,6 +91,12 @@ def check_conflicts(config: TrainConfig, file_values: dict[str, Any], cli_values
             flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
             raise LorakitError(f"--full trains every weight, so {flags} would be ignored (adapter options); drop "
                                f"{'it' if len(ignored) == 1 else 'them'} or drop --full")
+    if config.data and not config.val_data and config.val_fraction is None:  # --data alone: no validation set
+        needs = [k for k in ("eval_every", "early_stopping_patience") if k in given and getattr(config, k)]
+        if needs:
+            flags = " and ".join("--" + k.replace("_", "-") for k in needs)
+            raise LorakitError(f"{flags} need{'s' * (len(needs) == 1)} a validation set, and --data alone has none; "
+                               "add --val-data FILE or --val-fraction 0.1")
 
 
 def check_file_paths(config_file: str, file_values: dict[str, Any]) -> None:

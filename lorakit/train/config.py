@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,26 @@ class TrainConfig:
             raise LorakitError(f"--quantize {self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
         if self.full and self.quantize:
             raise LorakitError("--full trains every weight, which a quantized (--quantize nf4) base cannot; drop one")
+        if self.full and str(self.dtype).lower() in ("float16", "fp16", "half", "torch.float16"):
+            # AdamW on float16 weights: eps 1e-8 and the squared gradients underflow to 0, so the first step writes
+            # NaN into every weight (seen on a tiny Llama: all 21 weights NaN after one step)
+            raise LorakitError("--full with --dtype float16 keeps the trained weights and AdamW's state in float16, "
+                               "which turns them to NaN; use --dtype bfloat16 or float32 (the default for --full)")
+        if self.quantize and self.init == "pissa" and not self.full:
+            raise LorakitError(f"--init pissa rewrites the base weights from their SVD, which a quantized (--quantize "
+                               f"{self.quantize}) base cannot hold; drop --quantize or use --init default or gaussian")
+        for option in ("rank_pattern", "alpha_pattern"):  # keys are regular expressions (PEFT's): checked here, not
+            for key in getattr(self, option) or {}:        # as a traceback from re after the model has loaded
+                try:
+                    re.compile(str(key))
+                except re.error as error:
+                    raise LorakitError(f"{option} key {key!r} is not a valid regular expression ({error}); write a "
+                                       "module name such as 'q_proj' or escape the special characters") from None
+        if not self.full and self.targets and self.modules_to_save:
+            both = [name for name in self.targets if name in self.modules_to_save]
+            if both:
+                raise LorakitError(f"{', '.join(both)} is in both --targets and --modules-to-save: a module is either "
+                                   "adapted (LoRA) or trained whole and saved; drop it from one of them")
         if self.loraplus_ratio is not None and not (_number(self.loraplus_ratio) and self.loraplus_ratio > 0):
             raise LorakitError(f"--loraplus-ratio must be a positive number (e.g. 16), got {self.loraplus_ratio!r}")
         if not self.full:

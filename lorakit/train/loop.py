@@ -167,7 +167,7 @@ _IDENTITY_HINTS = {
     "pack": "another --pack setting",
     "seed": "another --seed",
     "full": "--full switched",
-    "adapter": "other adapter settings (rank, alpha, targets, variant, dropout)",
+    "adapter": "other adapter settings",
 }
 
 
@@ -180,9 +180,21 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], checkpoint: P
             continue  # a checkpoint from before this key existed (the adapter fingerprint still covers it)
         if saved.get(key) != value:
             shown = (f"{saved.get(key)!r} then, {value!r} now" if key not in ("adapter", "data", "model")
+                     else _adapter_difference(saved.get(key), value) if key == "adapter"
                      else f"fingerprint {str(saved.get(key))[:16]} then, {str(value)[:16]} now")
             raise LorakitError(f"cannot resume from {checkpoint}: {_IDENTITY_HINTS.get(key, key)} ({key}: {shown}); "
                                "resume with the run's original settings, or start a new run with another --out")
+
+
+def _adapter_difference(saved: Any, current: str) -> str:
+    """The adapter settings (PEFT config keys) that differ between a checkpoint and this run, e.g.
+    ``use_dora: False then, True now``; the raw fingerprint when the saved one cannot be read."""
+    try:
+        before, now = json.loads(saved), json.loads(current)
+    except (TypeError, ValueError):
+        return f"fingerprint {str(saved)[:16]} then, {str(current)[:16]} now"
+    keys = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    return ", ".join(f"{k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in keys) or "settings differ"
 
 
 def trainable_adapter(model: nn.Module) -> str | None:
@@ -217,11 +229,39 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> str | None:
             parameter.requires_grad_(True)
         return None
     if not adapter_names(model):
+        _check_patterns(model, config)
         inject(model, config.lora_config())
     name = trainable_adapter(model)
     if name is None:
         raise LorakitError("the model's adapters are frozen; inject one with trainable=True or let train() inject it")
     return name
+
+
+def _check_patterns(model: nn.Module, config: TrainConfig) -> None:
+    """Every rank_pattern / alpha_pattern key must be a regular expression that matches a module this config
+    adapts (as PEFT matches them: the end of the module's path); a typo would silently keep the default rank."""
+    import re
+
+    import warnings
+
+    from lorakit.inject import find_targets
+
+    patterns = [("rank_pattern", key) for key in config.rank_pattern] + [("alpha_pattern", key) for key in config.alpha_pattern]
+    if not patterns:
+        return
+    with warnings.catch_warnings():  # inject() right after gives the same warnings once
+        warnings.simplefilter("ignore")
+        paths = list(find_targets(model, config.lora_config()))
+    for option, key in patterns:
+        try:
+            matcher = re.compile(rf"(.*\.)?({key})$")
+        except re.error as error:
+            raise LorakitError(f"{option} key {key!r} is not a valid regular expression ({error}); write a module name "
+                               "such as 'q_proj' or a pattern such as 'layers\\.0\\.self_attn\\.q_proj'") from None
+        if not any(matcher.match(path) for path in paths):
+            names = sorted({path.rsplit(".", 1)[-1] for path in paths})
+            raise LorakitError(f"{option} key {key!r} matches none of the adapted modules (named {', '.join(names)}); "
+                               "fix the key in the config file or adapt that module with --targets")
 
 
 def _enable_fast_kernels(model: nn.Module, device: torch.device, log: Callable[[str], None],
@@ -423,6 +463,9 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                 "(raise --max-steps or --epochs to train further)")
         else:
             log(f"resuming from {checkpoint} at step {step} of {total_steps}")
+        if state.get("optimizer_changes"):
+            log(f"optimizer settings changed since the checkpoint, applied from step {step + 1}: "
+                + "; ".join(state["optimizer_changes"]))
     metrics = MetricsLog(out, config.tensorboard, resume_step=step if resume is not None else None) if (out and main) else None
 
     def checkpoint_state() -> dict[str, Any]:
