@@ -276,7 +276,8 @@ def test_packed_training_on_gemma2_leaves_no_hook(shared, tmp_path):
     seen = {0: [], 1: []}  # layer 0 slides (window 8), layer 1 attends fully: what reaches each, 10 tokens back
     for index in seen:
         model.model.layers[index].register_forward_pre_hook(
-            lambda m, a, k, index=index: seen[index].append(float(k["attention_mask"][0, 0, 10, 0])), with_kwargs=True)
+            lambda m, a, k, index=index: seen[index].append(float(k["attention_mask"][0, 0, 10, 0])) if m.training
+            else None, with_kwargs=True)  # training steps only (the packing probe runs in eval mode)
     records = [{"prompt": "reverse a b c d e f g h a b c :", "completion": "c b a h g f e d c b a"}] * 4
     result = train(model, tokenizer, records, config=TrainConfig(max_steps=2, batch_size=2, rank=4, pack=True,
                                                                  max_length=64, progress=False, eval_examples=0,
@@ -350,3 +351,46 @@ def test_raw_weight_reads_only_count_in_branches_that_can_run():
                                                slow_but_exact=True))
     assert adapted(exact) == ["dense_h_to_4h", "query_key_value"]
     assert adapted(build("mamba")) == ["in_proj"]
+
+
+@pytest.mark.parametrize("kind, words", [("bloom", "--pack: bloom cannot run packed rows"),
+                                         ("mamba", "--pack: this mamba model has linear_attention layers")])
+def test_pack_refused_in_one_line_where_examples_cannot_stay_apart(kind, words, shared, tmp_path, capsys):
+    """ALiBi models (Bloom) crashed on the packed 4D mask with a raw ValueError at the first step; Mamba's layers
+    carry one example into the next whatever the mask (it crashed too). Both are refused before training."""
+    tokenizer, data = shared
+    folder = save_folder(kind, tmp_path / kind, tokenizer)
+    code, out, err = cli(capsys, "train", "--model", folder, "--data", data, "--max-steps", 1, "--out", tmp_path / "run",
+                         "--batch-size", 1, "--max-length", 32, "--pack", "--eval-examples", 0, "--samples", 0,
+                         "--no-progress")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert words in lines[-1] and "train without --pack" in lines[-1] and "Traceback" not in err
+
+
+def test_packed_row_probe_finds_state_carried_across_examples():
+    """A model whose every position reads all earlier ones (a running sum: what a recurrent layer does) ignores the
+    block mask; the probe sees the shared second example change with the first and refuses."""
+    from types import SimpleNamespace
+
+    from lorakit.train.data import Collator
+    from lorakit.train.packing import check_packed_rows
+
+    class RunningSum(torch.nn.Module):
+        def __init__(self, carry: bool):
+            super().__init__()
+            self.config, self.carry = SimpleNamespace(model_type="running-sum"), carry
+            self.embed = torch.nn.Embedding(VOCAB, 8)
+            self.head = torch.nn.Linear(8, VOCAB)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+            hidden = self.embed(input_ids)
+            hidden = hidden.cumsum(1) if self.carry else hidden
+            return SimpleNamespace(logits=self.head(hidden))
+
+    check_packed_rows(RunningSum(carry=False), Collator(3), torch.device("cpu"), None)  # position-wise: fine
+    with pytest.raises(LorakitError, match=r"--pack: in running-sum, one packed example changes the next one's"):
+        check_packed_rows(RunningSum(carry=True), Collator(3), torch.device("cpu"), None)

@@ -42,7 +42,7 @@ from lorakit.train.distributed import (  # world is re-exported: the runner impo
     sharded_grad_norm_and_clip, world)
 from lorakit.train.data import BatchIterator, Collator, SupervisedDataset, build_dataset, pad_id_for
 from lorakit.train.evaluate import autocast_context, dataset_loss, loss_sum, supervised_tokens, to_device
-from lorakit.train.packing import sliding_window_layout, window_packed_masks
+from lorakit.train.packing import check_packed_rows, sliding_window_layout, window_packed_masks
 from lorakit.train.report import CURVE_NAME, METRICS_NAME, MetricsLog, plot_loss_curve
 from lorakit._fs import temp_dir
 
@@ -492,6 +492,13 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     started, stopped, last_loss, last_checkpoint = time.perf_counter(), "completed", None, None
     # packed rows carry a 4D mask, which drops the model's sliding window unless it is put back (train/packing.py)
     windows = window_packed_masks(model) if config.pack else None
+    if config.pack and not getattr(model, "_lorakit_fast_kernels", None):  # lorakit's fused path is Llama-shaped
+        try:
+            check_packed_rows(model, collator, device, compute_dtype)
+        except BaseException:
+            if windows is not None:
+                windows.remove()
+            raise
     try:
         while step < total_steps:
             step_start = time.perf_counter()

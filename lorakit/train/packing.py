@@ -90,6 +90,42 @@ def window_packed_masks(model: nn.Module):
     return decoder.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def check_packed_rows(model: nn.Module, collator, device: torch.device, compute_dtype: torch.dtype | None) -> None:
+    """Refuse ``--pack`` in one line where packed examples would not stay apart, found by running the model.
+
+    Config flags do not tell every case: ALiBi models (Bloom, Falcon with alibi) fail on a 4D mask, state-space
+    layers (Mamba, Jamba) carry one example into the next whatever the mask. Two packed rows that differ only in
+    their first example are run in one forward (eval mode, no gradients; call it with the window hook installed):
+    the second example's logits must come out the same in both rows, up to a few units of rounding. A crash of
+    that forward is reported the same way."""
+    from lorakit.train.evaluate import autocast_context, to_device
+
+    vocab = model.get_input_embeddings().num_embeddings
+    first, other, second = ([(4 + i * 7 + k) % vocab for k in range(n)] for i, n in enumerate((5, 5, 6)))
+    rows = [{"input_ids": a + second, "labels": a + second, "position_ids": list(range(len(a))) + list(range(len(second))),
+             "seq_lens": [len(a), len(second)]} for a in (first, other)]  # the layout pack_examples gives a row
+    batch = to_device({k: v for k, v in collator(rows).items() if k != "labels"}, device)
+    name = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast_context(device, compute_dtype):
+            logits = model(**batch, use_cache=False).logits.float()
+    except Exception as error:  # the model cannot take a packed row at all
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise LorakitError(f"--pack: {name} cannot run packed rows ({type(error).__name__}: {reason[:160]}); train "
+                           "without --pack") from None
+    finally:
+        model.train(was_training)
+    tail = slice(len(first), len(first) + len(second))  # the example both rows share, packed second
+    seen, again = logits[0, tail], logits[1, tail]
+    eps = torch.finfo(compute_dtype or next(model.parameters()).dtype).eps
+    if (seen - again).abs().max() > 8 * eps * max(float(seen.abs().max()), 1.0):
+        raise LorakitError(f"--pack: in {name}, one packed example changes the next one's outputs (its layers carry "
+                           "state across the row whatever the attention mask: recurrent / state-space layers); train "
+                           "without --pack")
+
+
 def _forward_source(cls: type) -> str:
     try:
         return inspect.getsource(cls.forward)
