@@ -201,15 +201,16 @@ def peft_resolves_differently(model: nn.Module, target_modules: list[str] | str)
 
 
 def expert_parameters(modules: dict[str, nn.Module]) -> dict[str, int]:
-    """Path -> size of every parameter of 3 or more dimensions held directly by a module that is not a convolution:
-    transformers 5 stores MoE experts fused this way (``mlp.experts.gate_up_proj``: (experts, 2 x ffn, hidden)),
-    outside any nn.Linear, so no LoRA layer can wrap them."""
+    """Path -> size of every stack of matrices (3 dimensions, each at least 2) held directly by a module that is not a
+    convolution: transformers 5 stores MoE experts fused this way (``mlp.experts.gate_up_proj``: (experts, 2 x ffn,
+    hidden)), outside any nn.Linear, so no LoRA layer can wrap them. (A SigLIP pooling probe, (1, 1, hidden), is not
+    one.)"""
     found = {}
     for path, module in modules.items():
         if isinstance(module, nn.modules.conv._ConvNd):
             continue
         for name, parameter in module.named_parameters(recurse=False):
-            if parameter.ndim >= 3:
+            if parameter.ndim == 3 and min(parameter.shape) >= 2:
                 found[f"{path}.{name}" if path else name] = parameter.numel()
     return found
 

@@ -76,6 +76,17 @@ def build(kind: str):
         # its training forward reads x_proj/dt_proj/out_proj.weight directly: only in_proj is adapted
         "mamba": lambda: tf.MambaForCausalLM(tf.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                                             state_size=4, **ids)),
+        # Gemma 3 with its vision tower (Gemma3ForConditionalGeneration): trained on text, vision layers adapted too
+        "gemma3": lambda: tf.Gemma3ForConditionalGeneration(tf.Gemma3Config(
+            text_config=dict(head_dim=8, sliding_window=8, **{**gqa, "vocab_size": VOCAB + 8}),
+            vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                               image_size=28, patch_size=14),
+            mm_tokens_per_image=4, image_token_index=VOCAB + 1, boi_token_index=VOCAB + 2, eoi_token_index=VOCAB + 3,
+            **ids, pad_token_id=3)),
+        "qwen2_vl": lambda: tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(
+            text_config=dict(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, **gqa),
+            vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2),
+            image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3)),
         "bert": lambda: tf.BertForMaskedLM(tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                                          num_attention_heads=4, intermediate_size=48)),
         "t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=VOCAB, d_model=32, d_ff=48, d_kv=8,
@@ -86,7 +97,7 @@ def build(kind: str):
 
 CAUSAL = ["qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "phi", "gpt_neox", "gpt2", "falcon",
           "opt", "stablelm", "olmo", "olmo2", "granite", "cohere", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe",
-          "bloom", "gpt_bigcode", "mamba"]
+          "bloom", "gpt_bigcode", "mamba", "gemma3"]
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
 
 
@@ -161,7 +172,8 @@ def test_folder_train_generate_merge_inspect_and_peft(kind, shared, tmp_path, ca
         assert_close(theirs(ids).logits, expected)
 
 
-@pytest.mark.parametrize("kind, words", [("bert", "'bert' is an encoder"), ("t5", "'t5' is an encoder-decoder")])
+@pytest.mark.parametrize("kind, words", [("bert", "'bert' is an encoder"), ("t5", "'t5' is an encoder-decoder"),
+                                         ("qwen2_vl", "'qwen2_vl' is a vision-language model")])
 @pytest.mark.parametrize("command", ["train", "merge"])
 def test_encoder_folders_refused_in_one_line(kind, words, command, shared, tmp_path, capsys):
     """BertLMHeadModel is listed as a causal LM, but without is_decoder it attends both ways: training it on next

@@ -79,6 +79,9 @@ def check_causal_config(folder: Path) -> dict:
                            f"{custom}; upgrade transformers (pip install -U transformers) or use a supported model")
     if config.get("is_encoder_decoder") or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         kind = "an encoder-decoder model" if config.get("is_encoder_decoder") else "not a causal language model"
+        if not config.get("is_encoder_decoder") and model_type in _vision_language_types():
+            kind = ("a vision-language model that transformers' AutoModelForCausalLM does not build (lorakit trains on "
+                    "text only)")
         raise LorakitError(f"{folder}: {model_type!r} is {kind}; lorakit fine-tunes decoder-only causal LMs "
                            "(Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)")
     if not config.get("is_decoder") and _encoder_unless_decoder(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]):
@@ -86,6 +89,14 @@ def check_causal_config(folder: Path) -> dict:
                            "ones it should predict; config.json has no \"is_decoder\": true), not a causal language "
                            "model; lorakit fine-tunes decoder-only causal LMs (Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)")
     return config
+
+
+def _vision_language_types() -> set[str]:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    except ImportError:  # older transformers
+        return set()
+    return set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
 @functools.lru_cache(maxsize=64)
