@@ -457,12 +457,12 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int, base_name: str) -> N
         if token is None:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
+        elif byte_fallback and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            tokens.append(token)  # a byte, even where tokenizer.json lists it among its added (special) tokens
+            types.append(gguf.TokenType.BYTE)
         elif i in added:
             tokens.append(token)
             types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
-        elif byte_fallback and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            tokens.append(token)
-            types.append(gguf.TokenType.BYTE)
         else:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
@@ -472,6 +472,8 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int, base_name: str) -> N
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
         writer.add_token_scores([-float(i) for i in range(vocab_size)])
+        # llama.cpp puts a "▁" before such a text unless told not to: Llama 2's tokenizer does, Gemma's does not
+        writer.add_add_space_prefix(_prepends_space(spec))
     else:  # byte-level BPE (GPT-2 family, SmolLM, Llama 3)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(_pre_tokenizer_name(spec, base_name))
@@ -491,6 +493,26 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int, base_name: str) -> N
         writer.add_add_eos_token(adds[1])
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def _prepends_space(spec: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts "▁" before the text: a ``Prepend`` normalizer (Llama 2's
+    older files) or a ``Metaspace`` pre-tokenizer that prepends (its newer ones); Gemma's and Phi-3's newer files
+    only replace spaces."""
+    def nodes(node):
+        if isinstance(node, dict):
+            yield node
+            for key in ("normalizers", "pretokenizers"):
+                for child in node.get(key) or []:
+                    yield from nodes(child)
+
+    for node in nodes(spec.get("normalizer")):
+        if node.get("type") == "Prepend" and node.get("prepend") == "\u2581":
+            return True
+    for node in nodes(spec.get("pre_tokenizer")):
+        if node.get("type") == "Metaspace":
+            return node.get("prepend_scheme", "always" if node.get("add_prefix_space", True) else "never") != "never"
+    return False
 
 
 def _adds_special_tokens(tokenizer) -> tuple[bool, bool] | None:

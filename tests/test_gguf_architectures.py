@@ -206,6 +206,27 @@ def test_sentencepiece_style_vocabulary_round_trips(family, tmp_path):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert from_gguf(text, add_special_tokens=False)["input_ids"] == ids
     assert "<0xF0>" in tokenizer.convert_ids_to_tokens(ids)  # 🚀 is not in the vocabulary: byte fallback was used
+    # llama.cpp reads these two to tokenize as this tokenizer does (tests/test_gguf_llamacpp.py runs llama.cpp):
+    # no "▁" before the text (only a Prepend normalizer or a prepending Metaspace asks for one), and the <0xNN>
+    # tokens are bytes although this tokenizer.json lists them among its special added tokens
+    fields = gguf.GGUFReader(tmp_path / "out" / "m-f16.gguf").fields
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is False
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[tokenizer.convert_tokens_to_ids("<0xF0>")] == gguf.TokenType.BYTE
+    assert types[tokenizer.convert_tokens_to_ids("<eos>")] == gguf.TokenType.CONTROL
+
+
+def test_space_prefix_follows_the_tokenizer():
+    """Llama 2's older tokenizer.json prepends "▁" with a normalizer, its newer one with a Metaspace pre-tokenizer;
+    Gemma's only replaces spaces."""
+    from lorakit.export import _prepends_space
+
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    assert _prepends_space({"normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, replace]}}) is True
+    assert _prepends_space({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first"}})
+    assert not _prepends_space({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "never"}})
+    assert _prepends_space({"normalizer": replace, "pre_tokenizer": None}) is False
 
 
 def test_files_name_their_architecture_tensors_and_pre_tokenizer(exported):
