@@ -445,3 +445,14 @@ def test_cli_refuses_a_latin1_file_in_one_line(tmp_path, tiny_folder, capsys):  
     assert code == 2 and "Traceback" not in err
     assert re.fullmatch(r"lorakit train: error: export\.jsonl:2: not valid UTF-8 \(byte 15\); it looks like Latin-1 .*",
                         err.strip().splitlines()[-1])
+
+
+def test_eval_reads_the_validation_split_of_a_split_folder(tmp_path, tiny_folder, capsys):  # noqa: F811
+    """`lorakit eval --data folder/` scores validation.jsonl, not the training split beside it."""
+    folder = tmp_path / "data"
+    _write(folder / "train.jsonl", task_records(10, seed=1))
+    _write(folder / "validation.jsonl", task_records(3, seed=2))
+    code = main(["eval", "--model", str(tiny_folder), "--data", str(folder), "--max-new-tokens", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert re.search(r" on 3 examples \(", out), out

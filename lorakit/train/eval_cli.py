@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.config import TrainConfig
     from lorakit.train.data import Collator, build_dataset, pad_id_for
     from lorakit.train.evaluate import dataset_loss, perplexity, score_generations, scorable
-    from lorakit.train.formats import read_many
+    from lorakit.train.formats import VALIDATION_SPLITS, read_many
     from lorakit.train.loop import compute_dtype_for
     from lorakit.train.runner import choose_device
 
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         from lorakit.data import embedded_dataset_paths
 
         paths = [str(embedded_dataset_paths()[1])]
-    records = read_many(paths)
+    records = read_many(paths, split=VALIDATION_SPLITS)  # a folder or file of splits: its validation (or test) split
     if args.limit is not None:
         records = records[: args.limit]
     try:
