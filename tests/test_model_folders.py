@@ -406,3 +406,14 @@ def test_packed_row_probe_finds_state_carried_across_examples():
     check_packed_rows(RunningSum(carry=False), Collator(3), torch.device("cpu"), None)  # position-wise: fine
     with pytest.raises(LorakitError, match=r"--pack: in running-sum, one packed example changes the next one's"):
         check_packed_rows(RunningSum(carry=True), Collator(3), torch.device("cpu"), None)
+
+
+def test_old_expert_names_as_targets_say_the_experts_are_fused(shared, tmp_path, capsys):
+    """Tutorials list Mixtral's transformers-4 expert layers (w1 w2 w3) as targets; on transformers 5 they are fused
+    3-D parameters, and the one-line refusal says so instead of only listing the linear names."""
+    tokenizer, data = shared
+    folder = save_folder("mixtral", tmp_path / "mixtral", tokenizer)
+    code, out, err = cli(capsys, "train", "--model", folder, "--data", data, "--max-steps", 1, "--out", tmp_path / "run",
+                         "--targets", "q_proj", "v_proj", "w1", "w2", "w3", "--no-progress")
+    assert code == 2
+    assert "--targets 'w1' matches no module" in err and "fused 3-D parameters here, down_proj, gate_up_proj" in err

@@ -118,7 +118,23 @@ def check_module_names(model: Any, config: TrainConfig) -> None:
                 close = difflib.get_close_matches(value, layers, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise LorakitError(f"{flag} {value!r} matches no module of this model{hint}; its linear and embedding "
-                                   f"layers are named: {', '.join(layers)}")
+                                   f"layers are named: {', '.join(layers)}{_expert_hint(model, value)}")
+
+
+# transformers 4's per-expert layer names (Mixtral w1/w2/w3, Qwen-MoE gate_proj/up_proj/down_proj), which tutorials
+# still list as targets
+_OLD_EXPERT_NAMES = {"w1", "w2", "w3", "gate_proj", "up_proj", "down_proj", "gate_up_proj"}
+
+
+def _expert_hint(model: Any, value: str) -> str:
+    """Why an expert name matches nothing on a transformers-5 MoE model: its experts are fused 3-D parameters."""
+    from lorakit.inject import _base_modules, expert_parameters
+
+    fused = sorted({path.rsplit(".", 1)[-1] for path in expert_parameters(_base_modules(model))})
+    if not fused or value not in _OLD_EXPERT_NAMES | set(fused):
+        return ""
+    return (f" (the MoE experts are fused 3-D parameters here, {', '.join(fused)}, not layers: lorakit cannot adapt "
+            "them; attention and any shared-expert layers it can)")
 
 
 def fit_max_length(config: TrainConfig, model: Any, explicit: bool) -> TrainConfig:
