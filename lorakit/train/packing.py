@@ -12,7 +12,9 @@ run alone). :func:`window_packed_masks` puts the window back with a forward pre-
 
 Positions restart at 0 for every packed example and the block mask already keeps examples apart, so "``window``
 positions back in the row" is the same as "``window`` positions back in the example". Layer kinds no mask can
-confine (linear attention, state-space layers) make packing refuse in one line.
+confine (linear attention, state-space layers) make packing refuse in one line, and so does
+:func:`check_packed_rows`, which runs the model once on two packed rows before training for the cases no config
+field tells (ALiBi models that fail on a 4D mask, layers that carry state along the row).
 """
 
 from __future__ import annotations
@@ -119,8 +121,10 @@ def check_packed_rows(model: nn.Module, collator, device: torch.device, compute_
         model.train(was_training)
     tail = slice(len(first), len(first) + len(second))  # the example both rows share, packed second
     seen, again = logits[0, tail], logits[1, tail]
+    # same kernels, same shapes: equal up to rounding noise (a MoE's atomic adds on CUDA are not ordered); state
+    # carried across the row moves them far more
     eps = torch.finfo(compute_dtype or next(model.parameters()).dtype).eps
-    if (seen - again).abs().max() > 8 * eps * max(float(seen.abs().max()), 1.0):
+    if (seen - again).abs().max() > max(8 * eps, 1e-4) * max(float(seen.abs().max()), 1.0):
         raise LorakitError(f"--pack: in {name}, one packed example changes the next one's outputs (its layers carry "
                            "state across the row whatever the attention mask: recurrent / state-space layers); train "
                            "without --pack")
