@@ -239,12 +239,47 @@ def test_resume_with_a_changed_optimizer_flag_applies_it_and_says_so(files, tmp_
     assert {g["name"]: g["weight_decay"] for g in tree["param_groups"]}["A"] == 0.1
 
 
-def test_resume_with_other_adapter_settings_names_the_setting(files, tmp_path, capsys):
+def test_a_refused_resume_leaves_the_run_resumable(files, tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(files, out, "--save-every", "1") == 0
+    saved_config = (out / "config.yaml").read_text()
     capsys.readouterr()
     code = main(["train", "--resume", "--out", str(out), "--max-steps", "3", "--variant", "dora", *QUIET])
     err = capsys.readouterr().err.strip().splitlines()[-1:]
     assert code == 2 and err[0].startswith("lorakit train: error: cannot resume")
     # the message showed the first 16 characters of two JSON dumps ('{"alora_invocati then, {"alora_invocati now')
     assert "use_dora: False then, True now" in err[0] and "alora" not in err[0]
+    # config.yaml used to keep the refused variant, so the plain --resume after it was refused the same way
+    assert (out / "config.yaml").read_text() == saved_config
+    # a --max-steps below the checkpoint's step was "nothing to do", and results.json lost the run's loss
+    assert main(["train", "--resume", "--out", str(out), "--max-steps", "1", *QUIET]) == 2
+    assert "is at step 2, past this run's end at step 1" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == saved_config
+    loss = json.loads((out / "results.json").read_text())["train_loss"]
+    assert main(["train", "--resume", "--out", str(out), *QUIET]) == 0  # the same end: nothing left to do
+    assert json.loads((out / "results.json").read_text())["train_loss"] == loss
+    assert main(["train", "--resume", "--out", str(out), "--max-steps", "3", *QUIET]) == 0
+    assert json.loads((out / "results.json").read_text())["steps"] == 3
+
+
+def test_a_lora_config_reused_for_full_fine_tuning_needs_its_own_lr(files, tmp_path, capsys):
+    """A run's config.yaml lists its effective lr (2e-3 for LoRA); reused with --full it trained every weight at
+    40x the full fine-tuning default without a word."""
+    (tmp_path / "lora.yaml").write_text(f"model: {files['model']}\ndata: [{files['train']}]\nfull: false\nlr: 0.002\n")
+    code = main(["train", "--config", str(tmp_path / "lora.yaml"), "--full", "--out", str(tmp_path / "run"), *QUIET])
+    assert code == 2
+    assert "lr 0.002 was set for LoRA" in capsys.readouterr().err
+
+
+def test_seed_and_checkpointing_with_dropout_give_the_same_adapter(files, tmp_path, capsys):
+    """Same seed: the same adapter, with or without --gradient-checkpointing (its recompute replays the dropout
+    masks); another seed: another adapter."""
+    from safetensors.torch import load_file
+
+    def adapter(name, *flags):
+        assert _train(files, tmp_path / name, "--dropout", "0.3", *flags) == 0, capsys.readouterr().err
+        return load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+
+    plain, checkpointed, other = adapter("a"), adapter("b", "--gradient-checkpointing"), adapter("c", "--seed", "1")
+    assert all(torch.equal(plain[k], checkpointed[k]) for k in plain)
+    assert any(not torch.equal(plain[k], other[k]) for k in plain)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.train.config import FIELDS, TrainConfig, check_values, read_config_file, resolve_config
+from lorakit.train.config import DEFAULT_FULL_LR, DEFAULT_LORA_LR, FIELDS, TrainConfig, check_values, read_config_file, resolve_config
 
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -91,6 +91,12 @@ def check_conflicts(config: TrainConfig, file_values: dict[str, Any], cli_values
             flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
             raise LorakitError(f"--full trains every weight, so {flags} would be ignored (adapter options); drop "
                                f"{'it' if len(ignored) == 1 else 'them'} or drop --full")
+    if "full" in cli_values and file_values.get("full", False) != config.full and "lr" in file_values \
+            and "lr" not in cli_values:  # a LoRA run's config.yaml (which lists its lr) reused for a --full baseline
+        raise LorakitError(f"the config file's lr {file_values['lr']:g} was set for {'full fine-tuning' if file_values.get('full') else 'LoRA'}, "
+                           f"and --{'' if config.full else 'no-'}full changes the method; give --lr too (the default is "
+                           f"{DEFAULT_FULL_LR if config.full else DEFAULT_LORA_LR:g} for "
+                           f"{'full fine-tuning' if config.full else 'LoRA'})")
     if config.data and not config.val_data and config.val_fraction is None:  # --data alone: no validation set
         needs = [k for k in ("eval_every", "early_stopping_patience") if k in given and getattr(config, k)]
         if needs:

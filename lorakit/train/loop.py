@@ -446,7 +446,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     eval_batch = config.eval_batch_size or 2 * config.batch_size
     identity = run_identity(model, train_ds, config.replace(grad_accum=grad_accum, global_batch=None), world_size)
 
-    step, skipped, bad_in_row, tokens_seen, resumed_at = 0, 0, 0, 0, None
+    step, skipped, bad_in_row, tokens_seen, resumed_at, resumed_loss = 0, 0, 0, 0, None, None
     best_val, best_step, since_best = None, None, 0
     val_losses: list[tuple[int, float]] = []
     if resume is not None:
@@ -458,6 +458,11 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         resumed_at = step
         best_val, best_step, since_best = state.get("best_val_loss"), state.get("best_step"), int(state.get("since_best", 0))
         val_losses = [tuple(v) for v in state.get("val_losses", [])]
+        resumed_loss = state.get("train_loss")  # so a resume with nothing left to do still reports it
+        if step > total_steps:  # "nothing to do" here would rewrite results.json without the run's loss
+            raise LorakitError(f"cannot resume: checkpoint {checkpoint} is at step {step}, past this run's end at "
+                               f"step {total_steps}; give --max-steps above {step} to train further, or use the "
+                               "adapter the run saved")
         if step >= total_steps:
             log(f"checkpoint {checkpoint} is at step {step}, the end of this run ({total_steps} steps); nothing to do "
                 "(raise --max-steps or --epochs to train further)")
@@ -471,7 +476,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     def checkpoint_state() -> dict[str, Any]:
         return {"data": batches.state_dict(), "skipped_steps": skipped, "tokens": tokens_seen, "identity": identity,
                 "best_val_loss": best_val, "best_step": best_step, "since_best": since_best, "val_losses": val_losses,
-                "total_steps": total_steps}
+                "total_steps": total_steps, "train_loss": last_loss}
 
     def write_checkpoint() -> Path | None:
         """Every process gathers (sharded tensors, random states); rank 0 alone writes."""
@@ -489,7 +494,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
 
     progress = _progress_bar(config.progress and main, total_steps, step)
     model.train()
-    started, stopped, last_loss, last_checkpoint = time.perf_counter(), "completed", None, None
+    started, stopped, last_loss, last_checkpoint = time.perf_counter(), "completed", resumed_loss, None
     # packed rows carry a 4D mask, which drops the model's sliding window unless it is put back (train/packing.py)
     windows = window_packed_masks(model) if config.pack else None
     if config.pack and not getattr(model, "_lorakit_fast_kernels", None):  # lorakit's fused path is Llama-shaped

@@ -446,6 +446,9 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise LorakitError(f"cannot write the run folder {run_dir}: {error.strerror or error}; choose another --out") from None
+        # a resume refused before its first step (other adapter settings) puts the run's options back: else the
+        # plain `--resume` after it would read the refused flags from config.yaml and be refused again
+        kept = (run_dir / CONFIG_NAME).read_text(encoding="utf-8") if resume_from is not None and (run_dir / CONFIG_NAME).is_file() else None
         atomic_write_text(run_dir / CONFIG_NAME, dump_yaml(config))
 
     eval_records = scorable(bundle.val.records)[: config.eval_examples] if bundle.val is not None else []
@@ -471,6 +474,10 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
 
     try:
         result = train(model, tokenizer, bundle.train, config, val_data=bundle.val, out=run_dir, resume=resume_from)
+    except LorakitError as error:
+        if main and kept is not None and str(error).startswith("cannot resume"):
+            atomic_write_text(run_dir / CONFIG_NAME, kept)
+        raise
     except KeyboardInterrupt:
         if main:
             print(interrupted_hint(run_dir), file=sys.stderr, flush=True)
