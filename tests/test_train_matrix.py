@@ -150,6 +150,9 @@ REFUSED = {
     # --full with float16 weights: AdamW's eps and squared gradients underflow, every weight became NaN after one
     # step and the run still ended "done" with exit 0
     "full+float16": (["--full", "--dtype", "float16"], ["--full", "--dtype float16", "bfloat16"]),
+    # adapters stay float32 on a float16 base, but the whole-module copy was float16: NaN lm_head, exit 0
+    "float16+modules-to-save": (["--dtype", "float16", "--modules-to-save", "lm_head"],
+                                ["--modules-to-save lm_head", "--dtype float16", "bfloat16"]),
     # --modules-to-save under --full was ignored without a word (everything is trained and saved anyway)
     "full+modules-to-save": (["--full", "--modules-to-save", "lm_head"], ["--full", "--modules-to-save"]),
     # PiSSA on an NF4 base failed only after loading (and quantizing) the model
@@ -283,3 +286,18 @@ def test_seed_and_checkpointing_with_dropout_give_the_same_adapter(files, tmp_pa
     plain, checkpointed, other = adapter("a"), adapter("b", "--gradient-checkpointing"), adapter("c", "--seed", "1")
     assert all(torch.equal(plain[k], checkpointed[k]) for k in plain)
     assert any(not torch.equal(plain[k], other[k]) for k in plain)
+
+
+def test_train_refuses_float16_trainable_tensors_from_the_python_api():
+    """The CLI refuses --dtype float16 with --full or --modules-to-save; a Python caller passing a float16 model
+    gets the same answer from train() before any step (it used to train to NaN weights and return normally)."""
+    from conftest import tiny_llama
+    from test_train_helpers import tiny_tokenizer
+
+    from lorakit.errors import LorakitError
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.loop import train
+
+    model = tiny_llama(vocab_size=32, hidden_size=32, intermediate_size=40).half()
+    with pytest.raises(LorakitError, match="trainable tensors are float16"):
+        train(model, tiny_tokenizer(), task_records(8), TrainConfig(full=True, max_steps=1, batch_size=2, progress=False))

@@ -24,6 +24,7 @@ from lorakit.optim import SCHEDULES
 DEFAULT_LORA_LR = 2e-3
 DEFAULT_FULL_LR = 5e-5
 QUANTIZE_CHOICES = ("nf4",)
+FLOAT16_NAMES = ("float16", "fp16", "half", "torch.float16")
 DEVICES = ("cuda", "mps", "cpu")
 
 
@@ -203,11 +204,15 @@ class TrainConfig:
             raise LorakitError(f"--quantize {self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
         if self.full and self.quantize:
             raise LorakitError("--full trains every weight, which a quantized (--quantize nf4) base cannot; drop one")
-        if self.full and str(self.dtype).lower() in ("float16", "fp16", "half", "torch.float16"):
+        if self.full and str(self.dtype).lower() in FLOAT16_NAMES:
             # AdamW on float16 weights: eps 1e-8 and the squared gradients underflow to 0, so the first step writes
             # NaN into every weight (seen on a tiny Llama: all 21 weights NaN after one step)
             raise LorakitError("--full with --dtype float16 keeps the trained weights and AdamW's state in float16, "
                                "which turns them to NaN; use --dtype bfloat16 or float32 (the default for --full)")
+        if self.modules_to_save and not self.full and str(self.dtype).lower() in FLOAT16_NAMES:
+            # adapters are kept float32, but a module trained whole is a copy in the base's dtype: NaN after a step
+            raise LorakitError(f"--modules-to-save {' '.join(self.modules_to_save)} trains a copy in the base's "
+                               "float16 (--dtype float16), which AdamW turns to NaN; use --dtype bfloat16 or float32")
         if self.quantize and self.init == "pissa" and not self.full:
             raise LorakitError(f"--init pissa rewrites the base weights from their SVD, which a quantized (--quantize "
                                f"{self.quantize}) base cannot hold; drop --quantize or use --init default or gaussian")

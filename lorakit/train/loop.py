@@ -421,6 +421,11 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     if config.gradient_checkpointing:
         _enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    half = [name for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if half:  # AdamW's eps (1e-8) and squared gradients underflow in float16: the first step writes NaN
+        raise LorakitError(f"{len(half)} trainable tensors are float16 (e.g. {half[0]}), which AdamW turns to NaN; "
+                           "train them in float32 or bfloat16 (load the base with dtype float32/bfloat16, or keep "
+                           "adapters float32)")
     from lorakit.inject import trainable_report
 
     log(str(trainable_report(model)))
