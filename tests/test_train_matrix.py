@@ -167,6 +167,11 @@ REFUSED = {
     "early-stopping-without-validation": (["--early-stopping-patience", "2"], ["--early-stopping-patience",
                                                                               "--val-fraction"]),
     "eval-every-without-validation": (["--eval-every", "1"], ["--eval-every", "--val-data"]),
+    # these three failed after loading with 'matched no module' while naming the module, or never stopped early
+    "targets+exclude": (["--targets", "q_proj", "v_proj", "--exclude", "q_proj"], ["q_proj", "--targets", "--exclude"]),
+    "all-linear+names": (["--targets", "all-linear", "lm_head"], ["all-linear", "lm_head", "regular expression"]),
+    "early-stopping+eval-every-0": (["--val-fraction", "0.2", "--early-stopping-patience", "1", "--eval-every", "0"],
+                                    ["--early-stopping-patience", "--eval-every 0"]),
     "full+lora-options": (["--full", "--variant", "dora", "--loraplus-ratio", "16"], ["--variant", "--loraplus-ratio"]),
 }
 
@@ -301,3 +306,20 @@ def test_train_refuses_float16_trainable_tensors_from_the_python_api():
     model = tiny_llama(vocab_size=32, hidden_size=32, intermediate_size=40).half()
     with pytest.raises(LorakitError, match="trainable tensors are float16"):
         train(model, tiny_tokenizer(), task_records(8), TrainConfig(full=True, max_steps=1, batch_size=2, progress=False))
+
+
+def test_overwrite_never_replaces_folders_of_a_folder_that_is_not_a_run(files, tmp_path, capsys):
+    """--overwrite cleared lorakit's names (adapter/, model/, checkpoints/, config.yaml...) in any --out: a user's
+    own model/ or adapter/ beside their notes was deleted. Only a run folder's are replaced now."""
+    mine = tmp_path / "project"
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "weights.safetensors").write_text("precious")
+    (mine / "notes.txt").write_text("mine")
+    code = _train(files, mine, "--overwrite")
+    assert code == 2 and "--overwrite would replace model/ in" in capsys.readouterr().err
+    assert (mine / "model" / "weights.safetensors").read_text() == "precious"
+    run = tmp_path / "run"
+    assert _train(files, run, "--max-steps", "1") == 0
+    (run / "notes.txt").write_text("mine")
+    assert _train(files, run, "--overwrite") == 0  # an earlier run is replaced, other files stay
+    assert json.loads((run / "results.json").read_text())["steps"] == 2 and (run / "notes.txt").read_text() == "mine"

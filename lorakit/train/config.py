@@ -223,6 +223,17 @@ class TrainConfig:
                 except re.error as error:
                     raise LorakitError(f"{option} key {key!r} is not a valid regular expression ({error}); write a "
                                        "module name such as 'q_proj' or escape the special characters") from None
+        if not self.full and self.targets and len(self.targets) > 1 and "all-linear" in self.targets:
+            others = " ".join(t for t in self.targets if t != "all-linear")
+            raise LorakitError(f"--targets all-linear cannot be mixed with other names ({others}); list every module "
+                               "to adapt by name, or give one regular expression (e.g. '.*(_proj|lm_head)')")
+        if not self.full and self.targets and self.exclude:
+            both = [name for name in self.targets if name in self.exclude]
+            if both:
+                raise LorakitError(f"{', '.join(both)} is in both --targets and --exclude; drop it from one of them")
+        if self.early_stopping_patience and self.eval_every == 0:
+            raise LorakitError("--early-stopping-patience watches the validation loss, which --eval-every 0 never "
+                               "computes; give --eval-every N (or leave it out: 4 times per run)")
         if not self.full and self.targets and self.modules_to_save:
             both = [name for name in self.targets if name in self.modules_to_save]
             if both:

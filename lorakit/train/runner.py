@@ -71,10 +71,23 @@ def resolve_run_folder(out: str | None, resume: str | None, overwrite: bool) -> 
     if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
         raise LorakitError(f"{run_dir} already holds files (an earlier run?); continue it with --resume, choose another "
                            "--out, or pass --overwrite")
+    if overwrite and run_dir.is_dir() and not _is_run_folder(run_dir):  # --overwrite replaces a run, not a user's folders
+        taken = sorted(p.name + "/" * p.is_dir() for p in run_dir.iterdir() if p.name in (
+            "adapter", "best", "checkpoints", "model", CONFIG_NAME, RESULTS_NAME, "metrics.jsonl"))
+        if taken:
+            raise LorakitError(f"--overwrite would replace {', '.join(taken)} in {run_dir}, which is not a lorakit run "
+                               "folder (no config.yaml of a run); choose another --out")
     from lorakit.export import check_output_folder
 
     check_output_folder(run_dir, overwrite=True)  # a writable place, checked before minutes of loading
     return run_dir, None
+
+
+def _is_run_folder(run_dir: Path) -> bool:
+    try:
+        return {"model", "out", "rank", "lr"} <= set(saved_config(run_dir)) or (run_dir / "checkpoints" / "latest").is_file()
+    except LorakitError:
+        return False
 
 
 def saved_config(run_dir: Path) -> dict[str, Any]:
