@@ -136,6 +136,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
         # adapted modules by path load as exactly this adapter in both libraries.
         config = config.replace(target_modules=sorted(
             path for path, host in adapter_hosts(model).items() if isinstance(host, LoraLayer) and adapter in host.adapters))
+        _warn_peft_remaps(model, config.target_modules)
     has_conv1d = any(quant.from_conv1d(h.base_layer) for h in adapter_hosts(model).values() if isinstance(h, LoraLayer))
     base_name = base_name or getattr(model, "lorakit_base_name", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     peft_config = config.to_peft_dict(base_model_name_or_path=base_name or None, fan_in_fan_out=has_conv1d,
@@ -155,6 +156,25 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
         raise LorakitError(f"cannot save the adapter to {folder}: {error.strerror or error}; choose a folder you can "
                            "write") from None
     return folder
+
+
+def _warn_peft_remaps(model: nn.Module, paths: list[str]) -> None:
+    """peft (0.21) reads some layer names of transformers-5 MoE models as transformers 4's per-expert layers and
+    turns them into LoRA on the fused experts: on DeepSeek-V3, GLM-4-MoE, OLMoE, ... an adapted shared expert or
+    dense MLP (``gate_proj`` / ``up_proj`` / ``down_proj``) would be dropped when peft loads the file. Said once
+    here, from the installed peft's own table (nothing when peft is absent or has no such table)."""
+    try:
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
+    except Exception:  # no peft, or one without the conversion: nothing to warn about
+        return
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    renamed = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type), {})
+    clashing = sorted({path.rsplit(".", 1)[-1] for path in paths} & set(renamed))
+    if clashing:
+        warnings.warn(f"peft re-maps {', '.join(clashing)} on {model_type} models to the fused MoE experts, so "
+                      f"peft.PeftModel.from_pretrained would load this adapter without its {', '.join(clashing)} "
+                      "layers (lorakit loads, merges and serves it whole); for a file peft reads exactly, train with "
+                      f"--exclude {' '.join(clashing)}", stacklevel=3)
 
 
 # peft's task wrappers make these heads modules-to-save copies on load (so they cannot hold LoRA tensors)

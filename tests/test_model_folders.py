@@ -87,6 +87,11 @@ def build(kind: str):
             text_config=dict(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, **gqa),
             vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2),
             image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3)),
+        # MoE with a shared expert and a dense first layer named like transformers 4's experts (gate_proj ...)
+        "deepseek_v3": lambda: tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
+            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, n_shared_experts=1,
+            first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+            v_head_dim=8, n_group=1, topk_group=1, **{**gqa, "num_key_value_heads": 4})),
         "bert": lambda: tf.BertForMaskedLM(tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                                          num_attention_heads=4, intermediate_size=48)),
         "t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=VOCAB, d_model=32, d_ff=48, d_kv=8,
@@ -417,3 +422,29 @@ def test_old_expert_names_as_targets_say_the_experts_are_fused(shared, tmp_path,
                          "--targets", "q_proj", "v_proj", "w1", "w2", "w3", "--no-progress")
     assert code == 2
     assert "--targets 'w1' matches no module" in err and "fused 3-D parameters here, down_proj, gate_up_proj" in err
+
+
+def test_peft_renaming_of_shared_expert_layers_is_said_and_avoidable(tmp_path):
+    """peft 0.21 turns gate_proj/up_proj/down_proj on DeepSeek-V3-type models into LoRA on the fused experts, so a
+    file with LoRA on the shared expert loads in peft without it (logits off by 0.4 here). Saving says so; with
+    those layers excluded, peft rebuilds the adapter exactly."""
+    from peft import PeftModel
+
+    ids = torch.randint(0, VOCAB, (2, 6))
+    for exclude, expect_warning in ((None, True), (["gate_proj", "up_proj", "down_proj"], False)):
+        model = build("deepseek_v3")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, exclude_modules=exclude))
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(parameter, std=0.1)
+            lorakit.save_adapter(model, tmp_path / str(expect_warning))
+        said = [w for w in caught if "peft re-maps down_proj, gate_proj, up_proj on deepseek_v3" in str(w.message)]
+        assert bool(said) == expect_warning
+        if not expect_warning:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                theirs = PeftModel.from_pretrained(build("deepseek_v3"), tmp_path / "False").eval()
+            with torch.no_grad():
+                assert_close(theirs(ids).logits, model(ids).logits)
