@@ -448,3 +448,19 @@ def test_peft_renaming_of_shared_expert_layers_is_said_and_avoidable(tmp_path):
                 theirs = PeftModel.from_pretrained(build("deepseek_v3"), tmp_path / "False").eval()
             with torch.no_grad():
                 assert_close(theirs(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("head", ["ForSequenceClassification", "Model"])
+def test_classifier_or_bare_folder_is_named_not_called_incomplete(head, shared, tmp_path, capsys):
+    """A reward model (Qwen2ForSequenceClassification) or a bare encoder folder (Qwen2Model, embedding models) has no
+    lm_head; the refusal names the class saved in config.json instead of calling the folder incomplete."""
+    import transformers as tf
+
+    tokenizer, data = shared
+    config = tf.Qwen2Config(num_key_value_heads=2, num_labels=2, **COMMON)
+    getattr(tf, f"Qwen2{head}")(config).save_pretrained(tmp_path / "folder")
+    tokenizer.save_pretrained(tmp_path / "folder")
+    code, out, err = cli(capsys, "train", "--model", tmp_path / "folder", "--data", data, "--max-steps", 1, "--out",
+                         tmp_path / "run", "--no-progress")
+    assert code == 2
+    assert f"holds a Qwen2{head} (config.json architectures), which has no language-model head" in err.strip().splitlines()[-1]

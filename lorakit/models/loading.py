@@ -261,6 +261,17 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
         raise LorakitError(f"{folder} holds lorakit's 4-bit buffers (e.g. {sorted(packed)[0]!r}), which "
                            "model.save_pretrained writes for a 4-bit model; save 4-bit models with "
                            "lorakit.save_quantized, or call lorakit.dequantize(model) before save_pretrained")
+    try:
+        head = model.get_output_embeddings()
+    except Exception:  # some models raise NotImplementedError
+        head = None
+    heads = {f"{name}.weight" for name, module in model.named_modules() if head is not None and module is head}
+    if missing and set(missing) <= heads:  # only the LM head is missing: a classifier or bare encoder folder
+        saved_as = [a for a in model_config_dict(folder).get("architectures") or [] if isinstance(a, str)]
+        if saved_as and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in saved_as):
+            raise LorakitError(f"{folder} holds a {saved_as[0]} (config.json architectures), which has no language-model "
+                               f"head ({missing[0]!r}); lorakit fine-tunes causal LMs: give the causal-LM checkpoint it "
+                               "was made from")
     if missing:
         raise LorakitError(f"{folder}: the safetensors weights lack {len(missing)} of the model's tensors (e.g. "
                            f"{missing[0]!r}); the folder is incomplete or its config.json is for another model")
