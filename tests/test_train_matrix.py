@@ -253,10 +253,11 @@ def test_a_refused_resume_leaves_the_run_resumable(files, tmp_path, capsys):
     saved_config = (out / "config.yaml").read_text()
     capsys.readouterr()
     code = main(["train", "--resume", "--out", str(out), "--max-steps", "3", "--variant", "dora", *QUIET])
-    err = capsys.readouterr().err.strip().splitlines()[-1:]
-    assert code == 2 and err[0].startswith("lorakit train: error: cannot resume")
-    # the message showed the first 16 characters of two JSON dumps ('{"alora_invocati then, {"alora_invocati now')
-    assert "use_dora: False then, True now" in err[0] and "alora" not in err[0]
+    err = capsys.readouterr().err.strip().splitlines()
+    # refused from the run's config.yaml before the model loads (it was after loading, and the message showed the
+    # first 16 characters of two JSON dumps: '{"alora_invocati then, {"alora_invocati now')
+    assert code == 2 and len(err) == 1 and err[0].startswith("lorakit train: error: cannot resume")
+    assert "another --variant (variant: 'lora' then, 'dora' now)" in err[0]
     # config.yaml used to keep the refused variant, so the plain --resume after it was refused the same way
     assert (out / "config.yaml").read_text() == saved_config
     # a --max-steps below the checkpoint's step was "nothing to do", and results.json lost the run's loss
@@ -323,3 +324,20 @@ def test_overwrite_never_replaces_folders_of_a_folder_that_is_not_a_run(files, t
     (run / "notes.txt").write_text("mine")
     assert _train(files, run, "--overwrite") == 0  # an earlier run is replaced, other files stay
     assert json.loads((run / "results.json").read_text())["steps"] == 2 and (run / "notes.txt").read_text() == "mine"
+
+
+def test_a_checkpoint_refused_for_other_adapter_settings_names_them():
+    """The identity check after loading (the Python API, or a run folder without its config.yaml) names the PEFT
+    settings that differ rather than two 16-character prefixes of their JSON."""
+    from pathlib import Path
+
+    from lorakit.errors import LorakitError
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.loop import check_identity
+
+    def adapter(**changes):
+        return json.dumps(TrainConfig(rank=4, **changes).lora_config().to_peft_dict(), sort_keys=True)
+
+    with pytest.raises(LorakitError, match=r"use_dora: False then, True now\)") as error:
+        check_identity({"adapter": adapter()}, {"adapter": adapter(variant="dora")}, Path("ckpt"))
+    assert "alora" not in str(error.value)

@@ -186,6 +186,23 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], checkpoint: P
                                "resume with the run's original settings, or start a new run with another --out")
 
 
+# options a checkpoint's identity covers, compared on the run's config.yaml before the model loads (the identity
+# check itself needs the loaded model and data; the paths of --model and --data may move, so they are left to it)
+_RESUME_FIXED = ("batch_size", "max_length", "pack", "seed", "full", "rank", "alpha", "dropout", "targets", "exclude",
+                 "variant", "init", "modules_to_save", "rank_pattern", "alpha_pattern")
+
+
+def check_resume_options(saved: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
+    """Refuse, in seconds rather than after loading the model, a resume whose flags change what the run's
+    checkpoints were trained with (``saved``: the run's config.yaml)."""
+    for key in _RESUME_FIXED:
+        if key in saved and saved[key] != getattr(config, key):
+            hint = _IDENTITY_HINTS.get(key) if key not in ("rank", "full") else None
+            raise LorakitError(f"cannot resume from {run_dir}: {hint or 'another --' + key.replace('_', '-')} ({key}: "
+                               f"{saved[key]!r} then, {getattr(config, key)!r} now); resume with the run's original "
+                               "settings, or start a new run with another --out")
+
+
 def _adapter_difference(saved: Any, current: str) -> str:
     """The adapter settings (PEFT config keys) that differ between a checkpoint and this run, e.g.
     ``use_dora: False then, True now``; the raw fingerprint when the saved one cannot be read."""

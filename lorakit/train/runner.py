@@ -420,6 +420,9 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     main = rank == 0
     if resume_from is not None:  # the earlier run's options, then the config file's, then the flags'
         config = TrainConfig(**{**saved_config(run_dir), **(config_file_values or {}), **(cli_values or {})})
+        from lorakit.train.loop import check_resume_options
+
+        check_resume_options(saved_config(run_dir), config, run_dir)  # before minutes of loading
     config = config.replace(out=str(run_dir))
     from lorakit.commands._args import check_model_arg
 
