@@ -11,6 +11,7 @@ Encoders (BERT) and encoder-decoders (T5) are refused in one line.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -126,8 +127,12 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("kind", CAUSAL)
-def test_folder_train_generate_merge_inspect_and_peft(kind, shared, tmp_path, capsys):
+# DoRA too where the layers are fused (qkv_proj, Conv1D c_attn, query_key_value) or the model is an MoE
+CASES = [(kind, "lora") for kind in CAUSAL] + [(kind, "dora") for kind in ("phi3", "gpt2", "falcon", "mixtral")]
+
+
+@pytest.mark.parametrize("kind, variant", CASES)
+def test_folder_train_generate_merge_inspect_and_peft(kind, variant, shared, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -138,7 +143,7 @@ def test_folder_train_generate_merge_inspect_and_peft(kind, shared, tmp_path, ca
         warnings.simplefilter("always")
         code, out, err = cli(capsys, "train", "--model", folder, "--data", data, "--max-steps", 2, "--out", run,
                              "--batch-size", 4, "--rank", 4, "--lr", 0.05, "--eval-examples", 0, "--samples", 0,
-                             "--no-progress")
+                             "--no-progress", "--variant", variant)
     assert code == 0, err
     assert "final train loss" in out and (run / "adapter" / "adapter_model.safetensors").is_file()
     expert_warnings = [w for w in caught if "fused MoE expert weights" in str(w.message)]
@@ -154,7 +159,7 @@ def test_folder_train_generate_merge_inspect_and_peft(kind, shared, tmp_path, ca
     assert tied[0] == tied[1]  # LoRA on the linear layers leaves a tied head tied
     code, out, err = cli(capsys, "inspect", adapter)
     assert code == 0, err
-    assert "variant" in out and "lora" in out and "->" in out
+    assert re.search(rf"^variant\s+{variant}$", out, re.M) and "->" in out
 
     ids = torch.tensor([[1, 7, 10, 11, 8, 3, 12, 13], [1, 9, 12, 14, 15, 8, 3, 3]])
     base, _ = lorakit.load_base(str(folder), device="cpu")
