@@ -80,7 +80,8 @@ def _fresh_base(files, trained=None):
 
 
 TRAINS = {
-    "lora+dropout+constant": ["--dropout", "0.1", "--schedule", "constant", "--seed", "5"],
+    "lora+dropout+constant+long-warmup": ["--dropout", "0.1", "--schedule", "constant", "--seed", "5",
+                                          "--warmup-steps", "5"],
     "rslora+loraplus+checkpointing": ["--variant", "rslora", "--loraplus-ratio", "16", "--gradient-checkpointing"],
     "dora+head+regex-targets": ["--variant", "dora", "--modules-to-save", "lm_head", "--targets", r".*\.(q|v)_proj"],
     "rsdora+nf4+checkpointing+pack": ["--variant", "rsdora", "--quantize", "nf4", "--gradient-checkpointing", "--pack",
@@ -103,6 +104,8 @@ def test_combination_trains_and_reloads_everywhere(flags, files, captured, tmp_p
     code = _train(files, tmp_path / "run", *flags)
     captured_err = capsys.readouterr().err
     assert code == 0, captured_err
+    if "--warmup-steps" in flags:  # longer than the 2-step run: clamped, and now said
+        assert "--warmup-steps 5 is longer than the run (2 steps)" in captured_err
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["train_loss"] is not None and math.isfinite(results["train_loss"])
     trained = captured["model"]

@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", nargs="?", const="latest", default=argparse.SUPPRESS, metavar="RUN_OR_CHECKPOINT",
                      help="continue a stopped run from its last checkpoint: a run folder or checkpoint folder; alone, "
                           "the run in --out (or the newest under runs/). The run's saved options are reused; "
-                          "a different model, data or batch setting is refused")
+                          "a different model, data, batch or adapter setting is refused; optimizer flags given "
+                          "(--lr, --loraplus-ratio, --weight-decay, --schedule, --max-steps...) apply from the next step")
     run.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
                      help="allow --out to be a folder that already holds files")
     groups: dict[str, argparse._ArgumentGroup] = {}

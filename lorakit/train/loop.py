@@ -461,6 +461,9 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     batches = BatchIterator(train_ds, global_micro, collate_fn=collator, seed=config.seed)
     total_steps = total_steps_for(config.replace(grad_accum=grad_accum, global_batch=None), len(train_ds), world_size)
     warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * total_steps)
+    if config.warmup_steps is not None and warmup > total_steps:  # a silent clamp read as a bug in the lr curve
+        log(f"--warmup-steps {warmup} is longer than the run ({total_steps} steps): the learning rate warms up over "
+            "the whole run and reaches its peak at the last step")
     schedule = Schedule(config.schedule, min(warmup, total_steps), total_steps, config.min_lr_ratio)
     optimizer = build_optimizer(model, config.learning_rate, config.weight_decay, config.loraplus_ratio,
                                 (config.adam_beta1, config.adam_beta2), config.adam_eps)
