@@ -175,6 +175,9 @@ REFUSED = {
     "all-linear+names": (["--targets", "all-linear", "lm_head"], ["all-linear", "lm_head", "regular expression"]),
     "early-stopping+eval-every-0": (["--val-fraction", "0.2", "--early-stopping-patience", "1", "--eval-every", "0"],
                                     ["--early-stopping-patience", "--eval-every 0"]),
+    # --compile-layers compiles the fused path: with it off the flag did nothing, without a word
+    "compile-layers+no-fast-kernels": (["--compile-layers", "--no-fast-kernels"], ["--compile-layers", "--no-fast-kernels"]),
+    "compile-layers+fsdp": (["--compile-layers", "--fsdp"], ["--compile-layers", "--fsdp"]),
     "full+lora-options": (["--full", "--variant", "dora", "--loraplus-ratio", "16"], ["--variant", "--loraplus-ratio"]),
 }
 

@@ -165,6 +165,9 @@ class TrainConfig:
             raise LorakitError(f"--global-batch must be a positive integer, got {self.global_batch!r}")
         if self.global_batch is not None and self.grad_accum != 1:
             raise LorakitError("give --global-batch or --grad-accum, not both (--global-batch sets the accumulation)")
+        if self.compile_layers and (not self.fast_kernels or self.fsdp):  # it compiles the fused path only
+            other = "--no-fast-kernels" if not self.fast_kernels else "--fsdp (which keeps the fused kernels off)"
+            raise LorakitError(f"--compile-layers compiles lorakit's fused kernels, which {other} turns off; drop one")
         if self.fsdp and self.full:
             raise LorakitError("--fsdp shards the frozen base under LoRA; --full with --fsdp is not supported: drop one")
         for name in ("eval_examples", "samples", "seed"):
