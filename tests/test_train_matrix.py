@@ -264,6 +264,10 @@ def test_a_refused_resume_leaves_the_run_resumable(files, tmp_path, capsys):
     # first 16 characters of two JSON dumps: '{"alora_invocati then, {"alora_invocati now')
     assert code == 2 and len(err) == 1 and err[0].startswith("lorakit train: error: cannot resume")
     assert "another --variant (variant: 'lora' then, 'dora' now)" in err[0]
+    # the base's precision is part of what the checkpoints were trained against
+    for flag in (["--quantize", "nf4"], ["--dtype", "float16"]):
+        assert main(["train", "--resume", "--out", str(out), "--max-steps", "3", *flag, *QUIET]) == 2
+        assert f"another {flag[0]} ({flag[0][2:]}: None then, " in capsys.readouterr().err
     # config.yaml used to keep the refused variant, so the plain --resume after it was refused the same way
     assert (out / "config.yaml").read_text() == saved_config
     # a --max-steps below the checkpoint's step was "nothing to do", and results.json lost the run's loss

@@ -189,7 +189,8 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], checkpoint: P
 # options a checkpoint's identity covers, compared on the run's config.yaml before the model loads (the identity
 # check itself needs the loaded model and data; the paths of --model and --data may move, so they are left to it)
 _RESUME_FIXED = ("batch_size", "max_length", "pack", "seed", "full", "rank", "alpha", "dropout", "targets", "exclude",
-                 "variant", "init", "modules_to_save", "rank_pattern", "alpha_pattern")
+                 "variant", "init", "modules_to_save", "rank_pattern", "alpha_pattern",
+                 "quantize", "dtype")  # the base's precision: the adapter would go on against other base weights
 
 
 def check_resume_options(saved: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
