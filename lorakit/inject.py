@@ -411,4 +411,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
 
     set_adapter(model, adapter)
     model.lorakit_configs = {**getattr(model, "lorakit_configs", {}), adapter: config}
+    from lorakit.hf_trainer import install  # imports nothing from transformers
+
+    install(model)  # transformers models: save_pretrained (what Trainer calls) writes the adapter folder
     return model

@@ -1,0 +1,103 @@
+"""transformers' ``Trainer`` (and anything that calls ``model.save_pretrained``) with a lorakit-injected model.
+
+A PEFT user writes ``Trainer(model=model, ...)`` after ``lorakit.inject(model, config)`` and expects what PEFT gives:
+small checkpoints, ``trainer.save_model(dir)`` writing an adapter folder that peft and ``lorakit.load_adapter`` read,
+and ``resume_from_checkpoint`` / ``load_best_model_at_end`` working. Trainer saves through ``model.save_pretrained``,
+so ``inject`` installs (lazily, on transformers models only) the instance method below in place of the class's:
+
+- while the model holds lorakit adapters, ``save_pretrained(dir)`` writes PEFT's layout: the "default" adapter as
+  ``dir/adapter_config.json`` + ``dir/adapter_model.safetensors``, any other adapter ``name`` in ``dir/name/`` (what
+  ``PeftModel.save_pretrained`` writes), instead of the whole base under lorakit's internal names
+  (``q_proj.base_layer.weight``, ``q_proj.adapters.default.lora_A``) that no loader maps back;
+- in a Trainer checkpoint folder (``checkpoint-<step>``) it also writes ``model.safetensors`` holding only the
+  trainable tensors under the model's own ``state_dict`` names: the stock ``Trainer._load_from_checkpoint`` (which
+  reads adapter files only for a ``peft.PeftModel``) loads that file with ``load_state_dict(strict=False)``, so
+  resuming restores the adapters (the frozen base is the one already in memory);
+- after ``merge_and_unload`` (no adapters left) it is the class's own ``save_pretrained`` again (a whole model).
+
+Why a hook on the instance rather than a ``Trainer`` subclass: Trainer, TRL's ``SFTTrainer`` and user code all reach
+the model through ``save_pretrained``, so one hook covers them all and the user keeps the classes they know; a subclass
+would have to be mixed into every trainer class and would override Trainer's private methods.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+# transformers.trainer_utils.PREFIX_CHECKPOINT_DIR: Trainer saves step N to <output_dir>/checkpoint-N
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_WEIGHTS_NAME = "model.safetensors"  # transformers.utils.SAFE_WEIGHTS_NAME, what _load_from_checkpoint reads
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (checked by class name: transformers is not imported)."""
+    return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
+               for cls in type(model).__mro__)
+
+
+def install(model: nn.Module) -> None:
+    """Give a transformers model the adapter-aware ``save_pretrained`` and ``print_trainable_parameters`` (idempotent)."""
+    if not is_transformers_model(model):
+        return
+    if "save_pretrained" not in vars(model):
+        model.save_pretrained = types.MethodType(save_pretrained, model)
+    if "print_trainable_parameters" not in vars(model) and not hasattr(type(model), "print_trainable_parameters"):
+        model.print_trainable_parameters = types.MethodType(print_trainable_parameters, model)
+
+
+def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args, is_main_process: bool = True,
+                    state_dict: dict | None = None, selected_adapters: list[str] | None = None, **kwargs) -> None:
+    """Write the model's adapters in PEFT's folder layout (see the module docstring); a plain model saves as usual.
+
+    Args:
+        save_directory: the folder; the "default" adapter goes in it, adapter ``name`` in ``save_directory/name``.
+        is_main_process: only the main process writes (Trainer passes this under torch.distributed).
+        state_dict: ignored while adapters are present (the adapters are read from the model itself).
+        selected_adapters: the adapters to write (default: all, as PEFT does).
+    """
+    from lorakit.inject import adapter_names
+    from lorakit.io import save_adapter
+
+    names = adapter_names(self)
+    if not names:  # merged and unloaded (or adapters deleted): a plain transformers model again
+        return type(self).save_pretrained(self, save_directory, *args, is_main_process=is_main_process,
+                                          state_dict=state_dict, **kwargs)
+    if kwargs.get("push_to_hub"):
+        raise LorakitError("save_pretrained(push_to_hub=True) is not supported on a lorakit model: save the adapter "
+                           "to a folder, then upload that folder with huggingface_hub.upload_folder")
+    unknown = [n for n in (selected_adapters or []) if n not in names]
+    if unknown:
+        raise LorakitError(f"selected_adapters names {unknown[0]!r}, which this model does not have; it has: "
+                           f"{', '.join(names)}")
+    if not is_main_process:
+        return
+    root = Path(save_directory)
+    for name in selected_adapters or names:
+        save_adapter(self, root if name == "default" else root / name, adapter=name)
+    if root.name.startswith(CHECKPOINT_PREFIX):
+        _save_trainable(self, root / TRAINER_WEIGHTS_NAME)
+
+
+def _save_trainable(model: nn.Module, path: Path) -> None:
+    """The trainable tensors under the model's own names, for Trainer's resume (``load_state_dict(strict=False)``)."""
+    from safetensors.torch import save as safetensors_bytes
+
+    from lorakit._fs import atomic_write_bytes
+
+    tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata={"format": "pt"}))
+
+
+def print_trainable_parameters(self: nn.Module) -> None:
+    """PEFT's habit: print the trainable share (quantized bases count their logical size)."""
+    from lorakit.inject import trainable_report
+
+    report = trainable_report(self)
+    print(f"trainable params: {report.trainable:,} || all params: {report.total:,} || "
+          f"trainable%: {100 * report.share:.4f}")
