@@ -1,4 +1,4 @@
-"""Fine-tuning: data (formats.py: reading records; data.py: label masks, batches, packing), loop, checkpoints.
+"""Fine-tuning: data (sources.py: reading files; formats.py: record shapes; data.py: label masks, batches, packing), loop, checkpoints.
 
 ``train(model, tokenizer, records, config=TrainConfig(...))`` is the whole loop as one function; ``lorakit train``
 is its command line.

@@ -2,7 +2,7 @@
 
 The pipeline, each step a function the training loop can call on its own::
 
-    records = read_many(paths)                              # formats.py: validated Records
+    records = read_many(paths)                              # sources.py: validated Records (formats.py)
     train, val = split_records(records, 0.1, seed=0)        # or a separate validation file
     ds = build_dataset(train, tokenizer, max_length=96)     # tokenize_example on each, summary of drops
     ds = build_dataset(..., pack=True)                      # optional: several examples per row
@@ -46,7 +46,8 @@ import torch
 
 from lorakit.chat_template import template_end_of_turn
 from lorakit.errors import LorakitError
-from lorakit.train.formats import REASONING_KEYS, Record, read_many, validate_record
+from lorakit.train.formats import REASONING_KEYS, Record, validate_record
+from lorakit.train.sources import read_many
 
 IGNORE_INDEX = -100
 OVERFLOW_CHOICES = ("drop", "truncate", "error")

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.config import TrainConfig
     from lorakit.train.data import Collator, build_dataset, pad_id_for
     from lorakit.train.evaluate import dataset_loss, perplexity, score_generations, scorable
-    from lorakit.train.formats import VALIDATION_SPLITS, read_many
+    from lorakit.train.sources import VALIDATION_SPLITS, read_many
     from lorakit.train.loop import compute_dtype_for
     from lorakit.train.runner import choose_device
 

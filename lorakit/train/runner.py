@@ -319,7 +319,7 @@ def stored_dtype(model: str) -> torch.dtype | None:
 def read_data(config: TrainConfig) -> tuple[list, list | None]:
     """(training records, validation records or None), read and validated: done before the model loads, so a bad
     line in the data is reported in seconds rather than after minutes of loading a large model."""
-    from lorakit.train.formats import VALIDATION_SPLITS, read_many
+    from lorakit.train.sources import VALIDATION_SPLITS, read_many
 
     train_files, val_files, val_fraction = config.data, config.val_data, config.val_fraction
     if not train_files:

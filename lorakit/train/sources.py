@@ -1,0 +1,401 @@
+"""Reading training records from where users keep them: JSONL / JSON, CSV / TSV, Parquet (gzip too), a local
+``datasets`` folder, a folder of split-named files, or a glob.
+
+:func:`read_many` and :func:`read_records` turn each row into a validated :class:`lorakit.train.formats.Record`
+(formats.py says which record shapes are read); this module only finds the rows: the file's kind from its bytes
+and suffix, its encoding, the split asked for (``split=VALIDATION_SPLITS`` for ``--val-data``), and a one-line
+error naming the file, the line and the fix for anything unreadable.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LorakitError
+from lorakit.train.formats import EXPECTED_SHAPES, IGNORED_FIELDS, KNOWN_FIELDS, Record, validate_record
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+CSV_SUFFIXES = (".csv", ".tsv")
+PARQUET_SUFFIXES = (".parquet",)
+DATA_SUFFIXES = JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
+VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "eval", "test")
+
+def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> list[Record]:
+    """Read and validate every record of one source.
+
+    Args:
+        path: a ``.jsonl`` / ``.ndjson`` / ``.json`` file (one JSON object per line; a ``.json`` file may also
+            hold one JSON array of objects), a ``.csv`` / ``.tsv`` file with a header row naming the fields, or a folder
+            written by ``datasets``' ``save_to_disk`` (needs the ``datasets`` package: ``lorakit[data]``).
+        split: for a ``DatasetDict`` folder, which split to read, or a list of them in order of preference
+            (the first present is read; :data:`VALIDATION_SPLITS` for a validation set); default "train", or
+            the only one.
+
+    Returns:
+        The records in file order (blank JSONL lines are skipped).
+
+    Raises:
+        LorakitError: a missing path, an unsupported type, an unreadable or malformed line (with its number and
+            the reason), a bad record, or a source with no records.
+    """
+    path = Path(path)
+    if not path.exists() and any(ch in str(path) for ch in "*?["):  # a pattern from a config file (no shell expands it)
+        import glob
+
+        found = sorted(glob.glob(str(path), recursive=True))
+        if not found:
+            raise LorakitError(f"data pattern {path} matches no file; check the folder and the pattern")
+        # "data/*" also matches a README or a .gitignore: read the data files it matches and skip the rest
+        matches = [m for m in found if Path(m).is_dir() or _data_suffix(Path(m)) is not None]
+        if not matches:
+            raise LorakitError(f"data pattern {path} matches {len(found)} files but no data file ({', '.join(DATA_SUFFIXES)}"
+                               f"), e.g. {Path(found[0]).name}; check the pattern")
+        return [r for match in matches for r in read_records(match, split)]
+    if not path.exists():
+        raise LorakitError(f"data file not found: {path}; check the path (JSONL, CSV or a datasets folder)")
+    if path.is_dir():
+        kind = _not_data_folder(path)
+        if kind:  # its JSON files would be read as records, and the first would fail with "no known field"
+            raise LorakitError(f"{path} is {kind}, not training data; give the data files (JSONL, JSON, CSV, TSV, "
+                               "Parquet) or a folder of them")
+        if _is_datasets_folder(path):
+            records = _read_datasets_folder(path, split)
+        else:
+            try:
+                entries = sorted(path.iterdir())
+            except OSError as exc:
+                raise LorakitError(f"{path}: cannot list the folder ({exc.strerror}); check its permissions") from None
+            files = [p for p in entries if p.is_file() and _data_suffix(p) is not None]
+            split_dirs = [p for p in entries if p.is_dir() and SPLIT_WORDS.get(p.name.lower())]
+            if not files and split_dirs:  # data/train/, data/validation/, data/test/: the split asked for
+                return read_records(_split_files(path, split_dirs, split)[0], split)
+            if not files:
+                subfolders = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
+                inside = (f"; it has the subfolder(s) {', '.join(subfolders[:5])}: give the one with the data (a "
+                          "downloaded Hugging Face dataset keeps its files in data/)") if subfolders else \
+                    "; give the data files themselves"
+                raise LorakitError(f"{path} is a folder with no data files ({', '.join(DATA_SUFFIXES)}) and not a "
+                                   f"folder saved with datasets' save_to_disk{inside}")
+            records = [r for f in _split_files(path, files, split) for r in read_records(f, split)]
+    else:
+        suffix = _data_suffix(path)
+        if suffix is None:
+            hint = OTHER_FILE_HINTS.get(path.suffix.lower(), "")
+            raise LorakitError(f"{path}: unsupported data file type {''.join(path.suffixes[-2:]) or '(none)'!r}; use "
+                               f"{', '.join(DATA_SUFFIXES)} (optionally .gz) or a folder saved with save_to_disk{hint}")
+        if suffix in PARQUET_SUFFIXES:
+            records = _read_parquet(path)
+        else:
+            raw = _read_bytes(path)
+            records = (_read_jsonl(path, raw, suffix, split) if suffix in JSONL_SUFFIXES
+                       else _read_csv(path, raw, delimiter="\t" if suffix == ".tsv" else ","))
+    if not records:
+        raise LorakitError(f"{path}: no records in it; a data file needs at least one {EXPECTED_SHAPES} record")
+    return records
+
+
+# what to do with files people have that are not data files lorakit reads
+OTHER_FILE_HINTS = {
+    ".txt": "; for plain text write each document as {\"text\": ...} on its own line of a .jsonl file",
+    ".xlsx": "; export the sheet as CSV (CSV UTF-8) first", ".xls": "; export the sheet as CSV (CSV UTF-8) first",
+    ".arrow": "; give the folder datasets' save_to_disk wrote (with state.json), not its .arrow file",
+    ".zst": "; decompress it first (zstd -d); only gzip is read", ".bz2": "; decompress it first; only gzip is read",
+    ".xz": "; decompress it first; only gzip is read", ".zip": "; unzip it and give the files or their folder",
+}
+SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "eval": "validation", "test": "test", "testing": "test"}
+
+
+def _split_of(file: Path) -> str | None:
+    """The split a file's name says it holds ("train-00000-of-00002.parquet", "val.jsonl", "my_test.csv"), or None."""
+    stem = file.name.split(".")[0].lower()
+    words = stem.replace("-", "_").replace(" ", "_").split("_")
+    return next((SPLIT_WORDS[w] for w in words if w in SPLIT_WORDS), None)
+
+
+def _split_files(folder: Path, files: list[Path], split: str | Sequence[str] | None) -> list[Path]:
+    """The files of a folder to read: all of them, or, when their names say which split they hold (train.jsonl,
+    val.jsonl, test.jsonl: a folder as Hugging Face lays it out), those of the split asked for ("train" for
+    --data; the first of :data:`VALIDATION_SPLITS` present for --val-data), so a test file never trains."""
+    splits = {f: _split_of(f) for f in files}
+    if all(v is None for v in splits.values()):
+        return files
+    unnamed = [f.name for f, v in splits.items() if v is None]
+    named = ", ".join(f.name for f, v in splits.items() if v is not None)
+    if unnamed:
+        raise LorakitError(f"{folder}: some files are named for a split ({named}) and some not ({', '.join(unnamed)}), "
+                           "so which to train on is unclear; give the data files themselves (or a pattern)")
+    wanted = [split] if isinstance(split, str) else list(split or ["train"])
+    wanted = [SPLIT_WORDS.get(w, w) for w in wanted]
+    chosen = next((w for w in wanted if w in splits.values()), None)
+    if chosen is None:
+        raise LorakitError(f"{folder}: its files are named for the splits {sorted(set(splits.values()))} ({named}), "
+                           f"none of them {'/'.join(dict.fromkeys(wanted))}; give the data files themselves")
+    return [f for f, v in splits.items() if v == chosen]
+
+
+def _not_data_folder(path: Path) -> str | None:
+    """What a folder that is certainly not data is (a model, an adapter, a lorakit run), or None."""
+    if (path / "adapter_config.json").is_file():
+        return "an adapter folder (adapter_config.json)"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return "a model folder (config.json + safetensors)"
+    if (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file():
+        return "a lorakit run folder (config.yaml, metrics.jsonl)"
+    return None
+
+
+def _data_suffix(path: Path) -> str | None:
+    """The data type of a file name (``.jsonl``, ``.csv``, ``.parquet``, ...; ``x.jsonl.gz`` is ``.jsonl``)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    suffix = suffixes[-1] if suffixes else ""
+    return suffix if suffix in DATA_SUFFIXES else None
+
+
+def _is_datasets_folder(path: Path) -> bool:
+    """What save_to_disk writes: dataset_dict.json (a DatasetDict) or state.json + dataset_info.json (a Dataset)."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped when it is gzip (by name or by its magic number)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise LorakitError(f"{path}: cannot read it ({exc.strerror}); check the file's permissions") from None
+    if raw[:2] == b"\x1f\x8b":
+        import gzip
+        import zlib
+
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise LorakitError(f"{path}: a damaged gzip file ({exc}); compress it again or give it uncompressed") from None
+    elif path.suffix.lower() == ".gz":
+        raise LorakitError(f"{path}: named .gz but not gzip-compressed; rename or recompress it")
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16 with a BOM: what Windows PowerShell 5's `>` writes
+        try:
+            raw = raw.decode("utf-16").encode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LorakitError(f"{path}: starts with a UTF-16 byte-order mark but is not UTF-16 (byte {exc.start}); "
+                               "save the file as UTF-8") from None
+    if raw[:4] == b"PAR1":
+        raise LorakitError(f"{path}: a Parquet file with a text file's name; rename it to .parquet")
+    if b"\x00" in raw[:4096]:  # JSONL and CSV never hold NUL: an Arrow/pickle/zip/... file under a text name
+        head = raw[:4096]
+        if head[1::2].count(0) > len(head) // 4 or head[0::2].count(0) > len(head) // 4:  # ASCII as UTF-16
+            raise LorakitError(f"{path}: UTF-16 text without a byte-order mark; save the file as UTF-8")
+        raise LorakitError(f"{path}: binary data (NUL bytes), not a JSONL/CSV text file; give the text file, or a "
+                           "Parquet file named .parquet")
+    return raw
+
+
+def read_many(paths: str | Path | Iterable[str | Path], split: str | Sequence[str] | None = None) -> list[Record]:
+    """Read several sources (or one) and concatenate their records in the order given; ``split`` as in
+    :func:`read_records` (pass :data:`VALIDATION_SPLITS` for ``--val-data``)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    records: list[Record] = []
+    for p in paths:
+        records.extend(read_records(p, split))
+    return records
+
+
+def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] | None = None) -> list[Record]:
+    """One JSON object per line; also a JSON array, one (pretty-printed) object, pretty-printed objects one after
+    another, or one object wrapping the records (``{"data": [...]}``), whatever the suffix says."""
+    if raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":  # a JSON array (also one saved as .jsonl): read it as one
+        records = _read_json_array(path, raw)
+        if records is not None:
+            return records
+    objects: list[tuple[str, Any]] = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        where = f"{path.name}:{lineno}"
+        try:
+            text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise LorakitError(_not_utf8(where, line, exc)) from None
+        if not text.strip():
+            continue
+        try:
+            objects.append((where, json.loads(text)))
+        except json.JSONDecodeError as exc:
+            values = _concatenated_json(raw)  # pretty-printed objects one after another (`jq .` writes that)
+            if values is None:
+                comma = exc.msg == "Extra data" and text[exc.pos:].strip() == ","
+                fix = ("a comma after the object: JSON Lines has no commas between lines (or make the file one JSON "
+                       "array in [...])") if comma else "one object per line"
+                raise LorakitError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); {fix}") from None
+            objects = [(f"{path.name}:{line_no}", value) for line_no, value in values]
+            break
+    if len(objects) == 1 and isinstance(objects[0][1], dict):
+        wrapped = _wrapped_records(objects[0][1], path, split)
+        if wrapped is not None:  # {"data": [...]}, {"version": ..., "examples": [...]}
+            key, items = wrapped
+            return [validate_record(obj, f"{path.name}[{key}][{i}]") for i, obj in enumerate(items)]
+        if suffix == ".json":  # one (pretty-printed) record
+            return [validate_record(objects[0][1], path.name)]
+    return [validate_record(obj, where) for where, obj in objects]
+
+
+def _concatenated_json(raw: bytes) -> list[tuple[int, Any]] | None:
+    """``[(line where it starts, value)]`` when the whole file is JSON values one after another (only whitespace
+    between them, at least one spanning several lines), else None (the caller reports the malformed line)."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+    decoder, pos, out = json.JSONDecoder(), 0, []
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos == len(text):
+            break
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return None
+        out.append((text.count("\n", 0, pos) + 1, value))
+        pos = end
+    return out or None
+
+
+def _wrapped_records(obj: Mapping, path: Path, split: str | Sequence[str] | None = None) -> tuple[str, list] | None:
+    """(key, records) for a JSON document that wraps its records in one object (``{"data": [...]}``, also with
+    other keys beside it such as "version"; ``{"train": [...], "test": [...]}`` gives the split asked for), else
+    None: an object with a record field, no list of objects, or a list of messages (a chat under a misnamed key,
+    which the record check reports)."""
+    if any(isinstance(k, str) and k.strip().lower() in KNOWN_FIELDS - IGNORED_FIELDS for k in obj):
+        return None
+    lists = [(k, v) for k, v in obj.items() if isinstance(v, list) and all(isinstance(x, Mapping) for x in v)]
+    if len(lists) > 1 and all(isinstance(k, str) and SPLIT_WORDS.get(k.lower()) for k, _ in lists):
+        wanted = [split] if isinstance(split, str) else list(split or ["train"])
+        wanted = [SPLIT_WORDS.get(w, w) for w in wanted]
+        by_split = {SPLIT_WORDS[k.lower()]: (k, v) for k, v in reversed(lists)}
+        chosen = next((by_split[w] for w in wanted if w in by_split), None)
+        if chosen is None:
+            raise LorakitError(f"{path.name}: holds the splits {', '.join(k for k, _ in lists)}, none of them "
+                               f"{'/'.join(dict.fromkeys(wanted))}; give a file with that split")
+        lists = [chosen]
+    if len(lists) != 1:
+        return None
+    key, items = lists[0]
+    if items and ({"role", "from"} & set(items[0])):
+        return None
+    return str(key), items
+
+
+def _not_utf8(where: str, data: bytes, exc: UnicodeDecodeError) -> str:
+    """The one-line refusal of bytes that are not UTF-8, with the conversion to run when they read as Latin-1."""
+    bad = data[exc.start:exc.start + 1]
+    column = exc.start - data.rfind(b"\n", 0, exc.start)  # 1-based byte within its line
+    hint = "save the file as UTF-8"
+    try:
+        data.decode("cp1252")
+        hint = ("it looks like Latin-1 / Windows-1252 (byte 0x%s is %r there): convert it with "
+                "`iconv -f cp1252 -t utf-8 IN > OUT`" % (bad.hex(), bad.decode("cp1252")))
+    except UnicodeDecodeError:
+        pass
+    return f"{where}: not valid UTF-8 (byte {column}); {hint}"
+
+
+def _read_json_array(path: Path, raw: bytes) -> list[Record] | None:
+    """The records of a file holding one JSON array; None when it holds one array per line (each a chat)."""
+    try:
+        items = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise LorakitError(_not_utf8(f"{path.name}:{line}", raw, exc)) from None
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and exc.lineno > 1 and exc.colno == 1:  # a second array on the next line: JSONL
+            return None
+        raise LorakitError(f"{path.name}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    return [validate_record(obj, f"{path.name}[{i}]") for i, obj in enumerate(items)]
+
+
+def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise LorakitError(_not_utf8(f"{path.name}:{line}", raw, exc)) from None
+    first = text.split("\n", 1)[0]
+    if delimiter == "," and "," not in first and ";" in first:  # Excel in European locales separates with ";"
+        delimiter = ";"
+    # newline="": the csv module itself handles CRLF line ends and newlines quoted inside cells
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = reader.fieldnames
+        if not header:
+            raise LorakitError(f"{path.name}: empty CSV; the first line must name the fields ({EXPECTED_SHAPES})")
+        records = []
+        for row in reader:
+            where = f"{path.name}:{reader.line_num}"
+            if None in row:  # DictReader files extra cells under the key None
+                raise LorakitError(f"{where}: {len(header) + len(row[None])} cells but the header has {len(header)}")
+            if any(v is None for v in row.values()):
+                raise LorakitError(f"{where}: fewer cells than the header's {len(header)}; fill every column")
+            records.append(validate_record(row, where))
+        return records
+    except csv.Error as exc:
+        raise LorakitError(f"{path.name}:{reader.line_num}: malformed CSV ({exc}); check quoting") from None
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    try:
+        import pyarrow.parquet as pq  # lazy: comes with the datasets package (lorakit[data])
+    except ImportError:
+        raise LorakitError(f"{path}: reading Parquet needs pyarrow: pip install 'lorakit[data]'") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for files that are not Parquet
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LorakitError(f"{path}: not a readable Parquet file ({reason})") from None
+    return [validate_record(_drop_nulls(row), f"{path.name} row {i}") for i, row in enumerate(rows)]
+
+
+def _read_datasets_folder(path: Path, split: str | None) -> list[Record]:
+    try:
+        import datasets  # lazy: an optional dependency (lorakit[data])
+    except ImportError:
+        raise LorakitError(f"{path}: reading a datasets folder needs the 'datasets' package: pip install 'lorakit[data]'") from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises FileNotFoundError/ValueError/... for folders it did not write
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LorakitError(f"{path}: not a folder written by datasets' save_to_disk ({reason})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded.keys())
+        wanted = [split] if isinstance(split, str) else list(split or ["train"])
+        chosen = next((s for s in wanted if s in loaded), None)
+        if chosen is None and len(names) == 1 and not isinstance(split, str):
+            chosen = names[0]
+        if chosen is None:
+            raise LorakitError(f"{path}: has splits {names}, none of them {'/'.join(wanted)}; give the split's own "
+                               f"folder (e.g. {path / names[0]})")
+        split = chosen
+        loaded = loaded[split]
+        label = f"{path.name}[{split}]"
+    else:
+        label = path.name
+    return [validate_record(_drop_nulls(row), f"{label} row {i}") for i, row in enumerate(loaded)]
+
+
+def _drop_nulls(row: Mapping[str, Any]) -> dict[str, Any]:
+    """datasets stores a table, so a column one record lacks comes back as None: treat it as absent.
+
+    The same holds inside a chat (a message without "name" gets name=None when another message has one).
+    """
+    out = {k: v for k, v in row.items() if v is not None}
+    if isinstance(out.get("messages"), list):
+        out["messages"] = [
+            {k: v for k, v in m.items() if v is not None} if isinstance(m, Mapping) else m for m in out["messages"]
+        ]
+    return out
