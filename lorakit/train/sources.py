@@ -23,7 +23,8 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet",)
 DATA_SUFFIXES = JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
-VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "eval", "test")
+VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "eval", "test")  # --val-data's split, first found
+
 
 def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> list[Record]:
     """Read and validate every record of one source.
