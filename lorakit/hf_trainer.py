@@ -22,8 +22,8 @@ would have to be mixed into every trainer class and would override Trainer's pri
 
 from __future__ import annotations
 
+import functools
 import os
-import types
 from pathlib import Path
 
 from torch import nn
@@ -42,13 +42,17 @@ def is_transformers_model(model: nn.Module) -> bool:
 
 
 def install(model: nn.Module) -> None:
-    """Give a transformers model the adapter-aware ``save_pretrained`` and ``print_trainable_parameters`` (idempotent)."""
+    """Give a transformers model the adapter-aware ``save_pretrained`` and ``print_trainable_parameters`` (idempotent).
+
+    Partials rather than bound methods: a bound method in the instance dict does not survive pickling (torch.save of
+    the whole model) because unpickling evaluates ``getattr(model, name)`` before the model has its attributes back.
+    """
     if not is_transformers_model(model):
         return
     if "save_pretrained" not in vars(model):
-        model.save_pretrained = types.MethodType(save_pretrained, model)
+        model.save_pretrained = functools.partial(save_pretrained, model)
     if "print_trainable_parameters" not in vars(model) and not hasattr(type(model), "print_trainable_parameters"):
-        model.print_trainable_parameters = types.MethodType(print_trainable_parameters, model)
+        model.print_trainable_parameters = functools.partial(print_trainable_parameters, model)
 
 
 def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args, is_main_process: bool = True,
@@ -75,6 +79,11 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args, i
     if unknown:
         raise LorakitError(f"selected_adapters names {unknown[0]!r}, which this model does not have; it has: "
                            f"{', '.join(names)}")
+    sharded = next((n for n, p in self.named_parameters() if p.requires_grad and _is_sharded(p)), None)
+    if sharded:  # each process holds a slice: writing it would save a wrong adapter without a word
+        raise LorakitError(f"save_pretrained: the adapter parameter {sharded} is sharded (FSDP / DeepSpeed ZeRO-3); "
+                           "this hook writes whole tensors only: train with `lorakit train --fsdp` (it gathers the "
+                           "adapters), or use ZeRO-2 / DDP with Trainer")
     if not is_main_process:
         return
     root = Path(save_directory)
@@ -82,6 +91,11 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args, i
         save_adapter(self, root if name == "default" else root / name, adapter=name)
     if root.name.startswith(CHECKPOINT_PREFIX):
         _save_trainable(self, root / TRAINER_WEIGHTS_NAME)
+
+
+def _is_sharded(parameter: nn.Parameter) -> bool:
+    """An FSDP2 DTensor, or a DeepSpeed ZeRO-3 parameter (its data partitioned away, ``ds_id`` set)."""
+    return type(parameter).__name__ == "DTensor" or hasattr(parameter, "ds_id")
 
 
 def _save_trainable(model: nn.Module, path: Path) -> None:

@@ -171,3 +171,22 @@ def test_plain_torch_models_are_left_alone():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
     assert "save_pretrained" not in vars(model) and not hasattr(model, "print_trainable_parameters")
+
+
+def test_sharded_adapters_are_refused_not_saved_in_slices(tmp_path):
+    model = injected()
+    next(p for n, p in model.named_parameters() if "lora_A" in n).ds_id = 0  # how DeepSpeed ZeRO-3 marks a partition
+    with pytest.raises(lorakit.LorakitError, match=r"is sharded \(FSDP / DeepSpeed ZeRO-3\)"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_hook_survives_deepcopy_and_pickling(tmp_path):
+    import copy
+    import pickle
+
+    model = injected()
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # a bound method would not unpickle
+        clone.save_pretrained(tmp_path / str(id(clone)))
+        assert (tmp_path / str(id(clone)) / "adapter_model.safetensors").is_file()
+        assert clone.save_pretrained.args[0] is clone  # saves the copy, not the original
