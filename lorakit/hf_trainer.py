@@ -22,10 +22,13 @@ would have to be mixed into every trainer class and would override Trainer's pri
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
+from typing import Iterator
 
+import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
@@ -62,7 +65,8 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args, i
     Args:
         save_directory: the folder; the "default" adapter goes in it, adapter ``name`` in ``save_directory/name``.
         is_main_process: only the main process writes (Trainer passes this under torch.distributed).
-        state_dict: ignored while adapters are present (the adapters are read from the model itself).
+        state_dict: when it holds every trainable tensor under the model's names, those values are saved (as
+            transformers does; Trainer passes the gathered ones under DeepSpeed / FSDP); else the model's own.
         selected_adapters: the adapters to write (default: all, as PEFT does).
     """
     from lorakit.inject import adapter_names
@@ -79,23 +83,43 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args, i
     if unknown:
         raise LorakitError(f"selected_adapters names {unknown[0]!r}, which this model does not have; it has: "
                            f"{', '.join(names)}")
-    sharded = next((n for n, p in self.named_parameters() if p.requires_grad and _is_sharded(p)), None)
-    if sharded:  # each process holds a slice: writing it would save a wrong adapter without a word
-        raise LorakitError(f"save_pretrained: the adapter parameter {sharded} is sharded (FSDP / DeepSpeed ZeRO-3); "
-                           "this hook writes whole tensors only: train with `lorakit train --fsdp` (it gathers the "
-                           "adapters), or use ZeRO-2 / DDP with Trainer")
+    trainable = {n: p for n, p in self.named_parameters() if p.requires_grad}
+    given = state_dict is not None and all(n in state_dict for n in trainable)
+    sharded = next((n for n, p in trainable.items() if _is_sharded(p)), None)
+    if sharded and not given:  # each process holds a slice: writing it would save a wrong adapter without a word
+        raise LorakitError(f"save_pretrained: the adapter parameter {sharded} is sharded (FSDP / DeepSpeed ZeRO-3) and "
+                           "no whole state_dict was passed; train with `lorakit train --fsdp` (it gathers the adapters), "
+                           "or use ZeRO-2 / DDP with Trainer")
     if not is_main_process:
         return
     root = Path(save_directory)
-    for name in selected_adapters or names:
-        save_adapter(self, root if name == "default" else root / name, adapter=name)
-    if root.name.startswith(CHECKPOINT_PREFIX):
-        _save_trainable(self, root / TRAINER_WEIGHTS_NAME)
+    with _values_from(self, {n: state_dict[n] for n in trainable} if given else {}):
+        for name in selected_adapters or names:
+            save_adapter(self, root if name == "default" else root / name, adapter=name)
+        if root.name.startswith(CHECKPOINT_PREFIX):
+            _save_trainable(self, root / TRAINER_WEIGHTS_NAME)
+
+
+@contextlib.contextmanager
+def _values_from(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Inside: each named trainable parameter reads ``values[name]``, as transformers' ``save_pretrained(state_dict=)``
+    saves the given tensors rather than the model's (Trainer passes the gathered ones under DeepSpeed / FSDP)."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for name, value in values.items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            swapped.append((owner, leaf, owner._parameters[leaf]))
+            owner._parameters[leaf] = nn.Parameter(value.detach(), requires_grad=True)
+        yield
+    finally:
+        for owner, leaf, parameter in reversed(swapped):
+            owner._parameters[leaf] = parameter
 
 
 def _is_sharded(parameter: nn.Parameter) -> bool:
-    """An FSDP2 DTensor, or a DeepSpeed ZeRO-3 parameter (its data partitioned away, ``ds_id`` set)."""
-    return type(parameter).__name__ == "DTensor" or hasattr(parameter, "ds_id")
+    """An FSDP2 DTensor, a DeepSpeed ZeRO-3 parameter (``ds_id`` set), or an empty local slice (FSDP1)."""
+    return type(parameter).__name__ == "DTensor" or hasattr(parameter, "ds_id") or parameter.numel() == 0
 
 
 def _save_trainable(model: nn.Module, path: Path) -> None:

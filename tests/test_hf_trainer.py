@@ -176,9 +176,23 @@ def test_plain_torch_models_are_left_alone():
 def test_sharded_adapters_are_refused_not_saved_in_slices(tmp_path):
     model = injected()
     next(p for n, p in model.named_parameters() if "lora_A" in n).ds_id = 0  # how DeepSpeed ZeRO-3 marks a partition
-    with pytest.raises(lorakit.LorakitError, match=r"is sharded \(FSDP / DeepSpeed ZeRO-3\)"):
+    with pytest.raises(lorakit.LorakitError, match=r"is sharded \(FSDP / DeepSpeed ZeRO-3\) and no whole state_dict"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_given_state_dict_is_what_gets_saved(tmp_path):
+    """transformers' rule, and how Trainer hands over the gathered tensors under DeepSpeed ZeRO-3 / FSDP."""
+    model = injected()
+    next(p for n, p in model.named_parameters() if "lora_A" in n).ds_id = 0
+    gathered = {n: torch.full_like(p, 0.25) for n, p in model.named_parameters() if p.requires_grad}
+    before = lora_tensors(model)
+    model.save_pretrained(tmp_path / "checkpoint-7", state_dict={**model.state_dict(), **gathered})
+    assert all(torch.equal(p, before[n]) for n, p in lora_tensors(model).items())  # the model's own are put back
+    with safe_open(str(tmp_path / "checkpoint-7" / "model.safetensors"), "pt") as handle:
+        assert all(torch.equal(handle.get_tensor(n), gathered[n]) for n in gathered)
+    with safe_open(str(tmp_path / "checkpoint-7" / "adapter_model.safetensors"), "pt") as handle:
+        assert all(torch.all(handle.get_tensor(k) == 0.25) for k in handle.keys())
 
 
 def test_the_hook_survives_deepcopy_and_pickling(tmp_path):
