@@ -385,10 +385,35 @@ def _parse_config(raw_config: Any, config_path: Path) -> LoraConfig:
         raise LorakitError(f"{config_path} is nested too deeply; a PEFT adapter_config.json is a flat object") from None
 
 
+def internal_names_note(folder: Path) -> str | None:
+    """When a model folder's weights carry lorakit's internal names (``q_proj.base_layer.weight``,
+    ``q_proj.adapters.default.lora_A``): what it is and how to recover its adapter. transformers' own
+    ``save_pretrained`` wrote such folders for an injected model before ``inject`` hooked it (lorakit.hf_trainer);
+    None for any other folder. Reads the files' headers only."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                key = next((k for k in handle.keys() if ".base_layer." in k or ".adapters." in k), None)
+        except Exception:  # an unreadable file is the loader's to report
+            continue
+        if key is not None:
+            return (f"{folder} is a whole model saved with lorakit's internal names (e.g. {key!r}) by "
+                    "model.save_pretrained on an injected model, with no adapter_config.json; to recover its adapter, "
+                    "load the original base, lorakit.inject the same LoraConfig, then model.load_state_dict("
+                    f"safetensors.torch.load_file({str(path)!r}), strict=False) and lorakit.save_adapter(model, dir) "
+                    "(save_pretrained on an injected model now writes that adapter folder itself)")
+    return None
+
+
 def _other_files(folder: Path) -> str:
     """What the folder holds instead of an adapter, said when it is something else users pass by mistake."""
     names = {p.name for p in folder.iterdir()}
     if "config.json" in names and any(n.startswith(("model", "pytorch_model")) for n in names):
+        note = internal_names_note(folder)
+        if note is not None:
+            return "; " + note
         return "; this is a whole model's folder (config.json and model weights): load it with lorakit.load_base(folder)"
     if "adapters.safetensors" in names:
         return ("; it holds adapters.safetensors, MLX-LM's adapter format (other key names and scaling): convert it to "

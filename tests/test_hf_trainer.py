@@ -204,3 +204,31 @@ def test_the_hook_survives_deepcopy_and_pickling(tmp_path):
         clone.save_pretrained(tmp_path / str(id(clone)))
         assert (tmp_path / str(id(clone)) / "adapter_model.safetensors").is_file()
         assert clone.save_pretrained.args[0] is clone  # saves the copy, not the original
+
+
+def test_a_folder_saved_before_the_hook_is_named_with_its_way_back(tmp_path):
+    """transformers' own save_pretrained on an injected model (what lorakit before the hook, and Trainer with it,
+    wrote) gives a whole model under lorakit's internal names and no adapter_config.json: load_adapter and load_base
+    both say what the folder is (they suggested load_base / blamed missing tensors), and the recipe they give
+    recovers the adapter exactly."""
+    from safetensors.torch import load_file
+
+    model = injected()
+    with torch.no_grad():
+        for _, parameter in lorakit.lora_parameters(model):
+            parameter.normal_(0, 0.1)
+        expected = model(IDS).logits
+    LlamaForCausalLM.save_pretrained(model, tmp_path / "old")  # the class's method: what the hook replaced
+    from test_train_helpers import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "old")  # as Trainer.save_model with a processing_class
+    with pytest.raises(lorakit.LorakitError, match=r"is a whole model saved with lorakit's internal names \(e\.g\. '.*"
+                                                   r"(base_layer|adapters)\..*'\) by model\.save_pretrained"):
+        lorakit.load_adapter(tiny_llama(), tmp_path / "old")
+    with pytest.raises(lorakit.LorakitError, match="whole model saved with lorakit's internal names"):
+        lorakit.load_base(str(tmp_path / "old"))
+    recovered = tiny_llama()
+    lorakit.inject(recovered, lorakit.LoraConfig(**CONFIG))
+    recovered.load_state_dict(load_file(str(tmp_path / "old" / "model.safetensors")), strict=False)
+    with torch.no_grad():
+        assert_close(recovered(IDS).logits, expected)

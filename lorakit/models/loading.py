@@ -266,6 +266,12 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
     except Exception:  # some models raise NotImplementedError
         head = None
     heads = {f"{name}.weight" for name, module in model.named_modules() if head is not None and module is head}
+    if missing:
+        from lorakit.io import internal_names_note
+
+        note = internal_names_note(Path(folder))
+        if note is not None:
+            raise LorakitError(note)
     if missing and set(missing) <= heads:  # only the LM head is missing: a classifier or bare encoder folder
         saved_as = [a for a in model_config_dict(folder).get("architectures") or [] if isinstance(a, str)]
         if saved_as and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in saved_as):
