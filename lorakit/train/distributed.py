@@ -120,13 +120,19 @@ def decoder_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
                        "train without --fsdp")
 
 
+def _require_process_group() -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise LorakitError("--fsdp needs several processes: launch with torchrun --nproc_per_node N -m lorakit train ...")
+
+
 def fsdp_mesh(device: torch.device):
     """The 1-D device mesh over every process that :func:`apply_fsdp` shards over (all processes must call this)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    if not (dist.is_available() and dist.is_initialized()):
-        raise LorakitError("--fsdp needs several processes: launch with torchrun --nproc_per_node N -m lorakit train ...")
+    _require_process_group()
     return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
@@ -148,15 +154,15 @@ def apply_fsdp(model: nn.Module, device: torch.device, mesh=None) -> int:
     :func:`fsdp_mesh` (made here when None; making one is collective, so a caller sharding on one process at a time
     makes it first).
     """
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     from lorakit import quant
 
-    if fsdp_units(model):
-        return fsdp_units(model)
-    if mesh is None and not (dist.is_available() and dist.is_initialized()):
-        fsdp_mesh(device)  # says how to launch
+    units = fsdp_units(model)
+    if units:
+        return units
+    if mesh is None:
+        _require_process_group()
     for name, module in model.named_modules():
         if quant.is_quantized(module):
             raise LorakitError(f"--fsdp cannot shard the NF4 base ({name} keeps its 4-bit weights in uint8 buffers, "
