@@ -116,6 +116,11 @@ def _encoder_unless_decoder(class_name) -> bool:
     return re.search(r"if not (?:self\.)?config\.is_decoder\b", source) is not None
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The base weights' dtype when none is asked for: bfloat16 on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """A torch floating dtype from a name (``"bf16"``, ``"float16"``, ``"torch.bfloat16"``, ``"half"``, any case) or a
     ``torch.dtype``; None stays None (the caller's default). Anything else is one line naming the choices."""
@@ -191,7 +196,7 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
 
         quantize = check_quant_type(quantize)
     folder, display = resolve_model_folder(name_or_folder)
-    dtype = parsed_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = parsed_dtype or default_dtype(device)
     tokenizer = load_tokenizer(folder)  # first: a folder without a tokenizer fails before any weight is read
     if quantize is None:
         from lorakit.quant.bnb_checkpoint import bnb_quantization

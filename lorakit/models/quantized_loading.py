@@ -122,6 +122,7 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
         the model, in eval mode. Raises ``LorakitError`` for a missing/mismatched tensor (naming it), an unsupported
         checkpoint quantization (8-bit, FP4), or an unknown ``quant``.
     """
+    from lorakit.models.loading import default_dtype
     from lorakit.quant import bnb_checkpoint
 
     check_quant_type(quant)
@@ -135,7 +136,7 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
         raise LorakitError(f"{config_file}: not valid JSON (line {error.lineno}: {error.msg})") from None
     prequantized = bnb_checkpoint.bnb_quantization(config_dict, str(config_file)) is not None
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or default_dtype(device)
     skip = tuple(skip or ())
 
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -291,9 +291,9 @@ def load_sharded(config: TrainConfig, device: torch.device):
 def load_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     """The base weights' dtype on ``device``: --dtype, else what ``load_base`` picks for that device (bfloat16 on
     CUDA, float32 elsewhere). --fsdp loads on the CPU first: without this, a GPU run would shard float32 weights."""
-    from lorakit.models.loading import parse_dtype
+    from lorakit.models.loading import default_dtype, parse_dtype
 
-    return parse_dtype(config.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return parse_dtype(config.dtype) or default_dtype(device)
 
 
 def stored_dtype(model: str) -> torch.dtype | None:
