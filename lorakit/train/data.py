@@ -20,6 +20,9 @@ Label rules (``labels`` are aligned with ``input_ids``; the model shifts them by
   target either, so no loss term crosses from one example into the next.
 - BOS appears at most once: the text is tokenized without special tokens, and BOS is prepended only when the
   tokenizer adds one by default and the rendered text does not already start with it.
+- A chat whose template rewrites earlier turns (Qwen3 keeps ``<think>`` reasoning only after the last user
+  query) trains as one example per assistant turn, each as the template writes it at inference
+  (``chat_turns.py``); templates that render a prefix of the chat as a prefix of it give one example per chat.
 - Padding is told apart by ``attention_mask`` (or the packed 4D mask), never by token id: SmolLM2's pad token
   is its end-of-turn token, which is also a supervised label at the end of every answer.
 
@@ -46,6 +49,7 @@ import torch
 
 from lorakit.chat_template import template_end_of_turn
 from lorakit.errors import LorakitError
+from lorakit.train.chat_turns import chat_examples, content_reasoning
 from lorakit.train.formats import REASONING_KEYS, Record, validate_record
 from lorakit.train.sources import read_many
 
@@ -144,44 +148,59 @@ def render(record: Record | Mapping, tokenizer: Any) -> tuple[str, list[tuple[in
 
     For a chat, the span of assistant turn i starts where ``render(messages[:i], add_generation_prompt=True)``
     ends and stops where ``render(messages[:i+1])`` ends, so it holds the answer, the end-of-turn token and
-    whatever filler the template puts after it (masked later). This needs a template whose render of a prefix
-    of the chat is a prefix of the render of the chat; templates that rewrite earlier turns are reported.
-    Assistant turns given ``"weight": 0`` are rendered but are not targets.
+    whatever filler the template puts after it (masked later). Assistant turns given ``"weight": 0`` are rendered
+    but are not targets. A chat whose template rewrites earlier turns (Qwen3 drops their reasoning) trains as
+    several examples: see :func:`render_examples`; this function then names it.
     """
+    examples, _ = _render_examples(record, tokenizer)
+    if len(examples) > 1:
+        raise LorakitError(f"{validate_record(record).where}: this model's chat template rewrites earlier turns, so the "
+                           f"chat trains as {len(examples)} examples (one per assistant turn); call render_examples "
+                           "or tokenize_examples")
+    return examples[0]
+
+
+def render_examples(record: Record | Mapping, tokenizer: Any) -> list[tuple[str, list[tuple[int, int]]]]:
+    """The examples a record trains as, each ``(text, target character spans)``: one for text and prompt/completion
+    records and for chats whose template renders each prefix of the chat as a prefix of it (:func:`render`); one per
+    assistant turn (as the template writes it when that turn is generated) for templates that rewrite earlier turns
+    (lorakit/train/chat_turns.py says how)."""
+    return _render_examples(record, tokenizer)[0]
+
+
+def _render_examples(record: Record | Mapping, tokenizer: Any) -> tuple[list[tuple[str, list[tuple[int, int]]]], bool]:
+    """:func:`render_examples` and whether the chat was split per assistant turn."""
     record = for_tokenizer(record, tokenizer)
     if record.shape == "text":
-        return record["text"], [(0, len(record["text"]))]
+        return [(record["text"], [(0, len(record["text"]))])], False
     if record.shape == "prompt_completion":
         prompt, completion = record["prompt"], record["completion"]
-        return prompt + completion, [(len(prompt), len(prompt) + len(completion))]
+        return [(prompt + completion, [(len(prompt), len(prompt) + len(completion))])], False
     messages, where, tools = record["messages"], record.where, record.fields.get("tools")
-    full = _render_chat(tokenizer, messages, False, where, tools)
-    spans = []
     unsupervised = record.fields.get("unsupervised", ())
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant" or i in unsupervised:
-            continue
-        if i == 0:
-            raise LorakitError(f"{where}: the chat starts with an assistant turn; add the user turn it answers first")
-        before = _render_chat(tokenizer, messages[:i], True, where, tools)
-        through = _render_chat(tokenizer, messages[: i + 1], False, where, tools)
+    targets = [i for i, msg in enumerate(messages) if msg["role"] == "assistant" and i not in unsupervised]
+    if targets and targets[0] == 0:
+        raise LorakitError(f"{where}: the chat starts with an assistant turn; add the user turn it answers first")
+
+    def check(i: int, target: str) -> None:
+        msg = messages[i]
         for call in msg.get("tool_calls", ()):
-            if call["function"]["name"] not in through[len(before):]:  # the target would lack the call it teaches
+            if call["function"]["name"] not in target:  # the target would lack the call it teaches
                 raise LorakitError(f"{where}: messages[{i}] calls tool {call['function']['name']!r}, but this model's "
                                    "chat template does not write tool calls; use a model whose template supports "
                                    "tools, or write the call into the content")
         for key in REASONING_KEYS:  # the target would teach the answer without the reasoning that leads to it
-            if msg.get(key) and msg[key].strip()[:200] not in through[len(before):]:
+            if msg.get(key) and msg[key].strip()[:200] not in target:
                 raise LorakitError(f"{where}: messages[{i}] has {key!r}, but this model's chat template does not write "
                                    "it; put the reasoning into the content (e.g. '<think>...</think>' before the "
                                    "answer) or remove the key")
-        if not full.startswith(before) or not full.startswith(through) or len(through) <= len(before):
-            raise LorakitError(
-                f"{where}: the chat template does not render messages[:{i}] as a prefix of the whole chat, so the "
-                f"assistant turn cannot be located; use prompt/completion records for this tokenizer"
-            )
-        spans.append((len(before), len(through)))
-    return full, spans
+        if content_reasoning(msg) and content_reasoning(msg)[:200] not in target:
+            raise LorakitError(f"{where}: messages[{i}] has '<think>...</think>' reasoning in its content, but this "
+                               "model's chat template drops it when it writes the turn, so the answer would be learnt "
+                               "without it; remove the <think> block, or use a model whose template keeps reasoning")
+
+    return chat_examples(messages, targets, lambda msgs, prompt: _render_chat(tokenizer, msgs, prompt, where, tools),
+                         where, check)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,6 +270,43 @@ def tokenize_example(
     record = for_tokenizer(record, tokenizer)
     info = info or tokenizer_info(tokenizer, eot_token)
     text, spans = render(record, tokenizer)
+    return _tokenize_rendered(record, text, spans, tokenizer, max_length, overflow, info, drops)
+
+
+def tokenize_examples(
+    record: Record | Mapping,
+    tokenizer: Any,
+    max_length: int,
+    overflow: str = "drop",
+    *,
+    eot_token: str | None = None,
+    info: TokenizerInfo | None = None,
+    drops: Counter | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`tokenize_example` for each example the record trains as (:func:`render_examples`: several for a chat
+    whose template rewrites earlier turns, one otherwise); the examples dropped are left out (and counted in
+    ``drops``)."""
+    return _tokenize_record(record, tokenizer, max_length, overflow, eot_token, info, drops)[0]
+
+
+def _tokenize_record(record: Record | Mapping, tokenizer: Any, max_length: int, overflow: str, eot_token: str | None,
+                     info: TokenizerInfo | None, drops: Counter | None) -> tuple[list[dict[str, Any]], bool]:
+    """:func:`tokenize_examples` and whether the chat was split per assistant turn."""
+    if overflow not in OVERFLOW_CHOICES:
+        raise LorakitError(f"overflow={overflow!r} is not one of {', '.join(OVERFLOW_CHOICES)}")
+    if max_length < 2:
+        raise LorakitError(f"max_length={max_length} is too small; an example needs at least 2 tokens")
+    record = for_tokenizer(record, tokenizer)
+    info = info or tokenizer_info(tokenizer, eot_token)
+    rendered, per_turn = _render_examples(record, tokenizer)
+    examples = [_tokenize_rendered(record, text, spans, tokenizer, max_length, overflow, info, drops)
+                for text, spans in rendered]
+    return [ex for ex in examples if ex is not None], per_turn
+
+
+def _tokenize_rendered(record: Record, text: str, spans: list[tuple[int, int]], tokenizer: Any, max_length: int,
+                       overflow: str, info: TokenizerInfo, drops: Counter | None) -> dict[str, Any] | None:
+    """One rendered example to ``input_ids`` and ``labels`` (the body of :func:`tokenize_example`)."""
     ids, ranges = _tokenize_with_spans(text, spans, tokenizer, info)
 
     input_ids: list[int] = []
@@ -410,6 +466,7 @@ class DataSummary:
         shapes: records per shape. max_length: the limit used. too_long / no_target: the dropped examples by
         reason (longer than max_length; no target left within it). first_dropped: where the first dropped one
         came from. trimmed_chats: chats that ended in user/tool turns after their last answer, which were trimmed.
+        per_turn_chats: chats trained as one example per assistant turn (:func:`render_examples`).
     """
 
     examples: int = 0
@@ -425,6 +482,7 @@ class DataSummary:
     no_target: int = 0  # of ``dropped``: no target token left within max_length (a prompt that fills it)
     first_dropped: str | None = None  # where the first dropped example came from ("train.jsonl:12")
     trimmed_chats: int = 0  # chats whose turns after the last assistant turn were trimmed (kept or not)
+    per_turn_chats: int = 0  # chats trained as one example per assistant turn (a template that rewrites earlier turns)
 
     def __str__(self) -> str:
         shapes = ", ".join(f"{n} {s}" for s, n in sorted(self.shapes.items()))
@@ -436,11 +494,17 @@ class DataSummary:
 
 
     def drop_note(self) -> str | None:
-        """One line on dropped examples (why, the first one, what to do about it) and on chats trimmed after
-        their last answer; None when neither happened."""
+        """One line on dropped examples (why, the first one, what to do about it), on chats trimmed after their
+        last answer and on chats trained per assistant turn; None when none of these happened."""
         n = self.trimmed_chats
         trimmed = (f"{n} chat{'s end' if n > 1 else ' ends'} with turns after the last assistant reply, which were "
                    "trimmed (nothing follows them to learn)") if n else None
+        if self.per_turn_chats:  # said once per dataset: why there are more examples than records
+            n = self.per_turn_chats
+            split = (f"{n} chat{'s' if n > 1 else ''} trained as one example per assistant turn, because this model's "
+                     "chat template rewrites earlier turns (e.g. drops their <think> reasoning): each turn is learnt as "
+                     "the template writes it when that turn is generated")
+            trimmed = f"{trimmed}; {split}" if trimmed else split
         if not self.dropped:
             return f"note: {trimmed}" if trimmed else None
         parts = []
@@ -500,16 +564,19 @@ def build_dataset(
         n_records += 1
         shapes[record.shape] += 1
         summary.trimmed_chats += bool(record.fields.get("trimmed_turns"))
-        ex = tokenize_example(record, tokenizer, max_length, overflow, info=info, drops=drops)
-        if ex is None:
-            summary.dropped += 1
+        dropped_before = drops["too_long"] + drops["no_target"]
+        tokenized, per_turn = _tokenize_record(record, tokenizer, max_length, overflow, None, info, drops)
+        summary.per_turn_chats += per_turn
+        if drops["too_long"] + drops["no_target"] > dropped_before:  # a chat split per turn may lose some of its turns
+            summary.dropped += drops["too_long"] + drops["no_target"] - dropped_before
             summary.first_dropped = summary.first_dropped or record.where
-            continue
-        summary.truncated += ex["truncated"]
-        summary.tokens += len(ex["input_ids"])
-        summary.supervised_tokens += sum(lab != IGNORE_INDEX for lab in ex["labels"])
-        examples.append({"input_ids": ex["input_ids"], "labels": ex["labels"]})
-        kept.append(record)
+        for ex in tokenized:
+            summary.truncated += ex["truncated"]
+            summary.tokens += len(ex["input_ids"])
+            summary.supervised_tokens += sum(lab != IGNORE_INDEX for lab in ex["labels"])
+            examples.append({"input_ids": ex["input_ids"], "labels": ex["labels"]})
+        if tokenized:
+            kept.append(record)
     if n_records == 0:
         raise LorakitError(f"{name} is empty: give at least one record")
     summary.too_long, summary.no_target = drops["too_long"], drops["no_target"]

@@ -1,0 +1,109 @@
+"""Where each assistant turn of a chat is in the text the chat template writes, for templates of every kind.
+
+A chat is trained as the template renders it. The target of assistant turn i is what the model writes after the
+template's generation prompt: ``render(messages[:i], add_generation_prompt=True)`` is the context, and the target
+runs to where ``render(messages[:i + 1])`` ends. Two kinds of template:
+
+- **Prefix templates** (ChatML, Llama 3, Gemma, SmolLM2, ...) render every prefix of a chat as a prefix of the whole
+  chat. The whole chat is then ONE example with a target span per assistant turn (the fast path, unchanged).
+- **Templates that rewrite earlier turns**: Qwen3 (and QwQ, DeepSeek-R1 distills, gpt-oss...) write an assistant
+  turn's ``<think>`` reasoning only while it is after the last user query, so ``render(messages[:2])`` (the first
+  answer, with its reasoning, or with Qwen3's empty ``<think>\\n\\n</think>`` block) is not the start of the whole
+  chat (the first answer, reasoning dropped). One example of the whole chat would teach each earlier answer without
+  the reasoning the model writes at inference. Such a chat trains as several examples, one per assistant turn,
+  each rendered as the template renders it when that turn is the one being generated: the earlier turns are masked
+  context exactly as at inference, the turn itself is the target. Consecutive turns whose examples are prefixes of
+  each other share one example (a Qwen3 tool-calling chain after the last user query is one), so tokens are not
+  repeated where the template does not require it.
+
+A generation prompt that opens a block the rendered turn does not show (DeepSeek-R1 distills and QwQ end it with
+``<think>\\n`` and strip the reasoning from every turn they render) is continued with the turn as the user wrote it
+(``<think>\\nreasoning\\n</think>\\n\\nanswer`` in the content): that is what the model writes after that prompt.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+from lorakit.errors import LorakitError
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+Span = tuple[int, int]
+# render(messages, add_generation_prompt) -> text, with the record's tools and error location bound in
+Render = Callable[[list, bool], str]
+
+
+def content_reasoning(message: Mapping) -> str:
+    """The reasoning written inside an assistant turn's content as ``<think>...</think>`` ("" when there is none)."""
+    content = message.get("content")
+    if not isinstance(content, str) or THINK_CLOSE not in content:
+        return ""
+    return content.split(THINK_CLOSE)[0].split(THINK_OPEN)[-1].strip()
+
+
+def chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: Render, where: str,
+                  check: Callable[[int, str], None]) -> tuple[list[tuple[str, list[Span]]], bool]:
+    """The examples a chat trains as: ``[(text, [(start, end), ...])]`` with the character spans that are targets.
+
+    Args:
+        messages: the chat's messages.
+        targets: the indices of the assistant turns to learn (each > 0), in order.
+        render: renders a list of messages, with or without the generation prompt.
+        where: the record's location ("train.jsonl:12") for errors.
+        check: ``check(i, target_text)`` raises when turn i's target lacks what the message holds (a tool call, its
+            reasoning), so that nothing the user wrote is silently not learnt.
+
+    Returns:
+        (examples, per_turn): one example (the whole chat) and False for a prefix template; else the per-turn
+        examples (see the module docstring) and True.
+    """
+    full = render(list(messages), False)
+    turns = []  # (i, context with generation prompt, render through turn i)
+    for i in targets:
+        turns.append((i, render(list(messages[:i]), True), render(list(messages[: i + 1]), False)))
+    if all(full.startswith(before) and full.startswith(through) and len(through) > len(before)
+           for _, before, through in turns):
+        for i, before, through in turns:
+            check(i, through[len(before):])
+        return [(full, [(len(before), len(through)) for _, before, through in turns])], False
+    groups: list[tuple[str, list[Span]]] = []  # built from the last turn back: a turn joins the example after it
+    for i, before, through in reversed(turns):  # when its own example is a prefix of that one
+        text, start = _locate_turn(messages[i], i, before, through, where)
+        check(i, text[start:])
+        if groups and groups[-1][0].startswith(text):
+            groups[-1][1].insert(0, (start, len(text)))
+        else:
+            groups.append((text, [(start, len(text))]))
+    return groups[::-1], True
+
+
+def _locate_turn(message: Mapping, i: int, before: str, through: str, where: str) -> tuple[str, int]:
+    """Turn i's example text and where its target starts: ``before`` + the rest of ``through`` when ``before`` (the
+    generation prompt) starts it; else, for a prompt that opens ``<think>`` which the template strips from the turn,
+    ``before`` + the turn as written (its reasoning, then the answer and the template's end of turn)."""
+    if through.startswith(before) and len(through) > len(before):
+        return through, len(before)
+    cut = before.rfind(THINK_OPEN)  # a prompt that ends by opening "<think>" ...
+    if cut < 0 or before[cut + len(THINK_OPEN):].strip() or not through.startswith(before[:cut]):
+        raise LorakitError(
+            f"{where}: the chat template does not write messages[{i}] after the generation prompt it renders for "
+            f"messages[:{i}] (the prompt ends {before[-40:]!r}, the turn starts "
+            f"{through[len(os.path.commonprefix([before, through])):][:40]!r}), so the assistant turn cannot be "
+            "located; use prompt/completion records for this tokenizer")
+    opened, rendered = before[cut:], through[cut:]  # ... which the turn, as the template writes it, lacks
+    content = message.get("content") if isinstance(message.get("content"), str) else ""
+    if content.startswith(opened):
+        written = content[len(opened):]
+    elif content.lstrip().startswith(THINK_OPEN):
+        written = content.lstrip()[len(THINK_OPEN):].lstrip("\n")
+    else:
+        written = None
+    answer = content.split(THINK_CLOSE)[-1]
+    for shown in (answer, answer.lstrip("\n"), answer.lstrip()):  # templates strip the answer's leading newlines
+        if written is not None and THINK_CLOSE in content and shown and rendered.startswith(shown):
+            return before + written + rendered[len(shown):], len(before)
+    raise LorakitError(f"{where}: this model's chat template starts each answer with {opened!r} (its generation "
+                       f"prompt) but writes messages[{i}] as {rendered[:40]!r}, without reasoning; start the content "
+                       f"with the reasoning ('{THINK_OPEN}\\n...\\n{THINK_CLOSE}\\n\\n' before the answer), as "
+                       "the model writes it after that prompt")
