@@ -12,7 +12,8 @@ so ``inject`` installs (lazily, on transformers models only) the instance method
 - in a Trainer checkpoint folder (``checkpoint-<step>``) it also writes ``model.safetensors`` holding only the
   trainable tensors under the model's own ``state_dict`` names: the stock ``Trainer._load_from_checkpoint`` (which
   reads adapter files only for a ``peft.PeftModel``) loads that file with ``load_state_dict(strict=False)``, so
-  resuming restores the adapters (the frozen base is the one already in memory);
+  resuming restores the adapters (the frozen base is the one already in memory), and the installed
+  ``load_state_dict`` keeps that load from reporting every frozen base weight as a missing key;
 - after ``merge_and_unload`` (no adapters left) it is the class's own ``save_pretrained`` again (a whole model).
 
 Why a hook on the instance rather than a ``Trainer`` subclass: Trainer, TRL's ``SFTTrainer`` and user code all reach
@@ -45,7 +46,8 @@ def is_transformers_model(model: nn.Module) -> bool:
 
 
 def install(model: nn.Module) -> None:
-    """Give a transformers model the adapter-aware ``save_pretrained`` and ``print_trainable_parameters`` (idempotent).
+    """Give a transformers model the adapter-aware ``save_pretrained``, ``load_state_dict`` and
+    ``print_trainable_parameters`` (idempotent).
 
     Partials rather than bound methods: a bound method in the instance dict does not survive pickling (torch.save of
     the whole model) because unpickling evaluates ``getattr(model, name)`` before the model has its attributes back.
@@ -54,6 +56,8 @@ def install(model: nn.Module) -> None:
         return
     if "save_pretrained" not in vars(model):
         model.save_pretrained = functools.partial(save_pretrained, model)
+    if "load_state_dict" not in vars(model):
+        model.load_state_dict = functools.partial(load_state_dict, model)
     if "print_trainable_parameters" not in vars(model) and not hasattr(type(model), "print_trainable_parameters"):
         model.print_trainable_parameters = functools.partial(print_trainable_parameters, model)
 
@@ -98,6 +102,29 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args, i
             save_adapter(self, root if name == "default" else root / name, adapter=name)
         if root.name.startswith(CHECKPOINT_PREFIX):
             _save_trainable(self, root / TRAINER_WEIGHTS_NAME)
+
+
+def load_state_dict(self: nn.Module, state_dict, strict: bool = True, assign: bool = False):
+    """``nn.Module.load_state_dict``, except that a non-strict load of an adapter-only state dict (no frozen tensor
+    in it: what a Trainer checkpoint's ``model.safetensors`` holds) does not count the frozen base as missing.
+
+    Trainer's ``resume_from_checkpoint`` and ``load_best_model_at_end`` call ``load_state_dict(checkpoint, False)`` and
+    log every missing key: without this, every frozen base weight (hundreds of names) was reported as missing on each
+    resume although nothing was wrong. What stays reported: a missing trainable tensor (an adapter the checkpoint
+    lacks), unexpected keys, and every missing key of a state dict that holds frozen tensors (a whole-model file with
+    some weights absent). ``strict=True`` is untouched: it still raises on the missing base.
+
+    Returns:
+        torch's ``_IncompatibleKeys(missing_keys, unexpected_keys)``.
+    """
+    result = type(self).load_state_dict(self, state_dict, strict=strict, assign=assign)
+    if strict or not result.missing_keys:
+        return result
+    trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+    unexpected = set(result.unexpected_keys)
+    if trainable and all(key in trainable for key in state_dict if key not in unexpected):  # adapter-only: the base
+        result.missing_keys[:] = [key for key in result.missing_keys if key in trainable]  # is the one in memory
+    return result
 
 
 @contextlib.contextmanager
