@@ -27,6 +27,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 from lorakit.errors import LorakitError
+from lorakit.train.formats import REASONING_KEYS
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 Span = tuple[int, int]
@@ -67,10 +68,13 @@ def chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: R
         for i, before, through in turns:
             check(i, through[len(before):])
         return [(full, [(len(before), len(through)) for _, before, through in turns])], False
-    groups: list[tuple[str, list[Span]]] = []  # built from the last turn back: a turn joins the example after it
-    for i, before, through in reversed(turns):  # when its own example is a prefix of that one
+    located = []  # (text, start) per turn, in order, so that the first faulty turn is the one reported
+    for i, before, through in turns:
         text, start = _locate_turn(messages[i], i, before, through, where)
         check(i, text[start:])
+        located.append((text, start))
+    groups: list[tuple[str, list[Span]]] = []  # built from the last turn back: a turn joins the example after it
+    for text, start in reversed(located):  # when its own example is a prefix of that one
         if groups and groups[-1][0].startswith(text):
             groups[-1][1].insert(0, (start, len(text)))
         else:
@@ -103,6 +107,11 @@ def _locate_turn(message: Mapping, i: int, before: str, through: str, where: str
     for shown in (answer, answer.lstrip("\n"), answer.lstrip()):  # templates strip the answer's leading newlines
         if written is not None and THINK_CLOSE in content and shown and rendered.startswith(shown):
             return before + written + rendered[len(shown):], len(before)
+    key = next((key for key in REASONING_KEYS if message.get(key)), None)
+    if key:  # the reasoning is there, under a key this template does not read
+        raise LorakitError(f"{where}: messages[{i}] has {key!r}, but this model's chat template does not write it; put "
+                           f"the reasoning into the content ('{THINK_OPEN}\\n...\\n{THINK_CLOSE}\\n\\n' before the "
+                           "answer) or remove the key")
     raise LorakitError(f"{where}: this model's chat template starts each answer with {opened!r} (its generation "
                        f"prompt) but writes messages[{i}] as {rendered[:40]!r}, without reasoning; start the content "
                        f"with the reasoning ('{THINK_OPEN}\\n...\\n{THINK_CLOSE}\\n\\n' before the answer), as "
