@@ -69,10 +69,12 @@ def test_static_decoder_matches_transformers_with_mixed_adapters(family, overlap
     """overlap "lora" computes each LoRA pair into a scratch (on CUDA: on a second stream beside the GEMM); without
     DoRA (and for Llama without biases) the scratch is added inside rope + KV store, add + RMSNorm and SwiGLU."""
     import lorakit.kernels.rmsnorm as rn
+    import lorakit.kernels.swiglu_lora as sl
 
-    fused_adds = []
-    real = rn.add_rms_norm_
+    fused_adds, fused_mlps = [], []
+    real, real_mlp = rn.add_rms_norm_, sl.swiglu_lora
     monkeypatch.setattr(rn, "add_rms_norm_", lambda *a: fused_adds.append(1) or real(*a))
+    monkeypatch.setattr(sl, "swiglu_lora", lambda *a: fused_mlps.append(1) or real_mlp(*a))
     model = _family(family)
     _with_adapters(model)
     expected = _reference(model, PROMPTS, names, steps=3)
@@ -80,6 +82,8 @@ def test_static_decoder_matches_transformers_with_mixed_adapters(family, overlap
     assert decoder.lora_overlap == overlap and decoder.adapters.has_dora == ("d" in names)
     # per step and layer: after o and after down (the last one into the final norm); none when DoRA or one pass
     assert len(fused_adds) == (0 if overlap == "off" or "d" in names else 3 * 2 * 2)
+    # per step and layer: gate/up expand + SwiGLU + down shrink in one kernel, unless gate/up carries DoRA
+    assert len(fused_mlps) == (0 if overlap == "off" or "d" in names else 3 * 2)
     for step, (e, g) in enumerate(zip(expected, got)):
         assert torch.allclose(g, e, atol=ATOL, rtol=1e-5), f"step {step}: max diff {(g - e).abs().max():.2e}"
     # the adapters matter: the base model's logits differ by far more than the tolerance

@@ -60,6 +60,9 @@ class StaticDecoder:
             elsewhere): the pair adds into the GEMM's output after it. Off CUDA, "lora" is "serial".
         pdl: launch the step's kernels with programmatic dependent launch (default: on where the GPU and Triton
             support it; ignored elsewhere).
+        fuse_lora: with ``lora_overlap`` "lora" or "serial", fold the gate/up LoRA expand and the down LoRA shrink
+            into the SwiGLU kernel (``lorakit.kernels.swiglu_lora``): two launches fewer per layer. Layers whose
+            gate/up carry a bias or a DoRA adapter keep the separate kernels.
 
     The model's q/k/v and gate/up weights become views of fused tensors (values and keys unchanged; see
     ``lorakit.decoding.weights``). Adapters are copied from the model's LoRA layers the first time a row uses them
@@ -67,7 +70,8 @@ class StaticDecoder:
     """
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, graph: bool | None = None,
-                 adapter_slots: int = 8, lora_overlap: str | None = None, pdl: bool | None = None):
+                 adapter_slots: int = 8, lora_overlap: str | None = None, pdl: bool | None = None,
+                 fuse_lora: bool = True):
         self.parts = parts = model_parts(model)
         if max_batch < 1 or max_len < 2:
             raise LorakitError(f"a static decoder needs max_batch >= 1 and max_len >= 2, got {max_batch} and {max_len}")
@@ -85,6 +89,7 @@ class StaticDecoder:
             raise LorakitError(f"lora_overlap must be 'lora', 'serial' or 'off', got {overlap!r}")
         self.lora_overlap = overlap
         self.pdl = True if pdl is None else bool(pdl)  # kernels check the device (``pdl_on``) at each launch
+        self.fuse_lora = bool(fuse_lora)
         # elsewhere "lora" keeps the same data flow (delta scratch, fused adds) on the one stream
         self._lora_stream = torch.cuda.Stream(self.device) if cuda and overlap == "lora" else None
         self.weights = [self._fuse(layer) for layer in parts.layers]
@@ -441,6 +446,7 @@ class StaticDecoder:
         D), k, v (T, Hkv, D) are views of the q/k/v output and delta None or views of the LoRA delta still to add
         to them. Returns the residual stream (T, d) and the delta still to add to it (or None)."""
         from lorakit.kernels.swiglu import swiglu_packed
+        from lorakit.kernels.swiglu_lora import swiglu_lora
 
         parts = self.parts
         T = h.shape[0]
@@ -463,27 +469,48 @@ class StaticDecoder:
             attn = attend(i, layer, q, k, v, None if delta is None else heads(delta))
             h, delta = self._project(attn.reshape(T, Nq), i, "o", slots, residual=h)
             x = _norm(h, layer.post_norm, self._eps, delta)
-            gate_up, delta = self._project(x, i, "gate_up", slots)
-            act = swiglu_packed(gate_up, delta)  # (T, 2F) -> (T, F)
-            h, delta = self._project(act, i, "down", slots, residual=h)
+            if self._fused_mlp(i):
+                # gate/up GEMM beside its shrink; then one kernel: gate/up expand + SwiGLU + down shrink; then the
+                # down GEMM beside the down expand from that kernel's planes
+                gate_up, part = self._project(x, i, "gate_up", slots, shrink_only=True)
+                gu, dn = self.adapters.layers[i]["gate_up"], self.adapters.layers[i]["down"]
+                act, part = swiglu_lora(gate_up, part, gu.B, gu.scaling, gu.rank, dn.A, dn.rank, slots)
+                h, delta = self._project(act, i, "down", slots, residual=h, part=part)
+            else:
+                gate_up, delta = self._project(x, i, "gate_up", slots)
+                act = swiglu_packed(gate_up, delta)  # (T, 2F) -> (T, F)
+                h, delta = self._project(act, i, "down", slots, residual=h)
         return h, delta
 
     @property
     def _eps(self) -> float:
         return norm_eps(self.parts.final_norm, 1e-6)
 
+    def _dora(self, stack) -> bool:
+        return stack.ratio is not None and self.adapters.has_dora
+
+    def _fused_mlp(self, layer: int) -> bool:
+        """Whether layer ``layer``'s MLP runs its LoRA through ``swiglu_lora`` (see ``fuse_lora``)."""
+        return (self.fuse_lora and bool(self.adapters.slot_of) and self.lora_overlap in ("lora", "serial")
+                and self.weights[layer]["gate_up"].bias is None and not self._dora(self.adapters.layers[layer]["gate_up"]))
+
     def _project(self, x: torch.Tensor, layer: int, group: str, slots: torch.Tensor,
-                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 residual: torch.Tensor | None = None, shrink_only: bool = False,
+                 part: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One projection group: (residual +) bias + [DoRA ratio *] (x W^T + LoRA deltas). x (B, K) -> (y, delta)
         with y (B, N). delta is None, or (with ``lora_overlap="lora"``) the (B, N) LoRA delta computed on the side
-        stream that the caller still adds to y, inside the kernel that reads y next."""
-        from lorakit.kernels.grouped_lora import grouped_lora_add_
+        stream that the caller still adds to y, inside the kernel that reads y next.
+
+        Split pairs (``lora_overlap`` "lora"/"serial" only): ``shrink_only`` runs only the shrink beside the GEMM
+        and returns (y, its planes (P, B, G*R) float32) for a kernel that expands them itself (no bias, no DoRA on
+        this group); ``part`` (planes of a shrink done elsewhere) runs only the expand beside the GEMM."""
+        from lorakit.kernels.grouped_lora import grouped_expand_, grouped_lora_add_, grouped_shrink, grouped_shrink_planes
         from lorakit.kernels.rows_linear import rows_linear
 
         fused = self.weights[layer][group]
         stack = self.adapters.layers[layer][group]
         use_lora = bool(self.adapters.slot_of)
-        dora = stack.ratio is not None and self.adapters.has_dora
+        dora = self._dora(stack)
         args = (stack.A, stack.B, stack.scaling, stack.rank, slots, fused.splits)
         overlap = use_lora and self.lora_overlap in ("lora", "serial")
         side = self._lora_stream if overlap else None
@@ -491,20 +518,34 @@ class StaticDecoder:
             # the LoRA pair on a second stream while the GEMM runs: both are bound by memory bandwidth, and each
             # alone leaves SMs idle while it ramps up and drains. Its output buffer is allocated here, on the main
             # stream, before the fork; the main stream waits for the side stream before reading it.
-            delta = torch.empty(x.shape[0], sum(fused.splits), dtype=x.dtype, device=x.device)
+            if shrink_only:
+                out = torch.empty(grouped_shrink_planes(x, stack.A), x.shape[0], stack.A.shape[1], dtype=torch.float32,
+                                  device=x.device)
+            else:
+                out = torch.empty(x.shape[0], sum(fused.splits), dtype=x.dtype, device=x.device)
+
+            def lora_side():
+                if shrink_only:
+                    grouped_shrink(x, stack.A, stack.rank, slots, len(fused.splits), out=out)
+                elif part is not None:
+                    grouped_expand_(out, part, stack.B, stack.scaling, stack.rank, slots, fused.splits, accumulate=False)
+                else:
+                    grouped_lora_add_(out, x, *args, accumulate=False)
+
             if side is None:
-                grouped_lora_add_(delta, x, *args, accumulate=False)
+                lora_side()
             else:
                 main = torch.cuda.current_stream(self.device)
                 side.wait_stream(main)
                 with torch.cuda.stream(side):
-                    grouped_lora_add_(delta, x, *args, accumulate=False)
+                    lora_side()
         # the residual add inside the GEMM's epilogue
         y = rows_linear(x, fused.weight, residual if residual is not None and not dora else None)
         if overlap:
             if side is not None:
                 main.wait_stream(side)
-            if not dora and fused.bias is None:
+            delta = out
+            if shrink_only or (not dora and fused.bias is None):
                 return y, delta
             y.add_(delta)
         elif use_lora:

@@ -23,6 +23,7 @@ slot on the host), so a graph capture needs the Triton path.
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import torch
@@ -30,7 +31,8 @@ import torch
 from lorakit.errors import LorakitError
 from lorakit.kernels._triton import triton_usable
 
-__all__ = ["grouped_lora_add_", "grouped_lora_add_reference", "grouped_stack", "grouped_stack_from", "check_grouped_args"]
+__all__ = ["grouped_lora_add_", "grouped_lora_add_reference", "grouped_stack", "grouped_stack_from", "check_grouped_args",
+           "grouped_shrink", "grouped_shrink_planes", "grouped_expand_", "grouped_shrink_reference", "grouped_expand_reference_"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_SEGMENTS = 4
@@ -146,6 +148,78 @@ def grouped_lora_add_(y, x, A, B, scaling, rank, slot_of_row, out_splits, *, spl
         return grouped_lora_add_triton_(y, x, A, B, scaling.contiguous(), rank.contiguous(), slot_of_row, bounds, split_k,
                                         accumulate)
     return grouped_lora_add_reference(y, x, A, B, scaling, rank, slot_of_row, out_splits, accumulate=accumulate)
+
+
+def grouped_shrink_reference(x, A, rank, slot_of_row, G: int) -> torch.Tensor:
+    """The shrink half alone, as the spec: part (1, T, G*R) float32 with part[0, t, j] = x[t] . A[s, j] for rows
+    with a slot s and j within its segment's rank (x rounded to A's dtype, products in float32), zero elsewhere."""
+    T = x.shape[0]
+    slots, GR, _ = A.shape
+    R = GR // G
+    part = torch.zeros(1, T, GR, dtype=torch.float32, device=x.device)
+    for t, s in enumerate(slot_of_row.detach().to("cpu", torch.long).tolist()):
+        if 0 <= s < slots:
+            live = (torch.arange(GR, device=x.device) % R) < rank[s].to(x.device).repeat_interleave(R)
+            low = A[s].float() @ x[t].to(A.dtype).float()
+            part[0, t] = torch.where(live, low, 0.0)
+    return part
+
+
+def grouped_expand_reference_(y, part, B, scaling, rank, slot_of_row, out_splits, *, accumulate: bool = True):
+    """The expand half alone, as the spec: y (T, N) += (or, accumulate=False, =) the deltas from the shrink's
+    planes ``part`` (P, T, G*R) (summed over P), in float32, rounded to y's dtype once. Returns y."""
+    G = len(out_splits)
+    slots, N, R = B.shape
+    low = part.sum(0)  # (T, G*R)
+    bounds = [0, *itertools.accumulate(int(n) for n in out_splits)]
+    with torch.no_grad():
+        for t, s in enumerate(slot_of_row.detach().to("cpu", torch.long).tolist()):
+            if not 0 <= s < slots:
+                if not accumulate:
+                    y[t].zero_()
+                continue
+            delta = torch.zeros(N, dtype=torch.float32, device=y.device)
+            for g in range(G):
+                r = int(rank[s, g])
+                c0, c1 = bounds[g], bounds[g + 1]
+                if r:
+                    delta[c0:c1] = B[s, c0:c1, :r].float() @ (low[t, g * R:g * R + r] * float(scaling[s, g]))
+            y[t] = (delta + (y[t].float() if accumulate else 0.0)).to(y.dtype)
+    return y
+
+
+def grouped_shrink_planes(x, A) -> int:
+    """The number of planes P that ``grouped_shrink(x, A, ...)`` returns (from the shapes and the SM count only),
+    so that a caller can allocate ``out`` on the stream that will read it."""
+    if triton_usable(x, A):
+        from lorakit.kernels.triton.grouped_lora import shrink_blocks
+
+        return shrink_blocks(x.shape[0], x.shape[1], A.shape[1], x.device, None)[1]
+    return 1
+
+
+def grouped_shrink(x, A, rank, slot_of_row, G: int, split_k: int | None = None, out=None) -> torch.Tensor:
+    """The shrink half of ``grouped_lora_add_``: part (P, T, G*R) float32 planes whose sum over P is x . A[slot]
+    per row with an adapter (planes of other rows: anything). The Triton kernel when ``triton_usable``, else the
+    reference. Shapes as ``grouped_lora_add_`` (unchecked: the caller checked them once); split_k as there.
+    out: optional (P, T, G*R) float32 to write into (P from ``grouped_shrink_planes``; split_k must be None)."""
+    if triton_usable(x, A, rank, slot_of_row):
+        from lorakit.kernels.triton.grouped_lora import grouped_shrink_triton
+
+        return grouped_shrink_triton(x, A, rank, slot_of_row, G, split_k, out)
+    part = grouped_shrink_reference(x, A, rank, slot_of_row, G)
+    return part if out is None else out.copy_(part)
+
+
+def grouped_expand_(y, part, B, scaling, rank, slot_of_row, out_splits, *, accumulate: bool = True) -> torch.Tensor:
+    """The expand half of ``grouped_lora_add_`` from a shrink's planes (P, T, G*R) (``grouped_shrink``, or the
+    down planes of ``lorakit.kernels.swiglu_lora.swiglu_lora``); y (T, N). Returns y."""
+    if triton_usable(y, part, B, scaling, rank, slot_of_row):
+        from lorakit.kernels.triton.grouped_lora import grouped_expand_triton_
+
+        bounds = [0, *itertools.accumulate(int(n) for n in out_splits)]
+        return grouped_expand_triton_(y, part, B, scaling.contiguous(), rank.contiguous(), slot_of_row, bounds, accumulate)
+    return grouped_expand_reference_(y, part, B, scaling, rank, slot_of_row, out_splits, accumulate=accumulate)
 
 
 def grouped_stack(

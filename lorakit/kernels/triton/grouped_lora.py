@@ -151,6 +151,22 @@ def _grouped_expand_kernel(
         tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
+@triton.jit
+def live_segment_low(part_row, stride_ps, scaling_ptr, rank_ptr, live, seg, R: tl.constexpr, BLOCK_R: tl.constexpr,
+                     SPLIT: tl.constexpr):
+    """Segment ``seg``'s scaled low-rank vector (BLOCK_R,) float32, zero beyond its rank, and that rank (0 when
+    the row has no adapter, ``live`` false: nothing of ``part`` is read then). part_row: the row's plane-0 entries;
+    scaling_ptr / rank_ptr: the slot's rows of scaling and rank (any slot when not live: they are still read)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    rank = tl.where(live, tl.minimum(tl.load(rank_ptr + seg).to(tl.int32), R), 0)
+    mask_r = offs_r < rank
+    low = tl.load(part_row + seg * R + offs_r, mask=mask_r, other=0.0)
+    for sp in tl.static_range(1, SPLIT):
+        low += tl.load(part_row + sp * stride_ps + seg * R + offs_r, mask=mask_r, other=0.0)
+    scale = tl.load(scaling_ptr + seg).to(tl.float32)
+    return tl.where(mask_r, low * scale, 0.0), rank
+
+
 # Tile sizes. bench/grouped_lora_speed.py sweeps candidates on the GPU and prints the fastest; programs_per_sm sets
 # SPLIT_K so that about that many shrink programs per SM read A at once (decode has only T rows). max_tile bounds
 # the shrink's (G*R, BLOCK_K) float32 accumulator (registers), so block_k shrinks when G*R is large.
@@ -201,13 +217,15 @@ def shrink_blocks(T: int, K: int, GR: int, device: torch.device, split_k: int | 
     return block_k, split_k, chunks_per_split * block_k
 
 
-def grouped_shrink_triton(x, A, rank, slot_of_row, G, split_k=None):
+def grouped_shrink_triton(x, A, rank, slot_of_row, G, split_k=None, out=None):
     """The shrink launch: returns ``part`` (SPLIT_K, T, G*R) float32, the split-K partial sums of x . A[slot]
-    (planes of rows without an adapter are left unwritten; the expand never reads them)."""
+    (planes of rows without an adapter are left unwritten; the expand never reads them). out: that tensor, given."""
     T, K = x.shape
     slots, GR, _ = A.shape
     block_k, split, k_per_split = shrink_blocks(T, K, GR, x.device, split_k)
-    part = torch.empty(split, T, GR, dtype=torch.float32, device=x.device)  # no memset: every live plane is stored
+    part = torch.empty(split, T, GR, dtype=torch.float32, device=x.device) if out is None else out  # no memset
+    if part.shape != (split, T, GR) or part.dtype != torch.float32 or not part.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 {(split, T, GR)}, got {tuple(part.shape)} {part.dtype}")
     pdl = pdl_on(x)
     _grouped_shrink_kernel[(T, split)](
         x, A, rank, slot_of_row, part,
