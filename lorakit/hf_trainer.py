@@ -112,15 +112,24 @@ def load_state_dict(self: nn.Module, state_dict, strict: bool = True, assign: bo
     log every missing key: without this, every frozen base weight (hundreds of names) was reported as missing on each
     resume although nothing was wrong. What stays reported: a missing trainable tensor (an adapter the checkpoint
     lacks), unexpected keys, and every missing key of a state dict that holds frozen tensors (a whole-model file with
-    some weights absent). ``strict=True`` is untouched: it still raises on the missing base.
+    some weights absent). ``strict=True`` is untouched: it still raises on the missing base. A trainable tensor of
+    another shape (a checkpoint of another rank) raises one LorakitError line instead of torch's line per tensor.
 
     Returns:
         torch's ``_IncompatibleKeys(missing_keys, unexpected_keys)``.
     """
+    trainable = {name: parameter for name, parameter in self.named_parameters() if parameter.requires_grad}
+    differ = [name for name, parameter in trainable.items()
+              if name in state_dict and tuple(getattr(state_dict[name], "shape", ())) != tuple(parameter.shape)]
+    if differ:  # a checkpoint of other adapter settings (rank): torch's error lists every tensor, one line each
+        name = differ[0]
+        raise LorakitError(f"the state dict's {name} has shape {tuple(state_dict[name].shape)}, this model's is "
+                           f"{tuple(trainable[name].shape)} ({len(differ)} adapter tensor(s) differ): it was saved with "
+                           "other adapter settings; inject the LoraConfig that wrote it (its adapter_config.json has "
+                           "r, target_modules) before resuming from it")
     result = type(self).load_state_dict(self, state_dict, strict=strict, assign=assign)
     if strict or not result.missing_keys:
         return result
-    trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
     unexpected = set(result.unexpected_keys)
     if trainable and all(key in trainable for key in state_dict if key not in unexpected):  # adapter-only: the base
         result.missing_keys[:] = [key for key in result.missing_keys if key in trainable]  # is the one in memory

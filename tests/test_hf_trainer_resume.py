@@ -8,6 +8,7 @@ Before: ``trainer.train(resume_from_checkpoint=...)`` logged "There were missing
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from contextlib import contextmanager
 
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
+import lorakit
 from conftest import assert_close
 from test_hf_trainer import args, dataset, injected, lora_tensors
 
@@ -92,3 +94,16 @@ def test_load_state_dict_rules():
 
     partial = dict(list(adapters.items())[1:])
     assert model.load_state_dict(partial, strict=False).missing_keys == [next(iter(adapters))]
+
+
+def test_a_checkpoint_of_another_rank_is_one_line():
+    """Resuming with another rank: torch's RuntimeError listed one size mismatch per adapter tensor."""
+    model = injected(r=8)
+    other = lora_tensors(injected())  # what a rank-4 run saved
+    with pytest.raises(lorakit.LorakitError) as info:
+        model.load_state_dict(other, strict=False)
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.fullmatch(r"the state dict's model\.layers\.0\.self_attn\.q_proj\.adapters\.default\.lora_A has shape "
+                        r"\(4, \d+\), this model's is \(8, \d+\) \(\d+ adapter tensor\(s\) differ\): it was saved with "
+                        r"other adapter settings; .*", message), message
