@@ -262,6 +262,10 @@ def tokenize_example(
     Returns:
         ``{"input_ids": [...], "labels": [...], "truncated": bool}`` with ``labels[k] == IGNORE_INDEX`` where
         token k is not a target, or None when the example was dropped.
+
+    Raises:
+        LorakitError: a bad record, an example too long with overflow="error", or a chat that trains as several
+            examples (its template rewrites earlier turns: use :func:`tokenize_examples`).
     """
     if overflow not in OVERFLOW_CHOICES:
         raise LorakitError(f"overflow={overflow!r} is not one of {', '.join(OVERFLOW_CHOICES)}")
