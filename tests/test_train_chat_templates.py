@@ -329,6 +329,20 @@ def test_a_generation_prompt_that_opens_think(qwen):
         tokenize_examples(chat("reasoning_content"), r1, 512)
 
 
+def test_a_generation_prompt_with_extra_whitespace():
+    """A prompt that adds a newline after the header the turn is written with: the context is that prompt and
+    the target the turn, as the model writes it after the prompt."""
+    loose = tokenizer_with(make_tokenizer().chat_template.replace("<|im_start|>assistant\n{% endif %}",
+                                                                  "<|im_start|>assistant\n\n{% endif %}"))
+    record = chat("none")
+    ds = build_dataset([record], loose, 512)
+    assert ds.summary.per_turn_chats == 1 and len(ds) == 2
+    for example, turn, answer in zip(ds, (2, 4), ("4", "6")):
+        assert context(example, loose) == loose.apply_chat_template(record["messages"][:turn], tokenize=False,
+                                                                    add_generation_prompt=True)
+        assert targets(example, loose) == [f"{answer}<|im_end|>"]
+
+
 def test_reasoning_a_template_drops_is_refused_not_silently_lost():
     strip = tokenizer_with(STRIP_TEMPLATE)
     with pytest.raises(LorakitError) as info:

@@ -84,17 +84,20 @@ def chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: R
 
 def _locate_turn(message: Mapping, i: int, before: str, through: str, where: str) -> tuple[str, int]:
     """Turn i's example text and where its target starts: ``before`` + the rest of ``through`` when ``before`` (the
-    generation prompt) starts it; else, for a prompt that opens ``<think>`` which the template strips from the turn,
-    ``before`` + the turn as written (its reasoning, then the answer and the template's end of turn)."""
+    generation prompt) starts it, or starts it but for whitespace the prompt adds after the turn's header; else, for
+    a prompt that opens ``<think>`` which the template strips from the turn, ``before`` + the turn as written (its
+    reasoning, then the answer and the template's end of turn)."""
     if through.startswith(before) and len(through) > len(before):
         return through, len(before)
+    head = len(os.path.commonprefix([before, through]))
+    if head < len(before) and not before[head:].strip() and head < len(through):  # the prompt only adds whitespace
+        return before + through[head:], len(before)  # ("\n" after the header): the model writes the turn after it
     cut = before.rfind(THINK_OPEN)  # a prompt that ends by opening "<think>" ...
     if cut < 0 or before[cut + len(THINK_OPEN):].strip() or not through.startswith(before[:cut]):
         raise LorakitError(
             f"{where}: the chat template does not write messages[{i}] after the generation prompt it renders for "
-            f"messages[:{i}] (the prompt ends {before[-40:]!r}, the turn starts "
-            f"{through[len(os.path.commonprefix([before, through])):][:40]!r}), so the assistant turn cannot be "
-            "located; use prompt/completion records for this tokenizer")
+            f"messages[:{i}] (the prompt ends {before[-40:]!r}, the turn starts {through[head:][:40]!r}), so the "
+            "assistant turn cannot be located; use prompt/completion records for this tokenizer")
     opened, rendered = before[cut:], through[cut:]  # ... which the turn, as the template writes it, lacks
     content = message.get("content") if isinstance(message.get("content"), str) else ""
     if content.startswith(opened):

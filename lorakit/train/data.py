@@ -506,8 +506,9 @@ class DataSummary:
         if self.per_turn_chats:  # said once per dataset: why there are more examples than records
             n = self.per_turn_chats
             split = (f"{n} chat{'s' if n > 1 else ''} trained as one example per assistant turn, because this model's "
-                     "chat template rewrites earlier turns (e.g. drops their <think> reasoning): each turn is learnt as "
-                     "the template writes it when that turn is generated")
+                     "chat template rewrites earlier turns (e.g. drops their <think> reasoning) or its generation "
+                     "prompt differs from the turn it renders: each turn is learnt as the template writes it when that "
+                     "turn is generated")
             trimmed = f"{trimmed}; {split}" if trimmed else split
         if not self.dropped:
             return f"note: {trimmed}" if trimmed else None
