@@ -8,6 +8,7 @@ line and exits with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lorakit {args.command}: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # the output went to a reader that stopped early (lorakit inspect DIR | head): end quietly
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # so the interpreter's exit flush does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     if argv_given is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _exit_without_teardown(code)
     return code

@@ -135,32 +135,73 @@ def merge_model(model: nn.Module, adapter: str, dtype: torch.dtype) -> tuple[nn.
     return model, report
 
 
+# What a command's previous output may hold (``fnmatch`` patterns): with --overwrite that folder is replaced whole,
+# so anything else in it (a user's notes, other models, a .git) makes it refuse instead of deleting them
+OUTPUT_FILES = {
+    "model": ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
+              "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.*", "merges.txt", "*.model",
+              "*.gguf", "preprocessor_config.json", "processor_config.json", ".DS_Store"),
+    "adapter": ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", ".DS_Store"),
+}
+
+
 def check_output_folder(out: str | os.PathLike, flag: str = "--out", overwrite: bool = False,
-                        protected: dict[str, str | os.PathLike] | None = None, allow_empty: bool = False) -> Path:
-    """Refuse, before any work, an output folder that cannot be written or would destroy an input.
+                        protected: dict[str, str | os.PathLike] | None = None, allow_empty: bool = False,
+                        replaces: str | None = None) -> Path:
+    """Refuse, before any work, an output folder that cannot be written or would destroy an input or a user's files.
 
     ``out`` may not exist yet (its nearest existing parent must be a writable folder); if it exists it must be a
-    folder, and without ``overwrite`` it is refused (unless it is empty and ``allow_empty``). ``protected`` maps a description ("the adapter folder") to an
-    input path that ``out`` may not be, contain, or sit inside.
+    folder, and without ``overwrite`` it is refused (unless it is empty and ``allow_empty``). ``protected`` maps a
+    description ("the adapter folder") to an input path that ``out`` may not be, contain, or sit inside.
+    ``replaces`` ("model" / "adapter", see ``OUTPUT_FILES``): the folder is replaced whole, so with ``overwrite``
+    an existing one may only hold what such an output holds. The current folder (or one above it) and a mount point
+    are refused: a folder is written beside ``out`` and renamed onto it. Returns ``out`` with ``~`` expanded and a
+    symbolic link followed (the output goes where the link points; the link stays).
     """
+    given = out
     out = Path(out).expanduser()
+    if out.is_symlink() and out.is_dir():
+        out = out.resolve()
     if out.exists() and not out.is_dir():
-        raise LorakitError(f"{flag} {out} is a file; give a folder")
-    if out.is_dir() and not overwrite and not (allow_empty and not any(out.iterdir())):
-        raise LorakitError(f"{flag} {out} already exists; choose another {flag} or pass --overwrite")
+        raise LorakitError(f"{flag} {given} is a file; give a folder")
+    empty = out.is_dir() and not any(out.iterdir())
+    if out.is_dir() and not overwrite and not (allow_empty and empty):
+        raise LorakitError(f"{flag} {given} already exists; choose another {flag} or pass --overwrite")
     resolved = out.resolve()
     for what, path in (protected or {}).items():
         source = Path(path).expanduser().resolve()
         if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
-            raise LorakitError(f"{flag} {out} is, holds or sits inside {what} {path}; choose a folder outside it")
+            raise LorakitError(f"{flag} {given} is, holds or sits inside {what} {path}; choose a folder outside it")
+    if out.is_dir() and Path.cwd().resolve().is_relative_to(resolved):
+        raise LorakitError(f"{flag} {given} is the current folder (or holds it); give a new folder, e.g. {flag} merged")
+    if out.is_dir() and os.path.ismount(out):
+        raise LorakitError(f"{flag} {given} is a mount point, and lorakit writes a folder beside {flag} and renames it "
+                           f"into place; give a folder inside it, e.g. {flag} {Path(str(given)) / 'out'}")
+    if out.is_dir() and not empty and replaces is not None:
+        _refuse_other_files(out, given, flag, replaces)
     parent = out if out.exists() else out.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise LorakitError(f"{flag} {out}: {parent} is a file, not a folder; choose another {flag}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LorakitError(f"{flag} {out}: no permission to write in {parent}; choose another {flag}")
+        raise LorakitError(f"{flag} {given}: {parent} is a file, not a folder; choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK)):
+        place = parent if not os.access(parent, os.W_OK | os.X_OK) else out.parent
+        raise LorakitError(f"{flag} {given}: no permission to write in {place}; choose another {flag}")
     return out
+
+
+def _refuse_other_files(out: Path, given, flag: str, kind: str) -> None:
+    """With --overwrite, ``out`` is swapped out whole: refuse when it holds entries a ``kind`` output never holds."""
+    import fnmatch
+
+    patterns = OUTPUT_FILES[kind]
+    others = sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in out.iterdir()
+                    if p.is_dir() or not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in patterns))
+    if others:
+        shown_names = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise LorakitError(f"{flag} {given} holds what {'an' if kind == 'adapter' else 'a'} {kind} folder does not "
+                           f"({shown_names}); --overwrite replaces the whole folder and would delete them: move them out "
+                           f"or choose another {flag}")
 
 
 def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: torch.dtype, overwrite: bool = False,
@@ -168,12 +209,13 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
     """Save ``model`` (cast to ``dtype``) and ``tokenizer`` as a Hugging Face folder at ``out``, atomically.
 
     ``extra_files(tmp_folder)`` may write more files (the GGUF) into the folder before it is renamed into place.
+    An existing empty ``out`` is used; a non-empty one needs ``overwrite`` and may hold only a model folder's
+    files (see ``check_output_folder``), since it is replaced whole. Files get the usual permissions (safetensors
+    writes its files 0600).
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise LorakitError(f"{out} already exists; choose another --out or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise LorakitError(f"{out} exists and is not a folder; choose another --out")
+    from lorakit._fs import publish_mode
+
+    out = check_output_folder(out, flag="out", overwrite=overwrite, allow_empty=True, replaces="model")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(out)
@@ -189,7 +231,13 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for path in tmp.iterdir():
+            publish_mode(path)
         replace_folder(tmp, out)  # an existing folder (--overwrite) is swapped out only once this one is whole
+    except OSError as error:  # a full disk, a quota, a file system that went away: nothing half-written is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "; the existing folder is unchanged" if out.exists() else ""
+        raise LorakitError(f"cannot write {out}: {error.strerror or error}{kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

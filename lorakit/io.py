@@ -143,7 +143,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
                                       task_type=task_type(model, adapter))
     metadata = {"format": "pt", "lorakit_format": FORMAT_VERSION, "lorakit_version": __version__,
                 "lorakit_base_fingerprint": base_fingerprint(model)}
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise LorakitError(f"{folder} exists and is not a folder; choose another output path")
     try:
@@ -261,7 +261,7 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
     for folders others can write to, such as a server's. The default follows them, as the Hugging Face hub cache
     (files linked to blobs) needs.
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if folder.is_file() and folder.name in (CONFIG_NAME, WEIGHTS_NAME, *PICKLED_NAMES):
         raise LorakitError(f"{folder} is a file of an adapter; pass the folder that holds it: {folder.parent}")
     if not folder.is_dir():
@@ -270,6 +270,7 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
             f"; lorakit reads local folders: download a hub adapter first (hf download {folder} --local-dir DIR)"
             if hub else ""))
     weights = folder / WEIGHTS_NAME
+    _refuse_broken_entry(weights)
     if not weights.is_file():
         named = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
         if named:  # peft saves an adapter that is not named "default" into a subfolder of its name
@@ -283,6 +284,7 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
                                "model.save_pretrained(dir), safetensors by default)")
         raise LorakitError(f"{weights} not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}{_other_files(folder)}")
     config_path = folder / CONFIG_NAME
+    _refuse_broken_entry(config_path)
     if not config_path.is_file():
         raise LorakitError(f"{config_path} not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     folder_fd = None if follow_symlinks else _open(folder, follow_symlinks, None, directory=True)
@@ -325,6 +327,16 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
     if config is None:
         config = _parse_config({**raw_config, "target_modules": _targets_from_keys(tensors, weights)}, config_path)
     return AdapterFile(folder, config, tensors, metadata, raw_config, size)
+
+
+def _refuse_broken_entry(path: Path) -> None:
+    """A dangling symbolic link (a hub cache whose blob never finished downloading) or a folder where an adapter
+    file goes, named as such instead of "not found"."""
+    if path.is_symlink() and not path.exists():
+        raise LorakitError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist (an unfinished "
+                           "download?); download the adapter again")
+    if path.is_dir():
+        raise LorakitError(f"{path} is a folder; it must be the file itself")
 
 
 def _is_index_list(value: Any) -> bool:
@@ -457,12 +469,29 @@ def _read_config(path: Path, handle) -> Any:
     if size > MAX_CONFIG_BYTES:
         raise LorakitError(f"{path} is {size:,} bytes, over the limit of {MAX_CONFIG_BYTES:,} (a PEFT adapter config is "
                            "a few KB)")
+    data = _read_exactly(path, handle, size)
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(data) > 1 and b"\x00" in data[:2]):
+        raise LorakitError(f"{path} is UTF-16 text (Windows PowerShell's default for '>' and Out-File); save it as UTF-8, "
+                           "which peft and lorakit read")
     try:
-        return json.loads(_read_exactly(path, handle, size).decode("utf-8-sig"))  # -sig: a BOM from a Windows editor
+        return json.loads(data.decode("utf-8-sig"))  # -sig: a BOM from a Windows editor
     except RecursionError:
         raise LorakitError(f"{path} is nested too deeply to be an adapter config") from None
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
+    except json.JSONDecodeError as error:
+        raise LorakitError(f"{path} is not valid JSON: {clipped(str(error).split(';')[0], 160)}{_json_hint(error)}") from None
+    except ValueError as error:  # UnicodeDecodeError, an integer of thousands of digits
         raise LorakitError(f"{path} is not valid JSON: {clipped(str(error).split(';')[0], 160)}") from None
+
+
+def _json_hint(error: json.JSONDecodeError) -> str:
+    """What JSON5-style habits (comments, trailing commas) look like to ``json``: said in words, with the line."""
+    line = error.doc.splitlines()[error.lineno - 1] if error.lineno <= len(error.doc.splitlines()) else ""
+    if line.lstrip().startswith(("//", "/*", "#")):
+        return f" (line {error.lineno} is a comment; JSON has no comments: delete it)"
+    before = error.doc[: error.pos].rstrip()
+    if before.endswith(",") and error.doc[error.pos: error.pos + 1] in ("}", "]"):
+        return " (a trailing comma before a closing bracket; JSON allows none: delete it)"
+    return ""
 
 
 def _check_header(path: Path, data: bytes) -> None:
@@ -491,7 +520,7 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
     fingerprint = adapter_file.metadata.get("lorakit_base_fingerprint")
     if check_base and fingerprint and fingerprint != base_fingerprint(model):
         raise LorakitError(f"{adapter_file.folder} was made for another base model (fingerprint {shown(fingerprint)}, this model "
-                           f"{base_fingerprint(model)}); load it on the model it was trained on")
+                           f"{base_fingerprint(model)}); load it on the model it was trained on{made_for}")
     try:
         targets = find_targets(model, config)
         saved = find_modules_to_save(model, config)

@@ -88,8 +88,13 @@ def test_existing_out_refused_and_overwrite_is_atomic(folders, tmp_path, capsys)
     args = ["merge", "--model", str(folders["model"]), "--adapter", str(folders["adapter"]), "--out", str(out)]
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert main(args + ["--overwrite"]) == 2  # --overwrite replaces a previous output, never a user's files
+    assert "holds what a model folder does not (keep.txt)" in capsys.readouterr().err and (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    assert main(args) == 0  # an empty folder is used as it is
+    (out / "model.safetensors").write_bytes(b"old")
     assert main(args + ["--overwrite"]) == 0
-    assert (out / "config.json").exists() and not (out / "keep.txt").exists()
+    assert (out / "config.json").exists() and (out / "model.safetensors").read_bytes() != b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -6,7 +6,9 @@ model folder goes, a file where an adapter folder goes, a device this machine do
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 from pathlib import Path
 
 from lorakit.errors import LorakitError
@@ -37,6 +39,17 @@ def check_model_arg(model: str, flag: str = "--model") -> None:
     raise LorakitError(f"{flag} {model} is a file, not a model folder{hint}")
 
 
+def check_model_folder(model: str, flag: str = "--model") -> None:
+    """``check_model_arg``, then the checks of a local model folder that read no weights (config.json, a pickled-only
+    folder, a family that cannot generate), so they come before an adapter is read or anything loads. The
+    embedded names are left to ``load_base`` (their first use converts the model)."""
+    from lorakit.models.loading import _ALIASES, EMBEDDED_MODELS, resolve_model_folder
+
+    check_model_arg(model, flag)
+    if _ALIASES.get(str(model).lower(), str(model).lower()) not in EMBEDDED_MODELS:
+        resolve_model_folder(model)
+
+
 def check_adapter_arg(adapter: str, flag: str = "--adapter") -> None:
     """Refuse a file given as an adapter (the adapter is the folder holding adapter_config.json)."""
     path = Path(os.path.expanduser(str(adapter)))
@@ -62,3 +75,53 @@ def check_device(device: str | None, flag: str = "--device") -> None:
         raise LorakitError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise LorakitError(f"{flag} mps: Apple's MPS backend is not available here; use {flag} cpu")
+
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def check_base_names(model: str | None, adapters, flag: str = "--adapter") -> str:
+    """The ``--model`` to load: the one given, or the embedded default when it was left out, unless an adapter's
+    ``adapter_config.json`` names another base (``base_model_name_or_path``). Then it says to pass ``--model``,
+    before the default loads only to be refused by the adapter's shapes or fingerprint.
+
+    ``adapters``: ``(folder as typed, AdapterFile)`` pairs. lorakit downloads nothing, so a hub id there is
+    named with the download command instead of being fetched.
+    """
+    if model is not None:
+        return model
+    from lorakit.io import _short_name
+    from lorakit.models.loading import _looks_like_hub_id
+
+    for typed, adapter_file in adapters:
+        name = adapter_file.base_name
+        if not name:
+            continue
+        ours, theirs = _short_name(DEFAULT_MODEL), _short_name(name)
+        if ours.startswith(theirs) or theirs.startswith(ours):
+            continue
+        if Path(os.path.expanduser(name)).is_dir():
+            how = f"pass --model {shlex.quote(name)}"
+        elif _looks_like_hub_id(name):
+            how = (f"pass --model with a local folder of it (lorakit downloads nothing: hf download {name} "
+                   "--local-dir DIR, then --model DIR)")
+        else:
+            how = "pass --model with a local folder of that base"
+        raise LorakitError(f"{flag} {typed} was trained on {name!r} (base_model_name_or_path in its adapter_config.json), "
+                           f"not on the default --model {DEFAULT_MODEL}; {how}")
+    return DEFAULT_MODEL
+
+
+@contextlib.contextmanager
+def plain_warnings():
+    """Python warnings (an adapter named for another base, ...) as one ``warning: ...`` line on stderr, without the
+    file:line and source line Python prints for a developer."""
+    import sys
+    import warnings
+
+    shown = warnings.showwarning
+    warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown

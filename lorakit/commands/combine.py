@@ -27,12 +27,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Build one adapter from weighted adapters of the same base (peft's add_weighted_adapter) and write it as a "
         "PEFT-format adapter folder. Example: lorakit combine --model BASE --adapter math=0.7 --adapter chat=0.3 "
         "--method cat --out mixed")
-    parser.add_argument("--model", default="smollm2-135m", help="the base the adapters were trained on: embedded "
-                        "model name or local HF folder (default: %(default)s)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = """examples:
+  lorakit combine --model ./base --adapter math=0.7 --adapter chat=0.3 --out mixed   # exact (cat)
+  lorakit combine --model ./base --adapter a --adapter b --method ties --density 0.5 --out ab
+  lorakit combine --model ./base --adapter a --adapter b=-1 --method svd --out a-minus-b --overwrite
+
+--out may be new or an empty folder; --overwrite replaces a previous adapter folder whole (a folder
+holding other files is refused, never emptied)."""
+    parser.add_argument("--model", default=None, help="the base the adapters were trained on: embedded "
+                        "model name or local HF folder (default: smollm2-135m)")
     parser.add_argument("--adapter", action="append", required=True, metavar="DIR[=WEIGHT]",
                         help="an adapter folder and its weight (default 1.0; negative subtracts it); repeat for each "
                              "input, e.g. --adapter a=0.7 --adapter b=0.3")
-    parser.add_argument("--out", required=True, help="output adapter folder (must not exist unless --overwrite)")
+    parser.add_argument("--out", required=True, help="output adapter folder: new or empty (or a previous output, with "
+                        "--overwrite)")
     parser.add_argument("--method", default="cat", choices=METHODS, metavar="METHOD",
                         help=f"{METHOD_HELP}. One of: {', '.join(METHODS)}")
     parser.add_argument("--density", type=float, default=None, help="share of each update's elements kept, in (0, 1] "
@@ -49,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "result up to float rounding and the signs of A and B, in minutes instead of hours on a 7B model")
     parser.add_argument("--seed", type=int, default=None, help="seed of DARE's random masks (default: 0)")
     parser.add_argument("--device", default="cpu", help="where the combination runs: cpu, cuda, cuda:N (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous adapter folder at --out "
+                        "(atomically: the old one stays until the new one is whole)")
 
 
 def parse_adapter(value: str) -> tuple[str, float]:
@@ -99,37 +109,41 @@ def run(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit._fs import replace_folder, temp_dir
     from lorakit.combine import _check_options, combine_adapters
-    from lorakit.commands._args import check_adapter_arg, check_device, check_model_arg
+    from lorakit.commands._args import check_adapter_arg, check_base_names, check_device, check_model_folder, plain_warnings
     from lorakit.errors import LorakitError
     from lorakit.export import check_output_folder
     from lorakit.inject import lora_layers
 
     start = time.perf_counter()
     inputs = [parse_adapter(value) for value in args.adapter]
-    check_model_arg(args.model)
     for folder, _ in inputs:
         check_adapter_arg(folder)
+    if args.model is not None:
+        check_model_folder(args.model)
     check_device(args.device)
     seen = [os.path.realpath(os.path.expanduser(f)) for f, _ in inputs]
     twice = next((f for f, real in zip([f for f, _ in inputs], seen) if seen.count(real) > 1), None)
     if twice is not None:
         raise LorakitError(f"--adapter {twice} is given twice; give each adapter once with its total weight")
     protected = {f"the adapter folder {folder}": folder for folder, _ in inputs}
-    if os.path.isdir(os.path.expanduser(args.model)):
+    if args.model is not None and os.path.isdir(os.path.expanduser(args.model)):
         protected["the model folder"] = args.model
-    out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected)
+    out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected, allow_empty=True,
+                              replaces="adapter")
     options = dict(method=args.method, density=args.density, majority_sign_method=args.majority_sign,
                    svd_rank=args.svd_rank, svd_clamp=args.svd_clamp, svd_lowrank=args.svd_lowrank)
     with _flag_names():  # the options are checked before minutes of loading
         _check_options(**options, svd_driver=None)
     files = [lorakit.read_adapter(folder) for folder, _ in inputs]  # each checked (config, tensors) before the base loads
+    args.model = check_base_names(args.model, [(folder, file) for (folder, _), file in zip(inputs, files)])
 
     model, _ = lorakit.load_base(args.model, dtype=torch.float32, device=args.device)
     names = {}
     for i, (folder, weight) in enumerate(inputs):  # named after their folders, so messages name them as the user did
         name = re.sub(r"[^\w-]", "_", Path(os.path.abspath(os.path.expanduser(folder))).name) or f"input{i}"
         name = f"{name}_{i}" if name in names or name == "combined" else name
-        names[lorakit.load_adapter(model, files[i], adapter=name)] = weight
+        with plain_warnings():
+            names[lorakit.load_adapter(model, files[i], adapter=name)] = weight
     with _flag_names(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         combine_adapters(model, names, name="combined", **options,

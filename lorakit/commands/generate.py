@@ -12,15 +12,26 @@ import os
 import sys
 
 
+EPILOG = """examples:
+  lorakit generate "What is LoRA?"                                     # the embedded model alone
+  lorakit generate --model ./llama-3.2-1b --adapter runs/demo/adapter "Two lattes to Berlin"
+  lorakit generate --model ./base --adapter a --adapter b --base "Hi"  # a, b and the base side by side
+  echo "Hi" | lorakit generate --model ./base --adapter a              # the prompt on standard input
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder (default: %(default)s)")
+    parser.add_argument("--model", default=None, help="the base the adapters were trained on: embedded model name or "
+                        "local HF folder (default: smollm2-135m)")
     parser.add_argument("--adapter", action="append", default=[], help="adapter folder; repeat to compare adapters")
     parser.add_argument("--base", action="store_true", help="also answer with the base model alone")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated per answer (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a new one each run)")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template (raw completion)")
     parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
@@ -48,9 +59,10 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
     from lorakit.generation import SamplingParams, encode_prompt, end_of_turn_ids, generate
 
-    from lorakit.commands._args import check_adapter_arg, check_device, check_model_arg
+    from lorakit.commands._args import check_adapter_arg, check_base_names, check_device, check_model_folder, plain_warnings
 
-    check_model_arg(args.model)
+    if args.model is not None:
+        check_model_folder(args.model)
     for folder in args.adapter:
         check_adapter_arg(folder)
     check_device(args.device)
@@ -60,12 +72,15 @@ def run(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()  # read after the checks: no waiting on stdin
     if not prompt.strip():
         raise LorakitError("the prompt is empty; pass it as an argument or on standard input")
+    files = [lorakit.read_adapter(folder) for folder in args.adapter]  # each checked before the base loads
+    args.model = check_base_names(args.model, list(zip(args.adapter, files)))
     model, tokenizer = lorakit.load_base(args.model, dtype=args.dtype, device=args.device)
     labels = _names(args.adapter)
     rows: list[tuple[str, str | None]] = [("base", None)] if args.base or not args.adapter else []
-    for index, (folder, label) in enumerate(zip(args.adapter, labels)):
+    for index, (adapter_file, label) in enumerate(zip(files, labels)):
         internal = f"adapter{index}"
-        lorakit.load_adapter(model, folder, adapter=internal)
+        with plain_warnings():
+            lorakit.load_adapter(model, adapter_file, adapter=internal)
         rows.append((label, internal))
     stops = end_of_turn_ids(tokenizer)
     params.stop_token_ids = stops

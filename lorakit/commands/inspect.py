@@ -8,6 +8,11 @@ import re
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = """examples:
+  lorakit inspect runs/demo/adapter          # rank, alpha, variant, targets, size, base model
+  lorakit inspect ./my-peft-adapter --json   # the same as JSON, with every target path
+"""
     parser.add_argument("folder", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("--json", action="store_true", help="print the description as JSON")
 
@@ -19,14 +24,16 @@ def describe(folder: str) -> dict:
     from lorakit.errors import LorakitError
     from lorakit.io import read_adapter
 
-    path = Path(folder)
+    path = Path(folder).expanduser()
     if path.is_file():
+        hint = (f"; did you mean its folder {str(path.parent)!r}?" if (path.parent / "adapter_config.json").is_file()
+                else "")
         raise LorakitError(f"{folder} is a file; give the adapter folder that holds adapter_config.json and "
-                           "adapter_model.safetensors")
+                           f"adapter_model.safetensors{hint}")
     if path.is_dir() and not (path / "adapter_config.json").exists() and (path / "config.json").is_file():
         raise LorakitError(f"{folder} is a model folder (config.json), not an adapter; give a folder with "
                            "adapter_config.json and adapter_model.safetensors (e.g. RUN/adapter)")
-    adapter = read_adapter(folder)
+    adapter = read_adapter(path)
     config = adapter.config
     modules: dict[str, int] = {}
     layers: set[str] = set()

@@ -11,19 +11,34 @@ import os
 import time
 import warnings
 
+EPILOG = """examples:
+  lorakit merge --model ./llama-3.2-1b --adapter runs/demo/adapter --out merged   # bf16 HF folder
+  lorakit merge --model ./base --adapter ADAPTER --out merged --format gguf       # + merged/merged-f16.gguf
+  lorakit merge --model ./base --adapter ADAPTER --out merged --overwrite         # replace a previous merge
+
+--out may be new or an empty folder; --overwrite replaces a previous output folder whole (a folder
+holding other files is refused, never emptied). --model must be the base the adapter was trained on
+(lorakit inspect ADAPTER shows it).
+"""
+
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder (default: %(default)s)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("--model", default=None, help="the base the adapter was trained on: embedded model name or "
+                        "local HF folder (default: smollm2-135m)")
     parser.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--out", required=True, help="output folder: new or empty (or a previous output, with --overwrite)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weights dtype of the output folder (default: %(default)s)")
-    parser.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: the HF folder; gguf: also a GGUF file inside it")
+    parser.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: the HF folder; gguf: also a GGUF file "
+                        "inside it (default: %(default)s)")
     parser.add_argument("--gguf-type", default=None, choices=["f16", "q8_0"], help="GGUF tensor type, with --format gguf "
                         "(default: f16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous output folder at --out "
+                        "(atomically: the old one stays until the new one is whole)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,20 +49,23 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.export import check_output_folder
 
-    from lorakit.commands._args import check_adapter_arg, check_model_arg
+    from lorakit.commands._args import check_adapter_arg, check_base_names, check_model_folder, plain_warnings
     from lorakit.errors import LorakitError
 
     if args.gguf_type is not None and args.format != "gguf":
         raise LorakitError(f"--gguf-type {args.gguf_type} applies to a GGUF file only; add --format gguf (or drop "
                            "--gguf-type for the Hugging Face folder alone)")
-    check_model_arg(args.model)
+    if args.model is not None:
+        check_model_folder(args.model)
     check_adapter_arg(args.adapter)
     start = time.perf_counter()
     protected = {"the adapter folder": args.adapter}
-    if os.path.isdir(os.path.expanduser(args.model)):
+    if args.model is not None and os.path.isdir(os.path.expanduser(args.model)):
         protected["the model folder"] = args.model
-    check_output_folder(args.out, overwrite=args.overwrite, protected=protected)  # before minutes of loading
-    if args.format == "gguf" and os.path.isdir(os.path.expanduser(args.model)):  # refuse a family before loading it
+    out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected, allow_empty=True,
+                              replaces="model")  # before minutes of loading; ~ expanded
+    local = args.model is not None and os.path.isdir(os.path.expanduser(args.model))
+    if args.format == "gguf" and local:  # refuse a family before loading it
         from transformers import AutoConfig
 
         from lorakit.export import gguf_arch
@@ -58,9 +76,12 @@ def run(args: argparse.Namespace) -> int:
             config = None
         if config is not None:
             gguf_arch(config)
+    adapter = lorakit.read_adapter(args.adapter)  # checked (and read once) before the base loads
+    args.model = check_base_names(args.model, [(args.adapter, adapter)])
     dtype = getattr(torch, DTYPES[args.dtype])
     model, tokenizer = lorakit.load_base(args.model, dtype=torch.float32, device="cpu")
-    lorakit.load_adapter(model, args.adapter, adapter="merged")
+    with plain_warnings():
+        lorakit.load_adapter(model, adapter, adapter="merged")
     from lorakit.quant import is_quantized
 
     if any(is_quantized(module) for module in model.modules()):  # export_merged dequantizes it before merging
@@ -68,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
               "on; the output is a 16-bit model (for the original weights, pass the 16-bit folder as --model)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out, report = export_merged(model, tokenizer, "merged", args.out, dtype=dtype,
+        out, report = export_merged(model, tokenizer, "merged", out, dtype=dtype,
                                     gguf_type=(args.gguf_type or "f16") if args.format == "gguf" else None, overwrite=args.overwrite)
     print(f"merged {args.adapter} into {args.model}: {report}")
     for warning in caught:

@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument("--model", required=True, help="embedded model name or local Hugging Face folder (16-bit)")
-    parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically)")
+    parser.add_argument("--out", required=True, help="output folder: new or empty (or a previous output, with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous output folder at --out (atomically: "
+                        "the old one stays until the new one is whole; a folder holding other files is refused)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
                         help="dtype of the weights before quantization and of everything kept dense (embeddings, "
                              "norms, head); the compute dtype recorded for bitsandbytes (default: %(default)s)")
@@ -56,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     check_model_arg(args.model)
     start = time.perf_counter()
     protected = {"the model folder": args.model} if os.path.isdir(os.path.expanduser(args.model)) else {}
-    out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected)  # before minutes of loading
+    out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected, allow_empty=True,
+                              replaces="model")  # before minutes of loading; ~ expanded
+    overwrite = args.overwrite or out.is_dir()  # an empty folder (checked above) is used as it is
     source, _ = resolve_model_folder(args.model)
     quantization = model_config_dict(Path(source)).get("quantization_config")
     if quantization:  # re-quantizing would only copy it (or dequantize and lose more): say so instead
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = lorakit.load_base(args.model, dtype=getattr(torch, DTYPES[args.dtype]), quantize="nf4")
     loaded = time.perf_counter()
     print(f"loaded {args.model} into NF4 in {loaded - start:.1f} s; writing {out}")
-    save_quantized(model, tokenizer, out, overwrite=args.overwrite)
+    save_quantized(model, tokenizer, out, overwrite=overwrite)
     before, after = _size(Path(source)), _size(out)
     ratio = f" ({before / after:.1f}x smaller)" if after else ""
     print(f"wrote {out} in {time.perf_counter() - loaded:.1f} s: weights {_gib(before)} -> {_gib(after)}{ratio}")

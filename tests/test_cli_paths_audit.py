@@ -1,0 +1,265 @@
+"""Paths and output folders as a new user types them, through merge / combine / quantize / generate / inspect and
+the Python API (regressions of a path and file I/O audit).
+
+``~`` inside ``--out=~/x`` (which the shell leaves alone) is expanded instead of making a folder named ``~``;
+``--overwrite`` replaces only a previous output and refuses a folder holding anything else (it used to delete a
+user's files silently), an empty folder is used as it is, and the current folder is refused; a merge that fails or
+is interrupted leaves the old output as it was; merged files are readable by others; an adapter trained on another
+base is named with ``--model`` before the default model loads; editor habits in adapter_config.json (UTF-16,
+comments, trailing commas) and broken hub-cache links are named; ``| head`` ends quietly; every ``--help`` has
+examples.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.cli import main
+from lorakit.errors import LorakitError
+from test_serve_support import make_adapter, tiny_hf_folder
+from test_train_helpers import tiny_folder  # noqa: F401 (fixture)
+
+
+def _error(capsys, code: int) -> str:
+    """The one stderr line of a refused command (exit 2, no traceback)."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_folder, tmp_path_factory) -> Path:  # noqa: F811 (fixture)
+    from transformers import AutoModelForCausalLM
+
+    return make_adapter(AutoModelForCausalLM.from_pretrained(tiny_folder), tmp_path_factory.mktemp("a") / "my adapter ü",
+                        seed=3)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fake home folder and a current folder inside tmp_path, so '~' and '.' land there."""
+    home = tmp_path / "home ü"
+    (home / "work").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home / "work")
+    return home
+
+
+def test_tilde_in_paths_is_the_home_folder(tiny_folder, adapter, home, capsys):  # noqa: F811 (fixture)
+    shutil.copytree(adapter, home / "ad")
+    assert main(["merge", "--model", str(tiny_folder), "--adapter=~/ad", "--out=~/merged ü", "--dtype", "fp32"]) == 0
+    assert (home / "merged ü" / "config.json").is_file() and _names(home / "work") == []  # no folder named '~'
+    assert "from_pretrained('" + str(home / "merged ü") in capsys.readouterr().out
+    assert main(["combine", "--model", str(tiny_folder), "--adapter=~/ad=0.5", "--out=~/half"]) == 0
+    assert main(["inspect", "~/half"]) == 0 and "rank" in capsys.readouterr().out
+    assert lorakit.read_adapter("~/half").config.r == 4
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    lorakit.load_adapter(model, "~/ad")
+    assert lorakit.save_adapter(model, "~/saved") == home / "saved" and (home / "saved" / "adapter_config.json").is_file()
+    assert _names(home / "work") == []
+
+
+def test_overwrite_replaces_only_a_previous_output(tiny_folder, adapter, tmp_path, capsys, monkeypatch):  # noqa: F811
+    merge = ["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out"]
+    combine = ["combine", "--model", str(tiny_folder), "--adapter", f"{adapter}=0.5", "--out"]
+    quantize = ["quantize", "--model", str(tiny_folder), "--dtype", "fp32", "--out"]
+    for argv, kind in ((merge, "a model"), (combine, "an adapter"), (quantize, "a model")):
+        out = tmp_path / f"{argv[0]} out"
+        out.mkdir()  # an empty folder (mkdir first, a mounted volume's subfolder) is used without --overwrite
+        assert main([*argv, str(out)]) == 0, capsys.readouterr().err
+        previous = _names(out)
+        assert main([*argv, str(out), "--overwrite"]) == 0 and _names(out) == previous  # a previous output: replaced
+        # a folder with anything else in it is refused with the names, never emptied
+        (out / "notes ü.txt").write_text("mine")
+        (out / "other-model").mkdir()
+        line = _error(capsys, main([*argv, str(out), "--overwrite"]))
+        assert f"holds what {kind} folder does not (notes ü.txt, other-model/)" in line and "move them out" in line
+        assert (out / "notes ü.txt").read_text() == "mine" and (out / "other-model").is_dir()
+        assert "already exists; choose another --out or pass --overwrite" in _error(capsys, main([*argv, str(out)]))
+    # the current folder, or one above it, is never the output (it was moved away under the shell, or half-renamed)
+    cwd = tmp_path / "cwd"
+    (cwd / "sub").mkdir(parents=True)
+    monkeypatch.chdir(cwd / "sub")
+    for out in (".", ".."):
+        assert "is the current folder (or holds it)" in _error(capsys, main([*merge, out, "--overwrite"]))
+    assert _names(cwd / "sub") == [] and _names(cwd) == ["sub"]
+    # the library function has the same rules
+    from lorakit.export import write_folder
+
+    with pytest.raises(LorakitError, match=r"holds what a model folder does not \(notes ü.txt, other-model/\)"):
+        write_folder(torch.nn.Linear(2, 2), None, tmp_path / "merge out", torch.float32, overwrite=True)
+
+
+def test_symlinked_output_is_written_where_it_points(tiny_folder, adapter, tmp_path, capsys):  # noqa: F811 (fixture)
+    target = tmp_path / "big disk" / "merged"
+    target.mkdir(parents=True)
+    link = tmp_path / "merged"
+    link.symlink_to(target)
+    args = ["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out", str(link), "--dtype", "fp32"]
+    assert main(args) == 0 and main([*args, "--overwrite"]) == 0
+    assert link.is_symlink() and (target / "model.safetensors").is_file()
+    assert _names(tmp_path / "big disk") == ["merged"]  # no temporary folder left beside it
+    # an adapter folder reached through a link loads (the hub cache links files to blobs)
+    (tmp_path / "linked-adapter").symlink_to(adapter)
+    assert main(["inspect", str(tmp_path / "linked-adapter")]) == 0
+
+
+def test_merged_files_are_readable_by_others(tiny_folder, adapter, tmp_path):  # noqa: F811 (fixture)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out", str(out)]) == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o666 & ~umask, modes  # safetensors writes 0600: a server account could not read it
+    assert set(modes.values()) == {0o666 & ~umask}
+
+
+def test_failed_or_interrupted_merge_leaves_the_old_output(tiny_folder, adapter, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from transformers import PreTrainedModel
+
+    out = tmp_path / "merged"
+    args = ["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out", str(out), "--overwrite"]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def half_then(error):
+        def save_pretrained(self, folder, *a, **k):
+            (Path(folder) / "model.safetensors").write_bytes(b"half")
+            raise error
+        return save_pretrained
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", half_then(KeyboardInterrupt()))
+    assert main(args) == 130
+    assert "interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", half_then(OSError(errno.ENOSPC, "No space left on device")))
+    line = _error(capsys, main(args))
+    assert line.endswith(f"cannot write {out}: No space left on device; the existing folder is unchanged")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _names(tmp_path) == ["merged"]  # no half-written temporary folder beside it
+
+
+def test_default_model_is_not_loaded_for_an_adapter_of_another_base(tiny_folder, adapter, tmp_path, capsys,  # noqa: F811
+                                                                    monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the default model was loaded")
+
+    other = tmp_path / "llama-adapter"
+    shutil.copytree(adapter, other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "meta-llama/Llama-3.2-1B"}))
+    monkeypatch.setattr("lorakit.load_base", no_loading)
+    for argv in (["merge", "--adapter", str(other), "--out", str(tmp_path / "m")], ["generate", "--adapter", str(other), "hi"],
+                 ["combine", "--adapter", str(other), "--out", str(tmp_path / "c")]):
+        line = _error(capsys, main(argv))
+        assert (f"--adapter {other} was trained on 'meta-llama/Llama-3.2-1B' (base_model_name_or_path in its "
+                "adapter_config.json), not on the default --model smollm2-135m; pass --model with a local folder of it "
+                "(lorakit downloads nothing: hf download meta-llama/Llama-3.2-1B --local-dir DIR") in line, argv
+    # a local base that exists is named as the --model to pass
+    line = _error(capsys, main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "m")]))
+    assert line.endswith(f"pass --model {str(tiny_folder) if ' ' not in str(tiny_folder) else repr(str(tiny_folder))}")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()
+
+
+def test_adapter_files_as_editors_and_downloads_leave_them(adapter, tmp_path, capsys):
+    raw = json.loads((adapter / "adapter_config.json").read_text())
+    text = json.dumps(raw, indent=2)
+    cases = {
+        "utf16": (text.encode("utf-16"), "is UTF-16 text (Windows PowerShell's default for '>' and Out-File); save it as UTF-8"),
+        "comment": (("// my run\n" + text).encode(), "(line 1 is a comment; JSON has no comments: delete it)"),
+        "trailing": ((text[:-2] + ",\n}").encode(), "(a trailing comma before a closing bracket; JSON allows none: delete it)"),
+    }
+    for name, (data, message) in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(adapter, folder)
+        (folder / "adapter_config.json").write_bytes(data)
+        with pytest.raises(LorakitError, match=None) as caught:
+            lorakit.read_adapter(folder)
+        assert message in str(caught.value), name
+        assert message in _error(capsys, main(["inspect", str(folder)]))
+    bom = tmp_path / "bom"  # a UTF-8 BOM (Notepad) is read
+    shutil.copytree(adapter, bom)
+    (bom / "adapter_config.json").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert lorakit.read_adapter(bom).config.r == raw["r"]
+
+    # a hub cache snapshot whose blob never finished downloading: a dangling link, said as such
+    cache = tmp_path / "snapshot"
+    cache.mkdir()
+    (cache / "adapter_config.json").symlink_to(adapter / "adapter_config.json")
+    (cache / "adapter_model.safetensors").symlink_to(tmp_path / "blobs" / "0123abc.incomplete")
+    assert "adapter_model.safetensors is a symbolic link to" in _error(capsys, main(["inspect", str(cache)]))
+    assert "which does not exist (an unfinished download?)" in _error(capsys, main(["inspect", str(cache)]))
+
+    # the adapter's own file where its folder goes: the folder is named
+    line = _error(capsys, main(["inspect", str(adapter / "adapter_config.json")]))
+    assert line.endswith(f"did you mean its folder {str(adapter)!r}?")
+
+
+def test_pickled_file_beside_the_safetensors_is_never_opened(adapter, tmp_path):
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    folder = tmp_path / "both"
+    shutil.copytree(adapter, folder)
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps(Payload()))
+    assert main(["inspect", str(folder)]) == 0
+    assert lorakit.read_adapter(folder).config.r == 4 and not marker.exists()
+
+
+def test_output_piped_into_head_ends_quietly(adapter, monkeypatch, capsys):
+    import io
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["inspect", str(adapter)]) == 141
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "merge", "combine", "quantize", "inspect"])
+def test_help_has_examples_and_defaults(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "example" in text and f"lorakit {command} " in text.split("example", 1)[1]
+    if command in ("generate", "merge", "combine"):
+        assert "(default: smollm2-135m)" in text
+    if command in ("merge", "combine", "quantize"):
+        assert "--overwrite" in text and "new or empty" in text
+
+
+def test_gguf_export_into_a_path_with_spaces_and_unicode(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_hf_folder(tmp_path / "base model ü", hidden_size=64, intermediate_size=96)
+    adapter_dir = make_adapter(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "ad ü", seed=1, std=0.05)
+    out = tmp_path / "exports ü" / "my model"
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter_dir), "--out", str(out),
+                 "--format", "gguf", "--dtype", "fp32"]) == 0
+    assert "my model-f16.gguf" in _names(out)
+    import gguf
+
+    reader = gguf.GGUFReader(str(out / "my model-f16.gguf"))
+    assert len(reader.tensors) > 0
+    assert _names(tmp_path / "exports ü") == ["my model"]
