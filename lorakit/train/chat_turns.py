@@ -6,19 +6,20 @@ runs to where ``render(messages[:i + 1])`` ends. Two kinds of template:
 
 - **Prefix templates** (ChatML, Llama 3, Gemma, SmolLM2, ...) render every prefix of a chat as a prefix of the whole
   chat. The whole chat is then ONE example with a target span per assistant turn (the fast path, unchanged).
-- **Templates that rewrite earlier turns**: Qwen3 (and QwQ, DeepSeek-R1 distills, gpt-oss...) write an assistant
-  turn's ``<think>`` reasoning only while it is after the last user query, so ``render(messages[:2])`` (the first
-  answer, with its reasoning, or with Qwen3's empty ``<think>\\n\\n</think>`` block) is not the start of the whole
-  chat (the first answer, reasoning dropped). One example of the whole chat would teach each earlier answer without
-  the reasoning the model writes at inference. Such a chat trains as several examples, one per assistant turn,
-  each rendered as the template renders it when that turn is the one being generated: the earlier turns are masked
-  context exactly as at inference, the turn itself is the target. Consecutive turns whose examples are prefixes of
-  each other share one example (a Qwen3 tool-calling chain after the last user query is one), so tokens are not
-  repeated where the template does not require it.
+- **Templates that rewrite earlier turns**: Qwen3 writes an assistant turn's ``<think>`` reasoning only while it
+  is after the last user query (gpt-oss likewise drops the analysis of earlier turns), so ``render(messages[:2])``
+  (the first answer, with its reasoning, or with Qwen3's empty ``<think>\\n\\n</think>`` block) is not the start of
+  the whole chat (the first answer, reasoning dropped). One example of the whole chat would teach each earlier
+  answer without the reasoning the model writes at inference. Such a chat trains as several examples, one per
+  assistant turn, each rendered as the template renders it when that turn is the one being generated: the earlier
+  turns are masked context exactly as at inference, the turn itself is the target. Consecutive turns whose
+  examples are prefixes of each other share one example (a Qwen3 tool-calling chain after the last user query is
+  one), so tokens are not repeated where the template does not require it.
 
 A generation prompt that opens a block the rendered turn does not show (DeepSeek-R1 distills and QwQ end it with
 ``<think>\\n`` and strip the reasoning from every turn they render) is continued with the turn as the user wrote it
 (``<think>\\nreasoning\\n</think>\\n\\nanswer`` in the content): that is what the model writes after that prompt.
+A prompt that only adds whitespace after the turn's header is continued with the turn as rendered.
 """
 
 from __future__ import annotations
