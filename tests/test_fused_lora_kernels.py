@@ -1,7 +1,8 @@
-"""The fused decode-MLP middle (gate/up LoRA expand + SwiGLU + down LoRA shrink): the Triton kernel
-(TRITON_INTERPRET=1) against the reference and an independent float64 formula, on awkward widths with NaN in the
-adapters' padding, mixed and zero ranks, rows without an adapter or with an out-of-range slot; and the split-level
-grouped shrink/expand it plugs into, against the one-call grouped LoRA."""
+"""The static decoder's kernels that expand a LoRA themselves: the decode-MLP middle (gate/up LoRA expand + SwiGLU
++ down LoRA shrink) and rope + KV store with the q/k/v expand. The Triton kernels (TRITON_INTERPRET=1) against
+the references, the unfused path and an independent float64 formula, on awkward widths with NaN in the adapters'
+padding, mixed and zero ranks, rows without an adapter or with an out-of-range slot; and the split-level grouped
+shrink/expand they plug into, against the one-call grouped LoRA."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from conftest import assert_close
 from lorakit.errors import LorakitError
+from lorakit.kernels.decode_attention import rope_store_, rope_store_reference_
 from lorakit.kernels.grouped_lora import (grouped_expand_, grouped_expand_reference_, grouped_lora_add_reference,
                                           grouped_shrink, grouped_shrink_reference)
 from lorakit.kernels.swiglu_lora import swiglu_lora, swiglu_lora_reference
@@ -152,3 +154,81 @@ def test_shape_mistakes_are_one_line_errors():
         swiglu_lora(gate_up, part, B, scaling, rank, A_d[:, :, :-1], rank_d, slots)
     with pytest.raises(LorakitError, match="slot_of_row"):
         swiglu_lora(gate_up, part, B, scaling, rank, A_d, rank_d, slots[:-1])
+
+
+def qkv_case(dtype, T=5, H=4, Hkv=2, D=16, R=4, slots=3, K=20, seed=3):
+    """A fused q/k/v output (T, (H + 2 Hkv) D) with its LoRA: A, B, scaling, rank (mixed, NaN padding), the shrink's
+    planes, rotary rows, positions (one inactive row) and caches."""
+    g = torch.Generator().manual_seed(seed)
+    splits = [H * D, Hkv * D, Hkv * D]
+    N = sum(splits)
+    rank = torch.tensor([[(R, 3, 0)[(s + j) % 3] for j in range(3)] for s in range(slots)], dtype=torch.int32)
+    A = torch.full((slots, 3 * R, K), float("nan"))
+    B = torch.full((slots, N, R), float("nan"))
+    col = 0
+    for j, n in enumerate(splits):
+        for s in range(slots):
+            r = int(rank[s, j])
+            A[s, j * R:j * R + r] = torch.randn(r, K, generator=g) / K ** 0.5
+            B[s, col:col + n, :r] = torch.randn(n, r, generator=g)
+        col += n
+    A, B = A.to(dtype), B.to(dtype)
+    scaling = torch.rand(slots, 3, generator=g) + 0.5
+    x = torch.randn(T, K, generator=g).to(dtype)
+    qkv = torch.randn(T, N, generator=g).to(dtype)
+    angles = torch.rand(T, D // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, dim=1), torch.cat([angles.sin()] * 2, dim=1)
+    positions = torch.tensor([3, 0, -1, 5, 2][:T])
+    slot_of_row = torch.tensor([0, -1, 2, 1, 7][:T], dtype=torch.int32)
+    cache = torch.randn(T, Hkv, 8, D, generator=g).to(dtype)
+    return x, qkv, (A, B, scaling, rank), slot_of_row, cos, sin, positions, cache, (H, Hkv, D)
+
+
+def heads(flat, H, Hkv, D):
+    T = flat.shape[0]
+    v = flat.view(T, H + 2 * Hkv, D)
+    return v[:, :H], v[:, H:H + Hkv], v[:, H + Hkv:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_rope_store_expanding_the_qkv_lora_equals_the_stored_delta_path(dtype, with_rows, monkeypatch):
+    x, qkv, (A, B, scaling, rank), slots, cos, sin, positions, cache, (H, Hkv, D) = qkv_case(dtype)
+    part = grouped_shrink(x, A, rank, slots, 3, split_k=2)
+    rows = torch.tensor([4, 0, 1, 2, 3]) if with_rows else None
+    # the fused kernel
+    got_qkv, got_k, got_v = qkv.clone(), cache.clone(), cache.clone()
+    q, k, v = heads(got_qkv, H, Hkv, D)
+    rope_store_(q, k, v, cos, sin, positions, got_k, got_v, rows=rows, lora=(part, B, scaling, rank, slots))
+    # the unfused path: the expand stores the delta (in qkv's dtype), the reference adds it and rotates
+    delta = grouped_expand_(torch.empty_like(qkv), part, B, scaling, rank, slots, [H * D, Hkv * D, Hkv * D],
+                            accumulate=False)
+    ref_qkv, ref_k, ref_v = (qkv.float() + delta.float()).to(dtype), cache.clone(), cache.clone()
+    q, k, v = heads(ref_qkv, H, Hkv, D)
+    rope_store_reference_(q, k, v, cos, sin, positions, ref_k, ref_v, rows)
+    assert_close(got_qkv[:, :H * D], ref_qkv[:, :H * D])  # q rotated in place, delta included
+    assert_close(got_k, ref_k)
+    assert_close(got_v, ref_v)
+    assert torch.isfinite(got_k).all() and torch.isfinite(got_qkv[:, :H * D]).all()  # NaN padding never read
+    # the LoRA mattered, and the reference path of the dispatcher (no Triton) agrees too
+    plain_k = cache.clone()
+    q, k, v = heads(qkv.clone(), H, Hkv, D)
+    rope_store_reference_(q, k, v, cos, sin, positions, plain_k, cache.clone(), rows)
+    assert not torch.allclose(plain_k, got_k)
+    monkeypatch.setenv("LORAKIT_DISABLE_TRITON", "1")
+    slow_qkv, slow_k, slow_v = qkv.clone(), cache.clone(), cache.clone()
+    q, k, v = heads(slow_qkv, H, Hkv, D)
+    rope_store_(q, k, v, cos, sin, positions, slow_k, slow_v, rows=rows, lora=(part, B, scaling, rank, slots))
+    assert_close(slow_k, got_k)
+    assert_close(slow_qkv[:, :H * D], got_qkv[:, :H * D])
+
+
+def test_rope_store_lora_mistakes_are_one_line_errors():
+    x, qkv, (A, B, scaling, rank), slots, cos, sin, positions, cache, (H, Hkv, D) = qkv_case(torch.float32)
+    part = grouped_shrink(x, A, rank, slots, 3)
+    q, k, v = heads(qkv, H, Hkv, D)
+    with pytest.raises(LorakitError, match="lora must be"):
+        rope_store_(q, k, v, cos, sin, positions, cache.clone(), cache.clone(), lora=(part, B[:, :-1], scaling, rank, slots))
+    with pytest.raises(LorakitError, match="not both"):
+        rope_store_(q, k, v, cos, sin, positions, cache.clone(), cache.clone(), delta=(q, k, v),
+                    lora=(part, B, scaling, rank, slots))

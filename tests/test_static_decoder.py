@@ -68,13 +68,15 @@ def _static(model, prompts, names, steps, rows=None, max_batch=6, overlap=None):
 def test_static_decoder_matches_transformers_with_mixed_adapters(family, overlap, names, monkeypatch):
     """overlap "lora" computes each LoRA pair into a scratch (on CUDA: on a second stream beside the GEMM); without
     DoRA (and for Llama without biases) the scratch is added inside rope + KV store, add + RMSNorm and SwiGLU."""
+    import lorakit.kernels.decode_attention as da
     import lorakit.kernels.rmsnorm as rn
     import lorakit.kernels.swiglu_lora as sl
 
-    fused_adds, fused_mlps = [], []
-    real, real_mlp = rn.add_rms_norm_, sl.swiglu_lora
+    fused_adds, fused_mlps, fused_qkv = [], [], []
+    real, real_mlp, real_rope = rn.add_rms_norm_, sl.swiglu_lora, da.rope_store_
     monkeypatch.setattr(rn, "add_rms_norm_", lambda *a: fused_adds.append(1) or real(*a))
     monkeypatch.setattr(sl, "swiglu_lora", lambda *a: fused_mlps.append(1) or real_mlp(*a))
+    monkeypatch.setattr(da, "rope_store_", lambda *a, **kw: fused_qkv.append(kw.get("lora") is not None) or real_rope(*a, **kw))
     model = _family(family)
     _with_adapters(model)
     expected = _reference(model, PROMPTS, names, steps=3)
@@ -84,6 +86,8 @@ def test_static_decoder_matches_transformers_with_mixed_adapters(family, overlap
     assert len(fused_adds) == (0 if overlap == "off" or "d" in names else 3 * 2 * 2)
     # per step and layer: gate/up expand + SwiGLU + down shrink in one kernel, unless gate/up carries DoRA
     assert len(fused_mlps) == (0 if overlap == "off" or "d" in names else 3 * 2)
+    # rope + KV store expands the q/k/v LoRA itself, except under biases (Qwen2) and q/k norms (Qwen3)
+    assert sum(fused_qkv) == (3 * 2 if overlap == "lora" and "d" not in names and family == "llama" else 0)
     for step, (e, g) in enumerate(zip(expected, got)):
         assert torch.allclose(g, e, atol=ATOL, rtol=1e-5), f"step {step}: max diff {(g - e).abs().max():.2e}"
     # the adapters matter: the base model's logits differ by far more than the tolerance

@@ -61,8 +61,9 @@ class StaticDecoder:
         pdl: launch the step's kernels with programmatic dependent launch (default: on where the GPU and Triton
             support it; ignored elsewhere).
         fuse_lora: with ``lora_overlap`` "lora" or "serial", fold the gate/up LoRA expand and the down LoRA shrink
-            into the SwiGLU kernel (``lorakit.kernels.swiglu_lora``): two launches fewer per layer. Layers whose
-            gate/up carry a bias or a DoRA adapter keep the separate kernels.
+            into the SwiGLU kernel (``lorakit.kernels.swiglu_lora``) and the q/k/v LoRA expand into rope + KV store:
+            three launches fewer per layer. A group with a bias or a DoRA adapter (and Qwen3's q/k, normed
+            first) keeps the separate kernels.
 
     The model's q/k/v and gate/up weights become views of fused tensors (values and keys unchanged; see
     ``lorakit.decoding.weights``). Adapters are copied from the model's LoRA layers the first time a row uses them
@@ -300,19 +301,22 @@ class StaticDecoder:
     def _prefill_forward(self, flat: torch.Tensor, last: torch.Tensor, out: torch.Tensor, per_prompt=None) -> None:
         """All layers over the flat tokens (4, T) (token, position, cache row, slot), storing every token's K/V at
         (row, position); out[:n] <- the float32 logits of the tokens at ``last`` (n,)."""
-        from lorakit.kernels.decode_attention import decode_attention, rope_store_, rotate_half_float
+        from lorakit.kernels.decode_attention import decode_attention, expand_qkv_lora, rope_store_, rotate_half_float
 
         tokens, positions, cache_rows, slots = flat[0], flat[1], flat[2], flat[3].to(torch.int32)
         lengths = torch.where(positions >= 0, positions + 1, 0).to(torch.int32)
         safe = positions.clamp(min=0)
         cos, sin = self.cos.index_select(0, safe), self.sin.index_select(0, safe)
 
-        def attend(i, layer, q, k, v, delta):  # each token attends its row's cache up to its own position
-            rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i], delta=delta, rows=cache_rows)
+        def attend(i, layer, q, k, v, delta, lora=None):  # each token attends its row's cache up to its own position
+            rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i], delta=delta, rows=cache_rows,
+                        lora=lora)
             return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling, rows=cache_rows)
 
-        def attend_per_prompt(i, layer, q, k, v, delta):
+        def attend_per_prompt(i, layer, q, k, v, delta, lora=None):
             rows, starts, prompt_lengths = per_prompt
+            if lora is not None:
+                delta = expand_qkv_lora(q, k, lora)
             if delta is not None:
                 q, k, v = q + delta[0], k + delta[1], v + delta[2]
             q = rotate_half_float(q, cos, sin).to(q.dtype)
@@ -432,8 +436,8 @@ class StaticDecoder:
         safe = positions.clamp(min=0)
         cos, sin = self.cos.index_select(0, safe), self.sin.index_select(0, safe)
 
-        def attend(i, layer, q, k, v, delta):  # one new token per row: rotate, store at its position, attend
-            rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i], delta=delta)
+        def attend(i, layer, q, k, v, delta, lora=None):  # one new token per row: rotate, store at its position, attend
+            rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i], delta=delta, lora=lora)
             return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling)
 
         h, delta = self._layers(F.embedding(tokens, parts.embed.weight), slots, attend)
@@ -442,9 +446,10 @@ class StaticDecoder:
 
     def _layers(self, h: torch.Tensor, slots: torch.Tensor, attend) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every decoder layer over rows h (T, d) with adapter slots (T,) int32 (-1: none). ``attend(i, layer, q, k,
-        v, delta)`` rotates q and k, stores k and v in layer i's cache and returns the attention (T, H, D); q (T, H,
-        D), k, v (T, Hkv, D) are views of the q/k/v output and delta None or views of the LoRA delta still to add
-        to them. Returns the residual stream (T, d) and the delta still to add to it (or None)."""
+        v, delta, lora=None)`` rotates q and k, stores k and v in layer i's cache and returns the attention (T, H,
+        D); q (T, H, D), k, v (T, Hkv, D) are views of the q/k/v output, delta None or views of the LoRA delta
+        still to add to them, and lora None or that LoRA still to expand (``rope_store_``'s ``lora``). Returns the
+        residual stream (T, d) and the delta still to add to it (or None)."""
         from lorakit.kernels.swiglu import swiglu_packed
         from lorakit.kernels.swiglu_lora import swiglu_lora
 
@@ -459,17 +464,23 @@ class StaticDecoder:
         delta = None
         for i, layer in enumerate(parts.layers):
             x = _norm(h, layer.input_norm, self._eps, delta)
-            qkv, delta = self._project(x, i, "qkv", slots)
-            if layer.q_norm is not None and delta is not None:
-                qkv.add_(delta)  # the q/k norms come first: no kernel to fuse the add into
-                delta = None
-            q, k, v = heads(qkv)
-            if layer.q_norm is not None:
-                q, k = layer.q_norm(q).contiguous(), layer.k_norm(k).contiguous()
-            attn = attend(i, layer, q, k, v, None if delta is None else heads(delta))
+            if self._fused(i, "qkv") and layer.q_norm is None:
+                # the q/k/v GEMM beside its shrink; rope + KV store expands the planes itself
+                qkv, part = self._project(x, i, "qkv", slots, shrink_only=True)
+                stack = self.adapters.layers[i]["qkv"]
+                attn = attend(i, layer, *heads(qkv), None, lora=(part, stack.B, stack.scaling, stack.rank, slots))
+            else:
+                qkv, delta = self._project(x, i, "qkv", slots)
+                if layer.q_norm is not None and delta is not None:
+                    qkv.add_(delta)  # the q/k norms come first: no kernel to fuse the add into
+                    delta = None
+                q, k, v = heads(qkv)
+                if layer.q_norm is not None:
+                    q, k = layer.q_norm(q).contiguous(), layer.k_norm(k).contiguous()
+                attn = attend(i, layer, q, k, v, None if delta is None else heads(delta))
             h, delta = self._project(attn.reshape(T, Nq), i, "o", slots, residual=h)
             x = _norm(h, layer.post_norm, self._eps, delta)
-            if self._fused_mlp(i):
+            if self._fused(i, "gate_up"):
                 # gate/up GEMM beside its shrink; then one kernel: gate/up expand + SwiGLU + down shrink; then the
                 # down GEMM beside the down expand from that kernel's planes
                 gate_up, part = self._project(x, i, "gate_up", slots, shrink_only=True)
@@ -489,10 +500,11 @@ class StaticDecoder:
     def _dora(self, stack) -> bool:
         return stack.ratio is not None and self.adapters.has_dora
 
-    def _fused_mlp(self, layer: int) -> bool:
-        """Whether layer ``layer``'s MLP runs its LoRA through ``swiglu_lora`` (see ``fuse_lora``)."""
+    def _fused(self, layer: int, group: str) -> bool:
+        """Whether group ``group`` ("qkv" or "gate_up") of layer ``layer`` leaves its LoRA expand to the kernel that
+        reads its output (rope + KV store, ``swiglu_lora``; see ``fuse_lora``): not with a bias or DoRA there."""
         return (self.fuse_lora and bool(self.adapters.slot_of) and self.lora_overlap in ("lora", "serial")
-                and self.weights[layer]["gate_up"].bias is None and not self._dora(self.adapters.layers[layer]["gate_up"]))
+                and self.weights[layer][group].bias is None and not self._dora(self.adapters.layers[layer][group]))
 
     def _project(self, x: torch.Tensor, layer: int, group: str, slots: torch.Tensor,
                  residual: torch.Tensor | None = None, shrink_only: bool = False,

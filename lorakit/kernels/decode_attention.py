@@ -106,6 +106,32 @@ def _check_rope_store(q, k, v, cos, sin, positions, k_cache, v_cache, rows=None)
         raise LorakitError(f"rope_store_: all tensors must be on one device, got {sorted(str(x) for x in devices)}")
 
 
+def _check_rope_lora(q, k, lora) -> tuple:
+    """rope_store_'s ``lora`` tuple, checked (shapes only) and with contiguous scaling/rank."""
+    part, B, scaling, rank, slots = lora
+    b, h, d = q.shape
+    n = (h + 2 * k.shape[1]) * d
+    if B.dim() != 3 or B.shape[1] != n or part.dim() != 3 or part.shape[1:] != (b, 3 * B.shape[2]) \
+            or scaling.shape != (B.shape[0], 3) or rank.shape != (B.shape[0], 3) or slots.shape != (b,):
+        raise LorakitError(f"rope_store_'s lora must be (part (P, {b}, 3R), B (slots, {n}, R), scaling and rank "
+                           f"(slots, 3), slot_of_row ({b},)), got {[tuple(t.shape) for t in lora]}")
+    return part, B, scaling.contiguous(), rank.contiguous(), slots
+
+
+def expand_qkv_lora(q, k, lora) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (dq, dk, dv) deltas of rope_store_'s ``lora`` (shapes of q, k, v), in q's dtype: one grouped expand
+    (``grouped_expand_``: Triton when it can run) into a fused (B, (H + 2 Hkv) D) buffer."""
+    from lorakit.kernels.grouped_lora import grouped_expand_
+
+    part, B, scaling, rank, slots = lora
+    b, h, d = q.shape
+    nq, nkv = h * d, k.shape[1] * d
+    flat = torch.empty(b, nq + 2 * nkv, dtype=q.dtype, device=q.device)
+    grouped_expand_(flat, part, B, scaling, rank, slots, [nq, nkv, nkv], accumulate=False)
+    heads = flat.view(b, h + 2 * k.shape[1], d)
+    return heads[:, :h], heads[:, h:h + k.shape[1]], heads[:, h + k.shape[1]:]
+
+
 def _kernel_ok(*tensors: torch.Tensor) -> bool:
     if not triton_usable(*tensors):
         return False
@@ -205,7 +231,7 @@ def rope_store_reference_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
 def rope_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 delta: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                rows: torch.Tensor | None = None) -> None:
+                rows: torch.Tensor | None = None, lora: tuple | None = None) -> None:
     """Rotate q in place and store rotated k and v at ``positions`` in the caches; one Triton kernel when it can.
 
     q (B, H, D), k, v (B, Hkv, D): any strides (views of a fused qkv output); cos, sin (B, D) float32;
@@ -215,8 +241,25 @@ def rope_store_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
     up holding rope(q + dq); k and v themselves are not changed.
     rows: None, or (B,) the cache row of each q row (the tokens of a prefilled prompt share one; the caches may then
     hold any number of rows; a row outside them stores nothing).
+    lora: None, or the q/k/v LoRA to add first, still to be expanded: (part, B_qkv, scaling, rank, slot_of_row) with
+    part (P, B, 3R) float32 the grouped shrink's planes (``grouped_shrink``) and the rest the q/k/v
+    ``GroupStack``'s B ((slots, (H + 2 Hkv) D, R)), scaling and rank ((slots, 3)) and each row's slot ((B,), -1:
+    none). The kernel then expands them itself (the decoder's fused q/k/v expand); the deltas are rounded to q's
+    dtype as a stored delta would be. Not with ``delta``.
     """
     _check_rope_store(q, k, v, cos, sin, positions, k_cache, v_cache, rows)
+    if lora is not None:
+        if delta is not None:
+            raise LorakitError("rope_store_ takes a stored delta or a LoRA to expand, not both")
+        lora = _check_rope_lora(q, k, lora)
+        if q.numel() and q.shape[-1] <= MAX_KERNEL_HEAD_DIM and \
+                _kernel_ok(q, k, v, cos.float(), sin.float(), positions, k_cache, v_cache, *lora,
+                           *(() if rows is None else (rows,))):
+            from lorakit.kernels.triton.decode_attention import rope_store_kernel_
+
+            rope_store_kernel_(q, k, v, cos.float(), sin.float(), positions, k_cache, v_cache, None, rows, lora)
+            return
+        delta = expand_qkv_lora(q, k, lora)
     if delta is not None:
         if len(delta) != 3 or any(d.shape != t.shape for d, t in zip(delta, (q, k, v))):
             raise LorakitError(f"rope_store_'s delta must be (dq, dk, dv) shaped like q, k, v {tuple(q.shape)}, "

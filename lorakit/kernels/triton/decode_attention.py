@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from lorakit.kernels._triton import pdl_launch, pdl_on
+from lorakit.kernels.triton.grouped_lora import live_segment_low
 from lorakit.kernels.triton.pdl import pdl_enter
 
 _LOG2E = 1.4426950408889634
@@ -196,20 +197,51 @@ def _plus(x, ptr, mask):
 
 
 @triton.jit
+def _plus_value(x, delta):
+    """x + delta (float32), the delta rounded to x's dtype first, then the sum (as ``_plus`` of a stored delta)."""
+    return (x.to(tl.float32) + delta.to(x.dtype).to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
 def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, ROWS, KC, VC,
+                PART, BL, SCALE, RANK, SLOTS,
                 stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kd, stride_vb, stride_vh, stride_vd,
                 stride_cb, stride_cd, stride_sb, stride_sd,
                 stride_kcb, stride_kch, stride_kcs, stride_kcd, stride_vcb, stride_vch, stride_vcs, stride_vcd,
-                n_heads, s_max, half, n_cache_rows, HAS_DELTA: tl.constexpr, HAS_ROWS: tl.constexpr,
-                BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
+                stride_ps, stride_pm, stride_bs, stride_bn, stride_br, stride_ss, stride_rs,
+                n_heads, n_kv_heads, s_max, half, n_cache_rows, n_slots, HAS_DELTA: tl.constexpr,
+                HAS_ROWS: tl.constexpr, HAS_LORA: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,
+                SPLIT: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
     """Program (b, j): j < H rotates q[b, j] in place; j >= H rotates k[b, j-H] into the cache and copies v.
     HAS_DELTA: q, k, v are first replaced by q + dq, k + dk, v + dv (rounded to their dtype; the deltas have
-    q's, k's and v's strides), and q + dq is what q holds afterwards (rotated)."""
+    q's, k's and v's strides), and q + dq is what q holds afterwards (rotated).
+    HAS_LORA: the same, with the deltas computed here by the grouped expand of the q/k/v LoRA from the shrink's
+    planes PART (P, B, 3R) and the stacked BL (slots, Hq*D + 2*Hkv*D, R), SCALE, RANK (slots, 3) of row b's slot."""
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     i = tl.arange(0, BLOCK_HALF)
     mask = i < half
+    if HAS_LORA:  # the row's adapter: its slot (an input of the step, written before it), then B's two half tiles
+        slot = tl.load(SLOTS + b).to(tl.int64)
+        live = (slot >= 0) & (slot < n_slots)
+        s = tl.where(live, slot, 0)
+        seg = tl.where(j < n_heads, 0, 1)
+        col0 = j * 2 * half  # q head j, or k head j - H (the k heads follow the q heads in the fused output)
+        offs_r = tl.arange(0, BLOCK_R)
+        r_live = offs_r < tl.where(live, R, 0)
+        b_base = BL + s * stride_bs
+        b1 = tl.load(b_base + (col0 + i)[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                     mask=mask[:, None] & r_live[None, :], other=0.0)
+        b2 = tl.load(b_base + (col0 + half + i)[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                     mask=mask[:, None] & r_live[None, :], other=0.0)
     pdl_enter(PDL)
+    if HAS_LORA:
+        part_row = PART + b * stride_pm
+        low, rank = live_segment_low(part_row, stride_ps, SCALE + s * stride_ss, RANK + s * stride_rs, live, seg,
+                                     R, BLOCK_R, SPLIT)
+        keep = offs_r[None, :] < rank  # B's columns past the segment's rank may hold anything
+        d1 = tl.sum(tl.where(keep, b1.to(tl.float32), 0.0) * low[None, :], axis=1)
+        d2 = tl.sum(tl.where(keep, b2.to(tl.float32), 0.0) * low[None, :], axis=1)
     cos1 = tl.load(COS + b * stride_cb + i * stride_cd, mask=mask, other=0.0).to(tl.float32)
     cos2 = tl.load(COS + b * stride_cb + (i + half) * stride_cd, mask=mask, other=0.0).to(tl.float32)
     sin1 = tl.load(SIN + b * stride_sb + i * stride_sd, mask=mask, other=0.0).to(tl.float32)
@@ -222,6 +254,9 @@ def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, ROWS, KC, VC,
             dptr = DQ + b * stride_qb + j.to(tl.int64) * stride_qh
             x1 = _plus(x1, dptr + i * stride_qd, mask)
             x2 = _plus(x2, dptr + (i + half) * stride_qd, mask)
+        if HAS_LORA:
+            x1 = _plus_value(x1, d1)
+            x2 = _plus_value(x2, d2)
         x1 = x1.to(tl.float32)
         x2 = x2.to(tl.float32)
         # rotate_half(x) = cat(-x2, x1): out = cat(x1*cos1 - x2*sin1, x2*cos2 + x1*sin2)
@@ -243,6 +278,9 @@ def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, ROWS, KC, VC,
                 dkp = DK + b * stride_kb + kh * stride_kh
                 x1 = _plus(x1, dkp + i * stride_kd, mask)
                 x2 = _plus(x2, dkp + (i + half) * stride_kd, mask)
+            if HAS_LORA:
+                x1 = _plus_value(x1, d1)
+                x2 = _plus_value(x2, d2)
             x1 = x1.to(tl.float32)
             x2 = x2.to(tl.float32)
             kc = KC + cb * stride_kcb + kh * stride_kch + pos * stride_kcs
@@ -256,20 +294,40 @@ def _rope_store(Q, K, V, DQ, DK, DV, COS, SIN, POS, ROWS, KC, VC,
                 dvp = DV + b * stride_vb + kh * stride_vh
                 v1 = _plus(v1, dvp + i * stride_vd, mask)
                 v2 = _plus(v2, dvp + (i + half) * stride_vd, mask)
+            if HAS_LORA:  # v's segment: its own low-rank vector and B's columns after all q and k heads
+                vcol = (n_heads + n_kv_heads + kh) * 2 * half
+                low_v, rank_v = live_segment_low(part_row, stride_ps, SCALE + s * stride_ss, RANK + s * stride_rs,
+                                                 live, 2, R, BLOCK_R, SPLIT)
+                keep_v = mask[:, None] & (offs_r[None, :] < rank_v)
+                bv1 = tl.load(b_base + (vcol + i)[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=keep_v, other=0.0)
+                bv2 = tl.load(b_base + (vcol + half + i)[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=keep_v,
+                              other=0.0)
+                v1 = _plus_value(v1, tl.sum(bv1.to(tl.float32) * low_v[None, :], axis=1))
+                v2 = _plus_value(v2, tl.sum(bv2.to(tl.float32) * low_v[None, :], axis=1))
             tl.store(vc + i * stride_vcd, v1.to(VC.dtype.element_ty), mask=mask)
             tl.store(vc + (i + half) * stride_vcd, v2.to(VC.dtype.element_ty), mask=mask)
 
 
-def rope_store_kernel_(q, k, v, cos, sin, positions, k_cache, v_cache, delta=None, rows=None) -> None:
+def rope_store_kernel_(q, k, v, cos, sin, positions, k_cache, v_cache, delta=None, rows=None, lora=None) -> None:
     """See ``lorakit.kernels.decode_attention.rope_store_``; shapes checked by the caller, cos/sin float32;
-    delta: None or (dq, dk, dv) with q's, k's and v's shapes and strides; rows: None or the cache row of each row."""
+    delta: None or (dq, dk, dv) with q's, k's and v's shapes and strides; rows: None or the cache row of each row;
+    lora: None or (part (P, B, 3R) float32, B (slots, (H + 2 Hkv) D, R), scaling (slots, 3), rank (slots, 3),
+    slot_of_row (B,)), contiguous scaling and rank."""
     b, h, d = q.shape
     hkv = k.shape[1]
     half = d // 2
     dq, dk, dv = (q, k, v) if delta is None else delta
+    part, BL, scaling, rank, slots = (positions,) * 5 if lora is None else lora
+    R = 1 if lora is None else BL.shape[2]
+    lora_strides = (0,) * 7 if lora is None else (part.stride(0), part.stride(1), *BL.stride(), scaling.stride(0),
+                                                  rank.stride(0))
     pdl = pdl_on(q)
     _rope_store[(b, h + hkv)](
         q, k, v, dq, dk, dv, cos, sin, positions, positions if rows is None else rows, k_cache, v_cache,
+        part, BL, scaling, rank, slots,
         *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(), *k_cache.stride(), *v_cache.stride(),
-        h, k_cache.shape[2], half, k_cache.shape[0], HAS_DELTA=delta is not None, HAS_ROWS=rows is not None,
+        *lora_strides,
+        h, hkv, k_cache.shape[2], half, k_cache.shape[0], 0 if lora is None else BL.shape[0],
+        HAS_DELTA=delta is not None, HAS_ROWS=rows is not None, HAS_LORA=lora is not None, R=R,
+        BLOCK_R=max(2, triton.next_power_of_2(R)), SPLIT=1 if lora is None else part.shape[0],
         BLOCK_HALF=max(16, triton.next_power_of_2(half)), PDL=pdl, num_warps=1, **pdl_launch(pdl))
