@@ -153,10 +153,10 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out", overwrite: 
     ``out`` may not exist yet (its nearest existing parent must be a writable folder); if it exists it must be a
     folder, and without ``overwrite`` it is refused (unless it is empty and ``allow_empty``). ``protected`` maps a
     description ("the adapter folder") to an input path that ``out`` may not be, contain, or sit inside.
-    ``replaces`` ("model" / "adapter", see ``OUTPUT_FILES``): the folder is replaced whole, so with ``overwrite``
-    an existing one may only hold what such an output holds. The current folder (or one above it) and a mount point
-    are refused: a folder is written beside ``out`` and renamed onto it. Returns ``out`` with ``~`` expanded and a
-    symbolic link followed (the output goes where the link points; the link stays).
+    ``replaces`` ("model" / "adapter", see ``OUTPUT_FILES``) is for outputs written beside ``out`` and renamed onto
+    it (``replace_folder``): with ``overwrite`` an existing one may only hold what such an output holds, and the
+    current folder (or one above it), a mount point and a parent without write permission are refused. Returns
+    ``out`` with ``~`` expanded and a symbolic link followed (the output goes where the link points; the link stays).
     """
     given = out
     out = Path(out).expanduser()
@@ -172,21 +172,23 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out", overwrite: 
         source = Path(path).expanduser().resolve()
         if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
             raise LorakitError(f"{flag} {given} is, holds or sits inside {what} {path}; choose a folder outside it")
-    if out.is_dir() and Path.cwd().resolve().is_relative_to(resolved):
+    swapped = replaces is not None and out.is_dir()  # this folder will be renamed away and replaced
+    if swapped and Path.cwd().resolve().is_relative_to(resolved):
         raise LorakitError(f"{flag} {given} is the current folder (or holds it); give a new folder, e.g. {flag} merged")
-    if out.is_dir() and os.path.ismount(out):
+    if swapped and os.path.ismount(out):
         raise LorakitError(f"{flag} {given} is a mount point, and lorakit writes a folder beside {flag} and renames it "
                            f"into place; give a folder inside it, e.g. {flag} {Path(str(given)) / 'out'}")
-    if out.is_dir() and not empty and replaces is not None:
+    if swapped and not empty:
         _refuse_other_files(out, given, flag, replaces)
     parent = out if out.exists() else out.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise LorakitError(f"{flag} {given}: {parent} is a file, not a folder; choose another {flag}")
-    if not os.access(parent, os.W_OK | os.X_OK) or (out.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK)):
-        place = parent if not os.access(parent, os.W_OK | os.X_OK) else out.parent
-        raise LorakitError(f"{flag} {given}: no permission to write in {place}; choose another {flag}")
+    if swapped:  # the new folder is made beside it
+        parent = out.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LorakitError(f"{flag} {given}: no permission to write in {parent}; choose another {flag}")
     return out
 
 

@@ -272,10 +272,15 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
     weights = folder / WEIGHTS_NAME
     _refuse_broken_entry(weights)
     if not weights.is_file():
-        named = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
+        named = _natural_sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
         if named:  # peft saves an adapter that is not named "default" into a subfolder of its name
             raise LorakitError(f"{folder} holds adapters in subfolders ({listed(named)}); pass one of them, "
-                               f"e.g. {folder / named[0]}")
+                               f"e.g. {folder / _example(named)}")
+        # a run's checkpoints (lorakit: step-N/adapter; Trainer output_dir of checkpoint-N/adapter folders)
+        nested = _natural_sorted(p.name for p in folder.iterdir() if (p / "adapter" / CONFIG_NAME).is_file())
+        if nested:
+            raise LorakitError(f"{folder} holds checkpoints ({listed(nested)}); pass one's adapter folder, e.g. "
+                               f"{folder / _example(nested) / 'adapter'}")
         pickled = [n for n in PICKLED_NAMES if (folder / n).exists()]
         if pickled:  # torch.load(weights_only=True) refuses code, so a user who trusts the file can convert it once
             raise LorakitError(f"{folder / pickled[0]} is a pickled checkpoint; lorakit never unpickles files. Convert it once "
@@ -327,6 +332,16 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
     if config is None:
         config = _parse_config({**raw_config, "target_modules": _targets_from_keys(tensors, weights)}, config_path)
     return AdapterFile(folder, config, tensors, metadata, raw_config, size)
+
+
+def _natural_sorted(names) -> list[str]:
+    """checkpoint-2 before checkpoint-10."""
+    return sorted(names, key=lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
+
+
+def _example(names: list[str]) -> str:
+    """The folder to suggest: the latest of numbered checkpoints (checkpoint-N, step-N), else the first."""
+    return names[-1] if all(re.search(r"\d", n) for n in names) else names[0]
 
 
 def _refuse_broken_entry(path: Path) -> None:

@@ -263,3 +263,52 @@ def test_gguf_export_into_a_path_with_spaces_and_unicode(tmp_path, capsys):
     reader = gguf.GGUFReader(str(out / "my model-f16.gguf"))
     assert len(reader.tensors) > 0
     assert _names(tmp_path / "exports ü") == ["my model"]
+
+
+def test_run_and_checkpoint_folders_name_the_adapter_to_pass(adapter, tmp_path, capsys):
+    run = tmp_path / "run"
+    for step in ("step-000002", "step-000010"):  # lorakit train's checkpoints: step-N/adapter
+        shutil.copytree(adapter, run / "checkpoints" / step / "adapter")
+    line = _error(capsys, main(["inspect", str(run / "checkpoints")]))
+    assert line.endswith(f"holds checkpoints (step-000002, step-000010); pass one's adapter folder, e.g. "
+                         f"{run / 'checkpoints' / 'step-000010' / 'adapter'}")
+    trainer = tmp_path / "hf"  # a Trainer output_dir: checkpoint-N folders hold the adapter files; the latest is named
+    for step in ("checkpoint-20", "checkpoint-100"):
+        shutil.copytree(adapter, trainer / step)
+    line = _error(capsys, main(["inspect", str(trainer)]))
+    assert line.endswith(f"holds adapters in subfolders (checkpoint-20, checkpoint-100); pass one of them, e.g. "
+                         f"{trainer / 'checkpoint-100'}")
+
+
+def test_unwritable_places_are_one_line(tiny_folder, adapter, tmp_path, capsys, monkeypatch):  # noqa: F811 (fixture)
+    from lorakit.export import check_output_folder
+
+    locked = tmp_path / "read-only"
+    (locked / "merged").mkdir(parents=True)
+    (locked / "merged" / "config.json").write_text("{}")
+    real_access = os.access
+    monkeypatch.setattr("lorakit.export.os.access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    for out in (locked / "new", locked / "merged"):  # a new folder in it, or replacing one inside it (made beside)
+        line = _error(capsys, main(["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out", str(out),
+                                    "--overwrite"]))
+        assert line.endswith(f"--out {out}: no permission to write in {locked}; choose another --out")
+    # training writes into its folder, so its own checks keep accepting '.', a folder whose parent is read-only
+    assert check_output_folder(locked / "merged", overwrite=True) == locked / "merged"
+    monkeypatch.chdir(tmp_path)
+    assert check_output_folder(".", overwrite=True) == Path(".")
+
+    # combine: a save that fails halfway (a full disk) leaves the previous output and no temporary folder
+    out = tmp_path / "combined"
+    argv = ["combine", "--model", str(tiny_folder), "--adapter", f"{adapter}=0.5", "--out", str(out), "--overwrite"]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(path, data):
+        Path(path).write_bytes(data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lorakit.io.atomic_write_bytes", full_disk)
+    line = _error(capsys, main(argv))
+    assert line.endswith(f"cannot save the adapter to {out}: No space left on device; choose a folder you can write")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

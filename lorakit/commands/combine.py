@@ -150,13 +150,23 @@ def run(args: argparse.Namespace) -> int:
                          seed=0 if args.seed is None and args.method.startswith("dare") else args.seed)
     for warning in caught:  # one line each, without Python's file:line prefix
         print(f"warning: {str(warning.message).removeprefix('combine_adapters: ')}")
-    tmp = temp_dir(out)
+    import shutil
+
+    try:
+        tmp = temp_dir(out)
+    except OSError as error:
+        raise LorakitError(f"cannot write {out}: {error.strerror or error}; choose another --out") from None
     try:
         lorakit.save_adapter(model, tmp, adapter="combined")
-        replace_folder(tmp, out)
+        replace_folder(tmp, out)  # an existing folder (--overwrite) is swapped out only once this one is whole
+    except OSError as error:  # a full disk, no permission: nothing half-written is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "; the existing folder is unchanged" if out.exists() else ""
+        raise LorakitError(f"cannot write {out}: {error.strerror or error}{kept}") from None
+    except LorakitError as error:  # save_adapter's own one line, about the folder the user named
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LorakitError(str(error).replace(str(tmp), str(out))) from None
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     layers = [layer for layer in lora_layers(model).values() if "combined" in layer.adapters]
