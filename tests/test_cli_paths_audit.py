@@ -312,3 +312,28 @@ def test_unwritable_places_are_one_line(tiny_folder, adapter, tmp_path, capsys, 
     assert line.endswith(f"cannot save the adapter to {out}: No space left on device; choose a folder you can write")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_outputs_that_are_files_and_prompts_that_are_not_utf8(tiny_folder, adapter, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import io
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the mistake was found")
+
+    monkeypatch.setattr("lorakit.load_base", no_loading)
+    existing = tmp_path / "merged.safetensors"
+    existing.write_bytes(b"mine")
+    for argv in (["merge", "--adapter", str(adapter)], ["combine", "--adapter", str(adapter)], ["quantize"]):
+        line = _error(capsys, main([*argv, "--model", str(tiny_folder), "--out", str(existing), "--overwrite"]))
+        assert line.endswith(f"--out {existing} is a file; give a folder"), argv
+    assert existing.read_bytes() == b"mine"
+
+    # a Latin-1 file piped in: named as such (Python decoded it to lone surrogates the tokenizer refused obscurely)
+    generate = ["generate", "--model", str(tiny_folder)]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait")))
+    line = _error(capsys, main(generate))
+    assert "standard input is not UTF-8 text (byte 0xe9 at offset 3); convert it first, e.g. iconv" in line
+    assert "not UTF-8 text; pass it in UTF-8" in _error(capsys, main([*generate, "caf\udce9"]))
+    # sampling options are named as the flags the user typed
+    assert _error(capsys, main([*generate, "--top-p", "2", "hi"])).endswith("--top-p must be in (0, 1], got 2.0")
+    assert "--max-new-tokens must be a positive integer" in _error(capsys, main([*generate, "--max-new-tokens", "0", "hi"]))

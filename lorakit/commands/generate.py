@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 
@@ -54,6 +55,19 @@ def _names(folders: list[str]) -> list[str]:
     return names
 
 
+def _read_stdin() -> str:
+    """Standard input as UTF-8 text (a BOM dropped). Python would decode other bytes to lone surrogates that the
+    tokenizer then refuses with a message about its input types; name the encoding instead."""
+    from lorakit.errors import LorakitError
+
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise LorakitError(f"standard input is not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start}); "
+                           "convert it first, e.g. iconv -f latin1 -t utf-8 FILE | lorakit generate ...") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit.errors import LorakitError
@@ -66,10 +80,17 @@ def run(args: argparse.Namespace) -> int:
     for folder in args.adapter:
         check_adapter_arg(folder)
     check_device(args.device)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    try:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed)
+    except LorakitError as error:  # its Python names as this command's flags
+        raise LorakitError(re.sub(r"^(max_new_tokens|temperature|top_p)\b", lambda m: "--" + m.group(1).replace("_", "-"),
+                                  str(error))) from None
     if args.prompt is None and sys.stdin.isatty():  # reading a terminal would wait without a word
         raise LorakitError('no prompt: give it as an argument (lorakit generate "Hello") or pipe it on standard input')
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()  # read after the checks: no waiting on stdin
+    prompt = args.prompt if args.prompt is not None else _read_stdin()  # read after the checks: no waiting on stdin
+    if any("\ud800" <= c <= "\udfff" for c in prompt):  # an argument in bytes the locale could not decode
+        raise LorakitError("the prompt holds bytes that are not UTF-8 text; pass it in UTF-8 (or set a UTF-8 locale)")
     if not prompt.strip():
         raise LorakitError("the prompt is empty; pass it as an argument or on standard input")
     files = [lorakit.read_adapter(folder) for folder in args.adapter]  # each checked before the base loads
