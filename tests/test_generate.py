@@ -152,7 +152,7 @@ def test_generate_refuses_bad_input(hf, capsys):
     assert main(["generate", "--model", str(hf["model"]), "--adapter", str(hf["model"]), "hi"]) == 2
     assert "adapter_model.safetensors not found" in capsys.readouterr().err
     assert main(["generate", "--model", str(hf["model"]), "--top-p", "0", "hi"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_inspect_lorakit_and_peft_adapters(hf, tmp_path, capsys):
