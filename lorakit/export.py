@@ -217,7 +217,10 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
     """
     from lorakit._fs import publish_mode
 
-    out = check_output_folder(out, flag="out", overwrite=overwrite, allow_empty=True, replaces="model")
+    given = Path(out).expanduser()
+    if given.is_dir() and any(given.iterdir()) and not overwrite:
+        raise LorakitError(f"{given} already exists; choose another folder or pass overwrite=True (CLI: --overwrite)")
+    out = check_output_folder(out, flag="out", overwrite=True, allow_empty=True, replaces="model")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(out)
