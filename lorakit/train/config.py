@@ -138,7 +138,9 @@ class TrainConfig:
     eval_examples: int = _f(60, "held-out examples scored by exact match of greedy generations before and after "
                             "training (0: skip)", "evaluation")
     samples: int = _f(3, "sample generations printed after training", "evaluation")
-    max_new_tokens: int = _f(64, "most tokens generated per example when scoring", "evaluation")
+    max_new_tokens: int | None = _f(None, "most tokens generated per example when scoring; default: the reference's "
+                                    "length + 4 up to 64, and twice the reference + 16 for answers that reason "
+                                    "in <think> first", "evaluation")
     progress: bool = _f(True, "show the progress bar (--no-progress for logs)", "evaluation")
 
     def __post_init__(self) -> None:
@@ -146,13 +148,12 @@ class TrainConfig:
 
     # -- checks and derived values ----------------------------------------------------------------------------
     def validate(self) -> None:
-        positive = ("max_length", "rank", "batch_size", "grad_accum", "keep_checkpoints", "log_every", "max_bad_steps",
-                    "max_new_tokens")
+        positive = ("max_length", "rank", "batch_size", "grad_accum", "keep_checkpoints", "log_every", "max_bad_steps")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LorakitError(f"{_flag(name)} must be a positive integer, got {value!r}")
-        for name in ("max_steps", "eval_batch_size"):
+        for name in ("max_steps", "eval_batch_size", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise LorakitError(f"{_flag(name)} must be a positive integer, got {value!r}")

@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="examples longer than --max-length: drop (counted), truncate or error (default: drop)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
     parser.add_argument("--limit", type=int, default=None, help="score at most this many examples")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per example (default: 64)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="most tokens generated per example "
+                        "(default: the reference's length + 4 up to 64; twice the reference + 16 for answers that "
+                        "reason in <think> first)")
     parser.add_argument("--no-generate", action="store_true", help="report loss and perplexity only")
     parser.add_argument("--samples", type=int, default=3, help="generations to print (default: 3)")
     parser.add_argument("--device", choices=("cuda", "mps", "cpu"), default=None, help="default: the best available")
@@ -109,9 +111,14 @@ def run(args: argparse.Namespace) -> int:
                                    batch_size=args.batch_size, device=device, compute_dtype=compute_dtype,
                                    progress=True)
         results.update(exact_match=result.exact_match, scored_examples=len(result.references))
-        print(f"exact match {100 * result.exact_match:.1f}% ({result.correct}/{len(result.references)})")
+        print(f"exact match {100 * result.exact_match:.1f}% ({result.correct}/{len(result.references)})"
+              + (" of the final answers (after </think>)"
+                 if any("</think>" in t for t in result.predictions + result.references) else ""))
+        if result.note():
+            print(result.note())
+            results["unanswered"] = result.unanswered
         for i in range(min(args.samples, len(result.references))):
-            ok = result.predictions[i].strip() == result.references[i].strip()
+            ok = result.matches[i]
             print(f"  [{'ok' if ok else 'XX'}] {result.prompts[i]!r} -> {result.predictions[i]!r}"
                   + ("" if ok else f" (expected {result.references[i]!r})"))
     elif not args.no_generate:

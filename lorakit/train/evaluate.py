@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.train.data import IGNORE_INDEX, Collator, eval_batches, generation_prompt, reference_text, tokenizer_info
+from lorakit.train.chat_turns import THINK_CLOSE, THINK_OPEN
+from lorakit.train.data import (IGNORE_INDEX, Collator, eval_batches, generation_prompt, reference_text, render_examples,
+                                tokenizer_info)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -123,21 +125,99 @@ def perplexity(loss: float) -> float:
 
 @dataclass
 class GenerationScore:
-    """Exact-match result over ``len(references)`` records."""
+    """Exact-match result over ``len(references)`` records.
+
+    Attributes:
+        exact_match: the share (0..1) of records whose final answer equals the reference's (:func:`final_answer`).
+        predictions / references / prompts: per record, the generated text (with its reasoning), the reference
+            answer as the record holds it, and the last user turn (or the prompt).
+        matches: per record, whether it was scored correct.
+        unanswered: generations that opened ``<think>`` reasoning (or whose prompt opened it) and never closed it,
+            so they hold no answer (scored wrong). cut: of those, the ones stopped by the token limit.
+        max_new_tokens: the largest token limit a generation had.
+    """
 
     exact_match: float
     predictions: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
+    matches: list[bool] = field(default_factory=list)
+    unanswered: int = 0
+    cut: int = 0
+    max_new_tokens: int | None = None
 
     @property
     def correct(self) -> int:
-        return round(self.exact_match * len(self.references))
+        return sum(self.matches) if self.matches else round(self.exact_match * len(self.references))
+
+    def note(self) -> str | None:
+        """One line when generations ended inside their reasoning, before an answer (None otherwise)."""
+        if not self.unanswered:
+            return None
+        n = len(self.references)
+        parts = []
+        if self.cut:
+            parts.append(f"{self.cut} reached the token limit (up to {self.max_new_tokens} new tokens) inside their "
+                         "<think> reasoning: raise --max-new-tokens (max_new_tokens= from Python)")
+        if self.unanswered > self.cut:
+            parts.append(f"{self.unanswered - self.cut} ended inside their reasoning without {THINK_CLOSE}")
+        return (f"note: {self.unanswered} of {n} generation{'s' if n > 1 else ''} gave no answer after their "
+                f"reasoning and scored as wrong: " + "; ".join(parts))
+
+
+def final_answer(text: str, opened: bool = False) -> str | None:
+    """The answer a text gives, as exact match compares it: the text after the last ``</think>``, stripped, for a
+    reasoning model (Qwen3, DeepSeek-R1, QwQ); the whole text, stripped, when it holds no ``<think>`` block.
+
+    None when reasoning was opened (``<think>`` in the text, or ``opened``: the prompt ended with ``<think>``) and
+    never closed: the generation stopped before its answer.
+    """
+    if THINK_CLOSE in text:
+        return text.rsplit(THINK_CLOSE, 1)[1].strip()
+    if opened or THINK_OPEN in text:
+        return None
+    return text.strip()
 
 
 def scorable(records: Sequence[Any]) -> list[Any]:
     """The records that have a reference answer (prompt/completion or chat), in order."""
     return [r for r in records if getattr(r, "shape", None) in ("prompt_completion", "messages")]
+
+
+def _opens_reasoning(tokenizer: Any, prompt: list[int]) -> bool:
+    """Whether a generation prompt ends by opening ``<think>`` (DeepSeek-R1 distills, QwQ): what follows is reasoning."""
+    return tokenizer.decode(prompt[-8:], skip_special_tokens=False).rstrip().endswith(THINK_OPEN)
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    """Decoded text without special tokens, except ``<think>`` / ``</think>`` when a tokenizer makes them special
+    (the answer is found after ``</think>``, so it must stay in the text)."""
+    kept = {}
+    for tag in (THINK_OPEN, THINK_CLOSE):
+        tag_id = tokenizer.convert_tokens_to_ids(tag)
+        if isinstance(tag_id, int) and tag_id in set(getattr(tokenizer, "all_special_ids", ())) \
+                and tag_id != getattr(tokenizer, "unk_token_id", None):
+            kept[tag_id] = tag
+    if not kept or not any(t in kept for t in ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    text, run = "", []
+    for t in ids + [None]:
+        if t is None or t in kept:
+            text += tokenizer.decode(run, skip_special_tokens=True) + (kept[t] if t is not None else "")
+            run = []
+        else:
+            run.append(t)
+    return text
+
+
+@dataclass
+class Generation:
+    """One greedy generation: its text (special tokens removed), whether the prompt opened ``<think>`` reasoning,
+    and whether it stopped at an end-of-turn token (False: the token limit or the context ended it)."""
+
+    text: str
+    opened: bool
+    stopped: bool
 
 
 @torch.no_grad()
@@ -150,6 +230,16 @@ def generate_answers(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
     after ``max_new_tokens`` (one number, or one per record: a batch runs to the largest of its records).
     Returns the decoded answers (special tokens removed) in the records' order.
     """
+    return [g.text for g in generate_records(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                             device=device, compute_dtype=compute_dtype, eot_token=eot_token,
+                                             progress=progress)]
+
+
+@torch.no_grad()
+def generate_records(model: nn.Module, tokenizer: Any, records: Sequence[Any], *, max_new_tokens: int | Sequence[int] = 64,
+                     batch_size: int = 16, device: torch.device | None = None, compute_dtype: torch.dtype | None = None,
+                     eot_token: str | None = None, progress: bool = False) -> list[Generation]:
+    """:func:`generate_answers`, with whether each prompt opened reasoning and each generation stopped by itself."""
     from transformers import GenerationConfig
 
     device = device or next(model.parameters()).device
@@ -163,7 +253,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
     from lorakit.models.loading import context_length
 
     context = context_length(model)  # learned position embeddings (GPT-2, OPT) fail with an index error beyond it
-    answers: list[str] = [""] * len(prompts)
+    answers = [Generation("", _opens_reasoning(tokenizer, p), False) for p in prompts]
     was_training = model.training
     model.eval()
     try:
@@ -189,27 +279,64 @@ def generate_answers(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
             for row, i in enumerate(chunk):
                 new = out[row, width:].tolist()
                 cut = next((k for k, t in enumerate(new) if t in stop), len(new))
-                answers[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+                answers[i] = Generation(_decode(tokenizer, new[:cut]), answers[i].opened, cut < len(new))
     finally:
         model.train(was_training)
     return answers
 
 
-def score_generations(model: nn.Module, tokenizer: Any, records: Sequence[Any], **kwargs: Any) -> GenerationScore:
-    """Exact match (leading/trailing whitespace ignored) of greedy generations against each record's answer."""
-    from lorakit.data import exact_match_score
+def score_generations(model: nn.Module, tokenizer: Any, records: Sequence[Any], *, max_new_tokens: int | None = None,
+                      **kwargs: Any) -> GenerationScore:
+    """Exact match of greedy generations against each record's answer, compared as :func:`final_answer` gives them:
+    after the last ``</think>`` on both sides for reasoning models, else the whole texts (whitespace-trimmed).
 
+    A generation more than a few tokens longer than its reference cannot match it, so each stops at the reference's
+    length + 4 tokens (the untrained model, which rambles, is scored several times faster), at most
+    ``max_new_tokens`` (default 64). An answer that reasons first (``</think>`` in what the model learnt to write for
+    the record, or a prompt that opens ``<think>``) gets room for twice the reference's reasoning and answer + 16
+    tokens (at most ``max_new_tokens`` when given); generations that end inside their reasoning are counted
+    (``GenerationScore.unanswered``, ``.note()``). Other keywords go to :func:`generate_answers`.
+    """
     records = scorable(records)
     if not records:
         raise LorakitError("no record with a reference answer to score; exact match needs prompt/completion or messages")
     references = [reference_text(r) for r in records]
-    # a generation more than a few tokens longer than its reference cannot match it: stop there (the score is the
-    # same, and the untrained model, which rambles, is scored several times faster)
-    longest = kwargs.pop("max_new_tokens", 64)
-    limits = [min(longest, len(tokenizer(ref, add_special_tokens=False)["input_ids"]) + 4) for ref in references]
-    predictions = generate_answers(model, tokenizer, records, max_new_tokens=limits, **kwargs)
+    limits = []
+    for record, ref in zip(records, references):
+        target = _target_text(record, tokenizer)
+        if THINK_CLOSE in target or THINK_CLOSE in ref:
+            room = 2 * _count(tokenizer, target if THINK_CLOSE in target else ref) + 16
+            limits.append(room if max_new_tokens is None else min(max_new_tokens, room))
+        else:
+            limits.append(min(64 if max_new_tokens is None else max_new_tokens, _count(tokenizer, ref) + 4))
+    generations = generate_records(model, tokenizer, records, max_new_tokens=limits, **kwargs)
+    answers = [final_answer(g.text, g.opened) for g in generations]
+    matches = [a is not None and a == _reference_answer(ref) for a, ref in zip(answers, references)]
+    unanswered = [a is None for a in answers]
+    cut = sum(u and not g.stopped for u, g in zip(unanswered, generations))
     prompts = [_prompt_text(r) for r in records]
-    return GenerationScore(exact_match_score(predictions, references), predictions, references, prompts)
+    return GenerationScore(sum(matches) / len(matches), [g.text for g in generations], references, prompts, matches,
+                           sum(unanswered), cut, max(limits))
+
+
+def _reference_answer(reference: str) -> str:
+    answer = final_answer(reference)
+    return reference.strip() if answer is None else answer
+
+
+def _count(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _target_text(record: Any, tokenizer: Any) -> str:
+    """What the model learnt to write for the record's last answer: the last target of its last training example
+    (a chat's answer as the template writes it after the generation prompt: Qwen3's ``<think>`` block, the reasoning
+    an R1 prompt opens), or the reference itself when the record does not render here."""
+    try:
+        text, spans = render_examples(record, tokenizer)[-1]
+        return text[spans[-1][0]:spans[-1][1]] if spans else reference_text(record)
+    except LorakitError:
+        return reference_text(record)
 
 
 def _prompt_text(record: Any) -> str:

@@ -450,6 +450,12 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
 
     train_ds = as_dataset(train_data, tokenizer, config, "training data", config.pack)
     val_ds = as_dataset(val_data, tokenizer, config, "validation data", False) if val_data is not None else None
+    if train_ds is not train_data:  # tokenized here from records: say what `lorakit train` says of its data
+        log(f"training data: {train_ds.summary}")
+        if train_ds.summary.drop_note():
+            log(train_ds.summary.drop_note())
+    if val_ds is not None and val_ds is not val_data:
+        log(f"validation data: {val_ds.summary}")
     pad_id = pad_id_for(tokenizer)
     collator = Collator(pad_id, pad_to_multiple_of=8 if device.type == "cuda" else None,
                         mask_dtype=compute_dtype or torch.float32)

@@ -351,7 +351,8 @@ def score(model, tokenizer, records, config: TrainConfig, device: torch.device) 
 
 
 def _score_line(label: str, result: GenerationScore) -> str:
-    return f"{label}: exact match {100 * result.exact_match:.1f}% ({result.correct}/{len(result.references)})"
+    line = f"{label}: exact match {100 * result.exact_match:.1f}% ({result.correct}/{len(result.references)})"
+    return line + (f"\n{result.note()}" if result.note() else "")
 
 
 # -- the command ----------------------------------------------------------------------------------------------------
@@ -521,11 +522,11 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
                                     "exact_match": after.exact_match, "examples": len(after.references)})
         if before:
             say(f"held-out exact match: {100 * before['exact_match']:.1f}% before -> {100 * after.exact_match:.1f}% "
-                f"after ({len(after.references)} examples)")
+                f"after ({len(after.references)} examples)" + (f"\n{after.note()}" if after.note() else ""))
         else:
             say(_score_line("after training", after))
         for i in range(min(config.samples, len(after.references))):
-            mark = "ok " if after.predictions[i].strip() == after.references[i].strip() else "XX "
+            mark = "ok " if after.matches[i] else "XX "
             say(f"  [{mark.strip()}] {after.prompts[i]!r}\n       -> {after.predictions[i]!r}"
                 + ("" if mark == "ok " else f"\n       expected {after.references[i]!r}"))
     summary["total_seconds"] = round(time.perf_counter() - started, 1)
