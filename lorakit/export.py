@@ -192,6 +192,25 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out", overwrite: 
     return out
 
 
+def leftover_note(out: str | os.PathLike, flag: str = "--out") -> str | None:
+    """A note naming the hidden folders beside ``out`` that an earlier run left when it was killed (out of memory,
+    SIGKILL) before renaming its output into place (``temp_dir`` / ``replace_folder`` names), or None. They can
+    hold gigabytes nobody sees in ``ls``; they are named, not deleted (another run may be writing one now)."""
+    import glob
+
+    out = Path(out).expanduser()
+    if not out.parent.is_dir():
+        return None
+    found = sorted(p for p in out.parent.glob(f".{glob.escape(out.name)}.*")
+                   if p.is_dir() and not p.is_symlink() and p.name.endswith((".tmp", ".old")))
+    if not found:
+        return None
+    size = sum(f.stat().st_size for p in found for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+    return (f"note: {', '.join(str(p) for p in found)} beside {flag} {'is' if len(found) == 1 else 'are'} left from an "
+            f"earlier run that was stopped before it finished ({size / 2**20:,.1f} MiB); delete {'it' if len(found) == 1 else 'them'} "
+            "to free the space")
+
+
 def _refuse_other_files(out: Path, given, flag: str, kind: str) -> None:
     """With --overwrite, ``out`` is swapped out whole: refuse when it holds entries a ``kind`` output never holds."""
     import fnmatch

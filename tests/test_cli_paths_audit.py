@@ -337,3 +337,17 @@ def test_outputs_that_are_files_and_prompts_that_are_not_utf8(tiny_folder, adapt
     # sampling options are named as the flags the user typed
     assert _error(capsys, main([*generate, "--top-p", "2", "hi"])).endswith("--top-p must be in (0, 1], got 2.0")
     assert "--max-new-tokens must be a positive integer" in _error(capsys, main([*generate, "--max-new-tokens", "0", "hi"]))
+
+
+def test_a_killed_runs_hidden_temporary_folder_is_named(tiny_folder, adapter, tmp_path, capsys):  # noqa: F811 (fixture)
+    out = tmp_path / "merged"
+    stale = tmp_path / ".merged.k2j3x9.tmp"  # what temp_dir leaves when the process is killed (out of memory)
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 2**20)
+    assert main(["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {stale} beside --out is left from an earlier run that was stopped before it finished (1.0 MiB); " \
+           "delete it to free the space" in err
+    assert stale.is_dir()  # named, not deleted: another run may be writing it
+    assert main(["combine", "--model", str(tiny_folder), "--adapter", str(adapter), "--out", str(tmp_path / "c")]) == 0
+    assert "note:" not in capsys.readouterr().err

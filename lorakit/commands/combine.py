@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import os
 import re
+import sys
 
 METHOD_HELP = (
     "cat: exact, rank = sum of the ranks (default). linear: A and B summed separately with sqrt(weight x scaling) "
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.combine import _check_options, combine_adapters
     from lorakit.commands._args import check_adapter_arg, check_base_names, check_device, check_model_folder, plain_warnings
     from lorakit.errors import LorakitError
-    from lorakit.export import check_output_folder
+    from lorakit.export import check_output_folder, leftover_note
     from lorakit.inject import lora_layers
 
     start = time.perf_counter()
@@ -130,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
         protected["the model folder"] = args.model
     out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected, allow_empty=True,
                               replaces="adapter")
+    note = leftover_note(out)
+    if note:
+        print(note, file=sys.stderr)
     options = dict(method=args.method, density=args.density, majority_sign_method=args.majority_sign,
                    svd_rank=args.svd_rank, svd_clamp=args.svd_clamp, svd_lowrank=args.svd_lowrank)
     with _flag_names():  # the options are checked before minutes of loading

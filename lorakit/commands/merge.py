@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import warnings
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit.export import LOSS_WARNING, export_merged
 
-    from lorakit.export import check_output_folder
+    from lorakit.export import check_output_folder, leftover_note
 
     from lorakit.commands._args import check_adapter_arg, check_base_names, check_model_folder, plain_warnings
     from lorakit.errors import LorakitError
@@ -64,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
         protected["the model folder"] = args.model
     out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected, allow_empty=True,
                               replaces="model")  # before minutes of loading; ~ expanded
+    note = leftover_note(out)
+    if note:
+        print(note, file=sys.stderr)
     local = args.model is not None and os.path.isdir(os.path.expanduser(args.model))
     if args.format == "gguf" and local:  # refuse a family before loading it
         from transformers import AutoConfig

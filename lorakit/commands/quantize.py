@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import lorakit
-    from lorakit.export import check_output_folder
+    from lorakit.export import check_output_folder, leftover_note
     from lorakit.models.loading import resolve_model_folder
     from lorakit.models.quantized_saving import save_quantized
 
@@ -60,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected, allow_empty=True,
                               replaces="model")  # before minutes of loading; ~ expanded
     overwrite = args.overwrite or out.is_dir()  # an empty folder (checked above) is used as it is
+    note = leftover_note(out)
+    if note:
+        print(note, file=sys.stderr)
     source, _ = resolve_model_folder(args.model)
     quantization = model_config_dict(Path(source)).get("quantization_config")
     if quantization:  # re-quantizing would only copy it (or dequantize and lose more): say so instead
