@@ -485,6 +485,8 @@ def _read_config(path: Path, handle) -> Any:
         raise LorakitError(f"{path} is {size:,} bytes, over the limit of {MAX_CONFIG_BYTES:,} (a PEFT adapter config is "
                            "a few KB)")
     data = _read_exactly(path, handle, size)
+    if not data.strip():
+        raise LorakitError(f"{path} is empty (an interrupted copy or download?); save or copy the adapter again")
     if data.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(data) > 1 and b"\x00" in data[:2]):
         raise LorakitError(f"{path} is UTF-16 text (Windows PowerShell's default for '>' and Out-File); save it as UTF-8, "
                            "which peft and lorakit read")

@@ -184,6 +184,7 @@ def test_adapter_files_as_editors_and_downloads_leave_them(adapter, tmp_path, ca
         "utf16": (text.encode("utf-16"), "is UTF-16 text (Windows PowerShell's default for '>' and Out-File); save it as UTF-8"),
         "comment": (("// my run\n" + text).encode(), "(line 1 is a comment; JSON has no comments: delete it)"),
         "trailing": ((text[:-2] + ",\n}").encode(), "(a trailing comma before a closing bracket; JSON allows none: delete it)"),
+        "empty": (b"", "is empty (an interrupted copy or download?); save or copy the adapter again"),
     }
     for name, (data, message) in cases.items():
         folder = tmp_path / name
