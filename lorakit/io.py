@@ -84,7 +84,10 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> tuple[dict
     """The adapter's tensors under PEFT's key names, and its config (PiSSA adapters converted to plain LoRA form)."""
     configs = getattr(model, "lorakit_configs", {})
     if adapter not in adapter_names(model):
-        raise LorakitError(f"unknown adapter {adapter!r}; this model has: {', '.join(adapter_names(model)) or '(no adapters)'}")
+        if not adapter_names(model):  # after merge_and_unload the update lives in the weights
+            raise LorakitError(f"unknown adapter {adapter!r}; this model has: (no adapters). After merge_and_unload it is "
+                               "a plain model: save it whole with model.save_pretrained(folder)")
+        raise LorakitError(f"unknown adapter {adapter!r}; this model has: {', '.join(adapter_names(model))}")
     config = configs.get(adapter) or LoraConfig()
     tensors: dict[str, torch.Tensor] = {}
     pissa = False

@@ -352,3 +352,15 @@ def test_a_killed_runs_hidden_temporary_folder_is_named(tiny_folder, adapter, tm
     assert stale.is_dir()  # named, not deleted: another run may be writing it
     assert main(["combine", "--model", str(tiny_folder), "--adapter", str(adapter), "--out", str(tmp_path / "c")]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+def test_save_adapter_after_merge_and_unload_says_how_to_save(tmp_path):
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2))
+    plain = lorakit.merge_and_unload(model)
+    with pytest.raises(LorakitError, match=r"\(no adapters\). After merge_and_unload it is a plain model: save it whole "
+                                           r"with model.save_pretrained\(folder\)"):
+        lorakit.save_adapter(plain, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
