@@ -185,10 +185,10 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out", overwrite: 
         parent = parent.parent
     if not parent.is_dir():
         raise LorakitError(f"{flag} {given}: {parent} is a file, not a folder; choose another {flag}")
-    if swapped:  # the new folder is made beside it
-        parent = out.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LorakitError(f"{flag} {given}: no permission to write in {parent}; choose another {flag}")
+    # a replaced folder is renamed away (which needs write permission on it) and the new one made beside it
+    for place in ((out, out.parent) if swapped else (parent,)):
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise LorakitError(f"{flag} {given}: no permission to write in {place}; choose another {flag}")
     return out
 
 

@@ -293,6 +293,12 @@ def test_unwritable_places_are_one_line(tiny_folder, adapter, tmp_path, capsys, 
         line = _error(capsys, main(["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out", str(out),
                                     "--overwrite"]))
         assert line.endswith(f"--out {out}: no permission to write in {locked}; choose another --out")
+    (tmp_path / "old").mkdir()  # a read-only previous output: it cannot be renamed away
+    (tmp_path / "old" / "config.json").write_text("{}")
+    monkeypatch.setattr("lorakit.export.os.access", lambda path, mode: Path(path) not in (locked, tmp_path / "old"))
+    line = _error(capsys, main(["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out",
+                                str(tmp_path / "old"), "--overwrite"]))
+    assert line.endswith(f"no permission to write in {tmp_path / 'old'}; choose another --out")
     # training writes into its folder, so its own checks keep accepting '.', a folder whose parent is read-only
     assert check_output_folder(locked / "merged", overwrite=True) == locked / "merged"
     monkeypatch.chdir(tmp_path)
