@@ -370,3 +370,18 @@ def test_save_adapter_after_merge_and_unload_says_how_to_save(tmp_path):
                                            r"with model.save_pretrained\(folder\)"):
         lorakit.save_adapter(plain, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("shape, offsets", [([2**40, 2**40], [0, 16]), ([100_000, 100_000], [0, 40_000_000_000]),
+                                            ([4, 4], [0, 64])])
+def test_safetensors_header_claiming_huge_shapes_is_one_line(adapter, tmp_path, capsys, shape, offsets):
+    """A header that claims terabytes (or more bytes than the file has) is refused without allocating them."""
+    import struct
+
+    folder = tmp_path / "huge"
+    shutil.copytree(adapter, folder)
+    header = json.dumps({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+                         {"dtype": "F32", "shape": shape, "data_offsets": offsets}}).encode()
+    (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    line = _error(capsys, main(["inspect", str(folder)]))
+    assert f"{folder / 'adapter_model.safetensors'} is not a valid safetensors file" in line
