@@ -111,12 +111,15 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat: bool | None = None) -> list[int]:
+def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat: bool | None = None,
+                  chat_template_kwargs: dict | None = None) -> list[int]:
     """Token ids of a prompt.
 
     Args:
         prompt: plain text, or chat messages ``[{"role": ..., "content": ...}]``.
         chat: wrap plain text as one user message in the chat template. Default: when the tokenizer has one.
+        chat_template_kwargs: options of the chat template (Qwen3: ``{"enable_thinking": False}``); use the ones
+            the adapter was trained with (its run's config.yaml).
     """
     if not isinstance(prompt, (str, list, tuple)):
         raise LorakitError(f"a prompt is a string or a list of chat messages ({{'role': ..., 'content': ...}}), got "
@@ -133,7 +136,8 @@ def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat: bool | None = N
         raise LorakitError("this tokenizer has no chat template, so chat messages cannot be formatted; give plain text "
                            "instead (encode_prompt(tokenizer, text, chat=False), /v1/completions, or --no-chat)")
     try:
-        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False,
+                                            **(chat_template_kwargs or {}))
     except Exception as error:  # a template may raise for roles it does not know (jinja's TemplateError and others)
         raise LorakitError(f"the chat template refused these messages: {str(error).splitlines()[0]}") from None
     if isinstance(ids, dict) or hasattr(ids, "keys"):

@@ -93,6 +93,12 @@ def _locate_turn(message: Mapping, i: int, before: str, through: str, where: str
     head = len(os.path.commonprefix([before, through]))
     if head < len(before) and not before[head:].strip() and head < len(through):  # the prompt only adds whitespace
         return before + through[head:], len(before)  # ("\n" after the header): the model writes the turn after it
+    reasoning = content_reasoning(message) or any(message.get(key) for key in REASONING_KEYS)
+    if reasoning and before.rstrip().endswith(THINK_CLOSE):  # Qwen3's enable_thinking=False writes "<think></think>"
+        raise LorakitError(f"{where}: messages[{i}] has reasoning, but the generation prompt already closes the "
+                           f"<think> block (it ends {before[-24:]!r}; e.g. chat template option enable_thinking false), "
+                           "so the model answers there without reasoning; remove the reasoning from the records or "
+                           "drop the template option")
     cut = before.rfind(THINK_OPEN)  # a prompt that ends by opening "<think>" ...
     if cut < 0 or before[cut + len(THINK_OPEN):].strip() or not through.startswith(before[:cut]):
         raise LorakitError(

@@ -69,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "type": _base_type(field)}
         if "choices" in meta:
             kwargs["choices"] = list(meta["choices"])
+        if meta.get("json"):  # parsed (and refused in one line) by check_values, not by argparse
+            kwargs["metavar"] = "JSON"
         if meta.get("nargs"):
             kwargs["nargs"] = meta["nargs"]
             kwargs["action"] = "extend"  # --data a.jsonl --data b.jsonl trains on both (not only the last)

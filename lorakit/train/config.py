@@ -57,6 +57,9 @@ class TrainConfig:
     overflow: str = _f("drop", "what to do with an example longer than --max-length: drop, truncate or error",
                        "model and data", choices=("drop", "truncate", "error"))
     pack: bool = _f(False, "pack several examples per row (no attention across them)", "model and data")
+    chat_template_kwargs: dict = _f({}, "options of the model's chat template, as a JSON object, used to render the "
+                                    "chats for training and scoring, e.g. '{\"enable_thinking\": false}' (Qwen3)",
+                                    "model and data", json=True)
 
     # -- adapter ---------------------------------------------------------------------------------------------------
     rank: int = _f(16, "LoRA rank r", "adapter")
@@ -243,6 +246,7 @@ class TrainConfig:
             if both:
                 raise LorakitError(f"{', '.join(both)} is in both --targets and --modules-to-save: a module is either "
                                    "adapted (LoRA) or trained whole and saved; drop it from one of them")
+        check_template_kwargs(self.chat_template_kwargs)
         if self.loraplus_ratio is not None and not (_number(self.loraplus_ratio) and self.loraplus_ratio > 0):
             raise LorakitError(f"--loraplus-ratio must be a positive number (e.g. 16), got {self.loraplus_ratio!r}")
         if not self.full:
@@ -269,6 +273,33 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+# apply_chat_template's own arguments: a template option of the same name would collide with them
+TEMPLATE_RESERVED = ("conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                     "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                     "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+
+
+def check_template_kwargs(value: Any, flag: str = "--chat-template-kwargs") -> dict[str, Any]:
+    """The chat template's options: a mapping of names to values, or a JSON object in a string (the command line)."""
+    example = "e.g. '{\"enable_thinking\": false}'"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise LorakitError(f"{flag}: not valid JSON ({error.msg} at column {error.colno}); give a JSON object, "
+                               f"{example}") from None
+    if not isinstance(value, dict):
+        raise LorakitError(f"{flag} must be a JSON object of option names to values, {example}; got {value!r}")
+    for key in value:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise LorakitError(f"{flag}: {key!r} is not an option name a chat template can read (a name like "
+                               "enable_thinking)")
+        if key in TEMPLATE_RESERVED:
+            raise LorakitError(f"{flag}: {key!r} is set by lorakit itself when it renders a chat, not a template "
+                               "option; remove it")
+    return dict(value)
 
 
 def _number(value: Any) -> bool:
@@ -391,6 +422,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise bad
         return [str(v) for v in value]
     if kind == "dict":
+        if FIELDS[key].metadata.get("json"):  # a JSON object on the command line, a mapping in a config file
+            return check_template_kwargs(value, f"{source}: {_flag(key)}" if source != "command line" else _flag(key))
         if not isinstance(value, dict):
             raise bad
         return dict(value)

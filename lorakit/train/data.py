@@ -122,12 +122,14 @@ def tokenizer_info(tokenizer: Any, eot_token: str | None = None) -> TokenizerInf
 
 
 def _render_chat(tokenizer: Any, messages: list[dict], generation_prompt: bool, where: str,
-                 tools: list[dict] | None = None) -> str:
+                 tools: list[dict] | None = None, template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The chat as the template writes it; ``template_kwargs`` are the template's own options (Qwen3's
+    ``enable_thinking``), passed to ``apply_chat_template``."""
     if not getattr(tokenizer, "chat_template", None):
         raise LorakitError(f"{where}: the tokenizer has no chat template; use prompt/completion records for this model")
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                             **({"tools": tools} if tools else {}))
+                                             **({"tools": tools} if tools else {}), **(template_kwargs or {}))
     except Exception as exc:  # jinja raises TemplateError (e.g. "roles must alternate") or anything the template does
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LorakitError(f"{where}: the chat template rejected this chat ({reason})") from None
@@ -143,16 +145,18 @@ def for_tokenizer(record: Record | Mapping, tokenizer: Any) -> Record:
     return record
 
 
-def render(record: Record | Mapping, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+def render(record: Record | Mapping, tokenizer: Any, *,
+           chat_template_kwargs: Mapping[str, Any] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Render a record to the text the model sees and the character spans ``[start, end)`` that are targets.
 
     For a chat, the span of assistant turn i starts where ``render(messages[:i], add_generation_prompt=True)``
     ends and stops where ``render(messages[:i+1])`` ends, so it holds the answer, the end-of-turn token and
     whatever filler the template puts after it (masked later). Assistant turns given ``"weight": 0`` are rendered
     but are not targets. A chat whose template rewrites earlier turns (Qwen3 drops their reasoning) trains as
-    several examples: see :func:`render_examples`; this function then names it.
+    several examples: see :func:`render_examples`; this function then names it. ``chat_template_kwargs`` are
+    options of the chat template (e.g. ``{"enable_thinking": False}`` for Qwen3), used wherever it renders.
     """
-    examples, _ = _render_examples(record, tokenizer)
+    examples, _ = _render_examples(record, tokenizer, chat_template_kwargs)
     if len(examples) > 1:
         raise LorakitError(f"{validate_record(record).where}: this model's chat template rewrites earlier turns, so the "
                            f"chat trains as {len(examples)} examples (one per assistant turn); call render_examples "
@@ -160,15 +164,17 @@ def render(record: Record | Mapping, tokenizer: Any) -> tuple[str, list[tuple[in
     return examples[0]
 
 
-def render_examples(record: Record | Mapping, tokenizer: Any) -> list[tuple[str, list[tuple[int, int]]]]:
+def render_examples(record: Record | Mapping, tokenizer: Any, *,
+                    chat_template_kwargs: Mapping[str, Any] | None = None) -> list[tuple[str, list[tuple[int, int]]]]:
     """The examples a record trains as, each ``(text, target character spans)``: one for text and prompt/completion
     records and for chats whose template renders each prefix of the chat as a prefix of it (:func:`render`); one per
     assistant turn (as the template writes it when that turn is generated) for templates that rewrite earlier turns
     (lorakit/train/chat_turns.py says how)."""
-    return _render_examples(record, tokenizer)[0]
+    return _render_examples(record, tokenizer, chat_template_kwargs)[0]
 
 
-def _render_examples(record: Record | Mapping, tokenizer: Any) -> tuple[list[tuple[str, list[tuple[int, int]]]], bool]:
+def _render_examples(record: Record | Mapping, tokenizer: Any, template_kwargs: Mapping[str, Any] | None = None
+                     ) -> tuple[list[tuple[str, list[tuple[int, int]]]], bool]:
     """:func:`render_examples` and whether the chat was split per assistant turn."""
     record = for_tokenizer(record, tokenizer)
     if record.shape == "text":
@@ -199,7 +205,8 @@ def _render_examples(record: Record | Mapping, tokenizer: Any) -> tuple[list[tup
                                "model's chat template drops it when it writes the turn, so the answer would be learnt "
                                "without it; remove the <think> block, or use a model whose template keeps reasoning")
 
-    return chat_examples(messages, targets, lambda msgs, prompt: _render_chat(tokenizer, msgs, prompt, where, tools),
+    return chat_examples(messages, targets,
+                         lambda msgs, prompt: _render_chat(tokenizer, msgs, prompt, where, tools, template_kwargs),
                          where, check)
 
 
@@ -244,6 +251,7 @@ def tokenize_example(
     eot_token: str | None = None,
     info: TokenizerInfo | None = None,
     drops: Counter | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Tokenize one record into ``input_ids`` and ``labels`` (lists of int of the same length L <= max_length).
 
@@ -258,6 +266,7 @@ def tokenize_example(
         drops: if given, counts why an example was dropped: ``"too_long"`` (overflow="drop") or ``"no_target"``
             (its prompt alone fills max_length, so truncation left nothing to learn); ``"too_long_min_tokens"``
             holds the length of the shortest example dropped as too long.
+        chat_template_kwargs: options of the chat template (Qwen3: ``{"enable_thinking": False}``).
 
     Returns:
         ``{"input_ids": [...], "labels": [...], "truncated": bool}`` with ``labels[k] == IGNORE_INDEX`` where
@@ -273,7 +282,7 @@ def tokenize_example(
         raise LorakitError(f"max_length={max_length} is too small; an example needs at least 2 tokens")
     record = for_tokenizer(record, tokenizer)
     info = info or tokenizer_info(tokenizer, eot_token)
-    text, spans = render(record, tokenizer)
+    text, spans = render(record, tokenizer, chat_template_kwargs=chat_template_kwargs)
     return _tokenize_rendered(record, text, spans, tokenizer, max_length, overflow, info, drops)
 
 
@@ -286,15 +295,17 @@ def tokenize_examples(
     eot_token: str | None = None,
     info: TokenizerInfo | None = None,
     drops: Counter | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`tokenize_example` for each example the record trains as (:func:`render_examples`: several for a chat
     whose template rewrites earlier turns, one otherwise); the examples dropped are left out (and counted in
     ``drops``)."""
-    return _tokenize_record(record, tokenizer, max_length, overflow, eot_token, info, drops)[0]
+    return _tokenize_record(record, tokenizer, max_length, overflow, eot_token, info, drops, chat_template_kwargs)[0]
 
 
 def _tokenize_record(record: Record | Mapping, tokenizer: Any, max_length: int, overflow: str, eot_token: str | None,
-                     info: TokenizerInfo | None, drops: Counter | None) -> tuple[list[dict[str, Any]], bool]:
+                     info: TokenizerInfo | None, drops: Counter | None,
+                     template_kwargs: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]], bool]:
     """:func:`tokenize_examples` and whether the chat was split per assistant turn."""
     if overflow not in OVERFLOW_CHOICES:
         raise LorakitError(f"overflow={overflow!r} is not one of {', '.join(OVERFLOW_CHOICES)}")
@@ -302,7 +313,7 @@ def _tokenize_record(record: Record | Mapping, tokenizer: Any, max_length: int, 
         raise LorakitError(f"max_length={max_length} is too small; an example needs at least 2 tokens")
     record = for_tokenizer(record, tokenizer)
     info = info or tokenizer_info(tokenizer, eot_token)
-    rendered, per_turn = _render_examples(record, tokenizer)
+    rendered, per_turn = _render_examples(record, tokenizer, template_kwargs)
     examples = [_tokenize_rendered(record, text, spans, tokenizer, max_length, overflow, info, drops)
                 for text, spans in rendered]
     return [ex for ex in examples if ex is not None], per_turn
@@ -363,13 +374,15 @@ def _dropped(drops: Counter | None, reason: str) -> None:
     return None
 
 
-def generation_prompt(record: Record | Mapping, tokenizer: Any, *, info: TokenizerInfo | None = None) -> list[int]:
+def generation_prompt(record: Record | Mapping, tokenizer: Any, *, info: TokenizerInfo | None = None,
+                      chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
     """Token ids to feed ``generate`` for evaluation: the chat up to its last assistant turn plus the generation
     prompt, or the prompt of a prompt/completion record; tokenized exactly as in training (same BOS rule)."""
     record = for_tokenizer(record, tokenizer)
     info = info or tokenizer_info(tokenizer)
     if record.shape == "messages":
-        text = _render_chat(tokenizer, record["messages"][:-1], True, record.where, record.fields.get("tools"))
+        text = _render_chat(tokenizer, record["messages"][:-1], True, record.where, record.fields.get("tools"),
+                            chat_template_kwargs)
     elif record.shape == "prompt_completion":
         text = record["prompt"]
     else:
@@ -552,8 +565,10 @@ def build_dataset(
     pack: bool = False,
     eot_token: str | None = None,
     name: str = "dataset",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> SupervisedDataset:
-    """Tokenize every record (see :func:`tokenize_example`) and optionally pack the results.
+    """Tokenize every record (see :func:`tokenize_example`) and optionally pack the results; ``chat_template_kwargs``
+    are options of the chat template (Qwen3: ``{"enable_thinking": False}``).
 
     Raises:
         LorakitError: a bad record, an example too long with overflow="error", or no example left.
@@ -570,7 +585,8 @@ def build_dataset(
         shapes[record.shape] += 1
         summary.trimmed_chats += bool(record.fields.get("trimmed_turns"))
         dropped_before = drops["too_long"] + drops["no_target"]
-        tokenized, per_turn = _tokenize_record(record, tokenizer, max_length, overflow, None, info, drops)
+        tokenized, per_turn = _tokenize_record(record, tokenizer, max_length, overflow, None, info, drops,
+                                               chat_template_kwargs)
         summary.per_turn_chats += per_turn
         if drops["too_long"] + drops["no_target"] > dropped_before:  # a chat split per turn may lose some of its turns
             summary.dropped += drops["too_long"] + drops["no_target"] - dropped_before
@@ -650,6 +666,7 @@ def build_datasets(
     overflow: str = "drop",
     pack: bool = False,
     eot_token: str | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> DataBundle:
     """Read files (JSONL, CSV, datasets folders), split or read validation, tokenize: what ``--data`` does.
 
@@ -665,10 +682,12 @@ def build_datasets(
         val_records = _records(validation)
     elif val_fraction is not None:
         records, val_records = split_records(records, val_fraction, seed)
-    train_ds = build_dataset(records, tokenizer, max_length, overflow, pack=pack, eot_token=eot_token, name="training data")
+    train_ds = build_dataset(records, tokenizer, max_length, overflow, pack=pack, eot_token=eot_token, name="training data",
+                             chat_template_kwargs=chat_template_kwargs)
     val_ds = None
     if val_records is not None:
-        val_ds = build_dataset(val_records, tokenizer, max_length, overflow, eot_token=eot_token, name="validation data")
+        val_ds = build_dataset(val_records, tokenizer, max_length, overflow, eot_token=eot_token, name="validation data",
+                               chat_template_kwargs=chat_template_kwargs)
     return DataBundle(train_ds, val_ds)
 
 

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="most tokens generated per example "
                         "(default: the reference's length + 4 up to 64; twice the reference + 16 for answers that "
                         "reason in <think> first)")
+    parser.add_argument("--chat-template-kwargs", metavar="JSON", default=None, help="options of the model's chat "
+                        "template as a JSON object, e.g. '{\"enable_thinking\": false}' (Qwen3); default: those the "
+                        "adapter's run was trained with (its config.yaml), else none")
     parser.add_argument("--no-generate", action="store_true", help="report loss and perplexity only")
     parser.add_argument("--samples", type=int, default=3, help="generations to print (default: 3)")
     parser.add_argument("--device", choices=("cuda", "mps", "cpu"), default=None, help="default: the best available")
@@ -63,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
             raise LorakitError(f"--json {args.json}: cannot write a file there (a folder, or a parent folder that does "
                                "not exist or is not writable)")
     from lorakit.commands._args import check_adapter_arg, check_model_arg
+    from lorakit.train.config import check_template_kwargs
+
+    template_kwargs = check_template_kwargs(args.chat_template_kwargs) if args.chat_template_kwargs is not None else None
 
     check_model_arg(args.model)
     if args.adapter:
@@ -86,13 +92,19 @@ def run(args: argparse.Namespace) -> int:
         raise
     if args.adapter:
         load_adapter(model, args.adapter)
+        if template_kwargs is None:
+            template_kwargs = run_template_kwargs(args.adapter)
+            if template_kwargs:
+                print(f"chat template options of the adapter's run: {json.dumps(template_kwargs)} "
+                      "(--chat-template-kwargs to change)")
     limit = context_length(model)
     if args.max_length is None:
         args.max_length = min(256, limit or 256)
     elif limit is not None and args.max_length > limit:
         raise LorakitError(f"--max-length {args.max_length} is longer than the model's context of {limit} tokens; "
                            f"pass --max-length {limit} or less")
-    dataset = build_dataset(records, tokenizer, args.max_length, args.overflow, name=", ".join(map(str, paths)))
+    dataset = build_dataset(records, tokenizer, args.max_length, args.overflow, name=", ".join(map(str, paths)),
+                            chat_template_kwargs=template_kwargs)
     compute_dtype = compute_dtype_for(model, device)
     loss, tokens = dataset_loss(model, dataset, args.batch_size, Collator(pad_id_for(tokenizer)), device, compute_dtype,
                                 progress=True)
@@ -109,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_generate and scored:
         result = score_generations(model, tokenizer, scored, max_new_tokens=args.max_new_tokens,
                                    batch_size=args.batch_size, device=device, compute_dtype=compute_dtype,
-                                   progress=True)
+                                   progress=True, chat_template_kwargs=template_kwargs)
         results.update(exact_match=result.exact_match, scored_examples=len(result.references))
         print(f"exact match {100 * result.exact_match:.1f}% ({result.correct}/{len(result.references)})"
               + (" of the final answers (after </think>)"
@@ -123,7 +135,25 @@ def run(args: argparse.Namespace) -> int:
                   + ("" if ok else f" (expected {result.references[i]!r})"))
     elif not args.no_generate:
         print("exact match: no record has a reference answer (text records); loss and perplexity only")
+    if template_kwargs:
+        results["chat_template_kwargs"] = template_kwargs
     results["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def run_template_kwargs(adapter: str) -> dict:
+    """The chat template options a ``lorakit train`` run used, from the config.yaml of the run folder that holds
+    ``adapter`` (RUN/adapter, RUN/best); {} for an adapter from elsewhere or a config that cannot be read."""
+    import yaml
+
+    from lorakit.train.config import check_template_kwargs
+
+    config = Path(adapter).expanduser().resolve().parent / "config.yaml"
+    try:
+        values = yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else None
+        found = values.get("chat_template_kwargs") if isinstance(values, dict) else None
+        return check_template_kwargs(found, f"{config}: chat_template_kwargs") if found else {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}

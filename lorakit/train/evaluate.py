@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -223,28 +223,31 @@ class Generation:
 @torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer: Any, records: Sequence[Any], *, max_new_tokens: int | Sequence[int] = 64,
                      batch_size: int = 16, device: torch.device | None = None, compute_dtype: torch.dtype | None = None,
-                     eot_token: str | None = None, progress: bool = False) -> list[str]:
+                     eot_token: str | None = None, progress: bool = False,
+                     chat_template_kwargs: Mapping[str, Any] | None = None) -> list[str]:
     """Greedy generations for each record's prompt (the chat up to its last assistant turn, or the prompt).
 
     Prompts are left-padded and batched by length (less padding); generation stops at the end-of-turn token, or
     after ``max_new_tokens`` (one number, or one per record: a batch runs to the largest of its records).
+    ``chat_template_kwargs``: options of the chat template (Qwen3: ``{"enable_thinking": False}``), as in training.
     Returns the decoded answers (special tokens removed) in the records' order.
     """
     return [g.text for g in generate_records(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                              device=device, compute_dtype=compute_dtype, eot_token=eot_token,
-                                             progress=progress)]
+                                             progress=progress, chat_template_kwargs=chat_template_kwargs)]
 
 
 @torch.no_grad()
 def generate_records(model: nn.Module, tokenizer: Any, records: Sequence[Any], *, max_new_tokens: int | Sequence[int] = 64,
                      batch_size: int = 16, device: torch.device | None = None, compute_dtype: torch.dtype | None = None,
-                     eot_token: str | None = None, progress: bool = False) -> list[Generation]:
+                     eot_token: str | None = None, progress: bool = False,
+                     chat_template_kwargs: Mapping[str, Any] | None = None) -> list[Generation]:
     """:func:`generate_answers`, with whether each prompt opened reasoning and each generation stopped by itself."""
     from transformers import GenerationConfig
 
     device = device or next(model.parameters()).device
     info = tokenizer_info(tokenizer, eot_token)
-    prompts = [generation_prompt(r, tokenizer, info=info) for r in records]
+    prompts = [generation_prompt(r, tokenizer, info=info, chat_template_kwargs=chat_template_kwargs) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     stop = [info.eot_id] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id not in (None, info.eot_id) else [])
     if info.chat_eot_id is not None and info.chat_eot_id not in stop:  # a chat's answer ends with the template's token
@@ -286,7 +289,7 @@ def generate_records(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
 
 
 def score_generations(model: nn.Module, tokenizer: Any, records: Sequence[Any], *, max_new_tokens: int | None = None,
-                      **kwargs: Any) -> GenerationScore:
+                      chat_template_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> GenerationScore:
     """Exact match of greedy generations against each record's answer, compared as :func:`final_answer` gives them:
     after the last ``</think>`` on both sides for reasoning models, else the whole texts (whitespace-trimmed).
 
@@ -303,13 +306,14 @@ def score_generations(model: nn.Module, tokenizer: Any, records: Sequence[Any], 
     references = [reference_text(r) for r in records]
     limits = []
     for record, ref in zip(records, references):
-        target = _target_text(record, tokenizer)
+        target = _target_text(record, tokenizer, chat_template_kwargs)
         if THINK_CLOSE in target or THINK_CLOSE in ref:
             room = 2 * _count(tokenizer, target if THINK_CLOSE in target else ref) + 16
             limits.append(room if max_new_tokens is None else min(max_new_tokens, room))
         else:
             limits.append(min(64 if max_new_tokens is None else max_new_tokens, _count(tokenizer, ref) + 4))
-    generations = generate_records(model, tokenizer, records, max_new_tokens=limits, **kwargs)
+    generations = generate_records(model, tokenizer, records, max_new_tokens=limits,
+                                   chat_template_kwargs=chat_template_kwargs, **kwargs)
     answers = [final_answer(g.text, g.opened) for g in generations]
     matches = [a is not None and a == _reference_answer(ref) for a, ref in zip(answers, references)]
     unanswered = [a is None for a in answers]
@@ -328,12 +332,12 @@ def _count(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _target_text(record: Any, tokenizer: Any) -> str:
+def _target_text(record: Any, tokenizer: Any, template_kwargs: Mapping[str, Any] | None) -> str:
     """What the model learnt to write for the record's last answer: the last target of its last training example
     (a chat's answer as the template writes it after the generation prompt: Qwen3's ``<think>`` block, the reasoning
     an R1 prompt opens), or the reference itself when the record does not render here."""
     try:
-        text, spans = render_examples(record, tokenizer)[-1]
+        text, spans = render_examples(record, tokenizer, chat_template_kwargs=template_kwargs)[-1]
         return text[spans[-1][0]:spans[-1][1]] if spans else reference_text(record)
     except LorakitError:
         return reference_text(record)

@@ -126,7 +126,8 @@ def as_dataset(data: Any, tokenizer: Any, config: TrainConfig, name: str, pack: 
     if isinstance(data, (str, Path)):
         raise LorakitError(f"{name}: pass records or a dataset to train(); to read files use "
                            "lorakit.train.data.build_datasets(paths, tokenizer)")
-    return build_dataset(list(data), tokenizer, config.max_length, config.overflow, pack=pack, name=name)
+    return build_dataset(list(data), tokenizer, config.max_length, config.overflow, pack=pack, name=name,
+                         chat_template_kwargs=config.chat_template_kwargs)
 
 
 def dataset_fingerprint(dataset: SupervisedDataset) -> str:

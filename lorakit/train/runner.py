@@ -339,7 +339,8 @@ def load_data(config: TrainConfig, tokenizer: Any, records: tuple[list, list | N
 
     train_records, val_records = records if records is not None else read_data(config)
     return build_datasets(train_records, tokenizer, validation=val_records, val_fraction=config.val_fraction,
-                          seed=config.seed, max_length=config.max_length, overflow=config.overflow, pack=config.pack)
+                          seed=config.seed, max_length=config.max_length, overflow=config.overflow, pack=config.pack,
+                          chat_template_kwargs=config.chat_template_kwargs)
 
 
 def score(model, tokenizer, records, config: TrainConfig, device: torch.device) -> GenerationScore:
@@ -347,7 +348,8 @@ def score(model, tokenizer, records, config: TrainConfig, device: torch.device) 
 
     return score_generations(model, tokenizer, records, max_new_tokens=config.max_new_tokens,
                              batch_size=config.eval_batch_size or GENERATION_BATCH, device=device,
-                             compute_dtype=compute_dtype_for(model, device))
+                             compute_dtype=compute_dtype_for(model, device),
+                             chat_template_kwargs=config.chat_template_kwargs)
 
 
 def _score_line(label: str, result: GenerationScore) -> str:
