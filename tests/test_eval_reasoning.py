@@ -77,7 +77,7 @@ def question_of(prompt: str) -> str:
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama(vocab_size=len(make_tokenizer()), max_position_embeddings=256)
+    return tiny_llama(vocab_size=len(make_tokenizer()) + 2, max_position_embeddings=256)
 
 
 def test_final_answer():
@@ -89,8 +89,12 @@ def test_final_answer():
     assert final_answer("<think>a</think>b</think> 4 ") == "4"  # after the last one
 
 
-def test_qwen3_reasoning_content_scores_the_final_answer(model, monkeypatch):
+@pytest.mark.parametrize("special", [False, True], ids=["text-tags", "special-tags"])
+def test_qwen3_reasoning_content_scores_the_final_answer(model, monkeypatch, special):
     tok = tokenizer_with(QWEN3_TEMPLATE)
+    if special:  # tokenizers that make <think> / </think> special tokens: decoding must keep them to find the answer
+        tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+        assert tok.decode(tok("</think>", add_special_tokens=False)["input_ids"], skip_special_tokens=True) == ""
     records = [validate_record(qwen_record(q)) for q in QUESTIONS]
     seen = []
 
