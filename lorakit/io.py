@@ -273,7 +273,7 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
             f"; lorakit reads local folders: download a hub adapter first (hf download {folder} --local-dir DIR)"
             if hub else ""))
     weights = folder / WEIGHTS_NAME
-    _refuse_broken_entry(weights)
+    _refuse_broken_entry(weights, follow_symlinks)
     if not weights.is_file():
         named = _natural_sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
         if named:  # peft saves an adapter that is not named "default" into a subfolder of its name
@@ -292,7 +292,7 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
                                "model.save_pretrained(dir), safetensors by default)")
         raise LorakitError(f"{weights} not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}{_other_files(folder)}")
     config_path = folder / CONFIG_NAME
-    _refuse_broken_entry(config_path)
+    _refuse_broken_entry(config_path, follow_symlinks)
     if not config_path.is_file():
         raise LorakitError(f"{config_path} not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     folder_fd = None if follow_symlinks else _open(folder, follow_symlinks, None, directory=True)
@@ -347,10 +347,11 @@ def _example(names: list[str]) -> str:
     return names[-1] if all(re.search(r"\d", n) for n in names) else names[0]
 
 
-def _refuse_broken_entry(path: Path) -> None:
+def _refuse_broken_entry(path: Path, follow_symlinks: bool = True) -> None:
     """A dangling symbolic link (a hub cache whose blob never finished downloading) or a folder where an adapter
-    file goes, named as such instead of "not found"."""
-    if path.is_symlink() and not path.exists():
+    file goes, named as such instead of "not found". Without ``follow_symlinks`` (a server's folders) links are
+    refused by ``_open`` without saying where they point."""
+    if follow_symlinks and path.is_symlink() and not path.exists():
         raise LorakitError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist (an unfinished "
                            "download?); download the adapter again")
     if path.is_dir():
