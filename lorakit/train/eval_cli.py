@@ -2,7 +2,9 @@
 
 Loss is the mean cross-entropy per supervised token (the same targets as training: completions / assistant turns,
 or all of a text record); perplexity is exp(loss); exact match compares each greedy generation, whitespace-trimmed,
-with the record's answer (records of the text shape have no answer and are only used for the loss).
+with the record's answer (records of the text shape have no answer and are only used for the loss); for reasoning
+models, the final answers after the last ``</think>``. Chat template options (``--chat-template-kwargs``) default to
+those of the adapter's training run.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Scoring a model: loss and perplexity on tokenized data, exact match of greedy generations on records.
 
 Loss is the mean over supervised tokens (sum of per-token cross-entropies / number of supervised tokens), the same
-quantity the training loop optimises; perplexity is ``exp(loss)``.
+quantity the training loop optimises; perplexity is ``exp(loss)``. Exact match compares final answers: for reasoning
+models (Qwen3, DeepSeek-R1, QwQ) the text after the last ``</think>`` of the generation and of the reference.
 """
 
 from __future__ import annotations
