@@ -25,6 +25,7 @@ rewrites when it reads the file back, which is how tests/test_gguf_architectures
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -225,6 +226,14 @@ def _refuse_other_files(out: Path, given, flag: str, kind: str) -> None:
                            f"or choose another {flag}")
 
 
+def write_failure(out: Path, error: OSError) -> str:
+    """One line for an output folder that could not be written or swapped into place (``replace_folder``)."""
+    kept = "; the existing folder is unchanged" if out.exists() else ""
+    busy = (f" ({out} is a mount point or in use: give a folder inside it, e.g. {out / 'out'})"
+            if error.errno == errno.EBUSY else "")
+    return f"cannot write {out}: {error.strerror or error}{busy}{kept}"
+
+
 def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: torch.dtype, overwrite: bool = False,
                  extra_files=None) -> Path:
     """Save ``model`` (cast to ``dtype``) and ``tokenizer`` as a Hugging Face folder at ``out``, atomically.
@@ -260,8 +269,7 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
         replace_folder(tmp, out)  # an existing folder (--overwrite) is swapped out only once this one is whole
     except OSError as error:  # a full disk, a quota, a file system that went away: nothing half-written is left
         shutil.rmtree(tmp, ignore_errors=True)
-        kept = "; the existing folder is unchanged" if out.exists() else ""
-        raise LorakitError(f"cannot write {out}: {error.strerror or error}{kept}") from None
+        raise LorakitError(write_failure(out, error)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

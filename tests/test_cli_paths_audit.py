@@ -385,3 +385,24 @@ def test_safetensors_header_claiming_huge_shapes_is_one_line(adapter, tmp_path, 
     (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
     line = _error(capsys, main(["inspect", str(folder)]))
     assert f"{folder / 'adapter_model.safetensors'} is not a valid safetensors file" in line
+
+
+def test_a_bind_mounted_out_that_cannot_be_renamed_is_one_line(tiny_folder, adapter, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """A Docker bind mount is not seen by os.path.ismount (same device), and renaming it fails with EBUSY."""
+    import lorakit._fs as fs
+
+    out = tmp_path / "mounted"
+    out.mkdir()
+    real_replace = os.replace
+
+    def busy(src, dst):
+        if Path(src) == out:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fs.os, "replace", busy)
+    for argv in (["merge", "--adapter", str(adapter)], ["combine", "--adapter", str(adapter)]):
+        line = _error(capsys, main([*argv, "--model", str(tiny_folder), "--out", str(out)]))
+        assert line.endswith(f"cannot write {out}: Device or resource busy ({out} is a mount point or in use: give a "
+                             f"folder inside it, e.g. {out / 'out'}); the existing folder is unchanged"), line
+        assert _names(out) == []

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.combine import _check_options, combine_adapters
     from lorakit.commands._args import check_adapter_arg, check_base_names, check_device, check_model_folder, plain_warnings
     from lorakit.errors import LorakitError
-    from lorakit.export import check_output_folder, leftover_note
+    from lorakit.export import check_output_folder, leftover_note, write_failure
     from lorakit.inject import lora_layers
 
     start = time.perf_counter()
@@ -165,8 +165,7 @@ def run(args: argparse.Namespace) -> int:
         replace_folder(tmp, out)  # an existing folder (--overwrite) is swapped out only once this one is whole
     except OSError as error:  # a full disk, no permission: nothing half-written is left
         shutil.rmtree(tmp, ignore_errors=True)
-        kept = "; the existing folder is unchanged" if out.exists() else ""
-        raise LorakitError(f"cannot write {out}: {error.strerror or error}{kept}") from None
+        raise LorakitError(write_failure(out, error)) from None
     except LorakitError as error:  # save_adapter's own one line, about the folder the user named
         shutil.rmtree(tmp, ignore_errors=True)
         raise LorakitError(str(error).replace(str(tmp), str(out))) from None
