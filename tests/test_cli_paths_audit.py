@@ -401,7 +401,7 @@ def test_a_bind_mounted_out_that_cannot_be_renamed_is_one_line(tiny_folder, adap
         return real_replace(src, dst)
 
     monkeypatch.setattr(fs.os, "replace", busy)
-    for argv in (["merge", "--adapter", str(adapter)], ["combine", "--adapter", str(adapter)]):
+    for argv in (["merge", "--adapter", str(adapter)], ["combine", "--adapter", str(adapter)], ["quantize"]):
         line = _error(capsys, main([*argv, "--model", str(tiny_folder), "--out", str(out)]))
         assert line.endswith(f"cannot write {out}: Device or resource busy ({out} is a mount point or in use: give a "
                              f"folder inside it, e.g. {out / 'out'}); the existing folder is unchanged"), line

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import lorakit
-    from lorakit.export import check_output_folder, leftover_note
+    from lorakit.export import check_output_folder, leftover_note, write_failure
     from lorakit.models.loading import resolve_model_folder
     from lorakit.models.quantized_saving import save_quantized
 
@@ -74,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = lorakit.load_base(args.model, dtype=getattr(torch, DTYPES[args.dtype]), quantize="nf4")
     loaded = time.perf_counter()
     print(f"loaded {args.model} into NF4 in {loaded - start:.1f} s; writing {out}")
-    save_quantized(model, tokenizer, out, overwrite=overwrite)
+    try:
+        save_quantized(model, tokenizer, out, overwrite=overwrite)
+    except OSError as error:  # a full disk, a folder that cannot be renamed: save_quantized left nothing half-written
+        raise LorakitError(write_failure(out, error)) from None
     before, after = _size(Path(source)), _size(out)
     ratio = f" ({before / after:.1f}x smaller)" if after else ""
     print(f"wrote {out} in {time.perf_counter() - loaded:.1f} s: weights {_gib(before)} -> {_gib(after)}{ratio}")
