@@ -406,3 +406,15 @@ def test_a_bind_mounted_out_that_cannot_be_renamed_is_one_line(tiny_folder, adap
         assert line.endswith(f"cannot write {out}: Device or resource busy ({out} is a mount point or in use: give a "
                              f"folder inside it, e.g. {out / 'out'}); the existing folder is unchanged"), line
         assert _names(out) == []
+
+
+def test_default_model_stays_for_adapters_of_the_embedded_base():
+    from types import SimpleNamespace
+
+    from lorakit.commands._args import check_base_names
+
+    for name in ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m", "/models/SmolLM2-135M", None):
+        assert check_base_names(None, [("a", SimpleNamespace(base_name=name))]) == "smollm2-135m", name
+    assert check_base_names("./mine", [("a", SimpleNamespace(base_name="meta-llama/Llama-3.2-1B"))]) == "./mine"
+    with pytest.raises(LorakitError, match="trained on 'HuggingFaceTB/SmolLM2-360M'"):
+        check_base_names(None, [("a", SimpleNamespace(base_name="HuggingFaceTB/SmolLM2-360M"))])
