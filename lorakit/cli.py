@@ -2,7 +2,8 @@
 
 Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only
 when their subcommand runs, so ``lorakit --help`` stays fast. A ``LorakitError`` (a user mistake) prints one
-line and exits with status 2; anything else is a bug and keeps its traceback.
+line and exits with status 2, as does an OSError about a path (too long, no permission, a full disk); anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError, AttributeError):  # so the interpreter's exit flush does not fail again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 141
+    except OSError as error:  # a path the system refuses (too long, no permission, a full disk): one line, not a bug
+        if error.filename is None:
+            raise
+        name = str(error.filename) if len(str(error.filename)) <= 120 else str(error.filename)[:117] + "..."
+        if os.environ.get("RANK", "0") == "0":
+            print(f"lorakit {args.command}: error: {name}: {error.strerror or error}", file=sys.stderr)
+        code = 2
     if argv_given is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _exit_without_teardown(code)
     return code

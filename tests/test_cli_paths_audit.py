@@ -418,3 +418,11 @@ def test_default_model_stays_for_adapters_of_the_embedded_base():
     assert check_base_names("./mine", [("a", SimpleNamespace(base_name="meta-llama/Llama-3.2-1B"))]) == "./mine"
     with pytest.raises(LorakitError, match="trained on 'HuggingFaceTB/SmolLM2-360M'"):
         check_base_names(None, [("a", SimpleNamespace(base_name="HuggingFaceTB/SmolLM2-360M"))])
+
+
+def test_a_path_the_system_refuses_is_one_line(tiny_folder, adapter, capsys):  # noqa: F811 (fixture)
+    long = "a" * 300  # over the 255-byte limit of a file name: Path.exists() raises instead of saying False
+    for argv in (["inspect", long], ["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out", long],
+                 ["generate", "--model", long, "hi"]):
+        line = _error(capsys, main(argv))
+        assert line.startswith(f"lorakit {argv[0]}: error: {'a' * 117}...: File name too long"), line
