@@ -518,6 +518,9 @@ def _json_hint(error: json.JSONDecodeError) -> str:
 def _check_header(path: Path, data: bytes) -> None:
     """The safetensors header must be a sane length and lie inside the file (cheap check before parsing)."""
     size = len(data)
+    if data.startswith(b"version https://git-lfs"):  # a clone without git-lfs: the pointer, not the weights
+        raise LorakitError(f"{path} is a Git LFS pointer ({size} bytes), not the weights: run git lfs pull in that "
+                           "repository, or download the adapter with hf download REPO --local-dir DIR")
     if size < 8:
         raise LorakitError(f"{path} is truncated ({size} bytes); save the adapter again")
     header_len = int.from_bytes(data[:8], "little")

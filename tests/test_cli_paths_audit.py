@@ -207,6 +207,13 @@ def test_adapter_files_as_editors_and_downloads_leave_them(adapter, tmp_path, ca
     assert "adapter_model.safetensors is a symbolic link to" in _error(capsys, main(["inspect", str(cache)]))
     assert "which does not exist (an unfinished download?)" in _error(capsys, main(["inspect", str(cache)]))
 
+    # a repository cloned without git-lfs: the weights file is a text pointer
+    lfs = tmp_path / "lfs"
+    shutil.copytree(adapter, lfs)
+    (lfs / "adapter_model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:"
+                                                   + "0" * 64 + "\nsize 17632\n")
+    assert "is a Git LFS pointer (130 bytes), not the weights: run git lfs pull" in _error(capsys, main(["inspect", str(lfs)]))
+
     # the adapter's own file where its folder goes: the folder is named
     line = _error(capsys, main(["inspect", str(adapter / "adapter_config.json")]))
     assert line.endswith(f"did you mean its folder {str(adapter)!r}?")
