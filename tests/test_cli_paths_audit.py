@@ -433,3 +433,14 @@ def test_a_path_the_system_refuses_is_one_line(tiny_folder, adapter, capsys):  #
                  ["generate", "--model", long, "hi"]):
         line = _error(capsys, main(argv))
         assert line.startswith(f"lorakit {argv[0]}: error: {'a' * 117}...: File name too long"), line
+
+
+def test_a_model_cloned_without_git_lfs_is_named_before_loading(tiny_folder, tmp_path, capsys):  # noqa: F811 (fixture)
+    clone = tmp_path / "clone"
+    shutil.copytree(tiny_folder, clone)
+    (clone / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 +
+                                             "\nsize 66224\n")
+    for argv in (["generate", "--model", str(clone), "hi"], ["quantize", "--model", str(clone), "--out", str(tmp_path / "q")]):
+        line = _error(capsys, main(argv))  # it was safetensors' "header too large" traceback
+        assert line.endswith(f"--model {clone}: model.safetensors is a Git LFS pointer, not the weights: run git lfs pull "
+                             "in that repository, or download it with hf download REPO --local-dir DIR"), line

@@ -47,7 +47,12 @@ def check_model_folder(model: str, flag: str = "--model") -> None:
 
     check_model_arg(model, flag)
     if _ALIASES.get(str(model).lower(), str(model).lower()) not in EMBEDDED_MODELS:
-        resolve_model_folder(model)
+        folder, _ = resolve_model_folder(model)
+        for weights in sorted(folder.glob("*.safetensors")):  # a clone without git-lfs: text pointers, not weights
+            with open(weights, "rb") as handle:
+                if handle.read(24).startswith(b"version https://git-lfs"):
+                    raise LorakitError(f"{flag} {model}: {weights.name} is a Git LFS pointer, not the weights: run git "
+                                       "lfs pull in that repository, or download it with hf download REPO --local-dir DIR")
 
 
 def check_adapter_arg(adapter: str, flag: str = "--adapter") -> None:
