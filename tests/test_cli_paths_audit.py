@@ -444,3 +444,9 @@ def test_a_model_cloned_without_git_lfs_is_named_before_loading(tiny_folder, tmp
         line = _error(capsys, main(argv))  # it was safetensors' "header too large" traceback
         assert line.endswith(f"--model {clone}: model.safetensors is a Git LFS pointer, not the weights: run git lfs pull "
                              "in that repository, or download it with hf download REPO --local-dir DIR"), line
+    data = (tiny_folder / "model.safetensors").read_bytes()
+    for cut, expected in ((len(data) - 100, f"({len(data) - 100:,} bytes of {len(data):,}; an interrupted download or "
+                                            "copy?): download or copy it again"), (0, "(0 bytes; an interrupted")):
+        (clone / "model.safetensors").write_bytes(data[:cut])
+        line = _error(capsys, main(["generate", "--model", str(clone), "hi"]))
+        assert f"--model {clone}: model.safetensors is cut short or not a safetensors file {expected}" in line, line
