@@ -305,13 +305,14 @@ def decode_cases(system, forward, hf_model, cfg, ids, args, device, dtype, n, bo
 
 
 def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_bytes, bandwidth, base_tps, overlap=None,
-                       pdl="on"):
+                       pdl="on", fuse="on"):
     """Decode with ``lorakit.decoding.StaticDecoder`` (fused GEMMs, grouped LoRA pairs, Triton attention, one CUDA
     graph per step on CUDA): tokens/s of ``decoder.step`` as a server calls it (host work, one upload, replay,
     the rows' logits). Also a check of its first step against transformers' decode (lorakit.generation, the same
     bf16 model and adapters): relative max diff, and how far the adapters move the logits (a wrong slot or
     position would be O(that)). pdl: "on" (the default), "off", or "prefetch" (on, and the Triton GEMMs read
-    their first weight chunk before the wait)."""
+    their first weight chunk before the wait). fuse: "on" (the default: rope + KV store and SwiGLU expand the q/k/v
+    and gate/up LoRA themselves, SwiGLU also shrinks for down) or "off" (separate grouped expand/shrink kernels)."""
     from lorakit.decoding import StaticDecoder
     from lorakit.kernels._triton import pdl_supported
     from lorakit.kernels.triton import rows_gemm
@@ -327,7 +328,7 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
         default_prefetch = rows_gemm.PREFETCH
         rows_gemm.PREFETCH = pdl == "prefetch"
         decoder = StaticDecoder(model, max_batch=batch, max_len=ids.shape[1] + args.steps + 16, lora_overlap=overlap,
-                                pdl=pdl != "off")
+                                pdl=pdl != "off", fuse_lora=fuse != "off")
         pdl_used = pdl if decoder.pdl and device.type == "cuda" and pdl_supported(device.index or 0) else "off"
         decoder.admit(rows, kv)
         ours = decoder.step(rows, first, names).double()
@@ -346,7 +347,7 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
             ok = err < moved / 4
         else:
             ok = err < 0.25  # bf16 rounding grows with depth (see check_decode_attention); a bug is O(1)
-        log(f"CHECK static decoder vs transformers ({system}, {n} adapters, overlap {decoder.lora_overlap}, pdl {pdl_used}): rel diff {err:.3e}, argmax agree "
+        log(f"CHECK static decoder vs transformers ({system}, {n} adapters, overlap {decoder.lora_overlap}, pdl {pdl_used}, fuse {fuse}): rel diff {err:.3e}, argmax agree "
             f"{agree:.3f} {'ok' if ok else 'MISMATCH'}")
         CHECKS.append(dict(check=f"static decoder vs transformers, {n} adapters", rel_diff=err, ok=ok))
         tokens = first
@@ -359,7 +360,7 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
     bound = (bound_bytes + kv_bytes(cfg, batch, context, dtype)) / bandwidth
     record(f"decode-{args.shape}-static", system, n, batch / seconds, base_tps, fraction_of_bound=round(bound / seconds, 4),
            step_ms=round(seconds * 1e3, 3), bound_ms=round(bound * 1e3, 3), lora_overlap=decoder.lora_overlap, pdl=pdl_used,
-           **extra)
+           fuse_lora=fuse if n else None, **extra)
     del decoder
     rows_gemm.PREFETCH = default_prefetch
     return batch / seconds, ok
@@ -391,16 +392,18 @@ def run_system(system, model, hf_model, cfg, args, device, dtype, base, bandwidt
                     return model(adapter_names=_names, **kw)
             ctx = None
         try:
-            with torch.no_grad(), (lorakit.mixed_batch(model, ctx) if ctx is not None else _null()):
-                tps = prefill_tokens_per_s(forward, ids, device, args.budget)
-                record(f"prefill-{args.shape}", system, n, tps, base["prefill"])
-                decode_cases(system, forward, hf_model, cfg, ids, args, device, dtype, n,
-                             base["weights"] + min(n, batch) * per_adapter, bandwidth, base["decode"], modes)
+            if not args.static_only:
+                with torch.no_grad(), (lorakit.mixed_batch(model, ctx) if ctx is not None else _null()):
+                    tps = prefill_tokens_per_s(forward, ids, device, args.budget)
+                    record(f"prefill-{args.shape}", system, n, tps, base["prefill"])
+                    decode_cases(system, forward, hf_model, cfg, ids, args, device, dtype, n,
+                                 base["weights"] + min(n, batch) * per_adapter, bandwidth, base["decode"], modes)
             if system == "lorakit" and args.static:
-                for overlap, pdl in itertools.product(args.overlap.split(","), args.pdl.split(",")):
+                for overlap, pdl, fuse in itertools.product(args.overlap.split(","), args.pdl.split(","),
+                                                            args.fuse.split(",")):
                     tps, ok = static_decode_case(system, model, cfg, ids, args, device, dtype, n,
                                                  base["weights"] + min(n, batch) * per_adapter, bandwidth,
-                                                 base.get("static"), overlap=overlap or None, pdl=pdl)
+                                                 base.get("static"), overlap=overlap or None, pdl=pdl, fuse=fuse)
                     base["static_ok"] = base.get("static_ok", True) and ok
         except Exception as error:  # one failed case must not lose the others
             log(f"FAIL {system} adapters={n}: {type(error).__name__}: {error}")
@@ -653,6 +656,11 @@ def main():
     parser.add_argument("--overlap", default="",
                         help="comma-separated StaticDecoder lora_overlap modes to measure (lora, serial, off; "
                              "empty: the decoder's default)")
+    parser.add_argument("--fuse", default="on",
+                        help="comma-separated StaticDecoder fuse_lora modes: on (the default: the q/k/v and gate/up "
+                             "expands inside rope + KV store and SwiGLU, the down shrink inside SwiGLU), off")
+    parser.add_argument("--static-only", action="store_true",
+                        help="only the StaticDecoder decode cases (no prefill, no transformers decode, no PEFT)")
     parser.add_argument("--pdl", default="on",
                         help="comma-separated programmatic-dependent-launch modes of the StaticDecoder cases: on (the "
                              "default), off, prefetch (on, GEMMs read their first weight chunk before the wait)")
@@ -685,9 +693,13 @@ def main():
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
     modes = ("graph", "eager") if device.type == "cuda" else ("eager",)
     with torch.no_grad():
-        base["prefill"] = prefill_tokens_per_s(model, ids, device, args.budget)
-        record(f"prefill-{args.shape}", "base", 0, base["prefill"], base["prefill"])
-        measured = decode_cases("base", model, model, cfg, ids, args, device, dtype, 0, base["weights"], bandwidth, {}, modes)
+        if args.static_only:
+            base["prefill"], measured = None, {}
+        else:
+            base["prefill"] = prefill_tokens_per_s(model, ids, device, args.budget)
+            record(f"prefill-{args.shape}", "base", 0, base["prefill"], base["prefill"])
+            measured = decode_cases("base", model, model, cfg, ids, args, device, dtype, 0, base["weights"], bandwidth, {},
+                                    modes)
         if args.static:
             base["static"] = None
             for pdl in args.pdl.split(","):  # the first mode's is the base the adapters' cases are compared with
@@ -709,9 +721,10 @@ def main():
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    kernel_decode_rows(cfg, device, dtype, bandwidth, args.batch)
+    if not args.static_only:
+        kernel_decode_rows(cfg, device, dtype, bandwidth, args.batch)
 
-    if not args.skip_peft:
+    if not args.skip_peft and not args.static_only:
         try:
             pm = peft_model(model, 64)
             log(f"peft: 64 adapters added ({time.time() - t_start:.0f}s)")
@@ -736,7 +749,8 @@ def main():
             continue
         fraction = row.get("fraction_of_bound")
         system = row["system"] + (f"/{row['lora_overlap']}" if row.get("lora_overlap") not in (None, "off") else "") \
-            + (f"/pdl-{row['pdl']}" if row.get("pdl") not in (None, "on") else "")
+            + (f"/pdl-{row['pdl']}" if row.get("pdl") not in (None, "on") else "") \
+            + (f"/fuse-{row['fuse_lora']}" if row.get("fuse_lora") not in (None, "on") else "")
         log(f"{row['case']:22s} {system:14s} {row['adapters']:8d} {row['tokens_per_s']:12.1f} "
             f"{row['ratio_vs_base'] if row['ratio_vs_base'] is not None else '':>8} {fraction if fraction is not None else '':>9} "
             f"{row.get('step_ms', ''):>8}")
