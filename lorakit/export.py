@@ -643,6 +643,9 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
 
     if kind not in GGUF_TYPES:
         raise LorakitError(f"unknown GGUF type {kind!r}; choose one of {', '.join(GGUF_TYPES)}")
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise LorakitError(f"{path} is a folder; give the GGUF file's name, e.g. {path / f'{name}-{kind}.gguf'}")
     tensors = gguf_tensors(model)
     config = model.config
     arch = gguf_arch(config)
@@ -652,7 +655,6 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
     vocab_size = tensors["token_embd.weight"].shape[0]
     if len(tokenizer) > vocab_size:
         raise LorakitError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab_size}")
-    path = Path(path)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch.arch)
         writer.add_name(name)

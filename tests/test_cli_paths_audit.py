@@ -450,3 +450,16 @@ def test_a_model_cloned_without_git_lfs_is_named_before_loading(tiny_folder, tmp
         (clone / "model.safetensors").write_bytes(data[:cut])
         line = _error(capsys, main(["generate", "--model", str(clone), "hi"]))
         assert f"--model {clone}: model.safetensors is cut short or not a safetensors file {expected}" in line, line
+
+
+def test_write_gguf_expands_tilde_and_refuses_a_folder(home):
+    from conftest import tiny_llama
+    from lorakit.export import write_gguf
+    from test_serve_support import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer))
+    with pytest.raises(LorakitError, match=r"is a folder; give the GGUF file's name, e.g. .*work/merged-f16.gguf"):
+        write_gguf(model, tokenizer, home / "work", "f16")
+    assert write_gguf(model, tokenizer, "~/m ü.gguf", "f16") == home / "m ü.gguf"
+    assert (home / "m ü.gguf").stat().st_size > 0 and _names(home / "work") == []
