@@ -407,6 +407,14 @@ def _parse_config(raw_config: Any, config_path: Path) -> LoraConfig:
             raw_config = {**raw_config, "trainable_token_indices": None}
         if raw_config.get("ensure_weight_tying") is True:  # the tied head's LoRA is in the file too (see fitted_config)
             raw_config = {**raw_config, "ensure_weight_tying": False}
+        for field in ("rank_pattern", "alpha_pattern"):  # peft matches their keys as regular expressions
+            patterns = raw_config.get(field)
+            for key in patterns if isinstance(patterns, dict) else ():
+                try:
+                    re.compile(str(key))
+                except re.error as error:
+                    raise LorakitError(f"{config_path}: {field} key {shown(key)} is not a valid regular expression "
+                                       f"({error}); peft reads these keys as patterns of module names") from None
     try:
         with warnings.catch_warnings():
             if rewrite:  # from_peft_dict warns that the base was rewritten: load_adapter takes care of it

@@ -463,3 +463,12 @@ def test_write_gguf_expands_tilde_and_refuses_a_folder(home):
         write_gguf(model, tokenizer, home / "work", "f16")
     assert write_gguf(model, tokenizer, "~/m ü.gguf", "f16") == home / "m ü.gguf"
     assert (home / "m ü.gguf").stat().st_size > 0 and _names(home / "work") == []
+
+
+def test_a_rank_pattern_key_that_is_no_regex_is_one_line(adapter, tmp_path, capsys):
+    folder = tmp_path / "pattern"
+    shutil.copytree(adapter, folder)
+    raw = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**raw, "rank_pattern": {"(q_proj": 2}}))
+    line = _error(capsys, main(["inspect", str(folder)]))  # it was re.error's traceback while loading
+    assert "rank_pattern key '(q_proj' is not a valid regular expression (missing ), unterminated subpattern" in line
