@@ -327,8 +327,16 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
         first = logits.argmax(-1).tolist()
         default_prefetch = rows_gemm.PREFETCH
         rows_gemm.PREFETCH = pdl == "prefetch"
+        from lorakit.kernels.triton import swiglu_lora as swiglu_lora_kernel
+
+        mode, _, block = fuse.partition("@")  # e.g. "mlp@1024": only the MLP fused, SwiGLU blocks of 1024 columns
+        default_block = swiglu_lora_kernel.CONFIG["block"]
+        swiglu_lora_kernel.CONFIG["block"] = int(block) if block else default_block
         decoder = StaticDecoder(model, max_batch=batch, max_len=ids.shape[1] + args.steps + 16, lora_overlap=overlap,
-                                pdl=pdl != "off", fuse_lora=fuse != "off")
+                                pdl=pdl != "off", fuse_lora=mode != "off")
+        if mode in ("mlp", "qkv"):  # one of the two fusions only
+            fused = decoder._fused
+            decoder._fused = lambda layer, group: fused(layer, group) and group == {"mlp": "gate_up", "qkv": "qkv"}[mode]
         pdl_used = pdl if decoder.pdl and device.type == "cuda" and pdl_supported(device.index or 0) else "off"
         decoder.admit(rows, kv)
         ours = decoder.step(rows, first, names).double()
@@ -363,6 +371,7 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
            fuse_lora=fuse if n else None, **extra)
     del decoder
     rows_gemm.PREFETCH = default_prefetch
+    swiglu_lora_kernel.CONFIG["block"] = default_block
     return batch / seconds, ok
 
 
@@ -658,7 +667,8 @@ def main():
                              "empty: the decoder's default)")
     parser.add_argument("--fuse", default="on",
                         help="comma-separated StaticDecoder fuse_lora modes: on (the default: the q/k/v and gate/up "
-                             "expands inside rope + KV store and SwiGLU, the down shrink inside SwiGLU), off")
+                             "expands inside rope + KV store and SwiGLU, the down shrink inside SwiGLU), off, mlp or "
+                             "qkv (that fusion only); a suffix @N sets the SwiGLU kernel's column block (on@1024)")
     parser.add_argument("--static-only", action="store_true",
                         help="only the StaticDecoder decode cases (no prefill, no transformers decode, no PEFT)")
     parser.add_argument("--pdl", default="on",
