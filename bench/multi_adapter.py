@@ -311,8 +311,8 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
     the rows' logits). Also a check of its first step against transformers' decode (lorakit.generation, the same
     bf16 model and adapters): relative max diff, and how far the adapters move the logits (a wrong slot or
     position would be O(that)). pdl: "on" (the default), "off", or "prefetch" (on, and the Triton GEMMs read
-    their first weight chunk before the wait). fuse: "on" (the default: rope + KV store and SwiGLU expand the q/k/v
-    and gate/up LoRA themselves, SwiGLU also shrinks for down) or "off" (separate grouped expand/shrink kernels)."""
+    their first weight chunk before the wait). fuse: "on" (the default: rope + KV store expands the q/k/v LoRA
+    itself) or "off" (a separate grouped expand)."""
     from lorakit.decoding import StaticDecoder
     from lorakit.kernels._triton import pdl_supported
     from lorakit.kernels.triton import rows_gemm
@@ -327,16 +327,8 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
         first = logits.argmax(-1).tolist()
         default_prefetch = rows_gemm.PREFETCH
         rows_gemm.PREFETCH = pdl == "prefetch"
-        from lorakit.kernels.triton import swiglu_lora as swiglu_lora_kernel
-
-        mode, _, block = fuse.partition("@")  # e.g. "mlp@1024": only the MLP fused, SwiGLU blocks of 1024 columns
-        default_block = swiglu_lora_kernel.CONFIG["block"]
-        swiglu_lora_kernel.CONFIG["block"] = int(block) if block else default_block
         decoder = StaticDecoder(model, max_batch=batch, max_len=ids.shape[1] + args.steps + 16, lora_overlap=overlap,
-                                pdl=pdl != "off", fuse_lora=mode != "off")
-        if mode in ("mlp", "qkv"):  # one of the two fusions only
-            fused = decoder._fused
-            decoder._fused = lambda layer, group: fused(layer, group) and group == {"mlp": "gate_up", "qkv": "qkv"}[mode]
+                                pdl=pdl != "off", fuse_lora=fuse != "off")
         pdl_used = pdl if decoder.pdl and device.type == "cuda" and pdl_supported(device.index or 0) else "off"
         decoder.admit(rows, kv)
         ours = decoder.step(rows, first, names).double()
@@ -371,7 +363,6 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
            fuse_lora=fuse if n else None, **extra)
     del decoder
     rows_gemm.PREFETCH = default_prefetch
-    swiglu_lora_kernel.CONFIG["block"] = default_block
     return batch / seconds, ok
 
 
@@ -666,9 +657,8 @@ def main():
                         help="comma-separated StaticDecoder lora_overlap modes to measure (lora, serial, off; "
                              "empty: the decoder's default)")
     parser.add_argument("--fuse", default="on",
-                        help="comma-separated StaticDecoder fuse_lora modes: on (the default: the q/k/v and gate/up "
-                             "expands inside rope + KV store and SwiGLU, the down shrink inside SwiGLU), off, mlp or "
-                             "qkv (that fusion only); a suffix @N sets the SwiGLU kernel's column block (on@1024)")
+                        help="comma-separated StaticDecoder fuse_lora modes: on (the default: rope + KV store expands "
+                             "the q/k/v LoRA itself), off")
     parser.add_argument("--static-only", action="store_true",
                         help="only the StaticDecoder decode cases (no prefill, no transformers decode, no PEFT)")
     parser.add_argument("--pdl", default="on",

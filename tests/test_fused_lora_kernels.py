@@ -1,31 +1,26 @@
-"""The static decoder's kernels that expand a LoRA themselves: the decode-MLP middle (gate/up LoRA expand + SwiGLU
-+ down LoRA shrink) and rope + KV store with the q/k/v expand. The Triton kernels (TRITON_INTERPRET=1) against
-the references, the unfused path and an independent float64 formula, on awkward widths with NaN in the adapters'
-padding, mixed and zero ranks, rows without an adapter or with an out-of-range slot; and the split-level grouped
-shrink/expand they plug into, against the one-call grouped LoRA."""
+"""The static decoder's rope + KV store that expands the q/k/v LoRA itself: the Triton kernel (TRITON_INTERPRET=1)
+against the stored-delta path and the reference, with NaN in the adapters' padding, mixed and zero ranks, rows
+without an adapter or with an out-of-range slot, cache rows; and the split-level grouped shrink/expand it plugs
+into, against the one-call grouped LoRA."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import assert_close
 from lorakit.errors import LorakitError
 from lorakit.kernels.decode_attention import rope_store_, rope_store_reference_
 from lorakit.kernels.grouped_lora import (grouped_expand_, grouped_expand_reference_, grouped_lora_add_reference,
                                           grouped_shrink, grouped_shrink_reference)
-from lorakit.kernels.swiglu_lora import swiglu_lora, swiglu_lora_reference
 from lorakit.kernels.triton import grouped_lora as tg
-from lorakit.kernels.triton import swiglu_lora as tsl
 
 DTYPES = [torch.float32, torch.float16]
 
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    """Blocks smaller than the widths: several down planes, the last one partly past F; several shrink splits."""
-    monkeypatch.setitem(tsl.CONFIG, "block", 32)
+    """Blocks smaller than the widths: several shrink splits, expand blocks straddling segments."""
     monkeypatch.setitem(tg.CONFIGS, "shrink", dict(tg.CONFIGS["shrink"], block_k=16))
     monkeypatch.setitem(tg.CONFIGS, "expand", dict(tg.CONFIGS["expand"], block_n=32, iters=1))
 
@@ -83,77 +78,6 @@ def test_split_shrink_and_expand_equal_the_one_call_grouped_lora(dtype):
     stored = grouped_expand_(torch.full_like(y0, float("nan")), part, B, scaling, rank, slots, [F_, F_], accumulate=False)
     assert torch.all(stored[1] == 0) and torch.all(stored[4] == 0)
     assert_close(stored, ref - y0.to(dtype), dtype=torch.float16)
-
-
-def float64_truth(gate_up, x, gu_stack, d_stack, slots):
-    """act and the down shrink in float64, row by row, written apart from the reference (no rounding steps)."""
-    A, B, scaling, rank = gu_stack
-    A_d, _, _, rank_d = d_stack
-    R, F_ = B.shape[2], B.shape[1] // 2
-    gu = gate_up.double().clone()
-    lows = torch.zeros(gate_up.shape[0], A_d.shape[1], dtype=torch.float64)
-    act = torch.empty(gate_up.shape[0], F_, dtype=torch.float64)
-    for t, s in enumerate(slots.tolist()):
-        live = 0 <= s < A.shape[0]
-        if live:
-            for j in range(2):
-                r = int(rank[s, j])
-                if r:
-                    low = A[s, j * R:j * R + r].double() @ x[t].double()
-                    gu[t, j * F_:(j + 1) * F_] += scaling[s, j].double() * (B[s, j * F_:(j + 1) * F_, :r].double() @ low)
-        act[t] = F.silu(gu[t, :F_]) * gu[t, F_:]
-        if live and int(rank_d[s, 0]):
-            r = int(rank_d[s, 0])
-            lows[t, :r] = A_d[s, :r].double() @ act[t]
-    return act, lows
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("F_", [200, 32, 7])
-def test_fused_kernel_equals_reference_and_float64(dtype, F_):
-    x, gate_up, gu_stack, d_stack, slots = case(dtype, F_=F_)
-    A, B, scaling, rank = gu_stack
-    A_d, _, _, rank_d = d_stack
-    part_gu = grouped_shrink(x, A, rank, slots, 2, split_k=2)  # the fused kernel adds both planes
-    act, part_d = swiglu_lora(gate_up, part_gu, B, scaling, rank, A_d, rank_d, slots)
-    ref_act, ref_part = swiglu_lora_reference(gate_up, part_gu, B, scaling, rank, A_d, rank_d, slots)
-    assert act.dtype == dtype and part_d.dtype == torch.float32
-    assert part_d.shape[0] == -(-F_ // min(32, max(16, 1 << (F_ - 1).bit_length())))  # one plane per column block
-    assert_close(act, ref_act)
-    live = torch.tensor([0, 2, 3, 5])  # rows with a slot in range; the others' planes are never read
-    assert_close(part_d.sum(0)[live], ref_part.sum(0)[live], dtype=torch.float16 if dtype == torch.float16 else None)
-    assert torch.isfinite(act).all()
-    truth_act, truth_low = float64_truth(gate_up, x, gu_stack, d_stack, slots)
-    assert_close(act.double(), truth_act, dtype=dtype)
-    assert_close(part_d.sum(0)[live].double(), truth_low[live], dtype=dtype)
-    # rows without an adapter get the plain SwiGLU
-    plain = (F.silu(gate_up[[1, 4]].float()[:, :F_]) * gate_up[[1, 4]].float()[:, F_:]).to(dtype)
-    assert_close(act[[1, 4]], plain)
-
-
-def test_down_expand_from_fused_planes_equals_unfused_down_lora():
-    dtype = torch.float32
-    x, gate_up, gu_stack, d_stack, slots = case(dtype)
-    A, B, scaling, rank = gu_stack
-    A_d, B_d, scaling_d, rank_d = d_stack
-    K = B_d.shape[1]
-    act, part_d = swiglu_lora(gate_up, grouped_shrink(x, A, rank, slots, 2), B, scaling, rank, A_d, rank_d, slots)
-    y0 = torch.randn(x.shape[0], K)
-    fused = grouped_expand_(y0.clone(), part_d, B_d, scaling_d, rank_d, slots, [K])
-    unfused = grouped_lora_add_reference(y0.clone(), act, A_d, B_d, scaling_d, rank_d, in_range(slots), [K])
-    assert_close(fused, unfused)
-    assert not torch.allclose(fused, y0)  # the adapters did something
-
-
-def test_shape_mistakes_are_one_line_errors():
-    x, gate_up, (A, B, scaling, rank), (A_d, _, _, rank_d), slots = case(torch.float32)
-    part = grouped_shrink(x, A, rank, slots, 2)
-    with pytest.raises(LorakitError, match="gate_up must be"):
-        swiglu_lora(gate_up[:, :-1], part, B, scaling, rank, A_d, rank_d, slots)
-    with pytest.raises(LorakitError, match="A_d must be"):
-        swiglu_lora(gate_up, part, B, scaling, rank, A_d[:, :, :-1], rank_d, slots)
-    with pytest.raises(LorakitError, match="slot_of_row"):
-        swiglu_lora(gate_up, part, B, scaling, rank, A_d, rank_d, slots[:-1])
 
 
 def qkv_case(dtype, T=5, H=4, Hkv=2, D=16, R=4, slots=3, K=20, seed=3):

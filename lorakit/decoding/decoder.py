@@ -60,10 +60,9 @@ class StaticDecoder:
             elsewhere): the pair adds into the GEMM's output after it. Off CUDA, "lora" is "serial".
         pdl: launch the step's kernels with programmatic dependent launch (default: on where the GPU and Triton
             support it; ignored elsewhere).
-        fuse_lora: with ``lora_overlap`` "lora" or "serial", fold the gate/up LoRA expand and the down LoRA shrink
-            into the SwiGLU kernel (``lorakit.kernels.swiglu_lora``) and the q/k/v LoRA expand into rope + KV store:
-            three launches fewer per layer. A group with a bias or a DoRA adapter (and Qwen3's q/k, normed
-            first) keeps the separate kernels.
+        fuse_lora: with ``lora_overlap`` "lora" or "serial", rope + KV store expands the q/k/v LoRA itself from
+            the shrink's planes: one launch and one (B, N) delta round trip fewer per layer (1-9% faster steps on an
+            H200, docs/PERFORMANCE.md). Not with q/k/v biases, DoRA, or Qwen3's q/k norms (they come first).
 
     The model's q/k/v and gate/up weights become views of fused tensors (values and keys unchanged; see
     ``lorakit.decoding.weights``). Adapters are copied from the model's LoRA layers the first time a row uses them
@@ -451,7 +450,6 @@ class StaticDecoder:
         still to add to them, and lora None or that LoRA still to expand (``rope_store_``'s ``lora``). Returns the
         residual stream (T, d) and the delta still to add to it (or None)."""
         from lorakit.kernels.swiglu import swiglu_packed
-        from lorakit.kernels.swiglu_lora import swiglu_lora
 
         parts = self.parts
         T = h.shape[0]
@@ -464,7 +462,7 @@ class StaticDecoder:
         delta = None
         for i, layer in enumerate(parts.layers):
             x = _norm(h, layer.input_norm, self._eps, delta)
-            if self._fused(i, "qkv") and layer.q_norm is None:
+            if self._fused_qkv(i) and layer.q_norm is None:
                 # the q/k/v GEMM beside its shrink; rope + KV store expands the planes itself
                 qkv, part = self._project(x, i, "qkv", slots, shrink_only=True)
                 stack = self.adapters.layers[i]["qkv"]
@@ -480,17 +478,9 @@ class StaticDecoder:
                 attn = attend(i, layer, q, k, v, None if delta is None else heads(delta))
             h, delta = self._project(attn.reshape(T, Nq), i, "o", slots, residual=h)
             x = _norm(h, layer.post_norm, self._eps, delta)
-            if self._fused(i, "gate_up"):
-                # gate/up GEMM beside its shrink; then one kernel: gate/up expand + SwiGLU + down shrink; then the
-                # down GEMM beside the down expand from that kernel's planes
-                gate_up, part = self._project(x, i, "gate_up", slots, shrink_only=True)
-                gu, dn = self.adapters.layers[i]["gate_up"], self.adapters.layers[i]["down"]
-                act, part = swiglu_lora(gate_up, part, gu.B, gu.scaling, gu.rank, dn.A, dn.rank, slots)
-                h, delta = self._project(act, i, "down", slots, residual=h, part=part)
-            else:
-                gate_up, delta = self._project(x, i, "gate_up", slots)
-                act = swiglu_packed(gate_up, delta)  # (T, 2F) -> (T, F)
-                h, delta = self._project(act, i, "down", slots, residual=h)
+            gate_up, delta = self._project(x, i, "gate_up", slots)
+            act = swiglu_packed(gate_up, delta)  # (T, 2F) -> (T, F)
+            h, delta = self._project(act, i, "down", slots, residual=h)
         return h, delta
 
     @property
@@ -500,23 +490,21 @@ class StaticDecoder:
     def _dora(self, stack) -> bool:
         return stack.ratio is not None and self.adapters.has_dora
 
-    def _fused(self, layer: int, group: str) -> bool:
-        """Whether group ``group`` ("qkv" or "gate_up") of layer ``layer`` leaves its LoRA expand to the kernel that
-        reads its output (rope + KV store, ``swiglu_lora``; see ``fuse_lora``): not with a bias or DoRA there."""
+    def _fused_qkv(self, layer: int) -> bool:
+        """Whether layer ``layer``'s q/k/v LoRA expand runs inside rope + KV store (``fuse_lora``): not with q/k/v
+        biases or a DoRA adapter there."""
         return (self.fuse_lora and bool(self.adapters.slot_of) and self.lora_overlap in ("lora", "serial")
-                and self.weights[layer][group].bias is None and not self._dora(self.adapters.layers[layer][group]))
+                and self.weights[layer]["qkv"].bias is None and not self._dora(self.adapters.layers[layer]["qkv"]))
 
     def _project(self, x: torch.Tensor, layer: int, group: str, slots: torch.Tensor,
-                 residual: torch.Tensor | None = None, shrink_only: bool = False,
-                 part: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 residual: torch.Tensor | None = None, shrink_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One projection group: (residual +) bias + [DoRA ratio *] (x W^T + LoRA deltas). x (B, K) -> (y, delta)
         with y (B, N). delta is None, or (with ``lora_overlap="lora"``) the (B, N) LoRA delta computed on the side
         stream that the caller still adds to y, inside the kernel that reads y next.
 
-        Split pairs (``lora_overlap`` "lora"/"serial" only): ``shrink_only`` runs only the shrink beside the GEMM
-        and returns (y, its planes (P, B, G*R) float32) for a kernel that expands them itself (no bias, no DoRA on
-        this group); ``part`` (planes of a shrink done elsewhere) runs only the expand beside the GEMM."""
-        from lorakit.kernels.grouped_lora import grouped_expand_, grouped_lora_add_, grouped_shrink, grouped_shrink_planes
+        ``shrink_only`` (``lora_overlap`` "lora"/"serial" only; no bias, no DoRA on this group): only the shrink runs
+        beside the GEMM, and the result is (y, its planes (P, B, G*R) float32) for a kernel that expands them itself."""
+        from lorakit.kernels.grouped_lora import grouped_lora_add_, grouped_shrink, grouped_shrink_planes
         from lorakit.kernels.rows_linear import rows_linear
 
         fused = self.weights[layer][group]
@@ -539,8 +527,6 @@ class StaticDecoder:
             def lora_side():
                 if shrink_only:
                     grouped_shrink(x, stack.A, stack.rank, slots, len(fused.splits), out=out)
-                elif part is not None:
-                    grouped_expand_(out, part, stack.B, stack.scaling, stack.rank, slots, fused.splits, accumulate=False)
                 else:
                     grouped_lora_add_(out, x, *args, accumulate=False)
 

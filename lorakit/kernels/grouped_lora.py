@@ -212,8 +212,8 @@ def grouped_shrink(x, A, rank, slot_of_row, G: int, split_k: int | None = None, 
 
 
 def grouped_expand_(y, part, B, scaling, rank, slot_of_row, out_splits, *, accumulate: bool = True) -> torch.Tensor:
-    """The expand half of ``grouped_lora_add_`` from a shrink's planes (P, T, G*R) (``grouped_shrink``, or the
-    down planes of ``lorakit.kernels.swiglu_lora.swiglu_lora``); y (T, N). Returns y."""
+    """The expand half of ``grouped_lora_add_`` from a shrink's planes (P, T, G*R) (``grouped_shrink``); y (T, N).
+    Returns y."""
     if triton_usable(y, part, B, scaling, rank, slot_of_row):
         from lorakit.kernels.triton.grouped_lora import grouped_expand_triton_
 
