@@ -59,6 +59,7 @@ SHAPES = {**{k: LLAMA_SHAPES[k] for k in ("8b", "70b")},
 CASES = {
     "ddp-8b": ("8b", "ddp", 4, True, (1, 2, 4, 8)),
     "fsdp-70b": ("70b", "fsdp", 1, True, (4, 8)),
+    "fsdp-8b": ("8b", "fsdp", 4, True, (1, 2, 4, 8)),  # FSDP2 where ddp-8b runs: the sharding's own cost
 }
 SMOKE_CASES = {"ddp-tiny": ("tiny", "ddp", 2, False, (1,)), "fsdp-tiny": ("tiny", "fsdp", 2, True, (1,))}
 
