@@ -254,8 +254,9 @@ def worker(args) -> None:
         step()
         sync()
         times.append(time.perf_counter() - start)
-    median = torch.tensor(statistics.median(times), dtype=torch.float64)
-    peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, dtype=torch.float64)
+    # on the device: NCCL reduces device tensors only (gloo, on the CPU, takes these too)
+    median = torch.tensor(statistics.median(times), dtype=torch.float64, device=device)
+    peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, dtype=torch.float64, device=device)
     if world_size > 1:
         dist.all_reduce(median, op=dist.ReduceOp.MAX)  # the slowest process sets the pace
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
