@@ -65,6 +65,7 @@ def train(model: Path, data: Path, out: Path, procs: int, fsdp: bool, args) -> d
                "--lr", "1e-3", "--seed", "0", "--eval-every", "0"]
     if fsdp:
         command.append("--fsdp")
+    command += args.extra.split()
     start = time.time()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     seconds = time.time() - start
@@ -108,6 +109,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--timeout", type=int, default=240)
+    parser.add_argument("--modes", default="ddp,fsdp", help="comma-separated: ddp, fsdp")
+    parser.add_argument("--extra", default="", help="more lorakit train arguments, e.g. '--max-grad-norm 0'")
     args = parser.parse_args()
     import torch
 
@@ -119,7 +122,7 @@ def main() -> None:
     make_data(data)
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
     rows, failed = [], []
-    for fsdp in (False, True):
+    for fsdp in [mode == "fsdp" for mode in args.modes.split(",")]:
         runs = {}
         for procs in (1, args.procs):
             out = work / f"{'fsdp' if fsdp else 'ddp'}_{procs}"
@@ -133,7 +136,11 @@ def main() -> None:
         one, many = runs[1], runs[args.procs]
         if one["ok"] and many["ok"]:
             keys = sorted(one["_tensors"])
-            many["tensors_vs_1_process"] = max(rel(many["_tensors"][k].float(), one["_tensors"][k].float()) for k in keys)
+            diffs = {k: rel(many["_tensors"][k].float(), one["_tensors"][k].float()) for k in keys}
+            many["tensors_vs_1_process"] = max(diffs.values())
+            many["worst_tensors"] = dict(sorted(diffs.items(), key=lambda kv: -kv[1])[:6])
+            many["best_tensors"] = dict(sorted(diffs.items(), key=lambda kv: kv[1])[:3])
+            print(f"{many['mode']}: worst {many['worst_tensors']}\nbest {many['best_tensors']}", flush=True)
             many["logits_vs_1_process"] = rel(many["_logits"], one["_logits"])
     for row in rows:
         row.pop("_logits", None)
