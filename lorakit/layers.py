@@ -22,6 +22,19 @@ from lorakit.kernels.lora_linear import lora_linear
 from lorakit.variants import get_variant
 
 
+
+def init_from_cpu(param: torch.Tensor, fill) -> None:
+    """``fill(tensor)`` (a random ``nn.init`` function) drawn from the CPU generator whatever ``param``'s device, then
+    copied in: the same seed gives the same adapter on a CPU, a GPU, or a CPU-built model sharded onto GPUs later
+    (``lorakit train --fsdp`` injects on the CPU; one process injects on its GPU, whose generator draws other
+    numbers). On the CPU (and meta) it fills ``param`` itself: the draws are those of ``fill(param)``."""
+    if param.device.type in ("cpu", "meta"):
+        fill(param)
+        return
+    values = torch.empty(param.shape, dtype=param.dtype)
+    fill(values)
+    param.copy_(values)
+
 class LoraAdapter(nn.Module):
     """One adapter on one layer, in linear form: ``lora_A (r, in)``, ``lora_B (out, r)``, DoRA's ``magnitude (out,)``.
 
@@ -140,11 +153,11 @@ class LoraLayer(_AdapterHost):
     def _init_adapter(self, adapter: LoraAdapter, init: str) -> None:
         with torch.no_grad():
             if init == "gaussian":
-                nn.init.normal_(adapter.lora_A, std=1.0 / adapter.rank)
+                init_from_cpu(adapter.lora_A, lambda t: nn.init.normal_(t, std=1.0 / adapter.rank))
             elif init == "pissa":
                 self._init_pissa(adapter)
-            else:
-                nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))  # nn.Linear's default, as in PEFT
+            else:  # nn.Linear's default, as in PEFT
+                init_from_cpu(adapter.lora_A, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5)))
 
     def _init_pissa(self, adapter: LoraAdapter) -> None:
         """PiSSA (Meng et al. 2024): A, B from the top-r singular triplets of W; W keeps only the residual."""
@@ -322,7 +335,7 @@ class LoraEmbedding(LoraLayer):
         adapter = super().add_adapter(name, rank, alpha, variant, 0.0, "default", dtype)
         with torch.no_grad():  # PEFT's embedding init: A zero, B normal (the product still starts at zero)
             nn.init.zeros_(adapter.lora_A)
-            nn.init.normal_(adapter.lora_B)
+            init_from_cpu(adapter.lora_B, nn.init.normal_)
         return adapter
 
     def embed_scale(self) -> torch.Tensor | None:

@@ -270,3 +270,32 @@ def test_model_moves_and_casts_after_inject():
     model.to(torch.float64)
     assert model.model.layers[0].self_attn.q_proj.adapters["default"].lora_A.dtype == torch.float64
     assert_close(model(ids).logits, expected, torch.float32)
+
+
+def test_adapter_init_draws_from_the_cpu_generator_on_any_device():
+    """lorakit train --fsdp injects on the CPU, one process on its GPU: the same seed must give the same lora_A, so
+    the init draws on the CPU and copies (a GPU's generator gives other numbers for the same seed)."""
+    import math
+
+    from lorakit.layers import init_from_cpu
+
+    class OnAnotherDevice:  # what init_from_cpu reads of a GPU parameter
+        device = torch.device("cuda", 0)
+        shape = (4, 6)
+        dtype = torch.float32
+
+        def copy_(self, values):
+            self.values = values.clone()
+
+    def fill(t):
+        return torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+    torch.manual_seed(3)
+    on_gpu = OnAnotherDevice()
+    init_from_cpu(on_gpu, fill)
+    torch.manual_seed(3)
+    on_cpu = torch.empty(4, 6)
+    init_from_cpu(on_cpu, fill)
+    assert torch.equal(on_gpu.values, on_cpu)
+    torch.manual_seed(3)
+    assert torch.equal(fill(torch.empty(4, 6)), on_cpu)  # on the CPU: the same draws as before
