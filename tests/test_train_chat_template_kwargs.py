@@ -96,7 +96,7 @@ def test_cli_bad_json_is_one_line(value, expected, capsys):
     assert capsys.readouterr().err.strip() == expected
 
 
-def test_train_saves_the_options_and_eval_reuses_them(tmp_path, capsys):
+def test_train_saves_the_options_and_eval_reuses_them(tmp_path, capsys, monkeypatch):
     from transformers import AutoTokenizer
 
     folder = tiny_hf_folder(tmp_path / "model")
@@ -123,3 +123,16 @@ def test_train_saves_the_options_and_eval_reuses_them(tmp_path, capsys):
     _, given = loss(["--adapter", str(run / "adapter"), "--chat-template-kwargs", '{"enable_thinking": false}'])
     out, other = loss(["--adapter", str(run / "adapter"), "--chat-template-kwargs", "{}"])
     assert with_run == given != other and "chat template options" not in out  # other targets: other tokens
+
+    # lorakit generate: the run's options by default (said once), --chat-template-kwargs over them, bad JSON refused
+    import lorakit.generation as generation
+
+    seen, real = [], generation.encode_prompt
+    monkeypatch.setattr(generation, "encode_prompt", lambda *a, **kw: seen.append(kw.get("chat_template_kwargs")) or real(*a, **kw))
+    base = ["generate", "--model", str(folder), "--adapter", str(run / "adapter"), "--max-new-tokens", "2", "Hi"]
+    assert main(base) == 0
+    assert "chat template options of the adapter's run" in capsys.readouterr().err
+    assert main([*base, "--chat-template-kwargs", "{}"]) == 0
+    assert seen == [NO_THINKING, {}]
+    assert main([*base, "--chat-template-kwargs", "{nope"]) == 2
+    assert "--chat-template-kwargs: not valid JSON" in capsys.readouterr().err

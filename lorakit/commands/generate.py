@@ -8,6 +8,7 @@ the base model's own answer for comparison.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -34,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a new one each run)")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template (raw completion)")
+    parser.add_argument("--chat-template-kwargs", metavar="JSON", default=None, help="options of the model's chat "
+                        "template as a JSON object, e.g. '{\"enable_thinking\": false}' (Qwen3); default: those the "
+                        "adapters' training run used (its config.yaml), else none")
     parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
 
@@ -53,6 +57,24 @@ def _names(folders: list[str]) -> list[str]:
             candidate, k = f"{name}#{k}", k + 1
         names.append(candidate)
     return names
+
+
+def _template_kwargs(args: argparse.Namespace) -> dict:
+    """--chat-template-kwargs, else the options the adapters' ``lorakit train`` runs used (said once), else {}."""
+    from lorakit.errors import LorakitError
+    from lorakit.train.config import check_template_kwargs
+    from lorakit.train.eval_cli import run_template_kwargs
+
+    if args.chat_template_kwargs is not None:
+        return check_template_kwargs(args.chat_template_kwargs)
+    found = [run_template_kwargs(folder) for folder in args.adapter]
+    if any(options != found[0] for options in found):
+        raise LorakitError(f"the adapters were trained with different chat template options ({found}); pass the ones "
+                           "to use with --chat-template-kwargs")
+    if found and found[0]:
+        print(f"chat template options of the adapter's run: {json.dumps(found[0])} (--chat-template-kwargs to "
+              "change)", file=sys.stderr)
+    return found[0] if found else {}
 
 
 def _read_stdin() -> str:
@@ -80,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     for folder in args.adapter:
         check_adapter_arg(folder)
     check_device(args.device)
+    template_kwargs = _template_kwargs(args)
     try:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 seed=args.seed)
@@ -105,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append((label, internal))
     stops = end_of_turn_ids(tokenizer)
     params.stop_token_ids = stops
-    ids = encode_prompt(tokenizer, prompt, chat=False if args.no_chat else None)
+    ids = encode_prompt(tokenizer, prompt, chat=False if args.no_chat else None, chat_template_kwargs=template_kwargs)
     from lorakit.models.loading import context_length
 
     limit = context_length(model)
