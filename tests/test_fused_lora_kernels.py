@@ -25,36 +25,30 @@ def small_tiles(monkeypatch):
     monkeypatch.setitem(tg.CONFIGS, "expand", dict(tg.CONFIGS["expand"], block_n=32, iters=1))
 
 
-def stacks(slots, K, F_, R, dtype, seed=0):
-    """gate/up stack (A (S, 2R, K), B (S, 2F, R), scaling, rank (S, 2)) and down stack (A (S, R, F), B (S, K, R),
-    scaling, rank (S, 1)), ranks mixed 0/3/R per slot and segment, NaN in every padded row and column."""
-    g = torch.Generator().manual_seed(seed)
-    choices = (R, 3, 0)
-
-    def stack(splits, in_features):
-        G, N = len(splits), sum(splits)
-        rank = torch.tensor([[choices[(s + j) % 3] for j in range(G)] for s in range(slots)], dtype=torch.int32)
-        A = torch.full((slots, G * R, in_features), float("nan"))
-        B = torch.full((slots, N, R), float("nan"))
-        col = 0
-        for j, n in enumerate(splits):
-            for s in range(slots):
-                r = int(rank[s, j])
-                A[s, j * R:j * R + r] = torch.randn(r, in_features, generator=g) / in_features ** 0.5
-                B[s, col:col + n, :r] = torch.randn(n, r, generator=g) * 0.5
-            col += n
-        return A.to(dtype), B.to(dtype), torch.rand(slots, G, generator=g) + 0.5, rank
-
-    return stack([F_, F_], K), stack([K], F_)
+def nan_padded_stack(slots, in_features, splits, R, dtype, g, b_scale=1.0):
+    """One group's stack: A (S, G*R, K), B (S, N, R), scaling, rank (S, G), ranks mixed R/3/0 per slot and segment,
+    NaN in every padded row of A and column of B (never to be read)."""
+    G, N = len(splits), sum(splits)
+    rank = torch.tensor([[(R, 3, 0)[(s + j) % 3] for j in range(G)] for s in range(slots)], dtype=torch.int32)
+    A = torch.full((slots, G * R, in_features), float("nan"))
+    B = torch.full((slots, N, R), float("nan"))
+    col = 0
+    for j, n in enumerate(splits):
+        for s in range(slots):
+            r = int(rank[s, j])
+            A[s, j * R:j * R + r] = torch.randn(r, in_features, generator=g) / in_features ** 0.5
+            B[s, col:col + n, :r] = torch.randn(n, r, generator=g) * b_scale
+        col += n
+    return A.to(dtype), B.to(dtype), torch.rand(slots, G, generator=g) + 0.5, rank
 
 
 def case(dtype, T=6, K=24, F_=200, R=8, slots=3, seed=0):
-    gu_stack, d_stack = stacks(slots, K, F_, R, dtype, seed)
-    g = torch.Generator().manual_seed(seed + 1)
+    """x (T, K) and a gate/up-shaped stack (two segments of F_ columns) with the slot table of the tests."""
+    g = torch.Generator().manual_seed(seed)
+    stack = nan_padded_stack(slots, K, [F_, F_], R, dtype, g, b_scale=0.5)
     x = torch.randn(T, K, generator=g).to(dtype)
-    gate_up = torch.randn(T, 2 * F_, generator=g).to(dtype)
     slot_of_row = torch.tensor([0, -1, 2, 1, 7, 0][:T], dtype=torch.int32)  # 7: outside the slots = no adapter
-    return x, gate_up, gu_stack, d_stack, slot_of_row
+    return x, stack, slot_of_row
 
 
 def in_range(slots, n=3):
@@ -64,7 +58,7 @@ def in_range(slots, n=3):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_split_shrink_and_expand_equal_the_one_call_grouped_lora(dtype):
-    x, _, (A, B, scaling, rank), _, slots = case(dtype)
+    x, (A, B, scaling, rank), slots = case(dtype)
     F_ = B.shape[1] // 2
     part = grouped_shrink(x, A, rank, slots, 2, split_k=2)
     assert part.shape[0] == 2  # the Triton shrink split K into several planes
@@ -84,22 +78,9 @@ def qkv_case(dtype, T=5, H=4, Hkv=2, D=16, R=4, slots=3, K=20, seed=3):
     """A fused q/k/v output (T, (H + 2 Hkv) D) with its LoRA: A, B, scaling, rank (mixed, NaN padding), the shrink's
     planes, rotary rows, positions (one inactive row) and caches."""
     g = torch.Generator().manual_seed(seed)
-    splits = [H * D, Hkv * D, Hkv * D]
-    N = sum(splits)
-    rank = torch.tensor([[(R, 3, 0)[(s + j) % 3] for j in range(3)] for s in range(slots)], dtype=torch.int32)
-    A = torch.full((slots, 3 * R, K), float("nan"))
-    B = torch.full((slots, N, R), float("nan"))
-    col = 0
-    for j, n in enumerate(splits):
-        for s in range(slots):
-            r = int(rank[s, j])
-            A[s, j * R:j * R + r] = torch.randn(r, K, generator=g) / K ** 0.5
-            B[s, col:col + n, :r] = torch.randn(n, r, generator=g)
-        col += n
-    A, B = A.to(dtype), B.to(dtype)
-    scaling = torch.rand(slots, 3, generator=g) + 0.5
+    A, B, scaling, rank = nan_padded_stack(slots, K, [H * D, Hkv * D, Hkv * D], R, dtype, g)
     x = torch.randn(T, K, generator=g).to(dtype)
-    qkv = torch.randn(T, N, generator=g).to(dtype)
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=g).to(dtype)
     angles = torch.rand(T, D // 2, generator=g) * 6
     cos, sin = torch.cat([angles.cos()] * 2, dim=1), torch.cat([angles.sin()] * 2, dim=1)
     positions = torch.tensor([3, 0, -1, 5, 2][:T])
