@@ -145,13 +145,17 @@ class LoraConfig:
                                f"['q_proj', 'v_proj']), not {shown(self.target_modules)}; a regex can name the layers itself")
         if pattern and layers is None:
             raise LorakitError(f"layers_pattern={shown(pattern)} needs layers_to_transform (the layer indices to adapt)")
-        for name, value in (("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules)):
-            if isinstance(value, str) and value != "all-linear":
-                try:
-                    re.compile(value)
-                except (re.error, RecursionError, OverflowError) as error:  # "((((..." deep enough makes re recurse
-                    raise LorakitError(f"{name} {shown(value)} is not a valid regular expression: "
-                                       f"{clipped(str(error) or type(error).__name__)}") from None
+        regexes = [(name, value) for name, value in (("target_modules", self.target_modules),
+                                                     ("exclude_modules", self.exclude_modules))
+                   if isinstance(value, str) and value != "all-linear"]
+        regexes += [(f"{name} key", key) for name, table in (("rank_pattern", self.rank_pattern),
+                                                             ("alpha_pattern", self.alpha_pattern)) for key in table]
+        for name, value in regexes:
+            try:
+                re.compile(value)
+            except (re.error, RecursionError, OverflowError) as error:  # "((((..." deep enough makes re recurse
+                raise LorakitError(f"{name} {shown(value)} is not a valid regular expression: "
+                                   f"{clipped(str(error) or type(error).__name__)}") from None
 
     def in_chosen_layers(self, module_path: str) -> bool:
         """PEFT's ``layers_to_transform`` rule (true when no layers are chosen or targets are a regular expression)."""

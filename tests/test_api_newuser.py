@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import threading
 from pathlib import Path
 
@@ -455,3 +456,26 @@ def test_lora_config_errors_say_the_value_the_range_and_the_fix():
         assert message in _one_line(error), kwargs
     config = lorakit.LoraConfig(r=4, alpha=8)
     assert config.replace(dropout=0.1).dropout == 0.1 and "alpha" in inspect.signature(lorakit.LoraConfig).parameters
+
+
+def test_a_pattern_key_that_is_no_regex_is_refused_when_the_config_is_made():
+    """LoraConfig(rank_pattern={"(q": 2}) used to pass and crash with re.error inside inject."""
+    for kw, key in ((dict(rank_pattern={"(q": 2}), "rank_pattern key '(q'"), (dict(alpha_pattern={"a[": 4}), "alpha_pattern key 'a['")):
+        with pytest.raises(LorakitError, match=r"^" + re.escape(key) + " is not a valid regular expression: "):
+            lorakit.LoraConfig(**kw)
+    assert lorakit.LoraConfig(rank_pattern={r"layers\.0\..*q_proj": 4}).rank_pattern  # a good one still passes
+
+
+def test_load_base_names_an_lfs_pointer_or_a_cut_weights_file(tmp_path):
+    """lorakit.load_base(folder) used to end in safetensors' 'header too large' traceback for both."""
+    folder = tiny_hf_folder(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(LorakitError, match="model.safetensors is a Git LFS pointer, not the weights: run git lfs pull"):
+        lorakit.load_base(str(folder))
+    weights.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(LorakitError, match=r"model.safetensors is cut short or not a safetensors file \("):
+        lorakit.load_base(str(folder))
+    weights.write_bytes(whole)
+    assert lorakit.load_base(str(folder))[0] is not None

@@ -43,40 +43,13 @@ def check_model_folder(model: str, flag: str = "--model") -> None:
     """``check_model_arg``, then the checks of a local model folder that read no weights (config.json, a pickled-only
     folder, a family that cannot generate), so they come before an adapter is read or anything loads. The
     embedded names are left to ``load_base`` (their first use converts the model)."""
-    from lorakit.models.loading import _ALIASES, EMBEDDED_MODELS, resolve_model_folder
+    from lorakit.models.loading import _ALIASES, EMBEDDED_MODELS, check_weights_file, resolve_model_folder
 
     check_model_arg(model, flag)
     if _ALIASES.get(str(model).lower(), str(model).lower()) not in EMBEDDED_MODELS:
         folder, _ = resolve_model_folder(model)
         for weights in sorted(folder.glob("*.safetensors")):
-            _check_weights_file(weights, f"{flag} {model}")
-
-
-def _check_weights_file(path: Path, where: str) -> None:
-    """A model's safetensors file read as far as its header: a Git LFS pointer (a clone without git-lfs) or a file
-    shorter than its header says (an interrupted download or copy) is named here, not by a safetensors traceback."""
-    import json
-
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if head.startswith(b"version "):
-            head += handle.read(16)
-        if head.startswith(b"version https://git-lfs"):
-            raise LorakitError(f"{where}: {path.name} is a Git LFS pointer, not the weights: run git lfs pull in that "
-                               "repository, or download it with hf download REPO --local-dir DIR")
-        header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
-        end = None
-        if 0 < header_len <= min(size - 8, 100_000_000):
-            try:
-                header = json.loads(handle.read(header_len))
-                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, IndexError):
-                end = None
-    if end is None or 8 + header_len + end > size:
-        expected = f" of {8 + header_len + end:,}" if end is not None else ""
-        raise LorakitError(f"{where}: {path.name} is cut short or not a safetensors file ({size:,} bytes{expected}; an "
-                           "interrupted download or copy?): download or copy it again")
+            check_weights_file(weights, f"{flag} {model}")
 
 
 def check_adapter_arg(adapter: str, flag: str = "--adapter") -> None:

@@ -204,6 +204,8 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
         # a folder saved 4-bit by bitsandbytes loads as lorakit NF4 (exactly, no bitsandbytes needed); other
         # quantization methods are refused here by name instead of failing inside transformers
         quantize = bnb_quantization(check_causal_config(folder), str(folder / "config.json"))
+    for weights in sorted(folder.glob("*.safetensors")):  # an LFS pointer or a cut file: named, not a traceback
+        check_weights_file(weights, display)
     if quantize is not None:
         from lorakit.models.quantized_loading import load_quantized
 
@@ -214,6 +216,31 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
     model.eval()
     model.lorakit_base_name = display
     return model, tokenizer
+
+
+def check_weights_file(path: Path, where: str) -> None:
+    """A model's safetensors file read as far as its header: a Git LFS pointer (a clone without git-lfs) or a file
+    shorter than its header says (an interrupted download or copy) is named here, not by a safetensors traceback."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if head.startswith(b"version "):
+            head += handle.read(16)
+        if head.startswith(b"version https://git-lfs"):
+            raise LorakitError(f"{where}: {path.name} is a Git LFS pointer, not the weights: run git lfs pull in that "
+                               "repository, or download it with hf download REPO --local-dir DIR")
+        header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+        end = None
+        if 0 < header_len <= min(size - 8, 100_000_000):
+            try:
+                header = json.loads(handle.read(header_len))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                end = None
+    if end is None or 8 + header_len + end > size:
+        expected = f" of {8 + header_len + end:,}" if end is not None else ""
+        raise LorakitError(f"{where}: {path.name} is cut short or not a safetensors file ({size:,} bytes{expected}; an "
+                           "interrupted download or copy?): download or copy it again")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
