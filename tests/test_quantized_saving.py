@@ -207,6 +207,11 @@ def test_refusals_and_atomic_overwrite(folders, tmp_path, monkeypatch):
         lorakit.merge_and_unload(model)
     lorakit.save_quantized(model, None, out, overwrite=True)
     assert {p.name for p in out.iterdir()} == set(before)  # replaced whole (the same file names)
+    (out / "notes.txt").write_text("mine")  # overwrite=True replaces a saved model, never a user's other files
+    with pytest.raises(LorakitError, match=r"holds what a model folder does not \(notes.txt\)"):
+        lorakit.save_quantized(model, None, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
 
     layer = model.model.layers[0].self_attn.q_proj
     layer._buffers["absmax"] = torch.empty_like(layer.absmax, device="meta")

@@ -201,7 +201,8 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, overwrit
     out = Path(out).expanduser()
     if out.is_dir() and not overwrite:
         raise LorakitError(f"{out} already exists; choose another folder or pass overwrite=True (CLI: --overwrite)")
-    out = check_output_folder(out, flag="out", overwrite=True)  # a file, no permission, ... named in one line
+    # a file, no permission, a folder holding other files than a saved model's (replacing it would delete them)
+    out = check_output_folder(out, flag="out", overwrite=True, replaces="model")
     layers = _refuse_unsavable(model)
     config = copy.deepcopy(model.config)
     config.quantization_config = quantization_config(model, layers)
