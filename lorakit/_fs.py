@@ -69,7 +69,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def replace_folder(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     """Put the finished folder ``tmp`` (made by ``temp_dir(out)``) at ``out``. An existing ``out`` is first moved
-    aside into a hidden sibling, so ``out`` is never missing nor half-written, and is deleted after the swap."""
+    aside into a hidden sibling and deleted after the swap, so ``out`` is never half-written (it is missing only
+    between two renames). When a rename fails, the previous ``out`` is put back and no hidden folder is left."""
     import shutil
 
     tmp, out = Path(tmp), Path(out)
@@ -77,6 +78,15 @@ def replace_folder(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
         os.replace(tmp, out)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, old / "model")
-    os.replace(tmp, out)
+    try:
+        os.replace(out, old / "model")
+    except BaseException:
+        shutil.rmtree(old, ignore_errors=True)  # still empty
+        raise
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / "model", out)  # the previous folder back where it was
+        shutil.rmtree(old, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)

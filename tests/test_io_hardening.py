@@ -236,3 +236,31 @@ def test_save_adapter_to_a_path_it_cannot_write_is_one_line(tmp_path):
     with pytest.raises(lorakit.LorakitError, match=r"cannot save the adapter to .*file.*sub: .*; choose a folder you can write"):
         lorakit.save_adapter(model, tmp_path / "file" / "sub")  # a folder under a file
     assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("failing_call", [1, 2])
+def test_replace_folder_puts_the_old_output_back_when_a_rename_fails(tmp_path, monkeypatch, failing_call):
+    """A failed swap (EBUSY, a full disk) left the old output in a hidden .NAME.*.old folder, or an empty one."""
+    from lorakit import _fs
+
+    out, new = tmp_path / "merged", tmp_path / ".merged.tmp"
+    out.mkdir()
+    (out / "model.safetensors").write_text("old")
+    new.mkdir()
+    (new / "model.safetensors").write_text("new")
+    real, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise OSError(16, "Device or resource busy")
+        return real(src, dst)
+
+    monkeypatch.setattr(_fs.os, "replace", flaky)
+    with pytest.raises(OSError, match="busy"):
+        _fs.replace_folder(new, out)
+    assert (out / "model.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.tmp", "merged"]  # no hidden .old folder left
+    monkeypatch.undo()
+    _fs.replace_folder(new, out)
+    assert (out / "model.safetensors").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
