@@ -107,6 +107,43 @@ def multi_adapter(plt) -> Path | None:
     return _save(fig, "multi_adapter_prefill.png")
 
 
+def decode_step(plt) -> Path | None:
+    """Decode step time against distinct adapters: lorakit's static decoder, the same model under transformers'
+    forward in a CUDA graph, and the bandwidth bound (bytes read per step over the copy bandwidth), same runs."""
+    panels = [(shape, _load(name)) for shape, name in (("8b", "multi_adapter_8b_v8.json"), ("1b", "multi_adapter_1b_v7.json"))]
+    panels = [(s, d) for s, d in panels if d]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    labels = ["base", "1", "8", "64"]
+    for axis, (shape, rows) in zip(axes[0], panels):
+        def series(case, field="step_ms"):
+            found = {}
+            for r in rows:
+                if r["case"] == f"decode-{shape}-{case}" and r.get("fuse_lora") in (None, "on") and field in r:
+                    found.setdefault(r["adapters"], r[field])
+            return [found.get(n) for n in (0, 1, 8, 64)]
+
+        x = list(range(len(labels)))
+        axis.plot(x, series("graph"), "-s", color=COLORS["peft"], label="transformers forward, CUDA graph")
+        axis.plot(x, series("static"), "-o", color=COLORS["lorakit"], label="lorakit static decoder")
+        axis.plot(x, series("static", "bound_ms"), ":", color=COLORS["base"], label="bandwidth bound")
+        for xi, step, bound in zip(x, series("static"), series("static", "bound_ms")):
+            if step and bound:
+                axis.annotate(f"{bound / step:.0%}", (xi, step), textcoords="offset points", xytext=(0, 6),
+                              ha="center", fontsize=8, color=COLORS["lorakit"])
+        axis.set_xticks(x, labels)
+        axis.set_xlabel("distinct adapters over 64 sequences")
+        axis.set_ylim(0, None)
+        axis.spines[["top", "right"]].set_visible(False)
+        axis.set_title(f"decode, 64 x 512 context, {shape.upper()} shape", fontsize=10)
+    axes[0][0].set_ylabel("ms per step (percent: of the bound)")
+    axes[0][0].legend(frameon=False, fontsize=8)
+    fig.suptitle("One decode step with mixed adapters on one H200", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, "multi_adapter_decode.png")
+
+
 def _log2_axis(axis, ticks: list[int], label: str) -> None:
     axis.set_xscale("log", base=2)
     axis.set_xticks(ticks, [str(t) for t in ticks])
@@ -127,7 +164,7 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for figure in (training_speed, serving, multi_adapter):
+    for figure in (training_speed, serving, multi_adapter, decode_step):
         path = figure(plt)
         if path:
             print(f"wrote {path.relative_to(ROOT)}")
