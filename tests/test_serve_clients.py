@@ -626,3 +626,36 @@ def test_cors_origin_flag(server):
 def test_no_tracebacks_and_still_serving(server):
     assert _text(server["client"], "a2") == _text(server["client"], "a2")
     assert "Traceback" not in server["server"].output(), server["server"].output()
+
+
+def test_chat_template_kwargs(tmp_path):
+    """vLLM's ``chat_template_kwargs`` (Qwen3: {"enable_thinking": false}) reaches the chat template; before, the
+    request was refused as an unknown field. Bad options are a 400 naming the field."""
+    from transformers import AutoTokenizer
+
+    model_dir = tiny_hf_folder(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = tokenizer.chat_template + (  # Qwen3's way: an empty think block closes the prompt
+        "{%- if add_generation_prompt and enable_thinking is defined and not enable_thinking %}"
+        "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
+    tokenizer.save_pretrained(model_dir)
+    (tmp_path / "adapters").mkdir()
+    server = ServerProcess(model_dir, tmp_path / "adapters")
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            def prompt_tokens(**extra):
+                body = {"model": "base", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, **extra}
+                return _ok(client.post("/v1/chat/completions", json=body))["usage"]["prompt_tokens"]
+
+            plain = prompt_tokens()
+            assert prompt_tokens(chat_template_kwargs={"enable_thinking": False}) > plain
+            assert prompt_tokens(chat_template_kwargs={"enable_thinking": True}) == plain == prompt_tokens(
+                chat_template_kwargs=None)
+            body = {"model": "base", "messages": [{"role": "user", "content": "Hi"}]}
+            for options, words in (({"add_generation_prompt": False}, "set by lorakit itself"),
+                                   ({"not a name": 1}, "is not an option name"), ("yes", "valid dictionary"),
+                                   ({f"k{i}": i for i in range(40)}, "over 32 options")):
+                error = _error(client.post("/v1/chat/completions", json={**body, "chat_template_kwargs": options}), 400)
+                assert words in error["message"] and "chat_template_kwargs" in (error["param"] or ""), error
+    finally:
+        server.stop()

@@ -214,7 +214,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(request: HTTPRequest):
         body = parse(ChatRequest, await read_json(request, state))
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
-        prompt_ids = await run_in_threadpool(_encode, state, messages, True)
+        prompt_ids = await run_in_threadpool(_encode, state, messages, True, body.chat_template_kwargs)
         max_tokens = body.max_completion_tokens or body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
         return await _serve(state, request, body, [prompt_ids], max_tokens, top, chat=True)
@@ -229,14 +229,14 @@ def _vocab_size(state: ServerState) -> int:
     return min(len(state.tokenizer), rows)
 
 
-def _encode(state: ServerState, prompt, chat: bool) -> list[int]:
+def _encode(state: ServerState, prompt, chat: bool, template_kwargs: dict | None = None) -> list[int]:
     chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
     if chars > 16 * state.max_prompt_tokens:  # cheap guard before tokenizing
         raise APIError(400, f"prompt of {chars:,} characters is far over the limit of {state.max_prompt_tokens} "
                        "tokens", param="messages" if chat else "prompt", code="context_length_exceeded")
     try:
         with state.tokenizer_lock:
-            return encode_prompt(state.tokenizer, prompt, chat=chat)
+            return encode_prompt(state.tokenizer, prompt, chat=chat, chat_template_kwargs=template_kwargs)
     except LorakitError as error:
         raise APIError(400, str(error), param="messages" if chat else "prompt") from None
 

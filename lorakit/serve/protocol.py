@@ -233,6 +233,25 @@ class ChatRequest(_Sampling):
     response_format: ResponseFormat | None = None
     store: bool | None = None
     modalities: list[str] | None = None
+    # vLLM's extension: options of the model's chat template, e.g. {"enable_thinking": false} for Qwen3
+    chat_template_kwargs: dict | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_options(cls, value: dict | None) -> dict | None:
+        if value is None:
+            return None
+        import json
+
+        from lorakit.errors import LorakitError
+        from lorakit.train.config import check_template_kwargs
+
+        if len(value) > 32 or len(json.dumps(value)) > 4096:
+            raise ValueError("chat_template_kwargs is over 32 options or 4 KiB; a chat template takes a few flags")
+        try:
+            return check_template_kwargs(value, "chat_template_kwargs")
+        except LorakitError as error:
+            raise ValueError(str(error)) from None
 
     @field_validator("tools", "functions")
     @classmethod
