@@ -462,7 +462,7 @@ class StaticDecoder:
         delta = None
         for i, layer in enumerate(parts.layers):
             x = _norm(h, layer.input_norm, self._eps, delta)
-            if self._fused_qkv(i) and layer.q_norm is None:
+            if self._fused_qkv(i):
                 # the q/k/v GEMM beside its shrink; rope + KV store expands the planes itself
                 qkv, part = self._project(x, i, "qkv", slots, shrink_only=True)
                 stack = self.adapters.layers[i]["qkv"]
@@ -492,9 +492,10 @@ class StaticDecoder:
 
     def _fused_qkv(self, layer: int) -> bool:
         """Whether layer ``layer``'s q/k/v LoRA expand runs inside rope + KV store (``fuse_lora``): not with q/k/v
-        biases or a DoRA adapter there."""
+        biases, a DoRA adapter, or q/k norms (Qwen3: they come before rope) there."""
         return (self.fuse_lora and bool(self.adapters.slot_of) and self.lora_overlap in ("lora", "serial")
-                and self.weights[layer]["qkv"].bias is None and not self._dora(self.adapters.layers[layer]["qkv"]))
+                and self.parts.layers[layer].q_norm is None and self.weights[layer]["qkv"].bias is None
+                and not self._dora(self.adapters.layers[layer]["qkv"]))
 
     def _project(self, x: torch.Tensor, layer: int, group: str, slots: torch.Tensor,
                  residual: torch.Tensor | None = None, shrink_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
