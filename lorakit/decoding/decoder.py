@@ -61,8 +61,8 @@ class StaticDecoder:
         pdl: launch the step's kernels with programmatic dependent launch (default: on where the GPU and Triton
             support it; ignored elsewhere).
         fuse_lora: with ``lora_overlap`` "lora" or "serial", rope + KV store expands the q/k/v LoRA itself from
-            the shrink's planes: one launch and one (B, N) delta round trip fewer per layer (1-9% faster steps on an
-            H200, docs/PERFORMANCE.md). Not with q/k/v biases, DoRA, or Qwen3's q/k norms (they come first).
+            the shrink's planes: one launch and one (B, N) delta round trip fewer per layer (steps up to 9% faster
+            on an H200, docs/PERFORMANCE.md). Not with q/k/v biases, DoRA, or Qwen3's q/k norms (they come first).
 
     The model's q/k/v and gate/up weights become views of fused tensors (values and keys unchanged; see
     ``lorakit.decoding.weights``). Adapters are copied from the model's LoRA layers the first time a row uses them
