@@ -27,8 +27,8 @@ from lorakit.train.evaluate import final_answer, score_generations
 from lorakit.train.formats import validate_record
 from lorakit.train.loop import train
 from conftest import tiny_llama
-from test_serve_support import make_tokenizer, tiny_hf_folder
-from test_train_chat_templates import QWEN3_TEMPLATE, R1_TEMPLATE
+from test_serve_support import make_tokenizer
+from test_train_chat_templates import QWEN3_TEMPLATE, R1_TEMPLATE, qwen3_model_folder
 
 QUESTIONS = {"What is 2+2?": ("Two and two make four.", "4"), "And 3+3?": ("Three and three make six.", "6")}
 
@@ -166,21 +166,20 @@ def test_answers_without_reasoning_keep_the_old_rule(model, monkeypatch):
     assert seen == [64]
 
 
-def test_lorakit_eval_scores_final_answers(tmp_path, monkeypatch, capsys):
-    from transformers import AutoTokenizer, LlamaForCausalLM
 
-    folder = tiny_hf_folder(tmp_path / "model")
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = QWEN3_TEMPLATE
-    tok.save_pretrained(folder)
+def right_reply(prompt: str) -> str:
+    """The scripted model's reasoning and right answer to the question in ``prompt``."""
+    thought, answer = QUESTIONS[question_of(prompt)]
+    return f"<think>\n{thought}\n</think>\n\n{answer}"
+
+def test_lorakit_eval_scores_final_answers(tmp_path, monkeypatch, capsys):
+    from transformers import LlamaForCausalLM
+
+    folder, tok = qwen3_model_folder(tmp_path / "model")
     data = tmp_path / "val.jsonl"
     data.write_text("".join(json.dumps(qwen_record(q)) + "\n" for q in QUESTIONS), encoding="utf-8")
 
-    def reply(prompt):
-        thought, answer = QUESTIONS[question_of(prompt)]
-        return f"<think>\n{thought}\n</think>\n\n{answer}"
-
-    monkeypatch.setattr(LlamaForCausalLM, "generate", lambda self, **kw: scripted_generate(tok, reply)(**kw))
+    monkeypatch.setattr(LlamaForCausalLM, "generate", lambda self, **kw: scripted_generate(tok, right_reply)(**kw))
     assert main(["eval", "--model", str(folder), "--data", str(data), "--samples", "1"]) == 0
     out = capsys.readouterr().out
     assert "exact match 100.0% (2/2) of the final answers (after </think>)" in out, out
@@ -196,20 +195,13 @@ def test_lorakit_eval_scores_final_answers(tmp_path, monkeypatch, capsys):
 
 
 def test_lorakit_train_before_and_after_score_final_answers(tmp_path, monkeypatch, capsys):
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    folder = tiny_hf_folder(tmp_path / "model")
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = QWEN3_TEMPLATE
-    tok.save_pretrained(folder)
+    folder, tok = qwen3_model_folder(tmp_path / "model")
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps(qwen_record(q)) + "\n" for q in list(QUESTIONS) * 2), encoding="utf-8")
 
-    def reply(prompt):
-        thought, answer = QUESTIONS[question_of(prompt)]
-        return f"<think>\n{thought}\n</think>\n\n{answer}"
-
-    monkeypatch.setattr(LlamaForCausalLM, "generate", lambda self, **kw: scripted_generate(tok, reply)(**kw))
+    monkeypatch.setattr(LlamaForCausalLM, "generate", lambda self, **kw: scripted_generate(tok, right_reply)(**kw))
     code = main(["train", "--model", str(folder), "--data", str(data), "--val-data", str(data), "--out",
                  str(tmp_path / "run"), "--max-steps", "1", "--eval-examples", "2", "--rank", "2", "--batch-size", "2",
                  "--no-progress", "--samples", "1"])

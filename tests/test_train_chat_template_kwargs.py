@@ -22,8 +22,8 @@ from lorakit.train.data import build_dataset, generation_prompt
 from lorakit.train.evaluate import score_generations
 from lorakit.train.formats import validate_record
 from test_eval_reasoning import QUESTIONS, question_of, scripted_generate
-from test_serve_support import tiny_hf_folder
-from test_train_chat_templates import QWEN3_TEMPLATE, chat, context, one_line, targets, tokenizer_with
+from test_train_chat_templates import (QWEN3_TEMPLATE, chat, context, one_line, qwen3_model_folder, targets,
+                                      tokenizer_with)
 
 NO_THINKING = {"enable_thinking": False}
 EMPTY_THINK = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
@@ -97,12 +97,7 @@ def test_cli_bad_json_is_one_line(value, expected, capsys):
 
 
 def test_train_saves_the_options_and_eval_reuses_them(tmp_path, capsys, monkeypatch):
-    from transformers import AutoTokenizer
-
-    folder = tiny_hf_folder(tmp_path / "model")
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = QWEN3_TEMPLATE
-    tok.save_pretrained(folder)
+    folder, tok = qwen3_model_folder(tmp_path / "model")
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps(chat("none")) + "\n" for _ in range(4)), encoding="utf-8")
     run = tmp_path / "run"

@@ -134,6 +134,17 @@ STRIP_TEMPLATE = R1_TEMPLATE.replace("<|im_start|>assistant\n<think>\n{% endif %
 
 ANSWERS = [("What is 2+2?", "Two and two make four.", "4"), ("And 3+3?", "Three and three make six.", "6")]
 
+def qwen3_model_folder(folder):
+    """A tiny random Llama folder whose tokenizer carries ``QWEN3_TEMPLATE``; returns (folder, that tokenizer)."""
+    from transformers import AutoTokenizer
+
+    folder = tiny_hf_folder(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = QWEN3_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder, tokenizer
+
+
 
 def chat(reasoning: str = "reasoning_content") -> dict:
     """Two questions and answers; the reasoning as ``reasoning_content``, inside the content, or absent."""
@@ -355,12 +366,7 @@ def test_reasoning_a_template_drops_is_refused_not_silently_lost():
 
 @pytest.mark.parametrize("flags", [[], ["--pack", "--val-fraction", "0.25"]], ids=["plain", "pack+val"])
 def test_cli_trains_a_qwen3_chat_file(tmp_path, flags, capsys):
-    from transformers import AutoTokenizer
-
-    folder = tiny_hf_folder(tmp_path / "model")
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = QWEN3_TEMPLATE
-    tok.save_pretrained(folder)
+    folder, tok = qwen3_model_folder(tmp_path / "model")
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps(chat(kind)) + "\n" for kind in ("reasoning_content", "content", "none") * 2),
                     encoding="utf-8")
