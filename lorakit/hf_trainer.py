@@ -47,7 +47,7 @@ def is_transformers_model(model: nn.Module) -> bool:
 
 def install(model: nn.Module) -> None:
     """Give a transformers model the adapter-aware ``save_pretrained``, ``load_state_dict`` and
-    ``print_trainable_parameters`` (idempotent).
+    ``print_trainable_parameters``, and the check of TRL's fused LM head (``lorakit.trl_support``) (idempotent).
 
     Partials rather than bound methods: a bound method in the instance dict does not survive pickling (torch.save of
     the whole model) because unpickling evaluates ``getattr(model, name)`` before the model has its attributes back.
@@ -60,6 +60,9 @@ def install(model: nn.Module) -> None:
         model.load_state_dict = functools.partial(load_state_dict, model)
     if "print_trainable_parameters" not in vars(model) and not hasattr(type(model), "print_trainable_parameters"):
         model.print_trainable_parameters = functools.partial(print_trainable_parameters, model)
+    from lorakit.trl_support import install_fused_head_check
+
+    install_fused_head_check(model)  # TRL's trainers read lm_head.weight directly: an adapter there would never train
 
 
 def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args, is_main_process: bool = True,
