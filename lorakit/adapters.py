@@ -14,6 +14,9 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.inject import adapter_hosts, adapter_names, lora_layers
 from lorakit.layers import LoraLayer
+from lorakit.param_lora import ParamLora
+
+_MERGEABLE = (LoraLayer, ParamLora)  # hosts whose adapters can be merged into the base
 
 
 def _require(model: nn.Module, names: Sequence[str]) -> None:
@@ -57,7 +60,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise LorakitError(f"delete_adapter takes one adapter name, got {name!r}; call it once per adapter")
     _require(model, [name])
     hosts = adapter_hosts(model)
-    merged = [path for path, h in hosts.items() if isinstance(h, LoraLayer) and name in h.merged]
+    merged = [path for path, h in hosts.items() if isinstance(h, _MERGEABLE) and name in h.merged]
     if merged:
         raise LorakitError(f"adapter {name!r} is merged (e.g. in {merged[0]}); call lorakit.unmerge(model) first")
     for host in hosts.values():
@@ -100,7 +103,7 @@ def disable_adapters(model: nn.Module) -> _Block:
 @contextlib.contextmanager
 def _disable_adapters(model: nn.Module) -> Iterator[None]:
     hosts = adapter_hosts(model)
-    if any(isinstance(h, LoraLayer) and h.merged for h in hosts.values()):
+    if any(isinstance(h, _MERGEABLE) and h.merged for h in hosts.values()):
         raise LorakitError("adapters are merged into the base weights; call lorakit.unmerge(model) before disabling them")
     previous = {path: h.disabled for path, h in hosts.items()}
     for host in hosts.values():
@@ -142,7 +145,7 @@ def _mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[None
         raise LorakitError(f"mixed_batch: {bad!r} is not an adapter name; give a name (str) or None per batch row")
     _require(model, [n for n in names if n is not None])
     hosts = adapter_hosts(model)
-    if any(isinstance(h, LoraLayer) and h.merged for h in hosts.values()):
+    if any(isinstance(h, _MERGEABLE) and h.merged for h in hosts.values()):
         raise LorakitError("mixed_batch needs unmerged adapters; call lorakit.unmerge(model) first")
     me = threading.get_ident()
     with _MIXED_LOCK:

@@ -80,6 +80,11 @@ class LoraConfig:
             index is the first number in the module path after ``<layers_pattern>.`` (any segment when no pattern);
             needs ``target_modules`` as a list of names, as in PEFT.
         layers_pattern: the name(s) of the layer list (``"layers"``, ``"h"``), used with ``layers_to_transform``.
+        target_parameters: raw parameters to adapt, PEFT's option of that name (a list; ``<module path>.<name>``
+            matches when it equals an entry or ends with ``.entry``): the fused MoE experts of transformers 5
+            (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``), a router's ``mlp.gate.weight``. 3-D
+            parameters get one rank-r LoRA per expert (see ``lorakit.param_lora``). With it, ``target_modules`` may be
+            None or [] (the parameters only). No dropout, DoRA or PiSSA on these (peft refuses them too).
     """
 
     r: int = 8
@@ -95,12 +100,17 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.modules_to_save, (tuple, set)):
             self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.target_parameters, (tuple, set)):
+            self.target_parameters = sorted(self.target_parameters)
+        if self.target_parameters == []:
+            self.target_parameters = None
         self.validate()
 
     def validate(self) -> None:
@@ -124,12 +134,16 @@ class LoraConfig:
         if self.bias != "none":
             raise LorakitError(f"bias={shown(self.bias)} is not supported: lorakit keeps biases frozen, use bias='none' (an "
                                "adapter peft trained with biases: merge it with peft's merge_and_unload and load the merged model)")
-        if self.target_modules is None or self.target_modules == [] or self.target_modules == "":
+        _check_target_parameters(self)
+        if (self.target_modules is None or self.target_modules == []) and self.target_parameters:
+            pass  # the parameters only, as peft's target_modules=[] with target_parameters
+        elif self.target_modules is None or self.target_modules == [] or self.target_modules == "":
             raise LorakitError("target_modules is empty; name modules (e.g. ['q_proj', 'v_proj']), a regex, or 'all-linear'")
         for name, value in (("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules),
                             ("modules_to_save", self.modules_to_save)):
             if value is not None and not isinstance(value, str) and not (
-                    isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+                    isinstance(value, list) and all(isinstance(v, str) and v for v in value)) and not (
+                    name == "target_modules" and value == []):
                 raise LorakitError(f"{name} must be a list of module names or one regular expression, got {shown(value)}")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
@@ -194,6 +208,8 @@ class LoraConfig:
         ``task_type`` picks the class ``peft.PeftModel.from_pretrained`` wraps the base in (None: the generic one,
         for a model that is not a causal LM)."""
         target = self.target_modules
+        if target in (None, []):  # the parameters only; peft would fill None with its per-model defaults (q, v)
+            target = []
         return {
             **PEFT_DEFAULTS,
             "task_type": task_type,
@@ -214,6 +230,7 @@ class LoraConfig:
             "fan_in_fan_out": fan_in_fan_out,
             "layers_to_transform": self.layers_to_transform,
             "layers_pattern": self.layers_pattern,
+            "target_parameters": list(self.target_parameters) if self.target_parameters else None,
         }
 
     @classmethod
@@ -271,6 +288,7 @@ class LoraConfig:
                 modules_to_save=data.get("modules_to_save") or None,
                 layers_to_transform=None if data.get("layers_to_transform") == [] else data.get("layers_to_transform"),
                 layers_pattern=data.get("layers_pattern") or None,
+                target_parameters=data.get("target_parameters") or None,
             )
         except LorakitError as error:  # named as the file names them: alpha -> lora_alpha, dropout -> lora_dropout
             message = re.sub(r"^(alpha|dropout)\b", r"lora_\1", str(error))
@@ -309,6 +327,25 @@ def _init_naming_peft_fields(self, *args: Any, **kwargs: Any) -> None:
 
 
 LoraConfig.__init__ = _init_naming_peft_fields
+
+
+def _check_target_parameters(config: LoraConfig) -> None:
+    """``target_parameters``: a list of names, and only the options peft's ParamWrapper supports."""
+    names = config.target_parameters
+    if names is None:
+        return
+    if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
+        raise LorakitError(f"target_parameters must be a list of parameter names (such as ['mlp.experts.gate_up_proj', "
+                           f"'mlp.experts.down_proj']), got {shown(names)}; regular expressions are not supported (as in peft)")
+    if config.variant in ("dora", "rsdora"):
+        raise LorakitError(f"variant={config.variant!r} cannot be used with target_parameters (DoRA has no form for raw "
+                           "parameters such as MoE experts, in peft either); use variant='lora' or 'rslora'")
+    if config.dropout:
+        raise LorakitError(f"dropout={shown(config.dropout)} cannot be used with target_parameters: the adapter is added to "
+                           "the weight, so there is no input to drop (peft refuses it too); set dropout=0")
+    if config.init == "pissa":
+        raise LorakitError("init='pissa' cannot be used with target_parameters (it needs one weight matrix per layer); "
+                           "use init='default' or 'gaussian'")
 
 
 def _integral(value: Any) -> Any:
@@ -360,7 +397,7 @@ def _is_default(value: Any, default: Any) -> bool:
 _READ_FIELDS = {
     "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
     "use_rslora", "use_dora", "init_lora_weights", "bias", "modules_to_save", "fan_in_fan_out", "layers_to_transform",
-    "layers_pattern",
+    "layers_pattern", "target_parameters",
 }
 # Fields that never change a saved adapter's math: file metadata, and settings of inits (the weights are final).
 _IGNORED_FIELDS = {
@@ -377,7 +414,6 @@ _UNSUPPORTED_HINTS = {
     "layer_replication": "layers duplicated inside the model",
     "lora_bias": "a trained bias on lora_B",
     "use_qalora": "QA-LoRA's pooled input",
-    "target_parameters": "LoRA on raw parameters such as MoE experts",
     "alora_invocation_tokens": "activated LoRA, switched on by tokens",
     "megatron_config": "Megatron parallel layers",
 }

@@ -16,9 +16,13 @@ import torch
 from torch import nn
 
 from lorakit import quant
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.layers import LORA_HOSTS, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from lorakit.param_lora import ParamLora, matches_parameter, parameter_layout
+
+# Every lorakit wrapper: LoRA layers, modules-to-save copies, and LoRA on raw parameters (target_parameters)
+_HOSTS = LORA_HOSTS + (ParamLora,)
 
 # Name segments of lorakit's wrappers, removed to get the original module / parameter path.
 _WRAPPER_SEGMENTS = re.compile(r"\.(base_layer)(?=\.|$)")
@@ -52,7 +56,7 @@ def adapter_hosts(model: nn.Module) -> dict[str, nn.Module]:
         return dict(cached[1])
     hosts, chains = {}, []
     for name, module in model.named_modules():
-        if isinstance(module, LORA_HOSTS):
+        if isinstance(module, _HOSTS):
             hosts[original_path(name)] = module
             chains.append(_chain(model, name))
     model.__dict__["_lorakit_host_cache"] = (_STRUCTURE_VERSION[0], hosts, chains)
@@ -107,7 +111,7 @@ def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if ".adapters." in f".{name}." or ".copies." in f".{name}.":
             continue
-        if isinstance(module, LORA_HOSTS):
+        if isinstance(module, _HOSTS):
             modules[original_path(name)] = module.base_layer
         elif not name.endswith("base_layer") and ".base_layer." not in name:
             modules[name] = module
@@ -128,6 +132,8 @@ def _inside(path: str, names: list[str]) -> bool:
 def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     """Target path -> original module, following the config's rules. Raises if nothing matches."""
     modules = _base_modules(model)
+    if config.target_modules in (None, []):  # target_parameters only
+        return {}
     heads = output_head_names(model)
     targets: dict[str, nn.Module] = {}
     for path, module in modules.items():
@@ -172,16 +178,69 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     if not targets:
         raise LorakitError("no target is left once the modules whose weight the model reads directly are skipped; name "
                            "target_modules explicitly")
-    experts = expert_parameters(modules)
-    if experts and config.target_modules == "all-linear":
-        total = sum(p.numel() for m in modules.values() for p in m.parameters(recurse=False))
-        share = sum(experts.values()) / max(total, 1)
-        names = sorted({re.sub(r"^.*?\.\d+\.", "", path) for path in experts})  # per-layer part: mlp.experts.down_proj
-        warnings.warn(f"all-linear adapts the linear layers only: this model's fused MoE expert weights ("
-                      f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}; {100 * share:.0f}% of its weights) "
-                      "are 3-D parameters, not linear layers, and stay frozen (lorakit has no LoRA for such parameters, which "
-                      "peft calls target_parameters); attention and any shared-expert linear layers are adapted", stacklevel=3)
+    _warn_frozen_experts(modules, config)
     return targets
+
+
+def _warn_frozen_experts(modules: dict[str, nn.Module], config: LoraConfig) -> None:
+    """One line when "all-linear" (or a regular expression) leaves fused 3-D expert weights frozen, target_parameters
+    not naming them: "all-linear" reads as "everything", and on Mixtral / Qwen3-MoE the experts hold most weights."""
+    if not isinstance(config.target_modules, str):  # a list names what the user wants (expert names in it: an error)
+        return
+    experts = {path: size for path, size in expert_parameters(modules).items()
+               if not matches_parameter(path, config.target_parameters or [])}
+    if not experts:
+        return
+    total = sum(p.numel() for m in modules.values() for p in m.parameters(recurse=False))
+    share = sum(experts.values()) / max(total, 1)
+    names = sorted({_per_layer(path) for path in experts})
+    what = "all-linear adapts the linear layers only" if config.target_modules == "all-linear" else \
+        f"target_modules {shown(config.target_modules)} adapts linear layers only"
+    warnings.warn(f"{what}: this model's fused MoE expert weights ({', '.join(names[:4])}"
+                  f"{', ...' if len(names) > 4 else ''}; {100 * share:.0f}% of its weights) are 3-D parameters and stay "
+                  f"frozen; to adapt them too, pass LoraConfig(target_parameters={names[:4]!r}) (lorakit train: "
+                  f"--target-parameters {','.join(names[:4])})", stacklevel=4)
+
+
+def _per_layer(path: str) -> str:
+    """``model.layers.3.mlp.experts.down_proj`` -> ``mlp.experts.down_proj`` (the part every layer shares)."""
+    return re.sub(r"^.*?\.\d+\.", "", path)
+
+
+def find_param_targets(model: nn.Module, config: LoraConfig) -> dict[str, dict[str, tuple[int, float]]]:
+    """Module path -> ``{parameter name: (rank, alpha)}`` for the parameters ``config.target_parameters`` names
+    (peft's rule: ``<module path>.<name>`` equals an entry or ends with ``.entry``), in registration order.
+    Raises for an entry that matches nothing, a parameter that cannot hold LoRA, or one on a module that
+    ``target_modules`` adapts too (as peft)."""
+    if not config.target_parameters:
+        return {}
+    modules = _base_modules(model)
+    hosts = adapter_hosts(model)
+    found: dict[str, dict[str, tuple[int, float]]] = {}
+    for path, module in modules.items():
+        for name, parameter in module.named_parameters(recurse=False):
+            key = f"{path}.{name}" if path else name
+            if not matches_parameter(key, config.target_parameters):
+                continue
+            if not path:
+                raise LorakitError(f"target_parameters: {key!r} belongs to the top-level model itself, which cannot be "
+                                   "wrapped (as in peft); name a parameter of a submodule")
+            if not parameter.is_floating_point() or parameter.ndim not in (2, 3):
+                raise LorakitError(f"target_parameters: {key} has shape {tuple(parameter.shape)} and dtype "
+                                   f"{parameter.dtype}; LoRA needs a 2-D (out, in) or 3-D (experts, out, in) float weight")
+            if isinstance(hosts.get(path), (LoraLayer, ModulesToSave)):
+                raise LorakitError(f"target_parameters: {key} belongs to {path}, which target_modules / modules_to_save "
+                                   "adapt already; adapt a module either as a layer or by its parameters, not both")
+            parameter_layout(module, parameter)
+            found.setdefault(path, {})[name] = (config.rank_for(key), config.alpha_for(key))
+    unmatched = [t for t in config.target_parameters
+                 if not any(matches_parameter(f"{p}.{n}", [t]) for p, names in found.items() for n in names)]
+    if unmatched:
+        candidates = sorted({_per_layer(f"{p}.{n}") for p, m in modules.items() if p and not _supported(m)
+                             for n, t in m.named_parameters(recurse=False) if t.ndim in (2, 3) and t.is_floating_point()})
+        raise LorakitError(f"target_parameters {shown(unmatched[0])} matched no parameter of this model; parameters it "
+                           f"could name (held outside linear/embedding layers): {listed(candidates, 8) or '(none)'}")
+    return found
 
 
 def peft_resolves_differently(model: nn.Module, target_modules: list[str] | str) -> bool:
@@ -224,7 +283,8 @@ def _expert_note(modules: dict[str, nn.Module], config: LoraConfig) -> str:
     if not named:
         return ""
     what = "is a fused 3-D MoE expert parameter" if len(named) == 1 else "are fused 3-D MoE expert parameters"
-    return f"; {', '.join(named)} {what}, not linear layers, which lorakit cannot adapt"
+    full = sorted({_per_layer(p) for p in expert_parameters(modules) if p.rsplit(".", 1)[-1] in named})
+    return f"; {', '.join(named)} {what}, not linear layers: adapt them with target_parameters={full!r}"
 
 
 def _weight_read_raw(modules: dict[str, nn.Module], path: str) -> bool:
@@ -370,6 +430,13 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
         raise LorakitError("init='pissa' rewrites the base weights, so it must be the model's only adapter")
     targets = find_targets(model, config)
     saved = find_modules_to_save(model, config)
+    params = find_param_targets(model, config)
+    existing = adapter_hosts(model)
+    both = [path for path in params if path in targets or path in saved] + [
+        path for path in (*targets, *saved) if isinstance(existing.get(path), ParamLora)]
+    if both:
+        raise LorakitError(f"{both[0]} is adapted both as a module (target_modules / modules_to_save) and by its "
+                           "parameters (target_parameters); choose one (exclude_modules can drop it from the modules)")
     if config.init == "pissa":  # checked here, before PiSSA rewrites any base weight
         embeddings = [p for p, m in targets.items() if isinstance(m, nn.Embedding)]
         if embeddings:
@@ -377,6 +444,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
                                "target_modules")
 
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    param_modules = _base_modules(model) if params else {}
     hosts = adapter_hosts(model)
     added: list[tuple[nn.Module, str]] = []
     created: list[tuple[str, nn.Module]] = []
@@ -393,6 +461,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
             host = _host_for(model, path, module, hosts, ModulesToSave, created)
             host.add_adapter(adapter)
             added.append((host, adapter))
+        for path, chosen in params.items():
+            host = _host_for(model, path, param_modules[path], hosts, ParamLora, created)
+            host.add_adapter(adapter, chosen, config.variant, config.init, dtype)
+            added.append((host, adapter))
     except BaseException:
         for host, name in added:  # leave the model as it was
             host.delete_adapter(name)
@@ -401,7 +473,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
         raise
     freeze_base(model)
     for host, name in added:
-        module = host.adapters[name] if isinstance(host, LoraLayer) else host.copies[name]
+        module = host.copies[name] if isinstance(host, ModulesToSave) else host.adapters[name]
         for parameter in module.parameters():
             parameter.requires_grad_(trainable)
         # new modules start in training mode; follow the wrapped module, or a model in eval() would run dropout

@@ -26,9 +26,10 @@ from lorakit import quant
 from lorakit._fs import atomic_write_bytes, atomic_write_text
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
-from lorakit.inject import (_base_modules, _matches, adapter_hosts, adapter_names, find_modules_to_save, find_targets,
-                            inject, peft_resolves_differently)
+from lorakit.inject import (_base_modules, _matches, adapter_hosts, adapter_names, find_modules_to_save,
+                            find_param_targets, find_targets, inject, peft_resolves_differently)
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
+from lorakit.param_lora import ParamLora, file_key_prefixes, parameter_layout
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -98,6 +99,11 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> tuple[dict
                     tensors[f"{PREFIX}{path}.{name}"] = tensor.detach()
             continue
         if adapter not in host.adapters:
+            continue
+        if isinstance(host, ParamLora):  # peft's nested ParamWrapper keys: <path>[.base_layer...].lora_A.weight
+            for name, infix in file_key_prefixes(host, adapter).items():
+                tensors[f"{PREFIX}{path}{infix}.lora_A.weight"] = host.adapters[adapter][name].lora_A.detach()
+                tensors[f"{PREFIX}{path}{infix}.lora_B.weight"] = host.adapters[adapter][name].lora_B.detach()
             continue
         lora = host.adapters[adapter]
         slot = 1 if isinstance(host, LoraEmbedding) else 0
@@ -364,7 +370,8 @@ def _is_index_list(value: Any) -> bool:
 
 
 def _names_targets(raw_config: Any) -> bool:
-    return not isinstance(raw_config, dict) or raw_config.get("target_modules") not in (None, [], "")
+    return not isinstance(raw_config, dict) or raw_config.get("target_modules") not in (None, [], "") or bool(
+        raw_config.get("target_parameters"))  # the parameters (and no module) are the targets
 
 
 def _targets_from_keys(tensors: dict[str, torch.Tensor], weights: Path) -> list[str]:
@@ -556,6 +563,7 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
     try:
         targets = find_targets(model, config)
         saved = find_modules_to_save(model, config)
+        params = find_param_targets(model, config)
     except LorakitError as error:  # say which file, and which base it names
         raise LorakitError(f"{adapter_file.folder}: {error}{made_for}") from None
     if check_base:
@@ -568,10 +576,13 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
     for path, weight in tokens.items():  # the rest of each copy's state (a head's bias) is the base's own
         plan.update({(path, name): value for name, value in base_modules[path].state_dict().items()})
         plan[(path, "weight")] = weight
+    param_keys = _param_keys(params)
     for key, tensor in adapter_file.tensors.items():
         if key.endswith(TOKEN_DELTA) and tokens:
             continue
-        path, attr = _match_key(_strip(key), targets, saved)
+        path, attr = param_keys.get(_strip(key), (None, ""))
+        if path is None:
+            path, attr = _match_key(_strip(key), targets, saved)
         if path is None and renamed is not None:  # saved with an older transformers layout (Llava, Gemma3, ...)
             path, attr = _match_key(renamed(_strip(key)), targets, saved)
         if path is None:
@@ -605,6 +616,19 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
             elif tuple(tensor.shape) != shape:
                 raise LorakitError(f"{adapter_file.folder}: {key} has shape {shown(tuple(tensor.shape))}, but module {path} "
                                    f"needs {shape}; {_shape_cause(tensor, shape, attr, adapter_file)}{made_for}")
+    for key, (path, attr) in param_keys.items():
+        name, _, which = attr.rpartition(".")
+        module = base_modules[path]
+        experts, in_features, out_features, _ = parameter_layout(module, module._parameters[name])
+        rank = params[path][name][0]
+        shape = (rank * experts, in_features) if which == "lora_A" else (out_features, rank * experts)
+        tensor = plan.get((path, attr))
+        if tensor is None:
+            missing.append(PREFIX + key)
+        elif tuple(tensor.shape) != shape:
+            raise LorakitError(f"{adapter_file.folder}: {PREFIX}{key} has shape {shown(tuple(tensor.shape))}, but parameter "
+                               f"{path}.{name} ({experts} expert(s), rank {rank}) needs {shape}; the adapter was made for a "
+                               f"different model or rank{made_for}")
     for path, module in saved.items():
         for name, parameter in module.state_dict().items():
             tensor = plan.get((path, name))
@@ -617,6 +641,20 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
     if missing:
         raise LorakitError(f"{adapter_file.folder}: missing tensor keys: {listed(missing)} ({len(missing)} in all){made_for}")
     return plan
+
+
+def _param_keys(params: dict[str, dict[str, tuple[int, float]]]) -> dict[str, tuple[str, str]]:
+    """File key (without the prefix) -> (module path, "<parameter>.lora_A" / ".lora_B") for target_parameters, in
+    peft's nesting: the module's last adapted parameter at ``<path>.lora_A.weight``, earlier ones one
+    ``.base_layer`` deeper each (see ``lorakit.param_lora.file_key_prefixes``)."""
+    keys = {}
+    for path, chosen in params.items():
+        names = list(chosen)
+        for index, name in enumerate(names):
+            infix = ".base_layer" * (len(names) - 1 - index)
+            for which in ("lora_A", "lora_B"):
+                keys[f"{path}{infix}.{which}.weight"] = (path, f"{name}.{which}")
+    return keys
 
 
 def _layout_renamer(model: nn.Module):
@@ -892,6 +930,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
                 host = hosts[path]
                 if isinstance(host, ModulesToSave):
                     target = host.copies[adapter].state_dict()[attr]
+                elif isinstance(host, ParamLora):
+                    name, _, which = attr.rpartition(".")
+                    target = getattr(host.adapters[adapter][name], which)
                 else:
                     target = getattr(host.adapters[adapter], attr)
                 target.copy_(tensor.to(device=target.device, dtype=target.dtype))

@@ -18,6 +18,7 @@ from lorakit.adapters import _require, active_adapters, mixed_batch_open
 from lorakit.errors import LorakitError
 from lorakit.inject import _set_module, adapter_hosts, lora_layers
 from lorakit.layers import ModulesToSave
+from lorakit.param_lora import ParamLora, param_hosts
 
 
 def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: bool = True,
@@ -40,10 +41,13 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
     names = active_adapters(model) if adapters is None else ([adapters] if isinstance(adapters, str) else list(adapters))
     _require(model, names)
     layers = lora_layers(model)
+    params = param_hosts(model)  # LoRA on raw parameters (target_parameters): MoE experts
     for name in names:
         todo = {path: layer for path, layer in layers.items() if name in layer.adapters and name not in layer.merged}
+        todo_params = {path: host for path, host in params.items() if name in host.adapters and name not in host.merged}
         if safe:
             bad = [path for path, layer in todo.items() if not _finite_when_stored(layer, name)]
+            bad += [path for path, host in todo_params.items() if not _params_finite(host, name)]
             if bad:
                 raise LorakitError(f"merging adapter {name!r} would put NaN/Inf into {len(bad)} weight(s), e.g. {bad[0]}; "
                                    "nothing was merged (check the adapter's weights; beyond float16's range, merge into "
@@ -53,7 +57,17 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
             _warn_lossy(name, quantized)
         for layer in todo.values():
             layer.merge(name, keep_original=_keep_originals)  # merge_and_unload never unmerges: no copies
+        for host in todo_params.values():
+            host.merge(name)
     return model
+
+
+def _params_finite(host: ParamLora, name: str) -> bool:
+    """Each merged parameter is finite in its own dtype (checked one at a time: an expert stack is large)."""
+    for parameter_name, weight in host.merged_candidates(name).items():
+        if not torch.isfinite(weight.to(host.base_layer._parameters[parameter_name].dtype)).all():
+            return False
+    return True
 
 
 def _finite_when_stored(layer, name: str) -> bool:
@@ -86,6 +100,8 @@ def unmerge(model: nn.Module) -> nn.Module:
     base exactly, from the copy its first merge kept)."""
     for layer in lora_layers(model).values():
         layer.unmerge()
+    for host in param_hosts(model).values():
+        host.unmerge()
     return model
 
 

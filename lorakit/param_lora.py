@@ -1,0 +1,236 @@
+"""LoRA on raw ``nn.Parameter``s (PEFT's ``target_parameters``): fused MoE expert stacks and other weights that no
+``nn.Linear`` holds.
+
+transformers 5 stores the experts of Mixtral, Qwen2/3-MoE, ... as 3-D parameters of one module
+(``mlp.experts.gate_up_proj`` (experts, 2 x ffn, hidden), ``mlp.experts.down_proj`` (experts, hidden, ffn)) and the
+router as a 2-D ``weight`` of a custom module, so module-level LoRA cannot reach them. ``ParamLora`` wraps the module
+that holds such parameters and, for the duration of its forward, shows it ``W + s * delta`` in place of each adapted
+``W`` (the module's own code, whatever experts kernel it picks, reads the adapted tensor). That is PEFT's
+``lora.ParamWrapper`` math, term for term:
+
+* a 3-D parameter ``(E, d1, d2)`` is ``E`` matrices; its layout is ``(E, out, in)`` (what ``F.linear(x, W[e])``
+  uses), or ``(E, in, out)`` when the module says ``is_transposed = True`` (GPT-OSS);
+  a 2-D parameter is one ``(out, in)`` matrix (E = 1);
+* ``lora_A`` is ``(r * E, in)`` and ``lora_B`` ``(out, r * E)``: PEFT's ``nn.Linear(in, r * E)`` and
+  ``nn.Linear(r * E, out)`` weights, so the rank grows with the number of experts (r per expert). Expert ``e`` uses
+  ``A_e = lora_A.reshape(E, r, in)[e]`` (rows ``e*r .. e*r+r-1``) and ``B_e = lora_B.reshape(out, r, E)[:, :, e]``
+  (columns ``k*E + e``): PEFT's interleaving, kept so files are interchangeable;
+* ``delta_e = s * B_e @ A_e`` (transposed for the ``(E, in, out)`` layout), ``s = alpha / r`` (``alpha / sqrt(r)``
+  for rsLoRA), with no dependence on ``E``.
+
+Limits, as in PEFT: no dropout (it cannot be factored out of ``W``), no DoRA, no mixed-adapter batches. The adapted
+stack is materialised on each forward (one extra copy of the parameter, in its dtype), as PEFT does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.functional import scaling as lora_scaling
+from lorakit.layers import _AdapterHost, init_from_cpu
+
+
+def parameter_layout(module: nn.Module, parameter: torch.Tensor) -> tuple[int, int, int, bool]:
+    """``(experts, in_features, out_features, transposed)`` of a target parameter, as PEFT reads it.
+
+    2-D: ``(out, in)``, one expert. 3-D: ``(E, out, in)``, or ``(E, in, out)`` (``transposed``) when the module sets
+    ``is_transposed = True`` (transformers' ``use_experts_implementation(is_transposed=True)``)."""
+    shape = tuple(parameter.shape)
+    if len(shape) == 2:
+        return 1, shape[1], shape[0], False
+    if len(shape) == 3:
+        transposed = bool(getattr(module, "is_transposed", False))
+        experts, first, second = shape
+        return (experts, first, second, True) if transposed else (experts, second, first, False)
+    raise LorakitError(f"target_parameters: a parameter of shape {shape} cannot hold LoRA; only 2-D (out, in) and 3-D "
+                       "(experts, out, in) parameters can (as in peft)")
+
+
+class ParamAdapter(nn.Module):
+    """One adapter on one parameter, in PEFT's layout: ``lora_A (r * E, in)``, ``lora_B (out, r * E)``."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int, transposed: bool, ndim: int, rank: int,
+                 alpha: float, variant: str, dtype: torch.dtype, device: torch.device | None):
+        super().__init__()
+        self.experts, self.in_features, self.out_features = experts, in_features, out_features
+        self.transposed, self.ndim = transposed, ndim
+        self.rank, self.alpha, self.variant_name = rank, float(alpha), variant
+        self.scaling = lora_scaling(variant, rank, alpha)
+        self.lora_A = nn.Parameter(torch.empty(rank * experts, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank * experts, dtype=dtype, device=device))
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.experts}, in={self.in_features}, out={self.out_features}, variant={self.variant_name}, "
+                f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}")
+
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lhs, rhs)`` with ``delta = s * lhs @ rhs`` in the parameter's shape, cast to ``dtype`` (with gradients).
+
+        3-D: ``lhs (E, out, r)``, ``rhs (E, r, in)`` (or ``(E, in, r)``, ``(E, r, out)`` when transposed).
+        2-D: ``lhs (out, r)``, ``rhs (r, in)``."""
+        lora_A, lora_B = self.lora_A.to(dtype), self.lora_B.to(dtype)
+        if self.ndim == 2:
+            return lora_B, lora_A
+        per_A = lora_A.reshape(self.experts, self.rank, self.in_features)  # (E, r, in)
+        per_B = lora_B.reshape(self.out_features, self.rank, self.experts).permute(2, 0, 1)  # (E, out, r)
+        if self.transposed:
+            return per_A.transpose(-2, -1), per_B.transpose(-2, -1)
+        return per_B, per_A
+
+    def adapted(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + s * lhs @ rhs`` in ``W``'s dtype, one fused op (PEFT's ``baddbmm``), differentiable in A and B."""
+        lhs, rhs = self.factors(weight.dtype)
+        with torch.autocast(device_type=weight.device.type, enabled=False):  # the module expects W's own dtype
+            if self.ndim == 2:
+                return torch.addmm(weight, lhs, rhs, alpha=self.scaling)
+            return torch.baddbmm(weight, lhs, rhs, alpha=self.scaling)
+
+    def delta(self) -> torch.Tensor:
+        """``s * lhs @ rhs`` in float32, in the parameter's shape, without gradients (for merging)."""
+        with torch.no_grad():
+            lhs, rhs = self.factors(torch.float32)
+            return (lhs @ rhs) * self.scaling
+
+
+class ParamLora(_AdapterHost):
+    """A module (e.g. ``MixtralExperts``) with LoRA on some of its own parameters.
+
+    ``adapters[name][parameter_name]`` is a ``ParamAdapter``. Calling the wrapper calls the module with each adapted
+    parameter replaced, for that call only, by ``W + delta`` of the active, unmerged adapters (in order). Other
+    attributes (``num_experts``, ``config``, the raw parameters) read through to the module.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.adapters = nn.ModuleDict()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters.keys())
+
+    def parameter_names(self, adapter: str | None = None) -> list[str]:
+        """Adapted parameters (of one adapter, or of any), in the module's registration order (PEFT nests its
+        wrappers in this order, which names the keys in the file)."""
+        wanted = {p for name, params in self.adapters.items() if adapter in (None, name) for p in params}
+        return [name for name, _ in self.base_layer.named_parameters(recurse=False) if name in wanted]
+
+    def add_adapter(self, name: str, parameters: dict[str, tuple[int, float]], variant: str, init: str,
+                    dtype: torch.dtype | None = None) -> nn.ModuleDict:
+        """Adapter ``name`` on ``parameters`` (``{parameter name: (rank, alpha)}``), PEFT's init: A Kaiming-uniform
+        (``init="gaussian"``: normal(0, 1/r)), B zero."""
+        if name in self.adapters:
+            raise LorakitError(f"adapter {name!r} already exists on this module; delete it first or pick another name")
+        per_parameter = nn.ModuleDict()
+        for parameter_name, (rank, alpha) in parameters.items():
+            weight = self.base_layer._parameters[parameter_name]
+            experts, in_features, out_features, transposed = parameter_layout(self.base_layer, weight)
+            kind = dtype or (torch.float64 if weight.dtype == torch.float64 else torch.float32)
+            adapter = ParamAdapter(experts, in_features, out_features, transposed, weight.ndim, rank, alpha, variant,
+                                   kind, weight.device)
+            with torch.no_grad():
+                if init == "gaussian":
+                    init_from_cpu(adapter.lora_A, lambda t, r=rank: nn.init.normal_(t, std=1.0 / r))
+                else:  # nn.Linear's default, as peft's ParamWrapper
+                    init_from_cpu(adapter.lora_A, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5)))
+            per_parameter[parameter_name] = adapter
+        self.adapters[name] = per_parameter
+        return per_parameter
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise LorakitError(f"adapter {name!r} is merged; unmerge it before deleting it")
+        del self.adapters[name]
+        self.active = [n for n in self.active if n != name]
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def adapted_parameters(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """``{parameter name: W + deltas of names}`` for every parameter one of ``names`` adapts."""
+        weights: dict[str, torch.Tensor] = {}
+        for name in names:
+            for parameter_name, adapter in self.adapters[name].items():
+                current = weights.get(parameter_name, self.base_layer._parameters[parameter_name])
+                weights[parameter_name] = adapter.adapted(current)
+        return weights
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        base = self.base_layer
+        if self.disabled:
+            return base(*args, **kwargs)
+        if self.row_adapters is not None and any(n in self.adapters for n in self.row_adapters if n is not None):
+            raise LorakitError("mixed_batch cannot give batch rows different adapters on raw parameters "
+                               "(target_parameters, such as MoE experts), as in peft; run one adapter at a time "
+                               "(lorakit.set_adapter)")
+        names = [n for n in self.active if n not in self.merged]
+        if not names:
+            return base(*args, **kwargs)
+        weights = self.adapted_parameters(names)
+        # an instance attribute is found before nn.Module.__getattr__ looks in _parameters: the module's code reads
+        # the adapted tensor, while the parameter itself (state_dict, optimizer) stays untouched
+        shadowed = base.__dict__
+        clash = [k for k in weights if k in shadowed]
+        if clash:
+            raise LorakitError(f"{type(base).__name__}.{clash[0]} is already replaced during this call (a nested call "
+                               "through the same lorakit wrapper?)")
+        shadowed.update(weights)
+        try:
+            return base(*args, **kwargs)
+        finally:
+            for key in weights:
+                shadowed.pop(key, None)
+
+    # -- merge ---------------------------------------------------------------------------------------------------
+    def merged_candidates(self, name: str) -> dict[str, torch.Tensor]:
+        """``{parameter name: W + delta}`` in float32 for adapter ``name`` (nothing is changed)."""
+        return {p: self.base_layer._parameters[p].detach().float() + adapter.delta()
+                for p, adapter in self.adapters[name].items()}
+
+    def merge(self, name: str, candidates: dict[str, torch.Tensor] | None = None) -> None:
+        """Fold adapter ``name`` into the parameters (computed in float32, stored in each parameter's dtype)."""
+        if name in self.merged or name not in self.adapters:
+            return
+        candidates = self.merged_candidates(name) if candidates is None else candidates
+        with torch.no_grad():
+            for parameter_name, weight in candidates.items():
+                parameter = self.base_layer._parameters[parameter_name]
+                parameter.copy_(weight.to(parameter.dtype))
+        self.merged.append(name)
+
+    def unmerge(self) -> None:
+        """Undo every merge, last first (exact up to rounding in the parameter's dtype)."""
+        with torch.no_grad():
+            while self.merged:
+                name = self.merged.pop()
+                for parameter_name, adapter in self.adapters[name].items():
+                    parameter = self.base_layer._parameters[parameter_name]
+                    parameter.copy_((parameter.float() - adapter.delta()).to(parameter.dtype))
+
+
+def param_hosts(model: nn.Module) -> dict[str, ParamLora]:
+    """Every ``ParamLora`` of the model by the path of the module it wraps."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, ParamLora)}
+
+
+def matches_parameter(key: str, targets: list[str]) -> bool:
+    """PEFT's rule: ``<module path>.<parameter name>`` equals a target or ends with ``.<target>``."""
+    return key in targets or any(key.endswith("." + target) for target in targets)
+
+
+def file_key_prefixes(host: ParamLora, adapter: str) -> dict[str, str]:
+    """``{parameter name: key infix}`` of adapter ``adapter`` in PEFT's file: PEFT wraps the module once per
+    parameter, the first one (registration order) innermost, so the last adapted parameter's tensors are saved as
+    ``<path>.lora_A.weight``, the one before as ``<path>.base_layer.lora_A.weight``, and so on."""
+    names = host.parameter_names(adapter)
+    return {p: ".base_layer" * (len(names) - 1 - i) for i, p in enumerate(names)}
