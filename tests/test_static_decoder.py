@@ -50,8 +50,8 @@ def _reference(model, prompts, names, steps):
     return out
 
 
-def _static(model, prompts, names, steps, rows=None, max_batch=6, overlap=None):
-    decoder = StaticDecoder(model, max_batch=max_batch, max_len=16, lora_overlap=overlap)
+def _static(model, prompts, names, steps, rows=None, max_batch=6, overlap=None, max_len=16):
+    decoder = StaticDecoder(model, max_batch=max_batch, max_len=max_len, lora_overlap=overlap)
     rows = rows or list(range(len(prompts)))
     logits, batch = prefill(model, prompts, names)
     decoder.admit(rows, batch)
@@ -115,6 +115,42 @@ def _family(family):
             layer.self_attn.q_norm.weight.normal_(1, 0.3)
             layer.self_attn.k_norm.weight.normal_(1, 0.3)
     return model
+
+
+def _sliding(family, window):
+    torch.manual_seed(5)
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, sliding_window=window)
+    if family == "mistral":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        return MistralForCausalLM(MistralConfig(**common)).eval()
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, max_window_layers=1, **common)).eval()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_models_decode_while_no_row_outgrows_the_window(family):
+    """With max_len <= sliding_window every key is inside the window, so the decoder's full attention is exact, up
+    to the last position a row can reach (prompt of 7 + 3 steps = 10 = the window). One token more is refused."""
+    window = 10
+    model = _with_adapters(_sliding(family, window))
+    expected = _reference(model, PROMPTS, NAMES, steps=3)
+    got, _ = _static(model, PROMPTS, NAMES, steps=3, max_len=window)
+    for step, (e, g) in enumerate(zip(expected, got)):
+        assert torch.allclose(g, e, atol=ATOL, rtol=1e-5), f"step {step}: max diff {(g - e).abs().max():.2e}"
+    # the boundary is where it is said to be: a window one shorter drops key 0 from the last step in transformers
+    model.config.sliding_window = window - 1
+    shorter = _reference(model, PROMPTS, NAMES, steps=3)
+    model.config.sliding_window = window
+    assert (shorter[-1][2] - expected[-1][2]).abs().max() > 100 * ATOL
+    assert torch.equal(shorter[-2][2], expected[-2][2])  # one step earlier the window was not reached yet
+    assert static_decoding_unsupported(model, window) is None
+    reason = static_decoding_unsupported(model, window + 1)
+    assert "sliding_window=10" in reason and "<= 10" in reason and "not 11" in reason and "\n" not in reason
+    with pytest.raises(LorakitError, match="sliding_window=10"):
+        StaticDecoder(model, max_batch=2, max_len=window + 1)
 
 
 def test_rows_join_and_leave_without_disturbing_others():
@@ -282,3 +318,13 @@ def test_prefill_refuses_bad_calls_with_one_line_reasons():
     decoder.prefill([1], [[3, 4, 5]], [None])
     with pytest.raises(LorakitError, match="in use"):
         decoder.prefill([1], [[3]], [None])
+
+
+def test_serve_uses_the_decoder_for_a_sliding_window_model_only_within_the_window(capsys):
+    from lorakit.serve.cli import static_decoder
+
+    model = _sliding("mistral", 10)
+    assert static_decoder(model, "static", max_batch=2, context=10, explicit_context=True).max_len == 10
+    with pytest.raises(LorakitError, match=r"--decoder static: .*sliding_window=10.*not 11.*--decoder transformers"):
+        static_decoder(model, "static", max_batch=2, context=11, explicit_context=True)
+    assert static_decoder(model, "auto", max_batch=2, context=10, explicit_context=True) is None  # not on CUDA

@@ -1,10 +1,11 @@
 """Which models the static decoder runs, and the parts of one it reads.
 
 The static decoder (``lorakit.decoding.StaticDecoder``) replaces transformers' forward for decode steps only, so
-it must know the architecture exactly. It runs the Llama family: ``llama`` (also SmolLM2, Llama 2/3), ``mistral``
-(without a sliding window), ``qwen2`` (q/k/v biases) and ``qwen3`` (per-head q/k RMSNorm), with SwiGLU MLPs and
-RMSNorms; rope types whose table does not depend on the sequence length (default, linear, llama3, yarn).
-Anything else gets a one-line reason from ``static_decoding_unsupported`` and callers keep transformers' forward.
+it must know the architecture exactly. It runs the Llama family: ``llama`` (also SmolLM2, Llama 2/3), ``mistral``,
+``qwen2`` (q/k/v biases) and ``qwen3`` (per-head q/k RMSNorm), with SwiGLU MLPs and RMSNorms; a sliding window only
+when no sequence can outgrow it (``_check_window``); rope types whose table does not depend on the sequence length
+(default, linear, llama3, yarn). Anything else gets a one-line reason from ``static_decoding_unsupported``, and
+callers keep transformers' forward.
 
 A projection may be a plain ``nn.Linear`` or a lorakit ``LoraLinear`` over one (16/32-bit weights; an NF4 base is
 not supported here). Adapters that also change other modules (embeddings, the output head, modules_to_save) are
@@ -75,17 +76,20 @@ def _rope_type(config) -> str:
     return "default"
 
 
-def static_decoding_unsupported(model: nn.Module) -> str | None:
-    """Why ``model`` cannot use the static decoder (one line), or None when it can."""
+def static_decoding_unsupported(model: nn.Module, max_len: int | None = None) -> str | None:
+    """Why ``model`` cannot use the static decoder with ``max_len`` tokens per row (one line), or None when it can."""
     try:
-        model_parts(model)
+        model_parts(model, max_len)
     except LorakitError as error:
         return str(error)
     return None
 
 
-def model_parts(model: nn.Module) -> ModelParts:
-    """The parts of a supported causal LM; raises LorakitError naming the first thing that is not supported."""
+def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
+    """The parts of a supported causal LM; raises LorakitError naming the first thing that is not supported.
+
+    ``max_len`` (tokens per cache row) matters only for sliding-window models: see ``_check_window``.
+    """
     from lorakit.layers import LoraLinear
 
     config = getattr(model, "config", None)
@@ -102,12 +106,7 @@ def model_parts(model: nn.Module) -> ModelParts:
     if rope not in ROPE_TYPES:
         raise LorakitError(f"static decoding does not run rope type {rope!r} (its table depends on the length); "
                            f"supported: {', '.join(ROPE_TYPES)}")
-    window = getattr(config, "sliding_window", None)
-    if window and (model_type in ("mistral",) or getattr(config, "use_sliding_window", False)):
-        raise LorakitError(f"static decoding does not implement sliding-window attention (sliding_window={window})")
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        raise LorakitError("static decoding runs full-attention layers only; this model has sliding-window layers")
+    _check_window(config, model_type, max_len)
 
     hosts = _adapter_hosts(model)
     allowed = {f"model.layers.{i}.{'self_attn' if p in ATTENTION else 'mlp'}.{p}"
@@ -159,6 +158,30 @@ def model_parts(model: nn.Module) -> ModelParts:
         intermediate=config.intermediate_size, vocab=lm_head.out_features,
         max_positions=int(getattr(config, "max_position_embeddings", 4096) or 4096), foreign=foreign,
     )
+
+
+def _check_window(config, model_type: str, max_len: int | None) -> None:
+    """Sliding-window attention (Mistral v0.1, Qwen2 with ``use_sliding_window``) runs when no row can outgrow it.
+
+    transformers lets the query at position p attend the keys k with p - window < k <= p. With at most ``max_len``
+    tokens per row, p <= max_len - 1, so when ``max_len <= window`` every key from 0 is inside the window and the
+    layer is full attention: the decoder's kernels are exact. A longer context would need the window in the kernel.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = any(t != "full_attention" for t in layer_types) or bool(
+        window and (model_type == "mistral" or getattr(config, "use_sliding_window", False)))
+    if not sliding:
+        return
+    if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
+        raise LorakitError(f"static decoding runs full and sliding-window attention layers, not {sorted(set(layer_types))}")
+    if not window:
+        raise LorakitError("this model has sliding-window layers but no sliding_window size in its config")
+    if max_len is None or max_len > window:
+        given = "" if max_len is None else f", not {max_len}"
+        raise LorakitError(f"static decoding runs this sliding-window model (sliding_window={window}) only with at most "
+                           f"{window} tokens per sequence, where the window never applies (max_len / --max-context "
+                           f"<= {window}{given})")
 
 
 def _adapter_hosts(model: nn.Module) -> dict:

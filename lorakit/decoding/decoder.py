@@ -72,7 +72,7 @@ class StaticDecoder:
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, graph: bool | None = None,
                  adapter_slots: int = 8, lora_overlap: str | None = None, pdl: bool | None = None,
                  fuse_lora: bool = True):
-        self.parts = parts = model_parts(model)
+        self.parts = parts = model_parts(model, max_len)
         if max_batch < 1 or max_len < 2:
             raise LorakitError(f"a static decoder needs max_batch >= 1 and max_len >= 2, got {max_batch} and {max_len}")
         self.model = model
@@ -131,7 +131,7 @@ class StaticDecoder:
         its projection modules again (the base linears, and so the fused weights, stay the same objects)."""
         version = _structure_version()
         if version != self._structure:
-            self.parts = self.adapters.parts = model_parts(self.model)
+            self.parts = self.adapters.parts = model_parts(self.model, self.max_len)
             self.refresh()
             self._structure = version
 

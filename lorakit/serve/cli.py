@@ -121,18 +121,22 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
     from lorakit.decoding import StaticDecoder, static_decoding_unsupported
 
     device = next(model.parameters()).device
-    reason = static_decoding_unsupported(model) or (None if device.type == "cuda" or choice == "static" else "not on CUDA")
-    if reason is not None:
-        if choice == "static":
-            raise LorakitError(f"--decoder static: {reason}; use --decoder transformers")
-        return None
-    if not explicit_context:
+    reason = static_decoding_unsupported(model, 2)  # the architecture alone
+    if reason is None and not explicit_context:
         from lorakit.decoding.architecture import model_parts
 
-        parts = model_parts(model)  # the shapes the decoder's cache will have
+        parts = model_parts(model, 2)  # the shapes the decoder's cache will have
         per_token = 2 * len(parts.layers) * parts.kv_heads * parts.head_dim * parts.embed.weight.element_size() * max_batch
         free = torch_free_memory(device)
         context = min(context, 8192, max(256, int(0.4 * free / per_token)) if free else context)
+    reason = reason or static_decoding_unsupported(model, context)  # and with the context it would serve
+    reason = reason or (None if device.type == "cuda" or choice == "static" else "not on CUDA")
+    if reason is not None:
+        if choice == "static":
+            raise LorakitError(f"--decoder static: {reason}; use --decoder transformers")
+        if device.type == "cuda":  # a GPU user expects the fast decoder: say why it is not used
+            print(f"lorakit serve: decoding through transformers: {reason}", file=sys.stderr, flush=True)
+        return None
     decoder = StaticDecoder(model, max_batch=max_batch, max_len=context)
     if device.type == "cuda":  # the first request would otherwise wait seconds for kernel compiles and captures
         print("lorakit serve: warming up the static decoder (compiles its kernels once)", file=sys.stderr, flush=True)
