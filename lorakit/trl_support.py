@@ -88,6 +88,21 @@ class AdaptersDisabled(nn.Module):
     def get_output_embeddings(self):
         return self.model.get_output_embeddings()
 
+    def state_dict(self, *args, **kwargs) -> dict[str, Any]:
+        """The tensors the reference computes with: the model's, without its adapters (lorakit's internal names).
+
+        TRL keys its cache of precomputed reference log-probabilities (``precompute_ref_log_probs=True``) on a hash
+        of the reference's ``state_dict``: an empty one (nothing is registered here) would give every base the same
+        key, and a later run on another base would reuse the stale file.
+        """
+        from lorakit.inject import adapter_hosts
+
+        tensors = self.model.state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        hosts = adapter_hosts(self.model)
+        owned = tuple(f"{prefix}{path}.{part}." for path in hosts for part in ("adapters", "copies"))
+        return {key: value for key, value in tensors.items() if not key.startswith(owned)}
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)

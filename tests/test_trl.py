@@ -46,8 +46,9 @@ def texts(n: int = 16) -> Dataset:
 
 def preferences(n: int = 16) -> Dataset:
     L = LETTERS
-    return Dataset.from_list([{"prompt": f"copy {L[i % 8]} {L[(i + 1) % 8]} :", "chosen": f" {L[i % 8]} {L[(i + 1) % 8]}",
-                               "rejected": f" {L[(i + 3) % 8]}"} for i in range(n)])
+    return Dataset.from_list([{"prompt": f"copy {L[i % 8]} {L[(i + 1) % 8]} :",
+                               "chosen": f" {L[i % 8]} {L[(i + 1) % 8]}", "rejected": f" {L[(i + 3) % 8]}"}
+                              for i in range(n)])
 
 
 def common(out, **extra) -> dict:
@@ -182,6 +183,22 @@ def test_reference_model_is_the_base_with_the_adapters_off_and_no_copy():
     assert list(reference.parameters()) == [] and reference.config is model.config
     with pytest.raises(lorakit.LorakitError, match="has no lorakit adapters"):
         reference_model(tiny_llama())
+
+
+def test_reference_model_state_dict_is_the_base_for_trls_precompute_cache_key():
+    """precompute_ref_log_probs=True caches the reference log-probs under hash_module(ref_model): two bases must
+    not share a key (an empty state dict would), and the adapter's values must not matter (the reference ignores it)."""
+    from trl.trainer.utils import hash_module
+
+    first, retrained = injected(), injected(pretrained=True)
+    other_base = tiny_llama(seed=1, vocab_size=len(tiny_tokenizer()))
+    lorakit.inject(other_base, lorakit.LoraConfig(**CONFIG))
+    tensors = reference_model(first).state_dict()
+    assert tensors and not any(".adapters." in key for key in tensors)
+    assert set(tensors) == {n for n, _ in first.named_parameters() if ".adapters." not in n} | {
+        n for n, _ in first.named_buffers() if n in first.state_dict()}
+    assert hash_module(reference_model(first)) == hash_module(reference_model(retrained))
+    assert hash_module(reference_model(first)) != hash_module(reference_model(other_base))
 
 
 def test_dpo_with_reference_model_trains_as_with_a_separate_base(tmp_path):
