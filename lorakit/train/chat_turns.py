@@ -24,6 +24,7 @@ A prompt that only adds whitespace after the turn's header is continued with the
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -45,16 +46,19 @@ def content_reasoning(message: Mapping) -> str:
 
 
 def chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: Render, where: str,
-                  check: Callable[[int, str], None]) -> tuple[list[tuple[str, list[Span]]], bool]:
+                  check: Callable[[int, str], None], written: Sequence[Mapping] | None = None
+                  ) -> tuple[list[tuple[str, list[Span]]], bool]:
     """The examples a chat trains as: ``[(text, [(start, end), ...])]`` with the character spans that are targets.
 
     Args:
-        messages: the chat's messages.
+        messages: the chat's messages, as the template is given them.
         targets: the indices of the assistant turns to learn (each > 0), in order.
         render: renders a list of messages, with or without the generation prompt.
         where: the record's location ("train.jsonl:12") for errors.
         check: ``check(i, target_text)`` raises when turn i's target lacks what the message holds (a tool call, its
             reasoning), so that nothing the user wrote is silently not learnt.
+        written: the messages as the user wrote them, where ``messages`` is a :func:`tool_call_variants` variant
+            (a turn's reasoning is read from them); default ``messages``.
 
     Returns:
         (examples, per_turn): one example (the whole chat) and False for a prefix template; else the per-turn
@@ -71,7 +75,7 @@ def chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: R
         return [(full, [(len(before), len(through)) for _, before, through in turns])], False
     located = []  # (text, start) per turn, in order, so that the first faulty turn is the one reported
     for i, before, through in turns:
-        text, start = _locate_turn(messages[i], i, before, through, where)
+        text, start = _locate_turn((written or messages)[i], i, before, through, where)
         check(i, text[start:])
         located.append((text, start))
     groups: list[tuple[str, list[Span]]] = []  # built from the last turn back: a turn joins the example after it
@@ -83,11 +87,58 @@ def chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: R
     return groups[::-1], True
 
 
+def missing_call_error(where: str, i: int, name: str, answer: str) -> LorakitError:
+    """The error for assistant turn i whose call of tool ``name`` the chat template does not write; ``answer`` is
+    the turn's text (past its reasoning), which some templates (DeepSeek-R1's) write instead of the calls."""
+    if answer:
+        error = LorakitError(f"{where}: messages[{i}] calls tool {name!r}, but this model's chat template does not write "
+                             "the calls of a turn that also has text (DeepSeek-R1's writes them only when the content is "
+                             f"empty): move the text {answer[:30]!r} into an assistant turn of its own or remove it")
+    else:
+        error = LorakitError(f"{where}: messages[{i}] calls tool {name!r}, but this model's chat template does not write "
+                             "tool calls; use a model whose template supports tools, or write the call into the content")
+    error.missing_call = True  # data.py then reports what a variant that wrote the call found missing, if anything
+    return error
+
+
+def tool_call_variants(messages: Sequence[Mapping]) -> list[list[Mapping]]:
+    """The chat as validated, then as the templates written for other conventions of OpenAI tool calls read it.
+
+    Validation gives each call's ``arguments`` as a dict and a call turn's null content as ``""``, as transformers'
+    chat templates expect (Qwen, Llama 3.1 and Mistral write ``arguments | tojson``; a null would print "None").
+    DeepSeek-R1's template instead concatenates ``arguments`` as a JSON string (a dict fails) and writes the calls
+    only when ``content is none`` (an empty string drops them). The variants are tried in order and the first the
+    template writes in full (every call, its arguments, the content) is trained; a chat without tool calls has one.
+    """
+    calls = [i for i, msg in enumerate(messages) if msg.get("tool_calls")]
+    if not calls:
+        return [list(messages)]
+
+    def variant(text_arguments: bool, null_content: bool) -> list[Mapping]:
+        out = list(messages)
+        for i in calls:
+            msg = dict(out[i])
+            if text_arguments:
+                msg["tool_calls"] = [{**call, "function": {**call["function"], "arguments": json.dumps(
+                    call["function"].get("arguments", {}), ensure_ascii=False)}} for call in msg["tool_calls"]]
+            if null_content and not str(msg.get("content") or "").split(THINK_CLOSE)[-1].strip():
+                msg["content"] = None
+            out[i] = msg
+        return out
+
+    # a turn with no answer text (none, or only its <think> reasoning, which _locate_turn reads from the original)
+    empty = any(not str(messages[i].get("content") or "").split(THINK_CLOSE)[-1].strip() for i in calls)
+    flags = [(False, False), (True, False)] + ([(False, True), (True, True)] if empty else [])
+    return [variant(*f) for f in flags]
+
+
 def _locate_turn(message: Mapping, i: int, before: str, through: str, where: str) -> tuple[str, int]:
     """Turn i's example text and where its target starts: ``before`` + the rest of ``through`` when ``before`` (the
-    generation prompt) starts it, or starts it but for whitespace the prompt adds after the turn's header; else, for
-    a prompt that opens ``<think>`` which the template strips from the turn, ``before`` + the turn as written (its
-    reasoning, then the answer and the template's end of turn)."""
+    generation prompt) starts it, or starts it but for whitespace the prompt adds after the turn's header; else
+    ``before`` + the turn as ``through`` writes it after the prompt's own last words (:func:`_after_prompt_tail`:
+    templates that write the context differently when it is the end of the chat); else, for a prompt that opens
+    ``<think>`` which the template strips from the turn, ``before`` + the turn as written (its reasoning, then the
+    answer and the template's end of turn)."""
     if through.startswith(before) and len(through) > len(before):
         return through, len(before)
     head = len(os.path.commonprefix([before, through]))
@@ -99,6 +150,10 @@ def _locate_turn(message: Mapping, i: int, before: str, through: str, where: str
                            f"<think> block (it ends {before[-24:]!r}; e.g. chat template option enable_thinking false), "
                            "so the model answers there without reasoning; remove the reasoning from the records or "
                            "drop the template option")
+    if not before.rstrip().endswith(THINK_OPEN):  # a prompt that opens <think> is handled below
+        anchored = _after_prompt_tail(before, through, head)
+        if anchored is not None:
+            return before + anchored, len(before)
     cut = before.rfind(THINK_OPEN)  # a prompt that ends by opening "<think>" ...
     if cut < 0 or before[cut + len(THINK_OPEN):].strip() or not through.startswith(before[:cut]):
         raise LorakitError(
@@ -117,12 +172,46 @@ def _locate_turn(message: Mapping, i: int, before: str, through: str, where: str
     for shown in (answer, answer.lstrip("\n"), answer.lstrip()):  # templates strip the answer's leading newlines
         if written is not None and THINK_CLOSE in content and shown and rendered.startswith(shown):
             return before + written + rendered[len(shown):], len(before)
+    if written is not None and THINK_CLOSE in content and not answer.strip() and message.get("tool_calls"):
+        return before + written + rendered, len(before)  # reasoning, then the calls (DeepSeek-R1: content only that)
     key = next((key for key in REASONING_KEYS if message.get(key)), None)
     if key:  # the reasoning is there, under a key this template does not read
         raise LorakitError(f"{where}: messages[{i}] has {key!r}, but this model's chat template does not write it; put "
                            f"the reasoning into the content ('{THINK_OPEN}\\n...\\n{THINK_CLOSE}\\n\\n' before the "
                            "answer) or remove the key")
+    unwritten = next((c["function"]["name"] for c in message.get("tool_calls", ()) if c["function"]["name"] not in rendered),
+                     None)
+    if unwritten:  # reasoning would not help: the calls themselves are missing
+        raise missing_call_error(where, i, unwritten, answer.strip())
     raise LorakitError(f"{where}: this model's chat template starts each answer with {opened!r} (its generation "
                        f"prompt) but writes messages[{i}] as {rendered[:40]!r}, without reasoning; start the content "
-                       f"with the reasoning ('{THINK_OPEN}\\n...\\n{THINK_CLOSE}\\n\\n' before the answer), as "
-                       "the model writes it after that prompt")
+                       f"with the reasoning ('{THINK_OPEN}\\n...\\n{THINK_CLOSE}\\n\\n' before the "
+                       f"{'calls' if message.get('tool_calls') else 'answer'}), as the model writes it after that prompt")
+
+
+# the shortest tail of the prompt trusted to mark where the turn starts: a header such as "[/INST]" or
+# "<|im_start|>assistant\n"; shorter tails ("\n", ">") occur anywhere
+MIN_TAIL = 6
+
+
+def _after_prompt_tail(before: str, through: str, head: int) -> str | None:
+    """The turn as ``through`` writes it after the longest tail of the generation prompt ``before`` that ``through``
+    repeats past the point where the two differ (``head`` characters in), or None.
+
+    Some templates write the context one way when it ends the chat and another way when an assistant turn follows:
+    Mistral v0.3 puts the system prompt into the LAST user turn only, Hermes closes a tool result with
+    ``\n</tool_response>`` only when it is not the last message. The prompt the model is given at inference is
+    ``before``; the model then writes the turn the way the template writes it in the chat, which starts where the
+    prompt's own last words (``...?[/INST]``, ``<|im_end|><|im_start|>assistant\n``) end in ``through``.
+    """
+    def found(size: int) -> int:  # where the tail of this size occurs in through past head, or -1
+        return through.find(before[len(before) - size:], head)
+
+    low, high = 0, len(before) - head  # found(low) holds; a tail found implies every shorter one is: bisect
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if found(mid) >= 0 else (low, mid - 1)
+    tail, at = before[len(before) - low:], found(low)
+    if low < MIN_TAIL or not tail.strip() or at + low >= len(through):
+        return None
+    return through[at + low:]
