@@ -352,3 +352,43 @@ def test_2d_parameter_of_a_linear_layer_round_trips_with_peft(tmp_path):
         merged = theirs.merge_and_unload()(IDS).logits
     lorakit.merge_and_unload(ours)
     assert_close(logits(ours, IDS), merged)
+
+
+def test_train_cli_adapts_the_experts_with_target_parameters(tmp_path, capsys):
+    """``lorakit train --target-parameters a,b`` trains LoRA on the experts; ``merge`` folds them into the saved
+    model, and peft reads the adapter with lorakit's logits."""
+    from lorakit.cli import main
+    from test_train_helpers import task_records, tiny_tokenizer, write_jsonl
+
+    folder, run, merged = tmp_path / "mixtral", tmp_path / "run", tmp_path / "merged"
+    tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=4, **{**TINY, "vocab_size": 128, "eos_token_id": 3,
+                                                                     "pad_token_id": 3})).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    data = write_jsonl(tmp_path / "train.jsonl", task_records(8, seed=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main([str(a) for a in ("train", "--model", folder, "--data", data, "--max-steps", 2, "--out", run,
+                                      "--batch-size", 4, "--rank", 2, "--lr", 0.05, "--eval-examples", 0, "--samples", 0,
+                                      "--no-progress", "--targets", "q_proj", "--target-parameters",
+                                      "mlp.experts.gate_up_proj,mlp.experts.down_proj")])
+    assert code == 0, capsys.readouterr().err
+    assert not [w for w in caught if "fused MoE expert weights" in str(w.message)]
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == EXPERTS and config["target_modules"] == ["q_proj"]
+    tensors = load_file(run / "adapter" / "adapter_model.safetensors")
+    trained = tensors["base_model.model.model.layers.0.mlp.experts.lora_B.weight"]
+    assert trained.abs().max() > 0  # B started at zero: two steps moved it
+    ids = torch.tensor([[1, 7, 10, 11, 8, 3, 12, 13]])
+    model, _ = lorakit.load_base(str(folder), device="cpu")
+    lorakit.load_adapter(model, run / "adapter")
+    expected = logits(model, ids)
+    theirs = peft.PeftModel.from_pretrained(tf.MixtralForCausalLM.from_pretrained(folder), run / "adapter").eval()
+    assert_close(logits(theirs, ids), expected)
+    assert main(["merge", "--model", str(folder), "--adapter", str(run / "adapter"), "--out", str(merged),
+                 "--dtype", "fp32"]) == 0
+    assert_close(logits(tf.MixtralForCausalLM.from_pretrained(merged).eval(), ids), expected)
+    capsys.readouterr()
+    code = main([str(a) for a in ("train", "--model", folder, "--data", data, "--max-steps", 1, "--out", tmp_path / "bad",
+                                  "--no-progress", "--target-parameters", "mlp.experts.w1")])
+    err = capsys.readouterr().err
+    assert code == 2 and "target_parameters 'mlp.experts.w1' matched no parameter" in err and "Traceback" not in err

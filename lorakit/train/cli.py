@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # options that only shape a LoRA adapter: with --full (every weight trained) they would be ignored without a word
 LORA_ONLY = ("rank", "alpha", "dropout", "targets", "exclude", "variant", "init", "rank_pattern", "alpha_pattern",
-             "loraplus_ratio", "modules_to_save")
+             "loraplus_ratio", "modules_to_save", "target_parameters")
 
 
 def check_conflicts(config: TrainConfig, file_values: dict[str, Any], cli_values: dict[str, Any]) -> None:

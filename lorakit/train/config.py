@@ -68,6 +68,10 @@ class TrainConfig:
     targets: list[str] | None = _f(None, "module names to adapt (e.g. q_proj v_proj) or one regular expression; "
                                    "default: all-linear (every linear layer except the output head)", "adapter", nargs="+")
     exclude: list[str] | None = _f(None, "module names (or one regular expression) to leave out", "adapter", nargs="+")
+    target_parameters: list[str] | None = _f(None, "raw parameters to adapt too (comma- or space-separated; peft's "
+                                             "target_parameters): the fused MoE experts all-linear leaves frozen, e.g. "
+                                             "mlp.experts.gate_up_proj,mlp.experts.down_proj (Mixtral, Qwen3-MoE)",
+                                             "adapter", nargs="+")
     variant: str = _f("lora", "adapter variant", "adapter", choices=VARIANTS)
     init: str = _f("default", "adapter initialisation", "adapter", choices=INITS)
     modules_to_save: list[str] | None = _f(None, "modules trained whole and saved with the adapter (e.g. lm_head)",
@@ -266,7 +270,8 @@ class TrainConfig:
         return LoraConfig(r=self.rank, alpha=float(self.alpha), dropout=float(self.dropout), target_modules=targets,
                           exclude_modules=exclude, rank_pattern=dict(self.rank_pattern),
                           alpha_pattern=dict(self.alpha_pattern), variant=self.variant, init=self.init,
-                          modules_to_save=self.modules_to_save)
+                          modules_to_save=self.modules_to_save,
+                          target_parameters=[n for v in self.target_parameters or [] for n in str(v).split(",") if n] or None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -141,13 +141,16 @@ _OLD_EXPERT_NAMES = {"w1", "w2", "w3", "gate_proj", "up_proj", "down_proj", "gat
 
 def _expert_hint(model: Any, value: str) -> str:
     """Why an expert name matches nothing on a transformers-5 MoE model: its experts are fused 3-D parameters."""
+    import re
+
     from lorakit.inject import _base_modules, expert_parameters
 
     fused = sorted({path.rsplit(".", 1)[-1] for path in expert_parameters(_base_modules(model))})
     if not fused or value not in _OLD_EXPERT_NAMES | set(fused):
         return ""
-    return (f" (the MoE experts are fused 3-D parameters here, {', '.join(fused)}, not layers: lorakit cannot adapt "
-            "them; attention and any shared-expert layers it can)")
+    full = sorted({re.sub(r"^.*?\.\d+\.", "", path) for path in expert_parameters(_base_modules(model))})
+    return (f" (the MoE experts are fused 3-D parameters here, {', '.join(fused)}, not layers: adapt them with "
+            f"--target-parameters {','.join(full)})")
 
 
 def fit_max_length(config: TrainConfig, model: Any, explicit: bool) -> TrainConfig:
