@@ -11,10 +11,10 @@ checkpoints and ``save_model``, resume, and gradient checkpointing (transformers
   ``modules_to_save`` copy of the head has no ``.weight`` for TRL to read (AttributeError). ``check_fused_head``,
   a forward pre-hook that ``lorakit.hf_trainer.install`` puts on every injected transformers model, turns both into
   one line naming the fix, before any step is taken.
-- ``DPOTrainer`` (and KTO, RLOO, GRPO) without ``ref_model`` takes the reference from the adapter-disabled
-  ``PeftModel``; for any other model it loads the base a second time from ``config._name_or_path`` (twice the
-  memory, a hub download; an ``OSError`` for a model built in memory). ``reference_model(model)`` is that reference
-  without a copy: the same weights, run with the adapters disabled.
+- ``DPOTrainer`` (TRL 1.16; its other trainers with a reference model do the same) without ``ref_model`` takes
+  the reference from the adapter-disabled ``PeftModel``; for any other model it loads the base a second time from
+  ``config._name_or_path`` (twice the memory, a hub download; an ``OSError`` for a model built in memory).
+  ``reference_model(model)`` is that reference without a copy: the same weights, run with the adapters disabled.
 """
 
 from __future__ import annotations
@@ -116,17 +116,18 @@ class AdaptersDisabled(nn.Module):
 
 
 def reference_model(model: nn.Module) -> AdaptersDisabled:
-    """The reference for TRL's ``DPOTrainer(ref_model=...)`` (and KTO / RLOO / GRPO): ``model`` with its adapters
-    disabled, no second copy of the base in memory, which is what TRL does for a ``PeftModel`` without ``ref_model``.
+    """The reference for TRL's ``DPOTrainer(ref_model=...)`` (tested; its other trainers that take a ``ref_model``
+    call it the same way): ``model`` with its adapters disabled, no second copy of the base in memory, which is what
+    TRL does for a ``PeftModel`` without ``ref_model``.
 
     Example::
 
         lorakit.inject(model, lorakit.LoraConfig(r=16))
-        DPOTrainer(model=model, ref_model=lorakit.reference_model(model), args=DPOConfig(...), ...)
+        DPOTrainer(model=model, ref_model=reference_model(model), args=DPOConfig(...), ...)
 
-    Valid while the adapters are not merged (``disable_adapters`` refuses merged ones) and on one process or DDP;
+    Valid while the adapters are not merged (``disable_adapters`` refuses merged ones); tested on one process.
     DeepSpeed / FSDP would prepare the reference as a second engine over the same weights: give those a separate
-    reference model (or ``precompute_ref_log_probs=True`` with this one).
+    reference model.
 
     Raises:
         LorakitError: ``model`` has no lorakit adapters (the base itself is already the reference: pass a copy).
