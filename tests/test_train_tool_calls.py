@@ -744,3 +744,83 @@ def test_cli_trains_a_tool_chat_file(tmp_path, capsys):
     assert code == 0, out
     assert "training data: 8 examples (4 messages), 0 dropped" in out, out
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_openai_call_ids_and_calls_without_type():
+    """OpenAI's ids (``call_`` + 24 characters) are refused by Mistral's template, which wants 9: they take their
+    last 9 characters, as vLLM does for Mistral models, the tool result its call's; missing ids are numbered. A call
+    without "type" gets "function", which DeepSeek's template writes."""
+    tok = family("mistral")
+    record = weather_chat()
+    record["messages"][2]["tool_calls"][0]["id"] = record["messages"][3]["tool_call_id"] = "call_Ab3dE5fG7hI9"
+    examples = tokenize_examples(record, tok, 4096)
+    assert targets(examples[0], tok) == [EXPECTED["mistral"][0].replace("call12345", "dE5fG7hI9")]
+    assert '{"content": {"temp": 21}, "call_id": "dE5fG7hI9"}[/TOOL_RESULTS]' in context(examples[1], tok)
+    del record["messages"][2]["tool_calls"][0]["id"], record["messages"][3]["tool_call_id"]
+    examples = tokenize_examples(record, tok, 4096)
+    assert targets(examples[0], tok) == [EXPECTED["mistral"][0].replace("call12345", "000000001")]
+    assert '"call_id": "000000001"}' in context(examples[1], tok)
+
+    untyped = without_tools("deepseek-v3.1")
+    del untyped["messages"][2]["tool_calls"][0]["type"]
+    assert all_targets(tokenize_examples(untyped, family("deepseek-v3.1"), 4096), family("deepseek-v3.1")) == \
+        EXPECTED["deepseek-v3.1"]
+
+
+def _call(call_id: str, city: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+
+
+def _longer_chats(name: str) -> dict[str, dict]:
+    """A second question with its own call; two calls in a row; two calls in one turn (not Llama 3.1's)."""
+    rounds = without_tools(name)
+    rounds["messages"] += [{"role": "user", "content": "And Berlin?"},
+                           {"role": "assistant", "content": None, "tool_calls": [_call("call67890", "Berlin")]},
+                           {"role": "tool", "tool_call_id": "call67890", "content": '{"temp": 18}'},
+                           {"role": "assistant", "content": "It is 18 degrees."}]
+    chained = without_tools(name)
+    chained["messages"][4:4] = [{"role": "assistant", "content": None, "tool_calls": [_call("call67890", "Berlin")]},
+                                {"role": "tool", "tool_call_id": "call67890", "content": '{"temp": 18}'}]
+    chats = {"rounds": rounds, "chained": chained}
+    if name != "llama3.1":
+        parallel = without_tools(name)
+        parallel["messages"][2]["tool_calls"].append(_call("call67890", "Berlin"))
+        parallel["messages"].insert(4, {"role": "tool", "tool_call_id": "call67890", "content": '{"temp": 18}'})
+        chats["parallel"] = parallel
+    return chats
+
+
+@pytest.mark.parametrize("name", ["llama3.1", "qwen2.5", "qwen3", "mistral", "hermes", "deepseek-v3.1"])
+def test_every_target_follows_its_inference_prompt(name):
+    """Longer tool chats: every assistant turn is learnt once, and the text before each target is exactly the prompt
+    the template renders to generate that turn (with the tools; DeepSeek's with its JSON-text arguments)."""
+    tok = family(name)
+    for chat_name, chat in _longer_chats(name).items():
+        record = validate_record(chat, f"{name}/{chat_name}")
+        turns = [i for i, m in enumerate(record["messages"]) if m["role"] == "assistant"]
+        starts = [(example, k) for example in tokenize_examples(record, tok, 8192) for k in range(1, len(example["labels"]))
+                  if example["labels"][k] != -100 and example["labels"][k - 1] == -100]
+        assert len(starts) == len(turns), chat_name
+        for (example, k), i in zip(starts, turns):
+            messages = record["messages"][:i]
+            if name.startswith("deepseek"):  # its template concatenates the arguments as text
+                messages = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(
+                    c["function"]["arguments"])}} for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+            prompt = tok.apply_chat_template(messages, tools=record.fields.get("tools"), tokenize=False,
+                                             add_generation_prompt=True)
+            bos = tok.bos_token if tok.bos_token and not prompt.startswith(tok.bos_token) else ""
+            assert tok.decode(example["input_ids"][:k]) == bos + prompt, (chat_name, i)
+
+
+def test_deepseek_r1_writes_a_second_call_turn_without_its_header():
+    """R1's template never resets its "first call" flag, so a second call turn is written without
+    ``<｜Assistant｜><｜tool▁calls▁begin｜>``: no prompt is followed by it, and the record is refused, not mis-trained."""
+    chat = without_tools("deepseek-r1-patched")
+    chat["messages"][4:4] = [{"role": "assistant", "content": "<think>\nBerlin too.\n</think>\n\n",
+                              "tool_calls": [_call("call67890", "Berlin")]},
+                             {"role": "tool", "tool_call_id": "call67890", "content": '{"temp": 18}'}]
+    chat["messages"][2]["content"] = "<think>\nParis first.\n</think>\n\n"
+    with pytest.raises(LorakitError) as info:
+        tokenize_examples(validate_record(chat, "r1.jsonl:9"), family("deepseek-r1-patched"), 4096)
+    assert one_line(info).startswith("r1.jsonl:9: the chat template does not write messages[4] after the generation "
+                                     "prompt it renders for messages[:4]")

@@ -105,31 +105,61 @@ def tool_call_variants(messages: Sequence[Mapping]) -> list[list[Mapping]]:
     """The chat as validated, then as the templates written for other conventions of OpenAI tool calls read it.
 
     Validation gives each call's ``arguments`` as a dict and a call turn's null content as ``""``, as transformers'
-    chat templates expect (Qwen, Llama 3.1 and Mistral write ``arguments | tojson``; a null would print "None").
-    DeepSeek-R1's template instead concatenates ``arguments`` as a JSON string (a dict fails) and writes the calls
-    only when ``content is none`` (an empty string drops them). The variants are tried in order and the first the
-    template writes in full (every call, its arguments, the content) is trained; a chat without tool calls has one.
+    chat templates expect (Qwen, Llama 3.1 and Mistral write ``arguments | tojson``; a null would print "None"); a
+    call without ``type`` gets OpenAI's only one, "function" (DeepSeek's templates write it). DeepSeek's templates
+    instead concatenate ``arguments`` as a JSON string (a dict fails) and R1's writes the calls only when ``content
+    is none`` (an empty string drops them). Mistral's refuses call ids that are not 9 characters long, which OpenAI's
+    (``call_...``) never are: the last variant gives every call id its last 9 characters, as vLLM does for Mistral
+    models (zero-padded when shorter; numbered in order when missing, each tool result taking the id of the call it
+    answers). The variants are tried in order and the first the template writes in full (every call, its arguments,
+    the content) is trained; a chat without tool calls has one.
     """
     calls = [i for i, msg in enumerate(messages) if msg.get("tool_calls")]
     if not calls:
         return [list(messages)]
 
-    def variant(text_arguments: bool, null_content: bool) -> list[Mapping]:
-        out = list(messages)
+    def variant(text_arguments: bool, null_content: bool, short_ids: bool = False) -> list[Mapping]:
+        out = [dict(msg) for msg in messages]
         for i in calls:
-            msg = dict(out[i])
+            msg = out[i]
+            msg["tool_calls"] = [{"type": "function", **call} for call in msg["tool_calls"]]
             if text_arguments:
                 msg["tool_calls"] = [{**call, "function": {**call["function"], "arguments": json.dumps(
                     call["function"].get("arguments", {}), ensure_ascii=False)}} for call in msg["tool_calls"]]
             if null_content and not str(msg.get("content") or "").split(THINK_CLOSE)[-1].strip():
                 msg["content"] = None
-            out[i] = msg
-        return out
+        return _nine_character_ids(out) if short_ids else out
 
     # a turn with no answer text (none, or only its <think> reasoning, which _locate_turn reads from the original)
     empty = any(not str(messages[i].get("content") or "").split(THINK_CLOSE)[-1].strip() for i in calls)
     flags = [(False, False), (True, False)] + ([(False, True), (True, True)] if empty else [])
+    ids = [call.get("id") for i in calls for call in messages[i]["tool_calls"]]
+    ids += [msg.get("tool_call_id") for msg in messages if msg["role"] == "tool"]
+    if any(not isinstance(x, str) or len(x) != 9 for x in ids):
+        flags.append((False, False, True))
     return [variant(*f) for f in flags]
+
+
+def _nine_character_ids(messages: list[dict]) -> list[dict]:
+    """The chat with every tool call id, and each tool result's ``tool_call_id``, 9 characters long (see
+    :func:`tool_call_variants`)."""
+    def short(value: str) -> str:
+        return value[-9:].rjust(9, "0")
+
+    count, pending = 0, []  # the ids of the last turn's calls that no tool result has answered yet
+    for msg in messages:
+        if msg.get("tool_calls"):
+            calls = []
+            for call in msg["tool_calls"]:
+                count += 1
+                calls.append({**call, "id": short(call["id"]) if isinstance(call.get("id"), str) else f"{count:09d}"})
+            msg["tool_calls"], pending = calls, [call["id"] for call in calls]
+        elif msg["role"] == "tool":
+            given = msg.get("tool_call_id")
+            msg["tool_call_id"] = short(given) if isinstance(given, str) else (pending[0] if pending else f"{0:09d}")
+            if msg["tool_call_id"] in pending:
+                pending.remove(msg["tool_call_id"])
+    return messages
 
 
 def _locate_turn(message: Mapping, i: int, before: str, through: str, where: str) -> tuple[str, int]:
@@ -189,9 +219,9 @@ def _locate_turn(message: Mapping, i: int, before: str, through: str, where: str
                        f"{'calls' if message.get('tool_calls') else 'answer'}), as the model writes it after that prompt")
 
 
-# the shortest tail of the prompt trusted to mark where the turn starts: a header such as "[/INST]" or
+# the shortest tail of the prompt trusted to mark where the turn starts: the last user words and "[/INST]", or
 # "<|im_start|>assistant\n"; shorter tails ("\n", ">") occur anywhere
-MIN_TAIL = 6
+MIN_TAIL = 8
 
 
 def _after_prompt_tail(before: str, through: str, head: int) -> str | None:
