@@ -18,8 +18,9 @@ that holds such parameters and, for the duration of its forward, shows it ``W + 
 * ``delta_e = s * B_e @ A_e`` (transposed for the ``(E, in, out)`` layout), ``s = alpha / r`` (``alpha / sqrt(r)``
   for rsLoRA), with no dependence on ``E``.
 
-Limits, as in PEFT: no dropout (it cannot be factored out of ``W``), no DoRA, no mixed-adapter batches. The adapted
-stack is materialised on each forward (one extra copy of the parameter, in its dtype), as PEFT does.
+Limits, as in PEFT: no dropout (it cannot be factored out of ``W``), no DoRA. The adapted stack is materialised on each
+forward (one extra copy of the parameter, in its dtype), as PEFT does. Mixed-adapter batches (which PEFT refuses
+here) run each group of rows through the module with its adapter.
 """
 
 from __future__ import annotations
@@ -166,14 +167,42 @@ class ParamLora(_AdapterHost):
         return weights
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        base = self.base_layer
         if self.disabled:
-            return base(*args, **kwargs)
-        if self.row_adapters is not None and any(n in self.adapters for n in self.row_adapters if n is not None):
-            raise LorakitError("mixed_batch cannot give batch rows different adapters on raw parameters "
-                               "(target_parameters, such as MoE experts), as in peft; run one adapter at a time "
-                               "(lorakit.set_adapter)")
-        names = [n for n in self.active if n not in self.merged]
+            return self.base_layer(*args, **kwargs)
+        if self.row_adapters is not None:
+            return self._forward_mixed(args, kwargs)
+        return self._call_with([n for n in self.active if n not in self.merged], args, kwargs)
+
+    def _forward_mixed(self, args: tuple, kwargs: dict) -> Any:
+        """``lorakit.mixed_batch``: each group of rows through the module with its own adapter (or none), outputs put
+        back in row order. Rows are the first dimension of the first tensor argument (batch rows, or the flattened
+        tokens of MoE blocks: rows x T, as ``_rows_by_adapter`` reads them); every tensor argument and output with
+        that first dimension is split and joined along it. Right for modules that treat rows independently, as
+        experts and routers do (each token through its chosen experts); peft refuses mixed batches here."""
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.ndim), None)
+        if first is None:
+            raise LorakitError(f"mixed_batch: {type(self.base_layer).__name__} got no tensor input to split by rows")
+        count = first.shape[0]
+        groups = self._rows_by_adapter(count)
+        if len(groups) == 1:
+            name = next(iter(groups))
+            return self._call_with([name] if name is not None else [], args, kwargs)
+
+        def pick(value: Any, rows: torch.Tensor) -> Any:
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == count:
+                return value.index_select(0, rows.to(value.device))
+            return value
+
+        parts = []
+        for name, rows in groups.items():
+            output = self._call_with([name] if name is not None else [], tuple(pick(a, rows) for a in args),
+                                     {k: pick(v, rows) for k, v in kwargs.items()})
+            parts.append((rows, output))
+        return _join_rows(parts, count)
+
+    def _call_with(self, names: list[str], args: tuple, kwargs: dict) -> Any:
+        """The module called with the parameters of adapters ``names`` added (none: the module alone)."""
+        base = self.base_layer
         if not names:
             return base(*args, **kwargs)
         weights = self.adapted_parameters(names)
@@ -216,6 +245,25 @@ class ParamLora(_AdapterHost):
                 for parameter_name, adapter in self.adapters[name].items():
                     parameter = self.base_layer._parameters[parameter_name]
                     parameter.copy_((parameter.float() - adapter.delta()).to(parameter.dtype))
+
+
+def _join_rows(parts: list[tuple[torch.Tensor, Any]], count: int) -> Any:
+    """Outputs of row groups ``[(row indices, output)]`` back into one output of ``count`` rows (tensors whose first
+    dimension is the group's size are joined; tuples and lists element by element; anything else is the first's)."""
+    sample = parts[0][1]
+    if isinstance(sample, torch.Tensor):
+        if not all(o.ndim and o.shape[0] == len(r) for r, o in parts):
+            raise LorakitError(f"mixed_batch: a module with LoRA on its parameters returned a tensor of shape "
+                               f"{tuple(sample.shape)}, not one row per input row, so rows cannot use different adapters "
+                               "there; use one adapter at a time (lorakit.set_adapter)")
+        joined = sample.new_zeros((count, *sample.shape[1:]))
+        for rows, output in parts:
+            joined = joined.index_copy(0, rows.to(output.device), output)
+        return joined
+    if isinstance(sample, (tuple, list)):
+        items = [_join_rows([(rows, output[i]) for rows, output in parts], count) for i in range(len(sample))]
+        return type(sample)(items) if type(sample) in (tuple, list) else type(sample)(*items)
+    return sample
 
 
 def param_hosts(model: nn.Module) -> dict[str, ParamLora]:
