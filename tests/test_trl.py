@@ -204,20 +204,23 @@ def test_reference_model_state_dict_is_the_base_for_trls_precompute_cache_key():
 def test_dpo_with_reference_model_trains_as_with_a_separate_base(tmp_path):
     """The reference must be the base, not the adapter being trained: with an adapter that starts away from zero,
     training against reference_model(model) matches training against a separate copy of the base, step for step."""
-    def dpo(model, ref, out):
-        args = trl.DPOConfig(**common(out, max_steps=2, save_strategy="no"))
+    def dpo(model, ref, out, **extra):
+        args = trl.DPOConfig(**common(out, max_steps=2, save_strategy="no", **extra))
         trainer = trl.DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=preferences(),
                                  processing_class=tiny_tokenizer())
         trainer.train()
         return trainer
 
-    shared, separate = injected(pretrained=True), injected(pretrained=True)
+    shared, separate, precomputed = injected(pretrained=True), injected(pretrained=True), injected(pretrained=True)
     start = lora_tensors(shared)
     trainer = dpo(shared, reference_model(shared), tmp_path / "a")
     dpo(separate, tiny_llama(vocab_size=len(tiny_tokenizer())), tmp_path / "b")
+    dpo(precomputed, reference_model(precomputed), tmp_path / "c", precompute_ref_log_probs=True)
     first = next(entry for entry in trainer.state.log_history if "rewards/margins" in entry)
     assert first["rewards/margins"] != 0  # policy != reference from step 1: the reference ran without the adapter
     expected = lora_tensors(separate)
     for name, tensor in lora_tensors(shared).items():
         assert not torch.equal(tensor, start[name]) or "lora_A" in name
+        assert_close(tensor, expected[name], msg=name)
+    for name, tensor in lora_tensors(precomputed).items():  # the reference scored once, before training, also off
         assert_close(tensor, expected[name], msg=name)
