@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import json
 
+import peft
 import pytest
 import torch
+import trl  # in the test extra (pyproject.toml): a missing install fails here rather than skipping
 from datasets import Dataset
 from safetensors import safe_open
 
-trl = pytest.importorskip("trl")  # the test extra installs it; a bare checkout without it skips, loudly (-ra)
-
-import lorakit  # noqa: E402
-from conftest import assert_close, tiny_llama  # noqa: E402
-from lorakit.trl_support import AdaptersDisabled, reference_model  # noqa: E402
-from test_train_helpers import LETTERS, tiny_tokenizer  # noqa: E402
+import lorakit
+from conftest import assert_close, tiny_llama
+from lorakit.trl_support import AdaptersDisabled, reference_model
+from test_train_helpers import LETTERS, tiny_tokenizer
 
 CONFIG = dict(r=4, alpha=8)  # "all-linear": q, k, v, o, gate, up, down (not lm_head)
 IDS = torch.tensor([[9, 12, 15, 10, 17, 11, 14]])
@@ -73,7 +73,6 @@ def keys(path) -> set[str]:
 
 
 def test_sft_trains_only_the_adapters_and_saves_an_adapter_folder(tmp_path):
-    peft = pytest.importorskip("peft")
     model = injected()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     start = lora_tensors(model)
