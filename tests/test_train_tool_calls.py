@@ -716,14 +716,6 @@ def test_max_length_packing_and_validation_with_tool_chats():
     assert bundle.train.summary.examples == bundle.val.summary.examples == 6 and not bundle.val.summary.packed
 
 
-def test_the_evaluation_prompt_carries_the_tools():
-    tok = family("llama3.1")
-    ids = generation_prompt(validate_record(weather_chat()), tok)
-    text = tok.decode(ids)
-    assert "Weather of a city" in text  # Llama 3.1 writes a tool result as a JSON string (tojson), as its template does
-    assert text.endswith('ipython<|end_header_id|>\n\n"{\\"temp\\": 21}"<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n')
-
-
 def test_cli_trains_a_tool_chat_file(tmp_path, capsys):
     """``lorakit train --data`` on OpenAI tool records with a Mistral-template model: the run completes with both
     turns of every chat learnt (one example each) and packed."""
@@ -824,3 +816,26 @@ def test_deepseek_r1_writes_a_second_call_turn_without_its_header():
         tokenize_examples(validate_record(chat, "r1.jsonl:9"), family("deepseek-r1-patched"), 4096)
     assert one_line(info).startswith("r1.jsonl:9: the chat template does not write messages[4] after the generation "
                                      "prompt it renders for messages[:4]")
+
+
+def test_bare_function_schemas_are_wrapped_as_openai_tools():
+    """glaive / xlam-style datasets list tools as bare function schemas: they reach the template as OpenAI's
+    ``{"type": "function", "function": ...}`` (Mistral's template reads ``tool.function``; Qwen's writes the schema)."""
+    bare = {**weather_chat(), "tools": [TOOLS[0]["function"]]}
+    for name in ("mistral", "qwen2.5"):
+        assert tokenize_examples(bare, family(name), 4096) == tokenize_examples(weather_chat(), family(name), 4096)
+
+
+def test_the_evaluation_prompt_is_the_trained_context():
+    """The prompt generation is scored from is the context the last answer was trained after: with the tools, and
+    with an earlier call in the form the template reads (DeepSeek's JSON-text arguments, which failed as a dict)."""
+    for name in ("llama3.1", "mistral", "deepseek-v3.1"):
+        tok = family(name)
+        record = validate_record(without_tools(name), "tools.jsonl:1")
+        last = tokenize_examples(record, tok, 4096)[-1]
+        start = max(k for k in range(1, len(last["labels"])) if last["labels"][k] != -100 and last["labels"][k - 1] == -100)
+        assert generation_prompt(record, tok) == last["input_ids"][:start]
+    text = family("llama3.1").decode(generation_prompt(validate_record(weather_chat()), family("llama3.1")))
+    assert "Weather of a city" in text  # Llama 3.1 writes a tool result as a JSON string (tojson), as its template does
+    assert text.endswith('ipython<|end_header_id|>\n\n"{\\"temp\\": 21}"<|eot_id|><|start_header_id|>assistant'
+                         '<|end_header_id|>\n\n')

@@ -23,6 +23,10 @@ Label rules (``labels`` are aligned with ``input_ids``; the model shifts them by
 - A chat whose template rewrites earlier turns (Qwen3 keeps ``<think>`` reasoning only after the last user
   query) trains as one example per assistant turn, each as the template writes it at inference
   (``chat_turns.py``); templates that render a prefix of the chat as a prefix of it give one example per chat.
+- OpenAI tool use (``tools``, ``tool_calls``, ``tool`` turns): an assistant's calls are targets as its template
+  writes them; tool results are context. Templates read calls in different conventions (arguments as a dict or as
+  JSON text, null content, 9-character ids for Mistral): ``chat_turns.tool_call_variants`` tries each, and a
+  record whose calls, arguments, text beside the calls or tool schemas the template would drop is refused.
 - Padding is told apart by ``attention_mask`` (or the packed 4D mask), never by token id: SmolLM2's pad token
   is its end-of-turn token, which is also a supervised label at the end of every answer.
 
@@ -189,7 +193,7 @@ def _render_examples(record: Record | Mapping, tokenizer: Any, template_kwargs: 
     if record.shape == "prompt_completion":
         prompt, completion = record["prompt"], record["completion"]
         return [(prompt + completion, [(len(prompt), len(prompt) + len(completion))])], False
-    messages, where, tools = record["messages"], record.where, record.fields.get("tools")
+    messages, where, tools = record["messages"], record.where, openai_tools(record.fields.get("tools"))
     unsupervised = record.fields.get("unsupervised", ())
     targets = [i for i, msg in enumerate(messages) if msg["role"] == "assistant" and i not in unsupervised]
     if targets and targets[0] == 0:
@@ -244,6 +248,16 @@ def _render_examples(record: Record | Mapping, tokenizer: Any, template_kwargs: 
         raise next((e for e in errors[1:] if not any(  # text, or writes it as a string) say nothing about the data
             getattr(e, flag, False) for flag in ("missing_call", "variant_only", "template_rejected"))), errors[0])
     raise errors[0]
+
+
+def openai_tools(tools: list[dict] | None) -> list[dict] | None:
+    """Tool schemas in OpenAI's form, ``{"type": "function", "function": {"name", "description", "parameters"}}``, as
+    chat templates read them (Mistral's reads ``tool.function``) and inference servers send them: a bare function
+    schema (``{"name", "parameters"}``, as glaive- and xlam-style datasets write tools) is wrapped."""
+    if not tools:
+        return tools
+    return [{"type": "function", "function": tool} if "function" not in tool and "name" in tool else tool
+            for tool in tools]
 
 
 def _check_tools_written(tools: list[dict] | None, prompt: str, where: str) -> None:
@@ -450,9 +464,14 @@ def generation_prompt(record: Record | Mapping, tokenizer: Any, *, info: Tokeniz
     prompt, or the prompt of a prompt/completion record; tokenized exactly as in training (same BOS rule)."""
     record = for_tokenizer(record, tokenizer)
     info = info or tokenizer_info(tokenizer)
-    if record.shape == "messages":
-        text = _render_chat(tokenizer, record["messages"][:-1], True, record.where, record.fields.get("tools"),
-                            chat_template_kwargs)
+    if record.shape == "messages" and len(record["messages"]) - 1 not in record.fields.get("unsupervised", ()):
+        # the context the last answer was trained after: the template's prompt, with the calls of earlier turns in
+        # the form this template reads (DeepSeek's JSON-text arguments)
+        text, spans = render_examples(record, tokenizer, chat_template_kwargs=chat_template_kwargs)[-1]
+        text = text[:spans[-1][0]]
+    elif record.shape == "messages":  # a last answer of weight 0 is not trained: the template's prompt for it
+        text = _render_chat(tokenizer, record["messages"][:-1], True, record.where,
+                            openai_tools(record.fields.get("tools")), chat_template_kwargs)
     elif record.shape == "prompt_completion":
         text = record["prompt"]
     else:
