@@ -839,3 +839,16 @@ def test_the_evaluation_prompt_is_the_trained_context():
     assert "Weather of a city" in text  # Llama 3.1 writes a tool result as a JSON string (tojson), as its template does
     assert text.endswith('ipython<|end_header_id|>\n\n"{\\"temp\\": 21}"<|eot_id|><|start_header_id|>assistant'
                          '<|end_header_id|>\n\n')
+
+
+def test_mistral_chats_with_a_system_prompt_train_without_tools():
+    """Not only tool chats: Mistral v0.3 writes the system prompt into the last user turn only, so any multi-turn chat
+    with a system prompt was refused ("cannot be located"). Each answer now follows its own inference prompt."""
+    tok = family("mistral")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"},
+                {"role": "assistant", "content": "I am fine."}, {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris."}]
+    first, second = tokenize_examples({"messages": messages}, tok, 1024)
+    assert [targets(first, tok), targets(second, tok)] == [[" I am fine.</s>"], [" Paris.</s>"]]
+    assert context(first, tok) == "<s>[INST] Be brief.\n\nHello, how are you?[/INST]"
+    assert context(second, tok) == "<s>[INST] Hello, how are you?[/INST] I am fine.</s>[INST] Be brief.\n\nCapital of France?[/INST]"
