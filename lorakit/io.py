@@ -918,6 +918,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
         adapter_file = read_adapter(folder, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
     if adapter in adapter_names(model):
         raise LorakitError(f"the model already has an adapter named {adapter!r}; pass another name or delete it first")
+    from lorakit.moe_legacy import convert_legacy_experts
+
+    adapter_file = convert_legacy_experts(model, adapter_file)  # transformers 4's per-expert LoRA -> fused experts
     plan = plan_load(model, adapter_file, check_base=check_base)
     config = fitted_config(model, adapter_file)
     if adapter_file.base_rewrite:  # as peft's from_pretrained, which repeats the init on the original base

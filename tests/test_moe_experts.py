@@ -396,3 +396,81 @@ def test_train_cli_adapts_the_experts_with_target_parameters(tmp_path, capsys):
                                   "--no-progress", "--target-parameters", "mlp.experts.w1")])
     err = capsys.readouterr().err
     assert code == 2 and "target_parameters 'mlp.experts.w1' matched no parameter" in err and "Traceback" not in err
+
+
+def _write_transformers4_adapter(folder, kind: str, rank: int = 2, alpha: float = 4.0, router: bool = True):
+    """A peft adapter as it was saved for transformers 4's MoE models: one LoRA per expert layer (Mixtral's
+    block_sparse_moe.experts.N.w1/w2/w3, Qwen-MoE's mlp.experts.N.gate_proj/up_proj/down_proj), the router as a
+    linear ``gate``. Returns ``{v5 parameter path: float64 delta}``, the update each fused weight should get."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(3)
+    old = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
+    block, gate_name, up_name, down_name = old[kind]
+    scale = alpha / rank
+    tensors, deltas = {}, {}
+
+    def lora(key: str, in_features: int, out_features: int) -> torch.Tensor:
+        A, B = torch.randn(rank, in_features, generator=gen), 0.2 * torch.randn(out_features, rank, generator=gen)
+        tensors[f"base_model.model.{key}.lora_A.weight"], tensors[f"base_model.model.{key}.lora_B.weight"] = A, B
+        return scale * B.double() @ A.double()  # (out, in)
+
+    for layer in range(2):
+        prefix = f"model.layers.{layer}."
+        deltas[prefix + "self_attn.q_proj.weight"] = lora(prefix + "self_attn.q_proj", 32, 32)
+        if router:
+            deltas[prefix + "mlp.gate.weight"] = lora(f"{prefix}{block}.gate", 32, 4)
+        gate_up, down = torch.zeros(4, 48, 32, dtype=torch.float64), torch.zeros(4, 32, 24, dtype=torch.float64)
+        for e in range(4):
+            gate_up[e, :24] = lora(f"{prefix}{block}.experts.{e}.{gate_name}", 32, 24)
+            gate_up[e, 24:] = lora(f"{prefix}{block}.experts.{e}.{up_name}", 32, 24)
+            down[e] = lora(f"{prefix}{block}.experts.{e}.{down_name}", 24, 32)
+        deltas[prefix + "mlp.experts.gate_up_proj"], deltas[prefix + "mlp.experts.down_proj"] = gate_up, down
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    targets = ["q_proj", gate_name, up_name, down_name] + (["gate"] if router else [])
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": alpha,
+                                                            "target_modules": targets, "task_type": "CAUSAL_LM"}))
+    return deltas
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_transformers4_per_expert_adapter_loads_onto_the_fused_experts(kind, tmp_path):
+    """Hub adapters of Mixtral / Qwen-MoE were trained on transformers 4's per-expert linear layers; lorakit refused
+    them (unexpected keys). They load now, converted exactly: the logits are those of the base with each expert's
+    update added by hand (and peft's own conversion gives them too)."""
+    deltas = _write_transformers4_adapter(tmp_path / "v4", kind)
+    reference = build(kind)
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if name in deltas:
+                parameter.copy_((parameter.double() + deltas[name]).float())
+    expected = logits(reference, IDS)
+    ours = build(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "matched no module" warning for the old names
+        lorakit.load_adapter(ours, tmp_path / "v4")
+    assert_close(logits(ours, IDS), expected)
+    config = ours.lorakit_configs["default"]
+    assert config.target_modules == ["q_proj"] and config.target_parameters == sorted(EXPERTS + ROUTER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(build(kind), tmp_path / "v4").eval()
+    assert_close(logits(theirs, IDS), expected)
+    lorakit.save_adapter(ours, tmp_path / "v5")  # saved in transformers 5's form, which peft reads as it is
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_close(logits(peft.PeftModel.from_pretrained(build(kind), tmp_path / "v5").eval(), IDS), expected)
+
+
+def test_transformers4_adapter_missing_an_expert_half_is_refused_in_one_line(tmp_path):
+    _write_transformers4_adapter(tmp_path, "mixtral", router=False)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in tensors.items() if ".w3." not in k}, tmp_path / "adapter_model.safetensors")
+    model = build("mixtral")
+    with pytest.raises(LorakitError, match=r"expert 0 of model.layers.0.mlp.experts has LoRA on \['gate'\]; the fused "
+                                           r"gate_up_proj needs all of \['gate', 'up'\]") as error:
+        lorakit.load_adapter(model, tmp_path)
+    assert "\n" not in str(error.value) and not lorakit.adapter_names(model)
