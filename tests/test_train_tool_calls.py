@@ -852,3 +852,16 @@ def test_mistral_chats_with_a_system_prompt_train_without_tools():
     assert [targets(first, tok), targets(second, tok)] == [[" I am fine.</s>"], [" Paris.</s>"]]
     assert context(first, tok) == "<s>[INST] Be brief.\n\nHello, how are you?[/INST]"
     assert context(second, tok) == "<s>[INST] Hello, how are you?[/INST] I am fine.</s>[INST] Be brief.\n\nCapital of France?[/INST]"
+
+
+def test_the_reference_of_a_chat_that_ends_with_a_call():
+    """Held-out exact match compared a chat that ends with a call against its empty content (an empty generation
+    "matched"); the reference is now the call, as OpenAI JSON after any text."""
+    from lorakit.train.data import reference_text
+
+    record = weather_chat()
+    record["messages"] = record["messages"][:3]
+    assert reference_text(record) == '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    record["messages"][2]["content"] = "Let me check."
+    assert reference_text(record) == 'Let me check.\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert reference_text(weather_chat()) == "It is 21 degrees."

@@ -483,10 +483,18 @@ def generation_prompt(record: Record | Mapping, tokenizer: Any, *, info: Tokeniz
 
 
 def reference_text(record: Record | Mapping) -> str:
-    """The answer a generation is scored against: the last assistant turn, or the completion."""
+    """The answer a generation is scored against: the last assistant turn, or the completion.
+
+    A last turn that calls tools has its calls after its text, one OpenAI-style JSON object per call
+    (``{"name": ..., "arguments": {...}}``): never the empty content, which an empty generation would match. Each
+    template writes calls in its own form (``<tool_call>`` blocks, ``[TOOL_CALLS]``), so a call is rarely an exact
+    match; the loss on the validation set is the measure for those chats."""
     record = validate_record(record)
     if record.shape == "messages":
-        return record["messages"][-1]["content"]
+        last = record["messages"][-1]
+        calls = [json.dumps({"name": call["function"]["name"], "arguments": call["function"].get("arguments", {})},
+                            ensure_ascii=False) for call in last.get("tool_calls", ())]
+        return "\n".join(([last["content"]] if last["content"].strip() else []) + calls)
     if record.shape == "prompt_completion":
         return record["completion"]
     raise LorakitError(f"{record.where}: a text record has no reference answer; use prompt/completion or messages")
