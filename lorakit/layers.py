@@ -374,6 +374,22 @@ class ModulesToSave(_AdapterHost):
     def adapter_names(self) -> list[str]:
         return list(self.copies.keys())
 
+    # -- the tensors of the module that runs now (the active copy, or the base when disabled or none is active),
+    # for code that reads them from the module: TRL's fused head reads ``lm_head.weight``; peft's wrapper answers
+    # the same way. A module without a weight has none here either (AttributeError, so hasattr is False).
+    def _running(self) -> nn.Module:
+        if self.disabled or not self.active or self.row_adapters is not None:
+            return self.base_layer
+        return self.copies[self.active[-1]]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._running().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self._running(), "bias", None)
+
     def add_adapter(self, name: str) -> nn.Module:
         import copy
 
@@ -399,8 +415,7 @@ class ModulesToSave(_AdapterHost):
                     rows = rows.to(x.device)
                     result = result.index_copy(0, rows, self.copies[name](x.index_select(0, rows), *args, **kwargs))
             return result
-        module = self.copies[self.active[-1]] if self.active else self.base_layer
-        return module(x, *args, **kwargs)
+        return self._running()(x, *args, **kwargs)
 
 
 LORA_HOSTS = (LoraLayer, ModulesToSave)

@@ -2,8 +2,8 @@
 (lorakit/hf_trainer.py, lorakit/trl_support.py).
 
 Before: SFT with a LoRA on ``lm_head`` ran to the end with that adapter never trained (TRL reads ``lm_head.weight``
-directly), ``modules_to_save=["lm_head"]`` crashed with ``AttributeError: 'ModulesToSave' object has no attribute
-'weight'``, and DPOTrainer without ``ref_model`` tried to load the base again from ``config._name_or_path`` (an
+directly; now refused in one line), ``modules_to_save=["lm_head"]`` crashed with ``AttributeError: 'ModulesToSave'
+object has no attribute 'weight'`` (now the copy trains), and DPOTrainer without ``ref_model`` tried to load the base again from ``config._name_or_path`` (an
 ``OSError`` for a model built in memory; a second copy of the base otherwise).
 """
 
@@ -137,9 +137,29 @@ def test_reentrant_gradient_checkpointing_trains_as_without_it(tmp_path):
         assert_close(tensor, expected[name], msg=name)
 
 
+def test_a_modules_to_save_copy_of_the_output_head_trains_under_the_fused_head(tmp_path):
+    """TRL reads ``lm_head.weight``: a ModulesToSave head answers with the active copy's weight (the base's when
+    adapters are disabled, as for DPO's reference), so the copy trains and the base head stays as it was."""
+    model = injected(target_modules=["q_proj"], modules_to_save=["lm_head"])
+    head = model.lm_head
+    base_weight = head.base_layer.weight.detach().clone()
+    assert head.weight is head.copies["default"].weight and head.bias is None
+    with lorakit.disable_adapters(model):
+        assert head.weight is head.base_layer.weight
+    sft(model, tmp_path / "run", save_strategy="no").train()
+    assert torch.equal(head.base_layer.weight, base_weight)
+    assert not torch.equal(head.copies["default"].weight, base_weight)  # the copy trained through lm_head.weight
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    model.eval()
+    with torch.no_grad():
+        expected = type(model).forward(model, IDS).logits
+        in_peft = peft.PeftModel.from_pretrained(tiny_llama(vocab_size=len(tiny_tokenizer())),
+                                                 tmp_path / "adapter").eval()(IDS).logits
+    assert_close(in_peft, expected)
+
+
 @pytest.mark.parametrize("config, message", [
     (dict(target_modules=["q_proj", "lm_head"]), "the LoRA adapter on lm_head would never be trained"),
-    (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "cannot read the modules_to_save copy of lm_head"),
 ])
 def test_an_adapter_on_the_output_head_is_refused_in_one_line(tmp_path, config, message):
     model = injected(**config)
