@@ -34,6 +34,10 @@ def build(kind: str = "mixtral", seed: int = 0, dtype: torch.dtype = torch.float
     torch.manual_seed(seed)
     if kind == "mixtral":
         model = tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=4, **TINY))
+    elif kind == "gpt_oss":  # experts stored (experts, in, out): transformers' is_transposed layout
+        model = tf.GptOssForCausalLM(tf.GptOssConfig(num_local_experts=4, head_dim=8, layer_types=["full_attention"] * 2,
+                                                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                                     **TINY))
     else:
         model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(num_experts=4, head_dim=8, moe_intermediate_size=24,
                                                          norm_topk_prob=True, **TINY))
@@ -142,11 +146,13 @@ def test_adapted_weights_match_the_per_expert_reference_in_both_layouts(dtype):
     assert tuple(holder.block.adapters["default"]["up"].lora_A.shape) == (2 * 3, 6)  # (r * E, in): in=hidden here
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_lorakit_adapter_loads_in_peft_and_back_with_the_same_logits(kind, tmp_path):
     ours = build(kind)
+    router = ["mlp.router.weight"] if kind == "gpt_oss" else ROUTER
+    assert getattr(ours.model.layers[0].mlp.experts, "is_transposed", False) == (kind == "gpt_oss")
     lorakit.inject(ours, lorakit.LoraConfig(r=2, alpha=6, target_modules=["q_proj", "v_proj"],
-                                            target_parameters=EXPERTS + ROUTER, rank_pattern={"down_proj": 3}))
+                                            target_parameters=EXPERTS + router, rank_pattern={"down_proj": 3}))
     randomize(ours)
     expected = logits(ours, IDS)
     assert (expected - logits(build(kind), IDS)).abs().max() > 1e-2  # the adapter matters
@@ -157,9 +163,9 @@ def test_lorakit_adapter_loads_in_peft_and_back_with_the_same_logits(kind, tmp_p
     assert tuple(keys[prefix + "experts.base_layer.lora_A.weight"].shape) == (2 * 4, 32)  # (r * experts, hidden)
     assert tuple(keys[prefix + "experts.base_layer.lora_B.weight"].shape) == (48, 2 * 4)  # (2 x ffn, r * experts)
     assert tuple(keys[prefix + "experts.lora_A.weight"].shape) == (3 * 4, 24)  # rank_pattern: down_proj rank 3
-    assert tuple(keys[prefix + "gate.lora_B.weight"].shape) == (4, 2)
+    assert tuple(keys[prefix + router[0].split(".")[1] + ".lora_B.weight"].shape) == (4, 2)
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert sorted(config["target_parameters"]) == sorted(EXPERTS + ROUTER)
+    assert sorted(config["target_parameters"]) == sorted(EXPERTS + router)
 
     theirs = peft.PeftModel.from_pretrained(build(kind), tmp_path / "ours").eval()
     assert_close(logits(theirs, IDS), expected)
@@ -474,3 +480,15 @@ def test_transformers4_adapter_missing_an_expert_half_is_refused_in_one_line(tmp
                                            r"gate_up_proj needs all of \['gate', 'up'\]") as error:
         lorakit.load_adapter(model, tmp_path)
     assert "\n" not in str(error.value) and not lorakit.adapter_names(model)
+
+
+def test_safe_merge_refuses_an_expert_update_that_overflows_and_writes_nothing():
+    model = build("mixtral", dtype=torch.float16)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=EXPERTS))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".adapters." not in n}
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.adapters["default"]["down_proj"].lora_B.fill_(1e6)  # fp16 tops out at 65504
+    with pytest.raises(LorakitError, match=r"would put NaN/Inf into 1 weight\(s\), e.g. model.layers.1.mlp.experts"):
+        lorakit.merge(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    assert not model.model.layers[1].mlp.experts.merged
