@@ -19,20 +19,31 @@ runs to where ``render(messages[:i + 1])`` ends. Two kinds of template:
 A generation prompt that opens a block the rendered turn does not show (DeepSeek-R1 distills and QwQ end it with
 ``<think>\\n`` and strip the reasoning from every turn they render) is continued with the turn as the user wrote it
 (``<think>\\nreasoning\\n</think>\\n\\nanswer`` in the content): that is what the model writes after that prompt.
-A prompt that only adds whitespace after the turn's header is continued with the turn as rendered.
+A prompt that only adds whitespace after the turn's header is continued with the turn as rendered. A template that
+writes the context one way when it ends the chat and another when an answer follows (Mistral v0.3 puts the system
+prompt and tool list into the last user turn only; Hermes closes a tool result differently when it is last) has the
+turn, as the whole chat writes it, continue the prompt after the prompt's own last words (``_after_prompt_tail``).
+
+OpenAI tool calls reach templates written for different conventions (arguments as a dict or JSON text, null
+content, Mistral's 9-character ids) through :func:`tool_call_variants`, tried in order by the caller.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from lorakit.errors import LorakitError
 from lorakit.train.formats import REASONING_KEYS
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 Span = tuple[int, int]
+# a template that writes an assistant's tool calls only under ``message['content'] is none`` (DeepSeek-R1's January
+# 2025 template): transformers removes None-valued keys from messages, so such a template never writes a call
+NULL_CONTENT_CALLS = re.compile(r"""message\[['"]content['"]\]\s+is\s+none|message\.content\s+is\s+none""")
 # render(messages, add_generation_prompt) -> text, with the record's tools and error location bound in
 Render = Callable[[list, bool], str]
 
@@ -85,6 +96,86 @@ def chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: R
         else:
             groups.append((text, [(start, len(text))]))
     return groups[::-1], True
+
+
+def tool_chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: Render, where: str,
+                       check: Callable[[int, str], None], template: str, tools: list[dict] | None
+                       ) -> tuple[list[tuple[str, list[Span]]], bool]:
+    """:func:`chat_examples` of the first :func:`tool_call_variants` variant the template writes in full; then the
+    record's ``tools`` must be in the prompt of its first example (:func:`check_tools_written`). ``template`` is the
+    chat template's source, ``tools`` the schemas ``render`` hands it.
+
+    When no variant is written in full, the chat as given explains why, unless the template did not write its calls
+    at all: then a variant that did write them (DeepSeek's JSON-text arguments, R1's null content) tells what else is
+    missing (the reasoning its prompt opens); errors a variant causes itself (a template that refuses JSON text, or
+    writes it as a string) say nothing about the data.
+    """
+    errors: list[LorakitError] = []
+    for variant in tool_call_variants(messages):
+        try:
+            examples, per_turn = chat_examples(variant, targets, render, where, check, written=messages)
+        except LorakitError as exc:
+            errors.append(exc)
+            continue
+        first_text, first_spans = examples[0]
+        check_tools_written(tools, first_text[:first_spans[0][0]], where)  # the prompt of the first turn learnt
+        return examples, per_turn
+    calls = [i for i in targets if messages[i].get("tool_calls")
+             and not messages[i]["content"].split(THINK_CLOSE)[-1].strip()]
+    if calls and NULL_CONTENT_CALLS.search(template):
+        raise LorakitError(f"{where}: messages[{calls[0]}] calls a tool, but this model's chat template writes tool "
+                           "calls only for a turn whose content is null (DeepSeek-R1's first template), and this "
+                           "transformers drops null content before the template sees it, so no call can be written; "
+                           "give the tokenizer a template that writes calls beside content (DeepSeek-V3.1's or "
+                           "R1-0528's tokenizer_config.json chat_template) or use prompt/completion records")
+    if getattr(errors[0], "missing_call", False):
+        raise next((e for e in errors[1:] if not any(
+            getattr(e, flag, False) for flag in ("missing_call", "variant_only", "template_rejected"))), errors[0])
+    raise errors[0]
+
+
+def openai_tools(tools: list[dict] | None) -> list[dict] | None:
+    """Tool schemas in OpenAI's form, ``{"type": "function", "function": {"name", "description", "parameters"}}``, as
+    chat templates read them (Mistral's reads ``tool.function``) and inference servers send them: a bare function
+    schema (``{"name", "parameters"}``, as glaive- and xlam-style datasets write tools) is wrapped."""
+    if not tools:
+        return tools
+    return [{"type": "function", "function": tool} if "function" not in tool and "name" in tool else tool
+            for tool in tools]
+
+
+def check_tools_written(tools: list[dict] | None, prompt: str, where: str) -> None:
+    """Raise when the record's tool schemas are not in the prompt of its first example: the template has no tools
+    section, so the calls would be learnt without the schemas the model is shown at inference."""
+    for tool in tools or ():
+        function = tool.get("function") if isinstance(tool.get("function"), Mapping) else tool
+        name = function.get("name")
+        if isinstance(name, str) and name and name not in prompt:
+            raise LorakitError(f"{where}: field 'tools' ({name!r}) is not written by this model's chat template (it has "
+                               "no tools section), so the model would learn without the schemas; describe the tools in "
+                               "the system message, as this model's card says, and remove 'tools', or use a model whose "
+                               "template writes them")
+
+
+def check_arguments(arguments: Any, name: str, target: str, at: str) -> None:
+    """Raise when the target does not hold a call's arguments as JSON: a template that prints the dict as Python
+    (``{'city': 'Paris'}``), writes a JSON string again as a string, or leaves out an argument's value."""
+    if not isinstance(arguments, Mapping) or not arguments:
+        return
+    as_json = json.dumps(arguments, ensure_ascii=False)
+    if str(arguments) != as_json and str(arguments) in target:
+        raise LorakitError(f"{at} calls tool {name!r}, but this model's chat template writes its arguments as a Python "
+                           f"dict ({str(arguments)[:40]}), not JSON; use prompt/completion records for this tokenizer")
+    if json.dumps(as_json, ensure_ascii=False) in target:  # only the JSON-text variant can give this (a tojson template)
+        error = LorakitError(f"{at} calls tool {name!r}, but this model's chat template writes its arguments as a JSON "
+                             "string inside JSON; use prompt/completion records for this tokenizer")
+        error.variant_only = True
+        raise error
+    for key, value in arguments.items():
+        if isinstance(value, str) and value and value[:100] not in target and \
+                json.dumps(value, ensure_ascii=False)[1:-1][:100] not in target:
+            raise LorakitError(f"{at} calls tool {name!r}, but this model's chat template does not write its argument "
+                               f"{key!r}; use a model whose template writes tool arguments, or prompt/completion records")
 
 
 def missing_call_error(where: str, i: int, name: str, answer: str) -> LorakitError:

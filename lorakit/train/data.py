@@ -44,7 +44,6 @@ from __future__ import annotations
 import bisect
 import json
 import random
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,14 +54,12 @@ import torch
 
 from lorakit.chat_template import template_end_of_turn
 from lorakit.errors import LorakitError
-from lorakit.train.chat_turns import chat_examples, content_reasoning, missing_call_error, tool_call_variants
+from lorakit.train.chat_turns import (check_arguments, content_reasoning, missing_call_error, openai_tools,
+                                      tool_chat_examples)
 from lorakit.train.formats import REASONING_KEYS, Record, validate_record
 from lorakit.train.sources import read_many
 
 IGNORE_INDEX = -100
-# a template that writes an assistant's tool calls only under ``message['content'] is none`` (DeepSeek-R1's January
-# 2025 template): transformers removes None-valued keys from messages, so such a template never writes a call
-NULL_CONTENT_CALLS = re.compile(r"""message\[['"]content['"]\]\s+is\s+none|message\.content\s+is\s+none""")
 OVERFLOW_CHOICES = ("drop", "truncate", "error")
 
 
@@ -206,7 +203,7 @@ def _render_examples(record: Record | Mapping, tokenizer: Any, template_kwargs: 
             name = call["function"]["name"]
             if name not in target:  # the target would lack the call it teaches
                 raise missing_call_error(where, i, name, answer)
-            _check_arguments(call["function"].get("arguments"), name, target, f"{where}: messages[{i}]")
+            check_arguments(call["function"].get("arguments"), name, target, f"{where}: messages[{i}]")
         if msg.get("tool_calls") and answer and answer[:200] not in target:
             raise LorakitError(f"{where}: messages[{i}] has text beside its tool calls, but this model's chat template "
                                f"writes only the calls, so {answer[:30]!r} would not be learnt; move the text into an "
@@ -221,77 +218,8 @@ def _render_examples(record: Record | Mapping, tokenizer: Any, template_kwargs: 
                                "model's chat template drops it when it writes the turn, so the answer would be learnt "
                                "without it; remove the <think> block, or use a model whose template keeps reasoning")
 
-    # templates read OpenAI tool calls in different conventions (arguments as a dict or as JSON text, content "" or
-    # null): the first variant the template writes in full is trained. When none is, the chat as given explains why,
-    # unless the template did not write its calls at all: then a variant that did write them (DeepSeek's JSON-text
-    # arguments, R1's null content) tells what else is missing (the reasoning its prompt opens)
-    errors: list[LorakitError] = []
-    for variant in tool_call_variants(messages):
-        try:
-            examples, per_turn = chat_examples(variant, targets, lambda msgs, prompt: _render_chat(
-                tokenizer, msgs, prompt, where, tools, template_kwargs), where, check, written=messages)
-        except LorakitError as exc:
-            errors.append(exc)
-            continue
-        first_text, first_spans = examples[0]
-        _check_tools_written(tools, first_text[:first_spans[0][0]], where)  # the prompt of the first turn learnt
-        return examples, per_turn
-    calls = [i for i in targets if messages[i].get("tool_calls")
-             and not messages[i]["content"].split("</think>")[-1].strip()]
-    if calls and NULL_CONTENT_CALLS.search(tokenizer.chat_template or ""):
-        raise LorakitError(f"{where}: messages[{calls[0]}] calls a tool, but this model's chat template writes tool "
-                           "calls only for a turn whose content is null (DeepSeek-R1's first template), and this "
-                           "transformers drops null content before the template sees it, so no call can be written; "
-                           "give the tokenizer a template that writes calls beside content (DeepSeek-V3.1's or "
-                           "R1-0528's tokenizer_config.json chat_template) or use prompt/completion records")
-    if getattr(errors[0], "missing_call", False):  # errors a variant causes itself (a template that refuses JSON
-        raise next((e for e in errors[1:] if not any(  # text, or writes it as a string) say nothing about the data
-            getattr(e, flag, False) for flag in ("missing_call", "variant_only", "template_rejected"))), errors[0])
-    raise errors[0]
-
-
-def openai_tools(tools: list[dict] | None) -> list[dict] | None:
-    """Tool schemas in OpenAI's form, ``{"type": "function", "function": {"name", "description", "parameters"}}``, as
-    chat templates read them (Mistral's reads ``tool.function``) and inference servers send them: a bare function
-    schema (``{"name", "parameters"}``, as glaive- and xlam-style datasets write tools) is wrapped."""
-    if not tools:
-        return tools
-    return [{"type": "function", "function": tool} if "function" not in tool and "name" in tool else tool
-            for tool in tools]
-
-
-def _check_tools_written(tools: list[dict] | None, prompt: str, where: str) -> None:
-    """Raise when the record's tool schemas are not in the prompt of its first example: the template has no tools
-    section, so the calls would be learnt without the schemas the model is shown at inference."""
-    for tool in tools or ():
-        function = tool.get("function") if isinstance(tool.get("function"), Mapping) else tool
-        name = function.get("name")
-        if isinstance(name, str) and name and name not in prompt:
-            raise LorakitError(f"{where}: field 'tools' ({name!r}) is not written by this model's chat template (it has "
-                               "no tools section), so the model would learn without the schemas; describe the tools in "
-                               "the system message, as this model's card says, and remove 'tools', or use a model whose "
-                               "template writes them")
-
-
-def _check_arguments(arguments: Any, name: str, target: str, at: str) -> None:
-    """Raise when the target does not hold a call's arguments as JSON: a template that prints the dict as Python
-    (``{'city': 'Paris'}``), writes a JSON string again as a string, or leaves out an argument's value."""
-    if not isinstance(arguments, Mapping) or not arguments:
-        return
-    as_json = json.dumps(arguments, ensure_ascii=False)
-    if str(arguments) != as_json and str(arguments) in target:
-        raise LorakitError(f"{at} calls tool {name!r}, but this model's chat template writes its arguments as a Python "
-                           f"dict ({str(arguments)[:40]}), not JSON; use prompt/completion records for this tokenizer")
-    if json.dumps(as_json, ensure_ascii=False) in target:  # only the JSON-text variant can give this (a tojson template)
-        error = LorakitError(f"{at} calls tool {name!r}, but this model's chat template writes its arguments as a JSON "
-                             "string inside JSON; use prompt/completion records for this tokenizer")
-        error.variant_only = True
-        raise error
-    for key, value in arguments.items():
-        if isinstance(value, str) and value and value[:100] not in target and \
-                json.dumps(value, ensure_ascii=False)[1:-1][:100] not in target:
-            raise LorakitError(f"{at} calls tool {name!r}, but this model's chat template does not write its argument "
-                               f"{key!r}; use a model whose template writes tool arguments, or prompt/completion records")
+    return tool_chat_examples(messages, targets, lambda msgs, prompt: _render_chat(
+        tokenizer, msgs, prompt, where, tools, template_kwargs), where, check, tokenizer.chat_template or "", tools)
 
 
 # ----------------------------------------------------------------------------------------------------------------
