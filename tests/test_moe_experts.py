@@ -123,7 +123,7 @@ class Holder(nn.Module):
         return self.block(x)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # pure PyTorch: no Triton here
 def test_adapted_weights_match_the_per_expert_reference_in_both_layouts(dtype):
     model = build("mixtral", dtype=dtype)
     lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=5, target_modules=[], target_parameters=EXPERTS + ROUTER))
