@@ -299,3 +299,29 @@ def test_adapter_init_draws_from_the_cpu_generator_on_any_device():
     assert torch.equal(on_gpu.values, on_cpu)
     torch.manual_seed(3)
     assert torch.equal(fill(torch.empty(4, 6)), on_cpu)  # on the CPU: the same draws as before
+
+
+def test_training_a_merged_adapter_is_refused_not_silently_a_no_op():
+    """A merged adapter's tensors get no gradient (it is in W): with gradient checkpointing's input gradients
+    (Trainer calls enable_input_require_grads) backward ran and training changed nothing, silently."""
+    model = tiny_llama(seed=3)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="a")
+    lorakit.merge(model)
+    ids = torch.tensor([[1, 2, 3]])
+    model.train()
+    model(ids)  # a forward that cannot train anything (no gradient reaches it) is not refused
+    model.enable_input_require_grads()
+    with pytest.raises(lorakit.LorakitError, match="adapter 'a' is merged .* call lorakit.unmerge"):
+        model(ids).logits.sum().backward()
+    with torch.no_grad():
+        model(ids)  # inference in train mode (dropout) is fine
+    model.eval()
+    model(ids)  # so is an eval forward with gradients on
+    lorakit.inject(model.train(), lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="b")
+    lorakit.set_adapter(model, ["a", "b"])  # "a" merged, "b" trains on top of it: allowed
+    model(ids).logits.sum().backward()
+    layer = lora_layers(model)["model.layers.0.self_attn.q_proj"]
+    assert layer.adapters["b"].lora_A.grad is not None and layer.adapters["a"].lora_A.grad is None
+    lorakit.unmerge(model)
+    model(ids).logits.sum().backward()
+    assert layer.adapters["a"].lora_A.grad is not None  # unmerged, "a" trains again
