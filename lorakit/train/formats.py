@@ -152,7 +152,8 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
         raise LorakitError(
             f"{where}: a preference (DPO) record ({present}); lorakit trains supervised fine-tuning, not preference "
             "optimisation: to learn the preferred answers, rename 'chosen' to 'completion' (for chats: "
-            "{\"messages\": prompt + chosen}) and delete 'rejected'")
+            "{\"messages\": prompt + chosen}) and delete 'rejected', or train DPO with TRL's DPOTrainer on an injected "
+            "model (README: With TRL)")
     converted = _convert_other_formats(obj, where)
     if converted is not None:
         return converted
