@@ -865,3 +865,45 @@ def test_the_reference_of_a_chat_that_ends_with_a_call():
     record["messages"][2]["content"] = "Let me check."
     assert reference_text(record) == 'Let me check.\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
     assert reference_text(weather_chat()) == "It is 21 degrees."
+
+
+def test_the_error_names_what_the_data_lacks_not_what_a_variant_tripped_on():
+    """Mistral refuses OpenAI's long ids before anything else; once the ids fit, the template drops the answer written
+    beside a call: that is the error reported, since fixing the ids alone would not help."""
+    record = weather_chat()
+    record["messages"][2]["tool_calls"][0]["id"] = record["messages"][3]["tool_call_id"] = "call_Ab3dE5fG7hI9"
+    record["messages"][2]["content"] = "Checking."
+    with pytest.raises(LorakitError) as info:
+        tokenize_examples(validate_record(record, "m.jsonl:2"), family("mistral"), 4096)
+    assert one_line(info).startswith("m.jsonl:2: messages[2] has text beside its tool calls, but this model's chat "
+                                     "template writes only the calls, so 'Checking.' would not be learnt")
+
+
+MALFORMED = [  # what exports get wrong, each on top of weather_chat()
+    lambda r: r["messages"][2]["tool_calls"][0]["function"].update(arguments='[1, 2]'),
+    lambda r: r["messages"][2]["tool_calls"][0]["function"].update(arguments={"q": "a\"b\n", "n": 3, "d": {"a": [1]}}),
+    lambda r: r["messages"][2]["tool_calls"][0].update(type=None, id=12345),
+    lambda r: r.update(tools=[{"type": "function"}]),
+    lambda r: r["messages"].insert(3, {"role": "tool", "content": "an extra result"}),
+    lambda r: r["messages"].__setitem__(3, {"role": "tool", "content": {"temp": 21}}),
+    lambda r: r["messages"].pop(1),
+    lambda r: r["messages"][2].update(content="<think>\nx\n</think>\n\n", reasoning_content=None),
+    lambda r: r["messages"][4].update(tool_calls=[{"function": {"name": "get_weather", "arguments": "{}"}}]),
+    lambda r: r["messages"][2].update(tool_calls=[{"function": {"name": "other_tool", "arguments": "{}"}}]),
+]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_malformed_tool_chats_train_or_fail_in_one_line(name):
+    """No template family turns a malformed tool chat into a traceback: it trains, or one LorakitError line names
+    the record."""
+    tok = family(name)
+    for k, mutate in enumerate(MALFORMED):
+        record = without_tools(name)
+        mutate(record)
+        try:
+            examples = tokenize_examples(validate_record(record, f"bad.jsonl:{k}"), tok, 4096)
+        except LorakitError as error:
+            assert "\n" not in str(error) and str(error).startswith(f"bad.jsonl:{k}"), str(error)
+        else:
+            assert examples and all(any(lab != -100 for lab in ex["labels"]) for ex in examples)

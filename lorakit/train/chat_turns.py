@@ -105,10 +105,10 @@ def tool_chat_examples(messages: Sequence[Mapping], targets: Sequence[int], rend
     record's ``tools`` must be in the prompt of its first example (:func:`check_tools_written`). ``template`` is the
     chat template's source, ``tools`` the schemas ``render`` hands it.
 
-    When no variant is written in full, the chat as given explains why, unless the template did not write its calls
-    at all: then a variant that did write them (DeepSeek's JSON-text arguments, R1's null content) tells what else is
-    missing (the reasoning its prompt opens); errors a variant causes itself (a template that refuses JSON text, or
-    writes it as a string) say nothing about the data.
+    When no variant is written in full, the error of the first variant that got furthest is raised: past the
+    template (which refuses dict arguments in DeepSeek's, long ids in Mistral's) and past writing the calls (R1's
+    needs null content), so that it names what the data lacks (the reasoning R1's prompt opens, text the template
+    drops); an error a variant causes itself (a tojson template writing JSON text as a string) is not reported.
     """
     errors: list[LorakitError] = []
     for variant in tool_call_variants(messages):
@@ -128,10 +128,11 @@ def tool_chat_examples(messages: Sequence[Mapping], targets: Sequence[int], rend
                            "transformers drops null content before the template sees it, so no call can be written; "
                            "give the tokenizer a template that writes calls beside content (DeepSeek-V3.1's or "
                            "R1-0528's tokenizer_config.json chat_template) or use prompt/completion records")
-    if getattr(errors[0], "missing_call", False):
-        raise next((e for e in errors[1:] if not any(
-            getattr(e, flag, False) for flag in ("missing_call", "variant_only", "template_rejected"))), errors[0])
-    raise errors[0]
+    def stage(error: LorakitError) -> int:  # how far the variant got: the template refused it, wrote no call, more
+        return 0 if getattr(error, "template_rejected", False) else 1 if getattr(error, "missing_call", False) else 2
+
+    told = [e for e in errors if not getattr(e, "variant_only", False)] or errors
+    raise max(told, key=stage)  # the first of those that got furthest
 
 
 def openai_tools(tools: list[dict] | None) -> list[dict] | None:
@@ -213,7 +214,7 @@ def tool_call_variants(messages: Sequence[Mapping]) -> list[list[Mapping]]:
         out = [dict(msg) for msg in messages]
         for i in calls:
             msg = out[i]
-            msg["tool_calls"] = [{"type": "function", **call} for call in msg["tool_calls"]]
+            msg["tool_calls"] = [{**call, "type": call.get("type") or "function"} for call in msg["tool_calls"]]
             if text_arguments:
                 msg["tool_calls"] = [{**call, "function": {**call["function"], "arguments": json.dumps(
                     call["function"].get("arguments", {}), ensure_ascii=False)}} for call in msg["tool_calls"]]
