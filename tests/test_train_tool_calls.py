@@ -748,6 +748,9 @@ def test_openai_call_ids_and_calls_without_type():
     examples = tokenize_examples(record, tok, 4096)
     assert targets(examples[0], tok) == [EXPECTED["mistral"][0].replace("call12345", "dE5fG7hI9")]
     assert '{"content": {"temp": 21}, "call_id": "dE5fG7hI9"}[/TOOL_RESULTS]' in context(examples[1], tok)
+    note = build_dataset([record, weather_chat()], tok, 4096).summary.drop_note()  # said, since the file's ids differ
+    assert note.endswith("the tool call ids of 1 chat were cut to the 9 characters this model's chat template requires "
+                         "(their last 9, as vLLM does for Mistral models)")
     del record["messages"][2]["tool_calls"][0]["id"], record["messages"][3]["tool_call_id"]
     examples = tokenize_examples(record, tok, 4096)
     assert targets(examples[0], tok) == [EXPECTED["mistral"][0].replace("call12345", "000000001")]

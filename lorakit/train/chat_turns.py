@@ -100,10 +100,10 @@ def chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: R
 
 def tool_chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: Render, where: str,
                        check: Callable[[int, str], None], template: str, tools: list[dict] | None
-                       ) -> tuple[list[tuple[str, list[Span]]], bool]:
-    """:func:`chat_examples` of the first :func:`tool_call_variants` variant the template writes in full; then the
-    record's ``tools`` must be in the prompt of its first example (:func:`check_tools_written`). ``template`` is the
-    chat template's source, ``tools`` the schemas ``render`` hands it.
+                       ) -> tuple[list[tuple[str, list[Span]]], bool, bool]:
+    """:func:`chat_examples` of the first :func:`tool_call_variants` variant the template writes in full, and whether
+    that variant shortened the call ids; then the record's ``tools`` must be in the prompt of its first example
+    (:func:`check_tools_written`). ``template`` is the chat template's source, ``tools`` the schemas ``render`` hands it.
 
     When no variant is written in full, the error of the first variant that got furthest is raised: past the
     template (which refuses dict arguments in DeepSeek's, long ids in Mistral's) and past writing the calls (R1's
@@ -111,7 +111,7 @@ def tool_chat_examples(messages: Sequence[Mapping], targets: Sequence[int], rend
     drops); an error a variant causes itself (a tojson template writing JSON text as a string) is not reported.
     """
     errors: list[LorakitError] = []
-    for variant in tool_call_variants(messages):
+    for short_ids, variant in tool_call_variants(messages):
         try:
             examples, per_turn = chat_examples(variant, targets, render, where, check, written=messages)
         except LorakitError as exc:
@@ -119,7 +119,7 @@ def tool_chat_examples(messages: Sequence[Mapping], targets: Sequence[int], rend
             continue
         first_text, first_spans = examples[0]
         check_tools_written(tools, first_text[:first_spans[0][0]], where)  # the prompt of the first turn learnt
-        return examples, per_turn
+        return examples, per_turn, short_ids
     calls = [i for i in targets if messages[i].get("tool_calls")
              and not messages[i]["content"].split(THINK_CLOSE)[-1].strip()]
     if calls and NULL_CONTENT_CALLS.search(template):
@@ -193,8 +193,9 @@ def missing_call_error(where: str, i: int, name: str, answer: str) -> LorakitErr
     return error
 
 
-def tool_call_variants(messages: Sequence[Mapping]) -> list[list[Mapping]]:
-    """The chat as validated, then as the templates written for other conventions of OpenAI tool calls read it.
+def tool_call_variants(messages: Sequence[Mapping]) -> list[tuple[bool, list[Mapping]]]:
+    """The chat as validated, then as the templates written for other conventions of OpenAI tool calls read it;
+    each with whether its call ids were shortened.
 
     Validation gives each call's ``arguments`` as a dict and a call turn's null content as ``""``, as transformers'
     chat templates expect (Qwen, Llama 3.1 and Mistral write ``arguments | tojson``; a null would print "None"); a
@@ -208,7 +209,7 @@ def tool_call_variants(messages: Sequence[Mapping]) -> list[list[Mapping]]:
     """
     calls = [i for i, msg in enumerate(messages) if msg.get("tool_calls")]
     if not calls:
-        return [list(messages)]
+        return [(False, list(messages))]
 
     def variant(text_arguments: bool, null_content: bool, short_ids: bool = False) -> list[Mapping]:
         out = [dict(msg) for msg in messages]
@@ -229,7 +230,7 @@ def tool_call_variants(messages: Sequence[Mapping]) -> list[list[Mapping]]:
     ids += [msg.get("tool_call_id") for msg in messages if msg["role"] == "tool"]
     if any(not isinstance(x, str) or len(x) != 9 for x in ids):
         flags.append((False, False, True))
-    return [variant(*f) for f in flags]
+    return [(len(f) > 2, variant(*f)) for f in flags]
 
 
 def _nine_character_ids(messages: list[dict]) -> list[dict]:

@@ -164,7 +164,7 @@ def render(record: Record | Mapping, tokenizer: Any, *,
     several examples: see :func:`render_examples`; this function then names it. ``chat_template_kwargs`` are
     options of the chat template (e.g. ``{"enable_thinking": False}`` for Qwen3), used wherever it renders.
     """
-    examples, _ = _render_examples(record, tokenizer, chat_template_kwargs)
+    examples = _render_examples(record, tokenizer, chat_template_kwargs)[0]
     if len(examples) > 1:
         raise LorakitError(f"{validate_record(record).where}: this model's chat template rewrites earlier turns, so the "
                            f"chat trains as {len(examples)} examples (one per assistant turn); call render_examples "
@@ -182,14 +182,15 @@ def render_examples(record: Record | Mapping, tokenizer: Any, *,
 
 
 def _render_examples(record: Record | Mapping, tokenizer: Any, template_kwargs: Mapping[str, Any] | None = None
-                     ) -> tuple[list[tuple[str, list[tuple[int, int]]]], bool]:
-    """:func:`render_examples` and whether the chat was split per assistant turn."""
+                     ) -> tuple[list[tuple[str, list[tuple[int, int]]]], bool, bool]:
+    """:func:`render_examples`, whether the chat was split per assistant turn and whether its tool call ids were
+    shortened for the template (Mistral's 9 characters)."""
     record = for_tokenizer(record, tokenizer)
     if record.shape == "text":
-        return [(record["text"], [(0, len(record["text"]))])], False
+        return [(record["text"], [(0, len(record["text"]))])], False, False
     if record.shape == "prompt_completion":
         prompt, completion = record["prompt"], record["completion"]
-        return [(prompt + completion, [(len(prompt), len(prompt) + len(completion))])], False
+        return [(prompt + completion, [(len(prompt), len(prompt) + len(completion))])], False, False
     messages, where, tools = record["messages"], record.where, openai_tools(record.fields.get("tools"))
     unsupervised = record.fields.get("unsupervised", ())
     targets = [i for i, msg in enumerate(messages) if msg["role"] == "assistant" and i not in unsupervised]
@@ -317,18 +318,19 @@ def tokenize_examples(
 
 def _tokenize_record(record: Record | Mapping, tokenizer: Any, max_length: int, overflow: str, eot_token: str | None,
                      info: TokenizerInfo | None, drops: Counter | None,
-                     template_kwargs: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]], bool]:
-    """:func:`tokenize_examples` and whether the chat was split per assistant turn."""
+                     template_kwargs: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]], bool, bool]:
+    """:func:`tokenize_examples`, whether the chat was split per assistant turn and whether its call ids were
+    shortened."""
     if overflow not in OVERFLOW_CHOICES:
         raise LorakitError(f"overflow={overflow!r} is not one of {', '.join(OVERFLOW_CHOICES)}")
     if max_length < 2:
         raise LorakitError(f"max_length={max_length} is too small; an example needs at least 2 tokens")
     record = for_tokenizer(record, tokenizer)
     info = info or tokenizer_info(tokenizer, eot_token)
-    rendered, per_turn = _render_examples(record, tokenizer, template_kwargs)
+    rendered, per_turn, short_ids = _render_examples(record, tokenizer, template_kwargs)
     examples = [_tokenize_rendered(record, text, spans, tokenizer, max_length, overflow, info, drops)
                 for text, spans in rendered]
-    return [ex for ex in examples if ex is not None], per_turn
+    return [ex for ex in examples if ex is not None], per_turn, short_ids
 
 
 def _tokenize_rendered(record: Record, text: str, spans: list[tuple[int, int]], tokenizer: Any, max_length: int,
@@ -509,6 +511,7 @@ class DataSummary:
         reason (longer than max_length; no target left within it). first_dropped: where the first dropped one
         came from. trimmed_chats: chats that ended in user/tool turns after their last answer, which were trimmed.
         per_turn_chats: chats trained as one example per assistant turn (:func:`render_examples`).
+        short_id_chats: chats whose tool call ids were cut to 9 characters for the template (Mistral's).
     """
 
     examples: int = 0
@@ -525,6 +528,7 @@ class DataSummary:
     first_dropped: str | None = None  # where the first dropped example came from ("train.jsonl:12")
     trimmed_chats: int = 0  # chats whose turns after the last assistant turn were trimmed (kept or not)
     per_turn_chats: int = 0  # chats trained as one example per assistant turn (a template that rewrites earlier turns)
+    short_id_chats: int = 0  # chats whose tool call ids were cut to the 9 characters Mistral's template requires
 
     def __str__(self) -> str:
         shapes = ", ".join(f"{n} {s}" for s, n in sorted(self.shapes.items()))
@@ -548,6 +552,11 @@ class DataSummary:
                      "prompt differs from the turn it renders: each turn is learnt as the template writes it when that "
                      "turn is generated")
             trimmed = f"{trimmed}; {split}" if trimmed else split
+        if self.short_id_chats:  # the ids the model learns to write are not the ones in the file
+            n = self.short_id_chats
+            ids = (f"the tool call ids of {n} chat{'s' if n > 1 else ''} were cut to the 9 characters this model's "
+                   "chat template requires (their last 9, as vLLM does for Mistral models)")
+            trimmed = f"{trimmed}; {ids}" if trimmed else ids
         if not self.dropped:
             return f"note: {trimmed}" if trimmed else None
         parts = []
@@ -610,9 +619,10 @@ def build_dataset(
         shapes[record.shape] += 1
         summary.trimmed_chats += bool(record.fields.get("trimmed_turns"))
         dropped_before = drops["too_long"] + drops["no_target"]
-        tokenized, per_turn = _tokenize_record(record, tokenizer, max_length, overflow, None, info, drops,
-                                               chat_template_kwargs)
+        tokenized, per_turn, short_ids = _tokenize_record(record, tokenizer, max_length, overflow, None, info, drops,
+                                                          chat_template_kwargs)
         summary.per_turn_chats += per_turn
+        summary.short_id_chats += short_ids
         if drops["too_long"] + drops["no_target"] > dropped_before:  # a chat split per turn may lose some of its turns
             summary.dropped += drops["too_long"] + drops["no_target"] - dropped_before
             summary.first_dropped = summary.first_dropped or record.where
