@@ -421,10 +421,6 @@ DEEPSEEK_V31 = (
     "{% if add_generation_prompt and not ns.is_last_user and not ns.is_tool %}{{'<｜Assistant｜>'}}"
     "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{% endif %}")
 
-# DeepSeek-R1's template as patched for transformers 5, which drops null content: "is none" read as "is not defined"
-DEEPSEEK_R1_PATCHED = DEEPSEEK_R1.replace("message['content'] is none", "message['content'] is not defined").replace(
-    "message['content'] is not none", "message['content'] is defined")
-
 LLAMA_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                   "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>")
 CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -447,8 +443,6 @@ FAMILIES = {
                       ("<think>", "</think>")),
     "deepseek-r1": (DEEPSEEK_R1, DEEPSEEK_SPECIALS, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>",
                     ("<think>", "</think>")),
-    "deepseek-r1-patched": (DEEPSEEK_R1_PATCHED, DEEPSEEK_SPECIALS, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
-                            "<｜▁pad▁｜>", ("<think>", "</think>")),
 }
 _TOKENIZERS: dict = {}
 
@@ -619,17 +613,12 @@ def test_text_beside_a_call():
                                   "into an assistant turn of its own or remove it (content null)")
 
 
-def test_deepseek_r1_templates():
-    """R1's January template writes calls only for ``content is none``, which transformers removes before the
-    template runs: one line says so and what to do. Patched for transformers 5 (``is not defined``), a call turn
-    trains as R1 writes it after its ``<think>\\n`` prompt: the reasoning, then the calls (arguments as JSON text)."""
-    with pytest.raises(LorakitError) as info:
-        tokenize_examples(validate_record(without_tools("deepseek-r1"), "r1.jsonl:4"), family("deepseek-r1"), 4096)
-    assert one_line(info).startswith("r1.jsonl:4: messages[2] calls a tool, but this model's chat template writes tool "
-                                     "calls only for a turn whose content is null (DeepSeek-R1's first template)")
-    assert "DeepSeek-V3.1's or R1-0528's tokenizer_config.json chat_template" in str(info.value)
-
-    tok = family("deepseek-r1-patched")
+def test_deepseek_r1_template():
+    """DeepSeek-R1's template (January 2025, also its distills') writes a turn's calls only when ``message['content']
+    is none`` and concatenates ``arguments`` as a JSON string; transformers 5 removes None-valued keys before a template
+    runs. Before: refused ("cannot be located" or the reasoning error) and, with reasoning, the call was lost. Now a
+    call turn trains as R1 writes it after its ``<think>\n`` prompt: the reasoning, then the calls."""
+    tok = family("deepseek-r1")
     record = without_tools("deepseek-r1", "<think>\nI need the weather tool.\n</think>\n\n",
                            final="<think>\nThe tool says 21.\n</think>\n\nIt is 21 degrees.")
     first, second = tokenize_examples(record, tok, 4096)
@@ -810,13 +799,13 @@ def test_every_target_follows_its_inference_prompt(name):
 def test_deepseek_r1_writes_a_second_call_turn_without_its_header():
     """R1's template never resets its "first call" flag, so a second call turn is written without
     ``<｜Assistant｜><｜tool▁calls▁begin｜>``: no prompt is followed by it, and the record is refused, not mis-trained."""
-    chat = without_tools("deepseek-r1-patched")
+    chat = without_tools("deepseek-r1")
     chat["messages"][4:4] = [{"role": "assistant", "content": "<think>\nBerlin too.\n</think>\n\n",
                               "tool_calls": [_call("call67890", "Berlin")]},
                              {"role": "tool", "tool_call_id": "call67890", "content": '{"temp": 18}'}]
     chat["messages"][2]["content"] = "<think>\nParis first.\n</think>\n\n"
     with pytest.raises(LorakitError) as info:
-        tokenize_examples(validate_record(chat, "r1.jsonl:9"), family("deepseek-r1-patched"), 4096)
+        tokenize_examples(validate_record(chat, "r1.jsonl:9"), family("deepseek-r1"), 4096)
     assert one_line(info).startswith("r1.jsonl:9: the chat template does not write messages[4] after the generation "
                                      "prompt it renders for messages[:4]")
 
@@ -910,3 +899,19 @@ def test_malformed_tool_chats_train_or_fail_in_one_line(name):
             assert "\n" not in str(error) and str(error).startswith(f"bad.jsonl:{k}"), str(error)
         else:
             assert examples and all(any(lab != -100 for lab in ex["labels"]) for ex in examples)
+
+
+def test_null_content_renders_with_the_same_variables_as_apply_chat_template():
+    """The null-content variant renders through transformers' own function, with the tokenizer's special tokens, the
+    tools and the template options as ``apply_chat_template`` passes them: where a template reads null and absent
+    content alike (Llama 3.1, which also writes bos_token and the tools), the text is the same."""
+    from lorakit.train.data import _render_chat
+
+    tok = family("llama3.1")
+    messages = validate_record(weather_chat())["messages"]
+    null = [dict(m, content=None) if m.get("tool_calls") else m for m in messages]
+    for prompt in (False, True):
+        kept = _render_chat(tok, null, prompt, "x", TOOLS, {"date_string": "1 Jan 2025"})
+        assert kept == tok.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=prompt,
+                                               date_string="1 Jan 2025")
+        assert kept.startswith("<|begin_of_text|>") and "Today Date: 1 Jan 2025" in kept and "Weather of a city" in kept

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,9 +40,6 @@ from lorakit.train.formats import REASONING_KEYS
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 Span = tuple[int, int]
-# a template that writes an assistant's tool calls only under ``message['content'] is none`` (DeepSeek-R1's January
-# 2025 template): transformers removes None-valued keys from messages, so such a template never writes a call
-NULL_CONTENT_CALLS = re.compile(r"""message\[['"]content['"]\]\s+is\s+none|message\.content\s+is\s+none""")
 # render(messages, add_generation_prompt) -> text, with the record's tools and error location bound in
 Render = Callable[[list, bool], str]
 
@@ -99,11 +95,11 @@ def chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: R
 
 
 def tool_chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: Render, where: str,
-                       check: Callable[[int, str], None], template: str, tools: list[dict] | None
+                       check: Callable[[int, str], None], tools: list[dict] | None
                        ) -> tuple[list[tuple[str, list[Span]]], bool, bool]:
     """:func:`chat_examples` of the first :func:`tool_call_variants` variant the template writes in full, and whether
     that variant shortened the call ids; then the record's ``tools`` must be in the prompt of its first example
-    (:func:`check_tools_written`). ``template`` is the chat template's source, ``tools`` the schemas ``render`` hands it.
+    (:func:`check_tools_written`); ``tools`` are the schemas ``render`` hands the template.
 
     When no variant is written in full, the error of the first variant that got furthest is raised: past the
     template (which refuses dict arguments in DeepSeek's, long ids in Mistral's) and past writing the calls (R1's
@@ -120,14 +116,7 @@ def tool_chat_examples(messages: Sequence[Mapping], targets: Sequence[int], rend
         first_text, first_spans = examples[0]
         check_tools_written(tools, first_text[:first_spans[0][0]], where)  # the prompt of the first turn learnt
         return examples, per_turn, short_ids
-    calls = [i for i in targets if messages[i].get("tool_calls")
-             and not messages[i]["content"].split(THINK_CLOSE)[-1].strip()]
-    if calls and NULL_CONTENT_CALLS.search(template):
-        raise LorakitError(f"{where}: messages[{calls[0]}] calls a tool, but this model's chat template writes tool "
-                           "calls only for a turn whose content is null (DeepSeek-R1's first template), and this "
-                           "transformers drops null content before the template sees it, so no call can be written; "
-                           "give the tokenizer a template that writes calls beside content (DeepSeek-V3.1's or "
-                           "R1-0528's tokenizer_config.json chat_template) or use prompt/completion records")
+
     def stage(error: LorakitError) -> int:  # how far the variant got: the template refused it, wrote no call, more
         return 0 if getattr(error, "template_rejected", False) else 1 if getattr(error, "missing_call", False) else 2
 

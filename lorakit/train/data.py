@@ -134,6 +134,8 @@ def _render_chat(tokenizer: Any, messages: list[dict], generation_prompt: bool, 
     if not getattr(tokenizer, "chat_template", None):
         raise LorakitError(f"{where}: the tokenizer has no chat template; use prompt/completion records for this model")
     try:
+        if any("content" in m and m["content"] is None for m in messages):
+            return _render_with_null_content(tokenizer, messages, generation_prompt, tools, template_kwargs)
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
                                              **({"tools": tools} if tools else {}), **(template_kwargs or {}))
     except Exception as exc:  # jinja raises TemplateError (e.g. "roles must alternate") or anything the template does
@@ -142,6 +144,27 @@ def _render_chat(tokenizer: Any, messages: list[dict], generation_prompt: bool, 
         error.template_rejected = True
         raise error from None
     return text
+
+
+def _render_with_null_content(tokenizer: Any, messages: list[dict], generation_prompt: bool,
+                              tools: list[dict] | None, template_kwargs: Mapping[str, Any] | None) -> str:
+    """The chat rendered with its null contents kept: ``apply_chat_template`` (transformers 5) removes every key whose
+    value is None before the template runs, and DeepSeek-R1's template writes a turn's tool calls only when
+    ``message['content'] is none``. Only :func:`lorakit.train.chat_turns.tool_call_variants`' null-content variant
+    holds a None, tried after the chat as given; it renders through the function ``apply_chat_template`` calls, with
+    the same variables (the tokenizer's special tokens, the tools, the template options)."""
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except ImportError:  # an older transformers keeps None: its apply_chat_template passes it through
+        render_jinja_template = None
+    if render_jinja_template is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                             **({"tools": tools} if tools else {}), **(template_kwargs or {}))
+    rendered, _ = render_jinja_template(conversations=[messages], tools=tools or None,
+                                        chat_template=tokenizer.get_chat_template(None, tools or None),
+                                        add_generation_prompt=generation_prompt,
+                                        **{**tokenizer.special_tokens_map, **(template_kwargs or {})})
+    return rendered[0]
 
 
 def for_tokenizer(record: Record | Mapping, tokenizer: Any) -> Record:
@@ -220,7 +243,7 @@ def _render_examples(record: Record | Mapping, tokenizer: Any, template_kwargs: 
                                "without it; remove the <think> block, or use a model whose template keeps reasoning")
 
     return tool_chat_examples(messages, targets, lambda msgs, prompt: _render_chat(
-        tokenizer, msgs, prompt, where, tools, template_kwargs), where, check, tokenizer.chat_template or "", tools)
+        tokenizer, msgs, prompt, where, tools, template_kwargs), where, check, tools)
 
 
 # ----------------------------------------------------------------------------------------------------------------
