@@ -178,7 +178,7 @@ def missing_call_error(where: str, i: int, name: str, answer: str) -> LorakitErr
     else:
         error = LorakitError(f"{where}: messages[{i}] calls tool {name!r}, but this model's chat template does not write "
                              "tool calls; use a model whose template supports tools, or write the call into the content")
-    error.missing_call = True  # data.py then reports what a variant that wrote the call found missing, if anything
+    error.missing_call = True  # tool_chat_examples prefers what a variant that wrote the call found missing
     return error
 
 
@@ -190,7 +190,8 @@ def tool_call_variants(messages: Sequence[Mapping]) -> list[tuple[bool, list[Map
     chat templates expect (Qwen, Llama 3.1 and Mistral write ``arguments | tojson``; a null would print "None"); a
     call without ``type`` gets OpenAI's only one, "function" (DeepSeek's templates write it). DeepSeek's templates
     instead concatenate ``arguments`` as a JSON string (a dict fails) and R1's writes the calls only when ``content
-    is none`` (an empty string drops them). Mistral's refuses call ids that are not 9 characters long, which OpenAI's
+    is none`` (an empty string drops them; ``lorakit.train.data`` renders a None through transformers' own render
+    function, since ``apply_chat_template`` removes it). Mistral's refuses call ids that are not 9 characters long, which OpenAI's
     (``call_...``) never are: the last variant gives every call id its last 9 characters, as vLLM does for Mistral
     models (zero-padded when shorter; numbered in order when missing, each tool result taking the id of the call it
     answers). The variants are tried in order and the first the template writes in full (every call, its arguments,
