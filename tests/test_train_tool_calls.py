@@ -705,26 +705,39 @@ def test_max_length_packing_and_validation_with_tool_chats():
     assert bundle.train.summary.examples == bundle.val.summary.examples == 6 and not bundle.val.summary.packed
 
 
-def test_cli_trains_a_tool_chat_file(tmp_path, capsys):
-    """``lorakit train --data`` on OpenAI tool records with a Mistral-template model: the run completes with both
-    turns of every chat learnt (one example each) and packed."""
+@pytest.mark.parametrize("name", ["mistral", "deepseek-r1"])
+def test_cli_trains_a_tool_chat_file(tmp_path, capsys, name):
+    """``lorakit train --data`` on OpenAI tool records (Mistral: with OpenAI's long call ids; R1: reasoning before each
+    call and answer) with a held-out share scored by exact match: the run completes, both turns of every chat are
+    learnt (one example each), packed, and the notes say why and what changed."""
     from conftest import tiny_llama
 
-    tok = family("mistral")
+    tok = family(name)
     folder = tmp_path / "model"
     tiny_llama(vocab_size=len(tok), max_position_embeddings=512, bos_token_id=tok.bos_token_id,
                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(folder)
     tok.save_pretrained(folder)
+    records = []
+    for t in range(5):
+        if name == "mistral":
+            record = weather_chat(final=f"It is {t} degrees.")
+            call = record["messages"][2]["tool_calls"][0]
+            call["id"] = record["messages"][3]["tool_call_id"] = f"call_{t}bc123xyz"
+        else:
+            record = without_tools(name, "<think>\nUse the tool.\n</think>\n\n",
+                                   final=f"<think>\nIt said {t}.\n</think>\n\nIt is {t} degrees.")
+        records.append(json.dumps(record) + "\n")
     data = tmp_path / "tools.jsonl"
-    data.write_text("".join(json.dumps(weather_chat(final=f"It is {t} degrees.")) + "\n" for t in range(4)),
-                    encoding="utf-8")
+    data.write_text("".join(records), encoding="utf-8")
     code = main(["train", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps",
-                 "1", "--eval-examples", "0", "--rank", "2", "--batch-size", "1", "--no-progress", "--pack",
-                 "--max-length", "512"])
+                 "1", "--eval-examples", "1", "--val-fraction", "0.2", "--rank", "2", "--batch-size", "1",
+                 "--no-progress", "--pack", "--max-length", "512"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "training data: 8 examples (4 messages), 0 dropped" in out, out
-    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "trained as one example per assistant turn" in out, out
+    assert ("the tool call ids of 4 chats were cut to the 9 characters" in out) == (name == "mistral"), out
+    assert "held-out exact match" in out and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_openai_call_ids_and_calls_without_type():
