@@ -104,6 +104,7 @@ def combine_adapters(model: nn.Module, adapters: dict[str, float] | Sequence[str
         raise LorakitError(f"combine_adapters got unknown keyword(s): {'; '.join(advice)}")
     names, weight_list = _inputs(adapters, weights)
     _require(model, names)
+    _refuse_parameter_lora(model, names)
     _check_name(model, name, overwrite)
     method = _check_options(method, density, majority_sign_method, svd_rank, svd_clamp, svd_driver, svd_lowrank)
     if len(names) == 1 and method != "linear":
@@ -268,6 +269,19 @@ def _new_rank(method: str, names: list[str], ranks: dict[str, int], svd_rank: in
         raise LorakitError(f"method {method!r} needs adapters of one rank, got {shown_ranks}; use method='cat' (rank "
                            f"{sum(ranks.values())}, exact) or 'svd' (rank svd_rank, default {max(ranks.values())})")
     return next(iter(ranks.values()))
+
+
+def _refuse_parameter_lora(model: nn.Module, names: list[str]) -> None:
+    """LoRA on raw parameters (``target_parameters``: MoE experts) has no combination here, as in peft; without this
+    check the combined adapter would silently leave the experts out."""
+    from lorakit.param_lora import param_hosts
+
+    for path, host in param_hosts(model).items():
+        name = next((n for n in names if n in host.adapters), None)
+        if name is not None:
+            raise LorakitError(f"adapter {name!r} adapts raw parameters of {path} (target_parameters), which "
+                               "combine_adapters cannot combine (peft refuses them too); combine adapters without "
+                               "target_parameters")
 
 
 def _modules_to_save(model: nn.Module, names: list[str]) -> dict[str, tuple[ModulesToSave, str]]:

@@ -52,7 +52,7 @@ class DeltaReport:
     delta_norm: float
     error_norm: float
     dtype: torch.dtype
-    overflow: list[str] | None = None  # merged layers with a weight beyond ``dtype``'s range (it would become inf)
+    overflow: list[str] | None = None  # merged weights with values beyond ``dtype``'s range (it would become inf)
 
     @property
     def lost_share(self) -> float:
@@ -60,22 +60,28 @@ class DeltaReport:
 
     def __str__(self) -> str:
         name = str(self.dtype).replace("torch.", "")
-        return (f"{self.layers} merged layers; share of the adapter's update kept after the cast to {name}: "
+        return (f"{self.layers} merged weights; share of the adapter's update kept after the cast to {name}: "
                 f"{100 * (1 - self.lost_share):.2f}% (relative error {100 * self.lost_share:.2f}%)")
 
 
 def delta_survival(model: nn.Module, adapter: str, dtype: torch.dtype) -> DeltaReport:
     """Measure, before merging, how much of adapter ``adapter``'s update the merged weights keep in ``dtype``."""
     from lorakit.inject import lora_layers
+    from lorakit.param_lora import param_hosts
+
+    def pairs():  # (path, float32 base, float32 merged) of every weight the adapter changes
+        for path, layer in lora_layers(model).items():
+            if adapter in layer.adapters and adapter not in layer.merged:
+                yield path, layer.linear_weight(torch.float32), layer.merged_candidate(adapter)
+        for path, host in param_hosts(model).items():  # target_parameters: MoE expert stacks, routers
+            if adapter in host.adapters and adapter not in host.merged:
+                for name, merged in host.merged_candidates(adapter).items():
+                    yield f"{path}.{name}", host.base_layer._parameters[name].detach().float(), merged
 
     delta_sq = error_sq = 0.0
     count = 0
     overflow = []
-    for path, layer in lora_layers(model).items():
-        if adapter not in layer.adapters or adapter in layer.merged:
-            continue
-        base = layer.linear_weight(torch.float32)
-        merged = layer.merged_candidate(adapter)
+    for path, base, merged in pairs():
         delta = merged - base
         cast = merged.to(dtype)
         if not torch.isfinite(cast).all():

@@ -154,7 +154,7 @@ def test_folder_train_generate_merge_inspect_and_peft(kind, variant, shared, tmp
     assert code == 0, err
     code, out, err = cli(capsys, "merge", "--model", folder, "--adapter", adapter, "--out", merged, "--dtype", "fp32")
     assert code == 0, err
-    assert "merged layers" in out
+    assert "merged weights" in out
     tied = [json.loads((f / "config.json").read_text()).get("tie_word_embeddings") for f in (folder, merged)]
     assert tied[0] == tied[1]  # LoRA on the linear layers leaves a tied head tied
     code, out, err = cli(capsys, "inspect", adapter)

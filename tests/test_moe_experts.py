@@ -492,3 +492,32 @@ def test_safe_merge_refuses_an_expert_update_that_overflows_and_writes_nothing()
         lorakit.merge(model)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
     assert not model.model.layers[1].mlp.experts.merged
+
+
+def test_inspect_merge_report_and_combine_know_the_expert_lora(tmp_path, capsys):
+    """inspect lists the adapted parameters apart from the layers (their nested base_layer keys are not layers and
+    their r x experts rows are not ranks); the merge report counts the expert stacks; combine refuses them in one
+    line instead of dropping them from the combined adapter."""
+    from lorakit.cli import main
+    from lorakit.commands.inspect import describe
+    from lorakit.export import delta_survival
+
+    model = build("mixtral")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], target_parameters=EXPERTS))
+    randomize(model)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    info = describe(str(tmp_path / "adapter"))
+    assert info["adapted_layers"] == 2 and info["adapted_modules"] == {"q_proj": 2}
+    assert info["adapted_parameters"] == 4 and info["ranks_in_file"] == [2]
+    assert sorted(info["target_parameters"]) == sorted(EXPERTS)
+    assert main(["inspect", str(tmp_path / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert "-> 4 parameters" in out and "q_proj x2" in out and "base_layer" not in out
+    report = delta_survival(model, "default", torch.float32)
+    assert report.layers == 2 + 4 and report.delta_norm > 0  # two q_proj, two expert stacks per layer
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="plain")
+    with pytest.raises(LorakitError, match=r"adapter 'default' adapts raw parameters of model\.layers\.0\.mlp\.experts"):
+        lorakit.combine_adapters(model, {"default": 0.5, "plain": 0.5}, name="mix")
+    from lorakit.inject import lora_layers
+
+    assert "mix" not in lora_layers(model)["model.layers.0.self_attn.q_proj"].adapters  # nothing half-built

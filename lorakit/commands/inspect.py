@@ -37,14 +37,27 @@ def describe(folder: str) -> dict:
     config = adapter.config
     modules: dict[str, int] = {}
     layers: set[str] = set()
-    for key in adapter.tensors:
+    ranks: set[int] = set()
+    # LoRA on raw parameters (target_parameters, e.g. MoE experts): peft nests one wrapper per parameter, so a
+    # module's keys are <path>.lora_A, <path>.base_layer.lora_A, ...; (path, depth) is one adapted parameter
+    parameter_modules = {t.rsplit(".", 1)[0] for t in getattr(config, "target_parameters", None) or []}
+    parameters: set[tuple[str, int]] = set()
+    for key, tensor in adapter.tensors.items():
         match = re.match(r"(?:base_model\.model\.)?(.+?)\.(lora_A|lora_embedding_A)(?:\.weight)?$", key)
-        if match:
-            path = match.group(1)
-            layers.add(path)
-            kind = path.rsplit(".", 1)[-1]
-            modules[kind] = modules.get(kind, 0) + 1
-    ranks = sorted({t.shape[0] for k, t in adapter.tensors.items() if re.search(r"\.(lora_A\.weight|lora_embedding_A)$", k)})
+        if not match:
+            continue
+        path = match.group(1)
+        module, depth = path, 0
+        while module.endswith(".base_layer"):
+            module, depth = module[: -len(".base_layer")], depth + 1
+        if any(module == m or module.endswith("." + m) for m in parameter_modules):
+            parameters.add((module, depth))
+            continue
+        layers.add(path)
+        kind = path.rsplit(".", 1)[-1]
+        modules[kind] = modules.get(kind, 0) + 1
+        ranks.add(tensor.shape[0])
+    ranks = sorted(ranks)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in adapter.tensors.values()})
     return {
         "folder": str(adapter.folder),
@@ -58,6 +71,8 @@ def describe(folder: str) -> dict:
         "target_modules": config.target_modules,
         "adapted_modules": dict(sorted(modules.items())),
         "adapted_layers": len(layers),
+        "target_parameters": getattr(config, "target_parameters", None),
+        "adapted_parameters": len(parameters),
         "modules_to_save": config.modules_to_save,
         "trainable_parameters": int(sum(t.numel() for t in adapter.tensors.values())),
         "dtypes": dtypes,
@@ -86,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
         ("base model", f"{info['base_model'] or 'unknown'}" + (f" (fingerprint {info['base_fingerprint']})" if info["base_fingerprint"] else "")),
         ("made by", info["made_by"]),
     ]
+    if info["target_parameters"]:
+        lines.insert(lines.index(next(l for l in lines if l[0] == "targets")) + 1,
+                     ("target parameters", f"{info['target_parameters']} -> {info['adapted_parameters']} parameters"))
     if info["rank_pattern"] or info["alpha_pattern"]:
         lines.insert(4, ("patterns", f"rank {info['rank_pattern']}, alpha {info['alpha_pattern']}"))
     width = max(len(k) for k, _ in lines)
