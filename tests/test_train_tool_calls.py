@@ -928,3 +928,24 @@ def test_null_content_renders_with_the_same_variables_as_apply_chat_template():
         assert kept == tok.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=prompt,
                                                date_string="1 Jan 2025")
         assert kept.startswith("<|begin_of_text|>") and "Today Date: 1 Jan 2025" in kept and "Weather of a city" in kept
+
+
+def test_llama_builtin_tools_end_the_call_with_eom():
+    """Llama 3.1 with ``builtin_tools`` (a template option) ends a call turn with ``<|eom_id|>``, where the model
+    stops for the ipython result: that ends the target, and no ``<|eot_id|>`` is put after it (the tokens are the
+    template's own). A builtin tool's call is written in its python form."""
+    tok = family("llama3.1")
+    options = {"builtin_tools": ["brave_search", "wolfram_alpha"]}
+    record = validate_record({"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "brave_search", "arguments": {"query": "Paris weather"}}}]},
+        {"role": "tool", "content": "21 degrees"}, {"role": "assistant", "content": "It is 21 degrees."}]})
+    (example,) = tokenize_examples(record, tok, 4096, chat_template_kwargs=options)
+    assert targets(example, tok) == ['<|python_tag|>brave_search.call(query="Paris weather")<|eom_id|>',
+                                     "It is 21 degrees.<|eot_id|>"]
+    assert example["input_ids"] == tok(tok.apply_chat_template(record["messages"], tokenize=False, **options),
+                                       add_special_tokens=False)["input_ids"]
+    assert "Tools: brave_search, wolfram_alpha" in context(example, tok)
+    (custom,) = tokenize_examples(weather_chat(), tok, 4096, chat_template_kwargs=options)
+    assert all_targets([custom], tok)[0].endswith('"parameters": {"city": "Paris"}}<|eom_id|>')

@@ -61,6 +61,11 @@ from lorakit.train.sources import read_many
 
 IGNORE_INDEX = -100
 OVERFLOW_CHOICES = ("drop", "truncate", "error")
+# tokens with which a template ends an assistant turn that calls a tool, instead of its end of turn: Llama 3.x's
+# <|eom_id|> (with builtin_tools, the model stops there for the ipython result), gpt-oss's <|call|>. Both are in
+# those models' generation eos lists; appending the end-of-turn token after them would put a token into the chat
+# that the template never writes
+TOOL_CALL_ENDS = ("<|eom_id|>", "<|call|>")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,6 +90,8 @@ class TokenizerInfo:
             ``<|endoftext|>``, turns end with ``<|im_end|>``; Gemma: ``<eos>`` vs ``<end_of_turn>``): appending
             eos there would put a token inside every multi-turn chat that the template never writes. Equal to
             ``eot_id`` without a template, or when ``eot_token`` was given.
+        call_end_ids: the tokens (of :data:`TOOL_CALL_ENDS`) this tokenizer has that end an assistant turn which
+            hands over to a tool: such a turn is ended, and nothing is appended after it.
     """
 
     bos_id: int | None
@@ -94,6 +101,7 @@ class TokenizerInfo:
     pad_id: int
     has_offsets: bool
     chat_eot_id: int | None = None
+    call_end_ids: frozenset = frozenset()
 
 
 def tokenizer_info(tokenizer: Any, eot_token: str | None = None) -> TokenizerInfo:
@@ -118,8 +126,9 @@ def tokenizer_info(tokenizer: Any, eot_token: str | None = None) -> TokenizerInf
     except (NotImplementedError, ValueError, TypeError):
         has_offsets = False
     chat_eot = eot_ids[0] if explicit else (template_end_of_turn(tokenizer) or eot_ids[0])
+    added = getattr(tokenizer, "get_added_vocab", dict)()
     return TokenizerInfo(bos_id, adds_bos, eot_ids[0], eot_token, eot_ids[0] if pad_id is None else pad_id, has_offsets,
-                         chat_eot)
+                         chat_eot, frozenset(added[token] for token in TOOL_CALL_ENDS if token in added))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,7 +379,7 @@ def _tokenize_rendered(record: Record, text: str, spans: list[tuple[int, int]], 
         target = ids[a:b]
         eot = info.chat_eot_id if record.shape == "messages" and info.chat_eot_id is not None else info.eot_id
         if record.shape == "messages":  # the template's own end of turn, followed by filler such as "\n"
-            last_eot = max((k for k, t in enumerate(target) if t == eot), default=None)
+            last_eot = max((k for k, t in enumerate(target) if t == eot or t in info.call_end_ids), default=None)
         else:  # the user's own text: all of it is a target; it ends the turn only if its last token does
             last_eot = len(target) - 1 if target and target[-1] == eot else None
         if last_eot is None:  # the template / completion did not end the turn: add the end-of-turn token
