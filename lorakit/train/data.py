@@ -15,7 +15,8 @@ Label rules (``labels`` are aligned with ``input_ids``; the model shifts them by
   system and user turns and template filler are ``IGNORE_INDEX`` (-100).
 - Each supervised turn ends with the end-of-turn token (default: the tokenizer's eos token, ``<|im_end|>`` for
   SmolLM2), and that token is supervised, so the model learns to stop. Template tokens after it (ChatML's
-  trailing newline) are not targets. If a template or a completion does not emit it, it is appended.
+  trailing newline) are not targets. If a template or a completion does not emit it, it is appended (not after a
+  call turn the template ends with ``<|eom_id|>`` or ``<|call|>``: :data:`TOOL_CALL_ENDS`).
 - Position 0 is never a target (nothing precedes it); in packed rows each example's first position is not a
   target either, so no loss term crosses from one example into the next.
 - BOS appears at most once: the text is tokenized without special tokens, and BOS is prepended only when the
