@@ -225,6 +225,21 @@ class LoraLayer(_AdapterHost):
             result = self._adapter_forward(name, x, result)
         return result
 
+    def _refuse_training_merged(self, unmerged: list[str]) -> None:
+        """A merged adapter is in W: its own tensors get no gradient, so training it would silently change nothing
+        (peft trains nothing either). Checked in training forwards whose input carries gradients (a trainable
+        module before this one, or Trainer's ``enable_input_require_grads`` under gradient checkpointing): with
+        no trainable tensor on the way, backward already fails loudly. Refused when no unmerged active adapter
+        is there to train instead."""
+        trainable = lambda name: any(p.requires_grad for p in self.adapters[name].parameters())  # noqa: E731
+        if any(trainable(n) for n in unmerged):
+            return
+        merged = [n for n in self.active if n in self.merged and trainable(n)]
+        if merged:
+            raise LorakitError(f"adapter {merged[0]!r} is merged into the base weight, so training would not change "
+                               "it (its tensors get no gradient): call lorakit.unmerge(model) before training it, or "
+                               "freeze its tensors to train other adapters over it")
+
     def _first_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self._adapter_forward(name, x, self.base_layer(x))
 
@@ -296,21 +311,6 @@ class LoraLinear(LoraLayer):
 
     def write_linear_weight(self, weight: torch.Tensor) -> None:
         quant.set_dense_weight(self.base_layer, weight)
-
-    def _refuse_training_merged(self, unmerged: list[str]) -> None:
-        """A merged adapter is in W: its own tensors get no gradient, so training it would silently change nothing
-        (peft trains nothing either). Checked in training forwards whose input carries gradients (a trainable
-        module before this one, or Trainer's ``enable_input_require_grads`` under gradient checkpointing): with
-        no trainable tensor on the way, backward already fails loudly. Refused when no unmerged active adapter
-        is there to train instead."""
-        trainable = lambda name: any(p.requires_grad for p in self.adapters[name].parameters())  # noqa: E731
-        if any(trainable(n) for n in unmerged):
-            return
-        merged = [n for n in self.active if n in self.merged and trainable(n)]
-        if merged:
-            raise LorakitError(f"adapter {merged[0]!r} is merged into the base weight, so training would not change "
-                               "it (its tensors get no gradient): call lorakit.unmerge(model) before training it, or "
-                               "freeze its tensors to train other adapters over it")
 
     def _first_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         adapter = self.adapters[name]
