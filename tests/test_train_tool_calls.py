@@ -949,3 +949,13 @@ def test_llama_builtin_tools_end_the_call_with_eom():
     assert "Tools: brave_search, wolfram_alpha" in context(example, tok)
     (custom,) = tokenize_examples(weather_chat(), tok, 4096, chat_template_kwargs=options)
     assert all_targets([custom], tok)[0].endswith('"parameters": {"city": "Paris"}}<|eom_id|>')
+
+
+def test_llama_ipython_role_is_a_tool_turn():
+    """Llama 3.1's own name for a tool result ("ipython") trains as role "tool" (the template writes both the same)."""
+    tok = family("llama3.1")
+    record = weather_chat()
+    tool_turn = next(m for m in record["messages"] if m["role"] == "tool")
+    expected = tokenize_examples(record, tok, 4096)
+    tool_turn["role"] = "ipython"
+    assert tokenize_examples(record, tok, 4096) == expected

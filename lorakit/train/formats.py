@@ -455,7 +455,7 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
         role, content = msg.get("role"), msg.get("content")
         if isinstance(role, str):
             role = role.strip().lower()  # "User", "Assistant"
-        if role == "function":  # OpenAI's legacy function result: a tool turn (its "name" says which function)
+        if role in ("function", "ipython"):  # OpenAI's legacy function result, Llama 3.1's tool result: a tool turn
             role = "tool"
         elif role == "developer":  # OpenAI's name for the system turn since o1
             role = "system"
