@@ -959,3 +959,28 @@ def test_llama_ipython_role_is_a_tool_turn():
     expected = tokenize_examples(record, tok, 4096)
     tool_turn["role"] = "ipython"
     assert tokenize_examples(record, tok, 4096) == expected
+
+
+def test_evaluation_generations_stop_at_the_call_end_token(monkeypatch):
+    """Exact-match generation stops where a Llama 3.1 call turn ends (``<|eom_id|>``), as at end of turn."""
+    import torch
+
+    from conftest import tiny_llama
+    from lorakit.train.evaluate import generate_records
+
+    tok = family("llama3.1")
+    eom = tok.convert_tokens_to_ids("<|eom_id|>")
+    model = tiny_llama(vocab_size=len(tok))
+    seen = []
+
+    def generate(input_ids, attention_mask, generation_config, **_):
+        seen.append(list(generation_config.eos_token_id))
+        call = tok('{"name": "get_weather"}', add_special_tokens=False)["input_ids"]
+        tail = torch.tensor([call + [eom] + call] * input_ids.shape[0])  # what follows the stop is not the answer
+        return torch.cat([input_ids, tail], dim=1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    record = validate_record({"messages": [{"role": "user", "content": "Weather in Paris?"},
+                                           {"role": "assistant", "content": "ok"}]})
+    (generation,) = generate_records(model, tok, [record], max_new_tokens=32)
+    assert eom in seen[0] and generation.stopped and generation.text == '{"name": "get_weather"}'

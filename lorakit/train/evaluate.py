@@ -253,6 +253,7 @@ def generate_records(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
     stop = [info.eot_id] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id not in (None, info.eot_id) else [])
     if info.chat_eot_id is not None and info.chat_eot_id not in stop:  # a chat's answer ends with the template's token
         stop.append(info.chat_eot_id)
+    stop += sorted(t for t in info.call_end_ids if t not in stop)  # a tool-call turn ends there (Llama's <|eom_id|>)
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     from lorakit.models.loading import context_length
 
