@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.models import load_base
     from lorakit.models.loading import context_length
     from lorakit.train.config import TrainConfig
-    from lorakit.train.data import Collator, build_dataset, pad_id_for
+    from lorakit.train.batches import Collator
+    from lorakit.train.data import build_dataset, pad_id_for
     from lorakit.train.evaluate import dataset_loss, perplexity, score_generations, scorable
     from lorakit.train.sources import VALIDATION_SPLITS, read_many
     from lorakit.train.loop import compute_dtype_for

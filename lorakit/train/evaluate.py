@@ -18,8 +18,8 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.train.chat_turns import THINK_CLOSE, THINK_OPEN
-from lorakit.train.data import (IGNORE_INDEX, Collator, eval_batches, generation_prompt, reference_text, render_examples,
-                                tokenizer_info)
+from lorakit.train.batches import IGNORE_INDEX, Collator, eval_batches
+from lorakit.train.data import generation_prompt, reference_text, render_examples, tokenizer_info
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):

@@ -40,7 +40,8 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import (  # world is re-exported: the runner imports it from here
     all_reduce_gradients, all_reduce_sum, apply_fsdp, full_state, gather_objects, gathered_trainable, is_sharded,
     sharded_grad_norm_and_clip, world)
-from lorakit.train.data import BatchIterator, Collator, SupervisedDataset, build_dataset, pad_id_for
+from lorakit.train.batches import BatchIterator, Collator
+from lorakit.train.data import SupervisedDataset, build_dataset, pad_id_for
 from lorakit.train.evaluate import autocast_context, dataset_loss, loss_sum, supervised_tokens, to_device
 from lorakit.train.packing import check_packed_rows, sliding_window_layout, window_packed_masks
 from lorakit.train.report import CURVE_NAME, METRICS_NAME, MetricsLog, plot_loss_curve

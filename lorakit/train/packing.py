@@ -1,6 +1,6 @@
 """Packed rows on sliding-window models (Mistral, Gemma 2/3, Qwen2 with use_sliding_window, Phi-3 with a window).
 
-A packed batch carries an explicit (B, 1, T, T) block-causal mask (``lorakit.train.data.block_causal_mask``), and
+A packed batch carries an explicit (B, 1, T, T) block-causal mask (``lorakit.train.batches.block_causal_mask``), and
 transformers uses a 4D mask as given: the sliding window the model applies to a 2D mask is then lost, so a packed
 example longer than the window trained its sliding layers on more context than they ever see at inference
 (measured: Gemma 2 with a window of 8, two examples of 20 and 18 tokens, logits off by 0.28 from each example
