@@ -5,6 +5,7 @@
     GET  /v1/models/{id}         one of them (the openai package's ``models.retrieve``)
     POST /v1/completions         ``model`` names an adapter (or the base); ``stream`` for server-sent events
     POST /v1/chat/completions    the same, with the tokenizer's chat template
+    POST /v1/responses           OpenAI's Responses API (text generation; nothing stored), the chat path's answer
     POST /v1/adapters/load       ``{"name": ...}``: load (or reload from disk) an adapter now
     POST /v1/adapters/unload     ``{"name": ...}``: free it (409 while requests use it)
     GET  /v1/adapters            the adapters in memory
@@ -34,7 +35,9 @@ from lorakit.serve.answers import logprobs_object, prompt_logprobs, stream_event
 from lorakit.serve.engine import Engine, Request, TokenInfo
 from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, resolve_adapter
 from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected
-from lorakit.serve.protocol import AdapterRequest, APIError, ChatRequest, CompletionRequest, error_body
+from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, CompletionRequest, ResponsesRequest,
+                                    error_body)
+from lorakit.serve.responses import final_response, new_ids, response_events
 from lorakit.serve.text import TextAssembler
 from lorakit.serve.transport import CORS, internal_error, not_found, parse, read_json
 
@@ -219,6 +222,35 @@ def create_app(state: ServerState) -> FastAPI:
         top = (body.top_logprobs or 0) if body.logprobs else None
         return await _serve(state, request, body, [prompt_ids], max_tokens, top, chat=True)
 
+    @app.post("/v1/responses")
+    async def responses(request: HTTPRequest):
+        body = parse(ResponsesRequest, await read_json(request, state))
+        prompt_ids = await run_in_threadpool(_encode, state, body.messages(), True, None, "input")
+        limit = _check_lengths(state, prompt_ids, body.max_output_tokens, True, which="the input",
+                               field="max_output_tokens", param="input")
+        params = _sampling_params(state, body, [limit], 1, None)
+        adapter_name = None if body.model == state.base_name else body.model
+        internal = None if adapter_name is None else await _acquire(state, adapter_name)
+        jobs, bridge = _submit(state, [prompt_ids], 1, params, adapter_name, internal, None, None)
+        ident, item_id = new_ids()
+        created = int(time.time())
+        if body.stream:
+            return StreamingResponse(response_events(state, body, jobs[0], bridge, ident, item_id, created,
+                                                     len(prompt_ids)),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        collected = await _collect(state, request, jobs, bridge)
+        if isinstance(collected, JSONResponse):
+            return collected
+        pieces, _, reasons = collected
+        return final_response(body, ident, item_id, created, "".join(pieces[0]), reasons[0], len(prompt_ids),
+                              len(jobs[0].tokens))
+
+    @app.api_route("/v1/responses/{ident:path}", methods=["GET", "DELETE"])
+    async def stored_response(ident: str):
+        # the openai package's responses.retrieve / delete / input_items.list: nothing is ever stored
+        raise APIError(404, f"no response {ident[:80]!r}: this server stores no responses (store is not "
+                       "supported); keep the answer the POST returned", param="response_id", code="not_found")
+
     return app
 
 
@@ -229,16 +261,20 @@ def _vocab_size(state: ServerState) -> int:
     return min(len(state.tokenizer), rows)
 
 
-def _encode(state: ServerState, prompt, chat: bool, template_kwargs: dict | None = None) -> list[int]:
+def _encode(state: ServerState, prompt, chat: bool, template_kwargs: dict | None = None,
+            param: str | None = None) -> list[int]:
+    """``prompt`` (a string, or chat messages with ``chat``) -> token ids; ``param``: the request field it came
+    from, for errors (default ``messages`` or ``prompt``)."""
+    param = param or ("messages" if chat else "prompt")
     chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
     if chars > 16 * state.max_prompt_tokens:  # cheap guard before tokenizing
         raise APIError(400, f"prompt of {chars:,} characters is far over the limit of {state.max_prompt_tokens} "
-                       "tokens", param="messages" if chat else "prompt", code="context_length_exceeded")
+                       "tokens", param=param, code="context_length_exceeded")
     try:
         with state.tokenizer_lock:
             return encode_prompt(state.tokenizer, prompt, chat=chat, chat_template_kwargs=template_kwargs)
     except LorakitError as error:
-        raise APIError(400, str(error), param="messages" if chat else "prompt") from None
+        raise APIError(400, str(error), param=param) from None
 
 
 def _decode(state: ServerState, ids: list[int]) -> str:
@@ -247,11 +283,13 @@ def _decode(state: ServerState, ids: list[int]) -> str:
 
 
 def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | None, chat: bool,
-                   default_tokens: int | None = None, which: str = "the prompt", field: str = "max_tokens") -> int:
+                   default_tokens: int | None = None, which: str = "the prompt", field: str = "max_tokens",
+                   param: str | None = None) -> int:
     """The number of tokens to generate; ``max_tokens`` None (not sent): ``default_tokens`` (None: as many as
     fit), cut to the server's limit and the room the context leaves. ``which``: the prompt's name in errors;
-    ``field``: the request field ``max_tokens`` came from."""
-    param = "messages" if chat else "prompt"
+    ``field``: the request field ``max_tokens`` came from; ``param``: the prompt's (default ``messages`` or
+    ``prompt``)."""
+    param = param or ("messages" if chat else "prompt")
     if not prompt_ids:
         raise APIError(400, f"{which} is empty", param=param)
     if len(prompt_ids) > state.max_prompt_tokens:
@@ -324,17 +362,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     limits = [_check_lengths(state, ids, max_tokens, chat, default_tokens,
                              "the prompt" if len(prompts) == 1 else f"prompt {p} of the batch", field)
               for p, ids in enumerate(prompts)]
-    try:
-        # the sampler works in float32, where 1e-300 is 0: a top_p that small would keep no token, a temperature
-        # that small would divide by zero. Raised to 1e-30 they mean the same (top_p: only the most likely token,
-        # whose probability is at least 1/vocab; temperature: only the largest logit, as float32 logits differ by
-        # far more than 1e-30 x 100 unless they tie)
-        temperature = body.temperature if body.temperature == 0 else max(body.temperature, 1e-30)
-        params = [SamplingParams(max_new_tokens=limit, temperature=temperature, top_p=max(body.top_p, 1e-30),
-                                 stop_token_ids=state.stop_token_ids, seed=_choice_seed(body.seed, i))
-                  for limit in limits if limit > 0 for i in range(n)]  # seed + i: each prompt as if sent alone
-    except LorakitError as error:
-        raise APIError(400, str(error)) from None
+    params = _sampling_params(state, body, [limit for limit in limits if limit > 0], n, body.seed)
     adapter_name = None if body.model == state.base_name else body.model
     internal = None if adapter_name is None else await _acquire(state, adapter_name)
     prompt_lps = None
@@ -356,12 +384,64 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
+    jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0))
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    if body.stream:
+        return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    collected = await _collect(state, http, jobs, bridge)
+    if isinstance(collected, JSONResponse):
+        return collected
+    pieces, infos, reasons = collected
+    completion = sum(len(job.tokens) for job in jobs)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    choices = []
+    for index, reason in enumerate(reasons):
+        echo = echoes[index // n] if echoes is not None else ""
+        text = echo + "".join(pieces[index])
+        finish = "stop" if reason == "stop" else "length"
+        lp = logprobs_object(state, infos[index], chat, len(echo)) if logprobs is not None else None
+        if prompt_lps is not None:
+            lp = {key: prompt_lps[index // n][key] + lp[key] for key in lp}
+        if chat:
+            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                            "logprobs": lp})
+        else:
+            choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": lp})
+    return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": body.model, "choices": choices, "usage": usage}
+
+
+def _sampling_params(state: ServerState, body, limits: list[int], n: int, seed: int | None) -> list[SamplingParams]:
+    """One ``SamplingParams`` per engine row: ``n`` for each limit (each prompt's token budget), from ``body``'s
+    ``temperature`` and ``top_p``; row i of a prompt is seeded ``seed + i``."""
+    try:
+        # the sampler works in float32, where 1e-300 is 0: a top_p that small would keep no token, a temperature
+        # that small would divide by zero. Raised to 1e-30 they mean the same (top_p: only the most likely token,
+        # whose probability is at least 1/vocab; temperature: only the largest logit, as float32 logits differ by
+        # far more than 1e-30 x 100 unless they tie)
+        temperature = body.temperature if body.temperature == 0 else max(body.temperature, 1e-30)
+        return [SamplingParams(max_new_tokens=limit, temperature=temperature, top_p=max(body.top_p, 1e-30),
+                               stop_token_ids=state.stop_token_ids, seed=_choice_seed(seed, i))
+                for limit in limits for i in range(n)]  # seed + i: each prompt as if sent alone
+    except LorakitError as error:
+        raise APIError(400, str(error)) from None
+
+
+def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[SamplingParams],
+            adapter_name: str | None, internal: str | None, stops: list[str] | None, logprobs: int | None,
+            top_k: int = 0) -> tuple[list[Request], _Bridge]:
+    """Hand ``len(params)`` jobs to the engine (job j answers ``prompts[j // n]``), each under the adapter pinned
+    once by ``_acquire`` (``internal``; None: the base); the pin is released when the last job finishes, or here
+    if submitting fails. The jobs' events arrive on the bridge's queue: ``("token", j, text, token, info)`` and
+    ``("done", j, text, reason)``, text being the newly final text (stop strings cut)."""
     pin = _SharedPin(state, adapter_name, len(params))  # from here each job's on_finish releases its share, once
     bridge = _Bridge(asyncio.get_running_loop())
     jobs: list[Request] = []
     try:
         for index, choice_params in enumerate(params):
-            assembler = TextAssembler(state.tokenizer, body.stop, state.stop_token_ids, state.tokenizer_lock)
+            assembler = TextAssembler(state.tokenizer, stops, state.stop_token_ids, state.tokenizer_lock)
 
             def on_token(token: int, info: TokenInfo | None, index=index, assembler=assembler) -> bool:
                 bridge.put(("token", index, assembler.add(token), token, info))
@@ -372,7 +452,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
                 bridge.put(("done", index, assembler.finish(), reason))
 
             job = Request(prompts[index // n], internal, choice_params, on_token, on_finish, logprobs=logprobs,
-                          top_k=max(body.top_k, 0))
+                          top_k=top_k)
             state.engine.submit(job)
             jobs.append(job)
     finally:
@@ -380,11 +460,13 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
             for job in jobs:
                 state.engine.cancel(job)
             pin.done(len(params) - len(jobs))
-    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    if body.stream:
-        return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return jobs, bridge
+
+
+async def _collect(state: ServerState, http: HTTPRequest, jobs: list[Request], bridge: _Bridge):
+    """Wait for every job: ``(pieces, infos, reasons)`` per job (its text pieces, its ``(token, TokenInfo)``
+    where logprobs were asked, its finish reason), or a 499 response once the client has gone (the jobs are then
+    cancelled). A job that failed is a 500."""
     pieces = [[] for _ in jobs]
     infos = [[] for _ in jobs]
     reasons: list[str | None] = [None] * len(jobs)
@@ -409,23 +491,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     failed = next((r for r in reasons if r.startswith("error")), None)
     if failed is not None:
         raise APIError(500, f"generation failed: {failed[7:]}", type="server_error")
-    completion = sum(len(job.tokens) for job in jobs)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-    choices = []
-    for index, reason in enumerate(reasons):
-        echo = echoes[index // n] if echoes is not None else ""
-        text = echo + "".join(pieces[index])
-        finish = "stop" if reason == "stop" else "length"
-        lp = logprobs_object(state, infos[index], chat, len(echo)) if logprobs is not None else None
-        if prompt_lps is not None:
-            lp = {key: prompt_lps[index // n][key] + lp[key] for key in lp}
-        if chat:
-            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                            "logprobs": lp})
-        else:
-            choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": lp})
-    return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": body.model, "choices": choices, "usage": usage}
+    return pieces, infos, reasons
 
 
 async def _watch_disconnect(http: HTTPRequest, bridge: _Bridge) -> None:

@@ -276,3 +276,193 @@ class ChatRequest(_Sampling):
 
 class AdapterRequest(_Strict):
     name: str
+
+
+# -- the Responses API (POST /v1/responses) ----------------------------------------------------------------------
+MAX_METADATA = 16  # OpenAI's limits: 16 pairs, keys of at most 64 characters, values of at most 512
+
+
+class InputText(_Strict):
+    """A text part of an input message: ``input_text``, or ``output_text`` (an earlier answer's part sent back,
+    with its annotations and logprobs, which the chat template never shows)."""
+
+    type: Literal["input_text", "output_text"]
+    text: str
+    annotations: list | None = None
+    logprobs: list | None = None
+
+
+class InputMessage(_Strict):
+    """A message item of ``input``; ``id``, ``status`` and ``phase`` are what an earlier answer's output item holds
+    when a client appends it to its history (they change nothing)."""
+
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[InputText]]
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    phase: Literal["commentary", "final_answer"] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError("content must be a string or a list of text parts ({'type': 'input_text', 'text': ...})")
+        for part in value:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("input_text", "output_text"):
+                shown = repr(kind)[:40] if kind is not None else type(part).__name__
+                raise ValueError(f"only text content parts (input_text, output_text) are supported, got a part of "
+                                 f"type {shown}")
+        return value
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class TextFormat(_Strict):
+    type: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_text(cls, data: Any) -> Any:  # before the fields: a json_schema format is refused by its type
+        kind = data.get("type") if isinstance(data, dict) else None
+        if isinstance(kind, str) and kind != "text":
+            raise ValueError(f"format {kind[:40]!r} is not supported (only plain text answers: "
+                             "{'type': 'text'}); leave text out")
+        return data
+
+
+class TextConfig(_Strict):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+    @field_validator("verbosity")
+    @classmethod
+    def _no_verbosity(cls, value: str | None) -> str | None:
+        return _off(value, f"verbosity {value!r}", ("medium",), "the model's length is set by max_output_tokens")
+
+
+class ResponsesStreamOptions(_Strict):
+    include_obfuscation: bool = True  # OpenAI pads events against side channels; lorakit sends no padding field
+
+
+class ResponsesRequest(_Strict):
+    """OpenAI's Responses API request, the text-generation subset vLLM also serves: ``input`` is a string (one
+    user message) or message items, ``instructions`` a system message put first. Nothing is stored, so what
+    needs a stored response (``previous_response_id``, ``conversation``, ``background``) is refused by name, as
+    are tools, reasoning controls and structured output."""
+
+    model: str
+    input: list[InputMessage]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float = _finite(1.0, ge=0.0, le=2.0)
+    top_p: float = _finite(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    stream_options: ResponsesStreamOptions | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None  # a billing hint: no effect
+    store: bool | None = None  # accepted either way; nothing is stored (the answer says "store": false)
+    text: TextConfig | None = None
+    # fields at their "off" values, as client libraries (the Agents SDK, LangChain) send them
+    previous_response_id: str | None = None
+    conversation: Union[str, dict, None] = None
+    prompt: dict | None = None
+    background: bool | None = None
+    reasoning: dict | None = None
+    tools: list | None = None
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: int | None = None
+    truncation: str | None = None
+    include: list | None = None
+    top_logprobs: int | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _messages(cls, value: Any) -> Any:
+        """A string is one user message; a list holds message items only (``type`` "message" or left out)."""
+        if isinstance(value, str):
+            return [{"role": "user", "content": value}]
+        if not isinstance(value, list):
+            raise ValueError("input must be a string or a list of message items ({'role': 'user', 'content': ...})")
+        if not value:
+            raise ValueError("input is empty")
+        for index, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise ValueError(f"input[{index}] must be a message item (an object), got {type(item).__name__}")
+            kind = item.get("type")
+            if kind not in (None, "message"):
+                raise ValueError(f"input[{index}] is an item of type {str(kind)[:40]!r}; only message items are "
+                                 "supported (no tools or reasoning items on this server)")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict | None) -> dict | None:
+        if value is not None and (len(value) > MAX_METADATA or any(len(k) > 64 or len(v) > 512 for k, v in value.items())):
+            raise ValueError(f"metadata takes at most {MAX_METADATA} pairs, keys of at most 64 characters and "
+                             "values of at most 512")
+        return value
+
+    @field_validator("previous_response_id", "conversation", "prompt")
+    @classmethod
+    def _nothing_stored(cls, value: Any, info) -> Any:
+        return _off(value, info.field_name, (None,), "this server stores no responses, conversations or prompts; "
+                    "send the whole conversation in input")
+
+    @field_validator("background")
+    @classmethod
+    def _no_background(cls, value: bool | None) -> bool | None:
+        return _off(value, "background=true", (False,), "this server stores no responses to fetch later")
+
+    @field_validator("reasoning")
+    @classmethod
+    def _no_reasoning(cls, value: dict | None) -> dict | None:
+        if value and any(v is not None for v in value.values()):
+            raise ValueError("reasoning is not supported (no reasoning controls on this server); leave it out")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list | None) -> list | None:
+        return _off(value, "tools", ([],), "no function calling")
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: Any) -> Any:
+        return _off(value, f"tool_choice {str(value)[:40]!r}", ("none", "auto"), "no function calling")
+
+    @field_validator("max_tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, value: int | None) -> int | None:
+        return _off(value, "max_tool_calls", (None,), "no function calling")
+
+    @field_validator("truncation")
+    @classmethod
+    def _no_truncation(cls, value: str | None) -> str | None:
+        return _off(value, f"truncation {str(value)[:40]!r}", ("disabled",),
+                    "an input over the context is refused, never cut")
+
+    @field_validator("include")
+    @classmethod
+    def _no_include(cls, value: list | None) -> list | None:
+        return _off(value, f"include {str(value)[:60]}", ([],), "no extra output data")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: int | None) -> int | None:
+        return _off(value, "top_logprobs", (0,), "logprobs are served by /v1/chat/completions")
+
+    def messages(self) -> list[dict]:
+        """The chat-template messages: ``instructions`` first as a system message; developer reads as system."""
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
+        messages += [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in self.input]
+        return messages

@@ -112,8 +112,8 @@ class CORS(CORSMiddleware):
                                                       if k.lower() not in ("content-length", "content-type")})
 
 
-ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/adapters", "/v1/adapters/load",
-          "/v1/adapters/unload")
+ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/adapters",
+          "/v1/adapters/load", "/v1/adapters/unload")
 
 
 def not_found(method: str, path: str) -> str:

@@ -1,0 +1,326 @@
+"""OpenAI's Responses API (``POST /v1/responses``) on a real ``lorakit serve`` process, over real sockets.
+
+The answer is the chat endpoint's: same chat template, same adapter, same engine, so greedy answers are equal
+text for text and token for token. The wire format is checked against the ``openai`` package's own types
+(``Response`` and every stream event validated by pydantic, strictly, so a missing required field fails) and
+by the package's client itself (``client.responses.create``, streaming, the ``responses.stream`` helper that
+rebuilds the answer from the events).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder
+
+KEY = "responses-key"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+LONG = 900  # tokens of a generation long enough to see whether a cancelled one stops
+LONG_INPUT = "Paris is the capital of"  # a turn the model never ends
+STREAM_ORDER = ["response.created", "response.in_progress", "response.output_item.added",
+                "response.content_part.added"]
+STREAM_END = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("responses")
+    model_dir = tiny_hf_folder(root / "model", initializer_range=0.5, max_position_embeddings=1024)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.generation import encode_prompt, end_of_turn_ids
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eots = end_of_turn_ids(tokenizer)
+    with torch.no_grad():
+        for token in eots:  # first the model never ends a turn (a zero logit, below the largest random one)
+            base.lm_head.weight[token] = 0
+        hello = _greedy(base, encode_prompt(tokenizer, [{"role": "user", "content": "Hello"}], chat=True), 6)
+        long = _greedy(base, encode_prompt(tokenizer, [{"role": "user", "content": LONG_INPUT}], chat=True), LONG)
+        # then it ends where it would say a token of its answer to "Hello" that its long answer never holds
+        end = next(token for token in hello[2:] if token not in long)
+        for token in eots:
+            base.lm_head.weight[token] = 1.001 * base.lm_head.weight[end]
+    base.save_pretrained(model_dir)
+    adapters = root / "adapters"
+    for seed, name in enumerate(("a0", "a1")):
+        make_adapter(base, adapters / name, seed=seed + 31)
+    make_adapter(base, adapters / "zero", seed=40, std=0.0)  # B = 0: answers exactly as the base
+    proc = ServerProcess(model_dir, adapters, "--max-tokens", str(LONG), "--max-prompt-tokens", "128", api_key=KEY,
+                         log=root / "server.log")
+    client = httpx.Client(base_url=proc.url, headers=HEADERS, timeout=60)
+    try:
+        yield {"url": proc.url, "client": client, "server": proc}
+    finally:
+        client.close()
+        proc.stop()
+
+
+def _greedy(model, ids: list[int], steps: int) -> list[int]:
+    from lorakit.generation import decode, prefill
+
+    logits, batch = prefill(model, [ids], [None])
+    tokens = []
+    for _ in range(steps):
+        tokens.append(int(logits[0].argmax()))
+        logits = decode(model, batch, tokens[-1:], [None])
+    return tokens
+
+
+def _ok(response: httpx.Response) -> dict:
+    assert response.status_code == 200, response.text[:500]
+    return response.json()
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    assert "\n" not in response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def _validated(body: dict):
+    """The body as the openai package's ``Response``, validated (required fields, types, literals)."""
+    from openai.types.responses import Response
+
+    return Response.model_validate(body, strict=False)
+
+
+def _chat(client, model: str, messages: list[dict], max_tokens: int) -> dict:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    return _ok(client.post("/v1/chat/completions", json=body))
+
+
+def _respond(client, model: str, input, max_output_tokens: int, **extra) -> dict:
+    body = {"model": model, "input": input, "max_output_tokens": max_output_tokens, "temperature": 0, **extra}
+    return _ok(client.post("/v1/responses", json=body))
+
+
+def _stream(url: str, body: dict) -> list[tuple[str, dict]]:
+    """(SSE event name, data) of each event of a streamed answer."""
+    events, name = [], None
+    with httpx.Client(base_url=url, headers=HEADERS, timeout=60) as own, own.stream(
+            "POST", "/v1/responses", json={**body, "stream": True}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    return events
+
+
+HISTORY = [  # what clients send: typed and untyped items, part lists, an earlier answer's item sent back
+    {"role": "developer", "content": "Answer briefly."},
+    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Paris is"}]},
+    {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+     "content": [{"type": "output_text", "text": "the capital", "annotations": [], "logprobs": []}]},
+    {"role": "user", "content": "of France. Berlin is"},
+]
+AS_CHAT = [{"role": "system", "content": "Be kind."}, {"role": "system", "content": "Answer briefly."},
+           {"role": "user", "content": "Paris is"}, {"role": "assistant", "content": "the capital"},
+           {"role": "user", "content": "of France. Berlin is"}]
+
+
+@pytest.mark.parametrize("model", ["base", "a0", "a1"])
+def test_answer_is_the_chat_answer(server, model):
+    client = server["client"]
+    for input, messages, extra in [("Hello", [{"role": "user", "content": "Hello"}], {}),
+                                   (HISTORY, AS_CHAT, {"instructions": "Be kind."})]:
+        chat = _chat(client, model, messages, 12)
+        body = _respond(client, model, input, 12, **extra)
+        response = _validated(body)
+        choice = chat["choices"][0]
+        assert response.output_text == choice["message"]["content"]
+        assert body["id"].startswith("resp_") and body["object"] == "response" and body["model"] == model
+        item = body["output"][0]
+        assert len(body["output"]) == 1 and item["id"].startswith("msg_") and item["role"] == "assistant"
+        expected = "completed" if choice["finish_reason"] == "stop" else "incomplete"
+        assert body["status"] == item["status"] == expected
+        assert body["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
+        assert body["usage"]["output_tokens"] == chat["usage"]["completion_tokens"]
+        assert body["usage"]["total_tokens"] == chat["usage"]["total_tokens"]
+        assert body["instructions"] == extra.get("instructions") and body["store"] is False
+
+
+def test_completed_and_incomplete(server):
+    client = server["client"]
+    done = _validated(_respond(server["client"], "base", "Hello", 10))
+    assert done.status == "completed" and done.incomplete_details is None and done.output_text  # ended its turn
+    assert 3 <= done.usage.output_tokens <= 6  # the end of turn after two to five tokens of text
+    cut = _respond(client, "base", "Hello", 1)
+    assert cut["status"] == "incomplete" and cut["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert cut["output"][0]["status"] == "incomplete" and cut["usage"]["output_tokens"] == 1
+    assert done.output_text.startswith(_validated(cut).output_text)
+    assert cut["max_output_tokens"] == 1 and cut["temperature"] == 0
+
+
+@pytest.mark.parametrize("model, input, instructions, status", [("zero", "Hello", None, "completed"),
+                                                                 ("a0", HISTORY, "Be kind.", "incomplete")])
+def test_stream_events(server, model, input, instructions, status):
+    from pydantic import TypeAdapter
+
+    from openai.types.responses import ResponseStreamEvent
+
+    body = {"model": model, "input": input, "instructions": instructions, "max_output_tokens": 10,
+            "temperature": 0, "metadata": {"run": "7"}}
+    whole = _ok(server["client"].post("/v1/responses", json=body))
+    assert whole["status"] == status  # both ends are covered
+    events = _stream(server["url"], body)
+    kinds = [data["type"] for _, data in events]
+    deltas = kinds[len(STREAM_ORDER):len(kinds) - len(STREAM_END) - 1]
+    last = f"response.{status}"
+    assert kinds == STREAM_ORDER + ["response.output_text.delta"] * len(deltas) + STREAM_END + [last]
+    assert len(deltas) >= 2 and [name for name, _ in events] == kinds
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    parsed = [TypeAdapter(ResponseStreamEvent).validate_python(data) for _, data in events]
+    assert [type(p).__name__ for p in parsed][:2] == ["ResponseCreatedEvent", "ResponseInProgressEvent"]
+    assert parsed[0].response.status == "in_progress" and parsed[0].response.output == []
+    text = "".join(p.delta for p in parsed if p.type == "response.output_text.delta")
+    assert text == whole["output"][0]["content"][0]["text"] and text  # the deltas join to the non-streamed text
+    assert parsed[-4].text == parsed[-3].part.text == parsed[-2].item.content[0].text == text
+    final = parsed[-1].response
+    assert final.output_text == text and final.status == whole["status"] and final.metadata == {"run": "7"}
+    assert final.usage.output_tokens == whole["usage"]["output_tokens"]
+    ids = {p.item_id for p in parsed if hasattr(p, "item_id")} | {parsed[2].item.id, final.output[0].id}
+    assert len(ids) == 1 and {final.id} == {p.response.id for p in parsed if hasattr(p, "response")}
+
+
+def test_refusals_name_the_field(server):
+    client = server["client"]
+    good = {"model": "a0", "input": "Hello", "max_output_tokens": 4}
+    cases = [
+        ({"previous_response_id": "resp_123"}, "previous_response_id"),
+        ({"conversation": "conv_1"}, "conversation"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format"),
+        ({"reasoning": {"effort": "high"}}, "reasoning"),
+        ({"truncation": "auto"}, "truncation"),
+        ({"background": True}, "background"),
+        ({"include": ["message.output_text.logprobs"]}, "include"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]},
+         "input.0.content"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
+        ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role"),
+        ({"input": []}, "input"),
+        ({"input": 7}, "input"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"max_output_tokens": "4"}, "max_output_tokens"),
+        ({"max_output_tokens": LONG + 1}, "max_output_tokens"),
+        ({"temperature": 3}, "temperature"),
+        ({"metadata": {"k": "v" * 513}}, "metadata"),
+        ({"input": "word " * 300}, "input"),  # over --max-prompt-tokens 128
+        ({"max_tokens": 4}, "max_tokens"),  # the chat field: unknown here
+        ({"model": "../a0"}, "model"),
+    ]
+    for extra, param in cases:
+        error = _error(client.post("/v1/responses", json={**good, **extra}), 400)
+        assert error["param"] == param, (extra, error)
+        assert ("adapter name" if param == "model" else param.split(".")[0]) in error["message"], (extra, error)
+    assert "previous_response_id" in _error(client.post("/v1/responses", json={**good, "previous_response_id": "r"}),
+                                             400)["message"]
+    assert _error(client.post("/v1/responses", json={**good, "model": "nope"}), 404)["param"] == "model"
+    assert _error(client.post("/v1/responses", json={k: v for k, v in good.items() if k != "input"}),
+                  400)["message"] == "missing required field 'input'"
+    assert _error(httpx.post(server["url"] + "/v1/responses", json=good), 401)["code"] == "invalid_api_key"
+    assert _error(client.get("/v1/responses/resp_123"), 404)["code"] == "not_found"  # nothing is stored
+    assert "/v1/responses" in _error(client.post("/responses", json=good), 404)["message"]
+    # the "off" values client libraries send are accepted, nulls read as left out
+    off = {"tools": [], "tool_choice": "auto", "parallel_tool_calls": False, "truncation": "disabled", "include": [],
+           "reasoning": None, "text": {"format": {"type": "text"}}, "store": True, "user": "u1", "top_logprobs": 0,
+           "stream_options": None, "service_tier": "auto", "metadata": None, "instructions": None, "top_p": None}
+    body = _ok(client.post("/v1/responses", json={**good, **off}))
+    assert body["store"] is False and body["parallel_tool_calls"] is False and body["user"] == "u1"
+
+
+def test_concurrent_with_chat_and_other_adapters(server):
+    """Responses and chat requests for three models at once, batched by the engine: each answer is the one it
+    gets alone."""
+    client = server["client"]
+    jobs = [(model, kind) for model in ("base", "a0", "a1") for kind in ("chat", "responses")] * 2
+    alone = {model: _chat(client, model, [{"role": "user", "content": "How are you"}], 14)["choices"][0]
+             ["message"]["content"] for model in ("base", "a0", "a1")}
+
+    def one(job):
+        model, kind = job
+        with httpx.Client(base_url=server["url"], headers=HEADERS, timeout=60) as own:
+            if kind == "chat":
+                return _chat(own, model, [{"role": "user", "content": "How are you"}], 14)["choices"][0]["message"]["content"]
+            return _validated(_respond(own, model, "How are you", 14)).output_text
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(one, jobs))
+    assert answers == [alone[model] for model, _ in jobs]
+    assert len(set(alone.values())) == 3  # the adapters change the answer
+
+
+def _wait_idle(client, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        stats = client.get("/health").json()
+        if stats["running"] == 0 and stats["waiting"] == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_gone_stops_generation(server, stream):
+    client = server["client"]
+    body = {"model": "zero", "input": LONG_INPUT, "max_output_tokens": LONG, "temperature": 0,
+            "stream": stream}
+    if not stream:  # the whole generation once: it runs to the limit (the model does not end this turn)
+        assert _respond(client, "zero", LONG_INPUT, LONG)["status"] == "incomplete"
+    steps = client.get("/health").json()["steps"]
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((server["url"].split("//")[1].split(":")[0], int(server["url"].rsplit(":", 1)[1])))
+    sock.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    if stream:
+        assert b"response.created" in sock.recv(4096)  # the stream has started
+    time.sleep(0.2)
+    assert client.get("/health").json()["running"] == 1
+    sock.close()
+    assert _wait_idle(client, 3.0), "the generation went on after its client left"
+    assert client.get("/health").json()["steps"] - steps < LONG / 2
+    assert client.post("/v1/adapters/unload", json={"name": "zero"}).status_code == 200  # its pin was released
+
+
+def test_openai_sdk(server):
+    import openai
+
+    sdk = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0)
+    messages = [{"role": "user", "content": "Paris is the capital of"}]
+    chat = sdk.chat.completions.create(model="a0", messages=messages, max_tokens=10, temperature=0)
+    reply = sdk.responses.create(model="a0", input="Paris is the capital of", max_output_tokens=10, temperature=0)
+    assert reply.output_text == chat.choices[0].message.content and reply.output_text
+    assert reply.usage.input_tokens == chat.usage.prompt_tokens
+    events = list(sdk.responses.create(model="a0", input=messages, max_output_tokens=10, temperature=0, stream=True))
+    assert [e.type for e in events][:4] == STREAM_ORDER and events[-1].response.output_text == reply.output_text
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == reply.output_text
+    # the helper rebuilds the answer from the events (and wants response.completed: an answer that ends its turn)
+    hello = sdk.responses.create(model="zero", input="Hello", max_output_tokens=10, temperature=0)
+    with sdk.responses.stream(model="zero", input="Hello", max_output_tokens=10, temperature=0) as stream:
+        final = stream.get_final_response()
+    assert final.status == hello.status == "completed" and final.output_text == hello.output_text
+    # an agent's loop: the answer's output items appended to the input, sent back as the next turn's history
+    history = [*messages, *[item.model_dump(exclude_none=True) for item in reply.output],
+               {"role": "user", "content": "and Berlin?"}]
+    again = sdk.responses.create(model="a0", input=history, max_output_tokens=6, temperature=0)
+    turn = sdk.chat.completions.create(model="a0", max_tokens=6, temperature=0, messages=[
+        *messages, {"role": "assistant", "content": reply.output_text}, {"role": "user", "content": "and Berlin?"}])
+    assert again.output_text == turn.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        sdk.responses.create(model="a0", input="x", previous_response_id=reply.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(reply.id)
