@@ -234,6 +234,8 @@ def test_refusals_name_the_field(server):
                   400)["message"] == "missing required field 'input'"
     assert _error(httpx.post(server["url"] + "/v1/responses", json=good), 401)["code"] == "invalid_api_key"
     assert _error(client.get("/v1/responses/resp_123"), 404)["code"] == "not_found"  # nothing is stored
+    assert "stores no responses" in _error(client.post("/v1/responses/resp_123/cancel"), 404)["message"]
+    assert "no trailing slash" in _error(client.post("/v1/responses/", json=good), 404)["message"]
     assert "/v1/responses" in _error(client.post("/responses", json=good), 404)["message"]
     # the "off" values client libraries send are accepted, nulls read as left out
     off = {"tools": [], "tool_choice": "auto", "parallel_tool_calls": False, "truncation": "disabled", "include": [],
@@ -286,9 +288,16 @@ def test_client_gone_stops_generation(server, stream):
     sock = socket.create_connection((server["url"].split("//")[1].split(":")[0], int(server["url"].rsplit(":", 1)[1])))
     sock.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
-    if stream:
-        assert b"response.created" in sock.recv(4096)  # the stream has started
-    time.sleep(0.2)
+    if stream:  # the stream has started (the headers may come in a packet of their own)
+        sock.settimeout(10)
+        received = b""
+        while b"response.created" not in received:
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+    deadline = time.monotonic() + 3  # admitted (a row between waiting and running counts in neither for a moment)
+    while client.get("/health").json()["running"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert client.get("/health").json()["running"] == 1
     sock.close()
     assert _wait_idle(client, 3.0), "the generation went on after its client left"
@@ -314,7 +323,7 @@ def test_openai_sdk(server):
         final = stream.get_final_response()
     assert final.status == hello.status == "completed" and final.output_text == hello.output_text
     # an agent's loop: the answer's output items appended to the input, sent back as the next turn's history
-    history = [*messages, *[item.model_dump(exclude_none=True) for item in reply.output],
+    history = [*messages, *[item.model_dump() for item in reply.output],
                {"role": "user", "content": "and Berlin?"}]
     again = sdk.responses.create(model="a0", input=history, max_output_tokens=6, temperature=0)
     turn = sdk.chat.completions.create(model="a0", max_tokens=6, temperature=0, messages=[
@@ -324,3 +333,42 @@ def test_openai_sdk(server):
         sdk.responses.create(model="a0", input="x", previous_response_id=reply.id)
     with pytest.raises(openai.NotFoundError):
         sdk.responses.retrieve(reply.id)
+
+
+def test_stream_of_a_failed_or_abandoned_generation():
+    """In process, without a model: a generation that fails mid-stream ends with ``response.failed`` (what the
+    openai package reads as the end of a failed answer), and a stream closed early cancels its engine job."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pydantic import TypeAdapter
+
+    from openai.types.responses import ResponseStreamEvent
+
+    from lorakit.serve.protocol import ResponsesRequest
+    from lorakit.serve.responses import response_events
+
+    cancelled = []
+    state = SimpleNamespace(engine=SimpleNamespace(cancel=cancelled.append))
+    body = ResponsesRequest.model_validate({"model": "a0", "input": "Hello"})
+
+    async def run(events: list[tuple], take: int | None) -> list[dict]:
+        bridge = SimpleNamespace(queue=asyncio.Queue())
+        for item in events:
+            bridge.queue.put_nowait(item)
+        job = SimpleNamespace(tokens=[5, 6])
+        stream = response_events(state, body, job, bridge, "resp_x", "msg_x", 0, 4)
+        out = []
+        async for chunk in stream:
+            out.append(json.loads(chunk.split("data: ", 1)[1]))
+            if take is not None and len(out) == take:
+                await stream.aclose()  # what Starlette does when the client goes
+                break
+        return out
+
+    failed = asyncio.run(run([("token", 0, "Hi", 5, None), ("done", 0, "", "error: RuntimeError")], None))
+    parsed = [TypeAdapter(ResponseStreamEvent).validate_python(event) for event in failed]
+    assert [p.type for p in parsed] == STREAM_ORDER + ["response.output_text.delta", "response.failed"]
+    assert parsed[-1].response.status == "failed" and parsed[-1].response.error.code == "server_error"
+    assert "RuntimeError" in parsed[-1].response.error.message and cancelled == []
+    assert len(asyncio.run(run([("token", 0, "Hi", 5, None)], 5))) == 5 and len(cancelled) == 1

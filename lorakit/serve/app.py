@@ -245,9 +245,11 @@ def create_app(state: ServerState) -> FastAPI:
         return final_response(body, ident, item_id, created, "".join(pieces[0]), reasons[0], len(prompt_ids),
                               len(jobs[0].tokens))
 
-    @app.api_route("/v1/responses/{ident:path}", methods=["GET", "DELETE"])
-    async def stored_response(ident: str):
-        # the openai package's responses.retrieve / delete / input_items.list: nothing is ever stored
+    @app.api_route("/v1/responses/{ident:path}", methods=["GET", "POST", "DELETE"])
+    async def stored_response(request: HTTPRequest, ident: str):
+        # the openai package's responses.retrieve / delete / cancel / input_items.list: nothing is ever stored
+        if not ident:  # "/v1/responses/": the trailing slash, said as for every route
+            raise APIError(404, not_found(request.method, request.url.path), code="not_found")
         raise APIError(404, f"no response {ident[:80]!r}: this server stores no responses (store is not "
                        "supported); keep the answer the POST returned", param="response_id", code="not_found")
 
