@@ -54,8 +54,8 @@ def server(tmp_path_factory):
     for seed, name in enumerate(("a0", "a1")):
         make_adapter(base, adapters / name, seed=seed + 31)
     make_adapter(base, adapters / "zero", seed=40, std=0.0)  # B = 0: answers exactly as the base
-    proc = ServerProcess(model_dir, adapters, "--max-tokens", str(LONG), "--max-prompt-tokens", "128", api_key=KEY,
-                         log=root / "server.log")
+    proc = ServerProcess(model_dir, adapters, "--max-tokens", str(LONG), "--max-prompt-tokens", "128",
+                         "--cors-origin", "http://ui.example", api_key=KEY, log=root / "server.log")
     client = httpx.Client(base_url=proc.url, headers=HEADERS, timeout=60)
     try:
         yield {"url": proc.url, "client": client, "server": proc}
@@ -67,12 +67,17 @@ def server(tmp_path_factory):
 def _greedy(model, ids: list[int], steps: int) -> list[int]:
     from lorakit.generation import decode, prefill
 
-    logits, batch = prefill(model, [ids], [None])
-    tokens = []
-    for _ in range(steps):
-        tokens.append(int(logits[0].argmax()))
-        logits = decode(model, batch, tokens[-1:], [None])
-    return tokens
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one-token steps of a tiny model: 15x slower with threads fighting on a busy machine
+    try:
+        logits, batch = prefill(model, [ids], [None])
+        tokens = []
+        for _ in range(steps):
+            tokens.append(int(logits[0].argmax()))
+            logits = decode(model, batch, tokens[-1:], [None])
+        return tokens
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _ok(response: httpx.Response) -> dict:
@@ -164,6 +169,15 @@ def test_completed_and_incomplete(server):
     assert cut["max_output_tokens"] == 1 and cut["temperature"] == 0
 
 
+def test_top_k_one_is_greedy(server):
+    """vLLM's ``top_k`` extension, as on the chat endpoint: sampling at temperature 1 among one token is greedy."""
+    client = server["client"]
+    greedy = _respond(client, "a1", "How are you", 12)["output"][0]["content"][0]["text"]
+    assert all(_respond(client, "a1", "How are you", 12, temperature=1.0, top_k=1)["output"][0]["content"][0]["text"]
+               == greedy for _ in range(2))
+    assert _error(client.post("/v1/responses", json={"model": "a1", "input": "x", "top_k": -2}), 400)["param"] == "top_k"
+
+
 @pytest.mark.parametrize("model, input, instructions, status", [("zero", "Hello", None, "completed"),
                                                                  ("a0", HISTORY, "Be kind.", "incomplete")])
 def test_stream_events(server, model, input, instructions, status):
@@ -233,6 +247,12 @@ def test_refusals_name_the_field(server):
     assert _error(client.post("/v1/responses", json={k: v for k, v in good.items() if k != "input"}),
                   400)["message"] == "missing required field 'input'"
     assert _error(httpx.post(server["url"] + "/v1/responses", json=good), 401)["code"] == "invalid_api_key"
+    preflight = httpx.options(server["url"] + "/v1/responses", headers={  # a chat page in a browser, as for chat
+        "Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "http://ui.example"
+    cross = client.post("/v1/responses", json=good, headers={"Origin": "http://ui.example"})
+    assert cross.status_code == 200 and cross.headers["access-control-allow-origin"] == "http://ui.example"
     assert _error(client.get("/v1/responses/resp_123"), 404)["code"] == "not_found"  # nothing is stored
     assert "stores no responses" in _error(client.post("/v1/responses/resp_123/cancel"), 404)["message"]
     assert "no trailing slash" in _error(client.post("/v1/responses/", json=good), 404)["message"]

@@ -231,7 +231,7 @@ def create_app(state: ServerState) -> FastAPI:
         params = _sampling_params(state, body, [limit], 1, None)
         adapter_name = None if body.model == state.base_name else body.model
         internal = None if adapter_name is None else await _acquire(state, adapter_name)
-        jobs, bridge = _submit(state, [prompt_ids], 1, params, adapter_name, internal, None, None)
+        jobs, bridge = _submit(state, [prompt_ids], 1, params, adapter_name, internal, None, None, max(body.top_k, 0))
         ident, item_id = new_ids()
         created = int(time.time())
         if body.stream:

@@ -361,6 +361,7 @@ class ResponsesRequest(_Strict):
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float = _finite(1.0, ge=0.0, le=2.0)
     top_p: float = _finite(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # vLLM's extension here too (its Responses API takes it); -1, 0: off
     stream: bool = False
     stream_options: ResponsesStreamOptions | None = None
     metadata: dict[str, str] | None = None
