@@ -234,6 +234,7 @@ def test_refusals_name_the_field(server):
         ({"temperature": 3}, "temperature"),
         ({"metadata": {"k": "v" * 513}}, "metadata"),
         ({"input": "word " * 300}, "input"),  # over --max-prompt-tokens 128
+        ({"input": [{"role": "user", "content": ""}] * 129}, "input"),  # refused before the template runs
         ({"max_tokens": 4}, "max_tokens"),  # the chat field: unknown here
         ({"model": "../a0"}, "model"),
     ]
@@ -241,6 +242,9 @@ def test_refusals_name_the_field(server):
         error = _error(client.post("/v1/responses", json={**good, **extra}), 400)
         assert error["param"] == param, (extra, error)
         assert ("adapter name" if param == "model" else param.split(".")[0]) in error["message"], (extra, error)
+    many = _error(client.post("/v1/chat/completions", json={"model": "a0", "messages": [{"role": "user", "content": ""}]
+                                                            * 30_000}), 400)  # chat shares the guard
+    assert many["param"] == "messages" and "30,000 messages" in many["message"]
     assert "previous_response_id" in _error(client.post("/v1/responses", json={**good, "previous_response_id": "r"}),
                                              400)["message"]
     assert _error(client.post("/v1/responses", json={**good, "model": "nope"}), 404)["param"] == "model"

@@ -268,6 +268,11 @@ def _encode(state: ServerState, prompt, chat: bool, template_kwargs: dict | None
     """``prompt`` (a string, or chat messages with ``chat``) -> token ids; ``param``: the request field it came
     from, for errors (default ``messages`` or ``prompt``)."""
     param = param or ("messages" if chat else "prompt")
+    if not isinstance(prompt, str) and len(prompt) > state.max_prompt_tokens:
+        # every message costs the template at least one token: 35,000 empty ones in a 1 MiB body would hold the
+        # tokenizer (and every other request's detokenizing) for seconds before the token count refuses them
+        raise APIError(400, f"{param} holds {len(prompt):,} messages, over the limit of {state.max_prompt_tokens} "
+                       "prompt tokens (each message takes at least one)", param=param, code="context_length_exceeded")
     chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
     if chars > 16 * state.max_prompt_tokens:  # cheap guard before tokenizing
         raise APIError(400, f"prompt of {chars:,} characters is far over the limit of {state.max_prompt_tokens} "
