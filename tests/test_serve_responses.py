@@ -2,9 +2,9 @@
 
 The answer is the chat endpoint's: same chat template, same adapter, same engine, so greedy answers are equal
 text for text and token for token. The wire format is checked against the ``openai`` package's own types
-(``Response`` and every stream event validated by pydantic, strictly, so a missing required field fails) and
-by the package's client itself (``client.responses.create``, streaming, the ``responses.stream`` helper that
-rebuilds the answer from the events).
+(``Response`` and every stream event validated by pydantic, so a missing required field or a wrong literal
+fails) and by the package's client itself (``client.responses.create``, streaming, the ``responses.stream``
+helper that rebuilds the answer from the events).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _validated(body: dict):
     """The body as the openai package's ``Response``, validated (required fields, types, literals)."""
     from openai.types.responses import Response
 
-    return Response.model_validate(body, strict=False)
+    return Response.model_validate(body)
 
 
 def _chat(client, model: str, messages: list[dict], max_tokens: int) -> dict:
