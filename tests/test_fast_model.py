@@ -24,6 +24,13 @@ def _lora_model(model):
     return model.train()
 
 
+def _randomize_b(model):
+    torch.manual_seed(4)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+
+
 def _loss_and_grads(model, ids, labels, **kw):
     model.zero_grad(set_to_none=True)
     out = model(input_ids=ids, labels=labels, **kw)
@@ -49,13 +56,25 @@ def _other_model(kind):
         return transformers.MistralForCausalLM(transformers.MistralConfig(**common))
     if kind == "gemma":
         return transformers.GemmaForCausalLM(transformers.GemmaConfig(head_dim=8, **common))
+    if kind == "mixtral":
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2,
+                                                                          **common))
+    if kind == "qwen2_moe":  # routed experts plus a shared SwiGLU expert (fused) per layer
+        return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=48,
+            **common))
     return tiny_llama()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral", "gemma"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral", "gemma", "mixtral", "qwen2_moe"])
 def test_same_loss_and_lora_grads(kind):
     torch.manual_seed(0)
     model = _lora_model(_other_model(kind))
+    if kind in ("mixtral", "qwen2_moe"):  # the experts (3-D parameters) too, as --target-parameters adapts them
+        lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=[], target_parameters=[
+            "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), adapter="experts")
+        lorakit.set_adapter(model, ["default", "experts"])
+        _randomize_b(model)
     ids, labels = _batch()
     ref_out, ref_grads = _loss_and_grads(model, ids, labels)
     keys = set(model.state_dict())
@@ -63,12 +82,16 @@ def test_same_loss_and_lora_grads(kind):
     assert report.applied and report.fused_loss, str(report)
     expected_norms = 2 * 2 + 1 + (2 * 2 if kind == "qwen3" else 0)  # 2 per layer + final (+ q/k norms)
     assert report.rms_norms == expected_norms
-    assert report.mlps == (0 if kind == "gemma" else 2)  # Gemma's MLP is GeGLU: left as it is
+    # Gemma's MLP is GeGLU and Mixtral has only experts: left as they are; Qwen2-MoE's shared expert is fused
+    assert report.mlps == (0 if kind in ("gemma", "mixtral") else 2)
     assert set(model.state_dict()) == keys
     out, grads = _loss_and_grads(model, ids, labels)
     assert out.logits is None  # never built
     assert_close(out.loss, ref_out.loss)
-    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 7 * 2
+    moe = kind in ("mixtral", "qwen2_moe")
+    # Mixtral's MLP is its experts: no gate/up/down Linear for "default"; the expert adapter adds 2 x (A, B) per layer
+    linear_targets = 4 if kind == "mixtral" else 7
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * linear_targets * 2 + (2 * 2 * 2 if moe else 0)
     for name in grads:
         assert_close(grads[name], ref_grads[name], msg=name)
 
@@ -138,3 +161,22 @@ def test_disable_restores_everything():
     out = model(input_ids=ids, labels=labels)
     assert out.logits is not None
     assert_close(out.loss, ref)
+
+
+def test_router_auxiliary_loss_keeps_the_original_forward():
+    """A MoE model asked for its router's auxiliary loss (config or call) gets the original loss, which adds it;
+    the fused loss would silently leave it out."""
+    torch.manual_seed(0)
+    model = _lora_model(_other_model("mixtral"))
+    ids, labels = _batch()
+    reference, _ = _loss_and_grads(model, ids, labels, output_router_logits=True)
+    plain, _ = _loss_and_grads(model, ids, labels)
+    assert (reference.loss - plain.loss).abs() > 1e-6  # the auxiliary loss is there to lose
+    assert use_fast_kernels(model, require_cuda=False).fused_loss
+    out, _ = _loss_and_grads(model, ids, labels, output_router_logits=True)
+    assert out.logits is not None  # the original forward ran
+    assert_close(out.loss, reference.loss)
+    disable_fast_kernels(model)
+    model.config.output_router_logits = True
+    report = use_fast_kernels(model, require_cuda=False)
+    assert report.applied and not report.fused_loss and "output_router_logits" in report.reason

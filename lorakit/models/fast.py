@@ -1,7 +1,7 @@
 """Fused kernels for training a transformers causal LM: ``use_fast_kernels(model)``.
 
-What it changes, on supported architectures (Llama, Mistral, Qwen2, Qwen3; Gemma's norms), in place, at call time
-(never at import):
+What it changes, on supported architectures (Llama, Mistral, Qwen2, Qwen3; Gemma's norms; the attention, norms and
+loss of Mixtral and Qwen2/3-MoE, whose experts stay as they are), in place, at call time (never at import):
 
 * every ``*RMSNorm`` module -> :class:`lorakit.kernels.rmsnorm.FusedRMSNorm` (same weight Parameter);
 * every SwiGLU MLP (``act_fn`` = silu) -> :class:`lorakit.kernels.swiglu.FusedSwiGLUMLP` (same child modules);
@@ -45,6 +45,8 @@ from lorakit.kernels.swiglu import FusedSwiGLUMLP
 # model_type -> RMSNorm flavour (offset added to the weight, and whether x is rounded before the weight multiply)
 _NORM_FLAVOUR = {
     "llama": (0.0, True), "mistral": (0.0, True), "qwen2": (0.0, True), "qwen3": (0.0, True), "gemma": (1.0, False),
+    # MoE decoders with Llama's RMSNorm (their experts are left as they are; Qwen2-MoE's shared expert is a SwiGLU MLP)
+    "mixtral": (0.0, True), "qwen2_moe": (0.0, True), "qwen3_moe": (0.0, True),
 }
 _SWIGLU_ACTS = {"silu", "swish"}
 _STATE = "_lorakit_fast_kernels"  # attribute on the model holding what was replaced, for disable_fast_kernels
@@ -189,6 +191,8 @@ def _fused_loss_blocker(model: nn.Module) -> str:
         return "lm_head is not a plain bias-free nn.Linear (LoRA on lm_head?)"
     if getattr(model.config, "final_logit_softcapping", None):
         return "the model soft-caps its logits"
+    if getattr(model.config, "output_router_logits", False):
+        return "the model adds its router's auxiliary loss (output_router_logits), which the fused loss leaves out"
     if not hasattr(model, getattr(model, "base_model_prefix", "") or "model"):
         return "the decoder is not found under base_model_prefix"
     return ""
@@ -214,7 +218,8 @@ def _make_fast_forward(original_forward, fused_loss: bool = True):
             # compiled layers: a KV cache (useless in training) would make each layer's index a guard
             extra.pop("use_cache", None)
             kwargs["use_cache"] = named["use_cache"] = False
-        if not fused_loss or not training or not (logits_to_keep is None or logits_to_keep == 0):
+        router_loss = named.get("output_router_logits", extra.get("output_router_logits"))  # MoE: the aux loss
+        if not fused_loss or not training or router_loss or not (logits_to_keep is None or logits_to_keep == 0):
             return original_forward(*args, **kwargs)
         return_dict = extra.pop("return_dict", named.pop("return_dict", None))  # the decoder returns a ModelOutput
         decoder = getattr(self, self.base_model_prefix)
