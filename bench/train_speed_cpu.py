@@ -2,8 +2,8 @@
 
 SmolLM2-135M-Instruct (the embedded model, float32), LoRA r=16 / alpha 32 on the seven projections, batch 4 x 256
 tokens, AdamW at 2e-4. The timing runs both systems in one process, their steps interleaved (lorakit, peft,
-lorakit, ...), so that a busy machine slows both alike; each peak resident set (``ru_maxrss``) comes from a child
-process that runs two steps of one system alone. A step is what each system's user runs:
+lorakit, ...), so that a busy machine slows both alike; each peak resident set comes from a child
+process that runs two steps of one system alone (its VmHWM). A step is what each system's user runs:
 
 * ``peft``: ``get_peft_model``, then ``model(input_ids, labels=labels).loss.backward()`` and ``optimizer.step()``
   (transformers computes the full float32 logits and their cross-entropy);
@@ -105,8 +105,17 @@ def run_memory_child(system: str, data: str, args: argparse.Namespace) -> dict:
     step, losses = make_step(system, data, args)
     step()
     step()
-    return dict(system=system, data=data, peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-                first_loss=losses[0])
+    return dict(system=system, data=data, peak_rss_gb=round(peak_rss_bytes() / 2**30, 2), first_loss=losses[0])
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM on Linux (``ru_maxrss`` would carry over the parent's peak, which
+    survives fork + exec), else ``ru_maxrss`` (bytes on macOS)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def time_both(data: str, args: argparse.Namespace) -> dict:
