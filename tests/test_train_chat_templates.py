@@ -335,9 +335,8 @@ def test_a_generation_prompt_that_opens_think(qwen):
     assert one_line(info).startswith("r1.jsonl:2: this model's chat template starts each answer with '<think>\\n' (its "
                                      "generation prompt) but writes messages[2] as '4<|im_end|>\\n', without reasoning; "
                                      "start the content with the reasoning")
-    with pytest.raises(LorakitError, match=r"messages\[2\] has 'reasoning_content', but this model's chat template does "
-                                           "not write it"):
-        tokenize_examples(chat("reasoning_content"), r1, 512)
+    # the DeepSeek API's reasoning_content, which R1's template never reads, trains as the <think> block it writes
+    assert tokenize_examples(chat("reasoning_content"), r1, 512) == examples
 
 
 def test_a_generation_prompt_with_extra_whitespace():
@@ -362,6 +361,12 @@ def test_reasoning_a_template_drops_is_refused_not_silently_lost():
                               "model's chat template drops it when it writes the turn, so the answer would be learnt "
                               "without it; remove the <think> block, or use a model whose template keeps reasoning")
     assert len(build_dataset([chat("none")], strip, 512)) == 1  # plain answers: a prefix template, one example
+    with pytest.raises(LorakitError) as info:  # reasoning_content, tried as a <think> block: dropped as well
+        build_dataset(validate_records([chat("reasoning_content")]), strip, 512)
+    assert one_line(info) == ("chats.jsonl:1: messages[2] has 'reasoning_content', but this model's chat template "
+                              "writes it neither as a field nor as '<think>...</think>' in the content, so the answer "
+                              "would be learnt without it; remove 'reasoning_content', or use a model whose template "
+                              "keeps reasoning")
 
 
 @pytest.mark.parametrize("flags", [[], ["--pack", "--val-fraction", "0.25"]], ids=["plain", "pack+val"])

@@ -256,13 +256,38 @@ def _render_examples(record: Record | Mapping, tokenizer: Any, template_kwargs: 
                 raise LorakitError(f"{where}: messages[{i}] has {key!r}, but this model's chat template does not write "
                                    "it; put the reasoning into the content (e.g. '<think>...</think>' before the "
                                    "answer) or remove the key")
+        if content_reasoning(msg) and content_reasoning(msg)[:200] not in target and i in folded:
+            raise LorakitError(f"{where}: messages[{i}] has {folded[i]!r}, but this model's chat template writes it "
+                               "neither as a field nor as '<think>...</think>' in the content, so the answer would be "
+                               f"learnt without it; remove {folded[i]!r}, or use a model whose template keeps reasoning")
         if content_reasoning(msg) and content_reasoning(msg)[:200] not in target:
             raise LorakitError(f"{where}: messages[{i}] has '<think>...</think>' reasoning in its content, but this "
                                "model's chat template drops it when it writes the turn, so the answer would be learnt "
                                "without it; remove the <think> block, or use a model whose template keeps reasoning")
 
+    messages, folded = _reasoning_in_content(messages, tokenizer)
     return tool_chat_examples(messages, targets, lambda msgs, prompt: _render_chat(
         tokenizer, msgs, prompt, where, tools, template_kwargs), where, check, tools)
+
+
+def _reasoning_in_content(messages: list[dict], tokenizer: Any) -> tuple[list[dict], dict[int, str]]:
+    """Assistant turns whose reasoning is a separate key (``reasoning_content``: the DeepSeek API's output field)
+    that the chat template never reads get it as ``<think>\n...\n</think>\n\n`` before their content, the form
+    DeepSeek-R1 / QwQ templates read (they open ``<think>`` in the generation prompt). Templates that read the key
+    (Qwen3) get the messages unchanged; one that drops ``<think>`` too is refused by the check on the target.
+    Returns the messages and ``{index: key}`` of the turns changed."""
+    template = getattr(tokenizer, "chat_template", None)
+    source = template if isinstance(template, str) else " ".join(map(str, (template or {}).values()))
+    out, folded = [], {}
+    for i, msg in enumerate(messages):
+        key = next((k for k in REASONING_KEYS if msg.get(k)), None)
+        if msg["role"] != "assistant" or key is None or key in source or "</think>" in (msg.get("content") or ""):
+            out.append(msg)
+            continue
+        rest = {k: v for k, v in msg.items() if k != key}
+        out.append({**rest, "content": f"<think>\n{msg[key].strip()}\n</think>\n\n{msg.get('content') or ''}"})
+        folded[i] = key
+    return out, folded
 
 
 # ----------------------------------------------------------------------------------------------------------------
