@@ -361,8 +361,11 @@ def test_reasoning_a_template_drops_is_refused_not_silently_lost():
                               "model's chat template drops it when it writes the turn, so the answer would be learnt "
                               "without it; remove the <think> block, or use a model whose template keeps reasoning")
     assert len(build_dataset([chat("none")], strip, 512)) == 1  # plain answers: a prefix template, one example
-    with pytest.raises(LorakitError) as info:  # reasoning_content, tried as a <think> block: dropped as well
-        build_dataset(validate_records([chat("reasoning_content")]), strip, 512)
+    # a template that strips '<think>' blocks (and never reads reasoning_content): the key, tried as a <think> block,
+    # is dropped as well
+    strip_think = tokenizer_with(STRIP_TEMPLATE.replace("'</think>' in c", "'<think>' in c"))
+    with pytest.raises(LorakitError) as info:
+        build_dataset(validate_records([chat("reasoning_content")]), strip_think, 512)
     assert one_line(info) == ("chats.jsonl:1: messages[2] has 'reasoning_content', but this model's chat template "
                               "writes it neither as a field nor as '<think>...</think>' in the content, so the answer "
                               "would be learnt without it; remove 'reasoning_content', or use a model whose template "

@@ -272,16 +272,19 @@ def _render_examples(record: Record | Mapping, tokenizer: Any, template_kwargs: 
 
 def _reasoning_in_content(messages: list[dict], tokenizer: Any) -> tuple[list[dict], dict[int, str]]:
     """Assistant turns whose reasoning is a separate key (``reasoning_content``: the DeepSeek API's output field)
-    that the chat template never reads get it as ``<think>\n...\n</think>\n\n`` before their content, the form
+    that a ``<think>`` template never reads get it as ``<think>\n...\n</think>\n\n`` before their content, the form
     DeepSeek-R1 / QwQ templates read (they open ``<think>`` in the generation prompt). Templates that read the key
-    (Qwen3) get the messages unchanged; one that drops ``<think>`` too is refused by the check on the target.
+    (Qwen3) get the messages unchanged, and so do templates that never mention ``<think>`` (the check then refuses
+    the key, saying how to put it in the content: lorakit does not invent a reasoning format for a model). One that
+    drops ``<think>`` too is refused by the check on the target.
     Returns the messages and ``{index: key}`` of the turns changed."""
     template = getattr(tokenizer, "chat_template", None)
     source = template if isinstance(template, str) else " ".join(map(str, (template or {}).values()))
     out, folded = [], {}
     for i, msg in enumerate(messages):
         key = next((k for k in REASONING_KEYS if msg.get(k)), None)
-        if msg["role"] != "assistant" or key is None or key in source or "</think>" in (msg.get("content") or ""):
+        if (msg["role"] != "assistant" or key is None or key in source or "<think>" not in source
+                or "</think>" in (msg.get("content") or "")):
             out.append(msg)
             continue
         rest = {k: v for k, v in msg.items() if k != key}
