@@ -19,7 +19,7 @@ import httpx
 import pytest
 import torch
 
-from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder
+from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder, wait_idle
 
 KEY = "hostile-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -204,16 +204,6 @@ def _raw_request(url: str, body: dict) -> socket.socket:
     return sock
 
 
-def _wait_idle(client, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        stats = client.get("/health").json()
-        if stats["running"] == 0 and stats["waiting"] == 0:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_client_leaving_stops_its_generation(server, answer, stream):
     client = server["client"]
@@ -227,7 +217,7 @@ def test_client_leaving_stops_its_generation(server, answer, stream):
     time.sleep(0.3)
     assert client.get("/health").json()["running"] == 1
     sock.close()
-    assert _wait_idle(client, 3.0), "the generation went on after its client left"
+    assert wait_idle(client, 3.0), "the generation went on after its client left"
     used = client.get("/health").json()["steps"] - steps
     assert used < LONG / 3, (used, per_token)  # before the fix (non-streaming): all 1500 tokens were generated
     assert client.post("/v1/adapters/unload", json={"name": "a0"}).status_code == 200  # its pin was released
@@ -256,7 +246,7 @@ def test_many_streams_some_dropped(server):
     with ThreadPoolExecutor(24) as pool:
         results = list(pool.map(one, range(24)))
     assert all(r for r in results if r is not None) and results.count(None) == 8
-    assert _wait_idle(client, 5.0)
+    assert wait_idle(client, 5.0)
     assert all(a["in_use"] == 0 for a in client.get("/v1/adapters").json()["data"])
 
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder
+from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder, wait_idle
 
 KEY = "responses-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -290,16 +290,6 @@ def test_concurrent_with_chat_and_other_adapters(server):
     assert len(set(alone.values())) == 3  # the adapters change the answer
 
 
-def _wait_idle(client, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        stats = client.get("/health").json()
-        if stats["running"] == 0 and stats["waiting"] == 0:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_client_gone_stops_generation(server, stream):
     client = server["client"]
@@ -324,7 +314,7 @@ def test_client_gone_stops_generation(server, stream):
         time.sleep(0.02)
     assert client.get("/health").json()["running"] == 1
     sock.close()
-    assert _wait_idle(client, 3.0), "the generation went on after its client left"
+    assert wait_idle(client, 3.0), "the generation went on after its client left"
     assert client.get("/health").json()["steps"] - steps < LONG / 2
     assert client.post("/v1/adapters/unload", json={"name": "zero"}).status_code == 200  # its pin was released
 

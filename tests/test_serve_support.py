@@ -146,3 +146,14 @@ def test_adapters_differ(tmp_path):
     assert first.tensors[key].abs().min() > 0
     assert not torch.equal(first.tensors[key], second.tensors[key])
     assert lorakit.adapter_names(model) == []
+
+
+def wait_idle(client, seconds: float) -> bool:
+    """Whether the server's engine (``/health``) has nothing running or waiting within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        stats = client.get("/health").json()
+        if stats["running"] == 0 and stats["waiting"] == 0:
+            return True
+        time.sleep(0.05)
+    return False
