@@ -343,7 +343,7 @@ def test_bad_completion_requests(setup, body, status, param):
 
 @pytest.mark.parametrize("body, param", [
     ({"model": "a0", "messages": []}, "messages"),
-    ({"model": "a0", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"model": "a0", "messages": [{"role": "function", "content": "x"}]}, "messages.0.role"),
     ({"model": "a0", "messages": [{"role": "user", "content": "x", "extra": 1}]}, "messages.0.extra"),
     ({"model": "a0", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens"),
 ])

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from lorakit.serve.engine import Request, TokenInfo
 from lorakit.serve.protocol import error_body
 from lorakit.serve.text import token_bytes
+from lorakit.serve.tool_calls import ToolCallStream, stream_tool_calls
 
 if TYPE_CHECKING:
     from lorakit.serve.app import ServerState, _Bridge
@@ -67,13 +68,17 @@ def prompt_logprobs(state: ServerState, prompt_ids: list[int], infos: list[Token
 
 
 async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _Bridge, ident: str, created: int,
-                  chat: bool, prompt_tokens: int, logprobs: int | None):
+                  chat: bool, prompt_tokens: int, logprobs: int | None, tool_names: set[str] | None = None):
     """Server-sent events: one chunk per piece of final text, each choice's finish reason as it ends, then the
     usage (``stream_options.include_usage``), then ``[DONE]``.
 
     With ``logprobs``, each chunk carries the tokens that produced it (a token whose text is held back, a partial
     character or a possible stop string, rides on the next chunk), so the chunks' logprobs together equal the
     non-streaming answer's. With ``n`` > 1 the choices' chunks interleave, each with its ``index``.
+
+    With ``tool_names`` (a chat request whose calls are parsed), text streams as content until a ``<tool_call>``
+    starts; the rest is held, and at the end the calls come as one ``delta.tool_calls`` chunk and the finish reason
+    "tool_calls" (``tool_calls.ToolCallStream``), so the chunks add up to the non-streamed message.
     """
     kind = "chat.completion.chunk" if chat else "text_completion"
     include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -81,7 +86,10 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     offsets = [0] * len(jobs)
     reasons: list[str | None] = [None] * len(jobs)
 
-    def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> str:
+    holders = [ToolCallStream(tool_names) for _ in jobs] if tool_names else None
+
+    def chunk(index: int, text: str | None, finish: str | None, first: bool = False,
+              tool_calls: list[dict] | None = None) -> str:
         lp = None
         if logprobs is not None and pending[index]:
             lp = logprobs_object(state, pending[index], chat, offsets[index])
@@ -89,6 +97,8 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
         offsets[index] += len(text or "")
         if chat:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+            if tool_calls:
+                delta["tool_calls"] = stream_tool_calls(tool_calls)
             choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
         else:
             choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}
@@ -108,16 +118,24 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
             if event[0] == "token":
                 if event[4] is not None:
                     pending[index].append((event[3], event[4]))
-                if event[2]:
-                    yield chunk(index, event[2], None)
+                text = event[2] if holders is None else holders[index].feed(event[2])
+                if text:
+                    yield chunk(index, text, None)
                 continue
             reasons[index] = reason = event[3]
             if reason.startswith("error"):
                 failed = reason
                 break
-            if event[2] or pending[index]:
-                yield chunk(index, event[2], None)
-            yield chunk(index, None, "stop" if reason == "stop" else "length")
+            finish = "stop" if reason == "stop" else "length"
+            text, calls = event[2], None
+            if holders is not None:
+                text, calls = holders[index].finish(text)
+            if text or pending[index]:
+                yield chunk(index, text, None)
+            if calls:
+                yield chunk(index, None, None, tool_calls=calls)
+                finish = "tool_calls"
+            yield chunk(index, None, finish)
         if failed is not None:
             yield f"data: {json.dumps(error_body(f'generation failed: {failed[7:]}', type='server_error'))}\n\n"
         elif include_usage:

@@ -39,6 +39,8 @@ from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, Compl
                                     error_body)
 from lorakit.serve.responses import final_response, new_ids, response_events
 from lorakit.serve.text import TextAssembler
+from lorakit.serve.tool_calls import (PARSED_FORMATS, parse_tool_calls, render_variant, template_messages,
+                                      writes_hermes_calls)
 from lorakit.serve.transport import CORS, internal_error, not_found, parse, read_json
 
 
@@ -216,8 +218,13 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
         body = parse(ChatRequest, await read_json(request, state))
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
-        prompt_ids = await run_in_threadpool(_encode, state, messages, True, body.chat_template_kwargs)
+        tools = body.openai_tools()
+        if tools is None and not any(m.tool_calls or m.role == "tool" for m in body.messages):
+            messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                        for m in body.messages]
+            prompt_ids = await run_in_threadpool(_encode, state, messages, True, body.chat_template_kwargs)
+        else:  # an agent's request: the tools and its earlier calls and results, as training renders them
+            prompt_ids = await run_in_threadpool(_encode_tools, state, body, tools)
         max_tokens = body.max_completion_tokens or body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
         return await _serve(state, request, body, [prompt_ids], max_tokens, top, chat=True)
@@ -273,7 +280,9 @@ def _encode(state: ServerState, prompt, chat: bool, template_kwargs: dict | None
         # tokenizer (and every other request's detokenizing) for seconds before the token count refuses them
         raise APIError(400, f"{param} holds {len(prompt):,} messages, over the limit of {state.max_prompt_tokens} "
                        "prompt tokens (each message takes at least one)", param=param, code="context_length_exceeded")
-    chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+    chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"] or "") + len(str(m.get("tool_calls", "")))
+                                                            for m in prompt)
+    chars += len(str((template_kwargs or {}).get("tools", "")))
     if chars > 16 * state.max_prompt_tokens:  # cheap guard before tokenizing
         raise APIError(400, f"prompt of {chars:,} characters is far over the limit of {state.max_prompt_tokens} "
                        "tokens", param=param, code="context_length_exceeded")
@@ -282,6 +291,24 @@ def _encode(state: ServerState, prompt, chat: bool, template_kwargs: dict | None
             return encode_prompt(state.tokenizer, prompt, chat=chat, chat_template_kwargs=template_kwargs)
     except LorakitError as error:
         raise APIError(400, str(error), param=param) from None
+
+
+def _encode_tools(state: ServerState, body: ChatRequest, tools: list[dict] | None) -> list[int]:
+    """Token ids of a chat with tools and/or tool turns: the first form of the earlier calls the template writes
+    (``tool_calls.render_variant``); with calls to parse, the template must write them in a parsed format."""
+    if tools and body.calls_parsed() and not writes_hermes_calls(state.tokenizer, tools):
+        raise APIError(400, f"tools are not supported with this model's chat template: lorakit parses tool calls in "
+                       f"{PARSED_FORMATS}, and this template writes another format (or none); send tool_choice "
+                       "'none' to get the calls as text", param="tools")
+    messages = template_messages(body.messages)
+    if len(messages) <= state.max_prompt_tokens:  # longer: _encode refuses it by count, before any rendering
+        try:
+            with state.tokenizer_lock:
+                messages = render_variant(state.tokenizer, messages, tools, body.chat_template_kwargs)
+        except LorakitError as error:
+            raise APIError(400, str(error), param=getattr(error, "param", "messages")) from None
+    kwargs = {**(body.chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
+    return _encode(state, messages, True, kwargs)
 
 
 def _decode(state: ServerState, ids: list[int]) -> str:
@@ -394,8 +421,10 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0))
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
+    tool_names = {tool.function.name for tool in body.tools} if chat and body.calls_parsed() else None
     if body.stream:
-        return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs),
+        return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs,
+                                               tool_names),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     collected = await _collect(state, http, jobs, bridge)
     if isinstance(collected, JSONResponse):
@@ -412,8 +441,11 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
         if prompt_lps is not None:
             lp = {key: prompt_lps[index // n][key] + lp[key] for key in lp}
         if chat:
-            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                            "logprobs": lp})
+            message = {"role": "assistant", "content": text}
+            parsed = parse_tool_calls(text, tool_names) if tool_names else None
+            if parsed is not None:  # the model called tools: OpenAI's message and finish reason
+                message, finish = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}, "tool_calls"
+            choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": lp})
         else:
             choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": lp})
     return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,

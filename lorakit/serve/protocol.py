@@ -172,29 +172,69 @@ class TextPart(_Strict):
     text: str
 
 
+class CallFunction(_Strict):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: Union[str, dict] = "{}"  # OpenAI sends JSON text; a dict is taken as well
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: Union[str, dict]) -> Union[str, dict]:
+        if isinstance(value, str) and value.strip():
+            import json
+
+            try:
+                parsed = json.loads(value)
+            except ValueError as error:
+                raise ValueError(f"arguments are not JSON ({str(error)[:60]}); send a JSON object as text") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("arguments must be a JSON object")
+        return value
+
+    def parsed_arguments(self) -> dict:
+        """The arguments as a dict, as chat templates read them (``arguments | tojson``)."""
+        import json
+
+        if isinstance(self.arguments, dict):
+            return self.arguments
+        return json.loads(self.arguments) if self.arguments.strip() else {}
+
+
+class ToolCall(_Strict):
+    """A call of an earlier assistant turn, as the answer gave it (the openai package's ``model_dump()``)."""
+
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: CallFunction
+
+
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
-    name: str | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    tool_calls: list[ToolCall] | None = None  # before content: content may be null only beside calls
     # what the openai package's ``message.model_dump()`` of an earlier answer holds: a client that appends the
     # reply to its history sends them back. Empty, they change nothing; annotations (an answer's citations) are
-    # metadata the chat template never shows; tool calls would change the conversation, so only none pass
+    # metadata the chat template never shows
+    content: Union[str, list[TextPart], None] = Field(None, validate_default=True)
+    name: str | None = None
+    tool_call_id: str | None = Field(None, validate_default=True, max_length=256)
     refusal: str | None = None
     annotations: list | None = None
     audio: None = None
     function_call: None = None
-    tool_calls: list | None = None
 
     @field_validator("tool_calls")
     @classmethod
-    def _no_tool_calls(cls, value: list | None) -> list | None:
-        if value:
-            raise ValueError("tool_calls are not supported (no tools on this server)")
-        return value
+    def _assistant_calls(cls, value: list | None, info) -> list | None:
+        if value is not None and info.data.get("role") != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        return value or None
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_only(cls, value: Any) -> Any:
+    def _text_only(cls, value: Any, info) -> Any:
+        if value is None:
+            if info.data.get("role") == "assistant" and info.data.get("tool_calls"):
+                return value  # OpenAI's assistant turn that only calls tools
+            raise ValueError("content is required (only an assistant message with tool_calls may leave it null)")
         if isinstance(value, str):
             return value
         if not isinstance(value, list):
@@ -206,8 +246,34 @@ class Message(_Strict):
                 raise ValueError(f"only text content parts are supported, got a part of type {shown}")
         return value
 
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answers_a_call(cls, value: str | None, info) -> str | None:
+        if info.data.get("role") == "tool" and value is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return value
+
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class FunctionSchema(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    """An OpenAI function tool: ``{"type": "function", "function": {"name", "description", "parameters"}}``."""
+
+    type: Literal["function"]
+    function: FunctionSchema
+
+
+MAX_TOOLS = 128  # OpenAI's limit
 
 
 class ResponseFormat(_Strict):
@@ -225,10 +291,10 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Union[str, dict, None] = None  # "auto" (the default with tools) or "none"
+    parallel_tool_calls: bool | None = None  # accepted; a model that writes several calls returns them all
     # OpenAI fields at their "off" values, as client libraries send them
-    tools: list | None = None
-    tool_choice: Union[str, dict, None] = None
-    parallel_tool_calls: bool | None = None
     functions: list | None = None
     response_format: ResponseFormat | None = None
     store: bool | None = None
@@ -253,15 +319,35 @@ class ChatRequest(_Sampling):
         except LorakitError as error:
             raise ValueError(str(error)) from None
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, value: list | None, info) -> list | None:
-        return _off(value, info.field_name, ([],), "no function calling")
+    def _no_functions(cls, value: list | None) -> list | None:
+        return _off(value, "functions", ([],), "the legacy function calling; send them as tools")
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, value: list | None) -> list | None:
+        names = [tool.function.name for tool in value or ()]
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice is not None:
+            raise ValueError(f"two tools are named {twice!r}; give each function its own name")
+        return value or None
 
     @field_validator("tool_choice")
     @classmethod
-    def _no_tool_choice(cls, value: Any) -> Any:
-        return _off(value, f"tool_choice {str(value)[:40]!r}", ("none", "auto"), "no function calling")
+    def _auto_or_none(cls, value: Any) -> Any:
+        return _off(value, f"tool_choice {str(value)[:40]!r}", ("none", "auto"),
+                    "no constrained decoding; use 'auto' and describe the call wanted, or 'none'")
+
+    def openai_tools(self) -> list[dict] | None:
+        """The tools as chat templates read them (OpenAI's form, fields left out where not sent)."""
+        if not self.tools:
+            return None
+        return [{"type": "function", "function": tool.function.model_dump(exclude_none=True)} for tool in self.tools]
+
+    def calls_parsed(self) -> bool:
+        """Whether the answer's calls are read out of its text: tools given and tool_choice not "none"."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @field_validator("store")
     @classmethod

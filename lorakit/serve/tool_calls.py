@@ -1,0 +1,193 @@
+"""Tool calling on ``/v1/chat/completions``: the tools and an agent's history through the chat template, and the
+model's calls read back out of its text (what vLLM serves with ``--enable-auto-tool-choice --tool-call-parser
+hermes``).
+
+Parsed format: Hermes / Qwen2.5 / Qwen3 write each call as a block ``<tool_call>\\n{"name": ..., "arguments":
+{...}}\\n</tool_call>`` (one or several) after any text. A template that writes calls another way (Llama 3.1's bare
+JSON, Mistral's ``[TOOL_CALLS]``) is refused for requests with tools, never answered with calls left in the text.
+
+An answer's calls are returned only when every block is well formed (JSON with a ``name`` among the request's tools
+and object ``arguments``); otherwise the whole text is the content, as vLLM's parser does: never an error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from lorakit.errors import LorakitError
+
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+PARSED_FORMATS = "the hermes format (<tool_call>{...}</tool_call> blocks: Qwen2.5, Qwen3, Hermes 2 Pro / 3 templates)"
+# a block, or a last block the model did not close (it ended its turn right after the JSON)
+_BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE) + "|" + re.escape(CALL_OPEN) + r"(.*)$",
+                    re.DOTALL)
+
+
+def template_text(tokenizer: Any, tools: list | None) -> str:
+    """The chat template transformers uses for a request with these tools ("" when there is none); a tokenizer may
+    hold several named templates (Hermes 2 Pro: "default" and "tool_use")."""
+    try:
+        template = tokenizer.get_chat_template(None, tools or None)
+    except Exception:  # no template, or none of the name asked for
+        return ""
+    return template if isinstance(template, str) else ""
+
+
+def writes_hermes_calls(tokenizer: Any, tools: list | None) -> bool:
+    """Whether the template is one whose calls this module parses (it writes ``<tool_call>`` blocks)."""
+    return CALL_OPEN in template_text(tokenizer, tools)
+
+
+def parse_tool_calls(text: str, tool_names: set[str]) -> tuple[str | None, list[dict]] | None:
+    """``text`` -> ``(content, calls)`` when it holds hermes blocks that are all well formed, else None.
+
+    ``content`` is the text outside the blocks with trailing whitespace removed (None when nothing is left);
+    ``calls`` are OpenAI's ``{"id": "call_...", "type": "function", "function": {"name", "arguments"}}`` with
+    ``arguments`` a JSON string. A block naming a function not in ``tool_names``, whose JSON does not parse, or
+    whose arguments are not an object makes the whole text plain content (None).
+    """
+    if CALL_OPEN not in text:
+        return None
+    calls, outside, end = [], [], 0
+    for match in _BLOCK.finditer(text):
+        outside.append(text[end:match.start()])
+        end = match.end()
+        call = _read_call(match.group(1) if match.group(1) is not None else match.group(2), tool_names)
+        if call is None:
+            return None
+        calls.append(call)
+    outside.append(text[end:])
+    content = "".join(outside).rstrip()
+    return (content or None), calls
+
+
+def _read_call(block: str, tool_names: set[str]) -> dict | None:
+    try:
+        data = json.loads(block)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or data["name"] not in tool_names:
+        return None
+    arguments = data.get("arguments", data.get("parameters", {}))
+    if isinstance(arguments, str):  # some models write the arguments as JSON text
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": data["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
+
+
+class ToolCallStream:
+    """One streamed choice of a request with tools: text is passed on as content while no ``<tool_call>`` has
+    started; from there on it is held, and :meth:`finish` reads the calls out of the whole text.
+
+    What :meth:`feed` passes on is always a prefix of the content :func:`parse_tool_calls` gives the whole text
+    (a tail that may grow into ``<tool_call>``, and trailing whitespace, are held back until the next text shows
+    what they are), so the streamed content plus :meth:`finish`'s rest equals the non-streamed answer's.
+    """
+
+    def __init__(self, tool_names: set[str]):
+        self.tool_names = tool_names
+        self.text = ""
+        self.emitted = 0
+
+    def feed(self, piece: str) -> str:
+        """Newly final text -> the content to stream now (possibly "")."""
+        self.text += piece
+        start = self.text.find(CALL_OPEN, max(0, self.emitted - len(CALL_OPEN)))
+        end = start if start >= 0 else len(self.text) - _partial_open(self.text)
+        end = len(self.text[:end].rstrip())  # whitespace before a call is not content
+        if end <= self.emitted:
+            return ""
+        out, self.emitted = self.text[self.emitted:end], end
+        return out
+
+    def finish(self, last: str = "") -> tuple[str, list[dict] | None]:
+        """``(rest of the content, calls or None)`` once the choice has ended, ``last`` being its final text."""
+        self.text += last
+        parsed = parse_tool_calls(self.text, self.tool_names)
+        if parsed is None:
+            return self.text[self.emitted:], None
+        content, calls = parsed
+        return (content or "")[self.emitted:], calls
+
+
+def _partial_open(text: str) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of ``<tool_call>``."""
+    for size in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
+        if text.endswith(CALL_OPEN[:size]):
+            return size
+    return 0
+
+
+def stream_tool_calls(calls: list[dict]) -> list[dict]:
+    """The ``delta.tool_calls`` entries of a streamed answer's calls (each whole, with its ``index``)."""
+    return [{"index": i, **call} for i, call in enumerate(calls)]
+
+
+# -- the request side: history and tools as the template reads them ------------------------------------------------
+def template_messages(messages: list) -> list[dict]:
+    """Validated ``Message`` objects -> the chat as the template is given it, as training renders it
+    (``lorakit.train.formats``): each call's ``arguments`` parsed into a dict, a call turn's null content ``""``;
+    a tool turn keeps its ``tool_call_id`` (and ``name``)."""
+    out = []
+    for m in messages:
+        entry: dict[str, Any] = {"role": m.role if m.role != "developer" else "system", "content": m.text()}
+        if m.tool_calls:
+            entry["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": c.function.parsed_arguments()}} for c in m.tool_calls]
+        if m.role == "tool":
+            entry["tool_call_id"] = m.tool_call_id
+            if m.name:
+                entry["name"] = m.name
+        out.append(entry)
+    return out
+
+
+def render_variant(tokenizer: Any, messages: list[dict], tools: list[dict] | None,
+                   template_kwargs: dict | None) -> list[dict]:
+    """The form of ``messages`` this template writes every earlier call of: tried in training's order
+    (:func:`lorakit.train.chat_turns.tool_call_variants`: dict arguments, then JSON text, then 9-character ids);
+    the tools must be written too. Raises ``LorakitError`` naming the field when the template writes neither.
+    """
+    from lorakit.train.chat_turns import tool_call_variants
+
+    calls = [(i, c["function"]["name"]) for i, m in enumerate(messages) for c in m.get("tool_calls", ())]
+    first_error, best = None, None
+    for _, variant in tool_call_variants(messages):
+        try:
+            text = tokenizer.apply_chat_template(variant, tools=tools or None, tokenize=False,
+                                                 add_generation_prompt=True, **(template_kwargs or {}))
+        except Exception as error:  # a template refuses one convention (Mistral: ids not 9 characters long)
+            first_error = first_error or error
+            continue
+        if not isinstance(text, str):
+            continue
+        best = best or (variant, text)
+        if all(name in text for _, name in calls):
+            return _check_tools(variant, text, tools)
+    if best is None:
+        reason = str(first_error).splitlines()[0] if first_error is not None and str(first_error) else "refused"
+        raise LorakitError(f"the chat template refused these messages: {reason}")
+    i, name = next((i, name) for i, name in calls if name not in best[1])
+    error = LorakitError(f"messages[{i}] calls tool {name!r}, but this model's chat template does not write tool calls; "
+                         "send the call as text in the content, or use a model whose template supports tools")
+    error.param = f"messages.{i}.tool_calls"
+    raise error
+
+
+def _check_tools(variant: list[dict], text: str, tools: list[dict] | None) -> list[dict]:
+    for tool in tools or ():
+        name = tool["function"]["name"]
+        if name not in text:
+            error = LorakitError(f"tools are not supported by this model's chat template: it does not write the "
+                                 f"tools ({name!r} is not in the prompt); describe them in the system message instead")
+            error.param = "tools"
+            raise error
+    return variant

@@ -1,0 +1,292 @@
+"""Tool calling on ``lorakit serve``'s ``/v1/chat/completions`` (what vLLM serves with ``--enable-auto-tool-choice
+--tool-call-parser hermes``), on a real server over real sockets.
+
+The server's model is a tiny Llama whose answer is known: its attention and MLP outputs are zero, so each position
+sees only its own token's embedding, and its embeddings and output rows chain the generation prompt's last token to
+``Let me check.`` ``<tool_call>`` ``{"name": "get_weather", ...}`` ``</tool_call>`` ``<|im_end|>`` (words added to
+its Qwen2.5-template tokenizer as tokens). So a greedy answer is a well-formed hermes call, as a tool-use adapter
+trained by lorakit writes it, and the server must return it as OpenAI ``tool_calls``.
+
+Before: any non-empty ``tools`` was a 400 "tools is not supported (no function calling)", as were ``tool`` turns
+and an assistant turn's ``tool_calls``, so a trained tool-use adapter could not be served to an agent framework.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import torch
+
+from conftest import tiny_llama
+from test_serve_support import ServerProcess, make_tokenizer
+from test_train_tool_calls import TOOLS, family
+
+from lorakit.serve.protocol import APIError, ChatRequest
+from lorakit.serve.tool_calls import ToolCallStream, parse_tool_calls
+from lorakit.serve.transport import parse
+
+CALL_JSON = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+ANSWER = f"Let me check.<tool_call>\n{CALL_JSON}\n</tool_call>"  # what the server's model writes, greedy
+QUESTION = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tools")
+    family("qwen2.5").save_pretrained(root / "model")
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")  # a copy: the shared one stays as other tests built it
+    tokenizer.add_tokens(["Let me check.", f"\n{CALL_JSON}\n"])
+    prompt = tokenizer.apply_chat_template(QUESTION, tools=TOOLS, add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)
+    chain = [prompt[-1], *tokenizer.convert_tokens_to_ids(["Let me check.", "<tool_call>", f"\n{CALL_JSON}\n",
+                                                           "</tool_call>", "<|im_end|>"])]
+    model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        for layer in model.model.layers:  # each position sees its own token only: a table of next tokens
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.normal_(0, 0.02)
+        for k, (token, following) in enumerate(zip(chain, chain[1:])):
+            model.model.embed_tokens.weight[token] = torch.nn.functional.one_hot(torch.tensor(k), 32).float()
+            model.lm_head.weight[following] = 10 * torch.nn.functional.one_hot(torch.tensor(k), 32).float()
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "adapters").mkdir()
+    proc = ServerProcess(root / "model", root / "adapters", "--max-tokens", "32", log=root / "server.log")
+    client = httpx.Client(base_url=proc.url, timeout=60)
+    try:
+        yield {"url": proc.url, "client": client, "server": proc, "tokenizer": tokenizer}
+    finally:
+        client.close()
+        proc.stop()
+
+
+def _chat(client, messages=QUESTION, **extra) -> dict:
+    response = client.post("/v1/chat/completions", json={"model": "base", "messages": messages, "max_tokens": 16,
+                                                         "temperature": 0, **extra})
+    assert response.status_code == 200, response.text[:500]
+    return response.json()
+
+
+def _error(response: httpx.Response) -> dict:
+    assert response.status_code == 400, response.text[:500]
+    error = response.json()["error"]
+    assert "\n" not in error["message"] and error["message"]
+    return error
+
+
+def _stream(client, **body) -> list[dict]:
+    with client.stream("POST", "/v1/chat/completions", json={"model": "base", "messages": QUESTION, "max_tokens": 16,
+                                                            "temperature": 0, "stream": True, **body}) as response:
+        assert response.status_code == 200, response.read()
+        raw = response.read().decode()
+    blocks = raw.split("\n\n")
+    assert blocks[-2:] == ["data: [DONE]", ""], raw[-200:]
+    return [json.loads(block[6:]) for block in blocks[:-2]]
+
+
+# -- over the socket ---------------------------------------------------------------------------------------------
+def test_a_call_is_returned_as_tool_calls(server):
+    tokenizer = server["tokenizer"]
+    answer = _chat(server["client"], tools=TOOLS)
+    choice = answer["choices"][0]
+    message = choice["message"]
+    assert choice["finish_reason"] == "tool_calls" and message["content"] == "Let me check."
+    [call] = message["tool_calls"]
+    assert call["id"].startswith("call_") and len(call["id"]) > 10 and call["type"] == "function"
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    # the tools reached the template: the prompt is the template's with the tools section, token for token
+    with_tools = tokenizer.apply_chat_template(QUESTION, tools=TOOLS, add_generation_prompt=True, tokenize=True,
+                                               return_dict=False)
+    without = _chat(server["client"])
+    assert answer["usage"]["prompt_tokens"] == len(with_tools) > without["usage"]["prompt_tokens"] + 20
+    # no tools: the same words are plain text, as before
+    assert without["choices"][0]["message"] == {"role": "assistant", "content": ANSWER}
+    assert without["choices"][0]["finish_reason"] == "stop"
+
+
+def test_tool_choice_none_and_unknown_functions_leave_text(server):
+    client = server["client"]
+    none = _chat(client, tools=TOOLS, tool_choice="none")
+    assert none["choices"][0]["message"] == {"role": "assistant", "content": ANSWER}
+    assert none["choices"][0]["finish_reason"] == "stop"
+    assert none["usage"]["prompt_tokens"] == _chat(client, tools=TOOLS)["usage"]["prompt_tokens"]  # tools still shown
+    other = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    unknown = _chat(client, tools=other, tool_choice="auto")  # the model calls a function it was not given
+    assert unknown["choices"][0]["message"] == {"role": "assistant", "content": ANSWER}
+    assert unknown["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stream_adds_up_to_the_answer(server):
+    events = _stream(server["client"], tools=TOOLS, stream_options={"include_usage": True})
+    deltas = [e["choices"][0] for e in events if e["choices"]]
+    content = "".join(d["delta"].get("content") or "" for d in deltas)
+    calls = [c for d in deltas for c in d["delta"].get("tool_calls") or ()]
+    assert content == "Let me check." and [d["finish_reason"] for d in deltas if d["finish_reason"]] == ["tool_calls"]
+    assert len(calls) == 1 and calls[0]["index"] == 0 and calls[0]["id"].startswith("call_")
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert not any("<tool_call>" in (d["delta"].get("content") or "") for d in deltas)
+    assert events[-1]["usage"]["completion_tokens"] == 5
+    plain = _stream(server["client"], tools=TOOLS, tool_choice="none")
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in plain) == ANSWER
+
+
+def test_openai_sdk_agent_loop(server):
+    """The openai package parses the answer and the chunks; the reply and a tool result go back as the next turn."""
+    import openai
+
+    sdk = openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0)
+    reply = sdk.chat.completions.create(model="base", messages=QUESTION, tools=TOOLS, temperature=0, max_tokens=16)
+    message = reply.choices[0].message
+    assert reply.choices[0].finish_reason == "tool_calls" and message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    streamed = {}
+    for chunk in sdk.chat.completions.create(model="base", messages=QUESTION, tools=TOOLS, temperature=0,
+                                             max_tokens=16, stream=True):
+        for delta in chunk.choices[0].delta.tool_calls or ():
+            streamed.setdefault(delta.index, [delta.function.name, ""])[1] += delta.function.arguments or ""
+    assert streamed == {0: ["get_weather", message.tool_calls[0].function.arguments]}
+    # the agent's second turn: the reply as the SDK dumps it (content null), then the tool's result
+    history = [*QUESTION, message.model_dump(),
+               {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": '{"temp": 21}'}]
+    second = sdk.chat.completions.create(model="base", messages=history, tools=TOOLS, temperature=0, max_tokens=16)
+    expected = server["tokenizer"].apply_chat_template(
+        [*QUESTION, {"role": "assistant", "content": "Let me check.", "tool_calls": [
+            {"id": message.tool_calls[0].id, "type": "function",
+             "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+         history[-1]], tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    assert '{"city": "Paris"}' in expected and "<tool_response>\n{\"temp\": 21}" in expected
+    assert second.usage.prompt_tokens == len(server["tokenizer"](expected, add_special_tokens=False)["input_ids"])
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        sdk.chat.completions.create(model="base", messages=QUESTION, tools=TOOLS, tool_choice="required")
+
+
+@pytest.mark.parametrize("extra, param, words", [
+    ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice", "not supported"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice",
+     "not supported"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name", "missing"),
+    ({"tools": [{"type": "custom", "function": {"name": "f"}}]}, "tools.0.type", "function"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameter": {}}}]}, "tools.0.function.parameter",
+     "unknown field"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name", "pattern"),
+    ({"tools": [TOOLS[0], TOOLS[0]]}, "tools", "two tools"),
+    ({"tools": {"type": "function"}}, "tools", "list"),
+    ({"messages": [*QUESTION, {"role": "tool", "content": "21"}]}, "messages.1.tool_call_id", "tool_call_id"),
+    ({"messages": [*QUESTION, {"role": "assistant", "content": None}]}, "messages.1.content", "required"),
+    ({"messages": [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris}"}}]}]},
+     "messages.1.tool_calls.0.function.arguments", "not JSON"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     "messages.0.tool_calls", "only assistant"),
+])
+def test_refusals_name_the_field(server, extra, param, words):
+    body = {"model": "base", "messages": QUESTION, **extra}
+    error = _error(server["client"].post("/v1/chat/completions", json=body))
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_still_serving_without_tracebacks(server):
+    assert server["client"].get("/health").json()["status"] == "ok"
+    assert "Traceback" not in server["server"].output()
+
+
+# -- in process: templates of other formats, the parser and the stream assembly --------------------------------
+def _state(tokenizer):
+    import threading
+
+    return SimpleNamespace(tokenizer=tokenizer, max_prompt_tokens=4096, tokenizer_lock=threading.Lock())
+
+
+def _encode(tokenizer, body: dict):
+    from lorakit.serve.app import _encode_tools
+
+    request = parse(ChatRequest, {"model": "m", **body})
+    return _encode_tools(_state(tokenizer), request, request.openai_tools())
+
+
+def test_templates_of_other_formats_are_refused_by_name():
+    """A Llama 3.1 template writes calls as bare JSON, which lorakit does not parse: refused, not answered with the
+    calls left in the text; with tool_choice "none" (calls not parsed) it serves. A template without tools (ChatML)
+    is told it writes neither the tools nor an earlier call."""
+    llama = family("llama3.1")
+    with pytest.raises(APIError) as refused:
+        _encode(llama, {"messages": QUESTION, "tools": TOOLS})
+    assert refused.value.param == "tools" and "hermes" in refused.value.message
+    ids = _encode(llama, {"messages": QUESTION, "tools": TOOLS, "tool_choice": "none"})
+    assert "get_weather" in llama.decode(ids)
+    chatml = make_tokenizer()
+    with pytest.raises(APIError) as unwritten:
+        _encode(chatml, {"messages": QUESTION, "tools": TOOLS, "tool_choice": "none"})
+    assert unwritten.value.param == "tools" and "does not write the tools" in unwritten.value.message
+    history = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "21"}]
+    with pytest.raises(APIError) as dropped:
+        _encode(chatml, {"messages": history})
+    assert dropped.value.param == "messages.1.tool_calls"
+
+
+def test_history_renders_as_training_does():
+    """An earlier call goes to the template with dict arguments (Qwen's ``tojson``), so it reads as the adapter was
+    trained on; Mistral's template, which wants 9-character ids, gets the ids cut as training cuts them."""
+    history = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_abcdefghijkl", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_abcdefghijkl", "content": "21"}]
+    qwen = family("qwen2.5")
+    text = qwen.decode(_encode(qwen, {"messages": history, "tools": TOOLS}))
+    assert f"<tool_call>\n{CALL_JSON}\n</tool_call>" in text and "\\\"city" not in text
+    mistral = family("mistral")
+    text = mistral.decode(_encode(mistral, {"messages": history, "tools": TOOLS, "tool_choice": "none"}))
+    assert '"id": "defghijkl"' in text and '{"city": "Paris"}' in text
+
+
+PARSE_CASES = [
+    (ANSWER, "Let me check.", [("get_weather", {"city": "Paris"})]),
+    (f"\n<tool_call>\n{CALL_JSON}\n</tool_call>\n", None, [("get_weather", {"city": "Paris"})]),
+    (f"<tool_call>\n{CALL_JSON}\n</tool_call>\n<tool_call>\n"
+     '{"name": "get_time", "arguments": "{\\"zone\\": \\"CET\\"}"}\n</tool_call>', None,
+     [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]),
+    (f"Sure. <tool_call>{CALL_JSON}", "Sure.", [("get_weather", {"city": "Paris"})]),  # not closed: ended its turn
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par\n', None, None),  # cut by max_tokens
+    ('<tool_call>\n{"name": "delete_all", "arguments": {}}\n</tool_call>', None, None),  # not a given tool
+    ('<tool_call>\n{"name": "get_weather", "arguments": [1]}\n</tool_call>', None, None),
+    (f"<tool_call>\n{CALL_JSON}\n</tool_call><tool_call>not json</tool_call>", None, None),
+    ("I use <tool_cal and < tool_call> in prose.", None, None),
+]
+
+
+@pytest.mark.parametrize("text, content, calls", PARSE_CASES)
+def test_parser(text, content, calls):
+    parsed = parse_tool_calls(text, {"get_weather", "get_time"})
+    if calls is None:
+        assert parsed is None
+        return
+    assert parsed[0] == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed[1]] == calls
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in parsed[1])
+    assert len({c["id"] for c in parsed[1]}) == len(calls)
+
+
+@pytest.mark.parametrize("text", [case[0] for case in PARSE_CASES] + ["plain answer  \n", " ", "a <tool", "x\n <tool_"])
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_stream_assembly_equals_the_answer(text, size):
+    """Fed in pieces of any size, the streamed content plus the rest at the end is the non-streamed content, and
+    no piece of a ``<tool_call>`` block is ever streamed as content when the text is a call."""
+    holder = ToolCallStream({"get_weather", "get_time"})
+    streamed = "".join(holder.feed(text[i:i + size]) for i in range(0, len(text), size))
+    rest, calls = holder.finish()
+    parsed = parse_tool_calls(text, {"get_weather", "get_time"})
+    if parsed is None:
+        assert calls is None and streamed + rest == text
+    else:
+        assert streamed + rest == (parsed[0] or "") and "<tool" not in streamed
+        assert [c["function"] for c in calls] == [c["function"] for c in parsed[1]]
