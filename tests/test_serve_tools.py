@@ -232,6 +232,18 @@ def test_templates_of_other_formats_are_refused_by_name():
     with pytest.raises(APIError) as dropped:
         _encode(chatml, {"messages": history})
     assert dropped.value.param == "messages.1.tool_calls"
+    # a one-letter name is somewhere in any prompt: what counts is whether the template writes it
+    short = json.loads(json.dumps(history).replace("get_weather", "f"))
+    with pytest.raises(APIError) as dropped:
+        _encode(chatml, {"messages": short})
+    assert dropped.value.param == "messages.1.tool_calls"
+    with pytest.raises(APIError) as unwritten:
+        _encode(chatml, {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}],
+                         "tool_choice": "none"})
+    assert unwritten.value.param == "tools"
+    qwen = family("qwen2.5")
+    assert "<tool_call>" in qwen.decode(_encode(qwen, {"messages": short, "tools": [
+        {"type": "function", "function": {"name": "f"}}]}))
 
 
 def test_history_renders_as_training_does():

@@ -154,40 +154,56 @@ def render_variant(tokenizer: Any, messages: list[dict], tools: list[dict] | Non
                    template_kwargs: dict | None) -> list[dict]:
     """The form of ``messages`` this template writes every earlier call of: tried in training's order
     (:func:`lorakit.train.chat_turns.tool_call_variants`: dict arguments, then JSON text, then 9-character ids);
-    the tools must be written too. Raises ``LorakitError`` naming the field when the template writes neither.
+    the tools must be written too. Raises ``LorakitError`` (its ``param`` the request field) when the template
+    writes neither.
+
+    Written means the call's (the tool's) name occurs more often than in the chat rendered without the calls (the
+    tools): a one-letter name is in any prompt.
     """
     from lorakit.train.chat_turns import tool_call_variants
 
-    calls = [(i, c["function"]["name"]) for i, m in enumerate(messages) for c in m.get("tool_calls", ())]
-    first_error, best = None, None
-    for _, variant in tool_call_variants(messages):
+    def render(chat: list[dict], with_tools: list[dict] | None) -> str | None:
         try:
-            text = tokenizer.apply_chat_template(variant, tools=tools or None, tokenize=False,
+            text = tokenizer.apply_chat_template(chat, tools=with_tools or None, tokenize=False,
                                                  add_generation_prompt=True, **(template_kwargs or {}))
-        except Exception as error:  # a template refuses one convention (Mistral: ids not 9 characters long)
-            first_error = first_error or error
+        except Exception:  # a template refuses one convention (Mistral: ids not 9 characters long)
+            return None
+        return text if isinstance(text, str) else None
+
+    def unwritten(text: str, baseline: str | None, names: list[tuple[Any, str]]) -> tuple[Any, str] | None:
+        for where, name in names:
+            wanted = sum(1 for _, other in names if other == name)
+            if text.count(name) < wanted or (baseline is not None and text.count(name) - baseline.count(name) < wanted):
+                return where, name
+        return None
+
+    calls = [(i, c["function"]["name"]) for i, m in enumerate(messages) for c in m.get("tool_calls", ())]
+    bare = render([{k: v for k, v in m.items() if k != "tool_calls"} for m in messages], tools) if calls else None
+    first = None
+    for _, variant in tool_call_variants(messages):
+        text = render(variant, tools)
+        if text is None:
             continue
-        if not isinstance(text, str):
-            continue
-        best = best or (variant, text)
-        if all(name in text for _, name in calls):
-            return _check_tools(variant, text, tools)
-    if best is None:
-        reason = str(first_error).splitlines()[0] if first_error is not None and str(first_error) else "refused"
+        first = first or text
+        if unwritten(text, bare, calls) is None:
+            missing = unwritten(text, render(variant, None), [(None, t["function"]["name"]) for t in tools or ()])
+            if missing is not None:
+                error = LorakitError(f"tools are not supported by this model's chat template: it does not write the "
+                                     f"tools ({missing[1]!r} is not in the prompt); describe them in the system "
+                                     "message instead")
+                error.param = "tools"
+                raise error
+            return variant
+    if first is None:
+        try:
+            tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True,
+                                          **(template_kwargs or {}))
+            reason = "refused"
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LorakitError(f"the chat template refused these messages: {reason}")
-    i, name = next((i, name) for i, name in calls if name not in best[1])
+    i, name = unwritten(first, bare, calls)
     error = LorakitError(f"messages[{i}] calls tool {name!r}, but this model's chat template does not write tool calls; "
                          "send the call as text in the content, or use a model whose template supports tools")
     error.param = f"messages.{i}.tool_calls"
     raise error
-
-
-def _check_tools(variant: list[dict], text: str, tools: list[dict] | None) -> list[dict]:
-    for tool in tools or ():
-        name = tool["function"]["name"]
-        if name not in text:
-            error = LorakitError(f"tools are not supported by this model's chat template: it does not write the "
-                                 f"tools ({name!r} is not in the prompt); describe them in the system message instead")
-            error.param = "tools"
-            raise error
-    return variant
