@@ -25,7 +25,7 @@ from test_serve_support import ServerProcess, make_tokenizer
 from test_train_tool_calls import TOOLS, family
 
 from lorakit.serve.protocol import APIError, ChatRequest
-from lorakit.serve.tool_calls import ToolCallStream, parse_tool_calls
+from lorakit.serve.tool_calls import ToolCallStream, parse_calls, parse_tool_calls
 from lorakit.serve.transport import parse
 
 CALL_JSON = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
@@ -213,15 +213,22 @@ def _encode(tokenizer, body: dict):
 
 
 def test_templates_of_other_formats_are_refused_by_name():
-    """A Llama 3.1 template writes calls as bare JSON, which lorakit does not parse: refused, not answered with the
-    calls left in the text; with tool_choice "none" (calls not parsed) it serves. A template without tools (ChatML)
-    is told it writes neither the tools nor an earlier call."""
-    llama = family("llama3.1")
+    """A Mistral template writes calls after its special [TOOL_CALLS] token, which lorakit does not parse: refused,
+    not answered with the calls left in the text; with tool_choice "none" (calls not parsed) it serves. Llama 3.1's
+    JSON calls are parsed. A template without tools (ChatML) is told it writes neither the tools nor an earlier
+    call."""
+    from lorakit.serve.tool_calls import call_format
+
+    assert [call_format(family(name), TOOLS) for name in ("qwen2.5", "qwen3", "hermes", "llama3.1", "mistral")] == \
+        ["hermes", "hermes", "hermes", "llama3_json", None]
+    mistral = family("mistral")
     with pytest.raises(APIError) as refused:
-        _encode(llama, {"messages": QUESTION, "tools": TOOLS})
-    assert refused.value.param == "tools" and "hermes" in refused.value.message
-    ids = _encode(llama, {"messages": QUESTION, "tools": TOOLS, "tool_choice": "none"})
-    assert "get_weather" in llama.decode(ids)
+        _encode(mistral, {"messages": QUESTION, "tools": TOOLS})
+    assert refused.value.param == "tools" and "hermes" in refused.value.message and "Llama" in refused.value.message
+    ids = _encode(mistral, {"messages": QUESTION, "tools": TOOLS, "tool_choice": "none"})
+    assert "get_weather" in mistral.decode(ids)
+    llama = family("llama3.1")
+    assert "get_weather" in llama.decode(_encode(llama, {"messages": QUESTION, "tools": TOOLS}))
     chatml = make_tokenizer()
     with pytest.raises(APIError) as unwritten:
         _encode(chatml, {"messages": QUESTION, "tools": TOOLS, "tool_choice": "none"})
@@ -288,17 +295,41 @@ def test_parser(text, content, calls):
     assert len({c["id"] for c in parsed[1]}) == len(calls)
 
 
-@pytest.mark.parametrize("text", [case[0] for case in PARSE_CASES] + ["plain answer  \n", " ", "a <tool", "x\n <tool_"])
+LLAMA_CASES = [
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', [("get_weather", {"city": "Paris"})]),
+    (' {"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", "arguments": {}}\n',
+     [("get_weather", {"city": "Paris"}), ("get_time", {})]),
+    ('{"name": "get_weather", "parameters": {"city": "Par', None),  # cut by max_tokens
+    ('{"name": "delete_all", "parameters": {}}', None),
+    ('{"name": "get_weather", "parameters": {}} and then some words', None),
+    ('The answer is {"name": "get_weather"}', None),  # a call is the whole answer
+    ("It is 21 degrees.", None),
+]
+
+
+@pytest.mark.parametrize("text, calls", LLAMA_CASES)
+def test_llama_json_parser(text, calls):
+    parsed = parse_calls(text, "llama3_json", {"get_weather", "get_time"})
+    if calls is None:
+        assert parsed is None
+        return
+    assert parsed[0] is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed[1]] == calls
+
+
+@pytest.mark.parametrize("fmt, text", [("hermes", case[0]) for case in PARSE_CASES] +
+                         [("hermes", text) for text in ("plain answer  \n", " ", "a <tool", "x\n <tool_")] +
+                         [("llama3_json", case[0]) for case in LLAMA_CASES] + [("llama3_json", " \n")])
 @pytest.mark.parametrize("size", [1, 3, 1000])
-def test_stream_assembly_equals_the_answer(text, size):
+def test_stream_assembly_equals_the_answer(fmt, text, size):
     """Fed in pieces of any size, the streamed content plus the rest at the end is the non-streamed content, and
-    no piece of a ``<tool_call>`` block is ever streamed as content when the text is a call."""
-    holder = ToolCallStream({"get_weather", "get_time"})
+    no piece of a call is ever streamed as content when the text is a call."""
+    holder = ToolCallStream({"get_weather", "get_time"}, fmt)
     streamed = "".join(holder.feed(text[i:i + size]) for i in range(0, len(text), size))
     rest, calls = holder.finish()
-    parsed = parse_tool_calls(text, {"get_weather", "get_time"})
+    parsed = parse_calls(text, fmt, {"get_weather", "get_time"})
     if parsed is None:
         assert calls is None and streamed + rest == text
     else:
-        assert streamed + rest == (parsed[0] or "") and "<tool" not in streamed
+        assert streamed + rest == (parsed[0] or "") and "<tool" not in streamed and "{" not in streamed
         assert [c["function"] for c in calls] == [c["function"] for c in parsed[1]]

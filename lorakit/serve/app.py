@@ -39,8 +39,7 @@ from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, Compl
                                     error_body)
 from lorakit.serve.responses import final_response, new_ids, response_events
 from lorakit.serve.text import TextAssembler
-from lorakit.serve.tool_calls import (PARSED_FORMATS, parse_tool_calls, render_variant, template_messages,
-                                      writes_hermes_calls)
+from lorakit.serve.tool_calls import PARSED_FORMATS, call_format, parse_calls, render_variant, template_messages
 from lorakit.serve.transport import CORS, internal_error, not_found, parse, read_json
 
 
@@ -296,7 +295,7 @@ def _encode(state: ServerState, prompt, chat: bool, template_kwargs: dict | None
 def _encode_tools(state: ServerState, body: ChatRequest, tools: list[dict] | None) -> list[int]:
     """Token ids of a chat with tools and/or tool turns: the first form of the earlier calls the template writes
     (``tool_calls.render_variant``); with calls to parse, the template must write them in a parsed format."""
-    if tools and body.calls_parsed() and not writes_hermes_calls(state.tokenizer, tools):
+    if tools and body.calls_parsed() and call_format(state.tokenizer, tools) is None:
         raise APIError(400, f"tools are not supported with this model's chat template: lorakit parses tool calls in "
                        f"{PARSED_FORMATS}, and this template writes another format (or none); send tool_choice "
                        "'none' to get the calls as text", param="tools")
@@ -421,10 +420,12 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0))
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
-    tool_names = {tool.function.name for tool in body.tools} if chat and body.calls_parsed() else None
+    tools = None  # (format, names) of the calls read out of the answers
+    if chat and body.calls_parsed():
+        tools = (call_format(state.tokenizer, body.openai_tools()), {tool.function.name for tool in body.tools})
     if body.stream:
         return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs,
-                                               tool_names),
+                                               tools),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     collected = await _collect(state, http, jobs, bridge)
     if isinstance(collected, JSONResponse):
@@ -442,7 +443,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
             lp = {key: prompt_lps[index // n][key] + lp[key] for key in lp}
         if chat:
             message = {"role": "assistant", "content": text}
-            parsed = parse_tool_calls(text, tool_names) if tool_names else None
+            parsed = parse_calls(text, *tools) if tools else None
             if parsed is not None:  # the model called tools: OpenAI's message and finish reason
                 message, finish = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}, "tool_calls"
             choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": lp})

@@ -2,12 +2,17 @@
 model's calls read back out of its text (what vLLM serves with ``--enable-auto-tool-choice --tool-call-parser
 hermes``).
 
-Parsed format: Hermes / Qwen2.5 / Qwen3 write each call as a block ``<tool_call>\\n{"name": ..., "arguments":
-{...}}\\n</tool_call>`` (one or several) after any text. A template that writes calls another way (Llama 3.1's bare
-JSON, Mistral's ``[TOOL_CALLS]``) is refused for requests with tools, never answered with calls left in the text.
+Parsed formats, chosen from the chat template (as vLLM's ``--tool-call-parser``):
 
-An answer's calls are returned only when every block is well formed (JSON with a ``name`` among the request's tools
-and object ``arguments``); otherwise the whole text is the content, as vLLM's parser does: never an error.
+- ``hermes``: Hermes / Qwen2.5 / Qwen3 write each call as a block ``<tool_call>\\n{"name": ..., "arguments":
+  {...}}\\n</tool_call>`` (one or several) after any text;
+- ``llama3_json``: Llama 3.1 / 3.2 / 3.3 answer a call with nothing but ``{"name": ..., "parameters": {...}}``
+  (several joined by ``;``).
+
+A template that writes calls another way (Mistral's ``[TOOL_CALLS]``, a special token the text never shows) is
+refused for requests whose calls would be parsed, never answered with calls left in the text. An answer's calls
+are returned only when every one is well formed (JSON with a ``name`` among the request's tools and object
+arguments); otherwise the whole text is the content, as vLLM's parsers do: never an error.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from typing import Any
 from lorakit.errors import LorakitError
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-PARSED_FORMATS = "the hermes format (<tool_call>{...}</tool_call> blocks: Qwen2.5, Qwen3, Hermes 2 Pro / 3 templates)"
+PARSED_FORMATS = ("the hermes format (<tool_call>{...}</tool_call> blocks: Qwen2.5, Qwen3, Hermes 2 Pro / 3 templates) "
+                  "and Llama 3.1-3.3's JSON ({\"name\", \"parameters\"})")
 # a block, or a last block the model did not close (it ended its turn right after the JSON)
 _BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE) + "|" + re.escape(CALL_OPEN) + r"(.*)$",
                     re.DOTALL)
@@ -36,9 +42,20 @@ def template_text(tokenizer: Any, tools: list | None) -> str:
     return template if isinstance(template, str) else ""
 
 
-def writes_hermes_calls(tokenizer: Any, tools: list | None) -> bool:
-    """Whether the template is one whose calls this module parses (it writes ``<tool_call>`` blocks)."""
-    return CALL_OPEN in template_text(tokenizer, tools)
+def call_format(tokenizer: Any, tools: list | None) -> str | None:
+    """The format the template writes calls in, among those parsed here: "hermes" (it writes ``<tool_call>``
+    blocks), "llama3_json" (``'{"name": "' + tool_call.name`` then ``"parameters": ``), or None."""
+    template = template_text(tokenizer, tools)
+    if CALL_OPEN in template:
+        return "hermes"
+    if "tool_call.name" in template and '"parameters": ' in template:
+        return "llama3_json"
+    return None
+
+
+def parse_calls(text: str, fmt: str, tool_names: set[str]) -> tuple[str | None, list[dict]] | None:
+    """``(content, calls)`` read from ``text`` in format ``fmt``, or None when it holds no well-formed calls."""
+    return parse_tool_calls(text, tool_names) if fmt == "hermes" else parse_llama_json(text, tool_names)
 
 
 def parse_tool_calls(text: str, tool_names: set[str]) -> tuple[str | None, list[dict]] | None:
@@ -64,11 +81,38 @@ def parse_tool_calls(text: str, tool_names: set[str]) -> tuple[str | None, list[
     return (content or None), calls
 
 
-def _read_call(block: str, tool_names: set[str]) -> dict | None:
-    try:
-        data = json.loads(block)
-    except ValueError:
+def parse_llama_json(text: str, tool_names: set[str]) -> tuple[None, list[dict]] | None:
+    """Llama 3.1's calls: the whole answer is ``{"name": ..., "parameters": {...}}`` objects joined by ``;`` (as
+    vLLM's llama3_json parser reads them; ``<|python_tag|>`` before them is a special token, not in the text).
+    ``(None, calls)``, or None when the answer is anything else."""
+    stripped = text.strip()
+    if not stripped.startswith("{"):
         return None
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while at < len(stripped):
+        try:
+            data, end = decoder.raw_decode(stripped, at)
+        except ValueError:
+            return None
+        call = _read_call(data, tool_names)
+        if call is None:
+            return None
+        calls.append(call)
+        at = end
+        while at < len(stripped) and stripped[at] in " \t\n;":
+            at += 1
+    return None, calls
+
+
+def _read_call(block: Any, tool_names: set[str]) -> dict | None:
+    """One call from a block's JSON text (or its decoded value), or None when it is not a call of a given tool."""
+    if isinstance(block, str):
+        try:
+            data = json.loads(block)
+        except ValueError:
+            return None
+    else:
+        data = block
     if not isinstance(data, dict) or not isinstance(data.get("name"), str) or data["name"] not in tool_names:
         return None
     arguments = data.get("arguments", data.get("parameters", {}))
@@ -84,24 +128,28 @@ def _read_call(block: str, tool_names: set[str]) -> dict | None:
 
 
 class ToolCallStream:
-    """One streamed choice of a request with tools: text is passed on as content while no ``<tool_call>`` has
-    started; from there on it is held, and :meth:`finish` reads the calls out of the whole text.
+    """One streamed choice of a request with tools: text is passed on as content while no call has started (no
+    ``<tool_call>``; for llama3_json, an answer that does not start with ``{``); from there on it is held, and
+    :meth:`finish` reads the calls out of the whole text.
 
-    What :meth:`feed` passes on is always a prefix of the content :func:`parse_tool_calls` gives the whole text
+    What :meth:`feed` passes on is always a prefix of the content :func:`parse_calls` gives the whole text
     (a tail that may grow into ``<tool_call>``, and trailing whitespace, are held back until the next text shows
     what they are), so the streamed content plus :meth:`finish`'s rest equals the non-streamed answer's.
     """
 
-    def __init__(self, tool_names: set[str]):
-        self.tool_names = tool_names
+    def __init__(self, tool_names: set[str], fmt: str = "hermes"):
+        self.tool_names, self.fmt = tool_names, fmt
         self.text = ""
         self.emitted = 0
 
     def feed(self, piece: str) -> str:
         """Newly final text -> the content to stream now (possibly "")."""
         self.text += piece
-        start = self.text.find(CALL_OPEN, max(0, self.emitted - len(CALL_OPEN)))
-        end = start if start >= 0 else len(self.text) - _partial_open(self.text)
+        if self.fmt == "llama3_json":  # a call is the whole answer: hold an answer that starts as JSON
+            end = 0 if self.text.lstrip().startswith("{") else len(self.text)
+        else:
+            start = self.text.find(CALL_OPEN, max(0, self.emitted - len(CALL_OPEN)))
+            end = start if start >= 0 else len(self.text) - _partial_open(self.text)
         end = len(self.text[:end].rstrip())  # whitespace before a call is not content
         if end <= self.emitted:
             return ""
@@ -111,7 +159,7 @@ class ToolCallStream:
     def finish(self, last: str = "") -> tuple[str, list[dict] | None]:
         """``(rest of the content, calls or None)`` once the choice has ended, ``last`` being its final text."""
         self.text += last
-        parsed = parse_tool_calls(self.text, self.tool_names)
+        parsed = parse_calls(self.text, self.fmt, self.tool_names)
         if parsed is None:
             return self.text[self.emitted:], None
         content, calls = parsed
