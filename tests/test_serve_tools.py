@@ -33,18 +33,17 @@ ANSWER = f"Let me check.<tool_call>\n{CALL_JSON}\n</tool_call>"  # what the serv
 QUESTION = [{"role": "user", "content": "Weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _scripted_server(root, name: str, words: list[str]):
+    """A server whose model answers any chat with ``words`` (each added to the tokenizer of template family
+    ``name`` as one token; the last an end-of-turn token): see the module docstring."""
     from transformers import AutoTokenizer
 
-    root = tmp_path_factory.mktemp("tools")
-    family("qwen2.5").save_pretrained(root / "model")
+    family(name).save_pretrained(root / "model")
     tokenizer = AutoTokenizer.from_pretrained(root / "model")  # a copy: the shared one stays as other tests built it
-    tokenizer.add_tokens(["Let me check.", f"\n{CALL_JSON}\n"])
+    tokenizer.add_tokens([w for w in words if w not in tokenizer.get_vocab()])
     prompt = tokenizer.apply_chat_template(QUESTION, tools=TOOLS, add_generation_prompt=True, tokenize=True,
                                            return_dict=False)
-    chain = [prompt[-1], *tokenizer.convert_tokens_to_ids(["Let me check.", "<tool_call>", f"\n{CALL_JSON}\n",
-                                                           "</tool_call>", "<|im_end|>"])]
+    chain = [prompt[-1], *tokenizer.convert_tokens_to_ids(words)]
     model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
@@ -59,7 +58,13 @@ def server(tmp_path_factory):
     tokenizer.save_pretrained(root / "model")
     (root / "adapters").mkdir()
     proc = ServerProcess(root / "model", root / "adapters", "--max-tokens", "32", log=root / "server.log")
-    client = httpx.Client(base_url=proc.url, timeout=60)
+    return proc, httpx.Client(base_url=proc.url, timeout=60), tokenizer
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    words = ["Let me check.", "<tool_call>", f"\n{CALL_JSON}\n", "</tool_call>", "<|im_end|>"]
+    proc, client, tokenizer = _scripted_server(tmp_path_factory.mktemp("tools"), "qwen2.5", words)
     try:
         yield {"url": proc.url, "client": client, "server": proc, "tokenizer": tokenizer}
     finally:
@@ -193,6 +198,27 @@ def test_refusals_name_the_field(server, extra, param, words):
     assert error["param"] == param and words in error["message"], error
 
 
+def test_llama_json_calls(tmp_path):
+    """Llama 3.1's template: the answer is the call's JSON alone, returned as tool_calls with no content; streamed,
+    nothing of it is content."""
+    llama_call = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    proc, client, _ = _scripted_server(tmp_path, "llama3.1", [llama_call, "<|eot_id|>"])
+    try:
+        choice = _chat(client, tools=TOOLS)["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        assert [c["function"] for c in choice["message"]["tool_calls"]] == [
+            {"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+        deltas = [e["choices"][0] for e in _stream(client, tools=TOOLS)]
+        assert not any(d["delta"].get("content") for d in deltas)
+        assert [c["function"] for d in deltas for c in d["delta"].get("tool_calls") or ()] == [
+            {"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+        assert _chat(client, tools=TOOLS, tool_choice="none")["choices"][0]["message"]["content"] == llama_call
+        assert "Traceback" not in proc.output()
+    finally:
+        client.close()
+        proc.stop()
+
+
 def test_still_serving_without_tracebacks(server):
     assert server["client"].get("/health").json()["status"] == "ok"
     assert "Traceback" not in server["server"].output()
@@ -305,6 +331,15 @@ LLAMA_CASES = [
     ('The answer is {"name": "get_weather"}', None),  # a call is the whole answer
     ("It is 21 degrees.", None),
 ]
+
+
+def test_parallel_tool_calls_false_keeps_the_first():
+    two = f"<tool_call>\n{CALL_JSON}\n</tool_call>\n<tool_call>\n{CALL_JSON.replace('Paris', 'Rome')}\n</tool_call>"
+    assert len(parse_calls(two, "hermes", {"get_weather"})[1]) == 2
+    content, [call] = parse_calls(two, "hermes", {"get_weather"}, single=True)
+    assert content is None and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    holder = ToolCallStream({"get_weather"}, "hermes", single=True)
+    assert holder.feed(two) == "" and [c["function"] for c in holder.finish()[1]] == [call["function"]]
 
 
 @pytest.mark.parametrize("text, calls", LLAMA_CASES)

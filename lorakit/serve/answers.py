@@ -68,7 +68,7 @@ def prompt_logprobs(state: ServerState, prompt_ids: list[int], infos: list[Token
 
 
 async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _Bridge, ident: str, created: int,
-                  chat: bool, prompt_tokens: int, logprobs: int | None, tools: tuple[str, set[str]] | None = None):
+                  chat: bool, prompt_tokens: int, logprobs: int | None, tools: tuple[str, set[str], bool] | None = None):
     """Server-sent events: one chunk per piece of final text, each choice's finish reason as it ends, then the
     usage (``stream_options.include_usage``), then ``[DONE]``.
 
@@ -76,7 +76,8 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     character or a possible stop string, rides on the next chunk), so the chunks' logprobs together equal the
     non-streaming answer's. With ``n`` > 1 the choices' chunks interleave, each with its ``index``.
 
-    With ``tools`` (a chat request whose calls are parsed: their format and the tools' names), text streams as
+    With ``tools`` (a chat request whose calls are parsed: their format, the tools' names, whether only the first
+    call is returned), text streams as
     content until a call starts; the rest is held, and at the end the calls come as one ``delta.tool_calls`` chunk and the finish reason
     "tool_calls" (``tool_calls.ToolCallStream``), so the chunks add up to the non-streamed message.
     """
@@ -86,7 +87,7 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     offsets = [0] * len(jobs)
     reasons: list[str | None] = [None] * len(jobs)
 
-    holders = [ToolCallStream(tools[1], tools[0]) for _ in jobs] if tools else None
+    holders = [ToolCallStream(tools[1], tools[0], tools[2]) for _ in jobs] if tools else None
 
     def chunk(index: int, text: str | None, finish: str | None, first: bool = False,
               tool_calls: list[dict] | None = None) -> str:

@@ -420,9 +420,10 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0))
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
-    tools = None  # (format, names) of the calls read out of the answers
+    tools = None  # (format, names, one call only) of the calls read out of the answers
     if chat and body.calls_parsed():
-        tools = (call_format(state.tokenizer, body.openai_tools()), {tool.function.name for tool in body.tools})
+        tools = (call_format(state.tokenizer, body.openai_tools()), {tool.function.name for tool in body.tools},
+                 body.parallel_tool_calls is False)
     if body.stream:
         return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs,
                                                tools),

@@ -293,7 +293,7 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Union[str, dict, None] = None  # "auto" (the default with tools) or "none"
-    parallel_tool_calls: bool | None = None  # accepted; a model that writes several calls returns them all
+    parallel_tool_calls: bool | None = None  # false: only an answer's first call is returned
     # OpenAI fields at their "off" values, as client libraries send them
     functions: list | None = None
     response_format: ResponseFormat | None = None

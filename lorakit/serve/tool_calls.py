@@ -53,9 +53,12 @@ def call_format(tokenizer: Any, tools: list | None) -> str | None:
     return None
 
 
-def parse_calls(text: str, fmt: str, tool_names: set[str]) -> tuple[str | None, list[dict]] | None:
-    """``(content, calls)`` read from ``text`` in format ``fmt``, or None when it holds no well-formed calls."""
-    return parse_tool_calls(text, tool_names) if fmt == "hermes" else parse_llama_json(text, tool_names)
+def parse_calls(text: str, fmt: str, tool_names: set[str], single: bool = False
+                ) -> tuple[str | None, list[dict]] | None:
+    """``(content, calls)`` read from ``text`` in format ``fmt``, or None when it holds no well-formed calls;
+    ``single`` (the request's ``parallel_tool_calls`` false): only the first call, as OpenAI answers then."""
+    parsed = parse_tool_calls(text, tool_names) if fmt == "hermes" else parse_llama_json(text, tool_names)
+    return parsed if parsed is None or not single else (parsed[0], parsed[1][:1])
 
 
 def parse_tool_calls(text: str, tool_names: set[str]) -> tuple[str | None, list[dict]] | None:
@@ -137,8 +140,8 @@ class ToolCallStream:
     what they are), so the streamed content plus :meth:`finish`'s rest equals the non-streamed answer's.
     """
 
-    def __init__(self, tool_names: set[str], fmt: str = "hermes"):
-        self.tool_names, self.fmt = tool_names, fmt
+    def __init__(self, tool_names: set[str], fmt: str = "hermes", single: bool = False):
+        self.tool_names, self.fmt, self.single = tool_names, fmt, single
         self.text = ""
         self.emitted = 0
 
@@ -159,7 +162,7 @@ class ToolCallStream:
     def finish(self, last: str = "") -> tuple[str, list[dict] | None]:
         """``(rest of the content, calls or None)`` once the choice has ended, ``last`` being its final text."""
         self.text += last
-        parsed = parse_calls(self.text, self.fmt, self.tool_names)
+        parsed = parse_calls(self.text, self.fmt, self.tool_names, self.single)
         if parsed is None:
             return self.text[self.emitted:], None
         content, calls = parsed
