@@ -183,6 +183,8 @@ def test_openai_sdk_agent_loop(server):
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name", "pattern"),
     ({"tools": [TOOLS[0], TOOLS[0]]}, "tools", "two tools"),
     ({"tools": {"type": "function"}}, "tools", "list"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "description": "x" * 300_000}}]}, "messages",
+     "characters"),  # refused before the template runs
     ({"messages": [*QUESTION, {"role": "tool", "content": "21"}]}, "messages.1.tool_call_id", "tool_call_id"),
     ({"messages": [*QUESTION, {"role": "assistant", "content": None}]}, "messages.1.content", "required"),
     ({"messages": [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [

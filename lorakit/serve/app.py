@@ -279,17 +279,23 @@ def _encode(state: ServerState, prompt, chat: bool, template_kwargs: dict | None
         # tokenizer (and every other request's detokenizing) for seconds before the token count refuses them
         raise APIError(400, f"{param} holds {len(prompt):,} messages, over the limit of {state.max_prompt_tokens} "
                        "prompt tokens (each message takes at least one)", param=param, code="context_length_exceeded")
-    chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"] or "") + len(str(m.get("tool_calls", "")))
-                                                            for m in prompt)
-    chars += len(str((template_kwargs or {}).get("tools", "")))
-    if chars > 16 * state.max_prompt_tokens:  # cheap guard before tokenizing
-        raise APIError(400, f"prompt of {chars:,} characters is far over the limit of {state.max_prompt_tokens} "
-                       "tokens", param=param, code="context_length_exceeded")
+    _check_characters(state, prompt, (template_kwargs or {}).get("tools"), param)
     try:
         with state.tokenizer_lock:
             return encode_prompt(state.tokenizer, prompt, chat=chat, chat_template_kwargs=template_kwargs)
     except LorakitError as error:
         raise APIError(400, str(error), param=param) from None
+
+
+def _check_characters(state: ServerState, prompt, tools: list | None, param: str) -> None:
+    """A cheap guard before the template and the tokenizer run: far more characters than the prompt may have
+    tokens (the messages, their calls, the tools' schemas) is refused at once."""
+    chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"] or "") + len(str(m.get("tool_calls", "")))
+                                                            for m in prompt)
+    chars += len(str(tools or ""))
+    if chars > 16 * state.max_prompt_tokens:
+        raise APIError(400, f"prompt of {chars:,} characters is far over the limit of {state.max_prompt_tokens} "
+                       "tokens", param=param, code="context_length_exceeded")
 
 
 def _encode_tools(state: ServerState, body: ChatRequest, tools: list[dict] | None) -> list[int]:
@@ -301,6 +307,7 @@ def _encode_tools(state: ServerState, body: ChatRequest, tools: list[dict] | Non
                        "'none' to get the calls as text", param="tools")
     messages = template_messages(body.messages)
     if len(messages) <= state.max_prompt_tokens:  # longer: _encode refuses it by count, before any rendering
+        _check_characters(state, messages, tools, "messages")
         try:
             with state.tokenizer_lock:
                 messages = render_variant(state.tokenizer, messages, tools, body.chat_template_kwargs)
