@@ -33,12 +33,15 @@ ANSWER = f"Let me check.<tool_call>\n{CALL_JSON}\n</tool_call>"  # what the serv
 QUESTION = [{"role": "user", "content": "Weather in Paris?"}]
 
 
-def _scripted_server(root, name: str, words: list[str]):
+def _scripted_server(root, name: str, words: list[str], special: tuple[str, ...] = ()):
     """A server whose model answers any chat with ``words`` (each added to the tokenizer of template family
-    ``name`` as one token; the last an end-of-turn token): see the module docstring."""
+    ``name`` as one token; the last an end-of-turn token): see the module docstring. ``special``: added tokens
+    the tokenizer then marks special."""
     from transformers import AutoTokenizer
 
     family(name).save_pretrained(root / "model")
+    if special:
+        _mark_special(root / "model", special)
     tokenizer = AutoTokenizer.from_pretrained(root / "model")  # a copy: the shared one stays as other tests built it
     tokenizer.add_tokens([w for w in words if w not in tokenizer.get_vocab()])
     prompt = tokenizer.apply_chat_template(QUESTION, tools=TOOLS, add_generation_prompt=True, tokenize=True,
@@ -59,6 +62,16 @@ def _scripted_server(root, name: str, words: list[str]):
     (root / "adapters").mkdir()
     proc = ServerProcess(root / "model", root / "adapters", "--max-tokens", "32", log=root / "server.log")
     return proc, httpx.Client(base_url=proc.url, timeout=60), tokenizer
+
+
+def _mark_special(folder, tokens: tuple[str, ...]) -> None:
+    """Mark added tokens special in a saved tokenizer, as Hermes 2 Pro / 3 tokenizers mark ``<tool_call>``."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        data = json.loads((folder / name).read_text())
+        for token in [*data.get("added_tokens", ()), *data.get("added_tokens_decoder", {}).values()]:
+            if token["content"] in tokens:
+                token["special"] = True
+        (folder / name).write_text(json.dumps(data))
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +229,26 @@ def test_llama_json_calls(tmp_path):
             {"name": "get_weather", "arguments": '{"city": "Paris"}'}]
         assert _chat(client, tools=TOOLS, tool_choice="none")["choices"][0]["message"]["content"] == llama_call
         assert "Traceback" not in proc.output()
+    finally:
+        client.close()
+        proc.stop()
+
+
+def test_hermes_tokenizer_that_marks_tool_call_special(tmp_path):
+    """Hermes tokenizers mark ``<tool_call>`` special, and an answer's text skips special tokens: the markers are
+    kept for requests whose calls are parsed (vLLM turns skip_special_tokens off for its hermes parser), so the
+    call is found; without tools the answer reads as before (the markers skipped)."""
+    words = ["<tool_call>", f"\n{CALL_JSON}\n", "</tool_call>", "<|im_end|>"]
+    proc, client, tokenizer = _scripted_server(tmp_path, "hermes", words, special=("<tool_call>", "</tool_call>"))
+    try:
+        assert tokenizer.decode(tokenizer.convert_tokens_to_ids(words[:3]), skip_special_tokens=True) == \
+            f"\n{CALL_JSON}\n"
+        choice = _chat(client, tools=TOOLS)["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_weather"]
+        deltas = [e["choices"][0] for e in _stream(client, tools=TOOLS)]
+        assert [c["function"]["name"] for d in deltas for c in d["delta"].get("tool_calls") or ()] == ["get_weather"]
+        assert _chat(client)["choices"][0]["message"]["content"] == f"\n{CALL_JSON}\n"
     finally:
         client.close()
         proc.stop()

@@ -39,7 +39,8 @@ from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, Compl
                                     error_body)
 from lorakit.serve.responses import final_response, new_ids, response_events
 from lorakit.serve.text import TextAssembler
-from lorakit.serve.tool_calls import PARSED_FORMATS, call_format, parse_calls, render_variant, template_messages
+from lorakit.serve.tool_calls import (PARSED_FORMATS, call_format, kept_tokens, parse_calls, render_variant,
+                                      template_messages)
 from lorakit.serve.transport import CORS, internal_error, not_found, parse, read_json
 
 
@@ -424,13 +425,15 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
-    jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0))
-    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
     tools = None  # (format, names, one call only) of the calls read out of the answers
     if chat and body.calls_parsed():
         tools = (call_format(state.tokenizer, body.openai_tools()), {tool.function.name for tool in body.tools},
                  body.parallel_tool_calls is False)
+    keep = kept_tokens(state.tokenizer, tools[0]) if tools else frozenset()
+    jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0),
+                           keep)
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
     if body.stream:
         return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs,
                                                tools),
@@ -479,7 +482,7 @@ def _sampling_params(state: ServerState, body, limits: list[int], n: int, seed: 
 
 def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[SamplingParams],
             adapter_name: str | None, internal: str | None, stops: list[str] | None, logprobs: int | None,
-            top_k: int = 0) -> tuple[list[Request], _Bridge]:
+            top_k: int = 0, keep: frozenset[int] = frozenset()) -> tuple[list[Request], _Bridge]:
     """Hand ``len(params)`` jobs to the engine (job j answers ``prompts[j // n]``), each under the adapter pinned
     once by ``_acquire`` (``internal``; None: the base); the pin is released when the last job finishes, or here
     if submitting fails. The jobs' events arrive on the bridge's queue: ``("token", j, text, token, info)`` and
@@ -489,7 +492,7 @@ def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[S
     jobs: list[Request] = []
     try:
         for index, choice_params in enumerate(params):
-            assembler = TextAssembler(state.tokenizer, stops, state.stop_token_ids, state.tokenizer_lock)
+            assembler = TextAssembler(state.tokenizer, stops, state.stop_token_ids, state.tokenizer_lock, keep)
 
             def on_token(token: int, info: TokenInfo | None, index=index, assembler=assembler) -> bool:
                 bridge.put(("token", index, assembler.add(token), token, info))

@@ -15,11 +15,16 @@ import threading
 class TextAssembler:
     """Collects a request's tokens; ``add`` returns the newly final text, ``finish`` whatever remains."""
 
-    def __init__(self, tokenizer, stops: list[str], stop_token_ids: tuple[int, ...], lock: threading.Lock | None = None):
+    def __init__(self, tokenizer, stops: list[str], stop_token_ids: tuple[int, ...], lock: threading.Lock | None = None,
+                 keep: frozenset[int] = frozenset()):
+        """``keep``: special tokens whose text stays in the answer (a template's ``<tool_call>`` where the
+        tokenizer marks it special, as Hermes models do: the tool-call parser must see it)."""
         self.tokenizer = tokenizer
         self.stops = list(stops or [])
         self.stop_token_ids = set(stop_token_ids)
         self.lock = lock or threading.Lock()
+        self.keep = keep
+        self.skipped = special_ids(tokenizer) - keep if keep else frozenset()
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
@@ -27,6 +32,8 @@ class TextAssembler:
 
     def _decode(self) -> str:
         with self.lock:
+            if self.keep:  # the other special tokens removed by hand, these decoded as their text
+                return self.tokenizer.decode([i for i in self.ids if i not in self.skipped], skip_special_tokens=False)
             return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
     def add(self, token: int) -> str:
@@ -64,6 +71,14 @@ class TextAssembler:
         delta = self.text[self.emitted:end]
         self.emitted = end
         return delta
+
+
+def special_ids(tokenizer) -> frozenset[int]:
+    """The ids ``decode(..., skip_special_tokens=True)`` drops: the named special tokens and added tokens marked
+    special."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return frozenset(tokenizer.all_special_ids) | frozenset(int(i) for i, t in added.items()
+                                                              if getattr(t, "special", False))
 
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback tokens

@@ -53,6 +53,19 @@ def call_format(tokenizer: Any, tools: list | None) -> str | None:
     return None
 
 
+def kept_tokens(tokenizer: Any, fmt: str) -> frozenset[int]:
+    """The format's marker tokens that the tokenizer marks special (Hermes 2 Pro / 3 tokenizers mark
+    ``<tool_call>``): decoding skips special tokens, so these must be kept for the parser to see the calls (vLLM
+    turns ``skip_special_tokens`` off for its hermes parser for the same reason)."""
+    if fmt != "hermes":
+        return frozenset()
+    from lorakit.serve.text import special_ids
+
+    special = special_ids(tokenizer)
+    ids = {tokenizer.convert_tokens_to_ids(marker) for marker in (CALL_OPEN, CALL_CLOSE)}
+    return frozenset(i for i in ids if isinstance(i, int) and i in special)
+
+
 def parse_calls(text: str, fmt: str, tool_names: set[str], single: bool = False
                 ) -> tuple[str | None, list[dict]] | None:
     """``(content, calls)`` read from ``text`` in format ``fmt``, or None when it holds no well-formed calls;
