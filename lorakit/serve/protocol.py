@@ -263,6 +263,8 @@ class FunctionSchema(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # OpenAI's rule for function names
     description: str | None = None
     parameters: dict | None = None
+    # OpenAI's promise that arguments follow the schema; without constrained decoding it is not kept, but the openai
+    # package's pydantic_function_tool and the Agents SDK set it on every tool, so it is accepted (as vLLM does)
     strict: bool | None = None
 
 
