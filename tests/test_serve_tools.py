@@ -13,6 +13,7 @@ and an assistant turn's ``tool_calls``, so a trained tool-use adapter could not 
 
 from __future__ import annotations
 
+import copy
 import json
 from types import SimpleNamespace
 
@@ -22,7 +23,7 @@ import torch
 
 from conftest import tiny_llama
 from test_serve_support import ServerProcess, make_tokenizer
-from test_train_tool_calls import TOOLS, family
+from test_train_tool_calls import QWEN25, TOOLS, family
 
 from lorakit.serve.protocol import APIError, ChatRequest
 from lorakit.serve.tool_calls import ToolCallStream, parse_calls, parse_tool_calls
@@ -234,6 +235,29 @@ def test_llama_json_calls(tmp_path):
         proc.stop()
 
 
+def test_mistral_calls(tmp_path):
+    """Mistral's template: ``[TOOL_CALLS]`` is a special token, kept in the text of a request whose calls are
+    parsed; the agent's second turn sends the call back with its OpenAI id, which the template (9 characters
+    only) gets cut as training cuts it."""
+    listed = ' [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abcdefghi"}]'
+    proc, client, _ = _scripted_server(tmp_path, "mistral", ["[TOOL_CALLS]", listed, "</s>"])
+    try:
+        answer = _chat(client, tools=TOOLS)
+        choice = answer["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        [call] = choice["message"]["tool_calls"]
+        assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+        deltas = [e["choices"][0] for e in _stream(client, tools=TOOLS)]
+        assert not any(d["delta"].get("content") for d in deltas)
+        assert [c["function"] for d in deltas for c in d["delta"].get("tool_calls") or ()] == [call["function"]]
+        assert _chat(client)["choices"][0]["message"]["content"] == listed  # no tools: the marker skipped, as before
+        history = [*QUESTION, choice["message"], {"role": "tool", "tool_call_id": call["id"], "content": "21"}]
+        assert _chat(client, history, tools=TOOLS)["usage"]["prompt_tokens"] > answer["usage"]["prompt_tokens"]
+    finally:
+        client.close()
+        proc.stop()
+
+
 def test_hermes_tokenizer_that_marks_tool_call_special(tmp_path):
     """Hermes tokenizers mark ``<tool_call>`` special, and an answer's text skips special tokens: the markers are
     kept for requests whose calls are parsed (vLLM turns skip_special_tokens off for its hermes parser), so the
@@ -274,20 +298,22 @@ def _encode(tokenizer, body: dict):
 
 
 def test_templates_of_other_formats_are_refused_by_name():
-    """A Mistral template writes calls after its special [TOOL_CALLS] token, which lorakit does not parse: refused,
-    not answered with the calls left in the text; with tool_choice "none" (calls not parsed) it serves. Llama 3.1's
-    JSON calls are parsed. A template without tools (ChatML) is told it writes neither the tools nor an earlier
-    call."""
+    """A template that writes calls in a format lorakit does not parse (DeepSeek's, or a custom one): refused,
+    not answered with the calls left in the text; with tool_choice "none" (calls not parsed) it serves. A template
+    without tools (ChatML) is told it writes neither the tools nor an earlier call."""
     from lorakit.serve.tool_calls import call_format
 
-    assert [call_format(family(name), TOOLS) for name in ("qwen2.5", "qwen3", "hermes", "llama3.1", "mistral")] == \
-        ["hermes", "hermes", "hermes", "llama3_json", None]
-    mistral = family("mistral")
+    assert [call_format(family(name), TOOLS) for name in ("qwen2.5", "qwen3", "hermes", "llama3.1", "mistral",
+                                                          "deepseek-v3.1")] == \
+        ["hermes", "hermes", "hermes", "llama3_json", "mistral", None]
+    other = copy.deepcopy(family("qwen2.5"))  # a template that writes the tools, and calls in a format of its own
+    other.chat_template = QWEN25.replace("tool_call>", "function_call>")
+    assert call_format(other, TOOLS) is None
     with pytest.raises(APIError) as refused:
-        _encode(mistral, {"messages": QUESTION, "tools": TOOLS})
+        _encode(other, {"messages": QUESTION, "tools": TOOLS})
     assert refused.value.param == "tools" and "hermes" in refused.value.message and "Llama" in refused.value.message
-    ids = _encode(mistral, {"messages": QUESTION, "tools": TOOLS, "tool_choice": "none"})
-    assert "get_weather" in mistral.decode(ids)
+    ids = _encode(other, {"messages": QUESTION, "tools": TOOLS, "tool_choice": "none"})
+    assert "get_weather" in other.decode(ids)
     llama = family("llama3.1")
     assert "get_weather" in llama.decode(_encode(llama, {"messages": QUESTION, "tools": TOOLS}))
     chatml = make_tokenizer()
@@ -377,6 +403,27 @@ def test_parallel_tool_calls_false_keeps_the_first():
     assert holder.feed(two) == "" and [c["function"] for c in holder.finish()[1]] == [call["function"]]
 
 
+MISTRAL_CASES = [
+    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abcdefghi"}]', None,
+     [("get_weather", {"city": "Paris"})]),
+    ('Checking. [TOOL_CALLS][{"name": "get_weather", "arguments": {}}, {"name": "get_time", "arguments": {}}]',
+     "Checking.", [("get_weather", {}), ("get_time", {})]),
+    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Pa', None, None),  # cut by max_tokens
+    ('[TOOL_CALLS] [{"name": "rm", "arguments": {}}]', None, None),
+    ("It is [TOOL 21 degrees.", None, None),
+]
+
+
+@pytest.mark.parametrize("text, content, calls", MISTRAL_CASES)
+def test_mistral_parser(text, content, calls):
+    parsed = parse_calls(text, "mistral", {"get_weather", "get_time"})
+    if calls is None:
+        assert parsed is None
+        return
+    assert parsed[0] == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed[1]] == calls
+
+
 @pytest.mark.parametrize("text, calls", LLAMA_CASES)
 def test_llama_json_parser(text, calls):
     parsed = parse_calls(text, "llama3_json", {"get_weather", "get_time"})
@@ -389,7 +436,8 @@ def test_llama_json_parser(text, calls):
 
 @pytest.mark.parametrize("fmt, text", [("hermes", case[0]) for case in PARSE_CASES] +
                          [("hermes", text) for text in ("plain answer  \n", " ", "a <tool", "x\n <tool_")] +
-                         [("llama3_json", case[0]) for case in LLAMA_CASES] + [("llama3_json", " \n")])
+                         [("llama3_json", case[0]) for case in LLAMA_CASES] + [("llama3_json", " \n")] +
+                         [("mistral", case[0]) for case in MISTRAL_CASES] + [("mistral", "a [TOOL")])
 @pytest.mark.parametrize("size", [1, 3, 1000])
 def test_stream_assembly_equals_the_answer(fmt, text, size):
     """Fed in pieces of any size, the streamed content plus the rest at the end is the non-streamed content, and
@@ -402,4 +450,5 @@ def test_stream_assembly_equals_the_answer(fmt, text, size):
         assert calls is None and streamed + rest == text
     else:
         assert streamed + rest == (parsed[0] or "") and "<tool" not in streamed and "{" not in streamed
+        assert "[TOOL" not in streamed
         assert [c["function"] for c in calls] == [c["function"] for c in parsed[1]]

@@ -7,10 +7,13 @@ Parsed formats, chosen from the chat template (as vLLM's ``--tool-call-parser``)
 - ``hermes``: Hermes / Qwen2.5 / Qwen3 write each call as a block ``<tool_call>\\n{"name": ..., "arguments":
   {...}}\\n</tool_call>`` (one or several) after any text;
 - ``llama3_json``: Llama 3.1 / 3.2 / 3.3 answer a call with nothing but ``{"name": ..., "parameters": {...}}``
-  (several joined by ``;``).
+  (several joined by ``;``);
+- ``mistral``: Mistral v0.3 templates write ``[TOOL_CALLS] [{"name": ..., "arguments": {...}, "id": ...}]`` after
+  any text.
 
-A template that writes calls another way (Mistral's ``[TOOL_CALLS]``, a special token the text never shows) is
-refused for requests whose calls would be parsed, never answered with calls left in the text. An answer's calls
+A marker the tokenizer marks special (``[TOOL_CALLS]``; ``<tool_call>`` in Hermes tokenizers) is kept in the
+answer's text for such requests (:func:`kept_tokens`). A template that writes calls another way is refused for
+requests whose calls would be parsed, never answered with calls left in the text. An answer's calls
 are returned only when every one is well formed (JSON with a ``name`` among the request's tools and object
 arguments); otherwise the whole text is the content, as vLLM's parsers do: never an error.
 """
@@ -25,8 +28,10 @@ from typing import Any
 from lorakit.errors import LorakitError
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-PARSED_FORMATS = ("the hermes format (<tool_call>{...}</tool_call> blocks: Qwen2.5, Qwen3, Hermes 2 Pro / 3 templates) "
-                  "and Llama 3.1-3.3's JSON ({\"name\", \"parameters\"})")
+MISTRAL_OPEN = "[TOOL_CALLS]"
+MARKERS = {"hermes": CALL_OPEN, "mistral": MISTRAL_OPEN}  # where a call starts, in formats with text before it
+PARSED_FORMATS = ("the hermes format (<tool_call>{...}</tool_call> blocks: Qwen2.5, Qwen3, Hermes 2 Pro / 3 templates), "
+                  "Llama 3.1-3.3's JSON ({\"name\", \"parameters\"}) and Mistral's [TOOL_CALLS] [{...}]")
 # a block, or a last block the model did not close (it ended its turn right after the JSON)
 _BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE) + "|" + re.escape(CALL_OPEN) + r"(.*)$",
                     re.DOTALL)
@@ -50,6 +55,10 @@ def call_format(tokenizer: Any, tools: list | None) -> str | None:
         return "hermes"
     if "tool_call.name" in template and '"parameters": ' in template:
         return "llama3_json"
+    # a JSON list after the marker (v0.3; Nemo writes no space); v11 tokenizers' "[TOOL_CALLS]name[ARGS]{...}" is
+    # another format, not parsed
+    if (MISTRAL_OPEN + " [" in template or MISTRAL_OPEN + "[" in template) and "[ARGS]" not in template:
+        return "mistral"
     return None
 
 
@@ -57,12 +66,13 @@ def kept_tokens(tokenizer: Any, fmt: str) -> frozenset[int]:
     """The format's marker tokens that the tokenizer marks special (Hermes 2 Pro / 3 tokenizers mark
     ``<tool_call>``): decoding skips special tokens, so these must be kept for the parser to see the calls (vLLM
     turns ``skip_special_tokens`` off for its hermes parser for the same reason)."""
-    if fmt != "hermes":
+    markers = {"hermes": (CALL_OPEN, CALL_CLOSE), "mistral": (MISTRAL_OPEN,)}.get(fmt, ())
+    if not markers:
         return frozenset()
     from lorakit.serve.text import special_ids
 
     special = special_ids(tokenizer)
-    ids = {tokenizer.convert_tokens_to_ids(marker) for marker in (CALL_OPEN, CALL_CLOSE)}
+    ids = {tokenizer.convert_tokens_to_ids(marker) for marker in markers}
     return frozenset(i for i in ids if isinstance(i, int) and i in special)
 
 
@@ -70,7 +80,8 @@ def parse_calls(text: str, fmt: str, tool_names: set[str], single: bool = False
                 ) -> tuple[str | None, list[dict]] | None:
     """``(content, calls)`` read from ``text`` in format ``fmt``, or None when it holds no well-formed calls;
     ``single`` (the request's ``parallel_tool_calls`` false): only the first call, as OpenAI answers then."""
-    parsed = parse_tool_calls(text, tool_names) if fmt == "hermes" else parse_llama_json(text, tool_names)
+    parse = {"hermes": parse_tool_calls, "llama3_json": parse_llama_json, "mistral": parse_mistral}[fmt]
+    parsed = parse(text, tool_names)
     return parsed if parsed is None or not single else (parsed[0], parsed[1][:1])
 
 
@@ -120,6 +131,22 @@ def parse_llama_json(text: str, tool_names: set[str]) -> tuple[None, list[dict]]
     return None, calls
 
 
+def parse_mistral(text: str, tool_names: set[str]) -> tuple[str | None, list[dict]] | None:
+    """Mistral's calls: ``[TOOL_CALLS]`` then a JSON list of ``{"name", "arguments"}`` objects, after any text
+    (the content, trailing whitespace removed), as vLLM's mistral parser reads them."""
+    at = text.find(MISTRAL_OPEN)
+    if at < 0:
+        return None
+    try:
+        data = json.loads(text[at + len(MISTRAL_OPEN):])
+    except ValueError:
+        return None
+    calls = [_read_call(item, tool_names) for item in (data if isinstance(data, list) else [data])]
+    if not calls or None in calls:
+        return None
+    return (text[:at].rstrip() or None), calls
+
+
 def _read_call(block: Any, tool_names: set[str]) -> dict | None:
     """One call from a block's JSON text (or its decoded value), or None when it is not a call of a given tool."""
     if isinstance(block, str):
@@ -145,7 +172,7 @@ def _read_call(block: Any, tool_names: set[str]) -> dict | None:
 
 class ToolCallStream:
     """One streamed choice of a request with tools: text is passed on as content while no call has started (no
-    ``<tool_call>``; for llama3_json, an answer that does not start with ``{``); from there on it is held, and
+    ``<tool_call>`` / ``[TOOL_CALLS]``; for llama3_json, an answer that does not start with ``{``); from there on it is held, and
     :meth:`finish` reads the calls out of the whole text.
 
     What :meth:`feed` passes on is always a prefix of the content :func:`parse_calls` gives the whole text
@@ -164,8 +191,9 @@ class ToolCallStream:
         if self.fmt == "llama3_json":  # a call is the whole answer: hold an answer that starts as JSON
             end = 0 if self.text.lstrip().startswith("{") else len(self.text)
         else:
-            start = self.text.find(CALL_OPEN, max(0, self.emitted - len(CALL_OPEN)))
-            end = start if start >= 0 else len(self.text) - _partial_open(self.text)
+            marker = MARKERS[self.fmt]
+            start = self.text.find(marker, max(0, self.emitted - len(marker)))
+            end = start if start >= 0 else len(self.text) - _partial_open(self.text, marker)
         end = len(self.text[:end].rstrip())  # whitespace before a call is not content
         if end <= self.emitted:
             return ""
@@ -182,10 +210,10 @@ class ToolCallStream:
         return (content or "")[self.emitted:], calls
 
 
-def _partial_open(text: str) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of ``<tool_call>``."""
-    for size in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
-        if text.endswith(CALL_OPEN[:size]):
+def _partial_open(text: str, marker: str) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of ``marker``."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:size]):
             return size
     return 0
 
