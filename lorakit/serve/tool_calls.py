@@ -1,6 +1,6 @@
 """Tool calling on ``/v1/chat/completions``: the tools and an agent's history through the chat template, and the
 model's calls read back out of its text (what vLLM serves with ``--enable-auto-tool-choice --tool-call-parser
-hermes``).
+hermes`` / ``llama3_json`` / ``mistral``).
 
 Parsed formats, chosen from the chat template (as vLLM's ``--tool-call-parser``):
 
@@ -49,22 +49,23 @@ def template_text(tokenizer: Any, tools: list | None) -> str:
 
 def call_format(tokenizer: Any, tools: list | None) -> str | None:
     """The format the template writes calls in, among those parsed here: "hermes" (it writes ``<tool_call>``
-    blocks), "llama3_json" (``'{"name": "' + tool_call.name`` then ``"parameters": ``), or None."""
+    blocks), "mistral" (``[TOOL_CALLS]`` then a list), "llama3_json" (``'{"name": "' + tool_call.name`` then
+    ``"parameters": ``), or None."""
     template = template_text(tokenizer, tools)
     if CALL_OPEN in template:
         return "hermes"
-    if "tool_call.name" in template and '"parameters": ' in template:
-        return "llama3_json"
     # a JSON list after the marker (v0.3; Nemo writes no space); v11 tokenizers' "[TOOL_CALLS]name[ARGS]{...}" is
     # another format, not parsed
     if (MISTRAL_OPEN + " [" in template or MISTRAL_OPEN + "[" in template) and "[ARGS]" not in template:
         return "mistral"
+    if "tool_call.name" in template and '"parameters": ' in template:
+        return "llama3_json"
     return None
 
 
 def kept_tokens(tokenizer: Any, fmt: str) -> frozenset[int]:
-    """The format's marker tokens that the tokenizer marks special (Hermes 2 Pro / 3 tokenizers mark
-    ``<tool_call>``): decoding skips special tokens, so these must be kept for the parser to see the calls (vLLM
+    """The format's marker tokens that the tokenizer marks special (Mistral's ``[TOOL_CALLS]``; Hermes 2 Pro / 3
+    tokenizers mark ``<tool_call>``): decoding skips special tokens, so these must be kept for the parser to see the calls (vLLM
     turns ``skip_special_tokens`` off for its hermes parser for the same reason)."""
     markers = {"hermes": (CALL_OPEN, CALL_CLOSE), "mistral": (MISTRAL_OPEN,)}.get(fmt, ())
     if not markers:
