@@ -216,9 +216,10 @@ def test_refusals_name_the_field(server, extra, param, words):
 
 def test_llama_json_calls(tmp_path):
     """Llama 3.1's template: the answer is the call's JSON alone, returned as tool_calls with no content; streamed,
-    nothing of it is content."""
+    nothing of it is content. A request with tools also stops at ``<|eom_id|>``."""
     llama_call = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
-    proc, client, _ = _scripted_server(tmp_path, "llama3.1", [llama_call, "<|eot_id|>"])
+    # the call ends with <|eom_id|>, which ends Llama 3.1's call turns (its generation_config, not its tokenizer)
+    proc, client, _ = _scripted_server(tmp_path, "llama3.1", [llama_call, "<|eom_id|>"])
     try:
         choice = _chat(client, tools=TOOLS)["choices"][0]
         assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None

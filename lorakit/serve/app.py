@@ -40,8 +40,8 @@ from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, Compl
                                     error_body)
 from lorakit.serve.responses import final_response, new_ids, response_events
 from lorakit.serve.text import TextAssembler
-from lorakit.serve.tool_calls import (PARSED_FORMATS, call_format, kept_tokens, parse_calls, render_variant,
-                                      template_messages)
+from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_format, kept_tokens, parse_calls,
+                                      render_variant, template_messages)
 from lorakit.serve.transport import CORS, internal_error, not_found, parse, read_json
 
 
@@ -404,7 +404,13 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     limits = [_check_lengths(state, ids, max_tokens, chat, default_tokens,
                              "the prompt" if len(prompts) == 1 else f"prompt {p} of the batch", field)
               for p, ids in enumerate(prompts)]
-    params = _sampling_params(state, body, [limit for limit in limits if limit > 0], n, body.seed)
+    tools = None  # (format, names, one call only) of the calls read out of the answers
+    if chat and body.calls_parsed():
+        tools = (call_format(state.tokenizer, body.openai_tools()), {tool.function.name for tool in body.tools},
+                 body.parallel_tool_calls is False)
+    call_ends = call_end_tokens(state.tokenizer, call_format(state.tokenizer, body.openai_tools())) \
+        if chat and body.tools else ()
+    params = _sampling_params(state, body, [limit for limit in limits if limit > 0], n, body.seed, call_ends)
     adapter_name = None if body.model == state.base_name else body.model
     internal = None if adapter_name is None else await _acquire(state, adapter_name)
     prompt_lps = None
@@ -426,10 +432,6 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
-    tools = None  # (format, names, one call only) of the calls read out of the answers
-    if chat and body.calls_parsed():
-        tools = (call_format(state.tokenizer, body.openai_tools()), {tool.function.name for tool in body.tools},
-                 body.parallel_tool_calls is False)
     keep = kept_tokens(state.tokenizer, tools[0]) if tools else frozenset()
     jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0),
                            keep)
@@ -465,9 +467,11 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
             "model": body.model, "choices": choices, "usage": usage}
 
 
-def _sampling_params(state: ServerState, body, limits: list[int], n: int, seed: int | None) -> list[SamplingParams]:
+def _sampling_params(state: ServerState, body, limits: list[int], n: int, seed: int | None,
+                     extra_stops: tuple[int, ...] = ()) -> list[SamplingParams]:
     """One ``SamplingParams`` per engine row: ``n`` for each limit (each prompt's token budget), from ``body``'s
-    ``temperature`` and ``top_p``; row i of a prompt is seeded ``seed + i``."""
+    ``temperature`` and ``top_p``; row i of a prompt is seeded ``seed + i``; ``extra_stops``: end tokens of this
+    request beside the server's (a tool call's)."""
     try:
         # the sampler works in float32, where 1e-300 is 0: a top_p that small would keep no token, a temperature
         # that small would divide by zero. Raised to 1e-30 they mean the same (top_p: only the most likely token,
@@ -475,7 +479,7 @@ def _sampling_params(state: ServerState, body, limits: list[int], n: int, seed: 
         # far more than 1e-30 x 100 unless they tie)
         temperature = body.temperature if body.temperature == 0 else max(body.temperature, 1e-30)
         return [SamplingParams(max_new_tokens=limit, temperature=temperature, top_p=max(body.top_p, 1e-30),
-                               stop_token_ids=state.stop_token_ids, seed=_choice_seed(seed, i))
+                               stop_token_ids=state.stop_token_ids + extra_stops, seed=_choice_seed(seed, i))
                 for limit in limits for i in range(n)]  # seed + i: each prompt as if sent alone
     except LorakitError as error:
         raise APIError(400, str(error)) from None

@@ -77,6 +77,16 @@ def kept_tokens(tokenizer: Any, fmt: str) -> frozenset[int]:
     return frozenset(i for i in ids if isinstance(i, int) and i in special)
 
 
+def call_end_tokens(tokenizer: Any, fmt: str | None) -> tuple[int, ...]:
+    """Tokens that end a call turn beside the end of turn: Llama 3.1 ends a call with ``<|eom_id|>`` ("end of
+    message": the tool's result comes next), which its generation_config lists as an end but its tokenizer does
+    not (vLLM stops there too)."""
+    if fmt != "llama3_json":
+        return ()
+    token = tokenizer.get_vocab().get("<|eom_id|>")
+    return () if token is None else (int(token),)
+
+
 def parse_calls(text: str, fmt: str, tool_names: set[str], single: bool = False
                 ) -> tuple[str | None, list[dict]] | None:
     """``(content, calls)`` read from ``text`` in format ``fmt``, or None when it holds no well-formed calls;
