@@ -141,8 +141,8 @@ def test_answer_is_the_chat_answer(server, model):
     client = server["client"]
     for input, messages, extra in [("Hello", [{"role": "user", "content": "Hello"}], {}),
                                    (HISTORY, AS_CHAT, {"instructions": "Be kind."})]:
-        chat = _chat(client, model, messages, 12)
-        body = _respond(client, model, input, 12, **extra)
+        chat = _chat(client, model, messages, 16)
+        body = _respond(client, model, input, 16, **extra)
         response = _validated(body)
         choice = chat["choices"][0]
         assert response.output_text == choice["message"]["content"]
@@ -159,21 +159,25 @@ def test_answer_is_the_chat_answer(server, model):
 
 def test_completed_and_incomplete(server):
     client = server["client"]
-    done = _validated(_respond(server["client"], "base", "Hello", 10))
+    done = _validated(_respond(server["client"], "base", "Hello", 16))
     assert done.status == "completed" and done.incomplete_details is None and done.output_text  # ended its turn
     assert 3 <= done.usage.output_tokens <= 6  # the end of turn after two to five tokens of text
-    cut = _respond(client, "base", "Hello", 1)
+    cut = _respond(client, "base", LONG_INPUT, 16)  # a turn the model never ends
     assert cut["status"] == "incomplete" and cut["incomplete_details"] == {"reason": "max_output_tokens"}
-    assert cut["output"][0]["status"] == "incomplete" and cut["usage"]["output_tokens"] == 1
-    assert done.output_text.startswith(_validated(cut).output_text)
-    assert cut["max_output_tokens"] == 1 and cut["temperature"] == 0
+    assert cut["output"][0]["status"] == "incomplete" and cut["usage"]["output_tokens"] == 16
+    chat = _chat(client, "base", [{"role": "user", "content": LONG_INPUT}], 16)["choices"][0]
+    assert _validated(cut).output_text == chat["message"]["content"] and chat["finish_reason"] == "length"
+    assert cut["max_output_tokens"] == 16 and cut["temperature"] == 0
+    # OpenAI's minimum of 16 tokens, said with the field's name
+    error = _error(client.post("/v1/responses", json={"model": "base", "input": "Hello", "max_output_tokens": 15}), 400)
+    assert error["param"] == "max_output_tokens" and "16" in error["message"]
 
 
 def test_top_k_one_is_greedy(server):
     """vLLM's ``top_k`` extension, as on the chat endpoint: sampling at temperature 1 among one token is greedy."""
     client = server["client"]
-    greedy = _respond(client, "a1", "How are you", 12)["output"][0]["content"][0]["text"]
-    assert all(_respond(client, "a1", "How are you", 12, temperature=1.0, top_k=1)["output"][0]["content"][0]["text"]
+    greedy = _respond(client, "a1", "How are you", 16)["output"][0]["content"][0]["text"]
+    assert all(_respond(client, "a1", "How are you", 16, temperature=1.0, top_k=1)["output"][0]["content"][0]["text"]
                == greedy for _ in range(2))
     assert _error(client.post("/v1/responses", json={"model": "a1", "input": "x", "top_k": -2}), 400)["param"] == "top_k"
 
@@ -185,7 +189,7 @@ def test_stream_events(server, model, input, instructions, status):
 
     from openai.types.responses import ResponseStreamEvent
 
-    body = {"model": model, "input": input, "instructions": instructions, "max_output_tokens": 10,
+    body = {"model": model, "input": input, "instructions": instructions, "max_output_tokens": 16,
             "temperature": 0, "metadata": {"run": "7"}}
     whole = _ok(server["client"].post("/v1/responses", json=body))
     assert whole["status"] == status  # both ends are covered
@@ -211,11 +215,13 @@ def test_stream_events(server, model, input, instructions, status):
 
 def test_refusals_name_the_field(server):
     client = server["client"]
-    good = {"model": "a0", "input": "Hello", "max_output_tokens": 4}
+    good = {"model": "a0", "input": "Hello", "max_output_tokens": 16}
     cases = [
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
         ({"conversation": "conv_1"}, "conversation"),
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"tools": [{"type": "web_search"}]}, "tools"),  # hosted tools: none here
+        ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "f"}},
+         "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
@@ -224,7 +230,9 @@ def test_refusals_name_the_field(server):
         ({"include": ["message.output_text.logprobs"]}, "include"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]},
          "input.0.content"),
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
+        ({"input": [{"type": "computer_call_output", "call_id": "c", "output": {}}]}, "input"),
+        ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{x"}]}, "input.0.arguments"),
+        ({"max_output_tokens": 15}, "max_output_tokens"),
         ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role"),
         ({"input": []}, "input"),
         ({"input": 7}, "input"),
@@ -235,7 +243,7 @@ def test_refusals_name_the_field(server):
         ({"metadata": {"k": "v" * 513}}, "metadata"),
         ({"input": "word " * 300}, "input"),  # over --max-prompt-tokens 128
         ({"input": [{"role": "user", "content": ""}] * 129}, "input"),  # refused before the template runs
-        ({"max_tokens": 4}, "max_tokens"),  # the chat field: unknown here
+        ({"max_tokens": 16}, "max_tokens"),  # the chat field: unknown here
         ({"model": "../a0"}, "model"),
     ]
     for extra, param in cases:
@@ -274,15 +282,15 @@ def test_concurrent_with_chat_and_other_adapters(server):
     gets alone."""
     client = server["client"]
     jobs = [(model, kind) for model in ("base", "a0", "a1") for kind in ("chat", "responses")] * 2
-    alone = {model: _chat(client, model, [{"role": "user", "content": "How are you"}], 14)["choices"][0]
+    alone = {model: _chat(client, model, [{"role": "user", "content": "How are you"}], 16)["choices"][0]
              ["message"]["content"] for model in ("base", "a0", "a1")}
 
     def one(job):
         model, kind = job
         with httpx.Client(base_url=server["url"], headers=HEADERS, timeout=60) as own:
             if kind == "chat":
-                return _chat(own, model, [{"role": "user", "content": "How are you"}], 14)["choices"][0]["message"]["content"]
-            return _validated(_respond(own, model, "How are you", 14)).output_text
+                return _chat(own, model, [{"role": "user", "content": "How are you"}], 16)["choices"][0]["message"]["content"]
+            return _validated(_respond(own, model, "How are you", 16)).output_text
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(one, jobs))
@@ -324,23 +332,23 @@ def test_openai_sdk(server):
 
     sdk = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0)
     messages = [{"role": "user", "content": "Paris is the capital of"}]
-    chat = sdk.chat.completions.create(model="a0", messages=messages, max_tokens=10, temperature=0)
-    reply = sdk.responses.create(model="a0", input="Paris is the capital of", max_output_tokens=10, temperature=0)
+    chat = sdk.chat.completions.create(model="a0", messages=messages, max_tokens=16, temperature=0)
+    reply = sdk.responses.create(model="a0", input="Paris is the capital of", max_output_tokens=16, temperature=0)
     assert reply.output_text == chat.choices[0].message.content and reply.output_text
     assert reply.usage.input_tokens == chat.usage.prompt_tokens
-    events = list(sdk.responses.create(model="a0", input=messages, max_output_tokens=10, temperature=0, stream=True))
+    events = list(sdk.responses.create(model="a0", input=messages, max_output_tokens=16, temperature=0, stream=True))
     assert [e.type for e in events][:4] == STREAM_ORDER and events[-1].response.output_text == reply.output_text
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == reply.output_text
     # the helper rebuilds the answer from the events (and wants response.completed: an answer that ends its turn)
-    hello = sdk.responses.create(model="zero", input="Hello", max_output_tokens=10, temperature=0)
-    with sdk.responses.stream(model="zero", input="Hello", max_output_tokens=10, temperature=0) as stream:
+    hello = sdk.responses.create(model="zero", input="Hello", max_output_tokens=16, temperature=0)
+    with sdk.responses.stream(model="zero", input="Hello", max_output_tokens=16, temperature=0) as stream:
         final = stream.get_final_response()
     assert final.status == hello.status == "completed" and final.output_text == hello.output_text
     # an agent's loop: the answer's output items appended to the input, sent back as the next turn's history
     history = [*messages, *[item.model_dump() for item in reply.output],
                {"role": "user", "content": "and Berlin?"}]
-    again = sdk.responses.create(model="a0", input=history, max_output_tokens=6, temperature=0)
-    turn = sdk.chat.completions.create(model="a0", max_tokens=6, temperature=0, messages=[
+    again = sdk.responses.create(model="a0", input=history, max_output_tokens=16, temperature=0)
+    turn = sdk.chat.completions.create(model="a0", max_tokens=16, temperature=0, messages=[
         *messages, {"role": "assistant", "content": reply.output_text}, {"role": "user", "content": "and Berlin?"}])
     assert again.output_text == turn.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):

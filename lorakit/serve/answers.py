@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from lorakit.serve.engine import Request, TokenInfo
 from lorakit.serve.protocol import error_body
+from lorakit.serve.reasoning import ReasoningStream
 from lorakit.serve.text import token_bytes
 from lorakit.serve.tool_calls import ToolCallStream, stream_tool_calls
 
@@ -68,7 +69,8 @@ def prompt_logprobs(state: ServerState, prompt_ids: list[int], infos: list[Token
 
 
 async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _Bridge, ident: str, created: int,
-                  chat: bool, prompt_tokens: int, logprobs: int | None, tools: tuple[str, set[str], bool] | None = None):
+                  chat: bool, prompt_tokens: int, logprobs: int | None, tools: tuple[str, set[str], bool] | None = None,
+                  think: str | None = None):
     """Server-sent events: one chunk per piece of final text, each choice's finish reason as it ends, then the
     usage (``stream_options.include_usage``), then ``[DONE]``.
 
@@ -80,6 +82,10 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     call is returned), text streams as
     content until a call starts; the rest is held, and at the end the calls come as one ``delta.tool_calls`` chunk and the finish reason
     "tool_calls" (``tool_calls.ToolCallStream``), so the chunks add up to the non-streamed message.
+
+    With ``think`` (a chat request whose answer's ``<think>`` block is split off: ``reasoning.prompt_state`` of its
+    prompt), the reasoning streams first as ``delta.reasoning_content`` chunks, then the rest goes on as above
+    (``reasoning.ReasoningStream``: a tag split over chunks is held until it is whole).
     """
     kind = "chat.completion.chunk" if chat else "text_completion"
     include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -88,9 +94,10 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     reasons: list[str | None] = [None] * len(jobs)
 
     holders = [ToolCallStream(tools[1], tools[0], tools[2]) for _ in jobs] if tools else None
+    thinking = [ReasoningStream(think) for _ in jobs] if think is not None else None
 
     def chunk(index: int, text: str | None, finish: str | None, first: bool = False,
-              tool_calls: list[dict] | None = None) -> str:
+              tool_calls: list[dict] | None = None, reasoning: str | None = None) -> str:
         lp = None
         if logprobs is not None and pending[index]:
             lp = logprobs_object(state, pending[index], chat, offsets[index])
@@ -98,6 +105,8 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
         offsets[index] += len(text or "")
         if chat:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+            if reasoning:
+                delta["reasoning_content"] = reasoning
             if tool_calls:
                 delta["tool_calls"] = stream_tool_calls(tool_calls)
             choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
@@ -119,7 +128,10 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
             if event[0] == "token":
                 if event[4] is not None:
                     pending[index].append((event[3], event[4]))
-                text = event[2] if holders is None else holders[index].feed(event[2])
+                reasoning, text = ("", event[2]) if thinking is None else thinking[index].feed(event[2])
+                if reasoning:
+                    yield chunk(index, None, None, reasoning=reasoning)
+                text = text if holders is None else holders[index].feed(text)
                 if text:
                     yield chunk(index, text, None)
                 continue
@@ -129,6 +141,10 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
                 break
             finish = "stop" if reason == "stop" else "length"
             text, calls = event[2], None
+            if thinking is not None:
+                reasoning, text = thinking[index].finish(text)
+                if reasoning:
+                    yield chunk(index, None, None, reasoning=reasoning)
             if holders is not None:
                 text, calls = holders[index].finish(text)
             if text or pending[index]:
@@ -143,6 +159,8 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
             completion = sum(len(job.tokens) for job in jobs)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                      "total_tokens": prompt_tokens + completion}
+            if thinking is not None:
+                usage["completion_tokens_details"] = {"reasoning_tokens": sum(t.reasoning_tokens for t in thinking)}
             yield f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': body.model, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:

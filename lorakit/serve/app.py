@@ -38,6 +38,7 @@ from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name
 from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected
 from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, CompletionRequest, ResponsesRequest,
                                     error_body)
+from lorakit.serve.reasoning import ReasoningStream, prompt_state, think_tokens
 from lorakit.serve.responses import final_response, new_ids, response_events
 from lorakit.serve.text import TextAssembler
 from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_format, kept_tokens, parse_calls,
@@ -63,6 +64,7 @@ class ServerState:
     cors_origins: tuple[str, ...] = ()  # web pages (origins) whose scripts may call the server; "*": any
     body_timeout: float = 60.0  # seconds to receive a request body: a client that stops sending mid-body is answered
     acquire_timeout: float = 60.0
+    reasoning: bool = False  # split a <think> block off chat answers (reasoning.py; --reasoning-parser)
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -221,8 +223,7 @@ def create_app(state: ServerState) -> FastAPI:
         body = parse(ChatRequest, await read_json(request, state))
         tools = body.openai_tools()
         if tools is None and not any(m.tool_calls or m.role == "tool" for m in body.messages):
-            messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                        for m in body.messages]
+            messages = template_messages(body.messages)  # role, content (and an answer's reasoning_content)
             prompt_ids = await run_in_threadpool(_encode, state, messages, True, body.chat_template_kwargs)
         else:  # an agent's request: the tools and its earlier calls and results, as training renders them
             prompt_ids = await run_in_threadpool(_encode_tools, state, body, tools)
@@ -233,25 +234,38 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/responses")
     async def responses(request: HTTPRequest):
         body = parse(ResponsesRequest, await read_json(request, state))
-        prompt_ids = await run_in_threadpool(_encode, state, body.messages(), True, None, "input")
+        tools = body.chat_tools()
+        if tools is None and not body.has_tool_items():
+            prompt_ids = await run_in_threadpool(_encode, state, body.messages(), True, body.chat_template_kwargs,
+                                                 "input")
+        else:  # an agent's request: its tools, calls and their results through the template, as chat renders them
+            prompt_ids = await run_in_threadpool(_encode_agent, state, body.messages(), tools, body.calls_parsed(),
+                                                 body.chat_template_kwargs, "input")
         limit = _check_lengths(state, prompt_ids, body.max_output_tokens, True, which="the input",
                                field="max_output_tokens", param="input")
-        params = _sampling_params(state, body, [limit], 1, None)
+        fmt = call_format(state.tokenizer, tools) if tools else None
+        calls = (fmt, {tool.name for tool in body.tools}, body.parallel_tool_calls is False) \
+            if body.calls_parsed() else None
+        params = _sampling_params(state, body, [limit], 1, None, call_end_tokens(state.tokenizer, fmt))
+        think = await run_in_threadpool(_think_state, state, prompt_ids)
+        keep = (kept_tokens(state.tokenizer, fmt) if calls else frozenset()) | \
+            (think_tokens(state.tokenizer) if think else frozenset())
         adapter_name = None if body.model == state.base_name else body.model
         internal = None if adapter_name is None else await _acquire(state, adapter_name)
-        jobs, bridge = _submit(state, [prompt_ids], 1, params, adapter_name, internal, None, None, max(body.top_k, 0))
+        jobs, bridge = _submit(state, [prompt_ids], 1, params, adapter_name, internal, None, None, max(body.top_k, 0),
+                               keep)
         ident, item_id = new_ids()
         created = int(time.time())
         if body.stream:
             return StreamingResponse(response_events(state, body, jobs[0], bridge, ident, item_id, created,
-                                                     len(prompt_ids)),
+                                                     len(prompt_ids), think, calls),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         collected = await _collect(state, request, jobs, bridge)
         if isinstance(collected, JSONResponse):
             return collected
         pieces, _, reasons = collected
-        return final_response(body, ident, item_id, created, "".join(pieces[0]), reasons[0], len(prompt_ids),
-                              len(jobs[0].tokens))
+        return final_response(body, ident, item_id, created, pieces[0], reasons[0], len(prompt_ids),
+                              len(jobs[0].tokens), think, calls)
 
     @app.api_route("/v1/responses/{ident:path}", methods=["GET", "POST", "DELETE"])
     async def stored_response(request: HTTPRequest, ident: str):
@@ -293,7 +307,7 @@ def _check_characters(state: ServerState, prompt, tools: list | None, param: str
     """A cheap guard before the template and the tokenizer run: far more characters than the prompt may have
     tokens (the messages, their calls, the tools' schemas) is refused at once."""
     chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"] or "") + len(str(m.get("tool_calls", "")))
-                                                            for m in prompt)
+                                                            + len(m.get("reasoning_content") or "") for m in prompt)
     chars += len(str(tools or ""))
     if chars > 16 * state.max_prompt_tokens:
         raise APIError(400, f"prompt of {chars:,} characters is far over the limit of {state.max_prompt_tokens} "
@@ -301,22 +315,41 @@ def _check_characters(state: ServerState, prompt, tools: list | None, param: str
 
 
 def _encode_tools(state: ServerState, body: ChatRequest, tools: list[dict] | None) -> list[int]:
-    """Token ids of a chat with tools and/or tool turns: the first form of the earlier calls the template writes
-    (``tool_calls.render_variant``); with calls to parse, the template must write them in a parsed format."""
-    if tools and body.calls_parsed() and call_format(state.tokenizer, tools) is None:
+    """Token ids of a chat with tools and/or tool turns (:func:`_encode_agent`)."""
+    return _encode_agent(state, template_messages(body.messages), tools, body.calls_parsed(),
+                         body.chat_template_kwargs, "messages")
+
+
+def _encode_agent(state: ServerState, messages: list[dict], tools: list[dict] | None, parsed: bool,
+                  template_kwargs: dict | None, param: str) -> list[int]:
+    """Token ids of a chat (``tool_calls.template_messages``' form) with tools and/or tool turns: the first form
+    of the earlier calls the template writes (``tool_calls.render_variant``); with calls to parse (``parsed``), the
+    template must write them in a parsed format. ``param``: the request field of the chat, for errors."""
+    if tools and parsed and call_format(state.tokenizer, tools) is None:
         raise APIError(400, f"tools are not supported with this model's chat template: lorakit parses tool calls in "
                        f"{PARSED_FORMATS}, and this template writes another format (or none); send tool_choice "
                        "'none' to get the calls as text", param="tools")
-    messages = template_messages(body.messages)
     if len(messages) <= state.max_prompt_tokens:  # longer: _encode refuses it by count, before any rendering
-        _check_characters(state, messages, tools, "messages")
+        _check_characters(state, messages, tools, param)
         try:
             with state.tokenizer_lock:
-                messages = render_variant(state.tokenizer, messages, tools, body.chat_template_kwargs)
+                messages = render_variant(state.tokenizer, messages, tools, template_kwargs)
         except LorakitError as error:
-            raise APIError(400, str(error), param=getattr(error, "param", "messages")) from None
-    kwargs = {**(body.chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
-    return _encode(state, messages, True, kwargs)
+            where = getattr(error, "param", param)
+            # a Responses input's items are not the messages' indices (instructions first, calls joined to a turn)
+            raise APIError(400, str(error), param=where if param == "messages" or where == "tools" else param) from None
+    kwargs = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
+    return _encode(state, messages, True, kwargs, param)
+
+
+def _think_state(state: ServerState, prompt_ids: list[int]) -> str | None:
+    """Where a chat answer to ``prompt_ids`` starts with respect to a ``<think>`` block (``reasoning.prompt_state``),
+    or None when the server splits no reasoning (``--reasoning-parser none``, or a template without one)."""
+    if not state.reasoning:
+        return None
+    with state.tokenizer_lock:
+        tail = state.tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False)
+    return prompt_state(tail)
 
 
 def _decode(state: ServerState, ids: list[int]) -> str:
@@ -433,13 +466,16 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
                 "model": body.model, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
     keep = kept_tokens(state.tokenizer, tools[0]) if tools else frozenset()
+    think = await run_in_threadpool(_think_state, state, prompts[0]) if chat else None
+    if think is not None:
+        keep |= think_tokens(state.tokenizer)
     jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0),
                            keep)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
         return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs,
-                                               tools),
+                                               tools, think),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     collected = await _collect(state, http, jobs, bridge)
     if isinstance(collected, JSONResponse):
@@ -447,7 +483,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     pieces, infos, reasons = collected
     completion = sum(len(job.tokens) for job in jobs)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-    choices = []
+    choices, reasoning_tokens = [], 0
     for index, reason in enumerate(reasons):
         echo = echoes[index // n] if echoes is not None else ""
         text = echo + "".join(pieces[index])
@@ -457,12 +493,20 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
             lp = {key: prompt_lps[index // n][key] + lp[key] for key in lp}
         if chat:
             message = {"role": "assistant", "content": text}
-            parsed = parse_calls(text, *tools) if tools else None
+            if think is not None:  # the <think> block is the reasoning, the rest the content (None: never left it)
+                split = ReasoningStream.of(pieces[index], think)
+                reasoning_tokens += split.reasoning_tokens
+                reasoning, text = split.result()
+                message = {"role": "assistant", "content": text, "reasoning_content": reasoning}
+            parsed = parse_calls(text, *tools) if tools and text else None  # calls follow the reasoning
             if parsed is not None:  # the model called tools: OpenAI's message and finish reason
-                message, finish = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}, "tool_calls"
+                message.update(content=parsed[0], tool_calls=parsed[1])
+                finish = "tool_calls"
             choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": lp})
         else:
             choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": lp})
+    if think is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
     return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": body.model, "choices": choices, "usage": usage}
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -38,6 +40,23 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     if param is not None and len(param) > 200:
         param = param[:197] + "..."
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _template_kwargs(value: dict | None) -> dict | None:
+    """A request's ``chat_template_kwargs`` (vLLM's extension), checked as training checks its own."""
+    if value is None:
+        return None
+    import json
+
+    from lorakit.errors import LorakitError
+    from lorakit.train.config import check_template_kwargs
+
+    if len(value) > 32 or len(json.dumps(value)) > 4096:
+        raise ValueError("chat_template_kwargs is over 32 options or 4 KiB; a chat template takes a few flags")
+    try:
+        return check_template_kwargs(value, "chat_template_kwargs")
+    except LorakitError as error:
+        raise ValueError(str(error)) from None
 
 
 class _Strict(BaseModel):
@@ -220,6 +239,10 @@ class Message(_Strict):
     annotations: list | None = None
     audio: None = None
     function_call: None = None
+    # an earlier answer's reasoning (a reasoning model's ``<think>`` block, as this server and vLLM return it; vLLM's
+    # newer name ``reasoning``): the chat template decides whether it is written again (Qwen3: after the last question)
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @field_validator("tool_calls")
     @classmethod
@@ -257,6 +280,10 @@ class Message(_Strict):
         if self.content is None:
             return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    def reasoning_text(self) -> str | None:
+        """An assistant turn's reasoning, as sent back (None: none)."""
+        return (self.reasoning_content or self.reasoning or None) if self.role == "assistant" else None
 
 
 class FunctionSchema(_Strict):
@@ -307,19 +334,7 @@ class ChatRequest(_Sampling):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_options(cls, value: dict | None) -> dict | None:
-        if value is None:
-            return None
-        import json
-
-        from lorakit.errors import LorakitError
-        from lorakit.train.config import check_template_kwargs
-
-        if len(value) > 32 or len(json.dumps(value)) > 4096:
-            raise ValueError("chat_template_kwargs is over 32 options or 4 KiB; a chat template takes a few flags")
-        try:
-            return check_template_kwargs(value, "chat_template_kwargs")
-        except LorakitError as error:
-            raise ValueError(str(error)) from None
+        return _template_kwargs(value)
 
     @field_validator("functions")
     @classmethod
@@ -437,16 +452,103 @@ class ResponsesStreamOptions(_Strict):
     include_obfuscation: bool = True  # OpenAI pads events against side channels; lorakit sends no padding field
 
 
+class FunctionCallItem(_Strict):
+    """An earlier answer's ``function_call`` output item sent back in ``input`` (the openai package's
+    ``model_dump()`` of it holds the ``async_``, ``caller`` and ``namespace`` keys too, null)."""
+
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1, max_length=256)
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    async_: None = None
+    caller: None = None
+    namespace: None = None
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            return CallFunction._json_object(value)
+        except ValueError as error:
+            raise ValueError(f"a function_call's {error}") from None
+
+    def parsed_arguments(self) -> dict:
+        return CallFunction(name=self.name, arguments=self.arguments).parsed_arguments()
+
+
+class FunctionCallOutputItem(_Strict):
+    """A tool's result: ``{"type": "function_call_output", "call_id", "output"}`` (text, or input_text parts)."""
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1, max_length=256)
+    output: Union[str, list[InputText]]
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    name: str | None = None
+    caller: None = None
+    namespace: None = None
+
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "".join(part.text for part in self.output)
+
+
+class ReasoningPart(_Strict):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ReasoningItem(_Strict):
+    """An earlier answer's ``reasoning`` output item sent back: its text goes to the next assistant turn's
+    ``reasoning_content``, which the chat template writes or drops as it does in a chat."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[ReasoningPart] = []
+    content: list[ReasoningPart] | None = None
+    encrypted_content: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    def text(self) -> str:
+        return "".join(part.text for part in (self.content or self.summary))
+
+
+def _item_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    # tag names hold "[": transport's error param leaves union members' names out (``input.0.content``)
+    return f"item[{kind or 'message'}]"
+
+
+InputItem = Annotated[Union[Annotated[InputMessage, Tag("item[message]")],
+                            Annotated[FunctionCallItem, Tag("item[function_call]")],
+                            Annotated[FunctionCallOutputItem, Tag("item[function_call_output]")],
+                            Annotated[ReasoningItem, Tag("item[reasoning]")]], Discriminator(_item_kind)]
+INPUT_ITEMS = ("message", "function_call", "function_call_output", "reasoning")
+
+
+class ResponsesFunctionTool(_Strict):
+    """A Responses API function tool: flat, ``{"type": "function", "name", "description", "parameters"}``."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None  # accepted as on chat completions (no constrained decoding)
+
+
 class ResponsesRequest(_Strict):
-    """OpenAI's Responses API request, the text-generation subset vLLM also serves: ``input`` is a string (one
-    user message) or message items, ``instructions`` a system message put first. Nothing is stored, so what
-    needs a stored response (``previous_response_id``, ``conversation``, ``background``) is refused by name, as
-    are tools, reasoning controls and structured output."""
+    """OpenAI's Responses API request, the subset vLLM also serves: ``input`` is a string (one user message) or
+    items (messages; an agent's ``function_call`` / ``function_call_output`` / ``reasoning`` items),
+    ``instructions`` a system message put first, ``tools`` function tools. Nothing is stored, so what needs a
+    stored response (``previous_response_id``, ``conversation``, ``background``) is refused by name, as are
+    hosted tools (web_search, file_search, ...), reasoning controls and structured output."""
 
     model: str
-    input: list[InputMessage]
+    input: list[InputItem]
     instructions: str | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
+    # OpenAI's minimum: fewer tokens than 16 is refused there too
+    max_output_tokens: int | None = Field(None, ge=16)
     temperature: float = _finite(1.0, ge=0.0, le=2.0)
     top_p: float = _finite(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)  # vLLM's extension here too (its Responses API takes it); -1, 0: off
@@ -460,15 +562,17 @@ class ResponsesRequest(_Strict):
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None  # a billing hint: no effect
     store: bool | None = None  # accepted either way; nothing is stored (the answer says "store": false)
     text: TextConfig | None = None
+    tools: list[ResponsesFunctionTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Union[str, dict, None] = None  # "auto" (the default with tools) or "none"
+    parallel_tool_calls: bool | None = None  # false: only an answer's first call is returned
+    # vLLM's extension, as on chat completions: options of the chat template, e.g. {"enable_thinking": false}
+    chat_template_kwargs: dict | None = None
     # fields at their "off" values, as client libraries (the Agents SDK, LangChain) send them
     previous_response_id: str | None = None
     conversation: Union[str, dict, None] = None
     prompt: dict | None = None
     background: bool | None = None
     reasoning: dict | None = None
-    tools: list | None = None
-    tool_choice: Union[str, dict, None] = None
-    parallel_tool_calls: bool | None = None
     max_tool_calls: int | None = None
     truncation: str | None = None
     include: list | None = None
@@ -476,8 +580,9 @@ class ResponsesRequest(_Strict):
 
     @field_validator("input", mode="before")
     @classmethod
-    def _messages(cls, value: Any) -> Any:
-        """A string is one user message; a list holds message items only (``type`` "message" or left out)."""
+    def _items(cls, value: Any) -> Any:
+        """A string is one user message; a list holds message, function_call, function_call_output and reasoning
+        items (a message's ``type`` may be left out)."""
         if isinstance(value, str):
             return [{"role": "user", "content": value}]
         if not isinstance(value, list):
@@ -486,12 +591,43 @@ class ResponsesRequest(_Strict):
             raise ValueError("input is empty")
         for index, item in enumerate(value):
             if not isinstance(item, dict):
-                raise ValueError(f"input[{index}] must be a message item (an object), got {type(item).__name__}")
+                raise ValueError(f"input[{index}] must be an item (an object), got {type(item).__name__}")
             kind = item.get("type")
-            if kind not in (None, "message"):
-                raise ValueError(f"input[{index}] is an item of type {str(kind)[:40]!r}; only message items are "
-                                 "supported (no tools or reasoning items on this server)")
+            if kind is not None and kind not in INPUT_ITEMS:
+                raise ValueError(f"input[{index}] is an item of type {str(kind)[:40]!r}; only {', '.join(INPUT_ITEMS)} "
+                                 "items are supported (no hosted tools on this server)")
         return value
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _function_tools(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for index, tool in enumerate(value):
+                kind = tool.get("type") if isinstance(tool, dict) else None
+                if isinstance(kind, str) and kind != "function":
+                    raise ValueError(f"tools[{index}] is a {kind[:40]!r} tool; only function tools are supported (this "
+                                     "server runs no hosted tools: web_search, file_search, code_interpreter, ...)")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, value: list | None) -> list | None:
+        names = [tool.name for tool in value or ()]
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice is not None:
+            raise ValueError(f"two tools are named {twice!r}; give each function its own name")
+        return value or None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _auto_or_none(cls, value: Any) -> Any:
+        return _off(value, f"tool_choice {str(value)[:40]!r}", ("none", "auto"),
+                    "no constrained decoding; use 'auto' and describe the call wanted, or 'none'")
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_options(cls, value: dict | None) -> dict | None:
+        return _template_kwargs(value)
 
     @field_validator("metadata")
     @classmethod
@@ -516,23 +652,15 @@ class ResponsesRequest(_Strict):
     @classmethod
     def _no_reasoning(cls, value: dict | None) -> dict | None:
         if value and any(v is not None for v in value.values()):
-            raise ValueError("reasoning is not supported (no reasoning controls on this server); leave it out")
+            raise ValueError("reasoning is not supported (no reasoning controls on this server; a reasoning model's "
+                             "<think> block is returned as a reasoning item; Qwen3's chat_template_kwargs "
+                             "{'enable_thinking': false} turns it off); leave it out")
         return value
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list | None) -> list | None:
-        return _off(value, "tools", ([],), "no function calling")
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, value: Any) -> Any:
-        return _off(value, f"tool_choice {str(value)[:40]!r}", ("none", "auto"), "no function calling")
 
     @field_validator("max_tool_calls")
     @classmethod
     def _no_tool_calls(cls, value: int | None) -> int | None:
-        return _off(value, "max_tool_calls", (None,), "no function calling")
+        return _off(value, "max_tool_calls", (None,), "send parallel_tool_calls false for one call per answer")
 
     @field_validator("truncation")
     @classmethod
@@ -543,15 +671,62 @@ class ResponsesRequest(_Strict):
     @field_validator("include")
     @classmethod
     def _no_include(cls, value: list | None) -> list | None:
-        return _off(value, f"include {str(value)[:60]}", ([],), "no extra output data")
+        # the Agents SDK and Codex ask for reasoning.encrypted_content when nothing is stored: the reasoning items
+        # carry their text in plain, so there is nothing more to include
+        if value is not None and any(v != "reasoning.encrypted_content" for v in value):
+            raise ValueError(f"include {str(value)[:60]} is not supported (no extra output data); leave it out")
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
     def _no_logprobs(cls, value: int | None) -> int | None:
         return _off(value, "top_logprobs", (0,), "logprobs are served by /v1/chat/completions")
 
+    def chat_tools(self) -> list[dict] | None:
+        """The tools in the chat form templates read (``{"type": "function", "function": {...}}``)."""
+        if not self.tools:
+            return None
+        return [{"type": "function", "function": tool.model_dump(exclude_none=True, exclude={"type", "strict"})}
+                for tool in self.tools]
+
+    def calls_parsed(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def has_tool_items(self) -> bool:
+        return any(isinstance(item, (FunctionCallItem, FunctionCallOutputItem)) for item in self.input)
+
     def messages(self) -> list[dict]:
-        """The chat-template messages: ``instructions`` first as a system message; developer reads as system."""
-        messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
-        messages += [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in self.input]
+        """The chat-template messages, as chat completions render them (``tool_calls.template_messages``):
+        ``instructions`` first as a system message, developer read as system; an answer's message and the
+        ``function_call`` items right after it are one assistant turn (content, then calls with dict arguments);
+        a ``function_call_output`` is a ``tool`` turn; a ``reasoning`` item's text is the next assistant turn's
+        ``reasoning_content``."""
+        messages: list[dict] = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
+        names: dict[str, str] = {}
+        reasoning, previous = None, None
+        for item in self.input:
+            if isinstance(item, ReasoningItem):
+                reasoning = (reasoning or "") + item.text()
+            elif isinstance(item, InputMessage):
+                entry = {"role": item.role if item.role != "developer" else "system", "content": item.text()}
+                if item.role == "assistant" and reasoning:
+                    entry["reasoning_content"], reasoning = reasoning, None
+                messages.append(entry)
+            elif isinstance(item, FunctionCallItem):
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.parsed_arguments()}}
+                names[item.call_id] = item.name
+                if isinstance(previous, (FunctionCallItem, InputMessage)) and messages[-1]["role"] == "assistant":
+                    messages[-1].setdefault("tool_calls", []).append(call)  # the same turn: its text, then its calls
+                else:
+                    messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                    if reasoning:
+                        messages[-1]["reasoning_content"], reasoning = reasoning, None
+            else:
+                entry = {"role": "tool", "tool_call_id": item.call_id, "content": item.text()}
+                name = item.name or names.get(item.call_id)
+                if name:
+                    entry["name"] = name
+                messages.append(entry)
+            previous = item
         return messages

@@ -1,20 +1,28 @@
 """OpenAI's Responses API objects (``POST /v1/responses``): the response and its server-sent events.
 
-The text-generation subset vLLM also serves: one assistant message of one ``output_text`` part. Generation is
-the chat endpoint's (``app._submit``: chat template, adapters batched with other requests, the same limits), so
-for the same messages and adapter the answer is the chat completion's text. What differs is the wire format:
+The subset vLLM also serves. Generation is the chat endpoint's (``app._submit``: chat template, adapters batched
+with other requests, the same limits), so for the same messages and adapter the answer is the chat completion's:
+its reasoning (a ``<think>`` block, ``reasoning.py``), its text, its tool calls (``tool_calls.py``). What differs
+is the wire format, output items in that order:
 
     {"id": "resp_...", "object": "response", "status": "completed" | "incomplete", "output": [
+        {"type": "reasoning", "id": "rs_...", "summary": [], "content": [{"type": "reasoning_text", "text"}], ...},
         {"type": "message", "id": "msg_...", "status", "role": "assistant",
-         "content": [{"type": "output_text", "text", "annotations": []}]}],
+         "content": [{"type": "output_text", "text", "annotations": []}]},
+        {"type": "function_call", "id": "fc_...", "call_id": "call_...", "name", "arguments", "status"}, ...],
      "usage": {"input_tokens", "output_tokens", "total_tokens", ...}, ...the request's settings echoed}
 
+The reasoning item is there when the answer reasoned; the message when it has text, or neither reasoning
+unfinished nor calls (an answer cut by ``max_output_tokens`` while thinking has no message, as OpenAI's).
+
 A streamed answer is OpenAI's event sequence, each event ``{"type", "sequence_number", ...}`` on an SSE
-``event:``/``data:`` pair: ``response.created``, ``response.in_progress``, ``response.output_item.added``,
-``response.content_part.added``, ``response.output_text.delta`` (one per piece of final text),
-``response.output_text.done``, ``response.content_part.done``, ``response.output_item.done``, then
-``response.completed`` or ``response.incomplete`` (``response.failed`` if generation fails). No ``[DONE]``:
-OpenAI ends the Responses stream with the last event.
+``event:``/``data:`` pair: ``response.created``, ``response.in_progress``; for each item as it comes,
+``response.output_item.added`` ... ``response.output_item.done``: a reasoning item's ``content_part.added``,
+``reasoning_text.delta`` (one per piece), ``reasoning_text.done``, ``content_part.done``; a message's
+``content_part.added``, ``output_text.delta``, ``output_text.done``, ``content_part.done``; a function call's
+``function_call_arguments.delta`` and ``.done`` (a call is sent whole once the answer has ended: only then is it
+known to be well formed); then ``response.completed`` or ``response.incomplete`` (``response.failed`` if
+generation fails). No ``[DONE]``: OpenAI ends the Responses stream with the last event.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from typing import TYPE_CHECKING
 
 from lorakit.serve.engine import Request
 from lorakit.serve.protocol import ResponsesRequest
+from lorakit.serve.reasoning import ReasoningStream
+from lorakit.serve.tool_calls import ToolCallStream, parse_calls
 
 if TYPE_CHECKING:
     from lorakit.serve.app import ServerState, _Bridge
@@ -52,9 +62,27 @@ def _message(item_id: str, text: str | None, status: str) -> dict:
             "content": [] if text is None else [_part(text)]}
 
 
-def usage(input_tokens: int, output_tokens: int) -> dict:
+def _reasoning(item_id: str, text: str | None, status: str) -> dict:
+    """The reasoning item (the ``openai`` package's ``ResponseReasoningItem``): its text as one ``reasoning_text``
+    part, no summary (none is written), nothing encrypted (nothing is hidden); ``text`` None: as first announced."""
+    return {"type": "reasoning", "id": item_id, "summary": [], "status": status, "encrypted_content": None,
+            "content": [] if text is None else [{"type": "reasoning_text", "text": text}]}
+
+
+def _function_call(call: dict, status: str, arguments: str | None = None) -> dict:
+    """A ``function_call`` item of a parsed call (``tool_calls`` form); its item id follows the call's id."""
+    return {"type": "function_call", "id": "fc_" + call["id"].removeprefix("call_"), "call_id": call["id"],
+            "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"] if arguments is None else arguments, "status": status}
+
+
+def _reasoning_id(item_id: str) -> str:
+    return "rs_" + item_id.removeprefix("msg_")
+
+
+def usage(input_tokens: int, output_tokens: int, reasoning_tokens: int = 0) -> dict:
     return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": input_tokens + output_tokens}
 
 
@@ -74,23 +102,49 @@ def response_object(body: ResponsesRequest, ident: str, created: int, status: st
         "reasoning": {"effort": None, "summary": None}, "safety_identifier": body.safety_identifier,
         "service_tier": "default", "store": False,  # nothing is kept, whatever the request asked
         "temperature": body.temperature, "text": {"format": {"type": "text"}, "verbosity": "medium"},
-        "tool_choice": body.tool_choice if isinstance(body.tool_choice, str) else "auto", "tools": [],
+        "tool_choice": body.tool_choice if isinstance(body.tool_choice, str) else "auto",
+        "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or ()],
         "top_logprobs": 0, "top_p": body.top_p, "truncation": "disabled", "usage": usage, "user": body.user,
     }
 
 
-def final_response(body: ResponsesRequest, ident: str, item_id: str, created: int, text: str, reason: str,
-                   input_tokens: int, output_tokens: int) -> dict:
-    """The finished answer (the non-streamed body, and the last event's ``response``)."""
+def output_items(item_id: str, reasoning: str | None, content: str | None, calls: list[dict] | None,
+                 status: str) -> list[dict]:
+    """The answer's output items: reasoning (if any), the message (if it has text, or nothing else to say), the
+    calls; ``content`` None: the answer ended inside its reasoning."""
+    items = []
+    if reasoning is not None:
+        items.append(_reasoning(_reasoning_id(item_id), reasoning, status if content is None else "completed"))
+    if content is not None and (content or not calls):
+        items.append(_message(item_id, content, status))
+    items += [_function_call(call, "completed") for call in calls or ()]
+    return items
+
+
+def final_response(body: ResponsesRequest, ident: str, item_id: str, created: int, pieces: list[str], reason: str,
+                   input_tokens: int, output_tokens: int, think: str | None = None,
+                   calls: tuple[str, set[str], bool] | None = None) -> dict:
+    """The finished answer (the non-streamed body) from its engine pieces; ``think``: where the answer starts
+    with respect to a ``<think>`` block (None: no reasoning is split off); ``calls``: (format, tool names, first
+    call only) when calls are parsed."""
+    reasoning, content, reasoning_tokens = None, "".join(pieces), 0
+    if think is not None:
+        split = ReasoningStream.of(pieces, think)
+        (reasoning, content), reasoning_tokens = split.result(), split.reasoning_tokens
+    parsed = parse_calls(content, *calls) if calls and content else None
+    if parsed is not None:
+        content = parsed[0] or ""
     status = _status(reason)
-    return response_object(body, ident, created, status, [_message(item_id, text, status)],
-                           usage(input_tokens, output_tokens))
+    output = output_items(item_id, reasoning, content, parsed[1] if parsed else None, status)
+    return response_object(body, ident, created, status, output, usage(input_tokens, output_tokens, reasoning_tokens))
 
 
 async def response_events(state: ServerState, body: ResponsesRequest, job: Request, bridge: _Bridge, ident: str,
-                          item_id: str, created: int, input_tokens: int):
-    """The SSE stream of one answer, from the engine events of ``job`` (``app._submit``'s bridge). A client that
-    goes away closes this generator, and ``finally`` cancels the job, as the chat stream does."""
+                          item_id: str, created: int, input_tokens: int, think: str | None = None,
+                          calls: tuple[str, set[str], bool] | None = None):
+    """The SSE stream of one answer, from the engine events of ``job`` (``app._submit``'s bridge); ``think`` and
+    ``calls`` as for :func:`final_response`, whose output the events add up to. A client that goes away closes
+    this generator, and ``finally`` cancels the job, as the chat stream does."""
     sequence = 0
 
     def event(kind: str, **fields) -> str:
@@ -99,34 +153,111 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
         sequence += 1
         return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
 
-    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    thinking = ReasoningStream(think) if think is not None else None
+    holder = ToolCallStream(calls[1], calls[0], calls[2]) if calls else None
+    output: list[dict] = []  # items finished so far
+    open_items: dict[str, int] = {}  # "reasoning" / "message" -> its output index while it is open
+    texts = {"reasoning": "", "message": ""}
+    rs_id = _reasoning_id(item_id)
+
+    def where(kind: str) -> dict:
+        return {"item_id": rs_id if kind == "reasoning" else item_id, "output_index": open_items[kind],
+                "content_index": 0}
+
+    def open_item(kind: str):
+        open_items[kind] = len(output)
+        if kind == "reasoning":
+            yield event("response.output_item.added", output_index=open_items[kind],
+                        item=_reasoning(rs_id, None, "in_progress"))
+            yield event("response.content_part.added", **where(kind), part={"type": "reasoning_text", "text": ""})
+        else:
+            yield event("response.output_item.added", output_index=open_items[kind],
+                        item=_message(item_id, None, "in_progress"))
+            yield event("response.content_part.added", **where(kind), part=_part(""))
+
+    def add(kind: str, text: str):
+        if not text:
+            return
+        if kind not in open_items:
+            yield from open_item(kind)
+        texts[kind] += text
+        name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+        yield event(name, **where(kind), delta=text, **({} if kind == "reasoning" else {"logprobs": []}))
+
+    def close(kind: str, status: str):
+        text = texts[kind]
+        if kind == "reasoning":
+            yield event("response.reasoning_text.done", **where(kind), text=text)
+            yield event("response.content_part.done", **where(kind), part={"type": "reasoning_text", "text": text})
+            item = _reasoning(rs_id, text, status)
+        else:
+            yield event("response.output_text.done", **where(kind), text=text, logprobs=[])
+            yield event("response.content_part.done", **where(kind), part=_part(text))
+            item = _message(item_id, text, status)
+        yield event("response.output_item.done", output_index=open_items.pop(kind), item=item)
+        output.append(item)
+
     reason = None
     try:
         start = response_object(body, ident, created, "in_progress", [])
         yield event("response.created", response=start)
         yield event("response.in_progress", response=start)
-        yield event("response.output_item.added", output_index=0, item=_message(item_id, None, "in_progress"))
-        yield event("response.content_part.added", **where, part=_part(""))
-        pieces: list[str] = []
         while reason is None:
             kind, _, text, *rest = await bridge.queue.get()
-            if text:
-                pieces.append(text)
-                yield event("response.output_text.delta", **where, delta=text, logprobs=[])
             if kind == "done":
                 reason = rest[0]
-        text = "".join(pieces)
+            if reason is not None and reason.startswith("error"):
+                break
+            if thinking is None:
+                reasoning = ""
+            else:
+                reasoning, text = thinking.feed(text) if reason is None else thinking.finish(text)
+            for chunk in add("reasoning", reasoning):
+                yield chunk
+            if "reasoning" in open_items and thinking.finished_thinking:
+                for chunk in close("reasoning", "completed"):
+                    yield chunk
+            found = None
+            if holder is not None:
+                if reason is None:
+                    text = holder.feed(text)
+                else:
+                    text, found = holder.finish(text)
+            for chunk in add("message", text):
+                yield chunk
         if reason.startswith("error"):
             error = {"code": "server_error", "message": f"generation failed: {reason[7:]}"}
-            failed = response_object(body, ident, created, "failed", [_message(item_id, text, "incomplete")],
-                                     usage(input_tokens, len(job.tokens)), error=error)
+            partial = output + [_reasoning(rs_id, texts["reasoning"], "incomplete") if kind == "reasoning" else
+                                _message(item_id, texts["message"], "incomplete") for kind in open_items]
+            failed = response_object(body, ident, created, "failed", partial, usage(input_tokens, len(job.tokens)),
+                                     error=error)
             yield event("response.failed", response=failed)
             return
         status = _status(reason)
-        yield event("response.output_text.done", **where, text=text, logprobs=[])
-        yield event("response.content_part.done", **where, part=_part(text))
-        yield event("response.output_item.done", output_index=0, item=_message(item_id, text, status))
-        final = final_response(body, ident, item_id, created, text, reason, input_tokens, len(job.tokens))
+        if "reasoning" in open_items:  # the answer ended inside its reasoning
+            for chunk in close("reasoning", status):
+                yield chunk
+        unfinished = thinking is not None and not thinking.finished_thinking
+        if "message" not in open_items and not unfinished and not found:  # an answer with no text says so
+            for chunk in open_item("message"):
+                yield chunk
+        if "message" in open_items:
+            for chunk in close("message", status):
+                yield chunk
+        for call in found or ():
+            index = len(output)
+            call_item = _function_call(call, "in_progress", "")
+            yield event("response.output_item.added", output_index=index, item=call_item)
+            arguments = call["function"]["arguments"]
+            yield event("response.function_call_arguments.delta", item_id=call_item["id"], output_index=index,
+                        delta=arguments)
+            yield event("response.function_call_arguments.done", item_id=call_item["id"], output_index=index,
+                        arguments=arguments)
+            done = _function_call(call, "completed")
+            yield event("response.output_item.done", output_index=index, item=done)
+            output.append(done)
+        tokens = thinking.reasoning_tokens if thinking is not None else 0
+        final = response_object(body, ident, created, status, output, usage(input_tokens, len(job.tokens), tokens))
         yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
     finally:
         if reason is None:  # the client went away: stop generating for it

@@ -238,10 +238,12 @@ def stream_tool_calls(calls: list[dict]) -> list[dict]:
 def template_messages(messages: list) -> list[dict]:
     """Validated ``Message`` objects -> the chat as the template is given it, as training renders it
     (``lorakit.train.formats``): each call's ``arguments`` parsed into a dict, a call turn's null content ``""``;
-    a tool turn keeps its ``tool_call_id`` (and ``name``)."""
+    a tool turn keeps its ``tool_call_id`` (and ``name``), an answer its ``reasoning_content``."""
     out = []
     for m in messages:
         entry: dict[str, Any] = {"role": m.role if m.role != "developer" else "system", "content": m.text()}
+        if m.reasoning_text():  # an earlier answer's reasoning: the template writes it or drops it
+            entry["reasoning_content"] = m.reasoning_text()
         if m.tool_calls:
             entry["tool_calls"] = [{"id": c.id, "type": "function", "function": {
                 "name": c.function.name, "arguments": c.function.parsed_arguments()}} for c in m.tool_calls]
