@@ -288,6 +288,8 @@ def _enable_fast_kernels(model: nn.Module, device: torch.device, log: Callable[[
                          compile_layers: bool = False) -> None:
     """lorakit's fused kernels on CUDA, if that module exists and accepts the model; any failure falls back."""
     if device.type != "cuda":
+        if compile_layers:  # said, not silently dropped: the user asked for it
+            log(f"--compile-layers compiles lorakit's fused kernels on CUDA only; this {device.type} run trains eagerly")
         return
     try:
         from lorakit.models.fast import use_fast_kernels
