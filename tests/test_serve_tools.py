@@ -182,14 +182,18 @@ def test_openai_sdk_agent_loop(server):
          history[-1]], tools=TOOLS, add_generation_prompt=True, tokenize=False)
     assert '{"city": "Paris"}' in expected and "<tool_response>\n{\"temp\": 21}" in expected
     assert second.usage.prompt_tokens == len(server["tokenizer"](expected, add_special_tokens=False)["input_ids"])
-    with pytest.raises(openai.BadRequestError, match="tool_choice"):
-        sdk.chat.completions.create(model="base", messages=QUESTION, tools=TOOLS, tool_choice="required")
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
+        sdk.chat.completions.create(model="base", messages=QUESTION, tools=TOOLS,
+                                    tool_choice={"type": "function", "function": {"name": "get_time"}})
 
 
 @pytest.mark.parametrize("extra, param, words", [
-    ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice", "not supported"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice",
-     "not supported"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice",
+     "not among the tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}},
+     "tool_choice", "not supported"),
+    ({"tools": TOOLS, "tool_choice": "any"}, "tool_choice", "not supported"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name", "missing"),
     ({"tools": [{"type": "custom", "function": {"name": "f"}}]}, "tools.0.type", "function"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameter": {}}}]}, "tools.0.function.parameter",
@@ -453,3 +457,75 @@ def test_stream_assembly_equals_the_answer(fmt, text, size):
         assert streamed + rest == (parsed[0] or "") and "<tool" not in streamed and "{" not in streamed
         assert "[TOOL" not in streamed
         assert [c["function"] for c in calls] == [c["function"] for c in parsed[1]]
+
+
+# -- tool_choice "required" and a named function: the answer starts the call ------------------------------------
+FORCED_WORDS = ["<tool_call>", '\n{"name": "', 'get_weather", "arguments": ', '{"city": "Paris"}}\n', "</tool_call>",
+                "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def forced(tmp_path_factory):
+    """A server whose model writes a whole call (``FORCED_WORDS``), each piece of the call's start one token, so
+    a prompt that ends with the start of a call ("required": up to the name; named: up to the arguments) is
+    continued as the model would have continued its own call."""
+    proc, client, tokenizer = _scripted_server(tmp_path_factory.mktemp("forced"), "qwen2.5", FORCED_WORDS)
+    try:
+        yield {"url": proc.url, "client": client, "server": proc, "tokenizer": tokenizer}
+    finally:
+        client.close()
+        proc.stop()
+
+
+def test_forced_prefixes_are_the_templates_calls():
+    """The start the server writes is what each template writes for an earlier call, token for token up to the
+    arguments."""
+    from lorakit.serve.tool_calls import forced_prefix
+
+    call = [*QUESTION, {"role": "assistant", "content": "", "tool_calls": [{"id": "abcdefghi", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}]
+    for name, fmt in (("qwen2.5", "hermes"), ("hermes", "hermes"), ("llama3.1", "llama3_json"),
+                      ("mistral", "mistral")):
+        text = family(name).apply_chat_template(call, tools=TOOLS, tokenize=False)
+        named = forced_prefix(fmt, "get_weather")
+        assert named + '{"city": "Paris"}' in text and named.startswith(forced_prefix(fmt, "")), name
+        assert parse_calls(named + '{"city": "Paris"}}' + ("]" if fmt == "mistral" else ""), fmt,
+                           {"get_weather"})[1][0]["function"]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_call(forced, choice):
+    client = forced["client"]
+    auto = _chat(client, tools=TOOLS)["choices"][0]  # the model calls by itself; forced, the same call comes back
+    answer = _chat(client, tools=TOOLS, tool_choice=choice)
+    message = answer["choices"][0]["message"]
+    assert answer["choices"][0]["finish_reason"] == "tool_calls" and message["content"] is None
+    assert [c["function"] for c in message["tool_calls"]] == [c["function"] for c in auto["message"]["tool_calls"]] \
+        == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    # the call's start is in the prompt: fewer tokens generated than for the model's own call
+    prefix = 3 if choice == "required" else 4
+    assert answer["usage"]["completion_tokens"] == len(FORCED_WORDS) - prefix + 1
+    deltas = [e["choices"][0] for e in _stream(client, tools=TOOLS, tool_choice=choice)]
+    assert not any(d["delta"].get("content") for d in deltas)
+    assert [c["function"] for d in deltas for c in d["delta"].get("tool_calls") or ()] == \
+        [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    assert [d["finish_reason"] for d in deltas if d["finish_reason"]] == ["tool_calls"]
+
+
+def test_a_forced_call_the_model_does_not_finish_is_an_error(forced):
+    """Cut after one token the answer is ``{"name": "get_weather", "arguments": `` and no call: the server says so
+    (one line, what the model wrote) instead of making a call up; streamed, the error is the last event."""
+    client = forced["client"]
+    response = client.post("/v1/chat/completions", json={"model": "base", "messages": QUESTION, "tools": TOOLS,
+                                                          "tool_choice": "required", "max_tokens": 1})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["code"] == "invalid_tool_call" and "\n" not in error["message"]
+    assert "did not write a call of one of the tools" in error["message"] and "get_weather" in error["message"]
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "base", "messages": QUESTION, "tools": TOOLS, "tool_choice": "required", "max_tokens": 1,
+            "stream": True}) as streamed:
+        blocks = streamed.read().decode().split("\n\n")
+    assert blocks[-2] == "data: [DONE]" and json.loads(blocks[-3][6:])["error"]["code"] == "invalid_tool_call"
+    assert not any("tool_calls" in block for block in blocks)
+    assert "Traceback" not in forced["server"].output()

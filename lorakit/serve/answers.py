@@ -11,7 +11,8 @@ from lorakit.serve.engine import Request, TokenInfo
 from lorakit.serve.protocol import error_body
 from lorakit.serve.reasoning import ReasoningStream
 from lorakit.serve.text import token_bytes
-from lorakit.serve.tool_calls import ToolCallStream, stream_tool_calls
+from lorakit.errors import LorakitError
+from lorakit.serve.tool_calls import ToolCallStream, forced_calls, stream_tool_calls
 
 if TYPE_CHECKING:
     from lorakit.serve.app import ServerState, _Bridge
@@ -70,7 +71,7 @@ def prompt_logprobs(state: ServerState, prompt_ids: list[int], infos: list[Token
 
 async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _Bridge, ident: str, created: int,
                   chat: bool, prompt_tokens: int, logprobs: int | None, tools: tuple[str, set[str], bool] | None = None,
-                  think: str | None = None):
+                  think: str | None = None, forced: str | None = None):
     """Server-sent events: one chunk per piece of final text, each choice's finish reason as it ends, then the
     usage (``stream_options.include_usage``), then ``[DONE]``.
 
@@ -86,6 +87,9 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     With ``think`` (a chat request whose answer's ``<think>`` block is split off: ``reasoning.prompt_state`` of its
     prompt), the reasoning streams first as ``delta.reasoning_content`` chunks, then the rest goes on as above
     (``reasoning.ReasoningStream``: a tag split over chunks is held until it is whole).
+
+    With ``forced`` (tool_choice "required" or a named function: the start of the call the prompt ends with), the
+    answer is held whole and its calls come at the end, or an error event when it forms no call.
     """
     kind = "chat.completion.chunk" if chat else "text_completion"
     include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -94,6 +98,8 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     reasons: list[str | None] = [None] * len(jobs)
 
     holders = [ToolCallStream(tools[1], tools[0], tools[2]) for _ in jobs] if tools else None
+    for holder in holders if forced is not None else ():
+        holder.feed(forced)  # the call's start: held like any call, never streamed as content
     thinking = [ReasoningStream(think) for _ in jobs] if think is not None else None
 
     def chunk(index: int, text: str | None, finish: str | None, first: bool = False,
@@ -145,7 +151,15 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
                 reasoning, text = thinking[index].finish(text)
                 if reasoning:
                     yield chunk(index, None, None, reasoning=reasoning)
-            if holders is not None:
+            if holders is not None and forced is not None:
+                holder = holders[index]
+                try:
+                    content, calls = forced_calls(holder.text + text, tools[0], tools[1], body.forced_call(), tools[2])
+                except LorakitError as error:
+                    failed = str(error)
+                    break
+                text = (content or "")[holder.emitted:]
+            elif holders is not None:
                 text, calls = holders[index].finish(text)
             if text or pending[index]:
                 yield chunk(index, text, None)
@@ -153,7 +167,9 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
                 yield chunk(index, None, None, tool_calls=calls)
                 finish = "tool_calls"
             yield chunk(index, None, finish)
-        if failed is not None:
+        if failed is not None and not failed.startswith("error"):  # a forced call the model did not write
+            yield f"data: {json.dumps(error_body(failed, type='server_error', code='invalid_tool_call'))}\n\n"
+        elif failed is not None:
             yield f"data: {json.dumps(error_body(f'generation failed: {failed[7:]}', type='server_error'))}\n\n"
         elif include_usage:
             completion = sum(len(job.tokens) for job in jobs)

@@ -41,8 +41,8 @@ from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, Compl
 from lorakit.serve.reasoning import ReasoningStream, prompt_state, think_tokens
 from lorakit.serve.responses import final_response, new_ids, response_events
 from lorakit.serve.text import TextAssembler
-from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_format, kept_tokens, parse_calls,
-                                      render_variant, template_messages)
+from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_format, forced_calls, forced_prefix,
+                                      kept_tokens, parse_calls, render_variant, template_messages)
 from lorakit.serve.transport import CORS, internal_error, not_found, parse, read_json
 
 
@@ -227,9 +227,13 @@ def create_app(state: ServerState) -> FastAPI:
             prompt_ids = await run_in_threadpool(_encode, state, messages, True, body.chat_template_kwargs)
         else:  # an agent's request: the tools and its earlier calls and results, as training renders them
             prompt_ids = await run_in_threadpool(_encode_tools, state, body, tools)
+        forced = None
+        if body.forced_call() is not None:  # "required" or a named function: the answer starts the call
+            forced = forced_prefix(call_format(state.tokenizer, tools), body.forced_call())
+            prompt_ids = prompt_ids + await run_in_threadpool(_encode_text, state, forced)
         max_tokens = body.max_completion_tokens or body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
-        return await _serve(state, request, body, [prompt_ids], max_tokens, top, chat=True)
+        return await _serve(state, request, body, [prompt_ids], max_tokens, top, chat=True, forced=forced)
 
     @app.post("/v1/responses")
     async def responses(request: HTTPRequest):
@@ -352,6 +356,12 @@ def _think_state(state: ServerState, prompt_ids: list[int]) -> str | None:
     return prompt_state(tail)
 
 
+def _encode_text(state: ServerState, text: str) -> list[int]:
+    """Token ids of ``text`` continuing a prompt (no BOS; a template's special tokens read as themselves)."""
+    with state.tokenizer_lock:
+        return list(state.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def _decode(state: ServerState, ids: list[int]) -> str:
     with state.tokenizer_lock:
         return state.tokenizer.decode(ids)
@@ -425,10 +435,12 @@ def _choice_seed(seed: int | None, index: int) -> int | None:
 
 async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list[int]], max_tokens: int | None,
                  logprobs: int | None, chat: bool, default_tokens: int | None = None,
-                 echoes: list[str] | None = None):
+                 echoes: list[str] | None = None, forced: str | None = None):
     """Generate ``body.n`` answers to each prompt; choice ``p * n + i`` is prompt p's answer i (OpenAI's order).
     ``echoes``: the prompts' texts, which their answers then start with (their logprobs too: each prompt's tokens
-    scored by one forward, the first token's None); with ``max_tokens`` 0, all there is."""
+    scored by one forward, the first token's None); with ``max_tokens`` 0, all there is. ``forced``: the start of
+    a call that ends each chat prompt (``tool_calls.forced_prefix``), read back with the answer, which must form a
+    call (else a 500 that says what the model wrote)."""
     n = body.n
     if len(prompts) * n > MAX_ROWS:
         raise APIError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} answers, over the limit of "
@@ -466,7 +478,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
                 "model": body.model, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
     keep = kept_tokens(state.tokenizer, tools[0]) if tools else frozenset()
-    think = await run_in_threadpool(_think_state, state, prompts[0]) if chat else None
+    think = await run_in_threadpool(_think_state, state, prompts[0]) if chat and forced is None else None
     if think is not None:
         keep |= think_tokens(state.tokenizer)
     jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0),
@@ -475,7 +487,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     created = int(time.time())
     if body.stream:
         return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs,
-                                               tools, think),
+                                               tools, think, forced),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     collected = await _collect(state, http, jobs, bridge)
     if isinstance(collected, JSONResponse):
@@ -498,7 +510,13 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
                 reasoning_tokens += split.reasoning_tokens
                 reasoning, text = split.result()
                 message = {"role": "assistant", "content": text, "reasoning_content": reasoning}
-            parsed = parse_calls(text, *tools) if tools and text else None  # calls follow the reasoning
+            if forced is not None:  # the answer continues the call the prompt began
+                try:
+                    parsed = forced_calls(forced + text, tools[0], tools[1], body.forced_call(), tools[2])
+                except LorakitError as error:
+                    raise APIError(500, str(error), type="server_error", code="invalid_tool_call") from None
+            else:
+                parsed = parse_calls(text, *tools) if tools and text else None  # calls follow the reasoning
             if parsed is not None:  # the model called tools: OpenAI's message and finish reason
                 message.update(content=parsed[0], tool_calls=parsed[1])
                 finish = "tool_calls"

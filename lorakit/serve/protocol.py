@@ -321,7 +321,8 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
-    tool_choice: Union[str, dict, None] = None  # "auto" (the default with tools) or "none"
+    # "auto" (the default with tools), "none", "required" or a named function (tool_calls.forced_prefix)
+    tool_choice: Union[str, dict, None] = None
     parallel_tool_calls: bool | None = None  # false: only an answer's first call is returned
     # OpenAI fields at their "off" values, as client libraries send them
     functions: list | None = None
@@ -352,9 +353,30 @@ class ChatRequest(_Sampling):
 
     @field_validator("tool_choice")
     @classmethod
-    def _auto_or_none(cls, value: Any) -> Any:
-        return _off(value, f"tool_choice {str(value)[:40]!r}", ("none", "auto"),
-                    "no constrained decoding; use 'auto' and describe the call wanted, or 'none'")
+    def _tool_choice(cls, value: Any, info) -> Any:
+        """"auto", "none", "required" (some call) or ``{"type": "function", "function": {"name": ...}}`` (that
+        one): the last two need tools, and a named function must be one of them."""
+        if value is None or value in ("none", "auto"):
+            return value
+        function = value.get("function") if isinstance(value, dict) else None
+        named = isinstance(function, dict) and value.get("type") == "function" and set(value) == {"type", "function"} \
+            and set(function) == {"name"} and isinstance(function["name"], str)
+        if value != "required" and not named:
+            raise ValueError(f"tool_choice {str(value)[:60]!r} is not supported; send 'auto', 'none', 'required' or "
+                             "{'type': 'function', 'function': {'name': NAME}}")
+        names = [tool.function.name for tool in info.data.get("tools") or ()]
+        if not names:
+            raise ValueError(f"tool_choice {str(value)[:60]!r} needs tools; send the functions in tools")
+        if named and function["name"] not in names:
+            raise ValueError(f"tool_choice names {function['name'][:64]!r}, which is not among the tools "
+                             f"({', '.join(names)[:200]})")
+        return value
+
+    def forced_call(self) -> str | None:
+        """The function the answer must call (tool_choice names one), "" for any ("required"), None: not forced."""
+        if self.tool_choice == "required":
+            return ""
+        return self.tool_choice["function"]["name"] if isinstance(self.tool_choice, dict) else None
 
     def openai_tools(self) -> list[dict] | None:
         """The tools as chat templates read them (OpenAI's form, fields left out where not sent)."""

@@ -87,6 +87,36 @@ def call_end_tokens(tokenizer: Any, fmt: str | None) -> tuple[int, ...]:
     return () if token is None else (int(token),)
 
 
+def forced_prefix(fmt: str, name: str) -> str:
+    """The start of a call as the template writes it in format ``fmt``, up to the function's arguments (``name``
+    given: tool_choice names it) or up to its name (``name`` "": tool_choice "required").
+
+    The server puts it at the start of the answer (after the generation prompt), so the model continues a call
+    it has begun: what it writes next is read back with the prefix by :func:`parse_calls`, and an answer that does
+    not form a well-formed call of a given tool is an error, never a call made up by the server. This is no
+    constrained decoding: the arguments are the model's, unchecked against the schema (as with ``strict``).
+    """
+    head = {"hermes": CALL_OPEN + '\n{"name": "', "llama3_json": '{"name": "', "mistral": MISTRAL_OPEN + ' [{"name": "'}[fmt]
+    if not name:
+        return head
+    return head + name + '", "' + ("parameters" if fmt == "llama3_json" else "arguments") + '": '
+
+
+def forced_calls(text: str, fmt: str, tool_names: set[str], name: str, single: bool = False
+                 ) -> tuple[str | None, list[dict]]:
+    """``(content, calls)`` of an answer whose start was :func:`forced_prefix` (``text``: prefix + the model's
+    continuation); raises ``LorakitError`` (one line: what the model wrote instead) when it holds no well-formed call
+    (of ``name`` where given)."""
+    parsed = parse_calls(text, fmt, tool_names, single)
+    if parsed is None or (name and parsed[1][0]["function"]["name"] != name):
+        wanted = f"a call of {name!r}" if name else "a call of one of the tools"
+        shown = text[:160] + ("..." if len(text) > 160 else "")
+        raise LorakitError(f"the model did not write {wanted} (tool_choice {'names it' if name else 'required'}): "
+                           f"its answer {shown!r} is no well-formed call in the {fmt} format; lorakit has no "
+                           "constrained decoding, so retry (temperature > 0) or send tool_choice 'auto'")
+    return parsed
+
+
 def parse_calls(text: str, fmt: str, tool_names: set[str], single: bool = False
                 ) -> tuple[str | None, list[dict]] | None:
     """``(content, calls)`` read from ``text`` in format ``fmt``, or None when it holds no well-formed calls;
