@@ -220,7 +220,8 @@ def test_refusals_name_the_field(server):
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
         ({"conversation": "conv_1"}, "conversation"),
         ({"tools": [{"type": "web_search"}]}, "tools"),  # hosted tools: none here
-        ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "f"}},
+        ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "file_search"}}, "tool_choice"),
+        ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}},
          "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format"),

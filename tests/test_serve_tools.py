@@ -529,3 +529,69 @@ def test_a_forced_call_the_model_does_not_finish_is_an_error(forced):
     assert blocks[-2] == "data: [DONE]" and json.loads(blocks[-3][6:])["error"]["code"] == "invalid_tool_call"
     assert not any("tool_calls" in block for block in blocks)
     assert "Traceback" not in forced["server"].output()
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "name": "get_weather"}])
+def test_forced_call_on_responses(forced, choice):
+    """The same on ``/v1/responses`` (its flat tool and tool_choice forms): one ``function_call`` item, streamed
+    as the openai package's events."""
+    from pydantic import TypeAdapter
+
+    from openai.types.responses import Response, ResponseStreamEvent
+
+    tools = [{"type": "function", **TOOLS[0]["function"]}]
+    body = {"model": "base", "input": QUESTION, "tools": tools, "tool_choice": choice, "max_output_tokens": 16,
+            "temperature": 0}
+    response = forced["client"].post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    answer = Response.model_validate(response.json())
+    assert [(i.type, i.name, i.arguments) for i in answer.output] == [("function_call", "get_weather",
+                                                                       '{"city": "Paris"}')]
+    with forced["client"].stream("POST", "/v1/responses", json={**body, "stream": True}) as streamed:
+        events = [TypeAdapter(ResponseStreamEvent).validate_python(json.loads(line[6:]))
+                  for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "response.output_item.added",
+                                        "response.function_call_arguments.delta",
+                                        "response.function_call_arguments.done", "response.output_item.done",
+                                        "response.completed"]
+    assert events[-1].response.output[0].arguments == '{"city": "Paris"}'
+    refused = forced["client"].post("/v1/responses", json={**body, "tool_choice": {"type": "function", "name": "x"}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
+
+
+def test_forced_call_not_written_on_responses():
+    """In process: a forced call the model does not finish is a ``response.failed`` event (streamed) or an error
+    (``final_response`` raises, the endpoint answers a 500), never a call made up."""
+    import asyncio
+
+    from pydantic import TypeAdapter
+
+    from openai.types.responses import ResponseStreamEvent
+
+    from lorakit.errors import LorakitError
+    from lorakit.serve.protocol import ResponsesRequest
+    from lorakit.serve.responses import final_response, response_events
+    from lorakit.serve.tool_calls import forced_prefix
+
+    tools = [{"type": "function", **TOOLS[0]["function"]}]
+    body = ResponsesRequest.model_validate({"model": "m", "input": "x", "tools": tools, "tool_choice": "required"})
+    calls = ("hermes", {"get_weather"}, False, forced_prefix("hermes", ""))
+    pieces = ['get_weather", "argu', "ments: 12"]
+    with pytest.raises(LorakitError, match="did not write a call of one of the tools"):
+        final_response(body, "resp_x", "msg_x", 0, [*pieces, ""], "stop", 3, 2, None, calls)
+    assert [c["name"] for c in final_response(body, "resp_x", "msg_x", 0, ['get_weather", "arguments": {}}', ""],
+                                               "stop", 3, 2, None, calls)["output"]] == ["get_weather"]
+    queue = asyncio.Queue()
+    for piece in pieces:
+        queue.put_nowait(("token", 0, piece, 1, None))
+    queue.put_nowait(("done", 0, "", "stop"))
+    state = SimpleNamespace(engine=SimpleNamespace(cancel=lambda job: None))
+
+    async def run():
+        return [json.loads(chunk.split("data: ", 1)[1]) async for chunk in response_events(
+            state, body, SimpleNamespace(tokens=[1, 2]), SimpleNamespace(queue=queue), "resp_x", "msg_x", 0, 3,
+            None, calls)]
+
+    events = [TypeAdapter(ResponseStreamEvent).validate_python(e) for e in asyncio.run(run())]
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "response.failed"]
+    assert "did not write a call" in events[-1].response.error.message and events[-1].response.output == []

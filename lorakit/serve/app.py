@@ -245,13 +245,17 @@ def create_app(state: ServerState) -> FastAPI:
         else:  # an agent's request: its tools, calls and their results through the template, as chat renders them
             prompt_ids = await run_in_threadpool(_encode_agent, state, body.messages(), tools, body.calls_parsed(),
                                                  body.chat_template_kwargs, "input")
+        forced = None
+        if body.forced_call() is not None:  # "required" or a named function: the answer starts the call
+            forced = forced_prefix(call_format(state.tokenizer, tools), body.forced_call())
+            prompt_ids = prompt_ids + await run_in_threadpool(_encode_text, state, forced)
         limit = _check_lengths(state, prompt_ids, body.max_output_tokens, True, which="the input",
                                field="max_output_tokens", param="input")
         fmt = call_format(state.tokenizer, tools) if tools else None
-        calls = (fmt, {tool.name for tool in body.tools}, body.parallel_tool_calls is False) \
+        calls = (fmt, {tool.name for tool in body.tools}, body.parallel_tool_calls is False, forced) \
             if body.calls_parsed() else None
         params = _sampling_params(state, body, [limit], 1, None, call_end_tokens(state.tokenizer, fmt))
-        think = await run_in_threadpool(_think_state, state, prompt_ids)
+        think = await run_in_threadpool(_think_state, state, prompt_ids) if forced is None else None
         keep = (kept_tokens(state.tokenizer, fmt) if calls else frozenset()) | \
             (think_tokens(state.tokenizer) if think else frozenset())
         adapter_name = None if body.model == state.base_name else body.model
@@ -268,8 +272,11 @@ def create_app(state: ServerState) -> FastAPI:
         if isinstance(collected, JSONResponse):
             return collected
         pieces, _, reasons = collected
-        return final_response(body, ident, item_id, created, pieces[0], reasons[0], len(prompt_ids),
-                              len(jobs[0].tokens), think, calls)
+        try:
+            return final_response(body, ident, item_id, created, pieces[0], reasons[0], len(prompt_ids),
+                                  len(jobs[0].tokens), think, calls)
+        except LorakitError as error:  # a forced call the model did not write
+            raise APIError(500, str(error), type="server_error", code="invalid_tool_call") from None
 
     @app.api_route("/v1/responses/{ident:path}", methods=["GET", "POST", "DELETE"])
     async def stored_response(request: HTTPRequest, ident: str):

@@ -478,13 +478,15 @@ class FunctionCallItem(_Strict):
     """An earlier answer's ``function_call`` output item sent back in ``input`` (the openai package's
     ``model_dump()`` of it holds the ``async_``, ``caller`` and ``namespace`` keys too, null)."""
 
+    model_config = ConfigDict(populate_by_name=True)  # ``async`` (the wire name) or ``async_`` (model_dump's)
+
     type: Literal["function_call"]
     call_id: str = Field(min_length=1, max_length=256)
     name: str = Field(min_length=1, max_length=256)
     arguments: str
     id: str | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
-    async_: None = None
+    async_: None = Field(None, alias="async")
     caller: None = None
     namespace: None = None
 
@@ -585,7 +587,8 @@ class ResponsesRequest(_Strict):
     store: bool | None = None  # accepted either way; nothing is stored (the answer says "store": false)
     text: TextConfig | None = None
     tools: list[ResponsesFunctionTool] | None = Field(None, max_length=MAX_TOOLS)
-    tool_choice: Union[str, dict, None] = None  # "auto" (the default with tools) or "none"
+    # "auto" (the default with tools), "none", "required" or a named function (tool_calls.forced_prefix)
+    tool_choice: Union[str, dict, None] = None
     parallel_tool_calls: bool | None = None  # false: only an answer's first call is returned
     # vLLM's extension, as on chat completions: options of the chat template, e.g. {"enable_thinking": false}
     chat_template_kwargs: dict | None = None
@@ -642,9 +645,29 @@ class ResponsesRequest(_Strict):
 
     @field_validator("tool_choice")
     @classmethod
-    def _auto_or_none(cls, value: Any) -> Any:
-        return _off(value, f"tool_choice {str(value)[:40]!r}", ("none", "auto"),
-                    "no constrained decoding; use 'auto' and describe the call wanted, or 'none'")
+    def _tool_choice(cls, value: Any, info) -> Any:
+        """"auto", "none", "required" (some call) or ``{"type": "function", "name": ...}`` (that one; the Responses
+        form): the last two need tools, and a named function must be one of them."""
+        if value is None or value in ("none", "auto"):
+            return value
+        named = isinstance(value, dict) and value.get("type") == "function" and set(value) == {"type", "name"} \
+            and isinstance(value["name"], str)
+        if value != "required" and not named:
+            raise ValueError(f"tool_choice {str(value)[:60]!r} is not supported; send 'auto', 'none', 'required' or "
+                             "{'type': 'function', 'name': NAME} (this server runs no hosted tools)")
+        names = [tool.name for tool in info.data.get("tools") or ()]
+        if not names:
+            raise ValueError(f"tool_choice {str(value)[:60]!r} needs tools; send the functions in tools")
+        if named and value["name"] not in names:
+            raise ValueError(f"tool_choice names {value['name'][:64]!r}, which is not among the tools "
+                             f"({', '.join(names)[:200]})")
+        return value
+
+    def forced_call(self) -> str | None:
+        """The function the answer must call (tool_choice names one), "" for any ("required"), None: not forced."""
+        if self.tool_choice == "required":
+            return ""
+        return self.tool_choice["name"] if isinstance(self.tool_choice, dict) else None
 
     @field_validator("chat_template_kwargs")
     @classmethod

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING
 from lorakit.serve.engine import Request
 from lorakit.serve.protocol import ResponsesRequest
 from lorakit.serve.reasoning import ReasoningStream
-from lorakit.serve.tool_calls import ToolCallStream, parse_calls
+from lorakit.errors import LorakitError
+from lorakit.serve.tool_calls import ToolCallStream, forced_calls, parse_calls
 
 if TYPE_CHECKING:
     from lorakit.serve.app import ServerState, _Bridge
@@ -123,15 +124,19 @@ def output_items(item_id: str, reasoning: str | None, content: str | None, calls
 
 def final_response(body: ResponsesRequest, ident: str, item_id: str, created: int, pieces: list[str], reason: str,
                    input_tokens: int, output_tokens: int, think: str | None = None,
-                   calls: tuple[str, set[str], bool] | None = None) -> dict:
+                   calls: tuple[str, set[str], bool, str | None] | None = None) -> dict:
     """The finished answer (the non-streamed body) from its engine pieces; ``think``: where the answer starts
     with respect to a ``<think>`` block (None: no reasoning is split off); ``calls``: (format, tool names, first
-    call only) when calls are parsed."""
+    call only, the forced start of a call or None) when calls are parsed. Raises ``LorakitError`` when a forced
+    call was not written (``tool_calls.forced_calls``)."""
     reasoning, content, reasoning_tokens = None, "".join(pieces), 0
     if think is not None:
         split = ReasoningStream.of(pieces, think)
         (reasoning, content), reasoning_tokens = split.result(), split.reasoning_tokens
-    parsed = parse_calls(content, *calls) if calls and content else None
+    if calls and calls[3] is not None:  # the answer continues the call its prompt began
+        parsed = forced_calls(calls[3] + content, calls[0], calls[1], _forced_name(body), calls[2])
+    else:
+        parsed = parse_calls(content, *calls[:3]) if calls and content else None
     if parsed is not None:
         content = parsed[0] or ""
     status = _status(reason)
@@ -139,9 +144,13 @@ def final_response(body: ResponsesRequest, ident: str, item_id: str, created: in
     return response_object(body, ident, created, status, output, usage(input_tokens, output_tokens, reasoning_tokens))
 
 
+def _forced_name(body: ResponsesRequest) -> str:
+    return body.forced_call() or ""
+
+
 async def response_events(state: ServerState, body: ResponsesRequest, job: Request, bridge: _Bridge, ident: str,
                           item_id: str, created: int, input_tokens: int, think: str | None = None,
-                          calls: tuple[str, set[str], bool] | None = None):
+                          calls: tuple[str, set[str], bool, str | None] | None = None):
     """The SSE stream of one answer, from the engine events of ``job`` (``app._submit``'s bridge); ``think`` and
     ``calls`` as for :func:`final_response`, whose output the events add up to. A client that goes away closes
     this generator, and ``finally`` cancels the job, as the chat stream does."""
@@ -155,6 +164,9 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
 
     thinking = ReasoningStream(think) if think is not None else None
     holder = ToolCallStream(calls[1], calls[0], calls[2]) if calls else None
+    forced = calls[3] if calls else None
+    if forced is not None:
+        holder.feed(forced)  # the call's start: held like any call, never streamed as text
     output: list[dict] = []  # items finished so far
     open_items: dict[str, int] = {}  # "reasoning" / "message" -> its output index while it is open
     texts = {"reasoning": "", "message": ""}
@@ -221,12 +233,22 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
             if holder is not None:
                 if reason is None:
                     text = holder.feed(text)
+                elif forced is not None:
+                    try:
+                        content, found = forced_calls(holder.text + text, calls[0], calls[1], _forced_name(body),
+                                                      calls[2])
+                    except LorakitError as error:
+                        reason = f"error: {error}"
+                        break
+                    text = (content or "")[holder.emitted:]
                 else:
                     text, found = holder.finish(text)
             for chunk in add("message", text):
                 yield chunk
         if reason.startswith("error"):
             error = {"code": "server_error", "message": f"generation failed: {reason[7:]}"}
+            if reason.startswith("error: the model did not write"):  # a forced call (tool_calls.forced_calls)
+                error = {"code": "server_error", "message": reason[7:]}
             partial = output + [_reasoning(rs_id, texts["reasoning"], "incomplete") if kind == "reasoning" else
                                 _message(item_id, texts["message"], "incomplete") for kind in open_items]
             failed = response_object(body, ident, created, "failed", partial, usage(input_tokens, len(job.tokens)),
