@@ -14,7 +14,15 @@ so ``inject`` installs (lazily, on transformers models only) the instance method
   reads adapter files only for a ``peft.PeftModel``) loads that file with ``load_state_dict(strict=False)``, so
   resuming restores the adapters (the frozen base is the one already in memory), and the installed
   ``load_state_dict`` keeps that load from reporting every frozen base weight as a missing key;
-- after ``merge_and_unload`` (no adapters left) it is the class's own ``save_pretrained`` again (a whole model).
+- after ``merge_and_unload`` (no adapters left) it is the class's own ``save_pretrained`` again (a whole model);
+- under ``torchrun`` Trainer wraps the model in ``DistributedDataParallel``, which expects a gradient for every
+  trainable tensor in every step unless ``find_unused_parameters`` is on (Trainer turns it off under gradient
+  checkpointing, and TRL's ``SFTConfig`` checkpoints by default). A trainable adapter that is not active (a second
+  injected adapter, ``set_adapter`` to another one) gets none, and the second step failed with "Expected to have
+  finished reduction in the prior iteration before starting a new one". The model tells DDP to leave those tensors
+  out (``_ddp_params_and_buffers_to_ignore``, read when DDP wraps it: :class:`IdleAdapterTensors`), so they stay as
+  they are, as on one process; a later change of the active adapters during training is refused in one line
+  (:func:`check_ddp_adapters`), since DDP would then average the wrong tensors.
 
 Why a hook on the instance rather than a ``Trainer`` subclass: Trainer, TRL's ``SFTTrainer`` and user code all reach
 the model through ``save_pretrained``, so one hook covers them all and the user keeps the classes they know; a subclass
@@ -63,6 +71,10 @@ def install(model: nn.Module) -> None:
     from lorakit.trl_support import install_fused_head_check
 
     install_fused_head_check(model)  # TRL's trainers read lm_head.weight directly: an adapter there would never train
+    if DDP_IGNORE not in vars(model):  # a list the user set stays theirs
+        setattr(model, DDP_IGNORE, IdleAdapterTensors(model))
+    if not any(hook is check_ddp_adapters for hook in getattr(model, "_forward_pre_hooks", {}).values()):
+        model.register_forward_pre_hook(check_ddp_adapters)
 
 
 def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args, is_main_process: bool = True,
@@ -178,3 +190,79 @@ def print_trainable_parameters(self: nn.Module) -> None:
     report = trainable_report(self)
     print(f"trainable params: {report.trainable:,} || all params: {report.total:,} || "
           f"trainable%: {100 * report.share:.4f}")
+
+
+# -- DistributedDataParallel ----------------------------------------------------------------------------------------
+DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # what torch's DistributedDataParallel reads from the module it wraps
+
+
+def idle_adapter_tensors(model: nn.Module) -> list[str]:
+    """Names (as ``model.named_parameters`` gives them) of the trainable adapter tensors that a forward of ``model``
+    does not use now: adapters that are not active or are merged (every adapter while they are disabled), and every
+    ``modules_to_save`` copy but the one that runs (the last active)."""
+    from lorakit.inject import adapter_hosts
+    from lorakit.layers import ModulesToSave
+
+    idle: list[str] = []
+    for path, host in adapter_hosts(model).items():
+        copies = isinstance(host, ModulesToSave)
+        container, kind = (host.copies, "copies") if copies else (host.adapters, "adapters")
+        used = set() if host.disabled else {n for n in host.active if n not in host.merged}
+        if copies and used:
+            used = {host.active[-1]}
+        for name in container.keys():
+            if name in used:
+                continue
+            prefix = f"{path}.{kind}.{name}" if path else f"{kind}.{name}"
+            idle += [n for n, p in container[name].named_parameters(prefix=prefix) if p.requires_grad]
+    return idle
+
+
+class IdleAdapterTensors:
+    """``model._ddp_params_and_buffers_to_ignore``: DistributedDataParallel reads it once, when it wraps the model,
+    and leaves the tensors it names out of its gradient all-reduce and its start-up broadcast. Iterating computes
+    :func:`idle_adapter_tensors` at that moment (not at ``inject``: the user may add or switch adapters after it) and
+    remembers them in ``ignored`` for :func:`check_ddp_adapters`. Holds the model (a reference cycle, as the other
+    hooks here; it survives deepcopy and pickling)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.ignored: tuple[str, ...] | None = None  # None: no DDP has read it yet
+
+    def __iter__(self):
+        self.ignored = tuple(idle_adapter_tensors(self.model))
+        return iter(self.ignored)
+
+    def __len__(self) -> int:
+        return len(idle_adapter_tensors(self.model))
+
+
+def check_ddp_adapters(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: once DDP has read the idle tensors, refuse a training forward that uses another set.
+
+    Costs a dict lookup while no DDP wrapped the model; after, one walk over the adapter hosts per training forward
+    (cached paths; no tensor work).
+
+    Raises:
+        LorakitError: the active (or merged, or disabled) adapters changed since DDP wrapped the model.
+    """
+    state = vars(model).get(DDP_IGNORE)
+    if not isinstance(state, IdleAdapterTensors) or state.ignored is None:
+        return None
+    if not (model.training and torch.is_grad_enabled()):
+        return None
+    from lorakit.inject import adapter_hosts
+
+    if any(host.row_adapters is not None for host in adapter_hosts(model).values()):
+        return None  # lorakit.mixed_batch: the rows decide; not a training setup DDP can follow
+    now = tuple(idle_adapter_tensors(model))
+    if now == state.ignored:
+        return None
+    woken = [n for n in state.ignored if n not in now]
+    name = woken[0] if woken else next(n for n in now if n not in state.ignored)
+    what = ("is used now, but DistributedDataParallel leaves it out of its gradient all-reduce (it was idle when DDP "
+            "wrapped the model), so the processes would train it apart" if woken else
+            "is idle now, but DistributedDataParallel waits for its gradient (it was in use when DDP wrapped the model)")
+    raise LorakitError(f"the adapters in use changed after DistributedDataParallel wrapped the model: {name} {what}; "
+                       "call lorakit.set_adapter (or disable / merge) before the Trainer starts and keep it during "
+                       "training")
