@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from test_serve_support import make_tokenizer
+from test_serve_support import ServerProcess, make_tokenizer
 from test_serve_tools import CALL_JSON, QUESTION, _scripted_server
 from test_train_tool_calls import TOOLS, family
 
@@ -313,6 +313,18 @@ def test_deepseek_r1_answers_start_inside_the_block(tmp_path):
     finally:
         client.close()
         proc.stop()
+    # --reasoning-parser none: the answer as written (what the server did before), said at start-up
+    import httpx
+
+    plain = ServerProcess(tmp_path / "model", tmp_path / "adapters", "--reasoning-parser", "none",
+                          log=tmp_path / "plain.log")
+    try:
+        with httpx.Client(base_url=plain.url, timeout=60) as client:
+            message = _chat(client)["choices"][0]["message"]
+        assert message == {"role": "assistant", "content": "I need the weather.</think>\n\nIt is sunny."}
+        assert "reasoning parser off" in plain.output()
+    finally:
+        plain.stop()
 
 
 # -- in process: an answer cut while thinking, streamed on /v1/responses ------------------------------------------

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from lorakit.errors import LorakitError
 from lorakit.serve.engine import Request, TokenInfo
 from lorakit.serve.protocol import error_body
 from lorakit.serve.reasoning import ReasoningStream
 from lorakit.serve.text import token_bytes
-from lorakit.errors import LorakitError
 from lorakit.serve.tool_calls import ToolCallStream, forced_calls, stream_tool_calls
 
 if TYPE_CHECKING:

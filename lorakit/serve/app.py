@@ -463,6 +463,8 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     call_ends = call_end_tokens(state.tokenizer, call_format(state.tokenizer, body.openai_tools())) \
         if chat and body.tools else ()
     params = _sampling_params(state, body, [limit for limit in limits if limit > 0], n, body.seed, call_ends)
+    # before the adapter is pinned: nothing awaited between the pin and the jobs' submission may leak it
+    think = await run_in_threadpool(_think_state, state, prompts[0]) if chat and forced is None else None
     adapter_name = None if body.model == state.base_name else body.model
     internal = None if adapter_name is None else await _acquire(state, adapter_name)
     prompt_lps = None
@@ -485,7 +487,6 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
                 "model": body.model, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
     keep = kept_tokens(state.tokenizer, tools[0]) if tools else frozenset()
-    think = await run_in_threadpool(_think_state, state, prompts[0]) if chat and forced is None else None
     if think is not None:
         keep |= think_tokens(state.tokenizer)
     jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0),

@@ -94,7 +94,8 @@ def forced_prefix(fmt: str, name: str) -> str:
     The server puts it at the start of the answer (after the generation prompt), so the model continues a call
     it has begun: what it writes next is read back with the prefix by :func:`parse_calls`, and an answer that does
     not form a well-formed call of a given tool is an error, never a call made up by the server. This is no
-    constrained decoding: the arguments are the model's, unchecked against the schema (as with ``strict``).
+    constrained decoding: the arguments are the model's, unchecked against the schema (as with ``strict``). A
+    reasoning model (Qwen3) then calls without reasoning first.
     """
     head = {"hermes": CALL_OPEN + '\n{"name": "', "llama3_json": '{"name": "', "mistral": MISTRAL_OPEN + ' [{"name": "'}[fmt]
     if not name:
