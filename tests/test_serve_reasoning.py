@@ -45,6 +45,8 @@ SPLITS = [  # (where the answer starts, the answer, reasoning, content)
     ("inside", "Still thinking about </thi", "Still thinking about </thi", None),  # max_tokens hit while thinking
     ("start", "<think>\nhalf", "half", None),
     ("inside", "", None, None),
+    ("inside", "\n<think>\nAgain.</think>Done", "Again.", "Done"),  # an opening tag the prompt had: dropped
+    ("inside", "<th", "<th", None),
     ("closed", "Hello <think>x</think>", None, "Hello <think>x</think>"),  # the prompt held the block
     ("start", "Hello <think>x</think>", None, "Hello <think>x</think>"),  # only a block at the start is reasoning
     ("start", "", None, ""),

@@ -10,7 +10,7 @@ rest (``tool_calls.py``).
 Where the answer starts is read from the prompt, which is what the model continues:
 
 - the prompt ends by opening ``<think>`` (DeepSeek-R1's and QwQ's generation prompt ``<think>\\n``): the answer
-  starts inside the block, with no opening tag of its own;
+  starts inside the block, with no opening tag of its own (one it writes anyway is dropped, as vLLM drops it);
 - the prompt ends with a closed block (Qwen3 with ``{"enable_thinking": false}`` writes ``<think>\\n\\n</think>\\n\\n``
   into it): there is no reasoning, all is content;
 - otherwise (Qwen3's thinking mode): a block is reasoning only where the answer begins with ``<think>`` (after
@@ -81,8 +81,8 @@ class ReasoningStream:
     def __init__(self, state: str = "start"):
         """``state``: :func:`prompt_state` of the prompt ("inside", "closed" or "start")."""
         self.text = ""
-        self.phase = {"inside": "reasoning", "closed": "content", "start": "start"}[state]
-        self.had_block = state == "inside"
+        self.phase = {"inside": "start", "closed": "content", "start": "start"}[state]
+        self.inside = self.had_block = state == "inside"
         self.reasoning_sent = self.content_sent = 0  # indices into text up to which each was returned
         self.reasoning_started = self.content_started = False
         self.searched = 0  # where the search for </think> resumes
@@ -134,6 +134,8 @@ class ReasoningStream:
                 self.reasoning_sent = self.searched = len(text) - len(stripped) + len(THINK_OPEN)
             elif THINK_OPEN.startswith(stripped) and not final:  # "" or "<thi": not known yet
                 return "", ""
+            elif self.inside:  # the prompt opened the block: this is its text
+                self.phase = "reasoning"
             else:
                 self.phase = "content"
         if self.phase == "reasoning":
