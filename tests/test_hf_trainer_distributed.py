@@ -59,6 +59,18 @@ def arguments(out, processes: int, **extra) -> tf.TrainingArguments:
     return tf.TrainingArguments(**settings)
 
 
+def sft_trainer(out, processes: int):
+    """TRL's SFTTrainer as tests/test_trl.py builds it, 3 steps of 4 rows (float32: comparable across runs)."""
+    import trl
+
+    from test_trl import injected, texts, tiny_tokenizer
+
+    config = trl.SFTConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=GLOBAL_BATCH // processes,
+                           learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1,
+                           save_strategy="no", bf16=False)
+    return trl.SFTTrainer(model=injected(), train_dataset=texts(), args=config, processing_class=tiny_tokenizer())
+
+
 def trainable(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -70,7 +82,7 @@ torch.set_num_threads(1)
 import lorakit.io
 from safetensors.torch import save_file
 from transformers import Trainer
-from test_hf_trainer_distributed import arguments, build, dataset, trainable
+from test_hf_trainer_distributed import arguments, build, dataset, sft_trainer, trainable
 out, rank, writes = {out!r}, int(os.environ["RANK"]), []
 real_save = lorakit.io.save_adapter
 def save_adapter(model, folder, *args, **kwargs):  # who writes adapter folders
@@ -92,10 +104,16 @@ trainer = Trainer(model=resumed, args=arguments(os.path.join(out, "resumed"), 2,
                   train_dataset=dataset())
 trainer.train(resume_from_checkpoint=os.path.join(out, "straight", "checkpoint-2"))
 report["writes"] = writes
+# TRL's SFTTrainer (gradient checkpointing on by default) on a tiny Llama with LoRA on every linear layer
+sft = sft_trainer(os.path.join(out, "sft"), 2)
+sft.train()
+report["sft_losses"] = [e["loss"] for e in sft.state.log_history if "loss" in e]
+report["sft_wrapper"] = type(sft.model_wrapped).__name__
 json.dump(report, open(os.path.join(out, f"rank{{rank}}.json"), "w"))
 if rank == 0:
     save_file({{n: t.contiguous() for n, t in trainable(model).items()}}, os.path.join(out, "straight.safetensors"))
     save_file({{n: t.contiguous() for n, t in trainable(resumed).items()}}, os.path.join(out, "resumed.safetensors"))
+    save_file({{n: t.contiguous() for n, t in trainable(sft.model).items()}}, os.path.join(out, "sft.safetensors"))
 '''
 
 
@@ -134,6 +152,17 @@ def test_trainer_on_two_processes_matches_one_and_only_rank0_writes(tmp_path):
         assert_close(resumed[name], straight[name], msg=name)  # steps 3-4 continued from checkpoint-2
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert ranks[0]["losses"] == pytest.approx(losses, rel=1e-5)
+
+    # TRL's SFTTrainer over 2 processes: DDP, the one-process losses and adapters
+    sft = sft_trainer(tmp_path / "sft-one", 1)
+    assert sft.args.gradient_checkpointing
+    sft.train()
+    assert ranks[0]["sft_wrapper"] == "DistributedDataParallel"
+    assert ranks[0]["sft_losses"] == pytest.approx([e["loss"] for e in sft.state.log_history if "loss" in e], rel=1e-5)
+    sft_two, sft_one = load_file(tmp_path / "sft.safetensors"), trainable(sft.model)
+    assert sft_two.keys() == sft_one.keys() and len(sft_one) == 2 * 7 * 2  # 2 layers x 7 linears x (A, B)
+    for name in sft_one:
+        assert_close(sft_two[name], sft_one[name], msg=name)
 
     # the folder written over 2 processes loads in peft with lorakit's logits
     import peft

@@ -5,7 +5,8 @@ One torchrun launch does all the multi-process work (its start-up is most of the
 
 * data parallel, Mixtral with LoRA on q_proj, the fused experts and the router: the bucketed all-reduce of the
   experts' ``(r * E, in)`` / ``(out, r * E)`` tensors;
-* ``lorakit train --fsdp`` (``run_training``, which loads, injects and shards per process), Qwen3-MoE: each
+* ``lorakit train --fsdp --gradient-checkpointing`` (``run_training``, which loads, injects and shards per
+  process), Qwen3-MoE: each
   process holds half of every expert stack and of its LoRA tensors; a run stopped after its step-2 checkpoint and
   resumed with ``--resume`` ends bit-identical to the same run never stopped.
 
@@ -72,7 +73,8 @@ tok = tiny_tokenizer()
 train(mixtral(), tok, build_dataset(task_records(32, seed=3), tok, max_length=32),
       TrainConfig(**SETTINGS, batch_size=2, save_every=0, compile_layers=True, out=os.path.join(out, "ddp")))
 # lorakit train --fsdp: straight, then stopped after step 3 (checkpoint at 2) and resumed with --resume
-fsdp = TrainConfig(**SETTINGS, model={folder!r}, data=[{data!r}], batch_size=2, save_every=2, fsdp=True)
+fsdp = TrainConfig(**SETTINGS, model={folder!r}, data=[{data!r}], batch_size=2, save_every=2, fsdp=True,
+                   gradient_checkpointing=True)
 runner.run_training(fsdp.replace(out=os.path.join(out, "straight")))
 class Stop(Exception):
     pass
