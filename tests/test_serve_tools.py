@@ -188,7 +188,7 @@ def test_openai_sdk_agent_loop(server):
 
 
 @pytest.mark.parametrize("extra, param, words", [
-    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tool_choice": "required"}, "tool_choice", "not supported without tools"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice",
      "not among the tools"),
     ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}},

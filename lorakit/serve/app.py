@@ -5,8 +5,10 @@
     GET  /v1/models/{id}         one of them (the openai package's ``models.retrieve``)
     POST /v1/completions         ``model`` names an adapter (or the base); ``stream`` for server-sent events
     POST /v1/chat/completions    the same, with the tokenizer's chat template; ``tools`` and an agent's tool turns
-                                 (the model's calls parsed into ``tool_calls``: tool_calls.py)
-    POST /v1/responses           OpenAI's Responses API (text generation; nothing stored), the chat path's answer
+                                 (the model's calls parsed into ``tool_calls``: tool_calls.py), a reasoning model's
+                                 ``<think>`` block as ``reasoning_content`` (reasoning.py)
+    POST /v1/responses           OpenAI's Responses API (nothing stored), the chat path's answer as output items:
+                                 reasoning, message, function calls (responses.py)
     POST /v1/adapters/load       ``{"name": ...}``: load (or reload from disk) an adapter now
     POST /v1/adapters/unload     ``{"name": ...}``: free it (409 while requests use it)
     GET  /v1/adapters            the adapters in memory

@@ -366,7 +366,8 @@ class ChatRequest(_Sampling):
                              "{'type': 'function', 'function': {'name': NAME}}")
         names = [tool.function.name for tool in info.data.get("tools") or ()]
         if not names:
-            raise ValueError(f"tool_choice {str(value)[:60]!r} needs tools; send the functions in tools")
+            raise ValueError(f"tool_choice {str(value)[:60]!r} is not supported without tools; send the functions "
+                             "in tools")
         if named and function["name"] not in names:
             raise ValueError(f"tool_choice names {function['name'][:64]!r}, which is not among the tools "
                              f"({', '.join(names)[:200]})")
@@ -657,7 +658,8 @@ class ResponsesRequest(_Strict):
                              "{'type': 'function', 'name': NAME} (this server runs no hosted tools)")
         names = [tool.name for tool in info.data.get("tools") or ()]
         if not names:
-            raise ValueError(f"tool_choice {str(value)[:60]!r} needs tools; send the functions in tools")
+            raise ValueError(f"tool_choice {str(value)[:60]!r} is not supported without tools; send the functions "
+                             "in tools")
         if named and value["name"] not in names:
             raise ValueError(f"tool_choice names {value['name'][:64]!r}, which is not among the tools "
                              f"({', '.join(names)[:200]})")
