@@ -33,7 +33,7 @@ from test_train_helpers import task_records, tiny_tokenizer, write_jsonl
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]
 TINY = dict(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             num_experts_per_tok=2, pad_token_id=3, bos_token_id=1, eos_token_id=3, max_position_embeddings=64)
-SETTINGS = dict(rank=2, alpha=4.0, max_steps=4, progress=False, eval_examples=0, samples=0, lr=1e-2, global_batch=8,
+SETTINGS = dict(rank=3, alpha=6.0, max_steps=4, progress=False, eval_examples=0, samples=0, lr=1e-2, global_batch=8,
                 targets=["q_proj"], target_parameters=EXPERTS)
 IDS = torch.tensor([[1, 7, 10, 11, 8, 3, 12, 13], [2, 9, 9, 14, 17, 5, 6, 4]])
 
@@ -44,8 +44,9 @@ def mixtral() -> tf.MixtralForCausalLM:
 
 
 def qwen3_moe_folder(folder: Path) -> Path:
+    """3 experts, rank 3: FSDP2 splits each expert stack (3, ., .) and lora_A (9, 32) unevenly over 2 processes."""
     torch.manual_seed(0)
-    model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(num_experts=4, head_dim=8, moe_intermediate_size=24,
+    model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(num_experts=3, head_dim=8, moe_intermediate_size=24,
                                                      intermediate_size=24, norm_topk_prob=True, **TINY))
     with torch.no_grad():  # its router starts at zero: random, so each process routes its tokens differently
         for name, parameter in model.named_parameters():
