@@ -73,6 +73,20 @@ out = {out!r}
 tok = tiny_tokenizer()
 train(mixtral(), tok, build_dataset(task_records(32, seed=3), tok, max_length=32),
       TrainConfig(**SETTINGS, batch_size=2, save_every=0, compile_layers=True, out=os.path.join(out, "ddp")))
+# gradients over real gloo processes: "a" on both, "b" on process 1 only (an expert only its tokens reached), "c" on
+# none (an expert no process routed a token to): c keeps no gradient, as on one process (AdamW then skips it)
+import json
+from torch import nn
+from lorakit.train.distributed import all_reduce_gradients, with_gradient_anywhere
+rank = dist.get_rank()
+a, b, c = (nn.Parameter(torch.zeros(3)) for _ in range(3))
+a.grad = torch.full((3,), 1.0 + rank)
+if rank == 1:
+    b.grad = torch.full((3,), 5.0)
+kept = with_gradient_anywhere([a, b, c])
+all_reduce_gradients(kept)
+json.dump({{"kept": [n for n, p in zip("abc", (a, b, c)) if any(p is k for k in kept)], "a": a.grad.tolist(),
+           "b": b.grad.tolist(), "c": c.grad}}, open(os.path.join(out, f"grads{{rank}}.json"), "w"))
 # lorakit train --fsdp: straight, then stopped after step 3 (checkpoint at 2) and resumed with --resume
 fsdp = TrainConfig(**SETTINGS, model={folder!r}, data=[{data!r}], batch_size=2, save_every=2, fsdp=True,
                    gradient_checkpointing=True)
@@ -128,6 +142,10 @@ def test_expert_lora_on_two_processes_matches_one_and_loads_in_peft(tmp_path):
     assert two.stderr.count("--compile-layers compiles lorakit's fused kernels on CUDA only; this cpu run trains "
                             "eagerly") == 1
     assert two.stderr.count("resuming from") == 1 and "step-000002" in two.stderr
+
+    for rank in (0, 1):
+        grads = json.loads((tmp_path / f"grads{rank}.json").read_text())
+        assert grads == {"kept": ["a", "b"], "a": [3.0] * 3, "b": [5.0] * 3, "c": None}, rank
 
     # one process, the same global batch (4 rows x 2 micro-batches)
     tok = tiny_tokenizer()

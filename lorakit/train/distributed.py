@@ -107,6 +107,23 @@ def all_reduce_gradients(params: list[nn.Parameter], bucket_bytes: int = BUCKET_
     return len(buckets)
 
 
+def with_gradient_anywhere(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """``params`` less the replicated ones that no process has a gradient for (one all-reduce of a flag each).
+
+    What torch's DistributedDataParallel does for globally unused parameters: such a tensor keeps ``.grad = None``,
+    so AdamW skips it as it would on one process, instead of being all-reduced as zeros and stepped (its moments
+    would decay, its step count grow and its momentum move it: an expert no process routed a token to in this step
+    drifted from the one-process run). A tensor used on some process only still joins with zeros elsewhere
+    (:func:`all_reduce_gradients`). Sharded (FSDP2) parameters pass through: FSDP2 reduces them itself.
+    """
+    if world()[1] == 1:
+        return params
+    replicated = [p for p in params if not is_sharded(p)]
+    flags = all_reduce_sum(torch.tensor([float(p.grad is not None) for p in replicated]))  # (replicated,)
+    unused = {id(p) for p, flag in zip(replicated, flags.tolist()) if flag == 0}
+    return [p for p in params if id(p) not in unused]
+
+
 # -- FSDP2 ----------------------------------------------------------------------------------------------------------
 def decoder_layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
     """(the decoder module, its list of layers) of a transformers causal LM (``model.model.layers`` and kin)."""

@@ -39,7 +39,7 @@ from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, read_stat
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import (  # world is re-exported: the runner imports it from here
     all_reduce_gradients, all_reduce_sum, apply_fsdp, full_state, gather_objects, gathered_trainable, is_sharded,
-    sharded_grad_norm_and_clip, world)
+    sharded_grad_norm_and_clip, with_gradient_anywhere, world)
 from lorakit.train.batches import BatchIterator, Collator
 from lorakit.train.data import SupervisedDataset, build_dataset, pad_id_for
 from lorakit.train.evaluate import autocast_context, dataset_loss, loss_sum, supervised_tokens, to_device
@@ -557,7 +557,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
             else:
                 summed = accumulate_gradients(model, micro, n_tokens, device, compute_dtype, config.offload_activations)
                 summed = float(all_reduce_sum(torch.tensor(summed, dtype=torch.float64)))
-                all_reduce_gradients(params)  # replicated (non-FSDP) trainable tensors; one bucketed all-reduce
+                # replicated (non-FSDP) trainable tensors that some process has a gradient for; bucketed all-reduce
+                all_reduce_gradients(with_gradient_anywhere(params))
                 grad_norm = _grad_norm_and_clip(params, config.max_grad_norm)
                 loss = summed / n_tokens
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
