@@ -1,6 +1,7 @@
 """The adapters a static decoder serves, stacked per projection group in the layout the grouped kernels read.
 
-Per decoder layer and group (``qkv``: q, k, v; ``o``; ``gate_up``: gate, up; ``down``), one ``GroupStack``:
+Per decoder layer and group (``qkv``: q, k, v; ``o``; ``gate_up``: gate, up; ``down``; Phi-3's fused ``qkv_proj``
+and ``gate_up_proj`` are one-member groups, ``ModelParts.groups``), one ``GroupStack``:
 
     A        (slots, G*R, in)   segment g of slot s: rows g*R .. g*R + rank[s, g] - 1 hold projection g's lora_A
     B        (slots, N, R)      columns of projection g (its rows of the fused output) hold its lora_B
@@ -24,11 +25,9 @@ from typing import Sequence
 
 import torch
 
-from lorakit.decoding.architecture import ModelParts
+from lorakit.decoding.architecture import GROUPS, ModelParts  # noqa: F401  (GROUPS: the Llama layout, re-exported)
 from lorakit.errors import LorakitError
 
-GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)), ("gate_up", ("gate_proj", "up_proj")),
-          ("down", ("down_proj",)))
 NORM_EPS = 1e-12  # as lorakit.variants.dora
 
 
@@ -102,7 +101,7 @@ class DecodeAdapters:
         self.dtype, self.device = dtype, torch.device(device)
         self.layers = [
             {group: GroupStack(weights[i][group].weight.shape[1], weights[i][group].splits, slots, r_max, dtype, device)
-             for group, _ in GROUPS}
+             for group, _ in parts.groups}
             for i in range(len(parts.layers))
         ]
         self.capacity, self.r_max = slots, r_max
@@ -121,7 +120,7 @@ class DecodeAdapters:
         """(layer, group, segment, adapter module) of every projection holding ``name``."""
         found = []
         for i, layer in enumerate(self.parts.layers):
-            for group, members in GROUPS:
+            for group, members in self.parts.groups:
                 for segment, proj in enumerate(members):
                     adapters = getattr(layer.projections[proj], "adapters", None)
                     if adapters is not None and name in adapters:

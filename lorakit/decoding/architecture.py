@@ -1,11 +1,22 @@
 """Which models the static decoder runs, and the parts of one it reads.
 
 The static decoder (``lorakit.decoding.StaticDecoder``) replaces transformers' forward for decode steps only, so
-it must know the architecture exactly. It runs the Llama family: ``llama`` (also SmolLM2, Llama 2/3), ``mistral``,
-``qwen2`` (q/k/v biases) and ``qwen3`` (per-head q/k RMSNorm), with SwiGLU MLPs and RMSNorms; a sliding window only
-when no sequence can outgrow it (``_check_window``); rope types whose table does not depend on the sequence length
-(default, linear, llama3, yarn). Anything else gets a one-line reason from ``static_decoding_unsupported``, and
-callers keep transformers' forward.
+it must know the architecture exactly. It runs:
+
+* the Llama family: ``llama`` (also SmolLM2, Llama 2/3), ``mistral``, ``qwen2`` (q/k/v biases) and ``qwen3``
+  (per-head q/k RMSNorm), with SwiGLU MLPs and RMSNorms;
+* ``phi3`` (Phi-3/3.5): the same layer with fused ``qkv_proj`` and ``gate_up_proj`` modules (adapters target the
+  fused modules, so each is one group of one projection); whole-head rotary only (``partial_rotary_factor`` 1);
+* ``gemma``: embeddings scaled by sqrt(hidden) (rounded to the weights' dtype, as transformers), RMSNorms that
+  multiply by ``1 + weight`` in float32, a GeGLU MLP (tanh GELU), head_dim set apart from hidden / heads;
+* ``gemma2``: Gemma plus norms on the attention and MLP outputs (before the residual adds), attention and final
+  logit soft-capping, ``query_pre_attn_scalar`` scaling, alternating sliding-window layers;
+* ``gemma3_text``: Gemma 2 plus per-head q/k norms and two rotary tables (local and global bases).
+
+A sliding window runs only when no sequence can outgrow it (``_check_window``); rope types whose table does not
+depend on the sequence length (default, linear, llama3, yarn; longrope while every position stays within its
+original context). Anything else gets a one-line reason from ``static_decoding_unsupported``, and callers keep
+transformers' forward.
 
 A projection may be a plain ``nn.Linear`` or a lorakit ``LoraLinear`` over one (16/32-bit weights; an NF4 base is
 not supported here). Adapters that also change other modules (embeddings, the output head, modules_to_save) are
@@ -16,20 +27,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION + MLP
+# projection groups: each group's members read one input and run as one GEMM over their fused weights
+GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)), ("gate_up", ("gate_proj", "up_proj")),
+          ("down", ("down_proj",)))
+PHI3_ATTENTION = ("qkv_proj", "o_proj")
+PHI3_MLP = ("gate_up_proj", "down_proj")
+PHI3_GROUPS = (("qkv", ("qkv_proj",)), ("o", ("o_proj",)), ("gate_up", ("gate_up_proj",)), ("down", ("down_proj",)))
+# transformers' activation modules computing the tanh GELU (``gelu_pytorch_tanh`` and its same-formula aliases)
+_GELU_TANH = ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation")
 
 
 @dataclass
 class LayerParts:
-    """One decoder layer: its two RMSNorms, seven projection modules (by name) and Qwen3's q/k norms (or None)."""
+    """One decoder layer: its norms, projection modules (by name), q/k norms (Qwen3, Gemma 3) or None.
+
+    ``post_norm`` is the norm before the MLP (Llama's post_attention_layernorm, Gemma 2's pre_feedforward_layernorm);
+    ``attn_out_norm`` / ``mlp_out_norm`` (Gemma 2/3, else None) normalise the attention / MLP output before its
+    residual add. ``softcap``: attention logit soft-capping (or None); ``rope``: the key of the rotary table the
+    layer uses (None: the model's one table; Gemma 3: its layer type).
+    """
 
     input_norm: nn.Module
     post_norm: nn.Module
@@ -37,11 +64,23 @@ class LayerParts:
     q_norm: nn.Module | None
     k_norm: nn.Module | None
     scaling: float
+    attn_out_norm: nn.Module | None = None
+    mlp_out_norm: nn.Module | None = None
+    softcap: float | None = None
+    rope: str | None = None
 
 
 @dataclass
 class ModelParts:
-    """What a decode step reads. Shapes: hidden d, heads H of head_dim D, kv heads Hkv, MLP width F, vocab V."""
+    """What a decode step reads. Shapes: hidden d, heads H of head_dim D, kv heads Hkv, MLP width F, vocab V.
+
+    ``groups``: (group, member projection names) in the decoder's order qkv, o, gate_up, down. ``embed_scale``:
+    the factor on the embeddings (Gemma: sqrt(d) rounded to the weights' dtype) or None. ``norm_offset`` /
+    ``norm_cast_first``: RMSNorm's weight is ``offset + weight`` (Gemma: 1) and the normalised value is rounded to
+    the input dtype before (Llama) or after (Gemma) the multiply. ``activation``: "silu" (SwiGLU) or "gelu_tanh"
+    (GeGLU). ``final_softcap``: logit soft-capping of the head's output, or None. ``rotary``: the rotary module;
+    ``rope_keys``: the table keys its layers use (None, or Gemma 3's layer types).
+    """
 
     model_type: str
     embed: nn.Embedding
@@ -57,6 +96,13 @@ class ModelParts:
     vocab: int
     max_positions: int
     foreign: dict[str, str]  # adapter name -> a module outside the projections that holds it (not served here)
+    groups: tuple = GROUPS
+    embed_scale: float | None = None
+    norm_offset: float = 0.0
+    norm_cast_first: bool = True
+    activation: str = "silu"
+    final_softcap: float | None = None
+    rope_keys: tuple = (None,)
 
 
 def base_linear(module: nn.Module) -> nn.Module:
@@ -68,12 +114,69 @@ def norm_eps(norm: nn.Module, default: float) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", default)))
 
 
-def _rope_type(config) -> str:
+def _rope_params(config) -> dict:
+    """The rope parameter sets of the config: {None: params} or, for per-layer-type rope (Gemma 3), {type: params}."""
     for name in ("rope_parameters", "rope_scaling"):
         params = getattr(config, name, None)
         if isinstance(params, dict) and params:
-            return str(params.get("rope_type", params.get("type", "default")))
-    return "default"
+            if all(isinstance(v, dict) for v in params.values()):
+                return dict(params)
+            return {None: params}
+    return {None: {}}
+
+
+def _rope_type(params: dict) -> str:
+    return str(params.get("rope_type", params.get("type", "default")))
+
+
+def _check_rope(config, model_type: str, head_dim: int, max_len: int | None) -> None:
+    """Rope tables that the decoder's one table per layer type reproduces exactly, for whole heads."""
+    for key, params in _rope_params(config).items():
+        rope = _rope_type(params)
+        factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+        if factor is not None and float(factor) != 1.0:
+            raise LorakitError(f"static decoding rotates whole heads; this {model_type} model rotates a part "
+                               f"(partial_rotary_factor={factor})")
+        if rope == "longrope":
+            # transformers picks the short factors while the sequence is within the original context: a table
+            # for positions below it is the one every step uses
+            original = params.get("original_max_position_embeddings",
+                                  getattr(config, "original_max_position_embeddings", None))
+            if not original or max_len is None or max_len > int(original):
+                given = "" if max_len is None else f", not {max_len}"
+                raise LorakitError(f"static decoding runs longrope only within the original context (max_len / "
+                                   f"--max-context <= original_max_position_embeddings={original}{given}), where "
+                                   "its table does not depend on the length")
+        elif rope not in ROPE_TYPES:
+            raise LorakitError(f"static decoding does not run rope type {rope!r} (its table depends on the length); "
+                               f"supported: {', '.join(ROPE_TYPES)}, longrope within the original context")
+
+
+def _activation(config, model_type: str, mlp: nn.Module) -> str:
+    """'silu' (SwiGLU) or 'gelu_tanh' (GeGLU), from the activation module the MLP really calls."""
+    if model_type not in GEMMA_TYPES:
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise LorakitError(f"static decoding needs a SwiGLU MLP (hidden_act 'silu'), not {act!r}")
+        return "silu"
+    module = getattr(mlp, "act_fn", None)
+    name = type(module).__name__
+    if name in _GELU_TANH:
+        return "gelu_tanh"
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    raise LorakitError(f"static decoding runs Gemma MLPs with the tanh GELU (gelu_pytorch_tanh), not {act!r} ({name})")
+
+
+def _embed_scale(model_type: str, config, embed_module: nn.Module, embed: nn.Embedding) -> float | None:
+    """Gemma's embedding factor: sqrt(hidden) rounded to the weights' dtype (the module's ``embed_scale`` buffer
+    where it has one, transformers 5.x; else the ``normalizer`` older versions compute in the model's forward)."""
+    if model_type not in GEMMA_TYPES:
+        return None
+    dtype = embed.weight.dtype
+    buffer = getattr(embed_module, "embed_scale", None)
+    if isinstance(buffer, torch.Tensor) and buffer.numel() == 1:
+        return float(buffer.detach().to(dtype))
+    return float(torch.tensor(config.hidden_size ** 0.5, dtype=dtype))
 
 
 def static_decoding_unsupported(model: nn.Module, max_len: int | None = None) -> str | None:
@@ -88,7 +191,7 @@ def static_decoding_unsupported(model: nn.Module, max_len: int | None = None) ->
 def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
     """The parts of a supported causal LM; raises LorakitError naming the first thing that is not supported.
 
-    ``max_len`` (tokens per cache row) matters only for sliding-window models: see ``_check_window``.
+    ``max_len`` (tokens per cache row) matters only for sliding-window models (``_check_window``) and longrope.
     """
     from lorakit.layers import LoraLinear
 
@@ -100,17 +203,19 @@ def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
     layers = getattr(inner, "layers", None)
     if inner is None or layers is None or not hasattr(model, "lm_head"):
         raise LorakitError(f"this {model_type} model does not have the usual model.layers / lm_head structure")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise LorakitError(f"static decoding needs a SwiGLU MLP (hidden_act 'silu'), not {config.hidden_act!r}")
-    rope = _rope_type(config)
-    if rope not in ROPE_TYPES:
-        raise LorakitError(f"static decoding does not run rope type {rope!r} (its table depends on the length); "
-                           f"supported: {', '.join(ROPE_TYPES)}")
+    gemma, phi3 = model_type in GEMMA_TYPES, model_type == "phi3"
+    attention, mlp_names = (PHI3_ATTENTION, PHI3_MLP) if phi3 else (ATTENTION, MLP)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    activation = _activation(config, model_type, getattr(layers[0], "mlp", None) if len(layers) else None)
+    _check_rope(config, model_type, head_dim, max_len)
+    if getattr(config, "use_bidirectional_attention", False):
+        raise LorakitError(f"static decoding runs causal attention; this {model_type} model attends bidirectionally")
     _check_window(config, model_type, max_len)
 
     hosts = _adapter_hosts(model)
-    allowed = {f"model.layers.{i}.{'self_attn' if p in ATTENTION else 'mlp'}.{p}"
-               for i in range(len(layers)) for p in PROJECTIONS}
+    allowed = {f"model.layers.{i}.{'self_attn' if p in attention else 'mlp'}.{p}"
+               for i in range(len(layers)) for p in attention + mlp_names}
     # adapters that also change other modules (embeddings, the head, modules_to_save) cannot be served by the
     # decoder: rows that use them are refused (``foreign``: adapter name -> one such module), the other rows decode
     foreign: dict[str, str] = {}
@@ -121,14 +226,21 @@ def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
     if merged:
         raise LorakitError(f"static decoding needs unmerged adapters ({merged[0]} holds a merged one); call lorakit.unmerge(model)")
 
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    softcap = getattr(config, "attn_logit_softcapping", None) if model_type == "gemma2" else None
+    if model_type == "gemma3_text" and getattr(config, "attn_logit_softcapping", None) is not None:
+        # its config field exists but transformers' Gemma 3 attention does not pass it on (released models: None)
+        raise LorakitError("static decoding does not run a Gemma 3 with attn_logit_softcapping set (transformers' "
+                           "Gemma 3 attention ignores it, so which one is meant is unclear)")
+    per_type_rope = model_type == "gemma3_text"
     parts = []
     for i, layer in enumerate(layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is None or mlp is None:
             raise LorakitError(f"layer {i} has no self_attn / mlp module")
         projections = {}
-        for name in PROJECTIONS:
-            module = getattr(attn if name in ATTENTION else mlp, name, None)
+        for name in attention + mlp_names:
+            module = getattr(attn if name in attention else mlp, name, None)
             if module is None:
                 raise LorakitError(f"layer {i} has no {name}")
             if not isinstance(module, LoraLinear) and hasattr(module, "base_layer"):
@@ -139,24 +251,40 @@ def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
                                    "nn.Linear weights (quantized bases decode through transformers)")
             projections[name] = module
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        if (q_norm is None) != (k_norm is None) or (model_type == "qwen3") != (q_norm is not None):
+        if (q_norm is None) != (k_norm is None) or (model_type in ("qwen3", "gemma3_text")) != (q_norm is not None):
             raise LorakitError(f"layer {i} has unexpected q/k norms for a {model_type} model")
-        parts.append(LayerParts(layer.input_layernorm, layer.post_attention_layernorm, projections, q_norm, k_norm,
-                                float(getattr(attn, "scaling", attn.head_dim ** -0.5))))
+        attn_out_norm = mlp_out_norm = None
+        post_norm = layer.post_attention_layernorm
+        if model_type in ("gemma2", "gemma3_text"):
+            attn_out_norm, post_norm = layer.post_attention_layernorm, layer.pre_feedforward_layernorm
+            mlp_out_norm = layer.post_feedforward_layernorm
+        rope = None
+        if per_type_rope:
+            rope = layer_types[i] if i < len(layer_types) else getattr(attn, "layer_type", None)
+            if rope is None:
+                raise LorakitError(f"layer {i} of this {model_type} model has no layer type (its rotary table)")
+        parts.append(LayerParts(layer.input_layernorm, post_norm, projections, q_norm, k_norm,
+                                float(getattr(attn, "scaling", attn.head_dim ** -0.5)), attn_out_norm, mlp_out_norm,
+                                None if softcap is None else float(softcap), rope))
 
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    embed, lm_head = base_linear(inner.embed_tokens), base_linear(model.lm_head)  # wrapped: see ``foreign``
-    if type(embed) is not nn.Embedding:
+    embed_module = inner.embed_tokens
+    embed, lm_head = base_linear(embed_module), base_linear(model.lm_head)  # wrapped: see ``foreign``
+    scaled = gemma and isinstance(embed, nn.Embedding) and type(embed).__name__.endswith("ScaledWordEmbedding")
+    if type(embed) is not nn.Embedding and not scaled:
         raise LorakitError(f"the input embedding is a {type(embed).__name__}; static decoding needs a plain nn.Embedding")
     if type(lm_head) is not nn.Linear or lm_head.bias is not None:
         raise LorakitError("static decoding needs a plain bias-free nn.Linear output head")
+    final_softcap = getattr(config, "final_logit_softcapping", None) if gemma else None
     return ModelParts(
         model_type=model_type, embed=embed, layers=parts, final_norm=inner.norm, lm_head=lm_head,
         rotary=inner.rotary_emb, hidden=config.hidden_size, heads=heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
         intermediate=config.intermediate_size, vocab=lm_head.out_features,
         max_positions=int(getattr(config, "max_position_embeddings", 4096) or 4096), foreign=foreign,
+        groups=PHI3_GROUPS if phi3 else GROUPS, embed_scale=_embed_scale(model_type, config, embed_module, embed),
+        norm_offset=1.0 if gemma else 0.0, norm_cast_first=not gemma, activation=activation,
+        final_softcap=None if final_softcap is None else float(final_softcap),
+        rope_keys=tuple(dict.fromkeys(p.rope for p in parts)) if per_type_rope else (None,),
     )
 
 
@@ -170,7 +298,7 @@ def _check_window(config, model_type: str, max_len: int | None) -> None:
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or []
     sliding = any(t != "full_attention" for t in layer_types) or bool(
-        window and (model_type == "mistral" or getattr(config, "use_sliding_window", False)))
+        window and (model_type in ("mistral", "phi3") or getattr(config, "use_sliding_window", False)))
     if not sliding:
         return
     if any(t not in ("full_attention", "sliding_attention") for t in layer_types):

@@ -12,6 +12,12 @@ decode batch sizes. ``StaticDecoder`` runs the same model, for one token per row
     x = rmsnorm(h); gu = x Wgu^T (+ LoRA)            one GEMM + one pair
     h = h + swiglu(gu) Wd^T (+ LoRA of down)         swiglu, addmm + one pair
 
+Other families change a few of these steps (``lorakit.decoding.architecture``): Phi-3's fused q/k/v and gate/up
+modules are one-member groups; Gemma scales the embeddings, normalises with ``1 + weight`` and uses GeGLU
+(``lorakit.kernels.geglu``); Gemma 2/3 normalise the attention and MLP outputs before their residual adds (no
+addmm epilogue there), soft-cap attention scores inside the attention kernel and the logits after the head, and
+Gemma 3 picks one of two rotary tables per layer. The Llama step runs exactly the kernels listed above.
+
 Rows (batch slots of the cache) are independent: each has a position (-1 = inactive: it computes garbage that is
 never stored or read), a length, and an adapter slot (-1 = the base model). ``step`` uploads one small int tensor
 (tokens, positions, adapter slots), replays the captured graph (CUDA) or runs the same code eagerly (elsewhere),
@@ -38,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.decoding.adapters import GROUPS, DecodeAdapters
+from lorakit.decoding.adapters import DecodeAdapters
 from lorakit.decoding.architecture import model_parts, norm_eps
 from lorakit.decoding.weights import fuse_projections
 from lorakit.errors import LorakitError
@@ -62,7 +68,8 @@ class StaticDecoder:
             support it; ignored elsewhere).
         fuse_lora: with ``lora_overlap`` "lora" or "serial", rope + KV store expands the q/k/v LoRA itself from
             the shrink's planes: one launch and one (B, N) delta round trip fewer per layer (steps up to 9% faster
-            on an H200, docs/PERFORMANCE.md). Not with q/k/v biases, DoRA, or Qwen3's q/k norms (they come first).
+            on an H200, docs/PERFORMANCE.md). Not with q/k/v biases, DoRA, q/k norms (Qwen3, Gemma 3: they come
+            first), or Phi-3's single fused qkv_proj adapter.
 
     The model's q/k/v and gate/up weights become views of fused tensors (values and keys unchanged; see
     ``lorakit.decoding.weights``). Adapters are copied from the model's LoRA layers the first time a row uses them
@@ -97,7 +104,9 @@ class StaticDecoder:
         L, B, S, Hkv, D = len(parts.layers), max_batch, max_len, parts.kv_heads, parts.head_dim
         self.k_cache = torch.zeros(L, B, Hkv, S, D, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros_like(self.k_cache)
-        self.cos, self.sin = self._rope_table(S)
+        # one rotary table per key (Gemma 3: local and global bases, by layer type; else one)
+        self._rope = {key: self._rope_table(S, key) for key in parts.rope_keys}
+        self.cos, self.sin = self._rope[parts.rope_keys[0]]
         # the step's inputs (one upload per step) and output: fixed buffers, so a captured graph reads them
         self.inputs = torch.zeros(3, B, dtype=torch.int64, device=self.device)  # token, position, adapter slot
         self.logits = torch.zeros(B, parts.vocab, dtype=torch.float32, device=self.device)
@@ -116,14 +125,18 @@ class StaticDecoder:
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def _fuse(self, layer) -> dict:
-        return {group: fuse_projections([layer.projections[p] for p in members]) for group, members in GROUPS}
+        return {group: fuse_projections([layer.projections[p] for p in members]) for group, members in self.parts.groups}
 
-    def _rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (S, D) float32 for positions 0..S-1, from the model's own rotary module (all its scalings)."""
+    def _rope_table(self, length: int, key: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (S, D) float32 for positions 0..S-1, from the model's own rotary module (all its scalings);
+        ``key``: Gemma 3's layer type (its rotary module keeps one table per type)."""
         positions = torch.arange(length, device=self.device).unsqueeze(0)
         probe = torch.zeros(1, dtype=torch.float32, device=self.device)
         with torch.no_grad():
-            cos, sin = self.parts.rotary(probe, positions)
+            cos, sin = self.parts.rotary(probe, positions) if key is None else self.parts.rotary(probe, positions, key)
+        if cos.shape[-1] != self.parts.head_dim:
+            raise LorakitError(f"the rotary table is {cos.shape[-1]} wide, the heads {self.parts.head_dim}: static "
+                               "decoding rotates whole heads only")
         return cos[0].float().contiguous(), sin[0].float().contiguous()
 
     def _sync_structure(self) -> None:
@@ -304,16 +317,18 @@ class StaticDecoder:
 
         tokens, positions, cache_rows, slots = flat[0], flat[1], flat[2], flat[3].to(torch.int32)
         lengths = torch.where(positions >= 0, positions + 1, 0).to(torch.int32)
-        safe = positions.clamp(min=0)
-        cos, sin = self.cos.index_select(0, safe), self.sin.index_select(0, safe)
+        tables = self._rope_rows(positions)
 
         def attend(i, layer, q, k, v, delta, lora=None):  # each token attends its row's cache up to its own position
+            cos, sin = tables[layer.rope]
             rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i], delta=delta, rows=cache_rows,
                         lora=lora)
-            return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling, rows=cache_rows)
+            return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling, rows=cache_rows,
+                                    **({} if layer.softcap is None else {"softcap": layer.softcap}))
 
         def attend_per_prompt(i, layer, q, k, v, delta, lora=None):
             rows, starts, prompt_lengths = per_prompt
+            cos, sin = tables[layer.rope]
             if lora is not None:
                 delta = expand_qkv_lora(q, k, lora)
             if delta is not None:
@@ -327,16 +342,18 @@ class StaticDecoder:
                 qj = q[start:start + length].transpose(0, 1).unsqueeze(0)  # (1, H, L, D)
                 kj = self.k_cache[i][row, :, :length].unsqueeze(0)  # (1, Hkv, L, D)
                 vj = self.v_cache[i][row, :, :length].unsqueeze(0)
-                oj = F.scaled_dot_product_attention(qj, kj, vj, is_causal=True, scale=layer.scaling, **gqa)
+                if layer.softcap is None:
+                    oj = F.scaled_dot_product_attention(qj, kj, vj, is_causal=True, scale=layer.scaling, **gqa)
+                else:  # SDPA has no soft-capping
+                    oj = _causal_softcap_attention(qj, kj, vj, layer.scaling, layer.softcap)
                 result[start:start + length] = oj[0].transpose(0, 1)
             return result
 
-        h, delta = self._layers(F.embedding(tokens, self.parts.embed.weight), slots,
-                                attend if per_prompt is None else attend_per_prompt)
+        h, delta = self._layers(self._embed(tokens), slots, attend if per_prompt is None else attend_per_prompt)
         h = h.index_select(0, last)
         delta = None if delta is None else delta.index_select(0, last)
-        x = _norm(h, self.parts.final_norm, self._eps, delta)
-        out[:last.shape[0]].copy_(x @ self.parts.lm_head.weight.t())
+        x = self._norm(h, self.parts.final_norm, delta)
+        out[:last.shape[0]].copy_(self._head(x))
 
     def release(self, rows: Sequence[int]) -> None:
         for row in rows:
@@ -432,16 +449,41 @@ class StaticDecoder:
         parts = self.parts
         tokens, positions, slots = self.inputs[0], self.inputs[1], self.inputs[2].to(torch.int32)
         lengths = torch.where(positions >= 0, positions + 1, 0).to(torch.int32)
-        safe = positions.clamp(min=0)
-        cos, sin = self.cos.index_select(0, safe), self.sin.index_select(0, safe)
+        tables = self._rope_rows(positions)
 
         def attend(i, layer, q, k, v, delta, lora=None):  # one new token per row: rotate, store at its position, attend
+            cos, sin = tables[layer.rope]
             rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i], delta=delta, lora=lora)
-            return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling)
+            if layer.softcap is None:
+                return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling)
+            return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling, softcap=layer.softcap)
 
-        h, delta = self._layers(F.embedding(tokens, parts.embed.weight), slots, attend)
-        x = _norm(h, parts.final_norm, self._eps, delta)
-        self.logits.copy_(x @ parts.lm_head.weight.t())
+        h, delta = self._layers(self._embed(tokens), slots, attend)
+        x = self._norm(h, parts.final_norm, delta)
+        self.logits.copy_(self._head(x))
+
+    def _rope_rows(self, positions: torch.Tensor) -> dict:
+        """Each rotary table's rows (cos, sin (T, D) float32) at ``positions`` (T,) (-1: inactive, reads row 0)."""
+        safe = positions.clamp(min=0)
+        return {key: (cos.index_select(0, safe), sin.index_select(0, safe)) for key, (cos, sin) in self._rope.items()}
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (T,) -> h (T, d); Gemma multiplies by sqrt(d) rounded to the weights' dtype, as transformers."""
+        h = F.embedding(tokens, self.parts.embed.weight)
+        return h if self.parts.embed_scale is None else h * self.parts.embed_scale
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, d) -> logits (T, V) in the model's dtype; soft-capped (Gemma 2) in that dtype, as transformers."""
+        logits = x @ self.parts.lm_head.weight.t()
+        cap = self.parts.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def _norm(self, h: torch.Tensor, module, delta: torch.Tensor | None) -> torch.Tensor:
+        """The model's RMSNorm (Llama's, or Gemma's ``1 + weight``) of h (T, d), a delta still to add added first."""
+        parts = self.parts
+        if parts.norm_offset == 0.0:
+            return _norm(h, module, self._eps, delta)
+        return _norm(h, module, self._eps, delta, parts.norm_offset, parts.norm_cast_first)
 
     def _layers(self, h: torch.Tensor, slots: torch.Tensor, attend) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every decoder layer over rows h (T, d) with adapter slots (T,) int32 (-1: none). ``attend(i, layer, q, k,
@@ -449,9 +491,11 @@ class StaticDecoder:
         D); q (T, H, D), k, v (T, Hkv, D) are views of the q/k/v output, delta None or views of the LoRA delta
         still to add to them, and lora None or that LoRA still to expand (``rope_store_``'s ``lora``). Returns the
         residual stream (T, d) and the delta still to add to it (or None)."""
+        from lorakit.kernels.geglu import geglu_packed
         from lorakit.kernels.swiglu import swiglu_packed
 
         parts = self.parts
+        activation = swiglu_packed if parts.activation == "silu" else geglu_packed
         T = h.shape[0]
         H, Hkv, D = parts.heads, parts.kv_heads, parts.head_dim
         Nq, Nkv = H * D, Hkv * D
@@ -461,7 +505,7 @@ class StaticDecoder:
 
         delta = None
         for i, layer in enumerate(parts.layers):
-            x = _norm(h, layer.input_norm, self._eps, delta)
+            x = self._norm(h, layer.input_norm, delta)
             if self._fused_qkv(i):
                 # the q/k/v GEMM beside its shrink; rope + KV store expands the planes itself
                 qkv, part = self._project(x, i, "qkv", slots, shrink_only=True)
@@ -476,11 +520,19 @@ class StaticDecoder:
                 if layer.q_norm is not None:
                     q, k = layer.q_norm(q).contiguous(), layer.k_norm(k).contiguous()
                 attn = attend(i, layer, q, k, v, None if delta is None else heads(delta))
-            h, delta = self._project(attn.reshape(T, Nq), i, "o", slots, residual=h)
-            x = _norm(h, layer.post_norm, self._eps, delta)
+            if layer.attn_out_norm is None:
+                h, delta = self._project(attn.reshape(T, Nq), i, "o", slots, residual=h)
+            else:  # Gemma 2/3: the attention output is normalised before the residual add
+                out, delta = self._project(attn.reshape(T, Nq), i, "o", slots)
+                h, delta = h + self._norm(out, layer.attn_out_norm, delta), None
+            x = self._norm(h, layer.post_norm, delta)
             gate_up, delta = self._project(x, i, "gate_up", slots)
-            act = swiglu_packed(gate_up, delta)  # (T, 2F) -> (T, F)
-            h, delta = self._project(act, i, "down", slots, residual=h)
+            act = activation(gate_up, delta)  # (T, 2F) -> (T, F)
+            if layer.mlp_out_norm is None:
+                h, delta = self._project(act, i, "down", slots, residual=h)
+            else:
+                out, delta = self._project(act, i, "down", slots)
+                h, delta = h + self._norm(out, layer.mlp_out_norm, delta), None
         return h, delta
 
     @property
@@ -495,6 +547,7 @@ class StaticDecoder:
         biases, a DoRA adapter, or q/k norms (Qwen3: they come before rope) there."""
         return (self.fuse_lora and bool(self.adapters.slot_of) and self.lora_overlap in ("lora", "serial")
                 and self.parts.layers[layer].q_norm is None and self.weights[layer]["qkv"].bias is None
+                and len(self.weights[layer]["qkv"].splits) == 3  # not Phi-3's one fused qkv_proj adapter
                 and not self._dora(self.adapters.layers[layer]["qkv"]))
 
     def _project(self, x: torch.Tensor, layer: int, group: str, slots: torch.Tensor,
@@ -566,12 +619,32 @@ PREFILL_KERNEL_MAX_PROMPT = 256
 PREFILL_GRAPH_MAX_TOKENS = 512
 
 
-def _norm(h: torch.Tensor, module, default_eps: float, delta: torch.Tensor | None) -> torch.Tensor:
-    """RMSNorm of the residual stream h (T, d); a LoRA delta still to add goes into h first (in place)."""
+def _norm(h: torch.Tensor, module, default_eps: float, delta: torch.Tensor | None, offset: float = 0.0,
+          cast_first: bool = True) -> torch.Tensor:
+    """RMSNorm of the residual stream h (T, d); a LoRA delta still to add goes into h first (in place). ``offset``
+    and ``cast_first``: ``lorakit.kernels.rmsnorm``'s ``offset`` / ``cast_before_weight`` (Gemma: 1, False)."""
     from lorakit.kernels.rmsnorm import add_rms_norm_, rms_norm
 
     eps = norm_eps(module, default_eps)
-    return rms_norm(h, module.weight, eps) if delta is None else add_rms_norm_(h, delta, module.weight, eps)
+    if offset == 0.0 and cast_first:
+        return rms_norm(h, module.weight, eps) if delta is None else add_rms_norm_(h, delta, module.weight, eps)
+    if delta is None:
+        return rms_norm(h, module.weight, eps, offset, cast_first)
+    return add_rms_norm_(h, delta, module.weight, eps, offset, cast_first)
+
+
+def _causal_softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                              softcap: float) -> torch.Tensor:
+    """Causal attention with logit soft-capping, as transformers' eager Gemma 2 attention: q (1, H, L, D), k, v
+    (1, Hkv, L, D) -> (1, H, L, D) in q's dtype; scores and softmax in float32."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    length = q.shape[2]
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
 
 
 def _structure_version() -> int:

@@ -144,9 +144,11 @@ def _kernel_ok(*tensors: torch.Tensor) -> bool:
 # -- decode attention ---------------------------------------------------------------------------------------------
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                               scale: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+                               scale: float, rows: torch.Tensor | None = None,
+                               softcap: float | None = None) -> torch.Tensor:
     """q (B, H, D), caches (B, Hkv, S, D) (or (C, Hkv, S, D) with rows (B,): q row i reads cache row rows[i]; a row
-    outside 0..C-1 attends nothing), lengths (B,) -> (B, H, D) in q's dtype; float32 math, graph safe."""
+    outside 0..C-1 attends nothing), lengths (B,) -> (B, H, D) in q's dtype; float32 math, graph safe. ``softcap``
+    (Gemma 2): the scaled scores become ``softcap * tanh(scores / softcap)`` before the softmax, as transformers."""
     if rows is not None:
         inside = (rows >= 0) & (rows < k_cache.shape[0])
         index = torch.where(inside, rows, 0).to(torch.long)
@@ -158,6 +160,8 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     valid = torch.arange(s, device=q.device)[None, :] < lengths[:, None].to(torch.long)  # (B, S)
     qf = q.float().reshape(b, hkv, g, d)
     scores = torch.einsum("bkgd,bksd->bkgs", qf, k_cache.float()) * scale  # (B, Hkv, G, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = torch.where(valid[:, None, None, :], scores, float("-inf"))  # where, not masked_fill*: NaN keys vanish
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # length 0: all -inf, keep exp() at 0, not NaN
@@ -169,24 +173,30 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                     scale: float, *, splits: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float, *, splits: int | None = None, rows: torch.Tensor | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     """Attention of one new token per row over a static cache: q (B, H, D) -> (B, H, D) in q's dtype.
 
     Flash-decoding (``kernels/triton/decode_attention.py``) when Triton can run, else the reference. ``splits``
     forces the number of key-range splits per (row, kv head) (tests; benchmarks); by default it is chosen from the
     shapes and the GPU's SM count, never from ``lengths``. ``rows`` (B,): the cache row each q row reads (default:
     its own), so the tokens of a prefilled prompt, each with its own length, attend their one row (a row outside
-    the cache attends nothing and gives zeros).
+    the cache attends nothing and gives zeros). ``softcap`` (Gemma 2's attention logit soft-capping, > 0): scores
+    ``s * scale`` become ``softcap * tanh(s * scale / softcap)`` before the softmax.
     """
     _check_decode_attention(q, k_cache, v_cache, lengths, rows)
     if splits is not None and (not isinstance(splits, int) or splits < 1):
         raise LorakitError(f"decode_attention: splits must be a positive int, got {splits!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise LorakitError(f"decode_attention: softcap must be None or a positive number, got {softcap!r}")
     extra = () if rows is None else (rows,)
     if q.shape[-1] <= MAX_KERNEL_HEAD_DIM and q.numel() and _kernel_ok(q, k_cache, v_cache, lengths, *extra):
         from lorakit.kernels.triton.decode_attention import flash_decode
 
-        return flash_decode(q, k_cache, v_cache, lengths, float(scale), splits, rows)
-    return decode_attention_reference(q, k_cache, v_cache, lengths, scale, rows)
+        if softcap is None:
+            return flash_decode(q, k_cache, v_cache, lengths, float(scale), splits, rows)
+        return flash_decode(q, k_cache, v_cache, lengths, float(scale), splits, rows, float(softcap))
+    return decode_attention_reference(q, k_cache, v_cache, lengths, scale, rows, softcap)
 
 
 # -- rotary embedding + cache store ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import triton.language as tl
 from lorakit.kernels._triton import pdl_launch, pdl_on
 from lorakit.kernels.triton.grouped_lora import live_segment_low
 from lorakit.kernels.triton.pdl import pdl_enter
+from lorakit.kernels.triton.tanh import tanh_f32
 
 _LOG2E = 1.4426950408889634
 _MIN_SPLIT_KEYS = 256  # below this a split's fixed cost (q load, partial write, combine) outweighs its parallelism
@@ -40,10 +41,10 @@ def _flash_decode_split(Q, K, V, LENGTHS, ROWS, O, LSE, OUT,
                         stride_kb, stride_kh, stride_ks, stride_kd,
                         stride_vb, stride_vh, stride_vs, stride_vd,
                         stride_ob, stride_oh, stride_od,
-                        s_max, split_len, n_groups, head_dim, qk_scale, n_cache_rows,
+                        s_max, split_len, n_groups, head_dim, qk_scale, n_cache_rows, softcap_in, softcap_out,
                         NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
                         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
-                        PDL: tl.constexpr):
+                        PDL: tl.constexpr, SOFTCAP: tl.constexpr = False):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -77,7 +78,11 @@ def _flash_decode_split(Q, K, V, LENGTHS, ROWS, O, LSE, OUT,
         s_mask = s < hi
         kv_mask = s_mask[:, None] & d_mask[None, :]  # keys past the length are never loaded (may be NaN)
         k = tl.load(k_base + s[:, None] * stride_ks + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_G, BLOCK_S) float32
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_G, BLOCK_S) float32
+        if SOFTCAP:  # Gemma 2: cap * tanh(scale * s / cap) (softcap_in = scale / cap), then base 2
+            scores = tanh_f32(scores * softcap_in) * softcap_out
+        else:
+            scores = scores * qk_scale
         scores = tl.where(s_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: every block has >= 1 valid key
         alpha = tl.exp2(m_i - m_new)
@@ -154,9 +159,11 @@ def _blocks(head_dim: int, n_groups: int) -> tuple[int, int, int]:
 
 
 def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                 scale: float, splits: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                 scale: float, splits: int | None = None, rows: torch.Tensor | None = None,
+                 softcap: float | None = None) -> torch.Tensor:
     """q (B, H, D), caches (B or C, Hkv, S, D), lengths (B,) int, rows None or (B,) int (the cache row of each q
-    row) -> (B, H, D) in q's dtype. Shapes checked by caller."""
+    row), softcap None or > 0 (scores become softcap * tanh(scores / softcap)) -> (B, H, D) in q's dtype. Shapes
+    checked by caller."""
     b, h, d = q.shape
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     n_groups = h // hkv
@@ -178,8 +185,8 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         q, k_cache, v_cache, lengths, lengths if rows is None else rows, o_part, lse, out,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         s_max, split_len, n_groups, d, float(scale) * _LOG2E, k_cache.shape[0],
-        NUM_SPLITS=splits, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_D=block_d, DOT_PRECISION=precision,
-        HAS_ROWS=rows is not None, PDL=pdl, num_warps=TILES["num_warps"], num_stages=TILES["num_stages"],
+        float(scale) / softcap if softcap else 0.0, softcap * _LOG2E if softcap else 0.0, NUM_SPLITS=splits, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_D=block_d, DOT_PRECISION=precision,
+        HAS_ROWS=rows is not None, PDL=pdl, SOFTCAP=bool(softcap), num_warps=TILES["num_warps"], num_stages=TILES["num_stages"],
         **pdl_launch(pdl))
     if splits > 1:
         _flash_decode_combine[(b * h,)](o_part, lse, out, *out.stride(), h, d, NUM_SPLITS=splits,
