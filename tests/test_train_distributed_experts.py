@@ -87,6 +87,22 @@ kept = with_gradient_anywhere([a, b, c])
 all_reduce_gradients(kept)
 json.dump({{"kept": [n for n, p in zip("abc", (a, b, c)) if any(p is k for k in kept)], "a": a.grad.tolist(),
            "b": b.grad.tolist(), "c": c.grad}}, open(os.path.join(out, f"grads{{rank}}.json"), "w"))
+# FSDP2 with a LoRA that only process 0 uses in this step (an expert module only its tokens reached): the backward
+# completes and process 0's gradient is the sum (the reduce-scatter used to mismatch between the processes)
+from conftest import tiny_llama
+import lorakit
+from lorakit.train.distributed import apply_fsdp, full
+model = tiny_llama(num_hidden_layers=2)
+lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "k_proj"]))
+with torch.no_grad():
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.fill_(0.1)
+apply_fsdp(model, torch.device("cpu"))
+model.model.layers[1].self_attn.k_proj.disabled = rank == 1
+model(torch.arange(3 + rank, 11 + rank)[None]).logits.sum().backward()
+k_grad = full(model.model.layers[1].self_attn.k_proj.adapters["default"].lora_A.grad)
+json.dump({{"k_grad_max": float(k_grad.abs().max())}}, open(os.path.join(out, f"fsdp{{rank}}.json"), "w"))
 # lorakit train --fsdp: straight, then stopped after step 3 (checkpoint at 2) and resumed with --resume
 fsdp = TrainConfig(**SETTINGS, model={folder!r}, data=[{data!r}], batch_size=2, save_every=2, fsdp=True,
                    gradient_checkpointing=True)
@@ -146,6 +162,9 @@ def test_expert_lora_on_two_processes_matches_one_and_loads_in_peft(tmp_path):
     for rank in (0, 1):
         grads = json.loads((tmp_path / f"grads{rank}.json").read_text())
         assert grads == {"kept": ["a", "b"], "a": [3.0] * 3, "b": [5.0] * 3, "c": None}, rank
+
+    fsdp_grads = [json.loads((tmp_path / f"fsdp{rank}.json").read_text())["k_grad_max"] for rank in (0, 1)]
+    assert fsdp_grads[0] == fsdp_grads[1] > 0
 
     # one process, the same global batch (4 rows x 2 micro-batches)
     tok = tiny_tokenizer()

@@ -211,6 +211,11 @@ def apply_fsdp(model: nn.Module, device: torch.device, mesh=None) -> int:
         # the loss is already divided by the global batch's supervised tokens: sum, do not average, over processes
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+        if hasattr(unit, "set_reduce_scatter_unused_params"):  # not in every torch 2.x
+            # a trainable tensor used on some processes only (an expert module only their tokens reached) joins the
+            # reduce-scatter with zeros elsewhere; without this the processes' collectives no longer matched (gloo:
+            # "Connection reset by peer"; NCCL can hang)
+            unit.set_reduce_scatter_unused_params(True)
     return len(units)
 
 
