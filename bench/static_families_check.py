@@ -1,7 +1,7 @@
-"""The static decoder on the families beyond Llama (Phi-3, Gemma, Gemma 2, Gemma 3 text): checks and speed, one run.
+"""The static decoder on the families beyond Llama (Phi-3/4, Gemma, Gemma 2, Gemma 3 text): checks and speed, one run.
 
 For each family, a random bf16 model of a modest real shape (8 layers of the released models' widths: Phi-3-mini,
-Gemma-2B, Gemma-2-2B, Gemma-3-4B; vocabularies as released), 8 LoRA adapters r=16 alpha=32 on every linear
+Phi-4-mini (partial rotary), Gemma-2B, Gemma-2-2B, Gemma-3-4B; vocabularies as released), 8 LoRA adapters r=16 alpha=32 on every linear
 projection (lora_B random, so that they move the logits), 32 rows of prompts of 96..320 tokens, rows on adapter
 ``i % 8`` except every 8th row (no adapter):
 
@@ -56,6 +56,9 @@ ADAPTERS, RANK, ALPHA = 8, 16, 32.0
 SHAPES = {
     "phi3": dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=32,
                  vocab_size=32064, max_position_embeddings=4096),
+    # Phi-4-mini: model_type phi3, GQA, a quarter of each head passes unrotated
+    "phi4_mini": dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8,
+                      vocab_size=200064, partial_rotary_factor=0.75, max_position_embeddings=4096),
     "gemma": dict(hidden_size=2048, intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1,
                   head_dim=256, vocab_size=256000, max_position_embeddings=8192),
     "gemma2": dict(hidden_size=2304, intermediate_size=9216, num_attention_heads=8, num_key_value_heads=4,
@@ -78,19 +81,20 @@ def build(family: str, layers: int, smoke: bool, device, dtype):
     import transformers
 
     config_cls, model_cls = {
-        "phi3": ("Phi3Config", "Phi3ForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+        "phi3": ("Phi3Config", "Phi3ForCausalLM"), "phi4_mini": ("Phi3Config", "Phi3ForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM"),
         "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
     }[family]
     shape = dict(SHAPES[family])
     if smoke:
-        keep = {k: v for k, v in shape.items() if k in ("attn_logit_softcapping", "final_logit_softcapping")}
+        keep = {k: v for k, v in shape.items()
+                if k in ("attn_logit_softcapping", "final_logit_softcapping", "partial_rotary_factor")}
         shape = dict(SMOKE, **keep)
-        if family != "phi3":
+        if not family.startswith("phi"):
             shape["head_dim"] = 24  # not hidden / heads, as in the released Gemmas
         if family in ("gemma2", "gemma3_text"):
             shape.update(query_pre_attn_scalar=24, sliding_window=64)
     shape["num_hidden_layers"] = layers
-    if family == "phi3":
+    if family.startswith("phi"):
         shape["pad_token_id"] = 0
     if family == "gemma2":  # its soft-capping runs in the eager attention only (transformers' SDPA has none)
         shape["attn_implementation"] = "eager"

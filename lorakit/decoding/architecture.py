@@ -5,8 +5,8 @@ it must know the architecture exactly. It runs:
 
 * the Llama family: ``llama`` (also SmolLM2, Llama 2/3), ``mistral``, ``qwen2`` (q/k/v biases) and ``qwen3``
   (per-head q/k RMSNorm), with SwiGLU MLPs and RMSNorms;
-* ``phi3`` (Phi-3/3.5): the same layer with fused ``qkv_proj`` and ``gate_up_proj`` modules (adapters target the
-  fused modules, so each is one group of one projection); whole-head rotary only (``partial_rotary_factor`` 1);
+* ``phi3`` (Phi-3/3.5, Phi-4-mini): the same layer with fused ``qkv_proj`` and ``gate_up_proj`` modules (adapters
+  target the fused modules, so each is one group of one projection); partial rotary (``partial_rotary_factor``);
 * ``gemma``: embeddings scaled by sqrt(hidden) (rounded to the weights' dtype, as transformers), RMSNorms that
   multiply by ``1 + weight`` in float32, a GeGLU MLP (tanh GELU), head_dim set apart from hidden / heads;
 * ``gemma2``: Gemma plus norms on the attention and MLP outputs (before the residual adds), attention and final
@@ -79,7 +79,8 @@ class ModelParts:
     ``norm_cast_first``: RMSNorm's weight is ``offset + weight`` (Gemma: 1) and the normalised value is rounded to
     the input dtype before (Llama) or after (Gemma) the multiply. ``activation``: "silu" (SwiGLU) or "gelu_tanh"
     (GeGLU). ``final_softcap``: logit soft-capping of the head's output, or None. ``rotary``: the rotary module;
-    ``rope_keys``: the table keys its layers use (None, or Gemma 3's layer types).
+    ``rope_keys``: the table keys its layers use (None, or Gemma 3's layer types). ``rotary_dim``: the leading
+    dims of each q/k head that rotate (head_dim, or less for Phi-3 with ``partial_rotary_factor`` < 1; None: all).
     """
 
     model_type: str
@@ -103,6 +104,7 @@ class ModelParts:
     activation: str = "silu"
     final_softcap: float | None = None
     rope_keys: tuple = (None,)
+    rotary_dim: int | None = None
 
 
 def base_linear(module: nn.Module) -> nn.Module:
@@ -129,14 +131,20 @@ def _rope_type(params: dict) -> str:
     return str(params.get("rope_type", params.get("type", "default")))
 
 
-def _check_rope(config, model_type: str, head_dim: int, max_len: int | None) -> None:
-    """Rope tables that the decoder's one table per layer type reproduces exactly, for whole heads."""
+def _check_rope(config, model_type: str, head_dim: int, max_len: int | None) -> int | None:
+    """Rope tables that the decoder's one table per layer type reproduces exactly; returns the rotated dims of a
+    head when only a part rotates (Phi-3 / Phi-4-mini's ``partial_rotary_factor``), else None."""
+    rotary_dim = None
     for key, params in _rope_params(config).items():
         rope = _rope_type(params)
         factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
         if factor is not None and float(factor) != 1.0:
-            raise LorakitError(f"static decoding rotates whole heads; this {model_type} model rotates a part "
-                               f"(partial_rotary_factor={factor})")
+            # transformers' Phi-3 rotates the first int(head_dim * factor) dims (rotate_half over them) and passes
+            # the rest; the other families here have no partial rotary in their attention
+            rotary_dim = int(head_dim * float(factor))
+            if model_type != "phi3" or not 0 < rotary_dim < head_dim or rotary_dim % 2:
+                raise LorakitError(f"static decoding rotates whole heads (or an even part of Phi-3 heads); this "
+                                   f"{model_type} model rotates {rotary_dim} of {head_dim} (partial_rotary_factor={factor})")
         if rope == "longrope":
             # transformers picks the short factors while the sequence is within the original context: a table
             # for positions below it is the one every step uses
@@ -150,6 +158,7 @@ def _check_rope(config, model_type: str, head_dim: int, max_len: int | None) -> 
         elif rope not in ROPE_TYPES:
             raise LorakitError(f"static decoding does not run rope type {rope!r} (its table depends on the length); "
                                f"supported: {', '.join(ROPE_TYPES)}, longrope within the original context")
+    return rotary_dim
 
 
 def _activation(config, model_type: str, mlp: nn.Module) -> str:
@@ -208,7 +217,7 @@ def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     activation = _activation(config, model_type, getattr(layers[0], "mlp", None) if len(layers) else None)
-    _check_rope(config, model_type, head_dim, max_len)
+    rotary_dim = _check_rope(config, model_type, head_dim, max_len)
     if getattr(config, "use_bidirectional_attention", False):
         raise LorakitError(f"static decoding runs causal attention; this {model_type} model attends bidirectionally")
     _check_window(config, model_type, max_len)
@@ -284,7 +293,7 @@ def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
         groups=PHI3_GROUPS if phi3 else GROUPS, embed_scale=_embed_scale(model_type, config, embed_module, embed),
         norm_offset=1.0 if gemma else 0.0, norm_cast_first=not gemma, activation=activation,
         final_softcap=None if final_softcap is None else float(final_softcap),
-        rope_keys=tuple(dict.fromkeys(p.rope for p in parts)) if per_type_rope else (None,),
+        rope_keys=tuple(dict.fromkeys(p.rope for p in parts)) if per_type_rope else (None,), rotary_dim=rotary_dim,
     )
 
 

@@ -134,9 +134,10 @@ class StaticDecoder:
         probe = torch.zeros(1, dtype=torch.float32, device=self.device)
         with torch.no_grad():
             cos, sin = self.parts.rotary(probe, positions) if key is None else self.parts.rotary(probe, positions, key)
-        if cos.shape[-1] != self.parts.head_dim:
-            raise LorakitError(f"the rotary table is {cos.shape[-1]} wide, the heads {self.parts.head_dim}: static "
-                               "decoding rotates whole heads only")
+        width = self.parts.rotary_dim or self.parts.head_dim
+        if cos.shape[-1] != width:
+            raise LorakitError(f"the rotary table is {cos.shape[-1]} wide, not the {width} rotated dims of a head; "
+                               "static decoding cannot run this model's rope")
         return cos[0].float().contiguous(), sin[0].float().contiguous()
 
     def _sync_structure(self) -> None:
@@ -313,7 +314,7 @@ class StaticDecoder:
     def _prefill_forward(self, flat: torch.Tensor, last: torch.Tensor, out: torch.Tensor, per_prompt=None) -> None:
         """All layers over the flat tokens (4, T) (token, position, cache row, slot), storing every token's K/V at
         (row, position); out[:n] <- the float32 logits of the tokens at ``last`` (n,)."""
-        from lorakit.kernels.decode_attention import decode_attention, expand_qkv_lora, rope_store_, rotate_half_float
+        from lorakit.kernels.decode_attention import decode_attention, expand_qkv_lora, rope_store_
 
         tokens, positions, cache_rows, slots = flat[0], flat[1], flat[2], flat[3].to(torch.int32)
         lengths = torch.where(positions >= 0, positions + 1, 0).to(torch.int32)
@@ -321,6 +322,9 @@ class StaticDecoder:
 
         def attend(i, layer, q, k, v, delta, lora=None):  # each token attends its row's cache up to its own position
             cos, sin = tables[layer.rope]
+            if self.parts.rotary_dim:
+                q, k, v, cos, sin = self._rotate_part(q, k, v, delta, lora, cos, sin, tables[_IDENTITY])
+                delta = lora = None
             rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i], delta=delta, rows=cache_rows,
                         lora=lora)
             return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling, rows=cache_rows,
@@ -333,8 +337,8 @@ class StaticDecoder:
                 delta = expand_qkv_lora(q, k, lora)
             if delta is not None:
                 q, k, v = q + delta[0], k + delta[1], v + delta[2]
-            q = rotate_half_float(q, cos, sin).to(q.dtype)
-            self.k_cache[i][cache_rows, :, positions] = rotate_half_float(k, cos, sin).to(self.k_cache.dtype)
+            q = _rotary_float(q, cos, sin).to(q.dtype)
+            self.k_cache[i][cache_rows, :, positions] = _rotary_float(k, cos, sin).to(self.k_cache.dtype)
             self.v_cache[i][cache_rows, :, positions] = v.to(self.v_cache.dtype)
             result = torch.empty_like(q)
             gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
@@ -453,6 +457,9 @@ class StaticDecoder:
 
         def attend(i, layer, q, k, v, delta, lora=None):  # one new token per row: rotate, store at its position, attend
             cos, sin = tables[layer.rope]
+            if self.parts.rotary_dim:
+                q, k, v, cos, sin = self._rotate_part(q, k, v, delta, lora, cos, sin, tables[_IDENTITY])
+                delta = lora = None
             rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i], delta=delta, lora=lora)
             if layer.softcap is None:
                 return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling)
@@ -465,7 +472,28 @@ class StaticDecoder:
     def _rope_rows(self, positions: torch.Tensor) -> dict:
         """Each rotary table's rows (cos, sin (T, D) float32) at ``positions`` (T,) (-1: inactive, reads row 0)."""
         safe = positions.clamp(min=0)
-        return {key: (cos.index_select(0, safe), sin.index_select(0, safe)) for key, (cos, sin) in self._rope.items()}
+        tables = {key: (cos.index_select(0, safe), sin.index_select(0, safe)) for key, (cos, sin) in self._rope.items()}
+        if self.parts.rotary_dim:  # whole-head identity rows: rope_store_ then only stores (see ``_rotate_part``)
+            shape = (positions.shape[0], self.parts.head_dim)
+            tables[_IDENTITY] = (torch.ones(shape, device=self.device), torch.zeros(shape, device=self.device))
+        return tables
+
+    def _rotate_part(self, q, k, v, delta, lora, cos, sin, identity):
+        """Partial rotary (Phi-3 / Phi-4-mini with ``partial_rotary_factor`` < 1): the first r = cos.shape[1] dims of
+        each q and k head rotate (rotate_half over those r), the rest pass, as transformers' Phi-3. Done here in
+        float32 and rounded once (as ``rope_store_`` does for whole heads), in place on q and k, after adding the
+        LoRA delta; returns (q, k, v, identity cos, identity sin) for ``rope_store_``, which then only stores k, v."""
+        from lorakit.kernels.decode_attention import expand_qkv_lora, rotate_half_float
+
+        if lora is not None:
+            delta = expand_qkv_lora(q, k, lora)
+        if delta is not None:
+            q.add_(delta[0].to(q.dtype))
+            k, v = k + delta[1].to(k.dtype), v + delta[2].to(v.dtype)
+        r = cos.shape[1]
+        q[..., :r] = rotate_half_float(q[..., :r], cos, sin).to(q.dtype)
+        k[..., :r] = rotate_half_float(k[..., :r], cos, sin).to(k.dtype)
+        return q, k, v, *identity
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (T,) -> h (T, d); Gemma multiplies by sqrt(d) rounded to the weights' dtype, as transformers."""
@@ -631,6 +659,20 @@ def _norm(h: torch.Tensor, module, default_eps: float, delta: torch.Tensor | Non
     if delta is None:
         return rms_norm(h, module.weight, eps, offset, cast_first)
     return add_rms_norm_(h, delta, module.weight, eps, offset, cast_first)
+
+
+_IDENTITY = ("identity",)  # the key of the identity rotary rows (never a layer type)
+
+
+def _rotary_float(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, heads, D) rotated in float32 by rows cos, sin (T, r): the first r dims of each head (rotate_half over
+    them), the rest passed through (r < D: Phi-3's partial rotary)."""
+    from lorakit.kernels.decode_attention import rotate_half_float
+
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return rotate_half_float(x, cos, sin)
+    return torch.cat([rotate_half_float(x[..., :r], cos, sin), x[..., r:].float()], dim=-1)
 
 
 def _causal_softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
