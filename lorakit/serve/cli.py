@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preload", action="store_true", help="load the first --max-loaded adapters at start")
     parser.add_argument("--decoder", choices=("auto", "static", "transformers"), default="auto",
                         help="decode steps: 'static' (lorakit.decoding: static KV cache, fused kernels, one CUDA graph "
-                             "per step; CUDA and Llama/Mistral/Qwen2/Qwen3 models), 'transformers' (the model's own "
+                             "per step; CUDA and Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma 1-3 models), 'transformers' (the model's own "
                              "forward), 'auto' (static where it runs; default)")
     parser.add_argument("--max-context", type=int, default=None,
                         help="tokens per sequence (prompt + output); with the static decoder this sizes its KV cache "
