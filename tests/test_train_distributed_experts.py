@@ -4,7 +4,8 @@ gloo), and under ``--compile-layers``' regional torch.compile.
 One torchrun launch does all the multi-process work (its start-up is most of the cost):
 
 * data parallel, Mixtral with LoRA on q_proj, the fused experts and the router: the bucketed all-reduce of the
-  experts' ``(r * E, in)`` / ``(out, r * E)`` tensors;
+  experts' ``(r * E, in)`` / ``(out, r * E)`` tensors; a fresh model resumed from its step-2 checkpoint ends
+  bit-identical;
 * ``lorakit train --fsdp --gradient-checkpointing`` (``run_training``, which loads, injects and shards per
   process), Qwen3-MoE: each
   process holds half of every expert stack and of its LoRA tensors; a run stopped after its step-2 checkpoint and
@@ -71,8 +72,12 @@ from lorakit.train.loop import train
 dist.init_process_group("gloo")
 out = {out!r}
 tok = tiny_tokenizer()
-train(mixtral(), tok, build_dataset(task_records(32, seed=3), tok, max_length=32),
-      TrainConfig(**SETTINGS, batch_size=2, save_every=0, compile_layers=True, out=os.path.join(out, "ddp")))
+data = build_dataset(task_records(32, seed=3), tok, max_length=32)
+ddp = TrainConfig(**SETTINGS, batch_size=2, save_every=2, compile_layers=True)
+train(mixtral(), tok, data, ddp, out=os.path.join(out, "ddp"))
+# a fresh model resumed from the step-2 checkpoint of that run, into another folder
+train(mixtral(), tok, data, ddp, out=os.path.join(out, "ddp_resumed"),
+      resume=os.path.join(out, "ddp", "checkpoints", "step-000002"))
 # gradients over real gloo processes: "a" on both, "b" on process 1 only (an expert only its tokens reached), "c" on
 # none (an expert no process routed a token to): c keeps no gradient, as on one process (AdamW then skips it)
 import json
@@ -156,8 +161,8 @@ def test_expert_lora_on_two_processes_matches_one_and_loads_in_peft(tmp_path):
     assert two.stderr.count("FSDP2: 4 sharded units over 2 processes") == 3  # straight, stopped, resumed
     # on the CPU --compile-layers says that it compiles nothing (it used to be dropped without a word)
     assert two.stderr.count("--compile-layers compiles lorakit's fused kernels on CUDA only; this cpu run trains "
-                            "eagerly") == 1
-    assert two.stderr.count("resuming from") == 1 and "step-000002" in two.stderr
+                            "eagerly") == 2  # the data parallel run and its resume
+    assert two.stderr.count("resuming from") == 2 and "step-000002" in two.stderr
 
     for rank in (0, 1):
         grads = json.loads((tmp_path / f"grads{rank}.json").read_text())
@@ -189,12 +194,14 @@ def test_expert_lora_on_two_processes_matches_one_and_loads_in_peft(tmp_path):
         config = json.loads((tmp_path / two_run / "adapter" / "adapter_config.json").read_text())
         assert config["target_parameters"] == EXPERTS and config["target_modules"] == ["q_proj"]
 
-    # stopped after step 3 and resumed from the step-2 checkpoint: bit for bit the run never stopped
-    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
-    resumed = load_file(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors")
-    assert resumed.keys() == straight.keys()
-    for key in straight:
-        assert torch.equal(resumed[key], straight[key]), key
+    # resumed from the step-2 checkpoint (--fsdp: after a stop at step 3): bit for bit the run never stopped
+    for straight_run, resumed_run in (("ddp", "ddp_resumed"), ("straight", "stopped")):
+        straight = load_file(tmp_path / straight_run / "adapter" / "adapter_model.safetensors")
+        resumed = load_file(tmp_path / resumed_run / "adapter" / "adapter_model.safetensors")
+        assert resumed.keys() == straight.keys()
+        for key in straight:
+            assert torch.equal(resumed[key], straight[key]), (resumed_run, key)
+        assert _losses(tmp_path / resumed_run) == _losses(tmp_path / straight_run)[-len(_losses(tmp_path / resumed_run)):]
     assert _losses(tmp_path / "stopped") == _losses(tmp_path / "straight")
 
     # the folders written over 2 processes load in peft with lorakit's logits
