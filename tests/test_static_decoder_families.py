@@ -216,9 +216,11 @@ def test_sliding_layers_decode_up_to_the_window_and_refuse_past_it(references_on
     model.config.sliding_window = window
     reason = static_decoding_unsupported(model, window + 1)
     assert "sliding_window=10" in reason and "not 11" in reason and "\n" not in reason
-    phi3 = _phi3(sliding_window=window)
+    phi3 = _with_adapters(_phi3(sliding_window=window), "phi3")
     assert "sliding_window=10" in static_decoding_unsupported(phi3, window + 1)
-    assert static_decoding_unsupported(phi3, window) is None
+    expected = _reference(phi3, PROMPTS, NAMES, steps=3)
+    decoder = StaticDecoder(phi3, max_batch=4, max_len=window)
+    _assert_steps(expected, _admit_and_step(phi3, decoder, [0, 1, 2, 3], NAMES, steps=3))
 
 
 def test_unsupported_variants_get_one_line_reasons():
