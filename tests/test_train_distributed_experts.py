@@ -74,7 +74,8 @@ out = {out!r}
 tok = tiny_tokenizer()
 data = build_dataset(task_records(32, seed=3), tok, max_length=32)
 ddp = TrainConfig(**SETTINGS, batch_size=2, save_every=2, compile_layers=True)
-train(mixtral(), tok, data, ddp, out=os.path.join(out, "ddp"))
+train(mixtral(), tok, data, ddp, out=os.path.join(out, "ddp"),
+      val_data=build_dataset(task_records(4, seed=4), tok, max_length=32))
 # a fresh model resumed from the step-2 checkpoint of that run, into another folder
 train(mixtral(), tok, data, ddp, out=os.path.join(out, "ddp_resumed"),
       resume=os.path.join(out, "ddp", "checkpoints", "step-000002"))
@@ -162,6 +163,7 @@ def test_expert_lora_on_two_processes_matches_one_and_loads_in_peft(tmp_path):
     # on the CPU --compile-layers says that it compiles nothing (it used to be dropped without a word)
     assert two.stderr.count("--compile-layers compiles lorakit's fused kernels on CUDA only; this cpu run trains "
                             "eagerly") == 2  # the data parallel run and its resume
+    assert two.stderr.count("validation loss") == 4  # steps 1-4 of the data parallel run, said by process 0 alone
     assert two.stderr.count("resuming from") == 2 and "step-000002" in two.stderr
 
     for rank in (0, 1):

@@ -528,7 +528,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                                    keep=config.keep_checkpoints, trainable=trainable, optimizer_state=opt_state,
                                    rank_rngs=rngs)
 
-    progress = _progress_bar(config.progress and main, total_steps, step)
+    # the bar and its lines (validation losses) on process 0 only: under torchrun every process printed them
+    progress = _progress_bar(config.progress and main, total_steps, step) if main else _NoBar(quiet=True)
     model.train()
     started, stopped, last_loss, last_checkpoint = time.perf_counter(), "completed", resumed_loss, None
     # packed rows carry a 4D mask, which drops the model's sliding window unless it is put back (train/packing.py)
@@ -655,10 +656,14 @@ def _postfix(entry: dict[str, Any]) -> str:
 
 
 class _NoBar:
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
     def update(self, n: int) -> None: ...
     def set_postfix_str(self, text: str, refresh: bool = True) -> None: ...
     def write(self, text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
     def close(self) -> None: ...
 
 
