@@ -20,9 +20,11 @@ so ``inject`` installs (lazily, on transformers models only) the instance method
   checkpointing, and TRL's ``SFTConfig`` checkpoints by default). A trainable adapter that is not active (a second
   injected adapter, ``set_adapter`` to another one) gets none, and the second step failed with "Expected to have
   finished reduction in the prior iteration before starting a new one". The model tells DDP to leave those tensors
-  out (``_ddp_params_and_buffers_to_ignore``, read when DDP wraps it: :class:`IdleAdapterTensors`), so they stay as
+  out (``_ddp_params_and_buffers_to_ignore``, read when DDP wraps it: :class:`DDPIgnored`), so they stay as
   they are, as on one process; a later change of the active adapters during training is refused in one line
-  (:func:`check_ddp_adapters`), since DDP would then average the wrong tensors.
+  (:func:`check_ddp_adapters`), since DDP would then average the wrong tensors. The same list holds the buffers of
+  a quantized (NF4) base: DDP broadcasts every buffer from process 0 before each forward, i.e. the whole 4-bit base
+  in every step (lorakit keeps it in uint8 buffers; frozen and the same on every process).
 
 Why a hook on the instance rather than a ``Trainer`` subclass: Trainer, TRL's ``SFTTrainer`` and user code all reach
 the model through ``save_pretrained``, so one hook covers them all and the user keeps the classes they know; a subclass
@@ -72,7 +74,7 @@ def install(model: nn.Module) -> None:
 
     install_fused_head_check(model)  # TRL's trainers read lm_head.weight directly: an adapter there would never train
     if DDP_IGNORE not in vars(model):  # a list the user set stays theirs
-        setattr(model, DDP_IGNORE, IdleAdapterTensors(model))
+        setattr(model, DDP_IGNORE, DDPIgnored(model))
     if not any(hook is check_ddp_adapters for hook in getattr(model, "_forward_pre_hooks", {}).values()):
         model.register_forward_pre_hook(check_ddp_adapters)
 
@@ -218,23 +220,29 @@ def idle_adapter_tensors(model: nn.Module) -> list[str]:
     return idle
 
 
-class IdleAdapterTensors:
+def quantized_base_buffers(model: nn.Module) -> list[str]:
+    """Names of the buffers of quantized base layers (NF4's packed weights, block scales and code tables)."""
+    from lorakit import quant
+
+    return [name for path, module in model.named_modules() if quant.is_quantized(module)
+            for name, _ in module.named_buffers(prefix=path)]
+
+
+class DDPIgnored:
     """``model._ddp_params_and_buffers_to_ignore``: DistributedDataParallel reads it once, when it wraps the model,
-    and leaves the tensors it names out of its gradient all-reduce and its start-up broadcast. Iterating computes
-    :func:`idle_adapter_tensors` at that moment (not at ``inject``: the user may add or switch adapters after it) and
-    remembers them in ``ignored`` for :func:`check_ddp_adapters`. Holds the model (a reference cycle, as the other
-    hooks here; it survives deepcopy and pickling)."""
+    and leaves the tensors it names out of its gradient all-reduce and of its broadcasts (at start-up, and of buffers
+    before every forward). Iterating computes them at that moment (not at ``inject``: the user may add or switch
+    adapters after it): :func:`idle_adapter_tensors`, remembered in ``idle`` for :func:`check_ddp_adapters`, and
+    :func:`quantized_base_buffers`. Holds the model (a reference cycle, as the other hooks here; it survives
+    deepcopy and pickling)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.ignored: tuple[str, ...] | None = None  # None: no DDP has read it yet
+        self.idle: tuple[str, ...] | None = None  # None: no DDP has read it yet
 
     def __iter__(self):
-        self.ignored = tuple(idle_adapter_tensors(self.model))
-        return iter(self.ignored)
-
-    def __len__(self) -> int:
-        return len(idle_adapter_tensors(self.model))
+        self.idle = tuple(idle_adapter_tensors(self.model))
+        return iter(self.idle + tuple(quantized_base_buffers(self.model)))
 
 
 def check_ddp_adapters(model: nn.Module, args: tuple) -> None:
@@ -247,7 +255,7 @@ def check_ddp_adapters(model: nn.Module, args: tuple) -> None:
         LorakitError: the active (or merged, or disabled) adapters changed since DDP wrapped the model.
     """
     state = vars(model).get(DDP_IGNORE)
-    if not isinstance(state, IdleAdapterTensors) or state.ignored is None:
+    if not isinstance(state, DDPIgnored) or state.idle is None:
         return None
     if not (model.training and torch.is_grad_enabled()):
         return None
@@ -256,10 +264,10 @@ def check_ddp_adapters(model: nn.Module, args: tuple) -> None:
     if any(host.row_adapters is not None for host in adapter_hosts(model).values()):
         return None  # lorakit.mixed_batch: the rows decide; not a training setup DDP can follow
     now = tuple(idle_adapter_tensors(model))
-    if now == state.ignored:
+    if now == state.idle:
         return None
-    woken = [n for n in state.ignored if n not in now]
-    name = woken[0] if woken else next(n for n in now if n not in state.ignored)
+    woken = [n for n in state.idle if n not in now]
+    name = woken[0] if woken else next(n for n in now if n not in state.idle)
     what = ("is used now, but DistributedDataParallel leaves it out of its gradient all-reduce (it was idle when DDP "
             "wrapped the model), so the processes would train it apart" if woken else
             "is idle now, but DistributedDataParallel waits for its gradient (it was in use when DDP wrapped the model)")

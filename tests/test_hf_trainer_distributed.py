@@ -114,6 +114,12 @@ if rank == 0:
     save_file({{n: t.contiguous() for n, t in trainable(model).items()}}, os.path.join(out, "straight.safetensors"))
     save_file({{n: t.contiguous() for n, t in trainable(resumed).items()}}, os.path.join(out, "resumed.safetensors"))
     save_file({{n: t.contiguous() for n, t in trainable(sft.model).items()}}, os.path.join(out, "sft.safetensors"))
+import gc
+import torch.distributed as dist
+gc.collect()
+dist.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)  # no interpreter teardown, where gloo can abort a finished worker (lorakit.cli._exit_without_teardown)
 '''
 
 
@@ -224,3 +230,37 @@ def test_switching_adapters_after_ddp_wrapped_the_model_is_refused():
         model(ids)  # evaluation (no gradients) may use any adapter
     model.eval()
     model(ids)
+
+
+def test_ddp_leaves_out_idle_adapters_and_the_quantized_base():
+    """A real DistributedDataParallel (one gloo process): it all-reduces the active adapters only, and no longer
+    broadcasts the NF4 base's uint8 buffers before every forward (the whole 4-bit base, each step)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from conftest import tiny_llama
+    from lorakit import quant
+    from lorakit.quant.nf4 import NF4Linear
+
+    model = tiny_llama()
+    for layer in model.model.layers:
+        layer.mlp.down_proj = NF4Linear.from_linear(layer.mlp.down_proj)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["v_proj"]), adapter="spare")
+    lorakit.set_adapter(model, "default")
+    spare = {n for n, _ in model.named_parameters() if ".spare." in n}
+    nf4 = {id(b) for m in model.modules() if quant.is_quantized(m) for b in m.buffers()}
+    assert spare and nf4
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model.train())
+        assert spare <= ddp.parameters_to_ignore
+        assert ddp.modules_buffers and not any(id(b) in nf4 for b in ddp.modules_buffers)  # rotary tables only
+        reduced = {id(p) for p in ddp._module_parameters if p.requires_grad}
+        assert reduced == {id(p) for n, p in model.named_parameters() if ".adapters.default." in n}
+        ids = torch.tensor([[5, 17, 42, 8, 99, 3, 61]])
+        for _ in range(2):  # a second step: DDP checks that the first one reduced every expected gradient
+            ddp(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if ".adapters.default." in n)
+    finally:
+        dist.destroy_process_group()
