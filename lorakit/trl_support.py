@@ -125,9 +125,9 @@ def reference_model(model: nn.Module) -> AdaptersDisabled:
         lorakit.inject(model, lorakit.LoraConfig(r=16))
         DPOTrainer(model=model, ref_model=reference_model(model), args=DPOConfig(...), ...)
 
-    Valid while the adapters are not merged (``disable_adapters`` refuses merged ones); tested on one process.
-    DeepSpeed / FSDP would prepare the reference as a second engine over the same weights: give those a separate
-    reference model.
+    Valid while the adapters are not merged (``disable_adapters`` refuses merged ones); tested on one process and
+    on 2 under torchrun (DDP; the same losses, margins and adapters as one process). DeepSpeed / FSDP would prepare
+    the reference as a second engine over the same weights: give those a separate reference model.
 
     Raises:
         LorakitError: ``model`` has no lorakit adapters (the base itself is already the reference: pass a copy).

@@ -1,4 +1,4 @@
-"""transformers' Trainer with a lorakit-injected model on 2 CPU processes (torchrun, gloo; Trainer wraps the model in
+"""transformers' Trainer (and TRL's SFTTrainer, DPOTrainer) with a lorakit-injected model on 2 CPU processes (torchrun, gloo; Trainer wraps the model in
 DistributedDataParallel through accelerate), as a PEFT user would launch it (lorakit/hf_trainer.py).
 
 The model is a tiny Mixtral with LoRA on q_proj and on the fused experts and router (``target_parameters``), plus a
@@ -71,6 +71,21 @@ def sft_trainer(out, processes: int):
     return trl.SFTTrainer(model=injected(), train_dataset=texts(), args=config, processing_class=tiny_tokenizer())
 
 
+def dpo_trainer(out, processes: int):
+    """TRL's DPOTrainer with ``ref_model=reference_model(model)`` as tests/test_trl.py builds it, 2 steps of 4."""
+    import trl
+
+    from lorakit.trl_support import reference_model
+    from test_trl import injected, preferences, tiny_tokenizer
+
+    model = injected(pretrained=True)  # B away from zero: the policy differs from the reference from step 1
+    config = trl.DPOConfig(output_dir=str(out), max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // processes,
+                           learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1,
+                           save_strategy="no", bf16=False)
+    return trl.DPOTrainer(model=model, ref_model=reference_model(model), args=config, train_dataset=preferences(),
+                          processing_class=tiny_tokenizer())
+
+
 def trainable(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -82,7 +97,7 @@ torch.set_num_threads(1)
 import lorakit.io
 from safetensors.torch import save_file
 from transformers import Trainer
-from test_hf_trainer_distributed import arguments, build, dataset, sft_trainer, trainable
+from test_hf_trainer_distributed import arguments, build, dataset, dpo_trainer, sft_trainer, trainable
 out, rank, writes = {out!r}, int(os.environ["RANK"]), []
 real_save = lorakit.io.save_adapter
 def save_adapter(model, folder, *args, **kwargs):  # who writes adapter folders
@@ -109,11 +124,16 @@ sft = sft_trainer(os.path.join(out, "sft"), 2)
 sft.train()
 report["sft_losses"] = [e["loss"] for e in sft.state.log_history if "loss" in e]
 report["sft_wrapper"] = type(sft.model_wrapped).__name__
+# TRL's DPOTrainer against lorakit's reference_model (the same weights with the adapters off, no second copy)
+dpo = dpo_trainer(os.path.join(out, "dpo"), 2)
+dpo.train()
+report["dpo_log"] = [[e["loss"], e["rewards/margins"]] for e in dpo.state.log_history if "loss" in e]
 json.dump(report, open(os.path.join(out, f"rank{{rank}}.json"), "w"))
 if rank == 0:
     save_file({{n: t.contiguous() for n, t in trainable(model).items()}}, os.path.join(out, "straight.safetensors"))
     save_file({{n: t.contiguous() for n, t in trainable(resumed).items()}}, os.path.join(out, "resumed.safetensors"))
     save_file({{n: t.contiguous() for n, t in trainable(sft.model).items()}}, os.path.join(out, "sft.safetensors"))
+    save_file({{n: t.contiguous() for n, t in trainable(dpo.model).items()}}, os.path.join(out, "dpo.safetensors"))
 import gc
 import torch.distributed as dist
 gc.collect()
@@ -169,6 +189,17 @@ def test_trainer_on_two_processes_matches_one_and_only_rank0_writes(tmp_path):
     assert sft_two.keys() == sft_one.keys() and len(sft_one) == 2 * 7 * 2  # 2 layers x 7 linears x (A, B)
     for name in sft_one:
         assert_close(sft_two[name], sft_one[name], msg=name)
+
+    # TRL's DPOTrainer with reference_model over 2 processes: the one-process losses, margins and adapters
+    dpo = dpo_trainer(tmp_path / "dpo-one", 1)
+    dpo.train()
+    log = [[e["loss"], e["rewards/margins"]] for e in dpo.state.log_history if "loss" in e]
+    assert log[0][1] != 0 and len(ranks[0]["dpo_log"]) == len(log) == 2
+    assert sum(ranks[0]["dpo_log"], []) == pytest.approx(sum(log, []), rel=1e-4)
+    dpo_two, dpo_one = load_file(tmp_path / "dpo.safetensors"), trainable(dpo.model)
+    assert dpo_two.keys() == dpo_one.keys()
+    for name in dpo_one:
+        assert_close(dpo_two[name], dpo_one[name], msg=name)
 
     # the folder written over 2 processes loads in peft with lorakit's logits
     import peft
