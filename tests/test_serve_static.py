@@ -113,3 +113,25 @@ def test_concurrent_clients_while_the_pool_evicts(server):
 def test_context_of_the_static_cache_is_enforced(server):
     response = server["client"].post("/v1/completions", json={"model": "base", "prompt": "word " * 60, "max_tokens": 4})
     assert response.status_code == 400 and "context" in response.text
+
+
+def test_sliding_window_model_gets_a_context_capped_at_its_window(capsys):
+    """A Mistral v0.1-style model (window 4096, 32k positions): the static decoder is exact only within the window,
+    so the server caps its default context there and says so; an explicit longer --max-context is refused by
+    --decoder static with the reason, never decoded wrongly."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from lorakit.errors import LorakitError
+    from lorakit.serve.cli import static_decoder
+
+    config = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32768,
+                           sliding_window=4096)
+    model = MistralForCausalLM(config).eval()
+    decoder = static_decoder(model, "static", max_batch=1, context=32768)
+    assert decoder.max_len == 4096
+    assert "context capped at 4096 tokens" in capsys.readouterr().err
+    with pytest.raises(LorakitError, match="sliding"):
+        static_decoder(model, "static", max_batch=1, context=8192, explicit_context=True)
+    assert static_decoder(model, "auto", max_batch=1, context=32768) is None  # not on CUDA: no cap, no message
+    assert "capped" not in capsys.readouterr().err

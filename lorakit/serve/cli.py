@@ -121,7 +121,8 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
 
     'auto' uses it on CUDA for the models it runs; 'static' insists (a one-line error says why it cannot). Its KV
     cache holds ``max_batch`` rows of ``context`` tokens; unless ``--max-context`` was given, the context is capped
-    at 8192 and to what fits in 40% of the free GPU memory, and the server's context becomes the cache's.
+    at 8192, to what fits in 40% of the free GPU memory and, for a sliding-window model (of a window of at least 4096
+    tokens), to its window; the server's context becomes the cache's.
     """
     if choice == "transformers":
         return None
@@ -136,6 +137,14 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
         per_token = 2 * len(parts.layers) * parts.kv_heads * parts.head_dim * parts.embed.weight.element_size() * max_batch
         free = torch_free_memory(device)
         context = min(context, 8192, max(256, int(0.4 * free / per_token)) if free else context)
+        reason = static_decoding_unsupported(model, context)
+        window = int(getattr(model.config, "sliding_window", None) or 0)
+        if (reason is not None and 4096 <= window < context and (device.type == "cuda" or choice == "static")
+                and static_decoding_unsupported(model, window) is None):
+            # Mistral v0.1, Gemma 2: decoding is exact (and static) only while no sequence outgrows the window
+            print(f"lorakit serve: context capped at {window} tokens, the model's sliding window, so the static decoder "
+                  "runs; pass --max-context N to serve longer sequences through transformers", file=sys.stderr, flush=True)
+            context, reason = window, None
     reason = reason or static_decoding_unsupported(model, context)  # and with the context it would serve
     reason = reason or (None if device.type == "cuda" or choice == "static" else "not on CUDA")
     if reason is not None:
