@@ -10,8 +10,13 @@ Parsed formats, chosen from the chat template (as vLLM's ``--tool-call-parser``)
   (several joined by ``;``);
 - ``mistral``: Mistral v0.3 templates write ``[TOOL_CALLS] [{"name": ..., "arguments": {...}, "id": ...}]`` after
   any text.
+- ``mistral_args`` / ``mistral_call_id``: newer Mistral tokenizers (v11+: Mistral-Small-3.1 / 3.2, Magistral,
+  Devstral, Ministral 3) write each call as ``[TOOL_CALLS]name[ARGS]{...}``, one after the other after any text;
+  v11 templates put the call's 9-character id between them (``[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}``), and that
+  id is the one returned, so the agent's next request hands the template the id the model wrote.
 
-A marker the tokenizer marks special (``[TOOL_CALLS]``; ``<tool_call>`` in Hermes tokenizers) is kept in the
+A marker the tokenizer marks special (``[TOOL_CALLS]``, ``[ARGS]``, ``[CALL_ID]``; ``<tool_call>`` in Hermes
+tokenizers) is kept in the
 answer's text for such requests (:func:`kept_tokens`). A template that writes calls another way is refused for
 requests whose calls would be parsed, never answered with calls left in the text. An answer's calls
 are returned only when every one is well formed (JSON with a ``name`` among the request's tools and object
@@ -29,9 +34,12 @@ from lorakit.errors import LorakitError
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL_OPEN = "[TOOL_CALLS]"
-MARKERS = {"hermes": CALL_OPEN, "mistral": MISTRAL_OPEN}  # where a call starts, in formats with text before it
+ARGS_MARK, CALL_ID_MARK = "[ARGS]", "[CALL_ID]"  # v11+ Mistral tokenizers: [TOOL_CALLS]name([CALL_ID]id)[ARGS]{...}
+# where a call starts, in formats with text before it
+MARKERS = {"hermes": CALL_OPEN, "mistral": MISTRAL_OPEN, "mistral_args": MISTRAL_OPEN, "mistral_call_id": MISTRAL_OPEN}
 PARSED_FORMATS = ("the hermes format (<tool_call>{...}</tool_call> blocks: Qwen2.5, Qwen3, Hermes 2 Pro / 3 templates), "
-                  "Llama 3.1-3.3's JSON ({\"name\", \"parameters\"}) and Mistral's [TOOL_CALLS] [{...}]")
+                  "Llama 3.1-3.3's JSON ({\"name\", \"parameters\"}), Mistral's [TOOL_CALLS] [{...}] (v0.3) and "
+                  "[TOOL_CALLS]name[ARGS]{...} (Mistral-Small-3.1/3.2, Magistral, Devstral, Ministral 3)")
 # a block, or a last block the model did not close (it ended its turn right after the JSON)
 _BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE) + "|" + re.escape(CALL_OPEN) + r"(.*)$",
                     re.DOTALL)
@@ -49,14 +57,15 @@ def template_text(tokenizer: Any, tools: list | None) -> str:
 
 def call_format(tokenizer: Any, tools: list | None) -> str | None:
     """The format the template writes calls in, among those parsed here: "hermes" (it writes ``<tool_call>``
-    blocks), "mistral" (``[TOOL_CALLS]`` then a list), "llama3_json" (``'{"name": "' + tool_call.name`` then
+    blocks), "mistral_call_id" / "mistral_args" (``[TOOL_CALLS]`` and ``[ARGS]``, with or without ``[CALL_ID]``),
+    "mistral" (``[TOOL_CALLS]`` then a list), "llama3_json" (``'{"name": "' + tool_call.name`` then
     ``"parameters": ``), or None."""
     template = template_text(tokenizer, tools)
     if CALL_OPEN in template:
         return "hermes"
-    # a JSON list after the marker (v0.3; Nemo writes no space); v11 tokenizers' "[TOOL_CALLS]name[ARGS]{...}" is
-    # another format, not parsed
-    if (MISTRAL_OPEN + " [" in template or MISTRAL_OPEN + "[" in template) and "[ARGS]" not in template:
+    if MISTRAL_OPEN in template and ARGS_MARK in template:  # v11+ tokenizers: one [TOOL_CALLS]name[ARGS]{...} per call
+        return "mistral_call_id" if CALL_ID_MARK in template else "mistral_args"
+    if MISTRAL_OPEN + " [" in template or MISTRAL_OPEN + "[" in template:  # a JSON list (v0.3; Nemo: no space)
         return "mistral"
     if "tool_call.name" in template and '"parameters": ' in template:
         return "llama3_json"
@@ -67,7 +76,8 @@ def kept_tokens(tokenizer: Any, fmt: str) -> frozenset[int]:
     """The format's marker tokens that the tokenizer marks special (Mistral's ``[TOOL_CALLS]``; Hermes 2 Pro / 3
     tokenizers mark ``<tool_call>``): decoding skips special tokens, so these must be kept for the parser to see the calls (vLLM
     turns ``skip_special_tokens`` off for its hermes parser for the same reason)."""
-    markers = {"hermes": (CALL_OPEN, CALL_CLOSE), "mistral": (MISTRAL_OPEN,)}.get(fmt, ())
+    markers = {"hermes": (CALL_OPEN, CALL_CLOSE), "mistral": (MISTRAL_OPEN,), "mistral_args": (MISTRAL_OPEN, ARGS_MARK),
+               "mistral_call_id": (MISTRAL_OPEN, ARGS_MARK, CALL_ID_MARK)}.get(fmt, ())
     if not markers:
         return frozenset()
     from lorakit.serve.text import special_ids
@@ -97,6 +107,8 @@ def forced_prefix(fmt: str, name: str) -> str:
     constrained decoding: the arguments are the model's, unchecked against the schema (as with ``strict``). A
     reasoning model (Qwen3) then calls without reasoning first.
     """
+    if fmt in ("mistral_args", "mistral_call_id"):  # the name, then the id the model writes (v11) or the arguments
+        return MISTRAL_OPEN + (name + (CALL_ID_MARK if fmt == "mistral_call_id" else ARGS_MARK) if name else "")
     head = {"hermes": CALL_OPEN + '\n{"name": "', "llama3_json": '{"name": "', "mistral": MISTRAL_OPEN + ' [{"name": "'}[fmt]
     if not name:
         return head
@@ -122,7 +134,8 @@ def parse_calls(text: str, fmt: str, tool_names: set[str], single: bool = False
                 ) -> tuple[str | None, list[dict]] | None:
     """``(content, calls)`` read from ``text`` in format ``fmt``, or None when it holds no well-formed calls;
     ``single`` (the request's ``parallel_tool_calls`` false): only the first call, as OpenAI answers then."""
-    parse = {"hermes": parse_tool_calls, "llama3_json": parse_llama_json, "mistral": parse_mistral}[fmt]
+    parse = {"hermes": parse_tool_calls, "llama3_json": parse_llama_json, "mistral": parse_mistral,
+             "mistral_args": parse_mistral_args, "mistral_call_id": parse_mistral_args}[fmt]
     parsed = parse(text, tool_names)
     return parsed if parsed is None or not single else (parsed[0], parsed[1][:1])
 
@@ -186,6 +199,40 @@ def parse_mistral(text: str, tool_names: set[str]) -> tuple[str | None, list[dic
     calls = [_read_call(item, tool_names) for item in (data if isinstance(data, list) else [data])]
     if not calls or None in calls:
         return None
+    return (text[:at].rstrip() or None), calls
+
+
+def parse_mistral_args(text: str, tool_names: set[str]) -> tuple[str | None, list[dict]] | None:
+    """Calls of v11+ Mistral tokenizers: after any text (the content, trailing whitespace removed), one or more
+    ``[TOOL_CALLS]name[ARGS]{...}``, each optionally with ``[CALL_ID]id`` before ``[ARGS]`` (then the call's id),
+    and nothing else but whitespace between and after them. None when any call is not well formed (a name not
+    among the tools, arguments that are not one JSON object, an empty id, text after a call)."""
+    at = text.find(MISTRAL_OPEN)
+    if at < 0:
+        return None
+    decoder, calls, pos = json.JSONDecoder(), [], at
+    while pos < len(text):
+        if not text.startswith(MISTRAL_OPEN, pos):
+            return None  # text after a call's arguments
+        pos += len(MISTRAL_OPEN)
+        args = text.find(ARGS_MARK, pos)
+        if args < 0:
+            return None
+        name, has_id, call_id = text[pos:args].partition(CALL_ID_MARK)
+        start = args + len(ARGS_MARK)
+        start += len(text[start:]) - len(text[start:].lstrip())
+        try:
+            arguments, pos = decoder.raw_decode(text, start)
+        except ValueError:
+            return None
+        call = _read_call({"name": name.strip(), "arguments": arguments}, tool_names) \
+            if isinstance(arguments, dict) else None
+        if call is None or (has_id and (not call_id.strip() or len(call_id.split()) != 1)):
+            return None
+        if has_id:  # the id the model wrote: the template reads it back in the agent's next request
+            call["id"] = call_id.strip()
+        calls.append(call)
+        pos += len(text[pos:]) - len(text[pos:].lstrip())
     return (text[:at].rstrip() or None), calls
 
 
