@@ -97,17 +97,17 @@ def test_float32_tanh_is_accurate_on_both_branches():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_geglu_packed_matches_reference_on_a_strided_view(dtype, monkeypatch):
-    from lorakit.kernels.triton import geglu as triton_geglu
+    from lorakit.kernels.triton import swiglu as triton_geglu
 
     calls = []
-    real = triton_geglu.geglu_packed_forward
-    monkeypatch.setattr(triton_geglu, "geglu_packed_forward", lambda *a: calls.append(1) or real(*a))
+    real = triton_geglu.gated_packed_forward
+    monkeypatch.setattr(triton_geglu, "gated_packed_forward", lambda *a: calls.append(a[2]) or real(*a))
     F = 1100  # not a multiple of the 1024 block
     wide = torch.randn(5, 2 * F + 7, dtype=dtype) * 3
     gate_up = wide[:, 3:3 + 2 * F]  # a view with a row stride wider than 2F
     with torch.no_grad():
         h = geglu_packed(gate_up)
-    assert calls == [1] and h.shape == (5, F) and h.dtype == dtype
+    assert calls == [True] and h.shape == (5, F) and h.dtype == dtype
     gate, up = gate_up[:, :F].double(), gate_up[:, F:].double()
     formula = 0.5 * gate * (1 + torch.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate ** 3))) * up
     assert_close(h, formula, dtype)
@@ -117,17 +117,17 @@ def test_geglu_packed_matches_reference_on_a_strided_view(dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_geglu_packed_adds_a_delta_in_the_same_pass(dtype, monkeypatch):
-    from lorakit.kernels.triton import geglu as triton_geglu
+    from lorakit.kernels.triton import swiglu as triton_geglu
 
     calls = []
-    real = triton_geglu.geglu_packed_forward
-    monkeypatch.setattr(triton_geglu, "geglu_packed_forward", lambda *a: calls.append(1) or real(*a))
+    real = triton_geglu.gated_packed_forward
+    monkeypatch.setattr(triton_geglu, "gated_packed_forward", lambda *a: calls.append(a[2]) or real(*a))
     F = 37
     gate_up = (torch.randn(3, 2 * F + 5) * 3).to(dtype)[:, 2:2 + 2 * F]
     delta = torch.randn(3, 2 * F + 2).to(dtype)[:, 1:1 + 2 * F]
     with torch.no_grad():
         h = geglu_packed(gate_up, delta)
-    assert calls == [1]
+    assert calls == [True]
     summed = gate_up + delta  # in dtype: the rounding the fused kernel reproduces
     assert_close(h, geglu_reference(summed[:, :F].double(), summed[:, F:].double()), dtype)
     assert not torch.equal(h, geglu_packed(gate_up))

@@ -46,14 +46,14 @@ def test_packed_gate_up_matches_reference_on_a_strided_view(dtype, monkeypatch):
     from lorakit.kernels.triton import swiglu as triton_swiglu
 
     calls = []
-    real = triton_swiglu.swiglu_packed_forward
-    monkeypatch.setattr(triton_swiglu, "swiglu_packed_forward", lambda *a: calls.append(1) or real(*a))
+    real = triton_swiglu.gated_packed_forward
+    monkeypatch.setattr(triton_swiglu, "gated_packed_forward", lambda *a: calls.append(a[2]) or real(*a))
     F = 1100  # not a multiple of the 1024 block
     wide = torch.randn(5, 2 * F + 7, dtype=dtype) * 3
     gate_up = wide[:, 3:3 + 2 * F]  # a view with a row stride wider than 2F, as a slice of a bigger buffer
     with torch.no_grad():
         h = swiglu_packed(gate_up)
-    assert calls == [1] and h.shape == (5, F) and h.dtype == dtype
+    assert calls == [False] and h.shape == (5, F) and h.dtype == dtype
     assert_close(h, swiglu_reference(gate_up[:, :F].double(), gate_up[:, F:].double()), dtype)
 
 
@@ -66,14 +66,14 @@ def test_swiglu_packed_adds_a_delta_in_the_same_pass(dtype, monkeypatch):
     from lorakit.kernels.triton import swiglu as triton_swiglu
 
     calls = []
-    real = triton_swiglu.swiglu_packed_forward
-    monkeypatch.setattr(triton_swiglu, "swiglu_packed_forward", lambda *a: calls.append(1) or real(*a))
+    real = triton_swiglu.gated_packed_forward
+    monkeypatch.setattr(triton_swiglu, "gated_packed_forward", lambda *a: calls.append(a[2]) or real(*a))
     F = 1100
     gate_up = (torch.randn(5, 2 * F + 7) * 3).to(dtype)[:, 3:3 + 2 * F]
     delta = torch.randn(5, 2 * F + 2).to(dtype)[:, 1:1 + 2 * F]
     with torch.no_grad():
         h = swiglu_packed(gate_up, delta)
-    assert calls == [1]
+    assert calls == [False]
     summed = gate_up + delta  # in dtype: the rounding the fused kernel reproduces
     assert_close(h, swiglu_reference(summed[:, :F].double(), summed[:, F:].double()), dtype)
     assert not torch.equal(h, swiglu_packed(gate_up))  # the delta is really added

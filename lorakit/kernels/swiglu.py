@@ -60,10 +60,16 @@ def swiglu_packed(gate_up: torch.Tensor, delta: torch.Tensor | None = None) -> t
     delta: None, or (T, 2F) added to gate_up first (rounded to gate_up's dtype, as ``gate_up + delta`` would be;
     the static decoder's LoRA deltas, computed beside the GEMM), read in the same pass.
     """
+    return gated_packed("swiglu_packed", swiglu_reference, False, gate_up, delta)
+
+
+def gated_packed(name: str, reference, gelu_tanh: bool, gate_up: torch.Tensor, delta: torch.Tensor | None):
+    """The packed gated activations' shared body: checks, then the Triton kernel where it runs (silu, or the tanh
+    GELU with ``gelu_tanh``), else ``reference(gate, up)`` on gate_up (+ delta). ``name``: the op, for errors."""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
-        raise LorakitError(f"swiglu_packed takes (T, 2F), got shape {tuple(gate_up.shape)}")
+        raise LorakitError(f"{name} takes (T, 2F), got shape {tuple(gate_up.shape)}")
     if delta is not None and delta.shape != gate_up.shape:
-        raise LorakitError(f"swiglu_packed's delta must have gate_up's shape {tuple(gate_up.shape)}, got {tuple(delta.shape)}")
+        raise LorakitError(f"{name}'s delta must have gate_up's shape {tuple(gate_up.shape)}, got {tuple(delta.shape)}")
     usable = (
         gate_up.stride(1) == 1
         and (delta is None or (delta.stride(1) == 1 and delta.device == gate_up.device))
@@ -74,12 +80,12 @@ def swiglu_packed(gate_up: torch.Tensor, delta: torch.Tensor | None = None) -> t
     )
     F = gate_up.shape[1] // 2
     if usable:
-        from lorakit.kernels.triton.swiglu import swiglu_packed_forward
+        from lorakit.kernels.triton.swiglu import gated_packed_forward
 
-        return swiglu_packed_forward(gate_up, delta)
+        return gated_packed_forward(gate_up, delta, gelu_tanh)
     if delta is not None:
         gate_up = gate_up + delta.to(gate_up.dtype)
-    return swiglu_reference(gate_up[:, :F], gate_up[:, F:])
+    return reference(gate_up[:, :F], gate_up[:, F:])
 
 
 class FusedSwiGLUMLP(nn.Module):

@@ -1,4 +1,5 @@
-"""Triton SwiGLU, forward and backward, elementwise over the flattened tensors: h = silu(g) * u.
+"""Triton SwiGLU, forward and backward, elementwise over the flattened tensors: h = silu(g) * u; and the
+inference-only gated activation over a packed gate/up row (SwiGLU, or Gemma's GeGLU with the tanh GELU).
 
 One read of g and u and one write of h forward; one read of dh, g, u and one write of dg, du backward (the
 unfused PyTorch version makes three passes forward and five backward and keeps silu(g) as an extra activation).
@@ -41,8 +42,8 @@ def _swiglu_bwd(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_packed_fwd(GU, D, H, F, stride_gu, stride_d, stride_h, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
-                       PDL: tl.constexpr):
+def _gated_packed_fwd(GU, D, H, F, stride_gu, stride_d, stride_h, GELU_TANH: tl.constexpr, HAS_DELTA: tl.constexpr,
+                      BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < F
@@ -54,20 +55,28 @@ def _swiglu_packed_fwd(GU, D, H, F, stride_gu, stride_d, stride_h, HAS_DELTA: tl
         u = (u.to(tl.float32) + tl.load(D + row * stride_d + F + offs, mask=mask, other=0.0).to(tl.float32)).to(GU.dtype.element_ty)
     g = g.to(tl.float32)
     u = u.to(tl.float32)
-    tl.store(H + row * stride_h + offs, (g * tl.sigmoid(g) * u).to(H.dtype.element_ty), mask=mask)
+    if GELU_TANH:
+        # gelu_tanh(g) = 0.5 g (1 + tanh(z)), z = sqrt(2/pi) (g + 0.044715 g^3); 0.5 (1 + tanh(z)) = sigmoid(2z)
+        # exactly, so no tanh (which the CPU interpreter lacks in libdevice) and no cancellation near 0
+        act = g * tl.sigmoid(2.0 * (0.7978845608028654 * (g + 0.044715 * g * g * g)))
+    else:
+        act = g * tl.sigmoid(g)
+    tl.store(H + row * stride_h + offs, (act * u).to(H.dtype.element_ty), mask=mask)
 
 
-def swiglu_packed_forward(gate_up: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
-    """gate_up (T, 2F), unit column stride (and delta, same shape, unit column stride, or None) -> silu(g) * u
-    (T, F) in gate_up's dtype, where g, u are the column halves of gate_up (+ delta, rounded to gate_up's dtype)."""
+def gated_packed_forward(gate_up: torch.Tensor, delta: torch.Tensor | None = None,
+                         gelu_tanh: bool = False) -> torch.Tensor:
+    """gate_up (T, 2F), unit column stride (and delta, same shape, unit column stride, or None) -> act(g) * u
+    (T, F) in gate_up's dtype, where g, u are the column halves of gate_up (+ delta, rounded to gate_up's dtype)
+    and act is silu, or the tanh GELU with ``gelu_tanh``. One read of each row, float32 math, rounded once."""
     T, F = gate_up.shape[0], gate_up.shape[1] // 2
     h = torch.empty((T, F), dtype=gate_up.dtype, device=gate_up.device)
     if h.numel():
         d = gate_up if delta is None else delta
         pdl = pdl_on(gate_up)
-        _swiglu_packed_fwd[(T, triton.cdiv(F, BLOCK))](gate_up, d, h, F, gate_up.stride(0), d.stride(0), h.stride(0),
-                                                       HAS_DELTA=delta is not None, BLOCK=BLOCK, PDL=pdl, num_warps=4,
-                                                       **pdl_launch(pdl))
+        _gated_packed_fwd[(T, triton.cdiv(F, BLOCK))](gate_up, d, h, F, gate_up.stride(0), d.stride(0), h.stride(0),
+                                                      GELU_TANH=gelu_tanh, HAS_DELTA=delta is not None, BLOCK=BLOCK,
+                                                      PDL=pdl, num_warps=4, **pdl_launch(pdl))
     return h
 
 
