@@ -16,6 +16,19 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
+
+def forced_tool_choice(value, named: str | None, names: list[str], form: str):
+    """A ``tool_choice`` other than "auto"/"none": "required", or a function named ``named`` (the request's form of
+    it already read; None when it names none), checked against the request's tool ``names``. ``form``: how to name
+    one, for the error."""
+    if value != "required" and named is None:
+        raise ValueError(f"tool_choice {str(value)[:60]!r} is not supported; send 'auto', 'none', 'required' or {form}")
+    if not names:
+        raise ValueError(f"tool_choice {str(value)[:60]!r} is not supported without tools; send the functions in tools")
+    if named is not None and named not in names:
+        raise ValueError(f"tool_choice names {named[:64]!r}, which is not among the tools ({', '.join(names)[:200]})")
+    return value
+
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
 
@@ -361,17 +374,9 @@ class ChatRequest(_Sampling):
         function = value.get("function") if isinstance(value, dict) else None
         named = isinstance(function, dict) and value.get("type") == "function" and set(value) == {"type", "function"} \
             and set(function) == {"name"} and isinstance(function["name"], str)
-        if value != "required" and not named:
-            raise ValueError(f"tool_choice {str(value)[:60]!r} is not supported; send 'auto', 'none', 'required' or "
-                             "{'type': 'function', 'function': {'name': NAME}}")
-        names = [tool.function.name for tool in info.data.get("tools") or ()]
-        if not names:
-            raise ValueError(f"tool_choice {str(value)[:60]!r} is not supported without tools; send the functions "
-                             "in tools")
-        if named and function["name"] not in names:
-            raise ValueError(f"tool_choice names {function['name'][:64]!r}, which is not among the tools "
-                             f"({', '.join(names)[:200]})")
-        return value
+        return forced_tool_choice(value, function["name"] if named else None,
+                                  [tool.function.name for tool in info.data.get("tools") or ()],
+                                  "{'type': 'function', 'function': {'name': NAME}}")
 
     def forced_call(self) -> str | None:
         """The function the answer must call (tool_choice names one), "" for any ("required"), None: not forced."""
@@ -653,17 +658,9 @@ class ResponsesRequest(_Strict):
             return value
         named = isinstance(value, dict) and value.get("type") == "function" and set(value) == {"type", "name"} \
             and isinstance(value["name"], str)
-        if value != "required" and not named:
-            raise ValueError(f"tool_choice {str(value)[:60]!r} is not supported; send 'auto', 'none', 'required' or "
-                             "{'type': 'function', 'name': NAME} (this server runs no hosted tools)")
-        names = [tool.name for tool in info.data.get("tools") or ()]
-        if not names:
-            raise ValueError(f"tool_choice {str(value)[:60]!r} is not supported without tools; send the functions "
-                             "in tools")
-        if named and value["name"] not in names:
-            raise ValueError(f"tool_choice names {value['name'][:64]!r}, which is not among the tools "
-                             f"({', '.join(names)[:200]})")
-        return value
+        return forced_tool_choice(value, value["name"] if named else None,
+                                  [tool.name for tool in info.data.get("tools") or ()],
+                                  "{'type': 'function', 'name': NAME} (this server runs no hosted tools)")
 
     def forced_call(self) -> str | None:
         """The function the answer must call (tool_choice names one), "" for any ("required"), None: not forced."""
