@@ -100,7 +100,7 @@ class DecodeAdapters:
         self.parts, self.weights = parts, weights
         self.dtype, self.device = dtype, torch.device(device)
         self.layers = [
-            {group: GroupStack(weights[i][group].weight.shape[1], weights[i][group].splits, slots, r_max, dtype, device)
+            {group: GroupStack(weights[i][group].in_features, weights[i][group].splits, slots, r_max, dtype, device)
              for group, _ in parts.groups}
             for i in range(len(parts.layers))
         ]
@@ -162,8 +162,7 @@ class DecodeAdapters:
                     stack.clear(slot)
             for i, group, segment, adapter in found:
                 fused = self.weights[i][group]
-                lo = sum(fused.splits[:segment])
-                base = fused.weight[lo:lo + fused.splits[segment]]
+                base = fused.member_weight(segment, self.dtype)  # a view, or the NF4 weight dequantized
                 had_ratio = self.layers[i][group].ratio is not None
                 self.layers[i][group].write(slot, segment, adapter, base)
                 if adapter.magnitude is not None:

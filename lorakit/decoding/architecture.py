@@ -18,8 +18,10 @@ depend on the sequence length (default, linear, llama3, yarn; longrope while eve
 original context). Anything else gets a one-line reason from ``static_decoding_unsupported``, and callers keep
 transformers' forward.
 
-A projection may be a plain ``nn.Linear`` or a lorakit ``LoraLinear`` over one (16/32-bit weights; an NF4 base is
-not supported here). Adapters that also change other modules (embeddings, the output head, modules_to_save) are
+A projection may be a plain ``nn.Linear``, a lorakit ``NF4Linear`` (QLoRA's 4-bit base, from
+``lorakit.quantize(model, "nf4")`` or ``load_base(folder, quantize="nf4")``), or a lorakit ``LoraLinear`` over
+either; the members of a fused group (q/k/v, gate/up) are all NF4 or all dense. Other quantized layers (bitsandbytes,
+other ``QuantizedLinear`` types) get a one-line reason. Adapters that also change other modules (embeddings, the output head, modules_to_save) are
 listed in ``ModelParts.foreign``: the decoder refuses rows that use them (it would silently skip those modules).
 """
 
@@ -110,6 +112,13 @@ class ModelParts:
 def base_linear(module: nn.Module) -> nn.Module:
     """The ``nn.Linear`` under a projection (itself, or a LoraLinear's base layer)."""
     return getattr(module, "base_layer", module)
+
+
+def _is_nf4(module: nn.Module) -> bool:
+    """A lorakit NF4 (QLoRA) base layer: the decoder's GEMMs read its packed weight (``lorakit.kernels.nf4_rows``)."""
+    from lorakit.quant.nf4 import NF4Linear
+
+    return isinstance(module, NF4Linear)
 
 
 def norm_eps(norm: nn.Module, default: float) -> float:
@@ -255,10 +264,17 @@ def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
             if not isinstance(module, LoraLinear) and hasattr(module, "base_layer"):
                 raise LorakitError(f"layer {i} {name} is wrapped by another library ({type(module).__name__})")
             linear = base_linear(module)
-            if type(linear) is not nn.Linear:
+            if type(linear) is not nn.Linear and not _is_nf4(linear):
+                hint = (" (convert bitsandbytes layers with lorakit.quantize(model, 'nf4'): exact for NF4)"
+                        if type(linear).__name__ in ("Linear4bit", "LinearNF4") else "")
                 raise LorakitError(f"layer {i} {name} is a {type(linear).__name__}; static decoding needs 16/32-bit "
-                                   "nn.Linear weights (quantized bases decode through transformers)")
+                                   f"nn.Linear or lorakit NF4Linear weights{hint}")
             projections[name] = module
+        for group, members in (PHI3_GROUPS if phi3 else GROUPS):
+            kinds = {_is_nf4(base_linear(projections[p])) for p in members}
+            if len(kinds) > 1:  # one GEMM per group reads one storage
+                raise LorakitError(f"layer {i} mixes NF4 and dense weights in its {'/'.join(members)} projections; "
+                                   "static decoding needs them all NF4 or all dense (quantize them together)")
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         if (q_norm is None) != (k_norm is None) or (model_type in ("qwen3", "gemma3_text")) != (q_norm is not None):
             raise LorakitError(f"layer {i} has unexpected q/k norms for a {model_type} model")

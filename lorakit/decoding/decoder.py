@@ -125,7 +125,8 @@ class StaticDecoder:
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def _fuse(self, layer) -> dict:
-        return {group: fuse_projections([layer.projections[p] for p in members]) for group, members in self.parts.groups}
+        return {group: fuse_projections([layer.projections[p] for p in members], self.dtype)
+                for group, members in self.parts.groups}
 
     def _rope_table(self, length: int, key: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (S, D) float32 for positions 0..S-1, from the model's own rotary module (all its scalings);
@@ -620,7 +621,9 @@ class StaticDecoder:
                 with torch.cuda.stream(side):
                     lora_side()
         # the residual add inside the GEMM's epilogue
-        y = rows_linear(x, fused.weight, residual if residual is not None and not dora else None)
+        residual_in = residual if residual is not None and not dora else None
+        # NF4 base (QLoRA): one fused dequantize-and-multiply launch per group (lorakit.kernels.nf4_rows)
+        y = rows_linear(x, fused.weight, residual_in) if fused.nf4 is None else fused.matmul(x, residual_in)
         if overlap:
             if side is not None:
                 main.wait_stream(side)

@@ -1,0 +1,78 @@
+"""(residual +) x W^T over an NF4 weight for a decode step's few rows: the static decoder's base GEMM on a QLoRA base.
+
+The weight is given as the NF4 layout of ``lorakit/kernels/nf4.py`` with its block scales already decoded to
+float32 (the static decoder decodes a double-quantized absmax once, at build): ``packed`` (ceil(N*K/2),) uint8,
+``scales`` (ceil(N*K/blocksize),) float32, ``code`` (16,) float32. ``nf4_rows_linear`` runs the fused Triton kernel
+(``lorakit.kernels.triton.nf4_rows``: the packed bytes are read once, never stored dense) for 1..64 rows when K is a
+multiple of the blocksize (every real model: hidden and MLP widths are multiples of 64); more rows (prefill)
+dequantize once (Triton) and multiply with the BLAS; anything else runs the reference, which is the spec:
+dequantize exactly as bitsandbytes (``code[q] * scale`` in float32, one rounding to x's dtype), then
+``rows_linear_reference`` (addmm with the residual, as the dense decoder's epilogue).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorakit.kernels._triton import triton_usable
+from lorakit.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
+from lorakit.kernels.rows_linear import rows_linear_reference
+
+MAX_FUSED_ROWS = 64  # one (BLOCK_M <= 64, BLOCK_N) accumulator per program, as rows_gemm
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def nf4_pairs(code: torch.Tensor) -> torch.Tensor:
+    """(256,) int64: entry b holds the float32 bits of code[b >> 4] (low half) and code[b & 15] (high half), the two
+    values of packed byte b (element 2i is the high nibble); one gather in the kernel reads both."""
+    byte = torch.arange(256, device=code.device)
+    values = torch.stack((code.float()[byte >> 4], code.float()[byte & 0xF]), dim=1).contiguous()  # (256, 2)
+    return values.view(torch.int64).reshape(256)  # little-endian: the first float is the low half
+
+
+class NF4Rows:
+    """One NF4 weight (N, K) as the decode GEMM reads it: ``packed`` (ceil(N*K/2),) uint8, ``scales``
+    (ceil(N*K/blocksize),) float32 (decoded block scales), ``code`` (16,) float32, ``pairs`` (256,) int64
+    (``nf4_pairs(code)``), ``out_features`` N, ``blocksize``. References, no copies."""
+
+    __slots__ = ("packed", "scales", "code", "pairs", "out_features", "blocksize")
+
+    def __init__(self, packed, scales, code, out_features: int, blocksize: int, pairs=None):
+        self.packed, self.scales, self.code = packed.reshape(-1), scales.reshape(-1), code
+        self.pairs = nf4_pairs(code) if pairs is None else pairs
+        self.out_features, self.blocksize = int(out_features), int(blocksize)
+
+    def dequantize(self, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+        """The dense (N, in_features) weight in ``dtype``, exactly as bitsandbytes (the reference)."""
+        return dequantize_nf4_reference(self.packed, self.scales, self.code, (self.out_features, in_features),
+                                        self.blocksize, dtype)
+
+
+def nf4_rows_linear_reference(x: torch.Tensor, members, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (T, K) -> (T, N): ``addmm(residual, x, W^T)`` (or ``x W^T``), W the row-wise concatenation of the NF4
+    ``members`` (``NF4Rows``) dequantized to x's dtype."""
+    weight = torch.cat([m.dequantize(x.shape[1], x.dtype) for m in members], dim=0)
+    return rows_linear_reference(x, weight, residual)
+
+
+def nf4_rows_linear(x: torch.Tensor, members, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """(residual +) x @ W^T as a new (T, N) tensor in x's dtype, W (N, K) the row-wise concatenation of 1 to 3
+    ``NF4Rows`` members (a fused q/k/v or gate/up group runs as one launch); x (T, K), residual None or (T, N) in
+    x's dtype. See the module doc for which path runs."""
+    T, K = x.shape
+    N = sum(m.out_features for m in members)
+    blocksize = members[0].blocksize
+    tensors = [t for m in members for t in (m.packed, m.scales, m.pairs)]
+    usable = (triton_usable(x, *tensors) and x.dtype in _DTYPES
+              and not (x.device.type == "cpu" and x.dtype == torch.bfloat16))  # the interpreter has no bf16
+    residual_ok = residual is None or (residual.dtype == x.dtype and residual.shape == (T, N) and residual.stride(1) == 1)
+    if (usable and 0 < T <= MAX_FUSED_ROWS and K % blocksize == 0 and x.stride(1) == 1 and residual_ok
+            and len(members) <= 3 and all(m.blocksize == blocksize for m in members)):
+        from lorakit.kernels.triton.nf4_rows import nf4_rows_gemm
+
+        return nf4_rows_gemm(x, [(m.packed, m.scales, m.pairs, m.out_features) for m in members], blocksize, residual)
+    if usable and T > MAX_FUSED_ROWS:  # prefill-sized: dequantize once (Triton), then the BLAS
+        weight = torch.cat([dequantize_nf4(NF4Weight(m.packed, m.scales, None, None, m.code, None, (m.out_features, K),
+                                                     m.blocksize), x.dtype) for m in members], dim=0)
+        return rows_linear_reference(x, weight, residual)
+    return nf4_rows_linear_reference(x, members, residual)
