@@ -89,6 +89,18 @@ def test_nf4_rows_kernel_matches_the_reference(rows, sizes, K, blocksize, dtype,
     assert q.packed.shape == members[0].packed.shape
 
 
+@pytest.mark.parametrize("config", [(32, 32, 2, 4, 2, False), (16, 32, 1, 4, 3, True)], ids=["nibble-gathers", "pairs"])
+def test_nf4_rows_kernel_tiles_and_lookups(config):
+    """The other tiles and lookup of the bench's sweep (``config`` = BLOCK_N, CHUNK, UNROLL, warps, stages, PAIRS)."""
+    from lorakit.kernels.triton.nf4_rows import nf4_rows_gemm
+
+    members = _members((70, 20, 9), 256, 32)
+    x, r = torch.randn(9, 256), torch.randn(9, 99)
+    got = nf4_rows_gemm(x, [(m.packed, m.scales, m.pairs, m.code, m.out_features) for m in members], 32, r,
+                        config=config)
+    assert torch.allclose(got, nf4_rows_linear_reference(x, members, r), atol=1e-4, rtol=1e-5)
+
+
 def test_nf4_rows_other_paths_give_the_reference(kernel_calls):
     """K not a multiple of the blocksize (blocks straddle rows): the reference; more than 64 rows (prefill): Triton
     dequantize + BLAS; bfloat16 on the CPU (the interpreter has none): the reference. No fused launch in any."""

@@ -70,7 +70,8 @@ def nf4_rows_linear(x: torch.Tensor, members, residual: torch.Tensor | None = No
             and len(members) <= 3 and all(m.blocksize == blocksize for m in members)):
         from lorakit.kernels.triton.nf4_rows import nf4_rows_gemm
 
-        return nf4_rows_gemm(x, [(m.packed, m.scales, m.pairs, m.out_features) for m in members], blocksize, residual)
+        return nf4_rows_gemm(x, [(m.packed, m.scales, m.pairs, m.code, m.out_features) for m in members], blocksize,
+                             residual)
     if usable and T > MAX_FUSED_ROWS:  # prefill-sized: dequantize once (Triton), then the BLAS
         weight = torch.cat([dequantize_nf4(NF4Weight(m.packed, m.scales, None, None, m.code, None, (m.out_features, K),
                                                      m.blocksize), x.dtype) for m in members], dim=0)

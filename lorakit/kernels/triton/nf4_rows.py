@@ -2,15 +2,17 @@
 
 The sibling of ``rows_gemm`` (same grid, same epilogue, same PDL entry) for a 4-bit weight: one program streams
 BLOCK_N rows of the packed weight over all of K, so W's bytes (K/2 per row, ~3.6x fewer than bf16 with the scales)
-are read once per step while the M rows of x (a few KiB) come from L2.
+are read once per step while the M rows of x come from L2. Each program re-reads all of x (M x K), 4M / BLOCK_N
+times its weight bytes: at 64 rows x is most of the traffic (from L2, not HBM), which is what the tile sweep of
+bench/nf4_decode_check.py weighs against filling the SMs.
 
 Layout (``lorakit/kernels/nf4.py``): flat element ``n*K + k`` is nibble ``k % 2`` (high first) of byte
 ``(n*K + k) // 2``; its scale is ``scales[(n*K + k) // blocksize]``. The kernel needs ``K % blocksize == 0`` (the
 caller checks): row n's bytes are then ``packed[n*K/2 : (n+1)*K/2]`` and its scales ``scales[n*K/bs : (n+1)*K/bs]``.
 
-Per chunk of C = min(blocksize, BLOCK_K) columns (one scale per row): the (BLOCK_N, C/2) bytes are looked up in
+Per chunk of C = min(blocksize, 256) columns (one scale per row): the (BLOCK_N, C/2) bytes are looked up either in
 ``pairs`` (256,) int64, the float32 bit patterns of (code[b >> 4], code[b & 15]) in its low / high halves, so one
-gather gives both values of a byte; the even columns (high nibbles) and the odd ones (low nibbles) are two
+gather gives both values of a byte (``PAIRS``, as FLUTE's paired table), or twice in the 16-entry code; the even columns (high nibbles) and the odd ones (low nibbles) are two
 (BLOCK_N, C/2) tiles, each ``code * scale`` in float32 then rounded to x's dtype (the reference's order, bit for
 bit), multiplied with x's even / odd columns: acc += x[:, 0::2] . W_even^T + x[:, 1::2] . W_odd^T.
 
@@ -30,24 +32,25 @@ from lorakit.kernels.triton.pdl import pdl_enter
 
 
 @triton.jit
-def _nf4_rows_gemm(x_ptr, packed0, scales0, pairs0, packed1, scales1, pairs1, packed2, scales2, pairs2, r_ptr, y_ptr,
-                   M, N0, N1, N2, K, stride_xm, stride_rm, stride_ym, BLOCKSIZE: tl.constexpr, CHUNK: tl.constexpr,
-                   UNROLL: tl.constexpr, MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+def _nf4_rows_gemm(x_ptr, packed0, scales0, pairs0, code0, packed1, scales1, pairs1, code1, packed2, scales2, pairs2,
+                   code2, r_ptr, y_ptr, M, N0, N1, N2, K, stride_xm, stride_rm, stride_ym, BLOCKSIZE: tl.constexpr,
+                   CHUNK: tl.constexpr, UNROLL: tl.constexpr, MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PAIRS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
+                   PDL: tl.constexpr):
     HALF: tl.constexpr = CHUNK // 2
     # the program's member weight (up to three: q/k/v) and its first column of y; a column block never straddles two
     pid = tl.program_id(0)
-    packed_ptr, scales_ptr, pairs_ptr, N, col0 = packed0, scales0, pairs0, N0, 0
+    packed_ptr, scales_ptr, pairs_ptr, code_ptr, N, col0 = packed0, scales0, pairs0, code0, N0, 0
     if MEMBERS > 1:
         blocks0 = tl.cdiv(N0, BLOCK_N)
         if pid >= blocks0:
             pid -= blocks0
-            packed_ptr, scales_ptr, pairs_ptr, N, col0 = packed1, scales1, pairs1, N1, N0
+            packed_ptr, scales_ptr, pairs_ptr, code_ptr, N, col0 = packed1, scales1, pairs1, code1, N1, N0
             if MEMBERS > 2:
                 blocks1 = tl.cdiv(N1, BLOCK_N)
                 if pid >= blocks1:
                     pid -= blocks1
-                    packed_ptr, scales_ptr, pairs_ptr, N, col0 = packed2, scales2, pairs2, N2, N0 + N1
+                    packed_ptr, scales_ptr, pairs_ptr, code_ptr, N, col0 = packed2, scales2, pairs2, code2, N2, N0 + N1
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, HALF)
@@ -63,10 +66,14 @@ def _nf4_rows_gemm(x_ptr, packed0, scales0, pairs0, packed1, scales1, pairs1, pa
         for u in tl.static_range(UNROLL):
             k = k0 + u * CHUNK
             byte = tl.load(byte_ptrs + k // 2, mask=mask_n[:, None], other=0).to(tl.int32)
-            pair = tl.load(pairs_ptr + byte)  # int64: low half code[b >> 4], high half code[b & 15]
+            if PAIRS:  # one 8-byte gather per byte from the 2 KiB pair table
+                pair = tl.load(pairs_ptr + byte)  # int64: low half code[b >> 4], high half code[b & 15]
+                even = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+                odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            else:  # two 4-byte gathers per byte from the 64-byte code table (one cache line)
+                even = tl.load(code_ptr + (byte >> 4))
+                odd = tl.load(code_ptr + (byte & 15))
             scale = tl.load(scale_ptrs + k // BLOCKSIZE, mask=mask_n, other=0.0)[:, None]
-            even = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            odd = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
             w_even = (even * scale).to(x_ptr.dtype.element_ty)
             w_odd = (odd * scale).to(x_ptr.dtype.element_ty)
             x_even = tl.load(x_ptrs + k, mask=mask_m[:, None], other=0.0)
@@ -80,9 +87,14 @@ def _nf4_rows_gemm(x_ptr, packed0, scales0, pairs0, packed1, scales1, pairs1, pa
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def nf4_rows_config(N: int, K: int, blocksize: int, sm_count: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, CHUNK, UNROLL, num_warps, num_stages) from the shapes: ``rows_gemm_config``'s rule for BLOCK_N (the
-    widest column block that still gives 70% of the SMs a program) and 256 columns of K per loop step (128 bytes
+# (N, K, blocksize, BLOCK_M) -> a config tuple, tried before ``nf4_rows_config``'s rule: bench/nf4_decode_check.py
+# fills it with the best of its sweep on the GPU to time the step with tuned tiles (empty: the rule everywhere)
+CONFIGS: dict = {}
+
+
+def nf4_rows_config(N: int, K: int, blocksize: int, sm_count: int) -> tuple[int, int, int, int, int, bool]:
+    """(BLOCK_N, CHUNK, UNROLL, num_warps, num_stages, PAIRS) from the shapes: ``rows_gemm_config``'s rule for
+    BLOCK_N (the widest column block that still gives 70% of the SMs a program) and 256 columns of K per loop step (128 bytes
     of each weight row: the bf16 kernel's 256-wide chunks read 4x the bytes). Not tuned on a GPU yet:
     bench/nf4_decode_check.py measures the step against the bound."""
     block_n = 16
@@ -94,17 +106,17 @@ def nf4_rows_config(N: int, K: int, blocksize: int, sm_count: int) -> tuple[int,
     unroll = 1
     while chunk * unroll * 2 <= 256 and K % (chunk * unroll * 2) == 0:
         unroll *= 2
-    return block_n, chunk, unroll, 4, 3
+    return block_n, chunk, unroll, 4, 3, True
 
 
 def nf4_rows_gemm(x: torch.Tensor, members, blocksize: int, residual: torch.Tensor | None = None, *,
-                  config: tuple[int, int, int, int, int] | None = None, pdl: bool | None = None) -> torch.Tensor:
+                  config: tuple | None = None, pdl: bool | None = None) -> torch.Tensor:
     """(residual +) x @ W^T: x (M <= 64, K) float32/float16/bfloat16 with unit column stride; W (N, K) the row-wise
     concatenation of 1 to 3 NF4 ``members``, each ``(packed (n_i*K/2,) uint8, scales (n_i*K/blocksize,) float32,
-    pairs (256,) int64 (nf4_pairs), n_i)``, K a multiple of ``blocksize`` (checked by the caller); residual None or
+    pairs (256,) int64 (nf4_pairs), code (16,) float32, n_i)``, K a multiple of ``blocksize`` (checked by the caller); residual None or
     (M, N) in x's dtype -> (M, N = sum n_i) in x's dtype. One launch for all members."""
     M, K = x.shape
-    sizes = [m[3] for m in members]
+    sizes = [m[4] for m in members]
     N = sum(sizes)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
@@ -116,15 +128,19 @@ def nf4_rows_gemm(x: torch.Tensor, members, blocksize: int, residual: torch.Tens
     else:
         sm = 8
     pdl = pdl_on(x) if pdl is None else pdl
-    block_n, chunk, unroll, warps, stages = config or nf4_rows_config(N, K, blocksize, sm)
+    block_m = max(16, triton.next_power_of_2(M))
+    block_n, chunk, unroll, warps, stages, pairs = (config or CONFIGS.get((N, K, blocksize, block_m))
+                                                    or nf4_rows_config(N, K, blocksize, sm))
+    if blocksize % chunk or K % (chunk * unroll) or chunk < 32:  # one scale per chunk row; dot needs K >= 16
+        raise ValueError(f"NF4 rows GEMM tile: CHUNK {chunk} x UNROLL {unroll} does not fit blocksize {blocksize}, K {K}")
     r = y if residual is None else residual
     padded = list(members) + [members[0]] * (3 - len(members))  # unused pointer slots: MEMBERS removes their loads
-    pointers = [t for packed, scales, pairs, _ in padded for t in (packed, scales, pairs)]
+    pointers = [t for member in padded for t in member[:4]]
     sizes3 = sizes + [0] * (3 - len(sizes))
     grid = (sum(triton.cdiv(n, block_n) for n in sizes),)
     _nf4_rows_gemm[grid](
         x, *pointers, r, y, M, *sizes3, K, x.stride(0), r.stride(0), y.stride(0),
-        BLOCKSIZE=blocksize, CHUNK=chunk, UNROLL=unroll, MEMBERS=len(members), BLOCK_M=max(16, triton.next_power_of_2(M)),
-        BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCKSIZE=blocksize, CHUNK=chunk, UNROLL=unroll, MEMBERS=len(members), BLOCK_M=block_m,
+        BLOCK_N=block_n, PAIRS=pairs, HAS_RESIDUAL=residual is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         PDL=pdl, num_warps=warps, num_stages=stages, enable_fp_fusion=False, **pdl_launch(pdl))
     return y
