@@ -465,10 +465,10 @@ def test_forced_prefixes_are_the_templates_calls():
 
 
 # -- serving over real sockets -----------------------------------------------------------------------------------
-CALL_WORDS = {  # what each scripted model writes, greedy, one token per word
-    "ministral3": ["Let me check.", "[TOOL_CALLS]", "get_weather", "[ARGS]", '{"city": "Paris"}', "</s>"],
+CALL_WORDS = {  # what each scripted model writes, greedy, one token per word (the arguments in two)
+    "ministral3": ["Let me check.", "[TOOL_CALLS]", "get_weather", "[ARGS]", '{"city": ', '"Paris"}', "</s>"],
     "magistral": ["Let me check.", "[TOOL_CALLS]", "get_weather", "[CALL_ID]", "abcdefghi", "[ARGS]",
-                  '{"city": "Paris"}', "</s>"],
+                  '{"city": ', '"Paris"}', "</s>"],
 }
 WEATHER = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
 
@@ -502,6 +502,11 @@ def test_served_calls_plain_and_streamed(served):
     assert "".join(d["delta"].get("content") or "" for d in deltas) == "Let me check."
     assert [d["finish_reason"] for d in deltas if d["finish_reason"]] == ["tool_calls"]
     assert _accumulate(deltas) == [(call["id"] if served["name"] == "magistral" else None, WEATHER)]
+    # the call streams as it is written: its head (id, type, name, empty arguments), then each piece of arguments
+    parts = [p for d in deltas for p in d["delta"].get("tool_calls") or ()]
+    assert parts[0]["function"] == {"name": "get_weather", "arguments": ""} and parts[0]["type"] == "function"
+    assert [p["function"] for p in parts[1:]] == [{"arguments": '{"city": '}, {"arguments": '"Paris"}'}]
+    assert all("id" not in p and p["index"] == 0 for p in parts[1:])
     # without tools, or with tool_choice "none", the same words are text (the special markers skipped, as before)
     for extra in ({}, {"tools": TOOLS, "tool_choice": "none"}):
         plain = _chat(client, **extra)["choices"][0]
@@ -525,17 +530,22 @@ def _accumulate(deltas: list[dict]) -> list[tuple[str | None, dict]]:
 
 def test_a_malformed_call_stays_content(served):
     """An answer cut inside the call (max_tokens) is no call: its whole text, markers included, is the content
-    (finish_reason "length"), plain and streamed; never an error."""
+    (finish_reason "length"), plain and streamed; never an error. Streamed, a call cut before its name is complete
+    sent nothing; one cut inside its arguments had its head and first arguments sent (they cannot be taken back,
+    as with vLLM), and the whole text follows as content."""
     from test_serve_tools import _chat, _stream
 
     client = served["client"]
-    cut = {"ministral3": 4, "magistral": 5}[served["name"]]
-    text = "".join(CALL_WORDS[served["name"]][:cut])
-    choice = _chat(client, tools=TOOLS, max_tokens=cut)["choices"][0]
-    assert choice["finish_reason"] == "length" and choice["message"] == {"role": "assistant", "content": text}
-    deltas = [e["choices"][0] for e in _stream(client, tools=TOOLS, max_tokens=cut)]
-    assert "".join(d["delta"].get("content") or "" for d in deltas) == text
-    assert not any(d["delta"].get("tool_calls") for d in deltas)
+    words = CALL_WORDS[served["name"]]
+    for cut, sent in ((words.index("get_weather") + 1, []), (words.index('{"city": ') + 1, [(None, {
+            "name": "get_weather", "arguments": '{"city": '})])):
+        text = "".join(words[:cut])
+        choice = _chat(client, tools=TOOLS, max_tokens=cut)["choices"][0]
+        assert choice["finish_reason"] == "length" and choice["message"] == {"role": "assistant", "content": text}
+        deltas = [e["choices"][0] for e in _stream(client, tools=TOOLS, max_tokens=cut)]
+        assert "".join(d["delta"].get("content") or "" for d in deltas) == text
+        assert [(None, f) for _, f in _accumulate(deltas)] == sent
+        assert [d["finish_reason"] for d in deltas if d["finish_reason"]] == ["length"]
     assert "Traceback" not in served["server"].output()
 
 
@@ -568,6 +578,15 @@ def test_agent_loop_with_the_openai_sdk(served):
     reply = sdk.chat.completions.create(model="base", messages=question, tools=TOOLS, temperature=0, max_tokens=16)
     message = reply.choices[0].message
     assert reply.choices[0].finish_reason == "tool_calls" and message.tool_calls[0].function.name == "get_weather"
+    # the SDK's own stream accumulation rebuilds the same message from the incremental chunks
+    with sdk.chat.completions.stream(model="base", messages=question, tools=TOOLS, temperature=0,
+                                     max_tokens=16) as stream:
+        events = [event.type for event in stream]
+        streamed = stream.get_final_completion().choices[0]
+    assert events.count("tool_calls.function.arguments.delta") == 3  # the head (empty arguments), then two pieces
+    assert streamed.finish_reason == "tool_calls" and streamed.message.content == message.content
+    assert [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls] == \
+        [(c.function.name, c.function.arguments) for c in message.tool_calls]
     history = [*question, message.model_dump(),
                {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": '{"temp": 21}'}]
     second = sdk.chat.completions.create(model="base", messages=history, tools=TOOLS, temperature=0, max_tokens=16)
@@ -581,3 +600,86 @@ def test_agent_loop_with_the_openai_sdk(served):
         assert "[CALL_ID]abcdefghi[ARGS]" in expected and "[TOOL_RESULTS]abcdefghi[TOOL_CONTENT]" in expected
     assert second.usage.prompt_tokens == len(served["tokenizer"](expected, add_special_tokens=False)["input_ids"])
     assert "Traceback" not in served["server"].output()
+
+
+# -- streamed calls, incrementally, for every format ---------------------------------------------------------------
+STREAM_CASES = [  # (format, answer with two calls, the second's arguments as JSON text where the format allows it)
+    ("hermes", 'Sure.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n</tool_call>'
+               '\n<tool_call>\n{"name": "get_time", "arguments": "{\\"zone\\": \\"CET\\"}"}\n</tool_call>'),
+    ("hermes", '<tool_call>\n{"arguments": {"city":"Paris"}, "name": "get_weather"}\n</tool_call>'),  # name last
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", "parameters": {}}'),
+    ("mistral", 'Sure. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abcdefghi"}, '
+                '{"name": "get_time", "arguments": {"zone":  "CET"}}]'),
+    ("mistral_args", 'Sure.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "note": "a } and a \\" inside"}'
+                     '[TOOL_CALLS]get_time[ARGS]{}'),
+    ("mistral_call_id", '[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city":"Paris"}'
+                        '[TOOL_CALLS]get_time[CALL_ID]f5g6h7i8j[ARGS] {"zone": "CET"}'),
+]
+
+
+@pytest.mark.parametrize("fmt, text", STREAM_CASES)
+@pytest.mark.parametrize("size", [1, 5, 1000])
+def test_incremental_call_deltas_add_up_to_the_parsed_calls(fmt, text, size):
+    """Fed in pieces, each call's head comes first (id, type, name, empty arguments), then its arguments in pieces
+    as written; joined by index they are the non-streamed calls, ids included (the model's where it wrote one)."""
+    holder = ToolCallStream(NAMES_GIVEN, fmt, incremental=True)
+    content, parts = "", []
+    for i in range(0, len(text), size):
+        content += holder.feed(text[i:i + size])
+        parts += holder.call_deltas()
+    rest, calls = holder.finish()
+    parts += holder.rest_deltas(calls)
+    content += rest
+    expected = parse_calls(text, fmt, NAMES_GIVEN)
+    assert content == (expected[0] or "")
+    joined: dict[int, dict] = {}
+    for part in parts:
+        if "id" in part:  # a head: once per call, before its arguments
+            assert part["index"] not in joined and part["type"] == "function"
+            joined[part["index"]] = {"id": part["id"], "type": "function", "function": dict(part["function"])}
+        else:
+            joined[part["index"]]["function"]["arguments"] += part["function"]["arguments"]
+    assert [joined[i] for i in sorted(joined)] == calls
+    assert [c["function"] for c in calls] == [c["function"] for c in expected[1]]
+    for call, want in zip(calls, expected[1]):
+        assert call["id"] == want["id"] or (want["id"].startswith("call_") and call["id"].startswith("call_"))
+    pieces = [p for p in parts if "id" not in p and p["index"] == 0]
+    if size == 1 and not text.startswith('<tool_call>\n{"arguments"'):  # arguments stream in several pieces
+        assert len(pieces) > 3  # (written before the name, they are whole when the call's head goes out)
+
+
+def test_the_stream_events_read_by_the_openai_sdk():
+    """In process, the server's chunks for every format (two calls each) as the openai package accumulates them
+    (``ChatCompletionStreamState``): the same message as the non-streamed answer."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    from lorakit.serve.answers import stream_events
+
+    for fmt, text in STREAM_CASES:
+        queue = asyncio.Queue()
+        for k in range(0, len(text), 3):
+            queue.put_nowait(("token", 0, text[k:k + 3], 1, None))
+        queue.put_nowait(("done", 0, "", "stop"))
+        body = SimpleNamespace(stream_options=None, model="m", forced_call=lambda: None)
+        state = SimpleNamespace(engine=SimpleNamespace(cancel=lambda job: None))
+
+        async def run():
+            return [chunk async for chunk in stream_events(state, body, [SimpleNamespace(tokens=[1])],
+                                                           SimpleNamespace(queue=queue), "chatcmpl-x", 0, True, 3,
+                                                           None, (fmt, NAMES_GIVEN, False))]
+
+        raw = asyncio.run(run())
+        assert raw[-1] == "data: [DONE]\n\n"
+        accumulated = ChatCompletionStreamState()
+        for block in raw[:-1]:
+            accumulated.handle_chunk(ChatCompletionChunk.model_validate(json.loads(block[6:])))
+        choice = accumulated.get_final_completion().choices[0]
+        content, calls = parse_calls(text, fmt, NAMES_GIVEN)
+        assert choice.finish_reason == "tool_calls" and (choice.message.content or None) == content, fmt
+        assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == \
+            [(c["function"]["name"], c["function"]["arguments"]) for c in calls], fmt
+        assert len(raw) > 6 or "get_time" not in text, fmt  # two calls come in several chunks

@@ -110,6 +110,20 @@ def _stream(client, **body) -> list[dict]:
     return [json.loads(block[6:]) for block in blocks[:-2]]
 
 
+def _joined_calls(deltas: list[dict]) -> list[dict]:
+    """A streamed choice's calls as clients join them (the openai package does): by ``index``, the head (id, type,
+    name) once, then the pieces of arguments appended; each call as ``{"id", "function": {"name", "arguments"}}``."""
+    calls: dict[int, dict] = {}
+    for delta in deltas:
+        for part in delta["delta"].get("tool_calls") or ():
+            if "id" in part:
+                assert part["index"] not in calls and part["type"] == "function"
+                calls[part["index"]] = {"id": part["id"], "function": dict(part["function"])}
+            else:
+                calls[part["index"]]["function"]["arguments"] += part["function"]["arguments"]
+    return [calls[i] for i in sorted(calls)]
+
+
 # -- over the socket ---------------------------------------------------------------------------------------------
 def test_a_call_is_returned_as_tool_calls(server):
     tokenizer = server["tokenizer"]
@@ -146,10 +160,13 @@ def test_stream_adds_up_to_the_answer(server):
     events = _stream(server["client"], tools=TOOLS, stream_options={"include_usage": True})
     deltas = [e["choices"][0] for e in events if e["choices"]]
     content = "".join(d["delta"].get("content") or "" for d in deltas)
-    calls = [c for d in deltas for c in d["delta"].get("tool_calls") or ()]
+    calls = _joined_calls(deltas)
     assert content == "Let me check." and [d["finish_reason"] for d in deltas if d["finish_reason"]] == ["tool_calls"]
-    assert len(calls) == 1 and calls[0]["index"] == 0 and calls[0]["id"].startswith("call_")
+    assert len(calls) == 1 and calls[0]["id"].startswith("call_")
     assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    # the call streams as it is written: its head with empty arguments first, then its arguments
+    parts = [p for d in deltas for p in d["delta"].get("tool_calls") or ()]
+    assert [p["function"] for p in parts] == [{"name": "get_weather", "arguments": ""}, {"arguments": '{"city": "Paris"}'}]
     assert not any("<tool_call>" in (d["delta"].get("content") or "") for d in deltas)
     assert events[-1]["usage"]["completion_tokens"] == 5
     plain = _stream(server["client"], tools=TOOLS, tool_choice="none")
@@ -231,7 +248,7 @@ def test_llama_json_calls(tmp_path):
             {"name": "get_weather", "arguments": '{"city": "Paris"}'}]
         deltas = [e["choices"][0] for e in _stream(client, tools=TOOLS)]
         assert not any(d["delta"].get("content") for d in deltas)
-        assert [c["function"] for d in deltas for c in d["delta"].get("tool_calls") or ()] == [
+        assert [c["function"] for c in _joined_calls(deltas)] == [
             {"name": "get_weather", "arguments": '{"city": "Paris"}'}]
         assert _chat(client, tools=TOOLS, tool_choice="none")["choices"][0]["message"]["content"] == llama_call
         assert "Traceback" not in proc.output()
@@ -254,7 +271,7 @@ def test_mistral_calls(tmp_path):
         assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
         deltas = [e["choices"][0] for e in _stream(client, tools=TOOLS)]
         assert not any(d["delta"].get("content") for d in deltas)
-        assert [c["function"] for d in deltas for c in d["delta"].get("tool_calls") or ()] == [call["function"]]
+        assert [c["function"] for c in _joined_calls(deltas)] == [call["function"]]
         assert _chat(client)["choices"][0]["message"]["content"] == listed  # no tools: the marker skipped, as before
         history = [*QUESTION, choice["message"], {"role": "tool", "tool_call_id": call["id"], "content": "21"}]
         assert _chat(client, history, tools=TOOLS)["usage"]["prompt_tokens"] > answer["usage"]["prompt_tokens"]
@@ -276,7 +293,7 @@ def test_hermes_tokenizer_that_marks_tool_call_special(tmp_path):
         assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
         assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_weather"]
         deltas = [e["choices"][0] for e in _stream(client, tools=TOOLS)]
-        assert [c["function"]["name"] for d in deltas for c in d["delta"].get("tool_calls") or ()] == ["get_weather"]
+        assert [c["function"]["name"] for c in _joined_calls(deltas)] == ["get_weather"]
         assert _chat(client)["choices"][0]["message"]["content"] == f"\n{CALL_JSON}\n"
     finally:
         client.close()
@@ -507,7 +524,7 @@ def test_forced_call(forced, choice):
     assert answer["usage"]["completion_tokens"] == len(FORCED_WORDS) - prefix + 1
     deltas = [e["choices"][0] for e in _stream(client, tools=TOOLS, tool_choice=choice)]
     assert not any(d["delta"].get("content") for d in deltas)
-    assert [c["function"] for d in deltas for c in d["delta"].get("tool_calls") or ()] == \
+    assert [c["function"] for c in _joined_calls(deltas)] == \
         [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
     assert [d["finish_reason"] for d in deltas if d["finish_reason"]] == ["tool_calls"]
 

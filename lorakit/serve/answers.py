@@ -12,7 +12,7 @@ from lorakit.serve.engine import Request, TokenInfo
 from lorakit.serve.protocol import error_body
 from lorakit.serve.reasoning import ReasoningStream
 from lorakit.serve.text import token_bytes
-from lorakit.serve.tool_calls import ToolCallStream, forced_calls, stream_tool_calls
+from lorakit.serve.tool_calls import ToolCallStream, forced_calls
 
 if TYPE_CHECKING:
     from lorakit.serve.app import ServerState, _Bridge
@@ -81,8 +81,9 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
 
     With ``tools`` (a chat request whose calls are parsed: their format, the tools' names, whether only the first
     call is returned), text streams as
-    content until a call starts; the rest is held, and at the end the calls come as one ``delta.tool_calls`` chunk and the finish reason
-    "tool_calls" (``tool_calls.ToolCallStream``), so the chunks add up to the non-streamed message.
+    content until a call starts; then each call streams as the model writes it (a chunk with its id and name,
+    then chunks of its arguments; ``tool_calls.ToolCallStream``), the rest at the end with the finish reason
+    "tool_calls", so the chunks add up to the non-streamed message.
 
     With ``think`` (a chat request whose answer's ``<think>`` block is split off: ``reasoning.prompt_state`` of its
     prompt), the reasoning streams first as ``delta.reasoning_content`` chunks, then the rest goes on as above
@@ -97,7 +98,7 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     offsets = [0] * len(jobs)
     reasons: list[str | None] = [None] * len(jobs)
 
-    holders = [ToolCallStream(tools[1], tools[0], tools[2]) for _ in jobs] if tools else None
+    holders = [ToolCallStream(tools[1], tools[0], tools[2], incremental=forced is None) for _ in jobs] if tools else None
     for holder in holders if forced is not None else ():
         holder.feed(forced)  # the call's start: held like any call, never streamed as content
     thinking = [ReasoningStream(think) for _ in jobs] if think is not None else None
@@ -114,7 +115,7 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
             if reasoning:
                 delta["reasoning_content"] = reasoning
             if tool_calls:
-                delta["tool_calls"] = stream_tool_calls(tool_calls)
+                delta["tool_calls"] = tool_calls
             choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
         else:
             choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}
@@ -140,6 +141,9 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
                 text = text if holders is None else holders[index].feed(text)
                 if text:
                     yield chunk(index, text, None)
+                deltas = holders[index].call_deltas() if holders is not None else None
+                if deltas:  # the calls as they are written
+                    yield chunk(index, None, None, tool_calls=deltas)
                 continue
             reasons[index] = reason = event[3]
             if reason.startswith("error"):
@@ -164,7 +168,9 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
             if text or pending[index]:
                 yield chunk(index, text, None)
             if calls:
-                yield chunk(index, None, None, tool_calls=calls)
+                deltas = holders[index].rest_deltas(calls)
+                if deltas:
+                    yield chunk(index, None, None, tool_calls=deltas)
                 finish = "tool_calls"
             yield chunk(index, None, finish)
         if failed is not None and not failed.startswith("error"):  # a forced call the model did not write

@@ -154,7 +154,8 @@ def parse_tool_calls(text: str, tool_names: set[str]) -> tuple[str | None, list[
     for match in _BLOCK.finditer(text):
         outside.append(text[end:match.start()])
         end = match.end()
-        call = _read_call(match.group(1) if match.group(1) is not None else match.group(2), tool_names)
+        block = match.group(1) if match.group(1) is not None else match.group(2)
+        call = _read_call(block, tool_names, _raw_arguments(block, _skip(block, 0)))
         if call is None:
             return None
         calls.append(call)
@@ -176,7 +177,7 @@ def parse_llama_json(text: str, tool_names: set[str]) -> tuple[None, list[dict]]
             data, end = decoder.raw_decode(stripped, at)
         except ValueError:
             return None
-        call = _read_call(data, tool_names)
+        call = _read_call(data, tool_names, _raw_arguments(stripped, at))
         if call is None:
             return None
         calls.append(call)
@@ -196,7 +197,11 @@ def parse_mistral(text: str, tool_names: set[str]) -> tuple[str | None, list[dic
         data = json.loads(text[at + len(MISTRAL_OPEN):])
     except ValueError:
         return None
-    calls = [_read_call(item, tool_names) for item in (data if isinstance(data, list) else [data])]
+    items = data if isinstance(data, list) else [data]
+    first = _skip(text, at + len(MISTRAL_OPEN))
+    starts = _list_items(text, first) if isinstance(data, list) else [first]  # where each call's object is
+    calls = [_read_call(item, tool_names, _raw_arguments(text, start) if len(starts) == len(items) else None)
+             for item, start in zip(items, starts if len(starts) == len(items) else [first] * len(items))]
     if not calls or None in calls:
         return None
     return (text[:at].rstrip() or None), calls
@@ -225,7 +230,7 @@ def parse_mistral_args(text: str, tool_names: set[str]) -> tuple[str | None, lis
             arguments, pos = decoder.raw_decode(text, start)
         except ValueError:
             return None
-        call = _read_call({"name": name.strip(), "arguments": arguments}, tool_names) \
+        call = _read_call({"name": name.strip(), "arguments": arguments}, tool_names, text[start:pos]) \
             if isinstance(arguments, dict) else None
         if call is None or (has_id and (not call_id.strip() or len(call_id.split()) != 1)):
             return None
@@ -236,8 +241,11 @@ def parse_mistral_args(text: str, tool_names: set[str]) -> tuple[str | None, lis
     return (text[:at].rstrip() or None), calls
 
 
-def _read_call(block: Any, tool_names: set[str]) -> dict | None:
-    """One call from a block's JSON text (or its decoded value), or None when it is not a call of a given tool."""
+def _read_call(block: Any, tool_names: set[str], raw: str | None = None) -> dict | None:
+    """One call from a block's JSON text (or its decoded value), or None when it is not a call of a given tool.
+    ``raw``: the arguments object as the model wrote it, returned as the call's ``arguments`` (OpenAI's are the
+    model's text), so that a stream that sends it as it comes (:class:`ToolCallStream`) adds up to the same; the
+    arguments are re-serialized when it is None or written as JSON text inside JSON."""
     if isinstance(block, str):
         try:
             data = json.loads(block)
@@ -255,8 +263,160 @@ def _read_call(block: Any, tool_names: set[str]) -> dict | None:
             return None
     if not isinstance(arguments, dict):
         return None
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": data["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
+    if raw is None or not raw.startswith("{"):
+        raw = json.dumps(arguments, ensure_ascii=False)
+    return {"id": _new_id(), "type": "function", "function": {"name": data["name"], "arguments": raw}}
+
+
+def _new_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+# -- where calls are in partial text: for the stream, and the raw arguments of the parsers --------------------------
+_WHITESPACE = " \t\n\r"
+_DECODER = json.JSONDecoder()
+
+
+def _skip(text: str, at: int) -> int:
+    """The first position at or after ``at`` that is not JSON whitespace."""
+    while at < len(text) and text[at] in _WHITESPACE:
+        at += 1
+    return at
+
+
+def _value_end(text: str, start: int) -> int | None:
+    """Where the JSON value starting at ``start`` ends, or None (not complete yet, or not JSON)."""
+    try:
+        return _DECODER.raw_decode(text, start)[1]
+    except ValueError:
+        return None
+
+
+def _members(text: str, start: int) -> tuple[list[tuple[str, int, int | None]], int | None]:
+    """The members of the JSON object at ``text[start]`` as far as the text holds them: ``(key, where its value
+    starts, where it ends or None while it is not complete)``, and where the object ends (None: not yet, or it is
+    not an object). A member is listed once its value has begun."""
+    out: list[tuple[str, int, int | None]] = []
+    if start >= len(text) or text[start] != "{":
+        return out, None
+    at = _skip(text, start + 1)
+    if at < len(text) and text[at] == "}":
+        return out, at + 1
+    while at < len(text):
+        after = _value_end(text, at) if text[at] == '"' else None
+        if after is None:
+            return out, None
+        key = json.loads(text[at:after])
+        at = _skip(text, after)
+        if at >= len(text) or text[at] != ":":
+            return out, None
+        value = _skip(text, at + 1)
+        if value >= len(text):
+            return out, None
+        end = _value_end(text, value)
+        out.append((key, value, end))
+        if end is None:
+            return out, None
+        at = _skip(text, end)
+        if at < len(text) and text[at] == "}":
+            return out, at + 1
+        if at >= len(text) or text[at] != ",":
+            return out, None
+        at = _skip(text, at + 1)
+    return out, None
+
+
+def _list_items(text: str, start: int) -> list[int]:
+    """Where each complete value of the JSON list at ``text[start]`` starts (as far as the text holds them)."""
+    if start >= len(text) or text[start] != "[":
+        return []
+    starts, at = [], _skip(text, start + 1)
+    while at < len(text):
+        end = _value_end(text, at)
+        if end is None:
+            starts.append(at)  # the value being written
+            return starts
+        starts.append(at)
+        at = _skip(text, end)
+        if at >= len(text) or text[at] != ",":
+            return starts
+        at = _skip(text, at + 1)
+    return starts
+
+
+def _raw_arguments(text: str, start: int) -> str | None:
+    """The text of the ``arguments`` (or ``parameters``) member of the JSON object at ``text[start]``."""
+    for key, value, end in _members(text, start)[0]:
+        if key in ("arguments", "parameters") and end is not None:
+            return text[value:end]
+    return None
+
+
+# one call as far as the text shows it: (name once complete, the id the model wrote, where the arguments begin,
+# where they end (None: not yet)), and where the call ends (None: not yet)
+_Progress = tuple[str | None, str | None, int | None, int | None]
+
+
+def _json_call_progress(text: str, start: int) -> tuple[_Progress, int | None]:
+    """A call written as one JSON object (hermes, llama3_json, Mistral v0.3's list items) at ``text[start]``."""
+    members, end = _members(text, start)
+    name = arg_start = arg_end = None
+    for key, value, value_end in members:
+        if key == "name" and value_end is not None:
+            name = json.loads(text[value:value_end])
+        elif key in ("arguments", "parameters"):
+            arg_start, arg_end = value, value_end
+    return (name if isinstance(name, str) else None, None, arg_start, arg_end), end
+
+
+def _calls_progress(text: str, fmt: str) -> list[_Progress]:
+    """The calls a held answer shows so far, in order; a call is listed once it has begun, the next only once
+    the one before has ended."""
+    out: list[_Progress] = []
+    if fmt == "hermes":
+        starts = [m.end() for m in re.finditer(re.escape(CALL_OPEN), text)]
+        for start in starts:
+            progress, end = _json_call_progress(text, _skip(text, start))
+            out.append(progress)
+            if end is None:
+                break
+        return out
+    if fmt == "llama3_json":
+        at = _skip(text, 0)
+        while at < len(text):
+            progress, end = _json_call_progress(text, at)
+            out.append(progress)
+            if end is None:
+                break
+            at = end
+            while at < len(text) and text[at] in " \t\n;":
+                at += 1
+        return out
+    marker = text.find(MISTRAL_OPEN)
+    if marker < 0:
+        return out
+    if fmt == "mistral":
+        for start in _list_items(text, _skip(text, marker + len(MISTRAL_OPEN))):
+            progress, end = _json_call_progress(text, start)
+            out.append(progress)
+            if end is None:
+                break
+        return out
+    at = marker  # mistral_args / mistral_call_id: [TOOL_CALLS]name([CALL_ID]id)[ARGS]{...}, one after the other
+    while text.startswith(MISTRAL_OPEN, at):
+        at += len(MISTRAL_OPEN)
+        args = text.find(ARGS_MARK, at)
+        if args < 0:
+            out.append((None, None, None, None))
+            break
+        name, has_id, call_id = text[at:args].partition(CALL_ID_MARK)
+        value = _skip(text, args + len(ARGS_MARK))
+        end = _value_end(text, value) if value < len(text) else None
+        out.append((name.strip(), call_id.strip() if has_id else None, value if value < len(text) else None, end))
+        if end is None:
+            break
+        at = _skip(text, end)
+    return out
 
 
 class ToolCallStream:
@@ -267,12 +427,21 @@ class ToolCallStream:
     What :meth:`feed` passes on is always a prefix of the content :func:`parse_calls` gives the whole text
     (a tail that may grow into ``<tool_call>``, and trailing whitespace, are held back until the next text shows
     what they are), so the streamed content plus :meth:`finish`'s rest equals the non-streamed answer's.
+
+    With ``incremental``, the calls stream as they are written, as vLLM's streaming parsers send them
+    (:meth:`call_deltas`): a call's id, type and name with empty arguments once its name is complete and among the
+    tools, then its arguments object as the model writes it, piece by piece; :meth:`rest_deltas` sends what is
+    left at the end. The arguments of the parsed calls are the model's text, so a client that joins the pieces
+    (the openai package does) gets the non-streamed calls. A call the model breaks off (cut by ``max_tokens``)
+    after it began streaming cannot be taken back: its pieces stay sent and the whole text follows as content, as
+    the non-streamed answer has it.
     """
 
-    def __init__(self, tool_names: set[str], fmt: str = "hermes", single: bool = False):
-        self.tool_names, self.fmt, self.single = tool_names, fmt, single
+    def __init__(self, tool_names: set[str], fmt: str = "hermes", single: bool = False, incremental: bool = False):
+        self.tool_names, self.fmt, self.single, self.incremental = tool_names, fmt, single, incremental
         self.text = ""
         self.emitted = 0
+        self.sent: list[list[str]] = []  # per call begun in the stream: [id, name, the arguments sent so far]
 
     def feed(self, piece: str) -> str:
         """Newly final text -> the content to stream now (possibly "")."""
@@ -290,13 +459,58 @@ class ToolCallStream:
         return out
 
     def finish(self, last: str = "") -> tuple[str, list[dict] | None]:
-        """``(rest of the content, calls or None)`` once the choice has ended, ``last`` being its final text."""
+        """``(rest of the content, calls or None)`` once the choice has ended, ``last`` being its final text; the
+        calls begun in the stream keep the ids they were sent with."""
         self.text += last
         parsed = parse_calls(self.text, self.fmt, self.tool_names, self.single)
         if parsed is None:
             return self.text[self.emitted:], None
         content, calls = parsed
+        for call, (ident, _, _) in zip(calls, self.sent):
+            call["id"] = ident
         return (content or "")[self.emitted:], calls
+
+    def call_deltas(self) -> list[dict]:
+        """The ``delta.tool_calls`` entries the held text now adds (none without ``incremental``): see the class."""
+        if not self.incremental:
+            return []
+        if self.fmt == "llama3_json":
+            if not self.text.lstrip().startswith("{"):
+                return []
+        elif MARKERS[self.fmt] not in self.text:
+            return []
+        out = []
+        for i, (name, call_id, start, end) in enumerate(_calls_progress(self.text, self.fmt)):
+            if (self.single and i > 0) or name is None or name not in self.tool_names:
+                break
+            if i == len(self.sent):  # the call's head, once: its name is complete
+                self.sent.append([call_id or _new_id(), name, ""])
+                out.append({"index": i, "id": self.sent[i][0], "type": "function",
+                            "function": {"name": name, "arguments": ""}})
+            if start is None or self.text[start] != "{":  # arguments not begun, or JSON text: sent at the end
+                break
+            piece = self.text[start:len(self.text) if end is None else end][len(self.sent[i][2]):]
+            if piece:
+                self.sent[i][2] += piece
+                out.append({"index": i, "function": {"arguments": piece}})
+            if end is None:
+                break
+        return out
+
+    def rest_deltas(self, calls: list[dict]) -> list[dict]:
+        """The ``delta.tool_calls`` entries that complete ``calls`` (:meth:`finish`'s) after what
+        :meth:`call_deltas` sent: the rest of the arguments of a call begun, each other call whole."""
+        out = []
+        for i, call in enumerate(calls):
+            if i >= len(self.sent):
+                out.append({"index": i, **call})
+                continue
+            arguments = call["function"]["arguments"]
+            sent = self.sent[i][2]
+            rest = arguments[len(sent):] if arguments.startswith(sent) else arguments  # (always: the model's text)
+            if rest:
+                out.append({"index": i, "function": {"arguments": rest}})
+        return out
 
 
 def _partial_open(text: str, marker: str) -> int:
@@ -309,7 +523,7 @@ def _partial_open(text: str, marker: str) -> int:
 
 def stream_tool_calls(calls: list[dict]) -> list[dict]:
     """The ``delta.tool_calls`` entries of a streamed answer's calls (each whole, with its ``index``)."""
-    return [{"index": i, **call} for i, call in enumerate(calls)]
+    return [{"index": i, **call} for i, call in enumerate(calls)]  # (ToolCallStream.rest_deltas with nothing sent)
 
 
 # -- the request side: history and tools as the template reads them ------------------------------------------------
