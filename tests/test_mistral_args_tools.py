@@ -683,3 +683,32 @@ def test_the_stream_events_read_by_the_openai_sdk():
         assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == \
             [(c["function"]["name"], c["function"]["arguments"]) for c in calls], fmt
         assert len(raw) > 6 or "get_time" not in text, fmt  # two calls come in several chunks
+
+
+def test_cli_trains_magistral_tool_chats(tmp_path, capsys):
+    """``lorakit train --data`` on OpenAI tool records (long call ids) with Magistral's template: the run completes,
+    the ids are cut to the template's 9 characters (the note says so), and the adapter is written."""
+    from conftest import tiny_llama
+
+    from lorakit.cli import main
+
+    tok = family("magistral")
+    folder = tmp_path / "model"
+    tiny_llama(vocab_size=len(tok), max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    records = []
+    for t in range(5):
+        record = openai_chat(final=f"It is {t} degrees.")
+        record["messages"][2]["tool_calls"][0]["id"] = record["messages"][3]["tool_call_id"] = f"call_{t}bc123xyz"
+        records.append(json.dumps(record) + "\n")
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(records), encoding="utf-8")
+    code = main(["train", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps",
+                 "1", "--val-fraction", "0.2", "--rank", "2", "--batch-size", "1", "--no-progress",
+                 "--max-length", "512"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "training data: 4 examples" in out, out
+    assert "the tool call ids of 4 chats were cut to the 9 characters" in out, out
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

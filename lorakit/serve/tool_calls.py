@@ -9,18 +9,18 @@ Parsed formats, chosen from the chat template (as vLLM's ``--tool-call-parser``)
 - ``llama3_json``: Llama 3.1 / 3.2 / 3.3 answer a call with nothing but ``{"name": ..., "parameters": {...}}``
   (several joined by ``;``);
 - ``mistral``: Mistral v0.3 templates write ``[TOOL_CALLS] [{"name": ..., "arguments": {...}, "id": ...}]`` after
-  any text.
+  any text;
 - ``mistral_args`` / ``mistral_call_id``: newer Mistral tokenizers (v11+: Mistral-Small-3.1 / 3.2, Magistral,
   Devstral, Ministral 3) write each call as ``[TOOL_CALLS]name[ARGS]{...}``, one after the other after any text;
   v11 templates put the call's 9-character id between them (``[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}``), and that
   id is the one returned, so the agent's next request hands the template the id the model wrote.
 
 A marker the tokenizer marks special (``[TOOL_CALLS]``, ``[ARGS]``, ``[CALL_ID]``; ``<tool_call>`` in Hermes
-tokenizers) is kept in the
-answer's text for such requests (:func:`kept_tokens`). A template that writes calls another way is refused for
-requests whose calls would be parsed, never answered with calls left in the text. An answer's calls
-are returned only when every one is well formed (JSON with a ``name`` among the request's tools and object
-arguments); otherwise the whole text is the content, as vLLM's parsers do: never an error.
+tokenizers) is kept in the answer's text for such requests (:func:`kept_tokens`). A template that writes calls
+another way is refused for requests whose calls would be parsed, never answered with calls left in the text. An
+answer's calls are returned only when every one is well formed (JSON with a ``name`` among the request's tools and
+object arguments, which are returned as the model wrote them); otherwise the whole text is the content, as vLLM's
+parsers do: never an error. Streamed, each call goes out as it is written (:class:`ToolCallStream`).
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def _read_call(block: Any, tool_names: set[str], raw: str | None = None) -> dict
             return None
     if not isinstance(arguments, dict):
         return None
-    if raw is None or not raw.startswith("{"):
+    if raw is None or not raw.startswith("{") or json.loads(raw) != arguments:
         raw = json.dumps(arguments, ensure_ascii=False)
     return {"id": _new_id(), "type": "function", "function": {"name": data["name"], "arguments": raw}}
 
