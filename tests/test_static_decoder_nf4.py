@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import lorakit
 from lorakit.decoding import StaticDecoder, static_decoding_unsupported
@@ -68,7 +67,7 @@ def _members(sizes, K, blocksize, seed=0):
     (1, (33, 40), 64, 32, torch.float32),  # gate/up-like, the smallest blocksize (16-column chunks per nibble)
     (64, (96,), 512, 64, torch.float16),  # the most rows the kernel takes
     (3, (20,), 4096, 4096, torch.float32),  # one block per row
-    (7, (50,), 320, 64, torch.float16),  # K not a multiple of the 256-column loop step
+    (7, (50,), 320, 64, torch.float16),  # K not a multiple of the 128-column loop step
 ])
 @pytest.mark.parametrize("residual", [False, True])
 def test_nf4_rows_kernel_matches_the_reference(rows, sizes, K, blocksize, dtype, residual, kernel_calls):

@@ -40,17 +40,19 @@ def _nf4_rows_gemm(x_ptr, packed0, scales0, pairs0, code0, packed1, scales1, pai
     HALF: tl.constexpr = CHUNK // 2
     # the program's member weight (up to three: q/k/v) and its first column of y; a column block never straddles two
     pid = tl.program_id(0)
-    packed_ptr, scales_ptr, pairs_ptr, code_ptr, N, col0 = packed0, scales0, pairs0, code0, N0, 0
+    zero = pid * 0  # N and col0 as int32 values in every branch (a size of 1 would be a constexpr otherwise)
+    packed_ptr, scales_ptr, pairs_ptr, code_ptr, N, col0 = packed0, scales0, pairs0, code0, zero + N0, zero
     if MEMBERS > 1:
         blocks0 = tl.cdiv(N0, BLOCK_N)
         if pid >= blocks0:
             pid -= blocks0
-            packed_ptr, scales_ptr, pairs_ptr, code_ptr, N, col0 = packed1, scales1, pairs1, code1, N1, N0
+            packed_ptr, scales_ptr, pairs_ptr, code_ptr, N, col0 = packed1, scales1, pairs1, code1, zero + N1, zero + N0
             if MEMBERS > 2:
                 blocks1 = tl.cdiv(N1, BLOCK_N)
                 if pid >= blocks1:
                     pid -= blocks1
-                    packed_ptr, scales_ptr, pairs_ptr, code_ptr, N, col0 = packed2, scales2, pairs2, code2, N2, N0 + N1
+                    packed_ptr, scales_ptr, pairs_ptr, code_ptr, N, col0 = (packed2, scales2, pairs2, code2, zero + N2,
+                                                                            zero + N0 + N1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, HALF)
@@ -94,17 +96,17 @@ CONFIGS: dict = {}
 
 def nf4_rows_config(N: int, K: int, blocksize: int, sm_count: int) -> tuple[int, int, int, int, int, bool]:
     """(BLOCK_N, CHUNK, UNROLL, num_warps, num_stages, PAIRS) from the shapes: ``rows_gemm_config``'s rule for
-    BLOCK_N (the widest column block that still gives 70% of the SMs a program) and 256 columns of K per loop step (128 bytes
-    of each weight row: the bf16 kernel's 256-wide chunks read 4x the bytes). Not tuned on a GPU yet:
-    bench/nf4_decode_check.py measures the step against the bound."""
+    BLOCK_N (the widest column block that still gives 70% of the SMs a program) and 128 columns of K per loop step,
+    3 stages: 83 KiB of shared memory at 64 rows x 64 columns (compiled for sm_90; 256 columns take 146 KiB, one
+    program per SM). Not tuned on a GPU yet: bench/nf4_decode_check.py sweeps the tiles and times the step."""
     block_n = 16
     for candidate in (64, 32):
         if N // candidate >= (7 * sm_count) // 10:
             block_n = candidate
             break
-    chunk = min(blocksize, 256)
+    chunk = min(blocksize, 128)
     unroll = 1
-    while chunk * unroll * 2 <= 256 and K % (chunk * unroll * 2) == 0:
+    while chunk * unroll * 2 <= 128 and K % (chunk * unroll * 2) == 0:
         unroll *= 2
     return block_n, chunk, unroll, 4, 3, True
 
