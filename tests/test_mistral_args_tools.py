@@ -712,3 +712,19 @@ def test_cli_trains_magistral_tool_chats(tmp_path, capsys):
     assert "training data: 4 examples" in out, out
     assert "the tool call ids of 4 chats were cut to the 9 characters" in out, out
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("fmt, head", [("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"a": '),
+                                       ("llama3_json", '{"name": "get_weather", "parameters": {"a": '),
+                                       ("mistral", '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"a": '),
+                                       ("mistral_args", '[TOOL_CALLS]get_weather[ARGS]{"a": ')])
+def test_arguments_nested_deeper_than_json_recurses_stay_content(fmt, head):
+    """A model can write more nesting than Python's json recurses (RecursionError, not ValueError): the answer is
+    content, parsed or streamed, never an error."""
+    text = head + "[" * 50_000 + "]" * 50_000 + "}}" + ("]" if fmt == "mistral" else "")
+    assert parse_calls(text, fmt, NAMES_GIVEN) is None
+    holder = ToolCallStream(NAMES_GIVEN, fmt, incremental=True)
+    streamed = holder.feed(text[:len(head) + 10]) + holder.feed(text[len(head) + 10:])
+    holder.call_deltas()
+    rest, calls = holder.finish()
+    assert calls is None and streamed + rest == text

@@ -175,7 +175,7 @@ def parse_llama_json(text: str, tool_names: set[str]) -> tuple[None, list[dict]]
     while at < len(stripped):
         try:
             data, end = decoder.raw_decode(stripped, at)
-        except ValueError:
+        except (ValueError, RecursionError):  # a model can nest deeper than json recurses
             return None
         call = _read_call(data, tool_names, _raw_arguments(stripped, at))
         if call is None:
@@ -195,7 +195,7 @@ def parse_mistral(text: str, tool_names: set[str]) -> tuple[str | None, list[dic
         return None
     try:
         data = json.loads(text[at + len(MISTRAL_OPEN):])
-    except ValueError:
+    except (ValueError, RecursionError):  # a model can nest deeper than json recurses
         return None
     items = data if isinstance(data, list) else [data]
     first = _skip(text, at + len(MISTRAL_OPEN))
@@ -228,7 +228,7 @@ def parse_mistral_args(text: str, tool_names: set[str]) -> tuple[str | None, lis
         start += len(text[start:]) - len(text[start:].lstrip())
         try:
             arguments, pos = decoder.raw_decode(text, start)
-        except ValueError:
+        except (ValueError, RecursionError):  # a model can nest deeper than json recurses
             return None
         call = _read_call({"name": name.strip(), "arguments": arguments}, tool_names, text[start:pos]) \
             if isinstance(arguments, dict) else None
@@ -249,7 +249,7 @@ def _read_call(block: Any, tool_names: set[str], raw: str | None = None) -> dict
     if isinstance(block, str):
         try:
             data = json.loads(block)
-        except ValueError:
+        except (ValueError, RecursionError):  # a model can nest deeper than json recurses
             return None
     else:
         data = block
@@ -259,7 +259,7 @@ def _read_call(block: Any, tool_names: set[str], raw: str | None = None) -> dict
     if isinstance(arguments, str):  # some models write the arguments as JSON text
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # a model can nest deeper than json recurses
             return None
     if not isinstance(arguments, dict):
         return None
@@ -288,7 +288,7 @@ def _value_end(text: str, start: int) -> int | None:
     """Where the JSON value starting at ``start`` ends, or None (not complete yet, or not JSON)."""
     try:
         return _DECODER.raw_decode(text, start)[1]
-    except ValueError:
+    except (ValueError, RecursionError):  # a model can nest deeper than json recurses
         return None
 
 
