@@ -162,7 +162,8 @@ class DecodeAdapters:
                     stack.clear(slot)
             for i, group, segment, adapter in found:
                 fused = self.weights[i][group]
-                base = fused.member_weight(segment, self.dtype)  # a view, or the NF4 weight dequantized
+                # a view, or the NF4 weight dequantized to the adapter's dtype (as LoraLinear's DoRA forward reads it)
+                base = fused.member_weight(segment, adapter.lora_A.dtype)
                 had_ratio = self.layers[i][group].ratio is not None
                 self.layers[i][group].write(slot, segment, adapter, base)
                 if adapter.magnitude is not None:
