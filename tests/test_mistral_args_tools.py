@@ -140,11 +140,12 @@ MINISTRAL3 = r"""{#- Default system message if no system prompt is passed. #}
 {%- endfor %}
 """
 
-# Magistral / Mistral-Small-3.2 (tokenizer v11, tekken): the layout of the chat templates Mistral publishes for v11
-# tokenizers (as mistral-common's template generator writes them): each call "[TOOL_CALLS]name[CALL_ID]id[ARGS]{json}"
-# with the call's 9-character id, each result "[TOOL_RESULTS]id[TOOL_CONTENT]...[/TOOL_RESULTS]", the tools after
-# the system prompt, and Magistral's "thinking" content chunks as [THINK]...[/THINK]. The default system message
-# is cut to its first sentence.
+# Tekken v11 tokenizers (Mistral-Small-3.2 and the Magistral / Devstral releases of mid 2025): the layout Mistral's
+# templates have for v11, as a public generator of Mistral's templates per tokenizer version writes it (found by
+# code search: its v11 branch; the message loop is the Ministral 3 one above): each call
+# "[TOOL_CALLS]name[CALL_ID]id[ARGS]{json}" with the call's 9-character id, each result
+# "[TOOL_RESULTS]id[TOOL_CONTENT]...[/TOOL_RESULTS]", the tools after the system prompt, and Magistral's "thinking"
+# content chunks as [THINK]...[/THINK]. The default system message is cut to its first sentence.
 MAGISTRAL = r"""{#- Default system message if no system prompt is passed. #}
 {%- set default_system_message = 'You are Magistral, a Large Language Model (LLM) created by Mistral AI, a French startup headquartered in Paris.' %}
 {#- Begin of sequence token. #}
