@@ -261,6 +261,10 @@ def test_unsupported_storage_gets_one_line_reasons():
     other.model.layers[0].mlp.up_proj = _OtherQuant(other.model.layers[0].mlp.up_proj)
     reason = static_decoding_unsupported(other)
     assert "layer 0 up_proj is a _OtherQuant" in reason and "NF4Linear" in reason and "\n" not in reason
+    head = tiny_llama(seed=5)
+    lorakit.quantize(head, "nf4", skip=())
+    assert static_decoding_unsupported(head) == ("static decoding needs a plain bias-free nn.Linear output head (this one "
+                                                 "is quantized: lorakit.quantize leaves lm_head dense unless skip= drops it)")
 
 
 def test_model_unchanged_and_a_requantized_member_is_fused_again(references_only):
@@ -286,6 +290,19 @@ def test_model_unchanged_and_a_requantized_member_is_fused_again(references_only
     logits, batch = prefill(model, [[4, 2, 9]], ["a"])
     decoder.admit([0], batch)
     _assert_steps(expected, [logits, decoder.step([0], [int(logits[0].argmax())], ["a"])])
+
+
+def test_a_model_quantized_under_inference_mode_decodes(references_only):
+    """Buffers made under torch.inference_mode keep no version counter: the fusion still works."""
+    model = tiny_llama(seed=7, hidden_size=64, intermediate_size=128)
+    with torch.inference_mode():
+        lorakit.quantize(model, "nf4")
+    decoder = StaticDecoder(model, max_batch=1, max_len=8)
+    assert decoder.weights[0]["qkv"].is_current()
+    expected = _reference(model, [[4, 2, 9]], [None], steps=1)
+    logits, batch = prefill(model, [[4, 2, 9]], [None])
+    decoder.admit([0], batch)
+    _assert_steps(expected, [logits, decoder.step([0], [int(logits[0].argmax())], [None])])
 
 
 def test_serve_picks_the_static_decoder_for_an_nf4_model():

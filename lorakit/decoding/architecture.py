@@ -298,7 +298,9 @@ def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
     if type(embed) is not nn.Embedding and not scaled:
         raise LorakitError(f"the input embedding is a {type(embed).__name__}; static decoding needs a plain nn.Embedding")
     if type(lm_head) is not nn.Linear or lm_head.bias is not None:
-        raise LorakitError("static decoding needs a plain bias-free nn.Linear output head")
+        quantized = " (this one is quantized: lorakit.quantize leaves lm_head dense unless skip= drops it)" \
+            if _is_nf4(lm_head) else ""
+        raise LorakitError(f"static decoding needs a plain bias-free nn.Linear output head{quantized}")
     final_softcap = getattr(config, "final_logit_softcapping", None) if gemma else None
     return ModelParts(
         model_type=model_type, embed=embed, layers=parts, final_norm=inner.norm, lm_head=lm_head,

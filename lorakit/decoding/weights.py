@@ -111,8 +111,17 @@ _NF4_BUFFERS = ("weight_packed", "absmax", "nested_absmax", "absmax_offset", "co
 
 def _nf4_state(members) -> tuple:
     """(data pointer, version counter) of every NF4 buffer of ``members``: any re-quantization changes one."""
-    return tuple((t.data_ptr(), t._version) if t is not None else None
+    return tuple((t.data_ptr(), _version(t)) if t is not None else None
                  for m in members for t in (getattr(m, name, None) for name in _NF4_BUFFERS))
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place write counter; None for tensors made under ``torch.inference_mode`` (they keep none, and
+    cannot be written outside it)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def _fuse_nf4(linears: list[nn.Module], dtype: torch.dtype | None) -> FusedWeight:
