@@ -98,7 +98,8 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     offsets = [0] * len(jobs)
     reasons: list[str | None] = [None] * len(jobs)
 
-    holders = [ToolCallStream(tools[1], tools[0], tools[2], incremental=forced is None) for _ in jobs] if tools else None
+    holders = [ToolCallStream(tools[1], tools[0], tools[2], incremental=forced is None) for _ in jobs] \
+        if tools else None  # a forced call is held whole: one the model does not finish is an error
     for holder in holders if forced is not None else ():
         holder.feed(forced)  # the call's start: held like any call, never streamed as content
     thinking = [ReasoningStream(think) for _ in jobs] if think is not None else None
