@@ -293,10 +293,12 @@ def test_model_unchanged_and_a_requantized_member_is_fused_again(references_only
 
 
 def test_a_model_quantized_under_inference_mode_decodes(references_only):
-    """Buffers made under torch.inference_mode keep no version counter: the fusion still works."""
+    """Buffers made under torch.inference_mode keep no version counter: the fusion still works. Without double
+    quantization (float32 absmax) as well."""
     model = tiny_llama(seed=7, hidden_size=64, intermediate_size=128)
     with torch.inference_mode():
-        lorakit.quantize(model, "nf4")
+        lorakit.quantize(model, "nf4", double_quant=False)
+    assert model.model.layers[0].mlp.down_proj.nested_absmax is None
     decoder = StaticDecoder(model, max_batch=1, max_len=8)
     assert decoder.weights[0]["qkv"].is_current()
     expected = _reference(model, [[4, 2, 9]], [None], steps=1)
