@@ -259,6 +259,10 @@ def check_ddp_adapters(model: nn.Module, args: tuple) -> None:
         return None
     if not (model.training and torch.is_grad_enabled()):
         return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # the group (and the DDP built on it) is gone: a one-process run may switch freely
+        return None
     from lorakit.inject import adapter_hosts
 
     if any(host.row_adapters is not None for host in adapter_hosts(model).values()):

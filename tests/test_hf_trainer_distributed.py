@@ -243,29 +243,13 @@ def test_idle_adapter_tensors_follow_the_active_merged_and_disabled_adapters():
     assert idle_adapter_tensors(llama) == ["lm_head.copies.default.weight"]
 
 
-def test_switching_adapters_after_ddp_wrapped_the_model_is_refused():
-    """DDP reads the idle tensors once; a training forward that then uses another set would average the wrong
-    tensors (processes train apart) or wait for a gradient that never comes: one line instead."""
-    model = build()
-    ids = torch.tensor([[5, 17, 42, 8, 99, 3, 61]])
-    model(ids)  # not wrapped yet: nothing to check
-    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore"))  # what DistributedDataParallel does
-    assert ignored and all(".spare." in n for n in ignored)
-    model(ids)  # the same adapters: fine
-    lorakit.set_adapter(model, "spare")
-    with pytest.raises(lorakit.LorakitError, match=r"^the adapters in use changed after DistributedDataParallel "
-                                                   r"wrapped the model: model\.layers\.0\.self_attn\.v_proj\.adapters"
-                                                   r"\.spare\.lora_A is used now, .*call lorakit\.set_adapter"):
-        model(ids)
-    with torch.no_grad():
-        model(ids)  # evaluation (no gradients) may use any adapter
-    model.eval()
-    model(ids)
-
-
-def test_ddp_leaves_out_idle_adapters_and_the_quantized_base():
+def test_ddp_leaves_out_idle_adapters_and_the_quantized_base_and_refuses_a_switch():
     """A real DistributedDataParallel (one gloo process): it all-reduces the active adapters only, and no longer
-    broadcasts the NF4 base's uint8 buffers before every forward (the whole 4-bit base, each step)."""
+    broadcasts the NF4 base's uint8 buffers before every forward (the whole 4-bit base, each step). DDP reads that
+    list once: a training forward that then uses other adapters would average the wrong tensors (processes train
+    apart) or wait for a gradient that never comes, so it is refused in one line."""
+    import gc
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -282,16 +266,28 @@ def test_ddp_leaves_out_idle_adapters_and_the_quantized_base():
     spare = {n for n, _ in model.named_parameters() if ".spare." in n}
     nf4 = {id(b) for m in model.modules() if quant.is_quantized(m) for b in m.buffers()}
     assert spare and nf4
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3, 61]])
+    model.train()(ids)  # not wrapped yet: any adapters
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        ddp = DistributedDataParallel(model.train())
+        ddp = DistributedDataParallel(model)
         assert spare <= ddp.parameters_to_ignore
         assert ddp.modules_buffers and not any(id(b) in nf4 for b in ddp.modules_buffers)  # rotary tables only
         reduced = {id(p) for p in ddp._module_parameters if p.requires_grad}
         assert reduced == {id(p) for n, p in model.named_parameters() if ".adapters.default." in n}
-        ids = torch.tensor([[5, 17, 42, 8, 99, 3, 61]])
         for _ in range(2):  # a second step: DDP checks that the first one reduced every expected gradient
             ddp(input_ids=ids, labels=ids).loss.backward()
         assert all(p.grad is not None for n, p in model.named_parameters() if ".adapters.default." in n)
+
+        lorakit.set_adapter(model, "spare")
+        with pytest.raises(lorakit.LorakitError, match=r"^the adapters in use changed after DistributedDataParallel "
+                                                       r"wrapped the model: model\.layers\.0\.self_attn\.v_proj\."
+                                                       r"adapters\.spare\.lora_A is used now, .*call lorakit\.set_adapter"):
+            ddp(ids)
+        with torch.no_grad():
+            model(ids)  # evaluation (no gradients) may use any adapter
     finally:
+        ddp = None
+        gc.collect()  # DDP's reducer holds the group: let it go while the group lives
         dist.destroy_process_group()
+    model(ids)  # the group is gone (a one-process run after the distributed one): switching is free again
