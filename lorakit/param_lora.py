@@ -206,12 +206,24 @@ class ParamLora(_AdapterHost):
         if not names:
             return base(*args, **kwargs)
         weights = self.adapted_parameters(names)
-        # functional_call puts each adapted tensor in the module's _parameters for this call only and then puts the
-        # parameter back: the module's code reads W + delta, the parameter itself (state_dict, optimizer) is untouched.
-        # Not a write to the module's __dict__: torch.compile traces functional_call, while a __dict__ write inside
-        # a checkpointed layer (--gradient-checkpointing with --compile-layers) is a side effect that made dynamo
-        # give up on every layer (a graph break, nothing compiled).
-        return torch.func.functional_call(base, weights, args, kwargs, tie_weights=False, strict=False)
+        if torch.compiler.is_compiling():
+            # under torch.compile: functional_call, which dynamo traces. The __dict__ write below is, inside a
+            # checkpointed layer (--compile-layers with --gradient-checkpointing), a side effect dynamo refuses: a
+            # graph break and no layer compiled. Eager keeps the write: 4 us a call against functional_call's 17.
+            return torch.func.functional_call(base, weights, args, kwargs, tie_weights=False, strict=False)
+        # an instance attribute is found before nn.Module.__getattr__ looks in _parameters: the module's code reads
+        # the adapted tensor, while the parameter itself (state_dict, optimizer) stays untouched
+        shadowed = base.__dict__
+        clash = [k for k in weights if k in shadowed]
+        if clash:
+            raise LorakitError(f"{type(base).__name__}.{clash[0]} is already replaced during this call (a nested call "
+                               "through the same lorakit wrapper?)")
+        shadowed.update(weights)
+        try:
+            return base(*args, **kwargs)
+        finally:
+            for key in weights:
+                shadowed.pop(key, None)
 
     # -- merge ---------------------------------------------------------------------------------------------------
     def merged_candidates(self, name: str) -> dict[str, torch.Tensor]:
