@@ -135,8 +135,11 @@ def compare_runs(folder: Path, many: Path, one: Path) -> dict:
     lorakit.load_adapter(ours, many / "adapter")
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device),
                                        many / "adapter").eval()
+    single = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    lorakit.load_adapter(single, one / "adapter")
     with torch.no_grad():
         mine, peft_logits = ours(ids.to(device)).logits.cpu(), theirs(ids.to(device)).logits.cpu()
+        one_logits = single(ids.to(device)).logits.cpu()
         with lorakit.disable_adapters(ours):
             base = ours(ids.to(device)).logits.cpu()
     curve_many, curve_one = losses(many), losses(one)
@@ -144,7 +147,11 @@ def compare_runs(folder: Path, many: Path, one: Path) -> dict:
             "adapter_rel": max(rel(a[k], b[k]) for k in b if k in a),
             "loss_rel": max(abs(x - y) / abs(y) for x, y in zip(curve_many, curve_one)) if curve_one else None,
             "steps": [len(curve_many), len(curve_one)], "peft_rel": rel(peft_logits, mine),
-            "moved_rel": rel(mine, base)}  # how far the adapter moved the logits: the comparisons above mean something
+            "moved_rel": rel(mine, base),  # how far the adapter moved the logits: the comparisons above mean something
+            # the N-process adapter's logits against the one-process adapter's: in bf16, AdamW's first steps turn
+            # reduction-order noise in near-zero gradients (experts few tokens reach) into +-lr moves of single
+            # entries, so the tensors may differ entry by entry while the trained function agrees
+            "logits_rel": rel(mine, one_logits)}
 
 
 # -- compile ----------------------------------------------------------------------------------------------------------
@@ -186,7 +193,10 @@ def compile_check(smoke: bool) -> dict:
     first = time.time() - start
     loss, grads = loss_and_grads()
     disable_fast_kernels(model)
+    worst = sorted(((rel(grads[n], eager_grads[n]), n) for n in grads), reverse=True)[:6]
     return {"report": str(report), "graph_breaks": sum(counters["graph_break"].values()),
+            "worst_grads": [(n, round(r, 5), float(grads[n].abs().max()), float(eager_grads[n].abs().max()))
+                            for r, n in worst],
             "graph_break_reasons": [k[:160] for k in counters["graph_break"]],
             "unique_graphs": counters["stats"].get("unique_graphs", 0), "first_step_s": round(first, 1),
             "loss_rel": rel(loss, eager_loss), "grad_rel": max(rel(grads[n], eager_grads[n]) for n in grads)}
@@ -240,7 +250,7 @@ def trainer_run(work: Path, mode: str, procs: int, args) -> dict:
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
         print(f"!! trainer {mode} failed (exit {done.returncode})\n{done.stderr[-3000:]}", flush=True)
-    return {"ok": done.returncode == 0, "stderr_tail": done.stderr[-600:]}
+    return {"ok": done.returncode == 0, "stderr_tail": done.stderr[-600 if done.returncode == 0 else -4000:]}
 
 
 def main() -> None:
@@ -281,8 +291,8 @@ def main() -> None:
             run = lorakit_train(folder, data, work / mode, args.procs, mode == "fsdp", args)
             if run["ok"] and one["ok"]:
                 run.update(compare_runs(folder, work / mode, work / "one"))
-                good = (run["same_keys"] and run["adapter_rel"] < limit and run["peft_rel"] < 1e-4
-                        and run["moved_rel"] > 1e-4)
+                close = run["adapter_rel"] < limit if args.smoke else run["logits_rel"] < 0.1 * run["moved_rel"]
+                good = run["same_keys"] and close and run["peft_rel"] < 1e-4 and run["moved_rel"] > 1e-4
             else:
                 good = False
             run["pass"] = good
@@ -311,8 +321,11 @@ def main() -> None:
                     written = load_file(str(final))
                     run["adapter_rel"] = max(rel(written[k], reference[k]) for k in reference if k in written)
                     run["same_keys"] = written.keys() == reference.keys()
-            run["pass"] = bool(run["ok"] and run.get("adapter_folder") and run.get("same_keys")
-                               and run.get("adapter_rel", 1) < limit)
+                    one_losses = json.loads((work / "trainer-one.json").read_text())["losses"]
+                    run["loss_rel"] = max(abs(x - y) / abs(y) for x, y in zip(run["losses"], one_losses))
+            # bf16 (GPU): AdamW makes single entries of near-zero gradients differ (see compare_runs): the losses
+            close = run.get("adapter_rel", 1) < limit if args.smoke else run.get("loss_rel", 1) < 1e-2
+            run["pass"] = bool(run["ok"] and run.get("adapter_folder") and run.get("same_keys") and close)
             results[f"trainer-{mode}"] = run
             if mode == "ddp" and not run["pass"]:
                 failed.append("trainer-ddp")  # trainer-fsdp is recorded, not yet required
