@@ -20,7 +20,9 @@ that holds such parameters and, for the duration of its forward, shows it ``W + 
 
 Limits, as in PEFT: no dropout (it cannot be factored out of ``W``), no DoRA. The adapted stack is materialised on each
 forward (one extra copy of the parameter, in its dtype), as PEFT does. Mixed-adapter batches (which PEFT refuses
-here) run each group of rows through the module with its adapter.
+here) run each group of rows through the module with its adapter. Inside ``nn.DataParallel`` (transformers' Trainer in
+one process with several GPUs) the wrapped module is a replica whose parameter copies are plain attributes: they are
+read there, and put back after each call.
 """
 
 from __future__ import annotations
@@ -159,10 +161,16 @@ class ParamLora(_AdapterHost):
     # -- forward -------------------------------------------------------------------------------------------------
     def adapted_parameters(self, names: list[str]) -> dict[str, torch.Tensor]:
         """``{parameter name: W + deltas of names}`` for every parameter one of ``names`` adapts."""
+        base = self.base_layer
         weights: dict[str, torch.Tensor] = {}
         for name in names:
             for parameter_name, adapter in self.adapters[name].items():
-                current = weights.get(parameter_name, self.base_layer._parameters[parameter_name])
+                # not dict.get's default: it would be read (and fail, in a replica) even when not needed
+                current = weights.get(parameter_name)
+                if current is None:
+                    current = base._parameters.get(parameter_name)
+                    if current is None:  # a DataParallel replica: the parameter's copy is a plain attribute
+                        current = _own_tensor(base, parameter_name)
                 weights[parameter_name] = adapter.adapted(current)
         return weights
 
@@ -214,6 +222,8 @@ class ParamLora(_AdapterHost):
         # an instance attribute is found before nn.Module.__getattr__ looks in _parameters: the module's code reads
         # the adapted tensor, while the parameter itself (state_dict, optimizer) stays untouched
         shadowed = base.__dict__
+        if shadowed.get("_is_replica", False):
+            return _call_replica(base, weights, args, kwargs)
         clash = [k for k in weights if k in shadowed]
         if clash:
             raise LorakitError(f"{type(base).__name__}.{clash[0]} is already replaced during this call (a nested call "
@@ -250,6 +260,45 @@ class ParamLora(_AdapterHost):
                 for parameter_name, adapter in self.adapters[name].items():
                     parameter = self.base_layer._parameters[parameter_name]
                     parameter.copy_((parameter.float() - adapter.delta()).to(parameter.dtype))
+
+
+def _own_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor ``module`` holds as parameter ``name``: the registered parameter, or, in a ``DataParallel`` replica
+    (``torch.nn.parallel.replicate``: empty ``_parameters``, each parameter's copy a plain attribute, not a leaf, whose
+    gradient flows back to the original parameter), that attribute."""
+    tensor = module._parameters.get(name)
+    if tensor is None:
+        tensor = module.__dict__.get(name)
+        if not isinstance(tensor, torch.Tensor):
+            raise LorakitError(f"{type(module).__name__} holds no parameter {name!r} any more; the module was changed "
+                               "after lorakit wrapped it: wrap it again (lorakit.inject)")
+    return tensor
+
+
+_REPLICA_CALL = "_lorakit_param_lora_call"  # marks a replica whose parameters are replaced by a call in progress
+
+
+def _call_replica(base: nn.Module, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    """``base(*args, **kwargs)`` with ``weights`` in place of its parameters, ``base`` being a ``DataParallel``
+    replica: its parameters are ``__dict__`` entries already (the per-device copies), so they are saved and put back
+    after the call, not popped (popping would delete the replica's own copies)."""
+    shadowed = base.__dict__
+    if _REPLICA_CALL in shadowed:
+        raise LorakitError(f"{type(base).__name__}.{next(iter(weights))} is already replaced during this call (a "
+                           "nested call through the same lorakit wrapper?)")
+    missing = object()
+    saved = {key: shadowed.get(key, missing) for key in weights}
+    shadowed[_REPLICA_CALL] = True
+    shadowed.update(weights)
+    try:
+        return base(*args, **kwargs)
+    finally:
+        for key, value in saved.items():
+            if value is missing:
+                shadowed.pop(key, None)
+            else:
+                shadowed[key] = value
+        shadowed.pop(_REPLICA_CALL, None)
 
 
 def _join_rows(parts: list[tuple[torch.Tensor, Any]], count: int) -> Any:
