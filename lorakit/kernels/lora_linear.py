@@ -180,7 +180,10 @@ def lora_linear(
     The output is in the compute dtype (autocast's, else x's); gradients come back in each input's own dtype.
     ``LORAKIT_DISABLE_TRITON=1`` switches to :func:`lora_linear_reference` (read per call, for A/B checks).
     """
-    if os.environ.get("LORAKIT_DISABLE_TRITON", "0") == "1":
+    if os.environ.get("LORAKIT_DISABLE_TRITON", "0") == "1" or torch.compiler.is_compiling():
+        # under torch.compile, plain ops: AOTAutograd derives their backward and inductor fuses them anyway, while
+        # the traced Function's gradients came back as zeros on CUDA (torch 2.11, inductor and aot_eager, with and
+        # without checkpointing: bench/compile_grad_probe.py), which trained nothing through --compile-layers
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling)
     y = LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), _compute_dtype(x))  # (N, out)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
