@@ -307,10 +307,13 @@ def test_a_model_quantized_under_inference_mode_decodes(references_only):
     _assert_steps(expected, [logits, decoder.step([0], [int(logits[0].argmax())], [None])])
 
 
-def test_serve_picks_the_static_decoder_for_an_nf4_model():
-    from lorakit.serve.cli import static_decoder
+def test_serve_runs_the_static_decoder_on_an_nf4_model_when_asked():
+    """--decoder static runs it; 'auto' keeps transformers' decode for NF4 models (on GPUs the NF4 GEMM is still
+    slower than transformers' path: docs/PERFORMANCE.md), which _has_nf4 tells apart from dense models."""
+    from lorakit.serve.cli import _has_nf4, static_decoder
 
     model = _qlora_llama(seed=6)
+    assert _has_nf4(model) and not _has_nf4(tiny_llama())
     decoder = static_decoder(model, "static", max_batch=2, context=32)  # the free-memory cap computes (no cap off CUDA)
     assert isinstance(decoder, StaticDecoder) and decoder.max_len == 32
     assert decoder.weights[0]["down"].nf4 is not None

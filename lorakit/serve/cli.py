@@ -147,6 +147,11 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
             context, reason = window, None
     reason = reason or static_decoding_unsupported(model, context)  # and with the context it would serve
     reason = reason or (None if device.type == "cuda" or choice == "static" else "not on CUDA")
+    if reason is None and choice == "auto" and device.type == "cuda" and _has_nf4(model):
+        # exact, but its NF4 GEMM is slower than transformers' dequantize-then-cuBLAS decode (H200, Llama-3.1-8B
+        # shape: 142-217 ms a step against 130-149; docs/PERFORMANCE.md), so --decoder static only when asked
+        reason = ("the static decoder's NF4 GEMM is still slower than transformers' on GPUs (docs/PERFORMANCE.md); "
+                  "--decoder static uses it anyway")
     if reason is not None:
         if choice == "static":
             raise LorakitError(f"--decoder static: {reason}; use --decoder transformers")
@@ -158,6 +163,12 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
         print("lorakit serve: warming up the static decoder (compiles its kernels once)", file=sys.stderr, flush=True)
         decoder.warm_up()
     return decoder
+
+
+def _has_nf4(model) -> bool:
+    from lorakit.quant.nf4 import NF4Linear
+
+    return any(isinstance(module, NF4Linear) for module in model.modules())
 
 
 def torch_free_memory(device) -> int:
