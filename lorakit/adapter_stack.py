@@ -388,7 +388,7 @@ def _fast_path_adapter_dtype(layer, names: Sequence[str | None]) -> torch.dtype 
             continue
         if not module.variant.plain or (layer.training and isinstance(module.dropout, torch.nn.Dropout)):
             return False
-        dtype = dtype or module._parameters["lora_A"].dtype
+        dtype = dtype or module.lora_A.dtype  # not _parameters: an nn.DataParallel replica holds it as an attribute
     return dtype
 
 
