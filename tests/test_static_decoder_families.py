@@ -88,7 +88,8 @@ def _phi3_partial():
 FAMILIES = {"phi3": _phi3, "phi3_partial": _phi3_partial, "gemma": _gemma, "gemma2": _gemma2, "gemma3_text": _gemma3}
 
 
-def _with_adapters(model, family):
+def _with_adapters(model, family="llama"):
+    """Adapters a (LoRA, every projection), b (rsLoRA, a few) and d (DoRA), with B and magnitudes moved off init."""
     few = ["qkv_proj", "down_proj"] if family.startswith("phi3") else ["q_proj", "v_proj", "down_proj"]
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter="a")
     lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=3, target_modules=few, variant="rslora"), adapter="b")

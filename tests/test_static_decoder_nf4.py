@@ -12,11 +12,12 @@ import torch
 
 import lorakit
 from lorakit.decoding import StaticDecoder, static_decoding_unsupported
-from lorakit.generation import decode, prefill
+from lorakit.generation import prefill
 from lorakit.kernels.nf4 import decode_absmax
 from lorakit.kernels.nf4_rows import NF4Rows, nf4_rows_linear, nf4_rows_linear_reference
 from lorakit.quant.nf4 import quantize_nf4
 from tests.conftest import tiny_llama
+from tests.test_static_decoder_families import _reference, _with_adapters
 
 ATOL = 1e-5  # float32, as tests/test_static_decoder.py (measured here: <= 7e-7)
 PROMPTS = [[5, 9, 2, 7, 1], [3, 4], [8, 8, 1, 2, 3, 4, 5], [11, 12, 13]]
@@ -123,25 +124,6 @@ def _qlora_llama(seed=1, **overrides):
     return _with_adapters(model)
 
 
-def _with_adapters(model, few=("q_proj", "v_proj", "down_proj")):
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter="a")
-    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=3, target_modules=list(few), variant="rslora"), adapter="b")
-    lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=6, variant="dora"), adapter="d")
-    with torch.no_grad():
-        for name, p in lorakit.lora_parameters(model):
-            if name.endswith(("lora_B", "magnitude")):
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
-
-
-def _reference(model, prompts, names, steps):
-    logits, batch = prefill(model, prompts, names)
-    out = [logits]
-    for _ in range(steps):
-        out.append(decode(model, batch, out[-1].argmax(dim=-1).tolist(), names))
-    return out
-
-
 def _static(model, names, steps, overlap=None, rows=(0, 1, 2, 3)):
     decoder = StaticDecoder(model, max_batch=6, max_len=16, lora_overlap=overlap)
     logits, batch = prefill(model, PROMPTS, names)
@@ -212,8 +194,7 @@ def _family_nf4(family):
 
     model = families.FAMILIES[family]()
     lorakit.quantize(model, "nf4")
-    few = ("qkv_proj", "down_proj") if family.startswith("phi3") else ("q_proj", "v_proj", "down_proj")
-    return _with_adapters(model, few)
+    return _with_adapters(model, family)
 
 
 def test_qwen2_with_biases_and_straddling_blocks_on_nf4(kernel_calls, nf4_kernel_only):
