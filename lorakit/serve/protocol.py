@@ -29,6 +29,14 @@ def forced_tool_choice(value, named: str | None, names: list[str], form: str):
         raise ValueError(f"tool_choice names {named[:64]!r}, which is not among the tools ({', '.join(names)[:200]})")
     return value
 
+
+def unique_tools(tools: list | None, names: list[str]) -> list | None:
+    """The request's ``tools`` (None for none), refused when two share a function name (``names``, in order)."""
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise ValueError(f"two tools are named {twice!r}; give each function its own name")
+    return tools or None
+
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
 
@@ -358,11 +366,7 @@ class ChatRequest(_Sampling):
     @field_validator("tools")
     @classmethod
     def _unique_tools(cls, value: list | None) -> list | None:
-        names = [tool.function.name for tool in value or ()]
-        twice = next((name for name in names if names.count(name) > 1), None)
-        if twice is not None:
-            raise ValueError(f"two tools are named {twice!r}; give each function its own name")
-        return value or None
+        return unique_tools(value, [tool.function.name for tool in value or ()])
 
     @field_validator("tool_choice")
     @classmethod
@@ -643,11 +647,7 @@ class ResponsesRequest(_Strict):
     @field_validator("tools")
     @classmethod
     def _unique_tools(cls, value: list | None) -> list | None:
-        names = [tool.name for tool in value or ()]
-        twice = next((name for name in names if names.count(name) > 1), None)
-        if twice is not None:
-            raise ValueError(f"two tools are named {twice!r}; give each function its own name")
-        return value or None
+        return unique_tools(value, [tool.name for tool in value or ()])
 
     @field_validator("tool_choice")
     @classmethod
