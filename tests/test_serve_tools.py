@@ -612,3 +612,20 @@ def test_forced_call_not_written_on_responses():
     events = [TypeAdapter(ResponseStreamEvent).validate_python(e) for e in asyncio.run(run())]
     assert [e.type for e in events] == ["response.created", "response.in_progress", "response.failed"]
     assert "did not write a call" in events[-1].response.error.message and events[-1].response.output == []
+
+
+def test_two_tools_of_one_name_are_refused_in_both_apis():
+    """A tool list naming one function twice is a validation error naming it, in chat's and the Responses form."""
+    from pydantic import ValidationError
+
+    from lorakit.serve.protocol import ChatRequest, ResponsesRequest
+
+    nested = {"type": "function", "function": {"name": "get", "parameters": {"type": "object", "properties": {}}}}
+    flat = {"type": "function", "name": "get", "parameters": {"type": "object", "properties": {}}}
+    with pytest.raises(ValidationError, match="two tools are named 'get'"):
+        ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                    "tools": [nested, nested]})
+    with pytest.raises(ValidationError, match="two tools are named 'get'"):
+        ResponsesRequest.model_validate({"model": "m", "input": "hi", "tools": [flat, flat]})
+    assert ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                       "tools": [nested]}).tools
