@@ -247,7 +247,11 @@ def test_ctrl_c_leaves_a_valid_checkpoint_and_says_how_to_resume(tmp_path, tiny_
     process = subprocess.Popen([sys.executable, "-m", "lorakit", "train", "--model", str(tiny_folder), "--data",
                                 str(data), "--out", str(run), "--rank", "2", "--batch-size", "2", "--no-progress",
                                 "--eval-examples", "0", "--max-steps", "100000", "--save-every", "2"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # Ctrl-C's default action in the run: a shell that started the test suite in the
+                               # background without job control left SIGINT ignored, which children inherit (and
+                               # Python then installs no KeyboardInterrupt handler): the run never stopped
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240  # generous: on 2 busy CI cores the interpreter-mode kernels start slowly
     while not (run / "checkpoints" / "latest").is_file() and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
