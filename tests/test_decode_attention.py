@@ -25,8 +25,9 @@ CASES = [
 ]
 
 
-def naive_float64(q, k_cache, v_cache, lengths, scale):
-    """The textbook formula, one (row, head) at a time in float64; only the valid keys are ever touched."""
+def naive_float64(q, k_cache, v_cache, lengths, scale, window=None):
+    """The textbook formula, one (row, head) at a time in float64; only the valid keys are ever touched (with a
+    window: the query at p = n - 1 sees keys p - window < k <= p, transformers' sliding_window_overlay)."""
     b, h, d = q.shape
     g = h // k_cache.shape[1]
     out = torch.zeros(b, h, d, dtype=torch.float64)
@@ -34,9 +35,10 @@ def naive_float64(q, k_cache, v_cache, lengths, scale):
         n = int(lengths[i])
         if n == 0:
             continue
+        first = 0 if window is None else max(0, (n - 1) - window + 1)
         for j in range(h):
-            k = k_cache[i, j // g, :n].double()
-            v = v_cache[i, j // g, :n].double()
+            k = k_cache[i, j // g, first:n].double()
+            v = v_cache[i, j // g, first:n].double()
             p = torch.softmax((k @ q[i, j].double()) * scale, dim=0)
             out[i, j] = p @ v
     return out
@@ -174,6 +176,108 @@ def test_decode_attention_errors(make, match):
     with pytest.raises(LorakitError, match="splits"):
         decode_attention(torch.randn(1, 2, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16),
                          torch.ones(1, dtype=torch.int32), 0.1, splits=0)
+
+
+# -- sliding windows ----------------------------------------------------------------------------------------------
+
+# (B, H, Hkv, D, S_max, lengths, window): windows smaller and larger than the lengths, window 1, a window past S_max,
+# GQA G=3 / G=2 / MHA, D=33 (odd) and 80, lengths 0, 1 and S_max in one batch; S_max=300 with window 150 and
+# splits=3 runs three 64-key splits over the window (the first starting at length - 150, not 0)
+WINDOW_CASES = [
+    (4, 6, 2, 64, 300, [300, 200, 151, 10], 150),
+    (4, 6, 3, 33, 70, [70, 0, 1, 45], 1),
+    (3, 6, 6, 80, 130, [130, 64, 7], 7),
+    (3, 4, 2, 64, 37, [37, 20, 0], 36),
+    (2, 4, 1, 40, 37, [37, 5], 500),
+]
+
+
+def poison_outside_window(k, v, lengths, window):
+    """NaN / inf in every key before each row's window (and past its length): read once, they would poison it."""
+    k, v = k.clone(), v.clone()
+    for i, n in enumerate(lengths):
+        first = max(0, n - window)
+        k[i, :, :first], v[i, :, :first] = float("nan"), float("inf")
+        k[i, :, n:], v[i, :, n:] = float("nan"), float("inf")
+    return k, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: f"B{c[0]}H{c[1]}kv{c[2]}D{c[3]}S{c[4]}W{c[6]}")
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_windowed_attention_matches_reference_and_float64(dtype, case, splits, monkeypatch):
+    from lorakit.kernels.triton import decode_attention as tda
+
+    calls = []
+    real = tda.flash_decode
+    monkeypatch.setattr(tda, "flash_decode", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    b, h, hkv, d, s, lens, window = case
+    lengths = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(b, h, d).to(dtype)
+    k, v = poison_outside_window(*make_cache(b, hkv, s, d, lens, dtype, garbage=False), lens, window)
+    scale = 1 / math.sqrt(d)
+    out = decode_attention(q, k, v, lengths, scale, splits=splits, window=window)
+    ref = decode_attention_reference(q, k, v, lengths, scale, window=window)
+    truth = naive_float64(q, k, v, lengths, scale, window)
+    assert len(calls) == 1  # the kernel ran
+    assert out.shape == (b, h, d) and out.dtype == dtype
+    assert torch.isfinite(out).all() and torch.isfinite(ref).all()
+    assert_close(out, ref)
+    assert_close(out, truth, dtype)
+    assert_close(ref, truth, dtype)
+    if window < s:  # the window matters: full attention over the same (clean) keys differs
+        clean_k, clean_v = make_cache(b, hkv, s, d, lens, torch.float32, garbage=False)
+        longest = max(range(b), key=lambda i: lens[i])
+        full = naive_float64(q, clean_k, clean_v, lengths, scale)[longest]
+        windowed = naive_float64(q, clean_k, clean_v, lengths, scale, window)[longest]
+        assert (full - windowed).abs().max() > 1e-3
+    if window == 1:  # one key: the output is that key's value, whatever the scores
+        for i, n in enumerate(lens):
+            if n:
+                g = h // hkv
+                assert_close(out[i], v[i, :, n - 1].repeat_interleave(g, dim=0), dtype)
+
+
+def test_window_splits_cover_the_window_not_the_cache():
+    """The split plan is made for min(S_max, window) keys: a window of 150 in a 300-key cache asked for 3 splits
+    gets 3 splits of 64 keys (the three above cover the window), and a short window one split."""
+    assert split_count(150, 3, 64, 6, 2) == 3
+    assert split_count(300, 8, 64, 6, 2) == 5
+    assert split_count(7, 3, 80, 6, 6) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_window_with_rows_matches_per_token_reference(dtype):
+    """Prefill: tokens of a prompt share a cache row, each with its own length, and each sees its own window."""
+    T, h, hkv, d, s, C, window = 6, 4, 2, 24, 20, 2, 3
+    rows = torch.tensor([1, 1, 1, 1, 0, 1], dtype=torch.int32)
+    lengths = torch.tensor([1, 2, 5, 9, 4, 20], dtype=torch.int32)
+    q = torch.randn(T, h, d).to(dtype)
+    k, v = torch.randn(C, hkv, s, d).to(dtype), torch.randn(C, hkv, s, d).to(dtype)
+    out = decode_attention(q, k, v, lengths, 0.3, rows=rows, window=window)
+    assert_close(out, decode_attention_reference(q, k, v, lengths, 0.3, rows=rows, window=window))
+    for t in range(T):
+        r = int(rows[t])
+        alone = naive_float64(q[t:t + 1], k[r:r + 1], v[r:r + 1], lengths[t:t + 1], 0.3, window)
+        assert_close(out[t:t + 1], alone, dtype)
+
+
+def test_window_with_softcap_matches_reference():
+    b, h, hkv, d, s, lens = 3, 4, 2, 32, 140, [140, 70, 2]
+    lengths = torch.tensor(lens, dtype=torch.int32)
+    q, (k, v) = torch.randn(b, h, d) * 3, make_cache(b, hkv, s, d, lens, torch.float32, garbage=False)
+    for splits in (1, 2):
+        out = decode_attention(q, k, v, lengths, 0.5, splits=splits, softcap=1.5, window=65)
+        assert_close(out, decode_attention_reference(q, k, v, lengths, 0.5, softcap=1.5, window=65))
+        assert (out - decode_attention(q, k, v, lengths, 0.5, splits=splits, window=65)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "8"])
+def test_window_errors(bad):
+    with pytest.raises(LorakitError, match="window must be None or an int >= 1") as info:
+        decode_attention(torch.randn(1, 2, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16),
+                         torch.ones(1, dtype=torch.int32), 0.1, window=bad)
+    assert "\n" not in str(info.value)
 
 
 # -- rope_store_ --------------------------------------------------------------------------------------------------

@@ -2,13 +2,15 @@
 rotary embedding + cache store that precedes it. Both are CUDA-graph safe: no host syncs, no data-dependent shapes
 or grids; everything that changes per step (``lengths``, ``positions``) lives in device tensors.
 
-``decode_attention(q, k_cache, v_cache, lengths, scale)``
+``decode_attention(q, k_cache, v_cache, lengths, scale, window=None)``
     q (B, H, D) one query token per row, already rotated; k_cache, v_cache (B, Hkv, S_max, D) one layer of the
     cache; lengths (B,) int32/int64 on q's device: keys ``0 .. lengths[b]-1`` of row b are valid, the rest may hold
     garbage (NaN/inf) and never reach the result. Grouped-query attention: query head h reads kv head
     ``h // (H // Hkv)``. Returns (B, H, D) in q's dtype; a row with length 0 gets zeros. Scores and softmax in
     float32 (``scores * scale``, max-subtracted). Lengths outside ``[0, S_max]`` are clamped to it (the kernel must
-    never read past the cache; checking on the host would need a sync).
+    never read past the cache; checking on the host would need a sync). ``window`` (sliding-window layers): the
+    query, at position p = lengths[b] - 1, attends only keys k with p - window < k <= p (transformers'
+    ``sliding_window_overlay``); the keys before the window may hold garbage too and are never read.
 
 ``rope_store_(q, k, v, cos, sin, positions, k_cache, v_cache)``
     q (B, H, D), k, v (B, Hkv, D) for the new token (any strides, e.g. views of a fused qkv output); cos, sin (B, D)
@@ -145,10 +147,11 @@ def _kernel_ok(*tensors: torch.Tensor) -> bool:
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                                scale: float, rows: torch.Tensor | None = None,
-                               softcap: float | None = None) -> torch.Tensor:
+                               softcap: float | None = None, window: int | None = None) -> torch.Tensor:
     """q (B, H, D), caches (B, Hkv, S, D) (or (C, Hkv, S, D) with rows (B,): q row i reads cache row rows[i]; a row
     outside 0..C-1 attends nothing), lengths (B,) -> (B, H, D) in q's dtype; float32 math, graph safe. ``softcap``
-    (Gemma 2): the scaled scores become ``softcap * tanh(scores / softcap)`` before the softmax, as transformers."""
+    (Gemma 2): the scaled scores become ``softcap * tanh(scores / softcap)`` before the softmax, as transformers.
+    ``window``: row b attends keys ``lengths[b] - window .. lengths[b] - 1`` only (a sliding-window layer)."""
     if rows is not None:
         inside = (rows >= 0) & (rows < k_cache.shape[0])
         index = torch.where(inside, rows, 0).to(torch.long)
@@ -157,7 +160,11 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     b, h, d = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
     g = h // hkv
-    valid = torch.arange(s, device=q.device)[None, :] < lengths[:, None].to(torch.long)  # (B, S)
+    keys = torch.arange(s, device=q.device)[None, :]
+    ends = lengths[:, None].to(torch.long)
+    valid = keys < ends  # (B, S)
+    if window is not None:  # the query at p = length - 1 sees p - window < k <= p
+        valid &= keys >= ends - int(window)
     qf = q.float().reshape(b, hkv, g, d)
     scores = torch.einsum("bkgd,bksd->bkgs", qf, k_cache.float()) * scale  # (B, Hkv, G, S)
     if softcap is not None:
@@ -174,7 +181,7 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                      scale: float, *, splits: int | None = None, rows: torch.Tensor | None = None,
-                     softcap: float | None = None) -> torch.Tensor:
+                     softcap: float | None = None, window: int | None = None) -> torch.Tensor:
     """Attention of one new token per row over a static cache: q (B, H, D) -> (B, H, D) in q's dtype.
 
     Flash-decoding (``kernels/triton/decode_attention.py``) when Triton can run, else the reference. ``splits``
@@ -182,21 +189,32 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     shapes and the GPU's SM count, never from ``lengths``. ``rows`` (B,): the cache row each q row reads (default:
     its own), so the tokens of a prefilled prompt, each with its own length, attend their one row (a row outside
     the cache attends nothing and gives zeros). ``softcap`` (Gemma 2's attention logit soft-capping, > 0): scores
-    ``s * scale`` become ``softcap * tanh(s * scale / softcap)`` before the softmax.
+    ``s * scale`` become ``softcap * tanh(s * scale / softcap)`` before the softmax. ``window`` (a sliding-window
+    layer, int >= 1): each row attends only its last ``window`` keys, ``max(0, length - window) .. length - 1``
+    (the query at p = length - 1 sees p - window < k <= p, transformers' mask); the kernel reads none of the keys
+    before them and splits the window, not the cache. A window of at least S_max changes nothing.
     """
     _check_decode_attention(q, k_cache, v_cache, lengths, rows)
     if splits is not None and (not isinstance(splits, int) or splits < 1):
         raise LorakitError(f"decode_attention: splits must be a positive int, got {splits!r}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
         raise LorakitError(f"decode_attention: softcap must be None or a positive number, got {softcap!r}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise LorakitError(f"decode_attention: window must be None or an int >= 1 (keys a query attends), got {window!r}")
+        if window >= k_cache.shape[2]:
+            window = None  # no row holds more keys than the cache: the window never applies
     extra = () if rows is None else (rows,)
     if q.shape[-1] <= MAX_KERNEL_HEAD_DIM and q.numel() and _kernel_ok(q, k_cache, v_cache, lengths, *extra):
         from lorakit.kernels.triton.decode_attention import flash_decode
 
+        if window is not None:
+            return flash_decode(q, k_cache, v_cache, lengths, float(scale), splits, rows,
+                                None if softcap is None else float(softcap), window)
         if softcap is None:
             return flash_decode(q, k_cache, v_cache, lengths, float(scale), splits, rows)
         return flash_decode(q, k_cache, v_cache, lengths, float(scale), splits, rows, float(softcap))
-    return decode_attention_reference(q, k_cache, v_cache, lengths, scale, rows, softcap)
+    return decode_attention_reference(q, k_cache, v_cache, lengths, scale, rows, softcap, window)
 
 
 # -- rotary embedding + cache store ---------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """Triton kernels for one decode step: flash-decoding attention over a static KV cache, and rotary + cache store.
 
 Flash-decoding: grid (B, Hkv, splits). A program takes all G = H // Hkv query heads of one kv head (padded to
-``BLOCK_G >= 16`` rows so ``tl.dot`` runs on tensor cores) and the keys ``[split * split_len, (split+1) * split_len)
-∩ [0, length)`` of its row, in ``BLOCK_S`` blocks with an online softmax (base 2: scores are pre-multiplied by
-``scale * log2(e)``). The key loop stops at ``length``, so only the valid K/V is read; a split wholly past the
-length reads nothing and writes (zeros, lse = -inf), which the combine kernel weighs by exp2(-inf) = 0. With one
-split the program normalises and writes the output directly (no scratch, no second launch).
+``BLOCK_G >= 16`` rows so ``tl.dot`` runs on tensor cores) and the keys ``[start + split * split_len, start +
+(split+1) * split_len) ∩ [start, length)`` of its row, in ``BLOCK_S`` blocks with an online softmax (base 2: scores
+are pre-multiplied by ``scale * log2(e)``). ``start`` is 0, or ``max(0, length - window)`` for a sliding-window
+layer (the query at position length - 1 attends keys p - window < k <= p, as transformers' mask): the splits then
+cover the window, not the cache, and the keys before it are never read. The key loop stops at ``length``, so only
+the valid K/V is read; a split wholly past the length reads nothing and writes (zeros, lse = -inf), which the
+combine kernel weighs by exp2(-inf) = 0. With one split the program normalises and writes the output directly (no
+scratch, no second launch).
 
-The number of splits is chosen on the host from (B, Hkv, S_max, SM count) only: lengths live on the device and
-change every step inside a CUDA graph. The grid is fixed by the shapes, so the step is graph safe.
+The number of splits is chosen on the host from (B, Hkv, min(S_max, window), SM count) only: lengths live on the
+device and change every step inside a CUDA graph. The grid is fixed by the shapes, so the step is graph safe.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _flash_decode_split(Q, K, V, LENGTHS, ROWS, O, LSE, OUT,
                         stride_kb, stride_kh, stride_ks, stride_kd,
                         stride_vb, stride_vh, stride_vs, stride_vd,
                         stride_ob, stride_oh, stride_od,
-                        s_max, split_len, n_groups, head_dim, qk_scale, n_cache_rows, softcap_in, softcap_out,
+                        s_max, split_len, n_groups, head_dim, qk_scale, n_cache_rows, softcap_in, softcap_out, window,
                         NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
                         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
                         PDL: tl.constexpr, SOFTCAP: tl.constexpr = False):
@@ -56,7 +59,9 @@ def _flash_decode_split(Q, K, V, LENGTHS, ROWS, O, LSE, OUT,
         inside = (cb >= 0) & (cb < n_cache_rows)
         length = tl.where(inside, length, 0)  # a row outside the cache attends nothing
         cb = tl.where(inside, cb, 0)
-    lo = split * split_len
+    # the row's keys: [start, length); a sliding window (window < S_max) drops the ones before length - window
+    start = tl.maximum(length - window, 0)
+    lo = start + split * split_len
     hi = tl.minimum(lo + split_len, length)
 
     g = tl.arange(0, BLOCK_G)
@@ -73,8 +78,8 @@ def _flash_decode_split(Q, K, V, LENGTHS, ROWS, O, LSE, OUT,
     k_base = K + cb * stride_kb + kvh * stride_kh
     v_base = V + cb * stride_vb + kvh * stride_vh
     s_offs = tl.arange(0, BLOCK_S)
-    for start in range(lo, hi, BLOCK_S):
-        s = start + s_offs
+    for block in range(lo, hi, BLOCK_S):
+        s = block + s_offs
         s_mask = s < hi
         kv_mask = s_mask[:, None] & d_mask[None, :]  # keys past the length are never loaded (may be NaN)
         k = tl.load(k_base + s[:, None] * stride_ks + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
@@ -160,19 +165,21 @@ def _blocks(head_dim: int, n_groups: int) -> tuple[int, int, int]:
 
 def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                  scale: float, splits: int | None = None, rows: torch.Tensor | None = None,
-                 softcap: float | None = None) -> torch.Tensor:
+                 softcap: float | None = None, window: int | None = None) -> torch.Tensor:
     """q (B, H, D), caches (B or C, Hkv, S, D), lengths (B,) int, rows None or (B,) int (the cache row of each q
-    row), softcap None or > 0 (scores become softcap * tanh(scores / softcap)) -> (B, H, D) in q's dtype. Shapes
+    row), softcap None or > 0 (scores become softcap * tanh(scores / softcap)), window None or >= 1 (each row
+    attends its last ``window`` keys: ``max(0, length - window) .. length - 1``) -> (B, H, D) in q's dtype. Shapes
     checked by caller."""
     b, h, d = q.shape
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     n_groups = h // hkv
     block_g, block_s, block_d = _blocks(d, n_groups)
+    span = s_max if window is None else max(1, min(s_max, int(window)))  # keys one row can attend
     if splits is None:
         sm = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
             if q.device.type == "cuda" else 1  # the CPU interpreter: fewer programs run faster
-        splits = choose_splits(b, hkv, s_max, sm, block_s)
-    splits, split_len = split_plan(s_max, splits, block_s)
+        splits = choose_splits(b, hkv, span, sm, block_s)
+    splits, split_len = split_plan(span, splits, block_s)
     out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
     if splits == 1:
         o_part = lse = out  # unused by the kernel when NUM_SPLITS == 1
@@ -185,7 +192,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         q, k_cache, v_cache, lengths, lengths if rows is None else rows, o_part, lse, out,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         s_max, split_len, n_groups, d, float(scale) * _LOG2E, k_cache.shape[0],
-        float(scale) / softcap if softcap else 0.0, softcap * _LOG2E if softcap else 0.0, NUM_SPLITS=splits, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_D=block_d, DOT_PRECISION=precision,
+        float(scale) / softcap if softcap else 0.0, softcap * _LOG2E if softcap else 0.0, span, NUM_SPLITS=splits, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_D=block_d, DOT_PRECISION=precision,
         HAS_ROWS=rows is not None, PDL=pdl, SOFTCAP=bool(softcap), num_warps=TILES["num_warps"], num_stages=TILES["num_stages"],
         **pdl_launch(pdl))
     if splits > 1:
