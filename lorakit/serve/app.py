@@ -40,7 +40,7 @@ from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name
 from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected
 from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, CompletionRequest, ResponsesRequest,
                                     error_body)
-from lorakit.serve.reasoning import ReasoningStream, prompt_state, think_tokens
+from lorakit.serve.reasoning import AnswerStart, ReasoningParser, ReasoningStream
 from lorakit.serve.responses import final_response, new_ids, response_events
 from lorakit.serve.text import TextAssembler
 from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_format, forced_calls, forced_prefix,
@@ -66,7 +66,7 @@ class ServerState:
     cors_origins: tuple[str, ...] = ()  # web pages (origins) whose scripts may call the server; "*": any
     body_timeout: float = 60.0  # seconds to receive a request body: a client that stops sending mid-body is answered
     acquire_timeout: float = 60.0
-    reasoning: bool = False  # split a <think> block off chat answers (reasoning.py; --reasoning-parser)
+    reasoning: ReasoningParser | None = None  # splits a thinking block off chat answers (reasoning.py; --reasoning-parser)
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -259,7 +259,7 @@ def create_app(state: ServerState) -> FastAPI:
         params = _sampling_params(state, body, [limit], 1, None, call_end_tokens(state.tokenizer, fmt))
         think = await run_in_threadpool(_think_state, state, prompt_ids) if forced is None else None
         keep = (kept_tokens(state.tokenizer, fmt) if calls else frozenset()) | \
-            (think_tokens(state.tokenizer) if think else frozenset())
+            (think.parser.tokens(state.tokenizer) if think else frozenset())
         adapter_name = None if body.model == state.base_name else body.model
         internal = None if adapter_name is None else await _acquire(state, adapter_name)
         jobs, bridge = _submit(state, [prompt_ids], 1, params, adapter_name, internal, None, None, max(body.top_k, 0),
@@ -355,14 +355,15 @@ def _encode_agent(state: ServerState, messages: list[dict], tools: list[dict] | 
     return _encode(state, messages, True, kwargs, param)
 
 
-def _think_state(state: ServerState, prompt_ids: list[int]) -> str | None:
-    """Where a chat answer to ``prompt_ids`` starts with respect to a ``<think>`` block (``reasoning.prompt_state``),
-    or None when the server splits no reasoning (``--reasoning-parser none``, or a template without one)."""
+def _think_state(state: ServerState, prompt_ids: list[int]) -> AnswerStart | None:
+    """Where a chat answer to ``prompt_ids`` starts with respect to the reasoning block of the server's parser
+    (``ReasoningParser.start``), or None when the server splits no reasoning (``--reasoning-parser none``, or a
+    template without one)."""
     if not state.reasoning:
         return None
     with state.tokenizer_lock:
         tail = state.tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False)
-    return prompt_state(tail)
+    return state.reasoning.start(tail)
 
 
 def _encode_text(state: ServerState, text: str) -> list[int]:
@@ -490,7 +491,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
     keep = kept_tokens(state.tokenizer, tools[0]) if tools else frozenset()
     if think is not None:
-        keep |= think_tokens(state.tokenizer)
+        keep |= think.parser.tokens(state.tokenizer)
     jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0),
                            keep)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"

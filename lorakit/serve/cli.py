@@ -39,11 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context", type=int, default=None,
                         help="tokens per sequence (prompt + output); with the static decoder this sizes its KV cache "
                              "(default: the model's context, capped at 8192 and to 40%% of free GPU memory)")
-    parser.add_argument("--reasoning-parser", choices=("auto", "none", "deepseek_r1", "qwen3"), default="auto",
-                        help="return a reasoning model's <think> block as reasoning_content (a reasoning item on "
-                             "/v1/responses), not in content: 'auto' where the chat template writes <think> "
-                             "(Qwen3, DeepSeek-R1, QwQ; default), 'none' never; vLLM's names deepseek_r1 and qwen3 "
-                             "turn it on (one parser reads both)")
+    parser.add_argument("--reasoning-parser", choices=("auto", "none", "deepseek_r1", "qwen3", "mistral"), default="auto",
+                        help="return a reasoning model's thinking block as reasoning_content (a reasoning item on "
+                             "/v1/responses), not in content: 'auto' by what the chat template writes, [THINK] "
+                             "(Magistral, Ministral 3 reasoning: the mistral parser) or <think> (Qwen3, DeepSeek-R1, "
+                             "QwQ; default), 'none' never; vLLM's names deepseek_r1 and qwen3 (one <think> parser reads "
+                             "both) and mistral ([THINK]...[/THINK]) turn that one on")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (default: %(default)s)")
 
 
@@ -54,7 +55,7 @@ def build_state(args: argparse.Namespace):
     from lorakit.serve.app import ServerState
     from lorakit.serve.engine import Engine
     from lorakit.serve.pool import AdapterPool
-    from lorakit.serve.reasoning import parser_enabled
+    from lorakit.serve.reasoning import select_parser
 
     for flag, value in (("--max-loaded", args.max_loaded), ("--max-rank", args.max_rank), ("--max-batch", args.max_batch),
                         ("--max-tokens", args.max_tokens)):
@@ -87,7 +88,7 @@ def build_state(args: argparse.Namespace):
                         max_prompt_tokens=min(max_prompt, context), max_new_tokens=args.max_tokens,
                         api_key=args.api_key or None, body_timeout=args.body_timeout,
                         cors_origins=tuple(args.cors_origin),
-                        reasoning=parser_enabled(tokenizer, getattr(args, "reasoning_parser", "auto")))
+                        reasoning=select_parser(tokenizer, getattr(args, "reasoning_parser", "auto")))
     for entry, why in skipped_folders(args.adapters):
         print(f"lorakit serve: folder {entry!r} in {args.adapters} is not served: {why}", flush=True)
     if args.preload:
@@ -195,8 +196,9 @@ def run(args: argparse.Namespace) -> int:
           f"(max {state.pool.max_loaded} loaded, batch {state.engine.max_batch}, {state.engine.stats()['decoder']} "
           f"decoder, context {state.context_length})", flush=True)
     print(f"lorakit serve: reasoning parser {'on' if state.reasoning else 'off'} (--reasoning-parser "
-          f"{args.reasoning_parser}): " + ("a <think> block in a chat answer is returned as reasoning_content"
-                                           if state.reasoning else "answers are returned as written"), flush=True)
+          f"{args.reasoning_parser}): " + (f"a {state.reasoning.open}...{state.reasoning.close} block in a chat "
+                                           "answer is returned as reasoning_content" if state.reasoning else
+                                           "answers are returned as written"), flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

@@ -1,97 +1,154 @@
-"""Reasoning models' ``<think>...</think>`` block, split from the answer (what vLLM serves with
-``--reasoning-parser deepseek_r1`` / ``qwen3``).
+"""Reasoning models' thinking block, split from the answer (what vLLM serves with ``--reasoning-parser
+deepseek_r1`` / ``qwen3`` / ``mistral``).
 
-Qwen3, DeepSeek-R1 (and its distills) and QwQ write their reasoning first, inside ``<think>`` ... ``</think>``,
-then the answer. The server returns the reasoning as ``message.reasoning_content`` (streamed as
-``delta.reasoning_content``; a ``reasoning`` output item on ``/v1/responses``) and only the rest as ``content``, so
-a client that shows ``content`` shows the answer, and a tool call written after the reasoning is parsed from the
-rest (``tool_calls.py``).
+Two markings, each a :class:`ReasoningParser` (its markers are a property of the parser, not of this module):
 
-Where the answer starts is read from the prompt, which is what the model continues:
+- ``<think>`` ... ``</think>``: Qwen3, DeepSeek-R1 (and its distills), QwQ, Magistral-Small-2506 (plain text there);
+- ``[THINK]`` ... ``[/THINK]``: Magistral-Small-2507 / 2509 and the Ministral 3 reasoning models (special tokens of
+  the newer tekken tokenizers). Their chat templates write ``[THINK]`` into the prompt only inside a system
+  message (the default system prompt describes the format; a system message's ``thinking`` chunk), and the
+  generation prompt ends at ``[/INST]``: the model opens the block itself, as vLLM's mistral parser expects.
 
-- the prompt ends by opening ``<think>`` (DeepSeek-R1's and QwQ's generation prompt ``<think>\\n``): the answer
-  starts inside the block, with no opening tag of its own (one it writes anyway is dropped, as vLLM drops it);
+The reasoning model writes its reasoning first, inside the block, then the answer. The server returns the
+reasoning as ``message.reasoning_content`` (streamed as ``delta.reasoning_content``; a ``reasoning`` output item on
+``/v1/responses``) and only the rest as ``content``, so a client that shows ``content`` shows the answer, and a
+tool call written after the reasoning is parsed from the rest (``tool_calls.py``).
+
+Where the answer starts is read from the prompt, which is what the model continues (:meth:`ReasoningParser.start`):
+
+- the prompt ends by opening the block (DeepSeek-R1's and QwQ's generation prompt ``<think>\\n``): the answer
+  starts inside the block, with no opening marker of its own (one it writes anyway is dropped, as vLLM drops it);
 - the prompt ends with a closed block (Qwen3 with ``{"enable_thinking": false}`` writes ``<think>\\n\\n</think>\\n\\n``
   into it): there is no reasoning, all is content;
-- otherwise (Qwen3's thinking mode): a block is reasoning only where the answer begins with ``<think>`` (after
-  whitespace); an answer that begins otherwise is all content.
+- otherwise (Qwen3's thinking mode, Magistral): a block is reasoning only where the answer begins with the opening
+  marker (after whitespace); an answer that begins otherwise is all content.
 
 An answer that ends inside the block (``max_tokens`` reached while thinking) is all reasoning, its content None,
 as vLLM answers. The reasoning is returned without the whitespace around it and the content without the
-whitespace the template puts after ``</think>`` (the Qwen3 template strips both when it renders the turn again).
+whitespace the template puts after the closing marker (the Qwen3 template strips both when it renders the turn
+again).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-PARSERS = ("auto", "none", "deepseek_r1", "qwen3")  # --reasoning-parser; the named ones are vLLM's, one parser here
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 
-def template_thinks(tokenizer: Any) -> bool:
-    """Whether the tokenizer's chat template writes ``<think>`` blocks (Qwen3, DeepSeek-R1, QwQ): what
-    ``--reasoning-parser auto`` turns the parser on for."""
-    from lorakit.serve.tool_calls import template_text
+@dataclass(frozen=True)
+class ReasoningParser:
+    """One marking of the reasoning block: ``open`` and ``close`` are its markers as the answer's text holds them
+    (a special token is kept in the text for them: :meth:`tokens`)."""
 
-    return THINK_OPEN in template_text(tokenizer, None) or THINK_OPEN in template_text(tokenizer, [{}])
+    name: str
+    open: str
+    close: str
+
+    def template_uses(self, tokenizer: Any) -> bool:
+        """Whether the tokenizer's chat template writes the opening marker (with or without tools): what
+        ``--reasoning-parser auto`` chooses the parser by."""
+        from lorakit.serve.tool_calls import template_text
+
+        return self.open in template_text(tokenizer, None) or self.open in template_text(tokenizer, [{}])
+
+    def tokens(self, tokenizer: Any) -> frozenset[int]:
+        """The markers' tokens that the tokenizer marks special: decoding skips special tokens, so they are kept in
+        the answer's text for the parser to see (Qwen3's and R1's ``<think>`` are plain added tokens, which decoding
+        keeps; tekken's ``[THINK]`` / ``[/THINK]`` are special)."""
+        from lorakit.serve.text import special_ids
+
+        special = special_ids(tokenizer)
+        vocab = tokenizer.get_vocab()
+        return frozenset(vocab[t] for t in (self.open, self.close) if t in vocab and vocab[t] in special)
+
+    def start(self, prompt_tail: str) -> "AnswerStart":
+        """Where an answer to a prompt ending in ``prompt_tail`` (its last few tokens as text) starts."""
+        return AnswerStart(prompt_state(prompt_tail, self), self)
 
 
-def parser_enabled(tokenizer: Any, choice: str) -> bool:
-    """``--reasoning-parser``'s value -> whether answers are split: "auto" where the template thinks, "none"
-    never, a vLLM parser name (deepseek_r1, qwen3) always."""
+THINK = ReasoningParser("think", "<think>", "</think>")
+MISTRAL = ReasoningParser("mistral", "[THINK]", "[/THINK]")
+THINK_OPEN, THINK_CLOSE = THINK.open, THINK.close
+NAMED = {"deepseek_r1": THINK, "qwen3": THINK, "mistral": MISTRAL}  # vLLM's names; one <think> parser reads both
+PARSERS = ("auto", "none", *NAMED)  # --reasoning-parser's choices
+
+
+class AnswerStart(NamedTuple):
+    """Where an answer starts with respect to the block ("inside", "closed" or "start": :func:`prompt_state`), and
+    the parser whose markers it has."""
+
+    where: str
+    parser: ReasoningParser
+
+
+def select_parser(tokenizer: Any, choice: str) -> ReasoningParser | None:
+    """``--reasoning-parser``'s value -> the parser answers are split with (None: not split). "auto": the parser
+    whose opening marker the chat template writes (``[THINK]`` before ``<think>``: a Mistral template that also
+    mentions ``<think>`` in text is still Mistral's), none when it writes neither; "none": never; a vLLM parser
+    name: that one, whatever the template."""
     if choice not in PARSERS:
         from lorakit.errors import LorakitError
 
         raise LorakitError(f"--reasoning-parser {choice!r} is not one of {', '.join(PARSERS)}")
-    return template_thinks(tokenizer) if choice == "auto" else choice != "none"
+    if choice == "auto":
+        return next((p for p in (MISTRAL, THINK) if p.template_uses(tokenizer)), None)
+    return NAMED.get(choice)
 
 
-def prompt_state(prompt_tail: str) -> str:
+def parser_enabled(tokenizer: Any, choice: str) -> bool:
+    """Whether answers are split at all (:func:`select_parser` chose a parser)."""
+    return select_parser(tokenizer, choice) is not None
+
+
+def template_thinks(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template writes a reasoning block of either marking."""
+    return any(p.template_uses(tokenizer) for p in (MISTRAL, THINK))
+
+
+def prompt_state(prompt_tail: str, parser: ReasoningParser = THINK) -> str:
     """Where an answer to a prompt ending in ``prompt_tail`` (its last few tokens as text) starts: "inside" an
-    open ``<think>`` block, "closed" (the prompt holds the whole block: no reasoning follows), or "start"."""
+    open block, "closed" (the prompt holds the whole block: no reasoning follows), or "start"."""
     tail = prompt_tail.rstrip()
-    if tail.endswith(THINK_OPEN):
+    if tail.endswith(parser.open):
         return "inside"
-    if tail.endswith(THINK_CLOSE):
+    if tail.endswith(parser.close):
         return "closed"
     return "start"
 
 
-def think_tokens(tokenizer: Any) -> frozenset[int]:
-    """The ``<think>`` / ``</think>`` tokens a tokenizer marks special: decoding skips special tokens, so they are
-    kept in the answer's text for the parser to see (Qwen3's and R1's are plain added tokens, which it keeps)."""
-    from lorakit.serve.text import special_ids
-
-    special = special_ids(tokenizer)
-    vocab = tokenizer.get_vocab()
-    return frozenset(vocab[t] for t in (THINK_OPEN, THINK_CLOSE) if t in vocab and vocab[t] in special)
+def think_tokens(tokenizer: Any, parser: ReasoningParser = THINK) -> frozenset[int]:
+    """The parser's marker tokens the tokenizer marks special (:meth:`ReasoningParser.tokens`)."""
+    return parser.tokens(tokenizer)
 
 
 class ReasoningStream:
     """One answer's text, fed piece by piece (each engine event's newly final text), split into reasoning and
     content as it comes.
 
-    :meth:`feed` returns the ``(reasoning, content)`` text that is final now; a tail that may still grow into
-    ``</think>`` (or, at the start, into ``<think>``) and whitespace that may end the reasoning are held until the
-    next piece shows what they are, so tags split over pieces never leak. Fed whole and finished, it gives the
-    non-streamed split; the streamed pieces always add up to it.
+    :meth:`feed` returns the ``(reasoning, content)`` text that is final now; a tail that may still grow into the
+    closing marker (or, at the start, into the opening one) and whitespace that may end the reasoning are held
+    until the next piece shows what they are, so markers split over pieces never leak. Fed whole and finished, it
+    gives the non-streamed split; the streamed pieces always add up to it.
     """
 
-    def __init__(self, state: str = "start"):
-        """``state``: :func:`prompt_state` of the prompt ("inside", "closed" or "start")."""
+    def __init__(self, state: AnswerStart | str = "start"):
+        """``state``: :meth:`ReasoningParser.start` of the prompt; a bare "inside", "closed" or "start"
+        (:func:`prompt_state`) means the ``<think>`` parser's."""
+        where, parser = (state, THINK) if isinstance(state, str) else state
+        self.open, self.close = parser.open, parser.close
+        state = where
         self.text = ""
         self.phase = {"inside": "start", "closed": "content", "start": "start"}[state]
         self.inside = self.had_block = state == "inside"
         self.reasoning_sent = self.content_sent = 0  # indices into text up to which each was returned
         self.reasoning_started = self.content_started = False
-        self.searched = 0  # where the search for </think> resumes
+        self.searched = 0  # where the search for the closing marker resumes
         self.reasoning, self.content = "", ""
         self.feeds = 0
         self.reasoning_feeds = 0  # pieces (engine tokens) up to the one that closed the block: reasoning tokens
 
     @classmethod
-    def of(cls, pieces: list[str], state: str) -> "ReasoningStream":
+    def of(cls, pieces: list[str], state: AnswerStart | str) -> "ReasoningStream":
         """The split of a whole answer collected as engine pieces (one per token, then the final text)."""
         stream = cls(state)
         for piece in pieces[:-1]:
@@ -101,7 +158,8 @@ class ReasoningStream:
 
     @property
     def reasoning_tokens(self) -> int:
-        """Tokens of the answer up to the end of its reasoning (``</think>`` included); 0 without a block."""
+        """Tokens of the answer up to the end of its reasoning (the closing marker included); 0 without a
+        block."""
         return self.reasoning_feeds if self.had_block else 0
 
     @property
@@ -129,24 +187,24 @@ class ReasoningStream:
         reasoning = content = ""
         if self.phase == "start":
             stripped = text.lstrip()
-            if stripped.startswith(THINK_OPEN):
+            if stripped.startswith(self.open):
                 self.phase, self.had_block = "reasoning", True
-                self.reasoning_sent = self.searched = len(text) - len(stripped) + len(THINK_OPEN)
-            elif THINK_OPEN.startswith(stripped) and not final:  # "" or "<thi": not known yet
+                self.reasoning_sent = self.searched = len(text) - len(stripped) + len(self.open)
+            elif self.open.startswith(stripped) and not final:  # "" or "<thi": not known yet
                 return "", ""
             elif self.inside:  # the prompt opened the block: this is its text
                 self.phase = "reasoning"
             else:
                 self.phase = "content"
         if self.phase == "reasoning":
-            close = text.find(THINK_CLOSE, self.searched)
+            close = text.find(self.close, self.searched)
             if close >= 0:
                 end, self.phase = close, "content"
-                self.content_sent = close + len(THINK_CLOSE)
+                self.content_sent = close + len(self.close)
                 self.reasoning_feeds = self.feeds
             else:
-                self.searched = max(self.searched, len(text) - len(THINK_CLOSE) + 1)
-                end = len(text) if final else len(text) - _partial(text, THINK_CLOSE)
+                self.searched = max(self.searched, len(text) - len(self.close) + 1)
+                end = len(text) if final else len(text) - _partial(text, self.close)
             reasoning = self._take_reasoning(end)
             if self.phase == "reasoning":
                 if final:
@@ -158,11 +216,11 @@ class ReasoningStream:
     def _take_reasoning(self, end: int) -> str:
         text = self.text
         start = self.reasoning_sent
-        if not self.reasoning_started:  # whitespace after <think> is not reasoning
+        if not self.reasoning_started:  # whitespace after the opening marker is not reasoning
             while start < end and text[start].isspace():
                 start += 1
             self.reasoning_sent = start
-        while end > start and text[end - 1].isspace():  # nor is whitespace before </think> (held until known)
+        while end > start and text[end - 1].isspace():  # nor is whitespace before the closing one (held until known)
             end -= 1
         if end <= start:
             return ""
@@ -174,7 +232,7 @@ class ReasoningStream:
     def _take_content(self) -> str:
         text = self.text
         start = self.content_sent
-        if not self.content_started:  # whitespace after </think> (or before the answer) is not content
+        if not self.content_started:  # whitespace after the block (or before the answer) is not content
             while start < len(text) and text[start].isspace():
                 start += 1
             self.content_sent = start
@@ -194,7 +252,7 @@ def _partial(text: str, marker: str) -> int:
     return 0
 
 
-def split_reasoning(text: str, state: str = "start") -> tuple[str | None, str | None]:
+def split_reasoning(text: str, state: AnswerStart | str = "start") -> tuple[str | None, str | None]:
     """A whole answer -> ``(reasoning or None, content)`` (content None: it never left the block)."""
     stream = ReasoningStream(state)
     stream.feed(text)
