@@ -173,56 +173,74 @@ def check(nf4, args, prompts, n, truth_model, device, dtype):
 
 def sweep_configs(smoke):
     if smoke:
-        return [(32, 64, 2, 4, 3, True), (16, 64, 1, 4, 2, False)]
-    # (BLOCK_N, CHUNK, UNROLL, warps, stages, PAIRS); 12 tiles x 3 member counts (q/k/v, gate/up, one) = 36
-    # compiles, 1-2 minutes. Shared memory at 64 rows (sm_90): (64, 2 steps, 3 stages) 83 KiB, (64, 4, 3) 146 KiB,
-    # (128, 2, 3) 154 KiB; (128, 4, 3) would need 288 KiB and is left out
-    return ([(bn, 64, unroll, 4, 3, pairs) for bn, unroll, pairs in itertools.product((32, 64), (2, 4), (True, False))]
-            + [(128, 64, 2, 4, 3, True), (128, 64, 2, 4, 3, False), (128, 64, 2, 8, 3, True), (64, 64, 4, 4, 2, True)])
+        return [(32, 64, "gather", 4, 3, 1), (16, 32, "select", 4, 2, 2)]
+    # (BLOCK_N, CHUNK, LUT, warps, stages, SPLIT): 20 tiles x 3 member counts (q/k/v, gate/up, one) = 60 compiles
+    return ([(bn, chunk, lut, 4, 3, 1) for bn, chunk, lut in itertools.product((32, 64, 128), (64, 128), ("gather", "select"))]
+            + [(16, 128, "gather", 4, 3, 1), (64, 256, "gather", 8, 3, 1), (128, 128, "gather", 8, 3, 1),
+               (64, 128, "select", 8, 3, 1)]
+            + [(128, 128, "gather", 4, 3, 4), (256, 64, "gather", 8, 3, 4), (128, 128, "select", 4, 3, 4),
+               (128, 128, "gather", 4, 3, 8)])
 
 
 def sweep(decoder, batch, bandwidth, device, dtype, smoke):
-    """Time each projection group's NF4 GEMM under each tile config; set the best in CONFIGS. Returns the rows."""
+    """Time each projection group's NF4 GEMM under each tile config at ``batch`` rows, and the dequantize + BLAS
+    path at 1, 16 and ``batch`` rows; set the best tiles in CONFIGS. Returns the rows."""
+    from lorakit.kernels import nf4_rows
     from lorakit.kernels.rows_linear import rows_linear_reference
     from lorakit.kernels.triton import nf4_rows as triton_nf4
     from lorakit.kernels.triton.rows_gemm import rows_gemm
 
     out = []
     layer = decoder.weights[0]
+    sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     for group, fused in layer.items():
-        members = [(m.packed, m.scales, m.pairs, m.code, m.out_features) for m in fused.nf4]
+        members = [(m.packed, m.scales, m.code, m.out_features) for m in fused.nf4]
         K, N, bs = fused.in_features, sum(fused.splits), fused.nf4[0].blocksize
         x = torch.randn(batch, K, device=device, dtype=dtype)
         r = torch.randn(batch, N, device=device, dtype=dtype) if group in ("o", "down") else None
         weight_bytes = sum(m.packed.numel() + m.scales.numel() * 4 for m in fused.nf4)
         io_bytes = (x.numel() + N * batch * (2 if r is not None else 1)) * x.element_size()
-        times = {}
+        truth = nf4_rows.nf4_rows_linear_reference(x.float(), fused.nf4, None if r is None else r.float())
+        times, errors = {}, {}
         for config in sweep_configs(smoke):
             try:
+                got = triton_nf4.nf4_rows_gemm(x, members, bs, r, config=config, pdl=False)
+                errors[config] = float((got.float() - truth).abs().max() / truth.abs().max())
                 times[config] = graph_seconds(lambda c=config: triton_nf4.nf4_rows_gemm(x, members, bs, r, config=c,
                                                                                          pdl=False), device)
             except Exception as error:  # a tile that does not fit (shared memory): skip it
                 log(f"  sweep {group} {config}: {type(error).__name__}: {str(error)[:120]}")
-        default = triton_nf4.nf4_rows_config(N, K, bs, torch.cuda.get_device_properties(device).multi_processor_count
-                                             if device.type == "cuda" else 8)
+        default = triton_nf4.nf4_rows_config(N, K, bs, sm)
         if default not in times:
             times[default] = graph_seconds(lambda: triton_nf4.nf4_rows_gemm(x, members, bs, r, config=default,
                                                                             pdl=False), device)
         best = min(times, key=times.get)
         block_m = max(16, 1 << (batch - 1).bit_length())
         triton_nf4.CONFIGS[(N, K, bs, block_m)] = best
+        # the two paths of nf4_rows_linear at fewer rows: the fused kernel (default tiles) and dequantize + BLAS
+        by_rows = {}
+        saved = nf4_rows.MAX_FUSED_ROWS
+        for rows in sorted({1, 16, batch}):
+            xr, rr = x[:rows].contiguous(), None if r is None else r[:rows].contiguous()
+            entry = {}
+            for path, limit in (("fused", nf4_rows.KERNEL_MAX_ROWS), ("dequantize", 0)):
+                nf4_rows.MAX_FUSED_ROWS = limit
+                entry[path] = round(graph_seconds(lambda: nf4_rows.nf4_rows_linear(xr, fused.nf4, rr), device) * 1e6, 2)
+            by_rows[rows] = entry
+        nf4_rows.MAX_FUSED_ROWS = saved
         dense = torch.randn(N, K, device=device, dtype=dtype)
         t_rows = graph_seconds(lambda: rows_gemm(x, dense, r, pdl=False), device) if device.type == "cuda" else None
         t_blas = graph_seconds(lambda: rows_linear_reference(x, dense, r), device)
         row = dict(group=group, N=N, K=K, rows=batch, best_config=list(best), best_us=round(times[best] * 1e6, 2),
-                   default_config=list(default), default_us=round(times[default] * 1e6, 2),
+                   best_error=errors.get(best), default_config=list(default), default_us=round(times[default] * 1e6, 2),
                    bf16_rows_gemm_us=None if t_rows is None else round(t_rows * 1e6, 2),
-                   bf16_cublas_us=round(t_blas * 1e6, 2),
+                   bf16_cublas_us=round(t_blas * 1e6, 2), paths_us_by_rows=by_rows,
                    nf4_fraction_of_bound=round((weight_bytes + io_bytes) / bandwidth / times[best], 4),
+                   max_error=max(errors.values()) if errors else None,
                    all_us={str(list(c)): round(t * 1e6, 2) for c, t in sorted(times.items(), key=lambda kv: kv[1])})
         log(f"SWEEP {group:8s} N={N:6d} K={K:6d}: best {best} {row['best_us']:.1f} us (default {row['default_us']:.1f}), "
             f"bf16 rows_gemm {row['bf16_rows_gemm_us']} us, cuBLAS {row['bf16_cublas_us']:.1f} us, "
-            f"{row['nf4_fraction_of_bound']:.1%} of the NF4 bound")
+            f"{row['nf4_fraction_of_bound']:.1%} of the NF4 bound; by rows {by_rows}; max rel error {row['max_error']}")
         out.append(row)
     return out
 
@@ -338,6 +356,13 @@ def main() -> int:
     nf4_weights = read_bytes + dense_bytes(nf4)
     for n in args.adapters:
         speed("nf4-static", nf4, nf4_weights, n, "nf4-static-default-tiles")
+    from lorakit.kernels import nf4_rows
+
+    saved = nf4_rows.MAX_FUSED_ROWS
+    nf4_rows.MAX_FUSED_ROWS = 0  # every row count: Triton dequantize + the BLAS
+    for n in args.adapters:
+        speed("nf4-static", nf4, nf4_weights, n, "nf4-static-dequantize-blas")
+    nf4_rows.MAX_FUSED_ROWS = saved
     if not args.no_sweep:
         result["sweep"] = sweep(StaticDecoder(nf4, max_batch=args.batch, max_len=16), args.batch, bandwidth, device,
                                 dtype, smoke)

@@ -89,16 +89,22 @@ def test_nf4_rows_kernel_matches_the_reference(rows, sizes, K, blocksize, dtype,
     assert q.packed.shape == members[0].packed.shape
 
 
-@pytest.mark.parametrize("config", [(32, 32, 2, 4, 2, False), (16, 32, 1, 4, 3, True)], ids=["nibble-gathers", "pairs"])
+@pytest.mark.parametrize("config", [(32, 32, "select", 4, 2, 1), (16, 64, "gather", 4, 3, 1),
+                                    (16, 128, "select", 4, 3, 1), (32, 32, "gather", 4, 3, 4), (16, 64, "select", 4, 3, 2)],
+                         ids=["select-32", "gather-64", "select-128", "split-4", "split-2"])
 def test_nf4_rows_kernel_tiles_and_lookups(config):
-    """The other tiles and lookup of the bench's sweep (``config`` = BLOCK_N, CHUNK, UNROLL, warps, stages, PAIRS)."""
+    """The other tiles and lookups of the bench's sweep (``config`` = BLOCK_N, CHUNK, LUT, warps, stages, SPLIT):
+    steps of CHUNK columns below, at and above the blocksize (32), K split over 2 and 4 programs whose partial
+    sums the last one adds (twice: the kernel must leave its counters at zero for the next call)."""
     from lorakit.kernels.triton.nf4_rows import nf4_rows_gemm
 
     members = _members((70, 20, 9), 256, 32)
     x, r = torch.randn(9, 256), torch.randn(9, 99)
-    got = nf4_rows_gemm(x, [(m.packed, m.scales, m.pairs, m.code, m.out_features) for m in members], 32, r,
-                        config=config)
-    assert torch.allclose(got, nf4_rows_linear_reference(x, members, r), atol=1e-4, rtol=1e-5)
+    expected = nf4_rows_linear_reference(x, members, r)
+    for _ in range(2):
+        got = nf4_rows_gemm(x, [(m.packed, m.scales, m.code, m.out_features) for m in members], 32, r,
+                            config=config)
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-5), (got - expected).abs().max()
 
 
 def test_nf4_rows_other_paths_give_the_reference(kernel_calls):

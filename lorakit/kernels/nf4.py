@@ -121,14 +121,19 @@ def decode_absmax(w: NF4Weight) -> torch.Tensor:
     return decode_absmax_reference(w.absmax, w.nested_absmax, w.offset, w.nested_code, w.nested_blocksize)
 
 
-def dequantize_nf4(w: NF4Weight, dtype: torch.dtype = torch.float32, *, force_reference: bool = False) -> torch.Tensor:
-    """The dense weight ``w.shape`` in ``dtype`` (bit-identical to bitsandbytes' ``dequantize_4bit``)."""
+def dequantize_nf4(w: NF4Weight, dtype: torch.dtype = torch.float32, *, force_reference: bool = False,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight ``w.shape`` in ``dtype`` (bit-identical to bitsandbytes' ``dequantize_4bit``), written into
+    ``out`` (contiguous, ``w.shape``, ``dtype``) when given: a fused group's members fill one weight, no copy."""
     probe = torch.empty(0, dtype=dtype, device=w.packed.device)
+    if out is not None and (tuple(out.shape) != tuple(w.shape) or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"dequantize_nf4: out must be a contiguous {tuple(w.shape)} {dtype} tensor")
     if _use_triton(w, probe, force_reference=force_reference):
         from lorakit.kernels.triton.nf4 import dequantize_nf4_triton
 
-        return dequantize_nf4_triton(w, dtype)
-    return dequantize_nf4_reference(w.packed, decode_absmax(w), w.code, w.shape, w.blocksize, dtype)
+        return dequantize_nf4_triton(w, dtype, out)
+    dense = dequantize_nf4_reference(w.packed, decode_absmax(w), w.code, w.shape, w.blocksize, dtype)
+    return dense if out is None else out.copy_(dense)
 
 
 def nf4_matmul(x: torch.Tensor, w: NF4Weight, *, mode: str = "auto") -> torch.Tensor:

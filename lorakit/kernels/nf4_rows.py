@@ -18,28 +18,22 @@ from lorakit.kernels._triton import triton_usable
 from lorakit.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
 from lorakit.kernels.rows_linear import rows_linear_reference
 
-MAX_FUSED_ROWS = 64  # one (BLOCK_M <= 64, BLOCK_N) accumulator per program, as rows_gemm
+KERNEL_MAX_ROWS = 64  # the fused kernel keeps one (BLOCK_M <= 64, BLOCK_N) accumulator per program, as rows_gemm
+# Row counts up to this run the fused kernel; more run Triton dequantize + the BLAS (always right, and on a GPU the
+# faster of the two past this many rows: bench/nf4_decode_check.py times both per projection group).
+MAX_FUSED_ROWS = KERNEL_MAX_ROWS
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def nf4_pairs(code: torch.Tensor) -> torch.Tensor:
-    """(256,) int64: entry b holds the float32 bits of code[b >> 4] (low half) and code[b & 15] (high half), the two
-    values of packed byte b (element 2i is the high nibble); one gather in the kernel reads both."""
-    byte = torch.arange(256, device=code.device)
-    values = torch.stack((code.float()[byte >> 4], code.float()[byte & 0xF]), dim=1).contiguous()  # (256, 2)
-    return values.view(torch.int64).reshape(256)  # little-endian: the first float is the low half
 
 
 class NF4Rows:
     """One NF4 weight (N, K) as the decode GEMM reads it: ``packed`` (ceil(N*K/2),) uint8, ``scales``
-    (ceil(N*K/blocksize),) float32 (decoded block scales), ``code`` (16,) float32, ``pairs`` (256,) int64
-    (``nf4_pairs(code)``), ``out_features`` N, ``blocksize``. References, no copies."""
+    (ceil(N*K/blocksize),) float32 (decoded block scales), ``code`` (16,) float32, ``out_features`` N,
+    ``blocksize``. References, no copies."""
 
-    __slots__ = ("packed", "scales", "code", "pairs", "out_features", "blocksize")
+    __slots__ = ("packed", "scales", "code", "out_features", "blocksize")
 
-    def __init__(self, packed, scales, code, out_features: int, blocksize: int, pairs=None):
-        self.packed, self.scales, self.code = packed.reshape(-1), scales.reshape(-1), code
-        self.pairs = nf4_pairs(code) if pairs is None else pairs
+    def __init__(self, packed, scales, code, out_features: int, blocksize: int):
+        self.packed, self.scales, self.code = packed.reshape(-1), scales.reshape(-1), code.float()
         self.out_features, self.blocksize = int(out_features), int(blocksize)
 
     def dequantize(self, in_features: int, dtype: torch.dtype) -> torch.Tensor:
@@ -62,18 +56,21 @@ def nf4_rows_linear(x: torch.Tensor, members, residual: torch.Tensor | None = No
     T, K = x.shape
     N = sum(m.out_features for m in members)
     blocksize = members[0].blocksize
-    tensors = [t for m in members for t in (m.packed, m.scales, m.pairs)]
+    tensors = [t for m in members for t in (m.packed, m.scales, m.code)]
     usable = (triton_usable(x, *tensors) and x.dtype in _DTYPES
               and not (x.device.type == "cpu" and x.dtype == torch.bfloat16))  # the interpreter has no bf16
     residual_ok = residual is None or (residual.dtype == x.dtype and residual.shape == (T, N) and residual.stride(1) == 1)
-    if (usable and 0 < T <= MAX_FUSED_ROWS and K % blocksize == 0 and x.stride(1) == 1 and residual_ok
+    if (usable and 0 < T <= min(MAX_FUSED_ROWS, KERNEL_MAX_ROWS) and K % blocksize == 0 and x.stride(1) == 1 and residual_ok
             and len(members) <= 3 and all(m.blocksize == blocksize for m in members)):
         from lorakit.kernels.triton.nf4_rows import nf4_rows_gemm
 
-        return nf4_rows_gemm(x, [(m.packed, m.scales, m.pairs, m.code, m.out_features) for m in members], blocksize,
-                             residual)
-    if usable and T > MAX_FUSED_ROWS:  # prefill-sized: dequantize once (Triton), then the BLAS
-        weight = torch.cat([dequantize_nf4(NF4Weight(m.packed, m.scales, None, None, m.code, None, (m.out_features, K),
-                                                     m.blocksize), x.dtype) for m in members], dim=0)
+        return nf4_rows_gemm(x, [(m.packed, m.scales, m.code, m.out_features) for m in members], blocksize, residual)
+    if usable and T > 0:  # prefill-sized (or a shape the kernel does not take): dequantize once (Triton), the BLAS
+        weight = torch.empty(N, K, dtype=x.dtype, device=x.device)
+        start = 0
+        for m in members:  # each member into its rows of the one weight: no concatenation copy
+            dequantize_nf4(NF4Weight(m.packed, m.scales, None, None, m.code, None, (m.out_features, K), m.blocksize),
+                           x.dtype, out=weight[start:start + m.out_features])
+            start += m.out_features
         return rows_linear_reference(x, weight, residual)
     return nf4_rows_linear_reference(x, members, residual)

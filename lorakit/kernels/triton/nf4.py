@@ -108,10 +108,10 @@ def _state_args(w: NF4Weight):
     return (w.packed, absmax, nested_absmax, offset, w.code, nested_code), nested
 
 
-def dequantize_nf4_triton(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """Dense ``w.shape`` weight in ``dtype``; bit-identical to the reference."""
+def dequantize_nf4_triton(w: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense ``w.shape`` weight in ``dtype`` (into ``out``, contiguous, when given); bit-identical to the reference."""
     numel = w.shape[0] * w.shape[1]
-    out = torch.empty(w.shape, dtype=dtype, device=w.packed.device)
+    out = torch.empty(w.shape, dtype=dtype, device=w.packed.device) if out is None else out
     args, nested = _state_args(w)
     block = 1024
     _nf4_dequantize_kernel[(triton.cdiv(numel, block),)](
