@@ -254,8 +254,9 @@ def test_responses_stream_adds_up(qwen3):
                       "response.content_part.added"] + ["response.reasoning_text.delta"] * deltas +
                      ["response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
                       "response.output_item.added", "response.content_part.added", "response.output_text.delta",
-                      "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                      # the call opens as its name is written, while the message may still take text after it
                       "response.output_item.added", "response.function_call_arguments.delta",
+                      "response.output_text.done", "response.content_part.done", "response.output_item.done",
                       "response.function_call_arguments.done", "response.output_item.done", "response.completed"])
     assert [p.sequence_number for p in parsed] == list(range(len(parsed)))
     assert [p.output_index for p in parsed if p.type == "response.output_item.added"] == [0, 1, 2]

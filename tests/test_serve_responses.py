@@ -395,3 +395,96 @@ def test_stream_of_a_failed_or_abandoned_generation():
     assert parsed[-1].response.status == "failed" and parsed[-1].response.error.code == "server_error"
     assert "RuntimeError" in parsed[-1].response.error.message and cancelled == []
     assert len(asyncio.run(run([("token", 0, "Hi", 5, None)], 5))) == 5 and len(cancelled) == 1
+
+
+# -- function calls streamed as the model writes them ---------------------------------------------------------------
+# a Llama 3.1 model (the scripted one of test_serve_tools) answering with two calls, the first one's arguments written
+# over 16 tokens (one token each piece; its last also closes the call), the second's in one
+ARGUMENT_PIECES = ['{"city": ', '"Paris, ', 'Texas", ', '"days": ', '3, ', '"hours": ', '[6, ', '9, ', '12, ', '15, ',
+                   '18], ', '"unit": ', '"celsius", ', '"lang": ', '"fr"']
+CALL_WORDS = ['{"name": "get_weather", "parameters": ', *ARGUMENT_PIECES, "}}",
+              '; {"name": "get_weather", "parameters": ', '{"city": "Rome"}}', "<|eot_id|>"]
+FIRST_ARGUMENTS = "".join(ARGUMENT_PIECES) + "}"
+
+
+@pytest.fixture(scope="module")
+def caller(tmp_path_factory):
+    from test_serve_tools import _scripted_server
+    from test_train_tool_calls import TOOLS
+
+    proc, client, _ = _scripted_server(tmp_path_factory.mktemp("calls"), "llama3.1", CALL_WORDS)
+    tools = [{"type": "function", **{k: t["function"][k] for k in ("name", "description", "parameters")}}
+             for t in TOOLS]
+    try:
+        yield {"url": proc.url, "client": client, "server": proc, "tools": tools}
+    finally:
+        client.close()
+        proc.stop()
+
+
+def _question() -> list[dict]:
+    from test_serve_tools import QUESTION
+
+    return QUESTION
+
+
+def test_function_calls_stream_as_written(caller):
+    """The openai package's stream helper rebuilds, from the events, the same items as the non-streamed answer;
+    each call opens with its id, call_id, name and empty arguments, its arguments come in several deltas as the
+    model writes them (one per token here), then ``.done`` and ``output_item.done`` carry them whole."""
+    import openai
+
+    sdk = openai.OpenAI(base_url=caller["url"] + "/v1", api_key="none", max_retries=0)
+    request = dict(model="base", input=_question(), tools=caller["tools"], temperature=0, max_output_tokens=32)
+    reply = sdk.responses.create(**request)
+    assert [(i.type, i.name, i.arguments) for i in reply.output] == [
+        ("function_call", "get_weather", FIRST_ARGUMENTS), ("function_call", "get_weather", '{"city": "Rome"}')]
+    with sdk.responses.stream(**request) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    fields = lambda items: [(i.type, i.name, i.arguments, i.status) for i in items]  # (ids differ per answer)
+    assert fields(final.output) == fields(reply.output) and final.status == "completed"
+    added = [e for e in events if e.type == "response.output_item.added"]
+    assert [(e.output_index, e.item.name, e.item.arguments, e.item.status) for e in added] == \
+        [(0, "get_weather", "", "in_progress"), (1, "get_weather", "", "in_progress")]
+    for index, item in enumerate(final.output):
+        assert added[index].item.id == item.id and added[index].item.call_id == item.call_id
+        assert item.id.startswith("fc_") and item.call_id.startswith("call_")
+        deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"
+                  and e.output_index == index]
+        assert "".join(deltas) == item.arguments
+        [done] = [e for e in events if e.type == "response.function_call_arguments.done" and e.output_index == index]
+        assert done.arguments == item.arguments and done.item_id == item.id
+        if index == 0:  # one delta per token, as the model wrote them
+            assert deltas == [*ARGUMENT_PIECES, "}"]
+    kinds = [e.type for e in events]
+    first_done = kinds.index("response.function_call_arguments.done")
+    assert kinds.index("response.output_item.added", kinds.index("response.output_item.added") + 1) < first_done
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_a_call_cut_by_max_output_tokens(caller):
+    """A call whose head and first pieces were streamed but which the limit cuts: its item ends "incomplete"
+    with the arguments sent (it cannot be taken back), and the whole text is the message, as the non-streamed
+    answer has it (which has only the message)."""
+    from pydantic import TypeAdapter
+
+    from openai.types.responses import ResponseStreamEvent
+
+    body = {"model": "base", "input": _question(), "tools": caller["tools"], "temperature": 0,
+            "max_output_tokens": 16}  # (OpenAI's least): the call's name and all but its last token
+    whole = _validated(_ok(caller["client"].post("/v1/responses", json=body)))
+    text = "".join(CALL_WORDS[:16])
+    assert [i.type for i in whole.output] == ["message"] and whole.output_text == text
+    with httpx.Client(base_url=caller["url"], timeout=60) as own, own.stream(
+            "POST", "/v1/responses", json={**body, "stream": True}) as response:
+        events = [TypeAdapter(ResponseStreamEvent).validate_python(json.loads(line[6:]))
+                  for line in response.iter_lines() if line.startswith("data: ")]
+    last = events[-1]
+    assert last.type == "response.incomplete"
+    call, message = last.response.output
+    assert call.type == "function_call" and call.status == "incomplete" and call.arguments == "".join(ARGUMENT_PIECES)
+    assert message.type == "message" and message.content[0].text == text
+    assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == call.arguments
+    assert [e.item.type for e in events if e.type == "response.output_item.done"] == ["message", "function_call"]
+    assert "Traceback" not in caller["server"].output()

@@ -2,8 +2,8 @@
 
 The subset vLLM also serves. Generation is the chat endpoint's (``app._submit``: chat template, adapters batched
 with other requests, the same limits), so for the same messages and adapter the answer is the chat completion's:
-its reasoning (a ``<think>`` block, ``reasoning.py``), its text, its tool calls (``tool_calls.py``). What differs
-is the wire format, output items in that order:
+its reasoning (a ``<think>`` or ``[THINK]`` block, ``reasoning.py``), its text, its tool calls
+(``tool_calls.py``). What differs is the wire format, output items in that order:
 
     {"id": "resp_...", "object": "response", "status": "completed" | "incomplete", "output": [
         {"type": "reasoning", "id": "rs_...", "summary": [], "content": [{"type": "reasoning_text", "text"}], ...},
@@ -20,9 +20,10 @@ A streamed answer is OpenAI's event sequence, each event ``{"type", "sequence_nu
 ``response.output_item.added`` ... ``response.output_item.done``: a reasoning item's ``content_part.added``,
 ``reasoning_text.delta`` (one per piece), ``reasoning_text.done``, ``content_part.done``; a message's
 ``content_part.added``, ``output_text.delta``, ``output_text.done``, ``content_part.done``; a function call's
-``function_call_arguments.delta`` and ``.done`` (a call is sent whole once the answer has ended: only then is it
-known to be well formed); then ``response.completed`` or ``response.incomplete`` (``response.failed`` if
-generation fails). No ``[DONE]``: OpenAI ends the Responses stream with the last event.
+item (id, call_id, name, empty arguments) once the model has written its name, ``function_call_arguments.delta``
+as it writes the arguments, ``.done`` with them whole once the answer has ended and the call parses (a forced
+call, held whole, comes as one delta then); then ``response.completed`` or ``response.incomplete``
+(``response.failed`` if generation fails). No ``[DONE]``: OpenAI ends the Responses stream with the last event.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from lorakit.serve.engine import Request
 from lorakit.serve.protocol import ResponsesRequest
-from lorakit.serve.reasoning import ReasoningStream
+from lorakit.serve.reasoning import AnswerStart, ReasoningStream
 from lorakit.errors import LorakitError
 from lorakit.serve.tool_calls import ToolCallStream, forced_calls, parse_calls
 
@@ -123,11 +124,11 @@ def output_items(item_id: str, reasoning: str | None, content: str | None, calls
 
 
 def final_response(body: ResponsesRequest, ident: str, item_id: str, created: int, pieces: list[str], reason: str,
-                   input_tokens: int, output_tokens: int, think: str | None = None,
+                   input_tokens: int, output_tokens: int, think: AnswerStart | str | None = None,
                    calls: tuple[str, set[str], bool, str | None] | None = None) -> dict:
     """The finished answer (the non-streamed body) from its engine pieces; ``think``: where the answer starts
-    with respect to a ``<think>`` block (None: no reasoning is split off); ``calls``: (format, tool names, first
-    call only, the forced start of a call or None) when calls are parsed. Raises ``LorakitError`` when a forced
+    with respect to its reasoning block (``ReasoningParser.start``; None: no reasoning is split off); ``calls``:
+    (format, tool names, first call only, the forced start of a call or None) when calls are parsed. Raises ``LorakitError`` when a forced
     call was not written (``tool_calls.forced_calls``)."""
     reasoning, content, reasoning_tokens = None, "".join(pieces), 0
     if think is not None:
@@ -149,11 +150,22 @@ def _forced_name(body: ResponsesRequest) -> str:
 
 
 async def response_events(state: ServerState, body: ResponsesRequest, job: Request, bridge: _Bridge, ident: str,
-                          item_id: str, created: int, input_tokens: int, think: str | None = None,
+                          item_id: str, created: int, input_tokens: int, think: AnswerStart | str | None = None,
                           calls: tuple[str, set[str], bool, str | None] | None = None):
     """The SSE stream of one answer, from the engine events of ``job`` (``app._submit``'s bridge); ``think`` and
     ``calls`` as for :func:`final_response`, whose output the events add up to. A client that goes away closes
-    this generator, and ``finally`` cancels the job, as the chat stream does."""
+    this generator, and ``finally`` cancels the job, as the chat stream does.
+
+    Items take output indices in the order they open. A call opens (``output_item.added`` with its id, call_id,
+    name and empty arguments) once its name is written, while the message before it may still be open: the
+    message takes the text the model writes after the calls too (hermes blocks can have text between and after
+    them), and closes first. A call's arguments stream as the model writes them
+    (``tool_calls.ToolCallStream``, the chat stream's), each piece a ``function_call_arguments.delta``; ``.done``
+    and ``output_item.done`` carry the whole arguments once the answer has ended and the calls parse. A call whose
+    head was sent but that does not parse in the end (cut by ``max_output_tokens``, broken JSON) cannot be taken
+    back: its item ends "incomplete" with the arguments sent, and the whole text is the message, which then opens
+    after it where no text came before (the non-streamed answer has only the message).
+    """
     sequence = 0
 
     def event(kind: str, **fields) -> str:
@@ -163,21 +175,27 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
         return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
 
     thinking = ReasoningStream(think) if think is not None else None
-    holder = ToolCallStream(calls[1], calls[0], calls[2]) if calls else None
     forced = calls[3] if calls else None
+    # a forced call is held whole (as on chat): one the model does not finish is an error, never half sent
+    holder = ToolCallStream(calls[1], calls[0], calls[2], incremental=forced is None) if calls else None
     if forced is not None:
         holder.feed(forced)  # the call's start: held like any call, never streamed as text
-    output: list[dict] = []  # items finished so far
+    slots: list[dict | None] = []  # the output items by output index; None while the item is open
     open_items: dict[str, int] = {}  # "reasoning" / "message" -> its output index while it is open
     texts = {"reasoning": "", "message": ""}
+    call_items: list[tuple[int, dict]] = []  # each call whose head was sent: (its output index, its item as added)
     rs_id = _reasoning_id(item_id)
 
     def where(kind: str) -> dict:
         return {"item_id": rs_id if kind == "reasoning" else item_id, "output_index": open_items[kind],
                 "content_index": 0}
 
+    def open_slot() -> int:
+        slots.append(None)
+        return len(slots) - 1
+
     def open_item(kind: str):
-        open_items[kind] = len(output)
+        open_items[kind] = open_slot()
         if kind == "reasoning":
             yield event("response.output_item.added", output_index=open_items[kind],
                         item=_reasoning(rs_id, None, "in_progress"))
@@ -206,14 +224,43 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
             yield event("response.output_text.done", **where(kind), text=text, logprobs=[])
             yield event("response.content_part.done", **where(kind), part=_part(text))
             item = _message(item_id, text, status)
-        yield event("response.output_item.done", output_index=open_items.pop(kind), item=item)
-        output.append(item)
+        index = open_items.pop(kind)
+        yield event("response.output_item.done", output_index=index, item=item)
+        slots[index] = item
+
+    def call_events(deltas: list[dict]):
+        """``ToolCallStream``'s ``delta.tool_calls`` entries -> a call's item at its head, then its argument pieces."""
+        for delta in deltas:
+            if "id" in delta:  # the call's head (its name complete): the item, with no arguments yet
+                head = {"id": delta["id"], "function": {"name": delta["function"]["name"]}}
+                item = _function_call(head, "in_progress", "")
+                call_items.append((open_slot(), item))
+                yield event("response.output_item.added", output_index=call_items[-1][0], item=item)
+            index, item = call_items[delta["index"]]
+            piece = delta["function"].get("arguments")
+            if piece:
+                yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                            delta=piece)
+
+    def end_calls(found: list[dict] | None):
+        """Each call's ``.done`` and ``output_item.done``: the parsed calls whole; calls begun but not parsed in
+        the end, "incomplete" with the arguments sent."""
+        for i, (index, item) in enumerate(call_items):
+            if found is not None:
+                done = _function_call(found[i], "completed")
+            else:
+                done = {**item, "arguments": holder.sent[i][2], "status": "incomplete"}
+            yield event("response.function_call_arguments.done", item_id=done["id"], output_index=index,
+                        arguments=done["arguments"])
+            yield event("response.output_item.done", output_index=index, item=done)
+            slots[index] = done
 
     reason = None
     try:
         start = response_object(body, ident, created, "in_progress", [])
         yield event("response.created", response=start)
         yield event("response.in_progress", response=start)
+        found = None
         while reason is None:
             kind, _, text, *rest = await bridge.queue.get()
             if kind == "done":
@@ -229,7 +276,6 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
             if "reasoning" in open_items and thinking.finished_thinking:
                 for chunk in close("reasoning", "completed"):
                     yield chunk
-            found = None
             if holder is not None:
                 if reason is None:
                     text = holder.feed(text)
@@ -245,13 +291,20 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
                     text, found = holder.finish(text)
             for chunk in add("message", text):
                 yield chunk
+            if holder is not None and reason is None:
+                for chunk in call_events(holder.call_deltas()):
+                    yield chunk
         if reason.startswith("error"):
             error = {"code": "server_error", "message": f"generation failed: {reason[7:]}"}
             if reason.startswith("error: the model did not write"):  # a forced call (tool_calls.forced_calls)
                 error = {"code": "server_error", "message": reason[7:]}
-            partial = output + [_reasoning(rs_id, texts["reasoning"], "incomplete") if kind == "reasoning" else
-                                _message(item_id, texts["message"], "incomplete") for kind in open_items]
-            failed = response_object(body, ident, created, "failed", partial, usage(input_tokens, len(job.tokens)),
+            for kind, index in open_items.items():
+                slots[index] = _reasoning(rs_id, texts["reasoning"], "incomplete") if kind == "reasoning" else \
+                    _message(item_id, texts["message"], "incomplete")
+            for i, (index, item) in enumerate(call_items):
+                if slots[index] is None:
+                    slots[index] = {**item, "arguments": holder.sent[i][2], "status": "incomplete"}
+            failed = response_object(body, ident, created, "failed", slots, usage(input_tokens, len(job.tokens)),
                                      error=error)
             yield event("response.failed", response=failed)
             return
@@ -266,20 +319,13 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
         if "message" in open_items:
             for chunk in close("message", status):
                 yield chunk
-        for call in found or ():
-            index = len(output)
-            call_item = _function_call(call, "in_progress", "")
-            yield event("response.output_item.added", output_index=index, item=call_item)
-            arguments = call["function"]["arguments"]
-            yield event("response.function_call_arguments.delta", item_id=call_item["id"], output_index=index,
-                        delta=arguments)
-            yield event("response.function_call_arguments.done", item_id=call_item["id"], output_index=index,
-                        arguments=arguments)
-            done = _function_call(call, "completed")
-            yield event("response.output_item.done", output_index=index, item=done)
-            output.append(done)
+        if found:  # the rest of the calls begun, and the calls not begun (not streamed: held whole), whole
+            for chunk in call_events(holder.rest_deltas(found)):
+                yield chunk
+        for chunk in end_calls(found):
+            yield chunk
         tokens = thinking.reasoning_tokens if thinking is not None else 0
-        final = response_object(body, ident, created, status, output, usage(input_tokens, len(job.tokens), tokens))
+        final = response_object(body, ident, created, status, slots, usage(input_tokens, len(job.tokens), tokens))
         yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
     finally:
         if reason is None:  # the client went away: stop generating for it
