@@ -136,6 +136,9 @@ def test_auto_picks_the_parser_from_the_template():
     prompt = tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
     assert "[THINK]" in prompt and prompt.endswith("[INST]Weather in Paris?[/INST]")
     assert MISTRAL.start(tok.decode(tok(prompt)["input_ids"][-8:], skip_special_tokens=False)).where == "start"
+    # a template whose generation prompt opens the block (or holds a closed one) is read as for <think>
+    assert MISTRAL.start("[INST]Hi[/INST][THINK]\n").where == "inside" and MISTRAL.start("[/INST]<think>").where == "start"
+    assert MISTRAL.start("[INST]Hi[/INST][THINK][/THINK]").where == "closed"
 
 
 def test_markers_are_kept_through_the_detokenizer():

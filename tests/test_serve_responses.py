@@ -457,6 +457,10 @@ def test_function_calls_stream_as_written(caller):
         assert done.arguments == item.arguments and done.item_id == item.id
         if index == 0:  # one delta per token, as the model wrote them
             assert deltas == [*ARGUMENT_PIECES, "}"]
+    single = dict(request, parallel_tool_calls=False)  # only the first call, streamed or not
+    with sdk.responses.stream(**single) as stream:
+        only = stream.get_final_response()
+    assert fields(only.output) == fields(sdk.responses.create(**single).output) == fields(reply.output[:1])
     kinds = [e.type for e in events]
     first_done = kinds.index("response.function_call_arguments.done")
     assert kinds.index("response.output_item.added", kinds.index("response.output_item.added") + 1) < first_done

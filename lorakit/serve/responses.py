@@ -246,7 +246,7 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
         """Each call's ``.done`` and ``output_item.done``: the parsed calls whole; calls begun but not parsed in
         the end, "incomplete" with the arguments sent."""
         for i, (index, item) in enumerate(call_items):
-            if found is not None:
+            if found is not None and i < len(found):  # (always: a call is begun only once it is well formed so far)
                 done = _function_call(found[i], "completed")
             else:
                 done = {**item, "arguments": holder.sent[i][2], "status": "incomplete"}
