@@ -162,7 +162,7 @@ def magistral(tmp_path_factory):
     root = tmp_path_factory.mktemp("magistral")
     proc, client, tokenizer = _scripted_server(root, "magistral-thinking", WORDS)
     try:
-        yield {"url": proc.url, "client": client, "server": proc, "tokenizer": tokenizer}
+        yield {"url": proc.url, "client": client, "server": proc, "tokenizer": tokenizer, "root": root}
     finally:
         client.close()
         proc.stop()
@@ -258,3 +258,30 @@ def test_history_with_reasoning_is_accepted(magistral):
     assert 'Let me check.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}</s>[TOOL_RESULTS]21' in expected
     assert second.usage.prompt_tokens == len(tokenizer(expected, add_special_tokens=False)["input_ids"])
     assert "Traceback" not in magistral["server"].output()
+
+
+def test_parser_none_and_the_cli_choices(magistral):
+    """``--reasoning-parser none``: the answer as decoded (what the server did before this parser: the special
+    markers skipped, the reasoning glued to the answer), said at start-up; the CLI offers every parser."""
+    import argparse
+
+    import httpx
+
+    from test_serve_support import ServerProcess
+
+    from lorakit.serve.cli import add_arguments
+    from lorakit.serve.reasoning import PARSERS
+
+    root = magistral["root"]
+    plain = ServerProcess(root / "model", root / "adapters", "--reasoning-parser", "none", log=root / "plain.log")
+    try:
+        with httpx.Client(base_url=plain.url, timeout=60) as client:
+            message = _chat(client)["choices"][0]["message"]
+        assert message == {"role": "assistant", "content": f"I need the weather.Let me check.get_weather{ARGUMENTS}"}
+        assert "reasoning parser off" in plain.output()
+    finally:
+        plain.stop()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    [action] = [a for a in parser._actions if a.dest == "reasoning_parser"]
+    assert tuple(action.choices) == PARSERS and "mistral" in PARSERS
