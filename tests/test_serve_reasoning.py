@@ -24,8 +24,7 @@ from test_serve_support import ServerProcess, make_tokenizer
 from test_serve_tools import CALL_JSON, QUESTION, _scripted_server
 from test_train_tool_calls import TOOLS, family
 
-from lorakit.serve.reasoning import (ReasoningStream, parser_enabled, prompt_state, split_reasoning,
-                                     think_tokens)
+from lorakit.serve.reasoning import THINK, ReasoningStream, prompt_state, select_parser, split_reasoning
 from lorakit.serve.text import TextAssembler
 
 THOUGHT = "\nI need the weather.\n"
@@ -97,13 +96,13 @@ def test_where_answers_start_and_auto_detection():
 
     assert tail("qwen3") == "start" and tail("qwen3", enable_thinking=False) == "closed"
     assert tail("deepseek-r1") == "inside" and tail("qwen2.5") == "start"
-    assert [parser_enabled(family(n), "auto") for n in ("qwen3", "deepseek-r1", "qwen2.5", "llama3.1", "mistral")] \
-        == [True, True, False, False, False]
-    assert not parser_enabled(family("qwen3"), "none") and parser_enabled(family("qwen2.5"), "deepseek_r1")
-    assert think_tokens(family("qwen3")) == frozenset()  # plain added tokens, as in Qwen3's tokenizer
+    assert [select_parser(family(n), "auto") for n in ("qwen3", "deepseek-r1", "qwen2.5", "llama3.1", "mistral")] \
+        == [THINK, THINK, None, None, None]
+    assert select_parser(family("qwen3"), "none") is None and select_parser(family("qwen2.5"), "deepseek_r1") is THINK
+    assert THINK.tokens(family("qwen3")) == frozenset()  # plain added tokens, as in Qwen3's tokenizer
     special = make_tokenizer()
     special.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
-    keep = think_tokens(special)
+    keep = THINK.tokens(special)
     assert len(keep) == 2
     ids = special("<think>x</think>y", add_special_tokens=False)["input_ids"]
     assembler = TextAssembler(special, [], (), keep=keep)

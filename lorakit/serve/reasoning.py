@@ -68,7 +68,6 @@ class ReasoningParser:
 
 THINK = ReasoningParser("think", "<think>", "</think>")
 MISTRAL = ReasoningParser("mistral", "[THINK]", "[/THINK]")
-THINK_OPEN, THINK_CLOSE = THINK.open, THINK.close
 NAMED = {"deepseek_r1": THINK, "qwen3": THINK, "mistral": MISTRAL}  # vLLM's names; one <think> parser reads both
 PARSERS = ("auto", "none", *NAMED)  # --reasoning-parser's choices
 
@@ -95,16 +94,6 @@ def select_parser(tokenizer: Any, choice: str) -> ReasoningParser | None:
     return NAMED.get(choice)
 
 
-def parser_enabled(tokenizer: Any, choice: str) -> bool:
-    """Whether answers are split at all (:func:`select_parser` chose a parser)."""
-    return select_parser(tokenizer, choice) is not None
-
-
-def template_thinks(tokenizer: Any) -> bool:
-    """Whether the tokenizer's chat template writes a reasoning block of either marking."""
-    return any(p.template_uses(tokenizer) for p in (MISTRAL, THINK))
-
-
 def prompt_state(prompt_tail: str, parser: ReasoningParser = THINK) -> str:
     """Where an answer to a prompt ending in ``prompt_tail`` (its last few tokens as text) starts: "inside" an
     open block, "closed" (the prompt holds the whole block: no reasoning follows), or "start"."""
@@ -114,11 +103,6 @@ def prompt_state(prompt_tail: str, parser: ReasoningParser = THINK) -> str:
     if tail.endswith(parser.close):
         return "closed"
     return "start"
-
-
-def think_tokens(tokenizer: Any, parser: ReasoningParser = THINK) -> frozenset[int]:
-    """The parser's marker tokens the tokenizer marks special (:meth:`ReasoningParser.tokens`)."""
-    return parser.tokens(tokenizer)
 
 
 class ReasoningStream:
