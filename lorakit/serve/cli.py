@@ -41,10 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the model's context, capped at 8192 and to 40%% of free GPU memory)")
     parser.add_argument("--reasoning-parser", choices=("auto", "none", "deepseek_r1", "qwen3", "mistral"), default="auto",
                         help="return a reasoning model's thinking block as reasoning_content (a reasoning item on "
-                             "/v1/responses), not in content: 'auto' by what the chat template writes, [THINK] "
-                             "(Magistral, Ministral 3 reasoning: the mistral parser) or <think> (Qwen3, DeepSeek-R1, "
-                             "QwQ; default), 'none' never; vLLM's names deepseek_r1 and qwen3 (one <think> parser reads "
-                             "both) and mistral ([THINK]...[/THINK]) turn that one on")
+                             "/v1/responses), not in content. 'auto' (default) picks by what the chat template writes: "
+                             "[THINK] (Magistral, Ministral 3 reasoning) -> mistral, <think> (Qwen3, DeepSeek-R1, QwQ) "
+                             "-> deepseek_r1, neither -> none; 'none' never splits; deepseek_r1 / qwen3 (vLLM's names; "
+                             "one <think> parser reads both) and mistral ([THINK]...[/THINK]) force that parser")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (default: %(default)s)")
 
 
@@ -122,8 +122,8 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
 
     'auto' uses it on CUDA for the models it runs; 'static' insists (a one-line error says why it cannot). Its KV
     cache holds ``max_batch`` rows of ``context`` tokens; unless ``--max-context`` was given, the context is capped
-    at 8192, to what fits in 40% of the free GPU memory and, for a sliding-window model (of a window of at least 4096
-    tokens), to its window; the server's context becomes the cache's.
+    at 8192 and to what fits in 40% of the free GPU memory (sliding-window layers are exact at any length); the
+    server's context becomes the cache's.
     """
     if choice == "transformers":
         return None
@@ -139,20 +139,8 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
         free = torch_free_memory(device)
         context = min(context, 8192, max(256, int(0.4 * free / per_token)) if free else context)
         reason = static_decoding_unsupported(model, context)
-        window = int(getattr(model.config, "sliding_window", None) or 0)
-        if (reason is not None and 4096 <= window < context and (device.type == "cuda" or choice == "static")
-                and static_decoding_unsupported(model, window) is None):
-            # Mistral v0.1, Gemma 2: decoding is exact (and static) only while no sequence outgrows the window
-            print(f"lorakit serve: context capped at {window} tokens, the model's sliding window, so the static decoder "
-                  "runs; pass --max-context N to serve longer sequences through transformers", file=sys.stderr, flush=True)
-            context, reason = window, None
     reason = reason or static_decoding_unsupported(model, context)  # and with the context it would serve
     reason = reason or (None if device.type == "cuda" or choice == "static" else "not on CUDA")
-    if reason is None and choice == "auto" and device.type == "cuda" and _has_nf4(model):
-        # exact, but its NF4 GEMM is slower than transformers' dequantize-then-cuBLAS decode (H200, Llama-3.1-8B
-        # shape: 142-217 ms a step against 130-149; docs/PERFORMANCE.md), so --decoder static only when asked
-        reason = ("the static decoder's NF4 GEMM is still slower than transformers' on GPUs (docs/PERFORMANCE.md); "
-                  "--decoder static uses it anyway")
     if reason is not None:
         if choice == "static":
             raise LorakitError(f"--decoder static: {reason}; use --decoder transformers")
@@ -164,12 +152,6 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
         print("lorakit serve: warming up the static decoder (compiles its kernels once)", file=sys.stderr, flush=True)
         decoder.warm_up()
     return decoder
-
-
-def _has_nf4(model) -> bool:
-    from lorakit.quant.nf4 import NF4Linear
-
-    return any(isinstance(module, NF4Linear) for module in model.modules())
 
 
 def torch_free_memory(device) -> int:
