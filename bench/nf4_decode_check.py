@@ -173,13 +173,10 @@ def check(nf4, args, prompts, n, truth_model, device, dtype):
 
 def sweep_configs(smoke):
     if smoke:
-        return [(32, 64, "gather", 4, 3, 1), (16, 32, "select", 4, 2, 2)]
-    # (BLOCK_N, CHUNK, LUT, warps, stages, SPLIT): 20 tiles x 3 member counts (q/k/v, gate/up, one) = 60 compiles
-    return ([(bn, chunk, lut, 4, 3, 1) for bn, chunk, lut in itertools.product((32, 64, 128), (64, 128), ("gather", "select"))]
-            + [(16, 128, "gather", 4, 3, 1), (64, 256, "gather", 8, 3, 1), (128, 128, "gather", 8, 3, 1),
-               (64, 128, "select", 8, 3, 1)]
-            + [(128, 128, "gather", 4, 3, 4), (256, 64, "gather", 8, 3, 4), (128, 128, "select", 4, 3, 4),
-               (128, 128, "gather", 4, 3, 8)])
+        return [(32, 64, 2, 4, 3), (16, 32, 1, 4, 2)]
+    # (BLOCK_N, CHUNK, UNROLL, warps, stages): 10 tiles x 3 member counts (q/k/v, gate/up, one) = 30 compiles
+    return ([(bn, 64, unroll, 4, 3) for bn, unroll in itertools.product((16, 32, 64), (2, 4))]
+            + [(32, 64, 2, 4, 4), (16, 64, 2, 4, 4), (64, 64, 2, 8, 3), (128, 64, 2, 8, 3)])
 
 
 def sweep(decoder, batch, bandwidth, device, dtype, smoke):

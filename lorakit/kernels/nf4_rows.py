@@ -19,9 +19,10 @@ from lorakit.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_refere
 from lorakit.kernels.rows_linear import rows_linear_reference
 
 KERNEL_MAX_ROWS = 64  # the fused kernel keeps one (BLOCK_M <= 64, BLOCK_N) accumulator per program, as rows_gemm
-# Row counts up to this run the fused kernel; more run Triton dequantize + the BLAS (always right, and on a GPU the
-# faster of the two past this many rows: bench/nf4_decode_check.py times both per projection group).
-MAX_FUSED_ROWS = KERNEL_MAX_ROWS
+# Row counts up to this run the fused kernel; more run Triton dequantize + the BLAS. On an H200 (8B shapes,
+# bench/nf4_decode_check.py times both per projection group) the kernel is 5-15% faster at 1-16 rows and Triton
+# dequantize + cuBLAS 0-15% faster at 64.
+MAX_FUSED_ROWS = 16
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -1,0 +1,168 @@
+"""Where an NF4 decode GEMM's time goes: variants of the inner loop of ``lorakit.kernels.triton.nf4_rows``, timed.
+
+An exploration bench, not a library path: each MODE changes one thing of the loop so that the cost of each step
+(the nibble interleave, the code lookup, the scale, the dot) shows as a difference of times on the same shape.
+
+  0  nibbles interleaved back to column order, tl.gather from the code in registers, one dot (the first
+     rewrite of the library kernel)
+  1  nibbles kept apart: x split into its even / odd columns (one load, tl.split), two dots, tl.gather lookup
+     (the library kernel now)
+  2  as 1, the lookup a 15-select tree
+  3  as 1, the lookup from global memory (code[q], L1-cached gathers)
+  4  as 1 without a lookup (q itself as the value: WRONG numbers, the floor of everything but the lookup)
+  5  the bytes straight into the dot (WRONG numbers: the floor of the load + dot pipeline)
+
+Usage (GPU): python bench/nf4_gemm_variants.py   (~1-2 min; prints a table, writes $OUT/nf4_gemm_variants.json)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import graph_seconds  # noqa: E402
+
+from lorakit.kernels.nf4 import decode_absmax  # noqa: E402
+from lorakit.kernels.nf4_rows import NF4Rows, nf4_rows_linear_reference  # noqa: E402
+from lorakit.quant.nf4 import quantize_nf4  # noqa: E402
+from lorakit.kernels.triton.nf4_rows import nf4_rows_gemm  # noqa: E402
+
+
+@triton.jit
+def _select16(q, code_ptr):
+    """code[q] for q in [0, 16) as a tree of selects on q's bits: 15 selects per value, no memory access."""
+    b0 = (q & 1) != 0
+    b1 = (q & 2) != 0
+    b2 = (q & 4) != 0
+    c = [tl.load(code_ptr + i) for i in tl.static_range(16)]
+    low = tl.where(b2, tl.where(b1, tl.where(b0, c[7], c[6]), tl.where(b0, c[5], c[4])),
+                   tl.where(b1, tl.where(b0, c[3], c[2]), tl.where(b0, c[1], c[0])))
+    high = tl.where(b2, tl.where(b1, tl.where(b0, c[15], c[14]), tl.where(b0, c[13], c[12])),
+                    tl.where(b1, tl.where(b0, c[11], c[10]), tl.where(b0, c[9], c[8])))
+    return tl.where((q & 8) != 0, high, low)
+
+
+@triton.jit
+def _variant(x_ptr, packed_ptr, scales_ptr, code_ptr, y_ptr, M, N, K, MODE: tl.constexpr, BLOCKSIZE: tl.constexpr,
+             UNROLL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows64 = offs_n.to(tl.int64)
+    byte_ptrs = packed_ptr + rows64[:, None] * (K // 2) + tl.arange(0, HALF)[None, :]
+    scale_ptrs = scales_ptr + rows64 * (K // BLOCKSIZE)
+    x_ptrs = x_ptr + offs_m[:, None] * K + tl.arange(0, BLOCKSIZE)[None, :]
+    table = tl.load(code_ptr + tl.arange(0, 16)[None, :] + 0 * offs_n[:, None])  # (BLOCK_N, 16)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCKSIZE * UNROLL):
+        for u in tl.static_range(UNROLL):
+            k = k0 + u * BLOCKSIZE
+            byte = tl.load(byte_ptrs + k // 2, mask=mask_n[:, None], other=0).to(tl.int32)
+            scale = tl.load(scale_ptrs + k // BLOCKSIZE, mask=mask_n, other=0.0)[:, None]
+            x = tl.load(x_ptrs + k, mask=mask_m[:, None], other=0.0)
+            if MODE == 0:
+                w = tl.gather(table, tl.interleave(byte >> 4, byte & 15), 1) * scale
+                acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
+            else:
+                x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
+                hi = byte >> 4
+                lo = byte & 15
+                if MODE == 1:
+                    w_hi = tl.gather(table, hi, 1)
+                    w_lo = tl.gather(table, lo, 1)
+                elif MODE == 2:
+                    w_hi = _select16(hi, code_ptr)
+                    w_lo = _select16(lo, code_ptr)
+                elif MODE == 3:
+                    w_hi = tl.load(code_ptr + hi)
+                    w_lo = tl.load(code_ptr + lo)
+                elif MODE == 4:
+                    w_hi = hi.to(tl.float32)
+                    w_lo = lo.to(tl.float32)
+                else:
+                    w_hi = byte.to(tl.float32)
+                    w_lo = w_hi
+                if MODE != 5:
+                    w_hi = w_hi * scale
+                    w_lo = w_lo * scale
+                acc = tl.dot(x_even, tl.trans(w_hi.to(x_ptr.dtype.element_ty)), acc)
+                acc = tl.dot(x_odd, tl.trans(w_lo.to(x_ptr.dtype.element_ty)), acc)
+    mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def run_variant(x, member, mode, block_n, unroll, warps, stages):
+    M, K = x.shape
+    N = member.out_features
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    _variant[(triton.cdiv(N, block_n),)](x, member.packed, member.scales, member.code, y, M, N, K, MODE=mode,
+                                         BLOCKSIZE=member.blocksize, UNROLL=unroll, BLOCK_M=max(16, triton.next_power_of_2(M)),
+                                         BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return y
+
+
+def main() -> int:
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    rows_out = []
+    shapes = {"qkv": (6144, 4096), "down": (4096, 14336)}
+    for name, (N, K) in shapes.items():
+        dense = torch.randn(N, K, device=device, dtype=dtype) * 0.02
+        q = quantize_nf4(dense, blocksize=64)
+
+        member = NF4Rows(q.packed, decode_absmax(q), q.code, N, 64)
+        for M in (1, 64):
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            truth = nf4_rows_linear_reference(x.float(), [member])
+            t_lib = graph_seconds(lambda: nf4_rows_gemm(x, [(member.packed, member.scales, member.code, N)], 64,
+                                                        pdl=False), device)
+            t_dense = graph_seconds(lambda: x @ dense.t(), device)
+            base = dict(shape=name, N=N, K=K, rows=M)
+            rows_out.append(dict(base, variant="library default", us=round(t_lib * 1e6, 2)))
+            rows_out.append(dict(base, variant="bf16 cuBLAS", us=round(t_dense * 1e6, 2)))
+            for mode in range(6):
+                best = None
+                for block_n, unroll, warps, stages in ((32, 2, 4, 3), (64, 2, 4, 3), (64, 4, 8, 3), (16, 2, 4, 4),
+                                                       (128, 2, 8, 3)):
+                    try:
+                        y = run_variant(x, member, mode, block_n, unroll, warps, stages)
+                        err = float((y.float() - truth).abs().max() / truth.abs().max())
+                        t = graph_seconds(lambda: run_variant(x, member, mode, block_n, unroll, warps, stages), device)
+                    except Exception as error:
+                        print(f"  {name} M={M} mode {mode} {(block_n, unroll, warps, stages)}: {type(error).__name__}: "
+                              f"{str(error)[:100]}", flush=True)
+                        continue
+                    if best is None or t < best[0]:
+                        best = (t, (block_n, unroll, warps, stages), err)
+                if best:
+                    rows_out.append(dict(base, variant=f"mode {mode}", us=round(best[0] * 1e6, 2), config=best[1],
+                                         rel_error=round(best[2], 5)))
+            for r in rows_out:
+                if r["shape"] == name and r["rows"] == M:
+                    print(r, flush=True)
+    print("\n| shape | rows | variant | us | rel error |\n|---|---|---|---|---|")
+    for r in rows_out:
+        print(f"| {r['shape']} | {r['rows']} | {r['variant']} {r.get('config', '')} | {r['us']} | {r.get('rel_error', '')} |")
+    os.makedirs(out_dir, exist_ok=True)
+    meta = dict(torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(),
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    with open(os.path.join(out_dir, "nf4_gemm_variants.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows_out), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
