@@ -492,3 +492,74 @@ def test_a_call_cut_by_max_output_tokens(caller):
     assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == call.arguments
     assert [e.item.type for e in events if e.type == "response.output_item.done"] == ["message", "function_call"]
     assert "Traceback" not in caller["server"].output()
+
+
+def _in_process_events(body: dict, pieces: list[str], reason: str, calls: tuple) -> list:
+    """``response_events`` over engine events of ``pieces`` (one token each), then ``reason``, validated."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pydantic import TypeAdapter
+
+    from openai.types.responses import ResponseStreamEvent
+
+    from lorakit.serve.protocol import ResponsesRequest
+    from lorakit.serve.responses import response_events
+
+    queue = asyncio.Queue()
+    for piece in pieces:
+        queue.put_nowait(("token", 0, piece, 1, None))
+    queue.put_nowait(("done", 0, "", reason))
+    state = SimpleNamespace(engine=SimpleNamespace(cancel=lambda job: None))
+
+    async def run():
+        return [json.loads(chunk.split("data: ", 1)[1]) async for chunk in response_events(
+            state, ResponsesRequest.model_validate(body), SimpleNamespace(tokens=[1] * len(pieces)),
+            SimpleNamespace(queue=queue), "resp_x", "msg_x", 0, 3, None, calls)]
+
+    return [TypeAdapter(ResponseStreamEvent).validate_python(e) for e in asyncio.run(run())]
+
+
+WEATHER_TOOL = {"type": "function", "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def test_hermes_calls_with_text_around_them_in_process():
+    """Hermes blocks with text before, between and after them: the message stays open while the calls stream (the
+    text after them joins it at the end, as the non-streamed content has it), so the streamed items are the
+    non-streamed ones, field for field (ids aside); each call's arguments come as written."""
+    from lorakit.serve.protocol import ResponsesRequest
+    from lorakit.serve.responses import final_response
+
+    body = {"model": "m", "input": "x", "tools": [WEATHER_TOOL]}
+    pieces = ["Checking.", "<tool_call>", '\n{"name": "get_weather", ', '"arguments": {"city"', ': "Paris"}}\n',
+              "</tool_call>", " and ", "<tool_call>", '{"name": "get_weather", "arguments": {}}', "</tool_call>",
+              " Done."]
+    calls = ("hermes", {"get_weather"}, False, None)
+    events = _in_process_events(body, pieces, "stop", calls)
+    whole = final_response(ResponsesRequest.model_validate(body), "resp_x", "msg_x", 0, [*pieces, ""], "stop", 3,
+                           len(pieces), None, calls)
+    final = events[-1].response
+    fields = lambda items: [{k: v for k, v in i.items() if k not in ("id", "call_id")} for i in items]
+    assert events[-1].type == "response.completed"
+    assert fields([i.model_dump(exclude_none=True) for i in final.output]) == fields(
+        [{k: v for k, v in i.items() if v is not None} for i in whole["output"]])
+    assert final.output_text == "Checking. and  Done."
+    deltas = [(e.output_index, e.delta) for e in events if e.type == "response.function_call_arguments.delta"]
+    assert deltas == [(1, '{"city"'), (1, ': "Paris"}'), (2, "{}")]
+    kinds = [(e.type, getattr(e, "output_index", None)) for e in events]
+    assert kinds.index(("response.output_item.added", 1)) < kinds.index(("response.output_text.done", 0)) \
+        < kinds.index(("response.output_item.done", 1))
+
+
+def test_generation_failing_inside_a_call_in_process():
+    """A generation that fails after a call's head and first arguments were sent: ``response.failed`` whose
+    output holds the call "incomplete" with the arguments sent."""
+    body = {"model": "m", "input": "x", "tools": [WEATHER_TOOL]}
+    pieces = ["<tool_call>", '{"name": "get_weather", "arguments": ', '{"city": ']
+    events = _in_process_events(body, pieces, "error: RuntimeError", ("hermes", {"get_weather"}, False, None))
+    assert [e.type for e in events][-3:] == ["response.output_item.added", "response.function_call_arguments.delta",
+                                             "response.failed"]
+    [call] = events[-1].response.output
+    assert call.type == "function_call" and call.status == "incomplete" and call.arguments == '{"city": '
+    assert events[-1].response.error.code == "server_error"
