@@ -201,27 +201,127 @@ def test_phi3_fused_modules_are_one_group_each():
     assert decoder.weights[0]["gate_up"].splits == (2 * 48,)
 
 
-def test_sliding_layers_decode_up_to_the_window_and_refuse_past_it(references_only):
-    window = 10
-    model = _with_adapters(_gemma2(sliding_window=window), "gemma2")
-    expected = _reference(model, PROMPTS, NAMES, steps=3)  # the longest row reaches 10 tokens
-    decoder = StaticDecoder(model, max_batch=4, max_len=window)
-    _assert_steps(expected, _admit_and_step(model, decoder, [0, 1, 2, 3], NAMES, steps=3))
-    # the boundary is where it is said to be: a window one shorter changes the last step in transformers
+# -- sliding windows past their size ----------------------------------------------------------------------------
+
+def _mistral(**extra):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(15)
+    config = dict(COMMON, sliding_window=6)
+    config.update(extra)
+    return _sharpen(_shake_norms(MistralForCausalLM(MistralConfig(**config)).eval()))
+
+
+def _qwen2(**extra):
+    """Qwen2 with use_sliding_window: layers from max_window_layers on slide (here layers 1 and 2 of 3)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(16)
+    config = dict(COMMON, num_hidden_layers=3, use_sliding_window=True, sliding_window=5, max_window_layers=1)
+    config.update(extra)
+    return _sharpen(_shake_norms(Qwen2ForCausalLM(Qwen2Config(**config)).eval()))
+
+
+# each family with a window shorter than some prompts and than every row after a few steps; expected per-layer windows
+SLIDING = {
+    "mistral": (lambda: _mistral(), [6, 6]),
+    "qwen2": (lambda: _qwen2(), [None, 5, 5]),
+    "phi3": (lambda: _phi3(sliding_window=7), [7, 7]),
+    "gemma2": (lambda: _gemma2(sliding_window=6), [6, None, 6]),
+    "gemma3_text": (lambda: _gemma3(sliding_window=5), [5, None, 5]),
+}
+# lengths 11, 2, 8, 6 against windows 5..7: prompts shorter and longer than the window
+LONG_PROMPTS = [[5, 9, 2, 7, 1, 30, 31, 32, 33, 34, 35], [3, 4], [8, 8, 1, 2, 3, 4, 5, 40], [11, 12, 13, 14, 15, 16]]
+
+
+def _forward_each(model, sequences, names):
+    """transformers' own forward over each whole sequence alone (no cache, no padding; lorakit routes the row's
+    adapter): the next-token logits (rows, V) float32."""
+    return torch.cat([prefill(model, [seq], [name])[0] for seq, name in zip(sequences, names)])
+
+
+def _grow_and_compare(model, decoder, rows, prompts, names, steps, first=None):
+    """The decoder's prefill (or ``first``: logits of rows already admitted), then ``steps`` greedy steps, each
+    compared with transformers' forward over the whole sequence so far."""
+    sequences = [list(p) for p in prompts]
+    got = decoder.prefill(rows, prompts, names) if first is None else first
+    for step in range(steps + 1):
+        expected = _forward_each(model, sequences, names)
+        assert torch.allclose(got, expected, atol=ATOL, rtol=1e-5), \
+            f"step {step} (lengths {[len(s) for s in sequences]}): max diff {(got - expected).abs().max():.2e}"
+        if step == steps:
+            return got
+        tokens = got.argmax(dim=-1).tolist()
+        for seq, token in zip(sequences, tokens):
+            seq.append(token)
+        got = decoder.step(rows, tokens, names)
+
+
+@pytest.mark.parametrize("family", list(SLIDING))
+def test_sliding_window_layers_are_exact_past_the_window(family, references_only, monkeypatch):
+    """Prompts shorter and longer than the window, rows growing to about 3 windows, through the decoder's own
+    prefill (both its attention paths: the decode kernels' references, and per-prompt SDPA / soft-capped attention
+    for long prompts) against transformers' forward; and the window really matters there."""
+    import lorakit.decoding.decoder as decoder_module
+
+    build, windows = SLIDING[family]
+    model = _with_adapters(build(), family)
+    assert static_decoding_unsupported(model, 4096) is None
+    decoder = StaticDecoder(model, max_batch=5, max_len=24)
+    assert [layer.window for layer in decoder.parts.layers] == windows
+    _grow_and_compare(model, decoder, [4, 0, 2, 1], LONG_PROMPTS, NAMES, steps=7)
+    monkeypatch.setattr(decoder_module, "PREFILL_KERNEL_MAX_PROMPT", 0)  # prompts attend per prompt in PyTorch
+    decoder = StaticDecoder(model, max_batch=4, max_len=24, lora_overlap="lora")
+    _grow_and_compare(model, decoder, [0, 1, 2, 3], LONG_PROMPTS, NAMES, steps=2)
+    # the window matters: 2 keys more change transformers' logits of the 11-token prompt, and the decoder follows
+    before = _forward_each(model, LONG_PROMPTS, NAMES)
+    window = next(w for w in windows if w)
+    model.config.sliding_window = window + 2
     for layer in model.model.layers:
-        if layer.self_attn.sliding_window:
-            layer.self_attn.sliding_window = window - 1
-    model.config.sliding_window = window - 1
-    shorter = _reference(model, PROMPTS, NAMES, steps=3)
-    assert (shorter[-1][2] - expected[-1][2]).abs().max() > 100 * ATOL
-    model.config.sliding_window = window
-    reason = static_decoding_unsupported(model, window + 1)
-    assert "sliding_window=10" in reason and "not 11" in reason and "\n" not in reason
-    phi3 = _with_adapters(_phi3(sliding_window=window), "phi3")
-    assert "sliding_window=10" in static_decoding_unsupported(phi3, window + 1)
-    expected = _reference(phi3, PROMPTS, NAMES, steps=3)
-    decoder = StaticDecoder(phi3, max_batch=4, max_len=window)
-    _assert_steps(expected, _admit_and_step(phi3, decoder, [0, 1, 2, 3], NAMES, steps=3))
+        if getattr(layer.self_attn, "sliding_window", None):
+            layer.self_attn.sliding_window = window + 2
+    after = _forward_each(model, LONG_PROMPTS, NAMES)
+    assert (after[0] - before[0]).abs().max() > 100 * ATOL
+    wider = StaticDecoder(model, max_batch=4, max_len=24)
+    assert [layer.window for layer in wider.parts.layers] == [w and window + 2 for w in windows]
+    assert torch.allclose(wider.prefill([0, 1, 2, 3], LONG_PROMPTS, NAMES), after, atol=ATOL, rtol=1e-5)
+
+
+def test_sliding_window_kernels_match_transformers_past_the_window():
+    """The Triton kernels (interpreter), Gemma 3 (local and global layers, two rope tables): prefill through the
+    decode kernel (each token over its row's window) and a step whose attention reads only the window, with the
+    LoRA deltas fused into the next kernels (the windowed kernel itself: tests/test_decode_attention.py)."""
+    model = _with_adapters(_gemma3(sliding_window=5), "gemma3_text")
+    decoder = StaticDecoder(model, max_batch=4, max_len=16, lora_overlap="lora")
+    _grow_and_compare(model, decoder, [3, 0, 2, 1], LONG_PROMPTS, ["a", None, "b", "a"], steps=1)
+
+
+def test_admitted_rows_from_a_sliding_window_cache(references_only):
+    """transformers' cache keeps only the last window - 1 keys of a sliding layer (and all of a full one): admit
+    places them at their positions, and the rows then decode exactly past the window (Gemma 3: both kinds)."""
+    model = _with_adapters(_gemma3(sliding_window=5), "gemma3_text")
+    prompts = [LONG_PROMPTS[0], [21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]]  # one length: no padding to zero
+    names = ["d", None]
+    logits, batch = prefill(model, prompts, names)
+    assert [layer.keys.shape[2] for layer in batch._kv_layers()] == [4, 11, 4]
+    decoder = StaticDecoder(model, max_batch=3, max_len=20)
+    decoder.admit([2, 0], batch)
+    _grow_and_compare(model, decoder, [2, 0], prompts, names, steps=4, first=logits)
+
+
+def test_window_edge_cases_and_refusals():
+    """Which layers slide, as transformers decides; what stays unsupported gets one line."""
+    assert [layer.window for layer in StaticDecoder(_qwen2(use_sliding_window=False), 1, 8).parts.layers] == [None] * 3
+    assert [layer.window for layer in StaticDecoder(_mistral(sliding_window=None), 1, 8).parts.layers] == [None] * 2
+    chunked = _gemma3()
+    chunked.config.layer_types = ["chunked_attention", "full_attention", "sliding_attention"]
+    unsized = _qwen2()
+    unsized.config.sliding_window = None
+    for model, message in ((chunked, "not ['chunked_attention']"), (unsized, "no sliding_window size")):
+        reason = static_decoding_unsupported(model, 16)
+        assert reason is not None and message in reason and "\n" not in reason, reason
+        with pytest.raises(LorakitError, match=re.escape(message)):
+            StaticDecoder(model, max_batch=1, max_len=16)
 
 
 def test_unsupported_variants_get_one_line_reasons():

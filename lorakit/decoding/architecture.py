@@ -13,8 +13,9 @@ it must know the architecture exactly. It runs:
   logit soft-capping, ``query_pre_attn_scalar`` scaling, alternating sliding-window layers;
 * ``gemma3_text``: Gemma 2 plus per-head q/k norms and two rotary tables (local and global bases).
 
-A sliding window runs only when no sequence can outgrow it (``_check_window``); rope types whose table does not
-depend on the sequence length (default, linear, llama3, yarn; longrope while every position stays within its
+Sliding-window layers (Mistral, Phi-3, Qwen2/3 with ``use_sliding_window``, Gemma 2/3's local layers) are exact at
+any length: each layer's window (``LayerParts.window``, from ``_layer_windows``) goes to the attention kernel; rope
+types whose table does not depend on the sequence length (default, linear, llama3, yarn; longrope while every position stays within its
 original context). Anything else gets a one-line reason from ``static_decoding_unsupported``, and callers keep
 transformers' forward.
 
@@ -57,7 +58,8 @@ class LayerParts:
     ``post_norm`` is the norm before the MLP (Llama's post_attention_layernorm, Gemma 2's pre_feedforward_layernorm);
     ``attn_out_norm`` / ``mlp_out_norm`` (Gemma 2/3, else None) normalise the attention / MLP output before its
     residual add. ``softcap``: attention logit soft-capping (or None); ``rope``: the key of the rotary table the
-    layer uses (None: the model's one table; Gemma 3: its layer type).
+    layer uses (None: the model's one table; Gemma 3: its layer type). ``window``: a sliding-window layer's window
+    (the query at position p attends keys p - window < k <= p, as transformers' mask) or None (full attention).
     """
 
     input_norm: nn.Module
@@ -70,6 +72,7 @@ class LayerParts:
     mlp_out_norm: nn.Module | None = None
     softcap: float | None = None
     rope: str | None = None
+    window: int | None = None
 
 
 @dataclass
@@ -209,7 +212,7 @@ def static_decoding_unsupported(model: nn.Module, max_len: int | None = None) ->
 def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
     """The parts of a supported causal LM; raises LorakitError naming the first thing that is not supported.
 
-    ``max_len`` (tokens per cache row) matters only for sliding-window models (``_check_window``) and longrope.
+    ``max_len`` (tokens per cache row) matters only for longrope.
     """
     from lorakit.layers import LoraLinear
 
@@ -229,7 +232,7 @@ def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
     rotary_dim = _check_rope(config, model_type, head_dim, max_len)
     if getattr(config, "use_bidirectional_attention", False):
         raise LorakitError(f"static decoding runs causal attention; this {model_type} model attends bidirectionally")
-    _check_window(config, model_type, max_len)
+    windows = _layer_windows(config, model_type, len(layers))
 
     hosts = _adapter_hosts(model)
     allowed = {f"model.layers.{i}.{'self_attn' if p in attention else 'mlp'}.{p}"
@@ -290,7 +293,7 @@ def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
                 raise LorakitError(f"layer {i} of this {model_type} model has no layer type (its rotary table)")
         parts.append(LayerParts(layer.input_layernorm, post_norm, projections, q_norm, k_norm,
                                 float(getattr(attn, "scaling", attn.head_dim ** -0.5)), attn_out_norm, mlp_out_norm,
-                                None if softcap is None else float(softcap), rope))
+                                None if softcap is None else float(softcap), rope, windows[i]))
 
     embed_module = inner.embed_tokens
     embed, lm_head = base_linear(embed_module), base_linear(model.lm_head)  # wrapped: see ``foreign``
@@ -315,28 +318,36 @@ def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
     )
 
 
-def _check_window(config, model_type: str, max_len: int | None) -> None:
-    """Sliding-window attention (Mistral v0.1, Qwen2 with ``use_sliding_window``) runs when no row can outgrow it.
+def _layer_windows(config, model_type: str, n_layers: int) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), as transformers' forward masks it.
 
-    transformers lets the query at position p attend the keys k with p - window < k <= p. With at most ``max_len``
-    tokens per row, p <= max_len - 1, so when ``max_len <= window`` every key from 0 is inside the window and the
-    layer is full attention: the decoder's kernels are exact. A longer context would need the window in the kernel.
+    Mistral and Phi-3 slide on every layer when ``sliding_window`` is set (their models ignore ``layer_types``);
+    Qwen2/3, Gemma 2 and Gemma 3 slide on the layers whose ``layer_types`` entry is "sliding_attention" (Qwen2/3:
+    the layers from ``max_window_layers`` on, with ``use_sliding_window``; Gemma 2 every other one; Gemma 3 five of
+    six), older configs without ``layer_types`` by the same rules. The query at position p attends the keys k with
+    p - window < k <= p (``masking_utils.sliding_window_overlay``) at any length: the decoder's kernels take the
+    window.
     """
     window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or []
-    sliding = any(t != "full_attention" for t in layer_types) or bool(
-        window and (model_type in ("mistral", "phi3") or getattr(config, "use_sliding_window", False)))
-    if not sliding:
-        return
-    if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
-        raise LorakitError(f"static decoding runs full and sliding-window attention layers, not {sorted(set(layer_types))}")
-    if not window:
-        raise LorakitError("this model has sliding-window layers but no sliding_window size in its config")
-    if max_len is None or max_len > window:
-        given = "" if max_len is None else f", not {max_len}"
-        raise LorakitError(f"static decoding runs this sliding-window model (sliding_window={window}) only with at most "
-                           f"{window} tokens per sequence, where the window never applies (max_len / --max-context "
-                           f"<= {window}{given})")
+    if model_type in ("mistral", "phi3"):
+        return [int(window) if window else None] * n_layers
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    if not layer_types:
+        if model_type in ("qwen2", "qwen3") and window and getattr(config, "use_sliding_window", False):
+            first = int(getattr(config, "max_window_layers", 0) or 0)
+            layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+        else:
+            layer_types = ["full_attention"] * n_layers
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise LorakitError(f"static decoding runs full and sliding-window attention layers, not {unknown}")
+    if len(layer_types) < n_layers:
+        raise LorakitError(f"this {model_type} config lists {len(layer_types)} layer_types for {n_layers} layers")
+    sliding = [t == "sliding_attention" for t in layer_types[:n_layers]]
+    if any(sliding) and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise LorakitError(f"this {model_type} model has sliding-window layers but no sliding_window size >= 1 in its "
+                           f"config (got {window!r}); set sliding_window")
+    return [int(window) if slide else None for slide in sliding]
 
 
 def _adapter_hosts(model: nn.Module) -> dict:

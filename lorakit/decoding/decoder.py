@@ -19,7 +19,9 @@ Other families change a few of these steps (``lorakit.decoding.architecture``): 
 modules are one-member groups; Gemma scales the embeddings, normalises with ``1 + weight`` and uses GeGLU
 (``lorakit.kernels.geglu``); Gemma 2/3 normalise the attention and MLP outputs before their residual adds (no
 addmm epilogue there), soft-cap attention scores inside the attention kernel and the logits after the head, and
-Gemma 3 picks one of two rotary tables per layer. The Llama step runs exactly the kernels listed above.
+Gemma 3 picks one of two rotary tables per layer. Sliding-window layers (Mistral, Phi-3, Qwen2/3's upper layers,
+Gemma 2/3's local ones) pass their window to the attention kernel, which reads only the keys inside it: exact at any
+length. The Llama step runs exactly the kernels listed above.
 
 Rows (batch slots of the cache) are independent: each has a position (-1 = inactive: it computes garbage that is
 never stored or read), a length, and an adapter slot (-1 = the base model). ``step`` uploads one small int tensor
@@ -199,11 +201,20 @@ class StaticDecoder:
         with torch.no_grad():
             rows_t = torch.tensor(list(rows), device=self.device)
             members_t = torch.tensor(members, device=self.device)
-            # column j of the static row holds the prompt's j-th real token: the left padding is skipped
-            start = torch.tensor([width - lengths[m] for m in members], device=self.device)
-            cols = (start[:, None] + torch.arange(width, device=self.device)[None, :]).clamp(max=width - 1)
-            index = cols[:, None, :, None]
+            length_t = torch.tensor([lengths[m] for m in members], device=self.device)
+            positions = torch.arange(width, device=self.device)[None, :]
             for i, layer in enumerate(layers):
+                # a sliding layer of transformers' cache keeps only its last n = min(width, window - 1) columns:
+                # those are all the next query (at position length) attends; the positions before stay unread
+                n = layer.keys.shape[2]
+                window = self.parts.layers[i].window
+                if n != width and (window is None or n < min(window - 1, width)):
+                    raise LorakitError(f"the prefilled cache's layer {i} holds {n} of its {width} columns; the static "
+                                       "decoder needs all of them (or a sliding layer's last window - 1)")
+                # position j of the static row holds the prompt's j-th real token, at column j + n - length of the
+                # layer's (left-padded, right-aligned) columns: the padding and what precedes a window are skipped
+                cols = (positions + (n - length_t)[:, None]).clamp(0, n - 1)
+                index = cols[:, None, :, None]
                 for source, cache in ((layer.keys, self.k_cache[i]), (layer.values, self.v_cache[i])):
                     picked = source.index_select(0, members_t)
                     picked = torch.gather(picked, 2, index.expand(-1, picked.shape[1], -1, picked.shape[3]))
@@ -334,7 +345,7 @@ class StaticDecoder:
             rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i], delta=delta, rows=cache_rows,
                         lora=lora)
             return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling, rows=cache_rows,
-                                    **({} if layer.softcap is None else {"softcap": layer.softcap}))
+                                    **_attention_options(layer))
 
         def attend_per_prompt(i, layer, q, k, v, delta, lora=None):
             rows, starts, prompt_lengths = per_prompt
@@ -352,10 +363,14 @@ class StaticDecoder:
                 qj = q[start:start + length].transpose(0, 1).unsqueeze(0)  # (1, H, L, D)
                 kj = self.k_cache[i][row, :, :length].unsqueeze(0)  # (1, Hkv, L, D)
                 vj = self.v_cache[i][row, :, :length].unsqueeze(0)
-                if layer.softcap is None:
+                window = layer.window if layer.window is not None and layer.window < length else None
+                if layer.softcap is not None:  # SDPA has no soft-capping
+                    oj = _causal_softcap_attention(qj, kj, vj, layer.scaling, layer.softcap, window)
+                elif window is None:
                     oj = F.scaled_dot_product_attention(qj, kj, vj, is_causal=True, scale=layer.scaling, **gqa)
-                else:  # SDPA has no soft-capping
-                    oj = _causal_softcap_attention(qj, kj, vj, layer.scaling, layer.softcap)
+                else:  # the prompt outgrows the window: causal and p - window < k (transformers' sliding mask)
+                    oj = F.scaled_dot_product_attention(qj, kj, vj, attn_mask=_causal_mask(length, window, q.device),
+                                                        scale=layer.scaling, **gqa)
                 result[start:start + length] = oj[0].transpose(0, 1)
             return result
 
@@ -467,9 +482,8 @@ class StaticDecoder:
                 q, k, v, cos, sin = self._rotate_part(q, k, v, delta, lora, cos, sin, tables[_IDENTITY])
                 delta = lora = None
             rope_store_(q, k, v, cos, sin, positions, self.k_cache[i], self.v_cache[i], delta=delta, lora=lora)
-            if layer.softcap is None:
-                return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling)
-            return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling, softcap=layer.softcap)
+            return decode_attention(q, self.k_cache[i], self.v_cache[i], lengths, layer.scaling,
+                                    **_attention_options(layer))
 
         h, delta = self._layers(self._embed(tokens), slots, attend)
         x = self._norm(h, parts.final_norm, delta)
@@ -683,17 +697,35 @@ def _rotary_float(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return torch.cat([rotate_half_float(x[..., :r], cos, sin), x[..., r:].float()], dim=-1)
 
 
+def _attention_options(layer) -> dict:
+    """decode_attention's keyword arguments for a layer: its soft-cap and sliding window, where it has them."""
+    options = {}
+    if layer.softcap is not None:
+        options["softcap"] = layer.softcap
+    if layer.window is not None:
+        options["window"] = layer.window
+    return options
+
+
+def _causal_mask(length: int, window: int | None, device) -> torch.Tensor:
+    """(L, L) bool, True where query i attends key j: j <= i, and i - window < j with a sliding window."""
+    i = torch.arange(length, device=device)
+    allowed = i[None, :] <= i[:, None]
+    if window is not None:
+        allowed &= i[None, :] > i[:, None] - window
+    return allowed
+
+
 def _causal_softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                              softcap: float) -> torch.Tensor:
+                              softcap: float, window: int | None = None) -> torch.Tensor:
     """Causal attention with logit soft-capping, as transformers' eager Gemma 2 attention: q (1, H, L, D), k, v
-    (1, Hkv, L, D) -> (1, H, L, D) in q's dtype; scores and softmax in float32."""
+    (1, Hkv, L, D) -> (1, H, L, D) in q's dtype; scores and softmax in float32. ``window``: a sliding-window layer
+    (query i attends keys i - window < j <= i)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
-    length = q.shape[2]
-    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
+    scores = scores.masked_fill(~_causal_mask(q.shape[2], window, q.device), float("-inf"))
     return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
 
 
