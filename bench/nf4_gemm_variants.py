@@ -13,6 +13,8 @@ An exploration bench, not a library path: each MODE changes one thing of the loo
   5  the bytes straight into the dot (WRONG numbers: the floor of the load + dot pipeline)
 
 Usage (GPU): python bench/nf4_gemm_variants.py   (~1-2 min; prints a table, writes $OUT/nf4_gemm_variants.json)
+       python bench/nf4_gemm_variants.py --dequantize   (the Triton dequantize kernel alone, both code lookups,
+       as a fraction of the copy bandwidth; writes $OUT/nf4_dequantize_speed.json)
 """
 
 from __future__ import annotations
@@ -113,10 +115,49 @@ def run_variant(x, member, mode, block_n, unroll, warps, stages):
     return y
 
 
+def dequantize_rows(device, dtype):
+    """Triton dequantize (``lorakit.kernels.nf4.dequantize_nf4``) of the 8B projection shapes, both code lookups,
+    with the float32 scales the static decoder reads and with double quantization (QLoRA training's layers), as a
+    fraction of the copy bandwidth (bytes: packed + scales + the dense output)."""
+    from bench_common import copy_bandwidth
+
+    from lorakit.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
+    from lorakit.kernels.triton import nf4 as triton_nf4
+
+    bandwidth = copy_bandwidth(device)
+    rows = []
+    for name, (N, K) in {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}.items():
+        q = quantize_nf4(torch.randn(N, K, device=device, dtype=dtype) * 0.02, blocksize=64)
+        plain = NF4Weight(q.packed, decode_absmax(q), None, None, q.code, None, (N, K), 64)
+        for label, w in (("float32 scales", plain), ("double quantized", q)):
+            truth = dequantize_nf4_reference(w.packed, decode_absmax(w), w.code, (N, K), 64, dtype)
+            scale_bytes = w.absmax.numel() * w.absmax.element_size()
+            moved = w.packed.numel() + scale_bytes + N * K * 2
+            for lut in ("load", "gather"):
+                triton_nf4.DEQUANTIZE_LUT = lut
+                exact = bool(torch.equal(dequantize_nf4(w, dtype), truth))
+                t = graph_seconds(lambda: dequantize_nf4(w, dtype), device)
+                rows.append(dict(shape=name, N=N, K=K, scales=label, lut=lut, us=round(t * 1e6, 2), exact=exact,
+                                 fraction_of_copy_bandwidth=round(moved / t / bandwidth, 3)))
+                print(rows[-1], flush=True)
+    triton_nf4.DEQUANTIZE_LUT = "load"
+    print("\n| shape | scales | lookup | us | of the copy bandwidth | bit-exact |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['scales']} | {r['lut']} | {r['us']} | {r['fraction_of_copy_bandwidth']} | {r['exact']} |")
+    return rows
+
+
 def main() -> int:
     device = torch.device("cuda")
     dtype = torch.bfloat16
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    if "--dequantize" in sys.argv:
+        meta = dict(torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(),
+                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "nf4_dequantize_speed.json"), "w") as f:
+            json.dump(dict(meta=meta, rows=dequantize_rows(device, dtype)), f, indent=1)
+        return 0
     rows_out = []
     shapes = {"qkv": (6144, 4096), "down": (4096, 14336)}
     for name, (N, K) in shapes.items():

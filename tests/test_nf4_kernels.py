@@ -27,9 +27,17 @@ def test_dequantize_triton_bit_identical(shape, double_quant, dtype):
     assert torch.equal(dequantize_nf4(w, dtype), dequantize_nf4(w, dtype, force_reference=True))
 
 
-def test_dequantize_triton_other_blocksize_and_many_nested_groups():
+@pytest.mark.parametrize("lut", ["load", "gather"])
+def test_dequantize_triton_other_blocksize_and_many_nested_groups(lut, monkeypatch):
+    from lorakit.kernels.triton import nf4 as triton_nf4
+
+    monkeypatch.setattr(triton_nf4, "DEQUANTIZE_LUT", lut)
     w = _weight((300, 230), blocksize=128)  # 540 blocks: three nested groups, the last one partial
     assert torch.equal(dequantize_nf4(w, torch.float32), dequantize_nf4(w, torch.float32, force_reference=True))
+    for shape, blocksize, double_quant in (((3, 7), 32, True), ((33, 70), 4096, False), ((41, 257), 2048, True)):
+        w = _weight(shape, double_quant, blocksize)  # programs of 1024 bytes and of one block; an odd last byte
+        for dtype in DTYPES:
+            assert torch.equal(dequantize_nf4(w, dtype), dequantize_nf4(w, dtype, force_reference=True))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

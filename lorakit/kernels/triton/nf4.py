@@ -38,14 +38,42 @@ def _nf4_values(flat, mask, PACKED, ABSMAX, NESTED_ABSMAX, OFFSET, CODE, NESTED_
 
 
 @triton.jit
-def _nf4_dequantize_kernel(PACKED, ABSMAX, NESTED_ABSMAX, OFFSET, CODE, NESTED_CODE, OUT, numel,
-                           BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = flat < numel
-    value = _nf4_values(flat, mask, PACKED, ABSMAX, NESTED_ABSMAX, OFFSET, CODE, NESTED_CODE,
-                        BLOCKSIZE, NESTED_BLOCKSIZE, NESTED)
-    tl.store(OUT + flat, value.to(OUT.dtype.element_ty), mask=mask)
+def _nf4_dequantize_kernel(PACKED, ABSMAX, NESTED_ABSMAX, OFFSET, CODE, NESTED_CODE, OUT, numel, n_bytes,
+                                 n_blocks, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                                 NESTED: tl.constexpr, BYTES: tl.constexpr, LUT: tl.constexpr):
+    """Whole scale blocks per program, read a byte at a time: BYTES bytes (a multiple of BLOCKSIZE / 2) give
+    2 * BYTES values, each byte read once, each block's scale decoded once (not per value), both nibbles looked up
+    in the 16-level code (``LUT`` "gather": ``tl.gather`` from registers; "load": an L1-cached gather) and written
+    interleaved back to flat order in one contiguous store."""
+    GROUPS: tl.constexpr = BYTES // (BLOCKSIZE // 2)
+    start = tl.program_id(0).to(tl.int64) * BYTES  # the first byte; its first value is 2 * start
+    offs = start + tl.arange(0, BYTES)
+    byte = tl.load(PACKED + offs, mask=offs < n_bytes, other=0).to(tl.int32)
+    if LUT == "gather":
+        table = tl.load(CODE + tl.arange(0, 16))
+        high = tl.gather(table, byte >> 4, 0)
+        low = tl.gather(table, byte & 15, 0)
+    else:
+        high = tl.load(CODE + (byte >> 4))
+        low = tl.load(CODE + (byte & 15))
+    block = (2 * start) // BLOCKSIZE + tl.arange(0, GROUPS)
+    in_range = block < n_blocks
+    if NESTED:
+        q = tl.load(ABSMAX + block, mask=in_range, other=0).to(tl.int32)
+        scale = tl.load(NESTED_CODE + q, mask=in_range, other=0.0) * tl.load(
+            NESTED_ABSMAX + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
+        scale = scale + tl.load(OFFSET)
+    else:
+        scale = tl.load(ABSMAX + block, mask=in_range, other=0.0)
+    high = tl.reshape(high, (GROUPS, BLOCKSIZE // 2)) * scale[:, None]
+    low = tl.reshape(low, (GROUPS, BLOCKSIZE // 2)) * scale[:, None]
+    value = tl.reshape(tl.interleave(high, low), (2 * BYTES,))  # flat order: high nibble first
+    flat = 2 * start + tl.arange(0, 2 * BYTES)
+    tl.store(OUT + flat, value.to(OUT.dtype.element_ty), mask=flat < numel)
+
+
+# the dequantize kernel's code lookup: "gather" or "load" (bench/nf4_gemm_variants.py --dequantize times both)
+DEQUANTIZE_LUT = "load"
 
 
 @triton.jit
@@ -113,10 +141,14 @@ def dequantize_nf4_triton(w: NF4Weight, dtype: torch.dtype, out: torch.Tensor | 
     numel = w.shape[0] * w.shape[1]
     out = torch.empty(w.shape, dtype=dtype, device=w.packed.device) if out is None else out
     args, nested = _state_args(w)
-    block = 1024
-    _nf4_dequantize_kernel[(triton.cdiv(numel, block),)](
-        *args, out, numel, BLOCKSIZE=w.blocksize, NESTED_BLOCKSIZE=w.nested_blocksize, NESTED=nested, BLOCK=block,
-        num_warps=4, enable_fp_fusion=False)
+    if w.blocksize < 2 or w.blocksize & (w.blocksize - 1):  # every bitsandbytes blocksize is a power of two
+        raise ValueError(f"NF4 dequantize: blocksize {w.blocksize} is not a power of two")
+    n_bytes = (numel + 1) // 2
+    per_program = max(1024, w.blocksize // 2)
+    _nf4_dequantize_kernel[(triton.cdiv(n_bytes, per_program),)](
+        *args, out, numel, n_bytes, triton.cdiv(numel, w.blocksize), BLOCKSIZE=w.blocksize,
+        NESTED_BLOCKSIZE=w.nested_blocksize, NESTED=nested, BYTES=per_program, LUT=DEQUANTIZE_LUT, num_warps=4,
+        enable_fp_fusion=False)
     return out
 
 
