@@ -15,8 +15,8 @@ it must know the architecture exactly. It runs:
 
 Sliding-window layers (Mistral, Phi-3, Qwen2/3 with ``use_sliding_window``, Gemma 2/3's local layers) are exact at
 any length: each layer's window (``LayerParts.window``, from ``_layer_windows``) goes to the attention kernel; rope
-types whose table does not depend on the sequence length (default, linear, llama3, yarn; longrope while every position stays within its
-original context). Anything else gets a one-line reason from ``static_decoding_unsupported``, and callers keep
+types whose table does not depend on the sequence length (default, linear, llama3, yarn; longrope while every
+position stays within its original context). Anything else gets a one-line reason from ``static_decoding_unsupported``, and callers keep
 transformers' forward.
 
 A projection may be a plain ``nn.Linear``, a lorakit ``NF4Linear`` (QLoRA's 4-bit base, from

@@ -201,7 +201,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise LorakitError(f"decode_attention: softcap must be None or a positive number, got {softcap!r}")
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise LorakitError(f"decode_attention: window must be None or an int >= 1 (keys a query attends), got {window!r}")
+            raise LorakitError(f"decode_attention: window must be None or an int >= 1 (keys a query attends), "
+                               f"got {window!r}")
         if window >= k_cache.shape[2]:
             window = None  # no row holds more keys than the cache: the window never applies
     extra = () if rows is None else (rows,)
