@@ -260,8 +260,8 @@ def _grow_and_compare(model, decoder, rows, prompts, names, steps, first=None):
 @pytest.mark.parametrize("family", list(SLIDING))
 def test_sliding_window_layers_are_exact_past_the_window(family, references_only, monkeypatch):
     """Prompts shorter and longer than the window, rows growing to about 3 windows, through the decoder's own
-    prefill (both its attention paths: the decode kernels' references, and per-prompt SDPA / soft-capped attention
-    for long prompts) against transformers' forward; and the window really matters there."""
+    prefill (both its attention paths: the decode kernels' references, and per-prompt attention by blocks of
+    queries for long prompts) against transformers' forward; and the window really matters there."""
     import lorakit.decoding.decoder as decoder_module
 
     build, windows = SLIDING[family]
@@ -270,7 +270,8 @@ def test_sliding_window_layers_are_exact_past_the_window(family, references_only
     decoder = StaticDecoder(model, max_batch=5, max_len=24)
     assert [layer.window for layer in decoder.parts.layers] == windows
     _grow_and_compare(model, decoder, [4, 0, 2, 1], LONG_PROMPTS, NAMES, steps=7)
-    monkeypatch.setattr(decoder_module, "PREFILL_KERNEL_MAX_PROMPT", 0)  # prompts attend per prompt in PyTorch
+    monkeypatch.setattr(decoder_module, "PREFILL_KERNEL_MAX_PROMPT", 0)  # prompts attend per prompt in PyTorch,
+    monkeypatch.setattr(decoder_module, "PREFILL_ATTENTION_BLOCK", 3)  # by blocks of 3 queries over their keys
     decoder = StaticDecoder(model, max_batch=4, max_len=24, lora_overlap="lora")
     _grow_and_compare(model, decoder, [0, 1, 2, 3], LONG_PROMPTS, NAMES, steps=2)
     # the window matters: 2 keys more change transformers' logits of the 11-token prompt, and the decoder follows

@@ -364,13 +364,10 @@ class StaticDecoder:
                 kj = self.k_cache[i][row, :, :length].unsqueeze(0)  # (1, Hkv, L, D)
                 vj = self.v_cache[i][row, :, :length].unsqueeze(0)
                 window = layer.window if layer.window is not None and layer.window < length else None
-                if layer.softcap is not None:  # SDPA has no soft-capping
-                    oj = _causal_softcap_attention(qj, kj, vj, layer.scaling, layer.softcap, window)
-                elif window is None:
+                if layer.softcap is None and window is None:
                     oj = F.scaled_dot_product_attention(qj, kj, vj, is_causal=True, scale=layer.scaling, **gqa)
-                else:  # the prompt outgrows the window: causal and p - window < k (transformers' sliding mask)
-                    oj = F.scaled_dot_product_attention(qj, kj, vj, attn_mask=_causal_mask(length, window, q.device),
-                                                        scale=layer.scaling, **gqa)
+                else:  # soft-capping (SDPA has none) or a window the prompt outgrows: by blocks of queries
+                    oj = _blocked_causal_attention(qj, kj, vj, layer.scaling, layer.softcap, window)
                 result[start:start + length] = oj[0].transpose(0, 1)
             return result
 
@@ -667,6 +664,9 @@ class StaticDecoder:
 # PREFILL_GRAPH_MAX_TOKENS tokens in all, on CUDA, the pass is a CUDA graph replay (one per power-of-two bucket).
 PREFILL_KERNEL_MAX_PROMPT = 256
 PREFILL_GRAPH_MAX_TOKENS = 512
+# queries per block of the long-prompt prefill's soft-capped or windowed attention (``_blocked_causal_attention``):
+# its float32 scores are H x 512 x (512 + window) per block, not H x L x L (8 GiB for 32 heads at L = 8192)
+PREFILL_ATTENTION_BLOCK = 512
 
 
 def _norm(h: torch.Tensor, module, default_eps: float, delta: torch.Tensor | None, offset: float = 0.0,
@@ -707,25 +707,44 @@ def _attention_options(layer) -> dict:
     return options
 
 
-def _causal_mask(length: int, window: int | None, device) -> torch.Tensor:
-    """(L, L) bool, True where query i attends key j: j <= i, and i - window < j with a sliding window."""
-    i = torch.arange(length, device=device)
-    allowed = i[None, :] <= i[:, None]
-    if window is not None:
-        allowed &= i[None, :] > i[:, None] - window
-    return allowed
+def _blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                              softcap: float | None, window: int | None) -> torch.Tensor:
+    """Causal attention of one prompt, q (1, H, L, D), k, v (1, Hkv, L, D) -> (1, H, L, D) in q's dtype, with
+    Gemma 2's logit soft-capping (``softcap``: scores and softmax in float32, as transformers' eager attention) and/or
+    a sliding window (query i attends keys i - window < j <= i, transformers' mask).
+
+    Queries go by blocks of ``PREFILL_ATTENTION_BLOCK``, each over the keys it can see (from its first query's
+    window start to its last query): memory O(block x (block + window)) instead of the whole L x L scores, and a
+    windowed layer computes O(L x window) scores. Each query's softmax is over the same keys either way.
+    """
+    length = q.shape[2]
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    out = torch.empty_like(q)
+    for first in range(0, length, PREFILL_ATTENTION_BLOCK):
+        end = min(length, first + PREFILL_ATTENTION_BLOCK)
+        low = 0 if window is None else max(0, first - window + 1)
+        queries = torch.arange(first, end, device=q.device)[:, None]
+        keys = torch.arange(low, end, device=q.device)[None, :]
+        allowed = keys <= queries  # (block, keys)
+        if window is not None:
+            allowed &= keys > queries - window
+        qb, kb, vb = q[:, :, first:end], k[:, :, low:end], v[:, :, low:end]
+        if softcap is None:
+            out[:, :, first:end] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, scale=scale, **gqa)
+        else:
+            out[:, :, first:end] = _softcap_attention(qb, kb, vb, scale, softcap, allowed)
+    return out
 
 
-def _causal_softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                              softcap: float, window: int | None = None) -> torch.Tensor:
-    """Causal attention with logit soft-capping, as transformers' eager Gemma 2 attention: q (1, H, L, D), k, v
-    (1, Hkv, L, D) -> (1, H, L, D) in q's dtype; scores and softmax in float32. ``window``: a sliding-window layer
-    (query i attends keys i - window < j <= i)."""
+def _softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap: float,
+                       allowed: torch.Tensor) -> torch.Tensor:
+    """Attention with logit soft-capping, as transformers' eager Gemma 2 attention: q (1, H, Lq, D), k, v
+    (1, Hkv, Lk, D), allowed (Lq, Lk) bool -> (1, H, Lq, D) in q's dtype; scores and softmax in float32."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~_causal_mask(q.shape[2], window, q.device), float("-inf"))
+    scores = scores.masked_fill(~allowed, float("-inf"))
     return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
 
 
