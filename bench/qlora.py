@@ -93,7 +93,7 @@ def build_base(shape: str, device: str, quantize_linear, seed: int = 0):
     ``quantize_linear(layer)`` right away (peak: the quantized model + one 16-bit layer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorakit.quant.quantize import _parameters_on_meta
+    from lorakit.models.quantized_loading import _parameters_on_meta
 
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, tie_word_embeddings=False)
     cfg._attn_implementation = "sdpa"
