@@ -32,7 +32,7 @@ case: 64 rows of prompts of 1100..1900 tokens (all longer than the window) prefi
 Usage (GPU, about 4-7 minutes in all on an H200):
 
     python bench/static_families_check.py
-    python bench/static_families_check.py --smoke    # CPU, float32, tiny shapes, TRITON_INTERPRET=1 (~4 min on 2 cores)
+    python bench/static_families_check.py --smoke    # CPU, float32, tiny shapes, TRITON_INTERPRET=1 (~7 min on 2 cores)
     python bench/static_families_check.py --families none --long-families gemma3_text   # one long case only
 
 Writes ``$OUT/static_families_check.json`` (or bench/results/ when $OUT is unset; ``--smoke`` writes
