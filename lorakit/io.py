@@ -335,6 +335,11 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
     if not_float:
         raise LorakitError(f"{weights}: tensor {clipped(not_float[0])} has dtype {tensors[not_float[0]].dtype}; adapter "
                            "weights are floating point")
+    # float8 and narrower: no NaN check, no matmul on most devices, and never written by peft or lorakit
+    narrow = [k for k, t in tensors.items() if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64)]
+    if narrow:
+        raise LorakitError(f"{weights}: tensor {clipped(narrow[0])} has dtype {tensors[narrow[0]].dtype}; adapter "
+                           "weights must be float32, float16 or bfloat16: convert them (tensor.float()) and save again")
     bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         raise LorakitError(f"{weights}: tensor {clipped(bad[0])} holds NaN or Inf; the adapter is broken")

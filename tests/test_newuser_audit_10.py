@@ -68,3 +68,13 @@ def test_an_adapter_name_cannot_make_save_pretrained_write_outside_its_folder(ba
     finally:
         lorakit.delete_adapter(base, "one")
     assert not escape.exists()
+
+
+def test_float8_adapter_tensors_are_one_line(base, adapter, tmp_path, capsys):
+    """float8 tensors used to reach torch.isfinite, which raised NotImplementedError (a traceback in inspect too)."""
+    folder = _copy(adapter, tmp_path)
+    _rewrite_tensors(folder, lambda t: {k: v.to(torch.float8_e4m3fn) for k, v in t.items()})
+    with pytest.raises(LorakitError, match="float8_e4m3fn; adapter weights must be float32, float16 or bfloat16"):
+        lorakit.load_adapter(base, folder)
+    assert lorakit.adapter_names(base) == []
+    assert "float8_e4m3fn" in _error(capsys, main(["inspect", str(folder)]))
