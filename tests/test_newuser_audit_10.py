@@ -78,3 +78,11 @@ def test_float8_adapter_tensors_are_one_line(base, adapter, tmp_path, capsys):
         lorakit.load_adapter(base, folder)
     assert lorakit.adapter_names(base) == []
     assert "float8_e4m3fn" in _error(capsys, main(["inspect", str(folder)]))
+
+
+def test_inspect_of_a_tensor_that_is_not_a_matrix_is_one_line(adapter, tmp_path, capsys):
+    """A scalar lora_A used to end inspect with IndexError (load_adapter already named its shape)."""
+    folder = _copy(adapter, tmp_path)
+    _rewrite_tensors(folder, lambda t: {k: (torch.tensor(1.0) if "q_proj.lora_A" in k else v) for k, v in t.items()})
+    line = _error(capsys, main(["inspect", str(folder)]))
+    assert "q_proj.lora_A.weight' has shape (), not (rank, in_features)" in line

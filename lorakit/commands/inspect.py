@@ -53,6 +53,9 @@ def describe(folder: str) -> dict:
         if any(module == m or module.endswith("." + m) for m in parameter_modules):
             parameters.add((module, depth))
             continue
+        if tensor.ndim != 2:  # a LoRA factor is a matrix (r, in); a scalar or 3-D tensor has no rank to show
+            raise LorakitError(f"{adapter.folder}: tensor {key!r} has shape {tuple(tensor.shape)}, not (rank, in_features); "
+                               "the file is damaged or not a LoRA adapter: save the adapter again")
         layers.add(path)
         kind = path.rsplit(".", 1)[-1]
         modules[kind] = modules.get(kind, 0) + 1
