@@ -86,3 +86,21 @@ def test_inspect_of_a_tensor_that_is_not_a_matrix_is_one_line(adapter, tmp_path,
     _rewrite_tensors(folder, lambda t: {k: (torch.tensor(1.0) if "q_proj.lora_A" in k else v) for k, v in t.items()})
     line = _error(capsys, main(["inspect", str(folder)]))
     assert "q_proj.lora_A.weight' has shape (), not (rank, in_features)" in line
+
+
+def test_json_that_pythons_parser_gives_up_on_is_one_line_in_data_files(tmp_path):
+    """A 5,000-digit number raised ValueError and '[[[[...' RecursionError, both as tracebacks."""
+    from lorakit.train.sources import read_many
+
+    good = json.dumps({"prompt": "a", "completion": "b"})
+    cases = {
+        "digits.jsonl": (good + '\n{"prompt": ' + "9" * 5000 + ', "completion": "x"}\n', "digits.jsonl:2: a value"),
+        "deepline.jsonl": (good + '\n{"prompt": ' + "[" * 5000 + "]" * 5000 + "}\n", "deepline.jsonl:2: arrays"),
+        "array.jsonl": ("[" * 100_000 + "]" * 100_000, "array.jsonl: arrays or objects nested deeper"),
+        "array.json": ("[" * 100_000 + "]" * 100_000, "array.json: arrays or objects nested deeper"),
+    }
+    for name, (text, expected) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(LorakitError, match="this is not a training record") as caught:
+            read_many(tmp_path / name)
+        assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lorakit.config import clipped
 from lorakit.errors import LorakitError
 from lorakit.train.formats import EXPECTED_SHAPES, IGNORED_FIELDS, KNOWN_FIELDS, Record, validate_record
 
@@ -227,7 +228,9 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] 
             continue
         try:
             objects.append((where, json.loads(text)))
-        except json.JSONDecodeError as exc:
+        except (RecursionError, ValueError) as exc:
+            if not isinstance(exc, json.JSONDecodeError):
+                raise LorakitError(f"{where}: {_unreadable_json(exc)}") from None
             values = _concatenated_json(raw)  # pretty-printed objects one after another (`jq .` writes that)
             if values is None:
                 comma = exc.msg == "Extra data" and text[exc.pos:].strip() == ","
@@ -261,7 +264,7 @@ def _concatenated_json(raw: bytes) -> list[tuple[int, Any]] | None:
             break
         try:
             value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # the caller names the line that fails on its own
             return None
         out.append((text.count("\n", 0, pos) + 1, value))
         pos = end
@@ -307,6 +310,13 @@ def _not_utf8(where: str, data: bytes, exc: UnicodeDecodeError) -> str:
     return f"{where}: not valid UTF-8 (byte {column}); {hint}"
 
 
+def _unreadable_json(exc: Exception) -> str:
+    """Why Python's json gave up on valid-looking JSON: a hostile or broken file, not training data."""
+    what = ("arrays or objects nested deeper than Python can read" if isinstance(exc, RecursionError)
+            else f"a value Python's json cannot read ({clipped(str(exc), 80)})")  # e.g. an integer of 5,000 digits
+    return f"{what}; this is not a training record: fix or remove it"
+
+
 def _read_json_array(path: Path, raw: bytes) -> list[Record] | None:
     """The records of a file holding one JSON array; None when it holds one array per line (each a chat)."""
     try:
@@ -318,6 +328,8 @@ def _read_json_array(path: Path, raw: bytes) -> list[Record] | None:
         if exc.msg == "Extra data" and exc.lineno > 1 and exc.colno == 1:  # a second array on the next line: JSONL
             return None
         raise LorakitError(f"{path.name}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except (RecursionError, ValueError) as exc:
+        raise LorakitError(f"{path.name}: {_unreadable_json(exc)}") from None
     return [validate_record(obj, f"{path.name}[{i}]") for i, obj in enumerate(items)]
 
 
