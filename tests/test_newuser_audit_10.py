@@ -104,3 +104,15 @@ def test_json_that_pythons_parser_gives_up_on_is_one_line_in_data_files(tmp_path
         with pytest.raises(LorakitError, match="this is not a training record") as caught:
             read_many(tmp_path / name)
         assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
+
+
+def test_a_long_document_in_one_csv_cell_reads(tmp_path):
+    """The csv module's 128 KiB cell limit refused a long-context CSV as 'malformed CSV; check quoting'."""
+    from lorakit.train.sources import read_many
+
+    long_text = "word " * 60_000  # 300 KB in one cell, as long-context data holds whole documents
+    (tmp_path / "long.csv").write_text(f'prompt,completion\n"{long_text}",b\nx,y\n')
+    (tmp_path / "long.tsv").write_text(f"text\n{long_text}\nshort\n")
+    csv_records, tsv_records = read_many(tmp_path / "long.csv"), read_many(tmp_path / "long.tsv")
+    assert [r.fields["prompt"] for r in csv_records] == [long_text, "x"]
+    assert [r.fields["text"] for r in tsv_records] == [long_text, "short"]

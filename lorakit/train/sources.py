@@ -342,6 +342,8 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
     first = text.split("\n", 1)[0]
     if delimiter == "," and "," not in first and ";" in first:  # Excel in European locales separates with ";"
         delimiter = ";"
+    # a whole document in one cell (long-context data) passes the csv module's default 128 KiB cell limit
+    csv.field_size_limit(max(csv.field_size_limit(), min(len(text) + 1, 2**31 - 1)))
     # newline="": the csv module itself handles CRLF line ends and newlines quoted inside cells
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
