@@ -116,3 +116,13 @@ def test_a_long_document_in_one_csv_cell_reads(tmp_path):
     csv_records, tsv_records = read_many(tmp_path / "long.csv"), read_many(tmp_path / "long.tsv")
     assert [r.fields["prompt"] for r in csv_records] == [long_text, "x"]
     assert [r.fields["text"] for r in tsv_records] == [long_text, "short"]
+
+
+def test_config_json_that_pythons_parser_gives_up_on_is_one_line(tiny_folder, tmp_path):  # noqa: F811 (fixture)
+    """load_base on a config.json with a 5,000-digit number or deep nesting used to end in a traceback."""
+    for name, value in [("digits", "9" * 5000), ("deep", "[" * 100_000 + "]" * 100_000)]:
+        folder = tmp_path / name
+        shutil.copytree(tiny_folder, folder)
+        (folder / "config.json").write_text('{"model_type": "llama", "x": ' + value + "}")
+        with pytest.raises(LorakitError, match="config.json: nested too deep or holds a number too long to read"):
+            lorakit.load_base(str(folder))

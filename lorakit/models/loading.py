@@ -64,6 +64,9 @@ def check_causal_config(folder: Path) -> dict:
         raise LorakitError(f"{path}: not UTF-8 text; it is not a Hugging Face config.json") from None
     except json.JSONDecodeError as error:
         raise LorakitError(f"{path}: not valid JSON (line {error.lineno}: {error.msg}); fix or re-save the config") from None
+    except (RecursionError, ValueError):  # "[[[[..." deeper than Python's stack, or an integer of thousands of digits
+        raise LorakitError(f"{path}: nested too deep or holds a number too long to read; it is not a Hugging Face "
+                           "config.json: download or re-save the model") from None
     if not isinstance(config, dict):
         raise LorakitError(f"{path}: expected a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")
