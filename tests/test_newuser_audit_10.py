@@ -126,3 +126,15 @@ def test_config_json_that_pythons_parser_gives_up_on_is_one_line(tiny_folder, tm
         (folder / "config.json").write_text('{"model_type": "llama", "x": ' + value + "}")
         with pytest.raises(LorakitError, match="config.json: nested too deep or holds a number too long to read"):
             lorakit.load_base(str(folder))
+
+
+def test_a_config_field_of_the_wrong_type_is_blamed_on_config_json(tiny_folder, tmp_path):  # noqa: F811 (fixture)
+    """hidden_size "64" (a string) was reported as 'cannot load the tokenizer ...: Validation error for field'."""
+    folder = shutil.copytree(tiny_folder, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": str(config["hidden_size"])}))
+    with pytest.raises(LorakitError) as caught:
+        lorakit.load_base(str(folder))
+    message = str(caught.value)
+    assert message.startswith(f"{folder / 'config.json'}: Validation error for field 'hidden_size'") and "\n" not in message
+    assert "tokenizer" not in message

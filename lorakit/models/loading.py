@@ -91,6 +91,11 @@ def check_causal_config(folder: Path) -> dict:
         raise LorakitError(f"{folder}: {model_type!r} is an encoder (bidirectional attention, so each token sees the "
                            "ones it should predict; config.json has no \"is_decoder\": true), not a causal language "
                            "model; lorakit fine-tunes decoder-only causal LMs (Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)")
+    try:  # transformers checks each field's type; the tokenizer reads config.json first and would take the blame
+        transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as error:  # huggingface_hub's validation error, TypeError, ValueError...
+        reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+        raise LorakitError(f"{path}: {reason[:300]}; fix that field or re-save the model with save_pretrained") from None
     return config
 
 
