@@ -138,3 +138,16 @@ def test_a_config_field_of_the_wrong_type_is_blamed_on_config_json(tiny_folder, 
     message = str(caught.value)
     assert message.startswith(f"{folder / 'config.json'}: Validation error for field 'hidden_size'") and "\n" not in message
     assert "tokenizer" not in message
+
+
+def test_weights_of_another_shape_than_config_json_name_the_tensor(tiny_folder, tmp_path):  # noqa: F811 (fixture)
+    """An edited vocab_size said only 'You set ignore_mismatched_sizes to False ... look at the above report!' (the
+    report itself was muted)."""
+    folder = shutil.copytree(tiny_folder, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    with pytest.raises(LorakitError) as caught:
+        lorakit.load_base(str(folder))
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
+    assert f"is ({vocab}, {hidden}) in the weights but config.json makes it ({vocab + 8}, {hidden})" in str(caught.value)
+    assert "above report" not in str(caught.value)

@@ -281,8 +281,10 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
 
     def load(attn: str | None):
         kwargs = {"attn_implementation": attn} if attn else {}
+        # ignore_mismatched_sizes: transformers' own refusal points at a load report it logs (muted here); a
+        # wrong-shaped tensor is named below instead
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
-                                                    output_loading_info=True, **kwargs)
+                                                    output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
 
     try:
         with _quiet_loading():
@@ -295,6 +297,13 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as error:  # ImportError: e.g. flash_attention_2
         reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise LorakitError(f"cannot load the model in {folder}: {reason}") from None
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:  # (key, shape in the file, shape config.json gives)
+        key, saved, expected = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise LorakitError(f"{folder}: tensor {key!r} is {tuple(saved)} in the weights but config.json makes it "
+                           f"{tuple(expected)}{more}; the weights and config.json are of different models (an edited "
+                           "vocab_size or hidden_size?): use the config.json saved with these weights")
     missing = sorted(info.get("missing_keys") or [])
     packed = [key for key in info.get("unexpected_keys") or [] if key.endswith(".weight_packed")]
     if missing and packed:  # lorakit's own NF4 buffers: save_pretrained was called on a 4-bit model
