@@ -151,3 +151,13 @@ def test_weights_of_another_shape_than_config_json_name_the_tensor(tiny_folder, 
     vocab, hidden = config["vocab_size"], config["hidden_size"]
     assert f"is ({vocab}, {hidden}) in the weights but config.json makes it ({vocab + 8}, {hidden})" in str(caught.value)
     assert "above report" not in str(caught.value)
+
+
+def test_a_seed_torch_cannot_take_is_refused_before_loading(capsys, tmp_path):
+    """--seed 2**64 passed the check and ended the run with 'ValueError: Overflow when unpacking long long'."""
+    code = main(["train", "--model", str(tmp_path / "never-read"), "--seed", str(2**64), "--out", str(tmp_path / "run")])
+    assert _error(capsys, code) == f"lorakit train: error: --seed must be below 2**64 (e.g. 42), got {2**64}"
+    assert not (tmp_path / "run").exists()
+    from lorakit.train import TrainConfig
+
+    assert TrainConfig(seed=2**64 - 1).seed == 2**64 - 1  # the largest seed torch takes still works

@@ -182,6 +182,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise LorakitError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
+        if self.seed >= 2**64:  # torch.manual_seed's limit: an OverflowError once the model is loaded, otherwise
+            raise LorakitError(f"--seed must be below 2**64 (e.g. 42), got {self.seed}")
         if not (_number(self.alpha) and self.alpha > 0):  # alpha 0 scales the update (and its gradients) to nothing
             raise LorakitError(f"--alpha must be a positive number (e.g. 2 x --rank), got {self.alpha!r}")
         if not (_number(self.epochs) and self.epochs > 0):
