@@ -166,6 +166,8 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out", overwrite: 
     ``out`` with ``~`` expanded and a symbolic link followed (the output goes where the link points; the link stays).
     """
     given = out
+    if not str(out).strip():  # --out "" (an unset shell variable): Path("") is the current folder
+        raise LorakitError(f"{flag} is empty; give the output folder's name, e.g. {flag} merged")
     out = Path(out).expanduser()
     if out.is_symlink() and out.is_dir():
         out = out.resolve()

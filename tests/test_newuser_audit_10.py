@@ -161,3 +161,15 @@ def test_a_seed_torch_cannot_take_is_refused_before_loading(capsys, tmp_path):
     from lorakit.train import TrainConfig
 
     assert TrainConfig(seed=2**64 - 1).seed == 2**64 - 1  # the largest seed torch takes still works
+
+
+def test_an_empty_out_is_named_as_empty(adapter, tiny_folder, capsys, monkeypatch, tmp_path):  # noqa: F811 (fixture)
+    """--out "" (an unset shell variable) read as the current folder: '--out  already exists; ... pass --overwrite',
+    and --overwrite would then have aimed at the current folder."""
+    monkeypatch.chdir(tmp_path)
+    for command in (["merge", "--model", str(tiny_folder), "--adapter", str(adapter)],
+                    ["combine", "--model", str(tiny_folder), "--adapter", str(adapter)],
+                    ["quantize", "--model", str(tiny_folder)]):
+        line = _error(capsys, main([*command, "--out", "", "--overwrite"]))
+        assert line.endswith("error: --out is empty; give the output folder's name, e.g. --out merged"), line
+    assert list(tmp_path.iterdir()) == []
