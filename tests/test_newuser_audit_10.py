@@ -173,3 +173,10 @@ def test_an_empty_out_is_named_as_empty(adapter, tiny_folder, capsys, monkeypatc
         line = _error(capsys, main([*command, "--out", "", "--overwrite"]))
         assert line.endswith("error: --out is empty; give the output folder's name, e.g. --out merged"), line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_combine_names_each_input_folder_once(adapter, tiny_folder, capsys):  # noqa: F811 (fixture)
+    """An --out inside an input adapter printed the folder twice ('the adapter folder A A')."""
+    line = _error(capsys, main(["combine", "--model", str(tiny_folder), "--adapter", str(adapter),
+                                "--out", str(adapter / "inner")]))
+    assert line.endswith(f"sits inside the adapter folder {adapter}; choose a folder outside it"), line

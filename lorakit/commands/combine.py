@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     twice = next((f for f, real in zip([f for f, _ in inputs], seen) if seen.count(real) > 1), None)
     if twice is not None:
         raise LorakitError(f"--adapter {twice} is given twice; give each adapter once with its total weight")
-    protected = {f"the adapter folder {folder}": folder for folder, _ in inputs}
+    protected = {("the adapter folder" if len(inputs) == 1 else f"adapter folder {i + 1}"): folder
+                 for i, (folder, _) in enumerate(inputs)}
     if args.model is not None and os.path.isdir(os.path.expanduser(args.model)):
         protected["the model folder"] = args.model
     out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected, allow_empty=True,
