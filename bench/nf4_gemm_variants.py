@@ -15,6 +15,8 @@ An exploration bench, not a library path: each MODE changes one thing of the loo
 Usage (GPU): python bench/nf4_gemm_variants.py   (~1-2 min; prints a table, writes $OUT/nf4_gemm_variants.json)
        python bench/nf4_gemm_variants.py --dequantize   (the Triton dequantize kernel alone, both code lookups,
        as a fraction of the copy bandwidth; writes $OUT/nf4_dequantize_speed.json)
+       python bench/nf4_gemm_variants.py --gemv   (the 1-4 row matrix-vector kernel: tile sweep, beside the others;
+       writes $OUT/nf4_gemv_speed.json)
 """
 
 from __future__ import annotations
@@ -147,10 +149,82 @@ def dequantize_rows(device, dtype):
     return rows
 
 
+def gemv_rows(device, dtype):
+    """The matrix-vector kernel (``lorakit.kernels.triton.nf4_gemv``) on the 8B projection groups at 1, 2 and 4
+    rows: a tile sweep at 1 row, the best tile at 2 and 4, beside the tensor-core kernel (default tiles), Triton
+    dequantize + cuBLAS and bf16 cuBLAS; the fraction of the NF4 bound (packed bytes + float32 scales + x + y over
+    the copy bandwidth)."""
+    import itertools
+
+    from bench_common import copy_bandwidth
+
+    from lorakit.kernels import nf4_rows
+    from lorakit.kernels.triton.nf4_gemv import nf4_gemv
+
+    bandwidth = copy_bandwidth(device)
+    configs = ([(bn, nb, lut, w, 3) for bn, nb, lut, w in itertools.product((8, 16, 32), (32, 64), ("load", "gather"), (4,))]
+               + [(4, 64, "load", 2, 3), (16, 128, "load", 4, 3), (16, 64, "load", 8, 3), (32, 64, "load", 8, 3),
+                  (16, 32, "load", 2, 4), (64, 32, "load", 8, 3)])
+    out = []
+    for name, sizes, K in (("qkv", (4096, 1024, 1024), 4096), ("o", (4096,), 4096), ("gate_up", (14336, 14336), 4096),
+                           ("down", (4096,), 14336)):
+        members = []
+        for n in sizes:
+            q = quantize_nf4(torch.randn(n, K, device=device, dtype=dtype) * 0.02, blocksize=64)
+            members.append(NF4Rows(q.packed, decode_absmax(q), q.code, n, 64))
+        weights = [(m.packed, m.scales, m.code, m.out_features) for m in members]
+        N = sum(sizes)
+        dense = torch.randn(N, K, device=device, dtype=dtype)
+        nf4_bytes = sum(m.packed.numel() + m.scales.numel() * 4 for m in members)
+        best = None
+        for rows in (1, 2, 4):
+            x = torch.randn(rows, K, device=device, dtype=dtype)
+            truth = nf4_rows.nf4_rows_linear_reference(x.float(), members)
+            times = {}
+            for config in (configs if rows == 1 else [best]):
+                try:
+                    got = nf4_gemv(x, weights, 64, config=config, pdl=False)
+                    error = float((got.float() - truth).abs().max() / truth.abs().max())
+                    times[config] = (graph_seconds(lambda c=config: nf4_gemv(x, weights, 64, config=c, pdl=False),
+                                                   device), error)
+                except Exception as exc:
+                    print(f"  gemv {name} {config}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+            if rows == 1:
+                best = min(times, key=lambda c: times[c][0])
+            t, error = times[best]
+            saved = nf4_rows.MAX_FUSED_ROWS
+            nf4_rows.MAX_FUSED_ROWS = 0
+            t_deq = graph_seconds(lambda: nf4_rows.nf4_rows_linear(x, members), device)
+            nf4_rows.MAX_FUSED_ROWS = saved
+            t_dot = graph_seconds(lambda: nf4_rows_gemm(x, weights, 64, pdl=False), device)
+            t_bf16 = graph_seconds(lambda: x @ dense.t(), device)
+            bound = (nf4_bytes + (x.numel() + rows * N) * 2) / bandwidth
+            row = dict(group=name, N=N, K=K, rows=rows, gemv_config=best, gemv_us=round(t * 1e6, 2),
+                       gemv_rel_error=round(error, 5), gemv_fraction_of_bound=round(bound / t, 3),
+                       dot_kernel_us=round(t_dot * 1e6, 2), dequantize_blas_us=round(t_deq * 1e6, 2),
+                       bf16_cublas_us=round(t_bf16 * 1e6, 2),
+                       sweep_us={str(c): round(v[0] * 1e6, 2) for c, v in sorted(times.items(), key=lambda kv: kv[1][0])})
+            print(row, flush=True)
+            out.append(row)
+    print("\n| group | rows | GEMV us (tile) | of NF4 bound | tensor-core kernel us | dequantize + cuBLAS us | bf16 cuBLAS us |"
+          "\n|---|---|---|---|---|---|---|")
+    for r in out:
+        print(f"| {r['group']} | {r['rows']} | {r['gemv_us']} {r['gemv_config']} | {r['gemv_fraction_of_bound']} | "
+              f"{r['dot_kernel_us']} | {r['dequantize_blas_us']} | {r['bf16_cublas_us']} |")
+    return out
+
+
 def main() -> int:
     device = torch.device("cuda")
     dtype = torch.bfloat16
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    if "--gemv" in sys.argv:
+        meta = dict(torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(),
+                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "nf4_gemv_speed.json"), "w") as f:
+            json.dump(dict(meta=meta, rows=gemv_rows(device, dtype)), f, indent=1)
+        return 0
     if "--dequantize" in sys.argv:
         meta = dict(torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(),
                     date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))

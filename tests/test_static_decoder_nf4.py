@@ -44,11 +44,14 @@ def nf4_kernel_only(monkeypatch):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """The row counts of every fused NF4 kernel launch."""
+    """The row counts of every fused NF4 kernel launch (the matrix-vector and the tensor-core kernel)."""
+    import lorakit.kernels.triton.nf4_gemv as triton_gemv
     import lorakit.kernels.triton.nf4_rows as triton_nf4
 
-    calls, real = [], triton_nf4.nf4_rows_gemm
-    monkeypatch.setattr(triton_nf4, "nf4_rows_gemm", lambda x, *a, **kw: calls.append(x.shape[0]) or real(x, *a, **kw))
+    calls = []
+    for module, name in ((triton_nf4, "nf4_rows_gemm"), (triton_gemv, "nf4_gemv")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda x, *a, _real=real, **kw: calls.append(x.shape[0]) or _real(x, *a, **kw))
     return calls
 
 
@@ -104,6 +107,47 @@ def test_nf4_rows_kernel_tiles_and_lookups(config):
         got = nf4_rows_gemm(x, [(m.packed, m.scales, m.code, m.out_features) for m in members], 32, r,
                             config=config)
         assert torch.allclose(got, expected, atol=1e-4, rtol=1e-5), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("rows,sizes,K,blocksize,config", [
+    (1, (37, 17, 20), 192, 64, (16, 32, "load", 4, 3)),  # three members, column blocks cut short, one block a step
+    (3, (33, 40), 256, 32, (8, 64, "gather", 4, 2)),  # 128 columns a step over four 32-column blocks
+    (4, (50,), 512, 256, (32, 16, "load", 2, 3)),  # 32 columns a step inside a 256-column block
+    (2, (9,), 4096, 4096, None),  # the default tile; one block a row
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nf4_gemv_matches_the_reference(rows, sizes, K, blocksize, config, dtype):
+    """The matrix-vector kernel (1-4 rows, CUDA cores) against the reference, with and without a residual, each
+    lookup, steps smaller than, equal to and larger than a scale block."""
+    from lorakit.kernels.triton.nf4_gemv import nf4_gemv
+
+    members = _members(sizes, K, blocksize)
+    weights = [(m.packed, m.scales, m.code, m.out_features) for m in members]
+    x = torch.randn(rows, K).to(dtype)
+    for r in (None, torch.randn(rows, sum(sizes)).to(dtype)):
+        got = nf4_gemv(x, weights, blocksize, r, config=config)
+        expected = nf4_rows_linear_reference(x, members, r)
+        atol = 1e-4 if dtype == torch.float32 else 3e-2
+        assert got.dtype == dtype and torch.allclose(got.float(), expected.float(), atol=atol, rtol=1e-5), \
+            (got.float() - expected.float()).abs().max()
+
+
+def test_nf4_rows_linear_picks_the_kernel_by_rows(kernel_calls, monkeypatch):
+    """1-4 rows: the matrix-vector kernel; up to MAX_FUSED_ROWS: the tensor-core kernel (both counted by the fixture,
+    told apart by patching the GEMV off)."""
+    import lorakit.kernels.nf4_rows as nf4_rows
+
+    members = _members((24,), 128, 64)
+    for rows in (1, 4, 5, nf4_rows.MAX_FUSED_ROWS):
+        x = torch.randn(rows, 128)
+        assert torch.allclose(nf4_rows_linear(x, members), nf4_rows_linear_reference(x, members), atol=1e-4)
+    assert kernel_calls == [1, 4, 5, nf4_rows.MAX_FUSED_ROWS]
+    monkeypatch.setattr(nf4_rows, "MAX_GEMV_ROWS", 0)
+    from lorakit.kernels.triton import nf4_gemv
+
+    monkeypatch.setattr(nf4_gemv, "nf4_gemv", None)  # would fail if called
+    x = torch.randn(2, 128)
+    assert torch.allclose(nf4_rows_linear(x, members), nf4_rows_linear_reference(x, members), atol=1e-4)
 
 
 def test_nf4_rows_other_paths_give_the_reference(kernel_calls):

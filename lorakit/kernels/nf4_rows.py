@@ -2,10 +2,11 @@
 
 The weight is given as the NF4 layout of ``lorakit/kernels/nf4.py`` with its block scales already decoded to
 float32 (the static decoder decodes a double-quantized absmax once, at build): ``packed`` (ceil(N*K/2),) uint8,
-``scales`` (ceil(N*K/blocksize),) float32, ``code`` (16,) float32. ``nf4_rows_linear`` runs the fused Triton kernel
-(``lorakit.kernels.triton.nf4_rows``: the packed bytes are read once, never stored dense) for 1..64 rows when K is a
-multiple of the blocksize (every real model: hidden and MLP widths are multiples of 64); more rows (prefill)
-dequantize once (Triton) and multiply with the BLAS; anything else runs the reference, which is the spec:
+``scales`` (ceil(N*K/blocksize),) float32, ``code`` (16,) float32. ``nf4_rows_linear`` runs a fused Triton kernel
+(the packed bytes are read once, never stored dense) when K is a multiple of the blocksize (every real model: hidden
+and MLP widths are multiples of 64): ``lorakit.kernels.triton.nf4_gemv`` up to ``MAX_GEMV_ROWS`` rows,
+``lorakit.kernels.triton.nf4_rows`` (tensor cores) up to ``MAX_FUSED_ROWS``; more rows dequantize once (Triton)
+and multiply with the BLAS; anything else runs the reference, which is the spec:
 dequantize exactly as bitsandbytes (``code[q] * scale`` in float32, one rounding to x's dtype), then
 ``rows_linear_reference`` (addmm with the residual, as the dense decoder's epilogue).
 """
@@ -23,6 +24,8 @@ KERNEL_MAX_ROWS = 64  # the fused kernel keeps one (BLOCK_M <= 64, BLOCK_N) accu
 # bench/nf4_decode_check.py times both per projection group) the kernel is 5-15% faster at 1-16 rows and Triton
 # dequantize + cuBLAS 0-15% faster at 64.
 MAX_FUSED_ROWS = 16
+# Row counts up to this (at most lorakit.kernels.triton.nf4_gemv.MAX_ROWS) run the matrix-vector kernel instead.
+MAX_GEMV_ROWS = 4
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -61,11 +64,15 @@ def nf4_rows_linear(x: torch.Tensor, members, residual: torch.Tensor | None = No
     usable = (triton_usable(x, *tensors) and x.dtype in _DTYPES
               and not (x.device.type == "cpu" and x.dtype == torch.bfloat16))  # the interpreter has no bf16
     residual_ok = residual is None or (residual.dtype == x.dtype and residual.shape == (T, N) and residual.stride(1) == 1)
-    if (usable and 0 < T <= min(MAX_FUSED_ROWS, KERNEL_MAX_ROWS) and K % blocksize == 0 and x.stride(1) == 1 and residual_ok
-            and len(members) <= 3 and all(m.blocksize == blocksize for m in members)):
+    if (usable and 0 < T <= min(max(MAX_FUSED_ROWS, MAX_GEMV_ROWS), KERNEL_MAX_ROWS) and K % blocksize == 0
+            and x.stride(1) == 1 and residual_ok and len(members) <= 3 and all(m.blocksize == blocksize for m in members)):
+        from lorakit.kernels.triton.nf4_gemv import MAX_ROWS, nf4_gemv
         from lorakit.kernels.triton.nf4_rows import nf4_rows_gemm
 
-        return nf4_rows_gemm(x, [(m.packed, m.scales, m.code, m.out_features) for m in members], blocksize, residual)
+        weights = [(m.packed, m.scales, m.code, m.out_features) for m in members]
+        if T <= min(MAX_GEMV_ROWS, MAX_ROWS):
+            return nf4_gemv(x, weights, blocksize, residual)
+        return nf4_rows_gemm(x, weights, blocksize, residual)
     if usable and T > 0:  # prefill-sized (or a shape the kernel does not take): dequantize once (Triton), the BLAS
         weight = torch.empty(N, K, dtype=x.dtype, device=x.device)
         start = 0

@@ -36,13 +36,11 @@ from lorakit.kernels.triton.pdl import pdl_enter
 
 
 @triton.jit
-def _nf4_rows_gemm(x_ptr, packed0, scales0, code0, packed1, scales1, code1, packed2, scales2, code2, r_ptr, y_ptr,
-                   M, N0, N1, N2, K, stride_xm, stride_rm, stride_ym, BLOCKSIZE: tl.constexpr, CHUNK: tl.constexpr,
-                   UNROLL: tl.constexpr, MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
-    HALF: tl.constexpr = CHUNK // 2
-    # the program's member weight (up to three: q/k/v) and its first column of y; a column block never straddles two
-    pid = tl.program_id(0)
+def member_block(pid, packed0, scales0, code0, packed1, scales1, code1, packed2, scales2, code2, N0, N1, N2,
+                 MEMBERS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The program's member weight of a fused group (up to three: q/k/v) from its column block ``pid`` over all
+    members: (its block within the member, packed, scales, code, the member's N, its first column of y). A column
+    block never straddles two members."""
     zero = pid * 0  # N and col0 as int32 values in every branch (a size of 1 would be a constexpr otherwise)
     packed_ptr, scales_ptr, code_ptr, N, col0 = packed0, scales0, code0, zero + N0, zero
     if MEMBERS > 1:
@@ -55,6 +53,18 @@ def _nf4_rows_gemm(x_ptr, packed0, scales0, code0, packed1, scales1, code1, pack
                 if pid >= blocks1:
                     pid -= blocks1
                     packed_ptr, scales_ptr, code_ptr, N, col0 = packed2, scales2, code2, zero + N2, zero + N0 + N1
+    return pid, packed_ptr, scales_ptr, code_ptr, N, col0
+
+
+@triton.jit
+def _nf4_rows_gemm(x_ptr, packed0, scales0, code0, packed1, scales1, code1, packed2, scales2, code2, r_ptr, y_ptr,
+                   M, N0, N1, N2, K, stride_xm, stride_rm, stride_ym, BLOCKSIZE: tl.constexpr, CHUNK: tl.constexpr,
+                   UNROLL: tl.constexpr, MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    HALF: tl.constexpr = CHUNK // 2
+    pid, packed_ptr, scales_ptr, code_ptr, N, col0 = member_block(
+        tl.program_id(0), packed0, scales0, code0, packed1, scales1, code1, packed2, scales2, code2, N0, N1, N2,
+        MEMBERS, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
