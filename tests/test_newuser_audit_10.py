@@ -180,3 +180,15 @@ def test_combine_names_each_input_folder_once(adapter, tiny_folder, capsys):  # 
     line = _error(capsys, main(["combine", "--model", str(tiny_folder), "--adapter", str(adapter),
                                 "--out", str(adapter / "inner")]))
     assert line.endswith(f"sits inside the adapter folder {adapter}; choose a folder outside it"), line
+
+
+def test_eval_json_never_replaces_an_input(adapter, tiny_folder, capsys, tmp_path):  # noqa: F811 (fixture)
+    """lorakit eval --data d.jsonl --json d.jsonl replaced the data file with the results."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    before = data.read_bytes()
+    common = ["eval", "--model", str(tiny_folder), "--adapter", str(adapter), "--data", str(data), "--no-generate"]
+    for target in (data, adapter / "adapter_config.json", tiny_folder / "config.json"):
+        line = _error(capsys, main([*common, "--json", str(target)]))
+        assert "is or sits inside the input" in line and "choose another file" in line, line
+    assert data.read_bytes() == before and json.loads((adapter / "adapter_config.json").read_text())["r"] == 4

@@ -64,10 +64,17 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise LorakitError(f"--limit must be at least 1, got {args.limit}")
     if args.json:  # a results file that cannot be written is found out before minutes of scoring
+        args.json = os.path.expanduser(args.json)
         target = Path(args.json)
         if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
             raise LorakitError(f"--json {args.json}: cannot write a file there (a folder, or a parent folder that does "
                                "not exist or is not writable)")
+        real = os.path.realpath(target)
+        for given in [*(args.data or []), args.adapter, args.model]:  # the results would replace an input
+            source = os.path.realpath(os.path.expanduser(given)) if given else None
+            if source and (real == source or real.startswith(source.rstrip(os.sep) + os.sep)):
+                raise LorakitError(f"--json {args.json} is or sits inside the input {given}; writing the results "
+                                   "there would replace it: choose another file, e.g. --json results.json")
     from lorakit.commands._args import check_adapter_arg, check_model_arg
     from lorakit.train.config import check_template_kwargs
 
