@@ -433,6 +433,16 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
         the same model.
     """
     check_adapter_name(adapter)
+    if not isinstance(config, LoraConfig):  # peft's LoraConfig or a dict: an AttributeError deep inside otherwise
+        fix = ("lorakit.LoraConfig.from_peft_dict(config.to_dict())" if hasattr(config, "peft_type")
+               else "lorakit.LoraConfig(**config)" if isinstance(config, dict) else "lorakit.LoraConfig(r=8, alpha=16)")
+        raise LorakitError(f"config must be a lorakit.LoraConfig, got {type(config).__module__}.{type(config).__name__}; "
+                           f"pass {fix}")
+    if not isinstance(trainable, bool):  # checked first: requires_grad_ refuses it only after the layers are wrapped
+        raise LorakitError(f"trainable must be True or False, got {shown(trainable)}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise LorakitError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, ...) or None, "
+                           f"got {shown(dtype)}")
     if adapter in adapter_names(model):
         raise LorakitError(f"the model already has an adapter named {adapter!r}; delete it first or choose another name")
     if config.init == "pissa" and adapter_names(model):

@@ -192,3 +192,26 @@ def test_eval_json_never_replaces_an_input(adapter, tiny_folder, capsys, tmp_pat
         line = _error(capsys, main([*common, "--json", str(target)]))
         assert "is or sits inside the input" in line and "choose another file" in line, line
     assert data.read_bytes() == before and json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_inject_argument_types_are_one_line_and_leave_the_model_as_it_was(base, adapter):
+    """trainable="yes" raised TypeError after the layers were wrapped, leaving a half-made adapter behind; peft's
+    LoraConfig, a dict or a dtype name raised AttributeError / TypeError from deep inside."""
+    import peft
+
+    before = {name: p.requires_grad for name, p in base.named_parameters()}
+    cases = [
+        (lambda: lorakit.load_adapter(base, adapter, adapter="x", trainable="yes"), "trainable must be True or False"),
+        (lambda: lorakit.inject(base, lorakit.LoraConfig(r=2), adapter="x", trainable=1), "got 1"),
+        (lambda: lorakit.inject(base, peft.LoraConfig(r=2), adapter="x"),
+         "got peft.tuners.lora.config.LoraConfig; pass lorakit.LoraConfig.from_peft_dict(config.to_dict())"),
+        (lambda: lorakit.inject(base, {"r": 2}, adapter="x"), "pass lorakit.LoraConfig(**config)"),
+        (lambda: lorakit.inject(base, lorakit.LoraConfig(r=2), adapter="x", dtype="float16"),
+         "dtype must be a floating-point torch.dtype"),
+        (lambda: lorakit.inject(base, lorakit.LoraConfig(r=2), adapter="x", dtype=torch.int8), "got torch.int8"),
+    ]
+    for call, expected in cases:
+        with pytest.raises(LorakitError, match=expected.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
+            call()
+        assert lorakit.adapter_names(base) == []
+        assert {name: p.requires_grad for name, p in base.named_parameters()} == before
