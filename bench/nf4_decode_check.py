@@ -221,7 +221,7 @@ def sweep(decoder, batch, bandwidth, device, dtype, smoke):
             xr, rr = x[:rows].contiguous(), None if r is None else r[:rows].contiguous()
             entry = {}
             for path, limit in (("fused", nf4_rows.KERNEL_MAX_ROWS), ("dequantize", 0)):
-                nf4_rows.MAX_FUSED_ROWS = limit
+                nf4_rows.MAX_FUSED_ROWS = limit  # (the GEMV's rows are left to its own rule)
                 entry[path] = round(graph_seconds(lambda: nf4_rows.nf4_rows_linear(xr, fused.nf4, rr), device) * 1e6, 2)
             by_rows[rows] = entry
         nf4_rows.MAX_FUSED_ROWS = saved
@@ -355,11 +355,11 @@ def main() -> int:
         speed("nf4-static", nf4, nf4_weights, n, "nf4-static-default-tiles")
     from lorakit.kernels import nf4_rows
 
-    saved = nf4_rows.MAX_FUSED_ROWS
-    nf4_rows.MAX_FUSED_ROWS = 0  # every row count: Triton dequantize + the BLAS
+    saved = nf4_rows.MAX_FUSED_ROWS, nf4_rows.MAX_GEMV_ROWS
+    nf4_rows.MAX_FUSED_ROWS = nf4_rows.MAX_GEMV_ROWS = 0  # every row count: Triton dequantize + the BLAS
     for n in args.adapters:
         speed("nf4-static", nf4, nf4_weights, n, "nf4-static-dequantize-blas")
-    nf4_rows.MAX_FUSED_ROWS = saved
+    nf4_rows.MAX_FUSED_ROWS, nf4_rows.MAX_GEMV_ROWS = saved
     if not args.no_sweep:
         result["sweep"] = sweep(StaticDecoder(nf4, max_batch=args.batch, max_len=16), args.batch, bandwidth, device,
                                 dtype, smoke)

@@ -192,10 +192,10 @@ def gemv_rows(device, dtype):
             if rows == 1:
                 best = min(times, key=lambda c: times[c][0])
             t, error = times[best]
-            saved = nf4_rows.MAX_FUSED_ROWS
-            nf4_rows.MAX_FUSED_ROWS = 0
+            saved = nf4_rows.MAX_FUSED_ROWS, nf4_rows.MAX_GEMV_ROWS
+            nf4_rows.MAX_FUSED_ROWS = nf4_rows.MAX_GEMV_ROWS = 0
             t_deq = graph_seconds(lambda: nf4_rows.nf4_rows_linear(x, members), device)
-            nf4_rows.MAX_FUSED_ROWS = saved
+            nf4_rows.MAX_FUSED_ROWS, nf4_rows.MAX_GEMV_ROWS = saved
             t_dot = graph_seconds(lambda: nf4_rows_gemm(x, weights, 64, pdl=False), device)
             t_bf16 = graph_seconds(lambda: x @ dense.t(), device)
             bound = (nf4_bytes + (x.numel() + rows * N) * 2) / bandwidth

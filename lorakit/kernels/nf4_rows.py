@@ -24,8 +24,10 @@ KERNEL_MAX_ROWS = 64  # the fused kernel keeps one (BLOCK_M <= 64, BLOCK_N) accu
 # bench/nf4_decode_check.py times both per projection group) the kernel is 5-15% faster at 1-16 rows and Triton
 # dequantize + cuBLAS 0-15% faster at 64.
 MAX_FUSED_ROWS = 16
-# Row counts up to this (at most lorakit.kernels.triton.nf4_gemv.MAX_ROWS) run the matrix-vector kernel instead.
-MAX_GEMV_ROWS = 4
+# Row counts up to this (at most lorakit.kernels.triton.nf4_gemv.MAX_ROWS) run the matrix-vector kernel instead: on
+# an H200 (8B groups, bench/nf4_gemm_variants.py --gemv) it is 10-30% faster than the tensor-core kernel at 1-2
+# rows and slower on three of the four groups at 4.
+MAX_GEMV_ROWS = 2
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -80,12 +80,14 @@ CONFIGS: dict = {}
 
 
 def nf4_gemv_config(N: int, K: int, blocksize: int) -> tuple[int, int, str, int, int]:
-    """(BLOCK_N, BYTES, LUT, num_warps, num_stages): 16 weight rows a program, 64 bytes (128 columns) a step (fewer
-    when K asks), the L1 lookup."""
-    cols = 128
+    """(BLOCK_N, BYTES, LUT, num_warps, num_stages), the best of bench/nf4_gemm_variants.py --gemv's sweep on an H200
+    (8B groups, 1 row): 16 weight rows a program and 128 bytes (256 columns) a step with the L1 lookup for N up to
+    a few thousand (qkv, o, down: 23, 19, 62 us); for wide outputs (gate/up, N = 28672: 84 us against 112 with
+    that tile) 32 rows and 32-byte steps with ``tl.gather``. Fewer columns a step when K asks."""
+    block_n, cols, lut = (32, 64, "gather") if N >= 16384 else (16, 256, "load")
     while cols > 16 and K % cols:
         cols //= 2
-    return 16, cols // 2, "load", 4, 3
+    return block_n, cols // 2, lut, 4, 3
 
 
 def check_gemv_tile(nbytes: int, blocksize: int, K: int) -> None:
