@@ -215,3 +215,25 @@ def test_inject_argument_types_are_one_line_and_leave_the_model_as_it_was(base, 
             call()
         assert lorakit.adapter_names(base) == []
         assert {name: p.requires_grad for name, p in base.named_parameters()} == before
+
+
+def test_trl_conversational_prompt_completion_records_train_the_completion_only():
+    """TRL's {"prompt": [turns], "completion": [turns]} was refused as "field 'prompt' must be a string"; it reads as
+    one chat whose earlier assistant turns (in the prompt) are masked, as TRL masks them."""
+    from lorakit.train.data import build_dataset
+    from lorakit.train.formats import validate_record
+    from test_train_helpers import tiny_tokenizer
+
+    prompt = [{"role": "user", "content": "copy a b"}, {"role": "assistant", "content": "a b"},
+              {"role": "user", "content": "reverse c d"}]
+    completion = [{"role": "assistant", "content": "d c"}]
+    trl = validate_record({"prompt": prompt, "completion": completion}, "trl.jsonl:1")
+    chat = validate_record({"messages": [*prompt[:1], {**prompt[1], "weight": 0}, *prompt[2:], *completion]}, "c:1")
+    assert trl.fields == chat.fields and trl.fields["unsupervised"] == (1,)
+    tokenizer = tiny_tokenizer()
+    got, expected = (build_dataset([r], tokenizer, max_length=64)[0] for r in (trl, chat))
+    assert got["input_ids"] == expected["input_ids"] and got["labels"] == expected["labels"]
+    learnt = [t for t, label in zip(got["input_ids"], got["labels"]) if label != -100]
+    assert tokenizer.convert_ids_to_tokens(learnt)[:2] == ["d", "c"]
+    with pytest.raises(LorakitError, match="unknown field 'id2'; a conversational prompt-completion record"):
+        validate_record({"prompt": prompt, "completion": completion, "id2": 1}, "trl.jsonl:2")

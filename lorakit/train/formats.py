@@ -328,6 +328,15 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
     strict as ours.
     """
     ours = {"messages", "prompt", "completion", "text"} & set(obj)
+    if _turns_have(obj.get("prompt"), "role") and _turns_have(obj.get("completion"), "role"):
+        # TRL's conversational prompt-completion: the prompt's turns are context (its assistant turns too, as TRL
+        # masks them), the completion's turns are what is learnt
+        _refuse_unknown(obj, ("prompt", "completion", "tools"), "a conversational prompt-completion record",
+                        ("prompt", "completion"), where)
+        context = [_normalize_keys(turn, KNOWN_MESSAGE_KEYS) for turn in obj["prompt"]]
+        context = [{**turn, "weight": 0} if str(turn.get("role")).lower() == "assistant" else turn for turn in context]
+        tools = {"tools": obj["tools"]} if obj.get("tools") is not None else {}
+        return validate_record({"messages": [*context, *obj["completion"]], **tools}, where)
     if "contents" in obj and not ours:
         return _convert_gemini(obj, where)
     if "question" in obj and "answer" in obj and not ours and "instruction" not in obj and "response" not in obj:
