@@ -155,12 +155,20 @@ def main() -> int:
     parser.add_argument("--shape", default=None, help="with --random-from: resize to this Llama shape (1b, 8b)")
     parser.add_argument("--decoder", choices=("auto", "static", "transformers"), default="auto",
                         help="the server's --decoder (static: lorakit.decoding on CUDA); the JSON file is named after it")
+    parser.add_argument("--nf4", action="store_true",
+                        help="serve the model quantized to NF4 first (`lorakit quantize`: a QLoRA user's 4-bit folder); "
+                             "the adapters are made on the 16-bit model")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.random_from:
             args.model = make_random_model(args.random_from, args.shape, Path(tmp) / "model")
+        adapters_model = args.model
+        if args.nf4:
+            subprocess.run([sys.executable, "-m", "lorakit", "quantize", "--model", str(args.model), "--out",
+                            str(Path(tmp) / "model-nf4")], cwd=ROOT, check=True)
+            args.model = str(Path(tmp) / "model-nf4")
         folder = Path(tmp) / "adapters"
-        make_adapters(args.model, folder, 8, args.rank)
+        make_adapters(adapters_model, folder, 8, args.rank)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server_log = open(Path(tmp) / "server.log", "w")  # shown when a case fails: the server's own traceback
@@ -206,7 +214,8 @@ def main() -> int:
     import torch
 
     model_name = f"random {args.shape or args.random_from.name}" if args.random_from else args.model
-    record = {"benchmark": "serve_bench", "model": model_name, "decoder": args.decoder, "rank": args.rank,
+    record = {"benchmark": "serve_bench", "model": model_name + (" (NF4)" if args.nf4 else ""), "decoder": args.decoder,
+              "rank": args.rank,
               "max_tokens": args.max_tokens,
               "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -215,7 +224,8 @@ def main() -> int:
               "load_average_at_end": list(os.getloadavg()), "results": results}
     out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "".join(f"_{part}" for part in (args.shape, None if args.decoder == "auto" else args.decoder) if part)
+    tag = "".join(f"_{part}" for part in (args.shape, "nf4" if args.nf4 else None,
+                                          None if args.decoder == "auto" else args.decoder) if part)
     name = f"serve_bench{tag}.json"  # one file per shape and decoder: runs in one session do not overwrite each other
     (out_dir / name).write_text(json.dumps(record, indent=2) + "\n")
     print("\n| adapters | clients | requests | req/s | tokens/s | p50 latency s | prefill share | decode ms/step |\n"

@@ -174,9 +174,13 @@ def _cache_kwarg(model: nn.Module) -> str:
 
 
 def _new_cache(model: nn.Module):
+    """A cache whose every layer keeps all its keys. Built from the config, transformers' cache crops sliding-window
+    layers to their last window - 1 columns, which breaks the equal-width rows that left padding, ``extend`` and
+    ``keep`` rely on (prompts of different lengths past the window failed); the attention mask applies the window
+    either way, so the logits are the same."""
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    return DynamicCache()
 
 
 @dataclass

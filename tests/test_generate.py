@@ -72,6 +72,37 @@ def test_rows_join_and_leave_a_running_batch():
     assert_close(logits[0], expected_second.logits[2])
 
 
+def test_sliding_window_rows_of_different_lengths_past_the_window():
+    """A sliding-window model (Mistral, window 4) with prompts shorter and longer than the window: batched
+    generation, a row joining and one leaving, all equal each row's full forward without a cache (transformers'
+    own masking of the window). transformers' config-built cache crops window layers, which used to fail here."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4, initializer_range=0.3,
+                           max_position_embeddings=64)
+    config._attn_implementation = "sdpa"
+    model = MistralForCausalLM(config).eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [3, 4, 9], [20, 21, 22, 23, 24, 25]]
+    results = G.generate(model, prompts, [None] * 3, G.SamplingParams(max_new_tokens=4), keep_logits=True)
+    for prompt, result in zip(prompts, results):
+        sequence = prompt + result.tokens
+        with torch.no_grad():
+            full = model(torch.tensor([sequence])).logits[0]
+        for step, got in enumerate(result.logits):
+            assert_close(got, full[len(prompt) - 1 + step])
+    logits, batch = G.prefill(model, prompts[:1], [None])
+    joined_logits, joined = G.prefill(model, prompts[1:2], [None])
+    batch.extend(joined)
+    batch.keep([1])  # the long row leaves; the short one goes on past the window
+    token = int(joined_logits[0].argmax())
+    for step in range(1, 4):
+        logits = G.decode(model, batch, [token], [None])
+        assert_close(logits[0], results[1].logits[step])
+        token = int(logits[0].argmax())
+
+
 def test_stop_tokens_end_a_row():
     model = _model_with_adapters()
     first = G.generate(model, [[5, 6]], ["a"], G.SamplingParams(max_new_tokens=4))[0].tokens[0]
