@@ -237,3 +237,18 @@ def test_trl_conversational_prompt_completion_records_train_the_completion_only(
     assert tokenizer.convert_ids_to_tokens(learnt)[:2] == ["d", "c"]
     with pytest.raises(LorakitError, match="unknown field 'id2'; a conversational prompt-completion record"):
         validate_record({"prompt": prompt, "completion": completion, "id2": 1}, "trl.jsonl:2")
+
+
+def test_comma_separated_module_names_are_several_names(base):
+    """--targets q_proj,v_proj (peft's habit; --target-parameters already took commas) was refused as one name that
+    'matches no module (did you mean v_proj?)'; a regular expression with a comma stays whole."""
+    from lorakit.train import TrainConfig
+    from lorakit.train.runner import check_module_names
+
+    config = TrainConfig(targets=["q_proj, v_proj"], exclude=["k_proj,o_proj"], modules_to_save=["lm_head,embed_tokens"])
+    assert (config.targets, config.exclude, config.modules_to_save) == (
+        ["q_proj", "v_proj"], ["k_proj", "o_proj"], ["lm_head", "embed_tokens"])
+    check_module_names(base, config)  # the pre-check before training used to refuse these
+    assert config.lora_config().target_modules == ["q_proj", "v_proj"]
+    regex = r".*layers\.[0-9]{1,2}\.self_attn\.q_proj"
+    assert TrainConfig(targets=[regex]).lora_config().target_modules == regex

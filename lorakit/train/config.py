@@ -151,6 +151,9 @@ class TrainConfig:
     progress: bool = _f(True, "show the progress bar (--no-progress for logs)", "evaluation")
 
     def __post_init__(self) -> None:
+        for name in ("targets", "exclude", "modules_to_save"):  # "q_proj,v_proj" as two names
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, _split_names(getattr(self, name)))
         self.validate()
 
     # -- checks and derived values ----------------------------------------------------------------------------
@@ -280,6 +283,19 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _split_names(values: list[str] | None) -> list[str] | None:
+    """``q_proj,v_proj`` (how peft's examples and many scripts write a list) as two names, as --target-parameters
+    reads it; an item whose parts are not all plain names stays whole (a regular expression such as ``{0,3}``)."""
+    if not values:
+        return values
+    names: list[str] = []
+    for value in values:
+        parts = [part.strip() for part in str(value).split(",")]
+        plain = len(parts) > 1 and all(re.fullmatch(r"[\w.\-]+", part) for part in parts)
+        names.extend(parts if plain else [value])
+    return names
 
 
 # apply_chat_template's own arguments: a template option of the same name would collide with them
