@@ -252,3 +252,11 @@ def test_comma_separated_module_names_are_several_names(base):
     assert config.lora_config().target_modules == ["q_proj", "v_proj"]
     regex = r".*layers\.[0-9]{1,2}\.self_attn\.q_proj"
     assert TrainConfig(targets=[regex]).lora_config().target_modules == regex
+
+
+def test_generate_refuses_template_options_with_no_chat(capsys, tiny_folder):  # noqa: F811 (fixture)
+    """--no-chat --chat-template-kwargs '{...}' ignored the options without a word."""
+    code = main(["generate", "--model", str(tiny_folder), "--no-chat",
+                 "--chat-template-kwargs", '{"enable_thinking": false}', "hi"])
+    assert _error(capsys, code) == ("lorakit generate: error: --chat-template-kwargs sets options of the chat template, "
+                                    "which --no-chat turns off; drop one")

@@ -65,6 +65,11 @@ def _template_kwargs(args: argparse.Namespace) -> dict:
     from lorakit.train.config import check_template_kwargs
     from lorakit.train.eval_cli import run_template_kwargs
 
+    if args.no_chat:  # no template is applied: its options (given or from the runs) would be ignored without a word
+        if args.chat_template_kwargs is not None:
+            raise LorakitError("--chat-template-kwargs sets options of the chat template, which --no-chat turns off; "
+                               "drop one")
+        return {}
     if args.chat_template_kwargs is not None:
         return check_template_kwargs(args.chat_template_kwargs)
     found = [run_template_kwargs(folder) for folder in args.adapter]
