@@ -12,8 +12,9 @@ decode batch sizes. ``StaticDecoder`` runs the same model, for one token per row
     x = rmsnorm(h); gu = x Wgu^T (+ LoRA)            one GEMM + one pair
     h = h + swiglu(gu) Wd^T (+ LoRA of down)         swiglu, addmm + one pair
 
-On an NF4 base the four GEMMs are ``lorakit.kernels.nf4_rows`` launches (the same residual epilogue and PDL entry),
-reading the packed 4-bit weights: ~3.6x fewer weight bytes than bf16.
+On an NF4 base the four GEMMs are ``lorakit.kernels.nf4_rows.nf4_rows_linear`` calls (the same residual epilogue):
+fused kernels over the packed 4-bit weights for up to 16 rows (a matrix-vector kernel at 1-2, tensor cores above),
+Triton dequantize + cuBLAS for more (the faster path at those row counts on an H200; docs/PERFORMANCE.md).
 
 Other families change a few of these steps (``lorakit.decoding.architecture``): Phi-3's fused q/k/v and gate/up
 modules are one-member groups; Gemma scales the embeddings, normalises with ``1 + weight`` and uses GeGLU
@@ -78,7 +79,7 @@ class StaticDecoder:
 
     The model's q/k/v and gate/up weights become views of fused tensors (values and keys unchanged; see
     ``lorakit.decoding.weights``). An NF4 base (lorakit ``NF4Linear``, QLoRA) is read in place: each projection
-    group is one fused dequantize-and-multiply launch (``lorakit.kernels.nf4_rows``) over the packed 4-bit weights,
+    group is one ``lorakit.kernels.nf4_rows.nf4_rows_linear`` call over the packed 4-bit weights,
     with the block scales decoded to float32 once at build (about 9% of the 4-bit weights' memory on top). Adapters are copied from the model's LoRA layers the first time a row uses them
     (by name): an adapter changed in place afterwards must be reloaded with ``reload_adapter(name)``.
     """
@@ -638,7 +639,7 @@ class StaticDecoder:
                     lora_side()
         # the residual add inside the GEMM's epilogue
         residual_in = residual if residual is not None and not dora else None
-        # NF4 base (QLoRA): one fused dequantize-and-multiply launch per group (lorakit.kernels.nf4_rows)
+        # NF4 base (QLoRA): one nf4_rows_linear call per group (fused kernels up to 16 rows, dequantize + BLAS above)
         y = rows_linear(x, fused.weight, residual_in) if fused.nf4 is None else fused.matmul(x, residual_in)
         if overlap:
             if side is not None:

@@ -7,7 +7,7 @@ through either side (a merge, a ``load_state_dict`` copy) are seen by both. Repl
 breaks the link; ``FusedWeight.is_current`` notices, and the decoder fuses again.
 
 NF4 bases (lorakit ``NF4Linear``, QLoRA) are not concatenated: each member keeps its own packed buffer (read in
-place, no copy) and the group's one GEMM launch (``lorakit.kernels.nf4_rows``) covers all members. Each member's
+place, no copy) and the group's one ``lorakit.kernels.nf4_rows.nf4_rows_linear`` call covers all members. Each member's
 double-quantized absmax is decoded to float32 block scales once here: 4 bytes per block of 64 weights (0.5 bit per
 weight) instead of ~1.03 bytes (0.13 bit), i.e. about 9% of the 4-bit weights on top (~0.33 GB for Llama-3.1-8B),
 so that the step's kernel reads one scale per block instead of decoding two levels of quantization per weight.
