@@ -85,8 +85,8 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     then chunks of its arguments; ``tool_calls.ToolCallStream``), the rest at the end with the finish reason
     "tool_calls", so the chunks add up to the non-streamed message.
 
-    With ``think`` (a chat request whose answer's ``<think>`` block is split off: ``reasoning.prompt_state`` of its
-    prompt), the reasoning streams first as ``delta.reasoning_content`` chunks, then the rest goes on as above
+    With ``think`` (a chat request whose answer's reasoning block, ``<think>`` or Mistral's ``[THINK]``, is split
+    off: ``ReasoningParser.start`` of its prompt), the reasoning streams first as ``delta.reasoning_content`` chunks, then the rest goes on as above
     (``reasoning.ReasoningStream``: a tag split over chunks is held until it is whole).
 
     With ``forced`` (tool_choice "required" or a named function: the start of the call the prompt ends with), the

@@ -260,8 +260,9 @@ class Message(_Strict):
     annotations: list | None = None
     audio: None = None
     function_call: None = None
-    # an earlier answer's reasoning (a reasoning model's ``<think>`` block, as this server and vLLM return it; vLLM's
-    # newer name ``reasoning``): the chat template decides whether it is written again (Qwen3: after the last question)
+    # an earlier answer's reasoning (a reasoning model's ``<think>`` / ``[THINK]`` block, as this server and vLLM
+    # return it; vLLM's newer name ``reasoning``): the chat template decides whether it is written again (Qwen3:
+    # after the last question)
     reasoning_content: str | None = None
     reasoning: str | None = None
 
@@ -697,7 +698,7 @@ class ResponsesRequest(_Strict):
     def _no_reasoning(cls, value: dict | None) -> dict | None:
         if value and any(v is not None for v in value.values()):
             raise ValueError("reasoning is not supported (no reasoning controls on this server; a reasoning model's "
-                             "<think> block is returned as a reasoning item; Qwen3's chat_template_kwargs "
+                             "<think> or [THINK] block is returned as a reasoning item; Qwen3's chat_template_kwargs "
                              "{'enable_thinking': false} turns it off); leave it out")
         return value
 

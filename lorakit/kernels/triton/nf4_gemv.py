@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from lorakit.kernels._triton import pdl_launch, pdl_on
-from lorakit.kernels.triton.nf4_rows import member_block
+from lorakit.kernels.triton.nf4_rows import member_arguments, member_block, store_rows
 from lorakit.kernels.triton.pdl import pdl_enter
 
 MAX_ROWS = 4  # the accumulator holds ROWS x BLOCK_N x BYTES values: more rows belong to the dot kernel
@@ -66,12 +66,8 @@ def _nf4_gemv(x_ptr, packed0, scales0, code0, packed1, scales1, code1, packed2, 
         x = tl.load(x_ptrs + k, mask=mask_r[:, None], other=0.0).to(tl.float32)
         x_even, x_odd = tl.split(tl.reshape(x, (ROWS, BYTES, 2)))  # columns k + 2j and k + 2j + 1
         acc += high[None, :, :] * x_even[:, None, :] + low[None, :, :] * x_odd[:, None, :]
-    out = tl.sum(acc, axis=2)  # (ROWS, BLOCK_N)
-    offs_n += col0
-    mask = mask_r[:, None] & mask_n[None, :]
-    if HAS_RESIDUAL:  # as addmm's epilogue: the residual added to the float32 product, one rounding
-        out += tl.load(r_ptr + offs_r[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_r[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+    store_rows(tl.sum(acc, axis=2), offs_r, offs_n + col0, mask_r[:, None] & mask_n[None, :], r_ptr, stride_rm, y_ptr,
+               stride_ym, HAS_RESIDUAL)
 
 
 # (N, K, blocksize, ROWS) -> a config tuple, tried before ``nf4_gemv_config``'s rule (bench/nf4_decode_check.py fills
@@ -119,11 +115,8 @@ def nf4_gemv(x: torch.Tensor, members, blocksize: int, residual: torch.Tensor | 
         raise ValueError(f"NF4 GEMV lookup {lut!r}: one of {LUTS}")
     pdl = pdl_on(x) if pdl is None else pdl
     r = y if residual is None else residual
-    padded = list(members) + [members[0]] * (3 - len(members))  # unused pointer slots: MEMBERS removes their loads
-    pointers = [t for member in padded for t in member[:3]]
-    sizes3 = sizes + [0] * (3 - len(sizes))
-    grid = (sum(triton.cdiv(n, block_n) for n in sizes),)
-    _nf4_gemv[grid](
+    pointers, sizes3, blocks = member_arguments(members, block_n)
+    _nf4_gemv[(blocks,)](
         x, *pointers, r, y, M, *sizes3, K, x.stride(0), r.stride(0), y.stride(0), BLOCKSIZE=blocksize, BYTES=nbytes,
         LUT=lut, ROWS=rows, MEMBERS=len(members), BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, PDL=pdl,
         num_warps=warps, num_stages=stages, **pdl_launch(pdl))

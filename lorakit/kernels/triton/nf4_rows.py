@@ -57,6 +57,15 @@ def member_block(pid, packed0, scales0, code0, packed1, scales1, code1, packed2,
 
 
 @triton.jit
+def store_rows(acc, offs_m, offs_n, mask, r_ptr, stride_rm, y_ptr, stride_ym, HAS_RESIDUAL: tl.constexpr):
+    """y[offs_m, offs_n] = acc (float32, (rows, columns)) (+ the residual at the same place), one rounding to y's
+    dtype: addmm's epilogue, as the dense decoder's GEMM."""
+    if HAS_RESIDUAL:
+        acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _nf4_rows_gemm(x_ptr, packed0, scales0, code0, packed1, scales1, code1, packed2, scales2, code2, r_ptr, y_ptr,
                    M, N0, N1, N2, K, stride_xm, stride_rm, stride_ym, BLOCKSIZE: tl.constexpr, CHUNK: tl.constexpr,
                    UNROLL: tl.constexpr, MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -90,11 +99,8 @@ def _nf4_rows_gemm(x_ptr, packed0, scales0, code0, packed1, scales1, code1, pack
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
             acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision=PRECISION)
             acc = tl.dot(x_odd, tl.trans(w_odd), acc, input_precision=PRECISION)
-    offs_n += col0
-    mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_RESIDUAL:  # as addmm's epilogue: the residual added to the float32 product, one rounding
-        acc += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    store_rows(acc, offs_m, offs_n + col0, mask_m[:, None] & mask_n[None, :], r_ptr, stride_rm, y_ptr, stride_ym,
+               HAS_RESIDUAL)
 
 
 # (N, K, blocksize, BLOCK_M) -> a config tuple, tried before ``nf4_rows_config``'s rule: bench/nf4_decode_check.py
@@ -123,6 +129,16 @@ def check_tile(chunk: int, unroll: int, blocksize: int, K: int) -> None:
         raise ValueError(f"NF4 rows GEMM tile: CHUNK {chunk} x UNROLL {unroll} does not fit blocksize {blocksize}, K {K}")
 
 
+def member_arguments(members, block_n: int) -> tuple[list, list, int]:
+    """A fused group's launch arguments: the 3 x (packed, scales, code) pointers (unused slots repeat the first
+    member: the MEMBERS constexpr removes their loads), the 3 sizes (0 for unused slots) and the grid's column blocks
+    (``member_block``'s numbering)."""
+    sizes = [m[3] for m in members]
+    padded = list(members) + [members[0]] * (3 - len(members))
+    return ([t for member in padded for t in member[:3]], sizes + [0] * (3 - len(sizes)),
+            sum(triton.cdiv(n, block_n) for n in sizes))
+
+
 def nf4_rows_gemm(x: torch.Tensor, members, blocksize: int, residual: torch.Tensor | None = None, *,
                   config: tuple | None = None, pdl: bool | None = None) -> torch.Tensor:
     """(residual +) x @ W^T: x (M <= 64, K) float32/float16/bfloat16 with unit column stride; W (N, K) the row-wise
@@ -147,11 +163,8 @@ def nf4_rows_gemm(x: torch.Tensor, members, blocksize: int, residual: torch.Tens
                                              or nf4_rows_config(N, K, blocksize, sm))
     check_tile(chunk, unroll, blocksize, K)
     r = y if residual is None else residual
-    padded = list(members) + [members[0]] * (3 - len(members))  # unused pointer slots: MEMBERS removes their loads
-    pointers = [t for member in padded for t in member[:3]]
-    sizes3 = sizes + [0] * (3 - len(sizes))
-    grid = (sum(triton.cdiv(n, block_n) for n in sizes),)
-    _nf4_rows_gemm[grid](
+    pointers, sizes3, blocks = member_arguments(members, block_n)
+    _nf4_rows_gemm[(blocks,)](
         x, *pointers, r, y, M, *sizes3, K, x.stride(0), r.stride(0), y.stride(0),
         BLOCKSIZE=blocksize, CHUNK=chunk, UNROLL=unroll, MEMBERS=len(members), BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_RESIDUAL=residual is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
