@@ -260,3 +260,16 @@ def test_generate_refuses_template_options_with_no_chat(capsys, tiny_folder):  #
                  "--chat-template-kwargs", '{"enable_thinking": false}', "hi"])
     assert _error(capsys, code) == ("lorakit generate: error: --chat-template-kwargs sets options of the chat template, "
                                     "which --no-chat turns off; drop one")
+
+
+def test_an_unwritable_embedded_model_cache_is_named_before_converting(monkeypatch, tmp_path):
+    """LORAKIT_CACHE (or ~/.cache) that cannot be written failed only after the ~15 s conversion, with a raw
+    NotADirectoryError / PermissionError from the Python API."""
+    from lorakit.models import embedded
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "a-file" / "cache"))
+    monkeypatch.setattr(embedded, "gguf_path", lambda: tmp_path / "model.gguf")  # never read: the check comes first
+    with pytest.raises(LorakitError, match=r"cannot write the embedded model's cache .*a-file/cache/smollm2-135m "
+                                           r"\(Not a directory\); set LORAKIT_CACHE to a writable folder"):
+        embedded.converted_folder()

@@ -40,18 +40,22 @@ def converted_folder(name: str = "smollm2-135m") -> Path:
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     source = gguf_path()
+    try:  # before the ~15 s conversion: an unwritable cache (read-only home, a file in the way) fails at once
+        tmp = temp_dir(folder)
+    except OSError as error:
+        raise LorakitError(f"cannot write the embedded model's cache {folder} ({error.strerror or error}); set "
+                           "LORAKIT_CACHE to a writable folder") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"lorakit: converting the embedded model {source.name} to {folder} (once, ~15 s)", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    # the GGUF loader marks the model as quantized; it is plain float32 now, so save it as such
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = name
-    tmp = temp_dir(folder)
     try:
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        # the GGUF loader marks the model as quantized; it is plain float32 now, so save it as such
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = name
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if folder.exists():
