@@ -297,12 +297,20 @@ def test_sliding_window_kernels_match_transformers_past_the_window():
     _grow_and_compare(model, decoder, [3, 0, 2, 1], LONG_PROMPTS, ["a", None, "b", "a"], steps=1)
 
 
-def test_admitted_rows_from_a_sliding_window_cache(references_only):
-    """transformers' cache keeps only the last window - 1 keys of a sliding layer (and all of a full one): admit
-    places them at their positions, and the rows then decode exactly past the window (Gemma 3: both kinds)."""
+def test_admitted_rows_from_a_sliding_window_cache(references_only, monkeypatch):
+    """transformers' config-built cache keeps only the last window - 1 keys of a sliding layer (and all of a full
+    one): admit places them at their positions, and the rows then decode exactly past the window (Gemma 3: both
+    kinds). lorakit's own prefill keeps every key (its rows must stay equal in width); this builds the cropped cache
+    a transformers caller would hand over."""
+    from transformers import DynamicCache
+
+    import lorakit.generation as generation
+
     model = _with_adapters(_gemma3(sliding_window=5), "gemma3_text")
     prompts = [LONG_PROMPTS[0], [21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]]  # one length: no padding to zero
     names = ["d", None]
+    assert [layer.keys.shape[2] for layer in prefill(model, prompts, names)[1]._kv_layers()] == [11, 11, 11]
+    monkeypatch.setattr(generation, "_new_cache", lambda model: DynamicCache(config=model.config))
     logits, batch = prefill(model, prompts, names)
     assert [layer.keys.shape[2] for layer in batch._kv_layers()] == [4, 11, 4]
     decoder = StaticDecoder(model, max_batch=3, max_len=20)
