@@ -111,6 +111,8 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args, i
         raise LorakitError(f"save_pretrained: the adapter parameter {sharded} is sharded (FSDP / DeepSpeed ZeRO-3) and "
                            "no whole state_dict was passed; train with `lorakit train --fsdp` (it gathers the adapters), "
                            "or use ZeRO-2 / DDP with Trainer")
+    if isinstance(save_directory, str) and not save_directory.strip():  # Path("") would be the current folder
+        raise LorakitError("save_pretrained: the folder is empty (''); give the folder to write, e.g. 'my-adapter'")
     if not is_main_process:
         return
     root = Path(save_directory)

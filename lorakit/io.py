@@ -135,6 +135,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
     """Write ``adapter`` to ``folder`` as PEFT does (both files written atomically). Returns the folder."""
     from safetensors.torch import save as safetensors_bytes
 
+    if isinstance(folder, str) and not folder.strip():  # "" (an unset variable) is Path("."): the current folder
+        raise LorakitError("the adapter folder is empty (''); give the folder to write, e.g. 'my-adapter'")
+
     from lorakit import __version__
 
     tensors, config = adapter_state_dict(model, adapter)

@@ -273,3 +273,19 @@ def test_an_unwritable_embedded_model_cache_is_named_before_converting(monkeypat
     with pytest.raises(LorakitError, match=r"cannot write the embedded model's cache .*a-file/cache/smollm2-135m "
                                            r"\(Not a directory\); set LORAKIT_CACHE to a writable folder"):
         embedded.converted_folder()
+
+
+def test_saving_to_an_empty_path_writes_nothing_into_the_current_folder(base, adapter, monkeypatch, tmp_path):
+    """save_adapter(model, "") and model.save_pretrained("") (an unset variable) wrote the adapter into the current
+    folder without a word; save_quantized(..., "") said '. already exists'."""
+    monkeypatch.chdir(tmp_path)
+    tokenizer = object()  # never reached: the path is checked first
+    lorakit.load_adapter(base, adapter)
+    try:
+        for call in (lambda: lorakit.save_adapter(base, ""), lambda: base.save_pretrained(" "),
+                     lambda: lorakit.save_quantized(base, tokenizer, "")):
+            with pytest.raises(LorakitError, match=r"empty \(''\); give the folder to write"):
+                call()
+    finally:
+        lorakit.delete_adapter(base, "default")
+    assert list(tmp_path.iterdir()) == []

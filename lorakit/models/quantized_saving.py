@@ -198,6 +198,8 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, overwrit
     """
     from lorakit.export import check_output_folder
 
+    if isinstance(out, str) and not out.strip():  # "" (an unset variable) is Path("."): the current folder
+        raise LorakitError("out is empty (''); give the folder to write, e.g. 'model-nf4'")
     out = Path(out).expanduser()
     if out.is_dir() and not overwrite:
         raise LorakitError(f"{out} already exists; choose another folder or pass overwrite=True (CLI: --overwrite)")
