@@ -128,6 +128,26 @@ def test_tokenizer_without_pad_token_or_template_generates_a_ragged_batch(tmp_pa
         assert row.tokens == G.generate(model, [prompt], [None], G.SamplingParams(max_new_tokens=4))[0].tokens
 
 
+def test_a_tokenizer_saved_by_transformers_5_loads_on_any_transformers(tmp_path):
+    """transformers 5.x saves ``"tokenizer_class": "TokenizersBackend"``, a class 4.x's AutoTokenizer does not know;
+    the same tokenizer.json loads as the fast tokenizer there, with its special tokens and chat template."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    folder = tiny_hf_folder(tmp_path / "saved_by_5x")
+    original = AutoTokenizer.from_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "TokenizersBackend"
+    config_path.write_text(json.dumps(config))
+    tokenizer = lorakit.models.loading.load_tokenizer(folder)
+    chat = [{"role": "user", "content": TEXT[1]}]
+    assert tokenizer(TEXT[0])["input_ids"] == original(TEXT[0])["input_ids"]
+    assert tokenizer.eos_token == original.eos_token and tokenizer.pad_token is not None
+    assert tokenizer.apply_chat_template(chat, tokenize=False) == original.apply_chat_template(chat, tokenize=False)
+
+
 # -- end of turn from the chat template -------------------------------------------------------------------------------
 UNUSUAL = ("{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}{% if m['role'] == 'assistant' %}<|over|>"
            "{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant]: {% endif %}")

@@ -264,14 +264,37 @@ def load_tokenizer(folder: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as error:  # transformers raises OSError, ValueError, TypeError, ... for broken tokenizer files
-        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise LorakitError(f"cannot load the tokenizer in {folder}: {reason}") from None
+        tokenizer = _tokenizers_backend_fallback(folder)
+        if tokenizer is None:
+            reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            raise LorakitError(f"cannot load the tokenizer in {folder}: {reason}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise LorakitError(f"the tokenizer in {folder} has neither a pad nor an eos token; set eos_token in "
                                "tokenizer_config.json")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _tokenizers_backend_fallback(folder: Path):
+    """A tokenizer saved by transformers 5.x (``"tokenizer_class": "TokenizersBackend"``, the 5.x name of the fast
+    tokenizer) read by a transformers 4.x, whose AutoTokenizer does not know that class: the same tokenizer.json,
+    special tokens and chat template load as a ``PreTrainedTokenizerFast``. None when that is not the case."""
+    import transformers
+
+    if hasattr(transformers, "TokenizersBackend") or not (folder / "tokenizer.json").is_file():
+        return None  # transformers >= 5 knows the class: the error was something else
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("tokenizer_class") != "TokenizersBackend":
+        return None
+    try:
+        with _quiet_loading():  # its "class ... is not the same type" warning is this very case
+            return transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+    except Exception:  # broken files: the AutoTokenizer error is the one to report
+        return None
 
 
 def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | None):
