@@ -289,3 +289,18 @@ def test_saving_to_an_empty_path_writes_nothing_into_the_current_folder(base, ad
     finally:
         lorakit.delete_adapter(base, "default")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_data_path_is_named_instead_of_reading_the_current_folder(capsys, monkeypatch, tmp_path):
+    """read_many("") read every data file under the current folder; lorakit train --data '' said '--out runs/...
+    sits inside the training data ; choose a folder outside it'."""
+    from lorakit.train.sources import read_many
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "other.jsonl").write_text(json.dumps({"text": "not meant for training"}) + "\n")
+    with pytest.raises(LorakitError, match=r"a data path is empty \(''\)"):
+        read_many("")
+    for flags in (["--data", ""], ["--data", "other.jsonl", "--val-data", " "]):
+        line = _error(capsys, main(["train", *flags, "--max-steps", "1"]))
+        assert line.endswith("holds an empty path (''); give a data file or a folder of them, e.g. train.jsonl"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.jsonl"]

@@ -185,6 +185,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise LorakitError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
+        for name in ("data", "val_data"):  # "" (an unset variable) would read every file in the current folder
+            if any(not str(path).strip() for path in getattr(self, name) or []):
+                raise LorakitError(f"{_flag(name)} holds an empty path (''); give a data file or a folder of them, "
+                                   "e.g. train.jsonl")
         if self.seed >= 2**64:  # torch.manual_seed's limit: an OverflowError once the model is loaded, otherwise
             raise LorakitError(f"--seed must be below 2**64 (e.g. 42), got {self.seed}")
         if not (_number(self.alpha) and self.alpha > 0):  # alpha 0 scales the update (and its gradients) to nothing

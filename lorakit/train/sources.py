@@ -45,6 +45,8 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
         LorakitError: a missing path, an unsupported type, an unreadable or malformed line (with its number and
             the reason), a bad record, or a source with no records.
     """
+    if isinstance(path, str) and not path.strip():  # "" (an unset variable) is Path("."): every file here
+        raise LorakitError("a data path is empty (''); give a data file or a folder of them, e.g. train.jsonl")
     path = Path(path)
     if not path.exists() and any(ch in str(path) for ch in "*?["):  # a pattern from a config file (no shell expands it)
         import glob
