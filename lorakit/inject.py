@@ -136,6 +136,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
         return {}
     heads = output_head_names(model)
     targets: dict[str, nn.Module] = {}
+    removed: Counter = Counter()  # matched, then taken out by another field: named if nothing is left
     for path, module in modules.items():
         if not path:
             continue
@@ -144,13 +145,19 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
         else:
             chosen = _matches(path, config.target_modules)
         if chosen and not config.in_chosen_layers(path):
-            chosen = False
+            chosen, removed["layers_to_transform"] = False, removed["layers_to_transform"] + 1
         if chosen and config.exclude_modules and _matches(path, config.exclude_modules):
-            chosen = False
+            chosen, removed["exclude_modules"] = False, removed["exclude_modules"] + 1
         if chosen and config.modules_to_save and _inside(path, config.modules_to_save):
-            chosen = False  # a module trained whole (or inside one) needs no adapter on top, as in PEFT
+            # a module trained whole (or inside one) needs no adapter on top, as in PEFT
+            chosen, removed["modules_to_save"] = False, removed["modules_to_save"] + 1
         if chosen:
             targets[path] = module
+    if not targets and removed:
+        why = ", ".join(f"{field} ({count})" for field, count in removed.items())
+        raise LorakitError(f"target_modules {config.target_modules!r} matches {sum(removed.values())} modules, but "
+                           f"{why} takes out every one, leaving nothing to adapt; narrow {' / '.join(removed)} or "
+                           "widen target_modules")
     if not targets:
         kinds = sorted({path.rsplit(".", 1)[-1] for path, m in modules.items() if _supported(m)})
         raise LorakitError(f"target_modules {config.target_modules!r} matched no module; this model's linear/embedding "

@@ -8,6 +8,7 @@ and config.json, a long document in one CSV cell, and more below. Every refusal 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -304,3 +305,16 @@ def test_an_empty_data_path_is_named_instead_of_reading_the_current_folder(capsy
         line = _error(capsys, main(["train", *flags, "--max-steps", "1"]))
         assert line.endswith("holds an empty path (''); give a data file or a folder of them, e.g. train.jsonl"), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.jsonl"]
+
+
+def test_targets_all_taken_out_by_another_field_say_which(base):
+    """LoraConfig(target_modules=["q_proj"], modules_to_save=["q_proj"]) said "target_modules ['q_proj'] matched no
+    module; ... modules are named: ..., q_proj, ..." (q_proj listed as existing); exclude_modules likewise."""
+    cases = [(dict(target_modules=["q_proj"], modules_to_save=["q_proj"]), "modules_to_save (2) takes out every one"),
+             (dict(exclude_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+              "target_modules 'all-linear' matches 14 modules, but exclude_modules (14) takes out every one"),
+             (dict(target_modules=["q_proj"], layers_to_transform=[7]), "layers_to_transform (2) takes out every one")]
+    for fields, expected in cases:
+        with pytest.raises(LorakitError, match=re.escape(expected)):
+            lorakit.inject(base, lorakit.LoraConfig(r=2, **fields), adapter="x")
+        assert lorakit.adapter_names(base) == []
