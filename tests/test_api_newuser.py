@@ -378,12 +378,13 @@ def test_transformers_generate_with_beams_inside_mixed_batch_keeps_each_rows_ada
     texts = ["Hello", TEXT[0]]
     kwargs = dict(max_new_tokens=4, do_sample=False, num_beams=2, pad_token_id=tokenizer.pad_token_id)
     tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    # transformers 4.x's plain fast tokenizer also returns token_type_ids, which generate refuses for Llama
+    batch = tokenizer(texts, return_tensors="pt", padding=True, return_token_type_ids=False)
     with lorakit.mixed_batch(model, ["a", "b"]):
         together = model.generate(**batch, **kwargs)[:, batch.input_ids.shape[1]:]
     for row, (text, name) in enumerate(zip(texts, ["a", "b"])):
         lorakit.set_adapter(model, name)
-        alone = tokenizer([text], return_tensors="pt")
+        alone = tokenizer([text], return_tensors="pt", return_token_type_ids=False)
         assert together[row].tolist() == model.generate(**alone, **kwargs)[0, alone.input_ids.shape[1]:].tolist()
 
 
