@@ -42,6 +42,7 @@ from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, Compl
                                     error_body)
 from lorakit.serve.reasoning import AnswerStart, ReasoningParser, ReasoningStream
 from lorakit.serve.responses import final_response, new_ids, response_events
+from lorakit.serve.structured import FormatError, compile_format
 from lorakit.serve.text import TextAssembler
 from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_format, forced_calls, forced_prefix,
                                       kept_tokens, parse_calls, render_variant, template_messages)
@@ -223,6 +224,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
         body = parse(ChatRequest, await read_json(request, state))
+        _format_without_calls(body.response_format.spec() if body.response_format else None, body.calls_parsed(),
+                              "response_format")
         tools = body.openai_tools()
         if tools is None and not any(m.tool_calls or m.role == "tool" for m in body.messages):
             messages = template_messages(body.messages)  # role, content (and an answer's reasoning_content)
@@ -240,6 +243,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/responses")
     async def responses(request: HTTPRequest):
         body = parse(ResponsesRequest, await read_json(request, state))
+        spec = body.text.format.spec() if body.text is not None and body.text.format is not None else None
+        _format_without_calls(spec, body.calls_parsed(), "text.format")
         tools = body.chat_tools()
         if tools is None and not body.has_tool_items():
             prompt_ids = await run_in_threadpool(_encode, state, body.messages(), True, body.chat_template_kwargs,
@@ -258,12 +263,13 @@ def create_app(state: ServerState) -> FastAPI:
             if body.calls_parsed() else None
         params = _sampling_params(state, body, [limit], 1, None, call_end_tokens(state.tokenizer, fmt))
         think = await run_in_threadpool(_think_state, state, prompt_ids) if forced is None else None
+        constraints = await _constraints(state, spec, params, think, "text.format")
         keep = (kept_tokens(state.tokenizer, fmt) if calls else frozenset()) | \
             (think.parser.tokens(state.tokenizer) if think else frozenset())
         adapter_name = None if body.model == state.base_name else body.model
         internal = None if adapter_name is None else await _acquire(state, adapter_name)
         jobs, bridge = _submit(state, [prompt_ids], 1, params, adapter_name, internal, None, None, max(body.top_k, 0),
-                               keep)
+                               keep, constraints, think)
         ident, item_id = new_ids()
         created = int(time.time())
         if body.stream:
@@ -468,6 +474,9 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     params = _sampling_params(state, body, [limit for limit in limits if limit > 0], n, body.seed, call_ends)
     # before the adapter is pinned: nothing awaited between the pin and the jobs' submission may leak it
     think = await run_in_threadpool(_think_state, state, prompts[0]) if chat and forced is None else None
+    response_format = getattr(body, "response_format", None)
+    constraints = await _constraints(state, response_format.spec() if response_format is not None else None, params,
+                                     think, "response_format")
     adapter_name = None if body.model == state.base_name else body.model
     internal = None if adapter_name is None else await _acquire(state, adapter_name)
     prompt_lps = None
@@ -493,7 +502,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     if think is not None:
         keep |= think.parser.tokens(state.tokenizer)
     jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0),
-                           keep)
+                           keep, constraints, think)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
@@ -560,11 +569,14 @@ def _sampling_params(state: ServerState, body, limits: list[int], n: int, seed: 
 
 def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[SamplingParams],
             adapter_name: str | None, internal: str | None, stops: list[str] | None, logprobs: int | None,
-            top_k: int = 0, keep: frozenset[int] = frozenset()) -> tuple[list[Request], _Bridge]:
+            top_k: int = 0, keep: frozenset[int] = frozenset(), constraints: list | None = None,
+            think: AnswerStart | None = None) -> tuple[list[Request], _Bridge]:
     """Hand ``len(params)`` jobs to the engine (job j answers ``prompts[j // n]``), each under the adapter pinned
     once by ``_acquire`` (``internal``; None: the base); the pin is released when the last job finishes, or here
     if submitting fails. The jobs' events arrive on the bridge's queue: ``("token", j, text, token, info)`` and
-    ``("done", j, text, reason)``, text being the newly final text (stop strings cut)."""
+    ``("done", j, text, reason)``, text being the newly final text (stop strings cut). ``constraints``: job j's
+    response_format matcher (:func:`_constraints`); one still waiting for the reasoning block (``think``) to close
+    is switched on by the token that closes it."""
     pin = _SharedPin(state, adapter_name, len(params))  # from here each job's on_finish releases its share, once
     bridge = _Bridge(asyncio.get_running_loop())
     jobs: list[Request] = []
@@ -572,8 +584,13 @@ def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[S
         for index, choice_params in enumerate(params):
             assembler = TextAssembler(state.tokenizer, stops, state.stop_token_ids, state.tokenizer_lock, keep)
 
-            def on_token(token: int, info: TokenInfo | None, index=index, assembler=assembler) -> bool:
+            constraint = constraints[index] if constraints else None
+
+            def on_token(token: int, info: TokenInfo | None, index=index, assembler=assembler,
+                         constraint=constraint) -> bool:
                 bridge.put(("token", index, assembler.add(token), token, info))
+                if constraint is not None and not constraint.active and think.parser.close in assembler.text:
+                    constraint.active = True  # the content starts: the format applies from the next token
                 return not assembler.stopped
 
             def on_finish(reason: str, index=index, assembler=assembler) -> None:
@@ -581,7 +598,7 @@ def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[S
                 bridge.put(("done", index, assembler.finish(), reason))
 
             job = Request(prompts[index // n], internal, choice_params, on_token, on_finish, logprobs=logprobs,
-                          top_k=top_k)
+                          top_k=top_k, constraint=constraint)
             state.engine.submit(job)
             jobs.append(job)
     finally:
@@ -590,6 +607,46 @@ def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[S
                 state.engine.cancel(job)
             pin.done(len(params) - len(jobs))
     return jobs, bridge
+
+
+def _format_without_calls(spec: tuple | None, calls: bool, param: str) -> None:
+    """A JSON format (``spec``) with tool calls to parse (``calls``) is refused: the answer would be either a call
+    or the formatted content, and a grammar for the content alone would forbid the call. With tool_choice "none"
+    the tools stay in the prompt and the format applies to the whole answer."""
+    if spec is not None and calls:
+        raise APIError(400, f"a JSON {param} cannot be combined with tool calls (the answer is either a call or the "
+                       "formatted content); send tool_choice 'none' to keep the tools in the prompt only, or leave "
+                       "the format out", param=param)
+
+
+async def _constraints(state: ServerState, spec: tuple[str, dict | None, str] | None, params: list[SamplingParams],
+                       think: AnswerStart | None, param: str) -> list | None:
+    """One response_format matcher per engine row (``params``), or None without a JSON format (``spec``:
+    ``(type, schema, name)`` from the request). With a reasoning block to come (``think`` not "closed"), the
+    matchers start switched off (:func:`_submit` switches them on). Refused in one line when llguidance is not
+    installed, or for a schema it cannot compile."""
+    if spec is None:
+        return None
+    kind, schema, name = spec
+    head = state.model.get_output_embeddings()
+    columns = head.weight.shape[0] if head is not None else state.model.config.vocab_size  # the logits' width
+    waits = think is not None and think.where != "closed"
+
+    def build() -> list:
+        from lorakit.serve.structured import check_schema_size, schema_of
+
+        check_schema_size(schema_of(kind, schema))
+        grammar = compile_format(state.tokenizer, columns, params[0].stop_token_ids, schema_of(kind, schema), name,
+                                 state.tokenizer_lock)
+        constraints = [grammar.constraint() for _ in params]
+        for constraint in constraints:
+            constraint.active = not waits
+        return constraints
+
+    try:
+        return await run_in_threadpool(build)
+    except FormatError as error:
+        raise APIError(400, str(error), param=param, code="invalid_response_format") from None
 
 
 async def _collect(state: ServerState, http: HTTPRequest, jobs: list[Request], bridge: _Bridge):

@@ -84,6 +84,9 @@ class Request:
     created: float = field(default_factory=time.monotonic)
     row: int = -1  # its row of the static decoder's cache (-1: none)
     top_k: int = 0  # sample among the k most likely tokens only (0: all); vLLM's extension of the OpenAI API
+    # a response_format's matcher (lorakit.serve.structured.Constraint): the row draws only tokens its grammar
+    # allows and ends once the answer is complete; None (most rows): no per-step host work at all
+    constraint: object | None = None
 
 
 class Engine:
@@ -258,13 +261,25 @@ class Engine:
         """Sample the request's next token from ``logits (V,)`` (``greedy``: its argmax, computed for the whole
         batch at once); False (and a ``done`` entry) when it finished."""
         params = request.params
+        constraint = request.constraint
+        allowed = logits
+        if constraint is not None and constraint.active:  # a format: tokens its grammar refuses get -inf
+            allowed = constraint.mask(logits)
+            greedy = int(allowed.argmax().item())
+            if allowed[greedy] == float("-inf"):  # the grammar allows nothing (a matcher error)
+                done.append((request, f"error: structured output: {constraint.error or 'no token is allowed'}"))
+                return False
         try:
             # shifted so the largest logit is 0: divided by a tiny temperature (1e-40) the logits stay finite or
             # -inf (probability 0) instead of overflowing to inf and NaN probabilities; the distribution is the same
-            token = greedy if params.temperature == 0 else sample(_top_k(logits, request.top_k) - logits.max(), params,
+            token = greedy if params.temperature == 0 else sample(_top_k(allowed, request.top_k) - allowed.max(), params,
                                                                   request.generator)
         except RuntimeError as error:  # this request's sampling alone fails: the other rows keep decoding
             done.append((request, f"error: sampling failed: {str(error).splitlines()[0]}"))
+            return False
+        if constraint is not None and constraint.active and token not in params.stop_token_ids \
+                and not constraint.consume(token):
+            done.append((request, f"error: structured output: {constraint.error}"))
             return False
         info = None
         if request.logprobs is not None:
@@ -281,6 +296,9 @@ class Engine:
             done.append((request, "stop"))
             return False
         if not request.on_token(token, info):
+            done.append((request, "stop"))
+            return False
+        if constraint is not None and constraint.active and constraint.done:  # the answer is complete
             done.append((request, "stop"))
             return False
         if len(request.tokens) >= params.max_new_tokens:

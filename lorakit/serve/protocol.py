@@ -327,13 +327,55 @@ class Tool(_Strict):
 MAX_TOOLS = 128  # OpenAI's limit
 
 
+FORMATS = ("text", "json_object", "json_schema")
+
+
+def _format_type(value: str) -> str:
+    if value not in FORMATS:
+        raise ValueError(f"format type {value[:40]!r} is not supported; send 'text', 'json_object' or 'json_schema'")
+    return value
+
+
+class JsonSchemaFormat(_Strict):
+    """OpenAI's ``json_schema``: the answer is JSON matching ``schema`` (constrained decoding: structured.py), so
+    ``strict`` true or false, the answer always matches it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
+    """Chat's ``response_format``: ``{"type": "text"}``, ``{"type": "json_object"}`` (any JSON object) or
+    ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``."""
+
     type: str
+    json_schema: JsonSchemaFormat | None = None
 
     @field_validator("type")
     @classmethod
-    def _text_only(cls, value: str) -> str:
-        return _off(value, f"response_format {value!r}", ("text",), "only plain text answers")
+    def _known(cls, value: str) -> str:
+        return _format_type(value)
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs its json_schema: {'type': 'json_schema', 'json_schema': "
+                             "{'name': ..., 'schema': {...}}}")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"json_schema goes with type 'json_schema' only, not {self.type!r}")
+        return self
+
+    def spec(self) -> tuple[str, dict | None, str] | None:
+        """(type, schema, name) of a JSON format; None for plain text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return "json_object", None, "json_object"
+        return "json_schema", self.json_schema.schema_, self.json_schema.name
 
 
 class ChatRequest(_Sampling):
@@ -459,16 +501,36 @@ class InputMessage(_Strict):
 
 
 class TextFormat(_Strict):
-    type: str
+    """The Responses API's ``text.format``: ``{"type": "text"}``, ``{"type": "json_object"}`` or the flat
+    ``{"type": "json_schema", "name", "schema", "strict"}`` the openai package sends."""
 
-    @model_validator(mode="before")
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    type: str
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("type")
     @classmethod
-    def _plain_text(cls, data: Any) -> Any:  # before the fields: a json_schema format is refused by its type
-        kind = data.get("type") if isinstance(data, dict) else None
-        if isinstance(kind, str) and kind != "text":
-            raise ValueError(f"format {kind[:40]!r} is not supported (only plain text answers: "
-                             "{'type': 'text'}); leave text out")
-        return data
+    def _known(cls, value: str) -> str:
+        return _format_type(value)
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "TextFormat":
+        if self.type == "json_schema" and (self.name is None or self.schema_ is None):
+            raise ValueError("a json_schema format needs its name and schema: {'type': 'json_schema', 'name': ..., "
+                             "'schema': {...}}")
+        if self.type != "json_schema" and (self.name is not None or self.schema_ is not None):
+            raise ValueError("name and schema go with type 'json_schema' only")
+        return self
+
+    def spec(self) -> tuple[str, dict | None, str] | None:
+        """(type, schema, name) of a JSON format; None for plain text."""
+        if self.type == "text":
+            return None
+        return self.type, self.schema_, self.name or self.type
 
 
 class TextConfig(_Strict):
@@ -577,7 +639,7 @@ class ResponsesRequest(_Strict):
     items (messages; an agent's ``function_call`` / ``function_call_output`` / ``reasoning`` items),
     ``instructions`` a system message put first, ``tools`` function tools. Nothing is stored, so what needs a
     stored response (``previous_response_id``, ``conversation``, ``background``) is refused by name, as are
-    hosted tools (web_search, file_search, ...), reasoning controls and structured output."""
+    hosted tools (web_search, file_search, ...) and reasoning controls; ``text.format`` may ask for JSON."""
 
     model: str
     input: list[InputItem]
