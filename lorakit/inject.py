@@ -398,6 +398,17 @@ class TrainableReport:
         return f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.share:.3f}%)"
 
 
+def _warn_unused_patterns(config: LoraConfig, paths: list[str]) -> None:
+    """A rank_pattern / alpha_pattern key that matches none of the adapted paths changes nothing (peft ignores it
+    silently): a typo would train every module at the default rank or alpha."""
+    for field_name, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        unused = [key for key in patterns if not any(re.match(rf"(.*\.)?({key})$", path) for path in paths)]
+        if unused:
+            ends = sorted({path.rsplit(".", 1)[-1] for path in paths})
+            warnings.warn(f"{field_name} keys {unused} match none of this adapter's modules and change nothing; its "
+                          f"modules end in: {', '.join(ends)}", stacklevel=3)
+
+
 def check_adapter_name(name: object, what: str = "adapter name") -> None:
     """Refuse a name that cannot be a module key (a dot) or a subfolder name: ``save_pretrained`` writes each
     non-default adapter into ``folder/<name>``, so a slash, a backslash or an absolute path would write outside it."""
@@ -463,6 +474,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
     if both:
         raise LorakitError(f"{both[0]} is adapted both as a module (target_modules / modules_to_save) and by its "
                            "parameters (target_parameters); choose one (exclude_modules can drop it from the modules)")
+    _warn_unused_patterns(config, [*targets, *(f"{p}.{n}" if p else n for p, names in params.items() for n in names)])
     if config.init == "pissa":  # checked here, before PiSSA rewrites any base weight
         embeddings = [p for p, m in targets.items() if isinstance(m, nn.Embedding)]
         if embeddings:

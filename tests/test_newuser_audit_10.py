@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -318,3 +319,20 @@ def test_targets_all_taken_out_by_another_field_say_which(base):
         with pytest.raises(LorakitError, match=re.escape(expected)):
             lorakit.inject(base, lorakit.LoraConfig(r=2, **fields), adapter="x")
         assert lorakit.adapter_names(base) == []
+
+
+def test_a_rank_or_alpha_pattern_that_matches_nothing_is_warned(base):
+    """rank_pattern={"q_projj": 8} (a typo) trained every module at the default rank without a word (peft too)."""
+    from lorakit.inject import lora_layers
+
+    with pytest.warns(UserWarning, match=r"rank_pattern keys \['q_projj'\] match none of this adapter's modules") as got:
+        lorakit.inject(base, lorakit.LoraConfig(r=2, rank_pattern={"q_projj": 8, "v_proj": 4}), adapter="x")
+    try:
+        assert got[0].filename == __file__  # pointed at the caller's line
+        assert {layer.adapters["x"].rank for layer in lora_layers(base).values()} == {2, 4}
+    finally:
+        lorakit.delete_adapter(base, "x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # patterns that match warn nothing
+        lorakit.inject(base, lorakit.LoraConfig(r=2, alpha_pattern={r"layers\.0\.self_attn\.q_proj": 8.0}), adapter="y")
+    lorakit.delete_adapter(base, "y")
