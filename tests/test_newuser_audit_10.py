@@ -336,3 +336,16 @@ def test_a_rank_or_alpha_pattern_that_matches_nothing_is_warned(base):
         warnings.simplefilter("error")  # patterns that match warn nothing
         lorakit.inject(base, lorakit.LoraConfig(r=2, alpha_pattern={r"layers\.0\.self_attn\.q_proj": 8.0}), adapter="y")
     lorakit.delete_adapter(base, "y")
+
+
+def test_config_files_that_their_parsers_give_up_on_are_one_line(capsys, tmp_path):
+    """lorakit train --config with nesting deeper than the stack or a 5,000-digit number ended in a RecursionError or
+    ValueError traceback, in YAML, TOML and JSON alike."""
+    deep = "[" * 100_000 + "]" * 100_000
+    files = {"deep.yaml": f"rank: {deep}\n", "digits.yaml": "rank: " + "9" * 5000 + "\n", "deep.toml": f"rank = {deep}\n",
+             "deep.json": '{"rank": ' + deep + "}", "digits.json": '{"rank": ' + "9" * 5000 + "}"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        line = _error(capsys, main(["train", "--config", str(tmp_path / name)]))
+        assert line == (f"lorakit train: error: {tmp_path / name}: nested too deep or holds a number too long to read; "
+                        "a config file holds option names and plain values"), line

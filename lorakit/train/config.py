@@ -345,6 +345,9 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 # -- config files ---------------------------------------------------------------------------------------------------
+_UNREADABLE = "nested too deep or holds a number too long to read; a config file holds option names and plain values"
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file of ``TrainConfig`` fields (dashes or underscores).
 
@@ -367,6 +370,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             mark = getattr(error, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
             raise LorakitError(f"{path}{where}: malformed YAML ({getattr(error, 'problem', None) or error})") from None
+        except (RecursionError, ValueError):  # "[[[[..." deeper than the stack, a number of thousands of digits
+            raise LorakitError(f"{path}: {_UNREADABLE}") from None
     elif suffix == ".toml":
         import tomllib
 
@@ -374,11 +379,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
             raise LorakitError(f"{path}: malformed TOML ({error})") from None
+        except (RecursionError, ValueError):
+            raise LorakitError(f"{path}: {_UNREADABLE}") from None
     elif suffix == ".json":
         try:
             data = json.loads(text) if text.strip() else None
         except json.JSONDecodeError as error:
             raise LorakitError(f"{path} line {error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+        except (RecursionError, ValueError):
+            raise LorakitError(f"{path}: {_UNREADABLE}") from None
     else:
         raise LorakitError(f"{path}: unknown config file type {suffix!r}; use .yaml, .yml, .toml or .json")
     if data is None:
