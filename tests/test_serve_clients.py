@@ -128,7 +128,7 @@ def test_echoed_reply_and_off_values_accepted(server):
     assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]) == plain
     # the "on" values are refused by name, never silently ignored
     for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
-                         ("response_format", {"type": "json_object"}), ("store", True), ("modalities", ["audio"])]:
+                         ("response_format", {"type": "grammar"}), ("store", True), ("modalities", ["audio"])]:
         error = _error(_chat(client, **{field: value}), 400)
         assert error["param"].startswith(field) and "not supported" in error["message"], error
     tool_call = {**first, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}

@@ -154,6 +154,15 @@ def test_more_seeds_and_n(server):
         valid(json.loads(choice.message.content), SCHEMA)
 
 
+def test_completions_take_a_format_too(server):
+    """vLLM's extension: response_format on /v1/completions."""
+    response = server["sdk"].completions.create(model="base", prompt="A person:", max_tokens=150, temperature=1.0,
+                                                seed=3, n=2, extra_body={"response_format": FORMAT})
+    for choice in response.choices:
+        assert choice.finish_reason == "stop"
+        valid(json.loads(choice.text), SCHEMA)
+
+
 def test_json_object(server):
     """Any JSON object: free strings let a random model write until max_tokens, so of six sampled answers those
     that end are checked (seeds 0, 3 and 4 end on this model), the others must still be a JSON prefix."""
@@ -281,4 +290,45 @@ def test_static_decoder(root):
         assert len(set(answers[:4])) > 1
         assert "Traceback" not in process.output()
     finally:
+        process.stop()
+
+
+def test_reasoning_block_first_then_the_format(tmp_path):
+    """With a reasoning parser on (Qwen3's template, a scripted model that thinks first), the format applies after
+    the block closes, as vLLM does: the reasoning is free text (a grammar applied from the first token would forbid
+    ``<think>``), the content matches the schema; with thinking off (the block closed in the prompt) the format
+    applies from the first token."""
+    from test_serve_tools import _scripted_server
+
+    words = ["<think>", "\nI think.\n", "</think>", "\n\n", "Hello", "<|im_end|>"]
+    process, client, _ = _scripted_server(tmp_path, "qwen3", words)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}}
+    try:
+        for stream in (False, True):
+            for extra in ({}, {"chat_template_kwargs": {"enable_thinking": False}}):
+                body = {"model": "base", "messages": MESSAGES, "max_tokens": 30, "temperature": 0,
+                        "response_format": fmt, **extra}
+                plain = client.post("/v1/chat/completions", json={**body, "response_format": None}).json()
+                if not stream:
+                    message = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+                    content, reasoning = message["content"], message.get("reasoning_content")
+                else:
+                    sdk = openai.OpenAI(base_url=process.url + "/v1", api_key="x", max_retries=0)
+                    content, reasoning = "", ""
+                    for chunk in sdk.chat.completions.create(stream=True, **{k: v for k, v in body.items() if k not in
+                                                                             extra}, extra_body=extra):
+                        delta = chunk.choices[0].delta if chunk.choices else None
+                        content += (delta.content or "") if delta else ""
+                        reasoning += (getattr(delta, "reasoning_content", None) or "") if delta else ""
+                assert json.loads(content) in ({"ok": True}, {"ok": False})
+                if extra:  # no reasoning: constrained from the first token
+                    assert not reasoning
+                else:
+                    assert plain["choices"][0]["message"]["reasoning_content"] == "I think."
+                    assert reasoning == "I think."
+                    assert plain["choices"][0]["message"]["content"] == "Hello"  # the model's own answer is no JSON
+    finally:
+        client.close()
         process.stop()

@@ -646,7 +646,7 @@ async def _constraints(state: ServerState, spec: tuple[str, dict | None, str] | 
     try:
         return await run_in_threadpool(build)
     except FormatError as error:
-        raise APIError(400, str(error), param=param, code="invalid_response_format") from None
+        raise APIError(400, f"{param} {error}", param=param, code="invalid_response_format") from None
 
 
 async def _collect(state: ServerState, http: HTTPRequest, jobs: list[Request], bridge: _Bridge):

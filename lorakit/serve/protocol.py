@@ -170,6 +170,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False  # the answer's text (and logprobs) start with the prompt's
     best_of: int | None = None
     suffix: str | None = None
+    response_format: "ResponseFormat | None" = None  # vLLM's extension: JSON answers here too (structured.py)
 
     @field_validator("prompt", mode="before")
     @classmethod

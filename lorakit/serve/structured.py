@@ -36,7 +36,8 @@ JSON_OPTIONS = {"whitespace_flexible": False}
 
 
 class FormatError(ValueError):
-    """A format llguidance cannot build (its message is one line, for a 400), or the package missing."""
+    """A format llguidance cannot build (its message is one line, for a 400, which the server prefixes with the
+    request field), or the package missing."""
 
 
 def _llguidance():
@@ -89,7 +90,7 @@ class Grammar:
         llguidance = _llguidance()
         matcher = llguidance.LLMatcher(self.ll_tokenizer, self.text, log_level=0)
         if matcher.is_error():
-            raise FormatError(f"response_format {self.name}: {_one_line(matcher.get_error())}")
+            raise FormatError(f"{self.name}: {_one_line(matcher.get_error())}")
         return Constraint(matcher, self.ll_tokenizer.vocab_size)
 
 
@@ -108,7 +109,7 @@ def compile_format(tokenizer, vocab: int, end_ids: tuple[int, ...], schema: dict
     except (ValueError, TypeError) as error:
         problem = str(error)
     if problem:
-        raise FormatError(f"response_format {name}: the schema cannot be used: {_one_line(problem)}")
+        raise FormatError(f"{name}: the schema cannot be used: {_one_line(problem)}")
     return Grammar(text, ll_tokenizer, vocab, name)
 
 
@@ -164,4 +165,4 @@ def schema_of(kind: str, schema: dict | None) -> dict:
 def check_schema_size(schema: dict, limit: int = 256 * 1024) -> None:
     """A schema's JSON text above ``limit`` characters is refused before it is compiled."""
     if len(json.dumps(schema)) > limit:
-        raise FormatError(f"response_format schema is over {limit // 1024} KiB of JSON; send a smaller schema")
+        raise FormatError(f"the schema is over {limit // 1024} KiB of JSON; send a smaller one")
