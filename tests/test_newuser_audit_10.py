@@ -349,3 +349,25 @@ def test_config_files_that_their_parsers_give_up_on_are_one_line(capsys, tmp_pat
         line = _error(capsys, main(["train", "--config", str(tmp_path / name)]))
         assert line == (f"lorakit train: error: {tmp_path / name}: nested too deep or holds a number too long to read; "
                         "a config file holds option names and plain values"), line
+
+
+def test_train_takes_a_dataframe_and_names_a_dict_or_a_bad_record_by_index():
+    """train(model, tok, df) refused a pandas DataFrame ('<record>: expected an object ..., got a string': iterating
+    gives the column names), a DatasetDict or one dict the same way, and a bad dict in a list was '<record>' with no
+    index."""
+    import pandas as pd
+    from lorakit.train import TrainConfig
+    from lorakit.train.loop import as_dataset
+    from test_train_helpers import tiny_tokenizer
+
+    tokenizer, config = tiny_tokenizer(), TrainConfig()
+    records = [{"prompt": "copy a b : ", "completion": "a b"}, {"prompt": "reverse c d : ", "completion": "d c"}]
+    from_frame = as_dataset(pd.DataFrame(records), tokenizer, config, "training data", pack=False)
+    assert from_frame.rows == as_dataset(records, tokenizer, config, "training data", pack=False).rows
+    with pytest.raises(LorakitError, match=r"training data: a dict of splits \(train, test\); pass one split, e.g. "
+                                           r"data\['train'\]"):
+        as_dataset({"train": records, "test": records}, tokenizer, config, "training data", pack=False)
+    with pytest.raises(LorakitError, match=r"training data: one dict \(prompt, completion\); pass a list of records"):
+        as_dataset({"prompt": ["a"], "completion": ["b"]}, tokenizer, config, "training data", pack=False)
+    with pytest.raises(LorakitError, match=r"^training data\[2\]: field 'completion' must be a string, got int 5"):
+        as_dataset([*records, {"prompt": "a", "completion": 5}], tokenizer, config, "training data", pack=False)

@@ -620,6 +620,8 @@ def build_dataset(
     drops: Counter[str] = Counter()
     n_records = 0
     for raw in records:
+        if not isinstance(raw, Record):  # a dict given in Python: its errors name its index in the list
+            raw = validate_record(raw, f"{name}[{n_records}]")
         record = for_tokenizer(raw, tokenizer)  # an Alpaca record counts as the shape it trains as
         n_records += 1
         shapes[record.shape] += 1

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -127,6 +127,16 @@ def as_dataset(data: Any, tokenizer: Any, config: TrainConfig, name: str, pack: 
     if isinstance(data, (str, Path)):
         raise LorakitError(f"{name}: pass records or a dataset to train(); to read files use "
                            "lorakit.train.data.build_datasets(paths, tokenizer)")
+    if type(data).__name__ == "DataFrame" and hasattr(data, "to_dict"):  # pandas: iterating gives the column names
+        data = [{key: value.tolist() if hasattr(value, "tolist") else value for key, value in row.items()}
+                for row in data.to_dict("records")]  # .tolist(): numpy arrays / scalars of a Parquet column
+    elif isinstance(data, Mapping):  # iterating gives its keys, which were then refused as records of type string
+        splits = [key for key in data if str(key).lower() in ("train", "validation", "valid", "val", "test", "dev")]
+        if splits and len(splits) == len(data):
+            raise LorakitError(f"{name}: a dict of splits ({', '.join(map(str, data))}); pass one split, e.g. "
+                               f"data[{str(splits[0])!r}]")
+        raise LorakitError(f"{name}: one dict ({', '.join(map(str, list(data)[:4]))}); pass a list of records, one dict "
+                           "per example (a dict of columns: datasets.Dataset.from_dict(columns))")
     return build_dataset(list(data), tokenizer, config.max_length, config.overflow, pack=pack, name=name,
                          chat_template_kwargs=config.chat_template_kwargs)
 
