@@ -371,3 +371,13 @@ def test_train_takes_a_dataframe_and_names_a_dict_or_a_bad_record_by_index():
         as_dataset({"prompt": ["a"], "completion": ["b"]}, tokenizer, config, "training data", pack=False)
     with pytest.raises(LorakitError, match=r"^training data\[2\]: field 'completion' must be a string, got int 5"):
         as_dataset([*records, {"prompt": "a", "completion": 5}], tokenizer, config, "training data", pack=False)
+
+
+def test_a_record_encoded_twice_says_so(tmp_path):
+    """json.dumps(json.dumps(record)) per line read as '... got a string' with no hint of why."""
+    from lorakit.train.sources import read_many
+
+    (tmp_path / "twice.jsonl").write_text(json.dumps(json.dumps({"prompt": "a", "completion": "b"})) + "\n")
+    with pytest.raises(LorakitError, match=r"^twice.jsonl:1: .*got a string holding a JSON object: the record was "
+                                           r"encoded twice \(json.dumps of json.dumps\); encode it once$"):
+        read_many(tmp_path / "twice.jsonl")

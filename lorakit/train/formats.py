@@ -49,6 +49,7 @@ error (a template failure, an example too long) names the place the user has to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -143,7 +144,12 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     elif _turns_have(obj, "from"):
         obj = {"conversations": obj}
     if not isinstance(obj, Mapping):
-        raise LorakitError(f"{where}: expected an object with {EXPECTED_SHAPES}, got {_json_type(obj)}")
+        twice = ""
+        if isinstance(obj, str) and obj.lstrip().startswith("{"):
+            with contextlib.suppress(ValueError, RecursionError):
+                if isinstance(json.loads(obj), Mapping):
+                    twice = " holding a JSON object: the record was encoded twice (json.dumps of json.dumps); encode it once"
+        raise LorakitError(f"{where}: expected an object with {EXPECTED_SHAPES}, got {_json_type(obj)}{twice}")
     obj = _normalize_keys(obj, KNOWN_FIELDS)
     if not IGNORED_FIELDS.isdisjoint(obj.keys()):
         obj = {key: value for key, value in obj.items() if key not in IGNORED_FIELDS}
