@@ -381,3 +381,13 @@ def test_a_record_encoded_twice_says_so(tmp_path):
     with pytest.raises(LorakitError, match=r"^twice.jsonl:1: .*got a string holding a JSON object: the record was "
                                            r"encoded twice \(json.dumps of json.dumps\); encode it once$"):
         read_many(tmp_path / "twice.jsonl")
+
+
+def test_a_python_printed_dict_per_line_says_so(tmp_path):
+    """print(record) per line (single quotes) was 'malformed JSON (Expecting property name ...); one object per line'."""
+    from lorakit.train.sources import read_many
+
+    (tmp_path / "printed.jsonl").write_text(str({"prompt": "a", "completion": "b"}) + "\n")
+    with pytest.raises(LorakitError, match=r"^printed.jsonl:1: malformed JSON \(.*\); single quotes are Python's print\(\) "
+                                           r"of a dict, not JSON: write each record with json.dumps$"):
+        read_many(tmp_path / "printed.jsonl")

@@ -238,6 +238,8 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] 
                 comma = exc.msg == "Extra data" and text[exc.pos:].strip() == ","
                 fix = ("a comma after the object: JSON Lines has no commas between lines (or make the file one JSON "
                        "array in [...])") if comma else "one object per line"
+                if text.lstrip().startswith("{'"):  # print(record) / str(record) instead of json.dumps(record)
+                    fix = "single quotes are Python's print() of a dict, not JSON: write each record with json.dumps"
                 raise LorakitError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); {fix}") from None
             objects = [(f"{path.name}:{line_no}", value) for line_no, value in values]
             break
