@@ -370,6 +370,8 @@ def _refuse_broken_entry(path: Path, follow_symlinks: bool = True) -> None:
                            "download?); download the adapter again")
     if path.is_dir():
         raise LorakitError(f"{path} is a folder; it must be the file itself")
+    if path.exists() and not path.is_file():  # a pipe or a device (a link to /dev/zero): "not found" would mislead
+        raise LorakitError(f"{path} is not a regular file (a pipe, socket or device); it must be the file itself")
 
 
 def _is_index_list(value: Any) -> bool:

@@ -391,3 +391,20 @@ def test_a_python_printed_dict_per_line_says_so(tmp_path):
     with pytest.raises(LorakitError, match=r"^printed.jsonl:1: malformed JSON \(.*\); single quotes are Python's print\(\) "
                                            r"of a dict, not JSON: write each record with json.dumps$"):
         read_many(tmp_path / "printed.jsonl")
+
+
+def test_a_pipe_or_device_where_an_adapter_file_goes_is_named(adapter, tmp_path, capsys):
+    """A FIFO or a link to /dev/zero in place of an adapter file was reported as 'not found'."""
+    import os
+
+    fifo, device = tmp_path / "fifo", tmp_path / "device"
+    shutil.copytree(adapter, fifo)
+    (fifo / "adapter_model.safetensors").unlink()
+    os.mkfifo(fifo / "adapter_model.safetensors")
+    shutil.copytree(adapter, device)
+    (device / "adapter_config.json").unlink()
+    (device / "adapter_config.json").symlink_to("/dev/zero")
+    for folder, name in ((fifo, "adapter_model.safetensors"), (device, "adapter_config.json")):
+        line = _error(capsys, main(["inspect", str(folder)]))
+        assert line.endswith(f"{folder / name} is not a regular file (a pipe, socket or device); it must be the file "
+                             "itself"), line
