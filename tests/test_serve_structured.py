@@ -78,6 +78,41 @@ def test_the_validator_can_fail():
             valid(bad, SCHEMA)
 
 
+def test_constraint_in_process():
+    """The matcher's mask against llguidance's own bitmask, token by token along a sampled walk: the same tokens
+    allowed; logit columns past the tokenizer's vocabulary are never allowed; the walk ends as valid JSON; the same
+    schema compiles once."""
+    import llguidance.numpy
+    import numpy as np
+    import torch
+
+    from lorakit.serve.structured import compile_format
+    from test_serve_support import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    columns = len(tokenizer) + 7  # a model whose embedding table is padded past the tokenizer
+    end = (tokenizer.eos_token_id,)
+    grammar = compile_format(tokenizer, columns, end, SCHEMA, "person")
+    assert compile_format(tokenizer, columns, end, SCHEMA, "person").start is grammar.start
+    for seed in range(3):
+        constraint, reference = grammar.constraint(), grammar.constraint()
+        bits = llguidance.numpy.allocate_token_bitmask(1, grammar.vocab)
+        generator, tokens = torch.Generator().manual_seed(seed), []
+        while not constraint.done:
+            logits = torch.randn(columns, generator=generator)
+            masked = constraint.mask(logits)
+            llguidance.numpy.fill_next_token_bitmask(reference.matcher, bits)
+            expected = np.unpackbits(bits[0].view(np.uint8), bitorder="little")[:grammar.vocab].astype(bool)
+            assert torch.equal(torch.isfinite(masked[:grammar.vocab]), torch.from_numpy(expected))
+            assert torch.isinf(masked[len(tokenizer):]).all()
+            assert torch.equal(masked[torch.isfinite(masked)], logits[torch.isfinite(masked)])  # kept ones unchanged
+            token = int(torch.multinomial(torch.softmax(masked, -1), 1, generator=generator))
+            assert constraint.consume(token) and reference.consume(token)
+            tokens.append(token)
+        assert end[0] not in tokens
+        valid(json.loads(tokenizer.decode(tokens)), SCHEMA)
+
+
 def _start(root, *extra):
     process = ServerProcess(root / "model", root / "adapters", "--max-tokens", "160", *extra, log=root / f"server{len(extra)}.log")
     return process

@@ -265,10 +265,10 @@ class Engine:
         allowed = logits
         if constraint is not None and constraint.active:  # a format: tokens its grammar refuses get -inf
             allowed = constraint.mask(logits)
-            greedy = int(allowed.argmax().item())
-            if allowed[greedy] == float("-inf"):  # the grammar allows nothing (a matcher error)
+            if allowed is None:  # the grammar allows nothing (a matcher error)
                 done.append((request, f"error: structured output: {constraint.error or 'no token is allowed'}"))
                 return False
+            greedy = int(allowed.argmax().item())
         try:
             # shifted so the largest logit is 0: divided by a tiny temperature (1e-40) the logits stay finite or
             # -inf (probability 0) instead of overflowing to inf and NaN probabilities; the distribution is the same

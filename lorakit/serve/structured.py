@@ -10,15 +10,21 @@ dependency, imported here only). Each engine row with a format owns a :class:`Co
 - the drawn token is then fed to the matcher (:meth:`Constraint.consume`); once the answer is complete the grammar
   allows nothing but an end token (:attr:`Constraint.done`) and the row ends with finish reason ``"stop"``.
 
-An answer cut by ``max_tokens`` (finish reason ``"length"``) is a prefix of a valid answer, not a whole one.
-With a reasoning parser on, the constraint waits (``active`` False) until the reasoning block closes, as vLLM does:
-the reasoning is free text, the content follows the format.
+An answer cut by ``max_tokens`` (finish reason ``"length"``) is a prefix of a valid answer, not a whole one; so is
+one cut by a request's ``stop`` string, which still applies. ``logprobs`` are the model's, before the mask (vLLM's
+default). The JSON is compact (no whitespace between tokens) unless the schema's ``x-guidance`` options say
+otherwise. With a reasoning parser on, the constraint waits (``active`` False) until the reasoning block closes, as
+vLLM does: the reasoning is free text, the content follows the format (a thinking-mode answer that never opens or
+closes the block is not constrained; with thinking off, the block closed in the prompt, it applies at once).
+With tool calls to parse the format is refused (the server's choice: the answer is a call or formatted content;
+``tool_choice`` "none" keeps the tools in the prompt and the format applies).
 
 Rows without a format hold no constraint and cost the engine nothing.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import threading
@@ -77,21 +83,24 @@ def _one_line(error: Any, limit: int = 300) -> str:
 
 @dataclass(frozen=True)
 class Grammar:
-    """A compiled, validated format: the llguidance grammar text and the tokenizer it runs over. ``name``: what
-    the request called it (the json_schema's name), for messages."""
+    """A compiled format: a fresh llguidance matcher (``start``, never fed a token) over the tokenizer it runs
+    over. ``name``: what the request called it (the json_schema's name), for messages."""
 
-    text: str
-    ll_tokenizer: Any
+    start: Any
     vocab: int
     name: str
 
     def constraint(self) -> "Constraint":
-        """A fresh matcher for one engine row (each choice of ``n`` needs its own)."""
-        llguidance = _llguidance()
-        matcher = llguidance.LLMatcher(self.ll_tokenizer, self.text, log_level=0)
-        if matcher.is_error():
-            raise FormatError(f"{self.name}: {_one_line(matcher.get_error())}")
-        return Constraint(matcher, self.ll_tokenizer.vocab_size)
+        """A matcher for one engine row (each choice of ``n`` needs its own): a copy of ``start``, far cheaper
+        than compiling the schema again."""
+        return Constraint(self.start.deep_copy(), self.vocab)
+
+
+# compiled grammars by (tokenizer, grammar text): agents send the same schema with every request, and compiling
+# a large one takes 10-100 ms; a copy of the compiled matcher takes microseconds
+_GRAMMARS: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+_GRAMMARS_LOCK = threading.Lock()
+GRAMMAR_CACHE = 64
 
 
 def compile_format(tokenizer, vocab: int, end_ids: tuple[int, ...], schema: dict, name: str = "json_schema",
@@ -105,12 +114,22 @@ def compile_format(tokenizer, vocab: int, end_ids: tuple[int, ...], schema: dict
         ll_tokenizer = _ll_tokenizer(tokenizer, vocab, tuple(end_ids))
     try:
         text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-        problem = llguidance.LLMatcher.validate_grammar(text, ll_tokenizer)
     except (ValueError, TypeError) as error:
-        problem = str(error)
-    if problem:
-        raise FormatError(f"{name}: the schema cannot be used: {_one_line(problem)}")
-    return Grammar(text, ll_tokenizer, vocab, name)
+        raise FormatError(f"{name}: the schema cannot be used: {_one_line(error)}") from None
+    key = (id(ll_tokenizer), text)
+    with _GRAMMARS_LOCK:
+        start = _GRAMMARS.get(key)
+        if start is not None:
+            _GRAMMARS.move_to_end(key)
+    if start is None:  # compiled outside the lock (llguidance drops the GIL): other requests' schemas wait not
+        start = llguidance.LLMatcher(ll_tokenizer, text, log_level=0)
+        if start.is_error():  # an unknown type, a regex with look-around, a $ref that points nowhere, ...
+            raise FormatError(f"{name}: the schema cannot be used: {_one_line(start.get_error())}")
+        with _GRAMMARS_LOCK:
+            _GRAMMARS[key] = start
+            while len(_GRAMMARS) > GRAMMAR_CACHE:
+                _GRAMMARS.popitem(last=False)
+    return Grammar(start, ll_tokenizer.vocab_size, name)
 
 
 class Constraint:
@@ -134,19 +153,33 @@ class Constraint:
     def error(self) -> str | None:
         return _one_line(self.matcher.get_error()) if self.matcher.is_error() else None
 
-    def allowed(self) -> torch.Tensor:
-        """Which of the ``V`` tokens the grammar allows next: bool ``(V,)`` on the CPU."""
+    def _fill(self) -> None:
+        """llguidance writes the next token's allowed-token bitmask (32 tokens per int32 word) into ``_bits``."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
-        as_bytes = self._bits.view(torch.uint8)  # little-endian words: bit j of byte i is token 8 i + j
-        bits = (as_bytes.unsqueeze(1) >> self._shifts) & 1
-        return bits.reshape(-1)[:self.vocab].bool()
 
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits (V,)`` with every token the grammar does not allow next set to -inf (a new tensor)."""
-        allowed = self.allowed()
-        if logits.shape[-1] > allowed.shape[0]:  # columns past the tokenizer's vocabulary are never allowed
-            allowed = torch.cat([allowed, allowed.new_zeros(logits.shape[-1] - allowed.shape[0])])
-        allowed = allowed[:logits.shape[-1]].to(logits.device, non_blocking=True)
+    def _unpack(self, words: torch.Tensor, width: int) -> torch.Tensor:
+        """Bool ``(width,)`` of which tokens ``words`` allow (on their device); tokens past the bitmask: False."""
+        shifts = self._shifts if words.device == self._shifts.device else self._shifts.to(words.device)
+        self._shifts = shifts  # kept on the logits' device: one small copy per row, not per step
+        as_bytes = words.view(torch.uint8)  # little-endian words: bit j of byte i is token 8 i + j
+        bits = ((as_bytes.unsqueeze(1) >> shifts) & 1).reshape(-1).bool()
+        if bits.shape[0] < width:
+            bits = torch.cat([bits, bits.new_zeros(width - bits.shape[0])])
+        return bits[:width]
+
+    def allowed(self) -> torch.Tensor:
+        """Which of the ``vocab`` tokens the grammar allows next: bool ``(vocab,)`` on the CPU."""
+        self._fill()
+        return self._unpack(self._bits, self.vocab)
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """``logits (V,)`` with every token the grammar does not allow next set to -inf (a new tensor); None when
+        it allows no token at all (the matcher is in error: :attr:`error`). The bitmask (V / 8 bytes) goes to the
+        logits' device and is unpacked there; columns past the tokenizer's vocabulary are never allowed."""
+        self._fill()
+        if not self._bits.any():
+            return None
+        allowed = self._unpack(self._bits.to(logits.device), logits.shape[-1])
         return logits.masked_fill(~allowed, float("-inf"))
 
     def consume(self, token: int) -> bool:
