@@ -293,13 +293,25 @@ def _attention_backends(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's class names ``logits_to_keep`` (only those rows of logits are computed). transformers 5.x's
+    causal LMs all do; in 4.x Bloom, GPT-J, GPT-Neo, OPT, CodeGen, MPT, Mamba, ... do not (Bloom refuses it), and
+    they return every position's logits, which callers slice. The class, not the instance: ``lorakit.fast`` wraps
+    the instance's forward in a ``(*args, **kwargs)`` function that passes it on."""
+    try:
+        return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):  # no signature to read: compute all logits, always right
+        return False
+
+
 def _forward(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
              adapters: Sequence[str | None]) -> torch.Tensor:
     """Run the model once; returns the logits of the last column, ``(B, V)`` float32."""
     kwargs = {_cache_kwarg(model): cache}
+    if takes_logits_to_keep(model):
+        kwargs["logits_to_keep"] = 1
     with torch.inference_mode(), _routing(model, adapters), _attention_backends(input_ids.device):
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1, **kwargs)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
     return out.logits[:, -1, :].float()
 
 

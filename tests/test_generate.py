@@ -110,6 +110,42 @@ def test_stop_tokens_end_a_row():
     assert result.tokens == [first] and result.finish_reason == "stop"
 
 
+def test_a_model_without_logits_to_keep_generates_the_same():
+    """transformers 4.x's Bloom, GPT-J, OPT... take no ``logits_to_keep`` (Bloom refuses it): generation and the
+    server's prompt scoring leave it out there and slice every position's logits instead."""
+    import inspect
+
+    from lorakit.serve.engine import Engine
+
+    model = _model_with_adapters()
+    prompts = [[5, 6, 7, 8, 9], [3, 4]]
+    expected = G.generate(model, prompts, ["a", "b"], G.SamplingParams(max_new_tokens=4), keep_logits=True)
+    engine = Engine.__new__(Engine)  # score() alone: no worker thread
+    engine.model, engine.device, engine.model_lock = model, torch.device("cpu"), __import__("threading").Lock()
+    scored = engine.score(prompts[0], "a", top=3)
+    parent = type(model)
+
+    class NoLogitsToKeep(parent):
+        def forward(self, *args, **kwargs):
+            if "logits_to_keep" in kwargs:
+                raise ValueError(f"Got unexpected arguments: {{'logits_to_keep': {kwargs['logits_to_keep']}}}")
+            return super().forward(*args, **kwargs)
+
+    signature = inspect.signature(parent.forward)
+    NoLogitsToKeep.forward.__signature__ = signature.replace(
+        parameters=[p for p in signature.parameters.values() if p.name != "logits_to_keep"])
+    model.__class__ = NoLogitsToKeep
+    assert G.takes_logits_to_keep(model) is False
+    results = G.generate(model, prompts, ["a", "b"], G.SamplingParams(max_new_tokens=4), keep_logits=True)
+    for got, want in zip(results, expected):
+        assert got.tokens == want.tokens
+        assert_close(torch.stack(got.logits), torch.stack(want.logits))
+    again = engine.score(prompts[0], "a", top=3)
+    assert again[0] is None and len(again) == len(scored) == len(prompts[0])
+    for got, want in zip(again[1:], scored[1:]):
+        assert abs(got.logprob - want.logprob) < 1e-5 and [t for t, _ in got.top] == [t for t, _ in want.top]
+
+
 def test_sampling_temperature_top_p_and_seed():
     logits = torch.tensor([4.0, 3.0, 0.0, -1.0, -2.0])
     greedy = G.SamplingParams(temperature=0)

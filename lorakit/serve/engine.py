@@ -138,16 +138,21 @@ class Engine:
         loglikelihood tasks. One forward of the prompt through ``adapter`` (internal name; None: the base), under
         the model lock, between engine steps; the logits are kept ``SCORE_LOGITS`` at a time, never (L, V) whole.
         """
-        from lorakit.generation import _attention_backends, _routing
+        from lorakit.generation import _attention_backends, _routing, takes_logits_to_keep
 
         infos: list[TokenInfo | None] = [None]
         targets = torch.tensor(prompt[1:], device=self.device)
         chunk = max(1, SCORE_LOGITS // self.model.get_output_embeddings().weight.shape[0])
         ids = torch.tensor([prompt], device=self.device)
         with self.model_lock, torch.inference_mode(), _routing(self.model, [adapter]), _attention_backends(self.device):
+            # transformers 4.x's Bloom, OPT, GPT-J... take no logits_to_keep: their (L, V) logits, once
+            whole = None if takes_logits_to_keep(self.model) else self.model(input_ids=ids, use_cache=False).logits[0]
             for start in range(0, len(prompt) - 1, chunk):
                 keep = torch.arange(start, min(start + chunk, len(prompt) - 1), device=self.device)
-                logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[0]  # (k, V)
+                if whole is None:
+                    logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[0]  # (k, V)
+                else:
+                    logits = whole[keep]
                 logprobs = torch.log_softmax(logits.float(), dim=-1)
                 chosen = logprobs.gather(1, targets[keep].unsqueeze(1))[:, 0].tolist()
                 best = torch.topk(logprobs, k=min(top, logprobs.shape[-1])) if top else None
