@@ -144,6 +144,7 @@ def test_a_tokenizer_saved_by_transformers_5_loads_on_any_transformers(tmp_path)
     tokenizer = lorakit.models.loading.load_tokenizer(folder)
     chat = [{"role": "user", "content": TEXT[1]}]
     assert tokenizer(TEXT[0])["input_ids"] == original(TEXT[0])["input_ids"]
+    assert set(tokenizer(TEXT[0])) == {"input_ids", "attention_mask"}  # as 5.x: what generate(**inputs) takes
     assert tokenizer.eos_token == original.eos_token and tokenizer.pad_token is not None
     assert tokenizer.apply_chat_template(chat, tokenize=False) == original.apply_chat_template(chat, tokenize=False)
 

@@ -290,9 +290,12 @@ def _tokenizers_backend_fallback(folder: Path):
         return None
     if not isinstance(config, dict) or config.get("tokenizer_class") != "TokenizersBackend":
         return None
+    # 5.x's tokenizers return input_ids and attention_mask; 4.x's PreTrainedTokenizerFast adds token_type_ids by
+    # default, which generate(**inputs) then refuses for Llama-style models
+    names = config.get("model_input_names") or ["input_ids", "attention_mask"]
     try:
         with _quiet_loading():  # its "class ... is not the same type" warning is this very case
-            return transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+            return transformers.PreTrainedTokenizerFast.from_pretrained(folder, model_input_names=names)
     except Exception:  # broken files: the AutoTokenizer error is the one to report
         return None
 
