@@ -240,6 +240,8 @@ def test_sdk_parse_and_responses(server):
                                                      "strict": True}})
     assert response.status == "completed"
     valid(json.loads(response.output_text), SCHEMA)
+    assert response.text.format.type == "json_schema" and response.text.format.name == "person"  # echoed
+    assert response.text.format.schema_ == SCHEMA
     # greedy (the Responses API takes no seed): any JSON object lets this model write one long string, so the answer
     # may end at max_output_tokens ("incomplete"), still a JSON prefix; chat's json_object test checks whole ones
     response = sdk.responses.create(model="base", input="a person", max_output_tokens=150, temperature=0.0,

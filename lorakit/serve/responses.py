@@ -103,11 +103,17 @@ def response_object(body: ResponsesRequest, ident: str, created: int, status: st
         "previous_response_id": None, "prompt_cache_key": body.prompt_cache_key,
         "reasoning": {"effort": None, "summary": None}, "safety_identifier": body.safety_identifier,
         "service_tier": "default", "store": False,  # nothing is kept, whatever the request asked
-        "temperature": body.temperature, "text": {"format": {"type": "text"}, "verbosity": "medium"},
+        "temperature": body.temperature, "text": {"format": _format(body), "verbosity": "medium"},
         "tool_choice": body.tool_choice if isinstance(body.tool_choice, str) else "auto",
         "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or ()],
         "top_logprobs": 0, "top_p": body.top_p, "truncation": "disabled", "usage": usage, "user": body.user,
     }
+
+
+def _format(body) -> dict:
+    """``text.format`` as the request gave it (a json_schema's name, schema and strict), OpenAI's echo of it."""
+    given = body.text.format if body.text is not None else None
+    return {"type": "text"} if given is None else given.model_dump(by_alias=True, exclude_none=True)
 
 
 def output_items(item_id: str, reasoning: str | None, content: str | None, calls: list[dict] | None,
