@@ -60,8 +60,12 @@ def sliding_window_layout(model: nn.Module) -> tuple[int, bool] | None:
 
 def _decoder(model: nn.Module) -> nn.Module:
     """The module that turns ``attention_mask`` into per-layer masks (lorakit's loss calls it directly)."""
-    decoder = getattr(model, getattr(model, "base_model_prefix", "") or "model", None)
-    return decoder if isinstance(decoder, nn.Module) else model
+    # transformers 4.x's Gemma3ForCausalLM names base_model_prefix "language_model" but keeps its decoder in .model
+    for name in (getattr(model, "base_model_prefix", "") or "model", "model"):
+        decoder = getattr(model, name, None)
+        if isinstance(decoder, nn.Module):
+            return decoder
+    return model
 
 
 def window_packed_masks(model: nn.Module):
