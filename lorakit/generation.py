@@ -177,9 +177,14 @@ def _new_cache(model: nn.Module):
     """A cache whose every layer keeps all its keys. Built from the config, transformers' cache crops sliding-window
     layers to their last window - 1 columns, which breaks the equal-width rows that left padding, ``extend`` and
     ``keep`` rely on (prompts of different lengths past the window failed); the attention mask applies the window
-    either way, so the logits are the same."""
+    either way, so the logits are the same. Layer kinds other than attention (Mamba's ``linear_attention`` on
+    transformers 5.x) hold a state only the config-built cache creates, so such models get that one."""
     from transformers import DynamicCache
 
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    if set(getattr(text, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}:
+        return DynamicCache(config=config)
     return DynamicCache()
 
 
