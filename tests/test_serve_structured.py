@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -198,6 +199,50 @@ def test_completions_take_a_format_too(server):
         valid(json.loads(choice.text), SCHEMA)
 
 
+def test_vllm_structured_outputs(server):
+    """vLLM's ``structured_outputs`` (extra_body): choice, regex, a Lark grammar, json (as a schema or its text)."""
+    sdk = server["sdk"]
+
+    def ask(seed: int, **outputs) -> str:
+        choice = sdk.chat.completions.create(model="base", messages=MESSAGES, max_tokens=150, seed=seed, temperature=1.0,
+                                             extra_body={"structured_outputs": outputs}).choices[0]
+        assert choice.finish_reason == "stop", choice
+        return choice.message.content
+
+    colors = ["red", "green", "dark blue", 'say "hi"\n']
+    answers = {ask(seed, choice=colors) for seed in range(6)}
+    assert answers <= set(colors) and len(answers) > 1
+    for seed in range(3):
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2,5}", ask(seed, regex=r"[0-9]{3}-[a-z]{2,5}"))
+        said = ask(seed, grammar='start: "yes" | "no" | "n=" NUM\nNUM: /[0-9]{1,3}/')
+        assert said in ("yes", "no") or re.fullmatch(r"n=[0-9]{1,3}", said)
+    valid(json.loads(ask(1, json=SCHEMA)), SCHEMA)
+    valid(json.loads(ask(2, json=json.dumps(SCHEMA))), SCHEMA)
+    text = server["sdk"].completions.create(model="base", prompt="Pick:", max_tokens=20, temperature=0,
+                                            extra_body={"structured_outputs": {"choice": colors}}).choices[0].text
+    assert text in colors
+
+
+@pytest.mark.parametrize("outputs, words", [
+    ({"regex": "(?=a)b"}, "look-around"),
+    ({"grammar": "start: undefined_rule"}, "undefined_rule"),
+    ({"choice": ["a"], "regex": "a"}, "exactly one of"),
+    ({}, "exactly one of"),
+    ({"json": "{not json"}, "not JSON"),
+    ({"whitespace_pattern": " "}, "whitespace_pattern"),
+])
+def test_bad_structured_outputs_are_one_line_400s(server, outputs, words):
+    response = httpx.post(server["url"] + "/v1/chat/completions", timeout=30,
+                          json={"model": "base", "messages": MESSAGES, "structured_outputs": outputs})
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert words in message and "\n" not in message and "Traceback" not in message
+    both = httpx.post(server["url"] + "/v1/chat/completions", timeout=30, json={
+        "model": "base", "messages": MESSAGES, "structured_outputs": {"choice": ["a"]},
+        "response_format": {"type": "json_object"}})
+    assert both.status_code == 400 and "not both" in both.json()["error"]["message"]
+
+
 def test_json_object(server):
     """Any JSON object: free strings let a random model write until max_tokens, so of six sampled answers those
     that end are checked (seeds 0, 3 and 4 end on this model), the others must still be a JSON prefix."""
@@ -299,7 +344,7 @@ def test_format_with_tool_calls(server):
 
     request = ChatRequest.model_validate({**body, "tool_choice": "none"})
     assert not request.calls_parsed()
-    _format_without_calls(request.response_format.spec(), request.calls_parsed(), "response_format")
+    _format_without_calls(request.response_format.spec(), "response_format", request.calls_parsed())
 
 
 def test_missing_llguidance_is_a_one_line_400(monkeypatch):
@@ -319,8 +364,8 @@ def test_missing_llguidance_is_a_one_line_400(monkeypatch):
                                "tokenizer": object(), "tokenizer_lock": None})()
     params = [type("P", (), {"stop_token_ids": (0,)})()]
     with pytest.raises(APIError) as caught:
-        asyncio.run(app_module._constraints(state, ("json_object", None, "json_object"), params, None,
-                                            "response_format"))
+        asyncio.run(app_module._constraints(state, ("json_object", None, "json_object"), "response_format", params,
+                                            None))
     assert caught.value.status == 400 and "pip install llguidance" in caught.value.message
     assert "\n" not in caught.value.message
 

@@ -224,8 +224,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
         body = parse(ChatRequest, await read_json(request, state))
-        _format_without_calls(body.response_format.spec() if body.response_format else None, body.calls_parsed(),
-                              "response_format")
+        _format_without_calls(*_format_spec(body), body.calls_parsed())
         tools = body.openai_tools()
         if tools is None and not any(m.tool_calls or m.role == "tool" for m in body.messages):
             messages = template_messages(body.messages)  # role, content (and an answer's reasoning_content)
@@ -244,7 +243,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def responses(request: HTTPRequest):
         body = parse(ResponsesRequest, await read_json(request, state))
         spec = body.text.format.spec() if body.text is not None and body.text.format is not None else None
-        _format_without_calls(spec, body.calls_parsed(), "text.format")
+        _format_without_calls(spec, "text.format", body.calls_parsed())
         tools = body.chat_tools()
         if tools is None and not body.has_tool_items():
             prompt_ids = await run_in_threadpool(_encode, state, body.messages(), True, body.chat_template_kwargs,
@@ -263,7 +262,7 @@ def create_app(state: ServerState) -> FastAPI:
             if body.calls_parsed() else None
         params = _sampling_params(state, body, [limit], 1, None, call_end_tokens(state.tokenizer, fmt))
         think = await run_in_threadpool(_think_state, state, prompt_ids) if forced is None else None
-        constraints = await _constraints(state, spec, params, think, "text.format")
+        constraints = await _constraints(state, spec, "text.format", params, think)
         keep = (kept_tokens(state.tokenizer, fmt) if calls else frozenset()) | \
             (think.parser.tokens(state.tokenizer) if think else frozenset())
         adapter_name = None if body.model == state.base_name else body.model
@@ -474,9 +473,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     params = _sampling_params(state, body, [limit for limit in limits if limit > 0], n, body.seed, call_ends)
     # before the adapter is pinned: nothing awaited between the pin and the jobs' submission may leak it
     think = await run_in_threadpool(_think_state, state, prompts[0]) if chat and forced is None else None
-    response_format = getattr(body, "response_format", None)
-    constraints = await _constraints(state, response_format.spec() if response_format is not None else None, params,
-                                     think, "response_format")
+    constraints = await _constraints(state, *_format_spec(body), params, think)
     adapter_name = None if body.model == state.base_name else body.model
     internal = None if adapter_name is None else await _acquire(state, adapter_name)
     prompt_lps = None
@@ -609,35 +606,43 @@ def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[S
     return jobs, bridge
 
 
-def _format_without_calls(spec: tuple | None, calls: bool, param: str) -> None:
+def _format_spec(body) -> tuple[tuple | None, str]:
+    """A chat or completions request's format, ``(kind, value, name)`` or None for plain text, and the field it
+    came from: ``response_format`` (OpenAI's) or ``structured_outputs`` (vLLM's), not both."""
+    given = getattr(body, "response_format", None)
+    given = given.spec() if given is not None else None
+    vllm = getattr(body, "structured_outputs", None)
+    if vllm is not None and given is not None:
+        raise APIError(400, "send response_format or structured_outputs, not both", param="structured_outputs")
+    return (vllm.spec(), "structured_outputs") if vllm is not None else (given, "response_format")
+
+
+def _format_without_calls(spec: tuple | None, param: str, calls: bool) -> None:
     """A JSON format (``spec``) with tool calls to parse (``calls``) is refused: the answer would be either a call
     or the formatted content, and a grammar for the content alone would forbid the call. With tool_choice "none"
     the tools stay in the prompt and the format applies to the whole answer."""
     if spec is not None and calls:
-        raise APIError(400, f"a JSON {param} cannot be combined with tool calls (the answer is either a call or the "
+        raise APIError(400, f"{param} cannot be combined with tool calls (the answer is either a call or the "
                        "formatted content); send tool_choice 'none' to keep the tools in the prompt only, or leave "
                        "the format out", param=param)
 
 
-async def _constraints(state: ServerState, spec: tuple[str, dict | None, str] | None, params: list[SamplingParams],
-                       think: AnswerStart | None, param: str) -> list | None:
-    """One response_format matcher per engine row (``params``), or None without a JSON format (``spec``:
-    ``(type, schema, name)`` from the request). With a reasoning block to come (``think`` not "closed"), the
+async def _constraints(state: ServerState, spec: tuple[str, object, str] | None, param: str,
+                       params: list[SamplingParams], think: AnswerStart | None) -> list | None:
+    """One format matcher per engine row (``params``), or None without a format (``spec``: ``(kind, value,
+    name)`` from the request field ``param``: structured.compile_format). With a reasoning block to come (``think`` not "closed"), the
     matchers start switched off (:func:`_submit` switches them on). Refused in one line when llguidance is not
     installed, or for a schema it cannot compile."""
     if spec is None:
         return None
-    kind, schema, name = spec
+    kind, value, name = spec
     head = state.model.get_output_embeddings()
     columns = head.weight.shape[0] if head is not None else state.model.config.vocab_size  # the logits' width
     waits = think is not None and think.where != "closed"
 
     def build() -> list:
-        from lorakit.serve.structured import check_schema_size, schema_of
-
-        check_schema_size(schema_of(kind, schema))
-        grammar = compile_format(state.tokenizer, columns, params[0].stop_token_ids, schema_of(kind, schema), name,
-                                 state.tokenizer_lock)
+        grammar = compile_format(state.tokenizer, columns, params[0].stop_token_ids, value, name,
+                                 state.tokenizer_lock, kind)
         constraints = [grammar.constraint() for _ in params]
         for constraint in constraints:
             constraint.active = not waits

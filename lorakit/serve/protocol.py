@@ -171,6 +171,7 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None
     suffix: str | None = None
     response_format: "ResponseFormat | None" = None  # vLLM's extension: JSON answers here too (structured.py)
+    structured_outputs: "StructuredOutputs | None" = None  # vLLM's extension: json, regex, choice or grammar
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -379,6 +380,48 @@ class ResponseFormat(_Strict):
         return "json_schema", self.json_schema.schema_, self.json_schema.name
 
 
+class StructuredOutputs(_Strict):
+    """vLLM's ``structured_outputs`` (sent in ``extra_body``): exactly one of ``json`` (a schema, or its JSON
+    text), ``regex`` (the whole answer matches it), ``choice`` (the answer is one of the strings), ``grammar`` (a
+    Lark grammar, as vLLM's guidance backend reads it) or ``json_object`` true. vLLM's other options (whitespace,
+    structural tags) are refused by name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    json_: Union[dict, str, None] = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1)
+    choice: list[str] | None = Field(None, min_length=1, max_length=4096)
+    grammar: str | None = Field(None, min_length=1)
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "StructuredOutputs":
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, "json_" if k == "json" else k)
+                 is not None] + (["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs takes exactly one of json, regex, choice, grammar, json_object; got "
+                             f"{', '.join(given) or 'none'}")
+        if isinstance(self.json_, str):
+            import json
+
+            try:
+                self.json_ = json.loads(self.json_)
+            except ValueError as error:
+                raise ValueError(f"structured_outputs json is not JSON ({str(error)[:60]})") from None
+            if not isinstance(self.json_, dict):
+                raise ValueError("structured_outputs json must be a JSON schema (an object)")
+        return self
+
+    def spec(self) -> tuple[str, Any, str]:
+        """(kind, value, name) as structured.compile_format takes them."""
+        if self.json_ is not None:
+            return "json_schema", self.json_, "json"
+        if self.json_object:
+            return "json_object", None, "json_object"
+        kind = next(k for k in ("regex", "choice", "grammar") if getattr(self, k) is not None)
+        return kind, getattr(self, kind), kind
+
+
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -392,6 +435,7 @@ class ChatRequest(_Sampling):
     # OpenAI fields at their "off" values, as client libraries send them
     functions: list | None = None
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extension (extra_body): json, regex, choice, grammar
     store: bool | None = None
     modalities: list[str] | None = None
     # vLLM's extension: options of the model's chat template, e.g. {"enable_thinking": false} for Qwen3

@@ -103,19 +103,39 @@ _GRAMMARS_LOCK = threading.Lock()
 GRAMMAR_CACHE = 64
 
 
-def compile_format(tokenizer, vocab: int, end_ids: tuple[int, ...], schema: dict, name: str = "json_schema",
-                   lock: threading.Lock | None = None) -> Grammar:
-    """Compile JSON ``schema`` (``{"type": "object"}`` for json_object) into a :class:`Grammar` whose answers end
-    with one of ``end_ids``; ``vocab``: the model's logit columns; ``lock``: held while llguidance reads the
-    tokenizer (the server's tokenizer lock). Raises :class:`FormatError` (one line) for a schema llguidance cannot
-    build (an unknown type, a regex with look-around, a $ref it cannot resolve, ...)."""
+KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+def _grammar_text(llguidance, kind: str, value: Any) -> str:
+    """llguidance's grammar for a format: a JSON schema (``json_object``: any object), a regex the whole answer
+    matches, one of a list of strings (``choice``), or a Lark grammar (``grammar``, vLLM's guidance backend's)."""
+    if kind in ("json_schema", "json_object"):
+        return llguidance.LLMatcher.grammar_from_json_schema(schema_of(kind, value), defaults=JSON_OPTIONS)
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(value)
+    if kind == "choice":  # Lark string literals take JSON's escapes
+        return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
+    if kind == "grammar":
+        return llguidance.LLMatcher.grammar_from_lark(value)
+    raise FormatError(f"unknown format kind {kind!r}; one of {', '.join(KINDS)}")
+
+
+def compile_format(tokenizer, vocab: int, end_ids: tuple[int, ...], value: Any, name: str = "json_schema",
+                   lock: threading.Lock | None = None, kind: str = "json_schema") -> Grammar:
+    """Compile a format into a :class:`Grammar` whose answers end with one of ``end_ids``: ``kind`` json_schema
+    (``value`` the schema), json_object, regex (a pattern), choice (a list of strings) or grammar (Lark text).
+    ``vocab``: the model's logit columns; ``lock``: held while llguidance reads the tokenizer (the server's
+    tokenizer lock). Raises :class:`FormatError` (one line) for what llguidance cannot build (an unknown type, a
+    regex with look-around, a $ref it cannot resolve, a grammar rule never defined, ...)."""
     llguidance = _llguidance()
+    check_schema_size(value)
     with lock or contextlib.nullcontext():
         ll_tokenizer = _ll_tokenizer(tokenizer, vocab, tuple(end_ids))
+    what = "the schema" if kind.startswith("json") else f"the {kind}"
     try:
-        text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        text = _grammar_text(llguidance, kind, value)
     except (ValueError, TypeError) as error:
-        raise FormatError(f"{name}: the schema cannot be used: {_one_line(error)}") from None
+        raise FormatError(f"{name}: {what} cannot be used: {_one_line(error)}") from None
     key = (id(ll_tokenizer), text)
     with _GRAMMARS_LOCK:
         start = _GRAMMARS.get(key)
@@ -124,7 +144,7 @@ def compile_format(tokenizer, vocab: int, end_ids: tuple[int, ...], schema: dict
     if start is None:  # compiled outside the lock (llguidance drops the GIL): other requests' schemas wait not
         start = llguidance.LLMatcher(ll_tokenizer, text, log_level=0)
         if start.is_error():  # an unknown type, a regex with look-around, a $ref that points nowhere, ...
-            raise FormatError(f"{name}: the schema cannot be used: {_one_line(start.get_error())}")
+            raise FormatError(f"{name}: {what} cannot be used: {_one_line(start.get_error())}")
         with _GRAMMARS_LOCK:
             _GRAMMARS[key] = start
             while len(_GRAMMARS) > GRAMMAR_CACHE:
@@ -195,7 +215,8 @@ def schema_of(kind: str, schema: dict | None) -> dict:
     return schema if schema is not None else {}
 
 
-def check_schema_size(schema: dict, limit: int = 256 * 1024) -> None:
-    """A schema's JSON text above ``limit`` characters is refused before it is compiled."""
-    if len(json.dumps(schema)) > limit:
-        raise FormatError(f"the schema is over {limit // 1024} KiB of JSON; send a smaller one")
+def check_schema_size(value: Any, limit: int = 256 * 1024) -> None:
+    """A format (schema, pattern, choices, grammar) above ``limit`` characters of JSON is refused before it is
+    compiled."""
+    if len(json.dumps(value)) > limit:
+        raise FormatError(f"the format is over {limit // 1024} KiB of JSON; send a smaller one")
