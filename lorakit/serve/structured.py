@@ -2,8 +2,8 @@
 
 OpenAI's ``response_format`` (chat completions) and ``text.format`` (responses) of type ``json_schema`` or
 ``json_object``, and vLLM's ``structured_outputs`` (json, regex, choice, Lark grammar), become a grammar compiled by
-llguidance (the library behind vLLM's "guidance" backend; an optional
-dependency, imported here only). Each engine row with a format owns a :class:`Constraint` (one ``LLMatcher``):
+llguidance (the library behind vLLM's "guidance" backend; an optional dependency, imported here only). Each engine
+row with a format owns a :class:`Constraint` (one ``LLMatcher``):
 
 - before its next token is drawn, the row's logits ``(V,)`` outside the grammar's allowed tokens are set to -inf
   (:meth:`Constraint.mask`), so greedy and sampled decoding (temperature, top-p, top-k) pick only tokens that keep
