@@ -408,3 +408,31 @@ def test_a_pipe_or_device_where_an_adapter_file_goes_is_named(adapter, tmp_path,
         line = _error(capsys, main(["inspect", str(folder)]))
         assert line.endswith(f"{folder / name} is not a regular file (a pipe, socket or device); it must be the file "
                              "itself"), line
+
+
+def test_serve_refuses_a_bad_or_busy_port_before_loading(capsys, tmp_path):
+    """`lorakit serve --port 99999` was an OverflowError traceback from bind() after the model had loaded, and a busy
+    port failed only then too: both are one line before anything loads (the model name here does not exist)."""
+    import socket
+
+    pytest.importorskip("fastapi")
+    args = ["serve", "--model", str(tmp_path / "no-model"), "--adapters", str(tmp_path)]
+    code = main(args + ["--port", "99999"])
+    assert "--port must be between 0 and 65535, got 99999" in _error(capsys, code)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(args + ["--host", "127.0.0.1", "--port", str(port)])
+        line = _error(capsys, code)
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "--port" in line
+
+
+def test_serve_names_an_adapters_file_as_a_file(tmp_path):
+    """--adapters pointing at a file said 'does not exist'."""
+    from lorakit.serve.pool import AdapterPool
+
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(b"")
+    with pytest.raises(LorakitError, match="is a file, not a folder"):
+        AdapterPool(torch.nn.Linear(2, 2), path, model_lock=None)

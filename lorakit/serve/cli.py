@@ -164,6 +164,26 @@ def torch_free_memory(device) -> int:
     return int(free)
 
 
+def _check_address(host: str, port: int) -> None:
+    """One line for a port out of range or an address this process cannot listen on (in use, not this machine's)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise LorakitError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        raise LorakitError(f"--host {host!r} is not an address of this machine ({error}); try 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed server's port is fine
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise LorakitError(f"cannot listen on {host}:{port} ({error.strerror or error}); pick another --port, or "
+                               "stop what is using it") from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -172,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise LorakitError(f"lorakit serve needs FastAPI and uvicorn ({error.name} is missing); install them with: "
                            "pip install 'lorakit[serve]'") from None
+    _check_address(args.host, args.port)  # before the model loads: a bad or busy port fails in a second, not after
     state = build_state(args)
     app = create_app(state)
     print(f"lorakit serve: {state.base_name} with adapters from {args.adapters} on http://{args.host}:{args.port} "

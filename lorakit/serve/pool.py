@@ -86,6 +86,9 @@ class AdapterPool:
             raise LorakitError(f"--max-loaded must be at least 1, got {max_loaded}")
         self.model = model
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise LorakitError(f"--adapters {self.root} is a file, not a folder; give the folder that holds one adapter "
+                               "per subfolder (for a single adapter: its parent folder)")
         if not self.root.is_dir():
             raise LorakitError(f"adapters folder {self.root} does not exist; create it and put one adapter per subfolder")
         self.model_lock = model_lock
