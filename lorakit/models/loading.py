@@ -300,10 +300,27 @@ def _tokenizers_backend_fallback(folder: Path):
         return None
 
 
+def attention_for(config, attn_implementation: str | None) -> str | None:
+    """``attn_implementation``, except "eager" where "sdpa" is asked for a model with soft-capped attention logits
+    (Gemma 2): transformers 5.x refuses sdpa there (the loaders then fall back to eager), 4.x accepts it and silently
+    leaves the soft-capping out, so the logits are not the model's."""
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text() if callable(get_text) else config
+    if attn_implementation == "sdpa" and getattr(text, "attn_logit_softcapping", None):
+        return "eager"
+    return attn_implementation
+
+
 def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | None):
     """``AutoModelForCausalLM.from_pretrained`` from safetensors, refusing a folder whose weights do not cover the
     model (transformers would fill the gap with random values and only log it)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if attn_implementation == "sdpa":
+        try:
+            attn_implementation = attention_for(AutoConfig.from_pretrained(folder, local_files_only=True), "sdpa")
+        except Exception:  # a config transformers cannot read: the load below reports it
+            pass
 
     def load(attn: str | None):
         kwargs = {"attn_implementation": attn} if attn else {}

@@ -145,6 +145,9 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
     if prequantized:  # the model is built plain; lorakit itself puts the 4-bit layers in
         config.quantization_config = None
         delattr(config, "quantization_config")
+    from lorakit.models.loading import attention_for
+
+    attn_implementation = attention_for(config, attn_implementation)  # Gemma 2 on transformers 4.x: eager, not sdpa
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with _parameters_on_meta():
         try:
