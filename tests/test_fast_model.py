@@ -70,6 +70,8 @@ def _other_model(kind):
 def test_same_loss_and_lora_grads(kind):
     torch.manual_seed(0)
     model = _lora_model(_other_model(kind))
+    if kind in ("mixtral", "qwen2_moe") and not any(p.ndim == 3 for p in model.parameters()):
+        pytest.skip("MoE experts are fused 3-D parameters only in transformers >= 5 (4.x: one nn.Linear per expert)")
     if kind in ("mixtral", "qwen2_moe"):  # the experts (3-D parameters) too, as --target-parameters adapts them
         lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=[], target_parameters=[
             "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), adapter="experts")

@@ -14,6 +14,8 @@ from test_serve_support import CHATML, TEXT, make_adapter
 
 IDS = torch.tensor([[3, 17, 42, 99, 150, 7, 250, 31, 64, 1], [5, 6, 7, 8, 9, 10, 11, 12, 13, 300]])
 SENTENCE = "Paris is the capital of France 🙂 2024 <|im_start|>user\nhi<|im_end|>"
+# transformers' GGUF tokenizer reader (not lorakit's writer) differs before 5.x for some families
+TRANSFORMERS_4 = int(__import__("transformers").__version__.split(".")[0]) < 5
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256, initializer_range=0.3)
 
@@ -178,15 +180,21 @@ def test_tokenizer_and_chat_template_round_trip(exported):
     from transformers import AutoTokenizer
 
     original = AutoTokenizer.from_pretrained(exported["base"])
-    from_gguf = AutoTokenizer.from_pretrained(exported["f16"], gguf_file="m-f16.gguf")
-    assert from_gguf(SENTENCE)["input_ids"] == original(SENTENCE)["input_ids"]
-    assert from_gguf.decode(original(SENTENCE)["input_ids"]) == SENTENCE
     # transformers 5.24 drops the template and special tokens when it rebuilds a qwen3 tokenizer (a plain
     # TokenizersBackend), so read the fields llama.cpp uses
     fields = gguf.GGUFReader(exported["f16"] / "m-f16.gguf").fields
     assert fields["tokenizer.chat_template"].contents() == original.chat_template
     assert fields["tokenizer.ggml.eos_token_id"].contents() == original.eos_token_id
     assert fields["tokenizer.ggml.padding_token_id"].contents() == original.pad_token_id
+    try:
+        from_gguf = AutoTokenizer.from_pretrained(exported["f16"], gguf_file="m-f16.gguf")
+    except (ImportError, AttributeError) as error:
+        if not TRANSFORMERS_4:
+            raise
+        pytest.skip(f"transformers 4.x cannot rebuild this family's tokenizer from GGUF ({type(error).__name__}: "
+                    "its gemma builder needs protobuf, its phi3 reader has no bos_token_id); 5.x can")
+    assert from_gguf(SENTENCE)["input_ids"] == original(SENTENCE)["input_ids"]
+    assert from_gguf.decode(original(SENTENCE)["input_ids"]) == SENTENCE
 
 
 @pytest.mark.parametrize("family", ["phi3", "gemma3"])
@@ -204,7 +212,8 @@ def test_sentencepiece_style_vocabulary_round_trips(family, tmp_path):
     from_gguf = AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file="m-f16.gguf")
     for text in ("Paris is the capital of France", "two  spaces 🙂 中文 42 <start_of_turn>user 🚀"):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        assert from_gguf(text, add_special_tokens=False)["input_ids"] == ids
+        if not (TRANSFORMERS_4 and family == "phi3"):  # 4.x's GGUF phi3 builder reads this vocabulary as other ids
+            assert from_gguf(text, add_special_tokens=False)["input_ids"] == ids
     assert "<0xF0>" in tokenizer.convert_ids_to_tokens(ids)  # 🚀 is not in the vocabulary: byte fallback was used
     # llama.cpp reads these two to tokenize as this tokenizer does (tests/test_gguf_llamacpp.py runs llama.cpp):
     # no "▁" before the text (only a Prepend normalizer or a prepending Metaspace asks for one), and the <0xNN>
@@ -273,6 +282,8 @@ def test_unsupported_families_and_configs_are_refused_in_one_line(tmp_path):
         export_merged(windowed, None, "x", tmp_path / "out", gguf_type="q8_0")
     partial = phi3(64, num_hidden_layers=1, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                              "partial_rotary_factor": 0.75})
+    if getattr(partial.config, "partial_rotary_factor", 0.75) != 0.75:  # transformers 4.x: a field of its own
+        partial = phi3(64, num_hidden_layers=1, partial_rotary_factor=0.75)
     lorakit.inject(partial, lorakit.LoraConfig(r=2, target_modules=["qkv_proj"]), adapter="x")
     with pytest.raises(lorakit.LorakitError, match="partial_rotary_factor=0.75"):
         export_merged(partial, None, "x", tmp_path / "out", gguf_type="f16")
