@@ -23,6 +23,12 @@ from conftest import assert_close
 from lorakit.errors import LorakitError
 from lorakit.param_lora import ParamLora
 
+# MoE experts are fused 3-D parameters (what target_parameters adapts) only from transformers 5; 4.x builds one
+# nn.Linear per expert, which target_modules adapts like any other layer
+FUSED_EXPERTS = hasattr(tf, "MixtralForCausalLM") and any(p.ndim == 3 for p in tf.MixtralForCausalLM(tf.MixtralConfig(
+    vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    num_local_experts=2)).parameters())
+pytestmark = pytest.mark.skipif(not FUSED_EXPERTS, reason="fused 3-D MoE expert parameters need transformers >= 5")
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 ROUTER = ["mlp.gate.weight"]
 TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
