@@ -245,6 +245,15 @@ def find_param_targets(model: nn.Module, config: LoraConfig) -> dict[str, dict[s
     if unmatched:
         candidates = sorted({_per_layer(f"{p}.{n}") for p, m in modules.items() if p and not _supported(m)
                              for n, t in m.named_parameters(recurse=False) if t.ndim in (2, 3) and t.is_floating_point()})
+        per_expert = sorted({p.rsplit(".", 1)[-1] for p, m in modules.items()
+                             if _supported(m) and re.search(r"\.experts\.\d+\.[^.]+$", p)})
+        if per_expert and not candidates and "experts" in unmatched[0]:  # transformers 4.x: one Linear per expert
+            import transformers
+
+            raise LorakitError(f"target_parameters {shown(unmatched[0])}: transformers {transformers.__version__} "
+                               "builds this model's MoE experts as one linear layer each, not fused 3-D parameters "
+                               "(those need transformers >= 5); adapt the experts with target_modules "
+                               f"{', '.join(per_expert)} instead")
         raise LorakitError(f"target_parameters {shown(unmatched[0])} matched no parameter of this model; parameters it "
                            f"could name (held outside linear/embedding layers): {listed(candidates, 8) or '(none)'}")
     return found

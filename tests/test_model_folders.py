@@ -229,6 +229,20 @@ def test_expert_parameters_named_as_targets_say_why(tmp_path):
     assert not any(isinstance(m, lorakit.layers.LoraLinear) for m in model.modules())  # untouched
 
 
+def test_expert_target_parameters_adapt_or_name_the_transformers_version_they_need():
+    """target_parameters on Mixtral's experts: the fused 3-D parameters on transformers 5; on 4.x, where each expert
+    is its own Linear, one line saying so and naming the target_modules to use instead."""
+    model = build("mixtral")
+    config = lorakit.LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"])
+    if FUSED_EXPERTS:
+        lorakit.inject(model, config)
+        assert len(list(lorakit.lora_parameters(model, "default"))) == 2 * 2  # (A, B) in each of the 2 layers
+    else:
+        with pytest.raises(LorakitError, match=r"\(those need transformers >= 5\); adapt the experts with "
+                                               r"target_modules w1, w2, w3 instead$"):
+            lorakit.inject(model, config)
+
+
 @needs_fused_experts
 def test_moe_adapter_file_names_the_adapted_modules(tmp_path):
     """On a model with fused experts, an "all-linear" adapter is saved with its module paths (what peft needs to
