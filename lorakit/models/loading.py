@@ -92,11 +92,27 @@ def check_causal_config(folder: Path) -> dict:
                            "ones it should predict; config.json has no \"is_decoder\": true), not a causal language "
                            "model; lorakit fine-tunes decoder-only causal LMs (Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)")
     try:  # transformers checks each field's type; the tokenizer reads config.json first and would take the blame
-        transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        loaded = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as error:  # huggingface_hub's validation error, TypeError, ValueError...
         reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
         raise LorakitError(f"{path}: {reason[:300]}; fix that field or re-save the model with save_pretrained") from None
+    _check_field_types(loaded, config, path)
     return config
+
+
+def _check_field_types(loaded, config: dict, path: Path) -> None:
+    """transformers 4.x does not check config fields' types (5.x does, above): a number written as a string
+    ("hidden_size": "64") failed deep inside the model's construction. A string where the config class's default is
+    a number is named here, with 5.x's wording (only strings: lists such as eos_token_id [1, 2] are valid)."""
+    try:
+        defaults = type(loaded)()
+    except Exception:  # a config class that needs arguments: nothing to compare with
+        return
+    for key, value in config.items():
+        default = getattr(defaults, key, None)
+        if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+            raise LorakitError(f"{path}: Validation error for field {key!r}: expected {type(default).__name__}, got "
+                               f"str (value: {value!r}); fix that field or re-save the model with save_pretrained")
 
 
 def _vision_language_types() -> set[str]:
@@ -276,6 +292,17 @@ def load_tokenizer(folder: Path):
     return tokenizer
 
 
+def _saved_shape(folder: Path, key: str) -> tuple:
+    """The shape of tensor ``key`` in the folder's safetensors files (read from the headers), or ("?",)."""
+    from safetensors import safe_open
+
+    for weights in sorted(folder.glob("*.safetensors")):
+        with safe_open(weights, framework="pt") as handle:
+            if key in handle.keys():
+                return tuple(handle.get_slice(key).get_shape())
+    return ("?",)
+
+
 def _tokenizers_backend_fallback(folder: Path):
     """A tokenizer saved by transformers 5.x (``"tokenizer_class": "TokenizersBackend"``, the 5.x name of the fast
     tokenizer) read by a transformers 4.x, whose AutoTokenizer does not know that class: the same tokenizer.json,
@@ -341,8 +368,12 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
         reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise LorakitError(f"cannot load the model in {folder}: {reason}") from None
     mismatched = sorted(info.get("mismatched_keys") or [])
-    if mismatched:  # (key, shape in the file, shape config.json gives)
-        key, saved, expected = mismatched[0]
+    if mismatched:  # (key, shape in the file, shape config.json gives); transformers 4.x lists the keys alone
+        if isinstance(mismatched[0], str):
+            key = mismatched[0]
+            saved, expected = _saved_shape(folder, key), getattr(model.state_dict().get(key), "shape", ("?",))
+        else:
+            key, saved, expected = mismatched[0]
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
         raise LorakitError(f"{folder}: tensor {key!r} is {tuple(saved)} in the weights but config.json makes it "
                            f"{tuple(expected)}{more}; the weights and config.json are of different models (an edited "
