@@ -214,10 +214,10 @@ class Engine:
             started = time.perf_counter()
             rows = self.decoder.free_rows()[:len(newcomers)]
             logits = self.decoder.prefill(rows, [r.prompt for r in newcomers], [r.adapter for r in newcomers])
-            greedy = logits.argmax(dim=-1).tolist()
+            allowed, greedy = self._constrain(newcomers, logits)
             for j, (row, request) in enumerate(zip(rows, newcomers)):
                 request.row = row
-                if self._accept(request, logits[j], done, greedy[j]):
+                if self._accept(request, logits[j], allowed[j], done, greedy[j]):
                     self._running.append(request)
                 else:
                     self.decoder.release([row])
@@ -225,8 +225,8 @@ class Engine:
         elif newcomers:  # transformers' forward (segmented multi-LoRA kernels: long prompts, or no static decoder)
             started = time.perf_counter()
             logits, batch = prefill(self.model, [r.prompt for r in newcomers], [r.adapter for r in newcomers], self.pad_id)
-            greedy = logits.argmax(dim=-1).tolist()
-            keep = [i for i, r in enumerate(newcomers) if self._accept(r, logits[i], done, greedy[i])]
+            allowed, greedy = self._constrain(newcomers, logits)
+            keep = [i for i, r in enumerate(newcomers) if self._accept(r, logits[i], allowed[i], done, greedy[i])]
             if keep and self.decoder is not None:
                 rows = self.decoder.free_rows()[:len(keep)]
                 self.decoder.admit(rows, batch, members=keep)
@@ -251,10 +251,11 @@ class Engine:
             logits = self.decoder.step([r.row for r in self._running], tokens, adapters)
         else:
             logits = decode(self.model, self._batch, tokens, adapters)
-        greedy = logits.argmax(dim=-1).tolist()  # one device-to-host copy for the batch, not one per greedy row
+        allowed, greedy = self._constrain(self._running, logits)
         self.timings["decode_s"] += time.perf_counter() - started
         self.timings["decode_steps"] += 1
-        finished = [i for i, r in enumerate(self._running) if not self._accept(r, logits[i], done, greedy[i])]
+        finished = [i for i, r in enumerate(self._running)
+                    if not self._accept(r, logits[i], allowed[i], done, greedy[i])]
         self._drop(finished, done, None)
 
     def _time_prefill(self, started: float, rows: int) -> None:
@@ -262,18 +263,29 @@ class Engine:
         self.timings["prefill_calls"] += 1
         self.timings["prefill_rows"] += rows
 
-    def _accept(self, request: Request, logits: torch.Tensor, done: list, greedy: int) -> bool:
-        """Sample the request's next token from ``logits (V,)`` (``greedy``: its argmax, computed for the whole
-        batch at once); False (and a ``done`` entry) when it finished."""
+    @staticmethod
+    def _constrain(requests: list[Request], logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """``logits (n, V)`` of ``requests`` -> (the logits each row samples from, their argmax for the whole batch
+        in one device-to-host copy): rows with an active format get every token their grammar refuses at -inf, all
+        such rows in one pass (``structured.mask_rows``); rows without a format cost nothing."""
+        rows = [i for i, r in enumerate(requests) if r.constraint is not None and r.constraint.active]
+        if rows:
+            from lorakit.serve.structured import mask_rows
+
+            index = torch.tensor(rows, device=logits.device)
+            masked = mask_rows([requests[i].constraint for i in rows], logits.index_select(0, index))
+            logits = logits.index_copy(0, index, masked)
+        return logits, logits.argmax(dim=-1).tolist()
+
+    def _accept(self, request: Request, logits: torch.Tensor, allowed: torch.Tensor, done: list, greedy: int) -> bool:
+        """Sample the request's next token from ``allowed (V,)`` (the row's logits, with a format's refused tokens
+        at -inf; ``greedy``: its argmax, computed for the whole batch at once); ``logits`` (V,) as the model gave
+        them, for logprobs. False (and a ``done`` entry) when it finished."""
         params = request.params
         constraint = request.constraint
-        allowed = logits
-        if constraint is not None and constraint.active:  # a format: tokens its grammar refuses get -inf
-            allowed = constraint.mask(logits)
-            if allowed is None:  # the grammar allows nothing (a matcher error)
-                done.append((request, f"error: structured output: {constraint.error or 'no token is allowed'}"))
-                return False
-            greedy = int(allowed.argmax().item())
+        if constraint is not None and constraint.active and constraint.blocked:  # the grammar allows nothing
+            done.append((request, f"error: structured output: {constraint.error or 'no token is allowed'}"))
+            return False
         try:
             # shifted so the largest logit is 0: divided by a tiny temperature (1e-40) the logits stay finite or
             # -inf (probability 0) instead of overflowing to inf and NaN probabilities; the distribution is the same

@@ -155,16 +155,15 @@ def compile_format(tokenizer, vocab: int, end_ids: tuple[int, ...], value: Any, 
 
 class Constraint:
     """One row's matcher. ``active`` False: not applied yet (a reasoning block still open); ``done``: the answer
-    is complete (only an end token may follow)."""
+    is complete (only an end token may follow); ``blocked``: at the last :func:`mask_rows` the grammar allowed no
+    token (the matcher is in error: :attr:`error`)."""
 
     def __init__(self, matcher, vocab: int, active: bool = True):
         """``vocab``: the matcher's tokenizer's size (its bitmask covers that many tokens)."""
         self.matcher = matcher
         self.vocab = vocab
         self.active = active
-        words = (max(vocab, 1) + 31) // 32
-        self._bits = torch.zeros(words, dtype=torch.int32)  # llguidance writes the allowed-token bitmask here
-        self._shifts = torch.arange(8, dtype=torch.uint8)
+        self.blocked = False
 
     @property
     def done(self) -> bool:
@@ -174,38 +173,41 @@ class Constraint:
     def error(self) -> str | None:
         return _one_line(self.matcher.get_error()) if self.matcher.is_error() else None
 
-    def _fill(self) -> None:
-        """llguidance writes the next token's allowed-token bitmask (32 tokens per int32 word) into ``_bits``."""
-        self.matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
-
-    def _unpack(self, words: torch.Tensor, width: int) -> torch.Tensor:
-        """Bool ``(width,)`` of which tokens ``words`` allow (on their device); tokens past the bitmask: False."""
-        shifts = self._shifts if words.device == self._shifts.device else self._shifts.to(words.device)
-        self._shifts = shifts  # kept on the logits' device: one small copy per row, not per step
-        as_bytes = words.view(torch.uint8)  # little-endian words: bit j of byte i is token 8 i + j
-        bits = ((as_bytes.unsqueeze(1) >> shifts) & 1).reshape(-1).bool()
-        if bits.shape[0] < width:
-            bits = torch.cat([bits, bits.new_zeros(width - bits.shape[0])])
-        return bits[:width]
-
-    def allowed(self) -> torch.Tensor:
-        """Which of the ``vocab`` tokens the grammar allows next: bool ``(vocab,)`` on the CPU."""
-        self._fill()
-        return self._unpack(self._bits, self.vocab)
-
     def mask(self, logits: torch.Tensor) -> torch.Tensor | None:
         """``logits (V,)`` with every token the grammar does not allow next set to -inf (a new tensor); None when
-        it allows no token at all (the matcher is in error: :attr:`error`). The bitmask (V / 8 bytes) goes to the
-        logits' device and is unpacked there; columns past the tokenizer's vocabulary are never allowed."""
-        self._fill()
-        if not self._bits.any():
-            return None
-        allowed = self._unpack(self._bits.to(logits.device), logits.shape[-1])
-        return logits.masked_fill(~allowed, float("-inf"))
+        it allows no token at all (:attr:`blocked`). One row of :func:`mask_rows`."""
+        masked = mask_rows([self], logits.unsqueeze(0))[0]
+        return None if self.blocked else masked
 
     def consume(self, token: int) -> bool:
         """Feed the drawn token; False when the matcher refuses it (it then holds the error)."""
         return bool(self.matcher.consume_token(token))
+
+
+_EXECUTOR: list = []  # llguidance's thread pool, made on first use
+
+
+def mask_rows(constraints: list[Constraint], logits: torch.Tensor) -> torch.Tensor:
+    """``logits (n, V)``, row i for ``constraints[i]`` -> a new (n, V) tensor with every token row i's grammar does
+    not allow next at -inf; columns past the tokenizer's vocabulary are never allowed. The n bitmasks (32 tokens per
+    int32 word) are computed by llguidance's threads in parallel into one CPU buffer, copied to the logits' device
+    once and unpacked there in one pass: a decode step with many formatted rows costs a few operations, not a few per
+    row. Each constraint's ``blocked`` is set (its grammar allowed nothing)."""
+    llguidance = _llguidance()
+    if not _EXECUTOR:
+        _EXECUTOR.append(llguidance.LLExecutor())
+    n, width = logits.shape
+    words = (max(max(c.vocab for c in constraints), 1) + 31) // 32
+    bits = torch.zeros(n, words, dtype=torch.int32)
+    _EXECUTOR[0].unsafe_compute_mask_ptr([(c.matcher, i) for i, c in enumerate(constraints)], bits.data_ptr(),
+                                         words * 4, n)
+    for constraint, any_allowed in zip(constraints, bits.any(dim=1).tolist()):
+        constraint.blocked = not any_allowed
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bits.to(logits.device).unsqueeze(-1) >> shifts) & 1).reshape(n, words * 32).bool()  # bit j of word i:
+    if allowed.shape[1] < width:                                                            # token 32 i + j
+        allowed = torch.cat([allowed, allowed.new_zeros(n, width - allowed.shape[1])], dim=1)
+    return logits.masked_fill(~allowed[:, :width], float("-inf"))
 
 
 def schema_of(kind: str, schema: dict | None) -> dict:
