@@ -53,7 +53,9 @@ def _bnb_model(folder: Path, **overrides):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=_bnb_config(**overrides), device_map="cpu")
+    # dtype "auto" (5.x's default): transformers 4.x's bitsandbytes loader otherwise makes the model float16
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=_bnb_config(**overrides), device_map="cpu",
+                                                dtype="auto")
 
 
 def _bnb_dequantized(model) -> dict[str, torch.Tensor]:
@@ -136,7 +138,7 @@ def test_peft_adapter_trained_on_bnb_4bit_base_loads_on_nf4_and_dense(dense_fold
 def test_bnb_saved_variants_load_exactly(dense_folder, tmp_path, double_quant, storage, model_dtype):
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": model_dtype} if model_dtype else {}
+    kwargs = {"dtype": model_dtype or "auto"}  # "auto": 5.x's default (4.x's bitsandbytes loader picks float16)
     model = AutoModelForCausalLM.from_pretrained(dense_folder, device_map="cpu", **kwargs, quantization_config=_bnb_config(
         bnb_4bit_use_double_quant=double_quant, bnb_4bit_quant_storage=storage, bnb_4bit_compute_dtype=torch.bfloat16))
     model.save_pretrained(tmp_path)
