@@ -143,7 +143,8 @@ def test_folder_is_what_bitsandbytes_saves_and_both_loaders_read_it(folders, tmp
     # 3. transformers + bitsandbytes load it as Linear4bit and compute the same logits
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
+    # dtype "auto" is 5.x's default; 4.x's bitsandbytes loader would make it float16
+    hf = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype="auto").eval()
     assert hf.dtype == torch.float32 and _assert_hf_reads(hf, model, ids) == layers
 
 

@@ -88,8 +88,15 @@ def skip_modules(model: nn.Module, nf4_names, dense_names) -> list[str] | None:
     dense linear layers by full path, so transformers builds Linear4bit for the NF4 layers and nothing else."""
     try:
         from transformers import AutoModelForCausalLM
-        from transformers.quantizers.base import get_keys_to_not_convert
-        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        try:
+            from transformers.quantizers.base import get_keys_to_not_convert
+            from transformers.quantizers.quantizers_utils import should_convert_module
+        except ImportError:  # transformers 4.x: the function lives in the bitsandbytes integration, and
+            from transformers.integrations.bitsandbytes import get_keys_to_not_convert
+
+            def should_convert_module(name: str, skip: list[str]) -> bool:  # replace_with_bnb_linear's inline rule
+                return not any(key + "." in name or key == name or name.rsplit(".", 1)[-1] == key for key in skip)
 
         with torch.device("meta"):  # the plain model transformers builds before it swaps in Linear4bit (no memory)
             skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
