@@ -50,7 +50,7 @@ def converted_folder(name: str = "smollm2-135m") -> Path:
     print(f"lorakit: converting the embedded model {source.name} to {folder} (once, ~15 s)", flush=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        tokenizer = _follow_gguf_fields(AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name), source)
         # the GGUF loader marks the model as quantized; it is plain float32 now, so save it as such
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -65,3 +65,21 @@ def converted_folder(name: str = "smollm2-135m") -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _follow_gguf_fields(tokenizer, source: Path):
+    """The tokenizer with the GGUF file's own eos / pad tokens and BOS rule. transformers 4.x's GGUF reader gave
+    SmolLM2's tokenizer eos <|im_start|> and a BOS on every encode, while the file says eos <|im_end|> and
+    add_bos_token false (transformers 5.x reads it so: then this changes nothing)."""
+    import gguf
+
+    fields = gguf.GGUFReader(source).fields
+    for attribute, key in (("eos_token", "tokenizer.ggml.eos_token_id"), ("pad_token", "tokenizer.ggml.padding_token_id")):
+        if key in fields:
+            token = tokenizer.convert_ids_to_tokens(int(fields[key].contents()))
+            if getattr(tokenizer, attribute) != token:
+                setattr(tokenizer, attribute, token)
+    add_bos = fields.get("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and not add_bos.contents() and getattr(tokenizer, "add_bos_token", False):
+        tokenizer.add_bos_token = False  # the fast Llama tokenizer rebuilds its post-processor without the BOS
+    return tokenizer
