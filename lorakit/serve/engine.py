@@ -272,9 +272,13 @@ class Engine:
         if rows:
             from lorakit.serve.structured import mask_rows
 
-            index = torch.tensor(rows, device=logits.device)
-            masked = mask_rows([requests[i].constraint for i in rows], logits.index_select(0, index))
-            logits = logits.index_copy(0, index, masked)
+            constraints = [requests[i].constraint for i in rows]
+            if len(rows) == len(requests):  # every row formatted: no gather / scatter of (n, V) logits
+                logits = mask_rows(constraints, logits)
+            else:
+                index = torch.tensor(rows, device=logits.device)
+                masked, logits = mask_rows(constraints, logits[index]), logits.clone()
+                logits[index] = masked
         return logits, logits.argmax(dim=-1).tolist()
 
     def _accept(self, request: Request, logits: torch.Tensor, allowed: torch.Tensor, done: list, greedy: int) -> bool:

@@ -203,9 +203,10 @@ def mask_rows(constraints: list[Constraint], logits: torch.Tensor) -> torch.Tens
                                          words * 4, n)
     for constraint, any_allowed in zip(constraints, bits.any(dim=1).tolist()):
         constraint.blocked = not any_allowed
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bits.to(logits.device).unsqueeze(-1) >> shifts) & 1).reshape(n, words * 32).bool()  # bit j of word i:
-    if allowed.shape[1] < width:                                                            # token 32 i + j
+    shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
+    as_bytes = bits.view(torch.uint8).to(logits.device)  # little-endian words: bit j of byte i is token 8 i + j
+    allowed = ((as_bytes.unsqueeze(-1) >> shifts) & 1).reshape(n, words * 32).bool()  # bytes, not int32: 4x less
+    if allowed.shape[1] < width:
         allowed = torch.cat([allowed, allowed.new_zeros(n, width - allowed.shape[1])], dim=1)
     return logits.masked_fill(~allowed[:, :width], float("-inf"))
 
