@@ -677,8 +677,22 @@ def _layout_renamer(model: nn.Module):
         from transformers import PreTrainedModel
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
-    except ImportError:  # an older transformers: its checkpoints already have the layout its models have
-        return None
+    except ImportError:  # transformers 4.x: the model class's own key_mapping (regex -> replacement), as peft uses
+        mapping = getattr(model, "_checkpoint_conversion_mapping", None)
+        if not isinstance(mapping, dict) or not mapping:
+            return None
+
+        def rename_4x(key: str) -> str:
+            for pattern, replacement in mapping.items():  # the first pattern that matches, as transformers 4.x does
+                try:
+                    renamed, count = re.subn(pattern, replacement, key)
+                except re.error:
+                    return key
+                if count:
+                    return renamed
+            return key
+
+        return rename_4x
     if not isinstance(model, PreTrainedModel):
         return None
     try:
