@@ -39,8 +39,11 @@ def make_tokenizer(vocab_size: int = 360):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(TEXT * 4, trainer)
+    # model_input_names: what Llama-family tokenizers (and every tokenizer on transformers 5) return; 4.x's plain
+    # fast tokenizer adds token_type_ids, which generate(**inputs) refuses for Llama
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>", chat_template=CHATML)
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>", chat_template=CHATML,
+                                   model_input_names=["input_ids", "attention_mask"])
 
 
 def tiny_hf_folder(folder: Path, seed: int = 0, **overrides) -> Path:
