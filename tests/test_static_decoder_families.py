@@ -65,7 +65,8 @@ def _gemma2(**extra):
     config = dict(COMMON, num_hidden_layers=3, head_dim=12, query_pre_attn_scalar=20, attn_logit_softcapping=1.5,
                   final_logit_softcapping=0.5, sliding_window=16)
     config.update(extra)
-    return _sharpen(_shake_norms(Gemma2ForCausalLM(Gemma2Config(**config)).eval()))
+    # eager: the reference must soft-cap its attention (transformers 4.x's default sdpa silently does not)
+    return _sharpen(_shake_norms(Gemma2ForCausalLM(Gemma2Config(**config, attn_implementation="eager")).eval()))
 
 
 def _gemma3(**extra):
