@@ -117,6 +117,25 @@ def base_linear(module: nn.Module) -> nn.Module:
     return getattr(module, "base_layer", module)
 
 
+class _RotaryPerType(nn.Module):
+    """transformers 4.x's Gemma 3 keeps one rotary module per base (``rotary_emb`` for full layers,
+    ``rotary_emb_local`` for sliding ones); 5.x has one module taking the layer type. This answers as the 5.x one."""
+
+    def __init__(self, full: nn.Module, local: nn.Module):
+        super().__init__()
+        self.full, self.local = full, local
+
+    def forward(self, x, positions, layer_type: str):
+        return (self.local if layer_type == "sliding_attention" else self.full)(x, positions)
+
+
+def _rotary(inner: nn.Module, per_type: bool) -> nn.Module:
+    """The model's rotary module, called ``(x, positions)`` or, with ``per_type``, ``(x, positions, layer_type)``."""
+    if per_type and hasattr(inner, "rotary_emb_local"):
+        return _RotaryPerType(inner.rotary_emb, inner.rotary_emb_local)
+    return inner.rotary_emb
+
+
 def _is_nf4(module: nn.Module) -> bool:
     """A lorakit NF4 (QLoRA) base layer: the decoder's GEMMs read its packed weight (``lorakit.kernels.nf4_rows``)."""
     from lorakit.quant.nf4 import NF4Linear
@@ -307,7 +326,7 @@ def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
     final_softcap = getattr(config, "final_logit_softcapping", None) if gemma else None
     return ModelParts(
         model_type=model_type, embed=embed, layers=parts, final_norm=inner.norm, lm_head=lm_head,
-        rotary=inner.rotary_emb, hidden=config.hidden_size, heads=heads,
+        rotary=_rotary(inner, per_type_rope), hidden=config.hidden_size, heads=heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
         intermediate=config.intermediate_size, vocab=lm_head.out_features,
         max_positions=int(getattr(config, "max_position_embeddings", 4096) or 4096), foreign=foreign,
