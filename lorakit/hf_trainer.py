@@ -70,6 +70,8 @@ def install(model: nn.Module) -> None:
         model.load_state_dict = functools.partial(load_state_dict, model)
     if "print_trainable_parameters" not in vars(model) and not hasattr(type(model), "print_trainable_parameters"):
         model.print_trainable_parameters = functools.partial(print_trainable_parameters, model)
+    if "gradient_checkpointing_enable" not in vars(model) and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable = functools.partial(gradient_checkpointing_enable, model)
     from lorakit.trl_support import install_fused_head_check
 
     install_fused_head_check(model)  # TRL's trainers read lm_head.weight directly: an adapter there would never train
@@ -77,6 +79,19 @@ def install(model: nn.Module) -> None:
         setattr(model, DDP_IGNORE, DDPIgnored(model))
     if not any(hook is check_ddp_adapters for hook in getattr(model, "_forward_pre_hooks", {}).values()):
         model.register_forward_pre_hook(check_ddp_adapters)
+
+
+def gradient_checkpointing_enable(self: nn.Module, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+    """The class's ``gradient_checkpointing_enable`` (Trainer's ``gradient_checkpointing=True`` calls it) as
+    transformers 5.x runs it on any version: ``use_reentrant=False`` unless asked otherwise, and with reentrant
+    checkpointing the embeddings' output made to require grad (a frozen base's never does, and a reentrant
+    checkpoint then gives its layers' adapters no gradient). transformers 4.x defaults to reentrant and does the
+    latter for peft models only, so backward failed there with "element 0 of tensors does not require grad"."""
+    options = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+    result = type(self).gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=options, **kwargs)
+    if options["use_reentrant"] and hasattr(self, "enable_input_require_grads"):
+        self.enable_input_require_grads()
+    return result
 
 
 def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args, is_main_process: bool = True,
