@@ -214,23 +214,24 @@ def gemv_rows(device, dtype):
     return out
 
 
+def write_rows(name: str, rows: list) -> None:
+    """``rows`` with the run's versions, device and date, as JSON in $OUT (or bench/results/)."""
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    meta = dict(torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(),
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
 def main() -> int:
     device = torch.device("cuda")
     dtype = torch.bfloat16
-    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     if "--gemv" in sys.argv:
-        meta = dict(torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(),
-                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "nf4_gemv_speed.json"), "w") as f:
-            json.dump(dict(meta=meta, rows=gemv_rows(device, dtype)), f, indent=1)
+        write_rows("nf4_gemv_speed.json", gemv_rows(device, dtype))
         return 0
     if "--dequantize" in sys.argv:
-        meta = dict(torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(),
-                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "nf4_dequantize_speed.json"), "w") as f:
-            json.dump(dict(meta=meta, rows=dequantize_rows(device, dtype)), f, indent=1)
+        write_rows("nf4_dequantize_speed.json", dequantize_rows(device, dtype))
         return 0
     rows_out = []
     shapes = {"qkv": (6144, 4096), "down": (4096, 14336)}
@@ -271,11 +272,7 @@ def main() -> int:
     print("\n| shape | rows | variant | us | rel error |\n|---|---|---|---|---|")
     for r in rows_out:
         print(f"| {r['shape']} | {r['rows']} | {r['variant']} {r.get('config', '')} | {r['us']} | {r.get('rel_error', '')} |")
-    os.makedirs(out_dir, exist_ok=True)
-    meta = dict(torch=torch.__version__, triton=triton.__version__, device=torch.cuda.get_device_name(),
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    with open(os.path.join(out_dir, "nf4_gemm_variants.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows_out), f, indent=1)
+    write_rows("nf4_gemm_variants.json", rows_out)
     return 0
 
 
