@@ -75,7 +75,8 @@ class LoraConfig:
         init: ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A normal(0, 1/r)), or ``"pissa"``
             (A, B from the top-r singular vectors of W, removed from the base).
         bias: only ``"none"`` (biases stay frozen).
-        modules_to_save: modules (such as the output head) trained and saved as whole copies.
+        modules_to_save: modules (such as the output head) trained and saved as whole copies; a module is one when
+            its path ends with a name, PEFT's rule (``"norm"`` also covers every ``*_layernorm``).
         layers_to_transform: only modules in these layer indices (an int or a list) are targeted, PEFT's rule: the
             index is the first number in the module path after ``<layers_pattern>.`` (any segment when no pattern);
             needs ``target_modules`` as a list of names, as in PEFT.

@@ -365,12 +365,18 @@ def _supported(module: nn.Module) -> bool:
     return quant.is_linear_like(module) or isinstance(module, nn.Embedding)
 
 
+def saved_by(path: str, names: list[str]) -> bool:
+    """peft's ``modules_to_save`` rule: the module's path ends with a name, at any character (``"norm"`` covers
+    ``input_layernorm`` and ``model.norm``, ``"head"`` the ``lm_head``); a file saved by peft holds those copies."""
+    return any(path.endswith(name) for name in names)
+
+
 def find_modules_to_save(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     if not config.modules_to_save:
         return {}
     modules = _base_modules(model)
-    found = {path: m for path, m in modules.items() if path and _matches(path, list(config.modules_to_save))}
-    missing = [key for key in config.modules_to_save if not any(p == key or p.endswith("." + key) for p in found)]
+    found = {path: m for path, m in modules.items() if path and saved_by(path, config.modules_to_save)}
+    missing = [key for key in config.modules_to_save if not any(p.endswith(key) for p in found)]
     if missing:
         raise LorakitError(f"modules_to_save names {missing} that this model does not have")
     return found

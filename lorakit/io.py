@@ -27,7 +27,7 @@ from lorakit._fs import atomic_write_bytes, atomic_write_text
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.inject import (_base_modules, _matches, adapter_hosts, adapter_names, find_modules_to_save,
-                            find_param_targets, find_targets, inject, peft_resolves_differently)
+                            find_param_targets, find_targets, inject, peft_resolves_differently, saved_by)
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 from lorakit.param_lora import ParamLora, file_key_prefixes, parameter_layout
 
@@ -761,7 +761,7 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
     paths = [p for p in _base_modules(model) if p]
     keys = [_strip(k) for k in adapter_file.tensors]
     kept = [name for name in config.modules_to_save
-            if any(p == name or p.endswith("." + name) for p in paths)
+            if any(saved_by(p, [name]) for p in paths)
             or any(k.startswith(name + ".") or f".{name}." in k for k in keys)]  # still refused if the file has it
     return config if kept == config.modules_to_save else config.replace(modules_to_save=kept or None)
 

@@ -1,0 +1,78 @@
+"""A new user's own peft adapters and model folders (audit 11): the defects found, each as a regression test.
+
+The audit built tiny random models of many families (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, GPT-2, GPT-NeoX,
+Falcon, OPT, Bloom, GPT-J, StableLM, Mixtral, Qwen2/3-MoE), gave them adapters made by the real peft package with the
+options users set, and compared lorakit's logits, merges and saved files with peft's. What already agreed is tested
+elsewhere (test_peft_sweep, test_peft_audit, test_model_folders); here are the cases that did not.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import peft
+import pytest
+import torch
+import transformers as tf
+
+import lorakit
+from conftest import assert_close
+
+SMALL = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def build(kind: str = "llama") -> torch.nn.Module:
+    torch.manual_seed(0)
+    makers = {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL)),
+        "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(head_dim=8, **SMALL)),
+    }
+    return makers[kind]().eval()
+
+
+def randomize(model, seed: int = 1) -> None:
+    """Non-zero B and trained-looking copies, so an adapter that is dropped or misapplied shows in the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+            elif "modules_to_save" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def peft_folder(folder, kind: str = "llama", seed: int = 1, **options):
+    """peft's adapter on ``build(kind)``, randomized and saved to ``folder``; returns the PeftModel."""
+    theirs = peft.get_peft_model(build(kind), peft.LoraConfig(r=4, lora_alpha=8, **options)).eval()
+    randomize(theirs, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes on tied embeddings and saved embedding layers
+        theirs.save_pretrained(folder)
+    return theirs
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 99]])
+
+
+# -- modules_to_save names are path endings, as peft matches them ---------------------------------------------------
+@pytest.mark.parametrize("names", [["norm"], ["head"]])
+def test_modules_to_save_names_match_as_peft_matches_them(names, tmp_path):
+    """peft wraps every module whose path ends with a name (``key.endswith(name)``, no dot needed): ["norm"] trains
+    each input_layernorm / post_attention_layernorm and model.norm, ["head"] the lm_head. lorakit took only whole
+    segments, so the file's other copies were "unexpected tensor keys" (and lm_head's copy was blamed on
+    save_embedding_layers)."""
+    theirs = peft_folder(tmp_path / "peft", target_modules=["q_proj"], modules_to_save=names)
+    ours = build()
+    lorakit.load_adapter(ours, tmp_path / "peft")
+    assert_close(logits(ours, IDS), logits(theirs, IDS))
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
+    assert_close(logits(again, IDS), logits(theirs, IDS))
+    lorakit.merge_and_unload(ours)
+    assert_close(logits(ours, IDS), logits(theirs.merge_and_unload(), IDS))
