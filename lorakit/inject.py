@@ -452,6 +452,21 @@ def freeze_base(model: nn.Module) -> None:
             parameter.requires_grad_(False)
 
 
+def _refuse_lora_beside_copy(existing: dict[str, nn.Module], targets: dict[str, nn.Module],
+                             saved: dict[str, nn.Module], adapter: str) -> None:
+    """One module holds either LoRA (of any number of adapters) or whole trained copies (modules_to_save, and peft's
+    trainable_token_indices, loaded as copies), not both: the two wrappers would have to nest."""
+    copy = "a whole trained copy (modules_to_save or trainable tokens)"
+    clashes = [(path, "LoRA", copy, existing[path].copies) for path in targets
+               if isinstance(existing.get(path), ModulesToSave)]
+    clashes += [(path, copy, "LoRA", existing[path].adapters) for path in saved if isinstance(existing.get(path), LoraLayer)]
+    if clashes:
+        path, ours, theirs, owners = clashes[0]
+        raise LorakitError(f"{path}: adapter {adapter!r} puts {ours} there, and adapter {list(owners)[0]!r} already has "
+                           f"{theirs}; lorakit cannot hold both on one module: load {adapter!r} into another copy of the "
+                           "base, or delete the other adapter first")
+
+
 def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", trainable: bool = True,
            dtype: torch.dtype | None = None) -> nn.Module:
     """Add adapter ``adapter`` to every target module of ``model`` (in place), freeze the base, make it active.
@@ -489,6 +504,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
     if both:
         raise LorakitError(f"{both[0]} is adapted both as a module (target_modules / modules_to_save) and by its "
                            "parameters (target_parameters); choose one (exclude_modules can drop it from the modules)")
+    _refuse_lora_beside_copy(existing, targets, saved, adapter)
     _warn_unused_patterns(config, [*targets, *(f"{p}.{n}" if p else n for p, names in params.items() for n in names)])
     if config.init == "pissa":  # checked here, before PiSSA rewrites any base weight
         embeddings = [p for p, m in targets.items() if isinstance(m, nn.Embedding)]

@@ -76,3 +76,23 @@ def test_modules_to_save_names_match_as_peft_matches_them(names, tmp_path):
     assert_close(logits(again, IDS), logits(theirs, IDS))
     lorakit.merge_and_unload(ours)
     assert_close(logits(ours, IDS), logits(theirs.merge_and_unload(), IDS))
+
+
+# -- one module cannot hold LoRA of one adapter and a whole copy of another -----------------------------------------
+@pytest.mark.parametrize("first, second", [("lora", "tokens"), ("tokens", "lora"), ("lora", "copy"), ("copy", "lora")])
+def test_lora_and_a_whole_copy_of_one_module_is_one_line(first, second, tmp_path):
+    """Adapter 1 puts LoRA on embed_tokens, adapter 2 trains a whole copy of it (modules_to_save, or peft's
+    trainable_token_indices, which lorakit loads as a copy), or the reverse: a TypeError from inside inject. Now a
+    LorakitError naming the module and both adapters, and the model keeps only the first adapter."""
+    options = {"lora": dict(target_modules=["embed_tokens", "q_proj"]),
+               "tokens": dict(target_modules=["q_proj"], trainable_token_indices=[1, 5]),
+               "copy": dict(target_modules=["v_proj"], modules_to_save=["embed_tokens"])}
+    peft_folder(tmp_path / "one", **options[first])
+    peft_folder(tmp_path / "two", seed=2, **options[second])
+    model = build()
+    lorakit.load_adapter(model, tmp_path / "one", adapter="one")
+    before = logits(model, IDS)
+    with pytest.raises(lorakit.LorakitError, match=r"model\.embed_tokens: adapter 'two' puts .*adapter 'one' already has"):
+        lorakit.load_adapter(model, tmp_path / "two", adapter="two")
+    assert lorakit.adapter_names(model) == ["one"]
+    assert_close(logits(model, IDS), before)
