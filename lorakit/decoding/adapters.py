@@ -14,6 +14,11 @@ Slots are shared by all layers (one name -> slot table), so a decode step's ``sl
 Loading writes one slot in place; only growing (more slots, larger R) reallocates, which bumps ``version`` so
 that a captured CUDA graph (which holds buffer addresses) is captured again.
 
+One copy on the device: once an adapter is in a slot, the model's own ``lora_A`` / ``lora_B`` of each projection
+(same dtype and device as the stacks) become views of its rows of ``A`` and ``B``, so serving many adapters does
+not hold each twice (the modules' forward, merge and save read the same values). Growing re-points the views;
+reloading or evicting a name whose modules are still in the model first gives them their own copy back.
+
 DoRA (Liu et al. 2024, PEFT's formula) is served exactly: with r = m / ||W + s B A|| per output feature, the
 projection is ``r * (x W^T + s x A^T B^T) + bias``; the decoder multiplies the group's output by ``ratio`` gathered
 per row before adding the bias. The norm is computed once at load from the current base weight.
@@ -29,6 +34,10 @@ from lorakit.decoding.architecture import GROUPS, ModelParts  # noqa: F401  (GRO
 from lorakit.errors import LorakitError
 
 NORM_EPS = 1e-12  # as lorakit.variants.dora
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class GroupStack:
@@ -127,13 +136,39 @@ class DecodeAdapters:
                         found.append((i, group, segment, adapters[name]))
         return found
 
+    def _shared(self, name: str):
+        """The (layer, group, segment, adapter module) of ``name`` whose tensors are views of the stacks now."""
+        return [(i, group, segment, adapter) for i, group, segment, adapter in self._modules(name)
+                if _same_storage(adapter.lora_A, self.layers[i][group].A)]
+
+    def _share(self, slot: int, found) -> None:
+        """Make the modules' lora_A / lora_B views of their rows in ``slot`` (values equal: just written there)."""
+        R = self.r_max
+        for i, group, segment, adapter in found:
+            stack = self.layers[i][group]
+            if adapter.lora_A.dtype != stack.A.dtype or adapter.lora_A.device != stack.A.device:
+                continue  # e.g. float32 adapters on a bf16 model: the stack holds a rounded copy, the module its own
+            lo, hi = list(stack.column_ranges())[segment]
+            adapter.lora_A.data = stack.A[slot, segment * R:segment * R + adapter.rank]
+            adapter.lora_B.data = stack.B[slot, lo:hi, :adapter.rank]
+
+    @staticmethod
+    def _unshare(found) -> None:
+        """Give the modules their own copy back (before their slot is cleared or rewritten)."""
+        for *_, adapter in found:
+            adapter.lora_A.data = adapter.lora_A.data.clone()
+            adapter.lora_B.data = adapter.lora_B.data.clone()
+
     def grow(self, slots: int, r_max: int) -> None:
         slots, r_max = max(slots, self.capacity), max(r_max, self.r_max)
         if (slots, r_max) == (self.capacity, self.r_max):
             return
+        shared = {name: self._shared(name) for name in self.slot_of}
         with torch.no_grad():
             self.layers = [{g: stack.resized(slots, r_max) for g, stack in layer.items()} for layer in self.layers]
         self.capacity, self.r_max = slots, r_max
+        for name, found in shared.items():  # the old buffers are freed once nothing views them
+            self._share(self.slot_of[name], found)
         self.version += 1
 
     def load(self, name: str, present: Sequence[str] = ()) -> int:
@@ -156,6 +191,7 @@ class DecodeAdapters:
                 slot = len(used)
         self.grow(self.capacity, rank)
         dora = False
+        self._unshare(self._shared(name))  # a reload: the slot is cleared below, the module's values must survive it
         with torch.no_grad():
             for layer in self.layers:
                 for stack in layer.values():
@@ -172,9 +208,11 @@ class DecodeAdapters:
                         self.version += 1  # a new buffer the captured graph does not know
         self.slot_of[name] = slot
         (self.dora.add if dora else self.dora.discard)(name)
+        self._share(slot, found)
         return slot
 
     def evict(self, name: str) -> None:
+        self._unshare(self._shared(name))  # still in the model: its modules keep their values
         slot = self.slot_of.pop(name)
         self.dora.discard(name)
         with torch.no_grad():

@@ -81,7 +81,9 @@ class StaticDecoder:
     ``lorakit.decoding.weights``). An NF4 base (lorakit ``NF4Linear``, QLoRA) is read in place: each projection
     group is one ``lorakit.kernels.nf4_rows.nf4_rows_linear`` call over the packed 4-bit weights,
     with the block scales decoded to float32 once at build (about 9% of the 4-bit weights' memory on top). Adapters are copied from the model's LoRA layers the first time a row uses them
-    (by name): an adapter changed in place afterwards must be reloaded with ``reload_adapter(name)``.
+    (by name), and the layers' tensors then become views of that copy (one copy on the device; see
+    ``lorakit.decoding.adapters``). An adapter changed afterwards (new tensors under the same name, or a DoRA
+    adapter's values, whose norms are computed at load) must be reloaded with ``reload_adapter(name)``.
     """
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, graph: bool | None = None,
