@@ -325,8 +325,10 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
     with torch.no_grad():
         logits, kv = prefill(model, prompts, names)
         first = logits.argmax(-1).tolist()
-        default_prefetch = rows_gemm.PREFETCH
+        default_prefetch, default_l2 = rows_gemm.PREFETCH, rows_gemm.L2_PREFETCH_CHUNKS
         rows_gemm.PREFETCH = pdl == "prefetch"
+        if pdl.startswith("l2:"):  # on, and the GEMMs ask the L2 for their first N weight chunks before the wait
+            rows_gemm.L2_PREFETCH_CHUNKS = int(pdl.split(":")[1])
         decoder = StaticDecoder(model, max_batch=batch, max_len=ids.shape[1] + args.steps + 16, lora_overlap=overlap,
                                 pdl=pdl != "off", fuse_lora=fuse != "off")
         pdl_used = pdl if decoder.pdl and device.type == "cuda" and pdl_supported(device.index or 0) else "off"
@@ -362,7 +364,7 @@ def static_decode_case(system, model, cfg, ids, args, device, dtype, n, bound_by
            step_ms=round(seconds * 1e3, 3), bound_ms=round(bound * 1e3, 3), lora_overlap=decoder.lora_overlap, pdl=pdl_used,
            fuse_lora=fuse if n else None, **extra)
     del decoder
-    rows_gemm.PREFETCH = default_prefetch
+    rows_gemm.PREFETCH, rows_gemm.L2_PREFETCH_CHUNKS = default_prefetch, default_l2
     return batch / seconds, ok
 
 
@@ -663,7 +665,8 @@ def main():
                         help="only the StaticDecoder decode cases (no prefill, no transformers decode, no PEFT)")
     parser.add_argument("--pdl", default="on",
                         help="comma-separated programmatic-dependent-launch modes of the StaticDecoder cases: on (the "
-                             "default), off, prefetch (on, GEMMs read their first weight chunk before the wait)")
+                             "default), off, prefetch (on, GEMMs read their first weight chunk before the wait), "
+                             "l2:N (on, GEMMs ask the L2 for their first N weight chunks before the wait)")
     args = parser.parse_args()
     if args.shape == "tiny":
         args.batch, args.seq, args.steps, args.budget = min(args.batch, 64), min(args.seq, 16), min(args.steps, 3), 1.0

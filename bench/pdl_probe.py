@@ -12,6 +12,8 @@ step's rope / add+RMSNorm / SwiGLU), repeated over the model's layers with disti
     triton        a weight-streaming Triton GEMM + the small kernel
     triton+pdl    both launched with PDL (wait at the top, dependents released at the top)
     +prefetch     as triton+pdl, and each GEMM program loads its first weight chunk before it waits
+    +l2:N         as triton+pdl, and each GEMM program asks the L2 for its first N weight chunks before it waits
+                  (``--l2 2,4,8``: no shared memory or registers held, unlike +prefetch)
 
 and checks every variant's final activations against torch.mm's in float32. The GEMM is lorakit's own
 (``lorakit.kernels.triton.rows_gemm``). The recorded run (bench/results/pdl_probe_{8b,1b}_h200.json) came from this
@@ -70,6 +72,7 @@ def main() -> int:
     parser.add_argument("--shape", choices=("1b", "8b"), default="8b")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--layers", type=int, default=None, help="default: the model's")
+    parser.add_argument("--l2", default="", help="comma-separated L2 prefetch chunk counts to add as +l2:N modes")
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     shape = LLAMA_SHAPES[args.shape]
@@ -93,15 +96,17 @@ def main() -> int:
     cfg = CONFIG[args.shape]
 
     def chain(mode):
-        pdl = mode in ("triton+pdl", "+prefetch")
+        pdl = mode in ("triton+pdl", "+prefetch") or mode.startswith("+l2:")
         prefetch = mode == "+prefetch"
+        l2 = int(mode.split(":")[1]) if mode.startswith("+l2:") else 0
 
         def mm(x, w, y, name):
             if mode == "cublas":
                 torch.mm(x, w.t(), out=y)
             else:
                 block_n, block_k, warps, stages = cfg[name]  # the early chunk costs a stage of shared memory
-                rows_gemm(x, w, out=y, config=(block_n, block_k, warps, stages - prefetch), pdl=pdl, prefetch=prefetch)
+                rows_gemm(x, w, out=y, config=(block_n, block_k, warps, stages - prefetch), pdl=pdl, prefetch=prefetch,
+                          l2_chunks=l2)
 
         def run():
             xh.copy_(x0)
@@ -117,7 +122,8 @@ def main() -> int:
             return xh
         return run
 
-    modes = ["cublas", "triton"] + (["triton+pdl", "+prefetch"] if device_pdl.gdc_wait is not None else [])
+    l2_modes = [f"+l2:{n}" for n in args.l2.split(",") if n]
+    modes = ["cublas", "triton"] + (["triton+pdl", "+prefetch"] + l2_modes if device_pdl.gdc_wait is not None else [])
     results, reference = [], None
     for mode in modes:
         run = chain(mode)

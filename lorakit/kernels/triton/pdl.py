@@ -23,3 +23,12 @@ def pdl_enter(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def l2_prefetch(ptrs):
+    """Ask the L2 to fetch the 128-byte lines at ``ptrs`` (a block of pointers, one per line): a hint with no result,
+    no shared memory and no registers held, so a kernel can start its weight's DRAM reads before ``pdl_enter`` while
+    the previous kernel drains. GPU only (inline PTX; the interpreter cannot run it)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)

@@ -17,18 +17,22 @@ import triton
 import triton.language as tl
 
 from lorakit.kernels._triton import pdl_launch, pdl_on
-from lorakit.kernels.triton.pdl import pdl_enter
+from lorakit.kernels.triton.pdl import l2_prefetch, pdl_enter
 
 # load the first W chunk before the PDL wait (True) or after it. Off: on the H200 the early load (which costs a
 # pipeline stage of shared memory) made the 8B step slower, 7.28 against 6.39 ms without it and 6.75 without PDL
 # (bench/results/multi_adapter_8b_pdl_v1.json); kept for A/B runs of the benchmarks
 PREFETCH = False
+# chunks of W each program asks the L2 for before the PDL wait (0: none). A prefetch holds no shared memory or
+# registers, unlike PREFETCH, so the weight's first DRAM reads overlap the previous kernel's tail for free
+L2_PREFETCH_CHUNKS = 0
 
 
 @triton.jit
 def _rows_gemm(x_ptr, w_ptr, r_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_rm, stride_ym,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-               HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+               HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+               L2_CHUNKS: tl.constexpr = 0, LINE: tl.constexpr = 64):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -39,6 +43,11 @@ def _rows_gemm(x_ptr, w_ptr, r_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     start = 0
+    if L2_CHUNKS > 0:  # one pointer per 128-byte line (LINE elements) of the program's first L2_CHUNKS chunks
+        lines = tl.arange(0, BLOCK_K // LINE) * LINE
+        rows_n = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
+        for c in tl.static_range(L2_CHUNKS):
+            l2_prefetch(w_ptr + rows_n[:, None] + tl.minimum(c * BLOCK_K + lines, K - 1)[None, :])
     if PREFETCH:  # no kernel of a step writes W: its first chunk is read while the previous kernel drains
         w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
         pdl_enter(PDL)
@@ -88,12 +97,13 @@ def rows_gemm_config(N: int, K: int, sm_count: int, prefetch: bool) -> tuple[int
 
 def rows_gemm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None, *,
               out: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
-              pdl: bool | None = None, prefetch: bool | None = None) -> torch.Tensor:
+              pdl: bool | None = None, prefetch: bool | None = None, l2_chunks: int | None = None) -> torch.Tensor:
     """(residual +) x @ weight^T: x (M <= 64, K), weight (N, K), residual (M, N) or None, unit column strides, one
     dtype (checked by the caller) -> (M, N) in x's dtype: ``out`` (unit column stride) or a new tensor.
 
     The benchmarks set the rest: ``config`` (BLOCK_N, BLOCK_K, warps, stages; default ``rows_gemm_config``),
-    ``pdl`` (default ``pdl_on(x)``), ``prefetch`` (default ``PREFETCH`` when PDL is on).
+    ``pdl`` (default ``pdl_on(x)``), ``prefetch`` (default ``PREFETCH`` when PDL is on), ``l2_chunks`` (default
+    ``L2_PREFETCH_CHUNKS`` when PDL is on; never on the CPU, whose interpreter cannot run the PTX).
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -104,11 +114,14 @@ def rows_gemm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | No
         if x.device.type == "cuda" else 8
     pdl = pdl_on(x) if pdl is None else pdl
     prefetch = (PREFETCH and pdl) if prefetch is None else prefetch  # without PDL the early load buys nothing
+    l2_chunks = (L2_PREFETCH_CHUNKS if pdl else 0) if l2_chunks is None else l2_chunks
     block_n, block_k, warps, stages = config or rows_gemm_config(N, K, sm, prefetch)
+    line = 128 // x.element_size()
+    l2_chunks = min(l2_chunks, triton.cdiv(K, block_k)) if x.device.type == "cuda" and block_k >= line else 0
     r = y if residual is None else residual
     _rows_gemm[(triton.cdiv(N, block_n),)](
         x, weight, r, y, M, N, K, x.stride(0), weight.stride(0), r.stride(0), y.stride(0),
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
         HAS_RESIDUAL=residual is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        PREFETCH=prefetch, PDL=pdl, num_warps=warps, num_stages=stages, **pdl_launch(pdl))
+        PREFETCH=prefetch, PDL=pdl, L2_CHUNKS=l2_chunks, LINE=line, num_warps=warps, num_stages=stages, **pdl_launch(pdl))
     return y
