@@ -810,6 +810,18 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = T
     return copies
 
 
+def _same_values(ours: torch.Tensor, saved: torch.Tensor) -> bool:
+    """A base tensor peft saved beside the adapter is this model's, up to one 16-bit rounding: peft writes it in the
+    training dtype (float32), and the same base loaded in bfloat16 / float16 (CUDA's default), or read from a folder
+    that stores it in bfloat16 (an NF4 folder's embedding, even when loaded as float32), holds it rounded. The
+    tolerance is bfloat16's ulp (float16's smallest normal for tiny values); a trained change is far above it."""
+    ours = ours.detach().cpu()
+    if ours.dtype == saved.dtype and torch.equal(ours, saved):
+        return True
+    return torch.allclose(ours.float(), saved.float(), rtol=torch.finfo(torch.bfloat16).eps,
+                          atol=torch.finfo(torch.float16).tiny)
+
+
 def _is_unchanged_bias(key: str, tensor: torch.Tensor, base_modules: dict[str, nn.Module], adapter_file: AdapterFile) -> bool:
     """A bias peft saved (``<path>.bias``, ``<path>.base_layer.bias`` on a target): True when it equals this model's;
     a trained one is refused by name (lorakit keeps base biases frozen)."""
@@ -819,7 +831,7 @@ def _is_unchanged_bias(key: str, tensor: torch.Tensor, base_modules: dict[str, n
     bias = getattr(base_modules.get(path), "bias", None)
     if not isinstance(bias, torch.Tensor) or bias.shape != tensor.shape:
         return False
-    if torch.equal(bias.detach().cpu().to(tensor.dtype), tensor):
+    if _same_values(bias, tensor):
         return True
     raise LorakitError(f"{adapter_file.folder}: {PREFIX}{clipped(key)} is a trained bias (peft bias="
                        f"{shown(adapter_file.bias_mode)}); lorakit keeps base biases frozen and cannot apply it: merge the "
@@ -910,7 +922,7 @@ def _is_unchanged_base_copy(key: str, tensor: torch.Tensor, base_modules: dict[s
         raise LorakitError(f"{folder}: {PREFIX}{key} is a full copy of {path} with shape {shown(tuple(tensor.shape))}, "
                            f"but this model's is {tuple(weight.shape)}; the adapter was trained on a resized vocabulary: resize "
                            f"the base (model.resize_token_embeddings({tensor.shape[0]})) or load the base it was saved with")
-    if not torch.equal(weight.detach().cpu().to(tensor.dtype), tensor):
+    if not _same_values(weight, tensor):
         raise LorakitError(f"{folder}: {PREFIX}{key} is a full copy of {path} (peft's save_embedding_layers) that differs "
                            "from this model's; load the adapter on the base it was trained with, or re-save it from peft "
                            "with save_embedding_layers=False if the base is the same")

@@ -96,3 +96,29 @@ def test_lora_and_a_whole_copy_of_one_module_is_one_line(first, second, tmp_path
         lorakit.load_adapter(model, tmp_path / "two", adapter="two")
     assert lorakit.adapter_names(model) == ["one"]
     assert_close(logits(model, IDS), before)
+
+
+# -- peft's embedding copies and biases, on a base loaded in another precision ---------------------------------------
+def rounded(model, dtype):
+    """``model`` in ``dtype``; "bf16-in-fp32": float32 holding bfloat16 values, as an NF4 folder's embedding (stored
+    in bfloat16) loads with ``dtype="float32"``."""
+    return model.to(torch.bfloat16).float() if dtype == "bf16-in-fp32" else model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "bf16-in-fp32"])
+def test_embedding_copy_saved_from_float32_loads_on_a_16_bit_base(dtype, tmp_path):
+    """peft saves a full copy of a targeted embedding (save_embedding_layers) in the training dtype, float32 here;
+    the same base loaded in bf16 (lorakit's default on CUDA, ``--dtype bf16``) or from an NF4 folder (embedding
+    stored in bf16) was refused as "a full copy that differs from this model's". Up to one 16-bit rounding, it is
+    the same base."""
+    peft_folder(tmp_path, target_modules=["embed_tokens", "q_proj"])
+    theirs = peft.PeftModel.from_pretrained(rounded(build(), dtype), tmp_path).eval()
+    ours = rounded(build(), dtype)
+    lorakit.load_adapter(ours, tmp_path)
+    # peft loads the float32 copy over the embedding, lorakit keeps the model's rounded one: one bfloat16 rounding
+    assert_close(logits(ours, IDS), logits(theirs, IDS), dtype=torch.bfloat16 if dtype == "bf16-in-fp32" else None)
+    other = rounded(build(), dtype)
+    with torch.no_grad():
+        other.model.embed_tokens.weight[7] += 0.05  # a retrained row is still another base
+    with pytest.raises(lorakit.LorakitError, match="full copy of model.embed_tokens.weight .*differs"):
+        lorakit.load_adapter(other, tmp_path)
