@@ -541,7 +541,10 @@ def _join_parts(parts: list, at: str, role: str) -> str:
             texts.append(part)
             continue
         # OpenAI's Responses API names its text parts input_text / output_text
-        if kind not in ("text", "input_text", "output_text") or not isinstance(part.get("text"), str):
+        if kind in ("text", "input_text", "output_text") and not isinstance(part.get("text"), str):
+            raise LorakitError(f"{at} ({role}) content[{j}] is a {kind!r} part whose 'text' must be a string, got "
+                               f"{_got(part.get('text'))}")
+        if kind not in ("text", "input_text", "output_text"):
             raise LorakitError(f"{at} ({role}) content[{j}] is a {kind!r} part; lorakit trains on text only (parts "
                                "of type 'text' with a 'text' string)")
         texts.append(part["text"])

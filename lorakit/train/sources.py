@@ -9,6 +9,7 @@ error naming the file, the line and the fix for anything unreadable.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -18,13 +19,17 @@ from typing import Any
 
 from lorakit.config import clipped
 from lorakit.errors import LorakitError
-from lorakit.train.formats import EXPECTED_SHAPES, IGNORED_FIELDS, KNOWN_FIELDS, Record, validate_record
+from lorakit.train.formats import (COMPLETION_LIKE, EXPECTED_SHAPES, IGNORED_FIELDS, KNOWN_FIELDS, MESSAGE_LIKE,
+                                   PROMPT_LIKE, Record, validate_record)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet",)
 DATA_SUFFIXES = JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "eval", "test")  # --val-data's split, first found
+# a CSV header naming none of these is refused at line 1 (a file without a header, or all columns misnamed); one naming
+# other tools' fields (input / output) goes on to the record check, which says what to rename
+HEADER_NAMES = KNOWN_FIELDS | {*PROMPT_LIKE, *COMPLETION_LIKE, *MESSAGE_LIKE}
 
 
 def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> list[Record]:
@@ -168,6 +173,10 @@ def _is_datasets_folder(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"))
+
+
 def _read_bytes(path: Path) -> bytes:
     """The file's bytes, gunzipped when it is gzip (by name or by its magic number)."""
     try:
@@ -184,12 +193,14 @@ def _read_bytes(path: Path) -> bytes:
             raise LorakitError(f"{path}: a damaged gzip file ({exc}); compress it again or give it uncompressed") from None
     elif path.suffix.lower() == ".gz":
         raise LorakitError(f"{path}: named .gz but not gzip-compressed; rename or recompress it")
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16 with a BOM: what Windows PowerShell 5's `>` writes
+    # UTF-16 with a BOM is what Windows PowerShell 5's `>` writes; UTF-32's BOM starts with UTF-16's, so it goes first
+    codec = next((name for bom, name in _BOMS if raw.startswith(bom)), None)
+    if codec:
         try:
-            raw = raw.decode("utf-16").encode("utf-8")
+            raw = raw.decode(codec).encode("utf-8")
         except UnicodeDecodeError as exc:
-            raise LorakitError(f"{path}: starts with a UTF-16 byte-order mark but is not UTF-16 (byte {exc.start}); "
-                               "save the file as UTF-8") from None
+            raise LorakitError(f"{path}: starts with a {codec.upper()} byte-order mark but is not {codec.upper()} (byte "
+                               f"{exc.start}); save the file as UTF-8") from None
     if raw[:4] == b"PAR1":
         raise LorakitError(f"{path}: a Parquet file with a text file's name; rename it to .parquet")
     if b"\x00" in raw[:4096]:  # JSONL and CSV never hold NUL: an Arrow/pickle/zip/... file under a text name
@@ -354,6 +365,11 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
         header = reader.fieldnames
         if not header:
             raise LorakitError(f"{path.name}: empty CSV; the first line must name the fields ({EXPECTED_SHAPES})")
+        if not any(name.strip().lower() in HEADER_NAMES for name in header):  # often no header: the first row is data
+            cells = ", ".join(repr(clipped(name, 40)) for name in header[:4]) + (", ..." if len(header) > 4 else "")
+            raise LorakitError(f"{path.name}:1: the header line names no known field ({cells}); "
+                               "the first line of a CSV names its columns: text, or prompt and completion, or messages "
+                               "(rename them, or add a header line if that line is data)")
         records = []
         for row in reader:
             where = f"{path.name}:{reader.line_num}"

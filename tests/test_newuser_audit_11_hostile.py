@@ -1,0 +1,85 @@
+"""Eleventh new-user audit: hostile data files, adapter configs and server requests, and four design decisions.
+
+Each test pins one finding (before the fix: a misleading line, a silently ignored request field, or a silent
+mistake). The design decisions:
+
+- ``alpha=0``: peft accepts ``lora_alpha=0`` (and negative alphas), so ``LoraConfig`` and ``lorakit train --alpha``
+  both accept any finite alpha; an adapter with alpha 0 on every layer is a no-op (its gradients are zero too), so
+  injecting or loading one is warned.
+- a rank above ``min(in_features, out_features)`` of a targeted layer: accepted (peft does); injecting a trainable
+  adapter warns once, naming a layer.
+- a validation set whose every example is also a training example: warned (its loss cannot show overfitting).
+- a ``config.json`` with a UTF-8 byte-order mark: transformers itself refuses it (``AutoConfig`` and so
+  ``from_pretrained``: "not a valid JSON file"), so the folder would fail in every other tool too; it is refused with
+  one line that names the mark and the fix, instead of Python's "decode using utf-8-sig". (``adapter_config.json``
+  with a mark was and is read.)
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+import shutil
+import warnings
+
+import httpx
+import pytest
+
+import lorakit
+from conftest import tiny_llama
+from lorakit.errors import LorakitError
+from lorakit.train.sources import read_many
+from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder
+from test_train_helpers import tiny_folder, tiny_tokenizer  # noqa: F401 (fixture)
+
+
+def _one_line(info: pytest.ExceptionInfo) -> str:
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def _warnings(call) -> tuple:
+    """(what ``call()`` returns, the messages of the warnings it gave)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [str(w.message) for w in caught]
+
+
+# -- data files -----------------------------------------------------------------------------------------------------
+def test_a_csv_without_a_header_line_names_its_first_line(tmp_path):
+    """The first data row was read as the header, and the error blamed row 2 for the user's own text as field names."""
+    (tmp_path / "pairs.csv").write_text("reverse a b :,b a\ncopy a :,a\n")
+    with pytest.raises(LorakitError) as info:
+        read_many(tmp_path / "pairs.csv")
+    assert re.fullmatch(r"pairs\.csv:1: the header line names no known field \('reverse a b :', 'b a'\); the first "
+                        r"line of a CSV names its columns: text, or prompt and completion, or messages \(rename them, "
+                        r"or add a header line if that line is data\)", _one_line(info)), str(info.value)
+    # a header of other tools' names still gets its rename hint
+    (tmp_path / "io.csv").write_text("input,output\nreverse a b :,b a\n")
+    with pytest.raises(LorakitError, match=r"rename 'input' to 'prompt' and 'output' to 'completion'"):
+        read_many(tmp_path / "io.csv")
+
+
+def test_a_utf32_file_with_its_byte_order_mark_reads(tmp_path):
+    """UTF-32's mark starts with UTF-16's: the file was decoded as UTF-16 and refused as 'UTF-16 without a mark'."""
+    record = {"prompt": "reverse a b : ", "completion": "b a é"}
+    for codec in ("utf-32", "utf-32-be"):
+        data = json.dumps(record, ensure_ascii=False).encode(codec)
+        (tmp_path / "u32.jsonl").write_bytes(codecs.BOM_UTF32_BE + data if codec == "utf-32-be" else data)
+        assert [dict(r.fields) for r in read_many(tmp_path / "u32.jsonl")] == [record]
+
+
+def test_a_text_part_whose_text_is_not_a_string_says_so():
+    """It was told it 'is a 'text' part; lorakit trains on text only', which is what it already is."""
+    from lorakit.train.formats import validate_record
+
+    user = {"role": "user", "content": "reverse a"}
+    for text, got in ((5, r"got int 5; write it as a JSON string \(\"5\"\)"), (None, "got null")):
+        record = {"messages": [user, {"role": "assistant", "content": [{"type": "text", "text": text}]}]}
+        with pytest.raises(LorakitError) as info:
+            validate_record(record, "chat.jsonl:3")
+        assert re.fullmatch(rf"chat\.jsonl:3: messages\[1\] \(assistant\) content\[0\] is a 'text' part whose 'text' "
+                            rf"must be a string, {got}", _one_line(info)), str(info.value)
