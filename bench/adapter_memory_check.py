@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.environ.get("LORAKIT_ROOT") or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lorakit  # noqa: E402  (first: multi_adapter puts this checkout ahead on sys.path when imported)
 from bench_common import write_json  # noqa: E402
 from multi_adapter import adapter_bytes, lorakit_model, make_model  # noqa: E402
 
@@ -47,8 +48,9 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--label", default="current")
     args = parser.parse_args()
-    import lorakit
     from lorakit.decoding import StaticDecoder
+
+    print(f"{args.label}: lorakit from {os.path.dirname(lorakit.__file__)}", flush=True)
 
     device, dtype, n = torch.device("cuda"), torch.bfloat16, args.adapters
     stages = {}

@@ -83,3 +83,22 @@ def test_a_text_part_whose_text_is_not_a_string_says_so():
             validate_record(record, "chat.jsonl:3")
         assert re.fullmatch(rf"chat\.jsonl:3: messages\[1\] \(assistant\) content\[0\] is a 'text' part whose 'text' "
                             rf"must be a string, {got}", _one_line(info)), str(info.value)
+
+
+def test_a_validation_set_that_is_the_training_set_is_warned(tmp_path):
+    from lorakit.train.data import build_datasets
+    from test_train_helpers import task_records, write_jsonl
+
+    tok = tiny_tokenizer()
+    train = write_jsonl(tmp_path / "train.jsonl", task_records(12, seed=1))
+    bundle, messages = _warnings(lambda: build_datasets(read_many(train), tok, validation=read_many(train)))
+    assert bundle.val is not None and len(bundle.val) == 12
+    assert [m for m in messages if "validation" in m] == [
+        "validation data: all 12 examples are also in the training data (the same file given twice?), so the "
+        "validation loss cannot show overfitting; hold out examples the model does not train on (--val-fraction 0.1)"]
+    # a subset is the same mistake; held-out examples are not warned
+    subset = write_jsonl(tmp_path / "subset.jsonl", task_records(12, seed=1)[:3])
+    _, messages = _warnings(lambda: build_datasets(read_many(train), tok, validation=read_many(subset)))
+    assert any("all 3 examples are also in the training data" in m for m in messages), messages
+    _, messages = _warnings(lambda: build_datasets(read_many(train), tok, val_fraction=0.25))
+    assert not [m for m in messages if "validation" in m], messages

@@ -2,8 +2,8 @@
 
 At decode batch sizes a projection is bound by reading W once; one program streams BLOCK_N rows of W over all of K
 while the M rows of x (a few KiB) come from L2. On its own it only matches cuBLAS (bench/skinny_gemm_probe.py); it
-exists so that the step's GEMMs launch with PDL like its other kernels: each program loads its first chunk of W
-before the PDL wait, while the previous kernel drains (bench/pdl_probe.py measured the chain).
+exists so that the step's GEMMs launch with PDL like its other kernels: each program asks the L2 for its first
+chunk of W before the PDL wait, while the previous kernel drains (bench/pdl_probe.py measured the chain).
 
     grid (cdiv(N, BLOCK_N),): acc (BLOCK_M, BLOCK_N) float32 += x[:, k-chunk] . W[n-block, k-chunk]^T
 """
@@ -24,8 +24,11 @@ from lorakit.kernels.triton.pdl import l2_prefetch, pdl_enter
 # (bench/results/multi_adapter_8b_pdl_v1.json); kept for A/B runs of the benchmarks
 PREFETCH = False
 # chunks of W each program asks the L2 for before the PDL wait (0: none). A prefetch holds no shared memory or
-# registers, unlike PREFETCH, so the weight's first DRAM reads overlap the previous kernel's tail for free
-L2_PREFETCH_CHUNKS = 0
+# registers, unlike PREFETCH, so the weight's first DRAM reads overlap the previous kernel's tail. On the H200 one
+# chunk took the GEMM chain 1.6% (8B) and 2.6% (1B) faster and two or more made it slower
+# (bench/results/pdl_probe_{8b,1b}_l2.json); whole 8B steps, two interleaved rounds, 0.4-2.1% faster
+# (multi_adapter_8b_l2_v1.json)
+L2_PREFETCH_CHUNKS = 1
 
 
 @triton.jit
