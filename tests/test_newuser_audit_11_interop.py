@@ -122,3 +122,21 @@ def test_embedding_copy_saved_from_float32_loads_on_a_16_bit_base(dtype, tmp_pat
         other.model.embed_tokens.weight[7] += 0.05  # a retrained row is still another base
     with pytest.raises(lorakit.LorakitError, match="full copy of model.embed_tokens.weight .*differs"):
         lorakit.load_adapter(other, tmp_path)
+
+
+def test_server_names_the_other_adapter_as_clients_know_it(tmp_path):
+    """The same clash in ``lorakit serve``: a 4xx refusal (it was a TypeError) that names the adapters by their
+    folders, not by the pool's internal names (lk0, lk1)."""
+    import threading
+
+    from lorakit.serve.pool import AdapterPool, AdapterRejected
+
+    peft_folder(tmp_path / "adapters" / "emb", target_modules=["embed_tokens", "q_proj"])
+    peft_folder(tmp_path / "adapters" / "tokens", seed=2, target_modules=["q_proj"], trainable_token_indices=[1, 5])
+    pool = AdapterPool(build(), tmp_path / "adapters", threading.RLock())
+    pool.acquire("emb")
+    with pytest.raises(AdapterRejected, match=r"^adapter 'tokens' refused: model\.embed_tokens: adapter 'tokens' puts .*"
+                                              r"adapter 'emb' already has LoRA") as refused:
+        pool.acquire("tokens")
+    assert "'lk" not in str(refused.value)
+    assert [a["name"] for a in pool.loaded()] == ["emb"]

@@ -24,6 +24,7 @@ import collections
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -201,7 +202,8 @@ class AdapterPool:
                 self._check_targets(name, adapter_file.config)
                 load_adapter(self.model, adapter_file, adapter=internal)  # what _admit checked, not a re-read
             except LorakitError as error:
-                message = str(error) if isinstance(error, AdapterRejected) else f"adapter {name!r} refused: {error}"
+                message = str(error) if isinstance(error, AdapterRejected) else (
+                    f"adapter {name!r} refused: {self._public_names(str(error), internal, name)}")
                 self._refused[name] = (_stamp(folder), message)
                 raise AdapterRejected(message) from None
             ranks = [layer.adapters[internal].rank for layer in lora_layers(self.model).values() if internal in layer.adapters]
@@ -212,6 +214,12 @@ class AdapterPool:
         self.loads += 1
         return LoadedAdapter(name, internal, folder, max(ranks or [config.r]), config.alpha, config.variant,
                              adapter_file.size_bytes, last_used=time.monotonic())
+
+    def _public_names(self, text: str, internal: str, name: str) -> str:
+        """``text`` with the model's internal adapter names ('lk0', ...) as the names clients know (an error of
+        ``load_adapter`` that names another loaded adapter, such as one holding LoRA where this one has a copy)."""
+        names = {entry.internal: entry.name for entry in self._loaded.values()} | {internal: name}
+        return re.sub(r"'(lk\d+)'", lambda match: repr(names.get(match.group(1), match.group(1))), text)
 
     def _admit(self, name: str, folder: Path):
         """Checks on the files alone (no model): size, format, config, regexes, ranks. Returns the AdapterFile."""
