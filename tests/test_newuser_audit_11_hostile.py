@@ -85,20 +85,21 @@ def test_a_text_part_whose_text_is_not_a_string_says_so():
                             rf"must be a string, {got}", _one_line(info)), str(info.value)
 
 
-def test_a_validation_set_that_is_the_training_set_is_warned(tmp_path):
-    from lorakit.train.data import build_datasets
-    from test_train_helpers import task_records, write_jsonl
+def test_a_validation_set_inside_the_training_set_is_warned():
+    """lorakit train --data train.jsonl --val-data train.jsonl (and train() from Python) trained without a word."""
+    from lorakit.train import TrainConfig, train
+    from test_train_helpers import task_records
 
-    tok = tiny_tokenizer()
-    train = write_jsonl(tmp_path / "train.jsonl", task_records(12, seed=1))
-    bundle, messages = _warnings(lambda: build_datasets(read_many(train), tok, validation=read_many(train)))
-    assert bundle.val is not None and len(bundle.val) == 12
-    assert [m for m in messages if "validation" in m] == [
-        "validation data: all 12 examples are also in the training data (the same file given twice?), so the "
-        "validation loss cannot show overfitting; hold out examples the model does not train on (--val-fraction 0.1)"]
-    # a subset is the same mistake; held-out examples are not warned
-    subset = write_jsonl(tmp_path / "subset.jsonl", task_records(12, seed=1)[:3])
-    _, messages = _warnings(lambda: build_datasets(read_many(train), tok, validation=read_many(subset)))
-    assert any("all 3 examples are also in the training data" in m for m in messages), messages
-    _, messages = _warnings(lambda: build_datasets(read_many(train), tok, val_fraction=0.25))
-    assert not [m for m in messages if "validation" in m], messages
+    records = task_records(12, seed=1)
+    config = TrainConfig(rank=2, batch_size=4, max_steps=1, eval_examples=0, progress=False, save_every=0)
+
+    def run(validation):
+        model = tiny_llama(vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=1)
+        return _warnings(lambda: train(model, tiny_tokenizer(), records, config, val_data=validation,
+                                       log=lambda line: None))[1]
+
+    said = ("validation data: all {} examples are also in the training data (the same file given twice?), so the "
+            "validation loss cannot show overfitting; hold out examples the model does not train on (--val-fraction 0.1)")
+    assert run(records) == [said.format(12)]
+    assert run(records[:3]) == [said.format(3)]  # a subset is the same mistake
+    assert run(task_records(4, seed=2) + records[:3]) == []  # held-out examples: nothing to say

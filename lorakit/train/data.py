@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import random
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -699,18 +698,19 @@ def _records(source: Any) -> list[Record]:
     return read_many(source)
 
 
-def _warn_validation_in_training(train: Sequence[Record], validation: Sequence[Record]) -> None:
-    """A validation set the model trains on (the same file given as both) scores memorisation: its loss keeps
-    falling while the model overfits, and the best adapter is chosen by it. Warned when every example is a training
-    one; a few shared examples (duplicates in real data) are not worth a line."""
+def validation_in_training(train: SupervisedDataset, validation: SupervisedDataset) -> str | None:
+    """The warning for a validation set whose every example is also a training one (the same file given as both),
+    else None. Such a set scores memorisation: its loss keeps falling while the model overfits, and the best adapter
+    is chosen by it. A few shared examples (duplicates in real data) are not worth a line."""
     def key(record: Record) -> str:
         return json.dumps([record.shape, record.fields], sort_keys=True, default=repr)
 
-    seen = {key(record) for record in train}
-    if validation and all(key(record) in seen for record in validation):
-        warnings.warn(f"validation data: all {len(validation)} examples are also in the training data (the same file "
-                      "given twice?), so the validation loss cannot show overfitting; hold out examples the model does "
-                      "not train on (--val-fraction 0.1)", stacklevel=3)
+    seen = {key(record) for record in train.records}
+    if validation.records and all(key(record) in seen for record in validation.records):
+        return (f"validation data: all {len(validation.records)} examples are also in the training data (the same file "
+                "given twice?), so the validation loss cannot show overfitting; hold out examples the model does not "
+                "train on (--val-fraction 0.1)")
+    return None
 
 
 def build_datasets(
@@ -738,7 +738,6 @@ def build_datasets(
     val_records = None
     if validation is not None:
         val_records = _records(validation)
-        _warn_validation_in_training(records, val_records)
     elif val_fraction is not None:
         records, val_records = split_records(records, val_fraction, seed)
     train_ds = build_dataset(records, tokenizer, max_length, overflow, pack=pack, eot_token=eot_token, name="training data",

@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -41,7 +42,7 @@ from lorakit.train.distributed import (  # world is re-exported: the runner impo
     all_reduce_gradients, all_reduce_sum, apply_fsdp, full_state, gather_objects, gathered_trainable, is_sharded,
     sharded_grad_norm_and_clip, with_gradient_anywhere, world)
 from lorakit.train.batches import BatchIterator, Collator
-from lorakit.train.data import SupervisedDataset, build_dataset, pad_id_for
+from lorakit.train.data import SupervisedDataset, build_dataset, pad_id_for, validation_in_training
 from lorakit.train.evaluate import autocast_context, dataset_loss, loss_sum, supervised_tokens, to_device
 from lorakit.train.packing import check_packed_rows, sliding_window_layout, window_packed_masks
 from lorakit.train.report import CURVE_NAME, METRICS_NAME, MetricsLog, plot_loss_curve
@@ -470,6 +471,9 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
             log(train_ds.summary.drop_note())
     if val_ds is not None and val_ds is not val_data:
         log(f"validation data: {val_ds.summary}")
+    overlap = validation_in_training(train_ds, val_ds) if val_ds is not None and main else None
+    if overlap:
+        warnings.warn(overlap, stacklevel=2)
     pad_id = pad_id_for(tokenizer)
     collator = Collator(pad_id, pad_to_multiple_of=8 if device.type == "cuda" else None,
                         mask_dtype=compute_dtype or torch.float32)
