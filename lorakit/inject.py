@@ -424,6 +424,34 @@ def _warn_unused_patterns(config: LoraConfig, paths: list[str]) -> None:
                           f"modules end in: {', '.join(ends)}", stacklevel=3)
 
 
+def _warn_wasted_settings(config: LoraConfig, targets: dict[str, nn.Module], params: dict[str, dict[str, tuple[int, float]]],
+                          adapter: str, trainable: bool) -> None:
+    """Settings peft accepts silently that waste an adapter, one line each: alpha 0 on every adapted module (the update,
+    and with it every gradient, is scaled to nothing; DoRA's magnitudes and modules_to_save copies would still learn)
+    and, for an adapter to train, a rank above what a layer's update can reach (min(in_features, out_features): the
+    extra rank only adds parameters)."""
+    alphas = [config.alpha_for(path) for path in targets] + [alpha for chosen in params.values()
+                                                             for _, alpha in chosen.values()]
+    if alphas and not any(alphas) and "dora" not in config.variant and not config.modules_to_save:
+        warnings.warn(f"adapter {adapter!r} has alpha 0 on every layer it adapts, so it changes nothing (the update is "
+                      "scaled by alpha / r) and training it learns nothing; give a positive alpha, e.g. 2 x r", stacklevel=3)
+    if not trainable:
+        return
+    over = []
+    for path, module in targets.items():
+        out_features, in_features = quant.linear_shape(module)
+        if isinstance(module, nn.Embedding):  # (num_embeddings, dim): A reads the vocabulary, B writes the dim
+            out_features, in_features = in_features, out_features
+        if config.rank_for(path) > min(in_features, out_features):
+            over.append((path, config.rank_for(path), in_features, out_features))
+    if over:
+        path, rank, in_features, out_features = over[0]
+        others = f" and {len(over) - 1} other targeted layer(s)" if len(over) > 1 else ""
+        warnings.warn(f"r={rank} is above min(in_features, out_features) of {path} ({in_features} -> {out_features})"
+                      f"{others}: the update there has rank at most {min(in_features, out_features)}, so the extra rank "
+                      "only adds parameters; lower r or give those layers rank_pattern", stacklevel=3)
+
+
 def check_adapter_name(name: object, what: str = "adapter name") -> None:
     """Refuse a name that cannot be a module key (a dot) or a subfolder name: ``save_pretrained`` writes each
     non-default adapter into ``folder/<name>``, so a slash, a backslash or an absolute path would write outside it."""
@@ -506,6 +534,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
                            "parameters (target_parameters); choose one (exclude_modules can drop it from the modules)")
     _refuse_lora_beside_copy(existing, targets, saved, adapter)
     _warn_unused_patterns(config, [*targets, *(f"{p}.{n}" if p else n for p, names in params.items() for n in names)])
+    _warn_wasted_settings(config, targets, params, adapter, trainable)
     if config.init == "pissa":  # checked here, before PiSSA rewrites any base weight
         embeddings = [p for p, m in targets.items() if isinstance(m, nn.Embedding)]
         if embeddings:

@@ -103,3 +103,43 @@ def test_a_validation_set_inside_the_training_set_is_warned():
     assert run(records) == [said.format(12)]
     assert run(records[:3]) == [said.format(3)]  # a subset is the same mistake
     assert run(task_records(4, seed=2) + records[:3]) == []  # held-out examples: nothing to say
+
+
+# -- LoRA settings --------------------------------------------------------------------------------------------------
+def test_alpha_zero_is_accepted_with_a_warning_by_the_api_and_the_cli(tmp_path):
+    """peft accepts lora_alpha=0 (and negative); the CLI refused --alpha 0 that LoraConfig accepted silently."""
+    from lorakit.train.config import TrainConfig
+
+    noop = ("adapter {!r} has alpha 0 on every layer it adapts, so it changes nothing (the update is scaled by alpha "
+            "/ r) and training it learns nothing; give a positive alpha, e.g. 2 x r")
+    assert TrainConfig(alpha=0).lora_config().alpha == 0 == lorakit.LoraConfig(r=8, alpha=0).alpha
+    assert TrainConfig(alpha=-16).lora_config().alpha == -16 == lorakit.LoraConfig(r=8, alpha=-16).alpha
+    with pytest.raises(LorakitError, match=r"--alpha must be a finite number \(e\.g\. 2 x --rank\), got nan"):
+        TrainConfig(alpha=float("nan"))
+    model = tiny_llama()
+    _, messages = _warnings(lambda: lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=0), adapter="zero"))
+    assert messages == [noop.format("zero")]
+    _, messages = _warnings(lambda: lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=0, alpha_pattern={"q_proj": 8}),
+                                                   adapter="some"))
+    assert messages == []  # q_proj's update is not zero
+    _, messages = _warnings(lambda: lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=0, variant="dora"), adapter="d"))
+    assert messages == []  # DoRA's magnitudes still learn
+    # an adapter saved with lora_alpha 0 (peft writes such files) loads, and says it is a no-op
+    folder = make_adapter(tiny_llama(), tmp_path / "zero", seed=1)
+    config_path = folder / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "lora_alpha": 0}))
+    _, messages = _warnings(lambda: lorakit.load_adapter(tiny_llama(), folder))
+    assert messages == [noop.format("default")]
+
+
+def test_a_rank_above_a_targeted_layers_size_is_warned_once_naming_it():
+    """tiny Llama: k_proj / v_proj are 32 -> 16, so rank 20 there can only reach 16 (peft accepts it silently)."""
+    model, messages = _warnings(lambda: lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=20, target_modules="all-linear")))
+    assert messages == [
+        "r=20 is above min(in_features, out_features) of model.layers.0.self_attn.k_proj (32 -> 16) and 3 other "
+        "targeted layer(s): the update there has rank at most 16, so the extra rank only adds parameters; lower r "
+        "or give those layers rank_pattern"]
+    assert lorakit.adapter_names(model) == ["default"]
+    _, messages = _warnings(lambda: lorakit.inject(tiny_llama(), lorakit.LoraConfig(
+        r=20, target_modules="all-linear", rank_pattern={"k_proj|v_proj": 8})))
+    assert messages == []

@@ -191,8 +191,8 @@ class TrainConfig:
                                    "e.g. train.jsonl")
         if self.seed >= 2**64:  # torch.manual_seed's limit: an OverflowError once the model is loaded, otherwise
             raise LorakitError(f"--seed must be below 2**64 (e.g. 42), got {self.seed}")
-        if not (_number(self.alpha) and self.alpha > 0):  # alpha 0 scales the update (and its gradients) to nothing
-            raise LorakitError(f"--alpha must be a positive number (e.g. 2 x --rank), got {self.alpha!r}")
+        if not _number(self.alpha):  # any finite alpha, as LoraConfig and peft; inject warns when it is 0 (a no-op)
+            raise LorakitError(f"--alpha must be a finite number (e.g. 2 x --rank), got {self.alpha!r}")
         if not (_number(self.epochs) and self.epochs > 0):
             raise LorakitError(f"--epochs must be a positive number, got {self.epochs!r}")
         if self.lr is not None and not (_number(self.lr) and self.lr > 0):
