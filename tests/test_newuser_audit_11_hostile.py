@@ -143,3 +143,15 @@ def test_a_rank_above_a_targeted_layers_size_is_warned_once_naming_it():
     _, messages = _warnings(lambda: lorakit.inject(tiny_llama(), lorakit.LoraConfig(
         r=20, target_modules="all-linear", rank_pattern={"k_proj|v_proj": 8})))
     assert messages == []
+
+
+# -- model folders --------------------------------------------------------------------------------------------------
+def test_a_config_json_with_a_byte_order_mark_names_the_mark(tiny_folder, tmp_path):  # noqa: F811 (fixture)
+    folder = tmp_path / "bom-model"
+    shutil.copytree(tiny_folder, folder)
+    (folder / "config.json").write_bytes(codecs.BOM_UTF8 + (folder / "config.json").read_bytes())
+    with pytest.raises(LorakitError) as info:
+        lorakit.load_base(str(folder))
+    assert _one_line(info) == (
+        f"{folder / 'config.json'}: starts with a UTF-8 byte-order mark (what some Windows editors write), which "
+        "transformers cannot read; save it as UTF-8 without the mark (e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' config.json)")

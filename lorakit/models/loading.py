@@ -59,9 +59,15 @@ def check_causal_config(folder: Path) -> dict:
     """
     path = folder / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise LorakitError(f"{path}: not UTF-8 text; it is not a Hugging Face config.json") from None
+    if text.startswith("\ufeff"):  # transformers' AutoConfig (so from_pretrained too) refuses it: "not a valid JSON file"
+        raise LorakitError(f"{path}: starts with a UTF-8 byte-order mark (what some Windows editors write), which "
+                           "transformers cannot read; save it as UTF-8 without the mark (e.g. sed -i "
+                           "'1s/^\\xEF\\xBB\\xBF//' config.json)")
+    try:
+        config = json.loads(text)
     except json.JSONDecodeError as error:
         raise LorakitError(f"{path}: not valid JSON (line {error.lineno}: {error.msg}); fix or re-save the config") from None
     except (RecursionError, ValueError):  # "[[[[..." deeper than Python's stack, or an integer of thousands of digits
