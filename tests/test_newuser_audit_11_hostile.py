@@ -155,3 +155,33 @@ def test_a_config_json_with_a_byte_order_mark_names_the_mark(tiny_folder, tmp_pa
     assert _one_line(info) == (
         f"{folder / 'config.json'}: starts with a UTF-8 byte-order mark (what some Windows editors write), which "
         "transformers cannot read; save it as UTF-8 without the mark (e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' config.json)")
+
+
+# -- the server -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("hostile11")
+    model_dir = tiny_hf_folder(root / "model")
+    make_adapter(AutoModelForCausalLM.from_pretrained(model_dir), root / "adapters" / "a0", seed=1)
+    server = ServerProcess(model_dir, root / "adapters", "--max-tokens", "16", log=root / "server.log")
+    client = httpx.Client(base_url=server.url, timeout=60)
+    try:
+        yield client
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_top_logprobs_without_logprobs_is_refused(server):
+    """It was answered without any logprobs: the field asked for was dropped silently (OpenAI refuses it)."""
+    body = {"model": "a0", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "top_logprobs": 3}
+    response = server.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "top_logprobs" and error["message"] == "top_logprobs needs logprobs: true; send both"
+    # what clients send as "off" values still passes, and the asked-for logprobs still come back
+    assert server.post("/v1/chat/completions", json={**body, "top_logprobs": 0}).status_code == 200
+    reply = server.post("/v1/chat/completions", json={**body, "logprobs": True}).json()
+    assert all(len(entry["top_logprobs"]) == 3 for entry in reply["choices"][0]["logprobs"]["content"])

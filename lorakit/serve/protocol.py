@@ -446,6 +446,15 @@ class ChatRequest(_Sampling):
     def _template_options(cls, value: dict | None) -> dict | None:
         return _template_kwargs(value)
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, value: int | None, info) -> int | None:
+        """Without logprobs the answer has none: top_logprobs alone was dropped silently (OpenAI refuses it; 0, an
+        "off" value clients send, passes)."""
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true; send both")
+        return value
+
     @field_validator("functions")
     @classmethod
     def _no_functions(cls, value: list | None) -> list | None:
