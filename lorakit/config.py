@@ -271,6 +271,10 @@ class LoraConfig:
         init_name = "gaussian" if init == "gaussian" else "default"
         if not isinstance(init, (bool, str, type(None))):
             raise LorakitError(f"{source}: init_lora_weights={shown(init)} must be true, false or a method name")
+        if isinstance(init, str) and not _known_init(init):  # peft raises "Unknown initialization" for these too
+            raise LorakitError(f"{source}: init_lora_weights={shown(init)} is not an init lorakit knows (peft 0.21's: "
+                               f"{', '.join(_KNOWN_INITS)}, pissa_niter_K), so it cannot tell whether it rewrote the base "
+                               "weights; if it did not (A and B are the whole update), set it to true in the file")
         _warn_residual_base(init, source)
         bias = data.get("bias")
         try:
@@ -360,6 +364,16 @@ def _is_index(value: Any) -> bool:
 
 # Inits after which PEFT's saved A, B belong to a changed base (W minus the initial B A, or LoftQ's quantized one)
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+# peft 0.21's init_lora_weights methods (besides true / false); lorakit reads the saved weights of any of them
+_KNOWN_INITS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", "lora_ga")
+
+
+def _known_init(init: str) -> bool:
+    """peft's own tests: pissa / pissa_niter_K and corda by prefix, the rest by name (any case, as peft lowers some)."""
+    init = init.lower()
+    return init in _KNOWN_INITS or re.fullmatch(r"pissa_niter_\d+", init) is not None or init.startswith("corda")
 
 
 def _warn_residual_base(init: Any, source: str) -> None:

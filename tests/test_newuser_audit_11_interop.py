@@ -140,3 +140,16 @@ def test_server_names_the_other_adapter_as_clients_know_it(tmp_path):
         pool.acquire("tokens")
     assert "'lk" not in str(refused.value)
     assert [a["name"] for a in pool.loaded()] == ["emb"]
+
+
+# -- adapter_config.json from another peft version ------------------------------------------------------------------
+def test_an_init_lorakit_does_not_know_is_refused_by_name():
+    """peft raises "Unknown initialization" for an init_lora_weights it does not know; lorakit loaded it as plain
+    LoRA, so an init of a newer peft that rewrote the base (as pissa does) would give wrong logits without a word."""
+    read = lorakit.LoraConfig.from_peft_dict
+    base = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    with pytest.raises(lorakit.LorakitError, match=r"init_lora_weights='spectral_v2' is not an init lorakit knows .*"
+                                                   r"set it to true"):
+        read({**base, "init_lora_weights": "spectral_v2"})
+    for known in (True, False, None, "gaussian", "Gaussian", "eva", "orthogonal", "mica", "MiCA"):
+        assert read({**base, "init_lora_weights": known}).r == 4
