@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    from lorakit.commands._args import plain_warnings
+
     try:
-        code = int(module.run(args) or 0)
+        with plain_warnings():  # every command: a user reads "warning: ...", not lorakit's file:line and source line
+            code = int(module.run(args) or 0)
     except LorakitError as error:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process hits the same mistake: say it once
             print(f"lorakit {args.command}: error: {error}", file=sys.stderr)

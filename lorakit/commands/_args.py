@@ -117,13 +117,13 @@ def check_base_names(model: str | None, adapters, flag: str = "--adapter") -> st
 @contextlib.contextmanager
 def plain_warnings():
     """Python warnings (an adapter named for another base, ...) as one ``warning: ...`` line on stderr, without the
-    file:line and source line Python prints for a developer."""
-    import sys
+    file:line and source line Python prints for a developer. Only the format changes, so code that records warnings
+    (``warnings.catch_warnings(record=True)``, pytest) still receives them."""
     import warnings
 
-    shown = warnings.showwarning
-    warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+    formatted = warnings.formatwarning
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         yield
     finally:
-        warnings.showwarning = shown
+        warnings.formatwarning = formatted

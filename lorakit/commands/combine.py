@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit._fs import replace_folder, temp_dir
     from lorakit.combine import _check_options, combine_adapters
-    from lorakit.commands._args import check_adapter_arg, check_base_names, check_device, check_model_folder, plain_warnings
+    from lorakit.commands._args import check_adapter_arg, check_base_names, check_device, check_model_folder
     from lorakit.errors import LorakitError
     from lorakit.export import check_output_folder, leftover_note, write_failure
     from lorakit.inject import lora_layers
@@ -147,8 +147,7 @@ def run(args: argparse.Namespace) -> int:
     for i, (folder, weight) in enumerate(inputs):  # named after their folders, so messages name them as the user did
         name = re.sub(r"[^\w-]", "_", Path(os.path.abspath(os.path.expanduser(folder))).name) or f"input{i}"
         name = f"{name}_{i}" if name in names or name == "combined" else name
-        with plain_warnings():
-            names[lorakit.load_adapter(model, files[i], adapter=name)] = weight
+        names[lorakit.load_adapter(model, files[i], adapter=name)] = weight
     with _flag_names(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         combine_adapters(model, names, name="combined", **options,

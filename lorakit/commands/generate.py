@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
     from lorakit.generation import SamplingParams, encode_prompt, end_of_turn_ids, generate
 
-    from lorakit.commands._args import check_adapter_arg, check_base_names, check_device, check_model_folder, plain_warnings
+    from lorakit.commands._args import check_adapter_arg, check_base_names, check_device, check_model_folder
 
     if args.model is not None:
         check_model_folder(args.model)
@@ -128,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
     rows: list[tuple[str, str | None]] = [("base", None)] if args.base or not args.adapter else []
     for index, (adapter_file, label) in enumerate(zip(files, labels)):
         internal = f"adapter{index}"
-        with plain_warnings():
-            lorakit.load_adapter(model, adapter_file, adapter=internal)
+        lorakit.load_adapter(model, adapter_file, adapter=internal)
         rows.append((label, internal))
     stops = end_of_turn_ids(tokenizer)
     params.stop_token_ids = stops

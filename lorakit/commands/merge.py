@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.export import check_output_folder, leftover_note
 
-    from lorakit.commands._args import check_adapter_arg, check_base_names, check_model_folder, plain_warnings
+    from lorakit.commands._args import check_adapter_arg, check_base_names, check_model_folder
     from lorakit.errors import LorakitError
 
     if args.gguf_type is not None and args.format != "gguf":
@@ -84,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
     args.model = check_base_names(args.model, [(args.adapter, adapter)])
     dtype = getattr(torch, DTYPES[args.dtype])
     model, tokenizer = lorakit.load_base(args.model, dtype=torch.float32, device="cpu")
-    with plain_warnings():
-        lorakit.load_adapter(model, adapter, adapter="merged")
+    lorakit.load_adapter(model, adapter, adapter="merged")
     from lorakit.quant import is_quantized
 
     if any(is_quantized(module) for module in model.modules()):  # export_merged dequantizes it before merging
