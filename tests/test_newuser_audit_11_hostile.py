@@ -187,6 +187,18 @@ def test_top_logprobs_without_logprobs_is_refused(server):
     assert all(len(entry["top_logprobs"]) == 3 for entry in reply["choices"][0]["logprobs"]["content"])
 
 
+
+def test_a_prompt_that_fills_the_context_without_max_tokens_names_the_prompt(server):
+    """It was blamed on 'max_tokens (1)', a field the client never sent."""
+    response = server.post("/v1/completions", json={"model": "a0", "prompt": [65] * 256})  # the context is 256
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("prompt", "context_length_exceeded")
+    assert error["message"] == ("the prompt (256 tokens) fills the model's context of 256 tokens, leaving no room for "
+                                "an answer; shorten it")
+    assert server.post("/v1/completions", json={"model": "a0", "prompt": [65] * 255}).json()["usage"] == {
+        "prompt_tokens": 255, "completion_tokens": 1, "total_tokens": 256}
+
 # -- the command line -----------------------------------------------------------------------------------------------
 def test_lorakit_train_prints_a_warning_as_one_plain_line(tiny_folder, tmp_path):  # noqa: F811 (fixture)
     """lorakit train showed Python's developer form: 'lorakit/train/loop.py:264: UserWarning: ...' and then the

@@ -396,6 +396,9 @@ def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | 
         raise APIError(400, f"{which} has {len(prompt_ids)} tokens, over the limit of {state.max_prompt_tokens}",
                        param=param, code="context_length_exceeded")
     room = state.context_length - len(prompt_ids)
+    if max_tokens is None and room < 1:  # the client sent no max_tokens: blame the prompt, not a value it never sent
+        raise APIError(400, f"{which} ({len(prompt_ids)} tokens) fills the model's context of {state.context_length} "
+                       "tokens, leaving no room for an answer; shorten it", param=param, code="context_length_exceeded")
     if max_tokens is None:
         max_tokens = max(1, min(state.max_new_tokens, room, default_tokens or state.max_new_tokens))
     if max_tokens > state.max_new_tokens:
