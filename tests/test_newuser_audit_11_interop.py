@@ -153,3 +153,24 @@ def test_an_init_lorakit_does_not_know_is_refused_by_name():
         read({**base, "init_lora_weights": "spectral_v2"})
     for known in (True, False, None, "gaussian", "Gaussian", "eva", "orthogonal", "mica", "MiCA"):
         assert read({**base, "init_lora_weights": known}).r == 4
+
+
+# -- model folders that are not Hugging Face safetensors folders ------------------------------------------------------
+def test_a_folder_of_pth_weights_is_refused_as_pickled_and_a_gguf_folder_is_named(tmp_path):
+    """Meta's original checkpoints (consolidated.00.pth, pickled) got transformers' "no file named
+    model.safetensors"; a downloaded GGUF repository folder got "has no config.json" with no word of the GGUF."""
+    from test_train_helpers import tiny_tokenizer
+
+    pth = tmp_path / "llama-original"
+    build().config.save_pretrained(pth)
+    tiny_tokenizer().save_pretrained(pth)
+    torch.save({"tok_embeddings.weight": torch.zeros(2, 2)}, pth / "consolidated.00.pth")
+    with pytest.raises(lorakit.LorakitError, match=r"holds only pickled weights \(consolidated\.00\.pth\); lorakit never "
+                                                   r"unpickles"):
+        lorakit.load_base(str(pth))
+    gguf = tmp_path / "model-GGUF"
+    gguf.mkdir()
+    (gguf / "model-Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(lorakit.LorakitError, match=r"has no config.json; it holds model-Q4_K_M\.gguf, a GGUF file: .*"
+                                                   r"gguf_file='model-Q4_K_M\.gguf'"):
+        lorakit.load_base(str(gguf))

