@@ -32,7 +32,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lorakit.generation import KVBatch, SamplingParams, decode, prefill, sample
+from lorakit.generation import KVBatch, SamplingParams, decode, prefill
+from lorakit.serve.sampling import sample_rows
 
 
 @dataclass
@@ -51,14 +52,6 @@ STATIC_PREFILL_MAX_TOKENS = 2048
 # ``Engine.score`` keeps at most this many logits (float32) at once: 256 MiB, 1,365 prompt positions of a 49k
 # vocabulary per forward; a longer prompt takes one forward per slice of positions
 SCORE_LOGITS = 1 << 26
-
-
-def _top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """``logits (V,)`` with all but the ``k`` largest set to -inf (ties with the k-th stay); ``k`` 0: unchanged."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k).values[-1]
-    return logits.masked_fill(logits < kth, float("-inf"))
 
 
 @dataclass
@@ -214,10 +207,10 @@ class Engine:
             started = time.perf_counter()
             rows = self.decoder.free_rows()[:len(newcomers)]
             logits = self.decoder.prefill(rows, [r.prompt for r in newcomers], [r.adapter for r in newcomers])
-            allowed, greedy = self._constrain(newcomers, logits)
+            tokens, errors = self._choose(newcomers, logits)
             for j, (row, request) in enumerate(zip(rows, newcomers)):
                 request.row = row
-                if self._accept(request, logits[j], allowed[j], done, greedy[j]):
+                if self._accept(request, logits[j], tokens[j], errors[j], done):
                     self._running.append(request)
                 else:
                     self.decoder.release([row])
@@ -225,8 +218,8 @@ class Engine:
         elif newcomers:  # transformers' forward (segmented multi-LoRA kernels: long prompts, or no static decoder)
             started = time.perf_counter()
             logits, batch = prefill(self.model, [r.prompt for r in newcomers], [r.adapter for r in newcomers], self.pad_id)
-            allowed, greedy = self._constrain(newcomers, logits)
-            keep = [i for i, r in enumerate(newcomers) if self._accept(r, logits[i], allowed[i], done, greedy[i])]
+            tokens, errors = self._choose(newcomers, logits)
+            keep = [i for i, r in enumerate(newcomers) if self._accept(r, logits[i], tokens[i], errors[i], done)]
             if keep and self.decoder is not None:
                 rows = self.decoder.free_rows()[:len(keep)]
                 self.decoder.admit(rows, batch, members=keep)
@@ -251,11 +244,11 @@ class Engine:
             logits = self.decoder.step([r.row for r in self._running], tokens, adapters)
         else:
             logits = decode(self.model, self._batch, tokens, adapters)
-        allowed, greedy = self._constrain(self._running, logits)
+        tokens, errors = self._choose(self._running, logits)
         self.timings["decode_s"] += time.perf_counter() - started
         self.timings["decode_steps"] += 1
         finished = [i for i, r in enumerate(self._running)
-                    if not self._accept(r, logits[i], allowed[i], done, greedy[i])]
+                    if not self._accept(r, logits[i], tokens[i], errors[i], done)]
         self._drop(finished, done, None)
 
     def _time_prefill(self, started: float, rows: int) -> None:
@@ -264,10 +257,12 @@ class Engine:
         self.timings["prefill_rows"] += rows
 
     @staticmethod
-    def _constrain(requests: list[Request], logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """``logits (n, V)`` of ``requests`` -> (the logits each row samples from, their argmax for the whole batch
-        in one device-to-host copy): rows with an active format get every token their grammar refuses at -inf, all
-        such rows in one pass (``structured.mask_rows``); rows without a format cost nothing."""
+    def _choose(requests: list[Request], logits: torch.Tensor) -> tuple[list[int], list[str | None]]:
+        """The next token of each of ``requests`` from their ``logits (n, V)``, and per row None or why it failed,
+        for the whole batch at once: rows with a format get every token their constraint refuses at -inf (all such
+        rows in one pass: ``structured.mask_rows``), greedy rows take the argmax, sampled rows are drawn together
+        (``sampling.sample_rows``: each from its own generator, so no row depends on its neighbours), and the tokens
+        come to the host in one copy. Rows without a format cost the mask nothing."""
         rows = [i for i, r in enumerate(requests) if r.constraint is not None and r.constraint.active]
         if rows:
             from lorakit.serve.structured import mask_rows
@@ -279,24 +274,37 @@ class Engine:
                 index = torch.tensor(rows, device=logits.device)
                 masked, logits = mask_rows(constraints, logits[index]), logits.clone()
                 logits[index] = masked
-        return logits, logits.argmax(dim=-1).tolist()
+        tokens = logits.argmax(dim=-1)  # the greedy rows' tokens (and a placeholder for the others)
+        drawn = [i for i, r in enumerate(requests) if r.params.temperature != 0]
+        if drawn:
+            whole = len(drawn) == len(requests)
+            index = None if whole else torch.tensor(drawn, device=logits.device)
+            picked, ok = sample_rows(logits if whole else logits[index],
+                                     [requests[i].params.temperature for i in drawn],
+                                     [requests[i].params.top_p for i in drawn],
+                                     [requests[i].top_k or requests[i].params.top_k for i in drawn],
+                                     [requests[i].generator for i in drawn])
+            picked = torch.where(ok, picked, -1)  # -1: nothing to draw from (NaN or all -inf logits)
+            if whole:
+                tokens = picked
+            else:
+                tokens[index] = picked
+        chosen = tokens.tolist()
+        errors = [None if token >= 0 else "sampling failed: the row's probabilities are NaN or all zero (its "
+                  "logits are not finite)" for token in chosen]
+        return chosen, errors
 
-    def _accept(self, request: Request, logits: torch.Tensor, allowed: torch.Tensor, done: list, greedy: int) -> bool:
-        """Sample the request's next token from ``allowed (V,)`` (the row's logits, with a format's refused tokens
-        at -inf; ``greedy``: its argmax, computed for the whole batch at once); ``logits`` (V,) as the model gave
-        them, for logprobs. False (and a ``done`` entry) when it finished."""
+    def _accept(self, request: Request, logits: torch.Tensor, token: int, error: str | None, done: list) -> bool:
+        """Take the request's next ``token`` (:meth:`_choose`'s, under the row's format; ``error``: why none could
+        be drawn); ``logits`` (V,) as the model gave them, for logprobs. False (and a ``done`` entry) when it
+        finished."""
         params = request.params
         constraint = request.constraint
         if constraint is not None and constraint.active and constraint.blocked:  # the grammar allows nothing
             done.append((request, f"error: structured output: {constraint.error or 'no token is allowed'}"))
             return False
-        try:
-            # shifted so the largest logit is 0: divided by a tiny temperature (1e-40) the logits stay finite or
-            # -inf (probability 0) instead of overflowing to inf and NaN probabilities; the distribution is the same
-            token = greedy if params.temperature == 0 else sample(_top_k(allowed, request.top_k) - allowed.max(), params,
-                                                                  request.generator)
-        except RuntimeError as error:  # this request's sampling alone fails: the other rows keep decoding
-            done.append((request, f"error: sampling failed: {str(error).splitlines()[0]}"))
+        if error is not None:  # this request's sampling alone fails: the other rows keep decoding
+            done.append((request, f"error: {error}"))
             return False
         if constraint is not None and constraint.active and token not in params.stop_token_ids \
                 and not constraint.consume(token):
