@@ -1,21 +1,32 @@
-"""Structured outputs on ``lorakit serve``, second part: batched sampling of a step's rows.
+"""Structured outputs on ``lorakit serve``, second part: batched sampling of a step's rows, formats in thinking mode.
 
 - Sampling: ``serve.sampling.sample_rows`` draws every sampled row of a step in one call; on the CPU a row without
   top-p gets the very token ``torch.multinomial`` (``lorakit.generation.sample``) gives, and no row's token depends
   on the other rows. In the engine (a tiny Llama, the test tokenizer, a real llguidance grammar) the plain rows'
   tokens are the same with and without formatted rows beside them, and the step's rows are drawn together.
+- Thinking mode (scripted tiny models with Qwen3's and DeepSeek-R1's templates, over HTTP): an answer that never
+  opens the reasoning block is formatted from its first token; one that never closes it is all reasoning, no
+  content, finish reason "length"; a block opened by the prompt is free text and the content after it is formatted.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
+import httpx
+import pytest
 import torch
 
 from conftest import tiny_llama
-from test_serve_structured import SCHEMA, valid
-from test_serve_support import make_tokenizer
+from test_serve_structured import MESSAGES, SCHEMA, valid
+from test_serve_support import ServerProcess, make_tokenizer
+from test_train_tool_calls import family
+
+OK_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+             "additionalProperties": False}
+OK_FORMAT = {"type": "json_schema", "json_schema": {"name": "ok", "schema": OK_SCHEMA}}
 
 
 # -- batched sampling ------------------------------------------------------------------------------------------------
@@ -129,3 +140,142 @@ def test_choose_fails_a_nan_row_alone():
     tokens, errors = Engine._choose(requests, logits)
     assert errors[0] is not None and "sampling failed" in errors[0]
     assert errors[1] is None and errors[2] is None and tokens[2] == int(logits[2].argmax())
+
+
+# -- constraint phases around a reasoning block -------------------------------------------------------------------
+def test_phases_with_a_marker_of_several_tokens():
+    """The test tokenizer writes ``<think>`` in several tokens: the first may open the block (beside the grammar's
+    tokens), the rest are then forced one by one, and the block's text is free until :meth:`begin`."""
+    from lorakit.serve.structured import compile_format
+
+    tokenizer = make_tokenizer()
+    opening = tuple(tokenizer("<think>", add_special_tokens=False)["input_ids"])
+    assert len(opening) > 1
+    grammar = compile_format(tokenizer, len(tokenizer), (tokenizer.eos_token_id,), OK_SCHEMA, "ok")
+    logits = torch.zeros(len(tokenizer))
+    constraint = grammar.constraint(opening=opening)
+    assert constraint.phase == "choose"
+    allowed = torch.isfinite(constraint.mask(logits)).nonzero().flatten().tolist()
+    plain = torch.isfinite(grammar.constraint().mask(logits)).nonzero().flatten().tolist()
+    assert sorted(allowed) == sorted(set(plain) | {opening[0]})
+    assert constraint.take(opening[0]) and constraint.phase == "marker"
+    for token in opening[1:]:
+        assert torch.isfinite(constraint.mask(logits)).nonzero().flatten().tolist() == [token]
+        assert constraint.take(token)
+    assert constraint.waiting and not constraint.active and not constraint.done
+    constraint.begin()
+    text = '{"ok":true}'
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        assert torch.isfinite(constraint.mask(logits)[token]) and constraint.take(token)
+    assert constraint.done
+    # no block: the first token is the format's, fed to the matcher
+    skipped = grammar.constraint(opening=opening)
+    first = tokenizer("{", add_special_tokens=False)["input_ids"][0]
+    assert skipped.take(first) and skipped.phase == "on" and not skipped.done
+    # the prompt opened the block: wait from the start
+    assert grammar.constraint(active=False).waiting
+
+
+def _scripted(root: Path, name: str, moves: dict[str, dict[str, float]]) -> ServerProcess:
+    """A server whose tiny Llama follows ``moves``: after token text ``a`` (``"PROMPT"``: the generation prompt's
+    last token) the logit of each ``b`` in ``moves[a]`` is raised by about 56 x the weight (its attention and MLP
+    outputs are zero, so each position sees only its own token; unlisted tokens stay near 0). Texts missing from
+    the family's tokenizer are added as tokens."""
+    from transformers import AutoTokenizer
+
+    family(name).save_pretrained(root / "model")
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    words = {w for follow in moves.values() for w in follow} | (set(moves) - {"PROMPT"})
+    tokenizer.add_tokens(sorted(w for w in words if w not in tokenizer.get_vocab()))
+    prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = lambda word: prompt[-1] if word == "PROMPT" else tokenizer.convert_tokens_to_ids(word)  # noqa: E731
+    model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.normal_(0, 0.02)
+        for k, (word, follow) in enumerate(moves.items()):
+            model.model.embed_tokens.weight[ids(word)] = torch.nn.functional.one_hot(torch.tensor(k), 32).float()
+            for target, weight in follow.items():
+                model.lm_head.weight[ids(target), k] += 10 * weight
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "adapters").mkdir()
+    return ServerProcess(root / "model", root / "adapters", "--max-tokens", "40", log=root / "server.log")
+
+
+def _chat(url: str, stream: bool = False, **extra) -> list[tuple[str | None, str | None, str]]:
+    """(reasoning, content, finish_reason) of each choice, streamed (the deltas joined) or not."""
+    body = {"model": "base", "messages": MESSAGES, "max_tokens": 20, **extra}
+    if not stream:
+        response = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return [(c["message"].get("reasoning_content"), c["message"]["content"], c["finish_reason"])
+                for c in response.json()["choices"]]
+    parts: dict[int, list] = {}
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            for choice in json.loads(line[6:])["choices"]:
+                entry = parts.setdefault(choice["index"], [None, None, None])
+                for key, slot in (("reasoning_content", 0), ("content", 1)):
+                    piece = choice["delta"].get(key)
+                    if piece:
+                        entry[slot] = (entry[slot] or "") + piece
+                entry[2] = choice.get("finish_reason") or entry[2]
+    return [tuple(parts[i]) for i in sorted(parts)]
+
+
+def test_thinking_mode_block_never_opened_or_never_closed(tmp_path):
+    """Qwen3's thinking mode (the model may open the block): this model writes ``<think>`` or ``{`` first, as
+    likely; after ``<think>`` it thinks forever (" hmm" ...), after ``{`` it writes noise. Plain, the answers are
+    noise or cut reasoning. With a format, each answer is either cut reasoning (finish "length", content None) or,
+    the block never opened, valid JSON from its first token (before, such an answer was not constrained)."""
+    process = _scripted(tmp_path, "qwen3", {"PROMPT": {"<think>": 1.0, "{": 1.0}, "<think>": {" hmm": 1.0},
+                                            " hmm": {" hmm": 1.0}})
+    try:
+        plain = _chat(process.url, n=8, seed=0, temperature=1.0)
+        assert any(content is None and reasoning.startswith("hmm hmm") for reasoning, content, _ in plain)
+        noise = [content for _, content, _ in plain if content is not None]
+        assert noise and all(text.startswith("{") for text in noise)
+        with pytest.raises(ValueError):
+            [json.loads(text) for text in noise]
+        for stream in (False, True):
+            for extra in ({"response_format": OK_FORMAT}, {"structured_outputs": {"json": OK_SCHEMA}}):
+                answers = _chat(process.url, stream, n=8, seed=0, temperature=1.0, **extra)
+                kinds = set()
+                for reasoning, content, reason in answers:
+                    if content is None:  # the block never closed: all reasoning, cut by max_tokens
+                        assert reason == "length" and reasoning.startswith("hmm hmm")
+                        kinds.add("thinking")
+                    else:  # never opened: formatted from the first token
+                        assert reasoning is None and reason == "stop"
+                        assert json.loads(content) in ({"ok": True}, {"ok": False})
+                        kinds.add("answer")
+                assert kinds == {"thinking", "answer"}, answers
+        assert "Traceback" not in process.output()
+    finally:
+        process.stop()
+
+
+def test_block_opened_by_the_prompt(tmp_path):
+    """DeepSeek-R1's generation prompt ends with ``<think>\\n``: the reasoning is free, the content after
+    ``</think>`` follows the format (the model's own answer is no JSON); cut inside the block, the answer is all
+    reasoning with finish reason "length"."""
+    words = ["I need the weather.", "</think>", "\n\n", "It is sunny.", "<｜end▁of▁sentence｜>"]
+    moves = {"PROMPT": {words[0]: 1.0}, **{a: {b: 1.0} for a, b in zip(words, words[1:])}}
+    process = _scripted(tmp_path, "deepseek-r1", moves)
+    try:
+        assert _chat(process.url, temperature=0) == [("I need the weather.", "It is sunny.", "stop")]
+        for stream in (False, True):
+            for extra in ({"response_format": OK_FORMAT}, {"structured_outputs": {"json": json.dumps(OK_SCHEMA)}}):
+                [(reasoning, content, reason)] = _chat(process.url, stream, temperature=0, **extra)
+                assert reasoning == "I need the weather." and reason == "stop"
+                assert json.loads(content) in ({"ok": True}, {"ok": False})
+            assert _chat(process.url, stream, temperature=0, max_tokens=1, response_format=OK_FORMAT) == \
+                [("I need the weather.", None, "length")]
+    finally:
+        process.stop()

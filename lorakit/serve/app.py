@@ -589,8 +589,8 @@ def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[S
             def on_token(token: int, info: TokenInfo | None, index=index, assembler=assembler,
                          constraint=constraint) -> bool:
                 bridge.put(("token", index, assembler.add(token), token, info))
-                if constraint is not None and not constraint.active and think.parser.close in assembler.text:
-                    constraint.active = True  # the content starts: the format applies from the next token
+                if constraint is not None and constraint.waiting and think.parser.close in assembler.text:
+                    constraint.begin()  # the content starts: the format applies from the next token
                 return not assembler.stopped
 
             def on_finish(reason: str, index=index, assembler=assembler) -> None:
@@ -641,15 +641,16 @@ async def _constraints(state: ServerState, spec: tuple[str, object, str] | None,
     kind, value, name = spec
     head = state.model.get_output_embeddings()
     columns = head.weight.shape[0] if head is not None else state.model.config.vocab_size  # the logits' width
-    waits = think is not None and think.where != "closed"
+    # where the answer starts against the reasoning block (structured.Constraint's phases): inside it (the prompt
+    # opened it), the format waits for it to close; at the start (the model may open it, or answer at once), the
+    # first token is the opening marker or the format's; closed in the prompt (or no parser), the format holds
+    where = think.where if think is not None else "closed"
 
     def build() -> list:
         grammar = compile_format(state.tokenizer, columns, params[0].stop_token_ids, value, name,
                                  state.tokenizer_lock, kind)
-        constraints = [grammar.constraint() for _ in params]
-        for constraint in constraints:
-            constraint.active = not waits
-        return constraints
+        opening = tuple(_encode_text(state, think.parser.open)) if where == "start" else ()
+        return [grammar.constraint(active=where != "inside", opening=opening) for _ in params]
 
     try:
         return await run_in_threadpool(build)

@@ -307,7 +307,7 @@ class Engine:
             done.append((request, f"error: {error}"))
             return False
         if constraint is not None and constraint.active and token not in params.stop_token_ids \
-                and not constraint.consume(token):
+                and not constraint.take(token):
             done.append((request, f"error: structured output: {constraint.error}"))
             return False
         info = None

@@ -14,9 +14,12 @@ row with a format owns a :class:`Constraint` (one ``LLMatcher``):
 An answer cut by ``max_tokens`` (finish reason ``"length"``) is a prefix of a valid answer, not a whole one; so is
 one cut by a request's ``stop`` string, which still applies. ``logprobs`` are the model's, before the mask (vLLM's
 default). The JSON is compact (no whitespace between tokens) unless the schema's ``x-guidance`` options say
-otherwise. With a reasoning parser on, the constraint waits (``active`` False) until the reasoning block closes, as
-vLLM does: the reasoning is free text, the content follows the format (a thinking-mode answer that never opens or
-closes the block is not constrained; with thinking off, the block closed in the prompt, it applies at once).
+otherwise. With a reasoning parser on, the reasoning is free text and the content follows the format, wherever the
+block stands (:class:`Constraint`'s phases): opened by the prompt (DeepSeek-R1), the constraint waits until the
+block closes; closed in the prompt (Qwen3 with thinking off), it applies at once; left to the model (Qwen3's
+thinking mode), the first token is the opening marker or the format's first, so an answer that skips the block is
+formatted from its first token. A block that never closes before ``max_tokens`` leaves the answer all reasoning,
+no content, finish reason ``"length"`` (as vLLM answers).
 With tool calls to parse the format is refused (the server's choice: the answer is a call or formatted content;
 ``tool_choice`` "none" keeps the tools in the prompt and the format applies).
 
@@ -91,10 +94,11 @@ class Grammar:
     vocab: int
     name: str
 
-    def constraint(self) -> "Constraint":
+    def constraint(self, active: bool = True, opening: tuple[int, ...] = ()) -> "Constraint":
         """A matcher for one engine row (each choice of ``n`` needs its own): a copy of ``start``, far cheaper
-        than compiling the schema again."""
-        return Constraint(self.start.deep_copy(), self.vocab)
+        than compiling the schema again. ``active``, ``opening``: where a reasoning block leaves it
+        (:class:`Constraint`)."""
+        return Constraint(self.start.deep_copy(), self.vocab, active, opening)
 
 
 # compiled grammars by (tokenizer, grammar text): agents send the same schema with every request, and compiling
@@ -154,20 +158,47 @@ def compile_format(tokenizer, vocab: int, end_ids: tuple[int, ...], value: Any, 
 
 
 class Constraint:
-    """One row's matcher. ``active`` False: not applied yet (a reasoning block still open); ``done``: the answer
-    is complete (only an end token may follow); ``blocked``: at the last :func:`mask_rows` the grammar allowed no
-    token (the matcher is in error: :attr:`error`)."""
+    """One row's matcher, in one of four phases (:attr:`phase`):
 
-    def __init__(self, matcher, vocab: int, active: bool = True):
-        """``vocab``: the matcher's tokenizer's size (its bitmask covers that many tokens)."""
+    - ``"on"``: the grammar applies (no reasoning block, or it has closed);
+    - ``"wait"``: a reasoning block is open (the prompt opened it, or the answer did): its text is free; the server
+      calls :meth:`begin` once the block's closing marker is in the answer;
+    - ``"choose"``: a thinking model's first token, which may open the block or start the answer (Qwen3's thinking
+      mode): the grammar's tokens or the opening marker's first token are allowed. The marker -> ``"marker"`` /
+      ``"wait"``; anything else starts the answer, which the grammar then holds from that token on (an answer
+      that never opens the block is formatted all the same);
+    - ``"marker"``: the opening marker's later tokens (a marker of several tokens), each forced in turn.
+
+    ``done``: the answer is complete (only an end token may follow); ``blocked``: at the last :func:`mask_rows` the
+    grammar allowed no token (the matcher is in error: :attr:`error`)."""
+
+    def __init__(self, matcher, vocab: int, active: bool = True, opening: tuple[int, ...] = ()):
+        """``vocab``: the matcher's tokenizer's size (its bitmask covers that many tokens). ``active`` False: wait
+        for :meth:`begin`; ``opening``: the reasoning block's opening marker as token ids, when the answer may
+        begin with it (phase ``"choose"``)."""
         self.matcher = matcher
         self.vocab = vocab
-        self.active = active
+        self.opening = tuple(opening)
+        self.phase = ("choose" if self.opening else "on") if active else "wait"
+        self.marked = 0  # tokens of the opening marker drawn so far
         self.blocked = False
 
     @property
+    def active(self) -> bool:
+        """Whether this row's next token is masked (every phase but ``"wait"``)."""
+        return self.phase != "wait"
+
+    @property
+    def waiting(self) -> bool:
+        return self.phase == "wait"
+
+    def begin(self) -> None:
+        """The reasoning block has closed: the grammar applies from the next token."""
+        self.phase = "on"
+
+    @property
     def done(self) -> bool:
-        return self.matcher.is_stopped()
+        return self.phase == "on" and self.matcher.is_stopped()
 
     @property
     def error(self) -> str | None:
@@ -180,32 +211,59 @@ class Constraint:
         return None if self.blocked else masked
 
     def consume(self, token: int) -> bool:
-        """Feed the drawn token; False when the matcher refuses it (it then holds the error)."""
+        """Feed the drawn token to the matcher; False when it refuses it (it then holds the error)."""
         return bool(self.matcher.consume_token(token))
+
+    def take(self, token: int) -> bool:
+        """The row drew ``token`` (masked by this constraint, not an end token): advance the phase, feeding the
+        matcher where the grammar holds. False when the matcher refuses it."""
+        if self.phase == "choose":
+            if token == self.opening[0]:  # the block opens: its text is free until it closes
+                self.phase, self.marked = ("marker" if len(self.opening) > 1 else "wait"), 1
+                return True
+            self.phase = "on"  # the answer starts without a block: this token is the format's first
+        elif self.phase == "marker":
+            self.marked += 1
+            if self.marked == len(self.opening):
+                self.phase = "wait"
+            return True
+        return self.consume(token) if self.phase == "on" else True
+
+    def _marker_token(self) -> int | None:
+        """The opening marker's next token where the phase allows it (``"choose"``: its first, beside the
+        grammar's; ``"marker"``: the only one allowed), else None."""
+        return self.opening[self.marked] if self.phase in ("choose", "marker") else None
 
 
 _EXECUTOR: list = []  # llguidance's thread pool, made on first use
 
 
 def mask_rows(constraints: list[Constraint], logits: torch.Tensor) -> torch.Tensor:
-    """``logits (n, V)``, row i for ``constraints[i]`` -> a new (n, V) tensor with every token row i's grammar does
-    not allow next at -inf; columns past the tokenizer's vocabulary are never allowed. The n bitmasks (32 tokens per
-    int32 word) are computed by llguidance's threads in parallel into one CPU buffer, copied to the logits' device
-    once and unpacked there in one pass: a decode step with many formatted rows costs a few operations, not a few per
-    row. Each constraint's ``blocked`` is set (its grammar allowed nothing)."""
+    """``logits (n, V)``, row i for ``constraints[i]`` -> a new (n, V) tensor with every token row i's constraint
+    does not allow next at -inf; columns past the tokenizer's vocabulary are never allowed. The n bitmasks (32 tokens
+    per int32 word) are computed by llguidance's threads in parallel into one CPU buffer (a row choosing between a
+    reasoning block and the answer gets the marker's first token added; a row inside the marker only its next
+    token), copied to the logits' device once and unpacked there in one pass: a decode step with many formatted
+    rows costs a few operations, not a few per row. Each constraint's ``blocked`` is set (it allowed nothing)."""
     llguidance = _llguidance()
     if not _EXECUTOR:
         _EXECUTOR.append(llguidance.LLExecutor())
     n, width = logits.shape
     words = (max(max(c.vocab for c in constraints), 1) + 31) // 32
     bits = torch.zeros(n, words, dtype=torch.int32)
-    _EXECUTOR[0].unsafe_compute_mask_ptr([(c.matcher, i) for i, c in enumerate(constraints)], bits.data_ptr(),
-                                         words * 4, n)
+    matched = [(c.matcher, i) for i, c in enumerate(constraints) if c.phase != "marker"]
+    if matched:
+        _EXECUTOR[0].unsafe_compute_mask_ptr(matched, bits.data_ptr(), words * 4, n)
+    as_bytes = bits.view(torch.uint8)  # little-endian words: bit j of byte i is token 8 i + j
+    for i, constraint in enumerate(constraints):
+        marker = constraint._marker_token()
+        if marker is not None and marker < words * 32:
+            as_bytes[i, marker >> 3] |= 1 << (marker & 7)
     for constraint, any_allowed in zip(constraints, bits.any(dim=1).tolist()):
         constraint.blocked = not any_allowed
     shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
-    as_bytes = bits.view(torch.uint8).to(logits.device)  # little-endian words: bit j of byte i is token 8 i + j
-    allowed = ((as_bytes.unsqueeze(-1) >> shifts) & 1).reshape(n, words * 32).bool()  # bytes, not int32: 4x less
+    # unpacked from bytes, not int32 words: 4x less to shift
+    allowed = ((as_bytes.to(logits.device).unsqueeze(-1) >> shifts) & 1).reshape(n, words * 32).bool()
     if allowed.shape[1] < width:
         allowed = torch.cat([allowed, allowed.new_zeros(n, width - allowed.shape[1])], dim=1)
     return logits.masked_fill(~allowed[:, :width], float("-inf"))
