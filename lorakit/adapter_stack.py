@@ -29,7 +29,8 @@ import torch
 from lorakit.errors import LorakitError
 from lorakit.kernels.multi_lora import RowPlan, multi_lora_add_, multi_lora_delta, plan_batch, plan_rows_device
 
-__all__ = ["LayerStack", "AdapterStack", "stack_for_layer", "stack_dtype_for", "shared_plan", "stacked_mixed_forward"]
+__all__ = ["LayerStack", "AdapterStack", "stack_for_layer", "stack_dtype_for", "shared_plan", "stacked_mixed_forward",
+           "drop_stack_caches"]
 
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -375,6 +376,19 @@ def stack_for_layer(layer, names: Sequence[str | None], device: torch.device, dt
     cache.batch_x_dtype, cache.batch_names, cache.batch_modules = None, names, list(modules.values())
     cache.batch_plan = None
     return stack, slots
+
+
+def drop_stack_caches(model: torch.nn.Module) -> int:
+    """Free the stacks cached on ``model``'s LoRA layers by mixed batches; returns how many layers held one.
+
+    The next mixed batch rebuilds a layer's stack from its own tensors, copying only that batch's adapters. A server
+    whose adapters already live in a static decoder's slots calls this after each mixed prefill, so the device
+    does not keep a second copy of every adapter a long prompt ever used."""
+    dropped = 0
+    for module in model.modules():
+        if module.__dict__.pop("_lorakit_stack_cache", None) is not None:
+            dropped += 1
+    return dropped
 
 
 def _fast_path_adapter_dtype(layer, names: Sequence[str | None]) -> torch.dtype | None | bool:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lorakit
+from lorakit.adapter_stack import drop_stack_caches
 from lorakit.decoding import StaticDecoder
 from lorakit.generation import SamplingParams, generate
 from lorakit.serve import engine as engine_module
@@ -32,12 +33,12 @@ def _model():
     return model.eval()
 
 
-def _serve(model, max_batch):
+def _serve(model, max_batch, names=NAMES):
     decoder = StaticDecoder(model, max_batch=max_batch, max_len=16)
     engine = Engine(model, threading.RLock(), max_batch=max_batch, decoder=decoder)
     results, finished = {}, threading.Semaphore(0)
     try:
-        for i, (prompt, name, new) in enumerate(zip(PROMPTS, NAMES, NEW)):
+        for i, (prompt, name, new) in enumerate(zip(PROMPTS, names, NEW)):
             results[i] = []
 
             def on_token(token, info, i=i):
@@ -64,3 +65,16 @@ def test_engine_on_the_static_decoder_matches_offline_generation(static_prefill,
         assert results[i] == generation.tokens, f"request {i} ({NAMES[i]})"
     assert decoder.free_rows() == [0, 1, 2]  # every row released, the one-token request's at once
     assert engine.timings["prefill_rows"] == len(PROMPTS)
+
+
+def test_a_long_prompts_mixed_prefill_leaves_no_second_copy_of_the_adapters(monkeypatch):
+    """Prompts over STATIC_PREFILL_MAX_TOKENS go through transformers' forward, whose mixed batches stack the
+    adapters for the segmented kernels; with a static decoder (whose slots hold them) the engine frees that copy."""
+    monkeypatch.setattr(engine_module, "STATIC_PREFILL_MAX_TOKENS", 0)
+    model = _model()
+    names = ["a", None, "a", "a", None]  # plain LoRA only: DoRA rows take the per-adapter reference, no stack
+    expected = generate(model, PROMPTS, names, [SamplingParams(max_new_tokens=n) for n in NEW])
+    assert drop_stack_caches(model) > 0  # the offline mixed batches did stack "a" on every projection
+    results, _, _ = _serve(model, max_batch=3, names=names)
+    assert [results[i] for i in range(len(PROMPTS))] == [g.tokens for g in expected]
+    assert not [name for name, m in model.named_modules() if "_lorakit_stack_cache" in m.__dict__]

@@ -218,6 +218,12 @@ class Engine:
         elif newcomers:  # transformers' forward (segmented multi-LoRA kernels: long prompts, or no static decoder)
             started = time.perf_counter()
             logits, batch = prefill(self.model, [r.prompt for r in newcomers], [r.adapter for r in newcomers], self.pad_id)
+            if self.decoder is not None:
+                # the decoder's slots hold the adapters: free the copies this mixed prefill stacked (the next long
+                # prefill copies only its own adapters again, far less work than the prefill itself)
+                from lorakit.adapter_stack import drop_stack_caches
+
+                drop_stack_caches(self.model)
             tokens, errors = self._choose(newcomers, logits)
             keep = [i for i, r in enumerate(newcomers) if self._accept(r, logits[i], tokens[i], errors[i], done)]
             if keep and self.decoder is not None:
