@@ -781,11 +781,17 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = T
                            "not); save the adapter again with peft")
     base_modules = _base_modules(model)
     config = adapter_file.config
+    lora_paths = {_strip(key).split(".lora_", 1)[0] for key in adapter_file.tensors if ".lora_" in key}
     copies: dict[str, torch.Tensor | None] = {}
     for path, delta in deltas.items():
         module = base_modules.get(path)
-        if not isinstance(module, nn.Embedding):
-            raise LorakitError(f"{where}: {PREFIX}{clipped(path)}{TOKEN_DELTA} names no embedding of this model")
+        if not isinstance(module, (nn.Embedding, nn.Linear)):  # rows of an embedding, or of an output head (out, in)
+            raise LorakitError(f"{where}: {PREFIX}{clipped(path)}{TOKEN_DELTA} names no embedding or output head of this "
+                               "model")
+        if isinstance(module, nn.Linear) and module.bias is not None:  # peft runs F.linear(x, W) without it
+            raise LorakitError(f"{where}: {path} has a bias, which peft's trainable tokens leave out of the layer's "
+                               "output; lorakit cannot repeat that: merge the adapter with peft (merge_and_unload) and "
+                               "load the merged model")
         if isinstance(indices_spec, dict):
             names = [n for n in indices_spec if path == n or path.endswith("." + n)]
             if not names:
@@ -806,6 +812,10 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = T
             full[torch.tensor(indices)] = delta.to(full.dtype)
         for other, tied in base_modules.items():  # the embedding and every module sharing its weight (a tied head)
             if other and getattr(tied, "weight", None) is weight:
+                if other in lora_paths:
+                    raise LorakitError(f"{where}: {other} is also a LoRA target; lorakit cannot put trained token rows "
+                                       "and LoRA on one module: merge the adapter with peft (merge_and_unload) and load "
+                                       "the merged model")
                 copies[other] = full
     return copies
 

@@ -142,6 +142,32 @@ def test_server_names_the_other_adapter_as_clients_know_it(tmp_path):
     assert [a["name"] for a in pool.loaded()] == ["emb"]
 
 
+# -- peft's trainable_token_indices beyond the input embedding -----------------------------------------------------
+@pytest.mark.parametrize("tokens", [{"lm_head": [1, 2]}, {"embed_tokens": [1, 2], "lm_head": [3, 99]}])
+def test_trainable_tokens_on_an_untied_output_head(tokens, tmp_path):
+    """peft trains token rows of a linear output head too (F.linear with the rows replaced); lorakit refused the file
+    as naming "no embedding of this model". Loaded as a whole copy of the head with those rows, like an embedding."""
+    theirs = peft_folder(tmp_path / "peft", target_modules=["q_proj"], trainable_token_indices=tokens)
+    ours = build()
+    lorakit.load_adapter(ours, tmp_path / "peft")
+    assert_close(logits(ours, IDS), logits(theirs, IDS))
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
+    assert_close(logits(again, IDS), logits(theirs, IDS))
+    lorakit.merge_and_unload(ours)
+    assert_close(logits(ours, IDS), logits(theirs.merge_and_unload(), IDS))
+
+
+def test_trainable_tokens_beside_lora_on_the_tied_head_is_one_line(tmp_path):
+    """Token rows on a tied embedding reach the output head too; with LoRA on that head as well the load failed
+    with KeyError 'lora_B.weight'. lorakit holds either a copy or LoRA on a module: refused by name."""
+    peft_folder(tmp_path, kind="gemma3", target_modules=["q_proj", "lm_head"], trainable_token_indices=[1, 2])
+    model = build("gemma3")
+    with pytest.raises(lorakit.LorakitError, match=r"trainable_token_indices: lm_head is also a LoRA target"):
+        lorakit.load_adapter(model, tmp_path)
+    assert not lorakit.adapter_names(model)
+
+
 # -- adapter_config.json from another peft version ------------------------------------------------------------------
 def test_an_init_lorakit_does_not_know_is_refused_by_name():
     """peft raises "Unknown initialization" for an init_lora_weights it does not know; lorakit loaded it as plain
