@@ -912,8 +912,9 @@ def _match_key(key: str, targets: dict[str, nn.Module], saved: dict[str, nn.Modu
                 path = key[: -len(suffix) - 1]
                 if path in targets:
                     return path, attr
-    for path in saved:
-        if key.startswith(path + "."):
+    for path, module in saved.items():
+        # only a tensor the module has: anything else under its path is an unexpected key, not a KeyError later
+        if key.startswith(path + ".") and key[len(path) + 1:] in module.state_dict():
             return path, key[len(path) + 1:]
     return None, ""
 

@@ -168,6 +168,22 @@ def test_trainable_tokens_beside_lora_on_the_tied_head_is_one_line(tmp_path):
     assert not lorakit.adapter_names(model)
 
 
+def test_a_tensor_the_saved_module_does_not_have_is_an_unexpected_key(tmp_path):
+    """A file tensor under a modules_to_save path that the module has no such tensor for (another tool's extra, or
+    LoRA on a module also listed in modules_to_save) was a KeyError from inside load_adapter."""
+    from safetensors.torch import load_file, save_file
+
+    peft_folder(tmp_path, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.lm_head.lora_A.weight"] = torch.zeros(4, 32)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = build()
+    with pytest.raises(lorakit.LorakitError, match=r"unexpected tensor keys for this model and config: "
+                                                   r"base_model\.model\.lm_head\.lora_A\.weight"):
+        lorakit.load_adapter(model, tmp_path)
+    assert not lorakit.adapter_names(model)
+
+
 # -- adapter_config.json from another peft version ------------------------------------------------------------------
 def test_an_init_lorakit_does_not_know_is_refused_by_name():
     """peft raises "Unknown initialization" for an init_lora_weights it does not know; lorakit loaded it as plain
