@@ -44,6 +44,21 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
 _STRUCTURE_VERSION = [0]
 
 
+def check_model(model: object) -> None:
+    """Refuse what is not a model before anything reads it (an AttributeError on ``__dict__`` otherwise):
+    ``model = lorakit.load_base(...)`` keeps the (model, tokenizer) pair, and a model's name needs loading first."""
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, tuple):
+        what, fix = "a tuple", ("lorakit.load_base returns (model, tokenizer): unpack it with model, tokenizer = "
+                                "lorakit.load_base(...)")
+    elif isinstance(model, str):
+        what, fix = f"str {shown(model)}", f"load it first: model, tokenizer = lorakit.load_base({shown(model)})"
+    else:
+        what, fix = type(model).__name__, "pass the model itself"
+    raise LorakitError(f"expected the model (a torch.nn.Module), got {what}; {fix}")
+
+
 def adapter_hosts(model: nn.Module) -> dict[str, nn.Module]:
     """LoRA layers and modules-to-save wrappers by original module path.
 
@@ -51,6 +66,7 @@ def adapter_hosts(model: nn.Module) -> dict[str, nn.Module]:
     reached from the model through the same chain of parent modules (so a module swapped by other code, like
     ``use_fast_kernels`` replacing an MLP, is noticed too).
     """
+    check_model(model)  # every public call reaches here first: adapter_names, inject, load/save, merge, set_adapter
     cached = model.__dict__.get("_lorakit_host_cache")
     if cached is not None and cached[0] == _STRUCTURE_VERSION[0] and all(_still_attached(model, c) for c in cached[2]):
         return dict(cached[1])
@@ -464,6 +480,7 @@ def check_adapter_name(name: object, what: str = "adapter name") -> None:
 
 def trainable_report(model: nn.Module) -> TrainableReport:
     """Count trainable and total parameters (quantized bases count their logical, dequantized size)."""
+    check_model(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():

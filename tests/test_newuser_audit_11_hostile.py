@@ -145,6 +145,28 @@ def test_a_rank_above_a_targeted_layers_size_is_warned_once_naming_it():
     assert messages == []
 
 
+
+def test_the_pair_load_base_returns_is_named_where_a_model_goes(tmp_path):
+    """model = lorakit.load_base(...) keeps (model, tokenizer); every call then failed with AttributeError "'tuple'
+    object has no attribute '__dict__'"."""
+    model = tiny_llama()
+    folder = make_adapter(model, tmp_path / "a", seed=1)
+    pair = (model, None)
+    calls = {"inject": lambda: lorakit.inject(pair, lorakit.LoraConfig(r=4)),
+             "load_adapter": lambda: lorakit.load_adapter(pair, folder),
+             "save_adapter": lambda: lorakit.save_adapter(pair, tmp_path / "out"),
+             "merge": lambda: lorakit.merge(pair), "set_adapter": lambda: lorakit.set_adapter(pair, "default"),
+             "trainable_report": lambda: lorakit.trainable_report(pair)}
+    for name, call in calls.items():
+        with pytest.raises(LorakitError) as info:
+            call()
+        assert _one_line(info) == ("expected the model (a torch.nn.Module), got a tuple; lorakit.load_base returns "
+                                   "(model, tokenizer): unpack it with model, tokenizer = lorakit.load_base(...)"), name
+    with pytest.raises(LorakitError, match=r"^expected the model \(a torch.nn.Module\), got str 'smollm2-135m'; load it "
+                                           r"first: model, tokenizer = lorakit.load_base\('smollm2-135m'\)$"):
+        lorakit.inject("smollm2-135m", lorakit.LoraConfig(r=4))
+    assert not (tmp_path / "out").exists() and lorakit.adapter_names(model) == []
+
 # -- model folders --------------------------------------------------------------------------------------------------
 def test_a_config_json_with_a_byte_order_mark_names_the_mark(tiny_folder, tmp_path):  # noqa: F811 (fixture)
     folder = tmp_path / "bom-model"
