@@ -602,6 +602,10 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
                 continue  # bias="all"/"lora_only" saves the biases; untrained ones (or none at all) change nothing
             unexpected.append(key)
             continue
+        if attr == "magnitude" and config.variant not in ("dora", "rsdora"):  # peft would drop it: not DoRA any more
+            raise LorakitError(f"{adapter_file.folder}: {clipped(key)} is a DoRA magnitude, but {CONFIG_NAME} has no "
+                               "use_dora: true; set it if the adapter was trained with DoRA (peft would drop these "
+                               "tensors and run plain LoRA)")
         if (path, attr) in plan:  # the same tensor twice, e.g. under an old and a new transformers layout
             raise LorakitError(f"{adapter_file.folder}: {clipped(key)} is a second tensor for {path} {attr}; keep one")
         plan[(path, attr)] = tensor

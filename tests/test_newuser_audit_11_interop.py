@@ -184,6 +184,21 @@ def test_a_tensor_the_saved_module_does_not_have_is_an_unexpected_key(tmp_path):
     assert not lorakit.adapter_names(model)
 
 
+def test_dora_magnitudes_under_a_config_without_use_dora_are_one_line(tmp_path):
+    """A DoRA file whose config says use_dora false (edited by hand, or written by a tool that left the field out):
+    peft drops the magnitudes with a warning; lorakit failed with AttributeError ('NoneType' ... 'copy_')."""
+    import json
+
+    peft_folder(tmp_path, target_modules=["q_proj"], use_dora=True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    model = build()
+    with pytest.raises(lorakit.LorakitError, match=r"lora_magnitude_vector is a DoRA magnitude, but adapter_config.json "
+                                                   r"has no use_dora: true"):
+        lorakit.load_adapter(model, tmp_path)
+    assert not lorakit.adapter_names(model)
+
+
 # -- adapter_config.json from another peft version ------------------------------------------------------------------
 def test_an_init_lorakit_does_not_know_is_refused_by_name():
     """peft raises "Unknown initialization" for an init_lora_weights it does not know; lorakit loaded it as plain
