@@ -8,6 +8,7 @@ elsewhere (test_peft_sweep, test_peft_audit, test_model_folders); here are the c
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import peft
@@ -197,6 +198,20 @@ def test_dora_magnitudes_under_a_config_without_use_dora_are_one_line(tmp_path):
                                                    r"has no use_dora: true"):
         lorakit.load_adapter(model, tmp_path)
     assert not lorakit.adapter_names(model)
+
+
+@pytest.mark.parametrize("options, line", [
+    (dict(trainable_token_indices=[3, 5]), r"trainable tokens\s+\[3, 5\] \(2 trained rows; each module"),
+    (dict(init_lora_weights="pissa"), r"init\s+pissa: peft rewrote the base; loads as rank 8 on the original base"),
+])
+def test_inspect_shows_what_changes_how_a_peft_adapter_loads(options, line, tmp_path, capsys):
+    """``lorakit inspect`` of a trainable-tokens adapter said "modules to save: none" and nothing of the trained
+    rows; of a PiSSA adapter, rank 4, where it loads (and counts against the server's --max-rank) at rank 8."""
+    from lorakit.cli import main
+
+    peft_folder(tmp_path, target_modules=["q_proj"], **options)
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert re.search(line, capsys.readouterr().out)
 
 
 # -- adapter_config.json from another peft version ------------------------------------------------------------------

@@ -77,6 +77,8 @@ def describe(folder: str) -> dict:
         "target_parameters": getattr(config, "target_parameters", None),
         "adapted_parameters": len(parameters),
         "modules_to_save": config.modules_to_save,
+        "trainable_tokens": adapter.token_indices,  # peft's trained rows, loaded as a whole copy of the embedding
+        "base_rewrite": adapter.base_rewrite,  # pissa / olora: loaded as a plain LoRA of twice the rank
         "trainable_parameters": int(sum(t.numel() for t in adapter.tensors.values())),
         "dtypes": dtypes,
         "file_bytes": adapter.size_bytes,
@@ -107,6 +109,17 @@ def run(args: argparse.Namespace) -> int:
     if info["target_parameters"]:
         lines.insert(lines.index(next(l for l in lines if l[0] == "targets")) + 1,
                      ("target parameters", f"{info['target_parameters']} -> {info['adapted_parameters']} parameters"))
+    extra = []
+    tokens = info["trainable_tokens"]
+    if tokens:
+        rows = sum(map(len, tokens.values())) if isinstance(tokens, dict) else len(tokens)
+        extra.append(("trainable tokens", f"{tokens} ({rows} trained rows; each module they change loads as a whole "
+                                          "copy)"))
+    if info["base_rewrite"]:
+        rank = 2 * max(info["ranks_in_file"] or [info["rank"]])
+        extra.append(("init", f"{info['base_rewrite']}: peft rewrote the base; loads as rank {rank} on the original base"))
+    at = lines.index(next(line for line in lines if line[0] == "modules to save")) + 1
+    lines[at:at] = extra
     if info["rank_pattern"] or info["alpha_pattern"]:
         lines.insert(4, ("patterns", f"rank {info['rank_pattern']}, alpha {info['alpha_pattern']}"))
     width = max(len(k) for k, _ in lines)
