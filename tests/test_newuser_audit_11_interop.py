@@ -125,9 +125,10 @@ def test_embedding_copy_saved_from_float32_loads_on_a_16_bit_base(dtype, tmp_pat
         lorakit.load_adapter(other, tmp_path)
 
 
+# -- the server's refusals, in the names its operator and clients use ------------------------------------------------
 def test_server_names_the_other_adapter_as_clients_know_it(tmp_path):
-    """The same clash in ``lorakit serve``: a 4xx refusal (it was a TypeError) that names the adapters by their
-    folders, not by the pool's internal names (lk0, lk1)."""
+    """The LoRA-beside-a-copy clash in ``lorakit serve``: a 4xx refusal (it was a TypeError) that names the adapters by
+    their folders, not by the pool's internal names (lk0, lk1)."""
     import threading
 
     from lorakit.serve.pool import AdapterPool, AdapterRejected
@@ -141,6 +142,23 @@ def test_server_names_the_other_adapter_as_clients_know_it(tmp_path):
         pool.acquire("tokens")
     assert "'lk" not in str(refused.value)
     assert [a["name"] for a in pool.loaded()] == ["emb"]
+
+
+def test_server_says_to_move_a_named_peft_adapter_up_into_its_folder(tmp_path):
+    """peft's save_pretrained of an adapter named "orders" into adapters/orders writes adapters/orders/orders/; the
+    server's refusal said "pass one of them, e.g. adapters/orders/orders", which no client can (names have no
+    slash). It now says to move the files up."""
+    import threading
+
+    from lorakit.serve.pool import AdapterPool, AdapterRejected
+
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules=["q_proj"]), adapter_name="orders")
+    theirs.save_pretrained(tmp_path / "adapters" / "orders")
+    pool = AdapterPool(build(), tmp_path / "adapters", threading.RLock())
+    with pytest.raises(AdapterRejected, match=r"adapter 'orders' refused: .*orders holds peft's named-adapter subfolder "
+                                              r"orders instead of the adapter files: move the files of .*orders/orders up "
+                                              r"into .*orders"):
+        pool.acquire("orders")
 
 
 # -- peft's trainable_token_indices beyond the input embedding -----------------------------------------------------
@@ -246,3 +264,4 @@ def test_a_folder_of_pth_weights_is_refused_as_pickled_and_a_gguf_folder_is_name
     with pytest.raises(lorakit.LorakitError, match=r"has no config.json; it holds model-Q4_K_M\.gguf, a GGUF file: .*"
                                                    r"gguf_file='model-Q4_K_M\.gguf'"):
         lorakit.load_base(str(gguf))
+

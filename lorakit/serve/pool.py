@@ -234,9 +234,18 @@ class AdapterPool:
             raise
 
     def _admit_files(self, name: str, folder: Path):
-        from lorakit.io import CONFIG_NAME, read_adapter
+        from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 
         config_path = folder / CONFIG_NAME
+        if folder.is_dir() and not folder.is_symlink() and not (folder / WEIGHTS_NAME).exists():
+            # peft's save_pretrained of an adapter named "x" into adapters/x writes adapters/x/x: no client can name
+            # that folder (names have no slash), so the operator moves the files up
+            nested = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.is_symlink()
+                            and (p / CONFIG_NAME).is_file())
+            if nested:
+                raise AdapterRejected(f"adapter {name!r} refused: {folder} holds peft's named-adapter subfolder "
+                                      f"{', '.join(nested[:3])} instead of the adapter files: move the files of "
+                                      f"{folder / nested[0]} up into {folder} (one adapter per folder under --adapters)")
         if config_path.is_file() and config_path.stat().st_size > MAX_CONFIG_BYTES:
             raise AdapterRejected(f"adapter {name!r} refused: {CONFIG_NAME} is {config_path.stat().st_size:,} bytes, "
                                   f"over the limit of {MAX_CONFIG_BYTES:,}")
