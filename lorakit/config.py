@@ -104,8 +104,10 @@ class LoraConfig:
     target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (tuple, set)):
+        if isinstance(self.target_modules, (tuple, set)):  # peft's to_dict() keeps these two as sets
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (tuple, set)):
+            self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (tuple, set)):
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.target_parameters, (tuple, set)):

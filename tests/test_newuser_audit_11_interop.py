@@ -232,7 +232,7 @@ def test_inspect_shows_what_changes_how_a_peft_adapter_loads(options, line, tmp_
     assert re.search(line, capsys.readouterr().out)
 
 
-# -- adapter_config.json from another peft version ------------------------------------------------------------------
+# -- peft configs: another version's adapter_config.json, a LoraConfig object ----------------------------------------
 def test_an_init_lorakit_does_not_know_is_refused_by_name():
     """peft raises "Unknown initialization" for an init_lora_weights it does not know; lorakit loaded it as plain
     LoRA, so an init of a newer peft that rewrote the base (as pissa does) would give wrong logits without a word."""
@@ -243,6 +243,20 @@ def test_an_init_lorakit_does_not_know_is_refused_by_name():
         read({**base, "init_lora_weights": "spectral_v2"})
     for known in (True, False, None, "gaussian", "Gaussian", "eva", "orthogonal", "mica", "MiCA"):
         assert read({**base, "init_lora_weights": known}).r == 4
+
+
+def test_a_peft_config_objects_dict_converts_with_exclude_modules():
+    """lorakit.inject's own error says to pass LoraConfig.from_peft_dict(peft_config.to_dict()); peft keeps
+    exclude_modules (like target_modules) as a set there, which was refused as "must be a list"."""
+    theirs = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=["down_proj", "up_proj"])
+    ours = lorakit.LoraConfig.from_peft_dict(theirs.to_dict())
+    assert ours.exclude_modules == ["down_proj", "up_proj"]
+    from lorakit.inject import lora_layers
+
+    model = build()
+    lorakit.inject(model, ours)
+    adapted = {name.rsplit(".", 1)[-1] for name in lora_layers(model)}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"}
 
 
 # -- model folders that are not Hugging Face safetensors folders ------------------------------------------------------
