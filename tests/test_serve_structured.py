@@ -229,7 +229,7 @@ def test_vllm_structured_outputs(server):
     ({"choice": ["a"], "regex": "a"}, "exactly one of"),
     ({}, "exactly one of"),
     ({"json": "{not json"}, "not JSON"),
-    ({"whitespace_pattern": " "}, "whitespace_pattern"),
+    ({"regex": "a", "whitespace_pattern": " "}, "whitespace_pattern applies to JSON formats only"),
 ])
 def test_bad_structured_outputs_are_one_line_400s(server, outputs, words):
     response = httpx.post(server["url"] + "/v1/chat/completions", timeout=30,

@@ -1,4 +1,5 @@
-"""Structured outputs on ``lorakit serve``, second part: batched sampling of a step's rows, formats in thinking mode.
+"""Structured outputs on ``lorakit serve``, second part: batched sampling of a step's rows, formats in thinking mode,
+vLLM's older ``guided_*`` request fields.
 
 - Sampling: ``serve.sampling.sample_rows`` draws every sampled row of a step in one call; on the CPU a row without
   top-p gets the very token ``torch.multinomial`` (``lorakit.generation.sample``) gives, and no row's token depends
@@ -7,21 +8,26 @@
 - Thinking mode (scripted tiny models with Qwen3's and DeepSeek-R1's templates, over HTTP): an answer that never
   opens the reasoning block is formatted from its first token; one that never closes it is all reasoning, no
   content, finish reason "length"; a block opened by the prompt is free text and the content after it is formatted.
+- ``guided_json`` (object or text), ``guided_regex``, ``guided_choice``, ``guided_grammar``,
+  ``guided_whitespace_pattern``, ``guided_decoding_backend`` on chat and completions; two format fields in one
+  request and bad values are one-line 400s; the openai package's ``parse`` and a streamed format still work.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 
 from conftest import tiny_llama
-from test_serve_structured import MESSAGES, SCHEMA, valid
-from test_serve_support import ServerProcess, make_tokenizer
+from test_serve_structured import FORMAT, MESSAGES, SCHEMA, valid
+from test_serve_support import ServerProcess, make_tokenizer, tiny_hf_folder
 from test_train_tool_calls import family
 
 OK_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
@@ -244,7 +250,8 @@ def test_thinking_mode_block_never_opened_or_never_closed(tmp_path):
         with pytest.raises(ValueError):
             [json.loads(text) for text in noise]
         for stream in (False, True):
-            for extra in ({"response_format": OK_FORMAT}, {"structured_outputs": {"json": OK_SCHEMA}}):
+            for extra in ({"response_format": OK_FORMAT}, {"structured_outputs": {"json": OK_SCHEMA}},
+                          {"guided_json": OK_SCHEMA}):
                 answers = _chat(process.url, stream, n=8, seed=0, temperature=1.0, **extra)
                 kinds = set()
                 for reasoning, content, reason in answers:
@@ -271,7 +278,7 @@ def test_block_opened_by_the_prompt(tmp_path):
     try:
         assert _chat(process.url, temperature=0) == [("I need the weather.", "It is sunny.", "stop")]
         for stream in (False, True):
-            for extra in ({"response_format": OK_FORMAT}, {"structured_outputs": {"json": json.dumps(OK_SCHEMA)}}):
+            for extra in ({"response_format": OK_FORMAT}, {"guided_json": json.dumps(OK_SCHEMA)}):
                 [(reasoning, content, reason)] = _chat(process.url, stream, temperature=0, **extra)
                 assert reasoning == "I need the weather." and reason == "stop"
                 assert json.loads(content) in ({"ok": True}, {"ok": False})
@@ -279,3 +286,141 @@ def test_block_opened_by_the_prompt(tmp_path):
                 [("I need the weather.", None, "length")]
     finally:
         process.stop()
+
+
+# -- vLLM's guided_* fields ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("guided")
+    tiny_hf_folder(root / "model")
+    (root / "adapters").mkdir()
+    process = ServerProcess(root / "model", root / "adapters", "--max-tokens", "160", log=root / "server.log")
+    try:
+        yield {"url": process.url, "sdk": openai.OpenAI(base_url=process.url + "/v1", api_key="x", max_retries=0),
+               "process": process}
+    finally:
+        process.stop()
+
+
+def test_guided_fields(server):
+    """vLLM's older fields on chat and completions (extra_body), each mapped onto the format structured_outputs
+    names the same way: the same seed gives the same answer through either field."""
+    sdk = server["sdk"]
+
+    def chat(seed: int, **fields) -> str:
+        choice = sdk.chat.completions.create(model="base", messages=MESSAGES, max_tokens=150, seed=seed,
+                                             temperature=1.0, extra_body=fields).choices[0]
+        assert choice.finish_reason == "stop", choice
+        return choice.message.content
+
+    for seed in range(2):
+        text = chat(seed, guided_json=SCHEMA)
+        valid(json.loads(text), SCHEMA)
+        assert chat(seed, guided_json=json.dumps(SCHEMA), guided_decoding_backend="xgrammar") == text
+        assert chat(seed, structured_outputs={"json": SCHEMA}) == text
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2,5}", chat(seed, guided_regex=r"[0-9]{3}-[a-z]{2,5}"))
+        said = chat(seed, guided_grammar='start: "yes" | "no" | "n=" NUM\nNUM: /[0-9]{1,3}/',
+                    guided_decoding_backend="guidance")
+        assert said in ("yes", "no") or re.fullmatch(r"n=[0-9]{1,3}", said)
+    colors = ["red", "green", "dark blue"]
+    assert {chat(seed, guided_choice=colors) for seed in range(5)} <= set(colors)
+    completion = sdk.completions.create(model="base", prompt="Pick:", max_tokens=20, temperature=0,
+                                        extra_body={"guided_choice": colors}).choices[0]
+    assert completion.text in colors and completion.finish_reason == "stop"
+    completion = sdk.completions.create(model="base", prompt="A person:", max_tokens=150, temperature=1.0, seed=2,
+                                        extra_body={"guided_json": SCHEMA}).choices[0]
+    valid(json.loads(completion.text), SCHEMA)
+
+
+def _between_tokens(text: str) -> list[str]:
+    """The runs of whitespace of a JSON text outside its strings."""
+    runs, inside, escaped, last = [], False, False, None
+    for at, char in enumerate(text):
+        if inside:
+            inside, escaped = (escaped or char != '"'), (not escaped and char == "\\")
+        elif char == '"':
+            inside = True
+        elif char.isspace():
+            if last == at - 1:
+                runs[-1] += char
+            else:
+                runs.append(char)
+            last = at
+    return runs
+
+
+def test_whitespace_pattern(server):
+    """guided_whitespace_pattern (and structured_outputs' whitespace_pattern): the JSON may hold that whitespace
+    between its tokens (none without it). A random model picks a space where one is allowed often enough that some
+    of six sampled answers hold one; every answer stays valid."""
+    sdk = server["sdk"]
+    response = sdk.chat.completions.create(model="base", messages=MESSAGES, max_tokens=150, n=6, seed=0,
+                                           temperature=1.0, response_format=FORMAT,
+                                           extra_body={"guided_whitespace_pattern": "[ ]{0,2}"})
+    texts = [c.message.content for c in response.choices if c.finish_reason == "stop"]
+    assert len(texts) >= 4
+    for text in texts:
+        valid(json.loads(text), SCHEMA)
+        assert all(run in (" ", "  ") for run in _between_tokens(text))
+    assert any(_between_tokens(text) for text in texts), texts
+    compact = sdk.chat.completions.create(model="base", messages=MESSAGES, max_tokens=150, n=6, seed=0,
+                                          temperature=1.0, response_format=FORMAT)
+    assert not any(_between_tokens(c.message.content) for c in compact.choices)
+    again = sdk.chat.completions.create(model="base", messages=MESSAGES, max_tokens=150, n=6, seed=0,
+                                        temperature=1.0, extra_body={"structured_outputs": {
+                                            "json": SCHEMA, "whitespace_pattern": "[ ]{0,2}"}})
+    assert [c.message.content for c in again.choices if c.finish_reason == "stop"] == texts
+
+
+@pytest.mark.parametrize("fields, words, param", [
+    ({"guided_json": SCHEMA, "guided_regex": "a"}, "send guided_json or guided_regex, not both", "guided_regex"),
+    ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "response_format or guided_choice",
+     "guided_choice"),
+    ({"structured_outputs": {"regex": "a"}, "guided_grammar": "start: \"a\"", "guided_json": {}},
+     "one of structured_outputs, guided_json, guided_grammar, not several", "guided_json"),
+    ({"guided_json": "{not json"}, "guided_json is not JSON", "guided_json"),
+    ({"guided_json": "[1]"}, "guided_json must be a JSON schema", "guided_json"),
+    ({"guided_regex": "(?=a)b"}, "guided_regex: the regex cannot be used", "guided_regex"),
+    ({"guided_grammar": "start: nowhere"}, "nowhere", "guided_grammar"),
+    ({"guided_choice": []}, "guided_choice", "guided_choice"),
+    ({"guided_choice": ["a", 1]}, "guided_choice", "guided_choice.1"),
+    ({"guided_decoding_backend": "xgramar"}, "not one of vLLM's", "guided_decoding_backend"),
+    ({"guided_whitespace_pattern": " "}, "applies to a JSON format", "guided_whitespace_pattern"),
+    ({"guided_regex": "a+", "guided_whitespace_pattern": " "}, "applies to a JSON format", "guided_whitespace_pattern"),
+    ({"guided_json": {}, "guided_whitespace_pattern": "(("}, "unclosed group", "guided_json"),
+    ({"structured_outputs": {"json": {}, "whitespace_pattern": " "}, "guided_whitespace_pattern": " "},
+     "send the whitespace pattern once", "guided_whitespace_pattern"),
+])
+def test_bad_guided_fields_are_one_line_400s(server, fields, words, param):
+    for path, body in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "x"})):
+        response = httpx.post(server["url"] + path, timeout=30, json={"model": "base", "max_tokens": 5, **body,
+                                                                      **fields})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert words in error["message"] and "\n" not in error["message"], error
+        assert error["param"] == param, error
+
+
+def test_sdk_parse_and_stream_still_work(server):
+    """The openai package's chat.completions.parse with a pydantic model, and a streamed guided_json answer whose
+    pieces add up to the non-streamed one."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        ok: bool
+        color: Literal["red", "green"]
+
+    sdk = server["sdk"]
+    parsed = sdk.chat.completions.parse(model="base", messages=MESSAGES, response_format=Answer, max_tokens=60,
+                                        temperature=1.0, seed=4)
+    assert isinstance(parsed.choices[0].message.parsed, Answer)
+    whole = sdk.chat.completions.create(model="base", messages=MESSAGES, max_tokens=150, temperature=1.0, seed=5,
+                                        extra_body={"guided_json": SCHEMA}).choices[0].message.content
+    pieces = [chunk.choices[0].delta.content or "" for chunk in sdk.chat.completions.create(
+        model="base", messages=MESSAGES, max_tokens=150, temperature=1.0, seed=5, stream=True,
+        extra_body={"guided_json": SCHEMA}) if chunk.choices]
+    assert len([p for p in pieces if p]) > 3 and "".join(pieces) == whole
+    valid(json.loads(whole), SCHEMA)
+    assert "Traceback" not in server["process"].output()

@@ -610,14 +610,30 @@ def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[S
 
 
 def _format_spec(body) -> tuple[tuple | None, str]:
-    """A chat or completions request's format, ``(kind, value, name)`` or None for plain text, and the field it
-    came from: ``response_format`` (OpenAI's) or ``structured_outputs`` (vLLM's), not both."""
+    """A chat or completions request's format, ``(kind, value, name, whitespace)`` or None for plain text, and the
+    field it came from: ``response_format`` (OpenAI's), ``structured_outputs`` (vLLM's) or one of vLLM's older
+    ``guided_*`` fields, never two of them; ``guided_whitespace_pattern`` sets a JSON format's whitespace."""
     given = getattr(body, "response_format", None)
-    given = given.spec() if given is not None else None
+    given = [(given.spec(), "response_format")] if given is not None and given.spec() is not None else []
     vllm = getattr(body, "structured_outputs", None)
-    if vllm is not None and given is not None:
-        raise APIError(400, "send response_format or structured_outputs, not both", param="structured_outputs")
-    return (vllm.spec(), "structured_outputs") if vllm is not None else (given, "response_format")
+    given += [(vllm.spec(), "structured_outputs")] if vllm is not None else []
+    given += body.guided_formats() if hasattr(body, "guided_formats") else []
+    if len(given) > 1:
+        names = [field for _, field in given]
+        said = f"{names[0]} or {names[1]}, not both" if len(names) == 2 else f"one of {', '.join(names)}, not several"
+        raise APIError(400, f"send {said} (each is a whole format)", param=names[1])
+    spec, field = given[0] if given else (None, "response_format")
+    whitespace = getattr(body, "guided_whitespace_pattern", None)
+    if whitespace is not None:
+        if spec is None or not spec[0].startswith("json"):
+            raise APIError(400, "guided_whitespace_pattern applies to a JSON format (guided_json, response_format "
+                           "json_schema / json_object, structured_outputs json); send one, or leave it out",
+                           param="guided_whitespace_pattern")
+        if len(spec) > 3 and spec[3] is not None:
+            raise APIError(400, "send the whitespace pattern once: structured_outputs whitespace_pattern or "
+                           "guided_whitespace_pattern", param="guided_whitespace_pattern")
+        spec = (*spec[:3], whitespace)
+    return spec, field
 
 
 def _format_without_calls(spec: tuple | None, param: str, calls: bool) -> None:
@@ -630,15 +646,15 @@ def _format_without_calls(spec: tuple | None, param: str, calls: bool) -> None:
                        "the format out", param=param)
 
 
-async def _constraints(state: ServerState, spec: tuple[str, object, str] | None, param: str,
+async def _constraints(state: ServerState, spec: tuple | None, param: str,
                        params: list[SamplingParams], think: AnswerStart | None) -> list | None:
     """One format matcher per engine row (``params``), or None without a format (``spec``: ``(kind, value,
-    name)`` from the request field ``param``: structured.compile_format). With a reasoning block to come (``think`` not "closed"), the
-    matchers start switched off (:func:`_submit` switches them on). Refused in one line when llguidance is not
-    installed, or for a schema it cannot compile."""
+    name[, whitespace])`` from the request field ``param``: structured.compile_format). Inside a reasoning block
+    (``think``) the matchers wait for it to close (:func:`_submit` switches them on). Refused in one line when
+    llguidance is not installed, or for a schema it cannot compile."""
     if spec is None:
         return None
-    kind, value, name = spec
+    kind, value, name, *more = spec
     head = state.model.get_output_embeddings()
     columns = head.weight.shape[0] if head is not None else state.model.config.vocab_size  # the logits' width
     # where the answer starts against the reasoning block (structured.Constraint's phases): inside it (the prompt
@@ -648,14 +664,15 @@ async def _constraints(state: ServerState, spec: tuple[str, object, str] | None,
 
     def build() -> list:
         grammar = compile_format(state.tokenizer, columns, params[0].stop_token_ids, value, name,
-                                 state.tokenizer_lock, kind)
+                                 state.tokenizer_lock, kind, more[0] if more else None)
         opening = tuple(_encode_text(state, think.parser.open)) if where == "start" else ()
         return [grammar.constraint(active=where != "inside", opening=opening) for _ in params]
 
     try:
         return await run_in_threadpool(build)
     except FormatError as error:
-        raise APIError(400, f"{param} {error}", param=param, code="invalid_response_format") from None
+        message = str(error) if str(error).startswith(param) else f"{param} {error}"  # guided_x: named once
+        raise APIError(400, message, param=param, code="invalid_response_format") from None
 
 
 async def _collect(state: ServerState, http: HTTPRequest, jobs: list[Request], bridge: _Bridge):

@@ -107,6 +107,24 @@ def _finite(default: float, **bounds) -> Any:
 
 MAX_STOPS = 16
 
+# vLLM's guided decoding backends (guided_decoding_backend, optionally "name:options"): accepted, none changes a thing
+GUIDED_BACKENDS = ("auto", "guidance", "llguidance", "xgrammar", "outlines", "lm-format-enforcer")
+
+
+def json_schema_value(value: Union[dict, str, None], field: str) -> dict | None:
+    """A JSON schema sent as an object or as its JSON text (vLLM takes both) -> the object."""
+    if not isinstance(value, str):
+        return value
+    import json
+
+    try:
+        value = json.loads(value)
+    except ValueError as error:
+        raise ValueError(f"{field} is not JSON ({str(error)[:60]}); send a JSON schema (an object or its text)") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{field} must be a JSON schema (an object)")
+    return value
+
 
 class StreamOptions(_Strict):
     include_usage: bool = False
@@ -131,6 +149,40 @@ class _Sampling(_Strict):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    # vLLM's older structured-output fields (extra_body), each one format as structured_outputs' namesake reads it
+    # (guided_formats); guided_whitespace_pattern: the JSON's whitespace (a regex); guided_decoding_backend picks
+    # vLLM's backend: any of its names is accepted and ignored (llguidance, vLLM's "guidance", serves every format)
+    guided_json: Union[dict, str, None] = None
+    guided_regex: str | None = Field(None, min_length=1)
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=4096)
+    guided_grammar: str | None = Field(None, min_length=1)
+    guided_whitespace_pattern: str | None = Field(None, min_length=1)
+    guided_decoding_backend: str | None = None
+
+    @field_validator("guided_json")
+    @classmethod
+    def _guided_schema(cls, value: Union[dict, str, None]) -> dict | None:
+        return json_schema_value(value, "guided_json")
+
+    @field_validator("guided_decoding_backend")
+    @classmethod
+    def _backend(cls, value: str | None) -> str | None:
+        if value is not None and value.split(":", 1)[0] not in GUIDED_BACKENDS:
+            raise ValueError(f"guided_decoding_backend {value[:40]!r} is not one of vLLM's ({', '.join(GUIDED_BACKENDS)}"
+                             "); this server decodes every format with llguidance (vLLM's 'guidance'), so it may be "
+                             "left out")
+        return value
+
+    def guided_formats(self) -> list[tuple[tuple, str]]:
+        """The guided_* formats given, each ``(spec, field)`` (``spec`` as :meth:`StructuredOutputs.spec`); more
+        than one is the server's 400 (with the other format fields)."""
+        given = []
+        for kind, value in (("json", self.guided_json), ("regex", self.guided_regex), ("choice", self.guided_choice),
+                            ("grammar", self.guided_grammar)):
+            if value is not None:
+                spec = StructuredOutputs.model_validate({kind: value}).spec()
+                given.append(((spec[0], spec[1], f"guided_{kind}", None), f"guided_{kind}"))
+        return given
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -383,8 +435,9 @@ class ResponseFormat(_Strict):
 class StructuredOutputs(_Strict):
     """vLLM's ``structured_outputs`` (sent in ``extra_body``): exactly one of ``json`` (a schema, or its JSON
     text), ``regex`` (the whole answer matches it), ``choice`` (the answer is one of the strings), ``grammar`` (a
-    Lark grammar, as vLLM's guidance backend reads it) or ``json_object`` true. vLLM's other options (whitespace,
-    structural tags) are refused by name."""
+    Lark grammar, as vLLM's guidance backend reads it) or ``json_object`` true; ``whitespace_pattern`` (a regex)
+    is the whitespace a JSON format allows between its tokens (none by default). vLLM's other options (structural
+    tags) are refused by name."""
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
@@ -393,6 +446,7 @@ class StructuredOutputs(_Strict):
     choice: list[str] | None = Field(None, min_length=1, max_length=4096)
     grammar: str | None = Field(None, min_length=1)
     json_object: bool | None = None
+    whitespace_pattern: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _one(self) -> "StructuredOutputs":
@@ -401,25 +455,20 @@ class StructuredOutputs(_Strict):
         if len(given) != 1:
             raise ValueError(f"structured_outputs takes exactly one of json, regex, choice, grammar, json_object; got "
                              f"{', '.join(given) or 'none'}")
-        if isinstance(self.json_, str):
-            import json
-
-            try:
-                self.json_ = json.loads(self.json_)
-            except ValueError as error:
-                raise ValueError(f"structured_outputs json is not JSON ({str(error)[:60]})") from None
-            if not isinstance(self.json_, dict):
-                raise ValueError("structured_outputs json must be a JSON schema (an object)")
+        self.json_ = json_schema_value(self.json_, "structured_outputs json")
+        if self.whitespace_pattern is not None and given[0] not in ("json", "json_object"):
+            raise ValueError(f"structured_outputs whitespace_pattern applies to JSON formats only (json, json_object),"
+                             f" not {given[0]}")
         return self
 
-    def spec(self) -> tuple[str, Any, str]:
-        """(kind, value, name) as structured.compile_format takes them."""
+    def spec(self) -> tuple[str, Any, str, str | None]:
+        """(kind, value, name, whitespace pattern or None) as structured.compile_format takes them."""
         if self.json_ is not None:
-            return "json_schema", self.json_, "json"
+            return "json_schema", self.json_, "json", self.whitespace_pattern
         if self.json_object:
-            return "json_object", None, "json_object"
+            return "json_object", None, "json_object", self.whitespace_pattern
         kind = next(k for k in ("regex", "choice", "grammar") if getattr(self, k) is not None)
-        return kind, getattr(self, kind), kind
+        return kind, getattr(self, kind), kind, None
 
 
 class ChatRequest(_Sampling):

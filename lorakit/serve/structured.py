@@ -111,11 +111,13 @@ GRAMMAR_CACHE = 64
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
-def _grammar_text(llguidance, kind: str, value: Any) -> str:
-    """llguidance's grammar for a format: a JSON schema (``json_object``: any object), a regex the whole answer
-    matches, one of a list of strings (``choice``), or a Lark grammar (``grammar``, vLLM's guidance backend's)."""
+def _grammar_text(llguidance, kind: str, value: Any, whitespace: str | None = None) -> str:
+    """llguidance's grammar for a format: a JSON schema (``json_object``: any object; ``whitespace``: a regex of
+    the whitespace allowed between its tokens, None: none), a regex the whole answer matches, one of a list of
+    strings (``choice``), or a Lark grammar (``grammar``, vLLM's guidance backend's)."""
     if kind in ("json_schema", "json_object"):
-        return llguidance.LLMatcher.grammar_from_json_schema(schema_of(kind, value), defaults=JSON_OPTIONS)
+        options = JSON_OPTIONS if whitespace is None else {**JSON_OPTIONS, "whitespace_pattern": whitespace}
+        return llguidance.LLMatcher.grammar_from_json_schema(schema_of(kind, value), defaults=options)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(value)
     if kind == "choice":  # Lark string literals take JSON's escapes
@@ -126,9 +128,11 @@ def _grammar_text(llguidance, kind: str, value: Any) -> str:
 
 
 def compile_format(tokenizer, vocab: int, end_ids: tuple[int, ...], value: Any, name: str = "json_schema",
-                   lock: threading.Lock | None = None, kind: str = "json_schema") -> Grammar:
+                   lock: threading.Lock | None = None, kind: str = "json_schema",
+                   whitespace: str | None = None) -> Grammar:
     """Compile a format into a :class:`Grammar` whose answers end with one of ``end_ids``: ``kind`` json_schema
-    (``value`` the schema), json_object, regex (a pattern), choice (a list of strings) or grammar (Lark text).
+    (``value`` the schema), json_object, regex (a pattern), choice (a list of strings) or grammar (Lark text);
+    ``whitespace``: a JSON format's whitespace between tokens as a regex (vLLM's whitespace_pattern; None: none).
     ``vocab``: the model's logit columns; ``lock``: held while llguidance reads the tokenizer (the server's
     tokenizer lock). Raises :class:`FormatError` (one line) for what llguidance cannot build (an unknown type, a
     regex with look-around, a $ref it cannot resolve, a grammar rule never defined, ...)."""
@@ -138,7 +142,7 @@ def compile_format(tokenizer, vocab: int, end_ids: tuple[int, ...], value: Any, 
         ll_tokenizer = _ll_tokenizer(tokenizer, vocab, tuple(end_ids))
     what = "the schema" if kind.startswith("json") else f"the {kind}"
     try:
-        text = _grammar_text(llguidance, kind, value)
+        text = _grammar_text(llguidance, kind, value, whitespace)
     except (ValueError, TypeError) as error:
         raise FormatError(f"{name}: {what} cannot be used: {_one_line(error)}") from None
     key = (id(ll_tokenizer), text)
