@@ -134,6 +134,16 @@ def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
     return modules
 
 
+def _refuse_peft_layers(modules: dict[str, nn.Module]) -> None:
+    """A model wrapped by peft (PeftModel.from_pretrained, get_peft_model) holds peft's own layers: lorakit would
+    wrap those, so it says what to do instead of failing on them one by one."""
+    path = next((p for p, m in modules.items() if type(m).__module__.startswith("peft.tuners.")), None)
+    if path is not None:
+        raise LorakitError(f"this model holds peft's adapter layers ({path} is peft's {type(modules[path]).__name__}): "
+                           "give lorakit the plain transformers model (the base without PeftModel) and load each adapter "
+                           "folder, peft's too, with lorakit.load_adapter; or fold peft's in first with merge_and_unload()")
+
+
 def _matches(path: str, spec: list[str] | str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
@@ -148,6 +158,7 @@ def _inside(path: str, names: list[str]) -> bool:
 def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     """Target path -> original module, following the config's rules. Raises if nothing matches."""
     modules = _base_modules(model)
+    _refuse_peft_layers(modules)
     if config.target_modules in (None, []):  # target_parameters only
         return {}
     heads = output_head_names(model)

@@ -259,6 +259,19 @@ def test_a_peft_config_objects_dict_converts_with_exclude_modules():
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"}
 
 
+def test_a_peft_model_given_to_lorakit_is_named_as_such(tmp_path):
+    """A PeftModel (PeftModel.from_pretrained(base, folder)) passed to lorakit.load_adapter / inject was refused with
+    "target '...q_proj' is a Linear; lorakit adapts nn.Linear, ..." (peft's layer class is also called Linear)."""
+    peft_folder(tmp_path / "one", target_modules=["q_proj"])
+    peft_folder(tmp_path / "two", seed=2, target_modules=["v_proj"])
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "one")
+    for call in (lambda: lorakit.load_adapter(theirs, tmp_path / "two"),
+                 lambda: lorakit.inject(theirs, lorakit.LoraConfig(target_modules=["q_proj"]))):
+        with pytest.raises(lorakit.LorakitError, match=r"holds peft's adapter layers \(\S+ is peft's \w+\).*"
+                                                       r"lorakit.load_adapter"):
+            call()
+
+
 # -- model folders that are not Hugging Face safetensors folders ------------------------------------------------------
 def test_a_folder_of_pth_weights_is_refused_as_pickled_and_a_gguf_folder_is_named(tmp_path):
     """Meta's original checkpoints (consolidated.00.pth, pickled) got transformers' "no file named
