@@ -111,9 +111,11 @@ def _refuse_overflow(model: nn.Module, report: DeltaReport) -> None:
 def _untie_if_embedding_merged(model: nn.Module, adapter: str) -> None:
     """A tied output head shares the embedding's tensor; merging into the embedding would change the head too,
     which the unmerged model never did. Give the head its own copy first (and say so in the config)."""
-    from lorakit.layers import LoraEmbedding
+    from lorakit.layers import LORA_HOSTS, LoraEmbedding
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, LORA_HOSTS):  # LoRA on the head too (peft's ensure_weight_tying): its own base layer
+        head = head.base_layer
     if head is None:
         return
     for module in model.modules():

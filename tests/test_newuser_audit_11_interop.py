@@ -125,6 +125,22 @@ def test_embedding_copy_saved_from_float32_loads_on_a_16_bit_base(dtype, tmp_pat
         lorakit.load_adapter(other, tmp_path)
 
 
+# -- lorakit merge of a tied model whose output head is wrapped too -------------------------------------------------
+@pytest.mark.parametrize("options", [dict(target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True),
+                                     dict(target_modules=["embed_tokens"], modules_to_save=["lm_head"])])
+def test_merged_folder_of_a_tied_model_with_a_wrapped_head(options, tmp_path):
+    """Gemma 3's head is tied to its embedding. With LoRA on both (peft's ensure_weight_tying) or a trained copy of
+    the head, ``lorakit merge`` failed with KeyError "attribute 'weight' already exists" while untying the head."""
+    from lorakit.export import export_merged
+
+    theirs = peft_folder(tmp_path / "adapter", kind="gemma3", **options)
+    ours = build("gemma3")
+    lorakit.load_adapter(ours, tmp_path / "adapter")
+    export_merged(ours, None, "default", tmp_path / "merged")
+    merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert_close(logits(merged, IDS), logits(theirs, IDS))
+
+
 # -- the server's refusals, in the names its operator and clients use ------------------------------------------------
 def test_server_names_the_other_adapter_as_clients_know_it(tmp_path):
     """The LoRA-beside-a-copy clash in ``lorakit serve``: a 4xx refusal (it was a TypeError) that names the adapters by
