@@ -59,9 +59,7 @@ def _draw(logits: torch.Tensor, temperature: list[float], top_p: list[float], to
         x = x.clone()
         x[index] = part.masked_fill(part < kth, float("-inf"))
     # shifted so each row's best token scores 0: a tiny temperature then gives -inf elsewhere, never inf - inf = NaN
-    x = (x - x.max(dim=-1, keepdim=True).values).float()
-    if x.data_ptr() == logits.data_ptr():  # .float() of float32 logits is the caller's tensor: divide a copy
-        x = x.clone()
+    x = (x - x.max(dim=-1, keepdim=True).values).float()  # a new tensor: the caller's logits stay as they are
     scale = torch.tensor(temperature, dtype=torch.float32, device=device).unsqueeze(1)
     probs = torch.softmax(x.div_(scale), dim=-1)  # in place: the buffer is this function's own
     weights, order, index = probs, None, None
