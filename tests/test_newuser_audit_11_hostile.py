@@ -221,6 +221,25 @@ def test_a_prompt_that_fills_the_context_without_max_tokens_names_the_prompt(ser
     assert server.post("/v1/completions", json={"model": "a0", "prompt": [65] * 255}).json()["usage"] == {
         "prompt_tokens": 255, "completion_tokens": 1, "total_tokens": 256}
 
+
+@pytest.mark.parametrize("key, env, words", [
+    ("", None, "--api-key is empty (an unset shell variable? $LORAKIT_API_KEY set to ''?)"), (None, "", "--api-key is empty"),
+    ("secret\n", None, "--api-key starts or ends with whitespace (a newline from a key file?), which a client's "
+                      "Authorization header cannot carry"),
+])
+def test_serve_refuses_an_api_key_no_client_can_send(key, env, words, tiny_folder, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """--api-key "$KEY" with KEY unset served with no key at all (open to anyone on --host 0.0.0.0), and a key
+    ending in a newline was one no request could match (HTTP strips header values)."""
+    from lorakit.cli import main
+
+    (tmp_path / "adapters").mkdir()
+    if env is not None:
+        monkeypatch.setenv("LORAKIT_API_KEY", env)
+    args = ["serve", "--model", str(tiny_folder), "--adapters", str(tmp_path / "adapters"), "--port", "0"]
+    assert main(args + (["--api-key", key] if key is not None else [])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lorakit serve: error: " + words) and "secret" not in err[0], err
+
 # -- the command line -----------------------------------------------------------------------------------------------
 def test_lorakit_train_prints_a_warning_as_one_plain_line(tiny_folder, tmp_path):  # noqa: F811 (fixture)
     """lorakit train showed Python's developer form: 'lorakit/train/loop.py:264: UserWarning: ...' and then the

@@ -67,6 +67,12 @@ def build_state(args: argparse.Namespace):
         raise LorakitError(f"--body-timeout must be a positive number of seconds, got {args.body_timeout}")
     if not args.max_adapter_mb > 0:  # also refuses NaN
         raise LorakitError(f"--max-adapter-mb must be a positive number, got {args.max_adapter_mb}")
+    if args.api_key is not None and not args.api_key.strip():  # served with no key at all, open to anyone
+        raise LorakitError("--api-key is empty (an unset shell variable? $LORAKIT_API_KEY set to ''?); give the key, or "
+                           "leave both out to serve without one")
+    if args.api_key is not None and args.api_key != args.api_key.strip():  # HTTP strips header values: never matched
+        raise LorakitError("--api-key starts or ends with whitespace (a newline from a key file?), which a client's "
+                           "Authorization header cannot carry; remove it")  # the key itself is never printed
     model, tokenizer = lorakit.load_base(args.model, dtype=args.dtype, device=args.device)
     model_lock = threading.RLock()
     pool = AdapterPool(model, args.adapters, model_lock, max_loaded=args.max_loaded, max_rank=args.max_rank,
