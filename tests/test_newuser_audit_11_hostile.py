@@ -240,6 +240,23 @@ def test_serve_refuses_an_api_key_no_client_can_send(key, env, words, tiny_folde
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lorakit serve: error: " + words) and "secret" not in err[0], err
 
+
+@pytest.mark.parametrize("origin, fix", [("localhost:3000", "http://localhost:3000"),
+                                         ("http://localhost:3000/", "http://localhost:3000"),
+                                         ("https://app.example.com/chat", "https://app.example.com")])
+def test_serve_refuses_a_cors_origin_no_browser_sends(origin, fix, tiny_folder, tmp_path, capsys):  # noqa: F811
+    """A browser's Origin header is scheme://host[:port] exactly; any other form was accepted and then matched no
+    request, so the page's calls were refused with 'Disallowed CORS origin' and nothing named the flag's mistake."""
+    from lorakit.cli import main
+
+    (tmp_path / "adapters").mkdir()
+    args = ["serve", "--model", str(tiny_folder), "--adapters", str(tmp_path / "adapters"), "--port", "0"]
+    assert main(args + ["--cors-origin", "*", "--cors-origin", origin]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lorakit serve: error: --cors-origin {origin!r} is not an origin as a browser sends it "
+                   f"(scheme://host[:port], no path or trailing slash), so no request would match it; did you mean "
+                   f"{fix!r}?"], err
+
 # -- the command line -----------------------------------------------------------------------------------------------
 def test_lorakit_train_prints_a_warning_as_one_plain_line(tiny_folder, tmp_path):  # noqa: F811 (fixture)
     """lorakit train showed Python's developer form: 'lorakit/train/loop.py:264: UserWarning: ...' and then the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import threading
 
@@ -73,6 +74,13 @@ def build_state(args: argparse.Namespace):
     if args.api_key is not None and args.api_key != args.api_key.strip():  # HTTP strips header values: never matched
         raise LorakitError("--api-key starts or ends with whitespace (a newline from a key file?), which a client's "
                            "Authorization header cannot carry; remove it")  # the key itself is never printed
+    # each is compared with a browser's Origin header exactly (Starlette's CORS); a page opened from a file sends "null"
+    for origin in args.cors_origin:
+        if origin not in ("*", "null") and not re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s]+", origin):
+            scheme, _, rest = origin.partition("://")
+            fix = f"{scheme}://{rest.split('/')[0]}" if rest else f"http://{origin.split('/')[0]}"
+            raise LorakitError(f"--cors-origin {origin!r} is not an origin as a browser sends it (scheme://host[:port], "
+                               f"no path or trailing slash), so no request would match it; did you mean {fix!r}?")
     model, tokenizer = lorakit.load_base(args.model, dtype=args.dtype, device=args.device)
     model_lock = threading.RLock()
     pool = AdapterPool(model, args.adapters, model_lock, max_loaded=args.max_loaded, max_rank=args.max_rank,
