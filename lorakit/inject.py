@@ -562,12 +562,22 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
                            "parameters (target_parameters); choose one (exclude_modules can drop it from the modules)")
     _refuse_lora_beside_copy(existing, targets, saved, adapter)
     _warn_unused_patterns(config, [*targets, *(f"{p}.{n}" if p else n for p, names in params.items() for n in names)])
-    _warn_wasted_settings(config, targets, params, adapter, trainable)
-    if config.init == "pissa":  # checked here, before PiSSA rewrites any base weight
+    if config.init == "pissa":  # checked here, before PiSSA rewrites any base weight (a rollback restores none)
         embeddings = [p for p, m in targets.items() if isinstance(m, nn.Embedding)]
         if embeddings:
             raise LorakitError(f"init='pissa' is not supported on embedding layers ({embeddings[0]}); exclude them from "
                                "target_modules")
+        quantized = [p for p, m in targets.items() if quant.is_quantized(m)]
+        if quantized:
+            raise LorakitError(f"init='pissa' needs dense base weights ({quantized[0]} is quantized); quantize after "
+                               "training or use init='default'")
+        narrow = [p for p, m in targets.items() if config.rank_for(p) > min(quant.linear_shape(m))]
+        if narrow:
+            out_features, in_features = quant.linear_shape(targets[narrow[0]])
+            raise LorakitError(f"init='pissa' takes r of a layer's top singular vectors, and {narrow[0]} ({in_features} "
+                               f"-> {out_features}) has only {min(in_features, out_features)} "
+                               f"(r={config.rank_for(narrow[0])}); lower r, or give those layers a smaller rank_pattern")
+    _warn_wasted_settings(config, targets, params, adapter, trainable)
 
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     param_modules = _base_modules(model) if params else {}

@@ -25,6 +25,7 @@ import warnings
 
 import httpx
 import pytest
+import torch
 
 import lorakit
 from conftest import tiny_llama
@@ -144,6 +145,21 @@ def test_a_rank_above_a_targeted_layers_size_is_warned_once_naming_it():
         r=20, target_modules="all-linear", rank_pattern={"k_proj|v_proj": 8})))
     assert messages == []
 
+
+
+def test_pissa_with_a_rank_above_a_layers_size_is_refused_before_any_weight_changes():
+    """PiSSA takes a layer's top-r singular vectors; k_proj (32 -> 16) has 16. It failed with a RuntimeError (size of
+    tensor a (20) must match ... b (16)) after q_proj's base weight had been rewritten, and the rollback removed the
+    adapter but left that weight changed: the base was silently corrupted."""
+    model = tiny_llama()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(LorakitError) as info:
+        lorakit.inject(model, lorakit.LoraConfig(r=20, init="pissa", target_modules=["q_proj", "k_proj"]))
+    assert _one_line(info) == (
+        "init='pissa' takes r of a layer's top singular vectors, and model.layers.0.self_attn.k_proj (32 -> 16) has "
+        "only 16 (r=20); lower r, or give those layers a smaller rank_pattern")
+    assert lorakit.adapter_names(model) == [] and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
 
 
 def test_the_pair_load_base_returns_is_named_where_a_model_goes(tmp_path):
