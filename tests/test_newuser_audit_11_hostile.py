@@ -86,6 +86,22 @@ def test_a_text_part_whose_text_is_not_a_string_says_so():
                             rf"must be a string, {got}", _one_line(info)), str(info.value)
 
 
+def test_a_null_cell_in_a_parquet_file_is_named_as_null(tmp_path):
+    """A missing value in a Parquet text column was reported as 'no known field in []' (the null cell is dropped as
+    an absent column, then the row had no fields at all)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["reverse a", None]}), tmp_path / "gaps.parquet")
+    with pytest.raises(LorakitError) as info:
+        read_many(tmp_path / "gaps.parquet")
+    assert _one_line(info) == "gaps.parquet row 1: 'text' is null (an empty cell); fill it or drop the row"
+    # a column another record shape fills stays absent where it is null (mixed shapes in one table)
+    pq.write_table(pa.table({"text": ["reverse a", None], "prompt": [None, "copy a : "], "completion": [None, "a"]}),
+                   tmp_path / "mixed.parquet")
+    assert [r.shape for r in read_many(tmp_path / "mixed.parquet")] == ["text", "prompt_completion"]
+
+
 def test_a_validation_set_inside_the_training_set_is_warned():
     """lorakit train --data train.jsonl --val-data train.jsonl (and train() from Python) trained without a word."""
     from lorakit.train import TrainConfig, train

@@ -393,7 +393,7 @@ def _read_parquet(path: Path) -> list[Record]:
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for files that are not Parquet
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LorakitError(f"{path}: not a readable Parquet file ({reason})") from None
-    return [validate_record(_drop_nulls(row), f"{path.name} row {i}") for i, row in enumerate(rows)]
+    return [_table_record(row, f"{path.name} row {i}") for i, row in enumerate(rows)]
 
 
 def _read_datasets_folder(path: Path, split: str | None) -> list[Record]:
@@ -420,7 +420,23 @@ def _read_datasets_folder(path: Path, split: str | None) -> list[Record]:
         label = f"{path.name}[{split}]"
     else:
         label = path.name
-    return [validate_record(_drop_nulls(row), f"{label} row {i}") for i, row in enumerate(loaded)]
+    return [_table_record(row, f"{label} row {i}") for i, row in enumerate(loaded)]
+
+
+def _table_record(row: Mapping[str, Any], where: str) -> Record:
+    """A table row (Parquet, datasets) as a record. Its null cells count as absent (a column another record's shape
+    fills), but a row whose record fields are all null is said to be so: it read as 'no known field in []'."""
+    out = _drop_nulls(row)
+    nulls = [key for key, value in row.items() if value is None and _names_field(key)]
+    if nulls and not any(_names_field(key) for key in out):
+        raise LorakitError(f"{where}: {', '.join(map(repr, nulls))} {'is' if len(nulls) == 1 else 'are'} null (an empty "
+                           "cell); fill it or drop the row")
+    return validate_record(out, where)
+
+
+def _names_field(key: Any) -> bool:
+    """Whether a column is one of a record's fields (not a bookkeeping one such as "id")."""
+    return isinstance(key, str) and key.strip().lower() in KNOWN_FIELDS - IGNORED_FIELDS
 
 
 def _drop_nulls(row: Mapping[str, Any]) -> dict[str, Any]:
