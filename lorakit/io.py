@@ -825,15 +825,18 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = T
 
 
 def _same_values(ours: torch.Tensor, saved: torch.Tensor) -> bool:
-    """A base tensor peft saved beside the adapter is this model's, up to one 16-bit rounding: peft writes it in the
-    training dtype (float32), and the same base loaded in bfloat16 / float16 (CUDA's default), or read from a folder
-    that stores it in bfloat16 (an NF4 folder's embedding, even when loaded as float32), holds it rounded. The
-    tolerance is bfloat16's ulp (float16's smallest normal for tiny values); a trained change is far above it."""
+    """A base tensor peft saved beside the adapter is this model's, exactly or as its 16-bit rounding: peft writes it
+    in the training dtype (float32), and the same base loaded in bfloat16 / float16 (CUDA's default) holds it rounded,
+    as does a float32 model read from a folder that stores it in bfloat16 (an NF4 folder's embedding). A float32 model
+    with float32 values must match exactly: a small trained change is still a change."""
     ours = ours.detach().cpu()
-    if ours.dtype == saved.dtype and torch.equal(ours, saved):
+    if torch.equal(ours, saved.to(ours.dtype)) or torch.equal(ours.to(saved.dtype), saved):
         return True
-    return torch.allclose(ours.float(), saved.float(), rtol=torch.finfo(torch.bfloat16).eps,
-                          atol=torch.finfo(torch.float16).tiny)
+    for narrow in (torch.bfloat16, torch.float16):  # ours holds 16-bit values: the saved copy rounded the same way
+        held = ours.to(narrow)
+        if torch.equal(held.to(ours.dtype), ours) and torch.equal(saved.to(narrow), held):
+            return True
+    return False
 
 
 def _is_unchanged_bias(key: str, tensor: torch.Tensor, base_modules: dict[str, nn.Module], adapter_file: AdapterFile) -> bool:

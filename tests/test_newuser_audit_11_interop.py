@@ -125,6 +125,17 @@ def test_embedding_copy_saved_from_float32_loads_on_a_16_bit_base(dtype, tmp_pat
         lorakit.load_adapter(other, tmp_path)
 
 
+def test_a_float32_copy_that_differs_by_less_than_a_16_bit_rounding_is_still_another_base(tmp_path):
+    """The 16-bit tolerance above is for a model that holds 16-bit values; on a float32 model a copy must match
+    exactly, so a slightly retrained embedding is not taken for this base."""
+    peft_folder(tmp_path, target_modules=["embed_tokens", "q_proj"])
+    other = build()
+    with torch.no_grad():
+        other.model.embed_tokens.weight[7] *= 1.001
+    with pytest.raises(lorakit.LorakitError, match="full copy of model.embed_tokens.weight .*differs"):
+        lorakit.load_adapter(other, tmp_path)
+
+
 # -- lorakit merge of a tied model whose output head is wrapped too -------------------------------------------------
 @pytest.mark.parametrize("options", [dict(target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True),
                                      dict(target_modules=["embed_tokens"], modules_to_save=["lm_head"])])
