@@ -17,21 +17,13 @@ import lorakit
 from lorakit.decoding import StaticDecoder
 from lorakit.generation import decode, prefill
 from tests.conftest import tiny_llama
+from tests.test_static_decoder import _with_adapters
 
 ATOL = 1e-5  # float32, as tests/test_static_decoder.py
 
 
 def _model():
-    model = tiny_llama(seed=7)
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter="a")
-    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=3, target_modules=["q_proj", "v_proj", "down_proj"],
-                                             variant="rslora"), adapter="b")
-    lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=6, variant="dora"), adapter="d")
-    with torch.no_grad():
-        for name, p in lorakit.lora_parameters(model):
-            if name.endswith(("lora_B", "magnitude")):
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return _with_adapters(tiny_llama(seed=7))  # "a" r=4, "b" r=2 rsLoRA on q/v/down, "d" r=3 DoRA; random B
 
 
 def _adapter_tensors(model, name):
