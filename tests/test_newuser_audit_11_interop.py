@@ -99,6 +99,26 @@ def test_lora_and_a_whole_copy_of_one_module_is_one_line(first, second, tmp_path
     assert_close(logits(model, IDS), before)
 
 
+def test_generate_names_the_clashing_adapters_by_their_folders(tmp_path, capsys):
+    """The same clash from ``lorakit generate --adapter A --adapter B``: one line naming the folders the user gave,
+    not the command's internal names ('adapter0', 'adapter1')."""
+    from lorakit.cli import main
+    from test_train_helpers import make_model_folder
+
+    base = make_model_folder(tmp_path / "base")
+    for name, options in (("emb", dict(target_modules=["embed_tokens", "q_proj"])),
+                          ("tokens", dict(target_modules=["q_proj"], trainable_token_indices=[4, 5]))):
+        theirs = peft.get_peft_model(tf.AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(r=4, **options))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs.save_pretrained(tmp_path / name)
+    code = main(["generate", "--model", str(base), "--adapter", str(tmp_path / "emb"), "--adapter", str(tmp_path / "tokens"),
+                 "--max-new-tokens", "2", "a b"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lorakit generate: error:")]
+    assert code == 2 and len(errors) == 1
+    assert f"adapter '{tmp_path / 'tokens'}' puts a whole trained copy" in errors[0] and "'adapter0'" not in errors[0]
+
+
 # -- peft's embedding copies and biases, on a base loaded in another precision ---------------------------------------
 def rounded(model, dtype):
     """``model`` in ``dtype``; "bf16-in-fp32": float32 holding bfloat16 values, as an NF4 folder's embedding (stored

@@ -128,7 +128,12 @@ def run(args: argparse.Namespace) -> int:
     rows: list[tuple[str, str | None]] = [("base", None)] if args.base or not args.adapter else []
     for index, (adapter_file, label) in enumerate(zip(files, labels)):
         internal = f"adapter{index}"
-        lorakit.load_adapter(model, adapter_file, adapter=internal)
+        try:
+            lorakit.load_adapter(model, adapter_file, adapter=internal)
+        except LorakitError as error:  # one that clashes with an earlier input: both named by their folders
+            inputs = {f"'adapter{i}'": repr(folder) for i, folder in enumerate(args.adapter[: index + 1])}
+            named = re.sub(r"'adapter\d+'", lambda match: inputs.get(match.group(0), match.group(0)), str(error))
+            raise LorakitError(named) from None
         rows.append((label, internal))
     stops = end_of_turn_ids(tokenizer)
     params.stop_token_ids = stops
