@@ -111,3 +111,26 @@ def test_growth_reload_and_eviction_keep_the_models_values():
     assert decoder.adapters._shared("a") == []
     assert all(torch.equal(_adapter_tensors(model, "a")[k], v) for k, v in changed.items())
     assert decoder.adapters.layers[0]["qkv"].A[slot].abs().sum() == 0
+
+
+def test_an_adapter_deleted_and_added_again_under_its_name_is_served_with_its_new_values(tmp_path):
+    model = _model()
+    decoder = StaticDecoder(model, max_batch=4, max_len=16)
+    logits, batch = prefill(model, [PROMPTS[0]], ["a"])
+    decoder.admit([0], batch)
+    decoder.step([0], logits.argmax(-1).tolist(), ["a"])
+    decoder.release([0])
+    other = _model()  # the same layout, other values: saved, then loaded in place of "a"
+    with torch.no_grad():
+        for name, p in lorakit.lora_parameters(other):
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.3)
+    lorakit.save_adapter(other, tmp_path / "new_a", adapter="a")
+    lorakit.delete_adapter(model, "a")
+    lorakit.load_adapter(model, tmp_path / "new_a", adapter="a")
+    expected = _logits(model, [PROMPTS[0]], ["a"])
+    logits, batch = prefill(model, [PROMPTS[0]], ["a"])
+    decoder.admit([0], batch)
+    got = decoder.step([0], logits.argmax(-1).tolist(), ["a"])
+    assert torch.allclose(got, expected[1], atol=ATOL, rtol=1e-5)
+    assert len(decoder.adapters._shared("a")) == MODULES["a"]  # the new modules now view the slot

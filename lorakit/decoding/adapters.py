@@ -26,6 +26,7 @@ per row before adding the bias. The norm is computed once at load from the curre
 
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
@@ -115,6 +116,7 @@ class DecodeAdapters:
         ]
         self.capacity, self.r_max = slots, r_max
         self.slot_of: dict[str, int] = {}
+        self.source: dict[str, weakref.ref] = {}  # name -> the adapter module (of its first projection) loaded
         self.dora: set[str] = set()
         self.version = 0
 
@@ -207,6 +209,7 @@ class DecodeAdapters:
                     if not had_ratio:
                         self.version += 1  # a new buffer the captured graph does not know
         self.slot_of[name] = slot
+        self.source[name] = weakref.ref(found[0][3])
         (self.dora.add if dora else self.dora.discard)(name)
         self._share(slot, found)
         return slot
@@ -214,11 +217,21 @@ class DecodeAdapters:
     def evict(self, name: str) -> None:
         self._unshare(self._shared(name))  # still in the model: its modules keep their values
         slot = self.slot_of.pop(name)
+        self.source.pop(name, None)
         self.dora.discard(name)
         with torch.no_grad():
             for layer in self.layers:
                 for stack in layer.values():
                     stack.clear(slot)
+
+    def drop_replaced(self) -> None:
+        """Evict the names whose adapter modules are gone from the model or were replaced by others under the same
+        name (``delete_adapter`` then a new ``inject`` / ``load_adapter``): their slots would serve the old values.
+        Called when lorakit changed the model's modules; such a name is loaded again on its next use."""
+        for name in list(self.slot_of):
+            found = self._modules(name)
+            if not found or self.source[name]() is not found[0][3]:
+                self.evict(name)
 
     def slots_for(self, names: Sequence[str | None], present: Sequence[str] = ()) -> list[int]:
         """The slot of each name (None -> -1), loading names not loaded yet."""

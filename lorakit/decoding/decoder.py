@@ -82,8 +82,9 @@ class StaticDecoder:
     group is one ``lorakit.kernels.nf4_rows.nf4_rows_linear`` call over the packed 4-bit weights,
     with the block scales decoded to float32 once at build (about 9% of the 4-bit weights' memory on top). Adapters are copied from the model's LoRA layers the first time a row uses them
     (by name), and the layers' tensors then become views of that copy (one copy on the device; see
-    ``lorakit.decoding.adapters``). An adapter changed afterwards (new tensors under the same name, or a DoRA
-    adapter's values, whose norms are computed at load) must be reloaded with ``reload_adapter(name)``.
+    ``lorakit.decoding.adapters``). An adapter deleted and added again under the same name is loaded again on its
+    next use; one changed in place (new tensors assigned to its modules, or a DoRA adapter's values, whose norms
+    are computed at load) must be reloaded with ``reload_adapter(name)``.
     """
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, graph: bool | None = None,
@@ -157,6 +158,7 @@ class StaticDecoder:
         version = _structure_version()
         if version != self._structure:
             self.parts = self.adapters.parts = model_parts(self.model, self.max_len)
+            self.adapters.drop_replaced()
             self.refresh()
             self._structure = version
 
