@@ -346,13 +346,18 @@ def load_data(config: TrainConfig, tokenizer: Any, records: tuple[list, list | N
                           chat_template_kwargs=config.chat_template_kwargs)
 
 
-def score(model, tokenizer, records, config: TrainConfig, device: torch.device) -> GenerationScore:
+def score(model, tokenizer, records, config: TrainConfig, device: torch.device, when: str = "") -> GenerationScore:
+    """Exact match of greedy generations on ``records``; ``when`` ("before training") announces the scoring first,
+    since generating a whole held-out set takes a minute or more on a CPU, with no bar when it fits one batch."""
     from lorakit.train.loop import compute_dtype_for
 
+    if when:
+        say(f"{when}: scoring {len(records)} held-out examples by exact match of greedy generations ...")
     return score_generations(model, tokenizer, records, max_new_tokens=config.max_new_tokens,
                              batch_size=config.eval_batch_size or GENERATION_BATCH, device=device,
                              compute_dtype=compute_dtype_for(model, device),
-                             chat_template_kwargs=config.chat_template_kwargs)
+                             chat_template_kwargs=config.chat_template_kwargs,
+                             progress=config.progress and os.environ.get("RANK", "0") == "0")
 
 
 def _score_line(label: str, result: GenerationScore) -> str:
@@ -483,7 +488,7 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
             before = json.loads(before_path.read_text(encoding="utf-8"))
         elif resume_from is None:
             t = time.perf_counter()
-            result = score(model, tokenizer, eval_records, config, device)
+            result = score(model, tokenizer, eval_records, config, device, when="before training")
             before = {"exact_match": result.exact_match, "examples": len(result.references),
                       "seconds": round(time.perf_counter() - t, 1)}
             if main:
@@ -519,7 +524,7 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     if device.type == "cuda":
         summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if eval_records and scoring:
-        after = score(model, tokenizer, eval_records, config, device)
+        after = score(model, tokenizer, eval_records, config, device, when="after training")
         summary["exact_match_after"] = after.exact_match
         summary["eval_examples"] = len(after.references)
         if main:
