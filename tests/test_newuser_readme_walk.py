@@ -29,3 +29,14 @@ def test_train_announces_the_exact_match_scoring_before_it_runs(tmp_path, tiny_f
     assert announce_before < index("before training (2 held-out examples): exact match")
     announce_after = index("after training: scoring 2 held-out examples by exact match")
     assert announce_before < announce_after < index("held-out exact match:")
+
+
+def test_combine_help_description_is_wrapped(capsys):
+    """``lorakit combine --help`` printed its description as one 240-character line (a raw formatter)."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["combine", "--help"])
+    text = capsys.readouterr().out
+    assert "add_weighted_adapter" in text
+    assert max(len(line) for line in text.splitlines()) <= 120, text

@@ -25,9 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lorakit.combine import METHODS
 
     parser.description = (
-        "Build one adapter from weighted adapters of the same base (peft's add_weighted_adapter) and write it as a "
-        "PEFT-format adapter folder. Example: lorakit combine --model BASE --adapter math=0.7 --adapter chat=0.3 "
-        "--method cat --out mixed")
+        # line breaks by hand: the raw formatter (kept for the epilog's examples) does not wrap
+        "Build one adapter from weighted adapters of the same base (peft's add_weighted_adapter)\n"
+        "and write it as a PEFT-format adapter folder.")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = """examples:
   lorakit combine --model ./base --adapter math=0.7 --adapter chat=0.3 --out mixed   # exact (cat)
