@@ -227,11 +227,34 @@ def test_trainable_tokens_on_an_untied_output_head(tokens, tmp_path):
 def test_trainable_tokens_beside_lora_on_the_tied_head_is_one_line(tmp_path):
     """Token rows on a tied embedding reach the output head too; with LoRA on that head as well the load failed
     with KeyError 'lora_B.weight'. lorakit holds either a copy or LoRA on a module: refused by name."""
-    peft_folder(tmp_path, kind="gemma3", target_modules=["q_proj", "lm_head"], trainable_token_indices=[1, 2])
+    try:
+        peft_folder(tmp_path, kind="gemma3", target_modules=["q_proj", "lm_head"], trainable_token_indices=[1, 2])
+    except TypeError:  # peft 0.21 on transformers 4.x will not wrap the LoRA head in trainable tokens (5.x does)
+        _tokens_beside_lora_head_file(tmp_path)
     model = build("gemma3")
     with pytest.raises(lorakit.LorakitError, match=r"trainable_token_indices: lm_head is also a LoRA target"):
         lorakit.load_adapter(model, tmp_path)
     assert not lorakit.adapter_names(model)
+
+
+def _tokens_beside_lora_head_file(folder):
+    """The file peft writes on transformers 5.x for LoRA on q_proj and the tied lm_head plus token rows 1, 2 of the
+    embedding, put together from two peft files on any version: the LoRA one (less the head's base copy, which 5.x's
+    file does not hold) and the token rows of one with trainable_token_indices."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    peft_folder(folder, kind="gemma3", target_modules=["q_proj", "lm_head"])
+    tokens = folder.with_name(folder.name + "-tokens")  # beside it: the adapter folder holds the adapter's files only
+    peft_folder(tokens, kind="gemma3", target_modules=["q_proj"], trainable_token_indices=[1, 2])
+    tensors = {k: v for k, v in load_file(folder / "adapter_model.safetensors").items() if ".base_layer." not in k}
+    tensors.update({k: v for k, v in load_file(tokens / "adapter_model.safetensors").items()
+                    if "trainable_tokens" in k})
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["trainable_token_indices"] = [1, 2]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
 def test_a_tensor_the_saved_module_does_not_have_is_an_unexpected_key(tmp_path):
