@@ -40,3 +40,14 @@ def test_combine_help_description_is_wrapped(capsys):
     text = capsys.readouterr().out
     assert "add_weighted_adapter" in text
     assert max(len(line) for line in text.splitlines()) <= 120, text
+
+
+def test_qlora_run_says_its_base_is_4_bit(tmp_path, tiny_folder, tiny_data, capsys):
+    """``lorakit train --quantize nf4`` announced "lora of MODEL on cpu", with no word that the base was 4-bit."""
+    train_path, _ = tiny_data
+    code = main(["train", "--model", str(tiny_folder), "--data", str(train_path), "--quantize", "nf4",
+                 "--out", str(tmp_path / "run"), "--max-steps", "1", "--rank", "4", "--batch-size", "4",
+                 "--no-progress", "--eval-examples", "0"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "lorakit train: lora of " in printed and "(NF4 4-bit base: QLoRA) on cpu" in printed.splitlines()[0]

@@ -444,7 +444,8 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     device = choose_device(config)
     torch.manual_seed(config.seed)
 
-    say(f"lorakit train: {'full fine-tuning' if config.full else config.variant} of {config.model} on {device.type}; "
+    base = f"{config.model} ({config.quantize.upper()} 4-bit base: QLoRA)" if config.quantize else config.model
+    say(f"lorakit train: {'full fine-tuning' if config.full else config.variant} of {base} on {device.type}; "
         f"run folder {run_dir}")
     _quiet_transformers()
     sharded = config.fsdp and world_size > 1
