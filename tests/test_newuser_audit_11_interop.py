@@ -62,13 +62,9 @@ IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 99]])
 
 
 # -- modules_to_save names are path endings, as peft matches them ---------------------------------------------------
-@pytest.mark.parametrize("names", [["norm"], ["head"]])
-def test_modules_to_save_names_match_as_peft_matches_them(names, tmp_path):
-    """peft wraps every module whose path ends with a name (``key.endswith(name)``, no dot needed): ["norm"] trains
-    each input_layernorm / post_attention_layernorm and model.norm, ["head"] the lm_head. lorakit took only whole
-    segments, so the file's other copies were "unexpected tensor keys" (and lm_head's copy was blamed on
-    save_embedding_layers)."""
-    theirs = peft_folder(tmp_path / "peft", target_modules=["q_proj"], modules_to_save=names)
+def _round_trip(theirs, tmp_path) -> None:
+    """The peft adapter in tmp_path/peft loads into lorakit with peft's logits, saves back to a folder peft reads with
+    the same logits, and merges as peft's merge_and_unload does."""
     ours = build()
     lorakit.load_adapter(ours, tmp_path / "peft")
     assert_close(logits(ours, IDS), logits(theirs, IDS))
@@ -77,6 +73,16 @@ def test_modules_to_save_names_match_as_peft_matches_them(names, tmp_path):
     assert_close(logits(again, IDS), logits(theirs, IDS))
     lorakit.merge_and_unload(ours)
     assert_close(logits(ours, IDS), logits(theirs.merge_and_unload(), IDS))
+
+
+@pytest.mark.parametrize("names", [["norm"], ["head"]])
+def test_modules_to_save_names_match_as_peft_matches_them(names, tmp_path):
+    """peft wraps every module whose path ends with a name (``key.endswith(name)``, no dot needed): ["norm"] trains
+    each input_layernorm / post_attention_layernorm and model.norm, ["head"] the lm_head. lorakit took only whole
+    segments, so the file's other copies were "unexpected tensor keys" (and lm_head's copy was blamed on
+    save_embedding_layers)."""
+    theirs = peft_folder(tmp_path / "peft", target_modules=["q_proj"], modules_to_save=names)
+    _round_trip(theirs, tmp_path)
 
 
 # -- one module cannot hold LoRA of one adapter and a whole copy of another -----------------------------------------
@@ -214,14 +220,7 @@ def test_trainable_tokens_on_an_untied_output_head(tokens, tmp_path):
     """peft trains token rows of a linear output head too (F.linear with the rows replaced); lorakit refused the file
     as naming "no embedding of this model". Loaded as a whole copy of the head with those rows, like an embedding."""
     theirs = peft_folder(tmp_path / "peft", target_modules=["q_proj"], trainable_token_indices=tokens)
-    ours = build()
-    lorakit.load_adapter(ours, tmp_path / "peft")
-    assert_close(logits(ours, IDS), logits(theirs, IDS))
-    lorakit.save_adapter(ours, tmp_path / "ours")
-    again = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
-    assert_close(logits(again, IDS), logits(theirs, IDS))
-    lorakit.merge_and_unload(ours)
-    assert_close(logits(ours, IDS), logits(theirs.merge_and_unload(), IDS))
+    _round_trip(theirs, tmp_path)
 
 
 def test_trainable_tokens_beside_lora_on_the_tied_head_is_one_line(tmp_path):

@@ -13,7 +13,6 @@ import contextlib
 import json
 import pickle
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
