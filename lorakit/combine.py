@@ -31,6 +31,9 @@ Where this differs from peft 0.21 on purpose (PEFT's result would be wrong or lo
   refused (PEFT divides by zero for DARE); ``svd_rank`` above a layer's min(out, in) keeps that layer's full rank
   and zero-pads (PEFT raises a shape error); a ``linear`` layer below the common rank (a rank_pattern) is zero-padded
   to it (PEFT writes a smaller tensor than its config says, and its file does not load).
+* Inputs on different layers (``layers_to_transform`` / ``layers_pattern`` that differ): the new adapter holds every
+  layer that any input holds, so the result is the weighted sum on all of them. PEFT's new adapter inherits the first
+  input's ``layers_to_transform`` and drops the other inputs' layers. peft reads the saved result as lorakit runs it.
 
 The core of lorakit: no transformers, training, serving or CLI imports.
 """

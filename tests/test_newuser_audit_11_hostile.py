@@ -188,7 +188,8 @@ def test_the_pair_load_base_returns_is_named_where_a_model_goes(tmp_path):
              "load_adapter": lambda: lorakit.load_adapter(pair, folder),
              "save_adapter": lambda: lorakit.save_adapter(pair, tmp_path / "out"),
              "merge": lambda: lorakit.merge(pair), "set_adapter": lambda: lorakit.set_adapter(pair, "default"),
-             "trainable_report": lambda: lorakit.trainable_report(pair)}
+             "trainable_report": lambda: lorakit.trainable_report(pair),
+             "quantize": lambda: lorakit.quantize(pair), "dequantize": lambda: lorakit.dequantize(pair)}
     for name, call in calls.items():
         with pytest.raises(LorakitError) as info:
             call()

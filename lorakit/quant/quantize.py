@@ -40,6 +40,13 @@ def _host_class():
     return _AdapterHost
 
 
+def _check_model(model: object) -> None:
+    """One line for what is not a model (load_base's (model, tokenizer) pair, a name), as every API call gives."""
+    from lorakit.inject import check_model  # lazy: inject imports lorakit.quant
+
+    check_model(model)
+
+
 def _unwrap(module: nn.Module | None) -> nn.Module | None:
     """The module under any lorakit wrappers (LoraLinear, LoraEmbedding, ModulesToSave): their ``base_layer``."""
     host = _host_class()
@@ -158,6 +165,7 @@ def quantize(model: nn.Module, quant: str = "nf4", *, skip: Iterable[str] = DEFA
         Non-finite or non-float weights, weights not loaded yet (meta), bitsandbytes 8-bit or FP4 layers raise
         ``LorakitError`` naming the module, before anything changes.
     """
+    _check_model(model)
     check_quant_type(quant)
     if blocksize not in BLOCKSIZES:
         raise LorakitError(f"NF4 blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
@@ -252,6 +260,7 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         the same model. Layers under lorakit adapters are replaced beneath them (the adapters stay). An adapter
         merged into a quantized layer raises ``LorakitError`` (unmerge first), before anything changes.
     """
+    _check_model(model)
     host = _host_class()
     if dtype is None:  # a folder quantized from bf16 and loaded in float32 computes in float32: keep it so
         get_in = getattr(model, "get_input_embeddings", None)
