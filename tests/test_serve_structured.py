@@ -136,6 +136,15 @@ def server(root):
         process.stop()
 
 
+def _assert_one_line_400(server, words: str, **fields) -> None:
+    """A chat request with ``fields`` is a 400 whose one-line message holds ``words`` (no traceback)."""
+    response = httpx.post(server["url"] + "/v1/chat/completions", timeout=30,
+                          json={"model": "base", "messages": MESSAGES, **fields})
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert words in message and "\n" not in message and "Traceback" not in message
+
+
 def _answer(sdk, stream: bool = False, **extra) -> tuple[str, str]:
     """(content, finish_reason) of one chat answer, streamed or not."""
     body = {"model": "base", "messages": MESSAGES, "max_tokens": 150, **extra}
@@ -232,11 +241,7 @@ def test_vllm_structured_outputs(server):
     ({"regex": "a", "whitespace_pattern": " "}, "whitespace_pattern applies to JSON formats only"),
 ])
 def test_bad_structured_outputs_are_one_line_400s(server, outputs, words):
-    response = httpx.post(server["url"] + "/v1/chat/completions", timeout=30,
-                          json={"model": "base", "messages": MESSAGES, "structured_outputs": outputs})
-    assert response.status_code == 400, response.text
-    message = response.json()["error"]["message"]
-    assert words in message and "\n" not in message and "Traceback" not in message
+    _assert_one_line_400(server, words, structured_outputs=outputs)
     both = httpx.post(server["url"] + "/v1/chat/completions", timeout=30, json={
         "model": "base", "messages": MESSAGES, "structured_outputs": {"choice": ["a"]},
         "response_format": {"type": "json_object"}})
@@ -320,11 +325,7 @@ def test_length_cuts_an_answer(server):
     ({"type": "xml"}, "'text', 'json_object' or 'json_schema'"),
 ])
 def test_bad_formats_are_one_line_400s(server, fmt, words):
-    response = httpx.post(server["url"] + "/v1/chat/completions", timeout=30,
-                          json={"model": "base", "messages": MESSAGES, "response_format": fmt})
-    assert response.status_code == 400, response.text
-    message = response.json()["error"]["message"]
-    assert words in message and "\n" not in message and "Traceback" not in message
+    _assert_one_line_400(server, words, response_format=fmt)
 
 
 def test_format_with_tool_calls(server):

@@ -138,10 +138,14 @@ class DecodeAdapters:
                         found.append((i, group, segment, adapters[name]))
         return found
 
-    def _shared(self, name: str):
-        """The (layer, group, segment, adapter module) of ``name`` whose tensors are views of the stacks now."""
-        return [(i, group, segment, adapter) for i, group, segment, adapter in self._modules(name)
+    def _viewing(self, found):
+        """Those of ``found`` ((layer, group, segment, adapter module)) whose tensors are views of the stacks now."""
+        return [(i, group, segment, adapter) for i, group, segment, adapter in found
                 if _same_storage(adapter.lora_A, self.layers[i][group].A)]
+
+    def _shared(self, name: str):
+        """The projections of ``name`` whose tensors are views of the stacks now."""
+        return self._viewing(self._modules(name))
 
     def _share(self, slot: int, found) -> None:
         """Make the modules' lora_A / lora_B views of their rows in ``slot`` (values equal: just written there)."""
@@ -193,7 +197,7 @@ class DecodeAdapters:
                 slot = len(used)
         self.grow(self.capacity, rank)
         dora = False
-        self._unshare(self._shared(name))  # a reload: the slot is cleared below, the module's values must survive it
+        self._unshare(self._viewing(found))  # a reload: the slot is cleared below, the module's values must survive it
         with torch.no_grad():
             for layer in self.layers:
                 for stack in layer.values():
