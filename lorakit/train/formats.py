@@ -33,7 +33,8 @@ What a user's file may differ in and is still read the same: field names in anot
 ``developer`` (OpenAI's system turn), Responses API parts (``input_text`` / ``output_text``), a tool turn whose
 content is a JSON object (written as JSON text), trailing user or tool turns after the last assistant turn
 (trimmed: nothing follows them to learn, and a causal model's loss on the earlier turns does not depend on them;
-the summary counts the chats trimmed), a ``.json`` file that wraps its records in one object (``{"data": [...]}``;
+the summary counts the chats trimmed), a ``prompt`` column beside ``messages`` that repeats the chat's first user
+turn (UltraChat 200k, No Robots: ignored), a ``.json`` file that wraps its records in one object (``{"data": [...]}``;
 ``{"train": [...], "test": [...]}`` gives the split asked for),
 pretty-printed JSON objects one after another in a ``.jsonl`` file (``jq .`` output), a chat given as its bare
 list of turns (a JSONL line ``[{"role": ...}, ...]``), a ``;``-separated CSV, and a folder of ``train*`` /
@@ -55,6 +56,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lorakit.config import clipped
 from lorakit.errors import LorakitError
 
 SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -153,6 +155,8 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     obj = _normalize_keys(obj, KNOWN_FIELDS)
     if not IGNORED_FIELDS.isdisjoint(obj.keys()):
         obj = {key: value for key, value in obj.items() if key not in IGNORED_FIELDS}
+    if "messages" in obj and isinstance(obj.get("prompt"), str) and "completion" not in obj:
+        obj = _without_repeated_prompt(obj, where)
     if any(key in obj for key in PREFERENCE_KEYS):
         present = "/".join(k for k in ("prompt", "chosen", "rejected") if k in obj)
         raise LorakitError(
@@ -203,6 +207,25 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     if tools is not None:
         fields["tools"] = _validate_tools(tools, where)
     return Record(shape, fields, where)
+
+
+def _without_repeated_prompt(obj: Mapping, where: str) -> Mapping:
+    """A chat record without its ``"prompt"`` column when that is the chat's first user turn again, as
+    HuggingFaceH4's UltraChat 200k and No Robots ship it (``prompt``, ``prompt_id``, ``messages``); a prompt that is
+    some other text is refused, since which of the two to train is the user's call."""
+    turns = obj["messages"]
+    with contextlib.suppress(LorakitError):  # a CSV cell holds the chat as JSON text; a bad one is reported later
+        turns = _json_field(turns, "")
+    first = next((turn for turn in turns if isinstance(turn, Mapping) and str(
+        turn.get("role", turn.get("from", ""))).strip().lower() in ("user", "human")), None) \
+        if isinstance(turns, list) else None
+    content = first.get("content", first.get("value")) if first is not None else None
+    if isinstance(content, str) and content.strip() == obj["prompt"].strip():
+        return {key: value for key, value in obj.items() if key != "prompt"}
+    shown = f"the chat's first user turn ({clipped(content, 40)!r})" if isinstance(content, str) else \
+        "in the chat (it has no user turn with text)"
+    raise LorakitError(f"{where}: field 'prompt' ({clipped(obj['prompt'], 40)!r}) is not {shown}, so which of "
+                       "the two to train is unclear; give one of 'prompt' or 'messages'")
 
 
 def _convert_gemini(obj: Mapping, where: str) -> Record:

@@ -1,0 +1,59 @@
+"""Audit 12: training data as a new user brings it to ``lorakit train --data``, exported from popular datasets.
+
+Each case is a row as the public dataset ships it (UltraChat 200k, No Robots, SlimOrca, tatsu-lab's Alpaca, TRL's KTO
+sets, a pandas ``to_json``), written to a small file and read through ``read_many`` / ``build_dataset``; the checks
+are on the tokens that end up supervised (decoded with the small ChatML byte-level BPE of the serving tests), or on
+the one line a file that cannot train stops with.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.errors import LorakitError
+from lorakit.train.data import IGNORE_INDEX, build_dataset
+from lorakit.train.formats import validate_record
+from lorakit.train.sources import read_many
+from test_serve_support import make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def targets(tok, row: dict) -> list[str]:
+    """The supervised runs of a dataset row, decoded: one string per run of consecutive target tokens."""
+    runs, current = [], []
+    for token, label in zip(row["input_ids"], row["labels"]):
+        if label != IGNORE_INDEX:
+            assert label == token  # a target is the token at its position (the model shifts by one)
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return [tok.decode(run) for run in runs + ([current] if current else [])]
+
+
+def write_jsonl(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_ultrachat_and_no_robots_rows_train_their_chat(tmp_path, tok):
+    """HuggingFaceH4/ultrachat_200k and no_robots carry a "prompt" column beside "messages": the first user turn
+    again. It was refused as "unknown field 'prompt'", so neither dataset trained as downloaded."""
+    chat = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green."}]
+    rows = [{"prompt": "Name a colour.", "prompt_id": "9f3c", "messages": chat},  # UltraChat 200k
+            {"prompt": "Name a colour.", "prompt_id": "11aa", "messages": chat, "category": "Chat"}]  # No Robots
+    ds = build_dataset(read_many(write_jsonl(tmp_path / "ultrachat.jsonl", rows)), tok, 128)
+    assert [targets(tok, row) for row in ds.rows] == [["Blue.<|im_end|>", "Green.<|im_end|>"]] * 2
+    assert "prompt" not in ds.records[0].fields
+    # a "prompt" that is not the chat's first question is a different example: which one to train is unclear
+    other = {"prompt": "Name a fruit.", "messages": chat}
+    with pytest.raises(LorakitError, match=r"^f\.jsonl:3: field 'prompt' \('Name a fruit\.'\) is not the chat's first "
+                                           r"user turn \('Name a colour\.'\).*give one of 'prompt' or 'messages'"):
+        validate_record(other, "f.jsonl:3")
