@@ -57,3 +57,19 @@ def test_ultrachat_and_no_robots_rows_train_their_chat(tmp_path, tok):
     with pytest.raises(LorakitError, match=r"^f\.jsonl:3: field 'prompt' \('Name a fruit\.'\) is not the chat's first "
                                            r"user turn \('Name a colour\.'\).*give one of 'prompt' or 'messages'"):
         validate_record(other, "f.jsonl:3")
+
+
+def test_slimorca_turn_weights_train_the_gpt_turns(tmp_path, tok):
+    """Open-Orca/SlimOrca writes a weight on every ShareGPT turn: null on the system turn, 0.0 on the human turn,
+    1.0 on the gpt turn. The human turn's 0.0 was refused ("weight 0.0; ... on assistant turns only"), though a
+    user turn is never trained anyway; a weight 1 on a user turn (train it) is still refused, lorakit does not."""
+    row = {"conversations": [{"from": "system", "value": "Answer briefly.", "weight": None},
+                             {"from": "human", "value": "Sky colour?", "weight": 0.0},
+                             {"from": "gpt", "value": "Blue.", "weight": 1.0}]}
+    ds = build_dataset(read_many(write_jsonl(tmp_path / "slimorca.jsonl", [row])), tok, 128)
+    assert targets(tok, ds.rows[0]) == ["Blue.<|im_end|>"]
+    assert tok.decode(ds.rows[0]["input_ids"]).startswith("<|im_start|>system\nAnswer briefly.<|im_end|>")
+    chat = {"messages": [{"role": "user", "content": "Sky?", "weight": 1}, {"role": "assistant", "content": "Blue."}]}
+    with pytest.raises(LorakitError, match=r"^f\.jsonl:2: messages\[0\] \(user\) has weight 1; OpenAI's weight is 0 or "
+                                           "1, on assistant turns only"):
+        validate_record(chat, "f.jsonl:2")

@@ -9,7 +9,8 @@ A record has exactly one of three shapes (the fields are strict: anything else i
   turn; turns after the last one are trimmed, since nothing follows them to learn.
   A message's content may also be a list of text parts (``[{"type": "text", "text": ...}]``, as OpenAI and
   multimodal datasets write it; the parts are joined), and an assistant message may carry OpenAI's ``"weight": 0``
-  to leave that turn unsupervised. Keys whose value is null (``"tool_calls": null``) are ignored. OpenAI tool use
+  to leave that turn unsupervised (a weight 0 on other turns, which SlimOrca writes on every human turn, is accepted:
+  they are never trained). Keys whose value is null (``"tool_calls": null``) are ignored. OpenAI tool use
   (``tools`` beside ``messages``; ``tool_calls`` on assistant turns, ``tool_call_id`` / ``name`` on tool turns) is
   handed to the chat template, and a template that does not write the calls is reported (the call would be lost).
   So is an assistant turn's ``reasoning_content`` (or ``thinking`` / ``reasoning``), as reasoning-distillation
@@ -525,9 +526,13 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
             raise LorakitError(f"{at} has role {role!r}; expected one of {', '.join(ROLES)}")
         if msg.get("weight") is not None:
             weight = msg["weight"]
-            if role != "assistant" or isinstance(weight, bool) or weight not in (0, 1):
+            if isinstance(weight, bool) or weight not in (0, 1):
                 raise LorakitError(f"{at} has weight {weight!r}; OpenAI's weight is 0 or 1, on assistant turns only")
-            if weight == 0:
+            if role != "assistant" and weight == 1:
+                raise LorakitError(f"{at} ({role}) has weight 1; OpenAI's weight is 0 or 1, on assistant turns only: "
+                                   "the other turns are the context the answers learn from, never trained; remove it")
+            # weight 0 on other turns (SlimOrca writes 0.0 on every human turn) says what is true of them anyway
+            if weight == 0 and role == "assistant":
                 unsupervised.append(i)
         if role == "tool" and (isinstance(content, Mapping) or (
                 isinstance(content, list) and content and not all(isinstance(c, (str, Mapping)) and (
