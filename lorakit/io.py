@@ -26,8 +26,9 @@ from lorakit import quant
 from lorakit._fs import atomic_write_bytes, atomic_write_text
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
-from lorakit.inject import (_base_modules, _matches, adapter_hosts, adapter_names, find_modules_to_save,
-                            find_param_targets, find_targets, inject, peft_resolves_differently, saved_by)
+from lorakit.inject import (_base_modules, _matches, _weight_read_raw, adapter_hosts, adapter_names,
+                            find_modules_to_save, find_param_targets, find_targets, inject, peft_resolves_differently,
+                            saved_by)
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 from lorakit.param_lora import ParamLora, file_key_prefixes, parameter_layout
 
@@ -587,9 +588,12 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
         plan.update({(path, name): value for name, value in base_modules[path].state_dict().items()})
         plan[(path, "weight")] = weight
     param_keys = _param_keys(params)
+    inert = inert_raw_targets(model, adapter_file)
     for key, tensor in adapter_file.tensors.items():
         if key.endswith(TOKEN_DELTA) and tokens:
             continue
+        if inert and _strip(key).rsplit(".", 2)[0] in inert and key.endswith((".lora_A.weight", ".lora_B.weight")):
+            continue  # a zero LoRA on a layer its parent reads directly: it acts nowhere (inert_raw_targets)
         path, attr = param_keys.get(_strip(key), (None, ""))
         if path is None:
             path, attr = _match_key(_strip(key), targets, saved)
@@ -748,10 +752,53 @@ def _warn_other_base_name(model: nn.Module, adapter_file: AdapterFile) -> None:
                       UserWarning, stacklevel=4)
 
 
+def inert_raw_targets(model: nn.Module, adapter_file: AdapterFile) -> list[str]:
+    """Paths of linear layers whose LoRA in the file is exactly zero (B A == 0) and whose parent reads their weight
+    directly instead of calling them: peft's "all-linear" wraps ``nn.MultiheadAttention.out_proj`` (which
+    ``F.multi_head_attention_forward`` gets as a tensor), where the LoRA never acts in peft's forward and never gets
+    a gradient, so B keeps its zero init. Such a LoRA changes nothing in peft's forward nor in its merge, so lorakit
+    leaves it out. A non-zero one is refused: peft's forward ignores it while peft's merge_and_unload adds it."""
+    modules = _base_modules(model)
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in adapter_file.tensors.items():
+        for attr in ("lora_A", "lora_B"):
+            suffix = f".{_SUFFIXES[attr][0]}"
+            if key.endswith(suffix):
+                found.setdefault(_strip(key)[: -len(suffix)], {})[attr] = tensor
+    inert = []
+    for path, pair in found.items():
+        module = modules.get(path)
+        if module is None or len(pair) != 2 or not quant.is_linear_like(module) or not _weight_read_raw(modules, path):
+            continue
+        lora_A, lora_B = pair["lora_A"].double(), pair["lora_B"].double()
+        if lora_A.ndim != 2 or lora_B.ndim != 2 or lora_B.shape[1] != lora_A.shape[0]:
+            continue  # the shape checks of plan_load say what is wrong
+        if torch.count_nonzero(lora_B @ lora_A):
+            parent_path, _, name = path.rpartition(".")
+            parent = type(modules[parent_path]).__name__
+            hint = (f", or adapt the attention module itself (target_modules naming {parent_path.rsplit('.', 1)[-1]!r}: "
+                    "LoRA on its in_proj and out_proj, peft's lora.MultiheadAttention)"
+                    if isinstance(modules[parent_path], nn.MultiheadAttention) else "")
+            raise LorakitError(f"{adapter_file.folder}: {path} holds a non-zero LoRA, but {parent} passes {name}.weight "
+                               f"to its computation without calling {name}, so peft's model ignores this LoRA while "
+                               "peft's merge_and_unload adds it; lorakit cannot match both: train the adapter again "
+                               f"without {name!r}{hint}")
+        inert.append(path)
+    return inert
+
+
 def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
     """The file's config for this model: ``modules_to_save`` names this model lacks, with no tensors in the file,
     are dropped, as peft does (peft's SEQ_CLS task saves ["classifier", "score"]; a model has one of them)."""
     config = adapter_file.config
+    inert = inert_raw_targets(model, adapter_file)
+    if inert:  # out of the targets, so the refusal of raw-read targets does not apply to what changes nothing
+        excluded = config.exclude_modules
+        if isinstance(excluded, str):
+            excluded = "|".join([f"(?:{excluded})", *(re.escape(path) for path in inert)])
+        else:
+            excluded = list(dict.fromkeys([*(excluded or []), *inert]))
+        config = config.replace(exclude_modules=excluded)
     if isinstance(adapter_file.raw_config, dict) and adapter_file.raw_config.get("ensure_weight_tying") is True:
         # peft adds the LoRA of the head tied to a targeted embedding (or the reverse) and saves both, equal by the
         # tie; its target list does not name the partner, so the file's keys say what to adapt
