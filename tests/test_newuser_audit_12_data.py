@@ -73,3 +73,21 @@ def test_slimorca_turn_weights_train_the_gpt_turns(tmp_path, tok):
     with pytest.raises(LorakitError, match=r"^f\.jsonl:2: messages\[0\] \(user\) has weight 1; OpenAI's weight is 0 or "
                                            "1, on assistant turns only"):
         validate_record(chat, "f.jsonl:2")
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "Sky colour?", "completion": "Green.", "label": False},  # trl-lib/kto-mix-14k, standard form
+    {"prompt": [{"role": "user", "content": "Sky colour?"}], "completion": [{"role": "assistant", "content": "Blue."}],
+     "label": True},  # TRL's conversational form
+])
+def test_kto_records_are_refused_as_preference_data(tmp_path, row):
+    """A KTO record's "label" says whether its completion is a good answer. It was refused as "unknown field 'label';
+    ... remove it", and following that advice trains the bad answers (label false) as if they were good."""
+    path = write_jsonl(tmp_path / "kto.jsonl", [row])
+    with pytest.raises(LorakitError) as info:
+        read_many(path)
+    message = str(info.value)
+    assert message.startswith("kto.jsonl:1: a KTO (unpaired preference) record: 'label' says whether the completion "
+                              "is a good answer"), message
+    assert "keep the records with label true, then delete 'label'" in message and "KTOTrainer" in message
+    assert "\n" not in message

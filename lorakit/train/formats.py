@@ -41,8 +41,9 @@ pretty-printed JSON objects one after another in a ``.jsonl`` file (``jq .`` out
 list of turns (a JSONL line ``[{"role": ...}, ...]``), a ``;``-separated CSV, and a folder of ``train*`` /
 ``validation*`` / ``test*`` files (the split asked for is read, see :func:`lorakit.train.sources._split_files`).
 
-Preference (DPO) records ``{"prompt", "chosen", "rejected"}`` are refused: lorakit trains supervised
-fine-tuning, and training on ``chosen`` alone is a choice the user makes by renaming it.
+Preference (DPO) records ``{"prompt", "chosen", "rejected"}`` and KTO records ``{"prompt", "completion", "label":
+true/false}`` are refused: lorakit trains supervised fine-tuning, and training on ``chosen`` alone (or on the
+completions labelled true) is a choice the user makes by renaming (or filtering) them.
 
 Every record carries ``where`` ("orders.jsonl:12", "data.csv:4", "folder[train] row 7") so that any later
 error (a template failure, an example too long) names the place the user has to fix. Every mistake raises
@@ -165,6 +166,12 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
             "optimisation: to learn the preferred answers, rename 'chosen' to 'completion' (for chats: "
             "{\"messages\": prompt + chosen}) and delete 'rejected', or train DPO with TRL's DPOTrainer on an injected "
             "model (README: With TRL)")
+    if "completion" in obj and isinstance(obj.get("label"), bool):  # TRL's KTO format (trl-lib/kto-mix-14k)
+        # not an unknown field to delete: without it the answers labelled bad would train as good ones
+        raise LorakitError(
+            f"{where}: a KTO (unpaired preference) record: 'label' says whether the completion is a good answer; "
+            "lorakit trains supervised fine-tuning on every completion: to learn the good ones, keep the records with "
+            "label true, then delete 'label', or train KTO with TRL's KTOTrainer on an injected model (README: With TRL)")
     converted = _convert_other_formats(obj, where)
     if converted is not None:
         return converted
