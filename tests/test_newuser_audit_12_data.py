@@ -91,3 +91,19 @@ def test_kto_records_are_refused_as_preference_data(tmp_path, row):
                               "is a good answer"), message
     assert "keep the records with label true, then delete 'label'" in message and "KTOTrainer" in message
     assert "\n" not in message
+
+
+def test_tatsu_alpaca_rows_with_their_rendered_text_column(tmp_path, tok):
+    """tatsu-lab/alpaca ships a "text" column beside instruction/input/output: the same example rendered in Alpaca's
+    prompt. It was refused as "unknown field 'text'", so the best-known instruction set did not train as downloaded;
+    it now trains as the Alpaca record it renders (a "text" that is some other text is still refused)."""
+    row = {"instruction": "Give a tip for staying healthy.", "input": "",
+           "output": "Eat well.", "text": "Below is an instruction that describes a task. Write a response that "
+           "appropriately completes the request.\n\n### Instruction:\nGive a tip for staying healthy.\n\n### "
+           "Response:\nEat well."}
+    ds = build_dataset(read_many(write_jsonl(tmp_path / "alpaca.jsonl", [row])), tok, 128)
+    assert tok.decode(ds.rows[0]["input_ids"]) == ("<|im_start|>user\nGive a tip for staying healthy.<|im_end|>\n"
+                                                   "<|im_start|>assistant\nEat well.<|im_end|>\n")
+    assert targets(tok, ds.rows[0]) == ["Eat well.<|im_end|>"]
+    with pytest.raises(LorakitError, match=r"^f\.jsonl:1: unknown field 'text'; an Alpaca record has only"):
+        validate_record({**row, "text": "something else"}, "f.jsonl:1")

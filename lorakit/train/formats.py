@@ -19,8 +19,9 @@ A record has exactly one of three shapes (the fields are strict: anything else i
 The formats of other tools are read as chats (see :func:`_convert_other_formats`):
 
 - Alpaca ``{"instruction", "input" (optional), "output", "system" (optional)}``: one user turn (the instruction,
-  a blank line, the input) and the output as the assistant turn. A tokenizer without a chat template trains it
-  in Alpaca's own prompt format ("### Instruction: ... ### Response:") instead (``Record.fallback``).
+  a blank line, the input) and the output as the assistant turn (tatsu-lab/alpaca's "text" column, the same
+  example rendered, is ignored). A tokenizer without a chat template trains it in Alpaca's own prompt format
+  ("### Instruction: ... ### Response:") instead (``Record.fallback``).
 - ShareGPT ``{"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": str}], "system" (optional)}`` (also
   under ``"messages"``, and role/content turns under ``"conversations"``, as many Hub datasets mix them).
 - Gemini / Vertex AI ``{"systemInstruction" (optional), "contents": [{"role": "user" | "model", "parts": [{"text"}]}]}``.
@@ -397,6 +398,10 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
         in_key = "context" if "context" in obj and "input" not in obj else "input"
         keys = ("instruction", in_key, out_key, "system")
         name = "a Dolly" if (in_key, out_key) == ("context", "response") else "an Alpaca"
+        if isinstance(obj.get("text"), str) and all(
+                isinstance(obj.get(key), str) and obj[key].strip() in obj["text"] for key in ("instruction", out_key)):
+            # tatsu-lab/alpaca's "text": the same example in Alpaca's prompt format, nothing more to learn
+            obj = {key: value for key, value in obj.items() if key != "text"}
         _refuse_unknown(obj, keys, f"{name} record", keys, where)
         _check_string(obj["instruction"], "instruction", where, nonempty=True, what="empty instruction")
         _check_string(obj[out_key], out_key, where, nonempty=True, what=f"empty {out_key}")
