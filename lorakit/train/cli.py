@@ -21,6 +21,14 @@ EPILOG = """examples:
   lorakit train --data train.jsonl --val-fraction 0.1 --out runs/mine --rank 8 --epochs 3
   lorakit train --config run.yaml --lr 1e-4         # a config file, with one option overridden
   lorakit train --resume --out runs/mine            # continue a stopped run from its last checkpoint
+
+a config file names options as below, with underscores or dashes (each run writes its own as RUN/config.yaml):
+  # run.yaml
+  model: ./my-base
+  data: [train.jsonl]
+  val_fraction: 0.1
+  rank: 8
+  epochs: 3
 """
 
 

@@ -158,6 +158,10 @@ class TrainConfig:
 
     # -- checks and derived values ----------------------------------------------------------------------------
     def validate(self) -> None:
+        # an example is at least one token to read and one to predict: 1 passed here and failed after the model loaded
+        if isinstance(self.max_length, int) and not isinstance(self.max_length, bool) and self.max_length < 2:
+            raise LorakitError(f"--max-length must be at least 2 (an example needs a token to read and one to predict; "
+                               f"the default is 256), got {self.max_length}")
         positive = ("max_length", "rank", "batch_size", "grad_accum", "keep_checkpoints", "log_every", "max_bad_steps")
         for name in positive:
             value = getattr(self, name)
@@ -353,9 +357,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
     Unknown keys and values of the wrong type are refused by name, with the file in the message.
     """
-    path = Path(path)
+    path = Path(path).expanduser()  # --config=~/run.yaml: the shell expands no ~ after '='
     if not path.is_file():
-        raise LorakitError(f"config file not found: {path}")
+        where = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise LorakitError(f"config file {path} {where} (paths are read from the current folder, {Path.cwd()}); give "
+                           "a YAML, TOML or JSON file of options, e.g. run.yaml holding the lines 'rank: 8' and "
+                           "'epochs: 3' (`lorakit train --help` lists every option; each run writes its own as "
+                           "RUN/config.yaml)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:

@@ -1,0 +1,95 @@
+"""Twelfth new-user audit, the command line: every subcommand given wrong, missing or hostile arguments.
+
+Each test pins one finding. The rule they hold the CLI to: a user's mistake is one line on stderr (exit 2, no
+traceback), said *before* any model loads when the arguments alone can tell (the ``no_load`` fixture makes a model
+load fail the test), and a refused command leaves no output folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_llama
+from lorakit.cli import main
+from test_serve_support import make_adapter
+from test_train_helpers import make_model_folder, task_records, write_jsonl
+
+
+class ModelLoaded(BaseException):
+    """Raised where a model (or its tokenizer) would start loading: a check came too late."""
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Any model load fails the test: the refusal under test must come from the arguments alone."""
+    import lorakit.models.loading as loading
+
+    def refuse(*args, **kwargs):
+        raise ModelLoaded("a model started loading before the mistake was found")
+
+    monkeypatch.setattr(loading, "load_tokenizer", refuse)
+    monkeypatch.setattr(loading, "_load_dense", refuse)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model folder, a second one of other shapes, training data, and adapters made on the first."""
+    root = tmp_path_factory.mktemp("cli12")
+    tiny = make_model_folder(root / "tiny")
+    other = root / "other"  # hidden 48 instead of 32: no adapter of `tiny` fits it
+    tiny_llama(vocab_size=32, hidden_size=48, intermediate_size=40, num_hidden_layers=2).save_pretrained(other)
+    shutil.copy(tiny / "tokenizer.json", other)
+    shutil.copy(tiny / "tokenizer_config.json", other)
+    adapter = make_adapter(tiny_llama(vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=2),
+                           root / "adapter", seed=1)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] in (None, "")  # a model built in memory has no name: nothing to tell
+    return {"root": root, "tiny": tiny, "other": other, "adapter": adapter,
+            "data": write_jsonl(root / "train.jsonl", task_records(8, seed=1))}
+
+
+def _refused(capsys, argv: list[str]) -> str:
+    """Run the CLI; it must refuse with exit 2 and one stderr line (no traceback). Returns that line."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if "Writing model shards" not in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# -- lorakit train ----------------------------------------------------------------------------------------------------
+def test_train_max_length_below_two_is_refused_before_the_model_loads(files, capsys, no_load, tmp_path):
+    """--max-length 1 passed the config checks (a positive integer) and failed in the data code after the model had
+    loaded, with 'max_length=1 is too small' (the API's name, not the flag)."""
+    for value in ("1", "0", "-5"):
+        line = _refused(capsys, ["train", "--model", files["tiny"], "--data", files["data"], "--out", tmp_path / "run",
+                                 "--max-length", value])
+        assert line == (f"lorakit train: error: --max-length must be at least 2 (an example needs a token to read and "
+                        f"one to predict; the default is 256), got {value}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_missing_config_file_says_how_to_write_one(capsys, no_load, tmp_path, monkeypatch):
+    """'config file not found: run.yaml' said nothing about where it was looked for or what goes in one."""
+    from lorakit.train.cli import EPILOG
+    from lorakit.train.config import read_config_file
+
+    monkeypatch.chdir(tmp_path)
+    line = _refused(capsys, ["train", "--config", "run.yaml"])
+    assert line == (f"lorakit train: error: config file run.yaml does not exist (paths are read from the current "
+                    f"folder, {tmp_path}); give a YAML, TOML or JSON file of options, e.g. run.yaml holding the lines "
+                    "'rank: 8' and 'epochs: 3' (`lorakit train --help` lists every option; each run writes its own as "
+                    "RUN/config.yaml)")
+    (tmp_path / "conf").mkdir()
+    assert "config file conf is a folder, not a file (paths" in _refused(capsys, ["train", "--config", "conf"])
+    # the example the --help text shows is a config file lorakit reads
+    example = EPILOG.split("# run.yaml\n", 1)[1]
+    (tmp_path / "run.yaml").write_text("\n".join(line[2:] for line in example.splitlines()) + "\n")
+    assert read_config_file(tmp_path / "run.yaml") == {"model": "./my-base", "data": ["train.jsonl"],
+                                                       "val_fraction": 0.1, "rank": 8, "epochs": 3.0}
