@@ -29,6 +29,7 @@ $OUT/persistent_chain_<shape>.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -130,13 +131,40 @@ def _gemm_share(x_ptr, stride_x, w_ptr, y_ptr, M, N, K, pid, P, BLOCK_M: tl.cons
 
 
 @triton.jit
+def _gemm_tiles(x_ptr, stride_x, w_ptr, y_ptr, M, N, K, pid, P, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """y (M, N) = x[:, :K] @ W (N, K)^T for column blocks pid, pid + P, ...: whole-K tiles, plain stores in y's dtype
+    (lorakit's rows GEMM, looped: the last wave leaves programs idle, as separate launches do)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    for block in range(pid, N // BLOCK_N, P):
+        cols = block * BLOCK_N + offs_n
+        x_ptrs = x_ptr + offs_m[:, None] * stride_x + offs_k[None, :]
+        w_ptrs = w_ptr + cols[:, None].to(tl.int64) * K + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in tl.range(0, K // BLOCK_K, num_stages=STAGES):
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs)
+            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        tl.store(y_ptr + offs_m[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+@triton.jit
 def _prefetch_share(w_ptr, N, K, pid, P, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr,
-                    LINE: tl.constexpr):
+                    LINE: tl.constexpr, STREAM_K: tl.constexpr):
     """Ask the L2 for the first CHUNKS K chunks of this program's share of W (N, K): one pointer per 128-byte line."""
-    kiters = K // BLOCK_K
-    it = pid * ((N // BLOCK_N) * kiters) // P
-    block = it // kiters
-    k0 = it - block * kiters
+    if STREAM_K:
+        kiters = K // BLOCK_K
+        it = pid * ((N // BLOCK_N) * kiters) // P
+        block = it // kiters
+        k0 = it - block * kiters
+    else:
+        block = tl.minimum(pid, N // BLOCK_N - 1)
+        k0 = 0
     rows = (block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64) * K
     lines = tl.arange(0, BLOCK_K // LINE) * LINE
     for c in tl.static_range(CHUNKS):
@@ -166,34 +194,41 @@ def _grid_sync(counter_ptr, target, error_ptr, SPIN: tl.constexpr):
 def _chain(x0_ptr, wq_ptr, wo_ptr, wg_ptr, wd_ptr, yq_ptr, yo_ptr, yg_ptr, yd_ptr, counter_ptr, error_ptr,
            M, H, QKV, INTER, LAYERS, first_stage, last_stage,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-           BARRIER: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, SPIN: tl.constexpr):
+           BARRIER: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, SPIN: tl.constexpr,
+           STREAM_K: tl.constexpr):
     """Stages [first_stage, last_stage) of the chain. BARRIER: one persistent launch (grid barriers between stages,
-    and the first two outputs zeroed here); otherwise one launch per stage (outputs 0 and 1 zeroed by the host)."""
+    and the first two outputs zeroed here); otherwise one launch per stage (outputs 0 and 1 zeroed by the host).
+    STREAM_K: float32 atomics over an even split of each GEMM's iterations; otherwise whole column blocks (no zeroing).
+    """
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     n_stages = LAYERS * 4
     syncs = 0
-    if BARRIER:
+    if BARRIER and STREAM_K:
         for z in range(first_stage, tl.minimum(first_stage + 2, n_stages)):
             _, _, _, yz, nz, _ = _stage(z, x0_ptr, wq_ptr, wo_ptr, wg_ptr, wd_ptr, yq_ptr, yo_ptr, yg_ptr, yd_ptr,
                                         M, H, QKV, INTER)
             _zero_share(yz, M * nz, pid, P, 1024)
+    if BARRIER:
         syncs += 1
         _grid_sync(counter_ptr, syncs * P, error_ptr, SPIN)
     for s in range(first_stage, last_stage):
-        if s + 2 < n_stages:  # nothing reads or writes stage s+2's output before two barriers from now
+        if STREAM_K and s + 2 < n_stages:  # nothing reads or writes stage s+2's output before two barriers from now
             _, _, _, yz, nz, _ = _stage(s + 2, x0_ptr, wq_ptr, wo_ptr, wg_ptr, wd_ptr, yq_ptr, yo_ptr, yg_ptr,
                                         yd_ptr, M, H, QKV, INTER)
             _zero_share(yz, M * nz, pid, P, 1024)
         x, stride_x, w, y, n, k = _stage(s, x0_ptr, wq_ptr, wo_ptr, wg_ptr, wd_ptr, yq_ptr, yo_ptr, yg_ptr, yd_ptr,
                                          M, H, QKV, INTER)
-        _gemm_share(x, stride_x, w, y, M, n, k, pid, P, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
+        if STREAM_K:
+            _gemm_share(x, stride_x, w, y, M, n, k, pid, P, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
+        else:
+            _gemm_tiles(x, stride_x, w, y, M, n, k, pid, P, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
         if BARRIER:
             if s + 1 < last_stage:
                 if PREFETCH > 0:
                     _, _, wn, _, nn, kn = _stage(s + 1, x0_ptr, wq_ptr, wo_ptr, wg_ptr, wd_ptr, yq_ptr, yo_ptr,
                                                  yg_ptr, yd_ptr, M, H, QKV, INTER)
-                    _prefetch_share(wn, nn, kn, pid, P, BLOCK_N, BLOCK_K, PREFETCH, LINE)
+                    _prefetch_share(wn, nn, kn, pid, P, BLOCK_N, BLOCK_K, PREFETCH, LINE, STREAM_K)
                 syncs += 1
                 _grid_sync(counter_ptr, syncs * P, error_ptr, SPIN)
 
@@ -201,10 +236,11 @@ def _chain(x0_ptr, wq_ptr, wo_ptr, wg_ptr, wd_ptr, yq_ptr, yo_ptr, yg_ptr, yd_pt
 class Chain:
     """The chain's weights, stacked per projection, and float32 outputs of every (layer, GEMM).
 
-    wq (L, QKV, H), wo (L, H, H), wg (L, 2 I, H), wd (L, H, I) in ``dtype``; yq (L, M, QKV) ... float32; x0 (M, H)
-    float32."""
+    wq (L, QKV, H), wo (L, H, H), wg (L, 2 I, H), wd (L, H, I) in ``dtype``; yq (L, M, QKV) ... and x0 (M, H) in
+    ``out_dtype``: float32 for the stream-K kernel's atomics, or ``dtype`` for whole column blocks."""
 
-    def __init__(self, hidden: int, inter: int, qkv: int, layers: int, rows: int, device, dtype, seed: int = 0):
+    def __init__(self, hidden: int, inter: int, qkv: int, layers: int, rows: int, device, dtype, seed: int = 0,
+                 out_dtype=torch.float32):
         g = torch.Generator(device=device).manual_seed(seed)
 
         def weight(n, k):
@@ -213,11 +249,12 @@ class Chain:
         self.H, self.I, self.QKV, self.L, self.M = hidden, inter, qkv, layers, rows
         self.wq, self.wo, self.wg, self.wd = weight(qkv, hidden), weight(hidden, hidden), weight(2 * inter, hidden), \
             weight(hidden, inter)
-        self.x0 = torch.randn(rows, hidden, device=device, generator=g)
-        self.yq = torch.zeros(layers, rows, qkv, device=device)
-        self.yo = torch.zeros(layers, rows, hidden, device=device)
-        self.yg = torch.zeros(layers, rows, 2 * inter, device=device)
-        self.yd = torch.zeros(layers, rows, hidden, device=device)
+        self.stream_k = out_dtype == torch.float32
+        self.x0 = torch.randn(rows, hidden, device=device, generator=g).to(out_dtype)
+        self.yq = torch.zeros(layers, rows, qkv, device=device, dtype=out_dtype)
+        self.yo = torch.zeros(layers, rows, hidden, device=device, dtype=out_dtype)
+        self.yg = torch.zeros(layers, rows, 2 * inter, device=device, dtype=out_dtype)
+        self.yd = torch.zeros(layers, rows, hidden, device=device, dtype=out_dtype)
         self.counter = torch.zeros(1, dtype=torch.int32, device=device)
         self.error = torch.zeros(1, dtype=torch.int32, device=device)
 
@@ -247,12 +284,12 @@ def run_chain(c: Chain, programs: int, config: tuple[int, int, int, int], barrie
             raise ValueError(f"a ({n}, {k}) weight does not tile by ({block_n}, {block_k})")
     line = 128 // c.wq.element_size()
     common = dict(BLOCK_M=max(16, triton.next_power_of_2(c.M)), BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
-                  LINE=line, SPIN=SPIN_LIMIT, num_warps=warps)
+                  LINE=line, SPIN=SPIN_LIMIT, STREAM_K=c.stream_k, num_warps=warps)
     args = (c.x0, c.wq, c.wo, c.wg, c.wd, c.yq, c.yo, c.yg, c.yd, c.counter, c.error, c.M, c.H, c.QKV, c.I, c.L)
     if barrier:
         c.counter.zero_()
         return _chain[(programs,)](*args, first, last, BARRIER=True, PREFETCH=prefetch, **common)
-    for s in range(first, min(first + 2, last)):  # the launches zero stage s+2 themselves
+    for s in range(first, min(first + 2, last) if c.stream_k else first):  # the launches zero stage s+2 themselves
         c.gemm(s // 4, s % 4)[2].zero_()
     for s in range(first, last):
         kernel = _chain[(programs,)](*args, s, s + 1, BARRIER=False, PREFETCH=0, **common)
@@ -266,7 +303,7 @@ def check_chain(c: Chain, layers: list[int]) -> float:
         for g in range(GEMMS_PER_LAYER):
             x, w, y = c.gemm(layer, g)
             truth = x.to(w.dtype).float() @ w.float().t()
-            worst = max(worst, ((y - truth).abs().max() / truth.abs().max().clamp_min(1e-30)).item())
+            worst = max(worst, ((y.float() - truth).abs().max() / truth.abs().max().clamp_min(1e-30)).item())
     return worst
 
 
@@ -313,6 +350,8 @@ def main() -> int:
                         help="BLOCK_NxBLOCK_KxWARPSxSTAGES, comma-separated")
     parser.add_argument("--prefetch", default="0,1,2", help="L2 chunks prefetched before each barrier")
     parser.add_argument("--ctas-per-sm", default="1,2")
+    parser.add_argument("--modes", default="stream-k,tiles",
+                        help="stream-k (float32 atomics, even split) and/or tiles (whole column blocks, bf16 outputs)")
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     shape = LLAMA_SHAPES[args.shape]
@@ -321,7 +360,10 @@ def main() -> int:
     layers = args.layers or shape["num_hidden_layers"]
     bandwidth = copy_bandwidth(device)
     sm = torch.cuda.get_device_properties(device).multi_processor_count
-    c = Chain(hidden, inter, qkv, layers, args.rows, device, dtype)
+    chains = {mode: Chain(hidden, inter, qkv, layers, args.rows, device, dtype,
+                          out_dtype=torch.float32 if mode == "stream-k" else dtype)
+              for mode in args.modes.split(",")}  # same seed: the same weights
+    c = next(iter(chains.values()))
     bound = c.weight_bytes() / bandwidth
     print(f"{args.shape}: {layers} layers, {c.weight_bytes() / 1e9:.2f} GB of weights, copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s, bound {bound * 1e3:.3f} ms, {sm} SMs, M = {args.rows}", flush=True)
@@ -339,7 +381,7 @@ def main() -> int:
             return
         rows.append(dict(variant=variant, detail=detail, ms=round(t * 1e3, 4), fraction_of_bound=round(bound / t, 4),
                          max_rel_err=err))
-        print(f"  {variant:10s} {detail:28s} {t * 1e3:8.3f} ms  {bound / t:6.1%}  err {err:.1e}", flush=True)
+        print(f"  {variant:20s} {detail:28s} {t * 1e3:8.3f} ms  {bound / t:6.1%}  err {err:.1e}", flush=True)
 
     outs = [torch.empty(args.rows, n, device=device, dtype=dtype)
             for _ in range(layers) for n in (qkv, hidden, 2 * inter, hidden)]
@@ -351,24 +393,24 @@ def main() -> int:
             torch_chain(c, lambda x, w, o: rows_gemm(x, w, out=o), outs)
 
     record("rows+pdl", "lorakit default", rows_pdl, lambda: torch_chain_error(c, outs, checked))
-    for text in args.configs.split(","):
+    for (mode, c), text in itertools.product(chains.items(), args.configs.split(",")):
         config = tuple(int(v) for v in text.split("x"))
         try:
             fit = max_programs_per_sm(c, config, 0)
         except Exception as error:
-            print(f"  config {text}: {type(error).__name__}: {str(error).splitlines()[0][:160]}", flush=True)
+            print(f"  {mode} config {text}: {type(error).__name__}: {str(error).splitlines()[0][:160]}", flush=True)
             continue
         for per_sm in (int(v) for v in args.ctas_per_sm.split(",")):
             if per_sm > fit:
-                print(f"  config {text}: {per_sm} programs per SM do not fit (at most {fit})", flush=True)
+                print(f"  {mode} config {text}: {per_sm} programs per SM do not fit (at most {fit})", flush=True)
                 continue
             programs = per_sm * sm
-            record("per-stage", f"{text} P={programs}",
+            record(f"per-stage {mode}", f"{text} P={programs}",
                    lambda: run_chain(c, programs, config, barrier=False, prefetch=0),
                    lambda: check_chain(c, checked))
             for prefetch in (int(v) for v in args.prefetch.split(",")):
                 c.error.zero_()
-                record("persistent", f"{text} P={programs} l2:{prefetch}",
+                record(f"persistent {mode}", f"{text} P={programs} l2:{prefetch}",
                        lambda: run_chain(c, programs, config, barrier=True, prefetch=prefetch),
                        lambda: check_chain(c, checked))
                 if c.error.item():
@@ -376,7 +418,8 @@ def main() -> int:
                     rows[-1]["barrier_timed_out"] = True
     print(f"\n| {args.shape} GEMM chain, {layers} layers, M = {args.rows} | ms | of bound | max rel err |")
     print("|---|---|---|---|")
-    for variant in ("cublas", "rows+pdl", "per-stage", "persistent"):
+    for variant in ("cublas", "rows+pdl", "per-stage tiles", "persistent tiles", "per-stage stream-k",
+                    "persistent stream-k"):
         group = [r for r in rows if r["variant"] == variant and not r.get("barrier_timed_out")]
         if group:
             best = min(group, key=lambda r: r["ms"])

@@ -22,9 +22,10 @@ def probe():
     return module
 
 
-def _chain(probe, seed=0):
+def _chain(probe, out_dtype=torch.float32):
     # every projection a different shape; 5 rows (not a power of two); 3 layers so stages wrap across layers
-    return probe.Chain(hidden=32, inter=48, qkv=64, layers=3, rows=5, device="cpu", dtype=torch.float16, seed=seed)
+    return probe.Chain(hidden=32, inter=48, qkv=64, layers=3, rows=5, device="cpu", dtype=torch.float16,
+                       out_dtype=out_dtype)
 
 
 @pytest.mark.parametrize("programs", [1, 3, 7])
@@ -47,6 +48,21 @@ def test_persistent_launch_matches_per_stage_and_runs_twice(probe):
         assert c.counter.item() == 4 * c.L  # one barrier after the zeroing, one between each pair of stages
         assert probe.check_chain(c, [0, 1, 2]) < 1e-5
         torch.testing.assert_close(c.yd, reference.yd, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("programs", [1, 2, 5])
+def test_whole_column_blocks_per_stage_and_persistent(probe, programs):
+    # the tiles mode: half-precision outputs, column blocks pid, pid + P, ... (5 programs: some get none of o's 2)
+    reference = _chain(probe)
+    probe.run_chain(reference, 3, (16, 16, 1, 1), barrier=False, prefetch=0)
+    per_stage = _chain(probe, torch.float16)
+    probe.run_chain(per_stage, programs, (16, 16, 1, 1), barrier=False, prefetch=0)
+    assert probe.check_chain(per_stage, [0, 1, 2]) < 2e-3  # the outputs' own half-precision rounding
+    persistent = _chain(probe, torch.float16)
+    probe.run_chain(persistent, 1, (16, 16, 1, 1), barrier=True, prefetch=0)
+    assert persistent.error.item() == 0
+    torch.testing.assert_close(persistent.yd, per_stage.yd, rtol=0, atol=0)
+    torch.testing.assert_close(persistent.yd.float(), reference.yd, rtol=2e-2, atol=2e-2)
 
 
 def test_a_weight_that_does_not_tile_is_refused(probe):
