@@ -107,3 +107,39 @@ def test_tatsu_alpaca_rows_with_their_rendered_text_column(tmp_path, tok):
     assert targets(tok, ds.rows[0]) == ["Eat well.<|im_end|>"]
     with pytest.raises(LorakitError, match=r"^f\.jsonl:1: unknown field 'text'; an Alpaca record has only"):
         validate_record({**row, "text": "something else"}, "f.jsonl:1")
+
+
+@pytest.mark.parametrize("orient", [None, "index"])
+def test_a_pandas_to_json_file_reads_as_its_rows(tmp_path, tok, orient):
+    """``df.to_json("train.json")`` writes pandas' default layout, one object per column ({"prompt": {"0": ..., "1":
+    ...}}), which was refused as "field 'prompt' must be a string, got an object"; orient="index" writes one object
+    per row under its index. Both read as the rows of the table, each row named by its index."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt": ["2+2=", "3+3="], "completion": ["4", "6"]})
+    path = tmp_path / "pairs.json"
+    frame.to_json(path, **({"orient": orient} if orient else {}))
+    records = read_many(path)
+    assert [(r.shape, dict(r.fields), r.where) for r in records] == [
+        ("prompt_completion", {"prompt": "2+2=", "completion": "4"}, "pairs.json row 0"),
+        ("prompt_completion", {"prompt": "3+3=", "completion": "6"}, "pairs.json row 1")]
+    assert [targets(tok, row) for row in build_dataset(records, tok, 32).rows] == [["4<|im_end|>"], ["6<|im_end|>"]]
+    mixed = pd.DataFrame([{"text": "a b"}, {"prompt": "c", "completion": "d"}])  # a cell another shape fills is null
+    mixed.to_json(path, **({"orient": orient} if orient else {}))
+    assert [r.shape for r in read_many(path)] == ["text", "prompt_completion"]
+    frame.assign(completion=["4", None]).to_json(path, **({"orient": orient} if orient else {}))
+    with pytest.raises(LorakitError, match=r"^pairs\.json row 1: 'completion' is null \(an empty cell\); fill it or "
+                                           "drop the row$"):
+        read_many(path)
+
+
+def test_a_null_cell_a_row_needs_is_named_as_null(tmp_path):
+    """A Parquet row whose completion cell is empty read "missing field 'completion'", while the column is there;
+    the cell is null (a null cell counts as absent only so that tables can mix record shapes)."""
+    import pandas as pd
+
+    path = tmp_path / "pairs.parquet"
+    pd.DataFrame({"prompt": ["2+2=", "3+3="], "completion": ["4", None]}).to_parquet(path)
+    with pytest.raises(LorakitError, match=r"^pairs\.parquet row 1: 'completion' is null \(an empty cell\); fill it or "
+                                           "drop the row$"):
+        read_many(path)

@@ -191,7 +191,9 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     _refuse_unknown(obj, (*allowed, *optional), f"a {shape} record", allowed, where)
     for key in allowed:
         if key not in obj:
-            raise LorakitError(f"{where}: missing field {key!r}; a {shape} record needs {', '.join(map(repr, allowed))}")
+            error = LorakitError(f"{where}: missing field {key!r}; a {shape} record needs {', '.join(map(repr, allowed))}")
+            error.missing_field = key  # a table reader says when the cell is there but empty
+            raise error
     if shape == "text":
         _check_string(obj["text"], "text", where, nonempty=True, what="empty text")
         return Record(shape, {"text": obj["text"]}, where)

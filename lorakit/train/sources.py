@@ -1,5 +1,5 @@
-"""Reading training records from where users keep them: JSONL / JSON, CSV / TSV, Parquet (gzip too), a local
-``datasets`` folder, a folder of split-named files, or a glob.
+"""Reading training records from where users keep them: JSONL / JSON (also pandas' ``DataFrame.to_json`` layouts),
+CSV / TSV, Parquet (gzip too), a local ``datasets`` folder, a folder of split-named files, or a glob.
 
 :func:`read_many` and :func:`read_records` turn each row into a validated :class:`lorakit.train.formats.Record`
 (formats.py says which record shapes are read); this module only finds the rows: the file's kind from its bytes
@@ -255,6 +255,9 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] 
             objects = [(f"{path.name}:{line_no}", value) for line_no, value in values]
             break
     if len(objects) == 1 and isinstance(objects[0][1], dict):
+        rows = _pandas_rows(objects[0][1])
+        if rows is not None:  # df.to_json("train.json"): a table, whose null cells are absent fields (Parquet's rule)
+            return [_table_record(row, f"{path.name} row {index}") for index, row in rows]
         wrapped = _wrapped_records(objects[0][1], path, split)
         if wrapped is not None:  # {"data": [...]}, {"version": ..., "examples": [...]}
             key, items = wrapped
@@ -262,6 +265,24 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] 
         if suffix == ".json":  # one (pretty-printed) record
             return [validate_record(objects[0][1], path.name)]
     return [validate_record(obj, where) for where, obj in objects]
+
+
+def _pandas_rows(obj: Mapping) -> list[tuple[str, dict]] | None:
+    """``[(index, row)]`` of a table pandas' ``DataFrame.to_json`` wrote as one object, else None: by default one
+    object per column (``{"prompt": {"0": ..., "1": ...}, "completion": {...}}``), with ``orient="index"`` one per
+    row (``{"0": {"prompt": ...}, "1": ...}``). No record has only digit keys, so neither is mistaken for one."""
+    if not obj or not all(isinstance(value, dict) and value for value in obj.values()):
+        return None
+
+    def is_index(keys: Iterable) -> bool:  # pandas' default RangeIndex, as JSON object keys
+        return all(isinstance(key, str) and key.isdigit() for key in keys)
+
+    if is_index(obj):
+        return list(obj.items())
+    index = list(next(iter(obj.values())))
+    if is_index(index) and all(list(column) == index for column in obj.values()):
+        return [(i, {name: column[i] for name, column in obj.items()}) for i in index]
+    return None
 
 
 def _concatenated_json(raw: bytes) -> list[tuple[int, Any]] | None:
@@ -431,7 +452,14 @@ def _table_record(row: Mapping[str, Any], where: str) -> Record:
     if nulls and not any(_names_field(key) for key in out):
         raise LorakitError(f"{where}: {', '.join(map(repr, nulls))} {'is' if len(nulls) == 1 else 'are'} null (an empty "
                            "cell); fill it or drop the row")
-    return validate_record(out, where)
+    try:
+        return validate_record(out, where)
+    except LorakitError as error:  # "missing field 'completion'" of a row whose completion cell is empty
+        missing = getattr(error, "missing_field", None)
+        null = next((key for key in nulls if key.strip().lower() == missing), None)
+        if null is None:
+            raise
+        raise LorakitError(f"{where}: {null!r} is null (an empty cell); fill it or drop the row") from None
 
 
 def _names_field(key: Any) -> bool:
