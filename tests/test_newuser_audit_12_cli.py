@@ -93,3 +93,34 @@ def test_train_missing_config_file_says_how_to_write_one(capsys, no_load, tmp_pa
     (tmp_path / "run.yaml").write_text("\n".join(line[2:] for line in example.splitlines()) + "\n")
     assert read_config_file(tmp_path / "run.yaml") == {"model": "./my-base", "data": ["train.jsonl"],
                                                        "val_fraction": 0.1, "rank": 8, "epochs": 3.0}
+
+
+# -- an adapter on the wrong base -----------------------------------------------------------------------------------
+def test_an_adapter_that_does_not_fit_the_default_base_says_to_pass_model(files, capsys, monkeypatch, tmp_path):
+    """Without --model, an adapter whose adapter_config.json names no base is tried on the default base; its shape
+    (or fingerprint) error said 'the adapter was made for a different model' and nothing about --model. The default
+    is pointed at a tiny model of other shapes here, so the embedded model is not needed."""
+    import safetensors.torch
+
+    import lorakit.commands._args as args_module
+
+    monkeypatch.setattr(args_module, "DEFAULT_MODEL", str(files["other"]))
+    unsigned = shutil.copytree(files["adapter"], tmp_path / "unsigned")  # no lorakit fingerprint: the shapes tell
+    weights = unsigned / "adapter_model.safetensors"
+    safetensors.torch.save_file(safetensors.torch.load_file(weights), weights)
+    fix = (f"; --model was not given, so the default {files['other']} was loaded: pass --model with the folder of the "
+           "model it was trained on (its adapter_config.json names no base_model_name_or_path)")
+    for adapter, said in ((files["adapter"], "was made for another base model"), (unsigned, "has shape (4, 32), but")):
+        line = _refused(capsys, ["generate", "--adapter", adapter, "Hello"])
+        assert said in line and line.endswith(fix), line
+        line = _refused(capsys, ["merge", "--adapter", adapter, "--out", tmp_path / "merged"])
+        assert said in line and line.endswith(fix), line
+        line = _refused(capsys, ["combine", "--adapter", adapter, "--out", tmp_path / "combined"])
+        assert said in line and line.endswith(fix), line
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "combined").exists()
+    # --model given but not the adapter's base: the base its adapter_config.json names is the one to pass
+    named = shutil.copytree(files["adapter"], tmp_path / "named")
+    config = json.loads((named / "adapter_config.json").read_text())
+    (named / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(files["tiny"])}))
+    line = _refused(capsys, ["generate", "--model", files["other"], "--adapter", named, "Hello"])
+    assert line.endswith(f"; pass --model {files['tiny']}, the base its adapter_config.json names"), line

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -112,6 +113,32 @@ def check_base_names(model: str | None, adapters, flag: str = "--adapter") -> st
         raise LorakitError(f"{flag} {typed} was trained on {name!r} (base_model_name_or_path in its adapter_config.json), "
                            f"not on the default --model {DEFAULT_MODEL}; {how}")
     return DEFAULT_MODEL
+
+
+# what plan_load says when an adapter does not fit the loaded base (another model's shapes, modules or fingerprint)
+_MISFIT = re.compile(r"has shape .* but |made for another base model|missing tensor keys|unexpected tensor keys|"
+                     r"matches no module")
+
+
+def explain_misfit(error: Exception, adapter_file, model: str, defaulted: bool) -> Exception:
+    """``error`` (from loading an adapter onto ``model``) with what to do when it says the adapter does not fit that
+    base: which base its ``adapter_config.json`` names, and how to pass it with ``--model``. Other errors unchanged.
+
+    ``defaulted``: ``model`` is the default because ``--model`` was left out (the likely cause: say so).
+    """
+    if not isinstance(error, LorakitError) or not _MISFIT.search(str(error)):
+        return error
+    name = getattr(adapter_file, "base_name", None)
+    if name and Path(os.path.expanduser(name)).is_dir():
+        how = f"pass --model {shlex.quote(name)}, the base its adapter_config.json names"
+    elif name:
+        how = f"pass --model with a local folder of {name!r}, the base its adapter_config.json names"
+    else:
+        how = ("pass --model with the folder of the model it was trained on (its adapter_config.json names no "
+               "base_model_name_or_path)")
+    if defaulted:
+        how = f"--model was not given, so the default {model} was loaded: {how}"
+    return LorakitError(f"{error}; {how}")
 
 
 @contextlib.contextmanager

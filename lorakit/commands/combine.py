@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit._fs import replace_folder, temp_dir
     from lorakit.combine import _check_options, combine_adapters
-    from lorakit.commands._args import check_adapter_arg, check_base_names, check_device, check_model_folder
+    from lorakit.commands._args import (check_adapter_arg, check_base_names, check_device, check_model_folder,
+                                        explain_misfit)
     from lorakit.errors import LorakitError
     from lorakit.export import check_output_folder, leftover_note, write_failure
     from lorakit.inject import lora_layers
@@ -140,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     with _flag_names():  # the options are checked before minutes of loading
         _check_options(**options, svd_driver=None)
     files = [lorakit.read_adapter(folder) for folder, _ in inputs]  # each checked (config, tensors) before the base loads
+    defaulted = args.model is None
     args.model = check_base_names(args.model, [(folder, file) for (folder, _), file in zip(inputs, files)])
 
     model, _ = lorakit.load_base(args.model, dtype=torch.float32, device=args.device)
@@ -147,7 +149,10 @@ def run(args: argparse.Namespace) -> int:
     for i, (folder, weight) in enumerate(inputs):  # named after their folders, so messages name them as the user did
         name = re.sub(r"[^\w-]", "_", Path(os.path.abspath(os.path.expanduser(folder))).name) or f"input{i}"
         name = f"{name}_{i}" if name in names or name == "combined" else name
-        names[lorakit.load_adapter(model, files[i], adapter=name)] = weight
+        try:
+            names[lorakit.load_adapter(model, files[i], adapter=name)] = weight
+        except LorakitError as error:  # another base's adapter: say which base, and how to pass it
+            raise explain_misfit(error, files[i], args.model, defaulted) from None
     with _flag_names(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         combine_adapters(model, names, name="combined", **options,

@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
     from lorakit.generation import SamplingParams, encode_prompt, end_of_turn_ids, generate
 
-    from lorakit.commands._args import check_adapter_arg, check_base_names, check_device, check_model_folder
+    from lorakit.commands._args import (check_adapter_arg, check_base_names, check_device, check_model_folder,
+                                        explain_misfit)
 
     if args.model is not None:
         check_model_folder(args.model)
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise LorakitError("the prompt is empty; pass it as an argument or on standard input")
     files = [lorakit.read_adapter(folder) for folder in args.adapter]  # each checked before the base loads
+    defaulted = args.model is None
     args.model = check_base_names(args.model, list(zip(args.adapter, files)))
     model, tokenizer = lorakit.load_base(args.model, dtype=args.dtype, device=args.device)
     labels = _names(args.adapter)
@@ -133,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         except LorakitError as error:  # one that clashes with an earlier input: both named by their folders
             inputs = {f"'adapter{i}'": repr(folder) for i, folder in enumerate(args.adapter[: index + 1])}
             named = re.sub(r"'adapter\d+'", lambda match: inputs.get(match.group(0), match.group(0)), str(error))
-            raise LorakitError(named) from None
+            raise explain_misfit(LorakitError(named), adapter_file, args.model, defaulted) from None
         rows.append((label, internal))
     stops = end_of_turn_ids(tokenizer)
     params.stop_token_ids = stops

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.export import check_output_folder, leftover_note
 
-    from lorakit.commands._args import check_adapter_arg, check_base_names, check_model_folder
+    from lorakit.commands._args import check_adapter_arg, check_base_names, check_model_folder, explain_misfit
     from lorakit.errors import LorakitError
 
     if args.gguf_type is not None and args.format != "gguf":
@@ -81,10 +81,14 @@ def run(args: argparse.Namespace) -> int:
         if config is not None:
             gguf_arch(config)
     adapter = lorakit.read_adapter(args.adapter)  # checked (and read once) before the base loads
+    defaulted = args.model is None
     args.model = check_base_names(args.model, [(args.adapter, adapter)])
     dtype = getattr(torch, DTYPES[args.dtype])
     model, tokenizer = lorakit.load_base(args.model, dtype=torch.float32, device="cpu")
-    lorakit.load_adapter(model, adapter, adapter="merged")
+    try:
+        lorakit.load_adapter(model, adapter, adapter="merged")
+    except LorakitError as error:  # another base's adapter: say which base, and how to pass it
+        raise explain_misfit(error, adapter, args.model, defaulted) from None
     from lorakit.quant import is_quantized
 
     if any(is_quantized(module) for module in model.modules()):  # export_merged dequantizes it before merging
