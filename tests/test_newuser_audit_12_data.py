@@ -143,3 +143,23 @@ def test_a_null_cell_a_row_needs_is_named_as_null(tmp_path):
     with pytest.raises(LorakitError, match=r"^pairs\.parquet row 1: 'completion' is null \(an empty cell\); fill it or "
                                            "drop the row$"):
         read_many(path)
+
+
+def test_chats_for_a_model_without_a_chat_template_say_how_to_give_it_one(tmp_path):
+    """A base model (Llama 3.2 1B, Mistral 7B) has no chat template. ShareGPT data for it stopped with "use
+    prompt/completion records", though the usual fix is the instruct model's template in the model folder; Alpaca
+    records keep their documented fallback, Alpaca's own prompt format."""
+    base = make_tokenizer()
+    base.chat_template = None
+    path = write_jsonl(tmp_path / "chats.jsonl", [
+        {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}])
+    with pytest.raises(LorakitError) as info:
+        build_dataset(read_many(path), base, 64)
+    assert str(info.value) == (
+        "chats.jsonl:1: a chat, but this model's tokenizer has no chat template to write it with (a base model?); "
+        "put a chat template into the model folder (chat_template.jinja, e.g. its instruct version's), or give "
+        "prompt/completion or text records")
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi.", "output": "Hello."}])
+    ds = build_dataset(read_many(alpaca), base, 64)
+    assert base.decode(ds.rows[0]["input_ids"]) == "### Instruction:\nSay hi.\n\n### Response:\nHello.<|im_end|>"
+    assert targets(base, ds.rows[0]) == ["Hello.<|im_end|>"]

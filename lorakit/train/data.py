@@ -151,7 +151,9 @@ def _render_chat(tokenizer: Any, messages: list[dict], generation_prompt: bool, 
     """The chat as the template writes it; ``template_kwargs`` are the template's own options (Qwen3's
     ``enable_thinking``), passed to ``apply_chat_template``."""
     if not getattr(tokenizer, "chat_template", None):
-        raise LorakitError(f"{where}: the tokenizer has no chat template; use prompt/completion records for this model")
+        raise LorakitError(f"{where}: a chat, but this model's tokenizer has no chat template to write it with (a base "
+                           "model?); put a chat template into the model folder (chat_template.jinja, e.g. its instruct "
+                           "version's), or give prompt/completion or text records")
     try:
         if any("content" in m and m["content"] is None for m in messages):
             return _render_with_null_content(tokenizer, messages, generation_prompt, tools, template_kwargs)
