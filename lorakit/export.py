@@ -76,7 +76,7 @@ def delta_survival(model: nn.Module, adapter: str, dtype: torch.dtype) -> DeltaR
         for path, host in param_hosts(model).items():  # target_parameters: MoE expert stacks, routers
             if adapter in host.adapters and adapter not in host.merged:
                 for name, merged in host.merged_candidates(adapter).items():
-                    yield f"{path}.{name}", host.base_layer._parameters[name].detach().float(), merged
+                    yield f"{path}.{name}", host.parameter(name).detach().float(), merged
 
     delta_sq = error_sq = 0.0
     count = 0

@@ -19,6 +19,7 @@ from lorakit import quant
 from lorakit.config import LoraConfig, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.layers import LORA_HOSTS, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from lorakit.mha_lora import MhaLora, check_attention
 from lorakit.param_lora import ParamLora, matches_parameter, parameter_layout
 
 # Every lorakit wrapper: LoRA layers, modules-to-save copies, and LoRA on raw parameters (target_parameters)
@@ -124,13 +125,18 @@ def output_head_names(model: nn.Module) -> set[str]:
 def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Original (unwrapped) modules by original path; lorakit's own adapter modules are left out."""
     modules: dict[str, nn.Module] = {}
+    inside: list[str] = []  # the wrapped modules of LoRA on parameters, whose submodules stay part of the base
     for name, module in model.named_modules():
         if ".adapters." in f".{name}." or ".copies." in f".{name}.":
             continue
         if isinstance(module, _HOSTS):
             modules[original_path(name)] = module.base_layer
+            if isinstance(module, ParamLora):
+                inside.append(f"{name}.base_layer.")
         elif not name.endswith("base_layer") and ".base_layer." not in name:
             modules[name] = module
+        elif any(name.startswith(prefix) for prefix in inside):  # nn.MultiheadAttention's out_proj under MhaLora
+            modules[original_path(name)] = module
     return modules
 
 
@@ -198,17 +204,24 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     for path, module in targets.items():
         if not _supported(module):
             raise LorakitError(f"target {path!r} is a {type(module).__name__}; lorakit adapts nn.Linear, Conv1D, "
-                               "nn.Embedding and quantized linear layers only")
+                               "nn.Embedding, nn.MultiheadAttention and quantized linear layers only")
+        if isinstance(module, nn.MultiheadAttention):
+            check_attention(module, path, config.variant, config.init)
     raw = [path for path in targets if _weight_read_raw(modules, path)]
+    attention = sorted({p.rpartition(".")[0].rsplit(".", 1)[-1] for p in raw
+                        if isinstance(modules[p.rpartition(".")[0]], nn.MultiheadAttention)})
+    hint = (f" (to adapt an nn.MultiheadAttention, name the attention module itself: target_modules "
+            f"{attention!r} puts LoRA on its in_proj and out_proj, as peft does)") if attention else ""
     if raw and config.target_modules == "all-linear":
         warnings.warn(f"all-linear skips {len(raw)} modules ({', '.join(sorted({p.rsplit('.', 1)[-1] for p in raw}))}) "
-                      "whose weight the model's forward uses directly, so an adapter there would not apply", stacklevel=3)
+                      f"whose weight the model's forward uses directly, so an adapter there would not apply{hint}",
+                      stacklevel=3)
         targets = {path: module for path, module in targets.items() if path not in raw}
     elif raw:
         name = raw[0].rsplit(".", 1)[-1]
         raise LorakitError(f"{type(modules[raw[0].rpartition('.')[0]]).__name__} uses {name}.weight directly in its "
                            f"forward ({raw[0]}), so a LoRA adapter there would not apply; remove {name!r} from "
-                           "target_modules")
+                           f"target_modules{hint}")
     if not targets:
         raise LorakitError("no target is left once the modules whose weight the model reads directly are skipped; name "
                            "target_modules explicitly")
@@ -262,7 +275,7 @@ def find_param_targets(model: nn.Module, config: LoraConfig) -> dict[str, dict[s
             if not parameter.is_floating_point() or parameter.ndim not in (2, 3):
                 raise LorakitError(f"target_parameters: {key} has shape {tuple(parameter.shape)} and dtype "
                                    f"{parameter.dtype}; LoRA needs a 2-D (out, in) or 3-D (experts, out, in) float weight")
-            if isinstance(hosts.get(path), (LoraLayer, ModulesToSave)):
+            if isinstance(hosts.get(path), (LoraLayer, ModulesToSave, MhaLora)):
                 raise LorakitError(f"target_parameters: {key} belongs to {path}, which target_modules / modules_to_save "
                                    "adapt already; adapt a module either as a layer or by its parameters, not both")
             parameter_layout(module, parameter)
@@ -389,7 +402,7 @@ def _class_source(cls: type) -> str:
 
 
 def _supported(module: nn.Module) -> bool:
-    return quant.is_linear_like(module) or isinstance(module, nn.Embedding)
+    return quant.is_linear_like(module) or isinstance(module, (nn.Embedding, nn.MultiheadAttention))
 
 
 def saved_by(path: str, names: list[str]) -> bool:
@@ -465,8 +478,16 @@ def _warn_wasted_settings(config: LoraConfig, targets: dict[str, nn.Module], par
     if not trainable:
         return
     over = []
+    attention = [path for path, module in targets.items() if isinstance(module, nn.MultiheadAttention)]
+    if attention and config.dropout:
+        warnings.warn(f"dropout={config.dropout:g} does not apply to the nn.MultiheadAttention {attention[0]}: its update is "
+                      "added to the weights for each call, where the input's dropout cannot be applied (peft ignores "
+                      "it there too)", stacklevel=3)
     for path, module in targets.items():
-        out_features, in_features = quant.linear_shape(module)
+        if isinstance(module, nn.MultiheadAttention):  # in_proj (E -> 3E) and out_proj (E -> E)
+            out_features = in_features = module.embed_dim
+        else:
+            out_features, in_features = quant.linear_shape(module)
         if isinstance(module, nn.Embedding):  # (num_embeddings, dim): A reads the vocabulary, B writes the dim
             out_features, in_features = in_features, out_features
         if config.rank_for(path) > min(in_features, out_features):
@@ -556,7 +577,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
     params = find_param_targets(model, config)
     existing = adapter_hosts(model)
     both = [path for path in params if path in targets or path in saved] + [
-        path for path in (*targets, *saved) if isinstance(existing.get(path), ParamLora)]
+        path for path in (*targets, *saved) if isinstance(existing.get(path), ParamLora)
+        and not (isinstance(existing[path], MhaLora) and path in targets)]
     if both:
         raise LorakitError(f"{both[0]} is adapted both as a module (target_modules / modules_to_save) and by its "
                            "parameters (target_parameters); choose one (exclude_modules can drop it from the modules)")
@@ -586,6 +608,13 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
     created: list[tuple[str, nn.Module]] = []
     try:
         for path, module in targets.items():
+            if isinstance(module, nn.MultiheadAttention):  # one rank and alpha for in_proj and out_proj, as peft
+                host = _host_for(model, path, module, hosts, MhaLora, created)
+                chosen = (config.rank_for(path), config.alpha_for(path))
+                host.add_adapter(adapter, {"in_proj_weight": chosen, "out_proj_weight": chosen}, config.variant,
+                                 config.init, dtype)
+                added.append((host, adapter))
+                continue
             kind = LoraEmbedding if isinstance(module, nn.Embedding) else LoraLinear
             host = _host_for(model, path, module, hosts, kind, created)
             weight = getattr(module, "weight", None)

@@ -30,6 +30,7 @@ from lorakit.inject import (_base_modules, _matches, _weight_read_raw, adapter_h
                             find_modules_to_save, find_param_targets, find_targets, inject, peft_resolves_differently,
                             saved_by)
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
+from lorakit.mha_lora import FILE_INFIXES, MhaLora
 from lorakit.param_lora import ParamLora, file_key_prefixes, parameter_layout
 
 CONFIG_NAME = "adapter_config.json"
@@ -102,7 +103,8 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> tuple[dict
         if adapter not in host.adapters:
             continue
         if isinstance(host, ParamLora):  # peft's nested ParamWrapper keys: <path>[.base_layer...].lora_A.weight
-            for name, infix in file_key_prefixes(host, adapter).items():
+            infixes = FILE_INFIXES if isinstance(host, MhaLora) else file_key_prefixes(host, adapter)
+            for name, infix in infixes.items():
                 tensors[f"{PREFIX}{path}{infix}.lora_A.weight"] = host.adapters[adapter][name].lora_A.detach()
                 tensors[f"{PREFIX}{path}{infix}.lora_B.weight"] = host.adapters[adapter][name].lora_B.detach()
             continue
@@ -148,7 +150,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
         # skips (then refuses out_proj): it would add LoRA there (missing-key warnings, more to train) or fail. The
         # adapted modules by path load as exactly this adapter in both libraries.
         config = config.replace(target_modules=sorted(
-            path for path, host in adapter_hosts(model).items() if isinstance(host, LoraLayer) and adapter in host.adapters))
+            path for path, host in adapter_hosts(model).items()
+            if isinstance(host, (LoraLayer, MhaLora)) and adapter in host.adapters))
         _warn_peft_remaps(model, config.target_modules)
     has_conv1d = any(quant.from_conv1d(h.base_layer) for h in adapter_hosts(model).values() if isinstance(h, LoraLayer))
     base_name = base_name or getattr(model, "lorakit_base_name", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -588,6 +591,9 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
         plan.update({(path, name): value for name, value in base_modules[path].state_dict().items()})
         plan[(path, "weight")] = weight
     param_keys = _param_keys(params)
+    attention = {path: module for path, module in targets.items() if isinstance(module, nn.MultiheadAttention)}
+    param_keys.update(_attention_keys(attention))
+    targets = {path: module for path, module in targets.items() if path not in attention}
     inert = inert_raw_targets(model, adapter_file)
     for key, tensor in adapter_file.tensors.items():
         if key.endswith(TOKEN_DELTA) and tokens:
@@ -637,6 +643,18 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
     for key, (path, attr) in param_keys.items():
         name, _, which = attr.rpartition(".")
         module = base_modules[path]
+        if path in attention:  # in_proj (E -> 3E), out_proj (E -> E); one rank for both
+            experts, in_features, rank = 1, module.embed_dim, config.rank_for(path)
+            out_features = module.embed_dim * (3 if name == "in_proj_weight" else 1)
+            shape = (rank, in_features) if which == "lora_A" else (out_features, rank)
+            tensor = plan.get((path, attr))
+            if tensor is None:
+                missing.append(PREFIX + key)
+            elif tuple(tensor.shape) != shape:
+                raise LorakitError(f"{adapter_file.folder}: {PREFIX}{key} has shape {shown(tuple(tensor.shape))}, but the "
+                                   f"nn.MultiheadAttention {path} ({name}, rank {rank}) needs {shape}; the adapter was made "
+                                   f"for a different model or rank{made_for}")
+            continue
         experts, in_features, out_features, _ = parameter_layout(module, module._parameters[name])
         rank = params[path][name][0]
         shape = (rank * experts, in_features) if which == "lora_A" else (out_features, rank * experts)
@@ -673,6 +691,13 @@ def _param_keys(params: dict[str, dict[str, tuple[int, float]]]) -> dict[str, tu
             for which in ("lora_A", "lora_B"):
                 keys[f"{path}{infix}.{which}.weight"] = (path, f"{name}.{which}")
     return keys
+
+
+def _attention_keys(attention: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
+    """File key (without the prefix) -> (module path, "<part>.lora_A" / ".lora_B") for LoRA on nn.MultiheadAttention
+    modules, in peft's names: ``<path>.lora_A.weight`` (in_proj), ``<path>.base_layer.out_proj.lora_A.weight``."""
+    return {f"{path}{infix}.{which}.weight": (path, f"{part}.{which}")
+            for path in attention for part, infix in FILE_INFIXES.items() for which in ("lora_A", "lora_B")}
 
 
 def _layout_renamer(model: nn.Module):

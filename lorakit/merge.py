@@ -65,7 +65,7 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
 def _params_finite(host: ParamLora, name: str) -> bool:
     """Each merged parameter is finite in its own dtype (checked one at a time: an expert stack is large)."""
     for parameter_name, weight in host.merged_candidates(name).items():
-        if not torch.isfinite(weight.to(host.base_layer._parameters[parameter_name].dtype)).all():
+        if not torch.isfinite(weight.to(host.parameter(parameter_name).dtype)).all():
             return False
     return True
 

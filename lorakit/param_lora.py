@@ -124,6 +124,10 @@ class ParamLora(_AdapterHost):
     def adapter_names(self) -> list[str]:
         return list(self.adapters.keys())
 
+    def parameter(self, name: str) -> nn.Parameter:
+        """The base parameter that adapters' entries ``name`` change (``MhaLora``'s out_proj part is a submodule's)."""
+        return self.base_layer._parameters[name]
+
     def parameter_names(self, adapter: str | None = None) -> list[str]:
         """Adapted parameters (of one adapter, or of any), in the module's registration order (PEFT nests its
         wrappers in this order, which names the keys in the file)."""
@@ -138,7 +142,7 @@ class ParamLora(_AdapterHost):
             raise LorakitError(f"adapter {name!r} already exists on this module; delete it first or pick another name")
         per_parameter = nn.ModuleDict()
         for parameter_name, (rank, alpha) in parameters.items():
-            weight = self.base_layer._parameters[parameter_name]
+            weight = self.parameter(parameter_name)
             experts, in_features, out_features, transposed = parameter_layout(self.base_layer, weight)
             kind = dtype or (torch.float64 if weight.dtype == torch.float64 else torch.float32)
             adapter = ParamAdapter(experts, in_features, out_features, transposed, weight.ndim, rank, alpha, variant,
@@ -238,7 +242,7 @@ class ParamLora(_AdapterHost):
     # -- merge ---------------------------------------------------------------------------------------------------
     def merged_candidates(self, name: str) -> dict[str, torch.Tensor]:
         """``{parameter name: W + delta}`` in float32 for adapter ``name`` (nothing is changed)."""
-        return {p: self.base_layer._parameters[p].detach().float() + adapter.delta()
+        return {p: self.parameter(p).detach().float() + adapter.delta()
                 for p, adapter in self.adapters[name].items()}
 
     def merge(self, name: str, candidates: dict[str, torch.Tensor] | None = None) -> None:
@@ -248,7 +252,7 @@ class ParamLora(_AdapterHost):
         candidates = self.merged_candidates(name) if candidates is None else candidates
         with torch.no_grad():
             for parameter_name, weight in candidates.items():
-                parameter = self.base_layer._parameters[parameter_name]
+                parameter = self.parameter(parameter_name)
                 parameter.copy_(weight.to(parameter.dtype))
         self.merged.append(name)
 
@@ -258,7 +262,7 @@ class ParamLora(_AdapterHost):
             while self.merged:
                 name = self.merged.pop()
                 for parameter_name, adapter in self.adapters[name].items():
-                    parameter = self.base_layer._parameters[parameter_name]
+                    parameter = self.parameter(parameter_name)
                     parameter.copy_((parameter.float() - adapter.delta()).to(parameter.dtype))
 
 

@@ -126,3 +126,146 @@ def test_peft_all_linear_adapter_with_a_nonzero_out_proj_lora_is_refused_in_one_
         lorakit.load_adapter(ours, tmp_path / "peft")
     assert "\n" not in str(error.value)
     assert not lorakit.adapter_names(ours)
+
+
+# -- target_modules naming the attention module: peft's lora.MultiheadAttention -----------------------------------
+def _keys(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("kind,targets", [("block", ["attn", "fc"]), ("siglip", ["attention"])])
+def test_attention_module_adapter_matches_peft_forward_merge_and_files(kind, targets, tmp_path):
+    base = build(kind)
+    theirs = peft_model(base, targets)
+    theirs.save_pretrained(tmp_path / "peft")
+    expected = run(theirs, kind)  # peft's first forward: merged from the untouched base weights
+    ours = copy.deepcopy(base)
+    lorakit.load_adapter(ours, tmp_path / "peft")
+    torch.testing.assert_close(run(ours, kind), expected, rtol=0, atol=1e-6)
+    if kind == "siglip":  # only the attention is adapted: the same operations in the same order, the same bits
+        assert torch.equal(run(ours, kind), expected)
+
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    saved, original = _keys(tmp_path / "ours"), _keys(tmp_path / "peft")
+    assert sorted(saved) == sorted(original) and all(torch.equal(saved[k], original[k]) for k in saved)
+    assert any(k.endswith("base_layer.out_proj.lora_B.weight") for k in saved)
+    torch.testing.assert_close(run(peft_load(base, tmp_path / "ours"), kind), expected, rtol=0, atol=1e-6)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_merged = run(copy.deepcopy(theirs).merge_and_unload(), kind)
+    lorakit.merge(ours)
+    torch.testing.assert_close(run(ours, kind), peft_merged, rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(ours, kind), expected, rtol=0, atol=2e-6)  # merged = unmerged forward
+    lorakit.unmerge(ours)
+    torch.testing.assert_close(run(ours, kind), expected, rtol=0, atol=1e-6)
+    with lorakit.disable_adapters(ours):
+        torch.testing.assert_close(run(ours, kind), run(base, kind), rtol=0, atol=1e-6)
+    lorakit.merge_and_unload(ours)
+    assert type(ours.get_submodule("attn" if kind == "block" else "head.attention")) is nn.MultiheadAttention
+    torch.testing.assert_close(run(ours, kind), peft_merged, rtol=0, atol=1e-6)
+
+
+def test_out_proj_delta_is_added_twice_as_peft_does():
+    """peft 0.21 adds out_proj's delta twice (forward and merge); lorakit follows, so files mean one model."""
+    base = build("block")
+    ours = copy.deepcopy(base)
+    lorakit.inject(ours, lorakit.LoraConfig(r=4, alpha=8, target_modules=["attn"]))
+    randomize(ours)
+    host = ours.attn
+    lorakit.merge(ours)
+    for part, applied in (("in_proj_weight", 1), ("out_proj_weight", 2)):
+        adapter = host.adapters["default"][part]
+        delta = adapter.lora_B.detach() @ adapter.lora_A.detach() * 2.0  # s = alpha / r
+        before = base.attn.in_proj_weight if part == "in_proj_weight" else base.attn.out_proj.weight
+        torch.testing.assert_close(host.parameter(part).detach() - before.detach(), applied * delta, rtol=0, atol=1e-6)
+
+
+def test_training_reaches_both_projections_with_peft_gradients(tmp_path):
+    base = block()
+    theirs = peft_model(base, ["attn"]).train()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(base)
+    lorakit.load_adapter(ours, tmp_path / "peft", trainable=True)
+    ours.train()
+    (theirs(X) ** 2).mean().backward()
+    (ours(X) ** 2).mean().backward()
+    peft_grads = {name: p.grad for name, p in theirs.named_parameters() if p.requires_grad}
+    parts = ours.attn.adapters["default"]
+    for which in ("lora_A", "lora_B"):
+        torch.testing.assert_close(getattr(parts["in_proj_weight"], which).grad,
+                                   peft_grads[f"base_model.model.attn.{which}.default.weight"], rtol=1e-5, atol=1e-6)
+        # peft's autograd sees out_proj's delta once while its forward adds it twice: lorakit's gradient is the
+        # gradient of that forward, twice peft's
+        torch.testing.assert_close(getattr(parts["out_proj_weight"], which).grad,
+                                   2 * peft_grads[f"base_model.model.attn.base_layer.out_proj.{which}.default.weight"],
+                                   rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for n, p in ours.named_parameters() if ".adapters." not in n)
+
+    fresh = block()
+    lorakit.inject(fresh, lorakit.LoraConfig(r=4, alpha=8, target_modules=["attn"]))
+    before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        ((fresh.train()(X) - 1) ** 2).mean().backward()
+        optimizer.step()
+    moved = {n for n, p in fresh.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {f"attn.adapters.default.{part}.{which}" for part in ("in_proj_weight", "out_proj_weight")
+                     for which in ("lora_A", "lora_B")}
+
+
+def test_two_adapters_on_one_attention_switch_and_save_each(tmp_path):
+    base = block()
+    model = copy.deepcopy(base)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["attn"]), adapter="one")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=4, variant="rslora", target_modules=["attn", "fc"]), adapter="two")
+    randomize(model)
+    outputs = {}
+    for name in ("one", "two"):
+        lorakit.set_adapter(model, name)
+        outputs[name] = run(model, "block")
+        lorakit.save_adapter(model, tmp_path / name, adapter=name)
+        torch.testing.assert_close(run(peft_load(base, tmp_path / name), "block"), outputs[name], rtol=0, atol=1e-6)
+    assert (outputs["one"] - outputs["two"]).abs().max() > 1e-3
+    alone = copy.deepcopy(base)
+    lorakit.load_adapter(alone, tmp_path / "two")
+    torch.testing.assert_close(run(alone, "block"), outputs["two"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_kwargs,options,message", [
+    ({"kdim": 8}, {}, r"kdim/vdim \(8/8\) other than embed_dim \(16\)"),
+    ({}, {"variant": "dora"}, r"nn\.MultiheadAttention, which has no DoRA form"),
+    ({}, {"init": "pissa"}, r"init='pissa' cannot be used on the nn\.MultiheadAttention 'attn'"),
+])
+def test_what_peft_cannot_do_either_is_refused_in_one_line(model_kwargs, options, message):
+    model = block(**model_kwargs)
+    with pytest.raises(LorakitError, match=message) as error:
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["attn"], **options))
+    assert "\n" not in str(error.value) and not lorakit.adapter_names(model)
+
+
+def test_all_linear_and_out_proj_point_to_the_attention_module():
+    with pytest.warns(UserWarning, match=r"all-linear skips 1 modules \(out_proj\).*target_modules \['attn'\]"):
+        lorakit.inject(block(), lorakit.LoraConfig(target_modules="all-linear"))
+    with pytest.raises(LorakitError, match=r"remove 'out_proj' from target_modules \(to adapt an nn\.MultiheadAttention"):
+        lorakit.inject(block(), lorakit.LoraConfig(target_modules=["out_proj"]))
+
+
+def test_mixed_batch_runs_each_row_with_its_adapter_or_refuses_sequence_first():
+    model = block()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["attn"]), adapter="one")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["attn"]), adapter="two")
+    randomize(model)
+    single = {}
+    for name in ("one", "two"):
+        lorakit.set_adapter(model, name)
+        single[name] = run(model, "block")
+    with lorakit.mixed_batch(model, ["two", "one"]):
+        mixed = run(model, "block")
+    torch.testing.assert_close(mixed, torch.stack([single["two"][0], single["one"][1]]), rtol=0, atol=1e-6)
+
+    sequence_first = block(batch_first=False)
+    lorakit.inject(sequence_first, lorakit.LoraConfig(r=2, target_modules=["attn"]))
+    with pytest.raises(LorakitError, match="batch_first=False"), lorakit.mixed_batch(sequence_first, ["default", None]):
+        run(sequence_first, "block")
