@@ -163,3 +163,17 @@ def test_chats_for_a_model_without_a_chat_template_say_how_to_give_it_one(tmp_pa
     ds = build_dataset(read_many(alpaca), base, 64)
     assert base.decode(ds.rows[0]["input_ids"]) == "### Instruction:\nSay hi.\n\n### Response:\nHello.<|im_end|>"
     assert targets(base, ds.rows[0]) == ["Hello.<|im_end|>"]
+
+
+def test_openai_preference_files_are_refused_as_preference_data(tmp_path):
+    """OpenAI's preference fine-tuning (DPO) JSONL read "no known field in ['input', 'non_preferred_output',
+    'preferred_output']", without saying it is preference data or what lorakit trains instead."""
+    row = {"input": {"messages": [{"role": "user", "content": "Hello"}], "tools": [], "parallel_tool_calls": True},
+           "preferred_output": [{"role": "assistant", "content": "Hi!"}],
+           "non_preferred_output": [{"role": "assistant", "content": "Go away."}]}
+    with pytest.raises(LorakitError) as info:
+        read_many(write_jsonl(tmp_path / "dpo.jsonl", [row]))
+    message = str(info.value)
+    assert message.startswith("dpo.jsonl:1: a preference (DPO) record (OpenAI's input/preferred_output/"
+                              "non_preferred_output); lorakit trains supervised fine-tuning"), message
+    assert "{\"messages\": input messages + preferred_output}" in message and "DPOTrainer" in message

@@ -42,7 +42,8 @@ pretty-printed JSON objects one after another in a ``.jsonl`` file (``jq .`` out
 list of turns (a JSONL line ``[{"role": ...}, ...]``), a ``;``-separated CSV, and a folder of ``train*`` /
 ``validation*`` / ``test*`` files (the split asked for is read, see :func:`lorakit.train.sources._split_files`).
 
-Preference (DPO) records ``{"prompt", "chosen", "rejected"}`` and KTO records ``{"prompt", "completion", "label":
+Preference (DPO) records ``{"prompt", "chosen", "rejected"}`` (OpenAI's: ``{"input", "preferred_output",
+"non_preferred_output"}``) and KTO records ``{"prompt", "completion", "label":
 true/false}`` are refused: lorakit trains supervised fine-tuning, and training on ``chosen`` alone (or on the
 completions labelled true) is a choice the user makes by renaming (or filtering) them.
 
@@ -90,6 +91,7 @@ QA_KEYS = ("question", "answer", "context", "system")  # GSM8K, SQuAD-like sets 
 QA_PROMPT = "{context}Question: {question}\nAnswer: "  # the prompt/completion form, for a tokenizer without a template
 LEGACY_CHAT_FIELDS = ("functions",)  # OpenAI's function calling before tools: read as tools
 PREFERENCE_KEYS = ("chosen", "rejected")
+OPENAI_PREFERENCE_KEYS = ("preferred_output", "non_preferred_output")  # OpenAI's preference fine-tuning (DPO) files
 GEMINI_KEYS = ("contents", "systeminstruction", "system_instruction")  # Vertex AI tuning files (keys lowercased)
 GEMINI_ROLES = {"user": "user", "model": "assistant", "system": "system"}
 # names other tools give the two halves of an example: a record with no known field is told which to rename
@@ -107,8 +109,8 @@ ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"  # A
 # every top-level field a record may have, in lowercase: a key that matches one of these once lowercased and stripped
 # ("Prompt", " completion") is read as it
 KNOWN_FIELDS = frozenset({"text", "prompt", "completion", "messages", *CHAT_OPTIONAL_FIELDS, *LEGACY_CHAT_FIELDS,
-                          *ALPACA_KEYS, *DOLLY_KEYS, *QA_KEYS, *SHAREGPT_KEYS, *PREFERENCE_KEYS, *GEMINI_KEYS,
-                          *IGNORED_FIELDS})
+                          *ALPACA_KEYS, *DOLLY_KEYS, *QA_KEYS, *SHAREGPT_KEYS, *PREFERENCE_KEYS, *OPENAI_PREFERENCE_KEYS,
+                          *GEMINI_KEYS, *IGNORED_FIELDS})
 KNOWN_MESSAGE_KEYS = frozenset({*MESSAGE_KEYS, *TOOL_MESSAGE_KEYS, *REASONING_KEYS, "weight", "function_call", "from",
                                 "value"})
 
@@ -167,6 +169,12 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
             "optimisation: to learn the preferred answers, rename 'chosen' to 'completion' (for chats: "
             "{\"messages\": prompt + chosen}) and delete 'rejected', or train DPO with TRL's DPOTrainer on an injected "
             "model (README: With TRL)")
+    if any(key in obj for key in OPENAI_PREFERENCE_KEYS):
+        raise LorakitError(
+            f"{where}: a preference (DPO) record (OpenAI's input/preferred_output/non_preferred_output); lorakit trains "
+            "supervised fine-tuning, not preference optimisation: to learn the preferred answers, write each as "
+            "{\"messages\": input messages + preferred_output} and drop non_preferred_output, or train DPO with TRL's "
+            "DPOTrainer on an injected model (README: With TRL)")
     if "completion" in obj and isinstance(obj.get("label"), bool):  # TRL's KTO format (trl-lib/kto-mix-14k)
         # not an unknown field to delete: without it the answers labelled bad would train as good ones
         raise LorakitError(
