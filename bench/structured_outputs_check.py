@@ -24,6 +24,7 @@ bench/results/).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -99,6 +100,45 @@ def valid(value, schema, where="$") -> bool:
     return True
 
 
+@contextlib.contextmanager
+def phase_timers(engine, decoder, device):
+    """Within: the wall time of the decoder's step, the formatted rows' masks, the sampling, and the rows' token
+    bookkeeping (their constraints consume the token) summed into the yielded dict, each phase closed by a device
+    sync so that its GPU work counts in it. Patched on the objects, restored on exit."""
+    import torch
+
+    from lorakit.serve import engine as engine_module
+    from lorakit.serve import structured
+
+    spent = {"decoder_step": 0.0, "mask_rows": 0.0, "sample_rows": 0.0, "accept": 0.0, "choose_total": 0.0}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            sync()
+            started = time.perf_counter()
+            result = fn(*args, **kwargs)
+            sync()
+            spent[name] += time.perf_counter() - started
+            return result
+        return wrapper
+
+    saved = (decoder.step, engine._accept, engine._choose, structured.mask_rows, engine_module.sample_rows)
+    decoder.step = timed("decoder_step", saved[0])
+    engine._accept = timed("accept", saved[1])
+    engine._choose = timed("choose_total", saved[2])
+    structured.mask_rows = timed("mask_rows", saved[3])
+    engine_module.sample_rows = timed("sample_rows", saved[4])
+    try:
+        yield spent
+    finally:
+        decoder.step, engine._accept, engine._choose = saved[:3]
+        structured.mask_rows, engine_module.sample_rows = saved[3:]
+        for name in ("step", "_accept", "_choose"):
+            for obj in (decoder, engine):
+                obj.__dict__.pop(name, None)
+
+
 def make_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -120,6 +160,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--shape", default="1b")
     parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--phases", action="store_true",
+                        help="also time each phase of an engine step (a device sync after each: slower overall)")
     args = parser.parse_args()
     how = ensure_llguidance()
 
@@ -190,6 +232,12 @@ def main() -> None:
     cases = {"plain": run([False] * args.rows),
              "mixed": run([i % 2 == 1 for i in range(args.rows)]),
              "constrained": run([True] * args.rows)}
+    if args.phases:
+        for name, constrained in (("plain", [False] * args.rows), ("constrained", [True] * args.rows)):
+            with phase_timers(engine, decoder, device) as spent:
+                case = run(constrained)
+            cases[name]["phases_ms_per_step"] = {k: round(1000 * v / max(case["steps"], 1), 3)
+                                                 for k, v in spent.items()}
     same = sum(cases["mixed"]["tokens"][i] == cases["plain"]["tokens"][i] for i in range(0, args.rows, 2))
     engine.close()
     print(f"llguidance: {how}; schema compiled in {compile_s * 1000:.1f} ms; vocabulary {columns}")
@@ -198,6 +246,9 @@ def main() -> None:
         print(f"{name:<12} {args.rows:>4} {case['constrained']:>7} {case['steps']:>6} {case['ms_per_step']:>8.2f} "
               f"{case['valid_json']:>6}/{case['constrained']}")
     print(f"plain rows of 'mixed' equal to 'plain': {same}/{(args.rows + 1) // 2}")
+    for name, case in cases.items():
+        if "phases_ms_per_step" in case:
+            print(f"phases of '{name}' (ms per step, synced):", case["phases_ms_per_step"])
     errors = [r for case in cases.values() for r in case["reasons"] if r and r.startswith("error")]
     print("errors:", errors[:3] or "none")
     print("example:", next((t for t, r, c in zip(cases["constrained"]["texts"], cases["constrained"]["reasons"],
