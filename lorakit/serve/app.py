@@ -418,12 +418,21 @@ async def _acquire(state: ServerState, name: str) -> str:
         raise _adapter_error(error) from None
     pinning = asyncio.ensure_future(run_in_threadpool(state.pool.acquire, name, state.acquire_timeout))
     try:
-        return await asyncio.shield(pinning)
+        internal = await asyncio.shield(pinning)
     except asyncio.CancelledError:  # the request was cancelled while the thread pins: unpin once it has
         pinning.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or state.pool.release(name))
         raise
     except LorakitError as error:
         raise _adapter_error(error) from None
+    try:
+        reason = await run_in_threadpool(state.engine.unservable, internal)
+    except BaseException:
+        state.pool.release(name)
+        raise
+    if reason is not None:  # the static decoder cannot run this adapter's rows: the client's 400, not a failed job
+        state.pool.release(name)
+        raise APIError(400, reason.replace(repr(internal), repr(name)), param="model", code="adapter_unsupported")
+    return internal
 
 
 MAX_ROWS = 128  # answers per request (prompts x n): each is an engine row, and one request must not hold them all

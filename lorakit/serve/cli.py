@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     parser.add_argument("--max-loaded", type=int, default=8, help="adapters kept in memory; least recently used evicted (default: %(default)s)")
     parser.add_argument("--max-rank", type=int, default=64, help="refuse adapters of a higher rank (default: %(default)s)")
-    parser.add_argument("--max-adapter-mb", type=float, default=512, help="refuse adapter files larger than this (default: %(default)s MiB)")
+    parser.add_argument("--max-adapter-mb", type=float, default=512, help="refuse adapters whose file, or what they hold in memory once loaded, is larger than this (default: %(default)s MiB)")
     parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together per step (default: %(default)s)")
     parser.add_argument("--max-prompt-tokens", type=int, default=None, help="refuse longer prompts (default: the model's context)")
     parser.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for (default: %(default)s)")

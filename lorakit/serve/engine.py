@@ -125,6 +125,15 @@ class Engine:
             self._wake.notify()
         self._thread.join(timeout=10)
 
+    def unservable(self, adapter: str | None) -> str | None:
+        """Why rows on ``adapter`` (internal name) cannot decode here, in one line naming it as given, or None.
+        Only the static decoder refuses some (adapters that also change the embedding or head, such as peft's
+        trainable tokens); asked before a request is submitted, so the client gets a 400, not a failed job."""
+        if self.decoder is None or adapter is None:
+            return None
+        with self.model_lock:
+            return self.decoder.unservable(adapter)
+
     def score(self, prompt: list[int], adapter: str | None, top: int) -> list[TokenInfo | None]:
         """Each prompt token's log-probability given the tokens before it (None for the first), and the ``top``
         most likely tokens there: what OpenAI's ``echo`` with ``logprobs`` returns, e.g. for lm-eval's

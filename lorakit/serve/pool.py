@@ -69,13 +69,14 @@ class LoadedAdapter:
     rank: int
     alpha: float
     variant: str
-    size_bytes: int
+    size_bytes: int  # the weights file's
+    memory_bytes: int  # what it holds in the model once loaded (copies.held_bytes)
     pins: int = 0
     last_used: float = 0.0
 
     def describe(self) -> dict:
         return {"name": self.name, "rank": self.rank, "alpha": self.alpha, "variant": self.variant,
-                "size_bytes": self.size_bytes, "in_use": self.pins}
+                "size_bytes": self.size_bytes, "memory_bytes": self.memory_bytes, "in_use": self.pins}
 
 
 class AdapterPool:
@@ -194,8 +195,9 @@ class AdapterPool:
     def _load_new(self, name: str, folder: Path, adapter_file) -> LoadedAdapter:
         """Load admitted adapter ``name`` under a fresh internal name (the caller puts it in ``_loaded``)."""
         internal = f"lk{next(self._ids)}"
-        from lorakit.inject import lora_layers
+        from lorakit.inject import adapter_hosts, lora_layers
         from lorakit.io import load_adapter
+        from lorakit.serve.copies import compact_copies, held_bytes
 
         with self.model_lock:
             try:
@@ -210,10 +212,23 @@ class AdapterPool:
             if ranks and max(ranks) > self.max_rank:  # the file changed between the check and the load
                 self._delete(internal)
                 raise AdapterRejected(f"adapter {name!r} refused: rank {max(ranks)} is above --max-rank {self.max_rank}")
+            # peft's trainable tokens (and modules_to_save copies that changed a few rows) load as whole copies of
+            # the embedding / head: keep only their trained rows, then count what the adapter really holds
+            compact_copies(self.model, internal)
+            held = held_bytes(self.model, internal)
+            if held > self.max_bytes:
+                self._delete(internal)
+                raise AdapterRejected(f"adapter {name!r} refused: it holds {held:,} bytes in memory once loaded (whole "
+                                      f"copies of modules it trained), over the limit of {self.max_bytes:,} "
+                                      "(--max-adapter-mb); raise the limit, or merge the adapter into the base")
+            # every call routes its rows itself (generation._routing); left active, the adapter's copies would be
+            # what code outside a call reads as the module's .weight (a RowOverride builds it whole for that)
+            for host in adapter_hosts(self.model).values():
+                host.set_active([n for n in host.active if n != internal])
         config = adapter_file.config
         self.loads += 1
         return LoadedAdapter(name, internal, folder, max(ranks or [config.r]), config.alpha, config.variant,
-                             adapter_file.size_bytes, last_used=time.monotonic())
+                             adapter_file.size_bytes, held, last_used=time.monotonic())
 
     def _public_names(self, text: str, internal: str, name: str) -> str:
         """``text`` with the model's internal adapter names ('lk0', ...) as the names clients know (an error of
