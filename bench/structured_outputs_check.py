@@ -110,7 +110,8 @@ def phase_timers(engine, decoder, device):
     from lorakit.serve import engine as engine_module
     from lorakit.serve import structured
 
-    spent = {"decoder_step": 0.0, "mask_rows": 0.0, "sample_rows": 0.0, "accept": 0.0, "choose_total": 0.0}
+    spent = {"decoder_step": 0.0, "mask_rows": 0.0, "llguidance_masks": 0.0, "sample_rows": 0.0, "accept": 0.0,
+             "choose_total": 0.0}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def timed(name, fn):
@@ -123,6 +124,22 @@ def phase_timers(engine, decoder, device):
             return result
         return wrapper
 
+    class TimedExecutor:  # llguidance's own share of mask_rows: its threads filling the bitmasks
+        def __init__(self, real):
+            self.real = real
+
+        def unsafe_compute_mask_ptr(self, *args):
+            started = time.perf_counter()
+            result = self.real.unsafe_compute_mask_ptr(*args)
+            spent["llguidance_masks"] += time.perf_counter() - started
+            return result
+
+    import llguidance
+
+    if not structured._EXECUTOR:
+        structured._EXECUTOR.append(llguidance.LLExecutor())
+    real_executor = structured._EXECUTOR[0]
+    structured._EXECUTOR[0] = TimedExecutor(real_executor)
     saved = (decoder.step, engine._accept, engine._choose, structured.mask_rows, engine_module.sample_rows)
     decoder.step = timed("decoder_step", saved[0])
     engine._accept = timed("accept", saved[1])
@@ -134,6 +151,7 @@ def phase_timers(engine, decoder, device):
     finally:
         decoder.step, engine._accept, engine._choose = saved[:3]
         structured.mask_rows, engine_module.sample_rows = saved[3:]
+        structured._EXECUTOR[0] = real_executor
         for name in ("step", "_accept", "_choose"):
             for obj in (decoder, engine):
                 obj.__dict__.pop(name, None)
