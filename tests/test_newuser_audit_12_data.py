@@ -177,3 +177,18 @@ def test_openai_preference_files_are_refused_as_preference_data(tmp_path):
     assert message.startswith("dpo.jsonl:1: a preference (DPO) record (OpenAI's input/preferred_output/"
                               "non_preferred_output); lorakit trains supervised fine-tuning"), message
     assert "{\"messages\": input messages + preferred_output}" in message and "DPOTrainer" in message
+
+
+def test_a_csv_record_spanning_lines_is_named_by_its_first_line(tmp_path):
+    """A cell with newlines (a long answer, code) makes a CSV record span several lines; errors named the record's
+    last line, where an editor shows the middle of some other text. They name the line the record starts on, as the
+    JSON readers do, across blank lines and CRLF line ends."""
+    path = tmp_path / "qa.csv"
+    path.write_bytes(b'prompt,completion\r\n2+2=,4\r\n\r\n"Write a poem\r\nabout the sea\r\nin three lines",\r\n3+3=,6\r\n')
+    with pytest.raises(LorakitError, match=r"^qa\.csv:4: empty completion"):
+        read_many(path)
+    path.write_bytes(b'prompt,completion\n"a\nb",x\nc,d,e\n')
+    with pytest.raises(LorakitError, match=r"^qa\.csv:4: 3 cells but the header has 2"):
+        read_many(path)
+    path.write_bytes(b'prompt,completion\n"a\nb",x\n\nc,d\n')
+    assert [r.where for r in read_many(path)] == ["qa.csv:2", "qa.csv:5"]

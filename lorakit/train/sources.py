@@ -381,9 +381,9 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
     # a whole document in one cell (long-context data) passes the csv module's default 128 KiB cell limit
     csv.field_size_limit(max(csv.field_size_limit(), min(len(text) + 1, 2**31 - 1)))
     # newline="": the csv module itself handles CRLF line ends and newlines quoted inside cells
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
-        header = reader.fieldnames
+        header = next(reader, None)
         if not header:
             raise LorakitError(f"{path.name}: empty CSV; the first line must name the fields ({EXPECTED_SHAPES})")
         if not any(name.strip().lower() in HEADER_NAMES for name in header):  # often no header: the first row is data
@@ -391,14 +391,18 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
             raise LorakitError(f"{path.name}:1: the header line names no known field ({cells}); "
                                "the first line of a CSV names its columns: text, or prompt and completion, or messages "
                                "(rename them, or add a header line if that line is data)")
-        records = []
-        for row in reader:
-            where = f"{path.name}:{reader.line_num}"
-            if None in row:  # DictReader files extra cells under the key None
-                raise LorakitError(f"{where}: {len(header) + len(row[None])} cells but the header has {len(header)}")
-            if any(v is None for v in row.values()):
+        records, end = [], reader.line_num  # end: the line the last row read ends on
+        for cells in reader:
+            # a quoted cell with newlines (a long answer) makes a row span lines: it is named by its first line
+            start, end = end + 1, reader.line_num
+            if not cells:  # a blank line
+                continue
+            where = f"{path.name}:{start}"
+            if len(cells) > len(header):
+                raise LorakitError(f"{where}: {len(cells)} cells but the header has {len(header)}")
+            if len(cells) < len(header):
                 raise LorakitError(f"{where}: fewer cells than the header's {len(header)}; fill every column")
-            records.append(validate_record(row, where))
+            records.append(validate_record(dict(zip(header, cells)), where))
         return records
     except csv.Error as exc:
         raise LorakitError(f"{path.name}:{reader.line_num}: malformed CSV ({exc}); check quoting") from None
