@@ -11,6 +11,11 @@ left-padded, so every row's newest token sits in the last column and one decode 
 rows are dropped and all-padding columns trimmed), which is what the continuous-batching server needs. Padding
 never changes a row's result: masked keys get exactly zero attention weight, and padded K/V are zeroed so no
 NaN from a fully masked padding query can leak into real rows.
+
+Hybrid models (transformers 5.x: linear attention, Mamba / SSM or convolution layers beside attention, e.g.
+Qwen3-Next, LFM2, Nemotron-H, Jamba, and the ones whose attention slides) also hold one state per row and layer,
+``(B, ...)`` with no columns: the models zero padded tokens' inputs, so left padding leaves it alone, and rows
+joining or leaving take theirs along. ``unsupported(model)`` names what cannot be batched this way.
 """
 
 from __future__ import annotations
@@ -174,18 +179,109 @@ def _cache_kwarg(model: nn.Module) -> str:
 
 
 def _new_cache(model: nn.Module):
-    """A cache whose every layer keeps all its keys. Built from the config, transformers' cache crops sliding-window
-    layers to their last window - 1 columns, which breaks the equal-width rows that left padding, ``extend`` and
-    ``keep`` rely on (prompts of different lengths past the window failed); the attention mask applies the window
-    either way, so the logits are the same. Layer kinds other than attention (Mamba's ``linear_attention`` on
-    transformers 5.x) hold a state only the config-built cache creates, so such models get that one."""
+    """A cache whose every attention layer keeps all its keys.
+
+    transformers' cache built from the config crops sliding-window layers to their last window - 1 columns, which
+    breaks the equal-width rows that left padding, ``extend`` and ``keep`` rely on (prompts of different lengths past
+    the window failed); the attention mask applies the window either way (from ``config.sliding_window``), so the
+    logits are the same. Pure attention models get a plain cache. Models with other layer kinds (linear attention,
+    Mamba / SSM, short convolutions: ``linear_attention``, ``conv``, ``hybrid``, ... on transformers 5.x) hold states
+    only the config-built cache creates, so they get that one with each cropping window layer swapped for its
+    uncropped twin: a sliding attention layer for a full one, a sliding hybrid (state + window) for a full hybrid.
+    """
+    import sys
+
     from transformers import DynamicCache
 
+    reason = unsupported(model)
+    if reason is not None:
+        raise LorakitError(reason)
     config = getattr(model, "config", None)
     text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
-    if set(getattr(text, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}:
-        return DynamicCache(config=config)
-    return DynamicCache()
+    own = _OWN_CACHES.get(getattr(text, "model_type", None))
+    if own is not None:  # the model refuses any other cache class; its layers all keep every column
+        return getattr(sys.modules[type(model).__module__], own)()
+    if not set(getattr(text, "layer_types", None) or ()) - {"full_attention", "sliding_attention", "chunked_attention"}:
+        return DynamicCache()
+    cache = DynamicCache(config=config)
+    for index, layer in enumerate(cache.layers):
+        if getattr(layer, "is_sliding", False):
+            cache.layers[index] = _uncropped(layer)
+    return cache
+
+
+# model_type -> the cache class (in the model's own module) its forward insists on. MiniMax keeps its lightning
+# attention states in ``linear_cache``, a list of (B, heads, d, d) tensors (``KVBatch._states`` moves them with rows).
+_OWN_CACHES = {"minimax": "MiniMaxCache"}
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why lorakit's batched generation cannot run ``model`` (one line naming the family and what to use), or None.
+
+    RecurrentGemma keeps its recurrent and convolution states in attributes of its layers, not in the cache, and
+    resets them whenever the batch size changes: rows joining or leaving a batch would silently lose their state.
+    Dory's ``recurrent_kv_cache_mode="last_loop"`` has its earlier loops read the cache cut to the sliding window,
+    which does not line up with a cache that keeps whole rows (needed for rows of different lengths).
+    """
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    model_type = getattr(text, "model_type", None)
+    if model_type == "recurrent_gemma":
+        return ("lorakit's generation does not support RecurrentGemma (it keeps its recurrent state inside its "
+                "layers, so batched rows would lose it); generate with transformers' model.generate instead")
+    if (model_type == "dory" and getattr(text, "recurrent_kv_cache_mode", None) == "last_loop"
+            and "sliding_attention" in (getattr(text, "layer_types", None) or ())):
+        return ("lorakit's generation does not support Dory with recurrent_kv_cache_mode='last_loop' and sliding "
+                "layers; load it with recurrent_kv_cache_mode='per_loop' (the default) or use transformers' "
+                "model.generate")
+    own = _own_cache_class(model)
+    if own is not None and model_type not in _OWN_CACHES:
+        import transformers
+
+        return (f"lorakit's generation does not support {type(model).__name__} on transformers "
+                f"{transformers.__version__}: it keeps its state in its own {own}; upgrade to transformers 5 (where "
+                "that state lives in the standard cache) or generate with transformers' model.generate")
+    return None
+
+
+def _own_cache_class(model: nn.Module) -> str | None:
+    """On transformers 4.x, the name of the cache class a Mamba / hybrid model defines for its states (MambaCache,
+    HybridMambaAttentionDynamicCache, Lfm2HybridConvCache, ...): such a model ignores or breaks on the plain cache
+    lorakit passes (Mamba generated wrong tokens after the first). 5.x moved those states into the standard cache."""
+    import sys
+
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return None
+    module = sys.modules.get(type(model).__module__)
+    for name, value in sorted(vars(module).items() if module is not None else ()):
+        if isinstance(value, type) and name.endswith("Cache") and value.__module__ == module.__name__:
+            return name
+    return None
+
+
+def _attention_free(cache) -> bool:
+    """Whether every layer of ``cache`` holds a recurrent state and none holds keys (Mamba, Mamba2, FalconMamba)."""
+    from transformers import cache_utils
+
+    layers = getattr(cache, "layers", None)
+    linear = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
+    attention = getattr(cache_utils, "CacheLayerMixin", None)
+    return bool(layers) and linear is not None and all(
+        isinstance(layer, linear) and not (attention and isinstance(layer, attention)) for layer in layers)
+
+
+def _uncropped(layer):
+    """The full-length layer of the same kind as the sliding window cache ``layer`` (still empty)."""
+    from transformers import cache_utils
+
+    if isinstance(layer, getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())):
+        return cache_utils.LinearAttentionAndFullAttentionLayer(number_of_states=layer.number_of_states)
+    if type(layer) is cache_utils.DynamicSlidingWindowLayer:
+        return cache_utils.DynamicLayer()
+    raise LorakitError(f"lorakit's generation does not know the cache layer {type(layer).__name__} of this model "
+                       f"({type(layer).__module__}); generate with transformers' model.generate instead")
 
 
 @dataclass
@@ -206,7 +302,24 @@ class KVBatch:
         return self.mask.shape[1]
 
     def _kv_layers(self):
-        return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False) and layer.keys.numel()]
+        """The layers holding keys and values (not a layer without attention: transformers' ``DummyLayer`` for a
+        Mamba or MLP-only block holds None)."""
+        return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False)
+                and isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel()]
+
+    def _states(self) -> list[tuple[dict, int]]:
+        """Where the per-row states of linear-attention / SSM / convolution layers live: ``(dict, key)`` pairs of
+        their ``conv_states`` and ``recurrent_states`` tensors, each ``(B, ...)``. A state has no columns, so left
+        padding leaves it alone; rows joining and leaving must take theirs along."""
+        found = []
+        linear_cache = getattr(self.cache, "linear_cache", None)  # MiniMax's own cache: one entry per layer
+        if isinstance(linear_cache, list):
+            found.extend((linear_cache, i) for i, value in enumerate(linear_cache) if isinstance(value, torch.Tensor))
+        for layer in self.cache.layers:
+            for states in (getattr(layer, "conv_states", None), getattr(layer, "recurrent_states", None)):
+                if isinstance(states, dict):
+                    found.extend((states, key) for key, value in states.items() if isinstance(value, torch.Tensor))
+        return found
 
     def left_pad(self, length: int) -> None:
         """Grow to ``length`` columns by adding zero K/V and mask 0 on the left."""
@@ -227,6 +340,8 @@ class KVBatch:
         for mine, theirs in zip(self._kv_layers(), other._kv_layers()):
             mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
             mine.values = torch.cat([mine.values, theirs.values], dim=0)
+        for (mine, key), (theirs, _) in zip(self._states(), other._states()):
+            mine[key] = torch.cat([mine[key], theirs[key]], dim=0)
         self.mask = torch.cat([self.mask, other.mask], dim=0)
         self.positions = torch.cat([self.positions, other.positions], dim=0)
 
@@ -241,6 +356,8 @@ class KVBatch:
         for layer in self._kv_layers():
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
+        for states, key in self._states():
+            states[key] = states[key].index_select(0, index)
 
     def zero_padding(self) -> None:
         """Zero the K/V at padding columns (a fully masked padding query may produce NaN; keep it out)."""
@@ -315,6 +432,10 @@ def _forward(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, posi
     kwargs = {_cache_kwarg(model): cache}
     if takes_logits_to_keep(model):
         kwargs["logits_to_keep"] = 1
+    if _attention_free(cache):
+        # Mamba / Mamba2 / FalconMamba multiply each fed token's hidden state by its mask column (zeroing padding):
+        # they take the mask of the tokens fed, (B, q), not the (B, L) attention mask over the whole cache
+        mask = mask[:, -input_ids.shape[1]:]
     with torch.inference_mode(), _routing(model, adapters), _attention_backends(input_ids.device):
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
     return out.logits[:, -1, :].float()

@@ -1,0 +1,156 @@
+"""Audit of ``lorakit.generation`` against transformers' own ``model.generate`` (greedy, tiny random models with a
+LoRA adapter): hybrid models that mix linear-attention / SSM / convolution layers with sliding-window attention,
+attention-free Mamba models, and the rough edges of sampling parameters and prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import lorakit
+from conftest import assert_close
+from lorakit import generation as G
+from lorakit.errors import LorakitError
+
+# prompts longer (11, 7) and shorter (3) than the window of 4, generated together with left padding
+PROMPTS = [list(range(5, 16)), [3, 4, 9], list(range(20, 27))]
+NEW = 5
+
+
+@pytest.fixture(autouse=True)
+def _reference_path(monkeypatch):
+    """The PyTorch path, as on a CPU deployment (the kernels' own tests cover the Triton path against it)."""
+    monkeypatch.setenv("LORAKIT_DISABLE_TRITON", "1")
+
+
+def _needs(*names):
+    return pytest.mark.skipif(not all(hasattr(transformers, n) for n in names),
+                              reason=f"{names[0]} is not in transformers {transformers.__version__}")
+
+
+# family -> (model class, config class, config); each has layers that keep a state, not keys, beside window layers
+TINY = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            max_position_embeddings=128, pad_token_id=None, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+HYBRIDS = {
+    # gated delta net (linear_attention), sliding and full attention, MoE: Qwen3-Next's layers with a window
+    "lara_mini": ("LaraMiniForCausalLM", "LaraMiniConfig", dict(
+        TINY, num_hidden_layers=5, sliding_window=4, linear_conv_kernel_dim=3, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, num_experts=2, num_experts_per_tok=1)),
+    # LFM2's short convolutions (conv) with sliding and full attention
+    "lfm3": ("Lfm3ForCausalLM", "Lfm3Config", dict(
+        TINY, num_hidden_layers=5, intermediate_size=48, sliding_window=4, conv_L_cache=3)),
+    # a convolution state and attention in the same layer, window layers and full ones ("hybrid_sliding", "hybrid")
+    "inkling": ("InklingForCausalLM", "InklingTextConfig", dict(
+        TINY, num_hidden_layers=3, unpadded_vocab_size=100, intermediate_size=48, swa_num_attention_heads=4,
+        swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=4, d_rel=4, rel_extent=8, conv_kernel_size=3,
+        moe_intermediate_size=16, n_routed_experts=2, num_experts_per_tok=1, n_shared_experts=1, num_mtp_layers=0,
+        local_layer_ids=[0, 1])),
+}
+
+
+def _with_adapter(model):
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"), adapter="a")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, parameter in lorakit.lora_parameters(model, "a"):
+            if key.endswith("lora_B"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return model
+
+
+def _build(model_class, config_class, config):
+    config = getattr(transformers, config_class)(**config)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return _with_adapter(getattr(transformers, model_class)(config).eval())
+
+
+def _hf_greedy(model, prompts, new=NEW):
+    """transformers' generate on the left-padded batch: the new tokens of each row."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+def _greedy(model, prompts, new=NEW, **kwargs):
+    return [r.tokens for r in G.generate(model, prompts, ["a"] * len(prompts), G.SamplingParams(max_new_tokens=new),
+                                         **kwargs)]
+
+
+@pytest.mark.parametrize("family", sorted(HYBRIDS))
+def test_hybrid_window_models_generate_as_transformers(family):
+    """State layers beside sliding-window layers, prompts past the window, three lengths in one batch: lorakit's
+    tokens equal transformers' generate, both batched (left padding) and one prompt at a time. The config-built
+    cache used to crop the window layers, and prefill failed on rows of different lengths."""
+    model_class, config_class, config = HYBRIDS[family]
+    if not hasattr(transformers, config_class):
+        pytest.skip(f"{config_class} is not in transformers {transformers.__version__}")
+    model = _build(model_class, config_class, config)
+    layer_types = set(model.config.layer_types)
+    assert layer_types & {"sliding_attention", "hybrid_sliding"} or model.config.sliding_window, layer_types
+    ours = _greedy(model, PROMPTS)
+    assert ours == _hf_greedy(model, PROMPTS)
+    for prompt, tokens in zip(PROMPTS, ours):
+        assert _hf_greedy(model, [prompt]) == [tokens]
+
+
+@_needs("LaraMiniConfig")
+def test_rows_join_and_leave_with_recurrent_states():
+    """The server's schedule on a hybrid: a row joins a running batch and another leaves. The linear-attention
+    layers' conv / recurrent states (one per row, no columns) must follow their rows like the keys do; they stayed
+    behind (a joined row had no state, a kept row another row's)."""
+    model = _build(*HYBRIDS["lara_mini"])
+    first, second = PROMPTS[0], PROMPTS[1]
+    alone = [G.generate(model, [p], ["a"], G.SamplingParams(max_new_tokens=4), keep_logits=True)[0]
+             for p in (first, second)]
+    logits, batch = G.prefill(model, [first], ["a"])
+    logits = G.decode(model, batch, [int(logits[0].argmax())], ["a"])
+    assert_close(logits[0], alone[0].logits[1])
+    joined_logits, joined = G.prefill(model, [second], ["a"])
+    batch.extend(joined)
+    logits = G.decode(model, batch, [int(logits[0].argmax()), int(joined_logits[0].argmax())], ["a", "a"])
+    assert_close(logits[0], alone[0].logits[2])
+    assert_close(logits[1], alone[1].logits[1])
+    batch.keep([1])  # the long row leaves: the short one keeps its own state
+    for step in (2, 3):
+        logits = G.decode(model, batch, [int(logits[-1].argmax())], ["a"])
+        assert_close(logits[0], alone[1].logits[step])
+
+
+@pytest.mark.parametrize("family", ["MambaForCausalLM", "Mamba2ForCausalLM"])
+def test_attention_free_models_generate_as_transformers(family):
+    """Mamba multiplies each fed token's hidden state by its mask column: given the whole (B, L) mask on a decode
+    step it broadcast one token into L and answered garbage from the third token on."""
+    if family == "MambaForCausalLM":
+        config = transformers.MambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, state_size=8,
+                                          initializer_range=0.3)
+    else:
+        config = transformers.Mamba2Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, state_size=8,
+                                           num_heads=4, head_dim=16, n_groups=1, chunk_size=4, initializer_range=0.3)
+    torch.manual_seed(0)
+    model = _with_adapter(getattr(transformers, family)(config).eval())
+    if int(transformers.__version__.split(".")[0]) < 5:  # 4.x keeps the state in its own MambaCache: refused
+        with pytest.raises(LorakitError, match=f"does not support {family} on transformers 4.*upgrade to transformers 5"):
+            _greedy(model, PROMPTS)
+        return
+    ours = _greedy(model, PROMPTS)
+    assert ours == _hf_greedy(model, PROMPTS)
+    assert [_hf_greedy(model, [p])[0] for p in PROMPTS] == ours
+
+
+@_needs("RecurrentGemmaConfig")
+def test_recurrent_gemma_is_refused_in_one_line():
+    """RecurrentGemma keeps its state in its layers' attributes and resets it when the batch size changes: rows
+    joining or leaving would lose it. Refused with the alternative, not answered wrong."""
+    config = transformers.RecurrentGemmaConfig(vocab_size=100, hidden_size=32, intermediate_size=48,
+                                               num_hidden_layers=3, num_attention_heads=4, lru_width=32,
+                                               attention_window_size=4, conv1d_width=3)
+    model = transformers.RecurrentGemmaForCausalLM(config).eval()
+    with pytest.raises(LorakitError, match="does not support RecurrentGemma.*model.generate") as error:
+        G.generate(model, PROMPTS, [None] * 3, G.SamplingParams(max_new_tokens=2))
+    assert "\n" not in str(error.value)
