@@ -192,3 +192,20 @@ def test_a_csv_record_spanning_lines_is_named_by_its_first_line(tmp_path):
         read_many(path)
     path.write_bytes(b'prompt,completion\n"a\nb",x\n\nc,d\n')
     assert [r.where for r in read_many(path)] == ["qa.csv:2", "qa.csv:5"]
+
+
+def test_files_concatenated_with_cat(tmp_path):
+    """``cat a.jsonl b.jsonl > all.jsonl`` where b.jsonl was written by a Windows tool (PowerShell's Out-File, Notepad)
+    puts a byte-order mark at the start of a middle line: it stopped as "malformed JSON (Unexpected UTF-8 BOM ...)";
+    the mark is invisible and read past, as on the first line. ``cat a.csv b.csv`` repeats the header line inside
+    the data, which trained silently as an example ('prompt' -> 'completion'): it is refused, naming the line."""
+    path = tmp_path / "all.jsonl"
+    path.write_bytes(b'{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\r\n')
+    assert [(r.where, r["text"]) for r in read_many(path)] == [("all.jsonl:1", "a"), ("all.jsonl:2", "b")]
+    for bom in (b"", b"\xef\xbb\xbf"):
+        path = tmp_path / "all.csv"
+        path.write_bytes(bom + b"prompt,completion\n2+2=,4\n" + bom + b"prompt,completion\n3+3=,6\n")
+        with pytest.raises(LorakitError) as info:
+            read_many(path)
+        assert str(info.value) == ("all.csv:3: this row repeats the header line (files joined with their headers?); "
+                                   "remove it")

@@ -234,7 +234,9 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] 
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         where = f"{path.name}:{lineno}"
         try:
-            text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            # utf-8-sig on every line: `cat a.jsonl b.jsonl` puts b's byte-order mark (Windows tools write one) at
+            # the start of a middle line, where json.loads refuses it
+            text = line.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise LorakitError(_not_utf8(where, line, exc)) from None
         if not text.strip():
@@ -398,6 +400,9 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
             if not cells:  # a blank line
                 continue
             where = f"{path.name}:{start}"
+            if [cell.lstrip("\ufeff").strip() for cell in cells] == [name.strip() for name in header]:
+                raise LorakitError(f"{where}: this row repeats the header line (files joined with their headers?); "
+                                   "remove it")  # `cat a.csv b.csv`: it would train as an example
             if len(cells) > len(header):
                 raise LorakitError(f"{where}: {len(cells)} cells but the header has {len(header)}")
             if len(cells) < len(header):
