@@ -209,3 +209,16 @@ def test_files_concatenated_with_cat(tmp_path):
             read_many(path)
         assert str(info.value) == ("all.csv:3: this row repeats the header line (files joined with their headers?); "
                                    "remove it")
+
+
+@pytest.mark.parametrize("record,hint", [
+    # LDJnr/Capybara: the hint was "rename it to 'messages'", which then failed on "unknown key 'input'"
+    ({"source": "x", "conversation": [{"input": "Hi?", "output": "Hello."}]},
+     "'conversation' holds {'input', 'output'} pairs: write each pair as a user and an assistant turn "
+     "({\"role\": \"user\", \"content\": input}, {\"role\": \"assistant\", \"content\": output}) under 'messages'"),
+    ({"inputs": "2+2=", "targets": "4"}, "rename 'inputs' to 'prompt' and 'targets' to 'completion'"),  # FLAN, P3, xP3
+])
+def test_rename_hints_lead_to_a_record_that_reads(record, hint):
+    with pytest.raises(LorakitError) as info:
+        validate_record(record, "f.jsonl:1")
+    assert str(info.value).endswith(hint), str(info.value)

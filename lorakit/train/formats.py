@@ -95,8 +95,9 @@ OPENAI_PREFERENCE_KEYS = ("preferred_output", "non_preferred_output")  # OpenAI'
 GEMINI_KEYS = ("contents", "systeminstruction", "system_instruction")  # Vertex AI tuning files (keys lowercased)
 GEMINI_ROLES = {"user": "user", "model": "assistant", "system": "system"}
 # names other tools give the two halves of an example: a record with no known field is told which to rename
-PROMPT_LIKE = ("input", "query", "instruction", "question", "context", "source_text", "src", "human", "user")
-COMPLETION_LIKE = ("output", "response", "answer", "target", "reply", "label_text", "tgt", "gpt", "assistant")
+PROMPT_LIKE = ("input", "inputs", "query", "instruction", "question", "context", "source_text", "src", "human", "user")
+COMPLETION_LIKE = ("output", "response", "answer", "target", "targets", "reply", "label_text", "tgt", "gpt",
+                   "assistant")
 MESSAGE_LIKE = ("conversation", "conversations", "dialog", "dialogue", "chat", "turns", "history")
 SHAREGPT_KEYS = ("conversations", "system")
 # ShareGPT speaker names (from FastChat, Axolotl and LLaMA-Factory exports) -> chat roles
@@ -313,6 +314,11 @@ def _rename_hint(obj: Mapping) -> str:
     for key, value in obj.items():
         if isinstance(key, str) and key.strip().lower() in MESSAGE_LIKE and isinstance(value, list):
             first = value[0] if value and isinstance(value[0], Mapping) else {}
+            pair = [k for k in PROMPT_LIKE if k in first][:1] + [k for k in COMPLETION_LIKE if k in first][:1]
+            if len(pair) == 2 and not {"role", "from"} & set(first):  # Capybara: [{"input", "output"}, ...]
+                return (f"; {key!r} holds {{{pair[0]!r}, {pair[1]!r}}} pairs: write each pair as a user and an "
+                        f"assistant turn ({{\"role\": \"user\", \"content\": {pair[0]}}}, {{\"role\": \"assistant\", "
+                        f"\"content\": {pair[1]}}}) under 'messages'")
             target = "conversations" if "from" in first else "messages"
             return f"; if {key!r} is the chat, rename it to {target!r}"
     if completion:
