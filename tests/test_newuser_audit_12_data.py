@@ -13,7 +13,7 @@ import json
 import pytest
 
 from lorakit.errors import LorakitError
-from lorakit.train.data import IGNORE_INDEX, build_dataset
+from lorakit.train.data import IGNORE_INDEX, Collator, build_dataset
 from lorakit.train.formats import validate_record
 from lorakit.train.sources import read_many
 from test_serve_support import make_tokenizer
@@ -222,3 +222,81 @@ def test_rename_hints_lead_to_a_record_that_reads(record, hint):
     with pytest.raises(LorakitError) as info:
         validate_record(record, "f.jsonl:1")
     assert str(info.value).endswith(hint), str(info.value)
+
+
+# chat templates in the shapes models ship them (trimmed to what a text chat uses), over one BPE with all their tokens
+TEMPLATES = {
+    "llama3": ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+               "m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}", "<|eot_id|>", "<|begin_of_text|>"),
+    "gemma": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+              "supported') }}{% endif %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+              "{{ '<start_of_turn>' + role + '\\n' + m['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}", "<eos>", "<bos>"),
+    "mistral": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+                "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}", "</s>", "<s>"),
+    "smollm2": ("{% for m in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
+                "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}"
+                "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}", "<|im_end|>", None),
+    # Phi-3's: eos after the last turn only when no generation prompt follows, so a chat is not a prefix of a longer one
+    "phi3": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}",
+             "<|endoftext|>", None),
+}
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+            "<|end_header_id|>", "<|eot_id|>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<s>", "</s>",
+            "[INST]", "[/INST]", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+
+
+def template_tokenizer(name: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from test_serve_support import TEXT
+
+    template, eos, bos = TEMPLATES[name]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(TEXT * 4, trainers.BpeTrainer(vocab_size=500, special_tokens=SPECIALS, show_progress=False,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos, bos_token=bos, pad_token="<|endoftext|>",
+                                   chat_template=template)
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_multi_turn_chats_train_exactly_their_assistant_turns(tmp_path, name):
+    """A ShareGPT file and the same chats as OpenAI JSONL (one answer given weight 0) through each template: every
+    example's tokens are the template's own rendering of the chat (or, for Phi-3's, of the chat up to each answer),
+    and the supervised tokens are exactly each trained answer and the token the template ends it with."""
+    tok = template_tokenizer(name)
+    turns = [("human", "Hello, how are you?"), ("gpt", "I am fine."), ("human", "Capital of France?"),
+             ("gpt", "Paris is the capital."), ("human", "And of Germany?"), ("gpt", "Berlin.")]
+    sharegpt = {"conversations": [{"from": who, "value": text} for who, text in turns]}
+    role = {"human": "user", "gpt": "assistant"}
+    messages = [{"role": role[who], "content": text} for who, text in turns]
+    openai = {"messages": [{**m, "weight": 0} if m["content"] == "Paris is the capital." else m for m in messages]}
+    (tmp_path / "chats.jsonl").write_text(json.dumps(sharegpt) + "\n")
+    (tmp_path / "openai.jsonl").write_text(json.dumps(openai) + "\n")
+    records = read_many([tmp_path / "chats.jsonl", tmp_path / "openai.jsonl"])
+    ds = build_dataset(records, tok, 256)
+    end = {"llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "mistral": "</s>", "smollm2": "<|im_end|>",
+           "phi3": "<|end|>"}[name]
+    answers = ["I am fine.", "Paris is the capital.", "Berlin."]
+    if name == "phi3":  # one example per answer, each the template's rendering of the chat through that answer
+        assert ds.summary.per_turn_chats == 2 and len(ds.rows) == 5
+        expected = [(messages[:k], [answer]) for k, answer in zip((2, 4, 6), answers)]
+        expected += [(messages[:2], [answers[0]]), (messages[:6], [answers[2]])]
+    else:
+        assert len(ds.rows) == 2
+        expected = [(messages, answers), (messages, [answers[0], answers[2]])]
+    for row, (chat, trained) in zip(ds.rows, expected):
+        rendered = tok.apply_chat_template(chat, tokenize=False)
+        assert row["input_ids"] == tok(rendered, add_special_tokens=False)["input_ids"]
+        assert targets(tok, row) == [answer + end for answer in trained]
+    batch = Collator(tok.pad_token_id)(ds.rows[:2])
+    lengths = [len(row["input_ids"]) for row in ds.rows[:2]]
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
