@@ -95,6 +95,31 @@ def test_train_missing_config_file_says_how_to_write_one(capsys, no_load, tmp_pa
                                                        "val_fraction": 0.1, "rank": 8, "epochs": 3.0}
 
 
+
+def test_train_mistakes_config_json_and_the_environment_tell_are_refused_before_loading(files, capsys, no_load,
+                                                                                          tmp_path, monkeypatch):
+    """Each of these was found only after the model had loaded (minutes for a large base): a --max-length beyond the
+    context config.json declares, a --global-batch the batch does not divide, --tensorboard without its package,
+    and a module name in --targets / --exclude / --modules-to-save that the model does not have."""
+    import sys
+
+    train = ["train", "--model", files["tiny"], "--data", files["data"], "--out", tmp_path / "run"]
+    cases = [
+        (["--max-length", "100000"], "--max-length 100000 is longer than the model's context of 128 tokens "
+                                     "(max_position_embeddings in its config.json); pass --max-length 128 or less"),
+        (["--global-batch", "7", "--batch-size", "2"], "--global-batch 7 is not a multiple of --batch-size 2 x 1 "
+                                                       "processes = 2"),
+        (["--targets", "q_proj", "v_prj"], "--targets 'v_prj' matches no module of this model (did you mean 'v_proj'?)"),
+        (["--exclude", "lm_hed"], "--exclude 'lm_hed' matches no module of this model (did you mean 'lm_head'?)"),
+        (["--targets", "q_proj", "--modules-to-save", "lm_heads"], "--modules-to-save 'lm_heads' matches no module"),
+    ]
+    for flags, said in cases:
+        assert said in _refused(capsys, [*train, *flags]), flags
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    assert "--tensorboard needs the tensorboard package" in _refused(capsys, [*train, "--tensorboard"])
+    assert not (tmp_path / "run").exists()
+
+
 # -- an adapter on the wrong base -----------------------------------------------------------------------------------
 def test_an_adapter_that_does_not_fit_the_default_base_says_to_pass_model(files, capsys, monkeypatch, tmp_path):
     """Without --model, an adapter whose adapter_config.json names no base is tried on the default base; its shape

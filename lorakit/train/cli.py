@@ -149,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "resume", None) is not None and getattr(args, "overwrite", False):
         raise LorakitError("--resume continues a run and --overwrite starts it again from scratch; give one")
     config, file_values, cli_values = config_from_args(args)
+    if getattr(args, "resume", None) is None:  # a resumed run's options come from its folder: checked there
+        from lorakit.train.preflight import check_before_loading
+
+        check_before_loading(config, set(file_values) | set(cli_values))
     run_training(config, resume=getattr(args, "resume", None), overwrite=getattr(args, "overwrite", False),
                  config_file_values=file_values, cli_values=cli_values)
     return 0

@@ -1,0 +1,84 @@
+"""Checks of a ``lorakit train`` run that read no weights, run before the model loads.
+
+The runner repeats each of them on the loaded model (so the Python API and resumed runs stay checked); here they
+only come first, from the model folder's ``config.json`` and the environment, so a mistake costs a second instead
+of a model load (minutes for a large base).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LorakitError
+from lorakit.train.config import TrainConfig
+
+
+def local_config(model: str) -> dict | None:
+    """The ``config.json`` of a local model folder as a dict; None for an embedded name or an unreadable file (those
+    are named by ``load_base`` itself, in one line)."""
+    path = Path(os.path.expanduser(str(model))) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def config_context(config: dict) -> int | None:
+    """The most positions a model's ``config.json`` declares (a multimodal one in its ``text_config``), or None."""
+    from lorakit.models.loading import _CONTEXT_KEYS
+
+    for source in (config.get("text_config"), config):
+        for key in _CONTEXT_KEYS:
+            value = source.get(key) if isinstance(source, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def check_before_loading(config: TrainConfig, given: set[str]) -> None:
+    """Refuse what the options, the environment and ``config.json`` already tell: a ``--max-length`` (given, not
+    the default, which is lowered instead) beyond the model's context, a ``--global-batch`` the processes cannot
+    share, ``--tensorboard`` without its package, and a ``--targets`` / ``--exclude`` / ``--modules-to-save`` name
+    that matches no module (found on the model built empty, on the meta device)."""
+    from lorakit.train.loop import accumulation_steps
+
+    accumulation_steps(config, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    if config.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")  # what the run's metrics log imports
+        except ImportError:
+            raise LorakitError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop "
+                               "--tensorboard; metrics.jsonl has the same numbers)") from None
+    model_config = local_config(config.model)
+    if model_config is None:
+        return
+    limit = config_context(model_config)
+    if "max_length" in given and limit is not None and config.max_length > limit:
+        raise LorakitError(f"--max-length {config.max_length} is longer than the model's context of {limit} tokens "
+                           f"(max_position_embeddings in its config.json); pass --max-length {limit} or less")
+    if config.targets or config.exclude or config.modules_to_save:
+        empty = empty_model(config.model)
+        if empty is not None:
+            from lorakit.train.runner import check_module_names
+
+            check_module_names(empty, config)
+
+
+def empty_model(folder: str) -> Any:
+    """The model of ``folder``'s config.json with no weights (every tensor on the meta device: no memory, no time),
+    for its module names; None where transformers cannot build it from the config alone (then the names are checked
+    after loading, as before)."""
+    import torch
+    import transformers
+
+    try:
+        model_config = transformers.AutoConfig.from_pretrained(os.path.expanduser(folder), local_files_only=True)
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(model_config)
+    except Exception:  # an architecture only a loader knows (remote code, a quantized layout): not this check's job
+        return None
