@@ -149,3 +149,36 @@ def test_an_adapter_that_does_not_fit_the_default_base_says_to_pass_model(files,
     (named / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(files["tiny"])}))
     line = _refused(capsys, ["generate", "--model", files["other"], "--adapter", named, "Hello"])
     assert line.endswith(f"; pass --model {files['tiny']}, the base its adapter_config.json names"), line
+
+
+# -- lorakit serve ----------------------------------------------------------------------------------------------------
+def test_serve_argument_mistakes_are_one_line_before_the_model_loads(files, capsys, no_load, tmp_path):
+    """A missing or file --adapters and --max-context 1 were found after the model had loaded; an unknown
+    --log-level was uvicorn's KeyError traceback; a file as --model said 'model ...' and an absent GPU said
+    'device cuda ... use device cpu' (not the flags); one adapter's own folder as --adapters served nothing without a
+    word; --name '' served the base under an empty name."""
+    pytest.importorskip("fastapi")
+    (tmp_path / "adapters").mkdir()
+    serve = ["serve", "--model", files["tiny"], "--port", "0"]
+    ok = [*serve, "--adapters", tmp_path / "adapters"]
+    cases = [
+        ([*serve, "--adapters", tmp_path / "none"], f"--adapters {tmp_path / 'none'} does not exist; create it and put "
+                                                    "one adapter per subfolder (each is served under its folder's name)"),
+        ([*serve, "--adapters", files["data"]], f"--adapters {files['data']} is a file, not a folder"),
+        ([*serve, "--adapters", files["adapter"]], f"--adapters {files['adapter']} is one adapter's folder "
+                                                   f"(adapter_config.json); give the folder that holds it, --adapters "
+                                                   f"{files['root']}, to serve it as 'adapter'"),
+        ([*ok, "--max-context", "1"], "--max-context must be at least 2, got 1"),
+        ([*ok, "--name", " "], "--name is empty; give the model name clients send"),
+        (["serve", "--model", files["data"], "--adapters", tmp_path / "adapters", "--port", "0"],
+         f"--model {files['data']} is a file, not a model folder"),
+        ([*ok, "--device", "cuda:7"], "--device cuda:7: "),
+    ]
+    for argv, said in cases:
+        line = _refused(capsys, argv)
+        assert line.startswith("lorakit serve: error: " + said), line
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own refusal, which names the choices
+        main([str(a) for a in [*ok, "--log-level", "loud"]])
+    assert exit_info.value.code == 2
+    assert "argument --log-level: invalid choice: 'loud' (choose from 'critical', 'error', 'warning', 'info', " \
+           "'debug', 'trace')" in capsys.readouterr().err

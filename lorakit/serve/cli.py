@@ -11,6 +11,9 @@ import threading
 from lorakit.errors import LorakitError
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder (default: %(default)s)")
     parser.add_argument("--adapters", required=True, help="folder of adapters: each subfolder is one adapter, named by the folder")
@@ -46,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "[THINK] (Magistral, Ministral 3 reasoning) -> mistral, <think> (Qwen3, DeepSeek-R1, QwQ) "
                              "-> deepseek_r1, neither -> none; 'none' never splits; deepseek_r1 / qwen3 (vLLM's names; "
                              "one <think> parser reads both) and mistral ([THINK]...[/THINK]) force that parser")
-    parser.add_argument("--log-level", default="warning", help="uvicorn log level (default: %(default)s)")
+    parser.add_argument("--log-level", default="warning", type=str.lower, choices=LOG_LEVELS,
+                        help="uvicorn log level: %(choices)s (default: %(default)s)")
 
 
 def build_state(args: argparse.Namespace):
@@ -81,14 +85,15 @@ def build_state(args: argparse.Namespace):
             fix = f"{scheme}://{rest.split('/')[0]}" if rest else f"http://{origin.split('/')[0]}"
             raise LorakitError(f"--cors-origin {origin!r} is not an origin as a browser sends it (scheme://host[:port], "
                                f"no path or trailing slash), so no request would match it; did you mean {fix!r}?")
+    check_paths(args)
+    if args.max_context is not None and args.max_context < 2:
+        raise LorakitError(f"--max-context must be at least 2, got {args.max_context}")
     model, tokenizer = lorakit.load_base(args.model, dtype=args.dtype, device=args.device)
     model_lock = threading.RLock()
     pool = AdapterPool(model, args.adapters, model_lock, max_loaded=args.max_loaded, max_rank=args.max_rank,
                        max_bytes=int(args.max_adapter_mb * 2**20))
     context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     if args.max_context is not None:
-        if args.max_context < 2:
-            raise LorakitError(f"--max-context must be at least 2, got {args.max_context}")
         context = min(context, args.max_context)
     decoder = static_decoder(model, args.decoder, args.max_batch, context, explicit_context=args.max_context is not None)
     if decoder is not None:
@@ -112,6 +117,28 @@ def build_state(args: argparse.Namespace):
             except LorakitError as error:
                 print(f"lorakit serve: skipped adapter {adapter!r}: {error}", flush=True)
     return state
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """--model, --adapters, --device and --name, checked before the model loads (a mistake then costs a second)."""
+    from lorakit.commands._args import check_device, check_model_folder
+
+    check_model_folder(args.model)
+    root = os.path.expanduser(str(args.adapters))
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise LorakitError(f"--adapters {args.adapters} is a file, not a folder; give the folder that holds one adapter "
+                           "per subfolder (for a single adapter: its parent folder)")
+    if not os.path.isdir(root):
+        raise LorakitError(f"--adapters {args.adapters} does not exist; create it and put one adapter per subfolder "
+                           "(each is served under its folder's name)")
+    if os.path.isfile(os.path.join(root, "adapter_config.json")):  # one adapter, not a folder of them: nothing served
+        parent = os.path.dirname(os.path.abspath(root))
+        raise LorakitError(f"--adapters {args.adapters} is one adapter's folder (adapter_config.json); give the folder "
+                           f"that holds it, --adapters {parent}, to serve it as {os.path.basename(os.path.abspath(root))!r}")
+    check_device(args.device)
+    if args.name is not None and not args.name.strip():
+        raise LorakitError("--name is empty; give the model name clients send (or leave it out: the --model folder's "
+                           "name)")
 
 
 def skipped_folders(root) -> list[tuple[str, str]]:
