@@ -18,23 +18,25 @@ import pytest
 import torch
 
 from conftest import TOLERANCE
-from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder
+from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder, wait_idle
 
 PROMPT = [5, 17, 42, 99, 17]  # token ids: the trained rows 17 and 42 are read by the prompt itself
 TOKENS = {"tok": [17, 42, 200], "tok2": [5, 99, 300]}  # each adapter's trainable_token_indices
+LONG = 1000  # tokens of a generation that runs for seconds
 
 
-def _peft_tokens(model_dir: Path, folder: Path, indices: list[int], seed: int):
-    """peft's LoRA on q_proj plus trained rows ``indices`` of the (tied) embedding, randomized, saved to ``folder``."""
+def _peft_tokens(model_dir: Path, folder: Path, indices: list[int], seed: int | None):
+    """peft's LoRA on q_proj plus trained rows ``indices`` of the (tied) embedding, randomized (``seed`` None: as
+    peft starts them, the base's rows and B = 0), saved to ``folder``."""
     from transformers import AutoModelForCausalLM
 
     theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                                  trainable_token_indices=indices)).eval()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed or 0)
     with torch.no_grad():
         for name, parameter in theirs.named_parameters():
-            if "lora_B" in name or "trainable_tokens_delta" in name:
+            if seed is not None and ("lora_B" in name or "trainable_tokens_delta" in name):
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's note on tied embeddings
@@ -49,7 +51,8 @@ def tokens_setup(tmp_path_factory):
     from lorakit.generation import end_of_turn_ids
 
     root = tmp_path_factory.mktemp("audit12_tokens")
-    model_dir = tiny_hf_folder(root / "model", initializer_range=0.5, tie_word_embeddings=True)
+    model_dir = tiny_hf_folder(root / "model", initializer_range=0.5, tie_word_embeddings=True,
+                               max_position_embeddings=LONG + 64)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     from transformers import AutoTokenizer
 
@@ -61,6 +64,7 @@ def tokens_setup(tmp_path_factory):
     references = {name: _peft_tokens(model_dir, adapters / name, indices, seed)
                   for seed, (name, indices) in enumerate(TOKENS.items())}
     make_adapter(base, adapters / "a0", seed=3)
+    _peft_tokens(model_dir, adapters / "untrained", [17, 42], None)
     return {"root": root, "model": model_dir, "adapters": adapters, "peft": references,
             "vocab": base.config.vocab_size, "dim": base.config.hidden_size}
 
@@ -68,7 +72,7 @@ def tokens_setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tokens_setup):
     process = ServerProcess(tokens_setup["model"], tokens_setup["adapters"], "--decoder", "transformers",
-                            "--max-tokens", "64", log=tokens_setup["root"] / "server.log")
+                            "--max-tokens", str(LONG), log=tokens_setup["root"] / "server.log")
     client = httpx.Client(base_url=process.url, timeout=60)
     try:
         yield {"url": process.url, "client": client, "process": process, **tokens_setup}
@@ -137,6 +141,10 @@ def test_trainable_tokens_hold_their_rows_not_copies(server):
     rows = 2 * len(TOKENS["tok"]) * (server["dim"] * 4 + 8)  # the embedding's rows and the tied head's, with ids
     assert listed["tok"]["memory_bytes"] == lora + rows < one_copy / 10
     assert listed["tok"]["size_bytes"] > 0
+    # saved before training (B = 0, its rows the base's): the base's answer, and no rows held (it kept both copies)
+    assert _ask(client, "untrained")["text"] == _ask(client, "base")["text"]
+    untrained = {a["name"]: a for a in client.get("/v1/adapters").json()["data"]}["untrained"]
+    assert untrained["memory_bytes"] == lora
 
 
 def test_static_decoder_refuses_token_adapters_in_one_line(tokens_setup):
@@ -214,3 +222,21 @@ def test_memory_held_counts_against_the_limit(tmp_path):
     roomy = AdapterPool(model, tmp_path, threading.RLock(), max_bytes=4 * size)
     roomy.acquire("half")
     assert roomy.loaded()[0]["memory_bytes"] > size
+
+
+def test_reload_and_unload_of_a_busy_adapter_say_which(server):
+    """POST /v1/adapters/load of an adapter serving a request is a 409 that said "unload it when they finish" (the
+    client asked to reload it); unload's 409 says unload. Both leave it serving; once the request ends both work."""
+    client = server["client"]
+    with httpx.Client(base_url=server["url"], timeout=60) as own, own.stream(
+            "POST", "/v1/completions", json={"model": "a0", "prompt": PROMPT, "max_tokens": LONG, "temperature": 0,
+                                                   "stream": True}) as r:
+        lines = r.iter_lines()  # kept: a dropped iterator closes the stream, and the server cancels the request
+        next(lines)  # generating
+        for action in ("load", "unload"):
+            error = _error(client.post(f"/v1/adapters/{action}", json={"name": "a0"}), 409)
+            assert error["message"] == f"adapter 'a0' is serving 1 request(s); {'re' if action == 'load' else 'un'}" \
+                                       "load it when they finish" and error["code"] == "adapter_busy"
+    assert wait_idle(client, 5.0)
+    assert client.post("/v1/adapters/load", json={"name": "a0"}).json()["in_use"] == 0
+    assert client.post("/v1/adapters/unload", json={"name": "a0"}).status_code == 200

@@ -41,6 +41,8 @@ class RowOverride(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
+        if len(self.indices) == 0:  # an untrained copy (peft starts the trained rows at the base's): the base
+            return out
         if isinstance(self.base, nn.Embedding):  # x: token ids (...), out (..., dim)
             spot = torch.searchsorted(self.indices, x).clamp(max=len(self.indices) - 1)
             hit = self.indices[spot] == x
@@ -55,7 +57,7 @@ class RowOverride(nn.Module):
 
 def compact_copies(model: nn.Module, adapter: str) -> list[str]:
     """Replace adapter ``adapter``'s copies of embeddings and bias-free linears that differ from the base in fewer
-    than half their rows by a ``RowOverride`` (checked to give the copy's outputs; otherwise the copy stays).
+    than half their rows (none, for trainable tokens saved before training) by a ``RowOverride`` (checked to give the copy's outputs; otherwise the copy stays).
     Returns the paths compacted."""
     from lorakit.inject import adapter_hosts
 
@@ -83,7 +85,7 @@ def _compact(base: nn.Module, copy: nn.Module) -> RowOverride | None:
     if trained.shape != weight.shape or trained.dtype != weight.dtype:
         return None
     changed = (trained != weight).any(dim=1).nonzero().flatten()
-    if len(changed) == 0 or 2 * len(changed) >= len(weight):
+    if 2 * len(changed) >= len(weight):
         return None
     compact = RowOverride(base, changed, trained.index_select(0, changed).clone())
     if embedding and not _same_lookups(copy, compact, changed, len(weight)):

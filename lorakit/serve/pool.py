@@ -146,7 +146,7 @@ class AdapterPool:
             if old is None:
                 return self._ensure_loaded(name, timeout).describe()
             if old.pins:
-                raise AdapterBusy(f"adapter {name!r} is serving {old.pins} request(s); unload it when they finish")
+                raise AdapterBusy(f"adapter {name!r} is serving {old.pins} request(s); reload it when they finish")
             folder = resolve_adapter(self.root, name)
             fresh = self._load_new(name, folder, self._admit(name, folder))  # refused: the old version keeps serving
             self._loaded[name] = fresh
