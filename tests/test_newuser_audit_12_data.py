@@ -300,3 +300,22 @@ def test_multi_turn_chats_train_exactly_their_assistant_turns(tmp_path, name):
     assert batch["input_ids"].shape == batch["labels"].shape == (2, max(lengths))
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_a_sharegpt_csv_reads_like_a_chat_csv(tmp_path, tok):
+    """A CSV cell holds a chat as JSON text, or as the Python repr pandas' to_csv writes for a column of lists: read
+    for "messages", but a ShareGPT "conversations" cell was refused ("must be a non-empty list of {from, value}")."""
+    import pandas as pd
+
+    chat = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
+    pd.DataFrame([{"conversations": chat}]).to_csv(tmp_path / "repr.csv", index=False)
+    (tmp_path / "json.csv").write_text('conversations\n"' + json.dumps(chat).replace('"', '""') + '"\n')
+    (tmp_path / "key.csv").write_text('messages\n"' + json.dumps(chat).replace('"', '""') + '"\n')  # ShareGPT turns
+    for name in ("repr.csv", "json.csv", "key.csv"):
+        ds = build_dataset(read_many(tmp_path / name), tok, 64)
+        assert tok.decode(ds.rows[0]["input_ids"]) == ("<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+                                                       "Hello.<|im_end|>\n")
+        assert targets(tok, ds.rows[0]) == ["Hello.<|im_end|>"]
+    (tmp_path / "bad.csv").write_text('conversations\n"[{from: human}]"\n')
+    with pytest.raises(LorakitError, match=r"^bad\.csv:2: field 'conversations' is a string that is not JSON"):
+        read_many(tmp_path / "bad.csv")

@@ -233,9 +233,7 @@ def _without_repeated_prompt(obj: Mapping, where: str) -> Mapping:
     """A chat record without its ``"prompt"`` column when that is the chat's first user turn again, as
     HuggingFaceH4's UltraChat 200k and No Robots ship it (``prompt``, ``prompt_id``, ``messages``); a prompt that is
     some other text is refused, since which of the two to train is the user's call."""
-    turns = obj["messages"]
-    with contextlib.suppress(LorakitError):  # a CSV cell holds the chat as JSON text; a bad one is reported later
-        turns = _json_field(turns, "")
+    turns = _json_or_none(obj["messages"])  # a CSV cell holds the chat as JSON text; a bad one is reported later
     first = next((turn for turn in turns if isinstance(turn, Mapping) and str(
         turn.get("role", turn.get("from", ""))).strip().lower() in ("user", "human")), None) \
         if isinstance(turns, list) else None
@@ -344,6 +342,13 @@ def _json_field(value: Any, what: str) -> Any:
         raise LorakitError(f"{what} is a string that is not JSON ({exc.msg}); give a list") from None
 
 
+def _json_or_none(value: Any) -> Any:
+    """:func:`_json_field` of a value, or None where it is not JSON (the caller that reads it reports that)."""
+    with contextlib.suppress(LorakitError):
+        return _json_field(value, "")
+    return None
+
+
 def _validate_tools(tools: Any, where: str) -> list[dict]:
     tools = _json_field(tools, f"{where}: field 'tools'")
     if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
@@ -434,11 +439,11 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
             prompt = f"{system}\n\n{prompt}"
         fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj[out_key]}, where)
         return Record("messages", {"messages": messages}, where, fallback=fallback)
-    if "messages" in obj and "conversations" not in obj and _turns_have(obj["messages"], "from"):
+    if "messages" in obj and "conversations" not in obj and _turns_have(_json_or_none(obj["messages"]), "from"):
         obj = {("conversations" if k == "messages" else k): v for k, v in obj.items()}  # ShareGPT turns, our key
     if "conversations" in obj and "messages" not in obj:
         _refuse_unknown(obj, SHAREGPT_KEYS, "a ShareGPT record", SHAREGPT_KEYS, where)
-        turns = obj["conversations"]
+        turns = _json_field(obj["conversations"], f"{where}: field 'conversations'")  # a CSV cell: JSON or pandas' repr
         if not isinstance(turns, list) or not turns:
             raise LorakitError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} objects")
         messages: list[dict[str, Any]] = []
