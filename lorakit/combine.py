@@ -34,6 +34,15 @@ Where this differs from peft 0.21 on purpose (PEFT's result would be wrong or lo
 * Inputs on different layers (``layers_to_transform`` / ``layers_pattern`` that differ): the new adapter holds every
   layer that any input holds, so the result is the weighted sum on all of them. PEFT's new adapter inherits the first
   input's ``layers_to_transform`` and drops the other inputs' layers. peft reads the saved result as lorakit runs it.
+* LoRA on raw parameters (``target_parameters``: fused MoE expert stacks, routers) and on nn.MultiheadAttention
+  combines too (PEFT refuses the former). Each expert ``e`` of a stack is a layer of its own for ``cat`` and the svd
+  methods: ``cat`` stacks the inputs' per-expert factors (A_e = [w_1 s_1 A_1e; ...], B_e = [B_1e, ...]: exactly
+  sum_i w_i s_i B_ie A_ie per expert, rank r_1 + r_2 + ... per expert), the svd methods cut each expert's combined
+  delta back to ``svd_rank``; the result is packed in peft's layout (``lora_A (R * E, in)``, ``lora_B (out, R * E)``,
+  see lorakit.param_lora), so peft loads it. The same-rank methods combine the whole ``lora_A`` / ``lora_B`` tensors
+  element by element as for a linear layer (each expert's block with its own inputs); the pruned methods (ties,
+  dare, magnitude_prune and their _svd forms) rank and drop the elements of a whole parameter at once, as of one
+  layer.
 
 The core of lorakit: no transformers, training, serving or CLI imports.
 """
@@ -56,6 +65,8 @@ from lorakit.config import LoraConfig, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.inject import adapter_hosts, adapter_names, check_adapter_name, find_targets
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
+from lorakit.mha_lora import MhaLora
+from lorakit.param_lora import ParamAdapter, ParamLora, matches_parameter
 
 SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -107,7 +118,6 @@ def combine_adapters(model: nn.Module, adapters: dict[str, float] | Sequence[str
         raise LorakitError(f"combine_adapters got unknown keyword(s): {'; '.join(advice)}")
     names, weight_list = _inputs(adapters, weights)
     _require(model, names)
-    _refuse_parameter_lora(model, names)
     _check_name(model, name, overwrite)
     method = _check_options(method, density, majority_sign_method, svd_rank, svd_clamp, svd_driver, svd_lowrank)
     if len(names) == 1 and method != "linear":
@@ -115,31 +125,41 @@ def combine_adapters(model: nn.Module, adapters: dict[str, float] | Sequence[str
             warnings.warn(f"combine_adapters: one input adapter, so method {method!r} is 'linear' (PEFT's rule); "
                           "density / svd_rank do not apply", UserWarning, stacklevel=2)
         method = "linear"
-    layers = {path: host for path, host in adapter_hosts(model).items() if isinstance(host, LoraLayer)}
-    merged = next(((path, layer.merged[0]) for path, layer in layers.items() if layer.merged), None)
+    hosts = {path: host for path, host in adapter_hosts(model).items() if isinstance(host, (LoraLayer, ParamLora))}
+    layers = {path: host for path, host in hosts.items() if isinstance(host, LoraLayer)}
+    params = {path: host for path, host in hosts.items() if isinstance(host, ParamLora)}
+    merged = next(((path, host.merged[0]) for path, host in hosts.items() if host.merged), None)
     if merged is not None:  # the new adapter becomes active: on top of a merged one, both would apply
         raise LorakitError(f"adapter {merged[1]!r} is merged into the base (e.g. {merged[0]}); call lorakit.unmerge(model) "
                            "before combining, so the new adapter is not applied on top of it")
     _check_variants(layers, names)
-    ranks = {n: max(h.adapters[n].rank for h in layers.values() if n in h.adapters) for n in names if
-             any(n in h.adapters for h in layers.values())}
+    ranks = {n: max(r for h in hosts.values() if n in h.adapters for r in _ranks(h, n)) for n in names
+             if any(n in h.adapters for h in hosts.values())}
     if not ranks:
         raise LorakitError(f"adapters {listed(names)} hold no LoRA layers (only modules_to_save copies), so there is "
                            "nothing to combine")
     new_rank = _new_rank(method, names, ranks, svd_rank)
     copies = _modules_to_save(model, names)
-    if svd_driver is not None and any(not h.adapters[n].lora_A.is_cuda for h in layers.values() for n in names
-                                      if n in h.adapters):
+    if svd_driver is not None and any(not a.lora_A.is_cuda for h in hosts.values() for n in names
+                                      if n in h.adapters for a in _lora_modules(h, n)):
         raise LorakitError(f"svd_driver={svd_driver!r} works on CUDA tensors only (cuSOLVER); these adapters are on the "
                            "CPU: leave svd_driver out")
 
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    with _generator(seed, layers.values()):
-        for path, layer in layers.items():  # module order: DARE draws its masks in PEFT's order
+    param_results: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    with _generator(seed, hosts.values()):
+        for path, layer in hosts.items():  # module order: DARE draws its masks in PEFT's order
             present = [(n, w) for n, w in zip(names, weight_list) if n in layer.adapters]
             if not present:
                 continue
-            if method == "cat":
+            if isinstance(layer, ParamLora):
+                param_results[path] = {
+                    part: _combine_parameter(path, part, [(layer.adapters[n][part], w) for n, w in present if part in
+                                                          layer.adapters[n]], new_rank, method, density,
+                                             majority_sign_method, svd_clamp, svd_full_matrices, svd_driver, svd_lowrank)
+                    for part in layer.parameter_names()
+                    if any(part in layer.adapters[n] for n, _ in present)}
+            elif method == "cat":
                 results[path] = _cat(layer, present, new_rank)
             elif method in SAME_RANK:
                 results[path] = _same_rank(layer, path, present, new_rank, method, density, majority_sign_method)
@@ -150,12 +170,16 @@ def combine_adapters(model: nn.Module, adapters: dict[str, float] | Sequence[str
 
     # everything is computed and checked: only now is the model changed
     first_config = getattr(model, "lorakit_configs", {}).get(names[0]) or LoraConfig()
-    config = LoraConfig(r=new_rank, alpha=float(new_rank), dropout=first_config.dropout,
-                        target_modules=_target_modules(model, list(results), list(saved_copies)), variant="lora",
-                        modules_to_save=list(saved_copies) or None)
+    attention = [path for path in param_results if isinstance(params[path], MhaLora)]
+    parameters = _target_parameters(model, names, {path: list(chosen) for path, chosen in param_results.items()
+                                                   if path not in attention})
+    config = LoraConfig(r=new_rank, alpha=float(new_rank),
+                        dropout=0.0 if parameters else first_config.dropout,  # no dropout beside target_parameters
+                        target_modules=_target_modules(model, [*results, *attention], list(saved_copies)), variant="lora",
+                        modules_to_save=list(saved_copies) or None, target_parameters=parameters)
     if name in adapter_names(model):
         delete_adapter(model, name)
-    _add(layers, results, adapter_hosts(model), saved_copies, name, config.dropout, trainable)
+    _add(hosts, results, adapter_hosts(model), saved_copies, name, config.dropout, trainable, param_results)
     model.lorakit_configs = {**getattr(model, "lorakit_configs", {}), name: config}
     set_adapter(model, name)
     return name
@@ -273,17 +297,31 @@ def _new_rank(method: str, names: list[str], ranks: dict[str, int], svd_rank: in
     return next(iter(ranks.values()))
 
 
-def _refuse_parameter_lora(model: nn.Module, names: list[str]) -> None:
-    """LoRA on raw parameters (``target_parameters``: MoE experts) has no combination here, as in peft; without this
-    check the combined adapter would silently leave the experts out."""
+def _lora_modules(host: nn.Module, name: str) -> list:
+    """The adapter's LoRA tensors' holders on one host: a LoraAdapter, or one ParamAdapter per adapted parameter."""
+    return list(host.adapters[name].values()) if isinstance(host, ParamLora) else [host.adapters[name]]
+
+
+def _ranks(host: nn.Module, name: str) -> list[int]:
+    """The ranks adapter ``name`` has on ``host`` (per expert for a stack: peft's r)."""
+    return [a.rank for a in _lora_modules(host, name)]
+
+
+def _target_parameters(model: nn.Module, names: list[str], chosen: dict[str, list[str]]) -> list[str] | None:
+    """``target_parameters`` selecting exactly the combined parameters: the inputs' own entries when those do (so
+    the file names them as the inputs did), else every ``<path>.<parameter>``."""
+    keys = sorted(f"{path}.{part}" for path, parts in chosen.items() for part in parts)
+    if not keys:
+        return None
+    configs = getattr(model, "lorakit_configs", {})
+    entries = sorted({t for n in names for t in (getattr(configs.get(n), "target_parameters", None) or [])})
     from lorakit.param_lora import param_hosts
 
-    for path, host in param_hosts(model).items():
-        name = next((n for n in names if n in host.adapters), None)
-        if name is not None:
-            raise LorakitError(f"adapter {name!r} adapts raw parameters of {path} (target_parameters), which "
-                               "combine_adapters cannot combine (peft refuses them too); combine adapters without "
-                               "target_parameters")
+    every = [f"{path}.{p}" for path, host in param_hosts(model).items() if not isinstance(host, MhaLora)
+             for p, _ in host.base_layer.named_parameters(recurse=False)]
+    if entries and sorted(k for k in every if matches_parameter(k, entries)) == keys:
+        return entries
+    return keys
 
 
 def _modules_to_save(model: nn.Module, names: list[str]) -> dict[str, tuple[ModulesToSave, str]]:
@@ -311,7 +349,8 @@ def _generator(seed: int | None, layers) -> Iterator[None]:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise LorakitError(f"seed must be an integer, got {shown(seed)}")
     seed = int(seed)
-    devices = sorted({a.lora_A.device.index or 0 for layer in layers for a in layer.adapters.values() if a.lora_A.is_cuda})
+    devices = sorted({a.lora_A.device.index or 0 for layer in layers for n in layer.adapters
+                      for a in _lora_modules(layer, n) if a.lora_A.is_cuda})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
@@ -433,6 +472,81 @@ def _disjoint_mean(stacked: torch.Tensor, weighted: torch.Tensor, sign_method: s
     return (weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1.0)
 
 
+# -- LoRA on raw parameters (lorakit.param_lora): per-expert factors --------------------------------------------
+def _per_expert(adapter: ParamAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A (E, r, in), B (E, out, r))``: each expert's factors, from peft's interleaved layout."""
+    lora_A, lora_B = adapter.lora_A.detach(), adapter.lora_B.detach()
+    per_A = lora_A.reshape(adapter.experts, adapter.rank, adapter.in_features)
+    per_B = lora_B.reshape(adapter.out_features, adapter.rank, adapter.experts).permute(2, 0, 1)
+    return per_A, per_B
+
+
+def _packed(per_A: torch.Tensor, per_B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert ``A (E, k, in)``, ``B (E, out, k)``, zero-padded to rank ``rank``, in peft's layout:
+    ``lora_A (rank * E, in)`` (expert-major rows), ``lora_B (out, rank * E)`` (column k * E + e)."""
+    experts, k, in_features = per_A.shape
+    if k < rank:
+        per_A = torch.cat([per_A, per_A.new_zeros(experts, rank - k, in_features)], dim=1)
+        per_B = torch.cat([per_B, per_B.new_zeros(experts, per_B.shape[1], rank - k)], dim=2)
+    return per_A.reshape(experts * rank, in_features), per_B.permute(1, 2, 0).reshape(per_B.shape[1], rank * experts)
+
+
+def _combine_parameter(path: str, part: str, present: list[tuple[ParamAdapter, float]], rank: int, method: str,
+                       density, sign_method, clamp, full_matrices, driver, lowrank) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new adapter's ``(lora_A, lora_B)`` on one adapted parameter (see the module docstring)."""
+    dtype = present[0][0].lora_A.dtype
+    if method == "cat":  # per expert: A_e = [w_i s_i A_ie; ...], B_e = [B_ie, ...]
+        factors = [_per_expert(a) for a, _ in present]
+        per_A = torch.cat([A.to(dtype) * w * a.scaling for (A, _), (a, w) in zip(factors, present)], dim=1)
+        per_B = torch.cat([B.to(dtype) for _, B in factors], dim=2)
+        return _packed(per_A, per_B, rank)
+    if method in SAME_RANK:  # the whole tensors, element by element (peft's rule for a layer's A and B)
+        if len({a.rank for a, _ in present}) > 1:
+            shown_ranks = ", ".join(f"r={a.rank}" for a, _ in present)
+            raise LorakitError(f"method {method!r} needs one rank per layer, but {path}.{part} has {shown_ranks} (a "
+                               "rank_pattern); use method='cat' or 'svd'")
+        adapter = present[0][0]
+        device = adapter.lora_A.device
+        scaled = [w * a.scaling for a, w in present]
+        root = [math.sqrt(abs(v)) for v in scaled]
+        weights_A = torch.tensor([r if v >= 0 else -r for r, v in zip(root, scaled)], device=device)
+        lora_A = _merge_tensors([a.lora_A.detach() for a, _ in present], weights_A, method, density, sign_method)
+        lora_B = _merge_tensors([a.lora_B.detach() for a, _ in present], torch.tensor(root, device=device), method,
+                                density, sign_method)
+        per_A, per_B = _per_expert_of(adapter, lora_A.to(dtype), lora_B.to(dtype))
+        return _packed(per_A, per_B, rank)
+    base = method.removesuffix("_svd")
+    if lowrank:  # per expert: QR of the stacked factors, SVD of the small core (batched over experts)
+        B_cat = torch.cat([_per_expert(a)[1].float() for a, _ in present], dim=2)  # (E, out, R)
+        A_cat = torch.cat([_per_expert(a)[0].float() * (w * a.scaling) for a, w in present], dim=1)  # (E, R, in)
+        Q_b, R_b = torch.linalg.qr(B_cat)
+        Q_a, R_a = torch.linalg.qr(A_cat.transpose(1, 2))
+        U_c, S, Vh_c = torch.linalg.svd(R_b @ R_a.transpose(1, 2), full_matrices=False, driver=driver)
+        U, Vh = Q_b @ U_c, Vh_c @ Q_a.transpose(1, 2)
+    else:  # the weighted per-expert deltas (E, out, in), combined as one tensor, then an SVD per expert
+        deltas = []
+        for adapter, _ in present:
+            per_A, per_B = _per_expert(adapter)
+            deltas.append((per_B.float() @ per_A.float()) * adapter.scaling)
+        weights = torch.tensor([w for _, w in present], device=deltas[0].device)
+        delta = _merge_tensors(deltas, weights, "linear" if base == "svd" else base, density, sign_method)
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
+    k = min(rank, S.shape[-1])
+    per_B = U[..., :k] * S[..., None, :k]  # (E, out, k)
+    per_A = Vh[..., :k, :]  # (E, k, in)
+    if clamp is not None:  # one quantile over the whole parameter's factors
+        high = torch.quantile(torch.cat([per_B.flatten(), per_A.flatten()]), float(clamp))
+        per_B, per_A = per_B.clamp(-high, high), per_A.clamp(-high, high)
+    return _packed(per_A.to(dtype), per_B.to(dtype), rank)
+
+
+def _per_expert_of(adapter: ParamAdapter, lora_A: torch.Tensor, lora_B: torch.Tensor):
+    """``_per_expert`` of new tensors in ``adapter``'s layout (same experts, rank and shapes)."""
+    per_A = lora_A.reshape(adapter.experts, adapter.rank, adapter.in_features)
+    per_B = lora_B.reshape(adapter.out_features, adapter.rank, adapter.experts).permute(2, 0, 1)
+    return per_A, per_B
+
+
 # -- writing the new adapter ---------------------------------------------------------------------------------------
 def _target_modules(model: nn.Module, paths: list[str], saved: list[str]) -> list[str]:
     """The module names that select exactly ``paths``: their last segments when those do, else the full paths."""
@@ -446,10 +560,24 @@ def _target_modules(model: nn.Module, paths: list[str], saved: list[str]) -> lis
     return short if set(chosen) == set(paths) else sorted(paths)
 
 
-def _add(layers: dict[str, LoraLayer], results, hosts, saved_copies, name: str, dropout: float, trainable: bool) -> None:
+def _add(layers: dict[str, nn.Module], results, hosts, saved_copies, name: str, dropout: float, trainable: bool,
+         param_results=None) -> None:
     """Create the adapter in every layer and copy its tensors in; on any error every part of it is removed."""
     added: list[tuple[nn.Module, str]] = []
     try:
+        for path, parts in (param_results or {}).items():  # LoRA on raw parameters and on nn.MultiheadAttention
+            host = layers[path]
+            rank = next(iter(parts.values()))[0].shape[0] // max(1, _experts(host, next(iter(parts))))
+            with torch.random.fork_rng(devices=[]):  # the init is overwritten: leave the global generator alone
+                created = host.add_adapter(name, {part: (rank, float(rank)) for part in parts}, "lora", "default",
+                                           next(iter(parts.values()))[0].dtype)
+            added.append((host, name))
+            with torch.no_grad():
+                for part, (lora_A, lora_B) in parts.items():
+                    created[part].lora_A.copy_(lora_A)
+                    created[part].lora_B.copy_(lora_B)
+            created.requires_grad_(trainable)
+            created.train(host.training)
         for path, (lora_A, lora_B) in results.items():
             layer = layers[path]
             with torch.random.fork_rng(devices=[]):  # the init is overwritten: leave the global generator alone
@@ -471,3 +599,9 @@ def _add(layers: dict[str, LoraLayer], results, hosts, saved_copies, name: str, 
         for host, added_name in added:
             host.delete_adapter(added_name)
         raise
+
+
+def _experts(host: ParamLora, part: str) -> int:
+    """Number of matrices in the stack ``part`` of ``host`` (1 for a 2-D parameter)."""
+    weight = host.parameter(part)
+    return weight.shape[0] if weight.ndim == 3 else 1

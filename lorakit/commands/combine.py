@@ -177,8 +177,9 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    layers = [layer for layer in lora_layers(model).values() if "combined" in layer.adapters]
-    rank = layers[0].adapters["combined"].rank
+    layers = [h for h in (*lora_layers(model).values(), *lorakit.param_lora.param_hosts(model).values())
+              if "combined" in h.adapters]
+    rank = model.lorakit_configs["combined"].r  # LoRA layers and expert stacks (lorakit.param_lora) alike
     summary = " + ".join(f"{folder} x {weight:g}" for folder, weight in inputs)
     method = "linear" if len(inputs) == 1 else args.method  # combine_adapters' rule for one input (it warned)
     print(f"combined {summary} with {method}: rank {rank} on {len(layers)} layers")
