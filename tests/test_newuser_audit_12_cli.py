@@ -120,6 +120,42 @@ def test_train_mistakes_config_json_and_the_environment_tell_are_refused_before_
     assert not (tmp_path / "run").exists()
 
 
+
+# -- lorakit eval -----------------------------------------------------------------------------------------------------
+def test_eval_argument_mistakes_are_refused_before_the_model_loads(files, capsys, no_load, tmp_path):
+    """--max-length 1 (and one beyond the context) failed after the model had loaded, --samples -1 was accepted, a
+    missing or empty --adapter folder was read only after the base had loaded, and without --model an adapter of
+    another base was tried on the default one (generate and merge said 'pass --model' first)."""
+    evaluate = ["eval", "--model", files["tiny"], "--data", files["data"]]
+    named = shutil.copytree(files["adapter"], tmp_path / "named")
+    config = json.loads((named / "adapter_config.json").read_text())
+    (named / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(files["tiny"])}))
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([*evaluate, "--max-length", "1"], "--max-length must be at least 2 (an example needs a token to read and one "
+                                           "to predict), got 1"),
+        ([*evaluate, "--max-length", "4096"], "--max-length 4096 is longer than the model's context of 128 tokens "
+                                              "(max_position_embeddings in its config.json); pass --max-length 128"),
+        ([*evaluate, "--samples", "-1"], "--samples must be 0 or more (generations to print), got -1"),
+        ([*evaluate, "--adapter", tmp_path / "none"], f"adapter folder {tmp_path / 'none'} does not exist"),
+        ([*evaluate, "--adapter", tmp_path / "empty"], f"{tmp_path / 'empty' / 'adapter_model.safetensors'} not found"),
+        (["eval", "--data", files["data"], "--adapter", named],
+         f"--adapter {named} was trained on {str(files['tiny'])!r} (base_model_name_or_path in its adapter_config.json), "
+         f"not on the default --model smollm2-135m; pass --model {files['tiny']}"),
+    ]
+    for argv, said in cases:
+        line = _refused(capsys, argv)
+        assert line.startswith("lorakit eval: error: " + said), line
+
+
+def test_eval_names_the_adapters_base_when_it_does_not_fit(files, capsys):
+    """The shape error of an adapter on another base ended without a word about --model (as in generate)."""
+    line = _refused(capsys, ["eval", "--model", files["other"], "--data", files["data"], "--adapter", files["adapter"]])
+    assert "was made for another base model" in line and line.endswith(
+        "; pass --model with the folder of the model it was trained on (its adapter_config.json names no "
+        "base_model_name_or_path)"), line
+
+
 # -- an adapter on the wrong base -----------------------------------------------------------------------------------
 def test_an_adapter_that_does_not_fit_the_default_base_says_to_pass_model(files, capsys, monkeypatch, tmp_path):
     """Without --model, an adapter whose adapter_config.json names no base is tried on the default base; its shape

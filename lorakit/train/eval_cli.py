@@ -18,8 +18,17 @@ from pathlib import Path
 from lorakit.errors import LorakitError
 
 
+EPILOG = """examples:
+  lorakit eval                                                    # the embedded model on the embedded task
+  lorakit eval --model ./base --adapter runs/mine/adapter --data val.jsonl --json results.json
+  lorakit eval --model ./base --data val.jsonl --no-generate      # the base alone, loss and perplexity only
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="base model: embedded name or local Hugging Face folder "
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("--model", default=None, help="base model: embedded name or local Hugging Face folder "
                         "(default: smollm2-135m)")
     parser.add_argument("--adapter", metavar="FOLDER", help="adapter folder (PEFT format, e.g. RUN/adapter); omit to "
                         "score the base model alone")
@@ -58,11 +67,14 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.loop import compute_dtype_for
     from lorakit.train.runner import choose_device
 
-    for name in ("max_length", "batch_size", "max_new_tokens"):
+    for name in ("batch_size", "max_new_tokens", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise LorakitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.limit is not None and args.limit < 1:
-        raise LorakitError(f"--limit must be at least 1, got {args.limit}")
+    if args.max_length is not None and args.max_length < 2:  # a token to read and one to predict
+        raise LorakitError(f"--max-length must be at least 2 (an example needs a token to read and one to predict), "
+                           f"got {args.max_length}")
+    if args.samples < 0:
+        raise LorakitError(f"--samples must be 0 or more (generations to print), got {args.samples}")
     if args.json:  # a results file that cannot be written is found out before minutes of scoring
         args.json = os.path.expanduser(args.json)
         target = Path(args.json)
@@ -70,19 +82,30 @@ def run(args: argparse.Namespace) -> int:
             raise LorakitError(f"--json {args.json}: cannot write a file there (a folder, or a parent folder that does "
                                "not exist or is not writable)")
         real = os.path.realpath(target)
-        for given in [*(args.data or []), args.adapter, args.model]:  # the results would replace an input
+        for given in [*(args.data or []), args.adapter, args.model or ""]:  # the results would replace an input
             source = os.path.realpath(os.path.expanduser(given)) if given else None
             if source and (real == source or real.startswith(source.rstrip(os.sep) + os.sep)):
                 raise LorakitError(f"--json {args.json} is or sits inside the input {given}; writing the results "
                                    "there would replace it: choose another file, e.g. --json results.json")
-    from lorakit.commands._args import check_adapter_arg, check_model_arg
+    from lorakit.commands._args import check_adapter_arg, check_base_names, check_model_arg, explain_misfit
+    from lorakit.io import read_adapter
     from lorakit.train.config import check_template_kwargs
+    from lorakit.train.preflight import config_context, local_config
 
     template_kwargs = check_template_kwargs(args.chat_template_kwargs) if args.chat_template_kwargs is not None else None
 
-    check_model_arg(args.model)
+    if args.model is not None:
+        check_model_arg(args.model)
+    adapter_file = None
     if args.adapter:
         check_adapter_arg(args.adapter)
+        adapter_file = read_adapter(args.adapter)  # checked (and read once) before the base loads
+    defaulted = args.model is None
+    args.model = check_base_names(args.model, [(args.adapter, adapter_file)] if adapter_file else [])
+    declared = config_context(local_config(args.model) or {})
+    if args.max_length is not None and declared is not None and args.max_length > declared:
+        raise LorakitError(f"--max-length {args.max_length} is longer than the model's context of {declared} tokens "
+                           f"(max_position_embeddings in its config.json); pass --max-length {declared} or less")
     started = time.perf_counter()
     device = choose_device(TrainConfig(device=args.device))
     if args.data:
@@ -101,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
             raise LorakitError(f"--quantize {args.quantize} is not available in this install ({error})") from None
         raise
     if args.adapter:
-        load_adapter(model, args.adapter)
+        try:
+            load_adapter(model, adapter_file)
+        except LorakitError as error:  # another base's adapter: say which base, and how to pass it
+            raise explain_misfit(error, adapter_file, args.model, defaulted) from None
         if template_kwargs is None:
             template_kwargs = run_template_kwargs(args.adapter)
             if template_kwargs:
