@@ -319,3 +319,29 @@ def test_a_sharegpt_csv_reads_like_a_chat_csv(tmp_path, tok):
     (tmp_path / "bad.csv").write_text('conversations\n"[{from: human}]"\n')
     with pytest.raises(LorakitError, match=r"^bad\.csv:2: field 'conversations' is a string that is not JSON"):
         read_many(tmp_path / "bad.csv")
+
+
+def test_a_template_that_refuses_a_system_turn_or_repeated_roles_says_what_to_change(tmp_path):
+    """Gemma's template raises on a system turn and on two user turns in a row, which OpenAI and ShareGPT files often
+    have; the line quoted the template's reason without saying what to change in the data."""
+    tok = template_tokenizer("gemma")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello."}]
+    with pytest.raises(LorakitError) as info:
+        build_dataset([validate_record({"messages": chat}, "openai.jsonl:3")], tok, 64)
+    assert str(info.value) == (
+        "openai.jsonl:3: the chat template rejected this chat (System role not supported); this model's template "
+        "takes no system turn: put the system text at the start of the first user turn")
+    gemma2 = TEMPLATES["gemma"][0].replace("{% if m['role'] == 'system' %}", "{% if (m['role'] == 'user') != "
+                                           "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must "
+                                           "alternate user/assistant/user/assistant/...') }}{% endif %}"
+                                           "{% if m['role'] == 'system' %}")
+    tok.chat_template = gemma2
+    chat = [{"role": "user", "content": "Hi?"}, {"role": "user", "content": "Anyone?"},
+            {"role": "assistant", "content": "Hello."}]
+    with pytest.raises(LorakitError) as info:
+        build_dataset([validate_record({"messages": chat}, "openai.jsonl:4")], tok, 64)
+    assert str(info.value) == (
+        "openai.jsonl:4: the chat template rejected this chat (Conversation roles must alternate user/assistant/user/"
+        "assistant/...); this model's template takes turns that alternate between user and assistant: join "
+        "consecutive turns of one role into one")

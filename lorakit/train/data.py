@@ -161,10 +161,22 @@ def _render_chat(tokenizer: Any, messages: list[dict], generation_prompt: bool, 
                                              **({"tools": tools} if tools else {}), **(template_kwargs or {}))
     except Exception as exc:  # jinja raises TemplateError (e.g. "roles must alternate") or anything the template does
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        error = LorakitError(f"{where}: the chat template rejected this chat ({reason})")
+        error = LorakitError(f"{where}: the chat template rejected this chat ({reason}){_template_fix(reason, messages)}")
         error.template_rejected = True
         raise error from None
     return text
+
+
+def _template_fix(reason: str, messages: list[dict]) -> str:
+    """What to change in the data for the two refusals templates raise most (Gemma's, Mistral's, Llama 2's): a
+    system turn they take none of, and turns that do not alternate; "" for any other reason."""
+    said = reason.lower()
+    if "system" in said and any(m["role"] == "system" for m in messages):
+        return "; this model's template takes no system turn: put the system text at the start of the first user turn"
+    if "alternate" in said:
+        return ("; this model's template takes turns that alternate between user and assistant: join consecutive turns "
+                "of one role into one")
+    return ""
 
 
 def _render_with_null_content(tokenizer: Any, messages: list[dict], generation_prompt: bool,
