@@ -218,3 +218,23 @@ def test_serve_argument_mistakes_are_one_line_before_the_model_loads(files, caps
     assert exit_info.value.code == 2
     assert "argument --log-level: invalid choice: 'loud' (choose from 'critical', 'error', 'warning', 'info', " \
            "'debug', 'trace')" in capsys.readouterr().err
+
+
+# -- --help -------------------------------------------------------------------------------------------------------------
+def test_every_subcommand_help_has_examples_and_every_option_help_and_its_default():
+    """lorakit serve --help and lorakit demo --help had no examples, and demo's --prompt hid its default."""
+    import argparse
+
+    from lorakit.cli import SUBCOMMANDS, build_parser
+
+    for name in SUBCOMMANDS:
+        parser = build_parser(only=name)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+        assert sub.epilog and sub.epilog.startswith(("examples:", "example:")), name
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = action.option_strings[-1] if action.option_strings else action.dest
+            assert action.help, f"lorakit {name} {flag} has no help"
+            if action.default not in (None, False, [], argparse.SUPPRESS):
+                assert "default" in action.help, f"lorakit {name} {flag} does not show its default {action.default!r}"

@@ -6,9 +6,18 @@ import argparse
 import time
 
 
+EPILOG = """examples:
+  lorakit demo                                   # the embedded SmolLM2-135M-Instruct (converted on first use)
+  lorakit demo --model ./my-base --rank 8 --prompt "Say hello"
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder (default: %(default)s)")
-    parser.add_argument("--prompt", default="What is the capital of France?", help="user message to answer")
+    parser.add_argument("--prompt", default="What is the capital of France?",
+                        help="user message to answer (default: %(default)r)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
 
 

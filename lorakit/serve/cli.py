@@ -14,7 +14,16 @@ from lorakit.errors import LorakitError
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
+EPILOG = """examples:
+  lorakit serve --model ./base --adapters ./adapters     # each subfolder of ./adapters is one adapter, by its name
+  lorakit serve --model ./base --adapters ./adapters --port 9000 --api-key "$KEY" --host 0.0.0.0
+  curl http://127.0.0.1:8000/v1/models                  # the base and every adapter a client can name as "model"
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder (default: %(default)s)")
     parser.add_argument("--adapters", required=True, help="folder of adapters: each subfolder is one adapter, named by the folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 exposes it)")
