@@ -150,7 +150,8 @@ def test_trainable_tokens_hold_their_rows_not_copies(server):
 def test_static_decoder_refuses_token_adapters_in_one_line(tokens_setup):
     """The static decoder serves adapters on the attention and MLP projections only. A request on a trainable-tokens
     adapter was a 500 "generation failed: adapter 'lk0' also changes ..." (the pool's internal name); now a 400
-    naming the adapter as the client did, before anything is generated, with its pin released; others still serve."""
+    naming the adapter as the client did, before anything is generated, with its pin released; others still serve.
+    echo's scoring alone (max_tokens 0: lm-eval's loglikelihood) runs transformers' forward, so it stays served."""
     process = ServerProcess(tokens_setup["model"], tokens_setup["adapters"], "--decoder", "static", "--max-context",
                             "48", "--max-tokens", "16", log=tokens_setup["root"] / "static.log")
     try:
@@ -165,7 +166,27 @@ def test_static_decoder_refuses_token_adapters_in_one_line(tokens_setup):
                 assert "adapter 'tok' also changes lm_head" in error["message"], error
                 assert "--decoder transformers" in error["message"] and "lk" not in error["message"]
             assert [a["in_use"] for a in client.get("/v1/adapters").json()["data"]] == [0]
-            assert len(_ask(client, "a0", 4)["text"]) > 0
+            # echo's scoring alone runs transformers' forward, which serves the rows: peft's prompt logprobs
+            response = client.post("/v1/completions", json={"model": "tok", "prompt": PROMPT, "max_tokens": 0,
+                                                            "echo": True, "logprobs": 0})
+            assert response.status_code == 200, response.text[:300]
+            with torch.no_grad():
+                logits = tokens_setup["peft"]["tok"](torch.tensor([PROMPT])).logits[0, :-1].float()
+            expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(PROMPT[1:]).unsqueeze(1))[:, 0]
+            scored = response.json()["choices"][0]["logprobs"]["token_logprobs"]
+            assert scored[0] is None
+            torch.testing.assert_close(torch.tensor(scored[1:]), expected, rtol=TOLERANCE[torch.float32][0],
+                                       atol=TOLERANCE[torch.float32][1])
+            # the decoder still serves the other adapters, as transformers computes them
+            import lorakit
+            from transformers import AutoModelForCausalLM
+
+            reference = AutoModelForCausalLM.from_pretrained(tokens_setup["model"]).eval()
+            lorakit.load_adapter(reference, tokens_setup["adapters"] / "a0")
+            _, logprobs = _greedy(reference, PROMPT, 4)
+            torch.testing.assert_close(torch.tensor(_ask(client, "a0", 4)["logprobs"]["token_logprobs"]),
+                                       torch.tensor(logprobs), rtol=TOLERANCE[torch.float32][0],
+                                       atol=TOLERANCE[torch.float32][1])
     finally:
         process.stop()
 

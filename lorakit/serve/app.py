@@ -410,8 +410,10 @@ def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | 
     return max_tokens
 
 
-async def _acquire(state: ServerState, name: str) -> str:
-    """Pin adapter ``name`` (a pool thread may load it); returns its internal name. Never leaks a pin."""
+async def _acquire(state: ServerState, name: str, generates: bool = True) -> str:
+    """Pin adapter ``name`` (a pool thread may load it); returns its internal name. Never leaks a pin.
+    ``generates``: the request decodes tokens (not only echo's scoring, which runs transformers' forward), so an
+    adapter the static decoder cannot run is refused here."""
     try:
         check_name(name)
     except LorakitError as error:
@@ -424,6 +426,8 @@ async def _acquire(state: ServerState, name: str) -> str:
         raise
     except LorakitError as error:
         raise _adapter_error(error) from None
+    if not generates:
+        return internal
     try:
         reason = await run_in_threadpool(state.engine.unservable, internal)
     except BaseException:
@@ -487,7 +491,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     think = await run_in_threadpool(_think_state, state, prompts[0]) if chat and forced is None else None
     constraints = await _constraints(state, *_format_spec(body), params, think)
     adapter_name = None if body.model == state.base_name else body.model
-    internal = None if adapter_name is None else await _acquire(state, adapter_name)
+    internal = None if adapter_name is None else await _acquire(state, adapter_name, generates=bool(params))
     prompt_lps = None
     try:
         if echoes is not None and logprobs is not None:
