@@ -87,6 +87,11 @@ def test_kto_records_are_refused_as_preference_data(tmp_path, row):
     with pytest.raises(LorakitError) as info:
         read_many(path)
     message = str(info.value)
+    if isinstance(row["prompt"], str):  # the same rows exported to CSV, where the label is the text "False"
+        (tmp_path / "kto.csv").write_text(f"prompt,completion,label\n{row['prompt']},{row['completion']},"
+                                          f"{row['label']}\n")
+        with pytest.raises(LorakitError, match=r"^kto\.csv:2: a KTO \(unpaired preference\) record"):
+            read_many(tmp_path / "kto.csv")
     assert message.startswith("kto.jsonl:1: a KTO (unpaired preference) record: 'label' says whether the completion "
                               "is a good answer"), message
     assert "keep the records with label true, then delete 'label'" in message and "KTOTrainer" in message

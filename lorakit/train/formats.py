@@ -176,7 +176,9 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
             "supervised fine-tuning, not preference optimisation: to learn the preferred answers, write each as "
             "{\"messages\": input messages + preferred_output} and drop non_preferred_output, or train DPO with TRL's "
             "DPOTrainer on an injected model (README: With TRL)")
-    if "completion" in obj and isinstance(obj.get("label"), bool):  # TRL's KTO format (trl-lib/kto-mix-14k)
+    label = obj.get("label")
+    if "completion" in obj and (isinstance(label, bool) or str(label).strip().lower() in ("true", "false")):
+        # TRL's KTO format (trl-lib/kto-mix-14k); a CSV export writes the label as text
         # not an unknown field to delete: without it the answers labelled bad would train as good ones
         raise LorakitError(
             f"{where}: a KTO (unpaired preference) record: 'label' says whether the completion is a good answer; "
