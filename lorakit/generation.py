@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -54,14 +55,19 @@ class SamplingParams:
             raise LorakitError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         for key, low, high, open_low in (("temperature", 0.0, 100.0, False), ("top_p", 0.0, 1.0, True)):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # value != value: NaN
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:  # value != value: NaN
                 raise LorakitError(f"{key} must be a number in {'(' if open_low else '['}{low:g}, {high:g}], got {value!r}")
             if not ((low < value if open_low else low <= value) and value <= high):
                 raise LorakitError(f"{key} must be in {'(' if open_low else '['}{low:g}, {high:g}], got {value!r}")
             setattr(self, key, float(value))
+        self.max_new_tokens = int(self.max_new_tokens)
         if not _is_int(self.top_k) or self.top_k < 0:
             raise LorakitError(f"top_k must be a non-negative integer (0: off), got {self.top_k!r}")
-        stops = (self.stop_token_ids,) if _is_int(self.stop_token_ids) else self.stop_token_ids
+        self.top_k = int(self.top_k)
+        stops = self.stop_token_ids
+        if hasattr(stops, "tolist") and not _is_int(stops):  # a torch tensor or numpy array of ids
+            stops = stops.tolist()
+        stops = (stops,) if _is_int(stops) else stops
         if isinstance(stops, (str, bytes)) or not all(_is_int(t) for t in _iterable(stops)):
             raise LorakitError(f"stop_token_ids must be token ids (ints), got {self.stop_token_ids!r}; for a text, "
                                "use tokenizer.convert_tokens_to_ids(...) or lorakit.generation.end_of_turn_ids(tokenizer)")
@@ -72,6 +78,8 @@ class SamplingParams:
         self.stop = tuple(stop)
         if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
             raise LorakitError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
+        if self.seed is not None:
+            self.seed = int(self.seed)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.temperature == 0:
@@ -82,7 +90,8 @@ class SamplingParams:
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer, numpy's included (a length or id read from an array); not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, torch.Tensor))
 
 
 def _iterable(value) -> Iterator:
@@ -93,12 +102,18 @@ def _iterable(value) -> Iterator:
 
 
 # -- prompts -------------------------------------------------------------------------------------------------------
-def end_of_turn_ids(tokenizer) -> tuple[int, ...]:
+def end_of_turn_ids(tokenizer, model: nn.Module | None = None) -> tuple[int, ...]:
     """Token ids that end a generation: the tokenizer's EOS, the token its chat template ends a turn with (found by
-    rendering the template, so an unusual one stops generation too), and the common end-of-turn tokens it knows."""
+    rendering the template, so an unusual one stops generation too), the common end-of-turn tokens it knows, and
+    with ``model`` every id of its ``generation_config.eos_token_id`` (what transformers' generate stops on: Llama
+    3.1's ``<|eom_id|>``, GLM-4's ``<|user|>``, which the tokenizer does not call an end)."""
     from lorakit.chat_template import template_end_of_turn
 
     ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for token in [configured] if _is_int(configured) else configured if isinstance(configured, (list, tuple)) else ():
+        if _is_int(token):
+            ids.add(int(token))
     eos = getattr(tokenizer, "eos_token_id", None)
     if isinstance(eos, int):
         ids.add(eos)
@@ -459,7 +474,8 @@ def _check_prompts(prompts) -> None:
             raise LorakitError("prompts must be a list of prompts, each a list of token ids; wrap a single prompt in a "
                                "list: [ids]")
         if len(prompt) == 0:
-            raise LorakitError("cannot generate from an empty prompt; give at least one token")
+            raise LorakitError(f"prompt {row} is empty; give at least one token (a tokenizer without a BOS token "
+                               "encodes empty text to no tokens)")
         integral = (not prompt.is_floating_point() and not prompt.is_complex() if isinstance(prompt, torch.Tensor)
                     else all(hasattr(t, "__index__") and not isinstance(t, torch.Tensor) or
                              isinstance(t, torch.Tensor) and not t.is_floating_point() for t in prompt))
@@ -489,6 +505,10 @@ def prefill(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Sequen
                                f"vocabulary [0, {vocab}); encode prompts with this model's tokenizer")
     device = model_device(model)
     length = max(len(p) for p in prompts)
+    if any(len(p) < length for p in prompts) and (not _is_int(pad_id) or not 0 <= pad_id < (vocab or pad_id + 1)):
+        # padding is masked, yet its id still goes through the embedding (IndexError outside the vocabulary)
+        raise LorakitError(f"pad_id {pad_id} is outside this model's vocabulary [0, {vocab}); pass any id in it (the "
+                           "padding is masked, so which one does not matter), e.g. pad_id=0")
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), length), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):

@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             named = re.sub(r"'adapter\d+'", lambda match: inputs.get(match.group(0), match.group(0)), str(error))
             raise explain_misfit(LorakitError(named), adapter_file, args.model, defaulted) from None
         rows.append((label, internal))
-    stops = end_of_turn_ids(tokenizer)
+    stops = end_of_turn_ids(tokenizer, model)  # with the model's generation_config ends, as transformers stops
     params.stop_token_ids = stops
     ids = encode_prompt(tokenizer, prompt, chat=False if args.no_chat else None, chat_template_kwargs=template_kwargs)
     from lorakit.models.loading import context_length
