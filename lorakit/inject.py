@@ -212,21 +212,39 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
                         if isinstance(modules[p.rpartition(".")[0]], nn.MultiheadAttention)})
     hint = (f" (to adapt an nn.MultiheadAttention, name the attention module itself: target_modules "
             f"{attention!r} puts LoRA on its in_proj and out_proj, as peft does)") if attention else ""
+    only_raw = _raw_only(config.target_modules, targets, raw)
     if raw and config.target_modules == "all-linear":
         warnings.warn(f"all-linear skips {len(raw)} modules ({', '.join(sorted({p.rsplit('.', 1)[-1] for p in raw}))}) "
                       f"whose weight the model's forward uses directly, so an adapter there would not apply{hint}",
                       stacklevel=3)
         targets = {path: module for path, module in targets.items() if path not in raw}
-    elif raw:
-        name = raw[0].rsplit(".", 1)[-1]
-        raise LorakitError(f"{type(modules[raw[0].rpartition('.')[0]]).__name__} uses {name}.weight directly in its "
-                           f"forward ({raw[0]}), so a LoRA adapter there would not apply; remove {name!r} from "
+    elif only_raw:
+        name = only_raw.rsplit(".", 1)[-1]
+        raise LorakitError(f"{type(modules[only_raw.rpartition('.')[0]]).__name__} uses {name}.weight directly in its "
+                           f"forward ({only_raw}), so a LoRA adapter there would not apply; remove {name!r} from "
                            f"target_modules{hint}")
+    elif raw:  # the same name also covers layers that are called (SigLIP's encoder out_proj beside its head's)
+        warnings.warn(f"target_modules {shown(config.target_modules)} also match {listed(raw, 3)}, whose weight the "
+                      f"model's forward uses directly, so an adapter there would not apply: skipped{hint}", stacklevel=3)
+        targets = {path: module for path, module in targets.items() if path not in raw}
     if not targets:
         raise LorakitError("no target is left once the modules whose weight the model reads directly are skipped; name "
                            "target_modules explicitly")
     _warn_frozen_experts(modules, config)
     return targets
+
+
+def _raw_only(target_modules: list[str] | str, targets: dict[str, nn.Module], raw: list[str]) -> str | None:
+    """A raw-read target that the user named on its own: one matched by a list entry (or a regular expression)
+    that matches no layer that is called. None when every raw-read target came with called ones."""
+    called = [path for path in targets if path not in raw]
+    for path in raw:
+        if isinstance(target_modules, str):
+            if not called:
+                return path
+        elif any(_matches(path, [key]) and not any(_matches(other, [key]) for other in called) for key in target_modules):
+            return path
+    return None
 
 
 def _warn_frozen_experts(modules: dict[str, nn.Module], config: LoraConfig) -> None:
@@ -300,19 +318,17 @@ def find_param_targets(model: nn.Module, config: LoraConfig) -> dict[str, dict[s
 
 
 def peft_resolves_differently(model: nn.Module, target_modules: list[str] | str) -> bool:
-    """Whether peft, given this string ``target_modules`` in adapter_config.json, would adapt other modules than
-    lorakit did: on fused MoE experts (peft 0.21 adds LoRA on them and the router) and, for "all-linear", where
-    lorakit skipped layers whose weight the forward reads directly (Mamba's x_proj/dt_proj/out_proj, which peft
-    even refuses). The adapter file then names the adapted modules instead."""
-    if not isinstance(target_modules, str):
-        return False
+    """Whether peft, given this ``target_modules`` in adapter_config.json, would adapt other modules than lorakit
+    did: on fused MoE experts (peft 0.21 adds LoRA on them and the router, for a string) and where lorakit skipped
+    layers whose weight the forward reads directly (Mamba's x_proj/dt_proj/out_proj, which peft even refuses;
+    nn.MultiheadAttention's out_proj, where peft adds a LoRA that never acts): by "all-linear", or by a name or
+    regular expression that also covers called layers. The adapter file then names the adapted modules instead."""
     modules = _base_modules(model)
-    if expert_parameters(modules):
+    if isinstance(target_modules, str) and expert_parameters(modules):
         return True
-    if target_modules != "all-linear":
-        return False  # a regex naming a raw-read layer is refused by find_targets, so none was skipped
-    heads = output_head_names(model)
-    return any(p and p not in heads and quant.is_linear_like(m) and _weight_read_raw(modules, p) for p, m in modules.items())
+    heads = output_head_names(model) if target_modules == "all-linear" else set()
+    chosen = (lambda p: p not in heads) if target_modules == "all-linear" else (lambda p: _matches(p, target_modules))
+    return any(p and chosen(p) and quant.is_linear_like(m) and _weight_read_raw(modules, p) for p, m in modules.items())
 
 
 def expert_parameters(modules: dict[str, nn.Module]) -> dict[str, int]:

@@ -269,3 +269,27 @@ def test_mixed_batch_runs_each_row_with_its_adapter_or_refuses_sequence_first():
     lorakit.inject(sequence_first, lorakit.LoraConfig(r=2, target_modules=["attn"]))
     with pytest.raises(LorakitError, match="batch_first=False"), lorakit.mixed_batch(sequence_first, ["default", None]):
         run(sequence_first, "block")
+
+
+def test_a_name_matching_plain_layers_and_an_attention_out_proj_adapts_the_plain_ones(tmp_path):
+    """SigLIP's encoder has Linear out_proj layers (called) and its pooling head an nn.MultiheadAttention out_proj
+    (read directly): "out_proj" adapts the former and skips the latter with a warning, as all-linear does; the file
+    names the adapted layers by path, so peft adapts exactly those too."""
+    base = siglip()
+    model = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match=r"head\.attention\.out_proj.*skipped.*target_modules \['attention'\]"):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "out_proj"]))
+    from lorakit.inject import adapter_hosts, lora_layers
+
+    assert "encoder.layers.0.self_attn.out_proj" in lora_layers(model)
+    assert "head.attention.out_proj" not in adapter_hosts(model)
+    randomize(model)
+    lorakit.save_adapter(model, tmp_path / "ours")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    assert not [w for w in caught if "missing" in str(w.message).lower()]  # peft adapts exactly the saved layers
+    torch.testing.assert_close(run(theirs, "siglip"), run(model, "siglip"), rtol=0, atol=1e-6)
+    again = copy.deepcopy(base)
+    lorakit.load_adapter(again, tmp_path / "ours")
+    torch.testing.assert_close(run(again, "siglip"), run(model, "siglip"), rtol=0, atol=0)
