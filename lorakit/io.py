@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lorakit import quant
+from lorakit._finite import all_finite
 from lorakit._fs import atomic_write_bytes, atomic_write_text
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
@@ -347,7 +348,7 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
     if narrow:
         raise LorakitError(f"{weights}: tensor {clipped(narrow[0])} has dtype {tensors[narrow[0]].dtype}; adapter "
                            "weights must be float32, float16 or bfloat16: convert them (tensor.float()) and save again")
-    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    bad = [k for k, t in tensors.items() if not all_finite(t)]
     if bad:
         raise LorakitError(f"{weights}: tensor {clipped(bad[0])} holds NaN or Inf; the adapter is broken")
     if config is None:
@@ -593,6 +594,8 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
     param_keys = _param_keys(params)
     attention = {path: module for path, module in targets.items() if isinstance(module, nn.MultiheadAttention)}
     param_keys.update(_attention_keys(attention))
+    if attention:
+        _warn_newer_attention_format(adapter_file)
     targets = {path: module for path, module in targets.items() if path not in attention}
     inert = inert_raw_targets(model, adapter_file)
     for key, tensor in adapter_file.tensors.items():
@@ -691,6 +694,19 @@ def _param_keys(params: dict[str, dict[str, tuple[int, float]]]) -> dict[str, tu
             for which in ("lora_A", "lora_B"):
                 keys[f"{path}{infix}.{which}.weight"] = (path, f"{name}.{which}")
     return keys
+
+
+def _warn_newer_attention_format(adapter_file: AdapterFile) -> None:
+    """lorakit reads LoRA on nn.MultiheadAttention as peft 0.21 runs it, out_proj's update added twice
+    (lorakit.mha_lora); a file from a later peft may come from a release that adds it once (huggingface/peft PR
+    #3774), and would then run with twice its out_proj update here: said once."""
+    made_by = adapter_file.raw_config.get("peft_version") if isinstance(adapter_file.raw_config, dict) else None
+    numbers = re.match(r"(\d+)\.(\d+)", made_by) if isinstance(made_by, str) else None
+    if numbers and (int(numbers.group(1)), int(numbers.group(2))) > (0, 21):
+        warnings.warn(f"{adapter_file.folder} was saved by peft {made_by}; lorakit runs LoRA on nn.MultiheadAttention "
+                      "as peft 0.21 does (out_proj's update added twice): if this peft adds it once, the outputs "
+                      "differ from peft's; compare with PeftModel.from_pretrained before relying on them",
+                      UserWarning, stacklevel=4)
 
 
 def _attention_keys(attention: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:

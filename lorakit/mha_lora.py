@@ -100,9 +100,11 @@ class MhaLora(ParamLora):
                 if current is None:
                     current = self._weights_of(part)
                 with torch.autocast(device_type=current.device.type, enabled=False):
-                    delta = ((adapter.lora_B @ adapter.lora_A) * adapter.scaling).to(current.dtype)
-                for _ in range(APPLIED[part]):
-                    current = current + delta
+                    delta = (adapter.lora_B @ adapter.lora_A) * adapter.scaling  # in the adapter's dtype
+                    dtype = current.dtype
+                    current = current + delta.to(dtype)
+                    if APPLIED[part] == 2:  # peft's out_proj.merge: weight.data += delta, added unrounded
+                        current = (current + delta).to(dtype)
                 weights[part] = current
         return weights
 

@@ -293,3 +293,29 @@ def test_a_name_matching_plain_layers_and_an_attention_out_proj_adapts_the_plain
     again = copy.deepcopy(base)
     lorakit.load_adapter(again, tmp_path / "ours")
     torch.testing.assert_close(run(again, "siglip"), run(model, "siglip"), rtol=0, atol=0)
+
+
+def test_16_bit_base_matches_peft_bit_for_bit(tmp_path):
+    """bfloat16 base, float32 adapter: peft rounds in_proj's delta before adding it and adds out_proj's second copy
+    unrounded (an in-place add); lorakit's forward rounds the same way."""
+    base = siglip().to(torch.bfloat16)
+    theirs = peft_model(base, ["attention"])
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(base)
+    lorakit.load_adapter(ours, tmp_path / "peft")
+    with torch.no_grad():
+        expected = theirs(pixel_values=PIXELS.bfloat16()).pooler_output
+        assert torch.equal(ours(pixel_values=PIXELS.bfloat16()).pooler_output, expected)
+
+
+def test_dropout_and_a_newer_peft_file_are_said_once(tmp_path):
+    import json
+
+    with pytest.warns(UserWarning, match=r"dropout=0\.1 does not apply to the nn\.MultiheadAttention attn"):
+        lorakit.inject(block(), lorakit.LoraConfig(r=2, dropout=0.1, target_modules=["attn"]))
+    base = block()
+    peft_model(base, ["attn"]).save_pretrained(tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "peft_version": "0.22.0"}))
+    with pytest.warns(UserWarning, match=r"saved by peft 0\.22\.0; lorakit runs LoRA on nn\.MultiheadAttention as peft 0\.21"):
+        lorakit.load_adapter(copy.deepcopy(base), tmp_path / "peft")
