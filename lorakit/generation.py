@@ -474,8 +474,8 @@ def _check_prompts(prompts) -> None:
             raise LorakitError("prompts must be a list of prompts, each a list of token ids; wrap a single prompt in a "
                                "list: [ids]")
         if len(prompt) == 0:
-            raise LorakitError(f"prompt {row} is empty; give at least one token (a tokenizer without a BOS token "
-                               "encodes empty text to no tokens)")
+            raise LorakitError(f"cannot generate from an empty prompt (prompt {row}); give at least one token (a "
+                               "tokenizer without a BOS token encodes empty text to none)")
         integral = (not prompt.is_floating_point() and not prompt.is_complex() if isinstance(prompt, torch.Tensor)
                     else all(hasattr(t, "__index__") and not isinstance(t, torch.Tensor) or
                              isinstance(t, torch.Tensor) and not t.is_floating_point() for t in prompt))

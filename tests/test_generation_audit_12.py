@@ -231,7 +231,7 @@ def test_numpy_and_tensor_numbers_are_taken_as_numbers():
 
 def test_an_empty_prompt_in_a_batch_is_named():
     model, _ = _llama_and_tokenizer()
-    with pytest.raises(LorakitError, match="prompt 1 is empty"):
+    with pytest.raises(LorakitError, match=r"empty prompt \(prompt 1\)"):
         G.generate(model, [[1, 2], []], [None, None], G.SamplingParams(max_new_tokens=2))
 
 
