@@ -7,6 +7,7 @@ load fail the test), and a refused command leaves no output folder behind.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -154,6 +155,59 @@ def test_eval_names_the_adapters_base_when_it_does_not_fit(files, capsys):
     assert "was made for another base model" in line and line.endswith(
         "; pass --model with the folder of the model it was trained on (its adapter_config.json names no "
         "base_model_name_or_path)"), line
+
+
+
+# -- empty arguments (an unset shell variable) -----------------------------------------------------------------------
+def test_an_empty_path_argument_is_named_as_empty(files, capsys, no_load, tmp_path, monkeypatch):
+    """--model "$BASE" with BASE unset was read as the current folder ('. has no config.json'); --adapter '' in merge
+    said '--out m is, holds or sits inside the adapter folder ;'; train --out '' trained into runs/<date-time> and
+    eval --json '' wrote no results, both without a word."""
+    monkeypatch.chdir(tmp_path)
+    model_fix = "--model is empty (an unset shell variable?); give the model folder or an embedded name, e.g. smollm2-135m"
+    adapter_fix = ("--adapter is empty (an unset shell variable?); give the adapter folder that holds "
+                   "adapter_config.json, e.g. runs/mine/adapter")
+    tiny, adapter, data = (str(files[k]) for k in ("tiny", "adapter", "data"))
+    cases = [
+        (["train", "--model", "", "--data", data], model_fix),
+        (["train", "--model", tiny, "--data", data, "--out", ""], "--out is empty (an unset shell variable?); give the "
+                                                                "run folder, e.g. runs/mine (or leave it out: "
+                                                                "runs/<date-time>)"),
+        (["eval", "--model", "", "--data", data], model_fix),
+        (["eval", "--model", tiny, "--data", data, "--json", ""], "--json is empty (an unset shell variable?); give "
+                                                                  "the results file, e.g. --json results.json"),
+        (["generate", "--model", "", "Hello"], model_fix),
+        (["generate", "--model", tiny, "--adapter", " ", "Hello"], adapter_fix),
+        (["merge", "--model", tiny, "--adapter", "", "--out", "m"], adapter_fix),
+        (["merge", "--model", "", "--adapter", adapter, "--out", "m"], model_fix),
+        (["combine", "--model", tiny, "--adapter", "", "--out", "c"], adapter_fix),
+        (["quantize", "--model", "", "--out", "q"], model_fix),
+        (["demo", "--model", ""], model_fix),
+        (["inspect", ""], "the adapter folder given is '' (an unset shell variable?)"),
+    ]
+    if importlib.util.find_spec("fastapi"):
+        cases += [(["serve", "--model", "", "--adapters", tmp_path, "--port", "0"], model_fix),
+                  (["serve", "--model", tiny, "--adapters", "", "--port", "0"], "--adapters is empty")]
+    for argv, said in cases:
+        line = _refused(capsys, argv)
+        assert line.startswith(f"lorakit {argv[0]}: error: {said}"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run folder, output or results file was started
+
+
+# -- lorakit combine --------------------------------------------------------------------------------------------------
+def test_combine_weights_and_ranks_the_adapter_configs_refuse_are_said_before_loading(files, capsys, no_load, tmp_path):
+    """--method linear (or ties, dare...) on adapters of different ranks was refused only after the base had loaded,
+    and weights that are all 0 wrote an adapter that changes nothing, without a word."""
+    model = tiny_llama(vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=2)
+    rank8 = make_adapter(model, tmp_path / "rank 8", seed=2, r=8)  # a space in the name, as users' folders have
+    combine = ["combine", "--model", files["tiny"], "--out", tmp_path / "out"]
+    line = _refused(capsys, [*combine, "--adapter", files["adapter"], "--adapter", rank8, "--method", "linear"])
+    assert line == (f"lorakit combine: error: --method linear needs adapters of one rank, got {files['adapter']}: r=4, "
+                    f"{rank8}: r=8; use --method cat (rank 12, exact) or svd (rank --svd-rank, default 8)")
+    line = _refused(capsys, [*combine, "--adapter", f"{files['adapter']}=0", "--adapter", f"{rank8}=0"])
+    assert line == ("lorakit combine: error: every --adapter weight is 0, so the combined adapter would change "
+                    "nothing; give the adapters weights, e.g. --adapter a=0.7 --adapter b=0.3")
+    assert not (tmp_path / "out").exists()
 
 
 # -- an adapter on the wrong base -----------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ def check_model_arg(model: str, flag: str = "--model") -> None:
 
     A missing path or a name is left to :func:`lorakit.load_base`, which says what it accepts.
     """
+    if not str(model).strip():  # "" read as the current folder: ". has no config.json"
+        raise LorakitError(f"{flag} is empty (an unset shell variable?); give the model folder or an embedded name, "
+                           "e.g. smollm2-135m")
     path = Path(os.path.expanduser(str(model)))
     if not path.is_file():
         return
@@ -54,7 +57,11 @@ def check_model_folder(model: str, flag: str = "--model") -> None:
 
 
 def check_adapter_arg(adapter: str, flag: str = "--adapter") -> None:
-    """Refuse a file given as an adapter (the adapter is the folder holding adapter_config.json)."""
+    """Refuse a file given as an adapter (the adapter is the folder holding adapter_config.json), or an empty path
+    (read as the current folder)."""
+    if not str(adapter).strip():
+        raise LorakitError(f"{flag} is empty (an unset shell variable?); give the adapter folder that holds "
+                           "adapter_config.json, e.g. runs/mine/adapter")
     path = Path(os.path.expanduser(str(adapter)))
     if path.is_file():
         hint = (f"; did you mean its folder {str(path.parent)!r}?" if (path.parent / "adapter_config.json").is_file()

@@ -100,6 +100,21 @@ def _flag_names():
         raise LorakitError(message) from None
 
 
+def check_ranks(method: str, folders: list[str], files: list) -> None:
+    """The methods that add A and B factors separately need one rank: refused from the adapter configs, before the
+    base loads (``combine_adapters`` checks it again per layer, where a rank_pattern can make ranks differ)."""
+    from lorakit.combine import SVD
+    from lorakit.errors import LorakitError
+
+    if method == "cat" or method in SVD or len(files) < 2 or any(f.config.rank_pattern for f in files):
+        return
+    ranks = [f.config.r for f in files]
+    if len(set(ranks)) > 1:
+        shown = ", ".join(f"{folder}: r={rank}" for folder, rank in zip(folders, ranks))
+        raise LorakitError(f"--method {method} needs adapters of one rank, got {shown}; use --method cat (rank "
+                           f"{sum(ranks)}, exact) or svd (rank --svd-rank, default {max(ranks)})")
+
+
 def run(args: argparse.Namespace) -> int:
     import time
     import warnings
@@ -140,7 +155,11 @@ def run(args: argparse.Namespace) -> int:
                    svd_rank=args.svd_rank, svd_clamp=args.svd_clamp, svd_lowrank=args.svd_lowrank)
     with _flag_names():  # the options are checked before minutes of loading
         _check_options(**options, svd_driver=None)
+    if all(weight == 0 for _, weight in inputs):
+        raise LorakitError("every --adapter weight is 0, so the combined adapter would change nothing; give the "
+                           "adapters weights, e.g. --adapter a=0.7 --adapter b=0.3")
     files = [lorakit.read_adapter(folder) for folder, _ in inputs]  # each checked (config, tensors) before the base loads
+    check_ranks(args.method, [folder for folder, _ in inputs], files)
     defaulted = args.model is None
     args.model = check_base_names(args.model, [(folder, file) for (folder, _), file in zip(inputs, files)])
 

@@ -24,6 +24,9 @@ def describe(folder: str) -> dict:
     from lorakit.errors import LorakitError
     from lorakit.io import read_adapter
 
+    if not str(folder).strip():  # "" is the current folder: "." holds adapters in subfolders / does not exist
+        raise LorakitError("the adapter folder given is '' (an unset shell variable?); give the folder that holds "
+                           "adapter_config.json, e.g. lorakit inspect runs/mine/adapter")
     path = Path(folder).expanduser()
     if path.is_file():
         hint = (f"; did you mean its folder {str(path.parent)!r}?" if (path.parent / "adapter_config.json").is_file()

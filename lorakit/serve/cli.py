@@ -133,6 +133,9 @@ def check_paths(args: argparse.Namespace) -> None:
     from lorakit.commands._args import check_device, check_model_folder
 
     check_model_folder(args.model)
+    if not str(args.adapters).strip():
+        raise LorakitError("--adapters is empty (an unset shell variable?); give the folder that holds one adapter per "
+                           "subfolder, e.g. --adapters ./adapters")
     root = os.path.expanduser(str(args.adapters))
     if os.path.exists(root) and not os.path.isdir(root):
         raise LorakitError(f"--adapters {args.adapters} is a file, not a folder; give the folder that holds one adapter "

@@ -189,6 +189,11 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise LorakitError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
+        for name, what in (("model", "the model folder or an embedded name, e.g. smollm2-135m"),
+                           ("out", "the run folder, e.g. runs/mine (or leave it out: runs/<date-time>)")):
+            value = getattr(self, name)  # "" (an unset shell variable): the current folder, or a default silently
+            if isinstance(value, str) and not value.strip():
+                raise LorakitError(f"{_flag(name)} is empty (an unset shell variable?); give {what}")
         for name in ("data", "val_data"):  # "" (an unset variable) would read every file in the current folder
             if any(not str(path).strip() for path in getattr(self, name) or []):
                 raise LorakitError(f"{_flag(name)} holds an empty path (''); give a data file or a folder of them, "

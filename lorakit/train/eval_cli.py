@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
                            f"got {args.max_length}")
     if args.samples < 0:
         raise LorakitError(f"--samples must be 0 or more (generations to print), got {args.samples}")
+    if args.json is not None and not args.json.strip():  # an unset variable: the results would not be written
+        raise LorakitError("--json is empty (an unset shell variable?); give the results file, e.g. --json results.json")
     if args.json:  # a results file that cannot be written is found out before minutes of scoring
         args.json = os.path.expanduser(args.json)
         target = Path(args.json)
