@@ -219,9 +219,10 @@ def test_scaled_embedding_rows_equal_peft_in_the_pool(tmp_path):
         torch.testing.assert_close(got, expected, rtol=TOLERANCE[torch.float32][0], atol=TOLERANCE[torch.float32][1])
 
 
-def test_memory_held_counts_against_the_limit(tmp_path):
+def test_memory_held_counts_against_the_limit(tmp_path, monkeypatch):
     """A bfloat16 file loads as float32 LoRA tensors: twice its size in memory. --max-adapter-mb is checked against
-    what the adapter holds once loaded too (was: the file alone); the refusal says so, and leaves nothing loaded."""
+    what the adapter holds once loaded too (was: the file alone); the refusal says so, leaves nothing loaded, and is
+    remembered like the other refusals (asking again loads nothing)."""
     import threading
 
     from safetensors.torch import load_file, save_file
@@ -235,11 +236,16 @@ def test_memory_held_counts_against_the_limit(tmp_path):
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights)
     size = weights.stat().st_size
     model = build()
+    loads = []
+    monkeypatch.setattr(lorakit.io, "load_adapter", lambda *a, _load=lorakit.io.load_adapter, **k: loads.append(1)
+                        or _load(*a, **k))
     pool = AdapterPool(model, tmp_path, threading.RLock(), max_bytes=size + 64)
-    with pytest.raises(AdapterRejected, match=r"^adapter 'half' refused: it holds [\d,]+ bytes in memory once loaded "
-                                              r".* over the limit of [\d,]+ \(--max-adapter-mb\)"):
-        pool.acquire("half")
-    assert pool.loaded() == [] and lorakit.adapter_names(model) == []
+    for _ in range(2):
+        with pytest.raises(AdapterRejected, match=r"^adapter 'half' refused: it holds [\d,]+ bytes in memory once "
+                                                  r"loaded .* over the limit of [\d,]+ \(--max-adapter-mb\)"):
+            pool.acquire("half")
+        assert pool.loaded() == [] and lorakit.adapter_names(model) == []
+    assert len(loads) == 1
     roomy = AdapterPool(model, tmp_path, threading.RLock(), max_bytes=4 * size)
     roomy.acquire("half")
     assert roomy.loaded()[0]["memory_bytes"] > size
@@ -261,3 +267,43 @@ def test_reload_and_unload_of_a_busy_adapter_say_which(server):
     assert wait_idle(client, 5.0)
     assert client.post("/v1/adapters/load", json={"name": "a0"}).json()["in_use"] == 0
     assert client.post("/v1/adapters/unload", json={"name": "a0"}).status_code == 200
+
+
+def test_static_refusal_is_asked_once_per_loaded_adapter():
+    """The engine asks the decoder whether it can run an adapter under the model lock, which the engine's loop takes
+    for every step; each request waited for it. An adapter's answer never changes under its (per-load) name, so
+    later requests get it at once, even while the lock is held."""
+    import threading
+
+    import lorakit
+    from conftest import tiny_llama
+    from lorakit.decoding import StaticDecoder
+    from lorakit.serve.engine import Engine
+
+    model = tiny_llama(seed=6)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]), adapter="x")
+    lock = threading.RLock()
+    engine = Engine(model, lock, max_batch=2, decoder=StaticDecoder(model, max_batch=2, max_len=8))
+    try:
+        assert "embed_tokens" in engine.unservable("x") and engine.unservable(None) is None
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            with lock:
+                held.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait(5)
+        answer = []
+        asker = threading.Thread(target=lambda: answer.append(engine.unservable("x")))
+        asker.start()
+        asker.join(2)
+        answered = list(answer)  # before the lock is given back
+        release.set()
+        holder.join()
+        asker.join()
+        assert answered and "embed_tokens" in answered[0]
+    finally:
+        engine.close()

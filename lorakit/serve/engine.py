@@ -104,6 +104,7 @@ class Engine:
         # the GPU work): prefill + admission of newcomers, and decode steps; GET /health reports them
         self.timings = {"prefill_s": 0.0, "prefill_calls": 0, "prefill_rows": 0, "decode_s": 0.0, "decode_steps": 0}
         self.device = next(model.parameters()).device
+        self._unservable: dict[str, str | None] = {}  # internal adapter name -> unservable()'s answer
         self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
         self._thread.start()
 
@@ -131,8 +132,10 @@ class Engine:
         trainable tokens); asked before a request is submitted, so the client gets a 400, not a failed job."""
         if self.decoder is None or adapter is None:
             return None
-        with self.model_lock:
-            return self.decoder.unservable(adapter)
+        if adapter not in self._unservable:  # an adapter's modules never change under one name (the pool loads
+            with self.model_lock:  # each version under a new one): asked once, not between every step's lock
+                self._unservable[adapter] = self.decoder.unservable(adapter)
+        return self._unservable[adapter]
 
     def score(self, prompt: list[int], adapter: str | None, top: int) -> list[TokenInfo | None]:
         """Each prompt token's log-probability given the tokens before it (None for the first), and the ``top``

@@ -210,17 +210,16 @@ class AdapterPool:
                 raise AdapterRejected(message) from None
             ranks = [layer.adapters[internal].rank for layer in lora_layers(self.model).values() if internal in layer.adapters]
             if ranks and max(ranks) > self.max_rank:  # the file changed between the check and the load
-                self._delete(internal)
-                raise AdapterRejected(f"adapter {name!r} refused: rank {max(ranks)} is above --max-rank {self.max_rank}")
+                self._refuse_loaded(name, folder, internal, f"rank {max(ranks)} is above --max-rank {self.max_rank}")
             # peft's trainable tokens (and modules_to_save copies that changed a few rows) load as whole copies of
             # the embedding / head: keep only their trained rows, then count what the adapter really holds
             compact_copies(self.model, internal)
             held = held_bytes(self.model, internal)
             if held > self.max_bytes:
-                self._delete(internal)
-                raise AdapterRejected(f"adapter {name!r} refused: it holds {held:,} bytes in memory once loaded (whole "
-                                      f"copies of modules it trained), over the limit of {self.max_bytes:,} "
-                                      "(--max-adapter-mb); raise the limit, or merge the adapter into the base")
+                self._refuse_loaded(name, folder, internal, f"it holds {held:,} bytes in memory once loaded (LoRA "
+                                    "tensors in float32, whole copies of modules it saved), over the limit of "
+                                    f"{self.max_bytes:,} (--max-adapter-mb); raise the limit, or merge the adapter "
+                                    "into the base")
             # every call routes its rows itself (generation._routing); left active, the adapter's copies would be
             # what code outside a call reads as the module's .weight (a RowOverride builds it whole for that)
             for host in adapter_hosts(self.model).values():
@@ -229,6 +228,14 @@ class AdapterPool:
         self.loads += 1
         return LoadedAdapter(name, internal, folder, max(ranks or [config.r]), config.alpha, config.variant,
                              adapter_file.size_bytes, held, last_used=time.monotonic())
+
+    def _refuse_loaded(self, name: str, folder: Path, internal: str, why: str) -> None:
+        """Take back adapter ``name``, just loaded as ``internal``, and refuse it (remembered as ``_admit``'s
+        refusals are: the next request naming it costs a ``stat``, not another load)."""
+        self._delete(internal)
+        message = f"adapter {name!r} refused: {why}"
+        self._refused[name] = (_stamp(folder), message)
+        raise AdapterRejected(message)
 
     def _public_names(self, text: str, internal: str, name: str) -> str:
         """``text`` with the model's internal adapter names ('lk0', ...) as the names clients know (an error of
