@@ -350,3 +350,29 @@ def test_a_template_that_refuses_a_system_turn_or_repeated_roles_says_what_to_ch
         "openai.jsonl:4: the chat template rejected this chat (Conversation roles must alternate user/assistant/user/"
         "assistant/...); this model's template takes turns that alternate between user and assistant: join "
         "consecutive turns of one role into one")
+
+
+def test_long_chats_under_truncate_and_drop_keep_a_finite_loss(tmp_path, tok):
+    """--max-length 48 on three chats: one fits, one whose answer starts past the limit, one whose answer is cut.
+    Truncation keeps the cut answer (counted as truncated) and drops the chat left without a target, saying why
+    and where; dropping drops both long ones. Every row kept has a target, so a batch's loss is finite."""
+    from conftest import tiny_llama
+
+    long_question = " ".join(["Paris is the capital of France."] * 12)
+    rows = [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+            {"messages": [{"role": "user", "content": long_question}, {"role": "assistant", "content": "Yes."}]},
+            {"messages": [{"role": "user", "content": "Tell me."}, {"role": "assistant", "content": long_question}]}]
+    records = read_many(write_jsonl(tmp_path / "long.jsonl", rows))
+    cut = build_dataset(records, tok, 48, "truncate")
+    assert (cut.summary.examples, cut.summary.truncated, cut.summary.dropped, cut.summary.no_target) == (2, 1, 1, 1)
+    assert cut.summary.drop_note() == (
+        "note: 1 of 3 examples were dropped: 1 whose prompt fills max_length=48, leaving no target (raise "
+        "--max-length or shorten the prompts); the first is long.jsonl:2")
+    assert len(cut.rows[1]["input_ids"]) == 48 and targets(tok, cut.rows[1])[0].startswith("Paris is the capital")
+    dropped = build_dataset(records, tok, 48)
+    assert (dropped.summary.examples, dropped.summary.too_long) == (1, 2)
+    assert dropped.summary.drop_note().endswith("2 longer than max_length=48 tokens (raise --max-length or pass "
+                                                "--overflow truncate); the first is long.jsonl:2")
+    model = tiny_llama(vocab_size=len(tok))
+    loss = model(**Collator(tok.pad_token_id)(cut.rows)).loss
+    assert loss.isfinite() and loss > 0
