@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorakit._finite import all_finite
 from lorakit._fs import atomic_path, replace_folder, temp_dir
 from lorakit.errors import LorakitError
 
@@ -84,7 +85,7 @@ def delta_survival(model: nn.Module, adapter: str, dtype: torch.dtype) -> DeltaR
     for path, base, merged in pairs():
         delta = merged - base
         cast = merged.to(dtype)
-        if not torch.isfinite(cast).all():
+        if not all_finite(cast):
             overflow.append(path)
         kept = cast.float() - base.to(dtype).float()
         delta_sq += float(delta.double().pow(2).sum())

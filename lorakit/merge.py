@@ -15,6 +15,7 @@ from torch import nn
 
 from lorakit import quant
 from lorakit.adapters import _require, active_adapters, mixed_batch_open
+from lorakit._finite import all_finite
 from lorakit.errors import LorakitError
 from lorakit.inject import _set_module, adapter_hosts, lora_layers
 from lorakit.layers import ModulesToSave
@@ -65,7 +66,7 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
 def _params_finite(host: ParamLora, name: str) -> bool:
     """Each merged parameter is finite in its own dtype (checked one at a time: an expert stack is large)."""
     for parameter_name, weight in host.merged_candidates(name).items():
-        if not torch.isfinite(weight.to(host.parameter(parameter_name).dtype)).all():
+        if not all_finite(weight.to(host.parameter(parameter_name).dtype)):
             return False
     return True
 
@@ -77,7 +78,7 @@ def _finite_when_stored(layer, name: str) -> bool:
     weight = getattr(layer.base_layer, "weight", None)
     if not quant.is_quantized(layer.base_layer) and isinstance(weight, torch.Tensor) and weight.is_floating_point():
         candidate = candidate.to(weight.dtype)
-    return bool(torch.isfinite(candidate).all())
+    return all_finite(candidate)
 
 
 def _warn_lossy(name: str, layers: dict) -> None:

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from lorakit._finite import all_finite
 from lorakit.errors import LorakitError
 from lorakit.kernels.nf4 import NF4Weight
 from lorakit.quant.nf4 import BLOCKSIZES, NF4_LEVELS, NF4Linear, nf4_code
@@ -162,7 +163,7 @@ def read_bnb_linear(weight_key: str, get: Callable[[str], torch.Tensor], keys, d
         w = NF4Weight(packed, absmax.float(), None, None, quant_map, None, shape, blocksize)
     for label, tensor in (("absmax", w.absmax), ("nested_absmax", w.nested_absmax), ("nested_quant_map", w.nested_code),
                           ("nested_offset", w.offset)):
-        if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor is not None and tensor.is_floating_point() and not all_finite(tensor):
             raise LorakitError(f"{stem}.weight.{label} holds NaN/inf values; the checkpoint is corrupt")
     if bias is not None and tuple(bias.shape) != (shape[0],):
         raise LorakitError(f"{stem}.bias has shape {tuple(bias.shape)}, expected ({shape[0]},) for the "

@@ -26,6 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lorakit._finite import all_finite
 from lorakit.errors import LorakitError
 from lorakit.kernels.nf4 import NF4Weight, decode_absmax, dequantize_nf4, nf4_linear
 from lorakit.quant import QuantizedLinear
@@ -106,7 +107,7 @@ def _nf4_midpoints(device) -> torch.Tensor:
 
 def check_finite(weight: torch.Tensor, name: str = "") -> None:
     """Refuse NaN/inf weights before quantizing: they would poison a whole block's scale silently."""
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         bad = int((~torch.isfinite(weight)).sum())
         where = f"module '{name}'" if name else "the weight"
         raise LorakitError(f"{where} has {bad} non-finite value(s) (NaN/inf) in its weight {tuple(weight.shape)}; "
