@@ -101,7 +101,8 @@ def test_train_mistakes_config_json_and_the_environment_tell_are_refused_before_
                                                                                           tmp_path, monkeypatch):
     """Each of these was found only after the model had loaded (minutes for a large base): a --max-length beyond the
     context config.json declares, a --global-batch the batch does not divide, --tensorboard without its package,
-    and a module name in --targets / --exclude / --modules-to-save that the model does not have."""
+    a module name in --targets / --exclude / --modules-to-save that the model does not have, and a --rank above
+    every size of the model (which ran out of memory with a traceback)."""
     import sys
 
     train = ["train", "--model", files["tiny"], "--data", files["data"], "--out", tmp_path / "run"]
@@ -113,6 +114,10 @@ def test_train_mistakes_config_json_and_the_environment_tell_are_refused_before_
         (["--targets", "q_proj", "v_prj"], "--targets 'v_prj' matches no module of this model (did you mean 'v_proj'?)"),
         (["--exclude", "lm_hed"], "--exclude 'lm_hed' matches no module of this model (did you mean 'lm_head'?)"),
         (["--targets", "q_proj", "--modules-to-save", "lm_heads"], "--modules-to-save 'lm_heads' matches no module"),
+        # a RuntimeError traceback from the allocator (128 GB for rank 1e9 on this 32-wide model)
+        (["--rank", "1000000000"], "--rank 1000000000 is above every size of this model (the largest in its "
+                                   "config.json is 40), and a layer's update has rank at most min(in, out): lower "
+                                   "--rank (e.g. 16)"),
     ]
     for flags, said in cases:
         assert said in _refused(capsys, [*train, *flags]), flags
@@ -192,6 +197,18 @@ def test_an_empty_path_argument_is_named_as_empty(files, capsys, no_load, tmp_pa
         line = _refused(capsys, argv)
         assert line.startswith(f"lorakit {argv[0]}: error: {said}"), line
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run folder, output or results file was started
+
+
+
+def test_generate_seed_and_eval_json_device_are_one_line_in_flag_terms(files, capsys, no_load):
+    """generate --seed 1e23 said 'seed must be ... or None' (the API's words); eval --json /dev/null was accepted,
+    and the atomic write of the results would have replaced the device file (run as root)."""
+    line = _refused(capsys, ["generate", "--model", files["tiny"], "--seed", "99999999999999999999999", "Hello"])
+    assert line == ("lorakit generate: error: --seed must be an integer in [-2**63, 2**64), got "
+                    "99999999999999999999999")
+    line = _refused(capsys, ["eval", "--model", files["tiny"], "--data", files["data"], "--json", "/dev/null"])
+    assert line == ("lorakit eval: error: --json /dev/null is not a regular file (a device or a pipe), which the "
+                    "results would replace; give a file path, e.g. --json results.json")
 
 
 # -- lorakit combine --------------------------------------------------------------------------------------------------

@@ -113,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 seed=args.seed)
     except LorakitError as error:  # its Python names as this command's flags
-        raise LorakitError(re.sub(r"^(max_new_tokens|temperature|top_p)\b", lambda m: "--" + m.group(1).replace("_", "-"),
-                                  str(error))) from None
+        raise LorakitError(re.sub(r"^(max_new_tokens|temperature|top_p|seed)\b", lambda m: "--" + m.group(1).replace("_", "-"),
+                                  str(error)).replace(" or None, got", ", got")) from None
     if args.prompt is None and sys.stdin.isatty():  # reading a terminal would wait without a word
         raise LorakitError('no prompt: give it as an argument (lorakit generate "Hello") or pipe it on standard input')
     prompt = args.prompt if args.prompt is not None else _read_stdin()  # read after the checks: no waiting on stdin

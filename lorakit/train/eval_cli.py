@@ -80,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:  # a results file that cannot be written is found out before minutes of scoring
         args.json = os.path.expanduser(args.json)
         target = Path(args.json)
+        if target.exists() and not target.is_dir() and not target.is_file():  # /dev/null: the write would replace it
+            raise LorakitError(f"--json {args.json} is not a regular file (a device or a pipe), which the results "
+                               "would replace; give a file path, e.g. --json results.json")
         if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
             raise LorakitError(f"--json {args.json}: cannot write a file there (a folder, or a parent folder that does "
                                "not exist or is not writable)")

@@ -61,6 +61,12 @@ def check_before_loading(config: TrainConfig, given: set[str]) -> None:
     if "max_length" in given and limit is not None and config.max_length > limit:
         raise LorakitError(f"--max-length {config.max_length} is longer than the model's context of {limit} tokens "
                            f"(max_position_embeddings in its config.json); pass --max-length {limit} or less")
+    largest = max((v for k, v in (model_config.get("text_config") or model_config).items()
+                   if k.endswith("_size") and isinstance(v, int) and not isinstance(v, bool)), default=None)
+    if not config.full and largest is not None and config.rank > largest:  # (not an error below it: peft accepts
+        # a rank above a layer's size, and inject warns); above every size it only allocates, up to running out of memory
+        raise LorakitError(f"--rank {config.rank} is above every size of this model (the largest in its config.json is "
+                           f"{largest}), and a layer's update has rank at most min(in, out): lower --rank (e.g. 16)")
     if config.targets or config.exclude or config.modules_to_save:
         empty = empty_model(config.model)
         if empty is not None:
