@@ -376,3 +376,12 @@ def test_long_chats_under_truncate_and_drop_keep_a_finite_loss(tmp_path, tok):
     model = tiny_llama(vocab_size=len(tok))
     loss = model(**Collator(tok.pad_token_id)(cut.rows)).loss
     assert loss.isfinite() and loss > 0
+
+
+def test_finetome_rows_with_a_quality_score_train(tmp_path, tok):
+    """mlabonne/FineTome-100k (the set of many fine-tuning tutorials) has conversations, source and a quality score;
+    the score was refused as an unknown field, though like "source" it says nothing about the text to train."""
+    row = {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}],
+           "source": "infini-instruct-top-500k", "score": 4.56}
+    ds = build_dataset(read_many(write_jsonl(tmp_path / "finetome.jsonl", [row])), tok, 64)
+    assert targets(tok, ds.rows[0]) == ["Hello.<|im_end|>"]

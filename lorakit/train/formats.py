@@ -77,10 +77,11 @@ TOOL_MESSAGE_KEYS = ("name", "tool_calls", "tool_call_id")
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 # optional record-level keys of a chat: the tool schemas given to the template; OpenAI's API flag (ignored)
 CHAT_OPTIONAL_FIELDS = ("tools", "parallel_tool_calls")
-# bookkeeping columns of public dataset exports (UltraChat's prompt_id, OpenHermes' source, Dolly's category, ...):
+# bookkeeping columns of public dataset exports (UltraChat's prompt_id, OpenHermes' source, Dolly's category,
+# FineTome's quality score, ...):
 # they say nothing about the text to train on, so a record may carry them; any other unknown field is refused,
 # since it is usually a misnamed one (an "answer" meant as the completion)
-IGNORED_FIELDS = frozenset({"id", "idx", "index", "uuid", "prompt_id", "conversation_id", "source", "dataset",
+IGNORED_FIELDS = frozenset({"id", "idx", "index", "uuid", "prompt_id", "conversation_id", "source", "dataset", "score",
                             "category", "metadata", "meta", "lang", "language", "license", "url", "timestamp",
                             # the row index pandas writes: to_csv's unnamed first column, pyarrow's parquet column
                             "", "unnamed: 0", "__index_level_0__"})
