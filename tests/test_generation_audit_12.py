@@ -264,3 +264,17 @@ def test_generation_config_end_tokens_end_the_answer(tmp_path, capsys):
     assert main(["generate", "--model", str(folder), "--max-new-tokens", "8", "Hello there"]) == 0
     expected = tokenizer.decode([t for t in reference if t != end], skip_special_tokens=True)
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_a_stop_string_of_multibyte_characters_is_seen_while_generating():
+    """Generation looks for stop strings in the decoded tail of a row's tokens. A byte-level tokenizer spends up to
+    4 tokens on one character (3 on each of these CJK ones); the tail was len(stop) + 8 tokens, so a 6-character
+    stop string (18 tokens) was never seen and the row ran on to max_new_tokens (its text was cut only at the end)."""
+    from test_serve_support import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    stop = "漢字かなカナ"
+    tokens = tokenizer("Hello " + stop)["input_ids"]
+    assert len(tokens) > len(stop) + 8  # byte tokens: more tokens than characters
+    assert G._stopped(G.Generation(tokens, "length"), G.SamplingParams(stop=[stop, "x"]), tokenizer)
+    assert not G._stopped(G.Generation(tokens[:-1], "length"), G.SamplingParams(stop=stop), tokenizer)
