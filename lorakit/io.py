@@ -832,6 +832,11 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
     """The file's config for this model: ``modules_to_save`` names this model lacks, with no tensors in the file,
     are dropped, as peft does (peft's SEQ_CLS task saves ["classifier", "score"]; a model has one of them)."""
     config = adapter_file.config
+    if isinstance(adapter_file.raw_config, dict) and adapter_file.raw_config.get("ensure_weight_tying") is True:
+        # peft adds the LoRA of the head tied to a targeted embedding (or the reverse) and saves both, equal by the
+        # tie; its target list does not name the partner, so the file's keys say what to adapt
+        config = config.replace(target_modules=_targets_from_keys(adapter_file.tensors, adapter_file.folder / WEIGHTS_NAME),
+                                exclude_modules=None)
     inert = inert_raw_targets(model, adapter_file)
     if inert:  # out of the targets, so the refusal of raw-read targets does not apply to what changes nothing
         excluded = config.exclude_modules
@@ -840,11 +845,6 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
         else:
             excluded = list(dict.fromkeys([*(excluded or []), *inert]))
         config = config.replace(exclude_modules=excluded)
-    if isinstance(adapter_file.raw_config, dict) and adapter_file.raw_config.get("ensure_weight_tying") is True:
-        # peft adds the LoRA of the head tied to a targeted embedding (or the reverse) and saves both, equal by the
-        # tie; its target list does not name the partner, so the file's keys say what to adapt
-        config = config.replace(target_modules=_targets_from_keys(adapter_file.tensors, adapter_file.folder / WEIGHTS_NAME),
-                                exclude_modules=None)
     copies = list(_token_copies(model, adapter_file, weights=False))
     if copies:  # whole copies of the embedding (and its tied head) with the trained rows: same outputs as peft's
         config = config.replace(modules_to_save=list(dict.fromkeys((config.modules_to_save or []) + copies)))
