@@ -8,6 +8,7 @@ the server loaded each as whole ``(vocab, dim)`` copies of both modules, counted
 
 from __future__ import annotations
 
+import json
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -307,3 +308,27 @@ def test_static_refusal_is_asked_once_per_loaded_adapter():
         assert answered and "embed_tokens" in answered[0]
     finally:
         engine.close()
+
+
+# -- browsers ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path, body", [
+    ("/v1/adapters/unload", {"name": "a0"}),
+    ("/v1/adapters/load", {"name": "tok"}),
+    ("/v1/completions", {"model": "a0", "prompt": "hi", "max_tokens": 4}),
+])
+def test_web_pages_cannot_drive_a_server_without_cors(server, path, body):
+    """Any web page the operator opens could POST to a keyless server on localhost: a text/plain body is a CORS
+    "simple request", sent without a preflight, and the server (which reads JSON whatever the Content-Type) ran it
+    (unloaded adapters, generated); the browser only hides the answer. A request from an origin not given with
+    --cors-origin is now refused before it runs; clients that are no browser send no Origin and are unchanged."""
+    client = server["client"]
+    client.post("/v1/adapters/load", json={"name": "a0"})
+    before = client.get("/v1/adapters").json()["data"]
+    steps = client.get("/health").json()["steps"]
+    response = client.post(path, content=json.dumps(body), headers={"Origin": "http://evil.example",
+                                                                    "Content-Type": "text/plain"})
+    error = _error(response, 403)
+    assert error["code"] == "cors_refused" and "--cors-origin http://evil.example" in error["message"]
+    assert client.get("/v1/adapters").json()["data"] == before and client.get("/health").json()["steps"] == steps
+    assert client.get("/v1/models", headers={"Origin": "http://evil.example"}).status_code == 200  # reads nothing
+    assert client.post(path, json=body).status_code == 200

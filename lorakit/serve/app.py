@@ -122,6 +122,16 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.middleware("http")
     async def _guard(request, call_next):
+        # a web page's POST with a text/plain body is sent without a preflight (a CORS "simple request") and would
+        # run here (the body is read as JSON whatever its type); only its answer would be hidden from the page. So
+        # a browser's request from an origin not allowed by --cors-origin is refused before it does anything
+        # (clients that are no browser send no Origin header)
+        origin = request.headers.get("origin")
+        if origin is not None and request.method not in ("GET", "HEAD", "OPTIONS") \
+                and "*" not in state.cors_origins and origin not in state.cors_origins:
+            return JSONResponse(error_body(f"cross-origin requests from {origin[:100]!r} are not allowed; start the "
+                                           f"server with --cors-origin {origin[:100]} to let that web page call it",
+                                           code="cors_refused"), status_code=403)
         # a browser's preflight (OPTIONS) carries no key; no route answers OPTIONS with data, only a 405 or CORS
         if state.api_key is not None and request.url.path != "/health" and request.method != "OPTIONS":
             header = request.headers.get("authorization", "")
