@@ -319,3 +319,17 @@ def test_dropout_and_a_newer_peft_file_are_said_once(tmp_path):
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "peft_version": "0.22.0"}))
     with pytest.warns(UserWarning, match=r"saved by peft 0\.22\.0; lorakit runs LoRA on nn\.MultiheadAttention as peft 0\.21"):
         lorakit.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+
+
+def test_ensure_weight_tying_file_still_leaves_the_zero_out_proj_lora_out(tmp_path):
+    """ensure_weight_tying makes lorakit take the targets from the file's keys: the zero out_proj LoRA is among them."""
+    import json
+
+    base = build("block")
+    theirs = peft_model(base, "all-linear", skip="out_proj")
+    theirs.save_pretrained(tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "ensure_weight_tying": True}))
+    ours = copy.deepcopy(base)
+    lorakit.load_adapter(ours, tmp_path / "peft")
+    torch.testing.assert_close(run(ours, "block"), run(theirs, "block"), rtol=0, atol=1e-6)
