@@ -385,3 +385,28 @@ def test_finetome_rows_with_a_quality_score_train(tmp_path, tok):
            "source": "infini-instruct-top-500k", "score": 4.56}
     ds = build_dataset(read_many(write_jsonl(tmp_path / "finetome.jsonl", [row])), tok, 64)
     assert targets(tok, ds.rows[0]) == ["Hello.<|im_end|>"]
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"promt": "2+2=", "completion": "4"}, "f:1: unknown field 'promt'; a prompt_completion record has only 'prompt', "
+                                            "'completion': rename 'promt' to 'prompt'"),
+    ({"prompt": "2+2=", "completions": "4", "note": "x"},
+     "f:1: unknown fields 'completions', 'note'; a prompt_completion record has only 'prompt', 'completion': rename "
+     "'completions' to 'completion', remove 'note'"),
+    ({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}], "tool": []},
+     "f:1: unknown field 'tool'; a messages record has only 'messages': rename 'tool' to 'tools'"),
+    ({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "contents": "Hello."}]},
+     "f:1: messages[1] has unknown key 'contents'; rename it to 'content'"),
+    ({"instruction": "Add 2 and 2.", "input": "", "ouput": "4"},
+     "f:1: an Alpaca record (with 'instruction') needs 'output' (or Dolly's 'response'); it has 'instruction', 'input', "
+     "'ouput': rename 'ouput' to 'output'"),
+    ({"instruction": "Add 2 and 2.", "input": ""},
+     "f:1: an Alpaca record (with 'instruction') needs 'output' (or Dolly's 'response'); it has 'instruction', "
+     "'input'"),
+])
+def test_a_misspelt_field_is_told_to_be_renamed_not_removed(record, message):
+    """A typo in a hand-written file ("promt", "ouput") was told "remove it" (after which the record lacks the field)
+    or "no known field", though 'instruction' is one."""
+    with pytest.raises(LorakitError) as info:
+        validate_record(record, "f:1")
+    assert str(info.value) == message

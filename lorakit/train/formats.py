@@ -189,6 +189,14 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     if converted is not None:
         return converted
     keys = list(obj.keys())
+    if "instruction" in obj and not {"messages", "prompt", "completion", "text"} & set(obj):
+        # an Alpaca record without its answer, often a typo ("ouput"); a record of another tool's names (instruction
+        # and answer) gets the rename hint below instead
+        renames = [(key, _renamed(key, ("output", "response"))) for key in keys if key not in KNOWN_FIELDS]
+        fix = ", ".join(f"rename {key!r} to {name!r}" for key, name in renames if name)
+        if fix or not _rename_hint(obj):
+            raise LorakitError(f"{where}: an Alpaca record (with 'instruction') needs 'output' (or Dolly's "
+                               f"'response'); it has {', '.join(map(repr, keys))}" + (f": {fix}" if fix else ""))
     if "messages" in obj:
         shape = "messages"
     elif "prompt" in obj or "completion" in obj:
@@ -287,8 +295,22 @@ def _refuse_unknown(obj: Mapping, allowed: Iterable[str], what: str, listed: Ite
     unknown = [key for key in obj if key not in allowed]
     if unknown:
         names = ", ".join(repr(k) for k in unknown)
+        free = [key for key in allowed if key not in obj]
+        renames = {key: _renamed(key, free) for key in unknown}  # a typo is renamed: removing it loses the field
+        fix = ", ".join(f"rename {key!r} to {renames[key]!r}" if renames[key] else f"remove {key!r}" for key in unknown) \
+            if any(renames.values()) else f"remove {'them' if len(unknown) > 1 else 'it'}"
         raise LorakitError(f"{where}: unknown field{'s' if len(unknown) > 1 else ''} {names}; {what} has only "
-                           f"{', '.join(map(repr, listed))}: remove {'them' if len(unknown) > 1 else 'it'}")
+                           f"{', '.join(map(repr, listed))}: {fix}")
+
+
+def _renamed(key: Any, candidates: Iterable[str]) -> str | None:
+    """The field a misspelt key most likely is ("promt" -> "prompt", "ouput" -> "output"), or None."""
+    if not isinstance(key, str):
+        return None
+    import difflib
+
+    match = difflib.get_close_matches(key.strip().lower(), list(candidates), n=1, cutoff=0.8)
+    return match[0] if match else None
 
 
 def _normalize_keys(obj: Mapping, known: frozenset) -> Mapping:
@@ -524,6 +546,10 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
         msg = _normalize_keys(msg, KNOWN_MESSAGE_KEYS)
         for key in msg:  # null, [] and {} are noise: OpenAI's API writes "refusal": null, "annotations": []
             if key not in KNOWN_MESSAGE_KEYS - {"from", "value"} and msg[key] not in (None, [], {}, ""):
+                renamed = _renamed(key, [k for k in (*MESSAGE_KEYS, *TOOL_MESSAGE_KEYS, *REASONING_KEYS, "weight")
+                                         if k not in msg])
+                if renamed:  # "contents", "rol"
+                    raise LorakitError(f"{at} has unknown key {key!r}; rename it to {renamed!r}")
                 raise LorakitError(f"{at} has unknown key {key!r}; a message has only 'role', 'content', 'weight' "
                                    "(assistant turns), OpenAI's tool keys 'tool_calls', 'tool_call_id', 'name' and "
                                    "the assistant's 'reasoning_content' (or 'thinking')")
