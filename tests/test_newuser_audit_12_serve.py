@@ -332,3 +332,28 @@ def test_web_pages_cannot_drive_a_server_without_cors(server, path, body):
     assert client.get("/v1/adapters").json()["data"] == before and client.get("/health").json()["steps"] == steps
     assert client.get("/v1/models", headers={"Origin": "http://evil.example"}).status_code == 200  # reads nothing
     assert client.post(path, json=body).status_code == 200
+
+
+def test_a_folder_named_as_the_base_is_reported_at_start(tokens_setup, tmp_path, capsys):
+    """"model": NAME means the base model (--name), so an adapter folder of that name could never be asked for:
+    /v1/models left it out and the server said nothing (and --preload loaded it, for nothing)."""
+    import argparse
+    import shutil
+
+    from lorakit.serve.cli import add_arguments, build_state
+
+    adapters = tmp_path / "adapters"
+    shutil.copytree(tokens_setup["adapters"] / "a0", adapters / "base")
+    shutil.copytree(tokens_setup["adapters"] / "a0", adapters / "other")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", str(tokens_setup["model"]), "--adapters", str(adapters), "--name", "base",
+                              "--decoder", "transformers", "--preload"])
+    state = build_state(args)
+    try:
+        out = capsys.readouterr().out
+        assert f"folder 'base' in {adapters} is not served: 'base' names the base model (--name); rename the " \
+               "folder, or give the base another --name" in out
+        assert [a["name"] for a in state.pool.loaded()] == ["other"]
+    finally:
+        state.engine.close()

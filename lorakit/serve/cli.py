@@ -119,8 +119,11 @@ def build_state(args: argparse.Namespace):
                         reasoning=select_parser(tokenizer, getattr(args, "reasoning_parser", "auto")))
     for entry, why in skipped_folders(args.adapters):
         print(f"lorakit serve: folder {entry!r} in {args.adapters} is not served: {why}", flush=True)
+    if name in pool.available():  # "model": name means the base: the folder could never be asked for
+        print(f"lorakit serve: folder {name!r} in {args.adapters} is not served: {name!r} names the base model "
+              "(--name); rename the folder, or give the base another --name", flush=True)
     if args.preload:
-        for adapter in pool.available()[: args.max_loaded]:
+        for adapter in [a for a in pool.available() if a != name][: args.max_loaded]:
             try:
                 pool.load(adapter)
             except LorakitError as error:
