@@ -250,7 +250,9 @@ def unsupported(model: nn.Module) -> str | None:
                 "layers; load it with recurrent_kv_cache_mode='per_loop' (the default) or use transformers' "
                 "model.generate")
     own = _own_cache_class(model)
-    if own is not None and model_type not in _OWN_CACHES:
+    attention_only = set(getattr(text, "layer_types", None) or ["?"]) <= {"full_attention", "sliding_attention",
+                                                                           "chunked_attention"}
+    if own is not None and model_type not in _OWN_CACHES and not attention_only:  # an LFM2 of attention layers only: fine
         import transformers
 
         return (f"lorakit's generation does not support {type(model).__name__} on transformers "
