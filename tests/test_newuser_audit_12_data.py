@@ -410,3 +410,18 @@ def test_a_misspelt_field_is_told_to_be_renamed_not_removed(record, message):
     with pytest.raises(LorakitError) as info:
         validate_record(record, "f:1")
     assert str(info.value) == message
+
+
+def test_a_hub_dataset_clone_points_to_its_data_folder(tmp_path):
+    """A Hugging Face dataset repository (git clone, or a hub snapshot) keeps its files in data/ and, in older
+    repositories, a dataset_infos.json at the top: given the repository, lorakit read that metadata as training
+    records ("dataset_infos.json: no known field in ['default']"). It is skipped, and the line names data/."""
+    repo = tmp_path / "alpaca-repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "dataset_infos.json").write_text(json.dumps({"default": {"splits": {"train": {"num_examples": 1}}}}))
+    (repo / "README.md").write_text("# a dataset card\n")
+    write_jsonl(repo / "data" / "train.jsonl", [{"instruction": "Say hi.", "output": "Hello."}])
+    with pytest.raises(LorakitError, match=r"alpaca-repo is a folder with no data files .* it has the subfolder\(s\) "
+                                           r"data: give the one with the data"):
+        read_many(repo)
+    assert [r.where for r in read_many(repo / "data")] == ["train.jsonl:1"]

@@ -79,7 +79,7 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
                 entries = sorted(path.iterdir())
             except OSError as exc:
                 raise LorakitError(f"{path}: cannot list the folder ({exc.strerror}); check its permissions") from None
-            files = [p for p in entries if p.is_file() and _data_suffix(p) is not None]
+            files = [p for p in entries if p.is_file() and _data_suffix(p) is not None and p.name not in METADATA_FILES]
             split_dirs = [p for p in entries if p.is_dir() and SPLIT_WORDS.get(p.name.lower())]
             if not files and split_dirs:  # data/train/, data/validation/, data/test/: the split asked for
                 return read_records(_split_files(path, split_dirs, split)[0], split)
@@ -116,6 +116,9 @@ OTHER_FILE_HINTS = {
     ".zst": "; decompress it first (zstd -d); only gzip is read", ".bz2": "; decompress it first; only gzip is read",
     ".xz": "; decompress it first; only gzip is read", ".zip": "; unzip it and give the files or their folder",
 }
+# JSON files of a Hugging Face dataset repository (older ones keep dataset_infos.json beside data/) and of datasets'
+# own folders: they describe the data, and read as records they fail with "no known field"
+METADATA_FILES = frozenset({"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"})
 SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                "val": "validation", "dev": "validation", "eval": "validation", "test": "test", "testing": "test"}
 
