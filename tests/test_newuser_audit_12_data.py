@@ -425,3 +425,14 @@ def test_a_hub_dataset_clone_points_to_its_data_folder(tmp_path):
                                            r"data: give the one with the data"):
         read_many(repo)
     assert [r.where for r in read_many(repo / "data")] == ["train.jsonl:1"]
+
+
+def test_paths_joined_by_a_comma_are_told_to_be_separate(tmp_path):
+    """``--data a.jsonl,b.jsonl`` (or ``data: a.jsonl, b.jsonl`` in a config) read as one missing file."""
+    for name in ("a.jsonl", "b.jsonl"):
+        write_jsonl(tmp_path / name, [{"text": "a b"}])
+    joined = f"{tmp_path / 'a.jsonl'}, {tmp_path / 'b.jsonl'}"
+    with pytest.raises(LorakitError) as info:
+        read_many(joined)
+    assert str(info.value) == (f"data file not found: {joined}; it names 2 files joined by a comma: give them "
+                               "separately (--data a.jsonl b.jsonl; in a config file a list: data: [a.jsonl, b.jsonl])")

@@ -66,6 +66,10 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
                                f"), e.g. {Path(found[0]).name}; check the pattern")
         return [r for match in matches for r in read_records(match, split)]
     if not path.exists():
+        parts = [Path(part.strip()) for part in str(path).split(",")]
+        if len(parts) > 1 and all(part.exists() for part in parts):  # --data a.jsonl,b.jsonl
+            raise LorakitError(f"data file not found: {path}; it names {len(parts)} files joined by a comma: give them "
+                               "separately (--data a.jsonl b.jsonl; in a config file a list: data: [a.jsonl, b.jsonl])")
         raise LorakitError(f"data file not found: {path}; check the path (JSONL, CSV or a datasets folder)")
     if path.is_dir():
         kind = _not_data_folder(path)
