@@ -43,9 +43,9 @@ list of turns (a JSONL line ``[{"role": ...}, ...]``), a ``;``-separated CSV, an
 ``validation*`` / ``test*`` files (the split asked for is read, see :func:`lorakit.train.sources._split_files`).
 
 Preference (DPO) records ``{"prompt", "chosen", "rejected"}`` (OpenAI's: ``{"input", "preferred_output",
-"non_preferred_output"}``) and KTO records ``{"prompt", "completion", "label":
-true/false}`` are refused: lorakit trains supervised fine-tuning, and training on ``chosen`` alone (or on the
-completions labelled true) is a choice the user makes by renaming (or filtering) them.
+"non_preferred_output"}``) and KTO records ``{"prompt", "completion", "label": true/false}`` are refused: lorakit
+trains supervised fine-tuning, and training on ``chosen`` alone (or on the completions labelled true) is a choice
+the user makes by renaming (or filtering) them.
 
 Every record carries ``where`` ("orders.jsonl:12", "data.csv:4", "folder[train] row 7") so that any later
 error (a template failure, an example too long) names the place the user has to fix. Every mistake raises
