@@ -436,3 +436,14 @@ def test_paths_joined_by_a_comma_are_told_to_be_separate(tmp_path):
         read_many(joined)
     assert str(info.value) == (f"data file not found: {joined}; it names 2 files joined by a comma: give them "
                                "separately (--data a.jsonl b.jsonl; in a config file a list: data: [a.jsonl, b.jsonl])")
+
+
+def test_a_data_path_under_the_home_folder_is_read(tmp_path, monkeypatch):
+    """``data: ~/datasets/train.jsonl`` in a config file, or ``--data=~/...`` (no shell expands ~ after '='), read as
+    "data file not found", while --model and --config expand ~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "a b"}])
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "part.jsonl", [{"text": "c d"}])
+    assert [r.where for r in read_many(["~/train.jsonl", "~/data", "~/data/*.jsonl"])] == [
+        "train.jsonl:1", "part.jsonl:1", "part.jsonl:1"]

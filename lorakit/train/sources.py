@@ -52,7 +52,7 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
     """
     if isinstance(path, str) and not path.strip():  # "" (an unset variable) is Path("."): every file here
         raise LorakitError("a data path is empty (''); give a data file or a folder of them, e.g. train.jsonl")
-    path = Path(path)
+    path = Path(path).expanduser()  # "~/data.jsonl" from a config file or --data=~/...: no shell expanded it
     if not path.exists() and any(ch in str(path) for ch in "*?["):  # a pattern from a config file (no shell expands it)
         import glob
 
