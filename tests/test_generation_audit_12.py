@@ -278,3 +278,37 @@ def test_a_stop_string_of_multibyte_characters_is_seen_while_generating():
     assert len(tokens) > len(stop) + 8  # byte tokens: more tokens than characters
     assert G._stopped(G.Generation(tokens, "length"), G.SamplingParams(stop=[stop, "x"]), tokenizer)
     assert not G._stopped(G.Generation(tokens[:-1], "length"), G.SamplingParams(stop=stop), tokenizer)
+
+
+def test_sampling_edges_and_seeds():
+    """temperature -> 0, top_k 1 and top_p -> 0 all reduce to greedy; a seed gives a row the same tokens whatever
+    else is in its batch, and two seeds differ; the distribution sampled is transformers' (temperature, top-k, top-p
+    warpers) within the noise of 5000 draws."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    model, _ = _llama_and_tokenizer()
+    prompts = [[5, 6, 7, 8, 9, 10], [3, 4]]
+
+    def run(rows=prompts, **kwargs):
+        return [r.tokens for r in G.generate(model, rows, [None] * len(rows), G.SamplingParams(max_new_tokens=6, **kwargs))]
+
+    greedy = run()
+    for edge in (dict(temperature=1e-6), dict(temperature=5.0, top_k=1), dict(temperature=5.0, top_p=1e-9)):
+        assert run(seed=1, **edge) == greedy, edge
+    hot = dict(temperature=1.5, top_k=50, top_p=0.95)
+    assert run(seed=4, **hot) == run(seed=4, **hot)
+    assert run(seed=4, **hot)[1] == run(prompts[1:], seed=4, **hot)[0]  # alone or in a batch
+    assert run(seed=4, **hot) != run(seed=5, **hot)
+
+    logits = torch.randn(12, generator=torch.Generator().manual_seed(0)) * 2
+    for temperature, top_k, top_p in ((0.7, 0, 1.0), (2.0, 4, 0.8)):
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), *([TopKLogitsWarper(top_k)] if top_k else []),
+                                       *([TopPLogitsWarper(top_p)] if top_p < 1 else [])])
+        expected = torch.softmax(warpers(torch.zeros(1, 1, dtype=torch.long), logits[None].clone())[0], dim=-1)
+        params = G.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=1)
+        generator = params.generator(torch.device("cpu"))
+        draws = torch.tensor([G.sample(logits, params, generator) for _ in range(5000)])
+        frequencies = torch.bincount(draws, minlength=12).float() / len(draws)
+        assert (frequencies - expected).abs().max() < 0.025
+        assert not frequencies[expected == 0].any()  # nothing outside transformers' top-k / nucleus
