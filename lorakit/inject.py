@@ -323,6 +323,8 @@ def peft_resolves_differently(model: nn.Module, target_modules: list[str] | str)
     layers whose weight the forward reads directly (Mamba's x_proj/dt_proj/out_proj, which peft even refuses;
     nn.MultiheadAttention's out_proj, where peft adds a LoRA that never acts): by "all-linear", or by a name or
     regular expression that also covers called layers. The adapter file then names the adapted modules instead."""
+    if not target_modules:  # target_parameters only
+        return False
     modules = _base_modules(model)
     if isinstance(target_modules, str) and expert_parameters(modules):
         return True
