@@ -127,6 +127,29 @@ def test_train_mistakes_config_json_and_the_environment_tell_are_refused_before_
 
 
 
+
+def test_train_resume_from_a_folder_that_is_no_run_is_named_before_loading(files, capsys, no_load, tmp_path):
+    """--resume with an adapter folder, a model folder, a file or a run's own adapter folder loaded the model, then
+    failed with '--max-length 256 is longer than the model's context' (the resume took every option as given)."""
+    run = tmp_path / "my run"
+    (run / "checkpoints" / "step-000001").mkdir(parents=True)  # the layout a run leaves (its state is not read here)
+    (run / "config.yaml").write_text("rank: 2\n")
+    shutil.copytree(files["adapter"], run / "adapter")
+    train = ["train", "--model", files["tiny"], "--data", files["data"], "--resume"]
+    not_run = ("not a run folder: --resume continues a stopped `lorakit train` run from its checkpoints "
+               "(RUN/checkpoints); to start a run, leave --resume out")
+    cases = [
+        (files["adapter"], f"--resume {files['adapter']} is an adapter folder, {not_run}"),
+        (files["tiny"], f"--resume {files['tiny']} is a model folder, {not_run}"),
+        (files["data"], f"--resume {files['data']} is a file; give the run folder (the --out of the earlier run) or "
+                        "one of its checkpoints"),
+        (run / "adapter", f"--resume {run / 'adapter'} sits inside the run folder {run}; give that folder: "
+                          f"--resume '{run}'"),
+    ]
+    for resume, said in cases:
+        assert _refused(capsys, [*train, resume]) == f"lorakit train: error: {said}"
+
+
 # -- lorakit eval -----------------------------------------------------------------------------------------------------
 def test_eval_argument_mistakes_are_refused_before_the_model_loads(files, capsys, no_load, tmp_path):
     """--max-length 1 (and one beyond the context) failed after the model had loaded, --samples -1 was accepted, a

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -143,13 +144,44 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, A
     return config, file_values, cli_values
 
 
+def check_resume_source(resume: str, out: str | None) -> None:
+    """The folder ``--resume`` names must hold a checkpoint: said before the model loads, with what the folder is
+    instead (a file, an adapter or a model folder, a run's adapter folder) rather than 'no checkpoint in it'."""
+    from lorakit.train.checkpoint import find_checkpoint
+    from lorakit.train.runner import latest_run
+
+    source = Path(resume).expanduser() if resume != "latest" else (Path(out) if out else latest_run())
+    if not source.exists():
+        return  # the runner's "cannot resume: ... does not exist" names it
+    if source.is_file():
+        raise LorakitError(f"--resume {source} is a file; give the run folder (the --out of the earlier run) or one "
+                           "of its checkpoints")
+    try:
+        find_checkpoint(source)
+    except LorakitError:
+        run_dir = next((p for p in source.resolve().parents if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()),
+                       None)
+        if run_dir is not None:
+            raise LorakitError(f"--resume {source} sits inside the run folder {run_dir}; give that folder: "
+                               f"--resume {shlex.quote(str(run_dir))}") from None
+        kind = ("an adapter folder" if (source / "adapter_config.json").is_file() else
+                "a model folder" if (source / "config.json").is_file() else None)
+        if kind is not None:
+            raise LorakitError(f"--resume {source} is {kind}, not a run folder: --resume continues a stopped "
+                               "`lorakit train` run from its checkpoints (RUN/checkpoints); to start a run, leave "
+                               "--resume out") from None
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     from lorakit.train.runner import run_training
 
     if getattr(args, "resume", None) is not None and getattr(args, "overwrite", False):
         raise LorakitError("--resume continues a run and --overwrite starts it again from scratch; give one")
     config, file_values, cli_values = config_from_args(args)
-    if getattr(args, "resume", None) is None:  # a resumed run's options come from its folder: checked there
+    if getattr(args, "resume", None) is not None:
+        check_resume_source(args.resume, config.out)
+    else:  # a resumed run's options come from its folder: checked there
         from lorakit.train.preflight import check_before_loading
 
         check_before_loading(config, set(file_values) | set(cli_values))
