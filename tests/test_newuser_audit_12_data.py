@@ -447,3 +447,19 @@ def test_a_data_path_under_the_home_folder_is_read(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "data" / "part.jsonl", [{"text": "c d"}])
     assert [r.where for r in read_many(["~/train.jsonl", "~/data", "~/data/*.jsonl"])] == [
         "train.jsonl:1", "part.jsonl:1", "part.jsonl:1"]
+
+
+def test_openorca_rows_train_with_their_system_prompt(tmp_path, tok):
+    """Open-Orca/OpenOrca ships {id, system_prompt, question, response}: it read as "no known field", and the rename
+    it suggested (prompt / completion) then refused system_prompt, so the set could not train with its system
+    prompts. It reads as a question/answer record: system turn, question, response as the answer."""
+    row = {"id": "niv.242684", "system_prompt": "You are an AI assistant.", "question": "What is 2+2?", "response": "4"}
+    ds = build_dataset(read_many(write_jsonl(tmp_path / "orca.jsonl", [row])), tok, 64)
+    assert tok.decode(ds.rows[0]["input_ids"]) == ("<|im_start|>system\nYou are an AI assistant.<|im_end|>\n"
+                                                   "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+                                                   "4<|im_end|>\n")
+    assert targets(tok, ds.rows[0]) == ["4<|im_end|>"]
+    alpaca = validate_record({"system_prompt": "Be brief.", "instruction": "Say hi.", "output": "Hi."})
+    assert alpaca["messages"][0] == {"role": "system", "content": "Be brief."}
+    with pytest.raises(LorakitError, match=r"^f:1: unknown field 'response'; a question/answer record has only"):
+        validate_record({"question": "q", "answer": "a", "response": "r"}, "f:1")

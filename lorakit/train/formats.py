@@ -26,8 +26,8 @@ The formats of other tools are read as chats (see :func:`_convert_other_formats`
   under ``"messages"``, and role/content turns under ``"conversations"``, as many Hub datasets mix them).
 - Gemini / Vertex AI ``{"systemInstruction" (optional), "contents": [{"role": "user" | "model", "parts": [{"text"}]}]}``.
 - Dolly ``{"instruction", "context" (optional), "response"}``, read as Alpaca; question/answer pairs (GSM8K's
-  ``{"question", "answer"}``, optionally ``"context"`` before the question) as one user and one assistant turn
-  (without a chat template: "Question: ...\nAnswer: ").
+  ``{"question", "answer"}``, optionally ``"context"`` before the question; OpenOrca's ``{"system_prompt",
+  "question", "response"}``) as one user and one assistant turn (without a chat template: "Question: ...\nAnswer: ").
 
 What a user's file may differ in and is still read the same: field names in another case or with spaces
 (``"Prompt"``, ``" completion"`` from a CSV header; roles ``"User"``), OpenAI's legacy function calling
@@ -89,6 +89,8 @@ EXPECTED_SHAPES = '{"text"}, {"prompt", "completion"} or {"messages": [...]}'
 ALPACA_KEYS = ("instruction", "input", "output", "system")
 DOLLY_KEYS = ("instruction", "context", "response")  # databricks-dolly-15k (its "category" is a bookkeeping field)
 QA_KEYS = ("question", "answer", "context", "system")  # GSM8K, SQuAD-like sets flattened to strings
+# OpenOrca's {system_prompt, question, response}: the system turn and the answer under other names
+SYSTEM_ALIAS, ANSWER_ALIAS = "system_prompt", "response"
 QA_PROMPT = "{context}Question: {question}\nAnswer: "  # the prompt/completion form, for a tokenizer without a template
 LEGACY_CHAT_FIELDS = ("functions",)  # OpenAI's function calling before tools: read as tools
 PREFERENCE_KEYS = ("chosen", "rejected")
@@ -112,7 +114,7 @@ ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"  # A
 # ("Prompt", " completion") is read as it
 KNOWN_FIELDS = frozenset({"text", "prompt", "completion", "messages", *CHAT_OPTIONAL_FIELDS, *LEGACY_CHAT_FIELDS,
                           *ALPACA_KEYS, *DOLLY_KEYS, *QA_KEYS, *SHAREGPT_KEYS, *PREFERENCE_KEYS, *OPENAI_PREFERENCE_KEYS,
-                          *GEMINI_KEYS, *IGNORED_FIELDS})
+                          *GEMINI_KEYS, SYSTEM_ALIAS, *IGNORED_FIELDS})
 KNOWN_MESSAGE_KEYS = frozenset({*MESSAGE_KEYS, *TOOL_MESSAGE_KEYS, *REASONING_KEYS, "weight", "function_call", "from",
                                 "value"})
 
@@ -423,20 +425,24 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
         return validate_record({"messages": [*context, *obj["completion"]], **tools}, where)
     if "contents" in obj and not ours:
         return _convert_gemini(obj, where)
-    if "question" in obj and "answer" in obj and not ours and "instruction" not in obj and "response" not in obj:
-        _refuse_unknown(obj, QA_KEYS, "a question/answer record", QA_KEYS, where)
+    if SYSTEM_ALIAS in obj and "system" not in obj and not ours:  # OpenOrca's name for the system prompt
+        obj = {("system" if key == SYSTEM_ALIAS else key): value for key, value in obj.items()}
+    answer = "answer" if "answer" in obj else ANSWER_ALIAS  # OpenOrca's answer is its "response"
+    if "question" in obj and answer in obj and not ours and "instruction" not in obj:
+        keys = ("question", answer, "context", "system")
+        _refuse_unknown(obj, keys, "a question/answer record", keys, where)
         _check_string(obj["question"], "question", where, nonempty=True, what="empty question")
-        _check_string(obj["answer"], "answer", where, nonempty=True, what="empty answer")
+        _check_string(obj[answer], answer, where, nonempty=True, what=f"empty {answer}")
         for key in ("context", "system"):
             if obj.get(key) is not None:
                 _check_string(obj[key], key, where, nonempty=False)
         system, context = obj.get("system") or "", obj.get("context") or ""
         user = (f"{context}\n\n" if context.strip() else "") + obj["question"]
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
-            {"role": "user", "content": user}, {"role": "assistant", "content": obj["answer"]}]
+            {"role": "user", "content": user}, {"role": "assistant", "content": obj[answer]}]
         prompt = (f"{system}\n\n" if system.strip() else "") + QA_PROMPT.format(
             question=obj["question"], context=f"Context: {context}\n" if context.strip() else "")
-        fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj["answer"]}, where)
+        fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj[answer]}, where)
         return Record("messages", {"messages": messages}, where, fallback=fallback)
     if "instruction" in obj and ("output" in obj or "response" in obj) and not ours - {"text"}:
         # Alpaca's input/output, Dolly's context/response, and the mixes other exports write
