@@ -620,9 +620,10 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Seque
 def _stopped(result: Generation, params: SamplingParams, tokenizer) -> bool:
     """Whether the row's text now holds one of its stop strings (only the tail that the newest token can complete
     is decoded: each step costs the same however long the row is). A character is up to 4 UTF-8 bytes, and a
-    byte-level tokenizer may spend a token on each: the tail holds 4 tokens per character of the longest string."""
+    byte-level tokenizer may spend a token on each: the tail holds 4 tokens per character of the longest string.
+    Special tokens are kept in it, as transformers' ``stop_strings`` sees them: ``stop="<|im_end|>"`` stops there."""
     if not params.stop:
         return False
     longest = max(len(stop) for stop in params.stop)
-    tail = tokenizer.decode(result.tokens[-(4 * longest + 8):], skip_special_tokens=True)
+    tail = tokenizer.decode(result.tokens[-(4 * longest + 8):], skip_special_tokens=False)
     return any(stop in tail for stop in params.stop)

@@ -312,3 +312,24 @@ def test_sampling_edges_and_seeds():
         frequencies = torch.bincount(draws, minlength=12).float() / len(draws)
         assert (frequencies - expected).abs().max() < 0.025
         assert not frequencies[expected == 0].any()  # nothing outside transformers' top-k / nucleus
+
+
+def test_a_stop_string_naming_a_special_token_stops_as_transformers():
+    """stop="<|im_end|>" (a special token's text): transformers' stop_strings stops on it; lorakit looked only at
+    the text with special tokens removed, so the row ran on to max_new_tokens. The text still leaves them out."""
+    model, tokenizer = _llama_and_tokenizer()
+    special = set(tokenizer.all_special_ids)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):  # a prompt whose greedy answer holds a special token before its end
+        prompt = torch.randint(3, len(tokenizer), (6,), generator=generator).tolist()
+        free = G.generate(model, [prompt], [None], G.SamplingParams(max_new_tokens=12))[0].tokens
+        at = next((k for k, t in enumerate(free[:-1]) if t in special), None)
+        if at is not None:
+            break
+    assert at is not None
+    stop = tokenizer.convert_ids_to_tokens(free[at])
+    result = G.generate(model, [prompt], [None], G.SamplingParams(max_new_tokens=12, stop=stop), tokenizer=tokenizer)[0]
+    reference = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, stop_strings=[stop],
+                               tokenizer=tokenizer, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert result.tokens == reference == free[:at + 1] and result.finish_reason == "stop"
+    assert result.text == tokenizer.decode(free[:at], skip_special_tokens=True)
