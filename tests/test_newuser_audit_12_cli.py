@@ -234,6 +234,23 @@ def test_generate_seed_and_eval_json_device_are_one_line_in_flag_terms(files, ca
                     "results would replace; give a file path, e.g. --json results.json")
 
 
+
+def test_an_adapter_folder_given_as_model_is_named_as_an_adapter(files, capsys, no_load, tmp_path):
+    """--model ADAPTER (the two folders swapped) said 'has no config.json; give a Hugging Face model folder', which
+    does not tell that the folder is an adapter, nor which base it needs."""
+    named = shutil.copytree(files["adapter"], tmp_path / "named")
+    config = json.loads((named / "adapter_config.json").read_text())
+    (named / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "my-base"}))
+    for argv in (["generate", "--model", named, "Hello"], ["train", "--model", named, "--data", files["data"]],
+                 ["merge", "--model", named, "--adapter", files["adapter"], "--out", tmp_path / "m"],
+                 ["eval", "--model", named, "--data", files["data"]], ["quantize", "--model", named, "--out", tmp_path / "q"]):
+        line = _refused(capsys, argv)
+        assert line == (f"lorakit {argv[0]}: error: --model {named} is an adapter folder (adapter_config.json), not a "
+                        "base model; give the folder of the base it was trained on as --model (its adapter_config.json "
+                        "names 'my-base')"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["named"]
+
+
 # -- lorakit combine --------------------------------------------------------------------------------------------------
 def test_combine_weights_and_ranks_the_adapter_configs_refuse_are_said_before_loading(files, capsys, no_load, tmp_path):
     """--method linear (or ties, dare...) on adapters of different ranks was refused only after the base had loaded,

@@ -24,6 +24,9 @@ def check_model_arg(model: str, flag: str = "--model") -> None:
         raise LorakitError(f"{flag} is empty (an unset shell variable?); give the model folder or an embedded name, "
                            "e.g. smollm2-135m")
     path = Path(os.path.expanduser(str(model)))
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
+        raise LorakitError(f"{flag} {model} is an adapter folder (adapter_config.json), not a base model; give the "
+                           f"folder of the base it was trained on as {flag}{_named_base(path)}")
     if not path.is_file():
         return
     try:
@@ -41,6 +44,17 @@ def check_model_arg(model: str, flag: str = "--model") -> None:
     hint = (f"; did you mean its folder {str(parent)!r}?" if (parent / "config.json").is_file()
             else "; give the folder that holds config.json, the safetensors weights and the tokenizer files")
     raise LorakitError(f"{flag} {model} is a file, not a model folder{hint}")
+
+
+def _named_base(adapter: Path) -> str:
+    """' (its adapter_config.json names 'X')', or '' when it names none or cannot be read."""
+    import json
+
+    try:
+        name = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8-sig")).get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+        return ""
+    return f" (its adapter_config.json names {name!r})" if isinstance(name, str) and name.strip() else ""
 
 
 def check_model_folder(model: str, flag: str = "--model") -> None:
