@@ -492,8 +492,11 @@ def _vocab_size(model: nn.Module) -> int | None:
 
 
 def prefill(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
-            pad_id: int = 0) -> tuple[torch.Tensor, KVBatch]:
+            pad_id: int | None = 0) -> tuple[torch.Tensor, KVBatch]:
     """Run new prompts (left-padded into one batch, row i through adapter ``adapters[i]``).
+
+    ``pad_id`` fills the padding, which is masked, so any id of the vocabulary gives the same result; None (a
+    tokenizer without a pad token) pads with 0.
 
     Returns the next-token logits ``(n, V)`` and the rows' ``KVBatch``.
     """
@@ -507,6 +510,7 @@ def prefill(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Sequen
                                f"vocabulary [0, {vocab}); encode prompts with this model's tokenizer")
     device = model_device(model)
     length = max(len(p) for p in prompts)
+    pad_id = 0 if pad_id is None else pad_id
     if any(len(p) < length for p in prompts) and (not _is_int(pad_id) or not 0 <= pad_id < (vocab or pad_id + 1)):
         # padding is masked, yet its id still goes through the embedding (IndexError outside the vocabulary)
         raise LorakitError(f"pad_id {pad_id} is outside this model's vocabulary [0, {vocab}); pass any id in it (the "
@@ -550,7 +554,7 @@ class Generation:
 
 
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
-             params: SamplingParams | Sequence[SamplingParams], pad_id: int = 0,
+             params: SamplingParams | Sequence[SamplingParams], pad_id: int | None = 0,
              keep_logits: bool = False, tokenizer=None) -> list[Generation]:
     """Generate for several prompts at once, row i through ``adapters[i]``, with one KV cache.
 
@@ -560,6 +564,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Seque
         prompts: token ids per row.
         adapters: adapter name per row (None: the base model).
         params: one ``SamplingParams`` for all rows or one per row.
+        pad_id: the id written at padding (masked: any id of the vocabulary; None, as a tokenizer without a pad
+            token gives it, pads with 0).
         keep_logits: keep each step's next-token logits ``(V,)`` per row (for tests and log-probabilities).
         tokenizer: decode each row into ``Generation.text``; needed for ``stop`` strings.
     """

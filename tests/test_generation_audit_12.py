@@ -205,6 +205,15 @@ def test_pad_id_outside_the_vocabulary_is_refused_in_one_line():
     assert len(G.generate(model, [[5, 6]], [None], G.SamplingParams(max_new_tokens=2), pad_id=-100)[0].tokens) == 2
 
 
+def test_a_tokenizer_without_pad_token_pads_all_the_same():
+    """pad_id=tokenizer.pad_token_id is None for Llama / GPT-2 tokenizers: rows of different lengths then failed
+    (torch.full with None); any id pads the same (the padding is masked), so None pads with 0."""
+    model, _ = _llama_and_tokenizer()
+    prompts, params = [[5, 6, 7, 8], [3]], G.SamplingParams(max_new_tokens=3)
+    assert ([r.tokens for r in G.generate(model, prompts, [None] * 2, params, pad_id=None)]
+            == [r.tokens for r in G.generate(model, prompts, [None] * 2, params, pad_id=7)])
+
+
 def test_numpy_and_tensor_numbers_are_taken_as_numbers():
     """Values read from numpy or torch (np.int64 lengths, an array of end ids, np.float32 temperatures) were refused
     as 'must be a positive integer, got np.int64(3)'; they are numbers, and generation equals the Python values'."""
