@@ -5,12 +5,12 @@ it and ``out_proj.weight (E, E)`` straight to ``F.multi_head_attention_forward``
 so LoRA on ``out_proj`` as a layer would never act. Adapting the attention module itself adapts both projections,
 with one rank and alpha: ``adapters[name] = {"in_proj_weight": (r, E) -> (3E, r), "out_proj_weight": (r, E) ->
 (E, r)}`` (``ParamAdapter``s of one expert). During each forward the module sees the merged weights, in the active
-adapters' order and in peft's order of operations, so float32 outputs equal peft's element by element (peft merges
-the weights before the call and subtracts them after it):
+adapters' order and in peft's order of operations and roundings, so outputs equal peft's bit for bit, float32 and
+16-bit alike (peft merges the weights before the call and subtracts them after it):
 
 * ``in_proj_weight + d_in`` with ``d = (B @ A) * s``;
-* ``(out_proj.weight + d_out) + d_out``: peft (0.21 and every release before it) adds out_proj's delta twice, in its
-  forward and in merge_and_unload alike (``MultiheadAttention.merge`` adds it, then calls ``out_proj.merge``, which
+* ``(out_proj.weight + d_out) + d_out``: peft 0.21 adds out_proj's delta twice, in its forward and in
+  merge_and_unload alike (``MultiheadAttention.merge`` adds it, then calls ``out_proj.merge``, which
   adds it again; huggingface/peft PR #3774). lorakit does the same (``APPLIED``), so a file means the same model in
   both libraries: peft's adapters load with the outputs they were trained and evaluated with, and lorakit's saved
   adapters run in peft as in lorakit. lorakit's gradients are those of this forward (peft's autograd sees d_out once,
