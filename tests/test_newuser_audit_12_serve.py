@@ -357,3 +357,38 @@ def test_a_folder_named_as_the_base_is_reported_at_start(tokens_setup, tmp_path,
         assert [a["name"] for a in state.pool.loaded()] == ["other"]
     finally:
         state.engine.close()
+
+
+# -- structured outputs --------------------------------------------------------------------------------------------
+def test_many_choices_sharing_a_prefix(server):
+    """guided_choice takes up to 4096 strings; with more than 2000 sharing a prefix ("option 0001", ...) llguidance's
+    parser gave up once the answer had written the prefix ("Current row has 2501 items; max is 2000"), and the
+    request was a 500 "generation failed". The choices are now one lexer token, which has no such limit."""
+    choices = [f"option {i:04d}" for i in range(2500)]
+    for model in ("a0", "tok"):
+        response = server["client"].post("/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "pick"}], "max_tokens": 16, "temperature": 0,
+            "guided_choice": choices})
+        assert response.status_code == 200, response.text[:300]
+        assert response.json()["choices"][0]["message"]["content"] in choices
+
+
+def test_a_grammar_the_parser_gives_up_on_is_the_clients_400(server):
+    """A Lark grammar whose parse needs more than llguidance's 2000 items in a row fails only once the answer gets
+    there: the request was a 500 ("generation failed", type server_error) for what is the grammar's limit. Now a 400
+    that says the answer could not follow the format, and why."""
+    grammar = "start: " + " | ".join(f'"option {i:04d}"' for i in range(2500))
+    response = server["client"].post("/v1/chat/completions", json={
+        "model": "a0", "messages": [{"role": "user", "content": "pick"}], "max_tokens": 16, "temperature": 0,
+        "guided_grammar": grammar})
+    error = _error(response, 400)
+    assert error["code"] == "invalid_response_format" and error["type"] == "invalid_request_error"
+    assert error["message"].startswith("the answer could not follow the format: ") and "max is 2000" in error["message"]
+    assert "<state>" not in error["message"]  # llguidance's parser dump stays out
+    with server["client"].stream("POST", "/v1/chat/completions", json={
+            "model": "a0", "messages": [{"role": "user", "content": "pick"}], "max_tokens": 16, "temperature": 0,
+            "guided_grammar": grammar, "stream": True}) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "invalid_response_format"
+    assert events[-1]["error"]["message"] == error["message"]
+    assert _ask(server["client"], "a0")["text"]  # still serving

@@ -18,6 +18,19 @@ if TYPE_CHECKING:
     from lorakit.serve.app import ServerState, _Bridge
 
 
+STRUCTURED_FAILURE = "error: structured output: "  # the engine's finish reason where a row's format failed
+
+
+def failure(reason: str) -> tuple[int, dict]:
+    """The HTTP status and OpenAI error body of a job that finished with ``reason`` "error: ...": a format that
+    could not be followed (a grammar over llguidance's limits, or one that allows no token the model has) is the
+    request's 400; anything else failed in the server, a 500."""
+    if reason.startswith(STRUCTURED_FAILURE):
+        return 400, error_body(f"the answer could not follow the format: {reason[len(STRUCTURED_FAILURE):]}",
+                               code="invalid_response_format")
+    return 500, error_body(f"generation failed: {reason[7:]}", type="server_error")
+
+
 def token_text(state: ServerState, token: int) -> str:
     with state.tokenizer_lock:
         return state.tokenizer.decode([token])
@@ -177,7 +190,7 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
         if failed is not None and not failed.startswith("error"):  # a forced call the model did not write
             yield f"data: {json.dumps(error_body(failed, type='server_error', code='invalid_tool_call'))}\n\n"
         elif failed is not None:
-            yield f"data: {json.dumps(error_body(f'generation failed: {failed[7:]}', type='server_error'))}\n\n"
+            yield f"data: {json.dumps(failure(failed)[1])}\n\n"
         elif include_usage:
             completion = sum(len(job.tokens) for job in jobs)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,

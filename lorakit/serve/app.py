@@ -34,7 +34,7 @@ from starlette.requests import Request as HTTPRequest
 
 from lorakit.errors import LorakitError
 from lorakit.generation import SamplingParams, encode_prompt
-from lorakit.serve.answers import logprobs_object, prompt_logprobs, stream_events
+from lorakit.serve.answers import failure, logprobs_object, prompt_logprobs, stream_events
 from lorakit.serve.engine import Engine, Request, TokenInfo
 from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, resolve_adapter
 from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected
@@ -701,7 +701,8 @@ async def _constraints(state: ServerState, spec: tuple | None, param: str,
 async def _collect(state: ServerState, http: HTTPRequest, jobs: list[Request], bridge: _Bridge):
     """Wait for every job: ``(pieces, infos, reasons)`` per job (its text pieces, its ``(token, TokenInfo)``
     where logprobs were asked, its finish reason), or a 499 response once the client has gone (the jobs are then
-    cancelled). A job that failed is a 500."""
+    cancelled). A job whose format could not be followed (a grammar over llguidance's limits, one that allows no
+    token the model has) is a 400; one that failed otherwise a 500."""
     pieces = [[] for _ in jobs]
     infos = [[] for _ in jobs]
     reasons: list[str | None] = [None] * len(jobs)
@@ -725,7 +726,8 @@ async def _collect(state: ServerState, http: HTTPRequest, jobs: list[Request], b
                 state.engine.cancel(job)
     failed = next((r for r in reasons if r.startswith("error")), None)
     if failed is not None:
-        raise APIError(500, f"generation failed: {failed[7:]}", type="server_error")
+        status, body = failure(failed)
+        raise APIError(status, body["error"]["message"], type=body["error"]["type"], code=body["error"]["code"])
     return pieces, infos, reasons
 
 

@@ -120,8 +120,10 @@ def _grammar_text(llguidance, kind: str, value: Any, whitespace: str | None = No
         return llguidance.LLMatcher.grammar_from_json_schema(schema_of(kind, value), defaults=options)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(value)
-    if kind == "choice":  # Lark string literals take JSON's escapes
-        return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
+    if kind == "choice":  # Lark string literals take JSON's escapes. One terminal (a lexer token, upper case), not
+        # a rule of alternatives: the parser holds a rule's live alternatives as items, at most 2000 in a row, so
+        # over 2000 choices sharing a prefix failed once the answer had written it
+        return llguidance.LLMatcher.grammar_from_lark("start: CHOICE\nCHOICE: " + " | ".join(json.dumps(c) for c in value))
     if kind == "grammar":
         return llguidance.LLMatcher.grammar_from_lark(value)
     raise FormatError(f"unknown format kind {kind!r}; one of {', '.join(KINDS)}")
@@ -206,7 +208,8 @@ class Constraint:
 
     @property
     def error(self) -> str | None:
-        return _one_line(self.matcher.get_error()) if self.matcher.is_error() else None
+        # llguidance appends its parser state (tokens, rows, timings) after "<state>": not for the client
+        return _one_line(self.matcher.get_error().split("<state>")[0]) if self.matcher.is_error() else None
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor | None:
         """``logits (V,)`` with every token the grammar does not allow next set to -inf (a new tensor); None when
