@@ -251,6 +251,21 @@ def test_an_adapter_folder_given_as_model_is_named_as_an_adapter(files, capsys, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["named"]
 
 
+
+def test_standard_input_and_device_files_are_named_for_what_they_are(files, capsys, no_load):
+    """--data - said 'data file not found: -'; /dev/null as --adapter said 'adapter folder /dev/null does not exist',
+    and as --model 'neither an embedded model nor a local folder'."""
+    stdin_fix = "--data -: lorakit reads data from files, not standard input; save the records to a file first"
+    assert stdin_fix in _refused(capsys, ["train", "--model", files["tiny"], "--data", "-"])
+    assert stdin_fix in _refused(capsys, ["eval", "--model", files["tiny"], "--data", "-"])
+    line = _refused(capsys, ["generate", "--model", files["tiny"], "--adapter", "/dev/null", "Hello"])
+    assert line == ("lorakit generate: error: --adapter /dev/null is not a folder (a device, pipe or socket); give the "
+                    "adapter folder (adapter_config.json, adapter_model.safetensors)")
+    line = _refused(capsys, ["merge", "--model", "/dev/null", "--adapter", files["adapter"], "--out", "m"])
+    assert line == ("lorakit merge: error: --model /dev/null is not a folder (a device, pipe or socket); give the "
+                    "model folder (config.json, safetensors weights, tokenizer files)")
+
+
 # -- lorakit combine --------------------------------------------------------------------------------------------------
 def test_combine_weights_and_ranks_the_adapter_configs_refuse_are_said_before_loading(files, capsys, no_load, tmp_path):
     """--method linear (or ties, dare...) on adapters of different ranks was refused only after the base had loaded,

@@ -24,6 +24,7 @@ def check_model_arg(model: str, flag: str = "--model") -> None:
         raise LorakitError(f"{flag} is empty (an unset shell variable?); give the model folder or an embedded name, "
                            "e.g. smollm2-135m")
     path = Path(os.path.expanduser(str(model)))
+    _refuse_special(path, model, flag, "the model folder (config.json, safetensors weights, tokenizer files)")
     if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
         raise LorakitError(f"{flag} {model} is an adapter folder (adapter_config.json), not a base model; give the "
                            f"folder of the base it was trained on as {flag}{_named_base(path)}")
@@ -44,6 +45,12 @@ def check_model_arg(model: str, flag: str = "--model") -> None:
     hint = (f"; did you mean its folder {str(parent)!r}?" if (parent / "config.json").is_file()
             else "; give the folder that holds config.json, the safetensors weights and the tokenizer files")
     raise LorakitError(f"{flag} {model} is a file, not a model folder{hint}")
+
+
+def _refuse_special(path: Path, typed: str, flag: str, what: str) -> None:
+    """A device, pipe or socket (/dev/null, a fifo) is neither a file nor a folder: 'does not exist' would be wrong."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise LorakitError(f"{flag} {typed} is not a folder (a device, pipe or socket); give {what}")
 
 
 def _named_base(adapter: Path) -> str:
@@ -77,6 +84,7 @@ def check_adapter_arg(adapter: str, flag: str = "--adapter") -> None:
         raise LorakitError(f"{flag} is empty (an unset shell variable?); give the adapter folder that holds "
                            "adapter_config.json, e.g. runs/mine/adapter")
     path = Path(os.path.expanduser(str(adapter)))
+    _refuse_special(path, adapter, flag, "the adapter folder (adapter_config.json, adapter_model.safetensors)")
     if path.is_file():
         hint = (f"; did you mean its folder {str(path.parent)!r}?" if (path.parent / "adapter_config.json").is_file()
                 else "; give the adapter folder that holds adapter_config.json and adapter_model.safetensors")

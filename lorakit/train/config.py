@@ -198,6 +198,9 @@ class TrainConfig:
             if any(not str(path).strip() for path in getattr(self, name) or []):
                 raise LorakitError(f"{_flag(name)} holds an empty path (''); give a data file or a folder of them, "
                                    "e.g. train.jsonl")
+            if "-" in (getattr(self, name) or []):  # Unix's "standard input": a run reads its files more than once
+                raise LorakitError(f"{_flag(name)} -: lorakit reads data from files, not standard input; save the "
+                                   "records to a file first, e.g. ... > train.jsonl, then --data train.jsonl")
         if self.seed >= 2**64:  # torch.manual_seed's limit: an OverflowError once the model is loaded, otherwise
             raise LorakitError(f"--seed must be below 2**64 (e.g. 42), got {self.seed}")
         if not _number(self.alpha):  # any finite alpha, as LoraConfig and peft; inject warns when it is 0 (a no-op)

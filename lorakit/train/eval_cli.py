@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_length is not None and args.max_length < 2:  # a token to read and one to predict
         raise LorakitError(f"--max-length must be at least 2 (an example needs a token to read and one to predict), "
                            f"got {args.max_length}")
+    if "-" in (args.data or []):  # Unix's "standard input"
+        raise LorakitError("--data -: lorakit reads data from files, not standard input; save the records to a file "
+                           "first, e.g. ... > val.jsonl, then --data val.jsonl")
     if args.samples < 0:
         raise LorakitError(f"--samples must be 0 or more (generations to print), got {args.samples}")
     if args.json is not None and not args.json.strip():  # an unset variable: the results would not be written
