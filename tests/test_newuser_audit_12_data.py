@@ -463,3 +463,22 @@ def test_openorca_rows_train_with_their_system_prompt(tmp_path, tok):
     assert alpaca["messages"][0] == {"role": "system", "content": "Be brief."}
     with pytest.raises(LorakitError, match=r"^f:1: unknown field 'response'; a question/answer record has only"):
         validate_record({"question": "q", "answer": "a", "response": "r"}, "f:1")
+
+
+def test_null_fields_in_json_count_as_absent_as_in_a_table(tmp_path, tok):
+    """A table written as JSON lines (pandas' to_json(orient="records", lines=True)) writes null for a column another
+    record shape fills, and OpenHermes-2.5 carries null metadata (topic, model_name, views...): the same rows read from
+    Parquet, but from JSON they stopped as "unknown field 'text'". A null that a record needs still stops it."""
+    import pandas as pd
+
+    path = tmp_path / "mixed.jsonl"
+    pd.DataFrame([{"text": "a b"}, {"prompt": "c", "completion": "d"}]).to_json(path, orient="records", lines=True)
+    assert [r.shape for r in read_many(path)] == ["text", "prompt_completion"]
+    hermes = {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello.", "weight": None}],
+              "source": "airoboros2.2", "topic": None, "model_name": None, "views": None, "custom_instruction": None}
+    ds = build_dataset(read_many(write_jsonl(tmp_path / "hermes.jsonl", [hermes])), tok, 64)
+    assert targets(tok, ds.rows[0]) == ["Hello.<|im_end|>"]
+    with pytest.raises(LorakitError, match=r"^f:1: field 'completion' is null; give it a string$"):
+        validate_record({"prompt": "q", "completion": None, "note": None}, "f:1")
+    with pytest.raises(LorakitError, match=r"^f:2: unknown field 'topic'"):  # a value there is still a mistake
+        validate_record({**hermes, "topic": "maths"}, "f:2")

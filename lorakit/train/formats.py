@@ -144,12 +144,35 @@ class Record:
 def validate_record(obj: Any, where: str = "<record>") -> Record:
     """Check one raw record (a dict from JSON, CSV or datasets) and return it as a :class:`Record`.
 
+    Fields whose value is null count as absent when the record reads without them, as in a table (Parquet,
+    datasets): a table written as JSON (pandas' ``to_json(orient="records", lines=True)``) has null where another
+    record shape's column is, and exports carry null metadata (OpenHermes' topic, views...). When the record does
+    not read without its null fields either, the error is the one for the record as given ("field 'completion' is
+    null").
+
     Raises:
         LorakitError: not an object, no known field, an unknown or missing field, a field of the wrong type,
             an empty text or completion, a bad message, or a chat that does not end with an assistant turn.
     """
     if isinstance(obj, Record):
         return obj
+    if isinstance(obj, Mapping) and any(value is None for value in obj.values()):  # a null unknown field holds nothing
+        obj = {key: value for key, value in obj.items() if value is not None or (
+            isinstance(key, str) and key.strip().lower() in KNOWN_FIELDS)}
+    try:
+        return _validate(obj, where)
+    except LorakitError as error:
+        if not isinstance(obj, Mapping) or all(value is not None for value in obj.values()):
+            raise
+        as_given = error
+    try:  # without its null fields, as a table row reads
+        return _validate({key: value for key, value in obj.items() if value is not None}, where)
+    except LorakitError:
+        raise as_given from None
+
+
+def _validate(obj: Any, where: str) -> Record:
+    """:func:`validate_record` of the record as given."""
     if _turns_have(obj, "role"):  # a bare chat: its list of turns
         obj = {"messages": obj}
     elif _turns_have(obj, "from"):
