@@ -269,7 +269,8 @@ def test_standard_input_and_device_files_are_named_for_what_they_are(files, caps
 # -- lorakit combine --------------------------------------------------------------------------------------------------
 def test_combine_weights_and_ranks_the_adapter_configs_refuse_are_said_before_loading(files, capsys, no_load, tmp_path):
     """--method linear (or ties, dare...) on adapters of different ranks was refused only after the base had loaded,
-    and weights that are all 0 wrote an adapter that changes nothing, without a word."""
+    weights that are all 0 wrote an adapter that changes nothing, and --seed with a method that draws no random
+    mask was ignored, both without a word."""
     model = tiny_llama(vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=2)
     rank8 = make_adapter(model, tmp_path / "rank 8", seed=2, r=8)  # a space in the name, as users' folders have
     combine = ["combine", "--model", files["tiny"], "--out", tmp_path / "out"]
@@ -279,6 +280,9 @@ def test_combine_weights_and_ranks_the_adapter_configs_refuse_are_said_before_lo
     line = _refused(capsys, [*combine, "--adapter", f"{files['adapter']}=0", "--adapter", f"{rank8}=0"])
     assert line == ("lorakit combine: error: every --adapter weight is 0, so the combined adapter would change "
                     "nothing; give the adapters weights, e.g. --adapter a=0.7 --adapter b=0.3")
+    line = _refused(capsys, [*combine, "--adapter", files["adapter"], "--adapter", rank8, "--seed", "3"])
+    assert line == ("lorakit combine: error: --seed seeds the random masks of the dare methods; --method cat draws "
+                    "none: leave --seed out")  # it was ignored without a word
     assert not (tmp_path / "out").exists()
 
 

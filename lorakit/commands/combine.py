@@ -155,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
                    svd_rank=args.svd_rank, svd_clamp=args.svd_clamp, svd_lowrank=args.svd_lowrank)
     with _flag_names():  # the options are checked before minutes of loading
         _check_options(**options, svd_driver=None)
+    if args.seed is not None and not args.method.startswith("dare"):  # it would be ignored without a word
+        raise LorakitError(f"--seed seeds the random masks of the dare methods; --method {args.method} draws none: "
+                           "leave --seed out")
     if all(weight == 0 for _, weight in inputs):
         raise LorakitError("every --adapter weight is 0, so the combined adapter would change nothing; give the "
                            "adapters weights, e.g. --adapter a=0.7 --adapter b=0.3")
