@@ -378,13 +378,16 @@ def test_long_chats_under_truncate_and_drop_keep_a_finite_loss(tmp_path, tok):
     assert loss.isfinite() and loss > 0
 
 
-def test_finetome_rows_with_a_quality_score_train(tmp_path, tok):
-    """mlabonne/FineTome-100k (the set of many fine-tuning tutorials) has conversations, source and a quality score;
-    the score was refused as an unknown field, though like "source" it says nothing about the text to train."""
+def test_finetome_and_platypus_rows_with_bookkeeping_columns_train(tmp_path, tok):
+    """mlabonne/FineTome-100k (the set of many fine-tuning tutorials) has conversations, source and a quality score,
+    garage-bAInd/Open-Platypus a data_source: both were refused as unknown fields, though like "source" they say
+    nothing about the text to train."""
     row = {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}],
            "source": "infini-instruct-top-500k", "score": 4.56}
     ds = build_dataset(read_many(write_jsonl(tmp_path / "finetome.jsonl", [row])), tok, 64)
     assert targets(tok, ds.rows[0]) == ["Hello.<|im_end|>"]
+    platypus = {"input": "", "output": "4", "instruction": "What is 2+2?", "data_source": "scibench"}  # Open-Platypus
+    assert validate_record(platypus)["messages"][-1] == {"role": "assistant", "content": "4"}
 
 
 @pytest.mark.parametrize("record,message", [

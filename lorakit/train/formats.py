@@ -78,11 +78,12 @@ REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 # optional record-level keys of a chat: the tool schemas given to the template; OpenAI's API flag (ignored)
 CHAT_OPTIONAL_FIELDS = ("tools", "parallel_tool_calls")
 # bookkeeping columns of public dataset exports (UltraChat's prompt_id, OpenHermes' source, Dolly's category,
-# FineTome's quality score, ...):
+# FineTome's quality score, Open-Platypus' data_source, ...):
 # they say nothing about the text to train on, so a record may carry them; any other unknown field is refused,
 # since it is usually a misnamed one (an "answer" meant as the completion)
-IGNORED_FIELDS = frozenset({"id", "idx", "index", "uuid", "prompt_id", "conversation_id", "source", "dataset", "score",
-                            "category", "metadata", "meta", "lang", "language", "license", "url", "timestamp",
+IGNORED_FIELDS = frozenset({"id", "idx", "index", "uuid", "prompt_id", "conversation_id", "source", "data_source",
+                            "dataset", "score", "category", "metadata", "meta", "lang", "language", "license", "url",
+                            "timestamp",
                             # the row index pandas writes: to_csv's unnamed first column, pyarrow's parquet column
                             "", "unnamed: 0", "__index_level_0__"})
 EXPECTED_SHAPES = '{"text"}, {"prompt", "completion"} or {"messages": [...]}'
