@@ -121,6 +121,8 @@ def test_train_mistakes_config_json_and_the_environment_tell_are_refused_before_
     ]
     for flags, said in cases:
         assert said in _refused(capsys, [*train, *flags]), flags
+    assert _refused(capsys, ["demo", "--model", files["tiny"], "--rank", "1000000000"]).startswith(
+        "lorakit demo: error: --rank 1000000000 is above every size of this model")
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     assert "--tensorboard needs the tensorboard package" in _refused(capsys, [*train, "--tensorboard"])
     assert not (tmp_path / "run").exists()

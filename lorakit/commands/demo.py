@@ -36,9 +36,13 @@ def run(args: argparse.Namespace) -> int:
     check_model_arg(args.model)
     if args.rank < 1:
         raise LorakitError(f"--rank must be a positive integer, got {args.rank}")
+    from lorakit.train.preflight import check_rank, local_config
+
+    check_rank(args.rank, local_config(args.model) or {})  # a local folder: before it loads
     start = time.perf_counter()
     model, tokenizer = lorakit.load_base(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
+    check_rank(args.rank, model.config.to_dict())  # the embedded model: before inject allocates the adapter
     lorakit.inject(model, lorakit.LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules="all-linear"))
     print(lorakit.trainable_report(model))
     # a base model without a chat template gets the prompt as plain text to continue

@@ -40,6 +40,18 @@ def config_context(config: dict) -> int | None:
     return None
 
 
+def check_rank(rank: int, model_config: dict, flag: str = "--rank") -> None:
+    """Refuse a rank above every size (``*_size``) of a model's config: a layer's update has rank at most
+    min(in, out), so it only allocates parameters, up to running out of memory (1e9 on a 32-wide model: an allocator
+    traceback). Below that it is not an error: peft accepts a rank above a layer's size, and inject warns."""
+    sizes = (model_config.get("text_config") or model_config) if isinstance(model_config, dict) else {}
+    largest = max((v for k, v in sizes.items() if k.endswith("_size") and isinstance(v, int)
+                   and not isinstance(v, bool)), default=None)
+    if largest is not None and rank > largest:
+        raise LorakitError(f"{flag} {rank} is above every size of this model (the largest in its config.json is "
+                           f"{largest}), and a layer's update has rank at most min(in, out): lower {flag} (e.g. 16)")
+
+
 def check_before_loading(config: TrainConfig, given: set[str]) -> None:
     """Refuse what the options, the environment and ``config.json`` already tell: a ``--max-length`` (given, not
     the default, which is lowered instead) beyond the model's context, a ``--global-batch`` the processes cannot
@@ -63,12 +75,8 @@ def check_before_loading(config: TrainConfig, given: set[str]) -> None:
     if "max_length" in given and limit is not None and config.max_length > limit:
         raise LorakitError(f"--max-length {config.max_length} is longer than the model's context of {limit} tokens "
                            f"(max_position_embeddings in its config.json); pass --max-length {limit} or less")
-    largest = max((v for k, v in (model_config.get("text_config") or model_config).items()
-                   if k.endswith("_size") and isinstance(v, int) and not isinstance(v, bool)), default=None)
-    if not config.full and largest is not None and config.rank > largest:  # (not an error below it: peft accepts
-        # a rank above a layer's size, and inject warns); above every size it only allocates, up to running out of memory
-        raise LorakitError(f"--rank {config.rank} is above every size of this model (the largest in its config.json is "
-                           f"{largest}), and a layer's update has rank at most min(in, out): lower --rank (e.g. 16)")
+    if not config.full:
+        check_rank(config.rank, model_config)
     if config.targets or config.exclude or config.modules_to_save:
         empty = empty_model(config.model)
         if empty is not None:
