@@ -15,7 +15,7 @@ import pytest
 from lorakit.errors import LorakitError
 from lorakit.train.data import IGNORE_INDEX, Collator, build_dataset
 from lorakit.train.formats import validate_record
-from lorakit.train.sources import read_many
+from lorakit.train.sources import VALIDATION_SPLITS, read_many
 from test_serve_support import make_tokenizer
 
 
@@ -485,3 +485,27 @@ def test_null_fields_in_json_count_as_absent_as_in_a_table(tmp_path, tok):
         validate_record({"prompt": "q", "completion": None, "note": None}, "f:1")
     with pytest.raises(LorakitError, match=r"^f:2: unknown field 'topic'"):  # a value there is still a mistake
         validate_record({**hermes, "topic": "maths"}, "f:2")
+
+
+def test_a_datasetdict_with_sft_split_names(tmp_path):
+    """HuggingFaceH4's SFT sets (deita-10k-v0-sft, ultrachat_200k) name their splits train_sft / test_sft: a folder
+    saved from them was refused ("none of them train"). The one split named for the split asked is read; two such
+    (UltraChat's train_sft and train_gen) are named, and the user picks one."""
+    import datasets
+
+    def chats(word: str, n: int) -> datasets.Dataset:
+        return datasets.Dataset.from_list([{"messages": [{"role": "user", "content": f"{word} {i}?"},
+                                                         {"role": "assistant", "content": "ok"}]} for i in range(n)])
+
+    folder = tmp_path / "deita"
+    datasets.DatasetDict({"train_sft": chats("train", 3), "test_sft": chats("test", 2)}).save_to_disk(str(folder))
+    assert [r.where for r in read_many(folder)] == [f"deita[train_sft] row {i}" for i in range(3)]
+    assert [r.where for r in read_many(folder, split=VALIDATION_SPLITS)] == ["deita[test_sft] row 0",
+                                                                             "deita[test_sft] row 1"]
+    folder = tmp_path / "ultrachat"
+    datasets.DatasetDict({"train_sft": chats("a", 1), "train_gen": chats("b", 1), "test_sft": chats("c", 1)}
+                         ).save_to_disk(str(folder))
+    with pytest.raises(LorakitError) as info:
+        read_many(folder)
+    assert str(info.value) == (f"{folder}: has the splits train_sft, train_gen for train; give the folder of the one to "
+                               f"read (e.g. {folder / 'train_sft'})")

@@ -447,6 +447,14 @@ def _read_datasets_folder(path: Path, split: str | None) -> list[Record]:
         names = list(loaded.keys())
         wanted = [split] if isinstance(split, str) else list(split or ["train"])
         chosen = next((s for s in wanted if s in loaded), None)
+        for word in wanted if chosen is None else ():  # train_sft / test_sft (HuggingFaceH4's SFT sets)
+            alike = [name for name in names if _split_of(Path(name)) == SPLIT_WORDS.get(word, word)]
+            if len(alike) > 1:
+                raise LorakitError(f"{path}: has the splits {', '.join(alike)} for {SPLIT_WORDS.get(word, word)}; give "
+                                   f"the folder of the one to read (e.g. {path / alike[0]})")
+            if alike:
+                chosen = alike[0]
+                break
         if chosen is None and len(names) == 1 and not isinstance(split, str):
             chosen = names[0]
         if chosen is None:
