@@ -509,3 +509,22 @@ def test_a_datasetdict_with_sft_split_names(tmp_path):
         read_many(folder)
     assert str(info.value) == (f"{folder}: has the splits train_sft, train_gen for train; give the folder of the one to "
                                f"read (e.g. {folder / 'train_sft'})")
+
+
+def test_a_hub_data_folder_with_two_train_subsets_is_not_merged(tmp_path):
+    """UltraChat 200k's data/ holds train_sft-*.parquet and train_gen-*.parquet (the same prompts, for SFT and for
+    generation): --data data/ read both as the train split, every chat twice. Shards of one subset are all read."""
+    import pandas as pd
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train_sft-00000-of-00002.parquet", "train_sft-00001-of-00002.parquet",
+                 "train_gen-00000-of-00001.parquet", "test_sft-00000-of-00001.parquet"):
+        pd.DataFrame([{"prompt": name, "completion": "x"}]).to_parquet(data / name)
+    with pytest.raises(LorakitError) as info:
+        read_many(data)
+    assert str(info.value) == (f"{data}: its train files are of 2 subsets (train_gen, train_sft); give the files of the "
+                               f"one to read, e.g. {data / 'train_gen-*'}")
+    (data / "train_gen-00000-of-00001.parquet").unlink()
+    assert [r["prompt"] for r in read_many(data)] == ["train_sft-00000-of-00002.parquet",
+                                                      "train_sft-00001-of-00002.parquet"]

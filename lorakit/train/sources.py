@@ -13,6 +13,7 @@ import codecs
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,19 @@ def _split_files(folder: Path, files: list[Path], split: str | Sequence[str] | N
     if chosen is None:
         raise LorakitError(f"{folder}: its files are named for the splits {sorted(set(splits.values()))} ({named}), "
                            f"none of them {'/'.join(dict.fromkeys(wanted))}; give the data files themselves")
-    return [f for f, v in splits.items() if v == chosen]
+    files = [f for f, v in splits.items() if v == chosen]
+    subsets = sorted({_shard_subset(f) for f in files} - {None})
+    if len(subsets) > 1:  # UltraChat's train_sft-* and train_gen-*: the same chats for two uses, not one split
+        raise LorakitError(f"{folder}: its {chosen} files are of {len(subsets)} subsets ({', '.join(subsets)}); give the "
+                           f"files of the one to read, e.g. {folder / (subsets[0] + '-*')}")
+    return files
+
+
+def _shard_subset(file: Path) -> str | None:
+    """The subset a Hub shard belongs to ("train_sft" of "train_sft-00001-of-00003-ab12.parquet"), or None for a
+    file not named as a shard."""
+    match = re.match(r"(.+?)-\d{5}-of-\d{5}", file.name)
+    return match.group(1) if match else None
 
 
 def _not_data_folder(path: Path) -> str | None:
