@@ -319,6 +319,25 @@ def test_an_adapter_that_does_not_fit_the_default_base_says_to_pass_model(files,
     assert line.endswith(f"; pass --model {files['tiny']}, the base its adapter_config.json names"), line
 
 
+
+def test_train_config_file_keys_given_twice_and_bad_values_name_the_file(capsys, no_load, tmp_path, monkeypatch):
+    """A key given twice in a YAML or JSON config was read silently as its last value ('rank: 8' early in the file
+    overridden by a forgotten 'rank: 16'); a bad value from the file alone was reported as the flag, as if typed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "twice.yaml").write_text("rank: 8\nlr: 0.001\nrank: 16\n")
+    assert _refused(capsys, ["train", "--config", "twice.yaml"]) == (
+        "lorakit train: error: twice.yaml line 3: 'rank' is given twice (lines 1 and 3); keep one")
+    (tmp_path / "twice.json").write_text('{"rank": 8, "rank": 16}')
+    assert _refused(capsys, ["train", "--config", "twice.json"]) == (
+        "lorakit train: error: twice.json: 'rank' is given twice; keep one")
+    (tmp_path / "short.yaml").write_text("max_length: 1\n")
+    assert _refused(capsys, ["train", "--config", "short.yaml"]).startswith(
+        "lorakit train: error: short.yaml: --max-length must be at least 2")
+    # the same value typed on the command line is the flag's, not the file's
+    assert _refused(capsys, ["train", "--config", "short.yaml", "--max-length", "0"]).startswith(
+        "lorakit train: error: --max-length must be at least 2")
+
+
 # -- lorakit serve ----------------------------------------------------------------------------------------------------
 def test_serve_argument_mistakes_are_one_line_before_the_model_loads(files, capsys, no_load, tmp_path):
     """A missing or file --adapters and --max-context 1 were found after the model had loaded; an unknown

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, A
     if file_values:
         check_file_paths(args.config, file_values)
     cli_values = check_values(given, source="command line")
-    config = resolve_config(file_values, cli_values)
+    try:
+        config = resolve_config(file_values, cli_values)
+    except LorakitError as error:  # a value from the config file alone: say which file it is in
+        flag = re.match(r"--([a-z0-9-]+)", str(error))
+        key = flag.group(1).replace("-", "_") if flag else None
+        if key in file_values and key not in cli_values:
+            raise LorakitError(f"{args.config}: {error}") from None
+        raise
     check_conflicts(config, file_values, cli_values)
     return config, file_values, cli_values
 

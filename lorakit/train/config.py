@@ -360,6 +360,41 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _UNREADABLE = "nested too deep or holds a number too long to read; a config file holds option names and plain values"
 
 
+def _yaml_unique_loader():
+    """PyYAML's SafeLoader, except that a mapping key given twice is an error (PyYAML keeps the last one silently,
+    so 'rank: 8' early in a file was overridden by a forgotten 'rank: 16' further down)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice ("
+                        + (f"lines {seen[key]} and {line}" if seen[key] != line else f"line {line}") + "); keep one",
+                        key_node.start_mark)
+                if isinstance(key, (str, int, float, bool)):
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def _unique_pairs(path: Path):
+    """json.loads' object_pairs_hook: a key given twice in one object is an error (json keeps the last silently)."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in items]
+        twice = next((key for key in keys if keys.count(key) > 1), None)
+        if twice is not None:
+            raise LorakitError(f"{path}: {twice!r} is given twice; keep one")
+        return dict(items)
+
+    return pairs
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file of ``TrainConfig`` fields (dashes or underscores).
 
@@ -381,11 +416,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_unique_loader())  # safe_load's loader, refusing a key given twice
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
-            raise LorakitError(f"{path}{where}: malformed YAML ({getattr(error, 'problem', None) or error})") from None
+            problem = getattr(error, "problem", None) or error
+            if "is given twice" in str(problem):  # well-formed YAML, but one option set twice
+                raise LorakitError(f"{path}{where}: {problem}") from None
+            raise LorakitError(f"{path}{where}: malformed YAML ({problem})") from None
         except (RecursionError, ValueError):  # "[[[[..." deeper than the stack, a number of thousands of digits
             raise LorakitError(f"{path}: {_UNREADABLE}") from None
     elif suffix == ".toml":
@@ -399,9 +437,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise LorakitError(f"{path}: {_UNREADABLE}") from None
     elif suffix == ".json":
         try:
-            data = json.loads(text) if text.strip() else None
+            data = json.loads(text, object_pairs_hook=_unique_pairs(path)) if text.strip() else None
         except json.JSONDecodeError as error:
             raise LorakitError(f"{path} line {error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+        except LorakitError:  # a key given twice (_unique_pairs): already one line
+            raise
         except (RecursionError, ValueError):
             raise LorakitError(f"{path}: {_UNREADABLE}") from None
     else:
