@@ -4,6 +4,8 @@ attention-free Mamba models, and the rough edges of sampling parameters and prom
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -15,7 +17,7 @@ from lorakit.errors import LorakitError
 
 # prompts longer (11, 7) and shorter (3) than the window of 4, generated together with left padding
 PROMPTS = [list(range(5, 16)), [3, 4, 9], list(range(20, 27))]
-NEW = 5
+NEW = 4
 
 
 @pytest.fixture(autouse=True)
@@ -142,17 +144,30 @@ def test_attention_free_models_generate_as_transformers(family):
     assert _hf_greedy(model, PROMPTS[1:2]) == ours[1:2]
 
 
-@_needs("RecurrentGemmaConfig")
-def test_recurrent_gemma_is_refused_in_one_line():
-    """RecurrentGemma keeps its state in its layers' attributes and resets it when the batch size changes: rows
-    joining or leaving would lose it. Refused with the alternative, not answered wrong."""
-    config = transformers.RecurrentGemmaConfig(vocab_size=100, hidden_size=32, intermediate_size=48,
-                                               num_hidden_layers=3, num_attention_heads=4, lru_width=32,
-                                               attention_window_size=4, conv1d_width=3)
-    model = transformers.RecurrentGemmaForCausalLM(config).eval()
-    with pytest.raises(LorakitError, match="does not support RecurrentGemma.*model.generate") as error:
+REFUSED = {
+    # keeps its state in its layers' attributes and resets it when the batch size changes: rows joining or leaving
+    # a batch would lose it
+    "RecurrentGemma": ("RecurrentGemmaForCausalLM", "RecurrentGemmaConfig", dict(
+        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        lru_width=32, attention_window_size=4, conv1d_width=3)),
+    # its earlier loops read the cache cut to the window, which a cache keeping whole rows does not line up with
+    "Dory with recurrent_kv_cache_mode='last_loop'": ("DoryForCausalLM", "DoryConfig", dict(
+        TINY, num_hidden_layers=4, intermediate_size=48, sliding_window=4, n_input_layers=1, n_output_layers=1,
+        recurrent_kv_cache_mode="last_loop")),
+}
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_families_lorakit_cannot_batch_are_refused_in_one_line(family):
+    """Refused with the alternative, not answered wrong (RecurrentGemma generated without a word before)."""
+    model_class, config_class, config = REFUSED[family]
+    if not hasattr(transformers, config_class):
+        pytest.skip(f"{config_class} is not in transformers {transformers.__version__}")
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config)).eval()
+    with pytest.raises(LorakitError, match=f"does not support {re.escape(family)}.*model.generate") as error:
         G.generate(model, PROMPTS, [None] * 3, G.SamplingParams(max_new_tokens=2))
     assert "\n" not in str(error.value)
+    assert G.unsupported(model) == str(error.value)
 
 
 # -- a demanding user's edge cases ---------------------------------------------------------------------------------
@@ -292,7 +307,7 @@ def test_a_stop_string_of_multibyte_characters_is_seen_while_generating():
 def test_sampling_edges_and_seeds():
     """temperature -> 0, top_k 1 and top_p -> 0 all reduce to greedy; a seed gives a row the same tokens whatever
     else is in its batch, and two seeds differ; the distribution sampled is transformers' (temperature, top-k, top-p
-    warpers) within the noise of 5000 draws."""
+    warpers) within the noise of 2500 draws."""
     from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                         TopKLogitsWarper, TopPLogitsWarper)
 
@@ -317,9 +332,9 @@ def test_sampling_edges_and_seeds():
         expected = torch.softmax(warpers(torch.zeros(1, 1, dtype=torch.long), logits[None].clone())[0], dim=-1)
         params = G.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=1)
         generator = params.generator(torch.device("cpu"))
-        draws = torch.tensor([G.sample(logits, params, generator) for _ in range(5000)])
+        draws = torch.tensor([G.sample(logits, params, generator) for _ in range(2500)])
         frequencies = torch.bincount(draws, minlength=12).float() / len(draws)
-        assert (frequencies - expected).abs().max() < 0.025
+        assert (frequencies - expected).abs().max() < 0.035  # 3.5 standard deviations at most
         assert not frequencies[expected == 0].any()  # nothing outside transformers' top-k / nucleus
 
 
@@ -328,14 +343,11 @@ def test_a_stop_string_naming_a_special_token_stops_as_transformers():
     the text with special tokens removed, so the row ran on to max_new_tokens. The text still leaves them out."""
     model, tokenizer = _llama_and_tokenizer()
     special = set(tokenizer.all_special_ids)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(300):  # a prompt whose greedy answer holds a special token before its end
-        prompt = torch.randint(3, len(tokenizer), (6,), generator=generator).tolist()
-        free = G.generate(model, [prompt], [None], G.SamplingParams(max_new_tokens=12))[0].tokens
-        at = next((k for k, t in enumerate(free[:-1]) if t in special), None)
-        if at is not None:
-            break
-    assert at is not None
+    candidates = torch.randint(3, len(tokenizer), (48, 6), generator=torch.Generator().manual_seed(0)).tolist()
+    answers = G.generate(model, candidates, [None] * 48, G.SamplingParams(max_new_tokens=12))
+    # a prompt whose greedy answer holds a special token before its end
+    prompt, free, at = next((p, r.tokens, k) for p, r in zip(candidates, answers)
+                            for k, t in enumerate(r.tokens[:-1]) if t in special)
     stop = tokenizer.convert_ids_to_tokens(free[at])
     result = G.generate(model, [prompt], [None], G.SamplingParams(max_new_tokens=12, stop=stop), tokenizer=tokenizer)[0]
     reference = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, stop_strings=[stop],
