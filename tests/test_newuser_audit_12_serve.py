@@ -152,7 +152,9 @@ def test_static_decoder_refuses_token_adapters_in_one_line(tokens_setup):
     """The static decoder serves adapters on the attention and MLP projections only. A request on a trainable-tokens
     adapter was a 500 "generation failed: adapter 'lk0' also changes ..." (the pool's internal name); now a 400
     naming the adapter as the client did, before anything is generated, with its pin released; others still serve.
-    echo's scoring alone (max_tokens 0: lm-eval's loglikelihood) runs transformers' forward, so it stays served."""
+    echo's scoring alone (max_tokens 0: lm-eval's loglikelihood) runs transformers' forward, so it stays served.
+    A second token adapter (or the first loaded again) was decoded with the base's embedding and head: silently
+    wrong answers, the decoder having listed such adapters only when the first one's wrappers were added."""
     process = ServerProcess(tokens_setup["model"], tokens_setup["adapters"], "--decoder", "static", "--max-context",
                             "48", "--max-tokens", "16", log=tokens_setup["root"] / "static.log")
     try:
@@ -167,6 +169,14 @@ def test_static_decoder_refuses_token_adapters_in_one_line(tokens_setup):
                 assert "adapter 'tok' also changes lm_head" in error["message"], error
                 assert "--decoder transformers" in error["message"] and "lk" not in error["message"]
             assert [a["in_use"] for a in client.get("/v1/adapters").json()["data"]] == [0]
+            # another token adapter, and the same one loaded again, join the embedding's and head's wrappers that
+            # the first made: the decoder's list of such adapters, read when wrappers are added, missed them and
+            # decoded their rows with the base's embedding and head (wrong answers, no error)
+            assert client.post("/v1/adapters/unload", json={"name": "tok"}).status_code == 200
+            for name in ("tok2", "tok"):
+                error = _error(client.post("/v1/completions", json={"model": name, "prompt": PROMPT, "max_tokens": 4}),
+                               400)
+                assert error["code"] == "adapter_unsupported" and f"adapter {name!r} also changes" in error["message"]
             # echo's scoring alone runs transformers' forward, which serves the rows: peft's prompt logprobs
             response = client.post("/v1/completions", json={"model": "tok", "prompt": PROMPT, "max_tokens": 0,
                                                             "echo": True, "logprobs": 0})

@@ -134,8 +134,22 @@ class Engine:
             return None
         if adapter not in self._unservable:  # an adapter's modules never change under one name (the pool loads
             with self.model_lock:  # each version under a new one): asked once, not between every step's lock
-                self._unservable[adapter] = self.decoder.unservable(adapter)
+                self._unservable[adapter] = self.decoder.unservable(adapter) or self._foreign(adapter)
         return self._unservable[adapter]
+
+    def _foreign(self, adapter: str) -> str | None:
+        """Why the decoder cannot run ``adapter``'s rows, read from the model itself: the decoder's own list of
+        adapters on modules outside its projections is read when lorakit adds a wrapper module, so an adapter added
+        later to an existing wrapper (a second token adapter on the embedding, or the same one loaded again under a
+        new name) was missing from it, and its rows decoded with the base's embedding and head."""
+        from lorakit.inject import adapter_hosts
+
+        served = {id(module) for layer in self.decoder.parts.layers for module in layer.projections.values()}
+        for path, host in sorted(adapter_hosts(self.model).items()):
+            if id(host) not in served and adapter in host.adapter_names():
+                return (f"adapter {adapter!r} also changes {path}; the static decoder serves adapters on the "
+                        "attention and MLP projections only (use --decoder transformers)")
+        return None
 
     def score(self, prompt: list[int], adapter: str | None, top: int) -> list[TokenInfo | None]:
         """Each prompt token's log-probability given the tokens before it (None for the first), and the ``top``
@@ -210,7 +224,7 @@ class Engine:
         done += [(r, "cancelled") for r in newcomers if r.cancelled]
         newcomers = [r for r in newcomers if not r.cancelled]
         if self.decoder is not None and newcomers:  # refused alone, so the other rows keep decoding
-            reasons = [self.decoder.unservable(r.adapter) for r in newcomers]
+            reasons = [self.unservable(r.adapter) for r in newcomers]
             done += [(r, f"error: {why}") for r, why in zip(newcomers, reasons) if why is not None]
             newcomers = [r for r, why in zip(newcomers, reasons) if why is None]
         if newcomers and self.decoder is not None and sum(len(r.prompt) for r in newcomers) <= STATIC_PREFILL_MAX_TOKENS:
