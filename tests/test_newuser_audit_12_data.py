@@ -528,3 +528,19 @@ def test_a_hub_data_folder_with_two_train_subsets_is_not_merged(tmp_path):
     (data / "train_gen-00000-of-00001.parquet").unlink()
     assert [r["prompt"] for r in read_many(data)] == ["train_sft-00000-of-00002.parquet",
                                                       "train_sft-00001-of-00002.parquet"]
+
+
+def test_a_mixed_dataframe_reads_with_its_nan_cells_absent(tok):
+    """Rows of a pandas DataFrame (what train() turns a DataFrame into) hold NaN, pandas' null, where another record
+    shape's column is: {"text": "a b", "prompt": nan, "completion": nan} stopped as "'prompt' must be a string, got
+    NaN", while the same table from Parquet reads. A NaN the record needs still stops it, saying so."""
+    import pandas as pd
+
+    rows = pd.DataFrame([{"text": "a b"}, {"prompt": "c", "completion": "d"}]).to_dict("records")
+    assert rows[0]["prompt"] != rows[0]["prompt"]  # NaN
+    ds = build_dataset(rows, tok, 32)
+    assert ds.summary.shapes == {"text": 1, "prompt_completion": 1}
+    with pytest.raises(LorakitError, match=r"^dataset\[0\]: field 'completion' must be a string, got NaN \(an empty "
+                                           r"cell in a pandas export\?\)"):
+        build_dataset(pd.DataFrame([{"prompt": "c", "completion": None}]).astype(object).fillna(float("nan"))
+                      .to_dict("records"), tok, 32)

@@ -145,11 +145,11 @@ class Record:
 def validate_record(obj: Any, where: str = "<record>") -> Record:
     """Check one raw record (a dict from JSON, CSV or datasets) and return it as a :class:`Record`.
 
-    Fields whose value is null count as absent when the record reads without them, as in a table (Parquet,
-    datasets): a table written as JSON (pandas' ``to_json(orient="records", lines=True)``) has null where another
-    record shape's column is, and exports carry null metadata (OpenHermes' topic, views...). When the record does
-    not read without its null fields either, the error is the one for the record as given ("field 'completion' is
-    null").
+    Fields whose value is null (None, or NaN in a pandas DataFrame's rows) count as absent when the record reads
+    without them, as in a table (Parquet, datasets): a table written as JSON lines (pandas' ``to_json(orient=
+    "records", lines=True)``) has null where another record shape's column is, and exports carry null metadata
+    (OpenHermes' topic, views...). When the record does not read without its null fields either, the error is the
+    one for the record as given ("field 'completion' is null").
 
     Raises:
         LorakitError: not an object, no known field, an unknown or missing field, a field of the wrong type,
@@ -157,19 +157,24 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     """
     if isinstance(obj, Record):
         return obj
-    if isinstance(obj, Mapping) and any(value is None for value in obj.values()):  # a null unknown field holds nothing
-        obj = {key: value for key, value in obj.items() if value is not None or (
+    if isinstance(obj, Mapping) and any(_null(value) for value in obj.values()):  # a null unknown field holds nothing
+        obj = {key: value for key, value in obj.items() if not _null(value) or (
             isinstance(key, str) and key.strip().lower() in KNOWN_FIELDS)}
     try:
         return _validate(obj, where)
     except LorakitError as error:
-        if not isinstance(obj, Mapping) or all(value is not None for value in obj.values()):
+        if not isinstance(obj, Mapping) or not any(_null(value) for value in obj.values()):
             raise
         as_given = error
     try:  # without its null fields, as a table row reads
-        return _validate({key: value for key, value in obj.items() if value is not None}, where)
+        return _validate({key: value for key, value in obj.items() if not _null(value)}, where)
     except LorakitError:
         raise as_given from None
+
+
+def _null(value: Any) -> bool:
+    """None, or NaN: pandas' null in the rows of a DataFrame (``to_dict("records")``)."""
+    return value is None or (isinstance(value, float) and value != value)
 
 
 def _validate(obj: Any, where: str) -> Record:
