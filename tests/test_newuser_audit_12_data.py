@@ -544,3 +544,20 @@ def test_a_mixed_dataframe_reads_with_its_nan_cells_absent(tok):
                                            r"cell in a pandas export\?\)"):
         build_dataset(pd.DataFrame([{"prompt": "c", "completion": None}]).astype(object).fillna(float("nan"))
                       .to_dict("records"), tok, 32)
+
+
+def test_a_mixed_table_exported_to_csv_reads(tmp_path, tok):
+    """pandas' to_csv of a table mixing record shapes leaves empty the cells of the other shape's columns; those rows
+    stopped at "unknown field 'text'" (the Parquet export of the same table reads). An empty cell a record needs,
+    or an empty prompt, keeps its meaning."""
+    import pandas as pd
+
+    pd.DataFrame([{"text": "a b"}, {"prompt": "c", "completion": "d"}, {"prompt": "", "completion": "e"}]).to_csv(
+        tmp_path / "mixed.csv", index=False)
+    records = read_many(tmp_path / "mixed.csv")
+    assert [(r.shape, dict(r.fields)) for r in records] == [
+        ("text", {"text": "a b"}), ("prompt_completion", {"prompt": "c", "completion": "d"}),
+        ("prompt_completion", {"prompt": "", "completion": "e"})]
+    (tmp_path / "gap.csv").write_text("text,prompt,completion\n,q,\n")
+    with pytest.raises(LorakitError, match=r"^gap\.csv:2: empty completion"):
+        read_many(tmp_path / "gap.csv")

@@ -145,11 +145,11 @@ class Record:
 def validate_record(obj: Any, where: str = "<record>") -> Record:
     """Check one raw record (a dict from JSON, CSV or datasets) and return it as a :class:`Record`.
 
-    Fields whose value is null (None, or NaN in a pandas DataFrame's rows) count as absent when the record reads
-    without them, as in a table (Parquet, datasets): a table written as JSON lines (pandas' ``to_json(orient=
-    "records", lines=True)``) has null where another record shape's column is, and exports carry null metadata
-    (OpenHermes' topic, views...). When the record does not read without its null fields either, the error is the
-    one for the record as given ("field 'completion' is null").
+    Fields whose value is null (None, or NaN in a pandas DataFrame's rows) or, once the record as given fails, empty
+    count as absent when the record reads without them, as in a table (Parquet, datasets): a table written as JSON
+    lines or CSV by pandas has null (or an empty cell) where another record shape's column is, and exports carry null
+    metadata (OpenHermes' topic, views...). An empty field the record needs gets its own error ("empty completion",
+    "field 'completion' is null"); else the error is the one for the record as given.
 
     Raises:
         LorakitError: not an object, no known field, an unknown or missing field, a field of the wrong type,
@@ -163,18 +163,32 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     try:
         return _validate(obj, where)
     except LorakitError as error:
-        if not isinstance(obj, Mapping) or not any(_null(value) for value in obj.values()):
+        if not isinstance(obj, Mapping) or not any(_empty(value) for value in obj.values()):
             raise
         as_given = error
-    try:  # without its null fields, as a table row reads
-        return _validate({key: value for key, value in obj.items() if not _null(value)}, where)
-    except LorakitError:
-        raise as_given from None
+    present = {key: value for key, value in obj.items() if not _empty(value)}  # as a table row reads
+    gave_back = False
+    for _ in range(len(obj)):  # give back, one at a time, the empty fields the record turns out to need
+        try:
+            return _validate(present, where)
+        except LorakitError as error:
+            missing = getattr(error, "missing_field", None)
+            key = next((k for k in obj if k not in present and isinstance(k, str) and k.strip().lower() == missing),
+                       None)
+            if key is None:  # a field given back fails on its own ("empty completion", "is null"): that is the fix
+                raise (error if gave_back else as_given) from None
+            present[key], gave_back = obj[key], True
+    raise as_given
 
 
 def _null(value: Any) -> bool:
     """None, or NaN: pandas' null in the rows of a DataFrame (``to_dict("records")``)."""
     return value is None or (isinstance(value, float) and value != value)
+
+
+def _empty(value: Any) -> bool:
+    """A null, or an empty string: the cell a CSV export leaves for another record shape's column."""
+    return _null(value) or value == ""
 
 
 def _validate(obj: Any, where: str) -> Record:
