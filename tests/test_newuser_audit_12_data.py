@@ -9,6 +9,7 @@ the one line a file that cannot train stops with.
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -561,3 +562,20 @@ def test_a_mixed_table_exported_to_csv_reads(tmp_path, tok):
     (tmp_path / "gap.csv").write_text("text,prompt,completion\n,q,\n")
     with pytest.raises(LorakitError, match=r"^gap\.csv:2: empty completion"):
         read_many(tmp_path / "gap.csv")
+
+
+def test_without_the_optional_readers_the_line_says_what_to_install(tmp_path, monkeypatch):
+    """A datasets folder and a Parquet file need lorakit[data] (datasets, pyarrow); without it, one line says so."""
+    import pandas as pd
+
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "state.json").write_text("{}")
+    pd.DataFrame([{"text": "a"}]).to_parquet(tmp_path / "t.parquet")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(LorakitError, match=r"saved: reading a datasets folder needs the 'datasets' package: pip install "
+                                           r"'lorakit\[data\]'$"):
+        read_many(folder)
+    with pytest.raises(LorakitError, match=r"t\.parquet: reading Parquet needs pyarrow: pip install 'lorakit\[data\]'$"):
+        read_many(tmp_path / "t.parquet")
