@@ -338,15 +338,29 @@ class KVBatch:
                     found.extend((states, key) for key, value in states.items() if isinstance(value, torch.Tensor))
         return found
 
+    def _columns(self) -> list[tuple[object, str, int, int]]:
+        """Every cached tensor with a column per token, as ``(owner, attribute, batch dim, column dim)``: the keys
+        and values ``(B, heads, L, d)``, and a sparse-attention layer's indexer keys ``(B, L, d)`` and indexer
+        positions ``(P, B, L)`` (transformers' ``DynamicIndexedLayer``: DeepSeek-V3.2, GLM-MoE-DSA)."""
+        found = []
+        for layer in self._kv_layers():
+            found += [(layer, "keys", 0, 2), (layer, "values", 0, 2)]
+            if isinstance(getattr(layer, "indexer_keys", None), torch.Tensor) and layer.indexer_keys.numel():
+                found.append((layer, "indexer_keys", 0, 1))
+            if isinstance(getattr(layer, "indexer_position_ids", None), torch.Tensor):
+                found.append((layer, "indexer_position_ids", 1, 2))
+        return found
+
     def left_pad(self, length: int) -> None:
         """Grow to ``length`` columns by adding zero K/V and mask 0 on the left."""
         extra = length - self.length
         if extra <= 0:
             return
-        for layer in self._kv_layers():
-            k, v = layer.keys, layer.values
-            layer.keys = torch.cat([k.new_zeros(k.shape[0], k.shape[1], extra, k.shape[3]), k], dim=2)
-            layer.values = torch.cat([v.new_zeros(v.shape[0], v.shape[1], extra, v.shape[3]), v], dim=2)
+        for owner, name, _, column in self._columns():
+            tensor = getattr(owner, name)
+            shape = list(tensor.shape)
+            shape[column] = extra
+            setattr(owner, name, torch.cat([tensor.new_zeros(shape), tensor], dim=column))
         self.mask = torch.cat([self.mask.new_zeros(self.rows, extra), self.mask], dim=1)
 
     def extend(self, other: "KVBatch") -> None:
@@ -354,9 +368,8 @@ class KVBatch:
         length = max(self.length, other.length)
         self.left_pad(length)
         other.left_pad(length)
-        for mine, theirs in zip(self._kv_layers(), other._kv_layers()):
-            mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
-            mine.values = torch.cat([mine.values, theirs.values], dim=0)
+        for (mine, name, batch, _), (theirs, _, _, _) in zip(self._columns(), other._columns()):
+            setattr(mine, name, torch.cat([getattr(mine, name), getattr(theirs, name)], dim=batch))
         for (mine, key), (theirs, _) in zip(self._states(), other._states()):
             mine[key] = torch.cat([mine[key], theirs[key]], dim=0)
         self.mask = torch.cat([self.mask, other.mask], dim=0)
@@ -370,20 +383,24 @@ class KVBatch:
         used = self.mask.any(dim=0).nonzero()
         start = int(used[0].item()) if used.numel() else self.length
         self.mask = self.mask[:, start:]
-        for layer in self._kv_layers():
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        for owner, name, batch, column in self._columns():
+            tensor = getattr(owner, name).index_select(batch, index)
+            setattr(owner, name, tensor.narrow(column, start, tensor.shape[column] - start))
         for states, key in self._states():
             states[key] = states[key].index_select(0, index)
 
     def zero_padding(self) -> None:
         """Zero the K/V at padding columns (a fully masked padding query may produce NaN; keep it out)."""
-        pad = (self.mask == 0)[:, None, :, None]
+        pad = self.mask == 0
         if not pad.any():
             return
-        for layer in self._kv_layers():
-            layer.keys = layer.keys.masked_fill(pad, 0.0)
-            layer.values = layer.values.masked_fill(pad, 0.0)
+        for owner, name, batch, column in self._columns():
+            tensor = getattr(owner, name)
+            if name == "indexer_position_ids":
+                continue  # positions, not values: what a padding column holds is never read
+            shape = [1] * tensor.dim()
+            shape[batch], shape[column] = pad.shape
+            setattr(owner, name, tensor.masked_fill(pad.view(shape), 0))
 
 
 @contextlib.contextmanager

@@ -354,3 +354,24 @@ def test_a_stop_string_naming_a_special_token_stops_as_transformers():
                                tokenizer=tokenizer, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert result.tokens == reference == free[:at + 1] and result.finish_reason == "stop"
     assert result.text == tokenizer.decode(free[:at], skip_special_tokens=True)
+
+
+@_needs("DeepseekV32Config")
+def test_sparse_attention_indexer_keys_follow_rows():
+    """DeepSeek-V3.2's sparse attention caches indexer keys (B, L, d) beside the K/V: a row leaving the batch
+    (rows of different max_new_tokens) left them at the old batch size, and the next step failed in torch.cat.
+    They now move with the rows: lorakit equals transformers' batched generate (whose padded rows can differ from
+    the row alone: its indexer at decode steps), and a row alone equals transformers' alone."""
+    config = transformers.DeepseekV32Config(
+        vocab_size=100, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4,
+        v_head_dim=8, qk_nope_head_dim=4, n_routed_experts=2, num_experts_per_tok=1, n_group=1, topk_group=1,
+        first_k_dense_replace=1, index_topk=4, index_head_dim=8, index_n_heads=2, head_dim=8,
+        max_position_embeddings=128, initializer_range=0.3)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = _with_adapter(transformers.DeepseekV32ForCausalLM(config).eval())
+    limits = (NEW, 2, NEW)
+    ours = [r.tokens for r in G.generate(model, PROMPTS, ["a"] * 3, [G.SamplingParams(max_new_tokens=n) for n in limits])]
+    assert ours == [row[:n] for row, n in zip(_hf_greedy(model, PROMPTS), limits)]
+    assert _greedy(model, PROMPTS[2:]) == _hf_greedy(model, PROMPTS[2:])
