@@ -149,6 +149,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def os_error_of(error: BaseException) -> OSError | None:
+    """The OSError (a full disk, no permission) behind ``error``: itself, or one it was raised from, even
+    ``from None`` (which hides the context from tracebacks but keeps it); None when there is none."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -195,7 +206,13 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
             rng_tensors.update({f"rank{r}.{k}": v for k, v in tensors.items()})
         _write_safetensors(tmp / "rng.safetensors", rng_tensors)
         if adapter_writer is not None:
-            adapter_writer(tmp / "adapter")
+            try:
+                adapter_writer(tmp / "adapter")
+            except LorakitError as error:  # the writer's own line names the hidden temporary folder: say ours
+                cause = os_error_of(error)
+                if cause is None:
+                    raise
+                raise cause from None
         _write_json(tmp / "state.json", {"format": FORMAT, "step": step, "rng": rngs[0][1],
                                          "rng_ranks": [scalars for _, scalars in rngs[1:]], **state})
         _fsync_dir(tmp)

@@ -36,7 +36,8 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.optim import Schedule, build_optimizer
-from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, read_state, rng_state, save_checkpoint
+from lorakit.train.checkpoint import (find_checkpoint, load_checkpoint, os_error_of, read_state, rng_state,
+                                      save_checkpoint)
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import (  # world is re-exported: the runner imports it from here
     all_reduce_gradients, all_reduce_sum, apply_fsdp, full_state, gather_objects, gathered_trainable, is_sharded,
@@ -365,11 +366,20 @@ def total_steps_for(config: TrainConfig, rows: int, world_size: int) -> int:
     return max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accum))
 
 
-def _atomic_folder(final: Path, write: Callable[[Path], Any]) -> Path:
-    """Let ``write`` fill a temporary folder, then swap it in for ``final`` (never half a folder under ``final``)."""
+def _atomic_folder(final: Path, write: Callable[[Path], Any], again: str = "try again") -> Path:
+    """Let ``write`` fill a temporary folder, then swap it in for ``final`` (never half a folder under ``final``).
+
+    A failed write (a full disk) is one line naming ``final`` (not the hidden temporary folder) and ending with
+    ``again``, what to do once there is room."""
     tmp = temp_dir(final)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except LorakitError as error:  # save_adapter's line names the temporary folder and says "choose a folder"
+            cause = os_error_of(error)
+            if cause is None:
+                raise
+            raise cause from None
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old")
@@ -380,14 +390,15 @@ def _atomic_folder(final: Path, write: Callable[[Path], Any]) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise LorakitError(f"writing {final} failed ({error.strerror or error}); free disk space and try again") from None
+        raise LorakitError(f"writing {final} failed ({error.strerror or error}); free disk space and {again}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
 
-def save_result(model: nn.Module, tokenizer: Any, folder: Path, adapter: str | None, write: bool = True) -> Path:
+def save_result(model: nn.Module, tokenizer: Any, folder: Path, adapter: str | None, write: bool = True,
+                again: str = "try again") -> Path:
     """The adapter in PEFT's format (or, for full fine-tuning, the whole model + tokenizer), written atomically.
 
     Under FSDP every process must call this (the sharded adapter is gathered); only those with ``write`` write.
@@ -397,7 +408,7 @@ def save_result(model: nn.Module, tokenizer: Any, folder: Path, adapter: str | N
     if adapter is not None:
         with gathered_trainable(model):
             if write:
-                _atomic_folder(folder, lambda tmp: save_adapter(model, tmp, adapter=adapter))
+                _atomic_folder(folder, lambda tmp: save_adapter(model, tmp, adapter=adapter), again)
         return folder
     if not write:
         return folder
@@ -407,7 +418,7 @@ def save_result(model: nn.Module, tokenizer: Any, folder: Path, adapter: str | N
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    return _atomic_folder(folder, write_model)
+    return _atomic_folder(folder, write_model, again)
 
 
 # -- the loop -------------------------------------------------------------------------------------------------------
@@ -613,7 +624,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                 if improved:
                     best_val, best_step, since_best = val_loss, step, 0
                     if out is not None and adapter is not None:
-                        save_result(model, None, out / BEST_DIR, adapter, write=main)
+                        save_result(model, None, out / BEST_DIR, adapter, write=main, again=_once_there_is_room(out))
                 else:
                     since_best += 1
                 if metrics is not None:
@@ -644,12 +655,24 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     adapter_dir = None
     if out is not None:
         adapter_dir = save_result(model, tokenizer, out / (ADAPTER_DIR if adapter is not None else MODEL_DIR), adapter,
-                                  write=main)
+                                  write=main, again=_once_there_is_room(out))
     if out is not None and main:
-        plot_loss_curve(out / METRICS_NAME, out / CURVE_NAME,
-                        title=f"{'full fine-tuning' if config.full else config.variant} on {config.model}")
+        try:
+            plot_loss_curve(out / METRICS_NAME, out / CURVE_NAME,
+                            title=f"{'full fine-tuning' if config.full else config.variant} on {config.model}")
+        except LorakitError as error:  # a picture of metrics.jsonl: the run's result is saved, so say it and go on
+            log(f"{error}; no loss curve, the same numbers are in {out / METRICS_NAME}")
     return TrainResult(step, total_steps, stopped, last_loss, best_val, best_step, skipped, tokens_seen, seconds, out,
                        adapter_dir, last_checkpoint, val_losses)
+
+
+def _once_there_is_room(out: Path) -> str:
+    """What to do after a full disk stopped the run: resume from its last checkpoint (a resume with nothing left to
+    train still writes the final adapter), or, before the first one, start it again."""
+    from lorakit.train.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(out / CHECKPOINTS_DIR)
+    return f"continue with --resume {out} (from {last.name})" if last is not None else "start the run again"
 
 
 def _input_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -29,6 +29,7 @@ class MetricsLog:
         if resume_step is not None:
             self._truncate_after(resume_step)
         self._handle = open(self.path, "a", encoding="utf-8")
+        self._failed = False
         self._tb = _tensorboard_writer(Path(folder) / "tensorboard") if tensorboard else None
 
     def _truncate_after(self, step: int) -> None:
@@ -48,8 +49,13 @@ class MetricsLog:
 
     def write(self, entry: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in entry.items()}
-        self._handle.write(json.dumps(clean) + "\n")
-        self._handle.flush()
+        try:
+            self._handle.write(json.dumps(clean) + "\n")
+            self._handle.flush()
+        except OSError as error:  # a full disk: a write error carries no file name, so say which file it was
+            self._failed = True
+            raise LorakitError(f"writing {self.path} failed ({error.strerror or error}) at step {entry.get('step')}; "
+                               "free disk space and continue the run with --resume") from None
         if self._tb is not None and "step" in entry:
             prefix = entry.get("kind", "train")
             for key, value in entry.items():
@@ -57,7 +63,11 @@ class MetricsLog:
                     self._tb.add_scalar(f"{prefix}/{key}", value, entry["step"])
 
     def close(self) -> None:
-        self._handle.close()
+        try:
+            self._handle.close()
+        except OSError:
+            if not self._failed:  # else closing retries the line that failed: that error is already said
+                raise
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
@@ -109,7 +119,12 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
     fig.tight_layout()
     png_path = Path(png_path)
     tmp = png_path.with_name(f".{png_path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, png_path)
+    except OSError as error:  # a full disk: no half-written hidden file left, and the file named
+        tmp.unlink(missing_ok=True)
+        raise LorakitError(f"writing {png_path} failed ({error.strerror or error})") from None
+    finally:
+        plt.close(fig)
     return png_path

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import os
@@ -400,11 +401,17 @@ def _run_training(config: TrainConfig, resume: str | None, overwrite: bool, conf
     except BaseException as error:
         # a new run that failed (or was stopped) before its first checkpoint leaves nothing to resume: remove what
         # it wrote, so the same command can run again without --overwrite (a folder that held files is kept)
-        if fresh and main and run_dir.is_dir() and not (run_dir / "checkpoints" / "latest").is_file():
+        resumable = (run_dir / "checkpoints" / "latest").is_file()
+        if fresh and main and run_dir.is_dir() and not resumable:
             for child in (list(run_dir.iterdir()) if existed else [run_dir]):
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
             if isinstance(error, KeyboardInterrupt):
                 print(f"removed the unfinished run in {run_dir}", file=sys.stderr, flush=True)
+        if isinstance(error, OSError) and error.filename is None and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            # a write that fails for room has no file name (the CLI would print a traceback): say where and what next
+            then = f"continue with: lorakit train --resume {run_dir}" if resumable else "run the command again"
+            raise LorakitError(f"the disk is full ({error.strerror}) while writing the run folder {run_dir}; free "
+                               f"disk space, then {then}") from None
         raise
 
 
@@ -543,13 +550,19 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     summary["total_seconds"] = round(time.perf_counter() - started, 1)
     summary["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
     if main:
-        atomic_write_text(run_dir / RESULTS_NAME, json.dumps(summary, indent=2) + "\n")
+        try:
+            atomic_write_text(run_dir / RESULTS_NAME, json.dumps(summary, indent=2) + "\n")
+        except OSError as error:  # the adapter is saved by now: say so, not only that a write failed
+            raise LorakitError(f"writing {run_dir / RESULTS_NAME} failed ({error.strerror or error}); the training "
+                               f"finished and its {'model' if config.full else 'adapter'} is saved in "
+                               f"{result.adapter_dir}") from None
         what = "model" if config.full else "adapter"
         say(f"done in {summary['total_seconds']:.0f} s: {result.steps} steps, final train loss "
             f"{_fmt(result.train_loss)}, best validation loss {_fmt(result.best_val_loss)}"
             + (f", {result.skipped_steps} steps skipped" if result.skipped_steps else ""))
-        say(f"{what}: {result.adapter_dir}  |  metrics: {run_dir / 'metrics.jsonl'}  |  curve: "
-            f"{run_dir / 'loss_curve.png'}  |  config: {run_dir / CONFIG_NAME}")
+        curve = f"  |  curve: {run_dir / 'loss_curve.png'}" if (run_dir / "loss_curve.png").is_file() else ""
+        say(f"{what}: {result.adapter_dir}  |  metrics: {run_dir / 'metrics.jsonl'}{curve}  |  config: "
+            f"{run_dir / CONFIG_NAME}")
     return summary
 
 

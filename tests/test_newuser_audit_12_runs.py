@@ -1,0 +1,198 @@
+"""Audit 12 of what happens during and around a training run: resume exactness (grad accumulation, mid-epoch,
+several epochs, LoRA+, dropout, packing, cosine warmup), interruption safety of checkpoints and the final adapter,
+bad training dynamics (NaN, early stopping, validation numbers) and what the run reports.
+
+Every run here is a tiny random Llama trained a few steps in-process on CPU, so bit-for-bit comparisons hold."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from lorakit.errors import LorakitError
+from lorakit.train import checkpoint as ckpt
+from lorakit.train import loop
+from lorakit.train.config import TrainConfig
+from lorakit.train.data import build_dataset
+from lorakit.train.loop import train
+from test_train_helpers import task_records, tiny_data, tiny_folder, tiny_tokenizer  # noqa: F401 (fixtures)
+
+SMALL = dict(rank=4, alpha=8.0, batch_size=4, eval_examples=0, progress=False, save_every=0, lr=5e-3)
+
+
+def _model():
+    return tiny_llama(seed=0, vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=2)
+
+
+def _lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def records():
+    return task_records(24, seed=3)
+
+
+def _curve(run: Path, keys=("loss", "lr", "grad_norm", "epoch", "supervised_tokens", "tokens")):
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [tuple([l["kind"], l["step"]] + [l.get(k) for k in keys]) for l in lines if l["kind"] == "train"] + [
+        (l["kind"], l["step"], l["val_loss"]) for l in lines if l["kind"] == "val"]
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_at(step_to_stop: int):
+    def on_step(step, entry):
+        if step == step_to_stop:
+            raise Stop
+    return on_step
+
+
+# -- 1. resume exactness -------------------------------------------------------------------------------------------
+RESUME_CASES = {
+    # 24 rows, batch 4: 6 micro-batches per epoch, 3 steps per epoch with grad_accum 2; stopped at step 3 (an epoch's
+    # end), resumed from the checkpoint of step 2, in the middle of the first epoch, for 2 epochs
+    "accum-mid-epoch-loraplus-dropout-cosine-val": dict(
+        grad_accum=2, epochs=2.0, loraplus_ratio=8.0, dropout=0.3, schedule="cosine", warmup_steps=2,
+        min_lr_ratio=0.1, save_every=2, stop=3, eval_every=2, early_stopping_patience=5),
+    "pack-accum-dropout-epochs": dict(pack=True, max_length=48, batch_size=2, grad_accum=2, dropout=0.1, epochs=3.0,
+                                      save_every=2, stop=3),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_is_bit_identical_adapter_and_curve(case, tok, records, tmp_path):
+    options = dict(RESUME_CASES[case])
+    stop = options.pop("stop")
+    config = TrainConfig(**{**SMALL, **options})
+    ds = build_dataset(records, tok, max_length=config.max_length, pack=config.pack)
+    val = build_dataset(task_records(8, seed=9), tok, max_length=32) if config.eval_every else None
+    straight = _model()
+    whole = train(straight, tok, ds, config, out=tmp_path / "straight", val_data=val)
+    assert whole.steps > stop + 1
+
+    with pytest.raises(Stop):
+        train(_model(), tok, ds, config, out=tmp_path / "cut", val_data=val, on_step=_stop_at(stop))
+    torch.manual_seed(1234)
+    resumed = _model()
+    again = train(resumed, tok, ds, config, out=tmp_path / "cut", val_data=val, resume=tmp_path / "cut")
+    assert again.steps == whole.steps and again.train_loss == whole.train_loss
+    assert again.val_losses == whole.val_losses and again.best_step == whole.best_step
+    a, b = _lora_state(straight), _lora_state(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert _curve(tmp_path / "straight") == _curve(tmp_path / "cut")
+
+
+# -- 2. interruption safety: a full disk ----------------------------------------------------------------------------
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")  # as a write() raises it: no file name
+
+
+class _FillingHandle:
+    """metrics.jsonl's handle: the third line finds the disk full."""
+
+    def __init__(self, handle, counter):
+        self.handle, self.counter = handle, counter
+
+    def write(self, text):
+        self.counter["lines"] += 1
+        if self.counter["lines"] >= 3:
+            _disk_full()
+        return self.handle.write(text)
+
+    def flush(self):
+        self.handle.flush()
+
+    def close(self):
+        self.handle.close()
+
+
+def _fill_disk(where: str, monkeypatch):
+    import builtins
+
+    import lorakit.io as io
+    import lorakit.train.report as report
+    import lorakit.train.runner as runner
+
+    real_bytes, real_text = io.atomic_write_bytes, runner.atomic_write_text
+    if where == "checkpoint adapter":  # the second checkpoint's PEFT adapter folder
+        monkeypatch.setattr(io, "atomic_write_bytes", lambda path, data: _disk_full() if "step-000004" in str(path)
+                            else real_bytes(path, data))
+    elif where == "final adapter":
+        monkeypatch.setattr(io, "atomic_write_bytes", lambda path, data: _disk_full() if "checkpoints" not in str(path)
+                            else real_bytes(path, data))
+    elif where == "metrics line":
+        counter = {"lines": 0}
+        monkeypatch.setattr(report, "open", lambda *a, **k: _FillingHandle(builtins.open(*a, **k), counter),
+                            raising=False)
+    elif where == "results.json":
+        monkeypatch.setattr(runner, "atomic_write_text", lambda path, text: _disk_full()
+                            if str(path).endswith("results.json") else real_text(path, text))
+
+
+@pytest.mark.parametrize("where, said", [
+    ("checkpoint adapter", "writing checkpoint {run}/checkpoints/step-000004 failed (No space left on device); the "
+                           "previous checkpoint {run}/checkpoints/step-000002 is still valid. Free disk space and resume "
+                           "with --resume"),
+    ("final adapter", "writing {run}/adapter failed (No space left on device); free disk space and continue with "
+                      "--resume {run} (from step-000004)"),
+    ("metrics line", "writing {run}/metrics.jsonl failed (No space left on device) at step 3; free disk space and "
+                     "continue the run with --resume"),
+    ("results.json", "writing {run}/results.json failed (No space left on device); the training finished and its "
+                     "adapter is saved in {run}/adapter"),
+])
+def test_a_full_disk_is_one_line_and_the_run_resumes(where, said, tiny_folder, tiny_data, tmp_path, monkeypatch, capsys):
+    """Each write of a run meeting a full disk: one line naming the file the user knows (not a hidden temporary
+    folder, not a traceback), the last checkpoint intact, and --resume finishing the run once there is room.
+    Before: the adapter writes said 'cannot save the adapter to RUN/.adapter.x1y2.tmp: ...; choose a folder you
+    can write', a metrics line or results.json a traceback."""
+    from lorakit.cli import main
+    from lorakit.io import load_adapter
+
+    run = tmp_path / "run"
+    args = ["train", "--model", str(tiny_folder), "--data", str(tiny_data[0]), "--max-steps", "4", "--save-every",
+            "2", "--rank", "4", "--batch-size", "4", "--eval-examples", "0", "--no-progress", "--out", str(run)]
+    with monkeypatch.context() as patch:
+        _fill_disk(where, patch)
+        code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "lorakit train: error: " + said.format(run=run)
+    assert not [p for p in run.rglob(".*") if p.name != ".gitignore"]  # no hidden temporary file or folder left
+    assert ckpt.latest_checkpoint(run / "checkpoints") is not None
+    if where != "results.json":
+        assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 0
+    assert (run / "results.json").is_file() or where == "results.json"
+    load_adapter(_model(), run / "adapter")
+
+
+def test_a_full_disk_for_the_loss_curve_keeps_the_run(tiny_folder, tiny_data, tmp_path, monkeypatch, capsys):
+    """The PNG is a picture of metrics.jsonl: failing to write it says so and the run ends normally (its adapter and
+    results.json written), without a hidden .loss_curve.png.tmp left or a 'curve:' pointing at no file."""
+    import matplotlib.figure
+
+    from lorakit.cli import main
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", _disk_full)
+    assert main(["train", "--model", str(tiny_folder), "--data", str(tiny_data[0]), "--max-steps", "2", "--rank", "4",
+                 "--batch-size", "4", "--eval-examples", "0", "--no-progress", "--out", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert (f"writing {run}/loss_curve.png failed (No space left on device); no loss curve, the same numbers are in "
+            f"{run}/metrics.jsonl") in captured.err
+    assert "curve:" not in captured.out and (run / "results.json").is_file() and (run / "adapter").is_dir()
+    assert not list(run.glob(".*"))
