@@ -196,3 +196,57 @@ def test_a_full_disk_for_the_loss_curve_keeps_the_run(tiny_folder, tiny_data, tm
             f"{run}/metrics.jsonl") in captured.err
     assert "curve:" not in captured.out and (run / "results.json").is_file() and (run / "adapter").is_dir()
     assert not list(run.glob(".*"))
+
+
+# -- 2. interruption safety: SIGKILL inside a write -----------------------------------------------------------------
+KILL_INSIDE = """
+import os, signal, sys
+import lorakit.io as io
+from lorakit.cli import main
+real = io.atomic_write_bytes
+def write(path, data):
+    if sys.argv[1] in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)  # dies with the file half-way: nothing after this runs
+    return real(path, data)
+io.atomic_write_bytes = write
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("inside", ["checkpoints/.step-000004", "run/.adapter"])
+def test_sigkill_while_writing_keeps_the_run_resumable(inside, tiny_folder, tiny_data, tmp_path):
+    """A process killed while it writes a checkpoint (its PEFT adapter, after the tensors) or the final adapter:
+    the previous checkpoint stays the latest and loads, --resume ends the run, no temporary folder stays, and
+    --keep-checkpoints 2 holds exactly 2 checkpoints at the end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from lorakit.cli import main
+    from lorakit.io import load_adapter
+    from test_train_helpers import REPO
+
+    run = tmp_path / "run"
+    args = ["train", "--model", str(tiny_folder), "--data", str(tiny_data[0]), "--max-steps", "5", "--save-every", "2",
+            "--keep-checkpoints", "2", "--rank", "4", "--batch-size", "4", "--eval-examples", "0", "--no-progress",
+            "--out", str(run)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILL_INSIDE, inside, *args], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    latest = ckpt.latest_checkpoint(run / "checkpoints")
+    expected = "step-000002" if "step" in inside else "step-000005"
+    assert latest.name == expected and not (run / "adapter").exists()
+    assert list(run.rglob(".*.tmp"))  # the kill left its temporary folder behind ...
+    load_adapter(_model(), latest / "adapter")  # ... and the checkpoint before it whole
+
+    assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 0
+    assert not list(run.rglob(".*.tmp")) and not list(run.rglob(".*.old"))  # ... which the resume cleaned away
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert steps == ["latest", "step-000004", "step-000005"]
+    final = _model()
+    load_adapter(final, run / "adapter")
+    from_checkpoint = _model()
+    load_adapter(from_checkpoint, run / "checkpoints" / "step-000005" / "adapter")
+    assert all(torch.equal(a, b) for a, b in zip(_lora_state(final).values(), _lora_state(from_checkpoint).values()))

@@ -532,6 +532,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         if state.get("optimizer_changes"):
             log(f"optimizer settings changed since the checkpoint, applied from step {step + 1}: "
                 + "; ".join(state["optimizer_changes"]))
+    if out is not None and main:
+        _remove_stale_temporaries(out)
     metrics = MetricsLog(out, config.tensorboard, resume_step=step if resume is not None else None) if (out and main) else None
 
     def checkpoint_state() -> dict[str, Any]:
@@ -664,6 +666,22 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
             log(f"{error}; no loss curve, the same numbers are in {out / METRICS_NAME}")
     return TrainResult(step, total_steps, stopped, last_loss, best_val, best_step, skipped, tokens_seen, seconds, out,
                        adapter_dir, last_checkpoint, val_losses)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Hidden folders and files a killed run left half-written in its run folder (``.adapter.x1y2.tmp``, a
+    ``.best.old`` of a swap, ``.metrics.jsonl.x1y2.tmp``): only lorakit's own names; checkpoints/ cleans its own."""
+    from lorakit.train.report import CURVE_NAME
+
+    if not out.is_dir():
+        return
+    for name in (ADAPTER_DIR, BEST_DIR, MODEL_DIR, METRICS_NAME, CURVE_NAME, "results.json"):
+        for path in [*out.glob(f".{name}.*.tmp"), *out.glob(f".{name}.*.old"), *out.glob(f".{name}.tmp"),
+                     out / f".{name}.old"]:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists() or path.is_symlink():
+                path.unlink(missing_ok=True)
 
 
 def _once_there_is_room(out: Path) -> str:
