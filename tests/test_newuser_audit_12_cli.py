@@ -277,8 +277,8 @@ def test_combine_weights_and_ranks_the_adapter_configs_refuse_are_said_before_lo
     rank8 = make_adapter(model, tmp_path / "rank 8", seed=2, r=8)  # a space in the name, as users' folders have
     combine = ["combine", "--model", files["tiny"], "--out", tmp_path / "out"]
     line = _refused(capsys, [*combine, "--adapter", files["adapter"], "--adapter", rank8, "--method", "linear"])
-    assert line == (f"lorakit combine: error: --method linear needs adapters of one rank, got {files['adapter']}: r=4, "
-                    f"{rank8}: r=8; use --method cat (rank 12, exact) or svd (rank --svd-rank, default 8)")
+    assert line == ("lorakit combine: error: --method linear needs adapters of one rank, got adapter: r=4, rank 8: r=8; "
+                    "use --method cat (rank 12, exact) or svd (rank --svd-rank, default 8)")
     line = _refused(capsys, [*combine, "--adapter", f"{files['adapter']}=0", "--adapter", f"{rank8}=0"])
     assert line == ("lorakit combine: error: every --adapter weight is 0, so the combined adapter would change "
                     "nothing; give the adapters weights, e.g. --adapter a=0.7 --adapter b=0.3")
@@ -369,6 +369,42 @@ def test_serve_argument_mistakes_are_one_line_before_the_model_loads(files, caps
     assert exit_info.value.code == 2
     assert "argument --log-level: invalid choice: 'loud' (choose from 'critical', 'error', 'warning', 'info', " \
            "'debug', 'trace')" in capsys.readouterr().err
+
+
+
+# -- how long a refusal takes -------------------------------------------------------------------------------------------
+def test_argument_mistakes_are_refused_before_transformers_or_the_server_is_imported(files, tmp_path):
+    """The measure of 'refused in a second': nothing heavier than torch is imported before the one line. merge,
+    quantize, combine and generate read the model folder's config.json through transformers first (about 2 s of
+    imports on an idle machine, far more on a busy one), and serve imported FastAPI, uvicorn and its engine, before
+    looking at --out, the sampling flags, --port or --adapters."""
+    import subprocess
+    import sys
+
+    (tmp_path / "adapters").mkdir()
+    tiny, adapter, data = (str(files[k]) for k in ("tiny", "adapter", "data"))
+    commands = [
+        ["merge", "--model", tiny, "--adapter", adapter, "--out", tiny],
+        ["quantize", "--model", tiny, "--out", tiny],
+        ["combine", "--model", tiny, "--adapter", f"{adapter}=0", "--out", str(tmp_path / "c")],
+        ["generate", "--model", tiny, "--temperature", "-1", "Hello"],
+        ["train", "--model", tiny, "--data", data, "--max-length", "1"],
+        ["eval", "--model", tiny, "--data", data, "--max-length", "1"],
+        ["serve", "--model", tiny, "--adapters", str(tmp_path / "adapters"), "--port", "99999"],
+        ["serve", "--model", tiny, "--adapters", str(tmp_path / "none"), "--port", "0"],
+    ]
+    script = (
+        "import json, sys\n"
+        "from lorakit.cli import main\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    assert main(argv) == 2, argv\n"
+        "    heavy = [m for m in ('transformers', 'fastapi', 'uvicorn', 'lorakit.serve.app') if m in sys.modules]\n"
+        "    assert not heavy, (argv, heavy)\n")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == len(commands) and all(": error: " in line for line in lines), lines
 
 
 # -- --help -------------------------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def check_ranks(method: str, folders: list[str], files: list) -> None:
         return
     ranks = [f.config.r for f in files]
     if len(set(ranks)) > 1:
-        shown = ", ".join(f"{folder}: r={rank}" for folder, rank in zip(folders, ranks))
+        shown = ", ".join(f"{os.path.basename(os.path.normpath(folder))}: r={rank}" for folder, rank in zip(folders, ranks))
         raise LorakitError(f"--method {method} needs adapters of one rank, got {shown}; use --method cat (rank "
                            f"{sum(ranks)}, exact) or svd (rank --svd-rank, default {max(ranks)})")
 
@@ -125,8 +125,8 @@ def run(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit._fs import replace_folder, temp_dir
     from lorakit.combine import _check_options, combine_adapters
-    from lorakit.commands._args import (check_adapter_arg, check_base_names, check_device, check_model_folder,
-                                        explain_misfit)
+    from lorakit.commands._args import (check_adapter_arg, check_base_names, check_device, check_model_arg,
+                                        check_model_folder, explain_misfit)
     from lorakit.errors import LorakitError
     from lorakit.export import check_output_folder, leftover_note, write_failure
     from lorakit.inject import lora_layers
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     for folder, _ in inputs:
         check_adapter_arg(folder)
     if args.model is not None:
-        check_model_folder(args.model)
+        check_model_arg(args.model)  # the cheap checks first: check_model_folder imports transformers (seconds)
     check_device(args.device)
     seen = [os.path.realpath(os.path.expanduser(f)) for f, _ in inputs]
     twice = next((f for f, real in zip([f for f, _ in inputs], seen) if seen.count(real) > 1), None)
@@ -161,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     if all(weight == 0 for _, weight in inputs):
         raise LorakitError("every --adapter weight is 0, so the combined adapter would change nothing; give the "
                            "adapters weights, e.g. --adapter a=0.7 --adapter b=0.3")
+    if args.model is not None:
+        check_model_folder(args.model)
     files = [lorakit.read_adapter(folder) for folder, _ in inputs]  # each checked (config, tensors) before the base loads
     check_ranks(args.method, [folder for folder, _ in inputs], files)
     defaulted = args.model is None

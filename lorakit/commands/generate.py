@@ -100,11 +100,11 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
     from lorakit.generation import SamplingParams, encode_prompt, end_of_turn_ids, generate
 
-    from lorakit.commands._args import (check_adapter_arg, check_base_names, check_device, check_model_folder,
-                                        explain_misfit)
+    from lorakit.commands._args import (check_adapter_arg, check_base_names, check_device, check_model_arg,
+                                        check_model_folder, explain_misfit)
 
     if args.model is not None:
-        check_model_folder(args.model)
+        check_model_arg(args.model)  # the cheap checks first: check_model_folder imports transformers (seconds)
     for folder in args.adapter:
         check_adapter_arg(folder)
     check_device(args.device)
@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         raise LorakitError("the prompt holds bytes that are not UTF-8 text; pass it in UTF-8 (or set a UTF-8 locale)")
     if not prompt.strip():
         raise LorakitError("the prompt is empty; pass it as an argument or on standard input")
+    if args.model is not None:
+        check_model_folder(args.model)
     files = [lorakit.read_adapter(folder) for folder in args.adapter]  # each checked before the base loads
     defaulted = args.model is None
     args.model = check_base_names(args.model, list(zip(args.adapter, files)))

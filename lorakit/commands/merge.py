@@ -50,14 +50,15 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.export import check_output_folder, leftover_note
 
-    from lorakit.commands._args import check_adapter_arg, check_base_names, check_model_folder, explain_misfit
+    from lorakit.commands._args import (check_adapter_arg, check_base_names, check_model_arg, check_model_folder,
+                                        explain_misfit)
     from lorakit.errors import LorakitError
 
     if args.gguf_type is not None and args.format != "gguf":
         raise LorakitError(f"--gguf-type {args.gguf_type} applies to a GGUF file only; add --format gguf (or drop "
                            "--gguf-type for the Hugging Face folder alone)")
     if args.model is not None:
-        check_model_folder(args.model)
+        check_model_arg(args.model)  # the cheap checks first: check_model_folder imports transformers (seconds)
     check_adapter_arg(args.adapter)
     start = time.perf_counter()
     protected = {"the adapter folder": args.adapter}
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         protected["the model folder"] = args.model
     out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected, allow_empty=True,
                               replaces="model")  # before minutes of loading; ~ expanded
+    if args.model is not None:
+        check_model_folder(args.model)
     note = leftover_note(out)
     if note:
         print(note, file=sys.stderr)

@@ -62,15 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="uvicorn log level: %(choices)s (default: %(default)s)")
 
 
-def build_state(args: argparse.Namespace):
-    """Load the model and build the engine, pool and limits (everything but the HTTP layer)."""
-    import lorakit
-    from lorakit.generation import end_of_turn_ids
-    from lorakit.serve.app import ServerState
-    from lorakit.serve.engine import Engine
-    from lorakit.serve.pool import AdapterPool
-    from lorakit.serve.reasoning import select_parser
-
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every check of the flags that needs no model: run first, so a mistake costs a second, not a model load."""
     for flag, value in (("--max-loaded", args.max_loaded), ("--max-rank", args.max_rank), ("--max-batch", args.max_batch),
                         ("--max-tokens", args.max_tokens)):
         if value < 1:
@@ -97,6 +90,18 @@ def build_state(args: argparse.Namespace):
     check_paths(args)
     if args.max_context is not None and args.max_context < 2:
         raise LorakitError(f"--max-context must be at least 2, got {args.max_context}")
+
+
+def build_state(args: argparse.Namespace):
+    """Load the model and build the engine, pool and limits (everything but the HTTP layer)."""
+    check_arguments(args)
+    import lorakit
+    from lorakit.generation import end_of_turn_ids
+    from lorakit.serve.app import ServerState
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.pool import AdapterPool
+    from lorakit.serve.reasoning import select_parser
+
     model, tokenizer = lorakit.load_base(args.model, dtype=args.dtype, device=args.device)
     model_lock = threading.RLock()
     pool = AdapterPool(model, args.adapters, model_lock, max_loaded=args.max_loaded, max_rank=args.max_rank,
@@ -133,9 +138,9 @@ def build_state(args: argparse.Namespace):
 
 def check_paths(args: argparse.Namespace) -> None:
     """--model, --adapters, --device and --name, checked before the model loads (a mistake then costs a second)."""
-    from lorakit.commands._args import check_device, check_model_folder
+    from lorakit.commands._args import check_device, check_model_arg, check_model_folder
 
-    check_model_folder(args.model)
+    check_model_arg(args.model)  # an empty path, a file, an adapter folder: cheap checks first
     if not str(args.adapters).strip():
         raise LorakitError("--adapters is empty (an unset shell variable?); give the folder that holds one adapter per "
                            "subfolder, e.g. --adapters ./adapters")
@@ -150,10 +155,11 @@ def check_paths(args: argparse.Namespace) -> None:
         parent = os.path.dirname(os.path.abspath(root))
         raise LorakitError(f"--adapters {args.adapters} is one adapter's folder (adapter_config.json); give the folder "
                            f"that holds it, --adapters {parent}, to serve it as {os.path.basename(os.path.abspath(root))!r}")
-    check_device(args.device)
     if args.name is not None and not args.name.strip():
         raise LorakitError("--name is empty; give the model name clients send (or leave it out: the --model folder's "
                            "name)")
+    check_model_folder(args.model)  # reads config.json through transformers (a second or two of imports)
+    check_device(args.device)
 
 
 def skipped_folders(root) -> list[tuple[str, str]]:
@@ -241,6 +247,8 @@ def _check_address(host: str, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_address(args.host, args.port)  # before the model loads: a bad or busy port fails in a second, not after
+    check_arguments(args)  # before FastAPI, uvicorn and the engine are imported (seconds)
     try:
         import uvicorn
 
@@ -248,7 +256,6 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise LorakitError(f"lorakit serve needs FastAPI and uvicorn ({error.name} is missing); install them with: "
                            "pip install 'lorakit[serve]'") from None
-    _check_address(args.host, args.port)  # before the model loads: a bad or busy port fails in a second, not after
     state = build_state(args)
     app = create_app(state)
     print(f"lorakit serve: {state.base_name} with adapters from {args.adapters} on http://{args.host}:{args.port} "
