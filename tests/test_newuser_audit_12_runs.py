@@ -250,3 +250,48 @@ def test_sigkill_while_writing_keeps_the_run_resumable(inside, tiny_folder, tiny
     from_checkpoint = _model()
     load_adapter(from_checkpoint, run / "checkpoints" / "step-000005" / "adapter")
     assert all(torch.equal(a, b) for a, b in zip(_lora_state(final).values(), _lora_state(from_checkpoint).values()))
+
+
+# -- 3. bad training dynamics ---------------------------------------------------------------------------------------
+def _poisoned(poison: set[int], first_step: int):
+    """A model whose forward is NaN during the given (1-based) optimizer steps, and the on_step that tracks them."""
+    model = _model()
+    now = {"step": first_step}
+
+    def hook(module, args, output):
+        if now["step"] not in poison:
+            return output
+        return (output[0] * float("nan"),) + tuple(output[1:]) if isinstance(output, tuple) else output * float("nan")
+
+    model.model.layers[0].register_forward_hook(hook)
+
+    def on_step(step, entry):
+        now["step"] = step + 1
+    return model, on_step
+
+
+def test_max_bad_steps_counts_in_a_row_across_a_resume_and_logs_the_last_step(tok, records, tmp_path):
+    """NaN at steps 4, 5, 6 with --max-bad-steps 3 stops at step 6, whether or not the run was resumed from the
+    checkpoint of step 4 (one bad step in a row then). Before: the count restarted at 0 on resume, so the resumed
+    run trained on to the end; and the metrics line of the step that stopped the run was never written."""
+    ds = build_dataset(records, tok, max_length=32)
+    config = TrainConfig(**{**SMALL, "max_steps": 8, "save_every": 4, "max_bad_steps": 3})
+    said = r"3 steps in a row had a NaN or infinite loss \(last at step 6\); lower --lr"
+    model, on_step = _poisoned({4, 5, 6}, first_step=1)
+    with pytest.raises(LorakitError, match=said):
+        train(model, tok, ds, config, out=tmp_path / "straight", on_step=on_step)
+    lines = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [(l["step"], l.get("skipped")) for l in lines][3:] == [(4, "non-finite loss"), (5, "non-finite loss"),
+                                                                   (6, "non-finite loss")]
+
+    model, on_step = _poisoned({4, 5, 6}, first_step=1)
+
+    def stop_after_5(step, entry):
+        on_step(step, entry)
+        if step == 5:
+            raise Stop
+    with pytest.raises(Stop):
+        train(model, tok, ds, config, out=tmp_path / "cut", on_step=stop_after_5)
+    model, on_step = _poisoned({4, 5, 6}, first_step=5)
+    with pytest.raises(LorakitError, match=said):
+        train(model, tok, ds, config, out=tmp_path / "cut", resume=tmp_path / "cut", on_step=on_step)

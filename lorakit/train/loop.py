@@ -519,6 +519,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         resumed_at = step
         best_val, best_step, since_best = state.get("best_val_loss"), state.get("best_step"), int(state.get("since_best", 0))
         val_losses = [tuple(v) for v in state.get("val_losses", [])]
+        bad_in_row = int(state.get("bad_in_row", 0))  # --max-bad-steps counts in a row across the resume
         resumed_loss = state.get("train_loss")  # so a resume with nothing left to do still reports it
         if step > total_steps:  # "nothing to do" here would rewrite results.json without the run's loss
             raise LorakitError(f"cannot resume: checkpoint {checkpoint} is at step {step}, past this run's end at "
@@ -539,7 +540,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     def checkpoint_state() -> dict[str, Any]:
         return {"data": batches.state_dict(), "skipped_steps": skipped, "tokens": tokens_seen, "identity": identity,
                 "best_val_loss": best_val, "best_step": best_step, "since_best": since_best, "val_losses": val_losses,
-                "total_steps": total_steps, "train_loss": last_loss}
+                "total_steps": total_steps, "train_loss": last_loss,
+                "bad_in_row": bad_in_row}
 
     def write_checkpoint() -> Path | None:
         """Every process gathers (sharded tensors, random states); rank 0 alone writes."""
@@ -570,7 +572,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
             raise
     try:
         while step < total_steps:
-            step_start = time.perf_counter()
+            step_start, too_many = time.perf_counter(), None
             micro = []
             for _ in range(grad_accum):
                 indices = batches.next_indices()
@@ -596,11 +598,10 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                     log(f"step {step + 1}: {what} is {loss if what == 'loss' else grad_norm}; step skipped "
                         f"({bad_in_row} in a row, stop at {config.max_bad_steps})")
                     entry.update(skipped=f"non-finite {what}")
-                    if bad_in_row >= config.max_bad_steps:
-                        optimizer.zero_grad(set_to_none=True)
-                        raise LorakitError(f"{bad_in_row} steps in a row had a NaN or infinite {what} (last at step "
-                                           f"{step + 1}); lower --lr (now {config.learning_rate:g}), keep "
-                                           "--max-grad-norm on, or check the data")
+                    if bad_in_row >= config.max_bad_steps:  # raised once the step's metrics line is written
+                        too_many = LorakitError(f"{bad_in_row} steps in a row had a NaN or infinite {what} (last at "
+                                                f"step {step + 1}); lower --lr (now {config.learning_rate:g}), keep "
+                                                "--max-grad-norm on, or check the data")
                 else:
                     bad_in_row = 0
                     factor = schedule.apply(optimizer, step)
@@ -615,6 +616,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                          step_seconds=elapsed)
             if metrics is not None and (step % config.log_every == 0 or step == total_steps or "skipped" in entry):
                 metrics.write(entry)
+            if too_many is not None:
+                raise too_many
             progress.update(1)
             progress.set_postfix_str(_postfix(entry), refresh=False)
 
