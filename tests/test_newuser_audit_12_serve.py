@@ -402,3 +402,17 @@ def test_a_grammar_the_parser_gives_up_on_is_the_clients_400(server):
     assert events[-1]["error"]["code"] == "invalid_response_format"
     assert events[-1]["error"]["message"] == error["message"]
     assert _ask(server["client"], "a0")["text"]  # still serving
+
+
+def test_the_base_is_not_an_adapter_to_load_and_head_answers(server):
+    """POST /v1/adapters/load or unload with the base's name said "no adapter named 'base'" (404) or "not loaded";
+    now one line that it is the base. HEAD of the GET routes was a 405 (HTTP checkers send it); now their headers."""
+    for action in ("load", "unload"):
+        error = _error(server["client"].post(f"/v1/adapters/{action}", json={"name": "base"}), 400)
+        assert error["message"] == f"'base' is the base model, always in memory; {action} takes the name of an " \
+                                   "adapter (GET /v1/models lists them)" and error["param"] == "name"
+    for path in ("/v1/models", "/v1/models/a0", "/v1/models/base", "/v1/adapters", "/health"):
+        response = server["client"].head(path)
+        assert response.status_code == 200 and response.content == b"", path
+        assert response.headers["content-type"] == "application/json"
+    assert server["client"].head("/v1/models/nope").status_code == 404

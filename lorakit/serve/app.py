@@ -159,7 +159,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def health():
         return {"status": "ok", **state.engine.stats()}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])  # HEAD: what HTTP checkers send
     async def models():
         base = {"id": state.base_name, "object": "model", "created": state.created, "owned_by": "lorakit"}
         available = await run_in_threadpool(state.pool.available)
@@ -168,7 +168,7 @@ def create_app(state: ServerState) -> FastAPI:
                     for name in available if name != state.base_name]
         return {"object": "list", "data": [base, *adapters]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])
     async def model(model: str):
         if not model:  # "/v1/models/": no model named, and no redirect either
             raise APIError(404, "Not Found: list the models with GET /v1/models", code="not_found")
@@ -181,13 +181,14 @@ def create_app(state: ServerState) -> FastAPI:
         return {"id": model, "object": "model", "created": state.created, "owned_by": "lorakit",
                 "parent": state.base_name, "loaded": state.pool.is_loaded(model)}
 
-    @app.get("/v1/adapters")
+    @app.api_route("/v1/adapters", methods=["GET", "HEAD"])
     async def adapters():
         return {"object": "list", "data": state.pool.loaded(), "max_loaded": state.pool.max_loaded}
 
     @app.post("/v1/adapters/load")
     async def load(request: HTTPRequest):
         body = parse(AdapterRequest, await read_json(request, state))
+        _not_the_base(state, body.name, "load")
         try:
             info = await run_in_threadpool(state.pool.load, body.name, state.acquire_timeout)
         except AdapterBusy as error:
@@ -199,6 +200,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/adapters/unload")
     async def unload(request: HTTPRequest):
         body = parse(AdapterRequest, await read_json(request, state))
+        _not_the_base(state, body.name, "unload")
         try:
             await run_in_threadpool(state.pool.unload, body.name)
         except AdapterBusy as error:
@@ -304,6 +306,14 @@ def create_app(state: ServerState) -> FastAPI:
                        "supported); keep the answer the POST returned", param="response_id", code="not_found")
 
     return app
+
+
+def _not_the_base(state: ServerState, name: str, action: str) -> None:
+    """/v1/adapters/load and unload name adapters; the base's name read as 'no adapter named ...' (or loaded an
+    adapter folder of that name, which no request can reach)."""
+    if name == state.base_name:
+        raise APIError(400, f"{name!r} is the base model, always in memory; {action} takes the name of an adapter "
+                       "(GET /v1/models lists them)", param="name", code="invalid_adapter_name")
 
 
 def _vocab_size(state: ServerState) -> int:
