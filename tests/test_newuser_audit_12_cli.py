@@ -288,6 +288,25 @@ def test_combine_weights_and_ranks_the_adapter_configs_refuse_are_said_before_lo
     assert not (tmp_path / "out").exists()
 
 
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nothing can be made")
+def test_an_output_place_nothing_can_be_written_to_is_refused_before_loading(files, capsys, no_load):
+    """/proc passes the permission check (os.access, and root passes any), so merge, quantize, combine, train and
+    eval --json loaded the model and only then failed to write (train: after its data was read and tokenized)."""
+    tiny, adapter, data = (str(files[k]) for k in ("tiny", "adapter", "data"))
+    cases = [
+        (["merge", "--model", tiny, "--adapter", adapter, "--out", "/proc/merged"], "--out /proc/merged"),
+        (["quantize", "--model", tiny, "--out", "/proc/nf4"], "--out /proc/nf4"),
+        (["combine", "--model", tiny, "--adapter", adapter, "--out", "/proc/combined"], "--out /proc/combined"),
+        (["train", "--model", tiny, "--data", data, "--out", "/proc/runs/mine"], "--out /proc/runs/mine"),
+        (["eval", "--model", tiny, "--data", data, "--json", "/proc/results.json"], "--json /proc/results.json"),
+    ]
+    for argv, given in cases:
+        line = _refused(capsys, argv)
+        assert line.startswith(f"lorakit {argv[0]}: error: {given}: cannot write in /proc ("), line
+        assert line.endswith(f"); choose another {given.split()[0]}"), line
+
+
 # -- an adapter on the wrong base -----------------------------------------------------------------------------------
 def test_an_adapter_that_does_not_fit_the_default_base_says_to_pass_model(files, capsys, monkeypatch, tmp_path):
     """Without --model, an adapter whose adapter_config.json names no base is tried on the default base; its shape

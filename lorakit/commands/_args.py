@@ -47,6 +47,26 @@ def check_model_arg(model: str, flag: str = "--model") -> None:
     raise LorakitError(f"{flag} {model} is a file, not a model folder{hint}")
 
 
+def check_writable(target: str | os.PathLike, flag: str = "--out") -> None:
+    """Create and remove a scratch folder where ``target`` will be written (its nearest existing folder), so a place
+    nothing can be written to is refused before minutes of loading. Permission bits alone do not tell: root passes
+    them, and /proc, /sys or a read-only mount refuse the write itself."""
+    import tempfile
+
+    place = Path(os.path.expanduser(str(target))).absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if place.is_file():  # a results file written again: its folder is where the new one is made
+        place = place.parent
+    if not place.is_dir():
+        return
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lorakit-write-check-", dir=place))
+    except OSError as error:
+        raise LorakitError(f"{flag} {target}: cannot write in {place} ({error.strerror or error}); choose another "
+                           f"{flag}") from None
+
+
 def _refuse_special(path: Path, typed: str, flag: str, what: str) -> None:
     """A device, pipe or socket (/dev/null, a fifo) is neither a file nor a folder: 'does not exist' would be wrong."""
     if path.exists() and not path.is_dir() and not path.is_file():

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit._fs import replace_folder, temp_dir
     from lorakit.combine import _check_options, combine_adapters
     from lorakit.commands._args import (check_adapter_arg, check_base_names, check_device, check_model_arg,
-                                        check_model_folder, explain_misfit)
+                                        check_model_folder, check_writable, explain_misfit)
     from lorakit.errors import LorakitError
     from lorakit.export import check_output_folder, leftover_note, write_failure
     from lorakit.inject import lora_layers
@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         protected["the model folder"] = args.model
     out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected, allow_empty=True,
                               replaces="adapter")
+    check_writable(out)
     note = leftover_note(out)
     if note:
         print(note, file=sys.stderr)

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.export import check_output_folder, leftover_note
 
     from lorakit.commands._args import (check_adapter_arg, check_base_names, check_model_arg, check_model_folder,
-                                        explain_misfit)
+                                        check_writable, explain_misfit)
     from lorakit.errors import LorakitError
 
     if args.gguf_type is not None and args.format != "gguf":
@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         protected["the model folder"] = args.model
     out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected, allow_empty=True,
                               replaces="model")  # before minutes of loading; ~ expanded
+    check_writable(out)
     if args.model is not None:
         check_model_folder(args.model)
     note = leftover_note(out)

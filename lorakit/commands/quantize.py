@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.models.loading import resolve_model_folder
     from lorakit.models.quantized_saving import save_quantized
 
-    from lorakit.commands._args import check_model_arg, check_model_folder
+    from lorakit.commands._args import check_model_arg, check_model_folder, check_writable
     from lorakit.errors import LorakitError
     from lorakit.models.loading import model_config_dict
 
@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     protected = {"the model folder": args.model} if os.path.isdir(os.path.expanduser(args.model)) else {}
     out = check_output_folder(args.out, overwrite=args.overwrite, protected=protected, allow_empty=True,
                               replaces="model")  # before minutes of loading; ~ expanded
+    check_writable(out)
     check_model_folder(args.model)
     overwrite = args.overwrite or out.is_dir()  # an empty folder (checked above) is used as it is
     note = leftover_note(out)

@@ -95,13 +95,15 @@ def run(args: argparse.Namespace) -> int:
             if source and (real == source or real.startswith(source.rstrip(os.sep) + os.sep)):
                 raise LorakitError(f"--json {args.json} is or sits inside the input {given}; writing the results "
                                    "there would replace it: choose another file, e.g. --json results.json")
-    from lorakit.commands._args import check_adapter_arg, check_base_names, check_model_arg, explain_misfit
+    from lorakit.commands._args import check_adapter_arg, check_base_names, check_model_arg, check_writable, explain_misfit
     from lorakit.io import read_adapter
     from lorakit.train.config import check_template_kwargs
     from lorakit.train.preflight import config_context, local_config
 
     template_kwargs = check_template_kwargs(args.chat_template_kwargs) if args.chat_template_kwargs is not None else None
 
+    if args.json:
+        check_writable(args.json, "--json")
     if args.model is not None:
         check_model_arg(args.model)
     adapter_file = None

@@ -57,10 +57,11 @@ def check_before_loading(config: TrainConfig, given: set[str]) -> None:
     the default, which is lowered instead) beyond the model's context, a ``--global-batch`` the processes cannot
     share, ``--tensorboard`` without its package, and a ``--targets`` / ``--exclude`` / ``--modules-to-save`` name
     that matches no module (found on the model built empty, on the meta device)."""
-    from lorakit.commands._args import check_model_arg
+    from lorakit.commands._args import check_model_arg, check_writable
     from lorakit.train.loop import accumulation_steps
 
     check_model_arg(config.model)  # a file, or an adapter folder, where the base model's folder goes
+    check_writable(config.out or "runs")  # the run folder (default: runs/<date-time>) is made after the model loads
     accumulation_steps(config, int(os.environ.get("WORLD_SIZE", "1") or 1))
     if config.tensorboard:
         try:
