@@ -295,3 +295,50 @@ def test_max_bad_steps_counts_in_a_row_across_a_resume_and_logs_the_last_step(to
     model, on_step = _poisoned({4, 5, 6}, first_step=5)
     with pytest.raises(LorakitError, match=said):
         train(model, tok, ds, config, out=tmp_path / "cut", resume=tmp_path / "cut", on_step=on_step)
+
+
+def test_resuming_a_run_that_stopped_early_trains_no_further(tok, records, tmp_path, monkeypatch, capsys):
+    """Validation losses 2.0, 1.5, 1.7, 1.6, 1.55 with patience 3 stop the run at step 5 (best/ from step 2). A
+    --resume of it (the same command, e.g. after a crash of the job that followed) is where the run ended, as for a
+    completed run. Before: it trained on from step 5 and moved the final adapter past the stop."""
+    ds = build_dataset(records, tok, max_length=32)
+    losses = iter([2.0, 1.5, 1.7, 1.6, 1.55, 1.0, 0.9, 0.95, 0.96, 0.97])
+    monkeypatch.setattr(loop, "dataset_loss", lambda *a, **k: (next(losses), 10))
+    config = TrainConfig(**{**SMALL, "max_steps": 10, "eval_every": 1, "early_stopping_patience": 3})
+    first = train(_model(), tok, ds, config, val_data=ds, out=tmp_path)
+    assert (first.stopped, first.steps, first.best_step) == ("early_stopping", 5, 2)
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    capsys.readouterr()
+    again = train(_model(), tok, ds, config, val_data=ds, out=tmp_path, resume=tmp_path)
+    assert (again.stopped, again.steps, again.best_step, again.best_val_loss) == ("early_stopping", 5, 2, 1.5)
+    assert again.train_loss == first.train_loss and again.val_losses == first.val_losses
+    now = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert now.keys() == adapter.keys() and all(torch.equal(now[k], adapter[k]) for k in now)
+    assert "where the run stopped early at step 5: no better validation loss for 3 validations (best at step 2); " \
+           "nothing to do (raise --early-stopping-patience to train further)" in capsys.readouterr().err
+    raised = train(_model(), tok, ds, config.replace(early_stopping_patience=5), val_data=ds, out=tmp_path,
+                   resume=tmp_path)
+    assert (raised.stopped, raised.steps, raised.best_step) == ("completed", 10, 7)  # a higher patience goes on
+
+
+def test_validation_loss_during_training_equals_lorakit_eval_of_the_saved_adapters(tiny_folder, tiny_data, tmp_path,
+                                                                                    capsys):
+    """--eval-every's numbers are those `lorakit eval` gives for the adapter saved at that step: the last one for
+    adapter/, the best one for best/ (same loss to the last bit)."""
+    from lorakit.cli import main
+
+    run = tmp_path / "run"
+    val = tiny_data[1]
+    assert main(["train", "--model", str(tiny_folder), "--data", str(tiny_data[0]), "--val-data", str(val),
+                 "--max-steps", "4", "--eval-every", "2", "--rank", "4", "--batch-size", "4", "--lr", "1e-2",
+                 "--eval-examples", "0", "--no-progress", "--out", str(run)]) == 0
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    vals = {l["step"]: l["val_loss"] for l in lines if l["kind"] == "val"}
+    results = json.loads((run / "results.json").read_text())
+    assert sorted(vals) == [2, 4] and results["best_val_loss"] == min(vals.values())
+    for folder, expected in (("adapter", vals[4]), ("best", vals[results["best_step"]])):
+        assert main(["eval", "--model", str(tiny_folder), "--adapter", str(run / folder), "--data", str(val),
+                     "--no-generate", "--json", str(tmp_path / f"{folder}.json")]) == 0
+        assert json.loads((tmp_path / f"{folder}.json").read_text())["loss"] == expected

@@ -508,6 +508,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     identity = run_identity(model, train_ds, config.replace(grad_accum=grad_accum, global_batch=None), world_size)
 
     step, skipped, bad_in_row, tokens_seen, resumed_at, resumed_loss = 0, 0, 0, 0, None, None
+    stopped_early = False
     best_val, best_step, since_best = None, None, 0
     val_losses: list[tuple[int, float]] = []
     if resume is not None:
@@ -528,6 +529,12 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         if step >= total_steps:
             log(f"checkpoint {checkpoint} is at step {step}, the end of this run ({total_steps} steps); nothing to do "
                 "(raise --max-steps or --epochs to train further)")
+        elif config.early_stopping_patience and since_best >= config.early_stopping_patience:
+            # the run stopped early here (its last checkpoint): the uninterrupted run would not train on either
+            stopped_early = True
+            log(f"checkpoint {checkpoint} is where the run stopped early at step {step}: no better validation loss for "
+                f"{since_best} validations (best at step {best_step}); nothing to do (raise "
+                "--early-stopping-patience to train further)")
         else:
             log(f"resuming from {checkpoint} at step {step} of {total_steps}")
         if state.get("optimizer_changes"):
@@ -560,7 +567,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     # the bar and its lines (validation losses) on process 0 only: under torchrun every process printed them
     progress = _progress_bar(config.progress and main, total_steps, step) if main else _NoBar(quiet=True)
     model.train()
-    started, stopped, last_loss, last_checkpoint = time.perf_counter(), "completed", resumed_loss, None
+    started, last_loss, last_checkpoint = time.perf_counter(), resumed_loss, None
+    stopped = "early_stopping" if stopped_early else "completed"
     # packed rows carry a 4D mask, which drops the model's sliding window unless it is put back (train/packing.py)
     windows = window_packed_masks(model) if config.pack else None
     if config.pack and not getattr(model, "_lorakit_fast_kernels", None):  # lorakit's fused path is Llama-shaped
@@ -571,7 +579,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                 windows.remove()
             raise
     try:
-        while step < total_steps:
+        while step < total_steps and not stopped_early:
             step_start, too_many = time.perf_counter(), None
             micro = []
             for _ in range(grad_accum):
