@@ -28,10 +28,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+EPILOG = """a first session:
+  lorakit demo                                               # the embedded model with a fresh adapter
+  lorakit train --data train.jsonl --val-fraction 0.1 --out runs/mine
+  lorakit generate --adapter runs/mine/adapter "Two lattes to Berlin"
+  lorakit serve --adapters runs                              # OpenAI-compatible; each run is a model: "mine"
+
+lorakit COMMAND --help shows each command's options, defaults and examples.
+"""
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit",
         description="Low-rank adaptation of language models: train, merge, hot-swap and serve LoRA adapters.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
     )
     from lorakit import __version__
 
@@ -51,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and command not in SUBCOMMANDS:
+        if argv and argv[0] == command:  # a mistyped command: argparse would only list the choices
+            import difflib
+
+            close = difflib.get_close_matches(command, list(SUBCOMMANDS), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; the commands are {', '.join(SUBCOMMANDS)}"
+            print(f"lorakit: error: unknown command {command!r}{hint} (lorakit --help describes each)", file=sys.stderr)
+            return 2
         command = None
     parser = build_parser(only=command)
     args = parser.parse_args(argv)

@@ -391,6 +391,20 @@ def test_serve_argument_mistakes_are_one_line_before_the_model_loads(files, caps
 
 
 
+
+def test_a_mistyped_command_gets_a_did_you_mean(capsys):
+    """`lorakit trian` printed the whole usage and 'invalid choice: ... (choose from ...)'; `lorakit --help` showed
+    no example of a first session."""
+    from lorakit.cli import EPILOG, build_parser
+
+    assert main(["trian", "--data", "x.jsonl"]) == 2
+    assert capsys.readouterr().err == ("lorakit: error: unknown command 'trian'; did you mean 'train'? (lorakit --help "
+                                       "describes each)\n")
+    assert main(["xyzzy"]) == 2
+    assert "unknown command 'xyzzy'; the commands are demo, train, eval" in capsys.readouterr().err
+    assert build_parser().epilog == EPILOG and "lorakit COMMAND --help" in EPILOG
+
+
 # -- how long a refusal takes -------------------------------------------------------------------------------------------
 def test_argument_mistakes_are_refused_before_transformers_or_the_server_is_imported(files, tmp_path):
     """The measure of 'refused in a second': nothing heavier than torch is imported before the one line. merge,
