@@ -38,8 +38,16 @@ lorakit COMMAND --help shows each command's options, defaults and examples.
 """
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's refusals (a missing value, an unknown option, 'abc' for a number) as one line, like every other
+    mistake: its default prints the whole usage first, 40 lines for ``lorakit train``, above the one that matters."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="lorakit",
         description="Low-rank adaptation of language models: train, merge, hot-swap and serve LoRA adapters.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -47,7 +55,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from lorakit import __version__
 
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == only:  # only the chosen subcommand's module is imported
@@ -71,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         command = None
     parser = build_parser(only=command)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse names them from the top level ("lorakit: error"), without the option meant
+        return _unknown_arguments(parser, args.command, unknown)
     if args.command is None:
         parser.print_help()
         return 0
@@ -102,6 +112,28 @@ def main(argv: list[str] | None = None) -> int:
     if argv_given is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _exit_without_teardown(code)
     return code
+
+
+def _unknown_arguments(parser: argparse.ArgumentParser, command: str | None, unknown: list[str]) -> int:
+    """One line for options the command does not have, with the closest one it has: a typo (--max-lenght), or for
+    train another tool's name of the option (--learning-rate -> --lr, from the config file's alias table)."""
+    import difflib
+
+    prog = f"lorakit {command}" if command else "lorakit"
+    sub = next((a.choices[command] for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None) \
+        if command else parser
+    options = [o for action in (sub or parser)._actions for o in action.option_strings if o.startswith("--")]
+    typed = next((u.split("=", 1)[0] for u in unknown if u.startswith("--")), None)
+    close = difflib.get_close_matches(typed, options, n=1, cutoff=0.75) if typed else []
+    if typed and command == "train":  # another tool's name for an option (--learning-rate, --lora-r): ours
+        from lorakit.train.config import ALIASES
+
+        alias = ALIASES.get(typed.lstrip("-").replace("-", "_").lower())
+        close = [f"--{alias.replace('_', '-')}"] if alias else close
+    hint = f"; did you mean {close[0]}?" if close else ""
+    print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)}{hint} (`{prog} --help` lists the options)",
+          file=sys.stderr)
+    return 2
 
 
 def _exit_without_teardown(code: int) -> None:

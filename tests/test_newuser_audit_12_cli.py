@@ -405,6 +405,32 @@ def test_a_mistyped_command_gets_a_did_you_mean(capsys):
     assert build_parser().epilog == EPILOG and "lorakit COMMAND --help" in EPILOG
 
 
+
+def test_argparse_refusals_are_one_line_with_the_option_meant(capsys):
+    """A bad number or a missing option printed argparse's whole usage first (40 lines for train) above the error;
+    an unknown option was blamed on 'lorakit' (not the command) with no hint of the option meant."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--rank", "abc"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("lorakit train: error: argument --rank: invalid int value: 'abc' "
+                                       "(`lorakit train --help` lists the options)\n")
+    with pytest.raises(SystemExit):
+        main(["merge", "--model", "x"])
+    assert capsys.readouterr().err == ("lorakit merge: error: the following arguments are required: --adapter, --out "
+                                       "(`lorakit merge --help` lists the options)\n")
+    for argv, meant in ((["train", "--max-lenght", "64"], "--max-length"),  # a typo
+                        (["train", "--learning-rate", "1e-4"], "--lr"),      # transformers' name for it
+                        (["train", "--lora-r", "8"], "--rank"),              # peft's
+                        (["generate", "--adapters", "a", "Hello"], "--adapter")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lorakit {argv[0]}: error: unrecognized arguments: ") and err.count("\n") == 1, err
+        assert f"; did you mean {meant}? (`lorakit {argv[0]} --help` lists the options)" in err, err
+    assert main(["train", "--bogus"]) == 2
+    assert capsys.readouterr().err == ("lorakit train: error: unrecognized arguments: --bogus (`lorakit train --help` "
+                                       "lists the options)\n")
+
+
 # -- how long a refusal takes -------------------------------------------------------------------------------------------
 def test_argument_mistakes_are_refused_before_transformers_or_the_server_is_imported(files, tmp_path):
     """The measure of 'refused in a second': nothing heavier than torch is imported before the one line. merge,
