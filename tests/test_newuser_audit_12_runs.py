@@ -342,3 +342,43 @@ def test_validation_loss_during_training_equals_lorakit_eval_of_the_saved_adapte
         assert main(["eval", "--model", str(tiny_folder), "--adapter", str(run / folder), "--data", str(val),
                      "--no-generate", "--json", str(tmp_path / f"{folder}.json")]) == 0
         assert json.loads((tmp_path / f"{folder}.json").read_text())["loss"] == expected
+
+
+# -- 4. what the user sees ------------------------------------------------------------------------------------------
+def test_no_progress_prints_plain_progress_lines_for_logs(tok, records, tmp_path):
+    """--no-progress ("for logs") printed nothing from the first step to the end: a batch job's log showed no loss,
+    rate or time left for hours. Now a plain line at the first and last step and every tenth of the run, with the
+    time left from the steps of this call (a resume's are not counted)."""
+    import re
+
+    ds = build_dataset(records, tok, max_length=32)
+    config = TrainConfig(**{**SMALL, "max_steps": 20, "save_every": 10})
+    said: list[str] = []
+
+    def stop_at_12(step, entry):
+        if step == 12:
+            raise Stop
+    with pytest.raises(Stop):
+        train(_model(), tok, ds, config, out=tmp_path, log=said.append, on_step=stop_at_12)
+    line = re.compile(r"step (\d+)/20: loss=\d+\.\d{4} lr=\d\.\d\de-\d\d tok/s=\d+, (\d:\d\d:\d\d) elapsed, "
+                      r"(\d:\d\d:\d\d) left$")
+    steps = [int(line.match(s).group(1)) for s in said if line.match(s)]
+    assert steps == [1, 3, 5, 7, 9, 11], said
+    said.clear()
+    train(_model(), tok, ds, config, out=tmp_path, resume=tmp_path, log=said.append)
+    matches = [line.match(s) for s in said if line.match(s)]
+    assert [int(m.group(1)) for m in matches] == [11, 13, 15, 17, 19, 20]
+    assert matches[-1].group(3) == "0:00:00"
+
+
+def test_tokens_and_tokens_per_second_count_real_tokens_of_packed_rows(tok, tmp_path):
+    """Packed rows carry a (B, 1, T, T) mask, so the token count fell back to B x T: the padding of the shorter row
+    was counted as input (results.json tokens, metrics tokens and tokens_per_s too high)."""
+    ds = build_dataset(task_records(38, seed=5), tok, max_length=24, pack=True)
+    lengths = [len(row["input_ids"]) for row in ds.rows]
+    assert len(ds) % 2 == 0 and len(set(lengths)) > 1  # two rows of different lengths in some batch: padding
+    result = train(_model(), tok, ds, TrainConfig(**{**SMALL, "batch_size": 2, "pack": True, "max_length": 24}),
+                   out=tmp_path)
+    assert result.tokens == sum(lengths)
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(l["tokens"] for l in lines if l["kind"] == "train") == sum(lengths)
