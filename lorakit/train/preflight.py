@@ -78,12 +78,16 @@ def check_before_loading(config: TrainConfig, given: set[str]) -> None:
                            f"(max_position_embeddings in its config.json); pass --max-length {limit} or less")
     if not config.full:
         check_rank(config.rank, model_config)
-    if config.targets or config.exclude or config.modules_to_save:
+    # layer names only (q_proj): a full path (model.layers.0...) can differ between the class built here and the one
+    # a loader picks for a multimodal family, so paths are checked on the loaded model, as before
+    names = {key: [v for v in getattr(config, key) or [] if "." not in v] or None
+             for key in ("targets", "exclude", "modules_to_save")}
+    if any(names.values()):
         empty = empty_model(config.model)
         if empty is not None:
             from lorakit.train.runner import check_module_names
 
-            check_module_names(empty, config)
+            check_module_names(empty, config.replace(**names))
 
 
 def empty_model(folder: str) -> Any:
