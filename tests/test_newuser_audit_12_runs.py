@@ -382,3 +382,18 @@ def test_tokens_and_tokens_per_second_count_real_tokens_of_packed_rows(tok, tmp_
     assert result.tokens == sum(lengths)
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(l["tokens"] for l in lines if l["kind"] == "train") == sum(lengths)
+
+
+def test_a_nan_validation_loss_is_never_the_best(tok, records, tmp_path, monkeypatch, capsys):
+    """A first validation loss of NaN (a half-precision overflow on the validation set) became the best for good:
+    'val_loss < nan' is never true, so best/ kept the NaN-scoring adapter and early stopping fired on a run that
+    was improving."""
+    ds = build_dataset(records, tok, max_length=32)
+    losses = iter([float("nan"), 2.0, 1.5, 1.7])
+    monkeypatch.setattr(loop, "dataset_loss", lambda *a, **k: (next(losses), 10))
+    config = TrainConfig(**{**SMALL, "max_steps": 4, "eval_every": 1, "early_stopping_patience": 2})
+    result = train(_model(), tok, ds, config, val_data=ds, out=tmp_path)
+    assert (result.stopped, result.steps, result.best_step, result.best_val_loss) == ("completed", 4, 3, 1.5)
+    vals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
+    assert [(v["val_loss"], v["best"]) for v in vals] == [(None, False), (2.0, True), (1.5, True), (1.7, False)]
+    assert "step 1: validation loss nan (not finite: not a best)" in capsys.readouterr().err

@@ -635,7 +635,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                 val_loss, _ = dataset_loss(model, val_ds, eval_batch, collator, device, compute_dtype)
                 model.train()
                 val_losses.append((step, val_loss))
-                improved = best_val is None or val_loss < best_val
+                # a NaN first loss would stay the best for good ('x < nan' is never true)
+                improved = math.isfinite(val_loss) and (best_val is None or val_loss < best_val)
                 if improved:
                     best_val, best_step, since_best = val_loss, step, 0
                     if out is not None and adapter is not None:
@@ -645,7 +646,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                 if metrics is not None:
                     metrics.write({"kind": "val", "step": step, "val_loss": val_loss, "val_ppl": _ppl(val_loss),
                                    "best": improved})
-                progress.write(f"step {step}: validation loss {val_loss:.4f}{' (best)' if improved else ''}")
+                note = " (best)" if improved else "" if math.isfinite(val_loss) else " (not finite: not a best)"
+                progress.write(f"step {step}: validation loss {val_loss:.4f}{note}")
                 if config.early_stopping_patience and since_best >= config.early_stopping_patience:
                     stopped = "early_stopping"
                     log(f"early stopping at step {step}: no better validation loss for {since_best} validations "
