@@ -235,6 +235,10 @@ def test_unsupported_models_and_bad_calls_get_one_line_reasons():
     foreign.admit([1], prefill(model, [[1, 2]], ["x"])[1])
     with pytest.raises(LorakitError, match="embed_tokens"):
         foreign.step([1], [3], ["x"])
+    # an adapter that joins the existing embedding wrapper later (lorakit adds no module, so the model's structure
+    # is unchanged) is refused too: it was decoded with the base embedding, a silently wrong answer
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["embed_tokens"]), adapter="late")
+    assert "embed_tokens" in foreign.unservable("late") and foreign.unservable("ok") is None
     merged = tiny_llama(seed=7)
     lorakit.inject(merged, lorakit.LoraConfig(r=2), adapter="m")
     lorakit.merge(merged)

@@ -101,7 +101,10 @@ class ModelParts:
     intermediate: int
     vocab: int
     max_positions: int
-    foreign: dict[str, str]  # adapter name -> a module outside the projections that holds it (not served here)
+    # lorakit's wrappers of modules outside the projections (path -> wrapper): adapters they hold are not served
+    # here. The wrappers, not their adapter names: a later adapter can join an existing wrapper (a second
+    # trainable-tokens adapter on the embedding) without lorakit adding a module, so a list of names would go stale
+    foreign: dict[str, nn.Module]
     groups: tuple = GROUPS
     embed_scale: float | None = None
     norm_offset: float = 0.0
@@ -258,10 +261,7 @@ def model_parts(model: nn.Module, max_len: int | None = None) -> ModelParts:
                for i in range(len(layers)) for p in attention + mlp_names}
     # adapters that also change other modules (embeddings, the head, modules_to_save) cannot be served by the
     # decoder: rows that use them are refused (``foreign``: adapter name -> one such module), the other rows decode
-    foreign: dict[str, str] = {}
-    for path in sorted(p for p in hosts if p not in allowed):
-        for name in hosts[path].adapter_names():
-            foreign.setdefault(name, path)
+    foreign = {path: hosts[path] for path in sorted(p for p in hosts if p not in allowed)}
     merged = sorted(p for p, h in hosts.items() if getattr(h, "merged", None))
     if merged:
         raise LorakitError(f"static decoding needs unmerged adapters ({merged[0]} holds a merged one); call lorakit.unmerge(model)")

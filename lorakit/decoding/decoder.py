@@ -174,7 +174,9 @@ class StaticDecoder:
     def unservable(self, name: str | None) -> str | None:
         """Why rows on adapter ``name`` cannot decode here (one line), or None when they can."""
         self._sync_structure()
-        module = self.parts.foreign.get(name) if name is not None else None
+        if name is None:
+            return None
+        module = next((path for path, host in self.parts.foreign.items() if name in host.adapter_names()), None)
         if module is None:
             return None
         return (f"adapter {name!r} also changes {module}; the static decoder serves adapters on the attention and MLP "
