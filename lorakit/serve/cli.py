@@ -96,13 +96,17 @@ def build_state(args: argparse.Namespace):
     """Load the model and build the engine, pool and limits (everything but the HTTP layer)."""
     check_arguments(args)
     import lorakit
-    from lorakit.generation import end_of_turn_ids
+    from lorakit.errors import LorakitError
+    from lorakit.generation import end_of_turn_ids, unsupported
     from lorakit.serve.app import ServerState
     from lorakit.serve.engine import Engine
     from lorakit.serve.pool import AdapterPool
     from lorakit.serve.reasoning import select_parser
 
     model, tokenizer = lorakit.load_base(args.model, dtype=args.dtype, device=args.device)
+    reason = unsupported(model)  # every prompt is prefilled by lorakit.generation: refuse now, not per request
+    if reason is not None:
+        raise LorakitError(f"lorakit serve cannot run this model: {reason}")
     model_lock = threading.RLock()
     pool = AdapterPool(model, args.adapters, model_lock, max_loaded=args.max_loaded, max_rank=args.max_rank,
                        max_bytes=int(args.max_adapter_mb * 2**20))
@@ -117,7 +121,7 @@ def build_state(args: argparse.Namespace):
     engine = Engine(model, model_lock, max_batch=args.max_batch, pad_id=pad_id, decoder=decoder)
     name = args.name or os.path.basename(os.path.normpath(str(args.model)))
     state = ServerState(model=model, tokenizer=tokenizer, base_name=name, pool=pool, engine=engine,
-                        stop_token_ids=end_of_turn_ids(tokenizer), context_length=context,
+                        stop_token_ids=end_of_turn_ids(tokenizer, model), context_length=context,
                         max_prompt_tokens=min(max_prompt, context), max_new_tokens=args.max_tokens,
                         api_key=args.api_key or None, body_timeout=args.body_timeout,
                         cors_origins=tuple(args.cors_origin),
