@@ -435,8 +435,8 @@ def test_argparse_refusals_are_one_line_with_the_option_meant(capsys):
 def test_argument_mistakes_are_refused_before_transformers_or_the_server_is_imported(files, tmp_path):
     """The measure of 'refused in a second': nothing heavier than torch is imported before the one line. merge,
     quantize, combine and generate read the model folder's config.json through transformers first (about 2 s of
-    imports on an idle machine, far more on a busy one), and serve imported FastAPI, uvicorn and its engine, before
-    looking at --out, the sampling flags, --port or --adapters."""
+    imports on an idle machine, far more on a busy one), serve imported FastAPI, uvicorn and its engine, and demo
+    transformers, before looking at --out, the sampling flags, --port, --adapters or --rank."""
     import subprocess
     import sys
 
@@ -451,6 +451,7 @@ def test_argument_mistakes_are_refused_before_transformers_or_the_server_is_impo
         ["eval", "--model", tiny, "--data", data, "--max-length", "1"],
         ["serve", "--model", tiny, "--adapters", str(tmp_path / "adapters"), "--port", "99999"],
         ["serve", "--model", tiny, "--adapters", str(tmp_path / "none"), "--port", "0"],
+        ["demo", "--model", tiny, "--rank", "0"],
     ]
     script = (
         "import json, sys\n"

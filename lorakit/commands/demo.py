@@ -22,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import importlib
 
-    import transformers  # noqa: F401  (imported first so the timing below is the load alone)
+    import torch
 
     import lorakit
 
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.preflight import check_rank, local_config
 
     check_rank(args.rank, local_config(args.model) or {})  # a local folder: before it loads
+    importlib.import_module("transformers")  # after the checks, before the clock: the timing is the load alone
     start = time.perf_counter()
     model, tokenizer = lorakit.load_base(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
