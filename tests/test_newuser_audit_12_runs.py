@@ -400,3 +400,35 @@ def test_a_nan_validation_loss_is_never_the_best(tok, records, tmp_path, monkeyp
     vals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
     assert [(v["val_loss"], v["best"]) for v in vals] == [(None, False), (2.0, True), (1.5, True), (1.7, False)]
     assert "step 1: validation loss nan (not finite: not a best)" in capsys.readouterr().err
+
+
+def test_sigterm_stops_the_run_as_ctrl_c_does(tiny_folder, tiny_data, tmp_path):
+    """SIGTERM (a scheduler's preemption or time limit, `timeout`, `kill PID`) killed the run on the spot: exit -15,
+    no word of the checkpoint to resume from. Now it stops as Ctrl-C does (exit 130, the resume command said)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_train_helpers import REPO
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "lorakit", "train", "--model", str(tiny_folder), "--data",
+                                str(tiny_data[0]), "--out", str(run), "--rank", "2", "--batch-size", "2",
+                                "--no-progress", "--eval-examples", "0", "--max-steps", "100000", "--save-every", "2"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "latest").is_file() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
+    checkpoint = ckpt.find_checkpoint(run)
+    assert f"the last checkpoint is {checkpoint}; continue with: lorakit train --resume {run}" in err
+    assert not list(run.rglob(".*.tmp"))

@@ -396,8 +396,9 @@ def _run_training(config: TrainConfig, resume: str | None, overwrite: bool, conf
     existed = run_dir.is_dir()
     fresh = resume_from is None and not (existed and any(run_dir.iterdir()))
     try:
-        return _run(config, run_dir, resume_from, started, cpu_started, config_file_values, cli_values,
-                    replace=resume_from is None and not fresh)
+        with sigterm_as_interrupt():
+            return _run(config, run_dir, resume_from, started, cpu_started, config_file_values, cli_values,
+                        replace=resume_from is None and not fresh)
     except BaseException as error:
         # a new run that failed (or was stopped) before its first checkpoint leaves nothing to resume: remove what
         # it wrote, so the same command can run again without --overwrite (a folder that held files is kept)
@@ -413,6 +414,28 @@ def _run_training(config: TrainConfig, resume: str | None, overwrite: bool, conf
             raise LorakitError(f"the disk is full ({error.strerror}) while writing the run folder {run_dir}; free "
                                f"disk space, then {then}") from None
         raise
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM (a scheduler's preemption or time limit, ``timeout``, ``kill PID``) stops the run as Ctrl-C
+    does: a file being written is removed whole, and the last checkpoint is named with the command that resumes it.
+    Python's default for SIGTERM is to die on the spot, leaving hidden half-written folders and not a word."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def clear_run_files(run_dir: Path) -> None:
