@@ -160,7 +160,7 @@ def test_wrong_base_url_is_named(server, method, path, words):
 
 def test_wrong_method_names_the_right_one(server):
     for method, path, allowed in [("GET", "/v1/chat/completions", "POST"), ("PUT", "/v1/completions", "POST"),
-                                  ("POST", "/v1/models", "GET"), ("DELETE", "/v1/adapters/load", "POST")]:
+                                  ("POST", "/v1/models", "GET, HEAD"), ("DELETE", "/v1/adapters/load", "POST")]:
         response = server["client"].request(method, path)
         error = _error(response, 405)
         assert error["message"] == f"{method} is not allowed on {path}; use {allowed}", error

@@ -36,7 +36,7 @@ from lorakit.errors import LorakitError
 from lorakit.generation import SamplingParams, encode_prompt
 from lorakit.serve.answers import failure, logprobs_object, prompt_logprobs, stream_events
 from lorakit.serve.engine import Engine, Request, TokenInfo
-from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, resolve_adapter
+from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, listed_adapter
 from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected
 from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, CompletionRequest, ResponsesRequest,
                                     error_body)
@@ -107,14 +107,19 @@ def create_app(state: ServerState) -> FastAPI:
     async def _http_error(request, error: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
         message = str(error.detail)
+        headers = dict(error.headers or {})
+        if "Allow" in headers:  # starlette joins a set of methods: its order changes from one process to the next
+            order = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+            methods = {m.strip() for m in headers["Allow"].split(",") if m.strip()}
+            headers["Allow"] = ", ".join(sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m)))
         if error.status_code == 404:
             message = not_found(request.method, request.url.path)
         elif request.method == "OPTIONS" and "origin" in request.headers:  # a browser's preflight
             message = (f"cross-origin requests from {request.headers['origin'][:100]!r} are not allowed; start the "
                        "server with --cors-origin ORIGIN")
-        elif error.status_code == 405 and (error.headers or {}).get("Allow"):
-            message = f"{request.method} is not allowed on {request.url.path}; use {error.headers['Allow']}"
-        return JSONResponse(error_body(message, code=code), status_code=error.status_code, headers=error.headers)
+        elif error.status_code == 405 and headers.get("Allow"):
+            message = f"{request.method} is not allowed on {request.url.path}; use {headers['Allow']}"
+        return JSONResponse(error_body(message, code=code), status_code=error.status_code, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _internal(_, error: Exception):
@@ -175,7 +180,7 @@ def create_app(state: ServerState) -> FastAPI:
         if model == state.base_name:
             return {"id": model, "object": "model", "created": state.created, "owned_by": "lorakit"}
         try:
-            await run_in_threadpool(resolve_adapter, state.pool.root, model)
+            await run_in_threadpool(listed_adapter, state.pool.root, model)
         except LorakitError as error:
             raise _adapter_error(error) from None
         return {"id": model, "object": "model", "created": state.created, "owned_by": "lorakit",

@@ -168,7 +168,8 @@ def check_paths(args: argparse.Namespace) -> None:
 
 def skipped_folders(root) -> list[tuple[str, str]]:
     """(name, why) of each subfolder that is no adapter name clients can use (a space in its name, a link out of
-    the folder): /v1/models leaves them out, so the one who started the server is told why at start."""
+    the folder, no adapter_config.json): /v1/models leaves them out, so the one who started the server is told why
+    at start."""
     from lorakit.serve.paths import list_adapter_names, resolve_adapter
 
     served = set(list_adapter_names(root))
@@ -180,6 +181,8 @@ def skipped_folders(root) -> list[tuple[str, str]]:
             resolve_adapter(root, entry)
         except LorakitError as error:
             skipped.append((entry, str(error)))
+        else:
+            skipped.append((entry, "it holds no adapter_config.json, so it is not an adapter folder"))
     return skipped
 
 

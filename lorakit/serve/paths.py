@@ -57,8 +57,19 @@ def resolve_adapter(root: str | os.PathLike, name: object) -> Path:
     return real
 
 
+def listed_adapter(root: str | os.PathLike, name: object) -> Path:
+    """``resolve_adapter``, for a folder that also holds an adapter_config.json (what /v1/models lists); raises
+    ``UnknownAdapterError`` for another folder (a training run's ``checkpoints/``)."""
+    folder = resolve_adapter(root, name)
+    if not (folder / CONFIG_NAME).is_file():
+        raise UnknownAdapterError(f"no adapter named {name!r}: that folder holds no {CONFIG_NAME}")
+    return folder
+
+
 def list_adapter_names(root: str | os.PathLike) -> list[str]:
-    """Names of the subfolders of ``root`` that are valid, safe adapter names (sorted)."""
+    """Names of the subfolders of ``root`` that are valid, safe adapter names and hold an adapter_config.json
+    (sorted). Other folders (a training run's ``checkpoints/``, logs) are not adapters: listing them would offer
+    clients names that can only fail."""
     names = []
     try:
         entries = sorted(os.listdir(root))
@@ -66,7 +77,7 @@ def list_adapter_names(root: str | os.PathLike) -> list[str]:
         return []
     for entry in entries:
         try:
-            resolve_adapter(root, entry)
+            listed_adapter(root, entry)
         except LorakitError:
             continue
         names.append(entry)
