@@ -34,10 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "score the base model alone")
     parser.add_argument("--data", nargs="+", action="extend", metavar="PATH", help="JSONL / CSV files or a datasets folder; default: the "
                         "embedded task's held-out set")
-    parser.add_argument("--max-length", type=int, default=None, help="most tokens per example (default: 256, or the "
-                        "model's context length when shorter)")
-    parser.add_argument("--overflow", choices=("drop", "truncate", "error"), default="drop",
-                        help="examples longer than --max-length: drop (counted), truncate or error (default: drop)")
+    parser.add_argument("--max-length", type=int, default=None, help="most tokens per example (default: the "
+                        "adapter's training run's, else 256, or the model's context length when shorter)")
+    parser.add_argument("--overflow", choices=("drop", "truncate", "error"), default=None,
+                        help="examples longer than --max-length: drop (counted), truncate or error (default: the "
+                        "adapter's training run's, else drop)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
     parser.add_argument("--limit", type=int, default=None, help="score at most this many examples")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="most tokens generated per example "
@@ -143,6 +144,17 @@ def run(args: argparse.Namespace) -> int:
             if template_kwargs:
                 print(f"chat template options of the adapter's run: {json.dumps(template_kwargs)} "
                       "(--chat-template-kwargs to change)")
+        # the run's validation loss was scored at its max_length / overflow: eval scores the same examples
+        taken = {name: value for name, value in run_length_options(args.adapter).items()
+                 if getattr(args, name) is None}
+        if taken:
+            for name, value in taken.items():
+                setattr(args, name, value)
+            print("from the adapter's run: " + ", ".join(f"--{n.replace('_', '-')} {v}" for n, v in taken.items())
+                  + f" (as its validation loss was scored; {' / '.join('--' + n.replace('_', '-') for n in taken)}"
+                  " to change)")
+    if args.overflow is None:
+        args.overflow = "drop"
     limit = context_length(model)
     if args.max_length is None:
         args.max_length = min(256, limit or 256)
@@ -189,17 +201,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_template_kwargs(adapter: str) -> dict:
-    """The chat template options a ``lorakit train`` run used, from the config.yaml of the run folder that holds
-    ``adapter`` (RUN/adapter, RUN/best); {} for an adapter from elsewhere or a config that cannot be read."""
+def run_config(adapter: str) -> tuple[Path, dict]:
+    """(path, values) of the config.yaml of the ``lorakit train`` run folder that holds ``adapter`` (RUN/adapter,
+    RUN/best); values are {} for an adapter from elsewhere or a config that cannot be read."""
     import yaml
-
-    from lorakit.train.config import check_template_kwargs
 
     config = Path(adapter).expanduser().resolve().parent / "config.yaml"
     try:
         values = yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else None
-        found = values.get("chat_template_kwargs") if isinstance(values, dict) else None
-        return check_template_kwargs(found, f"{config}: chat_template_kwargs") if found else {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return {}
+        values = None
+    return config, values if isinstance(values, dict) else {}
+
+
+def run_template_kwargs(adapter: str) -> dict:
+    """The chat template options a ``lorakit train`` run used (its config.yaml); {} for an adapter from elsewhere."""
+    from lorakit.train.config import check_template_kwargs
+
+    config, values = run_config(adapter)
+    found = values.get("chat_template_kwargs")
+    return check_template_kwargs(found, f"{config}: chat_template_kwargs") if found else {}
+
+
+def run_length_options(adapter: str) -> dict:
+    """``max_length`` and ``overflow`` of the run that trained ``adapter`` (config.yaml holds them after the run
+    fitted max_length to the model's context), those of them that are valid; {} for an adapter from elsewhere."""
+    _, values = run_config(adapter)
+    found = {}
+    length = values.get("max_length")
+    if isinstance(length, int) and not isinstance(length, bool) and length >= 2:
+        found["max_length"] = length
+    if values.get("overflow") in ("drop", "truncate", "error"):
+        found["overflow"] = values["overflow"]
+    return found

@@ -1,0 +1,41 @@
+"""Follow-ups of audit 12 on ``lorakit train`` / ``lorakit eval``: eval of a run's adapter scores the examples the run
+scored (its max_length / overflow), data messages name the CLI flags, and batch sizes beyond the data are refused
+before the model loads. Tiny random Llama folders (tests/test_train_helpers.py), runs of a few steps on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.cli import main
+from test_train_helpers import task_records, tiny_data, tiny_folder, write_jsonl  # noqa: F401,F811 (fixtures)
+
+FAST = ["--rank", "4", "--batch-size", "4", "--no-progress", "--eval-examples", "0", "--samples", "0"]
+
+
+def test_eval_of_a_runs_adapter_uses_the_runs_max_length_and_overflow(tmp_path, tiny_folder, tiny_data, capsys):
+    """Trained at --max-length 10 (examples are 7-13 tokens), the run's validation loss leaves out the longer
+    validation examples; eval of RUN/adapter without --max-length must leave out the same ones and report the same
+    loss, say where its max_length came from, and an explicit --max-length still wins."""
+    train_path, val_path = tiny_data
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(tiny_folder), "--data", str(train_path), "--val-data", str(val_path),
+                 "--out", str(out), "--max-length", "10", "--max-steps", "2", "--eval-every", "2", *FAST])
+    capsys.readouterr()
+    assert code == 0
+    run_loss = json.loads((out / "results.json").read_text())["best_val_loss"]
+    for folder in ("adapter", "best"):
+        code = main(["eval", "--model", str(tiny_folder), "--adapter", str(out / folder), "--data", str(val_path),
+                     "--no-generate", "--json", str(tmp_path / f"{folder}.json")])
+        printed = capsys.readouterr().out
+        assert code == 0
+        assert "from the adapter's run: --max-length 10, --overflow drop" in printed, printed
+        report = json.loads((tmp_path / f"{folder}.json").read_text())
+        assert report["dropped"] > 0 and report["loss"] == pytest.approx(run_loss, rel=1e-6)
+    code = main(["eval", "--model", str(tiny_folder), "--adapter", str(out / "adapter"), "--data", str(val_path),
+                 "--no-generate", "--max-length", "32", "--json", str(tmp_path / "explicit.json")])
+    printed = capsys.readouterr().out
+    assert code == 0 and "--max-length 10" not in printed and "from the adapter's run: --overflow drop" in printed
+    report = json.loads((tmp_path / "explicit.json").read_text())
+    assert report["dropped"] == 0 and report["loss"] != pytest.approx(run_loss, rel=1e-6)
