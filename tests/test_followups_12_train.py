@@ -39,3 +39,28 @@ def test_eval_of_a_runs_adapter_uses_the_runs_max_length_and_overflow(tmp_path, 
     assert code == 0 and "--max-length 10" not in printed and "from the adapter's run: --overflow drop" in printed
     report = json.loads((tmp_path / "explicit.json").read_text())
     assert report["dropped"] == 0 and report["loss"] != pytest.approx(run_loss, rel=1e-6)
+
+
+def _last_error(capsys, code: int) -> str:
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def test_data_messages_name_the_flags_a_user_typed(tmp_path, tiny_folder, capsys):
+    """An overlong example under --overflow error said "raise max_length or choose overflow='drop'": Python
+    parameters, not the flags typed. data.py cannot tell the CLI from Python, so it names both."""
+    from lorakit.errors import LorakitError
+    from lorakit.train.data import split_records, tokenize_example
+    from test_train_helpers import tiny_tokenizer
+
+    data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "copy " + "a " * 20 + ": ", "completion": "a"}] * 4)
+    line = _last_error(capsys, main(["train", "--model", str(tiny_folder), "--data", str(data), "--out",
+                                     str(tmp_path / "run"), "--max-length", "16", "--overflow", "error", *FAST]))
+    assert "longer than max_length=16" in line and "raise --max-length" in line, line
+    assert "--overflow drop" in line and "--overflow truncate" in line, line
+    with pytest.raises(LorakitError, match=r"max_length in Python.*overflow='drop'"):
+        tokenize_example({"prompt": "copy " + "a " * 20 + ": ", "completion": "a"}, tiny_tokenizer(), max_length=8,
+                         overflow="error")
+    with pytest.raises(LorakitError, match=r"keep any for training; lower --val-fraction"):
+        split_records(task_records(1), 0.5)

@@ -374,9 +374,9 @@ def tokenize_example(
             examples (its template rewrites earlier turns: use :func:`tokenize_examples`).
     """
     if overflow not in OVERFLOW_CHOICES:
-        raise LorakitError(f"overflow={overflow!r} is not one of {', '.join(OVERFLOW_CHOICES)}")
+        raise LorakitError(f"overflow={overflow!r} (--overflow) is not one of {', '.join(OVERFLOW_CHOICES)}")
     if max_length < 2:
-        raise LorakitError(f"max_length={max_length} is too small; an example needs at least 2 tokens")
+        raise LorakitError(f"max_length={max_length} (--max-length) is too small; an example needs at least 2 tokens")
     record = for_tokenizer(record, tokenizer)
     info = info or tokenizer_info(tokenizer, eot_token)
     text, spans = render(record, tokenizer, chat_template_kwargs=chat_template_kwargs)
@@ -406,9 +406,9 @@ def _tokenize_record(record: Record | Mapping, tokenizer: Any, max_length: int, 
     """:func:`tokenize_examples`, whether the chat was split per assistant turn and whether its call ids were
     shortened."""
     if overflow not in OVERFLOW_CHOICES:
-        raise LorakitError(f"overflow={overflow!r} is not one of {', '.join(OVERFLOW_CHOICES)}")
+        raise LorakitError(f"overflow={overflow!r} (--overflow) is not one of {', '.join(OVERFLOW_CHOICES)}")
     if max_length < 2:
-        raise LorakitError(f"max_length={max_length} is too small; an example needs at least 2 tokens")
+        raise LorakitError(f"max_length={max_length} (--max-length) is too small; an example needs at least 2 tokens")
     record = for_tokenizer(record, tokenizer)
     info = info or tokenizer_info(tokenizer, eot_token)
     rendered, per_turn, short_ids = _render_examples(record, tokenizer, template_kwargs)
@@ -454,7 +454,9 @@ def _tokenize_rendered(record: Record, text: str, spans: list[tuple[int, int]], 
         if overflow == "error":
             raise LorakitError(
                 f"{record.where}: example is {len(input_ids)} tokens, longer than max_length={max_length}; "
-                "raise max_length or choose overflow='drop' or 'truncate'"
+                # called from the CLI and from Python alike: name the flags and the parameters
+                "raise --max-length (max_length in Python), or pass --overflow drop or --overflow truncate "
+                "(overflow='drop' / 'truncate')"
             )
         if overflow == "drop":
             if drops is not None:  # the shortest overlong example: what max_length would have kept one
@@ -686,11 +688,12 @@ def split_records(records: Sequence[Record], val_fraction: float, seed: int = 0)
     The validation split has ``round(len(records) * val_fraction)`` records (at least 1); both must be non-empty.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise LorakitError(f"validation fraction {val_fraction} must be between 0 and 1 (e.g. 0.1)")
+        raise LorakitError(f"--val-fraction / val_fraction {val_fraction} must be between 0 and 1 (e.g. 0.1)")
     n = len(records)
     n_val = max(1, round(n * val_fraction))
     if n_val >= n:
-        raise LorakitError(f"cannot hold out {val_fraction:.0%} of {n} records and keep any for training; add data")
+        raise LorakitError(f"cannot hold out {val_fraction:.0%} of {n} records and keep any for training; lower "
+                           "--val-fraction (val_fraction in Python) or add data")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     val_idx = set(order[:n_val])
