@@ -333,3 +333,15 @@ def test_ensure_weight_tying_file_still_leaves_the_zero_out_proj_lora_out(tmp_pa
     ours = copy.deepcopy(base)
     lorakit.load_adapter(ours, tmp_path / "peft")
     torch.testing.assert_close(run(ours, "block"), run(theirs, "block"), rtol=0, atol=1e-6)
+
+
+def test_inspect_counts_an_attention_adapter_once(tmp_path):
+    # peft's keys for one attention module: <path>.lora_A (in_proj) and <path>.base_layer.out_proj.lora_A (out_proj)
+    from lorakit.commands.inspect import describe
+
+    model = block()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["attn", "fc"]))
+    lorakit.save_adapter(model, tmp_path / "a")
+    info = describe(str(tmp_path / "a"))
+    assert info["adapted_modules"] == {"attn": 1, "fc": 1} and info["adapted_layers"] == 2
+    assert info["ranks_in_file"] == [2]

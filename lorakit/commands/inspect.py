@@ -50,6 +50,8 @@ def describe(folder: str) -> dict:
         if not match:
             continue
         path = match.group(1)
+        if path.endswith(".base_layer.out_proj"):  # nn.MultiheadAttention's out_proj part: the same adapted module
+            path = path[: -len(".base_layer.out_proj")]
         module, depth = path, 0
         while module.endswith(".base_layer"):
             module, depth = module[: -len(".base_layer")], depth + 1
@@ -59,10 +61,12 @@ def describe(folder: str) -> dict:
         if tensor.ndim != 2:  # a LoRA factor is a matrix (r, in); a scalar or 3-D tensor has no rank to show
             raise LorakitError(f"{adapter.folder}: tensor {key!r} has shape {tuple(tensor.shape)}, not (rank, in_features); "
                                "the file is damaged or not a LoRA adapter: save the adapter again")
+        ranks.add(tensor.shape[0])
+        if path in layers:  # an attention module's in_proj and out_proj parts count once
+            continue
         layers.add(path)
         kind = path.rsplit(".", 1)[-1]
         modules[kind] = modules.get(kind, 0) + 1
-        ranks.add(tensor.shape[0])
     ranks = sorted(ranks)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in adapter.tensors.values()})
     return {
