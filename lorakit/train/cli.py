@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         flag = "--" + field.name.replace("_", "-")
         help_text = meta["help"] + _default_text(field)
-        if str(field.type) == "bool":
+        if str(field.type).split(" ")[0] == "bool":  # "bool | None" too: --progress / --no-progress / unset
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
             continue
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "type": _base_type(field)}

@@ -148,7 +148,9 @@ class TrainConfig:
     max_new_tokens: int | None = _f(None, "most tokens generated per example when scoring; default: the reference's "
                                     "length + 4 up to 64, and twice the reference + 16 for answers that reason "
                                     "in <think> first", "evaluation")
-    progress: bool = _f(True, "show the progress bar (--no-progress for logs)", "evaluation")
+    progress: bool | None = _f(None, "progress: a redrawn bar (--progress) or a plain line now and then (--no-progress); "
+                               "default: the bar when stderr is a terminal, the lines when it goes to a log file "
+                               "(nohup, CI, a batch job)", "evaluation")
 
     def __post_init__(self) -> None:
         for name in ("targets", "exclude", "modules_to_save"):  # "q_proj,v_proj" as two names
@@ -519,7 +521,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if not isinstance(value, dict):
             raise bad
         return dict(value)
-    if kind == "bool":
+    if base == "bool":  # "bool | None" too (--progress: unset means decided at run time)
         if not isinstance(value, bool):
             raise bad
         return value

@@ -565,7 +565,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                                    rank_rngs=rngs)
 
     # the bar and its lines (validation losses) on process 0 only: under torchrun every process printed them
-    progress = _progress_bar(config.progress and main, total_steps, step, log) if main else _NoBar(quiet=True)
+    progress = _progress_bar(show_bar(config.progress), total_steps, step, log) if main else _NoBar(quiet=True)
     model.train()
     started, last_loss, last_checkpoint = time.perf_counter(), resumed_loss, None
     stopped = "early_stopping" if stopped_early else "completed"
@@ -731,8 +731,9 @@ class _NoBar:
 
 
 class _ProgressLines(_NoBar):
-    """--no-progress (a log file, a batch job): instead of a redrawn bar, a plain line now and then, through ``log``:
-    at the first and last step, every tenth of the run and at least every ``every_s`` seconds. Example::
+    """--no-progress, or by default when stderr is not a terminal (a log file, a batch job): instead of a redrawn
+    bar, a plain line now and then, through ``log``: at the first and last step, every tenth of the run and at least
+    every ``every_s`` seconds. Example::
 
         step 40/400: loss=2.3104 lr=1.95e-04 tok/s=5210, 0:01:20 elapsed, 0:12:00 left
 
@@ -763,6 +764,21 @@ class _ProgressLines(_NoBar):
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def show_bar(setting: bool | None, stream: Any = None) -> bool:
+    """Whether to redraw a tqdm bar: ``setting`` when given (--progress / --no-progress), else only when ``stream``
+    (default stderr) is a terminal or a Jupyter kernel's stream (tqdm.auto draws a widget there). A log file, nohup,
+    CI or a batch job gets False: a bar's carriage-return redraws would fill the file as one endless line."""
+    if setting is not None:
+        return bool(setting)
+    stream = sys.stderr if stream is None else stream
+    if type(stream).__module__.startswith("ipykernel"):
+        return True
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a replaced stream without isatty, or a closed one
+        return False
 
 
 def _progress_bar(enabled: bool, total: int, initial: int, log: Callable[[str], None] | None = None):

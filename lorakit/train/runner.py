@@ -350,7 +350,7 @@ def load_data(config: TrainConfig, tokenizer: Any, records: tuple[list, list | N
 def score(model, tokenizer, records, config: TrainConfig, device: torch.device, when: str = "") -> GenerationScore:
     """Exact match of greedy generations on ``records``; ``when`` ("before training") announces the scoring first,
     since generating a whole held-out set takes a minute or more on a CPU, with no bar when it fits one batch."""
-    from lorakit.train.loop import compute_dtype_for
+    from lorakit.train.loop import compute_dtype_for, show_bar
 
     if when:
         say(f"{when}: scoring {len(records)} held-out examples by exact match of greedy generations ...")
@@ -358,7 +358,7 @@ def score(model, tokenizer, records, config: TrainConfig, device: torch.device, 
                              batch_size=config.eval_batch_size or GENERATION_BATCH, device=device,
                              compute_dtype=compute_dtype_for(model, device),
                              chat_template_kwargs=config.chat_template_kwargs,
-                             progress=config.progress and os.environ.get("RANK", "0") == "0")
+                             progress=show_bar(config.progress) and os.environ.get("RANK", "0") == "0")
 
 
 def _score_line(label: str, result: GenerationScore) -> str:
