@@ -13,6 +13,7 @@ import re
 import sys
 
 import pytest
+import torch
 
 from conftest import tiny_llama
 from lorakit.cli import main
@@ -136,3 +137,30 @@ def test_cli_run_on_a_terminal_has_the_bars(tmp_path, tiny_folder, capsys, monke
     assert code == 0, err
     assert "generating" in err and "training:" in err and "\r" in err, err  # scoring's bar (4 batches), then training's
     assert not LINE.search(err), err
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_writing_4bit_shards_has_a_bar_only_on_a_terminal(tmp_path, monkeypatch, tty):
+    """`lorakit quantize` of a large model drew its 'writing 4-bit shards' bar into a log file too."""
+    import tqdm.auto
+
+    from lorakit.models.quantized_saving import _write_weights
+
+    made = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def update(self, n):
+            made.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    assert _write_weights({"w": torch.ones(4, 8)}, tmp_path, "5GB", progress=True) == 4 * 8 * 4
+    assert (tmp_path / "model.safetensors").is_file()
+    assert made == ([{"total": 128, "unit": "B", "unit_scale": True, "desc": "writing 4-bit shards", "delay": 2.0,
+                      "file": sys.stderr}, 128] if tty else [])

@@ -165,7 +165,7 @@ def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size:
                                                max_shard_size=max_shard_size)
     total = sum(t.numel() * t.element_size() for t in state.values())
     bar = None
-    if progress:
+    if progress and (sys.stderr.isatty() or "ipykernel" in sys.modules):  # no \r redraws into a log file
         from tqdm.auto import tqdm
 
         # delay: a small model is written before the bar would show; a 70B one shows it (one update per tensor)
