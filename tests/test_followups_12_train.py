@@ -64,3 +64,48 @@ def test_data_messages_name_the_flags_a_user_typed(tmp_path, tiny_folder, capsys
                          overflow="error")
     with pytest.raises(LorakitError, match=r"keep any for training; lower --val-fraction"):
         split_records(task_records(1), 0.5)
+
+
+BATCH_CASES = [  # the 48 records of tiny_data's train.jsonl
+    (["--batch-size", "4", "--global-batch", "256"],
+     "--global-batch 256 is more than the 48 training examples: one optimizer step would go through them 5.3 times; "
+     "use --global-batch 48 or less (a multiple of --batch-size 4)"),
+    (["--batch-size", "4", "--grad-accum", "20"],
+     "--batch-size 4 x --grad-accum 20 = 80 examples per optimizer step is more than the 48 training examples: one "
+     "optimizer step would go through them 1.7 times; use --grad-accum 12 or less"),
+    (["--batch-size", "64"], "--batch-size 64 is more than the 48 training examples; use --batch-size 48 or less"),
+    (["--batch-size", "4", "--val-fraction", "0.95"],
+     "--val-fraction 0.95 holds out 46 of 48 records, leaving 2 for training, fewer than one batch (--batch-size 4); "
+     "lower --val-fraction (e.g. 0.1) or add data"),
+    (["--batch-size", "4", "--global-batch", "44", "--val-fraction", "0.1"],
+     "--global-batch 44 is more than the 43 training examples (after --val-fraction 0.1 holds out 5): one optimizer "
+     "step would go through them 1.0 times; use --global-batch 40 or less (a multiple of --batch-size 4)"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BATCH_CASES, ids=["global-batch", "grad-accum", "batch-size", "val-fraction",
+                                                            "global-batch-after-split"])
+def test_a_batch_larger_than_the_data_is_refused_before_the_model_loads(flags, message, tmp_path, tiny_folder,
+                                                                         tiny_data, capsys, monkeypatch):
+    """--global-batch 256 on 48 records trained without a word, each step cycling the data 5 times."""
+    from lorakit.train import runner
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the batch was checked against the data")
+
+    monkeypatch.setattr(runner, "load_model", no_load)
+    line = _last_error(capsys, main(["train", "--model", str(tiny_folder), "--data", str(tiny_data[0]), "--out",
+                                     str(tmp_path / "run"), "--no-progress", "--eval-examples", "0", *flags]))
+    assert line == "lorakit train: error: " + message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_global_batch_larger_than_the_packed_rows_is_refused_before_training(tmp_path, tiny_folder, tiny_data,
+                                                                               capsys):
+    """48 records of 7-13 tokens packed into rows of 64 tokens make fewer rows than records: known after
+    tokenizing, checked then, before the first step."""
+    line = _last_error(capsys, main(["train", "--model", str(tiny_folder), "--data", str(tiny_data[0]), "--out",
+                                     str(tmp_path / "run"), "--pack", "--max-length", "64", "--batch-size", "2",
+                                     "--global-batch", "40", "--no-progress", "--eval-examples", "0"]))
+    assert "--global-batch 40 is more than the " in line and " packed training rows: one optimizer step" in line, line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

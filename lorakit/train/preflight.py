@@ -103,3 +103,55 @@ def empty_model(folder: str) -> Any:
             return transformers.AutoModelForCausalLM.from_config(model_config)
     except Exception:  # an architecture only a loader knows (remote code, a quantized layout): not this check's job
         return None
+
+
+def check_batch_fits(config: TrainConfig, count: int, world_size: int, *, what: str = "training examples",
+                     records: int | None = None) -> None:
+    """Refuse batch sizes the training data cannot fill: a ``--batch-size`` (x processes) above ``count`` examples,
+    a global batch (batch size x grad accum x processes, or ``--global-batch``) above it (the loader cycles the
+    data, so one optimizer step would go through it several times: 64x in one report), and a ``--val-fraction``
+    that leaves fewer training records than one batch.
+
+    Args:
+        count: training examples (rows once tokenized and packed: ``what`` says which). Before tokenizing it is
+            the records left after ``--val-fraction`` holds its share out (an upper bound: drops and packing only
+            lower it; chats split per assistant turn are counted per turn by the caller).
+        records: all the records read, before ``--val-fraction``; None after tokenizing (the split is done).
+    """
+    from lorakit.train.loop import accumulation_steps
+
+    micro = config.batch_size * world_size
+    times = "" if world_size == 1 else f" x {world_size} processes"
+    if records is not None and config.val_fraction is not None and count < micro:
+        raise LorakitError(f"--val-fraction {config.val_fraction} holds out {records - count} of {records} records, "
+                           f"leaving {count} for training, fewer than one batch (--batch-size {config.batch_size}"
+                           f"{times}); lower --val-fraction (e.g. 0.1) or add data")
+    held = f" (after --val-fraction {config.val_fraction} holds out {records - count})" if (
+        records is not None and config.val_fraction is not None) else ""
+    if micro > count:
+        fix = (f"use --batch-size {count // world_size} or less" if count >= world_size else
+               "add data or use fewer processes")
+        raise LorakitError(f"--batch-size {config.batch_size}{times} is more than the {count} {what}{held}; {fix}")
+    accum = accumulation_steps(config, world_size)
+    per_step = micro * accum
+    if per_step <= count:
+        return
+    cycles = f"one optimizer step would go through them {per_step / count:.1f} times"
+    if config.global_batch is not None:
+        raise LorakitError(f"--global-batch {config.global_batch} is more than the {count} {what}{held}: {cycles}; "
+                           f"use --global-batch {count // micro * micro} or less (a multiple of --batch-size "
+                           f"{config.batch_size}{times})")
+    raise LorakitError(f"--batch-size {config.batch_size} x --grad-accum {accum}{times} = {per_step} examples per "
+                       f"optimizer step is more than the {count} {what}{held}: {cycles}; use --grad-accum "
+                       f"{count // micro} or less")
+
+
+def example_bound(records: list) -> int:
+    """The most training examples ``records`` can give before tokenizing: one per record, but one per assistant turn
+    for a chat (a template that rewrites earlier turns trains each turn as its own example)."""
+    bound = 0
+    for record in records:
+        messages = record.fields.get("messages") if getattr(record, "shape", None) == "messages" else None
+        turns = sum(1 for m in messages or () if isinstance(m, dict) and m.get("role") == "assistant")
+        bound += max(1, turns)
+    return bound

@@ -337,6 +337,19 @@ def read_data(config: TrainConfig) -> tuple[list, list | None]:
     return read_many(train_files), (read_many(val_files, split=VALIDATION_SPLITS) if val_files is not None else None)
 
 
+def check_records_fit(config: TrainConfig, train_records: list, world_size: int) -> None:
+    """Before the model loads: refuse a batch (or global batch) larger than the training records left after
+    ``--val-fraction``, and a ``--val-fraction`` that leaves less than a batch. Skipped when a chat may train as
+    several examples (one per assistant turn): then the count is known after tokenizing, where it is checked again."""
+    from lorakit.train.preflight import check_batch_fits, example_bound
+
+    if example_bound(train_records) != len(train_records):
+        return
+    n = len(train_records)
+    kept = n - max(1, round(n * config.val_fraction)) if config.val_fraction is not None and 0 < config.val_fraction < 1 else n
+    check_batch_fits(config, kept, world_size, records=n)
+
+
 def load_data(config: TrainConfig, tokenizer: Any, records: tuple[list, list | None] | None = None):
     """The tokenized training (and validation) sets; ``records`` from :func:`read_data` (read here when None)."""
     from lorakit.train.data import build_datasets
@@ -480,6 +493,7 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     _quiet_transformers()
     sharded = config.fsdp and world_size > 1
     records = read_data(config)  # a malformed line is found before the model loads
+    check_records_fit(config, records[0], world_size)  # and a batch the data cannot fill
     if sharded:
         model, tokenizer = load_sharded(config, device)
     else:
@@ -488,6 +502,11 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     given = {**(config_file_values or {}), **(cli_values or {})}
     config = fit_max_length(config, model, explicit="max_length" in given or resume_from is not None)
     bundle = load_data(config, tokenizer, records)
+    from lorakit.train.preflight import check_batch_fits
+
+    # again on the tokenized rows: dropped examples and packing leave fewer than the records (said before training)
+    check_batch_fits(config, len(bundle.train), world_size,
+                     what="packed training rows" if config.pack else "training examples kept")
     say(f"training data: {bundle.train.summary}")
     if not getattr(tokenizer, "chat_template", None) and any(
             r.fallback is not None and r.fallback["prompt"].endswith("### Response:\n") for r in records[0]):
