@@ -296,11 +296,10 @@ def test_lorakit_train_prints_a_warning_as_one_plain_line(tiny_folder, tmp_path)
     source line 'inject(model, config.lora_config())'; the other commands said 'warning: ...'."""
     from test_train_helpers import run_cli, task_records, write_jsonl
 
-    data = write_jsonl(tmp_path / "two.jsonl", task_records(2, seed=1))  # fewer rows than a batch: stops before step 1
-    done = run_cli("train", "--model", str(tiny_folder), "--data", str(data), "--alpha", "0", "--batch-size", "4",
-                   "--out", str(tmp_path / "run"), "--no-progress")
-    assert done.returncode == 2, done.stderr
+    data = write_jsonl(tmp_path / "two.jsonl", task_records(2, seed=1))  # one step of one batch: seconds
+    done = run_cli("train", "--model", str(tiny_folder), "--data", str(data), "--alpha", "0", "--batch-size", "2",
+                   "--max-steps", "1", "--eval-examples", "0", "--out", str(tmp_path / "run"), "--no-progress")
+    assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
     assert any(line.startswith("warning: adapter 'default' has alpha 0 on every layer it adapts") for line in lines)
     assert "UserWarning" not in done.stderr and "lora_config())" not in done.stderr, done.stderr
-    assert done.stderr.rstrip().splitlines()[-1].startswith("lorakit train: error: the training set has 2 rows")
