@@ -139,6 +139,18 @@ def test_cli_run_on_a_terminal_has_the_bars(tmp_path, tiny_folder, capsys, monke
     assert not LINE.search(err), err
 
 
+def test_cli_eval_into_a_log_has_no_bar(tmp_path, tiny_folder, capsys):  # noqa: F811
+    """`lorakit eval ... > eval.log`: its loss and generation scoring follow the same rule as train's."""
+    assert _cli_train(tmp_path, tiny_folder) == 0
+    capsys.readouterr()
+    code = main(["eval", "--model", str(tiny_folder), "--adapter", str(tmp_path / "run" / "adapter"), "--data",
+                 str(tmp_path / "val.jsonl"), "--max-new-tokens", "2", "--batch-size", "4"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "\r" not in captured.err + captured.out, captured.err
+    assert "exact match" in captured.out
+
+
 @pytest.mark.parametrize("tty", [False, True])
 def test_writing_4bit_shards_has_a_bar_only_on_a_terminal(tmp_path, monkeypatch, tty):
     """`lorakit quantize` of a large model drew its 'writing 4-bit shards' bar into a log file too."""

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.data import build_dataset, pad_id_for
     from lorakit.train.evaluate import dataset_loss, perplexity, score_generations, scorable
     from lorakit.train.sources import VALIDATION_SPLITS, read_many
-    from lorakit.train.loop import compute_dtype_for
+    from lorakit.train.loop import compute_dtype_for, show_bar
     from lorakit.train.runner import choose_device
 
     for name in ("batch_size", "max_new_tokens", "limit"):
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
                             chat_template_kwargs=template_kwargs)
     compute_dtype = compute_dtype_for(model, device)
     loss, tokens = dataset_loss(model, dataset, args.batch_size, Collator(pad_id_for(tokenizer)), device, compute_dtype,
-                                progress=True)
+                                progress=show_bar(None))  # a bar on a terminal, none in a log
     what = f"{args.model}" + (f" + adapter {args.adapter}" if args.adapter else " (no adapter)")
     results = {"model": args.model, "adapter": args.adapter, "data": [str(p) for p in paths],
                "examples": len(dataset), "dropped": dataset.summary.dropped, "truncated": dataset.summary.truncated,
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_generate and scored:
         result = score_generations(model, tokenizer, scored, max_new_tokens=args.max_new_tokens,
                                    batch_size=args.batch_size, device=device, compute_dtype=compute_dtype,
-                                   progress=True, chat_template_kwargs=template_kwargs)
+                                   progress=show_bar(None), chat_template_kwargs=template_kwargs)
         results.update(exact_match=result.exact_match, scored_examples=len(result.references))
         print(f"exact match {100 * result.exact_match:.1f}% ({result.correct}/{len(result.references)})"
               + (" of the final answers (after </think>)"
