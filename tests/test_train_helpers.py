@@ -38,6 +38,20 @@ def tiny_tokenizer():
     return tok
 
 
+# the train loop's quick settings and model, shared by the loop and run-audit tests
+SMALL = dict(rank=4, alpha=8.0, batch_size=4, eval_examples=0, progress=False, save_every=0, lr=5e-3)
+
+
+def tiny_train_model(seed: int = 0):
+    """The tiny Llama every train-loop test trains (the word tokenizer's 32-id vocabulary)."""
+    return tiny_llama(seed=seed, vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=2)
+
+
+def lora_state(model) -> dict:
+    """A copy of the trainable parameters by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def make_model_folder(folder: Path, seed: int = 0) -> Path:
     """A tiny Llama + tokenizer saved as a Hugging Face folder (safetensors)."""
     model = tiny_llama(seed=seed, vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=2)

@@ -18,17 +18,8 @@ from lorakit.train import loop
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import IGNORE_INDEX, Collator, DataSummary, SupervisedDataset, build_dataset
 from lorakit.train.loop import accumulate_gradients, train
-from test_train_helpers import task_records, tiny_tokenizer
-
-SMALL = dict(rank=4, alpha=8.0, batch_size=4, eval_examples=0, progress=False, save_every=0, lr=5e-3)
-
-
-def _model():
-    return tiny_llama(seed=0, vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=2)
-
-
-def _lora_state(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+from test_train_helpers import SMALL, task_records, tiny_tokenizer
+from test_train_helpers import lora_state as _lora_state, tiny_train_model as _model
 
 
 @pytest.fixture(scope="module")
