@@ -134,22 +134,8 @@ class Engine:
             return None
         if adapter not in self._unservable:  # an adapter's modules never change under one name (the pool loads
             with self.model_lock:  # each version under a new one): asked once, not between every step's lock
-                self._unservable[adapter] = self.decoder.unservable(adapter) or self._foreign(adapter)
+                self._unservable[adapter] = self.decoder.unservable(adapter)
         return self._unservable[adapter]
-
-    def _foreign(self, adapter: str) -> str | None:
-        """Why the decoder cannot run ``adapter``'s rows, read from the model itself: the decoder's own list of
-        adapters on modules outside its projections is read when lorakit adds a wrapper module, so an adapter added
-        later to an existing wrapper (a second token adapter on the embedding, or the same one loaded again under a
-        new name) was missing from it, and its rows decoded with the base's embedding and head."""
-        from lorakit.inject import adapter_hosts
-
-        served = {id(module) for layer in self.decoder.parts.layers for module in layer.projections.values()}
-        for path, host in sorted(adapter_hosts(self.model).items()):
-            if id(host) not in served and adapter in host.adapter_names():
-                return (f"adapter {adapter!r} also changes {path}; the static decoder serves adapters on the "
-                        "attention and MLP projections only (use --decoder transformers)")
-        return None
 
     def score(self, prompt: list[int], adapter: str | None, top: int) -> list[TokenInfo | None]:
         """Each prompt token's log-probability given the tokens before it (None for the first), and the ``top``
