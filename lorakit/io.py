@@ -649,25 +649,18 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
         if path in attention:  # in_proj (E -> 3E), out_proj (E -> E); one rank for both
             experts, in_features, rank = 1, module.embed_dim, config.rank_for(path)
             out_features = module.embed_dim * (3 if name == "in_proj_weight" else 1)
-            shape = (rank, in_features) if which == "lora_A" else (out_features, rank)
-            tensor = plan.get((path, attr))
-            if tensor is None:
-                missing.append(PREFIX + key)
-            elif tuple(tensor.shape) != shape:
-                raise LorakitError(f"{adapter_file.folder}: {PREFIX}{key} has shape {shown(tuple(tensor.shape))}, but the "
-                                   f"nn.MultiheadAttention {path} ({name}, rank {rank}) needs {shape}; the adapter was made "
-                                   f"for a different model or rank{made_for}")
-            continue
-        experts, in_features, out_features, _ = parameter_layout(module, module._parameters[name])
-        rank = params[path][name][0]
+            what = f"the nn.MultiheadAttention {path} ({name}, rank {rank})"
+        else:
+            experts, in_features, out_features, _ = parameter_layout(module, module._parameters[name])
+            rank = params[path][name][0]
+            what = f"parameter {path}.{name} ({experts} expert(s), rank {rank})"
         shape = (rank * experts, in_features) if which == "lora_A" else (out_features, rank * experts)
         tensor = plan.get((path, attr))
         if tensor is None:
             missing.append(PREFIX + key)
         elif tuple(tensor.shape) != shape:
-            raise LorakitError(f"{adapter_file.folder}: {PREFIX}{key} has shape {shown(tuple(tensor.shape))}, but parameter "
-                               f"{path}.{name} ({experts} expert(s), rank {rank}) needs {shape}; the adapter was made for a "
-                               f"different model or rank{made_for}")
+            raise LorakitError(f"{adapter_file.folder}: {PREFIX}{key} has shape {shown(tuple(tensor.shape))}, but {what} "
+                               f"needs {shape}; the adapter was made for a different model or rank{made_for}")
     for path, module in saved.items():
         for name, parameter in module.state_dict().items():
             tensor = plan.get((path, name))
