@@ -682,6 +682,11 @@ def build_dataset(
     return SupervisedDataset(rows, kept, summary)
 
 
+def validation_count(n: int, val_fraction: float) -> int:
+    """How many of ``n`` records ``val_fraction`` holds out: ``round(n * val_fraction)``, at least 1."""
+    return max(1, round(n * val_fraction))
+
+
 def split_records(records: Sequence[Record], val_fraction: float, seed: int = 0) -> tuple[list[Record], list[Record]]:
     """Split records into (train, validation) with a seeded shuffle; each split keeps the original order.
 
@@ -690,7 +695,7 @@ def split_records(records: Sequence[Record], val_fraction: float, seed: int = 0)
     if not 0.0 < val_fraction < 1.0:
         raise LorakitError(f"--val-fraction / val_fraction {val_fraction} must be between 0 and 1 (e.g. 0.1)")
     n = len(records)
-    n_val = max(1, round(n * val_fraction))
+    n_val = validation_count(n, val_fraction)
     if n_val >= n:
         raise LorakitError(f"cannot hold out {val_fraction:.0%} of {n} records and keep any for training; lower "
                            "--val-fraction (val_fraction in Python) or add data")

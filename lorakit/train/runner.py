@@ -341,12 +341,14 @@ def check_records_fit(config: TrainConfig, train_records: list, world_size: int)
     """Before the model loads: refuse a batch (or global batch) larger than the training records left after
     ``--val-fraction``, and a ``--val-fraction`` that leaves less than a batch. Skipped when a chat may train as
     several examples (one per assistant turn): then the count is known after tokenizing, where it is checked again."""
+    from lorakit.train.data import validation_count
     from lorakit.train.preflight import check_batch_fits, example_bound
 
     if example_bound(train_records) != len(train_records):
         return
     n = len(train_records)
-    kept = n - max(1, round(n * config.val_fraction)) if config.val_fraction is not None and 0 < config.val_fraction < 1 else n
+    held_out = config.val_fraction is not None and 0 < config.val_fraction < 1
+    kept = n - validation_count(n, config.val_fraction) if held_out else n
     check_batch_fits(config, kept, world_size, records=n)
 
 
