@@ -36,6 +36,7 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.functional import scaling as lora_scaling
 from lorakit.layers import _AdapterHost, init_from_cpu
+from lorakit.param_call import call_with_tensors
 
 
 def parameter_layout(module: nn.Module, parameter: torch.Tensor) -> tuple[int, int, int, bool]:
@@ -218,26 +219,12 @@ class ParamLora(_AdapterHost):
         if not names:
             return base(*args, **kwargs)
         weights = self.adapted_parameters(names)
-        if torch.compiler.is_compiling():
-            # under torch.compile: functional_call, which dynamo traces. The __dict__ write below is, inside a
-            # checkpointed layer (--compile-layers with --gradient-checkpointing), a side effect dynamo refuses: a
-            # graph break and no layer compiled. Eager keeps the write: 4 us a call against functional_call's 17.
-            return torch.func.functional_call(base, weights, args, kwargs, tie_weights=False, strict=False)
-        # an instance attribute is found before nn.Module.__getattr__ looks in _parameters: the module's code reads
-        # the adapted tensor, while the parameter itself (state_dict, optimizer) stays untouched
-        shadowed = base.__dict__
-        if shadowed.get("_is_replica", False):
-            return _call_replica(base, weights, args, kwargs)
-        clash = [k for k in weights if k in shadowed]
-        if clash:
-            raise LorakitError(f"{type(base).__name__}.{clash[0]} is already replaced during this call (a nested call "
-                               "through the same lorakit wrapper?)")
-        shadowed.update(weights)
-        try:
-            return base(*args, **kwargs)
-        finally:
-            for key in weights:
-                shadowed.pop(key, None)
+        return call_with_tensors(base, {self.tensor_path(p): w for p, w in weights.items()}, args, kwargs)
+
+    def tensor_path(self, name: str) -> str:
+        """Dotted path, inside the wrapped module, of the base tensor that adapters' entries ``name`` change (here the
+        parameter's own name; ``MhaLora``'s out_proj part is ``out_proj.weight``)."""
+        return name
 
     # -- merge ---------------------------------------------------------------------------------------------------
     def merged_candidates(self, name: str) -> dict[str, torch.Tensor]:
@@ -277,32 +264,6 @@ def _own_tensor(module: nn.Module, name: str) -> torch.Tensor:
             raise LorakitError(f"{type(module).__name__} holds no parameter {name!r} any more; the module was changed "
                                "after lorakit wrapped it: wrap it again (lorakit.inject)")
     return tensor
-
-
-_REPLICA_CALL = "_lorakit_param_lora_call"  # marks a replica whose parameters are replaced by a call in progress
-
-
-def _call_replica(base: nn.Module, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
-    """``base(*args, **kwargs)`` with ``weights`` in place of its parameters, ``base`` being a ``DataParallel``
-    replica: its parameters are ``__dict__`` entries already (the per-device copies), so they are saved and put back
-    after the call, not popped (popping would delete the replica's own copies)."""
-    shadowed = base.__dict__
-    if _REPLICA_CALL in shadowed:
-        raise LorakitError(f"{type(base).__name__}.{next(iter(weights))} is already replaced during this call (a "
-                           "nested call through the same lorakit wrapper?)")
-    missing = object()
-    saved = {key: shadowed.get(key, missing) for key in weights}
-    shadowed[_REPLICA_CALL] = True
-    shadowed.update(weights)
-    try:
-        return base(*args, **kwargs)
-    finally:
-        for key, value in saved.items():
-            if value is missing:
-                shadowed.pop(key, None)
-            else:
-                shadowed[key] = value
-        shadowed.pop(_REPLICA_CALL, None)
 
 
 def _join_rows(parts: list[tuple[torch.Tensor, Any]], count: int) -> Any:
