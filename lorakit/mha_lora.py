@@ -108,34 +108,9 @@ class MhaLora(ParamLora):
                 weights[part] = current
         return weights
 
-    def _call_with(self, names: list[str], args: tuple, kwargs: dict) -> Any:
-        base = self.base_layer
-        if not names:
-            return base(*args, **kwargs)
-        weights = self.adapted_parameters(names)
-        if torch.compiler.is_compiling():
-            named = {".".join(PARTS[part][0]): tensor for part, tensor in weights.items()}
-            return torch.func.functional_call(base, named, args, kwargs, tie_weights=False, strict=False)
-        # instance attributes are found before nn.Module.__getattr__ looks in _parameters: the attention reads the
-        # adapted tensors for this call only, while the parameters (state_dict, optimizer) stay untouched
-        missing = object()
-        shadowed = []
-        try:
-            for part, tensor in weights.items():
-                owner, attr = self._owner(part)
-                previous = owner.__dict__.get(attr, missing)
-                if previous is not missing and not owner.__dict__.get("_is_replica", False):
-                    raise LorakitError(f"{type(owner).__name__}.{attr} is already replaced during this call (a nested "
-                                       "call through the same lorakit wrapper?)")
-                shadowed.append((owner, attr, previous))
-                owner.__dict__[attr] = tensor
-            return base(*args, **kwargs)
-        finally:
-            for owner, attr, previous in reversed(shadowed):
-                if previous is missing:
-                    owner.__dict__.pop(attr, None)
-                else:
-                    owner.__dict__[attr] = previous
+    def tensor_path(self, part: str) -> str:
+        """Where the attention reads ``part``'s tensor (``ParamLora._call_with`` puts the adapted one there)."""
+        return ".".join(PARTS[part][0])
 
     def _forward_mixed(self, args: tuple, kwargs: dict) -> Any:
         if not self.base_layer.batch_first:
