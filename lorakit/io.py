@@ -830,6 +830,8 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
         # tie; its target list does not name the partner, so the file's keys say what to adapt
         config = config.replace(target_modules=_targets_from_keys(adapter_file.tensors, adapter_file.folder / WEIGHTS_NAME),
                                 exclude_modules=None)
+        if config.modules_to_save:
+            config = config.replace(modules_to_save=_tied_partners(model, adapter_file, config.modules_to_save))
     inert = inert_raw_targets(model, adapter_file)
     if inert:  # out of the targets, so the refusal of raw-read targets does not apply to what changes nothing
         excluded = config.exclude_modules
@@ -849,6 +851,20 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
             if any(saved_by(p, [name]) for p in paths)
             or any(k.startswith(name + ".") or f".{name}." in k for k in keys)]  # still refused if the file has it
     return config if kept == config.modules_to_save else config.replace(modules_to_save=kept or None)
+
+
+def _tied_partners(model: nn.Module, adapter_file: AdapterFile, names: list[str]) -> list[str]:
+    """``modules_to_save`` plus the modules tied to a saved one whose copy the file holds: with ensure_weight_tying
+    peft trains one copy of a tied embedding for the embedding and its head (it rewrites ["lm_head"] as the
+    embedding) and saves it under both paths; lorakit loads each as a copy (equal values, so the same outputs)."""
+    modules = _base_modules(model)
+    keys = {_strip(key) for key in adapter_file.tensors}
+    saved = [path for path in modules if path and saved_by(path, names)]
+    partners = [other for path in saved if isinstance(getattr(modules[path], "weight", None), torch.Tensor)
+                for other, module in modules.items()
+                if other and other not in saved and getattr(module, "weight", None) is modules[path].weight
+                and f"{other}.weight" in keys]
+    return list(dict.fromkeys([*names, *partners]))
 
 
 def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = True) -> dict[str, torch.Tensor | None]:
