@@ -36,8 +36,8 @@ from lorakit.errors import LorakitError
 from lorakit.generation import SamplingParams, encode_prompt
 from lorakit.serve.answers import failure, logprobs_object, prompt_logprobs, stream_events
 from lorakit.serve.engine import Engine, Request, TokenInfo
-from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, listed_adapter
-from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected
+from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, closest, listed_adapter
+from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected, AdapterRemoved
 from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, CompletionRequest, ResponsesRequest,
                                     error_body)
 from lorakit.serve.reasoning import AnswerStart, ReasoningParser, ReasoningStream
@@ -82,6 +82,19 @@ def _adapter_error(error: LorakitError, param: str = "model") -> APIError:
     if isinstance(error, AdapterBusy):
         return APIError(503, str(error), type="server_error", param=param, code="adapter_busy")
     return APIError(400, str(error), param=param)
+
+
+async def _name_error(state: ServerState, error: LorakitError, name: object, param: str = "model") -> APIError:
+    """``_adapter_error``, and for a name that names nothing served (unknown, or no folder name at all: a typo,
+    the wrong case, a Hugging Face id) the nearest served name, or where the names are listed."""
+    answer = _adapter_error(error, param)
+    if isinstance(error, (UnknownAdapterError, UnsafeNameError)) and not isinstance(error, AdapterRemoved):
+        names = await run_in_threadpool(state.pool.available)
+        served = [state.base_name, *(n for n in names if n != state.base_name)] if param == "model" else names
+        meant = closest(name, [n for n in served if n != name])
+        answer.message += f"; did you mean {meant!r}?" if meant else \
+            "; GET /v1/models lists the models this server serves"
+    return answer
 
 
 class _Bridge:
@@ -182,7 +195,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             await run_in_threadpool(listed_adapter, state.pool.root, model)
         except LorakitError as error:
-            raise _adapter_error(error) from None
+            raise await _name_error(state, error, model) from None
         return {"id": model, "object": "model", "created": state.created, "owned_by": "lorakit",
                 "parent": state.base_name, "loaded": state.pool.is_loaded(model)}
 
@@ -199,7 +212,7 @@ def create_app(state: ServerState) -> FastAPI:
         except AdapterBusy as error:
             raise APIError(409, str(error), param="name", code="adapter_busy") from None
         except LorakitError as error:
-            raise _adapter_error(error, "name") from None
+            raise await _name_error(state, error, body.name, "name") from None
         return {"object": "adapter", "loaded": True, **info}
 
     @app.post("/v1/adapters/unload")
@@ -442,7 +455,7 @@ async def _acquire(state: ServerState, name: str, generates: bool = True) -> str
     try:
         check_name(name)
     except LorakitError as error:
-        raise _adapter_error(error) from None
+        raise await _name_error(state, error, name) from None
     pinning = asyncio.ensure_future(run_in_threadpool(state.pool.acquire, name, state.acquire_timeout))
     try:
         internal = await asyncio.shield(pinning)
@@ -450,7 +463,7 @@ async def _acquire(state: ServerState, name: str, generates: bool = True) -> str
         pinning.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or state.pool.release(name))
         raise
     except LorakitError as error:
-        raise _adapter_error(error) from None
+        raise await _name_error(state, error, name) from None
     if not generates:
         return internal
     try:

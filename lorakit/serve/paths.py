@@ -9,6 +9,7 @@ read from must also resolve inside that folder, so a symlinked ``adapter_model.s
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -34,6 +35,25 @@ def check_name(name: object) -> str:
         raise UnsafeNameError(f"adapter name {shown} is not allowed: use a folder name of the adapters folder "
                               "(letters, digits, '.', '_', '-'; no paths)")
     return name
+
+
+def closest(name: object, names: list[str]) -> str | None:
+    """The one of ``names`` a client most likely meant by ``name``, or None when none is close: the same but for
+    case, the last part of a path or Hugging Face id (``org/model``, ``../x``), or the nearest spelling."""
+    if not isinstance(name, str) or not names:
+        return None
+    tail = name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1][:128]
+    for key in (name, tail):
+        same = [n for n in names if n.lower() == key.lower()]
+        if same:
+            return same[0]
+    # separators a client mixes up ("support_v2" for "support-v2") count as no difference
+    fold = {re.sub(r"[-_. ]", "", n.lower()): n for n in reversed(names)}
+    key = re.sub(r"[-_. ]", "", tail.lower())
+    if key in fold:
+        return fold[key]
+    near = difflib.get_close_matches(key, list(fold), n=1, cutoff=0.75)
+    return fold[near[0]] if near else None
 
 
 def _inside(root: Path, path: Path) -> bool:

@@ -35,7 +35,7 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.serve.paths import list_adapter_names, resolve_adapter
+from lorakit.serve.paths import UnknownAdapterError, list_adapter_names, listed_adapter, resolve_adapter
 
 MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few KB
 REGEX_TIMEOUT_S = 2.0  # a sane pattern over a few thousand module names takes milliseconds
@@ -55,6 +55,10 @@ for path in paths:
 
 class AdapterRejected(LorakitError):
     """The adapter failed an admission check (the message says which)."""
+
+
+class AdapterRemoved(UnknownAdapterError):
+    """A loaded adapter's folder is gone from the adapters folder (deleted, renamed): it is served no more."""
 
 
 class AdapterBusy(LorakitError):
@@ -147,6 +151,7 @@ class AdapterPool:
                 return self._ensure_loaded(name, timeout).describe()
             if old.pins:
                 raise AdapterBusy(f"adapter {name!r} is serving {old.pins} request(s); reload it when they finish")
+            self._check_on_disk(old)
             folder = resolve_adapter(self.root, name)
             fresh = self._load_new(name, folder, self._admit(name, folder))  # refused: the old version keeps serving
             self._loaded[name] = fresh
@@ -171,6 +176,7 @@ class AdapterPool:
     def _ensure_loaded(self, name: str, timeout: float) -> LoadedAdapter:
         entry = self._loaded.get(name)
         if entry is not None:
+            self._check_on_disk(entry)
             return entry
         folder = resolve_adapter(self.root, name)  # refuses unsafe names before any file is opened
         adapter_file = self._admit(name, folder)  # refuse before evicting anything for it
@@ -191,6 +197,23 @@ class AdapterPool:
         entry = self._load_new(name, folder, adapter_file)
         self._loaded[name] = entry
         return entry
+
+    def _check_on_disk(self, entry: LoadedAdapter) -> None:
+        """Raise ``AdapterRemoved`` when loaded ``entry``'s folder is no longer an adapter folder of the adapters
+        folder (deleted or renamed while loaded: /v1/models no longer lists it), and unload it unless requests
+        still use it (the last one's release leaves it idle, and the next request naming it unloads it). Only a
+        changed file is left alone: that is a new version, which POST /v1/adapters/load swaps in."""
+        try:
+            listed_adapter(self.root, entry.name)
+        except LorakitError:
+            pass
+        else:
+            return
+        if not entry.pins:
+            self._unload_locked(entry.name)
+        raise AdapterRemoved(f"no adapter named {entry.name!r} in the adapters folder: its folder was removed while "
+                             f"it was loaded{'' if entry.pins else ', so it is unloaded'}; put the folder back to "
+                             "serve it again")
 
     def _load_new(self, name: str, folder: Path, adapter_file) -> LoadedAdapter:
         """Load admitted adapter ``name`` under a fresh internal name (the caller puts it in ``_loaded``)."""

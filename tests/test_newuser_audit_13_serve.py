@@ -1,0 +1,172 @@
+"""``lorakit serve`` audited as a demanding user and a hostile client would use it (audit 13), over a real socket:
+the ``openai`` package and raw ``http.client`` requests against one server of a tiny random Llama, two adapters
+saved by lorakit and one saved by peft. Each test named after a defect failed before its fix; every test checks
+that the server still answers correctly afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import peft
+import pytest
+import torch
+
+from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder, wait_idle
+
+LONG = 600  # tokens of a generation that runs for seconds on the test machine
+
+
+def _peft_adapter(model_dir: Path, folder: Path, seed: int) -> None:
+    """peft's LoRA on q_proj and v_proj with random non-zero B, saved as peft saves it."""
+    from transformers import AutoModelForCausalLM
+
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    theirs.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.generation import end_of_turn_ids
+
+    root = tmp_path_factory.mktemp("audit13_serve")
+    model_dir = tiny_hf_folder(root / "model", initializer_range=0.5, max_position_embeddings=LONG + 64)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():  # the model never ends a turn by itself: greedy answers run to max_tokens
+        for token in end_of_turn_ids(AutoTokenizer.from_pretrained(model_dir)):
+            base.lm_head.weight[token] = 0
+    base.save_pretrained(model_dir)
+    adapters = root / "adapters"
+    make_adapter(base, adapters / "orders", seed=3)
+    make_adapter(base, adapters / "support-v2", seed=4)
+    _peft_adapter(model_dir, adapters / "peft-qv", seed=5)
+    make_adapter(base, root / "spare", seed=6)  # copied in and out of the adapters folder by the tests
+    process = ServerProcess(model_dir, adapters, "--max-tokens", str(LONG), log=root / "server.log")
+    client = httpx.Client(base_url=process.url, timeout=60)
+    try:
+        yield {"url": process.url, "client": client, "process": process, "root": root, "adapters": adapters}
+    finally:
+        client.close()
+        process.stop()
+
+
+def _sdk(server):
+    import openai
+
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0)
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert "\n" not in error["message"] and "Traceback" not in error["message"]
+    return error
+
+
+def _text(client, model: str, prompt: str = "Hello", max_tokens: int = 8) -> str:
+    response = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                                    "temperature": 0})
+    assert response.status_code == 200, response.text[:500]
+    return response.json()["choices"][0]["text"]
+
+
+# -- model names -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sent, meant", [
+    ("order", "orders"), ("Orders", "orders"), ("support_v2", "support-v2"), ("peft_qv", "peft-qv"),
+    ("org/base", "base"), ("../orders", "orders"), ("BASE", "base"),
+])
+def test_a_misspelt_model_name_gets_a_did_you_mean(server, sent, meant):
+    """A misspelt model (a typo, the wrong case, a Hugging Face id "org/name", a path) was answered "no adapter
+    named 'order' in the adapters folder" (or "adapter name ... is not allowed"), naming neither the model meant nor
+    where the names are listed. Now the nearest served name is suggested, on every route that takes a name."""
+    import openai
+
+    sdk = _sdk(server)
+    with pytest.raises((openai.NotFoundError, openai.BadRequestError)) as caught:
+        sdk.chat.completions.create(model=sent, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert f"did you mean {meant!r}?" in caught.value.message, caught.value.message
+    client = server["client"]
+    for response in (client.post("/v1/completions", json={"model": sent, "prompt": "hi", "max_tokens": 2}),
+                     client.post("/v1/responses", json={"model": sent, "input": "hi", "max_output_tokens": 16})):
+        error = _error(response, 404 if "/" not in sent else 400)
+        assert f"did you mean {meant!r}?" in error["message"] and error["param"] == "model", error
+    if "/" not in sent:  # a slash in the path is a sub-path of the route, not this name
+        error = _error(client.get(f"/v1/models/{sent}"), 404)
+        assert f"did you mean {meant!r}?" in error["message"], error
+    if meant != "base":  # the base is no adapter to load
+        error = _error(client.post("/v1/adapters/load", json={"name": sent}), 404 if "/" not in sent else 400)
+        assert f"did you mean {meant!r}?" in error["message"] and error["param"] == "name", error
+
+
+def test_a_name_like_no_model_says_where_the_names_are(server):
+    """"gpt-4o-mini" (a client's default model) is like none of the served names: the 404 says where they are."""
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as caught:
+        _sdk(server).completions.create(model="gpt-4o-mini", prompt="hi", max_tokens=2)
+    assert caught.value.code == "model_not_found" and caught.value.status_code == 404
+    assert "did you mean" not in caught.value.message and "GET /v1/models" in caught.value.message
+    assert _text(server["client"], "orders")
+
+
+# -- adapter folders that change while served ---------------------------------------------------------------------
+def test_an_adapter_removed_from_disk_is_no_longer_served(server):
+    """An adapter folder deleted while its adapter was in memory: /v1/models and GET /v1/models/NAME said it no
+    longer existed, yet requests naming it were served from memory, indefinitely (and POST /v1/adapters/load said
+    404 while leaving it loaded). A request in flight when the folder goes finishes; later ones are 404s that say
+    the folder was removed, and its memory is freed. Put back, the folder's current files are what serves."""
+    client, adapters = server["client"], server["adapters"]
+    shutil.copytree(server["root"] / "spare", adapters / "temp")
+    try:
+        answer = _text(client, "temp")
+        with httpx.Client(base_url=server["url"], timeout=60) as own, own.stream(
+                "POST", "/v1/completions", json={"model": "temp", "prompt": "x", "max_tokens": 40, "temperature": 0,
+                                                 "stream": True}) as streaming:
+            lines = streaming.iter_lines()
+            next(lines)  # generating on "temp"
+            shutil.rmtree(adapters / "temp")
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+            assert events[-1]["choices"][0]["finish_reason"] == "length"  # the request in flight finished
+        assert "temp" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
+        body = {"model": "temp", "prompt": "Hello", "max_tokens": 8, "temperature": 0}
+        error = _error(client.post("/v1/completions", json=body), 404)
+        assert error["code"] == "model_not_found" and error["message"] == (
+            "no adapter named 'temp' in the adapters folder: its folder was removed while it was loaded, so it is "
+            "unloaded; put the folder back to serve it again"), error
+        assert "temp" not in [a["name"] for a in client.get("/v1/adapters").json()["data"]]  # its memory is freed
+        for response in (client.post("/v1/completions", json=body),
+                         client.post("/v1/adapters/load", json={"name": "temp"})):
+            assert "no adapter named 'temp'" in _error(response, 404)["message"]
+        # another adapter's files under the same name: those are served, not the old copy
+        shutil.copytree(adapters / "orders", adapters / "temp")
+        assert _text(client, "temp") == _text(client, "orders") != answer
+    finally:
+        shutil.rmtree(adapters / "temp", ignore_errors=True)
+    assert wait_idle(client, 5.0)
+    assert _text(client, "support-v2")
+
+
+def test_load_of_a_removed_adapter_unloads_it(server):
+    """POST /v1/adapters/load of an adapter whose folder was removed answered 404 and kept it in memory."""
+    client, adapters = server["client"], server["adapters"]
+    shutil.copytree(server["root"] / "spare", adapters / "temp2")
+    try:
+        assert client.post("/v1/adapters/load", json={"name": "temp2"}).status_code == 200
+        shutil.rmtree(adapters / "temp2")
+        error = _error(client.post("/v1/adapters/load", json={"name": "temp2"}), 404)
+        assert "removed" in error["message"], error
+        assert "temp2" not in [a["name"] for a in client.get("/v1/adapters").json()["data"]]
+    finally:
+        shutil.rmtree(adapters / "temp2", ignore_errors=True)
