@@ -114,10 +114,11 @@ def test_train_saves_the_options_and_eval_reuses_them(tmp_path, capsys, monkeypa
         return out, next(line for line in out.splitlines() if line.startswith("loss "))
 
     out, with_run = loss(["--adapter", str(run / "adapter")])
-    assert 'chat template options of the adapter\'s run: {"enable_thinking": false}' in out
+    # said in eval's one line of what came from the run's config.yaml
+    assert "from the adapter's run:" in out and "--chat-template-kwargs '{\"enable_thinking\": false}'" in out
     _, given = loss(["--adapter", str(run / "adapter"), "--chat-template-kwargs", '{"enable_thinking": false}'])
     out, other = loss(["--adapter", str(run / "adapter"), "--chat-template-kwargs", "{}"])
-    assert with_run == given != other and "chat template options" not in out  # other targets: other tokens
+    assert with_run == given != other and "--chat-template-kwargs '{" not in out  # other targets: other tokens
 
     # lorakit generate: the run's options by default (said once), --chat-template-kwargs over them, bad JSON refused
     import lorakit.generation as generation

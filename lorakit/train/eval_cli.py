@@ -12,10 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+
+CONFIG_NAME = "config.yaml"  # lorakit.train.runner's name, not imported from there: it loads torch and the loop
+RUN_KEYS = frozenset({"model", "out", "rank", "lr"})  # options every run's config.yaml holds
 
 
 EPILOG = """examples:
@@ -134,25 +138,28 @@ def run(args: argparse.Namespace) -> int:
         if args.quantize:
             raise LorakitError(f"--quantize {args.quantize} is not available in this install ({error})") from None
         raise
+    results_extra: dict = {}
     if args.adapter:
         try:
             load_adapter(model, adapter_file)
         except LorakitError as error:  # another base's adapter: say which base, and how to pass it
             raise explain_misfit(error, adapter_file, args.model, defaulted) from None
+        # the run's validation loss was scored at its max_length / overflow, and its chats rendered with its
+        # template options: eval scores the same examples the same way unless a flag says otherwise
+        config_path, _ = run_config(args.adapter)
+        taken = {name: value for name, value in run_length_options(args.adapter).items()
+                 if getattr(args, name) is None}
+        for name, value in taken.items():
+            setattr(args, name, value)
         if template_kwargs is None:
             template_kwargs = run_template_kwargs(args.adapter)
             if template_kwargs:
-                print(f"chat template options of the adapter's run: {json.dumps(template_kwargs)} "
-                      "(--chat-template-kwargs to change)")
-        # the run's validation loss was scored at its max_length / overflow: eval scores the same examples
-        taken = {name: value for name, value in run_length_options(args.adapter).items()
-                 if getattr(args, name) is None}
+                taken["chat_template_kwargs"] = shlex.quote(json.dumps(template_kwargs))
         if taken:
-            for name, value in taken.items():
-                setattr(args, name, value)
             print("from the adapter's run: " + ", ".join(f"--{n.replace('_', '-')} {v}" for n, v in taken.items())
-                  + f" (as its validation loss was scored; {' / '.join('--' + n.replace('_', '-') for n in taken)}"
-                  " to change)")
+                  + f" (read from {_shown(config_path)}, as the run scored its validation loss; "
+                  f"{' / '.join('--' + n.replace('_', '-') for n in taken)} to change)")
+            results_extra["run_config"] = str(config_path)
     if args.overflow is None:
         args.overflow = "drop"
     limit = context_length(model)
@@ -195,23 +202,54 @@ def run(args: argparse.Namespace) -> int:
         print("exact match: no record has a reference answer (text records); loss and perplexity only")
     if template_kwargs:
         results["chat_template_kwargs"] = template_kwargs
+    results.update(results_extra)
     results["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(results, indent=2) + "\n")
     return 0
 
 
-def run_config(adapter: str) -> tuple[Path, dict]:
-    """(path, values) of the config.yaml of the ``lorakit train`` run folder that holds ``adapter`` (RUN/adapter,
-    RUN/best); values are {} for an adapter from elsewhere or a config that cannot be read."""
+def run_folder(adapter: str) -> Path | None:
+    """The ``lorakit train`` run folder that holds the adapter folder ``adapter``, or None (an adapter from elsewhere).
+
+    The run's own adapters sit one level down (RUN/adapter, RUN/best), a checkpoint's three
+    (RUN/checkpoints/step-000120/adapter); that folder counts as a run's when its config.yaml holds a run's options
+    (a user's unrelated config.yaml above an adapter is not read as one)."""
+    folder = Path(adapter).expanduser().resolve()
+    candidates = [folder.parent]
+    step = folder.parent.name  # step-000120 (lorakit.train.checkpoint's names)
+    if step.startswith("step-") and step[5:].isdigit() and folder.parent.parent.name == "checkpoints":
+        candidates.append(folder.parent.parent.parent)
+    for run_dir in candidates:
+        if RUN_KEYS <= set(_read_config(run_dir / CONFIG_NAME) or {}):
+            return run_dir
+    return None
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the current folder when it lies inside it (as the user typed the adapter), else whole."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def _read_config(path: Path) -> dict | None:
+    """config.yaml's mapping, or None (missing, unreadable, not a mapping)."""
     import yaml
 
-    config = Path(adapter).expanduser().resolve().parent / "config.yaml"
     try:
-        values = yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else None
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        values = None
-    return config, values if isinstance(values, dict) else {}
+        return None
+    return values if isinstance(values, dict) else None
+
+
+def run_config(adapter: str) -> tuple[Path | None, dict]:
+    """(path, values) of the config.yaml of the ``lorakit train`` run folder that holds ``adapter`` (RUN/adapter,
+    RUN/best, RUN/checkpoints/step-N/adapter: see :func:`run_folder`); (None, {}) for an adapter from elsewhere."""
+    run_dir = run_folder(adapter)
+    if run_dir is None:
+        return None, {}
+    return run_dir / CONFIG_NAME, _read_config(run_dir / CONFIG_NAME) or {}
 
 
 def run_template_kwargs(adapter: str) -> dict:

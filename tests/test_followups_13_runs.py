@@ -1,0 +1,84 @@
+"""Follow-ups 13 on training runs, eval and data formats: eval of a checkpoint's adapter reads its run's config,
+a resumed old run decides its progress display as a fresh one does, TensorBoard shows each step of a resumed run
+once, and role/content chats may name their roles as ShareGPT, Gemini and Gemma do. Tiny random Llama folders
+(tests/test_train_helpers.py), runs of a few steps on CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from lorakit.cli import main
+from lorakit.errors import LorakitError
+from lorakit.train.formats import validate_record
+from test_train_helpers import tiny_data, tiny_folder, write_jsonl  # noqa: F401 (fixtures)
+
+FAST = ["--rank", "4", "--batch-size", "4", "--eval-examples", "0", "--samples", "0"]
+
+
+@pytest.fixture(scope="module")
+def run_with_checkpoints(tmp_path_factory, tiny_folder, tiny_data):
+    """A run at --max-length 10 (examples are 7-13 tokens, so validation drops some) of 4 steps with a checkpoint
+    and a validation at steps 2 and 4."""
+    import contextlib
+    import io
+
+    train_path, val_path = tiny_data
+    out = tmp_path_factory.mktemp("runs") / "run"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["train", "--model", str(tiny_folder), "--data", str(train_path), "--val-data", str(val_path),
+                     "--out", str(out), "--max-length", "10", "--max-steps", "4", "--eval-every", "2",
+                     "--save-every", "2", "--no-progress", *FAST])
+    assert code == 0
+    return out
+
+
+def _val_losses(run) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["val_loss"] for e in lines if e.get("kind") == "val"}
+
+
+# -- 1. eval of an adapter anywhere in a run folder reads the run's config ------------------------------------------
+def test_eval_of_a_checkpoint_adapter_uses_its_runs_config(tmp_path, run_with_checkpoints, tiny_folder, tiny_data,
+                                                           capsys, monkeypatch):
+    """RUN/checkpoints/step-000002/adapter was scored by the run at step 2 (max_length 10, overflow drop): eval of it
+    must score the same examples, get the run's step-2 validation loss, and say in one line which config it read.
+    Before, only RUN/adapter and RUN/best found RUN/config.yaml, and the checkpoint was scored at 128 tokens."""
+    run, (_, val_path) = run_with_checkpoints, tiny_data
+    monkeypatch.chdir(run.parent)  # the config is named as the user would type it, relative to here
+    checkpoint = run / "checkpoints" / "step-000002" / "adapter"
+    code = main(["eval", "--model", str(tiny_folder), "--adapter", str(checkpoint), "--data", str(val_path),
+                 "--no-generate", "--json", str(tmp_path / "step2.json")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    told = [line for line in printed.splitlines() if line.startswith("from the adapter's run:")]
+    assert told == ["from the adapter's run: --max-length 10, --overflow drop (read from run/config.yaml, as the run "
+                    "scored its validation loss; --max-length / --overflow to change)"], printed
+    report = json.loads((tmp_path / "step2.json").read_text())
+    assert report["dropped"] > 0 and report["run_config"] == str((run / "config.yaml").resolve())
+    assert report["loss"] == pytest.approx(_val_losses(run)[2], rel=1e-6)
+
+
+def test_only_a_runs_own_layout_finds_its_config(tmp_path, run_with_checkpoints):
+    """The run folder is one level above RUN/adapter, RUN/best (or any sibling), three above a checkpoint's adapter;
+    a config.yaml that is not a run's (a user's own, above a copied adapter) is not read as one."""
+    from lorakit.train.eval_cli import run_config, run_folder
+
+    run = run_with_checkpoints
+    for adapter in (run / "adapter", run / "best", run / "checkpoints" / "step-000004" / "adapter"):
+        assert run_folder(str(adapter)) == run.resolve()
+        assert run_config(str(adapter))[1]["max_length"] == 10
+    # a checkpoint adapter copied out of its run, under a folder with an unrelated config.yaml
+    copied = tmp_path / "project" / "checkpoints" / "step-000002" / "adapter"
+    shutil.copytree(run / "checkpoints" / "step-000002" / "adapter", copied)
+    (tmp_path / "project" / "config.yaml").write_text("max_length: 4\noverflow: truncate\n")
+    assert run_folder(str(copied)) is None and run_config(str(copied)) == (None, {})
+    # the step folder must be a checkpoint's (step-NNNNNN under checkpoints/), not any folder three levels down
+    other = tmp_path / "run2" / "exports" / "step-000002" / "adapter"
+    shutil.copytree(run / "adapter", other)
+    shutil.copy(run / "config.yaml", tmp_path / "run2" / "config.yaml")
+    assert run_folder(str(other)) is None
+    assert run_folder(str(tmp_path / "run2" / "adapter")) == (tmp_path / "run2").resolve()
