@@ -82,3 +82,37 @@ def test_only_a_runs_own_layout_finds_its_config(tmp_path, run_with_checkpoints)
     shutil.copy(run / "config.yaml", tmp_path / "run2" / "config.yaml")
     assert run_folder(str(other)) is None
     assert run_folder(str(tmp_path / "run2" / "adapter")) == (tmp_path / "run2").resolve()
+
+
+# -- 2. a resumed old run: progress decided at run time, as a fresh run's ----------------------------------------
+@pytest.mark.parametrize("saved", ["progress: true\n", ""])
+def test_resuming_an_old_run_decides_progress_as_a_fresh_run(tmp_path, tiny_folder, tiny_data, capsys, monkeypatch,
+                                                             saved):
+    """A config.yaml written before progress could be left to the run time holds the old default ("progress: true",
+    or no key at all in older ones). Resumed into a log file (stderr not a terminal) it must print plain step lines,
+    not a tqdm bar's carriage-return redraws; on a terminal, the bar. An explicit --no-progress still wins."""
+    train_path, _ = tiny_data
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_folder), "--data", str(train_path), "--out", str(run),
+                 "--max-steps", "2", "--save-every", "2", "--no-progress", *FAST]) == 0
+    config = run / "config.yaml"
+    old = [line for line in config.read_text().splitlines(keepends=True) if not line.startswith("progress:")]
+    config.write_text("".join(old) + saved)  # as the run's version of lorakit wrote it
+    capsys.readouterr()
+
+    assert main(["train", "--resume", "--out", str(run), "--max-steps", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "step 4/4: loss=" in err and "\r" not in err and "training:" not in err, err
+
+    config.write_text("".join(old) + saved)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the same resume at a terminal: the bar
+    assert main(["train", "--resume", str(run / "checkpoints" / "step-000002"), "--out", str(run),
+                 "--max-steps", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "training:" in err and "step 4/4: loss=" not in err, err
+
+    config.write_text("".join(old) + saved)
+    assert main(["train", "--resume", str(run / "checkpoints" / "step-000002"), "--out", str(run),
+                 "--max-steps", "4", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "step 4/4: loss=" in err and "training:" not in err, err

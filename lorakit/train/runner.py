@@ -475,7 +475,11 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     rank, world_size = world()
     main = rank == 0
     if resume_from is not None:  # the earlier run's options, then the config file's, then the flags'
-        config = TrainConfig(**{**saved_config(run_dir), **(config_file_values or {}), **(cli_values or {})})
+        # how progress shows belongs to this invocation, not to the run: a run started at a terminal may go on under
+        # nohup, and a config.yaml written before progress was decided at run time holds that default, "progress:
+        # true", which forced a bar's redraws into the resumed run's log file
+        earlier = {key: value for key, value in saved_config(run_dir).items() if key != "progress"}
+        config = TrainConfig(**{**earlier, **(config_file_values or {}), **(cli_values or {})})
         from lorakit.train.loop import check_resume_options
 
         check_resume_options(saved_config(run_dir), config, run_dir)  # before minutes of loading
