@@ -116,3 +116,35 @@ def test_resuming_an_old_run_decides_progress_as_a_fresh_run(tmp_path, tiny_fold
                  "--max-steps", "4", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "step 4/4: loss=" in err and "training:" not in err, err
+
+
+# -- 3. TensorBoard: a resumed run's steps show once -------------------------------------------------------------
+def test_tensorboard_of_a_resumed_run_has_each_step_once(tmp_path, tiny_data):
+    """A run of 6 steps resumed from its step-3 checkpoint writes steps 4-6 again into a second event file. Read
+    back with TensorBoard's own reader, every step must appear once (the resumed values), as in metrics.jsonl; the
+    stopped run's steps 4-6 are hidden by the purge event the resumed writer starts with."""
+    pytest.importorskip("torch.utils.tensorboard", reason="tensorboard is optional (pip install tensorboard)")
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                      reason="tensorboard is optional (pip install tensorboard)")
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.loop import train
+    from test_train_helpers import SMALL, tiny_tokenizer, tiny_train_model
+
+    records = [json.loads(line) for line in tiny_data[0].read_text().splitlines()]
+    out = tmp_path / "run"
+    config = TrainConfig(**{**SMALL, "save_every": 3, "max_steps": 6, "tensorboard": True, "lr": 1e-2})
+    train(tiny_train_model(), tiny_tokenizer(), records, config, out=out, log=lambda message: None)
+    # the resumed run differs from the first after step 3 (another lr), so a step shown twice would show it
+    resumed = config.replace(lr=5e-2)
+    train(tiny_train_model(), tiny_tokenizer(), records, resumed, out=out, resume=out / "checkpoints" / "step-000003",
+          log=lambda message: None)
+
+    files = sorted((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 2  # one per writer: the stopped run's and the resumed one's
+    events = accumulator.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    shown = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [(e["step"], e["loss"]) for e in metrics if e.get("kind") == "train"]
+    assert [step for step, _ in shown] == [1, 2, 3, 4, 5, 6]
+    assert [value for _, value in shown] == pytest.approx([loss for _, loss in logged], rel=1e-6)

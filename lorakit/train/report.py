@@ -3,7 +3,8 @@
 ``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step": ..., "loss": ..., "lr": ..., ...}``
 for training steps, ``{"kind": "val", "step": ..., "val_loss": ...}`` for validations and ``{"kind": "eval", ...}``
 for the before/after scores. A resumed run first drops the lines of steps after its checkpoint, so the file
-reads as if the run had never stopped.
+reads as if the run had never stopped; its TensorBoard events hide those steps of the earlier event files the
+same way (a purge event at the first step written again, which TensorBoard's reader honours).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ class MetricsLog:
             self._truncate_after(resume_step)
         self._handle = open(self.path, "a", encoding="utf-8")
         self._failed = False
-        self._tb = _tensorboard_writer(Path(folder) / "tensorboard") if tensorboard else None
+        # a resumed run writes its steps again from resume_step + 1: TensorBoard hides those steps of the stopped
+        # run's event files (purge_step), as the lines above are dropped from metrics.jsonl, so no step shows twice
+        purge = resume_step + 1 if resume_step is not None else None
+        self._tb = _tensorboard_writer(Path(folder) / "tensorboard", purge) if tensorboard else None
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.is_file():
@@ -73,13 +77,13 @@ class MetricsLog:
             self._tb.close()
 
 
-def _tensorboard_writer(folder: Path):
+def _tensorboard_writer(folder: Path, purge_step: int | None = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise LorakitError("--tensorboard needs the tensorboard package: pip install tensorboard "
                            "(or drop --tensorboard; metrics.jsonl has the same numbers)") from None
-    return SummaryWriter(log_dir=str(folder))
+    return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
