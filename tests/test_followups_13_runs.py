@@ -148,3 +148,38 @@ def test_tensorboard_of_a_resumed_run_has_each_step_once(tmp_path, tiny_data):
     logged = [(e["step"], e["loss"]) for e in metrics if e.get("kind") == "train"]
     assert [step for step, _ in shown] == [1, 2, 3, 4, 5, 6]
     assert [value for _, value in shown] == pytest.approx([loss for _, loss in logged], rel=1e-6)
+
+
+# -- 4. role/content chats with other tools' role names ---------------------------------------------------------
+@pytest.mark.parametrize("user, assistant", [("human", "gpt"), ("Human", "GPT"), ("user", "model"),
+                                             ("user", "chatbot")])
+def test_role_aliases_read_as_user_and_assistant(user, assistant):
+    """ShareGPT's speaker names in role/content form (a half-converted export), Gemini's and Gemma's "model",
+    Cohere's "Chatbot": the chat trains as user / assistant turns."""
+    record = validate_record({"messages": [{"role": "system", "content": "Be brief."},
+                                           {"role": user, "content": "hi"}, {"role": assistant, "content": "hello"}]},
+                             "chats.jsonl:3")
+    assert [m["role"] for m in record["messages"]] == ["system", "user", "assistant"]
+    # the same under ShareGPT's key (many Hub datasets put role/content turns there)
+    record = validate_record({"conversations": [{"role": user, "content": "hi"}, {"role": assistant, "content": "yo"}]})
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+
+
+def test_an_unknown_role_is_one_line_naming_the_record_and_the_roles():
+    with pytest.raises(LorakitError) as caught:
+        validate_record({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]},
+                        "chats.jsonl:7")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("chats.jsonl:7: messages[1] has role 'bot'; expected one of "
+                                                      "system, user, assistant, tool")
+    assert "human = user" in message and "gpt = assistant" in message and "model = assistant" in message
+
+
+def test_train_cli_reads_a_file_of_aliased_roles(tmp_path, tiny_folder, capsys):
+    """End to end: a JSONL of human/gpt role/content chats trains (it was refused at its first line)."""
+    chat = {"messages": [{"role": "human", "content": "copy a b :"}, {"role": "gpt", "content": "a b"}]}
+    data = write_jsonl(tmp_path / "chats.jsonl", [chat] * 8)
+    code = main(["train", "--model", str(tiny_folder), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--max-steps", "1", "--no-progress", *FAST])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()

@@ -439,7 +439,7 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
         ('{"input": "x"}\n', r"no known field"),
         ('{"messages": [{"role": "user", "content": "q"}]}\n', r"does not end with an assistant turn"),
         ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}\n', r"empty completion"),
-        ('{"messages": [{"role": "human", "content": "q"}, {"role": "assistant", "content": "a"}]}\n', r"messages\[0\] has role 'human'"),
+        ('{"messages": [{"role": "bot", "content": "q"}, {"role": "assistant", "content": "a"}]}\n', r"messages\[0\] has role 'bot'"),
         ('{"messages": [{"role": "user", "content": "q", "x": 1}, {"role": "assistant", "content": "a"}]}\n', r"unknown key 'x'"),
         ('{"messages": []}\n', r"non-empty list"),
     ],

@@ -31,9 +31,10 @@ The formats of other tools are read as chats (see :func:`_convert_other_formats`
 
 What a user's file may differ in and is still read the same: field names in another case or with spaces
 (``"Prompt"``, ``" completion"`` from a CSV header; roles ``"User"``), OpenAI's legacy function calling
-(``functions``, ``function_call``, role ``function``: read as ``tools`` / ``tool_calls`` / ``tool``), role
-``developer`` (OpenAI's system turn), Responses API parts (``input_text`` / ``output_text``), a tool turn whose
-content is a JSON object (written as JSON text), trailing user or tool turns after the last assistant turn
+(``functions``, ``function_call``, role ``function``: read as ``tools`` / ``tool_calls`` / ``tool``), other tools'
+role names in role/content chats (:data:`ROLE_ALIASES`: ShareGPT's ``human`` / ``gpt``, Gemini's and Gemma's
+``model``, Cohere's ``chatbot``, OpenAI's ``developer`` for the system turn), Responses API parts (``input_text`` /
+``output_text``), a tool turn whose content is a JSON object (written as JSON text), trailing user or tool turns after the last assistant turn
 (trimmed: nothing follows them to learn, and a causal model's loss on the earlier turns does not depend on them;
 the summary counts the chats trimmed), a ``prompt`` column beside ``messages`` that repeats the chat's first user
 turn (UltraChat 200k, No Robots: ignored), a ``.json`` file that wraps its records in one object (``{"data": [...]}``;
@@ -69,6 +70,15 @@ SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
 }
 ROLES = ("system", "user", "assistant", "tool")
+# other names of the four roles in role/content chats, as their tools write them (matched case-insensitively)
+ROLE_ALIASES = {
+    "human": "user", "gpt": "assistant",  # ShareGPT's speaker names, in files converted to role/content keys only
+    "model": "assistant",  # Gemini's and Gemma's (its chat template's turn is <start_of_turn>model)
+    "chatbot": "assistant",  # Cohere's fine-tuning files (System / User / Chatbot)
+    "developer": "system",  # OpenAI's name for the system turn since o1
+    "function": "tool",  # OpenAI's legacy function result
+    "ipython": "tool",  # Llama 3.1's tool result
+}
 MESSAGE_KEYS = ("role", "content")
 # OpenAI tool use, handed to the chat template as they are (templates with tool support render them)
 TOOL_MESSAGE_KEYS = ("name", "tool_calls", "tool_call_id")
@@ -605,12 +615,7 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
         role, content = msg.get("role"), msg.get("content")
         if isinstance(role, str):
             role = role.strip().lower()  # "User", "Assistant"
-        if role in ("function", "ipython"):  # OpenAI's legacy function result, Llama 3.1's tool result: a tool turn
-            role = "tool"
-        elif role == "developer":  # OpenAI's name for the system turn since o1
-            role = "system"
-        elif role in ("model", "chatbot"):  # Gemini's and Cohere's name for the assistant
-            role = "assistant"
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if msg.get("function_call") is not None:  # OpenAI's legacy single call: one tool call
             if msg.get("tool_calls") is not None:
                 raise LorakitError(f"{at} has both 'function_call' and 'tool_calls'; keep one")
@@ -634,7 +639,8 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
             if content is None:  # OpenAI writes content null beside tool calls; templates print None as "None"
                 content = ""
         if role not in ROLES:
-            raise LorakitError(f"{at} has role {role!r}; expected one of {', '.join(ROLES)}")
+            raise LorakitError(f"{at} has role {role!r}; expected one of {', '.join(ROLES)} (or the names other tools "
+                               f"give them: {', '.join(f'{a} = {r}' for a, r in ROLE_ALIASES.items())})")
         if msg.get("weight") is not None:
             weight = msg["weight"]
             if isinstance(weight, bool) or weight not in (0, 1):
