@@ -24,7 +24,7 @@ from torch import nn
 
 from lorakit import quant
 from lorakit._finite import all_finite
-from lorakit._fs import atomic_write_bytes, atomic_write_text
+from lorakit._fs import atomic_write_bytes
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.inject import (_base_modules, _matches, _weight_read_raw, adapter_hosts, adapter_names,
@@ -33,6 +33,7 @@ from lorakit.inject import (_base_modules, _matches, _weight_read_raw, adapter_h
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 from lorakit.mha_lora import FILE_INFIXES, MhaLora
 from lorakit.param_lora import ParamLora, file_key_prefixes, parameter_layout
+from lorakit.token_rows import TokenRows
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -163,16 +164,62 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise LorakitError(f"{folder} exists and is not a folder; choose another output path")
+    # top-level keys sorted, but rank_pattern / alpha_pattern keep their order: the first matching pattern wins
+    # (PEFT's rule too), so sorting them could give a module another rank when the file is read back
+    config_text = json.dumps(dict(sorted(peft_config.items())), indent=2) + "\n"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(folder / WEIGHTS_NAME, safetensors_bytes(tensors, metadata=metadata))
-        # top-level keys sorted, but rank_pattern / alpha_pattern keep their order: the first matching pattern wins
-        # (PEFT's rule too), so sorting them could give a module another rank when the file is read back
-        atomic_write_text(folder / CONFIG_NAME, json.dumps(dict(sorted(peft_config.items())), indent=2) + "\n")
+        _write_pair(folder, safetensors_bytes(tensors, metadata=metadata), config_text)
     except OSError as error:  # a path under a file, no permission, a full disk: the atomic writes left nothing half
         raise LorakitError(f"cannot save the adapter to {folder}: {error.strerror or error}; choose a folder you can "
                            "write") from None
     return folder
+
+
+def _write_pair(folder: Path, weights: bytes, config_text: str) -> None:
+    """Write an adapter's two files so that ``folder`` holds the new pair or, after any failure (a full disk, a failed
+    rename, Ctrl-C), the previous one: new weights beside an old config would load silently with the old alpha.
+
+    The config is written to a temporary file first; the weights are replaced atomically, a hard link keeping the
+    previous ones; the config is renamed last. On a failure after the weights were replaced the previous weights
+    are put back (or, where the file system has no hard links, the stale config is removed, so the folder is
+    refused as incomplete instead of loading wrong)."""
+    import tempfile
+    import uuid
+
+    from lorakit._fs import publish_mode
+
+    weights_path, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
+    fd, name = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=folder)
+    config_tmp, backup, replaced = Path(name), None, False
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(config_text.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        if os.path.lexists(weights_path):
+            backup = folder / f".{WEIGHTS_NAME}.{uuid.uuid4().hex}.old"
+            try:
+                os.link(weights_path, backup, follow_symlinks=False)
+            except OSError:  # no hard links here (some network or FAT file systems)
+                backup = None
+        existed = os.path.lexists(weights_path)
+        atomic_write_bytes(weights_path, weights)
+        replaced = True
+        publish_mode(config_tmp)
+        os.replace(config_tmp, config_path)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, weights_path)  # the previous weights, beside the previous config
+        elif replaced and not existed:
+            weights_path.unlink(missing_ok=True)
+        elif replaced:
+            config_path.unlink(missing_ok=True)
+        config_tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
 
 
 def _warn_peft_remaps(model: nn.Module, paths: list[str]) -> None:
@@ -867,11 +914,11 @@ def _tied_partners(model: nn.Module, adapter_file: AdapterFile, names: list[str]
     return list(dict.fromkeys([*names, *partners]))
 
 
-def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = True) -> dict[str, torch.Tensor | None]:
-    """peft's trainable tokens as full weights: ``{module path: weight with the trained rows}`` for each embedding
-    with a ``token_adapter.trainable_tokens_delta`` and each module whose weight is tied to it (peft ties the output
-    head's rows to the embedding's). Checks indices and shapes; empty when the file has no trainable tokens.
-    ``weights=False``: the paths only (values None), without copying a (vocab, dim) weight."""
+def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = True) -> dict[str, TokenRows | None]:
+    """peft's trainable tokens: ``{module path: its trained rows}`` for each embedding with a
+    ``token_adapter.trainable_tokens_delta`` and each module whose weight is tied to it (peft ties the output head's
+    rows to the embedding's); each loads as a whole copy of the module with those rows written into it. Checks
+    indices and shapes; empty when the file has no trainable tokens. ``weights=False``: the paths only (values None)."""
     indices_spec = adapter_file.token_indices
     deltas = {_strip(k)[: -len(TOKEN_DELTA)]: t for k, t in adapter_file.tensors.items() if k.endswith(TOKEN_DELTA)}
     if not deltas and not indices_spec:
@@ -883,7 +930,7 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = T
     base_modules = _base_modules(model)
     config = adapter_file.config
     lora_paths = {_strip(key).split(".lora_", 1)[0] for key in adapter_file.tensors if ".lora_" in key}
-    copies: dict[str, torch.Tensor | None] = {}
+    copies: dict[str, TokenRows | None] = {}
     for path, delta in deltas.items():
         module = base_modules.get(path)
         if not isinstance(module, (nn.Embedding, nn.Linear)):  # rows of an embedding, or of an output head (out, in)
@@ -907,17 +954,15 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = T
         if config.target_modules != "all-linear" and _matches(path, config.target_modules):  # all-linear: no embedding
             raise LorakitError(f"{where}: {path} is also a LoRA target; lorakit cannot put trained token rows and LoRA on "
                                "one embedding: merge the adapter with peft (merge_and_unload) and load the merged model")
-        full = None
-        if weights:
-            full = weight.detach().cpu().clone()
-            full[torch.tensor(indices)] = delta.to(full.dtype)
+        # the rows alone: the copy the load writes them into is the base's already (no second (vocab, dim) weight)
+        trained = TokenRows(torch.tensor(indices), delta, tuple(weight.shape)) if weights else None
         for other, tied in base_modules.items():  # the embedding and every module sharing its weight (a tied head)
             if other and getattr(tied, "weight", None) is weight:
                 if other in lora_paths:
                     raise LorakitError(f"{where}: {other} is also a LoRA target; lorakit cannot put trained token rows "
                                        "and LoRA on one module: merge the adapter with peft (merge_and_unload) and load "
                                        "the merged model")
-                copies[other] = full
+                copies[other] = trained
     return copies
 
 
@@ -1089,6 +1134,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
                     target = getattr(host.adapters[adapter][name], which)
                 else:
                     target = getattr(host.adapters[adapter], attr)
+                if isinstance(tensor, TokenRows):  # trained token rows of a fresh copy of the base module
+                    tensor.write(target)
+                    continue
                 target.copy_(tensor.to(device=target.device, dtype=target.dtype))
     except BaseException:
         from lorakit.adapters import delete_adapter

@@ -17,7 +17,8 @@ import transformers as tf
 
 import lorakit
 from conftest import assert_close
-from test_peft_sweep import SMALL, round_trip
+from lorakit.io import CONFIG_NAME
+from test_peft_sweep import SMALL, build, round_trip
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 99], [2, 4, 8, 16, 32, 63, 98]])
 
@@ -55,3 +56,40 @@ def test_a_trained_copy_of_gemma3s_scaled_tied_embedding(tmp_path):
     lorakit.load_adapter(ours, tmp_path)
     assert_close(logits(ours), logits(theirs))
     assert (logits(ours) - logits(gemma3())).abs().max() > 1e-2
+
+
+# -- saving over an adapter folder: both files or neither ------------------------------------------------------------
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_save_that_fails_halfway_leaves_the_previous_adapter_whole(failure, tmp_path, monkeypatch):
+    """save_adapter replaced the weights, then wrote the config: a failure in between (a full disk, Ctrl-C) left the
+    new weights beside the old config, a pair that loads without a word with the old alpha (here 8 for 32: the
+    update off by 4x). Now the previous pair stays, byte for byte, and no temporary file is left."""
+    import os
+
+    def adapted(alpha):
+        model = build("llama")
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=alpha, target_modules=["q_proj"]))
+        with torch.no_grad():
+            for _, p in lorakit.lora_parameters(model):
+                p.add_(0.3 * torch.randn_like(p))
+        return model
+
+    old, new = adapted(8), adapted(32)
+    lorakit.save_adapter(old, tmp_path / "adapter")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()}
+    real = os.replace
+
+    def config_rename_fails(src, dst, *args, **kwargs):
+        if str(dst).endswith(CONFIG_NAME):
+            raise failure
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", config_rename_fails)
+    with pytest.raises(type(failure)) if isinstance(failure, KeyboardInterrupt) else pytest.raises(
+            lorakit.LorakitError, match=r"cannot save the adapter to .*: No space left on device; choose a folder"):
+        lorakit.save_adapter(new, tmp_path / "adapter")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()} == before
+    again = build("llama")
+    lorakit.load_adapter(again, tmp_path / "adapter")
+    assert_close(logits(again), logits(old))
