@@ -78,3 +78,80 @@ def test_nested_call_through_an_attention_wrapper_is_refused_in_a_replica_and_in
         after = [held_tensors(owner) for owner in (attention, attention.out_proj)]
         assert [a.keys() for a in after] == [b.keys() for b in before], in_replica
         assert all(a[k] is v for a, b in zip(after, before) for k, v in b.items())
+
+
+# -- trainable tokens: the load writes the trained rows into the copies, and nothing the size of the embedding more
+BIG = dict(vocab_size=32768, hidden_size=512, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+           num_key_value_heads=4, tie_word_embeddings=True, max_position_embeddings=32)  # embedding: 64 MiB float32
+TOKEN_ROWS = [3, 700, 32767]
+
+
+def _big_llama() -> nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**BIG)).eval()
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def _reset_peak() -> bool:
+    """Set this process's peak resident size (VmHWM) to its current one (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return _rss_kib("VmHWM") <= _rss_kib("VmRSS") + 1024
+
+
+def test_trainable_tokens_load_peaks_at_what_the_adapter_holds(tmp_path):
+    """peft's trainable_token_indices load as copies of the (tied) embedding and head, each with the trained rows.
+    The load made a whole (vocab, dim) weight with those rows first and copied it into each copy: the peak stood one
+    embedding above what the adapter holds (64 MiB here). Now each copy (the base's values already) gets only its
+    rows, so the peak is what the adapter holds, and the rows and the rest are still exactly right."""
+    import gc
+    import warnings
+
+    import peft
+
+    from lorakit.adapters import delete_adapter
+
+    if not _reset_peak():
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure the peak resident size")
+    theirs = peft.get_peft_model(_big_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                               trainable_token_indices=TOKEN_ROWS))
+    trained = 0.5 * torch.randn(len(TOKEN_ROWS), BIG["hidden_size"], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "trainable_tokens_delta" in name:
+                parameter.copy_(trained)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's note on tied embeddings
+        theirs.save_pretrained(tmp_path / "tok")
+    del theirs
+    model = _big_llama()
+    base = model.model.embed_tokens.weight.detach().clone()
+    embedding_kib = base.numel() * base.element_size() // 1024
+    lorakit.load_adapter(model, tmp_path / "tok", adapter="warm")  # imports and first-use allocations, out of the way
+    delete_adapter(model, "warm")
+    gc.collect()
+
+    assert _reset_peak()
+    before = _rss_kib("VmRSS")
+    lorakit.load_adapter(model, tmp_path / "tok")
+    peak = _rss_kib("VmHWM") - before
+
+    copies = [model.model.embed_tokens.copies["default"], model.lm_head.copies["default"]]
+    held_kib = sum(c.weight.numel() * c.weight.element_size() for c in copies) // 1024  # one embedding each
+    assert held_kib == 2 * embedding_kib
+    assert peak < held_kib + embedding_kib // 4, (peak, held_kib, embedding_kib)
+    rows = torch.tensor(TOKEN_ROWS)
+    others = torch.ones(len(base), dtype=torch.bool)
+    others[rows] = False
+    for copy in copies:
+        assert torch.equal(copy.weight[rows], trained)
+        assert torch.equal(copy.weight[others], base[others])
