@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         from lorakit.export import gguf_arch
 
         try:
-            config = AutoConfig.from_pretrained(os.path.expanduser(args.model))
+            config = AutoConfig.from_pretrained(os.path.expanduser(args.model), trust_remote_code=False)
         except Exception:  # no or a broken config.json: load_base below says what is wrong, in one line
             config = None
         if config is not None:

@@ -48,7 +48,39 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
                            "weights, tokenizer files)")
     _refuse_pickled_only(folder)
     check_causal_config(folder)
+    _check_weights_present(folder)
     return folder, str(folder)
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def _check_weights_present(folder: Path) -> None:
+    """Refuse a folder whose safetensors weights are not all there, before transformers does it with a bare path
+    or a JSON parser's words: no weights at all, or a sharded model (``model.safetensors.index.json``) whose index
+    is unreadable or names shards the folder lacks (an interrupted download). lorakit's own 4-bit folders have
+    safetensors too, so every folder it reads passes through here."""
+    if (folder / "model.safetensors").is_file():
+        return  # transformers reads it and ignores any index beside it
+    index = folder / INDEX
+    if not index.is_file():
+        if not any(folder.glob("*.safetensors")):
+            raise LorakitError(f"{folder} has config.json but no weights (model.safetensors, or shards with "
+                               f"{INDEX}); download the weights into the same folder")
+        return
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (ValueError, AttributeError) as error:  # UnicodeDecodeError is a ValueError; a list has no .get
+        where = f" (line {error.lineno}: {error.msg})" if isinstance(error, json.JSONDecodeError) else ""
+        raise LorakitError(f"{index}: not valid JSON{where}; download {INDEX} again") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LorakitError(f"{index} has no \"weight_map\" (tensor name -> shard file); download {INDEX} again")
+    shards = sorted({str(name) for name in weight_map.values()})
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing:
+        raise LorakitError(f"{folder}: {INDEX} names {len(shards)} weight shards and {listed(missing, limit=3)} "
+                           f"{'is' if len(missing) == 1 else 'are'} not in the folder (an interrupted download?); "
+                           "download the missing shards into the same folder")
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -85,6 +117,7 @@ def check_causal_config(folder: Path) -> dict:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise LorakitError(f"{path} has no model_type; re-save the model with transformers' save_pretrained")
+    _check_dtype_fields(config, path)
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -97,7 +130,7 @@ def check_causal_config(folder: Path) -> dict:
         kind = "an encoder-decoder model" if config.get("is_encoder_decoder") else "not a causal language model"
         if not config.get("is_encoder_decoder") and model_type in _vision_language_types():
             kind = ("a vision-language model that transformers' AutoModelForCausalLM does not build (lorakit trains on "
-                    "text only)")
+                    f"text only){_text_model_hint(config)}")
         raise LorakitError(f"{folder}: {model_type!r} is {kind}; lorakit fine-tunes decoder-only causal LMs "
                            "(Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)")
     if not config.get("is_decoder") and _encoder_unless_decoder(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]):
@@ -105,12 +138,26 @@ def check_causal_config(folder: Path) -> dict:
                            "ones it should predict; config.json has no \"is_decoder\": true), not a causal language "
                            "model; lorakit fine-tunes decoder-only causal LMs (Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)")
     try:  # transformers checks each field's type; the tokenizer reads config.json first and would take the blame
-        loaded = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        loaded = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as error:  # huggingface_hub's validation error, TypeError, ValueError...
         reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
         raise LorakitError(f"{path}: {reason[:300]}; fix that field or re-save the model with save_pretrained") from None
     _check_field_types(loaded, config, path)
     return config
+
+
+def _check_dtype_fields(config: dict, path: Path) -> None:
+    """transformers turns "dtype" (or its older name "torch_dtype") into ``getattr(torch, value)``: anything else,
+    "auto" above all, failed as "module 'torch' has no attribute 'auto'", naming no field. The top level and each
+    sub-config (text_config, vision_config, ...) are checked; lorakit chooses the loading dtype itself."""
+    for where, section in [("", config)] + [(f"{key}.", value) for key, value in config.items()
+                                             if key.endswith("_config") and isinstance(value, dict)]:
+        for key in ("dtype", "torch_dtype"):
+            value = section.get(key)
+            if isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
+                raise LorakitError(f'{path}: "{where}{key}": "{value}" is not a torch dtype, which transformers '
+                                   'cannot read; set it to the dtype the weights are saved in ("bfloat16", "float16" '
+                                   'or "float32") or delete that line')
 
 
 def _check_field_types(loaded, config: dict, path: Path) -> None:
@@ -126,6 +173,22 @@ def _check_field_types(loaded, config: dict, path: Path) -> None:
         if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
             raise LorakitError(f"{path}: Validation error for field {key!r}: expected {type(default).__name__}, got "
                                f"str (value: {value!r}); fix that field or re-save the model with save_pretrained")
+
+
+def _text_model_hint(config: dict) -> str:
+    """How to train the language model inside a vision-language folder, when its text_config is a causal LM
+    transformers builds (Llava's Llama, Mistral 3's Mistral); '' otherwise."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    text = config.get("text_config")
+    text_type = text.get("model_type") if isinstance(text, dict) else None
+    if text_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return ""
+    # checked on Llava (transformers 5): the saved folder gives the vision-language model's text logits exactly
+    return (f"; its text model is a {text_type!r} causal LM: to fine-tune that alone, save it as its own folder and "
+            "pass that: vl = AutoModelForImageTextToText.from_pretrained(folder); lm = AutoModelForCausalLM"
+            ".from_config(vl.config.text_config); lm.model, lm.lm_head = vl.model.language_model, vl.lm_head; "
+            "lm.save_pretrained(out), and the tokenizer with it")
 
 
 def _vision_language_types() -> set[str]:
@@ -252,7 +315,24 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
         model.to(device)
     model.eval()
     model.lorakit_base_name = display
+    _note_unreadable_generation_config(folder)
     return model, tokenizer
+
+
+def _note_unreadable_generation_config(folder: Path) -> None:
+    """transformers drops a generation_config.json it cannot parse without a word (it builds one from config.json),
+    and with it the stop ids the model's authors listed there: said as a warning, the model still loads."""
+    import warnings
+
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError, or bytes that are not UTF-8
+        where = f" (line {error.lineno}: {error.msg})" if isinstance(error, json.JSONDecodeError) else ""
+        warnings.warn(f"{path} is not valid JSON{where}, so it is ignored: generation stops on the tokenizer's eos "
+                      "and the chat template's end of turn only; fix or download the file again", stacklevel=3)
 
 
 def check_weights_file(path: Path, where: str) -> None:
@@ -290,19 +370,86 @@ def load_tokenizer(folder: Path):
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise LorakitError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save it beside the weights "
                            "with tokenizer.save_pretrained(folder)")
+    own_code = _tokenizer_code(folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # trust_remote_code=False: left unset, transformers asks "Do you wish to run the custom code? [y/N]" on a
+        # terminal and a "y" imports the folder's .py files; lorakit never runs a model folder's code
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as error:  # transformers raises OSError, ValueError, TypeError, ... for broken tokenizer files
+        if own_code is not None:
+            fix = ("its tokenizer.json loads without that code if tokenizer_config.json says \"tokenizer_class\": "
+                   "\"PreTrainedTokenizerFast\" (check that it tokenizes as the model expects)"
+                   if (folder / "tokenizer.json").is_file() else
+                   "give the folder a tokenizer.json (where you trust that code, AutoTokenizer.from_pretrained(folder, "
+                   "trust_remote_code=True).save_pretrained(folder) writes one)")
+            raise LorakitError(f"the tokenizer in {folder} needs its own Python code ({own_code}, tokenizer_config.json "
+                               f"auto_map), which lorakit never runs; {fix}") from None
         tokenizer = _tokenizers_backend_fallback(folder)
         if tokenizer is None:
             reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
             raise LorakitError(f"cannot load the tokenizer in {folder}: {reason}") from None
+    if tokenizer.eos_token is None:
+        _eos_from_model_config(tokenizer, folder)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise LorakitError(f"the tokenizer in {folder} has neither a pad nor an eos token; set eos_token in "
+            lacks = "" if (folder / "tokenizer_config.json").is_file() else " (no tokenizer_config.json)"
+            raise LorakitError(f"the tokenizer in {folder} has neither a pad nor an eos token{lacks}, and config.json "
+                               "names no eos_token_id; set \"eos_token\" (the model's end-of-text token) in "
                                "tokenizer_config.json")
         tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        _template_from_json(tokenizer, folder)
     return tokenizer
+
+
+def _eos_from_model_config(tokenizer, folder: Path) -> None:
+    """A tokenizer that names no eos token (a tokenizer.json alone: special-token names live in
+    tokenizer_config.json) gets the model's: ``eos_token_id`` of generation_config.json or config.json, the id
+    transformers' generate stops on (the first, where it lists several)."""
+    for name in ("generation_config.json", "config.json"):
+        try:
+            config = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        ids = config.get("eos_token_id") if isinstance(config, dict) else None
+        first = ids[0] if isinstance(ids, list) and ids else ids
+        if isinstance(first, int) and not isinstance(first, bool) and 0 <= first < len(tokenizer):
+            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(first)
+            return
+
+
+def _template_from_json(tokenizer, folder: Path) -> None:
+    """The chat template of ``chat_template.json`` (``{"chat_template": "..."}``), which processors of
+    vision-language models wrote and transformers 5's tokenizer does not read: without it generation ran on the bare
+    prompt and a merged folder lost the template. An unreadable file is said, and the tokenizer kept as it is."""
+    import warnings
+
+    path = folder / "chat_template.json"
+    if not path.is_file():
+        return
+    try:
+        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+    except (ValueError, AttributeError):
+        template = None
+    if not isinstance(template, str) or not template.strip():
+        warnings.warn(f"{path} holds no readable \"chat_template\" string; the model is used without a chat template",
+                      stacklevel=3)
+        return
+    tokenizer.chat_template = template
+
+
+def _tokenizer_code(folder: Path) -> str | None:
+    """The module.Class that ``tokenizer_config.json``'s ``auto_map`` names for AutoTokenizer (code shipped in the
+    folder), or None."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    entry = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
+    names = [entry] if isinstance(entry, str) else [e for e in entry or () if isinstance(e, str)] \
+        if isinstance(entry, (list, tuple)) else []
+    return names[0] if names else None
 
 
 def _saved_shape(folder: Path, key: str) -> tuple:
@@ -358,7 +505,8 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
 
     if attn_implementation == "sdpa":
         try:
-            attn_implementation = attention_for(AutoConfig.from_pretrained(folder, local_files_only=True), "sdpa")
+            config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+            attn_implementation = attention_for(config, "sdpa")
         except Exception:  # a config transformers cannot read: the load below reports it
             pass
 
@@ -367,7 +515,8 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
         # ignore_mismatched_sizes: transformers' own refusal points at a load report it logs (muted here); a
         # wrong-shaped tensor is named below instead
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
-                                                    output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+                                                    output_loading_info=True, ignore_mismatched_sizes=True,
+                                                    trust_remote_code=False, **kwargs)
 
     try:
         with _quiet_loading():
@@ -443,9 +592,11 @@ def _refuse_pickled_only(folder: Path) -> None:
         return
     pickled = sorted(p.name for suffix in ("bin", "pt", "pth", "ckpt") for p in folder.glob(f"*.{suffix}"))
     if pickled:
+        # transformers 5's save_pretrained writes safetensors only (its safe_serialization argument is gone)
         raise LorakitError(f"{folder} holds only pickled weights ({listed(pickled, limit=3)}); lorakit never unpickles. "
-                           "Convert them to safetensors first (transformers: model.save_pretrained(dir, "
-                           "safe_serialization=True))")
+                           "Convert them to safetensors once, where you trust the file: AutoModelForCausalLM"
+                           f".from_pretrained({str(folder)!r}).save_pretrained(out) (safetensors), and the same with "
+                           "AutoTokenizer; then pass out")
 
 
 def model_config_dict(folder: Path) -> dict:

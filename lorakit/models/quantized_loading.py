@@ -141,7 +141,7 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     if prequantized:  # the model is built plain; lorakit itself puts the 4-bit layers in
         config.quantization_config = None
         delattr(config, "quantization_config")
@@ -149,6 +149,7 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
 
     attn_implementation = attention_for(config, attn_implementation)  # Gemma 2 on transformers 4.x: eager, not sdpa
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    kwargs["trust_remote_code"] = False  # transformers' own class only, never code shipped in the folder
     with _parameters_on_meta():
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
@@ -156,7 +157,7 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
             if "attention implementation" not in str(error) or attn_implementation in (None, "eager"):
                 raise
             attn_implementation = "eager"
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **{**kwargs, "attn_implementation": "eager"})
     reader = _TensorReader(folder)
     checkpoint_keys = reader.keys()
     model_keys = set(model.state_dict().keys())

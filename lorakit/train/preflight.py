@@ -98,9 +98,11 @@ def empty_model(folder: str) -> Any:
     import transformers
 
     try:
-        model_config = transformers.AutoConfig.from_pretrained(os.path.expanduser(folder), local_files_only=True)
+        # trust_remote_code=False: never the folder's own code (unset, transformers may ask on a terminal to run it)
+        model_config = transformers.AutoConfig.from_pretrained(os.path.expanduser(folder), local_files_only=True,
+                                                               trust_remote_code=False)
         with torch.device("meta"):
-            return transformers.AutoModelForCausalLM.from_config(model_config)
+            return transformers.AutoModelForCausalLM.from_config(model_config, trust_remote_code=False)
     except Exception:  # an architecture only a loader knows (remote code, a quantized layout): not this check's job
         return None
 
