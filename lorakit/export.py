@@ -178,6 +178,10 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out", overwrite: 
         raise LorakitError(f"{flag} {given} is a file; give a folder")
     empty = out.is_dir() and not any(out.iterdir())
     if out.is_dir() and not overwrite and not (allow_empty and empty):
+        others = _other_files(out, replaces) if replaces is not None else []
+        if others:  # --overwrite would be refused too (below): say so now, not after a second try
+            raise LorakitError(f"{flag} {given} already exists and holds what {_a(replaces)} {replaces} folder does not "
+                               f"({_shown(others)}); choose another {flag} (a new or empty folder)")
         raise LorakitError(f"{flag} {given} already exists; choose another {flag} or pass --overwrite")
     resolved = out.resolve()
     for what, path in (protected or {}).items():
@@ -223,18 +227,30 @@ def leftover_note(out: str | os.PathLike, flag: str = "--out") -> str | None:
             "to free the space")
 
 
-def _refuse_other_files(out: Path, given, flag: str, kind: str) -> None:
-    """With --overwrite, ``out`` is swapped out whole: refuse when it holds entries a ``kind`` output never holds."""
+def _other_files(out: Path, kind: str) -> list[str]:
+    """The entries of ``out`` a ``kind`` output never holds (folders end in '/')."""
     import fnmatch
 
     patterns = OUTPUT_FILES[kind]
-    others = sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in out.iterdir()
-                    if p.is_dir() or not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in patterns))
+    return sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in out.iterdir()
+                  if p.is_dir() or not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in patterns))
+
+
+def _a(kind: str) -> str:
+    return "an" if kind == "adapter" else "a"
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _refuse_other_files(out: Path, given, flag: str, kind: str) -> None:
+    """With --overwrite, ``out`` is swapped out whole: refuse when it holds entries a ``kind`` output never holds."""
+    others = _other_files(out, kind)
     if others:
-        shown_names = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        raise LorakitError(f"{flag} {given} holds what {'an' if kind == 'adapter' else 'a'} {kind} folder does not "
-                           f"({shown_names}); --overwrite replaces the whole folder and would delete them: move them out "
-                           f"or choose another {flag}")
+        raise LorakitError(f"{flag} {given} holds what {_a(kind)} {kind} folder does not ({_shown(others)}); "
+                           f"--overwrite replaces the whole folder and would delete them: move them out or choose "
+                           f"another {flag}")
 
 
 def write_failure(out: Path, error: OSError) -> str:

@@ -306,6 +306,17 @@ def test_config_json_given_for_the_folder_names_the_folder(root):
     assert f"did you mean its folder {str(root / 'plain')!r}" in line, line
 
 
+def test_merge_into_a_folder_holding_other_files_says_so_first(root):
+    """It said 'already exists ... or pass --overwrite', and --overwrite then refused because of the other files:
+    two tries to learn one thing. The first refusal names the files and does not offer --overwrite."""
+    out = root / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    line = _refused("merge", "--model", root / "plain", "--adapter", root / "run" / "adapter", "--out", out)
+    assert "notes.txt" in line and "--overwrite" not in line, line
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def test_merge_into_a_read_only_folder_is_refused_before_loading(root, monkeypatch):
     """Root passes permission bits, so as root the kernel's refusal is stood in for by refusing mkdir there."""
     parent = root / "read-only"
