@@ -8,6 +8,7 @@ and never unpickles anything.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -415,9 +416,20 @@ def _example(names: list[str]) -> str:
 
 def _refuse_broken_entry(path: Path, follow_symlinks: bool = True) -> None:
     """A dangling symbolic link (a hub cache whose blob never finished downloading) or a folder where an adapter
-    file goes, named as such instead of "not found". Without ``follow_symlinks`` (a server's folders) links are
-    refused by ``_open`` without saying where they point."""
-    if follow_symlinks and path.is_symlink() and not path.exists():
+    file goes, named as such instead of "not found". Without ``follow_symlinks`` (a server's folders) any link is
+    refused without saying where it points (``_open`` refuses one swapped in after this check)."""
+    if not follow_symlinks and path.is_symlink():  # even a dangling one: it is there, so "not found" would mislead
+        raise LorakitError(f"{path} is a symbolic link, refused here (follow_symlinks=False): put the adapter's files "
+                           "themselves there")
+    if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+            loop = False
+        except OSError as error:
+            loop = error.errno == errno.ELOOP
+        if loop:
+            raise LorakitError(f"{path} is a symbolic link that leads back to itself (a loop of links); put the adapter "
+                               "file itself there")
         raise LorakitError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist (an unfinished "
                            "download?); download the adapter again")
     if path.is_dir():

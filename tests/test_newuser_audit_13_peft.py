@@ -17,7 +17,7 @@ import transformers as tf
 
 import lorakit
 from conftest import assert_close
-from lorakit.io import CONFIG_NAME
+from lorakit.io import CONFIG_NAME, WEIGHTS_NAME
 from test_peft_sweep import SMALL, build, round_trip
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 99], [2, 4, 8, 16, 32, 63, 98]])
@@ -93,3 +93,34 @@ def test_a_save_that_fails_halfway_leaves_the_previous_adapter_whole(failure, tm
     again = build("llama")
     lorakit.load_adapter(again, tmp_path / "adapter")
     assert_close(logits(again), logits(old))
+
+
+# -- hostile folders ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def adapter_folder(tmp_path):
+    model = build("llama")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    return lorakit.save_adapter(model, tmp_path / "adapter")
+
+
+def refusal(folder, **options) -> str:
+    model = build("llama")
+    with pytest.raises(lorakit.LorakitError) as error:
+        lorakit.load_adapter(model, folder, **options)
+    assert "\n" not in str(error.value) and not lorakit.adapter_names(model)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("name", [WEIGHTS_NAME, CONFIG_NAME])
+@pytest.mark.parametrize("points_to", ["nowhere", "itself"])
+def test_a_broken_link_is_named_as_a_link_when_links_are_refused(name, points_to, adapter_folder):
+    """With follow_symlinks=False (a server's adapter folders) a dangling link, or one that points to itself, was
+    reported as "adapter_model.safetensors not found; ... it holds adapter_model.safetensors" (or the config "not
+    found"), where the user sees the file. It is refused as the link it is, as a link to a real file is."""
+    target = adapter_folder / name
+    target.unlink()
+    target.symlink_to(target if points_to == "itself" else adapter_folder / "gone")
+    assert f"{target} is a symbolic link, refused here (follow_symlinks=False)" in refusal(adapter_folder,
+                                                                                           follow_symlinks=False)
+    followed = refusal(adapter_folder)  # followed: where it points, or that it is a loop
+    assert ("leads back to itself" if points_to == "itself" else "which does not exist") in followed
