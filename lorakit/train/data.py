@@ -373,12 +373,7 @@ def tokenize_example(
         LorakitError: a bad record, an example too long with overflow="error", or a chat that trains as several
             examples (its template rewrites earlier turns: use :func:`tokenize_examples`).
     """
-    if overflow not in OVERFLOW_CHOICES:
-        raise LorakitError(f"overflow={overflow!r} (--overflow) is not one of {', '.join(OVERFLOW_CHOICES)}")
-    if max_length < 2:
-        raise LorakitError(f"max_length={max_length} (--max-length) is too small; an example needs at least 2 tokens")
-    record = for_tokenizer(record, tokenizer)
-    info = info or tokenizer_info(tokenizer, eot_token)
+    record, info = _checked(record, tokenizer, max_length, overflow, eot_token, info)
     text, spans = render(record, tokenizer, chat_template_kwargs=chat_template_kwargs)
     return _tokenize_rendered(record, text, spans, tokenizer, max_length, overflow, info, drops)
 
@@ -405,16 +400,24 @@ def _tokenize_record(record: Record | Mapping, tokenizer: Any, max_length: int, 
                      template_kwargs: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]], bool, bool]:
     """:func:`tokenize_examples`, whether the chat was split per assistant turn and whether its call ids were
     shortened."""
+    record, info = _checked(record, tokenizer, max_length, overflow, eot_token, info)
+    rendered, per_turn, short_ids = _render_examples(record, tokenizer, template_kwargs)
+    examples = [_tokenize_rendered(record, text, spans, tokenizer, max_length, overflow, info, drops)
+                for text, spans in rendered]
+    return [ex for ex in examples if ex is not None], per_turn, short_ids
+
+
+def _checked(record: Record | Mapping, tokenizer: Any, max_length: int, overflow: str, eot_token: str | None,
+             info: TokenizerInfo | None) -> tuple[Record, TokenizerInfo]:
+    """The options checked, the record validated for this tokenizer and its ``TokenizerInfo`` (``info`` if given):
+    what tokenizing one record, as one example or as several, starts with."""
     if overflow not in OVERFLOW_CHOICES:
         raise LorakitError(f"overflow={overflow!r} (--overflow) is not one of {', '.join(OVERFLOW_CHOICES)}")
     if max_length < 2:
         raise LorakitError(f"max_length={max_length} (--max-length) is too small; an example needs at least 2 tokens")
     record = for_tokenizer(record, tokenizer)
     info = info or tokenizer_info(tokenizer, eot_token)
-    rendered, per_turn, short_ids = _render_examples(record, tokenizer, template_kwargs)
-    examples = [_tokenize_rendered(record, text, spans, tokenizer, max_length, overflow, info, drops)
-                for text, spans in rendered]
-    return [ex for ex in examples if ex is not None], per_turn, short_ids
+    return record, info
 
 
 def _tokenize_rendered(record: Record, text: str, spans: list[tuple[int, int]], tokenizer: Any, max_length: int,
