@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,7 @@ import torch
 
 from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder, wait_idle
 
-LONG = 600  # tokens of a generation that runs for seconds on the test machine
+LONG = 2000  # tokens of a generation that runs for seconds on the test machine
 
 
 def _peft_adapter(model_dir: Path, folder: Path, seed: int) -> None:
@@ -170,3 +171,52 @@ def test_load_of_a_removed_adapter_unloads_it(server):
         assert "temp2" not in [a["name"] for a in client.get("/v1/adapters").json()["data"]]
     finally:
         shutil.rmtree(adapters / "temp2", ignore_errors=True)
+
+
+# -- clients that leave while their request waits for a row --------------------------------------------------------
+def _raw_stream(url: str, body: dict, stream: bool = True):
+    """A (streaming) completion sent on a bare socket, so the test decides when the client goes."""
+    import socket
+
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    data = json.dumps({**body, "stream": stream}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    return sock
+
+
+def test_a_queued_request_whose_client_left_frees_its_adapter_at_once(server):
+    """With every row of the batch busy, a request waits in the engine's queue. Its client leaving marked it
+    cancelled, but it stayed queued, its adapter pinned ("serving 1 request(s)" to an unload, never evicted) and
+    counted in /health's waiting, until a row came free (a long generation's whole run). Now it leaves the queue
+    at the next step."""
+    root = server["root"]
+    process = ServerProcess(root / "model", server["adapters"], "--max-tokens", str(LONG), "--max-batch", "1",
+                            log=root / "server_batch1.log")
+    try:
+        with httpx.Client(base_url=process.url, timeout=60) as client:
+            runner = _raw_stream(process.url, {"model": "orders", "prompt": "x", "max_tokens": LONG, "temperature": 0})
+            runner.recv(1)  # generating: the only row is taken
+            queued = [_raw_stream(process.url, {"model": name, "prompt": "x", "max_tokens": 4, "temperature": 0},
+                                  stream) for name, stream in (("support-v2", True), ("peft-qv", False))]
+            deadline = time.monotonic() + 10
+            while client.get("/health").json()["waiting"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.get("/health").json()["waiting"] == 2
+            for sock in queued:
+                sock.close()
+            deadline = time.monotonic() + 3
+            while client.get("/health").json()["waiting"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            health = client.get("/health").json()
+            assert health["waiting"] == 0 and health["running"] == 1, health  # the long one still runs
+            in_use = {a["name"]: a["in_use"] for a in client.get("/v1/adapters").json()["data"]}
+            assert in_use == {"orders": 1, "support-v2": 0, "peft-qv": 0}, in_use
+            assert client.post("/v1/adapters/unload", json={"name": "support-v2"}).status_code == 200
+            runner.close()
+            assert wait_idle(client, 5.0)
+            assert _text(client, "support-v2") == _text(server["client"], "support-v2")
+    finally:
+        process.stop()
+    assert "Traceback" not in (root / "server_batch1.log").read_text()

@@ -184,13 +184,19 @@ class Engine:
                         request.finished = True
                         request.on_finish("cancelled")
                     return
+                # a queued request whose client left ends now, not once a row comes free (a long generation's
+                # whole run): until on_finish it keeps its adapter pinned and counts as waiting
+                left = [r for r in self._waiting if r.cancelled]
+                if left:
+                    self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
                 room = max(0, self.max_batch - len(self._running))
                 newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-            done: list[tuple[Request, str]] = []
+            done: list[tuple[Request, str]] = [(r, "cancelled") for r in left]
             try:
-                with self.model_lock:
-                    self._step(newcomers, done)
-                    self.steps += 1
+                if newcomers or self._running:
+                    with self.model_lock:
+                        self._step(newcomers, done)
+                        self.steps += 1
             except Exception as error:  # a bug or an out-of-memory: fail this batch, keep serving
                 traceback.print_exc()
                 message = f"error: {type(error).__name__}: {error}"
