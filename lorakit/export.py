@@ -598,8 +598,11 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int, base_name: str) -> N
     if adds is not None:
         writer.add_add_bos_token(adds[0])
         writer.add_add_eos_token(adds[1])
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates ("default", "tool_use"): gguf takes them as a list of entries
+        template = [{"name": name, "template": text} for name, text in template.items()]
+    if template:
+        writer.add_chat_template(template)
 
 
 def _prepends_space(spec: dict) -> bool:

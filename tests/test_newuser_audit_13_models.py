@@ -365,3 +365,36 @@ def test_a_tied_bf16_folder_trains_and_merges_to_the_same_logits(root, tmp_path)
         expected = model(ids).logits
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
     assert_close(merged, expected)
+
+
+def test_named_chat_templates_survive_merge_and_gguf_export(root, tmp_path):
+    """tokenizer_config.json may hold a list of named templates (Command-R, Hermes 2 Pro: "default", "tool_use"),
+    which transformers reads as a dict. GGUF export handed that dict to gguf's writer, which iterates a list of
+    {"name", "template"} entries: AttributeError ('str' object has no attribute 'get'), a traceback."""
+    import gguf
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from test_gguf_architectures import qwen_tokenizer
+    from test_serve_support import CHATML, make_adapter
+
+    tokenizer = qwen_tokenizer()
+    folder = tmp_path / "named"
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    base.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    tool_use = CHATML + "{# tools #}"
+    _edit_json(folder / "tokenizer_config.json", lambda d: d.update(
+        chat_template=[{"name": "default", "template": CHATML}, {"name": "tool_use", "template": tool_use}]))
+    adapter = make_adapter(base, tmp_path / "adapter", seed=1)
+    code, out, err = _run("merge", "--model", folder, "--adapter", adapter, "--out", tmp_path / "merged",
+                          "--format", "gguf", "--dtype", "fp32")
+    assert code == 0, err
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == {"default": CHATML, "tool_use": tool_use}
+    fields = gguf.GGUFReader(next((tmp_path / "merged").glob("*.gguf"))).fields
+    assert fields["tokenizer.chat_template"].contents() == CHATML
+    assert fields["tokenizer.chat_template.tool_use"].contents() == tool_use
+
+
