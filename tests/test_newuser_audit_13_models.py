@@ -398,3 +398,25 @@ def test_named_chat_templates_survive_merge_and_gguf_export(root, tmp_path):
     assert fields["tokenizer.chat_template.tool_use"].contents() == tool_use
 
 
+def test_a_hugging_face_cache_entry_names_its_snapshot_and_the_snapshot_loads(root, tmp_path):
+    """``hf download`` without --local-dir leaves models--org--name/snapshots/<commit>/ of links into blobs/; the
+    entry itself has no config.json. The refusal names the snapshot to pass, and that folder (links) works."""
+    import hashlib
+
+    entry = tmp_path / "hub" / "models--org--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = entry / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (entry / "blobs").mkdir()
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(commit)
+    for file in (root / "plain").iterdir():
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copy(file, entry / "blobs" / blob)
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob))
+    line = _refused("generate", "--model", entry, PROMPT)
+    assert "Hugging Face cache entry" in line and line.endswith(str(snapshot)), line
+    code, out, err = _run("merge", "--model", snapshot, "--adapter", root / "run" / "adapter", "--out",
+                          tmp_path / "merged", "--dtype", "fp32")
+    assert code == 0, err
+    assert not any(p.is_symlink() for p in (tmp_path / "merged").iterdir())  # real files, not links into the cache

@@ -44,6 +44,10 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
                                "Hugging Face folders; convert it once: transformers' AutoModelForCausalLM.from_pretrained("
                                f"{str(folder)!r}, gguf_file={gguf[0]!r}).save_pretrained(out), and the same with "
                                "AutoTokenizer")
+        snapshot = _cache_snapshot(folder)
+        if snapshot is not None:  # ~/.cache/huggingface/hub/models--org--name: the files are one level down
+            raise LorakitError(f"{folder} is a Hugging Face cache entry, not the model folder; pass its snapshot: "
+                               f"{snapshot}")
         raise LorakitError(f"{folder} has no config.json; give a Hugging Face model folder (config.json, safetensors "
                            "weights, tokenizer files)")
     _refuse_pickled_only(folder)
@@ -81,6 +85,22 @@ def _check_weights_present(folder: Path) -> None:
         raise LorakitError(f"{folder}: {INDEX} names {len(shards)} weight shards and {listed(missing, limit=3)} "
                            f"{'is' if len(missing) == 1 else 'are'} not in the folder (an interrupted download?); "
                            "download the missing shards into the same folder")
+
+
+def _cache_snapshot(folder: Path) -> Path | None:
+    """The snapshot folder of a Hugging Face cache entry (``models--org--name``, whose ``snapshots/<commit>`` holds
+    config.json): the one ``refs/main`` names, else the newest; None for any other folder."""
+    snapshots = folder / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    try:
+        main = (folder / "refs" / "main").read_text(encoding="utf-8").strip()
+    except (OSError, ValueError):
+        main = ""
+    if main and (snapshots / main / "config.json").is_file():
+        return snapshots / main
+    found = [p for p in snapshots.iterdir() if (p / "config.json").is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def _looks_like_hub_id(text: str) -> bool:
