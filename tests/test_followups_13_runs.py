@@ -183,3 +183,36 @@ def test_train_cli_reads_a_file_of_aliased_roles(tmp_path, tiny_folder, capsys):
                  "--max-steps", "1", "--no-progress", *FAST])
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+# -- hostile data files --------------------------------------------------------------------------------------------
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
+    """dict(zip(header, cells)) kept the last of two 'prompt' columns: the first column's text was dropped without a
+    word. Empty names (the trailing ',,' of a spreadsheet export) may repeat: those columns are ignored."""
+    from lorakit.train.sources import read_records
+
+    twice = tmp_path / "twice.csv"
+    twice.write_text("prompt,prompt,completion\nsystem says,copy a b :,a b\n", encoding="utf-8")
+    with pytest.raises(LorakitError) as caught:
+        read_records(twice)
+    assert str(caught.value) == ("twice.csv:1: the header names 'prompt' twice (columns 1 and 2); each row would keep "
+                                 "only the last: rename or remove one")
+    trailing = tmp_path / "trailing.csv"
+    trailing.write_text("prompt,completion,,\r\ncopy a b :,a b,,\r\n", encoding="utf-8")
+    assert [dict(r.fields) for r in read_records(trailing)] == [{"prompt": "copy a b :", "completion": "a b"}]
+
+
+@pytest.mark.parametrize("header", ["prompt,completion", "prompt\tcompletion", "Prompt;Completion"])
+def test_a_csv_saved_as_jsonl_says_to_rename_it(tmp_path, header):
+    """A spreadsheet export named .jsonl failed with "malformed JSON (Expecting value at column 1); one object per
+    line", which does not say that the file is a table that reads fine under its right name."""
+    from lorakit.train.sources import read_records
+
+    sep = header[len("prompt")]
+    data = tmp_path / "export.jsonl"
+    data.write_text(f"{header}\ncopy a b :{sep}a b\n", encoding="utf-8")
+    with pytest.raises(LorakitError, match=r"^export\.jsonl:1: malformed JSON .*; this line is a CSV header \(prompt, "
+                                           r"completion\), not JSON: name the file \.csv \(or \.tsv for tabs\)"):
+        read_records(data)
+    renamed = data.rename(tmp_path / ("export.tsv" if sep == "\t" else "export.csv"))
+    assert [r.shape for r in read_records(renamed)] == ["prompt_completion"]

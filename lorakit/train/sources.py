@@ -273,6 +273,9 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] 
                        "array in [...])") if comma else "one object per line"
                 if text.lstrip().startswith("{'"):  # print(record) / str(record) instead of json.dumps(record)
                     fix = "single quotes are Python's print() of a dict, not JSON: write each record with json.dumps"
+                elif lineno == 1 and _csv_header(text):  # a spreadsheet export saved under a JSON name
+                    fix = (f"this line is a CSV header ({_csv_header(text)}), not JSON: name the file .csv (or .tsv "
+                           "for tabs) and it reads as a table")
                 raise LorakitError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); {fix}") from None
             objects = [(f"{path.name}:{line_no}", value) for line_no, value in values]
             break
@@ -287,6 +290,16 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] 
         if suffix == ".json":  # one (pretty-printed) record
             return [validate_record(objects[0][1], path.name)]
     return [validate_record(obj, where) for where, obj in objects]
+
+
+def _csv_header(line: str) -> str | None:
+    """The field names of ``line`` when it is a CSV / TSV header naming a known field ("prompt,completion"), else
+    None."""
+    delimiter = next((d for d in ("\t", ";", ",") if d in line), None)
+    if delimiter is None or line.lstrip()[:1] in ("{", "["):
+        return None
+    names = [name.strip().strip('"').lower() for name in line.split(delimiter)]
+    return ", ".join(names) if any(name in HEADER_NAMES for name in names) else None
 
 
 def _pandas_rows(obj: Mapping) -> list[tuple[str, dict]] | None:
@@ -413,6 +426,12 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
             raise LorakitError(f"{path.name}:1: the header line names no known field ({cells}); "
                                "the first line of a CSV names its columns: text, or prompt and completion, or messages "
                                "(rename them, or add a header line if that line is data)")
+        named = [name.strip() for name in header]
+        twice = next((name for name in named if name and named.count(name) > 1), None)
+        if twice is not None:  # each row would keep only the last of them: the other column dropped without a word
+            columns = " and ".join(str(i + 1) for i, name in enumerate(named) if name == twice)
+            raise LorakitError(f"{path.name}:1: the header names {twice!r} twice (columns {columns}); each row would "
+                               "keep only the last: rename or remove one")
         records, end = [], reader.line_num  # end: the line the last row read ends on
         for cells in reader:
             # a quoted cell with newlines (a long answer) makes a row span lines: it is named by its first line
