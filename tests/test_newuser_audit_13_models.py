@@ -420,3 +420,18 @@ def test_a_hugging_face_cache_entry_names_its_snapshot_and_the_snapshot_loads(ro
                           tmp_path / "merged", "--dtype", "fp32")
     assert code == 0, err
     assert not any(p.is_symlink() for p in (tmp_path / "merged").iterdir())  # real files, not links into the cache
+
+
+def test_a_sentencepiece_only_tokenizer_without_the_package_names_the_package(root, tmp_path):
+    """Older Llama 2 / Mistral folders ship tokenizer.model (SentencePiece) without tokenizer.json. Without the
+    sentencepiece package transformers logged a paragraph and then said "`tiktoken` is required", the wrong package."""
+    import importlib.util
+
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed here: the folder's tokenizer.model is read by it")
+    folder = _copy(root, "sentencepiece-only")
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.model").write_bytes(b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02" + bytes(range(256)) * 8)
+    _edit_json(folder / "tokenizer_config.json", lambda d: d.update(tokenizer_class="LlamaTokenizer"))
+    line = _refused("generate", "--model", folder, PROMPT)
+    assert "pip install sentencepiece" in line and "tokenizer.model" in line and "tiktoken" not in line, line

@@ -390,6 +390,7 @@ def load_tokenizer(folder: Path):
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise LorakitError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save it beside the weights "
                            "with tokenizer.save_pretrained(folder)")
+    _check_sentencepiece(folder)
     own_code = _tokenizer_code(folder)
     try:
         # trust_remote_code=False: left unset, transformers asks "Do you wish to run the custom code? [y/N]" on a
@@ -420,6 +421,23 @@ def load_tokenizer(folder: Path):
     if not getattr(tokenizer, "chat_template", None):
         _template_from_json(tokenizer, folder)
     return tokenizer
+
+
+def _check_sentencepiece(folder: Path) -> None:
+    """A SentencePiece ``tokenizer.model`` with no tokenizer.json (older Llama 2 / Mistral folders) is read by the
+    sentencepiece package, which lorakit does not require: without it transformers logged a paragraph and asked for
+    tiktoken, the wrong package. A tiktoken-format tokenizer.model (base64 and a rank per line) is left to it."""
+    import importlib.util
+
+    model = folder / "tokenizer.model"
+    if (folder / "tokenizer.json").is_file() or not model.is_file() or importlib.util.find_spec("sentencepiece"):
+        return
+    with open(model, "rb") as handle:
+        head = handle.read(256)
+    if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):  # tiktoken's text format: transformers names tiktoken itself
+        return
+    raise LorakitError(f"{folder} has a SentencePiece tokenizer.model and no tokenizer.json; reading it needs the "
+                       "sentencepiece package: pip install sentencepiece (or put the model's tokenizer.json beside it)")
 
 
 def _eos_from_model_config(tokenizer, folder: Path) -> None:
