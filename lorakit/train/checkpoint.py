@@ -27,7 +27,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -160,6 +160,19 @@ def os_error_of(error: BaseException) -> OSError | None:
     return None
 
 
+def write_into_temp(write: Callable[[Path], Any], path: Path) -> None:
+    """``write(path)``, where ``path`` is inside a hidden temporary folder: a LorakitError it raises over an OSError
+    (save_adapter's line names that folder and says to choose another) is raised as the OSError itself, so the
+    caller's handler says what failed with the real destination's name."""
+    try:
+        write(path)
+    except LorakitError as error:
+        cause = os_error_of(error)
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -206,13 +219,7 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
             rng_tensors.update({f"rank{r}.{k}": v for k, v in tensors.items()})
         _write_safetensors(tmp / "rng.safetensors", rng_tensors)
         if adapter_writer is not None:
-            try:
-                adapter_writer(tmp / "adapter")
-            except LorakitError as error:  # the writer's own line names the hidden temporary folder: say ours
-                cause = os_error_of(error)
-                if cause is None:
-                    raise
-                raise cause from None
+            write_into_temp(adapter_writer, tmp / "adapter")
         _write_json(tmp / "state.json", {"format": FORMAT, "step": step, "rng": rngs[0][1],
                                          "rng_ranks": [scalars for _, scalars in rngs[1:]], **state})
         _fsync_dir(tmp)

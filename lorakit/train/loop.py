@@ -36,8 +36,8 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.optim import Schedule, build_optimizer
-from lorakit.train.checkpoint import (find_checkpoint, load_checkpoint, os_error_of, read_state, rng_state,
-                                      save_checkpoint)
+from lorakit.train.checkpoint import (find_checkpoint, load_checkpoint, read_state, rng_state, save_checkpoint,
+                                      write_into_temp)
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import (  # world is re-exported: the runner imports it from here
     all_reduce_gradients, all_reduce_sum, apply_fsdp, full_state, gather_objects, gathered_trainable, is_sharded,
@@ -373,13 +373,7 @@ def _atomic_folder(final: Path, write: Callable[[Path], Any], again: str = "try 
     ``again``, what to do once there is room."""
     tmp = temp_dir(final)
     try:
-        try:
-            write(tmp)
-        except LorakitError as error:  # save_adapter's line names the temporary folder and says "choose a folder"
-            cause = os_error_of(error)
-            if cause is None:
-                raise
-            raise cause from None
+        write_into_temp(write, tmp)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old")
