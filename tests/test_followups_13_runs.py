@@ -216,3 +216,23 @@ def test_a_csv_saved_as_jsonl_says_to_rename_it(tmp_path, header):
         read_records(data)
     renamed = data.rename(tmp_path / ("export.tsv" if sep == "\t" else "export.csv"))
     assert [r.shape for r in read_records(renamed)] == ["prompt_completion"]
+
+
+def test_a_data_file_given_twice_is_noted(tmp_path, tiny_folder, tiny_data, capsys, monkeypatch):
+    """`--data train.jsonl ./train.jsonl` trained every record twice per epoch without a word (the summary only
+    showed twice the count). It may be meant (weighing a file up), so it is a note, not a refusal; eval too."""
+    from lorakit.train.sources import repeated_note
+
+    train_path, val_path = tiny_data
+    monkeypatch.chdir(train_path.parent)
+    assert repeated_note(["train.jsonl", "val.jsonl"], "--data") is None
+    code = main(["train", "--model", str(tiny_folder), "--data", "train.jsonl", "./train.jsonl", "--out",
+                 str(tmp_path / "run"), "--max-steps", "1", "--no-progress", *FAST])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert ("note: --data gives train.jsonl 2 times; each is read that many times over, its records weighed up "
+            "against the rest: give a file once unless that is meant") in out, out
+    assert "training data: 96 examples" in out
+    code = main(["eval", "--model", str(tiny_folder), "--data", "val.jsonl", str(val_path), "--no-generate"])
+    out = capsys.readouterr().out
+    assert code == 0 and "note: --data gives val.jsonl 2 times" in out, out

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.batches import Collator
     from lorakit.train.data import build_dataset, pad_id_for
     from lorakit.train.evaluate import dataset_loss, perplexity, score_generations, scorable
-    from lorakit.train.sources import VALIDATION_SPLITS, read_many
+    from lorakit.train.sources import VALIDATION_SPLITS, read_many, repeated_note
     from lorakit.train.loop import compute_dtype_for, show_bar
     from lorakit.train.runner import choose_device
 
@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         from lorakit.data import embedded_dataset_paths
 
         paths = [str(embedded_dataset_paths()[1])]
+    if repeated_note(paths, "--data"):
+        print(repeated_note(paths, "--data"))
     records = read_many(paths, split=VALIDATION_SPLITS)  # a folder or file of splits: its validation (or test) split
     if args.limit is not None:
         records = records[: args.limit]

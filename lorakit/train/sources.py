@@ -13,6 +13,7 @@ import codecs
 import csv
 import io
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -241,6 +242,21 @@ def read_many(paths: str | Path | Iterable[str | Path], split: str | Sequence[st
     for p in paths:
         records.extend(read_records(p, split))
     return records
+
+
+def repeated_note(paths: Iterable[str | Path], flag: str) -> str | None:
+    """One line naming the files ``paths`` gives more than once (by where they lie, ``./a.jsonl`` = ``a.jsonl``),
+    whose records are then read that many times over; None when each is given once. A note, not a refusal:
+    giving a file twice is also a way to weigh it up against the others."""
+    counts: dict[str, list] = {}
+    for path in paths:
+        counts.setdefault(os.path.realpath(os.path.expanduser(str(path))), []).append(str(path))
+    repeated = [(given[0], len(given)) for given in counts.values() if len(given) > 1]
+    if not repeated:
+        return None
+    files = ", ".join(f"{name} {n} times" for name, n in repeated)
+    return (f"note: {flag} gives {files}; each is read that many times over, its records weighed up against the "
+            "rest: give a file once unless that is meant")
 
 
 def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] | None = None) -> list[Record]:
