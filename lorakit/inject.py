@@ -161,6 +161,24 @@ def _inside(path: str, names: list[str]) -> bool:
     return any(re.match(rf"(^|.*\.){re.escape(name)}($|\..*)", path) for name in names)
 
 
+def _no_chosen_layer(config: LoraConfig, paths: list[str]) -> str:
+    """Why ``layers_to_transform`` left none of ``paths``: its numbers name no layer they are in, or
+    ``layers_pattern`` is no part of their paths (an adapter of GPT-2's "h" on a Llama's "layers")."""
+    layers: set[int] = set()
+    for path in paths:  # the numbers of the path that peft's rule reads as its layer (config.in_chosen_layers)
+        layers.update(n for n in {int(part) for part in path.split(".") if part.isdigit()}
+                      if config.replace(layers_to_transform=[n]).in_chosen_layers(path))
+    target = (f"target_modules {shown(config.target_modules)} matches {len(paths)} modules, but layers_to_transform "
+              f"({len(paths)}) takes out every one, leaving nothing to adapt:")
+    if layers:
+        return (f"{target} {shown(config.layers_to_transform)} names no layer of these modules (their layers: "
+                f"{', '.join(map(str, sorted(layers)))}); choose among those")
+    if config.layers_pattern:
+        return (f"{target} layers_pattern {shown(config.layers_pattern)} is no part of their paths (such as {paths[0]}); "
+                "name the part before the layer number, or leave layers_pattern out")
+    return f"{target} their paths (such as {paths[0]}) hold no layer number to choose by"
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     """Target path -> original module, following the config's rules. Raises if nothing matches."""
     modules = _base_modules(model)
@@ -170,6 +188,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     heads = output_head_names(model)
     targets: dict[str, nn.Module] = {}
     removed: Counter = Counter()  # matched, then taken out by another field: named if nothing is left
+    outside_layers: list[str] = []
     for path, module in modules.items():
         if not path:
             continue
@@ -179,6 +198,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
             chosen = _matches(path, config.target_modules)
         if chosen and not config.in_chosen_layers(path):
             chosen, removed["layers_to_transform"] = False, removed["layers_to_transform"] + 1
+            outside_layers.append(path)
         if chosen and config.exclude_modules and _matches(path, config.exclude_modules):
             chosen, removed["exclude_modules"] = False, removed["exclude_modules"] + 1
         if chosen and config.modules_to_save and _inside(path, config.modules_to_save):
@@ -186,6 +206,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
             chosen, removed["modules_to_save"] = False, removed["modules_to_save"] + 1
         if chosen:
             targets[path] = module
+    if not targets and list(removed) == ["layers_to_transform"]:
+        raise LorakitError(_no_chosen_layer(config, outside_layers))
     if not targets and removed:
         why = ", ".join(f"{field} ({count})" for field, count in removed.items())
         raise LorakitError(f"target_modules {config.target_modules!r} matches {sum(removed.values())} modules, but "

@@ -9,6 +9,9 @@ merges (same logits, and peft's merge_and_unload's where peft's merge is right).
 
 from __future__ import annotations
 
+import json
+import re
+
 
 import peft
 import pytest
@@ -124,3 +127,23 @@ def test_a_broken_link_is_named_as_a_link_when_links_are_refused(name, points_to
                                                                                            follow_symlinks=False)
     followed = refusal(adapter_folder)  # followed: where it points, or that it is a loop
     assert ("leads back to itself" if points_to == "itself" else "which does not exist") in followed
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(layers_to_transform=[5], layers_pattern="layers"), r"layers_to_transform \(2\) takes out every one, leaving "
+                                                             r"nothing to adapt: \[5\] names no layer of these modules "
+                                                             r"\(their layers: 0, 1\); choose among those"),
+    (dict(layers_to_transform=[0], layers_pattern="h"), r"layers_pattern 'h' is no part of their paths \(such as "
+                                                        r"model\.layers\.0\.self_attn\.q_proj\); name the part before "
+                                                        r"the layer number"),
+])
+def test_layers_to_transform_that_leaves_nothing_says_which_field_is_wrong(options, words, tmp_path):
+    """A GPT-2 adapter's layers_pattern "h" on a Llama, or a layer number the model lacks (a 2-layer model's layer 5),
+    was refused with "... layers_to_transform (2) takes out every one ...; narrow layers_to_transform or widen
+    target_modules", advice that cannot help: the file's pattern or its numbers do not fit this model."""
+    model = build("llama")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    lorakit.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, **options}))
+    assert re.search(words, refusal(tmp_path))
