@@ -222,8 +222,8 @@ def test_train_from_python_prints_the_data_summary_once(model):
     result = train(tiny_llama(vocab_size=len(tok)), tok, records, config, log=lines.append)
     assert result.steps == 1
     summary = [line for line in lines if line.startswith("training data: ")]
-    assert summary == ["training data: 4 examples (5 prompt_completion), 1 dropped, 0 truncated at max_length=32; "
-                       + summary[0].split("; ", 1)[1]], lines
+    assert summary == ["training data: 4 examples (from 5 records: 5 prompt_completion), 1 dropped, 0 truncated at "
+                       "max_length=32; " + summary[0].split("; ", 1)[1]], lines
     notes = [line for line in lines if line.startswith("note: ")]
     assert len(notes) == 1 and notes[0].startswith("note: 1 of 5 examples were dropped: 1 longer than max_length=32")
 

@@ -236,3 +236,16 @@ def test_a_data_file_given_twice_is_noted(tmp_path, tiny_folder, tiny_data, caps
     code = main(["eval", "--model", str(tiny_folder), "--data", "val.jsonl", str(val_path), "--no-generate"])
     out = capsys.readouterr().out
     assert code == 0 and "note: --data gives val.jsonl 2 times" in out, out
+
+
+def test_the_data_summary_counts_examples_and_records_apart():
+    """A dropped record made the summary read "8 examples (9 prompt_completion)", two counts of one thing that
+    disagree; when examples and records differ, it now says which is which (and 1 example is singular)."""
+    from lorakit.train.data import DataSummary
+
+    same = DataSummary(examples=9, shapes={"prompt_completion": 9}, max_length=32)
+    assert str(same).startswith("9 examples (9 prompt_completion), 0 dropped")
+    dropped = DataSummary(examples=8, dropped=1, shapes={"prompt_completion": 9}, max_length=32)
+    assert str(dropped).startswith("8 examples (from 9 records: 9 prompt_completion), 1 dropped")
+    one = DataSummary(examples=1, dropped=2, shapes={"text": 1, "messages": 2}, max_length=32)
+    assert str(one).startswith("1 example (from 3 records: 2 messages, 1 text), 2 dropped")

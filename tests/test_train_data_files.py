@@ -398,7 +398,7 @@ def test_examples_longer_than_max_length_name_the_file(tmp_path, tok):
     # most (not all) dropped: trains, and the note says how many, why and where
     records = read_records(write_jsonl(tmp_path / "most.jsonl", [{"prompt": "q ", "completion": "a"}, long, long]))
     ds = build_dataset(records, tok, max_length=16)
-    assert str(ds.summary).startswith("1 examples (3 prompt_completion), 2 dropped")
+    assert str(ds.summary).startswith("1 example (from 3 records: 3 prompt_completion), 2 dropped")
     assert re.fullmatch(r"note: 2 of 3 examples were dropped: 2 longer than max_length=16 tokens \(raise --max-length "
                         r"or pass --overflow truncate\); the first is most\.jsonl:2", ds.summary.drop_note())
 

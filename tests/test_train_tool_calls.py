@@ -734,7 +734,7 @@ def test_cli_trains_a_tool_chat_file(tmp_path, capsys, name):
                  "--no-progress", "--pack", "--max-length", "512"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "training data: 8 examples (4 messages), 0 dropped" in out, out
+    assert "training data: 8 examples (from 4 records: 4 messages), 0 dropped" in out, out
     assert "trained as one example per assistant turn" in out, out
     assert ("the tool call ids of 4 chats were cut to the 9 characters" in out) == (name == "mistral"), out
     assert "held-out exact match" in out and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

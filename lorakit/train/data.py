@@ -557,9 +557,13 @@ class DataSummary:
 
     def __str__(self) -> str:
         shapes = ", ".join(f"{n} {s}" for s, n in sorted(self.shapes.items()))
+        records = sum(self.shapes.values())
+        if records != self.examples:  # drops, or chats split per turn: "8 examples (9 prompt_completion)" misread
+            shapes = f"from {records} record{'s' * (records != 1)}: {shapes}"
         packed = f", packed into {self.rows} rows" if self.packed else ""
         return (
-            f"{self.examples} examples ({shapes}), {self.dropped} dropped, {self.truncated} truncated at "
+            f"{self.examples} example{'s' * (self.examples != 1)} ({shapes}), {self.dropped} dropped, "
+            f"{self.truncated} truncated at "
             f"max_length={self.max_length}; {self.supervised_tokens} supervised of {self.tokens} tokens{packed}"
         )
 
