@@ -291,6 +291,8 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name in ("config.json", "tokenizer_config.json"):
+            drop_missing_code(tmp / name)
         for path in tmp.iterdir():
             publish_mode(path)
         replace_folder(tmp, out)  # an existing folder (--overwrite) is swapped out only once this one is whole
@@ -301,6 +303,36 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def drop_missing_code(path: Path) -> None:
+    """Remove the ``auto_map`` entries of a written config whose module file is not in the folder.
+
+    A Hub folder's auto_map (Phi-3 mini: configuration_phi3.modeling_phi3 for a model_type transformers has built
+    in) is copied into the saved config, but lorakit built the model with transformers' own class and the .py files
+    stay behind: from_pretrained(out, trust_remote_code=True) then failed for a file the folder lacks. A model of
+    custom code (loaded by the caller with trust_remote_code) has its files saved beside, so its entries stay, as do
+    references to another repository ("org/repo--module.Class").
+    """
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not isinstance(auto_map, dict):
+        return
+
+    def present(reference) -> bool:
+        names = [reference] if isinstance(reference, str) else [r for r in reference or () if isinstance(r, str)]
+        return all("--" in name or (path.parent / f"{name.rsplit('.', 1)[0]}.py").is_file() for name in names)
+
+    kept = {key: value for key, value in auto_map.items() if present(value)}
+    if kept == auto_map:
+        return
+    if kept:
+        config["auto_map"] = kept
+    else:
+        del config["auto_map"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # -- GGUF ---------------------------------------------------------------------------------------------------------

@@ -435,3 +435,31 @@ def test_a_sentencepiece_only_tokenizer_without_the_package_names_the_package(ro
     _edit_json(folder / "tokenizer_config.json", lambda d: d.update(tokenizer_class="LlamaTokenizer"))
     line = _refused("generate", "--model", folder, PROMPT)
     assert "pip install sentencepiece" in line and "tokenizer.model" in line and "tiktoken" not in line, line
+
+
+def test_a_merged_folder_names_no_code_it_does_not_hold(root, tmp_path):
+    """Hub folders such as Phi-3 mini carry an auto_map (configuration_phi3.py, modeling_phi3.py) for a model_type
+    transformers has built in. lorakit loads them with transformers' class, and the merged folder kept the auto_map
+    without the .py files: from_pretrained(merged, trust_remote_code=True), as such model cards say to load,
+    failed with "does not appear to have a file named configuration_x.py"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _copy(root, "auto-map")
+    _edit_json(folder / "config.json", lambda d: d.update(auto_map={"AutoConfig": "configuration_x.XConfig",
+                                                                    "AutoModelForCausalLM": "modeling_x.XForCausalLM"}))
+    _edit_json(folder / "tokenizer_config.json", lambda d: d.update(
+        auto_map={"AutoTokenizer": ["tokenization_x.XTokenizer", None]}))
+    for name in ("configuration_x.py", "modeling_x.py", "tokenization_x.py"):
+        (folder / name).write_text("raise SystemExit('the folder code ran')\n")
+    out = tmp_path / "merged"
+    code, _, err = _run("merge", "--model", folder, "--adapter", root / "run" / "adapter", "--out", out, "--dtype", "fp32")
+    assert code == 0, err
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
+    AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+
+    code, _, err = _run("quantize", "--model", folder, "--out", tmp_path / "nf4")  # the 4-bit folder alike
+    assert code == 0, err
+    assert "auto_map" not in json.loads((tmp_path / "nf4" / "config.json").read_text())
+    assert "auto_map" not in json.loads((tmp_path / "nf4" / "tokenizer_config.json").read_text())
