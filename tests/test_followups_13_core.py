@@ -155,3 +155,25 @@ def test_trainable_tokens_load_peaks_at_what_the_adapter_holds(tmp_path):
     for copy in copies:
         assert torch.equal(copy.weight[rows], trained)
         assert torch.equal(copy.weight[others], base[others])
+
+
+# -- one held_prefix for stop strings, reasoning ends and tool-call starts (three copies before) ---------------------
+def test_held_prefix_is_the_longest_tail_that_could_still_grow_into_the_marker():
+    from lorakit.serve.text import TextAssembler, held_prefix
+
+    assert held_prefix("the answer</th", "</think>") == 4
+    assert held_prefix("x <", "<tool_call>") == 1
+    assert held_prefix("xaba", "abac") == 3  # "aba" (the shorter "a" fits too: the longest counts)
+    assert held_prefix("</think>", "</think>") == 0  # the whole marker is not a prefix that can grow: found, not held
+    assert held_prefix("", "</think>") == held_prefix("abc", "") == held_prefix("abc", "x") == 0
+
+    class Letters:  # a tokenizer whose ids are characters
+        def decode(self, ids, **kwargs):
+            return "".join(chr(i) for i in ids)
+
+    stream = TextAssembler(Letters(), stops=["END", "STOP"], stop_token_ids=())
+    shown = "".join(stream.add(ord(c)) for c in "a S")
+    assert shown == "a "  # "S" may begin STOP: held back
+    assert stream.add(ord("T")) == "" and stream.add(ord("x")) == "STx"
+    assert stream.add(ord("E")) == "" and stream.add(ord("N")) == "" and stream.add(ord("D")) == ""
+    assert stream.stopped and stream.finish() == ""

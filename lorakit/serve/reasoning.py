@@ -34,6 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from lorakit.serve.text import held_prefix
+
 
 @dataclass(frozen=True)
 class ReasoningParser:
@@ -188,7 +190,7 @@ class ReasoningStream:
                 self.reasoning_feeds = self.feeds
             else:
                 self.searched = max(self.searched, len(text) - len(self.close) + 1)
-                end = len(text) if final else len(text) - _partial(text, self.close)
+                end = len(text) if final else len(text) - held_prefix(text, self.close)
             reasoning = self._take_reasoning(end)
             if self.phase == "reasoning":
                 if final:
@@ -226,14 +228,6 @@ class ReasoningStream:
         out, self.content_sent = text[start:], len(text)
         self.content += out
         return out
-
-
-def _partial(text: str, marker: str) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of ``marker``."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:size]):
-            return size
-    return 0
 
 
 def split_reasoning(text: str, state: AnswerStart | str = "start") -> tuple[str | None, str | None]:

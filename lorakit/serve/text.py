@@ -50,27 +50,26 @@ class TextAssembler:
                 self.stopped = True
                 self.text = self.text[:min(hits)]
                 return self._emit(len(self.text))
-            return self._emit(len(self.text) - self._held_back())
+            return self._emit(len(self.text) - max(held_prefix(self.text, stop) for stop in self.stops))
         return self._emit(len(self.text))
 
     def finish(self) -> str:
         return self._emit(len(self.text))
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        longest = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
 
     def _emit(self, end: int) -> str:
         end = max(end, self.emitted)
         delta = self.text[self.emitted:end]
         self.emitted = end
         return delta
+
+
+def held_prefix(text: str, marker: str) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of ``marker`` (0: none): what a stream holds
+    back, as the next tokens may complete the marker (a stop string, a reasoning block's end, a tool call's start)."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:size]):
+            return size
+    return 0
 
 
 def special_ids(tokenizer) -> frozenset[int]:

@@ -31,6 +31,7 @@ import uuid
 from typing import Any
 
 from lorakit.errors import LorakitError
+from lorakit.serve.text import held_prefix
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL_OPEN = "[TOOL_CALLS]"
@@ -451,7 +452,7 @@ class ToolCallStream:
         else:
             marker = MARKERS[self.fmt]
             start = self.text.find(marker, max(0, self.emitted - len(marker)))
-            end = start if start >= 0 else len(self.text) - _partial_open(self.text, marker)
+            end = start if start >= 0 else len(self.text) - held_prefix(self.text, marker)
         end = len(self.text[:end].rstrip())  # whitespace before a call is not content
         if end <= self.emitted:
             return ""
@@ -511,14 +512,6 @@ class ToolCallStream:
             if rest:
                 out.append({"index": i, "function": {"arguments": rest}})
         return out
-
-
-def _partial_open(text: str, marker: str) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of ``marker``."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:size]):
-            return size
-    return 0
 
 
 def stream_tool_calls(calls: list[dict]) -> list[dict]:
