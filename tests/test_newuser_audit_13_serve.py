@@ -173,7 +173,7 @@ def test_load_of_a_removed_adapter_unloads_it(server):
         shutil.rmtree(adapters / "temp2", ignore_errors=True)
 
 
-# -- clients that leave while their request waits for a row --------------------------------------------------------
+# -- requests that wait: for a batch row, for room to load their adapter ---------------------------------------
 def _raw_stream(url: str, body: dict, stream: bool = True):
     """A (streaming) completion sent on a bare socket, so the test decides when the client goes."""
     import socket
@@ -186,37 +186,82 @@ def _raw_stream(url: str, body: dict, stream: bool = True):
     return sock
 
 
-def test_a_queued_request_whose_client_left_frees_its_adapter_at_once(server):
+@pytest.fixture(scope="module")
+def small(server):
+    """A second server on the same folders with two batch rows and room for one adapter in memory."""
+    root = server["root"]
+    process = ServerProcess(root / "model", server["adapters"], "--max-tokens", str(LONG), "--max-batch", "2",
+                            "--max-loaded", "1", log=root / "server_small.log")
+    client = httpx.Client(base_url=process.url, timeout=60)
+    try:
+        yield {"url": process.url, "client": client, "log": root / "server_small.log"}
+    finally:
+        client.close()
+        process.stop()
+
+
+def _wait_for(client, key: str, value: int, seconds: float) -> dict:
+    deadline = time.monotonic() + seconds
+    while (health := client.get("/health").json())[key] != value and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return health
+
+
+def _long(url: str, model: str):
+    sock = _raw_stream(url, {"model": model, "prompt": "x", "max_tokens": LONG, "temperature": 0})
+    sock.recv(1)  # generating
+    return sock
+
+
+def test_a_queued_request_whose_client_left_frees_its_adapter_at_once(server, small):
     """With every row of the batch busy, a request waits in the engine's queue. Its client leaving marked it
-    cancelled, but it stayed queued, its adapter pinned ("serving 1 request(s)" to an unload, never evicted) and
+    cancelled, but it stayed queued, its adapter pinned ("serving N request(s)" to an unload, never evicted) and
     counted in /health's waiting, until a row came free (a long generation's whole run). Now it leaves the queue
     at the next step."""
-    root = server["root"]
-    process = ServerProcess(root / "model", server["adapters"], "--max-tokens", str(LONG), "--max-batch", "1",
-                            log=root / "server_batch1.log")
+    client = small["client"]
+    runners = [_long(small["url"], "orders"), _long(small["url"], "base")]  # both rows taken
     try:
-        with httpx.Client(base_url=process.url, timeout=60) as client:
-            runner = _raw_stream(process.url, {"model": "orders", "prompt": "x", "max_tokens": LONG, "temperature": 0})
-            runner.recv(1)  # generating: the only row is taken
-            queued = [_raw_stream(process.url, {"model": name, "prompt": "x", "max_tokens": 4, "temperature": 0},
-                                  stream) for name, stream in (("support-v2", True), ("peft-qv", False))]
-            deadline = time.monotonic() + 10
-            while client.get("/health").json()["waiting"] < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert client.get("/health").json()["waiting"] == 2
-            for sock in queued:
-                sock.close()
-            deadline = time.monotonic() + 3
-            while client.get("/health").json()["waiting"] and time.monotonic() < deadline:
-                time.sleep(0.05)
-            health = client.get("/health").json()
-            assert health["waiting"] == 0 and health["running"] == 1, health  # the long one still runs
-            in_use = {a["name"]: a["in_use"] for a in client.get("/v1/adapters").json()["data"]}
-            assert in_use == {"orders": 1, "support-v2": 0, "peft-qv": 0}, in_use
-            assert client.post("/v1/adapters/unload", json={"name": "support-v2"}).status_code == 200
-            runner.close()
-            assert wait_idle(client, 5.0)
-            assert _text(client, "support-v2") == _text(server["client"], "support-v2")
+        queued = [_raw_stream(small["url"], {"model": "orders", "prompt": "x", "max_tokens": 4, "temperature": 0},
+                              stream) for stream in (True, False)]
+        assert _wait_for(client, "waiting", 2, 10)["waiting"] == 2
+        assert client.get("/v1/adapters").json()["data"][0]["in_use"] == 3
+        for sock in queued:
+            sock.close()
+        health = _wait_for(client, "waiting", 0, 3)
+        assert health["waiting"] == 0 and health["running"] == 2, health  # the long ones still run
+        assert client.get("/v1/adapters").json()["data"][0]["in_use"] == 1
     finally:
-        process.stop()
-    assert "Traceback" not in (root / "server_batch1.log").read_text()
+        for sock in runners:
+            sock.close()
+    assert wait_idle(client, 5.0)
+    assert _text(client, "orders") == _text(server["client"], "orders")
+
+
+def test_requests_waiting_for_an_adapter_slot_do_not_stall_the_others(server, small):
+    """With --max-loaded 1 and its adapter busy, a request for another adapter waits (up to a minute) for room to
+    load it, and it waited on one of the server's worker threads: forty such requests held them all, and every
+    other request (the base model's, one on the loaded adapter) waited for a thread to tokenize its prompt, until
+    the busy adapter's generation ended. Now they wait apart, and the others are served at once."""
+    client = small["client"]
+    runner = _long(small["url"], "orders")  # the one slot, pinned
+    try:
+        waiting = [_raw_stream(small["url"], {"model": "support-v2", "prompt": "x", "max_tokens": 2,
+                                              "temperature": 0}, stream=False) for _ in range(45)]
+        time.sleep(0.5)  # all of them in the pool, waiting for room
+        for model in ("base", "orders"):
+            start = time.monotonic()
+            answer = _text(client, model)
+            assert time.monotonic() - start < 2.0, model
+            assert answer == _text(server["client"], model)
+        assert client.get("/health").json()["running"] == 1
+        for sock in waiting:
+            sock.close()
+    finally:
+        runner.close()
+    assert wait_idle(client, 10.0)
+    deadline = time.monotonic() + 10  # the waiters left: each one's pin, taken once there was room, is given back
+    while any(a["in_use"] for a in client.get("/v1/adapters").json()["data"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(a["in_use"] == 0 for a in client.get("/v1/adapters").json()["data"])
+    assert _text(client, "support-v2") == _text(server["client"], "support-v2")
+    assert "Traceback" not in small["log"].read_text()

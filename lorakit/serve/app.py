@@ -26,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import anyio
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -69,6 +70,7 @@ class ServerState:
     acquire_timeout: float = 60.0
     reasoning: ReasoningParser | None = None  # splits a thinking block off chat answers (reasoning.py; --reasoning-parser)
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+    waiting_threads: object = None  # anyio.CapacityLimiter of the calls that wait for room in the pool (app._pin)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -208,7 +210,8 @@ def create_app(state: ServerState) -> FastAPI:
         body = parse(AdapterRequest, await read_json(request, state))
         _not_the_base(state, body.name, "load")
         try:
-            info = await run_in_threadpool(state.pool.load, body.name, state.acquire_timeout)
+            info = await anyio.to_thread.run_sync(state.pool.load, body.name, state.acquire_timeout,
+                                                  limiter=_waiting_threads(state))
         except AdapterBusy as error:
             raise APIError(409, str(error), param="name", code="adapter_busy") from None
         except LorakitError as error:
@@ -456,7 +459,7 @@ async def _acquire(state: ServerState, name: str, generates: bool = True) -> str
         check_name(name)
     except LorakitError as error:
         raise await _name_error(state, error, name) from None
-    pinning = asyncio.ensure_future(run_in_threadpool(state.pool.acquire, name, state.acquire_timeout))
+    pinning = asyncio.ensure_future(_pin(state, name))
     try:
         internal = await asyncio.shield(pinning)
     except asyncio.CancelledError:  # the request was cancelled while the thread pins: unpin once it has
@@ -477,6 +480,27 @@ async def _acquire(state: ServerState, name: str, generates: bool = True) -> str
     return internal
 
 
+async def _pin(state: ServerState, name: str) -> str:
+    """``pool.acquire(name)`` without holding up other requests: an adapter in memory is pinned on a worker
+    thread at once; one that must wait for room to load (every loaded adapter in use, up to ``acquire_timeout``)
+    waits on a thread of its own pool (:func:`_waiting_threads`), not on the worker threads every request needs to
+    tokenize its prompt, which forty such waiters held all of."""
+    internal = await run_in_threadpool(state.pool.pin_loaded, name)
+    if internal is None:
+        internal = await anyio.to_thread.run_sync(state.pool.acquire, name, state.acquire_timeout,
+                                                  limiter=_waiting_threads(state))
+    return internal
+
+
+def _waiting_threads(state: ServerState):
+    """The threads for calls that may wait up to ``acquire_timeout`` for room in the pool (requests for an adapter
+    not in memory, POST /v1/adapters/load): at most ``WAITING_THREADS`` at once; more wait without a thread."""
+    if state.waiting_threads is None:  # made on the event loop, once
+        state.waiting_threads = anyio.CapacityLimiter(WAITING_THREADS)
+    return state.waiting_threads
+
+
+WAITING_THREADS = 64
 MAX_ROWS = 128  # answers per request (prompts x n): each is an engine row, and one request must not hold them all
 
 

@@ -126,11 +126,24 @@ class AdapterPool:
         ``UnknownAdapterError``, ``AdapterRejected``, or ``AdapterBusy`` after ``timeout`` s with no free room.
         """
         with self._cond:
-            entry = self._ensure_loaded(name, timeout)
-            entry.pins += 1
-            entry.last_used = time.monotonic()
-            self._loaded.move_to_end(name)
-            return entry.internal
+            return self._pin(self._ensure_loaded(name, timeout))
+
+    def pin_loaded(self, name: str) -> str | None:
+        """``acquire`` of an adapter in memory now (its internal name); None, having done nothing, for one that is
+        not: the caller then waits for ``acquire`` apart, so requests on loaded adapters never queue behind those
+        that wait for room to load theirs."""
+        with self._cond:
+            entry = self._loaded.get(name)
+            if entry is None:
+                return None
+            self._check_on_disk(entry)
+            return self._pin(entry)
+
+    def _pin(self, entry: LoadedAdapter) -> str:
+        entry.pins += 1
+        entry.last_used = time.monotonic()
+        self._loaded.move_to_end(entry.name)
+        return entry.internal
 
     def release(self, name: str) -> None:
         with self._cond:
