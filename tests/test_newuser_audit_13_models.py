@@ -286,6 +286,21 @@ def test_a_vision_language_folder_says_how_to_train_its_text_model(root, tmp_pat
     assert code == 0, err
 
 
+def test_the_text_model_recipe_names_where_the_class_keeps_it(root, tmp_path):
+    """SmolVLM (as Idefics 3) keeps its Llama under model.text_model, not model.language_model: the recipe says so.
+    The refusal comes from config.json alone (no weights needed)."""
+    import transformers as tf
+
+    folder = tmp_path / "smolvlm"
+    tf.SmolVLMConfig(text_config=dict(model_type="llama", vocab_size=40, hidden_size=32, intermediate_size=40,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+                     vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, image_size=28, patch_size=14)).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    line = _refused("generate", "--model", folder, PROMPT)
+    assert "'smolvlm' is a vision-language model" in line and "vl.model.text_model, vl.lm_head" in line, line
+
+
 def test_a_folder_path_with_spaces_and_unicode_works_end_to_end(root, tmp_path):
     folder = tmp_path / "my models" / "ünïcødé 模型"
     shutil.copytree(root / "plain", folder)

@@ -150,7 +150,7 @@ def check_causal_config(folder: Path) -> dict:
         kind = "an encoder-decoder model" if config.get("is_encoder_decoder") else "not a causal language model"
         if not config.get("is_encoder_decoder") and model_type in _vision_language_types():
             kind = ("a vision-language model that transformers' AutoModelForCausalLM does not build (lorakit trains on "
-                    f"text only){_text_model_hint(config)}")
+                    f"text only){_text_model_hint(folder, config)}")
         raise LorakitError(f"{folder}: {model_type!r} is {kind}; lorakit fine-tunes decoder-only causal LMs "
                            "(Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)")
     if not config.get("is_decoder") and _encoder_unless_decoder(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]):
@@ -195,19 +195,32 @@ def _check_field_types(loaded, config: dict, path: Path) -> None:
                                f"str (value: {value!r}); fix that field or re-save the model with save_pretrained")
 
 
-def _text_model_hint(config: dict) -> str:
+def _text_model_hint(folder: Path, config: dict) -> str:
     """How to train the language model inside a vision-language folder, when its text_config is a causal LM
-    transformers builds (Llava's Llama, Mistral 3's Mistral); '' otherwise."""
+    transformers builds (Llava's Llama, Mistral 3's Mistral, SmolVLM's Llama); '' otherwise. The model is built on
+    the meta device (no memory, no weights read) to find where it keeps that text model: Llava-style classes have
+    ``model.language_model``, Idefics 3 / SmolVLM ``model.text_model``."""
+    import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     text = config.get("text_config")
     text_type = text.get("model_type") if isinstance(text, dict) else None
     if text_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return ""
-    # checked on Llava (transformers 5): the saved folder gives the vision-language model's text logits exactly
+    try:
+        loaded = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        with torch.device("meta"), _quiet_loading():
+            skeleton = transformers.AutoModelForImageTextToText.from_config(loaded, trust_remote_code=False)
+    except Exception:  # a class transformers cannot build from this config: no recipe to give
+        return ""
+    inner = getattr(skeleton, "model", None)
+    name = next((n for n in ("language_model", "text_model") if hasattr(inner, n)), None)
+    if name is None or not hasattr(skeleton, "lm_head"):
+        return ""
+    # checked on Llava (transformers 5, the test runs it): the saved folder gives the text logits exactly
     return (f"; its text model is a {text_type!r} causal LM: to fine-tune that alone, save it as its own folder and "
             "pass that: vl = AutoModelForImageTextToText.from_pretrained(folder); lm = AutoModelForCausalLM"
-            ".from_config(vl.config.text_config); lm.model, lm.lm_head = vl.model.language_model, vl.lm_head; "
+            f".from_config(vl.config.text_config); lm.model, lm.lm_head = vl.model.{name}, vl.lm_head; "
             "lm.save_pretrained(out), and the tokenizer with it")
 
 
