@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 
 import peft
@@ -21,7 +22,7 @@ import transformers as tf
 import lorakit
 from conftest import assert_close
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME
-from test_peft_sweep import SMALL, build, round_trip
+from test_peft_sweep import SMALL, build, randomize_peft, round_trip
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 99], [2, 4, 8, 16, 32, 63, 98]])
 
@@ -34,6 +35,111 @@ def logits(model):
 def gemma3() -> torch.nn.Module:
     torch.manual_seed(0)
     return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=8, **SMALL)).eval()
+
+
+MORE = {  # tiny models of families test_peft_sweep does not build
+    "olmo": lambda: tf.OlmoForCausalLM(tf.OlmoConfig(num_key_value_heads=2, **SMALL)),
+    "qwen2moe": lambda: tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
+        num_key_value_heads=2, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4,
+        num_experts_per_tok=2, **SMALL)),
+    "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=8, **SMALL)),
+}
+
+
+def make(kind: str) -> torch.nn.Module:
+    if kind not in MORE:
+        return build(kind)
+    torch.manual_seed(0)
+    return MORE[kind]().eval()
+
+
+def both_ways(kind, tmp_path, dtype=None, **options):
+    """peft's adapter (saved in ``dtype`` when given) -> lorakit (peft's logits) -> lorakit's file -> peft (same
+    logits); lorakit's merge gives peft's merge_and_unload."""
+    theirs = peft.get_peft_model(make(kind).to(dtype or torch.float32), peft.LoraConfig(r=4, lora_alpha=8, **options),
+                                 autocast_adapter_dtype=False).eval()
+    randomize_peft(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(make(kind), tmp_path / "peft").eval()  # float32, as the model below
+    expected = logits(theirs)
+    assert (expected - logits(make(kind))).abs().max() > 1e-2  # the adapter matters
+    ours = make(kind)
+    lorakit.load_adapter(ours, tmp_path / "peft")
+    assert_close(logits(ours), expected)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    assert_close(logits(peft.PeftModel.from_pretrained(make(kind), tmp_path / "ours").eval()), expected)
+    lorakit.merge_and_unload(ours)
+    assert_close(logits(ours), logits(theirs.merge_and_unload()))
+
+
+AGREEING = {  # options that agreed when audit 13 tried them; kept so they stay that way
+    "olmo-regex-rank-and-alpha-patterns": ("olmo", dict(target_modules=["q_proj", "k_proj", "down_proj"],
+                                                        rank_pattern={r"layers\.[01]\.self_attn\.(q|k)_proj": 2},
+                                                        alpha_pattern={r"^model\.layers\.1\..*": 2.5})),
+    "full-path-targets-and-excludes": ("llama", dict(target_modules=["model.layers.0.self_attn.q_proj", "self_attn.v_proj",
+                                                                     "layers.1.mlp.down_proj"],
+                                                     exclude_modules=["layers.1.self_attn.v_proj"])),
+    "layers-pattern-list": ("llama", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                                          layers_pattern=["h", "layers"])),
+    "gpt2-conv1d-dora-rslora-rank-pattern": ("gpt2", dict(target_modules=["c_attn", "c_fc", "c_proj"], use_dora=True,
+                                                          use_rslora=True, fan_in_fan_out=True, rank_pattern={"c_fc": 2})),
+    "eva-redistributed-ranks": ("mistral", dict(target_modules=["q_proj", "v_proj"], init_lora_weights="eva",
+                                                rank_pattern={"model.layers.0.self_attn.q_proj": 2, "v_proj": 6})),
+    "pissa-rslora-patterns": ("llama", dict(target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights="pissa",
+                                            use_rslora=True, rank_pattern={"up_proj": 2}, alpha_pattern={"v_proj": 3})),
+    "gemma3-all-linear-exclude-rslora": ("gemma3", dict(target_modules="all-linear", exclude_modules=["o_proj"],
+                                                        rank_pattern={"^model.layers.0.mlp.*": 2}, use_rslora=True)),
+    # peft warns that these patterns matched no module, yet applies them to the expert parameters (as lorakit does)
+    "moe-expert-parameters-rank-pattern": ("qwen2moe", dict(target_modules=[], target_parameters=[
+        "mlp.experts.gate_up_proj", "mlp.experts.down_proj"], rank_pattern={"down_proj": 2})),
+    "moe-router-trained-whole": ("qwen2moe", dict(target_modules=["q_proj"], modules_to_save=["gate"])),
+    # (not with an embedding target: peft then loads its bfloat16 copy of the embedding over the float32 base)
+    "bfloat16-file-on-a-float32-model": ("llama", dict(target_modules=["q_proj", "v_proj"], use_dora=True,
+                                                       dtype=torch.bfloat16)),
+}
+
+
+@pytest.mark.parametrize("case", list(AGREEING))
+def test_more_peft_options_both_ways(case, tmp_path):
+    kind, options = AGREEING[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes (unmatched patterns, eva without data, tied embeddings)
+        both_ways(kind, tmp_path, **options)
+
+
+def test_peft_adapter_folder_of_two_adapters_switched_mixed_and_deleted(tmp_path):
+    """peft's folder of two named adapters (one/, two/) with trained token rows (whole copies in lorakit): each
+    loaded by name gives peft's logits; a mixed batch gives peft's ``adapter_names=`` forward; after deleting one,
+    the other still does, and saves back for peft."""
+    theirs = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                 trainable_token_indices=[2]), adapter_name="one")
+    theirs.add_adapter("two", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["v_proj"],
+                                              trainable_token_indices=[1, 5]))
+    randomize_peft(theirs)
+    theirs.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"one", "two"}
+    ours = build("llama")
+    for name in ("one", "two"):
+        lorakit.load_adapter(ours, tmp_path / name, adapter=name)
+    expected = {}
+    for name in ("one", "two"):
+        theirs.set_adapter(name)
+        lorakit.set_adapter(ours, name)
+        expected[name] = logits(theirs)
+        assert_close(logits(ours), expected[name], msg=name)
+    rows = ["two", None, "one"]
+    with lorakit.mixed_batch(ours, rows), torch.no_grad():
+        mixed = ours(torch.cat([IDS, IDS[:1]])).logits
+    with torch.no_grad():
+        assert_close(mixed, theirs(torch.cat([IDS, IDS[:1]]), adapter_names=["two", "__base__", "one"]).logits)
+    lorakit.delete_adapter(ours, "one")
+    lorakit.set_adapter(ours, "two")
+    assert_close(logits(ours), expected["two"])
+    lorakit.save_adapter(ours, tmp_path / "ours", adapter="two")
+    assert_close(logits(peft.PeftModel.from_pretrained(build("llama"), tmp_path / "ours").eval()), expected["two"])
 
 
 # -- modules_to_save of a tied embedding or head with ensure_weight_tying -------------------------------------------
