@@ -478,3 +478,14 @@ def test_a_merged_folder_names_no_code_it_does_not_hold(root, tmp_path):
     assert code == 0, err
     assert "auto_map" not in json.loads((tmp_path / "nf4" / "config.json").read_text())
     assert "auto_map" not in json.loads((tmp_path / "nf4" / "tokenizer_config.json").read_text())
+
+
+def test_a_native_mistral_folder_is_named_as_such(tmp_path):
+    """Mistral Nemo / Pixtral repositories hold only params.json, consolidated.safetensors and tekken.json."""
+    folder = tmp_path / "nemo"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps({"dim": 32, "n_layers": 2}))
+    (folder / "consolidated.safetensors").write_bytes(b"\x00" * 16)
+    (folder / "tekken.json").write_text("{}")
+    line = _refused("generate", "--model", folder, PROMPT)
+    assert "native layout (params.json, consolidated.safetensors)" in line and "Hugging Face version" in line, line

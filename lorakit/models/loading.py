@@ -44,6 +44,13 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
                                "Hugging Face folders; convert it once: transformers' AutoModelForCausalLM.from_pretrained("
                                f"{str(folder)!r}, gguf_file={gguf[0]!r}).save_pretrained(out), and the same with "
                                "AutoTokenizer")
+        if (folder / "params.json").is_file():  # Mistral's or Meta's own layout (params.json, consolidated.*)
+            held = sorted(p.name for p in folder.glob("consolidated*"))
+            raise LorakitError(f"{folder} is in Mistral's / Meta's native layout (params.json"
+                               f"{', ' + listed(held, limit=2) if held else ''}), not a Hugging Face folder: lorakit "
+                               "reads config.json, safetensors and tokenizer files; download the Hugging Face version "
+                               "of the model (many repositories hold both: fetch config.json, model*.safetensors and "
+                               "the tokenizer files too)")
         snapshot = _cache_snapshot(folder)
         if snapshot is not None:  # ~/.cache/huggingface/hub/models--org--name: the files are one level down
             raise LorakitError(f"{folder} is a Hugging Face cache entry, not the model folder; pass its snapshot: "
