@@ -249,3 +249,18 @@ def test_the_data_summary_counts_examples_and_records_apart():
     assert str(dropped).startswith("8 examples (from 9 records: 9 prompt_completion), 1 dropped")
     one = DataSummary(examples=1, dropped=2, shapes={"text": 1, "messages": 2}, max_length=32)
     assert str(one).startswith("1 example (from 3 records: 2 messages, 1 text), 2 dropped")
+
+
+def test_a_pipe_as_data_is_one_line_not_a_hang_or_a_type_puzzle(tmp_path, capsys):
+    """`--data <(zcat data.jsonl.gz)` is /dev/fd/63: it was refused as "unsupported data file type '(none)'", and a
+    named pipe with a data file's name (no writer) hung the read forever. Both are named for what they are."""
+    import os
+
+    fifo = tmp_path / "train.jsonl"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/null"):
+        code = main(["eval", "--data", str(path), "--no-generate"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0, err
+        assert err.startswith(f"lorakit eval: error: {path} is a pipe or a device (shell process substitution <(...)?)")
+        assert "save the records first" in err

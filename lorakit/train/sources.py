@@ -98,6 +98,10 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
                                    f"folder saved with datasets' save_to_disk{inside}")
             records = [r for f in _split_files(path, files, split) for r in read_records(f, split)]
     else:
+        if not path.is_file():  # a pipe: the shell's <(zcat data.jsonl.gz) is /dev/fd/63, with no type in its name
+            raise LorakitError(f"{path} is a pipe or a device (shell process substitution <(...)?), not a data file: "
+                               "lorakit reads files (by their type, and again on --resume); save the records first, "
+                               "e.g. zcat data.jsonl.gz > train.jsonl, then --data train.jsonl (or give the .gz itself)")
         suffix = _data_suffix(path)
         if suffix is None:
             hint = OTHER_FILE_HINTS.get(path.suffix.lower(), "")
