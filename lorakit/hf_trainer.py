@@ -70,8 +70,13 @@ def install(model: nn.Module) -> None:
         model.load_state_dict = functools.partial(load_state_dict, model)
     if "print_trainable_parameters" not in vars(model) and not hasattr(type(model), "print_trainable_parameters"):
         model.print_trainable_parameters = functools.partial(print_trainable_parameters, model)
-    if "gradient_checkpointing_enable" not in vars(model) and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable = functools.partial(gradient_checkpointing_enable, model)
+    # transformers >= 5.2x: activation_checkpointing_enable, whose deprecated alias gradient_checkpointing_enable warns
+    # (FutureWarning) and, once overridden on the instance, becomes the entry point that the new name calls: so the
+    # new name is the one wrapped there, and the old one stays the class's alias of it
+    name = next((n for n in ("activation_checkpointing_enable", "gradient_checkpointing_enable") if hasattr(model, n)), None)
+    if name is not None and not any(n in vars(model) for n in ("activation_checkpointing_enable",
+                                                                "gradient_checkpointing_enable")):
+        setattr(model, name, functools.partial(checkpointing_enable, model, name))
     from lorakit.trl_support import install_fused_head_check
 
     install_fused_head_check(model)  # TRL's trainers read lm_head.weight directly: an adapter there would never train
@@ -81,14 +86,17 @@ def install(model: nn.Module) -> None:
         model.register_forward_pre_hook(check_ddp_adapters)
 
 
-def gradient_checkpointing_enable(self: nn.Module, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
-    """The class's ``gradient_checkpointing_enable`` (Trainer's ``gradient_checkpointing=True`` calls it) as
-    transformers 5.x runs it on any version: ``use_reentrant=False`` unless asked otherwise, and with reentrant
-    checkpointing the embeddings' output made to require grad (a frozen base's never does, and a reentrant
-    checkpoint then gives its layers' adapters no gradient). transformers 4.x defaults to reentrant and does the
-    latter for peft models only, so backward failed there with "element 0 of tensors does not require grad"."""
-    options = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-    result = type(self).gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=options, **kwargs)
+def checkpointing_enable(self: nn.Module, name: str, options: dict | None = None, **kwargs):
+    """The class's ``name`` (``activation_checkpointing_enable``, or ``gradient_checkpointing_enable`` before
+    transformers 5.2x; Trainer's ``gradient_checkpointing=True`` calls it) as transformers 5.x runs it on any version:
+    ``use_reentrant=False`` unless asked otherwise, and with reentrant checkpointing the embeddings' output made to
+    require grad (a frozen base's never does, and a reentrant checkpoint then gives its layers' adapters no gradient).
+    transformers 4.x defaults to reentrant and does the latter for peft models only, so backward failed there with
+    "element 0 of tensors does not require grad". ``options``: the checkpoint options, given positionally or under
+    the method's own keyword."""
+    keyword = name.replace("_enable", "_kwargs")  # activation_checkpointing_kwargs / gradient_checkpointing_kwargs
+    options = {"use_reentrant": False, **((options if options is not None else kwargs.pop(keyword, None)) or {})}
+    result = getattr(type(self), name)(self, **{keyword: options}, **kwargs)
     if options["use_reentrant"] and hasattr(self, "enable_input_require_grads"):
         self.enable_input_require_grads()
     return result

@@ -1,0 +1,58 @@
+"""A new user's QLoRA (NF4) and many-process workflows on a CPU-only machine (audit 13).
+
+Each test is a failure found by running the README's "QLoRA: a 4-bit base" and "Many GPUs" commands, and the
+Trainer / TRL integrations, on tiny random models; it failed before its fix.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+import lorakit
+from conftest import tiny_llama
+from test_train_helpers import SMALL, task_records
+
+# -- gradient checkpointing without transformers' deprecation warning -------------------------------------------
+
+
+def _no_future_warnings(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)
+                    and "checkpointing" in str(w.message)]
+    assert not deprecations, deprecations
+    return result
+
+
+def test_checkpointing_an_injected_model_warns_nothing_and_still_checkpoints():
+    """transformers 5.2x renamed ``gradient_checkpointing_enable`` (the old name warns, FutureWarning). lorakit's
+    wrapper of the old name made the new one route through it, so every ``lorakit train --gradient-checkpointing``,
+    Trainer ``gradient_checkpointing=True`` and TRL SFT run printed "`gradient_checkpointing_enable` is deprecated"."""
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    _no_future_warnings(enable)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    # reentrant checkpointing still gets the embeddings' output to require grad (else its layers' adapters get none)
+    model.train()
+    model.gradient_checkpointing_disable()
+    kwargs_name = ("activation_checkpointing_kwargs" if hasattr(model, "activation_checkpointing_enable")
+                   else "gradient_checkpointing_kwargs")
+    _no_future_warnings(lambda: enable(**{kwargs_name: {"use_reentrant": True}}))
+    ids = torch.randint(0, 128, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]  # A gets none while B is 0
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_lorakit_train_with_gradient_checkpointing_warns_nothing(tmp_path):
+    from lorakit.train import TrainConfig, train
+    from test_train_helpers import tiny_tokenizer, tiny_train_model
+
+    model = tiny_train_model()
+    config = TrainConfig(**SMALL, max_steps=1, gradient_checkpointing=True)
+    result = _no_future_warnings(lambda: train(model, tiny_tokenizer(), task_records(8), config=config))
+    assert result.train_loss > 0
