@@ -728,10 +728,21 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
                 missing.append(key)
             elif tuple(tensor.shape) != tuple(parameter.shape):
                 raise LorakitError(f"{adapter_file.folder}: {key} has shape {shown(tuple(tensor.shape))}, but this model's "
-                                   f"{path}.{name} is {tuple(parameter.shape)}")
+                                   f"{path}.{name} is {tuple(parameter.shape)}"
+                                   f"{_resized_hint(model, tuple(tensor.shape), tuple(parameter.shape))}")
     if missing:
         raise LorakitError(f"{adapter_file.folder}: missing tensor keys: {listed(missing)} ({len(missing)} in all){made_for}")
     return plan
+
+
+def _resized_hint(model: nn.Module, saved: tuple[int, ...], ours: tuple[int, ...]) -> str:
+    """For a copy whose rows differ from this model's vocabulary size (an embedding or output head trained after
+    ``resize_token_embeddings``): say to resize the base first; '' for any other shape mismatch."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if len(saved) == len(ours) == 2 and saved[1] == ours[1] and saved[0] != ours[0] == vocab:
+        return (f"; the adapter was trained on a resized vocabulary of {saved[0]} tokens: resize the base "
+                f"(model.resize_token_embeddings({saved[0]})) first, or load the base it was saved with")
+    return ""
 
 
 def _param_keys(params: dict[str, dict[str, tuple[int, float]]]) -> dict[str, tuple[str, str]]:
@@ -961,8 +972,11 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = T
             indices = indices_spec
         weight = module.weight
         if tuple(delta.shape) != (len(indices), weight.shape[1]) or max(indices) >= weight.shape[0]:
+            resized = (f"; ids past its {weight.shape[0]} rows come from a resized vocabulary: resize the base "
+                       f"(model.resize_token_embeddings(N), N above {max(indices)}: the size it was trained with) first"
+                       if max(indices) >= weight.shape[0] else "")
             raise LorakitError(f"{where}: {path} has a delta of shape {shown(tuple(delta.shape))} for {len(indices)} token "
-                               f"ids up to {max(indices)}; this model's {path} is {tuple(weight.shape)}")
+                               f"ids up to {max(indices)}; this model's {path} is {tuple(weight.shape)}{resized}")
         if config.target_modules != "all-linear" and _matches(path, config.target_modules):  # all-linear: no embedding
             raise LorakitError(f"{where}: {path} is also a LoRA target; lorakit cannot put trained token rows and LoRA on "
                                "one embedding: merge the adapter with peft (merge_and_unload) and load the merged model")

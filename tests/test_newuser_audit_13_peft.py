@@ -253,3 +253,26 @@ def test_layers_to_transform_that_leaves_nothing_says_which_field_is_wrong(optio
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, **options}))
     assert re.search(words, refusal(tmp_path))
+
+
+@pytest.mark.parametrize("options", [dict(modules_to_save=["embed_tokens", "lm_head"]), dict(modules_to_save=["lm_head"]),
+                                     dict(trainable_token_indices=[100, 101])])
+def test_copies_from_a_resized_vocabulary_say_to_resize_the_base(options, tmp_path):
+    """A user adds two tokens (model.resize_token_embeddings(102)) and trains copies of the embedding and head, or
+    the new rows (trainable_token_indices): on the original base the refusal said only "has shape (102, 32), but
+    this model's ... is (100, 32)" (or "a delta ... for 2 token ids up to 101"); the LoRA-on-embedding case already
+    said to resize the base. Now all of them do, and the resized base loads the adapter with peft's logits."""
+    def resized():
+        model = build("llama")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.resize_token_embeddings(102, mean_resizing=False)
+        return model
+
+    theirs = peft.get_peft_model(resized(), peft.LoraConfig(r=4, target_modules=["q_proj"], **options)).eval()
+    randomize_peft(theirs)
+    theirs.save_pretrained(tmp_path)
+    assert "resize the base (model.resize_token_embeddings(" in refusal(tmp_path)
+    ours = resized()
+    lorakit.load_adapter(ours, tmp_path)
+    assert_close(logits(ours), logits(theirs))
