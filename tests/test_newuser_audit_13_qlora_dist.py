@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 
 import lorakit
 from conftest import tiny_llama
-from test_train_helpers import SMALL, task_records
+from test_train_helpers import SMALL, make_model_folder, task_records
 
 # -- gradient checkpointing without transformers' deprecation warning -------------------------------------------
 
@@ -56,3 +57,44 @@ def test_lorakit_train_with_gradient_checkpointing_warns_nothing(tmp_path):
     config = TrainConfig(**SMALL, max_steps=1, gradient_checkpointing=True)
     result = _no_future_warnings(lambda: train(model, tiny_tokenizer(), task_records(8), config=config))
     assert result.train_loss > 0
+
+
+# -- torchrun --fsdp on a 4-bit base: refused before the model loads, naming what to change --------------------
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny 16-bit model folder and its 4-bit (bitsandbytes NF4) folder, as `lorakit quantize` writes it."""
+    from lorakit.models.quantized_saving import save_quantized
+    from test_train_helpers import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("audit13")
+    dense = make_model_folder(root / "dense")
+    model, tokenizer = lorakit.load_base(str(dense), quantize="nf4", device="cpu")
+    save_quantized(model, tiny_tokenizer(), root / "nf4")
+    return dense, root / "nf4"
+
+
+@pytest.mark.parametrize("quantized_folder", [True, False])
+def test_fsdp_on_an_nf4_base_is_refused_before_loading(folders, monkeypatch, quantized_folder):
+    """`torchrun ... --fsdp` with a 4-bit base loaded the whole base first (minutes for a 70B) and then said "drop
+    --quantize" even when the user had given none (the folder itself is 4-bit)."""
+    from lorakit.errors import LorakitError
+    from lorakit.train import TrainConfig
+    from lorakit.train.preflight import check_before_loading
+
+    dense, nf4 = folders
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = TrainConfig(model=str(nf4), fsdp=True) if quantized_folder else TrainConfig(model=str(dense), fsdp=True,
+                                                                                          quantize="nf4")
+    monkeypatch.setattr("lorakit.train.preflight.empty_model", lambda folder: pytest.fail("got past the NF4 check"))
+    with pytest.raises(LorakitError) as refused:
+        check_before_loading(config, {"targets"})
+    message = str(refused.value)
+    assert "\n" not in message and "--fsdp" in message and "data parallel" in message
+    if quantized_folder:
+        assert "--quantize" not in message and "4-bit folder" in message and str(nf4) in message
+    else:
+        assert "--quantize nf4" in message
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: --fsdp shards nothing, the NF4 base trains as it is
+    check_before_loading(config.replace(targets=None), set())

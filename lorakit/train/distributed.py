@@ -184,7 +184,7 @@ def apply_fsdp(model: nn.Module, device: torch.device, mesh=None) -> int:
         if quant.is_quantized(module):
             raise LorakitError(f"--fsdp cannot shard the NF4 base ({name} keeps its 4-bit weights in uint8 buffers, "
                                "which FSDP2 does not shard): drop --fsdp (data parallel holds the 4-bit base on each "
-                               "device) or drop --quantize")
+                               "device) or shard a 16-bit base (no --quantize nf4, not a 4-bit folder)")
     if mesh is None:
         mesh = fsdp_mesh(device)
     decoder, layers = decoder_layers(model)
@@ -217,6 +217,21 @@ def apply_fsdp(model: nn.Module, device: torch.device, mesh=None) -> int:
             # "Connection reset by peer"; NCCL can hang)
             unit.set_reduce_scatter_unused_params(True)
     return len(units)
+
+
+def check_fsdp_base(model: str, quantize: str | None, quantization: Any) -> None:
+    """Refuse ``--fsdp`` over several processes on a 4-bit base before it loads (:func:`apply_fsdp` refuses it too,
+    after minutes of loading a large one), naming what made it 4-bit: ``--quantize`` or the folder itself
+    (``quantization``: its config.json's ``quantization_config``, None for a 16-bit folder)."""
+    keep = "drop --fsdp (data parallel holds the 4-bit base whole on each process)"
+    if quantize:
+        raise LorakitError(f"--fsdp cannot shard an NF4 base (--quantize {quantize}: its 4-bit weights are uint8 "
+                           f"buffers, which FSDP2 does not shard): {keep}, or drop --quantize {quantize}")
+    if quantization:
+        method = quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else "quantized"
+        raise LorakitError(f"--fsdp cannot shard {model}: it is a 4-bit folder ({method}, quantization_config in its "
+                           f"config.json) whose uint8 weights FSDP2 does not shard: {keep}, or shard its 16-bit "
+                           "original with --fsdp")
 
 
 @contextlib.contextmanager

@@ -55,8 +55,9 @@ def check_rank(rank: int, model_config: dict, flag: str = "--rank") -> None:
 def check_before_loading(config: TrainConfig, given: set[str]) -> None:
     """Refuse what the options, the environment and ``config.json`` already tell: a ``--max-length`` (given, not
     the default, which is lowered instead) beyond the model's context, a ``--global-batch`` the processes cannot
-    share, ``--tensorboard`` without its package, and a ``--targets`` / ``--exclude`` / ``--modules-to-save`` name
-    that matches no module (found on the model built empty, on the meta device)."""
+    share, ``--fsdp`` over processes on a 4-bit base, ``--tensorboard`` without its package, and a ``--targets`` /
+    ``--exclude`` / ``--modules-to-save`` name that matches no module (found on the model built empty, on the meta
+    device)."""
     from lorakit.commands._args import check_model_arg, check_writable
     from lorakit.train.loop import accumulation_steps
 
@@ -70,6 +71,10 @@ def check_before_loading(config: TrainConfig, given: set[str]) -> None:
             raise LorakitError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop "
                                "--tensorboard; metrics.jsonl has the same numbers)") from None
     model_config = local_config(config.model)
+    if config.fsdp and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        from lorakit.train.distributed import check_fsdp_base
+
+        check_fsdp_base(config.model, config.quantize, (model_config or {}).get("quantization_config"))
     if model_config is None:
         return
     limit = config_context(model_config)
