@@ -29,8 +29,8 @@ from lorakit._fs import atomic_write_bytes
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.inject import (_base_modules, _matches, _weight_read_raw, adapter_hosts, adapter_names,
-                            find_modules_to_save, find_param_targets, find_targets, inject, peft_resolves_differently,
-                            saved_by)
+                            find_modules_to_save, find_param_targets, find_targets, inject, output_head_names,
+                            peft_resolves_differently, saved_by)
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 from lorakit.mha_lora import FILE_INFIXES, MhaLora
 from lorakit.param_lora import ParamLora, file_key_prefixes, parameter_layout
@@ -700,8 +700,10 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
             if tensor is None:
                 missing.append(key)
             elif tuple(tensor.shape) != shape:
+                vocab_side = attr == ("lora_A" if isinstance(module, nn.Embedding) else "lora_B") and (
+                    isinstance(module, nn.Embedding) or path in output_head_names(model))
                 raise LorakitError(f"{adapter_file.folder}: {key} has shape {shown(tuple(tensor.shape))}, but module {path} "
-                                   f"needs {shape}; {_shape_cause(tensor, shape, attr, adapter_file)}{made_for}")
+                                   f"needs {shape}; {_shape_cause(tensor, shape, attr, adapter_file, model, vocab_side)}{made_for}")
     for key, (path, attr) in param_keys.items():
         name, _, which = attr.rpartition(".")
         module = base_modules[path]
@@ -823,14 +825,22 @@ def _layout_renamer(model: nn.Module):
     return rename
 
 
-def _shape_cause(tensor: torch.Tensor, shape: tuple[int, ...], attr: str, adapter_file: AdapterFile) -> str:
-    """Why a tensor has the wrong shape: a rank the config does not state, or another model."""
+def _shape_cause(tensor: torch.Tensor, shape: tuple[int, ...], attr: str, adapter_file: AdapterFile,
+                 model: nn.Module, vocab_side: bool = False) -> str:
+    """Why a tensor has the wrong shape: a rank the config does not state, a resized vocabulary (``vocab_side``:
+    the factor's other side is the vocabulary, as lora_A's of an embedding, lora_B's of an output head), or another
+    model."""
     rank_dim = {"lora_A": 0, "lora_B": 1}.get(attr)
     got = tuple(tensor.shape)
     if rank_dim is not None and len(got) == 2 and got[1 - rank_dim] == shape[1 - rank_dim]:
         missing = "" if "r" in adapter_file.raw_config else " (it has no 'r', so peft's default 8 applies)"
         return (f"the tensors have rank {got[rank_dim]}, the config says {shape[rank_dim]}{missing}: fix r / rank_pattern "
                 f"in {CONFIG_NAME}")
+    if vocab_side and len(got) == 2 and got[rank_dim] == shape[rank_dim]:  # the rank fits: the vocabulary differs?
+        other = 1 - rank_dim
+        hint = _resized_hint(model, (got[other], 0), (shape[other], 0))
+        if hint:
+            return hint[2:]
     return "the adapter was made for a different model or rank"
 
 

@@ -256,12 +256,16 @@ def test_layers_to_transform_that_leaves_nothing_says_which_field_is_wrong(optio
 
 
 @pytest.mark.parametrize("options", [dict(modules_to_save=["embed_tokens", "lm_head"]), dict(modules_to_save=["lm_head"]),
-                                     dict(trainable_token_indices=[100, 101])])
+                                     dict(trainable_token_indices=[100, 101]), dict(target_modules=["q_proj", "lm_head"]),
+                                     dict(target_modules=["embed_tokens"], save_embedding_layers=False)])
 def test_copies_from_a_resized_vocabulary_say_to_resize_the_base(options, tmp_path):
-    """A user adds two tokens (model.resize_token_embeddings(102)) and trains copies of the embedding and head, or
-    the new rows (trainable_token_indices): on the original base the refusal said only "has shape (102, 32), but
-    this model's ... is (100, 32)" (or "a delta ... for 2 token ids up to 101"); the LoRA-on-embedding case already
-    said to resize the base. Now all of them do, and the resized base loads the adapter with peft's logits."""
+    """A user adds two tokens (model.resize_token_embeddings(102)) and trains copies of the embedding and head, the
+    new rows (trainable_token_indices), or LoRA on the head or embedding (without peft's full copy): on the original
+    base the refusal said only "has shape (102, 32), but this model's ... is (100, 32)", "a delta ... for 2 token ids
+    up to 101" or "the adapter was made for a different model or rank"; the LoRA-on-embedding case with the full copy
+    already said to resize the base. Now all of them do, and the resized base loads the adapter with peft's logits."""
+    options = {"target_modules": ["q_proj"], **options}
+    save_embedding_layers = options.pop("save_embedding_layers", "auto")
     def resized():
         model = build("llama")
         with warnings.catch_warnings():
@@ -269,9 +273,9 @@ def test_copies_from_a_resized_vocabulary_say_to_resize_the_base(options, tmp_pa
             model.resize_token_embeddings(102, mean_resizing=False)
         return model
 
-    theirs = peft.get_peft_model(resized(), peft.LoraConfig(r=4, target_modules=["q_proj"], **options)).eval()
+    theirs = peft.get_peft_model(resized(), peft.LoraConfig(r=4, **options)).eval()
     randomize_peft(theirs)
-    theirs.save_pretrained(tmp_path)
+    theirs.save_pretrained(tmp_path, save_embedding_layers=save_embedding_layers)
     assert "resize the base (model.resize_token_embeddings(" in refusal(tmp_path)
     ours = resized()
     lorakit.load_adapter(ours, tmp_path)
