@@ -265,3 +265,33 @@ def test_requests_waiting_for_an_adapter_slot_do_not_stall_the_others(server, sm
     assert all(a["in_use"] == 0 for a in client.get("/v1/adapters").json()["data"])
     assert _text(client, "support-v2") == _text(server["client"], "support-v2")
     assert "Traceback" not in small["log"].read_text()
+
+
+def test_refusals_do_not_show_the_servers_folders(server):
+    """A broken adapter's refusal went to the client with the server's absolute paths in it ("/srv/.../adapters/
+    half/adapter_model.safetensors not found"), showing any client how the machine's disk is laid out. Paths are
+    now given inside the adapters folder; the name hint is given only for names, not for a refused link."""
+    import os
+
+    client, adapters = server["client"], server["adapters"]
+    (adapters / "half").mkdir()
+    shutil.copy(adapters / "orders" / "adapter_config.json", adapters / "half")
+    (adapters / "nest" / "nest").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(adapters / "orders" / name, adapters / "nest" / "nest")
+    os.symlink(server["root"] / "spare", adapters / "outside")
+    try:
+        for name, words in (("half", "half/adapter_model.safetensors not found"),
+                            ("nest", "move the files of nest/nest up into nest")):
+            for response in (client.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2}),
+                             client.post("/v1/adapters/load", json={"name": name})):
+                error = _error(response, 400)
+                assert words in error["message"] and str(server["root"]) not in error["message"], error
+                assert error["message"].count(str(adapters)) == 0 and "/tmp" not in error["message"], error
+        error = _error(client.post("/v1/completions", json={"model": "outside", "prompt": "hi"}), 400)
+        assert error["message"] == "adapter 'outside' is a link that leaves the adapters folder; refused", error
+    finally:
+        shutil.rmtree(adapters / "half")
+        shutil.rmtree(adapters / "nest")
+        os.unlink(adapters / "outside")
+    assert _text(client, "orders")

@@ -90,7 +90,12 @@ async def _name_error(state: ServerState, error: LorakitError, name: object, par
     """``_adapter_error``, and for a name that names nothing served (unknown, or no folder name at all: a typo,
     the wrong case, a Hugging Face id) the nearest served name, or where the names are listed."""
     answer = _adapter_error(error, param)
-    if isinstance(error, (UnknownAdapterError, UnsafeNameError)) and not isinstance(error, AdapterRemoved):
+    try:
+        check_name(name)
+        named = isinstance(error, UnknownAdapterError) and not isinstance(error, AdapterRemoved)
+    except UnsafeNameError:
+        named = True  # no folder name at all ("org/model", "../x"), not a refused link
+    if named:
         names = await run_in_threadpool(state.pool.available)
         served = [state.base_name, *(n for n in names if n != state.base_name)] if param == "model" else names
         meant = closest(name, [n for n in served if n != name])

@@ -240,8 +240,8 @@ class AdapterPool:
                 self._check_targets(name, adapter_file.config)
                 load_adapter(self.model, adapter_file, adapter=internal)  # what _admit checked, not a re-read
             except LorakitError as error:
-                message = str(error) if isinstance(error, AdapterRejected) else (
-                    f"adapter {name!r} refused: {self._public_names(str(error), internal, name)}")
+                message = self._inside(str(error) if isinstance(error, AdapterRejected) else (
+                    f"adapter {name!r} refused: {self._public_names(str(error), internal, name)}"))
                 self._refused[name] = (_stamp(folder), message)
                 raise AdapterRejected(message) from None
             ranks = [layer.adapters[internal].rank for layer in lora_layers(self.model).values() if internal in layer.adapters]
@@ -288,8 +288,16 @@ class AdapterPool:
         try:
             return self._admit_files(name, folder)
         except AdapterRejected as error:
-            self._refused[name] = (stamp, str(error))
-            raise
+            message = self._inside(str(error))
+            self._refused[name] = (stamp, message)
+            raise AdapterRejected(message) from None
+
+    def _inside(self, text: str) -> str:
+        """``text`` (a refusal, which clients read) with paths given inside the adapters folder: its absolute path
+        would show any client how the server's disk is laid out."""
+        for prefix in sorted({os.path.realpath(self.root), os.path.abspath(self.root)}, key=len, reverse=True):
+            text = text.replace(prefix.rstrip(os.sep) + os.sep, "")
+        return text
 
     def _admit_files(self, name: str, folder: Path):
         from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
