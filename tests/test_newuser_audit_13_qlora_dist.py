@@ -6,6 +6,7 @@ Trainer / TRL integrations, on tiny random models; it failed before its fix.
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 import lorakit
 from conftest import tiny_llama
-from test_train_helpers import SMALL, make_model_folder, task_records
+from test_train_helpers import SMALL, make_model_folder, task_records, write_jsonl
 
 # -- gradient checkpointing without transformers' deprecation warning -------------------------------------------
 
@@ -98,3 +99,30 @@ def test_fsdp_on_an_nf4_base_is_refused_before_loading(folders, monkeypatch, qua
         assert "--quantize nf4" in message
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: --fsdp shards nothing, the NF4 base trains as it is
     check_before_loading(config.replace(targets=None), set())
+
+
+# -- resuming a torchrun run on another number of processes ---------------------------------------------------
+
+
+def test_resume_on_another_process_count_is_refused_before_loading_with_the_command(tmp_path, monkeypatch, capsys):
+    """A run trained under `torchrun --nproc_per_node 2` resumed as `lorakit train --resume RUN` loaded the model,
+    printed its trainable parameters, then refused with "(torchrun --nproc_per_node) (processes: 2 then, 1 now)"
+    without the command that does resume it. The checkpoint here is a one-process run's, its identity edited to what
+    a two-process run writes (`processes: 2`): the refusal reads only that field."""
+    from lorakit.cli import main
+
+    folder = make_model_folder(tmp_path / "model")
+    data = write_jsonl(tmp_path / "train.jsonl", task_records(16))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(folder), "--data", str(data), "--out", str(run), "--max-steps", "2",
+                 "--save-every", "1", "--batch-size", "4", "--rank", "4", "--eval-examples", "0",
+                 "--no-progress"]) == 0
+    state_path = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip() / "state.json"
+    state = json.loads(state_path.read_text())
+    state["identity"]["processes"] = 2
+    state_path.write_text(json.dumps(state))
+    capsys.readouterr()
+    monkeypatch.setattr("lorakit.train.runner.load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert main(["train", "--resume", str(run), "--max-steps", "3", "--no-progress"]) != 0
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "2 processes" in error and f"torchrun --nproc_per_node 2 -m lorakit train --resume {run}" in error, error

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -232,6 +233,32 @@ def check_fsdp_base(model: str, quantize: str | None, quantization: Any) -> None
         raise LorakitError(f"--fsdp cannot shard {model}: it is a 4-bit folder ({method}, quantization_config in its "
                            f"config.json) whose uint8 weights FSDP2 does not shard: {keep}, or shard its 16-bit "
                            "original with --fsdp")
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" + "es" * (count != 1)
+
+
+def check_resume_processes(resume_from: Path, run_dir: Path, world_size: int) -> None:
+    """Refuse, before the model loads, resuming a checkpoint of another number of processes (the data order and each
+    process's random state depend on it), with the command that resumes it. A missing or damaged checkpoint is left
+    to the loop, which names it."""
+    import shlex
+
+    from lorakit.train.checkpoint import find_checkpoint, read_state
+
+    try:
+        checkpoint = find_checkpoint(resume_from)
+        saved = read_state(checkpoint).get("identity", {}).get("processes")
+    except (LorakitError, AttributeError):
+        return
+    if not isinstance(saved, int) or isinstance(saved, bool) or saved == world_size:
+        return
+    resume = f"lorakit train --resume {shlex.quote(str(run_dir))}"
+    command = f"torchrun --nproc_per_node {saved} -m {resume}" if saved > 1 else resume
+    raise LorakitError(f"cannot resume from {checkpoint}: it was trained on {_processes(saved)} and this is "
+                       f"{_processes(world_size)} (the data order and each process's random state depend on the count); "
+                       f"resume with `{command}`, or start a new run with another --out")
 
 
 @contextlib.contextmanager

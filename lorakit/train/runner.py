@@ -483,10 +483,19 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
         # nohup, and a config.yaml written before progress was decided at run time holds that default, "progress:
         # true", which forced a bar's redraws into the resumed run's log file
         earlier = {key: value for key, value in saved_config(run_dir).items() if key != "progress"}
+        given = {**(config_file_values or {}), **(cli_values or {})}
+        if "model" not in earlier and "model" not in given:  # else the default base loads, to be refused after
+            state = "missing" if not (run_dir / CONFIG_NAME).is_file() else "empty (it names no model)"
+            raise LorakitError(f"cannot resume from {run_dir}: its {CONFIG_NAME}, which keeps the run's options "
+                               f"(model, data, adapter settings), is {state}; put it back, or give them again with the "
+                               "run's original values: lorakit train --resume --out RUN --model ... --data ...")
         config = TrainConfig(**{**earlier, **(config_file_values or {}), **(cli_values or {})})
         from lorakit.train.loop import check_resume_options
 
         check_resume_options(saved_config(run_dir), config, run_dir)  # before minutes of loading
+        from lorakit.train.distributed import check_resume_processes
+
+        check_resume_processes(resume_from, run_dir, world_size)
     config = config.replace(out=str(run_dir))
     from lorakit.commands._args import check_model_arg
 
