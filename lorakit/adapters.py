@@ -13,7 +13,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.inject import adapter_hosts, adapter_names, lora_layers
-from lorakit.layers import LoraLayer
+from lorakit.layers import LoraLayer, ModulesToSave
 from lorakit.param_lora import ParamLora
 
 _MERGEABLE = (LoraLayer, ParamLora)  # hosts whose adapters can be merged into the base
@@ -43,7 +43,14 @@ def set_adapter(model: nn.Module, name: str | Sequence[str]) -> None:
     """Make ``name`` (or several names, applied in order) the active adapter(s) everywhere in the model."""
     names = _names(name, "set_adapter")
     _require(model, names)
-    for host in adapter_hosts(model).values():
+    hosts = adapter_hosts(model)
+    for path, host in hosts.items():
+        holding = [n for n in dict.fromkeys(names) if isinstance(host, ModulesToSave) and n in host.copies]
+        if len(holding) > 1:  # one copy runs in the module's place: which one would be a silent choice
+            raise LorakitError(f"adapters {holding[0]!r} and {holding[1]!r} both hold a whole trained copy of {path} "
+                               "(modules_to_save, or peft's trainable tokens), and only one copy can run: activate one "
+                               "of them (or give each batch row its own adapter with lorakit.mixed_batch)")
+    for host in hosts.values():
         host.set_active(names)
 
 

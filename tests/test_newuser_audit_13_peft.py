@@ -280,3 +280,29 @@ def test_copies_from_a_resized_vocabulary_say_to_resize_the_base(options, tmp_pa
     ours = resized()
     lorakit.load_adapter(ours, tmp_path)
     assert_close(logits(ours), logits(theirs))
+
+
+# -- several active adapters ------------------------------------------------------------------------------------------
+def test_two_active_adapters_with_copies_of_one_module_are_refused(tmp_path):
+    """set_adapter(model, ["one", "two"]) when both hold a whole trained copy of lm_head (modules_to_save, or peft's
+    trainable tokens): lorakit ran the last one's copy without a word (peft refuses several active modules_to_save
+    adapters). Refused by name, with the active adapters unchanged; LoRA layers still sum when one copy is active."""
+    for name, options in (("one", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
+                          ("two", dict(target_modules=["v_proj"], modules_to_save=["lm_head"])),
+                          ("three", dict(target_modules=["k_proj"]))):
+        theirs = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, **options)).eval()
+        randomize_peft(theirs)
+        theirs.save_pretrained(tmp_path / name)
+    ours = build("llama")
+    for name in ("one", "two", "three"):
+        lorakit.load_adapter(ours, tmp_path / name, adapter=name)
+    lorakit.set_adapter(ours, "two")
+    with pytest.raises(lorakit.LorakitError, match=r"adapters 'one' and 'two' both hold a whole trained copy of lm_head.*"
+                                                   r"activate one of them.*mixed_batch"):
+        lorakit.set_adapter(ours, ["one", "two"])
+    assert lorakit.active_adapters(ours) == ["two"]
+    lorakit.set_adapter(ours, ["one", "three"])  # one copy, two LoRAs: peft's sum of the two
+    theirs = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "one", adapter_name="one")
+    theirs.load_adapter(tmp_path / "three", adapter_name="three")
+    theirs.base_model.set_adapter(["one", "three"])
+    assert_close(logits(ours), logits(theirs.eval()))
