@@ -295,3 +295,36 @@ def test_refusals_do_not_show_the_servers_folders(server):
         shutil.rmtree(adapters / "nest")
         os.unlink(adapters / "outside")
     assert _text(client, "orders")
+
+
+# -- OpenAI chat fields ------------------------------------------------------------------------------------------
+def test_openai_chat_fields_are_accepted_or_refused_by_name(server):
+    """OpenAI's chat fields that clients and agent frameworks send (metadata, service_tier, prediction, a null
+    audio, the legacy function_call "none") were 400 "unknown field 'metadata'", as if they were typos, though
+    /v1/responses takes its own metadata and service_tier. Those that change nothing here are taken; the controls
+    this server cannot honour (reasoning_effort, verbosity, web search, audio output, a forced legacy function
+    call) are refused by name, saying why."""
+    import openai
+
+    sdk = _sdk(server)
+    messages = [{"role": "user", "content": "Hello"}]
+    plain = sdk.chat.completions.create(model="peft-qv", messages=messages, max_tokens=6, temperature=0)
+    taken = {"metadata": {"run": "audit-13", "user": "u1"}, "service_tier": "auto", "prompt_cache_retention": "24h",
+             "prediction": {"type": "content", "content": "Hello there"}, "audio": None,
+             "reasoning_effort": None, "verbosity": "medium", "web_search_options": None}
+    same = sdk.chat.completions.create(model="peft-qv", messages=messages, max_tokens=6, temperature=0, **taken)
+    assert same.choices[0].message.content == plain.choices[0].message.content
+    legacy = sdk.chat.completions.create(model="peft-qv", messages=messages, max_tokens=6, temperature=0,
+                                         extra_body={"function_call": "none", "functions": []})
+    assert legacy.choices[0].message.content == plain.choices[0].message.content
+    refused = [("reasoning_effort", "high"), ("verbosity", "low"), ("web_search_options", {}),
+               ("audio", {"voice": "alloy", "format": "wav"}), ("metadata", {f"k{i}": "v" for i in range(17)}),
+               ("service_tier", "fastest")]
+    for field, value in refused:
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk.chat.completions.create(model="peft-qv", messages=messages, max_tokens=6, **{field: value})
+        assert caught.value.body["param"] == field, (field, caught.value.body)
+        assert "unknown field" not in caught.value.message, caught.value.message
+    error = _error(server["client"].post("/v1/chat/completions", json={
+        "model": "peft-qv", "messages": messages, "function_call": {"name": "f"}}), 400)
+    assert error["param"] == "function_call" and "tools" in error["message"], error

@@ -471,6 +471,25 @@ class StructuredOutputs(_Strict):
         return kind, getattr(self, kind), kind, None
 
 
+class Prediction(_Strict):
+    """OpenAI's predicted output: text the answer is expected to resemble, a hint for its speed alone."""
+
+    type: Literal["content"]
+    content: Union[str, list[TextPart]]
+
+
+REASONING_WHY = ("no reasoning controls on this server; a reasoning model's <think> or [THINK] block is returned "
+                 "as reasoning_content; Qwen3's chat_template_kwargs {'enable_thinking': false} turns it off")
+
+
+def check_metadata(value: dict | None) -> dict | None:
+    """``metadata`` within OpenAI's limits: 16 pairs, keys of at most 64 characters, values of at most 512."""
+    if value is not None and (len(value) > MAX_METADATA or any(len(k) > 64 or len(v) > 512 for k, v in value.items())):
+        raise ValueError(f"metadata takes at most {MAX_METADATA} pairs, keys of at most 64 characters and values "
+                         "of at most 512")
+    return value
+
+
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -487,8 +506,50 @@ class ChatRequest(_Sampling):
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension (extra_body): json, regex, choice, grammar
     store: bool | None = None
     modalities: list[str] | None = None
+    audio: dict | None = None
+    function_call: Union[str, dict, None] = None  # the legacy tool_choice
+    reasoning_effort: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None  # "medium": OpenAI's default
+    web_search_options: dict | None = None
+    # OpenAI fields that change no answer, taken as /v1/responses takes its own: labels, a billing hint, a cache
+    # hint, and a predicted output (which only speeds OpenAI's answer up, never changes it)
+    metadata: dict[str, str] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prediction: Prediction | None = None
     # vLLM's extension: options of the model's chat template, e.g. {"enable_thinking": false} for Qwen3
     chat_template_kwargs: dict | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict | None) -> dict | None:
+        return check_metadata(value)
+
+    @field_validator("audio")
+    @classmethod
+    def _no_audio(cls, value: dict | None) -> dict | None:
+        return _off(value, "audio", (None,), "only text; the answer has no audio")
+
+    @field_validator("function_call")
+    @classmethod
+    def _no_function_call(cls, value: Any) -> Any:
+        return _off(value, "function_call", ("none", "auto"), "the legacy function calling; send tools and "
+                    "tool_choice")
+
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _no_effort(cls, value: str | None) -> str | None:
+        return _off(value, "reasoning_effort", (None,), REASONING_WHY)
+
+    @field_validator("verbosity")
+    @classmethod
+    def _no_verbosity(cls, value: str | None) -> str | None:
+        return _off(value, f"verbosity {value!r}", ("medium",), "the model writes as long as it writes")
+
+    @field_validator("web_search_options")
+    @classmethod
+    def _no_search(cls, value: dict | None) -> dict | None:
+        return _off(value, "web_search_options", (None,), "this server runs no hosted tools")
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -842,10 +903,7 @@ class ResponsesRequest(_Strict):
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict | None) -> dict | None:
-        if value is not None and (len(value) > MAX_METADATA or any(len(k) > 64 or len(v) > 512 for k, v in value.items())):
-            raise ValueError(f"metadata takes at most {MAX_METADATA} pairs, keys of at most 64 characters and "
-                             "values of at most 512")
-        return value
+        return check_metadata(value)
 
     @field_validator("previous_response_id", "conversation", "prompt")
     @classmethod
