@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -328,3 +329,37 @@ def test_openai_chat_fields_are_accepted_or_refused_by_name(server):
     error = _error(server["client"].post("/v1/chat/completions", json={
         "model": "peft-qv", "messages": messages, "function_call": {"name": "f"}}), 400)
     assert error["param"] == "function_call" and "tools" in error["message"], error
+
+
+# -- many clients at once ------------------------------------------------------------------------------------------
+def test_sdk_clients_mixing_lorakit_and_peft_adapters_get_their_answers_alone(server):
+    """Twenty-four openai-package clients at once over the base, two lorakit adapters and a peft one: chat with
+    n=2 and a seed, greedy completions with logprobs, seeded streams with include_usage. Each answer equals the same
+    request sent alone (the log-probabilities to float32 rounding: a batch's shape changes the matmuls' order)."""
+    sdk = _sdk(server)
+    models = ["orders", "support-v2", "peft-qv", "base"]
+
+    def run(i: int):
+        model, kind = models[i % 4], i % 3
+        if kind == 0:
+            reply = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": f"q{i % 5}"}],
+                                                max_tokens=8, temperature=0.9, seed=i, n=2)
+            return [choice.message.content for choice in reply.choices], None
+        if kind == 1:
+            reply = sdk.completions.create(model=model, prompt=f"p{i % 5}", max_tokens=8, temperature=0, logprobs=2)
+            return reply.choices[0].text, reply.choices[0].logprobs.token_logprobs
+        chunks = list(sdk.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"s{i % 5}"}], max_tokens=8, temperature=1.0,
+            top_p=0.9, seed=100 + i, stream=True, stream_options={"include_usage": True}))
+        assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].usage.completion_tokens == 8
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), None
+
+    alone = [run(i) for i in range(24)]
+    with ThreadPoolExecutor(24) as pool:
+        together = list(pool.map(run, range(24)))
+    for i, ((text, logprobs), (want, want_logprobs)) in enumerate(zip(together, alone)):
+        assert text == want, (i, text, want)
+        if logprobs is not None:
+            torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(want_logprobs), rtol=0, atol=1e-4)
+    assert len({str(a[0]) for a in alone}) > 12  # the adapters and seeds give different answers
+    assert wait_idle(server["client"], 5.0)
