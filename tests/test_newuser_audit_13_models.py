@@ -416,19 +416,8 @@ def test_named_chat_templates_survive_merge_and_gguf_export(root, tmp_path):
 def test_a_hugging_face_cache_entry_names_its_snapshot_and_the_snapshot_loads(root, tmp_path):
     """``hf download`` without --local-dir leaves models--org--name/snapshots/<commit>/ of links into blobs/; the
     entry itself has no config.json. The refusal names the snapshot to pass, and that folder (links) works."""
-    import hashlib
-
     entry = tmp_path / "hub" / "models--org--tiny"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = entry / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (entry / "blobs").mkdir()
-    (entry / "refs").mkdir()
-    (entry / "refs" / "main").write_text(commit)
-    for file in (root / "plain").iterdir():
-        blob = hashlib.sha256(file.read_bytes()).hexdigest()
-        shutil.copy(file, entry / "blobs" / blob)
-        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob))
+    snapshot = _cache_entry(root / "plain", entry)
     line = _refused("generate", "--model", entry, PROMPT)
     assert "Hugging Face cache entry" in line and line.endswith(str(snapshot)), line
     code, out, err = _run("merge", "--model", snapshot, "--adapter", root / "run" / "adapter", "--out",
@@ -478,6 +467,56 @@ def test_a_merged_folder_names_no_code_it_does_not_hold(root, tmp_path):
     assert code == 0, err
     assert "auto_map" not in json.loads((tmp_path / "nf4" / "config.json").read_text())
     assert "auto_map" not in json.loads((tmp_path / "nf4" / "tokenizer_config.json").read_text())
+
+
+def _cache_entry(source: Path, entry: Path) -> Path:
+    """``source`` laid out as the Hugging Face cache does: snapshots/<commit>/NAME are links to ../../blobs/<sha256>."""
+    import hashlib
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = entry / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (entry / "blobs").mkdir()
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(commit)
+    for file in source.iterdir():
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copy(file, entry / "blobs" / blob)
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob))
+    return snapshot
+
+
+def test_qlora_and_quantize_read_a_sharded_model_from_the_hugging_face_cache(root, tmp_path):
+    """The 4-bit loader refused every shard of a cached model ("shard ... is not a file inside"): it resolved the
+    snapshot's links into blobs/ and then found them outside the folder. A shard name that leaves the folder is
+    still refused."""
+    snapshot = _cache_entry(_sharded(root, "sharded-cached"), tmp_path / "models--org--tiny")
+    code, out, err = _run("train", "--model", snapshot, "--quantize", "nf4", "--data", root / "train.jsonl", *TRAIN,
+                          "--out", tmp_path / "run")
+    assert code == 0, err
+    code, out, err = _run("quantize", "--model", snapshot, "--out", tmp_path / "nf4")
+    assert code == 0, err
+
+    outside = _sharded(root, "sharded-outside")
+    index = json.loads((outside / "model.safetensors.index.json").read_text())
+    key = next(iter(index["weight_map"]))
+    shutil.copy(outside / index["weight_map"][key], tmp_path / "elsewhere.safetensors")
+    index["weight_map"][key] = "../elsewhere.safetensors"
+    shutil.copy(tmp_path / "elsewhere.safetensors", root / "elsewhere.safetensors")
+    (outside / "model.safetensors.index.json").write_text(json.dumps(index))
+    line = _refused("quantize", "--model", outside, "--out", tmp_path / "nf4-outside")
+    assert "../elsewhere.safetensors" in line and "inside" in line, line
+
+
+def test_qlora_reads_model_safetensors_over_a_stale_index_as_transformers_does(root, tmp_path):
+    """A folder with model.safetensors and a leftover index of shards it no longer has: the 16-bit load reads
+    model.safetensors (transformers prefers it); the 4-bit loader followed the index and refused the folder."""
+    folder = _copy(root, "stale-index")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}))
+    code, out, err = _run("train", "--model", folder, "--quantize", "nf4", "--data", root / "train.jsonl", *TRAIN,
+                          "--out", tmp_path / "run")
+    assert code == 0, err
 
 
 def test_a_native_mistral_folder_is_named_as_such(tmp_path):

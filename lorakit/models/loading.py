@@ -87,6 +87,9 @@ def _check_weights_present(folder: Path) -> None:
     if not isinstance(weight_map, dict) or not weight_map:
         raise LorakitError(f"{index} has no \"weight_map\" (tensor name -> shard file); download {INDEX} again")
     shards = sorted({str(name) for name in weight_map.values()})
+    outside = [name for name in shards if Path(name).name != name or name in (".", "..")]
+    if outside:  # "../x.safetensors", "/abs/x": the index may only name files of this folder
+        raise LorakitError(f"{index}: shard {outside[0]!r} is not a file inside {folder}; download {INDEX} again")
     missing = [name for name in shards if not (folder / name).is_file()]
     if missing:
         raise LorakitError(f"{folder}: {INDEX} names {len(shards)} weight shards and {listed(missing, limit=3)} "

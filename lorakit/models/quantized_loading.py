@@ -48,12 +48,15 @@ class _TensorReader:
         from safetensors import safe_open
 
         index_file = folder / "model.safetensors.index.json"
-        if index_file.is_file():
+        # model.safetensors wins over an index beside it (a leftover of an earlier sharded save), as in transformers
+        if index_file.is_file() and not (folder / "model.safetensors").is_file():
             try:
                 weight_map = json.loads(index_file.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise LorakitError(f"{index_file}: not a safetensors index with a weight_map ({error})") from None
             files = sorted(set(weight_map.values()))
+        elif (folder / "model.safetensors").is_file():
+            files = ["model.safetensors"]  # alone, as transformers reads it (not a consolidated.safetensors beside)
         else:
             files = sorted(p.name for p in folder.glob("*.safetensors") if p.name != "reference.safetensors")
             if not files:
@@ -61,8 +64,9 @@ class _TensorReader:
         self.handles = {}
         self.where: dict[str, str] = {}
         for name in files:
-            path = (folder / name).resolve()
-            if path.parent != folder.resolve() or not path.is_file():
+            # the name, not its resolved path: the Hugging Face cache's snapshot files are links into ../../blobs
+            path = folder / name
+            if Path(name).name != name or name in (".", "..") or not path.is_file():
                 raise LorakitError(f"{index_file}: shard {name!r} is not a file inside {folder}")
             try:
                 handle = safe_open(str(path), framework="pt", device="cpu")
