@@ -566,6 +566,9 @@ def _open(path: Path, follow_symlinks: bool, folder_fd: int | None, directory: b
 
 def _read_exactly(path: Path, handle, size: int) -> bytes:
     data = handle.read(size + 1)
+    if size == 0 and data:  # /proc and /sys files: no size on disk, made up when read; reading again changes nothing
+        raise LorakitError(f"{path} reports a size of 0 bytes but has content when read (a /proc or /sys file?); it must "
+                           "be the adapter file itself")
     if len(data) != size:
         raise LorakitError(f"{path} changed while it was read ({size:,} bytes expected, {len(data):,} read); try again")
     return data

@@ -306,3 +306,13 @@ def test_two_active_adapters_with_copies_of_one_module_are_refused(tmp_path):
     theirs.load_adapter(tmp_path / "three", adapter_name="three")
     theirs.base_model.set_adapter(["one", "three"])
     assert_close(logits(ours), logits(theirs.eval()))
+
+
+@pytest.mark.parametrize("name", [WEIGHTS_NAME, CONFIG_NAME])
+def test_a_link_to_a_proc_file_is_not_asked_to_be_read_again(name, adapter_folder):
+    """A link to a /proc file (size 0 on disk, content when read) was "changed while it was read (0 bytes expected,
+    1 read); try again", which fails the same way every time."""
+    (adapter_folder / name).unlink()
+    (adapter_folder / name).symlink_to("/proc/self/status")
+    message = refusal(adapter_folder)
+    assert "reports a size of 0 bytes but has content" in message and "try again" not in message
