@@ -264,3 +264,28 @@ def test_a_pipe_as_data_is_one_line_not_a_hang_or_a_type_puzzle(tmp_path, capsys
         assert code == 2 and err.count("\n") == 0, err
         assert err.startswith(f"lorakit eval: error: {path} is a pipe or a device (shell process substitution <(...)?)")
         assert "save the records first" in err
+
+
+@pytest.mark.parametrize("config", [None, ""])
+def test_resuming_a_run_without_its_config_is_refused_before_loading(tmp_path, run_with_checkpoints, capsys, config,
+                                                                     monkeypatch):
+    """A run folder whose config.yaml was deleted (or emptied) resumed with the defaults: the default base model
+    loaded (minutes for a real one) only to be refused by the checkpoint's fingerprint, and the refused resume left
+    a config.yaml of defaults behind. Now one line before anything loads, and the folder is left as it was."""
+    import lorakit.train.runner as runner
+
+    run = tmp_path / "run"
+    shutil.copytree(run_with_checkpoints, run)
+    if config is None:
+        (run / "config.yaml").unlink()
+    else:
+        (run / "config.yaml").write_text(config)
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    code = main(["train", "--resume", "--out", str(run), "--max-steps", "6"])
+    err = capsys.readouterr().err.strip()
+    state = "missing" if config is None else "empty (it names no model)"
+    assert code == 2 and err == (f"lorakit train: error: cannot resume from {run}: its config.yaml, which keeps the "
+                                 f"run's options (model, data, adapter settings), is {state}; put it back, or give "
+                                 "them again with the run's original values: lorakit train --resume --out RUN "
+                                 "--model ... --data ...")
+    assert (run / "config.yaml").exists() == (config is not None)

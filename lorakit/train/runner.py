@@ -106,7 +106,9 @@ def interrupted_hint(run_dir: Path) -> str:
     if last is None:
         return (f"training interrupted before its first checkpoint; nothing to resume in {run_dir} (--save-every N "
                 "writes one every N steps)")
-    return f"training interrupted; the last checkpoint is {last}; continue with: lorakit train --resume {run_dir}"
+    from lorakit.train.distributed import resume_command
+
+    return f"training interrupted; the last checkpoint is {last}; continue with: {resume_command(run_dir)}"
 
 
 def check_module_names(model: Any, config: TrainConfig) -> None:
@@ -429,7 +431,9 @@ def _run_training(config: TrainConfig, resume: str | None, overwrite: bool, conf
                 print(f"removed the unfinished run in {run_dir}", file=sys.stderr, flush=True)
         if isinstance(error, OSError) and error.filename is None and error.errno in (errno.ENOSPC, errno.EDQUOT):
             # a write that fails for room has no file name (the CLI would print a traceback): say where and what next
-            then = f"continue with: lorakit train --resume {run_dir}" if resumable else "run the command again"
+            from lorakit.train.distributed import resume_command
+
+            then = f"continue with: {resume_command(run_dir)}" if resumable else "run the command again"
             raise LorakitError(f"the disk is full ({error.strerror}) while writing the run folder {run_dir}; free "
                                f"disk space, then {then}") from None
         raise
