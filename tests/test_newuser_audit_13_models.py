@@ -131,7 +131,10 @@ def test_a_folder_with_config_but_no_weights_says_so(root):
     folder = _copy(root, "no-weights")
     (folder / "model.safetensors").unlink()
     line = _refused("generate", "--model", folder, PROMPT)
-    assert "no weights" in line and "model.safetensors" in line, line
+    assert "no weights" in line and "model.safetensors" in line and "download the weights" in line, line
+    (folder / "model-Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(60))  # a GGUF beside config.json: how to convert it
+    line = _refused("generate", "--model", folder, PROMPT)
+    assert "model-Q4_K_M.gguf, a GGUF file" in line and "gguf_file='model-Q4_K_M.gguf'" in line, line
 
 
 def test_pickled_weights_are_never_unpickled_and_the_fix_is_one_transformers_5_line(root, tmp_path):

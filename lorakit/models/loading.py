@@ -76,8 +76,13 @@ def _check_weights_present(folder: Path) -> None:
     index = folder / INDEX
     if not index.is_file():
         if not any(folder.glob("*.safetensors")):
-            raise LorakitError(f"{folder} has config.json but no weights (model.safetensors, or shards with "
-                               f"{INDEX}); download the weights into the same folder")
+            gguf = sorted(p.name for p in folder.glob("*.gguf"))
+            held = (f"; it holds {listed(gguf, limit=2)}, a GGUF file, which lorakit does not train on: convert it "
+                    f"once with transformers' AutoModelForCausalLM.from_pretrained(folder, gguf_file={gguf[0]!r})"
+                    ".save_pretrained(out), or download the safetensors weights" if gguf else
+                    "; download the weights into the same folder")
+            raise LorakitError(f"{folder} has config.json but no weights (model.safetensors, or shards with {INDEX})"
+                               f"{held}")
         return
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
