@@ -202,7 +202,7 @@ def _write_pair(folder: Path, weights: bytes, config_text: str) -> None:
             backup = folder / f".{WEIGHTS_NAME}.{uuid.uuid4().hex}.old"
             try:
                 os.link(weights_path, backup, follow_symlinks=False)
-            except OSError:  # no hard links here (some network or FAT file systems)
+            except (OSError, NotImplementedError):  # no hard links here (FAT, some network file systems, Windows)
                 backup = None
         existed = os.path.lexists(weights_path)
         atomic_write_bytes(weights_path, weights)

@@ -168,12 +168,16 @@ def test_a_trained_copy_of_gemma3s_scaled_tied_embedding(tmp_path):
 
 
 # -- saving over an adapter folder: both files or neither ------------------------------------------------------------
-@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt(), "no hard links"])
 def test_a_save_that_fails_halfway_leaves_the_previous_adapter_whole(failure, tmp_path, monkeypatch):
     """save_adapter replaced the weights, then wrote the config: a failure in between (a full disk, Ctrl-C) left the
     new weights beside the old config, a pair that loads without a word with the old alpha (here 8 for 32: the
-    update off by 4x). Now the previous pair stays, byte for byte, and no temporary file is left."""
+    update off by 4x). Now the previous pair stays, byte for byte, and no temporary file is left. Where the file
+    system has no hard links (no copy of the old weights to put back) the stale config goes: refused, not wrong."""
     import os
+
+    no_links = failure == "no hard links"
+    failure = OSError(28, "No space left on device") if no_links else failure
 
     def adapted(alpha):
         model = build("llama")
@@ -194,10 +198,19 @@ def test_a_save_that_fails_halfway_leaves_the_previous_adapter_whole(failure, tm
         return real(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "replace", config_rename_fails)
+    if no_links:
+        def link_refused(*args, **kwargs):
+            raise OSError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", link_refused)
     with pytest.raises(type(failure)) if isinstance(failure, KeyboardInterrupt) else pytest.raises(
             lorakit.LorakitError, match=r"cannot save the adapter to .*: No space left on device; choose a folder"):
         lorakit.save_adapter(new, tmp_path / "adapter")
     monkeypatch.undo()
+    if no_links:
+        assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [WEIGHTS_NAME]
+        assert f"{CONFIG_NAME} not found" in refusal(tmp_path / "adapter")
+        return
     assert {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()} == before
     again = build("llama")
     lorakit.load_adapter(again, tmp_path / "adapter")
