@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lorakit {args.command}: error: {error}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
-        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # torchrun passes Ctrl-C to every process
+            print(f"lorakit {args.command}: interrupted", file=sys.stderr)
         code = 130
     except BrokenPipeError:  # the output went to a reader that stopped early (lorakit inspect DIR | head): end quietly
         with contextlib.suppress(OSError, ValueError, AttributeError):  # so the interpreter's exit flush does not fail again

@@ -126,3 +126,34 @@ def test_resume_on_another_process_count_is_refused_before_loading_with_the_comm
     assert main(["train", "--resume", str(run), "--max-steps", "3", "--no-progress"]) != 0
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "2 processes" in error and f"torchrun --nproc_per_node 2 -m lorakit train --resume {run}" in error, error
+
+
+# -- Ctrl-C of a torchrun run: the hint resumes it on the same number of processes, said once --------------------
+
+
+def test_interrupted_torchrun_run_is_told_the_torchrun_command_once(tmp_path, monkeypatch, capsys):
+    """Ctrl-C of `torchrun --nproc_per_node 2 -m lorakit train ...` printed "continue with: lorakit train --resume
+    RUN" (a one-process command, which is refused for a two-process run) and "lorakit train: interrupted" once per
+    process."""
+    from lorakit.cli import main
+    from lorakit.train import runner
+    from lorakit.train.checkpoint import LATEST
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text("{}")
+    (checkpoint.parent / LATEST).write_text(checkpoint.name)
+    monkeypatch.setattr("lorakit.train.distributed.world", lambda: (0, 2))
+    hint = runner.interrupted_hint(tmp_path / "run")
+    assert f"continue with: torchrun --nproc_per_node 2 -m lorakit train --resume {tmp_path / 'run'}" in hint
+    monkeypatch.setattr("lorakit.train.distributed.world", lambda: (0, 1))
+    assert f"continue with: lorakit train --resume {tmp_path / 'run'}" in runner.interrupted_hint(tmp_path / "run")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lorakit.train.runner.run_training", stopped)
+    for rank, said in (("1", ""), ("0", "lorakit train: interrupted")):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "--out", str(tmp_path / "other"), "--max-steps", "1"]) == 130
+        assert capsys.readouterr().err.strip() == said

@@ -243,8 +243,6 @@ def check_resume_processes(resume_from: Path, run_dir: Path, world_size: int) ->
     """Refuse, before the model loads, resuming a checkpoint of another number of processes (the data order and each
     process's random state depend on it), with the command that resumes it. A missing or damaged checkpoint is left
     to the loop, which names it."""
-    import shlex
-
     from lorakit.train.checkpoint import find_checkpoint, read_state
 
     try:
@@ -254,11 +252,19 @@ def check_resume_processes(resume_from: Path, run_dir: Path, world_size: int) ->
         return
     if not isinstance(saved, int) or isinstance(saved, bool) or saved == world_size:
         return
-    resume = f"lorakit train --resume {shlex.quote(str(run_dir))}"
-    command = f"torchrun --nproc_per_node {saved} -m {resume}" if saved > 1 else resume
     raise LorakitError(f"cannot resume from {checkpoint}: it was trained on {_processes(saved)} and this is "
                        f"{_processes(world_size)} (the data order and each process's random state depend on the count); "
-                       f"resume with `{command}`, or start a new run with another --out")
+                       f"resume with `{resume_command(run_dir, saved)}`, or start a new run with another --out")
+
+
+def resume_command(run_dir: Path, processes: int | None = None) -> str:
+    """The command that continues the run in ``run_dir`` on ``processes`` processes (default: this run's count):
+    a resume must use the run's own count (:func:`check_resume_processes`)."""
+    import shlex
+
+    processes = world()[1] if processes is None else processes
+    resume = f"lorakit train --resume {shlex.quote(str(run_dir))}"
+    return f"torchrun --nproc_per_node {processes} -m {resume}" if processes > 1 else resume
 
 
 @contextlib.contextmanager
