@@ -268,6 +268,28 @@ def test_requests_waiting_for_an_adapter_slot_do_not_stall_the_others(server, sm
     assert "Traceback" not in small["log"].read_text()
 
 
+def test_clients_that_left_while_waiting_for_an_adapter_slot_load_nothing(server, small):
+    """A request waiting for room to load its adapter went on waiting after its client left, up to a minute, then
+    loaded the adapter (evicting one in use a moment before) for an answer nobody would read. Now it stops
+    waiting when its client goes."""
+    client = small["client"]
+    assert client.post("/v1/adapters/load", json={"name": "orders"}).status_code == 200
+    runner = _long(small["url"], "orders")  # the one slot, pinned
+    try:
+        ghosts = [_raw_stream(small["url"], {"model": name, "prompt": "x", "max_tokens": 2, "temperature": 0},
+                              stream=i % 2 == 0) for i, name in enumerate(["support-v2", "peft-qv"] * 4)]
+        time.sleep(0.5)  # all waiting for room
+        for sock in ghosts:
+            sock.close()
+        time.sleep(1.0)
+    finally:
+        runner.close()
+    assert wait_idle(client, 5.0)
+    time.sleep(1.0)  # a waiter that outlived its client would load its adapter now
+    assert [a["name"] for a in client.get("/v1/adapters").json()["data"]] == ["orders"]
+    assert _text(client, "peft-qv") == _text(server["client"], "peft-qv")  # a live client still gets its adapter
+
+
 def test_refusals_do_not_show_the_servers_folders(server):
     """A broken adapter's refusal went to the client with the server's absolute paths in it ("/srv/.../adapters/
     half/adapter_model.safetensors not found"), showing any client how the machine's disk is laid out. Paths are

@@ -304,7 +304,7 @@ def create_app(state: ServerState) -> FastAPI:
         keep = (kept_tokens(state.tokenizer, fmt) if calls else frozenset()) | \
             (think.parser.tokens(state.tokenizer) if think else frozenset())
         adapter_name = None if body.model == state.base_name else body.model
-        internal = None if adapter_name is None else await _acquire(state, adapter_name)
+        internal = None if adapter_name is None else await _acquire(state, adapter_name, http=request)
         jobs, bridge = _submit(state, [prompt_ids], 1, params, adapter_name, internal, None, None, max(body.top_k, 0),
                                keep, constraints, think)
         ident, item_id = new_ids()
@@ -456,18 +456,21 @@ def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | 
     return max_tokens
 
 
-async def _acquire(state: ServerState, name: str, generates: bool = True) -> str:
+async def _acquire(state: ServerState, name: str, generates: bool = True, http: HTTPRequest | None = None) -> str:
     """Pin adapter ``name`` (a pool thread may load it); returns its internal name. Never leaks a pin.
     ``generates``: the request decodes tokens (not only echo's scoring, which runs transformers' forward), so an
-    adapter the static decoder cannot run is refused here."""
+    adapter the static decoder cannot run is refused here. ``http``: the request, whose client leaving while it
+    waits for room in the pool ends the wait (a 499 nobody reads)."""
     try:
         check_name(name)
     except LorakitError as error:
         raise await _name_error(state, error, name) from None
-    pinning = asyncio.ensure_future(_pin(state, name))
+    cancelled = threading.Event()
+    pinning = asyncio.ensure_future(_pin(state, name, cancelled, http))
     try:
         internal = await asyncio.shield(pinning)
     except asyncio.CancelledError:  # the request was cancelled while the thread pins: unpin once it has
+        cancelled.set()  # a thread waiting for room stops waiting, loading nothing
         pinning.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or state.pool.release(name))
         raise
     except LorakitError as error:
@@ -485,16 +488,34 @@ async def _acquire(state: ServerState, name: str, generates: bool = True) -> str
     return internal
 
 
-async def _pin(state: ServerState, name: str) -> str:
+async def _pin(state: ServerState, name: str, cancelled: threading.Event, http: HTTPRequest | None) -> str:
     """``pool.acquire(name)`` without holding up other requests: an adapter in memory is pinned on a worker
     thread at once; one that must wait for room to load (every loaded adapter in use, up to ``acquire_timeout``)
     waits on a thread of its own pool (:func:`_waiting_threads`), not on the worker threads every request needs to
-    tokenize its prompt, which forty such waiters held all of."""
+    tokenize its prompt, which forty such waiters held all of. That wait ends when ``cancelled`` is set or the
+    client of ``http`` leaves: it would load the adapter (evicting another) for an answer nobody reads."""
     internal = await run_in_threadpool(state.pool.pin_loaded, name)
-    if internal is None:
-        internal = await anyio.to_thread.run_sync(state.pool.acquire, name, state.acquire_timeout,
-                                                  limiter=_waiting_threads(state))
-    return internal
+    if internal is not None:
+        return internal
+    waiting = asyncio.ensure_future(anyio.to_thread.run_sync(state.pool.acquire, name, state.acquire_timeout,
+                                                             cancelled, limiter=_waiting_threads(state)))
+    if http is None:
+        return await waiting
+    gone = asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if waiting.done():
+        return waiting.result()
+    cancelled.set()
+    try:
+        await waiting
+    except LorakitError:
+        pass
+    else:  # pinned in the moment before it saw the event
+        await run_in_threadpool(state.pool.release, name)
+    raise APIError(499, "the client closed the connection", code="client_disconnected")
 
 
 def _waiting_threads(state: ServerState):
@@ -558,7 +579,8 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     think = await run_in_threadpool(_think_state, state, prompts[0]) if chat and forced is None else None
     constraints = await _constraints(state, *_format_spec(body), params, think)
     adapter_name = None if body.model == state.base_name else body.model
-    internal = None if adapter_name is None else await _acquire(state, adapter_name, generates=bool(params))
+    internal = None if adapter_name is None else await _acquire(state, adapter_name, generates=bool(params),
+                                                                http=http)
     prompt_lps = None
     try:
         if echoes is not None and logprobs is not None:
@@ -789,7 +811,13 @@ async def _collect(state: ServerState, http: HTTPRequest, jobs: list[Request], b
 
 
 async def _watch_disconnect(http: HTTPRequest, bridge: _Bridge) -> None:
-    """Put ``("gone",)`` on the request's queue when its client disconnects (the body was read already).
+    """Put ``("gone",)`` on the request's queue when its client disconnects (the body was read already)."""
+    await _disconnected(http)
+    bridge.queue.put_nowait(("gone",))
+
+
+async def _disconnected(http: HTTPRequest) -> None:
+    """Return once the client of ``http`` has disconnected (its body was read already).
 
     Awaiting ``receive`` is the one way that works through every middleware: ``Request.is_disconnected`` polls
     under a cancelled scope, which Starlette's BaseHTTPMiddleware wrapper never answers.
@@ -797,7 +825,6 @@ async def _watch_disconnect(http: HTTPRequest, bridge: _Bridge) -> None:
     while True:
         message = await http.receive()
         if message["type"] == "http.disconnect":
-            bridge.queue.put_nowait(("gone",))
             return
         await asyncio.sleep(0.1)  # a server that answers with empty body messages must not make this spin
 

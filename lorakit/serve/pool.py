@@ -119,14 +119,15 @@ class AdapterPool:
             return name in self._loaded
 
     # -- pins ----------------------------------------------------------------------------------------------------
-    def acquire(self, name: str, timeout: float = 60.0) -> str:
+    def acquire(self, name: str, timeout: float = 60.0, cancelled: threading.Event | None = None) -> str:
         """Pin adapter ``name`` (loading it, evicting the least recently used idle one if needed).
 
         Returns the adapter's internal name for ``lorakit.mixed_batch``. Raises ``UnsafeNameError``,
-        ``UnknownAdapterError``, ``AdapterRejected``, or ``AdapterBusy`` after ``timeout`` s with no free room.
+        ``UnknownAdapterError``, ``AdapterRejected``, or ``AdapterBusy`` after ``timeout`` s with no free room,
+        or as soon as ``cancelled`` is set while it waits for room (its client has gone: nothing is loaded).
         """
         with self._cond:
-            return self._pin(self._ensure_loaded(name, timeout))
+            return self._pin(self._ensure_loaded(name, timeout, cancelled))
 
     def pin_loaded(self, name: str) -> str | None:
         """``acquire`` of an adapter in memory now (its internal name); None, having done nothing, for one that is
@@ -186,7 +187,7 @@ class AdapterPool:
             self._unload_locked(name)
 
     # -- internals (hold self._cond) -----------------------------------------------------------------------------
-    def _ensure_loaded(self, name: str, timeout: float) -> LoadedAdapter:
+    def _ensure_loaded(self, name: str, timeout: float, cancelled: threading.Event | None = None) -> LoadedAdapter:
         entry = self._loaded.get(name)
         if entry is not None:
             self._check_on_disk(entry)
@@ -200,10 +201,12 @@ class AdapterPool:
                 self._unload_locked(idle)
                 self.evictions += 1
                 continue
+            if cancelled is not None and cancelled.is_set():
+                raise AdapterBusy(f"the request for adapter {name!r} was cancelled while it waited for room")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AdapterBusy(f"all {self.max_loaded} loaded adapters are in use (--max-loaded); retry later")
-            self._cond.wait(left)
+            self._cond.wait(left if cancelled is None else min(left, 0.2))  # the event cannot notify the condition
             entry = self._loaded.get(name)  # another thread may have loaded it meanwhile
             if entry is not None:
                 return entry
