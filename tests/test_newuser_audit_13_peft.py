@@ -89,10 +89,10 @@ AGREEING = {  # options that agreed when audit 13 tried them; kept so they stay 
                                             use_rslora=True, rank_pattern={"up_proj": 2}, alpha_pattern={"v_proj": 3})),
     "gemma3-all-linear-exclude-rslora": ("gemma3", dict(target_modules="all-linear", exclude_modules=["o_proj"],
                                                         rank_pattern={"^model.layers.0.mlp.*": 2}, use_rslora=True)),
-    # peft warns that these patterns matched no module, yet applies them to the expert parameters (as lorakit does)
-    "moe-expert-parameters-rank-pattern": ("qwen2moe", dict(target_modules=[], target_parameters=[
-        "mlp.experts.gate_up_proj", "mlp.experts.down_proj"], rank_pattern={"down_proj": 2})),
-    "moe-router-trained-whole": ("qwen2moe", dict(target_modules=["q_proj"], modules_to_save=["gate"])),
+    # peft warns that the pattern matched no module, yet applies it to the expert parameters (as lorakit does)
+    "moe-expert-parameters-rank-pattern-router-whole": ("qwen2moe", dict(
+        target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        rank_pattern={"down_proj": 2}, modules_to_save=["gate"])),
     # (not with an embedding target: peft then loads its bfloat16 copy of the embedding over the float32 base)
     "bfloat16-file-on-a-float32-model": ("llama", dict(target_modules=["q_proj", "v_proj"], use_dora=True,
                                                        dtype=torch.bfloat16)),
