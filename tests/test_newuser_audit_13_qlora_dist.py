@@ -157,3 +157,20 @@ def test_interrupted_torchrun_run_is_told_the_torchrun_command_once(tmp_path, mo
         monkeypatch.setenv("RANK", rank)
         assert main(["train", "--out", str(tmp_path / "other"), "--max-steps", "1"]) == 130
         assert capsys.readouterr().err.strip() == said
+
+
+# -- training on a folder `lorakit quantize` wrote says it is QLoRA, as --quantize nf4 does ----------------------
+
+
+def test_training_on_a_4bit_folder_says_it_is_qlora(folders, tmp_path, capsys):
+    """`lorakit train --model ./x-nf4` (the README's "save it once, then train with --model ./x-nf4") printed
+    "lora of ./x-nf4 on cpu", as for a 16-bit base; `--quantize nf4` on the 16-bit folder printed "(NF4 4-bit base:
+    QLoRA)"."""
+    from lorakit.cli import main
+
+    dense, nf4 = folders
+    data = write_jsonl(tmp_path / "train.jsonl", task_records(8))
+    assert main(["train", "--model", str(nf4), "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1",
+                 "--batch-size", "4", "--rank", "4", "--eval-examples", "0", "--no-progress"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"lorakit train: lora of {nf4} (NF4 4-bit base: QLoRA, a 4-bit folder) on cpu"), first

@@ -510,7 +510,12 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     device = choose_device(config)
     torch.manual_seed(config.seed)
 
-    base = f"{config.model} ({config.quantize.upper()} 4-bit base: QLoRA)" if config.quantize else config.model
+    from lorakit.train.preflight import local_config
+
+    stored = (local_config(config.model) or {}).get("quantization_config")  # a folder `lorakit quantize` wrote
+    stored_type = str(stored.get("bnb_4bit_quant_type", "nf4")).upper() if isinstance(stored, dict) else None
+    base = (f"{config.model} ({config.quantize.upper()} 4-bit base: QLoRA)" if config.quantize
+            else f"{config.model} ({stored_type} 4-bit base: QLoRA, a 4-bit folder)" if stored_type else config.model)
     say(f"lorakit train: {'full fine-tuning' if config.full else config.variant} of {base} on {device.type}; "
         f"run folder {run_dir}")
     _quiet_transformers()
