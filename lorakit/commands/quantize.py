@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder: new or empty (or a previous output, with --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous output folder at --out (atomically: "
                         "the old one stays until the new one is whole; a folder holding other files is refused)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                         help="dtype of the weights before quantization and of everything kept dense (embeddings, "
-                             "norms, head); the compute dtype recorded for bitsandbytes (default: %(default)s)")
+                             "norms, head); the compute dtype recorded for bitsandbytes (default: bf16)")
 
 
 def _size(folder: Path) -> int:
@@ -73,9 +73,18 @@ def run(args: argparse.Namespace) -> int:
         raise LorakitError(f"{args.model} is already quantized ({method}, quantization_config in config.json); train "
                            f"on it directly (lorakit train --model {shlex.quote(str(args.model))}) or quantize its "
                            "16-bit original")
-    model, tokenizer = lorakit.load_base(args.model, dtype=getattr(torch, DTYPES[args.dtype]), quantize="nf4")
+    dtype = getattr(torch, DTYPES[args.dtype or "bf16"])
+    model, tokenizer = lorakit.load_base(args.model, dtype=dtype, quantize="nf4")
     loaded = time.perf_counter()
     print(f"loaded {args.model} into NF4 in {loaded - start:.1f} s; writing {out}")
+    from lorakit.train.runner import stored_dtype
+
+    stored = stored_dtype(args.model)
+    if args.dtype is None and stored is not None and stored != dtype:  # the default, not asked for: say it
+        name = str(stored).removeprefix("torch.")
+        flag = next(flag for flag, full in DTYPES.items() if full == name)
+        print(f"note: {args.model} stores {name} weights; the 4-bit folder keeps its embeddings, norms and head in "
+              f"{str(dtype).removeprefix('torch.')} and quantizes from that (--dtype {flag} keeps {name})")
     try:
         save_quantized(model, tokenizer, out, overwrite=overwrite)
     except OSError as error:  # a full disk, a folder that cannot be renamed: save_quantized left nothing half-written
