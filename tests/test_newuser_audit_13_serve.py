@@ -385,3 +385,33 @@ def test_sdk_clients_mixing_lorakit_and_peft_adapters_get_their_answers_alone(se
             torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(want_logprobs), rtol=0, atol=1e-4)
     assert len({str(a[0]) for a in alone}) > 12  # the adapters and seeds give different answers
     assert wait_idle(server["client"], 5.0)
+
+
+# -- requests that are not HTTP ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("head", [
+    b"GARBAGE\r\n\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    b"GET /health HTTP/1.1\r\n\r\n",  # HTTP/1.1 without a Host header
+])
+def test_a_malformed_http_request_gets_the_openai_error_body(server, head):
+    """A request the HTTP parser refuses was answered by uvicorn in plain text ("Invalid HTTP request received."),
+    the one answer of the server that was not OpenAI's error body. Now it is one, still a 400 that closes the
+    connection."""
+    import socket
+
+    host, port = server["url"].rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    status, _, rest = raw.partition(b"\r\n")
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert status == b"HTTP/1.1 400 Bad Request", raw[:300]
+    assert b"content-type: application/json" in headers.lower() and b"connection: close" in headers.lower()
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_http"
+    assert error["message"].startswith("malformed HTTP request") and "\n" not in error["message"]
+    assert _text(server["client"], "orders")

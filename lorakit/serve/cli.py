@@ -273,7 +273,9 @@ def run(args: argparse.Namespace) -> int:
                                            "answer is returned as reasoning_content" if state.reasoning else
                                            "answers are returned as written"), flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        from lorakit.serve.transport import http_protocol
+
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, http=http_protocol())
     finally:
         state.engine.close()
     return 0

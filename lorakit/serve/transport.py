@@ -112,6 +112,27 @@ class CORS(CORSMiddleware):
                                                       if k.lower() not in ("content-length", "content-type")})
 
 
+def http_protocol():
+    """uvicorn's HTTP protocol (httptools where installed, else h11, as its "auto" picks), answering a request its
+    parser refuses (a bad request line or header, a negative Content-Length, HTTP/1.1 without Host) with the OpenAI
+    error body instead of plain text "Invalid HTTP request received.". "auto" where this uvicorn has no such hook."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    if not callable(getattr(AutoHTTPProtocol, "send_400_response", None)):
+        return "auto"
+
+    class JSONErrors(AutoHTTPProtocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps(error_body("malformed HTTP request: its request line or headers could not be parsed "
+                                         "(HTTP/1.1 needs a Host header, Content-Length a non-negative integer)",
+                                         code="invalid_http")).encode()  # (uvicorn's msg: always this case)
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: "
+                                 b"%d\r\nconnection: close\r\n\r\n" % len(body) + body)
+            self.transport.close()  # the parser's state is lost: the connection cannot carry another request
+
+    return JSONErrors
+
+
 ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/adapters",
           "/v1/adapters/load", "/v1/adapters/unload")
 
