@@ -531,3 +531,20 @@ def test_a_native_mistral_folder_is_named_as_such(tmp_path):
     (folder / "tekken.json").write_text("{}")
     line = _refused("generate", "--model", folder, PROMPT)
     assert "native layout (params.json, consolidated.safetensors)" in line and "Hugging Face version" in line, line
+
+
+def test_a_tied_checkpoint_whose_config_says_untied_names_the_flag(tmp_path):
+    """A model saved tied (no lm_head.weight in the file, as Llama 3.2 1B and Qwen2.5 0.5B ship) with
+    "tie_word_embeddings": false in config.json (hand-edited, or another tool's export) was only 'incomplete'."""
+    from conftest import tiny_llama
+
+    folder = tmp_path / "tied-flag"
+    tiny_llama(vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+               tie_word_embeddings=True).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    _edit_json(folder / "config.json", lambda d: d.update(tie_word_embeddings=False))
+    line = _refused("generate", "--model", folder, PROMPT)
+    assert "'lm_head.weight'" in line and '"tie_word_embeddings": true' in line, line
+    _edit_json(folder / "config.json", lambda d: d.update(tie_word_embeddings=True))  # the fix it names works
+    code, out, err = _run("generate", "--model", folder, "--max-new-tokens", 2, PROMPT)
+    assert code == 0, err

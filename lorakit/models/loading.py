@@ -629,6 +629,15 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
             raise LorakitError(f"{folder} holds a {saved_as[0]} (config.json architectures), which has no language-model "
                                f"head ({missing[0]!r}); lorakit fine-tunes causal LMs: give the causal-LM checkpoint it "
                                "was made from")
+        text = model.config.get_text_config() if callable(getattr(model.config, "get_text_config", None)) else model.config
+        embedding = model.get_input_embeddings()
+        if getattr(text, "tie_word_embeddings", None) is False and getattr(embedding, "weight", None) is not None \
+                and tuple(embedding.weight.shape) == tuple(head.weight.shape):
+            # a model saved tied (Llama 3.2 1B, Qwen2.5 0.5B: no head in the file) whose config.json says otherwise
+            raise LorakitError(f"{folder}: config.json says \"tie_word_embeddings\": false, but the weights hold no "
+                               f"{missing[0]!r}: a model saved with a tied head (its input embedding reused as output) "
+                               "needs \"tie_word_embeddings\": true there; otherwise the download is incomplete: "
+                               "download the weights again")
     if missing:
         raise LorakitError(f"{folder}: the safetensors weights lack {len(missing)} of the model's tensors (e.g. "
                            f"{missing[0]!r}); the folder is incomplete or its config.json is for another model")
