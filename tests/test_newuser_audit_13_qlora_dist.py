@@ -195,3 +195,39 @@ def test_quantize_says_when_the_dense_weights_change_precision(folders, tmp_path
         assert handle.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16  # what the note says
     assert main(["quantize", "--model", str(dense), "--out", str(tmp_path / "fp32"), "--dtype", "fp32"]) == 0
     assert "--dtype" not in capsys.readouterr().out  # asked for: nothing to say
+
+
+# -- an adapter trained on lorakit's NF4 base, loaded by peft on bitsandbytes' 4-bit base of the same model --------
+
+
+def test_nf4_adapter_in_peft_on_a_bitsandbytes_base_gives_the_same_logits(tmp_path, no_dynamo):
+    """The README's promise both ways: lorakit's NF4 is bitsandbytes' NF4, so an adapter made on one is the same
+    model on the other (down_proj's 104 inputs: rows that are not a multiple of the 64-value block). bitsandbytes runs
+    in training mode here: its CPU inference path (avx512-bf16 machines) repacks the weights and computes in
+    bfloat16. Not tested: a width of 96 (hidden_size=96), where bitsandbytes 0.50.2's native CPU dequantize gives
+    other values than its own quantize_4bit codes mean (its generic path and lorakit agree; GPUs use that one)."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    shape = dict(seed=2, hidden_size=64, intermediate_size=104)
+    tiny_llama(**shape).save_pretrained(tmp_path / "base")
+    ours = tiny_llama(**shape)
+    lorakit.quantize(ours, "nf4")
+    lorakit.inject(ours, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, parameter in ours.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)  # a trained adapter's B is not zero
+    lorakit.save_adapter(ours, tmp_path / "adapter")
+
+    bnb = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32, quantization_config=(
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)))
+    theirs = peft.PeftModel.from_pretrained(bnb, tmp_path / "adapter").train()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        torch.testing.assert_close(ours.eval()(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        with theirs.disable_adapter():
+            assert (theirs(input_ids=ids).logits - expected).abs().max() > 1e-3  # the adapter mattered
