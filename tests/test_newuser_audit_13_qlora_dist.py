@@ -231,3 +231,25 @@ def test_nf4_adapter_in_peft_on_a_bitsandbytes_base_gives_the_same_logits(tmp_pa
         torch.testing.assert_close(ours.eval()(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
         with theirs.disable_adapter():
             assert (theirs(input_ids=ids).logits - expected).abs().max() > 1e-3  # the adapter mattered
+
+
+# -- --full and --init pissa on a 4-bit base: refused before it loads, in the user's terms -----------------------
+
+
+@pytest.mark.parametrize("option", [dict(full=True), dict(init="pissa")])
+def test_full_and_pissa_on_a_4bit_folder_are_refused_before_loading(folders, monkeypatch, option):
+    """Both loaded the base first, then said "load it without quantize" / "quantize after training" to a user who
+    had given no --quantize (the folder was 4-bit; with --quantize, TrainConfig refuses them at once)."""
+    from lorakit.errors import LorakitError
+    from lorakit.train import TrainConfig
+    from lorakit.train.preflight import check_before_loading
+
+    _, nf4 = folders
+    monkeypatch.setattr("lorakit.train.preflight.empty_model", lambda folder: pytest.fail("got past the 4-bit check"))
+    with pytest.raises(LorakitError) as refused:
+        check_before_loading(TrainConfig(model=str(nf4), targets=["q_proj"], **option), {"targets"})
+    message = str(refused.value)
+    assert "\n" not in message and ("--full" in message if "full" in option else "--init pissa" in message)
+    assert "--quantize" not in message and "4-bit folder" in message and "16-bit original" in message
+    with pytest.raises(LorakitError, match="quantized"):  # the --quantize spelling: refused as it was
+        TrainConfig(model=str(nf4), quantize="nf4", **option)

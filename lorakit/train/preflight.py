@@ -71,10 +71,12 @@ def check_before_loading(config: TrainConfig, given: set[str]) -> None:
             raise LorakitError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop "
                                "--tensorboard; metrics.jsonl has the same numbers)") from None
     model_config = local_config(config.model)
+    quantization = (model_config or {}).get("quantization_config")
+    check_4bit_base(config, quantization)
     if config.fsdp and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         from lorakit.train.distributed import check_fsdp_base
 
-        check_fsdp_base(config.model, config.quantize, (model_config or {}).get("quantization_config"))
+        check_fsdp_base(config.model, config.quantize, quantization)
     if model_config is None:
         return
     limit = config_context(model_config)
@@ -93,6 +95,21 @@ def check_before_loading(config: TrainConfig, given: set[str]) -> None:
             from lorakit.train.runner import check_module_names
 
             check_module_names(empty, config.replace(**names))
+
+
+def check_4bit_base(config: TrainConfig, quantization: Any) -> None:
+    """Refuse ``--full`` and ``--init pissa`` on a 4-bit folder (its config.json has a ``quantization_config``): both
+    need the dense weights. ``TrainConfig`` refuses them with ``--quantize``; the loaded model refused a 4-bit folder
+    only after the load and in the Python API's terms ("load it without quantize") to a user who gave no --quantize."""
+    if not quantization or config.quantize:
+        return
+    where = f"{config.model} is a 4-bit folder"
+    if config.full:
+        raise LorakitError(f"--full trains every weight, and the weights of a 4-bit base cannot train ({where}): "
+                           "train on its 16-bit original, or drop --full to train an adapter on it (QLoRA)")
+    if config.init == "pissa":
+        raise LorakitError(f"--init pissa starts the adapter from the base's dense weights, which a 4-bit base does "
+                           f"not keep ({where}): use --init default, or train on its 16-bit original")
 
 
 def empty_model(folder: str) -> Any:
