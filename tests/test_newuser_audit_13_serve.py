@@ -415,3 +415,29 @@ def test_a_malformed_http_request_gets_the_openai_error_body(server, head):
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_http"
     assert error["message"].startswith("malformed HTTP request") and "\n" not in error["message"]
     assert _text(server["client"], "orders")
+
+
+# -- structured outputs ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schema", [{"$ref": "#"}, {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}])
+def test_a_schema_no_answer_can_follow_is_the_clients_400(server, schema):
+    """A schema that refers only to itself compiles, but no text can follow it: llguidance's matcher then fails
+    and allows the end token alone, so the answer was "" with finish_reason "stop", which says the content
+    parses and matches the schema. Now the request is a 400 that says the answer could not follow the format."""
+    import openai
+
+    sdk = _sdk(server)
+    fmt = {"type": "json_schema", "json_schema": {"name": "loop", "schema": schema}}
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(model="orders", messages=messages, max_tokens=8, response_format=fmt)
+    assert caught.value.code == "invalid_response_format", caught.value.body
+    assert caught.value.body["message"].startswith("the answer could not follow the format: ")
+    assert "<state>" not in caught.value.message and "\n" not in caught.value.message
+    with pytest.raises(openai.APIError, match="the answer could not follow the format"):
+        list(sdk.chat.completions.create(model="orders", messages=messages, max_tokens=8, response_format=fmt,
+                                         stream=True))
+    plain = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}}
+    reply = sdk.chat.completions.create(model="orders", messages=messages, max_tokens=8, response_format=plain,
+                                        temperature=0)
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(reply.choices[0].message.content), int)

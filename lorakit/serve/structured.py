@@ -209,7 +209,12 @@ class Constraint:
     @property
     def error(self) -> str | None:
         # llguidance appends its parser state (tokens, rows, timings) after "<state>": not for the client
-        return _one_line(self.matcher.get_error().split("<state>")[0]) if self.matcher.is_error() else None
+        if not self.matcher.is_error():
+            return None
+        error = _one_line(self.matcher.get_error().split("<state>")[0])
+        if error.startswith("NoExtensionBias"):  # llguidance's name for "no token can extend the answer"
+            return "the format allows no further text here (a schema that refers only to itself?)"
+        return error
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor | None:
         """``logits (V,)`` with every token the grammar does not allow next set to -inf (a new tensor); None when
@@ -267,7 +272,9 @@ def mask_rows(constraints: list[Constraint], logits: torch.Tensor) -> torch.Tens
         if marker is not None and marker < words * 32:
             as_bytes[i, marker >> 3] |= 1 << (marker & 7)
     for constraint, any_allowed in zip(constraints, bits.any(dim=1).tolist()):
-        constraint.blocked = not any_allowed
+        # a matcher that fails while computing its mask (a schema that refers only to itself: no text can follow)
+        # allows the end token alone, which would end the answer as if it were complete
+        constraint.blocked = not any_allowed or (constraint.phase != "marker" and constraint.matcher.is_error())
     shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
     # unpacked from bytes, not int32 words: 4x less to shift
     allowed = ((as_bytes.to(logits.device).unsqueeze(-1) >> shifts) & 1).reshape(n, words * 32).bool()
