@@ -548,3 +548,31 @@ def test_a_tied_checkpoint_whose_config_says_untied_names_the_flag(tmp_path):
     _edit_json(folder / "config.json", lambda d: d.update(tie_word_embeddings=True))  # the fix it names works
     code, out, err = _run("generate", "--model", folder, "--max-new-tokens", 2, PROMPT)
     assert code == 0, err
+
+
+LFS = "version https://git-lfs.github.com/spec/v1\noid sha256:4f2b3b0d\nsize 9085657\n"
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("tokenizer.json", LFS, "tokenizer.json is a Git LFS pointer, not the file: run git lfs pull"),
+    ("tokenizer.json", '{"version": "1.0", "model": {"ty', "tokenizer.json: not valid JSON (line 1: "),
+    ("tokenizer_config.json", "{bad", "tokenizer_config.json: not valid JSON (line 1: "),
+    ("config.json", LFS, "config.json is a Git LFS pointer, not the file"),
+])
+def test_a_tokenizer_or_config_file_that_is_a_pointer_or_cut_is_named(root, name, text, words):
+    """A clone without git-lfs leaves pointers (Llama 3's tokenizer.json is an LFS file); transformers said
+    "Expecting value: line 1 column 1 (char 0)" about no file in particular."""
+    folder = _copy(root, f"broken-{name}-{len(text)}")
+    (folder / name).write_text(text)
+    line = _refused("generate", "--model", folder, PROMPT)
+    assert words in line and "download" in line, line
+
+
+def test_a_chat_template_that_is_not_jinja_is_named_as_such(root):
+    """It said "the chat template refused these messages", as if the prompt were at fault."""
+    folder = _copy(root, "template-syntax")
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }")
+    line = _refused("generate", "--model", folder, PROMPT)
+    assert "chat template is not valid Jinja (line 1: unexpected '}')" in line and "--no-chat" in line, line
+    code, out, err = _run("generate", "--model", folder, "--no-chat", "--max-new-tokens", 2, PROMPT)
+    assert code == 0, err

@@ -140,6 +140,9 @@ def check_causal_config(folder: Path) -> dict:
         raise LorakitError(f"{path}: starts with a UTF-8 byte-order mark (what some Windows editors write), which "
                            "transformers cannot read; save it as UTF-8 without the mark (e.g. sed -i "
                            "'1s/^\\xEF\\xBB\\xBF//' config.json)")
+    if text.startswith(LFS_POINTER):
+        raise LorakitError(f"{path} is a Git LFS pointer, not the file: run git lfs pull in that repository, or "
+                           "download it with hf download REPO --local-dir DIR")
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:
@@ -425,6 +428,8 @@ def load_tokenizer(folder: Path):
         # terminal and a "y" imports the folder's .py files; lorakit never runs a model folder's code
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as error:  # transformers raises OSError, ValueError, TypeError, ... for broken tokenizer files
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # which file, and why
+            _check_json_file(folder / name)
         if own_code is not None:
             fix = ("its tokenizer.json loads without that code if tokenizer_config.json says \"tokenizer_class\": "
                    "\"PreTrainedTokenizerFast\" (check that it tokenizes as the model expects)"
@@ -449,6 +454,32 @@ def load_tokenizer(folder: Path):
     if not getattr(tokenizer, "chat_template", None):
         _template_from_json(tokenizer, folder)
     return tokenizer
+
+
+LFS_POINTER = "version https://git-lfs"
+
+
+def _check_json_file(path: Path) -> None:
+    """A tokenizer JSON file that is a Git LFS pointer (a clone without git-lfs: Llama 3's tokenizer.json is an LFS
+    file) or not JSON (a cut download) is named with its fix; transformers said only "Expecting value: line 1
+    column 1 (char 0)", naming no file. Run once the tokenizer failed to load (a 30 MB tokenizer.json is not
+    parsed twice on every load)."""
+    if not path.is_file():
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LorakitError(f"{path}: not UTF-8 text; download it again") from None
+    if text.startswith(LFS_POINTER):
+        raise LorakitError(f"{path} is a Git LFS pointer, not the file: run git lfs pull in that repository, or "
+                           "download it with hf download REPO --local-dir DIR")
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        raise LorakitError(f"{path}: not valid JSON (line {error.lineno}: {error.msg}); download it again (an "
+                           "interrupted download?)") from None
+    except (RecursionError, ValueError):  # nested deeper than Python's stack, or a number too long
+        raise LorakitError(f"{path}: not a tokenizer file lorakit can read; download it again") from None
 
 
 def _check_sentencepiece(folder: Path) -> None:
