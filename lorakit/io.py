@@ -375,8 +375,8 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
         raw_config = _read_config(config_path, config_handle)
         # no target_modules (peft would guess them from the model type): read after the tensors, which name them
         config = _parse_config(raw_config, config_path) if _names_targets(raw_config) else None
+        _check_layout(weights, weights_handle, size)
         data = _read_exactly(weights, weights_handle, size)
-    _check_header(weights, data)
     from safetensors.torch import load as safetensors_load
 
     try:
@@ -607,9 +607,32 @@ def _json_hint(error: json.JSONDecodeError) -> str:
     return ""
 
 
-def _check_header(path: Path, data: bytes) -> None:
-    """The safetensors header must be a sane length and lie inside the file (cheap check before parsing)."""
-    size = len(data)
+def _check_layout(path: Path, handle, size: int) -> None:
+    """Before a weights file is read whole: its safetensors header must be sane and describe exactly ``size`` bytes
+    (8 + header + the end of the last tensor), so a file padded far past its tensors (a sparse file of gigabytes, a
+    copy appended to an old file) is refused without reading it. Reads only the header; leaves ``handle`` at 0.
+    A header that does not parse is left to safetensors to describe."""
+    prefix = _read_exactly(path, handle, 0) if size == 0 else handle.read(min(size, 64))  # 0: a /proc file?
+    _check_header(path, prefix, size)
+    header_len = int.from_bytes(prefix[:8], "little")
+    handle.seek(8)
+    try:
+        header = json.loads(handle.read(header_len))
+        described = 8 + header_len + max((int(entry["data_offsets"][1]) for key, entry in header.items()
+                                          if key != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+        described = None
+    handle.seek(0)
+    if described is not None and described != size:
+        raise LorakitError(f"{path} is {size:,} bytes, but its safetensors header describes {described:,} "
+                           f"({'truncated' if size < described else 'other data after the tensors'}); save the adapter "
+                           "again")
+
+
+def _check_header(path: Path, data: bytes, size: int | None = None) -> None:
+    """The safetensors header must be a sane length and lie inside the file (cheap check before parsing); ``data``
+    is the file or its first bytes, ``size`` the file's size (default: ``len(data)``)."""
+    size = len(data) if size is None else size
     if data.startswith(b"version https://git-lfs"):  # a clone without git-lfs: the pointer, not the weights
         raise LorakitError(f"{path} is a Git LFS pointer ({size} bytes), not the weights: run git lfs pull in that "
                            "repository, or download the adapter with hf download REPO --local-dir DIR")

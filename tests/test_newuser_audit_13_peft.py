@@ -329,3 +329,21 @@ def test_a_link_to_a_proc_file_is_not_asked_to_be_read_again(name, adapter_folde
     (adapter_folder / name).symlink_to("/proc/self/status")
     message = refusal(adapter_folder)
     assert "reports a size of 0 bytes but has content" in message and "try again" not in message
+
+
+def test_a_weights_file_longer_than_its_header_says_is_refused_before_it_is_read(adapter_folder, monkeypatch):
+    """A weights file padded far past its tensors (a sparse file of gigabytes; a copy that appended to an old file)
+    was read whole into memory before safetensors found it "not fully covered". The header says how long the file
+    must be: checked first, reading only the header."""
+    import lorakit.io as io
+
+    weights = adapter_folder / WEIGHTS_NAME
+    true_size = weights.stat().st_size
+    with open(weights, "r+b") as handle:
+        handle.truncate(true_size + 2 ** 31)  # sparse: no disk space used
+    reads = []
+    real = io._read_exactly
+    monkeypatch.setattr(io, "_read_exactly", lambda path, handle, size: reads.append(size) or real(path, handle, size))
+    message = refusal(adapter_folder)
+    assert f"{true_size + 2 ** 31:,} bytes, but its safetensors header describes {true_size:,}" in message
+    assert all(size < 2 ** 20 for size in reads)  # the config only, not the 2 GiB
