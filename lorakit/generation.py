@@ -160,9 +160,10 @@ def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat: bool | None = N
                                             **(chat_template_kwargs or {}))
     except Exception as error:  # a template may raise for roles it does not know (jinja's TemplateError and others)
         if type(error).__name__ == "TemplateSyntaxError":  # the template itself is broken, whatever the messages
-            raise LorakitError(f"the tokenizer's chat template is not valid Jinja (line {getattr(error, 'lineno', '?')}: "
-                               f"{getattr(error, 'message', None) or error}); fix chat_template.jinja (or "
-                               "tokenizer_config.json's chat_template), or send plain text (--no-chat; /v1/completions)") from None
+            where = f"line {getattr(error, 'lineno', '?')}: {getattr(error, 'message', None) or error}"
+            raise LorakitError(f"the tokenizer's chat template is not valid Jinja ({where}); fix chat_template.jinja "
+                               "(or tokenizer_config.json's chat_template), or send plain text (--no-chat; "
+                               "/v1/completions)") from None
         raise LorakitError(f"the chat template refused these messages: {str(error).splitlines()[0]}") from None
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
