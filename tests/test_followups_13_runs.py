@@ -289,3 +289,58 @@ def test_resuming_a_run_without_its_config_is_refused_before_loading(tmp_path, r
                                  "them again with the run's original values: lorakit train --resume --out RUN "
                                  "--model ... --data ...")
     assert (run / "config.yaml").exists() == (config is not None)
+
+
+def test_eval_of_a_runs_adapter_without_data_scores_the_runs_validation_data(tmp_path, run_with_checkpoints,
+                                                                            tiny_folder, tiny_data, capsys):
+    """Without --data, eval of a run's adapter scored the embedded task's held-out set, whatever the adapter had
+    learnt (here it failed: the orders are longer than the run's max_length; with a real model it printed a loss of
+    the wrong task). It now scores what the run validated on: its --val-data, or the very records its
+    --val-fraction held out (so eval's loss is the run's validation loss), and a run that held out nothing is told
+    to give --data."""
+    train_path, val_path = tiny_data
+    code = main(["eval", "--model", str(tiny_folder), "--adapter", str(run_with_checkpoints / "adapter"),
+                 "--no-generate", "--json", str(tmp_path / "val.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and f"data: the run's validation data, --val-data {val_path} (read from " in out, out
+    report = json.loads((tmp_path / "val.json").read_text())
+    assert report["data"] == [str(val_path)]
+    assert report["loss"] == pytest.approx(_val_losses(run_with_checkpoints)[4], rel=1e-6)
+
+    held = tmp_path / "held"
+    assert main(["train", "--model", str(tiny_folder), "--data", str(train_path), "--val-fraction", "0.25",
+                 "--out", str(held), "--max-steps", "2", "--eval-every", "2", "--seed", "3", "--no-progress",
+                 *FAST]) == 0
+    capsys.readouterr()
+    code = main(["eval", "--model", str(tiny_folder), "--adapter", str(held / "adapter"), "--no-generate",
+                 "--json", str(tmp_path / "held.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and (f"data: the 12 records the run held out (--val-fraction 0.25 of {train_path}, seed 3; "
+                          "read from ") in out, out
+    assert json.loads((tmp_path / "held.json").read_text())["loss"] == pytest.approx(_val_losses(held)[2], rel=1e-6)
+
+    none = tmp_path / "none"
+    assert main(["train", "--model", str(tiny_folder), "--data", str(train_path), "--out", str(none),
+                 "--max-steps", "1", "--no-progress", *FAST]) == 0
+    capsys.readouterr()
+    code = main(["eval", "--model", str(tiny_folder), "--adapter", str(none / "adapter"), "--no-generate"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith("held out no validation data (no --val-data or --val-fraction), so it has no "
+                                      "records it did not train on to score; give them with --data"), err
+
+
+def test_a_runs_data_not_found_from_here_is_one_line(tmp_path, monkeypatch):
+    """config.yaml keeps the data paths as typed where the run started; from another folder they are not found,
+    which is said with the path and the fix rather than as a bare "data file not found"."""
+    from lorakit.train.eval_cli import run_validation_data
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: m\nout: run\nrank: 4\nlr: 0.001\ndata: [train.jsonl]\n"
+                                     "val_data: [data/val.jsonl]\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LorakitError) as caught:
+        run_validation_data(str(run / "adapter"))
+    assert str(caught.value) == ("the adapter's run read --val-data data/val.jsonl (run/config.yaml), which is not "
+                                 "found from this folder (the run started elsewhere?); give the records to score "
+                                 "with --data")

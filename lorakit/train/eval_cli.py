@@ -3,8 +3,9 @@
 Loss is the mean cross-entropy per supervised token (the same targets as training: completions / assistant turns,
 or all of a text record); perplexity is exp(loss); exact match compares each greedy generation, whitespace-trimmed,
 with the record's answer (records of the text shape have no answer and are only used for the loss); for reasoning
-models, the final answers after the last ``</think>``. Chat template options (``--chat-template-kwargs``) default to
-those of the adapter's training run.
+models, the final answers after the last ``</think>``. For an adapter of a ``lorakit train`` run (RUN/adapter,
+RUN/best, RUN/checkpoints/step-N/adapter), ``--max-length``, ``--overflow``, ``--chat-template-kwargs`` and, without
+``--data``, the records scored default to the run's (its config.yaml), so eval's loss is the run's validation loss.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ RUN_KEYS = frozenset({"model", "out", "rank", "lr"})  # options every run's conf
 EPILOG = """examples:
   lorakit eval                                                    # the embedded model on the embedded task
   lorakit eval --model ./base --adapter runs/mine/adapter --data val.jsonl --json results.json
+  lorakit eval --model ./base --adapter runs/mine/checkpoints/step-000200/adapter   # on the run's validation data
   lorakit eval --model ./base --data val.jsonl --no-generate      # the base alone, loss and perplexity only
 """
 
@@ -37,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", metavar="FOLDER", help="adapter folder (PEFT format, e.g. RUN/adapter); omit to "
                         "score the base model alone")
     parser.add_argument("--data", nargs="+", action="extend", metavar="PATH", help="JSONL / CSV files or a datasets folder; default: the "
-                        "embedded task's held-out set")
+                        "validation data of the adapter's lorakit train run (its --val-data, or the records its "
+                        "--val-fraction held out), else the embedded task's held-out set")
     parser.add_argument("--max-length", type=int, default=None, help="most tokens per example (default: the "
                         "adapter's training run's, else 256, or the model's context length when shorter)")
     parser.add_argument("--overflow", choices=("drop", "truncate", "error"), default=None,
@@ -123,15 +126,20 @@ def run(args: argparse.Namespace) -> int:
                            f"(max_position_embeddings in its config.json); pass --max-length {declared} or less")
     started = time.perf_counter()
     device = choose_device(TrainConfig(device=args.device))
+    records = None
     if args.data:
         paths = args.data
+    elif args.adapter and run_folder(args.adapter) is not None:  # what the run scored its validation loss on
+        paths, records, line = run_validation_data(args.adapter)
+        print(line)
     else:
         from lorakit.data import embedded_dataset_paths
 
         paths = [str(embedded_dataset_paths()[1])]
-    if repeated_note(paths, "--data"):
-        print(repeated_note(paths, "--data"))
-    records = read_many(paths, split=VALIDATION_SPLITS)  # a folder or file of splits: its validation (or test) split
+    if records is None:
+        if repeated_note(paths, "--data"):
+            print(repeated_note(paths, "--data"))
+        records = read_many(paths, split=VALIDATION_SPLITS)  # a folder or file of splits: its validation (or test) split
     if args.limit is not None:
         records = records[: args.limit]
     try:
@@ -252,6 +260,53 @@ def run_config(adapter: str) -> tuple[Path | None, dict]:
     if run_dir is None:
         return None, {}
     return run_dir / CONFIG_NAME, _read_config(run_dir / CONFIG_NAME) or {}
+
+
+def run_validation_data(adapter: str) -> tuple[list[str], list, str]:
+    """(files, records, one line saying what they are) of the validation data of the run that trained ``adapter``:
+    its --val-data, or the records its --val-fraction held out (the same seeded split, so none it trained on), or
+    the embedded task's held-out set for a run on the embedded task. eval of a run's adapter without --data scored
+    the embedded task instead, whatever the adapter had learnt.
+
+    Raises:
+        LorakitError: the run held out nothing, or its data files are not found from the current folder.
+    """
+    from lorakit.train.data import split_records
+    from lorakit.train.sources import VALIDATION_SPLITS, read_many
+
+    config, values = run_config(adapter)
+    where = f"read from {_shown(config)}; --data to score other records"
+
+    def files_of(key: str) -> list[str]:
+        given = values.get(key)
+        files = [given] if isinstance(given, str) else [str(f) for f in given or []]
+        for file in files:  # the run's paths are as typed where it started: say so rather than "not found"
+            if not Path(file).expanduser().exists():
+                raise LorakitError(f"the adapter's run read --{key.replace('_', '-')} {file} ({_shown(config)}), "
+                                   "which is not found from this folder (the run started elsewhere?); give the "
+                                   "records to score with --data")
+        return files
+
+    fraction, seed = values.get("val_fraction"), values.get("seed", 0)
+    if values.get("val_data"):
+        files = files_of("val_data")
+        return files, read_many(files, split=VALIDATION_SPLITS), (f"data: the run's validation data, --val-data "
+                                                                  f"{' '.join(files)} ({where})")
+    if values.get("data"):
+        files = files_of("data")
+    else:  # the embedded task: its held-out file, unless the run held out part of its training file instead
+        from lorakit.data import embedded_dataset_paths
+
+        train_path, val_path = embedded_dataset_paths()
+        if not isinstance(fraction, (int, float)):
+            return [str(val_path)], read_many([val_path]), f"data: the embedded task's held-out set ({where})"
+        files = [str(train_path)]
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
+        raise LorakitError(f"the adapter's run ({_shown(config)}) held out no validation data (no --val-data or "
+                           "--val-fraction), so it has no records it did not train on to score; give them with --data")
+    held_out = split_records(read_many(files), float(fraction), seed if isinstance(seed, int) else 0)[1]
+    return files, held_out, (f"data: the {len(held_out)} records the run held out (--val-fraction {fraction} of "
+                             f"{' '.join(files)}, seed {seed}; {where})")
 
 
 def run_template_kwargs(adapter: str) -> dict:
