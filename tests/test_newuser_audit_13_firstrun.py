@@ -198,3 +198,46 @@ def test_two_processes_converting_at_once_both_get_one_whole_model(tmp_path):
     assert [out.strip() for out, _, _ in results] == [str(folder)] * 2
     assert _whole(folder)
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")] == []
+
+
+# -- lorakit generate -----------------------------------------------------------------------------------------------
+def _error(capsys, code: int) -> str:
+    """The one stderr line of a refused command (exit 2, no traceback)."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_model_folder(tmp_path_factory.mktemp("firstrun") / "base")
+
+
+def test_generate_has_top_k_and_refuses_sampling_options_that_greedy_ignores(tiny, capsys):
+    """--top-k (which serve and SamplingParams have) was 'unrecognized arguments: --top-k <the prompt>; did you mean
+    --top-p?', the number taken as the prompt; --top-p 0.9 without --temperature decoded greedily without a word,
+    so a user tuning it saw every run answer the same."""
+    from lorakit.cli import main
+
+    generate = ["generate", "--model", str(tiny), "--no-chat", "--max-new-tokens", "6"]
+    assert main([*generate, "reverse a b :"]) == 0
+    greedy = capsys.readouterr().out
+    assert main([*generate, "--temperature", "1.5", "--top-k", "1", "--seed", "3", "reverse a b :"]) == 0
+    assert capsys.readouterr().out == greedy  # the single most likely token each step: greedy's answer
+    assert _error(capsys, main([*generate, "--top-k", "-1", "hi"])).endswith(
+        "error: --top-k must be a non-negative integer (0: off), got -1")
+    assert _error(capsys, main([*generate, "--top-p", "0.9", "--top-k", "40", "hi"])).endswith(
+        "error: --top-p 0.9 and --top-k 40 only shape sampling, and --temperature is 0 (greedy, the default); add "
+        "--temperature, e.g. --temperature 0.7, or drop them")
+
+
+def test_generate_fits_its_default_length_to_a_short_context_quietly(tiny, capsys):
+    """'note: --max-new-tokens lowered to 119' was printed on every run of a 128-token model by a user who never
+    gave --max-new-tokens; it is said only when the user asked for more than fits."""
+    from lorakit.cli import main
+
+    assert main(["generate", "--model", str(tiny), "--no-chat", "reverse a b :"]) == 0
+    assert "--max-new-tokens" not in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny), "--no-chat", "--max-new-tokens", "500", "reverse a b :"]) == 0
+    assert "note: --max-new-tokens lowered to 124" in capsys.readouterr().err

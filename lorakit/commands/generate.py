@@ -14,6 +14,8 @@ import re
 import sys
 
 
+DEFAULT_MAX_NEW_TOKENS = 128
+
 EPILOG = """examples:
   lorakit generate "What is LoRA?"                                     # the embedded model alone
   lorakit generate --model ./llama-3.2-1b --adapter runs/demo/adapter "Two lattes to Berlin"
@@ -30,9 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "local HF folder (default: smollm2-135m)")
     parser.add_argument("--adapter", action="append", default=[], help="adapter folder; repeat to compare adapters")
     parser.add_argument("--base", action="store_true", help="also answer with the base model alone")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated per answer (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help=f"most tokens generated per answer (default: "
+                        f"{DEFAULT_MAX_NEW_TOKENS}, or what the model's context leaves)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]; needs --temperature "
+                        "above 0 (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only; needs "
+                        "--temperature above 0 (default: %(default)s, off)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a new one each run)")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template (raw completion)")
     parser.add_argument("--chat-template-kwargs", metavar="JSON", default=None, help="options of the model's chat "
@@ -110,11 +116,18 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     template_kwargs = _template_kwargs(args)
     try:
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        params = SamplingParams(max_new_tokens=DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else
+                                args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 seed=args.seed)
     except LorakitError as error:  # its Python names as this command's flags
-        raise LorakitError(re.sub(r"^(max_new_tokens|temperature|top_p|seed)\b", lambda m: "--" + m.group(1).replace("_", "-"),
+        raise LorakitError(re.sub(r"^(max_new_tokens|temperature|top_p|top_k|seed)\b",
+                                  lambda m: "--" + m.group(1).replace("_", "-"),
                                   str(error)).replace(" or None, got", ", got")) from None
+    unused = [f"--{flag} {value:g}" for flag, value, off in (("top-p", params.top_p, 1.0), ("top-k", params.top_k, 0))
+              if value != off]
+    if unused and params.temperature == 0:  # greedy decoding never samples: the options would change nothing
+        raise LorakitError(f"{' and '.join(unused)} only shape sampling, and --temperature is 0 (greedy, the default); "
+                           "add --temperature, e.g. --temperature 0.7, or drop them")
     if args.prompt is None and sys.stdin.isatty():  # reading a terminal would wait without a word
         raise LorakitError('no prompt: give it as an argument (lorakit generate "Hello") or pipe it on standard input')
     prompt = args.prompt if args.prompt is not None else _read_stdin()  # read after the checks: no waiting on stdin
@@ -149,8 +162,9 @@ def run(args: argparse.Namespace) -> int:
         raise LorakitError(f"the prompt is {len(ids)} tokens, but the model's context is {limit}; shorten it")
     if limit is not None and len(ids) + params.max_new_tokens > limit:
         params.max_new_tokens = limit - len(ids)
-        print(f"note: --max-new-tokens lowered to {params.max_new_tokens}: the prompt's {len(ids)} tokens plus the "
-              f"answer must fit the model's context of {limit}", file=sys.stderr)
+        if args.max_new_tokens is not None:  # the default is fitted to the context without a word
+            print(f"note: --max-new-tokens lowered to {params.max_new_tokens}: the prompt's {len(ids)} tokens plus the "
+                  f"answer must fit the model's context of {limit}", file=sys.stderr)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results = generate(model, [ids] * len(rows), [internal for _, internal in rows], params, pad_id=pad)
     for (label, _), result in zip(rows, results):
