@@ -624,9 +624,9 @@ def _check_layout(path: Path, handle, size: int) -> None:
         described = None
     handle.seek(0)
     if described is not None and described != size:
-        raise LorakitError(f"{path} is {size:,} bytes, but its safetensors header describes {described:,} "
-                           f"({'truncated' if size < described else 'other data after the tensors'}); save the adapter "
-                           "again")
+        raise LorakitError(f"{path} is not a valid safetensors file: it is {size:,} bytes, but its header describes "
+                           f"{described:,} ({'truncated' if size < described else 'other data after the tensors'}); save "
+                           "the adapter again")
 
 
 def _check_header(path: Path, data: bytes, size: int | None = None) -> None:
