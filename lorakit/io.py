@@ -168,10 +168,19 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
     # top-level keys sorted, but rank_pattern / alpha_pattern keep their order: the first matching pattern wins
     # (PEFT's rule too), so sorting them could give a module another rank when the file is read back
     config_text = json.dumps(dict(sorted(peft_config.items())), indent=2) + "\n"
+    created = [parent for parent in (folder, *folder.parents) if not os.path.lexists(parent)]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _write_pair(folder, safetensors_bytes(tensors, metadata=metadata), config_text)
-    except OSError as error:  # a path under a file, no permission, a full disk: the atomic writes left nothing half
+    except BaseException as error:  # the atomic writes left nothing half; the folders made for them go too
+        for parent in created:
+            try:
+                parent.rmdir()
+            except OSError:  # not made after all, or something else was put there meanwhile
+                break
+        if not isinstance(error, OSError):
+            raise
+        # a path under a file, no permission, a full disk
         raise LorakitError(f"cannot save the adapter to {folder}: {error.strerror or error}; choose a folder you can "
                            "write") from None
     return folder

@@ -348,3 +348,21 @@ def test_a_weights_file_longer_than_its_header_says_is_refused_before_it_is_read
     assert f"not a valid safetensors file: it is {true_size + 2 ** 31:,} bytes, but its header describes {true_size:,}" \
         in message
     assert all(size < 2 ** 20 for size in reads)  # the config only, not the 2 GiB
+
+
+def test_a_failed_save_to_a_new_folder_leaves_no_folder(tmp_path, monkeypatch):
+    """save_adapter to runs/new/adapter on a full disk left the empty folders it had made (runs/new/adapter), which
+    later read as an adapter folder without its files."""
+    import os
+
+    model = build("llama")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    (tmp_path / "runs").mkdir()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(lorakit.LorakitError, match="No space left on device"):
+        lorakit.save_adapter(model, tmp_path / "runs" / "new" / "adapter")
+    assert list((tmp_path / "runs").iterdir()) == []
