@@ -145,12 +145,17 @@ def merge_model(model: nn.Module, adapter: str, dtype: torch.dtype) -> tuple[nn.
     return model, report
 
 
+# A base folder's license and notices (Llama's LICENSE + USE_POLICY.md, Gemma's, Apache NOTICE files), carried
+# into a merged or 4-bit folder: most of these licenses ask for a copy with every redistribution of a derivative
+NOTICE_FILES = ("LICENSE*", "LICENCE*", "License*", "license*", "USE_POLICY*", "NOTICE*", "Notice*", "COPYING*")
+NOTICE_MAX_BYTES = 4 << 20  # a license is kilobytes; a bigger file matching the names is not one
+
 # What a command's previous output may hold (``fnmatch`` patterns): with --overwrite that folder is replaced whole,
 # so anything else in it (a user's notes, other models, a .git) makes it refuse instead of deleting them
 OUTPUT_FILES = {
     "model": ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
               "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.*", "merges.txt", "*.model",
-              "*.gguf", "preprocessor_config.json", "processor_config.json", ".DS_Store"),
+              "*.gguf", "preprocessor_config.json", "processor_config.json", ".DS_Store", *NOTICE_FILES),
     "adapter": ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", ".DS_Store"),
 }
 
@@ -293,6 +298,7 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
             tokenizer.save_pretrained(tmp)
         for name in ("config.json", "tokenizer_config.json"):
             drop_missing_code(tmp / name)
+        copy_notices(model, tmp)
         for path in tmp.iterdir():
             publish_mode(path)
         replace_folder(tmp, out)  # an existing folder (--overwrite) is swapped out only once this one is whole
@@ -303,6 +309,30 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def copy_notices(model: nn.Module, folder: Path) -> list[str]:
+    """Copy the license and notice files (``NOTICE_FILES``) of the folder ``model`` was loaded from into ``folder``.
+
+    The source is the model's ``name_or_path`` when it is a local folder (a Hub cache snapshot's links are read
+    through); nothing happens for a model built in memory. Regular files up to ``NOTICE_MAX_BYTES`` only. Returns
+    the names copied."""
+    import fnmatch
+
+    source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not source or not Path(source).is_dir():
+        return []
+    copied = []
+    for path in sorted(Path(source).iterdir()):
+        if not any(fnmatch.fnmatchcase(path.name, pattern) for pattern in NOTICE_FILES) or (folder / path.name).exists():
+            continue
+        try:
+            if path.is_file() and path.stat().st_size <= NOTICE_MAX_BYTES:
+                shutil.copyfile(path, folder / path.name)
+                copied.append(path.name)
+        except OSError:  # unreadable (a dangling cache link): the model itself loaded, so its files are not this one
+            continue
+    return copied
 
 
 def drop_missing_code(path: Path) -> None:

@@ -203,7 +203,7 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, overwrit
         the folder. Raises ``LorakitError`` (one line) for adapters, a model without NF4 layers, meta tensors or an
         unusable ``out``.
     """
-    from lorakit.export import check_output_folder, drop_missing_code
+    from lorakit.export import check_output_folder, copy_notices, drop_missing_code
 
     if isinstance(out, str) and not out.strip():  # "" (an unset variable) is Path("."): the current folder
         raise LorakitError("out is empty (''); give the folder to write, e.g. 'model-nf4'")
@@ -233,6 +233,7 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, overwrit
             tokenizer.save_pretrained(tmp)
         for name in ("config.json", "tokenizer_config.json"):  # an auto_map naming .py files not saved here
             drop_missing_code(tmp / name)
+        copy_notices(model, tmp)
         for path in tmp.iterdir():
             publish_mode(path)
         replace_folder(tmp, out)  # an existing folder (--overwrite) is swapped out only once this one is whole
