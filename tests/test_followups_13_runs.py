@@ -344,3 +344,24 @@ def test_a_runs_data_not_found_from_here_is_one_line(tmp_path, monkeypatch):
     assert str(caught.value) == ("the adapter's run read --val-data data/val.jsonl (run/config.yaml), which is not "
                                  "found from this folder (the run started elsewhere?); give the records to score "
                                  "with --data")
+
+
+def test_eval_of_a_full_runs_model_reads_the_run_as_an_adapter_does(tmp_path, tiny_folder, tiny_data, capsys):
+    """--full leaves RUN/model instead of an adapter; eval --model RUN/model reads the run's config as eval of a
+    run's adapter does (max_length, overflow, validation data), so it reports the run's validation loss. A model
+    folder outside a run reads nothing."""
+    train_path, val_path = tiny_data
+    run = tmp_path / "full"
+    assert main(["train", "--model", str(tiny_folder), "--data", str(train_path), "--val-data", str(val_path),
+                 "--full", "--out", str(run), "--max-steps", "2", "--eval-every", "2", "--max-length", "10",
+                 "--no-progress", "--batch-size", "4", "--eval-examples", "0", "--samples", "0"]) == 0
+    capsys.readouterr()
+    code = main(["eval", "--model", str(run / "model"), "--no-generate", "--json", str(tmp_path / "full.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "from the model's run: --max-length 10, --overflow drop (read from " in out, out
+    assert f"data: the run's validation data, --val-data {val_path}" in out, out
+    assert json.loads((tmp_path / "full.json").read_text())["loss"] == pytest.approx(_val_losses(run)[2], rel=1e-6)
+    code = main(["eval", "--model", str(tiny_folder), "--data", str(val_path), "--no-generate"])
+    out = capsys.readouterr().out
+    assert code == 0 and "'s run" not in out, out

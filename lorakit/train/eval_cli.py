@@ -126,11 +126,16 @@ def run(args: argparse.Namespace) -> int:
                            f"(max_position_embeddings in its config.json); pass --max-length {declared} or less")
     started = time.perf_counter()
     device = choose_device(TrainConfig(device=args.device))
+    # the output of a lorakit train run scored here: an adapter of a run, or a run's fully fine-tuned model (--full)
+    run_output, what = (args.adapter, "adapter") if args.adapter else (args.model, "model")
+    if run_folder(run_output) is None or (what == "model" and not (
+            Path(run_output).expanduser().is_dir() and run_config(run_output)[1].get("full") is True)):
+        run_output = None
     records = None
     if args.data:
         paths = args.data
-    elif args.adapter and run_folder(args.adapter) is not None:  # what the run scored its validation loss on
-        paths, records, line = run_validation_data(args.adapter)
+    elif run_output is not None:  # what the run scored its validation loss on
+        paths, records, line = run_validation_data(run_output, what)
         print(line)
     else:
         from lorakit.data import embedded_dataset_paths
@@ -154,19 +159,20 @@ def run(args: argparse.Namespace) -> int:
             load_adapter(model, adapter_file)
         except LorakitError as error:  # another base's adapter: say which base, and how to pass it
             raise explain_misfit(error, adapter_file, args.model, defaulted) from None
+    if run_output is not None:
         # the run's validation loss was scored at its max_length / overflow, and its chats rendered with its
         # template options: eval scores the same examples the same way unless a flag says otherwise
-        config_path, _ = run_config(args.adapter)
-        taken = {name: value for name, value in run_length_options(args.adapter).items()
+        config_path, _ = run_config(run_output)
+        taken = {name: value for name, value in run_length_options(run_output).items()
                  if getattr(args, name) is None}
         for name, value in taken.items():
             setattr(args, name, value)
         if template_kwargs is None:
-            template_kwargs = run_template_kwargs(args.adapter)
+            template_kwargs = run_template_kwargs(run_output)
             if template_kwargs:
                 taken["chat_template_kwargs"] = shlex.quote(json.dumps(template_kwargs))
         if taken:
-            print("from the adapter's run: " + ", ".join(f"--{n.replace('_', '-')} {v}" for n, v in taken.items())
+            print(f"from the {what}'s run: " + ", ".join(f"--{n.replace('_', '-')} {v}" for n, v in taken.items())
                   + f" (read from {_shown(config_path)}, as the run scored its validation loss; "
                   f"{' / '.join('--' + n.replace('_', '-') for n in taken)} to change)")
             results_extra["run_config"] = str(config_path)
@@ -262,11 +268,12 @@ def run_config(adapter: str) -> tuple[Path | None, dict]:
     return run_dir / CONFIG_NAME, _read_config(run_dir / CONFIG_NAME) or {}
 
 
-def run_validation_data(adapter: str) -> tuple[list[str], list, str]:
+def run_validation_data(adapter: str, what: str = "adapter") -> tuple[list[str], list, str]:
     """(files, records, one line saying what they are) of the validation data of the run that trained ``adapter``:
     its --val-data, or the records its --val-fraction held out (the same seeded split, so none it trained on), or
     the embedded task's held-out set for a run on the embedded task. eval of a run's adapter without --data scored
-    the embedded task instead, whatever the adapter had learnt.
+    the embedded task instead, whatever the adapter had learnt. ``adapter`` may also be the model folder of a
+    ``--full`` run (``what`` = "model": how the messages name it).
 
     Raises:
         LorakitError: the run held out nothing, or its data files are not found from the current folder.
@@ -282,7 +289,7 @@ def run_validation_data(adapter: str) -> tuple[list[str], list, str]:
         files = [given] if isinstance(given, str) else [str(f) for f in given or []]
         for file in files:  # the run's paths are as typed where it started: say so rather than "not found"
             if not Path(file).expanduser().exists():
-                raise LorakitError(f"the adapter's run read --{key.replace('_', '-')} {file} ({_shown(config)}), "
+                raise LorakitError(f"the {what}'s run read --{key.replace('_', '-')} {file} ({_shown(config)}), "
                                    "which is not found from this folder (the run started elsewhere?); give the "
                                    "records to score with --data")
         return files
@@ -302,7 +309,7 @@ def run_validation_data(adapter: str) -> tuple[list[str], list, str]:
             return [str(val_path)], read_many([val_path]), f"data: the embedded task's held-out set ({where})"
         files = [str(train_path)]
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
-        raise LorakitError(f"the adapter's run ({_shown(config)}) held out no validation data (no --val-data or "
+        raise LorakitError(f"the {what}'s run ({_shown(config)}) held out no validation data (no --val-data or "
                            "--val-fraction), so it has no records it did not train on to score; give them with --data")
     held_out = split_records(read_many(files), float(fraction), seed if isinstance(seed, int) else 0)[1]
     return files, held_out, (f"data: the {len(held_out)} records the run held out (--val-fraction {fraction} of "
