@@ -497,11 +497,17 @@ def _warn_unused_patterns(config: LoraConfig, paths: list[str]) -> None:
     """A rank_pattern / alpha_pattern key that matches none of the adapted paths changes nothing (peft ignores it
     silently): a typo would train every module at the default rank or alpha."""
     for field_name, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
-        unused = [key for key in patterns if not any(re.match(rf"(.*\.)?({key})$", path) for path in paths)]
-        if unused:
+        unused = []
+        for key in patterns:  # compiled once per key (re's own cache holds 512: a generated config has thousands)
+            compiled = re.compile(rf"(.*\.)?({key})$")
+            if not any(compiled.match(path) for path in paths):
+                unused.append(key)
+        if unused:  # the first few, shortened: a hostile or generated file may hold thousands of long keys
+            named = "[" + ", ".join(shown(key) for key in unused[:5]) + "]"
+            more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
             ends = sorted({path.rsplit(".", 1)[-1] for path in paths})
-            warnings.warn(f"{field_name} keys {unused} match none of this adapter's modules and change nothing; its "
-                          f"modules end in: {', '.join(ends)}", stacklevel=3)
+            warnings.warn(f"{field_name} keys {named}{more} match none of this adapter's modules and change nothing; its "
+                          f"modules end in: {listed(ends, 20)}", stacklevel=3)
 
 
 def _warn_wasted_settings(config: LoraConfig, targets: dict[str, nn.Module], params: dict[str, dict[str, tuple[int, float]]],

@@ -366,3 +366,14 @@ def test_a_failed_save_to_a_new_folder_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(lorakit.LorakitError, match="No space left on device"):
         lorakit.save_adapter(model, tmp_path / "runs" / "new" / "adapter")
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_rank_pattern_of_thousands_of_unused_keys_is_warned_in_a_short_line():
+    """The warning about rank_pattern keys that match no module listed every key: a hostile (or generated)
+    adapter_config.json with 5,000 of them printed a warning line of 50 KB."""
+    model = build("llama")
+    patterns = {f"layers\\.9\\.x{i}_proj": 2 for i in range(5000)}
+    with pytest.warns(UserWarning, match=r"rank_pattern keys \['layers\\\\.9\\\\.x0_proj', .* and 4995 more match "
+                                         r"none") as said:
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], rank_pattern=patterns))
+    assert all(len(str(w.message)) < 600 for w in said)
