@@ -441,3 +441,26 @@ def test_a_schema_no_answer_can_follow_is_the_clients_400(server, schema):
                                         temperature=0)
     if reply.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(reply.choices[0].message.content), int)
+
+
+def test_top_p_zero_is_openais_most_likely_token(server):
+    """OpenAI takes top_p from 0 to 1, and "temperature 0, top_p 0" is a common recipe for repeatable answers;
+    top_p 0 was a 400 ("greater than 0"). It now keeps only the most likely token, as top_p 1e-300 already did:
+    sampled at any temperature, the answer is the greedy one."""
+    sdk = _sdk(server)
+    greedy = sdk.completions.create(model="support-v2", prompt="Hello", max_tokens=12, temperature=0).choices[0].text
+    for temperature in (0, 0.7, 2):
+        reply = sdk.completions.create(model="support-v2", prompt="Hello", max_tokens=12, temperature=temperature,
+                                       top_p=0, seed=5)
+        assert reply.choices[0].text == greedy, temperature
+    chat = sdk.chat.completions.create(model="support-v2", messages=[{"role": "user", "content": "Hello"}],
+                                       max_tokens=6, temperature=1, top_p=0)
+    assert chat.choices[0].message.content == sdk.chat.completions.create(
+        model="support-v2", messages=[{"role": "user", "content": "Hello"}], max_tokens=6,
+        temperature=0).choices[0].message.content
+    reply = sdk.responses.create(model="support-v2", input="Hello", max_output_tokens=16, temperature=1, top_p=0)
+    assert reply.output_text == sdk.responses.create(model="support-v2", input="Hello", max_output_tokens=16,
+                                                     temperature=0).output_text
+    error = _error(server["client"].post("/v1/completions", json={"model": "support-v2", "prompt": "hi",
+                                                                  "top_p": -0.1}), 400)
+    assert error["param"] == "top_p"

@@ -136,7 +136,7 @@ class _Sampling(_Strict):
 
     model: str
     temperature: float = _finite(1.0, ge=0.0, le=2.0)
-    top_p: float = _finite(1.0, gt=0.0, le=1.0)
+    top_p: float = _finite(1.0, ge=0.0, le=1.0)  # 0 (OpenAI takes it): the most likely token only
     top_k: int = Field(0, ge=-1)  # not OpenAI's: vLLM's (and llama.cpp's), which clients built for them send; -1, 0: off
     n: int = Field(1, ge=1, le=16)  # choices; each is one engine row, so a request holds at most 16
     stream: bool = False
@@ -811,7 +811,7 @@ class ResponsesRequest(_Strict):
     # OpenAI's minimum: fewer tokens than 16 is refused there too
     max_output_tokens: int | None = Field(None, ge=16)
     temperature: float = _finite(1.0, ge=0.0, le=2.0)
-    top_p: float = _finite(1.0, gt=0.0, le=1.0)
+    top_p: float = _finite(1.0, ge=0.0, le=1.0)  # 0 (OpenAI takes it): the most likely token only
     top_k: int = Field(0, ge=-1)  # vLLM's extension here too (its Responses API takes it); -1, 0: off
     stream: bool = False
     stream_options: ResponsesStreamOptions | None = None
