@@ -365,3 +365,30 @@ def test_eval_of_a_full_runs_model_reads_the_run_as_an_adapter_does(tmp_path, ti
     code = main(["eval", "--model", str(tiny_folder), "--data", str(val_path), "--no-generate"])
     out = capsys.readouterr().out
     assert code == 0 and "'s run" not in out, out
+
+
+def test_eval_on_the_runs_own_training_file_is_warned(tmp_path, run_with_checkpoints, tiny_folder, tiny_data, capsys,
+                                                      monkeypatch):
+    """`lorakit eval --adapter RUN/adapter --data train.jsonl` scored the records the adapter trained on without a
+    word (train warns of a validation file that is its training file); the numbers look good and mean little."""
+    train_path, val_path = tiny_data
+    monkeypatch.chdir(train_path.parent)
+    adapter = str(run_with_checkpoints / "adapter")
+    code = main(["eval", "--model", str(tiny_folder), "--adapter", adapter, "--data", "./train.jsonl", "--no-generate"])
+    out = capsys.readouterr().out
+    assert code == 0
+    warned = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and warned[0].startswith("warning: --data ./train.jsonl is the run's training data ("), out
+    assert "all its records were trained on, so the scores show what it memorised" in warned[0]
+    code = main(["eval", "--model", str(tiny_folder), "--adapter", adapter, "--data", str(val_path), "--no-generate"])
+    out = capsys.readouterr().out
+    assert code == 0 and "warning:" not in out, out
+    # a run that held out a fraction of the file: most of it, not all, was trained on
+    from lorakit.train.eval_cli import trained_on_warning
+
+    run = tmp_path / "held"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"model: m\nout: held\nrank: 4\nlr: 0.001\ndata: [{train_path}]\n"
+                                     "val_fraction: 0.1\n")
+    warning = trained_on_warning(str(run / "adapter"), [str(train_path)])
+    assert "all its records but the 10% held out (--val-fraction 0.1) were trained on" in warning, warning

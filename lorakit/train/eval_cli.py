@@ -144,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
     if records is None:
         if repeated_note(paths, "--data"):
             print(repeated_note(paths, "--data"))
+        if run_output is not None:
+            warning = trained_on_warning(run_output, paths)
+            if warning:
+                print(warning)
         records = read_many(paths, split=VALIDATION_SPLITS)  # a folder or file of splits: its validation (or test) split
     if args.limit is not None:
         records = records[: args.limit]
@@ -314,6 +318,25 @@ def run_validation_data(adapter: str, what: str = "adapter") -> tuple[list[str],
     held_out = split_records(read_many(files), float(fraction), seed if isinstance(seed, int) else 0)[1]
     return files, held_out, (f"data: the {len(held_out)} records the run held out (--val-fraction {fraction} of "
                              f"{' '.join(files)}, seed {seed}; {where})")
+
+
+def trained_on_warning(adapter: str, paths: list[str]) -> str | None:
+    """A warning when an eval --data file is one the run of ``adapter`` trained on (by where the files lie, as its
+    config.yaml names them), else None: its scores then show memorisation, not how the adapter does on new
+    records. Train warns the same of a validation file that is its training file."""
+    config, values = run_config(adapter)
+    given = values.get("data")
+    trained = {os.path.realpath(os.path.expanduser(f)) for f in ([given] if isinstance(given, str) else given or [])
+               if isinstance(f, str)}
+    same = [path for path in paths if os.path.realpath(os.path.expanduser(str(path))) in trained]
+    if not same:
+        return None
+    fraction = values.get("val_fraction")
+    part = (f"all its records but the {fraction:.0%} held out (--val-fraction {fraction}) were trained on"
+            if isinstance(fraction, float) else "all its records were trained on")
+    return (f"warning: --data {' '.join(map(str, same))} is the run's training data ({_shown(config)}): {part}, so the "
+            "scores show what it memorised, not how it does on new records; leave out --data to score the run's "
+            "validation data, or give held-out records")
 
 
 def run_template_kwargs(adapter: str) -> dict:
