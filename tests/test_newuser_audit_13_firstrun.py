@@ -241,3 +241,31 @@ def test_generate_fits_its_default_length_to_a_short_context_quietly(tiny, capsy
     assert "--max-new-tokens" not in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny), "--no-chat", "--max-new-tokens", "500", "reverse a b :"]) == 0
     assert "note: --max-new-tokens lowered to 124" in capsys.readouterr().err
+
+
+def test_generate_chat_flag(tiny, tmp_path, capsys):
+    """`lorakit generate --chat "Hello"` was read as --chat-template-kwargs "Hello" (argparse's prefix matching) and
+    refused as 'not valid JSON'. --chat now asks for the chat template: the default on a model that has one, refused
+    on one that has none (whose prompt is completed as plain text), as is --chat-template-kwargs there."""
+    import shutil
+
+    from lorakit.cli import main
+
+    assert main(["generate", "--model", str(tiny), "--max-new-tokens", "4", "reverse a b :"]) == 0
+    default = capsys.readouterr().out
+    assert main(["generate", "--model", str(tiny), "--max-new-tokens", "4", "--chat", "reverse a b :"]) == 0
+    assert capsys.readouterr().out == default
+    with pytest.raises(SystemExit) as exit:  # argparse's own refusal, one line
+        main(["generate", "--model", str(tiny), "--chat", "--no-chat", "hi"])
+    assert exit.value.code == 2 and "argument --no-chat: not allowed with argument --chat" in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny, plain)
+    (plain / "chat_template.jinja").unlink()
+    assert main(["generate", "--model", str(plain), "--max-new-tokens", "4", "reverse a b :"]) == 0  # completed
+    capsys.readouterr()
+    line = _error(capsys, main(["generate", "--model", str(plain), "--chat", "hi"]))
+    assert line.endswith(f"error: --chat: the model {plain} has no chat template (chat_template.jinja or "
+                         "tokenizer_config.json's chat_template), so the prompt can only be completed as plain text; "
+                         "drop --chat")
+    line = _error(capsys, main(["generate", "--model", str(plain), "--chat-template-kwargs", "{}", "hi"]))
+    assert "--chat-template-kwargs: the model" in line and line.endswith("drop --chat-template-kwargs")

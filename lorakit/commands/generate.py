@@ -40,7 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only; needs "
                         "--temperature above 0 (default: %(default)s, off)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a new one each run)")
-    parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template (raw completion)")
+    chat = parser.add_mutually_exclusive_group()
+    # --chat exists so that it is not read as an abbreviation of --chat-template-kwargs (argparse's prefix matching)
+    chat.add_argument("--chat", action="store_true", help="answer the prompt as a user message of the model's chat "
+                      "template (the default when the model has one; refused when it has none)")
+    chat.add_argument("--no-chat", action="store_true", help="do not apply the chat template (raw completion)")
     parser.add_argument("--chat-template-kwargs", metavar="JSON", default=None, help="options of the model's chat "
                         "template as a JSON object, e.g. '{\"enable_thinking\": false}' (Qwen3); default: those the "
                         "adapters' training run used (its config.yaml), else none")
@@ -154,6 +158,14 @@ def run(args: argparse.Namespace) -> int:
         rows.append((label, internal))
     stops = end_of_turn_ids(tokenizer, model)  # with the model's generation_config ends, as transformers stops
     params.stop_token_ids = stops
+    from lorakit.generation import has_chat_template
+
+    if not args.no_chat and not has_chat_template(tokenizer):  # the prompt would be completed as plain text
+        asked = "--chat" if args.chat else "--chat-template-kwargs" if args.chat_template_kwargs is not None else None
+        if asked:
+            raise LorakitError(f"{asked}: the model {args.model} has no chat template (chat_template.jinja or "
+                               "tokenizer_config.json's chat_template), so the prompt can only be completed as plain "
+                               f"text; drop {asked}")
     ids = encode_prompt(tokenizer, prompt, chat=False if args.no_chat else None, chat_template_kwargs=template_kwargs)
     from lorakit.models.loading import context_length
 
