@@ -269,3 +269,24 @@ def test_generate_chat_flag(tiny, tmp_path, capsys):
                          "drop --chat")
     line = _error(capsys, main(["generate", "--model", str(plain), "--chat-template-kwargs", "{}", "hi"]))
     assert "--chat-template-kwargs: the model" in line and line.endswith("drop --chat-template-kwargs")
+
+
+def test_generate_prompt_from_a_file(tiny, tmp_path, monkeypatch, capsys):
+    """A file on standard input is the prompt (BOM dropped, non-ASCII kept); `lorakit generate prompt.txt` answered
+    the words 'prompt.txt' without a word: it still does (a short prompt may name a file), but says how to send it."""
+    import io
+
+    from lorakit.cli import main
+
+    generate = ["generate", "--model", str(tiny), "--no-chat", "--max-new-tokens", "4"]
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes("\ufeffreverse a b : é 日本\n".encode("utf-8"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(prompt.read_bytes())))
+    assert main(generate) == 0
+    piped = capsys.readouterr()
+    assert main([*generate, "reverse a b : é 日本\n"]) == 0
+    assert capsys.readouterr().out == piped.out and piped.err == ""
+    monkeypatch.chdir(tmp_path)
+    assert main([*generate, "prompt.txt"]) == 0
+    assert ("note: the prompt is the text 'prompt.txt', not that file's content; to send the file: lorakit generate "
+            "... < prompt.txt") in capsys.readouterr().err

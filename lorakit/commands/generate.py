@@ -139,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
         raise LorakitError("the prompt holds bytes that are not UTF-8 text; pass it in UTF-8 (or set a UTF-8 locale)")
     if not prompt.strip():
         raise LorakitError("the prompt is empty; pass it as an argument or on standard input")
+    if args.prompt is not None and not any(c.isspace() for c in prompt) and os.path.isfile(os.path.expanduser(prompt)):
+        # `lorakit generate prompt.txt` answers the words "prompt.txt"; said, not refused: it may be meant
+        print(f"note: the prompt is the text {prompt!r}, not that file's content; to send the file: lorakit generate "
+              f"... < {prompt}", file=sys.stderr)
     if args.model is not None:
         check_model_folder(args.model)
     files = [lorakit.read_adapter(folder) for folder in args.adapter]  # each checked before the base loads
