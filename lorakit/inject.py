@@ -210,19 +210,20 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
         raise LorakitError(_no_chosen_layer(config, outside_layers))
     if not targets and removed:
         why = ", ".join(f"{field} ({count})" for field, count in removed.items())
-        raise LorakitError(f"target_modules {config.target_modules!r} matches {sum(removed.values())} modules, but "
-                           f"{why} takes out every one, leaving nothing to adapt; narrow {' / '.join(removed)} or "
+        raise LorakitError(f"target_modules {shown(config.target_modules)} matches {sum(removed.values())} modules, "
+                           f"but {why} takes out every one, leaving nothing to adapt; narrow {' / '.join(removed)} or "
                            "widen target_modules")
     if not targets:
         kinds = sorted({path.rsplit(".", 1)[-1] for path, m in modules.items() if _supported(m)})
-        raise LorakitError(f"target_modules {config.target_modules!r} matched no module; this model's linear/embedding "
-                           f"modules are named: {', '.join(kinds) or '(none)'}{_expert_note(modules, config)}")
+        raise LorakitError(f"target_modules {shown(config.target_modules)} matched no module; this model's "
+                           f"linear/embedding modules are named: {', '.join(kinds) or '(none)'}"
+                           f"{_expert_note(modules, config)}")
     if not isinstance(config.target_modules, str):
         unmatched = [key for key in config.target_modules if not any(_matches(p, [key]) for p in modules if p)]
         if unmatched:  # PEFT skips these silently; a typo would then train fewer layers than the user meant
             kinds = sorted({path.rsplit(".", 1)[-1] for path, m in modules.items() if _supported(m)})
-            warnings.warn(f"target_modules {unmatched} matched no module and are skipped; this model's linear/embedding "
-                          f"modules are named: {', '.join(kinds)}", stacklevel=3)
+            warnings.warn(f"target_modules {shown(unmatched)} matched no module and are skipped; this model's "
+                          f"linear/embedding modules are named: {', '.join(kinds)}", stacklevel=3)
     for path, module in targets.items():
         if not _supported(module):
             raise LorakitError(f"target {path!r} is a {type(module).__name__}; lorakit adapts nn.Linear, Conv1D, "
@@ -458,7 +459,7 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> dict[str, nn.M
     found = {path: m for path, m in modules.items() if path and saved_by(path, config.modules_to_save)}
     missing = [key for key in config.modules_to_save if not any(p.endswith(key) for p in found)]
     if missing:
-        raise LorakitError(f"modules_to_save names {missing} that this model does not have")
+        raise LorakitError(f"modules_to_save names {shown(missing)} that this model does not have")
     return found
 
 

@@ -377,3 +377,27 @@ def test_a_rank_pattern_of_thousands_of_unused_keys_is_warned_in_a_short_line():
                                          r"none") as said:
         lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], rank_pattern=patterns))
     assert all(len(str(w.message)) < 600 for w in said)
+
+
+@pytest.mark.parametrize("extra", [dict(target_modules=[f"x{i}_proj" for i in range(20000)]),
+                                   dict(target_modules=["q_proj"] + [f"x{i}_proj" for i in range(20000)]),
+                                   dict(target_modules="|".join(f"x{i}_proj" for i in range(20000))),
+                                   dict(target_modules=["q_proj"], modules_to_save=[f"x{i}_norm" for i in range(20000)])])
+def test_a_config_listing_thousands_of_names_gives_a_short_line(extra, adapter_folder):
+    """target_modules of thousands of names that match nothing (a generated or hostile adapter_config.json) were
+    quoted whole: a 200 KB error line, or two such warnings when one name matched; modules_to_save's unknown names
+    likewise (from inject: a file's are dropped as peft drops them). Now quoted as other file values are (the first
+    few, shortened)."""
+    config = json.loads((adapter_folder / CONFIG_NAME).read_text())
+    (adapter_folder / CONFIG_NAME).write_text(json.dumps({**config, **extra}))
+    model = build("llama")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        try:
+            if "modules_to_save" in extra:
+                lorakit.inject(model, lorakit.LoraConfig(r=2, **extra))
+            else:
+                lorakit.load_adapter(model, adapter_folder)
+        except lorakit.LorakitError as error:
+            said.append(error)
+    assert said and all(len(str(getattr(w, "message", w))) < 600 for w in said)
