@@ -87,7 +87,7 @@ def _text(client, model: str, prompt: str = "Hello", max_tokens: int = 8) -> str
 # -- model names -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sent, meant", [
     ("order", "orders"), ("Orders", "orders"), ("support_v2", "support-v2"), ("peft_qv", "peft-qv"),
-    ("org/base", "base"), ("../orders", "orders"), ("BASE", "base"),
+    ("org/base", "base"), ("../orders", "orders"), ("BASE", "base"), ("..%2F..%2Fpeft-qv", "peft-qv"),
 ])
 def test_a_misspelt_model_name_gets_a_did_you_mean(server, sent, meant):
     """A misspelt model (a typo, the wrong case, a Hugging Face id "org/name", a path) was answered "no adapter
@@ -102,13 +102,14 @@ def test_a_misspelt_model_name_gets_a_did_you_mean(server, sent, meant):
     client = server["client"]
     for response in (client.post("/v1/completions", json={"model": sent, "prompt": "hi", "max_tokens": 2}),
                      client.post("/v1/responses", json={"model": sent, "input": "hi", "max_output_tokens": 16})):
-        error = _error(response, 404 if "/" not in sent else 400)
+        error = _error(response, 400 if "/" in sent or "%" in sent else 404)
         assert f"did you mean {meant!r}?" in error["message"] and error["param"] == "model", error
-    if "/" not in sent:  # a slash in the path is a sub-path of the route, not this name
+    if "/" not in sent and "%" not in sent:  # a slash in the path is a sub-path of the route, not this name
         error = _error(client.get(f"/v1/models/{sent}"), 404)
         assert f"did you mean {meant!r}?" in error["message"], error
     if meant != "base":  # the base is no adapter to load
-        error = _error(client.post("/v1/adapters/load", json={"name": sent}), 404 if "/" not in sent else 400)
+        status = 400 if "/" in sent or "%" in sent else 404
+        error = _error(client.post("/v1/adapters/load", json={"name": sent}), status)
         assert f"did you mean {meant!r}?" in error["message"] and error["param"] == "name", error
 
 

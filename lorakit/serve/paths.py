@@ -39,10 +39,13 @@ def check_name(name: object) -> str:
 
 def closest(name: object, names: list[str]) -> str | None:
     """The one of ``names`` a client most likely meant by ``name``, or None when none is close: the same but for
-    case, the last part of a path or Hugging Face id (``org/model``, ``../x``), or the nearest spelling."""
+    case, the last part of a path or Hugging Face id (``org/model``, ``../x``, URL-encoded too), or the nearest
+    spelling."""
     if not isinstance(name, str) or not names:
         return None
-    tail = name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1][:128]
+    from urllib.parse import unquote
+
+    tail = unquote(name[:1024]).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1][:128]  # "..%2Fx": x
     for key in (name, tail):
         same = [n for n in names if n.lower() == key.lower()]
         if same:
