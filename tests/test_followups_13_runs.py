@@ -85,11 +85,9 @@ def test_only_a_runs_own_layout_finds_its_config(tmp_path, run_with_checkpoints)
 
 
 # -- 2. a resumed old run: progress decided at run time, as a fresh run's ----------------------------------------
-@pytest.mark.parametrize("saved", ["progress: true\n", ""])
-def test_resuming_an_old_run_decides_progress_as_a_fresh_run(tmp_path, tiny_folder, tiny_data, capsys, monkeypatch,
-                                                             saved):
-    """A config.yaml written before progress could be left to the run time holds the old default ("progress: true",
-    or no key at all in older ones). Resumed into a log file (stderr not a terminal) it must print plain step lines,
+def test_resuming_an_old_run_decides_progress_as_a_fresh_run(tmp_path, tiny_folder, tiny_data, capsys, monkeypatch):
+    """A config.yaml written before progress could be left to the run time holds the old default, "progress:
+    true". Resumed into a log file (stderr not a terminal) it must print plain step lines,
     not a tqdm bar's carriage-return redraws; on a terminal, the bar. An explicit --no-progress still wins."""
     train_path, _ = tiny_data
     run = tmp_path / "run"
@@ -97,6 +95,7 @@ def test_resuming_an_old_run_decides_progress_as_a_fresh_run(tmp_path, tiny_fold
                  "--max-steps", "2", "--save-every", "2", "--no-progress", *FAST]) == 0
     config = run / "config.yaml"
     old = [line for line in config.read_text().splitlines(keepends=True) if not line.startswith("progress:")]
+    saved = "progress: true\n"
     config.write_text("".join(old) + saved)  # as the run's version of lorakit wrote it
     capsys.readouterr()
 
