@@ -97,6 +97,32 @@ def test_the_conversion_line_goes_to_stderr_and_the_files_are_readable_by_others
         assert path.stat().st_mode & 0o044 == 0o044, path.name
 
 
+def test_a_cache_converted_by_an_older_lorakit_is_converted_again(monkeypatch, tmp_path, fake_convert, capsys):
+    """A cache converted on transformers 4.x before lorakit read the GGUF's own tokenizer fields ends answers at
+    <|im_start|> and puts a BOS before every prompt; it was used for ever, since only the files' presence was
+    checked. New conversions write a marker with the conversion's format; an older format is converted again."""
+    import json
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    folder = make_model_folder(tmp_path / "cache" / "smollm2-135m")  # no marker: made before it existed
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["eos_token"] == embedded.EOS_TOKEN
+    assert embedded.converted_folder() == folder and fake_convert == []  # a current one, kept as it is
+
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|im_start|>",
+                                                              "add_bos_token": True}))
+    assert embedded.converted_folder() == folder and len(fake_convert) == 1
+    assert ("the cached copy was made by an older lorakit: its tokenizer ends answers at '<|im_start|>', the model's "
+            "end of turn is '<|im_end|>'; converting") in capsys.readouterr().err
+    marker = json.loads((folder / embedded.MARKER).read_text())
+    assert marker["format"] == embedded.FORMAT
+    assert embedded.converted_folder() == folder and len(fake_convert) == 1
+
+    (folder / embedded.MARKER).write_text(json.dumps({"format": embedded.FORMAT - 1}))
+    assert embedded.converted_folder() == folder and len(fake_convert) == 2
+    assert f"conversion format {embedded.FORMAT - 1}, now {embedded.FORMAT}" in capsys.readouterr().err
+
+
 def test_a_whole_cache_is_used_without_writing_anything(monkeypatch, tmp_path, fake_convert):
     """A cache converted by someone else and now read-only (a shared or baked-in one) is read, not locked or
     rewritten: the lock file is opened only when a conversion is needed."""

