@@ -131,12 +131,14 @@ def run(args: argparse.Namespace) -> int:
     if run_folder(run_output) is None or (what == "model" and not (
             Path(run_output).expanduser().is_dir() and run_config(run_output)[1].get("full") is True)):
         run_output = None
-    records = None
+    records, results_extra = None, {}
     if args.data:
         paths = args.data
     elif run_output is not None:  # what the run scored its validation loss on
-        paths, records, line = run_validation_data(run_output, what)
-        print(line)
+        paths, records, chosen = run_validation_data(run_output, what)
+        print(f"data: {chosen} (the run's validation data, from {_shown(run_config(run_output)[0])}; --data to "
+              "score other records)")
+        results_extra["data_from_run"] = chosen  # "data" names the files; this says which of their records
     else:
         from lorakit.data import embedded_dataset_paths
 
@@ -157,7 +159,6 @@ def run(args: argparse.Namespace) -> int:
         if args.quantize:
             raise LorakitError(f"--quantize {args.quantize} is not available in this install ({error})") from None
         raise
-    results_extra: dict = {}
     if args.adapter:
         try:
             load_adapter(model, adapter_file)
@@ -273,7 +274,7 @@ def run_config(adapter: str) -> tuple[Path | None, dict]:
 
 
 def run_validation_data(adapter: str, what: str = "adapter") -> tuple[list[str], list, str]:
-    """(files, records, one line saying what they are) of the validation data of the run that trained ``adapter``:
+    """(files, records, what they are in a few words) of the validation data of the run that trained ``adapter``:
     its --val-data, or the records its --val-fraction held out (the same seeded split, so none it trained on), or
     the embedded task's held-out set for a run on the embedded task. eval of a run's adapter without --data scored
     the embedded task instead, whatever the adapter had learnt. ``adapter`` may also be the model folder of a
@@ -286,7 +287,6 @@ def run_validation_data(adapter: str, what: str = "adapter") -> tuple[list[str],
     from lorakit.train.sources import VALIDATION_SPLITS, read_many
 
     config, values = run_config(adapter)
-    where = f"read from {_shown(config)}; --data to score other records"
 
     def files_of(key: str) -> list[str]:
         given = values.get(key)
@@ -301,8 +301,7 @@ def run_validation_data(adapter: str, what: str = "adapter") -> tuple[list[str],
     fraction, seed = values.get("val_fraction"), values.get("seed", 0)
     if values.get("val_data"):
         files = files_of("val_data")
-        return files, read_many(files, split=VALIDATION_SPLITS), (f"data: the run's validation data, --val-data "
-                                                                  f"{' '.join(files)} ({where})")
+        return files, read_many(files, split=VALIDATION_SPLITS), f"the run's --val-data {' '.join(files)}"
     if values.get("data"):
         files = files_of("data")
     else:  # the embedded task: its held-out file, unless the run held out part of its training file instead
@@ -310,14 +309,14 @@ def run_validation_data(adapter: str, what: str = "adapter") -> tuple[list[str],
 
         train_path, val_path = embedded_dataset_paths()
         if not isinstance(fraction, (int, float)):
-            return [str(val_path)], read_many([val_path]), f"data: the embedded task's held-out set ({where})"
+            return [str(val_path)], read_many([val_path]), "the embedded task's held-out set, as the run's"
         files = [str(train_path)]
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
         raise LorakitError(f"the {what}'s run ({_shown(config)}) held out no validation data (no --val-data or "
                            "--val-fraction), so it has no records it did not train on to score; give them with --data")
     held_out = split_records(read_many(files), float(fraction), seed if isinstance(seed, int) else 0)[1]
-    return files, held_out, (f"data: the {len(held_out)} records the run held out (--val-fraction {fraction} of "
-                             f"{' '.join(files)}, seed {seed}; {where})")
+    return files, held_out, (f"the {len(held_out)} records the run held out: --val-fraction {fraction} of "
+                             f"{' '.join(files)}, seed {seed}")
 
 
 def trained_on_warning(adapter: str, paths: list[str]) -> str | None:
