@@ -465,3 +465,14 @@ def test_top_p_zero_is_openais_most_likely_token(server):
     error = _error(server["client"].post("/v1/completions", json={"model": "support-v2", "prompt": "hi",
                                                                   "top_p": -0.1}), 400)
     assert error["param"] == "top_p"
+
+
+def test_unload_of_a_misspelt_name_suggests_a_loaded_adapter(server):
+    """POST /v1/adapters/unload {"name": "Orders"} said only "adapter 'Orders' is not loaded"."""
+    client = server["client"]
+    assert client.post("/v1/adapters/load", json={"name": "orders"}).status_code == 200
+    error = _error(client.post("/v1/adapters/unload", json={"name": "Orders"}), 404)
+    assert error["message"] == "adapter 'Orders' is not loaded; did you mean 'orders'?", error
+    error = _error(client.post("/v1/adapters/unload", json={"name": "gpt-4o"}), 404)
+    assert error["message"] == "adapter 'gpt-4o' is not loaded; GET /v1/adapters lists those loaded", error
+    assert "orders" in [a["name"] for a in client.get("/v1/adapters").json()["data"]]

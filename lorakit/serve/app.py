@@ -232,7 +232,11 @@ def create_app(state: ServerState) -> FastAPI:
         except AdapterBusy as error:
             raise APIError(409, str(error), param="name", code="adapter_busy") from None
         except LorakitError as error:
-            raise _adapter_error(error, "name") from None
+            answer = _adapter_error(error, "name")
+            if isinstance(error, UnknownAdapterError):  # not loaded: the loaded one it most likely means
+                meant = closest(body.name, [a["name"] for a in state.pool.loaded()])
+                answer.message += f"; did you mean {meant!r}?" if meant else "; GET /v1/adapters lists those loaded"
+            raise answer from None
         return {"object": "adapter", "name": body.name, "loaded": False}
 
     @app.post("/v1/completions")
