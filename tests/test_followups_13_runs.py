@@ -301,7 +301,10 @@ def test_eval_of_a_runs_adapter_without_data_scores_the_runs_validation_data(tmp
     code = main(["eval", "--model", str(tiny_folder), "--adapter", str(run_with_checkpoints / "adapter"),
                  "--no-generate", "--json", str(tmp_path / "val.json")])
     out = capsys.readouterr().out
-    assert code == 0 and f"data: the run's --val-data {val_path} (the run's validation data, from " in out, out
+    told = [line for line in out.splitlines() if line.startswith("from the adapter's run:")]  # one line says it all
+    assert code == 0 and told == [f"from the adapter's run: --val-data {val_path}, --max-length 10, --overflow drop "
+                                  f"(read from {run_with_checkpoints / 'config.yaml'}, as the run scored its validation "
+                                  "loss; --data / --max-length / --overflow to change)"], out
     report = json.loads((tmp_path / "val.json").read_text())
     assert report["data"] == [str(val_path)]
     assert report["loss"] == pytest.approx(_val_losses(run_with_checkpoints)[4], rel=1e-6)
@@ -314,11 +317,11 @@ def test_eval_of_a_runs_adapter_without_data_scores_the_runs_validation_data(tmp
     code = main(["eval", "--model", str(tiny_folder), "--adapter", str(held / "adapter"), "--no-generate",
                  "--json", str(tmp_path / "held.json")])
     out = capsys.readouterr().out
-    assert code == 0 and (f"data: the 12 records the run held out: --val-fraction 0.25 of {train_path}, seed 3 (the "
-                          "run's validation data, from ") in out, out
+    assert code == 0 and (f"from the adapter's run: the 12 records its --val-fraction 0.25 held out of {train_path} "
+                          "(seed 3), --max-length 128, --overflow drop (read from ") in out, out
     report = json.loads((tmp_path / "held.json").read_text())
     assert report["loss"] == pytest.approx(_val_losses(held)[2], rel=1e-6) and report["data"] == [str(train_path)]
-    assert report["data_from_run"] == f"the 12 records the run held out: --val-fraction 0.25 of {train_path}, seed 3"
+    assert report["data_from_run"] == f"the 12 records its --val-fraction 0.25 held out of {train_path} (seed 3)"
 
     none = tmp_path / "none"
     assert main(["train", "--model", str(tiny_folder), "--data", str(train_path), "--out", str(none),
@@ -360,8 +363,7 @@ def test_eval_of_a_full_runs_model_reads_the_run_as_an_adapter_does(tmp_path, ti
     code = main(["eval", "--model", str(run / "model"), "--no-generate", "--json", str(tmp_path / "full.json")])
     out = capsys.readouterr().out
     assert code == 0
-    assert "from the model's run: --max-length 10, --overflow drop (read from " in out, out
-    assert f"data: the run's --val-data {val_path} (the run's validation data, from " in out, out
+    assert f"from the model's run: --val-data {val_path}, --max-length 10, --overflow drop (read from " in out, out
     assert json.loads((tmp_path / "full.json").read_text())["loss"] == pytest.approx(_val_losses(run)[2], rel=1e-6)
     code = main(["eval", "--model", str(tiny_folder), "--data", str(val_path), "--no-generate"])
     out = capsys.readouterr().out

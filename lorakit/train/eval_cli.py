@@ -134,15 +134,32 @@ def run(args: argparse.Namespace) -> int:
     records, results_extra = None, {}
     if args.data:
         paths = args.data
-    elif run_output is not None:  # what the run scored its validation loss on
-        paths, records, chosen = run_validation_data(run_output, what)
-        print(f"data: {chosen} (the run's validation data, from {_shown(run_config(run_output)[0])}; --data to "
-              "score other records)")
-        results_extra["data_from_run"] = chosen  # "data" names the files; this says which of their records
-    else:
+    elif run_output is None:
         from lorakit.data import embedded_dataset_paths
 
         paths = [str(embedded_dataset_paths()[1])]
+    if run_output is not None:
+        # the run's validation loss was scored on its validation data, at its max_length / overflow, its chats
+        # rendered with its template options: eval scores the same examples the same way unless a flag says otherwise
+        config_path, _ = run_config(run_output)
+        taken = {}
+        if not args.data:
+            paths, records, taken["data"] = run_validation_data(run_output, what)
+            results_extra["data_from_run"] = taken["data"]  # "data" names the files; this, which of their records
+        for name, value in run_length_options(run_output).items():
+            if getattr(args, name) is None:
+                taken[name] = value
+                setattr(args, name, value)
+        if template_kwargs is None:
+            template_kwargs = run_template_kwargs(run_output)
+            if template_kwargs:
+                taken["chat_template_kwargs"] = shlex.quote(json.dumps(template_kwargs))
+        if taken:  # one line: what came from which config
+            print(f"from the {what}'s run: " + ", ".join(
+                value if name == "data" else f"--{name.replace('_', '-')} {value}" for name, value in taken.items())
+                + f" (read from {_shown(config_path)}, as the run scored its validation loss; "
+                f"{' / '.join('--' + n.replace('_', '-') for n in taken)} to change)")
+            results_extra["run_config"] = str(config_path)
     if records is None:
         if repeated_note(paths, "--data"):
             print(repeated_note(paths, "--data"))
@@ -164,23 +181,6 @@ def run(args: argparse.Namespace) -> int:
             load_adapter(model, adapter_file)
         except LorakitError as error:  # another base's adapter: say which base, and how to pass it
             raise explain_misfit(error, adapter_file, args.model, defaulted) from None
-    if run_output is not None:
-        # the run's validation loss was scored at its max_length / overflow, and its chats rendered with its
-        # template options: eval scores the same examples the same way unless a flag says otherwise
-        config_path, _ = run_config(run_output)
-        taken = {name: value for name, value in run_length_options(run_output).items()
-                 if getattr(args, name) is None}
-        for name, value in taken.items():
-            setattr(args, name, value)
-        if template_kwargs is None:
-            template_kwargs = run_template_kwargs(run_output)
-            if template_kwargs:
-                taken["chat_template_kwargs"] = shlex.quote(json.dumps(template_kwargs))
-        if taken:
-            print(f"from the {what}'s run: " + ", ".join(f"--{n.replace('_', '-')} {v}" for n, v in taken.items())
-                  + f" (read from {_shown(config_path)}, as the run scored its validation loss; "
-                  f"{' / '.join('--' + n.replace('_', '-') for n in taken)} to change)")
-            results_extra["run_config"] = str(config_path)
     if args.overflow is None:
         args.overflow = "drop"
     limit = context_length(model)
@@ -301,7 +301,7 @@ def run_validation_data(adapter: str, what: str = "adapter") -> tuple[list[str],
     fraction, seed = values.get("val_fraction"), values.get("seed", 0)
     if values.get("val_data"):
         files = files_of("val_data")
-        return files, read_many(files, split=VALIDATION_SPLITS), f"the run's --val-data {' '.join(files)}"
+        return files, read_many(files, split=VALIDATION_SPLITS), f"--val-data {' '.join(files)}"
     if values.get("data"):
         files = files_of("data")
     else:  # the embedded task: its held-out file, unless the run held out part of its training file instead
@@ -309,14 +309,14 @@ def run_validation_data(adapter: str, what: str = "adapter") -> tuple[list[str],
 
         train_path, val_path = embedded_dataset_paths()
         if not isinstance(fraction, (int, float)):
-            return [str(val_path)], read_many([val_path]), "the embedded task's held-out set, as the run's"
+            return [str(val_path)], read_many([val_path]), "the embedded task's held-out set"
         files = [str(train_path)]
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
         raise LorakitError(f"the {what}'s run ({_shown(config)}) held out no validation data (no --val-data or "
                            "--val-fraction), so it has no records it did not train on to score; give them with --data")
     held_out = split_records(read_many(files), float(fraction), seed if isinstance(seed, int) else 0)[1]
-    return files, held_out, (f"the {len(held_out)} records the run held out: --val-fraction {fraction} of "
-                             f"{' '.join(files)}, seed {seed}")
+    return files, held_out, (f"the {len(held_out)} records its --val-fraction {fraction} held out of "
+                             f"{' '.join(files)} (seed {seed})")
 
 
 def trained_on_warning(adapter: str, paths: list[str]) -> str | None:
