@@ -123,6 +123,14 @@ def test_a_cache_converted_by_an_older_lorakit_is_converted_again(monkeypatch, t
     assert f"conversion format {embedded.FORMAT - 1}, now {embedded.FORMAT}" in capsys.readouterr().err
 
 
+def test_under_torchrun_only_the_first_process_says_it_converts(monkeypatch, tmp_path, fake_convert, capsys):
+    """Each torchrun process loads the base: 8 processes printed 8 'converting' lines (7 of them 'waiting' now)."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RANK", "3")
+    assert _whole(embedded.converted_folder()) and len(fake_convert) == 1
+    assert "lorakit:" not in capsys.readouterr().err  # (transformers' own progress bar is its business)
+
+
 def test_a_whole_cache_is_used_without_writing_anything(monkeypatch, tmp_path, fake_convert):
     """A cache converted by someone else and now read-only (a shared or baked-in one) is read, not locked or
     rewritten: the lock file is opened only when a conversion is needed."""

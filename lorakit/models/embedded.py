@@ -136,8 +136,7 @@ def converted_folder(name: str = "smollm2-135m") -> Path:
         again = ("" if problem == "missing" else f"the cached copy was {problem}; " if problem.startswith("made by")
                  else f"the cached copy is damaged ({problem}); ")
         # on standard error: `lorakit eval --json | jq` on a first run reads the JSON alone
-        print(f"lorakit: {again}converting the embedded model {source.name} to {folder} (once, ~15 s)",
-              file=sys.stderr, flush=True)
+        _say(f"lorakit: {again}converting the embedded model {source.name} to {folder} (once, ~15 s)")
         try:
             _convert(source, tmp, name)
             (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "source": source.name}) + "\n", encoding="utf-8")
@@ -152,6 +151,13 @@ def converted_folder(name: str = "smollm2-135m") -> Path:
     return folder
 
 
+def _say(line: str) -> None:
+    """A line on standard error, from the first process of a torchrun job only (each of its processes loads the
+    model: one converts, the others wait, and N copies of the same lines would say nothing more)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+
+
 def _lock(handle, folder: Path) -> None:
     """Hold an exclusive lock on ``handle`` (released when it closes, or when the process dies), saying so when
     another process holds it. Without ``fcntl`` (Windows) no lock is taken: the rename keeps each folder whole."""
@@ -162,8 +168,7 @@ def _lock(handle, folder: Path) -> None:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        print(f"lorakit: another process is converting the embedded model to {folder}; waiting for it",
-              file=sys.stderr, flush=True)
+        _say(f"lorakit: another process is converting the embedded model to {folder}; waiting for it")
         fcntl.flock(handle, fcntl.LOCK_EX)
     except OSError:  # a file system without locks (some network mounts): go on as without fcntl
         pass
