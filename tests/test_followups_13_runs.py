@@ -395,3 +395,17 @@ def test_eval_on_the_runs_own_training_file_is_warned(tmp_path, run_with_checkpo
                                      "val_fraction: 0.1\n")
     warning = trained_on_warning(str(run / "adapter"), [str(train_path)])
     assert "all its records but the 10% held out (--val-fraction 0.1) were trained on" in warning, warning
+
+
+def test_a_checkpoints_template_options_come_from_its_run(tmp_path):
+    """lorakit generate reads (through run_template_kwargs) the chat template options of a checkpoint's
+    run the same way: RUN/checkpoints/step-N/adapter was read as having none."""
+    from lorakit.train.eval_cli import run_template_kwargs
+
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step-000010" / "adapter"
+    checkpoint.mkdir(parents=True)
+    (run / "config.yaml").write_text("model: m\nout: run\nrank: 4\nlr: 0.001\n"
+                                     "chat_template_kwargs: {enable_thinking: false}\n")
+    assert run_template_kwargs(str(checkpoint)) == {"enable_thinking": False}
+    assert run_template_kwargs(str(run / "checkpoints" / "step-000010")) == {}  # not an adapter of the run's layout
