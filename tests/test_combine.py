@@ -347,8 +347,8 @@ def test_combine_command_writes_a_peft_folder(tmp_path, tiny_folder, capsys):  #
     assert main(["combine", "--model", str(tiny_folder), "--adapter", f"{second}=-1", "--out", str(out), "--overwrite",
                  "--method", "svd"]) == 0  # one input: linear, said in one plain line
     printed = capsys.readouterr()
-    assert "warning: one input adapter, so method 'svd' is 'linear'" in printed.out and "with linear: rank 2" in printed.out
-    assert "Warning" not in printed.err
+    assert "warning: one input adapter, so method 'svd' is 'linear'" in printed.err and "with linear: rank 2" in printed.out
+    assert "Warning" not in printed.err and "warning" not in printed.out  # stdout: the result only
 
 
 def test_combined_adapter_serves_in_mixed_batches_and_keeps_16_bit_inputs_dtype():

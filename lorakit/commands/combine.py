@@ -182,8 +182,8 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         combine_adapters(model, names, name="combined", **options,
                          seed=0 if args.seed is None and args.method.startswith("dare") else args.seed)
-    for warning in caught:  # one line each, without Python's file:line prefix
-        print(f"warning: {str(warning.message).removeprefix('combine_adapters: ')}")
+    for warning in caught:  # one line each, without Python's file:line prefix, on stderr as every other warning
+        print(f"warning: {str(warning.message).removeprefix('combine_adapters: ')}", file=sys.stderr)
     import shutil
 
     try:
