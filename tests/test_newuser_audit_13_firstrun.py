@@ -121,6 +121,11 @@ def test_a_cache_converted_by_an_older_lorakit_is_converted_again(monkeypatch, t
     (folder / embedded.MARKER).write_text(json.dumps({"format": embedded.FORMAT - 1}))
     assert embedded.converted_folder() == folder and len(fake_convert) == 2
     assert f"conversion format {embedded.FORMAT - 1}, now {embedded.FORMAT}" in capsys.readouterr().err
+    (folder / embedded.MARKER).write_text(json.dumps({"format": embedded.FORMAT + 1}))  # a newer lorakit's: kept
+    assert embedded.converted_folder() == folder and len(fake_convert) == 2
+    (folder / embedded.MARKER).write_text("{")
+    assert embedded.converted_folder() == folder and len(fake_convert) == 3
+    assert f"the cached copy is damaged ({embedded.MARKER} is unreadable)" in capsys.readouterr().err
 
 
 def test_under_torchrun_only_the_first_process_says_it_converts(monkeypatch, tmp_path, fake_convert, capsys):

@@ -90,7 +90,10 @@ def _stale(folder: Path) -> str | None:
         return f"{MARKER} is unreadable"
     if marker is not None:
         made = marker.get("format") if isinstance(marker, dict) else None
-        return None if made == FORMAT else f"made by an older lorakit: conversion format {made}, now {FORMAT}"
+        if not isinstance(made, int) or isinstance(made, bool):
+            return f"{MARKER} is unreadable"
+        # a newer lorakit's conversion is kept: converting it back would make two versions sharing a cache take turns
+        return f"made by an older lorakit: conversion format {made}, now {FORMAT}" if made < FORMAT else None
     try:  # no marker: converted before it existed; current unless it has the transformers 4.x tokenizer fields
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
