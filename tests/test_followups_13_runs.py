@@ -201,6 +201,22 @@ def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
     assert [dict(r.fields) for r in read_records(trailing)] == [{"prompt": "copy a b :", "completion": "a b"}]
 
 
+def test_a_parquet_table_with_a_column_twice_is_named_as_such(tmp_path):
+    """pyarrow can write two columns of one name but not read them back; that was 'not a readable Parquet file
+    (Multiple matches for FieldRef.Name(prompt) ...)', as if the file were damaged."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from lorakit.train.sources import read_records
+
+    path = tmp_path / "twice.parquet"
+    pq.write_table(pa.table([pa.array(["a"]), pa.array(["b"]), pa.array(["c"])],
+                            names=["prompt", "prompt", "completion"]), path)
+    with pytest.raises(LorakitError, match=r"twice\.parquet: the table has two columns named 'prompt'; rename or "
+                                           r"remove one$"):
+        read_records(path)
+
+
 @pytest.mark.parametrize("header", ["prompt,completion", "prompt\tcompletion", "Prompt;Completion"])
 def test_a_csv_saved_as_jsonl_says_to_rename_it(tmp_path, header):
     """A spreadsheet export named .jsonl failed with "malformed JSON (Expecting value at column 1); one object per

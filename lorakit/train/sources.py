@@ -480,6 +480,13 @@ def _read_parquet(path: Path) -> list[Record]:
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for files that are not Parquet
+        try:  # a table with two columns of one name is Parquet, but pyarrow cannot tell which one to read
+            names = pq.read_schema(path).names
+        except Exception:
+            names = []
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice is not None:
+            raise LorakitError(f"{path}: the table has two columns named {twice!r}; rename or remove one") from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LorakitError(f"{path}: not a readable Parquet file ({reason})") from None
     return [_table_record(row, f"{path.name} row {i}") for i, row in enumerate(rows)]
