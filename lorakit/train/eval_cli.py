@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     device = choose_device(TrainConfig(device=args.device))
     # the output of a lorakit train run scored here: an adapter of a run, or a run's fully fine-tuned model (--full)
-    run_output, what = (args.adapter, "adapter") if args.adapter else (args.model, "model")
-    if run_folder(run_output) is None or (what == "model" and not (
+    run_output, kind = (args.adapter, "adapter") if args.adapter else (args.model, "model")
+    if run_folder(run_output) is None or (kind == "model" and not (
             Path(run_output).expanduser().is_dir() and run_config(run_output)[1].get("full") is True)):
         run_output = None
     records, results_extra = None, {}
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         config_path, _ = run_config(run_output)
         taken = {}
         if not args.data:
-            paths, records, taken["data"] = run_validation_data(run_output, what)
+            paths, records, taken["data"] = run_validation_data(run_output, kind)
             results_extra["data_from_run"] = taken["data"]  # "data" names the files; this, which of their records
         for name, value in run_length_options(run_output).items():
             if getattr(args, name) is None:
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             if template_kwargs:
                 taken["chat_template_kwargs"] = shlex.quote(json.dumps(template_kwargs))
         if taken:  # one line: what came from which config
-            print(f"from the {what}'s run: " + ", ".join(
+            print(f"from the {kind}'s run: " + ", ".join(
                 value if name == "data" else f"--{name.replace('_', '-')} {value}" for name, value in taken.items())
                 + f" (read from {_shown(config_path)}, as the run scored its validation loss; "
                 f"{' / '.join('--' + n.replace('_', '-') for n in taken)} to change)")
