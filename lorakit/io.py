@@ -702,6 +702,9 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
             path, attr = _match_key(_strip(key), targets, saved)
         if path is None and renamed is not None:  # saved with an older transformers layout (Llava, Gemma3, ...)
             path, attr = _match_key(renamed(_strip(key)), targets, saved)
+        if path is None and "_orig_mod." in key:  # peft on a torch.compile'd base: its wrapper's name in every key
+            plain = _strip(key).replace("_orig_mod.", "")
+            path, attr = param_keys.get(plain) or _match_key(plain, targets, saved)
         if path is None:
             if _is_unchanged_base_copy(_strip(key), tensor, base_modules, adapter_file.folder):
                 continue  # PEFT saves full embedding copies next to embedding adapters; equal to ours: harmless

@@ -401,3 +401,25 @@ def test_a_config_listing_thousands_of_names_gives_a_short_line(extra, adapter_f
         except lorakit.LorakitError as error:
             said.append(error)
     assert said and all(len(str(getattr(w, "message", w))) < 600 for w in said)
+
+
+def test_an_adapter_saved_from_a_torch_compiled_base_loads(tmp_path):
+    """peft.get_peft_model(torch.compile(model), ...) saves every key with torch.compile's wrapper in it
+    (base_model.model._orig_mod.model.layers...); lorakit refused them as "saved from a model that holds this one as
+    '_orig_mod': load that model class", which no model class is. The wrapper's name is dropped when the key does
+    not match as it is: the same logits as peft gives for the file without it."""
+    from safetensors.torch import load_file, save_file
+
+    theirs = peft.get_peft_model(torch.compile(build("llama")), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_peft(theirs)
+    theirs.save_pretrained(tmp_path / "compiled")
+    tensors = load_file(tmp_path / "compiled" / WEIGHTS_NAME)
+    assert all("._orig_mod." in key for key in tensors)
+    (tmp_path / "plain").mkdir()
+    save_file({key.replace("_orig_mod.", ""): value for key, value in tensors.items()}, tmp_path / "plain" / WEIGHTS_NAME)
+    (tmp_path / "plain" / CONFIG_NAME).write_text((tmp_path / "compiled" / CONFIG_NAME).read_text())
+    expected = logits(peft.PeftModel.from_pretrained(build("llama"), tmp_path / "plain").eval())
+    ours = build("llama")
+    lorakit.load_adapter(ours, tmp_path / "compiled")
+    assert_close(logits(ours), expected)
+    assert (expected - logits(build("llama"))).abs().max() > 1e-2
