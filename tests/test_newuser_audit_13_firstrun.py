@@ -346,3 +346,42 @@ def test_generate_prompt_from_a_file(tiny, tmp_path, monkeypatch, capsys):
     assert main([*generate, "prompt.txt"]) == 0
     assert ("note: the prompt is the text 'prompt.txt', not that file's content; to send the file: lorakit generate "
             "... < prompt.txt") in capsys.readouterr().err
+
+
+# -- lorakit combine ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adapters(tiny, tmp_path_factory) -> dict[str, Path]:
+    """A plain LoRA and a DoRA adapter of the tiny base, saved by lorakit."""
+    import torch
+
+    import lorakit
+
+    root = tmp_path_factory.mktemp("firstrun-adapters")
+    made = {}
+    for name, variant in (("plain", "lora"), ("dora", "dora")):
+        model, _ = lorakit.load_base(str(tiny))
+        lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], variant=variant))
+        for key, parameter in model.named_parameters():
+            if "lora_B" in key:
+                torch.nn.init.normal_(parameter, std=0.1)
+        made[name] = root / name
+        lorakit.save_adapter(model, str(made[name]))
+    return made
+
+
+def test_combine_refuses_a_dora_adapter_before_the_base_loads(tiny, adapters, tmp_path, monkeypatch, capsys):
+    """The refusal came from combine_adapters, after the base had loaded (minutes for a 7B model)."""
+    import lorakit
+    from lorakit.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(lorakit, "load_base", no_load)
+    line = _error(capsys, main(["combine", "--model", str(tiny), "--adapter", str(adapters["plain"]), "--adapter",
+                                f"{adapters['dora']}=0.5", "--out", str(tmp_path / "out")]))
+    assert line == (f"lorakit combine: error: --adapter {adapters['dora']} is DoRA: a weighted sum of DoRA adapters has "
+                    "no magnitude that keeps their effect, so lorakit does not combine them (peft drops the magnitudes "
+                    f"silently); merge it into the base instead: lorakit merge --adapter {adapters['dora']} --out "
+                    "MERGED, then use MERGED as --model")
+    assert not (tmp_path / "out").exists()

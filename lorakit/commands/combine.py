@@ -166,6 +166,12 @@ def run(args: argparse.Namespace) -> int:
         check_model_folder(args.model)
     files = [lorakit.read_adapter(folder) for folder, _ in inputs]  # each checked (config, tensors) before the base loads
     check_ranks(args.method, [folder for folder, _ in inputs], files)
+    dora = next((folder for (folder, _), f in zip(inputs, files) if f.config.variant == "dora"), None)
+    if dora is not None:  # combine_adapters refuses it too, per layer, but only after the base has loaded
+        raise LorakitError(f"--adapter {dora} is DoRA: a weighted sum of DoRA adapters has no magnitude that keeps "
+                           "their effect, so lorakit does not combine them (peft drops the magnitudes silently); merge "
+                           f"it into the base instead: lorakit merge --adapter {dora} --out MERGED, then use MERGED as "
+                           "--model")
     defaulted = args.model is None
     args.model = check_base_names(args.model, [(folder, file) for (folder, _), file in zip(inputs, files)])
 
