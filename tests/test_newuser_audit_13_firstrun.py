@@ -146,6 +146,25 @@ def test_a_whole_cache_is_used_without_writing_anything(monkeypatch, tmp_path, f
     assert fake_convert == [] and sorted(p.name for p in (tmp_path / "cache").iterdir()) == before
 
 
+def test_a_lock_file_made_by_another_user_of_a_shared_cache_is_used(monkeypatch, tmp_path, fake_convert):
+    """A team's LORAKIT_CACHE (a group-writable folder): the lock file another user created is 0644, so opening it
+    to append failed and the conversion was refused as 'cannot write the cache'. flock takes a read-only handle."""
+    import builtins
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / ".smollm2-135m.lock").write_text("")
+    real_open = builtins.open
+
+    def as_another_user(path, mode="r", *args, **kwargs):  # what open() does to a non-root user there
+        if str(path).endswith(".lock") and mode != "r":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(embedded, "open", as_another_user, raising=False)
+    assert _whole(embedded.converted_folder()) and len(fake_convert) == 1
+
+
 def test_lorakit_cache_that_is_a_file_is_named(monkeypatch, tmp_path, fake_convert):
     (tmp_path / "cachefile").write_text("")
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cachefile"))

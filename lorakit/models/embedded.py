@@ -121,7 +121,7 @@ def converted_folder(name: str = "smollm2-135m") -> Path:
     source = gguf_path()
     try:  # before the ~15 s conversion: an unwritable cache (read-only home, a file in the way) fails at once
         folder.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(folder.parent / f".{name}.lock", "a")
+        lock = _open_lock(folder.parent / f".{name}.lock")
     except OSError as error:
         damaged = f" (the cached copy: {problem})" if problem != "missing" else ""
         raise LorakitError(f"cannot write the embedded model's cache {folder} ({error.strerror or error}){damaged}; "
@@ -160,6 +160,17 @@ def _say(line: str) -> None:
     model: one converts, the others wait, and N copies of the same lines would say nothing more)."""
     if os.environ.get("RANK", "0") == "0":
         print(line, file=sys.stderr, flush=True)
+
+
+def _open_lock(path: Path):
+    """The lock file, created if missing. One made by another user of a shared cache is opened for reading, which
+    flock accepts as well."""
+    try:
+        return open(path, "a")
+    except PermissionError:
+        if not path.is_file():
+            raise
+        return open(path, "r")
 
 
 def _lock(handle, folder: Path) -> None:
