@@ -476,3 +476,15 @@ def test_unload_of_a_misspelt_name_suggests_a_loaded_adapter(server):
     error = _error(client.post("/v1/adapters/unload", json={"name": "gpt-4o"}), 404)
     assert error["message"] == "adapter 'gpt-4o' is not loaded; GET /v1/adapters lists those loaded", error
     assert "orders" in [a["name"] for a in client.get("/v1/adapters").json()["data"]]
+
+
+def test_the_name_hint_costs_little_for_a_huge_name():
+    """The hint runs on the server's event loop: a model name of a megabyte (the body limit) against a folder of
+    2,000 adapters lowercased the whole name once per adapter, gigabytes of work while every other request waited."""
+    from lorakit.serve.paths import closest
+
+    names = [f"adapter-{i:04d}" for i in range(2000)]
+    start = time.perf_counter()
+    assert closest("x" * (1 << 20), names) is None
+    assert closest("y" * (1 << 20) + "/Adapter-0042", names) == "adapter-0042"
+    assert time.perf_counter() - start < 0.5

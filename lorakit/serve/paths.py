@@ -40,16 +40,18 @@ def check_name(name: object) -> str:
 def closest(name: object, names: list[str]) -> str | None:
     """The one of ``names`` a client most likely meant by ``name``, or None when none is close: the same but for
     case, the last part of a path or Hugging Face id (``org/model``, ``../x``, URL-encoded too), or the nearest
-    spelling."""
-    if not isinstance(name, str) or not names:
-        return None
+    spelling. Cheap for any ``name`` (a megabyte of one): it runs on the server's event loop."""
     from urllib.parse import unquote
 
-    tail = unquote(name[:1024]).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1][:128]  # "..%2Fx": x
-    for key in (name, tail):
-        same = [n for n in names if n.lower() == key.lower()]
-        if same:
-            return same[0]
+    if not isinstance(name, str) or not names:
+        return None
+    # a served name has at most 128 characters: the whole name is compared by its first 129, its last part (what
+    # follows the last slash, "..%2Fx" read as "../x") by the end of the name
+    tail = unquote(name[-1024:]).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1][:129]
+    lowered = {n.lower(): n for n in reversed(names)}
+    for key in (name[:129].lower(), tail.lower()):
+        if key in lowered:
+            return lowered[key]
     # separators a client mixes up ("support_v2" for "support-v2") count as no difference
     fold = {re.sub(r"[-_. ]", "", n.lower()): n for n in reversed(names)}
     key = re.sub(r"[-_. ]", "", tail.lower())
