@@ -359,6 +359,9 @@ def test_generate_prompt_from_a_file(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(prompt.read_bytes())))
     assert main(generate) == 0
     piped = capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(prompt.read_bytes())))
+    assert main([*generate, "-"]) == 0  # '-' names standard input, as for most tools (it answered the text '-')
+    assert capsys.readouterr().out == piped.out
     assert main([*generate, "reverse a b : é 日本\n"]) == 0
     assert capsys.readouterr().out == piped.out and piped.err == ""
     monkeypatch.chdir(tmp_path)

@@ -27,7 +27,7 @@ EPILOG = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("prompt", nargs="?", help="the prompt (default: read standard input)")
+    parser.add_argument("prompt", nargs="?", help="the prompt (default, or '-': read standard input)")
     parser.add_argument("--model", default=None, help="the base the adapters were trained on: embedded model name or "
                         "local HF folder (default: smollm2-135m)")
     parser.add_argument("--adapter", action="append", default=[], help="adapter folder; repeat to compare adapters")
@@ -132,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
     if unused and params.temperature == 0:  # greedy decoding never samples: the options would change nothing
         raise LorakitError(f"{' and '.join(unused)} only shape sampling, and --temperature is 0 (greedy, the default); "
                            "add --temperature, e.g. --temperature 0.7, or drop them")
+    if args.prompt == "-":  # the usual name of standard input: answering the text "-" helps no one
+        args.prompt = None
     if args.prompt is None and sys.stdin.isatty():  # reading a terminal would wait without a word
         raise LorakitError('no prompt: give it as an argument (lorakit generate "Hello") or pipe it on standard input')
     prompt = args.prompt if args.prompt is not None else _read_stdin()  # read after the checks: no waiting on stdin
