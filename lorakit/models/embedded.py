@@ -156,8 +156,23 @@ def converted_folder(name: str = "smollm2-135m") -> Path:
                 raise LorakitError(f"converting the embedded model into {folder} failed ({error.strerror or error}); "
                                    f"it needs ~{CONVERTED_MB} MB there: free some, or set LORAKIT_CACHE to another "
                                    "folder") from None
+            if isinstance(error, Exception) and _unreadable(source):  # "cannot reshape array ..." from numpy
+                raise LorakitError(f"{source} is damaged (an interrupted install?); reinstall the embedded model with: "
+                                   f"{INSTALL_HINT} --force-reinstall") from None
             raise
     return folder
+
+
+def _unreadable(source: Path) -> bool:
+    """Whether the GGUF file itself is damaged (cut short by an interrupted install: its tensors end past the end
+    of the file). Asked only after a conversion failed, as reading it takes seconds."""
+    import gguf
+
+    try:
+        gguf.GGUFReader(source)
+    except Exception:  # the reader's own errors: ValueError from numpy's reshape, struct errors on a cut header
+        return True
+    return False
 
 
 def _say(line: str) -> None:
