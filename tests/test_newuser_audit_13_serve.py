@@ -488,3 +488,53 @@ def test_the_name_hint_costs_little_for_a_huge_name():
     assert closest("x" * (1 << 20), names) is None
     assert closest("y" * (1 << 20) + "/Adapter-0042", names) == "adapter-0042"
     assert time.perf_counter() - start < 0.5
+
+
+def test_listing_adapters_while_one_is_admitted_does_not_stall_the_server(server):
+    """While an adapter is admitted (its regular expressions tried for up to 2 s, its file read), the pool is
+    locked. GET /v1/models, GET /v1/models/NAME and GET /v1/adapters asked the pool on the server's event loop, so
+    each of them froze the whole server (every request, /health and other clients' streams) until the admission
+    ended. Now they ask from a worker thread."""
+    import threading
+
+    client, adapters = server["client"], server["adapters"]
+    shutil.copytree(adapters / "orders", adapters / "slowregex")
+    config = json.loads((adapters / "slowregex" / "adapter_config.json").read_text())
+    (adapters / "slowregex" / "adapter_config.json").write_text(
+        json.dumps({**config, "target_modules": r"(.*.*)*xyz"}))  # tried in a child process for 2 s, then refused
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(base_url=server["url"], timeout=30) as own:
+            while not stop.is_set():
+                start = time.monotonic()
+                own.get("/health")
+                latencies.append(time.monotonic() - start)
+                time.sleep(0.02)
+
+    def admit() -> None:
+        with httpx.Client(base_url=server["url"], timeout=30) as own:
+            assert own.post("/v1/adapters/load", json={"name": "slowregex"}).status_code == 400
+
+    threads = [threading.Thread(target=probe), threading.Thread(target=admit)]
+    try:
+        threads[0].start()
+        time.sleep(0.2)
+        threads[1].start()
+        time.sleep(0.3)  # the admission holds the pool now
+        for path in ("/v1/models", "/v1/adapters", "/v1/models/orders"):
+            assert client.get(path).status_code == 200
+        threads[1].join()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        shutil.rmtree(adapters / "slowregex")
+    assert max(latencies) < 0.5, max(latencies)
+
+
+def test_no_tracebacks_in_the_server_logs(server):
+    """Every client mistake above was answered in one line: none left a traceback in the server's log."""
+    for log in server["root"].glob("server*.log"):
+        assert "Traceback" not in log.read_text(errors="replace"), log

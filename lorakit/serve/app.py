@@ -187,9 +187,11 @@ def create_app(state: ServerState) -> FastAPI:
     @app.api_route("/v1/models", methods=["GET", "HEAD"])  # HEAD: what HTTP checkers send
     async def models():
         base = {"id": state.base_name, "object": "model", "created": state.created, "owned_by": "lorakit"}
-        available = await run_in_threadpool(state.pool.available)
+        # the pool is asked from a worker thread: it is locked while an adapter is admitted (seconds of a regex
+        # check or a file read), which on the event loop would freeze every request and stream of the server
+        available, loaded = await run_in_threadpool(lambda: (state.pool.available(), state.pool.loaded_names()))
         adapters = [{"id": name, "object": "model", "created": state.created, "owned_by": "lorakit",
-                     "parent": state.base_name, "loaded": state.pool.is_loaded(name)}
+                     "parent": state.base_name, "loaded": name in loaded}
                     for name in available if name != state.base_name]
         return {"object": "list", "data": [base, *adapters]}
 
@@ -204,11 +206,12 @@ def create_app(state: ServerState) -> FastAPI:
         except LorakitError as error:
             raise await _name_error(state, error, model) from None
         return {"id": model, "object": "model", "created": state.created, "owned_by": "lorakit",
-                "parent": state.base_name, "loaded": state.pool.is_loaded(model)}
+                "parent": state.base_name, "loaded": await run_in_threadpool(state.pool.is_loaded, model)}
 
     @app.api_route("/v1/adapters", methods=["GET", "HEAD"])
     async def adapters():
-        return {"object": "list", "data": state.pool.loaded(), "max_loaded": state.pool.max_loaded}
+        loaded = await run_in_threadpool(state.pool.loaded)
+        return {"object": "list", "data": loaded, "max_loaded": state.pool.max_loaded}
 
     @app.post("/v1/adapters/load")
     async def load(request: HTTPRequest):
@@ -234,7 +237,7 @@ def create_app(state: ServerState) -> FastAPI:
         except LorakitError as error:
             answer = _adapter_error(error, "name")
             if isinstance(error, UnknownAdapterError):  # not loaded: the loaded one it most likely means
-                meant = closest(body.name, [a["name"] for a in state.pool.loaded()])
+                meant = closest(body.name, sorted(await run_in_threadpool(state.pool.loaded_names)))
                 answer.message += f"; did you mean {meant!r}?" if meant else "; GET /v1/adapters lists those loaded"
             raise answer from None
         return {"object": "adapter", "name": body.name, "loaded": False}
@@ -475,7 +478,7 @@ async def _acquire(state: ServerState, name: str, generates: bool = True, http: 
         internal = await asyncio.shield(pinning)
     except asyncio.CancelledError:  # the request was cancelled while the thread pins: unpin once it has
         cancelled.set()  # a thread waiting for room stops waiting, loading nothing
-        pinning.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or state.pool.release(name))
+        pinning.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or _release_soon(state, name))
         raise
     except LorakitError as error:
         raise await _name_error(state, error, name) from None
@@ -484,10 +487,10 @@ async def _acquire(state: ServerState, name: str, generates: bool = True, http: 
     try:
         reason = await run_in_threadpool(state.engine.unservable, internal)
     except BaseException:
-        state.pool.release(name)
+        _release_soon(state, name)
         raise
     if reason is not None:  # the static decoder cannot run this adapter's rows: the client's 400, not a failed job
-        state.pool.release(name)
+        await run_in_threadpool(state.pool.release, name)
         raise APIError(400, reason.replace(repr(internal), repr(name)), param="model", code="adapter_unsupported")
     return internal
 
@@ -520,6 +523,12 @@ async def _pin(state: ServerState, name: str, cancelled: threading.Event, http: 
     else:  # pinned in the moment before it saw the event
         await run_in_threadpool(state.pool.release, name)
     raise APIError(499, "the client closed the connection", code="client_disconnected")
+
+
+def _release_soon(state: ServerState, name: str) -> None:
+    """Unpin adapter ``name`` from the event loop where nothing can be awaited (a cancelled request): on a worker
+    thread, as the pool may be locked for seconds by an admission."""
+    asyncio.get_running_loop().run_in_executor(None, state.pool.release, name)
 
 
 def _waiting_threads(state: ServerState):
@@ -592,12 +601,12 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
                           for ids in prompts]
     except BaseException:
         if adapter_name is not None:
-            state.pool.release(adapter_name)
+            _release_soon(state, adapter_name)
         raise
     prompt_tokens = sum(len(ids) for ids in prompts)
     if not params:  # echo with max_tokens 0: the prompts back (scored), nothing generated
         if adapter_name is not None:
-            state.pool.release(adapter_name)
+            await run_in_threadpool(state.pool.release, adapter_name)
         choices = [{"index": p * n + i, "text": echoes[p], "finish_reason": "length",
                     "logprobs": None if prompt_lps is None else prompt_lps[p]}
                    for p in range(len(prompts)) for i in range(n)]

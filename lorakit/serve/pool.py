@@ -114,6 +114,10 @@ class AdapterPool:
         with self._cond:
             return [a.describe() for a in self._loaded.values()]
 
+    def loaded_names(self) -> set[str]:
+        with self._cond:
+            return set(self._loaded)
+
     def is_loaded(self, name: str) -> bool:
         with self._cond:
             return name in self._loaded
