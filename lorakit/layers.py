@@ -426,13 +426,35 @@ class ModulesToSave(_AdapterHost):
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
-            result = self.base_layer(x, *args, **kwargs)
-            for name, rows in self._rows_by_adapter(x.shape[0]).items():
-                if name is not None:
-                    rows = rows.to(x.device)
-                    result = result.index_copy(0, rows, self.copies[name](x.index_select(0, rows), *args, **kwargs))
-            return result
+            groups = self._rows_by_adapter(x.shape[0])
+            if len(groups) == 1:  # every row on one adapter (or none): its module on the whole batch
+                name = next(iter(groups))
+                return (self.copies[name] if name is not None else self.base_layer)(x, *args, **kwargs)
+            parts = [(rows, (self.copies[name] if name is not None else self.base_layer)(
+                x.index_select(0, rows.to(x.device)), *args, **kwargs)) for name, rows in groups.items()]
+            # outputs may be tuples: a copied MoE router returns (logits, scores, expert indices), each row by row
+            return join_rows(parts, x.shape[0], "a module with a trained copy (modules_to_save)")
         return self._running()(x, *args, **kwargs)
+
+
+def join_rows(parts: list[tuple[torch.Tensor, object]], count: int, where: str) -> object:
+    """Outputs of row groups ``[(row indices, output)]`` back into one output of ``count`` rows, for mixed batches
+    (tensors whose first dimension is the group's size are joined; tuples and lists element by element; anything
+    else is the first group's). ``where`` names the module kind in the error for an output that is not row by row."""
+    sample = parts[0][1]
+    if isinstance(sample, torch.Tensor):
+        if not all(o.ndim and o.shape[0] == len(r) for r, o in parts):
+            raise LorakitError(f"mixed_batch: {where} returned a tensor of shape {tuple(sample.shape)}, not one row per "
+                               "input row, so rows cannot use different adapters there; use one adapter at a time "
+                               "(lorakit.set_adapter)")
+        joined = sample.new_zeros((count, *sample.shape[1:]))
+        for rows, output in parts:
+            joined = joined.index_copy(0, rows.to(output.device), output)
+        return joined
+    if isinstance(sample, (tuple, list)):
+        items = [join_rows([(rows, output[i]) for rows, output in parts], count, where) for i in range(len(sample))]
+        return type(sample)(items) if type(sample) in (tuple, list) else type(sample)(*items)
+    return sample
 
 
 LORA_HOSTS = (LoraLayer, ModulesToSave)

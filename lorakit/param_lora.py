@@ -35,7 +35,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.functional import scaling as lora_scaling
-from lorakit.layers import _AdapterHost, init_from_cpu
+from lorakit.layers import _AdapterHost, init_from_cpu, join_rows
 from lorakit.param_call import call_with_tensors
 
 
@@ -211,7 +211,7 @@ class ParamLora(_AdapterHost):
             output = self._call_with([name] if name is not None else [], tuple(pick(a, rows) for a in args),
                                      {k: pick(v, rows) for k, v in kwargs.items()})
             parts.append((rows, output))
-        return _join_rows(parts, count)
+        return join_rows(parts, count, "a module with LoRA on its parameters")
 
     def _call_with(self, names: list[str], args: tuple, kwargs: dict) -> Any:
         """The module called with the parameters of adapters ``names`` added (none: the module alone)."""
@@ -264,25 +264,6 @@ def _own_tensor(module: nn.Module, name: str) -> torch.Tensor:
             raise LorakitError(f"{type(module).__name__} holds no parameter {name!r} any more; the module was changed "
                                "after lorakit wrapped it: wrap it again (lorakit.inject)")
     return tensor
-
-
-def _join_rows(parts: list[tuple[torch.Tensor, Any]], count: int) -> Any:
-    """Outputs of row groups ``[(row indices, output)]`` back into one output of ``count`` rows (tensors whose first
-    dimension is the group's size are joined; tuples and lists element by element; anything else is the first's)."""
-    sample = parts[0][1]
-    if isinstance(sample, torch.Tensor):
-        if not all(o.ndim and o.shape[0] == len(r) for r, o in parts):
-            raise LorakitError(f"mixed_batch: a module with LoRA on its parameters returned a tensor of shape "
-                               f"{tuple(sample.shape)}, not one row per input row, so rows cannot use different adapters "
-                               "there; use one adapter at a time (lorakit.set_adapter)")
-        joined = sample.new_zeros((count, *sample.shape[1:]))
-        for rows, output in parts:
-            joined = joined.index_copy(0, rows.to(output.device), output)
-        return joined
-    if isinstance(sample, (tuple, list)):
-        items = [_join_rows([(rows, output[i]) for rows, output in parts], count) for i in range(len(sample))]
-        return type(sample)(items) if type(sample) in (tuple, list) else type(sample)(*items)
-    return sample
 
 
 def param_hosts(model: nn.Module) -> dict[str, ParamLora]:

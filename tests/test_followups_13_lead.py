@@ -51,3 +51,33 @@ def test_a_model_built_in_memory_has_no_notices_to_copy(tmp_path):
     assert copy_notices(tiny_llama(), tmp_path) == []
     model = AutoModelForCausalLM.from_pretrained(tiny_hf_folder(tmp_path / "plain"))
     assert copy_notices(model, tmp_path) == []  # a folder without license files
+
+
+def test_mixed_batch_over_a_trained_copy_of_an_moe_router():
+    """A copied router returns a tuple (logits, scores, expert indices): each row's comes from its own adapter."""
+    import torch
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    import lorakit
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    model = Qwen2MoeForCausalLM(config).eval()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["gate"]), adapter="a")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "copies.a" in name or "lora_B" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.5)  # the trained copy routes other experts
+    ids = torch.randint(0, 64, (3, 7))
+    with torch.no_grad():
+        lorakit.set_adapter(model, "a")
+        adapted = model(ids).logits
+        with lorakit.disable_adapters(model):
+            base = model(ids).logits
+        with lorakit.mixed_batch(model, ["a", None, "a"]):
+            mixed = model(ids).logits
+    assert (adapted - base).abs().max() > 1e-2  # the adapter changes the answer, so the rows below tell apart
+    torch.testing.assert_close(mixed[[0, 2]], adapted[[0, 2]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], base[1], rtol=1e-5, atol=1e-5)
