@@ -425,3 +425,48 @@ def test_a_checkpoints_template_options_come_from_its_run(tmp_path):
                                      "chat_template_kwargs: {enable_thinking: false}\n")
     assert run_template_kwargs(str(checkpoint)) == {"enable_thinking": False}
     assert run_template_kwargs(str(run / "checkpoints" / "step-000010")) == {}  # not an adapter of the run's layout
+
+
+def test_resuming_from_another_folder_names_where_the_runs_paths_are_found(tmp_path, tiny_folder, capsys,
+                                                                            monkeypatch):
+    """config.yaml keeps --data as typed where the run started (it is reusable with --config). A resume from another
+    folder failed on "data file not found: train.jsonl", saying nothing of the run; it now names the run, the path
+    and the folder above the run it is found from, before anything loads. Given again, the resume goes on."""
+    import lorakit.train.runner as runner
+    from test_train_helpers import task_records
+
+    project = tmp_path / "project"
+    project.mkdir()
+    write_jsonl(project / "train.jsonl", task_records(16, seed=1))
+    monkeypatch.chdir(project)
+    assert main(["train", "--model", str(tiny_folder), "--data", "train.jsonl", "--out", "runs/mine", "--max-steps",
+                 "1", "--save-every", "1", "--no-progress", *FAST]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    real_load = runner.load_model
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    run = project / "runs" / "mine"
+    assert main(["train", "--resume", "--out", str(run), "--max-steps", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"lorakit train: error: cannot resume from {run}: its config.yaml names --data train.jsonl, not found from "
+        f"this folder ({elsewhere}); the run's paths are as typed where it started: they are found from {project}: "
+        "cd there and resume, or give --data again")
+    monkeypatch.setattr(runner, "load_model", real_load)
+    assert main(["train", "--resume", "--out", str(run), "--max-steps", "2", "--data",
+                 str(project / "train.jsonl")]) == 0
+
+
+def test_a_runs_data_pattern_counts_as_found(tmp_path, monkeypatch):
+    """A config file may give --data as a pattern (data/*.jsonl, which lorakit expands itself); the resume check
+    finds it through what it matches, not as a file of that name."""
+    from lorakit.train.runner import check_saved_paths
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    check_saved_paths(tmp_path / "runs" / "mine", {"data": ["data/*.jsonl"]}, {})  # nothing raised
+    with pytest.raises(LorakitError, match=r"names --data data/\*\.csv, not found from this folder"):
+        check_saved_paths(tmp_path / "runs" / "mine", {"data": ["data/*.csv"]}, {})
+    check_saved_paths(tmp_path / "runs" / "mine", {"data": ["data/*.csv"]}, {"data": ["x.jsonl"]})  # given again

@@ -91,6 +91,34 @@ def _is_run_folder(run_dir: Path) -> bool:
         return False
 
 
+def check_saved_paths(run_dir: Path, saved: dict[str, Any], given: dict[str, Any]) -> None:
+    """Refuse, in one line, a resume whose run's data files (config.yaml keeps them as typed where the run started)
+    are not found from this folder, unless given again; names the folder above the run they are found from.
+
+    Without it, a resume from another folder read the paths from here and failed on "data file not found: train.jsonl",
+    which says nothing of the run or of where it started."""
+    import glob
+
+    def found(path: Path) -> bool:  # a pattern (data/*.jsonl, from a config file) is found when it matches a file
+        return bool(glob.glob(str(path), recursive=True)) if any(c in str(path) for c in "*?[") else path.exists()
+
+    for key in ("data", "val_data"):
+        files = saved.get(key)
+        files = [files] if isinstance(files, str) else [f for f in files or [] if isinstance(f, str)]
+        lost = [f for f in files if not Path(f).expanduser().is_absolute() and not found(Path(f).expanduser())]
+        if key in given or not lost:
+            continue
+        # runs/mine started from the project folder: its paths are found from one of the run folder's parents
+        home = next((folder for folder in list(run_dir.resolve().parents)[:4]
+                     if all(found(folder / f) for f in lost)), None)
+        where = (f"they are found from {home}: cd there and resume" if home is not None else
+                 "resume from the folder the run started in")
+        flag = "--" + key.replace("_", "-")
+        raise LorakitError(f"cannot resume from {run_dir}: its {CONFIG_NAME} names {flag} {' '.join(lost)}, not found "
+                           f"from this folder ({Path.cwd()}); the run's paths are as typed where it started: {where}, "
+                           f"or give {flag} again")
+
+
 def saved_config(run_dir: Path) -> dict[str, Any]:
     """The config a run was started with (the base of a resume, so `--resume` alone repeats the same run)."""
     path = run_dir / CONFIG_NAME
@@ -493,6 +521,7 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
             raise LorakitError(f"cannot resume from {run_dir}: its {CONFIG_NAME}, which keeps the run's options "
                                f"(model, data, adapter settings), is {state}; put it back, or give them again with the "
                                "run's original values: lorakit train --resume --out RUN --model ... --data ...")
+        check_saved_paths(run_dir, earlier, given)
         config = TrainConfig(**{**earlier, **(config_file_values or {}), **(cli_values or {})})
         from lorakit.train.loop import check_resume_options
 
