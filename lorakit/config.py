@@ -400,10 +400,18 @@ def _check_alpha(name: str, value: Any) -> None:
 
 
 def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
+    """PEFT's rule: the value of the first pattern that matches the path's end (whole dotted parts), else default."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module_path):
+        if _suffix_regex(pattern).match(module_path):
             return value
     return default
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _suffix_regex(pattern: str) -> re.Pattern:
+    # compiled once per pattern: re's own cache holds 512, so a file with thousands of pattern keys recompiled each
+    # key for every module (20,000 keys over 14 modules: 20 s, against 2 s compiled once)
+    return re.compile(rf"(.*\.)?({pattern})$")
 
 
 def _is_default(value: Any, default: Any) -> bool:

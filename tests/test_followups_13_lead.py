@@ -81,3 +81,17 @@ def test_mixed_batch_over_a_trained_copy_of_an_moe_router():
     assert (adapted - base).abs().max() > 1e-2  # the adapter changes the answer, so the rows below tell apart
     torch.testing.assert_close(mixed[[0, 2]], adapted[[0, 2]], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mixed[1], base[1], rtol=1e-5, atol=1e-5)
+
+
+def test_rank_pattern_keys_are_compiled_once_not_per_module():
+    """re's own cache holds 512 patterns: a file with thousands of keys recompiled each one for every module."""
+    from lorakit.config import _pattern_value, _suffix_regex
+
+    patterns = {f"layers\\.{i}\\.mlp\\.down_proj": i for i in range(2000)}
+    paths = [f"model.layers.{i}.mlp.down_proj" for i in (0, 7, 1999)] + ["model.layers.0.self_attn.q_proj"]
+    assert [_pattern_value(patterns, path, -1) for path in paths] == [0, 7, 1999, -1]
+    misses = _suffix_regex.cache_info().misses
+    assert [_pattern_value(patterns, path, -1) for path in paths] == [0, 7, 1999, -1]
+    assert _suffix_regex.cache_info().misses == misses  # the second pass over every key compiled nothing
+    assert _pattern_value({"q_proj": 8, "proj": 4}, "model.layers.0.self_attn.q_proj", 16) == 8  # first match wins
+    assert _pattern_value({"proj": 4}, "model.layers.0.self_attn.q_proj", 16) == 16  # whole dotted parts only
