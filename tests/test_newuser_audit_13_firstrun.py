@@ -455,3 +455,22 @@ def test_combine_refuses_a_dora_adapter_before_the_base_loads(tiny, adapters, tm
                     f"silently); merge it into the base instead: lorakit merge --adapter {adapters['dora']} --out "
                     "MERGED, then use MERGED as --model")
     assert not (tmp_path / "out").exists()
+
+
+# -- lorakit inspect ------------------------------------------------------------------------------------------------
+def test_inspect_of_a_runs_latest_pointer_names_the_checkpoint_adapter(adapters, tmp_path, capsys):
+    """`lorakit inspect runs/mine/checkpoints/latest` (the name reads like the latest checkpoint) said only 'is a
+    file'; the file names the checkpoint folder, whose adapter is what the user wanted."""
+    import shutil
+
+    from lorakit.cli import main
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    shutil.copytree(adapters["plain"], checkpoints / "step-000004" / "adapter")
+    (checkpoints / "latest").write_text("step-000004\n")
+    line = _error(capsys, main(["inspect", str(checkpoints / "latest")]))
+    assert line.endswith(f"is a file; give the adapter folder that holds adapter_config.json and "
+                         f"adapter_model.safetensors; it names the latest checkpoint, whose adapter is "
+                         f"'{checkpoints / 'step-000004' / 'adapter'}'")
+    assert main(["inspect", "--json", str(checkpoints / "step-000004" / "adapter")]) == 0
+    assert json.loads(capsys.readouterr().out)["rank"] == 2

@@ -30,7 +30,7 @@ def describe(folder: str) -> dict:
     path = Path(folder).expanduser()
     if path.is_file():
         hint = (f"; did you mean its folder {str(path.parent)!r}?" if (path.parent / "adapter_config.json").is_file()
-                else "")
+                else _pointed(path))
         raise LorakitError(f"{folder} is a file; give the adapter folder that holds adapter_config.json and "
                            f"adapter_model.safetensors{hint}")
     if path.is_dir() and not (path / "adapter_config.json").exists() and (path / "config.json").is_file():
@@ -93,6 +93,21 @@ def describe(folder: str) -> dict:
         "base_fingerprint": adapter.metadata.get("lorakit_base_fingerprint"),
         "made_by": f"lorakit {adapter.metadata['lorakit_version']}" if "lorakit_version" in adapter.metadata else "peft (or another tool)",
     }
+
+
+def _pointed(path) -> str:
+    """For a run's ``checkpoints/latest`` (a small file naming the newest checkpoint folder): the hint naming that
+    checkpoint's adapter folder; else ''."""
+    if path.name != "latest" or path.stat().st_size > 200:
+        return ""
+    try:
+        named = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    adapter = path.parent / named / "adapter"
+    if named and "/" not in named and (adapter / "adapter_config.json").is_file():
+        return f"; it names the latest checkpoint, whose adapter is {str(adapter)!r}"
+    return ""
 
 
 def run(args: argparse.Namespace) -> int:
