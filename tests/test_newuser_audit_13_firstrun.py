@@ -461,6 +461,7 @@ def test_combine_refuses_a_dora_adapter_before_the_base_loads(tiny, adapters, tm
 def test_inspect_of_a_runs_latest_pointer_names_the_checkpoint_adapter(adapters, tmp_path, capsys):
     """`lorakit inspect runs/mine/checkpoints/latest` (the name reads like the latest checkpoint) said only 'is a
     file'; the file names the checkpoint folder, whose adapter is what the user wanted."""
+    import json
     import shutil
 
     from lorakit.cli import main
