@@ -95,3 +95,38 @@ def test_rank_pattern_keys_are_compiled_once_not_per_module():
     assert _suffix_regex.cache_info().misses == misses  # the second pass over every key compiled nothing
     assert _pattern_value({"q_proj": 8, "proj": 4}, "model.layers.0.self_attn.q_proj", 16) == 8  # first match wins
     assert _pattern_value({"proj": 4}, "model.layers.0.self_attn.q_proj", 16) == 16  # whole dotted parts only
+
+
+_CLOCK_SCRIPT = r"""
+import os, sys, time
+import torch.distributed as dist
+dist.init_process_group("gloo")
+if dist.get_rank() == 1:  # this process reaches the naming 1.5 s later: past a second's boundary
+    real = time.time
+    time.time = lambda: real() + 1.5
+from lorakit.train.distributed import rank0_clock
+from lorakit.train.runner import resolve_run_folder
+os.chdir(sys.argv[1])
+print(resolve_run_folder(None, None, False, rank0_clock())[0])
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_processes_name_one_run_folder(tmp_path):
+    """Without --out each process names runs/<date-time>: from rank 0's clock, not each its own."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = tmp_path / "clock.py"
+    script.write_text(_CLOCK_SCRIPT)
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port)}) for rank in (0, 1)]
+    names = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs) and names[0].startswith("runs/")
+    assert names[0] == names[1]

@@ -59,6 +59,16 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def rank0_clock() -> float:
+    """Rank 0's ``time.time()`` in whole seconds, on every process (this process's on one): a run folder named from
+    it (``runs/<date-time>``) is one folder for all processes, even when they get here on either side of a second.
+    A collective: every process must call it."""
+    import time
+
+    now = torch.tensor([int(time.time()) if world()[0] == 0 else 0], dtype=torch.int64)
+    return float(all_reduce_sum(now).item())
+
+
 def is_sharded(tensor: torch.Tensor) -> bool:
     """True for an FSDP2 (DTensor) parameter or state tensor."""
     from torch.distributed.tensor import DTensor

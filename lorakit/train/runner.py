@@ -58,15 +58,17 @@ def latest_run(root: Path = Path(RUNS_DIR)) -> Path:
     return runs[-1]
 
 
-def resolve_run_folder(out: str | None, resume: str | None, overwrite: bool) -> tuple[Path, Path | None]:
-    """(run folder, folder or checkpoint to resume from). A fresh run never writes into a folder holding another run."""
+def resolve_run_folder(out: str | None, resume: str | None, overwrite: bool,
+                       clock: float | None = None) -> tuple[Path, Path | None]:
+    """(run folder, folder or checkpoint to resume from). A fresh run never writes into a folder holding another run.
+    Without ``out`` a fresh run is ``runs/<date-time>`` of ``clock`` (a ``time.time()``; None: now)."""
     if resume is not None:
         source = Path(resume) if resume != "latest" else (Path(out) if out else latest_run())
         if not source.exists():
             raise LorakitError(f"cannot resume: {source} does not exist; give the run folder of the earlier run")
         run_dir = Path(out) if out else (source.parent.parent if (source / "state.json").is_file() else source)
         return run_dir, source
-    run_dir = Path(out) if out else Path(RUNS_DIR) / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(out) if out else Path(RUNS_DIR) / time.strftime("%Y%m%d-%H%M%S", time.localtime(clock))
     if run_dir.exists() and not run_dir.is_dir():
         raise LorakitError(f"--out {run_dir} is a file; give a folder")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
@@ -426,12 +428,15 @@ def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: b
 def _run_training(config: TrainConfig, resume: str | None, overwrite: bool, config_file_values: dict[str, Any] | None,
                   cli_values: dict[str, Any] | None) -> dict:
     started, cpu_started = time.perf_counter(), time.process_time()
+    from lorakit.train.distributed import rank0_clock
     from lorakit.train.loop import world
 
     rank, world_size = world()
     main = rank == 0
     out = config.out
-    run_dir, resume_from = resolve_run_folder(out, resume, overwrite)
+    # under torchrun each process names the folder: from rank 0's clock, or two processes could name two folders
+    clock = rank0_clock() if world_size > 1 and not out and resume is None else None
+    run_dir, resume_from = resolve_run_folder(out, resume, overwrite, clock)
     if resume_from is None:  # --overwrite clears lorakit's file names in the run folder: never in an input
         from lorakit.export import check_output_folder
 
