@@ -538,3 +538,53 @@ def test_no_tracebacks_in_the_server_logs(server):
     """Every client mistake above was answered in one line: none left a traceback in the server's log."""
     for log in server["root"].glob("server*.log"):
         assert "Traceback" not in log.read_text(errors="replace"), log
+
+
+def test_an_adapter_admission_does_not_stall_decoding(server):
+    """A request that finishes unpins its adapter from the engine's thread, and an adapter's admission (up to 2 s of
+    regex checks, its file read) held the pool's lock: every stream of the server stopped until the admission
+    ended whenever a request finished meanwhile. The admission's checks now run without the lock."""
+    import threading
+
+    client, adapters = server["client"], server["adapters"]
+    shutil.copytree(adapters / "orders", adapters / "slowregex2")
+    config = json.loads((adapters / "slowregex2" / "adapter_config.json").read_text())
+    (adapters / "slowregex2" / "adapter_config.json").write_text(
+        json.dumps({**config, "target_modules": r"(.*.*)*xyz"}))
+    gaps: list[float] = []
+
+    def admit() -> None:
+        with httpx.Client(base_url=server["url"], timeout=30) as own:
+            assert own.post("/v1/adapters/load", json={"name": "slowregex2"}).status_code == 400
+
+    admission = threading.Thread(target=admit)
+    try:
+        with httpx.Client(base_url=server["url"], timeout=60) as own, own.stream(
+                "POST", "/v1/completions", json={"model": "support-v2", "prompt": "x", "max_tokens": LONG,
+                                                 "temperature": 0, "stream": True}) as streaming:
+            lines = streaming.iter_lines()
+            next(lines)
+            # a request on "orders" runs into the admission and finishes during it, unpinning from the engine's
+            # thread; another one starts during it
+            short = threading.Thread(target=lambda: gaps.append(float(bool(_text(client, "orders", max_tokens=150)))))
+            short.start()
+            time.sleep(0.1)
+            admission.start()
+            later = threading.Timer(0.3, lambda: gaps.append(float(bool(_text(client, "orders", max_tokens=2)))))
+            later.start()
+            last = time.monotonic()
+            for line in lines:
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+                if not admission.is_alive():
+                    break
+    finally:
+        admission.join()
+        short.join()
+        later.join()
+        shutil.rmtree(adapters / "slowregex2")
+    assert gaps.count(1.0) == 2  # both requests were answered (their markers among the gaps)
+    gaps = [gap for gap in gaps if gap != 1.0]
+    assert len(gaps) > 10 and max(gaps) < 0.5, max(gaps)
+    assert wait_idle(client, 5.0)

@@ -12,7 +12,8 @@ would freeze the whole server), every rank is at most ``max_rank``, and ``loraki
 (config fields, target modules this base has, tensor keys and shapes, the base fingerprint). A refusal changes
 nothing: a reload of a loaded adapter whose new files are refused leaves the old version serving. A refusal is
 remembered until the folder's files change (size or time), so clients naming a broken adapter again and again
-cost one ``stat`` each, not a re-read (nor another regex check) under the pool's lock.
+cost one ``stat`` each, not a re-read (nor another regex check). The checks of a first load run
+without the pool's lock, so other requests pin and unpin their adapters meanwhile.
 
 Lock order: the pool's lock, then the model lock. The engine never takes the pool's lock while it holds the
 model lock (it releases pins after a step), so the two cannot deadlock.
@@ -197,7 +198,10 @@ class AdapterPool:
             self._check_on_disk(entry)
             return entry
         folder = resolve_adapter(self.root, name)  # refuses unsafe names before any file is opened
-        adapter_file = self._admit(name, folder)  # refuse before evicting anything for it
+        adapter_file = self._admit_unlocked(name, folder)  # refuse before evicting anything for it
+        entry = self._loaded.get(name)  # loaded by another request while this one checked the files
+        if entry is not None:
+            return entry
         deadline = time.monotonic() + timeout
         while len(self._loaded) >= self.max_loaded:
             idle = next((n for n, a in self._loaded.items() if a.pins == 0), None)
@@ -286,6 +290,16 @@ class AdapterPool:
         names = {entry.internal: entry.name for entry in self._loaded.values()} | {internal: name}
         return re.sub(r"'(lk\d+)'", lambda match: repr(names.get(match.group(1), match.group(1))), text)
 
+    def _admit_unlocked(self, name: str, folder: Path):
+        """:meth:`_admit` with the pool's lock let go (the caller holds it once): its checks take seconds (regex
+        probes, a file read), and meanwhile other requests must pin their adapters and the engine's thread unpin
+        theirs (it stalled every stream of the server when a request finished during an admission)."""
+        self._cond.release()
+        try:
+            return self._admit(name, folder)
+        finally:
+            self._cond.acquire()
+
     def _admit(self, name: str, folder: Path):
         """Checks on the files alone (no model): size, format, config, regexes, ranks. Returns the AdapterFile."""
         stamp = _stamp(folder)
@@ -349,7 +363,8 @@ class AdapterPool:
             return
         from lorakit.inject import _base_modules
 
-        paths = [p for p in _base_modules(self.model) if p]
+        with self.model_lock:  # an adapter loading in another thread (under the pool's lock) adds modules
+            paths = [p for p in _base_modules(self.model) if p]
         try:
             subprocess.run([sys.executable, "-I", "-S", "-c", _REGEX_PROBE], input=json.dumps([full, suffix, paths]),
                            capture_output=True, text=True, timeout=REGEX_TIMEOUT_S, check=True)
