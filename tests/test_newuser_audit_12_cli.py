@@ -335,7 +335,7 @@ def test_an_adapter_that_does_not_fit_the_default_base_says_to_pass_model(files,
     config = json.loads((named / "adapter_config.json").read_text())
     (named / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(files["tiny"])}))
     line = _refused(capsys, ["generate", "--model", files["other"], "--adapter", named, "Hello"])
-    assert line.endswith(f"; pass --model {files['tiny']}, the base its adapter_config.json names"), line
+    assert line.endswith(f"names the base {str(files['tiny'])!r}); pass --model {files['tiny']}"), line
 
 
 

@@ -178,10 +178,13 @@ def explain_misfit(error: Exception, adapter_file, model: str, defaulted: bool) 
     if not isinstance(error, LorakitError) or not _MISFIT.search(str(error)):
         return error
     name = getattr(adapter_file, "base_name", None)
+    # lorakit.io's refusals often end "(adapter_config.json names the base X)" already: then the fix alone, not again
+    # which file names the base
+    whose = "" if "names the base" in str(error) else ", the base its adapter_config.json names"
     if name and Path(os.path.expanduser(name)).is_dir():
-        how = f"pass --model {shlex.quote(name)}, the base its adapter_config.json names"
+        how = f"pass --model {shlex.quote(name)}{whose}"
     elif name:
-        how = f"pass --model with a local folder of {name!r}, the base its adapter_config.json names"
+        how = f"pass --model with a local folder of {name!r}{whose}"
     else:
         how = ("pass --model with the folder of the model it was trained on (its adapter_config.json names no "
                "base_model_name_or_path)")
