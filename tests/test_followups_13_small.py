@@ -52,3 +52,31 @@ def test_the_wrong_base_message_names_the_adapters_base_once(files, capsys, tmp_
     line = _refused(capsys, ["generate", "--model", files["other"], "--adapter", named, "Hello"])
     assert line.count("adapter_config.json names") == 1, line
     assert line.endswith(f"adapter_config.json names the base {str(files['tiny'])!r}); pass --model {files['tiny']}"), line
+
+
+# -- eval of a run's adapter from another folder ----------------------------------------------------------------------
+def test_eval_names_the_folder_a_runs_data_is_found_from(tmp_path, monkeypatch):
+    """config.yaml keeps a run's data paths as typed where it started; eval from elsewhere said only 'the run started
+    elsewhere?', while a resume names the folder above the run that the paths are found from."""
+    from lorakit.errors import LorakitError
+    from lorakit.train.eval_cli import run_validation_data
+
+    project = tmp_path / "project"
+    run = project / "runs" / "mine"
+    (run / "adapter").mkdir(parents=True)
+    (project / "data").mkdir()
+    write_jsonl(project / "data" / "val.jsonl", task_records(4, seed=2))
+    (run / "config.yaml").write_text("model: m\nout: runs/mine\nrank: 4\nlr: 0.001\ndata: [train.jsonl]\n"
+                                     "val_data: [data/val.jsonl]\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(LorakitError) as caught:
+        run_validation_data(str(run / "adapter"))
+    assert str(caught.value) == (f"the adapter's run read --val-data data/val.jsonl ({run / 'config.yaml'}), which is "
+                                 f"not found from this folder ({elsewhere}); the run's paths are as typed where it "
+                                 f"started: they are found from {project}: cd there, or give the records to score "
+                                 "with --data")
+    monkeypatch.chdir(project)  # from there the run's own validation records are scored
+    files, records, _ = run_validation_data(str(run / "adapter"))
+    assert files == ["data/val.jsonl"] and len(records) == 4

@@ -284,6 +284,7 @@ def run_validation_data(adapter: str, what: str = "adapter") -> tuple[list[str],
         LorakitError: the run held out nothing, or its data files are not found from the current folder.
     """
     from lorakit.train.data import split_records
+    from lorakit.train.runner import path_found, start_folder
     from lorakit.train.sources import VALIDATION_SPLITS, read_many
 
     config, values = run_config(adapter)
@@ -292,10 +293,13 @@ def run_validation_data(adapter: str, what: str = "adapter") -> tuple[list[str],
         given = values.get(key)
         files = [given] if isinstance(given, str) else [str(f) for f in given or []]
         for file in files:  # the run's paths are as typed where it started: say so rather than "not found"
-            if not Path(file).expanduser().exists():
+            if not path_found(Path(file).expanduser()):
+                relative = not Path(file).expanduser().is_absolute()
+                home = start_folder(config.parent, [file]) if relative else None  # as a resume names it
+                where = (f" ({Path.cwd()}); the run's paths are as typed where it started: they are found from "
+                         f"{home}: cd there, or" if home is not None else " (the run started elsewhere?);")
                 raise LorakitError(f"the {what}'s run read --{key.replace('_', '-')} {file} ({_shown(config)}), "
-                                   "which is not found from this folder (the run started elsewhere?); give the "
-                                   "records to score with --data")
+                                   f"which is not found from this folder{where} give the records to score with --data")
         return files
 
     fraction, seed = values.get("val_fraction"), values.get("seed", 0)

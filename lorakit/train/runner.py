@@ -99,26 +99,34 @@ def check_saved_paths(run_dir: Path, saved: dict[str, Any], given: dict[str, Any
 
     Without it, a resume from another folder read the paths from here and failed on "data file not found: train.jsonl",
     which says nothing of the run or of where it started."""
-    import glob
-
-    def found(path: Path) -> bool:  # a pattern (data/*.jsonl, from a config file) is found when it matches a file
-        return bool(glob.glob(str(path), recursive=True)) if any(c in str(path) for c in "*?[") else path.exists()
-
     for key in ("data", "val_data"):
         files = saved.get(key)
         files = [files] if isinstance(files, str) else [f for f in files or [] if isinstance(f, str)]
-        lost = [f for f in files if not Path(f).expanduser().is_absolute() and not found(Path(f).expanduser())]
+        lost = [f for f in files if not Path(f).expanduser().is_absolute() and not path_found(Path(f).expanduser())]
         if key in given or not lost:
             continue
-        # runs/mine started from the project folder: its paths are found from one of the run folder's parents
-        home = next((folder for folder in list(run_dir.resolve().parents)[:4]
-                     if all(found(folder / f) for f in lost)), None)
+        home = start_folder(run_dir, lost)
         where = (f"they are found from {home}: cd there and resume" if home is not None else
                  "resume from the folder the run started in")
         flag = "--" + key.replace("_", "-")
         raise LorakitError(f"cannot resume from {run_dir}: its {CONFIG_NAME} names {flag} {' '.join(lost)}, not found "
                            f"from this folder ({Path.cwd()}); the run's paths are as typed where it started: {where}, "
                            f"or give {flag} again")
+
+
+def path_found(path: Path) -> bool:
+    """Whether a data path exists; a pattern (data/*.jsonl, from a config file) is found when it matches a file."""
+    import glob
+
+    return bool(glob.glob(str(path), recursive=True)) if any(c in str(path) for c in "*?[") else path.exists()
+
+
+def start_folder(run_dir: Path, files: list[str]) -> Path | None:
+    """The folder a run was likely started in: the nearest of the four folders above ``run_dir`` from which every
+    one of the run's relative ``files`` (as its config.yaml keeps them) is found; None when none is. runs/mine
+    started from the project folder finds train.jsonl from there."""
+    return next((folder for folder in list(run_dir.resolve().parents)[:4]
+                 if all(path_found(folder / f) for f in files)), None)
 
 
 def saved_config(run_dir: Path) -> dict[str, Any]:
