@@ -103,7 +103,7 @@ class MhaLora(ParamLora):
                     delta = (adapter.lora_B @ adapter.lora_A) * adapter.scaling  # in the adapter's dtype
                     dtype = current.dtype
                     current = current + delta.to(dtype)
-                    if APPLIED[part] == 2:  # peft's out_proj.merge: weight.data += delta, added unrounded
+                    if self.times_applied(part) == 2:  # peft's out_proj.merge: weight.data += delta, added unrounded
                         current = (current + delta).to(dtype)
                 weights[part] = current
         return weights
@@ -123,24 +123,6 @@ class MhaLora(ParamLora):
                                "lorakit cannot split by adapter; use one adapter at a time (lorakit.set_adapter)")
         return super()._forward_mixed(args, kwargs)
 
-    # -- merge (ParamLora's merge / unmerge write these) ---------------------------------------------------------
-    def merged_candidates(self, name: str) -> dict[str, torch.Tensor]:
-        """``{part: W + d (+ d for out_proj)}`` in float32, as peft's merge (nothing is changed)."""
-        candidates = {}
-        for part, adapter in self.adapters[name].items():
-            weight, delta = self.parameter(part).detach().float(), adapter.delta()
-            for _ in range(APPLIED[part]):
-                weight = weight + delta
-            candidates[part] = weight
-        return candidates
-
-    def unmerge(self) -> None:
-        with torch.no_grad():
-            while self.merged:
-                name = self.merged.pop()
-                for part, adapter in self.adapters[name].items():
-                    parameter = self.parameter(part)
-                    weight, delta = parameter.float(), adapter.delta()
-                    for _ in range(APPLIED[part]):
-                        weight = weight - delta
-                    parameter.copy_(weight.to(parameter.dtype))
+    # -- merge: ParamLora's merge / unmerge, with out_proj's delta added (and removed) twice ------------------------
+    def times_applied(self, part: str) -> int:
+        return APPLIED[part]

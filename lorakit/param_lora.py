@@ -227,10 +227,21 @@ class ParamLora(_AdapterHost):
         return name
 
     # -- merge ---------------------------------------------------------------------------------------------------
+    def times_applied(self, name: str) -> int:
+        """How many times an adapter's delta on parameter ``name`` is added to it, in forward and merge alike: once
+        here (``MhaLora``'s out_proj part: twice, as peft 0.21 does)."""
+        return 1
+
     def merged_candidates(self, name: str) -> dict[str, torch.Tensor]:
-        """``{parameter name: W + delta}`` in float32 for adapter ``name`` (nothing is changed)."""
-        return {p: self.parameter(p).detach().float() + adapter.delta()
-                for p, adapter in self.adapters[name].items()}
+        """``{parameter name: W + delta (times_applied times)}`` in float32 for adapter ``name`` (nothing is
+        changed); each addition rounds to float32 in turn, as peft's merge."""
+        candidates = {}
+        for parameter_name, adapter in self.adapters[name].items():
+            weight, delta = self.parameter(parameter_name).detach().float(), adapter.delta()
+            for _ in range(self.times_applied(parameter_name)):
+                weight = weight + delta
+            candidates[parameter_name] = weight
+        return candidates
 
     def merge(self, name: str, candidates: dict[str, torch.Tensor] | None = None) -> None:
         """Fold adapter ``name`` into the parameters (computed in float32, stored in each parameter's dtype)."""
@@ -250,7 +261,10 @@ class ParamLora(_AdapterHost):
                 name = self.merged.pop()
                 for parameter_name, adapter in self.adapters[name].items():
                     parameter = self.parameter(parameter_name)
-                    parameter.copy_((parameter.float() - adapter.delta()).to(parameter.dtype))
+                    weight, delta = parameter.float(), adapter.delta()
+                    for _ in range(self.times_applied(parameter_name)):  # the merge's additions, undone in turn
+                        weight = weight - delta
+                    parameter.copy_(weight.to(parameter.dtype))
 
 
 def _own_tensor(module: nn.Module, name: str) -> torch.Tensor:
