@@ -80,6 +80,14 @@ class _AdapterHost(nn.Module):
     def set_active(self, names: Iterable[str]) -> None:
         self.active = [n for n in names if n in self.adapter_names()]
 
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` from ``self.adapters`` (``LoraLayer``, ``ParamLora``; ``ModulesToSave`` keeps
+        copies instead and has its own). A merged one is refused: its update is still in the base weights."""
+        if name in self.merged:
+            raise LorakitError(f"adapter {name!r} is merged; unmerge it before deleting it")
+        del self.adapters[name]
+        self.active = [n for n in self.active if n != name]
+
     def _rows_by_adapter(self, batch: int) -> dict[str | None, torch.Tensor]:
         rows = self.row_adapters
         if len(rows) != batch:
@@ -171,12 +179,6 @@ class LoraLayer(_AdapterHost):
         adapter.lora_B.copy_(U[:, :r] * root.unsqueeze(0))
         self.write_linear_weight(weight - adapter.delta_weight())
         adapter.pissa_init = (adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone())
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
-            raise LorakitError(f"adapter {name!r} is merged; unmerge it before deleting it")
-        del self.adapters[name]
-        self.active = [n for n in self.active if n != name]
 
     # -- forward -----------------------------------------------------------------------------------------------
     def _unmerged_active(self) -> list[str]:

@@ -157,12 +157,6 @@ class ParamLora(_AdapterHost):
         self.adapters[name] = per_parameter
         return per_parameter
 
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
-            raise LorakitError(f"adapter {name!r} is merged; unmerge it before deleting it")
-        del self.adapters[name]
-        self.active = [n for n in self.active if n != name]
-
     # -- forward -------------------------------------------------------------------------------------------------
     def adapted_parameters(self, names: list[str]) -> dict[str, torch.Tensor]:
         """``{parameter name: W + deltas of names}`` for every parameter one of ``names`` adapts."""
