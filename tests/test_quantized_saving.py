@@ -202,7 +202,7 @@ def test_refusals_and_atomic_overwrite(folders, tmp_path, monkeypatch):
     monkeypatch.undo()
 
     lorakit.inject(model, lorakit.LoraConfig(r=2))
-    with pytest.raises(LorakitError, match=r"adapters injected.*merge_and_unload.*save_adapter"):
+    with pytest.raises(LorakitError, match=r"holds LoRA adapter.*save_adapter.*delete_adapter"):
         lorakit.save_quantized(model, None, out, overwrite=True)
     with pytest.warns(lorakit.LossyMergeWarning):  # merged into the 4-bit weights: a base model again
         lorakit.merge_and_unload(model)

@@ -21,12 +21,14 @@ The folder is written beside ``out`` and renamed into place, so a crash never le
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -41,14 +43,19 @@ MAX_SHARD_SIZE = "5GB"  # huggingface_hub's default and the Hub's habit; transfo
 
 
 def _refuse_unsavable(model: nn.Module) -> dict[str, NF4Linear]:
-    """The model's NF4 layers by path; refuses adapters, no NF4 at all, other quantized layers and meta tensors."""
+    """The model's NF4 layers by path; refuses adapters (wrappers still holding one), no NF4 at all, other quantized layers and meta tensors."""
     from lorakit.inject import adapter_hosts
 
-    hosts = adapter_hosts(model)
+    hosts = {path: host for path, host in adapter_hosts(model).items() if host.adapter_names()}
     if hosts:
-        raise LorakitError(f"the model has LoRA adapters injected ({len(hosts)} layers, e.g. {next(iter(hosts))!r}); "
-                           "save_quantized writes a base model: call lorakit.merge_and_unload(model) first, or save the "
-                           "adapter separately with lorakit.save_adapter(model, folder) and save the base before inject")
+        path = next(iter(hosts))
+        names = list(dict.fromkeys(n for h in hosts.values() for n in h.adapter_names()))
+        # not merge_and_unload: merged into 4-bit weights, the update is re-quantized and partly lost
+        raise LorakitError(f"the model holds LoRA adapter(s) {', '.join(map(repr, names))} ({len(hosts)} layers, e.g. "
+                           f"{path!r}) and save_quantized writes the 4-bit base alone: save each adapter with "
+                           f"lorakit.save_adapter(model, folder, adapter={names[0]!r}), remove it with "
+                           f"lorakit.delete_adapter(model, {names[0]!r}), then call save_quantized again (load the "
+                           "adapter onto the saved base with lorakit.load_adapter)")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
     other = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear) and not isinstance(m, NF4Linear)]
     if other:
@@ -63,6 +70,27 @@ def _refuse_unsavable(model: nn.Module) -> dict[str, NF4Linear]:
             raise LorakitError(f"tensor {name!r} is on the meta device (never loaded), so it has no values to save; "
                                "load the model fully (lorakit.load_base) before save_quantized")
     return layers
+
+
+@contextlib.contextmanager
+def _without_empty_wrappers(model: nn.Module) -> Iterator[None]:
+    """The model with every lorakit wrapper that holds no adapter (left by ``lorakit.delete_adapter``) replaced by
+    the module it wraps, put back afterwards: the files are then those of the model never adapted (no
+    ``.base_layer`` in the keys, the config's module paths). Wrappers that hold adapters are left for
+    ``_refuse_unsavable``."""
+    from lorakit.inject import _HOSTS, _set_module
+
+    empty = [(path, module) for path, module in model.named_modules()
+             if isinstance(module, _HOSTS) and not module.adapter_names()]
+    # deepest first: a wrapper inside another one's base_layer is reached by its path only while the outer one stands
+    empty.sort(key=lambda item: item[0].count("."), reverse=True)
+    for path, host in empty:
+        _set_module(model, path, host.base_layer)
+    try:
+        yield
+    finally:
+        for path, host in reversed(empty):
+            _set_module(model, path, host)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -194,7 +222,8 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, overwrit
 
     Args:
         model: e.g. from ``lorakit.load_base(folder, quantize="nf4")`` or ``lorakit.quantize(model, "nf4")``; no
-            adapters injected (merge_and_unload first, or save the adapter separately).
+            adapters (save them with ``lorakit.save_adapter`` and remove them with ``lorakit.delete_adapter``
+            first; wrappers left empty by ``delete_adapter`` are saved as the modules they wrap).
         tokenizer: saved beside the weights (``None``: no tokenizer files; ``load_base`` then refuses the folder).
         out: the folder to write; must not exist unless ``overwrite`` (then it is replaced atomically).
         max_shard_size: above it the weights are split into shards with a ``model.safetensors.index.json``.
@@ -212,12 +241,13 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, overwrit
         raise LorakitError(f"{out} already exists; choose another folder or pass overwrite=True (CLI: --overwrite)")
     # a file, no permission, a folder holding other files than a saved model's (replacing it would delete them)
     out = check_output_folder(out, flag="out", overwrite=True, replaces="model")
-    layers = _refuse_unsavable(model)
-    config = copy.deepcopy(model.config)
-    config.quantization_config = quantization_config(model, layers)
-    config.dtype = _model_dtype(model)
-    config.architectures = [type(model).__name__]
-    state = quantized_state_dict(model, layers)
+    with _without_empty_wrappers(model):
+        layers = _refuse_unsavable(model)
+        config = copy.deepcopy(model.config)
+        config.quantization_config = quantization_config(model, layers)
+        config.dtype = _model_dtype(model)
+        config.architectures = [type(model).__name__]
+        state = quantized_state_dict(model, layers)
     try:
         tmp = temp_dir(out)
     except OSError as error:
