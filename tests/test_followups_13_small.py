@@ -80,3 +80,36 @@ def test_eval_names_the_folder_a_runs_data_is_found_from(tmp_path, monkeypatch):
     monkeypatch.chdir(project)  # from there the run's own validation records are scored
     files, records, _ = run_validation_data(str(run / "adapter"))
     assert files == ["data/val.jsonl"] and len(records) == 4
+
+
+# -- generation_config.json of wrongly typed values -------------------------------------------------------------------
+def test_wrongly_typed_generation_config_values_are_warned_of_and_left_out(files, capsys, tmp_path):
+    """eos_token_id "3" and temperature "hot" were taken silently (the stop id lost without a word), and
+    max_new_tokens -1 or "12" stopped the load ('`max_new_tokens` must be greater than 0' / a TypeError) although
+    the weights are fine: each is one warning line naming the field, its value and what is used instead."""
+    import warnings
+
+    from lorakit.models import load_base
+
+    folder = shutil.copytree(files["tiny"], tmp_path / "model")
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": "3", "temperature": "hot", "max_new_tokens": -1, "top_k": 20}))
+    with warnings.catch_warnings(record=True) as caught:  # the CLI prints each as one 'warning: ...' line
+        warnings.simplefilter("always")
+        code = main(["generate", "--model", str(folder), "--max-new-tokens", "2", "Hello"])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err, err
+    path = folder / "generation_config.json"
+    warned = [str(w.message) for w in caught if "generation_config.json" in str(w.message)]
+    assert warned == [
+        f"{path}: eos_token_id '3' is not a token id (an integer or a list of them), so it is ignored: "
+        "generation stops on the tokenizer's eos and the chat template's end of turn",
+        f"{path}: temperature 'hot' is not a number, so it is ignored (transformers' default is used)",
+        f"{path}: max_new_tokens -1 is not an integer of at least 1, so it is ignored (transformers' "
+        "default is used)"], [str(w.message) for w in caught]
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        model, _ = load_base(str(folder), device="cpu")
+    config = model.generation_config  # the valid values are kept, the wrong ones left out
+    assert (config.bos_token_id, config.top_k, config.temperature, config.max_new_tokens) == (1, 20, None, None)
+    assert config.eos_token_id in (None, 2)  # transformers may take config.json's eos; never the string "3"

@@ -8,6 +8,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -370,6 +371,60 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
     return model, tokenizer
 
 
+# generation_config.json fields lorakit or transformers reads, with what a valid value is: (test, what it must be)
+_TOKEN_ID = (lambda v: _is_index(v), "a token id (an integer)")
+_GENERATION_FIELDS = {
+    "eos_token_id": (lambda v: _is_index(v) or (isinstance(v, list) and all(map(_is_index, v))),
+                     "a token id (an integer or a list of them)"),
+    "bos_token_id": _TOKEN_ID, "pad_token_id": _TOKEN_ID, "decoder_start_token_id": _TOKEN_ID,
+    "temperature": (lambda v: _is_number(v) and v >= 0, "a number"),
+    "top_p": (lambda v: _is_number(v) and v > 0, "a number above 0"),
+    "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a number above 0"),
+    "top_k": (lambda v: _is_index(v), "an integer of at least 0"),
+    "max_new_tokens": (lambda v: _is_index(v) and v >= 1, "an integer of at least 1"),
+    "max_length": (lambda v: _is_index(v) and v >= 1, "an integer of at least 1"),
+    "min_length": (lambda v: _is_index(v), "an integer of at least 0"),
+    "num_beams": (lambda v: _is_index(v) and v >= 1, "an integer of at least 1"),
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def checked_generation_config(folder: Path) -> dict | None:
+    """generation_config.json without its wrongly typed values (eos_token_id "3", temperature "hot",
+    max_new_tokens -1), each said in one warning with what is used instead; None when the file is missing,
+    unreadable (see :func:`_note_unreadable_generation_config`) or has nothing wrong, so transformers reads it itself.
+
+    transformers took a string stop id or temperature silently (the stop id then lost) and refused the whole model
+    for a max_new_tokens below 1, although the weights are fine."""
+    import warnings
+
+    path = folder / "generation_config.json"
+    try:
+        values = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(values, dict):
+        return None
+    wrong = [name for name, (valid, _) in _GENERATION_FIELDS.items()
+             if name in values and values[name] is not None and not valid(values[name])]
+    if not wrong:
+        return None
+    for name in wrong:
+        instead = (": generation stops on the tokenizer's eos and the chat template's end of turn"
+                   if name == "eos_token_id" else " (transformers' default is used)")
+        warnings.warn(f"{path}: {name} {values[name]!r} is not {_GENERATION_FIELDS[name][1]}, so it is ignored{instead}",
+                      stacklevel=3)
+    return {name: value for name, value in values.items() if name not in wrong}
+
+
 def _note_unreadable_generation_config(folder: Path) -> None:
     """transformers drops a generation_config.json it cannot parse without a word (it builds one from config.json),
     and with it the stop ids the model's authors listed there: said as a warning, the model still loads."""
@@ -597,8 +652,9 @@ def attention_for(config, attn_implementation: str | None) -> str | None:
 
 def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | None):
     """``AutoModelForCausalLM.from_pretrained`` from safetensors, refusing a folder whose weights do not cover the
-    model (transformers would fill the gap with random values and only log it)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    model (transformers would fill the gap with random values and only log it). A generation_config.json of wrongly
+    typed values is read without them (:func:`checked_generation_config` warns of each)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     if attn_implementation == "sdpa":
         try:
@@ -607,8 +663,12 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
         except Exception:  # a config transformers cannot read: the load below reports it
             pass
 
+    generation_values = checked_generation_config(folder)
+
     def load(attn: str | None):
         kwargs = {"attn_implementation": attn} if attn else {}
+        if generation_values is not None:
+            kwargs["generation_config"] = GenerationConfig.from_dict(generation_values)
         # ignore_mismatched_sizes: transformers' own refusal points at a load report it logs (muted here); a
         # wrong-shaped tensor is named below instead
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
