@@ -113,3 +113,26 @@ def test_wrongly_typed_generation_config_values_are_warned_of_and_left_out(files
     config = model.generation_config  # the valid values are kept, the wrong ones left out
     assert (config.bos_token_id, config.top_k, config.temperature, config.max_new_tokens) == (1, 20, None, None)
     assert config.eos_token_id in (None, 2)  # transformers may take config.json's eos; never the string "3"
+
+
+# -- the loss curve of a model whose path is not in the plot's font ------------------------------------------------
+def test_a_loss_curve_titled_with_cjk_draws_without_glyph_warnings(tmp_path):
+    """A run on a model folder named in Chinese printed matplotlib's 'Glyph 27169 (\\N{CJK UNIFIED IDEOGRAPH-6A21})
+    missing from font(s) DejaVu Sans' for every character, in the middle of the run's output. The title is drawn
+    with the characters the font has (the others as '?'), and kept whole in the PNG's Title text."""
+    import warnings
+
+    from PIL import Image
+
+    from lorakit.train.report import plot_loss_curve
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"kind": "train", "step": s, "loss": 3.0 - s / 10}) + "\n" for s in range(1, 6))
+                       + json.dumps({"kind": "val", "step": 5, "val_loss": 2.7}) + "\n")
+    title = "lora on /data/模型/tiny-模型"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning (a missing glyph above all) fails here
+        png = plot_loss_curve(metrics, tmp_path / "loss.png", title=title)
+    image = Image.open(png)
+    assert image.size == (700, 400)
+    assert image.text.get("Title") == title  # the whole path, for a reader of the file

@@ -116,7 +116,8 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
         ax.set_yscale("log")  # a loss that falls by orders of magnitude: the tail stays readable
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per supervised token)")
-    ax.set_title(title or "lorakit training")
+    title = title or "lorakit training"
+    ax.set_title(_drawable(title))  # the whole title is kept in the PNG's Title text (savefig below)
     ax.grid(alpha=0.3)
     if train or val:
         ax.legend()
@@ -124,7 +125,7 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
     png_path = Path(png_path)
     tmp = png_path.with_name(f".{png_path.name}.tmp")
     try:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata={"Title": title})
         os.replace(tmp, png_path)
     except OSError as error:  # a full disk: no half-written hidden file left, and the file named
         tmp.unlink(missing_ok=True)
@@ -132,3 +133,16 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
     finally:
         plt.close(fig)
     return png_path
+
+
+def _drawable(text: str) -> str:
+    """``text`` with each character the plot's font cannot draw as '?'. A model path in Chinese made matplotlib warn
+    'Glyph ... missing from font(s) DejaVu Sans' once per character, in the middle of the run's output, and draw
+    boxes anyway."""
+    from matplotlib import font_manager
+
+    prop = font_manager.FontProperties()
+    find_all = getattr(font_manager.fontManager, "_find_fonts_by_props", None)  # the fallback chain Agg draws with
+    paths = find_all(prop) if callable(find_all) else [font_manager.findfont(prop)]
+    fonts = [font_manager.get_font(path) for path in paths]
+    return "".join(c if c.isspace() or any(font.get_char_index(ord(c)) for font in fonts) else "?" for c in text)
