@@ -136,3 +136,28 @@ def test_a_loss_curve_titled_with_cjk_draws_without_glyph_warnings(tmp_path):
     image = Image.open(png)
     assert image.size == (700, 400)
     assert image.text.get("Title") == title  # the whole path, for a reader of the file
+
+
+# -- lorakit eval --progress / --no-progress --------------------------------------------------------------------------
+def test_eval_has_progress_and_no_progress_as_train_does(files, capsys):
+    """train had --progress / --no-progress; eval had neither: a bar on a terminal and nothing at all in a log (a long
+    eval into a file said nothing until it ended). Now: --progress draws the bar anywhere, --no-progress (and, by
+    default, a stream that is not a terminal: capsys here) prints a plain line now and then."""
+    import re
+
+    eval_ = ["eval", "--model", str(files["tiny"]), "--data", str(files["data"]), "--batch-size", "4",
+             "--max-new-tokens", "2", "--samples", "0"]
+    line = re.compile(r"^(loss|generating): (\d+)/(\d+) batches, \d+:\d\d:\d\d elapsed, \d+:\d\d:\d\d left$", re.M)
+    for flags in ([], ["--no-progress"]):
+        code = main(eval_ + flags)
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert "\r" not in captured.err, captured.err  # no bar redraws in a log
+        assert [m.group(1, 2, 3) for m in line.finditer(captured.err)] == [
+            ("loss", "1", "2"), ("loss", "2", "2"), ("generating", "1", "2"), ("generating", "2", "2")], captured.err
+        assert "exact match" in captured.out
+    code = main(eval_ + ["--progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "\r" in captured.err and "loss" in captured.err and "generating" in captured.err, captured.err
+    assert not line.search(captured.err), captured.err

@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="base weight dtype (float32, bfloat16, float16)")
     parser.add_argument("--quantize", choices=("nf4",), default=None, help="store the base in 4-bit NF4")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="a redrawn bar (--progress) or a plain line now and then (--no-progress); default: a "
+                        "bar when stderr is a terminal, lines otherwise (a log file), as in lorakit train")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,8 +195,9 @@ def run(args: argparse.Namespace) -> int:
     dataset = build_dataset(records, tokenizer, args.max_length, args.overflow, name=", ".join(map(str, paths)),
                             chat_template_kwargs=template_kwargs)
     compute_dtype = compute_dtype_for(model, device)
+    progress = True if show_bar(args.progress) else "lines"  # a bar on a terminal, plain lines in a log
     loss, tokens = dataset_loss(model, dataset, args.batch_size, Collator(pad_id_for(tokenizer)), device, compute_dtype,
-                                progress=show_bar(None))  # a bar on a terminal, none in a log
+                                progress=progress)
     what = f"{args.model}" + (f" + adapter {args.adapter}" if args.adapter else " (no adapter)")
     results = {"model": args.model, "adapter": args.adapter, "data": [str(p) for p in paths],
                "examples": len(dataset), "dropped": dataset.summary.dropped, "truncated": dataset.summary.truncated,
@@ -207,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_generate and scored:
         result = score_generations(model, tokenizer, scored, max_new_tokens=args.max_new_tokens,
                                    batch_size=args.batch_size, device=device, compute_dtype=compute_dtype,
-                                   progress=show_bar(None), chat_template_kwargs=template_kwargs)
+                                   progress=progress, chat_template_kwargs=template_kwargs)
         results.update(exact_match=result.exact_match, scored_examples=len(result.references))
         print(f"exact match {100 * result.exact_match:.1f}% ({result.correct}/{len(result.references)})"
               + (" of the final answers (after </think>)"

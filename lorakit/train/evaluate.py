@@ -90,9 +90,10 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def dataset_loss(model: nn.Module, dataset: Sequence[dict], batch_size: int, collator: Collator, device: torch.device,
-                 compute_dtype: torch.dtype | None = None, progress: bool = False) -> tuple[float, int]:
+                 compute_dtype: torch.dtype | None = None, progress: bool | str = False) -> tuple[float, int]:
     """(mean loss per supervised token, supervised tokens) over every row of ``dataset``; ``progress`` shows a bar
-    of batches (``lorakit eval``; validation inside training reports through the training bar instead)."""
+    of batches, or plain lines for ``"lines"`` (``lorakit eval``; validation inside training reports through the
+    training bar instead)."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -111,13 +112,37 @@ def dataset_loss(model: nn.Module, dataset: Sequence[dict], batch_size: int, col
     return total / tokens, tokens
 
 
-def _bar(items, total: int, what: str, enabled: bool):
-    """A tqdm bar over ``items`` (on stderr) when enabled, else the items themselves."""
+def _bar(items, total: int, what: str, enabled: bool | str):
+    """A tqdm bar over ``items`` (on stderr) when enabled; ``"lines"``: a plain line on stderr now and then (see
+    :func:`_lines`); else the items themselves."""
+    if enabled == "lines":
+        return _lines(items, total, what)
     if not enabled:
         return items
     from tqdm.auto import tqdm
 
     return tqdm(items, total=total, desc=what, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def _lines(items, total: int, what: str, every_s: float = 60.0):
+    """``items``, with a line on stderr after the first and the last batch, every tenth of them and at least every
+    ``every_s`` seconds, as training's --no-progress does (a log file gets no bar redraws, but is not silent for the
+    length of a long eval). Example: ``loss: 40/400 batches, 0:01:20 elapsed, 0:12:00 left``."""
+    import sys
+    import time
+
+    from lorakit.train.loop import _clock
+
+    started = last_time = time.perf_counter()
+    last = 0
+    for n, item in enumerate(items, 1):
+        yield item
+        now = time.perf_counter()
+        if n == 1 or n >= total or n - last >= max(1, total // 10) or now - last_time >= every_s:
+            elapsed = now - started
+            print(f"{what}: {n}/{total} batches, {_clock(elapsed)} elapsed, "
+                  f"{_clock(elapsed / n * max(total - n, 0))} left", file=sys.stderr, flush=True)
+            last, last_time = n, now
 
 
 def perplexity(loss: float) -> float:
@@ -224,7 +249,7 @@ class Generation:
 @torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer: Any, records: Sequence[Any], *, max_new_tokens: int | Sequence[int] = 64,
                      batch_size: int = 16, device: torch.device | None = None, compute_dtype: torch.dtype | None = None,
-                     eot_token: str | None = None, progress: bool = False,
+                     eot_token: str | None = None, progress: bool | str = False,
                      chat_template_kwargs: Mapping[str, Any] | None = None) -> list[str]:
     """Greedy generations for each record's prompt (the chat up to its last assistant turn, or the prompt).
 
@@ -241,7 +266,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
 @torch.no_grad()
 def generate_records(model: nn.Module, tokenizer: Any, records: Sequence[Any], *, max_new_tokens: int | Sequence[int] = 64,
                      batch_size: int = 16, device: torch.device | None = None, compute_dtype: torch.dtype | None = None,
-                     eot_token: str | None = None, progress: bool = False,
+                     eot_token: str | None = None, progress: bool | str = False,
                      chat_template_kwargs: Mapping[str, Any] | None = None) -> list[Generation]:
     """:func:`generate_answers`, with whether each prompt opened reasoning and each generation stopped by itself."""
     from transformers import GenerationConfig
