@@ -161,3 +161,50 @@ def test_eval_has_progress_and_no_progress_as_train_does(files, capsys):
     assert code == 0, captured.err
     assert "\r" in captured.err and "loss" in captured.err and "generating" in captured.err, captured.err
     assert not line.search(captured.err), captured.err
+
+
+# -- an FSDP run's layout: one line ------------------------------------------------------------------------------------
+FSDP_SCRIPT = '''
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+import torch.distributed as dist
+from conftest import tiny_llama
+from test_train_helpers import task_records, tiny_tokenizer
+from lorakit.train.config import TrainConfig
+from lorakit.train.data import build_dataset
+from lorakit.train.loop import train
+dist.init_process_group("gloo")
+tok = tiny_tokenizer()
+model = tiny_llama(seed=0, vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=2)
+train(model, tok, build_dataset(task_records(8, seed=3), tok, max_length=32),
+      TrainConfig(rank=4, max_steps=1, progress=False, save_every=0, eval_examples=0, batch_size=2, fsdp=True))
+import gc
+gc.collect()
+dist.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
+'''
+
+
+def test_an_fsdp_run_says_its_layout_in_one_line(tmp_path):
+    """Under torchrun with --fsdp, rank 0 said 'FSDP2 over 2 processes: global batch ...' and then 'FSDP2: 4 sharded
+    units over 2 processes': the same layout in two lines. Two real gloo processes."""
+    import os
+    import subprocess
+    import sys
+
+    from test_train_helpers import REPO
+
+    tests = str(Path(__file__).resolve().parent)
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_SCRIPT.format(tests=tests))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    layout = [line for line in done.stderr.splitlines() if "FSDP2" in line]
+    # 4 units: the 2 layers, the decoder, the untied head
+    assert layout == ["FSDP2 over 2 processes, 4 sharded units: global batch 4 rows per optimizer step (--batch-size "
+                      "2 x 1 accumulation x 2 processes)"], layout

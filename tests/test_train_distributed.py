@@ -71,11 +71,11 @@ def test_data_parallel_and_fsdp_match_one_process(tmp_path):
     script.write_text(SCRIPT.format(tests=str(TESTS), settings=SETTINGS, out=str(tmp_path)))
     two = subprocess.run([*TORCHRUN, str(script)], env=ENV, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "FSDP2: 4 sharded units over 2 processes" in two.stderr  # 2 layers, the decoder, the untied head
-    # a user under torchrun is told the layout and the global batch it makes (data parallel said nothing before)
-    for layout in ("data parallel", "FSDP2"):
-        assert (f"{layout} over 2 processes: global batch 8 rows per optimizer step (--batch-size 2 x 2 accumulation "
-                "x 2 processes)") in two.stderr, two.stderr[-2000:]
+    # a user under torchrun is told the layout and the global batch it makes (data parallel said nothing before);
+    # FSDP2's 4 sharded units: 2 layers, the decoder, the untied head
+    for layout in ("data parallel over 2 processes", "FSDP2 over 2 processes, 4 sharded units"):
+        assert (f"{layout}: global batch 8 rows per optimizer step (--batch-size 2 x 2 accumulation x 2 processes)"
+                in two.stderr), two.stderr[-2000:]
     assert two.stderr.count("trainable parameters:") == 2  # rank 0 alone logs (once per run)
 
     tok = tiny_tokenizer()

@@ -163,7 +163,7 @@ def test_expert_lora_on_two_processes_matches_one_and_loads_in_peft(tmp_path):
     script.write_text(SCRIPT.format(tests=str(TESTS), out=str(tmp_path), folder=str(folder), data=str(data)))
     two = subprocess.run([*TORCHRUN, str(script)], env=ENV, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stderr.count("FSDP2: 4 sharded units over 2 processes") == 3  # straight, stopped, resumed
+    assert two.stderr.count("FSDP2 over 2 processes, 4 sharded units: global batch") == 3  # straight, stopped, resumed
     # on the CPU --compile-layers says that it compiles nothing (it used to be dropped without a word)
     assert two.stderr.count("--compile-layers compiles lorakit's fused kernels on CUDA only; this cpu run trains "
                             "eagerly") == 2  # the data parallel run and its resume

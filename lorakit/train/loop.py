@@ -450,11 +450,10 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     torch.manual_seed(config.seed)  # adapter init and dropout; a resume restores the saved states instead
     adapter = prepare_model(model, config)
     if world_size > 1:  # under torchrun: how the processes share the work, and the batch one optimizer step sees
-        log(f"{'FSDP2' if config.fsdp else 'data parallel'} over {world_size} processes: global batch "
+        units = f", {apply_fsdp(model, device)} sharded units" if config.fsdp else ""  # one line, not a second
+        log(f"{'FSDP2' if config.fsdp else 'data parallel'} over {world_size} processes{units}: global batch "
             f"{config.batch_size * grad_accum * world_size} rows per optimizer step (--batch-size {config.batch_size} "
             f"x {grad_accum} accumulation x {world_size} processes)")
-    if config.fsdp and world_size > 1:
-        log(f"FSDP2: {apply_fsdp(model, device)} sharded units over {world_size} processes")
     elif config.fsdp:
         log("--fsdp on one process: nothing to shard, the whole model stays on this device")
     compute_dtype = compute_dtype_for(model, device)
