@@ -1,21 +1,85 @@
 """lorakit: low-rank adaptation (LoRA, rsLoRA, DoRA, LoRA+, QLoRA) for language models.
 
-The public API, nothing else. Heavy parts (transformers, training, serving) load only when used.
+The public API, nothing else. Every name loads on first use (PEP 562), not at ``import lorakit``: importing torch
+takes seconds, and the ``lorakit`` command imports this package before it can install its Ctrl-C handler or print
+``--help``. ``from lorakit import inject`` and ``lorakit.inject`` work as before; they import what they need then.
 """
+
+import importlib as _importlib
+import importlib.util as _importlib_util
+import sys as _sys
+import types as _types
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from lorakit.adapters import active_adapters, delete_adapter, disable_adapters, lora_parameters, mixed_batch, set_adapter
-from lorakit.combine import combine_adapters
-from lorakit.config import LoraConfig
-from lorakit.errors import LorakitError
-from lorakit.inject import adapter_names, inject, trainable_report
-from lorakit.io import AdapterFile, base_fingerprint, load_adapter, read_adapter, save_adapter
-from lorakit.merge import merge, merge_and_unload, unmerge
-from lorakit.quant.merge_loss import LossyMergeWarning
-from lorakit.quant.nf4 import NF4Linear, nf4_roundtrip_error
-from lorakit.quant.quantize import dequantize, quantize
-from lorakit.models.quantized_saving import save_quantized
+# public name -> module that defines it; loaded by __getattr__ below on first use
+_LAZY: dict[str, str] = {
+    "active_adapters": "lorakit.adapters", "delete_adapter": "lorakit.adapters",
+    "disable_adapters": "lorakit.adapters", "lora_parameters": "lorakit.adapters", "mixed_batch": "lorakit.adapters",
+    "set_adapter": "lorakit.adapters",
+    "combine_adapters": "lorakit.combine",
+    "LoraConfig": "lorakit.config",
+    "LorakitError": "lorakit.errors",
+    "adapter_names": "lorakit.inject", "inject": "lorakit.inject", "trainable_report": "lorakit.inject",
+    "AdapterFile": "lorakit.io", "base_fingerprint": "lorakit.io", "load_adapter": "lorakit.io",
+    "read_adapter": "lorakit.io", "save_adapter": "lorakit.io",
+    "merge": "lorakit.merge", "merge_and_unload": "lorakit.merge", "unmerge": "lorakit.merge",
+    "LossyMergeWarning": "lorakit.quant.merge_loss",
+    "NF4Linear": "lorakit.quant.nf4", "nf4_roundtrip_error": "lorakit.quant.nf4",
+    "dequantize": "lorakit.quant.quantize", "quantize": "lorakit.quant.quantize",
+    "save_quantized": "lorakit.models.quantized_saving",
+}
+
+if _TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
+    from lorakit.adapters import active_adapters, delete_adapter, disable_adapters, lora_parameters, mixed_batch, set_adapter
+    from lorakit.combine import combine_adapters
+    from lorakit.config import LoraConfig
+    from lorakit.errors import LorakitError
+    from lorakit.inject import adapter_names, inject, trainable_report
+    from lorakit.io import AdapterFile, base_fingerprint, load_adapter, read_adapter, save_adapter
+    from lorakit.merge import merge, merge_and_unload, unmerge
+    from lorakit.quant.merge_loss import LossyMergeWarning
+    from lorakit.quant.nf4 import NF4Linear, nf4_roundtrip_error
+    from lorakit.quant.quantize import dequantize, quantize
+    from lorakit.models.quantized_saving import save_quantized
+
+
+def __getattr__(name: str):
+    """Load a public name from its module on first use and keep it here, so later lookups are plain attributes.
+
+    A submodule's name (``lorakit.io``, ``lorakit.quant``: attributes the eager import used to set as a side
+    effect) imports that submodule, as ``from lorakit import quant`` does.
+    """
+    module_name = _LAZY.get(name)
+    if module_name is not None:
+        value = getattr(_importlib.import_module(module_name), name)
+        globals()[name] = value
+        return value
+    if name.isidentifier() and _importlib_util.find_spec(f"{__name__}.{name}") is not None:
+        # only that submodule: loading every public name here would re-enter modules half way through their own
+        # import (layers.py's `from lorakit import quant` runs while `lorakit.inject` is loading)
+        return _importlib.import_module(f"{__name__}.{name}")
+    # anything else (a tool's probe: IPython's _repr_html_) is refused without importing anything
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(_types.ModuleType):
+    """``lorakit.inject`` and ``lorakit.merge`` name functions that live in submodules of the same names. Importing
+    such a submodule (``from lorakit.inject import ...`` anywhere) sets the attribute to the submodule, which the eager
+    import used to overwrite with the function right after; here the submodule is not stored over the public name."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _LAZY and isinstance(value, _types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
 
 
 def load_base(name_or_folder: str = "smollm2-135m", **kwargs):

@@ -12,7 +12,10 @@ import argparse
 import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
+from typing import Callable
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -64,6 +67,47 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``lorakit`` console entry point (and ``python -m lorakit``): the exit status of the command.
+
+    Ctrl-C at any point ends with one line and status 130, also before the command runs: importing its module
+    (torch, transformers: seconds, even for ``lorakit train --help``) is where an early Ctrl-C usually lands. An
+    interrupted import can fail with another error than KeyboardInterrupt (numpy's C module, cut short, refuses to
+    load again: "ImportError: cannot load module more than once"), so until the command runs, whatever error follows
+    a Ctrl-C counts as one.
+    """
+    interrupts: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    noting = previous is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    # (not where SIGINT is ignored (a background job) or handled already, nor off the main thread: main() in a test)
+
+    def note_interrupt(signum, frame):
+        interrupts.append(signum)
+        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as without this handler
+
+    def end_of_startup() -> None:  # the command's own code gets Ctrl-C as it always did
+        nonlocal noting
+        if noting:
+            signal.signal(signal.SIGINT, previous)
+            noting = False
+
+    if noting:
+        signal.signal(signal.SIGINT, note_interrupt)
+    try:
+        return _main(argv, end_of_startup)
+    except (KeyboardInterrupt, Exception) as error:
+        if not isinstance(error, KeyboardInterrupt) and not interrupts:
+            raise
+        args = list(sys.argv[1:] if argv is None else argv)
+        command = next((a for a in args if not a.startswith("-")), None)
+        if os.environ.get("RANK", "0") == "0":  # torchrun passes Ctrl-C to every process
+            print(f"lorakit {command}: interrupted" if command in SUBCOMMANDS else "lorakit: interrupted",
+                  file=sys.stderr)
+        return 130
+    finally:
+        end_of_startup()
+
+
+def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
     from lorakit.errors import LorakitError
 
     argv_given = argv
@@ -88,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     from lorakit.commands._args import plain_warnings
 
+    end_of_startup()
     try:
         with plain_warnings():  # every command: a user reads "warning: ...", not lorakit's file:line and source line
             code = int(module.run(args) or 0)

@@ -1,0 +1,172 @@
+"""``import lorakit`` loads its public names on first use (PEP 562), and a Ctrl-C at any point of a command's startup
+ends with one line and status 130.
+
+Before, ``lorakit/__init__.py`` imported torch (1-3 s) eagerly: ``lorakit --help`` paid for it, and a Ctrl-C in those
+seconds printed a traceback, since the console script imports the package before ``lorakit.cli.main`` (and its
+KeyboardInterrupt handler) runs. Subprocesses are used where the state of ``sys.modules`` or a signal's timing matters.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=ENV, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_every_public_name_resolves_and_is_listed():
+    import lorakit
+
+    for name in lorakit.__all__:
+        value = getattr(lorakit, name)
+        assert value is not None, name
+        assert name in dir(lorakit), name
+    namespace: dict = {}
+    exec(f"from lorakit import {', '.join(lorakit.__all__)}", namespace)  # the form a user's script has
+    assert all(namespace[name] is getattr(lorakit, name) for name in lorakit.__all__)
+    from lorakit.inject import inject
+    from lorakit.merge import merge
+    from lorakit.quant.quantize import quantize
+
+    # the names shared by a function and a submodule are the functions, as the eager import made them
+    assert lorakit.inject is inject and lorakit.merge is merge and lorakit.quantize is quantize
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        lorakit.no_such_name  # noqa: B018
+
+
+def test_import_lorakit_loads_torch_only_when_a_name_needs_it():
+    result = _python("""
+        import sys
+        import lorakit
+        from lorakit import LorakitError, __version__  # neither needs torch
+        assert "torch" not in sys.modules, "import lorakit imported torch"
+        dir(lorakit)
+        for probe in ("_repr_html_", "__wrapped__", "no_such_name"):  # tools' probes: refused, nothing imported
+            assert not hasattr(lorakit, probe), probe
+        assert "torch" not in sys.modules, "a probe or dir() imported torch"
+        assert "lorakit.layers" not in sys.modules
+        config = lorakit.LoraConfig(r=4)  # needs torch: loaded now
+        assert "torch" in sys.modules
+        print(type(config).__name__, LorakitError.__name__, __version__)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["LoraConfig", "LorakitError", "0.1.0"]
+
+
+def test_a_submodule_import_does_not_hide_the_function_of_the_same_name():
+    """``import lorakit.inject`` (or any module's ``from lorakit.inject import ...``) sets ``lorakit.inject`` to the
+    submodule; the eager import overwrote that with the function right after, and the lazy package must too."""
+    result = _python("""
+        import types
+        import lorakit.inject, lorakit.merge, lorakit.io
+        assert callable(lorakit.inject) and not isinstance(lorakit.inject, types.ModuleType), lorakit.inject
+        assert callable(lorakit.merge) and not isinstance(lorakit.merge, types.ModuleType), lorakit.merge
+        assert isinstance(lorakit.io, types.ModuleType)  # submodules without a public twin stay reachable
+        assert lorakit.layers.LoraLayer.__name__ == "LoraLayer"  # lorakit.X that the eager import made work
+        assert lorakit.models.loading.load_tokenizer
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_lorakit_help_does_not_import_torch():
+    result = _python("""
+        import sys
+        from lorakit.cli import main
+        try:
+            main(["--help"])
+        except SystemExit as exit:
+            assert exit.code == 0, exit.code
+        assert "torch" not in sys.modules
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "lorakit train" in result.stdout  # the help itself is unchanged: the first session is listed
+
+
+def test_ctrl_c_before_the_command_runs_is_one_line(monkeypatch, capsys):
+    """Deterministic: the interrupt lands while the subcommand's module is imported (build_parser), where main's
+    own handler around ``run`` cannot see it."""
+    from lorakit import cli
+
+    def interrupted(only=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["train", "--help"]) == 130
+    assert capsys.readouterr().err == "lorakit train: interrupted\n"
+    assert cli.main(["--help"]) == 130
+    assert capsys.readouterr().err == "lorakit: interrupted\n"
+
+
+def test_an_error_that_follows_a_ctrl_c_in_startup_counts_as_the_interrupt(monkeypatch, capsys):
+    """numpy's C module, interrupted while torch imports it, fails the next import with an ImportError ("cannot load
+    module more than once per process") instead of KeyboardInterrupt: seen at 1 in 40 Ctrl-Cs of train --help."""
+    from lorakit import cli
+
+    def cut_short(only=None):
+        try:
+            signal.raise_signal(signal.SIGINT)  # a real Ctrl-C through main's handler
+        except KeyboardInterrupt:
+            raise ImportError("cannot load module more than once per process") from None
+
+    def broken(only=None):
+        raise ImportError("a real bug")
+
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest may run with SIGINT ignored
+    try:
+        monkeypatch.setattr(cli, "build_parser", cut_short)
+        assert cli.main(["train", "--help"]) == 130
+        assert capsys.readouterr().err == "lorakit train: interrupted\n"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main's handler is gone again
+        monkeypatch.setattr(cli, "build_parser", broken)
+        with pytest.raises(ImportError, match="a real bug"):  # without a Ctrl-C it is a bug: its traceback stays
+            cli.main(["train", "--help"])
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _commands() -> list[list[str]]:
+    commands = [[sys.executable, "-m", "lorakit", "train", "--help"]]
+    script = Path(sys.executable).parent / "lorakit"  # the console script pip generates (imports lorakit.cli first)
+    if script.is_file():
+        commands.append([str(script), "train", "--help"])
+    return commands
+
+
+@pytest.mark.parametrize("command", _commands(), ids=lambda c: "console-script" if c[1] != "-m" else "python-m")
+def test_ctrl_c_during_startup_never_prints_a_traceback(command):
+    start = time.perf_counter()
+    whole = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
+    took = time.perf_counter() - start
+    assert whole.returncode == 0 and "usage: lorakit train" in whole.stdout, whole.stderr
+    outcomes = []
+    for delay in (0.1, 0.3, 0.6, took / 2):
+        process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   # SIGINT may be ignored by the shell that started pytest, and children inherit
+                                   # that (Python then installs no KeyboardInterrupt handler)
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        assert "Traceback" not in err, f"after {delay:.2f} s:\n{err}"
+        # 0: it finished first; -SIGINT: it came before Python's handler was installed; 130: interrupted
+        assert process.returncode in (0, 130, -signal.SIGINT), (delay, process.returncode, err)
+        if process.returncode == 130:
+            assert err == "lorakit train: interrupted\n", err
+        outcomes.append(process.returncode)
+    if took > 1.0:  # a startup this long (torch's import) was certainly interrupted at least once
+        assert 130 in outcomes, (took, outcomes)
