@@ -47,6 +47,22 @@ def test_every_public_name_resolves_and_is_listed():
         lorakit.no_such_name  # noqa: B018
 
 
+def test_the_lazy_table_the_type_checkers_imports_and_all_agree():
+    """Three lists of the same names in __init__.py: the table __getattr__ reads, the TYPE_CHECKING imports that type
+    checkers and IDEs read, and __all__. A name added to one and not the others drifts silently otherwise."""
+    import ast
+
+    import lorakit
+
+    tree = ast.parse((REPO / "lorakit" / "__init__.py").read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test))
+    typed = {alias.name: node.module for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert typed == lorakit._LAZY
+    defined_here = {"__version__", "load_base", "use_fast_kernels", "disable_fast_kernels"}
+    assert set(lorakit.__all__) == set(lorakit._LAZY) | defined_here
+    assert len(lorakit.__all__) == len(set(lorakit.__all__))
+
+
 def test_import_lorakit_loads_torch_only_when_a_name_needs_it():
     result = _python("""
         import sys
