@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.functional import scaling
 
 VARIANTS = ("lora", "rslora", "dora", "rsdora")
 INITS = ("default", "gaussian", "pissa")
@@ -200,6 +199,9 @@ class LoraConfig:
         return float(_pattern_value(self.alpha_pattern, module_path, self.alpha))
 
     def scaling_for(self, module_path: str) -> float:
+        from lorakit.functional import scaling  # here, not at the top: functional imports torch, and this module
+        # is read by `lorakit train --help` (TrainConfig's fields) before any tensor exists
+
         kind = "rslora" if self.variant in ("rslora", "rsdora") else self.variant
         return scaling(kind, self.rank_for(module_path), self.alpha_for(module_path))
 

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-
-SCHEDULES = ("cosine", "linear", "constant")
+from lorakit.schedules import SCHEDULES
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, loraplus_ratio: float | None = None

@@ -19,7 +19,7 @@ from typing import Any
 
 from lorakit.config import INITS, VARIANTS, LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.optim import SCHEDULES
+from lorakit.schedules import SCHEDULES
 
 DEFAULT_LORA_LR = 2e-3
 DEFAULT_FULL_LR = 5e-5
