@@ -61,6 +61,7 @@ from torch import nn
 
 from lorakit import quant
 from lorakit.adapters import _require, delete_adapter, set_adapter
+from lorakit.combine_methods import METHODS, SAME_RANK, SVD
 from lorakit.config import LoraConfig, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.inject import adapter_hosts, adapter_names, check_adapter_name, find_targets
@@ -68,9 +69,6 @@ from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 from lorakit.mha_lora import MhaLora
 from lorakit.param_lora import ParamAdapter, ParamLora, matches_parameter
 
-SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-METHODS = ("cat",) + SAME_RANK + SVD
 _PRUNED = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # the methods (and their _svd forms) that use density
 _SIGNED = ("ties", "dare_ties")  # the methods that elect a sign (majority_sign_method)
 

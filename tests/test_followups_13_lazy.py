@@ -194,11 +194,12 @@ def test_ctrl_c_during_startup_never_prints_a_traceback(command):
         assert 130 in outcomes, (took, outcomes)
 
 
-@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("command", ["train", "eval", "combine"])
 def test_train_and_eval_help_do_not_import_torch(command):
     """``lorakit train --help`` imported torch three ways (1.7 s of a 1.8 s help): lorakit.train's ``__init__``
     imported the loop, lorakit.config imported lorakit.functional for ``scaling``, and lorakit.train.config took
-    SCHEDULES from lorakit.optim. eval's command imports lorakit.train (the package) too."""
+    SCHEDULES from lorakit.optim. eval's command imports lorakit.train (the package) too; combine's took its method
+    names from lorakit.combine (torch, the layers)."""
     result = _python(f"""
         import sys
         from lorakit.cli import main
@@ -212,6 +213,7 @@ def test_train_and_eval_help_do_not_import_torch(command):
     assert result.returncode == 0, result.stderr
     assert f"usage: lorakit {command}" in result.stdout
     assert "--schedule" in result.stdout or command != "train"  # the choices still come from the one tuple
+    assert "magnitude_prune_svd" in result.stdout or command != "combine"
 
 
 def test_lorakit_train_names_load_on_first_use():

@@ -22,7 +22,7 @@ METHOD_HELP = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lorakit.combine import METHODS
+    from lorakit.combine_methods import METHODS
 
     parser.description = (
         # line breaks by hand: the raw formatter (kept for the epilog's examples) does not wrap
@@ -103,7 +103,7 @@ def _flag_names():
 def check_ranks(method: str, folders: list[str], files: list) -> None:
     """The methods that add A and B factors separately need one rank: refused from the adapter configs, before the
     base loads (``combine_adapters`` checks it again per layer, where a rank_pattern can make ranks differ)."""
-    from lorakit.combine import SVD
+    from lorakit.combine_methods import SVD
     from lorakit.errors import LorakitError
 
     if method == "cat" or method in SVD or len(files) < 2 or any(f.config.rank_pattern for f in files):
