@@ -383,6 +383,7 @@ def test_cli_trains_a_qwen3_chat_file(tmp_path, flags, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     examples = 12 if not flags else 8  # 6 chats x 2 turns; with --val-fraction 0.25, 2 chats are held out
-    assert re.search(rf"training data: {examples} examples \({examples // 2} messages\), 0 dropped", out), out
+    assert re.search(rf"training data: {examples} examples \(from {examples // 2} records: {examples // 2} messages\), "
+                     "0 dropped", out), out
     assert out.count("trained as one example per assistant turn") == 1, out
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
