@@ -12,8 +12,9 @@ would freeze the whole server), every rank is at most ``max_rank``, and ``loraki
 (config fields, target modules this base has, tensor keys and shapes, the base fingerprint). A refusal changes
 nothing: a reload of a loaded adapter whose new files are refused leaves the old version serving. A refusal is
 remembered until the folder's files change (size or time), so clients naming a broken adapter again and again
-cost one ``stat`` each, not a re-read (nor another regex check). The checks of a first load run
-without the pool's lock, so other requests pin and unpin their adapters meanwhile.
+cost one ``stat`` each, not a re-read (nor another regex check). The checks of a load, first or reload, run
+without the pool's lock, so other requests pin and unpin their adapters meanwhile (the old version of a reloaded
+adapter keeps serving until the new one has passed them and is swapped in).
 
 Lock order: the pool's lock, then the model lock. The engine never takes the pool's lock while it holds the
 model lock (it releases pins after a step), so the two cannot deadlock.
@@ -101,7 +102,9 @@ class AdapterPool:
         self.model_lock = model_lock
         self.max_loaded, self.max_rank, self.max_bytes = max_loaded, max_rank, max_bytes
         self._loaded: collections.OrderedDict[str, LoadedAdapter] = collections.OrderedDict()  # LRU first
-        self._cond = threading.Condition()
+        # a plain Lock, not Condition's default RLock: no method takes it twice, and _admit_unlocked's one release
+        # must free it (an RLock taken twice would stay held through the seconds of an admission)
+        self._cond = threading.Condition(threading.Lock())
         self._ids = itertools.count()
         self._refused: dict[str, tuple[tuple, str]] = {}  # name -> (file stamp, message)
         self.loads = 0
@@ -162,22 +165,34 @@ class AdapterPool:
     def load(self, name: str, timeout: float = 60.0) -> dict:
         """Load (or reload from disk, when idle) adapter ``name``; returns its description.
 
-        A reload loads the new files next to the old version and swaps only when they pass every check.
+        A reload checks the new files without the pool's lock (the old version serves meanwhile), loads them next
+        to the old version and swaps only when they pass every check. Of two loads of one name at once, each swaps
+        in what it read in turn: one adapter of that name remains, the other's version deleted.
         """
         with self._cond:
             old = self._loaded.get(name)
             if old is None:
                 return self._ensure_loaded(name, timeout).describe()
-            if old.pins:
-                raise AdapterBusy(f"adapter {name!r} is serving {old.pins} request(s); reload it when they finish")
+            self._refuse_busy(old)
             self._check_on_disk(old)
             folder = resolve_adapter(self.root, name)
-            fresh = self._load_new(name, folder, self._admit(name, folder))  # refused: the old version keeps serving
+            adapter_file = self._admit_unlocked(name, folder)  # refused: nothing changed, the old version serves on
+            # meanwhile requests may have pinned it, another load swapped in its version, or an eviction dropped it
+            current = self._loaded.get(name)
+            if current is None:
+                return self._place(name, folder, adapter_file, timeout).describe()
+            self._refuse_busy(current)
+            fresh = self._load_new(name, folder, adapter_file)  # refused: ``current`` keeps serving
             self._loaded[name] = fresh
             with self.model_lock:
-                self._delete(old.internal)
+                self._delete(current.internal)
             self._cond.notify_all()
             return fresh.describe()
+
+    @staticmethod
+    def _refuse_busy(entry: LoadedAdapter) -> None:
+        if entry.pins:
+            raise AdapterBusy(f"adapter {entry.name!r} is serving {entry.pins} request(s); reload it when they finish")
 
     def unload(self, name: str) -> None:
         with self._cond:
@@ -199,6 +214,12 @@ class AdapterPool:
             return entry
         folder = resolve_adapter(self.root, name)  # refuses unsafe names before any file is opened
         adapter_file = self._admit_unlocked(name, folder)  # refuse before evicting anything for it
+        return self._place(name, folder, adapter_file, timeout, cancelled)
+
+    def _place(self, name: str, folder: Path, adapter_file, timeout: float,
+               cancelled: threading.Event | None = None) -> LoadedAdapter:
+        """Load admitted adapter ``name`` into room made by evicting idle ones (waiting up to ``timeout`` s for
+        one to become idle), or return the version another request loaded while this one checked or waited."""
         entry = self._loaded.get(name)  # loaded by another request while this one checked the files
         if entry is not None:
             return entry
@@ -213,7 +234,8 @@ class AdapterPool:
                 raise AdapterBusy(f"the request for adapter {name!r} was cancelled while it waited for room")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AdapterBusy(f"all {self.max_loaded} loaded adapters are in use (--max-loaded); retry later")
+                raise AdapterBusy(f"all {self.max_loaded} loaded adapters are in use (--max-loaded) and none came "
+                                  f"free within {timeout:g} s")
             self._cond.wait(left if cancelled is None else min(left, 0.2))  # the event cannot notify the condition
             entry = self._loaded.get(name)  # another thread may have loaded it meanwhile
             if entry is not None:
@@ -291,9 +313,10 @@ class AdapterPool:
         return re.sub(r"'(lk\d+)'", lambda match: repr(names.get(match.group(1), match.group(1))), text)
 
     def _admit_unlocked(self, name: str, folder: Path):
-        """:meth:`_admit` with the pool's lock let go (the caller holds it once): its checks take seconds (regex
-        probes, a file read), and meanwhile other requests must pin their adapters and the engine's thread unpin
-        theirs (it stalled every stream of the server when a request finished during an admission)."""
+        """:meth:`_admit` with the pool's lock let go (the caller holds it, once: it is not re-entrant): its checks
+        take seconds (regex probes, a file read), and meanwhile other requests must pin their adapters and the
+        engine's thread unpin theirs (it stalled every stream of the server when a request finished during an
+        admission). The caller re-reads ``_loaded`` afterwards: anything in it may have changed."""
         self._cond.release()
         try:
             return self._admit(name, folder)
