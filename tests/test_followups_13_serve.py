@@ -278,3 +278,36 @@ def test_a_slow_reload_does_not_stall_other_adapters(server):
     assert _text(client, "support") == before  # the refused reload left the old version serving
     assert wait_idle(client, 5.0)
 
+
+def test_a_full_pool_answers_503_with_retry_after(server):
+    """Every loaded adapter in use and none evictable: the 503 ``adapter_busy`` told no client when to retry. It
+    carries ``Retry-After`` (seconds), which the openai package's retries honour, and its message says so."""
+    import openai
+
+    client = server["client"]
+    streams = []
+    try:
+        for model in ("orders", "support"):  # both places of --max-loaded 2 pinned by running streams
+            own = httpx.Client(base_url=server["url"], timeout=60)
+            stream = own.stream("POST", "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": LONG,
+                                                                "temperature": 0, "stream": True})
+            lines = stream.__enter__().iter_lines()
+            streams.append((own, stream, lines))  # held: a line iterator collected closes its response
+            next(lines)
+        pinned = {entry["name"]: entry["in_use"] for entry in client.get("/v1/adapters").json()["data"]}
+        assert pinned == {"orders": 1, "support": 1}, pinned
+        answer = client.post("/v1/completions", json={"model": "third", "prompt": "x", "max_tokens": 2})
+        assert answer.status_code == 503, answer.text[:300]
+        error = answer.json()["error"]
+        assert error["code"] == "adapter_busy" and "Retry-After" in error["message"]
+        assert answer.headers["retry-after"] == "1"
+        sdk = openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as caught:
+            sdk.completions.create(model="third", prompt="x", max_tokens=2)
+        assert caught.value.response.headers["retry-after"] == "1"
+    finally:
+        for own, stream, _ in streams:
+            stream.__exit__(None, None, None)
+            own.close()
+    assert wait_idle(client, 10.0)
+    assert _text(client, "third", max_tokens=2)  # room again once the streams ended

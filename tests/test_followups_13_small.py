@@ -208,3 +208,37 @@ def test_an_fsdp_run_says_its_layout_in_one_line(tmp_path):
     # 4 units: the 2 layers, the decoder, the untied head
     assert layout == ["FSDP2 over 2 processes, 4 sharded units: global batch 4 rows per optimizer step (--batch-size "
                       "2 x 1 accumulation x 2 processes)"], layout
+
+
+def test_the_nf4_load_reads_generation_config_json_through_the_same_check(files, tmp_path):
+    """load_base(quantize="nf4") builds the model from config.json (lorakit's layer-by-layer NF4 loader), which read
+    no generation_config.json at all: its stop ids (a list, as Llama 3's) and sampling values were lost, and its
+    wrongly typed values never warned of. Now both loads give the model the same generation config."""
+    import warnings
+
+    from lorakit.models import load_base
+
+    folder = shutil.copytree(files["tiny"], tmp_path / "model")
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 7], "top_k": 20, "temperature": 0.6}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = load_base(str(folder), device="cpu", quantize="nf4")
+    assert any(type(m).__name__ == "NF4Linear" for m in model.modules())  # the NF4 path, not the dense one
+    config = model.generation_config
+    assert (config.eos_token_id, config.top_k, config.temperature) == ([2, 7], 20, 0.6)
+    assert not [w for w in caught if "generation_config.json" in str(w.message)]
+
+    path.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": "3", "max_new_tokens": -1, "top_k": 20}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = load_base(str(folder), device="cpu", quantize="nf4")
+    warned = [str(w.message) for w in caught if "generation_config.json" in str(w.message)]
+    assert warned == [  # the dense load's words (test above), once each
+        f"{path}: eos_token_id '3' is not a token id (an integer or a list of them), so it is ignored: "
+        "generation stops on the tokenizer's eos and the chat template's end of turn",
+        f"{path}: max_new_tokens -1 is not an integer of at least 1, so it is ignored (transformers' "
+        "default is used)"], [str(w.message) for w in caught]
+    config = model.generation_config
+    assert (config.bos_token_id, config.top_k, config.max_new_tokens) == (1, 20, None)
+    assert config.eos_token_id != "3"

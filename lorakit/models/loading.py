@@ -425,6 +425,24 @@ def checked_generation_config(folder: Path) -> dict | None:
     return {name: value for name, value in values.items() if name not in wrong}
 
 
+def folder_generation_config(folder: Path):
+    """The ``transformers.GenerationConfig`` that ``from_pretrained`` gives a model of ``folder``, for models built
+    another way (lorakit's NF4 loader builds from config.json, which reads no generation_config.json): the file's
+    values less the wrongly typed ones (:func:`checked_generation_config`, which warns of each); None when there is
+    no file, or transformers cannot read it (an unreadable file is warned of by ``load_base``)."""
+    from transformers import GenerationConfig
+
+    values = checked_generation_config(folder)
+    if values is not None:
+        return GenerationConfig.from_dict(values)
+    if not (folder / "generation_config.json").is_file():
+        return None
+    try:
+        return GenerationConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
 def _note_unreadable_generation_config(folder: Path) -> None:
     """transformers drops a generation_config.json it cannot parse without a word (it builds one from config.json),
     and with it the stop ids the model's authors listed there: said as a warning, the model still loads."""

@@ -276,6 +276,13 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
     if leftover:
         warnings.warn(f"{source}: {len(leftover)} tensor(s) in the checkpoint are not used by the model, "
                       f"e.g. {sorted(leftover)[0]!r}", stacklevel=2)
+    # from_config read config.json only: generation_config.json's stop ids and sampling values (Llama 3 stops on
+    # <|eot_id|> from there) as from_pretrained takes them for the dense load, its wrongly typed values left out
+    from lorakit.models.loading import folder_generation_config
+
+    generation_config = folder_generation_config(folder)
+    if generation_config is not None and model.can_generate():
+        model.generation_config = generation_config
     model.to(device)  # buffers created on the CPU (rotary inv_freq) follow; NF4 state stays float32
     model.eval()
     return model

@@ -49,6 +49,10 @@ from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_form
                                       kept_tokens, parse_calls, render_variant, template_messages)
 from lorakit.serve.transport import CORS, internal_error, not_found, parse, read_json
 
+# seconds a client told "every loaded adapter is in use" (503) should wait before it retries: requests finish and
+# unpin their adapters continually, and the retry itself waits up to acquire_timeout for room (the openai package
+# honours the header in its automatic retries)
+BUSY_RETRY_AFTER_S = 1
 
 @dataclass
 class ServerState:
@@ -82,7 +86,9 @@ def _adapter_error(error: LorakitError, param: str = "model") -> APIError:
     if isinstance(error, AdapterRejected):
         return APIError(400, str(error), param=param, code="adapter_rejected")
     if isinstance(error, AdapterBusy):
-        return APIError(503, str(error), type="server_error", param=param, code="adapter_busy")
+        return APIError(503, f"{error}; retry in {BUSY_RETRY_AFTER_S} s (the Retry-After header), or raise --max-loaded",
+                        type="server_error", param=param, code="adapter_busy",
+                        headers={"Retry-After": str(BUSY_RETRY_AFTER_S)})
     return APIError(400, str(error), param=param)
 
 
