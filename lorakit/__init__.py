@@ -5,11 +5,11 @@ takes seconds, and the ``lorakit`` command imports this package before it can in
 ``--help``. ``from lorakit import inject`` and ``lorakit.inject`` work as before; they import what they need then.
 """
 
-import importlib as _importlib
-import importlib.util as _importlib_util
 import sys as _sys
 import types as _types
 from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+from lorakit._lazy import lazy_attributes as _lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -45,27 +45,7 @@ if _TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported 
     from lorakit.models.quantized_saving import save_quantized
 
 
-def __getattr__(name: str):
-    """Load a public name from its module on first use and keep it here, so later lookups are plain attributes.
-
-    A submodule's name (``lorakit.io``, ``lorakit.quant``: attributes the eager import used to set as a side
-    effect) imports that submodule, as ``from lorakit import quant`` does.
-    """
-    module_name = _LAZY.get(name)
-    if module_name is not None:
-        value = getattr(_importlib.import_module(module_name), name)
-        globals()[name] = value
-        return value
-    if name.isidentifier() and _importlib_util.find_spec(f"{__name__}.{name}") is not None:
-        # only that submodule: loading every public name here would re-enter modules half way through their own
-        # import (layers.py's `from lorakit import quant` runs while `lorakit.inject` is loading)
-        return _importlib.import_module(f"{__name__}.{name}")
-    # anything else (a tool's probe: IPython's _repr_html_) is refused without importing anything
-    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy_attributes(__name__, _LAZY, globals())
 
 
 class _Package(_types.ModuleType):
