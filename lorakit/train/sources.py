@@ -282,11 +282,13 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] 
         if not text.strip():
             continue
         try:
-            objects.append((where, json.loads(text)))
+            objects.append((where, _DECODER.decode(text)))
+        except _KeyTwice as exc:
+            raise LorakitError(exc.message(where)) from None
         except (RecursionError, ValueError) as exc:
             if not isinstance(exc, json.JSONDecodeError):
                 raise LorakitError(f"{where}: {_unreadable_json(exc)}") from None
-            values = _concatenated_json(raw)  # pretty-printed objects one after another (`jq .` writes that)
+            values = _concatenated_json(raw, path.name)  # pretty-printed objects one after another (`jq .` output)
             if values is None:
                 comma = exc.msg == "Extra data" and text[exc.pos:].strip() == ","
                 fix = ("a comma after the object: JSON Lines has no commas between lines (or make the file one JSON "
@@ -340,26 +342,80 @@ def _pandas_rows(obj: Mapping) -> list[tuple[str, dict]] | None:
     return None
 
 
-def _concatenated_json(raw: bytes) -> list[tuple[int, Any]] | None:
+def _concatenated_json(raw: bytes, name: str) -> list[tuple[int, Any]] | None:
     """``[(line where it starts, value)]`` when the whole file is JSON values one after another (only whitespace
-    between them, at least one spanning several lines), else None (the caller reports the malformed line)."""
+    between them, at least one spanning several lines), else None (the caller reports the malformed line).
+    ``name``: the file's, for the refusal of a key given twice."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         return None
-    decoder, pos, out = json.JSONDecoder(), 0, []
+    pos, out = 0, []
     while True:
         while pos < len(text) and text[pos] in " \t\r\n":
             pos += 1
         if pos == len(text):
             break
         try:
-            value, end = decoder.raw_decode(text, pos)
+            value, end = _DECODER.raw_decode(text, pos)
+        except _KeyTwice as exc:
+            raise LorakitError(exc.message(f"{name}:{_twice_line(text, pos)}")) from None
         except (ValueError, RecursionError):  # the caller names the line that fails on its own
             return None
         out.append((text.count("\n", 0, pos) + 1, value))
         pos = end
     return out or None
+
+
+class _KeyTwice(Exception):
+    """A key given twice in one JSON object: Python's json (like most readers) keeps the last value without a word,
+    so the first one (often the real answer, a column pasted twice) would vanish from training."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key, self.pos = key, None  # pos: where the object holding it opens (set by _twice_line's scan)
+
+    def message(self, where: str) -> str:
+        return (f"{where}: the key {self.key!r} is given twice in one object; JSON readers keep only the last one, "
+                "silently: remove or rename one of them")
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: the object as a dict, or :class:`_KeyTwice` for a key it holds twice."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        raise _KeyTwice(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_object)  # every record read from JSON goes through it
+
+
+def _twice_line(text: str, start: int) -> int:
+    """The 1-based line on which the innermost object holding a repeated key opens, in the JSON value at ``start``
+    (the line of a pretty-printed record, or of its message, not of the file's first ``[``). Only for the error:
+    it reads again with json's pure-Python scanner, whose object parser can be wrapped to see positions."""
+    from json.decoder import JSONObject
+    from json.scanner import py_make_scanner
+
+    def parse_object(s_and_end, *args, **kwargs):
+        try:
+            return JSONObject(s_and_end, *args, **kwargs)
+        except _KeyTwice as exc:
+            exc.pos = s_and_end[1] - 1 if exc.pos is None else exc.pos  # the innermost object's "{"
+            raise
+
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_object)
+    decoder.parse_object = parse_object
+    decoder.scan_once = py_make_scanner(decoder)
+    try:
+        decoder.raw_decode(text, start)
+    except _KeyTwice as exc:
+        return text.count("\n", 0, exc.pos if exc.pos is not None else start) + 1
+    except (ValueError, RecursionError):  # deeper than the pure-Python scanner reads: the value's first line
+        pass
+    return text.count("\n", 0, start) + 1
 
 
 def _wrapped_records(obj: Mapping, path: Path, split: str | Sequence[str] | None = None) -> tuple[str, list] | None:
@@ -411,7 +467,10 @@ def _unreadable_json(exc: Exception) -> str:
 def _read_json_array(path: Path, raw: bytes) -> list[Record] | None:
     """The records of a file holding one JSON array; None when it holds one array per line (each a chat)."""
     try:
-        items = json.loads(raw.decode("utf-8-sig"))
+        text = raw.decode("utf-8-sig")
+        items = _DECODER.decode(text)
+    except _KeyTwice as exc:
+        raise LorakitError(exc.message(f"{path.name}:{_twice_line(text, len(text) - len(text.lstrip()))}")) from None
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise LorakitError(_not_utf8(f"{path.name}:{line}", raw, exc)) from None

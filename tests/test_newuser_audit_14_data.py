@@ -1,0 +1,62 @@
+"""Audit 14: ``lorakit train`` / ``lorakit eval`` and their data loading as a new user with their own files.
+
+Each test is a file (or option) a user brings that an earlier version read wrongly or stopped on unclearly; the checks
+are on the records read, the tokens supervised, or the one line the run stops with. Tiny tokenizers (the ChatML
+byte-level BPE of the serving tests) and tiny random Llama folders (tests/test_train_helpers.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.errors import LorakitError
+from lorakit.train.sources import read_many
+from test_serve_support import make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def _error(paths) -> str:
+    with pytest.raises(LorakitError) as info:
+        read_many(paths)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+# -- a key given twice in one JSON object ----------------------------------------------------------------------------
+def test_a_key_given_twice_in_a_record_is_refused_with_its_line(tmp_path):
+    """json keeps the last value of a repeated key without a word: {"completion": "real answer", ..., "completion": ""}
+    trained on the second, and a chat's turn with "content" twice lost the first. Every JSON layout names the line:
+    JSONL, a pretty-printed array (the line of the record's "{", not of the file's "["), objects one after another,
+    a {"data": [...]} wrapper, and a duplicate inside a message."""
+    good = {"instruction": "Hi", "input": "", "output": "Hello"}
+    (tmp_path / "a.jsonl").write_text(json.dumps(good) + "\n" + '{"prompt": "q", "completion": "real answer", '
+                                      '"completion": ""}\n')
+    assert _error(tmp_path / "a.jsonl") == ("a.jsonl:2: the key 'completion' is given twice in one object; JSON "
+                                            "readers keep only the last one, silently: remove or rename one of them")
+    array = json.dumps([good, good], indent=2)[:-2] + ',\n  {\n    "instruction": "a",\n    "output": "b",\n' \
+        '    "output": "c"\n  }\n]'
+    (tmp_path / "alpaca.json").write_text(array)
+    assert array.splitlines()[11] == "  {"
+    assert _error(tmp_path / "alpaca.json").startswith("alpaca.json:12: the key 'output' is given twice")
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    pretty = json.dumps(good, indent=2) + "\n" + json.dumps(chat, indent=2).replace('"content": "b"',
+                                                                                    '"content": "b", "content": "c"')
+    (tmp_path / "jq.jsonl").write_text(pretty + "\n")
+    assert pretty.splitlines()[11] == "    {"  # the assistant message's own line
+    assert _error(tmp_path / "jq.jsonl").startswith("jq.jsonl:12: the key 'content' is given twice")
+    (tmp_path / "wrap.json").write_text('{\n "data": [\n  {"prompt": "a", "completion": "b"},\n'
+                                        '  {"prompt": "a",\n   "prompt": "x", "completion": "b"}]}')
+    assert _error(tmp_path / "wrap.json").startswith("wrap.json:4: the key 'prompt' is given twice")
+    (tmp_path / "turns.jsonl").write_text(json.dumps(chat["messages"]) + "\n" + json.dumps(chat["messages"]).replace(
+        '"role": "assistant"', '"role": "assistant", "role": "user"') + "\n")  # bare lists of turns, one per line
+    assert _error(tmp_path / "turns.jsonl").startswith("turns.jsonl:2: the key 'role' is given twice")
+    # the same files without the repeated key read
+    (tmp_path / "fine.json").write_text(json.dumps([good, good], indent=2))
+    assert len(read_many(tmp_path / "fine.json")) == 2
