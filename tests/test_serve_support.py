@@ -83,7 +83,9 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m lorakit serve ...`` in a subprocess; ``url`` once ``/health`` answers."""
 
-    def __init__(self, model: Path, adapters: Path, *extra: str, api_key: str | None = None, log: Path | None = None):
+    def __init__(self, model: Path, adapters: Path, *extra: str, api_key: str | None = None, log: Path | None = None,
+                 env: dict[str, str] | None = None):
+        """``env``: variables set for the server on top of this process's (e.g. a PYTHONPATH of test hooks)."""
         import httpx
 
         self.port = free_port()
@@ -93,7 +95,8 @@ class ServerProcess:
         if api_key:
             args += ["--api-key", api_key]
         # the CPU server runs the PyTorch reference path, as a real CPU deployment does (no Triton interpreter)
-        env = {**os.environ, "LORAKIT_DISABLE_TRITON": "1", "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "LORAKIT_DISABLE_TRITON": "1", "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1",
+               **(env or {})}
         self.log = log
         out = open(log, "wb") if log else subprocess.DEVNULL
         self.process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,

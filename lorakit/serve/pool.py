@@ -14,7 +14,8 @@ nothing: a reload of a loaded adapter whose new files are refused leaves the old
 remembered until the folder's files change (size or time), so clients naming a broken adapter again and again
 cost one ``stat`` each, not a re-read (nor another regex check). The checks of a load, first or reload, run
 without the pool's lock, so other requests pin and unpin their adapters meanwhile (the old version of a reloaded
-adapter keeps serving until the new one has passed them and is swapped in).
+adapter keeps serving until the new one has passed them and is swapped in). Requests naming an adapter that
+another request is loading wait for that load rather than read the files again.
 
 Lock order: the pool's lock, then the model lock. The engine never takes the pool's lock while it holds the
 model lock (it releases pins after a step), so the two cannot deadlock.
@@ -107,6 +108,7 @@ class AdapterPool:
         self._cond = threading.Condition(threading.Lock())
         self._ids = itertools.count()
         self._refused: dict[str, tuple[tuple, str]] = {}  # name -> (file stamp, message)
+        self._first_loads: set[str] = set()  # names not in memory whose files a request is reading and placing now
         self.loads = 0
         self.evictions = 0
 
@@ -208,13 +210,35 @@ class AdapterPool:
 
     # -- internals (hold self._cond) -----------------------------------------------------------------------------
     def _ensure_loaded(self, name: str, timeout: float, cancelled: threading.Event | None = None) -> LoadedAdapter:
-        entry = self._loaded.get(name)
-        if entry is not None:
-            self._check_on_disk(entry)
-            return entry
+        """``name``'s entry, loading it first if needed. Of requests naming one adapter not in memory, the first
+        reads and places it; the others wait for that (up to ``timeout`` s, or until ``cancelled``) and then take
+        its entry, or, when it failed, try themselves (a refusal is remembered: that costs them a ``stat``). Each
+        reading the files itself held one more copy of its tensors: forty clients naming a 500 MB adapter at once
+        held 20 GB."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entry = self._loaded.get(name)
+            if entry is not None:
+                self._check_on_disk(entry)
+                return entry
+            if name not in self._first_loads:
+                break
+            if cancelled is not None and cancelled.is_set():
+                raise AdapterBusy(f"the request for adapter {name!r} was cancelled while it waited for the adapter "
+                                  "to load")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AdapterBusy(f"adapter {name!r} did not finish loading (another request loads it) within "
+                                  f"{timeout:g} s")
+            self._cond.wait(left if cancelled is None else min(left, 0.2))  # the event cannot notify the condition
         folder = resolve_adapter(self.root, name)  # refuses unsafe names before any file is opened
-        adapter_file = self._admit_unlocked(name, folder)  # refuse before evicting anything for it
-        return self._place(name, folder, adapter_file, timeout, cancelled)
+        self._first_loads.add(name)
+        try:
+            adapter_file = self._admit_unlocked(name, folder)  # refuse before evicting anything for it
+            return self._place(name, folder, adapter_file, timeout, cancelled)
+        finally:
+            self._first_loads.discard(name)
+            self._cond.notify_all()
 
     def _place(self, name: str, folder: Path, adapter_file, timeout: float,
                cancelled: threading.Event | None = None) -> LoadedAdapter:

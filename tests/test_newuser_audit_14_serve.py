@@ -1,0 +1,166 @@
+"""``lorakit serve`` audited as a demanding client (audit 14), over a real socket: adapter loads that read slowly
+(the files are read without the pool's lock; one read for many requests naming one adapter; a failed load leaves
+nothing in the model), then OpenAI protocol corners the earlier audits did not cover. One server of a tiny random
+Llama; its reads of adapter folders named ``slow*`` take ``SLOW_READ_S`` (a ``sitecustomize`` hook on the
+server's PYTHONPATH wraps ``lorakit.io.read_adapter`` and logs each read), as from a slow network disk.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+import lorakit
+from lorakit.serve.pool import AdapterPool
+from conftest import tiny_llama
+from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder, wait_idle
+
+SLOW_READ_S = 1.5
+
+_HOOK = '''
+import os, time
+import lorakit.io as io
+
+_real = io.read_adapter
+
+
+def read_adapter(folder, *args, **kwargs):
+    name = os.path.basename(os.fspath(folder))
+    with open(os.environ["AUDIT14_READS"], "a") as log:
+        log.write(name + "\\n")
+    if name.startswith("slow"):
+        time.sleep(float(os.environ["AUDIT14_SLOW_S"]))
+    return _real(folder, *args, **kwargs)
+
+
+io.read_adapter = read_adapter
+'''
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("audit14_serve")
+    model_dir = tiny_hf_folder(root / "model", initializer_range=0.5)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    adapters = root / "adapters"
+    for seed, name in enumerate(("fast", "slow1", "slow2", "slow3"), start=3):
+        make_adapter(base, adapters / name, seed=seed)
+    hooks = root / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_HOOK)
+    reads = root / "reads.log"
+    reads.write_text("")
+    env = {"PYTHONPATH": str(hooks), "AUDIT14_READS": str(reads), "AUDIT14_SLOW_S": str(SLOW_READ_S)}
+    process = ServerProcess(model_dir, adapters, "--max-loaded", "3", log=root / "server.log", env=env)
+    client = httpx.Client(base_url=process.url, timeout=60)
+    try:
+        yield {"url": process.url, "client": client, "process": process, "reads": reads, "adapters": adapters}
+    finally:
+        client.close()
+        process.stop()
+
+
+def _complete(url: str, model: str, max_tokens: int = 4, **extra) -> httpx.Response:
+    with httpx.Client(base_url=url, timeout=60) as own:
+        return own.post("/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": max_tokens,
+                                                 "temperature": 0, **extra})
+
+
+def _reads(server, name: str) -> int:
+    return server["reads"].read_text().split().count(name)
+
+
+# -- part 1: slow adapter loads ----------------------------------------------------------------------------------
+def test_a_slow_adapter_read_does_not_stall_the_base_or_other_adapters(server):
+    """While adapter slow1's files take 1.5 s to read, requests on the base and on adapter fast (first load
+    included) are answered at once; slow1's own request then answers too."""
+    url = server["url"]
+    assert _complete(url, "base").status_code == 200  # warm
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_complete, url, "slow1")
+        deadline = time.monotonic() + 10
+        while _reads(server, "slow1") == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _reads(server, "slow1") == 1  # its read has begun
+        took = {}
+        for model in ("base", "fast", "fast"):
+            started = time.monotonic()
+            answer = _complete(url, model)
+            took.setdefault(model, []).append(time.monotonic() - started)
+            assert answer.status_code == 200, answer.text[:300]
+        assert not slow.done()  # these were answered while slow1 was still being read
+        assert max(max(t) for t in took.values()) < SLOW_READ_S / 2, took
+        answer = slow.result(30)
+    assert answer.status_code == 200 and answer.json()["model"] == "slow1", answer.text[:300]
+
+
+def test_many_requests_naming_an_adapter_not_in_memory_read_it_once(server):
+    """Six clients name slow2 at once: one reads its files, the others wait for that read and share its load (each
+    read held one more copy of the tensors: forty clients on a 500 MB adapter held 20 GB). All six get the
+    adapter's answer."""
+    url = server["url"]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: _complete(url, "slow2"), range(6)))
+    assert all(a.status_code == 200 for a in answers), [a.text[:200] for a in answers]
+    assert len({a.json()["choices"][0]["text"] for a in answers}) == 1
+    assert _reads(server, "slow2") == 1, server["reads"].read_text()
+    loaded = [entry["name"] for entry in server["client"].get("/v1/adapters").json()["data"]]
+    assert loaded.count("slow2") == 1
+    assert wait_idle(server["client"], 5.0)
+
+
+def test_a_request_waiting_on_anothers_load_can_leave(server):
+    """A client that leaves while another request reads its adapter is released (no pin left behind), and the
+    load still completes for the one that reads."""
+    url = server["url"]
+    with ThreadPoolExecutor(1) as pool:
+        reader = pool.submit(_complete, url, "slow3")
+        deadline = time.monotonic() + 10
+        while _reads(server, "slow3") == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(httpx.ReadTimeout):
+            with httpx.Client(base_url=url, timeout=0.3) as impatient:
+                impatient.post("/v1/completions", json={"model": "slow3", "prompt": "x", "max_tokens": 2})
+        assert reader.result(30).status_code == 200
+    assert wait_idle(server["client"], 5.0)
+    pins = {e["name"]: e["in_use"] for e in server["client"].get("/v1/adapters").json()["data"]}
+    assert pins.get("slow3") == 0, pins
+    assert _reads(server, "slow3") == 1
+
+
+# -- part 1: the pool, directly ----------------------------------------------------------------------------------
+@pytest.fixture
+def pool(tmp_path):
+    model = tiny_llama()
+    for seed, name in enumerate(("a", "b", "c"), start=1):
+        make_adapter(model, tmp_path / "adapters" / name, seed=seed)
+    return AdapterPool(model, tmp_path / "adapters", threading.RLock(), max_loaded=2)
+
+
+def test_an_eviction_during_a_first_load_makes_room_for_it(pool):
+    """c is read while a and b fill the pool; b is released meanwhile, so c evicts it; a, pinned, stays."""
+    inside, go, real = threading.Event(), threading.Event(), pool._admit
+
+    def admit(name, folder):
+        if name == "c":
+            inside.set()
+            assert go.wait(30)
+        return real(name, folder)
+
+    pool._admit = admit
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(c=pool.acquire("c", timeout=10)))
+    thread.start()
+    assert inside.wait(30)
+    pool.acquire("a"), pool.acquire("b")  # admitted while c is read: the lock is free
+    pool.release("b")
+    go.set()
+    thread.join(30)
+    assert set(pool._loaded) == {"a", "c"} and pool._loaded["c"].internal == result["c"]
+    assert sorted(lorakit.adapter_names(pool.model)) == sorted(e.internal for e in pool._loaded.values())
