@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
 import lorakit
 from lorakit.serve.pool import AdapterPool
@@ -141,6 +142,28 @@ def pool(tmp_path):
     for seed, name in enumerate(("a", "b", "c"), start=1):
         make_adapter(model, tmp_path / "adapters" / name, seed=seed)
     return AdapterPool(model, tmp_path / "adapters", threading.RLock(), max_loaded=2)
+
+
+def test_a_load_that_fails_half_way_leaves_nothing_in_the_model(pool, monkeypatch):
+    """Out of memory after the adapter's layers were injected (load_adapter's inject runs before its cleanup
+    starts) left an adapter in the model that no pool entry named: never used, never deleted, memory held for
+    good, one more each retry."""
+    import lorakit.io
+
+    real = lorakit.io.inject
+
+    def inject(*args, **kwargs):
+        real(*args, **kwargs)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(lorakit.io, "inject", inject)
+    for _ in range(2):
+        with pytest.raises(torch.OutOfMemoryError):
+            pool.acquire("a")
+    assert lorakit.adapter_names(pool.model) == [] and not pool._loaded
+    monkeypatch.setattr(lorakit.io, "inject", real)
+    internal = pool.acquire("a")
+    assert lorakit.adapter_names(pool.model) == [internal]
 
 
 def test_an_eviction_during_a_first_load_makes_room_for_it(pool):

@@ -287,40 +287,55 @@ class AdapterPool:
 
     def _load_new(self, name: str, folder: Path, adapter_file) -> LoadedAdapter:
         """Load admitted adapter ``name`` under a fresh internal name (the caller puts it in ``_loaded``)."""
-        internal = f"lk{next(self._ids)}"
-        from lorakit.inject import adapter_hosts, lora_layers
-        from lorakit.io import load_adapter
-        from lorakit.serve.copies import compact_copies, held_bytes
+        from lorakit.inject import adapter_names
 
+        internal = f"lk{next(self._ids)}"
         with self.model_lock:
             try:
-                self._check_targets(name, adapter_file.config)
-                load_adapter(self.model, adapter_file, adapter=internal)  # what _admit checked, not a re-read
-            except LorakitError as error:
-                message = self._inside(str(error) if isinstance(error, AdapterRejected) else (
-                    f"adapter {name!r} refused: {self._public_names(str(error), internal, name)}"))
-                self._refused[name] = (_stamp(folder), message)
-                raise AdapterRejected(message) from None
-            ranks = [layer.adapters[internal].rank for layer in lora_layers(self.model).values() if internal in layer.adapters]
-            if ranks and max(ranks) > self.max_rank:  # the file changed between the check and the load
-                self._refuse_loaded(name, folder, internal, f"rank {max(ranks)} is above --max-rank {self.max_rank}")
-            # peft's trainable tokens (and modules_to_save copies that changed a few rows) load as whole copies of
-            # the embedding / head: keep only their trained rows, then count what the adapter really holds
-            compact_copies(self.model, internal)
-            held = held_bytes(self.model, internal)
-            if held > self.max_bytes:
-                self._refuse_loaded(name, folder, internal, f"it holds {held:,} bytes in memory once loaded (LoRA "
-                                    "tensors in float32, whole copies of modules it saved), over the limit of "
-                                    f"{self.max_bytes:,} (--max-adapter-mb); raise the limit, or merge the adapter "
-                                    "into the base")
-            # every call routes its rows itself (generation._routing); left active, the adapter's copies would be
-            # what code outside a call reads as the module's .weight (a RowOverride builds it whole for that)
-            for host in adapter_hosts(self.model).values():
-                host.set_active([n for n in host.active if n != internal])
+                ranks, held = self._load_into_model(name, folder, adapter_file, internal)
+            except BaseException:
+                # whatever failed (out of memory in inject, an error while compacting), no part of this adapter
+                # may stay in the model: nothing in the pool names it, so nothing would ever delete it
+                if internal in adapter_names(self.model):
+                    self._delete(internal)
+                raise
         config = adapter_file.config
         self.loads += 1
         return LoadedAdapter(name, internal, folder, max(ranks or [config.r]), config.alpha, config.variant,
                              adapter_file.size_bytes, held, last_used=time.monotonic())
+
+    def _load_into_model(self, name: str, folder: Path, adapter_file, internal: str) -> tuple[list[int], int]:
+        """Put ``adapter_file`` into the model as ``internal`` (held: the model lock); returns its ranks per layer
+        and the bytes it holds. Raises ``AdapterRejected`` (remembered) for what the model refuses."""
+        from lorakit.inject import adapter_hosts, lora_layers
+        from lorakit.io import load_adapter
+        from lorakit.serve.copies import compact_copies, held_bytes
+
+        try:
+            self._check_targets(name, adapter_file.config)
+            load_adapter(self.model, adapter_file, adapter=internal)  # what _admit checked, not a re-read
+        except LorakitError as error:
+            message = self._inside(str(error) if isinstance(error, AdapterRejected) else (
+                f"adapter {name!r} refused: {self._public_names(str(error), internal, name)}"))
+            self._refused[name] = (_stamp(folder), message)
+            raise AdapterRejected(message) from None
+        ranks = [layer.adapters[internal].rank for layer in lora_layers(self.model).values() if internal in layer.adapters]
+        if ranks and max(ranks) > self.max_rank:  # the file changed between the check and the load
+            self._refuse_loaded(name, folder, internal, f"rank {max(ranks)} is above --max-rank {self.max_rank}")
+        # peft's trainable tokens (and modules_to_save copies that changed a few rows) load as whole copies of
+        # the embedding / head: keep only their trained rows, then count what the adapter really holds
+        compact_copies(self.model, internal)
+        held = held_bytes(self.model, internal)
+        if held > self.max_bytes:
+            self._refuse_loaded(name, folder, internal, f"it holds {held:,} bytes in memory once loaded (LoRA "
+                                "tensors in float32, whole copies of modules it saved), over the limit of "
+                                f"{self.max_bytes:,} (--max-adapter-mb); raise the limit, or merge the adapter "
+                                "into the base")
+        # every call routes its rows itself (generation._routing); left active, the adapter's copies would be
+        # what code outside a call reads as the module's .weight (a RowOverride builds it whole for that)
+        for host in adapter_hosts(self.model).values():
+            host.set_active([n for n in host.active if n != internal])
+        return ranks, held
 
     def _refuse_loaded(self, name: str, folder: Path, internal: str, why: str) -> None:
         """Take back adapter ``name``, just loaded as ``internal``, and refuse it (remembered as ``_admit``'s
