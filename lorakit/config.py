@@ -245,6 +245,10 @@ class LoraConfig:
             raise LorakitError(f"{source}: expected a JSON object, got {type(data).__name__}")
         peft_type = data.get("peft_type", "LORA")
         if not isinstance(peft_type, str) or peft_type.upper() != "LORA":  # str() of a deep list would recurse
+            if isinstance(peft_type, str) and peft_type.upper() in _UNMERGEABLE_TYPES:  # no weight update to merge
+                raise LorakitError(f"{source}: peft_type {shown(peft_type)} is not LoRA (it adds trained virtual tokens or "
+                                   "layers of its own, which no merge turns into base weights); lorakit reads LoRA adapters "
+                                   "only: run this one with peft (PeftModel.from_pretrained)")
             raise LorakitError(f"{source}: peft_type {shown(peft_type)} is not LoRA; lorakit reads LoRA adapters only "
                                "(merge this one into the base with peft: merge_and_unload, then load the merged model)")
         for key, value in data.items():
@@ -419,6 +423,11 @@ def _suffix_regex(pattern: str) -> re.Pattern:
 def _is_default(value: Any, default: Any) -> bool:
     return value == default or (value in (None, {}, [], False) and default in (None, {}, [], False))
 
+
+# peft 0.21's methods that merge_and_unload cannot fold into the base: prompt learning (virtual tokens), the
+# LLaMA-Adapter's gated prompts, and mixtures that pick adapters per input
+_UNMERGEABLE_TYPES = {"PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "CPT", "CARTRIDGE",
+                      "ADAPTION_PROMPT", "XLORA", "POLY"}
 
 # Fields lorakit reads (mapped onto LoraConfig) or that only describe the file, never the math.
 _READ_FIELDS = {

@@ -453,7 +453,14 @@ def _is_index_list(value: Any) -> bool:
 
 
 def _names_targets(raw_config: Any) -> bool:
-    return not isinstance(raw_config, dict) or raw_config.get("target_modules") not in (None, [], "") or bool(
+    """Whether the config can be parsed before the tensors are read: it names its targets, or it is not LoRA's (a
+    prompt-tuning config names none, and is refused by its peft_type before its tensors are looked at)."""
+    if not isinstance(raw_config, dict):
+        return True
+    peft_type = raw_config.get("peft_type", "LORA")
+    if not (isinstance(peft_type, str) and peft_type.upper() == "LORA"):
+        return True
+    return raw_config.get("target_modules") not in (None, [], "") or bool(
         raw_config.get("target_parameters"))  # the parameters (and no module) are the targets
 
 

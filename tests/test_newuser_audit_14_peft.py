@@ -1,0 +1,50 @@
+"""Adapter folders written by the real peft package (0.21) that a new user brings to lorakit (audit 14): each defect
+found is a regression test here, through the Python API and the CLI (``lorakit generate / merge / eval / inspect``).
+
+Round trips follow ``test_peft_sweep``: peft builds the adapter on a tiny random model with random non-zero weights,
+lorakit loads the saved folder (peft's logits), saves it back for peft (same logits) and merges (same logits).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import peft
+import pytest
+
+import lorakit
+from lorakit.cli import main
+from test_peft_sweep import build
+
+
+def saved_by_peft(folder, config, kind: str = "llama"):
+    """``config`` (any peft method) on ``build(kind)``, saved to ``folder`` by peft; returns the folder."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(build(kind), config).save_pretrained(folder)
+    return folder
+
+
+def refusal(folder, model=None) -> str:
+    model = model if model is not None else build("llama")
+    with pytest.raises(lorakit.LorakitError) as error:
+        lorakit.load_adapter(model, folder)
+    assert "\n" not in str(error.value) and not lorakit.adapter_names(model)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("config", [
+    peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+], ids=["prompt-tuning", "prefix-tuning"])
+def test_a_prompt_learning_adapter_is_refused_by_its_type(config, tmp_path, capsys):
+    """A prompt-tuning folder names no target_modules: lorakit read its tensors to find them and said 'add
+    target_modules to the config', which cannot help (and merging it with peft, the advice for LoHa or IA3, is not
+    possible either). It is refused by its peft_type, saying to run it with peft."""
+    folder = saved_by_peft(tmp_path / "adapter", config)
+    kind = config.peft_type.value
+    message = refusal(folder)
+    assert f"peft_type '{kind}' is not LoRA" in message and "run this one with peft" in message
+    assert "target_modules" not in message and "merge_and_unload" not in message
+    assert main(["inspect", str(folder)]) == 2
+    assert f"peft_type '{kind}' is not LoRA" in capsys.readouterr().err
