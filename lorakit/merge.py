@@ -110,7 +110,8 @@ def merge_and_unload(model: nn.Module, adapters: str | Sequence[str] | None = No
                      allow_lossy: bool = False) -> nn.Module:
     """Merge, then replace every lorakit wrapper by its (now merged) base module: a plain model again.
 
-    Modules-to-save wrappers are replaced by the active adapter's trained copy. A weight tied to another (the
+    Modules-to-save wrappers are replaced by the trained copy of the merged adapter (the last one named in
+    ``adapters`` that has one; by default the active ones). A weight tied to another (the
     embedding and output head) that a merge changed is no longer tied: the config then says so too
     (``tie_word_embeddings=False``), so ``save_pretrained`` keeps both and a reload does not tie them again.
     A 4-bit (NF4) base stays 4-bit, re-quantized with the update: ``lorakit.dequantize(model)`` first merges into
@@ -119,10 +120,13 @@ def merge_and_unload(model: nn.Module, adapters: str | Sequence[str] | None = No
     merge(model, adapters, safe=safe, allow_lossy=allow_lossy, _keep_originals=False)
     if any(layer._tied for layer in lora_layers(model).values()):  # LoraLayer._untie ran: the weights now differ
         _untie_config(model)
-    active = active_adapters(model)
+    # the trained copies of the adapters merged: those named (merge_and_unload(model, "a") while "b" is active
+    # writes a's model, so a's lm_head copy, not b's or the base's), else the active ones
+    chosen_names = active_adapters(model) if adapters is None else ([adapters] if isinstance(adapters, str)
+                                                                     else list(adapters))
     for path, host in adapter_hosts(model).items():
         if isinstance(host, ModulesToSave):
-            chosen = next((n for n in reversed(active) if n in host.copies), None)
+            chosen = next((n for n in reversed(chosen_names) if n in host.copies), None)
             replacement = host.copies[chosen] if chosen else host.base_layer
         else:
             replacement = host.base_layer
