@@ -60,3 +60,23 @@ def test_a_key_given_twice_in_a_record_is_refused_with_its_line(tmp_path):
     # the same files without the repeated key read
     (tmp_path / "fine.json").write_text(json.dumps([good, good], indent=2))
     assert len(read_many(tmp_path / "fine.json")) == 2
+
+
+# -- a config file setting one option under both spellings ---------------------------------------------------------
+@pytest.mark.parametrize("name, text", [
+    ("run.yaml", "max-steps: 2\nrank: 4\nmax_steps: 300\n"),
+    ("run.json", '{"max-steps": 2, "rank": 4, "max_steps": 300}'),
+    ("run.toml", "max-steps = 2\nrank = 4\nmax_steps = 300\n"),
+])
+def test_a_config_option_given_with_a_dash_and_an_underscore_is_refused(tmp_path, name, text):
+    """Options are read with dashes or underscores, and a key given twice is refused, but 'max-steps' and 'max_steps'
+    are two keys to the file's reader: the later one won without a word (300 steps where the user read 2)."""
+    from lorakit.train.config import read_config_file
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(LorakitError) as info:
+        read_config_file(path)
+    assert str(info.value) == f"{path}: 'max-steps' and 'max_steps' set the same option (max_steps); keep one"
+    path.write_text(text.replace("max-steps", "epochs"))
+    assert read_config_file(path) == {"epochs": 2.0, "rank": 4, "max_steps": 300}

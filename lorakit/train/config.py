@@ -490,6 +490,9 @@ def check_values(data: dict[str, Any], source: str) -> dict[str, Any]:
                      [ALIASES.get(m, m) for m in difflib.get_close_matches(key.lower(), [*FIELDS, *ALIASES], n=1)])
             hint = f"; did you mean {close[0]!r}?" if close else "; `lorakit train --help` lists every option"
             raise LorakitError(f"{source}: unknown option {raw_key!r}{hint}")
+        if key in out:  # 'max-steps: 2' and 'max_steps: 3': both spellings are read, so one would win unseen
+            first = next(k for k in data if str(k).replace("-", "_") == key)
+            raise LorakitError(f"{source}: {first!r} and {raw_key!r} set the same option ({key}); keep one")
         out[key] = _coerce(key, value, source)
     return out
 
