@@ -263,6 +263,11 @@ class LoraConfig:
                     raise LorakitError(f"{source}: PEFT option {key}={shown(value)} is not supported by lorakit ({hint}); "
                                        f"merge the adapter with peft (merge_and_unload) and load the merged model instead")
                 continue
+            if value not in (None, False, {}, [], "") and key == "enable_lora":
+                raise LorakitError(f"{source}: enable_lora={shown(value)} is early peft's (0.1 - 0.2) LoRA on parts of a "
+                                   "fused layer (MergedLinear, tensors of another layout), which later peft versions dropped; "
+                                   "lorakit cannot apply it: merge the adapter with the peft version that saved it and load "
+                                   "the merged model")
             if value not in (None, False, {}, [], ""):
                 version = data.get("peft_version")
                 origin = f"saved by peft {clipped(version, 20)}" if isinstance(version, str) else "from a newer peft?"
@@ -440,6 +445,7 @@ _IGNORED_FIELDS = {
     "base_model_name_or_path", "revision", "inference_mode", "task_type", "auto_mapping", "peft_version",
     "megatron_core", "qalora_group_size", "runtime_config", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config",
+    "merge_weights",  # peft 0.1 - 0.2 (alpaca-lora's files): whether eval() merged the update; same outputs either way
 }
 
 # Options lorakit.io reads from a whole adapter folder (they need its tensors), not from the config alone.

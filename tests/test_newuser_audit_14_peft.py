@@ -7,14 +7,18 @@ lorakit loads the saved folder (peft's logits), saves it back for peft (same log
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import peft
 import pytest
+import torch
 
 import lorakit
+from conftest import assert_close
 from lorakit.cli import main
-from test_peft_sweep import build
+from lorakit.io import CONFIG_NAME
+from test_peft_sweep import build, logits, peft_saved
 
 
 def saved_by_peft(folder, config, kind: str = "llama"):
@@ -48,3 +52,25 @@ def test_a_prompt_learning_adapter_is_refused_by_its_type(config, tmp_path, caps
     assert "target_modules" not in message and "merge_and_unload" not in message
     assert main(["inspect", str(folder)]) == 2
     assert f"peft_type '{kind}' is not LoRA" in capsys.readouterr().err
+
+
+def test_a_config_written_by_early_peft(tmp_path):
+    """alpaca-lora era files (peft 0.1 - 0.2) carry merge_weights (whether eval() merged the update: the same
+    outputs either way); true was refused as an 'unknown field (from a newer peft?)'. It loads, with peft's logits.
+    enable_lora (LoRA on parts of a fused layer, tensors of another layout) is refused saying where it comes from."""
+    ids = torch.randint(0, 100, (2, 7))
+    theirs = peft_saved("llama", tmp_path, target_modules=["q_proj", "v_proj"])
+    early = {"base_model_name_or_path": "decapoda-research/llama-7b-hf", "bias": "none", "enable_lora": None,
+             "fan_in_fan_out": False, "inference_mode": True, "lora_alpha": 8, "lora_dropout": 0.05, "merge_weights": True,
+             "modules_to_save": None, "peft_type": "LORA", "r": 4, "target_modules": ["q_proj", "v_proj"],
+             "task_type": "CAUSAL_LM"}
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(early))
+    ours = build("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the file names another base than this tiny model
+        lorakit.load_adapter(ours, tmp_path)
+    assert_close(logits(ours, ids), logits(theirs, ids))
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**early, "enable_lora": [True, False, True]}))
+    message = refusal(tmp_path)
+    assert "enable_lora=[True, False, True] is early peft's (0.1 - 0.2) LoRA on parts of a fused layer" in message
+    assert "newer peft" not in message
