@@ -80,3 +80,42 @@ def test_a_config_option_given_with_a_dash_and_an_underscore_is_refused(tmp_path
     assert str(info.value) == f"{path}: 'max-steps' and 'max_steps' set the same option (max_steps); keep one"
     path.write_text(text.replace("max-steps", "epochs"))
     assert read_config_file(path) == {"epochs": 2.0, "rank": 4, "max_steps": 300}
+
+
+# -- tool schemas and calls from a table (Parquet, a datasets folder) -----------------------------------------------
+def _tool(name: str, parameter: str) -> dict:
+    return {"type": "function", "function": {"name": name, "description": "d", "parameters": {
+        "type": "object", "properties": {parameter: {"type": "string"}}, "required": [parameter]}}}
+
+
+def _call_chat(tool: str, parameter: str, value: str) -> dict:
+    return {"tools": [_tool(tool, parameter)], "messages": [
+        {"role": "user", "content": f"{tool} {value}?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call12345", "type": "function", "function": {"name": tool, "arguments": {parameter: value}}}]},
+        {"role": "tool", "tool_call_id": "call12345", "content": "21"},
+        {"role": "assistant", "content": "It is 21."}]}
+
+
+def test_tool_schemas_and_calls_from_a_table_train_without_other_rows_parameters(tmp_path):
+    """A Parquet column holds one struct type, the union of every row's: the get_weather tool of one row came back
+    with the "query": null parameter of another row's search tool, and its call's arguments {"city": "Paris"} as
+    {"city": "Paris", "query": null}. Both were rendered so: the model learnt schemas and calls nobody wrote. Read
+    from a table, each row's tools and calls are what that row holds (as from JSONL)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lorakit.train.data import render_examples
+    from test_train_tool_calls import family
+
+    rows = [_call_chat("get_weather", "city", "Paris"), _call_chat("search", "query", "news")]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "tools.parquet")
+    (tmp_path / "tools.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    from_table, from_jsonl = read_many(tmp_path / "tools.parquet"), read_many(tmp_path / "tools.jsonl")
+    assert [r["tools"] for r in from_table] == [r["tools"] for r in from_jsonl] == [row["tools"] for row in rows]
+    for table, jsonl in zip(from_table, from_jsonl):
+        assert table["messages"] == jsonl["messages"]
+    tok = family("qwen2.5")  # writes the tool schemas and the calls' arguments as JSON
+    for table, jsonl in zip(from_table, from_jsonl):
+        rendered = render_examples(table, tok)
+        assert rendered == render_examples(jsonl, tok) and "null" not in rendered[0][0], rendered[0][0]

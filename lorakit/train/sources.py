@@ -612,11 +612,27 @@ def _names_field(key: Any) -> bool:
 def _drop_nulls(row: Mapping[str, Any]) -> dict[str, Any]:
     """datasets stores a table, so a column one record lacks comes back as None: treat it as absent.
 
-    The same holds inside a chat (a message without "name" gets name=None when another message has one).
+    The same holds inside a chat (a message without "name" gets name=None when another message has one), and at every
+    depth of tool schemas and tool calls: a table has one struct type per column, the union of every row's, so the
+    get_weather tool of one row gets the "query": null parameter of another row's search tool, and a call's
+    arguments {"city": "Paris"} become {"city": "Paris", "query": null}. Rendered as they read, the model would learn
+    schemas and calls with parameters nobody wrote.
     """
     out = {k: v for k, v in row.items() if v is not None}
+    if isinstance(out.get("tools"), list):
+        out["tools"] = _without_nulls(out["tools"])
     if isinstance(out.get("messages"), list):
         out["messages"] = [
-            {k: v for k, v in m.items() if v is not None} if isinstance(m, Mapping) else m for m in out["messages"]
+            {k: (_without_nulls(v) if k == "tool_calls" else v) for k, v in m.items() if v is not None}
+            if isinstance(m, Mapping) else m for m in out["messages"]
         ]
     return out
+
+
+def _without_nulls(value: Any) -> Any:
+    """``value`` with every mapping entry whose value is None left out, at any depth (list items are kept)."""
+    if isinstance(value, Mapping):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
