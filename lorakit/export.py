@@ -277,10 +277,7 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
     """
     from lorakit._fs import publish_mode
 
-    given = Path(out).expanduser()
-    if given.is_dir() and any(given.iterdir()) and not overwrite:
-        raise LorakitError(f"{given} already exists; choose another folder or pass overwrite=True (CLI: --overwrite)")
-    out = check_output_folder(out, flag="out", overwrite=True, allow_empty=True, replaces="model")
+    out = _checked_out(model, out, overwrite)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(out)
@@ -311,6 +308,23 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
     return out
 
 
+def _checked_out(model: nn.Module, out: str | os.PathLike, overwrite: bool) -> Path:
+    """``out`` checked for ``write_folder`` (see there), and never the folder ``model`` was loaded from nor one
+    inside it: with ``overwrite=True`` that would replace the base by the merged model."""
+    given = Path(out).expanduser()
+    if given.is_dir() and any(given.iterdir()) and not overwrite:
+        raise LorakitError(f"{given} already exists; choose another folder or pass overwrite=True (CLI: --overwrite)")
+    source = loaded_from(model)
+    return check_output_folder(out, flag="out", overwrite=True, allow_empty=True, replaces="model",
+                               protected={"the folder the model was loaded from": source} if source else None)
+
+
+def loaded_from(model: nn.Module) -> Path | None:
+    """The local folder ``model`` was loaded from (its ``name_or_path``), or None (built in memory, a Hub name)."""
+    source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return Path(source) if isinstance(source, (str, os.PathLike)) and str(source) and Path(source).is_dir() else None
+
+
 def copy_notices(model: nn.Module, folder: Path) -> list[str]:
     """Copy the license and notice files (``NOTICE_FILES``) of the folder ``model`` was loaded from into ``folder``.
 
@@ -319,8 +333,8 @@ def copy_notices(model: nn.Module, folder: Path) -> list[str]:
     the names copied."""
     import fnmatch
 
-    source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not source or not Path(source).is_dir():
+    source = loaded_from(model)
+    if source is None:
         return []
     copied = []
     for path in sorted(Path(source).iterdir()):
@@ -794,6 +808,7 @@ def export_merged(model: nn.Module, tokenizer, adapter: str, out: str | os.PathL
         gguf_arch(model.config)
         if gguf_type not in GGUF_TYPES:
             raise LorakitError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+    _checked_out(model, out, overwrite)  # before merging: a refused folder leaves the model as it was
     model, report = merge_model(model, adapter, dtype)
     if report.lost_share > LOSS_WARNING:
         warnings.warn(f"the cast to {str(dtype).replace('torch.', '')} loses {100 * report.lost_share:.0f}% of the "

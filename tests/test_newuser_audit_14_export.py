@@ -4,12 +4,12 @@ its fix. Tiny random models built from config classes; nothing is downloaded."""
 
 from __future__ import annotations
 
-
+import pytest
 import torch
 
 import lorakit
 from conftest import assert_close, tiny_llama
-from test_serve_support import make_adapter
+from test_serve_support import make_adapter, tiny_hf_folder
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -38,3 +38,21 @@ def test_exporting_one_adapter_takes_its_own_modules_to_save_copy_not_the_active
     export_merged(base, None, "a", tmp_path / "merged", dtype=torch.float32)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert_close(_logits(merged, ids), expected, torch.float32)
+
+
+def test_export_with_overwrite_never_replaces_the_folder_the_base_was_loaded_from(tmp_path):
+    """export_merged(model, tok, "a", model_dir, overwrite=True) replaced the base folder by the merged model (the
+    CLI protects --model, the Python API did not): the base's weights were gone."""
+    from lorakit.export import export_merged
+
+    model_dir = tiny_hf_folder(tmp_path / "model", initializer_range=0.3)
+    model, tokenizer = lorakit.load_base(str(model_dir), dtype=torch.float32, device="cpu")
+    adapter = make_adapter(model, tmp_path / "adapter", seed=1, std=0.05)
+    lorakit.load_adapter(model, adapter, adapter="a")
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    for out in (model_dir, model_dir / "merged"):
+        with pytest.raises(lorakit.LorakitError, match="the folder the model was loaded from"):
+            export_merged(model, tokenizer, "a", out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "model"]  # no temporary folder left
+    assert lorakit.adapter_names(model) == ["a"]  # refused before anything was merged
