@@ -56,3 +56,31 @@ def test_export_with_overwrite_never_replaces_the_folder_the_base_was_loaded_fro
     assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "model"]  # no temporary folder left
     assert lorakit.adapter_names(model) == ["a"]  # refused before anything was merged
+
+
+def test_merge_writes_the_tokenizer_saved_in_the_adapter_folder(tmp_path, capsys):
+    """transformers' Trainer and trl save the tokenizer beside the adapter; a run that changed the chat template
+    trained on that one, but lorakit merge wrote the base's tokenizer, so the merged model was prompted with a
+    template it never saw. One whose tokens the model has no rows for is refused in one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.cli import main
+
+    model_dir = tiny_hf_folder(tmp_path / "model", initializer_range=0.3)
+    adapter = make_adapter(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "adapter", seed=1, std=0.05)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    template = "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+    assert tokenizer.chat_template != template
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(adapter)
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(out), "--dtype", "fp32"]) == 0
+    assert "tokenizer and chat template: from" in capsys.readouterr().out
+    assert AutoTokenizer.from_pretrained(out).chat_template == template
+
+    tokenizer.add_tokens(["<new_tool_token>"])  # one token past the embedding's rows (a resized vocabulary)
+    tokenizer.save_pretrained(adapter)
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert f"has {len(tokenizer)} tokens but the model's embedding only {len(tokenizer) - 1} rows" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o2").exists()

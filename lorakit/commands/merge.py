@@ -17,6 +17,8 @@ EPILOG = """examples:
   lorakit merge --model ./base --adapter ADAPTER --out merged --format gguf       # + merged/merged-f16.gguf
   lorakit merge --model ./base --adapter ADAPTER --out merged --overwrite         # replace a previous merge
 
+A tokenizer saved in the adapter folder (as transformers' Trainer and trl do) goes into the output
+instead of the base's: the chat template the adapter was trained with.
 --out may be new or an empty folder; --overwrite replaces a previous output folder whole (a folder
 holding other files is refused, never emptied). --model must be the base the adapter was trained on
 (lorakit inspect ADAPTER shows it).
@@ -40,6 +42,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: f16)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous output folder at --out "
                         "(atomically: the old one stays until the new one is whole)")
+
+
+def adapter_tokenizer(folder: str, model):
+    """The tokenizer saved in the adapter folder (transformers' Trainer and trl save it beside the adapter; peft's
+    docs say to when tokens or the chat template change), or None. The model was trained with it, so the merged folder gets it,
+    not the base's; one that names more tokens than the model has embeddings for is refused."""
+    from pathlib import Path
+
+    from lorakit.errors import LorakitError
+    from lorakit.models.loading import TOKENIZER_FILES, load_tokenizer
+
+    path = Path(folder).expanduser()
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    tokenizer = load_tokenizer(path)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise LorakitError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model's embedding only {rows} "
+                           "rows; merge with the base the adapter was trained on (its resized vocabulary), or remove "
+                           f"the tokenizer files from {folder} to keep the base's tokenizer")
+    print(f"tokenizer and chat template: from {folder} (the adapter folder has its own), not from the base")
+    return tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         lorakit.load_adapter(model, adapter, adapter="merged")
     except LorakitError as error:  # another base's adapter: say which base, and how to pass it
         raise explain_misfit(error, adapter, args.model, defaulted) from None
+    tokenizer = adapter_tokenizer(args.adapter, model) or tokenizer
     from lorakit.quant import is_quantized
 
     if any(is_quantized(module) for module in model.modules()):  # export_merged dequantizes it before merging
