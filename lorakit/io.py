@@ -1182,9 +1182,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
 
     Folders saved by peft load with the logits ``peft.PeftModel.from_pretrained`` gives, including: pissa / olora
     inits (as a plain LoRA of rank 2r on the untouched base), ``trainable_token_indices`` (modules-to-save copies
-    of the embedding and its tied head), ``ensure_weight_tying``, SEQ_CLS's ``modules_to_save``, and
-    ``bias="all"/"lora_only"`` when the saved biases are the base's. Options lorakit cannot reproduce are refused
-    in one line that names them.
+    of the embedding and its tied head; for inference only), ``ensure_weight_tying``, SEQ_CLS's ``modules_to_save``,
+    and ``bias="all"/"lora_only"`` when the saved biases are the base's. Options lorakit cannot reproduce are
+    refused in one line that names them.
     """
     if isinstance(folder, AdapterFile):
         adapter_file = folder
@@ -1195,6 +1195,11 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
         adapter_file = read_adapter(folder, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
     if adapter in adapter_names(model):
         raise LorakitError(f"the model already has an adapter named {adapter!r}; pass another name or delete it first")
+    if trainable and adapter_file.token_indices:  # the copies have no mask: training would change every row
+        raise LorakitError(f"{adapter_file.folder}: trainable_token_indices {shown(adapter_file.token_indices)} load as whole "
+                           "copies of the embedding (and of the head tied to it), so trainable=True would train all their "
+                           "rows, not only these tokens as peft does; load it with trainable=False to run it, or continue "
+                           "its training with peft")
     from lorakit.moe_legacy import convert_legacy_experts
 
     adapter_file = convert_legacy_experts(model, adapter_file)  # transformers 4's per-expert LoRA -> fused experts

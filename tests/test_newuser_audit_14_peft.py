@@ -74,3 +74,17 @@ def test_a_config_written_by_early_peft(tmp_path):
     message = refusal(tmp_path)
     assert "enable_lora=[True, False, True] is early peft's (0.1 - 0.2) LoRA on parts of a fused layer" in message
     assert "newer peft" not in message
+
+
+def test_trainable_tokens_are_not_loaded_for_training_as_whole_copies(tmp_path):
+    """peft's trainable_token_indices load as whole copies of the embedding and of its tied head (same logits).
+    With trainable=True every row of both copies took gradients, so continued training changed the whole vocabulary
+    and untied the head, where peft trains the listed rows only: refused, the model untouched; it runs as before."""
+    peft_saved("llama-tied", tmp_path, target_modules=["q_proj"], trainable_token_indices=[3, 4])
+    model = build("llama-tied")
+    with pytest.raises(lorakit.LorakitError, match=r"trainable_token_indices \[3, 4\] load as whole copies .*trainable=True "
+                                                   r"would train all their rows, not only these tokens"):
+        lorakit.load_adapter(model, tmp_path, trainable=True)
+    assert not lorakit.adapter_names(model) and all(p.requires_grad for p in model.parameters())  # not frozen by inject
+    lorakit.load_adapter(model, tmp_path)
+    assert not any(p.requires_grad for name, p in model.named_parameters() if ".copies." in name)
