@@ -119,3 +119,53 @@ def test_tool_schemas_and_calls_from_a_table_train_without_other_rows_parameters
     for table, jsonl in zip(from_table, from_jsonl):
         rendered = render_examples(table, tok)
         assert rendered == render_examples(jsonl, tok) and "null" not in rendered[0][0], rendered[0][0]
+
+
+# -- what datasets.load_dataset leaves on disk ----------------------------------------------------------------------
+def test_the_cache_load_dataset_writes_and_arrow_files_read(tmp_path):
+    """A user who ran datasets.load_dataset has its cache folder (name-train.arrow, name-validation.arrow,
+    dataset_info.json, and cache-<fingerprint>.arrow files of .map() calls): it was "a folder with no data files ...
+    give the data files themselves", and an .arrow file was refused. Now the folder reads its train split for --data
+    and its validation split for --val-data, skipping the .map() results, and an .arrow file (save_to_disk's shards
+    too) reads as a table."""
+    datasets = pytest.importorskip("datasets")
+    from lorakit.train.sources import VALIDATION_SPLITS
+
+    def write(name, n):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"prompt": f"{name[:2]}{i} ", "completion": f"c{i}"}) + "\n"
+                                for i in range(n)))
+        return str(path)
+
+    loaded = datasets.load_dataset("json", data_files={"train": write("train.jsonl", 5),
+                                                       "validation": write("val.jsonl", 2)}, cache_dir=str(tmp_path / "c"))
+    loaded["train"].map(lambda row: {"prompt": row["prompt"] + "!"})  # leaves a cache-*.arrow beside the splits
+    folder = next((tmp_path / "c").rglob("*-train.arrow")).parent
+    assert any(p.name.startswith("cache-") for p in folder.iterdir()) and (folder / "dataset_info.json").is_file()
+    train, val = read_many(folder), read_many(folder, VALIDATION_SPLITS)
+    assert [r["prompt"] for r in train] == [f"tr{i} " for i in range(5)]
+    assert [r["prompt"] for r in val] == [f"va{i} " for i in range(2)]
+    assert train[0].where == "json-train.arrow row 0"
+    loaded["train"].save_to_disk(str(tmp_path / "saved"))
+    shard = next((tmp_path / "saved").glob("*.arrow"))
+    assert [r["completion"] for r in read_many(shard)] == [f"c{i}" for i in range(5)]
+    (tmp_path / "bad.arrow").write_text("not arrow")
+    assert _error(tmp_path / "bad.arrow").startswith(f"{tmp_path / 'bad.arrow'}: not a readable Arrow file (")
+
+
+def test_a_hub_cache_folder_names_the_snapshot_to_give(tmp_path):
+    """~/.cache/huggingface/hub/datasets--org--name (blobs, refs, snapshots) was told "give the one with the data (a
+    downloaded Hugging Face dataset keeps its files in data/)", and none of its subfolders holds them: the line now
+    names the snapshot's data folder, which reads."""
+    import pandas as pd
+
+    repo = tmp_path / "datasets--org--name"
+    snapshot = repo / "snapshots" / "abc123"
+    (snapshot / "data").mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    pd.DataFrame([{"prompt": "p ", "completion": "c"}]).to_parquet(snapshot / "data" / "train-00000-of-00001.parquet")
+    assert _error(repo) == (f"{repo} is a Hugging Face hub cache folder (blobs, refs, snapshots); give the data files "
+                            f"of its snapshot: {snapshot / 'data'}")
+    assert len(read_many(snapshot / "data")) == 1

@@ -42,9 +42,9 @@ class TrainConfig:
 
     # -- model and data ------------------------------------------------------------------------------------------
     model: str = _f("smollm2-135m", "base model: the embedded name (smollm2-135m) or a local Hugging Face folder", "model and data")
-    data: list[str] | None = _f(None, "training data: JSONL, JSON, CSV, TSV or Parquet files (or .gz), a folder of "
-                                "them or a datasets folder; records {text}, {prompt, completion}, {messages} (OpenAI "
-                                "chat), Alpaca {instruction, input, output} or ShareGPT {conversations}; default: "
+    data: list[str] | None = _f(None, "training data: JSONL, JSON, CSV, TSV, Parquet or Arrow files (or .gz), a "
+                                "folder of them or a datasets folder; records {text}, {prompt, completion}, {messages} "
+                                "(OpenAI chat), Alpaca {instruction, input, output} or ShareGPT {conversations}; default: "
                                 "the embedded 'orders' task", "model and data",
                                 nargs="+")
     val_data: list[str] | None = _f(None, "validation files (same formats); default: none, or the embedded task's "

@@ -1,5 +1,6 @@
 """Reading training records from where users keep them: JSONL / JSON (also pandas' ``DataFrame.to_json`` layouts),
-CSV / TSV, Parquet (gzip too), a local ``datasets`` folder, a folder of split-named files, or a glob.
+CSV / TSV, Parquet, Arrow (gzip too), a local ``datasets`` folder (``save_to_disk``'s, or the cache ``load_dataset``
+writes), a folder of split-named files, or a glob.
 
 :func:`read_many` and :func:`read_records` turn each row into a validated :class:`lorakit.train.formats.Record`
 (formats.py says which record shapes are read); this module only finds the rows: the file's kind from its bytes
@@ -27,7 +28,8 @@ from lorakit.train.formats import (COMPLETION_LIKE, EXPECTED_SHAPES, IGNORED_FIE
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet",)
-DATA_SUFFIXES = JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
+ARROW_SUFFIXES = (".arrow",)  # what datasets writes: save_to_disk's data-*.arrow, load_dataset's cache name-train.arrow
+DATA_SUFFIXES = JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "eval", "test")  # --val-data's split, first found
 # a CSV header naming none of these is refused at line 1 (a file without a header, or all columns misnamed); one naming
 # other tools' fields (input / output) goes on to the record check, which says what to rename
@@ -85,10 +87,18 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
                 entries = sorted(path.iterdir())
             except OSError as exc:
                 raise LorakitError(f"{path}: cannot list the folder ({exc.strerror}); check its permissions") from None
-            files = [p for p in entries if p.is_file() and _data_suffix(p) is not None and p.name not in METADATA_FILES]
+            # datasets' cache folder also holds cache-<fingerprint>.arrow files, the results of .map() / .filter()
+            # calls on it: derived data, not a split
+            files = [p for p in entries if p.is_file() and _data_suffix(p) is not None and p.name not in METADATA_FILES
+                     and not (_data_suffix(p) in ARROW_SUFFIXES and p.name.startswith("cache-"))]
             split_dirs = [p for p in entries if p.is_dir() and SPLIT_WORDS.get(p.name.lower())]
             if not files and split_dirs:  # data/train/, data/validation/, data/test/: the split asked for
                 return read_records(_split_files(path, split_dirs, split)[0], split)
+            snapshot = _hub_cache_snapshot(path) if not files else None
+            if snapshot is not None:  # ~/.cache/huggingface/hub/datasets--org--name: the files are in a snapshot
+                inside = snapshot / "data" if (snapshot / "data").is_dir() else snapshot
+                raise LorakitError(f"{path} is a Hugging Face hub cache folder (blobs, refs, snapshots); give the data "
+                                   f"files of its snapshot: {inside}")
             if not files:
                 subfolders = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
                 inside = (f"; it has the subfolder(s) {', '.join(subfolders[:5])}: give the one with the data (a "
@@ -109,6 +119,8 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
                                f"{', '.join(DATA_SUFFIXES)} (optionally .gz) or a folder saved with save_to_disk{hint}")
         if suffix in PARQUET_SUFFIXES:
             records = _read_parquet(path)
+        elif suffix in ARROW_SUFFIXES:
+            records = _read_arrow(path)
         else:
             raw = _read_bytes(path)
             records = (_read_jsonl(path, raw, suffix, split) if suffix in JSONL_SUFFIXES
@@ -122,7 +134,6 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
 OTHER_FILE_HINTS = {
     ".txt": "; for plain text write each document as {\"text\": ...} on its own line of a .jsonl file",
     ".xlsx": "; export the sheet as CSV (CSV UTF-8) first", ".xls": "; export the sheet as CSV (CSV UTF-8) first",
-    ".arrow": "; give the folder datasets' save_to_disk wrote (with state.json), not its .arrow file",
     ".zst": "; decompress it first (zstd -d); only gzip is read", ".bz2": "; decompress it first; only gzip is read",
     ".xz": "; decompress it first; only gzip is read", ".zip": "; unzip it and give the files or their folder",
 }
@@ -549,6 +560,43 @@ def _read_parquet(path: Path) -> list[Record]:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LorakitError(f"{path}: not a readable Parquet file ({reason})") from None
     return [_table_record(row, f"{path.name} row {i}") for i, row in enumerate(rows)]
+
+
+def _read_arrow(path: Path) -> list[Record]:
+    """The rows of an Arrow IPC file, in the stream format datasets writes (the file format too)."""
+    try:
+        import pyarrow as pa  # lazy: comes with the datasets package (lorakit[data])
+    except ImportError:
+        raise LorakitError(f"{path}: reading Arrow needs pyarrow: pip install 'lorakit[data]'") from None
+    try:
+        with pa.input_stream(str(path), compression="detect") as stream:  # detect: gzip for a .gz name
+            data = pa.py_buffer(stream.read())
+        try:
+            table = pa.ipc.open_stream(data).read_all()
+        except pa.ArrowInvalid:
+            table = pa.ipc.open_file(data).read_all()
+    except Exception as exc:  # ArrowInvalid / OSError for a file that is not Arrow
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LorakitError(f"{path}: not a readable Arrow file ({reason})") from None
+    names = table.schema.names
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:  # to_pylist would keep the last of them
+        raise LorakitError(f"{path}: the table has two columns named {twice!r}; rename or remove one")
+    return [_table_record(row, f"{path.name} row {i}") for i, row in enumerate(table.to_pylist())]
+
+
+def _hub_cache_snapshot(path: Path) -> Path | None:
+    """The snapshot folder of a Hugging Face hub cache folder (``datasets--org--name``: blobs/, refs/main naming
+    the snapshot, snapshots/<hash>/), else None."""
+    ref, snapshots = path / "refs" / "main", path / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    try:
+        named = snapshots / ref.read_text().strip() if ref.is_file() else None
+        found = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return None
+    return named if named is not None and named.is_dir() else (found[-1] if found else None)
 
 
 def _read_datasets_folder(path: Path, split: str | None) -> list[Record]:
