@@ -169,3 +169,22 @@ def test_a_hub_cache_folder_names_the_snapshot_to_give(tmp_path):
     assert _error(repo) == (f"{repo} is a Hugging Face hub cache folder (blobs, refs, snapshots); give the data files "
                             f"of its snapshot: {snapshot / 'data'}")
     assert len(read_many(snapshot / "data")) == 1
+
+
+# -- chats saved from an OpenAI-compatible server's responses --------------------------------------------------------
+def test_an_empty_tool_calls_list_is_a_turn_without_calls(tmp_path, tok):
+    """vLLM's server answers every message with "tool_calls": [] when there are none (and "reasoning_content": null,
+    "refusal": null); chats distilled from it and saved as they came were refused: "messages[1] tool_calls must be
+    a non-empty list". They train as the same chat without the key."""
+    from lorakit.train.data import build_dataset
+
+    answer = {"role": "assistant", "content": "Paris.", "tool_calls": [], "reasoning_content": None, "refusal": None}
+    chat = {"messages": [{"role": "user", "content": "Capital of France?"}, answer]}
+    plain = {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]}
+    (tmp_path / "distilled.jsonl").write_text(json.dumps(chat) + "\n")
+    (tmp_path / "plain.jsonl").write_text(json.dumps(plain) + "\n")
+    assert build_dataset(read_many(tmp_path / "distilled.jsonl"), tok, 64).rows == \
+        build_dataset(read_many(tmp_path / "plain.jsonl"), tok, 64).rows
+    empty = {"messages": [{"role": "user", "content": "Capital of France?"}, {**answer, "content": ""}]}
+    (tmp_path / "empty.jsonl").write_text(json.dumps(empty) + "\n")  # no text and no call: still nothing to learn
+    assert _error(tmp_path / "empty.jsonl").startswith("empty.jsonl:1: messages[1]: empty completion")

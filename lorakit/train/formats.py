@@ -612,6 +612,9 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
                 raise LorakitError(f"{at} has unknown key {key!r}; a message has only 'role', 'content', 'weight' "
                                    "(assistant turns), OpenAI's tool keys 'tool_calls', 'tool_call_id', 'name' and "
                                    "the assistant's 'reasoning_content' (or 'thinking')")
+        if isinstance(msg.get("tool_calls"), list) and not msg["tool_calls"]:
+            # no calls: what exports of a table write on every turn without any (a list column's empty cell)
+            msg = {key: value for key, value in msg.items() if key != "tool_calls"}
         role, content = msg.get("role"), msg.get("content")
         if isinstance(role, str):
             role = role.strip().lower()  # "User", "Assistant"
