@@ -7,6 +7,7 @@ server's PYTHONPATH wraps ``lorakit.io.read_adapter`` and logs each read), as fr
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -187,3 +188,70 @@ def test_an_eviction_during_a_first_load_makes_room_for_it(pool):
     thread.join(30)
     assert set(pool._loaded) == {"a", "c"} and pool._loaded["c"].internal == result["c"]
     assert sorted(lorakit.adapter_names(pool.model)) == sorted(e.internal for e in pool._loaded.values())
+
+
+# -- part 2: the protocol ----------------------------------------------------------------------------------------
+def _sse(url: str, path: str, body: dict) -> list[dict]:
+    events = []
+    with httpx.Client(base_url=url, timeout=60) as own, own.stream("POST", path, json={**body, "stream": True}) as s:
+        assert s.status_code == 200, s.read()[:300]
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+    return events
+
+
+PROMPTS = ["Paris is", "The quick brown fox", "Hello", "Berlin", "hi", "Numbers: 0 1 2"]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_logprobs_end_where_a_stop_string_cuts_the_text(server, chat):
+    """A stop string cuts the text, but the logprobs went on with the stop string's tokens (and, after a partial
+    character, more): text_offset past the end of the text, chat ``bytes`` that rebuilt the text and the stop
+    string. They now cover the tokens whose text begins in the answer, streamed or not."""
+    url = server["url"]
+
+    def request(prompt: str) -> tuple[str, dict]:
+        if chat:
+            return "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": prompt}],
+                                            "logprobs": True, "top_logprobs": 1, "max_tokens": 24, "temperature": 0}
+        return "/v1/completions", {"model": "base", "prompt": prompt, "logprobs": 1, "max_tokens": 24,
+                                   "temperature": 0}
+
+    def tokens_of(choice_logprobs: dict) -> list[str]:
+        return [t["token"] for t in choice_logprobs["content"]] if chat else choice_logprobs["tokens"]
+
+    def text_of(choice: dict) -> str:
+        return choice["message"]["content"] if chat else choice["text"]
+
+    with httpx.Client(base_url=url, timeout=60) as own:
+        for prompt in PROMPTS:  # one whose answer begins with three whole-character tokens (a random model)
+            path, body = request(prompt)
+            full = own.post(path, json=body).json()["choices"][0]
+            tokens = tokens_of(full["logprobs"])
+            if len(tokens) < 3 or any("\ufffd" in t or not t for t in tokens[:3]):
+                continue
+            stop = tokens[1][-1] + tokens[2]  # spans the boundary of tokens 1 and 2
+            cut = len(tokens[0]) + len(tokens[1]) - 1
+            if text_of(full).index(stop) == cut:
+                break
+        else:
+            pytest.fail("no prompt's answer begins with three whole-character tokens")
+        starts = [len("".join(tokens[:i])) for i in range(3)]
+        kept = [t for t, start in zip(tokens, starts) if start < cut]  # whose text begins before the cut
+        answer = own.post(path, json={**body, "stop": stop}).json()["choices"][0]
+    expected = text_of(full)[:cut]
+    assert text_of(answer) == expected and answer["finish_reason"] == "stop"
+    assert tokens_of(answer["logprobs"]) == kept, (stop, tokens_of(answer["logprobs"]), kept)
+    if chat:
+        joined = b"".join(bytes(t["bytes"]) for t in answer["logprobs"]["content"])
+        assert joined.startswith(expected.encode()) and len(joined) < len(expected.encode()) + len(stop.encode())
+    else:
+        assert all(offset < len(expected) for offset in answer["logprobs"]["text_offset"])
+    events = _sse(url, path, {**body, "stop": stop})
+    streamed = [t for e in events if e["choices"] and e["choices"][0]["logprobs"]
+                for t in tokens_of(e["choices"][0]["logprobs"])]
+    assert streamed == kept
+    text = "".join((e["choices"][0]["delta"].get("content") or "") if chat else e["choices"][0]["text"]
+                   for e in events if e["choices"])
+    assert text == expected

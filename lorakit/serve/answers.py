@@ -89,8 +89,8 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     usage (``stream_options.include_usage``), then ``[DONE]``.
 
     With ``logprobs``, each chunk carries the tokens that produced it (a token whose text is held back, a partial
-    character or a possible stop string, rides on the next chunk), so the chunks' logprobs together equal the
-    non-streaming answer's. With ``n`` > 1 the choices' chunks interleave, each with its ``index``.
+    character or a possible stop string, rides on the next chunk; a stop string's tokens are in none), so the
+    chunks' logprobs together equal the non-streaming answer's. With ``n`` > 1 the choices' chunks interleave, each with its ``index``.
 
     With ``tools`` (a chat request whose calls are parsed: their format, the tools' names, whether only the first
     call is returned), text streams as
@@ -107,7 +107,9 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     """
     kind = "chat.completion.chunk" if chat else "text_completion"
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    pending: list[list[tuple[int, TokenInfo]]] = [[] for _ in jobs]
+    pending: list[list[tuple[int, TokenInfo]]] = [[] for _ in jobs]  # tokens whose logprobs are not sent yet
+    sent = [0] * len(jobs)  # tokens whose logprobs are sent
+    ready = [0] * len(jobs)  # tokens whose logprobs may be sent: their text is in the answer (event's settled)
     offsets = [0] * len(jobs)
     reasons: list[str | None] = [None] * len(jobs)
 
@@ -120,9 +122,11 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     def chunk(index: int, text: str | None, finish: str | None, first: bool = False,
               tool_calls: list[dict] | None = None, reasoning: str | None = None) -> str:
         lp = None
-        if logprobs is not None and pending[index]:
-            lp = logprobs_object(state, pending[index], chat, offsets[index])
-            pending[index] = []
+        flush = ready[index] - sent[index]
+        if logprobs is not None and flush > 0:
+            lp = logprobs_object(state, pending[index][:flush], chat, offsets[index])
+            del pending[index][:flush]
+            sent[index] += flush
         offsets[index] += len(text or "")
         if chat:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
@@ -149,6 +153,7 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
             if event[0] == "token":
                 if event[4] is not None:
                     pending[index].append((event[3], event[4]))
+                ready[index] = event[5]
                 reasoning, text = ("", event[2]) if thinking is None else thinking[index].feed(event[2])
                 if reasoning:
                     yield chunk(index, None, None, reasoning=reasoning)
@@ -160,6 +165,7 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
                     yield chunk(index, None, None, tool_calls=deltas)
                 continue
             reasons[index] = reason = event[3]
+            ready[index] = event[4]  # a stop string's tokens never are: the logprobs end with the text
             if reason.startswith("error"):
                 failed = reason
                 break
@@ -179,7 +185,7 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
                 text = (content or "")[holder.emitted:]
             elif holders is not None:
                 text, calls = holders[index].finish(text)
-            if text or pending[index]:
+            if text or (logprobs is not None and ready[index] > sent[index]):
                 yield chunk(index, text, None)
             if calls:
                 deltas = holders[index].rest_deltas(calls)

@@ -694,8 +694,9 @@ def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[S
             think: AnswerStart | None = None) -> tuple[list[Request], _Bridge]:
     """Hand ``len(params)`` jobs to the engine (job j answers ``prompts[j // n]``), each under the adapter pinned
     once by ``_acquire`` (``internal``; None: the base); the pin is released when the last job finishes, or here
-    if submitting fails. The jobs' events arrive on the bridge's queue: ``("token", j, text, token, info)`` and
-    ``("done", j, text, reason)``, text being the newly final text (stop strings cut). ``constraints``: job j's
+    if submitting fails. The jobs' events arrive on the bridge's queue: ``("token", j, text, token, info, settled)``
+    and ``("done", j, text, reason, settled)``, text being the newly final text (stop strings cut), settled how many
+    of the job's tokens have their text in the answer so far (``TextAssembler.settled``: their logprobs are sent). ``constraints``: job j's
     response_format matcher (:func:`_constraints`); one still waiting for the reasoning block (``think``) to close
     is switched on by the token that closes it."""
     pin = _SharedPin(state, adapter_name, len(params))  # from here each job's on_finish releases its share, once
@@ -709,14 +710,15 @@ def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[S
 
             def on_token(token: int, info: TokenInfo | None, index=index, assembler=assembler,
                          constraint=constraint) -> bool:
-                bridge.put(("token", index, assembler.add(token), token, info))
+                bridge.put(("token", index, assembler.add(token), token, info, assembler.settled()))
                 if constraint is not None and constraint.waiting and think.parser.close in assembler.text:
                     constraint.begin()  # the content starts: the format applies from the next token
                 return not assembler.stopped
 
             def on_finish(reason: str, index=index, assembler=assembler) -> None:
                 pin.done()
-                bridge.put(("done", index, assembler.finish(), reason))
+                text = assembler.finish()
+                bridge.put(("done", index, text, reason, assembler.settled(final=True)))
 
             job = Request(prompts[index // n], internal, choice_params, on_token, on_finish, logprobs=logprobs,
                           top_k=top_k, constraint=constraint)
@@ -817,6 +819,7 @@ async def _collect(state: ServerState, http: HTTPRequest, jobs: list[Request], b
                     infos[index].append((event[3], event[4]))
             else:
                 reasons[index] = event[3]
+                del infos[index][event[4]:]  # a stop string's tokens: the logprobs end with the text
     finally:
         watcher.cancel()
         for job, reason in zip(jobs, reasons):

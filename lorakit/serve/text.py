@@ -3,10 +3,14 @@
 Text is emitted only when it is final: a trailing incomplete UTF-8 character (decoded as U+FFFD) is held back
 until its next byte arrives, and so is any tail that could still grow into a stop string, so a streamed answer
 never shows part of a stop string. Stop tokens (end of turn) are never part of the text.
+
+``settled`` says how many of the tokens have text in the answer so far: their logprobs can be sent. The tokens
+of a stop string (and any after it) never have: the answer's logprobs end where its text does.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 import threading
@@ -29,6 +33,9 @@ class TextAssembler:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        # per token given to add (end-of-turn ones too): where its text begins in self.text. Nondecreasing; a token
+        # that completes a character split over tokens begins where that character does (U+FFFD tail dropped)
+        self.starts: list[int] = []
 
     def _decode(self) -> str:
         with self.lock:
@@ -37,7 +44,10 @@ class TextAssembler:
             return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
     def add(self, token: int) -> str:
-        if self.stopped or token in self.stop_token_ids:
+        if self.stopped:
+            return ""
+        self.starts.append(len(self.text.rstrip("\ufffd")))
+        if token in self.stop_token_ids:
             return ""
         self.ids.append(token)
         self.text = self._decode()
@@ -55,6 +65,15 @@ class TextAssembler:
 
     def finish(self) -> str:
         return self._emit(len(self.text))
+
+    def settled(self, final: bool = False) -> int:
+        """How many tokens (of those given to ``add``, in order) begin inside the text emitted so far; ``final``
+        (after ``finish``): every token, but for a stop string's tokens and any after them (the text ends before
+        them, and so do the logprobs: OpenAI's ``bytes`` of the tokens rebuild the text, ``text_offset`` stays in
+        it)."""
+        if final and not self.stopped:
+            return len(self.starts)
+        return bisect.bisect_left(self.starts, len(self.text) if final else self.emitted)
 
     def _emit(self, end: int) -> str:
         end = max(end, self.emitted)
