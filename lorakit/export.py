@@ -43,6 +43,9 @@ from lorakit._fs import atomic_path, replace_folder, temp_dir
 from lorakit.errors import LorakitError
 
 LOSS_WARNING = 0.25
+# shards of a written model folder: huggingface_hub's default and the Hub's habit, and what lorakit quantize writes
+# (transformers 5's save_pretrained alone writes up to 50GB files)
+MAX_SHARD_SIZE = "5GB"
 GGUF_TYPES = ("f16", "q8_0")
 
 
@@ -266,9 +269,28 @@ def write_failure(out: Path, error: OSError) -> str:
     return f"cannot write {out}: {error.strerror or error}{busy}{kept}"
 
 
+def shard_size(value: int | str, flag: str = "max_shard_size") -> int:
+    """``value`` ("5GB", "500MB", "20KB", or a number of bytes) as bytes; one line naming the flag otherwise."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    text = str(value).strip().upper().replace(" ", "")
+    if text[-1:] in ("K", "M", "G", "T"):  # "5G" as "5GB"
+        text += "B"
+    try:
+        size = int(text) if text.isdigit() else parse_size_to_int(text)
+    except ValueError:
+        size = None
+    if isinstance(value, bool) or size is None or size < 1:
+        raise LorakitError(f"{flag} {value!r} is not a size; give bytes or a number with KB, MB, GB or TB, e.g. 5GB")
+    return size
+
+
 def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: torch.dtype, overwrite: bool = False,
-                 extra_files=None) -> Path:
+                 extra_files=None, max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
     """Save ``model`` (cast to ``dtype``) and ``tokenizer`` as a Hugging Face folder at ``out``, atomically.
+
+    Weights above ``max_shard_size`` (bytes, or "5GB" / "500MB") are split into shards with a
+    ``model.safetensors.index.json``, as ``lorakit quantize`` writes them.
 
     ``extra_files(tmp_folder)`` may write more files (the GGUF) into the folder before it is renamed into place.
     An existing empty ``out`` is used; a non-empty one needs ``overwrite`` and may hold only a model folder's
@@ -278,6 +300,7 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
     from lorakit._fs import publish_mode
 
     out = _checked_out(model, out, overwrite)
+    max_shard_size = shard_size(max_shard_size)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(out)
@@ -290,7 +313,7 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
         for attr in ("lorakit_base_name", "lorakit_configs"):
             if hasattr(model, attr):
                 delattr(model, attr)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name in ("config.json", "tokenizer_config.json"):
@@ -799,20 +822,24 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
 
 
 def export_merged(model: nn.Module, tokenizer, adapter: str, out: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                  gguf_type: str | None = None, overwrite: bool = False, name: str | None = None) -> tuple[Path, DeltaReport]:
+                  gguf_type: str | None = None, overwrite: bool = False, name: str | None = None,
+                  max_shard_size: int | str = MAX_SHARD_SIZE) -> tuple[Path, DeltaReport]:
     """Merge ``adapter`` and write the HF folder ``out`` (and ``out/<name>-<gguf_type>.gguf`` when asked).
 
-    The GGUF is written from the float32 merged weights, before the folder's cast to ``dtype``.
+    The GGUF is written from the float32 merged weights, before the folder's cast to ``dtype``. Weights above
+    ``max_shard_size`` are split into shards (see ``write_folder``).
     """
     if gguf_type is not None:  # fail before any work when the model cannot be exported
         gguf_arch(model.config)
         if gguf_type not in GGUF_TYPES:
             raise LorakitError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     _checked_out(model, out, overwrite)  # before merging: a refused folder leaves the model as it was
+    shard_size(max_shard_size)
     model, report = merge_model(model, adapter, dtype)
     if report.lost_share > LOSS_WARNING:
         warnings.warn(f"the cast to {str(dtype).replace('torch.', '')} loses {100 * report.lost_share:.0f}% of the "
                       "adapter's update; merge with --dtype fp32 to keep it", stacklevel=2)
     stem = name or Path(out).name
     extra = (lambda folder: write_gguf(model, tokenizer, folder / f"{stem}-{gguf_type}.gguf", gguf_type, stem)) if gguf_type else None
-    return write_folder(model, tokenizer, out, dtype, overwrite=overwrite, extra_files=extra), report
+    return write_folder(model, tokenizer, out, dtype, overwrite=overwrite, extra_files=extra,
+                        max_shard_size=max_shard_size), report

@@ -978,6 +978,20 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
     return config if kept == config.modules_to_save else config.replace(modules_to_save=kept or None)
 
 
+def _tied_in_file(model: nn.Module, adapter_file: AdapterFile, config: LoraConfig) -> list[str]:
+    """With ``ensure_weight_tying``: the paths of modules sharing one weight (an embedding and its tied head) that
+    ``config`` adapts or copies each (``fitted_config`` reads both from the file); [] otherwise."""
+    if not (isinstance(adapter_file.raw_config, dict) and adapter_file.raw_config.get("ensure_weight_tying") is True):
+        return []
+    modules = _base_modules(model)
+    by_weight: dict[int, list[str]] = {}
+    for path in {**find_targets(model, config), **find_modules_to_save(model, config)}:
+        weight = getattr(modules[path], "weight", None)
+        if isinstance(weight, torch.Tensor):
+            by_weight.setdefault(id(weight), []).append(path)
+    return next((sorted(paths) for paths in by_weight.values() if len(paths) > 1), [])
+
+
 def _tied_partners(model: nn.Module, adapter_file: AdapterFile, names: list[str]) -> list[str]:
     """``modules_to_save`` plus the modules tied to a saved one whose copy the file holds: with ensure_weight_tying
     peft trains one copy of a tied embedding for the embedding and its head (it rewrites ["lm_head"] as the
@@ -1205,6 +1219,12 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     adapter_file = convert_legacy_experts(model, adapter_file)  # transformers 4's per-expert LoRA -> fused experts
     plan = plan_load(model, adapter_file, check_base=check_base)
     config = fitted_config(model, adapter_file)
+    tied = _tied_in_file(model, adapter_file, config) if trainable else []
+    if tied:  # lorakit's two LoRAs (or copies) would each get their own gradients: training would untie them
+        raise LorakitError(f"{adapter_file.folder}: with ensure_weight_tying peft trains one update shared by the tied "
+                           f"{' and '.join(tied)}; lorakit loads them as separate ones (same outputs), so trainable=True "
+                           "would train them apart; load it with trainable=False to run it, or continue its training "
+                           "with peft")
     if adapter_file.base_rewrite:  # as peft's from_pretrained, which repeats the init on the original base
         plan, config = _plain_form(model, plan, config, adapter_file.base_rewrite)
     inject(model, config, adapter=adapter, trainable=trainable)

@@ -84,3 +84,37 @@ def test_merge_writes_the_tokenizer_saved_in_the_adapter_folder(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"has {len(tokenizer)} tokens but the model's embedding only {len(tokenizer) - 1} rows" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o2").exists()
+
+
+def test_merge_and_quantize_shard_their_weights_with_max_shard_size(tmp_path, capsys):
+    """lorakit merge wrote one safetensors file of any size (transformers 5's save_pretrained default is 50GB: one
+    16 GB file for an 8B model) while lorakit quantize shards at 5GB, and neither took a shard size. Now both
+    take --max-shard-size (default 5GB); the index names every tensor once, each shard is a 'pt' safetensors file
+    and plain transformers loads the folder with the adapter model's logits."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import main
+    from test_merge_export import IDS, unmerged_logits
+
+    model_dir = tiny_hf_folder(tmp_path / "model", initializer_range=0.3)
+    adapter = make_adapter(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "adapter", seed=1, std=0.05)
+    common = ["--model", str(model_dir), "--out"]
+    assert main(["merge", *common, str(tmp_path / "x"), "--adapter", str(adapter), "--max-shard-size", "5 gigs"]) == 2
+    assert "--max-shard-size '5 gigs' is not a size" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    for command, extra in (("merge", ["--adapter", str(adapter), "--dtype", "fp32"]), ("quantize", [])):
+        out = tmp_path / command
+        assert main([command, *common, str(out), *extra, "--max-shard-size", "20KB"]) == 0
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        shards = sorted(p.name for p in out.glob("*.safetensors"))
+        assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+        keys = []
+        for shard in shards:
+            with safe_open(out / shard, "pt") as handle:
+                assert handle.metadata().get("format") == "pt"
+                keys += list(handle.keys())
+        assert sorted(keys) == sorted(index["weight_map"]) and len(keys) == len(set(keys))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merge")
+    assert_close(_logits(merged, IDS), unmerged_logits(model_dir, adapter), torch.float32)

@@ -88,3 +88,21 @@ def test_trainable_tokens_are_not_loaded_for_training_as_whole_copies(tmp_path):
     assert not lorakit.adapter_names(model) and all(p.requires_grad for p in model.parameters())  # not frozen by inject
     lorakit.load_adapter(model, tmp_path)
     assert not any(p.requires_grad for name, p in model.named_parameters() if ".copies." in name)
+
+
+@pytest.mark.parametrize("options", [dict(target_modules=["q_proj", "embed_tokens"]),
+                                     dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])],
+                         ids=["lora", "copy"])
+def test_an_ensure_weight_tying_adapter_is_not_loaded_for_training_apart(options, tmp_path):
+    """With ensure_weight_tying peft trains one update (LoRA or copy) for the embedding and the head tied to it;
+    lorakit loads them as two (same logits), and with trainable=True each took its own gradients, so one step of
+    continued training untied them. Refused for training; it loads to run, and an adapter with nothing tied trains."""
+    peft_saved("llama-tied", tmp_path / "tied", ensure_weight_tying=True, **options)
+    model = build("llama-tied")
+    with pytest.raises(lorakit.LorakitError, match=r"ensure_weight_tying peft trains one update shared by the tied lm_head "
+                                                   r"and model.embed_tokens; .*trainable=True would train them apart"):
+        lorakit.load_adapter(model, tmp_path / "tied", trainable=True)
+    assert not lorakit.adapter_names(model)
+    lorakit.load_adapter(model, tmp_path / "tied")
+    peft_saved("llama-tied", tmp_path / "q", ensure_weight_tying=True, target_modules=["q_proj"])
+    lorakit.load_adapter(build("llama-tied"), tmp_path / "q", trainable=True)

@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "inside it (default: %(default)s)")
     parser.add_argument("--gguf-type", default=None, choices=["f16", "q8_0"], help="GGUF tensor type, with --format gguf "
                         "(default: f16)")
+    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="split the weights into safetensors "
+                        "files of at most SIZE (e.g. 2GB, 500MB) with a model.safetensors.index.json (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous output folder at --out "
                         "(atomically: the old one stays until the new one is whole)")
 
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit.export import LOSS_WARNING, export_merged
 
-    from lorakit.export import check_output_folder, leftover_note
+    from lorakit.export import check_output_folder, leftover_note, shard_size
 
     from lorakit.commands._args import (check_adapter_arg, check_base_names, check_model_arg, check_model_folder,
                                         check_writable, explain_misfit)
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gguf_type is not None and args.format != "gguf":
         raise LorakitError(f"--gguf-type {args.gguf_type} applies to a GGUF file only; add --format gguf (or drop "
                            "--gguf-type for the Hugging Face folder alone)")
+    max_shard_size = shard_size(args.max_shard_size, "--max-shard-size")
     if args.model is not None:
         check_model_arg(args.model)  # the cheap checks first: check_model_folder imports transformers (seconds)
     check_adapter_arg(args.adapter)
@@ -126,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out, report = export_merged(model, tokenizer, "merged", out, dtype=dtype,
-                                    gguf_type=(args.gguf_type or "f16") if args.format == "gguf" else None, overwrite=args.overwrite)
+                                    gguf_type=(args.gguf_type or "f16") if args.format == "gguf" else None,
+                                    overwrite=args.overwrite, max_shard_size=max_shard_size)
     print(f"merged {args.adapter} into {args.model}: {report}")
     for warning in caught:
         if "loses" in str(warning.message):

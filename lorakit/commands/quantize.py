@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("--model", required=True, help="embedded model name or local Hugging Face folder (16-bit)")
     parser.add_argument("--out", required=True, help="output folder: new or empty (or a previous output, with --overwrite)")
+    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="split the weights into safetensors "
+                        "files of at most SIZE (e.g. 2GB, 500MB) with a model.safetensors.index.json (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous output folder at --out (atomically: "
                         "the old one stays until the new one is whole; a folder holding other files is refused)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import lorakit
-    from lorakit.export import check_output_folder, leftover_note, write_failure
+    from lorakit.export import check_output_folder, leftover_note, shard_size, write_failure
     from lorakit.models.loading import resolve_model_folder
     from lorakit.models.quantized_saving import save_quantized
 
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
     from lorakit.models.loading import model_config_dict
 
+    max_shard_size = shard_size(args.max_shard_size, "--max-shard-size")
     check_model_arg(args.model)  # the cheap checks first: check_model_folder imports transformers (seconds)
     start = time.perf_counter()
     protected = {"the model folder": args.model} if os.path.isdir(os.path.expanduser(args.model)) else {}
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {args.model} stores {name} weights; the 4-bit folder keeps its embeddings, norms and head in "
               f"{str(dtype).removeprefix('torch.')} and quantizes from that (--dtype {flag} keeps {name})")
     try:
-        save_quantized(model, tokenizer, out, overwrite=overwrite)
+        save_quantized(model, tokenizer, out, overwrite=overwrite, max_shard_size=max_shard_size)
     except OSError as error:  # a full disk, a folder that cannot be renamed: save_quantized left nothing half-written
         raise LorakitError(write_failure(out, error)) from None
     before, after = _size(Path(source)), _size(out)
