@@ -188,3 +188,26 @@ def test_an_empty_tool_calls_list_is_a_turn_without_calls(tmp_path, tok):
     empty = {"messages": [{"role": "user", "content": "Capital of France?"}, {**answer, "content": ""}]}
     (tmp_path / "empty.jsonl").write_text(json.dumps(empty) + "\n")  # no text and no call: still nothing to learn
     assert _error(tmp_path / "empty.jsonl").startswith("empty.jsonl:1: messages[1]: empty completion")
+
+
+# -- JSON written by hand or by Python without json.dumps ------------------------------------------------------------
+@pytest.mark.parametrize("name, text, message", [
+    ("a.jsonl", '{"prompt": "a", "completion": "b",}\n',
+     "a.jsonl:1: malformed JSON (Expecting property name enclosed in double quotes at column 35); a comma before the "
+     "closing '}': JSON allows none after the last item (Python code does): remove it"),
+    ("b.json", '[\n  {"prompt": "a", "completion": "b"},\n]\n',
+     "b.json:3: malformed JSON (Expecting value at column 1); a comma before the closing ']'"),
+    ("c.json", '[\n  {"prompt": "a",\n   "completion": "b",\n  }\n]',
+     "c.json:4: malformed JSON (Expecting property name enclosed in double quotes at column 3); a comma before the "
+     "closing '}'"),
+    ("d.jsonl", '{"prompt": "a", "completion": "b", "id": None}\n',
+     "d.jsonl:1: malformed JSON (Expecting value at column 42); None is Python's, not JSON (null, true, false): write "
+     "the records with json.dumps"),
+    ("e.json", '[{"prompt": "a", "completion": "b", "weight": True}]', "e.json:1: malformed JSON (Expecting value at "
+     "column 47); True is Python's"),
+])
+def test_a_trailing_comma_or_a_python_literal_says_what_to_change(tmp_path, name, text, message):
+    """A comma after the last field or item, and None / True / False, were "Expecting property name enclosed in double
+    quotes" with the advice "one object per line" (JSONL), or no advice at all (a JSON array)."""
+    (tmp_path / name).write_text(text)
+    assert _error(tmp_path / name).startswith(message)

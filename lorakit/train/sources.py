@@ -304,6 +304,7 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] 
                 comma = exc.msg == "Extra data" and text[exc.pos:].strip() == ","
                 fix = ("a comma after the object: JSON Lines has no commas between lines (or make the file one JSON "
                        "array in [...])") if comma else "one object per line"
+                fix = _json_fix(text, exc.pos) or fix
                 if text.lstrip().startswith("{'"):  # print(record) / str(record) instead of json.dumps(record)
                     fix = "single quotes are Python's print() of a dict, not JSON: write each record with json.dumps"
                 elif lineno == 1 and _csv_header(text):  # a spreadsheet export saved under a JSON name
@@ -475,6 +476,18 @@ def _unreadable_json(exc: Exception) -> str:
     return f"{what}; this is not a training record: fix or remove it"
 
 
+def _json_fix(text: str, pos: int) -> str | None:
+    """What to change where json stopped at ``pos`` of ``text``, for the two slips of files written by hand or by
+    Python without json.dumps: a comma after the last item, and Python's None / True / False; else None."""
+    if text[pos:pos + 1] in ("}", "]") and text[:pos].rstrip().endswith(","):
+        return (f"a comma before the closing '{text[pos]}': JSON allows none after the last item (Python code "
+                "does): remove it")
+    word = next((w for w in ("None", "True", "False") if text.startswith(w, pos)), None)
+    if word is not None:
+        return f"{word} is Python's, not JSON (null, true, false): write the records with json.dumps"
+    return None
+
+
 def _read_json_array(path: Path, raw: bytes) -> list[Record] | None:
     """The records of a file holding one JSON array; None when it holds one array per line (each a chat)."""
     try:
@@ -488,7 +501,9 @@ def _read_json_array(path: Path, raw: bytes) -> list[Record] | None:
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and exc.lineno > 1 and exc.colno == 1:  # a second array on the next line: JSONL
             return None
-        raise LorakitError(f"{path.name}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        fix = _json_fix(exc.doc, exc.pos)
+        raise LorakitError(f"{path.name}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
+                           + (f"; {fix}" if fix else "")) from None
     except (RecursionError, ValueError) as exc:
         raise LorakitError(f"{path.name}: {_unreadable_json(exc)}") from None
     return [validate_record(obj, f"{path.name}[{i}]") for i, obj in enumerate(items)]
