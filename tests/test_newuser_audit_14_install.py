@@ -1,0 +1,96 @@
+"""A new user who installs with pip (from the clone, a built wheel or an sdist), without ``make`` and without the
+optional extras, on a machine without a GPU or triton (regressions of an installation audit).
+
+The source tree is copied (its tracked files, plus the stray files a working clone gathers: caches, GPU assets) and
+built as ``python -m build`` builds it: the sdist from the tree, then the wheel from the unpacked sdist. Both are
+checked for what lorakit and its tests read at run time and for what must not ship.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# what a working clone gathers that no distribution should ship
+STRAY = ["lorakit/__pycache__/cli.cpython-311.pyc", "tests/__pycache__/conftest.cpython-311.pyc",
+         ".gpu_assets/final.sh", ".pytest_cache/v/cache/lastfailed"]
+
+
+def _source_files() -> list[str]:
+    """The clone's files but those git ignores (the tree itself when it is no git clone: an unpacked sdist)."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, check=True).stdout
+        names = [n for n in listed.decode().split("\0") if n]
+    except (OSError, subprocess.CalledProcessError):
+        names = [str(p.relative_to(REPO)) for p in REPO.rglob("*")
+                 if p.is_file() and not any(part.startswith(".") or part == "__pycache__" or part.endswith(".egg-info")
+                                            for part in p.relative_to(REPO).parts)]
+    return [n for n in names if (REPO / n).is_file()]  # a file deleted in the working tree is not copied
+
+
+def _build(hook: str, source: Path, out: Path) -> Path:
+    """setuptools' PEP 517 ``hook`` run in ``source`` in a fresh interpreter, as a build frontend runs it."""
+    code = f"import setuptools.build_meta as b; print(b.{hook}({str(out)!r}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=source, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory):
+    """(source tree copy, sdist member names, wheel member names, wheel METADATA)."""
+    root = tmp_path_factory.mktemp("install")
+    source = root / "src"
+    for name in _source_files():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
+    for name in STRAY:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(b"stray")
+    out = root / "dist"
+    out.mkdir()
+    sdist = _build("build_sdist", source, out)
+    with tarfile.open(sdist) as archive:
+        top = archive.getnames()[0].split("/")[0]
+        sdist_names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n and archive.getmember(n).isfile()}
+        archive.extractall(root / "unpacked", filter="data")
+    wheel = _build("build_wheel", root / "unpacked" / top, out)
+    with zipfile.ZipFile(wheel) as archive:
+        wheel_names = set(archive.namelist())
+        info = next(n for n in wheel_names if n.endswith(".dist-info/METADATA"))
+        metadata = email.parser.Parser().parsestr(archive.read(info).decode())
+    return source, sdist_names, wheel_names, metadata
+
+
+def test_the_wheel_holds_every_module_and_data_file_and_nothing_else(dists):
+    """Every module and data file lorakit reads at run time (lorakit/data/*.jsonl: the built-in task) is in the
+    wheel, built from the sdist; no tests, caches, GPU assets or bench results."""
+    source, _, wheel_names, _ = dists
+    package = {str(p.relative_to(source)) for p in (source / "lorakit").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    shipped = {n for n in wheel_names if not n.split("/")[0].endswith(".dist-info")}
+    assert shipped == package
+    assert {"lorakit/data/orders_train.jsonl", "lorakit/data/orders_val.jsonl", "lorakit/__main__.py"} <= shipped
+    assert all(n.endswith((".py", ".jsonl")) for n in shipped), sorted(n for n in shipped if not n.endswith(".py"))
+
+
+def test_the_sdist_holds_what_the_test_suite_reads(dists):
+    """The sdist lacked tests/conftest.py (every test imports its tiny_llama), the fixture checkpoint
+    (tests/fixtures/bnb_nf4_tiny), the Makefile test_readme reads, the bench scripts two tests run and the docs the
+    README links: the suite could not run from it. Now the sdist is the tracked tree but CI's script; nothing stray."""
+    source, sdist_names, _, _ = dists
+    tracked = set(_source_files())
+    wanted = {n for n in tracked if not n.startswith((".ci/", ".gitignore"))}
+    assert not wanted - sdist_names, sorted(wanted - sdist_names)
+    assert {"tests/conftest.py", "tests/fixtures/bnb_nf4_tiny/model.safetensors", "Makefile", "LICENSE",
+            "README.md", "bench/multi_gpu.py", "docs/PERFORMANCE.md"} <= sdist_names
+    assert not set(STRAY) & sdist_names
+    assert not [n for n in sdist_names if "__pycache__" in n or n.endswith((".pyc", ".pyo"))]
