@@ -94,3 +94,39 @@ def test_the_sdist_holds_what_the_test_suite_reads(dists):
             "README.md", "bench/multi_gpu.py", "docs/PERFORMANCE.md"} <= sdist_names
     assert not set(STRAY) & sdist_names
     assert not [n for n in sdist_names if "__pycache__" in n or n.endswith((".pyc", ".pyo"))]
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _lowest_python() -> tuple[int, int]:
+    """The lowest Python that requires-python admits (it is written '>=3.X')."""
+    spec = _pyproject()["project"]["requires-python"]
+    assert spec.startswith(">=") and "," not in spec, spec
+    major, minor = spec[2:].split(".")[:2]
+    return int(major), int(minor)
+
+
+# standard-library modules lorakit may import that older Pythons lack, with the first version that has them
+STDLIB_SINCE = {"tomllib": (3, 11), "wsgiref.types": (3, 11)}
+
+
+def test_requires_python_admits_only_pythons_with_what_lorakit_imports():
+    """requires-python said >=3.10, but `lorakit train --config run.toml` imports tomllib (3.11+), the test extra's
+    trl>=1.16 has no release for 3.10, and the suite runs on 3.11: on 3.10 pip would install lorakit and that
+    command would end in ModuleNotFoundError. requires-python now names the lowest Python that is tested."""
+    import ast
+
+    lowest = _lowest_python()
+    for path in (REPO / "lorakit").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for name in names:
+                since = STDLIB_SINCE.get(name) or STDLIB_SINCE.get(name.split(".")[0])
+                assert since is None or since <= lowest, f"{path.relative_to(REPO)} imports {name} (Python " \
+                                                          f"{since[0]}.{since[1]}+), requires-python admits {lowest}"
+    assert sys.version_info[:2] >= lowest  # the suite runs on a Python the package admits
