@@ -130,3 +130,34 @@ def test_requires_python_admits_only_pythons_with_what_lorakit_imports():
                 assert since is None or since <= lowest, f"{path.relative_to(REPO)} imports {name} (Python " \
                                                           f"{since[0]}.{since[1]}+), requires-python admits {lowest}"
     assert sys.version_info[:2] >= lowest  # the suite runs on a Python the package admits
+
+
+def test_the_wheel_metadata_describes_the_package(dists):
+    """PyPI's page and pip read this: the metadata had no classifiers and no keywords. Now the Python classifiers
+    agree with requires-python, the license is the SPDX expression alone (PEP 639 forbids a License classifier
+    beside it), and version, entry point and extras are the ones the source declares."""
+    import ast
+
+    source, _, wheel_names, metadata = dists
+    project = _pyproject()["project"]
+    lowest = _lowest_python()
+    assert metadata["Requires-Python"] == project["requires-python"]
+    classifiers = metadata.get_all("Classifier") or []
+    versions = [tuple(int(x) for x in c.rsplit(" ", 1)[1].split(".")) for c in classifiers
+                if c.startswith("Programming Language :: Python :: 3.")]
+    assert versions and min(versions) == lowest, classifiers
+    assert "Programming Language :: Python :: 3 :: Only" in classifiers
+    assert "Topic :: Scientific/Engineering :: Artificial Intelligence" in classifiers
+    assert not [c for c in classifiers if c.startswith("License ::")]
+    assert metadata["License-Expression"] == "Apache-2.0" and metadata["License-File"] == "LICENSE"
+    assert "lora" in metadata["Keywords"].split(",")
+    assert metadata["Description-Content-Type"] == "text/markdown" and "# lorakit" in metadata.get_payload()
+    assert 20 < len(metadata["Summary"]) <= 200
+    tree = ast.parse((source / "lorakit" / "__init__.py").read_text())
+    version = next(n.value.value for n in tree.body if isinstance(n, ast.Assign) and
+                   any(getattr(t, "id", None) == "__version__" for t in n.targets))
+    assert metadata["Version"] == version
+    assert set(metadata.get_all("Provides-Extra")) == set(project["optional-dependencies"])
+    with zipfile.ZipFile(next((source.parent / "dist").glob("*.whl"))) as wheel:
+        entry_points = wheel.read(next(n for n in wheel_names if n.endswith("entry_points.txt"))).decode()
+    assert "[console_scripts]\nlorakit = lorakit.cli:main" in entry_points
