@@ -211,3 +211,21 @@ def test_a_trailing_comma_or_a_python_literal_says_what_to_change(tmp_path, name
     quotes" with the advice "one object per line" (JSONL), or no advice at all (a JSON array)."""
     (tmp_path / name).write_text(text)
     assert _error(tmp_path / name).startswith(message)
+
+
+# -- numbers where text is expected, in a table ----------------------------------------------------------------------
+def test_a_table_column_of_numbers_says_to_convert_the_column(tmp_path):
+    """GSM8K-like tables with an integer answer column were told to "write it as a JSON string ("4")": no advice for
+    a Parquet file or a datasets folder, whose column has a number type. The line names the column and the
+    conversion; a JSONL file keeps its JSON advice."""
+    import pandas as pd
+
+    frame = pd.DataFrame([{"question": "2+2?", "answer": 4}, {"question": "3+3?", "answer": 6}])
+    frame.to_parquet(tmp_path / "gsm.parquet")
+    assert _error(tmp_path / "gsm.parquet") == ("gsm.parquet row 0: the column 'answer' holds numbers (4), not text; "
+                                                "convert it before saving the table, e.g. df['answer'] = "
+                                                "df['answer'].astype(str)")
+    frame.astype({"answer": str}).to_parquet(tmp_path / "fixed.parquet")
+    assert [r["messages"][-1]["content"] for r in read_many(tmp_path / "fixed.parquet")] == ["4", "6"]
+    (tmp_path / "gsm.jsonl").write_text('{"question": "2+2?", "answer": 4}\n')
+    assert _error(tmp_path / "gsm.jsonl").endswith("must be a string, got int 4; write it as a JSON string (\"4\")")

@@ -558,7 +558,9 @@ def _check_string(value: Any, key: str, where: str, nonempty: bool, what: str = 
     if value is None:
         raise LorakitError(f"{where}: field {key!r} is null; give it a string")
     if not isinstance(value, str):
-        raise LorakitError(f"{where}: field {key!r} must be a string, got {_got(value)}")
+        error = LorakitError(f"{where}: field {key!r} must be a string, got {_got(value)}")
+        error.not_text_field = key  # a table reader says how to convert the column instead
+        raise error
     if nonempty and not value.strip():
         raise LorakitError(f"{where}: {what or 'empty ' + key}: field {key!r} has no text; fill it or drop the record")
     _check_unicode(value, f"{where}: field {key!r}")

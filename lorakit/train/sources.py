@@ -660,6 +660,13 @@ def _table_record(row: Mapping[str, Any], where: str) -> Record:
     try:
         return validate_record(out, where)
     except LorakitError as error:  # "missing field 'completion'" of a row whose completion cell is empty
+        field = getattr(error, "not_text_field", None)
+        column = next((key for key in out if isinstance(key, str) and key.strip().lower() == field), None)
+        value = out.get(column)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            # "write it as a JSON string" is no advice for a table: its column has a number type
+            raise LorakitError(f"{where}: the column {column!r} holds numbers ({value!r}), not text; convert it before "
+                               f"saving the table, e.g. df[{column!r}] = df[{column!r}].astype(str)") from None
         missing = getattr(error, "missing_field", None)
         null = next((key for key in nulls if key.strip().lower() == missing), None)
         if null is None:
