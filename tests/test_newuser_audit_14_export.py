@@ -118,3 +118,28 @@ def test_merge_and_quantize_shard_their_weights_with_max_shard_size(tmp_path, ca
         assert sorted(keys) == sorted(index["weight_map"]) and len(keys) == len(set(keys))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merge")
     assert_close(_logits(merged, IDS), unmerged_logits(model_dir, adapter), torch.float32)
+
+
+def test_merge_of_a_float16_base_keeps_float16_by_default(tmp_path, capsys):
+    """The default --dtype was bf16 whatever the base stored: a float16 base (Llama 2's files) came back in
+    bfloat16, 3 mantissa bits fewer, every weight rounded, the ones the adapter never touched too, while the
+    report spoke only of the update. Now a float16 base stays float16 (said in one line); --dtype still chooses."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import main
+
+    model_dir = tiny_hf_folder(tmp_path / "model", initializer_range=0.3)
+    AutoModelForCausalLM.from_pretrained(model_dir).half().save_pretrained(model_dir)
+    base = load_file(model_dir / "model.safetensors")
+    adapter = make_adapter(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "adapter", seed=1, std=0.05,
+                           target_modules=["q_proj", "v_proj"])
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0
+    assert "stores float16 weights: the merged folder keeps float16" in capsys.readouterr().out
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    assert {t.dtype for t in merged.values()} == {torch.float16}
+    untouched = [k for k in base if "q_proj" not in k and "v_proj" not in k]
+    assert len(untouched) > 10 and all(torch.equal(merged[k], base[k]) for k in untouched)
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(tmp_path / "b"),
+                 "--dtype", "bf16"]) == 0
+    assert {t.dtype for t in load_file(tmp_path / "b" / "model.safetensors").values()} == {torch.bfloat16}

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "local HF folder (default: smollm2-135m)")
     parser.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("--out", required=True, help="output folder: new or empty (or a previous output, with --overwrite)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weights dtype of the output folder (default: %(default)s)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights dtype of the output folder "
+                        "(default: fp16 for a base stored in float16, else bf16)")
     parser.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: the HF folder; gguf: also a GGUF file "
                         "inside it (default: %(default)s)")
     parser.add_argument("--gguf-type", default=None, choices=["f16", "q8_0"], help="GGUF tensor type, with --format gguf "
@@ -66,6 +67,19 @@ def adapter_tokenizer(folder: str, model):
                            f"the tokenizer files from {folder} to keep the base's tokenizer")
     print(f"tokenizer and chat template: from {folder} (the adapter folder has its own), not from the base")
     return tokenizer
+
+
+def default_dtype(model: str):
+    """bfloat16, or float16 for a base stored in float16 (Llama 2's files): bfloat16 keeps 3 fewer mantissa bits, so
+    casting such a base to it would round every weight, not only the adapter's update (said in one line)."""
+    import torch
+
+    from lorakit.train.runner import stored_dtype
+
+    if stored_dtype(model) != torch.float16:
+        return torch.bfloat16
+    print(f"{model} stores float16 weights: the merged folder keeps float16 (--dtype bf16 for bfloat16)")
+    return torch.float16
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     adapter = lorakit.read_adapter(args.adapter)  # checked (and read once) before the base loads
     defaulted = args.model is None
     args.model = check_base_names(args.model, [(args.adapter, adapter)])
-    dtype = getattr(torch, DTYPES[args.dtype])
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(args.model)
     model, tokenizer = lorakit.load_base(args.model, dtype=torch.float32, device="cpu")
     try:
         lorakit.load_adapter(model, adapter, adapter="merged")
