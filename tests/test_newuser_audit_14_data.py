@@ -229,3 +229,18 @@ def test_a_table_column_of_numbers_says_to_convert_the_column(tmp_path):
     assert [r["messages"][-1]["content"] for r in read_many(tmp_path / "fixed.parquet")] == ["4", "6"]
     (tmp_path / "gsm.jsonl").write_text('{"question": "2+2?", "answer": 4}\n')
     assert _error(tmp_path / "gsm.jsonl").endswith("must be a string, got int 4; write it as a JSON string (\"4\")")
+
+
+def test_a_pandas_split_orient_json_file_reads_as_its_rows(tmp_path):
+    """DataFrame.to_json(orient="split") keeps the column names apart from the rows: it was "no known field in
+    ['columns', 'data']" while the other orients pandas writes read. Its null cells are absent fields, as in any
+    table."""
+    import pandas as pd
+
+    frame = pd.DataFrame([{"prompt": "a ", "completion": "b", "text": None}, {"prompt": None, "completion": None,
+                                                                            "text": "plain"}])
+    frame.to_json(tmp_path / "split.json", orient="split")
+    records = read_many(tmp_path / "split.json")
+    assert [(r.shape, dict(r.fields)) for r in records] == [("prompt_completion", {"prompt": "a ", "completion": "b"}),
+                                                            ("text", {"text": "plain"})]
+    assert records[1].where == "split.json row 1"

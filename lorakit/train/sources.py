@@ -339,7 +339,15 @@ def _csv_header(line: str) -> str | None:
 def _pandas_rows(obj: Mapping) -> list[tuple[str, dict]] | None:
     """``[(index, row)]`` of a table pandas' ``DataFrame.to_json`` wrote as one object, else None: by default one
     object per column (``{"prompt": {"0": ..., "1": ...}, "completion": {...}}``), with ``orient="index"`` one per
-    row (``{"0": {"prompt": ...}, "1": ...}``). No record has only digit keys, so neither is mistaken for one."""
+    row (``{"0": {"prompt": ...}, "1": ...}``), with ``orient="split"`` the column names apart from the rows
+    (``{"columns": [...], "index": [...], "data": [[...], ...]}``). No record has only digit keys, or only "columns"
+    and "data", so none is mistaken for one."""
+    columns, data = obj.get("columns"), obj.get("data")
+    if (set(obj) <= {"columns", "index", "data"} and isinstance(columns, list) and columns
+            and all(isinstance(name, str) for name in columns) and isinstance(data, list)
+            and all(isinstance(row, list) and len(row) == len(columns) for row in data)):
+        index = obj.get("index") if isinstance(obj.get("index"), list) and len(obj["index"]) == len(data) else None
+        return [(str(i), dict(zip(columns, row))) for i, row in zip(index or range(len(data)), data)]
     if not obj or not all(isinstance(value, dict) and value for value in obj.values()):
         return None
 
