@@ -35,7 +35,7 @@ EPILOG = """a first session:
   lorakit demo                                               # the embedded model with a fresh adapter
   lorakit train --data train.jsonl --val-fraction 0.1 --out runs/mine
   lorakit generate --adapter runs/mine/adapter "Two lattes to Berlin"
-  lorakit serve --adapters runs                              # OpenAI-compatible; each run is a model: "mine"
+  lorakit serve --adapters runs/mine                         # OpenAI-compatible; models "adapter" and "best"
 
 lorakit COMMAND --help shows each command's options, defaults and examples.
 """

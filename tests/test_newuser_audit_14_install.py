@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from test_train_helpers import make_model_folder, task_records, write_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 # what a working clone gathers that no distribution should ship
 STRAY = ["lorakit/__pycache__/cli.cpython-311.pyc", "tests/__pycache__/conftest.cpython-311.pyc",
@@ -161,3 +163,141 @@ def test_the_wheel_metadata_describes_the_package(dists):
     with zipfile.ZipFile(next((source.parent / "dist").glob("*.whl"))) as wheel:
         entry_points = wheel.read(next(n for n in wheel_names if n.endswith("entry_points.txt"))).decode()
     assert "[console_scripts]\nlorakit = lorakit.cli:main" in entry_points
+
+
+# what `pip install lorakit` does not bring (the extras, the test tools, what only a GPU machine has)
+OPTIONAL = ("peft", "bitsandbytes", "triton", "trl", "openai", "fastapi", "uvicorn", "starlette", "llguidance",
+            "datasets", "pyarrow", "tensorboard", "httpx", "accelerate", "sentencepiece", "pytest")
+
+# Runs in a fresh interpreter. Every finder is wrapped so that the OPTIONAL packages are not found (as if never
+# installed: importlib.util.find_spec gives None, importlib.metadata knows no such distribution), then the
+# commands run through lorakit's own __main__, as `python -m lorakit` runs them.
+CORE_ONLY = r'''
+import contextlib, io, json, runpy, sys
+
+BLOCKED = set(sys.argv[1].split(","))
+
+def blocked(name):
+    return (name or "").split(".")[0].replace("-", "_").lower() in BLOCKED
+
+class Without:
+    def __init__(self, finder):
+        self.finder = finder
+    def find_spec(self, name, path=None, target=None):
+        if blocked(name) or not hasattr(self.finder, "find_spec"):
+            return None
+        return self.finder.find_spec(name, path, target)
+    def find_distributions(self, context=None):
+        found = getattr(self.finder, "find_distributions", None)
+        return [d for d in (found(context) if found else []) if not blocked(d.metadata["Name"])]
+    def invalidate_caches(self):
+        getattr(self.finder, "invalidate_caches", lambda: None)()
+
+sys.meta_path[:] = [Without(f) for f in sys.meta_path]
+results = []
+for argv in json.loads(sys.argv[2]):
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = ["lorakit", *argv]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module("lorakit", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    results.append({"argv": argv, "code": code, "out": out.getvalue(), "err": err.getvalue()})
+imported = sorted({m.split(".")[0] for m in sys.modules if blocked(m)})
+print(json.dumps({"results": results, "imported": imported}))
+'''
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _epilog_command(word: str) -> list[str]:
+    """The arguments of `lorakit <word> ...` in `lorakit --help`'s first session (its comment left out)."""
+    import shlex
+
+    from lorakit.cli import EPILOG
+
+    line = next(line for line in EPILOG.splitlines() if line.strip().startswith(f"lorakit {word} "))
+    return shlex.split(line.split("#")[0])[1:]
+
+
+def test_a_core_install_runs_every_command_and_names_the_extra_it_lacks(tmp_path):
+    """With only `pip install lorakit` (no extras, no peft, bitsandbytes, triton, tensorboard): --version, every
+    command's --help, `lorakit --help`'s first session (train, generate; serve's folder holds the models its comment
+    names) and merge run on CPU; serve, --tensorboard and a Parquet file say in one line what to install, naming an
+    extra pyproject.toml declares; none of the optional packages is imported.
+
+    The first session said `lorakit serve --adapters runs  # each run is a model: "mine"`, but a run folder is no
+    adapter folder: that server offered no model at all (/v1/models listed only the base)."""
+    import json
+    import re
+
+    from lorakit import __version__
+    from lorakit.cli import SUBCOMMANDS
+
+    tiny_folder = make_model_folder(tmp_path / "tiny")
+    write_jsonl(tmp_path / "train.jsonl", task_records(24))
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1" + bytes(64) + b"PAR1")
+    fast = ["--model", str(tiny_folder), "--rank", "2", "--batch-size", "2", "--max-steps", "2", "--no-progress",
+            "--eval-examples", "0"]
+    train = _epilog_command("train")
+    generate = _epilog_command("generate")
+    serve = _epilog_command("serve")
+    commands = [["--version"], *[[name, "--help"] for name in SUBCOMMANDS], [*train, *fast],
+                [*generate[:-1], "--model", str(tiny_folder), "--max-new-tokens", "3", generate[-1]],
+                ["merge", "--model", str(tiny_folder), "--adapter", "runs/mine/adapter", "--out", "merged"],
+                [*serve, "--model", str(tiny_folder), "--port", str(_free_port())],
+                ["train", *fast, "--data", "train.jsonl", "--out", "tb", "--tensorboard"],
+                ["train", *fast, "--data", "rows.parquet", "--out", "pq"]]
+    done = subprocess.run([sys.executable, "-c", CORE_ONLY, ",".join(OPTIONAL), json.dumps(commands)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    results = report["results"]
+    assert report["imported"] == []
+    for result in results:
+        assert "Traceback" not in result["err"] and "ModuleNotFoundError" not in result["err"], result
+    version, *helps = results[: 1 + len(SUBCOMMANDS)]
+    assert (version["code"], version["out"]) == (0, f"lorakit {__version__}\n")
+    assert all(r["code"] == 0 and r["out"].startswith(f"usage: lorakit {r['argv'][0]} ") for r in helps)
+    trained, generated, merged, served, tensorboard, parquet = results[1 + len(SUBCOMMANDS):]
+    assert trained["code"] == 0, trained
+    assert generated["code"] == 0 and generated["out"].endswith("\n"), generated
+    assert merged["code"] == 0 and (tmp_path / "merged" / "model.safetensors").is_file(), merged
+    from lorakit.cli import EPILOG
+    from lorakit.serve.paths import list_adapter_names
+
+    promised = re.findall(r'"([^"]+)"', next(line for line in EPILOG.splitlines() if "lorakit serve " in line))
+    assert promised and set(promised) <= set(list_adapter_names(tmp_path / serve[serve.index("--adapters") + 1]))
+    extras = set(_pyproject()["project"]["optional-dependencies"])
+    for result, says in [(served, "lorakit serve: error: lorakit serve needs FastAPI and uvicorn"),
+                         (tensorboard, "lorakit train: error: --tensorboard needs the tensorboard package: pip "
+                                       "install tensorboard"),
+                         (parquet, "lorakit train: error: ")]:
+        assert result["code"] == 2 and result["err"].count("\n") == 1 and result["err"].startswith(says), result
+        for named in re.findall(r"lorakit\[([^\]]+)\]", result["err"]):
+            assert set(named.split(",")) <= extras, result["err"]
+    assert "pip install 'lorakit[serve]'" in served["err"]
+    assert "reading Parquet needs pyarrow: pip install 'lorakit[data]'" in parquet["err"]
+
+
+def test_every_extra_named_in_lorakit_or_the_readme_exists():
+    """Each `lorakit[...]` an install hint names (an error message, the README) is an extra pyproject.toml declares:
+    pip only warns about an unknown extra and installs lorakit without what the hint promised."""
+    import re
+
+    extras = set(_pyproject()["project"]["optional-dependencies"])
+    named = {}
+    for path in [*sorted((REPO / "lorakit").rglob("*.py")), REPO / "README.md"]:
+        for match in re.findall(r"lorakit\[([A-Za-z0-9_,.\- ]+)\]", path.read_text(encoding="utf-8")):
+            for extra in match.split(","):
+                named.setdefault(extra.strip(), []).append(str(path.relative_to(REPO)))
+    assert {"serve", "data"} <= set(named)  # the hints this test is about are still found
+    assert set(named) <= extras, {e: where for e, where in named.items() if e not in extras}
