@@ -301,3 +301,32 @@ def test_every_extra_named_in_lorakit_or_the_readme_exists():
                 named.setdefault(extra.strip(), []).append(str(path.relative_to(REPO)))
     assert {"serve", "data"} <= set(named)  # the hints this test is about are still found
     assert set(named) <= extras, {e: where for e, where in named.items() if e not in extras}
+
+
+# torch names lorakit imports that older torch releases lack, with the first release that has them (the PRs that
+# made them public: DTensor pytorch/pytorch#133881, in 2.5; FSDP2's fully_shard #141868, in 2.6)
+TORCH_SINCE = {"torch.distributed.tensor": (2, 5), "torch.distributed.fsdp.fully_shard": (2, 6),
+               "torch.distributed.fsdp.FSDPModule": (2, 6)}
+
+
+def test_the_torch_lower_bound_admits_only_releases_with_what_lorakit_imports():
+    """The dependency said torch>=2.4, but every step of `lorakit train` imports torch.distributed.tensor's
+    DTensor (train/loop.py's gradient clipping asks whether a gradient is sharded), public in torch 2.5, and --fsdp
+    imports fully_shard from torch.distributed.fsdp, public in 2.6: with torch 2.4 or 2.5 installed, pip kept it
+    and training failed with ImportError. The bound now admits only releases with every such name."""
+    import ast
+
+    from packaging.requirements import Requirement
+
+    torch_req = next(Requirement(r) for r in _pyproject()["project"]["dependencies"] if r.startswith("torch"))
+    lowest = next(tuple(int(x) for x in s.version.split(".")[:2]) for s in torch_req.specifier if s.operator == ">=")
+    used = set()
+    for path in (REPO / "lorakit").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("torch"):
+                used |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                used |= {a.name for a in node.names if a.name.startswith("torch")}
+    assert {"torch.distributed.tensor", "torch.distributed.fsdp.fully_shard"} <= used  # what the table is about
+    for name, since in TORCH_SINCE.items():
+        assert name not in used or since <= lowest, f"lorakit imports {name} (torch {since}), torch>={lowest} allowed"
