@@ -2,7 +2,8 @@
 (the files are read without the pool's lock; one read for many requests naming one adapter; a failed load leaves
 nothing in the model), then OpenAI protocol corners the earlier audits did not cover. One server of a tiny random
 Llama; its reads of adapter folders named ``slow*`` take ``SLOW_READ_S`` (a ``sitecustomize`` hook on the
-server's PYTHONPATH wraps ``lorakit.io.read_adapter`` and logs each read), as from a slow network disk.
+server's PYTHONPATH wraps ``lorakit.io.read_adapter`` and logs each read), as from a slow network disk, and so
+does each look at the folder of a loaded adapter named ``nfs*``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ def read_adapter(folder, *args, **kwargs):
 
 
 io.read_adapter = read_adapter
+
+import lorakit.serve.pool as pool
+
+_real_listed = pool.listed_adapter
+
+
+def listed_adapter(root, name):  # the look at a loaded adapter's folder that each request on it makes
+    if name.startswith("nfs"):
+        with open(os.environ["AUDIT14_READS"], "a") as log:
+            log.write("stat:" + name + "\\n")
+        time.sleep(float(os.environ["AUDIT14_SLOW_S"]))
+    return _real_listed(root, name)
+
+
+pool.listed_adapter = listed_adapter
 '''
 
 
@@ -51,7 +67,7 @@ def server(tmp_path_factory):
     model_dir = tiny_hf_folder(root / "model", initializer_range=0.5)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     adapters = root / "adapters"
-    for seed, name in enumerate(("fast", "slow1", "slow2", "slow3"), start=3):
+    for seed, name in enumerate(("fast", "slow1", "slow2", "slow3", "nfs1"), start=3):
         make_adapter(base, adapters / name, seed=seed)
     hooks = root / "hooks"
     hooks.mkdir()
@@ -134,6 +150,27 @@ def test_a_request_waiting_on_anothers_load_can_leave(server):
     pins = {e["name"]: e["in_use"] for e in server["client"].get("/v1/adapters").json()["data"]}
     assert pins.get("slow3") == 0, pins
     assert _reads(server, "slow3") == 1
+
+
+def test_a_slow_look_at_one_adapters_folder_does_not_stall_the_others(server):
+    """Each request on a loaded adapter looks whether its folder is still there (a few ``stat`` calls). That ran
+    under the pool's lock: on a slow disk the requests of every adapter queued behind each other's look (1.5 s
+    here). It runs unlocked now."""
+    url = server["url"]
+    assert _complete(url, "nfs1").status_code == 200  # its first load does not look (the files are read)
+    assert _complete(url, "fast").status_code == 200
+    with ThreadPoolExecutor(1) as pool:
+        looking = pool.submit(_complete, url, "nfs1")
+        deadline = time.monotonic() + 10
+        while _reads(server, "stat:nfs1") == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _reads(server, "stat:nfs1") == 1  # its look has begun
+        started = time.monotonic()
+        answer = _complete(url, "fast")
+        took = time.monotonic() - started
+        assert answer.status_code == 200 and not looking.done()
+        assert took < SLOW_READ_S / 2, took
+        assert looking.result(30).status_code == 200
 
 
 # -- part 1: the pool, directly ----------------------------------------------------------------------------------

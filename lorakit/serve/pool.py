@@ -15,7 +15,8 @@ remembered until the folder's files change (size or time), so clients naming a b
 cost one ``stat`` each, not a re-read (nor another regex check). The checks of a load, first or reload, run
 without the pool's lock, so other requests pin and unpin their adapters meanwhile (the old version of a reloaded
 adapter keeps serving until the new one has passed them and is swapped in). Requests naming an adapter that
-another request is loading wait for that load rather than read the files again.
+another request is loading wait for that load rather than read the files again. The look at a loaded adapter's
+folder that each request makes (is it still there?) is made without the lock too.
 
 Lock order: the pool's lock, then the model lock. The engine never takes the pool's lock while it holds the
 model lock (it releases pins after a step), so the two cannot deadlock.
@@ -38,7 +39,8 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.serve.paths import UnknownAdapterError, list_adapter_names, listed_adapter, resolve_adapter
+from lorakit.serve.paths import (UnknownAdapterError, check_name, list_adapter_names, listed_adapter,
+                                 resolve_adapter)
 
 MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few KB
 REGEX_TIMEOUT_S = 2.0  # a sane pattern over a few thousand module names takes milliseconds
@@ -144,11 +146,12 @@ class AdapterPool:
         not: the caller then waits for ``acquire`` apart, so requests on loaded adapters never queue behind those
         that wait for room to load theirs."""
         with self._cond:
-            entry = self._loaded.get(name)
-            if entry is None:
-                return None
-            self._check_on_disk(entry)
-            return self._pin(entry)
+            while True:
+                entry = self._loaded.get(name)
+                if entry is None:
+                    return None
+                if self._check_on_disk(entry):
+                    return self._pin(entry)
 
     def _pin(self, entry: LoadedAdapter) -> str:
         entry.pins += 1
@@ -177,8 +180,7 @@ class AdapterPool:
                 return self._ensure_loaded(name, timeout).describe()
             self._refuse_busy(old)
             self._check_on_disk(old)
-            folder = resolve_adapter(self.root, name)
-            adapter_file = self._admit_unlocked(name, folder)  # refused: nothing changed, the old version serves on
+            folder, adapter_file = self._admit_unlocked(name)  # refused: nothing changed, the old version serves on
             # meanwhile requests may have pinned it, another load swapped in its version, or an eviction dropped it
             current = self._loaded.get(name)
             if current is None:
@@ -200,8 +202,6 @@ class AdapterPool:
         with self._cond:
             entry = self._loaded.get(name)
             if entry is None:
-                from lorakit.serve.paths import UnknownAdapterError, check_name
-
                 check_name(name)
                 raise UnknownAdapterError(f"adapter {name!r} is not loaded")
             if entry.pins:
@@ -219,8 +219,9 @@ class AdapterPool:
         while True:
             entry = self._loaded.get(name)
             if entry is not None:
-                self._check_on_disk(entry)
-                return entry
+                if self._check_on_disk(entry):
+                    return entry
+                continue  # the pool changed while the folder was looked at: look again
             if name not in self._first_loads:
                 break
             if cancelled is not None and cancelled.is_set():
@@ -231,10 +232,10 @@ class AdapterPool:
                 raise AdapterBusy(f"adapter {name!r} did not finish loading (another request loads it) within "
                                   f"{timeout:g} s")
             self._cond.wait(left if cancelled is None else min(left, 0.2))  # the event cannot notify the condition
-        folder = resolve_adapter(self.root, name)  # refuses unsafe names before any file is opened
+        check_name(name)  # refuses unsafe names before any file is opened
         self._first_loads.add(name)
         try:
-            adapter_file = self._admit_unlocked(name, folder)  # refuse before evicting anything for it
+            folder, adapter_file = self._admit_unlocked(name)  # refuse before evicting anything for it
             return self._place(name, folder, adapter_file, timeout, cancelled)
         finally:
             self._first_loads.discard(name)
@@ -268,17 +269,28 @@ class AdapterPool:
         self._loaded[name] = entry
         return entry
 
-    def _check_on_disk(self, entry: LoadedAdapter) -> None:
+    def _check_on_disk(self, entry: LoadedAdapter) -> bool:
         """Raise ``AdapterRemoved`` when loaded ``entry``'s folder is no longer an adapter folder of the adapters
         folder (deleted or renamed while loaded: /v1/models no longer lists it), and unload it unless requests
         still use it (the last one's release leaves it idle, and the next request naming it unloads it). Only a
-        changed file is left alone: that is a new version, which POST /v1/adapters/load swaps in."""
+        changed file is left alone: that is a new version, which POST /v1/adapters/load swaps in.
+
+        The folder is looked at with the pool's lock let go: every request on an adapter asks this, and under the
+        lock the requests of every adapter queued behind each other's ``stat`` calls (a slow or network disk).
+        Returns False when ``entry`` is no longer the name's entry afterwards (evicted, reloaded): the caller
+        looks again; True when it is and its folder is there."""
+        self._cond.release()
         try:
             listed_adapter(self.root, entry.name)
+            listed = True
         except LorakitError:
-            pass
-        else:
-            return
+            listed = False
+        finally:
+            self._cond.acquire()
+        if self._loaded.get(entry.name) is not entry:
+            return False
+        if listed:
+            return True
         if not entry.pins:
             self._unload_locked(entry.name)
         raise AdapterRemoved(f"no adapter named {entry.name!r} in the adapters folder: its folder was removed while "
@@ -351,14 +363,16 @@ class AdapterPool:
         names = {entry.internal: entry.name for entry in self._loaded.values()} | {internal: name}
         return re.sub(r"'(lk\d+)'", lambda match: repr(names.get(match.group(1), match.group(1))), text)
 
-    def _admit_unlocked(self, name: str, folder: Path):
-        """:meth:`_admit` with the pool's lock let go (the caller holds it, once: it is not re-entrant): its checks
-        take seconds (regex probes, a file read), and meanwhile other requests must pin their adapters and the
-        engine's thread unpin theirs (it stalled every stream of the server when a request finished during an
-        admission). The caller re-reads ``_loaded`` afterwards: anything in it may have changed."""
+    def _admit_unlocked(self, name: str) -> tuple[Path, object]:
+        """``name``'s folder (``resolve_adapter``) and :meth:`_admit` of it, with the pool's lock let go (the
+        caller holds it, once: it is not re-entrant): its checks take seconds (regex probes, a file read), and
+        meanwhile other requests must pin their adapters and the engine's thread unpin theirs (it stalled every
+        stream of the server when a request finished during an admission). The caller re-reads ``_loaded``
+        afterwards: anything in it may have changed."""
         self._cond.release()
         try:
-            return self._admit(name, folder)
+            folder = resolve_adapter(self.root, name)
+            return folder, self._admit(name, folder)
         finally:
             self._cond.acquire()
 
