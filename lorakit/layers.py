@@ -424,19 +424,26 @@ class ModulesToSave(_AdapterHost):
         del self.copies[name]
         self.active = [n for n in self.active if n != name]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        # any call signature: transformers calls some modules with keyword arguments only (an attention block as
+        # self_attn(hidden_states=..., ...)), so the input need not be the first positional argument
         if self.disabled:
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_layer(*args, **kwargs)
         if self.row_adapters is not None:
-            groups = self._rows_by_adapter(x.shape[0])
+            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            groups = self._rows_by_adapter(x.shape[0]) if isinstance(x, torch.Tensor) else {}
             if len(groups) == 1:  # every row on one adapter (or none): its module on the whole batch
                 name = next(iter(groups))
-                return (self.copies[name] if name is not None else self.base_layer)(x, *args, **kwargs)
+                return (self.copies[name] if name is not None else self.base_layer)(*args, **kwargs)
+            if not args or not isinstance(x, torch.Tensor):
+                raise LorakitError("mixed_batch: a module with a trained copy (modules_to_save) called with keyword "
+                                   f"arguments only ({', '.join(kwargs)}) cannot split its rows among adapters; use one "
+                                   "adapter at a time (lorakit.set_adapter)")
             parts = [(rows, (self.copies[name] if name is not None else self.base_layer)(
-                x.index_select(0, rows.to(x.device)), *args, **kwargs)) for name, rows in groups.items()]
+                x.index_select(0, rows.to(x.device)), *args[1:], **kwargs)) for name, rows in groups.items()]
             # outputs may be tuples: a copied MoE router returns (logits, scores, expert indices), each row by row
             return join_rows(parts, x.shape[0], "a module with a trained copy (modules_to_save)")
-        return self._running()(x, *args, **kwargs)
+        return self._running()(*args, **kwargs)
 
 
 def join_rows(parts: list[tuple[torch.Tensor, object]], count: int, where: str) -> object:

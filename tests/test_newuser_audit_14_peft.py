@@ -106,3 +106,23 @@ def test_an_ensure_weight_tying_adapter_is_not_loaded_for_training_apart(options
     lorakit.load_adapter(model, tmp_path / "tied")
     peft_saved("llama-tied", tmp_path / "q", ensure_weight_tying=True, target_modules=["q_proj"])
     lorakit.load_adapter(build("llama-tied"), tmp_path / "q", trainable=True)
+
+
+def test_a_trained_copy_of_an_attention_block_runs(tmp_path):
+    """modules_to_save=["layers.1.self_attn"]: transformers calls an attention block with keyword arguments only
+    (self_attn(hidden_states=..., ...)), and lorakit's copy took the input as its first positional argument: the
+    loaded adapter's forward raised a TypeError. It runs with peft's logits, both ways; a mixed batch that would have
+    to split such a call among adapters is refused in one line."""
+    ids = torch.randint(0, 100, (2, 7))
+    theirs = peft_saved("llama", tmp_path / "peft", target_modules=["q_proj", "down_proj"],
+                        modules_to_save=["layers.1.self_attn"]).eval()
+    ours = build("llama")
+    lorakit.load_adapter(ours, tmp_path / "peft")
+    assert_close(logits(ours, ids), logits(theirs, ids))
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    assert_close(logits(peft.PeftModel.from_pretrained(build("llama"), tmp_path / "ours").eval(), ids), logits(theirs, ids))
+    with lorakit.mixed_batch(ours, ["default", "default"]):  # one adapter on every row: the copy runs whole
+        assert_close(logits(ours, ids), logits(theirs, ids))
+    with pytest.raises(lorakit.LorakitError, match=r"called with keyword arguments only \(hidden_states, .*use one adapter"):
+        with lorakit.mixed_batch(ours, ["default", None]):
+            logits(ours, ids)
