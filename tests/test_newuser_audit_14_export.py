@@ -143,3 +143,22 @@ def test_merge_of_a_float16_base_keeps_float16_by_default(tmp_path, capsys):
     assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(tmp_path / "b"),
                  "--dtype", "bf16"]) == 0
     assert {t.dtype for t in load_file(tmp_path / "b" / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_combine_of_adapters_naming_two_bases_says_so_before_loading(tmp_path, capsys, monkeypatch):
+    """Without --model, adapters trained on two bases got 'pass --model <the first one's base>'; that run then
+    loaded it and refused the second adapter. Now one line names both adapters and both bases, before loading."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import main
+
+    first = tiny_hf_folder(tmp_path / "base-one", initializer_range=0.3)
+    second = tiny_hf_folder(tmp_path / "second", seed=2, initializer_range=0.3, hidden_size=64, intermediate_size=96)
+    a = make_adapter(AutoModelForCausalLM.from_pretrained(first), tmp_path / "a", seed=1)
+    b = make_adapter(AutoModelForCausalLM.from_pretrained(second), tmp_path / "b", seed=2)
+    monkeypatch.setattr(lorakit, "load_base", lambda *a, **k: pytest.fail("loaded a base"))
+    capsys.readouterr()
+    assert main(["combine", "--adapter", str(a), "--adapter", str(b), "--out", str(tmp_path / "ab")]) == 2
+    err = capsys.readouterr().err
+    assert f"--adapter {a} was trained on '{first}' but --adapter {b} on '{second}'" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ab").exists()

@@ -115,6 +115,22 @@ def check_ranks(method: str, folders: list[str], files: list) -> None:
                            f"{sum(ranks)}, exact) or svd (rank --svd-rank, default {max(ranks)})")
 
 
+def check_one_base(folders: list[str], files: list) -> None:
+    """Refuse adapters whose adapter_config.json name different bases, before any loads: without it the first one's
+    base was suggested as --model and the second refused after loading it. Names compare as ``load_adapter``'s
+    warning does (last path part; a base and its ``-Instruct`` count as one)."""
+    from lorakit.errors import LorakitError
+    from lorakit.io import _short_name
+
+    named = [(folder, f.base_name) for folder, f in zip(folders, files) if f.base_name]
+    for folder, name in named[1:]:
+        first, theirs = _short_name(named[0][1]), _short_name(name)
+        if not (first.startswith(theirs) or theirs.startswith(first)):
+            raise LorakitError(f"--adapter {named[0][0]} was trained on {named[0][1]!r} but --adapter {folder} on "
+                               f"{name!r} (base_model_name_or_path in their adapter_config.json); combine adapters of "
+                               "one base, or pass --model to choose it")
+
+
 def run(args: argparse.Namespace) -> int:
     import time
     import warnings
@@ -173,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
                            f"it into the base instead: lorakit merge --adapter {dora} --out MERGED, then use MERGED as "
                            "--model")
     defaulted = args.model is None
+    if defaulted:
+        check_one_base([folder for folder, _ in inputs], files)
     args.model = check_base_names(args.model, [(folder, file) for (folder, _), file in zip(inputs, files)])
 
     model, _ = lorakit.load_base(args.model, dtype=torch.float32, device=args.device)
