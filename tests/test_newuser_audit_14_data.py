@@ -244,3 +244,35 @@ def test_a_pandas_split_orient_json_file_reads_as_its_rows(tmp_path):
     assert [(r.shape, dict(r.fields)) for r in records] == [("prompt_completion", {"prompt": "a ", "completion": "b"}),
                                                             ("text", {"text": "plain"})]
     assert records[1].where == "split.json row 1"
+
+
+# -- a --data folder that also holds a validation split --------------------------------------------------------------
+def test_a_data_folder_with_a_validation_split_says_it_is_not_used(tmp_path, capsys):
+    """--data folder/ with train.jsonl and validation.jsonl trains on train.jsonl (right), and the run ended with
+    "best validation loss n/a" without a word about the validation file beside it. The run now names it and the flag
+    that scores it; no note once --val-data or --val-fraction is given, or for a test split alone."""
+    import datasets
+
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.runner import read_data
+
+    rows = [{"prompt": f"p{i} ", "completion": "c"} for i in range(4)]
+    folder = tmp_path / "split"
+    folder.mkdir()
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl"):
+        (folder / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "valid": datasets.Dataset.from_list(rows)}
+                         ).save_to_disk(str(saved))
+    for path, shown in ((folder, "validation.jsonl"), (saved, "valid")):
+        train, val = read_data(TrainConfig(data=[str(path)]))
+        assert len(train) == 4 and val is None
+        assert capsys.readouterr().out.strip().splitlines()[-1] == (
+            f"note: --data {path} also holds a validation split ({shown}), which training does not use; to score it "
+            f"during training, pass --val-data {path}")
+        read_data(TrainConfig(data=[str(path)], val_data=[str(path)]))
+        read_data(TrainConfig(data=[str(path)], val_fraction=0.25))
+        assert "note" not in capsys.readouterr().out
+    (folder / "validation.jsonl").unlink()
+    read_data(TrainConfig(data=[str(folder)]))
+    assert "note" not in capsys.readouterr().out

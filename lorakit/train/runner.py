@@ -363,7 +363,7 @@ def stored_dtype(model: str) -> torch.dtype | None:
 def read_data(config: TrainConfig) -> tuple[list, list | None]:
     """(training records, validation records or None), read and validated: done before the model loads, so a bad
     line in the data is reported in seconds rather than after minutes of loading a large model."""
-    from lorakit.train.sources import VALIDATION_SPLITS, read_many, repeated_note
+    from lorakit.train.sources import VALIDATION_SPLITS, read_many, repeated_note, unused_validation
 
     train_files, val_files, val_fraction = config.data, config.val_data, config.val_fraction
     if not train_files:
@@ -375,6 +375,10 @@ def read_data(config: TrainConfig) -> tuple[list, list | None]:
             val_files = [str(val_path)]
     for files, flag in ((train_files, "--data"), (val_files or [], "--val-data")):
         note = repeated_note(files, flag)
+        if note:
+            say(note)
+    for path in train_files if val_files is None and val_fraction is None else ():
+        note = unused_validation(path)
         if note:
             say(note)
     # a DatasetDict folder as --val-data gives its validation (or test) split, not "train"

@@ -274,6 +274,30 @@ def repeated_note(paths: Iterable[str | Path], flag: str) -> str | None:
             "rest: give a file once unless that is meant")
 
 
+def unused_validation(path: str | Path) -> str | None:
+    """The note for a ``--data`` folder that also holds a validation split, which ``--data`` does not read (it reads
+    the train split): a folder of train.jsonl + validation.jsonl (or data/train/ + data/validation/, a Hub download's
+    shards) or a ``DatasetDict`` saved with a validation split. None for anything else (a test split is not named:
+    it is for the end, not for choosing the best step)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return None
+    try:
+        if (path / "dataset_dict.json").is_file():
+            names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+            names = [n for n in names if isinstance(n, str) and _split_of(Path(n)) == "validation"]
+        else:
+            names = [p.name for p in sorted(path.iterdir()) if (p.is_dir() or _data_suffix(p) is not None)
+                     and _split_of(p) == "validation" and p.name not in METADATA_FILES]
+    except (OSError, ValueError, AttributeError):  # unreadable: read_records reports it when it reads the folder
+        return None
+    if not names:
+        return None
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return (f"note: --data {path} also holds a validation split ({shown}), which training does not use; to score it "
+            f"during training, pass --val-data {path}")
+
+
 def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] | None = None) -> list[Record]:
     """One JSON object per line; also a JSON array, one (pretty-printed) object, pretty-printed objects one after
     another, or one object wrapping the records (``{"data": [...]}``), whatever the suffix says."""
