@@ -59,7 +59,7 @@ def sweep_configs(decoder, rows, tokens, names, device, grouped_lora, rounds: in
     ``grouped_lora.CONFIGS``; returns every timing."""
     def timed(kind, cand):
         grouped_lora.CONFIGS[kind] = dict(grouped_lora.CONFIGS[kind], **cand)
-        decoder._graph = None  # recapture with the new tiles
+        decoder.drop_graphs()  # recapture with the new tiles
         for row in rows:
             decoder.lengths[row] = decoder.max_len - 16
         seconds = time_fn(lambda: decoder.step(rows, tokens, names), device, warm=2, reps=10, budget_s=1.5)

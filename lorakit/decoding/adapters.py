@@ -218,6 +218,23 @@ class DecodeAdapters:
         self._share(slot, found)
         return slot
 
+    def hold(self, name: str) -> int:
+        """Put a placeholder adapter ``name`` in a free slot (growing if none is): rank ``r_max`` on every projection
+        with zero weights and scaling, so rows on it run the grouped LoRA kernels at full size and compute the base
+        model's output. For ``StaticDecoder.warm_up``; ``evict`` removes it (and any structure change does: it has
+        no modules in the model)."""
+        used = set(self.slot_of.values())
+        slot = next((s for s in range(self.capacity) if s not in used), None)
+        if slot is None:
+            self.grow(2 * self.capacity, self.r_max)
+            slot = len(used)
+        for layer in self.layers:
+            for stack in layer.values():
+                stack.clear(slot)
+                stack.rank[slot] = self.r_max
+        self.slot_of[name] = slot
+        return slot
+
     def evict(self, name: str) -> None:
         self._unshare(self._shared(name))  # still in the model: its modules keep their values
         slot = self.slot_of.pop(name)

@@ -126,11 +126,11 @@ class StaticDecoder:
             self._host = self._host.pin_memory()
         self.lengths = [0] * B  # tokens in each row's cache (host copy; -1 marks a free row)
         self.active = [False] * B
-        self._graph = None
-        self._graph_key = None
-        # prefill graphs, one per token-count bucket, sharing one memory pool; their inputs and outputs
+        # captured CUDA graphs, by what they hold (``_graph_kind``): the step's, and the prefill's per token-count
+        # bucket (sharing one memory pool); all of them go when the adapter stacks are reallocated
+        self._graphs: dict = {}
         self._prefill_graphs: dict = {}
-        self._prefill_key = None
+        self._graphs_version = self.adapters.version
         self._prefill_last = self._prefill_logits = self._pool = None
         self._structure = _structure_version()
 
@@ -167,8 +167,7 @@ class StaticDecoder:
         for i, layer in enumerate(self.parts.layers):
             if not all(fused.is_current() for fused in self.weights[i].values()):
                 self.weights[i] = self._fuse(layer)
-                self._graph = None
-                self._drop_prefill_graphs()
+                self.drop_graphs()
         self.adapters.weights = self.weights
 
     def unservable(self, name: str | None) -> str | None:
@@ -298,14 +297,11 @@ class StaticDecoder:
         16: padding tokens have position -1, store and attend nothing and have no adapter)."""
         T, n = flat.shape[1], last.shape[0]
         bucket = max(16, 1 << (T - 1).bit_length())
-        key = (self.adapters.version, self.adapters.has_dora, bool(self.adapters.slot_of))
-        if self._prefill_key != key:
-            self._drop_prefill_graphs()
-            self._prefill_key = key
+        key = (self._graph_kind(), bucket)
         if self._prefill_last is None:
             self._prefill_last = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
             self._prefill_logits = torch.zeros(self.max_batch, self.parts.vocab, dtype=torch.float32, device=self.device)
-        entry = self._prefill_graphs.get(bucket)
+        entry = self._prefill_graphs.get(key)
         if entry is None:
             inputs = torch.zeros(4, bucket, dtype=torch.long, device=self.device)
             inputs[1].fill_(-1)  # warm-up and capture store nothing
@@ -317,7 +313,7 @@ class StaticDecoder:
 
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()  # the buckets' graphs never run at once: one pool
-            entry = self._prefill_graphs[bucket] = (inputs, self._capture_graph(forward, self._pool))
+            entry = self._prefill_graphs[key] = (inputs, self._capture_graph(forward, self._pool))
         inputs, graph = entry
         host = torch.empty(4, bucket, dtype=torch.long)
         host[:, :T] = flat
@@ -329,11 +325,21 @@ class StaticDecoder:
         graph.replay()
         return self._prefill_logits[:n].clone()
 
-    def _drop_prefill_graphs(self) -> None:
-        """Forget the prefill graphs and their memory pool. The pool goes with them: once its last graph is
-        freed, PyTorch releases the pool, and capturing into the old handle fails an allocator assert (and leaves
-        the CUDA RNG in capture mode for every other thread)."""
-        self._prefill_graphs, self._pool = {}, None
+    def _graph_kind(self) -> tuple[bool, bool]:
+        """What a captured graph holds beyond buffer addresses: whether any adapter is loaded (without one, the
+        graph runs no LoRA kernel at all) and whether one is DoRA (the ratio multiply). Graphs of both kinds are
+        kept, so a server switching between base-only and adapter batches captures each once. A reallocated
+        adapter stack (``DecodeAdapters.version``) invalidates every graph: they hold the old buffers."""
+        if self.adapters.version != self._graphs_version:
+            self.drop_graphs()
+            self._graphs_version = self.adapters.version
+        return bool(self.adapters.slot_of), self.adapters.has_dora
+
+    def drop_graphs(self) -> None:
+        """Forget every captured graph (captured again on next use) and the prefill graphs' memory pool. The pool
+        goes with them: once its last graph is freed, PyTorch releases the pool, and capturing into the old handle
+        fails an allocator assert (and leaves the CUDA RNG in capture mode for every other thread)."""
+        self._graphs, self._prefill_graphs, self._pool = {}, {}, None
 
     def _prefill_forward(self, flat: torch.Tensor, last: torch.Tensor, out: torch.Tensor, per_prompt=None) -> None:
         """All layers over the flat tokens (4, T) (token, position, cache row, slot), storing every token's K/V at
@@ -388,18 +394,54 @@ class StaticDecoder:
         for row in rows:
             self.active[row], self.lengths[row] = False, 0
 
-    def warm_up(self) -> None:
-        """Compile the kernels and capture the graphs a first request would otherwise wait for: a one-token prompt
-        through ``prefill`` and one ``step`` on a free row, on the base model, then the row is released (its
-        cache holds garbage, which no later row reads: each stores before it attends). Needs a free row."""
-        row = next((r for r in range(self.max_batch) if not self.active[r]), None)
-        if row is None:
+    def warm_up(self, full: bool = True) -> None:
+        """Compile the kernels and capture the graphs that a first request would otherwise wait for (on an H200, a
+        batch shape first seen by a server cost up to 1.4 s; docs/PERFORMANCE.md).
+
+        ``full=False``: a one-token prompt through ``prefill`` and one ``step``, on the base model. ``full`` (the
+        default) also runs a prefill at each token-count bucket the free rows can fill (16 ..
+        ``PREFILL_GRAPH_MAX_TOKENS``; each its own graph and kernel shapes), one over more tokens (the eager
+        pass) and one long prompt (per-prompt attention) where ``max_len`` allows; all on the base model and again
+        through a placeholder adapter (``DecodeAdapters.hold``: every projection, rank ``r_max``, zero weights) so
+        the grouped LoRA kernels and the adapter graphs are ready too. The placeholder is evicted and the rows are
+        released after (their cache holds garbage, which no later row reads: each stores before it attends).
+        Call it before admitting requests: it needs a free row."""
+        free = self.free_rows()
+        if not free:
             raise LorakitError("warm_up needs a free cache row; call it before admitting requests")
+        self._sync_structure()
+        passes = [[1]] + (self._warm_up_prompts(len(free)) if full else [])
         try:
-            logits = self.prefill([row], [[0]], [None])
-            self.step([row], [int(logits[0].argmax())], [None])
+            for name in (None, WARM_UP_ADAPTER) if full else (None,):
+                if name is not None:
+                    self.adapters.hold(name)
+                for i, lengths in enumerate(passes):
+                    rows = free[:len(lengths)]
+                    try:
+                        logits = self.prefill(rows, [[0] * n for n in lengths], [name] * len(rows))
+                        if i == 0:
+                            self.step(rows, logits.argmax(-1).tolist(), [name] * len(rows))
+                    finally:
+                        self.release(rows)
         finally:
-            self.release([row])
+            if WARM_UP_ADAPTER in self.adapters:
+                self.adapters.evict(WARM_UP_ADAPTER)
+
+    def _warm_up_prompts(self, rows: int) -> list[list[int]]:
+        """Prompt lengths of the warm-up's prefill passes over at most ``rows`` rows: exactly each graph bucket's
+        token count, then more tokens than the graphs take (eager), then one prompt longer than the decode
+        kernels attend over (SDPA per prompt); the passes the rows or ``max_len`` cannot hold are left out."""
+        longest = min(PREFILL_KERNEL_MAX_PROMPT, self.max_len - 1)
+
+        def split(total):  # ``total`` tokens in prompts of at most ``longest``
+            lengths = [longest] * (total // longest) + ([total % longest] if total % longest else [])
+            return lengths if len(lengths) <= rows else None
+
+        totals = [16 << k for k in range((PREFILL_GRAPH_MAX_TOKENS // 16).bit_length())]
+        passes = [split(total) for total in totals + [PREFILL_GRAPH_MAX_TOKENS + 16]]
+        if self.max_len - 1 > PREFILL_KERNEL_MAX_PROMPT:
+            passes.append([PREFILL_KERNEL_MAX_PROMPT + 1])
+        return [p for p in passes if p]
 
     # -- stepping ----------------------------------------------------------------------------------------------
     def step(self, rows: Sequence[int], tokens: Sequence[int], adapters: Sequence[str | None]) -> torch.Tensor:
@@ -440,18 +482,14 @@ class StaticDecoder:
             with torch.inference_mode(), programmatic_launches(self.pdl):
                 self._forward()
             return
-        key = (self.adapters.version, self.adapters.has_dora, bool(self.adapters.slot_of))  # what the graph holds
-        if self._graph is None or self._graph_key != key:
-            self._capture()
-            self._graph_key = key
-        self._graph.replay()
-
-    def _capture(self) -> None:
-        self._graph = None
-        saved = self.inputs.clone()
-        self.inputs[1].fill_(-1)  # warm-up and capture store nothing: every row inactive
-        self._graph = self._capture_graph(self._pdl_forward)
-        self.inputs.copy_(saved)
+        key = self._graph_kind()
+        graph = self._graphs.get(key)
+        if graph is None:
+            saved = self.inputs.clone()
+            self.inputs[1].fill_(-1)  # warm-up and capture store nothing: every row inactive
+            graph = self._graphs[key] = self._capture_graph(self._pdl_forward)
+            self.inputs.copy_(saved)
+        graph.replay()
 
     @staticmethod
     def _capture_graph(forward, pool=None) -> "torch.cuda.CUDAGraph":
@@ -666,6 +704,8 @@ class StaticDecoder:
         return y, None
 
 
+# the placeholder adapter of ``StaticDecoder.warm_up``: no user adapter can have this name (a NUL byte)
+WARM_UP_ADAPTER = "\0lorakit-warm-up"
 # prefill: prompts up to this many tokens attend with the decode kernels (each token reads its row's cache up to
 # itself: quadratic in the prompt, cheap when short); longer ones with causal SDPA per prompt. Up to
 # PREFILL_GRAPH_MAX_TOKENS tokens in all, on CUDA, the pass is a CUDA graph replay (one per power-of-two bucket).

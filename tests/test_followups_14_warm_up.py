@@ -1,0 +1,112 @@
+"""The static decoder's full warm-up (fourteenth session, lead).
+
+A server's first batch of a new shape waited up to 1.4 s on an H200 while Triton compiled that shape's kernels and
+the decoder captured its graph (docs/PERFORMANCE.md). ``StaticDecoder.warm_up`` now runs every prefill bucket,
+the eager and long-prompt passes, and all of them again through a zero placeholder adapter, at start. These tests
+check, on the CPU (kernels under TRITON_INTERPRET=1), that it covers the shapes it says, runs the LoRA kernels,
+and leaves nothing behind: the same outputs, free rows, no placeholder slot. They run the kernels' PyTorch
+references (LORAKIT_DISABLE_TRITON=1): what is checked is which passes run, not the kernels (their own tests cover
+them), and the interpreter would take minutes over the warm-up's passes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.decoding import StaticDecoder
+from lorakit.decoding.decoder import PREFILL_GRAPH_MAX_TOKENS, PREFILL_KERNEL_MAX_PROMPT, WARM_UP_ADAPTER
+from lorakit.generation import prefill
+from tests.conftest import tiny_llama
+
+PROMPTS = [[5, 9, 2, 7, 1], [3, 4], [8, 8, 1, 2, 3, 4, 5]]
+
+
+@pytest.fixture(autouse=True)
+def _references(monkeypatch):
+    monkeypatch.setenv("LORAKIT_DISABLE_TRITON", "1")
+
+
+def _model(seed=7):
+    model = tiny_llama(seed=seed)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter="a")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "down_proj"]), adapter="b")
+    with torch.no_grad():
+        for name, p in lorakit.lora_parameters(model):
+            if name.endswith("lora_B"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def _serve(decoder, model, names):
+    """Prefill PROMPTS on rows 0..2 through the decoder, then two steps; the logits of each."""
+    out = [decoder.prefill([0, 1, 2], PROMPTS, names)]
+    for _ in range(2):
+        out.append(decoder.step([0, 1, 2], out[-1].argmax(-1).tolist(), names))
+    decoder.release([0, 1, 2])
+    return out
+
+
+def test_warm_up_prompts_fill_each_bucket_then_the_eager_and_long_passes():
+    model = _model()
+    big = StaticDecoder(model, max_batch=3, max_len=300)
+    passes = big._warm_up_prompts(3)
+    totals = [sum(p) for p in passes]
+    buckets = [16 << k for k in range((PREFILL_GRAPH_MAX_TOKENS // 16).bit_length())]
+    assert totals[:len(buckets)] == buckets  # exactly each graph bucket's token count
+    assert totals[len(buckets)] > PREFILL_GRAPH_MAX_TOKENS  # then an eager pass
+    assert passes[-1] == [PREFILL_KERNEL_MAX_PROMPT + 1]  # and one prompt past the decode kernels' attention
+    assert all(max(p) <= PREFILL_KERNEL_MAX_PROMPT for p in passes[:-1])
+    # rows and max_len bound what is tried: 3 rows of 11 tokens hold buckets 16 and 32 only, no long prompt
+    small = StaticDecoder(model, max_batch=3, max_len=12)
+    assert [sum(p) for p in small._warm_up_prompts(3)] == [16, 32]
+    assert all(len(p) <= 3 and max(p) <= 11 for p in small._warm_up_prompts(3))
+
+
+def test_full_warm_up_runs_the_lora_kernels_and_leaves_no_trace(monkeypatch):
+    model = _model()
+    names = ["a", None, "b"]
+    expected = _serve(StaticDecoder(model, max_batch=3, max_len=12), model, names)
+
+    decoder = StaticDecoder(model, max_batch=3, max_len=12)
+    from lorakit.kernels import grouped_lora
+
+    calls = []
+    for kernel in ("grouped_lora_add_", "grouped_shrink"):
+        real = getattr(grouped_lora, kernel)
+        monkeypatch.setattr(grouped_lora, kernel, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    decoder.warm_up()
+    assert calls, "the placeholder adapter did not run the grouped LoRA kernels"
+    assert decoder.free_rows() == [0, 1, 2] and decoder.lengths == [0] * 3
+    assert WARM_UP_ADAPTER not in decoder.adapters and not decoder.adapters.slot_of
+    assert lorakit.adapter_names(model) == ["a", "b"]  # the placeholder never entered the model
+    got = _serve(decoder, model, names)
+    for step, (e, g) in enumerate(zip(expected, got)):
+        assert torch.allclose(g, e, atol=1e-5, rtol=1e-5), f"step {step}: max diff {(g - e).abs().max():.2e}"
+
+
+def test_the_placeholder_adapter_computes_the_base_model():
+    model = _model(seed=8)
+    decoder = StaticDecoder(model, max_batch=4, max_len=16)
+    base = decoder.prefill([0, 1, 2], PROMPTS, [None] * 3)
+    decoder.release([0, 1, 2])
+    slot = decoder.adapters.hold(WARM_UP_ADAPTER)
+    assert all(int(stack.rank[slot].min()) == decoder.adapters.r_max for layer in decoder.adapters.layers
+               for stack in layer.values())
+    held = decoder.prefill([0, 1, 2], PROMPTS, [WARM_UP_ADAPTER] * 3)
+    assert torch.allclose(held, base, atol=1e-6, rtol=0)
+    reference, _ = prefill(model, PROMPTS, [None] * 3)  # transformers' forward without adapters
+    assert torch.allclose(held, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_graphs_of_both_kinds_are_kept_until_the_stacks_are_reallocated():
+    decoder = StaticDecoder(_model(seed=9), max_batch=2, max_len=16)
+    decoder._graphs = {(False, False): "base graph", (True, False): "adapter graph"}
+    decoder._prefill_graphs = {((False, False), 16): "prefill graph"}
+    assert decoder._graph_kind() == (False, False) and len(decoder._graphs) == 2  # no adapter loaded: kept
+    decoder.adapters.load("a")
+    assert decoder._graph_kind() == (True, False) and len(decoder._graphs) == 2  # a slot written in place: kept
+    decoder.adapters.grow(decoder.adapters.capacity * 2, decoder.adapters.r_max)  # new buffers: every graph goes
+    assert decoder._graph_kind() == (True, False)
+    assert decoder._graphs == {} and decoder._prefill_graphs == {}
