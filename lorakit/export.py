@@ -269,6 +269,20 @@ def write_failure(out: Path, error: OSError) -> str:
     return f"cannot write {out}: {error.strerror or error}{busy}{kept}"
 
 
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def export_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The weights dtype of a written folder: torch.float32 / bfloat16 / float16, or a name ("bf16", "float16",
+    "torch.float32") as transformers and the CLI take them. Anything else is one line, before any merge."""
+    found = _DTYPES.get(dtype.lower().removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    if found not in (torch.float32, torch.bfloat16, torch.float16):
+        raise LorakitError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16 (or 'fp32', 'bf16', "
+                           f"'fp16'), got {dtype!r}")
+    return found
+
+
 def shard_size(value: int | str, flag: str = "max_shard_size") -> int:
     """``value`` ("5GB", "500MB", "20KB", or a number of bytes) as bytes; one line naming the flag otherwise."""
     from huggingface_hub.serialization._base import parse_size_to_int
@@ -301,6 +315,7 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
 
     out = _checked_out(model, out, overwrite)
     max_shard_size = shard_size(max_shard_size)
+    dtype = export_dtype(dtype)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(out)
@@ -835,6 +850,10 @@ def export_merged(model: nn.Module, tokenizer, adapter: str, out: str | os.PathL
             raise LorakitError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     _checked_out(model, out, overwrite)  # before merging: a refused folder leaves the model as it was
     shard_size(max_shard_size)
+    dtype = export_dtype(dtype)
+    from lorakit.adapters import _require
+
+    _require(model, [adapter])  # before dequantize() changes a 4-bit model
     model, report = merge_model(model, adapter, dtype)
     if report.lost_share > LOSS_WARNING:
         warnings.warn(f"the cast to {str(dtype).replace('torch.', '')} loses {100 * report.lost_share:.0f}% of the "

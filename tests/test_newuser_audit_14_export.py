@@ -162,3 +162,20 @@ def test_combine_of_adapters_naming_two_bases_says_so_before_loading(tmp_path, c
     err = capsys.readouterr().err
     assert f"--adapter {a} was trained on '{first}' but --adapter {b} on '{second}'" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ab").exists()
+
+
+def test_export_merged_takes_dtype_names_and_refuses_other_dtypes_before_merging(tmp_path):
+    """export_merged(..., dtype="bf16") (transformers takes dtype names) failed with torch's 'Invalid device
+    string: bf16' after merging; dtype=torch.int8 merged and unloaded the adapter, then failed in nn.Module.to."""
+    from safetensors.torch import load_file
+
+    from lorakit.export import export_merged
+
+    base = tiny_llama(seed=4, initializer_range=0.3)
+    lorakit.load_adapter(base, make_adapter(base, tmp_path / "a", seed=5, std=0.1), adapter="a")
+    for wrong in (torch.int8, "int8", None):
+        with pytest.raises(lorakit.LorakitError, match="dtype must be torch.float32, torch.bfloat16 or torch.float16"):
+            export_merged(base, None, "a", tmp_path / "wrong", dtype=wrong)
+    assert lorakit.adapter_names(base) == ["a"] and not (tmp_path / "wrong").exists()
+    export_merged(base, None, "a", tmp_path / "bf16", dtype="bf16")
+    assert {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
