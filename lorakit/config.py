@@ -78,7 +78,8 @@ class LoraConfig:
             its path ends with a name, PEFT's rule (``"norm"`` also covers every ``*_layernorm``).
         layers_to_transform: only modules in these layer indices (an int or a list) are targeted, PEFT's rule: the
             index is the first number in the module path after ``<layers_pattern>.`` (any segment when no pattern);
-            needs ``target_modules`` as a list of names, as in PEFT.
+            needs ``target_modules`` as a list of names, as in PEFT (an entry that is a module's whole path adapts
+            that module whatever its layer, as in PEFT).
         layers_pattern: the name(s) of the layer list (``"layers"``, ``"h"``), used with ``layers_to_transform``.
         target_parameters: raw parameters to adapt, PEFT's option of that name (a list; ``<module path>.<name>``
             matches when it equals an entry or ends with ``.entry``): the fused MoE experts of transformers 5

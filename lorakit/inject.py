@@ -196,7 +196,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
             chosen = quant.is_linear_like(module) and path not in heads
         else:
             chosen = _matches(path, config.target_modules)
-        if chosen and not config.in_chosen_layers(path):
+        named = not isinstance(config.target_modules, str) and path in config.target_modules
+        if chosen and not named and not config.in_chosen_layers(path):  # peft: a path named whole is never filtered
             chosen, removed["layers_to_transform"] = False, removed["layers_to_transform"] + 1
             outside_layers.append(path)
         if chosen and config.exclude_modules and _matches(path, config.exclude_modules):

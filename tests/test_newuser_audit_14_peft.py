@@ -17,8 +17,9 @@ import torch
 import lorakit
 from conftest import assert_close
 from lorakit.cli import main
+from lorakit.inject import lora_layers
 from lorakit.io import CONFIG_NAME
-from test_peft_sweep import build, logits, peft_saved
+from test_peft_sweep import build, logits, peft_saved, round_trip
 
 
 def saved_by_peft(folder, config, kind: str = "llama"):
@@ -126,3 +127,14 @@ def test_a_trained_copy_of_an_attention_block_runs(tmp_path):
     with pytest.raises(lorakit.LorakitError, match=r"called with keyword arguments only \(hidden_states, .*use one adapter"):
         with lorakit.mixed_batch(ours, ["default", None]):
             logits(ours, ids)
+
+
+def test_layers_to_transform_leaves_a_target_named_by_its_whole_path(tmp_path):
+    """peft adapts a module whose whole path is in target_modules whatever layers_to_transform says (only names
+    matched as path endings are filtered by layer); lorakit filtered both, so peft's file was refused for 'unexpected
+    tensor keys' of the named module, and a lorakit config of the same fields adapted one module fewer than peft."""
+    options = dict(target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1])
+    round_trip("llama", tmp_path, **options)
+    model = build("llama")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, **options))
+    assert sorted(lora_layers(model)) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
