@@ -276,3 +276,15 @@ def test_a_data_folder_with_a_validation_split_says_it_is_not_used(tmp_path, cap
     (folder / "validation.jsonl").unlink()
     read_data(TrainConfig(data=[str(folder)]))
     assert "note" not in capsys.readouterr().out
+
+
+# -- CSV as spreadsheets write it ------------------------------------------------------------------------------------
+def test_csv_rows_of_empty_cells_are_blank_lines(tmp_path):
+    """A spreadsheet saved as CSV writes ",," for rows below the data that were once formatted or edited (and between
+    blocks of data): the first such row stopped the run with "empty completion". They are blank lines, skipped; a
+    row with a cell filled and the other empty is still refused."""
+    (tmp_path / "sheet.csv").write_text("prompt,completion\r\na,b\r\n,\r\n , \r\nc,d\r\n,\r\n,\r\n")
+    assert [dict(r.fields) for r in read_many(tmp_path / "sheet.csv")] == [{"prompt": "a", "completion": "b"},
+                                                                          {"prompt": "c", "completion": "d"}]
+    (tmp_path / "half.csv").write_text("prompt,completion\na,b\n,\ne,\n")
+    assert _error(tmp_path / "half.csv").startswith("half.csv:4: empty completion")

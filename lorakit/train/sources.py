@@ -573,8 +573,8 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
         for cells in reader:
             # a quoted cell with newlines (a long answer) makes a row span lines: it is named by its first line
             start, end = end + 1, reader.line_num
-            if not cells:  # a blank line
-                continue
+            if not any(cell.strip() for cell in cells):  # a blank line, or one of empty cells (",,": a spreadsheet's
+                continue                                   # rows below the data that were once formatted or edited)
             where = f"{path.name}:{start}"
             if [cell.lstrip("\ufeff").strip() for cell in cells] == [name.strip() for name in header]:
                 raise LorakitError(f"{where}: this row repeats the header line (files joined with their headers?); "
