@@ -78,7 +78,8 @@ def server(tmp_path_factory):
     process = ServerProcess(model_dir, adapters, "--max-loaded", "3", log=root / "server.log", env=env)
     client = httpx.Client(base_url=process.url, timeout=60)
     try:
-        yield {"url": process.url, "client": client, "process": process, "reads": reads, "adapters": adapters}
+        yield {"url": process.url, "client": client, "process": process, "reads": reads, "adapters": adapters,
+               "model": model_dir}
     finally:
         client.close()
         process.stop()
@@ -292,3 +293,36 @@ def test_logprobs_end_where_a_stop_string_cuts_the_text(server, chat):
     text = "".join((e["choices"][0]["delta"].get("content") or "") if chat else e["choices"][0]["text"]
                    for e in events if e["choices"])
     assert text == expected
+
+
+def test_logit_bias_forces_and_bans_tokens(server):
+    """logit_bias was refused whatever it held ("not supported"): clients that force or ban tokens (a yes/no
+    classifier with max_tokens 1, a filter of words) could not run. It adds its biases to the logits before the
+    token is chosen, greedy or sampled, on both endpoints; bad keys, values and ids are the client's 400."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(server["model"])
+    ids = tokenizer.encode("Paris Berlin")
+    forced, kept = ids[0], ids[-1]
+    assert forced != kept
+    client = server["client"]
+    prompt = {"prompt": "Hello", "max_tokens": 3}
+    chat = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
+    for path, body in (("/v1/completions", prompt), ("/v1/chat/completions", chat)):
+        for sampling in ({"temperature": 0}, {"temperature": 1.0, "seed": 5}):
+            answer = client.post(path, json={"model": "base", **body, **sampling, "logit_bias": {str(forced): 100}})
+            assert answer.status_code == 200, answer.text[:300]
+            choice = answer.json()["choices"][0]
+            text = choice["text"] if "text" in choice else choice["message"]["content"]
+            assert text == tokenizer.decode([forced] * 3), (path, sampling, text)
+    banned = {str(token): -100 for token in range(len(tokenizer)) if token != kept}  # every token but one
+    answer = client.post("/v1/completions", json={"model": "fast", **prompt, "temperature": 1.0, "logit_bias": banned})
+    assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == tokenizer.decode([kept] * 3)
+    for bias, words in (({"abc": 5}, "is not a token id"), ({"-1": 5}, "is not a token id"),
+                        ({"9" * 5000: 1}, "is not a token id"), ({"5": 101}, "between -100 and 100"),
+                        ({str(len(tokenizer) + 7): 1}, "not in this model's vocabulary")):
+        refused = client.post("/v1/completions", json={"model": "base", **prompt, "logit_bias": bias})
+        assert refused.status_code == 400, refused.text[:300]
+        error = refused.json()["error"]
+        assert words in error["message"] and error["param"] == "logit_bias", error
+    assert wait_idle(client, 5.0)

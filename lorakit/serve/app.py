@@ -563,6 +563,22 @@ class _SharedPin:
             self.state.pool.release(self.name)
 
 
+def _logit_bias(state: ServerState, body):
+    """The request's ``logit_bias`` as the engine adds it: ``(token ids (k,), biases (k,))`` on the CPU, or None;
+    an id past the vocabulary is the client's 400 (as an index it would fail the engine's whole batch)."""
+    pairs = body.bias_pairs()
+    if not pairs:
+        return None
+    vocab = _vocab_size(state)
+    outside = [token for token, _ in pairs if token >= vocab]
+    if outside:
+        raise APIError(400, f"logit_bias token id {outside[0]} is not in this model's vocabulary (ids 0 to "
+                       f"{vocab - 1})", param="logit_bias")
+    import torch
+
+    return torch.tensor([token for token, _ in pairs]), torch.tensor([value for _, value in pairs])
+
+
 def _choice_seed(seed: int | None, index: int) -> int | None:
     """Choice ``index``'s seed: ``seed + index`` (choice 0 is the n=1 answer), kept in manual_seed's range."""
     if seed is None:
@@ -594,6 +610,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     call_ends = call_end_tokens(state.tokenizer, call_format(state.tokenizer, body.openai_tools())) \
         if chat and body.tools else ()
     params = _sampling_params(state, body, [limit for limit in limits if limit > 0], n, body.seed, call_ends)
+    bias = _logit_bias(state, body)
     # before the adapter is pinned: nothing awaited between the pin and the jobs' submission may leak it
     think = await run_in_threadpool(_think_state, state, prompts[0]) if chat and forced is None else None
     constraints = await _constraints(state, *_format_spec(body), params, think)
@@ -623,7 +640,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     if think is not None:
         keep |= think.parser.tokens(state.tokenizer)
     jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0),
-                           keep, constraints, think)
+                           keep, constraints, think, bias)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
@@ -691,12 +708,13 @@ def _sampling_params(state: ServerState, body, limits: list[int], n: int, seed: 
 def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[SamplingParams],
             adapter_name: str | None, internal: str | None, stops: list[str] | None, logprobs: int | None,
             top_k: int = 0, keep: frozenset[int] = frozenset(), constraints: list | None = None,
-            think: AnswerStart | None = None) -> tuple[list[Request], _Bridge]:
+            think: AnswerStart | None = None, bias=None) -> tuple[list[Request], _Bridge]:
     """Hand ``len(params)`` jobs to the engine (job j answers ``prompts[j // n]``), each under the adapter pinned
     once by ``_acquire`` (``internal``; None: the base); the pin is released when the last job finishes, or here
     if submitting fails. The jobs' events arrive on the bridge's queue: ``("token", j, text, token, info, settled)``
     and ``("done", j, text, reason, settled)``, text being the newly final text (stop strings cut), settled how many
-    of the job's tokens have their text in the answer so far (``TextAssembler.settled``: their logprobs are sent). ``constraints``: job j's
+    of the job's tokens have their text in the answer so far (``TextAssembler.settled``: their logprobs are sent).
+    ``bias``: the request's logit_bias (:func:`_logit_bias`), for every job. ``constraints``: job j's
     response_format matcher (:func:`_constraints`); one still waiting for the reasoning block (``think``) to close
     is switched on by the token that closes it."""
     pin = _SharedPin(state, adapter_name, len(params))  # from here each job's on_finish releases its share, once
@@ -721,7 +739,7 @@ def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[S
                 bridge.put(("done", index, text, reason, assembler.settled(final=True)))
 
             job = Request(prompts[index // n], internal, choice_params, on_token, on_finish, logprobs=logprobs,
-                          top_k=top_k, constraint=constraint)
+                          top_k=top_k, constraint=constraint, bias=bias)
             state.engine.submit(job)
             jobs.append(job)
     finally:

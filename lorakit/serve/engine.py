@@ -80,6 +80,9 @@ class Request:
     # a response_format's matcher (lorakit.serve.structured.Constraint): the row draws only tokens its grammar
     # allows and ends once the answer is complete; None (most rows): no per-step host work at all
     constraint: object | None = None
+    # OpenAI's logit_bias: (token ids (k,), biases (k,)) added to the row's logits before its token is chosen (the
+    # logprobs it reports are the model's, unbiased); None: nothing added
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Engine:
@@ -286,7 +289,8 @@ class Engine:
         for the whole batch at once: rows with a format get every token their constraint refuses at -inf (all such
         rows in one pass: ``structured.mask_rows``), greedy rows take the argmax, sampled rows are drawn together
         (``sampling.sample_rows``: each from its own generator, so no row depends on its neighbours), and the tokens
-        come to the host in one copy. Rows without a format cost the mask nothing."""
+        come to the host in one copy. Rows without a format cost the mask nothing; a row's ``logit_bias`` is added
+        after its format's mask (a bias cannot allow what the format refuses)."""
         rows = [i for i, r in enumerate(requests) if r.constraint is not None and r.constraint.active]
         if rows:
             from lorakit.serve.structured import mask_rows
@@ -298,6 +302,15 @@ class Engine:
                 index = torch.tensor(rows, device=logits.device)
                 masked, logits = mask_rows(constraints, logits[index]), logits.clone()
                 logits[index] = masked
+        biased = [i for i, r in enumerate(requests) if r.bias is not None]
+        if biased:
+            if not rows:  # the caller's logits stay the model's, for logprobs (a format's mask made a new tensor)
+                logits = logits.clone()
+            for i in biased:
+                ids, values = requests[i].bias
+                if ids.device != logits.device:
+                    requests[i].bias = ids, values = ids.to(logits.device), values.to(logits.device)
+                logits[i, ids] += values.to(logits.dtype)
         tokens = logits.argmax(dim=-1)  # the greedy rows' tokens (and a placeholder for the others)
         drawn = [i for i, r in enumerate(requests) if r.params.temperature != 0]
         if drawn:

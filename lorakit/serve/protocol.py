@@ -9,6 +9,7 @@ means the field's default; only a required field (``model``, ``prompt``, ``messa
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Union
 
 from typing import Annotated
@@ -126,6 +127,9 @@ def json_schema_value(value: Union[dict, str, None], field: str) -> dict | None:
     return value
 
 
+MAX_BIASED_TOKENS = 1024  # logit_bias entries: clients send a few (ban or force some tokens), not a vocabulary
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
     include_obfuscation: bool = True  # OpenAI pads chunks against side channels; lorakit sends no padding field
@@ -193,10 +197,25 @@ class _Sampling(_Strict):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, value: dict | None) -> dict | None:
-        if value:
-            raise ValueError("logit_bias is not supported")
+    def _bias(cls, value: dict | None) -> dict | None:
+        """OpenAI's form: token ids as decimal strings -> a bias in [-100, 100] added to the token's logit (the
+        ids are checked against the vocabulary when the request is served: ``bias_pairs``)."""
+        if not value:
+            return None
+        if len(value) > MAX_BIASED_TOKENS:
+            raise ValueError(f"logit_bias has {len(value):,} tokens, over the limit of {MAX_BIASED_TOKENS:,}")
+        for key, bias in value.items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 12):
+                raise ValueError(f"logit_bias key {key[:40]!r} is not a token id: the keys are token ids written as "
+                                 'strings, such as {"1234": -100}')
+            if not math.isfinite(bias) or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias of token {key[:40]} is {bias}; a bias is between -100 and 100")
         return value
+
+    def bias_pairs(self) -> list[tuple[int, float]]:
+        """``logit_bias`` as ``(token id, bias)`` pairs, one per id ("07" and "7" name one token: the last
+        given counts, as in a JSON object that names a key twice)."""
+        return list({int(key): float(bias) for key, bias in (self.logit_bias or {}).items()}.items())
 
     @field_validator("stop", mode="before")
     @classmethod
