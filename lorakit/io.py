@@ -550,7 +550,8 @@ def _other_files(folder: Path) -> str:
         note = internal_names_note(folder)
         if note is not None:
             return "; " + note
-        return "; this is a whole model's folder (config.json and model weights): load it with lorakit.load_base(folder)"
+        return ("; this is a whole model's folder (config.json and model weights): load it with lorakit.load_base(folder), "
+                "or on the command line as --model, with no --adapter (a merged model holds its adapter already)")
     if "adapters.safetensors" in names:
         return ("; it holds adapters.safetensors, MLX-LM's adapter format (other key names and scaling): convert it to "
                 "PEFT's format first")

@@ -13,6 +13,7 @@ import warnings
 import peft
 import pytest
 import torch
+import transformers as tf
 
 import lorakit
 from conftest import assert_close
@@ -138,3 +139,21 @@ def test_layers_to_transform_leaves_a_target_named_by_its_whole_path(tmp_path):
     model = build("llama")
     lorakit.inject(model, lorakit.LoraConfig(r=2, **options))
     assert sorted(lora_layers(model)) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+
+def test_a_merged_model_given_as_the_adapter_says_to_pass_it_as_the_model(tmp_path, capsys):
+    """peft's merge_and_unload().save_pretrained(folder) written where an adapter goes: ``lorakit generate
+    --adapter merged`` said only 'load it with lorakit.load_base(folder)', a Python call, to a command-line user."""
+    from test_train_helpers import make_model_folder
+
+    base = make_model_folder(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tf.AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    theirs.merge_and_unload().save_pretrained(tmp_path / "merged")
+    capsys.readouterr()  # transformers' progress bars
+    for command in (["generate", "--model", str(base), "--adapter", str(tmp_path / "merged"), "--max-new-tokens", "1", "a"],
+                    ["merge", "--model", str(base), "--adapter", str(tmp_path / "merged"), "--out", str(tmp_path / "out")]):
+        assert main(command) == 2
+        error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(error) == 1 and "whole model's folder" in error[0] and "as --model, with no --adapter" in error[0]
