@@ -179,3 +179,35 @@ def test_export_merged_takes_dtype_names_and_refuses_other_dtypes_before_merging
     assert lorakit.adapter_names(base) == ["a"] and not (tmp_path / "wrong").exists()
     export_merged(base, None, "a", tmp_path / "bf16", dtype="bf16")
     assert {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_merge_of_a_bf16_base_loads_it_in_bf16_and_writes_the_float32_maths_bits(tmp_path, capsys, monkeypatch,
+                                                                                  variant):
+    """lorakit merge loaded every base in float32: a bf16 70B needed 280 GB of memory for a bf16 output. A base
+    stored in the output dtype now loads in it; each merged weight is still computed in float32 and rounded once,
+    so the folder is bit for bit the one a float32 load writes."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import main
+    from lorakit.export import export_merged
+
+    model_dir = tiny_hf_folder(tmp_path / "model", initializer_range=0.3)
+    AutoModelForCausalLM.from_pretrained(model_dir).to(torch.bfloat16).save_pretrained(model_dir)
+    adapter = make_adapter(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tmp_path / "adapter",
+                           seed=1, std=0.05, variant=variant,
+                           target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], modules_to_save=["lm_head"])
+    reference, tokenizer = lorakit.load_base(str(model_dir), dtype=torch.float32, device="cpu")
+    lorakit.load_adapter(reference, adapter, adapter="merged")
+    export_merged(reference, tokenizer, "merged", tmp_path / "float32-load", dtype=torch.bfloat16)
+
+    loads = []
+    real_load_base = lorakit.load_base
+    monkeypatch.setattr(lorakit, "load_base", lambda *a, **k: loads.append(k["dtype"]) or real_load_base(*a, **k))
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0
+    assert loads == [torch.bfloat16]
+    expected = load_file(tmp_path / "float32-load" / "model.safetensors")
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
