@@ -288,3 +288,17 @@ def test_csv_rows_of_empty_cells_are_blank_lines(tmp_path):
                                                                           {"prompt": "c", "completion": "d"}]
     (tmp_path / "half.csv").write_text("prompt,completion\na,b\n,\ne,\n")
     assert _error(tmp_path / "half.csv").startswith("half.csv:4: empty completion")
+
+
+@pytest.mark.parametrize("text", ["sep=;\nprompt;completion\na;b\nc;d\n", "sep=,\r\nprompt,completion\r\na,b\r\nc,d\r\n",
+                                  "prompt\tcompletion\na\tb\nc\td\n"])
+def test_excel_separator_line_and_tabs_under_a_csv_name(tmp_path, text):
+    """Excel's "sep=;" first line (it names the separator for Excel to open the file right) was read as the header,
+    and the header line as a record: "no known field in ['sep=']". Tab-separated text saved as .csv was "the header
+    line names no known field ('prompt\\tcompletion')". Both read; line numbers count the "sep=" line."""
+    (tmp_path / "x.csv").write_text(text)
+    assert [dict(r.fields) for r in read_many(tmp_path / "x.csv")] == [{"prompt": "a", "completion": "b"},
+                                                                      {"prompt": "c", "completion": "d"}]
+    bad = text[:text.rindex("d")] + text[text.rindex("d") + 1:]  # its last row without a completion: line 3 (4)
+    (tmp_path / "bad.csv").write_text(bad)
+    assert _error(tmp_path / "bad.csv").startswith(f"bad.csv:{4 if text.startswith('sep') else 3}: empty completion")

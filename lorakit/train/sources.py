@@ -548,8 +548,15 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
         line = raw[: exc.start].count(b"\n") + 1
         raise LorakitError(_not_utf8(f"{path.name}:{line}", raw, exc)) from None
     first = text.split("\n", 1)[0]
-    if delimiter == "," and "," not in first and ";" in first:  # Excel in European locales separates with ";"
+    skip = 0
+    if re.fullmatch(r"sep=(.)\r?", first):  # Excel's line naming the separator ("sep=;"), before the header
+        delimiter, skip = first[4], 1
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+        first = text.split("\n", 1)[0]
+    elif delimiter == "," and "," not in first and ";" in first:  # Excel in European locales separates with ";"
         delimiter = ";"
+    elif delimiter == "," and "," not in first and "\t" in first:  # tab-separated, saved under a .csv name
+        delimiter = "\t"
     # a whole document in one cell (long-context data) passes the csv module's default 128 KiB cell limit
     csv.field_size_limit(max(csv.field_size_limit(), min(len(text) + 1, 2**31 - 1)))
     # newline="": the csv module itself handles CRLF line ends and newlines quoted inside cells
@@ -560,19 +567,19 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
             raise LorakitError(f"{path.name}: empty CSV; the first line must name the fields ({EXPECTED_SHAPES})")
         if not any(name.strip().lower() in HEADER_NAMES for name in header):  # often no header: the first row is data
             cells = ", ".join(repr(clipped(name, 40)) for name in header[:4]) + (", ..." if len(header) > 4 else "")
-            raise LorakitError(f"{path.name}:1: the header line names no known field ({cells}); "
+            raise LorakitError(f"{path.name}:{1 + skip}: the header line names no known field ({cells}); "
                                "the first line of a CSV names its columns: text, or prompt and completion, or messages "
                                "(rename them, or add a header line if that line is data)")
         named = [name.strip() for name in header]
         twice = next((name for name in named if name and named.count(name) > 1), None)
         if twice is not None:  # each row would keep only the last of them: the other column dropped without a word
             columns = " and ".join(str(i + 1) for i, name in enumerate(named) if name == twice)
-            raise LorakitError(f"{path.name}:1: the header names {twice!r} twice (columns {columns}); each row would "
-                               "keep only the last: rename or remove one")
-        records, end = [], reader.line_num  # end: the line the last row read ends on
+            raise LorakitError(f"{path.name}:{1 + skip}: the header names {twice!r} twice (columns {columns}); each "
+                               "row would keep only the last: rename or remove one")
+        records, end = [], reader.line_num + skip  # end: the line the last row read ends on
         for cells in reader:
             # a quoted cell with newlines (a long answer) makes a row span lines: it is named by its first line
-            start, end = end + 1, reader.line_num
+            start, end = end + 1, reader.line_num + skip
             if not any(cell.strip() for cell in cells):  # a blank line, or one of empty cells (",,": a spreadsheet's
                 continue                                   # rows below the data that were once formatted or edited)
             where = f"{path.name}:{start}"
@@ -586,7 +593,7 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
             records.append(validate_record(dict(zip(header, cells)), where))
         return records
     except csv.Error as exc:
-        raise LorakitError(f"{path.name}:{reader.line_num}: malformed CSV ({exc}); check quoting") from None
+        raise LorakitError(f"{path.name}:{reader.line_num + skip}: malformed CSV ({exc}); check quoting") from None
 
 
 def _read_parquet(path: Path) -> list[Record]:
