@@ -167,7 +167,7 @@ def test_the_wheel_metadata_describes_the_package(dists):
 
 # what `pip install lorakit` does not bring (the extras, the test tools, what only a GPU machine has)
 OPTIONAL = ("peft", "bitsandbytes", "triton", "trl", "openai", "fastapi", "uvicorn", "starlette", "llguidance",
-            "datasets", "pyarrow", "tensorboard", "httpx", "accelerate", "sentencepiece", "pytest")
+            "datasets", "pyarrow", "tensorboard", "httpx", "sentencepiece", "pytest")
 
 # Runs in a fresh interpreter. Every finder is wrapped so that the OPTIONAL packages are not found (as if never
 # installed: importlib.util.find_spec gives None, importlib.metadata knows no such distribution), then the
@@ -330,3 +330,20 @@ def test_the_torch_lower_bound_admits_only_releases_with_what_lorakit_imports():
     assert {"torch.distributed.tensor", "torch.distributed.fsdp.fully_shard"} <= used  # what the table is about
     for name, since in TORCH_SINCE.items():
         assert name not in used or since <= lowest, f"lorakit imports {name} (torch {since}), torch>={lowest} allowed"
+
+
+def test_the_core_install_converts_the_embedded_model_on_every_transformers_it_admits():
+    """transformers>=4.56 admits 4.x, whose GGUF reader refuses to run without accelerate: with transformers 4.56.2
+    and the core install, `lorakit demo` (the embedded model's first conversion) ended in a traceback, 'ValueError:
+    accelerate is required when loading a GGUF file'. With accelerate installed the conversion gave the same logits
+    as on transformers 5.24 (checked by hand, 2026-11-30). accelerate is now a core dependency, at least the version
+    the installed transformers asks for."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+    from transformers.utils import import_utils
+
+    deps = {(req := Requirement(r)).name: req for r in _pyproject()["project"]["dependencies"]}
+    if any(deps["transformers"].specifier.contains(f"4.{minor}.0") for minor in range(40, 100)):
+        assert "accelerate" in deps, "transformers 4.x reads GGUF files only with accelerate"
+    lowest = next(Version(s.version) for s in deps["accelerate"].specifier if s.operator == ">=")
+    assert lowest >= Version(getattr(import_utils, "ACCELERATE_MIN_VERSION", "0"))
