@@ -43,6 +43,7 @@ example run alone.
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 from collections import Counter
@@ -322,7 +323,16 @@ def _tokenize_with_spans(text: str, spans: list[tuple[int, int]], tokenizer: Any
     if info.has_offsets:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
         ranges = []
+        if all(a <= b for a, b in zip(starts, starts[1:])) and all(a <= b for a, b in zip(ends, ends[1:])):
+            # offsets in text order (every tokenizer we met): the tokens overlapping a span are those ending after
+            # its start and starting before its end, found by bisection; a scan of every token for every span made
+            # a long chat quadratic (0.4 s of a 60-turn chat's 1.1 s)
+            for start, end in spans:
+                first, stop = bisect.bisect_right(ends, start), bisect.bisect_left(starts, end)
+                ranges.append((first, stop) if first < stop else (len(ids), len(ids)))
+            return ids, ranges
         for start, end in spans:
             inside = [k for k, (s, e) in enumerate(offsets) if e > start and s < end]
             ranges.append((inside[0], inside[-1] + 1) if inside else (len(ids), len(ids)))
