@@ -326,3 +326,44 @@ def test_logit_bias_forces_and_bans_tokens(server):
         error = refused.json()["error"]
         assert words in error["message"] and error["param"] == "logit_bias", error
     assert wait_idle(client, 5.0)
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula(server):
+    """presence_penalty / frequency_penalty were refused unless 0 (chat UIs that offer them as settings got a
+    400). Each token the answer holds now has presence + frequency x its count
+    taken off its logit, as OpenAI documents: greedy answers equal a reference loop over the model that does so."""
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(server["model"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(server["model"])
+
+    def reference(prompt: list[int], presence: float, frequency: float, steps: int = 8) -> list[str]:
+        sequence, counts, out = list(prompt), Counter(), []
+        for _ in range(steps):
+            with torch.no_grad():
+                logits = model(torch.tensor([sequence])).logits[0, -1].float()
+            for token, times in counts.items():
+                logits[token] -= presence + frequency * times
+            token = int(logits.argmax())
+            counts[token] += 1
+            sequence.append(token)
+            out.append(tokenizer.decode([token]))
+        return out
+
+    client = server["client"]
+    changed = 0
+    for prompt, presence, frequency in (([5, 6, 7, 8], 0.0, 2.0), ([5, 6, 7, 8], 1.5, 0.0), ([40, 50, 60], -1.0, 0.0),
+                                        ([40, 50, 60], 0.5, 1.0)):
+        answer = client.post("/v1/completions", json={
+            "model": "base", "prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 0,
+            "presence_penalty": presence, "frequency_penalty": frequency})
+        assert answer.status_code == 200, answer.text[:300]
+        expected = reference(prompt, presence, frequency)
+        assert answer.json()["choices"][0]["logprobs"]["tokens"] == expected, (prompt, presence, frequency)
+        changed += expected != reference(prompt, 0.0, 0.0)
+    assert changed >= 2  # the penalties changed those answers
+    refused = client.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "x"}],
+                                                        "presence_penalty": 2.5})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "presence_penalty"

@@ -640,7 +640,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     if think is not None:
         keep |= think.parser.tokens(state.tokenizer)
     jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0),
-                           keep, constraints, think, bias)
+                           keep, constraints, think, bias, (body.presence_penalty, body.frequency_penalty))
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
@@ -708,15 +708,16 @@ def _sampling_params(state: ServerState, body, limits: list[int], n: int, seed: 
 def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[SamplingParams],
             adapter_name: str | None, internal: str | None, stops: list[str] | None, logprobs: int | None,
             top_k: int = 0, keep: frozenset[int] = frozenset(), constraints: list | None = None,
-            think: AnswerStart | None = None, bias=None) -> tuple[list[Request], _Bridge]:
+            think: AnswerStart | None = None, bias=None, penalties: tuple[float, float] = (0.0, 0.0)
+            ) -> tuple[list[Request], _Bridge]:
     """Hand ``len(params)`` jobs to the engine (job j answers ``prompts[j // n]``), each under the adapter pinned
     once by ``_acquire`` (``internal``; None: the base); the pin is released when the last job finishes, or here
     if submitting fails. The jobs' events arrive on the bridge's queue: ``("token", j, text, token, info, settled)``
     and ``("done", j, text, reason, settled)``, text being the newly final text (stop strings cut), settled how many
     of the job's tokens have their text in the answer so far (``TextAssembler.settled``: their logprobs are sent).
-    ``bias``: the request's logit_bias (:func:`_logit_bias`), for every job. ``constraints``: job j's
-    response_format matcher (:func:`_constraints`); one still waiting for the reasoning block (``think``) to close
-    is switched on by the token that closes it."""
+    ``bias``: the request's logit_bias (:func:`_logit_bias`), ``penalties`` its (presence, frequency), for every
+    job. ``constraints``: job j's response_format matcher (:func:`_constraints`); one still waiting for the
+    reasoning block (``think``) to close is switched on by the token that closes it."""
     pin = _SharedPin(state, adapter_name, len(params))  # from here each job's on_finish releases its share, once
     bridge = _Bridge(asyncio.get_running_loop())
     jobs: list[Request] = []
@@ -739,7 +740,8 @@ def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[S
                 bridge.put(("done", index, text, reason, assembler.settled(final=True)))
 
             job = Request(prompts[index // n], internal, choice_params, on_token, on_finish, logprobs=logprobs,
-                          top_k=top_k, constraint=constraint, bias=bias)
+                          top_k=top_k, constraint=constraint, bias=bias, presence=penalties[0],
+                          frequency=penalties[1])
             state.engine.submit(job)
             jobs.append(job)
     finally:

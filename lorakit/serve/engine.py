@@ -83,6 +83,11 @@ class Request:
     # OpenAI's logit_bias: (token ids (k,), biases (k,)) added to the row's logits before its token is chosen (the
     # logprobs it reports are the model's, unbiased); None: nothing added
     bias: tuple[torch.Tensor, torch.Tensor] | None = None
+    # OpenAI's presence / frequency penalties: each token this answer holds has presence + frequency x its count
+    # taken off its logit (counts: token -> times, kept only when a penalty is set); the logprobs stay the model's
+    presence: float = 0.0
+    frequency: float = 0.0
+    counts: dict[int, int] = field(default_factory=dict)
 
 
 class Engine:
@@ -289,8 +294,8 @@ class Engine:
         for the whole batch at once: rows with a format get every token their constraint refuses at -inf (all such
         rows in one pass: ``structured.mask_rows``), greedy rows take the argmax, sampled rows are drawn together
         (``sampling.sample_rows``: each from its own generator, so no row depends on its neighbours), and the tokens
-        come to the host in one copy. Rows without a format cost the mask nothing; a row's ``logit_bias`` is added
-        after its format's mask (a bias cannot allow what the format refuses)."""
+        come to the host in one copy. Rows without a format cost the mask nothing; a row's ``logit_bias`` and its
+        presence / frequency penalties are applied after its format's mask (they cannot allow what it refuses)."""
         rows = [i for i, r in enumerate(requests) if r.constraint is not None and r.constraint.active]
         if rows:
             from lorakit.serve.structured import mask_rows
@@ -302,15 +307,21 @@ class Engine:
                 index = torch.tensor(rows, device=logits.device)
                 masked, logits = mask_rows(constraints, logits[index]), logits.clone()
                 logits[index] = masked
-        biased = [i for i, r in enumerate(requests) if r.bias is not None]
-        if biased:
+        adjusted = [i for i, r in enumerate(requests) if r.bias is not None or r.counts]
+        if adjusted:
             if not rows:  # the caller's logits stay the model's, for logprobs (a format's mask made a new tensor)
                 logits = logits.clone()
-            for i in biased:
-                ids, values = requests[i].bias
-                if ids.device != logits.device:
-                    requests[i].bias = ids, values = ids.to(logits.device), values.to(logits.device)
-                logits[i, ids] += values.to(logits.dtype)
+            for i in adjusted:
+                request = requests[i]
+                if request.bias is not None:
+                    ids, values = request.bias
+                    if ids.device != logits.device:
+                        request.bias = ids, values = ids.to(logits.device), values.to(logits.device)
+                    logits[i, ids] += values.to(logits.dtype)
+                if request.counts:
+                    ids = torch.tensor(list(request.counts), device=logits.device)
+                    times = torch.tensor(list(request.counts.values()), dtype=torch.float32, device=logits.device)
+                    logits[i, ids] -= (request.presence + request.frequency * times).to(logits.dtype)
         tokens = logits.argmax(dim=-1)  # the greedy rows' tokens (and a placeholder for the others)
         drawn = [i for i, r in enumerate(requests) if r.params.temperature != 0]
         if drawn:
@@ -354,6 +365,8 @@ class Engine:
             pairs = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
             info = TokenInfo(float(logprobs[token]), pairs)
         request.tokens.append(token)
+        if request.presence or request.frequency:
+            request.counts[token] = request.counts.get(token, 0) + 1
         if request.cancelled:
             done.append((request, "cancelled"))
             return False

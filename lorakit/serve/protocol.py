@@ -150,8 +150,9 @@ class _Sampling(_Strict):
     user: str | None = None
     safety_identifier: str | None = None  # OpenAI's newer names for ``user``: identify the caller, nothing more
     prompt_cache_key: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    # OpenAI's: subtracted from the logit of each token the answer already holds (presence once, frequency per time)
+    presence_penalty: float = _finite(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = _finite(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     # vLLM's older structured-output fields (extra_body), each one format as structured_outputs' namesake reads it
     # (guided_formats); guided_whitespace_pattern: the JSON's whitespace (a regex); guided_decoding_backend picks
@@ -187,13 +188,6 @@ class _Sampling(_Strict):
                 spec = StructuredOutputs.model_validate({kind: value}).spec()
                 given.append(((spec[0], spec[1], f"guided_{kind}", None), f"guided_{kind}"))
         return given
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("presence/frequency penalties are not supported; leave them at 0")
-        return value
 
     @field_validator("logit_bias")
     @classmethod
