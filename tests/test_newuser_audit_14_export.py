@@ -211,3 +211,42 @@ def test_merge_of_a_bf16_base_loads_it_in_bf16_and_writes_the_float32_maths_bits
     merged = load_file(tmp_path / "m" / "model.safetensors")
     assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
     assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "embed_tokens"]])
+def test_merge_of_a_peft_adapter_trained_on_a_resized_vocabulary(tmp_path, capsys, targets):
+    """peft saves the embedding and head whole when the vocabulary was resized for new tokens, and loads them over
+    a resized base. lorakit merge refused the adapter ('resize the base (model.resize_token_embeddings(N))', which
+    a command cannot do, and which in Python then failed as 'a full copy ... that differs': a resize's new rows are
+    random). Now the base is resized and takes the saved weights, as peft does; the merged folder has the new
+    tokens' rows and the adapter folder's tokenizer, and its logits are the peft model's."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.cli import main
+
+    model_dir = tiny_hf_folder(tmp_path / "model", initializer_range=0.3)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_tokens([f"<tool_{i}>" for i in range(8)])
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    base.resize_token_embeddings(len(tokenizer))
+    trained = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                parameter.normal_(0, 0.05)
+    trained.save_pretrained(tmp_path / "adapter")  # save_embedding_layers="auto": the resized embedding and head
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[3, 17, 42, len(tokenizer) - 1, 5, len(tokenizer) - 8]])
+    expected = _logits(trained, ids)
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(out),
+                 "--dtype", "fp32"]) == 0
+    said = capsys.readouterr().out
+    assert f"resized from {len(tokenizer) - 8} to {len(tokenizer)} tokens" in said
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.config.vocab_size == len(AutoTokenizer.from_pretrained(out)) == len(tokenizer)
+    # with only the embedding targeted, peft saves no head: its new rows were never in the file (said so)
+    columns = len(tokenizer) if "embed_tokens" not in targets else len(tokenizer) - 8
+    assert ("holds no output head" in said) == ("embed_tokens" in targets)
+    assert_close(_logits(merged, ids)[..., :columns], expected[..., :columns], torch.float32)
