@@ -339,3 +339,22 @@ def test_target_spans_of_a_long_text_are_found_without_a_scan_per_span(tok):
     ids, ranges = _tokenize_with_spans(long, spans, words, tokenizer_info(words))
     assert time.perf_counter() - started < 2.0  # the scan: ~8 s here
     assert ranges[:3] == [(0, 5), (20, 25), (40, 45)] and len(ids) == 40_000
+
+
+@pytest.mark.parametrize("name, text, fix", [
+    ("nl.jsonl", '{"prompt": "line one\nline two", "completion": "b"}\n', "the string goes on past the end of the "
+     "line: a raw line break inside it, which JSON Lines writes as \\n; write the records with json.dumps"),
+    ("tab.jsonl", '{"prompt": "a\tb", "completion": "c"}\n', "a raw tab inside a string; JSON writes it as an escape "
+     "(\\t, \\n, \\u0001): write the records with json.dumps"),
+    ("nl.json", '[{"prompt": "line one\nline two", "completion": "b"}]', "a raw line break inside a string"),
+    ("path.jsonl", '{"prompt": "Open C:\\Users\\me", "completion": "c"}\n', "a backslash that starts no JSON escape "
+     "(a Windows path?); JSON writes a backslash as \\\\"),
+])
+def test_raw_control_characters_and_backslashes_in_strings_say_how_json_writes_them(tmp_path, name, text, fix):
+    """Records written with string formatting rather than json.dumps: a line break or tab typed into a string, or a
+    Windows path's backslashes, stopped with json's words ("Invalid control character at", "Unterminated string")
+    and the advice "one object per line" (JSONL) or none (a JSON array)."""
+    (tmp_path / name).write_text(text)
+    message = _error(tmp_path / name)
+    assert message.startswith(f"{name}:1: malformed JSON (") and fix in message, message
+    assert "one object per line" not in message

@@ -328,7 +328,7 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] 
                 comma = exc.msg == "Extra data" and text[exc.pos:].strip() == ","
                 fix = ("a comma after the object: JSON Lines has no commas between lines (or make the file one JSON "
                        "array in [...])") if comma else "one object per line"
-                fix = _json_fix(text, exc.pos) or fix
+                fix = _json_fix(text, exc.pos, exc.msg, line=True) or fix
                 if text.lstrip().startswith("{'"):  # print(record) / str(record) instead of json.dumps(record)
                     fix = "single quotes are Python's print() of a dict, not JSON: write each record with json.dumps"
                 elif lineno == 1 and _csv_header(text):  # a spreadsheet export saved under a JSON name
@@ -508,15 +508,27 @@ def _unreadable_json(exc: Exception) -> str:
     return f"{what}; this is not a training record: fix or remove it"
 
 
-def _json_fix(text: str, pos: int) -> str | None:
-    """What to change where json stopped at ``pos`` of ``text``, for the two slips of files written by hand or by
-    Python without json.dumps: a comma after the last item, and Python's None / True / False; else None."""
+def _json_fix(text: str, pos: int, msg: str = "", line: bool = False) -> str | None:
+    """What to change where json stopped (``msg`` at ``pos`` of ``text``, one JSONL line when ``line``), for the slips of files written by hand or
+    by string formatting instead of json.dumps: a comma after the last item, Python's None / True / False, a raw tab
+    or line break inside a string, a lone backslash (a Windows path); else None."""
     if text[pos:pos + 1] in ("}", "]") and text[:pos].rstrip().endswith(","):
         return (f"a comma before the closing '{text[pos]}': JSON allows none after the last item (Python code "
                 "does): remove it")
     word = next((w for w in ("None", "True", "False") if text.startswith(w, pos)), None)
     if word is not None:
         return f"{word} is Python's, not JSON (null, true, false): write the records with json.dumps"
+    names = {"\t": "tab", "\n": "line break", "\r": "carriage return"}
+    if msg.startswith("Invalid control character") and pos < len(text):
+        what = names.get(text[pos], f"control character U+{ord(text[pos]):04X}")
+        return (f"a raw {what} inside a string; JSON writes it as an escape (\\t, \\n, \\u0001): write the records "
+                "with json.dumps")
+    if msg.startswith("Unterminated string") and line:  # a JSONL line ends where its string was cut, at a "\n"
+        return ("the string goes on past the end of the line: a raw line break inside it, which JSON Lines writes as "
+                "\\n; write the records with json.dumps")
+    if msg.startswith("Invalid \\escape"):
+        return ("a backslash that starts no JSON escape (a Windows path?); JSON writes a backslash as \\\\: write "
+                "the records with json.dumps")
     return None
 
 
@@ -533,7 +545,7 @@ def _read_json_array(path: Path, raw: bytes) -> list[Record] | None:
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and exc.lineno > 1 and exc.colno == 1:  # a second array on the next line: JSONL
             return None
-        fix = _json_fix(exc.doc, exc.pos)
+        fix = _json_fix(exc.doc, exc.pos, exc.msg)
         raise LorakitError(f"{path.name}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
                            + (f"; {fix}" if fix else "")) from None
     except (RecursionError, ValueError) as exc:
