@@ -55,6 +55,14 @@ def child(shape: str, mode: str) -> dict:
         model = LlamaForCausalLM(cfg).eval()
     torch.set_default_dtype(torch.float32)
     decoder = StaticDecoder(model, max_batch=32, max_len=1024)
+    if os.environ.get("CUDA_LAUNCH_BLOCKING") == "1":  # --debug: say what runs before each prefill
+        prefill = decoder.prefill
+
+        def said(rows, prompts, names):
+            print(f"prefill {[len(p) for p in prompts]} through {sorted(set(map(repr, names)))}", flush=True)
+            return prefill(rows, prompts, names)
+
+        decoder.prefill = said
     torch.cuda.synchronize()
     started = time.perf_counter()
     decoder.warm_up(full=mode == "full")
@@ -80,6 +88,7 @@ def child(shape: str, mode: str) -> dict:
     for _ in range(2):
         rows_out = []
         for adapters, n, length in events():
+            print(f"event: {adapters} adapters x {n} prompts x {length} tokens", flush=True)
             names = [None if adapters == 0 else f"a{j % adapters}" for j in range(n)]
             prompts = [[1 + (7 * j + k) % 1000 for k in range(length)] for j in range(n)]
             rows = list(range(n))
@@ -101,6 +110,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1b", choices=("1b", "8b"))
     parser.add_argument("--modes", default="light,full")
+    parser.add_argument("--debug", action="store_true", help="CUDA_LAUNCH_BLOCKING=1 (timings meaningless): find a failing launch")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -111,9 +121,11 @@ def main() -> int:
     results = []
     for mode in args.modes.split(","):
         with tempfile.TemporaryDirectory() as cache:  # a fresh server: nothing compiled yet
-            env = dict(os.environ, TRITON_CACHE_DIR=cache)
+            env = dict(os.environ, TRITON_CACHE_DIR=cache, **({"CUDA_LAUNCH_BLOCKING": "1"} if args.debug else {}))
             done = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--child", mode], env=env,
                                   capture_output=True, text=True)
+        if os.environ.get("OUT"):  # each child's whole output, for a failure's first traceback
+            Path(os.environ["OUT"], f"serve_warmup_probe_{args.shape}_{mode}.log").write_text(done.stdout + done.stderr)
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)

@@ -110,3 +110,44 @@ def test_graphs_of_both_kinds_are_kept_until_the_stacks_are_reallocated():
     decoder.adapters.grow(decoder.adapters.capacity * 2, decoder.adapters.r_max)  # new buffers: every graph goes
     assert decoder._graph_kind() == (True, False)
     assert decoder._graphs == {} and decoder._prefill_graphs == {}
+
+
+class _ReplayedForward:
+    """A stand-in for a CUDA graph on the CPU: capture runs ``forward`` once (as the real capture's warm-up runs
+    do), replay runs it again on the same buffers."""
+
+    captures = 0
+
+    def __init__(self, forward):
+        _ReplayedForward.captures += 1
+        self.forward = forward
+        forward()
+
+    def replay(self):
+        self.forward()
+
+
+def test_graphed_prefill_captures_a_small_bucket_after_a_large_one(monkeypatch):
+    """The capture's runs read the previous call's row indices: after a 32-token bucket they pointed past a new
+    16-token bucket's tokens (on CUDA: a device-side assert that killed a server whose first short request came
+    after longer batches). Graph replays are stood in for by reruns of the captured pass."""
+    monkeypatch.setattr(StaticDecoder, "_capture_graph", staticmethod(lambda forward, pool=None: _ReplayedForward(forward)))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    model = _model(seed=10)
+    decoder = StaticDecoder(model, max_batch=4, max_len=16, graph=True)
+    eager = StaticDecoder(model, max_batch=4, max_len=16, graph=False)
+    long_prompts, names = [PROMPTS[2] * 2, PROMPTS[0] * 2, PROMPTS[2] * 2], ["a", None, "b"]  # 34 tokens: bucket 64
+    for prompts, rows in ((long_prompts, [0, 1, 2]), ([PROMPTS[1]], [3])):
+        got = decoder.prefill(rows, prompts, names[:len(rows)])
+        want = eager.prefill(rows, prompts, names[:len(rows)])
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    # graphs without and with adapters loaded are both kept: the adapter graph of bucket 16 is reused after the
+    # stack was emptied (a base-only graph captured meanwhile) and an adapter loaded again into its slot
+    _ReplayedForward.captures = 0
+    decoder.release([0, 1, 2, 3])
+    decoder.adapters.evict("a")
+    decoder.adapters.evict("b")
+    decoder.prefill([0], [PROMPTS[1]], [None])
+    decoder.prefill([1], [PROMPTS[1]], ["a"])
+    decoder.prefill([2], [PROMPTS[1]], [None])
+    assert _ReplayedForward.captures == 1  # the base-only graph of bucket 16, once

@@ -313,6 +313,8 @@ class StaticDecoder:
 
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()  # the buckets' graphs never run at once: one pool
+            # the capture's runs read the last call's indices, which a larger bucket left out of this one's range
+            self._prefill_last.zero_()
             entry = self._prefill_graphs[key] = (inputs, self._capture_graph(forward, self._pool))
         inputs, graph = entry
         host = torch.empty(4, bucket, dtype=torch.long)
