@@ -358,3 +358,21 @@ def test_raw_control_characters_and_backslashes_in_strings_say_how_json_writes_t
     message = _error(tmp_path / name)
     assert message.startswith(f"{name}:1: malformed JSON (") and fix in message, message
     assert "one object per line" not in message
+
+
+@pytest.mark.parametrize("name, text", [
+    ("run.toml", "data = 'train.jsonl'\n[train]\nrank = 4\nlr = 1e-3\n"),
+    ("run.yaml", "data: train.jsonl\ntraining:\n  rank: 4\n  lr: 0.001\n"),
+])
+def test_options_inside_a_section_say_to_move_them_out(tmp_path, name, text):
+    """Options put under a section beside top-level ones were "unknown option 'train'; did you mean 'data'?": the
+    line says it is a section of options and that options are top-level keys."""
+    from lorakit.train.config import read_config_file
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(LorakitError) as info:
+        read_config_file(path)
+    section = "train" if name.endswith("toml") else "training"
+    assert str(info.value) == (f"{path}: unknown option {section!r} (a section holding rank, lr); options are top-level "
+                               "keys: move them out of it (a file may also be one [train] section and nothing else)")

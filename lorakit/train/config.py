@@ -489,6 +489,10 @@ def check_values(data: dict[str, Any], source: str) -> dict[str, Any]:
             close = ([ALIASES[key.lower()]] if key.lower() in ALIASES else
                      [ALIASES.get(m, m) for m in difflib.get_close_matches(key.lower(), [*FIELDS, *ALIASES], n=1)])
             hint = f"; did you mean {close[0]!r}?" if close else "; `lorakit train --help` lists every option"
+            if isinstance(value, dict) and key.lower() not in ALIASES:  # a [section] / a nested mapping of options
+                inside = ", ".join(map(str, list(value)[:3])) + (", ..." if len(value) > 3 else "")
+                hint = (f" (a section holding {inside}); options are top-level keys: move them out of it (a file "
+                        "may also be one [train] section and nothing else)")
             raise LorakitError(f"{source}: unknown option {raw_key!r}{hint}")
         if key in out:  # 'max-steps: 2' and 'max_steps: 3': both spellings are read, so one would win unseen
             first = next(k for k in data if str(k).replace("-", "_") == key)
