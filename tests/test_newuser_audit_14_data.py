@@ -376,3 +376,14 @@ def test_options_inside_a_section_say_to_move_them_out(tmp_path, name, text):
     section = "train" if name.endswith("toml") else "training"
     assert str(info.value) == (f"{path}: unknown option {section!r} (a section holding rank, lr); options are top-level "
                                "keys: move them out of it (a file may also be one [train] section and nothing else)")
+
+
+def test_one_field_given_twice_in_two_cases_is_named_as_such(tmp_path):
+    """Field names are read in any case ("Completion" is completion), so a record (or a CSV header) with both
+    "completion" and "Completion" has the field twice: it was "unknown field 'Completion' ... remove it", which reads
+    as if the name were wrong."""
+    (tmp_path / "a.jsonl").write_text('{"prompt": "a", "completion": "b", "Completion": "c"}\n')
+    assert _error(tmp_path / "a.jsonl") == ("a.jsonl:1: 'Completion' and 'completion' are one field (names are read in "
+                                            "any case, spaces trimmed), given twice; keep one")
+    (tmp_path / "b.csv").write_text("prompt,completion, Prompt\na,b,c\n")
+    assert _error(tmp_path / "b.csv").startswith("b.csv:2: ' Prompt' and 'prompt' are one field")
