@@ -250,3 +250,34 @@ def test_merge_of_a_peft_adapter_trained_on_a_resized_vocabulary(tmp_path, capsy
     columns = len(tokenizer) if "embed_tokens" not in targets else len(tokenizer) - 8
     assert ("holds no output head" in said) == ("embed_tokens" in targets)
     assert_close(_logits(merged, ids)[..., :columns], expected[..., :columns], torch.float32)
+
+
+@pytest.mark.parametrize("method", ["cat", "ties"])
+def test_combine_loads_a_bf16_base_in_bf16_and_writes_the_same_adapter(tmp_path, capsys, monkeypatch, method):
+    """lorakit combine loaded every base in float32 though only the adapters' float32 tensors are combined: a bf16
+    70B took 280 GB of memory. It now loads in the stored dtype (float32 still when an input holds whole-module
+    copies), and the combined file is bit for bit the float32 load's."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import main
+
+    model_dir = tiny_hf_folder(tmp_path / "model", initializer_range=0.3)
+    AutoModelForCausalLM.from_pretrained(model_dir).to(torch.bfloat16).save_pretrained(model_dir)
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    a = make_adapter(dense, tmp_path / "a", seed=1, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    b = make_adapter(dense, tmp_path / "b", seed=2, target_modules=["v_proj", "down_proj"])
+    with_copy = make_adapter(dense, tmp_path / "c", seed=3, target_modules=["v_proj"], modules_to_save=["lm_head"])
+    options = ["--method", method] + (["--density", "0.5"] if method == "ties" else [])
+    loads = []
+    real_load_base = lorakit.load_base
+    monkeypatch.setattr(lorakit, "load_base", lambda *a, **k: loads.append(k["dtype"]) or real_load_base(*a, **k))
+    combine = ["combine", "--model", str(model_dir), "--adapter", f"{a}=0.7", "--adapter", f"{b}=0.4", *options]
+    assert main([*combine, "--out", str(tmp_path / "x")]) == 0
+    assert main(["combine", "--model", str(model_dir), "--adapter", str(with_copy), "--adapter", str(b),
+                 "--out", str(tmp_path / "z"), *options]) == 0
+    monkeypatch.setattr("lorakit.train.runner.stored_dtype", lambda model: None)  # as if unknown: float32
+    assert main([*combine, "--out", str(tmp_path / "y")]) == 0
+    assert loads == [torch.bfloat16, torch.float32, torch.float32]
+    x, y = (load_file(tmp_path / out / "adapter_model.safetensors") for out in ("x", "y"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

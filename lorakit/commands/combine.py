@@ -131,12 +131,25 @@ def check_one_base(folders: list[str], files: list) -> None:
                                "one base, or pass --model to choose it")
 
 
+def load_dtype(model: str, files: list):
+    """The dtype the base loads in: the one it is stored in (bf16 / fp16), since only the adapters' own float32
+    tensors are combined (a 70B in bf16: 140 GB of memory, not 280 in float32). float32 when an input holds
+    whole-module copies (modules_to_save, trainable tokens: they would take the base's dtype) or rewrites the base
+    (PiSSA / OLoRA inits, undone from its weights)."""
+    import torch
+
+    from lorakit.train.runner import stored_dtype
+
+    if any(f.config.modules_to_save or f.token_indices or f.base_rewrite for f in files):
+        return torch.float32
+    stored = stored_dtype(model)
+    return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def run(args: argparse.Namespace) -> int:
     import time
     import warnings
     from pathlib import Path
-
-    import torch
 
     import lorakit
     from lorakit._fs import replace_folder, temp_dir
@@ -193,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         check_one_base([folder for folder, _ in inputs], files)
     args.model = check_base_names(args.model, [(folder, file) for (folder, _), file in zip(inputs, files)])
 
-    model, _ = lorakit.load_base(args.model, dtype=torch.float32, device=args.device)
+    model, _ = lorakit.load_base(args.model, dtype=load_dtype(args.model, files), device=args.device)
     names = {}
     for i, (folder, weight) in enumerate(inputs):  # named after their folders, so messages name them as the user did
         name = re.sub(r"[^\w-]", "_", Path(os.path.abspath(os.path.expanduser(folder))).name) or f"input{i}"
