@@ -270,6 +270,21 @@ def task_type(model: nn.Module, adapter: str | None = None) -> str | None:
     return task
 
 
+_TASK_CLASSES = {"SEQ_CLS": "SequenceClassification", "TOKEN_CLS": "TokenClassification", "QUESTION_ANS": "QuestionAnswering"}
+
+
+def _task_hint(model: nn.Module, adapter_file: "AdapterFile") -> str:
+    """'; it was saved from a ...ForSequenceClassification model ...' when the file's task_type is one of peft's
+    task heads and this model is not of that kind ('' otherwise): its head copy (``score``, ``classifier``) then
+    names a module this model lacks, and the fix is the model class, not the file."""
+    task = adapter_file.raw_config.get("task_type") if isinstance(adapter_file.raw_config, dict) else None
+    kind = _TASK_CLASSES.get(task) if isinstance(task, str) else None
+    if kind is None or _class_task(model) == task:
+        return ""
+    return (f"; its task_type {task} says it was saved from a ...For{kind} model, and this one is a "
+            f"{type(model).__name__}: load the base with transformers' AutoModelFor{kind}")
+
+
 def _class_task(model: nn.Module) -> str | None:
     name = type(model).__name__
     if name.endswith("ForConditionalGeneration") and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
@@ -681,8 +696,8 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
         targets = find_targets(model, config)
         saved = find_modules_to_save(model, config)
         params = find_param_targets(model, config)
-    except LorakitError as error:  # say which file, and which base it names
-        raise LorakitError(f"{adapter_file.folder}: {error}{made_for}") from None
+    except LorakitError as error:  # say which file, and which base it names (or which kind of model)
+        raise LorakitError(f"{adapter_file.folder}: {error}{_task_hint(model, adapter_file) or made_for}") from None
     if check_base:
         _warn_other_base_name(model, adapter_file)
     base_modules = _base_modules(model)

@@ -157,3 +157,23 @@ def test_a_merged_model_given_as_the_adapter_says_to_pass_it_as_the_model(tmp_pa
         assert main(command) == 2
         error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert len(error) == 1 and "whole model's folder" in error[0] and "as --model, with no --adapter" in error[0]
+
+
+def test_a_classification_adapter_on_a_causal_lm_names_the_model_class(tmp_path, capsys):
+    """A peft SEQ_CLS adapter (its head copy is modules_to_save 'score') given to a causal LM was refused with
+    "modules_to_save names ['score'] that this model does not have", which reads as a broken file; it now says the
+    adapter was saved from a sequence classifier and which transformers class loads such a base."""
+    from test_train_helpers import make_model_folder
+
+    base = make_model_folder(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        classifier = tf.AutoModelForSequenceClassification.from_pretrained(base, num_labels=3)
+        peft.get_peft_model(classifier, peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS")).save_pretrained(
+            tmp_path / "cls")
+    capsys.readouterr()
+    hint = "its task_type SEQ_CLS says it was saved from a ...ForSequenceClassification model, and this one is a LlamaForCausalLM"
+    assert main(["generate", "--model", str(base), "--adapter", str(tmp_path / "cls"), "--max-new-tokens", "1", "a"]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error) == 1 and hint in error[0] and "AutoModelForSequenceClassification" in error[0]
+    lorakit.load_adapter(tf.AutoModelForSequenceClassification.from_pretrained(base, num_labels=3), tmp_path / "cls")
