@@ -27,7 +27,7 @@ demo: setup
 	$(VENV)/bin/lorakit train --out runs/demo --overwrite
 
 test: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache
