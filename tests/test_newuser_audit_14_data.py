@@ -387,3 +387,5 @@ def test_one_field_given_twice_in_two_cases_is_named_as_such(tmp_path):
                                             "any case, spaces trimmed), given twice; keep one")
     (tmp_path / "b.csv").write_text("prompt,completion, Prompt\na,b,c\n")
     assert _error(tmp_path / "b.csv").startswith("b.csv:2: ' Prompt' and 'prompt' are one field")
+    (tmp_path / "c.jsonl").write_text('{"prompt": "a", "completion": "b", "label": 3}\n')  # an unknown field as such
+    assert _error(tmp_path / "c.jsonl").startswith("c.jsonl:1: unknown field 'label'")

@@ -348,7 +348,8 @@ def _refuse_unknown(obj: Mapping, allowed: Iterable[str], what: str, listed: Ite
     """Refuse a record with fields its format does not have, naming all of them at once (an export with several
     extra columns is fixed in one go, not one run per column)."""
     unknown = [key for key in obj if key not in allowed]
-    same = next((key for key in unknown if isinstance(key, str) and key.strip().lower() in obj), None)
+    same = next((key for key in unknown if isinstance(key, str) and key.strip().lower() != key
+                 and key.strip().lower() in obj), None)
     if same is not None:  # "Completion" beside "completion": one field twice, as a key given twice is
         raise LorakitError(f"{where}: {same!r} and {same.strip().lower()!r} are one field (names are read in any case, "
                            "spaces trimmed), given twice; keep one")
