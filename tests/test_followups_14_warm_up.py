@@ -151,3 +151,16 @@ def test_graphed_prefill_captures_a_small_bucket_after_a_large_one(monkeypatch):
     decoder.prefill([1], [PROMPTS[1]], ["a"])
     decoder.prefill([2], [PROMPTS[1]], [None])
     assert _ReplayedForward.captures == 1  # the base-only graph of bucket 16, once
+
+
+def test_full_warm_up_on_a_4_bit_base_leaves_its_outputs_alone():
+    from tests.test_static_decoder_nf4 import _qlora_llama
+
+    model = _qlora_llama(seed=11).eval()
+    names = ["a", None, "b"]
+    expected = _serve(StaticDecoder(model, max_batch=3, max_len=12), model, names)
+    decoder = StaticDecoder(model, max_batch=3, max_len=12)
+    decoder.warm_up()
+    assert not decoder.adapters.slot_of and decoder.free_rows() == [0, 1, 2]
+    for step, (e, g) in enumerate(zip(expected, _serve(decoder, model, names))):
+        assert torch.allclose(g, e, atol=1e-5, rtol=1e-5), f"step {step}: max diff {(g - e).abs().max():.2e}"
