@@ -281,3 +281,18 @@ def test_combine_loads_a_bf16_base_in_bf16_and_writes_the_same_adapter(tmp_path,
     assert loads == [torch.bfloat16, torch.float32, torch.float32]
     x, y = (load_file(tmp_path / out / "adapter_model.safetensors") for out in ("x", "y"))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_save_quantized_with_overwrite_never_replaces_the_folder_the_base_was_loaded_from(tmp_path, no_dynamo):
+    """lorakit.save_quantized(model, tok, model_dir, overwrite=True) replaced the 16-bit base by its 4-bit copy
+    (lorakit quantize protects --model, the Python API did not)."""
+    model_dir = tiny_hf_folder(tmp_path / "model", hidden_size=64, intermediate_size=128)
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    model, tokenizer = lorakit.load_base(str(model_dir), quantize="nf4", device="cpu")
+    for out in (model_dir, model_dir / "nf4"):
+        with pytest.raises(lorakit.LorakitError, match="the folder the model was loaded from"):
+            lorakit.save_quantized(model, tokenizer, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    lorakit.save_quantized(model, tokenizer, tmp_path / "nf4")  # elsewhere it saves
+    assert (tmp_path / "nf4" / "model.safetensors").is_file()

@@ -232,15 +232,18 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, overwrit
         the folder. Raises ``LorakitError`` (one line) for adapters, a model without NF4 layers, meta tensors or an
         unusable ``out``.
     """
-    from lorakit.export import check_output_folder, copy_notices, drop_missing_code
+    from lorakit.export import check_output_folder, copy_notices, drop_missing_code, loaded_from
 
     if isinstance(out, str) and not out.strip():  # "" (an unset variable) is Path("."): the current folder
         raise LorakitError("out is empty (''); give the folder to write, e.g. 'model-nf4'")
     out = Path(out).expanduser()
     if out.is_dir() and not overwrite:
         raise LorakitError(f"{out} already exists; choose another folder or pass overwrite=True (CLI: --overwrite)")
-    # a file, no permission, a folder holding other files than a saved model's (replacing it would delete them)
-    out = check_output_folder(out, flag="out", overwrite=True, replaces="model")
+    # a file, no permission, a folder holding other files than a saved model's (replacing it would delete them), the
+    # folder the model was loaded from (overwrite=True would replace the 16-bit base by its 4-bit copy)
+    source = loaded_from(model)
+    out = check_output_folder(out, flag="out", overwrite=True, replaces="model",
+                              protected={"the folder the model was loaded from": source} if source else None)
     with _without_empty_wrappers(model):
         layers = _refuse_unsavable(model)
         config = copy.deepcopy(model.config)
