@@ -367,3 +367,36 @@ def test_presence_and_frequency_penalties_follow_openais_formula(server):
     refused = client.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "x"}],
                                                         "presence_penalty": 2.5})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "presence_penalty"
+
+
+def test_an_idle_connection_stays_open_longer_than_clients_keep_it(server):
+    """uvicorn closed connections idle for 5 s, the time httpx (the openai package) keeps them: a request sent on
+    one idle for almost that long met the close, and proxies that keep upstream connections longer got errors. A
+    connection idle for 6 s still serves the next request."""
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(server["url"])
+    body = json.dumps({"model": "base", "prompt": "Hello", "max_tokens": 2}).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def answer(sock: socket.socket) -> bytes:
+        data = b""
+        while b'"usage"' not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data + b"<closed>"
+            data += chunk
+        return data
+
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall(request)
+        assert answer(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(6)
+        try:
+            sock.sendall(request)
+            second = answer(sock)
+        except (BrokenPipeError, ConnectionResetError):
+            second = b"<closed>"
+    assert second.startswith(b"HTTP/1.1 200"), second[:200]

@@ -253,6 +253,14 @@ def _check_address(host: str, port: int) -> None:
                                "stop what is using it") from None
 
 
+# seconds an idle connection is kept open. uvicorn's default, 5, is what httpx (and so the openai package) keeps an
+# idle connection for: a request sent on a connection idle for almost 5 s met the server closing it ("Server
+# disconnected without sending a response"), and a proxy or load balancer that keeps upstream connections longer
+# (AWS's ALB: 60 s) answered 502 whenever it reused one the server had closed. The client must be the one that
+# gives up first: 75 s, nginx's default keepalive_timeout.
+KEEP_ALIVE_S = 75
+
+
 def run(args: argparse.Namespace) -> int:
     _check_address(args.host, args.port)  # before the model loads: a bad or busy port fails in a second, not after
     check_arguments(args)  # before FastAPI, uvicorn and the engine are imported (seconds)
@@ -275,7 +283,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         from lorakit.serve.transport import http_protocol
 
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, http=http_protocol())
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, http=http_protocol(),
+                    timeout_keep_alive=KEEP_ALIVE_S)
     finally:
         state.engine.close()
     return 0
