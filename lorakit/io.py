@@ -420,6 +420,13 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
     if narrow:
         raise LorakitError(f"{weights}: tensor {clipped(narrow[0])} has dtype {tensors[narrow[0]].dtype}; adapter "
                            "weights must be float32, float16 or bfloat16: convert them (tensor.float()) and save again")
+    empty = [k for k, t in tensors.items() if t.numel() == 0]
+    if empty:  # DeepSpeed ZeRO-3 / FSDP ranks hold shards: a save that did not gather them writes shape (0,) tensors
+        raise LorakitError(f"{weights}: tensor {clipped(empty[0])} is empty (shape {tuple(tensors[empty[0]].shape)}; "
+                           f"{len(empty)} of {len(tensors)} tensors are): it was saved from a sharded training run "
+                           "(DeepSpeed ZeRO-3, FSDP) without gathering the weights; save the adapter again from gathered "
+                           "weights (DeepSpeed: stage3_gather_16bit_weights_on_model_save true, or zero_to_fp32 on the "
+                           "checkpoint)")
     bad = [k for k, t in tensors.items() if not all_finite(t)]
     if bad:
         raise LorakitError(f"{weights}: tensor {clipped(bad[0])} holds NaN or Inf; the adapter is broken")

@@ -177,3 +177,18 @@ def test_a_classification_adapter_on_a_causal_lm_names_the_model_class(tmp_path,
     error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(error) == 1 and hint in error[0] and "AutoModelForSequenceClassification" in error[0]
     lorakit.load_adapter(tf.AutoModelForSequenceClassification.from_pretrained(base, num_labels=3), tmp_path / "cls")
+
+
+def test_an_adapter_saved_from_ungathered_zero3_shards_says_so(tmp_path, capsys):
+    """A DeepSpeed ZeRO-3 run that saves without gathering writes every tensor with shape (0,) (peft saves what the
+    rank holds). lorakit said "has shape (0,), but module ... needs (4, 32); the adapter was made for a different
+    model or rank", sending the user after the wrong cause; it now names the sharded save, for load and inspect."""
+    from safetensors.torch import load_file, save_file
+
+    peft_saved("llama", tmp_path, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    save_file({key: torch.empty(0) for key in load_file(tmp_path / "adapter_model.safetensors")},
+              tmp_path / "adapter_model.safetensors")
+    message = refusal(tmp_path)
+    assert "is empty (shape (0,); 9 of 9 tensors are): it was saved from a sharded training run (DeepSpeed ZeRO-3" in message
+    assert "different model" not in message
+    assert main(["inspect", str(tmp_path)]) == 2 and "saved from a sharded training run" in capsys.readouterr().err
