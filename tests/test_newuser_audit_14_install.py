@@ -347,3 +347,18 @@ def test_the_core_install_converts_the_embedded_model_on_every_transformers_it_a
         assert "accelerate" in deps, "transformers 4.x reads GGUF files only with accelerate"
     lowest = next(Version(s.version) for s in deps["accelerate"].specifier if s.operator == ">=")
     assert lowest >= Version(getattr(import_utils, "ACCELERATE_MIN_VERSION", "0"))
+
+
+def test_the_gguf_lower_bound_admits_only_releases_lorakit_runs_on():
+    """The dependency said gguf>=0.10, but with the lowest releases each admitted version allows (transformers 4.56.2,
+    numpy 1.24.4, accelerate 1.1.0, safetensors 0.4.3, matplotlib 3.7.0; a /tmp venv, 2026-11-30) the embedded
+    model's conversion failed: gguf 0.10.0 imports sentencepiece without declaring it (ModuleNotFoundError), and
+    gguf 0.11 to 0.14 have no ReaderField.contents(), which lorakit/models/embedded.py calls on the GGUF file's
+    tokenizer fields (AttributeError). gguf 0.16.0 converts it and writes q8_0 GGUF exports."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    gguf = next(Requirement(r) for r in _pyproject()["project"]["dependencies"] if Requirement(r).name == "gguf")
+    lowest = next(Version(s.version) for s in gguf.specifier if s.operator == ">=")
+    assert ".contents()" in (REPO / "lorakit" / "models" / "embedded.py").read_text()  # what the bound is about
+    assert lowest >= Version("0.16")
