@@ -1237,8 +1237,11 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
                            "copies of the embedding (and of the head tied to it), so trainable=True would train all their "
                            "rows, not only these tokens as peft does; load it with trainable=False to run it, or continue "
                            "its training with peft")
+    from lorakit._regex_guard import check_regexes
     from lorakit.moe_legacy import convert_legacy_experts
 
+    # before any match on module names: a catastrophic pattern would hang here for good (re has no timeout)
+    check_regexes(adapter_file.config, [p for p in _base_modules(model) if p], str(adapter_file.folder / CONFIG_NAME))
     adapter_file = convert_legacy_experts(model, adapter_file)  # transformers 4's per-expert LoRA -> fused experts
     plan = plan_load(model, adapter_file, check_base=check_base)
     config = fitted_config(model, adapter_file)

@@ -6,7 +6,7 @@ A request *pins* its adapter from admission until it finishes; a pinned adapter 
 
 Admission (before an adapter serves): the name is safe, the weights file is under ``max_bytes`` and is
 safetensors (never pickle), the config is under ``MAX_CONFIG_BYTES``, its regular expressions (target_modules,
-exclude_modules, rank/alpha patterns) match this model's module names within ``REGEX_TIMEOUT_S`` (tried in a
+exclude_modules, rank/alpha/layers patterns) match this model's module names within ``REGEX_TIMEOUT_S`` (tried in a
 child process: Python's ``re`` has no timeout and holds the GIL, so a catastrophic pattern such as ``(.*.*)*x``
 would freeze the whole server), every rank is at most ``max_rank``, and ``lorakit.load_adapter`` accepts it
 (config fields, target modules this base has, tensor keys and shapes, the base fingerprint). A refusal changes
@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -44,18 +41,6 @@ from lorakit.serve.paths import (UnknownAdapterError, check_name, list_adapter_n
 
 MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few KB
 REGEX_TIMEOUT_S = 2.0  # a sane pattern over a few thousand module names takes milliseconds
-
-# Runs in a child process: every regex call lorakit makes on module paths (inject's fullmatch, the PEFT-style
-# rank/alpha pattern match), on this model's paths. Finishing in time proves the in-process calls finish too.
-_REGEX_PROBE = r"""
-import json, re, sys
-full, suffix, paths = json.load(sys.stdin)
-for path in paths:
-    for pattern in full:
-        re.fullmatch(pattern, path)
-    for pattern in suffix:
-        re.match(rf"(.*\.)?({pattern})$", path)
-"""
 
 
 class AdapterRejected(LorakitError):
@@ -433,25 +418,15 @@ class AdapterPool:
 
     def _check_patterns(self, name: str, config) -> None:
         """Refuse regular expressions that take more than ``REGEX_TIMEOUT_S`` on this model's module paths."""
-        full = [v for v in (config.target_modules, config.exclude_modules) if isinstance(v, str) and v != "all-linear"]
-        suffix = [*config.rank_pattern, *config.alpha_pattern]
-        if not full and not suffix:
-            return
+        from lorakit._regex_guard import RegexTooSlow, check_regexes
         from lorakit.inject import _base_modules
 
         with self.model_lock:  # an adapter loading in another thread (under the pool's lock) adds modules
             paths = [p for p in _base_modules(self.model) if p]
         try:
-            subprocess.run([sys.executable, "-I", "-S", "-c", _REGEX_PROBE], input=json.dumps([full, suffix, paths]),
-                           capture_output=True, text=True, timeout=REGEX_TIMEOUT_S, check=True)
-        except subprocess.TimeoutExpired:
-            raise AdapterRejected(f"adapter {name!r} refused: a regular expression in its adapter_config.json "
-                                  "(target_modules, exclude_modules, rank_pattern or alpha_pattern) takes over "
-                                  f"{REGEX_TIMEOUT_S:g} s to match this model's module names; simplify it") from None
-        except (subprocess.CalledProcessError, OSError) as error:
-            detail = getattr(error, "stderr", "") or str(error)
-            raise AdapterRejected(f"adapter {name!r} refused: its regular expressions could not be checked: "
-                                  f"{detail.strip().splitlines()[-1] if detail.strip() else error}") from None
+            check_regexes(config, paths, f"adapter {name!r} refused: its adapter_config.json", timeout=REGEX_TIMEOUT_S)
+        except RegexTooSlow as error:
+            raise AdapterRejected(str(error)) from None
 
     def _check_targets(self, name: str, config) -> None:
         """Every module name in a target list must exist in this base (PEFT skips missing ones silently)."""

@@ -1,0 +1,77 @@
+"""Fourteenth new-user audit: hostile and malformed files, as an attacker or a broken download hands them over.
+
+What tests/test_newuser_audit_11_hostile.py, test_io_hardening.py and test_serve_hostile.py leave out. Each test
+failed on the code before its fix. Hangs are checked in a child process with a time limit, so a regression fails
+the test instead of freezing the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_llama
+from test_serve_support import make_adapter
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    return make_adapter(tiny_llama(), tmp_path_factory.mktemp("good") / "adapter", seed=3,
+                        target_modules=["q_proj", "v_proj"])
+
+
+def copy_with(good: Path, folder: Path, **change) -> Path:
+    """``good``'s weights with its config changed by ``change``."""
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+    config = json.loads((good / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    return folder
+
+
+# -- catastrophic regular expressions -----------------------------------------------------------------------------
+_LOAD_EACH = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import lorakit
+from conftest import tiny_llama
+for folder in sys.argv[2:]:
+    model, start = tiny_llama(), time.monotonic()
+    try:
+        lorakit.load_adapter(model, folder)
+        result = "loaded"
+    except lorakit.LorakitError as error:
+        result = str(error)
+    print(json.dumps([result, time.monotonic() - start, lorakit.adapter_names(model)]), flush=True)
+"""
+
+
+def test_a_catastrophic_regex_in_an_adapter_config_is_refused_instead_of_hanging(good, tmp_path):
+    # before: load_adapter (so generate / merge / eval) backtracked for good on the first module name; only the
+    # server checked target/exclude/rank/alpha patterns, and not layers_pattern
+    folders = [
+        copy_with(good, tmp_path / "target", target_modules=r"(.*.*)*xyz"),
+        copy_with(good, tmp_path / "exclude", exclude_modules=r"(.*.*)*xyz"),
+        copy_with(good, tmp_path / "rank", rank_pattern={r"(.*.*)*!": 8}),
+        copy_with(good, tmp_path / "layers", layers_to_transform=[0, 1], layers_pattern=r"(.*.*)*xyz"),
+        copy_with(good, tmp_path / "fine", target_modules=r".*\.(q_proj|v_proj)", rank_pattern={"q_pr.*": 4}),
+    ]
+    start = time.monotonic()
+    try:
+        process = subprocess.run([sys.executable, "-c", _LOAD_EACH, str(HERE), *map(str, folders)],
+                                 capture_output=True, text=True, timeout=75)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"loading an adapter with a catastrophic regex hung (> {time.monotonic() - start:.0f} s)")
+    lines = [json.loads(line) for line in process.stdout.splitlines()]
+    assert len(lines) == len(folders), process.stderr[-2000:]
+    for (message, took, names), folder in zip(lines[:-1], folders):
+        assert message.startswith(str(folder / "adapter_config.json") + ": a regular expression"), message
+        assert "takes over 2 s" in message and "\n" not in message and took < 15 and names == []
+    assert lines[-1][0] == "loaded" and lines[-1][2] == ["default"]  # a sane regex still loads
