@@ -400,3 +400,35 @@ def test_an_idle_connection_stays_open_longer_than_clients_keep_it(server):
         except (BrokenPipeError, ConnectionResetError):
             second = b"<closed>"
     assert second.startswith(b"HTTP/1.1 200"), second[:200]
+
+
+def test_a_stop_string_completed_by_a_token_that_starts_a_character_stops_the_answer(server):
+    """Byte-level BPE has tokens such as "c" + the first byte of a character. A stop string completed by one was
+    not looked for until the character was whole: when the answer ended there (max_tokens), the stop string came
+    back in the text with finish_reason "length" (and otherwise the engine generated on for nothing)."""
+    client = server["client"]
+    found = None
+    for prompt in PROMPTS:  # an answer with such a token (a random model writes many)
+        body = {"model": "base", "prompt": prompt, "max_tokens": 16, "temperature": 0, "logprobs": 0}
+        tokens = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["tokens"]
+        for k, token in enumerate(tokens):
+            stop = token.rstrip("\ufffd")
+            if stop != token and stop and "\ufffd" not in stop:
+                text = client.post("/v1/completions", json={**body, "max_tokens": k + 1}).json()["choices"][0]["text"]
+                if text.endswith("\ufffd") and text.find(stop) == len(text.rstrip("\ufffd")) - len(stop):
+                    found = body, k, stop, text
+                    break
+        if found:
+            break
+    assert found, "no answer holds a token of text and a partial character"
+    body, k, stop, text = found
+    for stream in (False, True):
+        request = {**body, "max_tokens": k + 1, "stop": stop}
+        if stream:
+            events = _sse(server["url"], "/v1/completions", request)
+            answer = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+            finish = [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1]
+        else:
+            choice = client.post("/v1/completions", json=request).json()["choices"][0]
+            answer, finish = choice["text"], choice["finish_reason"]
+        assert (answer, finish) == (text[:text.find(stop)], "stop"), (stop, text, answer, finish)

@@ -51,15 +51,20 @@ class TextAssembler:
             return ""
         self.ids.append(token)
         self.text = self._decode()
-        if self.text.endswith("\ufffd"):
-            return ""
         if self.stops:
+            # looked for before a trailing partial character is held: a token that completes a stop string and
+            # starts a character (byte-level BPE's "c" + a lead byte) must stop the answer now, not when the
+            # character is whole, which never comes if the answer ends there (max_tokens)
+            complete = self.text.rstrip("\ufffd")
             window = max(0, self.emitted - max(len(s) for s in self.stops))
-            hits = [i for i in (self.text.find(s, window) for s in self.stops) if i >= 0]
+            hits = [i for i in (complete.find(s, window) for s in self.stops) if i >= 0]
             if hits:
                 self.stopped = True
                 self.text = self.text[:min(hits)]
                 return self._emit(len(self.text))
+        if self.text.endswith("\ufffd"):
+            return ""
+        if self.stops:
             return self._emit(len(self.text) - max(held_prefix(self.text, stop) for stop in self.stops))
         return self._emit(len(self.text))
 
