@@ -362,3 +362,20 @@ def test_the_gguf_lower_bound_admits_only_releases_lorakit_runs_on():
     lowest = next(Version(s.version) for s in gguf.specifier if s.operator == ">=")
     assert ".contents()" in (REPO / "lorakit" / "models" / "embedded.py").read_text()  # what the bound is about
     assert lowest >= Version("0.16")
+
+
+def test_the_llguidance_lower_bound_admits_only_releases_structured_outputs_run_on():
+    """The serve extra said llguidance>=1.0, but lorakit/serve/structured.py hands llguidance.hf.from_tokenizer a
+    list of end tokens (a chat model ends at <|im_end|> or its eos), which llguidance before 1.7 refuses ('argument
+    eos_token: list object cannot be interpreted as an integer'): with llguidance 1.0.0 to 1.6.1 every
+    response_format request got a 400 saying structured outputs are not available. 1.7.0 compiles and masks
+    json_object, json_schema, regex, choice and grammar formats (checked by hand in a /tmp venv, with fastapi 0.110.0
+    and uvicorn 0.29.0 serving)."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    assert "eos_token=list(" in (REPO / "lorakit" / "serve" / "structured.py").read_text()  # what the bound is about
+    extras = _pyproject()["project"]["optional-dependencies"]
+    for extra in ("serve", "test"):
+        req = next(Requirement(r) for r in extras[extra] if Requirement(r).name == "llguidance")
+        assert next(Version(s.version) for s in req.specifier if s.operator == ">=") >= Version("1.7"), extra
