@@ -231,6 +231,20 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
                                "nn.Embedding, nn.MultiheadAttention and quantized linear layers only")
         if isinstance(module, nn.MultiheadAttention):
             check_attention(module, path, config.variant, config.init)
+    custom = [path for path in targets if _custom_forward(targets[path])]
+    if custom:  # named (alone, or with called layers) or reached by all-linear: not wrapped, said once
+        custom_names = sorted({p.rsplit(".", 1)[-1] for p in custom})
+        custom_classes = sorted({type(targets[p]).__name__ for p in custom})
+        why = (f"an nn.Linear subclass ({', '.join(custom_classes)}) whose own forward computes more than x @ W.T + b "
+               "(a router returning scores, a grouped or scaled product), so a LoRA there would break its output or "
+               "merge into another model")
+        called = [p for p in targets if p not in custom]
+        if not called:
+            raise LorakitError(f"target_modules {shown(config.target_modules)} matches only {listed(custom, 3)}: {why}; "
+                               f"adapt other layers (remove {', '.join(map(repr, custom_names))} from target_modules)")
+        warnings.warn(f"{shown(config.target_modules)} skips {len(custom)} modules ({', '.join(custom_names)}): each is "
+                      f"{why}", stacklevel=3)
+        targets = {path: module for path, module in targets.items() if path not in custom}
     raw = [path for path in targets if _weight_read_raw(modules, path)]
     attention = sorted({p.rpartition(".")[0].rsplit(".", 1)[-1] for p in raw
                         if isinstance(modules[p.rpartition(".")[0]], nn.MultiheadAttention)})
@@ -354,7 +368,8 @@ def peft_resolves_differently(model: nn.Module, target_modules: list[str] | str)
         return True
     heads = output_head_names(model) if target_modules == "all-linear" else set()
     chosen = (lambda p: p not in heads) if target_modules == "all-linear" else (lambda p: _matches(p, target_modules))
-    return any(p and chosen(p) and quant.is_linear_like(m) and _weight_read_raw(modules, p) for p, m in modules.items())
+    return any(p and chosen(p) and quant.is_linear_like(m) and (_weight_read_raw(modules, p) or _custom_forward(m))
+               for p, m in modules.items())
 
 
 def expert_parameters(modules: dict[str, nn.Module]) -> dict[str, int]:
@@ -402,6 +417,32 @@ def _weight_read_raw(modules: dict[str, nn.Module], path: str) -> bool:
                                                                                                     match.start()):
             return True
     return False
+
+
+def _custom_forward(module: nn.Module) -> bool:
+    """True for an nn.Linear subclass whose own ``forward`` is not ``x @ W.T + b``: Llama 4's and PhiMoE's routers
+    (they return (scores, logits) tuples), DeepSeek-V4's block-diagonal grouped projection, Dory's scaled head. A
+    LoRA layer adds its delta to what the wrapped module returns, so there it fails on a tuple or merges into a
+    different model. Decided by running the module once on a fixed (2, in_features) input; FalconLinear (the same
+    product written out) passes. Layers that cannot be run here (meta or packed 4-bit weights) count as plain."""
+    forward = getattr(type(module), "forward", None)
+    if not isinstance(module, nn.Linear) or forward is nn.Linear.forward:
+        return False
+    weight = module.weight
+    if weight.device.type == "meta" or not weight.is_floating_point() or type(weight).__name__ in quant._BNB_PARAMS:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, module.in_features, generator=generator).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            out = module(x.clone())  # (a router may scale its input in place)
+            expected = torch.nn.functional.linear(x, weight, module.bias)
+    except Exception:  # wants another input layout (a grouped projection): not a plain linear layer
+        return True
+    if not isinstance(out, torch.Tensor) or out.shape != expected.shape:
+        return True
+    tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    return not torch.allclose(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
 
 
 _RUNTIME_FLAGS = {"training", "gradient_checkpointing", "is_causal"}
