@@ -113,6 +113,17 @@ def take_resized_vocabulary(model, adapter_file, folder: str) -> None:
               "modules_to_save, or save with save_embedding_layers=True, to keep them)")
 
 
+def shown_files(folder) -> list[str]:
+    """The folder's file names, its weight shards counted rather than listed (a 70B in 5GB shards has 29)."""
+    import re
+
+    names = sorted(p.name for p in folder.iterdir())
+    shards = [n for n in names if re.fullmatch(r"model-\d+-of-\d+\.safetensors", n)]
+    if len(shards) <= 2:
+        return names
+    return [n for n in names if n not in shards] + [f"{len(shards)} safetensors shards"]
+
+
 def default_dtype(model: str, stored):
     """bfloat16, or float16 for a base stored in float16 (``stored``: Llama 2's files): bfloat16 keeps 3 fewer
     mantissa bits, so casting such a base to it would round every weight, not only the adapter's update (said in
@@ -200,7 +211,6 @@ def run(args: argparse.Namespace) -> int:
     for warning in caught:
         if "loses" in str(warning.message):
             print(f"warning: {warning.message} (warning threshold: {100 * LOSS_WARNING:.0f}%)")
-    files = sorted(p.name for p in out.iterdir())
-    print(f"wrote {out} ({', '.join(files)}) in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {out} ({', '.join(shown_files(out))}) in {time.perf_counter() - start:.1f} s")
     print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
