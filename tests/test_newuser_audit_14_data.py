@@ -389,3 +389,17 @@ def test_one_field_given_twice_in_two_cases_is_named_as_such(tmp_path):
     assert _error(tmp_path / "b.csv").startswith("b.csv:2: ' Prompt' and 'prompt' are one field")
     (tmp_path / "c.jsonl").write_text('{"prompt": "a", "completion": "b", "label": 3}\n')  # an unknown field as such
     assert _error(tmp_path / "c.jsonl").startswith("c.jsonl:1: unknown field 'label'")
+
+
+def test_a_gzipped_parquet_file_reads(tmp_path):
+    """The readers say "(optionally .gz)" of every data type, and a .jsonl.gz reads, but train.parquet.gz was "not a
+    readable Parquet file (... magic bytes not found in footer)": pyarrow read the compressed bytes."""
+    import gzip
+
+    import pandas as pd
+
+    pd.DataFrame([{"prompt": "a ", "completion": "b"}]).to_parquet(tmp_path / "t.parquet")
+    (tmp_path / "t.parquet.gz").write_bytes(gzip.compress((tmp_path / "t.parquet").read_bytes()))
+    assert [dict(r.fields) for r in read_many(tmp_path / "t.parquet.gz")] == [{"prompt": "a ", "completion": "b"}]
+    (tmp_path / "bad.parquet.gz").write_bytes(gzip.compress(b"not parquet"))
+    assert _error(tmp_path / "bad.parquet.gz").startswith(f"{tmp_path / 'bad.parquet.gz'}: not a readable Parquet file")

@@ -213,8 +213,9 @@ _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (code
          (codecs.BOM_UTF16_BE, "utf-16"))
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped when it is gzip (by name or by its magic number)."""
+def _read_bytes(path: Path, text: bool = True) -> bytes:
+    """The file's bytes, gunzipped when it is gzip (by name or by its magic number); for a ``text`` file also
+    re-encoded from UTF-16 / UTF-32 to UTF-8 and refused when it is binary."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -229,6 +230,8 @@ def _read_bytes(path: Path) -> bytes:
             raise LorakitError(f"{path}: a damaged gzip file ({exc}); compress it again or give it uncompressed") from None
     elif path.suffix.lower() == ".gz":
         raise LorakitError(f"{path}: named .gz but not gzip-compressed; rename or recompress it")
+    if not text:
+        return raw
     # UTF-16 with a BOM is what Windows PowerShell 5's `>` writes; UTF-32's BOM starts with UTF-16's, so it goes first
     codec = next((name for bom, name in _BOMS if raw.startswith(bom)), None)
     if codec:
@@ -613,11 +616,16 @@ def _read_parquet(path: Path) -> list[Record]:
         import pyarrow.parquet as pq  # lazy: comes with the datasets package (lorakit[data])
     except ImportError:
         raise LorakitError(f"{path}: reading Parquet needs pyarrow: pip install 'lorakit[data]'") from None
+    source: Any = path
+    if path.suffix.lower() == ".gz":  # Parquet reads from its end (the footer): gunzipped into memory first
+        import pyarrow as pa
+
+        source = pa.BufferReader(_read_bytes(path, text=False))
     try:
-        rows = pq.read_table(path).to_pylist()
+        rows = pq.read_table(source).to_pylist()
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for files that are not Parquet
         try:  # a table with two columns of one name is Parquet, but pyarrow cannot tell which one to read
-            names = pq.read_schema(path).names
+            names = pq.read_schema(source).names
         except Exception:
             names = []
         twice = next((name for name in names if names.count(name) > 1), None)
