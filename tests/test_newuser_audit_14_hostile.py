@@ -75,3 +75,37 @@ def test_a_catastrophic_regex_in_an_adapter_config_is_refused_instead_of_hanging
         assert message.startswith(str(folder / "adapter_config.json") + ": a regular expression"), message
         assert "takes over 2 s" in message and "\n" not in message and took < 15 and names == []
     assert lines[-1][0] == "loaded" and lines[-1][2] == ["default"]  # a sane regex still loads
+
+
+# -- model folders ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    from test_serve_support import tiny_hf_folder
+
+    return tiny_hf_folder(tmp_path_factory.mktemp("model") / "base")
+
+
+def generate(folder: Path, capsys) -> tuple[int, str]:
+    from lorakit.cli import main
+
+    code = main(["generate", "--model", str(folder), "--max-new-tokens", "2", "Hello"])
+    return code, capsys.readouterr().err
+
+
+DEEP = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+
+@pytest.mark.parametrize("name, words", [
+    ("tokenizer_config.json", "tokenizer_config.json: not a tokenizer file lorakit can read"),
+    ("generation_config.json", "generation_config.json is nested too deeply to be a generation config"),
+])
+def test_a_deeply_nested_json_file_in_a_model_folder_is_one_line(model_folder, tmp_path, capsys, name, words):
+    # before: a RecursionError traceback (lorakit's own reads caught ValueError only)
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    (folder / name).write_text(DEEP)
+    code, err = generate(folder, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("lorakit generate: error:")]
+    assert code == 2 and len(lines) == 1 and words in lines[0] and "Traceback" not in err, err[-2000:]

@@ -87,7 +87,7 @@ def _check_weights_present(folder: Path) -> None:
         return
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (ValueError, AttributeError) as error:  # UnicodeDecodeError is a ValueError; a list has no .get
+    except (ValueError, AttributeError, RecursionError) as error:  # UnicodeDecodeError is a ValueError; a list has no .get
         where = f" (line {error.lineno}: {error.msg})" if isinstance(error, json.JSONDecodeError) else ""
         raise LorakitError(f"{index}: not valid JSON{where}; download {INDEX} again") from None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -411,6 +411,9 @@ def checked_generation_config(folder: Path) -> dict | None:
         values = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, ValueError):
         return None
+    except RecursionError:  # "[[[[..." deeper than Python's stack: transformers' own read would raise it too
+        raise LorakitError(f"{path} is nested too deeply to be a generation config (a broken or hostile file); "
+                           "delete it or download it again") from None
     if not isinstance(values, dict):
         return None
     wrong = [name for name, (valid, _) in _GENERATION_FIELDS.items()
@@ -453,8 +456,9 @@ def _note_unreadable_generation_config(folder: Path) -> None:
         return
     try:
         json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:  # JSONDecodeError, or bytes that are not UTF-8
-        where = f" (line {error.lineno}: {error.msg})" if isinstance(error, json.JSONDecodeError) else ""
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, bytes that are not UTF-8, nested too deep
+        where = f" (line {error.lineno}: {error.msg})" if isinstance(error, json.JSONDecodeError) else \
+            " (nested too deeply)" if isinstance(error, RecursionError) else ""
         warnings.warn(f"{path} is not valid JSON{where}, so it is ignored: generation stops on the tokenizer's eos "
                       "and the chat template's end of turn only; fix or download the file again", stacklevel=3)
 
@@ -579,7 +583,7 @@ def _eos_from_model_config(tokenizer, folder: Path) -> None:
     for name in ("generation_config.json", "config.json"):
         try:
             config = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
         ids = config.get("eos_token_id") if isinstance(config, dict) else None
         first = ids[0] if isinstance(ids, list) and ids else ids
@@ -599,7 +603,7 @@ def _template_from_json(tokenizer, folder: Path) -> None:
         return
     try:
         template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         template = None
     if not isinstance(template, str) or not template.strip():
         warnings.warn(f"{path} holds no readable \"chat_template\" string; the model is used without a chat template",
@@ -613,7 +617,7 @@ def _tokenizer_code(folder: Path) -> str | None:
     folder), or None."""
     try:
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # the tokenizer's own load names the broken file
         return None
     auto_map = config.get("auto_map") if isinstance(config, dict) else None
     entry = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
@@ -643,7 +647,7 @@ def _tokenizers_backend_fallback(folder: Path):
         return None  # transformers >= 5 knows the class: the error was something else
     try:
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(config, dict) or config.get("tokenizer_class") != "TokenizersBackend":
         return None
