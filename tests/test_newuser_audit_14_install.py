@@ -63,7 +63,8 @@ def dists(tmp_path_factory):
     with tarfile.open(sdist) as archive:
         top = archive.getnames()[0].split("/")[0]
         sdist_names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n and archive.getmember(n).isfile()}
-        archive.extractall(root / "unpacked", filter="data")
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.11.4+: no member leaves the folder
+        archive.extractall(root / "unpacked", **safe)
     wheel = _build("build_wheel", root / "unpacked" / top, out)
     with zipfile.ZipFile(wheel) as archive:
         wheel_names = set(archive.namelist())
