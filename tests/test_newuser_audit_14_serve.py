@@ -432,3 +432,30 @@ def test_a_stop_string_completed_by_a_token_that_starts_a_character_stops_the_an
             choice = client.post("/v1/completions", json=request).json()["choices"][0]
             answer, finish = choice["text"], choice["finish_reason"]
         assert (answer, finish) == (text[:text.find(stop)], "stop"), (stop, text, answer, finish)
+
+
+@pytest.mark.parametrize("extra", [{"logprobs": 1}, {"max_tokens": 0, "logprobs": 0},
+                                   {"n": 2, "prompt": ["Paris is", [5, 6, 7]], "stream_options": {"include_usage": True}}])
+def test_echo_streams_as_it_answers(server, extra):
+    """echo with stream was a 400 ("not supported"): OpenAI's legacy completions stream it, the prompt first. Each
+    choice's first chunk is now its prompt (with the prompt's logprobs), and the chunks add up to the non-streamed
+    answer, text and logprobs (max_tokens 0: the prompt alone, as a stream)."""
+    body = {"model": "fast", "prompt": "Paris is", "max_tokens": 5, "temperature": 0, "echo": True, **extra}
+    whole = server["client"].post("/v1/completions", json=body)
+    assert whole.status_code == 200, whole.text[:300]
+    whole = whole.json()
+    events = _sse(server["url"], "/v1/completions", body)
+    for choice in whole["choices"]:
+        mine = [c for e in events for c in e["choices"] if c["index"] == choice["index"]]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        prompt = body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][choice["index"] // 2]
+        if isinstance(prompt, str):
+            assert mine[0]["text"] == prompt  # the prompt comes first, whole
+        parts = [c["logprobs"] for c in mine if c["logprobs"]]
+        if choice["logprobs"] is None:
+            assert not parts
+        else:
+            assert {key: sum((part[key] for part in parts), []) for key in parts[0]} == choice["logprobs"]
+        assert mine[-1]["finish_reason"] == choice["finish_reason"]
+    if "stream_options" in extra:
+        assert events[-1]["usage"] == whole["usage"]

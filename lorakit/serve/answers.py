@@ -84,7 +84,8 @@ def prompt_logprobs(state: ServerState, prompt_ids: list[int], infos: list[Token
 
 async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _Bridge, ident: str, created: int,
                   chat: bool, prompt_tokens: int, logprobs: int | None, tools: tuple[str, set[str], bool] | None = None,
-                  think: str | None = None, forced: str | None = None):
+                  think: str | None = None, forced: str | None = None, echoes: list[str] | None = None,
+                  prompt_lps: list[dict] | None = None):
     """Server-sent events: one chunk per piece of final text, each choice's finish reason as it ends, then the
     usage (``stream_options.include_usage``), then ``[DONE]``.
 
@@ -104,6 +105,9 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
 
     With ``forced`` (tool_choice "required" or a named function: the start of the call the prompt ends with), the
     answer is held whole and its calls come at the end, or an error event when it forms no call.
+
+    With ``echoes`` (completions' ``echo``: prompt p's text, which choice ``p * n + i`` starts with), each choice's
+    first chunk is its prompt, with ``prompt_lps[p]`` (the prompt's logprobs) when logprobs were asked.
     """
     kind = "chat.completion.chunk" if chat else "text_completion"
     include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -120,10 +124,10 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     thinking = [ReasoningStream(think) for _ in jobs] if think is not None else None
 
     def chunk(index: int, text: str | None, finish: str | None, first: bool = False,
-              tool_calls: list[dict] | None = None, reasoning: str | None = None) -> str:
-        lp = None
+              tool_calls: list[dict] | None = None, reasoning: str | None = None, prompt_lp: dict | None = None) -> str:
+        lp = prompt_lp
         flush = ready[index] - sent[index]
-        if logprobs is not None and flush > 0:
+        if logprobs is not None and flush > 0 and prompt_lp is None:
             lp = logprobs_object(state, pending[index][:flush], chat, offsets[index])
             del pending[index][:flush]
             sent[index] += flush
@@ -146,6 +150,9 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
         if chat:
             for index in range(len(jobs)):
                 yield chunk(index, "", None, first=True)
+        for index in range(len(jobs)) if echoes is not None else ():
+            prompt = index // body.n
+            yield chunk(index, echoes[prompt], None, prompt_lp=None if prompt_lps is None else prompt_lps[prompt])
         failed = None
         while None in reasons:
             event = await bridge.queue.get()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import threading
 import time
 import uuid
@@ -254,8 +255,6 @@ def create_app(state: ServerState) -> FastAPI:
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens must be at least 1 (0 only with echo, which scores the prompt)",
                            param="max_tokens")
-        if body.echo and body.stream:
-            raise APIError(400, "echo with stream is not supported; send stream=false", param="echo")
         prompts, echoes = [], []
         for prompt in body.prompt:  # one or a batch
             if isinstance(prompt, list):
@@ -563,6 +562,22 @@ class _SharedPin:
             self.state.pool.release(self.name)
 
 
+def _streamed_whole(answer: dict, body) -> StreamingResponse:
+    """A completions ``answer`` known whole before it is sent (echo with max_tokens 0) as the events of a stream:
+    one chunk per choice, the usage (``stream_options.include_usage``), ``[DONE]``."""
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    def events():
+        head = {key: answer[key] for key in ("id", "object", "created", "model")}
+        for choice in answer["choices"]:
+            yield f"data: {json.dumps({**head, 'choices': [choice], **({'usage': None} if include_usage else {})})}\n\n"
+        if include_usage:
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': answer['usage']})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 def _logit_bias(state: ServerState, body):
     """The request's ``logit_bias`` as the engine adds it: ``(token ids (k,), biases (k,))`` on the CPU, or None;
     an id past the vocabulary is the client's 400 (as an index it would fail the engine's whole batch)."""
@@ -633,9 +648,10 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
         choices = [{"index": p * n + i, "text": echoes[p], "finish_reason": "length",
                     "logprobs": None if prompt_lps is None else prompt_lps[p]}
                    for p in range(len(prompts)) for i in range(n)]
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": body.model, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
+        answer = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                  "model": body.model, "choices": choices,
+                  "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
+        return _streamed_whole(answer, body) if body.stream else answer
     keep = kept_tokens(state.tokenizer, tools[0]) if tools else frozenset()
     if think is not None:
         keep |= think.parser.tokens(state.tokenizer)
@@ -645,7 +661,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     created = int(time.time())
     if body.stream:
         return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs,
-                                               tools, think, forced),
+                                               tools, think, forced, echoes, prompt_lps),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     collected = await _collect(state, http, jobs, bridge)
     if isinstance(collected, JSONResponse):
