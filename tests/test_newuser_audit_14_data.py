@@ -403,3 +403,16 @@ def test_a_gzipped_parquet_file_reads(tmp_path):
     assert [dict(r.fields) for r in read_many(tmp_path / "t.parquet.gz")] == [{"prompt": "a ", "completion": "b"}]
     (tmp_path / "bad.parquet.gz").write_bytes(gzip.compress(b"not parquet"))
     assert _error(tmp_path / "bad.parquet.gz").startswith(f"{tmp_path / 'bad.parquet.gz'}: not a readable Parquet file")
+
+
+def test_a_pattern_skips_the_metadata_files_a_folder_listing_skips(tmp_path):
+    """A folder given as --data skips dataset_infos.json / state.json / dataset_info.json, but a pattern over the same
+    files ("repo/**/*.json*", "saved/*") read them as records: "dataset_infos.json: no known field in ['default']"."""
+    datasets = pytest.importorskip("datasets")
+
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    (tmp_path / "repo" / "data" / "train.jsonl").write_text('{"prompt": "a ", "completion": "b"}\n')
+    (tmp_path / "repo" / "dataset_infos.json").write_text('{"default": {"features": {}}}')
+    datasets.Dataset.from_list([{"prompt": "c ", "completion": "d"}]).save_to_disk(str(tmp_path / "saved"))
+    assert [r["completion"] for r in read_many(str(tmp_path / "repo" / "**" / "*.json*"))] == ["b"]
+    assert [r["completion"] for r in read_many(str(tmp_path / "saved" / "*"))] == ["d"]  # its .arrow shard

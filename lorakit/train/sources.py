@@ -63,8 +63,10 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
         found = sorted(glob.glob(str(path), recursive=True))
         if not found:
             raise LorakitError(f"data pattern {path} matches no file; check the folder and the pattern")
-        # "data/*" also matches a README or a .gitignore: read the data files it matches and skip the rest
-        matches = [m for m in found if Path(m).is_dir() or _data_suffix(Path(m)) is not None]
+        # "data/*" also matches a README or a .gitignore: read the data files it matches and skip the rest, and the
+        # metadata a dataset repository or a save_to_disk folder keeps beside them (dataset_infos.json, state.json)
+        matches = [m for m in found if Path(m).is_dir() or (_data_suffix(Path(m)) is not None
+                                                             and Path(m).name not in METADATA_FILES)]
         if not matches:
             raise LorakitError(f"data pattern {path} matches {len(found)} files but no data file ({', '.join(DATA_SUFFIXES)}"
                                f"), e.g. {Path(found[0]).name}; check the pattern")
