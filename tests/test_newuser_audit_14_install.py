@@ -48,10 +48,11 @@ def _build(hook: str, source: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def dists(tmp_path_factory):
-    """(source tree copy, sdist member names, wheel member names, wheel METADATA)."""
+    """(source tree copy, the files copied, sdist member names, wheel member names, wheel METADATA)."""
     root = tmp_path_factory.mktemp("install")
     source = root / "src"
-    for name in _source_files():
+    copied = _source_files()  # once: other processes may add files to the clone meanwhile
+    for name in copied:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, source / name)
     for name in STRAY:
@@ -70,13 +71,13 @@ def dists(tmp_path_factory):
         wheel_names = set(archive.namelist())
         info = next(n for n in wheel_names if n.endswith(".dist-info/METADATA"))
         metadata = email.parser.Parser().parsestr(archive.read(info).decode())
-    return source, sdist_names, wheel_names, metadata
+    return source, set(copied), sdist_names, wheel_names, metadata
 
 
 def test_the_wheel_holds_every_module_and_data_file_and_nothing_else(dists):
     """Every module and data file lorakit reads at run time (lorakit/data/*.jsonl: the built-in task) is in the
     wheel, built from the sdist; no tests, caches, GPU assets or bench results."""
-    source, _, wheel_names, _ = dists
+    source, _, _, wheel_names, _ = dists
     package = {str(p.relative_to(source)) for p in (source / "lorakit").rglob("*")
                if p.is_file() and "__pycache__" not in p.parts}
     shipped = {n for n in wheel_names if not n.split("/")[0].endswith(".dist-info")}
@@ -89,9 +90,8 @@ def test_the_sdist_holds_what_the_test_suite_reads(dists):
     """The sdist lacked tests/conftest.py (every test imports its tiny_llama), the fixture checkpoint
     (tests/fixtures/bnb_nf4_tiny), the Makefile test_readme reads, the bench scripts two tests run and the docs the
     README links: the suite could not run from it. Now the sdist is the tracked tree but CI's script; nothing stray."""
-    source, sdist_names, _, _ = dists
-    tracked = set(_source_files())
-    wanted = {n for n in tracked if not n.startswith((".ci/", ".gitignore"))}
+    _, copied, sdist_names, _, _ = dists
+    wanted = {n for n in copied if not n.startswith((".ci/", ".gitignore"))}
     assert not wanted - sdist_names, sorted(wanted - sdist_names)
     assert {"tests/conftest.py", "tests/fixtures/bnb_nf4_tiny/model.safetensors", "Makefile", "LICENSE",
             "README.md", "bench/multi_gpu.py", "docs/PERFORMANCE.md"} <= sdist_names
@@ -141,7 +141,7 @@ def test_the_wheel_metadata_describes_the_package(dists):
     beside it), and version, entry point and extras are the ones the source declares."""
     import ast
 
-    source, _, wheel_names, metadata = dists
+    source, _, _, wheel_names, metadata = dists
     project = _pyproject()["project"]
     lowest = _lowest_python()
     assert metadata["Requires-Python"] == project["requires-python"]
