@@ -29,6 +29,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("lorakit.commands.inspect", "describe an adapter folder: rank, alpha, variant, targets, size, base"),
     "serve": ("lorakit.serve.cli", "OpenAI-compatible HTTP server over one base model and many adapters"),
 }
+# what a command needs beyond `pip install lorakit`, said under its --help's description (a core install has the
+# help, and would otherwise learn of the extra only when the command fails)
+NEEDS_EXTRA: dict[str, str] = {
+    "serve": "Needs the serve extra (FastAPI, uvicorn, llguidance): pip install 'lorakit[serve]'",
+}
 
 
 EPILOG = """a first session:
@@ -60,7 +65,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        description = f"{help_text}. {NEEDS_EXTRA[name]}" if name in NEEDS_EXTRA else help_text
+        sub = subparsers.add_parser(name, help=help_text, description=description)
         if name == only:  # only the chosen subcommand's module is imported
             importlib.import_module(module_name).add_arguments(sub)
     return parser

@@ -236,7 +236,8 @@ def test_a_core_install_runs_every_command_and_names_the_extra_it_lacks(tmp_path
     extra pyproject.toml declares; none of the optional packages is imported.
 
     The first session said `lorakit serve --adapters runs  # each run is a model: "mine"`, but a run folder is no
-    adapter folder: that server offered no model at all (/v1/models listed only the base)."""
+    adapter folder: that server offered no model at all (/v1/models listed only the base). `lorakit serve --help`
+    did not say that serve needs the serve extra."""
     import json
     import re
 
@@ -268,6 +269,10 @@ def test_a_core_install_runs_every_command_and_names_the_extra_it_lacks(tmp_path
     version, *helps = results[: 1 + len(SUBCOMMANDS)]
     assert (version["code"], version["out"]) == (0, f"lorakit {__version__}\n")
     assert all(r["code"] == 0 and r["out"].startswith(f"usage: lorakit {r['argv'][0]} ") for r in helps)
+    # `lorakit serve --help` on a core install said nothing of the extra the command needs
+    serve_help = next(r["out"] for r in helps if r["argv"][0] == "serve")
+    assert "adapters. Needs the serve extra (FastAPI, uvicorn, llguidance): pip install 'lorakit[serve]'" in \
+        " ".join(serve_help.split())
     trained, generated, merged, served, tensorboard, parquet = results[1 + len(SUBCOMMANDS):]
     assert trained["code"] == 0, trained
     assert generated["code"] == 0 and generated["out"].endswith("\n"), generated
