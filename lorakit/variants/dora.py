@@ -32,8 +32,13 @@ class DoRA(Variant):
         adapter.magnitude = torch.nn.Parameter(norm.clone(), requires_grad=adapter.lora_A.requires_grad)
 
     def _norm(self, adapter, base_weight: torch.Tensor) -> torch.Tensor:
-        weight = base_weight + LF.delta_weight(adapter.lora_A, adapter.lora_B, adapter.scaling).to(base_weight.dtype)
-        return torch.linalg.vector_norm(weight, dim=1)
+        """``||W + s B A||`` per output feature ``(out,)``, in ``base_weight``'s dtype (the adapter's, in forward).
+
+        The update is formed in that dtype too: ``LF.delta_weight`` (float32, for merging) rounded a float64 model's
+        norm, so its gradients differed from peft's by ~1e-7."""
+        dtype = base_weight.dtype
+        delta = (adapter.lora_B.detach().to(dtype) @ adapter.lora_A.detach().to(dtype)) * adapter.scaling
+        return torch.linalg.vector_norm(base_weight + delta, dim=1)
 
     def forward(self, adapter, x, base_out, base_weight):
         weight = base_weight().to(adapter.lora_A.dtype)  # (out, in)
