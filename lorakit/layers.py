@@ -27,11 +27,13 @@ def init_from_cpu(param: torch.Tensor, fill) -> None:
     """``fill(tensor)`` (a random ``nn.init`` function) drawn from the CPU generator whatever ``param``'s device, then
     copied in: the same seed gives the same adapter on a CPU, a GPU, or a CPU-built model sharded onto GPUs later
     (``lorakit train --fsdp`` injects on the CPU; one process injects on its GPU, whose generator draws other
-    numbers). On the CPU (and meta) it fills ``param`` itself: the draws are those of ``fill(param)``."""
-    if param.device.type in ("cpu", "meta"):
+    numbers). On the CPU (and meta) it fills ``param`` itself: the draws are those of ``fill(param)``. A float64
+    ``param`` (the adapter of a float64 model) gets the float32 draws, exactly: the same seed gives the same adapter
+    on a float64 reference as on the float32 or 16-bit model it checks (float64 draws are other numbers)."""
+    if param.device.type == "meta" or (param.device.type == "cpu" and param.dtype != torch.float64):
         fill(param)
         return
-    values = torch.empty(param.shape, dtype=param.dtype)
+    values = torch.empty(param.shape, dtype=torch.float32 if param.dtype == torch.float64 else param.dtype)
     fill(values)
     param.copy_(values)
 
@@ -151,10 +153,13 @@ class LoraLayer(_AdapterHost):
         if name in self.adapters:
             raise LorakitError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
         weight = self.linear_weight(torch.float32)
-        dtype = dtype or (torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        # a float64 base gets float64 adapters (as in peft): read from the stored weight, since ``weight`` above is
+        # already float32 (a float32 adapter there made float64 runs differ from peft's by ~1e-7, float32 rounding)
+        stored = getattr(self.base_layer, "weight", None)
+        dtype = dtype or (torch.float64 if getattr(stored, "dtype", None) == torch.float64 else torch.float32)
         adapter = LoraAdapter(self.in_features, self.out_features, rank, alpha, variant, dropout, dtype, weight.device)
         self._init_adapter(adapter, init)
-        adapter.variant.init_extra(adapter, self.linear_weight(torch.float32))
+        adapter.variant.init_extra(adapter, self.linear_weight(dtype if dtype == torch.float64 else torch.float32))
         self.adapters[name] = adapter
         return adapter
 
