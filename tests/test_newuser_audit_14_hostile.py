@@ -8,6 +8,7 @@ the test instead of freezing the suite.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -109,3 +110,57 @@ def test_a_deeply_nested_json_file_in_a_model_folder_is_one_line(model_folder, t
     code, err = generate(folder, capsys)
     lines = [line for line in err.splitlines() if line.startswith("lorakit generate: error:")]
     assert code == 2 and len(lines) == 1 and words in lines[0] and "Traceback" not in err, err[-2000:]
+
+
+_GENERATE_EACH = """
+import contextlib, io, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))  # the old code's allocation fails, not the machine
+from lorakit.cli import main
+for folder in sys.argv[1:]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["generate", "--model", folder, "--max-new-tokens", "2", "Hello"])
+    print(code, err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "", flush=True)
+"""
+
+
+def test_a_config_json_far_larger_than_its_weights_is_refused_before_allocating(model_folder, tmp_path):
+    # before: transformers built the model first: hidden_size 10**7 asked for 14 GB (terabytes on a real model's
+    # vocabulary), num_hidden_layers 10**6 built layers for hours; the weights' shapes were compared only after
+    import shutil
+
+    folders = []
+    for name, change in {"wide": {"hidden_size": 10**7}, "deep": {"num_hidden_layers": 10**6}}.items():
+        folder = tmp_path / name
+        shutil.copytree(model_folder, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        folders.append(folder)
+    start = time.monotonic()
+    try:
+        process = subprocess.run([sys.executable, "-c", _GENERATE_EACH, *map(str, folders)], capture_output=True,
+                                 text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a config.json of 10**6 layers was still being built after {time.monotonic() - start:.0f} s")
+    from safetensors import safe_open
+
+    with safe_open(model_folder / "model.safetensors", framework="pt") as handle:
+        saved = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+    lines = process.stdout.splitlines()
+    assert len(lines) == 2, process.stderr[-2000:]
+    for line, folder, field in zip(lines, folders, ("hidden_size 10000000", "num_hidden_layers 1000000")):
+        assert line.startswith(f"2 lorakit generate: error: {folder / 'config.json'} describes a model of "), line
+        assert field in line and f"but its weights hold {saved:,}:" in line
+
+
+def test_a_config_json_of_minus_one_layers_is_refused(model_folder, tmp_path, capsys):
+    # before: transformers built a model of no layers, left the weights unused, and generate answered with it
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": -1}))
+    code, err = generate(folder, capsys)
+    assert code == 2 and err.strip() == (f"lorakit generate: error: {folder / 'config.json'}: num_hidden_layers is -1, "
+                                         "but it must be a positive integer; use the config.json saved with the weights")

@@ -358,6 +358,9 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
         quantize = bnb_quantization(check_causal_config(folder), str(folder / "config.json"))
     for weights in sorted(folder.glob("*.safetensors")):  # an LFS pointer or a cut file: named, not a traceback
         check_weights_file(weights, display)
+    from lorakit.models.size_check import check_size_against_weights
+
+    check_size_against_weights(folder)  # a config.json of hidden_size 10**7: refused before transformers allocates it
     if quantize is not None:
         from lorakit.models.quantized_loading import load_quantized
 
