@@ -405,10 +405,17 @@ def _check_rank(name: str, value: Any) -> None:
         raise LorakitError(f"{name} must be a positive integer, got {shown(value)} (a rank such as 8 or 16)")
 
 
+_FLOAT32_MAX = 3.4028234663852886e38  # the scale is applied in float32 (or narrower): above this it is inf there
+
+
 def _check_alpha(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # an int is finite (math.isfinite(10**400) raised OverflowError: a traceback): only its size is checked, below
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
         raise LorakitError(f"{name} must be a finite number, got {shown(value)} (the update is scaled by alpha / r; "
                            "often 2 x r)")
+    if abs(value) > _FLOAT32_MAX:  # 1e300 is finite in Python: it turned every output of the model to inf / NaN
+        raise LorakitError(f"{name} {shown(value)} is beyond float32's range (3.4e38), so every output of the model would "
+                           "be inf or NaN; use a value such as 2 x r")
 
 
 def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:

@@ -164,3 +164,20 @@ def test_a_config_json_of_minus_one_layers_is_refused(model_folder, tmp_path, ca
     code, err = generate(folder, capsys)
     assert code == 2 and err.strip() == (f"lorakit generate: error: {folder / 'config.json'}: num_hidden_layers is -1, "
                                          "but it must be a positive integer; use the config.json saved with the weights")
+
+
+# -- absurd numbers in adapter_config.json ------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value, words", [
+    ("lora_alpha", 1e300, "lora_alpha 1e+300 is beyond float32's range (3.4e38)"),  # before: loaded, logits inf/NaN
+    ("lora_alpha", 10**400, "lora_alpha <an integer of about 400 digits> is beyond"),  # before: OverflowError
+    ("alpha_pattern", {"q_proj": -1e39}, "alpha_pattern['q_proj'] -1e+39 is beyond"),
+])
+def test_an_alpha_beyond_float32_is_refused(good, tmp_path, field, value, words):
+    import lorakit
+
+    folder = copy_with(good, tmp_path / "adapter", **{field: value})
+    model = tiny_llama()
+    with pytest.raises(lorakit.LorakitError) as info:
+        lorakit.load_adapter(model, folder)
+    assert str(info.value).startswith(f"{folder / 'adapter_config.json'}: {words}"), str(info.value)
+    assert "\n" not in str(info.value) and lorakit.adapter_names(model) == []
