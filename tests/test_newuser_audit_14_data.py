@@ -416,3 +416,15 @@ def test_a_pattern_skips_the_metadata_files_a_folder_listing_skips(tmp_path):
     datasets.Dataset.from_list([{"prompt": "c ", "completion": "d"}]).save_to_disk(str(tmp_path / "saved"))
     assert [r["completion"] for r in read_many(str(tmp_path / "repo" / "**" / "*.json*"))] == ["b"]
     assert [r["completion"] for r in read_many(str(tmp_path / "saved" / "*"))] == ["d"]  # its .arrow shard
+
+
+def test_a_key_given_twice_in_a_chat_held_as_json_text_is_refused(tmp_path):
+    """A CSV cell (or a datasets string column) holds a chat as JSON text: a message with "content" twice kept the
+    last one silently there too, while the same chat in a JSONL record is refused (b4cb51d)."""
+    chat = '[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "content": ""}]'
+    (tmp_path / "chats.csv").write_text('messages\n"' + chat.replace('"', '""') + '"\n')
+    assert _error(tmp_path / "chats.csv") == ("chats.csv:2: field 'messages': the key 'content' is given twice in one "
+                                              "object; JSON readers keep only the last one, silently: remove or rename "
+                                              "one of them")
+    (tmp_path / "fine.csv").write_text('messages\n"' + chat.replace(', "content": ""', "").replace('"', '""') + '"\n')
+    assert read_many(tmp_path / "fine.csv")[0]["messages"][-1]["content"] == "Hello"

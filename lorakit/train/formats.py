@@ -414,8 +414,18 @@ def _json_field(value: Any, what: str) -> Any:
     writes for a column of lists (``[{'role': 'user', ...}]``), read with ``ast.literal_eval`` (literals only)."""
     if not isinstance(value, str):
         return value
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:  # json keeps the last of a key given twice, silently
+        obj = dict(pairs)
+        if len(obj) < len(pairs):
+            seen: set[str] = set()
+            key = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise LorakitError(f"{what}: the key {key!r} is given twice in one object; JSON readers keep only the last "
+                               "one, silently: remove or rename one of them")
+        return obj
+
     try:
-        return json.loads(value)
+        return json.loads(value, object_pairs_hook=unique)
     except json.JSONDecodeError as exc:
         if value.lstrip()[:1] in ("[", "{"):
             import ast
