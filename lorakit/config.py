@@ -403,6 +403,8 @@ def _warn_residual_base(init: Any, source: str) -> None:
 def _check_rank(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise LorakitError(f"{name} must be a positive integer, got {shown(value)} (a rank such as 8 or 16)")
+    if value >= 2**31:  # no layer is that wide; the shape errors further on quoted all its digits (8 KB for 10**4000)
+        raise LorakitError(f"{name} {shown(value)} is larger than any layer (2**31 or more); use a rank such as 8 or 16")
 
 
 _FLOAT32_MAX = 3.4028234663852886e38  # the scale is applied in float32 (or narrower): above this it is inf there

@@ -171,8 +171,12 @@ def test_a_config_json_of_minus_one_layers_is_refused(model_folder, tmp_path, ca
     ("lora_alpha", 1e300, "lora_alpha 1e+300 is beyond float32's range (3.4e38)"),  # before: loaded, logits inf/NaN
     ("lora_alpha", 10**400, "lora_alpha <an integer of about 400 digits> is beyond"),  # before: OverflowError
     ("alpha_pattern", {"q_proj": -1e39}, "alpha_pattern['q_proj'] -1e+39 is beyond"),
+    # before: a shape error quoting every digit of the rank (8 KB for 10**4000; the server's --max-rank refusal too)
+    ("r", 10**4000, "r <an integer of about 4000 digits> is larger than any layer (2**31 or more)"),
+    ("r", 1e300, "r <an integer of about 300 digits> is larger than any layer"),
+    ("rank_pattern", {"q_proj": 2**31}, "rank_pattern['q_proj'] 2147483648 is larger than any layer"),
 ])
-def test_an_alpha_beyond_float32_is_refused(good, tmp_path, field, value, words):
+def test_an_alpha_beyond_float32_or_a_rank_beyond_any_layer_is_refused(good, tmp_path, field, value, words):
     import lorakit
 
     folder = copy_with(good, tmp_path / "adapter", **{field: value})
@@ -180,4 +184,4 @@ def test_an_alpha_beyond_float32_is_refused(good, tmp_path, field, value, words)
     with pytest.raises(lorakit.LorakitError) as info:
         lorakit.load_adapter(model, folder)
     assert str(info.value).startswith(f"{folder / 'adapter_config.json'}: {words}"), str(info.value)
-    assert "\n" not in str(info.value) and lorakit.adapter_names(model) == []
+    assert "\n" not in str(info.value) and len(str(info.value)) < 600 and lorakit.adapter_names(model) == []
