@@ -6,6 +6,16 @@ PEFT's ``create_loraplus_optimizer``: ``lora_B`` and every 1-D trainable tensor 
 modules-to-save) take ``ratio * lr``; everything else (``lora_A``, whole copied modules) takes ``lr``. 1-D tensors
 get no weight decay (the usual rule for biases, norms and magnitudes).
 
+Against peft 0.21 (tests/test_newuser_audit_14_variants.py): with ``weight_decay`` given as peft's
+``loraplus_weight_decay`` (peft's groups override a plain ``weight_decay=``), LoRA and DoRA adapters on linear layers
+are equal after AdamW steps. Two differences are deliberate:
+
+- peft decays every 1-D tensor not named ``bias``: DoRA's magnitude (pulled towards 0, away from ``||W||``, the
+  adapted layer's starting point) and copied RMSNorm weights (likewise towards 0, not 1). lorakit decays none.
+- peft gives an embedding adapter's A and B its own ``loraplus_lr_embedding`` (default 1e-6: next to lr 1e-4 an
+  embedding adapter barely trains). lorakit has no embedding learning rate: ``lora_B`` at ``ratio * lr``,
+  ``lora_A`` at ``lr``, as on any layer. For peft's groups, build the AdamW groups yourself.
+
 The schedule is a pure function of the step number (``Schedule.factor``), so resuming needs no scheduler state
 beyond the step counter, and the learning rate of step k is the same whether or not the run was interrupted.
 """
