@@ -1198,8 +1198,9 @@ def _is_unchanged_base_copy(key: str, tensor: torch.Tensor, base_modules: dict[s
     path = f"{key[: -len(suffix)]}.weight"
     if weight.shape != tensor.shape:
         raise LorakitError(f"{folder}: {PREFIX}{key} is a full copy of {path} with shape {shown(tuple(tensor.shape))}, "
-                           f"but this model's is {tuple(weight.shape)}; the adapter was trained on a resized vocabulary: resize "
-                           f"the base (model.resize_token_embeddings({tensor.shape[0]})) or load the base it was saved with")
+                           f"but this model's is {tuple(weight.shape)}; the adapter was trained on a vocabulary resized to "
+                           f"{tensor.shape[0]} tokens: load it on the resized base it was saved with, or on a base holding no "
+                           "other adapters (load_adapter resizes that one and takes these weights)")
     if not _same_values(weight, tensor):
         raise LorakitError(f"{folder}: {PREFIX}{key} is a full copy of {path} (peft's save_embedding_layers) that differs "
                            "from this model's; load the adapter on the base it was trained with, or re-save it from peft "
@@ -1209,7 +1210,7 @@ def _is_unchanged_base_copy(key: str, tensor: torch.Tensor, base_modules: dict[s
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adapter: str = "default",
                  trainable: bool = False, check_base: bool = True, max_bytes: int | None = None,
-                 follow_symlinks: bool = True) -> str:
+                 follow_symlinks: bool = True, resize_vocabulary: bool = True) -> str:
     """Load a PEFT-format adapter folder into ``model`` (a plain base or one holding other adapters).
 
     ``folder`` may also be what ``read_adapter`` returned: then nothing is read again, so a caller that checked
@@ -1221,7 +1222,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     inits (as a plain LoRA of rank 2r on the untouched base), ``trainable_token_indices`` (modules-to-save copies
     of the embedding and its tied head; for inference only), ``ensure_weight_tying``, SEQ_CLS's ``modules_to_save``,
     and ``bias="all"/"lora_only"`` when the saved biases are the base's. Options lorakit cannot reproduce are
-    refused in one line that names them.
+    refused in one line that names them. An adapter trained on a resized vocabulary (peft's whole saved embedding
+    and head with more rows) resizes a base holding no adapters to it and takes the saved weights, as peft's load
+    over a resized base does (a warning says so); ``resize_vocabulary=False`` refuses it instead (a shared base).
     """
     if isinstance(folder, AdapterFile):
         adapter_file = folder
@@ -1243,6 +1246,24 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     # before any match on module names: a catastrophic pattern would hang here for good (re has no timeout)
     check_regexes(adapter_file.config, [p for p in _base_modules(model) if p], str(adapter_file.folder / CONFIG_NAME))
     adapter_file = convert_legacy_experts(model, adapter_file)  # transformers 4's per-expert LoRA -> fused experts
+    resized = None
+    if resize_vocabulary and not adapter_names(model):  # other adapters may hold LoRA on the rows it would change
+        from lorakit.resized_vocab import take_resized_vocabulary
+
+        resized = take_resized_vocabulary(model, adapter_file)
+    try:
+        _load_checked(model, adapter_file, adapter, trainable, check_base)
+    except BaseException:
+        if resized is not None:  # the model is left as it was: its own embedding and head back
+            resized.undo(model)
+        raise
+    for line in resized.lines(adapter_file.folder) if resized else []:
+        warnings.warn(line, stacklevel=2)
+    return adapter
+
+
+def _load_checked(model: nn.Module, adapter_file: AdapterFile, adapter: str, trainable: bool, check_base: bool) -> None:
+    """load_adapter's checks and load, once the base has the adapter's vocabulary."""
     plan = plan_load(model, adapter_file, check_base=check_base)
     config = fitted_config(model, adapter_file)
     tied = _tied_in_file(model, adapter_file, config) if trainable else []
@@ -1275,4 +1296,3 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
 
         delete_adapter(model, adapter)
         raise
-    return adapter

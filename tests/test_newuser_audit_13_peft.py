@@ -289,7 +289,10 @@ def test_copies_from_a_resized_vocabulary_say_to_resize_the_base(options, tmp_pa
     theirs = peft.get_peft_model(resized(), peft.LoraConfig(r=4, **options)).eval()
     randomize_peft(theirs)
     theirs.save_pretrained(tmp_path, save_embedding_layers=save_embedding_layers)
-    assert "resize the base (model.resize_token_embeddings(" in refusal(tmp_path)
+    # lorakit.load_adapter resizes a plain base for peft's whole saved copies (test_newuser_audit_14_tokenizers);
+    # without the resize, or with no whole copy in the file, the refusal says to resize the base
+    said = refusal(tmp_path, resize_vocabulary=False)
+    assert re.search(r"resize_token_embeddings\((102|N)\)|resized to 102 tokens: load it on the resized base", said)
     ours = resized()
     lorakit.load_adapter(ours, tmp_path)
     assert_close(logits(ours), logits(theirs))

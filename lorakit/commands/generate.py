@@ -151,10 +151,14 @@ def run(args: argparse.Namespace) -> int:
     defaulted = args.model is None
     args.model = check_base_names(args.model, list(zip(args.adapter, files)))
     model, tokenizer = lorakit.load_base(args.model, dtype=args.dtype, device=args.device)
+    from lorakit.commands._adapter_folder import resize_for
+
     labels = _names(args.adapter)
     rows: list[tuple[str, str | None]] = [("base", None)] if args.base or not args.adapter else []
     for index, (adapter_file, label) in enumerate(zip(files, labels)):
         internal = f"adapter{index}"
+        if index == 0:  # only a base without adapters is resized (load_adapter refuses another resize by name)
+            resize_for(model, adapter_file, args.adapter[0])
         try:
             lorakit.load_adapter(model, adapter_file, adapter=internal)
         except LorakitError as error:  # one that clashes with an earlier input: both named by their folders

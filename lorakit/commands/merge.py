@@ -47,72 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(atomically: the old one stays until the new one is whole)")
 
 
-def adapter_tokenizer(folder: str, model):
-    """The tokenizer saved in the adapter folder (transformers' Trainer and trl save it beside the adapter; peft's
-    docs say to when tokens or the chat template change), or None. The model was trained with it, so the merged folder gets it,
-    not the base's; one that names more tokens than the model has embeddings for is refused."""
-    from pathlib import Path
-
-    from lorakit.errors import LorakitError
-    from lorakit.models.loading import TOKENIZER_FILES, load_tokenizer
-
-    path = Path(folder).expanduser()
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        return None
-    tokenizer = load_tokenizer(path)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        raise LorakitError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model's embedding only {rows} "
-                           "rows; merge with the base the adapter was trained on (its resized vocabulary), or remove "
-                           f"the tokenizer files from {folder} to keep the base's tokenizer")
-    print(f"tokenizer and chat template: from {folder} (the adapter folder has its own), not from the base")
-    return tokenizer
-
-
-def take_resized_vocabulary(model, adapter_file, folder: str) -> None:
-    """An adapter trained on a vocabulary resized for new tokens (``resize_token_embeddings``): peft saves the
-    embedding and output head whole (``save_embedding_layers``, ``<path>.weight`` or ``<path>.base_layer.weight``,
-    more rows than this base), and ``PeftModel.from_pretrained`` on a resized base loads them over its weights. The
-    same here: the base is resized to the saved rows and takes the saved copies, the weights the adapter was
-    trained on (a resize's fresh rows are random, so resizing alone gives another base, which load_adapter refuses).
-    Nothing happens without such copies, or when they disagree on the size (load_adapter then says what is wrong)."""
-    import torch
-    from torch import nn
-
-    from lorakit.io import PREFIX
-
-    modules = dict(model.named_modules())
-    copies = {}
-    for key, tensor in adapter_file.tensors.items():
-        name = key.removeprefix(PREFIX)
-        suffix = ".base_layer.weight" if name.endswith(".base_layer.weight") else ".weight"
-        path = name[: -len(suffix)] if name.endswith(suffix) else None
-        weight = getattr(modules.get(path), "weight", None)
-        if (isinstance(modules.get(path), (nn.Embedding, nn.Linear)) and isinstance(weight, torch.Tensor)
-                and tensor.dim() == 2 and tensor.shape[1] == weight.shape[1] and tensor.shape[0] > weight.shape[0]):
-            copies[path] = tensor
-    rows = {tensor.shape[0] for tensor in copies.values()}
-    if len(rows) != 1:
-        return
-    size, before = rows.pop(), model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(size, mean_resizing=False)  # rows overwritten below: no statistics needed
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for path, tensor in copies.items():
-            weight = modules[path].weight
-            if weight.shape != tensor.shape:  # not a module resize_token_embeddings resizes: load_adapter refuses it
-                return
-            weight.copy_(tensor.to(weight.dtype))
-    print(f"{folder} was trained on a vocabulary resized from {before} to {size} tokens: the base is resized and takes "
-          f"the adapter's saved {' and '.join(sorted(copies))} weights, as peft loads them")
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is not model.get_input_embeddings().weight and not any(
-            modules[path] is head for path in copies):  # peft saved only the targeted embedding
-        print(f"note: {folder} holds no output head, so the new tokens' rows of it are freshly initialized, as on any "
-              "resized base: the merged model does not predict them as trained (train with the head in "
-              "modules_to_save, or save with save_embedding_layers=True, to keep them)")
-
-
 def shown_files(folder) -> list[str]:
     """The folder's file names, its weight shards counted rather than listed (a 70B in 5GB shards has 29)."""
     import re
@@ -147,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.commands._args import (check_adapter_arg, check_base_names, check_model_arg, check_model_folder,
                                         check_writable, explain_misfit)
     from lorakit.errors import LorakitError
+    from lorakit.commands._adapter_folder import adapter_tokenizer, resize_for
 
     if args.gguf_type is not None and args.format != "gguf":
         raise LorakitError(f"--gguf-type {args.gguf_type} applies to a GGUF file only; add --format gguf (or drop "
@@ -191,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     # not 280). Other bases, and a GGUF (written from the float32 merged weights), load in float32
     load_dtype = dtype if stored == dtype and args.format == "hf" else torch.float32
     model, tokenizer = lorakit.load_base(args.model, dtype=load_dtype, device="cpu")
-    take_resized_vocabulary(model, adapter, args.adapter)
+    resize_for(model, adapter, args.adapter)
     try:
         lorakit.load_adapter(model, adapter, adapter="merged")
     except LorakitError as error:  # another base's adapter: say which base, and how to pass it

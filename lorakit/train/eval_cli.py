@@ -180,6 +180,9 @@ def run(args: argparse.Namespace) -> int:
             raise LorakitError(f"--quantize {args.quantize} is not available in this install ({error})") from None
         raise
     if args.adapter:
+        from lorakit.commands._adapter_folder import resize_for
+
+        resize_for(model, adapter_file, args.adapter)  # a resized vocabulary (peft's whole embedding / head)
         try:
             load_adapter(model, adapter_file)
         except LorakitError as error:  # another base's adapter: say which base, and how to pass it

@@ -1,0 +1,97 @@
+"""Adapters trained on a vocabulary resized for new tokens: resize the base and take the saved embedding / head.
+
+After ``resize_token_embeddings`` peft saves the embedding and output head whole (``save_embedding_layers``:
+``<path>.weight`` or ``<path>.base_layer.weight``, ``(new_vocab, dim)``, more rows than the base's ``(vocab, dim)``),
+and ``PeftModel.from_pretrained`` on a resized base loads them over its weights. ``take_resized_vocabulary`` does
+the same to a plain base: resizes it to the saved rows and copies the saved weights in (a resize's fresh rows are
+random, so resizing alone gives another base). Shared by ``load_adapter`` and the merge / generate / eval commands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Resized:
+    """What ``take_resized_vocabulary`` changed, enough to say it (``lines``) and to undo it (``undo``)."""
+
+    before: int
+    size: int
+    paths: list[str]
+    no_head: bool  # an untied head that the file holds no copy of: its new rows stay freshly initialized
+    _saved: list = field(default_factory=list, repr=False)  # (setter, module, weight data, size attribute, value)
+    _vocab: tuple = (None, None)
+
+    def lines(self, folder) -> list[str]:
+        """One line saying what was done, and a note when the head's new rows could not be restored."""
+        said = [f"{folder} was trained on a vocabulary resized from {self.before} to {self.size} tokens: the base is "
+                f"resized and takes the adapter's saved {' and '.join(self.paths)} weights, as peft loads them"]
+        if self.no_head:
+            said.append(f"note: {folder} holds no output head, so the new tokens' rows of it are freshly initialized, "
+                        "as on any resized base: the model does not predict them as trained (train with the head in "
+                        "modules_to_save, or save with save_embedding_layers=True, to keep them)")
+        return said
+
+    def undo(self, model: nn.Module) -> None:
+        """Put back the embedding and head modules and weights the base had (a load that failed after the resize)."""
+        for setter, module, data, attr, value in self._saved:
+            module.weight.data = data
+            setattr(module, attr, value)
+            getattr(model, setter)(module)
+        config, value = self._vocab
+        if config is not None:
+            config.vocab_size = value
+        if hasattr(model, "vocab_size"):
+            model.vocab_size = value
+
+
+def _saved_copies(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The file's whole copies of an embedding / linear module with more rows than the model's: {path: (rows, dim)}."""
+    modules = dict(model.named_modules())
+    copies = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(prefix)
+        suffix = ".base_layer.weight" if name.endswith(".base_layer.weight") else ".weight"
+        path = name[: -len(suffix)] if name.endswith(suffix) else None
+        module = modules.get(path)
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, (nn.Embedding, nn.Linear)) and isinstance(weight, torch.Tensor)
+                and tensor.dim() == 2 and tensor.shape[1] == weight.shape[1] and tensor.shape[0] > weight.shape[0]):
+            copies[path] = tensor
+    return copies
+
+
+def take_resized_vocabulary(model: nn.Module, adapter_file) -> Resized | None:
+    """Resize ``model`` (a transformers model) to the rows of the adapter's saved embedding / head copies and copy
+    them in. None, with the model untouched, without such copies, when they disagree on the size, or when one is of
+    a module ``resize_token_embeddings`` does not resize (``load_adapter`` then says what is wrong)."""
+    from lorakit.io import PREFIX
+
+    copies = _saved_copies(model, adapter_file.tensors, PREFIX)
+    rows = {tensor.shape[0] for tensor in copies.values()}
+    if len(rows) != 1 or not hasattr(model, "resize_token_embeddings"):
+        return None
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    saved = [(setter, module, module.weight.data, attr, getattr(module, attr))
+             for setter, module in (("set_input_embeddings", embedding), ("set_output_embeddings", head))
+             if module is not None
+             for attr in ["num_embeddings" if isinstance(module, nn.Embedding) else "out_features"]]
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    resized = Resized(embedding.weight.shape[0], rows.pop(), sorted(copies), False, saved,
+                      (config, getattr(config, "vocab_size", None)))
+    model.resize_token_embeddings(resized.size, mean_resizing=False)  # rows overwritten below: no statistics needed
+    modules = dict(model.named_modules())
+    if any(getattr(modules.get(path), "weight", tensor).shape != tensor.shape for path, tensor in copies.items()):
+        resized.undo(model)  # not a module resize_token_embeddings resizes
+        return None
+    with torch.no_grad():
+        for path, tensor in copies.items():
+            modules[path].weight.copy_(tensor.to(modules[path].weight.dtype))
+    head = model.get_output_embeddings()
+    resized.no_head = (head is not None and head.weight is not model.get_input_embeddings().weight
+                       and not any(modules[path] is head for path in copies))  # peft saved only the embedding
+    return resized

@@ -1,0 +1,117 @@
+"""Fourteenth audit, as a demanding new user: what an adapter folder brings besides the adapter. transformers'
+Trainer and trl save the tokenizer (its chat template, its added tokens) beside the adapter, and peft saves the
+embedding and head whole when the vocabulary was resized for new tokens. ``lorakit merge`` used both; load_adapter,
+generate and eval did not. Each test failed before its fix. Tiny random models; peft makes the adapters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lorakit
+from conftest import assert_close
+from test_serve_support import tiny_hf_folder
+
+NEW = [f"<tool_{i}>" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def resized(tmp_path_factory):
+    """A base folder, and a peft adapter trained on it resized for 8 new tokens (with its tokenizer); the peft model."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("resized")
+    model_dir = tiny_hf_folder(root / "model", initializer_range=0.3)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_tokens(NEW)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    base.resize_token_embeddings(len(tokenizer))
+    trained = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    trained.save_pretrained(root / "adapter")  # save_embedding_layers="auto": the resized embedding and head whole
+    tokenizer.save_pretrained(root / "adapter")
+    return model_dir, root / "adapter", trained.eval(), tokenizer
+
+
+def _ids(tokenizer) -> torch.Tensor:
+    return torch.tensor([[3, 17, 42, len(tokenizer) - 1, 5, len(tokenizer) - 8]])
+
+
+def test_load_adapter_resizes_a_plain_base_for_a_resized_vocabulary(resized):
+    """load_adapter refused the adapter with 'resize the base (model.resize_token_embeddings(N))', which then failed
+    as 'a full copy ... that differs' (a resize's new rows are random). Now it resizes the base and takes the saved
+    embedding and head, as peft's load over a resized base does (a warning says so): peft's logits, new tokens too."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir, adapter, trained, tokenizer = resized
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with pytest.warns(UserWarning, match=f"resized from {len(tokenizer) - 8} to {len(tokenizer)} tokens"):
+        lorakit.load_adapter(model, adapter)
+    with torch.no_grad():
+        assert_close(model(_ids(tokenizer)).logits, trained(_ids(tokenizer)).logits, torch.float32)
+    assert model.config.vocab_size == len(tokenizer)
+    # a base that already holds an adapter is not resized (its LoRA may be on these rows): refused, untouched
+    other = AutoModelForCausalLM.from_pretrained(model_dir)
+    lorakit.inject(other, lorakit.LoraConfig(r=2, target_modules=["k_proj"]), adapter="first")
+    with pytest.raises(lorakit.LorakitError, match=f"resized to {len(tokenizer)} tokens: load it on the resized base it was saved with, or on a base holding no other"):
+        lorakit.load_adapter(other, adapter, adapter="second")
+    assert other.get_input_embeddings().weight.shape[0] == len(tokenizer) - 8
+
+
+def test_a_failed_load_puts_the_resized_base_back(resized, tmp_path):
+    """The resize happens before the adapter's own checks; one that fails then (here a LoRA tensor of the wrong
+    shape) must leave the model as it was, as load_adapter promises: its embedding, head and vocab_size."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model_dir, adapter, _, tokenizer = resized
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    tensors = load_file(broken / "adapter_model.safetensors")
+    key = next(k for k in tensors if "q_proj.lora_A" in k)
+    tensors[key] = torch.zeros(3, tensors[key].shape[1])
+    save_file(tensors, broken / "adapter_model.safetensors", metadata={"format": "pt"})
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(lorakit.LorakitError, match="shape"):
+        lorakit.load_adapter(model, broken)
+    assert model.config.vocab_size == len(tokenizer) - 8 and not lorakit.adapter_names(model)
+    after = model.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert model.get_input_embeddings().num_embeddings == model.get_output_embeddings().out_features == len(tokenizer) - 8
+
+
+def test_generate_and_eval_run_a_resized_vocabulary_adapter_with_its_tokenizer(resized, tmp_path, capsys):
+    """lorakit generate --adapter and lorakit eval --adapter refused the folder (the resize advice, which a command
+    cannot follow). Now both resize the base as merge does; generate's greedy answer is peft's."""
+    from lorakit.cli import main
+
+    model_dir, adapter, trained, tokenizer = resized
+    prompt = "hello world"
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(adapter), "--no-chat", "--max-new-tokens", "6",
+                 "--dtype", "float32", prompt]) == 0
+    said = capsys.readouterr().out
+    assert f"resized from {len(tokenizer) - 8} to {len(tokenizer)} tokens" in said
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = trained.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                                  pad_token_id=tokenizer.pad_token_id)
+    answer = tokenizer.decode([t for t in theirs[0, ids.shape[1]:].tolist() if t != tokenizer.eos_token_id],
+                              skip_special_tokens=True)
+    assert answer.strip() and said.endswith(answer + "\n")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "the cat sat"}) + "\n")
+    results = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(adapter), "--data", str(data), "--json",
+                 str(results), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert f"resized from {len(tokenizer) - 8} to {len(tokenizer)} tokens" in said
+
