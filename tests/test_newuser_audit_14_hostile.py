@@ -185,3 +185,67 @@ def test_an_alpha_beyond_float32_or_a_rank_beyond_any_layer_is_refused(good, tmp
         lorakit.load_adapter(model, folder)
     assert str(info.value).startswith(f"{folder / 'adapter_config.json'}: {words}"), str(info.value)
     assert "\n" not in str(info.value) and len(str(info.value)) < 600 and lorakit.adapter_names(model) == []
+
+
+def _safetensors_like(original: bytes, change) -> bytes:
+    """``original`` (a safetensors file) with its header changed by ``change(header)``."""
+    length = int.from_bytes(original[:8], "little")
+    header = json.loads(original[8:8 + length])
+    change(header, [key for key in header if key != "__metadata__"])
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + original[8 + length:]
+
+
+def _overlap(header, keys):
+    header[keys[1]]["data_offsets"] = header[keys[0]]["data_offsets"]
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("fifo", "model.safetensors is not a regular file (a folder, pipe or device)"),  # before: open() waited forever
+    ("folder", "model.safetensors is not a regular file"),
+    ("overlap", "model.safetensors is not a valid safetensors file (Error while deserializing header: invalid offset"),
+    ("dtype", "model.safetensors is not a valid safetensors file (Error while deserializing header: invalid JSON in "
+              "header: unknown variant `F99`"),
+    ("overflow", "model.safetensors is not a valid safetensors file (Error while deserializing header: overflow"),
+    ("deep", "model.safetensors is cut short or not a safetensors file"),  # before: a RecursionError traceback
+])
+def test_a_hostile_model_safetensors_is_one_line(model_folder, tmp_path, capsys, kind, words):
+    # before: SafetensorError tracebacks from transformers' load (not caught: it derives from Exception alone)
+    import os
+    import shutil
+    import threading
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    weights = folder / "model.safetensors"
+    original = weights.read_bytes()
+    weights.unlink()
+    first = lambda header, keys: header[keys[0]]  # noqa: E731
+    if kind == "fifo":
+        os.mkfifo(weights)
+    elif kind == "folder":
+        weights.mkdir()
+    elif kind == "deep":
+        weights.write_bytes((200_000).to_bytes(8, "little") + b"[" * 100_000 + b"]" * 100_000)
+    else:
+        change = {"overlap": _overlap, "dtype": lambda h, k: first(h, k).update(dtype="F99"),
+                  "overflow": lambda h, k: first(h, k).update(shape=[2**40, 2**40])}[kind]
+        weights.write_bytes(_safetensors_like(original, change))
+
+    def unblock():  # the old code blocked opening the pipe: a writer that comes and goes lets it fail, not hang
+        try:
+            os.close(os.open(weights, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # no reader: nothing is blocked
+
+    timer = threading.Timer(10, unblock) if kind == "fifo" else None
+    if timer:
+        timer.start()
+    try:
+        code, err = generate(folder, capsys)
+    finally:
+        if timer:
+            timer.cancel()
+    assert code == 2 and err.strip().startswith(f"lorakit generate: error: --model {folder}: {words}"), err[-2000:]
+    assert len(err.strip().splitlines()) == 1

@@ -468,7 +468,14 @@ def _note_unreadable_generation_config(folder: Path) -> None:
 
 def check_weights_file(path: Path, where: str) -> None:
     """A model's safetensors file read as far as its header: a Git LFS pointer (a clone without git-lfs) or a file
-    shorter than its header says (an interrupted download or copy) is named here, not by a safetensors traceback."""
+    shorter than its header says (an interrupted download or copy) is named here, not by a safetensors traceback;
+    so are a pipe or device in its place (opening a pipe waited for a writer forever) and a header safetensors
+    refuses (overlapping offsets, an unknown dtype, shapes whose size overflows)."""
+    import stat
+
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise LorakitError(f"{where}: {path.name} is not a regular file (a folder, pipe or device); it must be the "
+                           "weights file itself: download or copy it again")
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
@@ -483,12 +490,21 @@ def check_weights_file(path: Path, where: str) -> None:
             try:
                 header = json.loads(handle.read(header_len))
                 end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, IndexError):
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
                 end = None
     if end is None or 8 + header_len + end > size:
         expected = f" of {8 + header_len + end:,}" if end is not None else ""
         raise LorakitError(f"{where}: {path.name} is cut short or not a safetensors file ({size:,} bytes{expected}; an "
                            "interrupted download or copy?): download or copy it again")
+    from safetensors import safe_open
+
+    try:  # the header only (the file is mapped, not read): transformers' load would raise the same, as a traceback
+        with safe_open(path, framework="pt"):
+            pass
+    except Exception as error:  # SafetensorError derives from Exception alone
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise LorakitError(f"{where}: {path.name} is not a valid safetensors file ({reason[:200]}): download or copy "
+                           "it again") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
