@@ -91,16 +91,19 @@ def test_a_failed_load_puts_the_resized_base_back(resized, tmp_path):
 
 def test_generate_and_eval_run_a_resized_vocabulary_adapter_with_its_tokenizer(resized, tmp_path, capsys):
     """lorakit generate --adapter and lorakit eval --adapter refused the folder (the resize advice, which a command
-    cannot follow). Now both resize the base as merge does; generate's greedy answer is peft's."""
+    cannot follow). Now both resize the base as merge does, and encode with the adapter folder's tokenizer: its new
+    tokens are one id each (the base's tokenizer spells them out in pieces). generate's greedy answer is peft's."""
     from lorakit.cli import main
 
     model_dir, adapter, trained, tokenizer = resized
-    prompt = "hello world"
+    prompt = f"hello {NEW[2]} world"
     assert main(["generate", "--model", str(model_dir), "--adapter", str(adapter), "--no-chat", "--max-new-tokens", "6",
                  "--dtype", "float32", prompt]) == 0
     said = capsys.readouterr().out
     assert f"resized from {len(tokenizer) - 8} to {len(tokenizer)} tokens" in said
+    assert f"tokenizer and chat template: from {adapter}" in said
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    assert len(tokenizer) - 6 in ids[0].tolist()  # <tool_2>: one new id
     with torch.no_grad():
         theirs = trained.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
                                   pad_token_id=tokenizer.pad_token_id)
@@ -108,10 +111,90 @@ def test_generate_and_eval_run_a_resized_vocabulary_adapter_with_its_tokenizer(r
                               skip_special_tokens=True)
     assert answer.strip() and said.endswith(answer + "\n")
     data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps({"text": "the cat sat"}) + "\n")
+    data.write_text(json.dumps({"text": f"{NEW[0]} the cat {NEW[1]} sat"}) + "\n")
     results = tmp_path / "eval.json"
     assert main(["eval", "--model", str(model_dir), "--adapter", str(adapter), "--data", str(data), "--json",
                  str(results), "--no-progress"]) == 0
     said = capsys.readouterr().out
     assert f"resized from {len(tokenizer) - 8} to {len(tokenizer)} tokens" in said
+    assert f"tokenizer and chat template: from {adapter}" in said
+    counted = json.loads(results.read_text())["supervised_tokens"]
+    assert counted <= len(tokenizer(f"{NEW[0]} the cat {NEW[1]} sat").input_ids) + 1
 
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} says, in short: {{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant says, in short:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def templated(tmp_path_factory):
+    """A base folder, an adapter folder holding a tokenizer with another chat template (as trl saves it), and the
+    base folder with that tokenizer instead of its own (what the adapter folder's run should equal)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from test_serve_support import make_adapter
+
+    root = tmp_path_factory.mktemp("templated")
+    model_dir = tiny_hf_folder(root / "model", initializer_range=0.3)
+    bare = make_adapter(AutoModelForCausalLM.from_pretrained(model_dir), root / "bare", seed=3, std=0.1)
+    adapter = shutil.copytree(bare, root / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(adapter)
+    expected = root / "with-template"
+    shutil.copytree(model_dir, expected)
+    tokenizer.save_pretrained(expected)
+    return model_dir, adapter, expected, bare
+
+
+def test_generate_and_eval_use_the_adapter_folders_chat_template(templated, tmp_path, capsys):
+    """lorakit generate --adapter and lorakit eval --adapter rendered chats with the base's template though the
+    adapter folder holds the tokenizer it was trained with (lorakit merge already used it). Now the folder's
+    tokenizer is used, said in one line: the answer and the loss are those of the base given that tokenizer."""
+    from lorakit.cli import main
+
+    model_dir, adapter, expected, bare = templated
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "the cat sat"},
+                                             {"role": "assistant", "content": "on the mat"}]}) + "\n")
+    runs = {}
+    for name, model, folder in (("adapter", model_dir, adapter), ("expected", expected, bare)):
+        assert main(["generate", "--model", str(model), "--adapter", str(folder), "--max-new-tokens", "8",
+                     "--dtype", "float32", "the cat sat"]) == 0
+        answer = capsys.readouterr().out
+        assert (f"tokenizer and chat template: from {adapter}" in answer) == (name == "adapter")
+        assert main(["eval", "--model", str(model), "--adapter", str(folder), "--data", str(data), "--json",
+                     str(tmp_path / f"{name}.json"), "--no-progress"]) == 0
+        capsys.readouterr()
+        runs[name] = answer.splitlines()[-1], json.loads((tmp_path / f"{name}.json").read_text())["loss"]
+    assert runs["adapter"] == runs["expected"]
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(bare), "--data", str(data), "--json",
+                 str(tmp_path / "base.json"), "--no-progress"]) == 0  # the base's own template: another loss (the test can tell them apart)
+    assert json.loads((tmp_path / "base.json").read_text())["loss"] != runs["adapter"][1]
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_an_adapter_tokenizer_larger_than_the_model_is_refused_in_one_line(templated, tmp_path, capsys, command):
+    """An adapter folder whose tokenizer has more tokens than the model's embedding rows (trained on a resized base
+    that is not this one): its ids would index past the embedding. Refused in one line, as merge does."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lorakit.cli import main
+
+    model_dir, adapter = templated[:2]
+    bigger = tmp_path / "adapter"
+    shutil.copytree(adapter, bigger)
+    tokenizer = AutoTokenizer.from_pretrained(bigger)
+    tokenizer.add_tokens(NEW)
+    tokenizer.save_pretrained(bigger)
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "the cat sat"}) + "\n")
+    extra = ["hello"] if command == "generate" else ["--data", str(data), "--no-progress"]
+    assert main([command, "--model", str(model_dir), "--adapter", str(bigger), *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"has {len(tokenizer)} tokens but the model's embedding only {len(tokenizer) - 8} rows" in err
+    assert len(err.strip().splitlines()) == 1

@@ -105,6 +105,21 @@ def _read_stdin() -> str:
                            "convert it first, e.g. iconv -f latin1 -t utf-8 FILE | lorakit generate ...") from None
 
 
+def _adapters_tokenizer(folders: list[str], model):
+    """The tokenizer saved in the adapter folders (their chat template, their added tokens), or None when none has
+    one; the prompt is encoded once for every adapter, so folders holding different ones are refused."""
+    from lorakit.commands._adapter_folder import adapter_tokenizer
+    from lorakit.errors import LorakitError
+
+    found = [(folder, tokenizer) for folder in folders if (tokenizer := adapter_tokenizer(folder, model)) is not None]
+    for folder, tokenizer in found[1:]:
+        first, other = found[0][1], tokenizer
+        if first.get_vocab() != other.get_vocab() or first.chat_template != other.chat_template:
+            raise LorakitError(f"{found[0][0]} and {folder} hold different tokenizers (vocabulary or chat template), "
+                               "and one prompt is encoded for every adapter; run them one at a time")
+    return found[0][1] if found else None
+
+
 def run(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit.errors import LorakitError
@@ -166,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
             named = re.sub(r"'adapter\d+'", lambda match: inputs.get(match.group(0), match.group(0)), str(error))
             raise explain_misfit(LorakitError(named), adapter_file, args.model, defaulted) from None
         rows.append((label, internal))
+    tokenizer = _adapters_tokenizer(args.adapter, model) or tokenizer
     stops = end_of_turn_ids(tokenizer, model)  # with the model's generation_config ends, as transformers stops
     params.stop_token_ids = stops
     from lorakit.generation import has_chat_template

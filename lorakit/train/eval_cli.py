@@ -180,13 +180,14 @@ def run(args: argparse.Namespace) -> int:
             raise LorakitError(f"--quantize {args.quantize} is not available in this install ({error})") from None
         raise
     if args.adapter:
-        from lorakit.commands._adapter_folder import resize_for
+        from lorakit.commands._adapter_folder import adapter_tokenizer, resize_for
 
         resize_for(model, adapter_file, args.adapter)  # a resized vocabulary (peft's whole embedding / head)
         try:
             load_adapter(model, adapter_file)
         except LorakitError as error:  # another base's adapter: say which base, and how to pass it
             raise explain_misfit(error, adapter_file, args.model, defaulted) from None
+        tokenizer = adapter_tokenizer(args.adapter, model) or tokenizer  # its chat template renders the records
     if args.overflow is None:
         args.overflow = "drop"
     limit = context_length(model)
