@@ -9,6 +9,7 @@ does each look at the folder of a loaded adapter named ``nfs*``.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -74,7 +75,8 @@ def server(tmp_path_factory):
     (hooks / "sitecustomize.py").write_text(_HOOK)
     reads = root / "reads.log"
     reads.write_text("")
-    env = {"PYTHONPATH": str(hooks), "AUDIT14_READS": str(reads), "AUDIT14_SLOW_S": str(SLOW_READ_S)}
+    path = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))  # the hook first, not alone
+    env = {"PYTHONPATH": path, "AUDIT14_READS": str(reads), "AUDIT14_SLOW_S": str(SLOW_READ_S)}
     process = ServerProcess(model_dir, adapters, "--max-loaded", "3", log=root / "server.log", env=env)
     client = httpx.Client(base_url=process.url, timeout=60)
     try:
