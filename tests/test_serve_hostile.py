@@ -219,7 +219,9 @@ def test_client_leaving_stops_its_generation(server, answer, stream):
     sock.close()
     assert wait_idle(client, 3.0), "the generation went on after its client left"
     used = client.get("/health").json()["steps"] - steps
-    assert used < LONG / 3, (used, per_token)  # before the fix (non-streaming): all 1500 tokens were generated
+    # before the fix (non-streaming): all 1500 tokens were generated. The margin is wide on purpose: the steps run
+    # between the close and its detection grow with the machine's load (504 once at a load average of 11)
+    assert used < 2 * LONG / 3, (used, per_token)
     assert client.post("/v1/adapters/unload", json={"name": "a0"}).status_code == 200  # its pin was released
     _still_serving(server, answer)
 
