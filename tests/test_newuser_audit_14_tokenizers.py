@@ -198,3 +198,16 @@ def test_an_adapter_tokenizer_larger_than_the_model_is_refused_in_one_line(templ
     err = capsys.readouterr().err
     assert f"has {len(tokenizer)} tokens but the model's embedding only {len(tokenizer) - 8} rows" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("size", ["5 gigs", 0, True])
+def test_save_quantized_refuses_a_shard_size_that_is_not_one_in_one_line(tmp_path, size):
+    """lorakit.save_quantized(..., max_shard_size="5 gigs") raised huggingface_hub's raw ValueError from deep in the
+    write (0 and True were taken and wrote a folder); the merge and quantize commands already said it in one line. Now the
+    function does too, before any work, and writes nothing."""
+    from conftest import tiny_llama
+
+    model = lorakit.quantize(tiny_llama(seed=1), "nf4")
+    with pytest.raises(lorakit.LorakitError, match=r"^max_shard_size .* is not a size; give bytes or a number with KB"):
+        lorakit.save_quantized(model, None, tmp_path / "out", progress=False, max_shard_size=size)
+    assert not (tmp_path / "out").exists()

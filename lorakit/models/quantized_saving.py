@@ -232,8 +232,9 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, overwrit
         the folder. Raises ``LorakitError`` (one line) for adapters, a model without NF4 layers, meta tensors or an
         unusable ``out``.
     """
-    from lorakit.export import check_output_folder, copy_notices, drop_missing_code, loaded_from
+    from lorakit.export import check_output_folder, copy_notices, drop_missing_code, loaded_from, shard_size
 
+    max_shard_size = shard_size(max_shard_size)  # "5 gigs": one line, before any work (huggingface_hub's ValueError)
     if isinstance(out, str) and not out.strip():  # "" (an unset variable) is Path("."): the current folder
         raise LorakitError("out is empty (''); give the folder to write, e.g. 'model-nf4'")
     out = Path(out).expanduser()
