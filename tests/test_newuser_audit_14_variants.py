@@ -264,6 +264,7 @@ def test_pissa_start_and_residual_base_equal_peft(kind, targets, tmp_path):
 
 def test_olora_is_not_an_init_of_lorakit_and_says_so():
     """peft's init_lora_weights='olora' (QR of W) is not offered (lorakit's inits: default, gaussian, pissa); an
-    olora adapter saved by peft loads (test_peft_sweep). Asking for it is one clear line, the model untouched."""
+    olora adapter saved by peft loads (test_peft_sweep). Asking for it is one clear line. (peft refuses pissa on a
+    float64 model; lorakit takes the same float32 SVD there, so float32 is where the two are compared.)"""
     with pytest.raises(lorakit.LorakitError, match="unknown init 'olora'; choose one of default, gaussian, pissa"):
         lorakit.LoraConfig(r=4, init="olora")
