@@ -211,3 +211,24 @@ def test_save_quantized_refuses_a_shard_size_that_is_not_one_in_one_line(tmp_pat
     with pytest.raises(lorakit.LorakitError, match=r"^max_shard_size .* is not a size; give bytes or a number with KB"):
         lorakit.save_quantized(model, None, tmp_path / "out", progress=False, max_shard_size=size)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_server_never_resizes_its_shared_base_for_one_adapter(resized, tmp_path):
+    """load_adapter now resizes a base holding no adapters for a resized-vocabulary adapter; the server's first
+    adapter would have resized the base every request shares (other adapters and the plain base would then sample
+    the new tokens). The pool loads with resize_vocabulary=False: the adapter is refused in one line, base untouched."""
+    import shutil
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.serve.pool import AdapterPool, AdapterRejected
+
+    model_dir, adapter, _, tokenizer = resized
+    shutil.copytree(adapter, tmp_path / "adapters" / "tools")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    pool = AdapterPool(model, tmp_path / "adapters", threading.RLock())
+    with pytest.raises(AdapterRejected, match=f"resized to {len(tokenizer)} tokens") as error:
+        pool.acquire("tools")
+    assert "\n" not in str(error.value) and not lorakit.adapter_names(model)
+    assert model.get_input_embeddings().num_embeddings == model.config.vocab_size == len(tokenizer) - 8

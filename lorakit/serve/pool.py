@@ -310,7 +310,8 @@ class AdapterPool:
 
         try:
             self._check_targets(name, adapter_file.config)
-            load_adapter(self.model, adapter_file, adapter=internal)  # what _admit checked, not a re-read
+            # what _admit checked, not a re-read; never a resize of the shared base for one adapter's vocabulary
+            load_adapter(self.model, adapter_file, adapter=internal, resize_vocabulary=False)
         except LorakitError as error:
             message = self._inside(str(error) if isinstance(error, AdapterRejected) else (
                 f"adapter {name!r} refused: {self._public_names(str(error), internal, name)}"))
