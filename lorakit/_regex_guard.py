@@ -71,8 +71,10 @@ def check_regexes(config: Any, paths: list[str], where: str, timeout: float = RE
         raise RegexTooSlow(f"{where}: a regular expression (target_modules, exclude_modules, rank_pattern, alpha_pattern "
                            f"or layers_pattern) takes over {timeout:g} s to match this model's module names (it "
                            "backtracks without end, as '(.*.*)*x' does); simplify it, or list the module names") from None
-    except (subprocess.CalledProcessError, OSError) as error:
-        detail = (getattr(error, "stderr", "") or str(error)).strip()
+    except OSError:  # no child process here (a sandbox, a frozen app): match unguarded, as peft does
+        return
+    except subprocess.CalledProcessError as error:  # the pattern itself is broken (re.error)
+        detail = (error.stderr or "").strip()
         raise RegexTooSlow(f"{where}: its regular expressions could not be checked: "
                            f"{detail.splitlines()[-1][:300] if detail else type(error).__name__}") from None
     if len(_passed) > 4096:  # a long-lived server loading many configs: forget, rather than grow without end

@@ -492,6 +492,11 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         raise LorakitError(f"the training set has {len(train_ds)} row{'s' * (len(train_ds) != 1)}, fewer than one micro-batch of {global_micro} "
                            f"(--batch-size {config.batch_size} x {world_size} processes); lower --batch-size or add data")
     batches = BatchIterator(train_ds, global_micro, collate_fn=collator, seed=config.seed)
+    left_out = len(train_ds) % global_micro
+    if left_out and (config.max_steps is None or config.max_steps > len(train_ds) // global_micro):
+        # micro-batches stay full: a small set would otherwise lose a share of every epoch without a word
+        log(f"each epoch trains on {len(train_ds) - left_out} of the {len(train_ds)} rows, in full micro-batches of "
+            f"{global_micro}; the {left_out} left out change with each epoch's shuffle")
     total_steps = total_steps_for(config.replace(grad_accum=grad_accum, global_batch=None), len(train_ds), world_size)
     warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * total_steps)
     if config.warmup_steps is not None and warmup > total_steps:  # a silent clamp read as a bug in the lr curve
