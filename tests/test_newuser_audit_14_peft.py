@@ -20,7 +20,7 @@ from conftest import assert_close
 from lorakit.cli import main
 from lorakit.inject import lora_layers
 from lorakit.io import CONFIG_NAME
-from test_peft_sweep import build, logits, peft_saved, round_trip
+from test_peft_sweep import build, logits, peft_saved, refusal, round_trip
 
 
 def saved_by_peft(folder, config, kind: str = "llama"):
@@ -29,14 +29,6 @@ def saved_by_peft(folder, config, kind: str = "llama"):
         warnings.simplefilter("ignore")
         peft.get_peft_model(build(kind), config).save_pretrained(folder)
     return folder
-
-
-def refusal(folder, model=None) -> str:
-    model = model if model is not None else build("llama")
-    with pytest.raises(lorakit.LorakitError) as error:
-        lorakit.load_adapter(model, folder)
-    assert "\n" not in str(error.value) and not lorakit.adapter_names(model)
-    return str(error.value)
 
 
 @pytest.mark.parametrize("config", [
