@@ -407,7 +407,20 @@ def _weight_read_raw(modules: dict[str, nn.Module], path: str) -> bool:
     are not uses."""
     parent_path, _, name = path.rpartition(".")
     parent = modules.get(parent_path)
-    if parent is None or not name.isidentifier():
+    return parent is not None and _reads_weight(parent, name)
+
+
+def keeps_own_class(parent: nn.Module, name: str, module: nn.Module) -> bool:
+    """Whether ``parent.<name>`` (``module``, a linear layer) must stay the module it is: its parent reads its
+    ``.weight`` itself, or it is an nn.Linear subclass with its own forward (see ``_custom_forward``). A LoRA
+    wrapper skips such layers; ``lorakit.quantize`` keeps them dense (an NF4Linear has no ``.weight`` to read, and
+    computes only x @ W.T + b)."""
+    return _custom_forward(module) or _reads_weight(parent, name)
+
+
+def _reads_weight(parent: nn.Module, name: str) -> bool:
+    """``_weight_read_raw`` for the child ``name`` of ``parent``."""
+    if not name.isidentifier():
         return False
     source = _class_source(type(parent))
     pattern = rf"self\.{name}\.weight\b(?!\s*\.\s*(?:dtype|device|shape|ndim|data\b|is_meta|requires_grad))"
@@ -424,13 +437,21 @@ def _custom_forward(module: nn.Module) -> bool:
     (they return (scores, logits) tuples), DeepSeek-V4's block-diagonal grouped projection, Dory's scaled head. A
     LoRA layer adds its delta to what the wrapped module returns, so there it fails on a tuple or merges into a
     different model. Decided by running the module once on a fixed (2, in_features) input; FalconLinear (the same
-    product written out) passes. Layers that cannot be run here (meta or packed 4-bit weights) count as plain."""
+    product written out) passes. On the meta device (a model built before its weights are read) only what it
+    returns is compared: a tuple or another shape. Packed 4-bit weights (bitsandbytes) count as plain."""
     forward = getattr(type(module), "forward", None)
     if not isinstance(module, nn.Linear) or forward is nn.Linear.forward:
         return False
     weight = module.weight
-    if weight.device.type == "meta" or not weight.is_floating_point() or type(weight).__name__ in quant._BNB_PARAMS:
+    if not weight.is_floating_point() or type(weight).__name__ in quant._BNB_PARAMS:
         return False
+    if weight.device.type == "meta":
+        try:
+            with torch.no_grad():
+                out = module(torch.empty(2, module.in_features, device="meta", dtype=weight.dtype))
+        except Exception:
+            return True
+        return not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, module.out_features)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, module.in_features, generator=generator).to(weight.device, weight.dtype)
     try:

@@ -195,3 +195,32 @@ def test_falcon_linear_written_out_is_still_a_linear_layer():
     lorakit.inject(model, lorakit.LoraConfig(r=2))
     assert sorted({p.rsplit(".", 1)[-1] for p in lora_layers(model)}) == ["dense", "dense_4h_to_h", "dense_h_to_4h",
                                                                           "query_key_value"]
+
+
+@pytest.mark.parametrize("kind, kept", [("llama4_text", "feed_forward.router"), ("phimoe", "mlp.router"),
+                                        ("jamba", "mamba.dt_proj")])
+def test_nf4_keeps_routers_and_weights_read_by_their_parent_dense(kind, kept, tmp_path):
+    """``--quantize nf4`` (and ``lorakit.quantize``) replaced Llama 4's / PhiMoE's routers by NF4Linear, which
+    returns one tensor where the MoE block unpacks two ("too many values to unpack"), and Jamba's dt_proj, whose
+    weight the Mamba mixer reads itself ("'NF4Linear' object has no attribute 'weight'"). They stay dense; the
+    folder loaded 4-bit equals the dense load quantized in memory, and QLoRA on it runs forward and backward."""
+    from lorakit.quant import is_quantized
+    from lorakit.quant.quantize import quantize
+
+    folder = tmp_path / kind
+    build(kind).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    loaded, _ = lorakit.load_base(str(folder), device="cpu", quantize="nf4")
+    reference, _ = lorakit.load_base(str(folder), device="cpu")
+    quantize(reference, "nf4")
+    for model in (loaded, reference):
+        layer = model.get_submodule(f"model.layers.0.{kept}")
+        assert not is_quantized(layer) and isinstance(layer, torch.nn.Linear)
+        assert sum(is_quantized(m) for m in model.modules()) > 0
+    assert_close(logits(loaded), logits(reference))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lorakit.inject(loaded, lorakit.LoraConfig(r=4, alpha=8))
+    loaded.train()
+    loaded(IDS, labels=IDS).loss.backward()
+    assert all(p.grad is not None for _, p in lorakit.lora_parameters(loaded))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.inject import keeps_own_class
 from lorakit.quant import is_conv1d, linear_shape
 from lorakit.quant.nf4 import NF4Linear
 from lorakit.quant.quantize import DEFAULT_SKIP, _output_head_names, _skipped, check_quant_type
@@ -198,6 +199,9 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
             continue
         out_features, in_features = linear_shape(module)
         weight_key = to_checkpoint(f"{name}.weight")
+        parent_path, _, attribute = name.rpartition(".")
+        if keeps_own_class(model.get_submodule(parent_path), attribute, module) and not prequantized:
+            continue  # the parent reads its weight (Mamba's dt_proj) or its class computes more: step 2 loads it dense
         if _skipped(name, skip) or name in heads:
             if prequantized and weight_key and bnb_checkpoint.quant_state_key(weight_key, checkpoint_keys):
                 # kept dense here but 4-bit in the file (bitsandbytes quantized the head, or skip= names a layer

@@ -163,12 +163,16 @@ def quantize(model: nn.Module, quant: str = "nf4", *, skip: Iterable[str] = DEFA
         re-quantized). On a model with lorakit adapters, the frozen base layers under them are quantized (the
         adapters and ``modules_to_save`` copies stay trainable in their dtype); a merged adapter is refused.
         Non-finite or non-float weights, weights not loaded yet (meta), bitsandbytes 8-bit or FP4 layers raise
-        ``LorakitError`` naming the module, before anything changes.
+        ``LorakitError`` naming the module, before anything changes. Linear layers whose weight their parent module
+        reads itself (Mamba's ``dt_proj``) or whose class computes more than x @ W.T + b (Llama 4's router, an
+        nn.Linear returning a tuple) stay dense: an NF4Linear would break them.
     """
     _check_model(model)
     check_quant_type(quant)
     if blocksize not in BLOCKSIZES:
         raise LorakitError(f"NF4 blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    from lorakit.inject import keeps_own_class  # (inject imports this package: not at module level)
+
     skip = tuple(skip or ())
     heads = _output_head_names(model)
     host = _host_class()
@@ -181,6 +185,8 @@ def quantize(model: nn.Module, quant: str = "nf4", *, skip: Iterable[str] = DEFA
         linear = isinstance(child, nn.Linear) or is_conv1d(child)
         if not linear or _skipped(path, skip) or path in heads:
             continue
+        if not isinstance(parent, host) and keeps_own_class(parent, attribute, child):
+            continue  # Mamba's dt_proj (its weight read by the mixer), Llama 4's router (returns a tuple): dense
         entry = targets.setdefault(id(child), (path, child, []))
         entry[2].append((parent, attribute))
     converted: dict[int, NF4Linear] = {}
