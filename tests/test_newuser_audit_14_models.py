@@ -6,7 +6,8 @@ Each family is a tiny random model (transformers' own config classes: 2 layers, 
 step whose gradients reach every adapter tensor, ``save_adapter``, the folder loaded again with the adapter (same
 logits), ``merge`` (same logits), and peft 0.21 reading lorakit's file (same logits). lorakit's batched generation
 must give transformers' greedy tokens, and the static decoder must name why it does not run a family (a line, not
-an exception), so callers keep transformers' forward.
+an exception), so callers keep transformers' forward. Layers a LoRA wrapper or an NF4Linear would break (routers that
+subclass nn.Linear, weights their parent reads itself) are left alone, by "all-linear" and by ``--quantize nf4``.
 """
 
 from __future__ import annotations
