@@ -246,6 +246,15 @@ def unsupported(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
     model_type = getattr(text, "model_type", None)
+    takes = inspect.signature(type(model).forward).parameters  # (the class's: use_fast_kernels wraps the instance's)
+    if "cache" not in takes and "past_key_values" not in takes:
+        # RWKV takes its recurrent state as `state`, OpenAI GPT no cache at all: the cache lorakit passed went into
+        # **kwargs unread, each decode step saw only its one new token, and every token after the first was
+        # silently not the model's
+        own = [name for name in ("state", "mems", "past_buckets_states") if name in takes]
+        held = f"carries its state in {' / '.join(map(repr, own))}" if own else "takes no KV cache"
+        return (f"lorakit's generation does not support {type(model).__name__}: its forward {held}, not a "
+                "transformers cache; generate with transformers' model.generate instead")
     if model_type == "recurrent_gemma":
         return ("lorakit's generation does not support RecurrentGemma (it keeps its recurrent state inside its "
                 "layers, so batched rows would lose it); generate with transformers' model.generate instead")

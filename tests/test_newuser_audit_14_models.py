@@ -225,3 +225,24 @@ def test_nf4_keeps_routers_and_weights_read_by_their_parent_dense(kind, kept, tm
     loaded.train()
     loaded(IDS, labels=IDS).loss.backward()
     assert all(p.grad is not None for _, p in lorakit.lora_parameters(loaded))
+
+
+@pytest.mark.parametrize("family, words", [("rwkv", "its forward carries its state in 'state'"),
+                                           ("openai-gpt", "its forward takes no KV cache")])
+def test_generation_refuses_models_whose_forward_takes_no_cache(family, words):
+    """RWKV keeps its recurrent state in ``state`` and OpenAI GPT takes no cache: lorakit's generation passed its
+    cache into **kwargs, unread, so each decode step saw only its new token and every token after the first was
+    silently not the model's (RWKV: [52, 58, 18, 20] where transformers' generate gives [52, 103, 103, 39]). Now one
+    line says to use transformers' model.generate."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "rwkv":
+        model = tf.RwkvForCausalLM(tf.RwkvConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                 attention_hidden_size=32, intermediate_size=48))
+    else:
+        model = tf.OpenAIGPTLMHeadModel(tf.OpenAIGPTConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                                           n_positions=64))
+    with pytest.raises(LorakitError, match=rf"generation does not support \w+: {words}, not a transformers cache; "
+                                           r"generate with transformers' model.generate instead$"):
+        G.generate(model.eval(), PROMPTS, [None] * 2, G.SamplingParams(max_new_tokens=4))
