@@ -342,9 +342,9 @@ def test_responses_stream_cut_while_thinking():
     body = ResponsesRequest.model_validate({"model": "m", "input": "Hello"})
     pieces = ["<thi", "nk>\nStep one", " </th", "en two"]
     queue = asyncio.Queue()
-    for piece in pieces:
-        queue.put_nowait(("token", 0, piece, 1, None))
-    queue.put_nowait(("done", 0, "", "length"))
+    for settled, piece in enumerate(pieces, 1):  # the bridge's events: (.., settled tokens)
+        queue.put_nowait(("token", 0, piece, 1, None, settled))
+    queue.put_nowait(("done", 0, "", "length", len(pieces)))
     state = SimpleNamespace(engine=SimpleNamespace(cancel=lambda job: None))
 
     async def run():

@@ -507,9 +507,9 @@ def _in_process_events(body: dict, pieces: list[str], reason: str, calls: tuple)
     from lorakit.serve.responses import response_events
 
     queue = asyncio.Queue()
-    for piece in pieces:
-        queue.put_nowait(("token", 0, piece, 1, None))
-    queue.put_nowait(("done", 0, "", reason))
+    for settled, piece in enumerate(pieces, 1):  # the bridge's events: (.., settled tokens)
+        queue.put_nowait(("token", 0, piece, 1, None, settled))
+    queue.put_nowait(("done", 0, "", reason, len(pieces)))
     state = SimpleNamespace(engine=SimpleNamespace(cancel=lambda job: None))
 
     async def run():

@@ -599,9 +599,9 @@ def test_forced_call_not_written_on_responses():
     assert [c["name"] for c in final_response(body, "resp_x", "msg_x", 0, ['get_weather", "arguments": {}}', ""],
                                                "stop", 3, 2, None, calls)["output"]] == ["get_weather"]
     queue = asyncio.Queue()
-    for piece in pieces:
-        queue.put_nowait(("token", 0, piece, 1, None))
-    queue.put_nowait(("done", 0, "", "stop"))
+    for settled, piece in enumerate(pieces, 1):  # the bridge's events: (.., settled tokens)
+        queue.put_nowait(("token", 0, piece, 1, None, settled))
+    queue.put_nowait(("done", 0, "", "stop", len(pieces)))
     state = SimpleNamespace(engine=SimpleNamespace(cancel=lambda job: None))
 
     async def run():
