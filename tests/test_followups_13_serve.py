@@ -17,7 +17,7 @@ import torch
 import lorakit
 from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected
 from conftest import tiny_llama
-from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder, wait_idle
+from test_serve_support import ServerProcess, make_adapter, never_ending, tiny_hf_folder, wait_idle
 
 LONG = 2000  # tokens of a generation that runs for seconds on the test machine
 SLOW_REGEX = r"(.*.*)*xyz"  # catastrophic backtracking: the admission's probe runs its full 2 s and refuses it
@@ -191,17 +191,9 @@ class _Server(ServerProcess):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lorakit.generation import end_of_turn_ids
-
     root = tmp_path_factory.mktemp("followups13_serve")
     model_dir = tiny_hf_folder(root / "model", initializer_range=0.5, max_position_embeddings=LONG + 64)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    with torch.no_grad():  # the model never ends a turn by itself: greedy answers run to max_tokens
-        for token in end_of_turn_ids(AutoTokenizer.from_pretrained(model_dir)):
-            base.lm_head.weight[token] = 0
-    base.save_pretrained(model_dir)
+    base = never_ending(model_dir)
     adapters = root / "adapters"
     for seed, name in enumerate(("orders", "support", "third"), start=3):
         make_adapter(base, adapters / name, seed=seed)

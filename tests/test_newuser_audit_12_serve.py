@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import TOLERANCE
-from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder, wait_idle
+from test_serve_support import ServerProcess, make_adapter, never_ending, tiny_hf_folder, wait_idle
 
 PROMPT = [5, 17, 42, 99, 17]  # token ids: the trained rows 17 and 42 are read by the prompt itself
 TOKENS = {"tok": [17, 42, 200], "tok2": [5, 99, 300]}  # each adapter's trainable_token_indices
@@ -47,20 +47,10 @@ def _peft_tokens(model_dir: Path, folder: Path, indices: list[int], seed: int | 
 
 @pytest.fixture(scope="module")
 def tokens_setup(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    from lorakit.generation import end_of_turn_ids
-
     root = tmp_path_factory.mktemp("audit12_tokens")
     model_dir = tiny_hf_folder(root / "model", initializer_range=0.5, tie_word_embeddings=True,
                                max_position_embeddings=LONG + 64)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    from transformers import AutoTokenizer
-
-    with torch.no_grad():  # the model never ends a turn by itself: greedy answers run to max_tokens
-        for token in end_of_turn_ids(AutoTokenizer.from_pretrained(model_dir)):
-            base.lm_head.weight[token] = 0
-    base.save_pretrained(model_dir)
+    base = never_ending(model_dir)
     adapters = root / "adapters"
     references = {name: _peft_tokens(model_dir, adapters / name, indices, seed)
                   for seed, (name, indices) in enumerate(TOKENS.items())}

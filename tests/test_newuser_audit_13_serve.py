@@ -17,7 +17,7 @@ import peft
 import pytest
 import torch
 
-from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder, wait_idle
+from test_serve_support import ServerProcess, make_adapter, never_ending, tiny_hf_folder, wait_idle
 
 LONG = 2000  # tokens of a generation that runs for seconds on the test machine
 
@@ -38,17 +38,9 @@ def _peft_adapter(model_dir: Path, folder: Path, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lorakit.generation import end_of_turn_ids
-
     root = tmp_path_factory.mktemp("audit13_serve")
     model_dir = tiny_hf_folder(root / "model", initializer_range=0.5, max_position_embeddings=LONG + 64)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    with torch.no_grad():  # the model never ends a turn by itself: greedy answers run to max_tokens
-        for token in end_of_turn_ids(AutoTokenizer.from_pretrained(model_dir)):
-            base.lm_head.weight[token] = 0
-    base.save_pretrained(model_dir)
+    base = never_ending(model_dir)
     adapters = root / "adapters"
     make_adapter(base, adapters / "orders", seed=3)
     make_adapter(base, adapters / "support-v2", seed=4)

@@ -97,6 +97,14 @@ def _reads(server, name: str) -> int:
     return server["reads"].read_text().split().count(name)
 
 
+def _await_first(server, name: str) -> None:
+    """Wait (10 s at most) until the server's hook logged ``name`` once: its slowed read or look has begun."""
+    deadline = time.monotonic() + 10
+    while _reads(server, name) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _reads(server, name) == 1
+
+
 # -- part 1: slow adapter loads ----------------------------------------------------------------------------------
 def test_a_slow_adapter_read_does_not_stall_the_base_or_other_adapters(server):
     """While adapter slow1's files take 1.5 s to read, requests on the base and on adapter fast (first load
@@ -105,10 +113,7 @@ def test_a_slow_adapter_read_does_not_stall_the_base_or_other_adapters(server):
     assert _complete(url, "base").status_code == 200  # warm
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(_complete, url, "slow1")
-        deadline = time.monotonic() + 10
-        while _reads(server, "slow1") == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert _reads(server, "slow1") == 1  # its read has begun
+        _await_first(server, "slow1")  # its read has begun
         took = {}
         for model in ("base", "fast", "fast"):
             started = time.monotonic()
@@ -164,10 +169,7 @@ def test_a_slow_look_at_one_adapters_folder_does_not_stall_the_others(server):
     assert _complete(url, "fast").status_code == 200
     with ThreadPoolExecutor(1) as pool:
         looking = pool.submit(_complete, url, "nfs1")
-        deadline = time.monotonic() + 10
-        while _reads(server, "stat:nfs1") == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert _reads(server, "stat:nfs1") == 1  # its look has begun
+        _await_first(server, "stat:nfs1")  # its look has begun
         started = time.monotonic()
         answer = _complete(url, "fast")
         took = time.monotonic() - started

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import torch
 
-from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder
+from test_serve_support import ServerProcess, make_adapter, never_ending, tiny_hf_folder
 
 CONTEXT = 256  # the tiny model's max_position_embeddings: the server's context
 
@@ -30,16 +30,10 @@ CONTEXT = 256  # the tiny model's max_position_embeddings: the server's context
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("clients")
     model_dir = tiny_hf_folder(root / "model", initializer_range=0.5)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from lorakit.generation import end_of_turn_ids
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    base = never_ending(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    with torch.no_grad():  # the model never ends a turn by itself: greedy answers run to max_tokens
-        for token in end_of_turn_ids(tokenizer):
-            base.lm_head.weight[token] = 0
-    base.save_pretrained(model_dir)
     adapters = root / "adapters"
     for seed, name in enumerate(("a0", "a1", "a2")):
         make_adapter(base, adapters / name, seed=seed + 11)

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder, wait_idle
+from test_serve_support import ServerProcess, make_adapter, never_ending, tiny_hf_folder, wait_idle
 
 KEY = "hostile-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -30,15 +29,7 @@ LONG = 1500  # tokens of a generation long enough (seconds) to see whether a can
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     model_dir = tiny_hf_folder(root / "model", initializer_range=0.5, max_position_embeddings=2048)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lorakit.generation import end_of_turn_ids
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    with torch.no_grad():  # the model never ends a turn by itself: greedy answers run to max_tokens
-        for token in end_of_turn_ids(AutoTokenizer.from_pretrained(model_dir)):
-            base.lm_head.weight[token] = 0  # a zero logit, below the largest of ~360 random ones
-    base.save_pretrained(model_dir)
+    base = never_ending(model_dir)
     adapters = root / "adapters"
     for name in ("a0", "a1", "swap"):
         make_adapter(base, adapters / name, seed=len(name) + ord(name[-1]))

@@ -58,6 +58,22 @@ def tiny_hf_folder(folder: Path, seed: int = 0, **overrides) -> Path:
     return Path(folder)
 
 
+def never_ending(model_dir: Path):
+    """Zero the output rows of the tokenizer's end-of-turn tokens in the model saved at ``model_dir`` and save it
+    again: the model never ends a turn by itself (a zero logit, below the largest of ~360 random ones), so greedy
+    answers run to max_tokens. Returns the model (transformers, float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.generation import end_of_turn_ids
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for token in end_of_turn_ids(AutoTokenizer.from_pretrained(model_dir)):
+            base.lm_head.weight[token] = 0
+    base.save_pretrained(model_dir)
+    return base
+
+
 def make_adapter(model, folder: Path, seed: int, r: int = 4, alpha: float = 8.0, std: float = 0.3, **config) -> Path:
     """Inject a LoRA with random non-zero B into ``model``, save it to ``folder`` as PEFT does, then remove it."""
     import lorakit
