@@ -12,6 +12,7 @@ import pytest
 
 from conftest import tiny_llama
 from lorakit.cli import main
+from test_newuser_audit_12_cli import _refused
 from test_serve_support import make_adapter
 from test_train_helpers import make_model_folder, task_records, write_jsonl
 
@@ -29,17 +30,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
                            root / "adapter", seed=1)
     return {"root": root, "tiny": tiny, "other": other, "adapter": adapter,
             "data": write_jsonl(root / "train.jsonl", task_records(8, seed=1))}
-
-
-def _refused(capsys, argv: list[str]) -> str:
-    """Run the CLI; it must refuse with exit 2 and one stderr line (no traceback). Returns that line."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if "Writing model shards" not in line]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 # -- the wrong base -------------------------------------------------------------------------------------------------
