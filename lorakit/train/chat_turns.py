@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lorakit.errors import LorakitError
+from lorakit.train.chat_prefix import prefix_spans
 from lorakit.train.formats import REASONING_KEYS
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -72,6 +73,11 @@ def chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: R
         examples (see the module docstring) and True.
     """
     full = render(list(messages), False)
+    spans = prefix_spans(messages, targets, render, full)  # a long chat, in linear time; None: the exact renders
+    if spans is not None:
+        for i, (start, end) in zip(targets, spans):
+            check(i, full[start:end])
+        return [(full, spans)], False
     turns = []  # (i, context with generation prompt, render through turn i)
     for i in targets:
         turns.append((i, render(list(messages[:i]), True), render(list(messages[: i + 1]), False)))

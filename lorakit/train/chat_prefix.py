@@ -1,0 +1,106 @@
+"""Where each assistant turn of a long chat is in the text of a prefix chat template, in time linear in the chat.
+
+:func:`lorakit.train.chat_turns.chat_examples` locates assistant turn i exactly: the target starts where
+``render(messages[:i], add_generation_prompt=True)`` ends and stops where ``render(messages[:i + 1])`` ends. That
+is two renders of up to n messages per turn, O(n^2) for a chat of n messages: a 1,000-message chat took seconds
+(a 2,000-message one 12 s with a ChatML template), each render redoing the whole chat.
+
+For templates that render a prefix of a chat as a prefix of it (ChatML, Llama 3, Gemma, Mistral's ``[INST]``...),
+the text message k adds, ``render(messages[:k + 1])[len(render(messages[:k])):]``, depends on the messages just
+before it (the previous role: Qwen's tool results share one user turn) and on the start of the chat (the system
+prompt; Llama 3.1 writes the tools into the first user turn; Llama 2 the system prompt into it), not on the middle.
+So it is read from a short window: the leading system turns and the first turn, then ``messages[j:k + 1]`` with j a
+few messages before k, at the same parity and role as the window's first turn after the start (templates that check
+alternation by ``loop.index0 % 2`` see the same roles at the same parities). One chain of windows with the same j
+gives the pieces of :data:`BLOCK` messages, each render holding at most ~:data:`CONTEXT` + :data:`BLOCK` + 2 messages.
+
+Nothing is assumed without being checked: each window must render its shorter prefix as a prefix of it, the pieces
+must add up to the whole chat exactly as rendered (character for character), and each generation prompt must be
+the text the whole chat has where the turn begins. A template that rewrites earlier turns (Qwen3's ``<think>``),
+numbers turns, or renders a window in any way the whole chat does not fails one of these, and the caller falls
+back to the exact renders. Short chats (under :data:`MIN_MESSAGES`) use the exact renders directly: they are fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from lorakit.errors import LorakitError
+
+Span = tuple[int, int]
+MIN_MESSAGES = 32  # shorter chats: the exact renders (their quadratic cost is a few ms)
+BLOCK = 8  # messages whose pieces one chain of windows gives
+CONTEXT = 4  # at least this many messages before a block stay in its windows
+
+
+def prefix_spans(messages: Sequence[Mapping], targets: Sequence[int], render: Callable[[list, bool], str],
+                 full: str) -> list[Span] | None:
+    """The target span ``(start, end)`` in ``full`` of each turn in ``targets``, as the exact renders give them for
+    a prefix template; None when the chat is short or the windows do not reproduce ``full`` (then use the exact
+    renders: the template may rewrite earlier turns).
+
+    Args:
+        messages: the chat as the template is given it (n messages).
+        targets: indices of the assistant turns to learn, increasing, each > 0.
+        render: ``render(messages, add_generation_prompt) -> str`` (raises LorakitError when the template refuses).
+        full: ``render(messages, False)``, already rendered by the caller.
+
+    Returns:
+        One span per target, in characters of ``full``, or None.
+    """
+    n = len(messages)
+    system = next((k for k, m in enumerate(messages) if m.get("role") != "system"), n)
+    keep = system + 1  # the system turns and the first turn start every window
+    if n < MIN_MESSAGES or not targets or targets[0] < keep or keep + 1 >= n:
+        return None
+    try:
+        return _spans(messages, targets, render, full, keep)
+    except LorakitError:  # a window the template refuses (one the whole chat never shows it): the exact renders
+        return None
+
+
+def _spans(messages: Sequence[Mapping], targets: Sequence[int], render: Callable[[list, bool], str], full: str,
+           keep: int) -> list[Span] | None:
+    n, wanted = len(messages), set(targets)
+    start_text = render(list(messages[:keep]), False)
+    if not full.startswith(start_text):
+        return None
+    ends = {keep: len(start_text)}  # ends[k]: where render(messages[:k]) ends in full
+    starts: dict[int, int] = {}  # starts[i]: where target i's span starts (after its generation prompt)
+    anchor = messages[keep].get("role")
+    for block in range(keep, n, BLOCK):
+        j = block - CONTEXT  # the window's first message after the start: same parity and role as messages[keep]
+        j -= (j - keep) % 2
+        while j > keep and messages[j].get("role") != anchor:
+            j -= 2
+        if j <= keep:  # near the start (or no such message): the prefix itself, exactly
+
+            def window(k: int) -> list:
+                return list(messages[: k + 1])
+        else:
+
+            def window(k: int, j: int = j) -> list:
+                return list(messages[:keep]) + list(messages[j: k + 1])
+
+        previous = render(window(block - 1), False)
+        for k in range(block, min(block + BLOCK, n)):
+            if k in wanted:  # the generation prompt after messages[:k], as this window writes it
+                prompted = render(window(k - 1), True)
+                if not prompted.startswith(previous):
+                    return None
+                prompt = prompted[len(previous):]
+                if not full.startswith(prompt, ends[k]):
+                    return None
+                starts[k] = ends[k] + len(prompt)
+            current = render(window(k), False)
+            if not current.startswith(previous):
+                return None
+            piece = current[len(previous):]
+            if not full.startswith(piece, ends[k]):  # the pieces must spell the whole chat, in order
+                return None
+            ends[k + 1] = ends[k] + len(piece)
+            previous = current
+    if ends[n] != len(full):
+        return None
+    spans = [(starts[i], ends[i + 1]) for i in targets]
+    return spans if all(end > start for start, end in spans) else None

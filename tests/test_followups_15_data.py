@@ -1,0 +1,228 @@
+"""Training data rendering, fifteenth audit (lorakit/train/data.py, formats.py, sources.py, chat_prefix.py).
+
+1. Long chats rendered in linear time (lorakit/train/chat_prefix.py): every assistant turn was located by rendering
+   two growing prefixes of the chat, O(n^2) in its messages (a 2,000-message ChatML chat took 12 s). Each test
+   here compares the new spans with the exact renders (``MIN_MESSAGES`` raised so that no chat takes the new path)
+   token for token and label for label, on many templates, and checks which path was taken.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from lorakit.errors import LorakitError
+from lorakit.train import chat_prefix, chat_turns
+from lorakit.train.data import tokenize_examples
+from test_serve_support import TEXT, make_tokenizer
+from test_train_tool_calls import FAMILIES, family
+
+# ------------------------------------------------------------------------------------------------------------------
+# templates beyond the tool-call families of test_train_tool_calls
+# ------------------------------------------------------------------------------------------------------------------
+
+GEMMA3 = (  # Gemma 3's, string contents only: the system prompt goes into the first user turn; roles must alternate
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + "
+    "'\\n\\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}"
+    "{%- endif -%}{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{'<start_of_turn>model\\n'}}{%- endif -%}")
+LLAMA2 = (  # Llama 2's: <<SYS>> inside the first [INST], no generation prompt, alternation enforced by parity
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+MISTRAL_V1 = (  # Mistral 7B v0.1's [INST] template (no system turn)
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% endif %}{% endfor %}")
+ROUNDS = (  # ChatGLM2-like: numbers the rounds, so a window of the chat numbers them differently
+    "{% for m in messages %}{% if m['role'] == 'user' %}[Round {{ loop.index0 // 2 + 1 }}]\n\nQ: {{ m['content'] }}"
+    "\n\n{% else %}A: {{ m['content'] }}<|im_end|>\n\n{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}")
+DEFAULT_SYSTEM = (  # a ChatML template that writes a system prompt of its own when the chat has none
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+EXTRA = {  # name: (template, special tokens, bos added by the tokenizer or None, eos, pad)
+    "gemma3": (GEMMA3, ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<end_of_turn>",
+               "<pad>"),
+    "llama2": (LLAMA2, ("<unk>", "<s>", "</s>"), "<s>", "</s>", "<unk>"),
+    "mistral-v0.1": (MISTRAL_V1, ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"), "<s>", "</s>", "<unk>"),
+    "rounds": (ROUNDS, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>", "<|endoftext|>"),
+    "default-system": (DEFAULT_SYSTEM, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>",
+                       "<|endoftext|>"),
+}
+_BUILT: dict = {}
+
+
+def tokenizer(name: str):
+    """The tokenizer of a family of test_train_tool_calls, of :data:`EXTRA`, or "chatml" (the serve tests' one)."""
+    if name in FAMILIES:
+        return family(name)
+    if name == "chatml":
+        return _BUILT.setdefault(name, make_tokenizer())
+    if name not in _BUILT:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        template, specials, bos, eos, pad = EXTRA[name]
+        core = Tokenizer(models.BPE())
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        core.decoder = decoders.ByteLevel()
+        core.train_from_iterator(TEXT * 4, trainers.BpeTrainer(
+            vocab_size=400, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False))
+        if bos:
+            core.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                                special_tokens=[(bos, core.token_to_id(bos))])
+        _BUILT[name] = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=pad,
+                                               unk_token=pad, chat_template=template)
+    return _BUILT[name]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1. long chats in linear time, token for token as the exact renders
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def long_chat(turns: int, system: bool = True, weight_zero: bool = False, reasoning: bool = False) -> dict:
+    """``turns`` questions and answers (2 * turns messages, plus a system turn); every fifth answer has weight 0 when
+    ``weight_zero``; answers carry ``reasoning_content`` when ``reasoning``."""
+    messages = [{"role": "system", "content": "Be brief."}] if system else []
+    for k in range(turns):
+        messages.append({"role": "user", "content": f"Question {k}: what is {k} + {k}?"})
+        answer = {"role": "assistant", "content": f"It is {2 * k}."}
+        if weight_zero and k % 5 == 2:
+            answer["weight"] = 0
+        if reasoning:
+            answer["reasoning_content"] = f"Adding {k} twice."
+        messages.append(answer)
+    return {"messages": messages}
+
+
+def agent_trace(calls: int, system: bool = True) -> dict:
+    """One question, then ``calls`` tool calls each with its result, then the answer: an agent's long trace."""
+    messages = [{"role": "system", "content": "You are a weather bot."}] if system else []
+    messages.append({"role": "user", "content": "Weather in Paris, day by day?"})
+    for k in range(calls):
+        call_id = f"call{k:05d}"  # 9 characters: Mistral's template wants them
+        messages.append({"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function",
+                         "function": {"name": "get_weather", "arguments": {"city": "Paris", "day": str(k)}}}]})
+        messages.append({"role": "tool", "tool_call_id": call_id, "content": f'{{"temp": {k}}}'})
+    messages.append({"role": "assistant", "content": "It was mild all week."})
+    return {"tools": FAMILY_TOOLS, "messages": messages}
+
+
+FAMILY_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "day": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def tokenized(record: dict, tok, **kwargs):
+    """(input_ids, labels) of each example, or the error's text."""
+    try:
+        return [(ex["input_ids"], ex["labels"]) for ex in tokenize_examples(record, tok, 10**6, **kwargs)]
+    except LorakitError as error:
+        return str(error)
+
+
+def new_and_exact(record: dict, tok, monkeypatch, **kwargs) -> tuple[object, object, list]:
+    """The examples with the windows (and what :func:`prefix_spans` returned for each chat) and with the exact
+    renders only."""
+    taken: list = []
+    real = chat_prefix.prefix_spans
+
+    def spy(*args):
+        taken.append(real(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(chat_turns, "prefix_spans", spy)
+    new = tokenized(record, tok, **kwargs)
+    monkeypatch.undo()
+    monkeypatch.setattr(chat_prefix, "MIN_MESSAGES", 10**9)
+    exact = tokenized(record, tok, **kwargs)
+    monkeypatch.undo()
+    return new, exact, taken
+
+
+# templates that render a prefix of a chat as a prefix of it: the windows must be taken (and agree)
+PREFIX = ["chatml", "llama3.1", "qwen2.5", "hermes", "gemma3", "llama2", "mistral-v0.1", "default-system",
+          "deepseek-v3.1"]
+NO_SYSTEM = ("mistral-v0.1", "rounds")  # templates that take no system turn
+
+
+@pytest.mark.parametrize("name", PREFIX + ["qwen3", "mistral", "rounds", "deepseek-r1"])
+def test_long_chats_give_the_tokens_and_labels_of_the_exact_renders(name, monkeypatch):
+    """A 41-turn chat (and one with weight-0 answers) tokenizes identically; prefix templates take the windows,
+    while Qwen3 (rewrites earlier turns), Mistral v0.3 with a system prompt (writes it into the last user turn only)
+    and a template that numbers rounds fall back to the exact renders."""
+    tok = tokenizer(name)
+    for system in (False, True) if name == "mistral" else (name not in NO_SYSTEM,):
+        for record in (long_chat(41, system=system), long_chat(41, system=system, weight_zero=True)):
+            new, exact, taken = new_and_exact(record, tok, monkeypatch)
+            assert new == exact
+            if name == "deepseek-r1":  # its prompt opens <think>, and these answers have no reasoning
+                assert "starts each answer with '<think>" in new
+                continue
+            assert isinstance(new, list) and new, new
+            windows = [spans is not None for spans in taken]
+            if name in PREFIX or (name == "mistral" and not system):
+                assert windows and all(windows), name
+                assert len(new) == 1  # one example per chat, as before
+            elif name in ("qwen3", "rounds", "mistral"):
+                assert not any(windows), name
+
+
+@pytest.mark.parametrize("name", ["llama3.1", "qwen2.5", "hermes", "mistral", "qwen3", "deepseek-v3.1",
+                                  "deepseek-r1"])
+def test_long_agent_traces_with_tool_calls(name, monkeypatch):
+    """30 tool calls and their results after one question: the same examples (or the same error) both ways; the
+    tool-call variants (JSON-text arguments, null content) go through the windows too."""
+    tok = tokenizer(name)
+    record = agent_trace(30, system=name != "mistral")
+    new, exact, taken = new_and_exact(record, tok, monkeypatch)
+    assert new == exact
+    if name in ("llama3.1", "qwen2.5", "mistral"):  # Hermes closes the last tool result differently: per turn
+        assert isinstance(new, list) and any(spans is not None for spans in taken), name
+
+
+def test_reasoning_chats_and_template_options(monkeypatch):
+    """Qwen3 with reasoning_content (one example per turn) and with enable_thinking=False (whose prompt closes the
+    <think> block: the same error both ways), and a DeepSeek-V3.1 chat with the thinking option."""
+    qwen3 = tokenizer("qwen3")
+    new, exact, _ = new_and_exact(long_chat(20, reasoning=True), qwen3, monkeypatch)
+    assert new == exact and isinstance(new, list) and len(new) > 1
+    new, exact, _ = new_and_exact(long_chat(20, reasoning=True), qwen3, monkeypatch,
+                                  chat_template_kwargs={"enable_thinking": False})
+    assert new == exact and isinstance(new, str) and "closes the <think> block" in new
+    new, exact, _ = new_and_exact(long_chat(20), qwen3, monkeypatch, chat_template_kwargs={"enable_thinking": False})
+    assert new == exact and isinstance(new, list)
+    deepseek = tokenizer("deepseek-v3.1")
+    new, exact, _ = new_and_exact(long_chat(20), deepseek, monkeypatch, chat_template_kwargs={"thinking": True})
+    assert new == exact and isinstance(new, list)
+
+
+def test_a_thousand_turn_chat_is_linear():
+    """Measured on this machine before the change: ChatML 200 / 1,000 / 2,000 messages 0.09 / 2.1 / 12.3 s, Llama 3.1
+    0.12 / 5.6 / 21.5 s. Now: 2,000 messages take under twice what 1,000 take (generous on a shared machine: the
+    exact renders took 6x), and well under a second per 1,000."""
+    tok = tokenizer("llama3.1")
+    took = {}
+    for turns in (500, 1000):
+        record = long_chat(turns)
+        start = time.perf_counter()
+        (example,) = tokenize_examples(record, tok, 10**6)
+        took[turns] = time.perf_counter() - start
+        assert sum(label != -100 for label in example["labels"]) > 0
+    assert took[1000] < 3 * took[500] + 0.2, took
+    assert took[500] < 2.0, took
