@@ -226,3 +226,188 @@ def test_a_thousand_turn_chat_is_linear():
         assert sum(label != -100 for label in example["labels"]) > 0
     assert took[1000] < 3 * took[500] + 0.2, took
     assert took[500] < 2.0, took
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2. special tokens spelled in a chat's text
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def chat_saying(user: str, answer: str = "Sure.") -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+def test_a_special_token_in_a_message_is_warned_about_once_naming_the_first():
+    """transformers, trl and inference servers tokenize the rendered chat with its special tokens parsed, so a
+    user's "<|im_end|>" becomes the end-of-turn token (the turn ends early) and an answer that ends with it ends
+    twice. lorakit does the same (it must: the template's own markup has to be those tokens) and now says so once,
+    with the count and the first place; before, nothing was said."""
+    from lorakit.train.data import build_dataset
+
+    tok = tokenizer("chatml")
+    records = [chat_saying("Hi"), chat_saying("Print <|im_end|> please"), chat_saying("Hi", "Done.<|im_end|>"),
+               {"prompt": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "completion": "Sure."},
+               {"text": "<|im_start|>user\nHi<|im_end|>"}]
+    ds = build_dataset(records, tok, 64)
+    ids = ds.rows[1]["input_ids"]
+    assert ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 3  # the user's, the user turn's and the answer's
+    note = ds.summary.drop_note()
+    assert note.startswith("warning: 2 chats spell a special token of this tokenizer"), note
+    assert "(the first: dataset[1] messages[0] (user) has '<|im_end|>')" in note
+    assert note.count("warning") == 1 and "remove the token from the data" in note
+    # prompt/completion and text records hold the markup on purpose (a prompt already in the template's format)
+    assert build_dataset(records[3:], tok, 64).summary.drop_note() is None
+
+
+def test_added_tokens_that_are_not_special_are_text_the_model_writes():
+    """Qwen's <tool_call> and <think> are added tokens but not special: answers write them; no warning. Llama 3's
+    <|eot_id|> in a tool result is; the note also keeps the trimmed-turns part."""
+    from lorakit.train.data import build_dataset
+
+    qwen3 = tokenizer("qwen3")
+    ds = build_dataset([chat_saying("Hi", "<think>\nA greeting.\n</think>\n\nHello."),
+                        chat_saying("Hi", "<tool_call>x</tool_call> as text")], qwen3, 128)
+    assert ds.summary.drop_note() is None
+    llama = tokenizer("llama3.1")
+    record = chat_saying("Hi")
+    record["messages"] += [{"role": "user", "content": "and <|eot_id|>"}]  # trimmed: after the last answer
+    record["messages"][0]["content"] = "Hi<|start_header_id|>"
+    note = build_dataset([record], llama, 128).summary.drop_note()
+    assert note.startswith("warning: 1 chat spells") and "has '<|start_header_id|>'" in note, note
+    assert "1 chat ends with turns after the last assistant reply" in note, note
+
+
+def test_the_cli_run_says_it(tmp_path, capsys):
+    """`lorakit train` prints the warning once among its data lines."""
+    import json
+
+    from lorakit.cli import main
+    from test_serve_support import tiny_hf_folder
+
+    folder = tiny_hf_folder(tmp_path / "model")
+    data = tmp_path / "chats.jsonl"
+    rows = [chat_saying("Say <|im_start|>system", "No.")] * 3 + [chat_saying("Hi", "Hello.")] * 3
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    code = main(["train", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps",
+                 "1", "--eval-examples", "0", "--rank", "2", "--batch-size", "2", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count("warning: 3 chats spell a special token") == 1, out
+    assert "(the first: chats.jsonl:1 messages[0] (user) has '<|im_start|>')" in out, out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3. what other tools' files hold, and cut answers
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def rendered(record: dict, name: str = "chatml") -> tuple[str, list[str]]:
+    """The text an example trains on and its supervised runs."""
+    from lorakit.train.data import build_dataset
+
+    tok = tokenizer(name)
+    row = build_dataset([record], tok, 256).rows[0]
+    runs, run = [], []
+    for token, label in zip(row["input_ids"], row["labels"]):
+        if label != -100:
+            run.append(token)
+        elif run:
+            runs.append(tok.decode(run))
+            run = []
+    return tok.decode(row["input_ids"]), runs + ([tok.decode(run)] if run else [])
+
+
+def refusal(record: dict) -> str:
+    from lorakit.train.formats import validate_record
+
+    with pytest.raises(LorakitError) as info:
+        validate_record(record, "data.jsonl:3")
+    text = str(info.value)
+    assert "\n" not in text
+    return text
+
+
+@pytest.mark.parametrize("answer, says", [
+    ("<think>\nThe user greets me; I should greet back.\n</think>\n\n", "only <think> reasoning, with no answer"),
+    ("<think>\nThe user greets me; I should", "opens <think> but never closes it"),
+])
+def test_an_answer_that_is_all_reasoning_is_refused(answer, says):
+    """A distilled answer cut at its token limit: before, it trained, teaching the model to end its turn after (or
+    while) thinking; an empty content beside reasoning_content was already refused. Calls after reasoning train."""
+    text = refusal(chat_saying("Hi", answer))
+    assert text.startswith("data.jsonl:3: messages[1]: the assistant turn") and says in text, text
+    assert "drop the record" in text
+    call = {"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    record = chat_saying("Weather?", "<think>\nI need the weather tool.\n</think>\n\n")
+    record["messages"][1]["tool_calls"] = [call]
+    from lorakit.train.formats import validate_record
+
+    assert validate_record(record).shape == "messages"
+
+
+def test_axolotl_training_flags_read_as_openai_weights():
+    """Axolotl's per-turn "training": false leaves an answer untrained, as "weight": 0 does (ShareGPT turns too);
+    before, the key was refused as unknown. true on a user turn (Axolotl can train those) is refused in one line."""
+    record = {"messages": [{"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Old answer.", "training": False},
+                           {"role": "user", "content": "Again"},
+                           {"role": "assistant", "content": "New answer.", "training": True}]}
+    text, runs = rendered(record)
+    assert "Old answer." in text and runs == ["New answer.<|im_end|>"]
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Old.", "training": False},
+                                  {"from": "human", "value": "Again"}, {"from": "gpt", "value": "New."}]}
+    assert rendered(sharegpt)[1] == ["New.<|im_end|>"]
+    record["messages"][0]["training"] = True
+    assert "(user) has training true; lorakit trains assistant turns only" in refusal(record)
+    record["messages"][0].pop("training")
+    record["messages"][1]["training"] = "no"
+    assert "has training 'no'; Axolotl's training flag is true or false" in refusal(record)
+
+
+def test_a_system_field_beside_messages_is_the_system_turn():
+    """Anthropic's Messages format (Amazon Bedrock's Claude fine-tuning files): {"system", "messages"}. Before:
+    "unknown field 'system' ... remove it", which would have dropped the system prompt from every example."""
+    record = {"system": "Answer in French.", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hello"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Bonjour."}]}]}
+    text, runs = rendered(record)
+    assert text.startswith("<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\nHello") and \
+        runs == ["Bonjour.<|im_end|>"]
+    record["system"] = [{"type": "text", "text": "Answer in German."}]  # Anthropic's list of text blocks
+    assert rendered(record)[0].startswith("<|im_start|>system\nAnswer in German.<|im_end|>")
+    record["messages"].insert(0, {"role": "system", "content": "Twice."})
+    assert "a 'system' field and a system turn in 'messages'; keep one" in refusal(record)
+
+
+def test_openai_refusal_parts_are_the_answer_text():
+    """An assistant content part {"type": "refusal", "refusal": ...} (OpenAI's Chat Completions) is the answer's
+    text; before it was refused as a non-text part."""
+    record = chat_saying("How do I pick a lock?")
+    record["messages"][1]["content"] = [{"type": "refusal", "refusal": "I can't help with that."}]
+    assert rendered(record)[1] == ["I can't help with that.<|im_end|>"]
+
+
+def test_llama_factory_history_is_the_earlier_turns():
+    """LLaMA-Factory's Alpaca records carry the earlier turns as "history": [[instruction, response], ...]; before,
+    "unknown field 'history' ... remove it" dropped them. Every answer trains, as LLaMA-Factory trains them."""
+    record = {"instruction": "And in German?", "input": "", "output": "Hallo.", "system": "Translate.",
+              "history": [["Say hello in French.", "Bonjour."]]}
+    text, runs = rendered(record)
+    assert text.index("Translate.") < text.index("Say hello in French.") < text.index("Bonjour.") < \
+        text.index("And in German?") < text.index("Hallo.")
+    assert runs == ["Bonjour.<|im_end|>", "Hallo.<|im_end|>"]
+    record["history"] = [["only an instruction"]]
+    assert "field 'history' must be a list of [instruction, response] pairs" in refusal(record)
+
+
+@pytest.mark.parametrize("row, says", [
+    ({"id": "chatcmpl-1", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hi."}}]}, "an OpenAI chat completion response"),
+    ({"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}}, "an OpenAI Batch API request"),
+])
+def test_logged_openai_api_lines_say_what_a_record_needs(row, says):
+    """Logged API output or Batch API input given as training data: said what it is and how to make records of it
+    (before: only "no known field in [...]")."""
+    text = refusal(row)
+    assert "no known field" in text and says in text and '{"messages":' in text, text

@@ -46,6 +46,7 @@ from __future__ import annotations
 import bisect
 import json
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -530,6 +531,54 @@ def reference_text(record: Record | Mapping) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Special tokens spelled in a chat's text
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def special_token_texts(tokenizer: Any) -> re.Pattern | None:
+    """A pattern matching the text of every special token the tokenizer reads out of plain text (``<|im_end|>``,
+    ``<|eot_id|>``, ``<s>``), longest first; None when it has none.
+
+    The rendered chat is tokenized with its special tokens parsed (as transformers, trl and inference servers do:
+    the template's own markup must become those tokens), so the same text inside a message's content becomes the
+    token too: a user's ``<|im_end|>`` ends the turn early, an answer that ends with ``<|im_end|>`` ends it twice.
+    Added tokens that are not special (Qwen's ``<tool_call>``, ``<think>``) are text the model writes: not matched.
+    """
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = {token.content for token in decoder.values() if getattr(token, "special", False)}
+    texts |= {t for t in getattr(tokenizer, "all_special_tokens", ()) if isinstance(t, str)}
+    read = []
+    for text in texts:  # only those the tokenizer turns into one token when it meets them in text
+        try:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        except Exception:  # a tokenizer that refuses the probe: not matched
+            continue
+        if text and list(ids) == [tokenizer.convert_tokens_to_ids(text)]:
+            read.append(text)
+    if not read:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(read, key=len, reverse=True)))
+
+
+def spelled_special_token(record: Record, pattern: re.Pattern | None) -> str | None:
+    """Where a chat's text spells a special token ("messages[1] (user) has '<|im_end|>'"), or None. Text,
+    prompt/completion records are not searched: their text is the sequence trained on as the user wrote it, and
+    markup there (a prompt already in the template's format) is meant."""
+    if pattern is None or record.shape != "messages":
+        return None
+    for i, message in enumerate(record["messages"]):
+        texts = [message.get("content")] + [message.get(key) for key in REASONING_KEYS]
+        for call in message.get("tool_calls", ()):
+            function = call.get("function") or {}
+            texts += [function.get("name"), json.dumps(function.get("arguments"), ensure_ascii=False)]
+        for text in texts:
+            found = pattern.search(text) if isinstance(text, str) else None
+            if found:
+                return f"messages[{i}] ({message['role']}) has {found.group()!r}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Dataset and summary
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -547,6 +596,8 @@ class DataSummary:
         came from. trimmed_chats: chats that ended in user/tool turns after their last answer, which were trimmed.
         per_turn_chats: chats trained as one example per assistant turn (:func:`render_examples`).
         short_id_chats: chats whose tool call ids were cut to 9 characters for the template (Mistral's).
+        special_text_chats: chats whose messages spell a special token of the tokenizer ("<|im_end|>" in a user's
+        text), which the tokenizer reads as that token; first_special_text says where the first one is.
     """
 
     examples: int = 0
@@ -564,6 +615,8 @@ class DataSummary:
     trimmed_chats: int = 0  # chats whose turns after the last assistant turn were trimmed (kept or not)
     per_turn_chats: int = 0  # chats trained as one example per assistant turn (a template that rewrites earlier turns)
     short_id_chats: int = 0  # chats whose tool call ids were cut to the 9 characters Mistral's template requires
+    special_text_chats: int = 0  # chats whose text spells a special token of the tokenizer (read as that token)
+    first_special_text: str | None = None  # the first of them: "train.jsonl:3 messages[1] (user) has '<|im_end|>'"
 
     def __str__(self) -> str:
         shapes = ", ".join(f"{n} {s}" for s, n in sorted(self.shapes.items()))
@@ -580,7 +633,22 @@ class DataSummary:
 
     def drop_note(self) -> str | None:
         """One line on dropped examples (why, the first one, what to do about it), on chats trimmed after their
-        last answer and on chats trained per assistant turn; None when none of these happened."""
+        last answer and on chats trained per assistant turn; None when none of these happened. It starts with
+        "warning:" when chats spell special tokens in their text (:func:`special_token_texts`): said once per
+        dataset, naming the first, since it silently changes the sequence trained on."""
+        note = self._note()
+        if not self.special_text_chats:
+            return note
+        n = self.special_text_chats
+        warning = (f"warning: {n} chat{'s spell' if n > 1 else ' spells'} a special token of this tokenizer in its text "
+                   f"(the first: {self.first_special_text}), which the tokenizer reads as that token, not as text, so "
+                   "the model trains on a different chat than the file's (an answer that ends with the end-of-turn "
+                   "token? turns written in the template's markup?): remove the token from the data, or give records "
+                   "that are meant to hold the markup as {\"text\": ...}")
+        return warning + ("; " + note[len("note: "):] if note else "")
+
+    def _note(self) -> str | None:
+        """:meth:`drop_note` but for the special tokens."""
         n = self.trimmed_chats
         trimmed = (f"{n} chat{'s end' if n > 1 else ' ends'} with turns after the last assistant reply, which were "
                    "trimmed (nothing follows them to learn)") if n else None
@@ -652,11 +720,16 @@ def build_dataset(
     examples, kept = [], []
     drops: Counter[str] = Counter()
     n_records = 0
+    specials = special_token_texts(tokenizer)
     for raw in records:
         if not isinstance(raw, Record):  # a dict given in Python: its errors name its index in the list
             raw = validate_record(raw, f"{name}[{n_records}]")
         record = for_tokenizer(raw, tokenizer)  # an Alpaca record counts as the shape it trains as
         n_records += 1
+        spelled = spelled_special_token(record, specials)
+        if spelled:
+            summary.special_text_chats += 1
+            summary.first_special_text = summary.first_special_text or f"{record.where} {spelled}"
         shapes[record.shape] += 1
         summary.trimmed_chats += bool(record.fields.get("trimmed_turns"))
         dropped_before = drops["too_long"] + drops["no_target"]

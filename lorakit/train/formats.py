@@ -10,7 +10,7 @@ A record has exactly one of three shapes (the fields are strict: anything else i
   A message's content may also be a list of text parts (``[{"type": "text", "text": ...}]``, as OpenAI and
   multimodal datasets write it; the parts are joined), and an assistant message may carry OpenAI's ``"weight": 0``
   to leave that turn unsupervised (a weight 0 on other turns, which SlimOrca writes on every human turn, is accepted:
-  they are never trained). Keys whose value is null (``"tool_calls": null``) are ignored. OpenAI tool use
+  they are never trained); Axolotl's per-turn ``"training": false`` / ``true`` reads as weight 0 / 1. Keys whose value is null (``"tool_calls": null``) are ignored. OpenAI tool use
   (``tools`` beside ``messages``; ``tool_calls`` on assistant turns, ``tool_call_id`` / ``name`` on tool turns) is
   handed to the chat template, and a template that does not write the calls is reported (the call would be lost).
   So is an assistant turn's ``reasoning_content`` (or ``thinking`` / ``reasoning``), as reasoning-distillation
@@ -98,6 +98,7 @@ IGNORED_FIELDS = frozenset({"id", "idx", "index", "uuid", "prompt_id", "conversa
                             "", "unnamed: 0", "__index_level_0__"})
 EXPECTED_SHAPES = '{"text"}, {"prompt", "completion"} or {"messages": [...]}'
 ALPACA_KEYS = ("instruction", "input", "output", "system")
+HISTORY = "history"  # LLaMA-Factory's Alpaca records: the earlier [instruction, response] pairs of the chat
 DOLLY_KEYS = ("instruction", "context", "response")  # databricks-dolly-15k (its "category" is a bookkeeping field)
 QA_KEYS = ("question", "answer", "context", "system")  # GSM8K, SQuAD-like sets flattened to strings
 # OpenOrca's {system_prompt, question, response}: the system turn and the answer under other names
@@ -125,9 +126,9 @@ ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"  # A
 # ("Prompt", " completion") is read as it
 KNOWN_FIELDS = frozenset({"text", "prompt", "completion", "messages", *CHAT_OPTIONAL_FIELDS, *LEGACY_CHAT_FIELDS,
                           *ALPACA_KEYS, *DOLLY_KEYS, *QA_KEYS, *SHAREGPT_KEYS, *PREFERENCE_KEYS, *OPENAI_PREFERENCE_KEYS,
-                          *GEMINI_KEYS, SYSTEM_ALIAS, *IGNORED_FIELDS})
-KNOWN_MESSAGE_KEYS = frozenset({*MESSAGE_KEYS, *TOOL_MESSAGE_KEYS, *REASONING_KEYS, "weight", "function_call", "from",
-                                "value"})
+                          *GEMINI_KEYS, SYSTEM_ALIAS, HISTORY, *IGNORED_FIELDS})
+KNOWN_MESSAGE_KEYS = frozenset({*MESSAGE_KEYS, *TOOL_MESSAGE_KEYS, *REASONING_KEYS, "weight", "training",
+                                "function_call", "from", "value"})
 
 
 @dataclass(frozen=True)
@@ -390,6 +391,12 @@ def _normalize_keys(obj: Mapping, known: frozenset) -> Mapping:
 
 def _rename_hint(obj: Mapping) -> str:
     """For a record with no known field: which of its fields to rename to what (or "")."""
+    if isinstance(obj.get("choices"), list):  # a line of logged API output: the answer, without the chat it answers
+        return ("; it is an OpenAI chat completion response (the answer without the chat it answers): write each "
+                "example as {\"messages\": the request's messages + choices[0].message}")
+    if isinstance(obj.get("body"), Mapping) and "messages" in obj["body"]:  # a Batch API input line: prompt only
+        return ("; it is an OpenAI Batch API request (a prompt without its answer): write each example as "
+                "{\"messages\": body.messages + the answer's message from the batch's output file}")
     prompt = next((k for k in PROMPT_LIKE if k in obj), None)
     completion = next((k for k in COMPLETION_LIKE if k in obj and k != prompt), None)
     if prompt and completion:
@@ -516,7 +523,7 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
         # Alpaca's input/output, Dolly's context/response, and the mixes other exports write
         out_key = "output" if "output" in obj else "response"
         in_key = "context" if "context" in obj and "input" not in obj else "input"
-        keys = ("instruction", in_key, out_key, "system")
+        keys = ("instruction", in_key, out_key, "system", *((HISTORY,) if in_key == "input" else ()))
         name = "a Dolly" if (in_key, out_key) == ("context", "response") else "an Alpaca"
         if isinstance(obj.get("text"), str) and all(
                 isinstance(obj.get(key), str) and obj[key].strip() in obj["text"] for key in ("instruction", out_key)):
@@ -537,9 +544,16 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
         if system.strip():
             prompt = f"{system}\n\n{prompt}"
         fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj[out_key]}, where)
+        if obj.get(HISTORY) is not None:  # earlier turns: a chat, trained on every answer (as LLaMA-Factory does)
+            turns = _history_turns(obj[HISTORY], where)
+            if turns:
+                head = 1 if system.strip() else 0
+                return validate_record({"messages": messages[:head] + turns + messages[head:]}, where)
         return Record("messages", {"messages": messages}, where, fallback=fallback)
     if "messages" in obj and "conversations" not in obj and _turns_have(_json_or_none(obj["messages"]), "from"):
         obj = {("conversations" if k == "messages" else k): v for k, v in obj.items()}  # ShareGPT turns, our key
+    if "messages" in obj and obj.get("system") is not None and not ours - {"messages"}:
+        return _with_system_field(obj, where)
     if "conversations" in obj and "messages" not in obj:
         _refuse_unknown(obj, SHAREGPT_KEYS, "a ShareGPT record", SHAREGPT_KEYS, where)
         turns = _json_field(obj["conversations"], f"{where}: field 'conversations'")  # a CSV cell: JSON or pandas' repr
@@ -556,7 +570,7 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
             at = f"{where}: conversations[{i}]"
             if isinstance(turn, Mapping):  # "From"/"Value"; a column a datasets table filled with null is absent
                 turn = {k: v for k, v in _normalize_keys(turn, KNOWN_MESSAGE_KEYS).items() if v is not None}
-            if not isinstance(turn, Mapping) or set(turn) - {"from", "value", "weight"}:
+            if not isinstance(turn, Mapping) or set(turn) - {"from", "value", "weight", "training"}:
                 raise LorakitError(f"{at} must be an object with only 'from' and 'value' (ShareGPT), got "
                                    f"{sorted(turn) if isinstance(turn, Mapping) else type(turn).__name__}")
             speaker = turn.get("from")
@@ -564,9 +578,37 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
             if role is None:
                 raise LorakitError(f"{at} is from {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
             messages.append({"role": role, "content": turn.get("value"),
-                             **({"weight": turn["weight"]} if "weight" in turn else {})})
+                             **{key: turn[key] for key in ("weight", "training") if key in turn}})
         return validate_record({"messages": messages}, where)
     return None
+
+
+def _history_turns(history: Any, where: str) -> list[dict[str, str]]:
+    """LLaMA-Factory's ``history`` (``[[instruction, response], ...]``, the turns before the record's own) as user and
+    assistant turns."""
+    history = _json_field(history, f"{where}: field 'history'")
+    if not isinstance(history, list) or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+            for pair in history):
+        raise LorakitError(f"{where}: field 'history' must be a list of [instruction, response] pairs of strings "
+                           "(LLaMA-Factory's), the turns before this record's instruction")
+    return [{"role": role, "content": text} for pair in history for role, text in zip(("user", "assistant"), pair)]
+
+
+def _with_system_field(obj: Mapping, where: str) -> Record:
+    """A chat with its system prompt in a ``system`` field beside ``messages`` (Anthropic's Messages format, and
+    Amazon Bedrock's fine-tuning files for Claude): the prompt becomes the chat's first turn."""
+    turns = _json_field(obj["messages"], f"{where}: field 'messages'")
+    first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], Mapping) else {}
+    role = _normalize_keys(first, KNOWN_MESSAGE_KEYS).get("role")
+    if isinstance(role, str) and ROLE_ALIASES.get(role.strip().lower(), role.strip().lower()) == "system":
+        raise LorakitError(f"{where}: a 'system' field and a system turn in 'messages'; keep one")
+    rest = {key: value for key, value in obj.items() if key != "system"}
+    system = obj["system"]
+    if isinstance(system, str) and not system.strip():
+        return validate_record(rest, where)
+    return validate_record({**rest, "messages": [{"role": "system", "content": system}, *(
+        turns if isinstance(turns, list) else [turns])]}, where)
 
 
 def _check_string(value: Any, key: str, where: str, nonempty: bool, what: str = "") -> None:
@@ -661,6 +703,16 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
         if role not in ROLES:
             raise LorakitError(f"{at} has role {role!r}; expected one of {', '.join(ROLES)} (or the names other tools "
                                f"give them: {', '.join(f'{a} = {r}' for a, r in ROLE_ALIASES.items())})")
+        if msg.get("training") is not None:  # Axolotl's per-turn flag (message_field_training): OpenAI's weight
+            if not isinstance(msg["training"], bool) or msg.get("weight") is not None:
+                raise LorakitError(f"{at} has training {msg['training']!r}"
+                                   + (" and a weight; keep one" if msg.get("weight") is not None else
+                                      "; Axolotl's training flag is true or false"))
+            if msg["training"] and role != "assistant":
+                raise LorakitError(f"{at} ({role}) has training true; lorakit trains assistant turns only (the other "
+                                   "turns are the context the answers learn from): remove the flag, or make the text "
+                                   "an assistant turn")
+            msg = {**msg, "weight": int(msg["training"])}
         if msg.get("weight") is not None:
             weight = msg["weight"]
             if isinstance(weight, bool) or weight not in (0, 1):
@@ -683,6 +735,8 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
         _check_unicode(content, f"{at} ({role}) content")
         if role == "assistant" and not content.strip() and "tool_calls" not in extra:
             raise LorakitError(f"{at}: empty completion: the assistant turn has no text; fill it or drop the record")
+        if role == "assistant" and "tool_calls" not in extra:
+            _check_answer_after_reasoning(content, at)
         out.append({"role": role, "content": content, **extra})
     last = max((i for i, m in enumerate(out) if m["role"] == "assistant"), default=None)
     if last is None:
@@ -697,6 +751,20 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
     return out[: last + 1], tuple(unsupervised), len(out) - last - 1
 
 
+def _check_answer_after_reasoning(content: str, at: str) -> None:
+    """Refuse an answer (without tool calls) that is all ``<think>`` reasoning: closed with nothing after it, or
+    never closed. Both are generations cut at a token limit in distilled data; trained, the model learns to end its
+    turn after thinking, without the answer (an empty content beside ``reasoning_content`` is refused likewise)."""
+    if "</think>" in content and not content.split("</think>")[-1].strip():
+        raise LorakitError(f"{at}: the assistant turn is only <think> reasoning, with no answer after </think> (a "
+                           "generation cut off?), so the model would learn to stop after thinking; add the answer "
+                           "or drop the record")
+    if content.lstrip().startswith("<think>") and "</think>" not in content:
+        raise LorakitError(f"{at}: the assistant turn opens <think> but never closes it (a generation cut at its token "
+                           "limit?), so the model would learn to stop while thinking; close the reasoning with </think> "
+                           "and add the answer, or drop the record")
+
+
 def _join_parts(parts: list, at: str, role: str) -> str:
     """Content given as a list of parts (OpenAI's format): the text parts joined; other kinds are refused."""
     texts = []
@@ -704,6 +772,9 @@ def _join_parts(parts: list, at: str, role: str) -> str:
         kind = part.get("type", "text") if isinstance(part, Mapping) else type(part).__name__
         if isinstance(part, str):
             texts.append(part)
+            continue
+        if kind == "refusal" and isinstance(part.get("refusal"), str):  # OpenAI's assistant refusal: its text
+            texts.append(part["refusal"])
             continue
         # OpenAI's Responses API names its text parts input_text / output_text
         if kind in ("text", "input_text", "output_text") and not isinstance(part.get("text"), str):
