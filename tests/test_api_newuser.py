@@ -90,10 +90,13 @@ def test_load_base_checks_device_and_dtype_before_loading(tmp_path, monkeypatch)
         lorakit.load_base(tiny_llama())
     with pytest.raises(LorakitError, match="unknown quantization 'int4'; lorakit supports: nf4"):
         lorakit.load_base(missing, quantize="int4")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # a cached copy would load (no network)
     with pytest.raises(LorakitError) as error:
         lorakit.load_base("HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert "looks like a Hugging Face Hub id: `huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct " in (
-        _one_line(error))
+    assert "looks like a Hugging Face Hub id, and it is not in the Hugging Face cache " in _one_line(error)
+    assert "`hf download HuggingFaceTB/SmolLM2-135M-Instruct` puts it there" in _one_line(error)
 
 
 def test_load_base_reads_dtype_names_as_people_type_them(folder):

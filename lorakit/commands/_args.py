@@ -143,7 +143,7 @@ def check_base_names(model: str | None, adapters, flag: str = "--adapter") -> st
     if model is not None:
         return model
     from lorakit.io import _short_name
-    from lorakit.models.loading import _looks_like_hub_id
+    from lorakit.models.loading import _looks_like_hub_id, local_model_folder
 
     for typed, adapter_file in adapters:
         name = adapter_file.base_name
@@ -152,7 +152,7 @@ def check_base_names(model: str | None, adapters, flag: str = "--adapter") -> st
         ours, theirs = _short_name(DEFAULT_MODEL), _short_name(name)
         if ours.startswith(theirs) or theirs.startswith(ours):
             continue
-        if Path(os.path.expanduser(name)).is_dir():
+        if local_model_folder(name).is_dir():  # a folder, or an org/name id in the Hugging Face cache
             how = f"pass --model {shlex.quote(name)}"
         elif _looks_like_hub_id(name):
             how = (f"pass --model with a local folder of it (lorakit downloads nothing: hf download {name} "

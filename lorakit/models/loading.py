@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import json
 import os
 import re
@@ -32,12 +33,25 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
 
     check_model_arg(str(name_or_folder), flag="model")  # a GGUF or weights file where a folder goes: say how to fix it
     folder = Path(name_or_folder).expanduser()
+    text = str(name_or_folder)
+    if not folder.is_dir() and _looks_like_hub_id(text):
+        cached = _hub_cache_snapshot(text)
+        if cached is not None:  # `hf download org/name` (no --local-dir) put it in the cache: read it there
+            resolved, _ = resolve_model_folder(str(cached))
+            return resolved, text  # the id, as peft writes it in adapter_config.json
+        entry = _hub_cache_root() / ("models--" + text.replace("/", "--"))
+        if entry.is_dir():
+            raise LorakitError(f"{text!r} is in the Hugging Face cache ({entry}), but no snapshot there holds "
+                               f"config.json (an interrupted download?); run `hf download {text}` again")
     if not folder.is_dir():
-        text = str(name_or_folder)
-        hub = (f" ({text!r} looks like a Hugging Face Hub id: `huggingface-cli download {text} --local-dir "
-               f"{text.rsplit('/', 1)[1]}`, then pass that folder)") if _looks_like_hub_id(text) else ""
+        hub = ""
+        if _looks_like_hub_id(text):
+            hub = (f" ({text!r} looks like a Hugging Face Hub id, and it is not in the Hugging Face cache "
+                   f"{_hub_cache_root()}: `hf download {text}` puts it there, then pass the same id; or `hf download "
+                   f"{text} --local-dir {text.rsplit('/', 1)[1]}`, then pass that folder)")
         raise LorakitError(f"model {name_or_folder!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a "
                            f"local folder; lorakit loads no models from the internet: download it first{hub}")
+    _check_links(folder)
     if not (folder / "config.json").is_file():
         gguf = sorted(p.name for p in folder.glob("*.gguf"))
         if gguf:  # a downloaded GGUF repository
@@ -65,6 +79,24 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
 
 
 INDEX = "model.safetensors.index.json"
+# the files a load reads, besides *.safetensors
+_READ_FILES = ("config.json", INDEX, "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "tokenizer.model", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+               "chat_template.jinja", "chat_template.json")
+
+
+def _check_links(folder: Path) -> None:
+    """Refuse a file the load reads that is a link to nothing: a Hugging Face cache snapshot links each file into
+    ``blobs/``, and a blob deleted (a cache cleanup) or never finished (a killed download) left
+    "model.safetensors: No such file or directory", or for a tokenizer file "Couldn't instantiate the backend
+    tokenizer", naming no cause."""
+    names = [folder / name for name in _READ_FILES] + sorted(folder.glob("*.safetensors"))
+    broken = [path for path in names if path.is_symlink() and not path.exists()]
+    if broken:
+        target = os.readlink(broken[0])
+        raise LorakitError(f"{folder}: {broken[0].name} is a link to {target}, which does not exist (a Hugging Face "
+                           "cache whose file was deleted, or a download that did not finish); download the model "
+                           "again (hf download REPO, or with --local-dir DIR for a plain folder)")
 
 
 def _check_weights_present(folder: Path) -> None:
@@ -101,6 +133,36 @@ def _check_weights_present(folder: Path) -> None:
         raise LorakitError(f"{folder}: {INDEX} names {len(shards)} weight shards and {listed(missing, limit=3)} "
                            f"{'is' if len(missing) == 1 else 'are'} not in the folder (an interrupted download?); "
                            "download the missing shards into the same folder")
+    _check_unlisted_shards(folder, shards, set(weight_map))
+
+
+_SHARD_NAME = re.compile(r"(.+)-(\d+)-of-(\d+)\.safetensors")
+
+
+def _check_unlisted_shards(folder: Path, shards: list[str], indexed: set[str]) -> None:
+    """Refuse a shard of the same numbered set (``model-00004-of-00004.safetensors`` beside an index of
+    ``-of-00004`` shards) that the index does not name and whose tensors it lists nowhere: an index from another
+    download, or one cut short. transformers reads only the tensors the index lists, so the load said "the weights
+    lack N of the model's tensors ... config.json is for another model", which sent people after the wrong file.
+    A stale shard whose tensors the index maps elsewhere is harmless and left alone, as transformers does."""
+    from safetensors import safe_open
+
+    numbered = {(m.group(1), m.group(3)) for m in map(_SHARD_NAME.fullmatch, shards) if m}
+    if len(numbered) != 1:
+        return
+    (prefix, total), = numbered
+    for path in sorted(folder.glob(f"{glob.escape(prefix)}-*-of-{total}.safetensors")):
+        if path.name in shards or not _SHARD_NAME.fullmatch(path.name) or not path.is_file():
+            continue
+        try:
+            with safe_open(path, framework="pt") as handle:
+                unlisted = sorted(set(handle.keys()) - indexed)
+        except Exception:  # not a readable safetensors file: check_weights_file names it
+            continue
+        if unlisted:
+            raise LorakitError(f"{folder}: {path.name} holds {len(unlisted)} tensors (e.g. {unlisted[0]!r}) that "
+                               f"{INDEX} does not list; the index is from another download or cut short: download "
+                               f"{INDEX} again")
 
 
 def _cache_snapshot(folder: Path) -> Path | None:
@@ -117,6 +179,36 @@ def _cache_snapshot(folder: Path) -> Path | None:
         return snapshots / main
     found = [p for p in snapshots.iterdir() if (p / "config.json").is_file()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def local_model_folder(model: str) -> Path:
+    """The folder ``model`` names before any check: the path itself (``~`` expanded), or the Hugging Face cache's
+    snapshot when it is an ``org/name`` id that is not a local folder but was downloaded with ``hf download``."""
+    folder = Path(os.path.expanduser(str(model)))
+    if not folder.is_dir() and _looks_like_hub_id(str(model)):
+        return _hub_cache_snapshot(str(model)) or folder
+    return folder
+
+
+def _hub_cache_root() -> Path:
+    """Where ``hf download`` keeps models: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ~/.cache/huggingface/hub
+    (huggingface_hub reads the variables when it is imported)."""
+    try:
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+    except ImportError:  # transformers needs huggingface_hub, so only a broken install lands here
+        return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+
+
+def _hub_cache_snapshot(repo_id: str) -> Path | None:
+    """The snapshot of ``org/name`` in the local Hugging Face cache (the one ``refs/main`` names, else the newest
+    holding config.json), or None. Nothing is fetched: this is the folder ``hf download org/name`` filled."""
+    entry = _hub_cache_root() / ("models--" + repo_id.replace("/", "--"))
+    try:
+        return _cache_snapshot(entry) if entry.is_dir() else None
+    except OSError:  # an unreadable cache: said as not found
+        return None
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -157,6 +249,7 @@ def check_causal_config(folder: Path) -> dict:
     if not isinstance(model_type, str) or not model_type:
         raise LorakitError(f"{path} has no model_type; re-save the model with transformers' save_pretrained")
     _check_dtype_fields(config, path)
+    _check_quantization(config, path)
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -176,13 +269,66 @@ def check_causal_config(folder: Path) -> dict:
         raise LorakitError(f"{folder}: {model_type!r} is an encoder (bidirectional attention, so each token sees the "
                            "ones it should predict; config.json has no \"is_decoder\": true), not a causal language "
                            "model; lorakit fine-tunes decoder-only causal LMs (Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)")
+    for section in [config] + [v for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]:
+        rope = section.get("rope_scaling") or section.get("rope_parameters")
+        if isinstance(rope, dict) and "su" in (rope.get("type"), rope.get("rope_type")):
+            # transformers 5 reads "su" nowhere: Phi-3's config class renames it only after checking the keys
+            # "longrope" needs, so Phi-3 folders of 2024 failed as "Missing required keys ... 'longrope'"
+            raise rope_type_error(folder, "su")
     try:  # transformers checks each field's type; the tokenizer reads config.json first and would take the blame
-        loaded = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        with _quiet_loading():  # its rope validation logs "Missing validation function" for each unknown type
+            loaded = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as error:  # huggingface_hub's validation error, TypeError, ValueError...
         reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
         raise LorakitError(f"{path}: {reason[:300]}; fix that field or re-save the model with save_pretrained") from None
     _check_field_types(loaded, config, path)
+    _check_rope_types(loaded, model_type, folder)
     return config
+
+
+def _check_rope_types(loaded, model_type: str, folder: Path) -> None:
+    """Refuse a rotary-embedding type that neither transformers' table (``ROPE_INIT_FUNCTIONS``) nor the family's
+    own modeling code knows, before the model is built: the build failed with a bare ``KeyError: 'su'``, after
+    transformers had logged "Missing validation function" for it at every config read. Config classes that rename
+    an old type (Phi-3's "su" to "longrope", Qwen2-VL's "mrope" to "default") have done so in ``loaded``."""
+    import importlib
+
+    try:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        from transformers.models.auto.configuration_auto import model_type_to_module_name
+    except ImportError:
+        return
+    get_text = getattr(loaded, "get_text_config", None)
+    text = get_text() if callable(get_text) else loaded
+    value = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+    entries = [value] + (list(value.values()) if isinstance(value, dict) else [])  # per layer type (Gemma 3)
+    for entry in entries:
+        name = entry.get("rope_type", entry.get("type")) if isinstance(entry, dict) else None
+        if not isinstance(name, str) or name == "default" or name in ROPE_INIT_FUNCTIONS:
+            continue
+        module = model_type_to_module_name(model_type)
+        try:  # a family that computes a type of its own ("axial") names it in its modeling code
+            code = Path(importlib.import_module(f"transformers.models.{module}.modeling_{module}").__file__).read_text()
+        except Exception:  # no such module: nothing to go by, leave it to the load
+            return
+        if f'"{name}"' not in code and f"'{name}'" not in code:
+            raise rope_type_error(folder, name)
+
+
+def rope_type_error(folder: Path, name: str) -> LorakitError:
+    """The line for a rotary-embedding type ``name`` that this transformers does not have."""
+    import transformers
+
+    try:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        known = ", ".join(["default", *ROPE_INIT_FUNCTIONS])
+    except ImportError:
+        known = "default, linear, dynamic, yarn, longrope, llama3"
+    renamed = " ('su' is the old name of 'longrope': write \"longrope\")" if name == "su" else ""
+    return LorakitError(f"{folder / 'config.json'}: the rotary embedding type {name!r} (\"rope_scaling\") is not one "
+                        f"transformers {transformers.__version__} has ({known}){renamed}; use the config.json saved "
+                        "with the weights, or upgrade transformers")
 
 
 def _check_dtype_fields(config: dict, path: Path) -> None:
@@ -199,6 +345,34 @@ def _check_dtype_fields(config: dict, path: Path) -> None:
                                    'or "float32") or delete that line')
 
 
+# quant_method -> what the model card calls it
+_QUANT_METHODS = {"gptq": "GPTQ", "awq": "AWQ", "fp8": "FP8", "compressed-tensors": "compressed-tensors (FP8, INT8 or "
+                  "INT4)", "mxfp4": "MXFP4", "hqq": "HQQ", "eetq": "EETQ", "quanto": "Quanto", "torchao": "torchao",
+                  "aqlm": "AQLM", "exl2": "EXL2", "bitnet": "BitNet", "fbgemm_fp8": "FP8 (fbgemm)", "higgs": "HIGGS",
+                  "vptq": "VPTQ", "spqr": "SpQR", "gguf": "GGUF"}
+
+
+def _check_quantization(config: dict, path: Path) -> None:
+    """Refuse, before anything loads, weights quantized by a method lorakit does not read (GPTQ, AWQ, FP8, ...):
+    each needs its own kernels and packed layout, and training LoRA over them needs them too. bitsandbytes folders
+    pass on to ``bnb_quantization``, which reads 4-bit NF4 and names what it does not. A quantization_config that
+    is not an object failed in transformers as "'str' object has no attribute 'to_dict'"."""
+    if "quantization_config" not in config or config["quantization_config"] is None:
+        return
+    quantization = config["quantization_config"]
+    if not isinstance(quantization, dict):
+        raise LorakitError(f'{path}: "quantization_config" must be an object (e.g. {{"quant_method": "bitsandbytes", '
+                           f'...}}), got {type(quantization).__name__}; delete that line if the weights are not '
+                           "quantized, or use the config.json saved with them")
+    method = quantization.get("quant_method", "bitsandbytes")
+    if method == "bitsandbytes":
+        return
+    name = _QUANT_METHODS.get(str(method).lower(), repr(method))
+    raise LorakitError(f"{path}: the weights are quantized with {name} (quantization_config.quant_method "
+                       f"is {method!r}), which lorakit does not read; give the unquantized model it was made from (its "
+                       "model card names it) and, for a 4-bit base, add --quantize nf4 (quantize='nf4' in Python)")
+
+
 def _check_field_types(loaded, config: dict, path: Path) -> None:
     """transformers 4.x does not check config fields' types (5.x does, above): a number written as a string
     ("hidden_size": "64") failed deep inside the model's construction. A string where the config class's default is
@@ -208,6 +382,10 @@ def _check_field_types(loaded, config: dict, path: Path) -> None:
     except Exception:  # a config class that needs arguments: nothing to compare with
         return
     for key, value in config.items():
+        if isinstance(getattr(type(defaults), key, None), property):
+            # "torch_dtype" (what transformers 4.x wrote) is a property on 5.x whose read logs "`torch_dtype` is
+            # deprecated! Use `dtype` instead!", which users took for their own mistake; its value is checked above
+            continue
         default = getattr(defaults, key, None)
         if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
             raise LorakitError(f"{path}: Validation error for field {key!r}: expected {type(default).__name__}, got "
@@ -697,17 +875,23 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
     typed values is read without them (:func:`checked_generation_config` warns of each)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    if attn_implementation == "sdpa":
+    config = None
+    if attn_implementation:
         try:
             config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-            attn_implementation = attention_for(config, "sdpa")
+            attn_implementation = attention_for(config, attn_implementation)
         except Exception:  # a config transformers cannot read: the load below reports it
-            pass
+            config = None
 
     generation_values = checked_generation_config(folder)
 
     def load(attn: str | None):
         kwargs = {"attn_implementation": attn} if attn else {}
+        if config is not None:
+            # a config.json naming "_attn_implementation" (fine-tuning guides tell people to add "flash_attention_2")
+            # overrides the attn_implementation argument when transformers reads the file itself: such a folder
+            # failed on any machine without flash-attn; a config object given takes the argument instead
+            kwargs["config"] = config
         if generation_values is not None:
             kwargs["generation_config"] = GenerationConfig.from_dict(generation_values)
         # ignore_mismatched_sizes: transformers' own refusal points at a load report it logs (muted here); a
@@ -725,6 +909,9 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
                     raise
                 model, info = load("eager")
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as error:  # ImportError: e.g. flash_attention_2
+        rope = unknown_rope_type(folder, error)
+        if rope is not None:
+            raise rope from None
         reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise LorakitError(f"cannot load the model in {folder}: {reason}") from None
     mismatched = sorted(info.get("mismatched_keys") or [])
@@ -774,6 +961,27 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
         raise LorakitError(f"{folder}: the safetensors weights lack {len(missing)} of the model's tensors (e.g. "
                            f"{missing[0]!r}); the folder is incomplete or its config.json is for another model")
     return model
+
+
+def unknown_rope_type(folder: Path, error: BaseException) -> LorakitError | None:
+    """The line for a model build that failed on a rotary-embedding type config.json names (the rotary layer looks
+    it up in ``ROPE_INIT_FUNCTIONS``: a bare ``KeyError: 'su'``) where :func:`_check_rope_types` let it pass, e.g.
+    in a sub-config; None for any other error."""
+    if not isinstance(error, KeyError) or len(error.args) != 1 or not isinstance(error.args[0], str):
+        return None
+    name = error.args[0]
+    try:
+        config = model_config_dict(folder)
+    except (OSError, ValueError, RecursionError):
+        return None
+    sections = [config] + [v for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
+    for section in sections:
+        for field in ("rope_scaling", "rope_parameters"):
+            value = section.get(field)
+            entries = [value] + (list(value.values()) if isinstance(value, dict) else [])  # per layer type (Gemma 3)
+            if any(isinstance(e, dict) and name in (e.get("rope_type"), e.get("type")) for e in entries):
+                return rope_type_error(folder, name)
+    return None
 
 
 @contextlib.contextmanager

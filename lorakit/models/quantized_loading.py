@@ -163,6 +163,13 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
                 raise
             attn_implementation = "eager"
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **{**kwargs, "attn_implementation": "eager"})
+        except KeyError as error:  # a rotary type transformers lacks ("su"): a bare KeyError traceback before
+            from lorakit.models.loading import unknown_rope_type
+
+            rope = unknown_rope_type(folder, error)
+            if rope is None:
+                raise
+            raise rope from None
     reader = _TensorReader(folder)
     checkpoint_keys = reader.keys()
     model_keys = set(model.state_dict().keys())

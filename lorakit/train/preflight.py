@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
@@ -20,7 +19,9 @@ from lorakit.train.config import TrainConfig
 def local_config(model: str) -> dict | None:
     """The ``config.json`` of a local model folder as a dict; None for an embedded name or an unreadable file (those
     are named by ``load_base`` itself, in one line)."""
-    path = Path(os.path.expanduser(str(model))) / "config.json"
+    from lorakit.models.loading import local_model_folder
+
+    path = local_model_folder(model) / "config.json"  # an org/name id: its snapshot in the Hugging Face cache
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):

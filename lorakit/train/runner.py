@@ -559,7 +559,10 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     from lorakit.train.preflight import local_config
 
     stored = (local_config(config.model) or {}).get("quantization_config")  # a folder `lorakit quantize` wrote
-    stored_type = str(stored.get("bnb_4bit_quant_type", "nf4")).upper() if isinstance(stored, dict) else None
+    # only a bitsandbytes 4-bit folder is one: GPTQ, AWQ, FP8 or 8-bit ones are refused by name as the model loads
+    four_bit = isinstance(stored, dict) and stored.get("quant_method", "bitsandbytes") == "bitsandbytes" \
+        and bool(stored.get("load_in_4bit") or stored.get("_load_in_4bit"))
+    stored_type = str(stored.get("bnb_4bit_quant_type", "nf4")).upper() if four_bit else None
     base = (f"{config.model} ({config.quantize.upper()} 4-bit base: QLoRA)" if config.quantize
             else f"{config.model} ({stored_type} 4-bit base: QLoRA, a 4-bit folder)" if stored_type else config.model)
     say(f"lorakit train: {'full fine-tuning' if config.full else config.variant} of {base} on {device.type}; "
