@@ -411,3 +411,31 @@ def test_logged_openai_api_lines_say_what_a_record_needs(row, says):
     (before: only "no known field in [...]")."""
     text = refusal(row)
     assert "no known field" in text and says in text and '{"messages":' in text, text
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. what truncation cuts off is said
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_truncation_says_how_many_targets_it_cut_off():
+    """With --overflow truncate, a long answer in the middle of a chat cuts off the rest of it and every later turn,
+    and a long text loses its end: before, the run said only "2 truncated"; now the note says how many target tokens
+    were not learnt and what share of all they are."""
+    from lorakit.train.data import build_dataset
+
+    tok = tokenizer("chatml")
+    user = {"role": "user", "content": "Hi"}
+    chat = {"messages": [user, {"role": "assistant", "content": "Hello there."}, user,
+                         {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog. " * 8}, user,
+                         {"role": "assistant", "content": "Bye."}]}
+    records = [chat, {"text": "Paris is the capital of France. " * 20}, {"prompt": "a ", "completion": "b"}]
+    whole = build_dataset(records, tok, 1000).summary.supervised_tokens
+    summary = build_dataset(records, tok, 60, "truncate").summary
+    cut = whole - summary.supervised_tokens
+    assert summary.truncated == 2 and summary.cut_targets == cut > 0
+    note = summary.drop_note()
+    assert note.startswith(f"note: 2 examples were truncated at max_length=60, cutting off {cut} target tokens "
+                           f"({cut / whole:.0%} of all targets"), note
+    assert "raise --max-length" in note
+    assert build_dataset(records, tok, 1000, "truncate").summary.drop_note() is None

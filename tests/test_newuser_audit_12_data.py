@@ -368,7 +368,9 @@ def test_long_chats_under_truncate_and_drop_keep_a_finite_loss(tmp_path, tok):
     assert (cut.summary.examples, cut.summary.truncated, cut.summary.dropped, cut.summary.no_target) == (2, 1, 1, 1)
     assert cut.summary.drop_note() == (
         "note: 1 of 3 examples were dropped: 1 whose prompt fills max_length=48, leaving no target (raise "
-        "--max-length or shorten the prompts); the first is long.jsonl:2")
+        "--max-length or shorten the prompts); the first is long.jsonl:2; 1 example was truncated at max_length=48, "
+        f"cutting off {cut.summary.cut_targets} target tokens (78% of all targets: the end of an answer or a text, "
+        "later turns), which are not learnt (raise --max-length to keep them)")
     assert len(cut.rows[1]["input_ids"]) == 48 and targets(tok, cut.rows[1])[0].startswith("Paris is the capital")
     dropped = build_dataset(records, tok, 48)
     assert (dropped.summary.examples, dropped.summary.too_long) == (1, 2)

@@ -377,7 +377,8 @@ def tokenize_example(
         chat_template_kwargs: options of the chat template (Qwen3: ``{"enable_thinking": False}``).
 
     Returns:
-        ``{"input_ids": [...], "labels": [...], "truncated": bool}`` with ``labels[k] == IGNORE_INDEX`` where
+        ``{"input_ids": [...], "labels": [...], "truncated": bool}`` (a truncated one also has ``"cut_targets"``:
+        the target tokens cut off) with ``labels[k] == IGNORE_INDEX`` where
         token k is not a target, or None when the example was dropped.
 
     Raises:
@@ -476,10 +477,11 @@ def _tokenize_rendered(record: Record, text: str, spans: list[tuple[int, int]], 
             if drops is not None:  # the shortest overlong example: what max_length would have kept one
                 drops["too_long_min_tokens"] = min(drops.get("too_long_min_tokens") or len(input_ids), len(input_ids))
             return _dropped(drops, "too_long")
+        cut = sum(lab != IGNORE_INDEX for lab in labels[max_length:])
         input_ids, labels, truncated = input_ids[:max_length], labels[:max_length], True
     if all(lab == IGNORE_INDEX for lab in labels):
         return _dropped(drops, "no_target")  # truncation cut every target away: nothing to learn from this example
-    return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+    return {"input_ids": input_ids, "labels": labels, "truncated": truncated, **({"cut_targets": cut} if truncated else {})}
 
 
 def _dropped(drops: Counter | None, reason: str) -> None:
@@ -595,6 +597,7 @@ class DataSummary:
         reason (longer than max_length; no target left within it). first_dropped: where the first dropped one
         came from. trimmed_chats: chats that ended in user/tool turns after their last answer, which were trimmed.
         per_turn_chats: chats trained as one example per assistant turn (:func:`render_examples`).
+        cut_targets: target tokens that overflow="truncate" cut off the examples it kept.
         short_id_chats: chats whose tool call ids were cut to 9 characters for the template (Mistral's).
         special_text_chats: chats whose messages spell a special token of the tokenizer ("<|im_end|>" in a user's
         text), which the tokenizer reads as that token; first_special_text says where the first one is.
@@ -615,6 +618,7 @@ class DataSummary:
     trimmed_chats: int = 0  # chats whose turns after the last assistant turn were trimmed (kept or not)
     per_turn_chats: int = 0  # chats trained as one example per assistant turn (a template that rewrites earlier turns)
     short_id_chats: int = 0  # chats whose tool call ids were cut to the 9 characters Mistral's template requires
+    cut_targets: int = 0  # target tokens that truncation cut off (overflow="truncate"): not learnt
     special_text_chats: int = 0  # chats whose text spells a special token of the tokenizer (read as that token)
     first_special_text: str | None = None  # the first of them: "train.jsonl:3 messages[1] (user) has '<|im_end|>'"
 
@@ -664,6 +668,12 @@ class DataSummary:
             ids = (f"the tool call ids of {n} chat{'s' if n > 1 else ''} were cut to the 9 characters this model's "
                    "chat template requires (their last 9, as vLLM does for Mistral models)")
             trimmed = f"{trimmed}; {ids}" if trimmed else ids
+        if self.cut_targets:  # truncation kept the examples but not all they teach: say how much of it was lost
+            n, share = self.truncated, self.cut_targets / (self.cut_targets + self.supervised_tokens)
+            cut = (f"{n} example{'s were' if n > 1 else ' was'} truncated at max_length={self.max_length}, cutting off "
+                   f"{self.cut_targets} target tokens ({share:.0%} of all targets: the end of an answer or a text, "
+                   "later turns), which are not learnt (raise --max-length to keep them)")
+            trimmed = f"{trimmed}; {cut}" if trimmed else cut
         if not self.dropped:
             return f"note: {trimmed}" if trimmed else None
         parts = []
@@ -742,6 +752,7 @@ def build_dataset(
             summary.first_dropped = summary.first_dropped or record.where
         for ex in tokenized:
             summary.truncated += ex["truncated"]
+            summary.cut_targets += ex.get("cut_targets", 0)
             summary.tokens += len(ex["input_ids"])
             summary.supervised_tokens += sum(lab != IGNORE_INDEX for lab in ex["labels"])
             examples.append({"input_ids": ex["input_ids"], "labels": ex["labels"]})
