@@ -44,6 +44,7 @@ from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, Compl
                                     error_body)
 from lorakit.serve.reasoning import AnswerStart, ReasoningParser, ReasoningStream
 from lorakit.serve.responses import final_response, new_ids, response_events
+from lorakit.serve.sampling import OFF, RowOptions
 from lorakit.serve.structured import FormatError, compile_format
 from lorakit.serve.text import TextAssembler
 from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_format, forced_calls, forced_prefix,
@@ -311,6 +312,7 @@ def create_app(state: ServerState) -> FastAPI:
         calls = (fmt, {tool.name for tool in body.tools}, body.parallel_tool_calls is False, forced) \
             if body.calls_parsed() else None
         params = _sampling_params(state, body, [limit], 1, None, call_end_tokens(state.tokenizer, fmt))
+        options, shown = body.served_options(state.stop_token_ids, _vocab_size(state), "text.format" if spec else None)
         think = await run_in_threadpool(_think_state, state, prompt_ids) if forced is None else None
         constraints = await _constraints(state, spec, "text.format", params, think)
         keep = (kept_tokens(state.tokenizer, fmt) if calls else frozenset()) | \
@@ -318,7 +320,7 @@ def create_app(state: ServerState) -> FastAPI:
         adapter_name = None if body.model == state.base_name else body.model
         internal = None if adapter_name is None else await _acquire(state, adapter_name, http=request)
         jobs, bridge = _submit(state, [prompt_ids], 1, params, adapter_name, internal, None, None, max(body.top_k, 0),
-                               keep, constraints, think)
+                               keep, constraints, think, options=options, shown=shown)
         ident, item_id = new_ids()
         created = int(time.time())
         if body.stream:
@@ -615,6 +617,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
         raise APIError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} answers, over the limit of "
                        f"{MAX_ROWS} per request; split the request", param="n")
     field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+    prompts = body.truncated(prompts, min(state.max_prompt_tokens, state.context_length - 1), echoes is not None)
     limits = [_check_lengths(state, ids, max_tokens, chat, default_tokens,
                              "the prompt" if len(prompts) == 1 else f"prompt {p} of the batch", field)
               for p, ids in enumerate(prompts)]
@@ -626,9 +629,12 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
         if chat and body.tools else ()
     params = _sampling_params(state, body, [limit for limit in limits if limit > 0], n, body.seed, call_ends)
     bias = _logit_bias(state, body)
+    spec = _format_spec(body)
+    options, shown = body.served_options(state.stop_token_ids, _vocab_size(state),
+                                         spec[1] if spec[0] is not None else None)
     # before the adapter is pinned: nothing awaited between the pin and the jobs' submission may leak it
     think = await run_in_threadpool(_think_state, state, prompts[0]) if chat and forced is None else None
-    constraints = await _constraints(state, *_format_spec(body), params, think)
+    constraints = await _constraints(state, *spec, params, think)
     adapter_name = None if body.model == state.base_name else body.model
     internal = None if adapter_name is None else await _acquire(state, adapter_name, generates=bool(params),
                                                                 http=http)
@@ -656,7 +662,8 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     if think is not None:
         keep |= think.parser.tokens(state.tokenizer)
     jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0),
-                           keep, constraints, think, bias, (body.presence_penalty, body.frequency_penalty))
+                           keep, constraints, think, bias, (body.presence_penalty, body.frequency_penalty), options,
+                           shown)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
@@ -715,7 +722,8 @@ def _sampling_params(state: ServerState, body, limits: list[int], n: int, seed: 
         # far more than 1e-30 x 100 unless they tie)
         temperature = body.temperature if body.temperature == 0 else max(body.temperature, 1e-30)
         return [SamplingParams(max_new_tokens=limit, temperature=temperature, top_p=max(body.top_p, 1e-30),
-                               stop_token_ids=state.stop_token_ids + extra_stops, seed=_choice_seed(seed, i))
+                               stop_token_ids=body.answer_ends(state.stop_token_ids, extra_stops),
+                               seed=_choice_seed(seed, i))
                 for limit in limits for i in range(n)]  # seed + i: each prompt as if sent alone
     except LorakitError as error:
         raise APIError(400, str(error)) from None
@@ -724,22 +732,25 @@ def _sampling_params(state: ServerState, body, limits: list[int], n: int, seed: 
 def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[SamplingParams],
             adapter_name: str | None, internal: str | None, stops: list[str] | None, logprobs: int | None,
             top_k: int = 0, keep: frozenset[int] = frozenset(), constraints: list | None = None,
-            think: AnswerStart | None = None, bias=None, penalties: tuple[float, float] = (0.0, 0.0)
-            ) -> tuple[list[Request], _Bridge]:
+            think: AnswerStart | None = None, bias=None, penalties: tuple[float, float] = (0.0, 0.0),
+            options: RowOptions = OFF, shown: dict | None = None) -> tuple[list[Request], _Bridge]:
     """Hand ``len(params)`` jobs to the engine (job j answers ``prompts[j // n]``), each under the adapter pinned
     once by ``_acquire`` (``internal``; None: the base); the pin is released when the last job finishes, or here
     if submitting fails. The jobs' events arrive on the bridge's queue: ``("token", j, text, token, info, settled)``
     and ``("done", j, text, reason, settled)``, text being the newly final text (stop strings cut), settled how many
     of the job's tokens have their text in the answer so far (``TextAssembler.settled``: their logprobs are sent).
     ``bias``: the request's logit_bias (:func:`_logit_bias`), ``penalties`` its (presence, frequency), for every
-    job. ``constraints``: job j's response_format matcher (:func:`_constraints`); one still waiting for the
+    job; ``options`` and ``shown`` its vLLM options for the engine and the text (``served_options``).
+    ``constraints``: job j's response_format matcher (:func:`_constraints`); one still waiting for the
     reasoning block (``think``) to close is switched on by the token that closes it."""
     pin = _SharedPin(state, adapter_name, len(params))  # from here each job's on_finish releases its share, once
     bridge = _Bridge(asyncio.get_running_loop())
+    shown = dict(shown or {})
+    hidden = shown.pop("stop_token_ids", state.stop_token_ids)  # tokens whose text the answer leaves out
     jobs: list[Request] = []
     try:
         for index, choice_params in enumerate(params):
-            assembler = TextAssembler(state.tokenizer, stops, state.stop_token_ids, state.tokenizer_lock, keep)
+            assembler = TextAssembler(state.tokenizer, stops, hidden, state.tokenizer_lock, keep, **shown)
 
             constraint = constraints[index] if constraints else None
 
@@ -757,7 +768,7 @@ def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[S
 
             job = Request(prompts[index // n], internal, choice_params, on_token, on_finish, logprobs=logprobs,
                           top_k=top_k, constraint=constraint, bias=bias, presence=penalties[0],
-                          frequency=penalties[1])
+                          frequency=penalties[1], options=options)
             state.engine.submit(job)
             jobs.append(job)
     finally:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from lorakit.generation import KVBatch, SamplingParams, decode, prefill
-from lorakit.serve.sampling import sample_rows
+from lorakit.serve.sampling import OFF, RowOptions, hold_back, keep_only, penalize_repetition, sample_rows
 
 
 @dataclass
@@ -88,6 +88,14 @@ class Request:
     presence: float = 0.0
     frequency: float = 0.0
     counts: dict[int, int] = field(default_factory=dict)
+    # vLLM's repetition_penalty, min_p, min_tokens and allowed_token_ids (lorakit.serve.sampling.RowOptions); with a
+    # repetition penalty, ``seen`` holds the distinct tokens of the prompt and answer (``seen_ids`` on the logits'
+    # device, ``unseen`` the answer's new ones not yet copied there); the logprobs stay the model's
+    options: RowOptions = OFF
+    seen: set[int] | None = None
+    seen_ids: torch.Tensor | None = None
+    unseen: list[int] = field(default_factory=list)
+    devices: dict[str, torch.Tensor] = field(default_factory=dict)  # options' token ids, copied once to the device
 
 
 class Engine:
@@ -291,11 +299,44 @@ class Engine:
     @staticmethod
     def _choose(requests: list[Request], logits: torch.Tensor) -> tuple[list[int], list[str | None]]:
         """The next token of each of ``requests`` from their ``logits (n, V)``, and per row None or why it failed,
-        for the whole batch at once: rows with a format get every token their constraint refuses at -inf (all such
-        rows in one pass: ``structured.mask_rows``), greedy rows take the argmax, sampled rows are drawn together
-        (``sampling.sample_rows``: each from its own generator, so no row depends on its neighbours), and the tokens
-        come to the host in one copy. Rows without a format cost the mask nothing; a row's ``logit_bias`` and its
-        presence / frequency penalties are applied after its format's mask (they cannot allow what it refuses)."""
+        for the whole batch at once: each row's logits are first :meth:`_processed` (its format, vLLM's and
+        OpenAI's options), greedy rows take the argmax, sampled rows are drawn together (``sampling.sample_rows``:
+        each from its own generator, so no row depends on its neighbours), and the tokens come to the host in one
+        copy."""
+        logits = Engine._processed(requests, logits)
+        tokens = logits.argmax(dim=-1)  # the greedy rows' tokens (and a placeholder for the others)
+        masked = [i for i, r in enumerate(requests) if r.params.temperature == 0 and r.options.masks()]
+        if masked:  # allowed_token_ids / min_tokens may leave a greedy row nothing but -inf: no token, an error
+            index = torch.tensor(masked, device=logits.device)
+            best = logits[index].gather(1, tokens[index].unsqueeze(1)).squeeze(1)
+            tokens[index] = torch.where(best > float("-inf"), tokens[index], -1)
+        drawn = [i for i, r in enumerate(requests) if r.params.temperature != 0]
+        if drawn:
+            whole = len(drawn) == len(requests)
+            index = None if whole else torch.tensor(drawn, device=logits.device)
+            picked, ok = sample_rows(logits if whole else logits[index],
+                                     [requests[i].params.temperature for i in drawn],
+                                     [requests[i].params.top_p for i in drawn],
+                                     [requests[i].top_k or requests[i].params.top_k for i in drawn],
+                                     [requests[i].generator for i in drawn],
+                                     [requests[i].options.min_p for i in drawn])
+            picked = torch.where(ok, picked, -1)  # -1: nothing to draw from (NaN or all -inf logits)
+            if whole:
+                tokens = picked
+            else:
+                tokens[index] = picked
+        chosen = tokens.tolist()
+        errors = [None if token >= 0 else "sampling failed: the row's probabilities are NaN or all zero (its "
+                  "logits are not finite, or allowed_token_ids and min_tokens left no token)" for token in chosen]
+        return chosen, errors
+
+    @staticmethod
+    def _processed(requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """The logits ``(n, V)`` each row chooses from, in vLLM's order: a format's mask (every token its
+        constraint refuses at -inf; all such rows in one pass: ``structured.mask_rows``), then
+        ``allowed_token_ids``, ``min_tokens``' hold on the end tokens, ``logit_bias``, ``repetition_penalty``,
+        presence / frequency penalties (none can allow what an earlier step refused). Rows without any of them
+        cost nothing, and the caller's logits stay the model's (for logprobs): any change is made on a copy."""
         rows = [i for i, r in enumerate(requests) if r.constraint is not None and r.constraint.active]
         if rows:
             from lorakit.serve.structured import mask_rows
@@ -307,40 +348,64 @@ class Engine:
                 index = torch.tensor(rows, device=logits.device)
                 masked, logits = mask_rows(constraints, logits[index]), logits.clone()
                 logits[index] = masked
-        adjusted = [i for i, r in enumerate(requests) if r.bias is not None or r.counts]
-        if adjusted:
-            if not rows:  # the caller's logits stay the model's, for logprobs (a format's mask made a new tensor)
-                logits = logits.clone()
-            for i in adjusted:
-                request = requests[i]
-                if request.bias is not None:
-                    ids, values = request.bias
-                    if ids.device != logits.device:
-                        request.bias = ids, values = ids.to(logits.device), values.to(logits.device)
-                    logits[i, ids] += values.to(logits.dtype)
-                if request.counts:
-                    ids = torch.tensor(list(request.counts), device=logits.device)
-                    times = torch.tensor(list(request.counts.values()), dtype=torch.float32, device=logits.device)
-                    logits[i, ids] -= (request.presence + request.frequency * times).to(logits.dtype)
-        tokens = logits.argmax(dim=-1)  # the greedy rows' tokens (and a placeholder for the others)
-        drawn = [i for i, r in enumerate(requests) if r.params.temperature != 0]
-        if drawn:
-            whole = len(drawn) == len(requests)
-            index = None if whole else torch.tensor(drawn, device=logits.device)
-            picked, ok = sample_rows(logits if whole else logits[index],
-                                     [requests[i].params.temperature for i in drawn],
-                                     [requests[i].params.top_p for i in drawn],
-                                     [requests[i].top_k or requests[i].params.top_k for i in drawn],
-                                     [requests[i].generator for i in drawn])
-            picked = torch.where(ok, picked, -1)  # -1: nothing to draw from (NaN or all -inf logits)
-            if whole:
-                tokens = picked
-            else:
-                tokens[index] = picked
-        chosen = tokens.tolist()
-        errors = [None if token >= 0 else "sampling failed: the row's probabilities are NaN or all zero (its "
-                  "logits are not finite)" for token in chosen]
-        return chosen, errors
+        adjusted = [i for i, r in enumerate(requests) if r.bias is not None or r.counts or r.options is not OFF]
+        if not adjusted:
+            return logits
+        if not rows:  # a format's mask made a new tensor already
+            logits = logits.clone()
+        Engine._restrict(requests, adjusted, logits)
+        for i in adjusted:
+            request = requests[i]
+            if request.bias is not None:
+                ids, values = request.bias
+                if ids.device != logits.device:
+                    request.bias = ids, values = ids.to(logits.device), values.to(logits.device)
+                logits[i, ids] += values.to(logits.dtype)
+        repeating = [i for i in adjusted if requests[i].options.repetition_penalty != 1.0]
+        if repeating:  # after the bias, before presence / frequency: vLLM's order
+            penalize_repetition(logits, repeating, [Engine._seen(requests[i], logits.device) for i in repeating],
+                                [requests[i].options.repetition_penalty for i in repeating])
+        for i in adjusted:
+            request = requests[i]
+            if request.counts:
+                ids = torch.tensor(list(request.counts), device=logits.device)
+                times = torch.tensor(list(request.counts.values()), dtype=torch.float32, device=logits.device)
+                logits[i, ids] -= (request.presence + request.frequency * times).to(logits.dtype)
+        return logits
+
+    @staticmethod
+    def _restrict(requests: list[Request], adjusted: list[int], logits: torch.Tensor) -> None:
+        """The rows' ``allowed_token_ids`` and, while their answers are shorter than ``min_tokens``, their end
+        tokens at -inf (in place: ``logits`` is already the step's own copy)."""
+        for i in adjusted:
+            request = requests[i]
+            options = request.options
+            if options.allowed is not None:
+                keep_only(logits, i, Engine._ids(request, "allowed", options.allowed, logits.device))
+            if len(request.tokens) < options.min_tokens:
+                ends = tuple(dict.fromkeys(options.ends + request.params.stop_token_ids))
+                if ends:
+                    hold_back(logits, i, Engine._ids(request, "ends", ends, logits.device))
+
+    @staticmethod
+    def _ids(request: Request, key: str, ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``ids`` as a tensor on ``device``, made once per request."""
+        tensor = request.devices.get(key)
+        if tensor is None or tensor.device != device:
+            tensor = request.devices[key] = torch.tensor(ids, dtype=torch.long, device=device)
+        return tensor
+
+    @staticmethod
+    def _seen(request: Request, device: torch.device) -> torch.Tensor:
+        """The distinct tokens of the request's prompt and answer so far (on ``device``): a repetition penalty's."""
+        if request.seen_ids is None or request.seen_ids.device != device:
+            request.seen = set(request.prompt) | set(request.tokens)
+            request.seen_ids, request.unseen = torch.tensor(sorted(request.seen), dtype=torch.long, device=device), []
+        elif request.unseen:  # the answer's new tokens: one small copy, not the whole set again
+            request.seen_ids = torch.cat([request.seen_ids, torch.tensor(request.unseen, dtype=torch.long,
+                                                                         device=device)])
+            request.unseen = []
+        return request.seen_ids
 
     def _accept(self, request: Request, logits: torch.Tensor, token: int, error: str | None, done: list) -> bool:
         """Take the request's next ``token`` (:meth:`_choose`'s, under the row's format; ``error``: why none could
@@ -367,6 +432,9 @@ class Engine:
         request.tokens.append(token)
         if request.presence or request.frequency:
             request.counts[token] = request.counts.get(token, 0) + 1
+        if request.seen is not None and token not in request.seen:  # a repetition penalty's new token
+            request.seen.add(token)
+            request.unseen.append(token)
         if request.cancelled:
             done.append((request, "cancelled"))
             return False

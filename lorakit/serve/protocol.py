@@ -135,7 +135,106 @@ class StreamOptions(_Strict):
     include_obfuscation: bool = True  # OpenAI pads chunks against side channels; lorakit sends no padding field
 
 
-class _Sampling(_Strict):
+MAX_TOKEN_IDS = 1024  # stop_token_ids / allowed_token_ids entries: a few ends, or a label set, not a vocabulary
+
+
+def _stream_options(value: Any, info) -> Any:
+    """OpenAI's (and vLLM's) rule: stream_options goes with ``stream: true`` only."""
+    if value is not None and info.data.get("stream") is not True:
+        raise ValueError("stream_options is only allowed when stream is true; send stream: true, or leave "
+                         "stream_options out")
+    return value
+
+
+class _VllmSampling(_Strict):
+    """vLLM's sampling fields beyond OpenAI's (sent in ``extra_body``), each as vLLM defines it: the engine applies
+    them row by row (``lorakit.serve.sampling.RowOptions``), the answer's text follows the text ones. Beam search
+    (``use_beam_search``, ``length_penalty``) is accepted at its "off" value only."""
+
+    repetition_penalty: float = _finite(1.0, gt=0.0)  # prompt's and answer's tokens: logit / p if > 0, else x p
+    min_p: float = _finite(0.0, ge=0.0, le=1.0)  # drop tokens under min_p x the most likely one's probability
+    min_tokens: int = Field(0, ge=0)  # no end of turn, stop token or stop string before this many tokens
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_TOKEN_IDS)  # end the answer (their text left out)
+    ignore_eos: bool = False  # the end of turn does not end the answer (stop_token_ids still do)
+    include_stop_str_in_output: bool = False  # the stop string (or stop token's text) stays at the answer's end
+    skip_special_tokens: bool = True  # false: special tokens' text stays in the answer
+    spaces_between_special_tokens: bool = True  # passed to the tokenizer's decode (slow tokenizers read it)
+    allowed_token_ids: list[int] | None = Field(None, min_length=1, max_length=MAX_TOKEN_IDS)  # the only tokens drawn
+    use_beam_search: bool = False
+    length_penalty: float = _finite(1.0)
+
+    @field_validator("stop_token_ids", "allowed_token_ids")
+    @classmethod
+    def _token_ids(cls, value: list[int] | None, info) -> list[int] | None:
+        """Token ids (checked against the vocabulary when the request is served), each once."""
+        if value is None:
+            return None
+        if any(token < 0 for token in value):
+            raise ValueError(f"{info.field_name} holds {min(value)}; token ids are 0 or more")
+        return list(dict.fromkeys(value))
+
+    @field_validator("use_beam_search")
+    @classmethod
+    def _no_beams(cls, value: bool) -> bool:
+        return _off(value, "use_beam_search", (False,), "this server decodes greedily or samples, it runs no beam "
+                    "search; send n for several answers")
+
+    @field_validator("length_penalty")
+    @classmethod
+    def _no_length_penalty(cls, value: float) -> float:
+        return _off(value, f"length_penalty {value}", (1.0,), "it weighs beams by length in beam search, which this "
+                    "server does not run")
+
+    @model_validator(mode="after")
+    def _min_within_max(self):
+        """min_tokens at most the answer's token limit (vLLM's rule), whichever field sets it."""
+        for field in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            limit = getattr(self, field, None)
+            if limit is not None:
+                if self.min_tokens > limit:
+                    raise ValueError(f"min_tokens ({self.min_tokens}) is over {field} ({limit}); send a min_tokens "
+                                     f"of at most {field}")
+                break
+        return self
+
+    def answer_ends(self, ends: tuple[int, ...], extra: tuple[int, ...] = ()) -> tuple[int, ...]:
+        """The tokens that end the answer (``SamplingParams.stop_token_ids``): the model's end of turn ``ends``
+        unless ignore_eos, ``extra`` (a tool call's end) and the request's stop_token_ids."""
+        return (() if self.ignore_eos else tuple(ends)) + tuple(extra) + tuple(self.stop_token_ids or ())
+
+    def served_options(self, ends: tuple[int, ...], vocab: int, format_param: str | None) -> tuple[Any, dict]:
+        """The request's vLLM options as the server applies them: the engine's (``sampling.RowOptions``; ``ends``:
+        the model's end-of-turn tokens, which min_tokens holds back even with ignore_eos, as in vLLM) and the
+        text's (``TextAssembler``'s keywords, with ``stop_token_ids``: the tokens whose text is left out, the end
+        of turn unless ignore_eos and the request's stop_token_ids, both kept by include_stop_str_in_output).
+
+        Token ids at or past ``vocab`` are the client's 400 (as indices they would fail the engine's whole batch);
+        the fields that move the answer's end are refused beside a format (``format_param``: the field that gave
+        it), whose grammar decides where the answer ends."""
+        from lorakit.serve.sampling import OFF, RowOptions
+
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            outside = [token for token in getattr(self, name) or () if token >= vocab]
+            if outside:
+                raise APIError(400, f"{name} token id {outside[0]} is not in this model's vocabulary (ids 0 to "
+                               f"{vocab - 1})", param=name)
+        if format_param is not None:
+            for name, given in (("min_tokens", self.min_tokens > 0), ("stop_token_ids", bool(self.stop_token_ids)),
+                                ("ignore_eos", self.ignore_eos)):
+                if given:
+                    raise APIError(400, f"{name} cannot be combined with {format_param} (the format decides where "
+                                   "the answer ends); leave one of them out", param=name)
+        options = RowOptions(repetition_penalty=self.repetition_penalty, min_p=self.min_p, min_tokens=self.min_tokens,
+                             ends=tuple(ends) if self.min_tokens else (),
+                             allowed=tuple(self.allowed_token_ids) if self.allowed_token_ids else None)
+        hidden = () if self.include_stop_str_in_output else self.answer_ends(ends)
+        return (OFF if options == OFF else options), {
+            "stop_token_ids": hidden, "include_stop": self.include_stop_str_in_output,
+            "skip_special": self.skip_special_tokens, "spaces": self.spaces_between_special_tokens,
+            "min_tokens": self.min_tokens}
+
+
+class _Sampling(_VllmSampling):
     """Fields both endpoints share."""
 
     model: str
@@ -163,6 +262,40 @@ class _Sampling(_Strict):
     guided_grammar: str | None = Field(None, min_length=1)
     guided_whitespace_pattern: str | None = Field(None, min_length=1)
     guided_decoding_backend: str | None = None
+    # vLLM's: keep only the prompt's last k tokens (-1: as many as the server takes); prompt_logprobs is refused
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    prompt_logprobs: int | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _with_stream(cls, value: Any, info) -> Any:
+        return _stream_options(value, info)
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncation(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("truncate_prompt_tokens 0 would leave no prompt; send k >= 1 (keep the last k prompt "
+                             "tokens) or -1 (as many as the server takes)")
+        return value
+
+    def truncated(self, prompts: list[list[int]], most: int, echo: bool) -> list[list[int]]:
+        """vLLM's ``truncate_prompt_tokens``: each prompt's last k tokens (-1: the last ``most``, what the server
+        takes); refused with echo, whose answer would start with a prompt the model did not read."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return prompts
+        if echo:
+            raise APIError(400, "truncate_prompt_tokens cannot be combined with echo (the answer would start with a "
+                           "prompt the model did not read); leave one of them out", param="truncate_prompt_tokens")
+        k = max(1, most) if k == -1 else k
+        return [ids[-k:] for ids in prompts]
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _no_prompt_logprobs(cls, value: int | None) -> int | None:
+        return _off(value, "prompt_logprobs", (None,), "/v1/completions scores the prompt: send echo true with "
+                    "logprobs")
 
     @field_validator("guided_json")
     @classmethod
@@ -256,9 +389,13 @@ class CompletionRequest(_Sampling):
 
     @field_validator("best_of")
     @classmethod
-    def _no_best_of(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("best_of is not supported (leave it at 1)")
+    def _no_best_of(cls, value: int | None, info) -> int | None:
+        """best_of = n draws n answers and returns them all, as vLLM does; more would need ranking the samples (1:
+        the "off" value clients send)."""
+        n = info.data.get("n", 1)
+        if value not in (None, 1, n):
+            raise ValueError(f"best_of {value} is not supported (only best_of equal to n: this server returns every "
+                             "answer it draws, it does not rank more samples); send n alone")
         return value
 
     @field_validator("suffix")
@@ -811,7 +948,7 @@ class ResponsesFunctionTool(_Strict):
     strict: bool | None = None  # accepted as on chat completions (no constrained decoding)
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(_VllmSampling):
     """OpenAI's Responses API request, the subset vLLM also serves: ``input`` is a string (one user message) or
     items (messages; an agent's ``function_call`` / ``function_call_output`` / ``reasoning`` items),
     ``instructions`` a system message put first, ``tools`` function tools. Nothing is stored, so what needs a
@@ -917,6 +1054,11 @@ class ResponsesRequest(_Strict):
     @classmethod
     def _metadata(cls, value: dict | None) -> dict | None:
         return check_metadata(value)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _with_stream(cls, value: Any, info) -> Any:
+        return _stream_options(value, info)
 
     @field_validator("previous_response_id", "conversation", "prompt")
     @classmethod

@@ -12,9 +12,16 @@ generator)`` gives (lorakit.generation.sample: tested); with top-p the nucleus i
 needs no normalised ``p``), which changes nothing but the last bits of near-ties. A row's token depends only on
 its own logits and generator: every operation here is row-wise (softmax, cumsum, a stable sort, argmax, top-k's
 exact values), none reduces across rows, so neighbours never change it.
+
+vLLM's extensions act here too, as vLLM defines them: ``min_p`` (after the temperature, tokens whose probability
+is under ``min_p`` x the row's largest are dropped, before top-k / top-p: the nucleus is then taken of what is
+left), and, on the logits before any of this (:func:`penalize_repetition`, :func:`keep_only`, :func:`hold_back`),
+``repetition_penalty``, ``allowed_token_ids`` and ``min_tokens`` (:class:`RowOptions` holds a request's values).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -26,25 +33,28 @@ CPU_BLOCK_BYTES = 1 << 20
 
 
 def sample_rows(logits: torch.Tensor, temperature: list[float], top_p: list[float], top_k: list[int],
-                generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+                generators: list[torch.Generator | None], min_p: list[float] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of ``logits (m, V)`` (refused tokens at -inf), row i with ``temperature[i] > 0``,
-    ``top_p[i]`` in (0, 1], ``top_k[i]`` (0: all tokens) and ``generators[i]`` (None: torch's default).
+    ``top_p[i]`` in (0, 1], ``top_k[i]`` (0: all tokens), ``generators[i]`` (None: torch's default) and
+    ``min_p[i]`` in [0, 1] (None, 0: off).
 
     Returns ``(tokens (m,) int64, ok (m,) bool)`` on the logits' device, without a host sync (the caller copies
     them with the rest of the step); ``ok`` is False for a row whose logits leave nothing to draw from (NaN, or
     every token at -inf), whose token is then meaningless.
     """
     rows, width = logits.shape
+    min_p = min_p if min_p is not None and any(min_p) else [0.0] * rows
     block = rows if logits.device.type != "cpu" else max(1, CPU_BLOCK_BYTES // (4 * width))
     if block >= rows:
-        return _draw(logits, temperature, top_p, top_k, generators)
+        return _draw(logits, temperature, top_p, top_k, generators, min_p)
     parts = [_draw(logits[a:a + block], temperature[a:a + block], top_p[a:a + block], top_k[a:a + block],
-                   generators[a:a + block]) for a in range(0, rows, block)]
+                   generators[a:a + block], min_p[a:a + block]) for a in range(0, rows, block)]
     return torch.cat([tokens for tokens, _ in parts]), torch.cat([ok for _, ok in parts])
 
 
 def _draw(logits: torch.Tensor, temperature: list[float], top_p: list[float], top_k: list[int],
-          generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+          generators: list[torch.Generator | None], min_p: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sample_rows` over one block of rows, every operation over the whole block."""
     rows, width = logits.shape
     device = logits.device
@@ -62,6 +72,14 @@ def _draw(logits: torch.Tensor, temperature: list[float], top_p: list[float], to
     x = (x - x.max(dim=-1, keepdim=True).values).float()  # a new tensor: the caller's logits stay as they are
     scale = torch.tensor(temperature, dtype=torch.float32, device=device).unsqueeze(1)
     probs = torch.softmax(x.div_(scale), dim=-1)  # in place: the buffer is this function's own
+    floored = [i for i, p in enumerate(min_p) if p > 0]
+    if floored:  # vLLM's min_p, before the nucleus: which is then the nucleus of the tokens left, renormalised
+        index = torch.tensor(floored, device=device)
+        part = probs[index]
+        bar = part.amax(dim=-1, keepdim=True) * torch.tensor([min_p[i] for i in floored], dtype=torch.float32,
+                                                             device=device).unsqueeze(1)
+        part.mul_(part >= bar)  # the best token always stays (min_p <= 1)
+        probs[index] = part.div_(part.sum(dim=-1, keepdim=True))
     weights, order, index = probs, None, None
     nucleus = [i for i, p in enumerate(top_p) if p < 1.0]
     if nucleus:  # these rows in descending order: keep tokens until the mass before them reaches top_p
@@ -88,3 +106,57 @@ def _draw(logits: torch.Tensor, temperature: list[float], top_p: list[float], to
         else:
             choice[index] = order.gather(1, choice[index].unsqueeze(1)).squeeze(1)
     return choice, ok
+
+
+# -- vLLM's logits processors, on the logits before the draw (each row keeps its own values) -----------------------
+@dataclass(frozen=True)
+class RowOptions:
+    """A request's vLLM sampling options, as the engine applies them to each of its rows (their defaults: off).
+
+    ``repetition_penalty`` (> 0): the logit of every token of the prompt or the answer so far is divided by it when
+    positive, multiplied when negative (CTRL's penalty, as vLLM and transformers apply it); ``min_p``: see
+    :func:`sample_rows`; ``min_tokens``: until the answer has that many tokens, the end tokens ``ends`` (the
+    end of turn and the request's stop_token_ids) are held at -inf and stop strings are not looked for;
+    ``allowed``: the only tokens the answer may hold (vLLM's ``allowed_token_ids``; None: all).
+    """
+
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    ends: tuple[int, ...] = ()
+    allowed: tuple[int, ...] | None = None
+
+    def masks(self) -> bool:
+        """Whether the options may leave a row nothing to choose (a greedy row then checks its pick)."""
+        return self.allowed is not None or self.min_tokens > 0
+
+
+OFF = RowOptions()
+
+
+def penalize_repetition(logits: torch.Tensor, rows: list[int], seen: list[torch.Tensor],
+                        penalties: list[float]) -> None:
+    """vLLM's (and transformers') ``repetition_penalty``, in place: in row ``rows[j]`` of ``logits (m, V)``, each
+    token of ``seen[j]`` (distinct token ids (k_j,), on the logits' device: the prompt's and the answer's) has its
+    logit divided by ``penalties[j]`` where positive and multiplied by it otherwise. All rows in one gather and one
+    scatter (the ids of a row are distinct, so no element is written twice)."""
+    device = logits.device
+    where = torch.cat([torch.full((len(ids),), row, dtype=torch.long, device=device) for row, ids in zip(rows, seen)])
+    ids = torch.cat(list(seen))
+    scale = torch.cat([torch.full((len(ids_),), p, dtype=logits.dtype, device=device)
+                       for p, ids_ in zip(penalties, seen)])
+    values = logits[where, ids]
+    logits[where, ids] = torch.where(values > 0, values / scale, values * scale)
+
+
+def keep_only(logits: torch.Tensor, row: int, allowed: torch.Tensor) -> None:
+    """vLLM's ``allowed_token_ids``, in place: every token of row ``row`` but ``allowed`` (ids (k,)) to -inf."""
+    kept = logits[row, allowed]
+    logits[row] = float("-inf")
+    logits[row, allowed] = kept
+
+
+def hold_back(logits: torch.Tensor, row: int, ends: torch.Tensor) -> None:
+    """vLLM's ``min_tokens`` while the answer is shorter, in place: the end tokens ``ends`` (ids (k,)) of row
+    ``row`` to -inf, so the answer cannot end yet."""
+    logits[row, ends] = float("-inf")

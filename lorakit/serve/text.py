@@ -20,14 +20,21 @@ class TextAssembler:
     """Collects a request's tokens; ``add`` returns the newly final text, ``finish`` whatever remains."""
 
     def __init__(self, tokenizer, stops: list[str], stop_token_ids: tuple[int, ...], lock: threading.Lock | None = None,
-                 keep: frozenset[int] = frozenset()):
+                 keep: frozenset[int] = frozenset(), include_stop: bool = False, skip_special: bool = True,
+                 spaces: bool = True, min_tokens: int = 0):
         """``keep``: special tokens whose text stays in the answer (a template's ``<tool_call>`` where the
-        tokenizer marks it special, as Hermes models do: the tool-call parser must see it)."""
+        tokenizer marks it special, as Hermes models do: the tool-call parser must see it). vLLM's text options:
+        ``include_stop`` (a matched stop string stays at the end of the text), ``skip_special`` (False: every
+        special token's text stays), ``spaces`` (its spaces_between_special_tokens, given to decode), and
+        ``min_tokens`` (a stop string must end after the text of that many tokens)."""
         self.tokenizer = tokenizer
         self.stops = list(stops or [])
         self.stop_token_ids = set(stop_token_ids)
         self.lock = lock or threading.Lock()
         self.keep = keep
+        self.include_stop, self.skip_special, self.min_tokens = include_stop, skip_special, min_tokens
+        self.decode_options = {} if spaces else {"spaces_between_special_tokens": False}
+        self.guard = 0  # where the text of the first min_tokens tokens ends: no stop string ends before it
         self.skipped = special_ids(tokenizer) - keep if keep else frozenset()
         self.ids: list[int] = []
         self.text = ""
@@ -39,9 +46,12 @@ class TextAssembler:
 
     def _decode(self) -> str:
         with self.lock:
+            if not self.skip_special:
+                return self.tokenizer.decode(self.ids, skip_special_tokens=False, **self.decode_options)
             if self.keep:  # the other special tokens removed by hand, these decoded as their text
-                return self.tokenizer.decode([i for i in self.ids if i not in self.skipped], skip_special_tokens=False)
-            return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+                return self.tokenizer.decode([i for i in self.ids if i not in self.skipped], skip_special_tokens=False,
+                                             **self.decode_options)
+            return self.tokenizer.decode(self.ids, skip_special_tokens=True, **self.decode_options)
 
     def add(self, token: int) -> str:
         if self.stopped:
@@ -57,10 +67,14 @@ class TextAssembler:
             # character is whole, which never comes if the answer ends there (max_tokens)
             complete = self.text.rstrip("\ufffd")
             window = max(0, self.emitted - max(len(s) for s in self.stops))
-            hits = [i for i in (complete.find(s, window) for s in self.stops) if i >= 0]
-            if hits:
+            if len(self.starts) <= self.min_tokens:
+                self.guard = len(complete)
+            hits = [(i, len(s)) for i, s in ((complete.find(s, max(window, self.guard - len(s) + 1)), s)
+                                             for s in self.stops) if i >= 0]
+            if hits and len(self.starts) > self.min_tokens:
                 self.stopped = True
-                self.text = self.text[:min(hits)]
+                first, size = min(hits)
+                self.text = self.text[:first + (size if self.include_stop else 0)]
                 return self._emit(len(self.text))
         if self.text.endswith("\ufffd"):
             return ""
