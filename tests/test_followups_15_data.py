@@ -439,3 +439,56 @@ def test_truncation_says_how_many_targets_it_cut_off():
                            f"({cut / whole:.0%} of all targets"), note
     assert "raise --max-length" in note
     assert build_dataset(records, tok, 1000, "truncate").summary.drop_note() is None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 5. compressed files: xz, bzip2 and zstd besides gzip
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_xz_bzip2_and_zstd_files_read_like_gzip(tmp_path):
+    """Hub datasets ship JSONL as .jsonl.zst / .json.gz (and older dumps .xz / .bz2): before, only gzip was read and
+    the others were refused ("decompress it first"). xz and bzip2 read with Python's own modules, in a folder too;
+    zstd with Python 3.14's compression.zstd or the zstandard package, else one line saying what to install."""
+    import bz2
+    import importlib.util
+    import json
+    import lzma
+    import sys
+
+    from lorakit.train.sources import read_many
+
+    rows = "".join(json.dumps(chat_saying(f"Question {k}?", f"Answer {k}.")) + "\n" for k in range(3))
+    (tmp_path / "plain.jsonl").write_text(rows)
+    plain = read_many(tmp_path / "plain.jsonl")
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "part-0.jsonl.xz").write_bytes(lzma.compress(rows.encode()))
+    (folder / "part-1.jsonl.bz2").write_bytes(bz2.compress(rows.encode()))
+    (folder / "part-2.csv.xz").write_bytes(lzma.compress(b"prompt,completion\nBZh9 first,row\n"))
+    for name in ("part-0.jsonl.xz", "part-1.jsonl.bz2"):
+        assert [r.fields for r in read_many(folder / name)] == [r.fields for r in plain]
+    records = read_many(folder)
+    assert len(records) == 7 and records[-1].fields == {"prompt": "BZh9 first", "completion": "row"}
+    assert records[3].where == "part-1.jsonl.bz2:1"
+    text_csv = tmp_path / "bzh.csv"  # a text file whose first bytes spell bzip2's magic is text
+    text_csv.write_text("BZh,prompt,completion\nx,a,b\n")
+    with pytest.raises(LorakitError, match="bzh.csv:2: unknown field 'BZh'"):
+        read_many(text_csv)
+    named = tmp_path / "not.jsonl.xz"
+    named.write_text(rows)
+    with pytest.raises(LorakitError, match=r"named \.xz but not xz-compressed; rename or recompress it"):
+        read_many(named)
+    damaged = tmp_path / "cut.jsonl.bz2"
+    damaged.write_bytes(bz2.compress(rows.encode())[:40])
+    with pytest.raises(LorakitError, match=r"cut\.jsonl\.bz2: a damaged bzip2 file \(.*\); compress it again"):
+        read_many(damaged)
+    zst = tmp_path / "data.jsonl.zst"
+    zst.write_bytes(b"\x28\xb5\x2f\xfd" + b"\x00" * 8)  # zstd's magic, then no valid frame
+    with pytest.raises(LorakitError) as info:
+        read_many(zst)
+    if importlib.util.find_spec("zstandard") is None and sys.version_info < (3, 14):
+        assert "reading it needs Python 3.14 or the zstandard package (pip install zstandard), or decompress it " \
+               "first: zstd -d data.jsonl.zst" in str(info.value)
+    else:
+        assert "a damaged zstd file" in str(info.value)

@@ -1,5 +1,5 @@
 """Reading training records from where users keep them: JSONL / JSON (also pandas' ``DataFrame.to_json`` layouts),
-CSV / TSV, Parquet, Arrow (gzip too), a local ``datasets`` folder (``save_to_disk``'s, or the cache ``load_dataset``
+CSV / TSV, Parquet, Arrow (compressed too: gzip, zstd, xz, bzip2), a local ``datasets`` folder (``save_to_disk``'s, or the cache ``load_dataset``
 writes), a folder of split-named files, or a glob.
 
 :func:`read_many` and :func:`read_records` turn each row into a validated :class:`lorakit.train.formats.Record`
@@ -118,7 +118,8 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
         if suffix is None:
             hint = OTHER_FILE_HINTS.get(path.suffix.lower(), "")
             raise LorakitError(f"{path}: unsupported data file type {''.join(path.suffixes[-2:]) or '(none)'!r}; use "
-                               f"{', '.join(DATA_SUFFIXES)} (optionally .gz) or a folder saved with save_to_disk{hint}")
+                               f"{', '.join(DATA_SUFFIXES)} (optionally compressed: .gz, .zst, .xz, .bz2) or a folder "
+                               f"saved with save_to_disk{hint}")
         if suffix in PARQUET_SUFFIXES:
             records = _read_parquet(path)
         elif suffix in ARROW_SUFFIXES:
@@ -136,8 +137,7 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
 OTHER_FILE_HINTS = {
     ".txt": "; for plain text write each document as {\"text\": ...} on its own line of a .jsonl file",
     ".xlsx": "; export the sheet as CSV (CSV UTF-8) first", ".xls": "; export the sheet as CSV (CSV UTF-8) first",
-    ".zst": "; decompress it first (zstd -d); only gzip is read", ".bz2": "; decompress it first; only gzip is read",
-    ".xz": "; decompress it first; only gzip is read", ".zip": "; unzip it and give the files or their folder",
+    ".zip": "; unzip it and give the files or their folder",
 }
 # JSON files of a Hugging Face dataset repository (older ones keep dataset_infos.json beside data/) and of datasets'
 # own folders: they describe the data, and read as records they fail with "no known field"
@@ -198,9 +198,9 @@ def _not_data_folder(path: Path) -> str | None:
 
 
 def _data_suffix(path: Path) -> str | None:
-    """The data type of a file name (``.jsonl``, ``.csv``, ``.parquet``, ...; ``x.jsonl.gz`` is ``.jsonl``)."""
+    """The data type of a file name (``.jsonl``, ``.csv``, ``.parquet``, ...; ``x.jsonl.gz`` / ``.zst`` is ``.jsonl``)."""
     suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
+    if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
         suffixes = suffixes[:-1]
     suffix = suffixes[-1] if suffixes else ""
     return suffix if suffix in DATA_SUFFIXES else None
@@ -215,23 +215,56 @@ _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (code
          (codecs.BOM_UTF16_BE, "utf-16"))
 
 
+# compressed files, by their first bytes (and their names): gzip, xz, bzip2 (Python's own modules) and zstd
+# (Python 3.14's compression.zstd, or the zstandard package), as Hub datasets ship JSONL (.jsonl.zst, .json.gz)
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2"), (b"\x28\xb5\x2f\xfd", "zstd"))
+COMPRESSED_SUFFIXES = {".gz": "gzip", ".xz": "xz", ".bz2": "bzip2", ".zst": "zstd"}
+
+
+def _decompress(path: Path, raw: bytes, kind: str) -> bytes:
+    """``raw`` decompressed; a damaged file, or zstd without a module to read it, is one line."""
+    if kind == "zstd":
+        try:
+            from compression import zstd as module  # Python 3.14+
+        except ImportError:
+            try:
+                import zstandard
+            except ImportError:
+                raise LorakitError(f"{path}: zstd-compressed; reading it needs Python 3.14 or the zstandard package "
+                                   f"(pip install zstandard), or decompress it first: zstd -d {path.name}") from None
+
+            def decompress(data: bytes) -> bytes:  # stream: frames written without their size need it
+                return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        else:
+            decompress = module.decompress
+    else:
+        import bz2
+        import gzip
+        import lzma
+
+        decompress = {"gzip": gzip.decompress, "xz": lzma.decompress, "bzip2": bz2.decompress}[kind]
+    try:
+        return decompress(raw)
+    except Exception as exc:  # gzip: OSError/EOFError/zlib.error, lzma.LZMAError, zstd's ZstdError, ...
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LorakitError(f"{path}: a damaged {kind} file ({reason}); compress it again or give it uncompressed") from None
+
+
 def _read_bytes(path: Path, text: bool = True) -> bytes:
-    """The file's bytes, gunzipped when it is gzip (by name or by its magic number); for a ``text`` file also
+    """The file's bytes, decompressed when it is gzip, xz, bzip2 or zstd (:data:`_COMPRESSED`); for a ``text`` file also
     re-encoded from UTF-16 / UTF-32 to UTF-8 and refused when it is binary."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise LorakitError(f"{path}: cannot read it ({exc.strerror}); check the file's permissions") from None
-    if raw[:2] == b"\x1f\x8b":
-        import gzip
-        import zlib
-
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise LorakitError(f"{path}: a damaged gzip file ({exc}); compress it again or give it uncompressed") from None
-    elif path.suffix.lower() == ".gz":
-        raise LorakitError(f"{path}: named .gz but not gzip-compressed; rename or recompress it")
+    kind = next((name for magic, name in _COMPRESSED if raw.startswith(magic)), None)
+    if kind == "bzip2" and raw[3:4] not in b"123456789":  # "BZh" then the block size: else text that starts so
+        kind = None
+    if kind is not None:
+        raw = _decompress(path, raw, kind)
+    elif path.suffix.lower() in COMPRESSED_SUFFIXES:
+        named = COMPRESSED_SUFFIXES[path.suffix.lower()]
+        raise LorakitError(f"{path}: named {path.suffix} but not {named}-compressed; rename or recompress it")
     if not text:
         return raw
     # UTF-16 with a BOM is what Windows PowerShell 5's `>` writes; UTF-32's BOM starts with UTF-16's, so it goes first
@@ -619,7 +652,7 @@ def _read_parquet(path: Path) -> list[Record]:
     except ImportError:
         raise LorakitError(f"{path}: reading Parquet needs pyarrow: pip install 'lorakit[data]'") from None
     source: Any = path
-    if path.suffix.lower() == ".gz":  # Parquet reads from its end (the footer): gunzipped into memory first
+    if path.suffix.lower() in COMPRESSED_SUFFIXES:  # Parquet reads from its end (the footer): decompressed first
         import pyarrow as pa
 
         source = pa.BufferReader(_read_bytes(path, text=False))
