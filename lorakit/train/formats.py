@@ -25,6 +25,9 @@ The formats of other tools are read as chats (see :func:`_convert_other_formats`
 - ShareGPT ``{"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": str}], "system" (optional)}`` (also
   under ``"messages"``, and role/content turns under ``"conversations"``, as many Hub datasets mix them).
 - Gemini / Vertex AI ``{"systemInstruction" (optional), "contents": [{"role": "user" | "model", "parts": [{"text"}]}]}``.
+- Anthropic's Messages format (Amazon Bedrock's Claude fine-tuning files) ``{"system", "messages"}``: the system
+  prompt becomes the first turn. LLaMA-Factory's Alpaca ``"history": [[instruction, response], ...]``: the turns
+  before the record's own, every answer trained.
 - Dolly ``{"instruction", "context" (optional), "response"}``, read as Alpaca; question/answer pairs (GSM8K's
   ``{"question", "answer"}``, optionally ``"context"`` before the question; OpenOrca's ``{"system_prompt",
   "question", "response"}``) as one user and one assistant turn (without a chat template: "Question: ...\nAnswer: ").
@@ -34,7 +37,7 @@ What a user's file may differ in and is still read the same: field names in anot
 (``functions``, ``function_call``, role ``function``: read as ``tools`` / ``tool_calls`` / ``tool``), other tools'
 role names in role/content chats (:data:`ROLE_ALIASES`: ShareGPT's ``human`` / ``gpt``, Gemini's and Gemma's
 ``model``, Cohere's ``chatbot``, OpenAI's ``developer`` for the system turn), Responses API parts (``input_text`` /
-``output_text``), a tool turn whose content is a JSON object (written as JSON text), trailing user or tool turns after the last assistant turn
+``output_text``) and OpenAI's assistant ``refusal`` parts, a tool turn whose content is a JSON object (written as JSON text), trailing user or tool turns after the last assistant turn
 (trimmed: nothing follows them to learn, and a causal model's loss on the earlier turns does not depend on them;
 the summary counts the chats trimmed), a ``prompt`` column beside ``messages`` that repeats the chat's first user
 turn (UltraChat 200k, No Robots: ignored), a ``.json`` file that wraps its records in one object (``{"data": [...]}``;
