@@ -46,6 +46,12 @@ def test_repetition_penalty_is_transformers_row_by_row():
         expected = RepetitionPenaltyLogitsProcessor(penalties[row])(seen[row].unsqueeze(0), logits[row:row + 1].clone())
         assert torch.equal(processed[row], expected[0]), row
     assert not torch.equal(processed, logits)
+    # bfloat16 logits (the GPU path's): the penalty is applied in float32, not as bfloat16's 1.296875
+    half = logits[:1].to(torch.bfloat16)
+    processed = half.clone()
+    penalize_repetition(processed, [0], [seen[2]], [1.3])
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(seen[2].unsqueeze(0), half.float())[0].to(torch.bfloat16)
+    assert torch.equal(processed[0], expected)
 
 
 def test_min_p_is_transformers_row_by_row():

@@ -139,14 +139,15 @@ def penalize_repetition(logits: torch.Tensor, rows: list[int], seen: list[torch.
     """vLLM's (and transformers') ``repetition_penalty``, in place: in row ``rows[j]`` of ``logits (m, V)``, each
     token of ``seen[j]`` (distinct token ids (k_j,), on the logits' device: the prompt's and the answer's) has its
     logit divided by ``penalties[j]`` where positive and multiplied by it otherwise. All rows in one gather and one
-    scatter (the ids of a row are distinct, so no element is written twice)."""
+    scatter (the ids of a row are distinct, so no element is written twice), computed in float32 (a bfloat16
+    penalty of 1.3 would be 1.296875)."""
     device = logits.device
     where = torch.cat([torch.full((len(ids),), row, dtype=torch.long, device=device) for row, ids in zip(rows, seen)])
     ids = torch.cat(list(seen))
-    scale = torch.cat([torch.full((len(ids_),), p, dtype=logits.dtype, device=device)
+    scale = torch.cat([torch.full((len(ids_),), p, dtype=torch.float32, device=device)
                        for p, ids_ in zip(penalties, seen)])
-    values = logits[where, ids]
-    logits[where, ids] = torch.where(values > 0, values / scale, values * scale)
+    values = logits[where, ids].float()
+    logits[where, ids] = torch.where(values > 0, values / scale, values * scale).to(logits.dtype)
 
 
 def keep_only(logits: torch.Tensor, row: int, allowed: torch.Tensor) -> None:
