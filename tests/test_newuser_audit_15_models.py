@@ -261,3 +261,27 @@ def test_a_float16_folder_trains_on_cpu_in_float32_and_merges_back_to_float16(ro
     assert merged.dtype == torch.float16
     lorakit.load_adapter(model, str(tmp_path / "run" / "adapter"))
     assert_close(_logits(merged.float()), _logits(model), dtype=torch.float16)  # weights rounded to float16 once
+
+
+def test_a_tied_config_whose_file_holds_its_own_head_loads_as_transformers_reads_it(tmp_path):
+    """"tie_word_embeddings": true, and the file holds lm_head.weight too (exporters write both; a head trained apart
+    and merged by a tool that left the config alone makes them differ). transformers keeps such a head untied; the
+    16-bit load agreed, but --quantize nf4 tied it to the embedding anyway: other logits (off by 15 on the tiny
+    model) than lorakit.quantize of the 16-bit load. A head equal to the embedding, or none in the file, stays tied."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "tied-twice"
+    tiny_llama(vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+               tie_word_embeddings=True).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    for head, tied in ((tensors["model.embed_tokens.weight"].clone(), True),
+                       (torch.randn_like(tensors["model.embed_tokens.weight"]), False)):
+        save_file({**tensors, "lm_head.weight": head}, folder / "model.safetensors", metadata={"format": "pt"})
+        dense, _ = lorakit.load_base(str(folder), device="cpu")
+        assert_close(_logits(dense), _transformers_logits(folder))
+        nf4, _ = lorakit.load_base(str(folder), device="cpu", quantize="nf4")
+        assert (nf4.lm_head.weight is nf4.model.embed_tokens.weight) == tied
+        lorakit.quantize(dense, "nf4")
+        assert torch.equal(_logits(nf4), _logits(dense)), tied

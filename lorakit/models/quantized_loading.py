@@ -275,10 +275,16 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
         value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
         _set_tensor(model, key, value, source)
 
-    # 3. tied output head: share the (now loaded) input embedding
-    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
-        head_names = {n for n, m in model.named_modules() if m is model.get_output_embeddings()}
+    # 3. tied output head: share the (now loaded) input embedding, unless the file holds a head of other values:
+    # transformers then keeps the two apart (config.json's tie_word_embeddings notwithstanding), and so does this
+    # loader; tying there gave other logits than the 16-bit load of the same folder
+    head = model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and head is not None:
+        embedding = model.get_input_embeddings().weight
+        saved = head.weight.device.type != "meta" and head.weight is not embedding
+        if not (saved and head.weight.shape == embedding.shape and not torch.equal(head.weight, embedding)):
+            head.weight = embedding
+        head_names = {n for n, m in model.named_modules() if m is head}
         missing = [k for k in missing if k.rpartition(".")[0] not in head_names]
     if missing:
         raise LorakitError(f"{source}: {len(missing)} tensor(s) missing from the safetensors files, e.g. {missing[0]!r}")
