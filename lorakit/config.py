@@ -252,14 +252,19 @@ class LoraConfig:
                                    "only: run this one with peft (PeftModel.from_pretrained)")
             raise LorakitError(f"{source}: peft_type {shown(peft_type)} is not LoRA; lorakit reads LoRA adapters only "
                                "(merge this one into the base with peft: merge_and_unload, then load the merged model)")
+        ignored = []  # fields lorakit does not know, set to values that switch nothing on
+        version = data.get("peft_version")
+        origin = f"saved by peft {clipped(version, 20)}" if isinstance(version, str) else "from a newer peft?"
         for key, value in data.items():
             if key in _READ_FIELDS or key in _IGNORED_FIELDS:
                 continue
             if key in PEFT_DEFAULTS:
-                if not _is_default(value, PEFT_DEFAULTS[key]) and key in _FOLDER_OPTIONS:
+                # peft reads a sub-config given as {} as one of default settings: switched on
+                default = value is None if key in _SUBCONFIGS else _is_default(value, PEFT_DEFAULTS[key])
+                if not default and key in _FOLDER_OPTIONS:
                     raise LorakitError(f"{source}: PEFT option {key}={shown(value)} cannot be part of a LoraConfig; "
                                        "lorakit.load_adapter(model, folder) loads such an adapter from its folder")
-                if not _is_default(value, PEFT_DEFAULTS[key]):
+                if not default:
                     hint = _UNSUPPORTED_HINTS.get(key, "it changes the adapter's math in a way lorakit does not implement")
                     raise LorakitError(f"{source}: PEFT option {key}={shown(value)} is not supported by lorakit ({hint}); "
                                        f"merge the adapter with peft (merge_and_unload) and load the merged model instead")
@@ -269,12 +274,17 @@ class LoraConfig:
                                    "fused layer (MergedLinear, tensors of another layout), which later peft versions dropped; "
                                    "lorakit cannot apply it: merge the adapter with the peft version that saved it and load "
                                    "the merged model")
-            if value not in (None, False, {}, [], ""):
-                version = data.get("peft_version")
-                origin = f"saved by peft {clipped(version, 20)}" if isinstance(version, str) else "from a newer peft?"
+            if not _is_off(value):
                 raise LorakitError(f"{source}: unknown field {shown(key)}={shown(value)} ({origin}; lorakit knows peft 0.21's "
                                    "fields); lorakit cannot apply it. If it does not change the adapter's math, delete it from "
                                    "the file")
+            if key != "enable_lora":  # early peft's, known: off is the plain LoRA lorakit reads
+                ignored.append(key)
+        if ignored:  # a newer peft writes every field of its own, off by default: said, not refused
+            import warnings
+
+            warnings.warn(f"{source}: ignored field(s) lorakit does not know, all off ({listed(map(shown, ignored))}; "
+                          f"{origin}; lorakit knows peft 0.21's)", UserWarning, stacklevel=2)
         for flag in ("use_rslora", "use_dora"):  # bool("false") is True: a hand-edited string would switch it on
             if not isinstance(data.get(flag), (bool, type(None))):
                 raise LorakitError(f"{source}: {flag} must be true or false, got {shown(data.get(flag))}")
@@ -435,6 +445,13 @@ def _suffix_regex(pattern: str) -> re.Pattern:
     return re.compile(rf"(.*\.)?({pattern})$")
 
 
+def _is_off(value: Any) -> bool:
+    """None, false, 0, empty, or an object of settings that are all off: an option of a newer peft left unused."""
+    if isinstance(value, dict):
+        return all(_is_off(v) for v in value.values())
+    return value is None or (isinstance(value, (bool, int, float, str, list)) and not value)
+
+
 def _is_default(value: Any, default: Any) -> bool:
     return value == default or (value in (None, {}, [], False) and default in (None, {}, [], False))
 
@@ -459,7 +476,12 @@ _IGNORED_FIELDS = {
 }
 
 # Options lorakit.io reads from a whole adapter folder (they need its tensors), not from the config alone.
-_FOLDER_OPTIONS = {"trainable_token_indices", "ensure_weight_tying"}
+_FOLDER_OPTIONS = {"trainable_token_indices", "ensure_weight_tying",
+                   # peft's variants that load as the plain LoRA they equal (lorakit.peft_variants): their tensors change
+                   "velora_config", "monteclora_config", "kasa_config", "use_bdlora", "use_qalora"}
+
+# peft 0.21's options given as an object of settings, on whenever present (``{}``: the default settings)
+_SUBCONFIGS = {"velora_config", "monteclora_config", "kasa_config", "use_bdlora", "arrow_config"}
 
 # Why an unsupported option is refused, said in the error.
 _UNSUPPORTED_HINTS = {
@@ -468,6 +490,7 @@ _UNSUPPORTED_HINTS = {
     "use_qalora": "QA-LoRA's pooled input",
     "alora_invocation_tokens": "activated LoRA, switched on by tokens",
     "megatron_config": "Megatron parallel layers",
+    "arrow_config": "Arrow's routing of each token among several LoRA experts",
 }
 
 # PEFT 0.21 LoraConfig fields lorakit does not implement, with the value that means "off". Any other value is refused.

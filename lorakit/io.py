@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit import quant
+from lorakit import peft_variants, quant
 from lorakit._finite import all_finite
 from lorakit._fs import atomic_write_bytes
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
@@ -319,7 +319,10 @@ class AdapterFile:
 
     @property
     def base_rewrite(self) -> str | None:
-        """``"pissa"`` / ``"olora"`` when peft rewrote the base with that init (see ``_plain_form``), else None."""
+        """``"pissa"`` / ``"olora"`` when peft rewrote the base with that init, ``"kasa"`` when KaSA truncated it (see
+        ``_plain_form``), else None."""
+        if "kasa_config" in peft_variants.chosen(self.raw_config):
+            return "kasa"
         init = self.raw_config.get("init_lora_weights") if isinstance(self.raw_config, dict) else None
         return init.lower() if isinstance(init, str) and init.lower() in BASE_REWRITES else None
 
@@ -524,6 +527,8 @@ def _parse_config(raw_config: Any, config_path: Path) -> LoraConfig:
                 raise LorakitError(f"{config_path}: trainable_token_indices must be a list of token ids or a map from "
                                    f"embedding names to such lists, got {shown(tokens)}")
             raw_config = {**raw_config, "trainable_token_indices": None}
+        # VeLoRA, KaSA, ...: checked here, converted to plain LoRA by load_adapter
+        raw_config = peft_variants.check_options(raw_config, str(config_path))
         if raw_config.get("ensure_weight_tying") is True:  # the tied head's LoRA is in the file too (see fitted_config)
             raw_config = {**raw_config, "ensure_weight_tying": False}
         for field in ("rank_pattern", "alpha_pattern"):  # peft matches their keys as regular expressions
@@ -537,7 +542,7 @@ def _parse_config(raw_config: Any, config_path: Path) -> LoraConfig:
     try:
         with warnings.catch_warnings():
             if rewrite:  # from_peft_dict warns that the base was rewritten: load_adapter takes care of it
-                warnings.simplefilter("ignore", UserWarning)
+                warnings.filterwarnings("ignore", message=".*rewrites the base weights", category=UserWarning)
             return LoraConfig.from_peft_dict(raw_config, source=str(config_path))
     except RecursionError:  # a field nested hundreds deep: deep enough for some check to recurse
         raise LorakitError(f"{config_path} is nested too deeply; a PEFT adapter_config.json is a flat object") from None
@@ -1141,10 +1146,10 @@ def _wrapped_hint(model: nn.Module, keys: list[str], base_modules: dict[str, nn.
 
 def _plain_form(model: nn.Module, plan: dict[tuple[str, str], torch.Tensor], config: LoraConfig,
                 method: str) -> tuple[dict[tuple[str, str], torch.Tensor], LoraConfig]:
-    """A pissa / olora adapter as a plain LoRA of rank 2r on the original base: the same weights peft gets.
+    """A pissa / olora / KaSA adapter as a plain LoRA of rank 2r on the original base: the same weights peft gets.
 
     peft made (A0, B0) from W (pissa: the top-r singular triplets; olora: the first r columns of Q and rows of R in
-    W = Q R), set the base to W - s B0 A0, and saved A, B for that base; ``PeftModel.from_pretrained`` repeats the
+    W = Q R; KaSA: the r smallest singular triplets, which it drops), set the base to W - s B0 A0, and saved A, B for that base; ``PeftModel.from_pretrained`` repeats the
     init on the original W. W - s B0 A0 + s B A == W + s [B, -B0] [A; A0], so the base stays untouched (other
     adapters, ``disable_adapters`` and serving keep the real base). Embeddings keep their weights in peft, so
     theirs are padded with zeros to the doubled rank. Scaling is unchanged (``_doubled_rank``).
@@ -1164,6 +1169,11 @@ def _plain_form(model: nn.Module, plan: dict[tuple[str, str], torch.Tensor], con
             U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
             root = (S[:rank] / scale).sqrt()
             lora_A0, lora_B0 = root.unsqueeze(1) * Vh[:rank], U[:, :rank] * root.unsqueeze(0)
+        elif method == "kasa":  # KaSA's truncation: the r smallest singular triplets leave the base (s B0 A0 of them)
+            if rank >= min(weight.shape):
+                raise LorakitError(f"{path}: KaSA's rank {rank} must be below min{tuple(weight.shape)} (peft refuses it too)")
+            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+            lora_A0, lora_B0 = Vh[-rank:], U[:, -rank:] * (S[-rank:] / scale).unsqueeze(0)
         else:  # peft's olora_init
             Q, R = torch.linalg.qr(weight)
             lora_A0, lora_B0 = R[:rank], Q[:, :rank]
@@ -1221,7 +1231,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     Folders saved by peft load with the logits ``peft.PeftModel.from_pretrained`` gives, including: pissa / olora
     inits (as a plain LoRA of rank 2r on the untouched base), ``trainable_token_indices`` (modules-to-save copies
     of the embedding and its tied head; for inference only), ``ensure_weight_tying``, SEQ_CLS's ``modules_to_save``,
-    and ``bias="all"/"lora_only"`` when the saved biases are the base's. Options lorakit cannot reproduce are
+    ``bias="all"/"lora_only"`` when the saved biases are the base's, and VeLoRA / MonteCLoRA / QA-LoRA / BD-LoRA /
+    KaSA adapters as the plain LoRA each equals when it runs (``lorakit.peft_variants``; not with trainable=True). Options lorakit cannot reproduce are
     refused in one line that names them. An adapter trained on a resized vocabulary (peft's whole saved embedding
     and head with more rows) resizes a base holding no adapters to it and takes the saved weights, as peft's load
     over a resized base does (a warning says so); ``resize_vocabulary=False`` refuses it instead (a shared base).
@@ -1246,11 +1257,14 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     # before any match on module names: a catastrophic pattern would hang here for good (re has no timeout)
     check_regexes(adapter_file.config, [p for p in _base_modules(model) if p], str(adapter_file.folder / CONFIG_NAME))
     adapter_file = convert_legacy_experts(model, adapter_file)  # transformers 4's per-expert LoRA -> fused experts
+    adapter_file = peft_variants.to_plain_lora(model, adapter_file, trainable)  # VeLoRA, KaSA, ... as plain LoRA
     resized = None
     if resize_vocabulary and not adapter_names(model):  # other adapters may hold LoRA on the rows it would change
         from lorakit.resized_vocab import take_resized_vocabulary
 
         resized = take_resized_vocabulary(model, adapter_file)
+    elif not resize_vocabulary:  # a shared base (lorakit serve's): the library's fixes below are not the user's
+        _refuse_resized_vocabulary(model, adapter_file)
     try:
         _load_checked(model, adapter_file, adapter, trainable, check_base)
     except BaseException:
@@ -1260,6 +1274,23 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     for line in resized.lines(adapter_file.folder) if resized else []:
         warnings.warn(line, stacklevel=2)
     return adapter
+
+
+def _refuse_resized_vocabulary(model: nn.Module, adapter_file: AdapterFile) -> None:
+    """Refuse, for a base that is not to be resized (``resize_vocabulary=False``: one many adapters share, as in
+    ``lorakit serve``), an adapter whose saved embedding / head copies have more rows than the model's, saying
+    what its user can do: serve the adapter merged into its base, which ``lorakit merge`` resizes."""
+    from lorakit.resized_vocab import _saved_copies
+
+    copies = _saved_copies(model, adapter_file.tensors, PREFIX)
+    if copies:
+        rows = max(tensor.shape[0] for tensor in copies.values())
+        own = model.get_input_embeddings().weight.shape[0] if hasattr(model, "get_input_embeddings") else "fewer"
+        raise LorakitError(f"{adapter_file.folder} was trained on a vocabulary resized to {rows} tokens (its saved "
+                           f"{' and '.join(sorted(copies))}; this base has {own}), and a base shared by other adapters "
+                           "is never resized for one of them: merge the adapter into the base it was trained on "
+                           "(lorakit merge --model BASE --adapter ADAPTER --out MERGED, which resizes it) and serve "
+                           "the merged model on its own (lorakit serve --model MERGED)")
 
 
 def _load_checked(model: nn.Module, adapter_file: AdapterFile, adapter: str, trainable: bool, check_base: bool) -> None:

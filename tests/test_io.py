@@ -107,10 +107,11 @@ def test_garbage_header(saved):
 def test_malformed_and_unsupported_config(saved):
     (saved / CONFIG_NAME).write_text("{ not json")
     refused(tiny_llama(), saved, "not valid JSON")
-    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "use_qalora": True}
+    # (use_qalora was refused here: peft runs it as plain LoRA on dense layers, test_newuser_audit_15_peft loads it)
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_bias": True}
     (saved / CONFIG_NAME).write_text(json.dumps(config))
-    refused(tiny_llama(), saved, "use_qalora")
-    config.pop("use_qalora")
+    refused(tiny_llama(), saved, "lora_bias")
+    config.pop("lora_bias")
     config["layer_replication"] = [[0, 2]]
     (saved / CONFIG_NAME).write_text(json.dumps(config))
     refused(tiny_llama(), saved, "layer_replication")
