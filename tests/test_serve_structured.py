@@ -361,12 +361,14 @@ def test_missing_llguidance_is_a_one_line_400(monkeypatch):
     class Head:
         weight = type("W", (), {"shape": (10, 4)})()
 
-    state = type("State", (), {"model": type("M", (), {"get_output_embeddings": lambda self: Head()})(),
-                               "tokenizer": object(), "tokenizer_lock": None})()
+    from lorakit.serve.model_text import ModelText
+
+    state = type("State", (), {"model": type("M", (), {"get_output_embeddings": lambda self: Head()})()})()
     params = [type("P", (), {"stop_token_ids": (0,)})()]
+    text = ModelText(object(), (0,), None, 10)
     with pytest.raises(APIError) as caught:
-        asyncio.run(app_module._constraints(state, ("json_object", None, "json_object"), "response_format", params,
-                                            None))
+        asyncio.run(app_module._constraints(state, text, ("json_object", None, "json_object"), "response_format",
+                                            params, None))
     assert caught.value.status == 400 and "pip install llguidance" in caught.value.message
     assert "\n" not in caught.value.message
 

@@ -306,17 +306,16 @@ def test_still_serving_without_tracebacks(server):
 
 
 # -- in process: templates of other formats, the parser and the stream assembly --------------------------------
-def _state(tokenizer):
-    import threading
-
-    return SimpleNamespace(tokenizer=tokenizer, max_prompt_tokens=4096, tokenizer_lock=threading.Lock())
+def _state():
+    return SimpleNamespace(max_prompt_tokens=4096)
 
 
 def _encode(tokenizer, body: dict):
     from lorakit.serve.app import _encode_tools
+    from lorakit.serve.model_text import ModelText
 
     request = parse(ChatRequest, {"model": "m", **body})
-    return _encode_tools(_state(tokenizer), request, request.openai_tools())
+    return _encode_tools(_state(), ModelText(tokenizer, (), None, len(tokenizer)), request, request.openai_tools())
 
 
 def test_templates_of_other_formats_are_refused_by_name():

@@ -1,5 +1,6 @@
 """The OpenAI answer objects that need the tokenizer: logprobs (chat and completions forms, an echoed prompt's)
-and the server-sent events of a streamed answer.
+and the server-sent events of a streamed answer. The tokenizer is the request's (``model_text.ModelText``: an
+adapter folder's own, or the base's), the one that decodes its answer.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from lorakit.errors import LorakitError
 from lorakit.serve.engine import Request, TokenInfo
 from lorakit.serve.protocol import error_body
 from lorakit.serve.reasoning import ReasoningStream
-from lorakit.serve.text import token_bytes
 from lorakit.serve.tool_calls import ToolCallStream, forced_calls
 
 if TYPE_CHECKING:
     from lorakit.serve.app import ServerState, _Bridge
+    from lorakit.serve.model_text import ModelText
 
 
 STRUCTURED_FAILURE = "error: structured output: "  # the engine's finish reason where a row's format failed
@@ -31,61 +32,55 @@ def failure(reason: str) -> tuple[int, dict]:
     return 500, error_body(f"generation failed: {reason[7:]}", type="server_error")
 
 
-def token_text(state: ServerState, token: int) -> str:
-    with state.tokenizer_lock:
-        return state.tokenizer.decode([token])
+def token_text(text: ModelText, token: int) -> str:
+    return text.decode([token])
 
 
-def _token_bytes(state: ServerState, token: int) -> list[int]:
-    with state.tokenizer_lock:
-        return list(token_bytes(state.tokenizer, token))
-
-
-def _top_dict(state: ServerState, top: list[tuple[int, float]]) -> dict[str, float]:
+def _top_dict(text: ModelText, top: list[tuple[int, float]]) -> dict[str, float]:
     """The completions API's ``{token text: logprob}``; where two tokens read the same (two partial characters
     both decode to U+FFFD) the likelier one's value stays, not the last one's."""
     out: dict[str, float] = {}
     for token, logprob in top:
-        out.setdefault(token_text(state, token), logprob)
+        out.setdefault(token_text(text, token), logprob)
     return out
 
 
-def logprobs_object(state: ServerState, infos: list[tuple[int, TokenInfo]], chat: bool, offset: int = 0) -> dict:
+def logprobs_object(text: ModelText, infos: list[tuple[int, TokenInfo]], chat: bool, offset: int = 0) -> dict:
     """OpenAI's logprobs object for these tokens; ``offset``: characters of completion text before the first."""
     if chat:
         content = []
         for token, info in infos:
             # bytes: the token's own, so that joined they rebuild the text even where a token holds part of a
             # character (its decoded text is then U+FFFD)
-            top = [{"token": token_text(state, i), "logprob": lp, "bytes": _token_bytes(state, i)} for i, lp in info.top]
-            content.append({"token": token_text(state, token), "logprob": info.logprob,
-                            "bytes": _token_bytes(state, token), "top_logprobs": top})
+            top = [{"token": token_text(text, i), "logprob": lp, "bytes": text.token_bytes(i)} for i, lp in info.top]
+            content.append({"token": token_text(text, token), "logprob": info.logprob,
+                            "bytes": text.token_bytes(token), "top_logprobs": top})
         return {"content": content}
-    tokens = [token_text(state, t) for t, _ in infos]
+    tokens = [token_text(text, t) for t, _ in infos]
     offsets, position = [], offset
-    for text in tokens:
+    for piece in tokens:
         offsets.append(position)
-        position += len(text)
+        position += len(piece)
     return {"tokens": tokens, "token_logprobs": [info.logprob for _, info in infos],
-            "top_logprobs": [_top_dict(state, info.top) for _, info in infos],
+            "top_logprobs": [_top_dict(text, info.top) for _, info in infos],
             "text_offset": offsets}
 
 
-def prompt_logprobs(state: ServerState, prompt_ids: list[int], infos: list[TokenInfo | None]) -> dict:
+def prompt_logprobs(text: ModelText, prompt_ids: list[int], infos: list[TokenInfo | None]) -> dict:
     """The completions logprobs object of an echoed prompt: the first token has no log-probability (null)."""
-    tokens = [token_text(state, t) for t in prompt_ids]
+    tokens = [token_text(text, t) for t in prompt_ids]
     offsets = [0]
-    for text in tokens[:-1]:
-        offsets.append(offsets[-1] + len(text))
+    for piece in tokens[:-1]:
+        offsets.append(offsets[-1] + len(piece))
     return {"tokens": tokens, "token_logprobs": [None if info is None else info.logprob for info in infos],
-            "top_logprobs": [None if info is None else _top_dict(state, info.top) for info in infos],
+            "top_logprobs": [None if info is None else _top_dict(text, info.top) for info in infos],
             "text_offset": offsets}
 
 
 async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _Bridge, ident: str, created: int,
                   chat: bool, prompt_tokens: int, logprobs: int | None, tools: tuple[str, set[str], bool] | None = None,
                   think: str | None = None, forced: str | None = None, echoes: list[str] | None = None,
-                  prompt_lps: list[dict] | None = None):
+                  prompt_lps: list[dict] | None = None, side: ModelText | None = None):
     """Server-sent events: one chunk per piece of final text, each choice's finish reason as it ends, then the
     usage (``stream_options.include_usage``), then ``[DONE]``.
 
@@ -108,6 +103,9 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
 
     With ``echoes`` (completions' ``echo``: prompt p's text, which choice ``p * n + i`` starts with), each choice's
     first chunk is its prompt, with ``prompt_lps[p]`` (the prompt's logprobs) when logprobs were asked.
+
+    ``side``: the request's text side (``ModelText``), which writes the logprobs' tokens (needed with ``logprobs``
+    only).
     """
     kind = "chat.completion.chunk" if chat else "text_completion"
     include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -128,7 +126,7 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
         lp = prompt_lp
         flush = ready[index] - sent[index]
         if logprobs is not None and flush > 0 and prompt_lp is None:
-            lp = logprobs_object(state, pending[index][:flush], chat, offsets[index])
+            lp = logprobs_object(side, pending[index][:flush], chat, offsets[index])
             del pending[index][:flush]
             sent[index] += flush
         offsets[index] += len(text or "")

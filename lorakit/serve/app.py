@@ -4,7 +4,8 @@
     GET  /v1/models              the base and every adapter folder (``loaded``: in memory now)
     GET  /v1/models/{id}         one of them (the openai package's ``models.retrieve``)
     POST /v1/completions         ``model`` names an adapter (or the base); ``stream`` for server-sent events
-    POST /v1/chat/completions    the same, with the tokenizer's chat template; ``tools`` and an agent's tool turns
+    POST /v1/chat/completions    the same, with the chat template (an adapter folder's own tokenizer, else the
+                                 base's: model_text.py); ``tools`` and an agent's tool turns
                                  (the model's calls parsed into ``tool_calls``: tool_calls.py), a reasoning model's
                                  ``<think>`` block as ``reasoning_content`` (reasoning.py)
     POST /v1/responses           OpenAI's Responses API (nothing stored), the chat path's answer as output items:
@@ -35,9 +36,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
 from lorakit.errors import LorakitError
-from lorakit.generation import SamplingParams, encode_prompt
+from lorakit.generation import SamplingParams
 from lorakit.serve.answers import failure, logprobs_object, prompt_logprobs, stream_events
+from lorakit.serve.adapter_tokenizer import has_tokenizer
 from lorakit.serve.engine import Engine, Request, TokenInfo
+from lorakit.serve.model_text import ModelText, embedding_rows
 from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, closest, listed_adapter
 from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected, AdapterRemoved
 from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, CompletionRequest, ResponsesRequest,
@@ -78,6 +81,28 @@ class ServerState:
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     waiting_threads: object = None  # anyio.CapacityLimiter of the calls that wait for room in the pool (app._pin)
     created: int = field(default_factory=lambda: int(time.time()))
+    reasoning_parser: str = "auto"  # --reasoning-parser's value: how an adapter's own template is read too
+    text: ModelText | None = None  # the base's text side: the fields above (built from them when not given)
+
+    def __post_init__(self):
+        if self.text is None and self.tokenizer is not None:
+            self.text = ModelText(self.tokenizer, tuple(self.stop_token_ids), self.reasoning,
+                                  embedding_rows(self.model, self.tokenizer), lock=self.tokenizer_lock)
+        if self.pool is not None and self.text is not None:  # adapters' tokenizers are checked against the base's
+            self.pool.base_text, self.pool.reasoning_choice = self.text, self.reasoning_parser
+
+
+@dataclass
+class _Served:
+    """What a request runs on: the adapter it names (None: the base), pinned from before its prompt is rendered
+    until its jobs finish, and the text side (``ModelText``) its prompt and answer go through: the adapter
+    folder's tokenizer, or the base's. ``pinned``: the request still holds the pin itself (``_submit`` hands it to
+    the jobs; :func:`_let_go` gives it back where the request fails before)."""
+
+    name: str | None
+    internal: str | None
+    text: ModelText
+    pinned: bool = False
 
 
 def _adapter_error(error: LorakitError, param: str = "model") -> APIError:
@@ -197,9 +222,13 @@ def create_app(state: ServerState) -> FastAPI:
         base = {"id": state.base_name, "object": "model", "created": state.created, "owned_by": "lorakit"}
         # the pool is asked from a worker thread: it is locked while an adapter is admitted (seconds of a regex
         # check or a file read), which on the event loop would freeze every request and stream of the server
-        available, loaded = await run_in_threadpool(lambda: (state.pool.available(), state.pool.loaded_names()))
+        def look() -> tuple[list[str], set[str], set[str]]:
+            names = state.pool.available()
+            return names, state.pool.loaded_names(), _own_tokenizers(state, names)
+
+        available, loaded, own = await run_in_threadpool(look)
         adapters = [{"id": name, "object": "model", "created": state.created, "owned_by": "lorakit",
-                     "parent": state.base_name, "loaded": name in loaded}
+                     "parent": state.base_name, "loaded": name in loaded, "tokenizer": _tokenizer_of(name, own)}
                     for name in available if name != state.base_name]
         return {"object": "list", "data": [base, *adapters]}
 
@@ -210,11 +239,13 @@ def create_app(state: ServerState) -> FastAPI:
         if model == state.base_name:
             return {"id": model, "object": "model", "created": state.created, "owned_by": "lorakit"}
         try:
-            await run_in_threadpool(listed_adapter, state.pool.root, model)
+            folder = await run_in_threadpool(listed_adapter, state.pool.root, model)
         except LorakitError as error:
             raise await _name_error(state, error, model) from None
+        own = await run_in_threadpool(has_tokenizer, folder)
         return {"id": model, "object": "model", "created": state.created, "owned_by": "lorakit",
-                "parent": state.base_name, "loaded": await run_in_threadpool(state.pool.is_loaded, model)}
+                "parent": state.base_name, "loaded": await run_in_threadpool(state.pool.is_loaded, model),
+                "tokenizer": _tokenizer_of(model, {model} if own else set())}
 
     @app.api_route("/v1/adapters", methods=["GET", "HEAD"])
     async def adapters():
@@ -256,39 +287,49 @@ def create_app(state: ServerState) -> FastAPI:
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens must be at least 1 (0 only with echo, which scores the prompt)",
                            param="max_tokens")
-        prompts, echoes = [], []
-        for prompt in body.prompt:  # one or a batch
-            if isinstance(prompt, list):
-                vocab = _vocab_size(state)
-                if any(t < 0 or t >= vocab for t in prompt):
-                    raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-                prompts.append(list(prompt))
-            else:
-                prompts.append(await run_in_threadpool(_encode, state, prompt, False))
-            if body.echo:  # the prompt as sent; token ids as their text
-                echoes.append(prompt if isinstance(prompt, str) else await run_in_threadpool(_decode, state, prompt))
-        # left out (or null): OpenAI's 16, cut to what the context and --max-tokens leave, never a 400 about it
-        max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set else None
-        return await _serve(state, request, body, prompts, max_tokens, body.logprobs, chat=False, default_tokens=16,
-                            echoes=echoes if body.echo else None)
+        served = await _open_model(state, body.model, request)
+        try:
+            text = served.text
+            prompts, echoes = [], []
+            for prompt in body.prompt:  # one or a batch
+                if isinstance(prompt, list):
+                    vocab = text.vocab_size
+                    if any(t < 0 or t >= vocab for t in prompt):
+                        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+                    prompts.append(list(prompt))
+                else:
+                    prompts.append(await run_in_threadpool(_encode, state, text, prompt, False))
+                if body.echo:  # the prompt as sent; token ids as their text
+                    echoes.append(prompt if isinstance(prompt, str) else await run_in_threadpool(text.decode, prompt))
+            # left out (or null): OpenAI's 16, cut to what the context and --max-tokens leave, never a 400 about it
+            max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set else None
+            return await _serve(state, request, body, served, prompts, max_tokens, body.logprobs, chat=False,
+                                default_tokens=16, echoes=echoes if body.echo else None)
+        finally:
+            _let_go(state, served)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
         body = parse(ChatRequest, await read_json(request, state))
         _format_without_calls(*_format_spec(body), body.calls_parsed())
         tools = body.openai_tools()
-        if tools is None and not any(m.tool_calls or m.role == "tool" for m in body.messages):
-            messages = template_messages(body.messages)  # role, content (and an answer's reasoning_content)
-            prompt_ids = await run_in_threadpool(_encode, state, messages, True, body.chat_template_kwargs)
-        else:  # an agent's request: the tools and its earlier calls and results, as training renders them
-            prompt_ids = await run_in_threadpool(_encode_tools, state, body, tools)
-        forced = None
-        if body.forced_call() is not None:  # "required" or a named function: the answer starts the call
-            forced = forced_prefix(call_format(state.tokenizer, tools), body.forced_call())
-            prompt_ids = prompt_ids + await run_in_threadpool(_encode_text, state, forced)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        return await _serve(state, request, body, [prompt_ids], max_tokens, top, chat=True, forced=forced)
+        served = await _open_model(state, body.model, request)  # its template renders the chat
+        try:
+            text = served.text
+            if tools is None and not any(m.tool_calls or m.role == "tool" for m in body.messages):
+                messages = template_messages(body.messages)  # role, content (and an answer's reasoning_content)
+                prompt_ids = await run_in_threadpool(_encode, state, text, messages, True, body.chat_template_kwargs)
+            else:  # an agent's request: the tools and its earlier calls and results, as training renders them
+                prompt_ids = await run_in_threadpool(_encode_tools, state, text, body, tools)
+            forced = None
+            if body.forced_call() is not None:  # "required" or a named function: the answer starts the call
+                forced = forced_prefix(call_format(text.tokenizer, tools), body.forced_call())
+                prompt_ids = prompt_ids + await run_in_threadpool(text.encode_text, forced)
+            max_tokens = body.max_completion_tokens or body.max_tokens
+            top = (body.top_logprobs or 0) if body.logprobs else None
+            return await _serve(state, request, body, served, [prompt_ids], max_tokens, top, chat=True, forced=forced)
+        finally:
+            _let_go(state, served)
 
     @app.post("/v1/responses")
     async def responses(request: HTTPRequest):
@@ -296,31 +337,11 @@ def create_app(state: ServerState) -> FastAPI:
         spec = body.text.format.spec() if body.text is not None and body.text.format is not None else None
         _format_without_calls(spec, "text.format", body.calls_parsed())
         tools = body.chat_tools()
-        if tools is None and not body.has_tool_items():
-            prompt_ids = await run_in_threadpool(_encode, state, body.messages(), True, body.chat_template_kwargs,
-                                                 "input")
-        else:  # an agent's request: its tools, calls and their results through the template, as chat renders them
-            prompt_ids = await run_in_threadpool(_encode_agent, state, body.messages(), tools, body.calls_parsed(),
-                                                 body.chat_template_kwargs, "input")
-        forced = None
-        if body.forced_call() is not None:  # "required" or a named function: the answer starts the call
-            forced = forced_prefix(call_format(state.tokenizer, tools), body.forced_call())
-            prompt_ids = prompt_ids + await run_in_threadpool(_encode_text, state, forced)
-        limit = _check_lengths(state, prompt_ids, body.max_output_tokens, True, which="the input",
-                               field="max_output_tokens", param="input")
-        fmt = call_format(state.tokenizer, tools) if tools else None
-        calls = (fmt, {tool.name for tool in body.tools}, body.parallel_tool_calls is False, forced) \
-            if body.calls_parsed() else None
-        params = _sampling_params(state, body, [limit], 1, None, call_end_tokens(state.tokenizer, fmt))
-        options, shown = body.served_options(state.stop_token_ids, _vocab_size(state), "text.format" if spec else None)
-        think = await run_in_threadpool(_think_state, state, prompt_ids) if forced is None else None
-        constraints = await _constraints(state, spec, "text.format", params, think)
-        keep = (kept_tokens(state.tokenizer, fmt) if calls else frozenset()) | \
-            (think.parser.tokens(state.tokenizer) if think else frozenset())
-        adapter_name = None if body.model == state.base_name else body.model
-        internal = None if adapter_name is None else await _acquire(state, adapter_name, http=request)
-        jobs, bridge = _submit(state, [prompt_ids], 1, params, adapter_name, internal, None, None, max(body.top_k, 0),
-                               keep, constraints, think, options=options, shown=shown)
+        served = await _open_model(state, body.model, request)  # its template renders the input
+        try:
+            jobs, bridge, prompt_ids, think, calls = await _respond(state, body, served, tools, spec)
+        finally:
+            _let_go(state, served)
         ident, item_id = new_ids()
         created = int(time.time())
         if body.stream:
@@ -348,6 +369,17 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
+def _own_tokenizers(state: ServerState, names: list[str]) -> set[str]:
+    """The adapters among ``names`` whose folder holds a tokenizer of its own (a stat or four each)."""
+    return {name for name in names if has_tokenizer(state.pool.root / name)}
+
+
+def _tokenizer_of(name: str, own: set[str]) -> str:
+    """/v1/models' ``tokenizer`` of an adapter: "adapter" where its chats are rendered with its folder's own
+    tokenizer and chat template, "base" where with the base's."""
+    return "adapter" if name in own else "base"
+
+
 def _not_the_base(state: ServerState, name: str, action: str) -> None:
     """/v1/adapters/load and unload name adapters; the base's name read as 'no adapter named ...' (or loaded an
     adapter folder of that name, which no request can reach)."""
@@ -356,17 +388,45 @@ def _not_the_base(state: ServerState, name: str, action: str) -> None:
                        "(GET /v1/models lists them)", param="name", code="invalid_adapter_name")
 
 
-def _vocab_size(state: ServerState) -> int:
-    """Token ids a prompt may hold: known to the tokenizer and inside the embedding table (an id past it would fail
-    the whole engine batch, other clients' rows included)."""
-    rows = state.model.get_input_embeddings().weight.shape[0]
-    return min(len(state.tokenizer), rows)
+async def _respond(state: ServerState, body: ResponsesRequest, served: _Served, tools: list[dict] | None,
+                   spec: tuple | None) -> tuple[list[Request], _Bridge, list[int], AnswerStart | None, tuple | None]:
+    """A Responses request's input through ``served``'s template and its one job submitted (the pin handed to it):
+    ``(jobs, bridge, prompt ids, reasoning start, (call format, tool names, one call only, forced prefix) or
+    None)``. ``spec``: its ``text.format``."""
+    text = served.text
+    if tools is None and not body.has_tool_items():
+        prompt_ids = await run_in_threadpool(_encode, state, text, body.messages(), True, body.chat_template_kwargs,
+                                             "input")
+    else:  # an agent's request: its tools, calls and their results through the template, as chat renders them
+        prompt_ids = await run_in_threadpool(_encode_agent, state, text, body.messages(), tools, body.calls_parsed(),
+                                             body.chat_template_kwargs, "input")
+    forced = None
+    if body.forced_call() is not None:  # "required" or a named function: the answer starts the call
+        forced = forced_prefix(call_format(text.tokenizer, tools), body.forced_call())
+        prompt_ids = prompt_ids + await run_in_threadpool(text.encode_text, forced)
+    limit = _check_lengths(state, prompt_ids, body.max_output_tokens, True, which="the input",
+                           field="max_output_tokens", param="input")
+    fmt = call_format(text.tokenizer, tools) if tools else None
+    calls = (fmt, {tool.name for tool in body.tools}, body.parallel_tool_calls is False, forced) \
+        if body.calls_parsed() else None
+    params = _sampling_params(state, body, [limit], 1, None,
+                              body.answer_ends(text.stop_token_ids, call_end_tokens(text.tokenizer, fmt)))
+    options, shown = body.served_options(text.stop_token_ids, text.vocab_size, "text.format" if spec else None)
+    think = await run_in_threadpool(_think_state, text, prompt_ids) if forced is None else None
+    constraints = await _constraints(state, text, spec, "text.format", params, think)
+    keep = (kept_tokens(text.tokenizer, fmt) if calls else frozenset()) | \
+        (think.parser.tokens(text.tokenizer) if think else frozenset())
+    await _check_servable(state, served)
+    jobs, bridge = _submit(state, served, [prompt_ids], 1, params, None, None, max(body.top_k, 0), keep, constraints,
+                           think, options=options, shown=shown)
+    return jobs, bridge, prompt_ids, think, calls
 
 
-def _encode(state: ServerState, prompt, chat: bool, template_kwargs: dict | None = None,
+def _encode(state: ServerState, text: ModelText, prompt, chat: bool, template_kwargs: dict | None = None,
             param: str | None = None) -> list[int]:
-    """``prompt`` (a string, or chat messages with ``chat``) -> token ids; ``param``: the request field it came
-    from, for errors (default ``messages`` or ``prompt``)."""
+    """``prompt`` (a string, or chat messages with ``chat``) -> token ids by ``text`` (the request's model's
+    tokenizer and template); ``param``: the request field it came from, for errors (default ``messages`` or
+    ``prompt``)."""
     param = param or ("messages" if chat else "prompt")
     if not isinstance(prompt, str) and len(prompt) > state.max_prompt_tokens:
         # every message costs the template at least one token: 35,000 empty ones in a 1 MiB body would hold the
@@ -375,8 +435,7 @@ def _encode(state: ServerState, prompt, chat: bool, template_kwargs: dict | None
                        "prompt tokens (each message takes at least one)", param=param, code="context_length_exceeded")
     _check_characters(state, prompt, (template_kwargs or {}).get("tools"), param)
     try:
-        with state.tokenizer_lock:
-            return encode_prompt(state.tokenizer, prompt, chat=chat, chat_template_kwargs=template_kwargs)
+        return text.encode(prompt, chat, template_kwargs)
     except LorakitError as error:
         raise APIError(400, str(error), param=param) from None
 
@@ -392,54 +451,41 @@ def _check_characters(state: ServerState, prompt, tools: list | None, param: str
                        "tokens", param=param, code="context_length_exceeded")
 
 
-def _encode_tools(state: ServerState, body: ChatRequest, tools: list[dict] | None) -> list[int]:
+def _encode_tools(state: ServerState, text: ModelText, body: ChatRequest, tools: list[dict] | None) -> list[int]:
     """Token ids of a chat with tools and/or tool turns (:func:`_encode_agent`)."""
-    return _encode_agent(state, template_messages(body.messages), tools, body.calls_parsed(),
+    return _encode_agent(state, text, template_messages(body.messages), tools, body.calls_parsed(),
                          body.chat_template_kwargs, "messages")
 
 
-def _encode_agent(state: ServerState, messages: list[dict], tools: list[dict] | None, parsed: bool,
+def _encode_agent(state: ServerState, text: ModelText, messages: list[dict], tools: list[dict] | None, parsed: bool,
                   template_kwargs: dict | None, param: str) -> list[int]:
     """Token ids of a chat (``tool_calls.template_messages``' form) with tools and/or tool turns: the first form
     of the earlier calls the template writes (``tool_calls.render_variant``); with calls to parse (``parsed``), the
     template must write them in a parsed format. ``param``: the request field of the chat, for errors."""
-    if tools and parsed and call_format(state.tokenizer, tools) is None:
+    if tools and parsed and call_format(text.tokenizer, tools) is None:
         raise APIError(400, f"tools are not supported with this model's chat template: lorakit parses tool calls in "
                        f"{PARSED_FORMATS}, and this template writes another format (or none); send tool_choice "
                        "'none' to get the calls as text", param="tools")
     if len(messages) <= state.max_prompt_tokens:  # longer: _encode refuses it by count, before any rendering
         _check_characters(state, messages, tools, param)
         try:
-            with state.tokenizer_lock:
-                messages = render_variant(state.tokenizer, messages, tools, template_kwargs)
+            with text.lock:
+                messages = render_variant(text.tokenizer, messages, tools, template_kwargs)
         except LorakitError as error:
             where = getattr(error, "param", param)
             # a Responses input's items are not the messages' indices (instructions first, calls joined to a turn)
             raise APIError(400, str(error), param=where if param == "messages" or where == "tools" else param) from None
     kwargs = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
-    return _encode(state, messages, True, kwargs, param)
+    return _encode(state, text, messages, True, kwargs, param)
 
 
-def _think_state(state: ServerState, prompt_ids: list[int]) -> AnswerStart | None:
-    """Where a chat answer to ``prompt_ids`` starts with respect to the reasoning block of the server's parser
-    (``ReasoningParser.start``), or None when the server splits no reasoning (``--reasoning-parser none``, or a
-    template without one)."""
-    if not state.reasoning:
+def _think_state(text: ModelText, prompt_ids: list[int]) -> AnswerStart | None:
+    """Where a chat answer to ``prompt_ids`` starts with respect to the reasoning block of the template's parser
+    (``ReasoningParser.start``; ``text``: the request's model's), or None when no reasoning is split
+    (``--reasoning-parser none``, or a template without one)."""
+    if not text.reasoning:
         return None
-    with state.tokenizer_lock:
-        tail = state.tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False)
-    return state.reasoning.start(tail)
-
-
-def _encode_text(state: ServerState, text: str) -> list[int]:
-    """Token ids of ``text`` continuing a prompt (no BOS; a template's special tokens read as themselves)."""
-    with state.tokenizer_lock:
-        return list(state.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _decode(state: ServerState, ids: list[int]) -> str:
-    with state.tokenizer_lock:
-        return state.tokenizer.decode(ids)
+    return text.reasoning.start(text.decode(prompt_ids[-8:]))
 
 
 def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | None, chat: bool,
@@ -470,11 +516,38 @@ def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | 
     return max_tokens
 
 
-async def _acquire(state: ServerState, name: str, generates: bool = True, http: HTTPRequest | None = None) -> str:
-    """Pin adapter ``name`` (a pool thread may load it); returns its internal name. Never leaks a pin.
-    ``generates``: the request decodes tokens (not only echo's scoring, which runs transformers' forward), so an
-    adapter the static decoder cannot run is refused here. ``http``: the request, whose client leaving while it
-    waits for room in the pool ends the wait (a 499 nobody reads)."""
+async def _open_model(state: ServerState, model: str, http: HTTPRequest) -> _Served:
+    """What a request naming ``model`` runs on (``_Served``): the base, or the adapter of that name pinned (a pool
+    thread may load it) with its folder's text side where it has one. Pinned before the prompt is rendered, as
+    the adapter's template renders it; the caller gives the pin back with :func:`_let_go` in a ``finally``."""
+    if model == state.base_name:
+        return _Served(None, None, state.text)
+    internal = await _acquire(state, model, http=http)
+    return _Served(model, internal, state.pool.text_of(model) or state.text, pinned=True)
+
+
+def _let_go(state: ServerState, served: _Served) -> None:
+    """Give back ``served``'s pin where the request still holds it (it failed, or was cancelled, before its jobs
+    took the pin over; an echo-only answer gave it back itself)."""
+    if served.pinned:
+        served.pinned = False
+        _release_soon(state, served.name)
+
+
+async def _check_servable(state: ServerState, served: _Served) -> None:
+    """Refuse, as the client's 400, an adapter the static decoder cannot run (not a failed job). Asked only of
+    requests that decode tokens: echo's scoring runs transformers' forward."""
+    if served.internal is None:
+        return
+    reason = await run_in_threadpool(state.engine.unservable, served.internal)
+    if reason is not None:
+        raise APIError(400, reason.replace(repr(served.internal), repr(served.name)), param="model",
+                       code="adapter_unsupported")
+
+
+async def _acquire(state: ServerState, name: str, http: HTTPRequest | None = None) -> str:
+    """Pin adapter ``name`` (a pool thread may load it); returns its internal name. Never leaks a pin. ``http``:
+    the request, whose client leaving while it waits for room in the pool ends the wait (a 499 nobody reads)."""
     try:
         check_name(name)
     except LorakitError as error:
@@ -489,16 +562,6 @@ async def _acquire(state: ServerState, name: str, generates: bool = True, http: 
         raise
     except LorakitError as error:
         raise await _name_error(state, error, name) from None
-    if not generates:
-        return internal
-    try:
-        reason = await run_in_threadpool(state.engine.unservable, internal)
-    except BaseException:
-        _release_soon(state, name)
-        raise
-    if reason is not None:  # the static decoder cannot run this adapter's rows: the client's 400, not a failed job
-        await run_in_threadpool(state.pool.release, name)
-        raise APIError(400, reason.replace(repr(internal), repr(name)), param="model", code="adapter_unsupported")
     return internal
 
 
@@ -580,13 +643,14 @@ def _streamed_whole(answer: dict, body) -> StreamingResponse:
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _logit_bias(state: ServerState, body):
+def _logit_bias(text: ModelText, body):
     """The request's ``logit_bias`` as the engine adds it: ``(token ids (k,), biases (k,))`` on the CPU, or None;
-    an id past the vocabulary is the client's 400 (as an index it would fail the engine's whole batch)."""
+    an id past the vocabulary (``text``'s) is the client's 400 (as an index it would fail the engine's whole
+    batch)."""
     pairs = body.bias_pairs()
     if not pairs:
         return None
-    vocab = _vocab_size(state)
+    vocab = text.vocab_size
     outside = [token for token, _ in pairs if token >= vocab]
     if outside:
         raise APIError(400, f"logit_bias token id {outside[0]} is not in this model's vocabulary (ids 0 to "
@@ -604,10 +668,11 @@ def _choice_seed(seed: int | None, index: int) -> int | None:
     return seed - 2**64 if seed > 2**64 - 1 else seed
 
 
-async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list[int]], max_tokens: int | None,
-                 logprobs: int | None, chat: bool, default_tokens: int | None = None,
+async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, prompts: list[list[int]],
+                 max_tokens: int | None, logprobs: int | None, chat: bool, default_tokens: int | None = None,
                  echoes: list[str] | None = None, forced: str | None = None):
-    """Generate ``body.n`` answers to each prompt; choice ``p * n + i`` is prompt p's answer i (OpenAI's order).
+    """Generate ``body.n`` answers to each prompt on ``served`` (whose pin the jobs take over, and whose text side
+    decodes them); choice ``p * n + i`` is prompt p's answer i (OpenAI's order).
     ``echoes``: the prompts' texts, which their answers then start with (their logprobs too: each prompt's tokens
     scored by one forward, the first token's None); with ``max_tokens`` 0, all there is. ``forced``: the start of
     a call that ends each chat prompt (``tool_calls.forced_prefix``), read back with the answer, which must form a
@@ -621,36 +686,32 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
     limits = [_check_lengths(state, ids, max_tokens, chat, default_tokens,
                              "the prompt" if len(prompts) == 1 else f"prompt {p} of the batch", field)
               for p, ids in enumerate(prompts)]
+    side = served.text  # the template that rendered the prompts: its call format, end of turn and markers
     tools = None  # (format, names, one call only) of the calls read out of the answers
     if chat and body.calls_parsed():
-        tools = (call_format(state.tokenizer, body.openai_tools()), {tool.function.name for tool in body.tools},
+        tools = (call_format(side.tokenizer, body.openai_tools()), {tool.function.name for tool in body.tools},
                  body.parallel_tool_calls is False)
-    call_ends = call_end_tokens(state.tokenizer, call_format(state.tokenizer, body.openai_tools())) \
+    call_ends = call_end_tokens(side.tokenizer, call_format(side.tokenizer, body.openai_tools())) \
         if chat and body.tools else ()
-    params = _sampling_params(state, body, [limit for limit in limits if limit > 0], n, body.seed, call_ends)
-    bias = _logit_bias(state, body)
+    params = _sampling_params(state, body, [limit for limit in limits if limit > 0], n, body.seed,
+                              body.answer_ends(side.stop_token_ids, call_ends))
+    bias = _logit_bias(side, body)
     spec = _format_spec(body)
-    options, shown = body.served_options(state.stop_token_ids, _vocab_size(state),
-                                         spec[1] if spec[0] is not None else None)
-    # before the adapter is pinned: nothing awaited between the pin and the jobs' submission may leak it
-    think = await run_in_threadpool(_think_state, state, prompts[0]) if chat and forced is None else None
-    constraints = await _constraints(state, *spec, params, think)
-    adapter_name = None if body.model == state.base_name else body.model
-    internal = None if adapter_name is None else await _acquire(state, adapter_name, generates=bool(params),
-                                                                http=http)
+    options, shown = body.served_options(side.stop_token_ids, side.vocab_size, spec[1] if spec[0] is not None else None)
+    think = await run_in_threadpool(_think_state, side, prompts[0]) if chat and forced is None else None
+    constraints = await _constraints(state, side, *spec, params, think)
+    if params:
+        await _check_servable(state, served)
     prompt_lps = None
-    try:
-        if echoes is not None and logprobs is not None:
-            prompt_lps = [prompt_logprobs(state, ids, await run_in_threadpool(state.engine.score, ids, internal, logprobs))
-                          for ids in prompts]
-    except BaseException:
-        if adapter_name is not None:
-            _release_soon(state, adapter_name)
-        raise
+    if echoes is not None and logprobs is not None:
+        prompt_lps = [prompt_logprobs(side, ids, await run_in_threadpool(state.engine.score, ids, served.internal,
+                                                                         logprobs))
+                      for ids in prompts]
     prompt_tokens = sum(len(ids) for ids in prompts)
     if not params:  # echo with max_tokens 0: the prompts back (scored), nothing generated
-        if adapter_name is not None:
-            await run_in_threadpool(state.pool.release, adapter_name)
+        if served.pinned:
+            served.pinned = False
+            await run_in_threadpool(state.pool.release, served.name)
         choices = [{"index": p * n + i, "text": echoes[p], "finish_reason": "length",
                     "logprobs": None if prompt_lps is None else prompt_lps[p]}
                    for p in range(len(prompts)) for i in range(n)]
@@ -658,17 +719,17 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
                   "model": body.model, "choices": choices,
                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
         return _streamed_whole(answer, body) if body.stream else answer
-    keep = kept_tokens(state.tokenizer, tools[0]) if tools else frozenset()
+    keep = kept_tokens(side.tokenizer, tools[0]) if tools else frozenset()
     if think is not None:
-        keep |= think.parser.tokens(state.tokenizer)
-    jobs, bridge = _submit(state, prompts, n, params, adapter_name, internal, body.stop, logprobs, max(body.top_k, 0),
+        keep |= think.parser.tokens(side.tokenizer)
+    jobs, bridge = _submit(state, served, prompts, n, params, body.stop, logprobs, max(body.top_k, 0),
                            keep, constraints, think, bias, (body.presence_penalty, body.frequency_penalty), options,
                            shown)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
         return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs,
-                                               tools, think, forced, echoes, prompt_lps),
+                                               tools, think, forced, echoes, prompt_lps, side),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     collected = await _collect(state, http, jobs, bridge)
     if isinstance(collected, JSONResponse):
@@ -681,7 +742,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
         echo = echoes[index // n] if echoes is not None else ""
         text = echo + "".join(pieces[index])
         finish = "stop" if reason == "stop" else "length"
-        lp = logprobs_object(state, infos[index], chat, len(echo)) if logprobs is not None else None
+        lp = logprobs_object(side, infos[index], chat, len(echo)) if logprobs is not None else None
         if prompt_lps is not None:
             lp = {key: prompt_lps[index // n][key] + lp[key] for key in lp}
         if chat:
@@ -711,10 +772,10 @@ async def _serve(state: ServerState, http: HTTPRequest, body, prompts: list[list
 
 
 def _sampling_params(state: ServerState, body, limits: list[int], n: int, seed: int | None,
-                     extra_stops: tuple[int, ...] = ()) -> list[SamplingParams]:
+                     stop_token_ids: tuple[int, ...]) -> list[SamplingParams]:
     """One ``SamplingParams`` per engine row: ``n`` for each limit (each prompt's token budget), from ``body``'s
-    ``temperature`` and ``top_p``; row i of a prompt is seeded ``seed + i``; ``extra_stops``: end tokens of this
-    request beside the server's (a tool call's)."""
+    ``temperature`` and ``top_p``; row i of a prompt is seeded ``seed + i``; ``stop_token_ids``: the end tokens of
+    this request (its template's end of turn, ``ModelText.stop_token_ids``, and a tool call's)."""
     try:
         # the sampler works in float32, where 1e-300 is 0: a top_p that small would keep no token, a temperature
         # that small would divide by zero. Raised to 1e-30 they mean the same (top_p: only the most likely token,
@@ -722,35 +783,37 @@ def _sampling_params(state: ServerState, body, limits: list[int], n: int, seed: 
         # far more than 1e-30 x 100 unless they tie)
         temperature = body.temperature if body.temperature == 0 else max(body.temperature, 1e-30)
         return [SamplingParams(max_new_tokens=limit, temperature=temperature, top_p=max(body.top_p, 1e-30),
-                               stop_token_ids=body.answer_ends(state.stop_token_ids, extra_stops),
-                               seed=_choice_seed(seed, i))
+                               stop_token_ids=stop_token_ids, seed=_choice_seed(seed, i))
                 for limit in limits for i in range(n)]  # seed + i: each prompt as if sent alone
     except LorakitError as error:
         raise APIError(400, str(error)) from None
 
 
-def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[SamplingParams],
-            adapter_name: str | None, internal: str | None, stops: list[str] | None, logprobs: int | None,
+def _submit(state: ServerState, served: _Served, prompts: list[list[int]], n: int, params: list[SamplingParams],
+            stops: list[str] | None, logprobs: int | None,
             top_k: int = 0, keep: frozenset[int] = frozenset(), constraints: list | None = None,
             think: AnswerStart | None = None, bias=None, penalties: tuple[float, float] = (0.0, 0.0),
             options: RowOptions = OFF, shown: dict | None = None) -> tuple[list[Request], _Bridge]:
-    """Hand ``len(params)`` jobs to the engine (job j answers ``prompts[j // n]``), each under the adapter pinned
-    once by ``_acquire`` (``internal``; None: the base); the pin is released when the last job finishes, or here
-    if submitting fails. The jobs' events arrive on the bridge's queue: ``("token", j, text, token, info, settled)``
+    """Hand ``len(params)`` jobs to the engine (job j answers ``prompts[j // n]``), each under ``served``'s adapter
+    (pinned once by :func:`_open_model`; None: the base), decoded by its text side; the jobs take the pin over: it
+    is released when the last job finishes, or here if submitting fails. The jobs' events arrive on the bridge's
+    queue: ``("token", j, text, token, info, settled)``
     and ``("done", j, text, reason, settled)``, text being the newly final text (stop strings cut), settled how many
     of the job's tokens have their text in the answer so far (``TextAssembler.settled``: their logprobs are sent).
     ``bias``: the request's logit_bias (:func:`_logit_bias`), ``penalties`` its (presence, frequency), for every
     job; ``options`` and ``shown`` its vLLM options for the engine and the text (``served_options``).
     ``constraints``: job j's response_format matcher (:func:`_constraints`); one still waiting for the
     reasoning block (``think``) to close is switched on by the token that closes it."""
-    pin = _SharedPin(state, adapter_name, len(params))  # from here each job's on_finish releases its share, once
+    pin = _SharedPin(state, served.name if served.pinned else None, len(params))
+    served.pinned = False  # from here each job's on_finish releases its share, once
     bridge = _Bridge(asyncio.get_running_loop())
+    text = served.text
     shown = dict(shown or {})
-    hidden = shown.pop("stop_token_ids", state.stop_token_ids)  # tokens whose text the answer leaves out
+    hidden = shown.pop("stop_token_ids", text.stop_token_ids)  # tokens whose text the answer leaves out
     jobs: list[Request] = []
     try:
         for index, choice_params in enumerate(params):
-            assembler = TextAssembler(state.tokenizer, stops, hidden, state.tokenizer_lock, keep, **shown)
+            assembler = TextAssembler(text.tokenizer, stops, hidden, text.lock, keep, **shown)
 
             constraint = constraints[index] if constraints else None
 
@@ -766,7 +829,7 @@ def _submit(state: ServerState, prompts: list[list[int]], n: int, params: list[S
                 text = assembler.finish()
                 bridge.put(("done", index, text, reason, assembler.settled(final=True)))
 
-            job = Request(prompts[index // n], internal, choice_params, on_token, on_finish, logprobs=logprobs,
+            job = Request(prompts[index // n], served.internal, choice_params, on_token, on_finish, logprobs=logprobs,
                           top_k=top_k, constraint=constraint, bias=bias, presence=penalties[0],
                           frequency=penalties[1], options=options)
             state.engine.submit(job)
@@ -816,7 +879,7 @@ def _format_without_calls(spec: tuple | None, param: str, calls: bool) -> None:
                        "the format out", param=param)
 
 
-async def _constraints(state: ServerState, spec: tuple | None, param: str,
+async def _constraints(state: ServerState, text: ModelText, spec: tuple | None, param: str,
                        params: list[SamplingParams], think: AnswerStart | None) -> list | None:
     """One format matcher per engine row (``params``), or None without a format (``spec``: ``(kind, value,
     name[, whitespace])`` from the request field ``param``: structured.compile_format). Inside a reasoning block
@@ -833,9 +896,9 @@ async def _constraints(state: ServerState, spec: tuple | None, param: str,
     where = think.where if think is not None else "closed"
 
     def build() -> list:
-        grammar = compile_format(state.tokenizer, columns, params[0].stop_token_ids, value, name,
-                                 state.tokenizer_lock, kind, more[0] if more else None)
-        opening = tuple(_encode_text(state, think.parser.open)) if where == "start" else ()
+        grammar = compile_format(text.tokenizer, columns, params[0].stop_token_ids, value, name,
+                                 text.lock, kind, more[0] if more else None)
+        opening = tuple(text.encode_text(think.parser.open)) if where == "start" else ()
         return [grammar.constraint(active=where != "inside", opening=opening) for _ in params]
 
     try:

@@ -125,7 +125,8 @@ def build_state(args: argparse.Namespace):
                         max_prompt_tokens=min(max_prompt, context), max_new_tokens=args.max_tokens,
                         api_key=args.api_key or None, body_timeout=args.body_timeout,
                         cors_origins=tuple(args.cors_origin),
-                        reasoning=select_parser(tokenizer, getattr(args, "reasoning_parser", "auto")))
+                        reasoning=select_parser(tokenizer, getattr(args, "reasoning_parser", "auto")),
+                        reasoning_parser=getattr(args, "reasoning_parser", "auto"))
     for entry, why in skipped_folders(args.adapters):
         print(f"lorakit serve: folder {entry!r} in {args.adapters} is not served: {why}", flush=True)
     if name in pool.available():  # "model": name means the base: the folder could never be asked for

@@ -18,6 +18,13 @@ adapter keeps serving until the new one has passed them and is swapped in). Requ
 another request is loading wait for that load rather than read the files again. The look at a loaded adapter's
 folder that each request makes (is it still there?) is made without the lock too.
 
+An adapter whose folder holds a tokenizer (transformers' Trainer and trl save one, with the chat template it was
+trained on) brings its own text side (``model_text.ModelText``: template, end-of-turn tokens, reasoning markers),
+read at admission as warily as the weights and refused there when its ids disagree with the base's
+(``adapter_tokenizer``); requests naming it are rendered and decoded with it (:meth:`AdapterPool.text_of`). It lives
+and goes with the adapter: evicted, unloaded or reloaded, the adapter's text side is dropped or read again. The
+pool reads adapter tokenizers once it knows the base's (``base_text``, set by the server's state).
+
 Lock order: the pool's lock, then the model lock. The engine never takes the pool's lock while it holds the
 model lock (it releases pins after a step), so the two cannot deadlock.
 """
@@ -32,6 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -67,10 +75,19 @@ class LoadedAdapter:
     memory_bytes: int  # what it holds in the model once loaded (copies.held_bytes)
     pins: int = 0
     last_used: float = 0.0
+    text: Any = None  # the ModelText of the tokenizer its folder holds; None: the base's serves it
 
     def describe(self) -> dict:
         return {"name": self.name, "rank": self.rank, "alpha": self.alpha, "variant": self.variant,
-                "size_bytes": self.size_bytes, "memory_bytes": self.memory_bytes, "in_use": self.pins}
+                "size_bytes": self.size_bytes, "memory_bytes": self.memory_bytes, "in_use": self.pins,
+                "tokenizer": "adapter" if self.text is not None else "base"}
+
+
+class Admitted(NamedTuple):
+    """What an admission read and checked: the ``AdapterFile``, and the adapter's text side (or None)."""
+
+    file: Any
+    text: Any
 
 
 class AdapterPool:
@@ -98,6 +115,10 @@ class AdapterPool:
         self._first_loads: set[str] = set()  # names not in memory whose files a request is reading and placing now
         self.loads = 0
         self.evictions = 0
+        # the base's text side and --reasoning-parser: adapter folders' tokenizers are checked against it and read
+        # only once it is set (a pool without it, as lorakit.serve's tests build, serves every adapter the base's)
+        self.base_text = None
+        self.reasoning_choice = "auto"
 
     # -- queries -------------------------------------------------------------------------------------------------
     def available(self) -> list[str]:
@@ -114,6 +135,13 @@ class AdapterPool:
     def is_loaded(self, name: str) -> bool:
         with self._cond:
             return name in self._loaded
+
+    def text_of(self, name: str):
+        """The text side (``ModelText``) of adapter ``name``, which the caller has pinned: its folder's tokenizer,
+        or None where it has none (the base's then serves it). No lock: a pinned entry is neither evicted nor
+        swapped for a reload, and one dict lookup is atomic."""
+        entry = self._loaded.get(name)
+        return entry.text if entry is not None else None
 
     # -- pins ----------------------------------------------------------------------------------------------------
     def acquire(self, name: str, timeout: float = 60.0, cancelled: threading.Event | None = None) -> str:
@@ -165,13 +193,13 @@ class AdapterPool:
                 return self._ensure_loaded(name, timeout).describe()
             self._refuse_busy(old)
             self._check_on_disk(old)
-            folder, adapter_file = self._admit_unlocked(name)  # refused: nothing changed, the old version serves on
+            folder, admitted = self._admit_unlocked(name)  # refused: nothing changed, the old version serves on
             # meanwhile requests may have pinned it, another load swapped in its version, or an eviction dropped it
             current = self._loaded.get(name)
             if current is None:
-                return self._place(name, folder, adapter_file, timeout).describe()
+                return self._place(name, folder, admitted, timeout).describe()
             self._refuse_busy(current)
-            fresh = self._load_new(name, folder, adapter_file)  # refused: ``current`` keeps serving
+            fresh = self._load_new(name, folder, admitted)  # refused: ``current`` keeps serving
             self._loaded[name] = fresh
             with self.model_lock:
                 self._delete(current.internal)
@@ -220,13 +248,13 @@ class AdapterPool:
         check_name(name)  # refuses unsafe names before any file is opened
         self._first_loads.add(name)
         try:
-            folder, adapter_file = self._admit_unlocked(name)  # refuse before evicting anything for it
-            return self._place(name, folder, adapter_file, timeout, cancelled)
+            folder, admitted = self._admit_unlocked(name)  # refuse before evicting anything for it
+            return self._place(name, folder, admitted, timeout, cancelled)
         finally:
             self._first_loads.discard(name)
             self._cond.notify_all()
 
-    def _place(self, name: str, folder: Path, adapter_file, timeout: float,
+    def _place(self, name: str, folder: Path, admitted: Admitted, timeout: float,
                cancelled: threading.Event | None = None) -> LoadedAdapter:
         """Load admitted adapter ``name`` into room made by evicting idle ones (waiting up to ``timeout`` s for
         one to become idle), or return the version another request loaded while this one checked or waited."""
@@ -250,7 +278,7 @@ class AdapterPool:
             entry = self._loaded.get(name)  # another thread may have loaded it meanwhile
             if entry is not None:
                 return entry
-        entry = self._load_new(name, folder, adapter_file)
+        entry = self._load_new(name, folder, admitted)
         self._loaded[name] = entry
         return entry
 
@@ -282,10 +310,11 @@ class AdapterPool:
                              f"it was loaded{'' if entry.pins else ', so it is unloaded'}; put the folder back to "
                              "serve it again")
 
-    def _load_new(self, name: str, folder: Path, adapter_file) -> LoadedAdapter:
+    def _load_new(self, name: str, folder: Path, admitted: Admitted) -> LoadedAdapter:
         """Load admitted adapter ``name`` under a fresh internal name (the caller puts it in ``_loaded``)."""
         from lorakit.inject import adapter_names
 
+        adapter_file = admitted.file
         internal = f"lk{next(self._ids)}"
         with self.model_lock:
             try:
@@ -299,7 +328,7 @@ class AdapterPool:
         config = adapter_file.config
         self.loads += 1
         return LoadedAdapter(name, internal, folder, max(ranks or [config.r]), config.alpha, config.variant,
-                             adapter_file.size_bytes, held, last_used=time.monotonic())
+                             adapter_file.size_bytes, held, last_used=time.monotonic(), text=admitted.text)
 
     def _load_into_model(self, name: str, folder: Path, adapter_file, internal: str) -> tuple[list[int], int]:
         """Put ``adapter_file`` into the model as ``internal`` (held: the model lock); returns its ranks per layer
@@ -349,7 +378,7 @@ class AdapterPool:
         names = {entry.internal: entry.name for entry in self._loaded.values()} | {internal: name}
         return re.sub(r"'(lk\d+)'", lambda match: repr(names.get(match.group(1), match.group(1))), text)
 
-    def _admit_unlocked(self, name: str) -> tuple[Path, object]:
+    def _admit_unlocked(self, name: str) -> tuple[Path, Admitted]:
         """``name``'s folder (``resolve_adapter``) and :meth:`_admit` of it, with the pool's lock let go (the
         caller holds it, once: it is not re-entrant): its checks take seconds (regex probes, a file read), and
         meanwhile other requests must pin their adapters and the engine's thread unpin theirs (it stalled every
@@ -362,8 +391,9 @@ class AdapterPool:
         finally:
             self._cond.acquire()
 
-    def _admit(self, name: str, folder: Path):
-        """Checks on the files alone (no model): size, format, config, regexes, ranks. Returns the AdapterFile."""
+    def _admit(self, name: str, folder: Path) -> Admitted:
+        """Checks on the files alone (no model): size, format, config, regexes, ranks, the tokenizer. Returns what
+        they read (``Admitted``)."""
         stamp = _stamp(folder)
         refused = self._refused.get(name)
         if refused is not None and refused[0] == stamp:
@@ -415,7 +445,22 @@ class AdapterPool:
             how = f" (a {rewrite} adapter of rank {max(ranks)} loads at rank {2 * max(ranks)})" if rewrite else ""
             raise AdapterRejected(f"adapter {name!r} refused: rank {max(ranks) * (2 if rewrite else 1)} is above "
                                   f"--max-rank {self.max_rank}{how}")
-        return adapter_file
+        return Admitted(adapter_file, self._read_text(name, folder))
+
+    def _read_text(self, name: str, folder: Path):
+        """The text side of the tokenizer in adapter ``name``'s folder (``adapter_tokenizer.adapter_text``), or
+        None; a tokenizer that cannot serve is the adapter's refusal, in one line."""
+        if self.base_text is None:
+            return None
+        from lorakit.serve.adapter_tokenizer import adapter_text
+
+        try:
+            return adapter_text(folder, name, self.base_text, self.model, self.reasoning_choice)
+        except LorakitError as error:
+            raise AdapterRejected(f"adapter {name!r} refused: {error}") from None
+        except Exception as error:  # whatever else transformers raises for a broken tokenizer folder
+            reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            raise AdapterRejected(f"adapter {name!r} refused: cannot load its tokenizer: {reason}") from None
 
     def _check_patterns(self, name: str, config) -> None:
         """Refuse regular expressions that take more than ``REGEX_TIMEOUT_S`` on this model's module paths."""
