@@ -492,3 +492,33 @@ def test_xz_bzip2_and_zstd_files_read_like_gzip(tmp_path):
                "first: zstd -d data.jsonl.zst" in str(info.value)
     else:
         assert "a damaged zstd file" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 6. folders as macOS and compression leave them
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_folder_from_macos_and_a_compressed_twin(tmp_path):
+    """macOS writes "._train.jsonl" (AppleDouble metadata, binary) beside each file it copies to a USB stick or packs
+    into a zip: before, the folder was refused ("some files are named for a split ... and some not (._train.jsonl)");
+    hidden files are now skipped, as a shell's * skips them. A file beside its compressed copy (train.jsonl and
+    train.jsonl.gz) read every record twice, silently: refused, naming both (as a folder and as a pattern)."""
+    import gzip
+
+    from lorakit.train.sources import read_many
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"prompt": "a ", "completion": "b"}\n')
+    (data / "val.jsonl").write_text('{"prompt": "c ", "completion": "d"}\n')
+    for name in ("._train.jsonl", "._val.jsonl"):
+        (data / name).write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    assert [r.where for r in read_many(data)] == ["train.jsonl:1"]
+    (data / "train.jsonl.gz").write_bytes(gzip.compress((data / "train.jsonl").read_bytes()))
+    for given in (data, data / "train*"):
+        with pytest.raises(LorakitError, match=r"holds train\.jsonl and train\.jsonl\.gz, the same data compressed and "
+                                               r"not, so every record would be read twice; remove one"):
+            read_many(given)
+    (data / "train.jsonl").unlink()
+    assert [r.where for r in read_many(data)] == ["train.jsonl.gz:1"]

@@ -70,6 +70,7 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
         if not matches:
             raise LorakitError(f"data pattern {path} matches {len(found)} files but no data file ({', '.join(DATA_SUFFIXES)}"
                                f"), e.g. {Path(found[0]).name}; check the pattern")
+        _refuse_compressed_twins(path, matches)
         return [r for match in matches for r in read_records(match, split)]
     if not path.exists():
         parts = [Path(part.strip()) for part in str(path).split(",")]
@@ -91,8 +92,12 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
                 raise LorakitError(f"{path}: cannot list the folder ({exc.strerror}); check its permissions") from None
             # datasets' cache folder also holds cache-<fingerprint>.arrow files, the results of .map() / .filter()
             # calls on it: derived data, not a split
+            # hidden files are skipped as a shell's * skips them: macOS leaves "._train.jsonl" (AppleDouble metadata,
+            # binary) beside each file it copies to a USB stick or packs into a zip or tar
             files = [p for p in entries if p.is_file() and _data_suffix(p) is not None and p.name not in METADATA_FILES
+                     and not p.name.startswith(".")
                      and not (_data_suffix(p) in ARROW_SUFFIXES and p.name.startswith("cache-"))]
+            _refuse_compressed_twins(path, files)
             split_dirs = [p for p in entries if p.is_dir() and SPLIT_WORDS.get(p.name.lower())]
             if not files and split_dirs:  # data/train/, data/validation/, data/test/: the split asked for
                 return read_records(_split_files(path, split_dirs, split)[0], split)
@@ -144,6 +149,17 @@ OTHER_FILE_HINTS = {
 METADATA_FILES = frozenset({"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"})
 SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                "val": "validation", "dev": "validation", "eval": "validation", "test": "test", "testing": "test"}
+
+
+def _refuse_compressed_twins(folder: Path, files: list[Path]) -> None:
+    """A folder holding a file and its compressed copy (train.jsonl and train.jsonl.gz) would train every record
+    twice: refused, naming both."""
+    given = {Path(f) for f in files}
+    twin = next((Path(f) for f in files if Path(f).suffix.lower() in COMPRESSED_SUFFIXES
+                 and Path(f).with_suffix("") in given), None)
+    if twin is not None:
+        raise LorakitError(f"{folder}: holds {twin.stem} and {twin.name}, the same data compressed and not, so every "
+                           "record would be read twice; remove one (or give the files themselves)")
 
 
 def _split_of(file: Path) -> str | None:
