@@ -495,3 +495,69 @@ def test_rows_keep_their_own_options_in_one_batch(server):
         together = list(pool.map(lambda body: _completion(server, **body), bodies * 2))
     assert together == alone * 2
     assert len({text for text, _, _ in alone}) == len(alone)
+
+
+# -- bad_words ---------------------------------------------------------------------------------------------------------
+def test_bad_words_are_transformers_no_bad_words_on_the_answer():
+    """vLLM's bad_words: each word's token sequence(s), the last token refused where the answer (not the prompt:
+    vLLM looks at the output only) ends with the others: transformers' NoBadWordsLogitsProcessor given the
+    answer's tokens, element by element."""
+    from transformers.generation.logits_process import NoBadWordsLogitsProcessor
+
+    from lorakit.generation import SamplingParams
+    from lorakit.serve.engine import Engine, Request
+    from lorakit.serve.protocol import CompletionRequest
+
+    tokenizer = make_tokenizer()
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "bad_words": ["capital", " is", "Paris"]})
+    banned = body.banned_words(encode)
+    # vLLM's rule: the word, and with a space where that is as many tokens ("is" and " is": one each; " capital" is
+    # one token where "capital" is three, so it is not added)
+    assert len(encode("capital")) == 3 and len(encode(" capital")) == 1 and len(encode(" is")) == 1
+    assert set(banned) == {tuple(encode("capital")), tuple(encode("is")), tuple(encode(" is")), tuple(encode("Paris"))}
+    options = body.served_options((2,), len(tokenizer), None, encode)[0]
+    assert options.banned == banned and options.masks()
+    answers = [[], encode("Paris is the"), encode("the"), encode("the capit"), encode("of France")]
+    requests = [Request([7, 8], None, SamplingParams(), lambda *a: True, lambda r: None, options=options)
+                for _ in answers]
+    for request, answer in zip(requests, answers):
+        request.tokens = list(answer)
+    logits = torch.randn(len(answers), len(tokenizer), generator=torch.Generator().manual_seed(4))
+    processed = Engine._processed(requests, logits)
+    reference = NoBadWordsLogitsProcessor([list(words) for words in banned], eos_token_id=tokenizer.eos_token_id)
+    for row, answer in enumerate(answers):
+        expected = reference(torch.tensor([[tokenizer.bos_token_id] + answer]), logits[row:row + 1].clone())[0]
+        if not answer:  # transformers looks at the prompt too: give it one that matches nothing
+            expected = reference(torch.tensor([[tokenizer.bos_token_id]]), logits[row:row + 1].clone())[0]
+        assert torch.equal(processed[row], expected), row
+    assert encode("capital")[-1] in options.refused(encode("capital")[:-1])
+    assert encode("capital")[-1] not in options.refused(encode("capital")[:1])
+
+
+def test_bad_words_over_http(server):
+    """A word the greedy answer writes is banned: the answer is transformers' generate with those token
+    sequences banned (a prompt whose tail starts none of them, so looking at the prompt changes nothing)."""
+    from lorakit.serve.protocol import CompletionRequest
+
+    tokenizer = server["tokenizer"]
+    plain = _generate(server, PROMPT, 12)
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # a piece of the answer (two tokens, else one) whose text, leading spaces stripped, spells it back
+    word = next(tokenizer.decode(plain[i:i + size]) for size in (2, 1) for i in range(1, 10)
+                if tuple(encode(tokenizer.decode(plain[i:i + size]).lstrip())) == tuple(plain[i:i + size]))
+    banned = CompletionRequest.model_validate({"model": "m", "prompt": "x", "bad_words": [word]}).banned_words(encode)
+    assert all(words[0] != PROMPT[-1] for words in banned)
+    expected = _generate(server, PROMPT, 12, bad_words_ids=[list(w) for w in banned])
+    assert expected != plain
+    expected = tokenizer.decode(expected)
+    for stream in (False, True):
+        assert _completion(server, stream, prompt=PROMPT, max_tokens=12, bad_words=[word])[0] == expected
+    error = server["client"].post("/v1/completions", json={"model": "base", "prompt": "x", "bad_words": ["  "]})
+    assert error.status_code == 400 and "non-blank" in error.json()["error"]["message"]

@@ -411,7 +411,8 @@ async def _respond(state: ServerState, body: ResponsesRequest, served: _Served, 
         if body.calls_parsed() else None
     params = _sampling_params(state, body, [limit], 1, None,
                               body.answer_ends(text.stop_token_ids, call_end_tokens(text.tokenizer, fmt)))
-    options, shown = body.served_options(text.stop_token_ids, text.vocab_size, "text.format" if spec else None)
+    options, shown = body.served_options(text.stop_token_ids, text.vocab_size, "text.format" if spec else None,
+                                         text.encode_text)
     think = await run_in_threadpool(_think_state, text, prompt_ids) if forced is None else None
     constraints = await _constraints(state, text, spec, "text.format", params, think)
     keep = (kept_tokens(text.tokenizer, fmt) if calls else frozenset()) | \
@@ -697,7 +698,8 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
                               body.answer_ends(side.stop_token_ids, call_ends))
     bias = _logit_bias(side, body)
     spec = _format_spec(body)
-    options, shown = body.served_options(side.stop_token_ids, side.vocab_size, spec[1] if spec[0] is not None else None)
+    options, shown = body.served_options(side.stop_token_ids, side.vocab_size, spec[1] if spec[0] is not None else None,
+                                         side.encode_text)
     think = await run_in_threadpool(_think_state, side, prompts[0]) if chat and forced is None else None
     constraints = await _constraints(state, side, *spec, params, think)
     if params:

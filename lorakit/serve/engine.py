@@ -334,9 +334,10 @@ class Engine:
     def _processed(requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
         """The logits ``(n, V)`` each row chooses from, in vLLM's order: a format's mask (every token its
         constraint refuses at -inf; all such rows in one pass: ``structured.mask_rows``), then
-        ``allowed_token_ids``, ``min_tokens``' hold on the end tokens, ``logit_bias``, ``repetition_penalty``,
-        presence / frequency penalties (none can allow what an earlier step refused). Rows without any of them
-        cost nothing, and the caller's logits stay the model's (for logprobs): any change is made on a copy."""
+        ``allowed_token_ids``, ``min_tokens``' hold on the end tokens, ``bad_words``, ``logit_bias``,
+        ``repetition_penalty``, presence / frequency penalties (none can allow what an earlier step refused). Rows
+        without any of them cost nothing, and the caller's logits stay the model's (for logprobs): any change is
+        made on a copy."""
         rows = [i for i, r in enumerate(requests) if r.constraint is not None and r.constraint.active]
         if rows:
             from lorakit.serve.structured import mask_rows
@@ -375,8 +376,8 @@ class Engine:
 
     @staticmethod
     def _restrict(requests: list[Request], adjusted: list[int], logits: torch.Tensor) -> None:
-        """The rows' ``allowed_token_ids`` and, while their answers are shorter than ``min_tokens``, their end
-        tokens at -inf (in place: ``logits`` is already the step's own copy)."""
+        """The rows' ``allowed_token_ids``, while their answers are shorter than ``min_tokens`` their end tokens
+        at -inf, and the last tokens of their ``bad_words`` (in place: ``logits`` is already the step's own copy)."""
         for i in adjusted:
             request = requests[i]
             options = request.options
@@ -386,6 +387,10 @@ class Engine:
                 ends = tuple(dict.fromkeys(options.ends + request.params.stop_token_ids))
                 if ends:
                     hold_back(logits, i, Engine._ids(request, "ends", ends, logits.device))
+            if options.banned:  # bad_words: a host-side look at the answer's last tokens, then one small write
+                refused = options.refused(request.tokens)
+                if refused:
+                    hold_back(logits, i, torch.tensor(refused, device=logits.device))
 
     @staticmethod
     def _ids(request: Request, key: str, ids: tuple[int, ...], device: torch.device) -> torch.Tensor:

@@ -136,6 +136,7 @@ class StreamOptions(_Strict):
 
 
 MAX_TOKEN_IDS = 1024  # stop_token_ids / allowed_token_ids entries: a few ends, or a label set, not a vocabulary
+MAX_BAD_WORDS = 128  # bad_words: each is looked for at every token of the answer
 
 
 def _stream_options(value: Any, info) -> Any:
@@ -160,8 +161,18 @@ class _VllmSampling(_Strict):
     skip_special_tokens: bool = True  # false: special tokens' text stays in the answer
     spaces_between_special_tokens: bool = True  # passed to the tokenizer's decode (slow tokenizers read it)
     allowed_token_ids: list[int] | None = Field(None, min_length=1, max_length=MAX_TOKEN_IDS)  # the only tokens drawn
+    # words the answer may not hold (each with and without a leading space, as vLLM tokenizes them: the last token
+    # of each is refused where the answer's last tokens are the rest)
+    bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)
     use_beam_search: bool = False
     length_penalty: float = _finite(1.0)
+
+    @field_validator("bad_words")
+    @classmethod
+    def _words(cls, value: list[str] | None) -> list[str] | None:
+        if value and any(not word.strip() or len(word) > 256 for word in value):
+            raise ValueError("bad_words takes non-blank words of at most 256 characters")
+        return list(dict.fromkeys(value)) if value else None
 
     @field_validator("stop_token_ids", "allowed_token_ids")
     @classmethod
@@ -202,11 +213,24 @@ class _VllmSampling(_Strict):
         unless ignore_eos, ``extra`` (a tool call's end) and the request's stop_token_ids."""
         return (() if self.ignore_eos else tuple(ends)) + tuple(extra) + tuple(self.stop_token_ids or ())
 
-    def served_options(self, ends: tuple[int, ...], vocab: int, format_param: str | None) -> tuple[Any, dict]:
+    def banned_words(self, encode) -> tuple[tuple[int, ...], ...]:
+        """``bad_words`` as token sequences, as vLLM reads them: each word (leading spaces stripped) as ``encode``
+        (text -> ids, no special tokens) gives it, and with one leading space where that spells it in as many
+        tokens, starting with another (the word inside a sentence)."""
+        banned: list[tuple[int, ...]] = []
+        for word in self.bad_words or ():
+            bare = tuple(encode(word.lstrip()))
+            spaced = tuple(encode(" " + word.lstrip()))
+            banned += [bare] + ([spaced] if spaced and len(spaced) == len(bare) and spaced[0] != bare[0] else [])
+        return tuple(dict.fromkeys(words for words in banned if words))
+
+    def served_options(self, ends: tuple[int, ...], vocab: int, format_param: str | None,
+                       encode=None) -> tuple[Any, dict]:
         """The request's vLLM options as the server applies them: the engine's (``sampling.RowOptions``; ``ends``:
         the model's end-of-turn tokens, which min_tokens holds back even with ignore_eos, as in vLLM) and the
         text's (``TextAssembler``'s keywords, with ``stop_token_ids``: the tokens whose text is left out, the end
-        of turn unless ignore_eos and the request's stop_token_ids, both kept by include_stop_str_in_output).
+        of turn unless ignore_eos and the request's stop_token_ids, both kept by include_stop_str_in_output);
+        ``encode``: the request's tokenizer (text -> ids), which spells its bad_words.
 
         Token ids at or past ``vocab`` are the client's 400 (as indices they would fail the engine's whole batch);
         the fields that move the answer's end are refused beside a format (``format_param``: the field that gave
@@ -224,9 +248,13 @@ class _VllmSampling(_Strict):
                 if given:
                     raise APIError(400, f"{name} cannot be combined with {format_param} (the format decides where "
                                    "the answer ends); leave one of them out", param=name)
+        if self.bad_words and encode is None:
+            raise APIError(400, "bad_words is not supported on this endpoint; ban tokens with logit_bias "
+                           '{"<id>": -100}', param="bad_words")
         options = RowOptions(repetition_penalty=self.repetition_penalty, min_p=self.min_p, min_tokens=self.min_tokens,
                              ends=tuple(ends) if self.min_tokens else (),
-                             allowed=tuple(self.allowed_token_ids) if self.allowed_token_ids else None)
+                             allowed=tuple(self.allowed_token_ids) if self.allowed_token_ids else None,
+                             banned=self.banned_words(encode) if self.bad_words else ())
         hidden = () if self.include_stop_str_in_output else self.answer_ends(ends)
         return (OFF if options == OFF else options), {
             "stop_token_ids": hidden, "include_stop": self.include_stop_str_in_output,

@@ -117,7 +117,8 @@ class RowOptions:
     positive, multiplied when negative (CTRL's penalty, as vLLM and transformers apply it); ``min_p``: see
     :func:`sample_rows`; ``min_tokens``: until the answer has that many tokens, the end tokens ``ends`` (the
     end of turn and the request's stop_token_ids) are held at -inf and stop strings are not looked for;
-    ``allowed``: the only tokens the answer may hold (vLLM's ``allowed_token_ids``; None: all).
+    ``allowed``: the only tokens the answer may hold (vLLM's ``allowed_token_ids``; None: all); ``banned``: vLLM's
+    ``bad_words`` as token sequences, whose last token is refused where the answer's last tokens are the rest.
     """
 
     repetition_penalty: float = 1.0
@@ -125,10 +126,18 @@ class RowOptions:
     min_tokens: int = 0
     ends: tuple[int, ...] = ()
     allowed: tuple[int, ...] | None = None
+    banned: tuple[tuple[int, ...], ...] = ()
 
     def masks(self) -> bool:
         """Whether the options may leave a row nothing to choose (a greedy row then checks its pick)."""
-        return self.allowed is not None or self.min_tokens > 0
+        return self.allowed is not None or self.min_tokens > 0 or bool(self.banned)
+
+    def refused(self, answer: list[int]) -> list[int]:
+        """The tokens ``banned`` refuses after ``answer`` (its tokens so far): each sequence's last token where
+        the answer ends with the tokens before it (a one-token word: always)."""
+        return list(dict.fromkeys(words[-1] for words in self.banned
+                                  if len(words) == 1 or (len(answer) >= len(words) - 1
+                                                         and tuple(answer[1 - len(words):]) == words[:-1])))
 
 
 OFF = RowOptions()
