@@ -54,7 +54,14 @@ DEFAULT_SYSTEM = (  # a ChatML template that writes a system prompt of its own w
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
+GEMMA2 = (  # Gemma 2's: refuses any system turn
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}" + GEMMA3.split("{%- endif -%}", 1)[1].replace("(first_user_prefix if loop.first else '')", "''")
+    .replace("loop_messages", "messages"))
+
 EXTRA = {  # name: (template, special tokens, bos added by the tokenizer or None, eos, pad)
+    "gemma2": (GEMMA2, ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<end_of_turn>",
+               "<pad>"),
     "gemma3": (GEMMA3, ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<end_of_turn>",
                "<pad>"),
     "llama2": (LLAMA2, ("<unk>", "<s>", "</s>"), "<s>", "</s>", "<unk>"),
@@ -156,9 +163,9 @@ def new_and_exact(record: dict, tok, monkeypatch, **kwargs) -> tuple[object, obj
 
 
 # templates that render a prefix of a chat as a prefix of it: the windows must be taken (and agree)
-PREFIX = ["chatml", "llama3.1", "qwen2.5", "hermes", "gemma3", "llama2", "mistral-v0.1", "default-system",
+PREFIX = ["chatml", "llama3.1", "qwen2.5", "hermes", "gemma2", "gemma3", "llama2", "mistral-v0.1", "default-system",
           "deepseek-v3.1"]
-NO_SYSTEM = ("mistral-v0.1", "rounds")  # templates that take no system turn
+NO_SYSTEM = ("mistral-v0.1", "rounds", "gemma2")  # templates that take no system turn
 
 
 @pytest.mark.parametrize("name", PREFIX + ["qwen3", "mistral", "rounds", "deepseek-r1"])
@@ -522,3 +529,21 @@ def test_a_folder_from_macos_and_a_compressed_twin(tmp_path):
             read_many(given)
     (data / "train.jsonl").unlink()
     assert [r.where for r in read_many(data)] == ["train.jsonl.gz:1"]
+
+
+def test_an_empty_system_turn_a_template_refuses_is_told_to_be_removed():
+    """Gemma 2's template refuses any system turn; exports that always write one (SlimOrca, OpenHermes: an empty
+    "system" turn) were told to "put the system text at the start of the first user turn", of which there is none."""
+    from lorakit.train.data import build_dataset
+
+    tok = tokenizer("gemma2")
+    record = chat_saying("Hi", "Hello.")
+    assert build_dataset([record], tok, 64).summary.examples == 1
+    record["messages"].insert(0, {"role": "system", "content": " "})
+    with pytest.raises(LorakitError) as info:
+        build_dataset([record], tok, 64)
+    assert str(info.value).endswith("(System role not supported); this model's template takes no system turn, and "
+                                    "this chat's is empty: remove it"), info.value
+    record["messages"][0]["content"] = "Be brief."
+    with pytest.raises(LorakitError, match="put the system text at the start of the first user turn"):
+        build_dataset([record], tok, 64)

@@ -173,7 +173,10 @@ def _template_fix(reason: str, messages: list[dict]) -> str:
     """What to change in the data for the two refusals templates raise most (Gemma's, Mistral's, Llama 2's): a
     system turn they take none of, and turns that do not alternate; "" for any other reason."""
     said = reason.lower()
-    if "system" in said and any(m["role"] == "system" for m in messages):
+    systems = [m for m in messages if m["role"] == "system"]
+    if "system" in said and systems and not any(str(m.get("content") or "").strip() for m in systems):
+        return "; this model's template takes no system turn, and this chat's is empty: remove it"
+    if "system" in said and systems:
         return "; this model's template takes no system turn: put the system text at the start of the first user turn"
     if "alternate" in said:
         return ("; this model's template takes turns that alternate between user and assistant: join consecutive turns "
