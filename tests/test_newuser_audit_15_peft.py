@@ -283,3 +283,31 @@ def test_a_lora_ga_adapter_is_refused_with_the_conversion_to_use(tmp_path):
     message = refusal(tmp_path)
     assert "init_lora_weights='lora_ga' rewrote the base weights" in message
     assert "path_initial_model_for_weight_conversion" in message
+
+
+# -- the reverse: adapters lorakit makes, read by peft 0.21 --------------------------------------------------------------
+LORAKIT_MADE = [  # (model, LoraConfig fields) for each variant: the options lorakit writes into adapter_config.json
+    ("llama", dict(target_modules=["q_proj", "v_proj", "embed_tokens", "down_proj"], rank_pattern={"down_proj": 2},
+                   alpha_pattern={r"layers\.1\..*": 3.0})),
+    ("gpt2", dict(target_modules="all-linear", exclude_modules=r".*\.1\.mlp\..*", modules_to_save=["ln_f"])),
+    ("llama-tied", dict(target_modules=["q_proj", "o_proj"], layers_to_transform=[1], layers_pattern="layers",
+                        init="gaussian")),
+    ("llama", dict(target_modules=["q_proj", "up_proj"], init="pissa")),
+]
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora", "rsdora"])
+def test_lorakit_adapters_of_each_variant_load_in_peft(variant, tmp_path):
+    """Already agreed: each variant with per-module patterns and an embedding, GPT-2's Conv1D with a regex exclude and
+    a whole copy, chosen layers with the gaussian init, and PiSSA: peft's from_pretrained gives lorakit's logits."""
+    for index, (kind, fields) in enumerate(LORAKIT_MADE):
+        model = build(kind)
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, variant=variant, **fields))
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for _, parameter in lorakit.lora_parameters(model):
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+        expected = logits(model, IDS)
+        assert (expected - logits(build(kind), IDS)).abs().max() > 1e-2, (kind, fields)
+        lorakit.save_adapter(model, tmp_path / str(index))
+        assert_close(logits(from_peft(kind, tmp_path / str(index)), IDS), expected, msg=f"{kind} {fields}")
