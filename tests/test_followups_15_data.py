@@ -219,6 +219,27 @@ def test_reasoning_chats_and_template_options(monkeypatch):
     assert new == exact and isinstance(new, list)
 
 
+def test_a_one_turn_chat_renders_twice_not_three_times(monkeypatch):
+    """The chat through its last (trimmed: assistant) turn is the whole chat: it was rendered again for every record,
+    a third of the renders of a dataset of one-turn chats (5,000 ChatML records: 1.02 -> 0.81 ms each)."""
+    from lorakit.train.data import tokenizer_info
+
+    tok = make_tokenizer()
+    info = tokenizer_info(tok)  # its end-of-turn probe renders two chats of its own
+    calls = []
+    real = type(tok).apply_chat_template
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("add_generation_prompt", False))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "apply_chat_template", counted)
+    (example,) = tokenize_examples(chat_saying("Hi", "Hello."), tok, 64, info=info)
+    assert sorted(calls) == [False, True], calls  # the whole chat, and the prompt of its answer
+    assert tok.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]) == \
+        "Hello.<|im_end|>"
+
+
 def test_a_thousand_turn_chat_is_linear():
     """Measured on this machine before the change: ChatML 200 / 1,000 / 2,000 messages 0.09 / 2.1 / 12.3 s, Llama 3.1
     0.12 / 5.6 / 21.5 s. Now: 2,000 messages take under twice what 1,000 take (generous on a shared machine: the

@@ -79,8 +79,9 @@ def chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: R
             check(i, full[start:end])
         return [(full, spans)], False
     turns = []  # (i, context with generation prompt, render through turn i)
-    for i in targets:
-        turns.append((i, render(list(messages[:i]), True), render(list(messages[: i + 1]), False)))
+    for i in targets:  # the chat through its last message is the whole chat, already rendered (a one-turn chat's)
+        through = full if i + 1 == len(messages) else render(list(messages[: i + 1]), False)
+        turns.append((i, render(list(messages[:i]), True), through))
     if all(full.startswith(before) and full.startswith(through) and len(through) > len(before)
            for _, before, through in turns):
         for i, before, through in turns:
