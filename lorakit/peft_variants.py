@@ -124,7 +124,9 @@ def to_plain_lora(model: nn.Module, adapter_file: Any, trainable: bool) -> Any:
         if "use_qalora" in names and path in modules and quant.is_linear_like(modules[path]):
             size = raw.get("qalora_group_size", 16)
             in_features = quant.linear_shape(modules[path])[1]
-            if lora_A.shape[1] * size == in_features and size > 1:  # pooled: A reads in / g group means, times in / g
+            # pooled: A reads in / g group means, times in / g. (With g = 1 both forms have A (r, in): taken as the
+            # dense layers' plain LoRA, since QA-LoRA over groups of one feature pools nothing.)
+            if lora_A.shape[1] * size == in_features and size > 1:
                 lora_A = lora_A.repeat_interleave(size, dim=1) * (lora_A.shape[1] / size)
         if "kasa_config" in names:
             diag = tensors.pop(key[: -len("lora_A.weight")] + "lora_diag", None)
