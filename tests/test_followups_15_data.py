@@ -568,3 +568,22 @@ def test_an_empty_system_turn_a_template_refuses_is_told_to_be_removed():
     record["messages"][0]["content"] = "Be brief."
     with pytest.raises(LorakitError, match="put the system text at the start of the first user turn"):
         build_dataset([record], tok, 64)
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                   {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}], "images": ["cat.png"]},
+     "images"),  # TRL's / LLaMA-Factory's vision SFT rows
+    ({"id": "0", "image": "coco/1.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                           {"from": "gpt", "value": "A cat."}]}, "image"),  # LLaVA's
+])
+def test_multimodal_rows_are_refused_as_such_not_told_to_drop_their_media(row, field):
+    """Before: "unknown field 'images' ...: remove it", and removing it trains answers about a picture the model never
+    sees ("<image>" left in the text). A text-only row of a mixed set ("images": []) trains."""
+    text = refusal(row)
+    assert text == (f"data.jsonl:3: a multimodal record (its {field!r} field holds media); lorakit trains text-only "
+                    "language models, and the text alone would teach answers about media the model never sees; give "
+                    "text-only records (drop the rows that have media)")
+    from lorakit.train.formats import validate_record
+
+    assert validate_record({**chat_saying("Hi", "Hello."), "images": []}).shape == "messages"

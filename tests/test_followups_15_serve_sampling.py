@@ -561,3 +561,20 @@ def test_bad_words_over_http(server):
         assert _completion(server, stream, prompt=PROMPT, max_tokens=12, bad_words=[word])[0] == expected
     error = server["client"].post("/v1/completions", json={"model": "base", "prompt": "x", "bad_words": ["  "]})
     assert error.status_code == 400 and "non-blank" in error.json()["error"]["message"]
+
+
+def test_responses_take_penalties_and_logit_bias_as_chat_does(server):
+    """vLLM's Responses API takes presence_penalty, frequency_penalty and logit_bias (before: 400 unknown field):
+    the answer is the chat answer to the same messages with the same settings."""
+    # the bias makes token 61 the answer's (logits here are within +-9); the penalties then take it off again
+    settings = [{}, {"logit_bias": {"61": 12}}, {"logit_bias": {"61": 12}, "frequency_penalty": 2.0,
+                                                "presence_penalty": 1.0}]
+    answers = []
+    for fields in settings:
+        answer = _post(server, "/v1/responses", {"input": "Hello, how are you today?", "max_output_tokens": 16,
+                                                 **fields})["output"][-1]["content"][0]["text"]
+        assert answer == _chat(server, max_tokens=16, **fields)[0]
+        answers.append(answer)
+    assert len(set(answers)) == 3
+    error = server["client"].post("/v1/responses", json={"model": "base", "input": "hi", "logit_bias": {"100000": 1}})
+    assert error.status_code == 400 and "not in this model's vocabulary" in error.json()["error"]["message"]

@@ -419,7 +419,8 @@ async def _respond(state: ServerState, body: ResponsesRequest, served: _Served, 
         (think.parser.tokens(text.tokenizer) if think else frozenset())
     await _check_servable(state, served)
     jobs, bridge = _submit(state, served, [prompt_ids], 1, params, None, None, max(body.top_k, 0), keep, constraints,
-                           think, options=options, shown=shown)
+                           think, _logit_bias(text, body), (body.presence_penalty, body.frequency_penalty),
+                           options=options, shown=shown)
     return jobs, bridge, prompt_ids, think, calls
 
 

@@ -147,7 +147,38 @@ def _stream_options(value: Any, info) -> Any:
     return value
 
 
-class _VllmSampling(_Strict):
+class _Penalized(_Strict):
+    """OpenAI's penalties and logit_bias: chat and completions take them, and /v1/responses as vLLM's does."""
+
+    # OpenAI's: subtracted from the logit of each token the answer already holds (presence once, frequency per time)
+    presence_penalty: float = _finite(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = _finite(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict | None) -> dict | None:
+        """OpenAI's form: token ids as decimal strings -> a bias in [-100, 100] added to the token's logit (the
+        ids are checked against the vocabulary when the request is served: ``bias_pairs``)."""
+        if not value:
+            return None
+        if len(value) > MAX_BIASED_TOKENS:
+            raise ValueError(f"logit_bias has {len(value):,} tokens, over the limit of {MAX_BIASED_TOKENS:,}")
+        for key, bias in value.items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 12):
+                raise ValueError(f"logit_bias key {key[:40]!r} is not a token id: the keys are token ids written as "
+                                 'strings, such as {"1234": -100}')
+            if not math.isfinite(bias) or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias of token {key[:40]} is {bias}; a bias is between -100 and 100")
+        return value
+
+    def bias_pairs(self) -> list[tuple[int, float]]:
+        """``logit_bias`` as ``(token id, bias)`` pairs, one per id ("07" and "7" name one token: the last
+        given counts, as in a JSON object that names a key twice)."""
+        return list({int(key): float(bias) for key, bias in (self.logit_bias or {}).items()}.items())
+
+
+class _VllmSampling(_Penalized):
     """vLLM's sampling fields beyond OpenAI's (sent in ``extra_body``), each as vLLM defines it: the engine applies
     them row by row (``lorakit.serve.sampling.RowOptions``), the answer's text follows the text ones. Beam search
     (``use_beam_search``, ``length_penalty``) is accepted at its "off" value only."""
@@ -277,10 +308,6 @@ class _Sampling(_VllmSampling):
     user: str | None = None
     safety_identifier: str | None = None  # OpenAI's newer names for ``user``: identify the caller, nothing more
     prompt_cache_key: str | None = None
-    # OpenAI's: subtracted from the logit of each token the answer already holds (presence once, frequency per time)
-    presence_penalty: float = _finite(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = _finite(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
     # vLLM's older structured-output fields (extra_body), each one format as structured_outputs' namesake reads it
     # (guided_formats); guided_whitespace_pattern: the JSON's whitespace (a regex); guided_decoding_backend picks
     # vLLM's backend: any of its names is accepted and ignored (llguidance, vLLM's "guidance", serves every format)
@@ -349,28 +376,6 @@ class _Sampling(_VllmSampling):
                 spec = StructuredOutputs.model_validate({kind: value}).spec()
                 given.append(((spec[0], spec[1], f"guided_{kind}", None), f"guided_{kind}"))
         return given
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias(cls, value: dict | None) -> dict | None:
-        """OpenAI's form: token ids as decimal strings -> a bias in [-100, 100] added to the token's logit (the
-        ids are checked against the vocabulary when the request is served: ``bias_pairs``)."""
-        if not value:
-            return None
-        if len(value) > MAX_BIASED_TOKENS:
-            raise ValueError(f"logit_bias has {len(value):,} tokens, over the limit of {MAX_BIASED_TOKENS:,}")
-        for key, bias in value.items():
-            if not (key.isascii() and key.isdigit() and len(key) <= 12):
-                raise ValueError(f"logit_bias key {key[:40]!r} is not a token id: the keys are token ids written as "
-                                 'strings, such as {"1234": -100}')
-            if not math.isfinite(bias) or not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias of token {key[:40]} is {bias}; a bias is between -100 and 100")
-        return value
-
-    def bias_pairs(self) -> list[tuple[int, float]]:
-        """``logit_bias`` as ``(token id, bias)`` pairs, one per id ("07" and "7" name one token: the last
-        given counts, as in a JSON object that names a key twice)."""
-        return list({int(key): float(bias) for key, bias in (self.logit_bias or {}).items()}.items())
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -195,6 +195,26 @@ def validate_record(obj: Any, where: str = "<record>") -> Record:
     raise as_given
 
 
+# the columns multimodal datasets keep their images, audio and video in, beside the chat (LLaVA's "image", TRL's and
+# LLaMA-Factory's "images", ...): the text refers to them ("<image>"), so it cannot be learnt without them
+MEDIA_FIELDS = frozenset({"image", "images", "audio", "audios", "video", "videos"})
+
+
+def _without_media(obj: Mapping, where: str) -> Mapping:
+    """The record without empty media columns (a text-only row of a mixed dataset: ``"images": []``); a row that has
+    media is refused: lorakit trains text-only models, and training its text alone teaches answers about a picture
+    the model never sees."""
+    media = [key for key in obj if isinstance(key, str) and key.strip().lower() in MEDIA_FIELDS]
+    if not media:
+        return obj
+    held = [key for key in media if obj[key] not in (None, "", [], {})]
+    if held:
+        raise LorakitError(f"{where}: a multimodal record (its {held[0]!r} field holds media); lorakit trains text-only "
+                           "language models, and the text alone would teach answers about media the model never sees; "
+                           "give text-only records (drop the rows that have media)")
+    return {key: value for key, value in obj.items() if key not in media}
+
+
 def _null(value: Any) -> bool:
     """None, or NaN: pandas' null in the rows of a DataFrame (``to_dict("records")``)."""
     return value is None or (isinstance(value, float) and value != value)
@@ -219,6 +239,7 @@ def _validate(obj: Any, where: str) -> Record:
                     twice = " holding a JSON object: the record was encoded twice (json.dumps of json.dumps); encode it once"
         raise LorakitError(f"{where}: expected an object with {EXPECTED_SHAPES}, got {_json_type(obj)}{twice}")
     obj = _normalize_keys(obj, KNOWN_FIELDS)
+    obj = _without_media(obj, where)
     if not IGNORED_FIELDS.isdisjoint(obj.keys()):
         obj = {key: value for key, value in obj.items() if key not in IGNORED_FIELDS}
     if "messages" in obj and isinstance(obj.get("prompt"), str) and "completion" not in obj:
