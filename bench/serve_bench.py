@@ -10,7 +10,10 @@ forward pass does not depend on the values, only the generated text does (random
 so most requests generate their full max_tokens).
 
 Adapters: r=16 on every linear layer of the model, with random non-zero B (speed does not depend on the
-values). Each client sends greedy /v1/completions requests back to back until the case's requests are done.
+values). Each client sends greedy /v1/completions requests back to back until the case's requests are done. Two
+last cases (8 adapters; 8 and 32 clients) send sampled requests with OpenAI's and vLLM's options instead (SAMPLED:
+temperature, top_p, top_k, min_p, repetition and presence penalties, a seed per request): what the per-row logits
+processing costs against the greedy cases beside them.
 Writes bench/results/serve_bench.json (or $OUT/serve_bench.json) and prints a table; docs/PERFORMANCE.md holds
 the numbers of a recorded run.
 """
@@ -87,7 +90,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_case(url: str, clients: int, adapters: list[str], requests: int, max_tokens: int) -> dict:
+SAMPLED = {"temperature": 0.8, "top_p": 0.95, "top_k": 50, "min_p": 0.05, "repetition_penalty": 1.1,
+           "presence_penalty": 0.2}
+
+
+def run_case(url: str, clients: int, adapters: list[str], requests: int, max_tokens: int, sampled: bool = False) -> dict:
     import httpx
 
     latencies: list[float] = []
@@ -104,7 +111,7 @@ def run_case(url: str, clients: int, adapters: list[str], requests: int, max_tok
                 if i is None:
                     return
                 body = {"model": adapters[i % len(adapters)], "prompt": PROMPTS[i % len(PROMPTS)],
-                        "max_tokens": max_tokens, "temperature": 0}
+                        "max_tokens": max_tokens, **({**SAMPLED, "seed": i} if sampled else {"temperature": 0})}
                 start = time.perf_counter()
                 response = http.post("/v1/completions", json=body)
                 elapsed = time.perf_counter() - start
@@ -136,6 +143,7 @@ def run_case(url: str, clients: int, adapters: list[str], requests: int, max_tok
         phase["ms_per_decode_step"] = round(1e3 * phase["decode_s"] / max(phase["decode_steps"], 1), 3)
         phase = {k: round(v, 3) if isinstance(v, float) else v for k, v in phase.items()}
     return {"clients": clients, "adapters": len(adapters), "requests": requests, "max_tokens": max_tokens,
+            "sampling": "sampled" if sampled else "greedy",
             "wall_s": round(wall, 3), "requests_per_s": round(requests / wall, 3),
             "tokens_per_s": round(tokens[0] / wall, 2), "generated_tokens": tokens[0],
             "latency_p50_s": round(statistics.median(latencies), 3),
@@ -190,16 +198,17 @@ def main() -> int:
             names = [f"bench{i}" for i in range(8)]
             run_case(url, 8, names, 8, 2)  # warm-up: loads all 8 adapters
             results = []
-            for adapters in (1, 8):
-                for clients in (1, 8, 32):
-                    requests = max(args.requests, clients) if clients > 1 else max(2, args.requests // 8)
-                    result = run_case(url, clients, names[:adapters], requests, args.max_tokens)
-                    results.append(result)
-                    print(f"{adapters} adapter(s), {clients:2d} clients: {result['requests_per_s']:7.2f} req/s "
-                          f"{result['tokens_per_s']:8.1f} tok/s  p50 {result['latency_p50_s']:.2f} s  prefill "
-                          f"{result.get('prefill_share', 0):.0%} of wall ({result.get('rows_per_prefill', 0)} rows/call), "
-                          f"decode {result.get('decode_share', 0):.0%} ({result.get('ms_per_decode_step', 0)} ms/step)",
-                          flush=True)
+            cases = [(adapters, clients, False) for adapters in (1, 8) for clients in (1, 8, 32)]
+            for adapters, clients, sampled in cases + [(8, 8, True), (8, 32, True)]:
+                requests = max(args.requests, clients) if clients > 1 else max(2, args.requests // 8)
+                result = run_case(url, clients, names[:adapters], requests, args.max_tokens, sampled)
+                results.append(result)
+                print(f"{adapters} adapter(s), {clients:2d} clients, {result['sampling']}: "
+                      f"{result['requests_per_s']:7.2f} req/s "
+                      f"{result['tokens_per_s']:8.1f} tok/s  p50 {result['latency_p50_s']:.2f} s  prefill "
+                      f"{result.get('prefill_share', 0):.0%} of wall ({result.get('rows_per_prefill', 0)} rows/call), "
+                      f"decode {result.get('decode_share', 0):.0%} ({result.get('ms_per_decode_step', 0)} ms/step)",
+                      flush=True)
         except BaseException:
             server_log.flush()
             lines = (Path(tmp) / "server.log").read_text(errors="replace").splitlines(True)
@@ -228,10 +237,10 @@ def main() -> int:
                                           None if args.decoder == "auto" else args.decoder) if part)
     name = f"serve_bench{tag}.json"  # one file per shape and decoder: runs in one session do not overwrite each other
     (out_dir / name).write_text(json.dumps(record, indent=2) + "\n")
-    print("\n| adapters | clients | requests | req/s | tokens/s | p50 latency s | prefill share | decode ms/step |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("\n| adapters | clients | sampling | requests | req/s | tokens/s | p50 latency s | prefill share | decode ms/step |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['adapters']} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+        print(f"| {r['adapters']} | {r['clients']} | {r['sampling']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
               f"{r['latency_p50_s']:.2f} | {r.get('prefill_share', '')} | {r.get('ms_per_decode_step', '')} |")
     return 0
 
