@@ -17,7 +17,9 @@ the model at hand (``to_plain_lora``), so lorakit runs, merges and serves them w
   the untouched base (``AdapterFile.base_rewrite`` is "kasa").
 
 None of them can continue training in lorakit (another parameterization or training rule), so ``trainable=True``
-is refused in one line.
+is refused in one line (``refuse_training``), as for peft's PiSSA / OLoRA inits (loaded at rank 2r: the init's half
+would train too) and MiCA (peft keeps its B frozen); ``lorakit.save_adapter`` writes any of them as a plain LoRA,
+which trains as one.
 """
 
 from __future__ import annotations
@@ -31,13 +33,19 @@ from torch import nn
 from lorakit.config import shown
 from lorakit.errors import LorakitError
 
-# config field -> what lorakit does with it, said when trainable=True is refused
+# config field -> the method, and what its training has that lorakit's plain form lacks
 FIELDS = {
-    "velora_config": "VeLoRA (its compressed backward pass)",
-    "monteclora_config": "MonteCLoRA (its sampling of A in training)",
-    "use_qalora": "QA-LoRA (its pooled A)",
-    "use_bdlora": "BD-LoRA (its block-diagonal factors)",
-    "kasa_config": "KaSA (its diagonal and truncated base)",
+    "velora_config": "VeLoRA (peft trains it with a compressed backward pass)",
+    "monteclora_config": "MonteCLoRA (peft trains it with noise sampled on A)",
+    "use_qalora": "QA-LoRA (peft trains its pooled A)",
+    "use_bdlora": "BD-LoRA (peft trains the diagonal blocks only)",
+    "kasa_config": "KaSA (peft trains B, A and the diagonal on its truncated base)",
+}
+# init_lora_weights -> the same, for inits whose saved adapter lorakit loads in another form
+_INITS = {
+    "pissa": "PiSSA (loaded at rank 2r, so the init's own half would train too; peft trains A and B only)",
+    "olora": "OLoRA (loaded at rank 2r, so the init's own half would train too; peft trains A and B only)",
+    "mica": "MiCA (peft keeps its B frozen)",
 }
 # tensors that only training reads: the forward and the merge never do
 _TRAINING_ONLY = {"velora_config": (".lora_velora_embed",), "monteclora_config": (".lora_monteclora_sampler.",)}
@@ -89,6 +97,21 @@ def _bd_settings(value: dict[str, Any], where: str) -> tuple[list[str], list[str
     return a, b, blocks
 
 
+def refuse_training(adapter_file: Any) -> None:
+    """One line when ``adapter_file`` (an ``io.AdapterFile``) is a method lorakit can run but not train as peft does."""
+    from lorakit.io import CONFIG_NAME
+
+    raw = adapter_file.raw_config
+    init = raw.get("init_lora_weights") if isinstance(raw, dict) else None
+    methods = [FIELDS[n] for n in chosen(raw)] + ([_INITS[init.lower()]] if isinstance(init, str) and init.lower() in _INITS
+                                                  else [])
+    if methods:
+        raise LorakitError(f"{adapter_file.folder / CONFIG_NAME}: {'; '.join(methods)}: lorakit loads it as the plain LoRA "
+                           "it equals when it runs, which trains differently; load it with trainable=False to run or "
+                           "merge it (lorakit.save_adapter then writes that plain LoRA, which trains as one), or continue "
+                           "its training with peft")
+
+
 def to_plain_lora(model: nn.Module, adapter_file: Any, trainable: bool) -> Any:
     """``adapter_file`` (an ``io.AdapterFile``) with these variants' tensors as a plain LoRA's for ``model`` (the same
     object when it uses none). Shapes that fit no form are left as they are, for ``plan_load`` to name."""
@@ -96,14 +119,12 @@ def to_plain_lora(model: nn.Module, adapter_file: Any, trainable: bool) -> Any:
     from lorakit.inject import _base_modules
     from lorakit.io import CONFIG_NAME, _strip
 
+    if trainable:
+        refuse_training(adapter_file)
     names = chosen(adapter_file.raw_config)
     if not names:
         return adapter_file
     where = adapter_file.folder / CONFIG_NAME
-    if trainable:
-        raise LorakitError(f"{where}: {', '.join(FIELDS[n] for n in names)} loads as the plain LoRA it equals when it "
-                           "runs, which trains differently from peft's method; load it with trainable=False to run or "
-                           "merge it, or continue its training with peft")
     raw = adapter_file.raw_config
     modules = _base_modules(model)
     skipped = tuple(part for name in names for part in _TRAINING_ONLY.get(name, ()))

@@ -70,10 +70,29 @@ def test_variants_that_run_as_a_plain_lora_load_both_ways(case, tmp_path):
     ours = quiet(round_trip, "llama", tmp_path, **PLAIN_FORMS[case])
     assert not lorakit.adapter_names(ours)  # merged and unloaded by round_trip
     model = build("llama")
-    with pytest.raises(lorakit.LorakitError, match=r"loads as the plain LoRA it equals when it runs, .*trainable=False") as error:
+    with pytest.raises(lorakit.LorakitError, match=r"loads it as the plain LoRA it equals when it runs, .*trainable=False") as error:
         lorakit.load_adapter(model, tmp_path / "peft", trainable=True)
     assert "\n" not in str(error.value) and not lorakit.adapter_names(model)
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("init, words", [("pissa", "PiSSA (loaded at rank 2r, so the init's own half would train too"),
+                                         ("mica", "MiCA (peft keeps its B frozen)")])
+def test_inits_that_train_otherwise_in_peft_are_not_loaded_for_training(init, words, tmp_path):
+    """peft's PiSSA adapter loads at rank 2r ([B, -B0] [A; A0] on the original base) and MiCA's freezes B in peft:
+    trainable=True trained the init's half (or B) too, silently another method than the one continued. Refused in one
+    line; the plain LoRA that save_adapter writes then trains, from peft's logits."""
+    quiet(peft_saved, "llama", tmp_path / "peft", target_modules=QV, init_lora_weights=init)
+    model = build("llama")
+    with pytest.raises(lorakit.LorakitError, match=re.escape(words) + ".*trainable=False.*lorakit.save_adapter") as error:
+        lorakit.load_adapter(model, tmp_path / "peft", trainable=True)
+    assert "\n" not in str(error.value) and not lorakit.adapter_names(model)
+    lorakit.load_adapter(model, tmp_path / "peft")
+    lorakit.save_adapter(model, tmp_path / "plain")
+    again = build("llama")
+    lorakit.load_adapter(again, tmp_path / "plain", trainable=True)
+    assert_close(logits(again, IDS), logits(from_peft("llama", tmp_path / "peft"), IDS))
+    assert all(p.requires_grad for _, p in lorakit.lora_parameters(again))
 
 
 def test_kasa_adapter_merged_on_the_command_line(tmp_path, capsys):
