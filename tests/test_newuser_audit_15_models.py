@@ -285,3 +285,46 @@ def test_a_tied_config_whose_file_holds_its_own_head_loads_as_transformers_reads
         assert (nf4.lm_head.weight is nf4.model.embed_tokens.weight) == tied
         lorakit.quantize(dense, "nf4")
         assert torch.equal(_logits(nf4), _logits(dense)), tied
+
+
+def _tokenizer_past_the_rows(root: Path, name: str, added: list[str], pad: str | None = None) -> Path:
+    """The plain folder (32 embedding rows) with tokens added to its tokenizer and not to the model."""
+    folder = _copy(root, name)
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(added)
+    if pad is not None:
+        tokenizer.add_special_tokens({"pad_token": pad})
+    tokenizer.save_pretrained(folder)
+    assert len(tokenizer) > 32
+    return folder
+
+
+def test_a_pad_token_added_past_the_embedding_rows_pads_with_eos_instead(root, tmp_path):
+    """Llama 2 fine-tunes added "[PAD]" as id 32000 to a 32000-row model: lorakit padded batches with it and
+    training stopped at the first step with "IndexError: index out of range in self". Padding is masked out, so
+    the eos token pads instead, said in one warning; the run trains."""
+    folder = _tokenizer_past_the_rows(root, "pad-past", [f"w{i}" for i in range(14)], pad="[PAD]")
+    with pytest.warns(UserWarning, match=r"pad token '\[PAD\]' is id 32, past the model's embedding rows .* so the "
+                                         r"eos token '<\|im_end\|>' pads instead"):
+        model, tokenizer = lorakit.load_base(str(folder), device="cpu")
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 3
+    code, out, err = _run("train", "--model", folder, "--data", root / "train.jsonl", *TRAIN, "--batch-size", 4,
+                          "--out", tmp_path / "run")
+    assert code == 0 and "Traceback" not in err, err
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_data_holding_a_token_past_the_embedding_rows_is_refused_by_name(root, tmp_path):
+    """Tokens added to the tokenizer without resizing the model: a training (or evaluation) example holding one
+    stopped lorakit train and lorakit eval with "IndexError: index out of range in self" (a traceback, after the
+    model had loaded). Now one line naming the token and how to resize the model; no run folder is left."""
+    folder = _tokenizer_past_the_rows(root, "tokens-past", [f"w{i}" for i in range(20)])
+    data = write_jsonl(tmp_path / "new-words.jsonl", [{"prompt": "reverse a b w19 :", "completion": "w19 b a"}] * 4)
+    line = _refused("train", "--model", folder, "--data", data, *TRAIN, "--out", tmp_path / "run")
+    assert "the training data holds the token 'w19' (id 37; 4 rows hold ids past the model's 32 embedding rows)" in line
+    assert "resize_token_embeddings(len(tokenizer))" in line, line
+    assert not (tmp_path / "run").exists()
+    line = _refused("eval", "--model", folder, "--data", data)
+    assert "the evaluation data holds the token 'w19'" in line, line
+    code, out, err = _run("train", "--model", folder, "--data", root / "train.jsonl", *TRAIN, "--out", tmp_path / "ok")
+    assert code == 0, err  # data of the model's own tokens trains as before

@@ -549,6 +549,9 @@ def load_base(name_or_folder: str = "smollm2-135m", dtype: str | torch.dtype | N
     model.eval()
     model.lorakit_base_name = display
     _note_unreadable_generation_config(folder)
+    from lorakit.models.vocab_fit import fit_pad_token
+
+    fit_pad_token(model, tokenizer, display)  # a "[PAD]" added past the rows: batches stopped with an IndexError
     return model, tokenizer
 
 

@@ -198,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
                            f"pass --max-length {limit} or less")
     dataset = build_dataset(records, tokenizer, args.max_length, args.overflow, name=", ".join(map(str, paths)),
                             chat_template_kwargs=template_kwargs)
+    from lorakit.models.vocab_fit import check_ids_fit
+
+    check_ids_fit(model, tokenizer, [("evaluation", dataset)])  # an id past the embedding: not an IndexError
     compute_dtype = compute_dtype_for(model, device)
     progress = True if show_bar(args.progress) else "lines"  # a bar on a terminal, plain lines in a log
     loss, tokens = dataset_loss(model, dataset, args.batch_size, Collator(pad_id_for(tokenizer)), device, compute_dtype,

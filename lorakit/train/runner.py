@@ -579,6 +579,9 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     given = {**(config_file_values or {}), **(cli_values or {})}
     config = fit_max_length(config, model, explicit="max_length" in given or resume_from is not None)
     bundle = load_data(config, tokenizer, records)
+    from lorakit.models.vocab_fit import check_ids_fit
+
+    check_ids_fit(model, tokenizer, [("training", bundle.train), ("validation", bundle.val)])  # not an IndexError
     from lorakit.train.preflight import check_batch_fits
 
     # again on the tokenized rows: dropped examples and packing leave fewer than the records (said before training)
