@@ -60,6 +60,9 @@ PLAIN_FORMS = {
         target_modules_bd_a=["q_proj"], target_modules_bd_b=["o_proj"], nblocks=2, match_strict=False)),
     # QA-LoRA acts on GPTQ layers only: on a dense model peft runs (and saves) a plain LoRA
     "qalora-on-dense-layers": dict(target_modules=QV, use_qalora=True, qalora_group_size=8),
+    # GPT-2's Conv1D (fan_in_fan_out) with VeLoRA and dropout
+    "gpt2-velora": dict(kind="gpt2", target_modules=["c_attn", "c_fc"], lora_dropout=0.1,
+                        velora_config=lora_config.VeloraConfig(num_groups=4)),
 }
 
 
@@ -67,9 +70,11 @@ PLAIN_FORMS = {
 def test_variants_that_run_as_a_plain_lora_load_both_ways(case, tmp_path):
     """Refused before ("PEFT option velora_config=... is not supported"): now peft's logits, its merge, and a file
     peft reads back; continued training (trainable=True) is refused in one line, the model untouched."""
-    ours = quiet(round_trip, "llama", tmp_path, **PLAIN_FORMS[case])
+    options = dict(PLAIN_FORMS[case])
+    kind = options.pop("kind", "llama")
+    ours = quiet(round_trip, kind, tmp_path, **options)
     assert not lorakit.adapter_names(ours)  # merged and unloaded by round_trip
-    model = build("llama")
+    model = build(kind)
     with pytest.raises(lorakit.LorakitError, match=r"loads it as the plain LoRA it equals when it runs, .*trainable=False") as error:
         lorakit.load_adapter(model, tmp_path / "peft", trainable=True)
     assert "\n" not in str(error.value) and not lorakit.adapter_names(model)
@@ -133,6 +138,16 @@ def test_qalora_pooled_factors_of_gptq_layers(tmp_path, monkeypatch):
     assert_close(logits(from_peft("llama", tmp_path / "ours"), IDS), expected)  # plain peft: no QA-LoRA there
     lorakit.merge_and_unload(ours)  # peft cannot merge QA-LoRA; the plain form can
     assert_close(logits(ours, IDS), expected)
+
+
+def test_moe_expert_parameters_with_rslora_alpha_pattern_and_chosen_layers(tmp_path):
+    """Already agreed: peft's ParamWrapper LoRA on Qwen2-MoE's fused experts (target_parameters) with rsLoRA, an
+    alpha_pattern key and layers_to_transform, beside LoRA on q_proj: peft's logits both ways and in the merge."""
+    from test_newuser_audit_13_peft import both_ways
+
+    quiet(both_ways, "qwen2moe", tmp_path, target_modules=["q_proj"], use_rslora=True, alpha_pattern={"down_proj": 3.0},
+          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], layers_to_transform=[1],
+          layers_pattern="layers")
 
 
 # -- fields that only describe the file, or change nothing a saved adapter does ---------------------------------------
