@@ -9,10 +9,11 @@ For templates that render a prefix of a chat as a prefix of it (ChatML, Llama 3,
 the text message k adds, ``render(messages[:k + 1])[len(render(messages[:k])):]``, depends on the messages just
 before it (the previous role: Qwen's tool results share one user turn) and on the start of the chat (the system
 prompt; Llama 3.1 writes the tools into the first user turn; Llama 2 the system prompt into it), not on the middle.
-So it is read from a short window: the leading system turns and the first turn, then ``messages[j:k + 1]`` with j a
-few messages before k, at the same parity and role as the window's first turn after the start (templates that check
-alternation by ``loop.index0 % 2`` see the same roles at the same parities). One chain of windows with the same j
-gives the pieces of :data:`BLOCK` messages, each render holding at most ~:data:`CONTEXT` + :data:`BLOCK` + 2 messages.
+So it is read from a short window: the leading system turns and the first turn, then ``messages[j:k]`` with j a few
+messages before the text wanted, at the same parity and role as the window's first turn after the start (templates
+that check alternation by ``loop.index0 % 2`` see the same roles at the same parities). Only the prefixes the exact
+method renders are windowed (each target's context and the chat through it); one chain of windows with the same j
+gives :data:`BLOCK` of them, each render holding :data:`CONTEXT` messages and those of its chain beyond the start.
 
 Nothing is assumed without being checked: each window must render its shorter prefix as a prefix of it, the pieces
 must add up to the whole chat exactly as rendered (character for character), and each generation prompt must be
@@ -29,7 +30,7 @@ from lorakit.errors import LorakitError
 
 Span = tuple[int, int]
 MIN_MESSAGES = 32  # shorter chats: the exact renders (their quadratic cost is a few ms)
-BLOCK = 8  # messages whose pieces one chain of windows gives
+BLOCK = 8  # prefixes whose ends one chain of windows gives
 CONTEXT = 4  # at least this many messages before a block stay in its windows
 
 
@@ -61,46 +62,49 @@ def prefix_spans(messages: Sequence[Mapping], targets: Sequence[int], render: Ca
 
 def _spans(messages: Sequence[Mapping], targets: Sequence[int], render: Callable[[list, bool], str], full: str,
            keep: int) -> list[Span] | None:
+    """:func:`prefix_spans` past its guards. Only the prefixes the exact method renders are windowed: ``messages[:k]``
+    for k = i (the context of target i) and k = i + 1 (through it). A template may write a prefix that ends inside
+    a run of tool results differently (Qwen2.5 closes the user turn that holds them only after the last), which no
+    target ever ends at."""
     n, wanted = len(messages), set(targets)
     start_text = render(list(messages[:keep]), False)
     if not full.startswith(start_text):
         return None
     ends = {keep: len(start_text)}  # ends[k]: where render(messages[:k]) ends in full
     starts: dict[int, int] = {}  # starts[i]: where target i's span starts (after its generation prompt)
+    bounds = sorted({k for i in targets for k in (i, i + 1)} - {keep})
     anchor = messages[keep].get("role")
-    for block in range(keep, n, BLOCK):
-        j = block - CONTEXT  # the window's first message after the start: same parity and role as messages[keep]
+    base = keep  # the last prefix whose end in full is known
+    for chunk in range(0, len(bounds), BLOCK):
+        j = base - CONTEXT  # the window's first message after the start: same parity and role as messages[keep]
         j -= (j - keep) % 2
         while j > keep and messages[j].get("role") != anchor:
             j -= 2
-        if j <= keep:  # near the start (or no such message): the prefix itself, exactly
 
-            def window(k: int) -> list:
-                return list(messages[: k + 1])
-        else:
+        def window(k: int, j: int = j) -> list:  # messages[:k] as the window writes it
+            return list(messages[:k]) if j <= keep else list(messages[:keep]) + list(messages[j:k])
 
-            def window(k: int, j: int = j) -> list:
-                return list(messages[:keep]) + list(messages[j: k + 1])
-
-        previous = render(window(block - 1), False)
-        for k in range(block, min(block + BLOCK, n)):
-            if k in wanted:  # the generation prompt after messages[:k], as this window writes it
-                prompted = render(window(k - 1), True)
-                if not prompted.startswith(previous):
+        previous = render(window(base), False)
+        for k in [base] + bounds[chunk: chunk + BLOCK]:
+            if k != base:
+                current = render(window(k), False)
+                if not current.startswith(previous):
                     return None
-                prompt = prompted[len(previous):]
-                if not full.startswith(prompt, ends[k]):
+                piece = current[len(previous):]
+                if not full.startswith(piece, ends[base]):  # the pieces must spell the whole chat, in order
                     return None
-                starts[k] = ends[k] + len(prompt)
-            current = render(window(k), False)
-            if not current.startswith(previous):
+                ends[k] = ends[base] + len(piece)
+                previous, base = current, k
+            if k in starts or k not in wanted:
+                continue
+            prompted = render(window(k), True)  # the generation prompt after messages[:k], as this window writes it
+            if not prompted.startswith(previous):
                 return None
-            piece = current[len(previous):]
-            if not full.startswith(piece, ends[k]):  # the pieces must spell the whole chat, in order
+            prompt = prompted[len(previous):]
+            if not full.startswith(prompt, ends[k]):
                 return None
-            ends[k + 1] = ends[k] + len(piece)
-            previous = current
-    if ends[n] != len(full):
+            starts[k] = ends[k] + len(prompt)
+    if n in ends and ends[n] != len(full):
         return None
     spans = [(starts[i], ends[i + 1]) for i in targets]
     return spans if all(end > start for start, end in spans) else None
