@@ -328,3 +328,39 @@ def test_data_holding_a_token_past_the_embedding_rows_is_refused_by_name(root, t
     assert "the evaluation data holds the token 'w19'" in line, line
     code, out, err = _run("train", "--model", folder, "--data", root / "train.jsonl", *TRAIN, "--out", tmp_path / "ok")
     assert code == 0, err  # data of the model's own tokens trains as before
+
+
+@pytest.mark.parametrize("tokenizer_class", [None, "LlamaTokenizer", "GPT2Tokenizer"])
+def test_a_tokenizer_config_without_its_vocabulary_is_refused_not_an_empty_tokenizer(root, tokenizer_class):
+    """tokenizer_config.json downloaded without tokenizer.json (or tokenizer.model / vocab.json): transformers 5
+    builds a tokenizer of the special tokens alone where the config names a class (LlamaTokenizer: 4 tokens, every
+    text encoded to []), so lorakit generate answered an empty line with exit 0 and training would have trained
+    on nothing; without a class it said "Couldn't instantiate the backend tokenizer from one of:". One line now."""
+    folder = _copy(root, f"no-vocabulary-{tokenizer_class}")
+    (folder / "tokenizer.json").unlink()
+    if tokenizer_class:
+        _edit_json(folder / "tokenizer_config.json", lambda d: d.update(tokenizer_class=tokenizer_class))
+    line = _refused("generate", "--model", folder, PROMPT)
+    assert "has tokenizer_config.json but no vocabulary file for it" in line, line
+    assert "download the model's tokenizer files into the same folder" in line, line
+
+
+def test_a_bpe_vocabulary_without_its_merges_names_merges_txt(tmp_path):
+    """A GPT-2-style tokenizer as vocab.json + merges.txt alone loads (and tokenizes with the merges); with
+    merges.txt missing it said "`vocab` and `merges` must be both be from memory or both filenames"."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz:Ġ")}}
+    vocab["Ġa"] = len(vocab)
+    folder = tmp_path / "gpt2-files"
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\nĠ a\n")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(folder)
+    _, tokenizer = lorakit.load_base(str(folder), device="cpu")
+    assert tokenizer(" a b")["input_ids"] == [vocab["Ġa"], vocab["Ġ"], vocab["b"]]
+    (folder / "merges.txt").unlink()
+    line = _refused("generate", "--model", folder, "a b")
+    assert "has the tokenizer's vocab.json but not its merges.txt" in line, line

@@ -717,8 +717,20 @@ def load_tokenizer(folder: Path):
                                f"auto_map), which lorakit never runs; {fix}") from None
         tokenizer = _tokenizers_backend_fallback(folder)
         if tokenizer is None:
+            held = _vocabulary_files(folder)
+            if not held:  # "Couldn't instantiate the backend tokenizer from one of:" before
+                raise LorakitError(_NO_VOCABULARY.format(folder=folder, held="")) from None
+            if held == ["vocab.json"]:  # a BPE vocabulary without its merges: "`vocab` and `merges` must be both ..."
+                raise LorakitError(f"{folder} has the tokenizer's vocab.json but not its merges.txt (or a "
+                                   "tokenizer.json); download merges.txt into the same folder")
             reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
             raise LorakitError(f"cannot load the tokenizer in {folder}: {reason}") from None
+    special = len(getattr(tokenizer, "added_tokens_decoder", None) or {})
+    if special and len(tokenizer) <= special and not _vocabulary_files(folder):
+        # transformers 5 builds a Llama / GPT-2 / ... tokenizer of its special tokens alone when tokenizer_config.json
+        # names the class and the vocabulary file is missing: every text encoded to [] and generate answered nothing
+        raise LorakitError(_NO_VOCABULARY.format(folder=folder, held=f" (it would hold only its {special} special "
+                                                                     "tokens)"))
     if tokenizer.eos_token is None:
         _eos_from_model_config(tokenizer, folder)
     if tokenizer.pad_token is None:
@@ -734,6 +746,16 @@ def load_tokenizer(folder: Path):
 
 
 LFS_POINTER = "version https://git-lfs"
+_NO_VOCABULARY = ("{folder} has tokenizer_config.json but no vocabulary file for it{held} (tokenizer.json, or "
+                  "tokenizer.model, or vocab.json and merges.txt: the download left it out?); download the model's "
+                  "tokenizer files into the same folder")
+
+
+def _vocabulary_files(folder: Path) -> list[str]:
+    """The tokenizer vocabulary files in ``folder`` (fast, SentencePiece, BPE, WordPiece, tiktoken)."""
+    names = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+             "merges.txt")
+    return [name for name in names if (folder / name).is_file()] + sorted(p.name for p in folder.glob("*.tiktoken"))
 
 
 def _check_json_file(path: Path) -> None:
