@@ -308,7 +308,7 @@ class Engine:
         masked = [i for i, r in enumerate(requests) if r.params.temperature == 0 and r.options.masks()]
         if masked:  # allowed_token_ids / min_tokens may leave a greedy row nothing but -inf: no token, an error
             index = torch.tensor(masked, device=logits.device)
-            best = logits[index].gather(1, tokens[index].unsqueeze(1)).squeeze(1)
+            best = logits[index, tokens[index]]  # k elements, not k rows
             tokens[index] = torch.where(best > float("-inf"), tokens[index], -1)
         drawn = [i for i, r in enumerate(requests) if r.params.temperature != 0]
         if drawn:
