@@ -61,8 +61,6 @@ def _with_template(model_dir, template: str, added: tuple[str, ...] = ()):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from transformers import AutoTokenizer
-
     root = tmp_path_factory.mktemp("templates")
     base_tok = make_tokenizer()
     base_tok.add_tokens(WORDS)
@@ -97,14 +95,15 @@ def server(tmp_path_factory):
     model.save_pretrained(root / "model")
     adapters = root / "adapters"
     folders = {}
-    for seed, name in enumerate(("plain", "chatml", "tools", "thinker", "swap", "foreign", "resized", "broken",
-                                 "linked")):
+    for seed, name in enumerate(("plain", "chatml", "tools", "thinker", "swap", "same", "foreign", "resized",
+                                 "broken", "linked")):
         # q_proj only: the attention output is zeroed, so the adapter leaves the table as it is
         folders[name] = make_adapter(model, adapters / name, seed=seed, target_modules=["q_proj"])
     chatml.save_pretrained(folders["chatml"])
     chatml.save_pretrained(folders["swap"])
     tools.save_pretrained(folders["tools"])
     thinker.save_pretrained(folders["thinker"])
+    _with_template(root / "model", X).save_pretrained(folders["same"])  # the base's, saved again as a Trainer does
     make_tokenizer(vocab_size=300).save_pretrained(folders["foreign"])  # another BPE: other ids for the same tokens
     _with_template(root / "model", X, tuple(f"<new_{i}>" for i in range(2 * SPARE_ROWS))).save_pretrained(
         folders["resized"])
@@ -275,13 +274,15 @@ def test_tokenizers_that_would_change_ids_are_refused_in_one_line(server, name, 
 def pool(server):
     from transformers import AutoModelForCausalLM
 
+    from lorakit.models.loading import load_tokenizer
     from lorakit.serve.model_text import ModelText
     from lorakit.serve.pool import AdapterPool
 
     folders = server["folders"]
-    model = AutoModelForCausalLM.from_pretrained(folders["plain"].parent.parent / "model")
+    model_dir = folders["plain"].parent.parent / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     pool = AdapterPool(model, folders["plain"].parent, threading.RLock(), max_loaded=1)
-    pool.base_text = ModelText.build(server["base"], model)
+    pool.base_text = ModelText.build(load_tokenizer(model_dir), model)  # as lorakit serve loads it
     return pool
 
 
@@ -294,6 +295,15 @@ def test_evicting_an_adapter_drops_its_text_side(pool, server):
     pool.acquire("plain")  # --max-loaded 1: chatml is evicted, and its tokenizer with it
     assert pool.text_of("chatml") is None and pool.text_of("plain") is None
     pool.release("plain")
+
+
+def test_the_base_tokenizer_saved_unchanged_serves_as_the_base_text_side(pool):
+    """The Trainer saves the tokenizer beside every adapter, mostly the base's unchanged: such an adapter shares the
+    base's text side (one tokenizer in memory, one llguidance view) instead of a copy of its own."""
+    pool.acquire("same")
+    assert pool.text_of("same") is pool.base_text
+    assert [a["tokenizer"] for a in pool.loaded()] == ["adapter"]
+    pool.release("same")
 
 
 def test_tokenizer_files_are_read_warily(pool, server, tmp_path, monkeypatch):
@@ -325,3 +335,19 @@ def test_tokenizer_files_are_read_warily(pool, server, tmp_path, monkeypatch):
     pool.acquire("big", timeout=5)  # the private copy holds no evil.py, and no remote code runs: the fast one loads
     assert pool.text_of("big").tokenizer.chat_template == Y
     pool.release("big")
+
+
+def test_structured_outputs_let_go_of_adapter_tokenizers(server):
+    """llguidance's view of each tokenizer a format was compiled for was kept for good (~1 s to build, the size of
+    the vocabulary): with adapters' own tokenizers, every reload of one left another behind. Now the last
+    ``TOKENIZER_CACHE`` are kept, and a grammar is never reused for another view that took a freed one's id."""
+    from lorakit.serve import structured
+
+    model_dir = server["folders"]["plain"].parent.parent / "model"
+    tokenizers = [_with_template(model_dir, Y) for _ in range(structured.TOKENIZER_CACHE + 3)]
+    rows = len(server["base"]) + SPARE_ROWS
+    for tokenizer in tokenizers:
+        grammar = structured.compile_format(tokenizer, rows, (tokenizer.eos_token_id,), {"type": "object"})
+        assert grammar.vocab >= len(tokenizer)
+    held = [entry[0] for entry in structured._TOKENIZERS.values()]
+    assert len(held) <= structured.TOKENIZER_CACHE and not any(t is tokenizers[0] for t in held)

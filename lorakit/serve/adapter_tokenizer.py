@@ -9,7 +9,9 @@ every token id means; otherwise the adapter is refused in one line at load, sayi
 - a base token with another id, or missing: its prompts would mean other tokens to this model.
 
 Tokens the adapter's tokenizer adds in rows the base has but its tokenizer leaves unused (Qwen's and Phi's padded
-embeddings) are fine: the ids of the base's own tokens are unchanged.
+embeddings) are fine: the ids of the base's own tokens are unchanged. A tokenizer that is the base's unchanged (what
+the Trainer saves when neither tokens nor template changed: the common case) serves as the base's text side itself,
+so adapters share it (its memory, and llguidance's view of it for structured outputs, ~1 s to build).
 
 The folder is as hostile as its weights (``lorakit.serve.pool``): the known tokenizer files only, each opened
 without following a symbolic link (relative to the folder's descriptor, so none can be swapped in), regular files
@@ -48,16 +50,31 @@ def has_tokenizer(folder: Path) -> bool:
 def adapter_text(folder: Path, name: str, base: ModelText, model: Any, reasoning_choice: str = "auto"
                  ) -> ModelText | None:
     """The text side of adapter ``name`` (folder ``folder``) on ``model``: None when its folder holds no tokenizer
-    (the base's serves it); raises ``LorakitError`` (one line, saying what is wrong with "its tokenizer": the
+    (the base's serves it), ``base`` itself when it holds the base's unchanged; raises ``LorakitError`` (one line, saying what is wrong with "its tokenizer": the
     caller names the adapter) for a tokenizer that is unsafe, broken, or means other tokens than ``base``'s."""
     if not has_tokenizer(folder):
         return None
     with tempfile.TemporaryDirectory(prefix="lorakit-tokenizer-") as private:
         _copy_files(folder, Path(private))
         tokenizer = _load(Path(private))
-    check_vocabulary(tokenizer, base)
+    own = check_vocabulary(tokenizer, base)
+    if own == base.vocab() and same_tokenizer(tokenizer, base.tokenizer):
+        return base
     _check_template(tokenizer)
     return ModelText.build(tokenizer, model, reasoning_choice, adapter=name)
+
+
+def same_tokenizer(tokenizer: Any, other: Any) -> bool:
+    """Whether two fast tokenizers of one vocabulary encode, decode and render alike: the same class, chat
+    template(s), special tokens, added tokens (and whether each is special), and backend (normalizer,
+    pre-tokenizer, merges, post-processor: ``to_str``). Slow tokenizers are never taken for the same."""
+    if type(tokenizer) is not type(other) or tokenizer.chat_template != other.chat_template:
+        return False
+    if tokenizer.special_tokens_map != other.special_tokens_map:
+        return False
+    added = [{i: (t.content, t.special) for i, t in tok.added_tokens_decoder.items()} for tok in (tokenizer, other)]
+    backends = [getattr(tok, "backend_tokenizer", None) for tok in (tokenizer, other)]
+    return added[0] == added[1] and None not in backends and backends[0].to_str() == backends[1].to_str()
 
 
 def _copy_files(folder: Path, into: Path) -> None:
@@ -114,8 +131,9 @@ def _load(private: Path):
         raise LorakitError(f"cannot load its tokenizer: {reason.replace(str(private), 'its folder')}") from None
 
 
-def check_vocabulary(tokenizer: Any, base: ModelText) -> None:
-    """Refuse a tokenizer whose ids mean other rows of the shared model than the base's (module docstring)."""
+def check_vocabulary(tokenizer: Any, base: ModelText) -> dict[str, int]:
+    """Refuse a tokenizer whose ids mean other rows of the shared model than the base's (module docstring);
+    returns its vocabulary."""
     own = tokenizer.get_vocab()
     fix = ("serve it with the base it was trained on, or delete the tokenizer files from its folder to render its "
            "chats with the base's tokenizer")
@@ -134,6 +152,7 @@ def check_vocabulary(tokenizer: Any, base: ModelText) -> None:
                                                               else "absent from its tokenizer")
         raise LorakitError(f"its tokenizer gives {len(moved):,} of the base's {len(base_vocab):,} tokens other ids "
                            f"({said}): its prompts would mean other tokens to this model; {fix}")
+    return own
 
 
 def _check_template(tokenizer: Any) -> None:

@@ -14,6 +14,9 @@ reasoning as ``message.reasoning_content`` (streamed as ``delta.reasoning_conten
 ``/v1/responses``) and only the rest as ``content``, so a client that shows ``content`` shows the answer, and a
 tool call written after the reasoning is parsed from the rest (``tool_calls.py``).
 
+Each model has its parser: the base's, and an adapter folder's own template its own (``model_text.py``; ``auto``
+reads each template).
+
 Where the answer starts is read from the prompt, which is what the model continues (:meth:`ReasoningParser.start`):
 
 - the prompt ends by opening the block (DeepSeek-R1's and QwQ's generation prompt ``<think>\\n``): the answer

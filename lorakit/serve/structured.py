@@ -59,8 +59,11 @@ def _llguidance():
     return llguidance
 
 
-_TOKENIZERS: dict[tuple, Any] = {}
+# llguidance's views of tokenizers, least recently used first: the base's and adapters' own (model_text.py), each
+# held with its tokenizer, so a reloaded or evicted adapter's tokenizer is let go once TOKENIZER_CACHE others follow
+_TOKENIZERS: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
 _TOKENIZERS_LOCK = threading.Lock()
+TOKENIZER_CACHE = 8
 
 
 def _ll_tokenizer(tokenizer, vocab: int, end_ids: tuple[int, ...]):
@@ -70,13 +73,17 @@ def _ll_tokenizer(tokenizer, vocab: int, end_ids: tuple[int, ...]):
     key = (id(tokenizer), vocab, end_ids)
     with _TOKENIZERS_LOCK:
         cached = _TOKENIZERS.get(key)
-        if cached is None or cached[0] is not tokenizer:
+        if cached is not None and cached[0] is tokenizer:
+            _TOKENIZERS.move_to_end(key)
+        else:
             try:
                 built = llguidance.hf.from_tokenizer(tokenizer, n_vocab=max(vocab, len(tokenizer)), eos_token=list(end_ids))
             except Exception as error:  # a slow (Python) tokenizer, or a vocabulary llguidance cannot read
                 raise FormatError(f"structured outputs are not available with this tokenizer "
                                   f"({type(tokenizer).__name__}): {_one_line(error)}") from None
             cached = _TOKENIZERS[key] = (tokenizer, built)
+            while len(_TOKENIZERS) > TOKENIZER_CACHE:
+                _TOKENIZERS.popitem(last=False)
     return cached[1]
 
 
@@ -149,7 +156,9 @@ def compile_format(tokenizer, vocab: int, end_ids: tuple[int, ...], value: Any, 
         raise FormatError(f"{name}: {what} cannot be used: {_one_line(error)}") from None
     key = (id(ll_tokenizer), text)
     with _GRAMMARS_LOCK:
-        start = _GRAMMARS.get(key)
+        held = _GRAMMARS.get(key)
+        # the view itself is held with its grammars: one let go (TOKENIZER_CACHE) may leave its id to another
+        start = held[1] if held is not None and held[0] is ll_tokenizer else None
         if start is not None:
             _GRAMMARS.move_to_end(key)
     if start is None:  # compiled outside the lock (llguidance drops the GIL): other requests' schemas wait not
@@ -157,7 +166,7 @@ def compile_format(tokenizer, vocab: int, end_ids: tuple[int, ...], value: Any, 
         if start.is_error():  # an unknown type, a regex with look-around, a $ref that points nowhere, ...
             raise FormatError(f"{name}: {what} cannot be used: {_one_line(start.get_error())}")
         with _GRAMMARS_LOCK:
-            _GRAMMARS[key] = start
+            _GRAMMARS[key] = (ll_tokenizer, start)
             while len(_GRAMMARS) > GRAMMAR_CACHE:
                 _GRAMMARS.popitem(last=False)
     return Grammar(start, ll_tokenizer.vocab_size, name)

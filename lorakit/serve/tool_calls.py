@@ -2,7 +2,8 @@
 model's calls read back out of its text (what vLLM serves with ``--enable-auto-tool-choice --tool-call-parser
 hermes`` / ``llama3_json`` / ``mistral``).
 
-Parsed formats, chosen from the chat template (as vLLM's ``--tool-call-parser``):
+Parsed formats, chosen from the chat template that rendered the request (as vLLM's ``--tool-call-parser``; an
+adapter folder's own template where it has one: ``model_text.py``):
 
 - ``hermes``: Hermes / Qwen2.5 / Qwen3 write each call as a block ``<tool_call>\\n{"name": ..., "arguments":
   {...}}\\n</tool_call>`` (one or several) after any text;
