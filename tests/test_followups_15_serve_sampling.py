@@ -578,3 +578,24 @@ def test_responses_take_penalties_and_logit_bias_as_chat_does(server):
     assert len(set(answers)) == 3
     error = server["client"].post("/v1/responses", json={"model": "base", "input": "hi", "logit_bias": {"100000": 1}})
     assert error.status_code == 400 and "not in this model's vocabulary" in error.json()["error"]["message"]
+
+
+def test_the_openai_package_sends_them_in_extra_body(server):
+    """What a vLLM user writes: the openai package with ``extra_body``; and its stream_options without stream is
+    the package's BadRequestError, as from OpenAI."""
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Hello, how are you today?"}]
+    reply = client.chat.completions.create(model="base", messages=messages, max_tokens=10, temperature=0,
+                                           extra_body={"repetition_penalty": 1.6, "min_tokens": 2})
+    assert reply.choices[0].message.content == _chat(server, max_tokens=10, repetition_penalty=1.6)[0]
+    plain = _generate(server, PROMPT, 12)
+    at = next(i for i in range(3, 12) if plain[i] not in plain[:i])
+    stream = client.completions.create(model="base", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                       extra_body={"stop_token_ids": [plain[at]], "include_stop_str_in_output": True})
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == \
+        server["tokenizer"].decode(plain[:at + 1])
+    with pytest.raises(openai.BadRequestError, match="stream_options is only allowed when stream is true"):
+        client.chat.completions.create(model="base", messages=messages, max_tokens=4,
+                                       stream_options={"include_usage": True})
