@@ -220,7 +220,7 @@ def test_a_hub_id_reads_the_hugging_face_cache_and_one_not_there_says_how_to_get
     assert_close(_transformers_logits(tmp_path / "merged"), _logits(model))
 
     line = _refused("generate", "--model", "org/absent", PROMPT)
-    assert f"`hf download org/absent` puts it there, then pass the same id" in line and str(cache) in line, line
+    assert "`hf download org/absent` puts it there, then pass the same id" in line and str(cache) in line, line
     assert "huggingface-cli" not in line and "--local-dir absent" in line, line
     (cache / "models--org--cut" / "snapshots" / "abc").mkdir(parents=True)  # a download stopped before config.json
     line = _refused("generate", "--model", "org/cut", PROMPT)
@@ -364,3 +364,34 @@ def test_a_bpe_vocabulary_without_its_merges_names_merges_txt(tmp_path):
     (folder / "merges.txt").unlink()
     line = _refused("generate", "--model", folder, "a b")
     assert "has the tokenizer's vocab.json but not its merges.txt" in line, line
+
+
+@pytest.mark.parametrize("both_keys", [False, True])
+def test_an_mlx_quantized_folder_is_named_as_such(root, tmp_path, both_keys):
+    """mlx-community's 4-bit folders: "quantization": {"group_size", "bits"} in config.json (newer mlx-lm writes the
+    same dict as a quantization_config with no quant_method) and packed weights with .scales / .biases. It said
+    "tensor ... is (32, 5) in the weights but config.json makes it (32, 40) ... an edited vocab_size or
+    hidden_size?" (or "quantization_config has neither load_in_4bit nor load_in_8bit set"); now one line naming
+    MLX and what to use instead."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(root, f"mlx-{both_keys}")
+    packed = {}
+    for key, tensor in load_file(folder / "model.safetensors").items():
+        if key.endswith("proj.weight"):  # 4-bit values, 8 to a 32-bit word; a scale and a bias per 32 inputs
+            rows, columns = tensor.shape
+            packed[key] = torch.zeros(rows, columns // 8, dtype=torch.int32)
+            packed[key.replace(".weight", ".scales")] = torch.ones(rows, max(columns // 32, 1), dtype=torch.float16)
+            packed[key.replace(".weight", ".biases")] = torch.zeros(rows, max(columns // 32, 1), dtype=torch.float16)
+        else:
+            packed[key] = tensor
+    save_file(packed, folder / "model.safetensors", metadata={"format": "mlx"})
+    quantization = {"group_size": 32, "bits": 4}
+    _edit_json(folder / "config.json", lambda d: d.update(
+        quantization=quantization, **({"quantization_config": quantization} if both_keys else {})))
+    for command in (("generate", "--model", folder, PROMPT),
+                    ("train", "--model", folder, "--quantize", "nf4", "--data", root / "train.jsonl", *TRAIN, "--out",
+                     tmp_path / "run")):
+        line = _refused(*command)
+        assert "quantized by MLX" in line and "unquantized model" in line and "--quantize nf4" in line, line
+    assert not (tmp_path / "run").exists()

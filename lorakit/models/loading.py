@@ -357,6 +357,14 @@ def _check_quantization(config: dict, path: Path) -> None:
     each needs its own kernels and packed layout, and training LoRA over them needs them too. bitsandbytes folders
     pass on to ``bnb_quantization``, which reads 4-bit NF4 and names what it does not. A quantization_config that
     is not an object failed in transformers as "'str' object has no attribute 'to_dict'"."""
+    mlx = config.get("quantization")
+    if isinstance(mlx, dict) and ("bits" in mlx or "group_size" in mlx):
+        # mlx-lm's own key (beside a quantization_config with no quant_method, or alone): packed uint32 weights
+        # whose shapes failed as "the weights and config.json are of different models (an edited vocab_size ...)"
+        raise LorakitError(f"{path}: the weights are quantized by MLX (\"quantization\": {mlx.get('bits', '?')}-bit, "
+                           "mlx-lm's format), which lorakit does not read; give the unquantized model it was made from "
+                           "(its model card names it) and, for a 4-bit base, add --quantize nf4 (quantize='nf4' in "
+                           "Python)")
     if "quantization_config" not in config or config["quantization_config"] is None:
         return
     quantization = config["quantization_config"]
