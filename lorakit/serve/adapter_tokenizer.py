@@ -50,16 +50,20 @@ def has_tokenizer(folder: Path) -> bool:
 def adapter_text(folder: Path, name: str, base: ModelText, model: Any, reasoning_choice: str = "auto"
                  ) -> ModelText | None:
     """The text side of adapter ``name`` (folder ``folder``) on ``model``: None when its folder holds no tokenizer
-    (the base's serves it), ``base`` itself when it holds the base's unchanged; raises ``LorakitError`` (one line, saying what is wrong with "its tokenizer": the
-    caller names the adapter) for a tokenizer that is unsafe, broken, or means other tokens than ``base``'s."""
+    (the base's serves it), ``base`` itself when it holds the base's unchanged; raises ``LorakitError`` (one line,
+    saying what is wrong with "its tokenizer": the caller names the adapter) for a tokenizer that is unsafe, broken,
+    or means other tokens than ``base``'s."""
     if not has_tokenizer(folder):
         return None
     with tempfile.TemporaryDirectory(prefix="lorakit-tokenizer-") as private:
         _copy_files(folder, Path(private))
         tokenizer = _load(Path(private))
     own = check_vocabulary(tokenizer, base)
-    if own == base.vocab() and same_tokenizer(tokenizer, base.tokenizer):
-        return base
+    if own == base.vocab():
+        with base.lock:  # requests use the base's tokenizer meanwhile (a fast one is not safe from two threads)
+            same = same_tokenizer(tokenizer, base.tokenizer)
+        if same:
+            return base
     _check_template(tokenizer)
     return ModelText.build(tokenizer, model, reasoning_choice, adapter=name)
 
