@@ -156,6 +156,18 @@ def test_each_model_renders_chats_with_its_own_template(server):
     assert loaded["chatml"] == "adapter" and loaded["plain"] == "base"
 
 
+def test_templates_in_one_mixed_batch(server):
+    """Requests of the base, the chatml and the thinker adapters at once, batched together by the engine: each is
+    rendered, stopped and decoded by its own model's text side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = {"base": (None, "Base says hi."), "chatml": (None, "Hello"), "thinker": ("Let me think.", "Answer.")}
+    models = [*expected] * 4
+    with ThreadPoolExecutor(len(models)) as pool:
+        replies = list(pool.map(lambda model: _chat(server, model)["choices"][0]["message"], models))
+    assert [(r.get("reasoning_content"), r["content"]) for r in replies] == [expected[m] for m in models]
+
+
 def test_the_adapter_template_end_of_turn_stops_its_answers(server):
     """``<|turn_end|>`` ends a turn in the chatml adapter's template (a token only its tokenizer has, in a spare
     row): its rows stop there, text prompts included; the base's rows do not. Before: the base's stop tokens for
