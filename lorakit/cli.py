@@ -42,13 +42,43 @@ EPILOG = """a first session:
   lorakit generate --adapter runs/mine/adapter "Two lattes to Berlin"
   lorakit serve --adapters runs/mine                         # OpenAI-compatible; models "adapter" and "best"
 
-lorakit COMMAND --help shows each command's options, defaults and examples.
+lorakit COMMAND --help (or lorakit help COMMAND) shows each command's options, defaults and examples.
+
+environment:
+  LORAKIT_CACHE           where the embedded model is converted on first use (default: ~/.cache/lorakit)
+  LORAKIT_API_KEY         lorakit serve's --api-key when the flag is not given
+  LORAKIT_DISABLE_TRITON  1: PyTorch reference kernels instead of the Triton ones (comparisons, bisecting)
+  LORAKIT_DISABLE_PDL     1: no programmatic dependent launch between kernels on Hopper GPUs
 """
+
+# other tools' names of our options (transformers' Trainer, vLLM, peft scripts, OpenAI's API), suggested when typed;
+# each is offered only to a command that has the option it names (lorakit train adds its config-file aliases)
+OTHER_NAMES: dict[str, str] = {
+    "output": "out", "output_dir": "out", "output_path": "out", "save_dir": "out", "save_path": "out",
+    "adapter_path": "adapter", "adapter_dir": "adapter", "lora_path": "adapter", "lora": "adapter",
+    "peft_model": "adapter", "model_path": "model", "model_name": "model", "model_name_or_path": "model",
+    "base_model": "model", "base": "model", "max_tokens": "max_new_tokens", "max_length_new": "max_new_tokens",
+    "adapter_dirs": "adapters", "lora_modules": "adapters", "data_path": "data", "dataset_path": "data",
+    "train_data": "data", "eval_data": "val_data",
+}
+# other tools' switches that are one of our options with a value (a bare --variant would not say which)
+OTHER_SWITCHES: dict[str, str] = {
+    "use_dora": "--variant dora", "use_rslora": "--variant rslora", "load_in_4bit": "--quantize nf4",
+    "bf16": "--dtype bfloat16", "fp16": "--dtype float16", "fp32": "--dtype float32",
+}
 
 
 class _OneLineParser(argparse.ArgumentParser):
     """argparse's refusals (a missing value, an unknown option, 'abc' for a number) as one line, like every other
-    mistake: its default prints the whole usage first, 40 lines for ``lorakit train``, above the one that matters."""
+    mistake: its default prints the whole usage first, 40 lines for ``lorakit train``, above the one that matters.
+
+    Prefixes of options are not accepted (``allow_abbrev=False``): with them ``lorakit generate --n 2 hi`` read
+    ``--n`` as ``--no-chat`` and ``2`` as the prompt, and a script's ``--eval`` would change meaning the day another
+    ``--eval-...`` option is added; an unknown option gets the nearest one instead (:func:`_unknown_arguments`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
@@ -118,6 +148,8 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
 
     argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["help"]:  # `lorakit help [COMMAND]`, as git and pip take it: that command's --help
+        argv = ["--help"] if len(argv) == 1 else [argv[1], "--help"] if argv[1] in SUBCOMMANDS else argv[1:2]
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and command not in SUBCOMMANDS:
         if argv and argv[0] == command:  # a mistyped command: argparse would only list the choices
@@ -129,6 +161,9 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
             return 2
         command = None
     parser = build_parser(only=command)
+    unknown = _unknown_before_required(parser, argv)  # a misspelt --out is said, not "--out is required"
+    if unknown:
+        return _unknown_arguments(parser, command, unknown)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse names them from the top level ("lorakit: error"), without the option meant
         return _unknown_arguments(parser, args.command, unknown)
@@ -166,23 +201,63 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
     return code
 
 
-def _unknown_arguments(parser: argparse.ArgumentParser, command: str | None, unknown: list[str]) -> int:
-    """One line for options the command does not have, with the closest one it has: a typo (--max-lenght), or for
-    train another tool's name of the option (--learning-rate -> --lr, from the config file's alias table)."""
+def _unknown_before_required(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The arguments ``parser`` does not know, found before argparse checks the required ones: it checks those first,
+    so ``lorakit merge --adapter A --output merged`` was told "--out is required" about the option it had typed."""
+    parsers = [parser, *(sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+                         for sub in action.choices.values())]
+    required = [action for p in parsers for action in p._actions if action.required]
+    for action in required:
+        action.required = False
+    try:
+        return parser.parse_known_args(argv)[1]
+    finally:
+        for action in required:
+            action.required = True
+
+
+def _suggestion(typed: str, command: str | None, options: list[str]) -> str | None:
+    """The option (with its value, for another tool's switch) a mistyped or foreign ``--option`` most likely means:
+    a typo of ours (--max-stpes), another tool's name (--learning-rate, --output-dir, --max-tokens) or a typo of
+    one (--lerning-rate), or another tool's switch (--use-dora: --variant dora)."""
     import difflib
 
+    key = typed.lstrip("-").replace("-", "_").lower()
+    aliases = dict(OTHER_NAMES)
+    if command == "train":  # the config file's table of other tools' names (Trainer, axolotl, peft scripts)
+        from lorakit.train.config import ALIASES
+
+        aliases.update(ALIASES)
+    aliases = {name: target for name, target in aliases.items() if f"--{target.replace('_', '-')}" in options}
+    switch = OTHER_SWITCHES.get(key)
+    if switch and switch.split()[0] in options:
+        return switch
+    if key in aliases:
+        return f"--{aliases[key].replace('_', '-')}"
+    close = difflib.get_close_matches(f"--{key.replace('_', '-')}", options, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    close = difflib.get_close_matches(key, list(aliases), n=1, cutoff=0.8)
+    return f"--{aliases[close[0]].replace('_', '-')}" if close else None
+
+
+def _unknown_arguments(parser: argparse.ArgumentParser, command: str | None, unknown: list[str]) -> int:
+    """One line for what the command does not take: an unknown option with the one meant, or words left over, which
+    for ``lorakit generate`` are almost always a prompt of several words typed without quotes."""
     prog = f"lorakit {command}" if command else "lorakit"
     sub = next((a.choices[command] for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None) \
         if command else parser
     options = [o for action in (sub or parser)._actions for o in action.option_strings if o.startswith("--")]
     typed = next((u.split("=", 1)[0] for u in unknown if u.startswith("--")), None)
-    close = difflib.get_close_matches(typed, options, n=1, cutoff=0.75) if typed else []
-    if typed and command == "train":  # another tool's name for an option (--learning-rate, --lora-r): ours
-        from lorakit.train.config import ALIASES
-
-        alias = ALIASES.get(typed.lstrip("-").replace("-", "_").lower())
-        close = [f"--{alias.replace('_', '-')}"] if alias else close
-    hint = f"; did you mean {close[0]}?" if close else ""
+    if typed is not None:  # the option alone: the words after it were taken as other arguments, not as its value
+        close = _suggestion(typed, command, options)
+        hint = f"; did you mean {close}?" if close else ""
+        print(f"{prog}: error: unrecognized arguments: {typed}{hint} (`{prog} --help` lists the options)",
+              file=sys.stderr)
+        return 2
+    hint = ""
+    if command == "generate" and not any(u.startswith("-") for u in unknown):
+        hint = '; a prompt of several words goes in quotes: lorakit generate "Two lattes to Berlin"'
     print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)}{hint} (`{prog} --help` lists the options)",
           file=sys.stderr)
     return 2

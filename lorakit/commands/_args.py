@@ -206,3 +206,28 @@ def plain_warnings():
         yield
     finally:
         warnings.formatwarning = formatted
+
+
+@contextlib.contextmanager
+def library_bars_only_on_a_terminal():
+    """transformers' own progress bars (save_pretrained's "Writing model shards") only when stderr is a terminal:
+    into a log file (CI, nohup, ``2> log``) a bar is a line of carriage-return redraws, while lorakit's own work
+    says what it did in plain lines. transformers' switch is global, so it is put back as it was."""
+    import sys
+
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stderr
+        terminal = False
+    if terminal:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

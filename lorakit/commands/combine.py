@@ -248,4 +248,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {Path(out)} ({', '.join(sorted(p.name for p in Path(out).iterdir()))}) in "
           f"{time.perf_counter() - start:.1f} s")
     print(f"load it with: lorakit.load_adapter(model, {str(out)!r}) or peft.PeftModel.from_pretrained(model, {str(out)!r})")
+    import shlex
+
+    model_flag = "" if defaulted else f"--model {shlex.quote(str(args.model))} "
+    print(f"next: lorakit generate {model_flag}--adapter {shlex.quote(str(out))} 'YOUR PROMPT'")
     return 0

@@ -21,6 +21,11 @@ EPILOG = """examples:
   lorakit generate --model ./llama-3.2-1b --adapter runs/demo/adapter "Two lattes to Berlin"
   lorakit generate --model ./base --adapter a --adapter b --base "Hi"  # a, b and the base side by side
   echo "Hi" | lorakit generate --model ./base --adapter a              # the prompt on standard input
+  lorakit generate --system "Answer in French." "What is LoRA?"       # a system turn before the prompt
+
+An adapter of a lorakit train run is asked as it was trained (the run's results.json says how): a run on text or
+prompt/completion records completes the prompt as plain text, and chats that all began with one system prompt give
+it as the default --system. --chat / --no-chat / --system override that.
 """
 
 
@@ -44,7 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # --chat exists so that it is not read as an abbreviation of --chat-template-kwargs (argparse's prefix matching)
     chat.add_argument("--chat", action="store_true", help="answer the prompt as a user message of the model's chat "
                       "template (the default when the model has one; refused when it has none)")
-    chat.add_argument("--no-chat", action="store_true", help="do not apply the chat template (raw completion)")
+    chat.add_argument("--no-chat", action="store_true", help="do not apply the chat template (raw completion; the "
+                      "default for an adapter whose run trained on text or prompt/completion records)")
+    parser.add_argument("--system", metavar="TEXT", default=None, help="a system message before the prompt, in the chat "
+                        "template (default: the one every chat of the adapter's training run began with, else none; "
+                        "'' for none)")
     parser.add_argument("--chat-template-kwargs", metavar="JSON", default=None, help="options of the model's chat "
                         "template as a JSON object, e.g. '{\"enable_thinking\": false}' (Qwen3); default: those the "
                         "adapters' training run used (its config.yaml), else none")
@@ -90,6 +99,28 @@ def _template_kwargs(args: argparse.Namespace) -> dict:
         print(f"chat template options of the adapter's run: {json.dumps(found[0])} (--chat-template-kwargs to "
               "change)", file=sys.stderr)
     return found[0] if found else {}
+
+
+def _run_prompt_style(folders: list[str]) -> dict:
+    """How the adapters' ``lorakit train`` runs framed their prompts (results.json's prompt_format and system_prompt,
+    :func:`lorakit.train.report.prompt_style`), when every adapter comes from a finished run and they agree; else {}
+    (an adapter from elsewhere, or runs that differ: the command's own defaults)."""
+    from lorakit.train.eval_cli import run_folder
+
+    styles = []
+    for folder in folders:
+        run_dir = run_folder(folder)
+        try:
+            results = json.loads((run_dir / "results.json").read_text(encoding="utf-8")) if run_dir else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            results = None
+        if not isinstance(results, dict):
+            return {}
+        style = {key: results.get(key) for key in ("prompt_format", "system_prompt")}
+        if style["prompt_format"] not in ("chat", "plain") or not isinstance(style["system_prompt"], (str, type(None))):
+            return {}
+        styles.append(style)
+    return styles[0] if styles and all(style == styles[0] for style in styles) else {}
 
 
 def _read_stdin() -> str:
@@ -160,6 +191,20 @@ def run(args: argparse.Namespace) -> int:
         # `lorakit generate prompt.txt` answers the words "prompt.txt"; said, not refused: it may be meant
         print(f"note: the prompt is the text {prompt!r}, not that file's content; to send the file: lorakit generate "
               f"... < {prompt}", file=sys.stderr)
+    if args.no_chat and args.system is not None:
+        raise LorakitError("--system is a turn of the chat template, which --no-chat turns off; drop one")
+    style = _run_prompt_style(args.adapter)
+    chat = True if args.chat else False if args.no_chat else None
+    asked_chat = args.system is not None or args.chat_template_kwargs is not None  # options of the template itself
+    if chat is None and not asked_chat and style.get("prompt_format") == "plain":  # a chat frame it never saw
+        chat = False
+        print("note: the adapter's run trained on text or prompt/completion records, so the prompt is completed as "
+              "plain text, as in training (--chat for the chat template)", file=sys.stderr)
+    system = args.system
+    if system is None and chat is not False and style.get("system_prompt"):
+        system = style["system_prompt"]
+        print(f"note: system prompt of the adapter's run: {system!r} (--system to change it, --system '' for none)",
+              file=sys.stderr)
     if args.model is not None:
         check_model_folder(args.model)
     files = [lorakit.read_adapter(folder) for folder in args.adapter]  # each checked before the base loads
@@ -186,13 +231,19 @@ def run(args: argparse.Namespace) -> int:
     params.stop_token_ids = stops
     from lorakit.generation import has_chat_template
 
-    if not args.no_chat and not has_chat_template(tokenizer):  # the prompt would be completed as plain text
-        asked = "--chat" if args.chat else "--chat-template-kwargs" if args.chat_template_kwargs is not None else None
+    if chat is not False and not has_chat_template(tokenizer):  # the prompt would be completed as plain text
+        asked = ("--chat" if args.chat else "--chat-template-kwargs" if args.chat_template_kwargs is not None else
+                 "--system" if args.system else None)
+        system = None  # (the run's own system prompt, not asked for here, is left out without a word)
         if asked:
             raise LorakitError(f"{asked}: the model {args.model} has no chat template (chat_template.jinja or "
                                "tokenizer_config.json's chat_template), so the prompt can only be completed as plain "
                                f"text; drop {asked}")
-    ids = encode_prompt(tokenizer, prompt, chat=False if args.no_chat else None, chat_template_kwargs=template_kwargs)
+    if system:  # a system turn, then the prompt as the user's
+        ids = encode_prompt(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+                            chat_template_kwargs=template_kwargs)
+    else:
+        ids = encode_prompt(tokenizer, prompt, chat=chat, chat_template_kwargs=template_kwargs)
     from lorakit.models.loading import context_length
 
     limit = context_length(model)

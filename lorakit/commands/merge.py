@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.export import check_output_folder, leftover_note, shard_size
 
     from lorakit.commands._args import (check_adapter_arg, check_base_names, check_model_arg, check_model_folder,
-                                        check_writable, explain_misfit)
+                                        check_writable, explain_misfit, library_bars_only_on_a_terminal)
     from lorakit.errors import LorakitError
     from lorakit.commands._adapter_folder import adapter_tokenizer, resize_for
 
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if any(is_quantized(module) for module in model.modules()):  # export_merged dequantizes it before merging
         print(f"{args.model} is 4-bit (NF4): merging into its dequantized weights, the ones the adapter was trained "
               "on; the output is a 16-bit model (for the original weights, pass the 16-bit folder as --model)")
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, library_bars_only_on_a_terminal():
         warnings.simplefilter("always")
         out, report = export_merged(model, tokenizer, "merged", out, dtype=dtype,
                                     gguf_type=(args.gguf_type or "f16") if args.format == "gguf" else None,
@@ -148,4 +148,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {warning.message} (warning threshold: {100 * LOSS_WARNING:.0f}%)")
     print(f"wrote {out} ({', '.join(shown_files(out))}) in {time.perf_counter() - start:.1f} s")
     print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    import shlex
+
+    print(f"next: lorakit generate --model {shlex.quote(str(out))} 'YOUR PROMPT'")
     return 0

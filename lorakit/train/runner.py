@@ -640,6 +640,7 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
             print(interrupted_hint(run_dir), file=sys.stderr, flush=True)
         raise
     from lorakit.inject import trainable_report
+    from lorakit.train.report import example_prompt, next_commands, prompt_style
 
     share = trainable_report(model)
     summary: dict[str, Any] = {
@@ -650,6 +651,7 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
         "trainable_parameters": share.trainable, "total_parameters": share.total, "trainable_share": share.share,
         "dropped_examples": bundle.train.summary.dropped, "truncated_examples": bundle.train.summary.truncated,
         "exact_match_before": before["exact_match"] if before else None,
+        **prompt_style(bundle.train.records),  # how `lorakit generate --adapter RUN/adapter` frames its prompt
     }
     if device.type == "cuda":
         summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -685,6 +687,8 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
         curve = f"  |  curve: {run_dir / 'loss_curve.png'}" if (run_dir / "loss_curve.png").is_file() else ""
         say(f"{what}: {result.adapter_dir}  |  metrics: {run_dir / 'metrics.jsonl'}{curve}  |  config: "
             f"{run_dir / CONFIG_NAME}")
+        say(next_commands(result.adapter_dir, config.model, config.full, example_prompt(bundle.train.records),
+                          validation=bundle.val is not None))
     return summary
 
 
