@@ -459,6 +459,11 @@ def test_min_p_allowed_tokens_and_truncation(server):
     answer = _post(server, "/v1/completions", {"prompt": long, "max_tokens": 6, "truncate_prompt_tokens": len(PROMPT)})
     assert answer["usage"]["prompt_tokens"] == len(PROMPT)
     assert answer["choices"][0]["text"] == _completion(server, prompt=PROMPT, max_tokens=6)[0]
+    whole = _post(server, "/v1/completions", {"prompt": long, "max_tokens": 6, "truncate_prompt_tokens": -1})
+    assert whole["usage"]["prompt_tokens"] == len(long)  # -1: as many as the server takes, all of these
+    chat = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello, how are you?"}],
+                                                  "max_tokens": 4, "truncate_prompt_tokens": 5})
+    assert chat["usage"]["prompt_tokens"] == 5
     both = _post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "n": 2, "best_of": 2})
     assert len(both["choices"]) == 2
 
