@@ -395,3 +395,25 @@ def test_an_mlx_quantized_folder_is_named_as_such(root, tmp_path, both_keys):
         line = _refused(*command)
         assert "quantized by MLX" in line and "unquantized model" in line and "--quantize nf4" in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_folder_holding_an_adapter_too_is_refused_before_peft_applies_it(root, tmp_path):
+    """A merged model saved into the folder that held its adapter (or an adapter copied beside a model to make one
+    repository): transformers' from_pretrained applied that adapter through peft while loading, so lorakit train
+    refused "this model holds peft's adapter layers ... the base without PeftModel" after the whole load. A trainer's
+    output folder (adapter files and the base's config.json, no weights) said "config.json but no weights". Each is
+    now one line, before loading, saying which folder goes where."""
+    folder = _copy(root, "model-and-adapter")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(root / "adapter" / name, folder / name)
+    line = _refused("train", "--model", folder, "--data", root / "train.jsonl", *TRAIN, "--out", tmp_path / "run")
+    assert "holds a model and an adapter (adapter_config.json)" in line and "--adapter" in line, line
+    assert "PeftModel" not in line and not (tmp_path / "run").exists()
+    with pytest.raises(lorakit.LorakitError, match="holds a model and an adapter"):
+        lorakit.load_base(str(folder), device="cpu")
+
+    output = tmp_path / "trainer-output"
+    shutil.copytree(root / "adapter", output)
+    shutil.copy(root / "plain" / "config.json", output / "config.json")
+    line = _refused("generate", "--model", output, PROMPT)
+    assert "is an adapter folder (adapter_config.json; the config.json beside it is its base's" in line, line

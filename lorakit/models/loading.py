@@ -72,6 +72,7 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
                                f"{snapshot}")
         raise LorakitError(f"{folder} has no config.json; give a Hugging Face model folder (config.json, safetensors "
                            "weights, tokenizer files)")
+    _refuse_adapter_beside(folder)
     _refuse_pickled_only(folder)
     check_causal_config(folder)
     _check_weights_present(folder)
@@ -1032,6 +1033,26 @@ def _quiet_loading():
         hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
+
+
+def _refuse_adapter_beside(folder: Path) -> None:
+    """Refuse a model folder that also holds an adapter (adapter_config.json): transformers' from_pretrained applies
+    such an adapter through peft as it loads the base, so lorakit got peft's layers and refused them as "this model
+    holds peft's adapter layers ... the base without PeftModel", in the Python API's words, after the whole load.
+    Trainer output folders (the base's config.json saved beside the adapter, no weights) land here too; they said
+    "config.json but no weights"."""
+    if not (folder / "adapter_config.json").is_file():
+        return
+    weights = any(folder.glob("*.safetensors")) and not all(p.name.startswith("adapter_model")
+                                                           for p in folder.glob("*.safetensors"))
+    if not weights:
+        raise LorakitError(f"{folder} is an adapter folder (adapter_config.json; the config.json beside it is its "
+                           "base's, without weights): give it as --adapter (lorakit.load_adapter in Python) and the "
+                           "base model's own folder as --model")
+    raise LorakitError(f"{folder} holds a model and an adapter (adapter_config.json), which transformers would apply "
+                       "while loading the model; lorakit takes a base without one: move adapter_config.json and "
+                       "adapter_model.safetensors into a folder of their own and give that as --adapter "
+                       "(lorakit.load_adapter in Python)")
 
 
 def _refuse_pickled_only(folder: Path) -> None:
