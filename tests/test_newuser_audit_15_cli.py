@@ -294,6 +294,10 @@ def test_a_chat_run_gives_generate_its_system_prompt(tiny, tmp_path, capsys, mon
     assert calls[-1] == ("copy a b :", None)
     assert main(base + ["--system", "copy only", "copy a b :"]) == 0
     assert calls[-1][0][0] == {"role": "system", "content": "copy only"}
+    # beside an adapter from elsewhere (the README's side-by-side comparison), the run's prompt still applies
+    foreign = make_adapter(tiny_train_model(), tmp_path / "foreign", seed=5)
+    assert main(base + ["--adapter", str(foreign), "--base", "copy a b :"]) == 0
+    assert calls[-1][0][0] == {"role": "system", "content": system}
     capsys.readouterr()
     line = _one_line(capsys, base + ["--no-chat", "--system", "x", "copy a b :"])
     assert line == ("lorakit generate: error: --system is a turn of the chat template, which --no-chat turns off; "

@@ -103,8 +103,9 @@ def _template_kwargs(args: argparse.Namespace) -> dict:
 
 def _run_prompt_style(folders: list[str]) -> dict:
     """How the adapters' ``lorakit train`` runs framed their prompts (results.json's prompt_format and system_prompt,
-    :func:`lorakit.train.report.prompt_style`), when every adapter comes from a finished run and they agree; else {}
-    (an adapter from elsewhere, or runs that differ: the command's own defaults)."""
+    :func:`lorakit.train.report.prompt_style`), when the runs found agree; else {} (no adapter from a finished run, or
+    runs that differ: the command's own defaults). An adapter from elsewhere has no say: compared side by side with a
+    run's adapter (one prompt for every row), the run's framing is the one that is known to matter."""
     from lorakit.train.eval_cli import run_folder
 
     styles = []
@@ -115,11 +116,10 @@ def _run_prompt_style(folders: list[str]) -> dict:
         except (OSError, UnicodeDecodeError, ValueError):
             results = None
         if not isinstance(results, dict):
-            return {}
+            continue
         style = {key: results.get(key) for key in ("prompt_format", "system_prompt")}
-        if style["prompt_format"] not in ("chat", "plain") or not isinstance(style["system_prompt"], (str, type(None))):
-            return {}
-        styles.append(style)
+        if style["prompt_format"] in ("chat", "plain") and isinstance(style["system_prompt"], (str, type(None))):
+            styles.append(style)
     return styles[0] if styles and all(style == styles[0] for style in styles) else {}
 
 
