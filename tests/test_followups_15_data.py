@@ -15,7 +15,7 @@ import pytest
 from lorakit.errors import LorakitError
 from lorakit.train import chat_prefix, chat_turns
 from lorakit.train.data import tokenize_examples
-from test_serve_support import TEXT, make_tokenizer
+from test_serve_support import CHATML, TEXT, make_tokenizer
 from test_train_tool_calls import FAMILIES, family
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -59,6 +59,12 @@ GEMMA2 = (  # Gemma 2's: refuses any system turn
     "{% endif %}" + GEMMA3.split("{%- endif -%}", 1)[1].replace("(first_user_prefix if loop.first else '')", "''")
     .replace("loop_messages", "messages"))
 
+ZEPHYR = (  # HuggingFaceH4/zephyr-7b-beta's: <|user|> is text on Mistral's tokenizer; each turn ends with </s>
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}{% endfor %}")
+
 EXTRA = {  # name: (template, special tokens, bos added by the tokenizer or None, eos, pad)
     "gemma2": (GEMMA2, ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<end_of_turn>",
                "<pad>"),
@@ -67,6 +73,8 @@ EXTRA = {  # name: (template, special tokens, bos added by the tokenizer or None
     "llama2": (LLAMA2, ("<unk>", "<s>", "</s>"), "<s>", "</s>", "<unk>"),
     "mistral-v0.1": (MISTRAL_V1, ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"), "<s>", "</s>", "<unk>"),
     "rounds": (ROUNDS, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>", "<|endoftext|>"),
+    "chatml-on-llama2": (CHATML, ("<unk>", "<s>", "</s>"), "<s>", "</s>", "<unk>"),  # a template without its tokens
+    "zephyr": (ZEPHYR, ("<unk>", "<s>", "</s>"), "<s>", "</s>", "<unk>"),  # role markup that is text by design
     "default-system": (DEFAULT_SYSTEM, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>",
                        "<|endoftext|>"),
 }
@@ -594,3 +602,24 @@ def test_multimodal_rows_are_refused_as_such_not_told_to_drop_their_media(row, f
     from lorakit.train.formats import validate_record
 
     assert validate_record({**chat_saying("Hi", "Hello."), "images": []}).shape == "messages"
+
+
+def test_a_chat_template_whose_markup_the_tokenizer_lacks_is_warned_about():
+    """A ChatML template on a base model without ChatML's tokens (a chat_template.jinja copied into a Mistral or Llama 2
+    folder): <|im_start|> / <|im_end|> were trained as plain text pieces, silently, and the model learnt to write
+    them. Zephyr's <|user|> is text by design (its turns end with </s>, a special token): not reported."""
+    from lorakit.train.data import build_dataset
+
+    record = chat_saying("Hi", "Hello.")
+    tok = tokenizer("chatml-on-llama2")
+    ds = build_dataset([record, {"text": "Hello."}], tok, 128)
+    assert len(tok("<|im_end|>", add_special_tokens=False)["input_ids"]) > 1  # the pieces trained
+    assert ds.summary.untokenized_markup == ("<|im_start|>", "<|im_end|>")
+    assert ds.summary.drop_note() == (
+        "warning: this model's chat template writes '<|im_start|>', '<|im_end|>', which are not tokens of its "
+        "tokenizer, so the chat markup trains as plain text that the model learns to write (and no end of turn is "
+        "found in it): use the chat template made for this tokenizer (its instruct version's chat_template.jinja), or "
+        "give prompt/completion records")
+    assert build_dataset([{"text": "Hello."}], tok, 128).summary.drop_note() is None  # no chat, no template used
+    for name in ("zephyr", "chatml", "llama3.1", "gemma2", "mistral", "qwen3"):
+        assert build_dataset([record], tokenizer(name), 256).summary.drop_note() is None, name

@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from lorakit.chat_template import template_end_of_turn
+from lorakit.chat_template import markup_not_in_vocabulary, template_end_of_turn
 from lorakit.errors import LorakitError
 from lorakit.train.batches import (IGNORE_INDEX, BatchIterator, Collator, block_causal_mask, epoch_permutation,
                                    eval_batches, pack_examples)
@@ -602,6 +602,8 @@ class DataSummary:
         per_turn_chats: chats trained as one example per assistant turn (:func:`render_examples`).
         cut_targets: target tokens that overflow="truncate" cut off the examples it kept.
         short_id_chats: chats whose tool call ids were cut to 9 characters for the template (Mistral's).
+        untokenized_markup: the special-token markup the chat template writes (``<|im_end|>``) that the tokenizer
+        has no token for (a ChatML template on a base model without ChatML's tokens), when chats are trained.
         special_text_chats: chats whose messages spell a special token of the tokenizer ("<|im_end|>" in a user's
         text), which the tokenizer reads as that token; first_special_text says where the first one is.
     """
@@ -622,6 +624,7 @@ class DataSummary:
     per_turn_chats: int = 0  # chats trained as one example per assistant turn (a template that rewrites earlier turns)
     short_id_chats: int = 0  # chats whose tool call ids were cut to the 9 characters Mistral's template requires
     cut_targets: int = 0  # target tokens that truncation cut off (overflow="truncate"): not learnt
+    untokenized_markup: tuple[str, ...] = ()  # markup the chat template writes that is no token of the tokenizer
     special_text_chats: int = 0  # chats whose text spells a special token of the tokenizer (read as that token)
     first_special_text: str | None = None  # the first of them: "train.jsonl:3 messages[1] (user) has '<|im_end|>'"
 
@@ -641,18 +644,26 @@ class DataSummary:
     def drop_note(self) -> str | None:
         """One line on dropped examples (why, the first one, what to do about it), on chats trimmed after their
         last answer and on chats trained per assistant turn; None when none of these happened. It starts with
-        "warning:" when chats spell special tokens in their text (:func:`special_token_texts`): said once per
-        dataset, naming the first, since it silently changes the sequence trained on."""
-        note = self._note()
-        if not self.special_text_chats:
+        "warning:" when chats spell special tokens in their text (:func:`special_token_texts`) or the chat template
+        writes markup the tokenizer has no token for: said once per dataset, since either silently changes the
+        sequence trained on."""
+        note, warnings = self._note(), []
+        if self.untokenized_markup:
+            marks, one = ", ".join(map(repr, self.untokenized_markup)), len(self.untokenized_markup) == 1
+            warnings.append(f"this model's chat template writes {marks}, which {'is not a token' if one else 'are not tokens'}"
+                            " of its tokenizer, so the chat markup trains as plain text that the model learns to write (and "
+                            "no end of turn is found in it): use the chat template made for this tokenizer (its "
+                            "instruct version's chat_template.jinja), or give prompt/completion records")
+        if self.special_text_chats:
+            n = self.special_text_chats
+            warnings.append(f"{n} chat{'s spell' if n > 1 else ' spells'} a special token of this tokenizer in its text "
+                            f"(the first: {self.first_special_text}), which the tokenizer reads as that token, not as "
+                            "text, so the model trains on a different chat than the file's (an answer that ends with "
+                            "the end-of-turn token? turns written in the template's markup?): remove the token from "
+                            "the data, or give records that are meant to hold the markup as {\"text\": ...}")
+        if not warnings:
             return note
-        n = self.special_text_chats
-        warning = (f"warning: {n} chat{'s spell' if n > 1 else ' spells'} a special token of this tokenizer in its text "
-                   f"(the first: {self.first_special_text}), which the tokenizer reads as that token, not as text, so "
-                   "the model trains on a different chat than the file's (an answer that ends with the end-of-turn "
-                   "token? turns written in the template's markup?): remove the token from the data, or give records "
-                   "that are meant to hold the markup as {\"text\": ...}")
-        return warning + ("; " + note[len("note: "):] if note else "")
+        return "warning: " + "; ".join(warnings) + ("; " + note[len("note: "):] if note else "")
 
     def _note(self) -> str | None:
         """:meth:`drop_note` but for the special tokens."""
@@ -733,12 +744,14 @@ def build_dataset(
     examples, kept = [], []
     drops: Counter[str] = Counter()
     n_records = 0
-    specials = special_token_texts(tokenizer)
+    specials, checked_markup = special_token_texts(tokenizer), False
     for raw in records:
         if not isinstance(raw, Record):  # a dict given in Python: its errors name its index in the list
             raw = validate_record(raw, f"{name}[{n_records}]")
         record = for_tokenizer(raw, tokenizer)  # an Alpaca record counts as the shape it trains as
         n_records += 1
+        if record.shape == "messages" and not checked_markup:  # once: the template is the same for every chat
+            summary.untokenized_markup, checked_markup = tuple(markup_not_in_vocabulary(tokenizer)), True
         spelled = spelled_special_token(record, specials)
         if spelled:
             summary.special_text_chats += 1
