@@ -260,7 +260,8 @@ def test_a_prompt_completion_run_ends_with_the_next_command_and_generate_complet
     results = json.loads((run / "results.json").read_text())
     assert results["prompt_format"] == "plain" and results["system_prompt"] is None
     last = out.strip().splitlines()[-1]
-    prompt = records[0]["prompt"].strip()
+    prompt = records[0]["prompt"]  # as written: "reverse c f h : ", its trailing space part of the prompt trained on
+    assert prompt.endswith(": ")
     assert last == (f"next: lorakit generate --model {shlex.quote(str(tiny))} --adapter "
                     f"{shlex.quote(str(run / 'adapter'))} {shlex.quote(prompt)}  |  lorakit eval --model "
                     f"{shlex.quote(str(tiny))} --adapter {shlex.quote(str(run / 'adapter'))}")

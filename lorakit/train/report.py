@@ -210,7 +210,8 @@ def prompt_style(records) -> dict[str, Any]:
 
 def example_prompt(records, longest: int = 60) -> str | None:
     """A prompt of the run's own data to show in the next command (the first record's prompt or last user turn),
-    when it is one short line; else None."""
+    when it is one short line; else None. Kept as written, trailing space included: a plain-text prompt is
+    completed token for token, and "Answer: " and "Answer:" are different prompts to a BPE tokenizer."""
     for record in records[:1]:
         if record.shape == "prompt_completion":
             text = record.fields.get("prompt")
@@ -220,8 +221,8 @@ def example_prompt(records, longest: int = 60) -> str | None:
             text = users[-1] if users else None
         else:
             return None
-        if isinstance(text, str) and text.strip() and "\n" not in text.strip() and len(text.strip()) <= longest:
-            return text.strip()
+        if isinstance(text, str) and text.strip() and not any(c in text for c in "\r\n") and len(text) <= longest:
+            return text
     return None
 
 
