@@ -11,6 +11,13 @@ import threading
 from lorakit.errors import LorakitError
 
 
+# seconds a client has, from opening a connection (or from the first byte of its next request on a kept-alive
+# one), to send a request's line and headers. uvicorn has no such limit: a client that sends its headers a byte at a
+# time, or opens a connection and sends nothing, held that connection (a socket and a file descriptor) for good, and
+# a few hundred of them (slowloris) starve the server of descriptors. 30 s: Apache allows 20-40, nginx 60; a real
+# client sends its headers in one packet. The body has its own limit (--body-timeout, read_json).
+HEADER_TIMEOUT_S = 30.0  # --header-timeout (lorakit.serve.transport.http_protocol)
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
@@ -39,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "from a browser; repeat for several (default: none)")
     parser.add_argument("--body-timeout", type=float, default=60.0,
                         help="seconds a client has to send its request body; slower ones get a 408 (default: %(default)s)")
+    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                        help="seconds a client has to send a request's line and headers, from connecting (or from the "
+                             "first byte of its next request); slower ones are disconnected, so clients that send "
+                             "headers a byte at a time cannot hold connections for good (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $LORAKIT_API_KEY)")
     parser.add_argument("--name", default=None, help="the base model's name in /v1/models (default: the --model value's last part)")
@@ -72,6 +83,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise LorakitError(f"--max-prompt-tokens must be at least 1, got {args.max_prompt_tokens}")
     if not 0 < args.body_timeout < float("inf"):  # also refuses NaN
         raise LorakitError(f"--body-timeout must be a positive number of seconds, got {args.body_timeout}")
+    if not 0 < args.header_timeout < float("inf"):
+        raise LorakitError(f"--header-timeout must be a positive number of seconds, got {args.header_timeout}")
     if not args.max_adapter_mb > 0:  # also refuses NaN
         raise LorakitError(f"--max-adapter-mb must be a positive number, got {args.max_adapter_mb}")
     if args.api_key is not None and not args.api_key.strip():  # served with no key at all, open to anyone
@@ -262,7 +275,87 @@ def _check_address(host: str, port: int) -> None:
 KEEP_ALIVE_S = 75
 
 
+class _Terminated(BaseException):
+    """SIGTERM (kill, docker stop, systemd) before the server serves: ends the start-up as Ctrl-C's
+    KeyboardInterrupt does (a BaseException, so no ``except Exception`` on the way takes it for an error)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+def _serving_server(config):
+    """A ``uvicorn.Server`` for ``config`` that notes the first signal that stopped it (``stopped_by``), says so
+    when requests still run a second later (uvicorn waits for them, silently below --log-level info), and does not
+    raise the signal again once it has shut down: uvicorn (0.29+) re-raises it then, and a SIGINT raised inside
+    asyncio.run's own handler ended the process with status 0 and no word, a SIGTERM killed it with no word."""
+    import asyncio
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        stopped_by: int | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.stopped_by is None:
+                self.stopped_by = sig
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            # uvicorn waits for the running requests without a word below --log-level info: said after a second
+            # (what ends sooner needs no word; a request whose answer was just sent is not counted as running)
+            notice = asyncio.get_running_loop().call_later(1.0, self._say_waiting)
+            try:
+                await super().shutdown(sockets=sockets)
+            finally:
+                notice.cancel()
+
+        def _say_waiting(self) -> None:
+            running = sum(1 for connection in self.server_state.connections
+                          if not getattr(getattr(connection, "cycle", None), "response_complete", True))
+            if running and not self.force_exit:
+                again = "Ctrl-C again" if self.stopped_by == signal.SIGINT else "a Ctrl-C (SIGINT)"
+                print(f"lorakit serve: stopping: waiting for {running} running request(s) to finish ({again} stops "
+                      "them now)", file=sys.stderr, flush=True)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
+
+
 def run(args: argparse.Namespace) -> int:
+    """Start the server; Ctrl-C ends it with status 130 (lorakit.cli's "interrupted" line), SIGTERM with 143 and
+    a line of its own, at any point after the command line was read: loading the model, starting, or serving
+    (uvicorn lets the running requests finish first; a second Ctrl-C cuts them)."""
+    import signal
+
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
+    try:
+        return _run(args)
+    except _Terminated:
+        print("lorakit serve: stopped by SIGTERM", file=sys.stderr, flush=True)
+        return 143
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import signal
+
     _check_address(args.host, args.port)  # before the model loads: a bad or busy port fails in a second, not after
     check_arguments(args)  # before FastAPI, uvicorn and the engine are imported (seconds)
     try:
@@ -273,19 +366,25 @@ def run(args: argparse.Namespace) -> int:
         raise LorakitError(f"lorakit serve needs FastAPI and uvicorn ({error.name} is missing); install them with: "
                            "pip install 'lorakit[serve]'") from None
     state = build_state(args)
-    app = create_app(state)
-    print(f"lorakit serve: {state.base_name} with adapters from {args.adapters} on http://{args.host}:{args.port} "
-          f"(max {state.pool.max_loaded} loaded, batch {state.engine.max_batch}, {state.engine.stats()['decoder']} "
-          f"decoder, context {state.context_length})", flush=True)
-    print(f"lorakit serve: reasoning parser {'on' if state.reasoning else 'off'} (--reasoning-parser "
-          f"{args.reasoning_parser}): " + (f"a {state.reasoning.open}...{state.reasoning.close} block in a chat "
-                                           "answer is returned as reasoning_content" if state.reasoning else
-                                           "answers are returned as written"), flush=True)
     try:
+        app = create_app(state)
+        print(f"lorakit serve: {state.base_name} with adapters from {args.adapters} on http://{args.host}:{args.port} "
+              f"(max {state.pool.max_loaded} loaded, batch {state.engine.max_batch}, {state.engine.stats()['decoder']} "
+              f"decoder, context {state.context_length})", flush=True)
+        print(f"lorakit serve: reasoning parser {'on' if state.reasoning else 'off'} (--reasoning-parser "
+              f"{args.reasoning_parser}): " + (f"a {state.reasoning.open}...{state.reasoning.close} block in a chat "
+                                               "answer is returned as reasoning_content" if state.reasoning else
+                                               "answers are returned as written"), flush=True)
         from lorakit.serve.transport import http_protocol
 
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, http=http_protocol(),
-                    timeout_keep_alive=KEEP_ALIVE_S)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                http=http_protocol(args.header_timeout), timeout_keep_alive=KEEP_ALIVE_S)
+        server = _serving_server(config)
+        server.run()
     finally:
         state.engine.close()
+    if server.stopped_by == signal.SIGTERM:
+        raise _Terminated
+    if server.stopped_by is not None:
+        raise KeyboardInterrupt  # lorakit.cli says "interrupted" and ends with 130, as for a Ctrl-C during the load
     return 0

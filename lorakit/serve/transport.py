@@ -112,25 +112,100 @@ class CORS(CORSMiddleware):
                                                       if k.lower() not in ("content-length", "content-type")})
 
 
-def http_protocol():
-    """uvicorn's HTTP protocol (httptools where installed, else h11, as its "auto" picks), answering a request its
-    parser refuses (a bad request line or header, a negative Content-Length, HTTP/1.1 without Host) with the OpenAI
-    error body instead of plain text "Invalid HTTP request received.". "auto" where this uvicorn has no such hook."""
+def http_protocol(header_timeout: float | None = None):
+    """uvicorn's HTTP protocol (httptools where installed, else h11, as its "auto" picks), with
+
+    - a request whose parser refuses it (a bad request line or header, a negative Content-Length, HTTP/1.1
+      without Host) answered with the OpenAI error body instead of plain text "Invalid HTTP request received.";
+    - a deadline of ``header_timeout`` seconds (None: none) for a request's line and headers, counted from the
+      connection's start, or on a kept-alive connection from the first byte of the next request (an idle one is
+      closed by uvicorn's keep-alive timeout). A connection past it is closed, with a 408 error body where it
+      was its first request that came in part;
+    - a request with both Transfer-Encoding and Content-Length answered, then its connection closed.
+
+    "auto" where this uvicorn has no ``send_400_response`` hook (its internals differ from those relied on here).
+    """
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     if not callable(getattr(AutoHTTPProtocol, "send_400_response", None)):
         return "auto"
 
-    class JSONErrors(AutoHTTPProtocol):
+    class Guarded(AutoHTTPProtocol):
+        _head_timer = None  # the loop's TimerHandle while a request's head is awaited with a deadline
+        _head_bytes = False  # whether any byte of that head came
+
         def send_400_response(self, msg: str) -> None:
-            body = json.dumps(error_body("malformed HTTP request: its request line or headers could not be parsed "
-                                         "(HTTP/1.1 needs a Host header, Content-Length a non-negative integer)",
-                                         code="invalid_http")).encode()  # (uvicorn's msg: always this case)
-            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: "
-                                 b"%d\r\nconnection: close\r\n\r\n" % len(body) + body)
+            self._cancel_head_timer()
+            self._write_error(400, "Bad Request", "malformed HTTP request: its request line or headers could not be "
+                              "parsed (HTTP/1.1 needs a Host header, Content-Length a non-negative integer)",
+                              "invalid_http")  # (uvicorn's msg: always this case)
+
+        def _write_error(self, status: int, reason: str, message: str, code: str) -> None:
+            body = json.dumps(error_body(message, code=code)).encode()
+            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                                 b"connection: close\r\n\r\n" % (status, reason.encode(), len(body)) + body)
             self.transport.close()  # the parser's state is lost: the connection cannot carry another request
 
-    return JSONErrors
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()  # a connection that never sends a request is closed too
+
+        def data_received(self, data: bytes) -> None:
+            before = self.cycle
+            awaiting = before is None or before.response_complete  # not inside a request the app handles
+            super().data_received(data)
+            if self.cycle is not before:  # a request's head was parsed (a pipelined one's too)
+                self._cancel_head_timer()
+                self._close_if_ambiguous()
+            elif awaiting and data:
+                if self._head_timer is None:  # the next request on a kept-alive connection began
+                    self._arm_head_timer()
+                self._head_bytes = True
+
+        def on_response_complete(self) -> None:
+            before = self.cycle
+            super().on_response_complete()  # arms uvicorn's keep-alive timer for the idle wait that follows
+            if self.cycle is not before:  # a pipelined request, parsed now
+                self._cancel_head_timer()
+                self._close_if_ambiguous()
+            elif getattr(getattr(self, "conn", None), "trailing_data", (b"",))[0] and not self.transport.is_closing():
+                self._arm_head_timer()  # h11 holds the start of the next request (bytes past the last body)
+                self._head_bytes = True
+
+        def _close_if_ambiguous(self) -> None:
+            # RFC 9112 6.3: a request with both Transfer-Encoding and Content-Length is read by the former, and the
+            # connection MUST be closed after the answer: a proxy in front that read it by Content-Length would
+            # take the rest of the body as another request (request smuggling)
+            names = {name for name, _ in self.headers or ()}
+            if b"transfer-encoding" in names and b"content-length" in names and self.cycle is not None:
+                self.cycle.keep_alive = False
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            self._cancel_head_timer()
+            if header_timeout is not None and not self.transport.is_closing():
+                self._head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            self._head_bytes = False
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is None and self._head_bytes:  # the first request came in part: say why it is cut
+                self._write_error(408, "Request Timeout", f"the request line and headers did not arrive within "
+                                  f"{header_timeout:g} s (--header-timeout); send them at once", "request_timeout")
+            else:  # nothing came, or the next request on a kept-alive one (a response there could read as its answer)
+                self.transport.close()
+
+    return Guarded
 
 
 ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/adapters",
