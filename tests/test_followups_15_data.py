@@ -629,7 +629,7 @@ def test_special_tokens_are_found_quickly_among_thousands():
     """Gemma 3's tokenizer has over 6,000 special tokens (<unused0>...): one regex alternation of them took ~40 ms per
     2,000-character message full of "<" (HTML, code). Each candidate of a special token's shape is looked up instead;
     tokens of other shapes, and one inside brackets, are still found."""
-    from lorakit.train.data import SpecialTexts, special_token_texts
+    from lorakit.train.special_text import SpecialTexts, special_token_texts
 
     tok = make_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": [f"<unused{i}>" for i in range(6000)] + ["@@END@@"]})
