@@ -417,3 +417,19 @@ def test_a_model_folder_holding_an_adapter_too_is_refused_before_peft_applies_it
     shutil.copy(root / "plain" / "config.json", output / "config.json")
     line = _refused("generate", "--model", output, PROMPT)
     assert "is an adapter folder (adapter_config.json; the config.json beside it is its base's" in line, line
+
+
+@pytest.mark.parametrize("name, words", [("consolidated.safetensors", "Mistral's native weights"),
+                                         ("weights.safetensors", "rename a single file holding the whole model"),
+                                         ("model-00001-of-00002.safetensors", "download the index of the shards")])
+def test_safetensors_under_a_name_transformers_does_not_read_are_named(root, tmp_path, name, words):
+    """No model.safetensors and no index, but other safetensors (Mistral's consolidated.safetensors fetched alone, a
+    renamed file, shards without their index): the 16-bit load said transformers' "Error no file named
+    model.safetensors found in directory", while --quantize nf4 read whatever file was there. Both say the same
+    line now, with the fix for what the folder holds."""
+    folder = _copy(root, f"named-{name}")
+    (folder / "model.safetensors").rename(folder / name)
+    for command in (("generate", "--model", folder, PROMPT), ("quantize", "--model", folder, "--out", tmp_path / "q")):
+        line = _refused(*command)
+        assert f"has no model.safetensors and no model.safetensors.index.json, only {name}" in line and words in line
+    assert not (tmp_path / "q").exists()

@@ -117,7 +117,15 @@ def _check_weights_present(folder: Path) -> None:
                     "; download the weights into the same folder")
             raise LorakitError(f"{folder} has config.json but no weights (model.safetensors, or shards with {INDEX})"
                                f"{held}")
-        return
+        others = sorted(p.name for p in folder.glob("*.safetensors"))
+        if any(name.startswith("consolidated") for name in others):  # Mistral's native weights, its own tensor names
+            hint = ("Mistral's native weights, under names transformers does not read: download the Hugging Face "
+                    f"files too (model*.safetensors and {INDEX}; many repositories hold both)")
+        else:
+            hint = (f"transformers reads only model.safetensors, or shards listed in {INDEX}: rename a single file "
+                    f"holding the whole model to model.safetensors, or download the index of the shards")
+        # transformers said "Error no file named model.safetensors found"; the 4-bit loader read any name instead
+        raise LorakitError(f"{folder} has no model.safetensors and no {INDEX}, only {listed(others, limit=3)}: {hint}")
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
     except (ValueError, AttributeError, RecursionError) as error:  # UnicodeDecodeError is a ValueError; a list has no .get
