@@ -452,6 +452,9 @@ def test_llama_factory_history_is_the_earlier_turns():
         {"index": 0, "message": {"role": "assistant", "content": "Hi."}}]}, "an OpenAI chat completion response"),
     ({"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {
         "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}}, "an OpenAI Batch API request"),
+    ({"id": "batch_req_1", "custom_id": "r1", "response": {"status_code": 200, "body": {"choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hi."}}]}}, "error": None},
+     "an OpenAI Batch API output line"),  # was told to rename 'response' (an object) to 'completion'
 ])
 def test_logged_openai_api_lines_say_what_a_record_needs(row, says):
     """Logged API output or Batch API input given as training data: said what it is and how to make records of it
@@ -647,3 +650,16 @@ def test_special_tokens_are_found_quickly_among_thousands():
     assert specials.search(html + "[<unused17>]") == "<unused17>"
     assert specials.search("the end @@END@@ here") == "@@END@@"
     assert SpecialTexts(["<s>"]).search("a <<s> b") == "<s>"
+
+
+def test_anthropic_tool_blocks_say_how_openai_writes_tool_use():
+    """A tool_use / tool_result content block (Anthropic's Messages format) was "a 'tool_use' part; lorakit trains on
+    text only"; tool use does train, in OpenAI's form, which the line now spells."""
+    record = {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                           {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather",
+                                                              "input": {"city": "Paris"}}]},
+                           {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "21"}]},
+                           {"role": "assistant", "content": "It is 21 degrees."}]}
+    text = refusal(record)
+    assert text.startswith("data.jsonl:3: messages[1] (assistant) content[0] is an Anthropic 'tool_use' block; write "
+                           "tool use as OpenAI's: the assistant turn's 'tool_calls'"), text

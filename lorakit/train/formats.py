@@ -418,6 +418,9 @@ def _rename_hint(obj: Mapping) -> str:
     if isinstance(obj.get("choices"), list):  # a line of logged API output: the answer, without the chat it answers
         return ("; it is an OpenAI chat completion response (the answer without the chat it answers): write each "
                 "example as {\"messages\": the request's messages + choices[0].message}")
+    if "custom_id" in obj and isinstance(obj.get("response"), Mapping):  # a Batch API output line: answer only
+        return ("; it is an OpenAI Batch API output line (an answer without its prompt): join it with its request line "
+                "by custom_id and write {\"messages\": the request's body.messages + response.body.choices[0].message}")
     if isinstance(obj.get("body"), Mapping) and "messages" in obj["body"]:  # a Batch API input line: prompt only
         return ("; it is an OpenAI Batch API request (a prompt without its answer): write each example as "
                 "{\"messages\": body.messages + the answer's message from the batch's output file}")
@@ -804,6 +807,10 @@ def _join_parts(parts: list, at: str, role: str) -> str:
         if kind in ("text", "input_text", "output_text") and not isinstance(part.get("text"), str):
             raise LorakitError(f"{at} ({role}) content[{j}] is a {kind!r} part whose 'text' must be a string, got "
                                f"{_got(part.get('text'))}")
+        if kind in ("tool_use", "tool_result"):  # Anthropic's tool blocks: OpenAI's form is what templates read
+            raise LorakitError(f"{at} ({role}) content[{j}] is an Anthropic {kind!r} block; write tool use as OpenAI's: "
+                               "the assistant turn's 'tool_calls' ([{\"id\", \"type\": \"function\", \"function\": "
+                               "{\"name\", \"arguments\"}}]) and each result as a 'tool' turn with its 'tool_call_id'")
         if kind not in ("text", "input_text", "output_text"):
             raise LorakitError(f"{at} ({role}) content[{j}] is a {kind!r} part; lorakit trains on text only (parts "
                                "of type 'text' with a 'text' string)")
