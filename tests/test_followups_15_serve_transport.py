@@ -4,6 +4,7 @@
   held its socket for good (uvicorn has no header deadline); now ``--header-timeout`` closes it, while ordinary
   clients and a slow but legitimate body upload are served;
 - a request with both Transfer-Encoding and Content-Length is answered and its connection closed (RFC 9112 6.3);
+- a flood of idle connections no longer uses up the server's descriptors (it raises its soft open-files limit);
 - Ctrl-C and SIGTERM at each stage of ``lorakit serve`` (loading, serving, with requests running) end with one
   line and status 130 / 143; before, a Ctrl-C while serving ended with status 0 and no word, a SIGTERM with no
   word at all (killed by the signal), and the requests running at a SIGTERM are finished first;
@@ -36,6 +37,12 @@ STEP_S = 0.05  # seconds each forward of the module's server takes at least (the
 _HOOK = '''
 import os, time
 import lorakit
+
+if os.environ.get("FU15_NOFILE"):  # the soft limit of open files many systems start a process with
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(os.environ["FU15_NOFILE"]),
+                                                resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 _real = lorakit.load_base
 
@@ -77,7 +84,7 @@ def _env(setup, mark: Path, load_s: float = 0.0, step_s: float = 0.0) -> dict[st
 def server(setup):
     process = ServerProcess(setup["model"], setup["adapters"], "--header-timeout", str(HEADER_S),
                             "--body-timeout", "30", log=setup["root"] / "server.log",
-                            env=_env(setup, setup["root"] / "server.mark", step_s=STEP_S))
+                            env={**_env(setup, setup["root"] / "server.mark", step_s=STEP_S), "FU15_NOFILE": "256"})
     try:
         yield process
     finally:
@@ -199,6 +206,26 @@ def test_the_next_request_on_a_kept_alive_connection_has_the_deadline_too(server
         # closed without an answer: a late one could be read as the answer to a request sent meanwhile
         assert closed and data == b"", data[:200]
         assert time.monotonic() - start < HEADER_S + 6
+
+
+def test_a_flood_of_idle_connections_does_not_lock_clients_out(server):
+    """Started with a soft limit of 256 open files (the hook; 1024 is common), 300 idle connections used every
+    descriptor: the server accepted nobody (asyncio logged a traceback a second) until they went. The server now
+    raises its soft limit to the hard one."""
+    limits = Path(f"/proc/{server.process.pid}/limits")
+    if limits.exists():
+        row = next(line for line in limits.read_text().splitlines() if line.startswith("Max open files"))
+        soft, hard = row.split()[3:5]
+        assert soft == hard, row
+    idle = [_connect(server) for _ in range(300)]
+    try:
+        start = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        assert _complete(server)["usage"]["completion_tokens"] == 3
+        assert time.monotonic() - start < HEADER_S  # served at once, not when the idle ones were cut
+    finally:
+        for sock in idle:
+            sock.close()
 
 
 def test_transfer_encoding_with_content_length_closes_the_connection(server):

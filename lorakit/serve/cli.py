@@ -275,6 +275,24 @@ def _check_address(host: str, port: int) -> None:
 KEEP_ALIVE_S = 75
 
 
+def _raise_open_files_limit() -> None:
+    """Raise this process's soft limit of open files to its hard limit (capped at 2**20). Each connection is a
+    descriptor; the usual soft limit, 1024, let a few hundred idle or slow connections (each held up to
+    --header-timeout) use them all: the server then accepted nobody, logging a traceback a second. Raising the soft
+    limit needs no privilege (nginx's worker_rlimit_nofile, systemd's LimitNOFILE do the same)."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(hard if hard != resource.RLIM_INFINITY else 1 << 20, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # macOS refuses more than its OPEN_MAX: keep what the system gave
+            pass
+
+
 class _Terminated(BaseException):
     """SIGTERM (kill, docker stop, systemd) before the server serves: ends the start-up as Ctrl-C's
     KeyboardInterrupt does (a BaseException, so no ``except Exception`` on the way takes it for an error)."""
@@ -377,6 +395,7 @@ def _run(args: argparse.Namespace) -> int:
                                                "answers are returned as written"), flush=True)
         from lorakit.serve.transport import http_protocol
 
+        _raise_open_files_limit()
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 http=http_protocol(args.header_timeout), timeout_keep_alive=KEEP_ALIVE_S)
         server = _serving_server(config)
