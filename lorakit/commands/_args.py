@@ -143,7 +143,7 @@ def check_base_names(model: str | None, adapters, flag: str = "--adapter") -> st
     if model is not None:
         return model
     from lorakit.io import _short_name
-    from lorakit.models.loading import _looks_like_hub_id, local_model_folder
+    from lorakit.models.hub_cache import local_model_folder, looks_like_hub_id
 
     for typed, adapter_file in adapters:
         name = adapter_file.base_name
@@ -154,7 +154,7 @@ def check_base_names(model: str | None, adapters, flag: str = "--adapter") -> st
             continue
         if local_model_folder(name).is_dir():  # a folder, or an org/name id in the Hugging Face cache
             how = f"pass --model {shlex.quote(name)}"
-        elif _looks_like_hub_id(name):
+        elif looks_like_hub_id(name):
             how = (f"pass --model with a local folder of it (lorakit downloads nothing: hf download {name} "
                    "--local-dir DIR, then --model DIR)")
         else:

