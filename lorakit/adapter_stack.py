@@ -224,6 +224,9 @@ class AdapterStack:
                     adapter = m.adapters[name]
                     if not adapter.variant.plain:
                         raise LorakitError(f"adapter {name!r} is {adapter.variant_name}; the adapter stack serves lora/rslora only (DoRA runs on the reference path)")
+                    if adapter.lora_bias is not None:  # the stacked kernels hold A and B only
+                        raise LorakitError(f"adapter {name!r} has a bias on lora_B (lora_bias); the adapter stack serves "
+                                           "adapters without one only (it runs on the reference path)")
                     weights[key] = (adapter.lora_A, adapter.lora_B, adapter.scaling)
             stack.load(name, weights)
         return stack
@@ -393,14 +396,16 @@ def drop_stack_caches(model: torch.nn.Module) -> int:
 
 def _fast_path_adapter_dtype(layer, names: Sequence[str | None]) -> torch.dtype | None | bool:
     """The dtype of the batch's adapters on this layer; None if none is there; False if one needs the reference
-    (DoRA or another non-plain variant, or dropout while training)."""
+    (DoRA or another non-plain variant, a bias on lora_B, which the stacked kernels do not hold, or dropout while
+    training)."""
     modules = layer.adapters._modules
     dtype = None
     for name in dict.fromkeys(names):
         module = modules.get(name)
         if module is None:
             continue
-        if not module.variant.plain or (layer.training and isinstance(module.dropout, torch.nn.Dropout)):
+        if (not module.variant.plain or module.lora_bias is not None
+                or (layer.training and isinstance(module.dropout, torch.nn.Dropout))):
             return False
         dtype = dtype or module.lora_A.dtype  # not _parameters: an nn.DataParallel replica holds it as an attribute
     return dtype
@@ -412,7 +417,7 @@ def stacked_mixed_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     ``layer`` is a ``LoraLinear`` with ``row_adapters`` set (adapter name or None per batch row); x (B, ..., in) ->
     (B, ..., out), equal to the per-adapter reference within the dtype's tolerance. Taken only for inference
     (autograd off), float32/float16/bfloat16 inputs on a device where the Triton kernels run, and when every
-    adapter of the batch on this layer is plain LoRA / rsLoRA without active dropout (DoRA: reference).
+    adapter of the batch on this layer is plain LoRA / rsLoRA without active dropout (DoRA and lora_bias: reference).
     """
     names = layer.row_adapters
     if torch.is_grad_enabled() or x.dtype not in FAST_DTYPES or x.dim() < 2 or len(names) != x.shape[0]:

@@ -277,6 +277,10 @@ def _check_variants(layers: dict[str, LoraLayer], names: list[str]) -> None:
                 raise LorakitError(f"adapter {n!r} is DoRA ({path}): a weighted sum of DoRA adapters has no magnitude "
                                    "that keeps their effect, so lorakit does not combine them (peft drops the "
                                    "magnitudes silently); merge them one at a time with lorakit.merge instead")
+            if adapter.lora_bias is not None:  # the combined adapter is built from A and B alone: the bias would drop
+                raise LorakitError(f"adapter {n!r} has a bias on lora_B (lora_bias, {path}), which lorakit does not "
+                                   "combine (the combined adapter holds A and B only); merge such adapters one at a time "
+                                   "with lorakit.merge instead")
             if adapter.pissa_init is not None:
                 raise LorakitError(f"adapter {n!r} was made with init='pissa' on this model, whose base now holds the "
                                    "residual; save it (lorakit.save_adapter), load the file into a fresh base, then combine")

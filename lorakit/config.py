@@ -81,6 +81,11 @@ class LoraConfig:
             needs ``target_modules`` as a list of names, as in PEFT (an entry that is a module's whole path adapts
             that module whatever its layer, as in PEFT).
         layers_pattern: the name(s) of the layer list (``"layers"``, ``"h"``), used with ``layers_to_transform``.
+        lora_bias: a trained bias on ``lora_B`` (PEFT's option of that name): the update is
+            ``s * (B A x + b)``, ``b (out,)`` trained with B and saved as ``lora_B.bias``. A base layer without a bias
+            cannot have the adapter merged (there is nowhere to fold ``s * b``; peft refuses that merge too). Not with
+            DoRA, ``init`` other than ``"default"``, embeddings, ``nn.MultiheadAttention`` or ``target_parameters``
+            (peft 0.21 refuses each of those too).
         target_parameters: raw parameters to adapt, PEFT's option of that name (a list; ``<module path>.<name>``
             matches when it equals an entry or ends with ``.entry``): the fused MoE experts of transformers 5
             (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``), a router's ``mlp.gate.weight``. 3-D
@@ -102,6 +107,7 @@ class LoraConfig:
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     target_parameters: list[str] | None = None
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (tuple, set)):  # peft's to_dict() keeps these two as sets
@@ -137,6 +143,14 @@ class LoraConfig:
         if self.bias != "none":
             raise LorakitError(f"bias={shown(self.bias)} is not supported: lorakit keeps biases frozen, use bias='none' (an "
                                "adapter peft trained with biases: merge it with peft's merge_and_unload and load the merged model)")
+        if not isinstance(self.lora_bias, bool):  # bool("false") is True: a string would switch it on
+            raise LorakitError(f"lora_bias must be true or false, got {shown(self.lora_bias)}")
+        if self.lora_bias and self.variant in ("dora", "rsdora"):  # peft 0.21's LoraConfig refuses both too
+            raise LorakitError(f"lora_bias=True cannot be used with variant={self.variant!r} (peft does not support a bias "
+                               "on DoRA's lora_B either); use variant='lora' or 'rslora', or lora_bias=False")
+        if self.lora_bias and self.init != "default":
+            raise LorakitError(f"lora_bias=True needs init='default', got init={self.init!r} (peft allows lora_bias only "
+                               "with init_lora_weights true or false, so it could not load the saved adapter)")
         _check_target_parameters(self)
         if (self.target_modules is None or self.target_modules == []) and self.target_parameters:
             pass  # the parameters only, as peft's target_modules=[] with target_parameters
@@ -237,6 +251,7 @@ class LoraConfig:
             "layers_to_transform": self.layers_to_transform,
             "layers_pattern": self.layers_pattern,
             "target_parameters": list(self.target_parameters) if self.target_parameters else None,
+            "lora_bias": self.lora_bias,
         }
 
     @classmethod
@@ -285,7 +300,7 @@ class LoraConfig:
 
             warnings.warn(f"{source}: ignored field(s) lorakit does not know, all off ({listed(map(shown, ignored))}; "
                           f"{origin}; lorakit knows peft 0.21's)", UserWarning, stacklevel=2)
-        for flag in ("use_rslora", "use_dora"):  # bool("false") is True: a hand-edited string would switch it on
+        for flag in ("use_rslora", "use_dora", "lora_bias"):  # bool("false") is True: a hand-edited string would switch it on
             if not isinstance(data.get(flag), (bool, type(None))):
                 raise LorakitError(f"{source}: {flag} must be true or false, got {shown(data.get(flag))}")
         use_rslora, use_dora = bool(data.get("use_rslora", False)), bool(data.get("use_dora", False))
@@ -318,6 +333,7 @@ class LoraConfig:
                 layers_to_transform=None if data.get("layers_to_transform") == [] else data.get("layers_to_transform"),
                 layers_pattern=data.get("layers_pattern") or None,
                 target_parameters=data.get("target_parameters") or None,
+                lora_bias=bool(data.get("lora_bias", False)),
             )
         except LorakitError as error:  # named as the file names them: alpha -> lora_alpha, dropout -> lora_dropout
             message = re.sub(r"^(alpha|dropout)\b", r"lora_\1", str(error))
@@ -372,6 +388,9 @@ def _check_target_parameters(config: LoraConfig) -> None:
     if config.dropout:
         raise LorakitError(f"dropout={shown(config.dropout)} cannot be used with target_parameters: the adapter is added to "
                            "the weight, so there is no input to drop (peft refuses it too); set dropout=0")
+    if config.lora_bias:
+        raise LorakitError("lora_bias=True cannot be used with target_parameters (the update is added to the weight, "
+                           "which has no bias to train; peft refuses it too); set lora_bias=False")
     if config.init == "pissa":
         raise LorakitError("init='pissa' cannot be used with target_parameters (it needs one weight matrix per layer); "
                            "use init='default' or 'gaussian'")
@@ -465,7 +484,7 @@ _UNMERGEABLE_TYPES = {"PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "P
 _READ_FIELDS = {
     "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
     "use_rslora", "use_dora", "init_lora_weights", "bias", "modules_to_save", "fan_in_fan_out", "layers_to_transform",
-    "layers_pattern", "target_parameters",
+    "layers_pattern", "target_parameters", "lora_bias",
 }
 # Fields that never change a saved adapter's math: file metadata, and settings of inits (the weights are final).
 _IGNORED_FIELDS = {
@@ -486,7 +505,6 @@ _SUBCONFIGS = {"velora_config", "monteclora_config", "kasa_config", "use_bdlora"
 # Why an unsupported option is refused, said in the error.
 _UNSUPPORTED_HINTS = {
     "layer_replication": "layers duplicated inside the model",
-    "lora_bias": "a trained bias on lora_B",
     "use_qalora": "QA-LoRA's pooled input",
     "alora_invocation_tokens": "activated LoRA, switched on by tokens",
     "megatron_config": "Megatron parallel layers",
@@ -508,7 +526,6 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "qalora_group_size": 16,
     "monteclora_config": None,
     "layer_replication": None,
-    "lora_bias": False,
     "target_parameters": None,
     "use_bdlora": None,
     "arrow_config": None,

@@ -654,6 +654,20 @@ def _refuse_lora_beside_copy(existing: dict[str, nn.Module], targets: dict[str, 
                            "base, or delete the other adapter first")
 
 
+def _check_lora_bias(targets: dict[str, nn.Module]) -> None:
+    """``lora_bias``: refused on embeddings and ``nn.MultiheadAttention`` (peft refuses both); layers without a bias
+    of their own are warned about once, as peft does: the adapter will run, but never merge."""
+    refused = [p for p, m in targets.items() if isinstance(m, (nn.Embedding, nn.MultiheadAttention))]
+    if refused:
+        raise LorakitError(f"lora_bias=True is not supported on {type(targets[refused[0]]).__name__} layers ({refused[0]}; "
+                           "peft refuses it too); exclude them from target_modules or set lora_bias=False")
+    bare = [p for p, m in targets.items() if getattr(m, "bias", None) is None]
+    if bare:
+        warnings.warn(f"lora_bias=True on {len(bare)} layer(s) without a bias of their own (e.g. {bare[0]}): the adapter "
+                      "runs and saves, but cannot be merged into them (there is no bias to fold its own into; peft's "
+                      "merge refuses them too)", UserWarning, stacklevel=3)
+
+
 def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", trainable: bool = True,
            dtype: torch.dtype | None = None) -> nn.Module:
     """Add adapter ``adapter`` to every target module of ``model`` (in place), freeze the base, make it active.
@@ -693,6 +707,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
         raise LorakitError(f"{both[0]} is adapted both as a module (target_modules / modules_to_save) and by its "
                            "parameters (target_parameters); choose one (exclude_modules can drop it from the modules)")
     _refuse_lora_beside_copy(existing, targets, saved, adapter)
+    if config.lora_bias:
+        _check_lora_bias(targets)
     _warn_unused_patterns(config, [*targets, *(f"{p}.{n}" if p else n for p, names in params.items() for n in names)])
     if config.init == "pissa":  # checked here, before PiSSA rewrites any base weight (a rollback restores none)
         embeddings = [p for p, m in targets.items() if isinstance(m, nn.Embedding)]
@@ -730,7 +746,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
             weight = getattr(module, "weight", None)
             host.shared_weight = isinstance(weight, nn.Parameter) and uses[id(weight)] > 1
             host.add_adapter(adapter, config.rank_for(path), config.alpha_for(path), config.variant, config.dropout,
-                             config.init, dtype)
+                             config.init, dtype, lora_bias=config.lora_bias)
             added.append((host, adapter))
         for path, module in saved.items():
             host = _host_for(model, path, module, hosts, ModulesToSave, created)

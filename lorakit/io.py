@@ -53,6 +53,7 @@ _SUFFIXES = {
     "lora_A": ("lora_A.weight", "lora_embedding_A"),
     "lora_B": ("lora_B.weight", "lora_embedding_B"),
     "magnitude": ("lora_magnitude_vector", "lora_magnitude_vector"),
+    "lora_bias": ("lora_B.bias", "lora_embedding_B.bias"),  # peft's lora_bias (never on embeddings, in peft either)
 }
 _FINGERPRINT_CONFIG_KEYS = (
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -122,6 +123,8 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> tuple[dict
         tensors[f"{PREFIX}{path}.{_SUFFIXES['lora_B'][slot]}"] = lora_B
         if lora.magnitude is not None:
             tensors[f"{PREFIX}{path}.{_SUFFIXES['magnitude'][slot]}"] = lora.magnitude.detach()
+        if lora.lora_bias is not None:
+            tensors[f"{PREFIX}{path}.{_SUFFIXES['lora_bias'][slot]}"] = lora.lora_bias.detach()
     if pissa:
         config = _doubled_rank(config)
     return {k: v.contiguous().cpu() for k, v in tensors.items()}, config
@@ -751,6 +754,10 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
             raise LorakitError(f"{adapter_file.folder}: {clipped(key)} is a DoRA magnitude, but {CONFIG_NAME} has no "
                                "use_dora: true; set it if the adapter was trained with DoRA (peft would drop these "
                                "tensors and run plain LoRA)")
+        if attr == "lora_bias" and not config.lora_bias:  # peft would drop it (its lora_B has no bias then)
+            raise LorakitError(f"{adapter_file.folder}: {clipped(key)} is a bias of lora_B, but {CONFIG_NAME} has no "
+                               "lora_bias: true; set it if the adapter was trained with lora_bias (peft would drop these "
+                               "tensors and run the adapter without them)")
         if (path, attr) in plan:  # the same tensor twice, e.g. under an old and a new transformers layout
             raise LorakitError(f"{adapter_file.folder}: {clipped(key)} is a second tensor for {path} {attr}; keep one")
         plan[(path, attr)] = tensor
@@ -766,6 +773,8 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
         expected = {"lora_A": (rank, in_features), "lora_B": (out_features, rank)}
         if config.variant in ("dora", "rsdora"):
             expected["magnitude"] = (out_features,)
+        if config.lora_bias:
+            expected["lora_bias"] = (out_features,)
         slot = 1 if isinstance(module, nn.Embedding) else 0
         for attr, shape in expected.items():
             tensor = plan.get((path, attr))

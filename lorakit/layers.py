@@ -38,14 +38,15 @@ def init_from_cpu(param: torch.Tensor, fill) -> None:
     param.copy_(values)
 
 class LoraAdapter(nn.Module):
-    """One adapter on one layer, in linear form: ``lora_A (r, in)``, ``lora_B (out, r)``, DoRA's ``magnitude (out,)``.
+    """One adapter on one layer, in linear form: ``lora_A (r, in)``, ``lora_B (out, r)``, DoRA's ``magnitude (out,)``,
+    and with ``lora_bias`` the bias of B ``(out,)`` (PEFT's ``lora_B.bias``: the update is ``s * (B A x + b)``).
 
     For an embedding, ``in`` is the number of embeddings and ``out`` the embedding size (PEFT's
     ``lora_embedding_A`` / ``lora_embedding_B`` have exactly these shapes).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, variant: str, dropout: float,
-                 dtype: torch.dtype, device: torch.device | None):
+                 dtype: torch.dtype, device: torch.device | None, lora_bias: bool = False):
         super().__init__()
         self.rank, self.alpha, self.variant_name = rank, float(alpha), variant
         self.variant = get_variant(variant)
@@ -53,12 +54,15 @@ class LoraAdapter(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
         self.magnitude: nn.Parameter | None = None
+        # zero at the start, as peft's, so the adapted layer starts equal to the base
+        self.lora_bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if lora_bias else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merge_norm: torch.Tensor | None = None  # DoRA: the norm at merge time, so unmerge can invert it
         self.pissa_init: tuple[torch.Tensor, torch.Tensor] | None = None  # PiSSA: (A0, B0), to save in LoRA form
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant_name}, rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
+        bias = ", lora_bias=True" if self.lora_bias is not None else ""
+        return f"variant={self.variant_name}, rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}{bias}"
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B @ A`` in float32, ``(out, in)`` (plain LoRA's update; DoRA's merged update differs)."""
@@ -149,7 +153,7 @@ class LoraLayer(_AdapterHost):
 
     # -- adapters ----------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, alpha: float, variant: str, dropout: float, init: str,
-                    dtype: torch.dtype | None = None) -> LoraAdapter:
+                    dtype: torch.dtype | None = None, lora_bias: bool = False) -> LoraAdapter:
         if name in self.adapters:
             raise LorakitError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
         weight = self.linear_weight(torch.float32)
@@ -157,7 +161,8 @@ class LoraLayer(_AdapterHost):
         # already float32 (a float32 adapter there made float64 runs differ from peft's by ~1e-7, float32 rounding)
         stored = getattr(self.base_layer, "weight", None)
         dtype = dtype or (torch.float64 if getattr(stored, "dtype", None) == torch.float64 else torch.float32)
-        adapter = LoraAdapter(self.in_features, self.out_features, rank, alpha, variant, dropout, dtype, weight.device)
+        adapter = LoraAdapter(self.in_features, self.out_features, rank, alpha, variant, dropout, dtype, weight.device,
+                              lora_bias)
         self._init_adapter(adapter, init)
         adapter.variant.init_extra(adapter, self.linear_weight(dtype if dtype == torch.float64 else torch.float32))
         self.adapters[name] = adapter
@@ -263,13 +268,28 @@ class LoraLayer(_AdapterHost):
         if name in self.merged or name not in self.adapters:
             return
         weight = self.merged_candidate(name) if candidate is None else candidate
+        adapter = self.adapters[name]
+        if adapter.lora_bias is not None and self.bias is None:
+            raise LorakitError(f"adapter {name!r} has a trained bias on lora_B (lora_bias), but this "
+                               f"{type(self.base_layer).__name__} has no bias to fold it into, so it cannot be merged "
+                               "(peft refuses this merge too); run the adapter unmerged")
         if self.shared_weight and not self._tied:
             self._untie()
         if keep_original and not self.merged and quant.is_quantized(self.base_layer):
             self._quantized_original = {key: value.detach().to("cpu", copy=True)
                                         for key, value in self.base_layer.state_dict().items()}
         self.write_linear_weight(weight)
+        if adapter.lora_bias is not None:
+            self._merge_bias(adapter)
         self.merged.append(name)
+
+    def _merge_bias(self, adapter: LoraAdapter) -> None:
+        """Add the adapter's ``s * b`` (``Variant.merged_bias``) to the base bias ``(out,)``, in float32. The bias before the first such merge is kept, so ``unmerge`` restores it exactly."""
+        bias = self.base_layer.bias
+        if "_bias_original" not in self.__dict__:
+            self._bias_original = bias.detach().clone()
+        with torch.no_grad():
+            bias.copy_((bias.float() + adapter.variant.merged_bias(adapter)).to(bias.dtype))
 
     def _untie(self) -> None:
         """Give the base its own copy of a shared weight; the shared one is kept for unmerge (exact, tied again)."""
@@ -278,6 +298,10 @@ class LoraLayer(_AdapterHost):
         self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=False)
 
     def unmerge(self) -> None:
+        bias = self.__dict__.pop("_bias_original", None)
+        if bias is not None and self.merged:  # a lora_bias adapter was merged: the bias of before, bit for bit
+            with torch.no_grad():
+                self.base_layer.bias.copy_(bias)
         original = self.__dict__.pop("_quantized_original", None)
         if original is not None and self.merged:
             self.base_layer.load_state_dict(original)  # the exact packed base of before the first merge
@@ -322,7 +346,7 @@ class LoraLinear(LoraLayer):
     def _first_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         adapter = self.adapters[name]
         base = self.base_layer  # each submodule/parameter read goes through nn.Module.__getattr__: read once
-        fusable = (adapter.variant.plain and isinstance(base, nn.Linear)
+        fusable = (adapter.variant.plain and isinstance(base, nn.Linear) and adapter.lora_bias is None
                    and not (self.training and isinstance(adapter.dropout, nn.Dropout)))
         if fusable:  # one op for base + low-rank path, so a fused kernel can take it
             return lora_linear(x, base.weight, base.bias, adapter.lora_A, adapter.lora_B, adapter.scaling)
@@ -353,7 +377,10 @@ class LoraEmbedding(LoraLayer):
         with torch.no_grad():
             self.base_layer.weight.copy_(weight.T.to(self.base_layer.weight.dtype))
 
-    def add_adapter(self, name, rank, alpha, variant, dropout, init, dtype=None):
+    def add_adapter(self, name, rank, alpha, variant, dropout, init, dtype=None, lora_bias=False):
+        if lora_bias:
+            raise LorakitError("lora_bias=True is not supported on embedding layers (peft refuses it too); exclude the "
+                               "embedding from target_modules or set lora_bias=False")
         if init == "pissa":
             raise LorakitError("init='pissa' is not supported on embedding layers; exclude the embedding from target_modules")
         adapter = super().add_adapter(name, rank, alpha, variant, 0.0, "default", dtype)

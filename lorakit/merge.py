@@ -46,6 +46,11 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
     for name in names:
         todo = {path: layer for path, layer in layers.items() if name in layer.adapters and name not in layer.merged}
         todo_params = {path: host for path, host in params.items() if name in host.adapters and name not in host.merged}
+        bare = [path for path, layer in todo.items() if layer.adapters[name].lora_bias is not None and layer.bias is None]
+        if bare:  # checked before any layer is written: LoraLayer.merge refuses too, but after earlier layers merged
+            raise LorakitError(f"adapter {name!r} has a trained bias on lora_B (lora_bias), but {len(bare)} of its layers "
+                               f"have no bias to fold it into (e.g. {bare[0]}), so it cannot be merged (peft refuses this "
+                               "merge too); nothing was merged: run the adapter unmerged")
         if safe:
             bad = [path for path, layer in todo.items() if not _finite_when_stored(layer, name)]
             bad += [path for path, host in todo_params.items() if not _params_finite(host, name)]

@@ -134,7 +134,8 @@ def test_config_fields_from_other_peft_versions():
     assert read({**base, "use_rslora": True, "use_dora": True}).variant == "rsdora"
     with pytest.warns(UserWarning, match="rewrites the base weights"):
         read({**base, "init_lora_weights": "pissa_niter_4"})
-    for extra, words in (({"lora_bias": True}, "lora_bias=True is not supported .*merge_and_unload"),
+    # (lora_bias was refused here: lorakit runs it now, test_followups_15_lora_bias)
+    for extra, words in (({"layer_replication": [[0, 2]]}, "layer_replication=.* is not supported .*merge_and_unload"),
                          ({"brand_new": "x"}, "unknown field 'brand_new'.*delete it from the file"),
                          ({"bias": "all"}, "bias='all' is not supported.*use bias='none'")):
         with pytest.raises(lorakit.LorakitError, match=words):

@@ -215,7 +215,6 @@ def test_bias_options(tmp_path):
 
 
 @pytest.mark.parametrize("options, option", [
-    (dict(target_modules=["q_proj"], lora_bias=True), "lora_bias=True"),
     (dict(target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]]), "layer_replication="),
     (dict(target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[3, 4]), "alora_invocation_tokens="),
 ])

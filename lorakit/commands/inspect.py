@@ -72,6 +72,7 @@ def describe(folder: str) -> dict:
     return {
         "folder": str(adapter.folder),
         "variant": config.variant,
+        "lora_bias": config.lora_bias,  # peft's lora_bias: lora_B has a trained bias, (out,) per layer
         "rank": config.r,
         "ranks_in_file": ranks,
         "alpha": config.alpha,
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     targets = ", ".join(f"{k} x{v}" for k, v in info["adapted_modules"].items())
     lines = [
         ("folder", info["folder"]),
-        ("variant", info["variant"]),
+        ("variant", info["variant"] + (" with a bias on lora_B (lora_bias)" if info["lora_bias"] else "")),
         ("rank", f"{info['rank']}" + (f" (in file: {info['ranks_in_file']})" if info["ranks_in_file"] != [info["rank"]] else "")),
         ("alpha", f"{info['alpha']:g} (scaling {info['scaling']:g})"),
         ("targets", f"{_spec(info['target_modules'])} -> {info['adapted_layers']} layers: {targets}"),

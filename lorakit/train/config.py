@@ -74,6 +74,8 @@ class TrainConfig:
                                              "adapter", nargs="+")
     variant: str = _f("lora", "adapter variant", "adapter", choices=VARIANTS)
     init: str = _f("default", "adapter initialisation", "adapter", choices=INITS)
+    lora_bias: bool = _f(False, "train a bias on lora_B too (peft's lora_bias): the update becomes (alpha/r) * (B A x + "
+                         "b); such an adapter merges only into layers that have a bias of their own", "adapter")
     modules_to_save: list[str] | None = _f(None, "modules trained whole and saved with the adapter (e.g. lm_head)",
                                            "adapter", nargs="+")
     rank_pattern: dict = _f({}, "per-module rank overrides {regex: rank} (config file only)", "adapter", cli=False)
@@ -293,7 +295,7 @@ class TrainConfig:
         return LoraConfig(r=self.rank, alpha=float(self.alpha), dropout=float(self.dropout), target_modules=targets,
                           exclude_modules=exclude, rank_pattern=dict(self.rank_pattern),
                           alpha_pattern=dict(self.alpha_pattern), variant=self.variant, init=self.init,
-                          modules_to_save=self.modules_to_save,
+                          modules_to_save=self.modules_to_save, lora_bias=self.lora_bias,
                           target_parameters=[n for v in self.target_parameters or [] for n in str(v).split(",") if n] or None)
 
     def to_dict(self) -> dict[str, Any]:

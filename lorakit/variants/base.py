@@ -54,3 +54,8 @@ class Variant:
     def unmerged_weight(self, adapter: "LoraAdapter", merged_weight: torch.Tensor) -> torch.Tensor:
         """The inverse of ``merged_weight`` (float32, ``(out, in)``)."""
         raise NotImplementedError
+
+    def merged_bias(self, adapter: "LoraAdapter") -> torch.Tensor:
+        """What merging adds to the base bias for ``adapter.lora_bias`` (float32, ``(out,)``), so that the merged
+        layer equals the forward. Plain LoRA only: DoRA with a ``lora_bias`` is refused by ``LoraConfig``, as in peft."""
+        raise NotImplementedError

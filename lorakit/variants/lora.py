@@ -1,4 +1,5 @@
-"""Plain LoRA (Hu et al. 2021) and rsLoRA (Kalajdzievski 2023): ``y = x W^T + s * dropout(x) A^T B^T``.
+"""Plain LoRA (Hu et al. 2021) and rsLoRA (Kalajdzievski 2023): ``y = x W^T + s * dropout(x) A^T B^T``
+(``+ s * b`` with a ``lora_bias``, PEFT's, which a merge adds to the base's bias).
 
 rsLoRA differs only in the scaling: alpha / sqrt(r) instead of alpha / r, which keeps the update's magnitude
 stable as the rank grows.
@@ -17,7 +18,8 @@ class LoRA(Variant):
     plain = True
 
     def forward(self, adapter, x, base_out, base_weight):
-        return base_out + LF.lora_delta_output(adapter.dropout(x), adapter.lora_A, adapter.lora_B, adapter.scaling, base_out.dtype)
+        return base_out + LF.lora_delta_output(adapter.dropout(x), adapter.lora_A, adapter.lora_B, adapter.scaling,
+                                               base_out.dtype, adapter.lora_bias)
 
     def embedding_forward(self, adapter, low_rank, base_out, base_rows, base_weight):
         return base_out + low_rank.to(base_out.dtype)
@@ -27,6 +29,9 @@ class LoRA(Variant):
 
     def unmerged_weight(self, adapter, merged_weight: torch.Tensor) -> torch.Tensor:
         return merged_weight - LF.delta_weight(adapter.lora_A, adapter.lora_B, adapter.scaling)
+
+    def merged_bias(self, adapter) -> torch.Tensor:
+        return adapter.lora_bias.detach().float() * adapter.scaling
 
 
 class RsLoRA(LoRA):
