@@ -20,6 +20,7 @@ from lorakit.config import LoraConfig, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.layers import LORA_HOSTS, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from lorakit.mha_lora import MhaLora, check_attention
+from lorakit.offload import offloaded, onload, refusal
 from lorakit.param_lora import ParamLora, matches_parameter, parameter_layout
 
 # Every lorakit wrapper: LoRA layers, modules-to-save copies, and LoRA on raw parameters (target_parameters)
@@ -639,6 +640,28 @@ def freeze_base(model: nn.Module) -> None:
             parameter.requires_grad_(False)
 
 
+def _refuse_offloaded(model: nn.Module, config: LoraConfig, targets: dict[str, nn.Module],
+                      saved: dict[str, nn.Module], params: dict[str, dict[str, tuple[int, float]]]) -> None:
+    """Layers accelerate offloads (weights on meta, loaded only for their own forward) take plain LoRA, which only
+    calls them; what reads their weight at other times is refused before anything changes."""
+    modules = _base_modules(model) if params else {}
+    reasons = [(path, "lorakit cannot keep a trained copy of it (modules_to_save)") for path in saved] + [
+        (path, "LoRA on its raw parameters (target_parameters) cannot read them") for path in params]
+    if config.variant in ("dora", "rsdora"):
+        reasons += [(path, f"variant={config.variant!r} cannot take its weight's norms (read outside the layer's "
+                           "forward); use variant='lora' or 'rslora'") for path in targets]
+    if config.init == "pissa":
+        reasons += [(path, "init='pissa' cannot rewrite its weight; use init='default'") for path in targets]
+    reasons += [(path, "LoRA cannot wrap its attention (nn.MultiheadAttention reads its weights directly)")
+                for path, module in targets.items() if isinstance(module, nn.MultiheadAttention)]
+    reasons += [(path, "LoRA on it cannot scale its update as its forward does (embed_scale)")
+                for path, module in targets.items() if getattr(module, "embed_scale", None) is not None]
+    for path, what in reasons:
+        module = targets.get(path) or saved.get(path) or modules.get(path)
+        if module is not None and offloaded(module):
+            raise LorakitError(refusal(path, what))
+
+
 def _refuse_lora_beside_copy(existing: dict[str, nn.Module], targets: dict[str, nn.Module],
                              saved: dict[str, nn.Module], adapter: str) -> None:
     """One module holds either LoRA (of any number of adapters) or whole trained copies (modules_to_save, and peft's
@@ -725,6 +748,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
             raise LorakitError(f"init='pissa' takes r of a layer's top singular vectors, and {narrow[0]} ({in_features} "
                                f"-> {out_features}) has only {min(in_features, out_features)} "
                                f"(r={config.rank_for(narrow[0])}); lower r, or give those layers a smaller rank_pattern")
+    _refuse_offloaded(model, config, targets, saved, params)
     _warn_wasted_settings(config, targets, params, adapter, trainable)
 
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
@@ -742,12 +766,14 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
                 added.append((host, adapter))
                 continue
             kind = LoraEmbedding if isinstance(module, nn.Embedding) else LoraLinear
+            offload_again = onload(module)  # an offloaded base: the new adapter's device, dtype and init read W
             host = _host_for(model, path, module, hosts, kind, created)
             weight = getattr(module, "weight", None)
             host.shared_weight = isinstance(weight, nn.Parameter) and uses[id(weight)] > 1
             host.add_adapter(adapter, config.rank_for(path), config.alpha_for(path), config.variant, config.dropout,
                              config.init, dtype, lora_bias=config.lora_bias)
             added.append((host, adapter))
+            offload_again()  # (left onloaded if add_adapter raised: its next forward offloads it)
         for path, module in saved.items():
             host = _host_for(model, path, module, hosts, ModulesToSave, created)
             host.add_adapter(adapter)

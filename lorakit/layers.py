@@ -348,7 +348,8 @@ class LoraLinear(LoraLayer):
         base = self.base_layer  # each submodule/parameter read goes through nn.Module.__getattr__: read once
         fusable = (adapter.variant.plain and isinstance(base, nn.Linear) and adapter.lora_bias is None
                    and not (self.training and isinstance(adapter.dropout, nn.Dropout)))
-        if fusable:  # one op for base + low-rank path, so a fused kernel can take it
+        if fusable and not base.weight.is_meta:  # one op for base + low-rank path, so a fused kernel can take it
+            # (a meta weight is offloaded by accelerate: only the base's own forward loads it)
             return lora_linear(x, base.weight, base.bias, adapter.lora_A, adapter.lora_B, adapter.scaling)
         return super()._first_output(name, x)
 

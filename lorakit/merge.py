@@ -19,6 +19,7 @@ from lorakit._finite import all_finite
 from lorakit.errors import LorakitError
 from lorakit.inject import _set_module, adapter_hosts, lora_layers
 from lorakit.layers import ModulesToSave
+from lorakit.offload import offloaded, refusal
 from lorakit.param_lora import ParamLora, param_hosts
 
 
@@ -41,6 +42,7 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
         raise LorakitError(f"adapters takes an adapter name or a list of names, got {adapters!r}")
     names = active_adapters(model) if adapters is None else ([adapters] if isinstance(adapters, str) else list(adapters))
     _require(model, names)
+    _refuse_offloaded(model, names)
     layers = lora_layers(model)
     params = param_hosts(model)  # LoRA on raw parameters (target_parameters): MoE experts
     for name in names:
@@ -66,6 +68,15 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
         for host in todo_params.values():
             host.merge(name)
     return model
+
+
+def _refuse_offloaded(model: nn.Module, names: list[str]) -> None:
+    """A weight accelerate offloads is read again from its offload copy (memory or disk) at each forward, so a merge
+    written into it would be lost, or run twice (once merged, once not): refused before any layer is written."""
+    for path, layer in lora_layers(model).items():
+        if any(name in layer.adapters and name not in layer.merged for name in names) and offloaded(layer.base_layer):
+            raise LorakitError(refusal(path, "an adapter merged into its weight would be lost at its next forward",
+                                       "or run the adapter unmerged (nothing was merged)"))
 
 
 def _params_finite(host: ParamLora, name: str) -> bool:

@@ -85,13 +85,27 @@ def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.T
         return module.dequantize(dtype or torch.float32)
     weight = module.weight.T if is_conv1d(module) else module.weight
     if type(weight).__name__ in _BNB_PARAMS:  # an nn.Linear subclass whose weight is packed bytes, not (out, in)
-        raise LorakitError(f"{type(module).__name__} is a bitsandbytes quantized layer, which lorakit cannot read as a "
-                           "dense weight: convert the model with lorakit.quantize(model, 'nf4') first (exact for NF4), "
-                           "or load the folder with lorakit.load_base(folder, quantize='nf4')")
+        raise LorakitError(_bnb_refusal(module, weight))
     return weight if dtype is None else weight.to(dtype)
 
 
 _BNB_PARAMS = ("Params4bit", "Int8Params")
+
+
+def _bnb_refusal(module: nn.Module, weight: torch.Tensor) -> str:
+    """Why a bitsandbytes layer cannot be read as a dense weight, and the way on for its kind: an NF4 model converts
+    exactly with ``quantize``, which refuses 8-bit and FP4 layers (lorakit holds NF4 only), so those must be loaded
+    again from the 16-bit weights."""
+    kind = "8-bit (LLM.int8)" if type(weight).__name__ == "Int8Params" else getattr(weight, "quant_type", None)
+    if kind == "nf4":
+        return (f"{type(module).__name__} is a bitsandbytes quantized layer, which lorakit cannot read as a dense "
+                "weight: convert the model with lorakit.quantize(model, 'nf4') first (exact for NF4), or load the "
+                "folder with lorakit.load_base(folder, quantize='nf4')")
+    shown = kind if kind == "8-bit (LLM.int8)" else f"4-bit {kind!r}"
+    return (f"{type(module).__name__} is a bitsandbytes {shown} layer, which lorakit can neither read nor convert "
+            "(it holds NF4 only): load the model without quantization_config (16-bit) for LoRA; for QLoRA use "
+            "lorakit.load_base(folder, quantize='nf4'), or BitsAndBytesConfig(load_in_4bit=True, "
+            "bnb_4bit_quant_type='nf4') and then lorakit.quantize(model, 'nf4')")
 
 
 @torch.no_grad()
