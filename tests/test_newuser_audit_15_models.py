@@ -267,7 +267,9 @@ def test_a_tied_config_whose_file_holds_its_own_head_loads_as_transformers_reads
     """"tie_word_embeddings": true, and the file holds lm_head.weight too (exporters write both; a head trained apart
     and merged by a tool that left the config alone makes them differ). transformers keeps such a head untied; the
     16-bit load agreed, but --quantize nf4 tied it to the embedding anyway: other logits (off by 15 on the tiny
-    model) than lorakit.quantize of the 16-bit load. A head equal to the embedding, or none in the file, stays tied."""
+    model) than lorakit.quantize of the 16-bit load. A head equal to the embedding, or none in the file, stays tied;
+    a file holding the head alone (no embedding) is tied the other way, as transformers reads it: --quantize nf4
+    said "1 tensor(s) missing ... 'model.embed_tokens.weight'"."""
     from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "tied-twice"
@@ -285,6 +287,15 @@ def test_a_tied_config_whose_file_holds_its_own_head_loads_as_transformers_reads
         assert (nf4.lm_head.weight is nf4.model.embed_tokens.weight) == tied
         lorakit.quantize(dense, "nf4")
         assert torch.equal(_logits(nf4), _logits(dense)), tied
+    head_only = {key: value for key, value in tensors.items() if key != "model.embed_tokens.weight"}
+    head_only["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    save_file(head_only, folder / "model.safetensors", metadata={"format": "pt"})
+    dense, _ = lorakit.load_base(str(folder), device="cpu")
+    assert_close(_logits(dense), _transformers_logits(folder))
+    nf4, _ = lorakit.load_base(str(folder), device="cpu", quantize="nf4")
+    assert nf4.lm_head.weight is nf4.model.embed_tokens.weight
+    lorakit.quantize(dense, "nf4")
+    assert torch.equal(_logits(nf4), _logits(dense))
 
 
 def _tokenizer_past_the_rows(root: Path, name: str, added: list[str], pad: str | None = None) -> Path:

@@ -277,15 +277,20 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
 
     # 3. tied output head: share the (now loaded) input embedding, unless the file holds a head of other values:
     # transformers then keeps the two apart (config.json's tie_word_embeddings notwithstanding), and so does this
-    # loader; tying there gave other logits than the 16-bit load of the same folder
+    # loader; tying there gave other logits than the 16-bit load of the same folder. A file holding the head alone
+    # (some exporters keep that copy) ties the other way, as transformers does
     head = model.get_output_embeddings()
     if getattr(model.config, "tie_word_embeddings", False) and head is not None:
-        embedding = model.get_input_embeddings().weight
+        inputs = model.get_input_embeddings()
+        embedding = inputs.weight
         saved = head.weight.device.type != "meta" and head.weight is not embedding
-        if not (saved and head.weight.shape == embedding.shape and not torch.equal(head.weight, embedding)):
-            head.weight = embedding
-        head_names = {n for n, m in model.named_modules() if m is head}
-        missing = [k for k in missing if k.rpartition(".")[0] not in head_names]
+        follower = None  # the module whose weight is now the other's (its own missing weight is no longer missing)
+        if saved and embedding.device.type == "meta":
+            inputs.weight, follower = head.weight, inputs
+        elif not (saved and head.weight.shape == embedding.shape and not torch.equal(head.weight, embedding)):
+            head.weight, follower = embedding, head
+        names = {n for n, m in model.named_modules() if m is follower}
+        missing = [k for k in missing if k.rpartition(".")[0] not in names]
     if missing:
         raise LorakitError(f"{source}: {len(missing)} tensor(s) missing from the safetensors files, e.g. {missing[0]!r}")
     leftover = [k for k in checkpoint_keys - used if not bnb_checkpoint.is_bnb_aux_key(k)
