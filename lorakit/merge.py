@@ -94,6 +94,10 @@ def _finite_when_stored(layer, name: str) -> bool:
     weight = getattr(layer.base_layer, "weight", None)
     if not quant.is_quantized(layer.base_layer) and isinstance(weight, torch.Tensor) and weight.is_floating_point():
         candidate = candidate.to(weight.dtype)
+    adapter, bias = layer.adapters[name], layer.bias
+    if adapter.lora_bias is not None and bias is not None:  # the base bias plus s * b, likewise in its own dtype
+        if not all_finite((bias.detach().float() + adapter.variant.merged_bias(adapter)).to(bias.dtype)):
+            return False
     return all_finite(candidate)
 
 

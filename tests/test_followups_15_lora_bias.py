@@ -111,6 +111,20 @@ def test_merge_and_unmerge_are_exact_and_equal_peft_merge():
     assert_close(lorakit.merge_and_unload(ours)(IDS).logits, theirs.merge_and_unload()(IDS).logits, dtype=torch.float32)
 
 
+def test_a_bias_that_overflows_the_base_dtype_is_refused_by_the_safe_merge():
+    ours, _ = twins("gpt2", torch.float32)
+    ours.half()
+    for host in lora_layers(ours).values():  # a float16 base with float32 adapters, as lorakit trains them
+        host.adapters.float()
+    layer = lora_layers(ours)["transformer.h.1.mlp.c_proj"]
+    with torch.no_grad():
+        layer.adapters["default"].lora_bias[3] = 1e6  # s * b beyond float16's 65504; the weights stay finite
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(LorakitError, match="NaN/Inf.*transformer.h.1.mlp.c_proj.*nothing was merged"):
+        lorakit.merge(ours)
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+
+
 def test_a_base_layer_without_a_bias_refuses_the_merge_and_changes_nothing():
     ours, theirs = twins("llama")  # Llama's projections have no bias
     before = {k: v.clone() for k, v in ours.state_dict().items()}
