@@ -204,6 +204,18 @@ def test_mixed_batch_of_a_biased_and_a_plain_adapter_equals_each_alone():
         AdapterStack.from_model(model, ["b"])
 
 
+def test_combining_a_biased_adapter_is_refused_in_one_line():
+    """The combined adapter is built from A and B alone: the bias would be dropped silently."""
+    model = build("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True), adapter="b")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"]), adapter="p")
+    with pytest.raises(LorakitError, match="adapter 'b' has a bias on lora_B") as caught:
+        lorakit.combine_adapters(model, {"b": 0.5, "p": 0.5})
+    assert "\n" not in str(caught.value) and "combined" not in lorakit.adapter_names(model)
+
+
 def test_the_static_decoder_path_refuses_rows_on_a_biased_adapter():
     from lorakit.serve.engine import _biased_lora
 
