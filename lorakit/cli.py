@@ -14,6 +14,7 @@ import importlib
 import os
 import signal
 import sys
+import textwrap
 import threading
 from typing import Callable
 
@@ -96,6 +97,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         description = f"{help_text}. {NEEDS_EXTRA[name]}" if name in NEEDS_EXTRA else help_text
+        # wrapped here: a command that sets a raw formatter for its examples prints its description as given
+        description = textwrap.fill(description, width=100, break_on_hyphens=False, break_long_words=False)
         sub = subparsers.add_parser(name, help=help_text, description=description)
         if name == only:  # only the chosen subcommand's module is imported
             importlib.import_module(module_name).add_arguments(sub)

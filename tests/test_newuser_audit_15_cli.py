@@ -345,3 +345,25 @@ def _check_mention(where: str, argv: list[str]) -> None:
         value = token.split("=", 1)[1] if "=" in token else argv[i + 1] if i + 1 < len(argv) else None
         if action.choices and value is not None and not value.startswith("--"):
             assert value in action.choices, f"{where}: `lorakit {shlex.join(argv)}`: {flag} takes {action.choices}"
+
+
+def test_a_single_answer_cut_by_max_new_tokens_says_so(tiny, capsys):
+    """One answer cut at --max-new-tokens read as the model's whole answer (an adapter's '{"item": "lattes", ...'
+    ran on for 128 tokens and ended mid-word); several answers side by side already said "length" in their headers."""
+    assert main(["generate", "--model", str(tiny), "--no-chat", "--max-new-tokens", "2", "copy a b :"]) == 0
+    err = capsys.readouterr().err
+    assert ("note: the answer stopped at --max-new-tokens 2, before its end; raise --max-new-tokens for more"
+            in err), err
+
+
+def test_every_help_fits_a_120_column_terminal(capsys):
+    """`lorakit serve --help` printed its description, with the serve extra it needs, as one 151-character line (its
+    raw formatter keeps the description as given)."""
+    from lorakit.cli import SUBCOMMANDS
+
+    for argv in [["--help"], *[[name, "--help"] for name in SUBCOMMANDS]]:
+        assert _code(argv) == 0
+        text = capsys.readouterr().out
+        assert max(len(line) for line in text.splitlines()) <= 120, (argv, text)
+    assert _code(["serve", "--help"]) == 0
+    assert "pip install 'lorakit[serve]'" in capsys.readouterr().out

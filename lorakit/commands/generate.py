@@ -261,4 +261,11 @@ def run(args: argparse.Namespace) -> int:
         if len(rows) > 1:
             print(f"=== {label} ({len(result.tokens)} tokens, {result.finish_reason}) ===")
         print(text.strip() if len(rows) > 1 else text)
+    if len(rows) == 1 and results[0].finish_reason == "length":  # (several rows say it in their headers)
+        if limit is not None and len(ids) + params.max_new_tokens >= limit:
+            print(f"note: the answer stopped at the end of the model's context ({limit} tokens with the prompt)",
+                  file=sys.stderr)
+        else:
+            print(f"note: the answer stopped at --max-new-tokens {params.max_new_tokens}, before its end; raise "
+                  "--max-new-tokens for more", file=sys.stderr)
     return 0
