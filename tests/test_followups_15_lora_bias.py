@@ -217,16 +217,26 @@ def test_combining_a_biased_adapter_is_refused_in_one_line():
 
 
 def test_the_static_decoder_path_refuses_rows_on_a_biased_adapter():
-    from lorakit.serve.engine import _biased_lora
+    """The static decoder's stacks hold no bias, so it would decode such rows without it: the engine refuses them
+    (the server's 400) with a line naming --decoder transformers; a plain adapter beside it still decodes there."""
+    import threading
 
-    model = build("llama")
+    from conftest import tiny_llama
+    from lorakit.decoding import StaticDecoder
+    from lorakit.serve.engine import Engine
+
+    model = tiny_llama(seed=6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True), adapter="b")
-    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"]), adapter="p")
-    reason = _biased_lora(model, "b")
-    assert "lora_bias" in reason and "--decoder transformers" in reason and "\n" not in reason
-    assert _biased_lora(model, "p") is None
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True), adapter="b")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="p")
+    engine = Engine(model, threading.RLock(), max_batch=2, decoder=StaticDecoder(model, max_batch=2, max_len=8))
+    try:
+        reason = engine.unservable("b")
+        assert "lora_bias" in reason and "--decoder transformers" in reason and "\n" not in reason
+        assert engine.unservable("p") is None
+    finally:
+        engine.close()
 
 
 def test_train_flag_and_inspect(tmp_path, capsys):
