@@ -261,6 +261,10 @@ class LoraConfig:
             raise LorakitError(f"{source}: expected a JSON object, got {type(data).__name__}")
         peft_type = data.get("peft_type", "LORA")
         if not isinstance(peft_type, str) or peft_type.upper() != "LORA":  # str() of a deep list would recurse
+            if isinstance(peft_type, str) and peft_type.upper() in FOLDER_TYPES:  # converted with the tensors (peft_types)
+                raise LorakitError(f"{source}: peft_type {shown(peft_type)} ({FOLDER_TYPES[peft_type.upper()]}) is read from "
+                                   "its whole adapter folder, as the plain LoRA it equals: lorakit.load_adapter(model, "
+                                   "folder) or lorakit.read_adapter(folder), not LoraConfig.from_peft_dict")
             if isinstance(peft_type, str) and peft_type.upper() in _UNMERGEABLE_TYPES:  # no weight update to merge
                 raise LorakitError(f"{source}: peft_type {shown(peft_type)} is not LoRA (it adds trained virtual tokens or "
                                    "layers of its own, which no merge turns into base weights); lorakit reads LoRA adapters "
@@ -478,7 +482,9 @@ def _is_default(value: Any, default: Any) -> bool:
 # peft 0.21's methods that merge_and_unload cannot fold into the base: prompt learning (virtual tokens), the
 # LLaMA-Adapter's gated prompts, and mixtures that pick adapters per input
 _UNMERGEABLE_TYPES = {"PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "CPT", "CARTRIDGE",
-                      "ADAPTION_PROMPT", "XLORA", "POLY"}
+                      "ADAPTION_PROMPT", "XLORA", "POLY", "LILY", "SHADOW"}  # Lily's and ShadowPEFT's merge raises
+# peft types whose update is a low-rank product: lorakit.peft_types reads their folders as that plain LoRA
+FOLDER_TYPES = {"ADALORA": "AdaLoRA", "VERA": "VeRA", "LOHA": "LoHa"}
 
 # Fields lorakit reads (mapped onto LoraConfig) or that only describe the file, never the math.
 _READ_FIELDS = {

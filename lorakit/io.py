@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit import peft_variants, quant
+from lorakit import peft_types, peft_variants, quant
 from lorakit._finite import all_finite
 from lorakit._fs import atomic_write_bytes
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
@@ -404,7 +404,8 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
             raise LorakitError(f"{weights} is {size:,} bytes, over the limit of {max_bytes:,}")
         raw_config = _read_config(config_path, config_handle)
         # no target_modules (peft would guess them from the model type): read after the tensors, which name them
-        config = _parse_config(raw_config, config_path) if _names_targets(raw_config) else None
+        config = _parse_config(raw_config, config_path) if _names_targets(raw_config) and not (
+            peft_types.peft_type(raw_config)) else None  # AdaLoRA, VeRA, LoHa: their LoRA config comes with the tensors
         _check_layout(weights, weights_handle, size)
         data = _read_exactly(weights, weights_handle, size)
     from safetensors.torch import load as safetensors_load
@@ -426,6 +427,9 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
     if narrow:
         raise LorakitError(f"{weights}: tensor {clipped(narrow[0])} has dtype {tensors[narrow[0]].dtype}; adapter "
                            "weights must be float32, float16 or bfloat16: convert them (tensor.float()) and save again")
+    if peft_types.peft_type(raw_config):  # before the empty check: AdaLoRA's fully pruned modules are (0, in)
+        lora_config, tensors = peft_types.to_lora(raw_config, tensors, str(config_path))
+        config = _parse_config(lora_config, config_path)
     empty = [k for k, t in tensors.items() if t.numel() == 0]
     if empty:  # DeepSpeed ZeRO-3 / FSDP ranks hold shards: a save that did not gather them writes shape (0,) tensors
         raise LorakitError(f"{weights}: tensor {clipped(empty[0])} is empty (shape {tuple(tensors[empty[0]].shape)}; "

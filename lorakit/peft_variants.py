@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import peft_types
 from lorakit.config import shown
 from lorakit.errors import LorakitError
 
@@ -104,7 +105,7 @@ def refuse_training(adapter_file: Any) -> None:
     raw = adapter_file.raw_config
     init = raw.get("init_lora_weights") if isinstance(raw, dict) else None
     methods = [FIELDS[n] for n in chosen(raw)] + ([_INITS[init.lower()]] if isinstance(init, str) and init.lower() in _INITS
-                                                  else [])
+                                                  else []) + [m for m in (peft_types.training_reason(raw),) if m]
     if methods:
         raise LorakitError(f"{adapter_file.folder / CONFIG_NAME}: {'; '.join(methods)}: lorakit loads it as the plain LoRA "
                            "it equals when it runs, which trains differently; load it with trainable=False to run or "
@@ -121,6 +122,9 @@ def to_plain_lora(model: nn.Module, adapter_file: Any, trainable: bool) -> Any:
 
     if trainable:
         refuse_training(adapter_file)
+    if peft_types.peft_type(adapter_file.raw_config):  # AdaLoRA, VeRA, LoHa: read as LoRA already, fitted here
+        return dataclasses.replace(adapter_file, tensors=peft_types.fit_to_model(
+            _base_modules(model), adapter_file.raw_config, adapter_file.tensors))
     names = chosen(adapter_file.raw_config)
     if not names:
         return adapter_file

@@ -23,6 +23,7 @@ def describe(folder: str) -> dict:
 
     from lorakit.errors import LorakitError
     from lorakit.io import read_adapter
+    from lorakit.peft_types import origin
 
     if not str(folder).strip():  # "" is the current folder: "." holds adapters in subfolders / does not exist
         raise LorakitError("the adapter folder given is '' (an unset shell variable?); give the folder that holds "
@@ -92,7 +93,8 @@ def describe(folder: str) -> dict:
         "file_bytes": adapter.size_bytes,
         "base_model": adapter.raw_config.get("base_model_name_or_path"),
         "base_fingerprint": adapter.metadata.get("lorakit_base_fingerprint"),
-        "made_by": f"lorakit {adapter.metadata['lorakit_version']}" if "lorakit_version" in adapter.metadata else "peft (or another tool)",
+        "made_by": f"lorakit {adapter.metadata['lorakit_version']}" if "lorakit_version" in adapter.metadata else (
+            origin(adapter.raw_config) or "peft (or another tool)"),  # AdaLoRA, VeRA, LoHa: what it was converted from
     }
 
 
