@@ -32,7 +32,13 @@ from test_serve_support import ServerProcess, make_tokenizer, never_ending, tiny
 def test_repetition_penalty_is_transformers_row_by_row():
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    from lorakit.serve.sampling import penalize_repetition
+    from lorakit.serve.sampling import new_history, penalize_rows
+
+    def penalize_repetition(logits, rows, seen, penalties):  # the rows' penalties at once, as the engine applies them
+        history = torch.stack([new_history(ids.tolist(), [], logits.shape[1], logits.device) for ids in seen])
+        off = torch.zeros(len(rows), 1)
+        values = penalize_rows(logits[rows].float(), history, torch.cat([torch.tensor(penalties).unsqueeze(1), off, off], 1))
+        logits[rows] = values.to(logits.dtype)
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 300, generator=generator) * 4
@@ -144,8 +150,6 @@ def test_min_tokens_hold_and_allowed_ids_in_the_engine_rows():
     expected = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([[8, 8, 2, 17]]), allowed.unsqueeze(0))[0]
     assert torch.equal(processed[3], expected)
     # the seen tokens grow with the answer: a second step penalises the new token too
-    requests[3].seen.add(50)
-    requests[3].unseen.append(50)
     requests[3].tokens.append(50)
     again = Engine._processed(requests[3:4], logits[3:4])
     expected = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([[8, 8, 2, 17, 50]]), allowed.unsqueeze(0))[0]

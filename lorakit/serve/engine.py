@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from lorakit.generation import KVBatch, SamplingParams, decode, prefill
-from lorakit.serve.sampling import OFF, RowOptions, hold_back, keep_only, penalize_repetition, sample_rows
+from lorakit.serve.sampling import OFF, RowOptions, hold_back, keep_only, new_history, penalize_rows, sample_rows
 
 
 @dataclass
@@ -84,18 +84,20 @@ class Request:
     # logprobs it reports are the model's, unbiased); None: nothing added
     bias: tuple[torch.Tensor, torch.Tensor] | None = None
     # OpenAI's presence / frequency penalties: each token this answer holds has presence + frequency x its count
-    # taken off its logit (counts: token -> times, kept only when a penalty is set); the logprobs stay the model's
+    # taken off its logit; the logprobs stay the model's
     presence: float = 0.0
     frequency: float = 0.0
-    counts: dict[int, int] = field(default_factory=dict)
-    # vLLM's repetition_penalty, min_p, min_tokens and allowed_token_ids (lorakit.serve.sampling.RowOptions); with a
-    # repetition penalty, ``seen`` holds the distinct tokens of the prompt and answer (``seen_ids`` on the logits'
-    # device, ``unseen`` the answer's new ones not yet copied there); the logprobs stay the model's
+    # vLLM's repetition_penalty, min_p, min_tokens, allowed_token_ids and bad_words (lorakit.serve.sampling.RowOptions)
     options: RowOptions = OFF
-    seen: set[int] | None = None
-    seen_ids: torch.Tensor | None = None
-    unseen: list[int] = field(default_factory=list)
+    # with any of the three penalties: the prompt's tokens and the answer's counts on the logits' device
+    # (lorakit.serve.sampling.new_history), holding ``tokens[:counted]``; the engine adds the rest at each step
+    history: torch.Tensor | None = None
+    counted: int = 0
     devices: dict[str, torch.Tensor] = field(default_factory=dict)  # options' token ids, copied once to the device
+
+    def penalized(self) -> bool:
+        """Whether a repetition, presence or frequency penalty applies to this request's logits."""
+        return bool(self.presence or self.frequency) or self.options.repetition_penalty != 1.0
 
 
 def _biased_lora(model: nn.Module, adapter: str) -> str | None:
@@ -363,30 +365,56 @@ class Engine:
                 index = torch.tensor(rows, device=logits.device)
                 masked, logits = mask_rows(constraints, logits[index]), logits.clone()
                 logits[index] = masked
-        adjusted = [i for i, r in enumerate(requests) if r.bias is not None or r.counts or r.options is not OFF]
+        adjusted = [i for i, r in enumerate(requests) if r.bias is not None or r.penalized() or r.options is not OFF]
         if not adjusted:
             return logits
         if not rows:  # a format's mask made a new tensor already
             logits = logits.clone()
         Engine._restrict(requests, adjusted, logits)
-        for i in adjusted:
-            request = requests[i]
-            if request.bias is not None:
-                ids, values = request.bias
+        biased = [i for i in adjusted if requests[i].bias is not None]
+        if biased:  # every row's logit_bias in one scatter (a row's ids are distinct: no element written twice)
+            for i in biased:
+                ids, values = requests[i].bias
                 if ids.device != logits.device:
-                    request.bias = ids, values = ids.to(logits.device), values.to(logits.device)
-                logits[i, ids] += values.to(logits.dtype)
-        repeating = [i for i in adjusted if requests[i].options.repetition_penalty != 1.0]
-        if repeating:  # after the bias, before presence / frequency: vLLM's order
-            penalize_repetition(logits, repeating, [Engine._seen(requests[i], logits.device) for i in repeating],
-                                [requests[i].options.repetition_penalty for i in repeating])
-        for i in adjusted:
-            request = requests[i]
-            if request.counts:
-                ids = torch.tensor(list(request.counts), device=logits.device)
-                times = torch.tensor(list(request.counts.values()), dtype=torch.float32, device=logits.device)
-                logits[i, ids] -= (request.presence + request.frequency * times).to(logits.dtype)
+                    requests[i].bias = ids.to(logits.device), values.to(logits.device)
+            where = torch.tensor([i for i in biased for _ in range(len(requests[i].bias[0]))], device=logits.device)
+            ids = torch.cat([requests[i].bias[0] for i in biased])
+            logits[where, ids] += torch.cat([requests[i].bias[1] for i in biased]).to(logits.dtype)
+        penalized = [i for i in adjusted if requests[i].penalized()]
+        if penalized:  # after the bias: vLLM's order
+            Engine._penalize(requests, penalized, logits)
         return logits
+
+    @staticmethod
+    def _penalize(requests: list[Request], penalized: list[int], logits: torch.Tensor) -> None:
+        """The repetition, presence and frequency penalties of rows ``penalized`` of ``logits (n, V)``, in place,
+        for all those rows at once (lorakit.serve.sampling.penalize_rows): their history rows are stacked, the
+        answer tokens since the last step counted in (one scatter), and each request keeps its row of the stack."""
+        device, width = logits.device, logits.shape[-1]
+        rows, tokens, histories = [], [], []
+        for j, i in enumerate(penalized):
+            request = requests[i]
+            if request.history is None or request.history.device != device or request.history.shape[0] != width:
+                request.history, request.counted = new_history(request.prompt, request.tokens, width, device), \
+                    len(request.tokens)
+            new = request.tokens[request.counted:]  # one token a step, as a rule
+            rows += [j] * len(new)
+            tokens += new
+            request.counted = len(request.tokens)
+            histories.append(request.history)
+        history = torch.stack(histories)
+        if tokens:
+            history.index_put_((torch.tensor(rows, device=device), torch.tensor(tokens, device=device)),
+                               torch.ones(len(tokens), dtype=torch.int32, device=device), accumulate=True)
+        for j, i in enumerate(penalized):  # a view: the next step stacks them again
+            requests[i].history = history[j]
+        penalties = torch.tensor([[requests[i].options.repetition_penalty, requests[i].presence, requests[i].frequency]
+                                  for i in penalized], dtype=torch.float32, device=device)
+        if len(penalized) == len(requests):
+            logits.copy_(penalize_rows(logits.float(), history, penalties))
+        else:
+            index = torch.tensor(penalized, device=device)
+            logits[index] = penalize_rows(logits[index].float(), history, penalties).to(logits.dtype)
 
     @staticmethod
     def _restrict(requests: list[Request], adjusted: list[int], logits: torch.Tensor) -> None:
@@ -414,18 +442,6 @@ class Engine:
             tensor = request.devices[key] = torch.tensor(ids, dtype=torch.long, device=device)
         return tensor
 
-    @staticmethod
-    def _seen(request: Request, device: torch.device) -> torch.Tensor:
-        """The distinct tokens of the request's prompt and answer so far (on ``device``): a repetition penalty's."""
-        if request.seen_ids is None or request.seen_ids.device != device:
-            request.seen = set(request.prompt) | set(request.tokens)
-            request.seen_ids, request.unseen = torch.tensor(sorted(request.seen), dtype=torch.long, device=device), []
-        elif request.unseen:  # the answer's new tokens: one small copy, not the whole set again
-            request.seen_ids = torch.cat([request.seen_ids, torch.tensor(request.unseen, dtype=torch.long,
-                                                                         device=device)])
-            request.unseen = []
-        return request.seen_ids
-
     def _accept(self, request: Request, logits: torch.Tensor, token: int, error: str | None, done: list) -> bool:
         """Take the request's next ``token`` (:meth:`_choose`'s, under the row's format; ``error``: why none could
         be drawn); ``logits`` (V,) as the model gave them, for logprobs. False (and a ``done`` entry) when it
@@ -449,11 +465,6 @@ class Engine:
             pairs = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
             info = TokenInfo(float(logprobs[token]), pairs)
         request.tokens.append(token)
-        if request.presence or request.frequency:
-            request.counts[token] = request.counts.get(token, 0) + 1
-        if request.seen is not None and token not in request.seen:  # a repetition penalty's new token
-            request.seen.add(token)
-            request.unseen.append(token)
         if request.cancelled:
             done.append((request, "cancelled"))
             return False

@@ -15,8 +15,8 @@ exact values), none reduces across rows, so neighbours never change it.
 
 vLLM's extensions act here too, as vLLM defines them: ``min_p`` (after the temperature, tokens whose probability
 is under ``min_p`` x the row's largest are dropped, before top-k / top-p: the nucleus is then taken of what is
-left), and, on the logits before any of this (:func:`penalize_repetition`, :func:`keep_only`, :func:`hold_back`),
-``repetition_penalty``, ``allowed_token_ids`` and ``min_tokens`` (:class:`RowOptions` holds a request's values).
+left), and, on the logits before any of this (:func:`keep_only`, :func:`hold_back`, :func:`penalize_rows`),
+``allowed_token_ids``, ``min_tokens`` and ``repetition_penalty`` (:class:`RowOptions` holds a request's values).
 """
 
 from __future__ import annotations
@@ -143,20 +143,38 @@ class RowOptions:
 OFF = RowOptions()
 
 
-def penalize_repetition(logits: torch.Tensor, rows: list[int], seen: list[torch.Tensor],
-                        penalties: list[float]) -> None:
-    """vLLM's (and transformers') ``repetition_penalty``, in place: in row ``rows[j]`` of ``logits (m, V)``, each
-    token of ``seen[j]`` (distinct token ids (k_j,), on the logits' device: the prompt's and the answer's) has its
-    logit divided by ``penalties[j]`` where positive and multiplied by it otherwise. All rows in one gather and one
-    scatter (the ids of a row are distinct, so no element is written twice), computed in float32 (a bfloat16
-    penalty of 1.3 would be 1.296875)."""
-    device = logits.device
-    where = torch.cat([torch.full((len(ids),), row, dtype=torch.long, device=device) for row, ids in zip(rows, seen)])
-    ids = torch.cat(list(seen))
-    scale = torch.cat([torch.full((len(ids_),), p, dtype=torch.float32, device=device)
-                       for p, ids_ in zip(penalties, seen)])
-    values = logits[where, ids].float()
-    logits[where, ids] = torch.where(values > 0, values / scale, values * scale).to(logits.dtype)
+# A request's token history on the device (lorakit.serve.engine.Request.history, (V,) int32): this bit marks a token
+# of the prompt, the bits below count the token in the answer. One row per request holds what the repetition
+# penalty (prompt and answer) and the presence / frequency penalties (answer only) read, so a decode step
+# penalises all its rows with a few whole-batch operations (no per-row launches, no host sync).
+PROMPT_MARK = 1 << 30
+
+
+def new_history(prompt: list[int], answer: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """A request's history row ``(vocab,) int32``: ``PROMPT_MARK`` on each token of ``prompt``, plus the times
+    each token occurs in ``answer``."""
+    history = torch.zeros(vocab, dtype=torch.int32, device=device)
+    if prompt:
+        history[torch.tensor(prompt, dtype=torch.long, device=device)] = PROMPT_MARK
+    if answer:
+        ids = torch.tensor(answer, dtype=torch.long, device=device)
+        history.index_put_((ids,), torch.ones(len(answer), dtype=torch.int32, device=device), accumulate=True)
+    return history
+
+
+def penalize_rows(logits: torch.Tensor, history: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:
+    """vLLM's ``repetition_penalty`` and OpenAI's presence / frequency penalties, on ``logits (k, V)`` float32 in
+    place, each row with its own ``history (k, V) int32`` (:func:`new_history`) and ``penalties (k, 3)`` float32
+    (repetition, presence, frequency; 1, 0, 0: off). In vLLM's order: a token of the prompt or the answer has its
+    logit divided by the repetition penalty where positive and multiplied otherwise (CTRL's penalty, as
+    transformers' RepetitionPenaltyLogitsProcessor; in float32, where a bfloat16 1.3 would be 1.296875), then a
+    token the answer holds c times loses presence + frequency x c. Rows with the penalties off are unchanged
+    (x / 1, x * 1 and x - 0 are exact). Returns ``logits``."""
+    repetition, presence, frequency = (column.unsqueeze(1) for column in penalties.unbind(1))
+    seen = history != 0
+    logits.copy_(torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits))
+    count = (history & (PROMPT_MARK - 1)).float()
+    return logits.sub_(presence * (count > 0) + frequency * count)
 
 
 def keep_only(logits: torch.Tensor, row: int, allowed: torch.Tensor) -> None:
