@@ -70,13 +70,13 @@ def test_bf16_merge_reports_and_warns_when_the_update_drowns(folders, tmp_path, 
     base = AutoModelForCausalLM.from_pretrained(folders["model"])
     tiny = make_adapter(base, tmp_path / "tiny", seed=2, std=1e-4)  # far below bf16's step at these weights
     assert main(["merge", "--model", str(folders["model"]), "--adapter", str(tiny), "--out", str(tmp_path / "o1")]) == 0
-    text = capsys.readouterr().out
-    assert "bfloat16" in text and "warning:" in text and "--dtype fp32" in text
+    captured = capsys.readouterr()
+    assert "bfloat16" in captured.out and "warning:" in captured.err and "--dtype fp32" in captured.err  # warns on stderr
     assert main(["merge", "--model", str(folders["model"]), "--adapter", str(folders["adapter"]), "--out",
                  str(tmp_path / "o2"), "--dtype", "bf16"]) == 0
-    text = capsys.readouterr().out
-    kept = float(text.split("cast to bfloat16: ")[1].split("%")[0])
-    assert 50 < kept < 100 and "warning:" not in text
+    captured = capsys.readouterr()
+    kept = float(captured.out.split("cast to bfloat16: ")[1].split("%")[0])
+    assert 50 < kept < 100 and "warning:" not in captured.out + captured.err
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "o2", dtype="auto")  # 4.x's default is float32, 5.x's "auto"
     assert next(saved.parameters()).dtype == torch.bfloat16
 

@@ -157,6 +157,17 @@ def test_merge_into_a_log_has_no_transformers_bar(tiny, tmp_path, capsys):
         f"next: lorakit generate --model {shlex.quote(str(tmp_path / 'merged'))} 'YOUR PROMPT'"
 
 
+def test_merge_warns_on_stderr(tiny, tmp_path, capsys):
+    """merge's warning that the bf16 cast loses most of a small update went to stdout, between the report lines
+    (`lorakit merge ... > merge.txt` hid it); combine and every other command warn on stderr."""
+    adapter = make_adapter(tiny_train_model(), tmp_path / "faint", seed=3, std=1e-5)
+    assert main(["merge", "--model", str(tiny), "--adapter", str(adapter), "--out", str(tmp_path / "merged"),
+                 "--dtype", "bf16"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: the cast to bfloat16 loses" in captured.err, captured
+    assert "warning" not in captured.out, captured.out
+
+
 def test_combine_ends_with_the_command_that_uses_the_new_adapter(tiny, tmp_path, capsys):
     """combine's last line was Python (lorakit.load_adapter / peft) for a user on the command line."""
     adapters = [make_adapter(tiny_train_model(), tmp_path / name, seed=seed) for name, seed in (("a", 1), ("b", 2))]
