@@ -15,6 +15,8 @@ so ``inject`` installs (lazily, on transformers models only) the instance method
   resuming restores the adapters (the frozen base is the one already in memory), and the installed
   ``load_state_dict`` keeps that load from reporting every frozen base weight as a missing key;
 - after ``merge_and_unload`` (no adapters left) it is the class's own ``save_pretrained`` again (a whole model);
+- ``generate(..., adapter_names=[...])`` (peft's per-row adapters, ``"__base__"`` for the base) runs inside
+  ``lorakit.mixed_batch``;
 - under ``torchrun`` Trainer wraps the model in ``DistributedDataParallel``, which expects a gradient for every
   trainable tensor in every step unless ``find_unused_parameters`` is on (Trainer turns it off under gradient
   checkpointing, and TRL's ``SFTConfig`` checkpoints by default). A trainable adapter that is not active (a second
@@ -68,6 +70,8 @@ def install(model: nn.Module) -> None:
         model.save_pretrained = functools.partial(save_pretrained, model)
     if "load_state_dict" not in vars(model):
         model.load_state_dict = functools.partial(load_state_dict, model)
+    if "generate" not in vars(model) and hasattr(type(model), "generate"):
+        model.generate = functools.partial(generate, model)
     if "print_trainable_parameters" not in vars(model) and not hasattr(type(model), "print_trainable_parameters"):
         model.print_trainable_parameters = functools.partial(print_trainable_parameters, model)
     # transformers >= 5.2x: activation_checkpointing_enable, whose deprecated alias gradient_checkpointing_enable warns
@@ -84,6 +88,19 @@ def install(model: nn.Module) -> None:
         setattr(model, DDP_IGNORE, DDPIgnored(model))
     if not any(hook is check_ddp_adapters for hook in getattr(model, "_forward_pre_hooks", {}).values()):
         model.register_forward_pre_hook(check_ddp_adapters)
+
+
+def generate(self: nn.Module, *args, adapter_names: list[str] | None = None, **kwargs):
+    """The class's ``generate``, also taking peft's ``adapter_names`` (one adapter per batch row, ``"__base__"`` for
+    the base alone), run as ``lorakit.mixed_batch``; transformers refused it as an unused model kwarg."""
+    if adapter_names is None:
+        return type(self).generate(self, *args, **kwargs)
+    from lorakit.adapters import mixed_batch
+
+    names = [None if name == "__base__" else name for name in adapter_names] \
+        if isinstance(adapter_names, (list, tuple)) else adapter_names  # anything else: mixed_batch says what it takes
+    with mixed_batch(self, names):
+        return type(self).generate(self, *args, **kwargs)
 
 
 def checkpointing_enable(self: nn.Module, name: str, options: dict | None = None, **kwargs):

@@ -203,7 +203,7 @@ def test_generate_and_pipeline_use_the_active_adapter_and_mixed_batches_match_si
     from transformers import PreTrainedTokenizerFast, pipeline
 
     model = _two_adapters(folder)
-    generate = lambda ids: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,  # noqa: E731
+    generate = lambda ids: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,  # noqa: E731
                                           do_sample=False, pad_token_id=0)
     single = {}
     for name in ("a", "b"):
@@ -222,7 +222,7 @@ def test_generate_and_pipeline_use_the_active_adapter_and_mixed_batches_match_si
     lorakit.set_adapter(model, "b")
     text = " ".join(f"w{i}x" for i in IDS[0].tolist())
     assert tokenizer(text).input_ids == IDS[0].tolist()
-    out = pipeline("text-generation", model=model, tokenizer=tokenizer)(text, max_new_tokens=5, do_sample=False)
+    out = pipeline("text-generation", model=model, tokenizer=tokenizer)(text, max_new_tokens=3, do_sample=False)
     new = out[0]["generated_text"][len(text):].split()
     assert new == [f"w{i}x" for i in single["b"][0, IDS.shape[1]:].tolist()]
 
@@ -250,3 +250,55 @@ def test_accelerator_prepare_trains_as_a_plain_loop_and_the_unwrapped_model_save
         ours = unwrapped(IDS).logits
         assert_close(ours, twin(IDS).logits)
     assert_close(ours, peft_logits(folder, tmp_path / "adapter"))
+
+
+def test_generate_takes_peft_adapter_names_per_row_as_peft_does(folder, tmp_path):
+    """peft's ``generate(..., adapter_names=[...])`` ("__base__": the base alone) was refused by transformers as an
+    unused model kwarg ('The following `model_kwargs` are not used by the model'); it now runs as mixed_batch and
+    gives peft's tokens, beams and returned sequences included."""
+    peft = pytest.importorskip("peft")
+    model = _two_adapters(folder)
+    for name in ("a", "b"):
+        lorakit.save_adapter(model, tmp_path / name, adapter=name)
+    theirs = peft.PeftModel.from_pretrained(plain(folder), str(tmp_path / "a"), adapter_name="a")
+    theirs.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    theirs.eval()
+    ids = torch.cat([IDS, IDS[:1].flip(1)])
+    names = ["b", "__base__", "a"]
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    for extra in ({}, dict(num_beams=2, num_return_sequences=2)):
+        ours = model.generate(ids, adapter_names=names, **settings, **extra)
+        assert torch.equal(ours, theirs.generate(input_ids=ids, adapter_names=names, **settings, **extra))
+    assert not lorakit.adapters.mixed_batch_open(model)  # the block closed with generate
+    with pytest.raises(LorakitError, match="unknown adapter 'c'"):
+        model.generate(ids, adapter_names=["a", "c", None], **settings)
+
+
+def test_push_to_hub_uploads_the_adapter_folder_as_peft_does(folder, tmp_path, monkeypatch):
+    """``model.push_to_hub`` saves through the model's ``save_pretrained``: an injected model uploads its adapter
+    folder (PeftModel.push_to_hub's files), which peft loads with the same logits. The hub calls are the only stubs."""
+    import shutil
+    import types
+
+    import transformers.utils.hub as hub
+
+    model = plain(folder)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.5)
+    monkeypatch.setattr(hub, "hf_api", lambda: types.SimpleNamespace(
+        create_repo=lambda repo_id, **_: types.SimpleNamespace(repo_id=repo_id)))
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **k: types.SimpleNamespace(
+        save=lambda path: open(path, "w").write("card")))
+    uploaded = {}
+
+    def upload(work_dir, repo_id, **_):  # what would go to the hub: a copy of the folder before it is deleted
+        uploaded[repo_id] = shutil.copytree(work_dir, tmp_path / "pushed")
+
+    monkeypatch.setattr(model, "_upload_modified_files", upload)
+    model.push_to_hub("me/orders")
+    pushed = uploaded["me/orders"]
+    assert sorted(p.name for p in pushed.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    with torch.no_grad():
+        assert_close(model(IDS).logits, peft_logits(folder, pushed))
