@@ -378,3 +378,56 @@ def test_every_help_fits_a_120_column_terminal(capsys):
         assert max(len(line) for line in text.splitlines()) <= 120, (argv, text)
     assert _code(["serve", "--help"]) == 0
     assert "pip install 'lorakit[serve]'" in capsys.readouterr().out
+
+
+# -- every command line a user may copy: README and docs shell blocks, and each --help's examples -------------------
+_BEFORE = {"$", "|", "&&", "||", ";", "nohup", "time", "sudo", "exec", "-m"}
+
+
+def _copied_commands(text: str) -> list[list[str]]:
+    """The argv after each ``lorakit`` of a shell text, wherever a shell would run it: at the start of a line, after
+    a prompt (``$``), a pipe, ``&&`` / ``;``, ``nohup`` / ``time``, ``python -m``, or ``VAR=value`` assignments
+    (test_readme's finder takes only the first word of a line); a continued line is joined."""
+    commands = []
+    for line in text.replace("\\\n", " ").splitlines():
+        try:
+            tokens = shlex.split(line.replace("|", " | ").replace(";", " ; "), comments=True)
+        except ValueError:
+            continue
+        for i, token in enumerate(tokens):
+            start = i
+            while start > 0 and re.match(r"^\w+=", tokens[start - 1]):  # VAR=value words before the command
+                start -= 1
+            runs_here = start == 0 or tokens[start - 1] in _BEFORE
+            if (token == "lorakit" or token.endswith("/lorakit")) and runs_here:
+                argv = tokens[i + 1:]
+                end = next((k for k, t in enumerate(argv) if t in ("|", "&&", "||", ";")), len(argv))
+                commands.append(argv[:end])
+    return commands
+
+
+def test_every_example_a_user_may_copy_parses():
+    """Each `lorakit --help` and `lorakit COMMAND --help` example (`echo "Hi" | lorakit generate ...` among them)
+    and every command of a README / docs shell block, also after a prompt, a pipe or an environment variable,
+    parses with the real parser: a renamed option cannot leave a stale example behind."""
+    import argparse
+
+    import test_readme as readme
+    from lorakit.cli import EPILOG, SUBCOMMANDS, build_parser
+
+    sources = {"lorakit --help": EPILOG}
+    for name in SUBCOMMANDS:
+        sub = next(a for a in build_parser(only=name)._actions if isinstance(a, argparse._SubParsersAction))
+        sources[f"lorakit {name} --help"] = sub.choices[name].epilog or ""
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        sources[path.name] = "\n".join(body for language, body in readme.FENCE.findall(path.read_text(encoding="utf-8"))
+                                       if language in ("bash", "sh", "console", "shell", ""))
+    seen = set()
+    for where, text in sources.items():
+        for argv in _copied_commands(text):
+            if not argv or argv[0] not in SUBCOMMANDS or argv[1:] in ([], ["--help"]):
+                continue
+            seen.add((where, argv[0]))
+            assert readme._parse(argv) is None, f"{where}: `lorakit {shlex.join(argv)}` is refused"
+    assert {name for where, name in seen if where.endswith("--help")} == set(SUBCOMMANDS)
+    assert ("lorakit generate --help", "generate") in seen and ("README.md", "merge") in seen
