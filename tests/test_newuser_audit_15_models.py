@@ -444,3 +444,22 @@ def test_safetensors_under_a_name_transformers_does_not_read_are_named(root, tmp
         line = _refused(*command)
         assert f"has no model.safetensors and no model.safetensors.index.json, only {name}" in line and words in line
     assert not (tmp_path / "q").exists()
+
+
+def test_the_rotary_check_refuses_no_causal_lm_family_transformers_builds(tmp_path):
+    """The check above must not refuse a family whose config transformers makes itself: each causal-LM config
+    class's defaults (about 200, MusicGen's two text configs included) pass it."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from lorakit.models.rope_types import check_rope_types
+
+    checked = 0
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        try:
+            config = CONFIG_MAPPING[model_type]()
+        except Exception:  # a class that needs arguments
+            continue
+        check_rope_types(config, model_type, tmp_path)
+        checked += 1
+    assert checked > 100

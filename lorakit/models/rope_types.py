@@ -26,7 +26,10 @@ def check_rope_types(loaded, model_type: str, folder: Path) -> None:
     except ImportError:
         return
     get_text = getattr(loaded, "get_text_config", None)
-    text = get_text() if callable(get_text) else loaded
+    try:
+        text = get_text() if callable(get_text) else loaded
+    except ValueError:  # several text configs (MusicGen's encoder and decoder): none to pick, leave it to the load
+        return
     value = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
     entries = [value] + (list(value.values()) if isinstance(value, dict) else [])  # per layer type (Gemma 3)
     for entry in entries:
