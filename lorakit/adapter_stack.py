@@ -396,16 +396,15 @@ def drop_stack_caches(model: torch.nn.Module) -> int:
 
 def _fast_path_adapter_dtype(layer, names: Sequence[str | None]) -> torch.dtype | None | bool:
     """The dtype of the batch's adapters on this layer; None if none is there; False if one needs the reference
-    (DoRA or another non-plain variant, a bias on lora_B, which the stacked kernels do not hold, or dropout while
-    training)."""
+    (DoRA or another non-plain variant, or dropout while training). A bias on lora_B (lora_bias) is no reason:
+    ``_add_lora_biases`` adds it after the stacked delta."""
     modules = layer.adapters._modules
     dtype = None
     for name in dict.fromkeys(names):
         module = modules.get(name)
         if module is None:
             continue
-        if (not module.variant.plain or module.lora_bias is not None
-                or (layer.training and isinstance(module.dropout, torch.nn.Dropout))):
+        if not module.variant.plain or (layer.training and isinstance(module.dropout, torch.nn.Dropout)):
             return False
         dtype = dtype or module.lora_A.dtype  # not _parameters: an nn.DataParallel replica holds it as an attribute
     return dtype
@@ -417,7 +416,8 @@ def stacked_mixed_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     ``layer`` is a ``LoraLinear`` with ``row_adapters`` set (adapter name or None per batch row); x (B, ..., in) ->
     (B, ..., out), equal to the per-adapter reference within the dtype's tolerance. Taken only for inference
     (autograd off), float32/float16/bfloat16 inputs on a device where the Triton kernels run, and when every
-    adapter of the batch on this layer is plain LoRA / rsLoRA without active dropout (DoRA and lora_bias: reference).
+    adapter of the batch on this layer is plain LoRA / rsLoRA without active dropout (DoRA: reference). An adapter's
+    bias on lora_B (peft's lora_bias) is added to its rows after the stacked delta (``_add_lora_biases``).
     """
     names = layer.row_adapters
     if torch.is_grad_enabled() or x.dtype not in FAST_DTYPES or x.dim() < 2 or len(names) != x.shape[0]:
@@ -457,8 +457,23 @@ def stacked_mixed_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
         out = torch.empty(x2d.shape[0], base.weight.shape[0], dtype=x.dtype, device=x.device)
         stack.add_("", out, x2d, plan, accumulate=False)
         out.addmm_(x2d, base.weight.t())
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return _add_lora_biases(layer, names, out.view(*x.shape[:-1], out.shape[-1]))
     result = base(x)
     out = result.reshape(-1, result.shape[-1])  # a view when contiguous: the delta is added in place
     stack.add_("", out, x2d, plan)
-    return out.view(result.shape)
+    return _add_lora_biases(layer, names, out.view(result.shape))
+
+
+def _add_lora_biases(layer, names: Sequence[str | None], y: torch.Tensor) -> torch.Tensor:
+    """``y (B, ..., out)`` plus ``s * b`` on the rows of each adapter of ``names`` (one per row) that has a bias on
+    lora_B (peft's lora_bias), in place; the stacks hold A and B only. Read from the modules at every call, so a
+    bias changed in place is never stale; a batch without such adapters costs one dictionary look-up per name."""
+    modules = layer.adapters._modules
+    for name in dict.fromkeys(names):
+        module = modules.get(name)
+        bias = getattr(module, "lora_bias", None)  # not _parameters: an nn.DataParallel replica holds it as an attribute
+        if bias is None:
+            continue
+        rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=y.device)
+        y.index_add_(0, rows, (bias * module.scaling).to(y.dtype).expand(len(rows), *y.shape[1:]))
+    return y

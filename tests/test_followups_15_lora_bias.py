@@ -6,8 +6,8 @@ peft's rules, read in peft/tuners/lora/{layer,config}.py and followed here: the 
 merging adds ``s * b`` to the base's bias, and a base layer without a bias cannot merge (peft warns at creation and
 raises at merge; it creates no bias); DoRA, embeddings and inits other than true/false are refused; LoRA+ puts the
 bias in B's group without weight decay (``create_loraplus_optimizer``: "lora_B" in its name, "bias" in its name).
-The static decoder (lorakit.decoding) holds no bias: rows on such an adapter are refused there in one line, and
-the stacked kernels of mixed batches are skipped for them (the per-adapter reference adds the bias).
+The static decoder (lorakit.decoding) holds no bias: rows on such an adapter are refused there in one line. Mixed
+batches on the stacked kernels add each row's bias after the stacked delta.
 """
 
 from __future__ import annotations
@@ -195,11 +195,13 @@ def test_mixed_batch_of_a_biased_and_a_plain_adapter_equals_each_alone():
             alone[name] = model(ids).logits
         with lorakit.disable_adapters(model):
             alone[None] = model(ids).logits
-        for names in (["b", "p", None], ["b", "b", "b"], ["p", "b", "p"]):  # all-b: no plain row to force the reference
+        for names in (["b", "p", None], ["b", "b", "b"], ["p", "b", "p"]):
             with lorakit.mixed_batch(model, names):
                 mixed = model(ids).logits
             for row, name in enumerate(names):
                 assert_close(mixed[row], alone[name][row], msg=f"{names} row {row}")
+    # under the Triton interpreter (as CI runs) the stacked kernels took these batches, and added the biases after
+    assert all("_lorakit_stack_cache" in layer.__dict__ for layer in lora_layers(model).values())
     with pytest.raises(LorakitError, match="lora_bias"):  # the stacked kernels hold A and B only
         AdapterStack.from_model(model, ["b"])
 
