@@ -286,6 +286,22 @@ def test_a_prompt_completion_run_ends_with_the_next_command_and_generate_complet
     assert calls[-1] == (prompt, True)
 
 
+def test_a_full_fine_tuning_runs_model_is_asked_as_it_was_trained(tiny, tmp_path, capsys, monkeypatch):
+    """`lorakit train --full` on prompt/completion records writes RUN/model, which `lorakit generate --model RUN/model`
+    (the run's next: line) wrapped in the chat template like any base."""
+    records = task_records(16, seed=6)
+    data = write_jsonl(tmp_path / "full.jsonl", records)
+    run = tmp_path / "full"
+    assert main(["train", "--model", str(tiny), "--data", str(data), "--out", str(run), "--full", "--max-steps", "1",
+                 "--batch-size", "4", "--eval-examples", "0", "--samples", "0", "--no-progress"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"next: lorakit generate --model {shlex.quote(str(run / 'model'))} {shlex.quote(records[0]['prompt'])}"
+    calls = _encoded(monkeypatch)
+    assert main(shlex.split(last.removeprefix("next: lorakit ")) + ["--max-new-tokens", "2"]) == 0
+    assert calls == [(records[0]["prompt"], False)], calls
+    assert "note: the run trained on text or prompt/completion records" in capsys.readouterr().err
+
+
 def test_a_chat_run_gives_generate_its_system_prompt(tiny, tmp_path, capsys, monkeypatch):
     """The embedded task's chats all begin with the system turn "Extract the order as JSON.", and the demo adapter
     does its task only under it; `lorakit generate --adapter runs/demo/adapter "Two lattes to Berlin"` had no way to
@@ -301,7 +317,7 @@ def test_a_chat_run_gives_generate_its_system_prompt(tiny, tmp_path, capsys, mon
     base = ["generate", "--model", str(tiny), "--adapter", str(run / "adapter"), "--max-new-tokens", "2"]
     assert main(base + ["copy a b :"]) == 0
     assert calls[-1] == ([{"role": "system", "content": system}, {"role": "user", "content": "copy a b :"}], None)
-    assert f"note: system prompt of the adapter's run: {system!r} (--system to change it" in capsys.readouterr().err
+    assert f"note: system prompt of the training run: {system!r} (--system to change it" in capsys.readouterr().err
     assert main(base + ["--system", "", "copy a b :"]) == 0  # '' for none
     assert calls[-1] == ("copy a b :", None)
     assert main(base + ["--system", "copy only", "copy a b :"]) == 0

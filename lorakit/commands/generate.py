@@ -23,9 +23,9 @@ EPILOG = """examples:
   echo "Hi" | lorakit generate --model ./base --adapter a              # the prompt on standard input
   lorakit generate --system "Answer in French." "What is LoRA?"       # a system turn before the prompt
 
-An adapter of a lorakit train run is asked as it was trained (the run's results.json says how): a run on text or
-prompt/completion records completes the prompt as plain text, and chats that all began with one system prompt give
-it as the default --system. --chat / --no-chat / --system override that.
+An adapter of a lorakit train run (or a --full run's model) is asked as it was trained (results.json says
+how): after text or prompt/completion records the prompt is completed as plain text, and chats that all began
+with one system prompt give it as the default --system. --chat / --no-chat / --system override that.
 """
 
 
@@ -193,17 +193,19 @@ def run(args: argparse.Namespace) -> int:
               f"... < {prompt}", file=sys.stderr)
     if args.no_chat and args.system is not None:
         raise LorakitError("--system is a turn of the chat template, which --no-chat turns off; drop one")
-    style = _run_prompt_style(args.adapter)
+    # the adapters' runs, and a --full run's own model folder (RUN/model), framed the prompts the answers depend on
+    full_run_model = [args.model] if args.model is not None and os.path.isdir(os.path.expanduser(args.model)) else []
+    style = _run_prompt_style(args.adapter + full_run_model)
     chat = True if args.chat else False if args.no_chat else None
     asked_chat = args.system is not None or args.chat_template_kwargs is not None  # options of the template itself
     if chat is None and not asked_chat and style.get("prompt_format") == "plain":  # a chat frame it never saw
         chat = False
-        print("note: the adapter's run trained on text or prompt/completion records, so the prompt is completed as "
-              "plain text, as in training (--chat for the chat template)", file=sys.stderr)
+        print("note: the run trained on text or prompt/completion records, so the prompt is completed as plain text, "
+              "as in training (--chat for the chat template)", file=sys.stderr)
     system = args.system
     if system is None and chat is not False and style.get("system_prompt"):
         system = style["system_prompt"]
-        print(f"note: system prompt of the adapter's run: {system!r} (--system to change it, --system '' for none)",
+        print(f"note: system prompt of the training run: {system!r} (--system to change it, --system '' for none)",
               file=sys.stderr)
     if args.model is not None:
         check_model_folder(args.model)
