@@ -156,8 +156,9 @@ def encode_prompt(tokenizer, prompt: str | Sequence[dict], chat: bool | None = N
         raise LorakitError("this tokenizer has no chat template, so chat messages cannot be formatted; give plain text "
                            "instead (encode_prompt(tokenizer, text, chat=False), /v1/completions, or --no-chat)")
     try:
-        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False,
-                                            **(chat_template_kwargs or {}))
+        # the server's chat requests may set add_generation_prompt (and continue_final_message, documents) here
+        kwargs = {"add_generation_prompt": True, **(chat_template_kwargs or {})}
+        ids = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=False, **kwargs)
     except Exception as error:  # a template may raise for roles it does not know (jinja's TemplateError and others)
         if type(error).__name__ == "TemplateSyntaxError":  # the template itself is broken, whatever the messages
             where = f"line {getattr(error, 'lineno', '?')}: {getattr(error, 'message', None) or error}"

@@ -68,6 +68,36 @@ def adapter_text(folder: Path, name: str, base: ModelText, model: Any, reasoning
     return ModelText.build(tokenizer, model, reasoning_choice, adapter=name)
 
 
+def own_template(folder: Path, base_template: Any) -> bool:
+    """Whether the adapter folder brings a chat template other than the base's (``base_template``): a
+    chat_template.jinja / .json, named templates, or tokenizer_config.json's ``chat_template``, read as warily as
+    at load (no link followed, under ``MAX_FILE_BYTES``). A file that cannot be read says no: the load says why."""
+    import json
+
+    from lorakit.io import _open, _read_exactly
+
+    base = base_template if isinstance(base_template, str) else None
+    if os.path.lexists(folder / TEMPLATES_FOLDER):
+        return True
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        path = folder / name
+        if not os.path.lexists(path):
+            continue
+        try:
+            fd = _open(path, False, None)
+            with os.fdopen(fd, "rb") as handle:
+                size = os.fstat(fd).st_size
+                if size > MAX_FILE_BYTES:
+                    return False
+                data = _read_exactly(path, handle, size).decode("utf-8", "replace")
+            template = data if name.endswith(".jinja") else json.loads(data).get("chat_template")
+        except (LorakitError, OSError, ValueError, AttributeError):
+            return False
+        if template:
+            return template != base
+    return False
+
+
 def same_tokenizer(tokenizer: Any, other: Any) -> bool:
     """Whether two fast tokenizers of one vocabulary encode, decode and render alike: the same class, chat
     template(s), special tokens, added tokens (and whether each is special), and backend (normalizer,
@@ -160,9 +190,13 @@ def check_vocabulary(tokenizer: Any, base: ModelText) -> dict[str, int]:
 
 
 def _check_template(tokenizer: Any) -> None:
-    """A chat template that is not valid Jinja is refused at load, not in every request's 400."""
+    """A chat template that is not valid Jinja, or that takes too long (or too much memory) to render a sample chat
+    (``template_guard.check_template``, in a child process), is refused at load, not in every request's 400."""
     if not getattr(tokenizer, "chat_template", None):
         return
+    from lorakit.serve.template_guard import check_template
+
+    check_template(tokenizer.chat_template)
     try:
         tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     except Exception as error:  # a template may refuse this chat (a required system turn): that is no syntax error

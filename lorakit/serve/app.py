@@ -51,7 +51,8 @@ from lorakit.serve.sampling import OFF, RowOptions
 from lorakit.serve.structured import FormatError, compile_format
 from lorakit.serve.text import TextAssembler
 from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_format, forced_calls, forced_prefix,
-                                      kept_tokens, parse_calls, render_variant, template_messages)
+                                      kept_tokens, parse_calls, render_variant, template_messages, template_text)
+from lorakit.serve.template_guard import TemplateTooSlow
 from lorakit.serve.transport import CORS, internal_error, not_found, parse, read_json
 
 # seconds a client told "every loaded adapter is in use" (503) should wait before it retries: requests finish and
@@ -83,6 +84,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     reasoning_parser: str = "auto"  # --reasoning-parser's value: how an adapter's own template is read too
     text: ModelText | None = None  # the base's text side: the fields above (built from them when not given)
+    trust_request_chat_template: bool = False  # --trust-request-chat-template: a request may send chat_template
 
     def __post_init__(self):
         if self.text is None and self.tokenizer is not None:
@@ -316,18 +318,20 @@ def create_app(state: ServerState) -> FastAPI:
         served = await _open_model(state, body.model, request)  # its template renders the chat
         try:
             text = served.text
+            template_kwargs = _render_options(state, text, body)
             if tools is None and not any(m.tool_calls or m.role == "tool" for m in body.messages):
                 messages = template_messages(body.messages)  # role, content (and an answer's reasoning_content)
-                prompt_ids = await run_in_threadpool(_encode, state, text, messages, True, body.chat_template_kwargs)
+                prompt_ids = await run_in_threadpool(_encode, state, text, messages, True, template_kwargs)
             else:  # an agent's request: the tools and its earlier calls and results, as training renders them
-                prompt_ids = await run_in_threadpool(_encode_tools, state, text, body, tools)
+                prompt_ids = await run_in_threadpool(_encode_tools, state, text, body, tools, template_kwargs)
             forced = None
             if body.forced_call() is not None:  # "required" or a named function: the answer starts the call
                 forced = forced_prefix(call_format(text.tokenizer, tools), body.forced_call())
                 prompt_ids = prompt_ids + await run_in_threadpool(text.encode_text, forced)
             max_tokens = body.max_completion_tokens or body.max_tokens
             top = (body.top_logprobs or 0) if body.logprobs else None
-            return await _serve(state, request, body, served, [prompt_ids], max_tokens, top, chat=True, forced=forced)
+            return await _serve(state, request, body, served, [prompt_ids], max_tokens, top, chat=True, forced=forced,
+                                chat_echo=body.echoed())
         finally:
             _let_go(state, served)
 
@@ -435,9 +439,17 @@ def _encode(state: ServerState, text: ModelText, prompt, chat: bool, template_kw
         # tokenizer (and every other request's detokenizing) for seconds before the token count refuses them
         raise APIError(400, f"{param} holds {len(prompt):,} messages, over the limit of {state.max_prompt_tokens} "
                        "prompt tokens (each message takes at least one)", param=param, code="context_length_exceeded")
-    _check_characters(state, prompt, (template_kwargs or {}).get("tools"), param)
+    kwargs = template_kwargs or {}
+    # a chat request's documents are prompt text too (its chat_template is not: MAX_TEMPLATE_CHARS bounds it)
+    extra = [kwargs[key] for key in ("tools", "documents") if kwargs.get(key)]
+    _check_characters(state, prompt, extra or None, param)
     try:
         return text.encode(prompt, chat, template_kwargs)
+    except TemplateTooSlow as error:  # the adapter's (or the request's) template: say whose
+        whose = "the request's chat_template" if "chat_template" in kwargs else \
+            f"the chat template of {text.adapter!r}" if text.adapter else "the base model's chat template"
+        raise APIError(400, f"{whose} {str(error).removeprefix('the chat template ')}", param=param,
+                       code="chat_template_timeout") from None
     except LorakitError as error:
         raise APIError(400, str(error), param=param) from None
 
@@ -453,10 +465,28 @@ def _check_characters(state: ServerState, prompt, tools: list | None, param: str
                        "tokens", param=param, code="context_length_exceeded")
 
 
-def _encode_tools(state: ServerState, text: ModelText, body: ChatRequest, tools: list[dict] | None) -> list[int]:
-    """Token ids of a chat with tools and/or tool turns (:func:`_encode_agent`)."""
+def _encode_tools(state: ServerState, text: ModelText, body: ChatRequest, tools: list[dict] | None,
+                  template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of a chat with tools and/or tool turns (:func:`_encode_agent`); ``template_kwargs``: the
+    template's keywords (:func:`_render_options`; default: the request's chat_template_kwargs alone)."""
     return _encode_agent(state, text, template_messages(body.messages), tools, body.calls_parsed(),
-                         body.chat_template_kwargs, "messages")
+                         body.chat_template_kwargs if template_kwargs is None else template_kwargs, "messages")
+
+
+def _render_options(state: ServerState, text: ModelText, body: ChatRequest) -> dict:
+    """The chat request's template keywords: its chat_template_kwargs and vLLM's rendering fields
+    (``ChatRequest.render_options``), each checked against what this server and template can honour."""
+    options = body.render_options()
+    if "chat_template" in options and not state.trust_request_chat_template:
+        raise APIError(400, "chat_template in a request is refused: this server renders chats with each model's own "
+                       "template; start it with --trust-request-chat-template to accept requests' templates",
+                       param="chat_template")
+    if "documents" in options:
+        template = options.get("chat_template") or template_text(text.tokenizer, None)
+        if "documents" not in template:
+            raise APIError(400, "documents are not read by this model's chat template (it never names them), so "
+                           "they would be dropped; put them in a message instead", param="documents")
+    return {**(body.chat_template_kwargs or {}), **options}
 
 
 def _encode_agent(state: ServerState, text: ModelText, messages: list[dict], tools: list[dict] | None, parsed: bool,
@@ -472,7 +502,7 @@ def _encode_agent(state: ServerState, text: ModelText, messages: list[dict], too
         _check_characters(state, messages, tools, param)
         try:
             with text.lock:
-                messages = render_variant(text.tokenizer, messages, tools, template_kwargs)
+                messages = text.rendering(lambda: render_variant(text.tokenizer, messages, tools, template_kwargs))
         except LorakitError as error:
             where = getattr(error, "param", param)
             # a Responses input's items are not the messages' indices (instructions first, calls joined to a turn)
@@ -672,13 +702,14 @@ def _choice_seed(seed: int | None, index: int) -> int | None:
 
 async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, prompts: list[list[int]],
                  max_tokens: int | None, logprobs: int | None, chat: bool, default_tokens: int | None = None,
-                 echoes: list[str] | None = None, forced: str | None = None):
+                 echoes: list[str] | None = None, forced: str | None = None, chat_echo: str | None = None):
     """Generate ``body.n`` answers to each prompt on ``served`` (whose pin the jobs take over, and whose text side
     decodes them); choice ``p * n + i`` is prompt p's answer i (OpenAI's order).
     ``echoes``: the prompts' texts, which their answers then start with (their logprobs too: each prompt's tokens
     scored by one forward, the first token's None); with ``max_tokens`` 0, all there is. ``forced``: the start of
     a call that ends each chat prompt (``tool_calls.forced_prefix``), read back with the answer, which must form a
-    call (else a 500 that says what the model wrote)."""
+    call (else a 500 that says what the model wrote). ``chat_echo``: chat's echo (``ChatRequest.echoed``), the
+    text each answer's content starts with (streamed as its first content chunk)."""
     n = body.n
     if len(prompts) * n > MAX_ROWS:
         raise APIError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} answers, over the limit of "
@@ -732,7 +763,8 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
     created = int(time.time())
     if body.stream:
         return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs,
-                                               tools, think, forced, echoes, prompt_lps, side),
+                                               tools, think, forced,
+                                               echoes if chat_echo is None else [chat_echo], prompt_lps, side),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     collected = await _collect(state, http, jobs, bridge)
     if isinstance(collected, JSONResponse):
@@ -765,6 +797,8 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
             if parsed is not None:  # the model called tools: OpenAI's message and finish reason
                 message.update(content=parsed[0], tool_calls=parsed[1])
                 finish = "tool_calls"
+            if chat_echo is not None:  # vLLM's: the echoed message, then the answer's content
+                message["content"] = chat_echo + (message["content"] or "")
             choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": lp})
         else:
             choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": lp})

@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "[THINK] (Magistral, Ministral 3 reasoning) -> mistral, <think> (Qwen3, DeepSeek-R1, QwQ) "
                              "-> deepseek_r1, neither -> none; 'none' never splits; deepseek_r1 / qwen3 (vLLM's names; "
                              "one <think> parser reads both) and mistral ([THINK]...[/THINK]) force that parser")
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="accept a chat_template in chat requests (vLLM's option of this name): Jinja code from "
+                             "clients, rendered sandboxed and under a time limit; off: such requests are refused")
     parser.add_argument("--log-level", default="warning", type=str.lower, choices=LOG_LEVELS,
                         help="uvicorn log level: %(choices)s (default: %(default)s)")
 
@@ -139,7 +142,15 @@ def build_state(args: argparse.Namespace):
                         api_key=args.api_key or None, body_timeout=args.body_timeout,
                         cors_origins=tuple(args.cors_origin),
                         reasoning=select_parser(tokenizer, getattr(args, "reasoning_parser", "auto")),
-                        reasoning_parser=getattr(args, "reasoning_parser", "auto"))
+                        reasoning_parser=getattr(args, "reasoning_parser", "auto"),
+                        trust_request_chat_template=getattr(args, "trust_request_chat_template", False))
+    from lorakit.serve.adapter_tokenizer import own_template
+
+    templated = [a for a in pool.available() if a != name and own_template(pool.root / a, tokenizer.chat_template)]
+    if templated:  # their chats are not rendered as the base's: say which, as a user comparing answers wonders
+        print(f"lorakit serve: adapters with their own chat template (their chats are rendered with it): "
+              f"{', '.join(templated[:20])}{f' and {len(templated) - 20} more' if len(templated) > 20 else ''}",
+              flush=True)
     for entry, why in skipped_folders(args.adapters):
         print(f"lorakit serve: folder {entry!r} in {args.adapters} is not served: {why}", flush=True)
     if name in pool.available():  # "model": name means the base: the folder could never be asked for

@@ -62,11 +62,23 @@ class ModelText:
         return self._vocab
 
     def encode(self, prompt, chat: bool, template_kwargs: dict | None = None) -> list[int]:
-        """``generation.encode_prompt`` with this tokenizer: a string, or chat messages through its template."""
+        """``generation.encode_prompt`` with this tokenizer: a string, or chat messages through its template,
+        which renders under ``template_guard``'s deadline (``TemplateTooSlow`` past it)."""
         from lorakit.generation import encode_prompt
 
         with self.lock:
-            return encode_prompt(self.tokenizer, prompt, chat=chat, chat_template_kwargs=template_kwargs)
+            if not chat:  # plain text: no template runs
+                return encode_prompt(self.tokenizer, prompt, chat=False)
+            return self.rendering(lambda: encode_prompt(self.tokenizer, prompt, chat=True,
+                                                        chat_template_kwargs=template_kwargs))
+
+    @staticmethod
+    def rendering(render):
+        """``render()`` (which runs the chat template, Jinja code from an adapter's folder or a request) under
+        ``template_guard.RENDER_TIMEOUT_S``; the caller holds ``lock``, which a stuck render would hold for good."""
+        from lorakit.serve.template_guard import with_deadline
+
+        return with_deadline(render)
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` continuing a prompt (no BOS; a template's special tokens read as themselves)."""

@@ -135,6 +135,8 @@ class StreamOptions(_Strict):
     include_obfuscation: bool = True  # OpenAI pads chunks against side channels; lorakit sends no padding field
 
 
+MAX_DOCUMENTS = 256  # RAG documents of one chat request (vLLM's documents: {"title", "text"} objects)
+MAX_TEMPLATE_CHARS = 256 * 1024  # a request's chat_template: real ones are a few KiB (Qwen3's ~4 KiB)
 MAX_TOKEN_IDS = 1024  # stop_token_ids / allowed_token_ids entries: a few ends, or a label set, not a vocabulary
 MAX_BAD_WORDS = 128  # bad_words: each is looked for at every token of the answer
 
@@ -702,6 +704,50 @@ class ChatRequest(_Sampling):
     prediction: Prediction | None = None
     # vLLM's extension: options of the model's chat template, e.g. {"enable_thinking": false} for Qwen3
     chat_template_kwargs: dict | None = None
+    # vLLM's chat rendering fields (extra_body): the template's generation prompt (false: none), an answer that
+    # continues the last (assistant) message, that message's text at the answer's start, RAG documents for the
+    # templates that read them, and a template of the request's own (only with --trust-request-chat-template)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    echo: bool = False
+    documents: list[dict[str, str]] | None = Field(None, max_length=MAX_DOCUMENTS)
+    chat_template: str | None = Field(None, min_length=1, max_length=MAX_TEMPLATE_CHARS)
+
+    @model_validator(mode="after")
+    def _generation_prompt(self):
+        """vLLM's rules: continue_final_message goes without a generation prompt, and continues the last message,
+        which must be the assistant's (here: a prompt that ends inside another role's turn has no answer to read)."""
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("cannot set both continue_final_message and add_generation_prompt to true; send "
+                             "add_generation_prompt: false with continue_final_message: true")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError(f"continue_final_message continues the last message, which must be the assistant's "
+                             f"(it is {self.messages[-1].role!r}); end messages with the answer's start")
+        if self.continue_final_message and self.forced_call() is not None:
+            raise ValueError("continue_final_message cannot be combined with a tool_choice that forces a call (the "
+                             "answer would start with the call, not continue the message)")
+        if self.chat_template is not None and self.tools:
+            raise ValueError("a request's chat_template cannot be combined with tools on this server (the tool-call "
+                             "format is read from the model's own template); leave one out")
+        return self
+
+    def render_options(self) -> dict:
+        """The template's keywords from these fields (beside chat_template_kwargs, which may not name them)."""
+        options: dict[str, Any] = {"add_generation_prompt": self.add_generation_prompt}
+        if self.continue_final_message:
+            options["continue_final_message"] = True
+        if self.documents is not None:
+            options["documents"] = self.documents
+        if self.chat_template is not None:
+            options["chat_template"] = self.chat_template
+        return options
+
+    def echoed(self) -> str | None:
+        """With echo, the text the answer starts with (vLLM's rule): the last message's when it is the answer's
+        role (the assistant's: continued, or followed by a generation prompt), else nothing."""
+        if not self.echo or self.messages[-1].role != "assistant":
+            return None
+        return self.messages[-1].text()
 
     @field_validator("metadata")
     @classmethod

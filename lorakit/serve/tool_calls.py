@@ -556,7 +556,7 @@ def render_variant(tokenizer: Any, messages: list[dict], tools: list[dict] | Non
     def render(chat: list[dict], with_tools: list[dict] | None) -> str | None:
         try:
             text = tokenizer.apply_chat_template(chat, tools=with_tools or None, tokenize=False,
-                                                 add_generation_prompt=True, **(template_kwargs or {}))
+                                                 **{"add_generation_prompt": True, **(template_kwargs or {})})
         except Exception:  # a template refuses one convention (Mistral: ids not 9 characters long)
             return None
         return text if isinstance(text, str) else None
@@ -587,8 +587,8 @@ def render_variant(tokenizer: Any, messages: list[dict], tools: list[dict] | Non
             return variant
     if first is None:
         try:
-            tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True,
-                                          **(template_kwargs or {}))
+            tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                          **{"add_generation_prompt": True, **(template_kwargs or {})})
             reason = "refused"
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
