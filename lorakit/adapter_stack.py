@@ -450,7 +450,8 @@ def stacked_mixed_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     base = layer.base_layer
     x2d = adapter_in.reshape(-1, adapter_in.shape[-1])
     if (plan.block_m > 16 and plan.covers_all and type(base) is torch.nn.Linear and base.bias is None
-            and base.weight.dtype == x.dtype):
+            and base.weight.dtype == x.dtype and not base.weight.is_meta):
+        # (a meta weight is offloaded by accelerate, which loads it only inside base(x): the path below)
         # prefill, every row adapted: the expand writes the delta (no read of y) and the base GEMM adds itself
         # onto it in its epilogue (beta=1), instead of writing y and the expand reading and rewriting it: one pass
         # over the (tokens, out) output less (the first H200 run: the y read-modify-write was most of the 16%)

@@ -126,6 +126,28 @@ def test_what_reads_an_offloaded_weight_outside_its_forward_is_refused(folder, t
     assert lorakit.adapter_names(model) == []  # refused before anything changed
 
 
+
+def test_a_mixed_batch_on_an_offloaded_base_equals_the_base_kept_in_memory(folder, tmp_path):
+    """lorakit.mixed_batch's stacked (SGMV) prefill, taken where the Triton kernels run (a GPU; the interpreter in
+    these tests), added the base GEMM from ``base.weight`` directly: on an offloaded layer that is the empty meta
+    tensor, and the rows came out without the base's own output (logits off by ~0.3, no error)."""
+    models = [offloaded(folder, tmp_path), plain(folder)]
+    for model in models:
+        for name, seed in (("a", 1), ("b", 2)):
+            torch.manual_seed(seed)
+            lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", init="gaussian"),
+                           adapter=name)
+            for path, parameter in model.named_parameters():
+                if f"adapters.{name}.lora_B" in path:
+                    torch.nn.init.normal_(parameter, std=0.3, generator=torch.Generator().manual_seed(seed))
+        model.eval()
+    ids = torch.randint(3, 120, (2, 40), generator=torch.Generator().manual_seed(0))  # a prefill: 80 rows
+    logits = []
+    for model in models:
+        with lorakit.mixed_batch(model, ["a", "b"]), torch.no_grad():
+            logits.append(model(ids).logits)
+    assert_close(logits[0], logits[1])
+
 # -- bitsandbytes configs -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("quantization, kind", [
