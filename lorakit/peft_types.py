@@ -82,6 +82,8 @@ def to_lora(raw_config: dict[str, Any], tensors: dict[str, torch.Tensor], where:
                   rank_pattern=pattern, alpha_pattern=dict(pattern))
     if kind != "ADALORA":  # AdaLoRA's config is a LoraConfig: the rest of its fields are LoRA's, set to peft's defaults
         config.setdefault("bias", "none")
+    if config.get("bias") == "vera_only":  # VeRA's name for LoRA's "lora_only": saved biases are checked as those
+        config["bias"] = "lora_only"
     return config, out
 
 
@@ -172,7 +174,7 @@ def _loha(raw: dict[str, Any], path: str, parts: dict[str, torch.Tensor], rest: 
     return lora_A.to(w1b.dtype), lora_B.to(w1a.dtype)
 
 
-def fit_to_model(model_modules: dict[str, Any], raw_config: Any, tensors: dict[str, torch.Tensor]
+def fit_to_model(model_modules: dict[str, Any], raw_config: Any, tensors: dict[str, torch.Tensor], where: str
                  ) -> dict[str, torch.Tensor]:
     """The converted tensors for this model: a VeRA adapter's ``lora_A`` cut to each layer's in_features (peft
     slices the shared vera_A so); a module that is not a linear layer refused in one line (a convolution's LoHa or
@@ -191,7 +193,7 @@ def fit_to_model(model_modules: dict[str, Any], raw_config: Any, tensors: dict[s
         if module is None:
             continue  # plan_load names a path the model lacks
         if not quant.is_linear_like(module):
-            raise LorakitError(f"{path} is a {type(module).__name__}, and lorakit reads {NAMES[kind]} adapters of linear "
+            raise LorakitError(f"{where}: {path} is a {type(module).__name__}, and lorakit reads {NAMES[kind]} adapters of linear "
                                "layers only: merge this one with peft (merge_and_unload) and load the merged model")
         in_features = quant.linear_shape(module)[1]
         if kind == "VERA" and tensors[key].shape[1] > in_features:

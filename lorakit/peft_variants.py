@@ -19,7 +19,8 @@ the model at hand (``to_plain_lora``), so lorakit runs, merges and serves them w
 None of them can continue training in lorakit (another parameterization or training rule), so ``trainable=True``
 is refused in one line (``refuse_training``), as for peft's PiSSA / OLoRA inits (loaded at rank 2r: the init's half
 would train too) and MiCA (peft keeps its B frozen); ``lorakit.save_adapter`` writes any of them as a plain LoRA,
-which trains as one.
+which trains as one. Adapters of another peft_type that are a low-rank product (AdaLoRA, VeRA, LoHa) are read as
+LoRA by ``lorakit.peft_types`` and fitted to the model here.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def to_plain_lora(model: nn.Module, adapter_file: Any, trainable: bool) -> Any:
         refuse_training(adapter_file)
     if peft_types.peft_type(adapter_file.raw_config):  # AdaLoRA, VeRA, LoHa: read as LoRA already, fitted here
         return dataclasses.replace(adapter_file, tensors=peft_types.fit_to_model(
-            _base_modules(model), adapter_file.raw_config, adapter_file.tensors))
+            _base_modules(model), adapter_file.raw_config, adapter_file.tensors, str(adapter_file.folder)))
     names = chosen(adapter_file.raw_config)
     if not names:
         return adapter_file

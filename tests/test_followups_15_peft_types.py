@@ -200,6 +200,42 @@ def test_served_with_peft_logprobs(saved):
         process.stop()
 
 
+def test_vera_only_bias_on_a_base_without_biases(saved, tmp_path):
+    """VeRA's bias="vera_only" (LoRA's "lora_only") on layers with no bias saves none: peft's logits; it was refused
+    as an unsupported bias option."""
+    config = _quiet(peft.VeraConfig, r=4, target_modules=["q_proj"], save_projection=True, bias="vera_only")
+    model = _quiet(peft.get_peft_model, _base(saved["base"]), config)
+    _randomize(model, 4)
+    _quiet(model.save_pretrained, tmp_path / "vera")
+    ours = _base(saved["base"])
+    lorakit.load_adapter(ours, tmp_path / "vera")
+    assert_close(_logits(ours), _logits(_theirs({**saved, "adapters": tmp_path}, "vera")))
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(4, 4, 1)
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(self.conv(x).transpose(1, 2))
+
+
+def test_loha_of_a_convolution_is_refused_in_one_line(tmp_path):
+    """A LoHa of a Conv1d (kernel 1: its factors are matrices too) is not read as a linear layer's: refused, the
+    model left as it was."""
+    torch.manual_seed(0)
+    model = _quiet(peft.get_peft_model, _ConvNet(), peft.LoHaConfig(r=2, target_modules=["conv", "lin"]))
+    _randomize(model, 5)
+    _quiet(model.save_pretrained, tmp_path / "loha")
+    ours = _ConvNet()
+    with pytest.raises(lorakit.LorakitError, match=r": conv is a Conv1d, and lorakit reads LoHa adapters of linear "
+                                                   r"layers only: merge this one with peft") as error:
+        lorakit.load_adapter(ours, tmp_path / "loha")
+    assert "\n" not in str(error.value) and not lorakit.adapter_names(ours)
+
+
 def _refused(folder, pattern):
     with pytest.raises(lorakit.LorakitError, match=pattern) as error:
         lorakit.read_adapter(folder)
