@@ -324,3 +324,30 @@ def test_push_to_hub_uploads_the_adapter_folder_as_peft_does(folder, tmp_path, m
     assert sorted(p.name for p in pushed.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     with torch.no_grad():
         assert_close(model(IDS).logits, peft_logits(folder, pushed))
+
+
+def test_state_dict_round_trip_and_casting_the_injected_model_as_peft_casts_its_own(folder, tmp_path):
+    """torch.save(model.state_dict()) into a freshly injected model (loaded with weights_only) restores it exactly;
+    model.to(bfloat16) / .half() cast the adapters with the base, as on a PeftModel, and keep peft's logits."""
+    model = plain(folder)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", dropout=0.1))
+    train_steps(model, steps=2)
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    again = plain(folder)
+    lorakit.inject(again, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", dropout=0.1))
+    result = again.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert not result.missing_keys and not result.unexpected_keys
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, model(IDS).logits)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    peft = pytest.importorskip("peft")
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half()):
+        ours = cast(copy.deepcopy(model))
+        theirs = cast(peft.PeftModel.from_pretrained(plain(folder), str(tmp_path / "adapter")).eval())
+        layer = ours.model.layers[0].self_attn.q_proj
+        dtype = layer.weight.dtype
+        assert layer.adapters["default"].lora_A.dtype == dtype == theirs.base_model.model.model.layers[0].self_attn \
+            .q_proj.lora_A["default"].weight.dtype
+        with torch.no_grad():
+            assert_close(ours(IDS).logits, theirs(IDS).logits.float(), dtype=dtype)
