@@ -47,7 +47,7 @@ import bisect
 import json
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,9 @@ __all__ = [  # the last six live in batches.py
 ]
 
 OVERFLOW_CHOICES = ("drop", "truncate", "error")
+# tokenizing shows progress only after this many seconds: a set that takes less is done before a bar would help, and
+# its line (or bar) would only add noise before the summary line
+PROGRESS_DELAY_S = 1.5
 # tokens with which a template ends an assistant turn that calls a tool, instead of its end of turn: Llama 3.x's
 # <|eom_id|> (with builtin_tools, the model stops there for the ipython result), gpt-oss's <|call|>. Both are in
 # those models' generation eos lists; appending the end-of-turn token after them would put a token into the chat
@@ -683,9 +686,12 @@ def build_dataset(
     eot_token: str | None = None,
     name: str = "dataset",
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    progress: bool | str = False,
 ) -> SupervisedDataset:
     """Tokenize every record (see :func:`tokenize_example`) and optionally pack the results; ``chat_template_kwargs``
-    are options of the chat template (Qwen3: ``{"enable_thinking": False}``).
+    are options of the chat template (Qwen3: ``{"enable_thinking": False}``). ``progress``: a tqdm bar on stderr
+    (True), a plain line now and then ("lines", for a log file) or nothing (False), shown only once tokenizing has
+    taken :data:`PROGRESS_DELAY_S` (100k chats take a minute or more; a small set says nothing).
 
     Raises:
         LorakitError: a bad record, an example too long with overflow="error", or no example left.
@@ -697,6 +703,10 @@ def build_dataset(
     drops: Counter[str] = Counter()
     n_records = 0
     specials, checked_markup = special_token_texts(tokenizer), False
+    if progress and isinstance(records, Sized):  # a generator has no total to show progress against
+        from lorakit.train.evaluate import _bar
+
+        records = _bar(records, len(records), f"tokenizing {name}", progress, unit="record", delay_s=PROGRESS_DELAY_S)
     for raw in records:
         if not isinstance(raw, Record):  # a dict given in Python: its errors name its index in the list
             raw = validate_record(raw, f"{name}[{n_records}]")
@@ -816,12 +826,13 @@ def build_datasets(
     pack: bool = False,
     eot_token: str | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    progress: bool | str = False,
 ) -> DataBundle:
     """Read files (JSONL, CSV, datasets folders), split or read validation, tokenize: what ``--data`` does.
 
     ``train`` and ``validation`` are paths, or lists of records already read (:func:`read_many`). The validation
     set is never packed: it is scored per example. Give ``validation`` or ``val_fraction`` (not both), or neither
-    for no validation set.
+    for no validation set. ``progress`` as in :func:`build_dataset`.
     """
     if validation is not None and val_fraction is not None:
         raise LorakitError("give a validation file or a validation fraction, not both")
@@ -832,11 +843,11 @@ def build_datasets(
     elif val_fraction is not None:
         records, val_records = split_records(records, val_fraction, seed)
     train_ds = build_dataset(records, tokenizer, max_length, overflow, pack=pack, eot_token=eot_token, name="training data",
-                             chat_template_kwargs=chat_template_kwargs)
+                             chat_template_kwargs=chat_template_kwargs, progress=progress)
     val_ds = None
     if val_records is not None:
         val_ds = build_dataset(val_records, tokenizer, max_length, overflow, eot_token=eot_token, name="validation data",
-                               chat_template_kwargs=chat_template_kwargs)
+                               chat_template_kwargs=chat_template_kwargs, progress=progress)
     return DataBundle(train_ds, val_ds)
 
 

@@ -112,37 +112,42 @@ def dataset_loss(model: nn.Module, dataset: Sequence[dict], batch_size: int, col
     return total / tokens, tokens
 
 
-def _bar(items, total: int, what: str, enabled: bool | str):
+def _bar(items, total: int, what: str, enabled: bool | str, unit: str = "batch", delay_s: float = 0.0):
     """A tqdm bar over ``items`` (on stderr) when enabled; ``"lines"``: a plain line on stderr now and then (see
-    :func:`_lines`); else the items themselves."""
+    :func:`_lines`); else the items themselves. ``unit`` names what is counted ("batch", "record"); ``delay_s``: show
+    nothing until that long has passed (work that ends sooner says nothing)."""
     if enabled == "lines":
-        return _lines(items, total, what)
+        return _lines(items, total, what, unit=unit, delay_s=delay_s)
     if not enabled:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, total=total, desc=what, unit="batch", leave=False, dynamic_ncols=True)
+    return tqdm(items, total=total, desc=what, unit=unit, leave=False, dynamic_ncols=True, delay=delay_s)
 
 
-def _lines(items, total: int, what: str, every_s: float = 60.0):
-    """``items``, with a line on stderr after the first and the last batch, every tenth of them and at least every
+def _lines(items, total: int, what: str, every_s: float = 60.0, unit: str = "batch", delay_s: float = 0.0):
+    """``items``, with a line on stderr after the first and the last item, every tenth of them and at least every
     ``every_s`` seconds, as training's --no-progress does (a log file gets no bar redraws, but is not silent for the
-    length of a long eval). Example: ``loss: 40/400 batches, 0:01:20 elapsed, 0:12:00 left``."""
+    length of a long eval). Example: ``loss: 40/400 batches, 0:01:20 elapsed, 0:12:00 left``. With ``delay_s``, no
+    line until that long has passed; the first one then comes with the next item (about a dozen lines in all)."""
     import sys
     import time
 
     from lorakit.train.loop import _clock
 
+    units = unit + ("es" if unit.endswith("ch") else "s")  # batches, records
     started = last_time = time.perf_counter()
-    last = 0
+    last, shown = 0, False
     for n, item in enumerate(items, 1):
         yield item
         now = time.perf_counter()
-        if n == 1 or n >= total or n - last >= max(1, total // 10) or now - last_time >= every_s:
+        if now - started < delay_s:
+            continue
+        if not shown or n >= total or n - last >= max(1, total // 10) or now - last_time >= every_s:
             elapsed = now - started
-            print(f"{what}: {n}/{total} batches, {_clock(elapsed)} elapsed, "
+            print(f"{what}: {n}/{total} {units}, {_clock(elapsed)} elapsed, "
                   f"{_clock(elapsed / n * max(total - n, 0))} left", file=sys.stderr, flush=True)
-            last, last_time = n, now
+            last, last_time, shown = n, now, True
 
 
 def perplexity(loss: float) -> float:

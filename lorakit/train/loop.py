@@ -479,6 +479,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
             log(train_ds.summary.drop_note())
     if val_ds is not None and val_ds is not val_data:
         log(f"validation data: {val_ds.summary}")
+        if val_ds.summary.drop_note():
+            log(f"validation data: {val_ds.summary.drop_note()}")
     overlap = validation_in_training(train_ds, val_ds) if val_ds is not None and main else None
     if overlap:
         warnings.warn(overlap, stacklevel=2)

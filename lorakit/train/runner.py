@@ -407,7 +407,18 @@ def load_data(config: TrainConfig, tokenizer: Any, records: tuple[list, list | N
     train_records, val_records = records if records is not None else read_data(config)
     return build_datasets(train_records, tokenizer, validation=val_records, val_fraction=config.val_fraction,
                           seed=config.seed, max_length=config.max_length, overflow=config.overflow, pack=config.pack,
-                          chat_template_kwargs=config.chat_template_kwargs)
+                          chat_template_kwargs=config.chat_template_kwargs, progress=data_progress(config))
+
+
+def data_progress(config: TrainConfig) -> bool | str:
+    """How tokenizing the data shows progress (:func:`lorakit.train.data.build_dataset`): as training's does, a bar
+    on a terminal (or --progress), plain lines in a log file (or --no-progress); nothing on a process other than the
+    first, whose bars would draw over rank 0's (every process tokenizes the same data)."""
+    from lorakit.train.loop import show_bar
+
+    if os.environ.get("RANK", "0") != "0":
+        return False
+    return True if show_bar(config.progress) else "lines"
 
 
 def score(model, tokenizer, records, config: TrainConfig, device: torch.device, when: str = "") -> GenerationScore:
@@ -596,6 +607,8 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
         say(bundle.train.summary.drop_note())
     if bundle.val is not None:
         say(f"validation data: {bundle.val.summary}")
+        if bundle.val.summary.drop_note():  # its drops and special-token text, labelled: else they read as training's
+            say(f"validation data: {bundle.val.summary.drop_note()}")
     if main:
         try:
             if replace:
