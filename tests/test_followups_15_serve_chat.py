@@ -14,6 +14,8 @@ over real sockets.
 
 from __future__ import annotations
 
+import functools
+import json
 import threading
 import time
 
@@ -35,12 +37,16 @@ TRIGGER = ("{% for m in messages %}{% if m['content'] == 'SLOW' %}{% for i in ra
 OTHER = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}>{% endif %}"
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    return make_tokenizer()
+
+
 def _rendered(messages, template=None, **kwargs) -> int:
-    tokenizer = make_tokenizer()
-    if template is not None:
-        tokenizer.chat_template = template
+    """Prompt tokens of ``messages`` as transformers renders them with ``template`` (default: the base's)."""
     kwargs.setdefault("add_generation_prompt", True)
-    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs))
+    return len(_tokenizer().apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False,
+                                                **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +134,6 @@ def test_echo_starts_the_answer_with_the_continued_message(servers):
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data: {"):
-                import json
-
                 delta = json.loads(line[6:])["choices"][0]["delta"]
                 if delta.get("content"):
                     pieces.append(delta["content"])
