@@ -161,6 +161,10 @@ def test_a_requests_chat_template_needs_the_servers_option(servers):
         != _rendered(QUESTION)
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     assert "tools" in _chat(trusted, QUESTION, status=400, chat_template=OTHER, tools=tools)["error"]["message"]
+    # a client's template is Jinja too: one that builds a 10 GB string is refused before it runs in the server
+    error = _chat(trusted, QUESTION, status=400, chat_template="{{ 'x' * 10000000000 }}" + OTHER)["error"]
+    assert error["param"] == "chat_template" and "MiB of memory" in error["message"]
+    assert _chat(trusted, QUESTION)["choices"]
     # chat_template_kwargs may not set these (the fields do): refused as before
     assert _chat(trusted, QUESTION, status=400, chat_template_kwargs={"chat_template": OTHER})["error"]
 

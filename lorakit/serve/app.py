@@ -146,7 +146,10 @@ class _Bridge:
         self.loop, self.queue = loop, asyncio.Queue()
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop has closed (a second Ctrl-C cut the requests): nobody waits for the event
+            pass
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -319,6 +322,8 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             text = served.text
             template_kwargs = _render_options(state, text, body)
+            if body.chat_template is not None:  # a client's Jinja: tried on a sample chat first, as adapters' are
+                await run_in_threadpool(_check_request_template, body.chat_template)
             if tools is None and not any(m.tool_calls or m.role == "tool" for m in body.messages):
                 messages = template_messages(body.messages)  # role, content (and an answer's reasoning_content)
                 prompt_ids = await run_in_threadpool(_encode, state, text, messages, True, template_kwargs)
@@ -471,6 +476,19 @@ def _encode_tools(state: ServerState, text: ModelText, body: ChatRequest, tools:
     template's keywords (:func:`_render_options`; default: the request's chat_template_kwargs alone)."""
     return _encode_agent(state, text, template_messages(body.messages), tools, body.calls_parsed(),
                          body.chat_template_kwargs if template_kwargs is None else template_kwargs, "messages")
+
+
+def _check_request_template(template: str) -> None:
+    """A request's chat_template through the adapters' load check (``template_guard.check_template``: a child
+    process, once per template): a template that builds a huge string would take the server's memory in-process,
+    where the render deadline cannot stop one C call."""
+    from lorakit.serve.template_guard import check_template
+
+    try:
+        check_template(template, fix="send a template that renders a chat in milliseconds")
+    except TemplateTooSlow as error:
+        raise APIError(400, f"the request's chat_template {str(error).removeprefix('its chat template ')}",
+                       param="chat_template", code="chat_template_timeout") from None
 
 
 def _render_options(state: ServerState, text: ModelText, body: ChatRequest) -> dict:

@@ -119,10 +119,13 @@ if len(text) > job["limit"]:
 _passed: set[int] = set()  # hashes of templates already checked (an adapter unloaded and loaded again)
 
 
-def check_template(template: Any, seconds: float = RENDER_TIMEOUT_S) -> None:
+FOLDER_FIX = "fix chat_template.jinja (or tokenizer_config.json's chat_template) in its folder"
+
+
+def check_template(template: Any, seconds: float = RENDER_TIMEOUT_S, fix: str = FOLDER_FIX) -> None:
     """Raise ``TemplateTooSlow`` (one line, about "its chat template": the caller names whose) if ``template``
     (a Jinja string, or transformers' dict of named templates) takes over ``seconds``, ``CHILD_MEMORY_BYTES`` or
-    ``MAX_SAMPLE_OUTPUT`` characters to render a four-message sample chat."""
+    ``MAX_SAMPLE_OUTPUT`` characters to render a four-message sample chat; ``fix``: what the line says to do."""
     templates = [template] if isinstance(template, str) else \
         [t for t in (template.values() if isinstance(template, dict) else ()) if isinstance(t, str)]
     for text in templates:
@@ -140,15 +143,13 @@ def check_template(template: Any, seconds: float = RENDER_TIMEOUT_S) -> None:
         code = 3 if done is None else done.returncode
         if code == 3:
             raise TemplateTooSlow(f"its chat template takes over {seconds:g} s to render a four-message chat (it "
-                                  "loops too long); fix chat_template.jinja (or tokenizer_config.json's "
-                                  "chat_template) in its folder")
+                                  f"loops too long); {fix}")
         if code == 4:
             raise TemplateTooSlow(f"its chat template takes over {CHILD_MEMORY_BYTES >> 20} MiB of memory to render "
-                                  "a four-message chat (it builds huge strings); fix its chat template")
+                                  f"a four-message chat (it builds huge strings); {fix}")
         if code == 5:
             raise TemplateTooSlow(f"its chat template writes {int(done.stdout.strip() or 0):,} characters for a "
-                                  f"four-message chat, over the limit of {MAX_SAMPLE_OUTPUT:,}; fix its chat "
-                                  "template")
+                                  f"four-message chat, over the limit of {MAX_SAMPLE_OUTPUT:,}; {fix}")
         if len(_passed) > 1024:
             _passed.clear()
         _passed.add(hash(text))
