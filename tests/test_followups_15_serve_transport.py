@@ -299,14 +299,38 @@ def test_sigterm_while_the_model_loads(setup, tmp_path):
     _ended(process, 143, "lorakit serve: stopped by SIGTERM")
 
 
-def test_ctrl_c_while_serving(setup, tmp_path):
-    """Before: status 0 and nothing said (uvicorn raised the SIGINT again inside asyncio.run's own handler,
-    which only cancelled a task that had ended)."""
-    process, url, _ = _start(setup, tmp_path)
+def test_ctrl_c_while_serving_and_again_to_cut_the_running_requests(setup, tmp_path):
+    """A Ctrl-C lets the running requests finish (said after a second); a second one cuts them. Before: status 0
+    and nothing said (uvicorn raised the SIGINT again inside asyncio.run's own handler, which only cancelled a
+    task that had ended), and each cut request was logged as an error with a CancelledError traceback."""
+    process, url, _ = _start(setup, tmp_path, step_s=0.05)  # 200 tokens: 10 s at least
     _wait(lambda: _serving(url), 90, process)
+    streamed: dict = {}
+    begun = threading.Event()
+
+    def stream():
+        events = []
+        try:
+            with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+                    "model": "base", "prompt": "Hello", "stream": True, "max_tokens": 200, "temperature": 0}) as answer:
+                for event in answer.iter_lines():
+                    begun.set()
+                    events.append(event)
+        except httpx.HTTPError as error:
+            streamed["error"] = error
+        streamed["events"] = events
+
+    client = threading.Thread(target=stream)
+    client.start()
+    assert begun.wait(30)
+    process.send_signal(signal.SIGINT)
+    time.sleep(1.5)
+    assert process.poll() is None  # waiting for the stream
     process.send_signal(signal.SIGINT)
     err = _ended(process, 130, "lorakit serve: interrupted")
-    assert len(err.strip().splitlines()) == 1, err
+    client.join(30)
+    assert "data: [DONE]" not in streamed["events"]  # cut
+    assert all(line.startswith("lorakit serve: ") for line in err.strip().splitlines()), err
 
 
 def test_sigterm_lets_running_requests_finish(server):

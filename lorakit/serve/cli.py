@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -361,7 +362,21 @@ def _serving_server(config):
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    return Server(config)
+    server = Server(config)
+    logging.getLogger("uvicorn.error").addFilter(_no_cancelled_requests)
+    return server
+
+
+def _no_cancelled_requests(record) -> bool:
+    """uvicorn logs each request that a second Ctrl-C cut (cancelled at the end of its shutdown) as "Exception in
+    ASGI application" with a traceback of CancelledError, and Starlette's lifespan, cut too, as a failure whose
+    message is that traceback: what was asked for, not errors."""
+    import asyncio
+
+    if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+        return False
+    message = record.msg if isinstance(record.msg, str) else ""
+    return not (message.startswith("Traceback") and message.rstrip().endswith("CancelledError"))
 
 
 def run(args: argparse.Namespace) -> int:
