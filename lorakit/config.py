@@ -484,7 +484,7 @@ def _is_default(value: Any, default: Any) -> bool:
 _UNMERGEABLE_TYPES = {"PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "CPT", "CARTRIDGE",
                       "ADAPTION_PROMPT", "XLORA", "POLY", "LILY", "SHADOW"}  # Lily's and ShadowPEFT's merge raises
 # peft types whose update is a low-rank product: lorakit.peft_types reads their folders as that plain LoRA
-FOLDER_TYPES = {"ADALORA": "AdaLoRA", "VERA": "VeRA", "LOHA": "LoHa"}
+FOLDER_TYPES = {"ADALORA": "AdaLoRA", "VERA": "VeRA", "LOHA": "LoHa", "LOKR": "LoKr"}
 
 # Fields lorakit reads (mapped onto LoraConfig) or that only describe the file, never the math.
 _READ_FIELDS = {

@@ -1246,7 +1246,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     of the embedding and its tied head; for inference only), ``ensure_weight_tying``, SEQ_CLS's ``modules_to_save``,
     ``bias="all"/"lora_only"`` when the saved biases are the base's, and VeLoRA / MonteCLoRA / QA-LoRA / BD-LoRA /
     KaSA adapters as the plain LoRA each equals when it runs (``lorakit.peft_variants``; not with trainable=True), as
-    are peft_type AdaLoRA, VeRA and LoHa adapters (``lorakit.peft_types``). Options lorakit cannot reproduce are
+    are peft_type AdaLoRA, VeRA, LoHa and LoKr adapters (``lorakit.peft_types``). Options lorakit cannot reproduce are
     refused in one line that names them. An adapter trained on a resized vocabulary (peft's whole saved embedding
     and head with more rows) resizes a base holding no adapters to it and takes the saved weights, as peft's load
     over a resized base does (a warning says so); ``resize_vocabulary=False`` refuses it instead (a shared base).

@@ -6,14 +6,17 @@ of each (peft 0.21's forward, eval mode; dropout only trains):
 
 * AdaLoRA (``ADALORA``): ``B (A * E) * s / (ranknum + 1e-5)``, A (r, in), E (r, 1) the singular values, B (out, r),
   ``s = lora_alpha`` (or the saved r when it is 0) and ``ranknum = init_r`` (peft never saves it: a module its
-  ``rank_pattern`` resized keeps the ranknum of ``init_r``). Read as ``A' = A * E`` without the ranks whose E is 0 (pruned, not saved when
-  peft's ``rank_pattern`` resized them) and the scale folded into B.
+  ``rank_pattern`` resized keeps the ranknum of ``init_r``). Read as ``A' = A * E`` without the ranks whose E is 0
+  (pruned; not saved at all when peft's ``rank_pattern`` resized them) and the scale folded into B.
 * VeRA (``VERA``): ``diag(lambda_b) B_s[:out] diag(lambda_d) A_s[:, :in]``, with A_s (r, max in) and B_s (max out,
   r) shared by all layers. Read as ``A' = lambda_d * A_s`` (sliced to the layer's ``in`` by ``fit_to_model`` once the
   model is known) and ``B' = lambda_b * B_s[:out]``. Only from a file holding A_s and B_s (``save_projection``).
 * LoHa (``LOHA``) on linear layers: ``(W1a W1b) o (W2a W2b) * alpha / r`` (o: elementwise), W1a (out, r1), W1b
   (r1, in). Entry (o, i) is ``sum_jk W1a[o,j] W2a[o,k] W1b[j,i] W2b[k,i]``: a product of rank r1 r2 with
   ``B'[o, (j,k)] = W1a[o,j] W2a[o,k]`` and ``A'[(j,k), i] = W1b[j,i] W2b[k,i]``; read so while r1 r2 <= 256.
+* LoKr (``LOKR``) on linear layers: ``kron(W1, W2) * alpha / r``, each factor saved whole or as a product W_a W_b.
+  With W = P Q (a whole W (o, i) is ``I W`` or ``W I``, of rank min(o, i)), ``kron(P1 Q1, P2 Q2) = kron(P1, P2)
+  kron(Q1, Q2)``: a LoRA of rank r1 r2, read so while that is <= 256.
 
 Each module's rank is its tensors' (``rank_pattern`` holds the others) and its alpha equals it, so the scale is 1.
 """
@@ -29,7 +32,7 @@ import torch
 from lorakit.config import FOLDER_TYPES as NAMES, _pattern_value, shown
 from lorakit.errors import LorakitError
 
-MAX_LOHA_RANK = 256  # r1 * r2: the plain form's rank; beyond it the plain LoRA costs more than the dense update
+MAX_RANK = 256  # LoHa's r1 r2, LoKr's: the plain form's rank; beyond it the plain LoRA costs more than the dense update
 _PREFIX = "base_model.model."
 # fields of these configs that name no math lorakit's plain form needs (training schedules, inits, dropouts)
 _CARRIED = ("base_model_name_or_path", "revision", "task_type", "inference_mode", "bias", "modules_to_save",
@@ -53,7 +56,7 @@ def to_lora(raw_config: dict[str, Any], tensors: dict[str, torch.Tensor], where:
     """(a LoRA ``adapter_config`` dict, LoRA tensors under peft's keys) for one of these adapters. ``where`` names the
     config file in errors. Tensors that are none of the method's (``modules_to_save`` copies) are kept."""
     kind = peft_type(raw_config)
-    convert = {"ADALORA": _adalora, "VERA": _vera, "LOHA": _loha}[kind]
+    convert = {"ADALORA": _adalora, "VERA": _vera, "LOHA": _loha, "LOKR": _lokr}[kind]
     per_module, rest = _group(tensors, _PARTS[kind])
     if not per_module:
         raise LorakitError(f"{where}: peft_type {kind} but the weights hold none of its tensors "
@@ -88,8 +91,9 @@ def to_lora(raw_config: dict[str, Any], tensors: dict[str, torch.Tensor], where:
 
 
 _PARTS = {"ADALORA": ("lora_A", "lora_B", "lora_E"), "VERA": ("vera_lambda_b", "vera_lambda_d"),
-          "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")}
-_OPTIONAL = {"LOHA": ("hada_t1", "hada_t2")}
+          "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+          "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}
+_OPTIONAL = {"LOHA": ("hada_t1", "hada_t2"), "LOKR": _PARTS["LOKR"]}  # LoKr: either form of each factor (_lokr)
 _SHARED = {"VERA": ("base_model.vera_A", "base_model.vera_B")}
 
 
@@ -162,9 +166,9 @@ def _loha(raw: dict[str, Any], path: str, parts: dict[str, torch.Tensor], rest: 
                            f"{tuple(w1b.shape)}, hada_w2_a {tuple(w2a.shape)}, hada_w2_b {tuple(w2b.shape)}); save the "
                            "adapter again with peft")
     r1, r2 = w1a.shape[1], w2a.shape[1]
-    if r1 * r2 > MAX_LOHA_RANK:
+    if r1 * r2 > MAX_RANK:
         raise LorakitError(f"{where}: {_PREFIX}{path} is a LoHa of ranks {r1} and {r2}, which is a LoRA of rank {r1 * r2} "
-                           f"(over {MAX_LOHA_RANK}); merge it with peft (merge_and_unload) and load the merged model")
+                           f"(over {MAX_RANK}); merge it with peft (merge_and_unload) and load the merged model")
     # peft: scaling = alpha / r, both per module (alpha_pattern / rank_pattern); r is the factors' own rank
     alpha = float(_pattern_value(raw.get("alpha_pattern") or {}, path, raw.get("alpha", 8)))
     scale = alpha / r1
@@ -172,6 +176,39 @@ def _loha(raw: dict[str, Any], path: str, parts: dict[str, torch.Tensor], rest: 
     lora_B = (w1a.float()[:, :, None] * w2a.float()[:, None, :]).reshape(out, r1 * r2) * scale
     lora_A = (w1b.float()[:, None, :] * w2b.float()[None, :, :]).reshape(r1 * r2, size_in)
     return lora_A.to(w1b.dtype), lora_B.to(w1a.dtype)
+
+
+def _lokr(raw: dict[str, Any], path: str, parts: dict[str, torch.Tensor], rest: Any, where: str):
+    if "lokr_t2" in parts or any(t.dim() != 2 for t in parts.values()):
+        raise LorakitError(f"{where}: {_PREFIX}{path} is a LoKr of a convolution (lokr_t2 or 4-D factors); lorakit "
+                           "converts LoKr of linear layers only: merge it with peft (merge_and_unload) and load the "
+                           "merged model")
+    factors = []
+    for n in ("1", "2"):  # each Kronecker factor as a product P Q: saved so (w_a, w_b), or whole (w)
+        if f"lokr_w{n}" in parts:
+            w = parts[f"lokr_w{n}"].float()
+            eye_out, eye_in = torch.eye(w.shape[0]), torch.eye(w.shape[1])
+            factors.append((eye_out, w) if w.shape[0] <= w.shape[1] else (w, eye_in))  # rank min(out, in)
+        elif f"lokr_w{n}_a" in parts and f"lokr_w{n}_b" in parts:
+            factors.append((parts[f"lokr_w{n}_a"].float(), parts[f"lokr_w{n}_b"].float()))
+        else:
+            raise LorakitError(f"{where}: {_PREFIX}{path} lacks LoKr's factor {n} (lokr_w{n}, or lokr_w{n}_a and "
+                               f"lokr_w{n}_b); save the adapter again with peft")
+    (P1, Q1), (P2, Q2) = factors
+    if P1.shape[1] != Q1.shape[0] or P2.shape[1] != Q2.shape[0]:
+        shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in parts.items())
+        raise LorakitError(f"{where}: {_PREFIX}{path}'s LoKr factors do not fit ({shapes}); save the adapter again "
+                           "with peft")
+    rank = P1.shape[1] * P2.shape[1]
+    if rank > MAX_RANK:
+        raise LorakitError(f"{where}: {_PREFIX}{path} is a LoKr whose Kronecker product is a LoRA of rank {rank} (over "
+                           f"{MAX_RANK}); merge it with peft (merge_and_unload) and load the merged model")
+    # peft: kron(W1, W2) * alpha / r, r and alpha per module (rank_pattern / alpha_pattern); and kron(P1 Q1, P2 Q2)
+    # = kron(P1, P2) kron(Q1, Q2): B' (o1 o2, r1 r2), A' (r1 r2, i1 i2)
+    r = float(_pattern_value(raw.get("rank_pattern") or {}, path, raw.get("r", 8)))
+    alpha = float(_pattern_value(raw.get("alpha_pattern") or {}, path, raw.get("alpha", 8)))
+    dtype = next(iter(parts.values())).dtype
+    return torch.kron(Q1, Q2).to(dtype), (torch.kron(P1, P2) * (alpha / r)).to(dtype)
 
 
 def fit_to_model(model_modules: dict[str, Any], raw_config: Any, tensors: dict[str, torch.Tensor], where: str
@@ -206,6 +243,7 @@ def training_reason(raw_config: Any) -> str | None:
     kind = peft_type(raw_config)
     why = {"ADALORA": "AdaLoRA (peft trains P, Lambda, Q with rank pruning and orthogonality)",
            "VERA": "VeRA (peft trains only the scaling vectors on frozen shared matrices)",
-           "LOHA": "LoHa (peft trains the four factors of a Hadamard product)"}
+           "LOHA": "LoHa (peft trains the four factors of a Hadamard product)",
+           "LOKR": "LoKr (peft trains the factors of a Kronecker product)"}
     return why[kind] if kind else None
 

@@ -19,8 +19,8 @@ the model at hand (``to_plain_lora``), so lorakit runs, merges and serves them w
 None of them can continue training in lorakit (another parameterization or training rule), so ``trainable=True``
 is refused in one line (``refuse_training``), as for peft's PiSSA / OLoRA inits (loaded at rank 2r: the init's half
 would train too) and MiCA (peft keeps its B frozen); ``lorakit.save_adapter`` writes any of them as a plain LoRA,
-which trains as one. Adapters of another peft_type that are a low-rank product (AdaLoRA, VeRA, LoHa) are read as
-LoRA by ``lorakit.peft_types`` and fitted to the model here.
+which trains as one. Adapters of another peft_type that are a low-rank product (AdaLoRA, VeRA, LoHa, LoKr) are
+read as LoRA by ``lorakit.peft_types`` and fitted to the model here.
 """
 
 from __future__ import annotations

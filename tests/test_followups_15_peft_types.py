@@ -3,11 +3,12 @@
 
 Before, every peft_type but LORA was refused in one line. AdaLoRA (``B (A * E) * s / (ranknum + 1e-5)``, here saved
 after rank pruning, with per-module ranks and lora_alpha 0), VeRA (shared vera_A / vera_B saved with
-save_projection, sliced per layer) and LoHa (a Hadamard product of two rank-r products: a rank r^2 LoRA; with a
-rank_pattern and an alpha_pattern) now load with peft's logits, through ``load_adapter``, ``lorakit generate``,
-``lorakit merge`` and ``lorakit serve``; ``inspect`` says what each was converted from; ``trainable=True`` is refused;
-``save_adapter`` writes a plain LoRA that peft loads with the same logits. The other peft types keep a refusal, each
-with the right one of the two messages (merge with peft first, or run with peft: no weight update to merge).
+save_projection, sliced per layer), LoHa (a Hadamard product of two rank-r products: a rank r^2 LoRA; with a
+rank_pattern and an alpha_pattern) and LoKr (a Kronecker product: kron(P1 Q1, P2 Q2) = kron(P1, P2) kron(Q1, Q2))
+now load with peft's logits, through ``load_adapter``, ``lorakit generate``, ``lorakit merge`` and ``lorakit serve``;
+``inspect`` says what each was converted from; ``trainable=True`` is refused; ``save_adapter`` writes a plain LoRA
+that peft loads with the same logits. The other peft types keep a refusal, each with the right one of the two
+messages (merge with peft first, or run with peft: no weight update to merge).
 """
 
 from __future__ import annotations
@@ -88,8 +89,17 @@ def _loha(base_folder, out, r=3):
     _quiet(model.save_pretrained, out)
 
 
-MAKERS = {"adalora": _adalora, "vera": _vera, "loha": _loha}
-ORIGINS = {"adalora": "AdaLoRA (ADALORA)", "vera": "VeRA (VERA)", "loha": "LoHa (LOHA)"}
+def _lokr(base_folder, out):
+    """Factor 1 whole, factor 2 a rank-2 product (3 for down_proj); decompose_factor 4 splits 32 as 4 x 8."""
+    config = peft.LoKrConfig(r=2, alpha=3, decompose_factor=4, target_modules=["q_proj", "up_proj", "down_proj"],
+                             rank_pattern={"down_proj": 3}, alpha_pattern={"q_proj": 7})
+    model = _quiet(peft.get_peft_model, _base(base_folder), config)
+    _randomize(model, 6)
+    _quiet(model.save_pretrained, out)
+
+
+MAKERS = {"adalora": _adalora, "vera": _vera, "loha": _loha, "lokr": _lokr}
+ORIGINS = {"adalora": "AdaLoRA (ADALORA)", "vera": "VeRA (VERA)", "loha": "LoHa (LOHA)", "lokr": "LoKr (LOKR)"}
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +190,8 @@ def test_served_with_peft_logprobs(saved):
     from test_serve_support import ServerProcess
 
     prompt = IDS[0].tolist()
-    process = ServerProcess(saved["base"], saved["adapters"], "--max-tokens", "16", log=saved["root"] / "server.log")
+    process = ServerProcess(saved["base"], saved["adapters"], "--max-tokens", "8", "--max-batch", "2", "--max-context", "64",
+                            log=saved["root"] / "server.log")
     try:
         with httpx.Client(base_url=process.url, timeout=60) as client:
             for name in MAKERS:
@@ -251,7 +262,7 @@ def test_what_is_still_refused_says_why(saved, tmp_path):
     _loha(saved["base"], tmp_path / "loha-wide", r=17)
     _refused(tmp_path / "loha-wide", r"LoHa of ranks 17 and 17, which is a LoRA of rank 289 .*merge_and_unload")
     # an update that is no low-rank product: merge it with peft, then load the merged model
-    for name, config in {"lokr": peft.LoKrConfig(r=2, target_modules=["q_proj"]),
+    for name, config in {"hra": peft.HRAConfig(r=2, target_modules=["q_proj"]),
                          "ia3": peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
                          "oft": peft.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj"]),
                          "fourierft": peft.FourierFTConfig(n_frequency=16, target_modules=["q_proj"])}.items():
