@@ -1,5 +1,5 @@
-"""`lorakit train` said nothing while it tokenized its data: 100k chats are a minute or more of silence before the
-first step. Now tokenizing shows progress as training does (a tqdm bar on a terminal, a dozen plain lines in a log
+"""`lorakit train` said nothing while it read and tokenized its data: 100k chats are a minute or more of silence
+before the first step. Now reading a JSONL file and tokenizing show progress as training does (a tqdm bar on a terminal, a dozen plain lines in a log
 file, nothing on a process other than rank 0), only once it has taken ``PROGRESS_DELAY_S``, and the summary line
 follows it. And the validation set's notes and warnings (dropped examples, special tokens spelled in its text) were
 never printed, while the training set's were: now they are, once, labelled as the validation set's.
@@ -76,9 +76,9 @@ def test_the_run_decides_as_training_does_and_other_ranks_are_silent(monkeypatch
 
 
 def test_train_into_a_log_shows_tokenizing_then_the_summary(tmp_path, tiny_folder):  # noqa: F811
-    """A real `lorakit train > log 2>&1` on 15000 chats (seconds of tokenizing even on a fast machine): a few plain
-    lines counting records up to the total, no carriage return, then the existing summary line."""
-    train = _write(tmp_path / "train.jsonl", task_records(15000, seed=1, shape="messages"))
+    """A real `lorakit train > log 2>&1` on 30000 chats (9 s of tokenizing on this shared machine, 3 s or more on a
+    fast one): a few plain lines counting records up to the total, no carriage return, then the summary line."""
+    train = _write(tmp_path / "train.jsonl", task_records(30000, seed=1, shape="messages"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
     done = subprocess.run([sys.executable, "-m", "lorakit", "train", "--model", str(tiny_folder), "--data", train,
@@ -90,9 +90,11 @@ def test_train_into_a_log_shows_tokenizing_then_the_summary(tmp_path, tiny_folde
     assert "\r" not in log, log[-3000:]
     counts = [(int(m.group(2)), int(m.group(3))) for m in LINE.finditer(log)]
     assert 2 <= len(counts) <= 13, log[-3000:]
-    assert counts[-1] == (15000, 15000) and all(total == 15000 for _, total in counts), log[-3000:]
+    assert counts[-1] == (30000, 30000) and all(total == 30000 for _, total in counts), log[-3000:]
+    for phase in ("reading", "checking"):  # reading the file: shown or not by the machine's speed, never many lines
+        assert len(re.findall(rf"^{phase} train\.jsonl: \d+/30000 ", log, re.M)) <= 12, log[-3000:]
     last = list(LINE.finditer(log))[-1].end()
-    summary = log.index("training data: 15000 examples")
+    summary = log.index("training data: 30000 examples")
     assert summary > last, log[-3000:]  # the summary line ends the tokenizing lines
 
 
@@ -135,3 +137,21 @@ def test_train_from_python_says_the_validation_sets_note_too(capsys):
     lines = [line for line in (out.out + out.err).splitlines() if "examples were dropped" in line]
     assert lines == ["validation data: note: 1 of 4 examples were dropped: 1 longer than max_length=24 tokens "
                      "(raise --max-length or pass --overflow truncate); the first is validation data[3]"], out
+
+
+def test_reading_a_large_file_shows_its_lines_then_its_checks(tmp_path, capsys, monkeypatch):
+    """Parsing and checking 100k chats takes 15 s or more before the model loads: inside reading_progress (what
+    `lorakit train` reads its data in), a JSONL file shows its lines, then its records being checked."""
+    from lorakit.train.sources import read_many, reading_progress
+
+    path = _write(tmp_path / "train.jsonl", task_records(300, seed=1, shape="messages"))
+    assert read_many(path) and capsys.readouterr().err == ""  # outside it: silent, as before
+    monkeypatch.setattr(data_module, "PROGRESS_DELAY_S", 0.0)
+    with reading_progress("lines"):
+        records = read_many(path)
+    err = capsys.readouterr().err
+    reading = re.findall(r"^reading train\.jsonl: (\d+)/300 lines, ", err, re.M)
+    checking = re.findall(r"^checking train\.jsonl: (\d+)/300 records, ", err, re.M)
+    assert reading[-1] == "300" and checking[-1] == "300" and 2 <= len(reading) <= 12 >= len(checking), err
+    assert err.index("checking") > err.rindex("reading"), err
+    assert len(records) == 300 and "\r" not in err

@@ -363,7 +363,7 @@ def stored_dtype(model: str) -> torch.dtype | None:
 def read_data(config: TrainConfig) -> tuple[list, list | None]:
     """(training records, validation records or None), read and validated: done before the model loads, so a bad
     line in the data is reported in seconds rather than after minutes of loading a large model."""
-    from lorakit.train.sources import VALIDATION_SPLITS, read_many, repeated_note, unused_validation
+    from lorakit.train.sources import VALIDATION_SPLITS, read_many, reading_progress, repeated_note, unused_validation
 
     train_files, val_files, val_fraction = config.data, config.val_data, config.val_fraction
     if not train_files:
@@ -382,7 +382,8 @@ def read_data(config: TrainConfig) -> tuple[list, list | None]:
         if note:
             say(note)
     # a DatasetDict folder as --val-data gives its validation (or test) split, not "train"
-    return read_many(train_files), (read_many(val_files, split=VALIDATION_SPLITS) if val_files is not None else None)
+    with reading_progress(data_progress(config)):  # 100k chats: 15 s or more of parsing and checking
+        return read_many(train_files), (read_many(val_files, split=VALIDATION_SPLITS) if val_files is not None else None)
 
 
 def check_records_fit(config: TrainConfig, train_records: list, world_size: int) -> None:

@@ -11,12 +11,14 @@ error naming the file, the line and the fix for anything unreadable.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +304,35 @@ def _read_bytes(path: Path, text: bool = True) -> bytes:
     return raw
 
 
+# how reading a JSONL file shows progress inside :func:`reading_progress`: False (not at all), True (a tqdm bar) or
+# "lines" (a plain line now and then); a context variable rather than a parameter, so that the recursive readers
+# (patterns, folders, splits) need not pass it along
+_PROGRESS: ContextVar[bool | str] = ContextVar("lorakit_reading_progress", default=False)
+
+
+@contextlib.contextmanager
+def reading_progress(mode: bool | str) -> Iterator[None]:
+    """Inside, reading a JSONL file shows progress as ``mode`` says (see :func:`lorakit.train.data.build_dataset`):
+    100k chats take 15 s or more to parse and check, before the model loads. Only once that has taken
+    ``PROGRESS_DELAY_S``: a small file says nothing."""
+    token = _PROGRESS.set(mode)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _progress(items: list, what: str, unit: str):
+    """``items``, with progress shown as :func:`reading_progress` asked (the items themselves outside it)."""
+    mode = _PROGRESS.get()
+    if not mode:
+        return items
+    from lorakit.train import data  # data imports this module: imported here
+    from lorakit.train.evaluate import _bar
+
+    return _bar(items, len(items), what, mode, unit=unit, delay_s=data.PROGRESS_DELAY_S)
+
+
 def read_many(paths: str | Path | Iterable[str | Path], split: str | Sequence[str] | None = None) -> list[Record]:
     """Read several sources (or one) and concatenate their records in the order given; ``split`` as in
     :func:`read_records` (pass :data:`VALIDATION_SPLITS` for ``--val-data``)."""
@@ -360,7 +391,10 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] 
         if records is not None:
             return records
     objects: list[tuple[str, Any]] = []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+    lines = raw.split(b"\n")
+    if len(lines) > 1 and not lines[-1]:  # the piece after the final newline: no line (and blank lines are skipped)
+        lines.pop()
+    for lineno, line in enumerate(_progress(lines, f"reading {path.name}", "line"), start=1):
         where = f"{path.name}:{lineno}"
         try:
             # utf-8-sig on every line: `cat a.jsonl b.jsonl` puts b's byte-order mark (Windows tools write one) at
@@ -401,7 +435,7 @@ def _read_jsonl(path: Path, raw: bytes, suffix: str, split: str | Sequence[str] 
             return [validate_record(obj, f"{path.name}[{key}][{i}]") for i, obj in enumerate(items)]
         if suffix == ".json":  # one (pretty-printed) record
             return [validate_record(objects[0][1], path.name)]
-    return [validate_record(obj, where) for where, obj in objects]
+    return [validate_record(obj, where) for where, obj in _progress(objects, f"checking {path.name}", "record")]
 
 
 def _csv_header(line: str) -> str | None:
