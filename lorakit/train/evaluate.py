@@ -241,6 +241,12 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
     return text
 
 
+# With progress shown, generation runs in at least PROGRESS_STEPS batches (of PROGRESS_MIN_BATCH records or more,
+# at most the batch size asked for), so that a bar or a log advances while a held-out set is scored
+PROGRESS_STEPS = 8
+PROGRESS_MIN_BATCH = 4
+
+
 @dataclass
 class Generation:
     """One greedy generation: its text (special tokens removed), whether the prompt opened ``<think>`` reasoning,
@@ -259,7 +265,8 @@ def generate_answers(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
     """Greedy generations for each record's prompt (the chat up to its last assistant turn, or the prompt).
 
     Prompts are left-padded and batched by length (less padding); generation stops at the end-of-turn token, or
-    after ``max_new_tokens`` (one number, or one per record: a batch runs to the largest of its records).
+    after ``max_new_tokens`` (one number, or one per record: a batch runs to the largest of its records). With
+    ``progress`` (a bar, or ``"lines"`` for a log), batches are smaller when needed for the set to take several.
     ``chat_template_kwargs``: options of the chat template (Qwen3: ``{"enable_thinking": False}``), as in training.
     Returns the decoded answers (special tokens removed) in the records' order.
     """
@@ -289,6 +296,8 @@ def generate_records(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
 
     context = context_length(model)  # learned position embeddings (GPT-2, OPT) fail with an index error beyond it
     answers = [Generation("", _opens_reasoning(tokenizer, p), False) for p in prompts]
+    if progress:  # 64 held-out records in one batch of 64 said nothing for minutes: a few steps for the bar to show
+        batch_size = min(batch_size, max(PROGRESS_MIN_BATCH, -(-len(order) // PROGRESS_STEPS)))
     was_training = model.training
     model.eval()
     try:

@@ -424,8 +424,8 @@ def data_progress(config: TrainConfig) -> bool | str:
 
 def score(model, tokenizer, records, config: TrainConfig, device: torch.device, when: str = "") -> GenerationScore:
     """Exact match of greedy generations on ``records``; ``when`` ("before training") announces the scoring first,
-    since generating a whole held-out set takes a minute or more on a CPU, with no bar when it fits one batch."""
-    from lorakit.train.loop import compute_dtype_for, show_bar
+    since generating a whole held-out set takes a minute or more on a CPU; a bar or plain lines then show its batches."""
+    from lorakit.train.loop import compute_dtype_for
 
     if when:
         say(f"{when}: scoring {len(records)} held-out examples by exact match of greedy generations ...")
@@ -433,7 +433,7 @@ def score(model, tokenizer, records, config: TrainConfig, device: torch.device, 
                              batch_size=config.eval_batch_size or GENERATION_BATCH, device=device,
                              compute_dtype=compute_dtype_for(model, device),
                              chat_template_kwargs=config.chat_template_kwargs,
-                             progress=show_bar(config.progress) and os.environ.get("RANK", "0") == "0")
+                             progress=data_progress(config))  # a log gets lines: a bar's redraws, or nothing
 
 
 def _score_line(label: str, result: GenerationScore) -> str:

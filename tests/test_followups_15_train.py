@@ -1,0 +1,55 @@
+"""Follow-ups 15 on `lorakit train` / `lorakit eval`: scoring that shows progress in a log, a 0-column terminal,
+--device cuda:N, a resume of a finished run, the Python API's vocabulary check, and the wording of two refusals.
+
+Every run is a tiny random Llama (tests/test_train_helpers.py) trained a few steps on CPU."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from lorakit.cli import main
+from test_train_helpers import task_records, tiny_folder  # noqa: F401 (fixtures)
+
+GENERATING = re.compile(r"^generating: (\d+)/(\d+) batches, \d:\d\d:\d\d elapsed, \d:\d\d:\d\d left$", re.M)
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _cli_train(tmp_path, folder, *extra):
+    train = _write(tmp_path / "train.jsonl", task_records(12, seed=1))
+    val = _write(tmp_path / "val.jsonl", task_records(12, seed=2))
+    return main(["train", "--model", str(folder), "--data", train, "--val-data", val, "--out", str(tmp_path / "run"),
+                 "--max-steps", "2", "--rank", "2", "--batch-size", "4", "--eval-examples", "8", "--max-new-tokens",
+                 "2", "--samples", "0", "--eval-every", "0", "--save-every", "1", *extra])
+
+
+# -- 1. scoring shows progress in a log --------------------------------------------------------------------------
+def test_train_scoring_shows_plain_progress_lines_in_a_log(tmp_path, tiny_folder, capsys):  # noqa: F811
+    """8 held-out examples with the default generation batch (64): before, one silent batch before and after
+    training (no bar in a log, and no lines either); now 2 batches of 4, each with a plain line, no redraws."""
+    code = _cli_train(tmp_path, tiny_folder)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "\r" not in err
+    seen = [(int(m.group(1)), int(m.group(2))) for m in GENERATING.finditer(err)]
+    assert seen == [(1, 2), (2, 2)] * 2, err  # before and after training
+
+
+def test_eval_scores_in_several_batches_with_lines(tmp_path, tiny_folder, capsys):  # noqa: F811
+    """`lorakit eval` of 12 records at its default --batch-size 16: before, one batch and a single line once all was
+    done; now 3 batches of 4, a line after each."""
+    assert _cli_train(tmp_path, tiny_folder) == 0
+    capsys.readouterr()
+    code = main(["eval", "--model", str(tiny_folder), "--adapter", str(tmp_path / "run" / "adapter"), "--data",
+                 str(tmp_path / "val.jsonl"), "--max-new-tokens", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "\r" not in captured.err
+    assert [int(m.group(1)) for m in GENERATING.finditer(captured.err)] == [1, 2, 3], captured.err
+    assert "exact match" in captured.out
