@@ -53,3 +53,32 @@ def test_eval_scores_in_several_batches_with_lines(tmp_path, tiny_folder, capsys
     assert "\r" not in captured.err
     assert [int(m.group(1)) for m in GENERATING.finditer(captured.err)] == [1, 2, 3], captured.err
     assert "exact match" in captured.out
+
+
+# -- 2. a terminal 0 columns wide --------------------------------------------------------------------------------
+def _pty_stream(columns: int):
+    """The writing end of a real pseudo-terminal whose window is ``columns`` wide (0: `script`, `docker -t` in CI)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0, columns, 0, 0))
+    return os.fdopen(master, "rb"), os.fdopen(slave, "w")
+
+
+@pytest.mark.parametrize("columns, bar", [(0, False), (80, True)])
+def test_a_terminal_without_columns_gets_the_plain_lines(columns, bar):
+    """tqdm draws nothing on a 0-column terminal: training showed neither a bar nor its plain lines there."""
+    from lorakit.train.loop import show_bar
+
+    master, stream = _pty_stream(columns)
+    try:
+        assert stream.isatty()
+        assert show_bar(None, stream) is bar
+        assert show_bar(True, stream) is True  # --progress still forces the bar
+    finally:
+        stream.close()
+        master.close()

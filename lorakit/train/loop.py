@@ -773,16 +773,22 @@ def _clock(seconds: float) -> str:
 def show_bar(setting: bool | None, stream: Any = None) -> bool:
     """Whether to redraw a tqdm bar: ``setting`` when given (--progress / --no-progress), else only when ``stream``
     (default stderr) is a terminal or a Jupyter kernel's stream (tqdm.auto draws a widget there). A log file, nohup,
-    CI or a batch job gets False: a bar's carriage-return redraws would fill the file as one endless line."""
+    CI or a batch job gets False: a bar's carriage-return redraws would fill the file as one endless line; so does a
+    terminal 0 columns wide (tqdm draws nothing there: the plain lines are shown instead)."""
     if setting is not None:
         return bool(setting)
     stream = sys.stderr if stream is None else stream
     if type(stream).__module__.startswith("ipykernel"):
         return True
     try:
-        return bool(stream.isatty())
+        if not stream.isatty():
+            return False
     except (AttributeError, ValueError):  # a replaced stream without isatty, or a closed one
         return False
+    try:  # `script` or `docker -t` in CI: a terminal 0 columns wide, where tqdm draws nothing at all
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError):  # no file descriptor, or no size to ask: the terminal decides
+        return True
 
 
 def _progress_bar(enabled: bool, total: int, initial: int, log: Callable[[str], None] | None = None):
