@@ -82,3 +82,29 @@ def test_a_terminal_without_columns_gets_the_plain_lines(columns, bar):
     finally:
         stream.close()
         master.close()
+
+
+# -- 3. --device cuda:N ------------------------------------------------------------------------------------------
+def test_train_and_eval_take_cuda_n_as_generate_does(tmp_path, tiny_folder, capsys):  # noqa: F811
+    """Before: argparse's "invalid choice: 'cuda:1'" for train and eval, which generate / serve / combine take. On
+    this CPU machine both now get generate's own line; a malformed name gets generate's wording too."""
+    import torch
+
+    from lorakit.errors import LorakitError
+    from lorakit.train.config import TrainConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal checked here is the one of a machine without CUDA")
+    data = _write(tmp_path / "d.jsonl", task_records(8, seed=1))
+    for command in (["train", "--model", str(tiny_folder), "--data", data, "--out", str(tmp_path / "run")],
+                    ["eval", "--model", str(tiny_folder), "--data", data]):
+        assert main([*command, "--device", "cuda:1"]) != 0
+        err = capsys.readouterr().err
+        assert "--device cuda:1: no CUDA GPU is visible to PyTorch; use --device cpu" in err, err
+        assert "invalid choice" not in err
+        assert main([*command, "--device", "cuda:x"]) != 0
+        assert "--device 'cuda:x' is not a device; use cpu, cuda, cuda:N or mps" in capsys.readouterr().err
+    assert TrainConfig(device="cuda:0").device == "cuda:0"
+    for bad in ("gpu", "cuda:", "cuda:-1", "CPU"):
+        with pytest.raises(LorakitError, match=r"is not a device; use cpu, cuda, cuda:N or mps"):
+            TrainConfig(device=bad)

@@ -25,7 +25,8 @@ DEFAULT_LORA_LR = 2e-3
 DEFAULT_FULL_LR = 5e-5
 QUANTIZE_CHOICES = ("nf4",)
 FLOAT16_NAMES = ("float16", "fp16", "half", "torch.float16")
-DEVICES = ("cuda", "mps", "cpu")
+DEVICES = ("cuda", "mps", "cpu")  # and cuda:N, one GPU of several (DEVICE_FORM), as generate / serve take
+DEVICE_FORM = re.compile(r"(cuda(:\d+)?|mps|cpu)")
 
 
 def _f(default: Any, help: str, group: str, **extra: Any) -> Any:
@@ -107,8 +108,7 @@ class TrainConfig:
     seed: int = _f(0, "random seed (adapter init, data order, dropout)", "optimisation")
 
     # -- precision, memory, device --------------------------------------------------------------------------------
-    device: str | None = _f(None, "cuda, mps or cpu; default: the best available", "precision and memory",
-                            choices=DEVICES)
+    device: str | None = _f(None, "cuda, cuda:N, mps or cpu; default: the best available", "precision and memory")
     dtype: str | None = _f(None, "base weight dtype (float32, bfloat16, float16); default float32 on CPU/MPS and "
                            "for --full, bfloat16 on CUDA (with bf16 autocast; adapters stay float32)",
                            "precision and memory")
@@ -234,8 +234,8 @@ class TrainConfig:
                               ("schedule", SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise LorakitError(f"{_flag(name)} {getattr(self, name)!r} is not one of {', '.join(choices)}")
-        if self.device is not None and self.device not in DEVICES:
-            raise LorakitError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.device is not None and not (isinstance(self.device, str) and DEVICE_FORM.fullmatch(self.device)):
+            raise LorakitError(f"--device {self.device!r} is not a device; use cpu, cuda, cuda:N or mps")
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
             raise LorakitError(f"--quantize {self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
         if self.full and self.quantize:

@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "adapter's run was trained with (its config.yaml), else none")
     parser.add_argument("--no-generate", action="store_true", help="report loss and perplexity only")
     parser.add_argument("--samples", type=int, default=3, help="generations to print (default: 3)")
-    parser.add_argument("--device", choices=("cuda", "mps", "cpu"), default=None, help="default: the best available")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu; default: the best available")
     parser.add_argument("--dtype", default=None, help="base weight dtype (float32, bfloat16, float16)")
     parser.add_argument("--quantize", choices=("nf4",), default=None, help="store the base in 4-bit NF4")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")

@@ -238,11 +238,10 @@ def choose_device(config: TrainConfig) -> torch.device:
     if config.device is None:
         device = default_device()
     else:
+        from lorakit.commands._args import check_device
+
+        check_device(config.device)  # generate's checks: no GPU, cuda:N past the GPUs there are, no MPS
         device = torch.device(config.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise LorakitError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
-        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise LorakitError("--device mps: Apple's MPS backend is not available here; use --device cpu")
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
