@@ -108,3 +108,29 @@ def test_train_and_eval_take_cuda_n_as_generate_does(tmp_path, tiny_folder, caps
     for bad in ("gpu", "cuda:", "cuda:-1", "CPU"):
         with pytest.raises(LorakitError, match=r"is not a device; use cpu, cuda, cuda:N or mps"):
             TrainConfig(device=bad)
+
+
+# -- 4. --resume of a finished run -------------------------------------------------------------------------------
+def test_resume_of_a_finished_run_stops_before_loading_the_model(tmp_path, tiny_folder, capsys, monkeypatch):  # noqa: F811
+    """Before: "nothing to do" from the training loop, after the model had loaded, then the held-out set was scored
+    again. Now the runner says it first and returns the run's results; a resume asking for more steps still trains."""
+    from lorakit.train import runner
+
+    assert _cli_train(tmp_path, tiny_folder) == 0
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    capsys.readouterr()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded for a finished run")
+
+    monkeypatch.setattr(runner, "load_model", no_load)
+    assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "is at step 2, the end of this run; nothing to do (raise --max-steps or --epochs to train further); " \
+           f"the run's results are in {run / 'results.json'}" in captured.out, captured
+    assert "scoring" not in captured.out + captured.err
+    assert json.loads((run / "results.json").read_text()) == results
+    # a resume with more steps is not finished: it goes on to load the model
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(["train", "--resume", "--out", str(run), "--max-steps", "3"])

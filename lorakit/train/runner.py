@@ -532,6 +532,37 @@ def clear_run_files(run_dir: Path) -> None:
             path.unlink()
 
 
+def finished_run(run_dir: Path, resume_from: Path, earlier: dict[str, Any], given: dict[str, Any]) -> dict | None:
+    """The results of a run that a ``--resume`` finds finished (its results.json written, the checkpoint at its last
+    step or where it stopped early, no option given that differs from the run's), after saying so; else None. The
+    training loop would say "nothing to do" too, but only after minutes of loading the model, and the runner then
+    scored the held-out set again."""
+    from lorakit.train.checkpoint import find_checkpoint, read_state
+
+    results = run_dir / RESULTS_NAME
+    defaults = TrainConfig()
+    if not results.is_file() or any(value != earlier.get(key, getattr(defaults, key, None))
+                                    for key, value in given.items() if key not in ("out", "progress")):
+        return None
+    checkpoint = find_checkpoint(resume_from)
+    state = read_state(checkpoint)
+    step, total = int(state.get("step", 0)), state.get("total_steps")
+    patience = earlier.get("early_stopping_patience")
+    if isinstance(total, int) and step >= total:
+        why = f"is at step {step}, the end of this run; nothing to do (raise --max-steps or --epochs to train further)"
+    elif patience and int(state.get("since_best", 0)) >= patience:
+        why = (f"is where the run stopped early at step {step}; nothing to do (raise --early-stopping-patience to "
+               "train further)")
+    else:
+        return None
+    try:
+        summary = json.loads(results.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a damaged results file: the full resume rewrites it
+        return None
+    say(f"checkpoint {checkpoint} {why}; the run's results are in {results}")
+    return summary
+
+
 def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: float, cpu_started: float,
          config_file_values: dict[str, Any] | None, cli_values: dict[str, Any] | None, replace: bool) -> dict:
     from lorakit.train.loop import world
@@ -557,6 +588,9 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
         from lorakit.train.distributed import check_resume_processes
 
         check_resume_processes(resume_from, run_dir, world_size)
+        done = finished_run(run_dir, resume_from, earlier, given)
+        if done is not None:  # no model to load, nothing to score again: the run's results stand
+            return done
     config = config.replace(out=str(run_dir))
     from lorakit.commands._args import check_model_arg
 
