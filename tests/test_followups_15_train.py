@@ -134,3 +134,24 @@ def test_resume_of_a_finished_run_stops_before_loading_the_model(tmp_path, tiny_
     # a resume with more steps is not finished: it goes on to load the model
     with pytest.raises(AssertionError, match="the model was loaded"):
         main(["train", "--resume", "--out", str(run), "--max-steps", "3"])
+
+
+# -- 5. the Python API checks the data's token ids -------------------------------------------------------------
+def test_python_train_refuses_data_tokens_past_the_embedding_rows():
+    """lorakit.train.train(model, tokenizer, records) with tokens added to the tokenizer and not to the model: the CLI
+    refused it by name (commit 357c66c); the API still stopped at the first step with "IndexError: index out of
+    range in self"."""
+    from lorakit.errors import LorakitError
+    from lorakit.train import TrainConfig, train
+    from test_train_helpers import tiny_tokenizer, tiny_train_model
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_train_model()
+    rows = model.get_input_embeddings().weight.shape[0]
+    tokenizer.add_tokens([f"w{i}" for i in range(len(tokenizer), rows + 2)])
+    assert len(tokenizer) > rows
+    word = tokenizer.convert_ids_to_tokens(len(tokenizer) - 1)
+    records = [{"prompt": f"reverse a b {word} :", "completion": f"{word} b a"}] * 4
+    with pytest.raises(LorakitError, match=rf"the training data holds the token '{word}' \(id {len(tokenizer) - 1}; "
+                                           rf"4 rows hold ids past the model's {rows} embedding rows\)"):
+        train(model, tokenizer, records, TrainConfig(rank=2, batch_size=4, max_steps=1, eval_examples=0, save_every=0))

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.models.vocab_fit import check_ids_fit
 from lorakit.optim import Schedule, build_optimizer
 from lorakit.train.checkpoint import (find_checkpoint, load_checkpoint, read_state, rng_state, save_checkpoint,
                                       write_into_temp)
@@ -481,6 +482,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         log(f"validation data: {val_ds.summary}")
         if val_ds.summary.drop_note():
             log(f"validation data: {val_ds.summary.drop_note()}")
+    check_ids_fit(model, tokenizer, [("training", train_ds), ("validation", val_ds)])  # else IndexError mid-step
     overlap = validation_in_training(train_ds, val_ds) if val_ds is not None and main else None
     if overlap:
         warnings.warn(overlap, stacklevel=2)
