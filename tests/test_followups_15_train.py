@@ -155,3 +155,29 @@ def test_python_train_refuses_data_tokens_past_the_embedding_rows():
     with pytest.raises(LorakitError, match=rf"the training data holds the token '{word}' \(id {len(tokenizer) - 1}; "
                                            rf"4 rows hold ids past the model's {rows} embedding rows\)"):
         train(model, tokenizer, records, TrainConfig(rank=2, batch_size=4, max_steps=1, eval_examples=0, save_every=0))
+
+
+# -- 6. chat_template_kwargs naming a field of the server's request ----------------------------------------------
+@pytest.mark.parametrize("key", ["add_generation_prompt", "continue_final_message", "documents", "chat_template"])
+def test_server_says_to_send_rendering_options_as_request_fields(key):
+    """A chat request's chat_template_kwargs {"add_generation_prompt": false} was refused with training's words,
+    "set by lorakit itself ... remove it", though the server takes it as a field of the request (commit 88808dd)."""
+    from pydantic import ValidationError
+
+    from lorakit.errors import LorakitError
+    from lorakit.serve.protocol import ChatRequest, ResponsesRequest
+    from lorakit.train.config import check_template_kwargs
+
+    body = {"model": "base", "messages": [{"role": "user", "content": "Hi"}], "chat_template_kwargs": {key: False}}
+    with pytest.raises(ValidationError) as refused:
+        ChatRequest.model_validate(body)
+    message = str(refused.value)
+    assert f"chat_template_kwargs: {key!r} is a field of the request, not a template option; send it beside " \
+           f"\"messages\" (\"{key}\": ...) instead of inside chat_template_kwargs" in message, message
+    assert "set by lorakit itself" not in message
+    # the Responses API has no such fields, and training's option keeps its words
+    with pytest.raises(ValidationError, match="set by lorakit itself"):
+        ResponsesRequest.model_validate({"model": "base", "input": "Hi", "chat_template_kwargs": {key: False}})
+    with pytest.raises(LorakitError, match=rf"--chat-template-kwargs: '{key}' is set by lorakit itself when it renders "
+                                           "a chat, not a template option; remove it"):
+        check_template_kwargs({key: False})

@@ -649,7 +649,7 @@ def test_chat_template_kwargs(tmp_path):
             assert prompt_tokens(chat_template_kwargs={"enable_thinking": True}) == plain == prompt_tokens(
                 chat_template_kwargs=None)
             body = {"model": "base", "messages": [{"role": "user", "content": "Hi"}]}
-            for options, words in (({"add_generation_prompt": False}, "set by lorakit itself"),
+            for options, words in (({"add_generation_prompt": False}, "is a field of the request"),
                                    ({"not a name": 1}, "is not an option name"), ("yes", "valid dictionary"),
                                    ({f"k{i}": i for i in range(40)}, "over 32 options")):
                 error = _error(client.post("/v1/chat/completions", json={**body, "chat_template_kwargs": options}), 400)

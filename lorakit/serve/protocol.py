@@ -64,10 +64,15 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def _template_kwargs(value: dict | None) -> dict | None:
-    """A request's ``chat_template_kwargs`` (vLLM's extension), checked as training checks its own."""
+def _template_kwargs(value: dict | None, fields: tuple[str, ...] = ()) -> dict | None:
+    """A request's ``chat_template_kwargs`` (vLLM's extension), checked as training checks its own; ``fields``: the
+    rendering options this request takes as fields of its own, where one named inside is said to belong."""
     if value is None:
         return None
+    for key in fields:  # training's words ("set by lorakit itself ... remove it") would hide the field that does it
+        if isinstance(value, dict) and key in value:
+            raise ValueError(f"chat_template_kwargs: {key!r} is a field of the request, not a template option; send "
+                             f"it beside \"messages\" (\"{key}\": ...) instead of inside chat_template_kwargs")
     import json
 
     from lorakit.errors import LorakitError
@@ -783,7 +788,7 @@ class ChatRequest(_Sampling):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_options(cls, value: dict | None) -> dict | None:
-        return _template_kwargs(value)
+        return _template_kwargs(value, ("add_generation_prompt", "continue_final_message", "documents", "chat_template"))
 
     @field_validator("top_logprobs")
     @classmethod
