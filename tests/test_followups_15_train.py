@@ -181,3 +181,22 @@ def test_server_says_to_send_rendering_options_as_request_fields(key):
     with pytest.raises(LorakitError, match=rf"--chat-template-kwargs: '{key}' is set by lorakit itself when it renders "
                                            "a chat, not a template option; remove it"):
         check_template_kwargs({key: False})
+
+
+# -- 7. the bitsandbytes refusals name the flag and the keyword ------------------------------------------------
+def test_bitsandbytes_refusals_read_right_on_the_command_line_and_in_python():
+    """They said "quantize='nf4'" to command-line users too, who type --quantize nf4."""
+    from lorakit.errors import LorakitError
+    from lorakit.quant.bnb_checkpoint import QUANT_STATE_PREFIX, bnb_quantization, read_bnb_linear
+
+    both = 'the original 16-bit model with --quantize nf4 instead (quantize="nf4" from Python)'
+    for config, what in (({"load_in_8bit": True}, "8-bit (LLM.int8)"),
+                         ({"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}, "bnb_4bit_quant_type is 'fp4'")):
+        with pytest.raises(LorakitError) as refused:
+            bnb_quantization({"quantization_config": {"quant_method": "bitsandbytes", **config}})
+        assert what in str(refused.value) and both in str(refused.value), refused.value
+        assert "quantize='nf4'" not in str(refused.value)
+    keys = {"layer.weight", f"layer{QUANT_STATE_PREFIX}fp4"}
+    with pytest.raises(LorakitError, match=r"FP4 weights are not supported \(lorakit reads NF4\); re-quantize the "
+                                           r"original 16-bit model with --quantize nf4 \(quantize=\"nf4\" from Python\)"):
+        read_bnb_linear("layer.weight", lambda key: None, keys)

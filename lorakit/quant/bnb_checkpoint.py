@@ -47,13 +47,15 @@ def bnb_quantization(config: dict, where: str = "config.json") -> str | None:
                            "4-bit NF4 checkpoints (or unquantized ones, which it can quantize itself)")
     if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
         raise LorakitError(f"{where}: this is a bitsandbytes 8-bit (LLM.int8) checkpoint; lorakit reads only 4-bit "
-                           "NF4 checkpoints: load the original 16-bit model with quantize='nf4' instead")
+                           "NF4 checkpoints: load the original 16-bit model with --quantize nf4 instead "
+                           "(quantize=\"nf4\" from Python)")
     if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
         raise LorakitError(f"{where}: quantization_config has neither load_in_4bit nor load_in_8bit set")
     quant_type = qc.get("bnb_4bit_quant_type", "fp4")  # bitsandbytes' default is fp4
     if quant_type != "nf4":
         raise LorakitError(f"{where}: bnb_4bit_quant_type is {quant_type!r}; lorakit reads only 'nf4' 4-bit "
-                           "checkpoints: load the original 16-bit model with quantize='nf4' instead")
+                           "checkpoints: load the original 16-bit model with --quantize nf4 instead "
+                           "(quantize=\"nf4\" from Python)")
     return "nf4"
 
 
@@ -106,7 +108,7 @@ def read_bnb_linear(weight_key: str, get: Callable[[str], torch.Tensor], keys, d
         raise LorakitError(f"{weight_key}: no {QUANT_STATE_PREFIX}nf4 entry next to this 4-bit weight")
     if not qs_key.endswith("nf4"):
         raise LorakitError(f"{qs_key}: FP4 weights are not supported (lorakit reads NF4); re-quantize the original "
-                           "16-bit model with quantize='nf4'")
+                           "16-bit model with --quantize nf4 (quantize=\"nf4\" from Python)")
     state = _parse_quant_state(get(qs_key), qs_key)
     if state.get("quant_type") != "nf4":
         raise LorakitError(f"{qs_key}: quant_type is {state.get('quant_type')!r}, expected 'nf4'")
