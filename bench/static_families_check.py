@@ -34,6 +34,7 @@ Usage (GPU, about 4-7 minutes in all on an H200):
     python bench/static_families_check.py
     python bench/static_families_check.py --smoke    # CPU, float32, tiny shapes, TRITON_INTERPRET=1 (~7 min on 2 cores)
     python bench/static_families_check.py --families none --long-families gemma3_text   # one long case only
+    python bench/static_families_check.py --families llama,phi3 --long-families none --variants   # DoRA, lora_bias
 
 Writes ``$OUT/static_families_check.json`` (or bench/results/ when $OUT is unset; ``--smoke`` writes
 ``static_families_check_smoke.json``): one object per family with shape, errors, timings and ok. Exit status 1
@@ -68,6 +69,9 @@ ADAPTERS, RANK, ALPHA = 8, 16, 32.0
 
 # 8 layers of the released models' widths (their configs), vocabularies as released
 SHAPES = {
+    # Llama-3.2-1B's widths: with --variants, the Llama path's DoRA and lora_bias rows
+    "llama": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                  vocab_size=128256, max_position_embeddings=4096),
     "phi3": dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=32,
                  vocab_size=32064, max_position_embeddings=4096),
     # Phi-4-mini: model_type phi3, GQA, a quarter of each head passes unrotated
@@ -105,7 +109,7 @@ def build(family: str, layers: int, smoke: bool, device, dtype, window: int | No
     config_cls, model_cls = {
         "phi3": ("Phi3Config", "Phi3ForCausalLM"), "phi4_mini": ("Phi3Config", "Phi3ForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM"),
         "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
-        "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "mistral": ("MistralConfig", "MistralForCausalLM"), "llama": ("LlamaConfig", "LlamaForCausalLM"),
     }[family]
     shape = dict(SHAPES.get(family) or LONG_SHAPES[family])
     if smoke:
@@ -137,14 +141,22 @@ def build(family: str, layers: int, smoke: bool, device, dtype, window: int | No
     return model
 
 
-def add_adapters(model, smoke: bool) -> list[str]:
+def add_adapters(model, smoke: bool, variants: bool = False) -> list[str]:
+    """The adapters rows decode on; with ``variants`` they cycle through plain LoRA, DoRA and peft's lora_bias (a
+    bias on lora_B, random like B so that it moves the logits)."""
+    import warnings
+
     names = [f"a{i}" for i in range(ADAPTERS if not smoke else 3)]
     rank = RANK if not smoke else 4
-    for name in names:
-        lorakit.inject(model, lorakit.LoraConfig(r=rank, alpha=ALPHA if not smoke else 8.0), adapter=name)
+    kinds = ({}, {"variant": "dora"}, {"lora_bias": True}) if variants else ({},)
+    for i, name in enumerate(names):
+        with warnings.catch_warnings():  # lora_bias on layers without a bias of their own: peft's warning
+            warnings.simplefilter("ignore")
+            lorakit.inject(model, lorakit.LoraConfig(r=rank, alpha=ALPHA if not smoke else 8.0, **kinds[i % len(kinds)]),
+                           adapter=name)
     with torch.no_grad():
         for name, p in lorakit.lora_parameters(model):
-            if name.endswith("lora_B"):  # zero at init
+            if name.endswith(("lora_B", "lora_bias")):  # zero at init
                 p.normal_(0, 0.02 if not smoke else 0.1)
     return names
 
@@ -172,7 +184,7 @@ def timed(fn, device, warm: int, reps: int) -> float:
 def run_family(family: str, args, device, dtype) -> dict:
     smoke = args.smoke
     model = build(family, args.layers, smoke, device, dtype)
-    names_pool = add_adapters(model, smoke)
+    names_pool = add_adapters(model, smoke, args.variants)
     batch, context = args.batch, args.context
     generator = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
@@ -273,7 +285,7 @@ def run_long(family: str, args, device, dtype) -> dict:
     smoke = args.smoke
     window, context, batch = args.long_window, args.long_context, args.long_batch
     model = build(family, args.layers, smoke, device, dtype, window=window)
-    names_pool = add_adapters(model, smoke)
+    names_pool = add_adapters(model, smoke, args.variants)
     reason = static_decoding_unsupported(model, context)
     if reason is not None:
         return dict(family=family, ok=False, error=reason)
@@ -362,12 +374,14 @@ def run_long(family: str, args, device, dtype) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, float32, tiny shapes, TRITON_INTERPRET=1")
-    parser.add_argument("--families", default=",".join(SHAPES))
+    parser.add_argument("--families", default=",".join(f for f in SHAPES if f != "llama"))
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 8; smoke 2)")
     parser.add_argument("--batch", type=int, default=None, help="rows (default 32; smoke 3)")
     parser.add_argument("--context", type=int, default=None, help="tokens per cache row (default 512; smoke 16)")
     parser.add_argument("--check-steps", type=int, default=None, help="checked steps (default 4; smoke 2)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per system (default 20; smoke 1)")
+    parser.add_argument("--variants", action="store_true",
+                        help="adapters cycle through LoRA, DoRA and lora_bias (peft's bias on lora_B), not LoRA only")
     parser.add_argument("--long-families", default=",".join(LONG_SHAPES),
                         help="sliding-window families of the long-context case ('none': skip it)")
     parser.add_argument("--long-window", type=int, default=None, help="their sliding window (default 1024; smoke 8)")

@@ -102,13 +102,13 @@ def test_the_placeholder_adapter_computes_the_base_model():
 
 def test_graphs_of_both_kinds_are_kept_until_the_stacks_are_reallocated():
     decoder = StaticDecoder(_model(seed=9), max_batch=2, max_len=16)
-    decoder._graphs = {(False, False): "base graph", (True, False): "adapter graph"}
-    decoder._prefill_graphs = {((False, False), 16): "prefill graph"}
-    assert decoder._graph_kind() == (False, False) and len(decoder._graphs) == 2  # no adapter loaded: kept
+    decoder._graphs = {(False, False, False): "base graph", (True, False, False): "adapter graph"}
+    decoder._prefill_graphs = {((False, False, False), 16): "prefill graph"}
+    assert decoder._graph_kind() == (False, False, False) and len(decoder._graphs) == 2  # no adapter loaded: kept
     decoder.adapters.load("a")
-    assert decoder._graph_kind() == (True, False) and len(decoder._graphs) == 2  # a slot written in place: kept
+    assert decoder._graph_kind() == (True, False, False) and len(decoder._graphs) == 2  # a slot written in place: kept
     decoder.adapters.grow(decoder.adapters.capacity * 2, decoder.adapters.r_max)  # new buffers: every graph goes
-    assert decoder._graph_kind() == (True, False)
+    assert decoder._graph_kind() == (True, False, False)
     assert decoder._graphs == {} and decoder._prefill_graphs == {}
 
 

@@ -1,10 +1,12 @@
 """Fifteenth session, the lead's: the serving engine's penalties run over the whole batch at once (a history row per
 request on the device) instead of a few small launches and host copies per row, which made a step of 32 sampled
 rows with penalties cost 2.8x a greedy one on an H200 (bench/sampling_overhead.py). The results must stay those of
-the per-row definitions: transformers' repetition penalty, OpenAI's presence / frequency penalties, logit_bias."""
+the per-row definitions: transformers' repetition penalty, OpenAI's presence / frequency penalties, logit_bias.
+And peft's lora_bias in the static decoder (it refused such rows; the engine said to use --decoder transformers)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
@@ -103,3 +105,59 @@ def test_sampled_penalised_rows_are_reproducible_with_a_seed_whatever_their_neig
         return jobs[0].tokens
 
     assert answer([0]) == answer([0, 1, 2]) == answer([2, 0])
+
+
+# -- peft's lora_bias in the static decoder ------------------------------------------------------------------------
+def _biased_model():
+    """tiny Llama with a lora_bias adapter on every projection, a plain one on some and a DoRA one, random B and b."""
+    import warnings
+
+    import lorakit
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's (and lorakit's) warning: the base layers have no bias of their own
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, lora_bias=True), adapter="b")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=3, target_modules=["q_proj", "down_proj"]), adapter="p")
+    lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=6, variant="dora"), adapter="d")
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, parameter in lorakit.lora_parameters(model):
+            if name.endswith(("lora_B", "magnitude", "lora_bias")):
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("overlap", ["off", "lora"])
+def test_static_decoder_adds_each_rows_lora_bias(overlap):
+    """Rows on a lora_bias adapter, beside rows on a plain one, a DoRA one and none, decode in the static decoder
+    (its own prefill, then steps) with the logits of lorakit's layers through transformers, at the float32
+    tolerance of tests/test_static_decoder.py; without the bias the logits differ by far more."""
+    import lorakit
+    from lorakit.decoding import StaticDecoder
+    from lorakit.generation import decode, prefill
+
+    model = _biased_model()
+    prompts, names = [[5, 9, 2, 7, 1], [3, 4], [8, 8, 1, 2, 3], [11, 12, 13]], ["b", None, "d", "b"]
+    expected_logits, batch = prefill(model, prompts, names)
+    decoder = StaticDecoder(model, max_batch=6, max_len=16, lora_overlap=overlap)
+    rows = [4, 0, 2, 5]
+    got_logits = decoder.prefill(rows, prompts, names)
+    assert decoder.adapters.has_lora_bias and decoder._graph_kind() == (True, True, True)
+    assert torch.allclose(got_logits, expected_logits, atol=1e-5, rtol=1e-5)
+    for _ in range(3):
+        tokens = expected_logits.argmax(dim=-1).tolist()
+        expected_logits = decode(model, batch, tokens, names)
+        got_logits = decoder.step(rows, tokens, names)
+        assert torch.allclose(got_logits, expected_logits, atol=1e-5, rtol=1e-5), \
+            f"max diff {(got_logits - expected_logits).abs().max():.2e}"
+    with torch.no_grad():  # the bias matters: zeroed, the reference moves far beyond the tolerance
+        for name, parameter in lorakit.lora_parameters(model, "b"):
+            if name.endswith("lora_bias"):
+                parameter.zero_()
+    unbiased, _ = prefill(model, prompts[:1], ["b"])
+    biased, _ = prefill(_biased_model(), prompts[:1], ["b"])
+    assert (unbiased - biased).abs().max() > 100 * 1e-5
+    decoder.adapters.evict("b")
+    assert not decoder.adapters.has_lora_bias

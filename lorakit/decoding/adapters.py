@@ -9,6 +9,8 @@ and ``gate_up_proj`` are one-member groups, ``ModelParts.groups``), one ``GroupS
     rank     (slots, G) int32   0 where the slot has no adapter on that projection
     ratio    (slots + 1, N) float32, DoRA only: m / ||W + s B A|| per output feature (ones for plain adapters and
              for the last row, which rows without an adapter (slot -1) index)
+    lora_bias (slots + 1, N) float32, peft's ``lora_bias`` only: s * b, the scaled bias of each projection's lora_B
+             (zeros for adapters without one and for the last row)
 
 Slots are shared by all layers (one name -> slot table), so a decode step's ``slot_of_row`` is one device tensor.
 Loading writes one slot in place; only growing (more slots, larger R) reallocates, which bumps ``version`` so
@@ -21,7 +23,8 @@ reloading or evicting a name whose modules are still in the model first gives th
 
 DoRA (Liu et al. 2024, PEFT's formula) is served exactly: with r = m / ||W + s B A|| per output feature, the
 projection is ``r * (x W^T + s x A^T B^T) + bias``; the decoder multiplies the group's output by ``ratio`` gathered
-per row before adding the bias. The norm is computed once at load from the current base weight.
+per row before adding the bias. The norm is computed once at load from the current base weight. peft's ``lora_bias``
+(a bias b on lora_B: the update is ``s (B A x + b)``) is served by adding ``s b`` gathered per row.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class GroupStack:
         self.scaling = torch.zeros(slots, G, dtype=torch.float32, device=device)
         self.rank = torch.zeros(slots, G, dtype=torch.int32, device=device)
         self.ratio: torch.Tensor | None = None  # allocated when the first DoRA adapter arrives
+        self.lora_bias: torch.Tensor | None = None  # allocated when the first adapter with a lora_B bias arrives
 
     @property
     def r_max(self) -> int:
@@ -70,6 +74,8 @@ class GroupStack:
         self.rank[slot] = 0
         if self.ratio is not None:
             self.ratio[slot] = 1.0
+        if self.lora_bias is not None:
+            self.lora_bias[slot] = 0.0
 
     def write(self, slot: int, segment: int, adapter, base_weight: torch.Tensor) -> None:
         """Put one projection's adapter (a lorakit LoraAdapter) into ``slot``, segment ``segment``."""
@@ -85,6 +91,11 @@ class GroupStack:
             weight = base_weight.float() + adapter.delta_weight().to(base_weight.device)
             norm = torch.linalg.vector_norm(weight, dim=1).clamp_min(NORM_EPS)
             self.ratio[slot, lo:hi] = adapter.magnitude.detach().float() / norm
+        if getattr(adapter, "lora_bias", None) is not None:
+            if self.lora_bias is None:
+                self.lora_bias = torch.zeros(self.A.shape[0] + 1, self.B.shape[1], dtype=torch.float32,
+                                             device=self.A.device)
+            self.lora_bias[slot, lo:hi] = float(adapter.scaling) * adapter.lora_bias.detach().float()
 
     def resized(self, slots: int, r_max: int) -> "GroupStack":
         new = GroupStack(self.in_features, self.splits, slots, r_max, self.A.dtype, self.A.device)
@@ -97,6 +108,9 @@ class GroupStack:
         if self.ratio is not None:
             new.ratio = torch.ones(slots + 1, self.B.shape[1], dtype=torch.float32, device=self.A.device)
             new.ratio[:n].copy_(self.ratio[:n])
+        if self.lora_bias is not None:
+            new.lora_bias = torch.zeros(slots + 1, self.B.shape[1], dtype=torch.float32, device=self.A.device)
+            new.lora_bias[:n].copy_(self.lora_bias[:n])
         return new
 
 
@@ -118,6 +132,7 @@ class DecodeAdapters:
         self.slot_of: dict[str, int] = {}
         self.source: dict[str, weakref.ref] = {}  # name -> the adapter module (of its first projection) loaded
         self.dora: set[str] = set()
+        self.biased: set[str] = set()  # names with a lora_B bias (peft's lora_bias)
         self.version = 0
 
     def __contains__(self, name: str) -> bool:
@@ -126,6 +141,10 @@ class DecodeAdapters:
     @property
     def has_dora(self) -> bool:
         return bool(self.dora)
+
+    @property
+    def has_lora_bias(self) -> bool:
+        return bool(self.biased)
 
     def _modules(self, name: str):
         """(layer, group, segment, adapter module) of every projection holding ``name``."""
@@ -196,7 +215,7 @@ class DecodeAdapters:
                 self.grow(2 * self.capacity, rank)
                 slot = len(used)
         self.grow(self.capacity, rank)
-        dora = False
+        dora = biased = False
         self._unshare(self._viewing(found))  # a reload: the slot is cleared below, the module's values must survive it
         with torch.no_grad():
             for layer in self.layers:
@@ -206,15 +225,21 @@ class DecodeAdapters:
                 fused = self.weights[i][group]
                 # a view, or the NF4 weight dequantized to the adapter's dtype (as LoraLinear's DoRA forward reads it)
                 base = fused.member_weight(segment, adapter.lora_A.dtype)
-                had_ratio = self.layers[i][group].ratio is not None
-                self.layers[i][group].write(slot, segment, adapter, base)
+                stack = self.layers[i][group]
+                had_ratio, had_bias = stack.ratio is not None, stack.lora_bias is not None
+                stack.write(slot, segment, adapter, base)
                 if adapter.magnitude is not None:
                     dora = True
                     if not had_ratio:
                         self.version += 1  # a new buffer the captured graph does not know
+                if getattr(adapter, "lora_bias", None) is not None:
+                    biased = True
+                    if not had_bias:
+                        self.version += 1
         self.slot_of[name] = slot
         self.source[name] = weakref.ref(found[0][3])
         (self.dora.add if dora else self.dora.discard)(name)
+        (self.biased.add if biased else self.biased.discard)(name)
         self._share(slot, found)
         return slot
 
@@ -240,6 +265,7 @@ class DecodeAdapters:
         slot = self.slot_of.pop(name)
         self.source.pop(name, None)
         self.dora.discard(name)
+        self.biased.discard(name)
         with torch.no_grad():
             for layer in self.layers:
                 for stack in layer.values():

@@ -327,15 +327,16 @@ class StaticDecoder:
         graph.replay()
         return self._prefill_logits[:n].clone()
 
-    def _graph_kind(self) -> tuple[bool, bool]:
+    def _graph_kind(self) -> tuple[bool, bool, bool]:
         """What a captured graph holds beyond buffer addresses: whether any adapter is loaded (without one, the
-        graph runs no LoRA kernel at all) and whether one is DoRA (the ratio multiply). Graphs of both kinds are
+        graph runs no LoRA kernel at all), whether one is DoRA (the ratio multiply) and whether one has a lora_B bias
+        (its add). Graphs of each kind are
         kept, so a server switching between base-only and adapter batches captures each once. A reallocated
         adapter stack (``DecodeAdapters.version``) invalidates every graph: they hold the old buffers."""
         if self.adapters.version != self._graphs_version:
             self.drop_graphs()
             self._graphs_version = self.adapters.version
-        return bool(self.adapters.slot_of), self.adapters.has_dora
+        return bool(self.adapters.slot_of), self.adapters.has_dora, self.adapters.has_lora_bias
 
     def drop_graphs(self) -> None:
         """Forget every captured graph (captured again on next use) and the prefill graphs' memory pool. The pool
@@ -634,21 +635,26 @@ class StaticDecoder:
     def _dora(self, stack) -> bool:
         return stack.ratio is not None and self.adapters.has_dora
 
+    def _lora_bias(self, stack) -> bool:
+        return stack.lora_bias is not None and self.adapters.has_lora_bias
+
     def _fused_qkv(self, layer: int) -> bool:
         """Whether layer ``layer``'s q/k/v LoRA expand runs inside rope + KV store (``fuse_lora``): not with q/k/v
-        biases, a DoRA adapter, or q/k norms (Qwen3: they come before rope) there."""
+        biases, a DoRA adapter, an adapter's lora_B bias, or q/k norms (Qwen3: they come before rope) there."""
         return (self.fuse_lora and bool(self.adapters.slot_of) and self.lora_overlap in ("lora", "serial")
                 and self.parts.layers[layer].q_norm is None and self.weights[layer]["qkv"].bias is None
                 and len(self.weights[layer]["qkv"].splits) == 3  # not Phi-3's one fused qkv_proj adapter
-                and not self._dora(self.adapters.layers[layer]["qkv"]))
+                and not self._dora(self.adapters.layers[layer]["qkv"])
+                and not self._lora_bias(self.adapters.layers[layer]["qkv"]))
 
     def _project(self, x: torch.Tensor, layer: int, group: str, slots: torch.Tensor,
                  residual: torch.Tensor | None = None, shrink_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One projection group: (residual +) bias + [DoRA ratio *] (x W^T + LoRA deltas). x (B, K) -> (y, delta)
+        """One projection group: (residual +) bias + [DoRA ratio *] (x W^T + LoRA deltas [+ s b, peft's lora_bias]).
+        x (B, K) -> (y, delta)
         with y (B, N). delta is None, or (with ``lora_overlap="lora"``) the (B, N) LoRA delta computed on the side
         stream that the caller still adds to y, inside the kernel that reads y next.
 
-        ``shrink_only`` (``lora_overlap`` "lora"/"serial" only; no bias, no DoRA on this group): only the shrink runs
+        ``shrink_only`` (``lora_overlap`` "lora"/"serial" only; no bias, no DoRA, no lora_B bias on this group): only the shrink runs
         beside the GEMM, and the result is (y, its planes (P, B, G*R) float32) for a kernel that expands them itself."""
         from lorakit.kernels.grouped_lora import grouped_lora_add_, grouped_shrink, grouped_shrink_planes
         from lorakit.kernels.rows_linear import rows_linear
@@ -657,6 +663,9 @@ class StaticDecoder:
         stack = self.adapters.layers[layer][group]
         use_lora = bool(self.adapters.slot_of)
         dora = self._dora(stack)
+        # s b of each row's adapter (rows without one read the last row of zeros), in the output's dtype
+        lora_bias = (stack.lora_bias.index_select(0, slots.remainder(stack.lora_bias.shape[0])).to(x.dtype)
+                     if self._lora_bias(stack) else None)
         args = (stack.A, stack.B, stack.scaling, stack.rank, slots, fused.splits)
         overlap = use_lora and self.lora_overlap in ("lora", "serial")
         side = self._lora_stream if overlap else None
@@ -691,11 +700,15 @@ class StaticDecoder:
             if side is not None:
                 main.wait_stream(side)
             delta = out
+            if lora_bias is not None and not shrink_only:
+                delta.add_(lora_bias)
             if shrink_only or (not dora and fused.bias is None):
                 return y, delta
             y.add_(delta)
         elif use_lora:
             grouped_lora_add_(y, x, *args)
+            if lora_bias is not None:
+                y.add_(lora_bias)
         if dora:
             # rows without an adapter (-1) read the last row of ones
             y = (y.float() * stack.ratio.index_select(0, slots.remainder(stack.ratio.shape[0]))).to(y.dtype)

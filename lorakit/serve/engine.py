@@ -100,20 +100,6 @@ class Request:
         return bool(self.presence or self.frequency) or self.options.repetition_penalty != 1.0
 
 
-def _biased_lora(model: nn.Module, adapter: str) -> str | None:
-    """The static decoder's stacks hold A, B, scaling (and DoRA's ratio) only: an adapter with a bias on lora_B
-    (peft's lora_bias) would decode there without it, so rows on it are refused instead (one line), never served
-    wrong. ``--decoder transformers`` runs it (lorakit's layers add the bias)."""
-    from lorakit.inject import lora_layers
-
-    for path, layer in lora_layers(model).items():
-        module = layer.adapters[adapter] if adapter in layer.adapters else None
-        if getattr(module, "lora_bias", None) is not None:
-            return (f"adapter {adapter!r} has a bias on lora_B (peft's lora_bias, at {path}), which the static decoder "
-                    "does not apply; serve it with --decoder transformers")
-    return None
-
-
 class Engine:
     """The scheduler thread over one model. ``submit`` requests; ``cancel`` them; ``close`` to stop."""
 
@@ -166,7 +152,7 @@ class Engine:
             return None
         if adapter not in self._unservable:  # an adapter's modules never change under one name (the pool loads
             with self.model_lock:  # each version under a new one): asked once, not between every step's lock
-                self._unservable[adapter] = _biased_lora(self.model, adapter) or self.decoder.unservable(adapter)
+                self._unservable[adapter] = self.decoder.unservable(adapter)
         return self._unservable[adapter]
 
     def score(self, prompt: list[int], adapter: str | None, top: int) -> list[TokenInfo | None]:
