@@ -882,8 +882,12 @@ def export_merged(model: nn.Module, tokenizer, adapter: str, out: str | os.PathL
     _require(model, [adapter])  # before dequantize() changes a 4-bit model
     model, report = merge_model(model, adapter, dtype, keep_float32=gguf_type is not None)  # the GGUF: float32
     if report.lost_share > LOSS_WARNING:
-        warnings.warn(f"the cast to {str(dtype).replace('torch.', '')} loses {100 * report.lost_share:.0f}% of the "
-                      "adapter's update; merge with --dtype fp32 to keep it", stacklevel=2)
+        # a share of the update's weights, not of its effect: the rounding is noise at the scale of the base's
+        # weights, which the outputs often absorb; the user's own eval of the folder says which
+        warnings.warn(f"the cast to {str(dtype).replace('torch.', '')} rounds away {100 * report.lost_share:.0f}% of "
+                      "the adapter's update to the weights (RMS; rounding noise, so the answers may change less: "
+                      f"compare with `lorakit eval --model {Path(out)} --data VAL.jsonl`); merge with --dtype fp32 to "
+                      "keep it exactly", stacklevel=2)
     stem = name or Path(out).name
     extra = (lambda folder: write_gguf(model, tokenizer, folder / f"{stem}-{gguf_type}.gguf", gguf_type, stem)) if gguf_type else None
     return write_folder(model, tokenizer, out, dtype, overwrite=overwrite, extra_files=extra,

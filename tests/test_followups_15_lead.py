@@ -161,3 +161,28 @@ def test_static_decoder_adds_each_rows_lora_bias(overlap):
     assert (unbiased - biased).abs().max() > 100 * 1e-5
     decoder.adapters.evict("b")
     assert not decoder.adapters.has_lora_bias
+
+
+def test_a_lossy_bf16_merge_says_what_the_share_measures_and_how_to_check_the_answers(tmp_path):
+    """The share the warning gives is of the update to the weights (rounding noise at the base's scale), not of
+    the answers: the line says so and names the eval that checks the merged folder (it read as if the merge lost
+    that much of the adapter, where the demo's answers were unchanged)."""
+    import warnings
+
+    import lorakit
+    from lorakit.export import export_merged
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(seed=5)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=2), adapter="tiny")
+    with torch.no_grad():  # an update far below bfloat16's step at the weights' scale
+        for name, parameter in lorakit.lora_parameters(model, "tiny"):
+            if name.endswith("lora_B"):
+                parameter.fill_(1e-4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, report = export_merged(model, None, "tiny", tmp_path / "merged", dtype=torch.bfloat16)
+    said = [str(w.message) for w in caught if "rounds away" in str(w.message)]
+    assert report.lost_share > 0.25 and len(said) == 1
+    assert "to the weights" in said[0] and f"lorakit eval --model {tmp_path / 'merged'}" in said[0]
+    assert "--dtype fp32" in said[0] and "\n" not in said[0]
