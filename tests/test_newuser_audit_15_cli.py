@@ -15,25 +15,11 @@ from pathlib import Path
 import pytest
 
 from lorakit.cli import main
+from test_newuser_audit_12_cli import no_load  # noqa: F401  (the fixture: any model load fails the test)
 from test_serve_support import make_adapter
 from test_train_helpers import make_model_folder, task_records, tiny_train_model, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class ModelLoaded(BaseException):
-    """Raised where a model would start loading: the command line should have been refused before."""
-
-
-@pytest.fixture
-def no_load(monkeypatch):
-    import lorakit.models.loading as loading
-
-    def refuse(*args, **kwargs):
-        raise ModelLoaded("a model started loading: the arguments were accepted")
-
-    monkeypatch.setattr(loading, "load_tokenizer", refuse)
-    monkeypatch.setattr(loading, "_load_dense", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +150,7 @@ def test_merge_warns_on_stderr(tiny, tmp_path, capsys):
     assert main(["merge", "--model", str(tiny), "--adapter", str(adapter), "--out", str(tmp_path / "merged"),
                  "--dtype", "bf16"]) == 0
     captured = capsys.readouterr()
-    assert "warning: the cast to bfloat16 loses" in captured.err, captured
+    assert "warning: the cast to bfloat16 rounds away" in captured.err, captured
     assert "warning" not in captured.out, captured.out
 
 
