@@ -385,5 +385,7 @@ def test_cli_trains_a_qwen3_chat_file(tmp_path, flags, capsys):
     examples = 12 if not flags else 8  # 6 chats x 2 turns; with --val-fraction 0.25, 2 chats are held out
     assert re.search(rf"training data: {examples} examples \(from {examples // 2} records: {examples // 2} messages\), "
                      "0 dropped", out), out
-    assert out.count("trained as one example per assistant turn") == 1, out
+    # once for the training set, and once more, labelled, for the validation set (since the fifteenth session)
+    assert out.count("trained as one example per assistant turn") == (2 if flags else 1), out
+    assert out.count("validation data: note: 2 chats trained as one example") == (1 if flags else 0), out
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -87,7 +87,7 @@ def _check_weights_present(folder: Path) -> None:
     or a JSON parser's words: no weights at all, or a sharded model (``model.safetensors.index.json``) whose index
     is unreadable or names shards the folder lacks (an interrupted download). lorakit's own 4-bit folders have
     safetensors too, so every folder it reads passes through here."""
-    if (folder / "model.safetensors").is_file():
+    if os.path.lexists(folder / "model.safetensors"):  # a pipe, folder or broken link there: its own check says so
         return  # transformers reads it and ignores any index beside it
     index = folder / INDEX
     if not index.is_file():
