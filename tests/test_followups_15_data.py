@@ -15,8 +15,8 @@ import pytest
 from lorakit.errors import LorakitError
 from lorakit.train import chat_prefix, chat_turns
 from lorakit.train.data import tokenize_examples
-from test_serve_support import CHATML, TEXT, make_tokenizer
-from test_train_tool_calls import FAMILIES, family
+from test_serve_support import CHATML, make_tokenizer
+from test_train_tool_calls import FAMILIES, build_tokenizer, family
 
 # ------------------------------------------------------------------------------------------------------------------
 # templates beyond the tool-call families of test_train_tool_calls
@@ -88,21 +88,7 @@ def tokenizer(name: str):
     if name == "chatml":
         return _BUILT.setdefault(name, make_tokenizer())
     if name not in _BUILT:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-        from transformers import PreTrainedTokenizerFast
-
-        template, specials, bos, eos, pad = EXTRA[name]
-        core = Tokenizer(models.BPE())
-        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        core.decoder = decoders.ByteLevel()
-        core.train_from_iterator(TEXT * 4, trainers.BpeTrainer(
-            vocab_size=400, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False))
-        if bos:
-            core.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
-                                                                special_tokens=[(bos, core.token_to_id(bos))])
-        _BUILT[name] = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=pad,
-                                               unk_token=pad, chat_template=template)
+        _BUILT[name] = build_tokenizer(*EXTRA[name])
     return _BUILT[name]
 
 

@@ -447,25 +447,29 @@ FAMILIES = {
 _TOKENIZERS: dict = {}
 
 
-def family(name: str):
-    """A tiny byte-level BPE tokenizer with the family's special tokens and chat template (built once)."""
-    if name not in _TOKENIZERS:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-        from transformers import PreTrainedTokenizerFast
+def build_tokenizer(template: str, specials, bos, eos, pad, added=()):
+    """A tiny byte-level BPE tokenizer with these special tokens, chat template and plain added tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
 
-        template, specials, bos, eos, pad, added = FAMILIES[name]
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator(TEXT * 4, trainers.BpeTrainer(
-            vocab_size=400, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False))
-        if bos:  # Llama, Mistral and DeepSeek tokenizers put BOS in front by default
-            tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=pad,
-                                       chat_template=template)
-        fast.add_tokens(list(added))
-        _TOKENIZERS[name] = fast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXT * 4, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    if bos:  # Llama, Mistral and DeepSeek tokenizers put BOS in front by default
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=pad,
+                                   chat_template=template)
+    fast.add_tokens(list(added))
+    return fast
+
+
+def family(name: str):
+    """A family's tokenizer (:data:`FAMILIES`), built once."""
+    if name not in _TOKENIZERS:
+        _TOKENIZERS[name] = build_tokenizer(*FAMILIES[name])
     return _TOKENIZERS[name]
 
 
