@@ -10,19 +10,24 @@ import os
 from pathlib import Path
 
 
-def cache_snapshot(folder: Path) -> Path | None:
-    """The snapshot folder of a Hugging Face cache entry (``models--org--name``, whose ``snapshots/<commit>`` holds
-    config.json): the one ``refs/main`` names, else the newest; None for any other folder."""
+def cache_snapshot(folder: Path, holding: str | None = "config.json") -> Path | None:
+    """The snapshot folder of a Hugging Face cache entry (``models--org--name`` or ``datasets--org--name``, whose
+    ``snapshots/<commit>`` holds the files): the one ``refs/main`` names, else the newest; only snapshots holding the
+    file ``holding`` count (None: any folder). None for any other folder."""
     snapshots = folder / "snapshots"
     if not snapshots.is_dir():
         return None
+
+    def fits(snapshot: Path) -> bool:
+        return (snapshot / holding).is_file() if holding else snapshot.is_dir()
+
     try:
         main = (folder / "refs" / "main").read_text(encoding="utf-8").strip()
     except (OSError, ValueError):
         main = ""
-    if main and (snapshots / main / "config.json").is_file():
+    if main and fits(snapshots / main):
         return snapshots / main
-    found = [p for p in snapshots.iterdir() if (p / "config.json").is_file()]
+    found = [p for p in snapshots.iterdir() if fits(p)]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 

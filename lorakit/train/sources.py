@@ -747,15 +747,12 @@ def _read_arrow(path: Path) -> list[Record]:
 def _hub_cache_snapshot(path: Path) -> Path | None:
     """The snapshot folder of a Hugging Face hub cache folder (``datasets--org--name``: blobs/, refs/main naming
     the snapshot, snapshots/<hash>/), else None."""
-    ref, snapshots = path / "refs" / "main", path / "snapshots"
-    if not snapshots.is_dir():
-        return None
+    from lorakit.models.hub_cache import cache_snapshot
+
     try:
-        named = snapshots / ref.read_text().strip() if ref.is_file() else None
-        found = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    except OSError:
+        return cache_snapshot(path, holding=None)
+    except OSError:  # an unreadable cache folder: read as no snapshot
         return None
-    return named if named is not None and named.is_dir() else (found[-1] if found else None)
 
 
 def _read_datasets_folder(path: Path, split: str | None) -> list[Record]:
