@@ -38,10 +38,12 @@ from lorakit.serve.sampling import OFF, RowOptions, hold_back, keep_only, new_hi
 
 @dataclass
 class TokenInfo:
-    """The chosen token's log-probability and the ``top`` most likely tokens' (id, log-probability)."""
+    """The chosen token's log-probability and the ``top`` most likely tokens' (id, log-probability); ``rank``:
+    the chosen token's place among the vocabulary's (1: the most likely), where it was counted (``Engine.score``)."""
 
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None
 
 
 # Newcomers with at most this many prompt tokens in all are prefilled by the static decoder itself; longer ones go
@@ -128,7 +130,9 @@ class Engine:
 
     # -- public --------------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
-        request.generator = request.params.generator(self.device)
+        # only a seeded request needs a stream of its own (its answer must not depend on its neighbours); the
+        # others draw from torch's default one, all rows of a step in one call (sampling.sample_rows)
+        request.generator = request.params.generator(self.device) if request.params.seed is not None else None
         with self._wake:
             self._waiting.append(request)
             self._wake.notify()
@@ -177,11 +181,12 @@ class Engine:
                 else:
                     logits = whole[keep]
                 logprobs = torch.log_softmax(logits.float(), dim=-1)
-                chosen = logprobs.gather(1, targets[keep].unsqueeze(1))[:, 0].tolist()
+                chosen = logprobs.gather(1, targets[keep].unsqueeze(1))  # (k, 1)
+                ranks = ((logprobs > chosen).sum(1) + 1).tolist()  # vLLM's prompt_logprobs rank: 1 + likelier ones
                 best = torch.topk(logprobs, k=min(top, logprobs.shape[-1])) if top else None
-                for j, value in enumerate(chosen):
+                for j, value in enumerate(chosen[:, 0].tolist()):
                     pairs = [] if best is None else list(zip(best.indices[j].tolist(), best.values[j].tolist()))
-                    infos.append(TokenInfo(value, pairs))
+                    infos.append(TokenInfo(value, pairs, ranks[j]))
         return infos
 
     def stats(self) -> dict:

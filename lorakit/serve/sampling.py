@@ -1,9 +1,10 @@
 """Batched sampling for the serving engine: one call draws the next token of every sampled row of a decode step.
 
 Each row keeps its own temperature, top-p, top-k and ``torch.Generator`` (a request's seed must give the same
-answer whatever else shares its batch), so the only work done row by row is drawing that row's random numbers
-(one ``exponential_`` from its generator); top-k, temperature, softmax, the nucleus and the draw itself run over
-the whole ``(m, V)`` block at once, whatever mask each row's format left on its logits.
+answer whatever else shares its batch), so the only work done row by row is drawing a seeded row's random numbers
+(one ``exponential_`` from its generator; the rows without one share a single call on torch's default stream);
+top-k, temperature, softmax, the nucleus and the draw itself run over the whole ``(m, V)`` block at once, whatever
+mask each row's format left on its logits.
 
 The draw is torch.multinomial's own method for one sample, ``argmax(p / q)`` with ``q ~ Exp(1)`` per token (the
 exponential race: token j wins with probability ``p_j / sum(p)``), written out so each row's ``q`` comes from its
@@ -94,8 +95,11 @@ def _draw(logits: torch.Tensor, temperature: list[float], top_p: list[float], to
             weights = probs.clone()
             weights[index] = ranked
     race = torch.empty((rows, width), dtype=torch.float32, device=device)
-    for row, generator in enumerate(generators):  # the one per-row call: each row's numbers from its own stream
-        race[row].exponential_(generator=generator)
+    if any(generator is None for generator in generators):  # rows without a stream of their own: one call for all
+        race.exponential_()
+    for row, generator in enumerate(generators):  # the one per-row call: a seeded row's numbers from its own stream
+        if generator is not None:
+            race[row].exponential_(generator=generator)
     choice = torch.argmax(torch.div(weights, race, out=race), dim=-1)
     # a NaN weight wins the argmax, and a row of zeros picks a zero: the drawn weight says whether there was anything
     # to draw from (one element per row, not another pass over (m, V))

@@ -1,0 +1,62 @@
+"""Follow-ups of the sixteenth session (lead): the serving engine's sampled rows without a seed share one draw."""
+
+from __future__ import annotations
+
+import torch
+
+
+def test_unseeded_rows_share_one_exponential_call(monkeypatch):
+    """A step's rows without a generator draw their exponential race in one call on torch's default stream;
+    each seeded row still draws from its own generator, so its token is the one it gets alone."""
+    from lorakit.serve.sampling import sample_rows
+
+    calls = []
+    original = torch.Tensor.exponential_
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("generator"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "exponential_", counted)
+    logits = torch.randn(7, 300, generator=torch.Generator().manual_seed(3)) * 3
+    seeded = {1: 11, 4: 44}
+    generators = [torch.Generator().manual_seed(seeded[i]) if i in seeded else None for i in range(7)]
+    tokens, ok = sample_rows(logits, [0.9] * 7, [1.0, 0.8, 1.0, 1.0, 0.9, 1.0, 1.0], [0, 0, 5, 0, 0, 0, 0],
+                             generators)
+    assert ok.all()
+    assert len(calls) == 1 + len(seeded)  # one call for the five unseeded rows, one per seeded row
+    assert sum(generator is None for generator in calls) == 1
+    for i, seed in seeded.items():
+        alone, _ = sample_rows(logits[i:i + 1], [0.9], [[1.0, 0.8, 1.0, 1.0, 0.9][i]], [0],
+                               [torch.Generator().manual_seed(seed)])
+        assert int(alone[0]) == int(tokens[i])
+    # with no unseeded row, no shared call is made
+    calls.clear()
+    sample_rows(logits[:2], [1.0, 1.0], [1.0, 1.0], [0, 0], [torch.Generator().manual_seed(0)] * 2)
+    assert len(calls) == 2 and all(generator is not None for generator in calls)
+
+
+def test_engine_gives_generators_to_seeded_requests_only():
+    """Only a seeded sampled request gets a stream of its own (its answer must not depend on its neighbours)."""
+    from lorakit.generation import SamplingParams
+    from lorakit.serve.engine import Engine, Request
+
+    class Idle(Engine):  # submit's bookkeeping without a model or an engine thread
+        def __init__(self):
+            import threading
+
+            self.device = torch.device("cpu")
+            self._wake = threading.Condition()
+            self._waiting = []
+
+    engine = Idle()
+    made = {}
+    for name, params in {"greedy": SamplingParams(max_new_tokens=4),
+                         "unseeded": SamplingParams(max_new_tokens=4, temperature=0.7),
+                         "seeded": SamplingParams(max_new_tokens=4, temperature=0.7, seed=5)}.items():
+        made[name] = Request([1, 2], None, params, lambda token, info: True, lambda reason: None)
+        engine.submit(made[name])
+    assert made["greedy"].generator is None and made["unseeded"].generator is None
+    seeded = made["seeded"].generator
+    assert isinstance(seeded, torch.Generator)
+    assert torch.equal(torch.rand(4, generator=seeded), torch.rand(4, generator=torch.Generator().manual_seed(5)))
