@@ -135,7 +135,7 @@ def test_cli_run_on_a_terminal_has_the_bars(tmp_path, tiny_folder, capsys, monke
     code = _cli_train(tmp_path, tiny_folder)
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "generating" in err and "training:" in err and "\r" in err, err  # scoring's bar (4 batches), then training's
+    assert "generating" in err and "training:" in err and "\r" in err, err  # scoring's bar (its steps), then training's
     assert not LINE.search(err), err
 
 

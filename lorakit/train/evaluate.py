@@ -130,24 +130,12 @@ def _lines(items, total: int, what: str, every_s: float = 60.0, unit: str = "bat
     ``every_s`` seconds, as training's --no-progress does (a log file gets no bar redraws, but is not silent for the
     length of a long eval). Example: ``loss: 40/400 batches, 0:01:20 elapsed, 0:12:00 left``. With ``delay_s``, no
     line until that long has passed; the first one then comes with the next item (about a dozen lines in all)."""
-    import sys
-    import time
+    from lorakit._progress import Lines
 
-    from lorakit.train.loop import _clock
-
-    units = unit + ("es" if unit.endswith("ch") else "s")  # batches, records
-    started = last_time = time.perf_counter()
-    last, shown = 0, False
-    for n, item in enumerate(items, 1):
+    shown = Lines(total, what, unit=unit, every_s=every_s, delay_s=delay_s)
+    for item in items:
         yield item
-        now = time.perf_counter()
-        if now - started < delay_s:
-            continue
-        if not shown or n >= total or n - last >= max(1, total // 10) or now - last_time >= every_s:
-            elapsed = now - started
-            print(f"{what}: {n}/{total} {units}, {_clock(elapsed)} elapsed, "
-                  f"{_clock(elapsed / n * max(total - n, 0))} left", file=sys.stderr, flush=True)
-            last, last_time, shown = n, now, True
+        shown.update(1)
 
 
 def perplexity(loss: float) -> float:
@@ -241,12 +229,6 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
     return text
 
 
-# With progress shown, generation runs in at least PROGRESS_STEPS batches (of PROGRESS_MIN_BATCH records or more,
-# at most the batch size asked for), so that a bar or a log advances while a held-out set is scored
-PROGRESS_STEPS = 8
-PROGRESS_MIN_BATCH = 4
-
-
 @dataclass
 class Generation:
     """One greedy generation: its text (special tokens removed), whether the prompt opened ``<think>`` reasoning,
@@ -266,7 +248,8 @@ def generate_answers(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
 
     Prompts are left-padded and batched by length (less padding); generation stops at the end-of-turn token, or
     after ``max_new_tokens`` (one number, or one per record: a batch runs to the largest of its records). With
-    ``progress`` (a bar, or ``"lines"`` for a log), batches are smaller when needed for the set to take several.
+    ``progress`` (a bar, or ``"lines"`` for a log), the decode steps of each batch are counted on stderr
+    (:mod:`lorakit.train.generation_progress`); the batches are the same either way, and so are the answers.
     ``chat_template_kwargs``: options of the chat template (Qwen3: ``{"enable_thinking": False}``), as in training.
     Returns the decoded answers (special tokens removed) in the records' order.
     """
@@ -296,35 +279,41 @@ def generate_records(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
 
     context = context_length(model)  # learned position embeddings (GPT-2, OPT) fail with an index error beyond it
     answers = [Generation("", _opens_reasoning(tokenizer, p), False) for p in prompts]
-    if progress:  # 64 held-out records in one batch of 64 said nothing for minutes: a few steps for the bar to show
-        batch_size = min(batch_size, max(PROGRESS_MIN_BATCH, -(-len(order) // PROGRESS_STEPS)))
+    batches = []  # (rows, prompt width, step budget)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        new_tokens = max(limits[i] for i in chunk)
+        batches.append((chunk, width, new_tokens if context is None else min(new_tokens, context - width)))
+    from lorakit.train.generation_progress import GenerationProgress
+
+    shown = GenerationProgress(sum(max(b, 0) for _, _, b in batches), len(order), progress, stop)
     was_training = model.training
     model.eval()
     try:
-        for start in _bar(range(0, len(order), batch_size), -(-len(order) // batch_size), "generating", progress):
-            chunk = order[start:start + batch_size]
-            width = max(len(prompts[i]) for i in chunk)
+        for chunk, width, new_tokens in batches:
+            if new_tokens < 1:  # the prompt fills the context: nothing can be generated
+                shown.skipped(len(chunk))
+                continue
             input_ids = torch.full((len(chunk), width), info.pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, i in enumerate(chunk):
                 ids = prompts[i]
                 input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
                 mask[row, width - len(ids):] = 1
-            new_tokens = max(limits[i] for i in chunk)
-            if context is not None:
-                new_tokens = min(new_tokens, context - width)
-            if new_tokens < 1:  # the prompt fills the context: nothing can be generated
-                continue
             config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False,
                                       eos_token_id=stop, pad_token_id=info.pad_id)
+            streamer = shown.streamer(len(chunk), new_tokens)
             with autocast_context(device, compute_dtype):
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=config)
+                                     generation_config=config, **({"streamer": streamer} if streamer is not None else {}))
+            shown.finished(streamer)
             for row, i in enumerate(chunk):
                 new = out[row, width:].tolist()
                 cut = next((k for k, t in enumerate(new) if t in stop), len(new))
                 answers[i] = Generation(_decode(tokenizer, new[:cut]), answers[i].opened, cut < len(new))
     finally:
+        shown.close()
         model.train(was_training)
     return answers
 

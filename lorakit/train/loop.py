@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from lorakit._progress import clock as _clock, show_bar  # noqa: F401 (show_bar: imported from here too)
 from lorakit.errors import LorakitError
 from lorakit.models.vocab_fit import check_ids_fit
 from lorakit.optim import Schedule, build_optimizer
@@ -765,32 +766,6 @@ class _ProgressLines(_NoBar):
         left = elapsed / max(self.n - self.first, 1) * max(self.total - self.n, 0)
         self.log(f"step {self.n}/{self.total}: {text}, {_clock(elapsed)} elapsed, {_clock(left)} left")
         self.last_step, self.last_time = self.n, now
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def show_bar(setting: bool | None, stream: Any = None) -> bool:
-    """Whether to redraw a tqdm bar: ``setting`` when given (--progress / --no-progress), else only when ``stream``
-    (default stderr) is a terminal or a Jupyter kernel's stream (tqdm.auto draws a widget there). A log file, nohup,
-    CI or a batch job gets False: a bar's carriage-return redraws would fill the file as one endless line; so does a
-    terminal 0 columns wide (tqdm draws nothing there: the plain lines are shown instead)."""
-    if setting is not None:
-        return bool(setting)
-    stream = sys.stderr if stream is None else stream
-    if type(stream).__module__.startswith("ipykernel"):
-        return True
-    try:
-        if not stream.isatty():
-            return False
-    except (AttributeError, ValueError):  # a replaced stream without isatty, or a closed one
-        return False
-    try:  # `script` or `docker -t` in CI: a terminal 0 columns wide, where tqdm draws nothing at all
-        return os.get_terminal_size(stream.fileno()).columns > 0
-    except (AttributeError, ValueError, OSError):  # no file descriptor, or no size to ask: the terminal decides
-        return True
 
 
 def _progress_bar(enabled: bool, total: int, initial: int, log: Callable[[str], None] | None = None):

@@ -423,7 +423,8 @@ def data_progress(config: TrainConfig) -> bool | str:
 
 def score(model, tokenizer, records, config: TrainConfig, device: torch.device, when: str = "") -> GenerationScore:
     """Exact match of greedy generations on ``records``; ``when`` ("before training") announces the scoring first,
-    since generating a whole held-out set takes a minute or more on a CPU; a bar or plain lines then show its batches."""
+    since generating a whole held-out set takes a minute or more on a CPU; a bar or plain lines then count its decode
+    steps (lorakit.train.generation_progress)."""
     from lorakit.train.loop import compute_dtype_for
 
     if when:

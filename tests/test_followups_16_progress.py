@@ -1,0 +1,164 @@
+"""Progress for long work, without slowing it down.
+
+1. Scoring (before / after training, ``lorakit eval``) split generation into at least 8 batches when progress was
+   shown, only so that a bar of batches moved: on a GPU, several times slower than one large batch. Now the batch
+   size is the one asked for, and the count is of decode steps inside each batch (a transformers streamer), with the
+   records done beside it: the bar moves during a single long batch, and the answers are the same.
+
+Every model is the tiny random Llama of test_train_helpers (a word-level tokenizer with a ChatML-like template)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+from lorakit.cli import main
+from lorakit.train.evaluate import generate_records, score_generations
+from lorakit.train.formats import validate_record
+from lorakit.train.generation_progress import GenerationProgress
+from test_train_helpers import task_records, tiny_folder, tiny_tokenizer, tiny_train_model, write_jsonl  # noqa: F401
+
+STEPS = re.compile(r"^generating: (\d+)/(\d+) steps, (\d+)/(\d+) records done, \d:\d\d:\d\d elapsed, "
+                   r"\d:\d\d:\d\d left$", re.M)
+
+
+def _records(n: int, seed: int = 3):
+    return [validate_record(r, f"val[{i}]") for i, r in enumerate(task_records(n, seed=seed, shape="messages"))]
+
+
+class _Calls:
+    """Counts model.generate calls and the rows of each (the batches), passing everything through."""
+
+    def __init__(self, model):
+        self.rows, self.inner = [], model.generate
+
+        def generate(*args, **kwargs):
+            self.rows.append(kwargs["input_ids"].shape[0])
+            return self.inner(*args, **kwargs)
+
+        model.generate = generate
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_train_model(seed=0)
+
+
+def test_progress_keeps_the_batches_and_the_answers(model, capsys):
+    """The same records, batch size and limits give the same generations and batches with or without progress,
+    a bar or lines; before, progress at batch size 24 ran 6 batches of 4."""
+    records, tokenizer = _records(24), tiny_tokenizer()
+    calls = _Calls(model)
+    plain = generate_records(model, tokenizer, records, max_new_tokens=12, batch_size=24)
+    assert calls.rows == [24] and capsys.readouterr().err == ""
+    for mode in ("lines", True):
+        calls.rows.clear()
+        assert generate_records(model, tokenizer, records, max_new_tokens=12, batch_size=24, progress=mode) == plain
+        assert calls.rows == [24], mode  # one batch, as asked: not split for the display
+    calls.rows.clear()
+    ten = generate_records(model, tokenizer, records, max_new_tokens=12, batch_size=10, progress="lines")
+    assert calls.rows == [10, 10, 4] and ten == generate_records(model, tokenizer, records, max_new_tokens=12,
+                                                                  batch_size=10)
+    del model.generate  # the instance's wrapper: back to the class's
+
+
+def test_scores_are_the_same_with_progress(model):
+    records, tokenizer = _records(12, seed=5), tiny_tokenizer()
+    quiet = score_generations(model, tokenizer, records, batch_size=12, max_new_tokens=8)
+    shown = score_generations(model, tokenizer, records, batch_size=12, max_new_tokens=8, progress="lines")
+    assert (shown.predictions, shown.matches, shown.exact_match) == (quiet.predictions, quiet.matches, quiet.exact_match)
+
+
+def test_one_long_batch_moves_in_a_log(model, capsys):
+    """16 records in one batch of 30 steps: about a dozen lines counting steps 1..30, not one line at the end."""
+    records = _records(16)
+    generate_records(model, tiny_tokenizer(), records, max_new_tokens=30, batch_size=16, progress="lines")
+    err = capsys.readouterr().err
+    seen = [tuple(map(int, m.groups())) for m in STEPS.finditer(err)]
+    assert "\r" not in err and len(seen) == len(err.strip().splitlines()), err
+    assert 5 <= len(seen) <= 12, err
+    assert seen[0][:2] == (1, 30) and seen[-1] == (30, 30, 16, 16), err
+    assert [s[0] for s in seen] == sorted(set(s[0] for s in seen)), err  # steps only go up
+
+
+def test_one_long_batch_moves_on_a_bar(model, capsys):
+    generate_records(model, tiny_tokenizer(), _records(8), max_new_tokens=20, batch_size=8, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" in err and "generating" in err and "step" in err, err
+    assert "/20 " in err and "0/8 records done" in err, err  # a step count inside the one batch, with the rows
+    assert not STEPS.search(err)
+
+
+def test_rows_that_stop_early_are_counted_as_they_stop(model, capsys):
+    """With a stop token the random model writes now and then, rows end at different steps of one batch: the
+    records-done count rises during the batch, and ends at every record; the generations are the same."""
+    records, tokenizer = _records(16, seed=7), tiny_tokenizer()
+    free = generate_records(model, tokenizer, records, max_new_tokens=24, batch_size=16)
+    firsts = {g.text.split()[0] for g in free if g.text.split()}
+    rows = Counter(w for g in free for w in set(g.text.split()) if w not in firsts)
+    stop_word = max(rows, key=lambda w: min(rows[w], 16 - rows[w]))  # a word about half of the rows write
+    plain = generate_records(model, tokenizer, records, max_new_tokens=24, batch_size=16, eot_token=stop_word)
+    stopped = sum(g.stopped for g in plain)
+    assert 0 < stopped < 16, [g.text for g in plain]
+    capsys.readouterr()
+    shown = generate_records(model, tokenizer, records, max_new_tokens=24, batch_size=16, eot_token=stop_word,
+                             progress="lines")
+    assert shown == plain
+    seen = [tuple(map(int, m.groups())) for m in STEPS.finditer(capsys.readouterr().err)]
+    done = [s[2] for s in seen]
+    assert done == sorted(done) and done[-1] == 16, seen
+    # some row ran to the limit: before the last step, the rows that stopped (some, not all) were done
+    assert 0 < max(d for (n, _, d, _) in seen if n < 24) <= stopped, seen
+
+
+def test_the_step_count_follows_the_streamed_tokens(capsys):
+    """The count itself, on the tokens transformers streams: the prompt first (not a step), then one token per row
+    and step; a stop token ends a row (the padding after it is not counted again); a batch that ends early (every
+    row stopped) jumps to the end of its budget; a batch that cannot generate counts its rows as done."""
+    shown = GenerationProgress(total_steps=10, records=5, mode="lines", stop_ids=[3, 7])
+    first = shown.streamer(rows=3, budget=6)
+    first.put(torch.tensor([[1, 2, 4], [1, 5, 6], [0, 1, 2]]))  # the prompt (B, L)
+    first.put(torch.tensor([5, 3, 6]))  # row 1 stops
+    first.put(torch.tensor([7, 3, 3]))  # row 0 stops by the second stop id; row 1's padding is no new row
+    first.put(torch.tensor([7, 7, 3]))  # the last row stops: generate ends here, 3 of 6 steps in
+    assert (first.steps, first.counted, shown.done) == (3, 3, 3)
+    shown.finished(first)
+    assert shown.shown.n == 6
+    shown.skipped(1)  # a prompt that fills the context
+    second = shown.streamer(rows=1, budget=4)
+    second.put(torch.tensor([[1, 2]]))
+    for _ in range(4):
+        second.put(torch.tensor([5]))
+    shown.finished(second)
+    shown.close()
+    assert shown.done == 5 and shown.shown.n == 10
+    seen = [tuple(map(int, m.groups())) for m in STEPS.finditer(capsys.readouterr().err)]
+    assert seen[0] == (1, 10, 1, 5) and seen[-1] == (10, 10, 5, 5), seen
+    assert (6, 10, 3, 5) in seen or all(n != 6 for n, *_ in seen), seen
+    assert GenerationProgress(4, 2, False, [3]).streamer(2, 4) is None  # progress off: generate gets no streamer
+
+
+def test_eval_generates_in_the_batch_asked_for(tmp_path, tiny_folder, capsys, monkeypatch):  # noqa: F811
+    """`lorakit eval` of 12 records at its default --batch-size 16 into a log: one batch (before: 3 batches of 4),
+    whose steps are counted in plain lines."""
+    from transformers import LlamaForCausalLM
+
+    rows = []
+    inner = LlamaForCausalLM.generate
+
+    def generate(self, *args, **kwargs):
+        rows.append(kwargs["input_ids"].shape[0])
+        return inner(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", generate)
+    data = write_jsonl(tmp_path / "val.jsonl", task_records(12, seed=2))
+    code = main(["eval", "--model", str(tiny_folder), "--data", str(data), "--max-new-tokens", "6", "--samples", "0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert rows == [12], rows
+    seen = [tuple(map(int, m.groups())) for m in STEPS.finditer(captured.err)]
+    assert seen and seen[-1] == (seen[-1][1], seen[-1][1], 12, 12) and seen[-1][1] <= 6, captured.err
+    assert "\r" not in captured.err and "exact match" in captured.out
