@@ -162,3 +162,128 @@ def test_eval_generates_in_the_batch_asked_for(tmp_path, tiny_folder, capsys, mo
     seen = [tuple(map(int, m.groups())) for m in STEPS.finditer(captured.err)]
     assert seen and seen[-1] == (seen[-1][1], seen[-1][1], 12, 12) and seen[-1][1] <= 6, captured.err
     assert "\r" not in captured.err and "exact match" in captured.out
+
+
+# -- 2. reading CSV, Parquet, Arrow and datasets folders shows progress, as JSONL does ---------------------------------
+def _lines_of(err: str, name: str, unit: str) -> list[tuple[int, int]]:
+    found = re.findall(rf"^reading {re.escape(name)}: (\d+)/(\d+) {unit}, \d:\d\d:\d\d elapsed, \d:\d\d:\d\d left$",
+                       err, re.M)
+    return [(int(n), int(total)) for n, total in found]
+
+
+@pytest.fixture
+def no_delay(monkeypatch):
+    """Any file counts as large: progress from the first line (the default waits PROGRESS_DELAY_S = 1.5 s)."""
+    from lorakit.train import data as data_module
+
+    monkeypatch.setattr(data_module, "PROGRESS_DELAY_S", 0.0)
+
+
+def _csv(path, n: int, delimiter: str = ","):
+    """n prompt/completion rows; every fifth answer holds a newline (a quoted cell: its row spans two lines)."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(["prompt", "completion"])
+        for i, r in enumerate(task_records(n, seed=4)):
+            writer.writerow([r["prompt"], r["completion"] + ("\nthen stop" if i % 5 == 0 else "")])
+    return path
+
+
+def test_a_large_csv_counts_its_lines(tmp_path, capsys, no_delay):
+    """A CSV read inside reading_progress (where `lorakit train` and `lorakit eval` read their data) counts its
+    lines, multi-line rows included, up to the file's line count; outside it, silent; the records are the same."""
+    from lorakit.train.sources import read_many, reading_progress
+
+    path = _csv(tmp_path / "train.csv", 400)
+    plain = read_many(path)
+    assert capsys.readouterr().err == ""
+    with reading_progress("lines"):
+        counted = read_many(path)
+    err = capsys.readouterr().err
+    seen = _lines_of(err, "train.csv", "lines")
+    assert counted == plain and len(plain) == 400
+    assert "\r" not in err and 3 <= len(seen) <= 12, err
+    assert seen[-1] == (481, 481), err  # 1 header + 400 rows + 80 answers with a newline
+    assert all(total == 481 for _, total in seen) and [n for n, _ in seen] == sorted(n for n, _ in seen), err
+
+
+def test_a_tsv_on_a_terminal_gets_a_bar(tmp_path, capsys, no_delay):
+    from lorakit.train.sources import read_many, reading_progress
+
+    path = _csv(tmp_path / "train.tsv", 50, delimiter="\t")
+    with reading_progress(True):
+        assert len(read_many(path)) == 50
+    err = capsys.readouterr().err
+    assert "\r" in err and "reading train.tsv" in err and "/61" in err and "line" in err, err
+
+
+def test_a_bad_csv_row_still_says_which(tmp_path, no_delay):
+    """The counting wraps the rows: a row with too many cells is still named by its line."""
+    from lorakit.errors import LorakitError
+    from lorakit.train.sources import read_many, reading_progress
+
+    path = tmp_path / "bad.csv"
+    path.write_text("prompt,completion\na,b\nc,d,e\n")
+    with reading_progress("lines"), pytest.raises(LorakitError, match=r"bad\.csv:3: 3 cells but the header has 2"):
+        read_many(path)
+
+
+def _table(n: int):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(task_records(n, seed=6))
+
+
+def test_parquet_and_arrow_count_their_rows(tmp_path, capsys, no_delay, monkeypatch):
+    """Parquet and Arrow files turn into Python rows a chunk at a time (here 64 rows), counted against the table's
+    rows; before, one to_pylist of the whole table, silent. The records are the same as outside the display."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lorakit.train import sources
+    from lorakit.train.sources import read_many, reading_progress
+
+    monkeypatch.setattr(sources, "TABLE_CHUNK_ROWS", 64)
+    pq.write_table(_table(300), tmp_path / "train.parquet")
+    table = _table(200)
+    with pa.OSFile(str(tmp_path / "data-00000-of-00001.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, table.schema) as writer:  # the stream format datasets writes
+        writer.write_table(table)
+    for name, n in (("train.parquet", 300), ("data-00000-of-00001.arrow", 200)):
+        plain = read_many(tmp_path / name)
+        assert capsys.readouterr().err == ""
+        with reading_progress("lines"):
+            counted = read_many(tmp_path / name)
+        err = capsys.readouterr().err
+        seen = _lines_of(err, name, "rows")
+        assert counted == plain and len(plain) == n == len(task_records(n, seed=6))
+        assert 3 <= len(seen) <= 12 and seen[0] == (1, n) and seen[-1] == (n, n), err
+        assert plain[0]["prompt"] == task_records(n, seed=6)[0]["prompt"]
+
+
+def test_a_datasets_folder_counts_its_rows(tmp_path, capsys, no_delay):
+    import datasets
+
+    from lorakit.train.sources import read_many, reading_progress
+
+    datasets.Dataset.from_list(task_records(120, seed=8)).save_to_disk(str(tmp_path / "saved"))
+    capsys.readouterr()
+    with reading_progress("lines"):
+        records = read_many(tmp_path / "saved")
+    seen = _lines_of(capsys.readouterr().err, "saved", "rows")
+    assert len(records) == 120 and seen[-1] == (120, 120), seen
+
+
+def test_eval_counts_reading_and_tokenizing_its_data(tmp_path, tiny_folder, capsys, no_delay):  # noqa: F811
+    """`lorakit eval --data big.csv > log` said nothing while it read and tokenized the file (train showed both):
+    now plain lines for each, before the scoring's."""
+    data = _csv(tmp_path / "val.csv", 40)
+    code = main(["eval", "--model", str(tiny_folder), "--data", str(data), "--no-generate", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert _lines_of(captured.err, "val.csv", "lines")[-1] == (49, 49), captured.err
+    tokenizing = re.findall(r"^tokenizing \S*val\.csv: (\d+)/40 records, ", captured.err, re.M)
+    assert tokenizing and tokenizing[-1] == "40", captured.err
+    assert captured.err.index("reading val.csv") < captured.err.index("tokenizing") < captured.err.index("loss: ")

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.batches import Collator
     from lorakit.train.data import build_dataset, pad_id_for
     from lorakit.train.evaluate import dataset_loss, perplexity, score_generations, scorable
-    from lorakit.train.sources import VALIDATION_SPLITS, read_many, repeated_note
+    from lorakit.train.sources import VALIDATION_SPLITS, read_many, reading_progress, repeated_note
     from lorakit.train.loop import compute_dtype_for, show_bar
     from lorakit.train.runner import choose_device
 
@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         raise LorakitError(f"--max-length {args.max_length} is longer than the model's context of {declared} tokens "
                            f"(max_position_embeddings in its config.json); pass --max-length {declared} or less")
     started = time.perf_counter()
+    progress = True if show_bar(args.progress) else "lines"  # a bar on a terminal, plain lines in a log
     device = choose_device(TrainConfig(device=args.device))
     # the output of a lorakit train run scored here: an adapter of a run, or a run's fully fine-tuned model (--full)
     run_output, kind = (args.adapter, "adapter") if args.adapter else (args.model, "model")
@@ -147,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         config_path, _ = run_config(run_output)
         taken = {}
         if not args.data:
-            paths, records, taken["data"] = run_validation_data(run_output, kind)
+            with reading_progress(progress):
+                paths, records, taken["data"] = run_validation_data(run_output, kind)
             results_extra["data_from_run"] = taken["data"]  # "data" names the files; this, which of their records
         for name, value in run_length_options(run_output).items():
             if getattr(args, name) is None:
@@ -170,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
             warning = trained_on_warning(run_output, paths)
             if warning:
                 print(warning)
-        records = read_many(paths, split=VALIDATION_SPLITS)  # a folder or file of splits: its validation (or test) split
+        with reading_progress(progress):  # a large file: its lines / rows counted, as train's reading is
+            records = read_many(paths, split=VALIDATION_SPLITS)  # a folder or file of splits: its validation (or test) split
     if args.limit is not None:
         records = records[: args.limit]
     try:
@@ -197,12 +200,11 @@ def run(args: argparse.Namespace) -> int:
         raise LorakitError(f"--max-length {args.max_length} is longer than the model's context of {limit} tokens; "
                            f"pass --max-length {limit} or less")
     dataset = build_dataset(records, tokenizer, args.max_length, args.overflow, name=", ".join(map(str, paths)),
-                            chat_template_kwargs=template_kwargs)
+                            chat_template_kwargs=template_kwargs, progress=progress)  # after PROGRESS_DELAY_S only
     from lorakit.models.vocab_fit import check_ids_fit
 
     check_ids_fit(model, tokenizer, [("evaluation", dataset)])  # an id past the embedding: not an IndexError
     compute_dtype = compute_dtype_for(model, device)
-    progress = True if show_bar(args.progress) else "lines"  # a bar on a terminal, plain lines in a log
     loss, tokens = dataset_loss(model, dataset, args.batch_size, Collator(pad_id_for(tokenizer)), device, compute_dtype,
                                 progress=progress)
     what = f"{args.model}" + (f" + adapter {args.adapter}" if args.adapter else " (no adapter)")

@@ -312,8 +312,9 @@ _PROGRESS: ContextVar[bool | str] = ContextVar("lorakit_reading_progress", defau
 
 @contextlib.contextmanager
 def reading_progress(mode: bool | str) -> Iterator[None]:
-    """Inside, reading a JSONL file shows progress as ``mode`` says (see :func:`lorakit.train.data.build_dataset`):
-    100k chats take 15 s or more to parse and check, before the model loads. Only once that has taken
+    """Inside, reading a data file shows progress as ``mode`` says (see :func:`lorakit.train.data.build_dataset`):
+    100k chats take 15 s or more to parse and check, before the model loads. JSONL counts its lines, then its
+    records checked; CSV / TSV its lines; Parquet, Arrow and datasets folders their rows. Only once that has taken
     ``PROGRESS_DELAY_S``: a small file says nothing."""
     token = _PROGRESS.set(mode)
     try:
@@ -322,15 +323,56 @@ def reading_progress(mode: bool | str) -> Iterator[None]:
         _PROGRESS.reset(token)
 
 
-def _progress(items: list, what: str, unit: str):
-    """``items``, with progress shown as :func:`reading_progress` asked (the items themselves outside it)."""
+def _progress(items: Iterable, what: str, unit: str, total: int | None = None):
+    """``items``, with progress shown as :func:`reading_progress` asked (the items themselves outside it);
+    ``total``: how many there are, when ``items`` has no length (a generator of table rows)."""
     mode = _PROGRESS.get()
     if not mode:
         return items
     from lorakit.train import data  # data imports this module: imported here
     from lorakit.train.evaluate import _bar
 
-    return _bar(items, len(items), what, mode, unit=unit, delay_s=data.PROGRESS_DELAY_S)
+    return _bar(items, len(items) if total is None else total, what, mode, unit=unit, delay_s=data.PROGRESS_DELAY_S)
+
+
+def _reading_lines(path: Path, text: str, before: int = 0):
+    """A display of the lines of ``text`` (and ``before`` lines cut off its start) read so far, as
+    :func:`reading_progress` asked (``update(n)``: n more lines); for readers that take several lines at a time (a
+    CSV row with newlines in its cells). Lines end as Python's universal newlines say (\\n, \\r\\n or \\r)."""
+    from lorakit._progress import counter
+    from lorakit.train import data  # data imports this module: imported here
+
+    ends = text.count("\n") + text.count("\r") - text.count("\r\n")
+    lines = before + ends + (not text.endswith(("\n", "\r")))
+    return counter(lines, f"reading {path.name}", _PROGRESS.get(), unit="line", delay_s=data.PROGRESS_DELAY_S)
+
+
+def _counted_rows(reader, counted, skip: int) -> Iterator[list[str]]:
+    """The rows of a ``csv.reader``, counting the lines each one took (a quoted cell may hold newlines) on
+    ``counted``, from :func:`_reading_lines`; ``skip``: lines cut off before the reader's text (Excel's sep=)."""
+    done = reader.line_num + skip  # the header
+    counted.update(done)
+    try:
+        for cells in reader:
+            counted.update(reader.line_num + skip - done)
+            done = reader.line_num + skip
+            yield cells
+    finally:  # the end, or the reader dropped (a bad row's error): the bar is closed
+        counted.close()
+
+
+# rows of a table turned into Python objects at a time: the progress count moves, and a large table is never held
+# twice over as Arrow columns and Python rows
+TABLE_CHUNK_ROWS = 4096
+
+
+def _table_rows(table, path: Path) -> Iterator[dict]:
+    """The rows of a pyarrow ``table`` as dicts, a chunk at a time, counted as :func:`reading_progress` asked."""
+    def rows():
+        for start in range(0, table.num_rows, TABLE_CHUNK_ROWS):
+            yield from table.slice(start, TABLE_CHUNK_ROWS).to_pylist()
+
+    return _progress(rows(), f"reading {path.name}", "row", total=table.num_rows)
 
 
 def read_many(paths: str | Path | Iterable[str | Path], split: str | Sequence[str] | None = None) -> list[Record]:
@@ -677,7 +719,7 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
             raise LorakitError(f"{path.name}:{1 + skip}: the header names {twice!r} twice (columns {columns}); each "
                                "row would keep only the last: rename or remove one")
         records, end = [], reader.line_num + skip  # end: the line the last row read ends on
-        for cells in reader:
+        for cells in _counted_rows(reader, _reading_lines(path, text, skip), skip):
             # a quoted cell with newlines (a long answer) makes a row span lines: it is named by its first line
             start, end = end + 1, reader.line_num + skip
             if not any(cell.strip() for cell in cells):  # a blank line, or one of empty cells (",,": a spreadsheet's
@@ -707,7 +749,7 @@ def _read_parquet(path: Path) -> list[Record]:
 
         source = pa.BufferReader(_read_bytes(path, text=False))
     try:
-        rows = pq.read_table(source).to_pylist()
+        table = pq.read_table(source)
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for files that are not Parquet
         try:  # a table with two columns of one name is Parquet, but pyarrow cannot tell which one to read
             names = pq.read_schema(source).names
@@ -718,7 +760,7 @@ def _read_parquet(path: Path) -> list[Record]:
             raise LorakitError(f"{path}: the table has two columns named {twice!r}; rename or remove one") from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LorakitError(f"{path}: not a readable Parquet file ({reason})") from None
-    return [_table_record(row, f"{path.name} row {i}") for i, row in enumerate(rows)]
+    return [_table_record(row, f"{path.name} row {i}") for i, row in enumerate(_table_rows(table, path))]
 
 
 def _read_arrow(path: Path) -> list[Record]:
@@ -741,7 +783,7 @@ def _read_arrow(path: Path) -> list[Record]:
     twice = next((name for name in names if names.count(name) > 1), None)
     if twice is not None:  # to_pylist would keep the last of them
         raise LorakitError(f"{path}: the table has two columns named {twice!r}; rename or remove one")
-    return [_table_record(row, f"{path.name} row {i}") for i, row in enumerate(table.to_pylist())]
+    return [_table_record(row, f"{path.name} row {i}") for i, row in enumerate(_table_rows(table, path))]
 
 
 def _hub_cache_snapshot(path: Path) -> Path | None:
@@ -787,7 +829,8 @@ def _read_datasets_folder(path: Path, split: str | None) -> list[Record]:
         label = f"{path.name}[{split}]"
     else:
         label = path.name
-    return [_table_record(row, f"{label} row {i}") for i, row in enumerate(loaded)]
+    rows = _progress(loaded, f"reading {label}", "row")  # datasets hands out its rows one by one: slow for 100k
+    return [_table_record(row, f"{label} row {i}") for i, row in enumerate(rows)]
 
 
 def _table_record(row: Mapping[str, Any], where: str) -> Record:
