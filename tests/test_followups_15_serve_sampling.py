@@ -268,7 +268,7 @@ def test_text_options():
     ({"use_beam_search": True}, "use_beam_search", "no beam search"),
     ({"length_penalty": 0.5}, "length_penalty", "beam search"),
     ({"best_of": 3}, "best_of", "send n alone"),
-    ({"prompt_logprobs": 1}, "prompt_logprobs", "echo true with logprobs"),
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "not available when stream is true"),
     ({"min_tokens": 20, "max_tokens": 10}, None, "min_tokens (20) is over max_tokens (10)"),
     ({"min_tokens": 20}, None, "over max_tokens (16)"),  # completions' default 16
     ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),

@@ -225,7 +225,7 @@ def test_refusals_name_the_field(server):
          "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}}, "text.format"),
-        ({"reasoning": {"effort": "high"}}, "reasoning"),
+        ({"reasoning": {"effort": "extreme"}}, "reasoning.effort"),  # "high" is read (test_followups_16_serve_protocol)
         ({"truncation": "auto"}, "truncation"),
         ({"background": True}, "background"),
         ({"include": ["message.output_text.logprobs"]}, "include"),

@@ -36,51 +36,79 @@ def token_text(text: ModelText, token: int) -> str:
     return text.decode([token])
 
 
-def _top_dict(text: ModelText, top: list[tuple[int, float]]) -> dict[str, float]:
+def token_name(text: ModelText, token: int, as_ids: bool = False) -> str:
+    """A token as logprobs name it: its text, or with ``as_ids`` (vLLM's return_tokens_as_token_ids)
+    "token_id:<id>", which names a token whose text alone is no valid UTF-8 (U+FFFD) too."""
+    return f"token_id:{token}" if as_ids else token_text(text, token)
+
+
+def _top_dict(text: ModelText, top: list[tuple[int, float]], as_ids: bool = False) -> dict[str, float]:
     """The completions API's ``{token text: logprob}``; where two tokens read the same (two partial characters
     both decode to U+FFFD) the likelier one's value stays, not the last one's."""
     out: dict[str, float] = {}
     for token, logprob in top:
-        out.setdefault(token_text(text, token), logprob)
+        out.setdefault(token_name(text, token, as_ids), logprob)
     return out
 
 
-def logprobs_object(text: ModelText, infos: list[tuple[int, TokenInfo]], chat: bool, offset: int = 0) -> dict:
-    """OpenAI's logprobs object for these tokens; ``offset``: characters of completion text before the first."""
+def logprobs_object(text: ModelText, infos: list[tuple[int, TokenInfo]], chat: bool, offset: int = 0,
+                    as_ids: bool = False) -> dict:
+    """OpenAI's logprobs object for these tokens; ``offset``: characters of completion text before the first;
+    ``as_ids``: tokens named by id (:func:`token_name`; the text offsets still count the text's characters)."""
     if chat:
         content = []
         for token, info in infos:
             # bytes: the token's own, so that joined they rebuild the text even where a token holds part of a
             # character (its decoded text is then U+FFFD)
-            top = [{"token": token_text(text, i), "logprob": lp, "bytes": text.token_bytes(i)} for i, lp in info.top]
-            content.append({"token": token_text(text, token), "logprob": info.logprob,
+            top = [{"token": token_name(text, i, as_ids), "logprob": lp, "bytes": text.token_bytes(i)}
+                   for i, lp in info.top]
+            content.append({"token": token_name(text, token, as_ids), "logprob": info.logprob,
                             "bytes": text.token_bytes(token), "top_logprobs": top})
         return {"content": content}
-    tokens = [token_text(text, t) for t, _ in infos]
     offsets, position = [], offset
-    for piece in tokens:
+    for token, _ in infos:
         offsets.append(position)
-        position += len(piece)
-    return {"tokens": tokens, "token_logprobs": [info.logprob for _, info in infos],
-            "top_logprobs": [_top_dict(text, info.top) for _, info in infos],
+        position += len(token_text(text, token))
+    return {"tokens": [token_name(text, t, as_ids) for t, _ in infos],
+            "token_logprobs": [info.logprob for _, info in infos],
+            "top_logprobs": [_top_dict(text, info.top, as_ids) for _, info in infos],
             "text_offset": offsets}
 
 
-def prompt_logprobs(text: ModelText, prompt_ids: list[int], infos: list[TokenInfo | None]) -> dict:
+def prompt_logprobs(text: ModelText, prompt_ids: list[int], infos: list[TokenInfo | None],
+                    as_ids: bool = False) -> dict:
     """The completions logprobs object of an echoed prompt: the first token has no log-probability (null)."""
-    tokens = [token_text(text, t) for t in prompt_ids]
     offsets = [0]
-    for piece in tokens[:-1]:
-        offsets.append(offsets[-1] + len(piece))
-    return {"tokens": tokens, "token_logprobs": [None if info is None else info.logprob for info in infos],
-            "top_logprobs": [None if info is None else _top_dict(text, info.top) for info in infos],
+    for token in prompt_ids[:-1]:
+        offsets.append(offsets[-1] + len(token_text(text, token)))
+    return {"tokens": [token_name(text, t, as_ids) for t in prompt_ids],
+            "token_logprobs": [None if info is None else info.logprob for info in infos],
+            "top_logprobs": [None if info is None else _top_dict(text, info.top, as_ids) for info in infos],
             "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(text: ModelText, prompt_ids: list[int], infos: list[TokenInfo | None]) -> list:
+    """vLLM's ``prompt_logprobs``: per prompt token, None for the first (nothing before it predicts it), else
+    ``{token id: {"logprob", "rank", "decoded_token"}}`` for the prompt's token (its rank in the vocabulary, 1
+    the likeliest) then the ``top`` most likely ones there (ranks 1, 2, ...; the prompt's token once). JSON
+    writes the ids as strings, as vLLM's answer does."""
+    out: list[dict | None] = []
+    for token, info in zip(prompt_ids, infos):
+        if info is None:
+            out.append(None)
+            continue
+        entry = {str(token): {"logprob": info.logprob, "rank": info.rank, "decoded_token": token_text(text, token)}}
+        for rank, (other, logprob) in enumerate(info.top, 1):
+            entry.setdefault(str(other), {"logprob": logprob, "rank": rank, "decoded_token": token_text(text, other)})
+        out.append(entry)
+    return out
 
 
 async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _Bridge, ident: str, created: int,
                   chat: bool, prompt_tokens: int, logprobs: int | None, tools: tuple[str, set[str], bool] | None = None,
                   think: str | None = None, forced: str | None = None, echoes: list[str] | None = None,
-                  prompt_lps: list[dict] | None = None, side: ModelText | None = None):
+                  prompt_lps: list[dict] | None = None, side: ModelText | None = None,
+                  prompt_ids: list[list[int]] | None = None):
     """Server-sent events: one chunk per piece of final text, each choice's finish reason as it ends, then the
     usage (``stream_options.include_usage``), then ``[DONE]``.
 
@@ -106,9 +134,21 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
 
     ``side``: the request's text side (``ModelText``), which writes the logprobs' tokens (needed with ``logprobs``
     only).
+
+    vLLM's options, read from ``body``: ``return_tokens_as_token_ids`` names the logprobs' tokens by id;
+    ``include_reasoning`` false sends no reasoning chunks; ``stream_options.continuous_usage_stats`` (with
+    include_usage) puts each chunk's choice's usage so far on it; ``return_token_ids`` (with ``prompt_ids``, the
+    prompts' ids) gives each chunk the ids of the tokens that came since its choice's last chunk, and the first
+    chunk the prompt's ids (chat: on the response, as vLLM; completions: on the choice).
     """
     kind = "chat.completion.chunk" if chat else "text_completion"
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    continuous = include_usage and body.stream_options.continuous_usage_stats
+    as_ids = body.return_tokens_as_token_ids
+    shown_reasoning = getattr(body, "include_reasoning", True)
+    counts = [0] * len(jobs)  # tokens of each choice so far (continuous usage)
+    new_ids: list[list[int]] | None = [[] for _ in jobs] if body.return_token_ids else None
+    prompt_sent = [False] * len(jobs)
     pending: list[list[tuple[int, TokenInfo]]] = [[] for _ in jobs]  # tokens whose logprobs are not sent yet
     sent = [0] * len(jobs)  # tokens whose logprobs are sent
     ready = [0] * len(jobs)  # tokens whose logprobs may be sent: their text is in the answer (event's settled)
@@ -126,7 +166,7 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
         lp = prompt_lp
         flush = ready[index] - sent[index]
         if logprobs is not None and flush > 0 and prompt_lp is None:
-            lp = logprobs_object(side, pending[index][:flush], chat, offsets[index])
+            lp = logprobs_object(side, pending[index][:flush], chat, offsets[index], as_ids)
             del pending[index][:flush]
             sent[index] += flush
         offsets[index] += len(text or "")
@@ -140,7 +180,18 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
         else:
             choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}
         payload = {"id": ident, "object": kind, "created": created, "model": body.model, "choices": [choice]}
-        if include_usage:
+        if new_ids is not None:
+            choice["token_ids"], new_ids[index] = new_ids[index], []
+            if not prompt_sent[index]:
+                prompt_sent[index] = True
+                if not chat:
+                    choice["prompt_token_ids"] = prompt_ids[index // body.n]
+                elif index == 0:  # chat: one prompt, on the response's first chunk
+                    payload["prompt_token_ids"] = prompt_ids[0]
+        if continuous:
+            payload["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": counts[index],
+                                "total_tokens": prompt_tokens + counts[index]}
+        elif include_usage:
             payload["usage"] = None  # as OpenAI: every chunk has the key, only the last one a value
         return f"data: {json.dumps(payload)}\n\n"
 
@@ -158,9 +209,12 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
             if event[0] == "token":
                 if event[4] is not None:
                     pending[index].append((event[3], event[4]))
+                counts[index] += 1
+                if new_ids is not None:
+                    new_ids[index].append(event[3])
                 ready[index] = event[5]
                 reasoning, text = ("", event[2]) if thinking is None else thinking[index].feed(event[2])
-                if reasoning:
+                if reasoning and shown_reasoning:
                     yield chunk(index, None, None, reasoning=reasoning)
                 text = text if holders is None else holders[index].feed(text)
                 if text:
@@ -178,7 +232,7 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
             text, calls = event[2], None
             if thinking is not None:
                 reasoning, text = thinking[index].finish(text)
-                if reasoning:
+                if reasoning and shown_reasoning:
                     yield chunk(index, None, None, reasoning=reasoning)
             if holders is not None and forced is not None:
                 holder = holders[index]

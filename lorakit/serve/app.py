@@ -13,6 +13,8 @@
     POST /v1/adapters/load       ``{"name": ...}``: load (or reload from disk) an adapter now
     POST /v1/adapters/unload     ``{"name": ...}``: free it (409 while requests use it)
     GET  /v1/adapters            the adapters in memory
+    POST /v1/load_lora_adapter, /v1/unload_lora_adapter, /tokenize, /detokenize, GET /version, /ping, /metrics:
+                                 vLLM's routes of those names (vllm_routes.py; /metrics: Prometheus text)
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for the client's mistakes
 (bad JSON, unknown fields, oversized input, unknown or refused adapters) and 5xx only for the server's own.
@@ -25,7 +27,6 @@ import hmac
 import json
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import anyio
@@ -37,11 +38,12 @@ from starlette.requests import Request as HTTPRequest
 
 from lorakit.errors import LorakitError
 from lorakit.generation import SamplingParams
-from lorakit.serve.answers import failure, logprobs_object, prompt_logprobs, stream_events
+from lorakit.serve.answers import (failure, logprobs_object, prompt_logprobs, stream_events,
+                                   vllm_prompt_logprobs)
 from lorakit.serve.adapter_tokenizer import has_tokenizer
 from lorakit.serve.engine import Engine, Request, TokenInfo
 from lorakit.serve.model_text import ModelText, embedding_rows
-from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, closest, listed_adapter
+from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, closest
 from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected, AdapterRemoved
 from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, CompletionRequest, ResponsesRequest,
                                     error_body)
@@ -54,6 +56,7 @@ from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_form
                                       kept_tokens, parse_calls, render_variant, template_messages, template_text)
 from lorakit.serve.template_guard import TemplateTooSlow
 from lorakit.serve.transport import CORS, internal_error, not_found, parse, read_json
+from lorakit.serve.vllm_routes import OPEN_ROUTES, add_vllm_routes
 
 # seconds a client told "every loaded adapter is in use" (503) should wait before it retries: requests finish and
 # unpin their adapters continually, and the retry itself waits up to acquire_timeout for room (the openai package
@@ -196,7 +199,7 @@ def create_app(state: ServerState) -> FastAPI:
                                            f"server with --cors-origin {origin[:100]} to let that web page call it",
                                            code="cors_refused"), status_code=403)
         # a browser's preflight (OPTIONS) carries no key; no route answers OPTIONS with data, only a 405 or CORS
-        if state.api_key is not None and request.url.path != "/health" and request.method != "OPTIONS":
+        if state.api_key is not None and request.url.path not in OPEN_ROUTES and request.method != "OPTIONS":
             header = request.headers.get("authorization", "")
             given = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), state.api_key.encode()):
@@ -244,7 +247,7 @@ def create_app(state: ServerState) -> FastAPI:
         if model == state.base_name:
             return {"id": model, "object": "model", "created": state.created, "owned_by": "lorakit"}
         try:
-            folder = await run_in_threadpool(listed_adapter, state.pool.root, model)
+            folder = await run_in_threadpool(state.pool.listed, model)
         except LorakitError as error:
             raise await _name_error(state, error, model) from None
         own = await run_in_threadpool(has_tokenizer, folder)
@@ -303,7 +306,8 @@ def create_app(state: ServerState) -> FastAPI:
                         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
                     prompts.append(list(prompt))
                 else:
-                    prompts.append(await run_in_threadpool(_encode, state, text, prompt, False))
+                    prompts.append(await run_in_threadpool(_encode, state, text, prompt, False,
+                                                           special=body.add_special_tokens))
                 if body.echo:  # the prompt as sent; token ids as their text
                     echoes.append(prompt if isinstance(prompt, str) else await run_in_threadpool(text.decode, prompt))
             # left out (or null): OpenAI's 16, cut to what the context and --max-tokens leave, never a 400 about it
@@ -329,6 +333,8 @@ def create_app(state: ServerState) -> FastAPI:
                 prompt_ids = await run_in_threadpool(_encode, state, text, messages, True, template_kwargs)
             else:  # an agent's request: the tools and its earlier calls and results, as training renders them
                 prompt_ids = await run_in_threadpool(_encode_tools, state, text, body, tools, template_kwargs)
+            if body.add_special_tokens:  # vLLM's: the tokenizer's special tokens on top of the template's
+                prompt_ids = await run_in_threadpool(_special_tokens_around, text, prompt_ids)
             forced = None
             if body.forced_call() is not None:  # "required" or a named function: the answer starts the call
                 forced = forced_prefix(call_format(text.tokenizer, tools), body.forced_call())
@@ -351,7 +357,7 @@ def create_app(state: ServerState) -> FastAPI:
             jobs, bridge, prompt_ids, think, calls = await _respond(state, body, served, tools, spec)
         finally:
             _let_go(state, served)
-        ident, item_id = new_ids()
+        ident, item_id = new_ids(body.request_id)
         created = int(time.time())
         if body.stream:
             return StreamingResponse(response_events(state, body, jobs[0], bridge, ident, item_id, created,
@@ -375,12 +381,13 @@ def create_app(state: ServerState) -> FastAPI:
         raise APIError(404, f"no response {ident[:80]!r}: this server stores no responses (store is not "
                        "supported); keep the answer the POST returned", param="response_id", code="not_found")
 
+    add_vllm_routes(app, state)
     return app
 
 
 def _own_tokenizers(state: ServerState, names: list[str]) -> set[str]:
     """The adapters among ``names`` whose folder holds a tokenizer of its own (a stat or four each)."""
-    return {name for name in names if has_tokenizer(state.pool.root / name)}
+    return {name for name in names if has_tokenizer(state.pool.registered(name) or state.pool.root / name)}
 
 
 def _tokenizer_of(name: str, own: set[str]) -> str:
@@ -404,11 +411,11 @@ async def _respond(state: ServerState, body: ResponsesRequest, served: _Served, 
     None)``. ``spec``: its ``text.format``."""
     text = served.text
     if tools is None and not body.has_tool_items():
-        prompt_ids = await run_in_threadpool(_encode, state, text, body.messages(), True, body.chat_template_kwargs,
+        prompt_ids = await run_in_threadpool(_encode, state, text, body.messages(), True, body.template_options(),
                                              "input")
     else:  # an agent's request: its tools, calls and their results through the template, as chat renders them
         prompt_ids = await run_in_threadpool(_encode_agent, state, text, body.messages(), tools, body.calls_parsed(),
-                                             body.chat_template_kwargs, "input")
+                                             body.template_options(), "input")
     forced = None
     if body.forced_call() is not None:  # "required" or a named function: the answer starts the call
         forced = forced_prefix(call_format(text.tokenizer, tools), body.forced_call())
@@ -429,15 +436,16 @@ async def _respond(state: ServerState, body: ResponsesRequest, served: _Served, 
     await _check_servable(state, served)
     jobs, bridge = _submit(state, served, [prompt_ids], 1, params, None, None, max(body.top_k, 0), keep, constraints,
                            think, _logit_bias(text, body), (body.presence_penalty, body.frequency_penalty),
-                           options=options, shown=shown)
+                           options=options, shown=shown, repetition=body.repetition_detection)
     return jobs, bridge, prompt_ids, think, calls
 
 
 def _encode(state: ServerState, text: ModelText, prompt, chat: bool, template_kwargs: dict | None = None,
-            param: str | None = None) -> list[int]:
+            param: str | None = None, special: bool = True) -> list[int]:
     """``prompt`` (a string, or chat messages with ``chat``) -> token ids by ``text`` (the request's model's
     tokenizer and template); ``param``: the request field it came from, for errors (default ``messages`` or
-    ``prompt``)."""
+    ``prompt``); ``special``: false encodes a plain prompt without the tokenizer's special tokens (vLLM's
+    add_special_tokens)."""
     param = param or ("messages" if chat else "prompt")
     if not isinstance(prompt, str) and len(prompt) > state.max_prompt_tokens:
         # every message costs the template at least one token: 35,000 empty ones in a 1 MiB body would hold the
@@ -449,6 +457,8 @@ def _encode(state: ServerState, text: ModelText, prompt, chat: bool, template_kw
     extra = [kwargs[key] for key in ("tools", "documents") if kwargs.get(key)]
     _check_characters(state, prompt, extra or None, param)
     try:
+        if not chat and special is False:
+            return text.encode_text(prompt)
         return text.encode(prompt, chat, template_kwargs)
     except TemplateTooSlow as error:  # the adapter's (or the request's) template: say whose
         whose = "the request's chat_template" if "chat_template" in kwargs else \
@@ -457,6 +467,18 @@ def _encode(state: ServerState, text: ModelText, prompt, chat: bool, template_kw
                        code="chat_template_timeout") from None
     except LorakitError as error:
         raise APIError(400, str(error), param=param) from None
+
+
+def _special_tokens_around(text: ModelText, ids: list[int]) -> list[int]:
+    """A rendered chat's ``ids`` with the special tokens the tokenizer adds around a text (its BOS, for most),
+    as vLLM's add_special_tokens true does on top of the template's own."""
+    with text.lock:
+        marked = list(text.tokenizer("x", add_special_tokens=True)["input_ids"])
+        bare = list(text.tokenizer("x", add_special_tokens=False)["input_ids"])
+    for start in range(len(marked) - len(bare) + 1):
+        if marked[start:start + len(bare)] == bare:
+            return marked[:start] + ids + marked[start + len(bare):]
+    return ids  # a tokenizer that rewrites the text it wraps: nothing to tell apart, nothing added
 
 
 def _check_characters(state: ServerState, prompt, tools: list | None, param: str) -> None:
@@ -755,19 +777,26 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
     if params:
         await _check_servable(state, served)
     prompt_lps = None
+    as_ids = body.return_tokens_as_token_ids
     if echoes is not None and logprobs is not None:
         prompt_lps = [prompt_logprobs(side, ids, await run_in_threadpool(state.engine.score, ids, served.internal,
-                                                                         logprobs))
+                                                                         logprobs), as_ids)
                       for ids in prompts]
+    scored = None  # vLLM's prompt_logprobs, one list per prompt
+    if body.prompt_logprobs is not None:
+        scored = [vllm_prompt_logprobs(side, ids, await run_in_threadpool(state.engine.score, ids, served.internal,
+                                                                          body.prompt_logprobs))
+                  for ids in prompts]
     prompt_tokens = sum(len(ids) for ids in prompts)
     if not params:  # echo with max_tokens 0: the prompts back (scored), nothing generated
         if served.pinned:
             served.pinned = False
             await run_in_threadpool(state.pool.release, served.name)
         choices = [{"index": p * n + i, "text": echoes[p], "finish_reason": "length",
-                    "logprobs": None if prompt_lps is None else prompt_lps[p]}
+                    "logprobs": None if prompt_lps is None else prompt_lps[p],
+                    **_prompt_extras(body, prompts[p], scored[p] if scored else None, [])}
                    for p in range(len(prompts)) for i in range(n)]
-        answer = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+        answer = {"id": body.answer_id("cmpl"), "object": "text_completion", "created": int(time.time()),
                   "model": body.model, "choices": choices,
                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
         return _streamed_whole(answer, body) if body.stream else answer
@@ -776,13 +805,14 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
         keep |= think.parser.tokens(side.tokenizer)
     jobs, bridge = _submit(state, served, prompts, n, params, body.stop, logprobs, max(body.top_k, 0),
                            keep, constraints, think, bias, (body.presence_penalty, body.frequency_penalty), options,
-                           shown)
-    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+                           shown, body.repetition_detection)
+    ident = body.answer_id("chatcmpl" if chat else "cmpl")
     created = int(time.time())
     if body.stream:
         return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs,
                                                tools, think, forced,
-                                               echoes if chat_echo is None else [chat_echo], prompt_lps, side),
+                                               echoes if chat_echo is None else [chat_echo], prompt_lps, side,
+                                               prompts),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     collected = await _collect(state, http, jobs, bridge)
     if isinstance(collected, JSONResponse):
@@ -795,7 +825,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
         echo = echoes[index // n] if echoes is not None else ""
         text = echo + "".join(pieces[index])
         finish = "stop" if reason == "stop" else "length"
-        lp = logprobs_object(side, infos[index], chat, len(echo)) if logprobs is not None else None
+        lp = logprobs_object(side, infos[index], chat, len(echo), as_ids) if logprobs is not None else None
         if prompt_lps is not None:
             lp = {key: prompt_lps[index // n][key] + lp[key] for key in lp}
         if chat:
@@ -804,6 +834,8 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
                 split = ReasoningStream.of(pieces[index], think)
                 reasoning_tokens += split.reasoning_tokens
                 reasoning, text = split.result()
+                if not body.include_reasoning:  # vLLM's: the reasoning is not returned (its tokens still count)
+                    reasoning = None
                 message = {"role": "assistant", "content": text, "reasoning_content": reasoning}
             if forced is not None:  # the answer continues the call the prompt began
                 try:
@@ -817,13 +849,30 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
                 finish = "tool_calls"
             if chat_echo is not None:  # vLLM's: the echoed message, then the answer's content
                 message["content"] = chat_echo + (message["content"] or "")
-            choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": lp})
+            choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": lp,
+                            **({"token_ids": list(jobs[index].tokens)} if body.return_token_ids else {})})
         else:
-            choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": lp})
+            choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": lp,
+                            **_prompt_extras(body, prompts[index // n], scored[index // n] if scored else None,
+                                             jobs[index].tokens)})
     if think is not None:
         usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
-    return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": body.model, "choices": choices, "usage": usage}
+    answer = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+              "model": body.model, "choices": choices, "usage": usage}
+    if chat and scored is not None:  # vLLM's: chat's prompt logprobs and ids are the response's (one prompt)
+        answer["prompt_logprobs"] = scored[0]
+    if chat and body.return_token_ids:
+        answer["prompt_token_ids"] = prompts[0]
+    return answer
+
+
+def _prompt_extras(body, prompt_ids: list[int], scored: list | None, tokens: list[int]) -> dict:
+    """A completions choice's vLLM extras: ``prompt_logprobs`` (``scored``, where asked) and, with
+    return_token_ids, its prompt's ids and its own tokens' ``token_ids``."""
+    extras = {} if scored is None else {"prompt_logprobs": scored}
+    if body.return_token_ids:
+        extras.update(prompt_token_ids=list(prompt_ids), token_ids=list(tokens))
+    return extras
 
 
 def _sampling_params(state: ServerState, body, limits: list[int], n: int, seed: int | None,
@@ -848,7 +897,8 @@ def _submit(state: ServerState, served: _Served, prompts: list[list[int]], n: in
             stops: list[str] | None, logprobs: int | None,
             top_k: int = 0, keep: frozenset[int] = frozenset(), constraints: list | None = None,
             think: AnswerStart | None = None, bias=None, penalties: tuple[float, float] = (0.0, 0.0),
-            options: RowOptions = OFF, shown: dict | None = None) -> tuple[list[Request], _Bridge]:
+            options: RowOptions = OFF, shown: dict | None = None,
+            repetition=None) -> tuple[list[Request], _Bridge]:
     """Hand ``len(params)`` jobs to the engine (job j answers ``prompts[j // n]``), each under ``served``'s adapter
     (pinned once by :func:`_open_model`; None: the base), decoded by its text side; the jobs take the pin over: it
     is released when the last job finishes, or here if submitting fails. The jobs' events arrive on the bridge's
@@ -857,7 +907,8 @@ def _submit(state: ServerState, served: _Served, prompts: list[list[int]], n: in
     of the job's tokens have their text in the answer so far (``TextAssembler.settled``: their logprobs are sent).
     ``bias``: the request's logit_bias (:func:`_logit_bias`), ``penalties`` its (presence, frequency), for every
     job; ``options`` and ``shown`` its vLLM options for the engine and the text (``served_options``).
-    ``constraints``: job j's response_format matcher (:func:`_constraints`); one still waiting for the
+    ``repetition``: the request's repetition_detection (``RepetitionDetection``; None: off), which ends a job
+    whose last tokens repeat a pattern, as a stop string would. ``constraints``: job j's response_format matcher (:func:`_constraints`); one still waiting for the
     reasoning block (``think``) to close is switched on by the token that closes it."""
     pin = _SharedPin(state, served.name if served.pinned else None, len(params))
     served.pinned = False  # from here each job's on_finish releases its share, once
@@ -871,13 +922,14 @@ def _submit(state: ServerState, served: _Served, prompts: list[list[int]], n: in
             assembler = TextAssembler(text.tokenizer, stops, hidden, text.lock, keep, **shown)
 
             constraint = constraints[index] if constraints else None
+            watch = repetition.watch() if repetition is not None else None
 
             def on_token(token: int, info: TokenInfo | None, index=index, assembler=assembler,
-                         constraint=constraint) -> bool:
+                         constraint=constraint, watch=watch) -> bool:
                 bridge.put(("token", index, assembler.add(token), token, info, assembler.settled()))
                 if constraint is not None and constraint.waiting and think.parser.close in assembler.text:
                     constraint.begin()  # the content starts: the format applies from the next token
-                return not assembler.stopped
+                return not assembler.stopped and not (watch is not None and watch.add(token))
 
             def on_finish(reason: str, index=index, assembler=assembler) -> None:
                 pin.done()

@@ -112,6 +112,7 @@ def _finite(default: float, **bounds) -> Any:
 
 
 MAX_STOPS = 16
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit, and vLLM's default --max-logprobs
 
 # vLLM's guided decoding backends (guided_decoding_backend, optionally "name:options"): accepted, none changes a thing
 GUIDED_BACKENDS = ("auto", "guidance", "llguidance", "xgrammar", "outlines", "lm-format-enforcer")
@@ -138,6 +139,8 @@ MAX_BIASED_TOKENS = 1024  # logit_bias entries: clients send a few (ban or force
 class StreamOptions(_Strict):
     include_usage: bool = False
     include_obfuscation: bool = True  # OpenAI pads chunks against side channels; lorakit sends no padding field
+    # vLLM's: with include_usage, every chunk carries the usage so far (not only the last, choice-less one)
+    continuous_usage_stats: bool = False
 
 
 MAX_DOCUMENTS = 256  # RAG documents of one chat request (vLLM's documents: {"title", "text"} objects)
@@ -185,7 +188,103 @@ class _Penalized(_Strict):
         return list({int(key): float(bias) for key, bias in (self.logit_bias or {}).items()}.items())
 
 
-class _VllmSampling(_Penalized):
+# vllm_xargs values, as vLLM types them: a string or number, or a list of them
+XargValue = Union[str, int, float, list[Union[str, int, float]]]
+
+
+class RepetitionDetection(_Strict):
+    """vLLM's ``repetition_detection``: the answer ends once its last tokens are a pattern of ``min_pattern_size``
+    (0: 1) to ``max_pattern_size`` tokens said ``min_count`` times (``lorakit.serve.repetition``); a
+    ``max_pattern_size`` of 0 turns it off."""
+
+    max_pattern_size: int = Field(0, ge=0, le=1024)
+    min_pattern_size: int = Field(0, ge=0)
+    min_count: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        """vLLM's rules: min_pattern_size at most max_pattern_size, and a repetition is said twice or more."""
+        if self.min_pattern_size > self.max_pattern_size:
+            raise ValueError(f"min_pattern_size ({self.min_pattern_size}) is over max_pattern_size "
+                             f"({self.max_pattern_size})")
+        if self.max_pattern_size and self.min_count < 2:
+            raise ValueError("min_count must be 2 or more with a max_pattern_size (a pattern said once is no "
+                             "repetition)")
+        return self
+
+    def watch(self):
+        """A new answer's check (``RepetitionWatch``), or None when off."""
+        from lorakit.serve.repetition import RepetitionWatch
+
+        if not self.max_pattern_size:
+            return None
+        return RepetitionWatch(self.max_pattern_size, self.min_pattern_size, self.min_count)
+
+
+class _VllmRequest(_Penalized):
+    """vLLM's request fields that are no sampling option (sent in ``extra_body``), each as vLLM serves them when
+    none of its optional machinery is configured: ``request_id`` names the answer (its ``id``); what tunes vLLM's
+    own machinery (``cache_salt``: its prefix cache, which this server does not share between requests;
+    ``kv_transfer_params`` / ``ec_transfer_params``: a disaggregated-serving connector; ``vllm_xargs``: custom
+    extensions; ``session_id``; ``stream_interval``: how many tokens one chunk batches) is accepted and changes
+    nothing, as in a vLLM without that machinery; ``repetition_detection`` ends an answer that loops (applied by
+    the server as each token comes: ``RepetitionDetection``). What would change the answer and is not implemented is refused
+    by name: a non-zero ``priority`` (vLLM's default scheduler refuses it too), ``logits_processors`` (vLLM takes
+    them only from a server flag), ``thinking_token_budget``, ``logprob_token_ids`` and ``watermarking``."""
+
+    request_id: str | None = Field(None, min_length=1, max_length=256)
+    session_id: str | None = Field(None, max_length=256)
+    priority: int = Field(0, ge=-(2**63), le=2**63 - 1)
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
+    kv_transfer_params: dict | None = None
+    ec_transfer_params: dict | None = None
+    vllm_xargs: dict[str, XargValue] | None = None
+    stream_interval: int | None = Field(None, ge=1)
+    watermarking: bool | None = None
+    logits_processors: list | None = None
+    thinking_token_budget: int | None = None
+    logprob_token_ids: list[int] | None = None
+    repetition_detection: RepetitionDetection | None = None
+
+    @field_validator("priority")
+    @classmethod
+    def _first_come(cls, value: int) -> int:
+        return _off(value, f"priority {value}", (0,), "this server answers requests in arrival order, as vLLM's "
+                    "default --scheduling-policy fcfs, which refuses a priority too; send 0")
+
+    @field_validator("watermarking")
+    @classmethod
+    def _no_watermark(cls, value: bool | None) -> bool | None:
+        return _off(value, "watermarking", (False,), "this server adds no watermark to the tokens it draws")
+
+    @field_validator("logits_processors")
+    @classmethod
+    def _no_processors(cls, value: list | None) -> list | None:
+        return _off(value or None, "logits_processors", (None,), "this server loads no logits processor code "
+                    "named by a request; logit_bias, allowed_token_ids, bad_words and min_tokens shape the logits")
+
+    @field_validator("thinking_token_budget")
+    @classmethod
+    def _no_budget(cls, value: int | None) -> int | None:
+        return _off(value, "thinking_token_budget", (None, -1), "the reasoning block is not cut short; bound the "
+                    "whole answer with max_tokens, or turn thinking off with chat_template_kwargs "
+                    "{'enable_thinking': false}")
+
+    @field_validator("logprob_token_ids")
+    @classmethod
+    def _no_chosen_logprobs(cls, value: list[int] | None) -> list[int] | None:
+        return _off(value, "logprob_token_ids", (None,), "send logprobs with top_logprobs (up to 20 of the most "
+                    "likely tokens), or allowed_token_ids to choose among a label set")
+
+    def answer_id(self, prefix: str) -> str:
+        """The answer's ``id``: ``prefix`` and ``request_id`` where the client sent one (vLLM's ids), else a random
+        one."""
+        import uuid
+
+        return f"{prefix}-{self.request_id if self.request_id is not None else uuid.uuid4().hex[:24]}"
+
+
+class _VllmSampling(_VllmRequest):
     """vLLM's sampling fields beyond OpenAI's (sent in ``extra_body``), each as vLLM defines it: the engine applies
     them row by row (``lorakit.serve.sampling.RowOptions``), the answer's text follows the text ones. Beam search
     (``use_beam_search``, ``length_penalty``) is accepted at its "off" value only."""
@@ -324,9 +423,17 @@ class _Sampling(_VllmSampling):
     guided_grammar: str | None = Field(None, min_length=1)
     guided_whitespace_pattern: str | None = Field(None, min_length=1)
     guided_decoding_backend: str | None = None
-    # vLLM's: keep only the prompt's last k tokens (-1: as many as the server takes); prompt_logprobs is refused
+    # vLLM's: keep only the prompt's last k tokens (-1: as many as the server takes); truncation_side "right":
+    # its first k instead
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
-    prompt_logprobs: int | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    # vLLM's: each prompt token's log-probability and the k most likely tokens there (0: the token's own only),
+    # answered as vLLM's ``prompt_logprobs`` list (None for the first token)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's: logprobs name tokens "token_id:<id>" (text that is no valid UTF-8 alone stays identifiable)
+    return_tokens_as_token_ids: bool = False
+    # vLLM's: the answer carries the prompt's token ids and each choice's (streamed: each chunk its new ones)
+    return_token_ids: bool = False
 
     @field_validator("stream_options")
     @classmethod
@@ -346,18 +453,23 @@ class _Sampling(_VllmSampling):
         takes); refused with echo, whose answer would start with a prompt the model did not read."""
         k = self.truncate_prompt_tokens
         if k is None:
+            if self.truncation_side is not None:
+                raise APIError(400, "truncation_side says which end truncate_prompt_tokens cuts; send "
+                               "truncate_prompt_tokens with it, or leave it out", param="truncation_side")
             return prompts
         if echo:
             raise APIError(400, "truncate_prompt_tokens cannot be combined with echo (the answer would start with a "
                            "prompt the model did not read); leave one of them out", param="truncate_prompt_tokens")
         k = max(1, most) if k == -1 else k
-        return [ids[-k:] for ids in prompts]
+        return [ids[:k] if self.truncation_side == "right" else ids[-k:] for ids in prompts]
 
     @field_validator("prompt_logprobs")
     @classmethod
-    def _no_prompt_logprobs(cls, value: int | None) -> int | None:
-        return _off(value, "prompt_logprobs", (None,), "/v1/completions scores the prompt: send echo true with "
-                    "logprobs")
+    def _prompt_logprobs_whole(cls, value: int | None, info) -> int | None:
+        """vLLM's rule: prompt_logprobs come with the whole answer, never in a stream."""
+        if value is not None and info.data.get("stream"):
+            raise ValueError("prompt_logprobs are not available when stream is true (vLLM's rule); send stream false")
+        return value
 
     @field_validator("guided_json")
     @classmethod
@@ -409,6 +521,8 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None
     suffix: str | None = None
     response_format: "ResponseFormat | None" = None  # vLLM's extension: JSON answers here too (structured.py)
+    # vLLM's: false encodes a text prompt without the tokenizer's special tokens (no BOS)
+    add_special_tokens: bool = True
     structured_outputs: "StructuredOutputs | None" = None  # vLLM's extension: json, regex, choice or grammar
 
     @field_validator("prompt", mode="before")
@@ -451,9 +565,25 @@ def _token_ids(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
+class CacheBreakpoint(_Strict):
+    """OpenAI's ``prompt_cache_breakpoint`` of a content part: where a reusable prompt prefix ends (a hint for
+    OpenAI's prompt cache; this server keeps none, so it changes nothing)."""
+
+    mode: Literal["explicit"]
+    ttl: Literal["30m", "12h"] | None = None
+
+
+class CacheOptions(_Strict):
+    """OpenAI's ``prompt_cache_options`` (its prompt cache's breakpoints and lifetime): accepted, no effect."""
+
+    mode: Literal["implicit", "explicit"] | None = None
+    ttl: Literal["30m"] | None = None
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
+    prompt_cache_breakpoint: CacheBreakpoint | None = None
 
 
 class CallFunction(_Strict):
@@ -668,8 +798,19 @@ class Prediction(_Strict):
     content: Union[str, list[TextPart]]
 
 
-REASONING_WHY = ("no reasoning controls on this server; a reasoning model's <think> or [THINK] block is returned "
-                 "as reasoning_content; Qwen3's chat_template_kwargs {'enable_thinking': false} turns it off")
+MODERATION_WHY = "this server runs no moderation model; moderate the input and answer with a model of your own"
+
+
+def effort_options(effort: str | None, template_kwargs: dict | None) -> dict:
+    """A request's reasoning effort as vLLM hands it to the chat template: ``reasoning_effort`` itself (gpt-oss's
+    template writes it), and ``enable_thinking`` (Qwen3's, Gemma's) false for "none", true for any other effort,
+    unless the request's chat_template_kwargs set enable_thinking. Templates that read neither are unchanged."""
+    if effort is None:
+        return {}
+    options = {"reasoning_effort": effort}
+    if "enable_thinking" not in (template_kwargs or {}):
+        options["enable_thinking"] = effort != "none"
+    return options
 
 
 def check_metadata(value: dict | None) -> dict | None:
@@ -698,15 +839,23 @@ class ChatRequest(_Sampling):
     modalities: list[str] | None = None
     audio: dict | None = None
     function_call: Union[str, dict, None] = None  # the legacy tool_choice
-    reasoning_effort: str | None = None
+    # as vLLM: the chat template reads it (gpt-oss's "Reasoning: low"), and "none" or another effort sets its
+    # enable_thinking (Qwen3's) unless chat_template_kwargs does
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    # vLLM's: false leaves the reasoning block's text out of the answer (no reasoning_content)
+    include_reasoning: bool = True
     verbosity: Literal["low", "medium", "high"] | None = None  # "medium": OpenAI's default
     web_search_options: dict | None = None
     # OpenAI fields that change no answer, taken as /v1/responses takes its own: labels, a billing hint, a cache
     # hint, and a predicted output (which only speeds OpenAI's answer up, never changes it)
     metadata: dict[str, str] | None = None
-    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: CacheOptions | None = None
     prediction: Prediction | None = None
+    moderation: dict | None = None  # OpenAI's moderation model on the input and answer: refused (none here)
+    # vLLM's: special tokens (BOS) added on top of what the chat template writes (its default: none)
+    add_special_tokens: bool = False
     # vLLM's extension: options of the model's chat template, e.g. {"enable_thinking": false} for Qwen3
     chat_template_kwargs: dict | None = None
     # vLLM's chat rendering fields (extra_body): the template's generation prompt (false: none), an answer that
@@ -737,8 +886,10 @@ class ChatRequest(_Sampling):
         return self
 
     def render_options(self) -> dict:
-        """The template's keywords from these fields (beside chat_template_kwargs, which may not name them)."""
-        options: dict[str, Any] = {"add_generation_prompt": self.add_generation_prompt}
+        """The template's keywords from these fields (beside chat_template_kwargs, which may not name them; its
+        reasoning_effort and enable_thinking yield to the request's reasoning_effort: ``effort_options``)."""
+        options: dict[str, Any] = {"add_generation_prompt": self.add_generation_prompt,
+                                   **effort_options(self.reasoning_effort, self.chat_template_kwargs)}
         if self.continue_final_message:
             options["continue_final_message"] = True
         if self.documents is not None:
@@ -770,10 +921,10 @@ class ChatRequest(_Sampling):
         return _off(value, "function_call", ("none", "auto"), "the legacy function calling; send tools and "
                     "tool_choice")
 
-    @field_validator("reasoning_effort")
+    @field_validator("moderation")
     @classmethod
-    def _no_effort(cls, value: str | None) -> str | None:
-        return _off(value, "reasoning_effort", (None,), REASONING_WHY)
+    def _no_moderation(cls, value: dict | None) -> dict | None:
+        return _off(value, "moderation", (None,), MODERATION_WHY)
 
     @field_validator("verbosity")
     @classmethod
@@ -866,6 +1017,7 @@ class InputText(_Strict):
     text: str
     annotations: list | None = None
     logprobs: list | None = None
+    prompt_cache_breakpoint: CacheBreakpoint | None = None
 
 
 class InputMessage(_Strict):
@@ -1022,6 +1174,16 @@ InputItem = Annotated[Union[Annotated[InputMessage, Tag("item[message]")],
 INPUT_ITEMS = ("message", "function_call", "function_call_output", "reasoning")
 
 
+class ReasoningOptions(_Strict):
+    """The Responses API's ``reasoning``: ``effort`` goes to the chat template as chat's reasoning_effort does
+    (vLLM's reading); a summary is accepted and not written (the reasoning item carries the reasoning's own
+    text)."""
+
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
 class ResponsesFunctionTool(_Strict):
     """A Responses API function tool: flat, ``{"type": "function", "name", "description", "parameters"}``."""
 
@@ -1054,7 +1216,9 @@ class ResponsesRequest(_VllmSampling):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
-    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None  # a billing hint: no effect
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None  # a billing hint
+    prompt_cache_options: CacheOptions | None = None  # a hint for OpenAI's prompt cache: no effect
+    moderation: dict | None = None  # refused: no moderation model here
     store: bool | None = None  # accepted either way; nothing is stored (the answer says "store": false)
     text: TextConfig | None = None
     tools: list[ResponsesFunctionTool] | None = Field(None, max_length=MAX_TOOLS)
@@ -1068,7 +1232,7 @@ class ResponsesRequest(_VllmSampling):
     conversation: Union[str, dict, None] = None
     prompt: dict | None = None
     background: bool | None = None
-    reasoning: dict | None = None
+    reasoning: ReasoningOptions | None = None
     max_tool_calls: int | None = None
     truncation: str | None = None
     include: list | None = None
@@ -1155,14 +1319,17 @@ class ResponsesRequest(_VllmSampling):
     def _no_background(cls, value: bool | None) -> bool | None:
         return _off(value, "background=true", (False,), "this server stores no responses to fetch later")
 
-    @field_validator("reasoning")
+    @field_validator("moderation")
     @classmethod
-    def _no_reasoning(cls, value: dict | None) -> dict | None:
-        if value and any(v is not None for v in value.values()):
-            raise ValueError("reasoning is not supported (no reasoning controls on this server; a reasoning model's "
-                             "<think> or [THINK] block is returned as a reasoning item; Qwen3's chat_template_kwargs "
-                             "{'enable_thinking': false} turns it off); leave it out")
-        return value
+    def _no_moderation(cls, value: dict | None) -> dict | None:
+        return _off(value, "moderation", (None,), MODERATION_WHY)
+
+    def template_options(self) -> dict | None:
+        """The chat template's keywords: chat_template_kwargs, and ``reasoning.effort`` as chat's reasoning_effort
+        (``effort_options``)."""
+        effort = effort_options(self.reasoning.effort if self.reasoning is not None else None,
+                                self.chat_template_kwargs)
+        return {**(self.chat_template_kwargs or {}), **effort} or None
 
     @field_validator("max_tool_calls")
     @classmethod

@@ -43,9 +43,12 @@ if TYPE_CHECKING:
     from lorakit.serve.app import ServerState, _Bridge
 
 
-def new_ids() -> tuple[str, str]:
-    """A response id and its message item's id, in OpenAI's forms."""
-    return f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+def new_ids(request_id: str | None = None) -> tuple[str, str]:
+    """A response id and its message item's id, in OpenAI's forms; ``request_id``: vLLM's field, the response's
+    id where the client sent one (vLLM's ``resp_`` prefix added unless it has it)."""
+    ident = f"resp_{uuid.uuid4().hex}" if request_id is None else \
+        request_id if request_id.startswith("resp_") else f"resp_{request_id}"
+    return ident, f"msg_{uuid.uuid4().hex}"
 
 
 def _status(reason: str) -> str:
@@ -101,7 +104,8 @@ def response_object(body: ResponsesRequest, ident: str, created: int, status: st
         "max_tool_calls": None, "metadata": body.metadata or {}, "model": body.model, "output": output,
         "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
         "previous_response_id": None, "prompt_cache_key": body.prompt_cache_key,
-        "reasoning": {"effort": None, "summary": None}, "safety_identifier": body.safety_identifier,
+        "reasoning": {"effort": body.reasoning.effort if body.reasoning is not None else None, "summary": None},
+        "safety_identifier": body.safety_identifier,
         "service_tier": "default", "store": False,  # nothing is kept, whatever the request asked
         "temperature": body.temperature, "text": {"format": _format(body), "verbosity": "medium"},
         "tool_choice": body.tool_choice if isinstance(body.tool_choice, str) else "auto",
