@@ -13,6 +13,8 @@
     POST /v1/adapters/load       ``{"name": ...}``: load (or reload from disk) an adapter now
     POST /v1/adapters/unload     ``{"name": ...}``: free it (409 while requests use it)
     GET  /v1/adapters            the adapters in memory
+    POST /v1/load_lora_adapter, /v1/unload_lora_adapter, /tokenize, /detokenize, GET /version, /ping, /metrics:
+                                 vLLM's routes of those names (vllm_routes.py; /metrics: Prometheus text)
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for the client's mistakes
 (bad JSON, unknown fields, oversized input, unknown or refused adapters) and 5xx only for the server's own.
@@ -41,7 +43,7 @@ from lorakit.serve.answers import (failure, logprobs_object, prompt_logprobs, st
 from lorakit.serve.adapter_tokenizer import has_tokenizer
 from lorakit.serve.engine import Engine, Request, TokenInfo
 from lorakit.serve.model_text import ModelText, embedding_rows
-from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, closest, listed_adapter
+from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, closest
 from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected, AdapterRemoved
 from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, CompletionRequest, ResponsesRequest,
                                     error_body)
@@ -54,6 +56,7 @@ from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_form
                                       kept_tokens, parse_calls, render_variant, template_messages, template_text)
 from lorakit.serve.template_guard import TemplateTooSlow
 from lorakit.serve.transport import CORS, internal_error, not_found, parse, read_json
+from lorakit.serve.vllm_routes import OPEN_ROUTES, add_vllm_routes
 
 # seconds a client told "every loaded adapter is in use" (503) should wait before it retries: requests finish and
 # unpin their adapters continually, and the retry itself waits up to acquire_timeout for room (the openai package
@@ -196,7 +199,7 @@ def create_app(state: ServerState) -> FastAPI:
                                            f"server with --cors-origin {origin[:100]} to let that web page call it",
                                            code="cors_refused"), status_code=403)
         # a browser's preflight (OPTIONS) carries no key; no route answers OPTIONS with data, only a 405 or CORS
-        if state.api_key is not None and request.url.path != "/health" and request.method != "OPTIONS":
+        if state.api_key is not None and request.url.path not in OPEN_ROUTES and request.method != "OPTIONS":
             header = request.headers.get("authorization", "")
             given = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), state.api_key.encode()):
@@ -244,7 +247,7 @@ def create_app(state: ServerState) -> FastAPI:
         if model == state.base_name:
             return {"id": model, "object": "model", "created": state.created, "owned_by": "lorakit"}
         try:
-            folder = await run_in_threadpool(listed_adapter, state.pool.root, model)
+            folder = await run_in_threadpool(state.pool.listed, model)
         except LorakitError as error:
             raise await _name_error(state, error, model) from None
         own = await run_in_threadpool(has_tokenizer, folder)
@@ -378,12 +381,13 @@ def create_app(state: ServerState) -> FastAPI:
         raise APIError(404, f"no response {ident[:80]!r}: this server stores no responses (store is not "
                        "supported); keep the answer the POST returned", param="response_id", code="not_found")
 
+    add_vllm_routes(app, state)
     return app
 
 
 def _own_tokenizers(state: ServerState, names: list[str]) -> set[str]:
     """The adapters among ``names`` whose folder holds a tokenizer of its own (a stat or four each)."""
-    return {name for name in names if has_tokenizer(state.pool.root / name)}
+    return {name for name in names if has_tokenizer(state.pool.registered(name) or state.pool.root / name)}
 
 
 def _tokenizer_of(name: str, own: set[str]) -> str:

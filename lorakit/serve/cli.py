@@ -73,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-request-chat-template", action="store_true",
                         help="accept a chat_template in chat requests (vLLM's option of this name): Jinja code from "
                              "clients, rendered sandboxed and under a time limit; off: such requests are refused")
+    parser.add_argument("--allow-any-lora-path", action="store_true",
+                        help="let POST /v1/load_lora_adapter (vLLM's) load a lora_path outside --adapters: any folder "
+                             "this server process can read, chosen by whoever holds the API key; off (default): "
+                             "only folders inside --adapters, others get a 403")
     parser.add_argument("--log-level", default="warning", type=str.lower, choices=LOG_LEVELS,
                         help="uvicorn log level: %(choices)s (default: %(default)s)")
 
@@ -126,7 +130,8 @@ def build_state(args: argparse.Namespace):
         raise LorakitError(f"lorakit serve cannot run this model: {reason}")
     model_lock = threading.RLock()
     pool = AdapterPool(model, args.adapters, model_lock, max_loaded=args.max_loaded, max_rank=args.max_rank,
-                       max_bytes=int(args.max_adapter_mb * 2**20))
+                       max_bytes=int(args.max_adapter_mb * 2**20),
+                       any_path=getattr(args, "allow_any_lora_path", False))
     context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     if args.max_context is not None:
         context = min(context, args.max_context)
@@ -152,6 +157,9 @@ def build_state(args: argparse.Namespace):
         print(f"lorakit serve: adapters with their own chat template (their chats are rendered with it): "
               f"{', '.join(templated[:20])}{f' and {len(templated) - 20} more' if len(templated) > 20 else ''}",
               flush=True)
+    if getattr(args, "allow_any_lora_path", False) and not args.api_key:
+        print("lorakit serve: --allow-any-lora-path without --api-key: any client that reaches this server can load an "
+              "adapter from any folder it can read (POST /v1/load_lora_adapter)", flush=True)
     for entry, why in skipped_folders(args.adapters):
         print(f"lorakit serve: folder {entry!r} in {args.adapters} is not served: {why}", flush=True)
     if name in pool.available():  # "model": name means the base: the folder could never be asked for

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lorakit.generation import KVBatch, SamplingParams, decode, prefill
+from lorakit.serve.metrics import EngineMetrics
 from lorakit.serve.sampling import OFF, RowOptions, hold_back, keep_only, new_history, penalize_rows, sample_rows
 
 
@@ -77,6 +78,7 @@ class Request:
     finished: bool = False
     generator: torch.Generator | None = None
     created: float = field(default_factory=time.monotonic)
+    first_token: float | None = None  # time.monotonic() of its first token (GET /metrics' time to first token)
     row: int = -1  # its row of the static decoder's cache (-1: none)
     top_k: int = 0  # sample among the k most likely tokens only (0: all); vLLM's extension of the OpenAI API
     # a response_format's matcher (lorakit.serve.structured.Constraint): the row draws only tokens its grammar
@@ -123,6 +125,7 @@ class Engine:
         # where the loop's time goes (seconds of wall clock; each phase ends in a device-to-host copy, so it includes
         # the GPU work): prefill + admission of newcomers, and decode steps; GET /health reports them
         self.timings = {"prefill_s": 0.0, "prefill_calls": 0, "prefill_rows": 0, "decode_s": 0.0, "decode_steps": 0}
+        self.metrics = EngineMetrics()  # finished jobs' tokens, reasons and latencies (GET /metrics: serve.metrics)
         self.device = next(model.parameters()).device
         self._unservable: dict[str, str | None] = {}  # internal adapter name -> unservable()'s answer
         self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
@@ -229,6 +232,7 @@ class Engine:
                     self.decoder.release([row for row in range(self.decoder.max_batch) if self.decoder.active[row]])
             for request, reason in done:  # outside the model lock: callbacks may take the pool's lock
                 request.finished = True
+                self.metrics.finished(request, reason)
                 try:
                     request.on_finish(reason)
                 except Exception:
@@ -456,6 +460,8 @@ class Engine:
             pairs = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
             info = TokenInfo(float(logprobs[token]), pairs)
         request.tokens.append(token)
+        if request.first_token is None:
+            request.first_token = time.monotonic()
         if request.cancelled:
             done.append((request, "cancelled"))
             return False

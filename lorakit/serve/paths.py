@@ -5,6 +5,10 @@ A name comes from an HTTP client, so it is hostile until proven otherwise. It mu
 folder, after resolving every symlink, must be a direct child of the adapters folder. The files an adapter is
 read from must also resolve inside that folder, so a symlinked ``adapter_model.safetensors`` pointing at
 ``/etc/shadow`` is refused before anything is opened.
+
+A name may also be *registered* to a folder of its own (vLLM's ``POST /v1/load_lora_adapter``, ``lora_path``): a
+folder inside the adapters folder at any depth, or anywhere the server can read where its operator allowed that
+(``--allow-any-lora-path``). Such a folder's files must resolve inside that folder (:func:`resolve_registered`).
 """
 
 from __future__ import annotations
@@ -79,6 +83,25 @@ def resolve_adapter(root: str | os.PathLike, name: object) -> Path:
         file_path = real / file_name
         if os.path.lexists(file_path) and not _inside(real_root, Path(os.path.realpath(file_path))):
             raise UnsafeNameError(f"adapter {name!r}: {file_name} is a link that leaves the adapters folder; refused")
+    return real
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``path`` (every link resolved) lies inside folder ``root`` (resolved too), ``root`` itself excluded."""
+    return _inside(Path(os.path.realpath(root)), Path(os.path.realpath(path)))
+
+
+def resolve_registered(folder: str | os.PathLike, name: str) -> Path:
+    """The real folder registered to adapter ``name``; the files lorakit reads from it must resolve inside it (a
+    link to another place is refused, as in the adapters folder). Raises ``UnknownAdapterError`` once the folder
+    is gone."""
+    real = Path(os.path.realpath(folder))
+    if not real.is_dir():
+        raise UnknownAdapterError(f"no adapter named {name!r}: the folder it was loaded from is gone")
+    for file_name in (CONFIG_NAME, WEIGHTS_NAME):
+        file_path = real / file_name
+        if os.path.lexists(file_path) and not _inside(real, Path(os.path.realpath(file_path))):
+            raise UnsafeNameError(f"adapter {name!r}: {file_name} is a link that leaves its folder; refused")
     return real
 
 

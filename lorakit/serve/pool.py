@@ -25,6 +25,11 @@ read at admission as warily as the weights and refused there when its ids disagr
 and goes with the adapter: evicted, unloaded or reloaded, the adapter's text side is dropped or read again. The
 pool reads adapter tokenizers once it knows the base's (``base_text``, set by the server's state).
 
+A name may also be registered to a folder of its own (:meth:`AdapterPool.register`: vLLM's
+``POST /v1/load_lora_adapter`` with a ``lora_name`` and ``lora_path``): one inside the adapters folder under another
+name or deeper down, or, only where the operator allowed it (``any_path``: ``--allow-any-lora-path``), anywhere the
+server can read. A registered name is served, listed and evicted like a folder's until it is unregistered.
+
 Lock order: the pool's lock, then the model lock. The engine never takes the pool's lock while it holds the
 model lock (it releases pins after a step), so the two cannot deadlock.
 """
@@ -44,8 +49,8 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.serve.paths import (UnknownAdapterError, check_name, list_adapter_names, listed_adapter,
-                                 resolve_adapter)
+from lorakit.serve.paths import (UnknownAdapterError, check_name, inside, list_adapter_names, listed_adapter,
+                                 resolve_adapter, resolve_registered)
 
 MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few KB
 REGEX_TIMEOUT_S = 2.0  # a sane pattern over a few thousand module names takes milliseconds
@@ -61,6 +66,14 @@ class AdapterRemoved(UnknownAdapterError):
 
 class AdapterBusy(LorakitError):
     """The adapter is in use (unload), or every loaded adapter is in use and none can be evicted (load)."""
+
+
+class PathForbidden(LorakitError):
+    """A folder to register lies outside the adapters folder, and the operator did not allow that (``any_path``)."""
+
+
+class NameTaken(AdapterRejected):
+    """A name to register is already an adapter folder's of the adapters folder (another folder)."""
 
 
 @dataclass
@@ -94,7 +107,7 @@ class AdapterPool:
     """Loads, pins and evicts adapters of one adapters folder on one model."""
 
     def __init__(self, model: nn.Module, root: str | os.PathLike, model_lock: threading.RLock, max_loaded: int = 8,
-                 max_rank: int = 64, max_bytes: int = 512 * 2**20):
+                 max_rank: int = 64, max_bytes: int = 512 * 2**20, any_path: bool = False):
         if max_loaded < 1:
             raise LorakitError(f"--max-loaded must be at least 1, got {max_loaded}")
         self.model = model
@@ -106,6 +119,8 @@ class AdapterPool:
             raise LorakitError(f"adapters folder {self.root} does not exist; create it and put one adapter per subfolder")
         self.model_lock = model_lock
         self.max_loaded, self.max_rank, self.max_bytes = max_loaded, max_rank, max_bytes
+        self.any_path = any_path  # register() takes folders outside the adapters folder too (--allow-any-lora-path)
+        self._registered: dict[str, Path] = {}  # name -> the real folder it serves from (register)
         self._loaded: collections.OrderedDict[str, LoadedAdapter] = collections.OrderedDict()  # LRU first
         # a plain Lock, not Condition's default RLock: no method takes it twice, and _admit_unlocked's one release
         # must free it (an RLock taken twice would stay held through the seconds of an admission)
@@ -122,7 +137,46 @@ class AdapterPool:
 
     # -- queries -------------------------------------------------------------------------------------------------
     def available(self) -> list[str]:
-        return list_adapter_names(self.root)
+        """The names a request may use: the adapters folder's, then the registered ones whose folder is there."""
+        names = list_adapter_names(self.root)
+        own = set(names)
+        with self._cond:  # a snapshot: register() may run meanwhile
+            registered = sorted(self._registered)
+        for name in registered:
+            if name not in own and self._still_listed(name):
+                names.append(name)
+        return names
+
+    def listed(self, name: object) -> Path:
+        """The real folder adapter ``name`` serves from (registered, else the adapters folder's of that name), which
+        holds an adapter_config.json; raises ``UnsafeNameError`` or ``UnknownAdapterError`` otherwise."""
+        from lorakit.io import CONFIG_NAME
+
+        registered = self._registered.get(name) if isinstance(name, str) else None
+        if registered is None:
+            return listed_adapter(self.root, name)
+        folder = resolve_registered(registered, check_name(name))
+        if not (folder / CONFIG_NAME).is_file():
+            raise UnknownAdapterError(f"no adapter named {name!r}: that folder holds no {CONFIG_NAME}")
+        return folder
+
+    def registered(self, name: str) -> Path | None:
+        """The folder registered to ``name`` (:meth:`register`), or None."""
+        return self._registered.get(name)
+
+    def _still_listed(self, name: str) -> bool:
+        try:
+            self.listed(name)
+        except LorakitError:
+            return False
+        return True
+
+    def _resolve(self, name: object) -> Path:
+        """``name``'s real folder: its registered one, else ``resolve_adapter`` in the adapters folder. No lock:
+        one dict lookup is atomic."""
+        check_name(name)
+        registered = self._registered.get(name)
+        return resolve_registered(registered, name) if registered is not None else resolve_adapter(self.root, name)
 
     def loaded(self) -> list[dict]:
         with self._cond:
@@ -178,6 +232,62 @@ class AdapterPool:
             if entry is not None and entry.pins > 0:
                 entry.pins -= 1
             self._cond.notify_all()
+
+    # -- registered names (vLLM's load_lora_adapter) ---------------------------------------------------------------
+    def register(self, name: str, path: str | os.PathLike) -> Path | None:
+        """Serve adapter ``name`` from folder ``path`` (relative: to the server's working directory) from now on;
+        nothing is loaded (:meth:`load` does that). Returns the folder registered to ``name`` before (None: none),
+        which :meth:`restore` puts back where the load then fails.
+
+        ``path`` must lie inside the adapters folder unless ``any_path``: ``PathForbidden`` is raised before
+        anything at ``path`` is looked at, so a client cannot probe the server's disk. The adapters folder's own
+        folder of that name is served as it is (no registration); another of its folders' names is
+        ``NameTaken``; a path that is no adapter folder ``UnknownAdapterError``."""
+        from lorakit.io import CONFIG_NAME
+
+        check_name(name)
+        real = Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+        if not self.any_path and not inside(self.root, real):
+            raise PathForbidden(f"lora_path {os.fspath(path)[:200]!r} is outside the adapters folder this server "
+                                "serves (--adapters); put the adapter there, or start the server with "
+                                "--allow-any-lora-path to load adapters from any folder it can read")
+        if not real.is_dir() or not (real / CONFIG_NAME).is_file():
+            raise UnknownAdapterError(f"no adapter at lora_path {os.fspath(path)[:200]!r}: "
+                                      f"{'that folder holds no ' + CONFIG_NAME if real.is_dir() else 'no such folder'}")
+        resolve_registered(real, name)  # its files must not link elsewhere
+        own = Path(os.path.realpath(self.root / name))
+        with self._cond:
+            before = self._registered.get(name)
+            if real == own:  # the adapters folder's own adapter of that name: served as it is
+                self._registered.pop(name, None)
+                return before
+            if before is None and os.path.isdir(own) and os.path.isfile(own / CONFIG_NAME):
+                raise NameTaken(f"lora_name {name!r} is already the adapter folder {name!r} of --adapters; choose "
+                                "another lora_name (or send that folder's path to reload it)")
+            self._registered[name] = real
+            return before
+
+    def restore(self, name: str, before: Path | None) -> None:
+        """Undo :meth:`register` (``before``: what it returned)."""
+        with self._cond:
+            if before is None:
+                self._registered.pop(name, None)
+            else:
+                self._registered[name] = before
+
+    def unregister(self, name: str) -> None:
+        """Stop serving registered adapter ``name``: unloaded (``AdapterBusy`` while requests use it, which leaves
+        it registered) and forgotten; ``UnknownAdapterError`` for a name not registered."""
+        with self._cond:
+            if name not in self._registered:
+                raise UnknownAdapterError(f"adapter {name!r} was not loaded by path")
+            entry = self._loaded.get(name)
+            if entry is not None:
+                if entry.pins:
+                    raise AdapterBusy(f"adapter {name!r} is serving {entry.pins} request(s); unload it when they "
+                                      "finish")
+                self._unload_locked(name)
+            del self._registered[name]
 
     # -- explicit load / unload ----------------------------------------------------------------------------------
     def load(self, name: str, timeout: float = 60.0) -> dict:
@@ -294,7 +404,7 @@ class AdapterPool:
         looks again; True when it is and its folder is there."""
         self._cond.release()
         try:
-            listed_adapter(self.root, entry.name)
+            self.listed(entry.name)
             listed = True
         except LorakitError:
             listed = False
@@ -306,6 +416,9 @@ class AdapterPool:
             return True
         if not entry.pins:
             self._unload_locked(entry.name)
+        if entry.name in self._registered:
+            raise AdapterRemoved(f"no adapter named {entry.name!r}: the folder it was loaded from was removed while "
+                                 f"it was loaded{'' if entry.pins else ', so it is unloaded'}; load it again")
         raise AdapterRemoved(f"no adapter named {entry.name!r} in the adapters folder: its folder was removed while "
                              f"it was loaded{'' if entry.pins else ', so it is unloaded'}; put the folder back to "
                              "serve it again")
@@ -386,7 +499,7 @@ class AdapterPool:
         afterwards: anything in it may have changed."""
         self._cond.release()
         try:
-            folder = resolve_adapter(self.root, name)
+            folder = self._resolve(name)
             return folder, self._admit(name, folder)
         finally:
             self._cond.acquire()
