@@ -671,8 +671,8 @@ def _check_layout(path: Path, handle, size: int) -> None:
         header = json.loads(handle.read(header_len))
         described = 8 + header_len + max((int(entry["data_offsets"][1]) for key, entry in header.items()
                                           if key != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
-        described = None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError):
+        described = None  # (OverflowError: an offset of Infinity, which Python's json reads as a float)
     handle.seek(0)
     if described is not None and described != size:
         raise LorakitError(f"{path} is not a valid safetensors file: it is {size:,} bytes, but its header describes "

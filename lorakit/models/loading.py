@@ -508,8 +508,8 @@ def check_weights_file(path: Path, where: str) -> None:
             try:
                 header = json.loads(handle.read(header_len))
                 end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
-                end = None
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError, OverflowError):
+                end = None  # (OverflowError: an offset of Infinity, which Python's json reads as a float)
     if end is None or 8 + header_len + end > size:
         expected = f" of {8 + header_len + end:,}" if end is not None else ""
         raise LorakitError(f"{where}: {path.name} is cut short or not a safetensors file ({size:,} bytes{expected}; an "

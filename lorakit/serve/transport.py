@@ -27,11 +27,14 @@ _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 def _validation_error(error: ValidationError) -> APIError:
     first = error.errors()[0]
-    # pydantic names the union member it tried (``prompt.str``, ``content.list[TextPart]``): not a field the client sent
-    loc = [p for p in first.get("loc", ()) if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
-    param = ".".join(str(p) for p in loc) or None
-    message = first.get("msg", "invalid request").removeprefix("Value error, ")
     kind = first.get("type", "")
+    loc = list(first.get("loc", ()))
+    # an unknown field's last place is the client's own key, whatever it spells ("str", "a[0]", ""): kept as sent
+    own = loc[-1:] if kind == "extra_forbidden" else []
+    # pydantic names the union member it tried (``prompt.str``, ``content.list[TextPart]``): not a field the client sent
+    loc = [p for p in loc[:len(loc) - len(own)] if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))] + own
+    param = ".".join(str(p) for p in loc) if loc else None
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
     if kind == "extra_forbidden":
         message = f"unknown field {param!r}"
     elif kind == "missing":

@@ -64,7 +64,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.config import clipped
+from lorakit.config import clipped, shown
 from lorakit.errors import LorakitError
 
 SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -209,7 +209,7 @@ def _without_media(obj: Mapping, where: str) -> Mapping:
         return obj
     held = [key for key in media if obj[key] not in (None, "", [], {})]
     if held:
-        raise LorakitError(f"{where}: a multimodal record (its {held[0]!r} field holds media); lorakit trains text-only "
+        raise LorakitError(f"{where}: a multimodal record (its {shown(held[0])} field holds media); lorakit trains text-only "
                            "language models, and the text alone would teach answers about media the model never sees; "
                            "give text-only records (drop the rows that have media)")
     return {key: value for key, value in obj.items() if key not in media}
@@ -273,10 +273,10 @@ def _validate(obj: Any, where: str) -> Record:
         # an Alpaca record without its answer, often a typo ("ouput"); a record of another tool's names (instruction
         # and answer) gets the rename hint below instead
         renames = [(key, _renamed(key, ("output", "response"))) for key in keys if key not in KNOWN_FIELDS]
-        fix = ", ".join(f"rename {key!r} to {name!r}" for key, name in renames if name)
+        fix = ", ".join(f"rename {shown(key)} to {shown(name)}" for key, name in renames if name)
         if fix or not _rename_hint(obj):
             raise LorakitError(f"{where}: an Alpaca record (with 'instruction') needs 'output' (or Dolly's "
-                               f"'response'); it has {', '.join(map(repr, keys))}" + (f": {fix}" if fix else ""))
+                               f"'response'); it has {_keys(keys)}" + (f": {fix}" if fix else ""))
     if "messages" in obj:
         shape = "messages"
     elif "prompt" in obj or "completion" in obj:
@@ -284,14 +284,14 @@ def _validate(obj: Any, where: str) -> Record:
     elif "text" in obj:
         shape = "text"
     else:
-        raise LorakitError(f"{where}: no known field in {sorted(map(str, keys))}; a record is {EXPECTED_SHAPES}"
+        raise LorakitError(f"{where}: no known field in [{_keys(sorted(map(str, keys)))}]; a record is {EXPECTED_SHAPES}"
                            + _rename_hint(obj))
     allowed = SHAPE_FIELDS[shape]
     optional = (*CHAT_OPTIONAL_FIELDS, *LEGACY_CHAT_FIELDS) if shape == "messages" else ()
     _refuse_unknown(obj, (*allowed, *optional), f"a {shape} record", allowed, where)
     for key in allowed:
         if key not in obj:
-            error = LorakitError(f"{where}: missing field {key!r}; a {shape} record needs {', '.join(map(repr, allowed))}")
+            error = LorakitError(f"{where}: missing field {shown(key)}; a {shape} record needs {', '.join(map(repr, allowed))}")
             error.missing_field = key  # a table reader says when the cell is there but empty
             raise error
     if shape == "text":
@@ -358,7 +358,7 @@ def _convert_gemini(obj: Mapping, where: str) -> Record:
         for j, part in enumerate(parts):
             if not isinstance(part, Mapping) or not isinstance(part.get("text"), str):
                 kind = next(iter(part), "empty") if isinstance(part, Mapping) and part else _json_type(part)
-                raise LorakitError(f"{at}.parts[{j}] is a {kind!r} part; lorakit reads the text parts of Gemini records")
+                raise LorakitError(f"{at}.parts[{j}] is a {shown(kind)} part; lorakit reads the text parts of Gemini records")
         messages.append({"role": role, "content": "".join(part["text"] for part in parts)})
     return validate_record({"messages": messages}, where)
 
@@ -376,16 +376,24 @@ def _refuse_unknown(obj: Mapping, allowed: Iterable[str], what: str, listed: Ite
     same = next((key for key in unknown if isinstance(key, str) and key.strip().lower() != key
                  and key.strip().lower() in obj), None)
     if same is not None:  # "Completion" beside "completion": one field twice, as a key given twice is
-        raise LorakitError(f"{where}: {same!r} and {same.strip().lower()!r} are one field (names are read in any case, "
+        raise LorakitError(f"{where}: {shown(same)} and {shown(same.strip().lower())} are one field (names are read in any case, "
                            "spaces trimmed), given twice; keep one")
     if unknown:
-        names = ", ".join(repr(k) for k in unknown)
+        names = _keys(unknown)
         free = [key for key in allowed if key not in obj]
         renames = {key: _renamed(key, free) for key in unknown}  # a typo is renamed: removing it loses the field
-        fix = ", ".join(f"rename {key!r} to {renames[key]!r}" if renames[key] else f"remove {key!r}" for key in unknown) \
+        fix = _keys([f"rename {shown(key)} to {shown(renames[key])}" if renames[key] else f"remove {shown(key)}"
+                     for key in unknown], quoted=False) \
             if any(renames.values()) else f"remove {'them' if len(unknown) > 1 else 'it'}"
         raise LorakitError(f"{where}: unknown field{'s' if len(unknown) > 1 else ''} {names}; {what} has only "
                            f"{', '.join(map(repr, listed))}: {fix}")
+
+
+def _keys(keys: list, quoted: bool = True, most: int = 10) -> str:
+    """The first ``most`` of a record's keys (or of fixes), each quoted and cut (``shown``), then "and N more": a
+    record of 100 KB keys, or of thousands of them, is named in one short line."""
+    text = ", ".join((shown(key) if quoted else key) for key in keys[:most])
+    return text + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
 def _renamed(key: Any, candidates: Iterable[str]) -> str | None:
@@ -427,19 +435,19 @@ def _rename_hint(obj: Mapping) -> str:
     prompt = next((k for k in PROMPT_LIKE if k in obj), None)
     completion = next((k for k in COMPLETION_LIKE if k in obj and k != prompt), None)
     if prompt and completion:
-        return f"; rename {prompt!r} to 'prompt' and {completion!r} to 'completion'"
+        return f"; rename {shown(prompt)} to 'prompt' and {shown(completion)} to 'completion'"
     for key, value in obj.items():
         if isinstance(key, str) and key.strip().lower() in MESSAGE_LIKE and isinstance(value, list):
             first = value[0] if value and isinstance(value[0], Mapping) else {}
             pair = [k for k in PROMPT_LIKE if k in first][:1] + [k for k in COMPLETION_LIKE if k in first][:1]
             if len(pair) == 2 and not {"role", "from"} & set(first):  # Capybara: [{"input", "output"}, ...]
-                return (f"; {key!r} holds {{{pair[0]!r}, {pair[1]!r}}} pairs: write each pair as a user and an "
+                return (f"; {shown(key)} holds {{{shown(pair[0])}, {shown(pair[1])}}} pairs: write each pair as a user and an "
                         f"assistant turn ({{\"role\": \"user\", \"content\": {pair[0]}}}, {{\"role\": \"assistant\", "
                         f"\"content\": {pair[1]}}}) under 'messages'")
             target = "conversations" if "from" in first else "messages"
-            return f"; if {key!r} is the chat, rename it to {target!r}"
+            return f"; if {shown(key)} is the chat, rename it to {shown(target)}"
     if completion:
-        return f"; if {completion!r} is the answer, rename it to 'completion' and add the 'prompt' it answers"
+        return f"; if {shown(completion)} is the answer, rename it to 'completion' and add the 'prompt' it answers"
     return ""
 
 
@@ -454,7 +462,7 @@ def _json_field(value: Any, what: str) -> Any:
         if len(obj) < len(pairs):
             seen: set[str] = set()
             key = next(k for k, _ in pairs if k in seen or seen.add(k))
-            raise LorakitError(f"{what}: the key {key!r} is given twice in one object; JSON readers keep only the last "
+            raise LorakitError(f"{what}: the key {shown(key)} is given twice in one object; JSON readers keep only the last "
                                "one, silently: remove or rename one of them")
         return obj
 
@@ -603,7 +611,7 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
             speaker = turn.get("from")
             role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
             if role is None:
-                raise LorakitError(f"{at} is from {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
+                raise LorakitError(f"{at} is from {shown(speaker)}; expected one of {', '.join(SHAREGPT_ROLES)}")
             messages.append({"role": role, "content": turn.get("value"),
                              **{key: turn[key] for key in ("weight", "training") if key in turn}})
         return validate_record({"messages": messages}, where)
@@ -640,14 +648,14 @@ def _with_system_field(obj: Mapping, where: str) -> Record:
 
 def _check_string(value: Any, key: str, where: str, nonempty: bool, what: str = "") -> None:
     if value is None:
-        raise LorakitError(f"{where}: field {key!r} is null; give it a string")
+        raise LorakitError(f"{where}: field {shown(key)} is null; give it a string")
     if not isinstance(value, str):
-        error = LorakitError(f"{where}: field {key!r} must be a string, got {_got(value)}")
+        error = LorakitError(f"{where}: field {shown(key)} must be a string, got {_got(value)}")
         error.not_text_field = key  # a table reader says how to convert the column instead
         raise error
     if nonempty and not value.strip():
-        raise LorakitError(f"{where}: {what or 'empty ' + key}: field {key!r} has no text; fill it or drop the record")
-    _check_unicode(value, f"{where}: field {key!r}")
+        raise LorakitError(f"{where}: {what or 'empty ' + key}: field {shown(key)} has no text; fill it or drop the record")
+    _check_unicode(value, f"{where}: field {shown(key)}")
 
 
 def _json_type(value: Any) -> str:
@@ -662,7 +670,7 @@ def _got(value: Any) -> str:
     if isinstance(value, float) and value != value:
         return "NaN (an empty cell in a pandas export?); fill it or drop the record"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"{type(value).__name__} {value!r}; write it as a JSON string (\"{value!r}\")"
+        return f"{type(value).__name__} {shown(value)}; write it as a JSON string (\"{shown(value)}\")"
     return _json_type(value)
 
 
@@ -671,7 +679,7 @@ def _check_unicode(value: str, what: str) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise LorakitError(f"{what} holds an unpaired surrogate {value[exc.start]!r} at character {exc.start}, which "
+        raise LorakitError(f"{what} holds an unpaired surrogate {shown(value[exc.start])} at character {exc.start}, which "
                            "is not valid Unicode; fix the \\uXXXX escape (a cut emoji?)") from None
 
 
@@ -694,8 +702,8 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
                 renamed = _renamed(key, [k for k in (*MESSAGE_KEYS, *TOOL_MESSAGE_KEYS, *REASONING_KEYS, "weight")
                                          if k not in msg])
                 if renamed:  # "contents", "rol"
-                    raise LorakitError(f"{at} has unknown key {key!r}; rename it to {renamed!r}")
-                raise LorakitError(f"{at} has unknown key {key!r}; a message has only 'role', 'content', 'weight' "
+                    raise LorakitError(f"{at} has unknown key {shown(key)}; rename it to {shown(renamed)}")
+                raise LorakitError(f"{at} has unknown key {shown(key)}; a message has only 'role', 'content', 'weight' "
                                    "(assistant turns), OpenAI's tool keys 'tool_calls', 'tool_call_id', 'name' and "
                                    "the assistant's 'reasoning_content' (or 'thinking')")
         if isinstance(msg.get("tool_calls"), list) and not msg["tool_calls"]:
@@ -728,11 +736,11 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
             if content is None:  # OpenAI writes content null beside tool calls; templates print None as "None"
                 content = ""
         if role not in ROLES:
-            raise LorakitError(f"{at} has role {role!r}; expected one of {', '.join(ROLES)} (or the names other tools "
+            raise LorakitError(f"{at} has role {shown(role)}; expected one of {', '.join(ROLES)} (or the names other tools "
                                f"give them: {', '.join(f'{a} = {r}' for a, r in ROLE_ALIASES.items())})")
         if msg.get("training") is not None:  # Axolotl's per-turn flag (message_field_training): OpenAI's weight
             if not isinstance(msg["training"], bool) or msg.get("weight") is not None:
-                raise LorakitError(f"{at} has training {msg['training']!r}"
+                raise LorakitError(f"{at} has training {shown(msg['training'])}"
                                    + (" and a weight; keep one" if msg.get("weight") is not None else
                                       "; Axolotl's training flag is true or false"))
             if msg["training"] and role != "assistant":
@@ -743,7 +751,7 @@ def _validate_messages(messages: Any, where: str) -> tuple[list[dict[str, Any]],
         if msg.get("weight") is not None:
             weight = msg["weight"]
             if isinstance(weight, bool) or weight not in (0, 1):
-                raise LorakitError(f"{at} has weight {weight!r}; OpenAI's weight is 0 or 1, on assistant turns only")
+                raise LorakitError(f"{at} has weight {shown(weight)}; OpenAI's weight is 0 or 1, on assistant turns only")
             if role != "assistant" and weight == 1:
                 raise LorakitError(f"{at} ({role}) has weight 1; OpenAI's weight is 0 or 1, on assistant turns only: "
                                    "the other turns are the context the answers learn from, never trained; remove it")
@@ -805,14 +813,14 @@ def _join_parts(parts: list, at: str, role: str) -> str:
             continue
         # OpenAI's Responses API names its text parts input_text / output_text
         if kind in ("text", "input_text", "output_text") and not isinstance(part.get("text"), str):
-            raise LorakitError(f"{at} ({role}) content[{j}] is a {kind!r} part whose 'text' must be a string, got "
+            raise LorakitError(f"{at} ({role}) content[{j}] is a {shown(kind)} part whose 'text' must be a string, got "
                                f"{_got(part.get('text'))}")
         if kind in ("tool_use", "tool_result"):  # Anthropic's tool blocks: OpenAI's form is what templates read
-            raise LorakitError(f"{at} ({role}) content[{j}] is an Anthropic {kind!r} block; write tool use as OpenAI's: "
+            raise LorakitError(f"{at} ({role}) content[{j}] is an Anthropic {shown(kind)} block; write tool use as OpenAI's: "
                                "the assistant turn's 'tool_calls' ([{\"id\", \"type\": \"function\", \"function\": "
                                "{\"name\", \"arguments\"}}]) and each result as a 'tool' turn with its 'tool_call_id'")
         if kind not in ("text", "input_text", "output_text"):
-            raise LorakitError(f"{at} ({role}) content[{j}] is a {kind!r} part; lorakit trains on text only (parts "
+            raise LorakitError(f"{at} ({role}) content[{j}] is a {shown(kind)} part; lorakit trains on text only (parts "
                                "of type 'text' with a 'text' string)")
         texts.append(part["text"])
     return "".join(texts)

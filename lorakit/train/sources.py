@@ -22,7 +22,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from lorakit.config import clipped
+from lorakit.config import clipped, shown
 from lorakit.errors import LorakitError
 from lorakit.train.formats import (COMPLETION_LIKE, EXPECTED_SHAPES, IGNORED_FIELDS, KNOWN_FIELDS, MESSAGE_LIKE,
                                    PROMPT_LIKE, Record, validate_record)
@@ -550,7 +550,7 @@ class _KeyTwice(Exception):
         self.key, self.pos = key, None  # pos: where the object holding it opens (set by _twice_line's scan)
 
     def message(self, where: str) -> str:
-        return (f"{where}: the key {self.key!r} is given twice in one object; JSON readers keep only the last one, "
+        return (f"{where}: the key {shown(self.key)} is given twice in one object; JSON readers keep only the last one, "
                 "silently: remove or rename one of them")
 
 
@@ -716,7 +716,7 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
         twice = next((name for name in named if name and named.count(name) > 1), None)
         if twice is not None:  # each row would keep only the last of them: the other column dropped without a word
             columns = " and ".join(str(i + 1) for i, name in enumerate(named) if name == twice)
-            raise LorakitError(f"{path.name}:{1 + skip}: the header names {twice!r} twice (columns {columns}); each "
+            raise LorakitError(f"{path.name}:{1 + skip}: the header names {clipped(twice)!r} twice (columns {columns}); each "
                                "row would keep only the last: rename or remove one")
         records, end = [], reader.line_num + skip  # end: the line the last row read ends on
         for cells in _counted_rows(reader, _reading_lines(path, text, skip), skip):
@@ -757,7 +757,7 @@ def _read_parquet(path: Path) -> list[Record]:
             names = []
         twice = next((name for name in names if names.count(name) > 1), None)
         if twice is not None:
-            raise LorakitError(f"{path}: the table has two columns named {twice!r}; rename or remove one") from None
+            raise LorakitError(f"{path}: the table has two columns named {shown(twice)}; rename or remove one") from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LorakitError(f"{path}: not a readable Parquet file ({reason})") from None
     return [_table_record(row, f"{path.name} row {i}") for i, row in enumerate(_table_rows(table, path))]
@@ -782,7 +782,7 @@ def _read_arrow(path: Path) -> list[Record]:
     names = table.schema.names
     twice = next((name for name in names if names.count(name) > 1), None)
     if twice is not None:  # to_pylist would keep the last of them
-        raise LorakitError(f"{path}: the table has two columns named {twice!r}; rename or remove one")
+        raise LorakitError(f"{path}: the table has two columns named {shown(twice)}; rename or remove one")
     return [_table_record(row, f"{path.name} row {i}") for i, row in enumerate(_table_rows(table, path))]
 
 
@@ -849,13 +849,13 @@ def _table_record(row: Mapping[str, Any], where: str) -> Record:
         value = out.get(column)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
             # "write it as a JSON string" is no advice for a table: its column has a number type
-            raise LorakitError(f"{where}: the column {column!r} holds numbers ({value!r}), not text; convert it before "
-                               f"saving the table, e.g. df[{column!r}] = df[{column!r}].astype(str)") from None
+            raise LorakitError(f"{where}: the column {shown(column)} holds numbers ({shown(value)}), not text; convert it before "
+                               f"saving the table, e.g. df[{shown(column)}] = df[{shown(column)}].astype(str)") from None
         missing = getattr(error, "missing_field", None)
         null = next((key for key in nulls if key.strip().lower() == missing), None)
         if null is None:
             raise
-        raise LorakitError(f"{where}: {null!r} is null (an empty cell); fill it or drop the row") from None
+        raise LorakitError(f"{where}: {shown(null)} is null (an empty cell); fill it or drop the row") from None
 
 
 def _names_field(key: Any) -> bool:
