@@ -351,3 +351,71 @@ def test_unknown_route_names_the_new_ones(setup):
     assert response.status_code == 404
     message = response.json()["error"]["message"]
     assert "/tokenize" in message and "/v1/load_lora_adapter" in message and "/metrics" in message
+
+
+# -- the pool's registered names, directly ------------------------------------------------------------------------
+@pytest.fixture
+def pool_setup(tmp_path):
+    from lorakit.serve.pool import AdapterPool
+
+    model = tiny_llama()
+    make_adapter(model, tmp_path / "adapters" / "a", seed=1)
+    make_adapter(model, tmp_path / "adapters" / "runs" / "step1", seed=2)
+    make_adapter(model, tmp_path / "outside" / "ckpt", seed=3)
+
+    def build(**kwargs):
+        return AdapterPool(model, tmp_path / "adapters", threading.RLock(), max_loaded=1, **kwargs)
+
+    return tmp_path, build
+
+
+def test_the_pool_refuses_an_outside_path_before_looking_at_it(pool_setup, monkeypatch):
+    from lorakit.serve.pool import PathForbidden
+
+    root, build = pool_setup
+    pool = build()
+    looked = []
+    real_isdir = os.path.isdir
+
+    def isdir(path):
+        looked.append(str(path))
+        return real_isdir(path)
+
+    monkeypatch.setattr(os.path, "isdir", isdir)
+    for path in (root / "outside" / "ckpt", root / "outside" / "nothing-here"):
+        with pytest.raises(PathForbidden, match="--allow-any-lora-path"):
+            pool.register("x", path)
+    assert not any("outside" in path for path in looked), looked
+    assert pool.registered("x") is None and "x" not in pool.available()
+
+
+def test_registered_names_evict_reload_stay_while_in_use_and_go_with_their_folder(pool_setup):
+    from lorakit.serve.paths import UnknownAdapterError
+    from lorakit.serve.pool import AdapterBusy, AdapterRemoved
+
+    root, build = pool_setup
+    pool = build(any_path=True)
+    assert pool.register("far", root / "outside" / "ckpt") is None
+    assert pool.register("near", root / "adapters" / "runs" / "step1") is None
+    assert pool.available() == ["a", "far", "near"]
+    first = pool.acquire("far")
+    with pytest.raises(AdapterBusy):  # in use: it stays registered and loaded
+        pool.unregister("far")
+    assert pool.registered("far") is not None and pool.is_loaded("far")
+    pool.release("far")
+    pool.acquire("near")  # max_loaded 1: "far" is evicted, and comes back from its own folder when named again
+    pool.release("near")
+    assert not pool.is_loaded("far")
+    assert pool.acquire("far") != first
+    pool.release("far")
+    pool.unregister("far")
+    assert "far" not in pool.available() and not pool.is_loaded("far")
+    with pytest.raises(UnknownAdapterError, match="no adapter named .far."):
+        pool.acquire("far")
+    # a registered folder removed while loaded: refused with what happened, and unloaded
+    pool.acquire("near")
+    pool.release("near")
+    shutil.rmtree(root / "adapters" / "runs" / "step1")
+    with pytest.raises(AdapterRemoved, match="the folder it was loaded from was removed"):
+        pool.acquire("near")
+    assert not pool.is_loaded("near") and "near" not in pool.available()
