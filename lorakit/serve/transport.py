@@ -212,7 +212,8 @@ def http_protocol(header_timeout: float | None = None):
 
 
 ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/adapters",
-          "/v1/adapters/load", "/v1/adapters/unload")
+          "/v1/adapters/load", "/v1/adapters/unload", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/tokenize",
+          "/detokenize", "/version", "/ping", "/metrics")  # the last seven: vLLM's (vllm_routes.py)
 
 
 def not_found(method: str, path: str) -> str:
