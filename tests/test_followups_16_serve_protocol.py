@@ -299,7 +299,8 @@ ACCEPTED = [
     {"cache_salt": "s" * 43, "kv_transfer_params": {"do_remote_decode": False}, "ec_transfer_params": {},
      "vllm_xargs": {"a": 1, "b": ["x", 2.5]}, "session_id": "s1", "stream_interval": 4, "priority": 0,
      "thinking_token_budget": -1, "watermarking": False, "logits_processors": [], "logprob_token_ids": None},
-    {"prompt_cache_options": {"mode": "implicit", "ttl": "30m"}, "service_tier": "fast"},
+    {"prompt_cache_options": {"mode": "implicit", "ttl": "30m"}, "service_tier": "fast", "mm_processor_kwargs": {},
+     "media_io_kwargs": None},
     {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "prompt_cache_breakpoint":
                                                 {"mode": "explicit", "ttl": "12h"}}]}]},
 ]
@@ -312,6 +313,9 @@ REFUSED = [
     ({"moderation": {"model": "omni-moderation-latest"}}, "moderation", "no moderation model"),
     ({"cache_salt": ""}, "cache_salt", "at least 1 character"),
     ({"reasoning_effort": "extreme"}, "reasoning_effort", "'none', 'minimal', 'low'"),
+    ({"mm_processor_kwargs": {"num_crops": 4}}, "mm_processor_kwargs", "text models"),
+    ({"structured_outputs": {"json": {"type": "object"}, "structural_tag": "{}"}}, "structured_outputs.structural_tag",
+     "json, regex, choice"),
 ]
 
 
@@ -344,3 +348,30 @@ def test_the_openai_package_newer_fields(server):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="base", prompt="hi", extra_body={"priority": -5})
     assert caught.value.body["param"] == "priority" and "send 0" in caught.value.body["message"]
+
+
+# -- structured_outputs' vLLM options ----------------------------------------------------------------------------------
+def test_closed_objects_leave_names_and_data_alone():
+    from lorakit.serve.protocol import closed_objects
+
+    schema = {"type": "object", "properties": {"properties": {"type": "object", "properties": {"b": {}}},
+                                               "open": {"type": "object", "additionalProperties": True}},
+              "$defs": {"X": {"properties": {"q": {}}}}, "default": {"type": "object"}, "enum": [{"type": "object"}]}
+    assert closed_objects(schema) == {
+        "type": "object", "additionalProperties": False,
+        "properties": {"properties": {"type": "object", "properties": {"b": {}}, "additionalProperties": False},
+                       "open": {"type": "object", "additionalProperties": True}},
+        "$defs": {"X": {"properties": {"q": {}}, "additionalProperties": False}},
+        "default": {"type": "object"}, "enum": [{"type": "object"}]}
+    assert "additionalProperties" not in schema and "additionalProperties" not in schema["$defs"]["X"]  # a copy
+
+
+def test_structured_outputs_closed_objects_over_the_socket(server):
+    """disable_additional_properties: an object that names "a" takes nothing else, so sampled answers are
+    exactly {"a": true} or {"a": false}; disable_any_whitespace is taken (the JSON is compact anyway)."""
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}
+    answer = _post(server, "/v1/completions", {
+        "prompt": "JSON:", "max_tokens": 30, "n": 6, "temperature": 1.0, "seed": 11,
+        "structured_outputs": {"json": schema, "disable_additional_properties": True, "disable_any_whitespace": True}})
+    for choice in answer["choices"]:
+        assert choice["finish_reason"] == "stop" and json.loads(choice["text"]) in ({"a": True}, {"a": False}), choice

@@ -752,12 +752,37 @@ class ResponseFormat(_Strict):
         return "json_schema", self.json_schema.schema_, self.json_schema.name
 
 
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_DATA = ("enum", "const", "default", "examples")  # values, not schemas
+
+
+def closed_objects(schema: Any) -> Any:
+    """A copy of JSON schema ``schema`` where every object schema that does not set ``additionalProperties``
+    takes no properties beyond those it names (vLLM's disable_additional_properties); the rest is unchanged."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):  # names -> schemas: the mapping is no schema itself
+            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        else:
+            out[key] = value if key in _SCHEMA_DATA else closed_objects(value)
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 class StructuredOutputs(_Strict):
     """vLLM's ``structured_outputs`` (sent in ``extra_body``): exactly one of ``json`` (a schema, or its JSON
     text), ``regex`` (the whole answer matches it), ``choice`` (the answer is one of the strings), ``grammar`` (a
     Lark grammar, as vLLM's guidance backend reads it) or ``json_object`` true; ``whitespace_pattern`` (a regex)
-    is the whitespace a JSON format allows between its tokens (none by default). vLLM's other options (structural
-    tags) are refused by name."""
+    is the whitespace a JSON format allows between its tokens (none by default, so vLLM's
+    ``disable_any_whitespace`` is taken either way: true asks for what this server writes anyway, false allows
+    whitespace the answer need not use); ``disable_additional_properties`` closes the schema's objects that do not
+    say whether they take more properties (``additionalProperties: false``, as vLLM does). vLLM's
+    ``structural_tag`` is refused by name."""
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
@@ -767,6 +792,15 @@ class StructuredOutputs(_Strict):
     grammar: str | None = Field(None, min_length=1)
     json_object: bool | None = None
     whitespace_pattern: str | None = Field(None, min_length=1)
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    structural_tag: Union[str, dict, None] = None
+
+    @field_validator("structural_tag")
+    @classmethod
+    def _no_tags(cls, value: Any) -> Any:
+        return _off(value, "structural_tag", (None,), "this server follows json, regex, choice, grammar and "
+                    "json_object formats; a tool call's format is read from the chat template")
 
     @model_validator(mode="after")
     def _one(self) -> "StructuredOutputs":
@@ -776,6 +810,8 @@ class StructuredOutputs(_Strict):
             raise ValueError(f"structured_outputs takes exactly one of json, regex, choice, grammar, json_object; got "
                              f"{', '.join(given) or 'none'}")
         self.json_ = json_schema_value(self.json_, "structured_outputs json")
+        if self.disable_additional_properties and self.json_ is not None:
+            self.json_ = closed_objects(self.json_)
         if self.whitespace_pattern is not None and given[0] not in ("json", "json_object"):
             raise ValueError(f"structured_outputs whitespace_pattern applies to JSON formats only (json, json_object),"
                              f" not {given[0]}")
@@ -856,6 +892,9 @@ class ChatRequest(_Sampling):
     moderation: dict | None = None  # OpenAI's moderation model on the input and answer: refused (none here)
     # vLLM's: special tokens (BOS) added on top of what the chat template writes (its default: none)
     add_special_tokens: bool = False
+    # vLLM's options of a multimodal model's processor and media readers: empty only (text models here)
+    mm_processor_kwargs: dict | None = None
+    media_io_kwargs: dict | None = None
     # vLLM's extension: options of the model's chat template, e.g. {"enable_thinking": false} for Qwen3
     chat_template_kwargs: dict | None = None
     # vLLM's chat rendering fields (extra_body): the template's generation prompt (false: none), an answer that
@@ -925,6 +964,12 @@ class ChatRequest(_Sampling):
     @classmethod
     def _no_moderation(cls, value: dict | None) -> dict | None:
         return _off(value, "moderation", (None,), MODERATION_WHY)
+
+    @field_validator("mm_processor_kwargs", "media_io_kwargs")
+    @classmethod
+    def _text_model(cls, value: dict | None, info) -> dict | None:
+        return _off(value or None, info.field_name, (None,), "this server serves text models, whose messages hold "
+                    "text parts only")
 
     @field_validator("verbosity")
     @classmethod
