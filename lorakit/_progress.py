@@ -8,8 +8,9 @@ Every display here has the same three calls, so the work that counts does not ca
     shown.set_postfix_str("3/8 records done")                 # a note shown beside the count (optional)
     shown.close()
 
-A plain line reads ``merging: 40/400 tensors, 0:01:20 elapsed, 0:12:00 left``. No import of torch, transformers or
-lorakit.train: the model loaders, merge and export use it too.
+A plain line reads ``merging: 40/400 tensors, 0:01:20 elapsed, 0:12:00 left``. :func:`slow_work` counts library work
+(loading, quantizing, merging, combining, exporting) that no --progress flag reaches. No import of torch,
+transformers or lorakit.train: the core (quant/), the model loaders, merge and export use it too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 
 def clock(seconds: float) -> str:
@@ -120,3 +123,24 @@ def counter(total: float, what: str, mode: bool | str, unit: str = "batch", dela
 
     return tqdm(total=total, desc=what, unit=unit, unit_scale=unit == "B", leave=False, dynamic_ncols=True,
                 delay=delay_s, file=sys.stderr)
+
+
+# library work (loading and quantizing a model, merging, combining, writing GGUF) shows progress only once it has
+# taken this long: a small model is done before a bar would help, and what its callers print stays as it was
+SLOW_WORK_S = 3.0
+
+
+def slow_work(items: Iterable[T], what: str, unit: str, total: int | None = None) -> Iterator[T]:
+    """``items``, counted on stderr as each one is done, for library work a user waits on that no --progress flag
+    reaches: a bar on a terminal, plain lines in a log, only after :data:`SLOW_WORK_S`; nothing on a torchrun
+    process other than rank 0 (each one loads the model: one display, not one per GPU). ``total``: when ``items``
+    has no length."""
+    total = len(items) if total is None else total  # type: ignore[arg-type]
+    mode = stderr_mode() if os.environ.get("RANK", "0") in ("", "0") else False
+    shown = counter(total, what, mode, unit=unit, delay_s=SLOW_WORK_S)
+    try:
+        for item in items:
+            yield item
+            shown.update(1)
+    finally:  # the end, or an error in the work (the bar goes with it)
+        shown.close()

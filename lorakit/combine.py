@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from lorakit import quant
+from lorakit._progress import slow_work
 from lorakit.adapters import _require, delete_adapter, set_adapter
 from lorakit.combine_methods import METHODS, SAME_RANK, SVD
 from lorakit.config import LoraConfig, listed, shown
@@ -146,7 +147,8 @@ def combine_adapters(model: nn.Module, adapters: dict[str, float] | Sequence[str
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     param_results: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     with _generator(seed, hosts.values()):
-        for path, layer in hosts.items():  # module order: DARE draws its masks in PEFT's order
+        for path, layer in slow_work(hosts.items(), f"combining into {name}", "layer", total=len(hosts)):
+            # module order: DARE draws its masks in PEFT's order
             present = [(n, w) for n, w in zip(names, weight_list) if n in layer.adapters]
             if not present:
                 continue

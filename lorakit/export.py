@@ -40,6 +40,7 @@ from torch import nn
 
 from lorakit._finite import all_finite
 from lorakit._fs import atomic_path, replace_folder, temp_dir
+from lorakit._progress import slow_work
 from lorakit.errors import LorakitError
 
 LOSS_WARNING = 0.25
@@ -85,7 +86,11 @@ def delta_survival(model: nn.Module, adapter: str, dtype: torch.dtype) -> DeltaR
     delta_sq = error_sq = 0.0
     count = 0
     overflow = []
-    for path, base, merged in pairs():
+    layers = sum(adapter in layer.adapters and adapter not in layer.merged for layer in lora_layers(model).values())
+    layers += sum(len(host.adapters[adapter]) for host in param_hosts(model).values()  # its parameters' LoRAs
+                  if adapter in host.adapters and adapter not in host.merged)
+    for path, base, merged in slow_work(pairs(), f"measuring the cast to {str(dtype).replace('torch.', '')}",
+                                        "weight", total=layers):
         delta = merged - base
         cast = merged.to(dtype)
         if not all_finite(cast):
@@ -846,7 +851,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _tokenizer_metadata(writer, tokenizer, vocab_size, name)
-        for tensor_name, tensor in tensors.items():
+        for tensor_name, tensor in slow_work(tensors.items(), f"writing {path.name}", "tensor", total=len(tensors)):
             array = tensor.numpy().astype(np.float32)
             if array.ndim == 1:
                 writer.add_tensor(tensor_name, array)

@@ -16,6 +16,7 @@ from torch import nn
 from lorakit import quant
 from lorakit.adapters import _require, active_adapters, mixed_batch_open
 from lorakit._finite import all_finite
+from lorakit._progress import slow_work
 from lorakit.errors import LorakitError
 from lorakit.inject import _set_module, adapter_hosts, lora_layers
 from lorakit.layers import ModulesToSave
@@ -53,8 +54,9 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
             raise LorakitError(f"adapter {name!r} has a trained bias on lora_B (lora_bias), but {len(bare)} of its layers "
                                f"have no bias to fold it into (e.g. {bare[0]}), so it cannot be merged (peft refuses this "
                                "merge too); nothing was merged: run the adapter unmerged")
-        if safe:
-            bad = [path for path, layer in todo.items() if not _finite_when_stored(layer, name)]
+        if safe:  # each check builds the merged weight: as long as the merge itself
+            bad = [path for path, layer in slow_work(todo.items(), f"checking the merge of {name}", "layer",
+                                                     total=len(todo)) if not _finite_when_stored(layer, name)]
             bad += [path for path, host in todo_params.items() if not _params_finite(host, name)]
             if bad:
                 raise LorakitError(f"merging adapter {name!r} would put NaN/Inf into {len(bad)} weight(s), e.g. {bad[0]}; "
@@ -63,7 +65,7 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
         quantized = {path: layer for path, layer in todo.items() if quant.is_quantized(layer.base_layer)}
         if quantized and not allow_lossy:
             _warn_lossy(name, quantized)
-        for layer in todo.values():
+        for layer in slow_work(todo.values(), f"merging {name}", "layer", total=len(todo)):
             layer.merge(name, keep_original=_keep_originals)  # merge_and_unload never unmerges: no copies
         for host in todo_params.values():
             host.merge(name)

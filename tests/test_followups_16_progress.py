@@ -49,19 +49,19 @@ def model():
 
 def test_progress_keeps_the_batches_and_the_answers(model, capsys):
     """The same records, batch size and limits give the same generations and batches with or without progress,
-    a bar or lines; before, progress at batch size 24 ran 6 batches of 4."""
-    records, tokenizer = _records(24), tiny_tokenizer()
+    a bar or lines; before, progress at batch size 16 ran 4 batches of 4."""
+    records, tokenizer = _records(16), tiny_tokenizer()
     calls = _Calls(model)
-    plain = generate_records(model, tokenizer, records, max_new_tokens=12, batch_size=24)
-    assert calls.rows == [24] and capsys.readouterr().err == ""
+    plain = generate_records(model, tokenizer, records, max_new_tokens=8, batch_size=16)
+    assert calls.rows == [16] and capsys.readouterr().err == ""
     for mode in ("lines", True):
         calls.rows.clear()
-        assert generate_records(model, tokenizer, records, max_new_tokens=12, batch_size=24, progress=mode) == plain
-        assert calls.rows == [24], mode  # one batch, as asked: not split for the display
+        assert generate_records(model, tokenizer, records, max_new_tokens=8, batch_size=16, progress=mode) == plain
+        assert calls.rows == [16], mode  # one batch, as asked: not split for the display
     calls.rows.clear()
-    ten = generate_records(model, tokenizer, records, max_new_tokens=12, batch_size=10, progress="lines")
-    assert calls.rows == [10, 10, 4] and ten == generate_records(model, tokenizer, records, max_new_tokens=12,
-                                                                  batch_size=10)
+    six = generate_records(model, tokenizer, records, max_new_tokens=8, batch_size=6, progress="lines")
+    assert calls.rows == [6, 6, 4] and six == generate_records(model, tokenizer, records, max_new_tokens=8,
+                                                                batch_size=6)
     del model.generate  # the instance's wrapper: back to the class's
 
 
@@ -287,3 +287,124 @@ def test_eval_counts_reading_and_tokenizing_its_data(tmp_path, tiny_folder, caps
     tokenizing = re.findall(r"^tokenizing \S*val\.csv: (\d+)/40 records, ", captured.err, re.M)
     assert tokenizing and tokenizing[-1] == "40", captured.err
     assert captured.err.index("reading val.csv") < captured.err.index("tokenizing") < captured.err.index("loss: ")
+
+
+# -- 3. library work a user waits on: quantizing, loading 4-bit, merging, combining, writing GGUF ---------------------
+def _counted(err: str, what: str, unit: str) -> list[tuple[int, int]]:
+    found = re.findall(rf"^{re.escape(what)}: (\d+)/(\d+) {unit}, \d:\d\d:\d\d elapsed, \d:\d\d:\d\d left$", err, re.M)
+    return [(int(n), int(total)) for n, total in found]
+
+
+@pytest.fixture
+def slow(monkeypatch):
+    """Any work counts as slow (the default shows nothing before SLOW_WORK_S = 3 s); rank 0 or no torchrun."""
+    import lorakit._progress
+
+    monkeypatch.setattr(lorakit._progress, "SLOW_WORK_S", 0.0)
+    monkeypatch.delenv("RANK", raising=False)
+
+
+def _lora_llama(*adapters: str, vocab_size: int = 128):
+    import lorakit
+    from conftest import tiny_llama
+
+    model = tiny_llama(seed=1, vocab_size=vocab_size)
+    for name in adapters or ("default",):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter=name)
+        with torch.no_grad():  # a nonzero update (lora_B starts at zero)
+            for module_name, parameter in model.named_parameters():
+                if "lora_B" in module_name and f".{name}" in module_name:
+                    parameter.normal_(0, 0.02)
+    return model
+
+
+def test_quantizing_to_nf4_counts_its_layers_in_a_log(capsys, slow):
+    """lorakit.quantize of a 7B on a CPU is minutes of silence: now its layers are counted (14 here: 7 per block)."""
+    from lorakit.quant.quantize import quantize
+    from conftest import tiny_llama
+
+    quantize(tiny_llama())
+    err = capsys.readouterr().err
+    seen = _counted(err, "quantizing to NF4", "layers")
+    assert "\r" not in err and seen[0] == (1, 14) and seen[-1] == (14, 14) and len(seen) <= 14, err
+
+
+def test_quick_work_and_other_ranks_say_nothing(capsys, monkeypatch):
+    """A tiny model is done long before SLOW_WORK_S: nothing printed, as before. A torchrun process other than
+    rank 0 never shows it (each one loads the model)."""
+    import lorakit._progress
+    from lorakit.quant.quantize import quantize
+    from conftest import tiny_llama
+
+    monkeypatch.delenv("RANK", raising=False)
+    quantize(tiny_llama())
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(lorakit._progress, "SLOW_WORK_S", 0.0)
+    monkeypatch.setenv("RANK", "1")
+    quantize(tiny_llama())
+    assert capsys.readouterr().err == ""
+
+
+def test_a_terminal_gets_a_bar_that_is_cleared(capsys, slow, monkeypatch):
+    import sys
+
+    from lorakit.quant.quantize import quantize
+    from conftest import tiny_llama
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    quantize(tiny_llama())
+    err = capsys.readouterr().err
+    assert "\r" in err and "quantizing to NF4" in err and "/14 [" in err and "layer" in err, err
+    assert err.endswith("\r"), err  # cleared at the end (leave=False): what follows starts on a clean line
+    assert not _counted(err, "quantizing to NF4", "layers"), err
+
+
+def test_loading_a_folder_as_nf4_counts_its_layers(tiny_folder, capsys, slow):  # noqa: F811
+    """load_base(folder, quantize="nf4") (train --quantize nf4, lorakit quantize) reads and quantizes layer by
+    layer: counted. The tiny folder's Llama has 2 blocks: 14 linear layers, and its head (kept dense: counted too)."""
+    from lorakit.models.quantized_loading import load_quantized
+
+    model = load_quantized(tiny_folder, device="cpu")
+    err = capsys.readouterr().err
+    seen = _counted(err, "quantizing to NF4", "layers")
+    assert seen and seen[-1] == (15, 15) and all(total == 15 for _, total in seen), err
+    assert sum(type(m).__name__ == "NF4Linear" for m in model.modules()) == 14
+
+
+def test_merging_counts_the_check_and_the_merge(capsys, slow):
+    import lorakit
+
+    model = _lora_llama()
+    lorakit.merge(model)
+    err = capsys.readouterr().err
+    assert _counted(err, "checking the merge of default", "layers")[-1] == (4, 4), err  # q and v of 2 blocks
+    assert _counted(err, "merging default", "layers")[-1] == (4, 4), err
+    assert err.index("checking the merge") < err.index("merging default")
+
+
+def test_export_merged_counts_the_cast_and_the_gguf(tmp_path, capsys, slow):
+    """`lorakit merge --gguf f16`: the measure of what the cast keeps, the merge and the GGUF's tensors, each
+    counted; the files are written as before."""
+    from lorakit.export import export_merged
+    from test_gguf_architectures import qwen_tokenizer  # GGUF export takes BPE tokenizers
+
+    tokenizer = qwen_tokenizer()
+    model = _lora_llama(vocab_size=len(tokenizer))
+    out, report = export_merged(model, tokenizer, "default", tmp_path / "merged", gguf_type="f16")
+    err = capsys.readouterr().err
+    assert report.layers == 4
+    assert _counted(err, "measuring the cast to float32", "weights")[-1] == (4, 4), err
+    assert _counted(err, "merging default", "layers")[-1] == (4, 4), err
+    written = _counted(err, "writing merged-f16.gguf", "tensors")
+    assert written and written[-1][0] == written[-1][1] >= 2 * 9, err  # 9 tensors a block, and more
+    assert (out / "merged-f16.gguf").is_file() and (out / "config.json").is_file()
+
+
+def test_combining_counts_its_layers(capsys, slow):
+    import lorakit
+
+    model = _lora_llama("a", "b")
+    lorakit.combine_adapters(model, ["a", "b"], name="ab", method="ties_svd", density=0.5)
+    err = capsys.readouterr().err
+    seen = _counted(err, "combining into ab", "layers")
+    assert seen and seen[-1] == (4, 4), err

@@ -200,10 +200,12 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
 
     # 1. the linear layers (nn.Linear and GPT-2's Conv1D, as quantize() does) that become NF4, one at a time
     written: set[str] = set()  # model keys step 1 filled in dense form (step 2 leaves them alone)
-    for name, module in list(model.named_modules()):
+    from lorakit._progress import slow_work
+
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)
+               or is_conv1d(module)]  # read (and quantized) one at a time: a 7B on a CPU takes minutes
+    for name, module in slow_work(linears, "reading 4-bit layers" if prequantized else "quantizing to NF4", "layer"):
         conv1d = is_conv1d(module)
-        if not (isinstance(module, nn.Linear) or conv1d):
-            continue
         out_features, in_features = linear_shape(module)
         weight_key = to_checkpoint(f"{name}.weight")
         parent_path, _, attribute = name.rpartition(".")

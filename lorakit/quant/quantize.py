@@ -199,7 +199,9 @@ def quantize(model: nn.Module, quant: str = "nf4", *, skip: Iterable[str] = DEFA
             converted[key] = from_bnb_linear4bit(module, path)
         else:
             _check_dense(module, path)
-    for key in list(targets):
+    from lorakit._progress import slow_work
+
+    for key in slow_work(list(targets), "quantizing to NF4", "layer"):  # a 7B on a CPU: minutes
         path, module, parents = targets.pop(key)
         if key in converted:
             quantized = converted.pop(key)
