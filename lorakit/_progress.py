@@ -60,9 +60,15 @@ def _plural(unit: str) -> str:
     return unit + ("es" if unit.endswith(("ch", "sh", "s")) else "s")  # batches, records, tensors
 
 
-def _amount(n: float, unit: str) -> str:
-    """How a count reads in a line: bytes in MB or GB (``1.2/8.0 GB``), other units as whole numbers."""
-    return f"{n / 1e9:.1f}" if unit == "B" else str(int(n))
+def _scale(total: float, unit: str) -> tuple[float, str]:
+    """(divisor, unit name) of a count in a line: bytes in MB below a GB, else GB; other units as they are."""
+    if unit == "B":
+        return (1e6, "MB") if total < 1e9 else (1e9, "GB")
+    return 1.0, _plural(unit)
+
+
+def _amount(n: float, divisor: float) -> str:
+    return str(int(n)) if divisor == 1.0 else f"{n / divisor:.1f}"
 
 
 class Silent:
@@ -84,7 +90,7 @@ class Lines(Silent):
     """A plain line on stderr after the first unit of work and the last one, every tenth of ``total`` and at least
     every ``every_s`` seconds (about a dozen lines in all, however long the work): ``what: n/total units[, note],
     H:MM:SS elapsed, H:MM:SS left``. With ``delay_s``, no line until that long has passed (work that ends sooner says
-    nothing); the first then comes with the next update. Bytes (``unit="B"``) count in GB."""
+    nothing); the first then comes with the next update. Bytes (``unit="B"``) count in MB, or GB from 1 GB."""
 
     def __init__(self, total: float, what: str, unit: str = "batch", every_s: float = 60.0, delay_s: float = 0.0) -> None:
         self.total, self.what, self.unit, self.every_s, self.delay_s = total, what, unit, every_s, delay_s
@@ -105,9 +111,9 @@ class Lines(Silent):
                 or now - self.last_time >= self.every_s):
             elapsed = now - self.started
             left = elapsed / self.n * max(self.total - self.n, 0) if self.n else 0.0
-            units = "GB" if self.unit == "B" else _plural(self.unit)
+            divisor, units = _scale(self.total, self.unit)
             note = f", {self.note}" if self.note else ""
-            print(f"{self.what}: {_amount(self.n, self.unit)}/{_amount(self.total, self.unit)} {units}{note}, "
+            print(f"{self.what}: {_amount(self.n, divisor)}/{_amount(self.total, divisor)} {units}{note}, "
                   f"{clock(elapsed)} elapsed, {clock(left)} left", file=sys.stderr, flush=True)
             self.last, self.last_time, self.shown = self.n, now, True
 

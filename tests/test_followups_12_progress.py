@@ -174,5 +174,5 @@ def test_writing_4bit_shards_has_a_bar_only_on_a_terminal(tmp_path, monkeypatch,
     monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
     assert _write_weights({"w": torch.ones(4, 8)}, tmp_path, "5GB", progress=True) == 4 * 8 * 4
     assert (tmp_path / "model.safetensors").is_file()
-    assert made == ([{"total": 128, "unit": "B", "unit_scale": True, "desc": "writing 4-bit shards", "delay": 2.0,
-                      "file": sys.stderr}, 128] if tty else [])
+    assert made == ([{"total": 128, "desc": "writing 4-bit shards", "unit": "B", "unit_scale": True, "leave": False,
+                      "dynamic_ncols": True, "delay": 2.0, "file": sys.stderr}, 128] if tty else [])

@@ -408,3 +408,19 @@ def test_combining_counts_its_layers(capsys, slow):
     err = capsys.readouterr().err
     seen = _counted(err, "combining into ab", "layers")
     assert seen and seen[-1] == (4, 4), err
+
+
+def test_writing_4bit_shards_counts_megabytes_in_a_log(tmp_path, capsys, monkeypatch):
+    """`lorakit quantize ... > log`: the shards' bar was drawn on a terminal only, and a log got nothing; now plain
+    lines counting megabytes (gigabytes from 1 GB) up to the total. progress=False stays silent."""
+    from lorakit.models import quantized_saving
+
+    monkeypatch.setattr(quantized_saving, "WRITE_PROGRESS_DELAY_S", 0.0)
+    state = {f"w{i}": torch.ones(256, 1024) for i in range(10)}  # 1.0 MB each (float32)
+    assert quantized_saving._write_weights(state, tmp_path, "5GB", progress=False) == 10 * 2**20
+    assert capsys.readouterr().err == ""
+    quantized_saving._write_weights(state, tmp_path, "5GB", progress=True)
+    err = capsys.readouterr().err
+    seen = re.findall(r"^writing 4-bit shards: (\d+\.\d)/10\.5 MB, \d:\d\d:\d\d elapsed, \d:\d\d:\d\d left$", err, re.M)
+    assert "\r" not in err and seen[0] == "1.0" and seen[-1] == "10.5" and len(seen) == 10, err
+    assert (tmp_path / "model.safetensors").is_file()

@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -184,6 +183,9 @@ def quantized_state_dict(model: nn.Module, layers: dict[str, NF4Linear]) -> dict
     return state
 
 
+WRITE_PROGRESS_DELAY_S = 2.0  # writing the shards shows progress only once it has taken this long
+
+
 def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str, progress: bool) -> int:
     """Write the safetensors file(s) (+ index when sharded) into ``folder``; returns the bytes of tensor data."""
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -192,24 +194,22 @@ def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size:
     split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
     total = sum(t.numel() * t.element_size() for t in state.values())
-    bar = None
-    if progress and (sys.stderr.isatty() or "ipykernel" in sys.modules):  # no \r redraws into a log file
-        from tqdm.auto import tqdm
+    from lorakit._progress import counter, stderr_mode
 
-        # delay: a small model is written before the bar would show; a 70B one shows it (one update per tensor)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing 4-bit shards", delay=2.0, file=sys.stderr)
+    # a bar on a terminal, plain lines in a log file (no \r redraws there); delay: a small model is written before
+    # either would show, a 70B one shows it (one update per tensor)
+    bar = counter(total, "writing 4-bit shards", stderr_mode() if progress else False, unit="B",
+                  delay_s=WRITE_PROGRESS_DELAY_S)
     try:
         for filename, keys in split.filename_to_tensors.items():
             shard = {}
             for key in keys:
                 shard[key] = state[key].detach().cpu()
-                if bar is not None:
-                    bar.update(shard[key].numel() * shard[key].element_size())
+                bar.update(shard[key].numel() * shard[key].element_size())
             save_file(shard, str(folder / filename), metadata={"format": "pt"})
             del shard
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if split.is_sharded:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
