@@ -592,6 +592,26 @@ def test_unknown_field_named_like_pydantic_locations_is_named(server, key, param
     assert error["param"] == f"messages.0.{key}", error
 
 
+def test_a_whole_request_check_names_its_field_as_param(server):
+    # found by the fuzzer (min_tokens mutated past max_tokens): a check of the whole request has no location in
+    # pydantic's error, so param was null though the message starts with the field
+    body = {"model": "base", "prompt": "Hi", "max_tokens": 2, "min_tokens": 20}
+    error = server["client"].post("/v1/completions", json=body).json()["error"]
+    assert error["param"] == "min_tokens" and error["message"].startswith("min_tokens (20) is over max_tokens"), error
+
+
+def test_a_format_that_forces_an_added_tokens_text_says_so(server):
+    # found by the fuzzer: a regex of exactly '</tool_call>' (an added, not special, token of the server's
+    # tokenizer) makes llguidance allow that token, then refuse it (it reads added tokens as special ones): the
+    # 400 quoted llguidance's parser state ('token "\ufffd[401]" doesn't satisfy the grammar; forced bytes ...')
+    body = {"model": "base", "prompt": "x", "max_tokens": 3, "structured_outputs": {"regex": "</tool_call>"}}
+    response = server["client"].post("/v1/completions", json=body)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "invalid_response_format", error
+    assert "a token added to this tokenizer" in error["message"] and "leave that text out" in error["message"], error
+    assert "forced bytes" not in error["message"], error
+
+
 def _with_offset(folder: Path, name: str, end) -> None:
     """Set the end offset of ``folder``'s first tensor in safetensors file ``name`` to ``end`` (JSON text)."""
     data = (folder / name).read_bytes()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -223,6 +224,11 @@ class Constraint:
         error = _one_line(self.matcher.get_error().split("<state>")[0])
         if error.startswith("NoExtensionBias"):  # llguidance's name for "no token can extend the answer"
             return "the format allows no further text here (a schema that refers only to itself?)"
+        added = re.search(r"token \"\ufffd\[(\d+)\]\" doesn't satisfy the grammar", error)
+        if added:  # llguidance's known gap: text the format forces that the tokenizer writes as one added token
+            return (f"the format's text holds the text of token {added.group(1)}, a token added to this tokenizer "
+                    "(such as '<tool_call>'), which the grammar engine (llguidance) cannot match inside a format; "
+                    "leave that text out of the format")
         return error
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor | None:

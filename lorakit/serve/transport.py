@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import traceback
 from typing import TYPE_CHECKING
 
@@ -94,7 +95,13 @@ def parse(cls, data: dict):
     try:
         return cls.model_validate(data)
     except ValidationError as error:
-        raise _validation_error(error) from None
+        refusal = _validation_error(error)
+        # a check of the whole request (a model validator: "min_tokens (20) is over max_tokens (2)") has no location;
+        # its message starts with the field it refuses, which is the param clients read
+        first = re.match(r"\w+", refusal.message)
+        if refusal.param is None and first and first.group() in cls.model_fields:
+            refusal.param = first.group()
+        raise refusal from None
 
 
 def internal_error(error: Exception) -> JSONResponse:
