@@ -188,6 +188,7 @@ def test_paths_outside_the_adapters_folder_need_the_operators_flag(setup):
     assert _logprobs(other, "elsewhere") == _logprobs(other, "ref-outside")
     # a path that is not there is a 404 then; a refused adapter a 400, and its name is not left behind
     assert "no such folder" in _error(_load(other, "missing", root / "outside" / "no-such-folder", status=404))
+    assert "too long" in _error(_load(other, "missing", "/" + "a" * 5000, status=404))
     message = _error(_load(other, "broken", root / "outside" / "broken", status=400))
     assert "'broken' refused" in message
     assert "broken" not in _ids(other)
@@ -202,7 +203,8 @@ def test_bad_load_requests_get_one_line_4xx(setup):
              ({"lora_name": "", "lora_path": path}, "must be provided"),
              ({"lora_name": "x", "lora_path": ""}, "must be provided"),
              ({"lora_name": "x"}, "missing required field 'lora_path'"),
-             ({"lora_name": "x", "lora_path": path, "lora_int_id": 3}, "unknown field 'lora_int_id'")]
+             ({"lora_name": "x", "lora_path": path, "lora_int_id": 3}, "unknown field 'lora_int_id'"),
+             ({"lora_name": "x", "lora_path": path + "\x00"}, "holds a NUL character")]
     for body, expected in cases:
         response = client.post("/v1/load_lora_adapter", json=body)
         assert response.status_code == 400, (body, response.text)

@@ -246,14 +246,21 @@ class AdapterPool:
         from lorakit.io import CONFIG_NAME
 
         check_name(name)
+        shown = os.fspath(path)[:200]
+        if "\x00" in os.fspath(path):  # no path holds one (os.path raises ValueError)
+            raise AdapterRejected(f"lora_path {shown!r} holds a NUL character; send the adapter folder's path")
         real = Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
         if not self.any_path and not inside(self.root, real):
-            raise PathForbidden(f"lora_path {os.fspath(path)[:200]!r} is outside the adapters folder this server "
-                                "serves (--adapters); put the adapter there, or start the server with "
-                                "--allow-any-lora-path to load adapters from any folder it can read")
-        if not real.is_dir() or not (real / CONFIG_NAME).is_file():
-            raise UnknownAdapterError(f"no adapter at lora_path {os.fspath(path)[:200]!r}: "
-                                      f"{'that folder holds no ' + CONFIG_NAME if real.is_dir() else 'no such folder'}")
+            raise PathForbidden(f"lora_path {shown!r} is outside the adapters folder this server serves (--adapters); "
+                                "put the adapter there, or start the server with --allow-any-lora-path to load "
+                                "adapters from any folder it can read")
+        try:
+            why = None if real.is_dir() else "no such folder"
+            why = why or (None if (real / CONFIG_NAME).is_file() else f"that folder holds no {CONFIG_NAME}")
+        except OSError as error:  # a name too long, a folder it may not read
+            why = error.strerror or type(error).__name__
+        if why is not None:
+            raise UnknownAdapterError(f"no adapter at lora_path {shown!r}: {why}")
         resolve_registered(real, name)  # its files must not link elsewhere
         own = Path(os.path.realpath(self.root / name))
         with self._cond:
