@@ -1,9 +1,9 @@
 """Sixteenth follow-ups: the decoder families of transformers 5.2x that users fine-tune now and no other test builds
-(Gemma 4 and Gemma 3n text, Qwen 3.5 dense and MoE, Ministral 3, Phi-4-mini's tied partial-rotary Phi-3, Arcee,
-Nemotron and Nemotron-H, Zamba2, Falcon-Mamba, OLMoE, GraniteMoE, GLM-4-MoE, Ernie 4.5 MoE, ModernBERT's decoder,
-CodeGen).
+(Gemma 4 text dense and MoE, Gemma 3n text, Qwen 3.5 dense and MoE, Ministral 3, Phi-4-mini's tied partial-rotary
+Phi-3, Arcee, Nemotron and Nemotron-H, Zamba2, Falcon-Mamba, OLMoE, GraniteMoE, GLM-4-MoE, Ernie 4.5 MoE, ModernBERT's
+decoder, CodeGen).
 
-Each family is a tiny random model (transformers' own config classes: 2 layers, hidden 32, vocab 128) saved with
+Each family is a tiny random model (transformers' own config classes: 2 to 4 layers, hidden 32, vocab 128) saved with
 ``save_pretrained`` beside the word-level test tokenizer, as a downloaded folder. Through ``lorakit.load_base`` it
 takes the new user's Python path: ``lorakit.train.train`` (2 steps, LoRA on the default "all-linear" targets),
 lorakit's batched generation with the adapter (transformers' greedy tokens), ``save_adapter``, the real peft 0.21
@@ -36,19 +36,30 @@ LINEAR_ATTENTION = dict(layer_types=["linear_attention", "full_attention"], line
                         linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4)
 SHARED_EXPERT = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
                      first_k_dense_replace=1, n_group=1, topk_group=1)
+GEMMA4 = dict(head_dim=8, global_head_dim=16, attention_k_eq_v=True, num_global_key_value_heads=1, sliding_window=4,
+              layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=8,
+              vocab_size_per_layer_input=VOCAB)
 QKVO, MLP = "k_proj,o_proj,q_proj,v_proj", "down_proj,gate_proj,up_proj"
 
 # family -> (model class, config class, config arguments, the layer names "all-linear" adapts)
 FAMILIES = {
-    # per-layer inputs, sliding and full layers; transformers 5.2x makes head_dim a per-layer field of its config
+    # per-layer inputs; full layers with their own head_dim, one kv head and k = v (a per-layer config, transformers
+    # 5.2x); the last two layers reuse earlier layers' KV (shared KV cache), a sliding window the prompts pass
     "gemma4_text": ("Gemma4ForCausalLM", "Gemma4TextConfig", dict(
-        head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=8,
-        vocab_size_per_layer_input=VOCAB, **GQA), f"{QKVO},{MLP},per_layer_input_gate,per_layer_model_projection,per_layer_projection"),
-    # AltUp (its correction_coefs weight is read directly: skipped), LAuReL, per-layer inputs
+        **GEMMA4, num_kv_shared_layers=2, **{**GQA, "num_hidden_layers": 4}),
+                    f"{QKVO},{MLP},per_layer_input_gate,per_layer_model_projection,per_layer_projection"),
+    # Gemma 4 26B-A4B's shape: a dense MLP beside fused experts (frozen, said) and a router (proj) in each layer
+    "gemma4_text_moe": ("Gemma4ForCausalLM", "Gemma4TextConfig", dict(
+        **{**GEMMA4, "layer_types": GEMMA4["layer_types"][:2]}, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=16, **GQA), f"{QKVO},{MLP},per_layer_input_gate,per_layer_model_projection,"
+                                              "per_layer_projection,proj"),
+    # AltUp (its correction_coefs weight is read directly: skipped), LAuReL, per-layer inputs, activation sparsity,
+    # shared KV in the last two layers
     "gemma3n_text": ("Gemma3nForCausalLM", "Gemma3nTextConfig", dict(
-        head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"], num_kv_shared_layers=0,
+        head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
         altup_num_inputs=2, laurel_rank=4, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
-        activation_sparsity_pattern=[0.0, 0.0], **{**GQA, "intermediate_size": [48, 48]}),
+        activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0],
+        **{**GQA, "intermediate_size": [48] * 4, "num_hidden_layers": 4}),
                      f"{QKVO},{MLP},0,linear_left,linear_right,modality_router,per_layer_input_gate,"
                      "per_layer_model_projection,per_layer_projection,prediction_coefs"),
     # gated delta net beside full attention
