@@ -16,8 +16,9 @@ method renders are windowed (each target's context and the chat through it); one
 gives :data:`BLOCK` of them, each render holding :data:`CONTEXT` messages and those of its chain beyond the start.
 
 Nothing is assumed without being checked: each window must render its shorter prefix as a prefix of it, the pieces
-must add up to the whole chat exactly as rendered (character for character), and each generation prompt must be
-the text the whole chat has where the turn begins. A template that rewrites earlier turns (Qwen3's ``<think>``),
+must add up to the whole chat exactly as rendered (character for character), each generation prompt must be
+the text the whole chat has where the turn begins, and the renders of a few turns (:func:`spot_turns`) are made
+exactly and must be what the windows gave. A template that rewrites earlier turns (Qwen3's ``<think>``),
 numbers turns, or renders a window in any way the whole chat does not fails one of these, and the caller falls
 back to the exact renders. Short chats (under :data:`MIN_MESSAGES`) use the exact renders directly: they are fast.
 """
@@ -32,6 +33,24 @@ Span = tuple[int, int]
 MIN_MESSAGES = 32  # shorter chats: the exact renders (their quadratic cost is a few ms)
 BLOCK = 8  # prefixes whose ends one chain of windows gives
 CONTEXT = 4  # at least this many messages before a block stay in its windows
+SPOTS = 3  # turns whose renders are also made exactly, spread over the chat, besides the last turn's
+
+
+def spot_turns(count: int) -> list[int]:
+    """The turns (indices into ``count`` targets) whose renders are also made exactly, to check what the windows
+    built: :data:`SPOTS` spread over the chat, and the last. Each costs renders of up to n messages."""
+    return sorted({count * s // (SPOTS + 1) for s in range(1, SPOTS + 1)} | {count - 1})
+
+
+def window_start(messages: Sequence[Mapping], at_most: int, keep: int) -> int:
+    """The first message after the start of a window that should begin at or before ``at_most``: at the parity and
+    role of ``messages[keep]`` (the first message after the start), so that templates that check alternation by
+    ``loop.index0 % 2`` see the same roles at the same parities; ``keep`` or less when the window is the whole chat."""
+    anchor = messages[keep].get("role") if keep < len(messages) else None
+    j = at_most - (at_most - keep) % 2
+    while j > keep and messages[j].get("role") != anchor:
+        j -= 2
+    return j
 
 
 def prefix_spans(messages: Sequence[Mapping], targets: Sequence[int], render: Callable[[list, bool], str],
@@ -73,13 +92,9 @@ def _spans(messages: Sequence[Mapping], targets: Sequence[int], render: Callable
     ends = {keep: len(start_text)}  # ends[k]: where render(messages[:k]) ends in full
     starts: dict[int, int] = {}  # starts[i]: where target i's span starts (after its generation prompt)
     bounds = sorted({k for i in targets for k in (i, i + 1)} - {keep})
-    anchor = messages[keep].get("role")
     base = keep  # the last prefix whose end in full is known
     for chunk in range(0, len(bounds), BLOCK):
-        j = base - CONTEXT  # the window's first message after the start: same parity and role as messages[keep]
-        j -= (j - keep) % 2
-        while j > keep and messages[j].get("role") != anchor:
-            j -= 2
+        j = window_start(messages, base - CONTEXT, keep)
 
         def window(k: int, j: int = j) -> list:  # messages[:k] as the window writes it
             return list(messages[:k]) if j <= keep else list(messages[:keep]) + list(messages[j:k])
@@ -107,4 +122,9 @@ def _spans(messages: Sequence[Mapping], targets: Sequence[int], render: Callable
     if n in ends and ends[n] != len(full):
         return None
     spans = [(starts[i], ends[i + 1]) for i in targets]
+    for t in spot_turns(len(targets)):  # a generation prompt is never in the whole chat: one that changes when the
+        i = targets[t]  # chat is longer than a window (none we know of) shows only in the exact render
+        if render(list(messages[:i]), True) != full[:spans[t][0]] or \
+                (i + 1 < n and render(list(messages[:i + 1]), False) != full[:spans[t][1]]):
+            return None
     return spans if all(end > start for start, end in spans) else None

@@ -31,12 +31,12 @@ content, Mistral's 9-character ids) through :func:`tool_call_variants`, tried in
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lorakit.errors import LorakitError
 from lorakit.train.chat_prefix import prefix_spans
+from lorakit.train.chat_rewrites import common_prefix_length, rewritten_renders
 from lorakit.train.formats import REASONING_KEYS
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -78,8 +78,12 @@ def chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: R
         for i, (start, end) in zip(targets, spans):
             check(i, full[start:end])
         return [(full, spans)], False
+    renders = rewritten_renders(messages, targets, render, full)  # a long chat, in linear time; None: the exact ones
     turns = []  # (i, context with generation prompt, render through turn i)
-    for i in targets:  # the chat through its last message is the whole chat, already rendered (a one-turn chat's)
+    for t, i in enumerate(targets):  # the chat through its last message is the whole chat, already rendered
+        if renders is not None:
+            turns.append((i, *renders[t]))
+            continue
         through = full if i + 1 == len(messages) else render(list(messages[: i + 1]), False)
         turns.append((i, render(list(messages[:i]), True), through))
     if all(full.startswith(before) and full.startswith(through) and len(through) > len(before)
@@ -261,7 +265,7 @@ def _locate_turn(message: Mapping, i: int, before: str, through: str, where: str
     answer and the template's end of turn)."""
     if through.startswith(before) and len(through) > len(before):
         return through, len(before)
-    head = len(os.path.commonprefix([before, through]))
+    head = common_prefix_length(before, through)
     if head < len(before) and not before[head:].strip() and head < len(through):  # the prompt only adds whitespace
         return before + through[head:], len(before)  # ("\n" after the header): the model writes the turn after it
     reasoning = content_reasoning(message) or any(message.get(key) for key in REASONING_KEYS)

@@ -43,7 +43,6 @@ example run alone.
 
 from __future__ import annotations
 
-import bisect
 import json
 import random
 from collections import Counter
@@ -58,6 +57,7 @@ from lorakit.chat_template import markup_not_in_vocabulary, template_end_of_turn
 from lorakit.errors import LorakitError
 from lorakit.train.batches import (IGNORE_INDEX, BatchIterator, Collator, block_causal_mask, epoch_permutation,
                                    eval_batches, pack_examples)
+from lorakit.train.chat_tokens import shared_tokens, token_ranges
 from lorakit.train.chat_turns import (check_arguments, content_reasoning, missing_call_error, openai_tools,
                                       tool_chat_examples)
 from lorakit.train.formats import REASONING_KEYS, Record, validate_record
@@ -336,10 +336,7 @@ def _tokenize_with_spans(text: str, spans: list[tuple[int, int]], tokenizer: Any
             # offsets in text order (every tokenizer we met): the tokens overlapping a span are those ending after
             # its start and starting before its end, found by bisection; a scan of every token for every span made
             # a long chat quadratic (0.4 s of a 60-turn chat's 1.1 s)
-            for start, end in spans:
-                first, stop = bisect.bisect_right(ends, start), bisect.bisect_left(starts, end)
-                ranges.append((first, stop) if first < stop else (len(ids), len(ids)))
-            return ids, ranges
+            return ids, token_ranges(starts, ends, spans, len(ids))
         for start, end in spans:
             inside = [k for k, (s, e) in enumerate(offsets) if e > start and s < end]
             ranges.append((inside[0], inside[-1] + 1) if inside else (len(ids), len(ids)))
@@ -420,8 +417,10 @@ def _tokenize_record(record: Record | Mapping, tokenizer: Any, max_length: int, 
     shortened."""
     record, info = _checked(record, tokenizer, max_length, overflow, eot_token, info)
     rendered, per_turn, short_ids = _render_examples(record, tokenizer, template_kwargs)
-    examples = [_tokenize_rendered(record, text, spans, tokenizer, max_length, overflow, info, drops)
-                for text, spans in rendered]
+    # one example per turn: each shares all but its end with the one before, tokenized once (None: each alone)
+    shared = shared_tokens(rendered, tokenizer) if per_turn and info.has_offsets else None
+    examples = [_tokenize_rendered(record, text, spans, tokenizer, max_length, overflow, info, drops,
+                                   shared[t] if shared else None) for t, (text, spans) in enumerate(rendered)]
     return [ex for ex in examples if ex is not None], per_turn, short_ids
 
 
@@ -439,9 +438,11 @@ def _checked(record: Record | Mapping, tokenizer: Any, max_length: int, overflow
 
 
 def _tokenize_rendered(record: Record, text: str, spans: list[tuple[int, int]], tokenizer: Any, max_length: int,
-                       overflow: str, info: TokenizerInfo, drops: Counter | None) -> dict[str, Any] | None:
-    """One rendered example to ``input_ids`` and ``labels`` (the body of :func:`tokenize_example`)."""
-    ids, ranges = _tokenize_with_spans(text, spans, tokenizer, info)
+                       overflow: str, info: TokenizerInfo, drops: Counter | None,
+                       tokens: tuple[list[int], list[tuple[int, int]]] | None = None) -> dict[str, Any] | None:
+    """One rendered example to ``input_ids`` and ``labels`` (the body of :func:`tokenize_example`); ``tokens``: its
+    ids and span token ranges when already known (:func:`lorakit.train.chat_tokens.shared_tokens`)."""
+    ids, ranges = tokens or _tokenize_with_spans(text, spans, tokenizer, info)
 
     input_ids: list[int] = []
     labels: list[int] = []
@@ -483,9 +484,9 @@ def _tokenize_rendered(record: Record, text: str, spans: list[tuple[int, int]], 
             if drops is not None:  # the shortest overlong example: what max_length would have kept one
                 drops["too_long_min_tokens"] = min(drops.get("too_long_min_tokens") or len(input_ids), len(input_ids))
             return _dropped(drops, "too_long")
-        cut = sum(lab != IGNORE_INDEX for lab in labels[max_length:])
+        cut = len(labels) - max_length - labels[max_length:].count(IGNORE_INDEX)
         input_ids, labels, truncated = input_ids[:max_length], labels[:max_length], True
-    if all(lab == IGNORE_INDEX for lab in labels):
+    if labels.count(IGNORE_INDEX) == len(labels):  # (count: a Python loop over each long per-turn example was slow)
         return _dropped(drops, "no_target")  # truncation cut every target away: nothing to learn from this example
     return {"input_ids": input_ids, "labels": labels, "truncated": truncated, **({"cut_targets": cut} if truncated else {})}
 
@@ -732,7 +733,7 @@ def build_dataset(
             summary.truncated += ex["truncated"]
             summary.cut_targets += ex.get("cut_targets", 0)
             summary.tokens += len(ex["input_ids"])
-            summary.supervised_tokens += sum(lab != IGNORE_INDEX for lab in ex["labels"])
+            summary.supervised_tokens += len(ex["labels"]) - ex["labels"].count(IGNORE_INDEX)
             examples.append({"input_ids": ex["input_ids"], "labels": ex["labels"]})
         if tokenized:
             kept.append(record)
