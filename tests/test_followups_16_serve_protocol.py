@@ -375,3 +375,32 @@ def test_structured_outputs_closed_objects_over_the_socket(server):
         "structured_outputs": {"json": schema, "disable_additional_properties": True, "disable_any_whitespace": True}})
     for choice in answer["choices"]:
         assert choice["finish_reason"] == "stop" and json.loads(choice["text"]) in ({"a": True}, {"a": False}), choice
+
+
+# -- /v1/responses' logprobs -------------------------------------------------------------------------------------------
+def test_responses_logprobs_are_the_chat_ones(server):
+    """include ["message.output_text.logprobs"] with top_logprobs: the message's part lists every answer token
+    as chat's logprobs.content does (the same prompt through the same template, greedy: the same tokens); streamed,
+    the deltas carry them in order and output_text.done the whole list. top_logprobs alone returns none, as
+    OpenAI's."""
+    chat = _post(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 16, "logprobs": True,
+                                                  "top_logprobs": 3})["choices"][0]["logprobs"]["content"]
+    body = {"input": QUESTION[0]["content"], "max_output_tokens": 16, "top_logprobs": 3,
+            "include": ["message.output_text.logprobs", "reasoning.encrypted_content"]}
+    answer = _post(server, "/v1/responses", body)
+    part = answer["output"][-1]["content"][0]
+    assert len(part["logprobs"]) == 16 and answer["top_logprobs"] == 3
+    for got, expected in zip(part["logprobs"], chat):
+        assert (got["token"], got["bytes"], [t["token"] for t in got["top_logprobs"]]) == \
+            (expected["token"], expected["bytes"], [t["token"] for t in expected["top_logprobs"]])
+        assert got["logprob"] == pytest.approx(expected["logprob"], abs=1e-4)
+    events = _events(server, "/v1/responses", body)
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    done = next(e for e in events if e["type"] == "response.output_text.done")
+    assert [lp["token"] for e in deltas for lp in e["logprobs"]] == [lp["token"] for lp in done["logprobs"]] == \
+        [lp["token"] for lp in part["logprobs"]]
+    assert events[-1]["response"]["output"][-1]["content"][0]["logprobs"] == done["logprobs"]
+    quiet = _post(server, "/v1/responses", {**body, "include": None})
+    assert quiet["output"][-1]["content"][0]["logprobs"] == [] and quiet["top_logprobs"] == 3
+    error = _post(server, "/v1/responses", {**body, "top_logprobs": 21}, status=400)["error"]
+    assert error["param"] == "top_logprobs", error

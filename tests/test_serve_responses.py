@@ -228,7 +228,7 @@ def test_refusals_name_the_field(server):
         ({"reasoning": {"effort": "extreme"}}, "reasoning.effort"),  # "high" is read (test_followups_16_serve_protocol)
         ({"truncation": "auto"}, "truncation"),
         ({"background": True}, "background"),
-        ({"include": ["message.output_text.logprobs"]}, "include"),
+        ({"include": ["file_search_call.results"]}, "include"),  # logprobs are served (test_followups_16_serve_protocol)
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]},
          "input.0.content"),
         ({"input": [{"type": "computer_call_output", "call_id": "c", "output": {}}]}, "input"),

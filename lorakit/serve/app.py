@@ -48,7 +48,7 @@ from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected, Adapte
 from lorakit.serve.protocol import (AdapterRequest, APIError, ChatRequest, CompletionRequest, ResponsesRequest,
                                     error_body)
 from lorakit.serve.reasoning import AnswerStart, ReasoningParser, ReasoningStream
-from lorakit.serve.responses import final_response, new_ids, response_events
+from lorakit.serve.responses import answer_logprobs, final_response, new_ids, response_events
 from lorakit.serve.sampling import OFF, RowOptions
 from lorakit.serve.structured import FormatError, compile_format
 from lorakit.serve.text import TextAssembler
@@ -361,15 +361,16 @@ def create_app(state: ServerState) -> FastAPI:
         created = int(time.time())
         if body.stream:
             return StreamingResponse(response_events(state, body, jobs[0], bridge, ident, item_id, created,
-                                                     len(prompt_ids), think, calls),
+                                                     len(prompt_ids), think, calls, served.text),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         collected = await _collect(state, request, jobs, bridge)
         if isinstance(collected, JSONResponse):
             return collected
-        pieces, _, reasons = collected
+        pieces, infos, reasons = collected
+        logprobs = answer_logprobs(served.text, infos[0]) if body.logprobs_count() is not None else None
         try:
             return final_response(body, ident, item_id, created, pieces[0], reasons[0], len(prompt_ids),
-                                  len(jobs[0].tokens), think, calls)
+                                  len(jobs[0].tokens), think, calls, logprobs)
         except LorakitError as error:  # a forced call the model did not write
             raise APIError(500, str(error), type="server_error", code="invalid_tool_call") from None
 
@@ -434,7 +435,8 @@ async def _respond(state: ServerState, body: ResponsesRequest, served: _Served, 
     keep = (kept_tokens(text.tokenizer, fmt) if calls else frozenset()) | \
         (think.parser.tokens(text.tokenizer) if think else frozenset())
     await _check_servable(state, served)
-    jobs, bridge = _submit(state, served, [prompt_ids], 1, params, None, None, max(body.top_k, 0), keep, constraints,
+    jobs, bridge = _submit(state, served, [prompt_ids], 1, params, None, body.logprobs_count(), max(body.top_k, 0),
+                           keep, constraints,
                            think, _logit_bias(text, body), (body.presence_penalty, body.frequency_penalty),
                            options=options, shown=shown, repetition=body.repetition_detection)
     return jobs, bridge, prompt_ids, think, calls

@@ -1229,6 +1229,9 @@ class ReasoningOptions(_Strict):
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
 
 
+LOGPROBS_INCLUDE = "message.output_text.logprobs"  # the include that asks for the answer's logprobs
+
+
 class ResponsesFunctionTool(_Strict):
     """A Responses API function tool: flat, ``{"type": "function", "name", "description", "parameters"}``."""
 
@@ -1281,7 +1284,8 @@ class ResponsesRequest(_VllmSampling):
     max_tool_calls: int | None = None
     truncation: str | None = None
     include: list | None = None
-    top_logprobs: int | None = None
+    # the answer's logprobs (with include "message.output_text.logprobs"): the top_logprobs likeliest tokens at each
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("input", mode="before")
     @classmethod
@@ -1392,14 +1396,17 @@ class ResponsesRequest(_VllmSampling):
     def _no_include(cls, value: list | None) -> list | None:
         # the Agents SDK and Codex ask for reasoning.encrypted_content when nothing is stored: the reasoning items
         # carry their text in plain, so there is nothing more to include
-        if value is not None and any(v != "reasoning.encrypted_content" for v in value):
-            raise ValueError(f"include {str(value)[:60]} is not supported (no extra output data); leave it out")
+        served = ("reasoning.encrypted_content", LOGPROBS_INCLUDE)
+        if value is not None and any(v not in served for v in value):
+            raise ValueError(f"include {str(value)[:60]} is not supported (the output data served: "
+                             f"{', '.join(served)}); leave the others out")
         return value
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: int | None) -> int | None:
-        return _off(value, "top_logprobs", (0,), "logprobs are served by /v1/chat/completions")
+    def logprobs_count(self) -> int | None:
+        """How many likeliest tokens the answer's logprobs list at each token (OpenAI's top_logprobs, 0: the
+        token's own only), or None when the include does not ask for logprobs (top_logprobs alone returns none,
+        as OpenAI's)."""
+        return (self.top_logprobs or 0) if LOGPROBS_INCLUDE in (self.include or ()) else None
 
     def chat_tools(self) -> list[dict] | None:
         """The tools in the chat form templates read (``{"type": "function", "function": {...}}``)."""

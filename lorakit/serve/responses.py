@@ -33,7 +33,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from lorakit.serve.engine import Request
+from lorakit.serve.answers import logprobs_object
+from lorakit.serve.engine import Request, TokenInfo
 from lorakit.serve.protocol import ResponsesRequest
 from lorakit.serve.reasoning import AnswerStart, ReasoningStream
 from lorakit.errors import LorakitError
@@ -41,6 +42,7 @@ from lorakit.serve.tool_calls import ToolCallStream, forced_calls, parse_calls
 
 if TYPE_CHECKING:
     from lorakit.serve.app import ServerState, _Bridge
+    from lorakit.serve.model_text import ModelText
 
 
 def new_ids(request_id: str | None = None) -> tuple[str, str]:
@@ -57,14 +59,22 @@ def _status(reason: str) -> str:
     return "completed" if reason == "stop" else "incomplete"
 
 
-def _part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _part(text: str, logprobs: list[dict] | None = None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def _message(item_id: str, text: str | None, status: str) -> dict:
-    """The output message item; ``text`` None: the item as first announced, with no content part yet."""
+def _message(item_id: str, text: str | None, status: str, logprobs: list[dict] | None = None) -> dict:
+    """The output message item; ``text`` None: the item as first announced, with no content part yet;
+    ``logprobs``: its text part's (the answer's tokens', :func:`answer_logprobs`)."""
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [] if text is None else [_part(text)]}
+            "content": [] if text is None else [_part(text, logprobs)]}
+
+
+def answer_logprobs(text: ModelText, infos: list[tuple[int, TokenInfo]]) -> list[dict]:
+    """The Responses API's logprobs of these ``(token, TokenInfo)``: ``{"token", "bytes", "logprob",
+    "top_logprobs"}`` each, as chat's ``logprobs.content``. As vLLM's, a message's list holds every token of the
+    answer (a reasoning block's and a call's too): the tokens are the answer's, whatever items they fall in."""
+    return logprobs_object(text, infos, chat=True)["content"]
 
 
 def _reasoning(item_id: str, text: str | None, status: str) -> dict:
@@ -110,7 +120,7 @@ def response_object(body: ResponsesRequest, ident: str, created: int, status: st
         "temperature": body.temperature, "text": {"format": _format(body), "verbosity": "medium"},
         "tool_choice": body.tool_choice if isinstance(body.tool_choice, str) else "auto",
         "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or ()],
-        "top_logprobs": 0, "top_p": body.top_p, "truncation": "disabled", "usage": usage, "user": body.user,
+        "top_logprobs": body.top_logprobs or 0, "top_p": body.top_p, "truncation": "disabled", "usage": usage, "user": body.user,
     }
 
 
@@ -121,22 +131,24 @@ def _format(body) -> dict:
 
 
 def output_items(item_id: str, reasoning: str | None, content: str | None, calls: list[dict] | None,
-                 status: str) -> list[dict]:
+                 status: str, logprobs: list[dict] | None = None) -> list[dict]:
     """The answer's output items: reasoning (if any), the message (if it has text, or nothing else to say), the
     calls; ``content`` None: the answer ended inside its reasoning."""
     items = []
     if reasoning is not None:
         items.append(_reasoning(_reasoning_id(item_id), reasoning, status if content is None else "completed"))
     if content is not None and (content or not calls):
-        items.append(_message(item_id, content, status))
+        items.append(_message(item_id, content, status, logprobs))
     items += [_function_call(call, "completed") for call in calls or ()]
     return items
 
 
 def final_response(body: ResponsesRequest, ident: str, item_id: str, created: int, pieces: list[str], reason: str,
                    input_tokens: int, output_tokens: int, think: AnswerStart | str | None = None,
-                   calls: tuple[str, set[str], bool, str | None] | None = None) -> dict:
-    """The finished answer (the non-streamed body) from its engine pieces; ``think``: where the answer starts
+                   calls: tuple[str, set[str], bool, str | None] | None = None,
+                   logprobs: list[dict] | None = None) -> dict:
+    """The finished answer (the non-streamed body) from its engine pieces (``logprobs``: the answer's, where asked:
+    :func:`answer_logprobs`); ``think``: where the answer starts
     with respect to its reasoning block (``ReasoningParser.start``; None: no reasoning is split off); ``calls``:
     (format, tool names, first call only, the forced start of a call or None) when calls are parsed. Raises ``LorakitError`` when a forced
     call was not written (``tool_calls.forced_calls``)."""
@@ -151,7 +163,7 @@ def final_response(body: ResponsesRequest, ident: str, item_id: str, created: in
     if parsed is not None:
         content = parsed[0] or ""
     status = _status(reason)
-    output = output_items(item_id, reasoning, content, parsed[1] if parsed else None, status)
+    output = output_items(item_id, reasoning, content, parsed[1] if parsed else None, status, logprobs)
     return response_object(body, ident, created, status, output, usage(input_tokens, output_tokens, reasoning_tokens))
 
 
@@ -161,7 +173,8 @@ def _forced_name(body: ResponsesRequest) -> str:
 
 async def response_events(state: ServerState, body: ResponsesRequest, job: Request, bridge: _Bridge, ident: str,
                           item_id: str, created: int, input_tokens: int, think: AnswerStart | str | None = None,
-                          calls: tuple[str, set[str], bool, str | None] | None = None):
+                          calls: tuple[str, set[str], bool, str | None] | None = None,
+                          side: ModelText | None = None):
     """The SSE stream of one answer, from the engine events of ``job`` (``app._submit``'s bridge); ``think`` and
     ``calls`` as for :func:`final_response`, whose output the events add up to. A client that goes away closes
     this generator, and ``finally`` cancels the job, as the chat stream does.
@@ -175,6 +188,11 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
     head was sent but that does not parse in the end (cut by ``max_output_tokens``, broken JSON) cannot be taken
     back: its item ends "incomplete" with the arguments sent, and the whole text is the message, which then opens
     after it where no text came before (the non-streamed answer has only the message).
+
+    With logprobs asked (``body.logprobs_count()``; ``side``: the request's text side, which names the tokens),
+    each ``output_text.delta`` carries the logprobs of the tokens that came since the last one (a reasoning
+    block's before the first), and ``output_text.done`` and the message item all the answer's tokens', as the
+    non-streamed answer.
     """
     sequence = 0
 
@@ -195,6 +213,9 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
     texts = {"reasoning": "", "message": ""}
     call_items: list[tuple[int, dict]] = []  # each call whose head was sent: (its output index, its item as added)
     rs_id = _reasoning_id(item_id)
+    logged = body.logprobs_count() is not None
+    pending: list[tuple[int, TokenInfo]] = []  # tokens whose logprobs no delta carried yet
+    all_logprobs: list[dict] = []
 
     def where(kind: str) -> dict:
         return {"item_id": rs_id if kind == "reasoning" else item_id, "output_index": open_items[kind],
@@ -221,8 +242,19 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
         if kind not in open_items:
             yield from open_item(kind)
         texts[kind] += text
-        name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-        yield event(name, **where(kind), delta=text, **({} if kind == "reasoning" else {"logprobs": []}))
+        if kind == "reasoning":
+            yield event("response.reasoning_text.delta", **where(kind), delta=text)
+            return
+        yield event("response.output_text.delta", **where(kind), delta=text, logprobs=flushed())
+
+    def flushed() -> list[dict]:
+        """The logprobs of the tokens no delta carried yet (none unless asked), now counted as sent."""
+        if not logged or not pending:
+            return []
+        entries = answer_logprobs(side, pending)
+        all_logprobs.extend(entries)
+        pending.clear()
+        return entries
 
     def close(kind: str, status: str):
         text = texts[kind]
@@ -231,9 +263,10 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
             yield event("response.content_part.done", **where(kind), part={"type": "reasoning_text", "text": text})
             item = _reasoning(rs_id, text, status)
         else:
-            yield event("response.output_text.done", **where(kind), text=text, logprobs=[])
-            yield event("response.content_part.done", **where(kind), part=_part(text))
-            item = _message(item_id, text, status)
+            flushed()  # the tokens after the last delta (a call's, the end's): the message's whole list has them
+            yield event("response.output_text.done", **where(kind), text=text, logprobs=all_logprobs)
+            yield event("response.content_part.done", **where(kind), part=_part(text, all_logprobs))
+            item = _message(item_id, text, status, all_logprobs)
         index = open_items.pop(kind)
         yield event("response.output_item.done", output_index=index, item=item)
         slots[index] = item
@@ -273,6 +306,8 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
         found = None
         while reason is None:
             kind, _, text, *rest = await bridge.queue.get()
+            if kind == "token" and rest[1] is not None:
+                pending.append((rest[0], rest[1]))
             if kind == "done":
                 reason = rest[0]
             if reason is not None and reason.startswith("error"):
