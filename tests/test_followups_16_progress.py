@@ -424,3 +424,23 @@ def test_writing_4bit_shards_counts_megabytes_in_a_log(tmp_path, capsys, monkeyp
     seen = re.findall(r"^writing 4-bit shards: (\d+\.\d)/10\.5 MB, \d:\d\d:\d\d elapsed, \d:\d\d:\d\d left$", err, re.M)
     assert "\r" not in err and seen[0] == "1.0" and seen[-1] == "10.5" and len(seen) == 10, err
     assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_loading_a_dense_folder_counts_its_tensors(tiny_folder, capsys, slow):  # noqa: F811
+    """load_base of a dense folder (every command's model) read a 7B's weights in silence (transformers' own bar is
+    muted): its tensor loop is counted now (transformers 5.x, which has one loop; 4.x loads as before), and
+    transformers' own tqdm is put back afterwards."""
+    from lorakit.models import load_base
+
+    try:
+        import transformers.core_model_loading as loading_module
+    except ImportError:
+        pytest.skip("this transformers has no single weight-loading loop (4.x)")
+    own = loading_module.tqdm
+    model, _ = load_base(str(tiny_folder), device="cpu")
+    err = capsys.readouterr().err
+    seen = _counted(err, f"loading {tiny_folder.name}", "tensors")
+    tensors = len(model.state_dict())  # 21: embedding, 2 x 9 of the blocks, final norm, head
+    assert seen and seen[-1] == (seen[-1][1], seen[-1][1]) and tensors - 2 <= seen[-1][1] <= tensors, err
+    assert "Loading weights" not in err and "\r" not in err, err
+    assert loading_module.tqdm is own

@@ -765,8 +765,10 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
                                                     output_loading_info=True, ignore_mismatched_sizes=True,
                                                     trust_remote_code=False, **kwargs)
 
+    from lorakit.models.load_progress import weights_progress
+
     try:
-        with _quiet_loading():
+        with _quiet_loading(), weights_progress(folder):  # a 7B folder: up to a minute of reading, counted
             try:
                 model, info = load(attn_implementation)
             except ValueError as error:  # e.g. Gemma 2 (soft-capped attention) has no sdpa path: use eager attention
