@@ -176,6 +176,18 @@ def test_tokens_as_token_ids(server):
     assert tokens == [c["token"] for c in choice["logprobs"]["content"]]
 
 
+def test_prompt_text(server):
+    """return_prompt_text: the prompt as the template rendered it, on the answer (streamed: the first chunk)."""
+    rendered = server["tokenizer"].apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    body = {"messages": QUESTION, "max_tokens": 2, "return_prompt_text": True}
+    assert _post(server, "/v1/chat/completions", body)["prompt_text"] == rendered
+    events = _events(server, "/v1/chat/completions", body)
+    assert events[0]["prompt_text"] == rendered and all("prompt_text" not in e for e in events[1:])
+    assert "prompt_text" not in _post(server, "/v1/chat/completions", {**body, "return_prompt_text": False})
+    error = _post(server, "/v1/completions", {"prompt": "hi", "prompt_embeds": "AAAA"}, status=400)["error"]
+    assert error["param"] == "prompt_embeds" and "text or token ids" in error["message"]
+
+
 def test_request_id_and_continuous_usage(server):
     assert _post(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2,
                                                   "request_id": "abc-123"})["id"] == "chatcmpl-abc-123"
@@ -300,7 +312,7 @@ ACCEPTED = [
      "vllm_xargs": {"a": 1, "b": ["x", 2.5]}, "session_id": "s1", "stream_interval": 4, "priority": 0,
      "thinking_token_budget": -1, "watermarking": False, "logits_processors": [], "logprob_token_ids": None},
     {"prompt_cache_options": {"mode": "implicit", "ttl": "30m"}, "service_tier": "fast", "mm_processor_kwargs": {},
-     "media_io_kwargs": None},
+     "media_io_kwargs": None, "return_token_offsets": True, "return_mm_kwargs": False, "routed_experts_prompt_start": 2},
     {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "prompt_cache_breakpoint":
                                                 {"mode": "explicit", "ttl": "12h"}}]}]},
 ]

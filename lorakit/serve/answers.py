@@ -108,7 +108,7 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
                   chat: bool, prompt_tokens: int, logprobs: int | None, tools: tuple[str, set[str], bool] | None = None,
                   think: str | None = None, forced: str | None = None, echoes: list[str] | None = None,
                   prompt_lps: list[dict] | None = None, side: ModelText | None = None,
-                  prompt_ids: list[list[int]] | None = None):
+                  prompt_ids: list[list[int]] | None = None, prompt_text: str | None = None):
     """Server-sent events: one chunk per piece of final text, each choice's finish reason as it ends, then the
     usage (``stream_options.include_usage``), then ``[DONE]``.
 
@@ -139,7 +139,8 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     ``include_reasoning`` false sends no reasoning chunks; ``stream_options.continuous_usage_stats`` (with
     include_usage) puts each chunk's choice's usage so far on it; ``return_token_ids`` (with ``prompt_ids``, the
     prompts' ids) gives each chunk the ids of the tokens that came since its choice's last chunk, and the first
-    chunk the prompt's ids (chat: on the response, as vLLM; completions: on the choice).
+    chunk the prompt's ids (chat: on the response, as vLLM; completions: on the choice); ``prompt_text`` (chat's
+    return_prompt_text) rides on the response's first chunk.
     """
     kind = "chat.completion.chunk" if chat else "text_completion"
     include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -188,6 +189,8 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
                     choice["prompt_token_ids"] = prompt_ids[index // body.n]
                 elif index == 0:  # chat: one prompt, on the response's first chunk
                     payload["prompt_token_ids"] = prompt_ids[0]
+        if prompt_text is not None and first and index == 0:
+            payload["prompt_text"] = prompt_text
         if continuous:
             payload["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": counts[index],
                                 "total_tokens": prompt_tokens + counts[index]}

@@ -814,7 +814,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
         return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs,
                                                tools, think, forced,
                                                echoes if chat_echo is None else [chat_echo], prompt_lps, side,
-                                               prompts),
+                                               prompts, await _prompt_text(body, side, prompts)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     collected = await _collect(state, http, jobs, bridge)
     if isinstance(collected, JSONResponse):
@@ -865,7 +865,16 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
         answer["prompt_logprobs"] = scored[0]
     if chat and body.return_token_ids:
         answer["prompt_token_ids"] = prompts[0]
+    if chat and body.return_prompt_text:
+        answer["prompt_text"] = await _prompt_text(body, side, prompts)
     return answer
+
+
+async def _prompt_text(body, side: ModelText, prompts: list[list[int]]) -> str | None:
+    """vLLM's return_prompt_text: a chat's prompt as the template rendered it (its ids read back), or None."""
+    if not getattr(body, "return_prompt_text", False):
+        return None
+    return await run_in_threadpool(side.decode, prompts[0])
 
 
 def _prompt_extras(body, prompt_ids: list[int], scored: list | None, tokens: list[int]) -> dict:

@@ -245,6 +245,11 @@ class _VllmRequest(_Penalized):
     thinking_token_budget: int | None = None
     logprob_token_ids: list[int] | None = None
     repetition_detection: RepetitionDetection | None = None
+    # vLLM's render-endpoint options, "ignored on regular generation endpoints" (its words), and the skip of a
+    # mixture-of-experts routing record this server never returns
+    return_token_offsets: bool = False
+    return_mm_kwargs: bool = True
+    routed_experts_prompt_start: int = Field(0, ge=0)
 
     @field_validator("priority")
     @classmethod
@@ -524,6 +529,12 @@ class CompletionRequest(_Sampling):
     # vLLM's: false encodes a text prompt without the tokenizer's special tokens (no BOS)
     add_special_tokens: bool = True
     structured_outputs: "StructuredOutputs | None" = None  # vLLM's extension: json, regex, choice or grammar
+    prompt_embeds: Union[str, list[str], None] = None  # vLLM's: refused (prompts are text or token ids here)
+
+    @field_validator("prompt_embeds")
+    @classmethod
+    def _no_embeds(cls, value: Any) -> Any:
+        return _off(value, "prompt_embeds", (None,), "this server reads prompts as text or token ids; send prompt")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -892,6 +903,8 @@ class ChatRequest(_Sampling):
     moderation: dict | None = None  # OpenAI's moderation model on the input and answer: refused (none here)
     # vLLM's: special tokens (BOS) added on top of what the chat template writes (its default: none)
     add_special_tokens: bool = False
+    # vLLM's: the prompt as the chat template rendered it, on the answer (streamed: its first chunk)
+    return_prompt_text: bool = False
     # vLLM's options of a multimodal model's processor and media readers: empty only (text models here)
     mm_processor_kwargs: dict | None = None
     media_io_kwargs: dict | None = None
