@@ -4,11 +4,12 @@ Templates that rewrite earlier turns (Qwen3 drops the reasoning of the turns bef
 v0.3 writes the tools and the system prompt into the last user turn, DeepSeek-R1's generation prompt opens a
 ``<think>`` block its turns lack, Hermes closes the last tool result differently) train a chat as one example per
 assistant turn; each turn rendered two prefixes of the chat (lorakit/train/chat_turns.py) and each example was
-tokenized alone, both O(n^2) in the chat's messages. Measured on this shared 2-core machine (``tokenize_examples``),
-before: 1,001 messages 51 s (Qwen3 with reasoning), 39 s (Mistral v0.3 with tools), 31 s (DeepSeek-R1); 2,001
-Qwen3 messages 375 s. Now the renders are read from short windows (lorakit/train/chat_rewrites.py) and each example
-reuses the tokens of the one before up to a special token they share (lorakit/train/chat_tokens.py): 1,001 messages
-~5 s, 2,001 ~12 s (max_length 4096; the 2,001-message chat's examples hold 25 million tokens in all).
+tokenized alone, both O(n^2) in the chat's messages. Measured on this shared 2-core machine (``tokenize_examples``,
+max_length 10**7), before / after: 1,001 messages 53 / 2.8 s (Qwen3 with reasoning), 35 / 2.1 s (Mistral v0.3 with
+tools), 31 / 1.3 s (DeepSeek-R1); 2,001 messages 450 / 6.8 s, 437 / 5.0 s, 393 / 3.5 s (its 1,000 examples hold 25,
+18 and 19 million tokens: the output itself grows as n^2). The renders are now read from short windows
+(lorakit/train/chat_rewrites.py) and each example reuses the tokens of the one before up to a special token they share
+(lorakit/train/chat_tokens.py).
 
 Every test compares with the exact renders and tokenizing each example alone (``MIN_MESSAGES`` and
 ``MIN_EXAMPLES`` raised) token for token and label for label, and checks which path was taken.
@@ -127,6 +128,38 @@ def test_random_long_chats_give_the_tokens_and_labels_of_the_exact_renders(famil
     assert per_turn == 0 if family == "gemma3" else per_turn >= 4, per_turn
 
 
+def agent_chat(steps: list[int], reasoning: bool) -> dict:
+    """A system prompt, then per entry of ``steps`` a question, that many turns of a tool call and its result, and
+    the answer; each assistant turn with ``reasoning_content`` when ``reasoning``."""
+    messages, count = [{"role": "system", "content": "Look the weather up."}], 0
+    for q, calls in enumerate(steps):
+        messages.append({"role": "user", "content": f"Weather in city {q}?"})
+        for step in range(calls):
+            count += 1
+            call = {"id": f"call{count:05d}", "type": "function", "function": {
+                "name": "get_weather", "arguments": json.dumps({"city": f"c{q}", "day": str(step)})}}
+            messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": call["id"], "content": f'{{"temp": {step}}}'}]
+        messages.append({"role": "assistant", "content": f"Mild in city {q}."})
+    for message in messages:
+        if reasoning and message["role"] == "assistant":
+            message["reasoning_content"] = f"Step {len(message)}."
+    return {"tools": FAMILY_TOOLS, "messages": messages}
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral", "hermes"])
+def test_several_questions_each_with_a_long_tool_chain(family, monkeypatch):
+    """A new question rewrites back to the one before it (Qwen3 drops all the reasoning since, Mistral moves the tool
+    list from it), further back than a window of a few messages: the windows of a chain that a question arrives in
+    hold everything since the last one (before, the edits were wrong, a check failed, and the chat took the exact
+    renders)."""
+    tok = tokenizer(family)
+    for steps in ([12, 2, 20, 3], [3] * 8):
+        new, exact, renders, tokens = new_and_exact(agent_chat(steps, family == "qwen3"), tok, monkeypatch)
+        assert new == exact and isinstance(new, list) and len(new) > 1
+        assert renders and all(r is not None for r in renders), (family, steps)
+
+
 def test_template_options_and_weight_zero_turns(monkeypatch):
     """Qwen3 with enable_thinking=False (its prompt closes the <think> block: chats without reasoning train, chats
     with it fail with the same error both ways) and a chat whose first and last answers are not learnt."""
@@ -211,8 +244,8 @@ def mistral_with_tools(turns: int) -> dict:
 @pytest.mark.parametrize("family,chat", [("qwen3", lambda turns: long_chat(turns, reasoning=True)),
                                          ("mistral", mistral_with_tools)])
 def test_a_two_thousand_message_chat_is_linear(family, chat):
-    """2,001 messages take well under what the exact renders took for 1,001 (51 s and 39 s on this machine; 2,001
-    Qwen3 messages 375 s), and about 4x what 501 take (16x if quadratic); generous bounds for a loaded machine."""
+    """2,001 messages take well under what the exact renders took for 1,001 (53 s and 35 s on this machine; 2,001:
+    450 s and 437 s), and about 4x what 501 take (16x if quadratic); generous bounds for a loaded machine."""
     tok = tokenizer(family)
     took = {}
     for turns in (250, 1000):

@@ -13,8 +13,8 @@ So the renders wanted, in order (``(i, True)``, ``(i + 1, False)`` for each targ
 each the one before with an EDIT at its end: some characters removed (the reasoning now dropped, the tool list moving
 to the new last user turn, the ``<think>\\n`` of a prompt), some appended. An edit is read from two renders of a
 short window (the start of the chat, as :mod:`lorakit.train.chat_prefix` keeps it, then the messages since a few before
-the base render, including the last user message when it is near), which write the end of the chat as the whole
-prefix does: the characters the window's render of the longer prefix does not share with its render of the shorter
+the base render, or since the last user message before it when another arrives: the text these templates rewrite),
+which write the end of the chat as the whole prefix does: the characters the window's render of the longer prefix does not share with its render of the shorter
 one are replaced. One chain of windows gives :data:`BLOCK` renders; each costs a render of a short chat and a copy.
 
 Nothing is assumed without being checked, and a failed check gives None (the caller renders each prefix exactly):
@@ -40,7 +40,6 @@ from lorakit.train import chat_prefix
 from lorakit.train.chat_prefix import CONTEXT, window_start
 
 BLOCK = 8  # renders one chain of windows gives
-REACH = 64  # a window reaches back to the last user message when it is at most this many messages before
 
 
 def common_prefix_length(a: str, b: str) -> int:
@@ -109,8 +108,11 @@ def _chain(messages: Sequence[Mapping], wanted: list[tuple[int, bool]], render: 
         while u < len(users) and users[u] < base:
             last_user, u = users[u], u + 1
         at_most = base - CONTEXT
-        if keep <= last_user and base - last_user <= REACH:  # the end a template rewrites starts at that message
-            at_most = min(at_most, last_user - 1)
+        if u < len(users) and users[u] < wanted[min(chunk + BLOCK, len(wanted)) - 1][0]:
+            # a user message arrives within the chunk: what a template rewrites then starts at the last one before it
+            # (Qwen3 drops the reasoning written since, Mistral moves the tools from it), so the windows hold that one,
+            # or are the whole prefix when it is the start's; once per user message, so linear still
+            at_most = min(at_most, max(last_user, keep))
         j = window_start(messages, at_most, keep)
 
         def window(k: int, j: int = j) -> list:  # messages[:k] as the window writes it
