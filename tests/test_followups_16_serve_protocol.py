@@ -326,6 +326,7 @@ REFUSED = [
     ({"cache_salt": ""}, "cache_salt", "at least 1 character"),
     ({"reasoning_effort": "extreme"}, "reasoning_effort", "'none', 'minimal', 'low'"),
     ({"mm_processor_kwargs": {"num_crops": 4}}, "mm_processor_kwargs", "text models"),
+    ({"tools": [{"type": "custom", "custom": {"name": "shell"}}]}, "tools", "tools[0] is a 'custom' tool"),
     ({"structured_outputs": {"json": {"type": "object"}, "structural_tag": "{}"}}, "structured_outputs.structural_tag",
      "json, regex, choice"),
 ]

@@ -1013,6 +1013,18 @@ class ChatRequest(_Sampling):
     def _no_functions(cls, value: list | None) -> list | None:
         return _off(value, "functions", ([],), "the legacy function calling; send them as tools")
 
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _function_tools(cls, value: Any) -> Any:
+        """OpenAI's custom tools (``{"type": "custom", "custom": {...}}``: free-form text input, maybe a grammar)
+        are refused by kind, not as a type mismatch."""
+        for index, tool in enumerate(value if isinstance(value, list) else ()):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if isinstance(kind, str) and kind != "function":
+                raise ValueError(f"tools[{index}] is a {kind[:40]!r} tool; only function tools are supported (this "
+                                 "server reads calls as the chat template writes them: a name and JSON arguments)")
+        return value
+
     @field_validator("tools")
     @classmethod
     def _unique_tools(cls, value: list | None) -> list | None:
