@@ -96,22 +96,22 @@ def test_rows_that_stop_early_are_counted_as_they_stop(model, capsys):
     """With a stop token the random model writes now and then, rows end at different steps of one batch: the
     records-done count rises during the batch, and ends at every record; the generations are the same."""
     records, tokenizer = _records(16, seed=7), tiny_tokenizer()
-    free = generate_records(model, tokenizer, records, max_new_tokens=24, batch_size=16)
+    free = generate_records(model, tokenizer, records, max_new_tokens=16, batch_size=16)
     firsts = {g.text.split()[0] for g in free if g.text.split()}
     rows = Counter(w for g in free for w in set(g.text.split()) if w not in firsts)
     stop_word = max(rows, key=lambda w: min(rows[w], 16 - rows[w]))  # a word about half of the rows write
-    plain = generate_records(model, tokenizer, records, max_new_tokens=24, batch_size=16, eot_token=stop_word)
+    plain = generate_records(model, tokenizer, records, max_new_tokens=16, batch_size=16, eot_token=stop_word)
     stopped = sum(g.stopped for g in plain)
     assert 0 < stopped < 16, [g.text for g in plain]
     capsys.readouterr()
-    shown = generate_records(model, tokenizer, records, max_new_tokens=24, batch_size=16, eot_token=stop_word,
+    shown = generate_records(model, tokenizer, records, max_new_tokens=16, batch_size=16, eot_token=stop_word,
                              progress="lines")
     assert shown == plain
     seen = [tuple(map(int, m.groups())) for m in STEPS.finditer(capsys.readouterr().err)]
     done = [s[2] for s in seen]
     assert done == sorted(done) and done[-1] == 16, seen
     # some row ran to the limit: before the last step, the rows that stopped (some, not all) were done
-    assert 0 < max(d for (n, _, d, _) in seen if n < 24) <= stopped, seen
+    assert 0 < max(d for (n, _, d, _) in seen if n < 16) <= stopped, seen
 
 
 def test_the_step_count_follows_the_streamed_tokens(capsys):
