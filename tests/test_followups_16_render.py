@@ -210,10 +210,10 @@ def test_shared_tokens_are_checked_against_tokenizing_alone(monkeypatch):
     its length) fails the spot check, and every example is then tokenized alone."""
     tok = tokenizer("qwen3")
     examples = chat_turns.chat_examples(  # the per-turn examples of a Qwen3 chat with reasoning
-        long_chat(12, reasoning=True)["messages"], list(range(2, 25, 2)),
+        long_chat(30, reasoning=True)["messages"], list(range(2, 61, 2)),
         lambda msgs, prompt: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt), "chat",
         lambda i, text: None)[0]
-    assert len(examples) == 12
+    assert len(examples) == 30
     shared = chat_tokens.shared_tokens(examples, tok)
     alone = [data._tokenize_with_spans(text, spans, tok, data.tokenizer_info(tok)) for text, spans in examples]
     assert shared == alone
@@ -228,6 +228,19 @@ def test_shared_tokens_are_checked_against_tokenizing_alone(monkeypatch):
             return out
 
     assert chat_tokens.shared_tokens(examples, Marking()) is None
+
+    class Counting:  # the tokenizer, counting the characters it is given
+        all_special_ids, added_tokens_decoder = tok.all_special_ids, tok.added_tokens_decoder
+
+        def __call__(self, text, **kwargs):
+            given.append(len(text))
+            return tok(text, **kwargs)
+
+    given: list = []
+    assert chat_tokens.shared_tokens(examples, Counting()) == alone
+    # the tails (a turn or two each), the first example and the spot checks (a third, two thirds and all of the
+    # chat): linear in the chat, where tokenizing each example alone is quadratic (15x the last example here)
+    assert sum(given) < 5 * len(examples[-1][0]) < sum(len(text) for text, _ in examples) / 2.5, given
 
 
 # ------------------------------------------------------------------------------------------------------------------

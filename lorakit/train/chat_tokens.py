@@ -46,7 +46,7 @@ def shared_tokens(examples: Sequence[tuple[str, Sequence[Span]]], tokenizer: Any
     examples or a check fails (see the module docstring)."""
     if len(examples) < MIN_EXAMPLES:
         return None
-    specials = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    specials = _special_ids(tokenizer)
     spots = {len(examples) * s // SPOTS for s in range(1, SPOTS)} | {len(examples) - 1}
     out = []
     before = ""
@@ -79,6 +79,14 @@ def shared_tokens(examples: Sequence[tuple[str, Sequence[Span]]], tokenizer: Any
         out.append((ids, token_ranges(starts, ends, spans, len(ids))))
         before = text
     return out
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    """The ids of the tokenizer's special tokens: its named ones and every added token marked special (Qwen's
+    ``<|im_start|>``, Mistral's ``[INST]`` are not among ``all_special_ids`` unless the config lists them)."""
+    ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return ids | {i for i, token in added.items() if getattr(token, "special", False)}
 
 
 def _encode(text: str, tokenizer: Any, shift: int) -> tuple[list[int], list[int], list[int]]:
