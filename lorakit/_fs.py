@@ -90,3 +90,25 @@ def replace_folder(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def safetensors_os_errors() -> Iterator[None]:
+    """Inside, a write that safetensors' ``save_file`` fails for the system's reason (a full disk, a quota, a file
+    system gone read-only) raises that reason as an ``OSError`` (errno and strerror, no file name), as Python's own
+    writes do, so the callers' ``except OSError`` give one line and remove their temporary folder. safetensors
+    reports it only as a ``SafetensorError`` (an ``Exception``) whose message ends '... (os error 28)': without this
+    the CLI printed a traceback. Any other error passes unchanged."""
+    import errno
+    import re
+
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as error:
+        found = re.search(r"I/O error: .*\(os error (\d+)\)", str(error))
+        if type(error).__name__ != "SafetensorError" or found is None or int(found.group(1)) not in errno.errorcode:
+            raise
+        number = int(found.group(1))
+        raise OSError(number, os.strerror(number)) from None

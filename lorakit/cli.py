@@ -174,11 +174,15 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    from lorakit._signals import sigterm_as_interrupt
     from lorakit.commands._args import plain_warnings
 
     end_of_startup()
     try:
-        with plain_warnings():  # every command: a user reads "warning: ...", not lorakit's file:line and source line
+        # the commands that write a folder: SIGTERM (`timeout`, a batch job's limit) removes the half-written one too
+        writes = args.command in ("merge", "combine", "quantize")
+        stopping = sigterm_as_interrupt() if writes else contextlib.nullcontext()
+        with plain_warnings(), stopping:  # every command: a user reads "warning: ...", not lorakit's file:line
             code = int(module.run(args) or 0)
     except LorakitError as error:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process hits the same mistake: say it once

@@ -342,7 +342,7 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
     files (see ``check_output_folder``), since it is replaced whole. Files get the usual permissions (safetensors
     writes its files 0600).
     """
-    from lorakit._fs import publish_mode
+    from lorakit._fs import publish_mode, safetensors_os_errors
 
     out = _checked_out(model, out, overwrite)
     max_shard_size = shard_size(max_shard_size)
@@ -359,7 +359,8 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
         for attr in ("lorakit_base_name", "lorakit_configs"):
             if hasattr(model, attr):
                 delattr(model, attr)
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        with safetensors_os_errors():  # a full disk: safetensors' own error type, made the OSError handled below
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name in ("config.json", "tokenizer_config.json"):

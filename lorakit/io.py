@@ -717,8 +717,6 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
         params = find_param_targets(model, config)
     except LorakitError as error:  # say which file, and which base it names (or which kind of model)
         raise LorakitError(f"{adapter_file.folder}: {error}{_task_hint(model, adapter_file) or made_for}") from None
-    if check_base:
-        _warn_other_base_name(model, adapter_file)
     base_modules = _base_modules(model)
     plan: dict[tuple[str, str], torch.Tensor] = {}
     unexpected: list[str] = []
@@ -820,6 +818,8 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
                                    f"{_resized_hint(model, tuple(tensor.shape), tuple(parameter.shape))}")
     if missing:
         raise LorakitError(f"{adapter_file.folder}: missing tensor keys: {listed(missing)} ({len(missing)} in all){made_for}")
+    if check_base:  # only once every shape fits: the warning says so, and a refusal above names the base already
+        _warn_other_base_name(model, adapter_file)
     return plan
 
 

@@ -454,7 +454,8 @@ def test_combine_refuses_a_dora_adapter_before_the_base_loads(tiny, adapters, tm
                                 f"{adapters['dora']}=0.5", "--out", str(tmp_path / "out")]))
     assert line == (f"lorakit combine: error: --adapter {adapters['dora']} is DoRA: a weighted sum of DoRA adapters has "
                     "no magnitude that keeps their effect, so lorakit does not combine them (peft drops the magnitudes "
-                    f"silently); merge it into the base instead: lorakit merge --adapter {adapters['dora']} --out "
+                    f"silently); merge it into the base instead: lorakit merge --model {tiny} --adapter "
+                    f"{adapters['dora']} --out "
                     "MERGED, then use MERGED as --model")
     assert not (tmp_path / "out").exists()
 

@@ -197,10 +197,13 @@ def run(args: argparse.Namespace) -> int:
     check_ranks(args.method, [folder for folder, _ in inputs], files)
     dora = next((folder for (folder, _), f in zip(inputs, files) if f.config.variant == "dora"), None)
     if dora is not None:  # combine_adapters refuses it too, per layer, but only after the base has loaded
+        import shlex
+
+        model = f"--model {shlex.quote(str(args.model))} " if args.model is not None else ""  # a command to paste
         raise LorakitError(f"--adapter {dora} is DoRA: a weighted sum of DoRA adapters has no magnitude that keeps "
                            "their effect, so lorakit does not combine them (peft drops the magnitudes silently); merge "
-                           f"it into the base instead: lorakit merge --adapter {dora} --out MERGED, then use MERGED as "
-                           "--model")
+                           f"it into the base instead: lorakit merge {model}--adapter {shlex.quote(str(dora))} --out "
+                           "MERGED, then use MERGED as --model")
     defaulted = args.model is None
     if defaulted:
         check_one_base([folder for folder, _ in inputs], files)

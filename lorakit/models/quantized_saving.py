@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from lorakit._fs import publish_mode, replace_folder, temp_dir
+from lorakit._fs import publish_mode, replace_folder, safetensors_os_errors, temp_dir
 from lorakit.errors import LorakitError
 from lorakit.quant import QuantizedLinear, is_conv1d
 from lorakit.quant.bnb_checkpoint import bnb_tensors
@@ -206,7 +206,8 @@ def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size:
             for key in keys:
                 shard[key] = state[key].detach().cpu()
                 bar.update(shard[key].numel() * shard[key].element_size())
-            save_file(shard, str(folder / filename), metadata={"format": "pt"})
+            with safetensors_os_errors():  # a full disk: an OSError, which the callers say in one line
+                save_file(shard, str(folder / filename), metadata={"format": "pt"})
             del shard
     finally:
         bar.close()

@@ -232,8 +232,10 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(folder)
         kept = f"; the previous checkpoint {previous} is still valid" if previous else ""
+        # without an earlier checkpoint there is nothing to resume (a new run's folder is removed): run it again
+        then = "resume with --resume" if previous else "run the command again"
         raise LorakitError(f"writing checkpoint {final} failed ({error.strerror or error}){kept}. Free disk space "
-                           "and resume with --resume") from None
+                           f"and {then}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import torch
 
 from lorakit._fs import atomic_write_text
+from lorakit._signals import sigterm_as_interrupt
 from lorakit.errors import LorakitError
 from lorakit.train.config import TrainConfig, dump_yaml, read_config_file
 from lorakit.train.evaluate import GenerationScore, score_generations, scorable
@@ -494,28 +495,6 @@ def _run_training(config: TrainConfig, resume: str | None, overwrite: bool, conf
             raise LorakitError(f"the disk is full ({error.strerror}) while writing the run folder {run_dir}; free "
                                f"disk space, then {then}") from None
         raise
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Inside, SIGTERM (a scheduler's preemption or time limit, ``timeout``, ``kill PID``) stops the run as Ctrl-C
-    does: a file being written is removed whole, and the last checkpoint is named with the command that resumes it.
-    Python's default for SIGTERM is to die on the spot, leaving hidden half-written folders and not a word."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def clear_run_files(run_dir: Path) -> None:

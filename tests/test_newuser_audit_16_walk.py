@@ -1,0 +1,258 @@
+"""Audit 16: a new user's first hour, walking the README and the ``--help`` texts on a fresh clone, then making the
+usual mistakes (a full disk, a killed job, an adapter of another model, a DoRA adapter given to combine). What it
+found, kept fixed:
+
+* ``lorakit merge`` and ``lorakit quantize`` on a full disk printed a traceback: safetensors' ``save_file`` reports
+  the system's error as a ``SafetensorError`` (an ``Exception``), which the commands' ``except OSError`` missed.
+* a new run whose first checkpoint met a full disk said "Free disk space and resume with --resume", while the run
+  folder was removed (nothing to resume): ``--resume`` then answered "RUN does not exist".
+* ``merge`` / ``combine`` / ``quantize`` stopped by SIGTERM (``timeout``, a batch job's time limit, ``kill``) died on
+  the spot and left the hidden half-written output folder (a whole model's size) and not a word; ``lorakit train``
+  alone handled SIGTERM as Ctrl-C.
+* a peft adapter of another model with other shapes got "warning: ... the shapes fit, but ..." and then the error
+  saying the shapes do not fit.
+* ``lorakit combine``'s DoRA refusal offered ``lorakit merge --adapter A --out MERGED`` without the ``--model`` given,
+  so the pasted command merged into the embedded model and was refused as another base.
+* the README said an adapter "is refused on a base other than the one it was trained on"; a base of the same shapes
+  is only warned about (by name), since weights are not compared.
+
+Everything runs on a tiny random Llama folder (tests/test_train_helpers.py) on CPU.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from test_train_helpers import REPO, make_model_folder, task_records, write_jsonl
+
+LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))  # config.json and the tokenizer fit, no weights file does
+from lorakit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+PAUSED_WRITE = """
+import sys, time
+import lorakit.export as export
+real = export.copy_notices
+def paused(model, folder):  # inside write_folder, after the weights are written into the hidden folder
+    real(model, folder)
+    print("WRITING", flush=True)
+    time.sleep(120)
+export.copy_notices = paused
+from lorakit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_model_folder(tmp_path_factory.mktemp("walk16") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny, tmp_path_factory) -> dict[str, Path]:
+    """A plain and a DoRA adapter of ``tiny``, saved by lorakit."""
+    import torch
+
+    import lorakit
+
+    root = tmp_path_factory.mktemp("walk16-adapters")
+    made = {}
+    for name, variant in (("plain", "lora"), ("dora", "dora")):
+        model, _ = lorakit.load_base(str(tiny))
+        torch.manual_seed(1)
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], variant=variant))
+        with torch.no_grad():  # a non-zero update, as after training
+            for parameter_name, parameter in model.named_parameters():
+                if "lora_B" in parameter_name:
+                    parameter.normal_(0, 0.1)
+        made[name] = root / name
+        lorakit.save_adapter(model, str(made[name]))
+    return made
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", ["merge", "quantize"])
+def test_a_full_disk_while_writing_the_weights_is_one_line_and_leaves_nothing(command, tiny, adapters, tmp_path):
+    """A real write failure (the file-size limit, so safetensors' own write fails as on a full disk): before, a
+    SafetensorError traceback; now the commands' one line, with the hidden folder removed."""
+    out = tmp_path / "out"
+    args = (["merge", "--model", str(tiny), "--adapter", str(adapters["plain"]), "--out", str(out)] if command == "merge"
+            else ["quantize", "--model", str(tiny), "--out", str(out), "--dtype", "fp32"])
+    done = subprocess.run([sys.executable, "-c", LIMITED, *args], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "SafetensorError" not in done.stderr, done.stderr[-3000:]
+    assert _last_line(done.stderr) == f"lorakit {command}: error: cannot write {out}: File too large"
+    assert not out.exists() and _hidden(tmp_path) == []
+
+
+def test_safetensors_errors_other_than_a_failed_write_pass_unchanged(tmp_path):
+    """Only a write the system refused becomes an OSError (the test above); a damaged file safetensors cannot read
+    stays its SafetensorError, which the readers name as such."""
+    import safetensors.torch
+
+    from lorakit._fs import safetensors_os_errors
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(Exception) as other, safetensors_os_errors():
+        safetensors.torch.load_file(str(bad))
+    assert type(other.value).__name__ == "SafetensorError"
+
+
+def test_a_full_disk_at_a_new_runs_first_checkpoint_says_to_run_the_command_again(tiny, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """The run folder of a new run that stops before its first checkpoint is removed, so there is nothing for
+    --resume: the line said "resume with --resume" and --resume then said the folder does not exist."""
+    from lorakit.cli import main
+    from lorakit.train import checkpoint
+
+    data = write_jsonl(tmp_path / "train.jsonl", task_records(16, seed=1))
+    run = tmp_path / "run"
+    args = ["train", "--model", str(tiny), "--data", str(data), "--out", str(run), "--max-steps", "2", "--rank", "4",
+            "--batch-size", "4", "--eval-examples", "0", "--no-progress"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it: no file name
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "_write_safetensors", disk_full)
+        assert main(args) == 2
+    line = _last_line(capsys.readouterr().err)
+    assert line == (f"lorakit train: error: writing checkpoint {run}/checkpoints/step-000002 failed (No space left on "
+                    "device). Free disk space and run the command again")
+    assert not run.exists()  # and running it again (the advice) trains the run
+    assert main(args) == 0 and (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_sigterm_during_a_merge_removes_its_half_written_folder(tiny, adapters, tmp_path):
+    """`timeout 1h lorakit merge ...` or a batch job's limit: before, Python's default SIGTERM ended the process on
+    the spot with the hidden .out.*.tmp folder (the whole merged model) left beside --out."""
+    out = tmp_path / "merged"
+    process = subprocess.Popen([sys.executable, "-c", PAUSED_WRITE, "merge", "--model", str(tiny), "--adapter",
+                                str(adapters["plain"]), "--out", str(out)], env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:
+            if line.strip() == "WRITING":
+                break
+        assert _hidden(tmp_path), "the merge was not writing its hidden folder"
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err[-3000:]
+    assert _last_line(err) == "lorakit merge: interrupted" and "Traceback" not in err
+    assert not out.exists() and _hidden(tmp_path) == []
+
+
+def _peft_adapter(folder: Path, hidden: int, base_name: str) -> Path:
+    """A LoRA saved by peft itself (no lorakit fingerprint) on a tiny Llama of ``hidden`` width."""
+    import peft
+    import torch
+
+    from conftest import tiny_llama
+
+    model = tiny_llama(seed=0, vocab_size=32, hidden_size=hidden, intermediate_size=40, num_hidden_layers=2)
+    torch.manual_seed(0)
+    peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False)).save_pretrained(str(folder))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base_name  # as peft writes it after from_pretrained("org/name")
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_an_adapter_of_other_shapes_is_refused_without_a_warning_that_its_shapes_fit(tiny, tmp_path):
+    """Before: 'warning: ... names the base ..., this model is ...; the shapes fit, but ...' and then the error that
+    they do not. The name warning stays for an adapter whose shapes do fit."""
+    import lorakit
+    from lorakit.errors import LorakitError
+
+    wide = _peft_adapter(tmp_path / "wide", 64, "meta-llama/Llama-3.2-1B")
+    model, _ = lorakit.load_base(str(tiny))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(LorakitError, match=r"has shape \(4, 64\), but module .* needs \(4, 32\).*"
+                                               r"names the base 'meta-llama/Llama-3.2-1B'"):
+            lorakit.load_adapter(model, str(wide))
+    assert not [w for w in caught if "shapes fit" in str(w.message)], [str(w.message) for w in caught]
+
+    fitting = _peft_adapter(tmp_path / "fitting", 32, "Qwen/Qwen2.5-0.5B")
+    with pytest.warns(UserWarning, match="names the base 'Qwen/Qwen2.5-0.5B', this model is .*the shapes fit"):
+        lorakit.load_adapter(model, str(fitting))
+
+
+def test_combines_dora_refusal_gives_a_merge_command_that_works_as_pasted(tiny, adapters, tmp_path, capsys):
+    """The merge command in the refusal named no --model: pasted, it merged into the embedded model, which refused
+    the adapter as another base's (or converted the embedded model first). It now names the --model given."""
+    from lorakit.cli import main
+
+    model = tmp_path / "my base"  # a path with a space: the command must quote it
+    model.symlink_to(tiny, target_is_directory=True)
+    assert main(["combine", "--model", str(model), "--adapter", str(adapters["plain"]), "--adapter",
+                 f"{adapters['dora']}=0.5", "--out", str(tmp_path / "mix")]) == 2
+    line = _last_line(capsys.readouterr().err)
+    command = re.search(r"merge it into the base instead: (lorakit merge .*? --out MERGED)", line).group(1)
+    assert f"--model {shlex.quote(str(model))} " in command
+    argv = shlex.split(command.replace("MERGED", shlex.quote(str(tmp_path / "merged"))))[1:]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_the_readme_says_which_other_bases_are_refused_and_which_only_warned_about(tiny, adapters, tmp_path):
+    """The README promised a refusal on any other base; the check compares architecture and shapes (the
+    fingerprint) and, when those fit, warns by name: weights are not compared."""
+    import lorakit
+    from lorakit.errors import LorakitError
+
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert "An adapter is refused on a base other than the one it was trained on" not in readme
+    assert "refused on a base of other shapes" in readme and "weights are not compared" in readme
+
+    renamed = tmp_path / "other-model"  # the same shapes and weights under another name: a warning, not a refusal
+    renamed.symlink_to(tiny, target_is_directory=True)
+    model, _ = lorakit.load_base(str(renamed))
+    with pytest.warns(UserWarning, match="the shapes fit"):
+        lorakit.load_adapter(model, str(adapters["plain"]))
+    other, _ = lorakit.load_base(str(_other_shapes(tmp_path)))  # another width: the fingerprint differs
+    with pytest.raises(LorakitError, match="made for another base model"):
+        lorakit.load_adapter(other, str(adapters["plain"]))
+
+
+def _other_shapes(tmp_path: Path) -> Path:
+    """A tiny Llama folder of another width, with the tiny tokenizer."""
+    from conftest import tiny_llama
+    from test_train_helpers import tiny_tokenizer
+
+    folder = tmp_path / "other-shapes"
+    tiny_llama(seed=0, vocab_size=32, hidden_size=64, intermediate_size=40, num_hidden_layers=2).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
