@@ -136,13 +136,19 @@ def counter(total: float, what: str, mode: bool | str, unit: str = "batch", dela
 SLOW_WORK_S = 3.0
 
 
+def library_progress_off() -> bool:
+    """Whether ``LORAKIT_PROGRESS`` is 0 / off / false / no: a program that calls lorakit's functions and keeps its
+    own stderr clean turns :func:`slow_work`'s displays off (the CLI's --progress flags are not affected)."""
+    return os.environ.get("LORAKIT_PROGRESS", "").strip().lower() in ("0", "off", "false", "no")
+
+
 def slow_work(items: Iterable[T], what: str, unit: str, total: int | None = None) -> Iterator[T]:
     """``items``, counted on stderr as each one is done, for library work a user waits on that no --progress flag
     reaches: a bar on a terminal, plain lines in a log, only after :data:`SLOW_WORK_S`; nothing on a torchrun
-    process other than rank 0 (each one loads the model: one display, not one per GPU). ``total``: when ``items``
-    has no length."""
+    process other than rank 0 (each one loads the model: one display, not one per GPU), nor with ``LORAKIT_PROGRESS=0``.
+    ``total``: when ``items`` has no length."""
     total = len(items) if total is None else total  # type: ignore[arg-type]
-    mode = stderr_mode() if os.environ.get("RANK", "0") in ("", "0") else False
+    mode = stderr_mode() if os.environ.get("RANK", "0") in ("", "0") and not library_progress_off() else False
     shown = counter(total, what, mode, unit=unit, delay_s=SLOW_WORK_S)
     try:
         for item in items:

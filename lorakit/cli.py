@@ -48,6 +48,7 @@ lorakit COMMAND --help (or lorakit help COMMAND) shows each command's options, d
 environment:
   LORAKIT_CACHE           where the embedded model is converted on first use (default: ~/.cache/lorakit)
   LORAKIT_API_KEY         lorakit serve's --api-key when the flag is not given
+  LORAKIT_PROGRESS        0: no progress from library calls (merge, loading, quantizing) in your own programs
   LORAKIT_DISABLE_TRITON  1: PyTorch reference kernels instead of the Triton ones (comparisons, bisecting)
   LORAKIT_DISABLE_PDL     1: no programmatic dependent launch between kernels on Hopper GPUs
 """

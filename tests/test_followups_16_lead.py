@@ -60,3 +60,21 @@ def test_engine_gives_generators_to_seeded_requests_only():
     seeded = made["seeded"].generator
     assert isinstance(seeded, torch.Generator)
     assert torch.equal(torch.rand(4, generator=seeded), torch.rand(4, generator=torch.Generator().manual_seed(5)))
+
+
+def test_lorakit_progress_0_silences_library_progress(capsys, monkeypatch):
+    """Library work (here quantizing to NF4) counts itself on stderr once slow; a program that calls lorakit and keeps
+    its own stderr clean sets LORAKIT_PROGRESS=0."""
+    import lorakit._progress
+    from conftest import tiny_llama
+    from lorakit.quant.quantize import quantize
+
+    monkeypatch.setattr(lorakit._progress, "SLOW_WORK_S", 0.0)  # any work counts as slow
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LORAKIT_PROGRESS", raising=False)
+    quantize(tiny_llama())
+    assert "quantizing to NF4" in capsys.readouterr().err
+    for value in ("0", "off", "False"):
+        monkeypatch.setenv("LORAKIT_PROGRESS", value)
+        quantize(tiny_llama())
+        assert capsys.readouterr().err == ""
