@@ -145,8 +145,8 @@ def library_progress_off() -> bool:
 def slow_work(items: Iterable[T], what: str, unit: str, total: int | None = None) -> Iterator[T]:
     """``items``, counted on stderr as each one is done, for library work a user waits on that no --progress flag
     reaches: a bar on a terminal, plain lines in a log, only after :data:`SLOW_WORK_S`; nothing on a torchrun
-    process other than rank 0 (each one loads the model: one display, not one per GPU), nor with ``LORAKIT_PROGRESS=0``.
-    ``total``: when ``items`` has no length."""
+    process other than rank 0 (each one loads the model: one display, not one per GPU), nor with
+    ``LORAKIT_PROGRESS=0``. ``total``: when ``items`` has no length."""
     total = len(items) if total is None else total  # type: ignore[arg-type]
     mode = stderr_mode() if os.environ.get("RANK", "0") in ("", "0") and not library_progress_off() else False
     shown = counter(total, what, mode, unit=unit, delay_s=SLOW_WORK_S)
