@@ -256,3 +256,30 @@ def _other_shapes(tmp_path: Path) -> Path:
     tiny_llama(seed=0, vocab_size=32, hidden_size=64, intermediate_size=40, num_hidden_layers=2).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def test_validation_data_in_another_format_than_the_training_data_is_warned_about(tiny, tmp_path):
+    """Chats to train on and prompt/completion records to validate with (two files exported differently): the chats
+    go through the chat template and the records do not, so the validation loss and exact match measured another
+    prompt format, without a word. Now one warning line; data of one format, or --val-fraction, gets none."""
+    from lorakit.cli import main
+
+    chats = write_jsonl(tmp_path / "chats.jsonl", task_records(16, seed=1, shape="messages"))
+    plain = write_jsonl(tmp_path / "plain.jsonl", task_records(4, seed=2))
+    common = ["--model", str(tiny), "--max-steps", "1", "--rank", "4", "--batch-size", "4", "--eval-examples", "0",
+              "--no-progress"]
+    with warnings.catch_warnings(record=True) as caught:  # the CLI prints each as one 'warning: ...' line
+        warnings.simplefilter("always")
+        assert main(["train", "--data", str(chats), "--val-data", str(plain), "--out", str(tmp_path / "a"),
+                     *common]) == 0
+    said = [str(w.message) for w in caught if "another prompt format" in str(w.message)]
+    assert said == ["validation data: the training examples are chats (messages), the validation examples "
+                    "prompt/completion records (plain text); chats are rendered with the chat template and the others "
+                    "as plain text, so the validation loss and exact match score another prompt format than the one "
+                    "trained: give the validation data in the training data's shape (or hold out training data: "
+                    "--val-fraction 0.1)"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "--data", str(chats), "--val-fraction", "0.25", "--out", str(tmp_path / "b"),
+                     *common]) == 0
+    assert not [w for w in caught if "another prompt format" in str(w.message)]

@@ -815,6 +815,31 @@ def validation_in_training(train: SupervisedDataset, validation: SupervisedDatas
     return None
 
 
+def validation_in_another_format(train: SupervisedDataset, validation: SupervisedDataset,
+                                 tokenizer: Any) -> str | None:
+    """The warning for a validation set rendered in another prompt format than the training set, else None: chats
+    (``messages``) go through the chat template, ``text`` and ``prompt``/``completion`` records are plain text. A
+    model trained on chats and scored on plain prompts (or the reverse) shows a validation loss and exact match
+    that do not follow its training, with no word why. Sets that mix both, and a tokenizer without a chat template
+    (chat-like records then train as plain prompts too), are left alone."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    trained = {record.shape == "messages" for record in train.records}
+    scored = {record.shape == "messages" for record in validation.records}
+    if len(trained) != 1 or len(scored) != 1 or trained == scored:
+        return None
+
+    def kind(dataset: SupervisedDataset) -> str:
+        shapes = sorted({record.shape for record in dataset.records})
+        return ("chats (messages)" if shapes == ["messages"]
+                else " and ".join(s.replace("_", "/") for s in shapes) + " records (plain text)")
+
+    return (f"validation data: the training examples are {kind(train)}, the validation examples {kind(validation)}; "
+            "chats are rendered with the chat template and the others as plain text, so the validation loss and "
+            "exact match score another prompt format than the one trained: give the validation data in the training "
+            "data's shape (or hold out training data: --val-fraction 0.1)")
+
+
 def build_datasets(
     train: str | Path | Sequence[str | Path],
     tokenizer: Any,

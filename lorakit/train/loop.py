@@ -45,7 +45,8 @@ from lorakit.train.distributed import (  # world is re-exported: the runner impo
     all_reduce_gradients, all_reduce_sum, apply_fsdp, full_state, gather_objects, gathered_trainable, is_sharded,
     sharded_grad_norm_and_clip, with_gradient_anywhere, world)
 from lorakit.train.batches import BatchIterator, Collator
-from lorakit.train.data import SupervisedDataset, build_dataset, pad_id_for, validation_in_training
+from lorakit.train.data import (SupervisedDataset, build_dataset, pad_id_for, validation_in_another_format,
+                                validation_in_training)
 from lorakit.train.evaluate import autocast_context, dataset_loss, loss_sum, supervised_tokens, to_device
 from lorakit.train.packing import check_packed_rows, sliding_window_layout, window_packed_masks
 from lorakit.train.report import CURVE_NAME, METRICS_NAME, MetricsLog, plot_loss_curve
@@ -487,6 +488,9 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     overlap = validation_in_training(train_ds, val_ds) if val_ds is not None and main else None
     if overlap:
         warnings.warn(overlap, stacklevel=2)
+    other_format = validation_in_another_format(train_ds, val_ds, tokenizer) if val_ds is not None and main else None
+    if other_format:
+        warnings.warn(other_format, stacklevel=2)
     pad_id = pad_id_for(tokenizer)
     collator = Collator(pad_id, pad_to_multiple_of=8 if device.type == "cuda" else None,
                         mask_dtype=compute_dtype or torch.float32)
