@@ -415,16 +415,19 @@ def keeps_own_class(parent: nn.Module, name: str, module: nn.Module) -> bool:
     """Whether ``parent.<name>`` (``module``, a linear layer) must stay the module it is: its parent reads its
     ``.weight`` itself, or it is an nn.Linear subclass with its own forward (see ``_custom_forward``). A LoRA
     wrapper skips such layers; ``lorakit.quantize`` keeps them dense (an NF4Linear has no ``.weight`` to read, and
-    computes only x @ W.T + b)."""
-    return _custom_forward(module) or _reads_weight(parent, name)
+    computes only x @ W.T + b). Here, and not for LoRA, writes through ``.weight.data`` count too: Gemma 3n clamps
+    ``altup.prediction_coefs.weight.data`` in place at each training step, which a LoRA layer passes on to its base
+    layer's weight and an NF4Linear, holding none, cannot take."""
+    return _custom_forward(module) or _reads_weight(parent, name, data=True)
 
 
-def _reads_weight(parent: nn.Module, name: str) -> bool:
-    """``_weight_read_raw`` for the child ``name`` of ``parent``."""
+def _reads_weight(parent: nn.Module, name: str, data: bool = False) -> bool:
+    """``_weight_read_raw`` for the child ``name`` of ``parent``; ``data``: ``self.<name>.weight.data`` counts too."""
     if not name.isidentifier():
         return False
     source = _class_source(type(parent))
-    pattern = rf"self\.{name}\.weight\b(?!\s*\.\s*(?:dtype|device|shape|ndim|data\b|is_meta|requires_grad))"
+    facts = "dtype|device|shape|ndim|is_meta|requires_grad" + ("" if data else r"|data\b")
+    pattern = rf"self\.{name}\.weight\b(?!\s*\.\s*(?:{facts}))"
     for match in re.finditer(pattern, source):
         line = source[source.rfind("\n", 0, match.start()) + 1: match.start()]
         if not re.search(r"isinstance\(|init\.\w+\(|nn\.init|_init_", line) and not _in_dead_branch(parent, source,
