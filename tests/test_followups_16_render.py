@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 
 import pytest
 
@@ -203,6 +204,22 @@ def test_templates_the_windows_get_wrong_take_the_exact_renders(template, monkey
     if template is COUNTING:
         monkeypatch.setattr(chat_prefix, "spot_turns", lambda count: [])
         assert tokenized(record, tok) != exact
+
+
+def test_a_long_chat_that_takes_the_exact_renders_says_so(monkeypatch):
+    """A chat whose exact renders would take a while (their number lowered here) warns, in one line, why the record
+    takes long and what to do; one the windows render does not."""
+    monkeypatch.setattr(chat_turns, "SLOW_RENDERS", 1000)
+    numbered = build_tokenizer(NUMBERED, CHATML_SPECIALS, None, "<|im_end|>", "<|endoftext|>")
+    with pytest.warns(UserWarning) as caught:
+        assert len(tokenize_examples(long_chat(40), numbered, 10**6)) == 40
+    (warning,) = [str(w.message) for w in caught]
+    assert warning.startswith("<record>: this chat of 81 messages is rendered prefix by prefix, once per assistant "
+                              "turn (40), which takes time growing with the square of its length") and \
+        warning.endswith("split it into shorter chats if this is too slow") and "\n" not in warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(tokenize_examples(long_chat(40, reasoning=True), tokenizer("qwen3"), 10**6)) == 40
 
 
 def test_shared_tokens_are_checked_against_tokenizing_alone(monkeypatch):

@@ -31,6 +31,7 @@ content, Mistral's 9-character ids) through :func:`tool_call_variants`, tried in
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +42,9 @@ from lorakit.train.formats import REASONING_KEYS
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 Span = tuple[int, int]
+# messages the exact renders of a chat render in all (2i per turn i) past which the chat says why it is slow: about
+# 10 s (a 1,001-message chat of 500 turns renders 500,000; its windows would have rendered ~10,000)
+SLOW_RENDERS = 200_000
 # render(messages, add_generation_prompt) -> text, with the record's tools and error location bound in
 Render = Callable[[list, bool], str]
 
@@ -79,6 +83,11 @@ def chat_examples(messages: Sequence[Mapping], targets: Sequence[int], render: R
             check(i, full[start:end])
         return [(full, spans)], False
     renders = rewritten_renders(messages, targets, render, full)  # a long chat, in linear time; None: the exact ones
+    if renders is None and 2 * sum(targets) >= SLOW_RENDERS:  # the per-record progress would stand still a while
+        warnings.warn(f"{where}: this chat of {len(messages):,} messages is rendered prefix by prefix, once per "
+                      f"assistant turn ({len(targets):,}), which takes time growing with the square of its length: its "
+                      "chat template writes a shorter chat in a way the fast path could not follow; split it into "
+                      "shorter chats if this is too slow", stacklevel=2)
     turns = []  # (i, context with generation prompt, render through turn i)
     for t, i in enumerate(targets):  # the chat through its last message is the whole chat, already rendered
         if renders is not None:
