@@ -343,6 +343,22 @@ def test_refused_fields_name_themselves(server, fields, param, words):
     assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error", error
 
 
+def test_an_earlier_refusal_renders_as_what_the_assistant_said(server):
+    """An assistant turn's OpenAI ``refusal`` part (the openai package's assistant content: text or refusal parts)
+    is its text in the template; a user's refusal part is still refused."""
+    said = "I cannot help with that."
+    def prompt(content) -> list[int]:
+        history = [QUESTION[0], {"role": "assistant", "content": content}, {"role": "user", "content": "Why?"}]
+        return _post(server, "/v1/chat/completions", {"messages": history, "max_tokens": 1,
+                                                      "return_token_ids": True})["prompt_token_ids"]
+
+    assert prompt([{"type": "refusal", "refusal": said}]) == prompt(said) == _rendered(
+        server, [QUESTION[0], {"role": "assistant", "content": said}, {"role": "user", "content": "Why?"}])
+    error = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "refusal", "refusal": said}]}]}, status=400)["error"]
+    assert error["param"] == "messages.0.content" and "type 'refusal'" in error["message"]
+
+
 def test_the_openai_package_newer_fields(server):
     import openai
 

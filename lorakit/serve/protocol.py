@@ -669,6 +669,10 @@ class Message(_Strict):
             return value
         if not isinstance(value, list):
             raise ValueError("content must be a string or a list of text parts ({'type': 'text', 'text': ...})")
+        if info.data.get("role") == "assistant":  # OpenAI's assistant parts: text, or a refusal (what it said)
+            value = [{"type": "text", "text": part["refusal"]} if isinstance(part, dict) and part.get("type") ==
+                     "refusal" and set(part) == {"type", "refusal"} and isinstance(part["refusal"], str) else part
+                     for part in value]
         for part in value:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind != "text":
