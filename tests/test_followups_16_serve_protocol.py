@@ -202,6 +202,9 @@ def test_request_id_and_continuous_usage(server):
     prompt = events[-1]["usage"]["prompt_tokens"]
     assert all(e["usage"]["prompt_tokens"] == prompt and e["usage"]["total_tokens"] == prompt +
                e["usage"]["completion_tokens"] for e in events)
+    scored = _events(server, "/v1/completions", {"prompt": "hi there", "max_tokens": 0, "echo": True, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}})  # known whole: the usage on every chunk too
+    assert [e["usage"] for e in scored[:-1]] == [scored[-1]["usage"]] and scored[-1]["usage"]["completion_tokens"] == 0
     only_last = _events(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 5,
                                                          "stream_options": {"include_usage": True}})
     assert all(e["usage"] is None for e in only_last[:-1]) and only_last[-1]["usage"]["completion_tokens"] == 5

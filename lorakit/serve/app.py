@@ -703,13 +703,15 @@ class _SharedPin:
 
 def _streamed_whole(answer: dict, body) -> StreamingResponse:
     """A completions ``answer`` known whole before it is sent (echo with max_tokens 0) as the events of a stream:
-    one chunk per choice, the usage (``stream_options.include_usage``), ``[DONE]``."""
+    one chunk per choice (with continuous_usage_stats, each with the usage: nothing generated), the usage
+    (``stream_options.include_usage``), ``[DONE]``."""
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    per_chunk = answer["usage"] if include_usage and body.stream_options.continuous_usage_stats else None
 
     def events():
         head = {key: answer[key] for key in ("id", "object", "created", "model")}
         for choice in answer["choices"]:
-            yield f"data: {json.dumps({**head, 'choices': [choice], **({'usage': None} if include_usage else {})})}\n\n"
+            yield f"data: {json.dumps({**head, 'choices': [choice], **({'usage': per_chunk} if include_usage else {})})}\n\n"
         if include_usage:
             yield f"data: {json.dumps({**head, 'choices': [], 'usage': answer['usage']})}\n\n"
         yield "data: [DONE]\n\n"
