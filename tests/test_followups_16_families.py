@@ -293,3 +293,27 @@ def test_a_modernbert_encoder_folder_is_refused_in_one_line(tmp_path):
                                            r"decoder-only causal LMs") as refused:
         lorakit.load_base(str(tmp_path / "modernbert"), device="cpu")
     assert "\n" not in str(refused.value)
+
+
+def test_a_gemma3n_folder_needing_timm_names_the_install_command(tmp_path, capsys):
+    """Gemma 3n's released checkpoints (Gemma3nForConditionalGeneration) build their vision tower with timm; without
+    it the refusal kept only the first line of transformers' message, "... You can install it with pip:", and lost
+    the command that followed on the next line."""
+    import importlib.util
+
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed: transformers builds the vision tower")
+    folder = tmp_path / "gemma3n"
+    config = tf.Gemma3nConfig(text_config=dict(FAMILIES["gemma3n_text"][2]))
+    config.architectures = ["Gemma3nForConditionalGeneration"]
+    config.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    save_file({"model.language_model.embed_tokens.weight": torch.zeros(VOCAB, 32)}, str(folder / "model.safetensors"))
+    code, out, err = cli(capsys, "generate", "--model", folder, "--max-new-tokens", 1, "hi")
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"lorakit generate: error: cannot load the model in {folder}: ")
+    assert "requires the timm library" in last and "`pip install timm`" in last

@@ -779,7 +779,12 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
         rope = unknown_rope_type(folder, error)
         if rope is not None:
             raise rope from None
-        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        reason = lines[0]
+        for line in lines[1:]:  # "... You can install it with pip:" is followed by the command on its own line
+            if not reason.endswith(":"):
+                break
+            reason = f"{reason} {line}"
         raise LorakitError(f"cannot load the model in {folder}: {reason}") from None
     mismatched = sorted(info.get("mismatched_keys") or [])
     if mismatched:  # (key, shape in the file, shape config.json gives); transformers 4.x lists the keys alone
