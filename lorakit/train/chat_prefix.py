@@ -19,8 +19,9 @@ Nothing is assumed without being checked: each window must render its shorter pr
 must add up to the whole chat exactly as rendered (character for character), each generation prompt must be
 the text the whole chat has where the turn begins, and the renders of a few turns (:func:`spot_turns`) are made
 exactly and must be what the windows gave. A template that rewrites earlier turns (Qwen3's ``<think>``),
-numbers turns, or renders a window in any way the whole chat does not fails one of these, and the caller falls
-back to the exact renders. Short chats (under :data:`MIN_MESSAGES`) use the exact renders directly: they are fast.
+numbers turns, or renders a window in any way the whole chat does not fails one of these, and the caller tries
+:mod:`lorakit.train.chat_rewrites` (windows for templates that rewrite the end of the chat), then the exact renders.
+Short chats (under :data:`MIN_MESSAGES`) use the exact renders directly: they are fast.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ runs to where ``render(messages[:i + 1])`` ends. Two kinds of template:
   assistant turn, each rendered as the template renders it when that turn is the one being generated: the earlier
   turns are masked context exactly as at inference, the turn itself is the target. Consecutive turns whose
   examples are prefixes of each other share one example (a Qwen3 tool-calling chain after the last user query is
-  one), so tokens are not repeated where the template does not require it.
+  one), so tokens are not repeated where the template does not require it. A long chat's renders are read from
+  windows (:mod:`lorakit.train.chat_rewrites`) and its examples share their tokens (:mod:`lorakit.train.chat_tokens`),
+  in time linear in the chat.
 
 A generation prompt that opens a block the rendered turn does not show (DeepSeek-R1 distills and QwQ end it with
 ``<think>\\n`` and strip the reasoning from every turn they render) is continued with the turn as the user wrote it
