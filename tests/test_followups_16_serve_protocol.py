@@ -372,11 +372,18 @@ def test_the_openai_package_newer_fields(server):
         safety_identifier="u1", extra_body={"request_id": "sdk-1", "cache_salt": "salt"})
     assert answer.id == "chatcmpl-sdk-1" and answer.usage.completion_tokens == 3
     response = client.responses.create(model="base", input="hi", max_output_tokens=16, service_tier="fast",
-                                       prompt_cache_options={"mode": "implicit"}, reasoning={"effort": "low"})
+                                       prompt_cache_options={"mode": "implicit"}, reasoning={"effort": "low"},
+                                       image={"context_compression": "auto"}, context_management=[])
     assert response.status == "incomplete" and response.reasoning.effort == "low"
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model="base", input="hi", moderation={"model": "omni-moderation-latest"})
     assert caught.value.body["param"] == "moderation"
+    for field, value, words in (("context_management", [{"type": "compaction", "compact_threshold": 1000}], "compacted"),
+                                ("background_options", {"completion_window": "2h"}, "background"),
+                                ("access_programs", {"cyber": "standard"}, "access programs")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model="base", input="hi", **{field: value})
+        assert caught.value.body["param"] == field and words in caught.value.body["message"], caught.value.body
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="base", prompt="hi", extra_body={"priority": -5})
     assert caught.value.body["param"] == "priority" and "send 0" in caught.value.body["message"]

@@ -1296,6 +1296,11 @@ class ResponsesRequest(_VllmSampling):
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None  # a billing hint
     prompt_cache_options: CacheOptions | None = None  # a hint for OpenAI's prompt cache: no effect
     moderation: dict | None = None  # refused: no moderation model here
+    image: dict | None = None  # options for input images, which this server takes none of: no effect
+    # OpenAI's account programs, background windows and server-side compaction: empty only
+    access_programs: dict | None = None
+    background_options: dict | None = None
+    context_management: list | None = None
     store: bool | None = None  # accepted either way; nothing is stored (the answer says "store": false)
     text: TextConfig | None = None
     tools: list[ResponsesFunctionTool] | None = Field(None, max_length=MAX_TOOLS)
@@ -1401,6 +1406,14 @@ class ResponsesRequest(_VllmSampling):
     @classmethod
     def _no_moderation(cls, value: dict | None) -> dict | None:
         return _off(value, "moderation", (None,), MODERATION_WHY)
+
+    @field_validator("access_programs", "background_options", "context_management")
+    @classmethod
+    def _openai_only(cls, value: Any, info) -> Any:
+        why = {"access_programs": "OpenAI's access programs do not apply to this server",
+               "background_options": "background responses are not run here (nothing is stored to fetch later)",
+               "context_management": "the input is never compacted: one over the context is refused"}
+        return _off(value or None, info.field_name, (None,), why[info.field_name])
 
     def template_options(self) -> dict | None:
         """The chat template's keywords: chat_template_kwargs, and ``reasoning.effort`` as chat's reasoning_effort
