@@ -244,10 +244,11 @@ def test_repetition_watch_is_the_naive_check():
     from lorakit.serve.repetition import RepetitionWatch
 
     generator = random.Random(0)
-    for trial in range(300):
-        most, count = generator.randint(1, 5), generator.randint(2, 4)
+    for trial in range(600):
+        most, count = generator.randint(1, 5 if trial < 300 else 12), generator.randint(2, 4)
         least = generator.randint(0, most)
-        tokens = [generator.randint(0, 2) for _ in range(generator.randint(1, 60))]
+        alphabet = 2 if trial < 300 else generator.randint(2, 6)
+        tokens = [generator.randint(0, alphabet) for _ in range(generator.randint(1, 60 if trial < 300 else 150))]
         watch = RepetitionWatch(most, least, count)
         first = next((i for i, token in enumerate(tokens) if watch.add(token)), None)
         assert first == _naive_first(tokens, most, least, count), (tokens, most, least, count)
