@@ -37,6 +37,8 @@ def test_local_folder_loads_the_same_way(tmp_path, embedded_base):
 
 def test_bad_model_arguments(tmp_path):
     with pytest.raises(lorakit.LorakitError, match="neither an embedded model"):
+        lorakit.load_base("no-such-model")
+    with pytest.raises(lorakit.LorakitError, match="model folder .*missing does not exist; check the path"):
         lorakit.load_base(str(tmp_path / "missing"))
     with pytest.raises(lorakit.LorakitError, match="no config.json"):
         lorakit.load_base(str(tmp_path))

@@ -283,3 +283,20 @@ def test_validation_data_in_another_format_than_the_training_data_is_warned_abou
         assert main(["train", "--data", str(chats), "--val-fraction", "0.25", "--out", str(tmp_path / "b"),
                      *common]) == 0
     assert not [w for w in caught if "another prompt format" in str(w.message)]
+
+
+def test_a_mistyped_model_folder_is_named_as_a_folder_with_the_one_meant(tiny, tmp_path, capsys, monkeypatch):
+    """`--model ./tinyy` was told "model './tinyy' is neither an embedded model (smollm2-135m) nor a local folder;
+    lorakit loads no models from the internet: download it first": the user had typed a path, to a folder that is
+    right there. A path is named as a missing folder, with the close one beside it; a Hub id keeps its own line."""
+    from lorakit.cli import main
+
+    monkeypatch.chdir(tiny.parent)
+    for typed, said in ((f"./{tiny.name}y", f"model folder ./{tiny.name}y does not exist; did you mean ./{tiny.name}?"),
+                        (f"{tiny}x/", f"model folder {tiny}x/ does not exist; did you mean {tiny}?"),
+                        (str(tmp_path / "nothing" / "model"), f"model folder {tmp_path}/nothing/model does not exist; "
+                         "check the path (lorakit reads local folders and loads no models from the internet)")):
+        assert main(["generate", "--model", typed, "hi"]) == 2
+        assert _last_line(capsys.readouterr().err) == f"lorakit generate: error: {said}"
+    assert main(["generate", "--model", "some-org/some-model", "hi"]) == 2  # an id: how to download it
+    assert "looks like a Hugging Face Hub id" in capsys.readouterr().err

@@ -25,6 +25,28 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float": torch.float32}
 
 
+def _looks_like_path(text: str) -> bool:
+    """A path rather than a name: it starts at the root, the home folder or the current one, or has folders in it
+    (an ``org/name`` Hub id looks like one too: ``looks_like_hub_id`` is asked first)."""
+    return text.startswith(("/", "./", "../", "~", ".\\")) or "/" in text.strip("/") or os.sep in text.strip(os.sep)
+
+
+def _nearby_model_folder(text: str) -> str | None:
+    """A model folder (one holding config.json) beside the path ``text`` names, with a close name (a typo), written
+    as the user wrote the path (``./tinyy`` -> ``./tiny``); None when there is none."""
+    import difflib
+
+    given = text.rstrip("/\\")
+    folder = Path(given).expanduser()
+    parent = folder.parent
+    try:
+        names = [p.name for p in parent.iterdir() if (p / "config.json").is_file()] if parent.is_dir() else []
+    except OSError:  # an unreadable parent: no suggestion
+        return None
+    close = difflib.get_close_matches(folder.name, names, n=1, cutoff=0.75)
+    return given[: len(given) - len(folder.name)] + close[0] if close and given.endswith(folder.name) else None
+
+
 def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
     """(local folder, display name) for an embedded name or a Hugging Face model folder."""
     key = _ALIASES.get(str(name_or_folder).lower(), str(name_or_folder).lower())
@@ -52,6 +74,12 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
             hub = (f" ({text!r} looks like a Hugging Face Hub id, and it is not in the Hugging Face cache "
                    f"{hub_cache_root()}: `hf download {text}` puts it there, then pass the same id; or `hf download "
                    f"{text} --local-dir {text.rsplit('/', 1)[1]}`, then pass that folder)")
+        nearby = _nearby_model_folder(text)  # a typo of a folder beside it: ./tinyy for ./tiny
+        if nearby is not None:
+            raise LorakitError(f"model folder {text} does not exist; did you mean {nearby}?")
+        if not hub and _looks_like_path(text):  # ./my-model, /models/llama, ~/x: a folder meant, not a name
+            raise LorakitError(f"model folder {text} does not exist; check the path (lorakit reads local folders and "
+                               "loads no models from the internet)")
         raise LorakitError(f"model {name_or_folder!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a "
                            f"local folder; lorakit loads no models from the internet: download it first{hub}")
     check_links(folder)
