@@ -300,3 +300,20 @@ def test_a_mistyped_model_folder_is_named_as_a_folder_with_the_one_meant(tiny, t
         assert _last_line(capsys.readouterr().err) == f"lorakit generate: error: {said}"
     assert main(["generate", "--model", "some-org/some-model", "hi"]) == 2  # an id: how to download it
     assert "looks like a Hugging Face Hub id" in capsys.readouterr().err
+
+
+def test_demo_on_my_model_ends_with_the_train_command_for_that_model(tiny, tmp_path, capsys):
+    """`lorakit demo --model ./my-model` ended with "next: `lorakit train` fine-tunes this model on the embedded
+    task in a few minutes": pasted, that trains the embedded SmolLM2, not the model the demo ran."""
+    from lorakit.cli import build_parser, main
+    from lorakit.commands.demo import next_command
+
+    assert main(["demo", "--model", str(tiny), "--rank", "4", "--prompt", "copy a b"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    command = re.fullmatch(r"next: `(lorakit train [^`]*)` fine-tunes this model on the embedded task .*", line)
+    assert command, line
+    argv = shlex.split(command.group(1))[1:]
+    assert build_parser(only="train").parse_args(argv).model == str(tiny)
+    assert next_command("smollm2-135m", True).startswith("`lorakit train` ")  # the embedded model: as before
+    plain = next_command("./base model", False)  # no chat template: the embedded chats would be refused
+    assert plain.startswith("`lorakit train --model './base model' --data train.jsonl` ")

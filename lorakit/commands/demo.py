@@ -54,5 +54,21 @@ def run(args: argparse.Namespace) -> int:
     answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     who = "assistant" if has_chat_template(tokenizer) else "continuation (no chat template)"
     print(f"user: {args.prompt}\n{who} (base + fresh adapter, which starts equal to the base): {answer.strip()}")
-    print("next: `lorakit train` fine-tunes this model on the embedded task in a few minutes")
+    print(f"next: {next_command(args.model, has_chat_template(tokenizer))}")
     return 0
+
+
+def next_command(model: str, chat: bool) -> str:
+    """The demo's last line: the training command for the model it ran. ``lorakit train`` alone trains the embedded
+    model, so another --model is named; the embedded task is chats, which need a chat template."""
+    import shlex
+
+    from lorakit.models.loading import _ALIASES, EMBEDDED_MODELS
+
+    if str(model).lower() in (*EMBEDDED_MODELS, *_ALIASES):
+        return "`lorakit train` fine-tunes this model on the embedded task in a few minutes"
+    if chat:
+        return (f"`lorakit train --model {shlex.quote(model)}` fine-tunes this model on the embedded task "
+                "(--data FILE: on your own)")
+    return (f"`lorakit train --model {shlex.quote(model)} --data train.jsonl` fine-tunes this model on your data (the "
+            "embedded task is chats, which need a chat template)")
