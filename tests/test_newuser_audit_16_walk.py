@@ -317,3 +317,17 @@ def test_demo_on_my_model_ends_with_the_train_command_for_that_model(tiny, tmp_p
     assert next_command("smollm2-135m", True).startswith("`lorakit train` ")  # the embedded model: as before
     plain = next_command("./base model", False)  # no chat template: the embedded chats would be refused
     assert plain.startswith("`lorakit train --model './base model' --data train.jsonl` ")
+
+
+def test_every_model_option_help_says_it_takes_a_hub_id_from_the_cache():
+    """The README's Train section says --model takes an org/name id that `hf download` put in the Hugging Face
+    cache (and every command reads it so); each --help said only "embedded name or local folder", so a user who
+    reads the help alone ran `hf download ... --local-dir` for nothing, or thought lorakit could not use the cache."""
+    from lorakit.cli import SUBCOMMANDS, build_parser
+
+    for command in SUBCOMMANDS:
+        parser = build_parser(only=command)
+        sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+        options = {option: action for action in sub._actions for option in action.option_strings}
+        if "--model" in options:
+            assert "org/name id in the Hugging Face cache" in options["--model"].help, (command, options["--model"].help)

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 --out may be new or an empty folder; --overwrite replaces a previous adapter folder whole (a folder
 holding other files is refused, never emptied)."""
     parser.add_argument("--model", default=None, help="the base the adapters were trained on: embedded "
-                        "model name or local HF folder (default: smollm2-135m)")
+                        "model name, local HF folder or org/name id in the Hugging Face cache (default: "
+                        "smollm2-135m)")
     parser.add_argument("--adapter", action="append", required=True, metavar="DIR[=WEIGHT]",
                         help="an adapter folder and its weight (default 1.0; negative subtracts it); repeat for each "
                              "input, e.g. --adapter a=0.7 --adapter b=0.3")

@@ -15,7 +15,8 @@ EPILOG = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder (default: %(default)s)")
+    parser.add_argument("--model", default="smollm2-135m", help="embedded model name, local HF folder or org/name "
+                        "id in the Hugging Face cache (default: %(default)s)")
     parser.add_argument("--prompt", default="What is the capital of France?",
                         help="user message to answer (default: %(default)r)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")

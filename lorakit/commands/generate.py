@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument("prompt", nargs="?", help="the prompt (default, or '-': read standard input)")
-    parser.add_argument("--model", default=None, help="the base the adapters were trained on: embedded model name or "
-                        "local HF folder (default: smollm2-135m)")
+    parser.add_argument("--model", default=None, help="the base the adapters were trained on: embedded model name, "
+                        "local HF folder or org/name id in the Hugging Face cache (default: smollm2-135m)")
     parser.add_argument("--adapter", action="append", default=[], help="adapter folder; repeat to compare adapters")
     parser.add_argument("--base", action="store_true", help="also answer with the base model alone")
     parser.add_argument("--max-new-tokens", type=int, default=None, help=f"most tokens generated per answer (default: "

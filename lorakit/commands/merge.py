@@ -31,8 +31,8 @@ DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--model", default=None, help="the base the adapter was trained on: embedded model name or "
-                        "local HF folder (default: smollm2-135m)")
+    parser.add_argument("--model", default=None, help="the base the adapter was trained on: embedded model name, "
+                        "local HF folder or org/name id in the Hugging Face cache (default: smollm2-135m)")
     parser.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("--out", required=True, help="output folder: new or empty (or a previous output, with --overwrite)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights dtype of the output folder "

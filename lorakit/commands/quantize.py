@@ -26,7 +26,8 @@ EPILOG = """example:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--model", required=True, help="embedded model name or local Hugging Face folder (16-bit)")
+    parser.add_argument("--model", required=True, help="embedded model name, local Hugging Face folder or org/name "
+                        "id in the Hugging Face cache (16-bit)")
     parser.add_argument("--out", required=True, help="output folder: new or empty (or a previous output, with --overwrite)")
     parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="split the weights into safetensors "
                         "files of at most SIZE (e.g. 2GB, 500MB) with a model.safetensors.index.json (default: %(default)s)")

@@ -32,7 +32,8 @@ EPILOG = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder (default: %(default)s)")
+    parser.add_argument("--model", default="smollm2-135m", help="embedded model name, local HF folder or org/name "
+                        "id in the Hugging Face cache (default: %(default)s)")
     parser.add_argument("--adapters", required=True, help="folder of adapters: each subfolder is one adapter, named by the folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")

@@ -42,7 +42,8 @@ class TrainConfig:
     """Options of a training run. See ``lorakit train --help`` for each one."""
 
     # -- model and data ------------------------------------------------------------------------------------------
-    model: str = _f("smollm2-135m", "base model: the embedded name (smollm2-135m) or a local Hugging Face folder", "model and data")
+    model: str = _f("smollm2-135m", "base model: the embedded name (smollm2-135m), a local Hugging Face folder or an "
+                    "org/name id in the Hugging Face cache", "model and data")
     data: list[str] | None = _f(None, "training data: JSONL, JSON, CSV, TSV, Parquet or Arrow files (or .gz, .zst, "
                                 ".xz, .bz2), a folder of them or a datasets folder; records {text}, {prompt, completion}, {messages} "
                                 "(OpenAI chat), Alpaca {instruction, input, output} or ShareGPT {conversations}; default: "

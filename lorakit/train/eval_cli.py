@@ -34,8 +34,8 @@ EPILOG = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--model", default=None, help="base model: embedded name or local Hugging Face folder "
-                        "(default: smollm2-135m)")
+    parser.add_argument("--model", default=None, help="base model: embedded name, local Hugging Face folder or "
+                        "org/name id in the Hugging Face cache (default: smollm2-135m)")
     parser.add_argument("--adapter", metavar="FOLDER", help="adapter folder (PEFT format, e.g. RUN/adapter); omit to "
                         "score the base model alone")
     parser.add_argument("--data", nargs="+", action="extend", metavar="PATH", help="JSONL / CSV files or a datasets folder; default: the "
