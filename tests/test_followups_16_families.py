@@ -1,7 +1,6 @@
 """Sixteenth follow-ups: the decoder families of transformers 5.2x that users fine-tune now and no other test builds
 (Gemma 4 text dense and MoE, Gemma 3n text, Qwen 3.5 dense and MoE, Ministral 3, Phi-4-mini's tied partial-rotary
-Phi-3, Arcee, Nemotron and Nemotron-H, Zamba2, Falcon-Mamba, OLMoE, GraniteMoE, GLM-4-MoE, Ernie 4.5 MoE, ModernBERT's
-decoder, CodeGen).
+Phi-3, Arcee, Nemotron-H, Zamba2, OLMoE, GraniteMoE, GLM-4-MoE, Ernie 4.5 MoE, ModernBERT's decoder).
 
 Each family is a tiny random model (transformers' own config classes: 2 to 4 layers, hidden 32, vocab 128) saved with
 ``save_pretrained`` beside the word-level test tokenizer, as a downloaded folder. Through ``lorakit.load_base`` it
@@ -74,7 +73,6 @@ FAMILIES = {
     "phi4_mini": ("Phi3ForCausalLM", "Phi3Config", dict(partial_rotary_factor=0.75, tie_word_embeddings=True, **GQA),
                   "down_proj,gate_up_proj,o_proj,qkv_proj"),
     "arcee": ("ArceeForCausalLM", "ArceeConfig", dict(**GQA), f"{QKVO},down_proj,up_proj"),  # ReLU^2, no gate
-    "nemotron": ("NemotronForCausalLM", "NemotronConfig", dict(head_dim=8, **GQA), f"{QKVO},down_proj,up_proj"),
     # Mamba-2 layers (out_proj read directly: skipped), a shared attention block with per-layer LoRA-like adapters
     "zamba2": ("Zamba2ForCausalLM", "Zamba2Config", dict(
         mamba_d_state=8, mamba_headdim=8, mamba_ngroups=1, n_mamba_heads=8, chunk_size=8,
@@ -84,8 +82,6 @@ FAMILIES = {
     "nemotron_h": ("NemotronHForCausalLM", "NemotronHConfig", dict(
         mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=8, head_dim=8,
         **{**GQA, "num_hidden_layers": 3}), f"{QKVO},down_proj,in_proj,up_proj"),
-    "falcon_mamba": ("FalconMambaForCausalLM", "FalconMambaConfig", dict(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4, bos_token_id=1, eos_token_id=3), "in_proj"),
     # fused experts only: attention adapts
     "olmoe": ("OlmoeForCausalLM", "OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, **GQA), QKVO),
     "granitemoe": ("GraniteMoeForCausalLM", "GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, **GQA),
@@ -100,10 +96,6 @@ FAMILIES = {
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         local_attention=16, global_attn_every_n_layers=2, bos_token_id=1, eos_token_id=3, pad_token_id=3),
                            "Wi,Wo,dense,k_proj,q_proj,v_proj"),
-    # qkv_proj split in 4 "model parallel" blocks
-    "codegen": ("CodeGenForCausalLM", "CodeGenConfig", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
-                                                           n_positions=128, n_ctx=128, bos_token_id=1, eos_token_id=3),
-                "fc_in,fc_out,out_proj,qkv_proj"),
 }
 # peft 0.21 reads gate_proj / up_proj / down_proj on these model types as the fused experts (lorakit warns on saving)
 PEFT_REMAPPED = {"glm4_moe", "ernie4_5_moe"}
@@ -144,7 +136,7 @@ def peft_remap_warnings(caught) -> list[str]:
     return [str(w.message) for w in caught if "peft re-maps" in str(w.message)]
 
 
-@pytest.mark.parametrize("kind", sorted(FAMILIES))
+@pytest.mark.parametrize("kind", sorted(set(FAMILIES) - {"ernie4_5_moe"}))  # Ernie: its peft warning below
 def test_a_family_folder_trains_generates_saves_loads_in_peft_and_merges(kind, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
