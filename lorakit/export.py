@@ -243,8 +243,19 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out", overwrite: 
     # a replaced folder is renamed away (which needs write permission on it) and the new one made beside it
     for place in ((out, out.parent) if swapped else (parent,)):
         if not os.access(place, os.W_OK | os.X_OK):
+            if _read_only(place):  # root passes every permission check: a read-only mount is what refuses
+                raise LorakitError(f"{flag} {given}: cannot write in {place} ({os.strerror(errno.EROFS)}); choose "
+                                   f"another {flag}")
             raise LorakitError(f"{flag} {given}: no permission to write in {place}; choose another {flag}")
     return out
+
+
+def _read_only(place: Path) -> bool:
+    """Whether ``place`` is on a file system mounted read-only (a CD image, a container's read-only volume)."""
+    try:
+        return bool(os.statvfs(place).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows) or unreadable: call it a permission problem
+        return False
 
 
 def leftover_note(out: str | os.PathLike, flag: str = "--out") -> str | None:

@@ -348,3 +348,26 @@ def test_the_readmes_decoder_and_server_figures_are_the_spread_docs_performance_
     assert server, "the README gives the server's tokens/s as a range"
     for figure in server.groups():
         assert figure in docs, figure
+
+
+def test_an_output_on_a_read_only_mount_is_named_as_read_only_not_a_permission(tiny, adapters, tmp_path, capsys):
+    """merge / combine / quantize said "no permission to write in X" of a read-only mount (a container's read-only
+    volume), where root has every permission; lorakit train already said "Read-only file system". Needs a real
+    read-only mount (root with mount rights); skipped elsewhere."""
+    from lorakit.cli import main
+
+    place = tmp_path / "ro"
+    place.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(place)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a read-only file system here")
+    try:
+        for argv in (["merge", "--model", str(tiny), "--adapter", str(adapters["plain"])],
+                     ["combine", "--model", str(tiny), "--adapter", str(adapters["plain"])],
+                     ["quantize", "--model", str(tiny)]):
+            out = place / "out"
+            assert main([*argv, "--out", str(out)]) == 2
+            assert _last_line(capsys.readouterr().err) == (f"lorakit {argv[0]}: error: --out {out}: cannot write in "
+                                                           f"{place} (Read-only file system); choose another --out")
+    finally:
+        subprocess.run(["umount", str(place)], capture_output=True)
