@@ -179,6 +179,7 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
     from lorakit.commands._args import plain_warnings
 
     end_of_startup()
+    said = None  # the one line the command ends with, if it fails
     try:
         # the commands that write a folder: SIGTERM (`timeout`, a batch job's limit) removes the half-written one too
         writes = args.command in ("merge", "combine", "quantize")
@@ -186,13 +187,9 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
         with plain_warnings(), stopping:  # every command: a user reads "warning: ...", not lorakit's file:line
             code = int(module.run(args) or 0)
     except LorakitError as error:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process hits the same mistake: say it once
-            print(f"lorakit {args.command}: error: {error}", file=sys.stderr)
-        code = 2
+        said, code = f"lorakit {args.command}: error: {error}", 2
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # torchrun passes Ctrl-C to every process
-            print(f"lorakit {args.command}: interrupted", file=sys.stderr)
-        code = 130
+        said, code = f"lorakit {args.command}: interrupted", 130
     except BrokenPipeError:  # the output went to a reader that stopped early (lorakit inspect DIR | head): end quietly
         with contextlib.suppress(OSError, ValueError, AttributeError):  # so the interpreter's exit flush does not fail again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -201,10 +198,15 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
         if error.filename is None:
             raise
         name = str(error.filename) if len(str(error.filename)) <= 120 else str(error.filename)[:117] + "..."
+        said, code = f"lorakit {args.command}: error: {name}: {error.strerror or error}", 2
+    torchrun = argv_given is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if said is not None:
+        # under torchrun every process hits the same mistake (torchrun passes Ctrl-C to each, too): rank 0 says it
         if os.environ.get("RANK", "0") == "0":
-            print(f"lorakit {args.command}: error: {name}: {error.strerror or error}", file=sys.stderr)
-        code = 2
-    if argv_given is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            print(said, file=sys.stderr)
+        elif torchrun:
+            _let_rank0_say_it(said)
+    if torchrun:
         _exit_without_teardown(code)
     return code
 
@@ -269,6 +271,28 @@ def _unknown_arguments(parser: argparse.ArgumentParser, command: str | None, unk
     print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)}{hint} (`{prog} --help` lists the options)",
           file=sys.stderr)
     return 2
+
+
+# how long a torchrun process other than rank 0 that fails waits for rank 0 to say why before saying it itself
+RANK0_GRACE_S = 20.0
+
+
+def _let_rank0_say_it(said: str) -> None:
+    """A torchrun process other than rank 0 ends with ``said``: wait for rank 0 to print it, then say it here.
+
+    torchrun ends every other process as soon as one exits, so a rank 1 that exited at once with a mistake all the
+    processes make (a missing data file) killed rank 0 before it printed it, when rank 1 got there first: the user
+    read only torchrun's ChildFailedError. Waiting here, rank 0 reaches the same mistake, prints it and exits, and
+    torchrun ends this process (SIGTERM, its default action: lorakit's handler is gone by now). A failure of this
+    process alone (a SIGTERM sent to it, a row only it trains on) is said by rank 0 too when rank 0 notices (its
+    collectives fail once this process's group is closed); else, after :data:`RANK0_GRACE_S`, it is said here,
+    naming the process, rather than not at all."""
+    import time
+
+    deadline = time.monotonic() + RANK0_GRACE_S
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+    print(f"{said} (process {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')})", file=sys.stderr)
 
 
 def _exit_without_teardown(code: int) -> None:

@@ -42,8 +42,8 @@ from lorakit.train.checkpoint import (find_checkpoint, load_checkpoint, read_sta
                                       write_into_temp)
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import (  # world is re-exported: the runner imports it from here
-    all_reduce_gradients, all_reduce_sum, apply_fsdp, full_state, gather_objects, gathered_trainable, is_sharded,
-    sharded_grad_norm_and_clip, with_gradient_anywhere, world)
+    StopTogether, all_reduce_gradients, all_reduce_sum, apply_fsdp, full_state, gather_objects, gathered_trainable,
+    is_sharded, sharded_grad_norm_and_clip, with_gradient_anywhere, world)
 from lorakit.train.batches import BatchIterator, Collator
 from lorakit.train.data import (SupervisedDataset, build_dataset, pad_id_for, validation_in_another_format,
                                 validation_in_training)
@@ -502,8 +502,9 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                            f"(--batch-size {config.batch_size} x {world_size} processes); lower --batch-size or add data")
     batches = BatchIterator(train_ds, global_micro, collate_fn=collator, seed=config.seed)
     left_out = len(train_ds) % global_micro
-    if left_out and (config.max_steps is None or config.max_steps > len(train_ds) // global_micro):
-        # micro-batches stay full: a small set would otherwise lose a share of every epoch without a word
+    if left_out and (config.max_steps is None or config.max_steps * grad_accum > len(train_ds) // global_micro):
+        # micro-batches stay full: a small set would otherwise lose a share of every epoch without a word (a step is
+        # grad_accum micro-batches: --max-steps 2 with accumulation 2 reaches the epoch's end at 3 per epoch)
         log(f"each epoch trains on {len(train_ds) - left_out} of the {len(train_ds)} rows, in full micro-batches of "
             f"{global_micro}; the {left_out} left out change with each epoch's shuffle")
     total_steps = total_steps_for(config.replace(grad_accum=grad_accum, global_batch=None), len(train_ds), world_size)
@@ -589,7 +590,9 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
             if windows is not None:
                 windows.remove()
             raise
+    stop = StopTogether()
     try:
+        stop.__enter__()
         while step < total_steps and not stopped_early:
             step_start, too_many = time.perf_counter(), None
             micro, real_tokens = [], 0
@@ -598,8 +601,11 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                 items = [train_ds[i] for i in indices[rank * config.batch_size:(rank + 1) * config.batch_size]]
                 real_tokens += sum(len(item["input_ids"]) for item in items)  # not the padding (a packed batch's
                 micro.append(collator(items))                                 # 4D mask does not tell it apart)
-            n_tokens = int(all_reduce_sum(torch.tensor(sum(supervised_tokens(b["labels"]) for b in micro))))
-            n_inputs = int(all_reduce_sum(torch.tensor(real_tokens)))
+            # one all-reduce: supervised tokens, input tokens, and how many processes were sent SIGTERM
+            counts = torch.tensor([sum(supervised_tokens(b["labels"]) for b in micro), real_tokens, int(stop.requested)])
+            n_tokens, n_inputs, stopping = (int(c) for c in all_reduce_sum(counts))  # (3,) int64
+            if stopping:
+                raise KeyboardInterrupt(f"signal SIGTERM on {stopping} of {world_size} processes")
             entry: dict[str, Any] = {"kind": "train", "step": step + 1, "epoch": round(batches.epoch + batches.index / len(train_ds), 4)}
             if n_tokens == 0:
                 skipped += 1
@@ -672,6 +678,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         if step > 0 and step != resumed_at:  # the end of the run (a resume with nothing left to do wrote it already)
             last_checkpoint = write_checkpoint()
     finally:
+        stop.__exit__()
         if windows is not None:
             windows.remove()
         progress.close()
