@@ -78,3 +78,42 @@ def test_lorakit_progress_0_silences_library_progress(capsys, monkeypatch):
         monkeypatch.setenv("LORAKIT_PROGRESS", value)
         quantize(tiny_llama())
         assert capsys.readouterr().err == ""
+
+
+def test_penalty_history_block_is_reused_while_the_batch_holds_and_rebuilt_when_it_changes():
+    """Engine._penalize keeps one stacked history block while the same requests are penalised in the same order
+    (no restack, no copy of the penalties), and restacks when a request joins, leaves or the order changes; at every
+    step each row's penalised logits equal those from a history built afresh from its prompt and answer."""
+    from lorakit.generation import SamplingParams
+    from lorakit.serve.engine import Engine, Request
+    from lorakit.serve.sampling import RowOptions, new_history, penalize_rows
+
+    vocab = 50
+    generator = torch.Generator().manual_seed(7)
+    pool = []
+    for i in range(5):
+        prompt = torch.randint(0, vocab, (6 + i,), generator=generator).tolist()
+        fields = [dict(options=RowOptions(repetition_penalty=1.3)), dict(presence=0.5), dict(frequency=0.25),
+                  dict(presence=0.2, frequency=0.1, options=RowOptions(repetition_penalty=0.8)),
+                  dict(options=RowOptions(repetition_penalty=1.1))][i]
+        pool.append(Request(prompt, None, SamplingParams(max_new_tokens=99), lambda t, info: True,
+                            lambda reason: None, **fields))
+    # the step's batch: steady, one joins, steady, one leaves, the order changes, two tokens at once for one row
+    batches = [[0, 1, 2], [0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3], [1, 2, 3], [3, 1, 2, 4], [3, 1, 2, 4], [3, 1, 2, 4]]
+    blocks = []
+    for step, members in enumerate(batches):
+        requests = [pool[m] for m in members]
+        logits = torch.randn(len(requests), vocab, generator=generator) * 4
+        expected = []
+        for r, row in zip(requests, logits):  # the reference: a fresh history of all the request's tokens
+            penalties = torch.tensor([[r.options.repetition_penalty, r.presence, r.frequency]])
+            fresh = new_history(r.prompt, r.tokens, vocab, torch.device("cpu")).unsqueeze(0)
+            expected.append(penalize_rows(row.unsqueeze(0).clone(), fresh, penalties)[0])
+        got = logits.clone()
+        Engine._penalize(requests, list(range(len(requests))), got)
+        torch.testing.assert_close(got, torch.stack(expected), rtol=0, atol=0)
+        blocks.append(requests[0].block)
+        for r in requests:  # the answers grow; one request gains two tokens in one step
+            r.tokens += torch.randint(0, vocab, (2 if step == 5 and r is pool[4] else 1,), generator=generator).tolist()
+    assert blocks[1] is blocks[0] and blocks[3] is blocks[2] and blocks[6] is blocks[5] and blocks[7] is blocks[5]
+    assert len({id(b) for b in blocks}) == 4  # rebuilt at the join, the leave and the new order only

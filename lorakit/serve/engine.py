@@ -34,7 +34,8 @@ from torch import nn
 
 from lorakit.generation import KVBatch, SamplingParams, decode, prefill
 from lorakit.serve.metrics import EngineMetrics
-from lorakit.serve.sampling import OFF, RowOptions, hold_back, keep_only, new_history, penalize_rows, sample_rows
+from lorakit.serve.sampling import (OFF, HistoryBlock, RowOptions, hold_back, keep_only, new_history, penalize_rows,
+                                    sample_rows)
 
 
 @dataclass
@@ -97,6 +98,10 @@ class Request:
     # (lorakit.serve.sampling.new_history), holding ``tokens[:counted]``; the engine adds the rest at each step
     history: torch.Tensor | None = None
     counted: int = 0
+    # the step's stacked history rows this request's ``history`` is row ``block_row`` of (sampling.HistoryBlock):
+    # while a step penalises the same requests in the same order, the block is used as it is
+    block: HistoryBlock | None = None
+    block_row: int = -1
     devices: dict[str, torch.Tensor] = field(default_factory=dict)  # options' token ids, copied once to the device
 
     def penalized(self) -> bool:
@@ -383,33 +388,36 @@ class Engine:
     @staticmethod
     def _penalize(requests: list[Request], penalized: list[int], logits: torch.Tensor) -> None:
         """The repetition, presence and frequency penalties of rows ``penalized`` of ``logits (n, V)``, in place,
-        for all those rows at once (lorakit.serve.sampling.penalize_rows): their history rows are stacked, the
-        answer tokens since the last step counted in (one scatter), and each request keeps its row of the stack."""
+        for all those rows at once (lorakit.serve.sampling.penalize_rows): their history rows are one block
+        (restacked only when the penalised requests change: a steady batch reuses it, with no copy), the answer
+        tokens since the last step are counted in with one scatter, and each request's ``history`` is its row of
+        the block."""
         device, width = logits.device, logits.shape[-1]
-        rows, tokens, histories = [], [], []
+        block = requests[penalized[0]].block
+        if (block is None or block.history.shape[0] != len(penalized) or block.history.device != device
+                or block.history.shape[1] != width
+                or any(requests[i].block is not block or requests[i].block_row != j for j, i in enumerate(penalized))):
+            for i in penalized:
+                request = requests[i]
+                if request.history is None or request.history.device != device or request.history.shape[0] != width:
+                    request.history, request.counted = new_history(request.prompt, request.tokens, width, device), \
+                        len(request.tokens)
+            block = HistoryBlock([requests[i].history for i in penalized],
+                                 [(requests[i].options.repetition_penalty, requests[i].presence, requests[i].frequency)
+                                  for i in penalized])
+            for j, i in enumerate(penalized):  # a view: the block's updates are the request's
+                requests[i].history, requests[i].block, requests[i].block_row = block.history[j], block, j
+        new = []  # (row, token) of the answer tokens since the last step: one a step, as a rule
         for j, i in enumerate(penalized):
             request = requests[i]
-            if request.history is None or request.history.device != device or request.history.shape[0] != width:
-                request.history, request.counted = new_history(request.prompt, request.tokens, width, device), \
-                    len(request.tokens)
-            new = request.tokens[request.counted:]  # one token a step, as a rule
-            rows += [j] * len(new)
-            tokens += new
+            new += [(j, token) for token in request.tokens[request.counted:]]
             request.counted = len(request.tokens)
-            histories.append(request.history)
-        history = torch.stack(histories)
-        if tokens:
-            history.index_put_((torch.tensor(rows, device=device), torch.tensor(tokens, device=device)),
-                               torch.ones(len(tokens), dtype=torch.int32, device=device), accumulate=True)
-        for j, i in enumerate(penalized):  # a view: the next step stacks them again
-            requests[i].history = history[j]
-        penalties = torch.tensor([[requests[i].options.repetition_penalty, requests[i].presence, requests[i].frequency]
-                                  for i in penalized], dtype=torch.float32, device=device)
+        block.count(new)
         if len(penalized) == len(requests):
-            logits.copy_(penalize_rows(logits.float(), history, penalties))
+            logits.copy_(penalize_rows(logits.float(), block.history, block.penalties))
         else:
             index = torch.tensor(penalized, device=device)
-            logits[index] = penalize_rows(logits[index].float(), history, penalties).to(logits.dtype)
+            logits[index] = penalize_rows(logits[index].float(), block.history, block.penalties).to(logits.dtype)
 
     @staticmethod
     def _restrict(requests: list[Request], adjusted: list[int], logits: torch.Tensor) -> None:

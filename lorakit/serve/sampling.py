@@ -166,6 +166,28 @@ def new_history(prompt: list[int], answer: list[int], vocab: int, device: torch.
     return history
 
 
+class HistoryBlock:
+    """The history rows ``(k, V) int32`` (:func:`new_history`) of the k requests a decode step penalises, stacked,
+    with their ``penalties (k, 3) float32`` (repetition, presence, frequency), as :func:`penalize_rows` reads them.
+
+    The engine keeps a block from step to step while the same requests are penalised in the same order (each
+    request's history is a view of its row), so a steady batch pays neither a restack nor a copy of its
+    penalties; :meth:`count` adds each step's new answer tokens in one scatter."""
+
+    def __init__(self, rows: list[torch.Tensor], penalties: list[tuple[float, float, float]]) -> None:
+        self.history = torch.stack(rows)
+        self.penalties = torch.tensor(penalties, dtype=torch.float32, device=self.history.device)
+
+    def count(self, new: list[tuple[int, int]]) -> None:
+        """Each ``(row, token)`` of ``new`` once more in the answer's counts (a token twice in a row: twice)."""
+        if not new:
+            return
+        width = self.history.shape[1]
+        flat = torch.tensor([row * width + token for row, token in new], dtype=torch.long, device=self.history.device)
+        # scatter_add: one kernel, repeats added (index_put_'s accumulate sorts its indices first: ~10 launches)
+        self.history.view(-1).scatter_add_(0, flat, torch.ones(len(new), dtype=torch.int32, device=flat.device))
+
+
 def penalize_rows(logits: torch.Tensor, history: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:
     """vLLM's ``repetition_penalty`` and OpenAI's presence / frequency penalties, on ``logits (k, V)`` float32 in
     place, each row with its own ``history (k, V) int32`` (:func:`new_history`) and ``penalties (k, 3)`` float32
