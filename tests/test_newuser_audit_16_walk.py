@@ -371,3 +371,21 @@ def test_an_output_on_a_read_only_mount_is_named_as_read_only_not_a_permission(t
                                                            f"{place} (Read-only file system); choose another --out")
     finally:
         subprocess.run(["umount", str(place)], capture_output=True)
+
+
+def test_a_mistyped_data_file_gets_the_file_beside_it():
+    """`--val-data val.josnl` said "data file not found: val.josnl; check the path", with val.jsonl right there."""
+    import tempfile
+
+    from lorakit.errors import LorakitError
+    from lorakit.train.sources import read_records
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_jsonl(Path(folder) / "val.jsonl", task_records(2))
+        with pytest.raises(LorakitError) as typo:
+            read_records(Path(folder) / "val.josnl")
+        assert str(typo.value) == f"data file not found: {folder}/val.josnl; did you mean {folder}/val.jsonl?"
+        with pytest.raises(LorakitError) as other:  # nothing close: the line as before
+            read_records(Path(folder) / "test.jsonl")
+        assert str(other.value) == (f"data file not found: {folder}/test.jsonl; check the path (JSONL, CSV or a "
+                                    "datasets folder)")

@@ -38,6 +38,20 @@ VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "eval", "test")  # --v
 HEADER_NAMES = KNOWN_FIELDS | {*PROMPT_LIKE, *COMPLETION_LIKE, *MESSAGE_LIKE}
 
 
+def _nearby_data_file(path: Path) -> Path | None:
+    """A data file or folder beside ``path`` with a close name (a typo: ``val.josnl``, ``trian.jsonl``), else None."""
+    import difflib
+
+    parent = path.parent
+    try:
+        entries = list(parent.iterdir()) if parent.is_dir() else []
+    except OSError:  # an unreadable folder: no suggestion
+        return None
+    names = [p.name for p in entries if p.is_dir() or _data_suffix(p) is not None]
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.8)
+    return parent / close[0] if close else None
+
+
 def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> list[Record]:
     """Read and validate every record of one source.
 
@@ -79,6 +93,9 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
         if len(parts) > 1 and all(part.exists() for part in parts):  # --data a.jsonl,b.jsonl
             raise LorakitError(f"data file not found: {path}; it names {len(parts)} files joined by a comma: give them "
                                "separately (--data a.jsonl b.jsonl; in a config file a list: data: [a.jsonl, b.jsonl])")
+        close = _nearby_data_file(path)  # a typo: val.josnl for val.jsonl
+        if close is not None:
+            raise LorakitError(f"data file not found: {path}; did you mean {close}?")
         raise LorakitError(f"data file not found: {path}; check the path (JSONL, CSV or a datasets folder)")
     if path.is_dir():
         kind = _not_data_folder(path)
