@@ -242,6 +242,38 @@ def test_qlora_on_gemma3n_keeps_the_layer_it_clamps_dense_and_trains(tmp_path, n
     assert coefs.weight[0, 0] == clip  # the model's clamp reached the dense base weight
 
 
+@pytest.mark.parametrize("kind, experts", [
+    ("gemma4_text_moe", ["experts.down_proj", "experts.gate_up_proj"]),  # beside the dense MLP, under the layer itself
+    ("nemotron_h", ["mixer.experts.down_proj", "mixer.experts.up_proj"]),  # ReLU^2 experts: no gate
+    ("granitemoe", ["block_sparse_moe.experts.down_proj", "block_sparse_moe.experts.gate_up_proj"])])
+def test_expert_lora_on_the_new_expert_layouts_matches_peft_and_merges(kind, experts, tmp_path):
+    """The fused experts that "all-linear" leaves frozen adapt with ``target_parameters`` on these layouts too: the
+    warning's names are the ones to pass, peft 0.21 loads the file to the same logits, and merging keeps them."""
+    from peft import PeftModel
+
+    from lorakit.inject import expert_parameters
+    from lorakit.param_lora import param_hosts
+    from test_layers import randomize
+
+    model = build(kind)
+    plain = logits(model)
+    fused = expert_parameters(dict(model.named_modules()))
+    with pytest.warns(UserWarning, match="fused MoE expert weights") as said:
+        lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4), adapter="probe")
+    assert any(f"pass LoraConfig(target_parameters={experts!r})" in str(w.message) for w in said)  # names to pass
+    lorakit.delete_adapter(model, "probe")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], target_parameters=experts))
+    assert set(param_hosts(model)) == {path.rsplit(".", 1)[0] for path in fused}  # every layer's experts adapted
+    randomize(model)
+    expected = logits(model)
+    assert (expected - plain).abs().max() > 1e-3
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(build(kind), tmp_path / "adapter").eval()
+    assert_close(logits(theirs), expected)
+    lorakit.merge(model)
+    assert_close(logits(model), expected)
+
+
 def cli(capsys, *args) -> tuple[int, str, str]:
     capsys.readouterr()
     code = main([str(a) for a in args])
