@@ -669,6 +669,40 @@ def test_data_errors_quote_capped_values(tmp_path, capsys, record, words):
     assert words in message and "\n" not in message and len(message) < 600, (len(message), message[:300])
 
 
+@pytest.mark.parametrize("name, text, words", [
+    ("run.yaml", "variant: " + "x" * 5000, "--variant 'xxx"),
+    ("run.toml", "max_steps = '" + "x" * 5000 + "'", "option 'max_steps' has the wrong type: 'xxx"),
+    ("run.json", json.dumps({"log_every": ["x"] * 300}), "option 'log_every' has the wrong type: ['x'"),
+    ("run.yaml", "max_steps: " + "{a: " * 200 + "1" + "}" * 200, "option 'max_steps' has the wrong type: {'a'"),
+    ("run.json", json.dumps({"k" * 5000: 1}), "unknown option 'kkk"),
+    ("run.json", json.dumps({"device": "d" * 5000}), "--device 'ddd"),
+])
+def test_train_config_errors_quote_capped_values(tmp_path, capsys, name, text, words):
+    # found by fuzzing lorakit train --config: each refusal quoted the file's value whole (a 5 KB line, or a
+    # 300-item list), where the adapter and data readers cut what they quote
+    path = tmp_path / name
+    path.write_text(text)
+    code, err = _cli(["train", "--config", str(path), "--model", str(tmp_path / "none"), "--data", str(path)], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("lorakit train: error:")]
+    assert code == 2 and len(lines) == 1 and words in lines[0] and "Traceback" not in err, err[-500:]
+    assert len(lines[0]) < 600, (len(lines[0]), lines[0][:300])
+
+
+@pytest.mark.parametrize("name, text", [
+    ("run.toml", 'data = "\\u0000"'), ("run.json", '{"out": "runs/a\\u0000b"}'), ("run.yaml", 'data: ["ok.jsonl", "a\\0b"]'),
+    ("run.json", '{"val_data": "\\ud800.jsonl"}'),
+])
+def test_train_config_nul_or_surrogate_in_a_value_is_one_line(tmp_path, capsys, name, text):
+    # found by fuzzing lorakit train --config: a NUL in a path option ("data", "out") raised ValueError (embedded
+    # null byte) from pathlib, a lone surrogate UnicodeEncodeError: tracebacks (the command line cannot pass either)
+    path = tmp_path / name
+    path.write_text(text)
+    code, err = _cli(["train", "--config", str(path), "--model", str(tmp_path / "none")], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("lorakit train: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-800:]
+    assert "holds a NUL character or a lone UTF-16 surrogate" in lines[0], lines[0]
+
+
 def test_no_traceback_in_the_server_log(server):
     fuzz_bodies(server["client"], 4, 10)  # the log is read after a few more; the tests above sent the rest
     log = server["server"].output()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit.config import INITS, VARIANTS, LoraConfig
+from lorakit.config import INITS, VARIANTS, LoraConfig, shown
 from lorakit.errors import LorakitError
 from lorakit.schedules import SCHEDULES
 
@@ -171,18 +171,18 @@ class TrainConfig:
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LorakitError(f"{_flag(name)} must be a positive integer, got {value!r}")
+                raise LorakitError(f"{_flag(name)} must be a positive integer, got {shown(value)}")
         for name in ("max_steps", "eval_batch_size", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise LorakitError(f"{_flag(name)} must be a positive integer, got {value!r}")
+                raise LorakitError(f"{_flag(name)} must be a positive integer, got {shown(value)}")
         for name in ("warmup_steps", "eval_every", "save_every", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise LorakitError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
+                raise LorakitError(f"{_flag(name)} must be a non-negative integer, got {shown(value)}")
         if self.global_batch is not None and (isinstance(self.global_batch, bool)
                                               or not isinstance(self.global_batch, int) or self.global_batch < 1):
-            raise LorakitError(f"--global-batch must be a positive integer, got {self.global_batch!r}")
+            raise LorakitError(f"--global-batch must be a positive integer, got {shown(self.global_batch)}")
         if self.global_batch is not None and self.grad_accum != 1:
             raise LorakitError("give --global-batch or --grad-accum, not both (--global-batch sets the accumulation)")
         if self.compile_layers and (not self.fast_kernels or self.fsdp):  # it compiles the fused path only
@@ -193,7 +193,7 @@ class TrainConfig:
         for name in ("eval_examples", "samples", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise LorakitError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
+                raise LorakitError(f"{_flag(name)} must be a non-negative integer, got {shown(value)}")
         for name, what in (("model", "the model folder or an embedded name, e.g. smollm2-135m"),
                            ("out", "the run folder, e.g. runs/mine (or leave it out: runs/<date-time>)")):
             value = getattr(self, name)  # "" (an unset shell variable): the current folder, or a default silently
@@ -209,36 +209,36 @@ class TrainConfig:
         if self.seed >= 2**64:  # torch.manual_seed's limit: an OverflowError once the model is loaded, otherwise
             raise LorakitError(f"--seed must be below 2**64 (e.g. 42), got {self.seed}")
         if not _number(self.alpha):  # any finite alpha, as LoraConfig and peft; inject warns when it is 0 (a no-op)
-            raise LorakitError(f"--alpha must be a finite number (e.g. 2 x --rank), got {self.alpha!r}")
+            raise LorakitError(f"--alpha must be a finite number (e.g. 2 x --rank), got {shown(self.alpha)}")
         if not (_number(self.epochs) and self.epochs > 0):
-            raise LorakitError(f"--epochs must be a positive number, got {self.epochs!r}")
+            raise LorakitError(f"--epochs must be a positive number, got {shown(self.epochs)}")
         if self.lr is not None and not (_number(self.lr) and self.lr > 0):
-            raise LorakitError(f"--lr must be a positive number, got {self.lr!r}")
+            raise LorakitError(f"--lr must be a positive number, got {shown(self.lr)}")
         if self.val_fraction is not None and not (_number(self.val_fraction) and 0 < self.val_fraction < 1):
-            raise LorakitError(f"--val-fraction must be between 0 and 1 (e.g. 0.1), got {self.val_fraction!r}")
+            raise LorakitError(f"--val-fraction must be between 0 and 1 (e.g. 0.1), got {shown(self.val_fraction)}")
         if self.val_fraction is not None and self.val_data:
             raise LorakitError("give --val-data or --val-fraction, not both")
         if not (_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
-            raise LorakitError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+            raise LorakitError(f"--warmup-ratio must be in [0, 1), got {shown(self.warmup_ratio)}")
         for name in ("adam_beta1", "adam_beta2"):  # torch's AdamW would raise a ValueError at the first step
             if not (_number(getattr(self, name)) and 0 <= getattr(self, name) < 1):
-                raise LorakitError(f"{_flag(name)} must be in [0, 1) (e.g. 0.9 and 0.999), got {getattr(self, name)!r}")
+                raise LorakitError(f"{_flag(name)} must be in [0, 1) (e.g. 0.9 and 0.999), got {shown(getattr(self, name))}")
         if not (_number(self.adam_eps) and self.adam_eps > 0):
-            raise LorakitError(f"--adam-eps must be a small positive number (e.g. 1e-8), got {self.adam_eps!r}")
+            raise LorakitError(f"--adam-eps must be a small positive number (e.g. 1e-8), got {shown(self.adam_eps)}")
         if not (_number(self.weight_decay) and self.weight_decay >= 0):
-            raise LorakitError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+            raise LorakitError(f"--weight-decay must be >= 0, got {shown(self.weight_decay)}")
         if not (_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
-            raise LorakitError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+            raise LorakitError(f"--min-lr-ratio must be in [0, 1], got {shown(self.min_lr_ratio)}")
         if self.max_grad_norm is not None and not (_number(self.max_grad_norm) and self.max_grad_norm >= 0):
-            raise LorakitError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm!r}")
+            raise LorakitError(f"--max-grad-norm must be >= 0, got {shown(self.max_grad_norm)}")
         for name, choices in (("overflow", ("drop", "truncate", "error")), ("variant", VARIANTS), ("init", INITS),
                               ("schedule", SCHEDULES)):
             if getattr(self, name) not in choices:
-                raise LorakitError(f"{_flag(name)} {getattr(self, name)!r} is not one of {', '.join(choices)}")
+                raise LorakitError(f"{_flag(name)} {shown(getattr(self, name))} is not one of {', '.join(choices)}")
         if self.device is not None and not (isinstance(self.device, str) and DEVICE_FORM.fullmatch(self.device)):
-            raise LorakitError(f"--device {self.device!r} is not a device; use cpu, cuda, cuda:N or mps")
+            raise LorakitError(f"--device {shown(self.device)} is not a device; use cpu, cuda, cuda:N or mps")
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
-            raise LorakitError(f"--quantize {self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+            raise LorakitError(f"--quantize {shown(self.quantize)} is not one of {', '.join(QUANTIZE_CHOICES)}")
         if self.full and self.quantize:
             raise LorakitError("--full trains every weight, which a quantized (--quantize nf4) base cannot; drop one")
         if self.full and str(self.dtype).lower() in FLOAT16_NAMES:
@@ -258,7 +258,7 @@ class TrainConfig:
                 try:
                     re.compile(str(key))
                 except re.error as error:
-                    raise LorakitError(f"{option} key {key!r} is not a valid regular expression ({error}); write a "
+                    raise LorakitError(f"{option} key {shown(key)} is not a valid regular expression ({error}); write a "
                                        "module name such as 'q_proj' or escape the special characters") from None
         if not self.full and self.targets and len(self.targets) > 1 and "all-linear" in self.targets:
             others = " ".join(t for t in self.targets if t != "all-linear")
@@ -278,7 +278,7 @@ class TrainConfig:
                                    "adapted (LoRA) or trained whole and saved; drop it from one of them")
         check_template_kwargs(self.chat_template_kwargs)
         if self.loraplus_ratio is not None and not (_number(self.loraplus_ratio) and self.loraplus_ratio > 0):
-            raise LorakitError(f"--loraplus-ratio must be a positive number (e.g. 16), got {self.loraplus_ratio!r}")
+            raise LorakitError(f"--loraplus-ratio must be a positive number (e.g. 16), got {shown(self.loraplus_ratio)}")
         if not self.full:
             self.lora_config()  # LoraConfig checks rank, alpha, dropout, targets
 
@@ -335,13 +335,13 @@ def check_template_kwargs(value: Any, flag: str = "--chat-template-kwargs") -> d
             raise LorakitError(f"{flag}: not valid JSON ({error.msg} at column {error.colno}); give a JSON object, "
                                f"{example}") from None
     if not isinstance(value, dict):
-        raise LorakitError(f"{flag} must be a JSON object of option names to values, {example}; got {value!r}")
+        raise LorakitError(f"{flag} must be a JSON object of option names to values, {example}; got {shown(value)}")
     for key in value:
         if not isinstance(key, str) or not key.isidentifier():
-            raise LorakitError(f"{flag}: {key!r} is not an option name a chat template can read (a name like "
+            raise LorakitError(f"{flag}: {shown(key)} is not an option name a chat template can read (a name like "
                                "enable_thinking)")
         if key in TEMPLATE_RESERVED:
-            raise LorakitError(f"{flag}: {key!r} is set by lorakit itself when it renders a chat, not a template "
+            raise LorakitError(f"{flag}: {shown(key)} is set by lorakit itself when it renders a chat, not a template "
                                "option; remove it")
     return dict(value)
 
@@ -378,7 +378,7 @@ def _yaml_unique_loader():
                 line = key_node.start_mark.line + 1
                 if isinstance(key, (str, int, float, bool)) and key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"{key!r} is given twice ("
+                        None, None, f"{shown(key)} is given twice ("
                         + (f"lines {seen[key]} and {line}" if seen[key] != line else f"line {line}") + "); keep one",
                         key_node.start_mark)
                 if isinstance(key, (str, int, float, bool)):
@@ -394,7 +394,7 @@ def _unique_pairs(path: Path):
         keys = [key for key, _ in items]
         twice = next((key for key in keys if keys.count(key) > 1), None)
         if twice is not None:
-            raise LorakitError(f"{path}: {twice!r} is given twice; keep one")
+            raise LorakitError(f"{path}: {shown(twice)} is given twice; keep one")
         return dict(items)
 
     return pairs
@@ -450,7 +450,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         except (RecursionError, ValueError):
             raise LorakitError(f"{path}: {_UNREADABLE}") from None
     else:
-        raise LorakitError(f"{path}: unknown config file type {suffix!r}; use .yaml, .yml, .toml or .json")
+        raise LorakitError(f"{path}: unknown config file type {shown(suffix)}; use .yaml, .yml, .toml or .json")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -486,29 +486,44 @@ def check_values(data: dict[str, Any], source: str) -> dict[str, Any]:
         key = str(raw_key).replace("-", "_")
         if key not in FIELDS:
             if key in _CLI_ONLY:
-                raise LorakitError(f"{source}: {raw_key!r} is a command-line flag only (--{key}), not a config option; "
+                raise LorakitError(f"{source}: {shown(raw_key)} is a command-line flag only (--{key}), not a config option; "
                                    "remove it from the file")
             # a typo of our name or of another tool's name for it ("lerning_rate" -> learning_rate -> lr)
             close = ([ALIASES[key.lower()]] if key.lower() in ALIASES else
                      [ALIASES.get(m, m) for m in difflib.get_close_matches(key.lower(), [*FIELDS, *ALIASES], n=1)])
-            hint = f"; did you mean {close[0]!r}?" if close else "; `lorakit train --help` lists every option"
+            hint = f"; did you mean {shown(close[0])}?" if close else "; `lorakit train --help` lists every option"
             if isinstance(value, dict) and key.lower() not in ALIASES:  # a [section] / a nested mapping of options
                 inside = ", ".join(map(str, list(value)[:3])) + (", ..." if len(value) > 3 else "")
                 hint = (f" (a section holding {inside}); options are top-level keys: move them out of it (a file "
                         "may also be one [train] section and nothing else)")
-            raise LorakitError(f"{source}: unknown option {raw_key!r}{hint}")
+            raise LorakitError(f"{source}: unknown option {shown(raw_key)}{hint}")
         if key in out:  # 'max-steps: 2' and 'max_steps: 3': both spellings are read, so one would win unseen
             first = next(k for k in data if str(k).replace("-", "_") == key)
-            raise LorakitError(f"{source}: {first!r} and {raw_key!r} set the same option ({key}); keep one")
+            raise LorakitError(f"{source}: {shown(first)} and {shown(raw_key)} set the same option ({key}); keep one")
         out[key] = _coerce(key, value, source)
     return out
 
 
+def _plain_text(text: str) -> bool:
+    """No NUL and no lone surrogate (the OS's undecodable bytes, U+DC80-U+DCFF, are paths' own)."""
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
+    for text in (value if isinstance(value, list) else [value]):
+        # a NUL ("\u0000") or a lone surrogate ("\ud800") in a file's string: no path or name holds one (the command
+        # line cannot pass them), and os / pathlib raised ValueError / UnicodeEncodeError tracebacks on them
+        if isinstance(text, str) and not _plain_text(text):
+            raise LorakitError(f"{source}: option {shown(key)} holds a NUL character or a lone UTF-16 surrogate "
+                               f"({shown(text)}); write the value as plain text")
     kind = str(FIELDS[key].type)
     base = kind.split("[")[0].split(" ")[0]
     expected = _KIND_WORDS.get(base, kind) + (" or null" if "None" in kind else "")
-    bad = LorakitError(f"{source}: option {key!r} has the wrong type: {value!r} (expected {expected})")
+    bad = LorakitError(f"{source}: option {shown(key)} has the wrong type: {shown(value)} (expected {expected})")
     if kind.startswith("float") and isinstance(value, str):
         # YAML 1.1 (PyYAML) reads 1e-4 (no dot) as a string: accept any number written that way
         try:
