@@ -577,6 +577,58 @@ def test_fuzzed_adapters_through_the_server(server, tmp_path):
     assert not failures, _report(failures)
     assert _still_serving(server["client"]) is None
 
+
+# -- 4: lorakit train --config files (YAML, TOML, JSON) -----------------------------------------------------------
+TRAIN_OPTIONS = ["epochs", "val_data", "val_fraction", "pack", "overflow", "exclude", "modules_to_save", "init",
+                 "loraplus_ratio", "weight_decay", "adam_beta1", "quantize", "fsdp", "early_stopping_patience",
+                 "samples", "max_new_tokens", "global_batch", "keep_checkpoints", "min_lr_ratio", "max_grad_norm",
+                 "warmup_steps", "target_parameters", "lora_bias", "full", "chat_template_kwargs", "eval_every"]
+
+
+def _toml(config: dict) -> str:
+    """``config`` as TOML lines (values as JSON, which TOML reads for strings, numbers, booleans and arrays)."""
+    lines = []
+    for key, value in config.items():
+        try:
+            lines.append(f"{json.dumps(key)} = {json.dumps(value, allow_nan=False)}")
+        except ValueError:
+            lines.append(f"{json.dumps(key)} = nan")
+    return "\n".join(lines)
+
+
+def fuzz_train_configs(folder: Path, seed: int, count: int, capsys) -> list[str]:
+    """Mutated run configs through ``lorakit train --config FILE --model MISSING``: each refused in one error line
+    (the model is missing, so nothing trains; a refusal of the file comes first)."""
+    from fuzz_inputs import mutate_line
+
+    rng = random.Random(seed)
+    data = folder / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 4)
+    good = {"data": [str(data)], "out": str(folder / "out"), "rank": 8, "alpha": 16, "lr": 2e-4, "max_steps": 2,
+            "batch_size": 2, "grad_accum": 1, "targets": ["q_proj", "v_proj"], "variant": "lora", "schedule": "cosine",
+            "warmup_ratio": 0.1, "seed": 1, "max_length": 64, "dropout": 0.05, "device": "cpu", "dtype": "fp32"}
+    failures = []
+    for i in range(count):
+        config, where = good, None
+        for _ in range(rng.choice([1, 1, 2])):
+            config, where = mutate_json(config, rng, fields=TRAIN_OPTIONS)
+        suffix = rng.choice([".json", ".yaml", ".toml"])
+        text = _toml(config) if suffix == ".toml" and isinstance(config, dict) else dumps(config, rng)
+        raw = mutate_line(text, rng) if rng.random() < 0.2 else text.encode("utf-8", "surrogatepass")
+        path = folder / f"c{seed}_{i}{suffix}"
+        path.write_bytes(raw)
+        code, err = _cli(["train", "--config", str(path), "--model", str(folder / "missing")], capsys)
+        lines = [line for line in err.splitlines() if line.startswith("lorakit train: error:")]
+        if "Traceback" in err or code != 2 or len(lines) != 1 or len(lines[0]) > 1500:
+            failures.append(f"config seed {seed} #{i} at {where}: exit {code}, {raw[:200]!r}: {err[-600:]!r}")
+    return failures
+
+
+def test_fuzzed_train_configs_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a config that lost its "out" would name runs/<date> here, not in the repository
+    failures = fuzz_train_configs(tmp_path, 51, 60 * SCALE, capsys)
+    assert not failures, _report(failures)
+
 # -- regressions: one input each that the fuzzer found, failing before its fix -----------------------------------
 @pytest.mark.parametrize("key, param", [("str", "str"), ("a[0]", "a[0]"), ("", ""), ("none", "none")])
 def test_unknown_field_named_like_pydantic_locations_is_named(server, key, param):
