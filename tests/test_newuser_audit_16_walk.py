@@ -389,3 +389,22 @@ def test_a_mistyped_data_file_gets_the_file_beside_it():
             read_records(Path(folder) / "test.jsonl")
         assert str(other.value) == (f"data file not found: {folder}/test.jsonl; check the path (JSONL, CSV or a "
                                     "datasets folder)")
+
+
+def test_serving_a_folder_of_training_runs_says_how_to_serve_their_adapters(adapters, tmp_path):
+    """`lorakit serve --adapters runs` (each subfolder a `lorakit train` run holding adapter/ and best/) started a
+    server with no adapter, saying of each run only that it "holds no adapter_config.json, so it is not an adapter
+    folder". The start-up line now names the adapters inside and the two ways to serve them."""
+    import shutil
+
+    from lorakit.serve.cli import skipped_folders
+
+    root = tmp_path / "runs"
+    for inner in ("adapter", "best"):
+        shutil.copytree(adapters["plain"], root / "mine" / inner)
+    (root / "notes").mkdir()  # a folder of anything else: the line as before
+    assert skipped_folders(str(root)) == [
+        ("mine", f"it holds no adapter_config.json, so it is not an adapter folder; its subfolders adapter, best are "
+                 f"(a training run?): give --adapters {root}/mine to serve them, or copy one here under a name of its "
+                 f"own (cp -r {root}/mine/adapter {root}/mine-adapter)"),
+        ("notes", "it holds no adapter_config.json, so it is not an adapter folder")]

@@ -217,8 +217,28 @@ def skipped_folders(root) -> list[tuple[str, str]]:
         except LorakitError as error:
             skipped.append((entry, str(error)))
         else:
-            skipped.append((entry, "it holds no adapter_config.json, so it is not an adapter folder"))
+            skipped.append((entry, "it holds no adapter_config.json, so it is not an adapter folder"
+                                   + _inner_adapters(root, entry)))
     return skipped
+
+
+def _inner_adapters(root: str, entry: str) -> str:
+    """For a subfolder that holds adapters one level down (a lorakit train run: adapter/, best/): how to serve them,
+    else ''. `--adapters runs` over run folders started a server with no adapter and one line each that only said
+    the runs were no adapter folders."""
+    import shlex
+
+    folder = os.path.join(root, entry)
+    try:
+        inner = sorted(e.name for e in os.scandir(folder)
+                       if e.is_dir() and os.path.isfile(os.path.join(e.path, "adapter_config.json")))
+    except OSError:
+        return ""
+    if not inner:
+        return ""
+    source, target = os.path.join(folder, inner[0]), os.path.join(root, f"{entry}-{inner[0]}")
+    return (f"; its subfolders {', '.join(inner)} are (a training run?): give --adapters {shlex.quote(folder)} to "
+            f"serve them, or copy one here under a name of its own (cp -r {shlex.quote(source)} {shlex.quote(target)})")
 
 
 def static_decoder(model, choice: str, max_batch: int, context: int, explicit_context: bool = False):
