@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,44 +65,67 @@ def _workers(pid: int) -> dict[int, int]:
     return found
 
 
-def test_readme_command_then_sigterm_to_one_process_names_the_resume_command(tmp_path, tiny_folder):
+def _train_lines(metrics: Path) -> int:
+    return sum('"kind": "train"' in l for l in metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+
+def _signal_rank1(args: list[str], run: Path, sig: signal.Signals, after: int) -> str:
+    """Launch ``torchrun ... ARGS``, send ``sig`` to rank 1 alone once metrics.jsonl holds ``after`` train lines;
+    the group's stderr (it must end within a minute of the signal)."""
+    group = subprocess.Popen([*TORCHRUN, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and group.poll() is None and _train_lines(run / "metrics.jsonl") < after:
+            time.sleep(0.02)
+        workers = _workers(group.pid)
+        assert sorted(workers) == [0, 1], (workers, group.poll())
+        os.kill(workers[1], sig)
+        sent = time.monotonic()
+        _, err = group.communicate(timeout=120)
+    finally:
+        if group.poll() is None:
+            for pid in [*_workers(group.pid).values(), group.pid]:
+                os.kill(pid, signal.SIGKILL)
+            group.communicate()
+    assert group.returncode != 0 and time.monotonic() - sent < 60, "the processes did not stop together"
+    return err
+
+
+def test_readme_command_then_sigterm_and_sigkill_of_one_process_name_the_resume_command(tmp_path, tiny_folder):
+    """SIGTERM to rank 1 (preemption): every process stops at the next step, rank 0 names the checkpoint; the
+    command it prints resumes the run; SIGKILL of rank 1 there (the out-of-memory killer): rank 0 says so in one line
+    with the checkpoint (before: killed by torchrun's SIGTERM in its teardown, it said nothing)."""
     words = _readme_command()
     assert words[:3] == ["torchrun", "--nproc_per_node", "4"] and words[3:6] == ["-m", "lorakit", "train"], words
     data = write_jsonl(tmp_path / "train.jsonl", task_records(64, seed=1))
     args = [{"./llama-3.1-8b": str(tiny_folder), "train.jsonl": str(data)}.get(w, w) for w in words[3:]]
     run = tmp_path / "run"
     # a run long enough to be stopped: checkpoints every 2 steps
-    group = subprocess.Popen([*TORCHRUN, *args, "--epochs", "1000", "--save-every", "2", "--eval-examples", "0",
-                              "--out", str(run)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and group.poll() is None:
-            if metrics.is_file() and sum('"kind": "train"' in l for l in metrics.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.02)
-        workers = _workers(group.pid)
-        assert sorted(workers) == [0, 1], (workers, group.poll())
-        os.kill(workers[1], signal.SIGTERM)  # rank 1 alone
-        sent = time.monotonic()
-        out, err = group.communicate(timeout=120)
-    finally:
-        if group.poll() is None:
-            for pid in [*_workers(group.pid).values(), group.pid]:
-                os.kill(pid, signal.SIGKILL)
-            group.communicate()
-    assert time.monotonic() - sent < 60, "the processes did not stop together"
+    err = _signal_rank1([*args, "--epochs", "1000", "--save-every", "2", "--eval-examples", "0", "--out", str(run)],
+                        run, signal.SIGTERM, after=3)
     # the README's command trains as the README says: 4 x 2 x 2 processes
     assert "data parallel over 2 processes: global batch 16 rows per optimizer step (--batch-size 4 x 2 accumulation" \
            " x 2 processes)" in err, err[-3000:]
     hints = [l for l in err.splitlines() if l.startswith("training interrupted")]
     latest = (run / "checkpoints" / "latest").read_text().strip()
+    command = f"torchrun --nproc_per_node 2 -m lorakit train --resume {run}"
     assert hints == [f"training interrupted; the last checkpoint is {run / 'checkpoints' / latest}; continue with: "
-                     f"torchrun --nproc_per_node 2 -m lorakit train --resume {run}"], err[-3000:]
+                     f"{command}"], err[-3000:]
     assert err.count("lorakit train: interrupted") == 1, err[-3000:]
     # nothing half-written: the checkpoints are whole, no temporary folder is left, no adapter was saved
     leftovers = [p.name for p in run.rglob("*") if "tmp" in p.name]
     assert not leftovers and not (run / "adapter").exists(), leftovers
     assert (run / "checkpoints" / latest / "state.json").is_file()
+
+    done = _train_lines(run / "metrics.jsonl")
+    err = _signal_rank1(command.split()[3:], run, signal.SIGKILL, after=done + 3)
+    assert err.count("resuming from") == 1, err[-3000:]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    said = [l for l in err.splitlines() if l.startswith("lorakit train:")]
+    assert len(said) == 1 and said[0].startswith("lorakit train: error: another process of this run ended after step "), \
+        err[-3000:]
+    assert said[0].endswith(f"; the last checkpoint is {run / 'checkpoints' / latest}; continue with: {command}"), said
+    assert int(latest.split("-")[1]) > done  # the resumed run went on from where it stopped
 
 
 SLOW_RANK0 = '''
@@ -152,9 +176,19 @@ for name, fsdp in (("nf4", False), ("fsdp", True)):
         quantize(model)
     train(model, tok, task_records(35, seed=1), TrainConfig(**{settings!r}, batch_size=2, global_batch=8, fsdp=fsdp,
                                                              out=os.path.join({out!r}, name)))
-import gc
-gc.collect()
-dist.destroy_process_group()
+# process 1 killed outright after step 2 (no word, no clean exit): process 0 says so, naming the last checkpoint
+from lorakit.errors import LorakitError
+def die(step, entry):
+    if step == 2 and dist.get_rank() == 1:
+        os._exit(9)
+try:
+    train(tiny_llama(seed=0, vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=2), tok,
+          task_records(35, seed=1), TrainConfig(rank=4, max_steps=5, progress=False, save_every=1, eval_examples=0,
+                                                 batch_size=2), out=os.path.join({out!r}, "killed"), on_step=die)
+    said = None
+except LorakitError as error:
+    said = str(error)
+open(os.path.join({out!r}, f"said{{dist.get_rank()}}.txt"), "w").write(repr(said))
 sys.stdout.flush(); sys.stderr.flush()
 os._exit(0)
 '''
@@ -182,9 +216,22 @@ def test_qlora_data_parallel_and_fsdp_with_packing_and_a_ragged_set_match_one_pr
     not the micro-batches, with the epoch and said nothing)."""
     script = tmp_path / "two.py"
     script.write_text(TWO.format(tests=str(TESTS), settings=SETTINGS, out=str(tmp_path)))
-    two = subprocess.run([*TORCHRUN, str(script)], env=ENV, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stderr.count("each epoch trains on 12 of the 13 rows") == 2, two.stderr[-3000:]  # rank 0 alone
+    # two processes started by hand (torchrun's agent would end process 0 as soon as process 1 dies)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True,
+                              env={**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert procs[0].returncode == 0, errs[0][-3000:]
+    assert procs[1].returncode == 9, errs[1][-3000:]
+    assert errs[0].count("each epoch trains on 12 of the 13 rows") == 2 and "each epoch" not in errs[1], errs[0][-3000:]
+    killed = tmp_path / "killed"
+    assert (tmp_path / "said0.txt").read_text() == repr(
+        f"another process of this run ended after step 2 (killed, or out of memory: torchrun's report names it); the "
+        f"last checkpoint is {killed / 'checkpoints' / 'step-000001'}; continue with: torchrun --nproc_per_node 2 -m "
+        f"lorakit train --resume {killed}")
     tok = tiny_tokenizer()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: on a loaded 2-core machine more threads made these runs 2-5x slower

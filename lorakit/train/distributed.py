@@ -378,6 +378,16 @@ class StopTogether:
             self._previous = None
 
 
+# what a collective raises when another process of the group is gone (gloo; NCCL's aborted communicator)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
+              "NCCL communicator was aborted")
+
+
+def peer_gone(error: BaseException) -> bool:
+    """True when ``error`` (from a collective) says another process of this run has ended (killed, out of memory)."""
+    return world()[1] > 1 and any(text in str(error) for text in _PEER_GONE)
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 

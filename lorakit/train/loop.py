@@ -38,12 +38,12 @@ from lorakit._progress import clock as _clock, show_bar  # noqa: F401 (show_bar:
 from lorakit.errors import LorakitError
 from lorakit.models.vocab_fit import check_ids_fit
 from lorakit.optim import Schedule, build_optimizer
-from lorakit.train.checkpoint import (find_checkpoint, load_checkpoint, read_state, rng_state, save_checkpoint,
-                                      write_into_temp)
+from lorakit.train.checkpoint import (find_checkpoint, latest_checkpoint, load_checkpoint, read_state, rng_state,
+                                      save_checkpoint, write_into_temp)
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import (  # world is re-exported: the runner imports it from here
     StopTogether, all_reduce_gradients, all_reduce_sum, apply_fsdp, full_state, gather_objects, gathered_trainable,
-    is_sharded, sharded_grad_norm_and_clip, with_gradient_anywhere, world)
+    is_sharded, peer_gone, resume_command, sharded_grad_norm_and_clip, with_gradient_anywhere, world)
 from lorakit.train.batches import BatchIterator, Collator
 from lorakit.train.data import (SupervisedDataset, build_dataset, pad_id_for, validation_in_another_format,
                                 validation_in_training)
@@ -677,6 +677,16 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                 last_checkpoint = write_checkpoint()
         if step > 0 and step != resumed_at:  # the end of the run (a resume with nothing left to do wrote it already)
             last_checkpoint = write_checkpoint()
+    except RuntimeError as error:
+        if not peer_gone(error):
+            raise
+        # a process killed outright (SIGKILL, the out-of-memory killer) said nothing, and this one's traceback from
+        # inside gloo did not name the run's checkpoint: one line that does (torchrun's report names the process)
+        last = latest_checkpoint(out / CHECKPOINTS_DIR) if out is not None else None
+        then = (f"the last checkpoint is {last}; continue with: {resume_command(out)}" if last is not None
+                else "it had written no checkpoint yet")
+        raise LorakitError(f"another process of this run ended after step {step} (killed, or out of memory: "
+                           f"torchrun's report names it); {then}") from None
     finally:
         stop.__exit__()
         if windows is not None:

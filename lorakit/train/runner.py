@@ -20,7 +20,9 @@ import gc
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -228,6 +230,14 @@ def distributed_group() -> Iterator[None]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
         yield
+    except BaseException:
+        # rank 0 ending in error: torchrun sends SIGTERM the moment another process exits (one killed outright,
+        # say), and its default action killed rank 0 in the teardown below, before the CLI printed why (the run's
+        # checkpoint, the resume command); torchrun still sends SIGKILL 30 s later should the teardown hang. The
+        # other processes keep the default: torchrun ends them once rank 0 has said it (cli._let_rank0_say_it)
+        if dist.get_rank() == 0 and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
     finally:
         gc.collect()
         dist.destroy_process_group()
