@@ -408,3 +408,17 @@ def test_serving_a_folder_of_training_runs_says_how_to_serve_their_adapters(adap
                  f"(a training run?): give --adapters {root}/mine to serve them, or copy one here under a name of its "
                  f"own (cp -r {root}/mine/adapter {root}/mine-adapter)"),
         ("notes", "it holds no adapter_config.json, so it is not an adapter folder")]
+
+
+def test_a_mistyped_adapters_folder_gets_the_folder_meant(tiny, tmp_path, capsys, monkeypatch):
+    """`lorakit serve --adapters ./adaptrs` said "does not exist; create it and put one adapter per subfolder" with
+    ./adapters right there."""
+    from lorakit.cli import main
+
+    (tmp_path / "adapters").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--model", str(tiny), "--adapters", "./adaptrs"]) == 2
+    assert _last_line(capsys.readouterr().err) == ("lorakit serve: error: --adapters ./adaptrs does not exist; did you "
+                                                   "mean ./adapters?")
+    assert main(["serve", "--model", str(tiny), "--adapters", "elsewhere"]) == 2  # nothing close: as before
+    assert "create it and put one adapter per subfolder" in capsys.readouterr().err

@@ -188,6 +188,17 @@ def check_paths(args: argparse.Namespace) -> None:
         raise LorakitError(f"--adapters {args.adapters} is a file, not a folder; give the folder that holds one adapter "
                            "per subfolder (for a single adapter: its parent folder)")
     if not os.path.isdir(root):
+        import difflib
+
+        parent, name = os.path.split(os.path.normpath(root))
+        try:
+            folders = [e.name for e in os.scandir(parent or ".") if e.is_dir()]
+        except OSError:
+            folders = []
+        close = difflib.get_close_matches(name, folders, n=1, cutoff=0.8)  # a typo: ./adaptrs for ./adapters
+        typed = str(args.adapters).rstrip("/")
+        if close and typed.endswith(name):  # written as the user wrote the path
+            raise LorakitError(f"--adapters {args.adapters} does not exist; did you mean {typed[:-len(name)]}{close[0]}?")
         raise LorakitError(f"--adapters {args.adapters} does not exist; create it and put one adapter per subfolder "
                            "(each is served under its folder's name)")
     if os.path.isfile(os.path.join(root, "adapter_config.json")):  # one adapter, not a folder of them: nothing served
