@@ -127,6 +127,8 @@ def _check(response: httpx.Response, label: str) -> str | None:
         return f"{label}: error body {error!r:.300}"
     if "\n" in error["message"] or len(error["message"]) > 1000:
         return f"{label}: message of {len(error['message'])} characters or several lines: {error['message'][:300]!r}"
+    if error["code"] == "invalid_request" and error["param"] is None:
+        return f"{label}: a refused field not named as param: {error['message'][:300]!r}"  # clients read param
     return None
 
 
@@ -650,6 +652,9 @@ def test_a_whole_request_check_names_its_field_as_param(server):
     body = {"model": "base", "prompt": "Hi", "max_tokens": 2, "min_tokens": 20}
     error = server["client"].post("/v1/completions", json=body).json()["error"]
     assert error["param"] == "min_tokens" and error["message"].startswith("min_tokens (20) is over max_tokens"), error
+    chat = {"model": "base", "messages": QUESTION, "continue_final_message": True, "add_generation_prompt": True}
+    error = server["client"].post("/v1/chat/completions", json=chat).json()["error"]
+    assert error["param"] == "continue_final_message" and error["message"].startswith("cannot set both"), error
 
 
 def test_a_format_that_forces_an_added_tokens_text_says_so(server):

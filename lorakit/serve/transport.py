@@ -97,10 +97,10 @@ def parse(cls, data: dict):
     except ValidationError as error:
         refusal = _validation_error(error)
         # a check of the whole request (a model validator: "min_tokens (20) is over max_tokens (2)") has no location;
-        # its message starts with the field it refuses, which is the param clients read
-        first = re.match(r"\w+", refusal.message)
-        if refusal.param is None and first and first.group() in cls.model_fields:
-            refusal.param = first.group()
+        # the first field its message names is the one it refuses, the param clients read
+        named = next((word for word in re.findall(r"\w+", refusal.message) if word in cls.model_fields), None)
+        if refusal.param is None and named:
+            refusal.param = named
         raise refusal from None
 
 
