@@ -347,6 +347,19 @@ class AdapterFile:
         return name if isinstance(name, str) and name else None
 
 
+def _close_folder(folder: Path) -> Path | None:
+    """A folder beside ``folder`` whose name is close to its name (a typo), else None."""
+    import difflib
+
+    try:
+        names = ([e.name for e in os.scandir(folder.parent) if e.is_dir() and not e.name.startswith(".")]
+                 if folder.parent.is_dir() else [])
+    except OSError:  # unreadable: no suggestion
+        return None
+    close = difflib.get_close_matches(folder.name, names, n=1, cutoff=0.75)  # 0.75: mien for mine
+    return folder.parent / close[0] if close else None
+
+
 def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow_symlinks: bool = True) -> AdapterFile:
     """Read and validate an adapter folder without touching any model. Never unpickles.
 
@@ -360,7 +373,11 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
     if folder.is_file() and folder.name in (CONFIG_NAME, WEIGHTS_NAME, *PICKLED_NAMES):
         raise LorakitError(f"{folder} is a file of an adapter; pass the folder that holds it: {folder.parent}")
     if not folder.is_dir():
-        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(folder)) is not None and not folder.exists()
+        close = _close_folder(folder)  # a typo: runs/mine/adpater
+        if close is not None:
+            raise LorakitError(f"adapter folder {folder} does not exist; did you mean {close}?")
+        # org/name, unless org is a local folder: runs/nope is a path, not a Hub id to download
+        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(folder)) is not None and not folder.parent.is_dir()
         raise LorakitError(f"adapter folder {folder} does not exist (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)" + (
             f"; lorakit reads local folders: download a hub adapter first (hf download {folder} --local-dir DIR)"
             if hub else ""))

@@ -422,3 +422,22 @@ def test_a_mistyped_adapters_folder_gets_the_folder_meant(tiny, tmp_path, capsys
                                                    "mean ./adapters?")
     assert main(["serve", "--model", str(tiny), "--adapters", "elsewhere"]) == 2  # nothing close: as before
     assert "create it and put one adapter per subfolder" in capsys.readouterr().err
+
+
+def test_a_mistyped_adapter_folder_gets_the_folder_meant_not_a_hub_download(adapters, tmp_path, capsys, monkeypatch):
+    """`lorakit inspect runs/mine/adpater` said the folder does not exist, and `runs/nope` was read as a Hub id:
+    "download a hub adapter first (hf download runs/nope --local-dir DIR)", though runs/ is a folder right there."""
+    import shutil
+
+    from lorakit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(adapters["plain"], tmp_path / "runs" / "mine" / "adapter")
+    assert main(["inspect", "runs/mine/adpater"]) == 2
+    assert _last_line(capsys.readouterr().err) == ("lorakit inspect: error: adapter folder runs/mine/adpater does not "
+                                                   "exist; did you mean runs/mine/adapter?")
+    assert main(["inspect", "runs/nope"]) == 2
+    assert _last_line(capsys.readouterr().err) == ("lorakit inspect: error: adapter folder runs/nope does not exist "
+                                                   "(expected adapter_config.json and adapter_model.safetensors inside)")
+    assert main(["inspect", "some-org/some-adapter"]) == 2  # an org that is no folder here: a Hub id, as before
+    assert "hf download some-org/some-adapter --local-dir DIR" in capsys.readouterr().err
