@@ -179,7 +179,7 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
     from lorakit.commands._args import plain_warnings
 
     end_of_startup()
-    said = None  # the one line the command ends with, if it fails
+    said, wait_for_rank0 = None, True  # the one line the command ends with, if it fails
     try:
         # the commands that write a folder: SIGTERM (`timeout`, a batch job's limit) removes the half-written one too
         writes = args.command in ("merge", "combine", "quantize")
@@ -188,8 +188,13 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
             code = int(module.run(args) or 0)
     except LorakitError as error:
         said, code = f"lorakit {args.command}: error: {error}", 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         said, code = f"lorakit {args.command}: interrupted", 130
+        # Ctrl-C reaches every process at once (torchrun passes it on) and each stops where it is: rank 0 says it, the
+        # others need not wait for it (torchrun, shutting down, waits for them); a stop all processes made together
+        # at one step (SIGTERM to one of them) is said by rank 0, which torchrun cuts short once another has exited
+        together = sys.modules.get("lorakit.train.distributed")
+        wait_for_rank0 = together is not None and isinstance(error, together.StoppedTogether)
     except BrokenPipeError:  # the output went to a reader that stopped early (lorakit inspect DIR | head): end quietly
         with contextlib.suppress(OSError, ValueError, AttributeError):  # so the interpreter's exit flush does not fail again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -204,7 +209,7 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
         # under torchrun every process hits the same mistake (torchrun passes Ctrl-C to each, too): rank 0 says it
         if os.environ.get("RANK", "0") == "0":
             print(said, file=sys.stderr)
-        elif torchrun:
+        elif torchrun and wait_for_rank0:
             _let_rank0_say_it(said)
     if torchrun:
         _exit_without_teardown(code)

@@ -3,11 +3,14 @@
 * the README's multi-GPU command, copied with only --nproc_per_node changed, trains; SIGTERM sent to one process
   (a scheduler preempting it) stops every process at the same step and rank 0 names the checkpoint and the torchrun
   command that resumes it (before: that process alone exited, torchrun killed rank 0 with a signal, and the user read
-  only torchrun's ChildFailedError);
-* a mistake every process makes (a missing data file) is said in one line also when rank 1 reaches it first
-  (before: rank 1 exited, torchrun killed rank 0 before it printed, and no lorakit line was left);
+  only torchrun's ChildFailedError); that command resumes it; SIGKILL of one process (the out-of-memory killer) is
+  said by rank 0 in one line with the checkpoint (before: a gloo traceback, or nothing);
+* a mistake every process makes (data packed into fewer rows than a batch) is said in one line also when rank 1
+  reaches it first (before: rank 1 exited, torchrun killed rank 0 before it printed, and no lorakit line was left);
+  Ctrl-C still ends every process at once;
 * QLoRA (an NF4 base) under data parallel, and FSDP2, both with packing on a data set that does not divide into the
-  micro-batches (35 rows), give the adapter of one process with the same global batch.
+  micro-batches (35 rows), give the adapter of one process with the same global batch, and the rows each epoch
+  leaves out are said.
 """
 
 from __future__ import annotations
@@ -156,6 +159,38 @@ def test_a_mistake_rank1_reaches_first_is_still_said_once(tmp_path, tiny_folder)
     assert said == ["lorakit train: error: --batch-size 4 x 2 processes is more than the 3 packed training rows; use "
                     "--batch-size 1 or less"], done.stderr[-3000:]  # said by rank 0, once: rank 1 waited for it
     assert not (tmp_path / "run").exists()  # the failed new run leaves no folder behind
+
+
+FAILING = '''
+import sys, time
+import lorakit.cli
+import lorakit.commands.inspect as command
+from lorakit.errors import LorakitError
+lorakit.cli.RANK0_GRACE_S = 3.0
+def fail(args):
+    raise {error}
+command.run = fail
+sys.argv = ["lorakit", "inspect", "x"]
+print(time.time(), file=sys.stderr, flush=True)  # the CLI ends in os._exit under torchrun: timed from outside
+lorakit.cli.main()
+'''
+
+
+def test_rank1_waits_for_rank0_on_a_mistake_not_on_ctrl_c(tmp_path):
+    """Rank 1 alone (rank 0 silent): a mistake is said by rank 1 after the grace, naming the process; Ctrl-C (which
+    torchrun passes to every process, and then waits for each) ends rank 1 at once without a word, as before."""
+    env = {**ENV, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
+    for error, code in (("LorakitError('the data is wrong')", 2), ("KeyboardInterrupt()", 130)):
+        script = tmp_path / "fail.py"
+        script.write_text(FAILING.format(error=error))
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+        waited = time.time() - float(done.stderr.split()[0])
+        lines = done.stderr.strip().splitlines()[1:]
+        assert done.returncode == code, done.stderr[-2000:]
+        if code == 2:
+            assert lines == ["lorakit inspect: error: the data is wrong (process 1 of 2)"] and waited >= 3.0, lines
+        else:
+            assert lines == [] and waited < 3.0, (lines, waited)
 
 
 TWO = '''

@@ -341,6 +341,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+class StoppedTogether(KeyboardInterrupt):
+    """What every process raises at the step where :class:`StopTogether` stops them (rank 0 then says it; the others
+    wait for that: ``cli._let_rank0_say_it``)."""
+
+
 class StopTogether:
     """Inside (under torchrun, on the main thread): SIGTERM asks every process to stop at the next step, not this one.
 

@@ -42,7 +42,7 @@ from lorakit.train.checkpoint import (find_checkpoint, latest_checkpoint, load_c
                                       save_checkpoint, write_into_temp)
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import (  # world is re-exported: the runner imports it from here
-    StopTogether, all_reduce_gradients, all_reduce_sum, apply_fsdp, full_state, gather_objects, gathered_trainable,
+    StoppedTogether, StopTogether, all_reduce_gradients, all_reduce_sum, apply_fsdp, full_state, gather_objects, gathered_trainable,
     is_sharded, peer_gone, resume_command, sharded_grad_norm_and_clip, with_gradient_anywhere, world)
 from lorakit.train.batches import BatchIterator, Collator
 from lorakit.train.data import (SupervisedDataset, build_dataset, pad_id_for, validation_in_another_format,
@@ -605,7 +605,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
             counts = torch.tensor([sum(supervised_tokens(b["labels"]) for b in micro), real_tokens, int(stop.requested)])
             n_tokens, n_inputs, stopping = (int(c) for c in all_reduce_sum(counts))  # (3,) int64
             if stopping:
-                raise KeyboardInterrupt(f"signal SIGTERM on {stopping} of {world_size} processes")
+                raise StoppedTogether(f"signal SIGTERM on {stopping} of {world_size} processes")
             entry: dict[str, Any] = {"kind": "train", "step": step + 1, "epoch": round(batches.epoch + batches.index / len(train_ds), 4)}
             if n_tokens == 0:
                 skipped += 1
