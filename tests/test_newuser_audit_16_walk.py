@@ -441,3 +441,25 @@ def test_a_mistyped_adapter_folder_gets_the_folder_meant_not_a_hub_download(adap
                                                    "(expected adapter_config.json and adapter_model.safetensors inside)")
     assert main(["inspect", "some-org/some-adapter"]) == 2  # an org that is no folder here: a Hub id, as before
     assert "hf download some-org/some-adapter --local-dir DIR" in capsys.readouterr().err
+
+
+def test_an_adapter_whose_targets_this_model_lacks_says_which_model_to_pass(tiny, tmp_path, capsys):
+    """A peft GPT-2 adapter given with a Llama --model ended at "target_modules ['c_attn'] matched no module; this
+    model's ... (adapter_config.json names the base 'openai-community/gpt2')", without the fix the shape refusals
+    get: the CLI's hint looked for 'matches no module', inject says 'matched'."""
+    import peft
+    import transformers
+
+    from lorakit.cli import main
+
+    gpt2 = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2,
+                                                                                 vocab_size=32))
+    folder = tmp_path / "gpt2-adapter"
+    peft.get_peft_model(gpt2, peft.LoraConfig(r=4, target_modules=["c_attn"])).save_pretrained(str(folder))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "openai-community/gpt2"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["generate", "--model", str(tiny), "--adapter", str(folder), "copy a"]) == 2
+    line = _last_line(capsys.readouterr().err)
+    assert "target_modules ['c_attn'] matched no module" in line, line
+    assert line.endswith("; pass --model with a local folder of 'openai-community/gpt2'"), line

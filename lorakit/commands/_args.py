@@ -166,7 +166,7 @@ def check_base_names(model: str | None, adapters, flag: str = "--adapter") -> st
 
 # what plan_load says when an adapter does not fit the loaded base (another model's shapes, modules or fingerprint)
 _MISFIT = re.compile(r"has shape .* but |made for another base model|missing tensor keys|unexpected tensor keys|"
-                     r"matches no module")
+                     r"match(?:es|ed) no module")  # inject's 'target_modules [...] matched no module' too
 
 
 def explain_misfit(error: Exception, adapter_file, model: str, defaulted: bool) -> Exception:
