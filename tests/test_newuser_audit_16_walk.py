@@ -463,3 +463,23 @@ def test_an_adapter_whose_targets_this_model_lacks_says_which_model_to_pass(tiny
     line = _last_line(capsys.readouterr().err)
     assert "target_modules ['c_attn'] matched no module" in line, line
     assert line.endswith("; pass --model with a local folder of 'openai-community/gpt2'"), line
+
+
+def test_train_into_an_adapter_folder_is_refused_even_with_overwrite(adapters, tmp_path, capsys):
+    """`lorakit train --out runs/mine/adapter --overwrite` (--out read as "where the adapter goes") trained a run
+    inside the adapter folder: --overwrite clears only a run's own file names, so the old adapter_config.json and
+    weights stayed at the top, and `--adapter runs/mine/adapter` went on loading the old adapter."""
+    import shutil
+
+    from lorakit.cli import main
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapters["plain"], folder)
+    before = sorted(p.name for p in folder.iterdir())
+    for extra in ([], ["--overwrite"]):
+        assert main(["train", "--data", "train.jsonl", "--out", str(folder), *extra]) == 2
+        assert _last_line(capsys.readouterr().err) == (
+            f"lorakit train: error: --out {folder} is an adapter folder (adapter_config.json), not a run folder: a run "
+            "writes its adapter into OUT/adapter, and an old adapter left here would load instead of the new one; "
+            "choose a new folder for --out")
+    assert sorted(p.name for p in folder.iterdir()) == before

@@ -74,6 +74,10 @@ def resolve_run_folder(out: str | None, resume: str | None, overwrite: bool,
     run_dir = Path(out) if out else Path(RUNS_DIR) / time.strftime("%Y%m%d-%H%M%S", time.localtime(clock))
     if run_dir.exists() and not run_dir.is_dir():
         raise LorakitError(f"--out {run_dir} is a file; give a folder")
+    if (run_dir / "adapter_config.json").is_file():  # even with --overwrite, which clears only a run's own files
+        raise LorakitError(f"--out {run_dir} is an adapter folder (adapter_config.json), not a run folder: a run writes "
+                           "its adapter into OUT/adapter, and an old adapter left here would load instead of the new "
+                           "one; choose a new folder for --out")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
         raise LorakitError(f"{run_dir} already holds files (an earlier run?); continue it with --resume, choose another "
                            "--out, or pass --overwrite")
