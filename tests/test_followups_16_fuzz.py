@@ -699,6 +699,40 @@ def test_safetensors_offset_of_infinity_is_one_line(good_adapter, model_folder, 
     assert code == 2 and "Traceback" not in err and "model.safetensors is cut short or not a safetensors file" in err, err
 
 
+@pytest.mark.parametrize("name, change, words", [
+    ("generation_config.json", '"Hi"', None),
+    ("generation_config.json", "[1, 2]", None),
+    ("config.json", {"rope_parameters": {"rope_type": ["default"], "rope_theta": 10000.0}}, "unhashable type"),
+    ("config.json", {"rope_parameters": {"rope_type": "default", "rope_theta": {"a": 1}}}, "unsupported operand"),
+    ("config.json", {"pad_token_id": 10**6}, "Padding_idx must be within num_embeddings"),
+])
+def test_model_folder_values_of_the_wrong_json_type(model_folder, tmp_path, capsys, name, change, words):
+    # found by fuzzing a model folder through lorakit generate: a generation_config.json holding a JSON string or
+    # list (not an object), a rope_parameters value of the wrong type or a pad_token_id past the vocabulary raised
+    # a TypeError / AssertionError traceback from transformers. Now the first is ignored with a warning (as an
+    # unparsable one is), the others are one line
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    if isinstance(change, str):
+        (folder / name).write_text(change)
+    else:
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**config, **change}))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, err = _cli(["generate", "--model", str(folder), "--max-new-tokens", "1", "Hi"], capsys)
+    assert "Traceback" not in err, err[-1500:]
+    if words is None:
+        assert code == 0 and any("not an object of settings, so it is ignored" in str(w.message) for w in caught)
+    else:
+        lines = [line for line in err.splitlines() if line.startswith("lorakit generate: error:")]
+        assert code == 2 and len(lines) == 1 and words in lines[0] and "a wrong value in config.json?" in lines[0], err
+
+
 @pytest.mark.parametrize("record, words", [
     ({"messages": [{"role": "user", "content": "Hi"}, {"role": "r" * 100_000, "content": "Yo"}]}, "has role 'rrr"),
     ({"messages": [{"role": "user", "content": "Hi", "k" * 100_000: 1}, {"role": "assistant", "content": "Yo"}]},

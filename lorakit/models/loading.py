@@ -467,7 +467,13 @@ def checked_generation_config(folder: Path) -> dict | None:
         raise LorakitError(f"{path} is nested too deeply to be a generation config (a broken or hostile file); "
                            "delete it or download it again") from None
     if not isinstance(values, dict):
-        return None
+        if values is None and not path.is_file():
+            return None
+        # valid JSON but no object ("Hi", 5, [..]): transformers' own read of it raised a TypeError traceback
+        warnings.warn(f"{path} holds a JSON {type(values).__name__}, not an object of settings, so it is ignored: "
+                      "generation stops on the tokenizer's eos and the chat template's end of turn only; fix or "
+                      "download the file again", stacklevel=3)
+        return {}
     wrong = [name for name, (valid, _) in _GENERATION_FIELDS.items()
              if name in values and values[name] is not None and not valid(values[name])]
     if not wrong:
@@ -803,7 +809,9 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
                 if not attn_implementation or "attention implementation" not in str(error) or attn_implementation == "eager":
                     raise
                 model, info = load("eager")
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as error:  # ImportError: e.g. flash_attention_2
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError, AssertionError, OverflowError) as error:
+        # ImportError: e.g. flash_attention_2; the last three: a config.json value transformers passes on unchecked
+        # fails inside the model's construction ("rope_theta": {...}, a pad_token_id past vocab_size)
         rope = unknown_rope_type(folder, error)
         if rope is not None:
             raise rope from None
@@ -813,7 +821,8 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
             if not reason.endswith(":"):
                 break
             reason = f"{reason} {line}"
-        raise LorakitError(f"cannot load the model in {folder}: {reason}") from None
+        hint = " (a wrong value in config.json?)" if isinstance(error, (TypeError, AssertionError, OverflowError)) else ""
+        raise LorakitError(f"cannot load the model in {folder}: {reason}{hint}") from None
     mismatched = sorted(info.get("mismatched_keys") or [])
     if mismatched:  # (key, shape in the file, shape config.json gives); transformers 4.x lists the keys alone
         if isinstance(mismatched[0], str):
