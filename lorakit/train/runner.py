@@ -232,19 +232,22 @@ def distributed_group() -> Iterator[None]:
     dist.init_process_group(backend=backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    previous = None
     try:
         yield
     except BaseException:
-        # rank 0 ending in error: torchrun sends SIGTERM the moment another process exits (one killed outright,
-        # say), and its default action killed rank 0 in the teardown below, before the CLI printed why (the run's
-        # checkpoint, the resume command); torchrun still sends SIGKILL 30 s later should the teardown hang. The
+        # rank 0 ending in error: torchrun sends SIGTERM (once) the moment another process exits (one killed
+        # outright, say), and its default action killed rank 0 in the teardown below, before the CLI printed why
+        # (the run's checkpoint, the resume command); torchrun still sends SIGKILL 30 s later should it hang. The
         # other processes keep the default: torchrun ends them once rank 0 has said it (cli._let_rank0_say_it)
         if dist.get_rank() == 0 and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise
     finally:
         gc.collect()
         dist.destroy_process_group()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def choose_device(config: TrainConfig) -> torch.device:
