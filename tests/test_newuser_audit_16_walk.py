@@ -483,3 +483,20 @@ def test_train_into_an_adapter_folder_is_refused_even_with_overwrite(adapters, t
             "writes its adapter into OUT/adapter, and an old adapter left here would load instead of the new one; "
             "choose a new folder for --out")
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_a_learning_rate_typed_without_its_minus_sign_is_refused_with_the_one_meant(capsys):
+    """`--lr 2e4` (for 2e-4) trained: the first step moved every weight by ~20000, every later gradient was NaN and
+    skipped, and the run ended "done ... final train loss 3.46" with a ruined adapter saved. It is refused before the
+    model loads, with the value meant; a learning rate AdamW can train with passes."""
+    from lorakit.cli import main
+    from lorakit.errors import LorakitError
+    from lorakit.train.config import TrainConfig
+
+    assert main(["train", "--data", "train.jsonl", "--lr", "2e4"]) == 2
+    assert _last_line(capsys.readouterr().err) == (
+        "lorakit train: error: --lr 20000 is far above any learning rate AdamW trains with (LoRA: about 1e-4 to 2e-3; "
+        "--full: 1e-5 to 1e-4); did you mean 2e-4?")
+    with pytest.raises(LorakitError, match=r"--lr 1 is far above .*to 1e-4\)$"):  # no exponent to flip: no guess
+        TrainConfig(lr=1.0)
+    assert TrainConfig(lr=0.5).lr == 0.5 and TrainConfig(lr=2e-4).lr == 2e-4

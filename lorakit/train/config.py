@@ -214,6 +214,11 @@ class TrainConfig:
             raise LorakitError(f"--epochs must be a positive number, got {shown(self.epochs)}")
         if self.lr is not None and not (_number(self.lr) and self.lr > 0):
             raise LorakitError(f"--lr must be a positive number, got {shown(self.lr)}")
+        if self.lr is not None and self.lr >= 1:  # AdamW moves each weight by about lr a step: lost at the first step
+            mantissa, exponent = f"{self.lr:e}".split("e")
+            typo = f"; did you mean {float(mantissa):g}e-{int(exponent)}?" if int(exponent) > 0 else ""
+            raise LorakitError(f"--lr {self.lr:g} is far above any learning rate AdamW trains with (LoRA: about 1e-4 to "
+                               f"2e-3; --full: 1e-5 to 1e-4){typo}")
         if self.val_fraction is not None and not (_number(self.val_fraction) and 0 < self.val_fraction < 1):
             raise LorakitError(f"--val-fraction must be between 0 and 1 (e.g. 0.1), got {shown(self.val_fraction)}")
         if self.val_fraction is not None and self.val_data:
