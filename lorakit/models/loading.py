@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lorakit.config import listed
+from lorakit.config import listed, shown
 from lorakit.errors import LorakitError
 from lorakit.models.folder_layout import (INDEX, check_links, check_quantization, check_unlisted_shards,
                                           refuse_adapter_beside)
@@ -605,6 +605,10 @@ def load_tokenizer(folder: Path):
         # names the class and the vocabulary file is missing: every text encoded to [] and generate answered nothing
         raise LorakitError(_NO_VOCABULARY.format(folder=folder, held=f" (it would hold only its {special} special "
                                                                      "tokens)"))
+    length = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(length, (int, float)):  # transformers keeps it as written; every encode compared it with ints
+        raise LorakitError(f"{folder / 'tokenizer_config.json'}: model_max_length {shown(length)} is not a number; "
+                           "write the model's context length as an integer, or delete that line")
     if tokenizer.eos_token is None:
         _eos_from_model_config(tokenizer, folder)
     if tokenizer.pad_token is None:
