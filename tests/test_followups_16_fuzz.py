@@ -705,13 +705,15 @@ def test_safetensors_offset_of_infinity_is_one_line(good_adapter, model_folder, 
     ("config.json", {"rope_parameters": {"rope_type": ["default"], "rope_theta": 10000.0}}, "unhashable type"),
     ("config.json", {"rope_parameters": {"rope_type": "default", "rope_theta": {"a": 1}}}, "unsupported operand"),
     ("config.json", {"pad_token_id": 10**6}, "Padding_idx must be within num_embeddings"),
+    ("config.json", {"num_key_value_heads": 0}, "by zero"),
     ("tokenizer_config.json", {"model_max_length": "2048"}, "model_max_length '2048' is not a number"),
 ])
 def test_model_folder_values_of_the_wrong_json_type(model_folder, tmp_path, capsys, name, change, words):
     # found by fuzzing a model folder through lorakit generate: a generation_config.json holding a JSON string or
-    # list (not an object), a rope_parameters value of the wrong type or a pad_token_id past the vocabulary raised
-    # a TypeError / AssertionError traceback from transformers, a model_max_length string a TypeError at the first
-    # encode. Now the first is ignored with a warning (as an unparsable one is), the others are one line
+    # list (not an object), a rope_parameters value of the wrong type, a pad_token_id past the vocabulary or no
+    # key/value heads raised a TypeError / AssertionError / ZeroDivisionError traceback from transformers, a
+    # model_max_length string a TypeError at the first encode. Now the first is ignored with a warning (as an
+    # unparsable one is), the others are one line
     import shutil
 
     folder = tmp_path / "model"

@@ -813,9 +813,9 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
                 if not attn_implementation or "attention implementation" not in str(error) or attn_implementation == "eager":
                     raise
                 model, info = load("eager")
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError, AssertionError, OverflowError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError, AssertionError, ArithmeticError) as error:
         # ImportError: e.g. flash_attention_2; the last three: a config.json value transformers passes on unchecked
-        # fails inside the model's construction ("rope_theta": {...}, a pad_token_id past vocab_size)
+        # fails inside the model's construction ("rope_theta": {...}, a pad_token_id past vocab_size, a head_dim of 0)
         rope = unknown_rope_type(folder, error)
         if rope is not None:
             raise rope from None
@@ -825,7 +825,7 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
             if not reason.endswith(":"):
                 break
             reason = f"{reason} {line}"
-        hint = " (a wrong value in config.json?)" if isinstance(error, (TypeError, AssertionError, OverflowError)) else ""
+        hint = " (a wrong value in config.json?)" if isinstance(error, (TypeError, AssertionError, ArithmeticError)) else ""
         raise LorakitError(f"cannot load the model in {folder}: {reason}{hint}") from None
     mismatched = sorted(info.get("mismatched_keys") or [])
     if mismatched:  # (key, shape in the file, shape config.json gives); transformers 4.x lists the keys alone
