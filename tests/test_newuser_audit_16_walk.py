@@ -500,3 +500,13 @@ def test_a_learning_rate_typed_without_its_minus_sign_is_refused_with_the_one_me
     with pytest.raises(LorakitError, match=r"--lr 1 is far above .*to 1e-4\)$"):  # no exponent to flip: no guess
         TrainConfig(lr=1.0)
     assert TrainConfig(lr=0.5).lr == 0.5 and TrainConfig(lr=2e-4).lr == 2e-4
+
+
+def test_every_command_the_readmes_prose_names_is_written_as_code():
+    """"lorakit help train is `lorakit train --help`" read as a sentence about a word: every lorakit command named
+    in the README's prose is in backticks, as the test that parses the documented commands expects to find them."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    prose = re.sub(r"`[^`]*`", "", re.sub(r"```.*?```", "", text, flags=re.S))
+    bare = re.findall(r".{0,40}\blorakit (?:help|train|eval|generate|merge|combine|quantize|inspect|serve|demo)\b.{0,20}",
+                      prose)
+    assert bare == [], bare
