@@ -123,7 +123,8 @@ def mutate_json(value: Any, rng: random.Random, *, fields: list[str] | tuple[str
     elif kind < 0.65:
         new = [target]  # the right value wrapped in a list
     elif kind < 0.75 and isinstance(target, str):
-        new = rng.choice([target * 1000, target + "\x00", target.upper(), target[::-1], target + "\ud800", " " + target])
+        new = rng.choice([target * 1000, target + "\x00", target.upper(), target[::-1], target + "\ud800",
+                          " " + target])
     elif kind < 0.85 and isinstance(target, (int, float)) and not isinstance(target, bool) and math.isfinite(target):
         new = rng.choice([-target, target * 10**6, target + 0.5, str(target), -(10**20), int(target) + 10**9])
     elif kind < 0.92 and isinstance(target, dict) and target:

@@ -140,7 +140,8 @@ def _send(client: httpx.Client, path: str, content: str) -> httpx.Response:
 
 
 def _still_serving(client: httpx.Client) -> str | None:
-    response = client.post("/v1/completions", json={"model": "a0", "prompt": "Hello", "max_tokens": 2, "temperature": 0})
+    body = {"model": "a0", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    response = client.post("/v1/completions", json=body)
     return None if response.status_code == 200 else f"valid request after the fuzzing: {response.status_code}"
 
 
@@ -336,6 +337,10 @@ def mutate_weights(data: bytes, rng: random.Random) -> bytes:
     return _with_header(json.dumps(header), body)
 
 
+ADAPTER_FIELDS = ("use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "modules_to_save",
+                  "layers_to_transform", "peft_type", "base_model_name_or_path")
+
+
 def _load_problem(folder: Path, label: str) -> str | None:
     """Load ``folder`` into a fresh tiny Llama: loaded, or refused with one LorakitError line; anything else (another
     exception, a message of several lines, adapters left on the model after a refusal, a slow refusal) is wrong."""
@@ -373,9 +378,7 @@ def fuzz_adapters(good: Path, scratch: Path, seed: int, count: int) -> list[str]
         new_config, new_weights, what = config, weights, ""
         if rng.random() < 0.5:
             for _ in range(rng.choice([1, 1, 2])):
-                new_config, where = mutate_json(new_config, rng, fields=("use_rslora", "use_dora", "lora_bias",
-                                                                         "rank_pattern", "alpha_pattern", "modules_to_save",
-                                                                         "layers_to_transform", "peft_type", "base_model_name_or_path"))
+                new_config, where = mutate_json(new_config, rng, fields=ADAPTER_FIELDS)
                 what += f" config at {where}"
         else:
             for _ in range(rng.choice([1, 1, 2])):
@@ -696,7 +699,8 @@ def test_safetensors_offset_of_infinity_is_one_line(good_adapter, model_folder, 
     shutil.copytree(model_folder, model)
     _with_offset(model, "model.safetensors", end)
     code, err = _cli(["generate", "--model", str(model), "--max-new-tokens", "1", "Hi"], capsys)
-    assert code == 2 and "Traceback" not in err and "model.safetensors is cut short or not a safetensors file" in err, err
+    assert code == 2 and "Traceback" not in err, err
+    assert "model.safetensors is cut short or not a safetensors file" in err, err
 
 
 @pytest.mark.parametrize("name, change, words", [
@@ -784,7 +788,8 @@ def test_train_config_errors_quote_capped_values(tmp_path, capsys, name, text, w
 
 
 @pytest.mark.parametrize("name, text", [
-    ("run.toml", 'data = "\\u0000"'), ("run.json", '{"out": "runs/a\\u0000b"}'), ("run.yaml", 'data: ["ok.jsonl", "a\\0b"]'),
+    ("run.toml", 'data = "\\u0000"'), ("run.json", '{"out": "runs/a\\u0000b"}'),
+    ("run.yaml", 'data: ["ok.jsonl", "a\\0b"]'),
     ("run.json", '{"val_data": "\\ud800.jsonl"}'),
 ])
 def test_train_config_nul_or_surrogate_in_a_value_is_one_line(tmp_path, capsys, name, text):

@@ -813,7 +813,8 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
                 if not attn_implementation or "attention implementation" not in str(error) or attn_implementation == "eager":
                     raise
                 model, info = load("eager")
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError, AssertionError, ArithmeticError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError, AssertionError,
+            ArithmeticError) as error:
         # ImportError: e.g. flash_attention_2; the last three: a config.json value transformers passes on unchecked
         # fails inside the model's construction ("rope_theta": {...}, a pad_token_id past vocab_size, a head_dim of 0)
         rope = unknown_rope_type(folder, error)
