@@ -634,6 +634,38 @@ def test_fuzzed_train_configs_are_refused_in_one_line(tmp_path, capsys, monkeypa
     failures = fuzz_train_configs(tmp_path, 51, 60 * SCALE, capsys)
     assert not failures, _report(failures)
 
+
+# -- 5: model folders (config.json, generation_config.json, tokenizer_config.json) --------------------------------
+def fuzz_model_folders(good: Path, scratch: Path, seed: int, count: int, capsys) -> list[str]:
+    """``lorakit generate --model`` on copies of ``good`` with one of its JSON files mutated: each generates or
+    stops with one error line (warnings allowed), never a traceback."""
+    import shutil
+    import warnings
+
+    rng = random.Random(seed)
+    failures = []
+    for i in range(count):
+        folder = scratch / f"s{seed}_{i}"
+        shutil.copytree(good, folder)
+        name = rng.choice(["config.json", "config.json", "generation_config.json", "tokenizer_config.json"])
+        data, where = json.loads((good / name).read_text()), None
+        for _ in range(rng.choice([1, 2])):
+            data, where = mutate_json(data, rng)
+        (folder / name).write_bytes(dumps(data, rng).encode("utf-8", "surrogatepass"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            code, err = _cli(["generate", "--model", str(folder), "--max-new-tokens", "2", "Hi"], capsys)
+        lines = [line for line in err.splitlines() if line.startswith("lorakit generate: error:")]
+        if "Traceback" in err or code not in (0, 2) or (code == 2 and (len(lines) != 1 or len(lines[0]) > 1500)):
+            failures.append(f"model seed {seed} #{i} {name} at {where}: exit {code}: {err[-700:]!r}")
+        shutil.rmtree(folder)
+    return failures
+
+
+def test_fuzzed_model_folders_through_generate(model_folder, tmp_path, capsys):
+    failures = fuzz_model_folders(model_folder, tmp_path, 61, 16 * SCALE, capsys)
+    assert not failures, _report(failures)
+
 # -- regressions: one input each that the fuzzer found, failing before its fix -----------------------------------
 @pytest.mark.parametrize("key, param", [("str", "str"), ("a[0]", "a[0]"), ("", ""), ("none", "none")])
 def test_unknown_field_named_like_pydantic_locations_is_named(server, key, param):
