@@ -12,7 +12,13 @@ TORCH_SPEC ?= torch==2.13.0
 
 setup: $(STAMP)
 
+# lorakit needs Python 3.11+ (pyproject.toml): the first step says so before a venv of an older Python is made (pip
+# would refuse lorakit only after that, and every later run would keep the old venv)
 $(STAMP): pyproject.toml
+	@if test -x $(PY); then $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "$(VENV) holds Python $$($(PY) -c 'import platform; print(platform.python_version())'); lorakit needs 3.11 or newer: make clean, then make PYTHON=python3.11 (or a newer one)" >&2; exit 1; }; \
+	else $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "$(PYTHON) is not Python 3.11 or newer, which lorakit needs: run make PYTHON=python3.11 (or a newer one)" >&2; exit 1; }; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)

@@ -510,3 +510,35 @@ def test_every_command_the_readmes_prose_names_is_written_as_code():
     bare = re.findall(r".{0,40}\blorakit (?:help|train|eval|generate|merge|combine|quantize|inspect|serve|demo)\b.{0,20}",
                       prose)
     assert bare == [], bare
+
+
+@pytest.mark.skipif(not __import__("shutil").which("make"), reason="no make here")
+@pytest.mark.parametrize("where", ["PYTHON", "an old .venv"])
+def test_make_setup_with_a_python_older_than_3_11_says_so_before_making_a_venv(where, tmp_path):
+    """`make demo` on a machine whose python3 is 3.10 made .venv with it, then pip refused lorakit ("requires a
+    different Python"), and every later `make demo PYTHON=python3.11` kept the 3.10 venv (`test -x .venv/bin/python`).
+    The README named no Python version at all. Now make stops first, saying which Python and what to run."""
+    import shutil
+
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    old = "#!/bin/sh\ncase \"$*\" in *platform*) echo 3.10.12;; *version_info*) exit 1;; *) exit 3;; esac\n"
+    python = tmp_path / (".venv/bin/python" if where == "an old .venv" else "python3.10")
+    python.parent.mkdir(parents=True, exist_ok=True)
+    python.write_text(old)
+    python.chmod(0o755)
+    done = subprocess.run(["make", "setup", f"PYTHON={tmp_path / 'python3.10'}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if not line.startswith("make:")]
+    if where == "PYTHON":
+        assert said == [f"{tmp_path / 'python3.10'} is not Python 3.11 or newer, which lorakit needs: run make "
+                        "PYTHON=python3.11 (or a newer one)"]
+        assert not (tmp_path / ".venv").exists()
+    else:
+        assert said == [".venv holds Python 3.10.12; lorakit needs 3.11 or newer: make clean, then make "
+                        "PYTHON=python3.11 (or a newer one)"]
+    check = re.search(r"\$\(PY\) -c '(import sys; sys.exit\(sys.version_info < \(3, 11\)\))'",
+                      (REPO / "Makefile").read_text()).group(1)
+    assert subprocess.run([sys.executable, "-c", check]).returncode == 0  # the Python the suite runs on passes it
+    assert "lorakit needs Python 3.11 or newer" in (REPO / "README.md").read_text(encoding="utf-8")
