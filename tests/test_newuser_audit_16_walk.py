@@ -103,8 +103,8 @@ def test_a_full_disk_while_writing_the_weights_is_one_line_and_leaves_nothing(co
     """A real write failure (the file-size limit, so safetensors' own write fails as on a full disk): before, a
     SafetensorError traceback; now the commands' one line, with the hidden folder removed."""
     out = tmp_path / "out"
-    args = (["merge", "--model", str(tiny), "--adapter", str(adapters["plain"]), "--out", str(out)] if command == "merge"
-            else ["quantize", "--model", str(tiny), "--out", str(out), "--dtype", "fp32"])
+    merge = ["merge", "--model", str(tiny), "--adapter", str(adapters["plain"]), "--out", str(out)]
+    args = merge if command == "merge" else ["quantize", "--model", str(tiny), "--out", str(out), "--dtype", "fp32"]
     done = subprocess.run([sys.executable, "-c", LIMITED, *args], env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
@@ -330,7 +330,8 @@ def test_every_model_option_help_says_it_takes_a_hub_id_from_the_cache():
         sub = next(a for a in parser._actions if a.dest == "command").choices[command]
         options = {option: action for action in sub._actions for option in action.option_strings}
         if "--model" in options:
-            assert "org/name id in the Hugging Face cache" in options["--model"].help, (command, options["--model"].help)
+            said = options["--model"].help
+            assert "org/name id in the Hugging Face cache" in said, (command, said)
 
 
 def test_the_readmes_decoder_and_server_figures_are_the_spread_docs_performance_reports():
@@ -437,8 +438,9 @@ def test_a_mistyped_adapter_folder_gets_the_folder_meant_not_a_hub_download(adap
     assert _last_line(capsys.readouterr().err) == ("lorakit inspect: error: adapter folder runs/mine/adpater does not "
                                                    "exist; did you mean runs/mine/adapter?")
     assert main(["inspect", "runs/nope"]) == 2
-    assert _last_line(capsys.readouterr().err) == ("lorakit inspect: error: adapter folder runs/nope does not exist "
-                                                   "(expected adapter_config.json and adapter_model.safetensors inside)")
+    assert _last_line(capsys.readouterr().err) == (
+        "lorakit inspect: error: adapter folder runs/nope does not exist (expected adapter_config.json and "
+        "adapter_model.safetensors inside)")
     assert main(["inspect", "some-org/some-adapter"]) == 2  # an org that is no folder here: a Hub id, as before
     assert "hf download some-org/some-adapter --local-dir DIR" in capsys.readouterr().err
 
@@ -507,8 +509,8 @@ def test_every_command_the_readmes_prose_names_is_written_as_code():
     in the README's prose is in backticks, as the test that parses the documented commands expects to find them."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
     prose = re.sub(r"`[^`]*`", "", re.sub(r"```.*?```", "", text, flags=re.S))
-    bare = re.findall(r".{0,40}\blorakit (?:help|train|eval|generate|merge|combine|quantize|inspect|serve|demo)\b.{0,20}",
-                      prose)
+    commands = "help|train|eval|generate|merge|combine|quantize|inspect|serve|demo"
+    bare = re.findall(rf".{{0,40}}\blorakit (?:{commands})\b.{{0,20}}", prose)
     assert bare == [], bare
 
 
