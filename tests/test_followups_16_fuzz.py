@@ -743,6 +743,7 @@ def test_safetensors_offset_of_infinity_is_one_line(good_adapter, model_folder, 
     ("config.json", {"pad_token_id": 10**6}, "Padding_idx must be within num_embeddings"),
     ("config.json", {"num_key_value_heads": 0}, "by zero"),
     ("tokenizer_config.json", {"model_max_length": "2048"}, "model_max_length '2048' is not a number"),
+    ("tokenizer.json", lambda t: t["model"]["vocab"].update(a="x" * 5000), "cannot load the tokenizer in"),
 ])
 def test_model_folder_values_of_the_wrong_json_type(model_folder, tmp_path, capsys, name, change, words):
     # found by fuzzing a model folder through lorakit generate: a generation_config.json holding a JSON string or
@@ -756,6 +757,10 @@ def test_model_folder_values_of_the_wrong_json_type(model_folder, tmp_path, caps
     shutil.copytree(model_folder, folder)
     if isinstance(change, str):
         (folder / name).write_text(change)
+    elif callable(change):  # a change inside the file (the tokenizers library quoted a vocabulary entry whole)
+        data = json.loads((folder / name).read_text())
+        change(data)
+        (folder / name).write_text(json.dumps(data))
     else:
         config = json.loads((folder / name).read_text())
         (folder / name).write_text(json.dumps({**config, **change}))
@@ -769,7 +774,7 @@ def test_model_folder_values_of_the_wrong_json_type(model_folder, tmp_path, caps
         assert code == 0 and any("not an object of settings, so it is ignored" in str(w.message) for w in caught)
     else:
         lines = [line for line in err.splitlines() if line.startswith("lorakit generate: error:")]
-        assert code == 2 and len(lines) == 1 and words in lines[0], err
+        assert code == 2 and len(lines) == 1 and words in lines[0] and len(lines[0]) < 800, err[-800:]
         assert "a wrong value in config.json?" in lines[0] or name != "config.json", lines[0]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lorakit.config import listed, shown
+from lorakit.config import clipped, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.models.folder_layout import (INDEX, check_links, check_quantization, check_unlisted_shards,
                                           refuse_adapter_beside)
@@ -598,7 +598,7 @@ def load_tokenizer(folder: Path):
                 raise LorakitError(f"{folder} has the tokenizer's vocab.json but not its merges.txt (or a "
                                    "tokenizer.json); download merges.txt into the same folder")
             reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-            raise LorakitError(f"cannot load the tokenizer in {folder}: {reason}") from None
+            raise LorakitError(f"cannot load the tokenizer in {folder}: {clipped(reason, 500)}") from None
     special = len(getattr(tokenizer, "added_tokens_decoder", None) or {})
     if special and len(tokenizer) <= special and not _vocabulary_files(folder):
         # transformers 5 builds a Llama / GPT-2 / ... tokenizer of its special tokens alone when tokenizer_config.json
@@ -827,7 +827,7 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
                 break
             reason = f"{reason} {line}"
         hint = " (a wrong value in config.json?)" if isinstance(error, (TypeError, AssertionError, ArithmeticError)) else ""
-        raise LorakitError(f"cannot load the model in {folder}: {reason}{hint}") from None
+        raise LorakitError(f"cannot load the model in {folder}: {clipped(reason, 500)}{hint}") from None
     mismatched = sorted(info.get("mismatched_keys") or [])
     if mismatched:  # (key, shape in the file, shape config.json gives); transformers 4.x lists the keys alone
         if isinstance(mismatched[0], str):
