@@ -8,7 +8,9 @@ checked against one invariant per area:
   connection), the server still answers a valid request afterwards, and its log holds no traceback;
 - adapter folders: loading, ``lorakit generate --adapter`` and ``lorakit merge`` refuse with one lorakit error
   line (no traceback, no output folder left behind, no huge allocation);
-- training data: ``lorakit train``'s reading of JSONL / JSON / CSV files refuses with one lorakit error line.
+- training data: ``lorakit train``'s reading of JSONL / JSON / CSV files refuses with one lorakit error line;
+- ``lorakit train --config`` files (YAML, TOML, JSON) and model folders' JSON files (through ``lorakit generate``):
+  one error line, never a traceback.
 
 Iterations are kept small for CI (the file runs in well under 90 s on a loaded 2-core machine); set
 LORAKIT_FUZZ_ITERS=N (a multiplier) to hunt longer. Failures are collected with the seed that made them, so a
@@ -635,7 +637,7 @@ def test_fuzzed_train_configs_are_refused_in_one_line(tmp_path, capsys, monkeypa
     assert not failures, _report(failures)
 
 
-# -- 5: model folders (config.json, generation_config.json, tokenizer_config.json) --------------------------------
+# -- 5: model folders (config.json, generation_config.json, tokenizer files) -----------------------------------
 def fuzz_model_folders(good: Path, scratch: Path, seed: int, count: int, capsys) -> list[str]:
     """``lorakit generate --model`` on copies of ``good`` with one of its JSON files mutated: each generates or
     stops with one error line (warnings allowed), never a traceback."""
@@ -647,7 +649,8 @@ def fuzz_model_folders(good: Path, scratch: Path, seed: int, count: int, capsys)
     for i in range(count):
         folder = scratch / f"s{seed}_{i}"
         shutil.copytree(good, folder)
-        name = rng.choice(["config.json", "config.json", "generation_config.json", "tokenizer_config.json"])
+        name = rng.choice(["config.json", "config.json", "generation_config.json", "tokenizer_config.json",
+                           "tokenizer.json"])
         data, where = json.loads((good / name).read_text()), None
         for _ in range(rng.choice([1, 2])):
             data, where = mutate_json(data, rng)
@@ -744,6 +747,9 @@ def test_safetensors_offset_of_infinity_is_one_line(good_adapter, model_folder, 
     ("config.json", {"num_key_value_heads": 0}, "by zero"),
     ("tokenizer_config.json", {"model_max_length": "2048"}, "model_max_length '2048' is not a number"),
     ("tokenizer.json", lambda t: t["model"]["vocab"].update(a="x" * 5000), "cannot load the tokenizer in"),
+    # a merge naming an added token: the tokenizers library panics (pyo3's PanicException, a BaseException)
+    ("tokenizer.json", lambda t: t["model"]["merges"].__setitem__(0, ["\u0120", "<|endoftext|>"]),
+     "cannot load the tokenizer in"),
 ])
 def test_model_folder_values_of_the_wrong_json_type(model_folder, tmp_path, capsys, name, change, words):
     # found by fuzzing a model folder through lorakit generate: a generation_config.json holding a JSON string or

@@ -578,7 +578,11 @@ def load_tokenizer(folder: Path):
         # trust_remote_code=False: left unset, transformers asks "Do you wish to run the custom code? [y/N]" on a
         # terminal and a "y" imports the folder's .py files; lorakit never runs a model folder's code
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except Exception as error:  # transformers raises OSError, ValueError, TypeError, ... for broken tokenizer files
+    except BaseException as error:  # transformers raises OSError, ValueError, TypeError, ... for broken tokenizer files
+        # and the tokenizers library panics on some (a merge naming an added token): pyo3's PanicException derives
+        # from BaseException, so it passed every handler as a traceback
+        if not isinstance(error, Exception) and type(error).__name__ != "PanicException":
+            raise
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # which file, and why
             _check_json_file(folder / name)
         if own_code is not None:
