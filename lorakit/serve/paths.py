@@ -79,11 +79,17 @@ def resolve_adapter(root: str | os.PathLike, name: object) -> Path:
         raise UnsafeNameError(f"adapter {name!r} is a link that leaves the adapters folder; refused")
     if not real.is_dir():
         raise UnknownAdapterError(f"no adapter named {name!r} in the adapters folder")
-    for file_name in (CONFIG_NAME, WEIGHTS_NAME):
-        file_path = real / file_name
-        if os.path.lexists(file_path) and not _inside(real_root, Path(os.path.realpath(file_path))):
-            raise UnsafeNameError(f"adapter {name!r}: {file_name} is a link that leaves the adapters folder; refused")
+    _files_stay_inside(real, real_root, name, "the adapters folder")
     return real
+
+
+def _files_stay_inside(folder: Path, root: Path, name: str, what: str) -> None:
+    """Refuses adapter ``name`` when the config or weights file in ``folder`` is a link that resolves outside
+    ``root`` (``what`` names it in the message)."""
+    for file_name in (CONFIG_NAME, WEIGHTS_NAME):
+        file_path = folder / file_name
+        if os.path.lexists(file_path) and not _inside(root, Path(os.path.realpath(file_path))):
+            raise UnsafeNameError(f"adapter {name!r}: {file_name} is a link that leaves {what}; refused")
 
 
 def inside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
@@ -98,10 +104,7 @@ def resolve_registered(folder: str | os.PathLike, name: str) -> Path:
     real = Path(os.path.realpath(folder))
     if not real.is_dir():
         raise UnknownAdapterError(f"no adapter named {name!r}: the folder it was loaded from is gone")
-    for file_name in (CONFIG_NAME, WEIGHTS_NAME):
-        file_path = real / file_name
-        if os.path.lexists(file_path) and not _inside(real, Path(os.path.realpath(file_path))):
-            raise UnsafeNameError(f"adapter {name!r}: {file_name} is a link that leaves its folder; refused")
+    _files_stay_inside(real, real, name, "its folder")
     return real
 
 
