@@ -85,7 +85,19 @@ def test_one_long_batch_moves_in_a_log(model, capsys):
 
 
 def test_one_long_batch_moves_on_a_bar(model, capsys):
-    generate_records(model, tiny_tokenizer(), _records(8), max_new_tokens=20, batch_size=8, progress=True)
+    import time
+
+    forward = model.forward
+
+    def slowed(*args, **kwargs):  # tqdm redraws at most every 0.1 s: on an idle machine 20 tiny steps took less
+        time.sleep(0.03)
+        return forward(*args, **kwargs)
+
+    model.forward = slowed
+    try:
+        generate_records(model, tiny_tokenizer(), _records(8), max_new_tokens=20, batch_size=8, progress=True)
+    finally:
+        del model.forward  # the instance's wrapper: back to the class's
     err = capsys.readouterr().err
     assert "\r" in err and "generating" in err and "step" in err, err
     assert "/20 " in err and "0/8 records done" in err, err  # a step count inside the one batch, with the rows

@@ -667,7 +667,8 @@ def test_the_stream_events_read_by_the_openai_sdk():
         for k in range(0, len(text), 3):
             queue.put_nowait(("token", 0, text[k:k + 3], 1, None, k // 3 + 1))  # (.., settled tokens)
         queue.put_nowait(("done", 0, "", "stop", -(-len(text) // 3)))
-        body = SimpleNamespace(stream_options=None, model="m", forced_call=lambda: None)
+        body = SimpleNamespace(stream_options=None, model="m", forced_call=lambda: None,
+                               return_tokens_as_token_ids=False, return_token_ids=False)  # vLLM's: off
         state = SimpleNamespace(engine=SimpleNamespace(cancel=lambda job: None))
 
         async def run():
