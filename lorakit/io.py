@@ -834,7 +834,10 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
                                    f"{path}.{name} is {tuple(parameter.shape)}"
                                    f"{_resized_hint(model, tuple(tensor.shape), tuple(parameter.shape))}")
     if missing:
-        raise LorakitError(f"{adapter_file.folder}: missing tensor keys: {listed(missing)} ({len(missing)} in all){made_for}")
+        linear_factors = any(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in missing)
+        converted = "" if linear_factors else _conversion_hint(adapter_file)
+        raise LorakitError(f"{adapter_file.folder}: missing tensor keys: {listed(missing)} ({len(missing)} in all)"
+                           f"{converted or made_for}")
     if check_base:  # only once every shape fits: the warning says so, and a refusal above names the base already
         _warn_other_base_name(model, adapter_file)
     return plan
@@ -1076,7 +1079,7 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = T
     where = f"{adapter_file.folder}: trainable_token_indices"
     if not deltas or not indices_spec:
         raise LorakitError(f"{where}: {CONFIG_NAME} and {WEIGHTS_NAME} disagree (one has trained token rows, the other "
-                           "not); save the adapter again with peft")
+                           f"not){(not deltas and _conversion_hint(adapter_file)) or '; save the adapter again with peft'}")
     base_modules = _base_modules(model)
     config = adapter_file.config
     lora_paths = {_strip(key).split(".lora_", 1)[0] for key in adapter_file.tensors if ".lora_" in key}
@@ -1148,6 +1151,25 @@ def _is_unchanged_bias(key: str, tensor: torch.Tensor, base_modules: dict[str, n
     raise LorakitError(f"{adapter_file.folder}: {PREFIX}{clipped(key)} is a trained bias (peft bias="
                        f"{shown(adapter_file.bias_mode)}); lorakit keeps base biases frozen and cannot apply it: merge the "
                        "adapter with peft (merge_and_unload) and load the merged model")
+
+
+def _conversion_hint(adapter_file: AdapterFile) -> str:
+    """Why a file of lora_A / lora_B weights alone lacks the tensors its config asks for (DoRA magnitudes, an
+    embedding's LoRA, modules_to_save copies, trained token rows), or "" when it holds other tensors too.
+
+    peft's ``save_pretrained(..., path_initial_model_for_weight_conversion=...)`` turns a PiSSA / OLoRA / CorDA adapter
+    into a plain LoRA for the original base ([B, -B0] [A; A0]) and writes only the linear layers' lora_A / lora_B:
+    the rest of the adapter is lost (peft's own load of the file then fails on a copy, or runs the embedding without
+    its LoRA and DoRA with magnitudes re-made from the base). lorakit's refusal of a CorDA or pissa_niter adapter
+    suggests that conversion, so the refusal of its output says what it dropped and what to load instead."""
+    keys = adapter_file.tensors
+    if not keys or not all(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in keys):
+        return ""
+    return ("; the file holds only the lora_A / lora_B weights of linear layers, as peft's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...) writes them: that conversion (PiSSA / OLoRA / CorDA to plain "
+            "LoRA) drops DoRA magnitudes, LoRA on embeddings, modules_to_save copies and trained token rows, and peft's "
+            "own load of the result runs without them too; load the adapter saved without the conversion (lorakit "
+            "loads init_lora_weights 'pissa' and 'olora' on the original base itself, others on the base peft rewrote)")
 
 
 _IN_MEMORY_KEY = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save)"

@@ -1,0 +1,95 @@
+"""Adapters saved by the real peft package (0.21) that users bring to lorakit, in the ways earlier peft tests left
+out (seventeenth session): peft's conversion of a PiSSA / OLoRA / CorDA adapter to a plain LoRA
+(path_initial_model_for_weight_conversion), which drops every tensor but the linear layers' lora_A / lora_B.
+
+Each case builds the adapter with peft on a tiny random model (random non-zero weights) and compares lorakit's
+logits with peft's, element by element (conftest's float32 tolerance), or checks a one-line refusal that names the
+cause.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import peft
+import pytest
+import torch
+
+import lorakit
+from conftest import assert_close
+from test_peft_sweep import build, logits, randomize_peft, refusal
+
+IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 99], [2, 4, 8, 16, 32, 63, 98]])
+
+
+def quiet(function, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes (tied embeddings, pissa on an embedding it leaves alone, ...)
+        return function(*args, **kwargs)
+
+
+# -- peft's conversion of a base-rewriting init to a plain LoRA ------------------------------------------------------
+CONVERTED = {  # what peft's conversion drops, on the init that peft rewrites the base with
+    "dora-magnitudes": ("llama", dict(target_modules=["q_proj", "v_proj"], init_lora_weights="olora", use_dora=True)),
+    "embedding-lora": ("llama", dict(target_modules=["q_proj", "embed_tokens"], init_lora_weights="pissa")),
+    "head-copy": ("llama", dict(target_modules=["q_proj"], init_lora_weights="pissa", modules_to_save=["lm_head"])),
+    "token-rows": ("llama-tied", dict(target_modules=["q_proj"], init_lora_weights="olora", trainable_token_indices=[3, 4])),
+    "conv1d-norm-copy-dora": ("gpt2", dict(target_modules=["c_attn"], init_lora_weights="pissa", modules_to_save=["ln_f"],
+                                           use_dora=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(CONVERTED))
+def test_a_conversion_that_dropped_tensors_says_so_and_the_unconverted_file_loads(case, tmp_path):
+    """peft's save_pretrained(..., path_initial_model_for_weight_conversion=...) (which lorakit's refusal of a CorDA
+    or pissa_niter adapter suggests) writes only the linear layers' lora_A / lora_B: DoRA magnitudes, an embedding's
+    LoRA, modules_to_save copies and trained token rows are dropped, and peft's own load then fails (a KeyError) or
+    runs without them. lorakit said "missing tensor keys: ..." or "... disagree ...; save the adapter again with
+    peft", which cannot help. Now the refusal says what the conversion dropped and what to load instead; the file
+    saved without the conversion loads with the trained adapter's logits."""
+    kind, options = CONVERTED[case]
+    theirs = quiet(peft.get_peft_model, build(kind), peft.LoraConfig(r=4, lora_alpha=8, **options)).eval()
+    theirs.peft_config["default"].init_lora_weights = True  # peft's recipe: the starting A0, B0 as a plain file
+    quiet(theirs.save_pretrained, tmp_path / "start")
+    theirs.peft_config["default"].init_lora_weights = options["init_lora_weights"]
+    randomize_peft(theirs)  # "training"
+    expected = logits(theirs, IDS)
+    quiet(theirs.save_pretrained, tmp_path / "converted",
+          path_initial_model_for_weight_conversion=str(tmp_path / "start"))
+    quiet(theirs.save_pretrained, tmp_path / "as-trained")
+    message = refusal(tmp_path / "converted", build(kind))
+    assert re.search(r"(missing tensor keys|disagree).*; the file holds only the lora_A / lora_B weights of linear "
+                     r"layers, as peft's save_pretrained\(\.\.\., path_initial_model_for_weight_conversion=\.\.\.\) "
+                     r"writes them: that conversion .* drops DoRA magnitudes, LoRA on embeddings, modules_to_save copies "
+                     r"and trained token rows", message), message
+    ours = build(kind)
+    lorakit.load_adapter(ours, tmp_path / "as-trained")
+    assert_close(logits(ours, IDS), expected)
+    assert (expected - logits(build(kind), IDS)).abs().max() > 1e-2  # the adapter matters
+
+
+def test_a_converted_file_of_linear_layers_alone_loads_with_the_trained_logits(tmp_path):
+    """The conversion of an adapter on linear layers only loses nothing: lorakit loads it (rank 2r) with the trained
+    model's logits, and a file missing a linear layer's factor is still refused without the conversion's note."""
+    theirs = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                 init_lora_weights="pissa_niter_2")).eval()
+    theirs.peft_config["default"].init_lora_weights = True
+    theirs.save_pretrained(tmp_path / "start")
+    theirs.peft_config["default"].init_lora_weights = "pissa_niter_2"
+    randomize_peft(theirs)
+    theirs.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "start"))
+    ours = build("llama")
+    lorakit.load_adapter(ours, tmp_path / "converted")
+    assert_close(logits(ours, IDS), logits(theirs, IDS))
+    assert ours.model.layers[0].self_attn.q_proj.adapters["default"].rank == 8
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.io import WEIGHTS_NAME
+
+    tensors = load_file(tmp_path / "converted" / WEIGHTS_NAME)
+    save_file({k: v for k, v in tensors.items() if "layers.1.self_attn.v_proj.lora_B" not in k},
+              tmp_path / "converted" / WEIGHTS_NAME)
+    message = refusal(tmp_path / "converted", build("llama"))
+    assert "missing tensor keys: base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in message
+    assert "path_initial_model_for_weight_conversion" not in message
