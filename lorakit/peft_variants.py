@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lorakit import peft_types
-from lorakit.config import shown
+from lorakit.config import _RESIDUAL_INITS, shown
 from lorakit.errors import LorakitError
 
 # config field -> the method, and what its training has that lorakit's plain form lacks
@@ -77,13 +77,18 @@ def check_options(raw_config: dict[str, Any], where: str) -> dict[str, Any]:
             raise LorakitError(f"{where}: qalora_group_size must be a positive integer, got {shown(size)}")
     if "use_bdlora" in names:
         _bd_settings(raw_config["use_bdlora"], where)
-    init = raw_config.get("init_lora_weights", True)
-    clash = [n for n in names if n != "kasa_config"] + (["use_dora=True"] if raw_config.get("use_dora") else []) + (
-        [f"init_lora_weights={shown(init)}"] if init not in (True, False, None, "gaussian") else [])
-    if "kasa_config" in names and clash:  # KaSA truncates the base: another variant or init on top of it is not
-        # something peft makes, and lorakit could not tell which base the tensors belong to
+    clash = [n for n in names if n != "kasa_config"] + (["use_dora=True"] if raw_config.get("use_dora") else [])
+    if "kasa_config" in names and clash:  # peft 0.21 refuses these combinations ("unsupported variant combination")
         raise LorakitError(f"{where}: kasa_config together with {', '.join(clash)} is not an adapter peft makes, and "
                            "lorakit cannot tell which base it belongs to; save it again with KaSA alone")
+    init = raw_config.get("init_lora_weights", True)
+    if "kasa_config" in names and isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
+        # peft makes it: the init rewrites the base (pissa / olora: W - s B0 A0), then KaSA truncates what is left.
+        # lorakit repeats one rewrite per adapter (``io._plain_form``); inits that leave the base alone (orthogonal,
+        # eva, gaussian) are plain KaSA adapters and load as such
+        raise LorakitError(f"{where}: kasa_config with init_lora_weights={shown(init)}: peft rewrote the base twice (the "
+                           "init, then KaSA's truncation of what it left), and lorakit repeats one such rewrite only; "
+                           "merge the adapter with peft (merge_and_unload) and load the merged model")
     return {**raw_config, **{name: False if name == "use_qalora" else None for name in FIELDS},
             "qalora_group_size": 16}
 

@@ -15,8 +15,8 @@ accepts it and it changes nothing here, or refused in one line that names it and
   ``service_tier`` "fast") are accepted; ``moderation`` is refused by name, through the package itself.
 - vLLM's machinery fields are accepted (``cache_salt``, ``kv_transfer_params``, ``vllm_xargs``, ``session_id``,
   ``stream_interval``, ``priority`` 0, ``thinking_token_budget`` -1) or refused by name (a non-zero priority, as
-  vLLM's default scheduler; ``logits_processors``, ``thinking_token_budget``, ``logprob_token_ids``,
-  ``watermarking`` true).
+  vLLM's default scheduler; ``logits_processors``, ``logprob_token_ids``, ``watermarking`` true);
+  ``thinking_token_budget`` is honoured since session 17 (tests/test_followups_17_protocol.py), below -1 refused.
 """
 
 from __future__ import annotations
@@ -323,7 +323,7 @@ ACCEPTED = [
 REFUSED = [
     ({"priority": 1}, "priority", "arrival order"),
     ({"logits_processors": ["my.module:Processor"]}, "logits_processors", "loads no logits processor"),
-    ({"thinking_token_budget": 64}, "thinking_token_budget", "not cut short"),
+    ({"thinking_token_budget": -5}, "thinking_token_budget", "-1 for unlimited"),
     ({"logprob_token_ids": [5, 6], "logprobs": True}, "logprob_token_ids", "top_logprobs"),
     ({"watermarking": True}, "watermarking", "no watermark"),
     ({"moderation": {"model": "omni-moderation-latest"}}, "moderation", "no moderation model"),

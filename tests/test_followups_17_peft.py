@@ -93,3 +93,37 @@ def test_a_converted_file_of_linear_layers_alone_loads_with_the_trained_logits(t
     message = refusal(tmp_path / "converted", build("llama"))
     assert "missing tensor keys: base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in message
     assert "path_initial_model_for_weight_conversion" not in message
+
+
+# -- KaSA with an init ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("init", ["orthogonal", "eva"])
+def test_kasa_with_an_init_that_leaves_the_base_alone_loads_both_ways(init, tmp_path):
+    """peft makes KaSA adapters with init_lora_weights 'orthogonal' or 'eva' (inits of A and B only, the saved
+    weights are final): lorakit refused them as "not an adapter peft makes". They load as KaSA does: peft's logits,
+    its merge, and a plain LoRA file that peft reads back."""
+    from peft.tuners.lora.config import KasaConfig
+
+    from test_peft_sweep import round_trip
+
+    quiet(round_trip, "llama", tmp_path, target_modules=["q_proj", "down_proj"], init_lora_weights=init,
+          kasa_config=KasaConfig())
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_kasa_on_a_pissa_or_olora_base_is_refused_saying_what_peft_did(init, tmp_path):
+    """KaSA with init_lora_weights 'pissa' / 'olora': peft makes it (the init rewrites the base, then KaSA truncates
+    what it left) and reloads it with the same logits. lorakit's refusal said "is not an adapter peft makes"; it now
+    says the base was rewritten twice and to merge with peft, which gives the adapter's logits."""
+    from peft.tuners.lora.config import KasaConfig
+
+    theirs = quiet(peft.get_peft_model, build("llama"), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init, kasa_config=KasaConfig())).eval()
+    randomize_peft(theirs)
+    theirs.save_pretrained(tmp_path)
+    expected = logits(theirs, IDS)
+    message = refusal(tmp_path, build("llama"))
+    assert (f"kasa_config with init_lora_weights='{init}': peft rewrote the base twice (the init, then KaSA's truncation "
+            "of what it left), and lorakit repeats one such rewrite only; merge the adapter with peft (merge_and_unload)"
+            in message), message
+    merged = quiet(peft.PeftModel.from_pretrained, build("llama"), tmp_path).merge_and_unload().eval()
+    assert_close(logits(merged, IDS), expected)  # the advice works

@@ -209,7 +209,7 @@ def test_openai_sdk_agent_loop(server):
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice",
      "not among the tools"),
     ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}},
-     "tool_choice", "not supported"),
+     "tool_choice", "at least one"),
     ({"tools": TOOLS, "tool_choice": "any"}, "tool_choice", "not supported"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name", "missing"),
     ({"tools": [{"type": "custom", "function": {"name": "f"}}]}, "tools", "only function tools"),

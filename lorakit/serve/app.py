@@ -52,6 +52,7 @@ from lorakit.serve.responses import answer_logprobs, final_response, new_ids, re
 from lorakit.serve.sampling import OFF, RowOptions
 from lorakit.serve.structured import FormatError, compile_format
 from lorakit.serve.text import TextAssembler
+from lorakit.serve.steering import combined
 from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_format, forced_calls, forced_prefix,
                                       kept_tokens, parse_calls, render_variant, template_messages, template_text)
 from lorakit.serve.template_guard import TemplateTooSlow
@@ -424,21 +425,21 @@ async def _respond(state: ServerState, body: ResponsesRequest, served: _Served, 
     limit = _check_lengths(state, prompt_ids, body.max_output_tokens, True, which="the input",
                            field="max_output_tokens", param="input")
     fmt = call_format(text.tokenizer, tools) if tools else None
-    calls = (fmt, {tool.name for tool in body.tools}, body.parallel_tool_calls is False, forced) \
-        if body.calls_parsed() else None
+    calls = (fmt, body.callable_names(), body.parallel_tool_calls is False, forced) if body.calls_parsed() else None
     params = _sampling_params(state, body, [limit], 1, None,
                               body.answer_ends(text.stop_token_ids, call_end_tokens(text.tokenizer, fmt)))
     options, shown = body.served_options(text.stop_token_ids, text.vocab_size, "text.format" if spec else None,
                                          text.encode_text)
     think = await run_in_threadpool(_think_state, text, prompt_ids) if forced is None else None
     constraints = await _constraints(state, text, spec, "text.format", params, think)
+    steers = await run_in_threadpool(_steers, text, body, [prompt_ids], 1, think, fmt if calls else None, forced)
     keep = (kept_tokens(text.tokenizer, fmt) if calls else frozenset()) | \
         (think.parser.tokens(text.tokenizer) if think else frozenset())
     await _check_servable(state, served)
     jobs, bridge = _submit(state, served, [prompt_ids], 1, params, None, body.logprobs_count(), max(body.top_k, 0),
                            keep, constraints,
                            think, _logit_bias(text, body), (body.presence_penalty, body.frequency_penalty),
-                           options=options, shown=shown, repetition=body.repetition_detection)
+                           options=options, shown=shown, repetition=body.repetition_detection, steers=steers)
     return jobs, bridge, prompt_ids, think, calls
 
 
@@ -560,6 +561,44 @@ def _think_state(text: ModelText, prompt_ids: list[int]) -> AnswerStart | None:
     if not text.reasoning:
         return None
     return text.reasoning.start(text.decode(prompt_ids[-8:]))
+
+
+def _steers(text: ModelText, body, prompts: list[list[int]], n: int, think: AnswerStart | None, fmt: str | None,
+            forced: str | None, chat: bool = True) -> list | None:
+    """Each job's steering (``steering.py``; job j answers ``prompts[j // n]``), or None when none has any: the
+    request's ``thinking_token_budget`` (``reasoning.ThinkBudget``: ``think`` is where a chat answer starts against
+    the block, None without a parser or with a forced call; a completions prompt is read itself) and allowed_tools'
+    names (``tool_names.NameGate``, where calls in format ``fmt`` are parsed; ``forced``: the call's start the
+    prompt ends with). Runs in a worker thread: the first allowed_tools request of a tokenizer reads its vocabulary."""
+    from lorakit.serve.reasoning import ThinkBudget
+    from lorakit.serve.tool_names import NameGate, token_texts
+
+    budget = body.thinking_token_budget
+    gated = body.gated_names() if fmt is not None and hasattr(body, "gated_names") else None
+    if budget is None and gated is None:
+        return None
+    if budget is not None and text.reasoning is None:
+        raise APIError(400, "thinking_token_budget caps a reasoning block, and this model's chat template writes none "
+                       "(or the server runs with --reasoning-parser none); leave it out", param="thinking_token_budget")
+    table = token_texts(text.tokenizer, text.vocab_size, text.lock) if gated else None
+    opening, closing = (tuple(text.encode_text(text.reasoning.open)), tuple(text.encode_text(text.reasoning.close))) \
+        if budget is not None else ((), ())
+    steers = []
+    for prompt in prompts:
+        start = think if chat else _think_state(text, prompt)
+        cap = None
+        if budget is not None and start is not None and start.where != "closed":
+            after = 0  # vLLM counts the tokens of a block the prompt opened, after its marker
+            if start.where == "inside":
+                at = next((i for i in range(len(prompt) - len(opening), -1, -1)
+                           if tuple(prompt[i:i + len(opening)]) == opening), None)
+                after = 0 if at is None else len(prompt) - at - len(opening)
+        for _ in range(n):
+            if budget is not None and start is not None and start.where != "closed":
+                cap = ThinkBudget(budget, start.where, start.parser, closing, text.decode, after)
+            gate = NameGate(table, fmt, gated, forced is not None, think) if gated else None
+            steers.append(combined(cap, gate))
+    return steers if any(steer is not None for steer in steers) else None
 
 
 def _check_lengths(state: ServerState, prompt_ids: list[int], max_tokens: int | None, chat: bool,
@@ -766,7 +805,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
     side = served.text  # the template that rendered the prompts: its call format, end of turn and markers
     tools = None  # (format, names, one call only) of the calls read out of the answers
     if chat and body.calls_parsed():
-        tools = (call_format(side.tokenizer, body.openai_tools()), {tool.function.name for tool in body.tools},
+        tools = (call_format(side.tokenizer, body.openai_tools()), body.callable_names(),
                  body.parallel_tool_calls is False)
     call_ends = call_end_tokens(side.tokenizer, call_format(side.tokenizer, body.openai_tools())) \
         if chat and body.tools else ()
@@ -778,6 +817,8 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
                                          side.encode_text)
     think = await run_in_threadpool(_think_state, side, prompts[0]) if chat and forced is None else None
     constraints = await _constraints(state, side, *spec, params, think)
+    steers = await run_in_threadpool(_steers, side, body, prompts, n, think, tools[0] if tools else None, forced,
+                                     chat) if params else None
     if params:
         await _check_servable(state, served)
     prompt_lps = None
@@ -809,7 +850,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
         keep |= think.parser.tokens(side.tokenizer)
     jobs, bridge = _submit(state, served, prompts, n, params, body.stop, logprobs, max(body.top_k, 0),
                            keep, constraints, think, bias, (body.presence_penalty, body.frequency_penalty), options,
-                           shown, body.repetition_detection)
+                           shown, body.repetition_detection, steers=steers)
     ident = body.answer_id("chatcmpl" if chat else "cmpl")
     created = int(time.time())
     if body.stream:
@@ -911,7 +952,7 @@ def _submit(state: ServerState, served: _Served, prompts: list[list[int]], n: in
             top_k: int = 0, keep: frozenset[int] = frozenset(), constraints: list | None = None,
             think: AnswerStart | None = None, bias=None, penalties: tuple[float, float] = (0.0, 0.0),
             options: RowOptions = OFF, shown: dict | None = None,
-            repetition=None) -> tuple[list[Request], _Bridge]:
+            repetition=None, steers: list | None = None) -> tuple[list[Request], _Bridge]:
     """Hand ``len(params)`` jobs to the engine (job j answers ``prompts[j // n]``), each under ``served``'s adapter
     (pinned once by :func:`_open_model`; None: the base), decoded by its text side; the jobs take the pin over: it
     is released when the last job finishes, or here if submitting fails. The jobs' events arrive on the bridge's
@@ -922,7 +963,8 @@ def _submit(state: ServerState, served: _Served, prompts: list[list[int]], n: in
     job; ``options`` and ``shown`` its vLLM options for the engine and the text (``served_options``).
     ``repetition``: the request's repetition_detection (``RepetitionDetection``; None: off), which ends a job
     whose last tokens repeat a pattern, as a stop string would. ``constraints``: job j's response_format matcher (:func:`_constraints`); one still waiting for the
-    reasoning block (``think``) to close is switched on by the token that closes it."""
+    reasoning block (``think``) to close is switched on by the token that closes it. ``steers``: job j's steering
+    (:func:`_steers`; None: none)."""
     pin = _SharedPin(state, served.name if served.pinned else None, len(params))
     served.pinned = False  # from here each job's on_finish releases its share, once
     bridge = _Bridge(asyncio.get_running_loop())
@@ -952,6 +994,7 @@ def _submit(state: ServerState, served: _Served, prompts: list[list[int]], n: in
             job = Request(prompts[index // n], served.internal, choice_params, on_token, on_finish, logprobs=logprobs,
                           top_k=top_k, constraint=constraint, bias=bias, presence=penalties[0],
                           frequency=penalties[1], options=options)
+            job.steer = steers[index] if steers else None
             state.engine.submit(job)
             jobs.append(job)
     finally:

@@ -85,6 +85,9 @@ class Request:
     # a response_format's matcher (lorakit.serve.structured.Constraint): the row draws only tokens its grammar
     # allows and ends once the answer is complete; None (most rows): no per-step host work at all
     constraint: object | None = None
+    # steering (lorakit.serve.steering: thinking_token_budget, allowed_tools' names): ``allowed()`` before each
+    # token (None: any token), ``take(token)`` after it; None (most rows): nothing asked
+    steer: object | None = None
     # OpenAI's logit_bias: (token ids (k,), biases (k,)) added to the row's logits before its token is chosen (the
     # logprobs it reports are the model's, unbiased); None: nothing added
     bias: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -319,9 +322,11 @@ class Engine:
         OpenAI's options), greedy rows take the argmax, sampled rows are drawn together (``sampling.sample_rows``:
         each from its own generator, so no row depends on its neighbours), and the tokens come to the host in one
         copy."""
-        logits = Engine._processed(requests, logits)
+        processed = Engine._processed(requests, logits)
+        logits = Engine._steered(requests, processed, processed is logits)
         tokens = logits.argmax(dim=-1)  # the greedy rows' tokens (and a placeholder for the others)
-        masked = [i for i, r in enumerate(requests) if r.params.temperature == 0 and r.options.masks()]
+        masked = [i for i, r in enumerate(requests)
+                  if r.params.temperature == 0 and (r.options.masks() or r.steer is not None)]
         if masked:  # allowed_token_ids / min_tokens may leave a greedy row nothing but -inf: no token, an error
             index = torch.tensor(masked, device=logits.device)
             best = logits[index, tokens[index]]  # k elements, not k rows
@@ -383,6 +388,22 @@ class Engine:
         penalized = [i for i in adjusted if requests[i].penalized()]
         if penalized:  # after the bias: vLLM's order
             Engine._penalize(requests, penalized, logits)
+        return logits
+
+    @staticmethod
+    def _steered(requests: list[Request], logits: torch.Tensor, shared: bool) -> torch.Tensor:
+        """``logits (n, V)`` with each steered row's tokens outside its steer's ``allowed()`` at -inf, last (so a
+        forced token is all a row may draw, whatever its options); ``shared``: the logits are the caller's (the
+        model's, for logprobs), so a change is made on a copy."""
+        steered = [(i, r.steer.allowed()) for i, r in enumerate(requests) if r.steer is not None]
+        steered = [(i, ids) for i, ids in steered if ids is not None]
+        if not steered:
+            return logits
+        if shared:
+            logits = logits.clone()
+        for i, ids in steered:
+            keep_only(logits, i, torch.tensor([t for t in ids if t < logits.shape[-1]], dtype=torch.long,
+                                              device=logits.device))
         return logits
 
     @staticmethod
@@ -468,6 +489,8 @@ class Engine:
             pairs = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
             info = TokenInfo(float(logprobs[token]), pairs)
         request.tokens.append(token)
+        if request.steer is not None:
+            request.steer.take(token)
         if request.first_token is None:
             request.first_token = time.monotonic()
         if request.cancelled:

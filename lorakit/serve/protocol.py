@@ -31,6 +31,92 @@ def forced_tool_choice(value, named: str | None, names: list[str], form: str):
     return value
 
 
+ALLOWED_MODES = ("auto", "required")
+
+
+def allowed_tools(value: Any, chat: bool) -> tuple[str, list[str]] | None:
+    """OpenAI's ``{"type": "allowed_tools", ...}`` tool_choice -> ``(mode, the allowed function names, in order,
+    once each)``; None for any other tool_choice. Raises ``ValueError`` (one line) for a malformed one. Chat's form
+    nests ``{"mode", "tools"}`` under ``allowed_tools`` and names a function ``{"type": "function", "function":
+    {"name": ...}}``; the Responses API's is flat (``{"type": "allowed_tools", "mode", "tools"}``, each tool
+    ``{"type": "function", "name": ...}``). A listed tool may carry the rest of its definition (clients pass the
+    same tool objects): only its name is read."""
+    if not (isinstance(value, dict) and value.get("type") == "allowed_tools"):
+        return None
+    where = "tool_choice.allowed_tools" if chat else "tool_choice"
+    body = value.get("allowed_tools") if chat else value
+    extra = set(value) - ({"type", "allowed_tools"} if chat else {"type", "mode", "tools"})
+    if not isinstance(body, dict) or extra or (chat and set(body) - {"mode", "tools"}):
+        shape = ("{'type': 'allowed_tools', 'allowed_tools': {'mode': 'auto', 'tools': [{'type': 'function', "
+                 "'function': {'name': NAME}}]}}" if chat else
+                 "{'type': 'allowed_tools', 'mode': 'auto', 'tools': [{'type': 'function', 'name': NAME}]}")
+        raise ValueError(f"tool_choice of type 'allowed_tools' takes the form {shape}")
+    mode, tools = body.get("mode"), body.get("tools")
+    if mode not in ALLOWED_MODES:
+        raise ValueError(f"{where}.mode must be 'auto' or 'required', got {str(mode)[:40]!r}")
+    if not isinstance(tools, list) or not tools:
+        raise ValueError(f"{where}.tools must list the functions the model may call (at least one)")
+    names = []
+    for index, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            shown = f"a {str(kind)[:40]!r} tool" if kind else "no tool (no type)"
+            raise ValueError(f"{where}.tools[{index}] is {shown}; only function tools can be allowed (this server "
+                             "runs no other kind)")
+        name = (tool.get("function") or {}).get("name") if chat and isinstance(tool.get("function"), dict) \
+            else None if chat else tool.get("name")
+        if not isinstance(name, str):
+            said = "{'type': 'function', 'function': {'name': NAME}}" if chat else "{'type': 'function', 'name': NAME}"
+            raise ValueError(f"{where}.tools[{index}] names no function; send {said}")
+        names.append(name)
+    return mode, list(dict.fromkeys(names))
+
+
+def check_allowed(value: Any, chat: bool, names: list[str]) -> Any:
+    """An allowed_tools tool_choice (:func:`allowed_tools`) checked against the request's tool ``names``: each
+    allowed function must be one of them (it is rendered into the prompt with them; allowed_tools only narrows
+    which the answer may call)."""
+    mode, allowed = allowed_tools(value, chat)
+    if not names:
+        raise ValueError("tool_choice 'allowed_tools' is not supported without tools; send the functions in tools")
+    unknown = next((name for name in allowed if name not in names), None)
+    if unknown is not None:
+        raise ValueError(f"tool_choice allows {unknown[:64]!r}, which is not among the tools "
+                         f"({', '.join(names)[:200]}); allowed_tools names functions given in tools")
+    return value
+
+
+def choice_forces(value: Any, chat: bool) -> str | None:
+    """The function a tool_choice forces the answer to call: its name (a named function, or allowed_tools
+    "required" with one function), "" for any of those it may call ("required", allowed_tools "required" with
+    several), None when not forced ("auto", "none", allowed_tools "auto")."""
+    if value == "required":
+        return ""
+    allowed = allowed_tools(value, chat)
+    if allowed is not None:
+        mode, names = allowed
+        return None if mode == "auto" else names[0] if len(names) == 1 else ""
+    if isinstance(value, dict):
+        return value["function"]["name"] if chat else value["name"]
+    return None
+
+
+def callable_names(value: Any, chat: bool, names: list[str]) -> set[str]:
+    """The functions an answer's calls may name: the request's tools ``names``, or those allowed_tools allows."""
+    allowed = allowed_tools(value, chat)
+    return set(names) if allowed is None else set(allowed[1])
+
+
+def gated_names(value: Any, chat: bool, names: list[str]) -> list[str] | None:
+    """The function names a call must be restricted to while the model writes them (``tool_names.NameGate``):
+    allowed_tools' where they are fewer than the tools and the answer is not forced to call one named function
+    (whose name the prompt then ends with); None otherwise."""
+    allowed = allowed_tools(value, chat)
+    if allowed is None or set(allowed[1]) == set(names) or (allowed[0] == "required" and len(allowed[1]) == 1):
+        return None
+    return allowed[1]
+
+
 def unique_tools(tools: list | None, names: list[str]) -> list | None:
     """The request's ``tools`` (None for none), refused when two share a function name (``names``, in order)."""
     twice = next((name for name in names if names.count(name) > 1), None)
@@ -230,7 +316,9 @@ class _VllmRequest(_Penalized):
     nothing, as in a vLLM without that machinery; ``repetition_detection`` ends an answer that loops (applied by
     the server as each token comes: ``RepetitionDetection``). What would change the answer and is not implemented is refused
     by name: a non-zero ``priority`` (vLLM's default scheduler refuses it too), ``logits_processors`` (vLLM takes
-    them only from a server flag), ``thinking_token_budget``, ``logprob_token_ids`` and ``watermarking``."""
+    them only from a server flag), ``logprob_token_ids`` and ``watermarking``. ``thinking_token_budget`` caps the
+    reasoning block at that many tokens, then the block's closing marker is forced (``reasoning.ThinkBudget``);
+    -1 is vLLM's "unlimited"."""
 
     request_id: str | None = Field(None, min_length=1, max_length=256)
     session_id: str | None = Field(None, max_length=256)
@@ -270,10 +358,12 @@ class _VllmRequest(_Penalized):
 
     @field_validator("thinking_token_budget")
     @classmethod
-    def _no_budget(cls, value: int | None) -> int | None:
-        return _off(value, "thinking_token_budget", (None, -1), "the reasoning block is not cut short; bound the "
-                    "whole answer with max_tokens, or turn thinking off with chat_template_kwargs "
-                    "{'enable_thinking': false}")
+    def _budget(cls, value: int | None) -> int | None:
+        """vLLM's rule: a non-negative number of tokens, or -1 for unlimited (read as not given)."""
+        if value is not None and value < -1:
+            raise ValueError(f"thinking_token_budget is {value}; send a number of tokens (0 or more), or -1 for "
+                             "unlimited")
+        return None if value == -1 else value
 
     @field_validator("logprob_token_ids")
     @classmethod
@@ -879,7 +969,8 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
-    # "auto" (the default with tools), "none", "required" or a named function (tool_calls.forced_prefix)
+    # "auto" (the default with tools), "none", "required", a named function (tool_calls.forced_prefix) or
+    # allowed_tools (the calls restricted to some of the tools, all of them still in the prompt: tool_names.py)
     tool_choice: Union[str, dict, None] = None
     parallel_tool_calls: bool | None = None  # false: only an answer's first call is returned
     # OpenAI fields at their "off" values, as client libraries send them
@@ -1041,18 +1132,28 @@ class ChatRequest(_Sampling):
         one): the last two need tools, and a named function must be one of them."""
         if value is None or value in ("none", "auto"):
             return value
+        if allowed_tools(value, chat=True) is not None:  # the functions the answer may call (tool_names.NameGate)
+            return check_allowed(value, True, [tool.function.name for tool in info.data.get("tools") or ()])
         function = value.get("function") if isinstance(value, dict) else None
         named = isinstance(function, dict) and value.get("type") == "function" and set(value) == {"type", "function"} \
             and set(function) == {"name"} and isinstance(function["name"], str)
         return forced_tool_choice(value, function["name"] if named else None,
                                   [tool.function.name for tool in info.data.get("tools") or ()],
-                                  "{'type': 'function', 'function': {'name': NAME}}")
+                                  "{'type': 'function', 'function': {'name': NAME}}, or allowed_tools "
+                                  "({'type': 'allowed_tools', 'allowed_tools': {'mode': ..., 'tools': [...]}})")
 
     def forced_call(self) -> str | None:
-        """The function the answer must call (tool_choice names one), "" for any ("required"), None: not forced."""
-        if self.tool_choice == "required":
-            return ""
-        return self.tool_choice["function"]["name"] if isinstance(self.tool_choice, dict) else None
+        """The function the answer must call (tool_choice names one), "" for any ("required"), None: not forced
+        (:func:`choice_forces`)."""
+        return choice_forces(self.tool_choice, chat=True)
+
+    def callable_names(self) -> set[str]:
+        """The functions the answer's calls may name (all the tools, or allowed_tools' only)."""
+        return callable_names(self.tool_choice, True, [tool.function.name for tool in self.tools or ()])
+
+    def gated_names(self) -> list[str] | None:
+        """allowed_tools' functions where a call's name is restricted to them as it is written (:func:`gated_names`)."""
+        return gated_names(self.tool_choice, True, [tool.function.name for tool in self.tools or ()])
 
     def openai_tools(self) -> list[dict] | None:
         """The tools as chat templates read them (OpenAI's form, fields left out where not sent)."""
@@ -1304,7 +1405,8 @@ class ResponsesRequest(_VllmSampling):
     store: bool | None = None  # accepted either way; nothing is stored (the answer says "store": false)
     text: TextConfig | None = None
     tools: list[ResponsesFunctionTool] | None = Field(None, max_length=MAX_TOOLS)
-    # "auto" (the default with tools), "none", "required" or a named function (tool_calls.forced_prefix)
+    # "auto" (the default with tools), "none", "required", a named function (tool_calls.forced_prefix) or
+    # allowed_tools (the calls restricted to some of the tools, all of them still in the prompt: tool_names.py)
     tool_choice: Union[str, dict, None] = None
     parallel_tool_calls: bool | None = None  # false: only an answer's first call is returned
     # vLLM's extension, as on chat completions: options of the chat template, e.g. {"enable_thinking": false}
@@ -1364,17 +1466,27 @@ class ResponsesRequest(_VllmSampling):
         form): the last two need tools, and a named function must be one of them."""
         if value is None or value in ("none", "auto"):
             return value
+        if allowed_tools(value, chat=False) is not None:  # the functions the answer may call (tool_names.NameGate)
+            return check_allowed(value, False, [tool.name for tool in info.data.get("tools") or ()])
         named = isinstance(value, dict) and value.get("type") == "function" and set(value) == {"type", "name"} \
             and isinstance(value["name"], str)
         return forced_tool_choice(value, value["name"] if named else None,
                                   [tool.name for tool in info.data.get("tools") or ()],
-                                  "{'type': 'function', 'name': NAME} (this server runs no hosted tools)")
+                                  "{'type': 'function', 'name': NAME} or {'type': 'allowed_tools', 'mode': ..., "
+                                  "'tools': [...]} (this server runs no hosted tools)")
 
     def forced_call(self) -> str | None:
-        """The function the answer must call (tool_choice names one), "" for any ("required"), None: not forced."""
-        if self.tool_choice == "required":
-            return ""
-        return self.tool_choice["name"] if isinstance(self.tool_choice, dict) else None
+        """The function the answer must call (tool_choice names one), "" for any ("required"), None: not forced
+        (:func:`choice_forces`)."""
+        return choice_forces(self.tool_choice, chat=False)
+
+    def callable_names(self) -> set[str]:
+        """The functions the answer's calls may name (all the tools, or allowed_tools' only)."""
+        return callable_names(self.tool_choice, False, [tool.name for tool in self.tools or ()])
+
+    def gated_names(self) -> list[str] | None:
+        """allowed_tools' functions where a call's name is restricted to them as it is written (:func:`gated_names`)."""
+        return gated_names(self.tool_choice, False, [tool.name for tool in self.tools or ()])
 
     @field_validator("chat_template_kwargs")
     @classmethod

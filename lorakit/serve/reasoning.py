@@ -239,3 +239,76 @@ def split_reasoning(text: str, state: AnswerStart | str = "start") -> tuple[str 
     stream.feed(text)
     stream.finish()
     return stream.result()
+
+
+def content_start(text: str, start: AnswerStart | None) -> int | None:
+    """Where the content (what follows the reasoning block) begins in an answer's ``text`` so far, or None while
+    it is still reasoning or not yet known (a start that may grow into the opening marker); ``start``: where the
+    answer began against the block (None, or "closed": all is content). As :class:`ReasoningStream` splits it."""
+    if start is None or start.where == "closed":
+        return 0
+    parser = start.parser
+    if start.where == "start":
+        stripped = text.lstrip()
+        if not stripped.startswith(parser.open):
+            return None if parser.open.startswith(stripped) else 0
+        close = text.find(parser.close, len(text) - len(stripped) + len(parser.open))
+    else:
+        close = text.find(parser.close)
+    return None if close < 0 else close + len(parser.close)
+
+
+class ThinkBudget:
+    """vLLM's ``thinking_token_budget`` for one answer: once the reasoning block holds ``budget`` tokens, the
+    block's closing marker is forced, token by token, so the model goes on to the answer. An engine row's steering
+    (``engine.Request.steer``): :meth:`allowed` before each token, :meth:`take` after it.
+
+    Counted as vLLM counts: the tokens after the opening marker (those of the prompt too, where the prompt opened
+    the block: ``prompt_tokens``), the model's own closing marker ending the count. The block is the one
+    :class:`ReasoningStream` reads: opened by the prompt (``where`` "inside"), or by the answer's first text
+    (``where`` "start"; an answer that begins otherwise has no block and is never cut). Budget 0: the marker comes
+    first.
+
+    ``parser``: the block's markers; ``close_ids``: the closing one as the tokenizer encodes it (what is forced);
+    ``decode``: token ids -> text, for the answer's first tokens (whether they open the block) and the block's last
+    few (whether the model closed it: a marker split into tokens another way than alone is seen all the same)."""
+
+    def __init__(self, budget: int, where: str, parser: ReasoningParser, close_ids: tuple[int, ...], decode,
+                 prompt_tokens: int = 0):
+        self.budget, self.parser, self.close_ids, self.decode = budget, parser, tuple(close_ids), decode
+        self.head: list[int] = []  # the answer's tokens while it is not known whether they open the block
+        self.recent: list[int] = []  # the block's last tokens
+        self.count = prompt_tokens
+        self.forced = 0  # closing-marker tokens forced so far
+        self.phase = {"inside": "inside", "start": "head"}.get(where, "off")
+        if self.phase == "inside":
+            self._check()
+
+    def allowed(self) -> tuple[int, ...] | None:
+        """The one token the row must draw next (the closing marker's next), or None: any."""
+        return (self.close_ids[self.forced],) if self.phase == "forcing" else None
+
+    def take(self, token: int) -> None:
+        if self.phase == "head":
+            self.head.append(token)
+            stripped = self.decode(self.head).lstrip()
+            if stripped.startswith(self.parser.open):  # the block opens: its tokens are counted from the next
+                self.phase, self.count = "inside", 0
+                self._check()
+            elif not self.parser.open.startswith(stripped):
+                self.phase = "off"  # the answer begins without a block: nothing to cap
+        elif self.phase == "inside":
+            self.recent = (self.recent + [token])[-(len(self.close_ids) + 4):]
+            if self.parser.close in self.decode(self.recent):  # the model closed the block itself
+                self.phase = "off"
+                return
+            self.count += 1
+            self._check()
+        elif self.phase == "forcing":
+            self.forced += 1
+            if self.forced == len(self.close_ids):
+                self.phase = "off"
+
+    def _check(self) -> None:
+        if self.count >= self.budget:
+            self.phase = "forcing"

@@ -118,7 +118,7 @@ def response_object(body: ResponsesRequest, ident: str, created: int, status: st
         "safety_identifier": body.safety_identifier,
         "service_tier": "default", "store": False,  # nothing is kept, whatever the request asked
         "temperature": body.temperature, "text": {"format": _format(body), "verbosity": "medium"},
-        "tool_choice": body.tool_choice if isinstance(body.tool_choice, str) else "auto",
+        "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",  # a named or allowed_tools one too
         "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or ()],
         "top_logprobs": body.top_logprobs or 0, "top_p": body.top_p, "truncation": "disabled", "usage": usage, "user": body.user,
     }
