@@ -287,32 +287,18 @@ def test_open_routes_and_the_api_key(setup):
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "cors_refused"
 
 
-_SAMPLE = re.compile(r'(lorakit_[a-z_]+?)(_bucket|_sum|_count)?(\{[a-z_]+="[^"]*"\})? (\d+(\.\d+)?(e[+-]?\d+)?)')
-
-
 def _scrape(client) -> dict[str, float]:
-    """/metrics parsed strictly: every line a HELP, a TYPE or a sample of a declared metric; samples by name."""
+    """/metrics parsed strictly (test_followups_17_metrics' parser: every line a HELP, a TYPE or a sample of the
+    family declared last, label values escaped, histograms cumulative); samples by ``name{label="value",...}``."""
+    from test_followups_17_metrics import parse_exposition
+
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    types, samples = {}, {}
-    for line in response.text.splitlines():
-        if line.startswith("# HELP "):
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert kind in ("gauge", "counter", "histogram") and re.fullmatch(r"lorakit_[a-z_]+", name)
-            assert name.endswith("_total") == (kind == "counter"), name
-            types[name] = kind
-            continue
-        match = _SAMPLE.fullmatch(line)
-        assert match, line
-        name, suffix = match.group(1), match.group(2)
-        if suffix and name not in types:  # e.g. "..._count" of a gauge would read wrongly: it must be a histogram's
-            name, suffix = name + suffix, None
-        assert name in types and (suffix is None or types[name] == "histogram"), line
-        samples[line.rsplit(" ", 1)[0]] = float(match.group(4))
-    return samples
+    types, samples = parse_exposition(response.text)
+    assert all(re.fullmatch(r"(lorakit_|vllm:)[a-z0-9_]+", name) for name in types), types
+    return {name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""): value
+            for (name, labels), value in samples.items()}
 
 
 def test_metrics_follow_the_requests_served(setup):

@@ -42,6 +42,7 @@ from lorakit.serve.answers import (failure, logprobs_object, prompt_logprobs, st
                                    vllm_prompt_logprobs)
 from lorakit.serve.adapter_tokenizer import has_tokenizer
 from lorakit.serve.engine import Engine, Request, TokenInfo
+from lorakit.serve.http_metrics import CountRequests, HTTPCounts
 from lorakit.serve.model_text import ModelText, embedding_rows
 from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, closest
 from lorakit.serve.pool import AdapterBusy, AdapterPool, AdapterRejected, AdapterRemoved
@@ -89,6 +90,7 @@ class ServerState:
     reasoning_parser: str = "auto"  # --reasoning-parser's value: how an adapter's own template is read too
     text: ModelText | None = None  # the base's text side: the fields above (built from them when not given)
     trust_request_chat_template: bool = False  # --trust-request-chat-template: a request may send chat_template
+    http_counts: HTTPCounts = field(default_factory=HTTPCounts)  # answers by method, route, status (GET /metrics)
 
     def __post_init__(self):
         if self.text is None and self.tokenizer is not None:
@@ -384,6 +386,8 @@ def create_app(state: ServerState) -> FastAPI:
                        "supported); keep the answer the POST returned", param="response_id", code="not_found")
 
     add_vllm_routes(app, state)
+    # added last, so outermost: every answer is counted, the API key's 401s and the CORS refusals too
+    app.add_middleware(CountRequests, counts=state.http_counts, routes=app.router.routes)
     return app
 
 
@@ -992,7 +996,7 @@ def _submit(state: ServerState, served: _Served, prompts: list[list[int]], n: in
                 bridge.put(("done", index, text, reason, assembler.settled(final=True)))
 
             job = Request(prompts[index // n], served.internal, choice_params, on_token, on_finish, logprobs=logprobs,
-                          top_k=top_k, constraint=constraint, bias=bias, presence=penalties[0],
+                          model=served.name, top_k=top_k, constraint=constraint, bias=bias, presence=penalties[0],
                           frequency=penalties[1], options=options)
             job.steer = steers[index] if steers else None
             state.engine.submit(job)

@@ -80,6 +80,10 @@ class Request:
     generator: torch.Generator | None = None
     created: float = field(default_factory=time.monotonic)
     first_token: float | None = None  # time.monotonic() of its first token (GET /metrics' time to first token)
+    # the adapter as clients name it (None: the base; ``adapter`` is the pool's internal name), and the label
+    # GET /metrics counts the job under (``EngineMetrics.series``: that name, or "(other)" past the cap)
+    model: str | None = None
+    series: str | None = None
     row: int = -1  # its row of the static decoder's cache (-1: none)
     top_k: int = 0  # sample among the k most likely tokens only (0: all); vLLM's extension of the OpenAI API
     # a response_format's matcher (lorakit.serve.structured.Constraint): the row draws only tokens its grammar
@@ -144,6 +148,7 @@ class Engine:
         # only a seeded request needs a stream of its own (its answer must not depend on its neighbours); the
         # others draw from torch's default one, all rows of a step in one call (sampling.sample_rows)
         request.generator = request.params.generator(self.device) if request.params.seed is not None else None
+        request.series = self.metrics.series(request.model)
         with self._wake:
             self._waiting.append(request)
             self._wake.notify()
@@ -199,6 +204,11 @@ class Engine:
                     pairs = [] if best is None else list(zip(best.indices[j].tolist(), best.values[j].tolist()))
                     infos.append(TokenInfo(value, pairs, ranks[j]))
         return infos
+
+    def queued(self) -> tuple[list[Request], list[Request]]:
+        """The requests decoding now and those waiting for a row (copies of the lists; GET /metrics per model)."""
+        with self._wake:  # the deque changes only under it (a copy while it changes fails); a list's copy is one
+            return list(self._running), list(self._waiting)  # step under the GIL
 
     def stats(self) -> dict:
         return {"running": len(self._running), "waiting": len(self._waiting), "steps": self.steps,

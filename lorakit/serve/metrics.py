@@ -1,13 +1,24 @@
 """The server's numbers for Prometheus: ``GET /metrics`` in the text exposition format (version 0.0.4).
 
-Written here by hand (no client library): a handful of gauges and counters read from what the engine and the adapter
-pool already keep (``Engine.stats``, ``Engine.timings``, ``AdapterPool.loads`` / ``evictions``), plus what
-:class:`EngineMetrics` adds up as the engine's jobs finish: their prompt and generated tokens, why they ended, and two
-latency histograms (submit to first token, submit to the end). A job is one choice of a request (``n`` of 3: three
-jobs). Every name starts with ``lorakit_``; counters end in ``_total``, durations are in seconds.
+Written here by hand (no client library). Three sources:
 
-Only the engine thread writes to :class:`EngineMetrics` (under its own lock, so a scrape reads each histogram whole);
-the rest is read as it stands, which is what a scrape between two steps sees anyway.
+- what the engine and the adapter pool already keep (``Engine.stats``, ``Engine.timings``, ``AdapterPool.loads`` /
+  ``evictions``), read as they stand (what a scrape between two steps sees anyway);
+- :class:`EngineMetrics`, which adds up the engine's jobs as they finish: prompt and generated tokens, why they
+  ended, two latency histograms (submit to first token, submit to the end), in all and per model (the base, or the
+  adapter the request named). A job is one choice of a request (``n`` of 3: three jobs);
+- ``serve.http_metrics.HTTPCounts``: every HTTP answer by method, route and status.
+
+Two sets of names. ``lorakit_*``: the whole server (one series each, as before), plus ``lorakit_http_requests_total``.
+``vllm:*``: vLLM's names, labels and meanings where vLLM has the figure, so its dashboards and gateways (the
+Gateway API inference extension reads ``vllm:lora_requests_info``, ``vllm:num_requests_waiting``) work unchanged.
+vLLM labels them ``model_name`` (the served base model); here adapter traffic also carries ``lora_name`` (the adapter
+the request named), so ``sum by (lora_name)`` splits any of them per adapter while vLLM's queries, which match on
+``model_name``, still add them all up. Counters end in ``_total``, durations are in seconds.
+
+Label values are escaped as the format says (``\\``, ``"``, newline), since ``--name`` is any string. Cardinality
+is bounded: at most :data:`MAX_MODEL_SERIES` adapters get series of their own, the rest share
+``lora_name="(other)"`` (no adapter name has parentheses); routes are their templates (``http_metrics``).
 """
 
 from __future__ import annotations
@@ -22,6 +33,22 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+VLLM_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}  # vLLM's finished_reason
+
+# adapters with series of their own; an RL run that loads each checkpoint under a new name would otherwise add
+# a dozen series per checkpoint for ever. Those past it are counted together under OTHER.
+MAX_MODEL_SERIES = 256
+OTHER = "(other)"
+
+
+def escape(value: str) -> str:
+    """``value`` as a label value between double quotes: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(pairs: dict[str, str]) -> str:
+    """``{a="x",b="y"}`` (nothing for no pairs)."""
+    return "{" + ",".join(f'{key}="{escape(str(value))}"' for key, value in pairs.items()) + "}" if pairs else ""
 
 
 class Histogram:
@@ -38,37 +65,83 @@ class Histogram:
         self.sum += value
         self.count += 1
 
-    def lines(self, name: str) -> list[str]:
+    def lines(self, name: str, labels: dict[str, str] | None = None) -> list[str]:
+        """The bucket, sum and count samples of ``name``, each with ``labels`` (the buckets' ``le`` last)."""
+        labels = labels or {}
         out, running = [], 0
         for bound, count in zip((*self.bounds, float("inf")), self.counts):
             running += count
-            out.append(f'{name}_bucket{{le="{_number(bound)}"}} {running}')
-        return out + [f"{name}_sum {_number(self.sum)}", f"{name}_count {self.count}"]
+            out.append(f"{name}_bucket{_labels({**labels, 'le': _number(bound)})} {running}")
+        tail = _labels(labels)
+        return out + [f"{name}_sum{tail} {_number(self.sum)}", f"{name}_count{tail} {self.count}"]
 
 
-class EngineMetrics:
-    """What the engine's finished jobs add up to; ``finished`` is called once per job, on the engine thread."""
+class JobFigures:
+    """What a set of finished jobs adds up to: how many ended for each reason, their prompt and generated tokens,
+    and their latency histograms."""
 
     def __init__(self):
-        self.lock = threading.Lock()
         self.reasons = dict.fromkeys(FINISH_REASONS, 0)
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.latency = Histogram(LATENCY_BUCKETS)
         self.first_token = Histogram(FIRST_TOKEN_BUCKETS)
 
-    def finished(self, request, reason: str, now: float | None = None) -> None:
-        """Count ``request`` (an ``engine.Request``: ``prompt``, ``tokens``, ``created``, ``first_token``), which
-        ended for ``reason`` ("stop", "length", "cancelled" or "error: ...")."""
-        now = time.monotonic() if now is None else now
-        key = "error" if reason.startswith("error") else reason if reason in self.reasons else "stop"
+    def add(self, request, key: str, now: float) -> None:
+        self.reasons[key] += 1
+        self.prompt_tokens += len(request.prompt)
+        self.generation_tokens += len(request.tokens)
+        self.latency.observe(max(0.0, now - request.created))
+        if request.first_token is not None:
+            self.first_token.observe(max(0.0, request.first_token - request.created))
+
+
+class EngineMetrics:
+    """What the engine's finished jobs add up to, in all and per model. ``finished`` is called once per job, on the
+    engine thread; ``series`` names a request's model (on any thread). A scrape reads under ``lock``."""
+
+    def __init__(self, max_series: int = MAX_MODEL_SERIES):
+        self.lock = threading.Lock()
+        self.total = JobFigures()
+        self.models: dict[str | None, JobFigures] = {None: JobFigures()}  # None: the base model
+        self.max_series = max_series
+
+    # the whole server's figures, as these names read before the per-model ones came
+    @property
+    def reasons(self) -> dict[str, int]:
+        return self.total.reasons
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.total.prompt_tokens
+
+    @property
+    def generation_tokens(self) -> int:
+        return self.total.generation_tokens
+
+    def series(self, model: str | None) -> str | None:
+        """The label under which jobs of adapter ``model`` (None: the base) are counted: its name, or
+        :data:`OTHER` once ``max_series`` adapters have series of their own."""
         with self.lock:
-            self.reasons[key] += 1
-            self.prompt_tokens += len(request.prompt)
-            self.generation_tokens += len(request.tokens)
-            self.latency.observe(max(0.0, now - request.created))
-            if request.first_token is not None:
-                self.first_token.observe(max(0.0, request.first_token - request.created))
+            if model in self.models:
+                return model
+            if len(self.models) > self.max_series:  # the base's entry is not one of the adapters'
+                model = OTHER
+            self.models.setdefault(model, JobFigures())
+            return model
+
+    def finished(self, request, reason: str, now: float | None = None) -> None:
+        """Count ``request`` (an ``engine.Request``: ``prompt``, ``tokens``, ``created``, ``first_token``,
+        ``series``), which ended for ``reason`` ("stop", "length", "cancelled" or "error: ...")."""
+        now = time.monotonic() if now is None else now
+        key = "error" if reason.startswith("error") else reason if reason in self.total.reasons else "stop"
+        series = getattr(request, "series", None)
+        with self.lock:
+            self.total.add(request, key, now)
+            figures = self.models.get(series)
+            if figures is None:  # a request submitted without a series (engine used directly): its own now
+                figures = self.models[series] = JobFigures()
+            figures.add(request, key, now)
 
 
 def _number(value: float) -> str:
@@ -78,19 +151,24 @@ def _number(value: float) -> str:
 
 
 def _metric(name: str, kind: str, help_text: str, samples: list[str]) -> list[str]:
+    help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
     return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples]
 
 
-def exposition(engine, pool) -> str:
-    """The Prometheus text of ``engine`` (``serve.engine.Engine``) and ``pool`` (``serve.pool.AdapterPool``)."""
+def exposition(engine, pool, http=None, model_name: str = "") -> str:
+    """The Prometheus text of ``engine`` (``serve.engine.Engine``), ``pool`` (``serve.pool.AdapterPool``) and
+    ``http`` (``serve.http_metrics.HTTPCounts``; None: no HTTP figures); ``model_name``: the base's served name."""
     stats = engine.stats()
     timings = engine.timings
     metrics: EngineMetrics = engine.metrics
+    running, waiting = engine.queued()
     with metrics.lock:
-        reasons = dict(metrics.reasons)
-        prompt, generated = metrics.prompt_tokens, metrics.generation_tokens
-        latency = metrics.latency.lines("lorakit_request_duration_seconds")
-        first = metrics.first_token.lines("lorakit_time_to_first_token_seconds")
+        total = metrics.total
+        reasons = dict(total.reasons)
+        prompt, generated = total.prompt_tokens, total.generation_tokens
+        latency = total.latency.lines("lorakit_request_duration_seconds")
+        first = total.first_token.lines("lorakit_time_to_first_token_seconds")
+        per_model = _per_model(metrics, model_name, [r.series for r in running], [r.series for r in waiting])
     loaded = len(pool.loaded_names()) if pool is not None else 0
     lines = [
         *_metric("lorakit_requests_running", "gauge", "Engine jobs decoding now (one per choice of a request).",
@@ -130,4 +208,57 @@ def exposition(engine, pool) -> str:
                  "Idle adapters dropped from memory to make room for another.",
                  [f"lorakit_adapter_evictions_total {pool.evictions if pool is not None else 0}"]),
     ]
+    if http is not None:
+        lines += _metric("lorakit_http_requests_total", "counter",
+                         "HTTP requests answered, by method, route (its template; unmatched: no route) and status.",
+                         [f"lorakit_http_requests_total{_labels({'method': m, 'route': r, 'status': str(s)})} {c}"
+                          for (m, r, s), c in sorted(http.snapshot().items())])
+    lines += per_model
+    lines += _metric("vllm:lora_requests_info", "gauge",
+                     "Running stats on lora requests: adapters with jobs running / waiting (comma-separated), the "
+                     "adapters kept in memory at most; the value is the scrape's Unix time.",
+                     [f"vllm:lora_requests_info{_labels(_lora_info(pool, running, waiting))} {_number(time.time())}"])
     return "\n".join(lines) + "\n"
+
+
+def _per_model(metrics: EngineMetrics, model_name: str, running: list, waiting: list) -> list[str]:
+    """vLLM's per-request families, one series per model (held: ``metrics.lock``). ``running`` / ``waiting``: the
+    series (``EngineMetrics.series``) of the engine's jobs decoding / waiting now."""
+    families = {name: [] for name in ("running", "waiting", "success", "prompt", "generation", "first", "e2e")}
+    for series, figures in sorted(metrics.models.items(), key=lambda item: (item[0] is not None, item[0] or "")):
+        labels = {"model_name": model_name} if series is None else {"model_name": model_name, "lora_name": series}
+        tail = _labels(labels)
+        families["running"].append(f"vllm:num_requests_running{tail} {running.count(series)}")
+        families["waiting"].append(f"vllm:num_requests_waiting{tail} {waiting.count(series)}")
+        families["success"] += [f"vllm:request_success_total{_labels({**labels, 'finished_reason': VLLM_REASONS[key]})}"
+                                f" {count}" for key, count in figures.reasons.items()]
+        families["prompt"].append(f"vllm:prompt_tokens_total{tail} {figures.prompt_tokens}")
+        families["generation"].append(f"vllm:generation_tokens_total{tail} {figures.generation_tokens}")
+        families["first"] += figures.first_token.lines("vllm:time_to_first_token_seconds", labels)
+        families["e2e"] += figures.latency.lines("vllm:e2e_request_latency_seconds", labels)
+    return [
+        *_metric("vllm:num_requests_running", "gauge", "Engine jobs decoding now, per model.", families["running"]),
+        *_metric("vllm:num_requests_waiting", "gauge", "Engine jobs waiting for a row, per model.", families["waiting"]),
+        *_metric("vllm:request_success_total", "counter",
+                 "Engine jobs finished, per model and finished_reason (stop, length, abort: cancelled, error).",
+                 families["success"]),
+        *_metric("vllm:prompt_tokens_total", "counter", "Prompt tokens of finished engine jobs, per model.",
+                 families["prompt"]),
+        *_metric("vllm:generation_tokens_total", "counter", "Tokens generated by finished engine jobs, per model.",
+                 families["generation"]),
+        *_metric("vllm:time_to_first_token_seconds", "histogram",
+                 "Seconds from an engine job's submission to its first token, per model.", families["first"]),
+        *_metric("vllm:e2e_request_latency_seconds", "histogram",
+                 "Seconds from an engine job's submission to its end, per model.", families["e2e"]),
+    ]
+
+
+def _lora_info(pool, running: list, waiting: list) -> dict[str, str]:
+    """vLLM's labels of ``vllm:lora_requests_info``: the adapters of the jobs (``engine.Request``) running and
+    waiting, each once, comma-separated and sorted, by their own names (a gateway routes a request for an adapter to
+    the server that runs it), and ``max_lora``: how many adapters can be in memory (so in one batch) at once."""
+    def names(requests: list) -> str:
+        return ",".join(sorted({r.model for r in requests if r.model is not None}))
+
+    return {"max_lora": str(pool.max_loaded if pool is not None else 0), "running_lora_adapters": names(running),
+            "waiting_lora_adapters": names(waiting)}

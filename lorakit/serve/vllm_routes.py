@@ -188,7 +188,8 @@ def add_vllm_routes(app: FastAPI, state) -> None:
     async def metrics():
         from lorakit.serve.metrics import CONTENT_TYPE, exposition
 
-        text = await run_in_threadpool(exposition, state.engine, state.pool)  # the pool's lock: off the event loop
+        text = await run_in_threadpool(exposition, state.engine, state.pool, state.http_counts,  # the pool's lock:
+                                       state.base_name)  # off the event loop
         return Response(text, media_type=CONTENT_TYPE)
 
 
