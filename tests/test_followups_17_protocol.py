@@ -331,6 +331,10 @@ def test_thinking_budget_on_responses_and_completions(server):
     assert text == STEPS[0] + "</think>\n\nLet me check."
     off = _chat(server, tools=TOOLS, thinking_token_budget=0, chat_template_kwargs={"enable_thinking": False})
     assert _reasoning(off) == (None, "Let me check.", ["get_weather"])
+    # with a format: the block is cut, then the content follows the format (its grammar waits for the marker)
+    formatted = _chat(server, thinking_token_budget=1, response_format={"type": "json_object"}, max_tokens=12)
+    assert formatted["choices"][0]["message"]["reasoning_content"] == STEPS[0]
+    assert formatted["choices"][0]["message"]["content"].startswith("{")
     assert "-1 for unlimited" in _error(client.post("/v1/chat/completions", json={
         "model": "base", "messages": QUESTION, "thinking_token_budget": -2}), "thinking_token_budget")
     assert "Traceback" not in server["server"].output()
