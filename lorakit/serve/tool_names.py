@@ -44,6 +44,7 @@ HEADS = {
 NAME_ENDS = {"hermes": ('"',), "llama3_json": ('"',), "mistral": ('"',), "mistral_args": (ARGS_MARK, CALL_ID_MARK),
              "mistral_call_id": (CALL_ID_MARK, ARGS_MARK)}
 WINDOW = 96  # characters before the newest token where a head is looked for (a head is some 20)
+SLICE = 16384  # tokens decoded per hold of the tokenizer's lock while a vocabulary is read
 
 
 class TokenTexts:
@@ -52,18 +53,24 @@ class TokenTexts:
     ``prefixes(s)``: the tokens whose text is a non-empty prefix of ``s``; ``starting(s)``: those whose text begins
     with ``s``."""
 
-    def __init__(self, tokenizer: Any, size: int):
-        """``size``: the ids to read (the model's rows the tokenizer knows)."""
-        anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1:]
-        pairs = [anchor + [token] for token in range(size)]
+    def __init__(self, tokenizer: Any, size: int, lock: threading.Lock | None = None):
+        """``size``: the ids to read (the model's rows the tokenizer knows); ``lock``: held while the tokenizer
+        runs, a slice of the vocabulary at a time, so other requests' text goes on between slices."""
+        lock = lock or threading.Lock()
+        with lock:
+            anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1:]
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:  # the Rust tokenizer decodes the vocabulary in parallel: ~0.1 s for 150k tokens
-            both = backend.decode_batch(pairs, skip_special_tokens=False)
-            lead = backend.decode(anchor, skip_special_tokens=False) if anchor else ""
-        else:
-            both = [tokenizer.decode(pair, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-                    for pair in pairs]
-            lead = tokenizer.decode(anchor, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+        def decode(pairs: list[list[int]]) -> list[str]:
+            with lock:
+                if backend is not None:  # the Rust tokenizer decodes a batch in parallel: ~1 s for 150k tokens
+                    return backend.decode_batch(pairs, skip_special_tokens=False)
+                return [tokenizer.decode(pair, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                        for pair in pairs]
+
+        lead = decode([anchor])[0] if anchor else ""
+        both = [text for start in range(0, size, SLICE)
+                for text in decode([anchor + [token] for token in range(start, min(size, start + SLICE))])]
         self.texts = [text[len(lead):] if text.startswith(lead) else text for text in both]
         self.by_text: dict[str, list[int]] = collections.defaultdict(list)
         for token, text in enumerate(self.texts):
@@ -97,11 +104,7 @@ def token_texts(tokenizer: Any, size: int, lock: threading.Lock | None = None) -
         if held is not None and held[0] is tokenizer and len(held[1].texts) == size:
             _TABLES.move_to_end(key)
             return held[1]
-    if lock is not None:
-        with lock:
-            table = TokenTexts(tokenizer, size)
-    else:
-        table = TokenTexts(tokenizer, size)
+    table = TokenTexts(tokenizer, size, lock)
     with _TABLES_LOCK:
         _TABLES[key] = (tokenizer, table)
         while len(_TABLES) > TABLE_CACHE:
