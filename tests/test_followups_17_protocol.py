@@ -372,9 +372,11 @@ def test_think_budget_counts_as_vllm():
 
 def test_steered_rows_choose_their_own_tokens():
     """The engine's choice: each steered row draws among its steer's tokens only, other rows as they would, and
-    the caller's logits (the model's, for logprobs) are left as they were."""
+    the caller's logits (the model's, for logprobs) are left as they were. One token allowed is forced whatever
+    the row's allowed_token_ids say (as vLLM forces a budget's marker); among several, those still apply."""
     from lorakit.generation import SamplingParams
     from lorakit.serve.engine import Engine, Request
+    from lorakit.serve.sampling import RowOptions
 
     class Force:
         def __init__(self, ids):
@@ -392,6 +394,11 @@ def test_steered_rows_choose_their_own_tokens():
     tokens, errors = Engine._choose(rows, logits)
     assert tokens[0] == 3 and tokens[1] == 9 and tokens[2] in (5, 7) and tokens[3] == 9 and errors == [None] * 4
     assert torch.equal(logits, before)
+    only = RowOptions(allowed=(1, 7))
+    rows = [Request([1], None, SamplingParams(max_new_tokens=4, temperature=t), lambda *a: True, lambda r: None,
+                    steer=Force(ids), options=only) for t, ids in ((0, (3,)), (1.0, (3,)), (0, (5, 7)), (1.0, (5, 7)))]
+    tokens, errors = Engine._choose(rows, logits)
+    assert tokens == [3, 3, 7, 7] and errors == [None] * 4
 
 
 def test_budget_without_a_reasoning_parser_is_refused():

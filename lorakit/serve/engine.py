@@ -402,18 +402,23 @@ class Engine:
 
     @staticmethod
     def _steered(requests: list[Request], logits: torch.Tensor, shared: bool) -> torch.Tensor:
-        """``logits (n, V)`` with each steered row's tokens outside its steer's ``allowed()`` at -inf, last (so a
-        forced token is all a row may draw, whatever its options); ``shared``: the logits are the caller's (the
-        model's, for logprobs), so a change is made on a copy."""
+        """``logits (n, V)`` with each steered row's tokens outside its steer's ``allowed()`` at -inf, last. One
+        token allowed is forced: drawn whatever the row's options left of its logit (as vLLM forces a thinking
+        budget's marker: a ban by bad_words or allowed_token_ids does not stop it); among several, the options
+        still apply. ``shared``: the logits are the caller's (the model's, for logprobs), so a change is made on a
+        copy."""
         steered = [(i, r.steer.allowed()) for i, r in enumerate(requests) if r.steer is not None]
-        steered = [(i, ids) for i, ids in steered if ids is not None]
+        steered = [(i, [t for t in ids if t < logits.shape[-1]]) for i, ids in steered if ids is not None]
         if not steered:
             return logits
         if shared:
             logits = logits.clone()
         for i, ids in steered:
-            keep_only(logits, i, torch.tensor([t for t in ids if t < logits.shape[-1]], dtype=torch.long,
-                                              device=logits.device))
+            if len(ids) == 1:
+                logits[i] = float("-inf")
+                logits[i, ids[0]] = 0.0
+            else:
+                keep_only(logits, i, torch.tensor(ids, dtype=torch.long, device=logits.device))
         return logits
 
     @staticmethod
