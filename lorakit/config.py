@@ -285,8 +285,10 @@ class LoraConfig:
                                        "lorakit.load_adapter(model, folder) loads such an adapter from its folder")
                 if not default:
                     hint = _UNSUPPORTED_HINTS.get(key, "it changes the adapter's math in a way lorakit does not implement")
+                    advice = _NO_MERGE.get(key, "merge the adapter with peft (merge_and_unload) and load the merged "
+                                                "model instead")
                     raise LorakitError(f"{source}: PEFT option {key}={shown(value)} is not supported by lorakit ({hint}); "
-                                       f"merge the adapter with peft (merge_and_unload) and load the merged model instead")
+                                       f"{advice}")
                 continue
             if value not in (None, False, {}, [], "") and key == "enable_lora":
                 raise LorakitError(f"{source}: enable_lora={shown(value)} is early peft's (0.1 - 0.2) LoRA on parts of a "
@@ -515,6 +517,17 @@ _UNSUPPORTED_HINTS = {
     "alora_invocation_tokens": "activated LoRA, switched on by tokens",
     "megatron_config": "Megatron parallel layers",
     "arrow_config": "Arrow's routing of each token among several LoRA experts",
+}
+# Unsupported options for which merging with peft is no way out either: what to say instead
+_NO_MERGE = {
+    # peft's merge_and_unload adds every copy's update into the base weights the copies share (a wrong model)
+    "layer_replication": "run it with peft (PeftModel.from_pretrained): peft's merge_and_unload gives wrong weights for "
+                         "it, since the repeated layers share their base weights and each would take the others' updates",
+    # peft raises NotImplementedError / RuntimeError in merge_and_unload for these two
+    "alora_invocation_tokens": "run it with peft (PeftModel.from_pretrained): it acts only after its invocation tokens, "
+                               "which no merged weight can do (peft's merge_and_unload refuses it too)",
+    "arrow_config": "run it with peft (PeftModel.from_pretrained): a merged weight cannot route tokens (peft's "
+                    "merge_and_unload refuses it too)",
 }
 
 # PEFT 0.21 LoraConfig fields lorakit does not implement, with the value that means "off". Any other value is refused.

@@ -127,3 +127,38 @@ def test_kasa_on_a_pissa_or_olora_base_is_refused_saying_what_peft_did(init, tmp
             in message), message
     merged = quiet(peft.PeftModel.from_pretrained, build("llama"), tmp_path).merge_and_unload().eval()
     assert_close(logits(merged, IDS), expected)  # the advice works
+
+
+# -- options no merge can carry ------------------------------------------------------------------------------------
+def test_layer_replication_is_not_sent_to_peft_s_merge(tmp_path):
+    """A layer_replication adapter (layers repeated, sharing their base weights, one LoRA per copy) was refused with
+    "merge the adapter with peft (merge_and_unload) and load the merged model", but peft's merge adds each copy's
+    update into the shared weights: a model with other logits. The refusal now says to run it with peft."""
+    from test_peft_sweep import peft_saved
+
+    theirs = peft_saved("llama", tmp_path, target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [1, 2]])
+    expected = logits(theirs, IDS)
+    merged = peft.PeftModel.from_pretrained(build("llama"), tmp_path).merge_and_unload()
+    assert (logits(merged, IDS) - expected).abs().max() > 1e-2  # why merging is not the advice
+    message = refusal(tmp_path, build("llama"))
+    assert re.search(r"PEFT option layer_replication=\[\[0, 2\], \[1, 2\]\] is not supported by lorakit \(layers "
+                     r"duplicated inside the model\); run it with peft \(PeftModel.from_pretrained\): peft's "
+                     r"merge_and_unload gives wrong weights for it", message), message
+
+
+def test_activated_lora_and_arrow_are_not_sent_to_a_merge_peft_refuses(tmp_path):
+    """aLoRA (alora_invocation_tokens) acts only after its invocation tokens and Arrow routes each token among LoRA
+    experts: peft's merge_and_unload raises for both, so the advice to merge them could not be followed."""
+    from test_peft_sweep import edit, peft_saved
+
+    peft_saved("llama", tmp_path, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[3, 4])
+    with pytest.raises(NotImplementedError, match="aLoRA does not support merging"):
+        peft.PeftModel.from_pretrained(build("llama"), tmp_path).merge_and_unload()
+    message = refusal(tmp_path, build("llama"))
+    assert "alora_invocation_tokens=[3, 4] is not supported by lorakit (activated LoRA, switched on by tokens); run it " \
+           "with peft (PeftModel.from_pretrained): it acts only after its invocation tokens" in message, message
+    edit(tmp_path, config=lambda c: {**c, "alora_invocation_tokens": None, "arrow_config": {"top_k": 2}})
+    message = refusal(tmp_path, build("llama"))
+    assert "arrow_config={'top_k': 2} is not supported by lorakit (Arrow's routing of each token among several LoRA " \
+           "experts); run it with peft (PeftModel.from_pretrained)" in message, message
+    assert "merge the adapter with peft" not in message
