@@ -103,7 +103,8 @@ def _stream(server, path="/v1/chat/completions", **body) -> list[dict]:
     with server["client"].stream("POST", path, json=body) as response:
         assert response.status_code == 200, response.read()
         raw = response.read().decode()
-    return [json.loads(line[6:]) for line in raw.split("\n\n") if line.startswith("data: {")]
+    return [json.loads(line[6:]) for block in raw.split("\n\n") for line in block.split("\n")
+            if line.startswith("data: {")]  # (the Responses API's blocks start with an "event:" line)
 
 
 def _names(message) -> list[str]:
@@ -183,6 +184,11 @@ def test_allowed_tools_on_responses(server):
         [call] = [item for item in response.output if item.type == "function_call"]
         assert (call.name, json.loads(call.arguments)) == ("get_location", CALL)
         assert response.tool_choice.type == "allowed_tools" and response.tool_choice.mode == mode
+        events = _stream(server, "/v1/responses", input=QUESTION, tools=RESPONSES_TOOLS, tool_choice=choice,
+                         max_output_tokens=24)
+        done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+        assert [(i["name"], json.loads(i["arguments"])) for i in done if i["type"] == "function_call"] == \
+            [("get_location", CALL)]
 
 
 @pytest.mark.parametrize("choice, words", [
