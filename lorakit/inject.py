@@ -306,6 +306,60 @@ def _warn_frozen_experts(modules: dict[str, nn.Module], config: LoraConfig) -> N
                   f"--target-parameters {','.join(names[:4])})", stacklevel=4)
 
 
+def read_by_parent(modules: dict[str, nn.Module], path: str, name: str) -> str | None:
+    """The path of the module that reads parameter ``name`` of ``modules[path]`` itself (its parent's code has
+    ``self.<child>.<name>``), or None. DBRX's experts (``DbrxExperts``) slice ``self.mlp.w1`` / ``v1`` / ``w2`` and
+    pass the slices to ``mlp``: a ``ParamLora`` on ``mlp`` shows ``W + delta`` only inside ``mlp``'s own forward, so
+    an adapter there never acted (peft's ParamWrapper fails on it outright)."""
+    parent_path, _, child = path.rpartition(".")
+    parent = modules.get(parent_path) if path else None
+    return parent_path if parent is not None and _reads_weight(parent, child, tensor=name) else None
+
+
+def unreachable_experts(modules: dict[str, nn.Module], config: LoraConfig) -> dict[str, tuple[str, int]]:
+    """``{parameter path: (path of the module that reads it, size)}`` for MoE expert weights no LoRA can reach: plain
+    2-D or 3-D parameters of a module under an ``experts`` path that its parent reads itself (DBRX's
+    ``ffn.experts.mlp.w1``: (experts x ffn, hidden)), unless ``modules_to_save`` copies that reader."""
+    found = {}
+    for path, module in modules.items():
+        if "expert" not in path or _supported(module):
+            continue
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.ndim not in (2, 3) or not parameter.is_floating_point():
+                continue
+            reader = read_by_parent(modules, path, name)
+            if reader is not None and not _inside(reader, config.modules_to_save or []):
+                found[f"{path}.{name}"] = (reader, parameter.numel())
+    return found
+
+
+def _outside_read_fix(modules: dict[str, nn.Module], reader: str) -> str:
+    """How to train weights a module reads from its child: a modules-to-save copy of that module."""
+    name = reader.rsplit(".", 1)[-1]
+    return (f"to train those weights, pass modules_to_save=[{name!r}] (lorakit train: --modules-to-save {name}), which trains "
+            f"full copies of the {type(modules[reader]).__name__} modules")
+
+
+def _warn_unreachable_experts(modules: dict[str, nn.Module], config: LoraConfig) -> None:
+    """One line when "all-linear" (or a regular expression) leaves expert weights frozen that neither a LoRA layer
+    nor target_parameters can reach (DBRX), naming them and the option that trains them."""
+    if not isinstance(config.target_modules, str):
+        return
+    experts = unreachable_experts(modules, config)
+    if not experts:
+        return
+    total = sum(p.numel() for m in modules.values() for p in m.parameters(recurse=False))
+    share = sum(size for _, size in experts.values()) / max(total, 1)
+    names = sorted({_per_layer(path) for path in experts})
+    reader = next(iter(experts.values()))[0]
+    what = "all-linear adapts the linear layers only" if config.target_modules == "all-linear" else \
+        f"target_modules {shown(config.target_modules)} adapts linear layers only"
+    warnings.warn(f"{what}: this model's MoE expert weights ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}; "
+                  f"{100 * share:.0f}% of its weights) stay frozen: {type(modules[reader]).__name__} reads them from "
+                  "its child module itself, so no LoRA reaches them (nor target_parameters, here or in peft); "
+                  f"{_outside_read_fix(modules, reader)}", stacklevel=3)
+
+
 def _per_layer(path: str) -> str:
     """``model.layers.3.mlp.experts.down_proj`` -> ``mlp.experts.down_proj`` (the part every layer shares)."""
     return re.sub(r"^.*?\.\d+\.", "", path)
@@ -336,6 +390,12 @@ def find_param_targets(model: nn.Module, config: LoraConfig) -> dict[str, dict[s
                 raise LorakitError(f"target_parameters: {key} belongs to {path}, which target_modules / modules_to_save "
                                    "adapt already; adapt a module either as a layer or by its parameters, not both")
             parameter_layout(module, parameter)
+            reader = read_by_parent(modules, path, name)
+            if reader is not None:
+                raise LorakitError(f"target_parameters: {key} is read by {type(modules[reader]).__name__} ({reader}) "
+                                   f"outside the forward of the {type(module).__name__} that holds it, so a LoRA on it "
+                                   "would never apply (peft cannot adapt it either); "
+                                   f"{_outside_read_fix(modules, reader)}")
             found.setdefault(path, {})[name] = (config.rank_for(key), config.alpha_for(key))
     unmatched = [t for t in config.target_parameters
                  if not any(matches_parameter(f"{p}.{n}", [t]) for p, names in found.items() for n in names)]
@@ -421,13 +481,14 @@ def keeps_own_class(parent: nn.Module, name: str, module: nn.Module) -> bool:
     return _custom_forward(module) or _reads_weight(parent, name, data=True)
 
 
-def _reads_weight(parent: nn.Module, name: str, data: bool = False) -> bool:
-    """``_weight_read_raw`` for the child ``name`` of ``parent``; ``data``: ``self.<name>.weight.data`` counts too."""
-    if not name.isidentifier():
+def _reads_weight(parent: nn.Module, name: str, data: bool = False, tensor: str = "weight") -> bool:
+    """``_weight_read_raw`` for the child ``name`` of ``parent``; ``data``: ``self.<name>.weight.data`` counts too;
+    ``tensor``: another parameter of the child than ``weight`` (DBRX's ``self.mlp.w1``)."""
+    if not name.isidentifier() or not tensor.isidentifier():
         return False
     source = _class_source(type(parent))
     facts = "dtype|device|shape|ndim|is_meta|requires_grad" + ("" if data else r"|data\b")
-    pattern = rf"self\.{name}\.weight\b(?!\s*\.\s*(?:{facts}))"
+    pattern = rf"self\.{name}\.{tensor}\b(?!\s*\.\s*(?:{facts}))"
     for match in re.finditer(pattern, source):
         line = source[source.rfind("\n", 0, match.start()) + 1: match.start()]
         if not re.search(r"isinstance\(|init\.\w+\(|nn\.init|_init_", line) and not _in_dead_branch(parent, source,
@@ -753,6 +814,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
                                f"(r={config.rank_for(narrow[0])}); lower r, or give those layers a smaller rank_pattern")
     _refuse_offloaded(model, config, targets, saved, params)
     _warn_wasted_settings(config, targets, params, adapter, trainable)
+    if trainable:  # said once, where an adapter to train is made: loading one to generate with needs no word
+        _warn_unreachable_experts(_base_modules(model), config)
 
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     param_modules = _base_modules(model) if params else {}

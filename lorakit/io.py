@@ -77,7 +77,13 @@ def base_fingerprint(model: nn.Module) -> str:
             value = values.get(key, text_config.get(key))
             if value is not None:
                 entries.append(f"config.{key}={value}")
-    for path, module in _base_modules(model).items():
+    modules = _base_modules(model)
+    for path, host in adapter_hosts(model).items():
+        if isinstance(host, ModulesToSave):  # the submodules of a module trained whole (a DBRX experts block, a
+            # RoBERTa classifier head) are the base's too: left out, its adapter was "made for another base model"
+            modules.update({f"{path}.{name}": child for name, child in host.base_layer.named_modules()
+                            if name and not re.search(r"(^|\.)(adapters|copies|base_layer)(\.|$)", name)})
+    for path, module in modules.items():
         if quant.is_quantized(module):
             # the dense original's parameter shape ((in, out) for a Conv1D), so the NF4 and dense models agree
             entries.append(f"{path}.weight:{list(quant.weight_param_shape(module))}")
@@ -263,11 +269,18 @@ def task_type(model: nn.Module, adapter: str | None = None) -> str | None:
 
     peft wraps the base in the class the task names; a causal-LM wrapper on a classifier fails on load. When
     ``adapter`` puts LoRA on the task's head (lorakit's "all-linear" includes a classifier), None: peft's task
-    wrapper would replace that head by a modules-to-save copy and fail on its LoRA tensors."""
+    wrapper would replace that head by a modules-to-save copy and fail on its LoRA tensors. Layers inside the head
+    count too (RoBERTa's ``classifier.dense`` / ``classifier.out_proj``): peft copies every module whose path ends with
+    a head's name, so it copies ``classifier`` and found no place for their LoRA tensors (a KeyError)."""
     task = _class_task(model)
     heads = _TASK_HEADS.get(task or "", ())
+
+    def in_head(path: str) -> bool:
+        parts = path.split(".")
+        return any(".".join(parts[:end]).endswith(heads) for end in range(1, len(parts) + 1))
+
     if adapter is not None and heads and any(
-            isinstance(host, LoraLayer) and adapter in host.adapters and path.rsplit(".", 1)[-1] in heads
+            isinstance(host, LoraLayer) and adapter in host.adapters and in_head(path)
             for path, host in adapter_hosts(model).items()):
         return None
     return task

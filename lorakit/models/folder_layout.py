@@ -66,6 +66,41 @@ def check_unlisted_shards(folder: Path, shards: list[str], indexed: set[str]) ->
                                f"{INDEX} again")
 
 
+def indexed_but_absent(folder: Path, keys: list[str]) -> str | None:
+    """The line to say when the model lacks tensors ``keys`` that the folder's index does list, in a shard that does
+    not hold them (a shard re-saved, or the index and the shards from different downloads); None otherwise. Asked
+    only once a load came up short: transformers then called it "a tied head ... needs tie_word_embeddings: true"
+    or "config.json is for another model", both false, and the 4-bit loader named no file."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        weight_map = json.loads((folder / INDEX).read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError, RecursionError):  # no index, or one _check_weights_present refused
+        return None
+    if not isinstance(weight_map, dict):
+        return None
+    held: dict[str, set[str]] = {}
+    for key in keys:
+        shard = weight_map.get(key)
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            continue
+        if shard not in held:
+            try:
+                with safe_open(folder / shard, framework="pt") as handle:
+                    held[shard] = set(handle.keys())
+            except Exception:  # unreadable: check_weights_file names it
+                held[shard] = {key}
+        if key not in held[shard]:
+            absent = [k for k in keys if weight_map.get(k) == shard and k not in held[shard]]
+            return (f"{folder}: {INDEX} lists {key!r} in {shard}, which does not hold it"
+                    f"{f' (nor {len(absent) - 1} more it lists there)' if len(absent) > 1 else ''}: the shard and the "
+                    "index are from different downloads, or the shard was written again since; download the model's "
+                    "shards and its index again")
+    return None
+
+
 def refuse_adapter_beside(folder: Path) -> None:
     """Refuse a model folder that also holds an adapter (adapter_config.json): transformers' from_pretrained applies
     such an adapter through peft as it loads the base, so lorakit got peft's layers and refused them as "this model

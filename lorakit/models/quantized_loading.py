@@ -294,7 +294,10 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
         names = {n for n, m in model.named_modules() if m is follower}
         missing = [k for k in missing if k.rpartition(".")[0] not in names]
     if missing:
-        raise LorakitError(f"{source}: {len(missing)} tensor(s) missing from the safetensors files, e.g. {missing[0]!r}")
+        from lorakit.models.folder_layout import indexed_but_absent
+
+        raise LorakitError(indexed_but_absent(Path(source), missing) or
+                           f"{source}: {len(missing)} tensor(s) missing from the safetensors files, e.g. {missing[0]!r}")
     leftover = [k for k in checkpoint_keys - used if not bnb_checkpoint.is_bnb_aux_key(k)
                 and not k.endswith("rotary_emb.inv_freq")]
     if leftover:

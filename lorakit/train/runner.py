@@ -191,12 +191,20 @@ def _expert_hint(model: Any, value: str) -> str:
     """Why an expert name matches nothing on a transformers-5 MoE model: its experts are fused 3-D parameters."""
     import re
 
-    from lorakit.inject import _base_modules, expert_parameters
+    from lorakit.config import LoraConfig
+    from lorakit.inject import _base_modules, expert_parameters, unreachable_experts
 
-    fused = sorted({path.rsplit(".", 1)[-1] for path in expert_parameters(_base_modules(model))})
+    modules = _base_modules(model)
+    unreachable = unreachable_experts(modules, LoraConfig())
+    if value in {path.rsplit(".", 1)[-1] for path in unreachable}:  # DBRX's w1 / v1 / w2
+        reader = next(iter(unreachable.values()))[0]
+        name = reader.rsplit(".", 1)[-1]
+        return (f" ({value} is an MoE expert weight that {type(modules[reader]).__name__} reads itself, not a layer, "
+                f"and no LoRA reaches it: train the experts whole with --modules-to-save {name})")
+    fused = sorted({path.rsplit(".", 1)[-1] for path in expert_parameters(modules)})
     if not fused or value not in _OLD_EXPERT_NAMES | set(fused):
         return ""
-    full = sorted({re.sub(r"^.*?\.\d+\.", "", path) for path in expert_parameters(_base_modules(model))})
+    full = sorted({re.sub(r"^.*?\.\d+\.", "", path) for path in expert_parameters(modules)})
     return (f" (the MoE experts are fused 3-D parameters here, {', '.join(fused)}, not layers: adapt them with "
             f"--target-parameters {','.join(full)})")
 
