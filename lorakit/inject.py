@@ -229,7 +229,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     for path, module in targets.items():
         if not _supported(module):
             raise LorakitError(f"target {path!r} is a {type(module).__name__}; lorakit adapts nn.Linear, Conv1D, "
-                               "nn.Embedding, nn.MultiheadAttention and quantized linear layers only")
+                               "nn.Embedding, nn.MultiheadAttention and quantized linear layers only: leave it out of "
+                               "target_modules (an adapter peft saved for such a layer: merge it with peft's "
+                               "merge_and_unload and load the merged model)")
         if isinstance(module, nn.MultiheadAttention):
             check_attention(module, path, config.variant, config.init)
     custom = [path for path in targets if _custom_forward(targets[path])]

@@ -162,3 +162,31 @@ def test_activated_lora_and_arrow_are_not_sent_to_a_merge_peft_refuses(tmp_path)
     assert "arrow_config={'top_k': 2} is not supported by lorakit (Arrow's routing of each token among several LoRA " \
            "experts); run it with peft (PeftModel.from_pretrained)" in message, message
     assert "merge the adapter with peft" not in message
+
+
+def test_a_convolution_target_says_what_to_do(tmp_path):
+    """peft's LoRA on a Conv2d (a vision tower's patch embedding) was refused with "target ... is a Conv2d; lorakit
+    adapts nn.Linear, ... only", which says what is wrong but not what to do. It now says to leave it out of
+    target_modules, or, for peft's file, to merge with peft (whose merge gives the adapter's outputs)."""
+    import transformers as tf
+
+    def clip():
+        torch.manual_seed(0)
+        return tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                      num_attention_heads=2, image_size=16, patch_size=8)).eval()
+
+    pixels = torch.randn(2, 3, 16, 16)
+    theirs = peft.get_peft_model(clip(), peft.LoraConfig(r=2, target_modules=["q_proj", "patch_embedding"])).eval()
+    randomize_peft(theirs)
+    theirs.save_pretrained(tmp_path)
+    model = clip()
+    with pytest.raises(lorakit.LorakitError, match=r"target 'embeddings.patch_embedding' is a Conv2d; lorakit adapts .*: "
+                                                   r"leave it out of target_modules \(an adapter peft saved for such a "
+                                                   r"layer: merge it with peft's merge_and_unload") as error:
+        lorakit.load_adapter(model, tmp_path)
+    assert "\n" not in str(error.value) and not lorakit.adapter_names(model)
+    with torch.no_grad():  # the advice works: peft's merge keeps the adapter's outputs
+        merged = peft.PeftModel.from_pretrained(clip(), tmp_path).merge_and_unload()
+        assert_close(merged(pixel_values=pixels).last_hidden_state, theirs(pixel_values=pixels).last_hidden_state)
+    with pytest.raises(lorakit.LorakitError, match="is a Conv2d; .*leave it out of target_modules"):
+        lorakit.inject(clip(), lorakit.LoraConfig(r=2, target_modules=["patch_embedding"]))
