@@ -189,12 +189,16 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
     except LorakitError as error:
         said, code = f"lorakit {args.command}: error: {error}", 2
     except KeyboardInterrupt as error:
-        said, code = f"lorakit {args.command}: interrupted", 130
-        # Ctrl-C reaches every process at once (torchrun passes it on) and each stops where it is: rank 0 says it, the
-        # others need not wait for it (torchrun, shutting down, waits for them); a stop all processes made together
-        # at one step (SIGTERM to one of them) is said by rank 0, which torchrun cuts short once another has exited
-        together = sys.modules.get("lorakit.train.distributed")
-        wait_for_rank0 = together is not None and isinstance(error, together.StoppedTogether)
+        from lorakit._signals import by_sigterm
+
+        # 128 + the signal's number, as a shell reports a process the signal ended, and as `lorakit serve` ends
+        said, code = ((f"lorakit {args.command}: stopped by SIGTERM", 143) if by_sigterm(error) else
+                      (f"lorakit {args.command}: interrupted", 130))
+        # Ctrl-C reaches every process at once (torchrun passes it on): rank 0 says it, the others need not wait for
+        # it (torchrun, shutting down, waits for them); a stop the processes made together at one step for a signal
+        # some of them alone got (SIGTERM to one of them) is said by rank 0, which torchrun cuts short once another
+        # has exited
+        wait_for_rank0 = getattr(error, "processes", 1) > 1 and not getattr(error, "everywhere", True)
     except BrokenPipeError:  # the output went to a reader that stopped early (lorakit inspect DIR | head): end quietly
         with contextlib.suppress(OSError, ValueError, AttributeError):  # so the interpreter's exit flush does not fail again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -109,12 +109,14 @@ def test_readme_command_then_sigterm_and_sigkill_of_one_process_name_the_resume_
     # the README's command trains as the README says: 4 x 2 x 2 processes
     assert "data parallel over 2 processes: global batch 16 rows per optimizer step (--batch-size 4 x 2 accumulation" \
            " x 2 processes)" in err, err[-3000:]
-    hints = [l for l in err.splitlines() if l.startswith("training interrupted")]
+    hints = [l for l in err.splitlines() if l.startswith("training ")]
     latest = (run / "checkpoints" / "latest").read_text().strip()
     command = f"torchrun --nproc_per_node 2 -m lorakit train --resume {run}"
-    assert hints == [f"training interrupted; the last checkpoint is {run / 'checkpoints' / latest}; continue with: "
-                     f"{command}"], err[-3000:]
-    assert err.count("lorakit train: interrupted") == 1, err[-3000:]
+    step = _train_lines(run / "metrics.jsonl")  # rank 0 saved a checkpoint at the step they all stopped at
+    assert latest == f"step-{step:06d}" and step >= 3, (latest, step)
+    assert hints == [f"training stopped by SIGTERM at step {step} of 4000, saved there; the last checkpoint is "
+                     f"{run / 'checkpoints' / latest}; continue with: {command}"], err[-3000:]
+    assert err.count("lorakit train: stopped by SIGTERM") == 1, err[-3000:]
     # nothing half-written: the checkpoints are whole, no temporary folder is left, no adapter was saved
     leftovers = [p.name for p in run.rglob("*") if "tmp" in p.name]
     assert not leftovers and not (run / "adapter").exists(), leftovers

@@ -14,14 +14,15 @@ from lorakit._lazy import lazy_attributes as _lazy_attributes
 # public name -> module that defines it; loaded by __getattr__ below on first use
 _LAZY: dict[str, str] = {
     "train": "lorakit.train.loop", "TrainResult": "lorakit.train.loop",
-    "TrainConfig": "lorakit.train.config",
+    "TrainConfig": "lorakit.train.config", "TrainingInterrupted": "lorakit.train.stopping",
 }
 
 if _TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
     from lorakit.train.config import TrainConfig
     from lorakit.train.loop import TrainResult, train
+    from lorakit.train.stopping import TrainingInterrupted
 
-__all__ = ["train", "TrainConfig", "TrainResult"]
+__all__ = ["train", "TrainConfig", "TrainResult", "TrainingInterrupted"]
 
 
 __getattr__, __dir__ = _lazy_attributes(__name__, _LAZY, globals())

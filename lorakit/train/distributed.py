@@ -341,48 +341,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-class StoppedTogether(KeyboardInterrupt):
-    """What every process raises at the step where :class:`StopTogether` stops them (rank 0 then says it; the others
-    wait for that: ``cli._let_rank0_say_it``)."""
-
-
-class StopTogether:
-    """Inside (under torchrun, on the main thread): SIGTERM asks every process to stop at the next step, not this one.
-
-    A SIGTERM sent to one process (a scheduler preempting it, ``kill PID``) made that process alone raise
-    KeyboardInterrupt and exit; the others sat in the step's next collective until torchrun ended them with a
-    signal, so rank 0 never printed the checkpoint to resume from and the user read only torchrun's
-    ChildFailedError. Here the signal only sets :attr:`requested`; the loop adds it to the step's first all-reduce
-    and every process raises KeyboardInterrupt at the same point, so rank 0 names the last checkpoint and the
-    resume command. A second SIGTERM to the same process interrupts at once (a process stuck outside the loop)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def _handler(self, signum, frame) -> None:
-        import signal
-
-        if self.requested:
-            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-        self.requested = True
-
-    def __enter__(self) -> "StopTogether":
-        import signal
-        import threading
-
-        if world()[1] > 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-
 # what a collective raises when another process of the group is gone (gloo; NCCL's aborted communicator)
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
               "NCCL communicator was aborted")

@@ -13,7 +13,9 @@ Read top to bottom, one optimizer step is:
 
 Everything that decides the next step (trainable weights, optimizer state, random states, data position) is in
 the checkpoint, so a run killed at any moment and resumed from its last checkpoint ends bit-identical (on CPU) to
-one never stopped.
+one never stopped. Ctrl-C or SIGTERM loses nothing: the run stops at a step boundary, writes a checkpoint there and
+raises :class:`lorakit.train.stopping.TrainingInterrupted` (a step cut midway is abandoned and redone on resume;
+lorakit/train/stopping.py says how, also under torchrun).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -39,11 +42,12 @@ from lorakit.errors import LorakitError
 from lorakit.models.vocab_fit import check_ids_fit
 from lorakit.optim import Schedule, build_optimizer
 from lorakit.train.checkpoint import (find_checkpoint, latest_checkpoint, load_checkpoint, read_state, rng_state,
-                                      save_checkpoint, write_into_temp)
+                                      save_checkpoint, set_rng_state, write_into_temp)
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import (  # world is re-exported: the runner imports it from here
-    StoppedTogether, StopTogether, all_reduce_gradients, all_reduce_sum, apply_fsdp, full_state, gather_objects, gathered_trainable,
+    all_reduce_gradients, all_reduce_sum, apply_fsdp, barrier, full_state, gather_objects, gathered_trainable,
     is_sharded, peer_gone, resume_command, sharded_grad_norm_and_clip, with_gradient_anywhere, world)
+from lorakit.train.stopping import AgreedStop as _AgreedStop, StopRequest, TrainingInterrupted
 from lorakit.train.batches import BatchIterator, Collator
 from lorakit.train.data import (SupervisedDataset, build_dataset, pad_id_for, validation_in_another_format,
                                 validation_in_training)
@@ -438,6 +442,11 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         on_step: called as ``on_step(step, metrics)`` after each step (tests, notebooks).
     Returns:
         a :class:`TrainResult`. The model is left in eval mode holding the final weights.
+    Raises:
+        TrainingInterrupted: (a KeyboardInterrupt) Ctrl-C or SIGTERM stopped the run; with ``out``, a checkpoint at
+            the step it stopped at is written first (``.checkpoint``), and ``resume=out`` continues from it as if
+            never stopped. The model holds the weights of that step (a step cut midway is dropped, not half-applied).
+            A second Ctrl-C while it saves stops at once; the checkpoint being written is then left out whole.
     """
     config = config or TrainConfig()
     rank, world_size = world()
@@ -520,11 +529,12 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     identity = run_identity(model, train_ds, config.replace(grad_accum=grad_accum, global_batch=None), world_size)
 
     step, skipped, bad_in_row, tokens_seen, resumed_at, resumed_loss = 0, 0, 0, 0, None, None
-    stopped_early = False
+    stopped_early = pending_validation = False
     best_val, best_step, since_best = None, None, 0
     val_losses: list[tuple[int, float]] = []
+    resumed_checkpoint = None
     if resume is not None:
-        checkpoint = find_checkpoint(resume)
+        checkpoint = resumed_checkpoint = find_checkpoint(resume)
         check_identity(read_state(checkpoint).get("identity", {}), identity, checkpoint)
         state = load_checkpoint(checkpoint, model, optimizer, rank=rank)
         batches.load_state_dict(state["data"])
@@ -534,6 +544,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         val_losses = [tuple(v) for v in state.get("val_losses", [])]
         bad_in_row = int(state.get("bad_in_row", 0))  # --max-bad-steps counts in a row across the resume
         resumed_loss = state.get("train_loss")  # so a resume with nothing left to do still reports it
+        pending_validation = bool(state.get("pending_validation"))  # stopped while validating at this step
         if step > total_steps:  # "nothing to do" here would rewrite results.json without the run's loss
             raise LorakitError(f"cannot resume: checkpoint {checkpoint} is at step {step}, past this run's end at "
                                f"step {total_steps}; give --max-steps above {step} to train further, or use the "
@@ -556,31 +567,68 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         _remove_stale_temporaries(out)
     metrics = MetricsLog(out, config.tensorboard, resume_step=step if resume is not None else None) if (out and main) else None
 
-    def checkpoint_state() -> dict[str, Any]:
-        return {"data": batches.state_dict(), "skipped_steps": skipped, "tokens": tokens_seen, "identity": identity,
-                "best_val_loss": best_val, "best_step": best_step, "since_best": since_best, "val_losses": val_losses,
-                "total_steps": total_steps, "train_loss": last_loss,
-                "bad_in_row": bad_in_row}
+    def checkpoint_state(pending_validation: bool) -> dict[str, Any]:
+        state = {"data": batches.state_dict(), "skipped_steps": skipped, "tokens": tokens_seen, "identity": identity,
+                 "best_val_loss": best_val, "best_step": best_step, "since_best": since_best, "val_losses": val_losses,
+                 "total_steps": total_steps, "train_loss": last_loss,
+                 "bad_in_row": bad_in_row}
+        if pending_validation:  # stopped while validating this step: the resume validates it first
+            state["pending_validation"] = True
+        return state
 
-    def write_checkpoint() -> Path | None:
+    def write_checkpoint(pending_validation: bool = False) -> Path | None:
         """Every process gathers (sharded tensors, random states); rank 0 alone writes."""
+        nonlocal checkpointed_at
         if out is None:
             return None
         rngs = gather_objects(rng_state())
         with gathered_trainable(model) as trainable:
             opt_state = full_state(optimizer.state_dict())
+            checkpointed_at = None if pending_validation else step
             if not main:
                 return None
             writer = (lambda path: save_result(model, None, path, adapter)) if adapter is not None else None
-            return save_checkpoint(out / CHECKPOINTS_DIR, step, model, optimizer, checkpoint_state(), writer,
-                                   keep=config.keep_checkpoints, trainable=trainable, optimizer_state=opt_state,
+            return save_checkpoint(out / CHECKPOINTS_DIR, step, model, optimizer, checkpoint_state(pending_validation),
+                                   writer, keep=config.keep_checkpoints, trainable=trainable, optimizer_state=opt_state,
                                    rank_rngs=rngs)
+
+    def validation_due() -> bool:
+        return val_ds is not None and bool(eval_every) and step > 0 and (step % eval_every == 0 or step == total_steps)
+
+    def validate() -> None:
+        """The validation loss at ``step`` (a stop may cut it: the resume runs it again), then, uncut, what it
+        changes: the best loss and adapter, early stopping, its metrics line."""
+        nonlocal best_val, best_step, since_best, stopped, validated_at
+        val_loss, _ = dataset_loss(model, val_ds, eval_batch, collator, device, compute_dtype)
+        model.train()
+        with stop.uncut():
+            val_losses.append((step, val_loss))
+            # a NaN first loss would stay the best for good ('x < nan' is never true)
+            improved = math.isfinite(val_loss) and (best_val is None or val_loss < best_val)
+            if improved:
+                best_val, best_step, since_best = val_loss, step, 0
+                if out is not None and adapter is not None:
+                    save_result(model, None, out / BEST_DIR, adapter, write=main, again=_once_there_is_room(out))
+            else:
+                since_best += 1
+            if metrics is not None:
+                metrics.write({"kind": "val", "step": step, "val_loss": val_loss, "val_ppl": _ppl(val_loss),
+                               "best": improved})
+            note = " (best)" if improved else "" if math.isfinite(val_loss) else " (not finite: not a best)"
+            progress.write(f"step {step}: validation loss {val_loss:.4f}{note}")
+            validated_at = step
+            if config.early_stopping_patience and since_best >= config.early_stopping_patience:
+                stopped = "early_stopping"
+                log(f"early stopping at step {step}: no better validation loss for {since_best} validations "
+                    f"(best {best_val:.4f} at step {best_step})")
 
     # the bar and its lines (validation losses) on process 0 only: under torchrun every process printed them
     progress = _progress_bar(show_bar(config.progress), total_steps, step, log) if main else _NoBar(quiet=True)
     model.train()
     started, last_loss, last_checkpoint = time.perf_counter(), resumed_loss, None
     stopped = "early_stopping" if stopped_early else "completed"
+    validated_at = None if pending_validation else step  # the step whose validation (if due) is done
+    checkpointed_at = resumed_at  # the step of the last checkpoint written (None: none yet)
     # packed rows carry a 4D mask, which drops the model's sliding window unless it is put back (train/packing.py)
     windows = window_packed_masks(model) if config.pack else None
     if config.pack and not getattr(model, "_lorakit_fast_kernels", None):  # lorakit's fused path is Llama-shaped
@@ -590,93 +638,113 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
             if windows is not None:
                 windows.remove()
             raise
-    stop = StopTogether()
+    # Ctrl-C / SIGTERM: a checkpoint at the step boundary, then TrainingInterrupted (lorakit/train/stopping.py)
+    stop = StopRequest(together=world_size > 1)
+    step_start: tuple[dict, Any] | None = None  # (data position, random states) where the step being computed began
+    computing = False  # inside a step, before its optimizer update: a stop abandons it
     try:
         stop.__enter__()
-        while step < total_steps and not stopped_early:
-            step_start, too_many = time.perf_counter(), None
-            micro, real_tokens = [], 0
-            for _ in range(grad_accum):
-                indices = batches.next_indices()
-                items = [train_ds[i] for i in indices[rank * config.batch_size:(rank + 1) * config.batch_size]]
-                real_tokens += sum(len(item["input_ids"]) for item in items)  # not the padding (a packed batch's
-                micro.append(collator(items))                                 # 4D mask does not tell it apart)
-            # one all-reduce: supervised tokens, input tokens, and how many processes were sent SIGTERM
-            counts = torch.tensor([sum(supervised_tokens(b["labels"]) for b in micro), real_tokens, int(stop.requested)])
-            n_tokens, n_inputs, stopping = (int(c) for c in all_reduce_sum(counts))  # (3,) int64
-            if stopping:
-                raise StoppedTogether(f"signal SIGTERM on {stopping} of {world_size} processes")
-            entry: dict[str, Any] = {"kind": "train", "step": step + 1, "epoch": round(batches.epoch + batches.index / len(train_ds), 4)}
-            if n_tokens == 0:
-                skipped += 1
-                log(f"step {step + 1}: the batch has no supervised token (every label is masked); step skipped")
-                entry.update(skipped="no supervised token")
-            else:
-                summed = accumulate_gradients(model, micro, n_tokens, device, compute_dtype, config.offload_activations)
-                summed = float(all_reduce_sum(torch.tensor(summed, dtype=torch.float64)))
-                # replicated (non-FSDP) trainable tensors that some process has a gradient for; bucketed all-reduce
-                all_reduce_gradients(with_gradient_anywhere(params))
-                grad_norm = _grad_norm_and_clip(params, config.max_grad_norm)
-                loss = summed / n_tokens
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    skipped += 1
-                    bad_in_row += 1
-                    what = "loss" if not math.isfinite(loss) else "gradient"
-                    log(f"step {step + 1}: {what} is {loss if what == 'loss' else grad_norm}; step skipped "
-                        f"({bad_in_row} in a row, stop at {config.max_bad_steps})")
-                    entry.update(skipped=f"non-finite {what}")
-                    if bad_in_row >= config.max_bad_steps:  # raised once the step's metrics line is written
-                        too_many = LorakitError(f"{bad_in_row} steps in a row had a NaN or infinite {what} (last at "
-                                                f"step {step + 1}); lower --lr (now {config.learning_rate:g}), keep "
-                                                "--max-grad-norm on, or check the data")
+        try:
+            if pending_validation and stopped == "completed":
+                validate()  # the one the stopped run was cut in
+                resumed_at = checkpointed_at = None  # what it changed goes into the next checkpoint
+            while step < total_steps and stopped == "completed":
+                step_start, computing = (batches.state_dict(), rng_state()), True
+                step_began, too_many = time.perf_counter(), None
+                micro, real_tokens = [], 0
+                for _ in range(grad_accum):
+                    indices = batches.next_indices()
+                    items = [train_ds[i] for i in indices[rank * config.batch_size:(rank + 1) * config.batch_size]]
+                    real_tokens += sum(len(item["input_ids"]) for item in items)  # not the padding (a packed batch's
+                    micro.append(collator(items))                                 # 4D mask does not tell it apart)
+                # one all-reduce: supervised tokens, input tokens, how many processes were sent a stop signal, and
+                # how many a SIGTERM (the stop is said as SIGTERM's then, on every process)
+                counts = torch.tensor([sum(supervised_tokens(b["labels"]) for b in micro), real_tokens,
+                                       int(stop.signum is not None), int(stop.signum == signal.SIGTERM)])
+                n_tokens, n_inputs, stopping, terminated = (int(c) for c in all_reduce_sum(counts))  # (4,) int64
+                if stopping:
+                    raise _AgreedStop(stopping, signal.SIGTERM if terminated else signal.SIGINT)
+                entry: dict[str, Any] = {"kind": "train", "step": step + 1,
+                                         "epoch": round(batches.epoch + batches.index / len(train_ds), 4)}
+                if n_tokens == 0:
+                    summed = grad_norm = None
                 else:
-                    bad_in_row = 0
-                    factor = schedule.apply(optimizer, step)
-                    optimizer.step()
-                    last_loss = loss
-                    entry.update(loss=loss, lr=config.learning_rate * factor, grad_norm=grad_norm)
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += n_inputs
-            elapsed = time.perf_counter() - step_start
-            entry.update(tokens=n_inputs, supervised_tokens=n_tokens, tokens_per_s=n_inputs / max(elapsed, 1e-9),
-                         step_seconds=elapsed)
-            if metrics is not None and (step % config.log_every == 0 or step == total_steps or "skipped" in entry):
-                metrics.write(entry)
-            if too_many is not None:
-                raise too_many
-            progress.update(1)
-            progress.set_postfix_str(_postfix(entry), refresh=False)
+                    summed = accumulate_gradients(model, micro, n_tokens, device, compute_dtype,
+                                                  config.offload_activations)
+                    summed = float(all_reduce_sum(torch.tensor(summed, dtype=torch.float64)))
+                    # replicated (non-FSDP) trainable tensors that some process has a gradient for; bucketed
+                    all_reduce_gradients(with_gradient_anywhere(params))
+                    grad_norm = _grad_norm_and_clip(params, config.max_grad_norm)
+                with stop.uncut():  # the update and its counters: all or nothing
+                    if summed is None:
+                        skipped += 1
+                        log(f"step {step + 1}: the batch has no supervised token (every label is masked); step skipped")
+                        entry.update(skipped="no supervised token")
+                    else:
+                        loss = summed / n_tokens
+                        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                            skipped += 1
+                            bad_in_row += 1
+                            what = "loss" if not math.isfinite(loss) else "gradient"
+                            log(f"step {step + 1}: {what} is {loss if what == 'loss' else grad_norm}; step skipped "
+                                f"({bad_in_row} in a row, stop at {config.max_bad_steps})")
+                            entry.update(skipped=f"non-finite {what}")
+                            if bad_in_row >= config.max_bad_steps:  # raised once the step's metrics line is written
+                                too_many = LorakitError(f"{bad_in_row} steps in a row had a NaN or infinite {what} "
+                                                        f"(last at step {step + 1}); lower --lr (now "
+                                                        f"{config.learning_rate:g}), keep --max-grad-norm on, or "
+                                                        "check the data")
+                        else:
+                            bad_in_row = 0
+                            factor = schedule.apply(optimizer, step)
+                            optimizer.step()
+                            last_loss = loss
+                            entry.update(loss=loss, lr=config.learning_rate * factor, grad_norm=grad_norm)
+                        optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    tokens_seen += n_inputs
+                    computing = False
+                    elapsed = time.perf_counter() - step_began
+                    entry.update(tokens=n_inputs, supervised_tokens=n_tokens,
+                                 tokens_per_s=n_inputs / max(elapsed, 1e-9), step_seconds=elapsed)
+                    if metrics is not None and (step % config.log_every == 0 or step == total_steps or "skipped" in entry):
+                        metrics.write(entry)
+                    if too_many is not None:
+                        raise too_many
+                    progress.update(1)
+                    progress.set_postfix_str(_postfix(entry), refresh=False)
 
-            if val_ds is not None and eval_every and (step % eval_every == 0 or step == total_steps):
-                val_loss, _ = dataset_loss(model, val_ds, eval_batch, collator, device, compute_dtype)
-                model.train()
-                val_losses.append((step, val_loss))
-                # a NaN first loss would stay the best for good ('x < nan' is never true)
-                improved = math.isfinite(val_loss) and (best_val is None or val_loss < best_val)
-                if improved:
-                    best_val, best_step, since_best = val_loss, step, 0
-                    if out is not None and adapter is not None:
-                        save_result(model, None, out / BEST_DIR, adapter, write=main, again=_once_there_is_room(out))
-                else:
-                    since_best += 1
-                if metrics is not None:
-                    metrics.write({"kind": "val", "step": step, "val_loss": val_loss, "val_ppl": _ppl(val_loss),
-                                   "best": improved})
-                note = " (best)" if improved else "" if math.isfinite(val_loss) else " (not finite: not a best)"
-                progress.write(f"step {step}: validation loss {val_loss:.4f}{note}")
-                if config.early_stopping_patience and since_best >= config.early_stopping_patience:
-                    stopped = "early_stopping"
-                    log(f"early stopping at step {step}: no better validation loss for {since_best} validations "
-                        f"(best {best_val:.4f} at step {best_step})")
-            if on_step is not None:
-                on_step(step, entry)
-            if stopped != "completed" or step == total_steps:
-                break
-            if config.save_every and step % config.save_every == 0:
-                last_checkpoint = write_checkpoint()
-        if step > 0 and step != resumed_at:  # the end of the run (a resume with nothing left to do wrote it already)
-            last_checkpoint = write_checkpoint()
+                if validation_due():
+                    validate()
+                if on_step is not None:
+                    on_step(step, entry)
+                if stopped != "completed" or step == total_steps:
+                    break
+                if config.save_every and step % config.save_every == 0:
+                    with stop.uncut():
+                        last_checkpoint = write_checkpoint()
+            if step > 0 and step != resumed_at:  # the end of the run (a resume with nothing left to do wrote it already)
+                with stop.uncut():
+                    last_checkpoint = write_checkpoint()
+        except KeyboardInterrupt as error:
+            if stop.together and not isinstance(error, _AgreedStop) or stop.signals > 1:
+                raise  # a second signal, or one process alone: at once, nothing saved
+            stop.acted = True  # from here on a signal aborts the save
+            if computing and step_start is not None:  # back to where the abandoned step began
+                batches.load_state_dict(step_start[0])
+                set_rng_state(*step_start[1])
+                optimizer.zero_grad(set_to_none=True)
+            pending = validation_due() and validated_at != step
+            if checkpointed_at != step:
+                saved = write_checkpoint(pending_validation=pending)
+            else:  # written at this step already (periodically, or the one this run resumed from; never rewritten:
+                # a same-step rewrite swaps folders, and a second Ctrl-C between the two renames lost both)
+                saved = resumed_checkpoint if step == resumed_at else last_checkpoint
+            barrier()  # the others wait for rank 0's write: torchrun ends every process once one exits
+            signum = error.signum if isinstance(error, _AgreedStop) else stop.signum or signal.SIGINT
+            everywhere = error.processes == world_size if isinstance(error, _AgreedStop) else True
+            raise TrainingInterrupted(step, total_steps, saved if main else None, signum, world_size,
+                                      everywhere) from None
     except RuntimeError as error:
         if not peer_gone(error):
             raise

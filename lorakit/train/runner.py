@@ -142,17 +142,27 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
     return read_config_file(path) if path.is_file() else {}
 
 
-def interrupted_hint(run_dir: Path) -> str:
-    """What a Ctrl-C leaves behind: the last complete checkpoint and the command that continues from it."""
+def interrupted_hint(run_dir: Path, error: BaseException | None = None) -> str:
+    """What a Ctrl-C or SIGTERM leaves behind: the last complete checkpoint and the command that continues from it.
+
+    ``error``: the interrupt; a :class:`lorakit.train.stopping.TrainingInterrupted` (the loop stopped at a step and
+    saved a checkpoint there) is said with that step, e.g. ``training stopped by SIGTERM at step 7 of 100, saved there;
+    the last checkpoint is RUN/checkpoints/step-000007; continue with: lorakit train --resume RUN``."""
     from lorakit.train.checkpoint import latest_checkpoint
     from lorakit.train.loop import CHECKPOINTS_DIR
+    from lorakit.train.stopping import TrainingInterrupted
 
     last = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
     if last is None:
         return (f"training interrupted before its first checkpoint; nothing to resume in {run_dir} (--save-every N "
                 "writes one every N steps)")
+    from lorakit._signals import signal_words
     from lorakit.train.distributed import resume_command
 
+    if isinstance(error, TrainingInterrupted):
+        there = ", saved there" if error.checkpoint is not None and last == error.checkpoint else ""
+        return (f"training stopped by {signal_words(error.signum)} at step {error.step} of {error.total_steps}{there}; "
+                f"the last checkpoint is {last}; continue with: {resume_command(run_dir)}")
     return f"training interrupted; the last checkpoint is {last}; continue with: {resume_command(run_dir)}"
 
 
@@ -687,9 +697,9 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
         if main and kept is not None and str(error).startswith("cannot resume"):
             atomic_write_text(run_dir / CONFIG_NAME, kept)
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         if main:
-            print(interrupted_hint(run_dir), file=sys.stderr, flush=True)
+            print(interrupted_hint(run_dir, error), file=sys.stderr, flush=True)
         raise
     from lorakit.inject import trainable_report
     from lorakit.train.report import example_prompt, next_commands, prompt_style
