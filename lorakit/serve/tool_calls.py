@@ -19,9 +19,11 @@ adapter folder's own template where it has one: ``model_text.py``):
 A marker the tokenizer marks special (``[TOOL_CALLS]``, ``[ARGS]``, ``[CALL_ID]``; ``<tool_call>`` in Hermes
 tokenizers) is kept in the answer's text for such requests (:func:`kept_tokens`). A template that writes calls
 another way is refused for requests whose calls would be parsed, never answered with calls left in the text. An
-answer's calls are returned only when every one is well formed (JSON with a ``name`` among the request's tools and
-object arguments, which are returned as the model wrote them); otherwise the whole text is the content, as vLLM's
-parsers do: never an error. Streamed, each call goes out as it is written (:class:`ToolCallStream`).
+answer's calls are returned only when every one is well formed (JSON with a ``name`` among the request's tools, or
+among those its allowed_tools tool_choice allows, and object arguments, which are returned as the model wrote them);
+otherwise the whole text is the content, as vLLM's parsers do: never an error. Streamed, each call goes out as it is
+written (:class:`ToolCallStream`). With allowed_tools the call's name is also restricted as it is written
+(``tool_names.py``); tool_choice "required" and a named function start the call in the prompt (:func:`forced_prefix`).
 """
 
 from __future__ import annotations
@@ -105,9 +107,9 @@ def forced_prefix(fmt: str, name: str) -> str:
 
     The server puts it at the start of the answer (after the generation prompt), so the model continues a call
     it has begun: what it writes next is read back with the prefix by :func:`parse_calls`, and an answer that does
-    not form a well-formed call of a given tool is an error, never a call made up by the server. This is no
-    constrained decoding: the arguments are the model's, unchecked against the schema (as with ``strict``). A
-    reasoning model (Qwen3) then calls without reasoning first.
+    not form a well-formed call of a given tool is an error, never a call made up by the server. The arguments are
+    the model's, unchecked against the schema (as with ``strict``); the name too, unless allowed_tools restricts
+    it (``tool_names.NameGate``). A reasoning model (Qwen3) then calls without reasoning first.
     """
     if fmt in ("mistral_args", "mistral_call_id"):  # the name, then the id the model writes (v11) or the arguments
         return MISTRAL_OPEN + (name + (CALL_ID_MARK if fmt == "mistral_call_id" else ARGS_MARK) if name else "")
