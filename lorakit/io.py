@@ -1027,8 +1027,8 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
     if isinstance(adapter_file.raw_config, dict) and adapter_file.raw_config.get("ensure_weight_tying") is True:
         # peft adds the LoRA of the head tied to a targeted embedding (or the reverse) and saves both, equal by the
         # tie; its target list does not name the partner, so the file's keys say what to adapt
-        config = config.replace(target_modules=_targets_from_keys(adapter_file.tensors, adapter_file.folder / WEIGHTS_NAME),
-                                exclude_modules=None)
+        config = _tied_partner_patterns(model, adapter_file, config).replace(
+            target_modules=_targets_from_keys(adapter_file.tensors, adapter_file.folder / WEIGHTS_NAME), exclude_modules=None)
         if config.modules_to_save:
             config = config.replace(modules_to_save=_tied_partners(model, adapter_file, config.modules_to_save))
     inert = inert_raw_targets(model, adapter_file)
@@ -1050,6 +1050,33 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
             if any(saved_by(p, [name]) for p in paths)
             or any(k.startswith(name + ".") or f".{name}." in k for k in keys)]  # still refused if the file has it
     return config if kept == config.modules_to_save else config.replace(modules_to_save=kept or None)
+
+
+def _tied_partner_patterns(model: nn.Module, adapter_file: AdapterFile, config: LoraConfig) -> LoraConfig:
+    """With ``ensure_weight_tying``, peft gives the head tied to a targeted embedding (or the reverse) the embedding's
+    A and B (transposed), so the file's rank for it is the embedding's, while its scaling is computed from its own
+    path's rank_pattern / alpha_pattern entries (``r`` and ``lora_alpha`` when none matches). A rank_pattern on the
+    embedding alone thus gives the head a rank the config does not name (its LoRA was refused as "the config says
+    4"). The partner gets pattern entries of its own, first (the first match wins): the file's rank, and the alpha
+    that gives peft's scaling at that rank."""
+    modules = _base_modules(model)
+    ranks = {_strip(key)[: -len(".lora_A.weight")]: tensor.shape[0] for key, tensor in adapter_file.tensors.items()
+             if key.endswith(".lora_A.weight") and tensor.dim() == 2}
+    embeddings = {id(m.weight) for m in modules.values() if isinstance(m, nn.Embedding)}
+    rank_pattern, alpha_pattern = {}, {}
+    for path, rank in ranks.items():
+        module = modules.get(path)
+        if (isinstance(module, nn.Embedding) or id(getattr(module, "weight", None)) not in embeddings
+                or rank == config.rank_for(path)):
+            continue
+        key = "^" + re.escape(path)  # peft's rule wraps a key as (.*\.)?(KEY)$: this one matches the whole path only
+        peft_rank, alpha = config.rank_for(path), config.alpha_for(path)
+        ratio = math.sqrt(rank / peft_rank) if config.variant in ("rslora", "rsdora") else rank / peft_rank
+        rank_pattern[key], alpha_pattern[key] = rank, alpha * ratio
+    if not rank_pattern:
+        return config
+    return config.replace(rank_pattern={**rank_pattern, **config.rank_pattern},
+                          alpha_pattern={**alpha_pattern, **config.alpha_pattern})
 
 
 def _tied_in_file(model: nn.Module, adapter_file: AdapterFile, config: LoraConfig) -> list[str]:

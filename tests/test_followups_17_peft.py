@@ -190,3 +190,19 @@ def test_a_convolution_target_says_what_to_do(tmp_path):
         assert_close(merged(pixel_values=pixels).last_hidden_state, theirs(pixel_values=pixels).last_hidden_state)
     with pytest.raises(lorakit.LorakitError, match="is a Conv2d; .*leave it out of target_modules"):
         lorakit.inject(clip(), lorakit.LoraConfig(r=2, target_modules=["patch_embedding"]))
+
+
+# -- ensure_weight_tying with per-module ranks -----------------------------------------------------------------------
+@pytest.mark.parametrize("options", [
+    dict(rank_pattern={"embed_tokens": 2}, alpha_pattern={"embed_tokens": 5}),
+    dict(use_rslora=True, rank_pattern={"embed_tokens": 2, "lm_head": 6}, alpha_pattern={"embed_tokens": 5}),
+], ids=["lora", "rslora-head-pattern"])
+def test_a_tied_head_takes_the_embedding_s_rank_and_its_own_scaling(options, tmp_path):
+    """ensure_weight_tying with a rank_pattern on the embedding: peft gives the tied lm_head the embedding's A and B
+    (rank 2), scaled by lm_head's own rank and alpha from the config (4 and 8: scaling 2, where the embedding's is
+    2.5). lorakit refused the head's tensors ("the tensors have rank 2, the config says 4: fix r / rank_pattern"),
+    advice that would have changed the scaling. Now peft's logits both ways (its own merge is off on tied weights)."""
+    from test_peft_sweep import round_trip
+
+    quiet(round_trip, "llama-tied", tmp_path, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True,
+          peft_merge_ok=False, **options)
