@@ -258,6 +258,37 @@ def test_name_gate_restricts_the_name_only(fmt, name, text):
         at += len(piece)
 
 
+def test_name_gate_refuses_tokens_that_run_from_the_head_into_another_name():
+    """A SentencePiece tokenizer (Mistral v0.3's kind) has tokens that finish the call's head and go on into the
+    name (' "get_weather",'): where the content ends inside the head, those of names not allowed are refused, the
+    allowed one's not; drawn, it closes the name (nothing restricted after)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    texts = [f'[TOOL_CALLS] [{{"name": "{name}", "arguments": {{"city": "Paris"}}}}]'
+             for name in ("get_weather", "get_time", "get_location")] * 40
+    backend.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "[TOOL_CALLS]"], show_progress=False,
+        initial_alphabet=list('abcdefghijklmnopqrstuvwxyz_"{}[]:, P')))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    table = TokenTexts(tokenizer, len(tokenizer))
+    spanning = {name: table.by_text.get(f' "{name}",', [None])[0] for name in ("get_weather", "get_time")}
+    assert None not in spanning.values()  # the vocabulary has them: the case to cover
+    gate = NameGate(table, "mistral", ["get_time", "get_location"])
+    for token in tokenizer('[TOOL_CALLS] [{"name":', add_special_tokens=False)["input_ids"]:
+        assert gate.allowed() is None
+        gate.take(token)
+    refused = gate.refused()
+    assert spanning["get_weather"] in refused and spanning["get_time"] not in refused
+    assert not any(table.texts[t].startswith(' "get_t') for t in refused)
+    gate.take(spanning["get_time"])
+    assert gate.allowed() is None and gate.refused() == ()
+
+
 def test_name_gate_waits_for_the_reasoning_and_lets_other_writings_through():
     """A call written inside the reasoning block is not restricted (the gate looks at the content only); the
     same call after the block is. A call written another way (the name after the arguments) is not seen by the
@@ -385,11 +416,14 @@ def test_steered_rows_choose_their_own_tokens():
     from lorakit.serve.sampling import RowOptions
 
     class Force:
-        def __init__(self, ids):
-            self.ids = ids
+        def __init__(self, ids, refused=()):
+            self.ids, self.banned = ids, refused
 
         def allowed(self):
             return self.ids
+
+        def refused(self):
+            return self.banned
 
     rows = [Request([1], None, SamplingParams(max_new_tokens=4, temperature=t), lambda *a: True, lambda r: None,
                     steer=steer)
@@ -405,6 +439,10 @@ def test_steered_rows_choose_their_own_tokens():
                     steer=Force(ids), options=only) for t, ids in ((0, (3,)), (1.0, (3,)), (0, (5, 7)), (1.0, (5, 7)))]
     tokens, errors = Engine._choose(rows, logits)
     assert tokens == [3, 3, 7, 7] and errors == [None] * 4
+    refusing = Request([1], None, SamplingParams(max_new_tokens=4, temperature=0), lambda *a: True, lambda r: None,
+                       steer=Force(None, (9, 8)))
+    logits[0, 8] = 4.0
+    assert Engine._choose([refusing], logits[:1])[0] == [0]  # 9 and 8 refused: the next best (ties: the first)
 
 
 def test_budget_without_a_reasoning_parser_is_refused():

@@ -89,8 +89,8 @@ class Request:
     # a response_format's matcher (lorakit.serve.structured.Constraint): the row draws only tokens its grammar
     # allows and ends once the answer is complete; None (most rows): no per-step host work at all
     constraint: object | None = None
-    # steering (lorakit.serve.steering: thinking_token_budget, allowed_tools' names): ``allowed()`` before each
-    # token (None: any token), ``take(token)`` after it; None (most rows): nothing asked
+    # steering (lorakit.serve.steering: thinking_token_budget, allowed_tools' names): ``allowed()`` (None: any
+    # token) and ``refused()`` before each token, ``take(token)`` after it; None (most rows): nothing asked
     steer: object | None = None
     # OpenAI's logit_bias: (token ids (k,), biases (k,)) added to the row's logits before its token is chosen (the
     # logprobs it reports are the model's, unbiased); None: nothing added
@@ -402,23 +402,30 @@ class Engine:
 
     @staticmethod
     def _steered(requests: list[Request], logits: torch.Tensor, shared: bool) -> torch.Tensor:
-        """``logits (n, V)`` with each steered row's tokens outside its steer's ``allowed()`` at -inf, last. One
-        token allowed is forced: drawn whatever the row's options left of its logit (as vLLM forces a thinking
-        budget's marker: a ban by bad_words or allowed_token_ids does not stop it); among several, the options
-        still apply. ``shared``: the logits are the caller's (the model's, for logprobs), so a change is made on a
-        copy."""
-        steered = [(i, r.steer.allowed()) for i, r in enumerate(requests) if r.steer is not None]
-        steered = [(i, [t for t in ids if t < logits.shape[-1]]) for i, ids in steered if ids is not None]
+        """``logits (n, V)`` with each steered row's tokens outside its steer's ``allowed()``, and those it
+        ``refused()``, at -inf, last. One token allowed is forced: drawn whatever the row's options left of its
+        logit (as vLLM forces a thinking budget's marker: a ban by bad_words or allowed_token_ids does not stop
+        it); among several, the options still apply. ``shared``: the logits are the caller's (the model's, for
+        logprobs), so a change is made on a copy."""
+        width, steered = logits.shape[-1], []
+        for i, request in enumerate(requests):
+            if request.steer is not None:
+                ids, refused = request.steer.allowed(), request.steer.refused()
+                if ids is not None or refused:
+                    steered.append((i, None if ids is None else [t for t in ids if t < width],
+                                    [t for t in refused if t < width]))
         if not steered:
             return logits
         if shared:
             logits = logits.clone()
-        for i, ids in steered:
-            if len(ids) == 1:
+        for i, ids, refused in steered:
+            if ids is not None and len(ids) == 1:
                 logits[i] = float("-inf")
                 logits[i, ids[0]] = 0.0
-            else:
+            elif ids is not None:
                 keep_only(logits, i, torch.tensor(ids, dtype=torch.long, device=logits.device))
+            if refused:
+                hold_back(logits, i, torch.tensor(refused, dtype=torch.long, device=logits.device))
         return logits
 
     @staticmethod

@@ -261,7 +261,7 @@ def content_start(text: str, start: AnswerStart | None) -> int | None:
 class ThinkBudget:
     """vLLM's ``thinking_token_budget`` for one answer: once the reasoning block holds ``budget`` tokens, the
     block's closing marker is forced, token by token, so the model goes on to the answer. An engine row's steering
-    (``engine.Request.steer``): :meth:`allowed` before each token, :meth:`take` after it.
+    (``engine.Request.steer``): :meth:`allowed` (and :meth:`refused`: none) before each token, :meth:`take` after it.
 
     Counted as vLLM counts: the tokens after the opening marker (those of the prompt too, where the prompt opened
     the block: ``prompt_tokens``), the model's own closing marker ending the count. The block is the one
@@ -287,6 +287,9 @@ class ThinkBudget:
     def allowed(self) -> tuple[int, ...] | None:
         """The one token the row must draw next (the closing marker's next), or None: any."""
         return (self.close_ids[self.forced],) if self.phase == "forcing" else None
+
+    def refused(self) -> tuple[int, ...]:
+        return ()
 
     def take(self, token: int) -> None:
         if self.phase == "head":

@@ -2,9 +2,10 @@
 its format's grammar (``structured.Constraint``): ``thinking_token_budget``'s forced end of the reasoning block
 (``reasoning.ThinkBudget``) and allowed_tools' function names (``tool_names.NameGate``).
 
-A steer has two methods, both called on the engine thread: ``allowed() -> tuple[int, ...] | None``, the tokens
-the row may draw next (None: any), asked before each token is chosen; and ``take(token)``, told each token the row
-drew (the forced ones too). Rows without a steer cost the engine nothing.
+A steer has three methods, all called on the engine thread: ``allowed() -> tuple[int, ...] | None``, the tokens
+the row may draw next (None: any), and ``refused() -> tuple[int, ...]``, tokens it may not draw (a few, where
+listing those allowed would name most of the vocabulary), both asked before each token is chosen; and
+``take(token)``, told each token the row drew (the forced ones too). Rows without a steer cost the engine nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ class Steers:
             if ids is not None:
                 return ids
         return None
+
+    def refused(self) -> tuple[int, ...]:
+        return tuple(token for steer in self.steers for token in steer.refused())
 
     def take(self, token: int) -> None:
         for steer in self.steers:

@@ -6,7 +6,9 @@ The call's function name is restricted as the model writes it (:class:`NameGate`
 (``<tool_call>`` then ``{"name": "`` for hermes, the answer's start ``{"name": "`` for Llama 3.1's JSON,
 ``[TOOL_CALLS] [{"name": "`` for Mistral v0.3, ``[TOOL_CALLS]`` for newer Mistral tokenizers), only tokens that
 keep the text on the way to an allowed name followed by its end (``"``, or ``[ARGS]`` / ``[CALL_ID]``) may be
-drawn; a token that completes the name and goes on (``",``) is one of them. The rest of the answer is the model's.
+drawn; a token that completes the name and goes on (``",``) is one of them. A token that finishes the head and
+goes on into the name (SentencePiece tokens such as `` "get_weather",``) is refused unless that name is allowed.
+The rest of the answer is the model's.
 With allowed_tools "required" the prompt ends with the call's start (``tool_calls.forced_prefix``), so the name is
 restricted from the first token.
 
@@ -40,6 +42,13 @@ HEADS = {
     "mistral_args": re.compile(r"\[TOOL_CALLS\]"),
     "mistral_call_id": re.compile(r"\[TOOL_CALLS\]"),
 }
+# each head as the template writes it, (its marker, the rest up to the name): a SentencePiece token (Mistral v0.3)
+# may finish the head and go on into the name (' "get_time",'); where the content ends with the marker and part of
+# the rest, such tokens are held to the allowed names too. Llama 3.1's head has no marker: its calls are the whole
+# content, so only the content's start is such a place
+WRITTEN_HEADS = {"hermes": ("<tool_call>", '\n{"name": "'), "llama3_json": ("", '{"name": "'),
+                 "mistral": ("[TOOL_CALLS]", ' [{"name": "'), "mistral_args": ("[TOOL_CALLS]", ""),
+                 "mistral_call_id": ("[TOOL_CALLS]", "")}
 # what ends a name, per format
 NAME_ENDS = {"hermes": ('"',), "llama3_json": ('"',), "mistral": ('"',), "mistral_args": (ARGS_MARK, CALL_ID_MARK),
              "mistral_call_id": (CALL_ID_MARK, ARGS_MARK)}
@@ -114,7 +123,7 @@ def token_texts(tokenizer: Any, size: int, lock: threading.Lock | None = None) -
 
 class NameGate:
     """One answer's restriction of its calls' function names to ``names`` (see the module docstring): an engine
-    row's steering, :meth:`allowed` before each token, :meth:`take` after it.
+    row's steering, :meth:`allowed` and :meth:`refused` before each token, :meth:`take` after it.
 
     ``fmt``: the template's call format (``tool_calls.call_format``); ``forced``: the prompt ends with a call's
     start (allowed_tools "required"), so the answer begins with the name; ``start``: where the answer began against
@@ -123,13 +132,14 @@ class NameGate:
     def __init__(self, table: TokenTexts, fmt: str, names: list[str], forced: bool = False,
                  start: AnswerStart | None = None):
         self.table, self.start = table, start
-        self.heads = HEADS[fmt]
+        self.heads, self.written_head = HEADS[fmt], WRITTEN_HEADS[fmt]
         self.names = [name + end for name in names for end in NAME_ENDS[fmt]]  # what the gate lets through
         self.text = ""  # the content so far (the reasoning before it is dropped once it ends)
         self.in_content = forced
         self.opened: int | None = 0 if forced else None  # where the name being written begins (None: no gate)
         self.scanned = 0  # heads are looked for from here on
-        self.cached: tuple[str, tuple[int, ...] | None] | None = None
+        self.cached: tuple[str, tuple[int, ...] | None] | None = None  # allowed(), by the name written so far
+        self.refusing: tuple[str, tuple[int, ...]] | None = None  # refused(), by the content's last characters
 
     def allowed(self) -> tuple[int, ...] | None:
         """The tokens that keep the name being written on the way to an allowed one (None: no name is being
@@ -146,6 +156,27 @@ class NameGate:
                     ids.update(self.table.starting(rest))
             self.cached = (written, tuple(sorted(ids)) or None)
         return self.cached[1]
+
+    def refused(self) -> tuple[int, ...]:
+        """Where the content ends with part of a call's head (as the template writes it), the tokens that would
+        finish the head and go on with text on the way to no allowed name; () elsewhere."""
+        if self.opened is not None or not self.in_content:
+            return ()
+        marker, rest = self.written_head
+        tail = self.text[-(len(marker) + len(rest)):]
+        if self.refusing is not None and self.refusing[0] == tail:
+            return self.refusing[1]
+        finishes = [rest[j:] for j in range(len(rest))  # the content ends with the marker and rest[:j]
+                    if (marker and self.text.endswith(marker + rest[:j])) or
+                    (not marker and self.scanned == 0 and self.text.lstrip() == rest[:j])]
+        refused = tuple(sorted({token for finish in finishes for token in self.table.starting(finish)
+                                if not self._on_the_way(self.table.texts[token][len(finish):])}))
+        self.refusing = (tail, refused)
+        return refused
+
+    def _on_the_way(self, written: str) -> bool:
+        """Whether a name that begins with ``written`` can still become an allowed one with its end ("": yes)."""
+        return any(name.startswith(written) or written.startswith(name) for name in self.names)
 
     def take(self, token: int) -> None:
         piece = self.table.texts[token] if token < len(self.table.texts) else ""
