@@ -190,6 +190,34 @@ def test_a_second_ctrl_c_while_saving_stops_at_once_and_keeps_the_previous_check
     assert _same(lora_state(straight), lora_state(resumed))
 
 
+def test_a_stop_between_the_two_renames_of_best_puts_the_previous_best_back(dataset, tok, tmp_path, monkeypatch):
+    """best/ is replaced by two renames (best -> .best.old, the new one -> best): an interrupt between them left no
+    best/ at all, and the next run removed .best.old. Now the previous best/ goes back, and the checkpoint written
+    at the stop has the validation to do again (its state untouched by the cut save)."""
+    losses = iter([2.0, 1.5, 1.5, 1.5])  # step 1, step 2 (cut), step 2 again on resume, step 3
+    monkeypatch.setattr(loop, "dataset_loss", lambda *a, **k: (next(losses), 10))
+    val = build_dataset(task_records(4, seed=5), tok, max_length=32)
+    rename, cut = os.replace, []
+
+    def interrupt_between(src, dst):
+        if not cut and Path(dst).name == "best" and Path(dst).with_name(".best.old").is_dir():
+            cut.append(dst)
+            raise KeyboardInterrupt  # as a Ctrl-C landing right after best/ was moved aside
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupt_between)
+    config = TrainConfig(**{**SMALL, "max_steps": 3, "eval_every": 1})
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train(tiny_train_model(), tok, dataset, config, val_data=val, out=tmp_path)
+    monkeypatch.setattr(os, "replace", rename)
+    assert cut and isinstance(stopped.value, TrainingInterrupted) and stopped.value.step == 2
+    assert (tmp_path / "best" / "adapter_model.safetensors").is_file() and not list(tmp_path.glob(".best*"))
+    state = read_state(stopped.value.checkpoint)
+    assert (state["pending_validation"], state["best_step"], state["val_losses"]) == (True, 1, [[1, 2.0]])
+    result = train(tiny_train_model(), tok, dataset, config, val_data=val, out=tmp_path, resume=tmp_path)
+    assert (result.best_step, result.val_losses) == (2, [(1, 2.0), (2, 1.5), (3, 1.5)])
+
+
 # -- the command ------------------------------------------------------------------------------------------------------
 def _args(tiny_folder: Path, data: Path, run: Path, steps: int) -> list[str]:  # noqa: F811
     return ["train", "--model", str(tiny_folder), "--data", str(data), "--out", str(run), "--rank", "2",

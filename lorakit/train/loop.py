@@ -378,10 +378,9 @@ def _atomic_folder(final: Path, write: Callable[[Path], Any], again: str = "try 
 
     A failed write (a full disk) is one line naming ``final`` (not the hidden temporary folder) and ending with
     ``again``, what to do once there is room."""
-    tmp = temp_dir(final)
+    tmp, old = temp_dir(final), None
     try:
         write_into_temp(write, tmp)
-        old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -390,12 +389,21 @@ def _atomic_folder(final: Path, write: Callable[[Path], Any], again: str = "try 
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _put_back(old, final, tmp)
         raise LorakitError(f"writing {final} failed ({error.strerror or error}); free disk space and {again}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _put_back(old, final, tmp)
         raise
     return final
+
+
+def _put_back(old: Path | None, final: Path, tmp: Path) -> None:
+    """After a failed or interrupted swap: the previous folder back under ``final`` if it was moved aside and the new
+    one never came (a Ctrl-C between the two renames left no ``best/`` at all, and the next run removed the hidden
+    ``.best.old``), and the temporary folder removed."""
+    if old is not None and old.is_dir() and not final.exists():
+        os.replace(old, final)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_result(model: nn.Module, tokenizer: Any, folder: Path, adapter: str | None, write: bool = True,
@@ -602,13 +610,13 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         val_loss, _ = dataset_loss(model, val_ds, eval_batch, collator, device, compute_dtype)
         model.train()
         with stop.uncut():
-            val_losses.append((step, val_loss))
             # a NaN first loss would stay the best for good ('x < nan' is never true)
             improved = math.isfinite(val_loss) and (best_val is None or val_loss < best_val)
+            if improved and out is not None and adapter is not None:  # first: if it fails, the state is as it was
+                save_result(model, None, out / BEST_DIR, adapter, write=main, again=_once_there_is_room(out))
+            val_losses.append((step, val_loss))
             if improved:
                 best_val, best_step, since_best = val_loss, step, 0
-                if out is not None and adapter is not None:
-                    save_result(model, None, out / BEST_DIR, adapter, write=main, again=_once_there_is_room(out))
             else:
                 since_best += 1
             if metrics is not None:
