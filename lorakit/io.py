@@ -514,6 +514,18 @@ def _is_index_list(value: Any) -> bool:
         isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value) and len(set(value)) == len(value)
 
 
+def _listed_twice(lists: list[Any]) -> int | None:
+    """The first token id that one of ``lists`` names twice (a set per list: a file may list thousands), else None."""
+    for ids in lists:
+        seen: set[int] = set()
+        for i in ids if isinstance(ids, list) else ():
+            if isinstance(i, int) and not isinstance(i, bool):
+                if i in seen:
+                    return i
+                seen.add(i)
+    return None
+
+
 def _names_targets(raw_config: Any) -> bool:
     """Whether the config can be parsed before the tensors are read: it names its targets, or it is not LoRA's (a
     prompt-tuning config names none, and is refused by its peft_type before its tensors are looked at)."""
@@ -559,6 +571,12 @@ def _parse_config(raw_config: Any, config_path: Path) -> LoraConfig:
             raw_config = {**raw_config, "bias": "none"}
         tokens = raw_config.get("trainable_token_indices")
         if tokens not in (None, [], {}):  # loaded as whole copies of the embedding (``_token_copies``)
+            twice = _listed_twice(list(tokens.values()) if isinstance(tokens, dict) else [tokens])
+            if twice is not None:  # peft makes it, and index_copy writes one of the rows: which one, torch leaves open
+                raise LorakitError(f"{config_path}: trainable_token_indices lists token id {twice} more than once; peft "
+                                   "writes each entry's trained row into that one row, and which write wins is undefined "
+                                   "(torch's index_copy), so the adapter has no one value there: train it again with "
+                                   "each id listed once")
             if not (_is_index_list(tokens) or (isinstance(tokens, dict) and tokens and all(
                     isinstance(k, str) and k and _is_index_list(v) for k, v in tokens.items()))):
                 raise LorakitError(f"{config_path}: trainable_token_indices must be a list of token ids or a map from "

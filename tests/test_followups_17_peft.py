@@ -206,3 +206,17 @@ def test_a_tied_head_takes_the_embedding_s_rank_and_its_own_scaling(options, tmp
 
     quiet(round_trip, "llama-tied", tmp_path, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True,
           peft_merge_ok=False, **options)
+
+
+def test_trainable_tokens_listing_an_id_twice_are_refused_saying_so(tmp_path):
+    """peft saves trainable_token_indices=[5, 9, 5] (two trained rows for token 5; torch's index_copy keeps one of
+    them, which one undefined). lorakit refused it as "must be a list of token ids", which it is; it now names the
+    id listed twice and why that cannot load."""
+    from test_peft_sweep import edit, peft_saved
+
+    peft_saved("llama", tmp_path, target_modules=["q_proj"], trainable_token_indices=[5, 9, 5])
+    message = refusal(tmp_path, build("llama"))
+    assert "trainable_token_indices lists token id 5 more than once; peft writes each entry's trained row into that " \
+           "one row, and which write wins is undefined" in message, message
+    edit(tmp_path, config=lambda c: {**c, "trainable_token_indices": {"embed_tokens": [1, 2, 3, 2]}})
+    assert "lists token id 2 more than once" in refusal(tmp_path, build("llama"))
