@@ -41,8 +41,8 @@ from lorakit._progress import clock as _clock, show_bar  # noqa: F401 (show_bar:
 from lorakit.errors import LorakitError
 from lorakit.models.vocab_fit import check_ids_fit
 from lorakit.optim import Schedule, build_optimizer
-from lorakit.train.checkpoint import (find_checkpoint, latest_checkpoint, load_checkpoint, read_state, rng_state,
-                                      save_checkpoint, set_rng_state, write_into_temp)
+from lorakit.train.checkpoint import (checkpoint_name, find_checkpoint, latest_checkpoint, load_checkpoint, read_state,
+                                      rng_state, save_checkpoint, set_rng_state, write_into_temp)
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import (  # world is re-exported: the runner imports it from here
     all_reduce_gradients, all_reduce_sum, apply_fsdp, barrier, full_state, gather_objects, gathered_trainable,
@@ -743,16 +743,17 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                 set_rng_state(*step_start[1])
                 optimizer.zero_grad(set_to_none=True)
             pending = validation_due() and validated_at != step
-            if checkpointed_at != step:
-                saved = write_checkpoint(pending_validation=pending)
-            else:  # written at this step already (periodically, or the one this run resumed from; never rewritten:
-                # a same-step rewrite swaps folders, and a second Ctrl-C between the two renames lost both)
-                saved = resumed_checkpoint if step == resumed_at else last_checkpoint
+            # not at step 0 (nothing trained: a new run's folder is then removed), nor again at a step written
+            # already, periodically or the one this run resumed from (a same-step rewrite swaps folders)
+            wrote = out is not None and step > 0 and checkpointed_at != step
+            if wrote:
+                write_checkpoint(pending_validation=pending)
             barrier()  # the others wait for rank 0's write: torchrun ends every process once one exits
+            saved = (None if out is None or step == 0 else resumed_checkpoint if not wrote and step == resumed_at
+                     else out / CHECKPOINTS_DIR / checkpoint_name(step))
             signum = error.signum if isinstance(error, _AgreedStop) else stop.signum or signal.SIGINT
             everywhere = error.processes == world_size if isinstance(error, _AgreedStop) else True
-            raise TrainingInterrupted(step, total_steps, saved if main else None, signum, world_size,
-                                      everywhere) from None
+            raise TrainingInterrupted(step, total_steps, saved, signum, world_size, everywhere) from None
     except RuntimeError as error:
         if not peer_gone(error):
             raise

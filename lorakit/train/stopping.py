@@ -56,7 +56,8 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.total_steps, self.checkpoint, self.signum = step, total_steps, checkpoint, signum
         self.processes, self.everywhere = processes, everywhere
         where = (f"; saved checkpoint {checkpoint} (continue with train(..., resume={str(checkpoint.parent.parent)!r}))"
-                 if checkpoint is not None else "")
+                 if checkpoint is not None else "; nothing saved" + (" (no step done yet)" if step == 0 else
+                                                                     " (no run folder: out=None)"))
         super().__init__(f"training stopped by {signal_words(signum)} at step {step} of {total_steps}{where}")
 
 
