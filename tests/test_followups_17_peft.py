@@ -220,3 +220,61 @@ def test_trainable_tokens_listing_an_id_twice_are_refused_saying_so(tmp_path):
            "one row, and which write wins is undefined" in message, message
     edit(tmp_path, config=lambda c: {**c, "trainable_token_indices": {"embed_tokens": [1, 2, 3, 2]}})
     assert "lists token id 2 more than once" in refusal(tmp_path, build("llama"))
+
+
+# -- transformers-4 per-expert MoE adapters of more families -----------------------------------------------------------
+def _moe(kind):
+    import transformers as tf
+
+    tiny = dict(vocab_size=100, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    if kind == "deepseek_v3":  # a dense first layer and a shared expert beside the routed ones
+        return tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
+            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1, n_group=1,
+            topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+            **tiny)).eval()
+    return tf.PhimoeForCausalLM(tf.PhimoeConfig(num_local_experts=4, num_experts_per_tok=2, **tiny)).eval()
+
+
+@pytest.mark.parametrize("kind, block, names", [("deepseek_v3", "mlp", ("gate_proj", "up_proj", "down_proj")),
+                                                ("phimoe", "block_sparse_moe", ("w1", "w3", "w2"))])
+def test_transformers4_expert_adapters_of_more_moe_families(kind, block, names, tmp_path):
+    """Already right (kept so it stays that way): a hub adapter trained on transformers 4's per-expert layers of
+    DeepSeek-V3 (gate_proj / up_proj / down_proj, also on its dense layer and shared expert) or PhiMoE
+    (block_sparse_moe.experts.N.w1 / w3 / w2, now mlp.experts) loads onto transformers 5's fused experts with the
+    logits of the base plus each update added by hand. (peft 0.21's own load gives other logits for DeepSeek-V3,
+    and finds no target on PhiMoE.)"""
+    import json
+
+    from safetensors.torch import save_file
+
+    gate, up, down = names
+    model, reference = _moe(kind), _moe(kind)
+    generator = torch.Generator().manual_seed(3)
+    tensors, weights, modules = {}, dict(reference.named_parameters()), dict(reference.named_modules())
+
+    def lora(key, in_features, out_features):
+        A, B = torch.randn(2, in_features, generator=generator), 0.2 * torch.randn(out_features, 2, generator=generator)
+        tensors[f"base_model.model.{key}.lora_A.weight"], tensors[f"base_model.model.{key}.lora_B.weight"] = A, B
+        return 2.0 * B @ A  # lora_alpha 4 / r 2
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".experts.gate_up_proj"):  # (E, 2 x ffn, hidden) = [gate; up]
+                fused, old = name[: -len(".gate_up_proj")], name.split(".mlp.")[0] + f".{block}.experts"
+                ffn, hidden = parameter.shape[1] // 2, parameter.shape[2]
+                for e in range(parameter.shape[0]):
+                    weights[f"{fused}.gate_up_proj"][e, :ffn] += lora(f"{old}.{e}.{gate}", hidden, ffn)
+                    weights[f"{fused}.gate_up_proj"][e, ffn:] += lora(f"{old}.{e}.{up}", hidden, ffn)
+                    weights[f"{fused}.down_proj"][e] += lora(f"{old}.{e}.{down}", ffn, hidden)
+        for name, module in model.named_modules():  # the dense MLP and the shared expert: plain linear layers
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in names:
+                modules[name].weight += lora(name, module.in_features, module.out_features)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                              "target_modules": list(names), "task_type": "CAUSAL_LM"}))
+    expected = logits(reference, IDS)
+    assert (expected - logits(_moe(kind), IDS)).abs().max() > 1e-2
+    lorakit.load_adapter(model, tmp_path)
+    assert_close(logits(model, IDS), expected)
