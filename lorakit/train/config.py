@@ -134,7 +134,8 @@ class TrainConfig:
                                 "during training")
     eval_batch_size: int | None = _f(None, "batch size for validation loss (default 2 x --batch-size) and for generation (default 64)",
                                      "during training")
-    save_every: int | None = _f(50, "write a checkpoint every N steps (0: only at the end)", "during training")
+    save_every: int | None = _f(50, "write a checkpoint every N steps (0: only at the end; Ctrl-C or SIGTERM also "
+                                    "writes one where it stops)", "during training")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep (the best one is kept apart)", "during training")
     early_stopping_patience: int | None = _f(None, "stop after N validations without a better validation loss",
                                              "during training")
