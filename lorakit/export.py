@@ -376,6 +376,10 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
             tokenizer.save_pretrained(tmp)
         for name in ("config.json", "tokenizer_config.json"):
             drop_missing_code(tmp / name)
+        from lorakit.models.text_part import keep_loadable
+
+        # Llama 3.2 Vision's text model: the folder's config, which transformers reads, not its text class's own
+        keep_loadable(model, loaded_from(model), tmp / "config.json")
         copy_notices(model, tmp)
         for path in tmp.iterdir():
             publish_mode(path)

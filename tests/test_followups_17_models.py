@@ -118,38 +118,38 @@ def test_dbrx_target_parameters_on_its_experts_is_refused_not_an_adapter_that_ne
         assert "modules_to_save=['experts']" in line, line
 
 
-def test_dbrx_adapters_match_peft_with_experts_as_modules_to_save(tmp_path):
-    """all-linear, and all-linear with the experts trained whole: the saved adapter gives lorakit's logits in peft."""
+def test_dbrx_adapter_with_experts_as_modules_to_save_matches_peft_and_loads_without_the_warning(tmp_path):
+    """all-linear LoRA with the experts trained whole: the saved adapter gives lorakit's logits in peft, and loading
+    it (to generate, not to train) does not repeat the frozen-experts line; nor does loading a plain all-linear one."""
     base = _dbrx()
-    for name, config in (("lora", lorakit.LoraConfig(target_modules="all-linear", r=4)),
-                         ("experts", lorakit.LoraConfig(target_modules="all-linear", r=4, modules_to_save=["experts"]))):
+    for name, saved in (("plain", None), ("experts", ["experts"])):
         model = copy.deepcopy(base)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            lorakit.inject(model, config)
+            lorakit.inject(model, lorakit.LoraConfig(target_modules="all-linear", r=4, modules_to_save=saved))
         _nudged(model)
         with torch.no_grad():
             ours = model(IDS).logits
             assert (ours - base(IDS).logits).abs().max() > 1e-3
         lorakit.save_adapter(model, tmp_path / name)
-        assert_close(_peft_logits(base, tmp_path / name, input_ids=IDS), ours)
+        fresh = copy.deepcopy(base)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lorakit.load_adapter(fresh, str(tmp_path / name))
+        assert not [w for w in caught if "stay frozen" in str(w.message)]
+        with torch.no_grad():
+            assert_close(fresh(IDS).logits, ours)
+    assert_close(_peft_logits(base, tmp_path / "experts", input_ids=IDS), ours)
 
 
 def test_dbrx_folder_on_the_command_line(data, tmp_path):
-    """train warns once (generate with the adapter does not repeat it); --targets w1 says what w1 is; the
-    --modules-to-save experts run trains the experts and its merged folder gives its logits in transformers."""
+    """--targets w1 says what w1 is; a --modules-to-save experts run trains the experts' own weights (nothing left
+    frozen to warn of) and its merged folder gives its logits in transformers."""
     from transformers import AutoModelForCausalLM
 
     folder = tmp_path / "dbrx"
     _dbrx().save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    code, _, err = _run("train", "--model", folder, "--data", data, *TRAIN, "--out", tmp_path / "run")
-    assert code == 0, err
-    assert err.count("stay frozen") == 1 and "--modules-to-save experts" in err, err
-    code, _, err = _run("generate", "--model", folder, "--adapter", tmp_path / "run" / "adapter", "--max-new-tokens", 2,
-                        "copy a b :")
-    assert code == 0 and "stay frozen" not in err, err
-
     line = _refused("train", "--model", folder, "--data", data, *TRAIN, "--out", tmp_path / "w1", "--targets", "w1")
     assert "w1 is an MoE expert weight that DbrxExperts reads itself" in line and "--modules-to-save experts" in line
 
@@ -283,3 +283,64 @@ def test_an_adapter_training_a_module_with_submodules_whole_loads_back(tmp_path)
     lorakit.load_adapter(base, str(tmp_path / "mlp"))
     with torch.no_grad():
         assert_close(base(IDS).logits, ours)
+
+
+# -- vision-language folders AutoModelForCausalLM builds as their text model ---------------------------------------
+def _mllama():
+    """Llama 3.2 Vision's class (MllamaForConditionalGeneration), tiny: the word tokenizer's ids, one cross-attention
+    layer, a one-layer vision tower."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, cross_attention_layers=[1], max_position_embeddings=64, bos_token_id=1,
+                eos_token_id=3, pad_token_id=3)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_global_layers=1, attention_heads=4,
+                  image_size=28, patch_size=14, vision_output_dim=64, intermediate_layers_indices=[0], max_num_tiles=4)
+    return tf.MllamaForConditionalGeneration(tf.MllamaConfig(text_config=text, vision_config=vision,
+                                                             image_token_index=39)).eval()
+
+
+def test_a_vision_language_folder_trained_as_its_text_model_says_so_and_merges_that(data, tmp_path):
+    """An mllama folder loads as MllamaForCausalLM (the text model, the full model's text logits): train says the
+    adapter is for that class (peft on MllamaForConditionalGeneration finds none of its tensors), merge that the
+    merged folder has no vision tower; the merged folder and peft on AutoModelForCausalLM give lorakit's logits.
+    The merged folder was written with MllamaForCausalLM's own config ("mllama_text_model"), which neither
+    AutoModelForCausalLM ("Unrecognized configuration class") nor lorakit read; it now holds the folder's config."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    full = _mllama()
+    folder = tmp_path / "mllama"
+    full.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    code, out, err = _run("train", "--model", folder, "--data", data, *TRAIN, "--out", tmp_path / "run", "--lr", "0.05")
+    assert code == 0, err
+    assert "holds a MllamaForConditionalGeneration" in out and "trains its text model, MllamaForCausalLM" in out, out
+    code, out, err = _run("merge", "--model", folder, "--adapter", tmp_path / "run" / "adapter", "--out",
+                          tmp_path / "merged", "--dtype", "float32")
+    assert code == 0, err
+    assert "the merged folder has no vision tower" in out, out
+
+    model, _ = lorakit.load_base(str(folder), device="cpu")
+    assert type(model).__name__ == "MllamaForCausalLM"
+    with torch.no_grad():
+        assert_close(model(IDS).logits, full(input_ids=IDS).logits)  # the text model is the full model on text
+        lorakit.load_adapter(model, str(tmp_path / "run" / "adapter"))
+        ours = model(IDS).logits
+        assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(IDS).logits, ours)
+        text = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), str(tmp_path / "run" / "adapter"))
+        assert_close(text.eval()(IDS).logits, ours)
+
+    code, out, err = _run("merge", "--model", tmp_path / "merged", "--adapter", tmp_path / "run" / "adapter", "--out",
+                          tmp_path / "twice", "--dtype", "float32")
+    assert code == 0 and "vision tower" not in out, (out, err)  # the text model's own folder: nothing to say
+
+    # the 4-bit copy wrote MllamaForCausalLM's own config class too ("mllama_text_model"), which lorakit then refused
+    # as "not a causal language model"; now it reads back as the 4-bit model it was written from
+    code, out, err = _run("quantize", "--model", folder, "--out", tmp_path / "nf4", "--dtype", "fp32")
+    assert code == 0, err
+    quantized, _ = lorakit.load_base(str(tmp_path / "nf4"), device="cpu")
+    in_memory, _ = lorakit.load_base(str(folder), device="cpu", quantize="nf4")
+    with torch.no_grad():
+        assert_close(quantized(IDS).logits, in_memory(IDS).logits)

@@ -143,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
                                     gguf_type=(args.gguf_type or "f16") if args.format == "gguf" else None,
                                     overwrite=args.overwrite, max_shard_size=max_shard_size)
     print(f"merged {args.adapter} into {args.model}: {report}")
+    from lorakit.models.text_part import text_model_note
+
+    text_only = text_model_note(args.model, model, merged=True)  # Llama 3.2 Vision, Llama 4: the vision tower is not
+    if text_only:  # in the model AutoModelForCausalLM built, so not in the merged folder either
+        print(text_only)
     for warning in caught:
         if "rounds away" in str(warning.message):  # export_merged's bf16 share (other warnings stay silent)
             print(f"warning: {warning.message} (warning threshold: {100 * LOSS_WARNING:.0f}%)", file=sys.stderr)

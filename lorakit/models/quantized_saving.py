@@ -268,6 +268,9 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, overwrit
             tokenizer.save_pretrained(tmp)
         for name in ("config.json", "tokenizer_config.json"):  # an auto_map naming .py files not saved here
             drop_missing_code(tmp / name)
+        from lorakit.models.text_part import keep_loadable
+
+        keep_loadable(model, source, tmp / "config.json")  # Llama 3.2 Vision's text model: a config lorakit reads
         copy_notices(model, tmp)
         for path in tmp.iterdir():
             publish_mode(path)

@@ -636,6 +636,11 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     else:
         model, tokenizer = load_model(config, device)
         check_module_names(model, config)
+    from lorakit.models.text_part import text_model_note
+
+    text_only = text_model_note(config.model, model, merged=False)  # a vision-language folder's text model
+    if text_only:
+        say(text_only)
     given = {**(config_file_values or {}), **(cli_values or {})}
     config = fit_max_length(config, model, explicit="max_length" in given or resume_from is not None)
     bundle = load_data(config, tokenizer, records)
