@@ -344,3 +344,14 @@ def test_a_vision_language_folder_trained_as_its_text_model_says_so_and_merges_t
     in_memory, _ = lorakit.load_base(str(folder), device="cpu", quantize="nf4")
     with torch.no_grad():
         assert_close(quantized(IDS).logits, in_memory(IDS).logits)
+
+
+def test_a_bitsandbytes_config_naming_no_bit_width_says_what_to_do(tmp_path):
+    """``"quantization_config": {"quant_method": "bitsandbytes"}`` with neither load_in_4bit nor load_in_8bit (an
+    edited or half-written config.json): the line named the two fields and no fix."""
+    folder = make_model_folder(tmp_path / "plain")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes"}
+    (folder / "config.json").write_text(json.dumps(config))
+    line = _refused("generate", "--model", folder, "--max-new-tokens", 1, "copy a :")
+    assert "neither load_in_4bit nor load_in_8bit" in line and "delete it if the weights are 16-bit" in line, line

@@ -50,7 +50,9 @@ def bnb_quantization(config: dict, where: str = "config.json") -> str | None:
                            "NF4 checkpoints: load the original 16-bit model with --quantize nf4 instead "
                            "(quantize=\"nf4\" from Python)")
     if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
-        raise LorakitError(f"{where}: quantization_config has neither load_in_4bit nor load_in_8bit set")
+        raise LorakitError(f"{where}: quantization_config (bitsandbytes) has neither load_in_4bit nor load_in_8bit "
+                           "set, so it names no quantization; delete it if the weights are 16-bit, or use the "
+                           "config.json saved with them")
     quant_type = qc.get("bnb_4bit_quant_type", "fp4")  # bitsandbytes' default is fp4
     if quant_type != "nf4":
         raise LorakitError(f"{where}: bnb_4bit_quant_type is {quant_type!r}; lorakit reads only 'nf4' 4-bit "
