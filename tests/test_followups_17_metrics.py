@@ -207,6 +207,8 @@ def test_per_adapter_and_per_route_figures_follow_the_requests(server):
     for path in ("/nope/1", "/v1/nope", '/x"y\\z'):
         assert client.get(path).status_code == 404
     assert client.request("PROPFIND", "/v1/models").status_code == 405
+    # an answer is counted just after its last byte is sent: the last one before the scrape is one not asserted
+    assert client.get("/health").status_code == 200
 
     text, _, after = _scrape(client)
     grew = {key: after[key] - before.get(key, 0.0) for key in after}
@@ -274,8 +276,13 @@ def test_a_running_adapter_shows_in_the_gauges_and_a_cancelled_job_is_an_abort(s
             "stream": True}
     with client.stream("POST", "/v1/completions", json=body) as stream:
         assert stream.status_code == 200
-        next(line for line in stream.iter_lines() if line.startswith("data: "))  # its first token came
-        _, _, during = _scrape(client)
+        # its first token came; ``lines`` stays referenced: a line iterator dropped closes the connection (httpcore)
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        # the engine counts a job as running once its prefill step ends, a moment after the first token is sent
+        deadline = time.monotonic() + 10
+        while not _value(during := _scrape(client)[2], "lorakit_requests_running") and time.monotonic() < deadline:
+            time.sleep(0.01)
     # the stream closed unread: the engine drops the job, counted as vLLM's "abort"
     deadline = time.monotonic() + 60
     while _value(after := _scrape(client)[2], "lorakit_requests_running") and time.monotonic() < deadline:
