@@ -1173,9 +1173,12 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = T
         for other, tied in base_modules.items():  # the embedding and every module sharing its weight (a tied head)
             if other and getattr(tied, "weight", None) is weight:
                 if other in lora_paths:
+                    # (a module tied to the embedding: peft's merge_and_unload adds the rows and the LoRA into the
+                    # one weight both share, so its merged model has other logits; no advice to merge it)
                     raise LorakitError(f"{where}: {other} is also a LoRA target; lorakit cannot put trained token rows "
-                                       "and LoRA on one module: merge the adapter with peft (merge_and_unload) and load "
-                                       "the merged model")
+                                       f"and LoRA on one module, and peft's merge_and_unload adds both into the weight "
+                                       f"{other} shares with {path} (a model with other logits): run this adapter with "
+                                       "peft (PeftModel.from_pretrained)")
                 copies[other] = trained
     return copies
 
