@@ -29,6 +29,7 @@ per row before adding the bias. The norm is computed once at load from the curre
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Sequence
 
@@ -133,6 +134,10 @@ class DecodeAdapters:
         self.source: dict[str, weakref.ref] = {}  # name -> the adapter module (of its first projection) loaded
         self.dora: set[str] = set()
         self.biased: set[str] = set()  # names with a lora_B bias (peft's lora_bias)
+        # name -> a serial given at each load (never reused): K/V computed under one load of an adapter are not
+        # another's (the prefix cache keys its blocks with it)
+        self.serial_of: dict[str, int] = {}
+        self._serials = itertools.count(1)
         self.version = 0
 
     def __contains__(self, name: str) -> bool:
@@ -237,6 +242,7 @@ class DecodeAdapters:
                     if not had_bias:
                         self.version += 1
         self.slot_of[name] = slot
+        self.serial_of[name] = next(self._serials)
         self.source[name] = weakref.ref(found[0][3])
         (self.dora.add if dora else self.dora.discard)(name)
         (self.biased.add if biased else self.biased.discard)(name)
@@ -263,6 +269,7 @@ class DecodeAdapters:
     def evict(self, name: str) -> None:
         self._unshare(self._shared(name))  # still in the model: its modules keep their values
         slot = self.slot_of.pop(name)
+        self.serial_of.pop(name, None)
         self.source.pop(name, None)
         self.dora.discard(name)
         self.biased.discard(name)

@@ -52,6 +52,7 @@ from torch import nn
 
 from lorakit.decoding.adapters import DecodeAdapters
 from lorakit.decoding.architecture import model_parts, norm_eps
+from lorakit.decoding.prefix_cache import PREFIX_BLOCK, PrefixCache
 from lorakit.decoding.weights import fuse_projections
 from lorakit.errors import LorakitError
 from lorakit.kernels._triton import programmatic_launches
@@ -76,6 +77,10 @@ class StaticDecoder:
             the shrink's planes: one launch and one (B, N) delta round trip fewer per layer (steps up to 9% faster
             on an H200, docs/PERFORMANCE.md). Not with q/k/v biases, DoRA, q/k norms (Qwen3, Gemma 3: they come
             first), or Phi-3's single fused qkv_proj adapter.
+        prefix_cache: tokens of K/V kept for automatic prefix caching (``lorakit.decoding.prefix_cache``): a prompt
+            whose first blocks of 16 tokens an earlier prompt (or answer) under the same adapter and salt had gets
+            their K/V copied instead of computed. Default: a quarter of the row cache (``max_batch * max_len / 4``
+            tokens, as much memory); 0: off.
 
     The model's q/k/v and gate/up weights become views of fused tensors (values and keys unchanged; see
     ``lorakit.decoding.weights``). An NF4 base (lorakit ``NF4Linear``, QLoRA) is read in place: each projection
@@ -89,7 +94,7 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, graph: bool | None = None,
                  adapter_slots: int = 8, lora_overlap: str | None = None, pdl: bool | None = None,
-                 fuse_lora: bool = True):
+                 fuse_lora: bool = True, prefix_cache: int | None = None):
         self.parts = parts = model_parts(model, max_len)
         if max_batch < 1 or max_len < 2:
             raise LorakitError(f"a static decoder needs max_batch >= 1 and max_len >= 2, got {max_batch} and {max_len}")
@@ -115,6 +120,10 @@ class StaticDecoder:
         L, B, S, Hkv, D = len(parts.layers), max_batch, max_len, parts.kv_heads, parts.head_dim
         self.k_cache = torch.zeros(L, B, Hkv, S, D, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros_like(self.k_cache)
+        capacity = B * S // 4 if prefix_cache is None else int(prefix_cache)
+        if capacity < 0:
+            raise LorakitError(f"prefix_cache is a number of tokens (0: off), got {prefix_cache}")
+        self.prefix = PrefixCache(L, Hkv, D, capacity, self.dtype, self.device) if capacity >= PREFIX_BLOCK else None
         # one rotary table per key (Gemma 3: local and global bases, by layer type; else one)
         self._rope = {key: self._rope_table(S, key) for key in parts.rope_keys}
         self.cos, self.sin = self._rope[parts.rope_keys[0]]
@@ -168,6 +177,8 @@ class StaticDecoder:
             if not all(fused.is_current() for fused in self.weights[i].values()):
                 self.weights[i] = self._fuse(layer)
                 self.drop_graphs()
+                if self.prefix is not None:  # K/V computed with the old weights
+                    self.prefix.clear()
         self.adapters.weights = self.weights
 
     def unservable(self, name: str | None) -> str | None:
@@ -228,9 +239,14 @@ class StaticDecoder:
         for row, member in zip(rows, members):
             self.lengths[row], self.active[row] = lengths[member], True
 
-    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> torch.Tensor:
+    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
+                salts: Sequence[str | None] | None = None) -> torch.Tensor:
         """Run ``prompts[j]`` (token ids) through adapter ``adapters[j]`` into free cache row ``rows[j]``; returns
         (n, V) float32 next-token logits of each prompt's last token. The rows then decode with ``step``.
+
+        With the prefix cache on, a prompt's longest cached prefix (whole blocks, same adapter and ``salts[j]``,
+        vLLM's ``cache_salt``: prompts under different salts never share K/V) is copied into its row and only the
+        rest runs through the layers; its full blocks are kept for later prompts after.
 
         One pass over all the prompts' tokens with the decoder's own layers (fused projections, grouped LoRA with a
         slot per token) instead of transformers' forward, whose ~50 kernels per layer and Python cost most of the
@@ -264,32 +280,63 @@ class StaticDecoder:
                 raise LorakitError(reason)
         present = adapter_names(self.model) if any(a is not None and a not in self.adapters for a in adapters) else ()
         slot_of_prompt = self.adapters.slots_for(adapters, present)
-        lengths = [len(p) for p in prompts]
+        salts = [None] * n if salts is None else list(salts)
+        cached = [0] * n  # leading tokens of each prompt whose K/V the prefix cache copied into its row
+        if self.prefix is not None:
+            with torch.no_grad():
+                for j, (row, prompt) in enumerate(zip(rows, prompts)):
+                    blocks = self.prefix.lookup(self._prefix_root(adapters[j], salts[j]), prompt)
+                    self.prefix.copy_in(blocks, self.k_cache, self.v_cache, row)
+                    cached[j] = len(blocks) * self.prefix.block
+        lengths = [len(p) - c for p, c in zip(prompts, cached)]  # the tokens each prompt runs through the layers
         T = sum(lengths)
         starts = [0, *itertools.accumulate(lengths[:-1])]
         # the flat token table: token id, position in its prompt, cache row, adapter slot
-        flat = torch.tensor([[t for p in prompts for t in p],
-                             [i for length in lengths for i in range(length)],
+        flat = torch.tensor([[t for p, c in zip(prompts, cached) for t in p[c:]],
+                             [i for p, c in zip(prompts, cached) for i in range(c, len(p))],
                              [row for row, length in zip(rows, lengths) for _ in range(length)],
                              [s for s, length in zip(slot_of_prompt, lengths) for _ in range(length)]], dtype=torch.long)
         last = torch.tensor([start + length - 1 for start, length in zip(starts, lengths)], dtype=torch.long)
         if max(lengths) > PREFILL_KERNEL_MAX_PROMPT:  # long prompts: causal SDPA per prompt (reads K/V once)
-            logits = self._prefill_eager(flat.to(self.device), last.to(self.device), rows, starts, lengths)
+            logits = self._prefill_eager(flat.to(self.device), last.to(self.device), rows, starts, lengths, cached)
         elif self.use_graph and T <= PREFILL_GRAPH_MAX_TOKENS:
             logits = self._prefill_graphed(flat, last)
         else:
             logits = self._prefill_eager(flat.to(self.device), last.to(self.device))
-        for row, length in zip(rows, lengths):
-            self.lengths[row], self.active[row] = length, True
+        for row, prompt in zip(rows, prompts):
+            self.lengths[row], self.active[row] = len(prompt), True
+        for row, prompt, adapter, salt in zip(rows, prompts, adapters, salts):
+            self.remember(row, prompt, adapter, salt)
         return logits
 
-    def _prefill_eager(self, flat, last, rows=None, starts=None, lengths=None) -> torch.Tensor:
+    def _prefix_root(self, adapter: str | None, salt: str | None) -> tuple:
+        """What a prompt's first block is keyed under besides its tokens: the adapter as loaded now (a reload or
+        another adapter under the name gets a new serial) and the salt."""
+        return adapter, (self.adapters.serial_of.get(adapter, -1) if adapter is not None else 0), salt
+
+    def cached_tokens(self, prompt: Sequence[int], adapter: str | None, salt: str | None = None) -> int:
+        """How many leading tokens of ``prompt`` the prefix cache would give a prefill now (nothing is marked used)."""
+        if self.prefix is None or (adapter is not None and adapter not in self.adapters):
+            return 0
+        return len(self.prefix.lookup(self._prefix_root(adapter, salt), prompt, touch=False)) * self.prefix.block
+
+    def remember(self, row: int, tokens: Sequence[int], adapter: str | None, salt: str | None = None) -> None:
+        """Keep the K/V of the full blocks of ``tokens`` (the sequence whose K/V row ``row`` holds, cut at the row's
+        length) in the prefix cache, for later prompts that start the same way: the engine calls it with a
+        finished row's prompt + answer, so the next turn of a conversation finds its history."""
+        if self.prefix is None or not self.active[row] or (adapter is not None and adapter not in self.adapters):
+            return
+        with torch.no_grad():
+            self.prefix.remember(self._prefix_root(adapter, salt), list(tokens[:self.lengths[row]]), self.k_cache,
+                                 self.v_cache, row)
+
+    def _prefill_eager(self, flat, last, rows=None, starts=None, lengths=None, cached=None) -> torch.Tensor:
         """The prefill pass, eager: ``_prefill_forward`` with the decode kernels (rows=None), or with causal SDPA per
-        prompt (rows, starts, lengths given: long prompts, where each token reading its row's cache would re-read
-        the prompt's K/V once per token)."""
+        prompt (rows, starts, lengths, cached given: long prompts, where each token reading its row's cache would
+        re-read the prompt's K/V once per token; ``cached[j]`` tokens of prompt j already in its row)."""
         out = torch.empty(last.shape[0], self.parts.vocab, dtype=torch.float32, device=self.device)
         with torch.inference_mode(), programmatic_launches(self.pdl):
-            self._prefill_forward(flat, last, out, None if rows is None else (rows, starts, lengths))
+            self._prefill_forward(flat, last, out, None if rows is None else (rows, starts, lengths, cached))
         return out
 
     def _prefill_graphed(self, flat: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -364,7 +411,7 @@ class StaticDecoder:
                                     **_attention_options(layer))
 
         def attend_per_prompt(i, layer, q, k, v, delta, lora=None):
-            rows, starts, prompt_lengths = per_prompt
+            rows, starts, prompt_lengths, cached = per_prompt
             cos, sin = tables[layer.rope]
             if lora is not None:
                 delta = expand_qkv_lora(q, k, lora)
@@ -375,15 +422,16 @@ class StaticDecoder:
             self.v_cache[i][cache_rows, :, positions] = v.to(self.v_cache.dtype)
             result = torch.empty_like(q)
             gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
-            for row, start, length in zip(rows, starts, prompt_lengths):
-                qj = q[start:start + length].transpose(0, 1).unsqueeze(0)  # (1, H, L, D)
-                kj = self.k_cache[i][row, :, :length].unsqueeze(0)  # (1, Hkv, L, D)
-                vj = self.v_cache[i][row, :, :length].unsqueeze(0)
-                window = layer.window if layer.window is not None and layer.window < length else None
-                if layer.softcap is None and window is None:
+            for row, start, length, offset in zip(rows, starts, prompt_lengths, cached):
+                qj = q[start:start + length].transpose(0, 1).unsqueeze(0)  # (1, H, L, D): positions offset.. on
+                kj = self.k_cache[i][row, :, :offset + length].unsqueeze(0)  # (1, Hkv, offset + L, D)
+                vj = self.v_cache[i][row, :, :offset + length].unsqueeze(0)
+                window = layer.window if layer.window is not None and layer.window < offset + length else None
+                if layer.softcap is None and window is None and offset == 0:
                     oj = F.scaled_dot_product_attention(qj, kj, vj, is_causal=True, scale=layer.scaling, **gqa)
-                else:  # soft-capping (SDPA has none) or a window the prompt outgrows: by blocks of queries
-                    oj = _blocked_causal_attention(qj, kj, vj, layer.scaling, layer.softcap, window)
+                else:  # soft-capping (SDPA has none), a window the prompt outgrows, or queries after a cached
+                    # prefix (SDPA's is_causal aligns the first query with the first key): by blocks of queries
+                    oj = _blocked_causal_attention(qj, kj, vj, layer.scaling, layer.softcap, window, offset)
                 result[start:start + length] = oj[0].transpose(0, 1)
             return result
 
@@ -414,6 +462,7 @@ class StaticDecoder:
             raise LorakitError("warm_up needs a free cache row; call it before admitting requests")
         self._sync_structure()
         passes = [[1]] + (self._warm_up_prompts(len(free)) if full else [])
+        prefix, self.prefix = self.prefix, None  # its prompts of zeros must run whole (each bucket), and stay unkept
         try:
             for name in (None, WARM_UP_ADAPTER) if full else (None,):
                 if name is not None:
@@ -427,6 +476,7 @@ class StaticDecoder:
                     finally:
                         self.release(rows)
         finally:
+            self.prefix = prefix
             if WARM_UP_ADAPTER in self.adapters:
                 self.adapters.evict(WARM_UP_ADAPTER)
 
@@ -770,8 +820,9 @@ def _attention_options(layer) -> dict:
 
 
 def _blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                              softcap: float | None, window: int | None) -> torch.Tensor:
-    """Causal attention of one prompt, q (1, H, L, D), k, v (1, Hkv, L, D) -> (1, H, L, D) in q's dtype, with
+                              softcap: float | None, window: int | None, offset: int = 0) -> torch.Tensor:
+    """Causal attention of one prompt, q (1, H, L, D) at positions ``offset .. offset + L - 1``, k, v
+    (1, Hkv, offset + L, D) -> (1, H, L, D) in q's dtype, with
     Gemma 2's logit soft-capping (``softcap``: scores and softmax in float32, as transformers' eager attention) and/or
     a sliding window (query i attends keys i - window < j <= i, transformers' mask).
 
@@ -784,13 +835,13 @@ def _blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     for first in range(0, length, PREFILL_ATTENTION_BLOCK):
         end = min(length, first + PREFILL_ATTENTION_BLOCK)
-        low = 0 if window is None else max(0, first - window + 1)
-        queries = torch.arange(first, end, device=q.device)[:, None]
-        keys = torch.arange(low, end, device=q.device)[None, :]
+        low = 0 if window is None else max(0, offset + first - window + 1)
+        queries = torch.arange(offset + first, offset + end, device=q.device)[:, None]
+        keys = torch.arange(low, offset + end, device=q.device)[None, :]
         allowed = keys <= queries  # (block, keys)
         if window is not None:
             allowed &= keys > queries - window
-        qb, kb, vb = q[:, :, first:end], k[:, :, low:end], v[:, :, low:end]
+        qb, kb, vb = q[:, :, first:end], k[:, :, low:offset + end], v[:, :, low:offset + end]
         if softcap is None:
             out[:, :, first:end] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, scale=scale, **gqa)
         else:

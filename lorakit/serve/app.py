@@ -443,7 +443,8 @@ async def _respond(state: ServerState, body: ResponsesRequest, served: _Served, 
     jobs, bridge = _submit(state, served, [prompt_ids], 1, params, None, body.logprobs_count(), max(body.top_k, 0),
                            keep, constraints,
                            think, _logit_bias(text, body), (body.presence_penalty, body.frequency_penalty),
-                           options=options, shown=shown, repetition=body.repetition_detection, steers=steers)
+                           options=options, shown=shown, repetition=body.repetition_detection, steers=steers,
+                           salt=getattr(body, "cache_salt", None))
     return jobs, bridge, prompt_ids, think, calls
 
 
@@ -854,7 +855,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
         keep |= think.parser.tokens(side.tokenizer)
     jobs, bridge = _submit(state, served, prompts, n, params, body.stop, logprobs, max(body.top_k, 0),
                            keep, constraints, think, bias, (body.presence_penalty, body.frequency_penalty), options,
-                           shown, body.repetition_detection, steers=steers)
+                           shown, body.repetition_detection, steers=steers, salt=body.cache_salt)
     ident = body.answer_id("chatcmpl" if chat else "cmpl")
     created = int(time.time())
     if body.stream:
@@ -956,7 +957,7 @@ def _submit(state: ServerState, served: _Served, prompts: list[list[int]], n: in
             top_k: int = 0, keep: frozenset[int] = frozenset(), constraints: list | None = None,
             think: AnswerStart | None = None, bias=None, penalties: tuple[float, float] = (0.0, 0.0),
             options: RowOptions = OFF, shown: dict | None = None,
-            repetition=None, steers: list | None = None) -> tuple[list[Request], _Bridge]:
+            repetition=None, steers: list | None = None, salt: str | None = None) -> tuple[list[Request], _Bridge]:
     """Hand ``len(params)`` jobs to the engine (job j answers ``prompts[j // n]``), each under ``served``'s adapter
     (pinned once by :func:`_open_model`; None: the base), decoded by its text side; the jobs take the pin over: it
     is released when the last job finishes, or here if submitting fails. The jobs' events arrive on the bridge's
@@ -966,7 +967,8 @@ def _submit(state: ServerState, served: _Served, prompts: list[list[int]], n: in
     ``bias``: the request's logit_bias (:func:`_logit_bias`), ``penalties`` its (presence, frequency), for every
     job; ``options`` and ``shown`` its vLLM options for the engine and the text (``served_options``).
     ``repetition``: the request's repetition_detection (``RepetitionDetection``; None: off), which ends a job
-    whose last tokens repeat a pattern, as a stop string would. ``constraints``: job j's response_format matcher (:func:`_constraints`); one still waiting for the
+    whose last tokens repeat a pattern, as a stop string would. ``salt``: vLLM's cache_salt (prompts share cached
+    K/V only under the same salt). ``constraints``: job j's response_format matcher (:func:`_constraints`); one still waiting for the
     reasoning block (``think``) to close is switched on by the token that closes it. ``steers``: job j's steering
     (:func:`_steers`; None: none)."""
     pin = _SharedPin(state, served.name if served.pinned else None, len(params))
@@ -997,7 +999,7 @@ def _submit(state: ServerState, served: _Served, prompts: list[list[int]], n: in
 
             job = Request(prompts[index // n], served.internal, choice_params, on_token, on_finish, logprobs=logprobs,
                           model=served.name, top_k=top_k, constraint=constraint, bias=bias, presence=penalties[0],
-                          frequency=penalties[1], options=options)
+                          frequency=penalties[1], options=options, salt=salt)
             job.steer = steers[index] if steers else None
             state.engine.submit(job)
             jobs.append(job)

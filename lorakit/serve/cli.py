@@ -65,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context", type=int, default=None,
                         help="tokens per sequence (prompt + output); with the static decoder this sizes its KV cache "
                              "(default: the model's context, capped at 8192 and to 40%% of free GPU memory)")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=None, metavar="N",
+                        help="with the static decoder: tokens of K/V kept for automatic prefix caching (a prompt that "
+                             "starts like an earlier prompt or answer, under the same adapter and cache_salt, copies "
+                             "those blocks instead of computing them; default: a quarter of the KV cache's tokens, "
+                             "as much memory again; 0: off)")
     parser.add_argument("--reasoning-parser", choices=("auto", "none", "deepseek_r1", "qwen3", "mistral"), default="auto",
                         help="return a reasoning model's thinking block as reasoning_content (a reasoning item on "
                              "/v1/responses), not in content. 'auto' (default) picks by what the chat template writes: "
@@ -136,7 +141,10 @@ def build_state(args: argparse.Namespace):
     context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     if args.max_context is not None:
         context = min(context, args.max_context)
-    decoder = static_decoder(model, args.decoder, args.max_batch, context, explicit_context=args.max_context is not None)
+    if args.prefix_cache_tokens is not None and args.prefix_cache_tokens < 0:
+        raise LorakitError(f"--prefix-cache-tokens must be 0 (off) or more, got {args.prefix_cache_tokens}")
+    decoder = static_decoder(model, args.decoder, args.max_batch, context, explicit_context=args.max_context is not None,
+                             prefix_cache=args.prefix_cache_tokens)
     if decoder is not None:
         context = decoder.max_len
     max_prompt = args.max_prompt_tokens or context
@@ -252,13 +260,15 @@ def _inner_adapters(root: str, entry: str) -> str:
             f"serve them, or copy one here under a name of its own (cp -r {shlex.quote(source)} {shlex.quote(target)})")
 
 
-def static_decoder(model, choice: str, max_batch: int, context: int, explicit_context: bool = False):
+def static_decoder(model, choice: str, max_batch: int, context: int, explicit_context: bool = False,
+                   prefix_cache: int | None = None):
     """The ``lorakit.decoding.StaticDecoder`` that ``--decoder`` asks for, or None (decode through transformers).
 
     'auto' uses it on CUDA for the models it runs; 'static' insists (a one-line error says why it cannot). Its KV
     cache holds ``max_batch`` rows of ``context`` tokens; unless ``--max-context`` was given, the context is capped
     at 8192 and to what fits in 40% of the free GPU memory (sliding-window layers are exact at any length); the
-    server's context becomes the cache's.
+    server's context becomes the cache's. ``prefix_cache``: tokens of its prefix cache (None: the decoder's
+    default, a quarter of the cache's tokens; 0: off).
     """
     if choice == "transformers":
         return None
@@ -282,7 +292,7 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
         if device.type == "cuda":  # a GPU user expects the fast decoder: say why it is not used
             print(f"lorakit serve: decoding through transformers: {reason}", file=sys.stderr, flush=True)
         return None
-    decoder = StaticDecoder(model, max_batch=max_batch, max_len=context)
+    decoder = StaticDecoder(model, max_batch=max_batch, max_len=context, prefix_cache=prefix_cache)
     if device.type == "cuda":  # the first request would otherwise wait seconds for kernel compiles and captures
         print("lorakit serve: warming up the static decoder (compiles its kernels once)", file=sys.stderr, flush=True)
         decoder.warm_up()

@@ -85,6 +85,7 @@ class Request:
     model: str | None = None
     series: str | None = None
     row: int = -1  # its row of the static decoder's cache (-1: none)
+    salt: str | None = None  # vLLM's cache_salt: the static decoder's prefix cache shares K/V only under one salt
     top_k: int = 0  # sample among the k most likely tokens only (0: all); vLLM's extension of the OpenAI API
     # a response_format's matcher (lorakit.serve.structured.Constraint): the row draws only tokens its grammar
     # allows and ends once the answer is complete; None (most rows): no per-step host work at all
@@ -211,8 +212,11 @@ class Engine:
             return list(self._running), list(self._waiting)  # step under the GIL
 
     def stats(self) -> dict:
+        prefix = None if self.decoder is None else self.decoder.prefix
+        cached = {} if prefix is None else {"prefix_cache_hit_tokens": prefix.hits,
+                                            "prefix_cache_query_tokens": prefix.queries}
         return {"running": len(self._running), "waiting": len(self._waiting), "steps": self.steps,
-                "decoder": "static" if self.decoder is not None else "transformers",
+                "decoder": "static" if self.decoder is not None else "transformers", **cached,
                 **{k: round(v, 4) if isinstance(v, float) else v for k, v in self.timings.items()}}
 
     # -- the loop ------------------------------------------------------------------------------------------------
@@ -264,12 +268,13 @@ class Engine:
             reasons = [self.unservable(r.adapter) for r in newcomers]
             done += [(r, f"error: {why}") for r, why in zip(newcomers, reasons) if why is not None]
             newcomers = [r for r, why in zip(newcomers, reasons) if why is None]
-        if newcomers and self.decoder is not None and sum(len(r.prompt) for r in newcomers) <= STATIC_PREFILL_MAX_TOKENS:
+        if newcomers and self.decoder is not None and self._uncached(newcomers) <= STATIC_PREFILL_MAX_TOKENS:
             # the decoder prefills into the rows itself (its fused layers; transformers' forward costs most of a
             # short prompt's time in Python and small kernels); rows of requests that end at once are released
             started = time.perf_counter()
             rows = self.decoder.free_rows()[:len(newcomers)]
-            logits = self.decoder.prefill(rows, [r.prompt for r in newcomers], [r.adapter for r in newcomers])
+            logits = self.decoder.prefill(rows, [r.prompt for r in newcomers], [r.adapter for r in newcomers],
+                                          [r.salt for r in newcomers])
             tokens, errors = self._choose(newcomers, logits)
             for j, (row, request) in enumerate(zip(rows, newcomers)):
                 request.row = row
@@ -294,6 +299,7 @@ class Engine:
                 self.decoder.admit(rows, batch, members=keep)
                 for row, i in zip(rows, keep):
                     newcomers[i].row = row
+                    self.decoder.remember(row, newcomers[i].prompt, newcomers[i].adapter, newcomers[i].salt)
                 self._running += [newcomers[i] for i in keep]
             elif keep:
                 if len(keep) < len(newcomers):
@@ -319,6 +325,11 @@ class Engine:
         finished = [i for i, r in enumerate(self._running)
                     if not self._accept(r, logits[i], tokens[i], errors[i], done)]
         self._drop(finished, done, None)
+
+    def _uncached(self, newcomers: list[Request]) -> int:
+        """Prompt tokens of ``newcomers`` that a static prefill would run through the model (the rest are copies
+        from the decoder's prefix cache)."""
+        return sum(len(r.prompt) - self.decoder.cached_tokens(r.prompt, r.adapter, r.salt) for r in newcomers)
 
     def _time_prefill(self, started: float, rows: int) -> None:
         self.timings["prefill_s"] += time.perf_counter() - started
@@ -542,6 +553,9 @@ class Engine:
             done += [(self._running[i], reason) for i in rows]
         keep = [i for i in range(len(self._running)) if i not in gone]
         if self.decoder is not None:
+            for i in rows:  # the next turn of a conversation re-sends this prompt and answer: keep their K/V
+                request = self._running[i]
+                self.decoder.remember(request.row, request.prompt + request.tokens, request.adapter, request.salt)
             self.decoder.release([self._running[i].row for i in rows])
             self._running = [self._running[i] for i in keep]
             return

@@ -1,0 +1,191 @@
+"""Automatic prefix caching in the static decoder (lorakit.decoding.prefix_cache) and the server around it.
+
+A prefill whose prompt starts with blocks an earlier prompt (or a finished answer) had, under the same adapter as
+loaded and the same cache_salt, copies their K/V instead of computing them. The logits must equal those of the
+same decoder without a prefix cache (float32 tolerance of the shared table) on every attention path: the decode
+kernels (short rest of the prompt), per-prompt attention after a cached prefix (a long rest), a sliding window and
+Gemma 2's soft-capping; and nothing may be shared across adapters, reloads, salts or changed weights.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+import lorakit
+from conftest import assert_close, tiny_llama
+from lorakit.decoding import StaticDecoder
+from lorakit.decoding.prefix_cache import PREFIX_BLOCK, PrefixCache
+
+
+@pytest.fixture(autouse=True)
+def _references(monkeypatch):
+    # the kernels' PyTorch references (the kernels are tested against them elsewhere): what this file checks is
+    # which K/V a prefill reads, and the interpreted Triton kernels would make it minutes long on the CPU
+    monkeypatch.setenv("LORAKIT_DISABLE_TRITON", "1")
+
+
+def _prompts(vocab: int, seed: int = 1) -> tuple[list[int], list[list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, vocab, (120,), generator=g).tolist()
+    # a shared head; re-sent whole; longer; a long rest (more than PREFILL_KERNEL_MAX_PROMPT, lowered to 24 below:
+    # per-prompt attention) after a cached head; one diverging inside a block; one shorter than a block
+    return base, [base[:40], base[:40], base[:70], base[:20] + base[60:110], base[:37] + [3, 1, 4], base[:9]]
+
+
+def _run(model, prompts, names, prefix, salts=None, steps=2, max_len=128):
+    """Each prompt prefilled alone (in order, so later ones can hit), then ``steps`` greedy steps; logits of all."""
+    decoder = StaticDecoder(model, max_batch=2, max_len=max_len, prefix_cache=prefix)
+    out = []
+    for j, (prompt, name) in enumerate(zip(prompts, names)):
+        logits = decoder.prefill([0], [prompt], [name], None if salts is None else [salts[j]])
+        seq = [logits[0]]
+        for _ in range(steps):
+            seq.append(decoder.step([0], [int(seq[-1].argmax())], [name])[0])
+        out.append(torch.stack(seq))
+        decoder.release([0])
+    return out, decoder
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral_window", "gemma2_softcap"])
+def test_cached_prefixes_give_the_uncached_logits(family, monkeypatch):
+    from lorakit.decoding import decoder as decoder_module
+
+    # prompts longer than this run per-prompt attention (queries after a cached prefix: their own mask); the real
+    # value (256) would need prompts too long for the CPU
+    monkeypatch.setattr(decoder_module, "PREFILL_KERNEL_MAX_PROMPT", 24)
+    if family == "llama":
+        model = tiny_llama(max_position_embeddings=512)
+    elif family == "mistral_window":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        torch.manual_seed(0)
+        model = MistralForCausalLM(MistralConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, sliding_window=24)).eval()
+    else:
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM(Gemma2Config(
+            vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=512, sliding_window=24,
+            attn_logit_softcapping=5.0, final_logit_softcapping=10.0)).eval()
+    _, prompts = _prompts(model.config.vocab_size)
+    names = [None] * len(prompts)
+    cold, off = _run(model, prompts, names, prefix=0)
+    warm, on = _run(model, prompts, names, prefix=1024)  # room for every block (the default, 200 tokens, evicts)
+    assert off.prefix is None
+    for j, (a, b) in enumerate(zip(warm, cold)):
+        assert_close(a, b, msg=f"prompt {j}")
+    # the second prompt re-sends the first: its two full blocks (32 of 40 tokens) come from the cache; the third
+    # shares the first's 40 tokens (2 blocks); the fourth its first block; the fifth 2 blocks
+    assert on.prefix.hits == 32 + 32 + 16 + 32
+
+
+def test_adapters_reloads_and_salts_never_share():
+    model = tiny_llama(max_position_embeddings=512)
+    for name, seed in (("a", 1), ("b", 2)):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter=name)
+    with torch.no_grad():
+        for index, (_, p) in enumerate(lorakit.lora_parameters(model)):
+            p.add_(torch.randn_like(p) * 0.2)
+    prompt = list(range(3, 60))
+    decoder = StaticDecoder(model, max_batch=1, max_len=128, prefix_cache=1024)
+    reference = StaticDecoder(model, max_batch=1, max_len=128, prefix_cache=0)
+
+    def both(name, salt=None):
+        got = decoder.prefill([0], [prompt], [name], [salt])
+        expected = reference.prefill([0], [prompt], [name])
+        decoder.release([0]), reference.release([0])
+        assert_close(got, expected)
+        return got
+
+    a = both("a")
+    assert decoder.prefix.hits == 0
+    b = both("b")  # the same tokens under another adapter: computed, not copied
+    assert decoder.prefix.hits == 0 and (a - b).abs().max() > 1e-3
+    both("a", salt="tenant-1")  # another salt: computed
+    assert decoder.prefix.hits == 0
+    both("a", salt="tenant-1")  # the same adapter and salt: 3 of its blocks copied
+    assert decoder.prefix.hits == 3 * PREFIX_BLOCK
+    with torch.no_grad():  # adapter "a" changed in place and reloaded: the K/V of its old values must not be used
+        for name, p in lorakit.lora_parameters(model):
+            if ".a." in f".{name}." or name.endswith("lora_B.a.weight"):
+                p.mul_(-1.0)
+    decoder.reload_adapter("a"), reference.reload_adapter("a")
+    hits = decoder.prefix.hits
+    both("a", salt="tenant-1")
+    assert decoder.prefix.hits == hits
+    # the base weights replaced: every kept block goes
+    layer = model.model.layers[0].mlp.down_proj
+    base = layer.base_layer if hasattr(layer, "base_layer") else layer
+    with torch.no_grad():
+        base.weight = torch.nn.Parameter(base.weight * 0.5)
+    decoder.refresh(), reference.refresh()
+    both(None), both(None)  # computed, then copied: equal to the new weights' logits both times
+    assert decoder.prefix.hits == hits + 3 * PREFIX_BLOCK
+
+
+def test_pool_evicts_least_recently_used_and_never_serves_an_orphan():
+    cache = PrefixCache(layers=1, kv_heads=1, head_dim=2, capacity=3 * 4, dtype=torch.float32, device="cpu", block=4)
+    k = torch.arange(1 * 1 * 1 * 16 * 2, dtype=torch.float32).reshape(1, 1, 1, 16, 2)
+    v = -k
+    first = list(range(12)) + [99]
+    cache.remember("r", first, k, v, row=0)
+    assert cache.lookup("r", first) == cache.lookup("r", first[:12] + [7])  # 3 blocks, the last token left over
+    assert len(cache.lookup("r", first)) == 3 and cache.lookup("other root", first) == []
+    row_k, row_v = torch.zeros_like(k), torch.zeros_like(v)
+    cache.copy_in(cache.lookup("r", first), row_k, row_v, row=0)
+    assert torch.equal(row_k[:, :, :, :12], k[:, :, :, :12]) and torch.equal(row_v[:, :, :, :12], v[:, :, :, :12])
+    # a new chain of one block: the pool is full, the least recently used block goes, which is the chain's last
+    # (a lookup marks a chain's head the most recently used of its blocks: a chain without its head is unreachable)
+    cache.remember("s", [50, 51, 52, 53], k, v, row=0)
+    assert len(cache.lookup("r", first)) == 2 and len(cache.lookup("s", [50, 51, 52, 53, 1])) == 1
+    # blocks of the first chain written again under serials the orphaned blocks never had
+    cache.remember("r", first, k, v, row=0)
+    assert len(cache.lookup("r", first)) == 3
+    # a prompt longer than the pool keeps its first blocks only
+    cache.remember("t", list(range(100, 140)), k.expand(1, 1, 1, 16, 2).repeat(1, 1, 1, 3, 1), -k.repeat(1, 1, 1, 3, 1),
+                   row=0)
+    assert len(cache.lookup("t", list(range(100, 140)))) == 3
+
+
+def test_prefix_cache_argument_is_checked():
+    with pytest.raises(lorakit.LorakitError, match="prefix_cache"):
+        StaticDecoder(tiny_llama(), max_batch=1, max_len=32, prefix_cache=-1)
+    assert StaticDecoder(tiny_llama(), max_batch=1, max_len=32, prefix_cache=8).prefix is None  # under a block
+
+
+def test_server_reuses_a_conversation_and_answers_as_without(tmp_path, monkeypatch):
+    """Over real sockets: the second turn of a chat (its history re-sent with the answer) copies the first turn's
+    prompt and answer; greedy answers equal a server without the prefix cache; /health counts the hit tokens."""
+    from test_serve_support import ServerProcess, tiny_hf_folder
+
+    model_dir = tiny_hf_folder(tmp_path / "model", initializer_range=0.5)
+    (tmp_path / "adapters").mkdir()
+    history = [{"role": "system", "content": "You are a terse assistant who answers in a few words. " * 3},
+               {"role": "user", "content": "Name three colours of the rainbow, please."}]
+    answers = {}
+    for label, flags in (("on", ()), ("off", ("--prefix-cache-tokens", "0"))):
+        process = ServerProcess(model_dir, tmp_path / "adapters", "--decoder", "static", "--max-context", "512",
+                                *flags, log=tmp_path / f"server_{label}.log")
+        try:
+            with httpx.Client(base_url=process.url, timeout=120) as client:
+                turns, messages = [], list(history)
+                for turn in range(2):
+                    body = {"model": "base", "messages": messages, "max_tokens": 12, "temperature": 0}
+                    reply = client.post("/v1/chat/completions", json=body)
+                    assert reply.status_code == 200, reply.text
+                    text = reply.json()["choices"][0]["message"]["content"]
+                    turns.append(text)
+                    messages = messages + [{"role": "assistant", "content": text},
+                                           {"role": "user", "content": f"And {turn + 2} more?"}]
+                health = client.get("/health").json()
+                answers[label] = (turns, health.get("prefix_cache_hit_tokens"))
+        finally:
+            process.stop()
+    assert answers["on"][0] == answers["off"][0]
+    assert answers["off"][1] is None  # off: not reported
+    assert answers["on"][1] >= 3 * PREFIX_BLOCK  # the second turn found the system prompt and more
