@@ -309,9 +309,9 @@ class RepetitionDetection(_Strict):
 
 class _VllmRequest(_Penalized):
     """vLLM's request fields that are no sampling option (sent in ``extra_body``), each as vLLM serves them when
-    none of its optional machinery is configured: ``request_id`` names the answer (its ``id``); what tunes vLLM's
-    own machinery (``cache_salt``: its prefix cache, which this server does not share between requests;
-    ``kv_transfer_params`` / ``ec_transfer_params``: a disaggregated-serving connector; ``vllm_xargs``: custom
+    none of its optional machinery is configured: ``request_id`` names the answer (its ``id``); ``cache_salt``
+    keeps the request's prompt out of other salts' cached K/V (the static decoder's prefix cache shares blocks only
+    under one salt, as vLLM's); what tunes vLLM's own machinery (``kv_transfer_params`` / ``ec_transfer_params``: a disaggregated-serving connector; ``vllm_xargs``: custom
     extensions; ``session_id``; ``stream_interval``: how many tokens one chunk batches) is accepted and changes
     nothing, as in a vLLM without that machinery; ``repetition_detection`` ends an answer that loops (applied by
     the server as each token comes: ``RepetitionDetection``). What would change the answer and is not implemented is refused
