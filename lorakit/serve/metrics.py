@@ -60,6 +60,11 @@ class Histogram:
         self.sum = 0.0
         self.count = 0
 
+    def copy(self) -> Histogram:
+        twin = Histogram(self.bounds)
+        twin.counts, twin.sum, twin.count = list(self.counts), self.sum, self.count
+        return twin
+
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value: Prometheus' "le"
         self.sum += value
@@ -87,6 +92,13 @@ class JobFigures:
         self.latency = Histogram(LATENCY_BUCKETS)
         self.first_token = Histogram(FIRST_TOKEN_BUCKETS)
 
+    def copy(self) -> JobFigures:
+        twin = JobFigures()
+        twin.reasons, twin.prompt_tokens, twin.generation_tokens = dict(self.reasons), self.prompt_tokens, \
+            self.generation_tokens
+        twin.latency, twin.first_token = self.latency.copy(), self.first_token.copy()
+        return twin
+
     def add(self, request, key: str, now: float) -> None:
         self.reasons[key] += 1
         self.prompt_tokens += len(request.prompt)
@@ -98,7 +110,7 @@ class JobFigures:
 
 class EngineMetrics:
     """What the engine's finished jobs add up to, in all and per model. ``finished`` is called once per job, on the
-    engine thread; ``series`` names a request's model (on any thread). A scrape reads under ``lock``."""
+    engine thread; ``series`` names a request's model (on any thread); a scrape reads a ``snapshot``."""
 
     def __init__(self, max_series: int = MAX_MODEL_SERIES):
         self.lock = threading.Lock()
@@ -118,6 +130,12 @@ class EngineMetrics:
     @property
     def generation_tokens(self) -> int:
         return self.total.generation_tokens
+
+    def snapshot(self) -> tuple[JobFigures, dict[str | None, JobFigures]]:
+        """Copies of the whole server's figures and each model's, taken at one moment (a scrape formats them
+        without the lock, which ``series`` takes on the event loop)."""
+        with self.lock:
+            return self.total.copy(), {model: figures.copy() for model, figures in self.models.items()}
 
     def series(self, model: str | None) -> str | None:
         """The label under which jobs of adapter ``model`` (None: the base) are counted: its name, or
@@ -162,13 +180,12 @@ def exposition(engine, pool, http=None, model_name: str = "") -> str:
     timings = engine.timings
     metrics: EngineMetrics = engine.metrics
     running, waiting = engine.queued()
-    with metrics.lock:
-        total = metrics.total
-        reasons = dict(total.reasons)
-        prompt, generated = total.prompt_tokens, total.generation_tokens
-        latency = total.latency.lines("lorakit_request_duration_seconds")
-        first = total.first_token.lines("lorakit_time_to_first_token_seconds")
-        per_model = _per_model(metrics, model_name, [r.series for r in running], [r.series for r in waiting])
+    total, models = metrics.snapshot()
+    reasons = total.reasons
+    prompt, generated = total.prompt_tokens, total.generation_tokens
+    latency = total.latency.lines("lorakit_request_duration_seconds")
+    first = total.first_token.lines("lorakit_time_to_first_token_seconds")
+    per_model = _per_model(models, model_name, [r.series for r in running], [r.series for r in waiting])
     loaded = len(pool.loaded_names()) if pool is not None else 0
     lines = [
         *_metric("lorakit_requests_running", "gauge", "Engine jobs decoding now (one per choice of a request).",
@@ -221,11 +238,11 @@ def exposition(engine, pool, http=None, model_name: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _per_model(metrics: EngineMetrics, model_name: str, running: list, waiting: list) -> list[str]:
-    """vLLM's per-request families, one series per model (held: ``metrics.lock``). ``running`` / ``waiting``: the
-    series (``EngineMetrics.series``) of the engine's jobs decoding / waiting now."""
+def _per_model(models: dict[str | None, JobFigures], model_name: str, running: list, waiting: list) -> list[str]:
+    """vLLM's per-request families, one series per model of ``models`` (``EngineMetrics.snapshot``'s; the base
+    first). ``running`` / ``waiting``: the series (``EngineMetrics.series``) of the jobs decoding / waiting now."""
     families = {name: [] for name in ("running", "waiting", "success", "prompt", "generation", "first", "e2e")}
-    for series, figures in sorted(metrics.models.items(), key=lambda item: (item[0] is not None, item[0] or "")):
+    for series, figures in sorted(models.items(), key=lambda item: (item[0] is not None, item[0] or "")):
         labels = {"model_name": model_name} if series is None else {"model_name": model_name, "lora_name": series}
         tail = _labels(labels)
         families["running"].append(f"vllm:num_requests_running{tail} {running.count(series)}")
