@@ -189,3 +189,31 @@ def test_server_reuses_a_conversation_and_answers_as_without(tmp_path, monkeypat
     assert answers["on"][0] == answers["off"][0]
     assert answers["off"][1] is None  # off: not reported
     assert answers["on"][1] >= 3 * PREFIX_BLOCK  # the second turn found the system prompt and more
+
+
+def test_rows_admitted_with_only_their_window_are_not_kept():
+    """transformers' cache keeps a sliding layer's last window - 1 columns only: a row admitted from it lacks the
+    earlier positions, which a prompt that shares an early prefix of it would read (inside its own window)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from lorakit.generation import prefill
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=24)).eval()
+    g = torch.Generator().manual_seed(3)
+    long = torch.randint(0, 128, (60,), generator=g).tolist()
+    later = long[:40] + torch.randint(0, 128, (5,), generator=g).tolist()
+    decoder = StaticDecoder(model, max_batch=1, max_len=128, prefix_cache=1024)
+    reference = StaticDecoder(model, max_batch=1, max_len=128, prefix_cache=0)
+    _, batch = prefill(model, [long], [None])
+    for layer in batch._kv_layers():  # as transformers' sliding cache layers keep them (this version keeps all)
+        layer.keys, layer.values = layer.keys[:, :, -23:], layer.values[:, :, -23:]
+    decoder.admit([0], batch)
+    assert not decoder.whole[0]
+    decoder.remember(0, long, None)
+    decoder.release([0])
+    got = decoder.prefill([0], [later], [None])
+    assert decoder.prefix.hits == 0
+    assert_close(got, reference.prefill([0], [later], [None]))

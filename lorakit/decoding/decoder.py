@@ -135,6 +135,9 @@ class StaticDecoder:
             self._host = self._host.pin_memory()
         self.lengths = [0] * B  # tokens in each row's cache (host copy; -1 marks a free row)
         self.active = [False] * B
+        # whether each row holds the K/V of every position before its length in every layer: not a row admitted
+        # from a cache whose sliding layers kept only their window (the prefix cache must not keep such a row)
+        self.whole = [True] * B
         # captured CUDA graphs, by what they hold (``_graph_kind``): the step's, and the prefill's per token-count
         # bucket (sharing one memory pool); all of them go when the adapter stacks are reallocated
         self._graphs: dict = {}
@@ -210,6 +213,7 @@ class StaticDecoder:
             raise LorakitError(f"the prefilled cache has {len(layers)} layers, the model {len(self.parts.layers)}")
         lengths = batch.mask.sum(dim=1).tolist()
         width = batch.length
+        whole = all(layer.keys.shape[2] == width for layer in layers)
         for row, member in zip(rows, members):
             if self.active[row]:
                 raise LorakitError(f"cache row {row} is in use; release it first")
@@ -237,7 +241,7 @@ class StaticDecoder:
                     picked = torch.gather(picked, 2, index.expand(-1, picked.shape[1], -1, picked.shape[3]))
                     cache[:, :, :width].index_copy_(0, rows_t, picked.to(cache.dtype))
         for row, member in zip(rows, members):
-            self.lengths[row], self.active[row] = lengths[member], True
+            self.lengths[row], self.active[row], self.whole[row] = lengths[member], True, whole
 
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
                 salts: Sequence[str | None] | None = None) -> torch.Tensor:
@@ -304,7 +308,7 @@ class StaticDecoder:
         else:
             logits = self._prefill_eager(flat.to(self.device), last.to(self.device))
         for row, prompt in zip(rows, prompts):
-            self.lengths[row], self.active[row] = len(prompt), True
+            self.lengths[row], self.active[row], self.whole[row] = len(prompt), True, True
         for row, prompt, adapter, salt in zip(rows, prompts, adapters, salts):
             self.remember(row, prompt, adapter, salt)
         return logits
@@ -324,7 +328,8 @@ class StaticDecoder:
         """Keep the K/V of the full blocks of ``tokens`` (the sequence whose K/V row ``row`` holds, cut at the row's
         length) in the prefix cache, for later prompts that start the same way: the engine calls it with a
         finished row's prompt + answer, so the next turn of a conversation finds its history."""
-        if self.prefix is None or not self.active[row] or (adapter is not None and adapter not in self.adapters):
+        if self.prefix is None or not self.active[row] or not self.whole[row] or \
+                (adapter is not None and adapter not in self.adapters):
             return
         with torch.no_grad():
             self.prefix.remember(self._prefix_root(adapter, salt), list(tokens[:self.lengths[row]]), self.k_cache,
