@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with the static decoder: tokens of K/V kept for automatic prefix caching (a prompt that "
                              "starts like an earlier prompt or answer, under the same adapter and cache_salt, copies "
                              "those blocks instead of computing them; default: a quarter of the KV cache's tokens, "
-                             "as much memory again; 0: off)")
+                             "which adds a quarter to its memory; 0: off)")
     parser.add_argument("--reasoning-parser", choices=("auto", "none", "deepseek_r1", "qwen3", "mistral"), default="auto",
                         help="return a reasoning model's thinking block as reasoning_content (a reasoning item on "
                              "/v1/responses), not in content. 'auto' (default) picks by what the chat template writes: "
