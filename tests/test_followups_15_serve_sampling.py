@@ -16,7 +16,6 @@ field", and ``stream_options`` without ``stream`` was silently ignored.
 
 from __future__ import annotations
 
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
+from http_helpers import post_json, sse_events
 from test_serve_support import ServerProcess, make_tokenizer, never_ending, tiny_hf_folder
 
 
@@ -337,28 +337,12 @@ def server(tmp_path_factory):
         process.stop()
 
 
-def _post(server, path: str, body: dict) -> dict:
-    response = server["client"].post(path, json={"model": "base", "temperature": 0, **body})
-    assert response.status_code == 200, response.text[:400]
-    return response.json()
-
-
-def _events(server, path: str, body: dict) -> list[dict]:
-    events = []
-    with server["client"].stream("POST", path, json={"model": "base", "temperature": 0, **body, "stream": True}) as s:
-        assert s.status_code == 200, s.read()[:300]
-        for line in s.iter_lines():
-            if line.startswith("data: {"):
-                events.append(json.loads(line[6:]))
-    return events
-
-
 def _completion(server, stream: bool = False, **body) -> tuple[str, str, int]:
     """(text, finish reason, completion tokens) of a /v1/completions request, streamed or not."""
     if not stream:
-        choice = (answer := _post(server, "/v1/completions", body))["choices"][0]
+        choice = (answer := post_json(server, "/v1/completions", body))["choices"][0]
         return choice["text"], choice["finish_reason"], answer["usage"]["completion_tokens"]
-    events = _events(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    events = sse_events(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
     chunks = [e["choices"][0] for e in events if e["choices"]]
     return "".join(c["text"] for c in chunks), chunks[-1]["finish_reason"], events[-1]["usage"]["completion_tokens"]
 
@@ -366,9 +350,9 @@ def _completion(server, stream: bool = False, **body) -> tuple[str, str, int]:
 def _chat(server, stream: bool = False, **body) -> tuple[str, str]:
     messages = [{"role": "user", "content": "Hello, how are you today?"}]
     if not stream:
-        choice = _post(server, "/v1/chat/completions", {"messages": messages, **body})["choices"][0]
+        choice = post_json(server, "/v1/chat/completions", {"messages": messages, **body})["choices"][0]
         return choice["message"]["content"], choice["finish_reason"]
-    chunks = [e["choices"][0] for e in _events(server, "/v1/chat/completions", {"messages": messages, **body})
+    chunks = [e["choices"][0] for e in sse_events(server, "/v1/chat/completions", {"messages": messages, **body})
               if e["choices"]]
     return "".join(c["delta"].get("content") or "" for c in chunks), chunks[-1]["finish_reason"]
 
@@ -405,13 +389,13 @@ def test_responses_take_the_vllm_fields(server):
     ids = list(server["tokenizer"].apply_chat_template([{"role": "user", "content": "Hi there"}],
                                                        add_generation_prompt=True, tokenize=True, return_dict=False))
     body = {"input": "Hi there", "max_output_tokens": 16, "repetition_penalty": 1.6}
-    answer = _post(server, "/v1/responses", body)
+    answer = post_json(server, "/v1/responses", body)
     assert answer["output"][-1]["content"][0]["text"] == decode(_generate(server, ids, 16, repetition_penalty=1.6))
-    events = _events(server, "/v1/responses", body)
+    events = sse_events(server, "/v1/responses", body)
     assert events[-1]["response"]["output"][-1]["content"][0]["text"] == answer["output"][-1]["content"][0]["text"]
     # allowed only the end of turn and one token, the answer is that token, 16 times with min_tokens 16
-    ended = _post(server, "/v1/responses", {"input": "Hi there", "max_output_tokens": 16, "min_tokens": 16,
-                                            "allowed_token_ids": [server["end"], 50]})
+    ended = post_json(server, "/v1/responses", {"input": "Hi there", "max_output_tokens": 16, "min_tokens": 16,
+                                                "allowed_token_ids": [server["end"], 50]})
     assert ended["output"][-1]["content"][0]["text"] == decode([50] * 16)
     assert ended["usage"]["output_tokens"] == 16
     error = server["client"].post("/v1/responses", json={"model": "base", "input": "hi", "stream_options": {}})
@@ -460,15 +444,16 @@ def test_min_p_allowed_tokens_and_truncation(server):
     assert _completion(server, prompt=PROMPT, max_tokens=10, temperature=1.5, seed=1)[0] != greedy
     assert _completion(server, prompt=PROMPT, max_tokens=5, allowed_token_ids=[61])[0] == decode([61] * 5)
     long = [40, 41, 42, 43] + PROMPT
-    answer = _post(server, "/v1/completions", {"prompt": long, "max_tokens": 6, "truncate_prompt_tokens": len(PROMPT)})
+    answer = post_json(server, "/v1/completions", {"prompt": long, "max_tokens": 6,
+                                                   "truncate_prompt_tokens": len(PROMPT)})
     assert answer["usage"]["prompt_tokens"] == len(PROMPT)
     assert answer["choices"][0]["text"] == _completion(server, prompt=PROMPT, max_tokens=6)[0]
-    whole = _post(server, "/v1/completions", {"prompt": long, "max_tokens": 6, "truncate_prompt_tokens": -1})
+    whole = post_json(server, "/v1/completions", {"prompt": long, "max_tokens": 6, "truncate_prompt_tokens": -1})
     assert whole["usage"]["prompt_tokens"] == len(long)  # -1: as many as the server takes, all of these
-    chat = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello, how are you?"}],
-                                                  "max_tokens": 4, "truncate_prompt_tokens": 5})
+    chat = post_json(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello, how are you?"}],
+                                                      "max_tokens": 4, "truncate_prompt_tokens": 5})
     assert chat["usage"]["prompt_tokens"] == 5
-    both = _post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "n": 2, "best_of": 2})
+    both = post_json(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "n": 2, "best_of": 2})
     assert len(both["choices"]) == 2
 
 
@@ -580,8 +565,8 @@ def test_responses_take_penalties_and_logit_bias_as_chat_does(server):
                                                 "presence_penalty": 1.0}]
     answers = []
     for fields in settings:
-        answer = _post(server, "/v1/responses", {"input": "Hello, how are you today?", "max_output_tokens": 16,
-                                                 **fields})["output"][-1]["content"][0]["text"]
+        answer = post_json(server, "/v1/responses", {"input": "Hello, how are you today?", "max_output_tokens": 16,
+                                                     **fields})["output"][-1]["content"][0]["text"]
         assert answer == _chat(server, max_tokens=16, **fields)[0]
         answers.append(answer)
     assert len(set(answers)) == 3

@@ -28,6 +28,7 @@ import httpx
 import pytest
 import torch
 
+from http_helpers import post_json, sse_events
 from test_serve_support import CHATML, ServerProcess, make_tokenizer, never_ending, tiny_hf_folder
 
 QUESTION = [{"role": "user", "content": "Hello, how are you today?"}]
@@ -62,22 +63,6 @@ def server(tmp_path_factory):
     finally:
         client.close()
         process.stop()
-
-
-def _post(server, path: str, body: dict, status: int = 200) -> dict:
-    response = server["client"].post(path, json={"model": "base", "temperature": 0, **body})
-    assert response.status_code == status, response.text[:400]
-    return response.json()
-
-
-def _events(server, path: str, body: dict) -> list[dict]:
-    events = []
-    with server["client"].stream("POST", path, json={"model": "base", "temperature": 0, **body, "stream": True}) as s:
-        assert s.status_code == 200, s.read()[:300]
-        for line in s.iter_lines():
-            if line.startswith("data: {"):
-                events.append(json.loads(line[6:]))
-    return events
 
 
 def _rendered(server, messages=QUESTION, **kwargs) -> list[int]:
@@ -120,58 +105,59 @@ def _check_prompt_logprobs(server, prompt: list[int], scored: list, k: int) -> N
 # -- vLLM's answer fields ----------------------------------------------------------------------------------------------
 def test_prompt_logprobs_are_the_forwards(server):
     prompts = [[50, 60, 70, 80, 90, 100], [7, 8, 9]]
-    answer = _post(server, "/v1/completions", {"prompt": prompts, "max_tokens": 2, "n": 2, "prompt_logprobs": 3})
+    answer = post_json(server, "/v1/completions", {"prompt": prompts, "max_tokens": 2, "n": 2, "prompt_logprobs": 3})
     for choice in answer["choices"]:  # choice p * n + i answers prompt p
         _check_prompt_logprobs(server, prompts[choice["index"] // 2], choice["prompt_logprobs"], 3)
-    alone = _post(server, "/v1/completions", {"prompt": prompts[0], "max_tokens": 0, "echo": True,
-                                              "prompt_logprobs": 0})  # scored, nothing generated
+    alone = post_json(server, "/v1/completions", {"prompt": prompts[0], "max_tokens": 0, "echo": True,
+                                                  "prompt_logprobs": 0})  # scored, nothing generated
     _check_prompt_logprobs(server, prompts[0], alone["choices"][0]["prompt_logprobs"], 0)
     assert all(len(entry) == 1 for entry in alone["choices"][0]["prompt_logprobs"][1:])
-    chat = _post(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2, "prompt_logprobs": 2})
+    chat = post_json(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2, "prompt_logprobs": 2})
     _check_prompt_logprobs(server, _rendered(server), chat["prompt_logprobs"], 2)  # the response's: one prompt
     for fields, words in (({"prompt_logprobs": 21}, "less than or equal to 20"),
                           ({"prompt_logprobs": -1}, "greater than or equal to 0"),
                           ({"prompt_logprobs": 1, "stream": True}, "not available when stream is true")):
-        error = _post(server, "/v1/completions", {"prompt": "hi", **fields}, status=400)["error"]
+        error = post_json(server, "/v1/completions", {"prompt": "hi", **fields}, status=400)["error"]
         assert error["param"] == "prompt_logprobs" and words in error["message"], error
 
 
 def test_token_ids_whole_and_streamed(server):
     prompt = [50, 60, 70, 80]
     expected = _greedy(server, prompt, 6)
-    choice = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 6, "return_token_ids": True})["choices"][0]
+    choice = post_json(server, "/v1/completions", {"prompt": prompt, "max_tokens": 6,
+                                                   "return_token_ids": True})["choices"][0]
     assert (choice["prompt_token_ids"], choice["token_ids"]) == (prompt, expected)
     text = server["tokenizer"].decode(prompt)
-    with_bos = _post(server, "/v1/completions", {"prompt": text, "max_tokens": 1, "return_token_ids": True})
+    with_bos = post_json(server, "/v1/completions", {"prompt": text, "max_tokens": 1, "return_token_ids": True})
     assert with_bos["choices"][0]["prompt_token_ids"] == [server["tokenizer"].bos_token_id, *prompt]
-    events = _events(server, "/v1/completions", {"prompt": prompt, "max_tokens": 6, "return_token_ids": True,
-                                                 "n": 2})
+    events = sse_events(server, "/v1/completions", {"prompt": prompt, "max_tokens": 6, "return_token_ids": True,
+                                                    "n": 2})
     for index in (0, 1):
         chunks = [e["choices"][0] for e in events if e["choices"][0]["index"] == index]
         assert chunks[0]["prompt_token_ids"] == prompt and all("prompt_token_ids" not in c for c in chunks[1:])
         assert [t for c in chunks for t in c["token_ids"]] == expected  # the pieces add up
     ids = _rendered(server)
-    chat = _post(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 5, "return_token_ids": True})
+    chat = post_json(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 5, "return_token_ids": True})
     assert chat["prompt_token_ids"] == ids and chat["choices"][0]["token_ids"] == _greedy(server, ids, 5)
-    streamed = _events(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 5,
-                                                        "return_token_ids": True})
+    streamed = sse_events(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 5,
+                                                           "return_token_ids": True})
     assert streamed[0]["prompt_token_ids"] == ids and all("prompt_token_ids" not in e for e in streamed[1:])
     assert [t for e in streamed for t in e["choices"][0]["token_ids"]] == chat["choices"][0]["token_ids"]
 
 
 def test_tokens_as_token_ids(server):
     body = {"prompt": [50, 60, 70], "max_tokens": 5, "logprobs": 2, "return_token_ids": True}
-    plain = _post(server, "/v1/completions", body)["choices"][0]
-    named = _post(server, "/v1/completions", {**body, "return_tokens_as_token_ids": True})["choices"][0]
+    plain = post_json(server, "/v1/completions", body)["choices"][0]
+    named = post_json(server, "/v1/completions", {**body, "return_tokens_as_token_ids": True})["choices"][0]
     lp, plain_lp = named["logprobs"], plain["logprobs"]
     assert lp["tokens"] == [f"token_id:{t}" for t in named["token_ids"]]
     assert lp["text_offset"] == plain_lp["text_offset"] and lp["token_logprobs"] == plain_lp["token_logprobs"]
     assert all(set(top) <= {f"token_id:{i}" for i in range(len(server["tokenizer"]))} for top in lp["top_logprobs"])
     chat = {"messages": QUESTION, "max_tokens": 4, "logprobs": True, "top_logprobs": 2,
             "return_tokens_as_token_ids": True, "return_token_ids": True}
-    choice = _post(server, "/v1/chat/completions", chat)["choices"][0]
+    choice = post_json(server, "/v1/chat/completions", chat)["choices"][0]
     assert [c["token"] for c in choice["logprobs"]["content"]] == [f"token_id:{t}" for t in choice["token_ids"]]
-    streamed = _events(server, "/v1/chat/completions", chat)
+    streamed = sse_events(server, "/v1/chat/completions", chat)
     tokens = [c["token"] for e in streamed if e["choices"][0]["logprobs"] for c in e["choices"][0]["logprobs"]["content"]]
     assert tokens == [c["token"] for c in choice["logprobs"]["content"]]
 
@@ -180,21 +166,22 @@ def test_prompt_text(server):
     """return_prompt_text: the prompt as the template rendered it, on the answer (streamed: the first chunk)."""
     rendered = server["tokenizer"].apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
     body = {"messages": QUESTION, "max_tokens": 2, "return_prompt_text": True}
-    assert _post(server, "/v1/chat/completions", body)["prompt_text"] == rendered
-    events = _events(server, "/v1/chat/completions", body)
+    assert post_json(server, "/v1/chat/completions", body)["prompt_text"] == rendered
+    events = sse_events(server, "/v1/chat/completions", body)
     assert events[0]["prompt_text"] == rendered and all("prompt_text" not in e for e in events[1:])
-    assert "prompt_text" not in _post(server, "/v1/chat/completions", {**body, "return_prompt_text": False})
-    error = _post(server, "/v1/completions", {"prompt": "hi", "prompt_embeds": "AAAA"}, status=400)["error"]
+    assert "prompt_text" not in post_json(server, "/v1/chat/completions", {**body, "return_prompt_text": False})
+    error = post_json(server, "/v1/completions", {"prompt": "hi", "prompt_embeds": "AAAA"}, status=400)["error"]
     assert error["param"] == "prompt_embeds" and "text or token ids" in error["message"]
 
 
 def test_request_id_and_continuous_usage(server):
-    assert _post(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2,
-                                                  "request_id": "abc-123"})["id"] == "chatcmpl-abc-123"
-    assert _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "request_id": "r1"})["id"] == "cmpl-r1"
-    assert _post(server, "/v1/responses", {"input": "hi", "max_output_tokens": 16, "request_id": "r2"})["id"] == \
+    assert post_json(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2,
+                                                      "request_id": "abc-123"})["id"] == "chatcmpl-abc-123"
+    assert post_json(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "request_id": "r1"})["id"] == \
+        "cmpl-r1"
+    assert post_json(server, "/v1/responses", {"input": "hi", "max_output_tokens": 16, "request_id": "r2"})["id"] == \
         "resp_r2"
-    events = _events(server, "/v1/chat/completions", {
+    events = sse_events(server, "/v1/chat/completions", {
         "messages": QUESTION, "max_tokens": 5,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
     done = [e["usage"]["completion_tokens"] for e in events]
@@ -202,11 +189,13 @@ def test_request_id_and_continuous_usage(server):
     prompt = events[-1]["usage"]["prompt_tokens"]
     assert all(e["usage"]["prompt_tokens"] == prompt and e["usage"]["total_tokens"] == prompt +
                e["usage"]["completion_tokens"] for e in events)
-    scored = _events(server, "/v1/completions", {"prompt": "hi there", "max_tokens": 0, "echo": True, "stream_options": {
-        "include_usage": True, "continuous_usage_stats": True}})  # known whole: the usage on every chunk too
+    # known whole: the usage on every chunk too
+    scored = sse_events(server, "/v1/completions", {
+        "prompt": "hi there", "max_tokens": 0, "echo": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
     assert [e["usage"] for e in scored[:-1]] == [scored[-1]["usage"]] and scored[-1]["usage"]["completion_tokens"] == 0
-    only_last = _events(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 5,
-                                                         "stream_options": {"include_usage": True}})
+    only_last = sse_events(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 5,
+                                                            "stream_options": {"include_usage": True}})
     assert all(e["usage"] is None for e in only_last[:-1]) and only_last[-1]["usage"]["completion_tokens"] == 5
 
 
@@ -216,7 +205,7 @@ def test_prompt_edges(server):
     bos, tokenizer = server["tokenizer"].bos_token_id, server["tokenizer"]
     words = tokenizer("Paris is the capital of France", add_special_tokens=False)["input_ids"]
     def ids(path, **body):
-        answer = _post(server, path, {"max_tokens": 1, "return_token_ids": True, **body})
+        answer = post_json(server, path, {"max_tokens": 1, "return_token_ids": True, **body})
         return answer["prompt_token_ids"] if "prompt_token_ids" in answer else answer["choices"][0]["prompt_token_ids"]
     assert ids("/v1/completions", prompt="Paris is the capital of France") == [bos, *words]
     assert ids("/v1/completions", prompt="Paris is the capital of France", add_special_tokens=False) == words
@@ -225,7 +214,7 @@ def test_prompt_edges(server):
     assert ids("/v1/completions", prompt=words, truncate_prompt_tokens=3, truncation_side="right") == words[:3]
     assert ids("/v1/completions", prompt=words, truncate_prompt_tokens=3, truncation_side="left") == words[-3:]
     assert ids("/v1/completions", prompt=words, truncate_prompt_tokens=3) == words[-3:]
-    error = _post(server, "/v1/completions", {"prompt": "hi", "truncation_side": "right"}, status=400)["error"]
+    error = post_json(server, "/v1/completions", {"prompt": "hi", "truncation_side": "right"}, status=400)["error"]
     assert error["param"] == "truncation_side" and "send truncate_prompt_tokens with it" in error["message"]
 
 
@@ -261,23 +250,24 @@ def test_repetition_detection_ends_a_loop(server):
     for detection, tokens, finish in (({"max_pattern_size": 3, "min_count": 3}, 3, "stop"),
                                       ({"max_pattern_size": 2, "min_pattern_size": 2, "min_count": 2}, 4, "stop"),
                                       ({"max_pattern_size": 0}, 12, "length")):
-        choice = _post(server, "/v1/completions", {**body, "repetition_detection": detection})["choices"][0]
+        choice = post_json(server, "/v1/completions", {**body, "repetition_detection": detection})["choices"][0]
         assert (choice["token_ids"], choice["finish_reason"]) == ([50] * tokens, finish), detection
-    events = _events(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 12, "allowed_token_ids": [50],
-                                                      "repetition_detection": {"max_pattern_size": 1, "min_count": 5},
-                                                      "stream_options": {"include_usage": True}})
+    events = sse_events(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 12,
+                                                         "allowed_token_ids": [50], "repetition_detection":
+                                                             {"max_pattern_size": 1, "min_count": 5},
+                                                         "stream_options": {"include_usage": True}})
     assert events[-1]["usage"]["completion_tokens"] == 5 and events[-2]["choices"][0]["finish_reason"] == "stop"
     for detection, words in (({"max_pattern_size": 2, "min_count": 1}, "min_count must be 2 or more"),
                              ({"max_pattern_size": 2, "min_pattern_size": 3, "min_count": 2}, "is over max_pattern")):
-        error = _post(server, "/v1/completions", {"prompt": "hi", "repetition_detection": detection}, 400)["error"]
+        error = post_json(server, "/v1/completions", {"prompt": "hi", "repetition_detection": detection}, 400)["error"]
         assert words in error["message"] and error["param"] == "repetition_detection", error
 
 
 # -- reasoning: effort and include_reasoning ---------------------------------------------------------------------------
 def test_reasoning_effort_reaches_the_template(server):
     def prompt(**body) -> list[int]:
-        return _post(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 1, "return_token_ids": True,
-                                                      **body})["prompt_token_ids"]
+        return post_json(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 1,
+                                                          "return_token_ids": True, **body})["prompt_token_ids"]
 
     assert prompt(reasoning_effort="low") == _rendered(server, reasoning_effort="low", enable_thinking=True)
     assert prompt(reasoning_effort="none") == _rendered(server, reasoning_effort="none", enable_thinking=False)
@@ -285,8 +275,8 @@ def test_reasoning_effort_reaches_the_template(server):
     # chat_template_kwargs' enable_thinking is the client's own choice: the effort leaves it
     assert prompt(reasoning_effort="none", chat_template_kwargs={"enable_thinking": True}) == \
         _rendered(server, reasoning_effort="none", enable_thinking=True)
-    usage = _post(server, "/v1/responses", {"input": QUESTION[0]["content"], "max_output_tokens": 16,
-                                            "reasoning": {"effort": "high", "summary": "auto"}})
+    usage = post_json(server, "/v1/responses", {"input": QUESTION[0]["content"], "max_output_tokens": 16,
+                                                "reasoning": {"effort": "high", "summary": "auto"}})
     assert usage["usage"]["input_tokens"] == len(_rendered(server, reasoning_effort="high", enable_thinking=True))
     assert usage["reasoning"]["effort"] == "high"
 
@@ -296,16 +286,16 @@ def test_include_reasoning_false_leaves_the_reasoning_out(server):
     include_reasoning false it is not returned, whole or streamed, while its tokens still count."""
     body = {"messages": QUESTION, "max_tokens": 4, "chat_template_kwargs": {"open_think": True},
             "stream_options": {"include_usage": True}}
-    shown = _post(server, "/v1/chat/completions", {**body, "stream_options": None})
+    shown = post_json(server, "/v1/chat/completions", {**body, "stream_options": None})
     message = shown["choices"][0]["message"]
     assert message["reasoning_content"] and message["content"] is None
-    hidden = _post(server, "/v1/chat/completions", {**body, "stream_options": None, "include_reasoning": False})
+    hidden = post_json(server, "/v1/chat/completions", {**body, "stream_options": None, "include_reasoning": False})
     assert hidden["choices"][0]["message"]["reasoning_content"] is None
     assert hidden["usage"]["completion_tokens_details"] == shown["usage"]["completion_tokens_details"] == \
         {"reasoning_tokens": 4}
-    streamed = [e["choices"][0]["delta"] for e in _events(server, "/v1/chat/completions", body) if e["choices"]]
+    streamed = [e["choices"][0]["delta"] for e in sse_events(server, "/v1/chat/completions", body) if e["choices"]]
     assert "".join(d.get("reasoning_content") or "" for d in streamed) == message["reasoning_content"]
-    quiet = _events(server, "/v1/chat/completions", {**body, "include_reasoning": False})
+    quiet = sse_events(server, "/v1/chat/completions", {**body, "include_reasoning": False})
     assert not any(e["choices"][0]["delta"].get("reasoning_content") for e in quiet if e["choices"])
     assert quiet[-1]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 4}
 
@@ -338,12 +328,12 @@ REFUSED = [
 
 @pytest.mark.parametrize("fields", ACCEPTED)
 def test_accepted_fields(server, fields):
-    _post(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2, **fields})
+    post_json(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2, **fields})
 
 
 @pytest.mark.parametrize("fields, param, words", REFUSED)
 def test_refused_fields_name_themselves(server, fields, param, words):
-    error = _post(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2, **fields}, 400)["error"]
+    error = post_json(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2, **fields}, 400)["error"]
     assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error", error
 
 
@@ -353,12 +343,12 @@ def test_an_earlier_refusal_renders_as_what_the_assistant_said(server):
     said = "I cannot help with that."
     def prompt(content) -> list[int]:
         history = [QUESTION[0], {"role": "assistant", "content": content}, {"role": "user", "content": "Why?"}]
-        return _post(server, "/v1/chat/completions", {"messages": history, "max_tokens": 1,
-                                                      "return_token_ids": True})["prompt_token_ids"]
+        return post_json(server, "/v1/chat/completions", {"messages": history, "max_tokens": 1,
+                                                          "return_token_ids": True})["prompt_token_ids"]
 
     assert prompt([{"type": "refusal", "refusal": said}]) == prompt(said) == _rendered(
         server, [QUESTION[0], {"role": "assistant", "content": said}, {"role": "user", "content": "Why?"}])
-    error = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+    error = post_json(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "refusal", "refusal": said}]}]}, status=400)["error"]
     assert error["param"] == "messages.0.content" and "type 'refusal'" in error["message"]
 
@@ -410,7 +400,7 @@ def test_structured_outputs_closed_objects_over_the_socket(server):
     """disable_additional_properties: an object that names "a" takes nothing else, so sampled answers are
     exactly {"a": true} or {"a": false}; disable_any_whitespace is taken (the JSON is compact anyway)."""
     schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}
-    answer = _post(server, "/v1/completions", {
+    answer = post_json(server, "/v1/completions", {
         "prompt": "JSON:", "max_tokens": 30, "n": 6, "temperature": 1.0, "seed": 11,
         "structured_outputs": {"json": schema, "disable_additional_properties": True, "disable_any_whitespace": True}})
     for choice in answer["choices"]:
@@ -423,24 +413,24 @@ def test_responses_logprobs_are_the_chat_ones(server):
     as chat's logprobs.content does (the same prompt through the same template, greedy: the same tokens); streamed,
     the deltas carry them in order and output_text.done the whole list. top_logprobs alone returns none, as
     OpenAI's."""
-    chat = _post(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 16, "logprobs": True,
-                                                  "top_logprobs": 3})["choices"][0]["logprobs"]["content"]
+    chat = post_json(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 16, "logprobs": True,
+                                                      "top_logprobs": 3})["choices"][0]["logprobs"]["content"]
     body = {"input": QUESTION[0]["content"], "max_output_tokens": 16, "top_logprobs": 3,
             "include": ["message.output_text.logprobs", "reasoning.encrypted_content"]}
-    answer = _post(server, "/v1/responses", body)
+    answer = post_json(server, "/v1/responses", body)
     part = answer["output"][-1]["content"][0]
     assert len(part["logprobs"]) == 16 and answer["top_logprobs"] == 3
     for got, expected in zip(part["logprobs"], chat):
         assert (got["token"], got["bytes"], [t["token"] for t in got["top_logprobs"]]) == \
             (expected["token"], expected["bytes"], [t["token"] for t in expected["top_logprobs"]])
         assert got["logprob"] == pytest.approx(expected["logprob"], abs=1e-4)
-    events = _events(server, "/v1/responses", body)
+    events = sse_events(server, "/v1/responses", body)
     deltas = [e for e in events if e["type"] == "response.output_text.delta"]
     done = next(e for e in events if e["type"] == "response.output_text.done")
     assert [lp["token"] for e in deltas for lp in e["logprobs"]] == [lp["token"] for lp in done["logprobs"]] == \
         [lp["token"] for lp in part["logprobs"]]
     assert events[-1]["response"]["output"][-1]["content"][0]["logprobs"] == done["logprobs"]
-    quiet = _post(server, "/v1/responses", {**body, "include": None})
+    quiet = post_json(server, "/v1/responses", {**body, "include": None})
     assert quiet["output"][-1]["content"][0]["logprobs"] == [] and quiet["top_logprobs"] == 3
-    error = _post(server, "/v1/responses", {**body, "top_logprobs": 21}, status=400)["error"]
+    error = post_json(server, "/v1/responses", {**body, "top_logprobs": 21}, status=400)["error"]
     assert error["param"] == "top_logprobs", error

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import TOLERANCE
+from http_helpers import api_error
 from test_serve_support import ServerProcess, make_adapter, never_ending, tiny_hf_folder, wait_idle
 
 PROMPT = [5, 17, 42, 99, 17]  # token ids: the trained rows 17 and 42 are read by the prompt itself
@@ -91,14 +92,6 @@ def _ask(client, model: str, max_tokens: int = 6) -> dict:
     return response.json()["choices"][0]
 
 
-def _error(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, (response.status_code, response.text[:500])
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert "\n" not in error["message"] and "Traceback" not in error["message"]
-    return error
-
-
 # -- trainable tokens ----------------------------------------------------------------------------------------------
 def test_trainable_tokens_answer_as_peft_alone_and_mixed(server):
     """Each token adapter's greedy answer and log-probabilities equal peft's, served alone and with requests on
@@ -154,7 +147,7 @@ def test_static_decoder_refuses_token_adapters_in_one_line(tokens_setup):
                                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
                                ("/v1/responses", {"input": "hi"})):
                 field = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
-                error = _error(client.post(path, json={"model": "tok", field: 16, **body}), 400)
+                error = api_error(client.post(path, json={"model": "tok", field: 16, **body}), 400)
                 assert error["code"] == "adapter_unsupported" and error["param"] == "model", (path, error)
                 assert "adapter 'tok' also changes lm_head" in error["message"], error
                 assert "--decoder transformers" in error["message"] and "lk" not in error["message"]
@@ -164,8 +157,8 @@ def test_static_decoder_refuses_token_adapters_in_one_line(tokens_setup):
             # decoded their rows with the base's embedding and head (wrong answers, no error)
             assert client.post("/v1/adapters/unload", json={"name": "tok"}).status_code == 200
             for name in ("tok2", "tok"):
-                error = _error(client.post("/v1/completions", json={"model": name, "prompt": PROMPT, "max_tokens": 4}),
-                               400)
+                error = api_error(client.post("/v1/completions", json={"model": name, "prompt": PROMPT,
+                                                                       "max_tokens": 4}), 400)
                 assert error["code"] == "adapter_unsupported" and f"adapter {name!r} also changes" in error["message"]
             # echo's scoring alone runs transformers' forward, which serves the rows: peft's prompt logprobs
             response = client.post("/v1/completions", json={"model": "tok", "prompt": PROMPT, "max_tokens": 0,
@@ -262,7 +255,7 @@ def test_reload_and_unload_of_a_busy_adapter_say_which(server):
         lines = r.iter_lines()  # kept: a dropped iterator closes the stream, and the server cancels the request
         next(lines)  # generating
         for action in ("load", "unload"):
-            error = _error(client.post(f"/v1/adapters/{action}", json={"name": "a0"}), 409)
+            error = api_error(client.post(f"/v1/adapters/{action}", json={"name": "a0"}), 409)
             assert error["message"] == f"adapter 'a0' is serving 1 request(s); {'re' if action == 'load' else 'un'}" \
                                        "load it when they finish" and error["code"] == "adapter_busy"
     assert wait_idle(client, 5.0)
@@ -327,7 +320,7 @@ def test_web_pages_cannot_drive_a_server_without_cors(server, path, body):
     steps = client.get("/health").json()["steps"]
     response = client.post(path, content=json.dumps(body), headers={"Origin": "http://evil.example",
                                                                     "Content-Type": "text/plain"})
-    error = _error(response, 403)
+    error = api_error(response, 403)
     assert error["code"] == "cors_refused" and "--cors-origin http://evil.example" in error["message"]
     assert client.get("/v1/adapters").json()["data"] == before and client.get("/health").json()["steps"] == steps
     assert client.get("/v1/models", headers={"Origin": "http://evil.example"}).status_code == 200  # reads nothing
@@ -381,7 +374,7 @@ def test_a_grammar_the_parser_gives_up_on_is_the_clients_400(server):
     response = server["client"].post("/v1/chat/completions", json={
         "model": "a0", "messages": [{"role": "user", "content": "pick"}], "max_tokens": 16, "temperature": 0,
         "guided_grammar": grammar})
-    error = _error(response, 400)
+    error = api_error(response, 400)
     assert error["code"] == "invalid_response_format" and error["type"] == "invalid_request_error"
     assert error["message"].startswith("the answer could not follow the format: ") and "max is 2000" in error["message"]
     assert "<state>" not in error["message"]  # llguidance's parser dump stays out
@@ -398,7 +391,7 @@ def test_the_base_is_not_an_adapter_to_load_and_head_answers(server):
     """POST /v1/adapters/load or unload with the base's name said "no adapter named 'base'" (404) or "not loaded";
     now one line that it is the base. HEAD of the GET routes was a 405 (HTTP checkers send it); now their headers."""
     for action in ("load", "unload"):
-        error = _error(server["client"].post(f"/v1/adapters/{action}", json={"name": "base"}), 400)
+        error = api_error(server["client"].post(f"/v1/adapters/{action}", json={"name": "base"}), 400)
         assert error["message"] == f"'base' is the base model, always in memory; {action} takes the name of an " \
                                    "adapter (GET /v1/models lists them)" and error["param"] == "name"
     for path in ("/v1/models", "/v1/models/a0", "/v1/models/base", "/v1/adapters", "/health"):

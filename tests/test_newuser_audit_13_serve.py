@@ -17,6 +17,7 @@ import peft
 import pytest
 import torch
 
+from http_helpers import api_error
 from test_serve_support import ServerProcess, make_adapter, never_ending, tiny_hf_folder, wait_idle
 
 LONG = 2000  # tokens of a generation that runs for seconds on the test machine
@@ -61,14 +62,6 @@ def _sdk(server):
     return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0)
 
 
-def _error(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, (response.status_code, response.text[:500])
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert "\n" not in error["message"] and "Traceback" not in error["message"]
-    return error
-
-
 def _text(client, model: str, prompt: str = "Hello", max_tokens: int = 8) -> str:
     response = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
                                                     "temperature": 0})
@@ -94,14 +87,14 @@ def test_a_misspelt_model_name_gets_a_did_you_mean(server, sent, meant):
     client = server["client"]
     for response in (client.post("/v1/completions", json={"model": sent, "prompt": "hi", "max_tokens": 2}),
                      client.post("/v1/responses", json={"model": sent, "input": "hi", "max_output_tokens": 16})):
-        error = _error(response, 400 if "/" in sent or "%" in sent else 404)
+        error = api_error(response, 400 if "/" in sent or "%" in sent else 404)
         assert f"did you mean {meant!r}?" in error["message"] and error["param"] == "model", error
     if "/" not in sent and "%" not in sent:  # a slash in the path is a sub-path of the route, not this name
-        error = _error(client.get(f"/v1/models/{sent}"), 404)
+        error = api_error(client.get(f"/v1/models/{sent}"), 404)
         assert f"did you mean {meant!r}?" in error["message"], error
     if meant != "base":  # the base is no adapter to load
         status = 400 if "/" in sent or "%" in sent else 404
-        error = _error(client.post("/v1/adapters/load", json={"name": sent}), status)
+        error = api_error(client.post("/v1/adapters/load", json={"name": sent}), status)
         assert f"did you mean {meant!r}?" in error["message"] and error["param"] == "name", error
 
 
@@ -136,14 +129,14 @@ def test_an_adapter_removed_from_disk_is_no_longer_served(server):
             assert events[-1]["choices"][0]["finish_reason"] == "length"  # the request in flight finished
         assert "temp" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
         body = {"model": "temp", "prompt": "Hello", "max_tokens": 8, "temperature": 0}
-        error = _error(client.post("/v1/completions", json=body), 404)
+        error = api_error(client.post("/v1/completions", json=body), 404)
         assert error["code"] == "model_not_found" and error["message"] == (
             "no adapter named 'temp' in the adapters folder: its folder was removed while it was loaded, so it is "
             "unloaded; put the folder back to serve it again"), error
         assert "temp" not in [a["name"] for a in client.get("/v1/adapters").json()["data"]]  # its memory is freed
         for response in (client.post("/v1/completions", json=body),
                          client.post("/v1/adapters/load", json={"name": "temp"})):
-            assert "no adapter named 'temp'" in _error(response, 404)["message"]
+            assert "no adapter named 'temp'" in api_error(response, 404)["message"]
         # another adapter's files under the same name: those are served, not the old copy
         shutil.copytree(adapters / "orders", adapters / "temp")
         assert _text(client, "temp") == _text(client, "orders") != answer
@@ -160,7 +153,7 @@ def test_load_of_a_removed_adapter_unloads_it(server):
     try:
         assert client.post("/v1/adapters/load", json={"name": "temp2"}).status_code == 200
         shutil.rmtree(adapters / "temp2")
-        error = _error(client.post("/v1/adapters/load", json={"name": "temp2"}), 404)
+        error = api_error(client.post("/v1/adapters/load", json={"name": "temp2"}), 404)
         assert "removed" in error["message"], error
         assert "temp2" not in [a["name"] for a in client.get("/v1/adapters").json()["data"]]
     finally:
@@ -301,10 +294,10 @@ def test_refusals_do_not_show_the_servers_folders(server):
                             ("nest", "move the files of nest/nest up into nest")):
             for response in (client.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2}),
                              client.post("/v1/adapters/load", json={"name": name})):
-                error = _error(response, 400)
+                error = api_error(response, 400)
                 assert words in error["message"] and str(server["root"]) not in error["message"], error
                 assert error["message"].count(str(adapters)) == 0 and "/tmp" not in error["message"], error
-        error = _error(client.post("/v1/completions", json={"model": "outside", "prompt": "hi"}), 400)
+        error = api_error(client.post("/v1/completions", json={"model": "outside", "prompt": "hi"}), 400)
         assert error["message"] == "adapter 'outside' is a link that leaves the adapters folder; refused", error
     finally:
         shutil.rmtree(adapters / "half")
@@ -342,7 +335,7 @@ def test_openai_chat_fields_are_accepted_or_refused_by_name(server):
             sdk.chat.completions.create(model="peft-qv", messages=messages, max_tokens=6, **{field: value})
         assert caught.value.body["param"] == field, (field, caught.value.body)
         assert "unknown field" not in caught.value.message, caught.value.message
-    error = _error(server["client"].post("/v1/chat/completions", json={
+    error = api_error(server["client"].post("/v1/chat/completions", json={
         "model": "peft-qv", "messages": messages, "function_call": {"name": "f"}}), 400)
     assert error["param"] == "function_call" and "tools" in error["message"], error
 
@@ -455,8 +448,8 @@ def test_top_p_zero_is_openais_most_likely_token(server):
     reply = sdk.responses.create(model="support-v2", input="Hello", max_output_tokens=16, temperature=1, top_p=0)
     assert reply.output_text == sdk.responses.create(model="support-v2", input="Hello", max_output_tokens=16,
                                                      temperature=0).output_text
-    error = _error(server["client"].post("/v1/completions", json={"model": "support-v2", "prompt": "hi",
-                                                                  "top_p": -0.1}), 400)
+    error = api_error(server["client"].post("/v1/completions", json={"model": "support-v2", "prompt": "hi",
+                                                                     "top_p": -0.1}), 400)
     assert error["param"] == "top_p"
 
 
@@ -464,9 +457,9 @@ def test_unload_of_a_misspelt_name_suggests_a_loaded_adapter(server):
     """POST /v1/adapters/unload {"name": "Orders"} said only "adapter 'Orders' is not loaded"."""
     client = server["client"]
     assert client.post("/v1/adapters/load", json={"name": "orders"}).status_code == 200
-    error = _error(client.post("/v1/adapters/unload", json={"name": "Orders"}), 404)
+    error = api_error(client.post("/v1/adapters/unload", json={"name": "Orders"}), 404)
     assert error["message"] == "adapter 'Orders' is not loaded; did you mean 'orders'?", error
-    error = _error(client.post("/v1/adapters/unload", json={"name": "gpt-4o"}), 404)
+    error = api_error(client.post("/v1/adapters/unload", json={"name": "gpt-4o"}), 404)
     assert error["message"] == "adapter 'gpt-4o' is not loaded; GET /v1/adapters lists those loaded", error
     assert "orders" in [a["name"] for a in client.get("/v1/adapters").json()["data"]]
 

@@ -21,6 +21,7 @@ import torch
 import lorakit
 from lorakit.serve.pool import AdapterPool
 from conftest import tiny_llama
+from http_helpers import sse_events
 from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder, wait_idle
 
 SLOW_READ_S = 1.5
@@ -233,16 +234,6 @@ def test_an_eviction_during_a_first_load_makes_room_for_it(pool):
 
 
 # -- part 2: the protocol ----------------------------------------------------------------------------------------
-def _sse(url: str, path: str, body: dict) -> list[dict]:
-    events = []
-    with httpx.Client(base_url=url, timeout=60) as own, own.stream("POST", path, json={**body, "stream": True}) as s:
-        assert s.status_code == 200, s.read()[:300]
-        for line in s.iter_lines():
-            if line.startswith("data: {"):
-                events.append(json.loads(line[6:]))
-    return events
-
-
 PROMPTS = ["Paris is", "The quick brown fox", "Hello", "Berlin", "hi", "Numbers: 0 1 2"]
 
 
@@ -290,7 +281,7 @@ def test_logprobs_end_where_a_stop_string_cuts_the_text(server, chat):
         assert joined.startswith(expected.encode()) and len(joined) < len(expected.encode()) + len(stop.encode())
     else:
         assert all(offset < len(expected) for offset in answer["logprobs"]["text_offset"])
-    events = _sse(url, path, {**body, "stop": stop})
+    events = sse_events(server, path, {**body, "stop": stop})
     streamed = [t for e in events if e["choices"] and e["choices"][0]["logprobs"]
                 for t in tokens_of(e["choices"][0]["logprobs"])]
     assert streamed == kept
@@ -429,7 +420,7 @@ def test_a_stop_string_completed_by_a_token_that_starts_a_character_stops_the_an
     for stream in (False, True):
         request = {**body, "max_tokens": k + 1, "stop": stop}
         if stream:
-            events = _sse(server["url"], "/v1/completions", request)
+            events = sse_events(server, "/v1/completions", request)
             answer = "".join(e["choices"][0]["text"] for e in events if e["choices"])
             finish = [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1]
         else:
@@ -449,7 +440,7 @@ def test_echo_streams_as_it_answers(server, extra):
     whole = server["client"].post("/v1/completions", json={k: v for k, v in body.items() if k != "stream_options"})
     assert whole.status_code == 200, whole.text[:300]
     whole = whole.json()
-    events = _sse(server["url"], "/v1/completions", body)
+    events = sse_events(server, "/v1/completions", body)
     for choice in whole["choices"]:
         mine = [c for e in events for c in e["choices"] if c["index"] == choice["index"]]
         assert "".join(c["text"] for c in mine) == choice["text"]

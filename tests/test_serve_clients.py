@@ -21,6 +21,7 @@ import httpx
 import pytest
 import torch
 
+from http_helpers import api_error
 from test_serve_support import ServerProcess, make_adapter, never_ending, tiny_hf_folder
 
 CONTEXT = 256  # the tiny model's max_position_embeddings: the server's context
@@ -48,14 +49,6 @@ def server(tmp_path_factory):
     finally:
         client.close()
         server.stop()
-
-
-def _error(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, (response.status_code, response.text[:500])
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert "\n" not in error["message"]
-    return error
 
 
 def _ok(response: httpx.Response) -> dict:
@@ -94,7 +87,7 @@ def test_null_means_the_default(server):
     body = {"model": "a1", "prompt": "Hello", "temperature": 0, "echo": None, "best_of": None, "suffix": None,
             "logprobs": None, "n": None}
     assert _ok(client.post("/v1/completions", json=body))["usage"]["completion_tokens"] == 16  # null max_tokens: 16
-    error = _error(client.post("/v1/completions", json={"model": None, "prompt": "hi"}), 400)  # required: refused
+    error = api_error(client.post("/v1/completions", json={"model": None, "prompt": "hi"}), 400)  # required: refused
     assert error["param"] == "model" and error["message"].endswith("got null"), error
 
 
@@ -123,10 +116,10 @@ def test_echoed_reply_and_off_values_accepted(server):
     # the "on" values are refused by name, never silently ignored
     for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
                          ("response_format", {"type": "grammar"}), ("store", True), ("modalities", ["audio"])]:
-        error = _error(_chat(client, **{field: value}), 400)
+        error = api_error(_chat(client, **{field: value}), 400)
         assert error["param"].startswith(field) and "not supported" in error["message"], error
     tool_call = {**first, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
-    assert _error(_chat(client, [history[0], tool_call]), 400)["param"] == "messages.1.tool_calls"
+    assert api_error(_chat(client, [history[0], tool_call]), 400)["param"] == "messages.1.tool_calls"
 
 
 def test_models_retrieve(server):
@@ -135,8 +128,8 @@ def test_models_retrieve(server):
     listed = {m["id"]: m for m in _ok(client.get("/v1/models"))["data"]}
     for name in ("base", "a0", "a2"):
         assert _ok(client.get(f"/v1/models/{name}")) == listed[name]
-    assert _error(client.get("/v1/models/nope"), 404)["code"] == "model_not_found"
-    assert _error(client.get("/v1/models/..%2F..%2Fetc"), 400)["code"] == "invalid_adapter_name"
+    assert api_error(client.get("/v1/models/nope"), 404)["code"] == "model_not_found"
+    assert api_error(client.get("/v1/models/..%2F..%2Fetc"), 400)["code"] == "invalid_adapter_name"
 
 
 @pytest.mark.parametrize("method, path, words", [
@@ -148,7 +141,7 @@ def test_models_retrieve(server):
 ])
 def test_wrong_base_url_is_named(server, method, path, words):
     """``OpenAI(base_url="http://host:8000")`` (no /v1) is a new user's first mistake. Before the fix: 404 'Not Found'."""
-    error = _error(server["client"].request(method, path, json={}), 404)
+    error = api_error(server["client"].request(method, path, json={}), 404)
     assert words in error["message"] and error["code"] == "not_found", error
 
 
@@ -156,7 +149,7 @@ def test_wrong_method_names_the_right_one(server):
     for method, path, allowed in [("GET", "/v1/chat/completions", "POST"), ("PUT", "/v1/completions", "POST"),
                                   ("POST", "/v1/models", "GET, HEAD"), ("DELETE", "/v1/adapters/load", "POST")]:
         response = server["client"].request(method, path)
-        error = _error(response, 405)
+        error = api_error(response, 405)
         assert error["message"] == f"{method} is not allowed on {path}; use {allowed}", error
         assert response.headers["allow"] == allowed
 
@@ -167,9 +160,9 @@ def test_default_max_tokens_fits_the_context(server):
     client = server["client"]
     body = {"model": "a1", "prompt": [5] * (CONTEXT - 6), "temperature": 0}
     assert _ok(client.post("/v1/completions", json=body))["usage"]["completion_tokens"] == 6
-    assert _error(client.post("/v1/completions", json={**body, "max_tokens": 16}), 400)["param"] == "max_tokens"
+    assert api_error(client.post("/v1/completions", json={**body, "max_tokens": 16}), 400)["param"] == "max_tokens"
     # the error names the field the client sent (the openai package sends max_completion_tokens for chat)
-    error = _error(_chat(client, max_tokens=None, max_completion_tokens=500), 400)
+    error = api_error(_chat(client, max_tokens=None, max_completion_tokens=500), 400)
     assert error["param"] == "max_completion_tokens" and error["message"].startswith("max_completion_tokens 500 is over")
 
 
@@ -252,7 +245,8 @@ def test_top_k(server):
     for entry in content:  # every sampled token is one of the 3 most likely there
         assert (entry["token"], entry["bytes"]) in [(t["token"], t["bytes"]) for t in entry["top_logprobs"]]
     assert any(entry["top_logprobs"][0]["bytes"] != entry["bytes"] for entry in content)  # not just greedy
-    assert _error(client.post("/v1/completions", json={"model": "a1", "prompt": "x", "top_k": -2}), 400)["param"] == "top_k"
+    assert api_error(client.post("/v1/completions", json={"model": "a1", "prompt": "x", "top_k": -2}),
+                     400)["param"] == "top_k"
 
 
 # -- strict SSE clients --------------------------------------------------------------------------------------------
@@ -402,7 +396,8 @@ def test_echo_scores_the_prompt(server):
     assert echoed["text"] == choice["text"] + plain["text"]
     assert echoed["logprobs"]["token_logprobs"][len(ids):] == plain["logprobs"]["token_logprobs"]
     assert echoed["logprobs"]["text_offset"][len(ids):] == [o + len(choice["text"]) for o in plain["logprobs"]["text_offset"]]
-    assert _error(client.post("/v1/completions", json={"model": "a1", "prompt": "hi", "max_tokens": 0}), 400)["param"] == "max_tokens"
+    assert api_error(client.post("/v1/completions", json={"model": "a1", "prompt": "hi", "max_tokens": 0}),
+                     400)["param"] == "max_tokens"
     streamed = client.post("/v1/completions", json={"model": "a1", "prompt": "hi", "echo": True, "stream": True,
                                                     "max_tokens": 2})  # streamed, prompt first (test_newuser_audit_14)
     assert streamed.status_code == 200 and streamed.text.startswith("data: ") and '"text": "hi"' in streamed.text
@@ -433,8 +428,8 @@ def test_lm_eval_requests(server):
     generated = _ok(client.post("/v1/completions", json={"model": "a0", "prompt": ["Q: 2+2?", "Q: 3+3?"],
                                                          "max_tokens": 8, "temperature": 0, "stop": stop, "seed": 1234}))
     assert [c["index"] for c in generated["choices"]] == [0, 1]
-    assert _error(client.post("/v1/completions", json={"model": "a0", "prompt": "x", "stop": ["s"] * 17}),
-                  400)["param"] == "stop"
+    assert api_error(client.post("/v1/completions", json={"model": "a0", "prompt": "x", "stop": ["s"] * 17}),
+                     400)["param"] == "stop"
 
 
 def test_batch_of_prompts(server):
@@ -458,9 +453,9 @@ def test_batch_of_prompts(server):
                                                       "max_tokens": 0, "logprobs": 0}))
     assert [c["text"] for c in scored["choices"]] == ["Hello", server["tokenizer"].decode([5, 6, 7])]
     assert [len(c["logprobs"]["tokens"]) for c in scored["choices"]] == [a["usage"]["prompt_tokens"] for a in alone[:3:2]]
-    error = _error(client.post("/v1/completions", json={"model": "a2", "prompt": ["hi"] * 9, "n": 16}), 400)
+    error = api_error(client.post("/v1/completions", json={"model": "a2", "prompt": ["hi"] * 9, "n": 16}), 400)
     assert error["param"] == "n" and "144 answers, over the limit of 128" in error["message"], error
-    error = _error(client.post("/v1/completions", json={"model": "a2", "prompt": ["hi", [1] * 300]}), 400)
+    error = api_error(client.post("/v1/completions", json={"model": "a2", "prompt": ["hi", [1] * 300]}), 400)
     assert error["message"].startswith("prompt 1 of the batch has 300 tokens"), error
     assert all(a["in_use"] == 0 for a in _ok(client.get("/v1/adapters"))["data"])
 
@@ -517,7 +512,7 @@ def test_n_choices(server):
         assert deltas[0] == {"role": "assistant", "content": ""}
         assert "".join(d.get("content") or "" for d in deltas) == whole["choices"][index]["message"]["content"]
     assert events[-1]["usage"] == whole["usage"] and whole["usage"]["completion_tokens"] == 14
-    _error(client.post("/v1/completions", json={**body, "n": 17}), 400)
+    api_error(client.post("/v1/completions", json={**body, "n": 17}), 400)
     # every choice released its share of the adapter's pin, exactly once
     assert all(a["in_use"] == 0 for a in _ok(client.get("/v1/adapters"))["data"])
     assert _ok(client.post("/v1/adapters/unload", json={"name": "a2"}))["loaded"] is False
@@ -583,7 +578,7 @@ def test_compressed_body_is_415(server):
 
     body = gzip.compress(json.dumps({"model": "a0", "prompt": "hi", "max_tokens": 2}).encode())
     response = server["client"].post("/v1/completions", content=body, headers={"Content-Encoding": "gzip"})
-    assert _error(response, 415)["code"] == "unsupported_encoding"
+    assert api_error(response, 415)["code"] == "unsupported_encoding"
 
 
 def _preflight(client, origin: str) -> httpx.Response:
@@ -604,13 +599,13 @@ def test_browser_clients(origins):
                         context_length=8, max_prompt_tokens=8, max_new_tokens=8, api_key="key", cors_origins=origins)
     with TestClient(create_app(state)) as client:
         if not origins:
-            assert "--cors-origin" in _error(_preflight(client, "http://ui.example"), 405)["message"]
+            assert "--cors-origin" in api_error(_preflight(client, "http://ui.example"), 405)["message"]
             return
         allowed = _preflight(client, "http://ui.example")
         assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://ui.example"
-        assert _error(_preflight(client, "http://evil.example"), 400)["code"] == "cors_refused"
+        assert api_error(_preflight(client, "http://evil.example"), 400)["code"] == "cors_refused"
         refused = client.get("/v1/models", headers={"Origin": "http://ui.example"})  # no key: still refused
-        assert _error(refused, 401) and refused.headers["access-control-allow-origin"] == "http://ui.example"
+        assert api_error(refused, 401) and refused.headers["access-control-allow-origin"] == "http://ui.example"
 
 
 def test_cors_origin_flag(server):
@@ -652,7 +647,8 @@ def test_chat_template_kwargs(tmp_path):
             for options, words in (({"add_generation_prompt": False}, "is a field of the request"),
                                    ({"not a name": 1}, "is not an option name"), ("yes", "valid dictionary"),
                                    ({f"k{i}": i for i in range(40)}, "over 32 options")):
-                error = _error(client.post("/v1/chat/completions", json={**body, "chat_template_kwargs": options}), 400)
+                error = api_error(client.post("/v1/chat/completions", json={**body, "chat_template_kwargs": options}),
+                                  400)
                 assert words in error["message"] and "chat_template_kwargs" in (error["param"] or ""), error
     finally:
         server.stop()
