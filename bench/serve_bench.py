@@ -14,6 +14,9 @@ values). Each client sends greedy /v1/completions requests back to back until th
 last cases (8 adapters; 8 and 32 clients) send sampled requests with OpenAI's and vLLM's options instead (SAMPLED:
 temperature, top_p, top_k, min_p, repetition and presence penalties, a seed per request): what the per-row logits
 processing costs against the greedy cases beside them.
+``--system-words N`` puts one shared passage of N words before every prompt (a system prompt that every request
+repeats: what the static decoder's prefix cache is for); ``--server-arg`` passes a flag on to ``lorakit serve``
+(``--server-arg=--prefix-cache-tokens=0``: the same run without it).
 Writes bench/results/serve_bench.json (or $OUT/serve_bench.json) and prints a table; docs/PERFORMANCE.md holds
 the numbers of a recorded run.
 """
@@ -94,7 +97,15 @@ SAMPLED = {"temperature": 0.8, "top_p": 0.95, "top_k": 50, "min_p": 0.05, "repet
            "presence_penalty": 0.2}
 
 
-def run_case(url: str, clients: int, adapters: list[str], requests: int, max_tokens: int, sampled: bool = False) -> dict:
+def system_passage(words: int) -> str:
+    """A fixed passage of ``words`` words (the same for every request and run)."""
+    vocabulary = ("adapter rank matrix model token weight layer batch server request prompt answer cache memory "
+                  "kernel gradient").split()
+    return " ".join(vocabulary[(7 * i + i // 16) % len(vocabulary)] for i in range(words)) + "\n\n"
+
+
+def run_case(url: str, clients: int, adapters: list[str], requests: int, max_tokens: int, sampled: bool = False,
+             system: str = "") -> dict:
     import httpx
 
     latencies: list[float] = []
@@ -110,7 +121,7 @@ def run_case(url: str, clients: int, adapters: list[str], requests: int, max_tok
                     i = next(counter, None)
                 if i is None:
                     return
-                body = {"model": adapters[i % len(adapters)], "prompt": PROMPTS[i % len(PROMPTS)],
+                body = {"model": adapters[i % len(adapters)], "prompt": system + PROMPTS[i % len(PROMPTS)],
                         "max_tokens": max_tokens, **({**SAMPLED, "seed": i} if sampled else {"temperature": 0})}
                 start = time.perf_counter()
                 response = http.post("/v1/completions", json=body)
@@ -134,7 +145,8 @@ def run_case(url: str, clients: int, adapters: list[str], requests: int, max_tok
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
     # the engine's own split of this case's time (servers without these fields report nothing)
-    phase = {k: after[k] - before[k] for k in ("prefill_s", "prefill_calls", "prefill_rows", "decode_s", "decode_steps")
+    phase = {k: after[k] - before[k] for k in ("prefill_s", "prefill_calls", "prefill_rows", "decode_s", "decode_steps",
+                                               "prefix_cache_hit_tokens", "prefix_cache_query_tokens")
              if k in after and k in before}
     if phase:
         phase["prefill_share"] = round(phase["prefill_s"] / wall, 3)
@@ -166,7 +178,13 @@ def main() -> int:
     parser.add_argument("--nf4", action="store_true",
                         help="serve the model quantized to NF4 first (`lorakit quantize`: a QLoRA user's 4-bit folder); "
                              "the adapters are made on the 16-bit model")
+    parser.add_argument("--system-words", type=int, default=0,
+                        help="a shared passage of this many words before every prompt (a repeated system prompt)")
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="a flag passed on to lorakit serve, e.g. --server-arg=--prefix-cache-tokens=0 (repeatable)")
+    parser.add_argument("--tag", default="", help="added to the JSON file's name")
     args = parser.parse_args()
+    system = system_passage(args.system_words) if args.system_words else ""
     with tempfile.TemporaryDirectory() as tmp:
         if args.random_from:
             args.model = make_random_model(args.random_from, args.shape, Path(tmp) / "model")
@@ -182,7 +200,7 @@ def main() -> int:
         server_log = open(Path(tmp) / "server.log", "w")  # shown when a case fails: the server's own traceback
         server = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", args.model, "--adapters", str(folder),
                                    "--port", str(port), "--max-loaded", "8", "--max-batch", "32", "--name", "base",
-                                   "--decoder", args.decoder],
+                                   "--decoder", args.decoder, *args.server_arg],
                                   cwd=ROOT, stdout=server_log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
@@ -196,12 +214,12 @@ def main() -> int:
                     raise RuntimeError("the server did not start")
                 time.sleep(0.5)
             names = [f"bench{i}" for i in range(8)]
-            run_case(url, 8, names, 8, 2)  # warm-up: loads all 8 adapters
+            run_case(url, 8, names, 8, 2, system=system)  # warm-up: loads all 8 adapters
             results = []
             cases = [(adapters, clients, False) for adapters in (1, 8) for clients in (1, 8, 32)]
             for adapters, clients, sampled in cases + [(8, 8, True), (8, 32, True)]:
                 requests = max(args.requests, clients) if clients > 1 else max(2, args.requests // 8)
-                result = run_case(url, clients, names[:adapters], requests, args.max_tokens, sampled)
+                result = run_case(url, clients, names[:adapters], requests, args.max_tokens, sampled, system)
                 results.append(result)
                 print(f"{adapters} adapter(s), {clients:2d} clients, {result['sampling']}: "
                       f"{result['requests_per_s']:7.2f} req/s "
@@ -224,7 +242,7 @@ def main() -> int:
 
     model_name = f"random {args.shape or args.random_from.name}" if args.random_from else args.model
     record = {"benchmark": "serve_bench", "model": model_name + (" (NF4)" if args.nf4 else ""), "decoder": args.decoder,
-              "rank": args.rank,
+              "rank": args.rank, "system_words": args.system_words, "server_args": args.server_arg,
               "max_tokens": args.max_tokens,
               "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -234,7 +252,7 @@ def main() -> int:
     out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = "".join(f"_{part}" for part in (args.shape, "nf4" if args.nf4 else None,
-                                          None if args.decoder == "auto" else args.decoder) if part)
+                                          None if args.decoder == "auto" else args.decoder, args.tag or None) if part)
     name = f"serve_bench{tag}.json"  # one file per shape and decoder: runs in one session do not overwrite each other
     (out_dir / name).write_text(json.dumps(record, indent=2) + "\n")
     print("\n| adapters | clients | sampling | requests | req/s | tokens/s | p50 latency s | prefill share | decode ms/step |\n"
