@@ -28,7 +28,7 @@ from lorakit._finite import all_finite
 from lorakit._fs import atomic_write_bytes
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
-from lorakit.inject import (_base_modules, _matches, _weight_read_raw, adapter_hosts, adapter_names,
+from lorakit.inject import (_base_modules, _weight_read_raw, adapter_hosts, adapter_names,
                             find_modules_to_save, find_param_targets, find_targets, inject, output_head_names,
                             peft_resolves_differently, saved_by)
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
@@ -1139,7 +1139,6 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = T
         raise LorakitError(f"{where}: {CONFIG_NAME} and {WEIGHTS_NAME} disagree (one has trained token rows, the other "
                            f"not){(not deltas and _conversion_hint(adapter_file)) or '; save the adapter again with peft'}")
     base_modules = _base_modules(model)
-    config = adapter_file.config
     lora_paths = {_strip(key).split(".lora_", 1)[0] for key in adapter_file.tensors if ".lora_" in key}
     copies: dict[str, TokenRows | None] = {}
     for path, delta in deltas.items():
@@ -1165,7 +1164,9 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = T
                        if max(indices) >= weight.shape[0] else "")
             raise LorakitError(f"{where}: {path} has a delta of shape {shown(tuple(delta.shape))} for {len(indices)} token "
                                f"ids up to {max(indices)}; this model's {path} is {tuple(weight.shape)}{resized}")
-        if config.target_modules != "all-linear" and _matches(path, config.target_modules):  # all-linear: no embedding
+        # the file's LoRA tensors say what is adapted: target_modules may name the embedding while peft left it out
+        # (layers_to_transform keeps only modules with a layer index, so a file with token rows there is peft's own)
+        if path in lora_paths:
             raise LorakitError(f"{where}: {path} is also a LoRA target; lorakit cannot put trained token rows and LoRA on "
                                "one embedding: merge the adapter with peft (merge_and_unload) and load the merged model")
         # the rows alone: the copy the load writes them into is the base's already (no second (vocab, dim) weight)

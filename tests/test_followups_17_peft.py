@@ -293,3 +293,13 @@ def test_token_rows_with_lora_on_the_tied_head_are_not_sent_to_peft_s_merge(tmp_
     assert "lm_head is also a LoRA target; lorakit cannot put trained token rows and LoRA on one module, and peft's " \
            "merge_and_unload adds both into the weight lm_head shares with model.embed_tokens" in message, message
     assert message.endswith("run this adapter with peft (PeftModel.from_pretrained)")
+
+
+def test_token_rows_beside_an_embedding_target_that_layers_to_transform_leaves_out(tmp_path):
+    """target_modules naming embed_tokens with layers_to_transform: peft adapts only modules with a layer index, so
+    the embedding gets no LoRA and trainable_token_indices may train its rows. lorakit refused the file ("embed_tokens
+    is also a LoRA target"), reading target_modules rather than what the file holds; peft's logits both ways now."""
+    from test_peft_sweep import round_trip
+
+    round_trip("llama", tmp_path, target_modules=["embed_tokens", "q_proj"], layers_to_transform=[1],
+               trainable_token_indices=[3, 7])
