@@ -339,3 +339,32 @@ def test_the_parser_is_strict(bad):
     parse_exposition(GOOD)
     with pytest.raises((AssertionError, IndexError)):
         parse_exposition(bad)
+
+
+def test_prefix_cache_tokens_are_vllms_counters(tmp_path, server):
+    """The static decoder's prefix cache (on the CPU: its PyTorch references) as vLLM's
+    ``vllm:prefix_cache_queries_total`` / ``_hits_total``, equal to /health's counts; a server without one (the
+    module's, on transformers' decoder) has neither family."""
+    from test_serve_support import tiny_hf_folder
+
+    assert "vllm:prefix_cache_hits_total" not in _scrape(server["client"])[1]
+    model_dir = tiny_hf_folder(tmp_path / "model", initializer_range=0.5)
+    (tmp_path / "adapters").mkdir()
+    process = ServerProcess(model_dir, tmp_path / "adapters", "--decoder", "static", "--max-context", "256",
+                            "--max-batch", "2", log=tmp_path / "server.log")
+    try:
+        with httpx.Client(base_url=process.url, timeout=120) as client:
+            messages = [{"role": "system", "content": "You are a terse assistant who answers in a few words. " * 3},
+                        {"role": "user", "content": "Name three colours of the rainbow, please."}]
+            for _ in range(2):  # the second turn re-sends the first's prompt
+                reply = client.post("/v1/chat/completions", json={"model": "base", "messages": messages,
+                                                                  "max_tokens": 4, "temperature": 0})
+                assert reply.status_code == 200, reply.text
+            health = client.get("/health").json()
+            _, types, samples = _scrape(client)
+    finally:
+        process.stop()
+    assert types["vllm:prefix_cache_hits_total"] == "counter"
+    hits = _value(samples, "vllm:prefix_cache_hits_total", model_name="base")
+    queries = _value(samples, "vllm:prefix_cache_queries_total", model_name="base")
+    assert hits == health["prefix_cache_hit_tokens"] > 0 and queries == health["prefix_cache_query_tokens"] >= hits

@@ -3,7 +3,8 @@
 Written here by hand (no client library). Three sources:
 
 - what the engine and the adapter pool already keep (``Engine.stats``, ``Engine.timings``, ``AdapterPool.loads`` /
-  ``evictions``), read as they stand (what a scrape between two steps sees anyway);
+  ``evictions``, the static decoder's prefix cache's looked-up and found tokens), read as they stand (what a scrape
+  between two steps sees anyway);
 - :class:`EngineMetrics`, which adds up the engine's jobs as they finish: prompt and generated tokens, why they
   ended, two latency histograms (submit to first token, submit to the end), in all and per model (the base, or the
   adapter the request named). A job is one choice of a request (``n`` of 3: three jobs);
@@ -231,6 +232,13 @@ def exposition(engine, pool, http=None, model_name: str = "") -> str:
                          [f"lorakit_http_requests_total{_labels({'method': m, 'route': r, 'status': str(s)})} {c}"
                           for (m, r, s), c in sorted(http.snapshot().items())])
     lines += per_model
+    if "prefix_cache_query_tokens" in stats:  # the static decoder's prefix cache (lorakit.decoding.prefix_cache)
+        tail = _labels({"model_name": model_name})
+        lines += _metric("vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+                         [f"vllm:prefix_cache_queries_total{tail} {stats['prefix_cache_query_tokens']}"])
+        lines += _metric("vllm:prefix_cache_hits_total", "counter",
+                         "Prompt tokens found in the prefix cache (their K/V copied, not computed).",
+                         [f"vllm:prefix_cache_hits_total{tail} {stats['prefix_cache_hit_tokens']}"])
     lines += _metric("vllm:lora_requests_info", "gauge",
                      "Running stats on lora requests: adapters with jobs running / waiting (comma-separated), the "
                      "adapters kept in memory at most; the value is the scrape's Unix time.",
