@@ -11,8 +11,9 @@ periodic checkpoints' format (atomic, ``latest`` moved to it), so ``--resume`` c
   stops right after (:meth:`StopRequest.uncut`): the optimizer update with its counters and metrics line, and a
   checkpoint being written. A validation cut midway is run again on resume (``pending_validation`` in the
   checkpoint), so the resumed run's validation losses, best adapter and early stopping are the uninterrupted run's.
-- several processes (torchrun): a signal only marks the request; the loop adds it to the next step's first
-  all-reduce, so every process stops at the same step, before computing it, whichever process got the signal.
+- several processes (torchrun): a signal only marks the request (the step it came in is finished); the loop adds
+  it to the next step's first all-reduce, so every process stops at the same step, before computing the next one,
+  whichever process got the signal.
   Rank 0 writes the checkpoint (the others take part in its gathers) and every process waits for the write to end
   before any exits: torchrun ends the others the moment one exits.
 - a second signal while stopping or saving stops at once: the checkpoint being written is removed whole (it is
@@ -44,7 +45,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     Attributes:
         step: optimizer steps done, where the run stopped. total_steps: steps planned.
-        checkpoint: the checkpoint written at the stop (None without a run folder).
+        checkpoint: the checkpoint of that step (written at the stop, or earlier: a periodic one, the one a resume
+            started from); None without a run folder, or at step 0 (nothing trained).
         signum: the signal (``signal.SIGINT`` for Ctrl-C, ``signal.SIGTERM``).
         processes: how many processes stopped together (1 without torchrun).
         everywhere: every process got a signal (Ctrl-C at the terminal, torchrun stopped), so none needs to wait
