@@ -4,9 +4,10 @@ Users serving many adapters (S-LoRA / vLLM style) could read only whole-server f
 
 - vLLM's families, names and labels (``vllm:request_success_total{finished_reason}``, ``vllm:prompt_tokens_total``,
   ``vllm:generation_tokens_total``, ``vllm:time_to_first_token_seconds``, ``vllm:e2e_request_latency_seconds``,
-  ``vllm:num_requests_running`` / ``_waiting``, ``vllm:lora_requests_info{max_lora, running_lora_adapters,
-  waiting_lora_adapters}``), each split by ``lora_name`` (the adapter a request named; none for the base) beside
-  vLLM's ``model_name`` (the base's served name);
+  ``vllm:lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters}``), the counters and
+  histograms split by ``lora_name`` (the adapter a request named; none for the base) beside vLLM's ``model_name``
+  (the base's served name); ``vllm:num_requests_running`` / ``_waiting`` one series each as vLLM's (a gateway reads
+  one sample as the queue), with ``lorakit_lora_requests_running`` / ``_waiting`` per adapter;
 - ``lorakit_http_requests_total{method, route, status}``: every answer, 401s, 400s, 404s and 500s too, with routes
   as their templates and every unknown path as ``route="unmatched"`` (one series, whatever clients try);
 - label values escaped as the text format says: the base's ``--name`` here holds a quote, a backslash and a
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import time
 
 import httpx
@@ -142,6 +144,11 @@ def _model(lora: str | None) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """Two servers, started together: the main one (transformers' decoder, two adapters, --max-loaded 1 so alpha and
+    beta take turns in memory and loads and evictions move, a --name with every character the format escapes) and
+    one with the static decoder's prefix cache (on the CPU: its PyTorch references)."""
+    from test_serve_support import tiny_hf_folder
+
     root = tmp_path_factory.mktemp("metrics")
     tokenizer = make_tokenizer()
     model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
@@ -150,15 +157,37 @@ def server(tmp_path_factory):
     tokenizer.save_pretrained(root / "model")
     make_adapter(model, root / "adapters" / "alpha", seed=1)
     make_adapter(model, root / "adapters" / "beta", seed=2)
-    # --max-loaded 1: alpha and beta take turns in memory, so loads and evictions move
-    process = ServerProcess(root / "model", root / "adapters", "--max-loaded", "1", "--max-tokens", "900",
-                            "--name", NAME, api_key=KEY, log=root / "server.log")
-    client = httpx.Client(base_url=process.url, timeout=120, headers={"Authorization": f"Bearer {KEY}"})
+    tiny_hf_folder(root / "static_model", initializer_range=0.5)
+    (root / "no_adapters").mkdir()
+    specs = {"main": (root / "model", root / "adapters", "--max-loaded", "1", "--max-tokens", "900", "--name", NAME),
+             "static": (root / "static_model", root / "no_adapters", "--decoder", "static", "--max-context", "256",
+                        "--max-batch", "2")}
+    started, errors = {}, []
+
+    def start(key: str) -> None:
+        try:
+            started[key] = ServerProcess(*specs[key], api_key=KEY if key == "main" else None,
+                                         log=root / f"{key}.log")
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=start, args=(key,)) for key in specs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    clients = []
     try:
-        yield {"client": client, "url": process.url, "eos": tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        assert not errors, errors
+        clients = [httpx.Client(base_url=started["main"].url, timeout=120, headers={"Authorization": f"Bearer {KEY}"}),
+                   httpx.Client(base_url=started["static"].url, timeout=120)]
+        yield {"client": clients[0], "url": started["main"].url, "static": clients[1],
+               "eos": tokenizer.convert_tokens_to_ids("<|im_end|>")}
     finally:
-        client.close()
-        process.stop()
+        for client in clients:
+            client.close()
+        for process in started.values():
+            process.stop()
 
 
 def _scrape(client: httpx.Client) -> tuple[str, dict[str, str], dict]:
@@ -246,6 +275,9 @@ def test_per_adapter_and_per_route_figures_follow_the_requests(server):
     assert 'model_name="tiny \\"base\\" \\\\ v1\\nsecond line"' in text
     # gauges: nothing runs now; one adapter in memory of at most one; alpha, beta, alpha: three loads, two evictions
     assert _sum(after, "vllm:num_requests_running") == 0 == _sum(after, "vllm:num_requests_waiting")
+    assert _sum(after, "lorakit_lora_requests_running") == 0 == _sum(after, "lorakit_lora_requests_waiting")
+    assert {dict(pairs)["lora_name"] for (name, pairs) in after if name == "lorakit_lora_requests_waiting"} == \
+        {"alpha", "beta"}
     assert _value(after, "lorakit_adapters_loaded") == 1 == _value(after, "lorakit_adapters_max_loaded")
     assert grew[("lorakit_adapter_loads_total", ())] == 3 and grew[("lorakit_adapter_evictions_total", ())] == 2
     info = [(dict(pairs), value) for (name, pairs), value in after.items() if name == "vllm:lora_requests_info"]
@@ -287,14 +319,18 @@ def test_a_running_adapter_shows_in_the_gauges_and_a_cancelled_job_is_an_abort(s
     deadline = time.monotonic() + 60
     while _value(after := _scrape(client)[2], "lorakit_requests_running") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _value(during, "vllm:num_requests_running", **_model("beta")) == 1
-    assert _value(during, "vllm:num_requests_running", **_model(None)) == 0
-    assert _value(during, "lorakit_requests_running") == 1
+    # vLLM's gauge: one series, the whole server's (a gateway reads one sample as the queue); per adapter: lorakit's
+    assert [key for key in during if key[0] == "vllm:num_requests_running"] == \
+        [("vllm:num_requests_running", (("model_name", NAME),))]
+    assert _value(during, "vllm:num_requests_running", model_name=NAME) == 1 == _value(during, "lorakit_requests_running")
+    assert _value(during, "lorakit_lora_requests_running", lora_name="beta") == 1
+    assert _value(during, "lorakit_lora_requests_running", lora_name="alpha") == 0
+    assert _value(during, "vllm:num_requests_waiting", model_name=NAME) == 0
     info = next(dict(pairs) for (name, pairs) in during if name == "vllm:lora_requests_info")
     assert info["running_lora_adapters"] == "beta" and info["waiting_lora_adapters"] == ""
     aborted = ("vllm:request_success_total", tuple(sorted({**_model("beta"), "finished_reason": "abort"}.items())))
     assert after[aborted] - before.get(aborted, 0.0) == 1
-    assert _value(after, "vllm:num_requests_running", **_model("beta")) == 0
+    assert _value(after, "lorakit_lora_requests_running", lora_name="beta") == 0
 
 
 def test_label_values_and_help_are_escaped_and_adapters_past_the_cap_share_one_series():
@@ -341,29 +377,19 @@ def test_the_parser_is_strict(bad):
         parse_exposition(bad)
 
 
-def test_prefix_cache_tokens_are_vllms_counters(tmp_path, server):
-    """The static decoder's prefix cache (on the CPU: its PyTorch references) as vLLM's
-    ``vllm:prefix_cache_queries_total`` / ``_hits_total``, equal to /health's counts; a server without one (the
-    module's, on transformers' decoder) has neither family."""
-    from test_serve_support import tiny_hf_folder
-
+def test_prefix_cache_tokens_are_vllms_counters(server):
+    """The static decoder's prefix cache as vLLM's ``vllm:prefix_cache_queries_total`` / ``_hits_total``, equal to
+    /health's counts; a server without one (the main one, on transformers' decoder) has neither family."""
     assert "vllm:prefix_cache_hits_total" not in _scrape(server["client"])[1]
-    model_dir = tiny_hf_folder(tmp_path / "model", initializer_range=0.5)
-    (tmp_path / "adapters").mkdir()
-    process = ServerProcess(model_dir, tmp_path / "adapters", "--decoder", "static", "--max-context", "256",
-                            "--max-batch", "2", log=tmp_path / "server.log")
-    try:
-        with httpx.Client(base_url=process.url, timeout=120) as client:
-            messages = [{"role": "system", "content": "You are a terse assistant who answers in a few words. " * 3},
-                        {"role": "user", "content": "Name three colours of the rainbow, please."}]
-            for _ in range(2):  # the second turn re-sends the first's prompt
-                reply = client.post("/v1/chat/completions", json={"model": "base", "messages": messages,
-                                                                  "max_tokens": 4, "temperature": 0})
-                assert reply.status_code == 200, reply.text
-            health = client.get("/health").json()
-            _, types, samples = _scrape(client)
-    finally:
-        process.stop()
+    client = server["static"]
+    messages = [{"role": "system", "content": "You are a terse assistant who answers in a few words. " * 3},
+                {"role": "user", "content": "Name three colours of the rainbow, please."}]
+    for _ in range(2):  # the second turn re-sends the first's prompt
+        reply = client.post("/v1/chat/completions", json={"model": "base", "messages": messages, "max_tokens": 4,
+                                                          "temperature": 0})
+        assert reply.status_code == 200, reply.text
+    health = client.get("/health").json()
+    _, types, samples = _scrape(client)
     assert types["vllm:prefix_cache_hits_total"] == "counter"
     hits = _value(samples, "vllm:prefix_cache_hits_total", model_name="base")
     queries = _value(samples, "vllm:prefix_cache_queries_total", model_name="base")

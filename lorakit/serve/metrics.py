@@ -10,12 +10,13 @@ Written here by hand (no client library). Three sources:
   adapter the request named). A job is one choice of a request (``n`` of 3: three jobs);
 - ``serve.http_metrics.HTTPCounts``: every HTTP answer by method, route and status.
 
-Two sets of names. ``lorakit_*``: the whole server (one series each, as before), plus ``lorakit_http_requests_total``.
+Two sets of names. ``lorakit_*``: the whole server (one series each, as before), plus
+``lorakit_http_requests_total`` and the jobs running / waiting per adapter (``lorakit_lora_requests_*``).
 ``vllm:*``: vLLM's names, labels and meanings where vLLM has the figure, so its dashboards and gateways (the
 Gateway API inference extension reads ``vllm:lora_requests_info``, ``vllm:num_requests_waiting``) work unchanged.
-vLLM labels them ``model_name`` (the served base model); here adapter traffic also carries ``lora_name`` (the adapter
-the request named), so ``sum by (lora_name)`` splits any of them per adapter while vLLM's queries, which match on
-``model_name``, still add them all up. Counters end in ``_total``, durations are in seconds.
+vLLM labels them ``model_name`` (the served base model); here the counters and histograms of adapter traffic also
+carry ``lora_name`` (the adapter the request named), so ``sum by (lora_name)`` splits them per adapter while vLLM's
+queries, which match on ``model_name``, still add them all up. Counters end in ``_total``, durations are in seconds.
 
 Label values are escaped as the format says (``\\``, ``"``, newline), since ``--name`` is any string. Cardinality
 is bounded: at most :data:`MAX_MODEL_SERIES` adapters get series of their own, the rest share
@@ -248,22 +249,35 @@ def exposition(engine, pool, http=None, model_name: str = "") -> str:
 
 def _per_model(models: dict[str | None, JobFigures], model_name: str, running: list, waiting: list) -> list[str]:
     """vLLM's per-request families, one series per model of ``models`` (``EngineMetrics.snapshot``'s; the base
-    first). ``running`` / ``waiting``: the series (``EngineMetrics.series``) of the jobs decoding / waiting now."""
+    first). ``running`` / ``waiting``: the series (``EngineMetrics.series``) of the jobs decoding / waiting now.
+
+    vLLM's running / waiting gauges stay one series each, the whole server's: a gateway reads one sample of
+    ``vllm:num_requests_waiting`` as the server's queue (the Gateway API inference extension takes the family's
+    last), so a split would hide every other adapter's. Their split per adapter is ``lorakit_lora_requests_*``."""
     families = {name: [] for name in ("running", "waiting", "success", "prompt", "generation", "first", "e2e")}
     for series, figures in sorted(models.items(), key=lambda item: (item[0] is not None, item[0] or "")):
         labels = {"model_name": model_name} if series is None else {"model_name": model_name, "lora_name": series}
         tail = _labels(labels)
-        families["running"].append(f"vllm:num_requests_running{tail} {running.count(series)}")
-        families["waiting"].append(f"vllm:num_requests_waiting{tail} {waiting.count(series)}")
+        if series is not None:
+            families["running"].append(f"lorakit_lora_requests_running{_labels({'lora_name': series})} "
+                                       f"{running.count(series)}")
+            families["waiting"].append(f"lorakit_lora_requests_waiting{_labels({'lora_name': series})} "
+                                       f"{waiting.count(series)}")
         families["success"] += [f"vllm:request_success_total{_labels({**labels, 'finished_reason': VLLM_REASONS[key]})}"
                                 f" {count}" for key, count in figures.reasons.items()]
         families["prompt"].append(f"vllm:prompt_tokens_total{tail} {figures.prompt_tokens}")
         families["generation"].append(f"vllm:generation_tokens_total{tail} {figures.generation_tokens}")
         families["first"] += figures.first_token.lines("vllm:time_to_first_token_seconds", labels)
         families["e2e"] += figures.latency.lines("vllm:e2e_request_latency_seconds", labels)
+    whole = _labels({"model_name": model_name})
     return [
-        *_metric("vllm:num_requests_running", "gauge", "Engine jobs decoding now, per model.", families["running"]),
-        *_metric("vllm:num_requests_waiting", "gauge", "Engine jobs waiting for a row, per model.", families["waiting"]),
+        *_metric("vllm:num_requests_running", "gauge", "Engine jobs decoding now.",
+                 [f"vllm:num_requests_running{whole} {len(running)}"]),
+        *_metric("vllm:num_requests_waiting", "gauge", "Engine jobs waiting for a row of the batch.",
+                 [f"vllm:num_requests_waiting{whole} {len(waiting)}"]),
+        *_metric("lorakit_lora_requests_running", "gauge", "Engine jobs decoding now, per adapter.", families["running"]),
+        *_metric("lorakit_lora_requests_waiting", "gauge", "Engine jobs waiting for a row, per adapter.",
+                 families["waiting"]),
         *_metric("vllm:request_success_total", "counter",
                  "Engine jobs finished, per model and finished_reason (stop, length, abort: cancelled, error).",
                  families["success"]),
