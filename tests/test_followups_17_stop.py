@@ -229,6 +229,26 @@ def test_a_stop_between_the_two_renames_of_best_puts_the_previous_best_back(data
     assert (result.best_step, result.val_losses) == (2, [(1, 2.0), (2, 1.5), (3, 1.5)])
 
 
+def test_under_torchrun_a_signal_is_said_at_once_and_a_repeated_one_is_the_same(capfd):
+    """Several processes: the first signal is only noted (the loop stops at the next step) and rank 0 says so at
+    once: a step can take minutes, and a user who saw nothing pressed Ctrl-C again, which stops without saving. The
+    same signal again within 2 s is the same one (Slurm signals every process, torchrun then passes its own on);
+    another one stops at once. The previous handlers come back."""
+    from lorakit.train.stopping import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopRequest(together=True, announce=True) as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handler  # (else the SIGTERM below would end pytest)
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
+        assert (stop.signum, stop.signals, stop.acted) == (signal.SIGTERM, 1, False)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert capfd.readouterr().err == ("\nSIGTERM: every process stops at the end of this step and saves a checkpoint "
+                                      "there (SIGTERM again stops at once, without saving)\n")
+
+
 # -- the command ------------------------------------------------------------------------------------------------------
 def _args(tiny_folder: Path, data: Path, run: Path, steps: int) -> list[str]:  # noqa: F811
     return ["train", "--model", str(tiny_folder), "--data", str(data), "--out", str(run), "--rank", "2",

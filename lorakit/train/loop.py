@@ -647,7 +647,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                 windows.remove()
             raise
     # Ctrl-C / SIGTERM: a checkpoint at the step boundary, then TrainingInterrupted (lorakit/train/stopping.py)
-    stop = StopRequest(together=world_size > 1)
+    stop = StopRequest(together=world_size > 1, announce=main)
     step_start: tuple[dict, Any] | None = None  # (data position, random states) where the step being computed began
     computing = False  # inside a step, before its optimizer update: a stop abandons it
     try:

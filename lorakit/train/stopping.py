@@ -28,6 +28,7 @@ periodic checkpoints' format (atomic, ``latest`` moved to it), so ``--resume`` c
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -75,14 +76,15 @@ class AgreedStop(KeyboardInterrupt):
 class StopRequest:
     """Inside (a ``with`` block, on the main thread): SIGINT and SIGTERM ask the run to stop at a step boundary.
 
-    ``together`` (several processes): a signal only sets :attr:`signum`, read by the loop at the next step; else
-    the first signal raises at once (KeyboardInterrupt, or :class:`lorakit._signals.Terminated` for SIGTERM) unless
-    an :meth:`uncut` section runs, which raises it as it ends. Any later signal raises at once. A SIGINT that is
-    ignored when the block starts (a background job) stays ignored; the previous handlers come back on exit.
+    ``together`` (several processes): a signal only sets :attr:`signum`, read by the loop at the next step (with
+    ``announce``, one line on stderr says so at once); else the first signal raises at once (KeyboardInterrupt, or
+    :class:`lorakit._signals.Terminated` for SIGTERM) unless an :meth:`uncut` section runs, which raises it as it
+    ends. Any later signal raises at once. A SIGINT that is ignored when the block starts (a background job) stays
+    ignored; the previous handlers come back on exit.
     """
 
-    def __init__(self, together: bool = False) -> None:
-        self.together = together
+    def __init__(self, together: bool = False, announce: bool = False) -> None:
+        self.together, self.announce = together, announce
         self.signum: int | None = None  # the first signal
         self.signals = 0  # signals taken (a duplicate is not counted): a stop that meets a second one is abandoned
         self.acted = False  # the stop is under way (raised, or agreed by every process): the next signal aborts it
@@ -94,6 +96,12 @@ class StopRequest:
         now = time.monotonic()
         if self.signum is None:
             self.signum, self._first_at, self.signals = signum, now, 1
+            if self.together and self.announce:
+                # a step can take minutes: without a word, a user pressed Ctrl-C again, which stops without saving.
+                # os.write, not print: a handler that prints while the interrupted code prints fails (reentrant call)
+                name = signal_words(signum)
+                os.write(2, f"\n{name}: every process stops at the end of this step and saves a checkpoint there "
+                            f"({name} again stops at once, without saving)\n".encode())
             if self.together or self._uncut:
                 return
             self.acted = True
