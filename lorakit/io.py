@@ -794,6 +794,9 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
             plain = _strip(key).replace("_orig_mod.", "")
             path, attr = param_keys.get(plain) or _match_key(plain, targets, saved)
         if path is None:
+            if adapter_file.base_rewrite and _is_rewritten_base_copy(_strip(key), tensor, targets, config,
+                                                                     adapter_file.base_rewrite):
+                continue  # peft's copy of a base it rewrote (pissa on lm_head): the plain form needs the original
             if _is_unchanged_base_copy(_strip(key), tensor, base_modules, adapter_file.folder):
                 continue  # PEFT saves full embedding copies next to embedding adapters; equal to ours: harmless
             if adapter_file.bias_mode != "none" and _is_unchanged_bias(_strip(key), tensor, base_modules, adapter_file):
@@ -1276,24 +1279,46 @@ def _plain_form(model: nn.Module, plan: dict[tuple[str, str], torch.Tensor], con
             out[(path, "lora_A")] = torch.cat([lora_A, torch.zeros_like(lora_A)])
             out[(path, "lora_B")] = torch.cat([lora_B, torch.zeros_like(lora_B)], dim=1)
             continue
-        weight = quant.dense_weight(module, torch.float32).float()  # (out, in), Conv1D transposed
-        if rank > min(weight.shape):
-            raise LorakitError(f"{path}: rank {rank} is above min{tuple(weight.shape)}; {method} cannot make that adapter")
-        if method == "pissa":  # peft's pissa_init: sqrt(S / s) on both sides
-            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-            root = (S[:rank] / scale).sqrt()
-            lora_A0, lora_B0 = root.unsqueeze(1) * Vh[:rank], U[:, :rank] * root.unsqueeze(0)
-        elif method == "kasa":  # KaSA's truncation: the r smallest singular triplets leave the base (s B0 A0 of them)
-            if rank >= min(weight.shape):
-                raise LorakitError(f"{path}: KaSA's rank {rank} must be below min{tuple(weight.shape)} (peft refuses it too)")
-            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-            lora_A0, lora_B0 = Vh[-rank:], U[:, -rank:] * (S[-rank:] / scale).unsqueeze(0)
-        else:  # peft's olora_init
-            Q, R = torch.linalg.qr(weight)
-            lora_A0, lora_B0 = R[:rank], Q[:, :rank]
+        lora_A0, lora_B0 = _init_factors(path, quant.dense_weight(module, torch.float32).float(), rank, scale, method)
         out[(path, "lora_A")] = torch.cat([lora_A.float(), lora_A0])
         out[(path, "lora_B")] = torch.cat([lora_B.float(), -lora_B0], dim=1)
     return out, _doubled_rank(config)
+
+
+def _init_factors(path: str, weight: torch.Tensor, rank: int, scale: float, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's starting ``(A0 (r, in), B0 (out, r))`` for ``weight (out, in)`` float32: the base it leaves is
+    ``weight - scale * B0 @ A0``."""
+    if rank > min(weight.shape):
+        raise LorakitError(f"{path}: rank {rank} is above min{tuple(weight.shape)}; {method} cannot make that adapter")
+    if method == "pissa":  # peft's pissa_init: sqrt(S / s) on both sides
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        root = (S[:rank] / scale).sqrt()
+        return root.unsqueeze(1) * Vh[:rank], U[:, :rank] * root.unsqueeze(0)
+    if method == "kasa":  # KaSA's truncation: the r smallest singular triplets leave the base (s B0 A0 of them)
+        if rank >= min(weight.shape):
+            raise LorakitError(f"{path}: KaSA's rank {rank} must be below min{tuple(weight.shape)} (peft refuses it too)")
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        return Vh[-rank:], U[:, -rank:] * (S[-rank:] / scale).unsqueeze(0)
+    Q, R = torch.linalg.qr(weight)  # peft's olora_init
+    return R[:rank], Q[:, :rank]
+
+
+def _is_rewritten_base_copy(key: str, tensor: torch.Tensor, targets: dict[str, nn.Module], config: LoraConfig,
+                            method: str) -> bool:
+    """peft's ``save_embedding_layers`` copy (``<path>.base_layer.weight``; "auto" saves one for a target named
+    lm_head, embed_tokens, ...) of a linear target whose base a pissa / olora / KaSA init rewrote: it holds the
+    rewritten ``W - s B0 A0``, not this model's W, and peft's load writes it back over the base it rewrites the same
+    way. lorakit runs the plain form on the original W (``_plain_form``), so a copy equal to that rewrite (to the
+    file's rounding) changes nothing; any other copy is left to ``_is_unchanged_base_copy`` to refuse."""
+    path = key[: -len(".base_layer.weight")] if key.endswith(".base_layer.weight") else None
+    module = targets.get(path) if path else None
+    if not isinstance(module, nn.Linear) or tuple(tensor.shape) != tuple(module.weight.shape):
+        return False
+    weight = module.weight.detach().float().cpu()
+    lora_A0, lora_B0 = _init_factors(path, weight, config.rank_for(path), config.scaling_for(path), method)
+    rewritten = weight - config.scaling_for(path) * lora_B0 @ lora_A0
+    tolerance = max(8 * torch.finfo(tensor.dtype).eps, 1e-5) if tensor.is_floating_point() else 0.0
+    return torch.allclose(tensor.float(), rewritten, rtol=tolerance, atol=tolerance * float(weight.abs().max()))
 
 
 def _match_key(key: str, targets: dict[str, nn.Module], saved: dict[str, nn.Module]) -> tuple[str | None, str]:

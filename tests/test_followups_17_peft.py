@@ -303,3 +303,22 @@ def test_token_rows_beside_an_embedding_target_that_layers_to_transform_leaves_o
 
     round_trip("llama", tmp_path, target_modules=["embed_tokens", "q_proj"], layers_to_transform=[1],
                trainable_token_indices=[3, 7])
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_pissa_adapter_on_lm_head_with_peft_s_copy_of_the_rewritten_head(init, tmp_path):
+    """target_modules naming lm_head makes peft save a full copy of its base (save_embedding_layers "auto"); with a
+    pissa / olora init that base is the rewritten W - s B0 A0, so lorakit refused the copy as "differs from this
+    model's", though peft's load rewrites the original W the same way. The copy equal to that rewrite is accepted:
+    peft's logits both ways and in the merge. A copy from another base is still refused."""
+    from safetensors.torch import load_file
+
+    from lorakit.io import WEIGHTS_NAME
+    from test_peft_sweep import round_trip
+
+    round_trip("llama", tmp_path, target_modules=["q_proj", "lm_head"], init_lora_weights=init)
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "peft" / WEIGHTS_NAME)
+    other = build("llama", seed=5)
+    message = refusal(tmp_path / "peft", other)
+    assert "lm_head.base_layer.weight is a full copy of lm_head.weight (peft's save_embedding_layers) that differs" \
+        in message, message
