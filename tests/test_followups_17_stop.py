@@ -79,30 +79,40 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# -- the library: train() ---------------------------------------------------------------------------------------------
-def test_ctrl_c_inside_a_step_saves_the_step_before_and_resumes_bit_identical(dataset, tok, tmp_path):
-    """Ctrl-C in step 4's second micro-batch (its data read, dropout drawn): checkpoint step 3, no periodic
-    checkpoint needed; the resume ends on the uninterrupted run's losses and adapter, bit for bit."""
-    config = TrainConfig(**{**SMALL, "max_steps": 6, "grad_accum": 2, "dropout": 0.2})
-    straight = tiny_train_model()
-    train(straight, tok, dataset, config, out=tmp_path / "straight")
+# the runs the library tests stop and resume: 2 micro-batches a step (a stop can cut one in two), dropout (the random
+# states must be put back), a periodic checkpoint at step 2 (the stop saves a later one)
+CONFIG = TrainConfig(**{**SMALL, "max_steps": 5, "grad_accum": 2, "dropout": 0.1, "save_every": 2})
 
+
+@pytest.fixture(scope="module")
+def straight(dataset, tok, tmp_path_factory):
+    """(run folder, trainable tensors) of the CONFIG run never stopped."""
+    out = tmp_path_factory.mktemp("straight")
+    model = tiny_train_model()
+    train(model, tok, dataset, CONFIG, out=out)
+    return out, lora_state(model)
+
+
+# -- the library: train() ---------------------------------------------------------------------------------------------
+def test_ctrl_c_inside_a_step_saves_the_step_before_and_resumes_bit_identical(dataset, tok, tmp_path, straight):
+    """Ctrl-C in step 4's second micro-batch (its data read, dropout drawn): checkpoint step 3 (the periodic one is
+    step 2); the resume ends on the uninterrupted run's losses and adapter, bit for bit."""
     model = tiny_train_model()
     _signal_in_forward(model, signal.SIGINT, call=8)  # 2 forwards a step: step 4, second micro-batch
     with pytest.raises(KeyboardInterrupt) as stopped:  # (the old code's: not a TrainingInterrupted)
-        train(model, tok, dataset, config, out=tmp_path / "run")
+        train(model, tok, dataset, CONFIG, out=tmp_path / "run")
     error = stopped.value
     assert isinstance(error, TrainingInterrupted) and error.step == 3 and error.signum == signal.SIGINT, repr(error)
     assert error.checkpoint == find_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-000003"
-    assert str(error) == (f"training stopped by Ctrl-C at step 3 of 6; saved checkpoint {error.checkpoint} (continue "
+    assert str(error) == (f"training stopped by Ctrl-C at step 3 of 5; saved checkpoint {error.checkpoint} (continue "
                           f"with train(..., resume={str(tmp_path / 'run')!r}))")
     assert not [p for p in (tmp_path / "run").rglob("*") if p.name.endswith(".tmp")]
     assert len(_metrics(tmp_path / "run", "train")) == 3  # the abandoned step wrote nothing
 
     resumed = tiny_train_model()
-    assert train(resumed, tok, dataset, config, out=tmp_path / "run", resume=tmp_path / "run").steps == 6
-    assert _metrics(tmp_path / "run", "train") == _metrics(tmp_path / "straight", "train")
-    assert _same(lora_state(straight), lora_state(resumed))
+    assert train(resumed, tok, dataset, CONFIG, out=tmp_path / "run", resume=tmp_path / "run").steps == 5
+    assert _metrics(tmp_path / "run", "train") == _metrics(straight[0], "train")
+    assert _same(straight[1], lora_state(resumed))
 
 
 def test_a_stop_in_the_first_step_saves_nothing(dataset, tok, tmp_path):
@@ -116,11 +126,8 @@ def test_a_stop_in_the_first_step_saves_nothing(dataset, tok, tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_sigterm_as_the_update_starts_lets_it_finish_then_saves(dataset, tok, tmp_path):
+def test_sigterm_as_the_update_starts_lets_it_finish_then_saves(dataset, tok, tmp_path, straight):
     """SIGTERM as step 3's optimizer update begins: the update is not cut in two; it ends, step 3 is saved."""
-    config = TrainConfig(**{**SMALL, "max_steps": 5, "dropout": 0.1})
-    straight = tiny_train_model()
-    train(straight, tok, dataset, config, out=tmp_path / "straight")
     updates = [0]
 
     def before_update(optimizer, args, kwargs):
@@ -133,7 +140,7 @@ def test_sigterm_as_the_update_starts_lets_it_finish_then_saves(dataset, tok, tm
     hook = register_optimizer_step_pre_hook(before_update)
     try:
         with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt) as stopped:  # as `lorakit train` runs it
-            train(tiny_train_model(), tok, dataset, config, out=tmp_path / "run")
+            train(tiny_train_model(), tok, dataset, CONFIG, out=tmp_path / "run")
     finally:
         hook.remove()
     error = stopped.value
@@ -141,9 +148,9 @@ def test_sigterm_as_the_update_starts_lets_it_finish_then_saves(dataset, tok, tm
     assert error.step == 3 and error.checkpoint.name == "step-000003"
     assert str(error).startswith("training stopped by SIGTERM at step 3 of 5; saved checkpoint ")
     resumed = tiny_train_model()
-    train(resumed, tok, dataset, config, out=tmp_path / "run", resume=tmp_path / "run")
-    assert _metrics(tmp_path / "run", "train") == _metrics(tmp_path / "straight", "train")
-    assert _same(lora_state(straight), lora_state(resumed))
+    train(resumed, tok, dataset, CONFIG, out=tmp_path / "run", resume=tmp_path / "run")
+    assert _metrics(tmp_path / "run", "train") == _metrics(straight[0], "train")
+    assert _same(straight[1], lora_state(resumed))
 
 
 def test_a_stop_during_validation_validates_again_on_resume(dataset, tok, tmp_path):
@@ -170,14 +177,11 @@ def test_a_stop_during_validation_validates_again_on_resume(dataset, tok, tmp_pa
 
 
 def test_a_second_ctrl_c_while_saving_stops_at_once_and_keeps_the_previous_checkpoint(dataset, tok, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, straight):
     """Ctrl-C in step 4, then Ctrl-C again while step 3's checkpoint is being written: a plain KeyboardInterrupt at
     once, no half-written checkpoint, `latest` still step 2 (whole: the run resumes from it, bit-identical)."""
     from lorakit.train import checkpoint as ckpt
 
-    config = TrainConfig(**{**SMALL, "max_steps": 5, "save_every": 2, "dropout": 0.1})
-    straight = tiny_train_model()
-    train(straight, tok, dataset, config)
     write, seen = ckpt._write_safetensors, []
 
     def write_then_ctrl_c(path, tensors):
@@ -188,17 +192,17 @@ def test_a_second_ctrl_c_while_saving_stops_at_once_and_keeps_the_previous_check
 
     monkeypatch.setattr(ckpt, "_write_safetensors", write_then_ctrl_c)
     model = tiny_train_model()
-    _signal_in_forward(model, signal.SIGINT, call=4)
+    _signal_in_forward(model, signal.SIGINT, call=7)  # step 4's first micro-batch
     with pytest.raises(KeyboardInterrupt) as stopped:
-        train(model, tok, dataset, config, out=tmp_path)
+        train(model, tok, dataset, CONFIG, out=tmp_path)
     assert not isinstance(stopped.value, TrainingInterrupted)
     assert any(name.startswith(".step-000003") for name in seen)  # the stop did start to save step 3
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000002"]  # no hidden .step-000003.*.tmp
     monkeypatch.setattr(ckpt, "_write_safetensors", write)
     resumed = tiny_train_model()
-    train(resumed, tok, dataset, config, out=tmp_path, resume=tmp_path)
-    assert _same(lora_state(straight), lora_state(resumed))
+    train(resumed, tok, dataset, CONFIG, out=tmp_path, resume=tmp_path)
+    assert _same(straight[1], lora_state(resumed))
 
 
 def test_a_stop_between_the_two_renames_of_best_puts_the_previous_best_back(dataset, tok, tmp_path, monkeypatch):
