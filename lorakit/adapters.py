@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.inject import adapter_hosts, adapter_names, lora_layers
+from lorakit.inject import _STRUCTURE_VERSION, adapter_hosts, adapter_names, lora_layers
 from lorakit.layers import LoraLayer, ModulesToSave
 from lorakit.param_lora import ParamLora
 
@@ -75,6 +75,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             host.delete_adapter(name)
     configs = getattr(model, "lorakit_configs", {})
     configs.pop(name, None)
+    _STRUCTURE_VERSION[0] += 1  # a static decoder's copy of the adapter goes at its next use
 
 
 class _Block:

@@ -857,6 +857,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
             _set_module(model, path, original)
         raise
     freeze_base(model)
+    # new adapter modules in hosts that were already there: whatever read the model's modules (a static decoder's
+    # copy of an adapter deleted and made again under this name) must read them again
+    _STRUCTURE_VERSION[0] += 1
     for host, name in added:
         module = host.copies[name] if isinstance(host, ModulesToSave) else host.adapters[name]
         for parameter in module.parameters():

@@ -217,3 +217,29 @@ def test_rows_admitted_with_only_their_window_are_not_kept():
     got = decoder.prefill([0], [later], [None])
     assert decoder.prefix.hits == 0
     assert_close(got, reference.prefill([0], [later], [None]))
+
+
+def test_an_adapter_replaced_under_its_name_gets_none_of_the_old_blocks():
+    """A server unloads adapter 'x' and loads another folder as 'x' (vLLM's load/unload routes): the decoder sees
+    new modules under the old name, loads them into a slot with a new serial, and computes every block again."""
+    model = tiny_llama(max_position_embeddings=512)
+    prompt = list(range(5, 60))
+
+    def add(seed):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter="x")
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, p in lorakit.lora_parameters(model, "x"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+    add(1)
+    decoder = StaticDecoder(model, max_batch=1, max_len=128, prefix_cache=1024)
+    first = decoder.prefill([0], [prompt], ["x"])
+    decoder.release([0])
+    lorakit.delete_adapter(model, "x")
+    add(2)
+    again = decoder.prefill([0], [prompt], ["x"])
+    decoder.release([0])
+    assert decoder.prefix.hits == 0 and (first - again).abs().max() > 1e-3
+    reference = StaticDecoder(model, max_batch=1, max_len=128, prefix_cache=0)
+    assert_close(again, reference.prefill([0], [prompt], ["x"]))
