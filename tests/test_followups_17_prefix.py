@@ -243,3 +243,23 @@ def test_an_adapter_replaced_under_its_name_gets_none_of_the_old_blocks():
     assert decoder.prefix.hits == 0 and (first - again).abs().max() > 1e-3
     reference = StaticDecoder(model, max_batch=1, max_len=128, prefix_cache=0)
     assert_close(again, reference.prefill([0], [prompt], ["x"]))
+
+
+def test_prompts_sharing_new_blocks_in_one_call_compute_them_once():
+    """A request's n choices, or clients arriving together with one new system prompt, come in one prefill: the
+    prompts sharing uncached blocks with an earlier one wait for a second pass that copies them; logits unchanged."""
+    model = tiny_llama(max_position_embeddings=512)
+    g = torch.Generator().manual_seed(5)
+    system = torch.randint(0, 128, (50,), generator=g).tolist()
+    prompts = [system + [1, 2], system + [3], torch.randint(0, 128, (40,), generator=g).tolist(), system + [1, 2],
+               system[:20] + [9]]  # the last shares one block only: not worth a second pass
+    decoder = StaticDecoder(model, max_batch=5, max_len=128, prefix_cache=1024)
+    reference = StaticDecoder(model, max_batch=5, max_len=128, prefix_cache=0)
+    rows = [4, 0, 2, 1, 3]
+    assert decoder.prefix.followers([(None, 0, None)] * 5, prompts) == [1, 3]
+    got = decoder.prefill(rows, prompts, [None] * 5)
+    assert_close(got, reference.prefill(rows, prompts, [None] * 5))
+    assert decoder.prefix.hits == 2 * 3 * PREFIX_BLOCK  # prompts 1 and 3: the system prompt's 3 full blocks
+    assert decoder.lengths == reference.lengths
+    tokens = got.argmax(-1).tolist()  # the rows decode on as the reference's
+    assert_close(decoder.step(rows, tokens, [None] * 5), reference.step(rows, tokens, [None] * 5))

@@ -285,6 +285,22 @@ class StaticDecoder:
         present = adapter_names(self.model) if any(a is not None and a not in self.adapters for a in adapters) else ()
         slot_of_prompt = self.adapters.slots_for(adapters, present)
         salts = [None] * n if salts is None else list(salts)
+        return self._prefill(list(rows), list(prompts), list(adapters), salts, slot_of_prompt, split=True)
+
+    def _prefill(self, rows: list[int], prompts: list, adapters: list, salts: list, slot_of_prompt: list[int],
+                 split: bool) -> torch.Tensor:
+        """``prefill`` of checked arguments. ``split``: prompts that share uncached blocks with an earlier prompt of
+        the call (a request's n choices, clients arriving together with one new system prompt) wait for a second
+        pass, which finds those blocks kept by the first."""
+        n = len(rows)
+        if split and self.prefix is not None and n > 1:
+            later = set(self.prefix.followers([self._prefix_root(a, s) for a, s in zip(adapters, salts)], prompts))
+            if later:
+                out = torch.empty(n, self.parts.vocab, dtype=torch.float32, device=self.device)
+                for wave in ([j for j in range(n) if j not in later], sorted(later)):
+                    parts = ([items[j] for j in wave] for items in (rows, prompts, adapters, salts, slot_of_prompt))
+                    out[wave] = self._prefill(*parts, split=False)
+                return out
         cached = [0] * n  # leading tokens of each prompt whose K/V the prefix cache copied into its row
         if self.prefix is not None:
             with torch.no_grad():
