@@ -408,10 +408,13 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
                                f"{folder / _example(nested) / 'adapter'}")
         pickled = [n for n in PICKLED_NAMES if (folder / n).exists()]
         if pickled:  # torch.load(weights_only=True) refuses code, so a user who trusts the file can convert it once
+            # each tensor copied whole: peft's pickle keeps the views it saved (ensure_weight_tying's head LoRA is the
+            # embedding's transposed; a tied copy shares storage), which safetensors refuses to write as they are
             raise LorakitError(f"{folder / pickled[0]} is a pickled checkpoint; lorakit never unpickles files. Convert it once "
-                               f"where you trust it: python -c \"import torch, safetensors.torch as st; st.save_file(torch.load("
-                               f"'{folder / pickled[0]}', weights_only=True), '{weights}')\" (or re-save from peft: "
-                               "model.save_pretrained(dir), safetensors by default)")
+                               f"where you trust it: python -c \"import torch, safetensors.torch as st; st.save_file({{k: "
+                               f"v.contiguous().clone() for k, v in torch.load('{folder / pickled[0]}', weights_only=True)"
+                               f".items()}}, '{weights}')\" (or re-save from peft: model.save_pretrained(dir), safetensors "
+                               "by default)")
         raise LorakitError(f"{weights} not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}{_other_files(folder)}")
     config_path = folder / CONFIG_NAME
     _refuse_broken_entry(config_path, follow_symlinks)

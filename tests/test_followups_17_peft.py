@@ -322,3 +322,23 @@ def test_a_pissa_adapter_on_lm_head_with_peft_s_copy_of_the_rewritten_head(init,
     message = refusal(tmp_path / "peft", other)
     assert "lm_head.base_layer.weight is a full copy of lm_head.weight (peft's save_embedding_layers) that differs" \
         in message, message
+
+
+@pytest.mark.parametrize("options", [dict(target_modules=["q_proj", "embed_tokens"]),
+                                     dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])],
+                         ids=["tied-lora", "tied-copy"])
+def test_the_conversion_of_a_pickled_file_with_shared_tensors_works(options, tmp_path):
+    """peft's save_pretrained(..., safe_serialization=False) of an ensure_weight_tying adapter pickles views: the
+    head's LoRA is the embedding's transposed (not contiguous), a tied copy shares storage. The one-line conversion
+    lorakit's refusal gives failed on them (safetensors refuses both); it copies each tensor now, and the converted
+    folder loads with peft's logits."""
+    theirs = quiet(peft.get_peft_model, build("llama-tied"),
+                   peft.LoraConfig(r=4, ensure_weight_tying=True, **options)).eval()
+    randomize_peft(theirs)
+    quiet(theirs.save_pretrained, tmp_path, safe_serialization=False)
+    message = refusal(tmp_path, build("llama-tied"))
+    assert "is a pickled checkpoint; lorakit never unpickles files" in message
+    exec(message.split('python -c "', 1)[1].split('"', 1)[0], {})  # weights_only=True: no code runs from the file
+    ours = build("llama-tied")
+    lorakit.load_adapter(ours, tmp_path)
+    assert_close(logits(ours, IDS), logits(theirs, IDS))
