@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -79,10 +78,6 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, lora
     resumed CPU run is bit-identical to an uninterrupted one."""
     groups = param_groups(model, lr, weight_decay, loraplus_ratio)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=False)
-
-
-def trainable_parameters(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
-    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
 
 
 @dataclass
