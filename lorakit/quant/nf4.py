@@ -21,7 +21,6 @@ Rounding, from bitsandbytes' own code:
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -334,7 +333,3 @@ class NF4Linear(QuantizedLinear):
     def memory_bytes(self) -> int:
         """Bytes held by the quantized storage (not the bias)."""
         return sum(t.numel() * t.element_size() for t in self.buffers())
-
-
-def num_blocks(out_features: int, in_features: int, blocksize: int = 64) -> int:
-    return math.ceil(out_features * in_features / blocksize)
