@@ -28,8 +28,3 @@ def lora_delta_output(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
     """
     low_rank = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B, lora_bias)
     return (low_rank * scaling).to(out_dtype)
-
-
-def naive_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A, lora_B, scaling: float) -> torch.Tensor:
-    """The textbook formula ``x (W + s B A)^T + b``, used by tests as the spec."""
-    return F.linear(x, weight + scaling * lora_B @ lora_A, bias)
