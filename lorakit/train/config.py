@@ -25,7 +25,6 @@ DEFAULT_LORA_LR = 2e-3
 DEFAULT_FULL_LR = 5e-5
 QUANTIZE_CHOICES = ("nf4",)
 FLOAT16_NAMES = ("float16", "fp16", "half", "torch.float16")
-DEVICES = ("cuda", "mps", "cpu")  # and cuda:N, one GPU of several (DEVICE_FORM), as generate / serve take
 DEVICE_FORM = re.compile(r"(cuda(:\d+)?|mps|cpu)")
 
 
