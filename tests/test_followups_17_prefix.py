@@ -263,3 +263,20 @@ def test_prompts_sharing_new_blocks_in_one_call_compute_them_once():
     assert decoder.lengths == reference.lengths
     tokens = got.argmax(-1).tolist()  # the rows decode on as the reference's
     assert_close(decoder.step(rows, tokens, [None] * 5), reference.step(rows, tokens, [None] * 5))
+
+
+def test_a_cache_too_large_for_the_gpu_is_one_line(monkeypatch):
+    """A CUDA out-of-memory while the decoder allocates its caches says the sizes and the flags that shrink them."""
+    import lorakit.decoding
+    from lorakit.serve.cli import static_decoder
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    monkeypatch.setattr(lorakit.decoding, "StaticDecoder", no_room)
+    with pytest.raises(lorakit.LorakitError) as error:
+        static_decoder(tiny_llama(), "static", max_batch=32, context=4096, explicit_context=True)
+    message = str(error.value)
+    # tiny_llama: 2 layers x 2 kv heads x 8 dims x K and V x 4 bytes = 256 bytes a token
+    assert "32 rows x 4096 tokens: 0.0 GiB" in message and "prefix cache (32768 tokens" in message
+    assert "--max-context" in message and "--prefix-cache-tokens" in message and "\n" not in message

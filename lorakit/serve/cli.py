@@ -272,15 +272,14 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
     """
     if choice == "transformers":
         return None
+    import torch
+
     from lorakit.decoding import StaticDecoder, static_decoding_unsupported
 
     device = next(model.parameters()).device
     reason = static_decoding_unsupported(model, 2)  # the architecture alone
     if reason is None and not explicit_context:
-        from lorakit.decoding.architecture import model_parts
-
-        parts = model_parts(model, 2)  # the shapes the decoder's cache will have
-        per_token = 2 * len(parts.layers) * parts.kv_heads * parts.head_dim * parts.embed.weight.element_size() * max_batch
+        per_token = kv_bytes_per_token(model) * max_batch
         free = torch_free_memory(device)
         context = min(context, 8192, max(256, int(0.4 * free / per_token)) if free else context)
         reason = static_decoding_unsupported(model, context)
@@ -292,11 +291,28 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
         if device.type == "cuda":  # a GPU user expects the fast decoder: say why it is not used
             print(f"lorakit serve: decoding through transformers: {reason}", file=sys.stderr, flush=True)
         return None
-    decoder = StaticDecoder(model, max_batch=max_batch, max_len=context, prefix_cache=prefix_cache)
+    try:
+        decoder = StaticDecoder(model, max_batch=max_batch, max_len=context, prefix_cache=prefix_cache)
+    except torch.OutOfMemoryError:
+        per_token = kv_bytes_per_token(model)
+        pool = max_batch * context // 4 if prefix_cache is None else prefix_cache
+        raise LorakitError(
+            f"the static decoder's KV cache ({max_batch} rows x {context} tokens: {per_token * max_batch * context / 2**30:.1f} "
+            f"GiB) and prefix cache ({pool} tokens: {per_token * pool / 2**30:.1f} GiB) do not fit the GPU's free memory "
+            f"({torch_free_memory(device) / 2**30:.1f} GiB); lower --max-context, --max-batch or --prefix-cache-tokens"
+        ) from None
     if device.type == "cuda":  # the first request would otherwise wait seconds for kernel compiles and captures
         print("lorakit serve: warming up the static decoder (compiles its kernels once)", file=sys.stderr, flush=True)
         decoder.warm_up()
     return decoder
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of K and V one token takes in the static decoder's cache (all layers), in the model's dtype."""
+    from lorakit.decoding.architecture import model_parts
+
+    parts = model_parts(model, 2)  # the shapes the decoder's cache will have
+    return 2 * len(parts.layers) * parts.kv_heads * parts.head_dim * parts.embed.weight.element_size()
 
 
 def torch_free_memory(device) -> int:
