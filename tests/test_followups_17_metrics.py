@@ -394,3 +394,26 @@ def test_prefix_cache_tokens_are_vllms_counters(server):
     hits = _value(samples, "vllm:prefix_cache_hits_total", model_name="base")
     queries = _value(samples, "vllm:prefix_cache_queries_total", model_name="base")
     assert hits == health["prefix_cache_hit_tokens"] > 0 and queries == health["prefix_cache_query_tokens"] >= hits
+
+
+def test_queue_time_and_time_per_output_token(server):
+    """vLLM's ``vllm:request_queue_time_seconds`` (submission to leaving the queue for a row) and
+    ``vllm:request_time_per_output_token_seconds`` (mean gap between a job's tokens after its first), per model:
+    one observation per finished job (per-token: per job of two tokens or more), each within its job's latency."""
+    client = server["client"]
+    _, types, before = _scrape(client)
+    assert types["vllm:request_queue_time_seconds"] == types["vllm:request_time_per_output_token_seconds"] == "histogram"
+    _complete(client, "beta", 6)
+    _complete(client, "beta", 1)  # one token: no gap to measure
+    assert client.get("/health").status_code == 200  # the last answer is counted once its bytes are sent
+    _, _, after = _scrape(client)
+    beta = _model("beta")
+
+    def grew(name: str) -> float:
+        return _value(after, name, **beta) - _value(before, name, **beta)
+
+    assert grew("vllm:request_queue_time_seconds_count") == 2
+    assert grew("vllm:request_time_per_output_token_seconds_count") == 1
+    e2e = grew("vllm:e2e_request_latency_seconds_sum")
+    assert 0 <= grew("vllm:request_queue_time_seconds_sum") <= grew("vllm:time_to_first_token_seconds_sum") <= e2e
+    assert 0 < 5 * grew("vllm:request_time_per_output_token_seconds_sum") <= e2e

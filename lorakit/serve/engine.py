@@ -80,6 +80,7 @@ class Request:
     generator: torch.Generator | None = None
     created: float = field(default_factory=time.monotonic)
     first_token: float | None = None  # time.monotonic() of its first token (GET /metrics' time to first token)
+    admitted: float | None = None  # time.monotonic() when it left the queue for a row (GET /metrics' queue time)
     # the adapter as clients name it (None: the base; ``adapter`` is the pool's internal name), and the label
     # GET /metrics counts the job under (``EngineMetrics.series``: that name, or "(other)" past the cap)
     model: str | None = None
@@ -239,6 +240,9 @@ class Engine:
                     self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
                 room = max(0, self.max_batch - len(self._running))
                 newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            admitted = time.monotonic()
+            for request in newcomers:
+                request.admitted = admitted
             done: list[tuple[Request, str]] = [(r, "cancelled") for r in left]
             try:
                 if newcomers or self._running:

@@ -34,6 +34,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # seconds; a tiny CPU model answers in milliseconds, a 70B one on a busy GPU in minutes
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)  # a decode step's
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 VLLM_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}  # vLLM's finished_reason
 
@@ -85,7 +86,8 @@ class Histogram:
 
 class JobFigures:
     """What a set of finished jobs adds up to: how many ended for each reason, their prompt and generated tokens,
-    and their latency histograms."""
+    and their latency histograms: submission to end, to first token, to leaving the queue, and the mean time
+    between output tokens of each job that made two or more."""
 
     def __init__(self):
         self.reasons = dict.fromkeys(FINISH_REASONS, 0)
@@ -93,12 +95,15 @@ class JobFigures:
         self.generation_tokens = 0
         self.latency = Histogram(LATENCY_BUCKETS)
         self.first_token = Histogram(FIRST_TOKEN_BUCKETS)
+        self.queue = Histogram(FIRST_TOKEN_BUCKETS)
+        self.per_token = Histogram(PER_TOKEN_BUCKETS)
 
     def copy(self) -> JobFigures:
         twin = JobFigures()
         twin.reasons, twin.prompt_tokens, twin.generation_tokens = dict(self.reasons), self.prompt_tokens, \
             self.generation_tokens
         twin.latency, twin.first_token = self.latency.copy(), self.first_token.copy()
+        twin.queue, twin.per_token = self.queue.copy(), self.per_token.copy()
         return twin
 
     def add(self, request, key: str, now: float) -> None:
@@ -108,6 +113,11 @@ class JobFigures:
         self.latency.observe(max(0.0, now - request.created))
         if request.first_token is not None:
             self.first_token.observe(max(0.0, request.first_token - request.created))
+            if len(request.tokens) > 1:
+                self.per_token.observe(max(0.0, now - request.first_token) / (len(request.tokens) - 1))
+        admitted = getattr(request, "admitted", None)
+        if admitted is not None:
+            self.queue.observe(max(0.0, admitted - request.created))
 
 
 class EngineMetrics:
@@ -254,7 +264,8 @@ def _per_model(models: dict[str | None, JobFigures], model_name: str, running: l
     vLLM's running / waiting gauges stay one series each, the whole server's: a gateway reads one sample of
     ``vllm:num_requests_waiting`` as the server's queue (the Gateway API inference extension takes the family's
     last), so a split would hide every other adapter's. Their split per adapter is ``lorakit_lora_requests_*``."""
-    families = {name: [] for name in ("running", "waiting", "success", "prompt", "generation", "first", "e2e")}
+    families = {name: [] for name in ("running", "waiting", "success", "prompt", "generation", "first", "e2e",
+                                      "queue", "per_token")}
     for series, figures in sorted(models.items(), key=lambda item: (item[0] is not None, item[0] or "")):
         labels = {"model_name": model_name} if series is None else {"model_name": model_name, "lora_name": series}
         tail = _labels(labels)
@@ -269,6 +280,8 @@ def _per_model(models: dict[str | None, JobFigures], model_name: str, running: l
         families["generation"].append(f"vllm:generation_tokens_total{tail} {figures.generation_tokens}")
         families["first"] += figures.first_token.lines("vllm:time_to_first_token_seconds", labels)
         families["e2e"] += figures.latency.lines("vllm:e2e_request_latency_seconds", labels)
+        families["queue"] += figures.queue.lines("vllm:request_queue_time_seconds", labels)
+        families["per_token"] += figures.per_token.lines("vllm:request_time_per_output_token_seconds", labels)
     whole = _labels({"model_name": model_name})
     return [
         *_metric("vllm:num_requests_running", "gauge", "Engine jobs decoding now.",
@@ -289,6 +302,11 @@ def _per_model(models: dict[str | None, JobFigures], model_name: str, running: l
                  "Seconds from an engine job's submission to its first token, per model.", families["first"]),
         *_metric("vllm:e2e_request_latency_seconds", "histogram",
                  "Seconds from an engine job's submission to its end, per model.", families["e2e"]),
+        *_metric("vllm:request_queue_time_seconds", "histogram",
+                 "Seconds an engine job waited for a row of the batch, per model.", families["queue"]),
+        *_metric("vllm:request_time_per_output_token_seconds", "histogram",
+                 "Mean seconds between the output tokens of an engine job (from its first to its end), per model.",
+                 families["per_token"]),
     ]
 
 
