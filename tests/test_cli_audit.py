@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
+from cli_helpers import cli_error
 from conftest import tiny_llama
 from lorakit.cli import main
 from lorakit.errors import LorakitError
@@ -22,14 +22,6 @@ from test_serve_support import make_adapter, make_tokenizer
 from test_train_helpers import REPO, task_records, tiny_folder, write_jsonl  # noqa: F401 (fixture)
 
 FAST = ["--rank", "2", "--batch-size", "2", "--no-progress", "--eval-examples", "0", "--max-steps", "1"]
-
-
-def _error(capsys, code: int) -> str:
-    """The one stderr line of a refused command."""
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
 
 
 def _save(model, folder: Path, tokenizer=None) -> Path:
@@ -177,7 +169,7 @@ def test_a_short_context_model_trains_and_generates_within_it(tmp_path, capsys):
     assert "max_length lowered from 256 to 24" in out and "4 truncated at max_length=24" in out
     code = main(["train", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "run2"),
                  "--max-length", "64", *FAST])
-    assert "--max-length 64 is longer than the model's context of 24 tokens" in _error(capsys, code)
+    assert "--max-length 64 is longer than the model's context of 24 tokens" in cli_error(capsys, code)
     assert not (tmp_path / "run2").exists()
     code = main(["generate", "--model", str(folder), "--no-chat", "--max-new-tokens", "50", "Hello"])
     captured = capsys.readouterr()
@@ -195,23 +187,23 @@ def test_outputs_that_cannot_be_written_or_would_destroy_an_input(tmp_path, tiny
                          (adapter / "merged", "is, holds or sits inside the adapter folder"),
                          (tiny_folder, "is, holds or sits inside the model folder"),
                          (data / "merged", "is a file, not a folder")):
-        assert message in _error(capsys, main([*merge, str(out)]))
+        assert message in cli_error(capsys, main([*merge, str(out)]))
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     train = ["train", "--model", str(tiny_folder), "--data", str(data), *FAST, "--out"]
-    assert "is a file, not a folder" in _error(capsys, main([*train, str(data / "run")]))
+    assert "is a file, not a folder" in cli_error(capsys, main([*train, str(data / "run")]))
     code = main(["eval", "--model", str(tiny_folder), "--data", str(data), "--json", str(data / "x.json")])
-    assert "--json" in _error(capsys, code)
+    assert "--json" in cli_error(capsys, code)
 
     # unknown names among several are named with this model's layers (a typo was skipped silently)
     for flag in (["--targets", "q_proj", "v_prj"], ["--exclude", "q_prj"], ["--modules-to-save", "lm_hed"]):
-        line = _error(capsys, main([*train, str(tmp_path / "typo"), *flag]))
+        line = cli_error(capsys, main([*train, str(tmp_path / "typo"), *flag]))
         assert f"{flag[0]} '{flag[-1]}' matches no module" in line and "did you mean" in line and "q_proj" in line
     assert not (tmp_path / "typo").exists()
 
     # a failed fresh run leaves no folder behind (the same command can run again), an --overwrite run leaves
     # none of the old run's files, and a failed --overwrite run leaves the old run as it was
     code = main([*train, str(tmp_path / "run"), "--max-length", "2"])
-    assert _error(capsys, code) and not (tmp_path / "run").exists()
+    assert cli_error(capsys, code) and not (tmp_path / "run").exists()
     assert main([*train, str(tmp_path / "run"), "--save-every", "1", "--max-steps", "2"]) == 0
     (tmp_path / "run" / "notes.txt").write_text("mine")
     assert main([*train, str(tmp_path / "run"), "--overwrite"]) == 0
@@ -219,15 +211,16 @@ def test_outputs_that_cannot_be_written_or_would_destroy_an_input(tmp_path, tiny
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-000001"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1 and (run / "notes.txt").read_text() == "mine"
-    _error(capsys, main([*train, str(run), "--overwrite", "--max-length", "2"]))
+    cli_error(capsys, main([*train, str(run), "--overwrite", "--max-length", "2"]))
     assert (run / "adapter" / "adapter_config.json").is_file()
 
 
 def test_inspect_and_demo_on_folders_that_are_not_what_they_expect(tmp_path, tiny_folder, capsys):
     import shutil
 
-    assert "is a model folder (config.json), not an adapter" in _error(capsys, main(["inspect", str(tiny_folder)]))
-    assert "is a file; give the adapter folder" in _error(capsys, main(["inspect", str(tiny_folder / "config.json")]))
+    assert "is a model folder (config.json), not an adapter" in cli_error(capsys, main(["inspect", str(tiny_folder)]))
+    assert "is a file; give the adapter folder" in \
+        cli_error(capsys, main(["inspect", str(tiny_folder / "config.json")]))
     base = tmp_path / "base"  # a base model: its tokenizer has no chat template
     shutil.copytree(tiny_folder, base)
     config = json.loads((base / "tokenizer_config.json").read_text())

@@ -20,18 +20,11 @@ from lorakit.cli import main
 from lorakit.errors import LorakitError
 from lorakit.train.data import IGNORE_INDEX, generation_prompt, reference_text, tokenize_example, tokenizer_info
 from lorakit.train.formats import read_records, validate_record
+from cli_helpers import cli_error
 from test_serve_support import CHATML, make_tokenizer
 from test_train_helpers import tiny_folder, write_jsonl  # noqa: F401 (fixture)
 
 FAST = ["--rank", "2", "--batch-size", "2", "--no-progress", "--eval-examples", "0", "--max-steps", "2"]
-
-
-def _error(capsys, code: int) -> str:
-    """The one stderr line of a refused command (exit 2, no traceback)."""
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
 
 
 def _base_tokenizer(chat_template: str | None = CHATML, pad: bool = True):
@@ -194,7 +187,7 @@ def test_mistakes_are_one_line_before_anything_loads(tmp_path, tiny_folder, caps
     shutil.copytree(tiny_folder, no_config, ignore=shutil.ignore_patterns("config.json"))
     for command in (["generate", "--model", str(pickled), "hi"], ["merge", "--model", str(pickled), "--adapter",
                     str(tmp_path / "no-adapter"), "--out", str(tmp_path / "m0")], ["generate", "--model", str(no_config), "hi"]):
-        line = _error(capsys, main(command))
+        line = cli_error(capsys, main(command))
         assert "never unpickles" in line or "has no config.json" in line, line
 
     monkeypatch.setattr(runner, "load_model", no_loading)
@@ -227,19 +220,19 @@ def test_mistakes_are_one_line_before_anything_loads(tmp_path, tiny_folder, caps
     if not torch.cuda.is_available():
         cases.append((["generate", "--model", str(tiny_folder), "--device", "cuda", "hi"], "no CUDA GPU is visible"))
     for argv, message in cases:
-        assert message in _error(capsys, main(argv)), argv
+        assert message in cli_error(capsys, main(argv)), argv
     assert not any((tmp_path / f"r{i}").exists() for i in range(1, 9))
 
     monkeypatch.setattr("sys.stdin.isatty", lambda: True)  # `lorakit generate` with no prompt would wait forever
-    assert "no prompt: give it as an argument" in _error(capsys, main(["generate", "--model", str(tiny_folder)]))
+    assert "no prompt: give it as an argument" in cli_error(capsys, main(["generate", "--model", str(tiny_folder)]))
 
     quantized = tmp_path / "nf4"  # re-quantizing a 4-bit folder is refused (it would only copy or lose more)
     shutil.copytree(tiny_folder, quantized)
     config = json.loads((quantized / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     (quantized / "config.json").write_text(json.dumps(config))
-    assert "is already quantized (bitsandbytes" in _error(capsys, main(["quantize", "--model", str(quantized), "--out",
-                                                                         str(tmp_path / "q")]))
+    assert "is already quantized (bitsandbytes" in cli_error(capsys, main(["quantize", "--model", str(quantized),
+                                                                            "--out", str(tmp_path / "q")]))
 
 
 def test_repeated_list_flags_add_up():
@@ -267,7 +260,7 @@ def test_json_config_files_and_typos_through_other_tools_names(tmp_path, capsys,
     write_jsonl(tmp_path / "project" / "train.jsonl", [{"text": "a b"}])
     (tmp_path / "project" / "run.yaml").write_text("data: train.jsonl\n")
     monkeypatch.chdir(tmp_path)
-    line = _error(capsys, main(["train", "--config", "project/run.yaml"]))
+    line = cli_error(capsys, main(["train", "--config", "project/run.yaml"]))
     assert "data 'train.jsonl' is not found from the current folder, but project/train.jsonl is" in line
 
     (tmp_path / "run.json").write_text(json.dumps({"rank": 4, "max-steps": 3, "targets": ["q_proj"]}))

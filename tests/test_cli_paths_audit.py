@@ -25,16 +25,9 @@ import torch
 import lorakit
 from lorakit.cli import main
 from lorakit.errors import LorakitError
+from cli_helpers import cli_error
 from test_serve_support import make_adapter, tiny_hf_folder
 from test_train_helpers import tiny_folder  # noqa: F401 (fixture)
-
-
-def _error(capsys, code: int) -> str:
-    """The one stderr line of a refused command (exit 2, no traceback)."""
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
 
 
 def _names(folder: Path) -> list[str]:
@@ -89,11 +82,11 @@ def test_overwrite_replaces_only_a_previous_output(tiny_folder, adapter, tmp_pat
         # a folder with anything else in it is refused with the names, never emptied
         (out / "notes ü.txt").write_text("mine")
         (out / "other-model").mkdir()
-        line = _error(capsys, main([*argv, str(out), "--overwrite"]))
+        line = cli_error(capsys, main([*argv, str(out), "--overwrite"]))
         assert f"holds what {kind} folder does not (notes ü.txt, other-model/)" in line and "move them out" in line
         assert (out / "notes ü.txt").read_text() == "mine" and (out / "other-model").is_dir()
         # without --overwrite the same names come at once (offering --overwrite there only led to the refusal above)
-        line = _error(capsys, main([*argv, str(out)]))
+        line = cli_error(capsys, main([*argv, str(out)]))
         assert f"already exists and holds what {kind} folder does not (notes ü.txt, other-model/)" in line, line
         assert "--overwrite" not in line
     # the current folder, or one above it, is never the output (it was moved away under the shell, or half-renamed)
@@ -101,7 +94,7 @@ def test_overwrite_replaces_only_a_previous_output(tiny_folder, adapter, tmp_pat
     (cwd / "sub").mkdir(parents=True)
     monkeypatch.chdir(cwd / "sub")
     for out in (".", ".."):
-        assert "is the current folder (or holds it)" in _error(capsys, main([*merge, out, "--overwrite"]))
+        assert "is the current folder (or holds it)" in cli_error(capsys, main([*merge, out, "--overwrite"]))
     assert _names(cwd / "sub") == [] and _names(cwd) == ["sub"]
     # the library function has the same rules
     from lorakit.export import write_folder
@@ -152,7 +145,7 @@ def test_failed_or_interrupted_merge_leaves_the_old_output(tiny_folder, adapter,
     assert main(args) == 130
     assert "interrupted" in capsys.readouterr().err
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", half_then(OSError(errno.ENOSPC, "No space left on device")))
-    line = _error(capsys, main(args))
+    line = cli_error(capsys, main(args))
     assert line.endswith(f"cannot write {out}: No space left on device; the existing folder is unchanged")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert _names(tmp_path) == ["merged"]  # no half-written temporary folder beside it
@@ -170,12 +163,12 @@ def test_default_model_is_not_loaded_for_an_adapter_of_another_base(tiny_folder,
     monkeypatch.setattr("lorakit.load_base", no_loading)
     for argv in (["merge", "--adapter", str(other), "--out", str(tmp_path / "m")], ["generate", "--adapter", str(other), "hi"],
                  ["combine", "--adapter", str(other), "--out", str(tmp_path / "c")]):
-        line = _error(capsys, main(argv))
+        line = cli_error(capsys, main(argv))
         assert (f"--adapter {other} was trained on 'meta-llama/Llama-3.2-1B' (base_model_name_or_path in its "
                 "adapter_config.json), not on the default --model smollm2-135m; pass --model with a local folder of it "
                 "(lorakit downloads nothing: hf download meta-llama/Llama-3.2-1B --local-dir DIR") in line, argv
     # a local base that exists is named as the --model to pass
-    line = _error(capsys, main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "m")]))
+    line = cli_error(capsys, main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "m")]))
     assert line.endswith(f"pass --model {str(tiny_folder) if ' ' not in str(tiny_folder) else repr(str(tiny_folder))}")
     assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()
 
@@ -196,7 +189,7 @@ def test_adapter_files_as_editors_and_downloads_leave_them(adapter, tmp_path, ca
         with pytest.raises(LorakitError, match=None) as caught:
             lorakit.read_adapter(folder)
         assert message in str(caught.value), name
-        assert message in _error(capsys, main(["inspect", str(folder)]))
+        assert message in cli_error(capsys, main(["inspect", str(folder)]))
     bom = tmp_path / "bom"  # a UTF-8 BOM (Notepad) is read
     shutil.copytree(adapter, bom)
     (bom / "adapter_config.json").write_bytes(b"\xef\xbb\xbf" + text.encode())
@@ -207,18 +200,19 @@ def test_adapter_files_as_editors_and_downloads_leave_them(adapter, tmp_path, ca
     cache.mkdir()
     (cache / "adapter_config.json").symlink_to(adapter / "adapter_config.json")
     (cache / "adapter_model.safetensors").symlink_to(tmp_path / "blobs" / "0123abc.incomplete")
-    assert "adapter_model.safetensors is a symbolic link to" in _error(capsys, main(["inspect", str(cache)]))
-    assert "which does not exist (an unfinished download?)" in _error(capsys, main(["inspect", str(cache)]))
+    assert "adapter_model.safetensors is a symbolic link to" in cli_error(capsys, main(["inspect", str(cache)]))
+    assert "which does not exist (an unfinished download?)" in cli_error(capsys, main(["inspect", str(cache)]))
 
     # a repository cloned without git-lfs: the weights file is a text pointer
     lfs = tmp_path / "lfs"
     shutil.copytree(adapter, lfs)
     (lfs / "adapter_model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:"
                                                    + "0" * 64 + "\nsize 17632\n")
-    assert "is a Git LFS pointer (130 bytes), not the weights: run git lfs pull" in _error(capsys, main(["inspect", str(lfs)]))
+    assert "is a Git LFS pointer (130 bytes), not the weights: run git lfs pull" in \
+        cli_error(capsys, main(["inspect", str(lfs)]))
 
     # the adapter's own file where its folder goes: the folder is named
-    line = _error(capsys, main(["inspect", str(adapter / "adapter_config.json")]))
+    line = cli_error(capsys, main(["inspect", str(adapter / "adapter_config.json")]))
     assert line.endswith(f"did you mean its folder {str(adapter)!r}?")
 
 
@@ -280,13 +274,13 @@ def test_run_and_checkpoint_folders_name_the_adapter_to_pass(adapter, tmp_path, 
     run = tmp_path / "run"
     for step in ("step-000002", "step-000010"):  # lorakit train's checkpoints: step-N/adapter
         shutil.copytree(adapter, run / "checkpoints" / step / "adapter")
-    line = _error(capsys, main(["inspect", str(run / "checkpoints")]))
+    line = cli_error(capsys, main(["inspect", str(run / "checkpoints")]))
     assert line.endswith(f"holds checkpoints (step-000002, step-000010); pass one's adapter folder, e.g. "
                          f"{run / 'checkpoints' / 'step-000010' / 'adapter'}")
     trainer = tmp_path / "hf"  # a Trainer output_dir: checkpoint-N folders hold the adapter files; the latest is named
     for step in ("checkpoint-20", "checkpoint-100"):
         shutil.copytree(adapter, trainer / step)
-    line = _error(capsys, main(["inspect", str(trainer)]))
+    line = cli_error(capsys, main(["inspect", str(trainer)]))
     assert line.endswith(f"holds adapters in subfolders (checkpoint-20, checkpoint-100); pass one of them, e.g. "
                          f"{trainer / 'checkpoint-100'}")
 
@@ -300,14 +294,14 @@ def test_unwritable_places_are_one_line(tiny_folder, adapter, tmp_path, capsys, 
     real_access = os.access
     monkeypatch.setattr("lorakit.export.os.access", lambda path, mode: Path(path) != locked and real_access(path, mode))
     for out in (locked / "new", locked / "merged"):  # a new folder in it, or replacing one inside it (made beside)
-        line = _error(capsys, main(["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out", str(out),
-                                    "--overwrite"]))
+        line = cli_error(capsys, main(["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out",
+                                       str(out), "--overwrite"]))
         assert line.endswith(f"--out {out}: no permission to write in {locked}; choose another --out")
     (tmp_path / "old").mkdir()  # a read-only previous output: it cannot be renamed away
     (tmp_path / "old" / "config.json").write_text("{}")
     monkeypatch.setattr("lorakit.export.os.access", lambda path, mode: Path(path) not in (locked, tmp_path / "old"))
-    line = _error(capsys, main(["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out",
-                                str(tmp_path / "old"), "--overwrite"]))
+    line = cli_error(capsys, main(["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out",
+                                   str(tmp_path / "old"), "--overwrite"]))
     assert line.endswith(f"no permission to write in {tmp_path / 'old'}; choose another --out")
     # training writes into its folder, so its own checks keep accepting '.', a folder whose parent is read-only
     assert check_output_folder(locked / "merged", overwrite=True) == locked / "merged"
@@ -325,7 +319,7 @@ def test_unwritable_places_are_one_line(tiny_folder, adapter, tmp_path, capsys, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("lorakit.io.atomic_write_bytes", full_disk)
-    line = _error(capsys, main(argv))
+    line = cli_error(capsys, main(argv))
     assert line.endswith(f"cannot save the adapter to {out}: No space left on device; choose a folder you can write")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -341,19 +335,20 @@ def test_outputs_that_are_files_and_prompts_that_are_not_utf8(tiny_folder, adapt
     existing = tmp_path / "merged.safetensors"
     existing.write_bytes(b"mine")
     for argv in (["merge", "--adapter", str(adapter)], ["combine", "--adapter", str(adapter)], ["quantize"]):
-        line = _error(capsys, main([*argv, "--model", str(tiny_folder), "--out", str(existing), "--overwrite"]))
+        line = cli_error(capsys, main([*argv, "--model", str(tiny_folder), "--out", str(existing), "--overwrite"]))
         assert line.endswith(f"--out {existing} is a file; give a folder"), argv
     assert existing.read_bytes() == b"mine"
 
     # a Latin-1 file piped in: named as such (Python decoded it to lone surrogates the tokenizer refused obscurely)
     generate = ["generate", "--model", str(tiny_folder)]
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait")))
-    line = _error(capsys, main(generate))
+    line = cli_error(capsys, main(generate))
     assert "standard input is not UTF-8 text (byte 0xe9 at offset 3); convert it first, e.g. iconv" in line
-    assert "not UTF-8 text; pass it in UTF-8" in _error(capsys, main([*generate, "caf\udce9"]))
+    assert "not UTF-8 text; pass it in UTF-8" in cli_error(capsys, main([*generate, "caf\udce9"]))
     # sampling options are named as the flags the user typed
-    assert _error(capsys, main([*generate, "--top-p", "2", "hi"])).endswith("--top-p must be in (0, 1], got 2.0")
-    assert "--max-new-tokens must be a positive integer" in _error(capsys, main([*generate, "--max-new-tokens", "0", "hi"]))
+    assert cli_error(capsys, main([*generate, "--top-p", "2", "hi"])).endswith("--top-p must be in (0, 1], got 2.0")
+    assert "--max-new-tokens must be a positive integer" in \
+        cli_error(capsys, main([*generate, "--max-new-tokens", "0", "hi"]))
 
 
 def test_a_killed_runs_hidden_temporary_folder_is_named(tiny_folder, adapter, tmp_path, capsys):  # noqa: F811 (fixture)
@@ -393,7 +388,7 @@ def test_safetensors_header_claiming_huge_shapes_is_one_line(adapter, tmp_path, 
     header = json.dumps({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
                          {"dtype": "F32", "shape": shape, "data_offsets": offsets}}).encode()
     (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
-    line = _error(capsys, main(["inspect", str(folder)]))
+    line = cli_error(capsys, main(["inspect", str(folder)]))
     assert f"{folder / 'adapter_model.safetensors'} is not a valid safetensors file" in line
 
 
@@ -412,7 +407,7 @@ def test_a_bind_mounted_out_that_cannot_be_renamed_is_one_line(tiny_folder, adap
 
     monkeypatch.setattr(fs.os, "replace", busy)
     for argv in (["merge", "--adapter", str(adapter)], ["combine", "--adapter", str(adapter)], ["quantize"]):
-        line = _error(capsys, main([*argv, "--model", str(tiny_folder), "--out", str(out)]))
+        line = cli_error(capsys, main([*argv, "--model", str(tiny_folder), "--out", str(out)]))
         assert line.endswith(f"cannot write {out}: Device or resource busy ({out} is a mount point or in use: give a "
                              f"folder inside it, e.g. {out / 'out'}); the existing folder is unchanged"), line
         assert _names(out) == []
@@ -434,7 +429,7 @@ def test_a_path_the_system_refuses_is_one_line(tiny_folder, adapter, capsys):  #
     long = "a" * 300  # over the 255-byte limit of a file name: Path.exists() raises instead of saying False
     for argv in (["inspect", long], ["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out", long],
                  ["generate", "--model", long, "hi"]):
-        line = _error(capsys, main(argv))
+        line = cli_error(capsys, main(argv))
         assert line.startswith(f"lorakit {argv[0]}: error: {'a' * 117}...: File name too long"), line
 
 
@@ -444,14 +439,14 @@ def test_a_model_cloned_without_git_lfs_is_named_before_loading(tiny_folder, tmp
     (clone / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 +
                                              "\nsize 66224\n")
     for argv in (["generate", "--model", str(clone), "hi"], ["quantize", "--model", str(clone), "--out", str(tmp_path / "q")]):
-        line = _error(capsys, main(argv))  # it was safetensors' "header too large" traceback
+        line = cli_error(capsys, main(argv))  # it was safetensors' "header too large" traceback
         assert line.endswith(f"--model {clone}: model.safetensors is a Git LFS pointer, not the weights: run git lfs pull "
                              "in that repository, or download it with hf download REPO --local-dir DIR"), line
     data = (tiny_folder / "model.safetensors").read_bytes()
     for cut, expected in ((len(data) - 100, f"({len(data) - 100:,} bytes of {len(data):,}; an interrupted download or "
                                             "copy?): download or copy it again"), (0, "(0 bytes; an interrupted")):
         (clone / "model.safetensors").write_bytes(data[:cut])
-        line = _error(capsys, main(["generate", "--model", str(clone), "hi"]))
+        line = cli_error(capsys, main(["generate", "--model", str(clone), "hi"]))
         assert f"--model {clone}: model.safetensors is cut short or not a safetensors file {expected}" in line, line
 
 
@@ -473,5 +468,5 @@ def test_a_rank_pattern_key_that_is_no_regex_is_one_line(adapter, tmp_path, caps
     shutil.copytree(adapter, folder)
     raw = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**raw, "rank_pattern": {"(q_proj": 2}}))
-    line = _error(capsys, main(["inspect", str(folder)]))  # it was re.error's traceback while loading
+    line = cli_error(capsys, main(["inspect", str(folder)]))  # it was re.error's traceback while loading
     assert "rank_pattern key '(q_proj' is not a valid regular expression (missing ), unterminated subpattern" in line

