@@ -38,6 +38,7 @@ from lorakit.train.data import (
     tokenizer_info,
 )
 from lorakit.train.formats import read_records, validate_record
+from test_train_helpers import write_jsonl
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -108,11 +109,6 @@ def supervised_runs(tokenizer, example) -> list[str]:
     if current:
         runs.append(current)
     return [tokenizer.decode(r) for r in runs]
-
-
-def write_jsonl(path: Path, lines: list) -> Path:
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8")
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ label masks
