@@ -355,3 +355,31 @@ def test_a_bitsandbytes_config_naming_no_bit_width_says_what_to_do(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     line = _refused("generate", "--model", folder, "--max-new-tokens", 1, "copy a :")
     assert "neither load_in_4bit nor load_in_8bit" in line and "delete it if the weights are 16-bit" in line, line
+
+
+def test_nf4_loading_of_a_vision_language_folder_whose_text_layers_transformers_renames(tmp_path):
+    """Qwen 3.5's vision-language folder keeps its text model under model.language_model.*; transformers builds
+    Qwen3_5ForCausalLM (model.*) and renames as it loads, the NF4 loader read names as they are and refused the
+    folder ("no tensor for model.layers.0.self_attn.q_proj.weight"). It now loads, with the 4-bit logits of the
+    same text model saved on its own (read tensor by tensor)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=1, eos_token_id=3,
+                pad_token_id=3, layer_types=["full_attention", "full_attention"])
+    vision = dict(depth=1, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=32, patch_size=14,
+                  spatial_merge_size=2)
+    full = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=text, vision_config=vision,
+                                                               image_token_id=39, video_token_id=38)).eval()
+    folder = tmp_path / "qwen3_5"
+    full.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    dense, tokenizer = lorakit.load_base(str(folder), device="cpu")
+    dense.save_pretrained(tmp_path / "text")  # Qwen3_5ForCausalLM's own names: the streaming NF4 path reads it
+    tokenizer.save_pretrained(tmp_path / "text")
+    quantized, _ = lorakit.load_base(str(folder), device="cpu", quantize="nf4")
+    reference, _ = lorakit.load_base(str(tmp_path / "text"), device="cpu", quantize="nf4")
+    assert type(quantized.model.layers[0].mlp.down_proj).__name__ == "NF4Linear"
+    with torch.no_grad():
+        assert_close(quantized(IDS).logits, reference(IDS).logits)

@@ -99,6 +99,16 @@ def _key_mapper(checkpoint_keys: set[str], model_keys: set[str], prefix: str):
     return to_checkpoint
 
 
+def _is_head(model: nn.Module, path: str) -> bool:
+    """Whether ``path`` is the output head (a tied head is not in the file, and is not quantized)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get_out() if callable(get_out) else None
+    except (NotImplementedError, AttributeError):
+        return False
+    return head is not None and head is model.get_submodule(path)
+
+
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, source: str) -> None:
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
@@ -181,7 +191,13 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
     if fused and prequantized:
         raise LorakitError(f"{folder}: a 4-bit checkpoint of a model whose experts transformers fuses on load ({fused[0]!r} "
                            "is not in the file); load the 16-bit folder with quantize='nf4' instead")
-    if fused:
+    # the same for layers saved under names transformers renames on load: Qwen 3.5's vision-language folder keeps its
+    # text model under model.language_model.*, which the ForCausalLM class transformers builds names model.*; read
+    # tensor by tensor, the NF4 load said "no tensor for model.layers.0.self_attn.q_proj.weight"
+    renamed = [] if prequantized else [f"{path}.weight" for path, module in model.named_modules()
+                                       if isinstance(module, nn.Linear) and to_checkpoint(f"{path}.weight") is None
+                                       and not _is_head(model, path)]
+    if fused or renamed:
         from lorakit.models.loading import _load_dense
         from lorakit.quant.quantize import quantize
 
