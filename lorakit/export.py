@@ -677,9 +677,6 @@ def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-llama_tensors = gguf_tensors  # the name before other families were added
-
-
 def _dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors as float32 on the CPU, an NF4 layer's as its dequantized ``weight`` (and ``bias``)
     instead of its packed buffers; refuses a model that still carries lorakit adapters (they must be merged)."""
