@@ -256,7 +256,9 @@ def test_prompts_sharing_new_blocks_in_one_call_compute_them_once():
     decoder = StaticDecoder(model, max_batch=5, max_len=128, prefix_cache=1024)
     reference = StaticDecoder(model, max_batch=5, max_len=128, prefix_cache=0)
     rows = [4, 0, 2, 1, 3]
-    assert decoder.prefix.followers([(None, 0, None)] * 5, prompts) == [1, 3]
+    # prompts 1 and 3 copy the system prompt's 3 full blocks; the others run whole
+    assert decoder.prefix.plan([(None, 0, None)] * 5, prompts) == ([1, 3], sum(map(len, prompts)) - 2 * 48)
+    assert decoder.prefill_tokens(prompts, [None] * 5, [None] * 5) == sum(map(len, prompts)) - 2 * 48
     got = decoder.prefill(rows, prompts, [None] * 5)
     assert_close(got, reference.prefill(rows, prompts, [None] * 5))
     assert decoder.prefix.hits == 2 * 3 * PREFIX_BLOCK  # prompts 1 and 3: the system prompt's 3 full blocks
@@ -280,3 +282,34 @@ def test_a_cache_too_large_for_the_gpu_is_one_line(monkeypatch):
     # tiny_llama: 2 layers x 2 kv heads x 8 dims x K and V x 4 bytes = 256 bytes a token
     assert "32 rows x 4096 tokens: 0.0 GiB" in message and "prefix cache (32768 tokens" in message
     assert "--max-context" in message and "--prefix-cache-tokens" in message and "\n" not in message
+
+
+def test_the_engine_counts_shared_blocks_when_it_routes_a_burst(monkeypatch):
+    """Newcomers that bring one new system prompt together run through the static decoder's two passes when what
+    those compute fits STATIC_PREFILL_MAX_TOKENS, though their prompts' sum does not (before: transformers' prefill,
+    every prompt whole)."""
+    import threading
+
+    from lorakit.generation import SamplingParams
+    from lorakit.serve import engine as engine_module
+    from lorakit.serve.engine import Engine, Request
+
+    def whole_prompts(*args, **kwargs):
+        raise AssertionError("the burst went through transformers' prefill")
+
+    monkeypatch.setattr(engine_module, "STATIC_PREFILL_MAX_TOKENS", 100)
+    monkeypatch.setattr(engine_module, "prefill", whole_prompts)
+    model = tiny_llama(max_position_embeddings=512)
+    decoder = StaticDecoder(model, max_batch=4, max_len=128, prefix_cache=1024)
+    lock = threading.RLock()
+    engine = Engine(model, lock, max_batch=4, decoder=decoder)
+    system = list(range(20, 60))
+    burst = [Request(prompt=system + [j, j + 1], adapter=None, params=SamplingParams(max_new_tokens=3),
+                     on_token=lambda token, info: True, on_finish=lambda reason: None) for j in range(4)]
+    try:
+        with lock:  # the engine's thread has nothing to do: this step is the only one
+            engine._step(burst, [])
+    finally:
+        engine.close()
+    assert sum(map(len, (r.prompt for r in burst))) > 100 and decoder.prefix.hits == 3 * 32
+    assert all(r.row >= 0 for r in burst)

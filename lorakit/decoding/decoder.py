@@ -294,7 +294,7 @@ class StaticDecoder:
         pass, which finds those blocks kept by the first."""
         n = len(rows)
         if split and self.prefix is not None and n > 1:
-            later = set(self.prefix.followers([self._prefix_root(a, s) for a, s in zip(adapters, salts)], prompts))
+            later = set(self.prefix.plan([self._prefix_root(a, s) for a, s in zip(adapters, salts)], prompts)[0])
             if later:
                 out = torch.empty(n, self.parts.vocab, dtype=torch.float32, device=self.device)
                 for wave in ([j for j in range(n) if j not in later], sorted(later)):
@@ -334,11 +334,13 @@ class StaticDecoder:
         another adapter under the name gets a new serial) and the salt."""
         return adapter, (self.adapters.serial_of.get(adapter, -1) if adapter is not None else 0), salt
 
-    def cached_tokens(self, prompt: Sequence[int], adapter: str | None, salt: str | None = None) -> int:
-        """How many leading tokens of ``prompt`` the prefix cache would give a prefill now (nothing is marked used)."""
-        if self.prefix is None or (adapter is not None and adapter not in self.adapters):
-            return 0
-        return len(self.prefix.lookup(self._prefix_root(adapter, salt), prompt, touch=False)) * self.prefix.block
+    def prefill_tokens(self, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
+                       salts: Sequence[str | None]) -> int:
+        """How many tokens ``prefill`` of these prompts would run through the model now: what the prefix cache
+        holds, and the blocks prompts of the call share with an earlier one, are copies (nothing is marked used)."""
+        if self.prefix is None:
+            return sum(len(p) for p in prompts)
+        return self.prefix.plan([self._prefix_root(a, s) for a, s in zip(adapters, salts)], prompts)[1]
 
     def remember(self, row: int, tokens: Sequence[int], adapter: str | None, salt: str | None = None) -> None:
         """Keep the K/V of the full blocks of ``tokens`` (the sequence whose K/V row ``row`` holds, cut at the row's

@@ -79,13 +79,16 @@ class PrefixCache:
         for key in reversed(chain):
             self._entries.move_to_end(key)
 
-    def followers(self, roots: Sequence[Hashable], prompts: Sequence[Sequence[int]], least: int = 2) -> list[int]:
-        """Indices of the prompts that share at least ``least`` full blocks the pool lacks with an earlier prompt
-        of the list (not itself a follower): prefilled after those, they find the blocks kept instead of computing
-        them again. Matching uses Python's hash of each chain: a collision only changes which pass a prompt goes
-        in, never which K/V it gets (``lookup`` compares tokens exactly)."""
+    def plan(self, roots: Sequence[Hashable], prompts: Sequence[Sequence[int]], least: int = 2
+             ) -> tuple[list[int], int]:
+        """How one prefill of ``prompts`` (under ``roots``) would go: the indices of the followers, prompts that
+        share at least ``least`` full blocks the pool lacks with an earlier prompt of the list (not itself a
+        follower), which a second pass prefills after those so that they find the blocks kept; and how many
+        tokens both passes run through the model in all. Nothing is marked used. Matching uses Python's hash of
+        each chain: a collision only changes which pass a prompt goes in, never which K/V it gets (``lookup``
+        compares tokens exactly)."""
         leading: set[int] = set()  # chained hashes of the leaders' full blocks
-        later = []
+        later, computed = [], 0
         for j, (root, tokens) in enumerate(zip(roots, prompts)):
             chain, h = [], hash(root)
             for k in range(len(tokens) // self.block):
@@ -93,11 +96,13 @@ class PrefixCache:
                 chain.append(h)
             usable = (len(tokens) - 1) // self.block
             shared = next((k for k in range(usable) if chain[k] not in leading), usable)
-            if shared - len(self.lookup(root, tokens, touch=False)) >= least:
+            cached = len(self.lookup(root, tokens, touch=False))
+            if shared - cached >= least:
                 later.append(j)
             else:
                 leading.update(chain)
-        return later
+            computed += len(tokens) - self.block * max(cached, shared if shared - cached >= least else 0)
+        return later, computed
 
     def copy_in(self, blocks: list[int], k_cache: torch.Tensor, v_cache: torch.Tensor, row: int) -> None:
         """Write pool ``blocks`` to positions ``0 .. len(blocks) * block`` of cache row ``row`` (all layers)."""

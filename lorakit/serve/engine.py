@@ -272,7 +272,9 @@ class Engine:
             reasons = [self.unservable(r.adapter) for r in newcomers]
             done += [(r, f"error: {why}") for r, why in zip(newcomers, reasons) if why is not None]
             newcomers = [r for r, why in zip(newcomers, reasons) if why is None]
-        if newcomers and self.decoder is not None and self._uncached(newcomers) <= STATIC_PREFILL_MAX_TOKENS:
+        if newcomers and self.decoder is not None and self.decoder.prefill_tokens(
+                [r.prompt for r in newcomers], [r.adapter for r in newcomers],
+                [r.salt for r in newcomers]) <= STATIC_PREFILL_MAX_TOKENS:
             # the decoder prefills into the rows itself (its fused layers; transformers' forward costs most of a
             # short prompt's time in Python and small kernels); rows of requests that end at once are released
             started = time.perf_counter()
@@ -329,11 +331,6 @@ class Engine:
         finished = [i for i, r in enumerate(self._running)
                     if not self._accept(r, logits[i], tokens[i], errors[i], done)]
         self._drop(finished, done, None)
-
-    def _uncached(self, newcomers: list[Request]) -> int:
-        """Prompt tokens of ``newcomers`` that a static prefill would run through the model (the rest are copies
-        from the decoder's prefix cache)."""
-        return sum(len(r.prompt) - self.decoder.cached_tokens(r.prompt, r.adapter, r.salt) for r in newcomers)
 
     def _time_prefill(self, started: float, rows: int) -> None:
         self.timings["prefill_s"] += time.perf_counter() - started
