@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import TOLERANCE, assert_close, tiny_llama
+from conftest import assert_close, tiny_llama
 from lorakit import generation as G
 from lorakit.cli import main
 from test_serve_support import make_adapter, make_tokenizer, tiny_hf_folder

@@ -11,7 +11,7 @@ from torch import nn
 import lorakit
 from lorakit.inject import lora_layers
 from lorakit.layers import LoraEmbedding, LoraLinear
-from conftest import TOLERANCE, assert_close, tiny_llama
+from conftest import assert_close, tiny_llama
 
 VARIANTS = ["lora", "rslora", "dora"]
 

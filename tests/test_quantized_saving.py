@@ -10,7 +10,6 @@ tests/test_qlora_audit.py ``_bnb_dequantized``), which is its bug, not the file'
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
