@@ -96,17 +96,21 @@ def test_a_converted_file_of_linear_layers_alone_loads_with_the_trained_logits(t
 
 
 # -- KaSA with an init ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("init", ["orthogonal", "eva"])
-def test_kasa_with_an_init_that_leaves_the_base_alone_loads_both_ways(init, tmp_path):
+def test_kasa_with_an_init_that_leaves_the_base_alone_loads_both_ways(tmp_path):
     """peft makes KaSA adapters with init_lora_weights 'orthogonal' or 'eva' (inits of A and B only, the saved
     weights are final): lorakit refused them as "not an adapter peft makes". They load as KaSA does: peft's logits,
     its merge, and a plain LoRA file that peft reads back."""
     from peft.tuners.lora.config import KasaConfig
 
-    from test_peft_sweep import round_trip
+    from test_peft_sweep import peft_saved, round_trip
 
-    quiet(round_trip, "llama", tmp_path, target_modules=["q_proj", "down_proj"], init_lora_weights=init,
+    quiet(round_trip, "llama", tmp_path / "orthogonal", target_modules=["q_proj", "v_proj"], init_lora_weights="orthogonal",
           kasa_config=KasaConfig())
+    theirs = quiet(peft_saved, "llama", tmp_path / "eva", target_modules=["q_proj"], init_lora_weights="eva",
+                   kasa_config=KasaConfig())
+    ours = build("llama")
+    lorakit.load_adapter(ours, tmp_path / "eva")
+    assert_close(logits(ours, IDS), logits(theirs, IDS))
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
