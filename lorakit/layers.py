@@ -472,11 +472,29 @@ class ModulesToSave(_AdapterHost):
                 raise LorakitError("mixed_batch: a module with a trained copy (modules_to_save) called with keyword "
                                    f"arguments only ({', '.join(kwargs)}) cannot split its rows among adapters; use one "
                                    "adapter at a time (lorakit.set_adapter)")
+            count, tokens = x.shape[0], (x.shape[1] if x.ndim >= 3 else 0)
             parts = [(rows, (self.copies[name] if name is not None else self.base_layer)(
-                x.index_select(0, rows.to(x.device)), *args[1:], **kwargs)) for name, rows in groups.items()]
+                *(_rows_of(a, rows, count, tokens) for a in args),
+                **{k: _rows_of(v, rows, count, tokens) for k, v in kwargs.items()})) for name, rows in groups.items()]
             # outputs may be tuples: a copied MoE router returns (logits, scores, expert indices), each row by row
             return join_rows(parts, x.shape[0], "a module with a trained copy (modules_to_save)")
         return self._running()(*args, **kwargs)
+
+
+def _rows_of(value: object, rows: torch.Tensor, count: int, tokens: int) -> object:
+    """The part of a mixed batch's argument that belongs to ``rows`` (indices into the ``count`` rows of the input
+    ``(count, tokens, ...)``): a tensor of ``count`` rows by those rows, one of ``count * tokens`` rows (the tokens
+    flattened: DBRX's experts get the routing of each token as ``(count * tokens, k)``) by those rows' tokens;
+    anything else whole. Without this a copied experts module ran each row group with the whole batch's routing (an
+    IndexError)."""
+    if not isinstance(value, torch.Tensor) or not value.ndim:
+        return value
+    rows = rows.to(value.device)
+    if value.shape[0] == count:
+        return value.index_select(0, rows)
+    if tokens and value.shape[0] == count * tokens:
+        return value.index_select(0, (rows[:, None] * tokens + torch.arange(tokens, device=value.device)).reshape(-1))
+    return value
 
 
 def join_rows(parts: list[tuple[torch.Tensor, object]], count: int, where: str) -> object:

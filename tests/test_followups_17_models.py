@@ -383,3 +383,31 @@ def test_nf4_loading_of_a_vision_language_folder_whose_text_layers_transformers_
     assert type(quantized.model.layers[0].mlp.down_proj).__name__ == "NF4Linear"
     with torch.no_grad():
         assert_close(quantized(IDS).logits, reference(IDS).logits)
+
+
+def test_a_mixed_batch_through_copied_dbrx_experts_gives_each_row_its_adapter(tmp_path):
+    """Two adapters that train DBRX's experts whole (--modules-to-save experts, what the warning above suggests),
+    served together: a batch mixing them ran each row group's copy with the whole batch's routing ((rows x tokens, k)
+    indices) and failed with an IndexError. Each row now gets its own adapter's logits."""
+    base = _dbrx()
+    for seed, name in ((1, "a"), (2, "b")):
+        model = copy.deepcopy(base)
+        lorakit.inject(model, lorakit.LoraConfig(target_modules=["Wqkv"], r=4, modules_to_save=["experts"]))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, parameter in lorakit.lora_parameters(model):
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+        lorakit.save_adapter(model, tmp_path / name)
+    model = copy.deepcopy(base)
+    for name in ("a", "b"):
+        lorakit.load_adapter(model, str(tmp_path / name), adapter=name)
+    with torch.no_grad():
+        alone = {}
+        for name in ("a", "b"):
+            lorakit.set_adapter(model, name)
+            alone[name] = model(IDS).logits
+        assert (alone["a"] - alone["b"]).abs().max() > 1e-3
+        with lorakit.mixed_batch(model, ["b", "a"]):
+            mixed = model(IDS).logits
+    assert_close(mixed[0], alone["b"][0])
+    assert_close(mixed[1], alone["a"][1])
