@@ -1275,6 +1275,7 @@ def _plain_form(model: nn.Module, plan: dict[tuple[str, str], torch.Tensor], con
     theirs are padded with zeros to the doubled rank. Scaling is unchanged (``_doubled_rank``).
     """
     out = dict(plan)
+    base_modules = _base_modules(model)
     for path, module in find_targets(model, config).items():
         lora_A, lora_B = plan[(path, "lora_A")], plan[(path, "lora_B")]  # (r, in), (out, r)
         rank, scale = config.rank_for(path), config.scaling_for(path)
@@ -1282,6 +1283,15 @@ def _plain_form(model: nn.Module, plan: dict[tuple[str, str], torch.Tensor], con
             out[(path, "lora_A")] = torch.cat([lora_A, torch.zeros_like(lora_A)])
             out[(path, "lora_B")] = torch.cat([lora_B, torch.zeros_like(lora_B)], dim=1)
             continue
+        weight = getattr(base_modules.get(path), "weight", None)
+        tied = [other for other, m in base_modules.items() if other and other != path and isinstance(weight, torch.Tensor)
+                and getattr(m, "weight", None) is weight]
+        if tied:  # peft rewrote the one tensor both use: the embedding reads W - s B0 A0 too, which no LoRA on
+            # this layer gives (peft's own merge_and_unload is off on tied weights as well)
+            what = "KaSA's truncation" if method == "kasa" else f"init_lora_weights={method!r}"
+            raise LorakitError(f"{path}: {what} rewrote its base weight, which {path} shares with {tied[0]} (tied "
+                               f"weights), so peft changed {tied[0]} too; lorakit repeats the rewrite as a LoRA on "
+                               f"{path} alone and cannot match that: run this adapter with peft (PeftModel.from_pretrained)")
         lora_A0, lora_B0 = _init_factors(path, quant.dense_weight(module, torch.float32).float(), rank, scale, method)
         out[(path, "lora_A")] = torch.cat([lora_A.float(), lora_A0])
         out[(path, "lora_B")] = torch.cat([lora_B.float(), -lora_B0], dim=1)
@@ -1447,7 +1457,10 @@ def _load_checked(model: nn.Module, adapter_file: AdapterFile, adapter: str, tra
                            "would train them apart; load it with trainable=False to run it, or continue its training "
                            "with peft")
     if adapter_file.base_rewrite:  # as peft's from_pretrained, which repeats the init on the original base
-        plan, config = _plain_form(model, plan, config, adapter_file.base_rewrite)
+        try:
+            plan, config = _plain_form(model, plan, config, adapter_file.base_rewrite)
+        except LorakitError as error:  # which folder, as the other refusals say
+            raise LorakitError(f"{adapter_file.folder}: {error}") from None
     inject(model, config, adapter=adapter, trainable=trainable)
     try:
         hosts = adapter_hosts(model)
