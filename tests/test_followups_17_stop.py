@@ -286,34 +286,6 @@ def test_ctrl_c_of_lorakit_train_saves_says_how_to_resume_and_ends_130(tiny_fold
     assert json.loads((run / "results.json").read_text())["steps"] == 6
 
 
-def test_sigterm_from_outside_saves_where_it_stopped_and_ends_143(tiny_folder, tiny_data, tmp_path):  # noqa: F811
-    """`kill PID` / a scheduler's preemption of a real `lorakit train` process; before: status 130 and only the last
-    periodic checkpoint (none here: the run's folder was removed)."""
-    run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "lorakit", *_args(tiny_folder, tiny_data[0], run, 100000)],
-                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and process.poll() is None and (
-                not metrics.is_file() or metrics.read_text().count('"kind": "train"') < 2):
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 143, err[-3000:]
-    assert err.rstrip().splitlines()[-1] == "lorakit train: stopped by SIGTERM" and "Traceback" not in err, err[-3000:]
-    checkpoint = find_checkpoint(run)
-    step = read_state(checkpoint)["step"]
-    assert step == len(_metrics(run, "train")) >= 2  # saved at the step it stopped at, not an earlier one
-    assert (f"training stopped by SIGTERM at step {step} of 100000, saved there; the last checkpoint is {checkpoint}; "
-            f"continue with: lorakit train --resume {run}") in err, err[-3000:]
-    assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
-    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
-
-
 # -- torchrun ---------------------------------------------------------------------------------------------------------
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 SCRIPT = '''
@@ -352,7 +324,26 @@ result = train(resumed, tok, data, config, out=os.path.join(out, "run"), resume=
 a, b = lora_state(straight), lora_state(resumed)
 report["same"] = all(torch.equal(a[k], b[k]) for k in a)
 report["steps"] = result.steps
-print("REPORT", rank, json.dumps(report), flush=True)
+# a Ctrl-C torchrun passes on to each process may reach one after the step's all-reduce: rank 0's SIGINT comes in
+# step 2, rank 1's only while rank 0 saves; every process got one, so none waits for rank 0 to say it (lorakit.cli)
+import lorakit.train.loop as loop
+gather = loop.gather_objects
+def sigint_rank1_late(obj):
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    return gather(obj)
+model, calls = tiny_train_model(), [0]
+def sigint_rank0_in_step_2(module, args):
+    calls[0] += 1
+    if rank == 0 and calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+model.model.register_forward_pre_hook(sigint_rank0_in_step_2)
+loop.gather_objects = sigint_rank1_late
+try:
+    train(model, tok, data, config, out=os.path.join(out, "late"))
+except TrainingInterrupted as error:
+    report["late"] = [error.step, int(error.signum), error.everywhere]
+os.write(1, f"REPORT {{rank}} {{json.dumps(report)}}\\n".encode())  # one write: the processes share stdout
 dist.destroy_process_group()
 sys.stdout.flush(); sys.stderr.flush()
 os._exit(0)  # no interpreter teardown, where gloo can abort a finished worker (lorakit.cli._exit_without_teardown)
@@ -361,17 +352,52 @@ os._exit(0)  # no interpreter teardown, where gloo can abort a finished worker (
 
 def test_torchrun_sigterm_to_one_process_stops_both_at_one_step_saves_there_and_resumes_bit_identical(tmp_path):
     """Before: the processes stopped together but nothing was saved at that step (no --save-every: nothing at all),
-    and the SIGTERM delivered twice (scheduler and torchrun) stopped the process it reached on the spot."""
+    and the SIGTERM delivered twice (scheduler and torchrun) stopped the process it reached on the spot. Then a
+    signal every process gets, one of them late, is known to be everywhere (no process waits 20 s for rank 0)."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=str(TESTS), out=str(tmp_path)))
     done = subprocess.run([*TORCHRUN, str(script)], env=ENV, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = dict(line.split(" ", 2)[1:] for line in done.stdout.splitlines() if line.startswith("REPORT "))
+    assert sorted(reports) == ["0", "1"], done.stdout[-3000:] + done.stderr[-3000:]
     r0, r1 = json.loads(reports["0"]), json.loads(reports["1"])
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000003"
     # both finished step 3 (the signal came in it) and stopped before step 4; rank 0 wrote the checkpoint
     assert r0 == {"step": 3, "checkpoint": str(checkpoint), "signum": signal.SIGTERM, "everywhere": False,
-                  "same": True, "steps": 6}, done.stderr[-3000:]
+                  "same": True, "steps": 6, "late": [2, signal.SIGINT, True]}, done.stderr[-3000:]
     assert r1 == r0
     assert read_state(checkpoint)["step"] == 3 and read_state(checkpoint)["identity"]["processes"] == 2
     assert _metrics(tmp_path / "run", "train") == _metrics(tmp_path / "straight", "train")
+
+
+def test_ctrl_c_of_torchrun_stops_both_processes_at_one_step_and_saves_there(tiny_folder, tiny_data, tmp_path):  # noqa: F811
+    """Ctrl-C at the terminal reaches torchrun, which passes SIGINT on to each worker (they run in their own sessions).
+    Before: each worker stopped wherever the signal found it and nothing was saved there. Now rank 0 says at once
+    that they stop at the end of the step, both stop at one step, rank 0 saves it and names the torchrun command."""
+    from test_followups_16_distributed import _workers
+
+    run = tmp_path / "run"
+    group = subprocess.Popen([*TORCHRUN, "-m", "lorakit", *_args(tiny_folder, tiny_data[0], run, 100000)], env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and group.poll() is None and (
+                not metrics.is_file() or metrics.read_text().count('"kind": "train"') < 2):
+            time.sleep(0.05)
+        group.send_signal(signal.SIGINT)
+        _, err = group.communicate(timeout=90)
+    finally:
+        if group.poll() is None:
+            for pid in [*_workers(group.pid).values(), group.pid]:
+                os.kill(pid, signal.SIGKILL)
+            group.communicate()
+    step = len(_metrics(run, "train"))
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == f"step-{step:06d}" and read_state(latest)["step"] == step >= 2, (latest, step, err[-3000:])
+    assert ("Ctrl-C: every process stops at the end of this step and saves a checkpoint there (Ctrl-C again stops at "
+            "once, without saving)") in err, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith(("training ", "lorakit train:"))]
+    assert said == [f"training stopped by Ctrl-C at step {step} of 100000, saved there; the last checkpoint is {latest}; "
+                    f"continue with: torchrun --nproc_per_node 2 -m lorakit train --resume {run}",
+                    "lorakit train: interrupted"], err[-3000:]
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")] and not (run / "adapter").exists()

@@ -420,6 +420,11 @@ def test_sigterm_stops_the_run_as_ctrl_c_does(tiny_folder, tiny_data, tmp_path):
         process.kill()
         raise
     assert process.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert err.rstrip().splitlines()[-1] == "lorakit train: stopped by SIGTERM", err[-3000:]
     checkpoint = ckpt.find_checkpoint(run)
-    assert f"the last checkpoint is {checkpoint}; continue with: lorakit train --resume {run}" in err
+    # the checkpoint is at the step it stopped at (written there, tests/test_followups_17_stop.py), not an earlier one
+    step = ckpt.read_state(checkpoint)["step"]
+    assert step == (run / "metrics.jsonl").read_text().count('"kind": "train"'), err[-3000:]
+    assert (f"training stopped by SIGTERM at step {step} of 100000, saved there; the last checkpoint is {checkpoint}; "
+            f"continue with: lorakit train --resume {run}") in err, err[-3000:]
     assert not list(run.rglob(".*.tmp"))

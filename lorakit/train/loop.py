@@ -45,7 +45,7 @@ from lorakit.train.checkpoint import (checkpoint_name, find_checkpoint, latest_c
                                       rng_state, save_checkpoint, set_rng_state, write_into_temp)
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import (  # world is re-exported: the runner imports it from here
-    all_reduce_gradients, all_reduce_sum, apply_fsdp, barrier, full_state, gather_objects, gathered_trainable,
+    all_reduce_gradients, all_reduce_sum, apply_fsdp, full_state, gather_objects, gathered_trainable,
     is_sharded, peer_gone, resume_command, sharded_grad_norm_and_clip, with_gradient_anywhere, world)
 from lorakit.train.stopping import AgreedStop as _AgreedStop, StopRequest, TrainingInterrupted
 from lorakit.train.batches import BatchIterator, Collator
@@ -748,11 +748,14 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
             wrote = out is not None and step > 0 and checkpointed_at != step
             if wrote:
                 write_checkpoint(pending_validation=pending)
-            barrier()  # the others wait for rank 0's write: torchrun ends every process once one exits
+            # also the barrier (the others wait for rank 0's write: torchrun ends every process once one exits):
+            # how many processes got a signal, counted again now that torchrun's signals to each have all come (at
+            # the step's all-reduce a Ctrl-C passed on to every process could have reached only some)
+            signalled = int(all_reduce_sum(torch.tensor([int(stop.signum is not None)]))[0])
             saved = (None if out is None or step == 0 else resumed_checkpoint if not wrote and step == resumed_at
                      else out / CHECKPOINTS_DIR / checkpoint_name(step))
             signum = error.signum if isinstance(error, _AgreedStop) else stop.signum or signal.SIGINT
-            everywhere = error.processes == world_size if isinstance(error, _AgreedStop) else True
+            everywhere = signalled == world_size  # then no process need wait for rank 0 to say it (lorakit.cli)
             raise TrainingInterrupted(step, total_steps, saved, signum, world_size, everywhere) from None
     except RuntimeError as error:
         if not peer_gone(error):
