@@ -24,6 +24,7 @@ from lorakit import generation as G
 from lorakit.cli import main
 from lorakit.errors import LorakitError
 from lorakit.inject import lora_layers
+from model_helpers import hf_greedy, logits, seeded_model
 from test_train_helpers import task_records, tiny_tokenizer, write_jsonl
 
 VOCAB = 128
@@ -105,31 +106,13 @@ PROMPTS = [[1, 7, 10, 11, 8, 12], [1, 9, 12]]
 
 def build(kind: str):
     """A tiny random model of one family (seeded: a second call gives the same weights)."""
-    import transformers
-
-    model_class, config_class, arguments, _ = FAMILIES[kind]
-    torch.manual_seed(0)
-    return getattr(transformers, model_class)(getattr(transformers, config_class)(**arguments)).eval()
+    return seeded_model(*FAMILIES[kind][:3])
 
 
 def save_folder(kind: str, folder):
     build(kind).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits
-
-
-def hf_greedy(model, prompts, new: int) -> list[list[int]]:
-    """transformers' generate on the left-padded batch: the new tokens of each row."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[:, width:].tolist()
 
 
 def peft_remap_warnings(caught) -> list[str]:
@@ -146,7 +129,7 @@ def test_a_family_folder_trains_generates_saves_loads_in_peft_and_merges(kind, t
 
     folder = save_folder(kind, tmp_path / kind)
     model, tokenizer = lorakit.load_base(str(folder), device="cpu")
-    plain = logits(model)
+    plain = logits(model, IDS)
     # the remapped layers left out, so that peft builds this very adapter (the warning itself: the next test)
     exclude = ["gate_proj", "up_proj", "down_proj"] if kind in PEFT_REMAPPED else None
     with warnings.catch_warnings():
@@ -159,7 +142,7 @@ def test_a_family_folder_trains_generates_saves_loads_in_peft_and_merges(kind, t
     if exclude:
         expected_names = sorted(set(expected_names) - set(exclude))
     assert sorted({path.rsplit(".", 1)[-1] for path in lora_layers(model)}) == expected_names
-    trained = logits(model)
+    trained = logits(model, IDS)
     assert (trained - plain).abs().max() > 1e-3  # two steps at lr 0.05 moved the adapter off zero
 
     ours = [r.tokens for r in G.generate(model, PROMPTS, ["default"] * 2, G.SamplingParams(max_new_tokens=4))]
@@ -178,10 +161,10 @@ def test_a_family_folder_trains_generates_saves_loads_in_peft_and_merges(kind, t
         warnings.simplefilter("always")
         theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder).eval(), tmp_path / "adapter")
     assert not [w for w in caught if "missing adapter keys" in str(w.message) or "unexpected" in str(w.message).lower()]
-    assert_close(logits(theirs.eval()), trained)
+    assert_close(logits(theirs.eval(), IDS), trained)
 
     lorakit.merge(model)
-    assert_close(logits(model), trained)
+    assert_close(logits(model, IDS), trained)
 
 
 @pytest.mark.parametrize("kind", sorted(PEFT_REMAPPED))
@@ -206,7 +189,7 @@ def test_shared_expert_layers_peft_would_drop_are_said_on_saving(kind, tmp_path)
         "gate_proj up_proj"]
     again = build(kind)
     lorakit.load_adapter(again, tmp_path / "adapter")
-    assert_close(logits(again), logits(model))
+    assert_close(logits(again, IDS), logits(model, IDS))
 
 
 def test_qlora_on_gemma3n_keeps_the_layer_it_clamps_dense_and_trains(tmp_path, no_dynamo):
@@ -227,7 +210,7 @@ def test_qlora_on_gemma3n_keeps_the_layer_it_clamps_dense_and_trains(tmp_path, n
         layer = model.get_submodule(f"model.layers.0.{kept}")
         assert not is_quantized(layer) and isinstance(layer, torch.nn.Linear)
     assert sum(is_quantized(m) for m in loaded.modules()) > 0
-    assert_close(logits(loaded), logits(reference))
+    assert_close(logits(loaded, IDS), logits(reference, IDS))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lorakit.inject(loaded, lorakit.LoraConfig(r=4, alpha=8))
@@ -256,7 +239,7 @@ def test_expert_lora_on_the_new_expert_layouts_matches_peft_and_merges(kind, exp
     from test_layers import randomize
 
     model = build(kind)
-    plain = logits(model)
+    plain = logits(model, IDS)
     fused = expert_parameters(dict(model.named_modules()))
     with pytest.warns(UserWarning, match="fused MoE expert weights") as said:
         lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4), adapter="probe")
@@ -265,13 +248,13 @@ def test_expert_lora_on_the_new_expert_layouts_matches_peft_and_merges(kind, exp
     lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], target_parameters=experts))
     assert set(param_hosts(model)) == {path.rsplit(".", 1)[0] for path in fused}  # every layer's experts adapted
     randomize(model)
-    expected = logits(model)
+    expected = logits(model, IDS)
     assert (expected - plain).abs().max() > 1e-3
     lorakit.save_adapter(model, tmp_path / "adapter")
     theirs = PeftModel.from_pretrained(build(kind), tmp_path / "adapter").eval()
-    assert_close(logits(theirs), expected)
+    assert_close(logits(theirs, IDS), expected)
     lorakit.merge(model)
-    assert_close(logits(model), expected)
+    assert_close(logits(model, IDS), expected)
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:

@@ -14,6 +14,7 @@ import lorakit
 from conftest import assert_close
 from lorakit import generation as G
 from lorakit.errors import LorakitError
+from model_helpers import hf_greedy
 
 # prompts longer (11, 7) and shorter (3) than the window of 4, generated together with left padding
 PROMPTS = [list(range(5, 16)), [3, 4, 9], list(range(20, 27))]
@@ -69,16 +70,6 @@ def _build(model_class, config_class, config):
     return _with_adapter(getattr(transformers, model_class)(config).eval())
 
 
-def _hf_greedy(model, prompts, new=NEW):
-    """transformers' generate on the left-padded batch: the new tokens of each row."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)
-    return out[:, width:].tolist()
-
-
 def _greedy(model, prompts, new=NEW, **kwargs):
     return [r.tokens for r in G.generate(model, prompts, ["a"] * len(prompts), G.SamplingParams(max_new_tokens=new),
                                          **kwargs)]
@@ -96,8 +87,8 @@ def test_hybrid_window_models_generate_as_transformers(family):
     layer_types = set(model.config.layer_types)
     assert layer_types & {"sliding_attention", "hybrid_sliding"} or model.config.sliding_window, layer_types
     ours = _greedy(model, PROMPTS)
-    assert ours == _hf_greedy(model, PROMPTS)
-    assert _hf_greedy(model, PROMPTS[1:2]) == ours[1:2]  # the row with the most padding, alone
+    assert ours == hf_greedy(model, PROMPTS, NEW)
+    assert hf_greedy(model, PROMPTS[1:2], NEW) == ours[1:2]  # the row with the most padding, alone
 
 
 @_needs("LaraMiniConfig")
@@ -140,8 +131,8 @@ def test_attention_free_models_generate_as_transformers(family):
             _greedy(model, PROMPTS)
         return
     ours = _greedy(model, PROMPTS)
-    assert ours == _hf_greedy(model, PROMPTS)
-    assert _hf_greedy(model, PROMPTS[1:2]) == ours[1:2]
+    assert ours == hf_greedy(model, PROMPTS, NEW)
+    assert hf_greedy(model, PROMPTS[1:2], NEW) == ours[1:2]
 
 
 REFUSED = {
@@ -373,5 +364,5 @@ def test_sparse_attention_indexer_keys_follow_rows():
     model = _with_adapter(transformers.DeepseekV32ForCausalLM(config).eval())
     limits = (NEW, 2, NEW)
     ours = [r.tokens for r in G.generate(model, PROMPTS, ["a"] * 3, [G.SamplingParams(max_new_tokens=n) for n in limits])]
-    assert ours == [row[:n] for row, n in zip(_hf_greedy(model, PROMPTS), limits)]
-    assert _greedy(model, PROMPTS[2:]) == _hf_greedy(model, PROMPTS[2:])
+    assert ours == [row[:n] for row, n in zip(hf_greedy(model, PROMPTS, NEW), limits)]
+    assert _greedy(model, PROMPTS[2:]) == hf_greedy(model, PROMPTS[2:], NEW)

@@ -22,6 +22,7 @@ from conftest import assert_close
 from lorakit import generation as G
 from lorakit.errors import LorakitError
 from lorakit.inject import lora_layers
+from model_helpers import hf_greedy, logits, seeded_model
 from test_layers import randomize
 from test_train_helpers import tiny_tokenizer
 
@@ -91,29 +92,11 @@ def expected_names(spec: str) -> list[str]:
 
 def build(kind: str):
     """A tiny random model of one family (seeded: a second call gives the same weights)."""
-    import transformers
-
-    model_class, config_class, arguments, _ = FAMILIES[kind]
-    torch.manual_seed(0)
-    return getattr(transformers, model_class)(getattr(transformers, config_class)(**arguments)).eval()
+    return seeded_model(*FAMILIES[kind][:3])
 
 
 IDS = torch.tensor([[1, 7, 10, 11, 8, 3, 12, 13], [1, 9, 12, 14, 15, 8, 3, 3]])
 PROMPTS = [[1, 7, 10, 11, 8, 12], [1, 9, 12]]
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits
-
-
-def hf_greedy(model, prompts, new: int) -> list[list[int]]:
-    """transformers' generate on the left-padded batch: the new tokens of each row."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[:, width:].tolist()
 
 
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
@@ -127,7 +110,7 @@ def test_a_new_family_folder_adapts_trains_saves_merges_and_loads_in_peft(kind, 
     build(kind).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     model, _ = lorakit.load_base(str(folder), device="cpu")
-    plain = logits(model)
+    plain = logits(model, IDS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the MoE families say their experts stay frozen (tested elsewhere)
         lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, exclude_modules=EXCLUDE.get(kind)))
@@ -139,21 +122,21 @@ def test_a_new_family_folder_adapts_trains_saves_merges_and_loads_in_peft(kind, 
     model.eval()
     tensors = dict(lorakit.lora_parameters(model))
     assert tensors and all(p.grad is not None and p.grad.abs().sum() > 0 for p in tensors.values())
-    expected = logits(model)
+    expected = logits(model, IDS)
     assert (expected - plain).abs().max() > 1e-3
 
     lorakit.save_adapter(model, tmp_path / "adapter")
     again, _ = lorakit.load_base(str(folder), device="cpu")
     lorakit.load_adapter(again, tmp_path / "adapter")
-    assert_close(logits(again), expected)
+    assert_close(logits(again, IDS), expected)
     lorakit.merge(again)
-    assert_close(logits(again), expected)
+    assert_close(logits(again, IDS), expected)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder).eval(), tmp_path / "adapter")
     assert not [w for w in caught if "missing adapter keys" in str(w.message)]
-    assert_close(logits(theirs.eval()), expected)
+    assert_close(logits(theirs.eval(), IDS), expected)
 
     ours = [r.tokens for r in G.generate(model, PROMPTS, ["default"] * 2, G.SamplingParams(max_new_tokens=4))]
     assert ours == hf_greedy(model, PROMPTS, 4)
@@ -173,7 +156,7 @@ def test_routers_that_subclass_linear_are_skipped_or_refused_not_wrapped(kind, r
         lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8))
     assert not any(path.endswith("router") for path in lora_layers(model))
     randomize(model)
-    expected = logits(model)
+    expected = logits(model, IDS)
     lorakit.save_adapter(model, tmp_path / "adapter")
     config = lorakit.LoraConfig.from_peft_dict(__import__("json").loads((tmp_path / "adapter" / "adapter_config.json")
                                                                         .read_text()))
@@ -184,7 +167,7 @@ def test_routers_that_subclass_linear_are_skipped_or_refused_not_wrapped(kind, r
                                            rf"nn.Linear subclass \({router}\).*remove 'router' from target_modules"):
         lorakit.inject(untouched, lorakit.LoraConfig(r=4, target_modules=["router"]))
     assert not lora_layers(untouched)
-    assert_close(logits(model), expected)
+    assert_close(logits(model, IDS), expected)
 
 
 def test_falcon_linear_written_out_is_still_a_linear_layer():
@@ -218,7 +201,7 @@ def test_nf4_keeps_routers_and_weights_read_by_their_parent_dense(kind, kept, tm
         layer = model.get_submodule(f"model.layers.0.{kept}")
         assert not is_quantized(layer) and isinstance(layer, torch.nn.Linear)
         assert sum(is_quantized(m) for m in model.modules()) > 0
-    assert_close(logits(loaded), logits(reference))
+    assert_close(logits(loaded, IDS), logits(reference, IDS))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lorakit.inject(loaded, lorakit.LoraConfig(r=4, alpha=8))
