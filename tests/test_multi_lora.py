@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TOLERANCE, assert_close, tiny_llama
+from conftest import assert_close, tiny_llama
 from lorakit.errors import LorakitError
 from lorakit.kernels._triton import triton_usable
 from lorakit.kernels.multi_lora import (

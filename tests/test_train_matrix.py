@@ -201,7 +201,6 @@ def test_conflicting_flags_are_refused_in_one_line_before_loading(flags, words, 
 def test_rank_and_alpha_patterns_from_a_config_file(files, tmp_path, capsys, monkeypatch):
     """A pattern key is a regular expression: a bad one is refused before loading, one matching no adapted module
     (a typo that kept the default rank without a word) before training; a good one shapes the saved adapter."""
-    import lorakit.train.runner as runner
 
     def run(text, *flags):
         (tmp_path / "run.yaml").write_text(text)
