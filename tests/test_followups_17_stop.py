@@ -11,10 +11,12 @@ and under torchrun the processes stopped together at a step but saved nothing th
   checkpoint, the CLI prints one line with the checkpoint and the resume command and ends with 130 (Ctrl-C) or 143
   (SIGTERM, as ``lorakit serve`` does; it was 130);
 * a second Ctrl-C while saving stops at once: no half-written checkpoint, the previous one stays ``latest``;
-* under torchrun, SIGTERM to one process mid-step: both finish that step, stop at the same boundary, rank 0 saves
-  there, and the resume ends bit-identical to a run never stopped.
+* under torchrun, SIGTERM to one process mid-step (twice, as Slurm and torchrun deliver it): both finish that step,
+  stop at the same boundary, rank 0 saves there, and the resume ends bit-identical to a run never stopped; Ctrl-C
+  of torchrun (passed on to each worker) is said at once by rank 0 and ends the same way, with one hint line;
+* a stop between the two renames that replace ``best/`` puts the previous one back.
 
-Signals are real (``signal.raise_signal`` from a hook inside the step, ``os.kill`` from outside).
+Signals are real (``signal.raise_signal`` from a hook inside the step, ``os.kill`` from outside or from a worker).
 """
 
 from __future__ import annotations
