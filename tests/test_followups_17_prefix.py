@@ -9,6 +9,8 @@ Gemma 2's soft-capping; and nothing may be shared across adapters, reloads, salt
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 import torch
@@ -173,21 +175,38 @@ def test_server_reuses_a_conversation_and_answers_as_without(tmp_path, monkeypat
                                 *flags, log=tmp_path / f"server_{label}.log")
         try:
             with httpx.Client(base_url=process.url, timeout=120) as client:
-                turns, messages = [], list(history)
+                turns, details, messages = [], [], list(history)
                 for turn in range(2):
                     body = {"model": "base", "messages": messages, "max_tokens": 12, "temperature": 0}
                     reply = client.post("/v1/chat/completions", json=body)
                     assert reply.status_code == 200, reply.text
                     text = reply.json()["choices"][0]["message"]["content"]
                     turns.append(text)
+                    details.append(reply.json()["usage"].get("prompt_tokens_details"))
                     messages = messages + [{"role": "assistant", "content": text},
                                            {"role": "user", "content": f"And {turn + 2} more?"}]
+                # the same prompt again, streamed with usage and through the Responses API: all but its last
+                # partial block comes from the cache (with it on)
+                stream = client.post("/v1/chat/completions", json={**body, "stream": True,
+                                                                   "stream_options": {"include_usage": True}})
+                usage = [json.loads(line[6:]) for line in stream.text.splitlines()
+                         if line.startswith("data: {")][-1]["usage"]
+                details.append(usage.get("prompt_tokens_details"))
+                response = client.post("/v1/responses", json={"model": "base", "input": history, "max_output_tokens": 16,
+                                                              "temperature": 0}).json()
+                assert "usage" in response, response
+                details.append(response["usage"]["input_tokens_details"]["cached_tokens"])
                 health = client.get("/health").json()
-                answers[label] = (turns, health.get("prefix_cache_hit_tokens"))
+                answers[label] = (turns, health.get("prefix_cache_hit_tokens"), details, usage["prompt_tokens"])
         finally:
             process.stop()
     assert answers["on"][0] == answers["off"][0]
     assert answers["off"][1] is None  # off: not reported
+    assert answers["off"][2] == [None, None, None, 0]  # no prefix cache: no prompt_tokens_details (as vLLM)
+    first, second, streamed, responses = answers["on"][2]
+    prompt = answers["on"][3]
+    assert first == {"cached_tokens": 0} and second["cached_tokens"] >= 3 * PREFIX_BLOCK
+    assert streamed["cached_tokens"] == (prompt - 1) // PREFIX_BLOCK * PREFIX_BLOCK and responses > 0
     assert answers["on"][1] >= 3 * PREFIX_BLOCK  # the second turn found the system prompt and more
 
 

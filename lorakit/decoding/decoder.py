@@ -138,6 +138,7 @@ class StaticDecoder:
         # whether each row holds the K/V of every position before its length in every layer: not a row admitted
         # from a cache whose sliding layers kept only their window (the prefix cache must not keep such a row)
         self.whole = [True] * B
+        self.reused = [0] * B  # leading prompt tokens of each row's last prefill that the prefix cache copied
         # captured CUDA graphs, by what they hold (``_graph_kind``): the step's, and the prefill's per token-count
         # bucket (sharing one memory pool); all of them go when the adapter stacks are reallocated
         self._graphs: dict = {}
@@ -241,7 +242,7 @@ class StaticDecoder:
                     picked = torch.gather(picked, 2, index.expand(-1, picked.shape[1], -1, picked.shape[3]))
                     cache[:, :, :width].index_copy_(0, rows_t, picked.to(cache.dtype))
         for row, member in zip(rows, members):
-            self.lengths[row], self.active[row], self.whole[row] = lengths[member], True, whole
+            self.lengths[row], self.active[row], self.whole[row], self.reused[row] = lengths[member], True, whole, 0
 
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
                 salts: Sequence[str | None] | None = None) -> torch.Tensor:
@@ -323,8 +324,8 @@ class StaticDecoder:
             logits = self._prefill_graphed(flat, last)
         else:
             logits = self._prefill_eager(flat.to(self.device), last.to(self.device))
-        for row, prompt in zip(rows, prompts):
-            self.lengths[row], self.active[row], self.whole[row] = len(prompt), True, True
+        for row, prompt, copied in zip(rows, prompts, cached):
+            self.lengths[row], self.active[row], self.whole[row], self.reused[row] = len(prompt), True, True, copied
         for row, prompt, adapter, salt in zip(rows, prompts, adapters, salts):
             self.remember(row, prompt, adapter, salt)
         return logits

@@ -262,7 +262,7 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
         elif include_usage:
             completion = sum(len(job.tokens) for job in jobs)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                     "total_tokens": prompt_tokens + completion}
+                     "total_tokens": prompt_tokens + completion, **prompt_details(jobs, body.n)}
             if thinking is not None:
                 usage["completion_tokens_details"] = {"reasoning_tokens": sum(t.reasoning_tokens for t in thinking)}
             yield f"data: {json.dumps({'id': ident, 'object': kind, 'created': created, 'model': body.model, 'choices': [], 'usage': usage})}\n\n"
@@ -271,3 +271,13 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
         for job, reason in zip(jobs, reasons):
             if reason is None:  # the client went away (or another choice failed): stop generating for it
                 state.engine.cancel(job)
+
+
+def prompt_details(jobs: list, n: int) -> dict:
+    """OpenAI's ``usage.prompt_tokens_details`` where the static decoder's prefix cache served the prompts: the
+    prompt tokens it copied, each prompt once as ``prompt_tokens`` counts it (its first choice's: the others of a
+    request's n copy what that one computed); {} without a prefix cache."""
+    cached = [getattr(job, "cached", None) for job in jobs[::n]]
+    if not cached or any(c is None for c in cached):
+        return {}
+    return {"prompt_tokens_details": {"cached_tokens": sum(cached)}}

@@ -38,7 +38,7 @@ from starlette.requests import Request as HTTPRequest
 
 from lorakit.errors import LorakitError
 from lorakit.generation import SamplingParams
-from lorakit.serve.answers import (failure, logprobs_object, prompt_logprobs, stream_events,
+from lorakit.serve.answers import (failure, logprobs_object, prompt_details, prompt_logprobs, stream_events,
                                    vllm_prompt_logprobs)
 from lorakit.serve.adapter_tokenizer import has_tokenizer
 from lorakit.serve.engine import Engine, Request, TokenInfo
@@ -373,7 +373,7 @@ def create_app(state: ServerState) -> FastAPI:
         logprobs = answer_logprobs(served.text, infos[0]) if body.logprobs_count() is not None else None
         try:
             return final_response(body, ident, item_id, created, pieces[0], reasons[0], len(prompt_ids),
-                                  len(jobs[0].tokens), think, calls, logprobs)
+                                  len(jobs[0].tokens), think, calls, logprobs, jobs[0].cached or 0)
         except LorakitError as error:  # a forced call the model did not write
             raise APIError(500, str(error), type="server_error", code="invalid_tool_call") from None
 
@@ -869,7 +869,8 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
         return collected
     pieces, infos, reasons = collected
     completion = sum(len(job.tokens) for job in jobs)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+             **prompt_details(jobs, n)}
     choices, reasoning_tokens = [], 0
     for index, reason in enumerate(reasons):
         echo = echoes[index // n] if echoes is not None else ""

@@ -87,6 +87,7 @@ class Request:
     series: str | None = None
     row: int = -1  # its row of the static decoder's cache (-1: none)
     salt: str | None = None  # vLLM's cache_salt: the static decoder's prefix cache shares K/V only under one salt
+    cached: int | None = None  # prompt tokens the prefix cache gave its prefill (None: no prefix cache)
     top_k: int = 0  # sample among the k most likely tokens only (0: all); vLLM's extension of the OpenAI API
     # a response_format's matcher (lorakit.serve.structured.Constraint): the row draws only tokens its grammar
     # allows and ends once the answer is complete; None (most rows): no per-step host work at all
@@ -282,8 +283,10 @@ class Engine:
             logits = self.decoder.prefill(rows, [r.prompt for r in newcomers], [r.adapter for r in newcomers],
                                           [r.salt for r in newcomers])
             tokens, errors = self._choose(newcomers, logits)
+            prefix = self.decoder.prefix is not None
             for j, (row, request) in enumerate(zip(rows, newcomers)):
                 request.row = row
+                request.cached = self.decoder.reused[row] if prefix else None
                 if self._accept(request, logits[j], tokens[j], errors[j], done):
                     self._running.append(request)
                 else:
@@ -305,6 +308,7 @@ class Engine:
                 self.decoder.admit(rows, batch, members=keep)
                 for row, i in zip(rows, keep):
                     newcomers[i].row = row
+                    newcomers[i].cached = 0 if self.decoder.prefix is not None else None
                     self.decoder.remember(row, newcomers[i].prompt, newcomers[i].adapter, newcomers[i].salt)
                 self._running += [newcomers[i] for i in keep]
             elif keep:

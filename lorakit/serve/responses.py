@@ -95,8 +95,10 @@ def _reasoning_id(item_id: str) -> str:
     return "rs_" + item_id.removeprefix("msg_")
 
 
-def usage(input_tokens: int, output_tokens: int, reasoning_tokens: int = 0) -> dict:
-    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+def usage(input_tokens: int, output_tokens: int, reasoning_tokens: int = 0, cached_tokens: int = 0) -> dict:
+    """The Responses API's usage; ``cached_tokens``: input tokens the static decoder's prefix cache copied."""
+    return {"input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": input_tokens + output_tokens}
 
@@ -146,7 +148,7 @@ def output_items(item_id: str, reasoning: str | None, content: str | None, calls
 def final_response(body: ResponsesRequest, ident: str, item_id: str, created: int, pieces: list[str], reason: str,
                    input_tokens: int, output_tokens: int, think: AnswerStart | str | None = None,
                    calls: tuple[str, set[str], bool, str | None] | None = None,
-                   logprobs: list[dict] | None = None) -> dict:
+                   logprobs: list[dict] | None = None, cached_tokens: int = 0) -> dict:
     """The finished answer (the non-streamed body) from its engine pieces (``logprobs``: the answer's, where asked:
     :func:`answer_logprobs`); ``think``: where the answer starts
     with respect to its reasoning block (``ReasoningParser.start``; None: no reasoning is split off); ``calls``:
@@ -164,7 +166,8 @@ def final_response(body: ResponsesRequest, ident: str, item_id: str, created: in
         content = parsed[0] or ""
     status = _status(reason)
     output = output_items(item_id, reasoning, content, parsed[1] if parsed else None, status, logprobs)
-    return response_object(body, ident, created, status, output, usage(input_tokens, output_tokens, reasoning_tokens))
+    return response_object(body, ident, created, status, output,
+                           usage(input_tokens, output_tokens, reasoning_tokens, cached_tokens))
 
 
 def _forced_name(body: ResponsesRequest) -> str:
@@ -349,7 +352,8 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
             for i, (index, item) in enumerate(call_items):
                 if slots[index] is None:
                     slots[index] = {**item, "arguments": holder.sent[i][2], "status": "incomplete"}
-            failed = response_object(body, ident, created, "failed", slots, usage(input_tokens, len(job.tokens)),
+            cached = getattr(job, "cached", None) or 0
+            failed = response_object(body, ident, created, "failed", slots, usage(input_tokens, len(job.tokens), 0, cached),
                                      error=error)
             yield event("response.failed", response=failed)
             return
@@ -370,7 +374,8 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
         for chunk in end_calls(found):
             yield chunk
         tokens = thinking.reasoning_tokens if thinking is not None else 0
-        final = response_object(body, ident, created, status, slots, usage(input_tokens, len(job.tokens), tokens))
+        cached = getattr(job, "cached", None) or 0
+        final = response_object(body, ident, created, status, slots, usage(input_tokens, len(job.tokens), tokens, cached))
         yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
     finally:
         if reason is None:  # the client went away: stop generating for it
