@@ -27,6 +27,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -126,8 +127,10 @@ def _scraped(text: str) -> dict[str, set[str]]:
     return families
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def static_server(tmp_path_factory):
+    """A static-decoder server with the adapter "orders", started in a thread as the module begins (it starts while
+    the SIGTERM test trains: the file stays well within its time on a busy machine)."""
     root = tmp_path_factory.mktemp("walk17-serve")
     tokenizer = make_tokenizer()
     model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
@@ -135,17 +138,38 @@ def static_server(tmp_path_factory):
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     make_adapter(model, root / "adapters" / "orders", seed=1)
-    proc = ServerProcess(root / "model", root / "adapters", "--decoder", "static", "--max-context", "256",
-                         "--max-batch", "2", log=root / "server.log")
-    client = httpx.Client(base_url=proc.url, timeout=120)
+    started: dict = {}
+
+    def start() -> None:
+        try:
+            started["proc"] = ServerProcess(root / "model", root / "adapters", "--decoder", "static",
+                                            "--max-context", "256", "--max-batch", "2", log=root / "server.log")
+        except Exception as error:  # noqa: BLE001 - raised by the test that needs the server
+            started["error"] = error
+
+    thread = threading.Thread(target=start)
+    thread.start()
+
+    def client() -> httpx.Client:
+        thread.join()
+        if "error" in started:
+            raise started["error"]
+        return httpx.Client(base_url=started["proc"].url, timeout=120)
+
     try:
         yield client
     finally:
-        client.close()
-        proc.stop()
+        thread.join()
+        if "proc" in started:
+            started["proc"].stop()
 
 
 def test_every_metric_the_readme_lists_is_in_a_real_scrape(static_server):
+    with static_server() as client:
+        _check_scrape(client)
+
+
+def _check_scrape(static_server: httpx.Client) -> None:
     system = {"role": "system", "content": "Extract the order as JSON, in a few words and no more. " * 3}
     for model in ("orders", "orders", "base"):  # the second re-sends the first's prompt: prefix-cache hits
         reply = static_server.post("/v1/chat/completions", json={
@@ -187,7 +211,9 @@ def test_serve_help_explains_prefix_cache_tokens_as_the_readme():
                          capture_output=True, text=True, timeout=120).stdout
     help_text = " ".join(out.split("--prefix-cache-tokens N", 2)[2].split("--", 1)[0].split())
     assert "static decoder" in help_text and "a quarter of the KV cache" in help_text and "0: off" in help_text
-    assert "`--prefix-cache-tokens` sizes the pool" in README
+    readme = " ".join(README.split())
+    assert "`--prefix-cache-tokens` sizes the pool, in tokens (default: a quarter of the KV cache" in readme
+    assert "0 turns it off" in readme
 
 
 # -- the allowed_tools example ----------------------------------------------------------------------------------------
