@@ -18,6 +18,7 @@ import transformers as tf
 
 import lorakit
 from conftest import assert_close
+from model_helpers import logits
 
 SMALL = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
@@ -51,11 +52,6 @@ def peft_folder(folder, kind: str = "llama", seed: int = 1, **options):
         warnings.simplefilter("ignore")  # peft's notes on tied embeddings and saved embedding layers
         theirs.save_pretrained(folder)
     return theirs
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 99]])

@@ -9,12 +9,8 @@ import torch
 
 import lorakit
 from conftest import assert_close, tiny_llama
+from model_helpers import logits
 from test_serve_support import make_adapter, tiny_hf_folder
-
-
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def test_exporting_one_adapter_takes_its_own_modules_to_save_copy_not_the_active_adapters(tmp_path):
@@ -32,12 +28,12 @@ def test_exporting_one_adapter_takes_its_own_modules_to_save_copy_not_the_active
     with torch.no_grad():  # a trained copy that differs from the base head
         base.lm_head.copies["a"].weight.add_(torch.randn_like(base.lm_head.copies["a"].weight))
     ids = torch.randint(0, 128, (2, 7))
-    expected = _logits(base, ids)
+    expected = logits(base, ids)
     lorakit.load_adapter(base, other, adapter="b")  # now the active adapter
     assert lorakit.active_adapters(base) == ["b"]
     export_merged(base, None, "a", tmp_path / "merged", dtype=torch.float32)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert_close(_logits(merged, ids), expected, torch.float32)
+    assert_close(logits(merged, ids), expected, torch.float32)
 
 
 def test_export_with_overwrite_never_replaces_the_folder_the_base_was_loaded_from(tmp_path):
@@ -120,7 +116,7 @@ def test_merge_and_quantize_shard_their_weights_with_max_shard_size(tmp_path, ca
                 keys += list(handle.keys())
         assert sorted(keys) == sorted(index["weight_map"]) and len(keys) == len(set(keys))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merge")
-    assert_close(_logits(merged, IDS), unmerged_logits(model_dir, adapter), torch.float32)
+    assert_close(logits(merged, IDS), unmerged_logits(model_dir, adapter), torch.float32)
 
 
 def test_merge_of_a_float16_base_keeps_float16_by_default(tmp_path, capsys):
@@ -241,7 +237,7 @@ def test_merge_of_a_peft_adapter_trained_on_a_resized_vocabulary(tmp_path, capsy
     trained.save_pretrained(tmp_path / "adapter")  # save_embedding_layers="auto": the resized embedding and head
     tokenizer.save_pretrained(tmp_path / "adapter")
     ids = torch.tensor([[3, 17, 42, len(tokenizer) - 1, 5, len(tokenizer) - 8]])
-    expected = _logits(trained, ids)
+    expected = logits(trained, ids)
     out = tmp_path / "merged"
     assert main(["merge", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(out),
                  "--dtype", "fp32"]) == 0
@@ -252,7 +248,7 @@ def test_merge_of_a_peft_adapter_trained_on_a_resized_vocabulary(tmp_path, capsy
     # with only the embedding targeted, peft saves no head: its new rows were never in the file (said so)
     columns = len(tokenizer) if "embed_tokens" not in targets else len(tokenizer) - 8
     assert ("holds no output head" in said) == ("embed_tokens" in targets)
-    assert_close(_logits(merged, ids)[..., :columns], expected[..., :columns], torch.float32)
+    assert_close(logits(merged, ids)[..., :columns], expected[..., :columns], torch.float32)
 
 
 @pytest.mark.parametrize("method", ["cat", "ties"])
