@@ -332,3 +332,15 @@ def test_the_engine_counts_shared_blocks_when_it_routes_a_burst(monkeypatch):
         engine.close()
     assert sum(map(len, (r.prompt for r in burst))) > 100 and decoder.prefix.hits == 3 * 32
     assert all(r.row >= 0 for r in burst)
+
+
+def test_prefix_cache_tokens_without_the_static_decoder_says_so(capsys):
+    from lorakit.serve.cli import static_decoder
+
+    model = tiny_llama()
+    assert static_decoder(model, "transformers", max_batch=2, context=32, prefix_cache=64) is None
+    assert "--prefix-cache-tokens has no effect: --decoder transformers" in capsys.readouterr().err
+    assert static_decoder(model, "auto", max_batch=2, context=32, prefix_cache=64) is None  # 'auto' off CUDA
+    assert "--prefix-cache-tokens has no effect: decoding through transformers (not on CUDA)" in capsys.readouterr().err
+    assert static_decoder(model, "auto", max_batch=2, context=32) is None
+    assert "prefix" not in capsys.readouterr().err  # not given: nothing said

@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preload", action="store_true", help="load the first --max-loaded adapters at start")
     parser.add_argument("--decoder", choices=("auto", "static", "transformers"), default="auto",
                         help="decode steps: 'static' (lorakit.decoding: static KV cache, fused kernels, one CUDA graph "
-                             "per step; CUDA and Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma 1-3 models), 'transformers' (the model's own "
-                             "forward), 'auto' (static where it runs; default)")
+                             "per step on CUDA, eager elsewhere; Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma 1-3 models), "
+                             "'transformers' (the model's own forward), 'auto' (static on CUDA where it runs; default)")
     parser.add_argument("--max-context", type=int, default=None,
                         help="tokens per sequence (prompt + output); with the static decoder this sizes its KV cache "
                              "(default: the model's context, capped at 8192 and to 40%% of free GPU memory)")
@@ -271,6 +271,7 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
     default, a quarter of the cache's tokens; 0: off).
     """
     if choice == "transformers":
+        _prefix_cache_unused(prefix_cache, "--decoder transformers")
         return None
     import torch
 
@@ -290,6 +291,7 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
             raise LorakitError(f"--decoder static: {reason}; use --decoder transformers")
         if device.type == "cuda":  # a GPU user expects the fast decoder: say why it is not used
             print(f"lorakit serve: decoding through transformers: {reason}", file=sys.stderr, flush=True)
+        _prefix_cache_unused(prefix_cache, f"decoding through transformers ({reason})")
         return None
     try:
         decoder = StaticDecoder(model, max_batch=max_batch, max_len=context, prefix_cache=prefix_cache)
@@ -305,6 +307,13 @@ def static_decoder(model, choice: str, max_batch: int, context: int, explicit_co
         print("lorakit serve: warming up the static decoder (compiles its kernels once)", file=sys.stderr, flush=True)
         decoder.warm_up()
     return decoder
+
+
+def _prefix_cache_unused(prefix_cache: int | None, why: str) -> None:
+    """Say that --prefix-cache-tokens was given for nothing: only the static decoder caches prefixes."""
+    if prefix_cache:
+        print(f"lorakit serve: --prefix-cache-tokens has no effect: {why}; prefix caching needs the static decoder "
+              "(--decoder static)", file=sys.stderr, flush=True)
 
 
 def kv_bytes_per_token(model) -> int:
