@@ -139,6 +139,11 @@ class StaticDecoder:
         # from a cache whose sliding layers kept only their window (the prefix cache must not keep such a row)
         self.whole = [True] * B
         self.reused = [0] * B  # leading prompt tokens of each row's last prefill that the prefix cache copied
+        # per row, the (adapter, load serial) its K/V were computed under (``_prefix_root``'s first two parts): a
+        # row whose adapter was reloaded or replaced, or whose base weights changed, while it ran holds K/V of the
+        # old weights, which ``remember`` must not keep under the new load. None: admitted, adopted at first use;
+        # _STALE: never kept
+        self._kv_source: list = [None] * B
         # captured CUDA graphs, by what they hold (``_graph_kind``): the step's, and the prefill's per token-count
         # bucket (sharing one memory pool); all of them go when the adapter stacks are reallocated
         self._graphs: dict = {}
@@ -183,6 +188,7 @@ class StaticDecoder:
                 self.drop_graphs()
                 if self.prefix is not None:  # K/V computed with the old weights
                     self.prefix.clear()
+                    self._kv_source = [_STALE] * self.max_batch  # the rows' too
         self.adapters.weights = self.weights
 
     def unservable(self, name: str | None) -> str | None:
@@ -243,6 +249,7 @@ class StaticDecoder:
                     cache[:, :, :width].index_copy_(0, rows_t, picked.to(cache.dtype))
         for row, member in zip(rows, members):
             self.lengths[row], self.active[row], self.whole[row], self.reused[row] = lengths[member], True, whole, 0
+            self._kv_source[row] = None
 
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
                 salts: Sequence[str | None] | None = None) -> torch.Tensor:
@@ -324,8 +331,9 @@ class StaticDecoder:
             logits = self._prefill_graphed(flat, last)
         else:
             logits = self._prefill_eager(flat.to(self.device), last.to(self.device))
-        for row, prompt, copied in zip(rows, prompts, cached):
+        for row, prompt, copied, adapter in zip(rows, prompts, cached, adapters):
             self.lengths[row], self.active[row], self.whole[row], self.reused[row] = len(prompt), True, True, copied
+            self._kv_source[row] = self._prefix_root(adapter, None)[:2]
         for row, prompt, adapter, salt in zip(rows, prompts, adapters, salts):
             self.remember(row, prompt, adapter, salt)
         return logits
@@ -350,9 +358,13 @@ class StaticDecoder:
         if self.prefix is None or not self.active[row] or not self.whole[row] or \
                 (adapter is not None and adapter not in self.adapters):
             return
+        root = self._prefix_root(adapter, salt)
+        if self._kv_source[row] is None:  # admitted: computed by the model as it is now
+            self._kv_source[row] = root[:2]
+        if self._kv_source[row] != root[:2]:  # computed (in part) under other weights
+            return
         with torch.no_grad():
-            self.prefix.remember(self._prefix_root(adapter, salt), list(tokens[:self.lengths[row]]), self.k_cache,
-                                 self.v_cache, row)
+            self.prefix.remember(root, list(tokens[:self.lengths[row]]), self.k_cache, self.v_cache, row)
 
     def _prefill_eager(self, flat, last, rows=None, starts=None, lengths=None, cached=None) -> torch.Tensor:
         """The prefill pass, eager: ``_prefill_forward`` with the decode kernels (rows=None), or with causal SDPA per
@@ -541,6 +553,12 @@ class StaticDecoder:
             if reason is not None:
                 raise LorakitError(reason)
         slots = self.adapters.slots_for(adapters, present)
+        for row, adapter in zip(rows, adapters):  # this step's K/V come from the adapter as loaded now
+            source = self._prefix_root(adapter, None)[:2]
+            if self._kv_source[row] is None:
+                self._kv_source[row] = source
+            elif self._kv_source[row] != source:
+                self._kv_source[row] = _STALE
         host = self._host
         host.zero_()
         host[1].fill_(-1)
@@ -793,6 +811,8 @@ class StaticDecoder:
         return y, None
 
 
+# a row's K/V source that matches no adapter load: its K/V mix weights, the prefix cache never keeps them
+_STALE = ("\0stale",)
 # the placeholder adapter of ``StaticDecoder.warm_up``: no user adapter can have this name (a NUL byte)
 WARM_UP_ADAPTER = "\0lorakit-warm-up"
 # prefill: prompts up to this many tokens attend with the decode kernels (each token reads its row's cache up to
