@@ -62,10 +62,18 @@ def _perturb(model, name: str, seed: int) -> None:
 class Twins:
     """The same operations on a decoder with a prefix cache and one without; every logits output compared."""
 
-    def __init__(self, seed: int, capacity: int):
+    def __init__(self, seed: int, capacity: int, window: int | None = None):
         from lorakit.decoding import decoder as decoder_module
 
-        base = tiny_llama(seed=seed, max_position_embeddings=256)
+        if window is None:
+            base = tiny_llama(seed=seed, max_position_embeddings=256)
+        else:  # a sliding window shorter than the prompts: windowed attention after a cached prefix
+            from transformers import MistralConfig, MistralForCausalLM
+
+            torch.manual_seed(seed)
+            base = MistralForCausalLM(MistralConfig(
+                vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, sliding_window=window)).eval()
         for j, name in enumerate(KINDS):
             _add(base, name, seed * 100 + j)
         self.models = [base, copy.deepcopy(base)]
@@ -129,9 +137,9 @@ class Twins:
         return state
 
 
-def _program(seed: int, capacity: int, operations: int) -> Twins:
+def _program(seed: int, capacity: int, operations: int, window: int | None = None) -> Twins:
     rng = random.Random(seed)
-    twins = Twins(seed, capacity)
+    twins = Twins(seed, capacity, window)
     vocab = 128
     bases = [[rng.randrange(vocab) for _ in range(MAX_LEN)] for _ in range(3)]
     seen: list[tuple[list[int], str | None, str | None]] = []  # sequences remembered (prompts, prompt + answer)
@@ -198,13 +206,14 @@ def _program(seed: int, capacity: int, operations: int) -> Twins:
     return twins
 
 
-@pytest.mark.parametrize("seed,capacity", [(1, 32), (2, 64), (3, 48), (4, 4096)])
-def test_random_traffic_gives_the_uncached_logits(seed, capacity, monkeypatch):
+@pytest.mark.parametrize("seed,capacity,window", [(1, 32, None), (2, 64, None), (3, 48, None), (4, 4096, None),
+                                                  (5, 4096, None), (9, 40, 24), (7, 4096, 24), (8, 4096, 20)])
+def test_random_traffic_gives_the_uncached_logits(seed, capacity, window, monkeypatch):
     from lorakit.decoding import decoder as decoder_module
 
     # per-prompt attention after a cached prefix for rests above 24 tokens (the real 256 needs longer prompts)
     monkeypatch.setattr(decoder_module, "PREFILL_KERNEL_MAX_PROMPT", 24)
-    twins = _program(seed, capacity, operations=160)
+    twins = _program(seed, capacity, operations=250, window=window)
     assert twins.checked > 100
     assert twins.on.prefix.hits > 0  # the cache did serve blocks (else the comparison proves nothing)
 
