@@ -21,7 +21,8 @@ from torch import nn
 import lorakit
 from lorakit.errors import LorakitError
 from lorakit.param_lora import ParamLora, param_hosts
-from test_moe_experts import EXPERTS, FUSED_EXPERTS, IDS, ROUTER, build, logits, randomize
+from model_helpers import logits
+from test_moe_experts import EXPERTS, FUSED_EXPERTS, IDS, ROUTER, build, randomize
 
 pytestmark = pytest.mark.skipif(not FUSED_EXPERTS, reason="fused 3-D MoE expert parameters need transformers >= 5")
 

@@ -22,6 +22,7 @@ import lorakit
 from conftest import assert_close
 from lorakit.errors import LorakitError
 from lorakit.param_lora import ParamLora
+from model_helpers import logits
 
 # MoE experts are fused 3-D parameters (what target_parameters adapts) only from transformers 5; 4.x builds one
 # nn.Linear per expert, which target_modules adapts like any other layer
@@ -61,11 +62,6 @@ def randomize(model: nn.Module, seed: int = 1) -> None:
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(0.2 * torch.randn(parameter.shape, generator=gen))
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits
 
 
 IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 61], [12, 7, 7, 30, 55, 21, 4]])
