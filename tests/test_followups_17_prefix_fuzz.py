@@ -250,3 +250,101 @@ def test_a_row_whose_weights_changed_while_it_ran_is_not_kept(change):
     got = decoder.prefill([0], [later], [name])
     expected = StaticDecoder(model, max_batch=1, max_len=MAX_LEN, prefix_cache=0).prefill([0], [later], [name])
     assert_close(got, expected)
+
+
+def test_server_answers_equal_a_server_without_the_cache_across_salts_and_a_replaced_adapter(tmp_path):
+    """Over real sockets: concurrent chats sharing one system prompt, on the base and two adapters, with and without
+    cache_salt; then vLLM's /v1/unload_lora_adapter and /v1/load_lora_adapter replace the folder behind 'policy'
+    under the same name while the other adapters' traffic runs. Greedy answers and their logprobs equal those of
+    a server started with --prefix-cache-tokens 0, and the replaced adapter's answers are its new weights'."""
+    import threading
+
+    import httpx
+    from transformers import AutoModelForCausalLM
+
+    from test_serve_support import ServerProcess, make_adapter, tiny_hf_folder
+
+    model_dir = tiny_hf_folder(tmp_path / "model", initializer_range=0.5, max_position_embeddings=512)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    adapters = tmp_path / "adapters"
+    make_adapter(model, adapters / "alpha", seed=1)
+    make_adapter(model, adapters / "beta", seed=2, r=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    for version, seed in (("v1", 3), ("v2", 4)):
+        make_adapter(model, tmp_path / "checkpoints" / version, seed=seed)
+    servers, errors = {}, []
+
+    def start(label, *flags):
+        try:
+            servers[label] = ServerProcess(model_dir, adapters, "--decoder", "static", "--max-context", "512",
+                                           "--max-batch", "4", "--allow-any-lora-path", *flags,
+                                           log=tmp_path / f"server_{label}.log")
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=start, args=("on",)),
+               threading.Thread(target=start, args=("off", "--prefix-cache-tokens", "0"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    system = {"role": "system", "content": "You are a careful assistant for a small shop; answer in one line. " * 3}
+    questions = ["What do you sell?", "When do you open?", "Where are you?"]
+
+    def chat(client, model, question, salt, results, key):
+        body = {"model": model, "messages": [system, {"role": "user", "content": question}], "max_tokens": 6,
+                "temperature": 0, "logprobs": True}
+        if salt is not None:
+            body["cache_salt"] = salt
+        reply = client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text[:500]
+        choice = reply.json()["choices"][0]
+        results[key] = (choice["message"]["content"], [t["logprob"] for t in choice["logprobs"]["content"]])
+        return reply.json()["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+    def burst(client, models, results, tag, during=None):
+        """Every (model, question, salt) at once (the server batches them); ``during`` runs beside them."""
+        jobs = [threading.Thread(target=chat, args=(client, m, q, s, results, (tag, m, q, s)))
+                for m in models for q in questions for s in (None, "tenant-1")]
+        extra = threading.Thread(target=during) if during else None
+        for job in jobs + ([extra] if extra else []):
+            job.start()
+        for job in jobs + ([extra] if extra else []):
+            job.join()
+
+    def load(client, path):
+        reply = client.post("/v1/load_lora_adapter", json={"lora_name": "policy", "lora_path": str(path)})
+        assert reply.status_code == 200, reply.text[:300]
+
+    def swap(client):
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "policy"}).status_code == 200
+        load(client, tmp_path / "checkpoints" / "v2")
+
+    results = {"on": {}, "off": {}}
+    try:
+        assert not errors, errors
+        for label, process in servers.items():
+            with httpx.Client(base_url=process.url, timeout=180) as client:
+                load(client, tmp_path / "checkpoints" / "v1")
+                got = results[label]
+                burst(client, ["base", "alpha", "policy"], got, "first")
+                burst(client, ["alpha", "beta"], got, "swap", during=lambda: swap(client))
+                # one at a time: the replaced adapter and a new salt find nothing cached, then their own blocks
+                cached = [chat(client, model, questions[1], salt, got, ("probe", model, salt, turn))
+                          for model, salt in (("policy", None), ("alpha", "tenant-9")) for turn in range(2)]
+                if label == "on":
+                    assert cached[0] == cached[2] == 0 and cached[1] >= 3 * PREFIX_BLOCK <= cached[3], cached
+                burst(client, ["policy", "beta", "base"], got, "after")
+                if label == "on":
+                    hits = client.get("/health").json()["prefix_cache_hit_tokens"]
+    finally:
+        for process in servers.values():
+            process.stop()
+    on, off = results["on"], results["off"]
+    assert on.keys() == off.keys() and len(on) == 3 * 3 * 2 + 2 * 3 * 2 + 3 * 3 * 2 + 4
+    for key in on:
+        assert on[key][0] == off[key][0], key
+        assert_close(torch.tensor(on[key][1]), torch.tensor(off[key][1]), msg=str(key))
+    assert hits >= 3 * PREFIX_BLOCK  # the shared system prompt was served from the pool
+    # the adapter replaced under its name answers with its new weights (nothing of v1's K/V was reused)
+    q = questions[0]
+    assert on[("first", "policy", q, None)][1] != on[("after", "policy", q, None)][1]
