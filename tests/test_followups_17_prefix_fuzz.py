@@ -176,7 +176,14 @@ def _program(seed: int, capacity: int, operations: int, window: int | None = Non
         op = rng.random()
         if free and op < 0.35:
             batch = []
-            for _ in range(rng.randint(1, free)):
+            if free > 1 and rng.random() < 0.2:  # clients arriving together with one new system prompt
+                head = [rng.randrange(vocab) for _ in range(rng.randint(2 * PREFIX_BLOCK + 1, MAX_LEN - 20))]
+                adapter, salt = rng.choice(names), rng.choice(salts)
+                for _ in range(rng.randint(2, free)):
+                    tail = [rng.randrange(vocab) for _ in range(rng.randint(0, 17))]
+                    batch.append(((head + tail)[:MAX_LEN - 1], adapter if rng.random() < 0.8 else rng.choice(names),
+                                  salt))
+            for _ in range(rng.randint(1, free) if not batch else 0):
                 batch.append(new_prompt(batch))
             prompts, adapters, batch_salts = (list(x) for x in zip(*batch))
             if rng.random() < 0.1:
