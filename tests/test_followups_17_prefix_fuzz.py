@@ -355,3 +355,17 @@ def test_server_answers_equal_a_server_without_the_cache_across_salts_and_a_repl
     # the adapter replaced under its name answers with its new weights (nothing of v1's K/V was reused)
     q = questions[0]
     assert on[("first", "policy", q, None)][1] != on[("after", "policy", q, None)][1]
+
+
+@pytest.mark.xfail(strict=True, reason="reported to the lead: PrefixCache.plan ignores the pool's size (the engine "
+                                       "routes by it; answers are unaffected)")
+def test_prefill_tokens_counts_only_the_blocks_a_small_pool_can_keep():
+    """``prefill_tokens`` (the engine routes newcomers by it) counts a follower's shared blocks as copies, but the
+    leader keeps only as many blocks as the pool holds: with a 2-block pool and 3 shared blocks, the prefill
+    computes one block more than planned."""
+    decoder = StaticDecoder(tiny_llama(max_position_embeddings=256), max_batch=2, max_len=MAX_LEN, prefix_cache=32)
+    head = list(range(1, 3 * PREFIX_BLOCK + 2))
+    prompts = [head + [5], head + [6, 7]]
+    planned = decoder.prefill_tokens(prompts, [None, None], [None, None])
+    decoder.prefill([0, 1], prompts, [None, None])
+    assert planned == sum(len(p) for p in prompts) - sum(decoder.reused[:2])
