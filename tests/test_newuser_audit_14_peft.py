@@ -20,7 +20,8 @@ from conftest import assert_close
 from lorakit.cli import main
 from lorakit.inject import lora_layers
 from lorakit.io import CONFIG_NAME
-from test_peft_sweep import build, logits, peft_saved, refusal, round_trip
+from model_helpers import logits
+from test_peft_sweep import build, peft_saved, refusal, round_trip
 
 
 def saved_by_peft(folder, config, kind: str = "llama"):

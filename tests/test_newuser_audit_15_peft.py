@@ -23,7 +23,8 @@ import lorakit
 from conftest import assert_close
 from lorakit.cli import main
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME
-from test_peft_sweep import SMALL, build, logits, peft_saved, randomize_peft, refusal, round_trip
+from model_helpers import logits
+from test_peft_sweep import SMALL, build, peft_saved, randomize_peft, refusal, round_trip
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 99], [2, 4, 8, 16, 32, 63, 98]])
 QV = ["q_proj", "v_proj"]

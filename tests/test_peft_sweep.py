@@ -22,6 +22,7 @@ import lorakit
 from conftest import assert_close
 from lorakit.inject import lora_layers
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME
+from model_helpers import logits
 
 SMALL = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
 
@@ -62,11 +63,6 @@ def randomize_peft(model, seed: int = 1, biases: bool = False) -> None:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.3)
             elif "modules_to_save" in name or (biases and p.requires_grad and name.endswith("bias")):
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def peft_saved(kind, folder, randomize=True, **options):
