@@ -27,6 +27,7 @@ import lorakit
 from conftest import TOLERANCE, assert_close
 from lorakit.cli import main
 from lorakit.io import CONFIG_NAME
+from model_helpers import logits
 
 IDS = torch.tensor([[7, 11, 12, 10, 9, 13], [4, 4, 8, 2, 15, 6]])
 
@@ -39,11 +40,6 @@ def _quiet(fn, *args, **kwargs):
 
 def _base(folder):
     return tf.AutoModelForCausalLM.from_pretrained(folder).eval()
-
-
-def _logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def _randomize(model, seed):
@@ -125,19 +121,19 @@ def _theirs(saved, name):
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_loads_with_peft_logits_saves_a_plain_lora_and_refuses_training(saved, name, tmp_path):
     folder = saved["adapters"] / name
-    want = _logits(_theirs(saved, name))
-    assert (want - _logits(_base(saved["base"]))).abs().max() > 1e-2  # the adapter matters
+    want = logits(_theirs(saved, name), IDS)
+    assert (want - logits(_base(saved["base"]), IDS)).abs().max() > 1e-2  # the adapter matters
     model = _base(saved["base"])
     lorakit.load_adapter(model, folder)
-    assert_close(_logits(model), want)
+    assert_close(logits(model, IDS), want)
     # a plain LoRA that peft loads with the same logits, and that lorakit trains as one
     lorakit.save_adapter(model, tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / CONFIG_NAME).read_text())["peft_type"] == "LORA"
     again = _quiet(peft.PeftModel.from_pretrained, _base(saved["base"]), tmp_path / "plain").eval()
-    assert_close(_logits(again), want)
+    assert_close(logits(again, IDS), want)
     trained = _base(saved["base"])
     lorakit.load_adapter(trained, tmp_path / "plain", trainable=True)
-    assert_close(_logits(trained), want)
+    assert_close(logits(trained, IDS), want)
     # training it as loaded would not be the method peft trains: one line, the model untouched
     fresh = _base(saved["base"])
     with pytest.raises(lorakit.LorakitError, match=re.escape(ORIGINS[name].split(" (")[0] + " (peft trains")
@@ -179,7 +175,7 @@ def test_cli_generate_merge_and_inspect(saved, tmp_path, capsys):
         assert expected and expected in printed, (name, expected, printed)
         assert main(["merge", "--model", str(saved["base"]), "--adapter", str(folder),
                      "--out", str(tmp_path / name)]) == 0
-        assert_close(_logits(_base(tmp_path / name)), _logits(theirs))
+        assert_close(logits(_base(tmp_path / name), IDS), logits(theirs, IDS))
         capsys.readouterr()
         assert main(["inspect", str(folder)]) == 0
         assert f"peft {ORIGINS[name]}, loaded as the plain LoRA it equals" in capsys.readouterr().out
@@ -201,7 +197,7 @@ def test_served_with_peft_logprobs(saved):
                 got = response.json()["choices"][0]["logprobs"]["token_logprobs"]
                 theirs, ids, want = _theirs(saved, name), torch.tensor([prompt]), []
                 for _ in range(len(got)):
-                    scores = torch.log_softmax(_logits(theirs, ids)[0, -1], -1)
+                    scores = torch.log_softmax(logits(theirs, ids)[0, -1], -1)
                     token = int(scores.argmax())
                     want.append(float(scores[token]))
                     ids = torch.cat([ids, torch.tensor([[token]])], 1)
@@ -220,7 +216,7 @@ def test_vera_only_bias_on_a_base_without_biases(saved, tmp_path):
     _quiet(model.save_pretrained, tmp_path / "vera")
     ours = _base(saved["base"])
     lorakit.load_adapter(ours, tmp_path / "vera")
-    assert_close(_logits(ours), _logits(_theirs({**saved, "adapters": tmp_path}, "vera")))
+    assert_close(logits(ours, IDS), logits(_theirs({**saved, "adapters": tmp_path}, "vera"), IDS))
 
 
 class _ConvNet(torch.nn.Module):
