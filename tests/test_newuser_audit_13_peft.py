@@ -22,14 +22,10 @@ import transformers as tf
 import lorakit
 from conftest import assert_close
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME
+from model_helpers import logits
 from test_peft_sweep import SMALL, build, randomize_peft, round_trip
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 99], [2, 4, 8, 16, 32, 63, 98]])
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
 
 
 def gemma3() -> torch.nn.Module:
@@ -61,15 +57,15 @@ def both_ways(kind, tmp_path, dtype=None, **options):
     randomize_peft(theirs)
     theirs.save_pretrained(tmp_path / "peft")
     theirs = peft.PeftModel.from_pretrained(make(kind), tmp_path / "peft").eval()  # float32, as the model below
-    expected = logits(theirs)
-    assert (expected - logits(make(kind))).abs().max() > 1e-2  # the adapter matters
+    expected = logits(theirs, IDS)
+    assert (expected - logits(make(kind), IDS)).abs().max() > 1e-2  # the adapter matters
     ours = make(kind)
     lorakit.load_adapter(ours, tmp_path / "peft")
-    assert_close(logits(ours), expected)
+    assert_close(logits(ours, IDS), expected)
     lorakit.save_adapter(ours, tmp_path / "ours")
-    assert_close(logits(peft.PeftModel.from_pretrained(make(kind), tmp_path / "ours").eval()), expected)
+    assert_close(logits(peft.PeftModel.from_pretrained(make(kind), tmp_path / "ours").eval(), IDS), expected)
     lorakit.merge_and_unload(ours)
-    assert_close(logits(ours), logits(theirs.merge_and_unload()))
+    assert_close(logits(ours, IDS), logits(theirs.merge_and_unload(), IDS))
 
 
 AGREEING = {  # options that agreed when audit 13 tried them; kept so they stay that way
@@ -128,8 +124,8 @@ def test_peft_adapter_folder_of_two_adapters_switched_mixed_and_deleted(tmp_path
     for name in ("one", "two"):
         theirs.set_adapter(name)
         lorakit.set_adapter(ours, name)
-        expected[name] = logits(theirs)
-        assert_close(logits(ours), expected[name], msg=name)
+        expected[name] = logits(theirs, IDS)
+        assert_close(logits(ours, IDS), expected[name], msg=name)
     rows = ["two", None, "one"]
     with lorakit.mixed_batch(ours, rows), torch.no_grad():
         mixed = ours(torch.cat([IDS, IDS[:1]])).logits
@@ -137,9 +133,9 @@ def test_peft_adapter_folder_of_two_adapters_switched_mixed_and_deleted(tmp_path
         assert_close(mixed, theirs(torch.cat([IDS, IDS[:1]]), adapter_names=["two", "__base__", "one"]).logits)
     lorakit.delete_adapter(ours, "one")
     lorakit.set_adapter(ours, "two")
-    assert_close(logits(ours), expected["two"])
+    assert_close(logits(ours, IDS), expected["two"])
     lorakit.save_adapter(ours, tmp_path / "ours", adapter="two")
-    assert_close(logits(peft.PeftModel.from_pretrained(build("llama"), tmp_path / "ours").eval()), expected["two"])
+    assert_close(logits(peft.PeftModel.from_pretrained(build("llama"), tmp_path / "ours").eval(), IDS), expected["two"])
 
 
 # -- modules_to_save of a tied embedding or head with ensure_weight_tying -------------------------------------------
@@ -163,8 +159,8 @@ def test_a_trained_copy_of_gemma3s_scaled_tied_embedding(tmp_path):
     theirs.save_pretrained(tmp_path)
     ours = gemma3()
     lorakit.load_adapter(ours, tmp_path)
-    assert_close(logits(ours), logits(theirs))
-    assert (logits(ours) - logits(gemma3())).abs().max() > 1e-2
+    assert_close(logits(ours, IDS), logits(theirs, IDS))
+    assert (logits(ours, IDS) - logits(gemma3(), IDS)).abs().max() > 1e-2
 
 
 # -- saving over an adapter folder: both files or neither ------------------------------------------------------------
@@ -214,7 +210,7 @@ def test_a_save_that_fails_halfway_leaves_the_previous_adapter_whole(failure, tm
     assert {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()} == before
     again = build("llama")
     lorakit.load_adapter(again, tmp_path / "adapter")
-    assert_close(logits(again), logits(old))
+    assert_close(logits(again, IDS), logits(old, IDS))
 
 
 # -- hostile folders ------------------------------------------------------------------------------------------------
@@ -295,7 +291,7 @@ def test_copies_from_a_resized_vocabulary_say_to_resize_the_base(options, tmp_pa
     assert re.search(r"resize_token_embeddings\((102|N)\)|resized to 102 tokens \(its saved .*lorakit merge", said)
     ours = resized()
     lorakit.load_adapter(ours, tmp_path)
-    assert_close(logits(ours), logits(theirs))
+    assert_close(logits(ours, IDS), logits(theirs, IDS))
 
 
 # -- several active adapters ------------------------------------------------------------------------------------------
@@ -321,7 +317,7 @@ def test_two_active_adapters_with_copies_of_one_module_are_refused(tmp_path):
     theirs = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "one", adapter_name="one")
     theirs.load_adapter(tmp_path / "three", adapter_name="three")
     theirs.base_model.set_adapter(["one", "three"])
-    assert_close(logits(ours), logits(theirs.eval()))
+    assert_close(logits(ours, IDS), logits(theirs.eval(), IDS))
 
 
 @pytest.mark.parametrize("name", [WEIGHTS_NAME, CONFIG_NAME])
@@ -421,8 +417,8 @@ def test_an_adapter_saved_from_a_torch_compiled_base_loads(tmp_path):
     (tmp_path / "plain").mkdir()
     save_file({key.replace("_orig_mod.", ""): value for key, value in tensors.items()}, tmp_path / "plain" / WEIGHTS_NAME)
     (tmp_path / "plain" / CONFIG_NAME).write_text((tmp_path / "compiled" / CONFIG_NAME).read_text())
-    expected = logits(peft.PeftModel.from_pretrained(build("llama"), tmp_path / "plain").eval())
+    expected = logits(peft.PeftModel.from_pretrained(build("llama"), tmp_path / "plain").eval(), IDS)
     ours = build("llama")
     lorakit.load_adapter(ours, tmp_path / "compiled")
-    assert_close(logits(ours), expected)
-    assert (expected - logits(build("llama"))).abs().max() > 1e-2
+    assert_close(logits(ours, IDS), expected)
+    assert (expected - logits(build("llama"), IDS)).abs().max() > 1e-2
