@@ -357,8 +357,6 @@ def test_server_answers_equal_a_server_without_the_cache_across_salts_and_a_repl
     assert on[("first", "policy", q, None)][1] != on[("after", "policy", q, None)][1]
 
 
-@pytest.mark.xfail(strict=True, reason="reported to the lead: PrefixCache.plan ignores the pool's size (the engine "
-                                       "routes by it; answers are unaffected)")
 def test_prefill_tokens_counts_only_the_blocks_a_small_pool_can_keep():
     """``prefill_tokens`` (the engine routes newcomers by it) counts a follower's shared blocks as copies, but the
     leader keeps only as many blocks as the pool holds: with a 2-block pool and 3 shared blocks, the prefill

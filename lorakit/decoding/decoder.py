@@ -553,8 +553,8 @@ class StaticDecoder:
             if reason is not None:
                 raise LorakitError(reason)
         slots = self.adapters.slots_for(adapters, present)
-        for row, adapter in zip(rows, adapters):  # this step's K/V come from the adapter as loaded now
-            source = self._prefix_root(adapter, None)[:2]
+        for row, adapter in zip(rows, adapters) if self.prefix is not None else ():  # this step's K/V: the
+            source = self._prefix_root(adapter, None)[:2]  # adapter as loaded now
             if self._kv_source[row] is None:
                 self._kv_source[row] = source
             elif self._kv_source[row] != source:

@@ -95,7 +95,8 @@ class PrefixCache:
                 h = hash((h, tuple(tokens[k * self.block:(k + 1) * self.block])))
                 chain.append(h)
             usable = (len(tokens) - 1) // self.block
-            shared = next((k for k in range(usable) if chain[k] not in leading), usable)
+            # a leader keeps its first blocks only up to the pool's size: a follower copies no more than those
+            shared = min(next((k for k in range(usable) if chain[k] not in leading), usable), self.blocks)
             cached = len(self.lookup(root, tokens, touch=False))
             if shared - cached >= least:
                 later.append(j)
