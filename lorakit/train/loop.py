@@ -466,6 +466,16 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     if config.fsdp and torch.cuda.is_available() and world_size > 1:  # the base may wait on the CPU until sharded
         device = torch.device("cuda", torch.cuda.current_device())
     grad_accum = accumulation_steps(config, world_size)
+    if out is not None and resume is None:
+        _refuse_earlier_run(out)
+    # the data first: a bad record (or too few) is refused before the model is changed (an adapter injected, every
+    # weight unfrozen), else a notebook's next call, with the data fixed, trained that adapter and not its config's
+    train_ds = as_dataset(train_data, tokenizer, config, "training data", config.pack)
+    val_ds = as_dataset(val_data, tokenizer, config, "validation data", False) if val_data is not None else None
+    global_micro = config.batch_size * world_size
+    if len(train_ds) < global_micro:
+        raise LorakitError(f"the training set has {len(train_ds)} row{'s' * (len(train_ds) != 1)}, fewer than one micro-batch of {global_micro} "
+                           f"(--batch-size {config.batch_size} x {world_size} processes); lower --batch-size or add data")
 
     torch.manual_seed(config.seed)  # adapter init and dropout; a resume restores the saved states instead
     adapter = prepare_model(model, config)
@@ -491,8 +501,6 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
 
     log(str(trainable_report(model)))
 
-    train_ds = as_dataset(train_data, tokenizer, config, "training data", config.pack)
-    val_ds = as_dataset(val_data, tokenizer, config, "validation data", False) if val_data is not None else None
     if train_ds is not train_data:  # tokenized here from records: say what `lorakit train` says of its data
         log(f"training data: {train_ds.summary}")
         if train_ds.summary.drop_note():
@@ -513,10 +521,6 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
                         mask_dtype=compute_dtype or torch.float32)
     if config.pack:  # refused here, before any step, for layer kinds a packed mask cannot confine
         sliding_window_layout(model)
-    global_micro = config.batch_size * world_size
-    if len(train_ds) < global_micro:
-        raise LorakitError(f"the training set has {len(train_ds)} row{'s' * (len(train_ds) != 1)}, fewer than one micro-batch of {global_micro} "
-                           f"(--batch-size {config.batch_size} x {world_size} processes); lower --batch-size or add data")
     batches = BatchIterator(train_ds, global_micro, collate_fn=collator, seed=config.seed)
     left_out = len(train_ds) % global_micro
     if left_out and (config.max_steps is None or config.max_steps * grad_accum > len(train_ds) // global_micro):
@@ -789,6 +793,17 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
             log(f"{error}; no loss curve, the same numbers are in {out / METRICS_NAME}")
     return TrainResult(step, total_steps, stopped, last_loss, best_val, best_step, skipped, tokens_seen, seconds, out,
                        adapter_dir, last_checkpoint, val_losses)
+
+
+def _refuse_earlier_run(out: Path) -> None:
+    """A new run (no ``resume``) into a folder that holds another run's checkpoints or adapters is refused, as
+    ``lorakit train`` refuses it: its steps were appended to the earlier run's metrics.jsonl (one loss curve of two
+    runs), and the earlier run's checkpoints and best/ adapter stayed beside the new ones, read as this run's."""
+    held = [name for name in (CHECKPOINTS_DIR, ADAPTER_DIR, BEST_DIR, MODEL_DIR) if (out / name).is_dir()
+            and any((out / name).iterdir())]
+    if held:
+        raise LorakitError(f"out={str(out)!r} holds an earlier run ({', '.join(f'{name}/' for name in held)}); pass "
+                           f"resume={str(out)!r} to continue it, or another out (or remove the folder) to start again")
 
 
 def _remove_stale_temporaries(out: Path) -> None:
