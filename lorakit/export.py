@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -366,7 +367,7 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
     try:
         if extra_files is not None:
             extra_files(tmp)
-        model.to(dtype)
+        cast_for_saving(model, dtype)
         for attr in ("lorakit_base_name", "lorakit_configs"):
             if hasattr(model, attr):
                 delattr(model, attr)
@@ -391,6 +392,46 @@ def write_folder(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: tor
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def float32_kept(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
+    """The tensor names transformers keeps in float32 when it loads ``model``'s class in ``dtype`` (its
+    ``_keep_in_fp32_modules_strict`` for float16 and bfloat16, ``_keep_in_fp32_modules`` for float16 only: DeepSeek's
+    and GLM-4-MoE's router weight and ``e_score_correction_bias``), as the regex transformers matches names with;
+    None when there are none."""
+    plan_of = getattr(model, "_get_dtype_plan", None)  # transformers 5: the very plan from_pretrained follows
+    if callable(plan_of):
+        try:
+            patterns = [name for name, kept in plan_of(dtype).items() if kept == torch.float32]
+        except Exception:  # a model class whose plan cannot be built: nothing known to keep
+            patterns = []
+    else:  # transformers 4.x: the same two lists, the same rule
+        patterns = list(getattr(model, "_keep_in_fp32_modules_strict", None) or []) if dtype in (
+            torch.float16, torch.bfloat16) else []
+        patterns += list(getattr(model, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
+    patterns = [p for p in patterns if isinstance(p, str) and p]
+    return re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns)) if patterns else None
+
+
+def cast_for_saving(model: nn.Module, dtype: torch.dtype) -> None:
+    """``model.to(dtype)``, except the tensors transformers keeps in float32 in that dtype (:func:`float32_kept`),
+    which stay float32 (from a float32 model they keep every bit). A plain cast wrote DeepSeek-V3's router bias
+    (values like 3.0050, 3.0077, 3.0009: they pick the experts) as bfloat16, all 3.0 there, and transformers upcast
+    the rounded values on load: the merged folder routed tokens to other experts than the model it came from."""
+    kept = float32_kept(model, dtype)
+    saved = {}
+    if kept is not None:
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and kept.search(name):
+                saved[name] = tensor.detach().to(torch.float32, copy=True)
+    model.to(dtype)
+    for name, value in saved.items():
+        owner_name, _, attribute = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if attribute in owner._parameters:
+            owner._parameters[attribute].data = value
+        else:
+            owner._buffers[attribute] = value
 
 
 def _checked_out(model: nn.Module, out: str | os.PathLike, overwrite: bool) -> Path:

@@ -1,0 +1,95 @@
+"""Eighteenth follow-ups: other models' folders as a new user brings them, where the earlier audits did not look.
+
+Each model is a tiny random one (transformers' own config classes, hidden 32, vocab 128) saved with
+``save_pretrained`` beside the word-level test tokenizer. The README's workflows (``lorakit.load_base`` + inject +
+save + merge in Python; ``lorakit merge`` / ``generate`` on the command line) must work on them, the merged folder
+giving the unmerged adapter's logits, or fail in one line that says what to do.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lorakit
+from conftest import assert_close
+from lorakit.cli import main
+from model_helpers import logits, seeded_model
+from test_train_helpers import tiny_tokenizer
+
+VOCAB = 128
+# the tokenizer's <s> is 1 and <|im_end|> (eos, pad) is 3: the configs name the same ids
+GQA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=3, pad_token_id=3)
+IDS = torch.tensor([[1, 7, 10, 11, 8, 3, 12, 13, 40, 41, 90, 91], [1, 9, 12, 14, 15, 8, 3, 3, 60, 61, 100, 101]])
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def random_adapter(model, std: float = 0.1) -> None:
+    """Non-zero B matrices (a freshly injected adapter is the identity)."""
+    for name, parameter in lorakit.lora_parameters(model):
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(parameter, std=std)
+
+
+def saved_tensors(folder) -> dict[str, torch.Tensor]:
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        return {key: weights.get_tensor(key) for key in weights.keys()}
+
+
+# -- tensors transformers keeps in float32 -------------------------------------------------------------------------
+def deepseek_v3_with_router_bias():
+    """DeepSeek-V3 (a dense first layer, then 4 routed experts + a shared one) whose router bias
+    ``e_score_correction_bias`` holds values like a trained model's: close to each other, a few thousandths apart,
+    so that which experts a token goes to depends on digits bfloat16 does not keep (3.0050 and 3.0077 are both 3.0
+    there). transformers keeps that bias and the router weight in float32 even when it loads the model in bfloat16
+    (``_keep_in_fp32_modules_strict``)."""
+    model = seeded_model("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, n_shared_experts=1, first_k_dense_replace=1,
+        kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1,
+        **{**GQA, "num_key_value_heads": 4}))
+    generator = torch.Generator().manual_seed(0)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.copy_(3.0 + 0.01 * torch.rand(buffer.shape, generator=generator))
+    return model
+
+
+KEPT = ("model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.1.mlp.gate.weight")
+
+
+def test_a_bf16_merge_keeps_the_router_tensors_transformers_keeps_in_float32(tmp_path, capsys):
+    """``lorakit merge`` writes bfloat16 by default; it cast every tensor, the DeepSeek router's float32 bias too
+    ([3.0050, 3.0077, 3.0009, 3.0013] became [3, 3, 3, 3]), and transformers upcast those rounded values on load: the
+    merged folder sent tokens to other experts than the model it came from. Those tensors stay float32 now, bit for
+    bit, and the merged folder gives the unmerged adapter's logits (bfloat16 tolerance)."""
+    base = deepseek_v3_with_router_bias()
+    folder = tmp_path / "deepseek"
+    base.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    model, _ = lorakit.load_base(str(folder), device="cpu")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_b_proj", "o_proj"]))
+    random_adapter(model)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    expected = logits(model, IDS)
+
+    code, out, err = cli(capsys, "merge", "--model", folder, "--adapter", tmp_path / "adapter", "--out",
+                         tmp_path / "merged")
+    assert code == 0, err
+    written, original = saved_tensors(tmp_path / "merged"), dict(base.named_parameters()) | dict(base.named_buffers())
+    for key in KEPT:
+        assert written[key].dtype == torch.float32, key
+        assert torch.equal(written[key], original[key]), key
+    assert written["model.layers.0.self_attn.q_b_proj.weight"].dtype == torch.bfloat16  # the rest: bfloat16, as asked
+
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).eval()
+    assert_close(logits(merged, IDS), expected)
