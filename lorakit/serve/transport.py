@@ -122,6 +122,46 @@ class CORS(CORSMiddleware):
                                                       if k.lower() not in ("content-length", "content-type")})
 
 
+class CloseUnreadExpect:
+    """ASGI middleware: a request that sent ``Expect: 100-continue`` with a body, answered before the app read
+    any of it (a 401, 403, 404, 405, or the 413 of its Content-Length), is answered with ``Connection: close``.
+
+    uvicorn sends the ``100 Continue`` only when the app reads the body, and otherwise keeps the connection open
+    expecting the body. A client waiting for the 100 that gets the final answer instead may send its next request
+    rather than the body (RFC 9110 10.1.1), which uvicorn would then read as that body: the next request hung
+    until the promised bytes came, or was cut into a 400. Closing says the body is not wanted (as Apache does)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("http_version") != "1.1" or not _expects_a_body(scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        read = False
+
+        async def reading():
+            nonlocal read
+            read = True  # uvicorn sends the 100 Continue now: the client sends the body
+            return await receive()
+
+        async def closing(message):
+            if message["type"] == "http.response.start" and not read:
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, reading, closing)
+
+
+def _expects_a_body(headers) -> bool:
+    """Whether request ``headers`` (ASGI's byte pairs) hold ``Expect: 100-continue`` and announce a body."""
+    fields = {}
+    for name, value in headers:
+        fields.setdefault(name.lower(), value.strip().lower())
+    return fields.get(b"expect") == b"100-continue" and (
+        b"transfer-encoding" in fields or fields.get(b"content-length", b"0").lstrip(b"0") != b"")
+
+
 def http_protocol(header_timeout: float | None = None):
     """uvicorn's HTTP protocol (httptools where installed, else h11, as its "auto" picks), with
 

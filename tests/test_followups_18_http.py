@@ -1,0 +1,167 @@
+"""``lorakit serve`` under HTTP/1.1 edges a new client may hit, over raw sockets (one server for the module).
+
+Each test holds a case that went wrong against a real server before its fix, and checks the server still answers
+correctly on the same or a new connection afterwards:
+
+- ``Expect: 100-continue`` answered with a final status before the body was read (the API key's 401, a 413 by
+  Content-Length, an unknown route's 404): the connection stayed open waiting for a body the client, told no,
+  never sends, so the client's next request on it was read as that body (it hung, or was cut into a 400);
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from test_serve_support import ServerProcess, make_adapter, never_ending, tiny_hf_folder
+
+KEY = "http18-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+BODY = json.dumps({"model": "a0", "prompt": "Hello", "max_tokens": 4, "temperature": 0}).encode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("http18")
+    model_dir = tiny_hf_folder(root / "model", max_position_embeddings=512)
+    base = never_ending(model_dir)  # greedy answers run to max_tokens
+    for seed, name in enumerate(("a0", "a1"), start=1):
+        make_adapter(base, root / "adapters" / name, seed=seed)
+    proc = ServerProcess(model_dir, root / "adapters", "--max-tokens", "300", "--max-loaded", "2", api_key=KEY,
+                         log=root / "server.log")
+    client = httpx.Client(base_url=proc.url, headers=AUTH, timeout=60)
+    try:
+        yield {"url": proc.url, "port": proc.port, "client": client, "server": proc, "root": root}
+    finally:
+        client.close()
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def answer(server) -> str:
+    """a0's greedy answer to BODY, for checks that the server still answers correctly."""
+    response = server["client"].post("/v1/completions", content=BODY)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+# -- raw HTTP/1.1 over one socket -----------------------------------------------------------------------------------
+def _request(method: str, target: str, body: bytes = b"", headers: dict | None = None, length: int | None = None,
+             auth: bool = True) -> bytes:
+    """One request's bytes: Host, the API key (``auth``), Content-Length ``length`` (default: the body's)."""
+    fields = {"Host": "localhost", **(AUTH if auth else {}), **(headers or {})}
+    if body or length is not None:
+        fields.setdefault("Content-Length", str(len(body) if length is None else length))
+    head = f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
+    return head.encode() + body
+
+
+class Wire:
+    """A client socket that reads whole HTTP/1.1 answers (by Content-Length; 1xx answers as they come)."""
+
+    def __init__(self, port: int, timeout: float = 10):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buffer += data
+        return bool(data)
+
+    def answer(self) -> tuple[int, dict, bytes]:
+        """The next answer: (status, headers with lower-case names, body)."""
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._fill():
+                raise ConnectionError(f"closed before an answer; got {self.buffer[:200]!r}")
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        size = int(headers.get("content-length", 0))
+        while len(self.buffer) < size:
+            if not self._fill():
+                raise ConnectionError("closed mid-body")
+        body, self.buffer = self.buffer[:size], self.buffer[size:]
+        return status, headers, body
+
+    def closed(self, wait: float = 5) -> bool:
+        """Whether the server closes the connection within ``wait`` seconds (sending nothing more)."""
+        self.sock.settimeout(wait)
+        try:
+            return not self._fill()
+        except socket.timeout:
+            return False
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _error(status: int, body: bytes, expected: int) -> dict:
+    """The OpenAI error object of an answer of status ``expected``, one line."""
+    assert status == expected, (status, body[:300])
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and "\n" not in error["message"]
+    return error
+
+
+def _still_serving(server, answer: str) -> None:
+    response = server["client"].post("/v1/completions", content=BODY)
+    assert response.status_code == 200 and response.json()["choices"][0]["text"] == answer, response.text
+
+
+# -- Expect: 100-continue -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target, headers, length, auth, status", [
+    ("/v1/completions", {}, len(BODY), False, 401),  # the API key's refusal, before the body
+    ("/v1/completions", {}, 5 << 20, True, 413),  # over the body limit by its Content-Length
+    ("/v1/nothing", {}, len(BODY), True, 404),
+    ("/health", {}, len(BODY), True, 405),  # a POST to a GET route
+    ("/v1/completions", {"Transfer-Encoding": "chunked"}, None, False, 401),  # a chunked body announced
+])
+def test_a_final_answer_to_expect_100_continue_closes_the_connection(server, answer, target, headers, length,
+                                                                     auth, status):
+    wire = Wire(server["port"])
+    try:
+        wire.send(_request("POST", target, headers={"Expect": "100-continue", **headers}, length=length, auth=auth))
+        code, fields, body = wire.answer()  # no 100 Continue: the body is not wanted
+        _error(code, body, status)
+        assert fields.get("connection") == "close", fields
+        # the client, told no, sends its next request instead of the body: before the fix the server read it as
+        # the body (and waited for the rest of the promised bytes, or parsed the rest as a malformed request)
+        wire.send(_request("GET", "/health"))
+        assert wire.closed(), wire.buffer[:300]
+    finally:
+        wire.close()
+    _still_serving(server, answer)
+
+
+def test_expect_100_continue_read_by_the_app_keeps_the_connection(server, answer):
+    wire = Wire(server["port"])
+    try:
+        wire.send(_request("POST", "/v1/completions", headers={"Expect": "100-continue"}, length=len(BODY)))
+        assert wire.answer()[0] == 100  # the app reads the body: uvicorn asks for it
+        wire.send(BODY)
+        code, fields, body = wire.answer()
+        assert code == 200 and json.loads(body)["choices"][0]["text"] == answer
+        assert fields.get("connection") != "close"
+        # a GET with the expectation but no body, and a refusal of a body that was sent: kept alive as before
+        wire.send(_request("GET", "/health", headers={"Expect": "100-continue"}))
+        assert wire.answer()[0] == 200
+        wire.send(_request("POST", "/v1/nothing", BODY))
+        _error(*wire.answer()[::2], 404)
+        wire.send(_request("POST", "/v1/completions", BODY))
+        code, fields, body = wire.answer()
+        assert code == 200 and json.loads(body)["choices"][0]["text"] == answer
+    finally:
+        wire.close()
