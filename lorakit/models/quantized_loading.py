@@ -173,13 +173,13 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
                 raise
             attn_implementation = "eager"
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **{**kwargs, "attn_implementation": "eager"})
-        except KeyError as error:  # a rotary type transformers lacks ("su"): a bare KeyError traceback before
-            from lorakit.models.rope_types import unknown_rope_type
+        except KeyError as error:  # a rotary type transformers lacks ("su"), an unknown activation: a bare KeyError
+            from lorakit.models.rope_types import unknown_config_value, unknown_rope_type
 
-            rope = unknown_rope_type(folder, error)
-            if rope is None:
+            named = unknown_rope_type(folder, error) or unknown_config_value(folder, error)
+            if named is None:
                 raise
-            raise rope from None
+            raise named from None
     reader = _TensorReader(folder)
     checkpoint_keys = reader.keys()
     model_keys = set(model.state_dict().keys())

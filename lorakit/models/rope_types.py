@@ -2,7 +2,9 @@
 
 The rotary layer looks its type up in ``ROPE_INIT_FUNCTIONS`` when the model is built, so an unknown type (Phi-3's
 2024 "su", renamed "longrope") failed as a bare ``KeyError: 'su'``: refused here in one line instead, before the
-build (:func:`check_rope_types`) or from the build's error (:func:`unknown_rope_type`).
+build (:func:`check_rope_types`) or from the build's error (:func:`unknown_rope_type`). Any other string value the
+build looks up and does not find (an activation, ``"hidden_act": "relu2"`` on a transformers before it) is named
+with its field from that error too (:func:`unknown_config_value`).
 """
 
 from __future__ import annotations
@@ -79,4 +81,30 @@ def unknown_rope_type(folder: Path, error: BaseException) -> LorakitError | None
             entries = [value] + (list(value.values()) if isinstance(value, dict) else [])  # per layer type (Gemma 3)
             if any(isinstance(e, dict) and name in (e.get("rope_type"), e.get("type")) for e in entries):
                 return rope_type_error(folder, name)
+    return None
+
+
+def unknown_config_value(folder: Path, error: BaseException) -> LorakitError | None:
+    """The line for a model build that failed on a string config.json holds and this transformers has no entry for
+    (``"hidden_act": "swishy"``, or an activation a newer transformers added: its table raised a bare ``KeyError:
+    'swishy'``, which said "cannot load the model in DIR: 'swishy'" and named no field); None for any other error.
+    Rotary types are :func:`unknown_rope_type`'s, asked first."""
+    if not isinstance(error, KeyError) or len(error.args) != 1 or not isinstance(error.args[0], str):
+        return None
+    value = error.args[0]
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    sections = [("", config)] + [(f"{k}.", v) for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
+    for where, section in sections:
+        key = next((k for k, held in section.items() if held == value), None)
+        if key is not None:
+            import transformers
+
+            return LorakitError(f'{folder / "config.json"}: "{where}{key}": "{value}" is not a value transformers '
+                                f"{transformers.__version__} knows (a typo, or one a newer transformers added?); use "
+                                "the config.json saved with the weights, or upgrade transformers")
     return None
