@@ -6,6 +6,8 @@ correctly on the same or a new connection afterwards:
 - ``Expect: 100-continue`` answered with a final status before the body was read (the API key's 401, a 413 by
   Content-Length, an unknown route's 404): the connection stayed open waiting for a body the client, told no,
   never sends, so the client's next request on it was read as that body (it hung, or was cut into a 400);
+- a request target in absolute form (``POST http://host/v1/completions``, which RFC 9112 says a server MUST accept)
+  was a 404 "no route '/http://host/...'": uvicorn's h11 parser hands the whole URL on as the path;
 """
 
 from __future__ import annotations
@@ -163,5 +165,26 @@ def test_expect_100_continue_read_by_the_app_keeps_the_connection(server, answer
         wire.send(_request("POST", "/v1/completions", BODY))
         code, fields, body = wire.answer()
         assert code == 200 and json.loads(body)["choices"][0]["text"] == answer
+    finally:
+        wire.close()
+
+
+# -- absolute-form request targets ----------------------------------------------------------------------------------
+def test_an_absolute_form_target_is_routed_by_its_path(server, answer):
+    wire = Wire(server["port"])
+    try:
+        wire.send(_request("POST", f"{server['url']}/v1/completions", BODY))
+        code, _, body = wire.answer()
+        assert code == 200 and json.loads(body)["choices"][0]["text"] == answer, body[:300]
+        wire.send(_request("GET", "HTTP://another.example:8080/health?x=1", auth=False))  # open route, any host
+        code, _, body = wire.answer()
+        assert code == 200 and json.loads(body)["status"] == "ok"
+        wire.send(_request("POST", "http://localhost/v1/completions", BODY, auth=False))  # the key is still asked
+        assert _error(*wire.answer()[::2], 401)["code"] == "invalid_api_key"
+        wire.send(_request("GET", "http://localhost/v1/models/a1"))
+        code, _, body = wire.answer()
+        assert code == 200 and json.loads(body)["id"] == "a1"
+        wire.send(_request("GET", "http://localhost"))  # no path: "/", which no route serves
+        assert "no route GET '/'" in _error(*wire.answer()[::2], 404)["message"]
     finally:
         wire.close()

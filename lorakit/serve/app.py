@@ -57,7 +57,8 @@ from lorakit.serve.steering import combined
 from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_format, forced_calls, forced_prefix,
                                       kept_tokens, parse_calls, render_variant, template_messages, template_text)
 from lorakit.serve.template_guard import TemplateTooSlow
-from lorakit.serve.transport import CORS, CloseUnreadExpect, internal_error, not_found, parse, read_json
+from lorakit.serve.transport import (CORS, AbsoluteTarget, CloseUnreadExpect, internal_error, not_found, parse,
+                                     read_json)
 from lorakit.serve.vllm_routes import OPEN_ROUTES, add_vllm_routes
 
 # seconds a client told "every loaded adapter is in use" (503) should wait before it retries: requests finish and
@@ -387,8 +388,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     add_vllm_routes(app, state)
     app.add_middleware(CloseUnreadExpect)  # around CORS and the checks above, which answer without reading bodies
-    # added last, so outermost: every answer is counted, the API key's 401s and the CORS refusals too
+    # outside the checks: every answer is counted, the API key's 401s and the CORS refusals too
     app.add_middleware(CountRequests, counts=state.http_counts, routes=app.router.routes)
+    app.add_middleware(AbsoluteTarget)  # outside even that: a URL as the target is counted by its route
     return app
 
 

@@ -1,5 +1,6 @@
 """HTTP plumbing of the server: request bodies (size, time, encoding, JSON), the OpenAI error body for every
-refusal (validation errors, unknown routes and methods), and CORS for browser clients.
+refusal (validation errors, unknown routes and methods), CORS for browser clients, and HTTP/1.1 rules uvicorn
+leaves out (a refused ``Expect: 100-continue`` closes; absolute-form request targets are routed).
 
 Nothing here knows about models or adapters; ``state`` is the server's ``ServerState`` (its limits).
 """
@@ -160,6 +161,32 @@ def _expects_a_body(headers) -> bool:
         fields.setdefault(name.lower(), value.strip().lower())
     return fields.get(b"expect") == b"100-continue" and (
         b"transfer-encoding" in fields or fields.get(b"content-length", b"0").lstrip(b"0") != b"")
+
+
+_ABSOLUTE_FORM = re.compile(rb"https?://([^/?#]*)", re.IGNORECASE)
+
+
+class AbsoluteTarget:
+    """ASGI middleware: a request whose target is a whole URL (``POST http://host:8000/v1/completions``, RFC 9112
+    3.2.2's absolute form, which a server MUST accept: a client that takes the server for its HTTP proxy sends it)
+    is routed by that URL's path, with its host as the Host header. uvicorn's h11 parser hands the whole URL on as
+    the path, so each such request was a 404 "no route '/http://...'". Added outermost: the routes, the checks and
+    the request counts all see the path."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            match = _ABSOLUTE_FORM.match(scope.get("raw_path") or b"")
+            if match is not None:
+                from urllib.parse import unquote
+
+                path = scope["raw_path"][match.end():] or b"/"
+                headers = [(name, value) for name, value in scope["headers"] if name.lower() != b"host"]
+                scope = {**scope, "raw_path": path, "path": unquote(path.decode("ascii")),
+                         "headers": [*headers, (b"host", match.group(1))]}
+        await self.app(scope, receive, send)
 
 
 def http_protocol(header_timeout: float | None = None):
