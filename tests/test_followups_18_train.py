@@ -59,3 +59,48 @@ def test_a_new_run_into_an_earlier_runs_folder_is_refused(tok, tmp_path):
     (tmp_path / "fresh" / "train.jsonl").write_text("{}\n")
     assert train(tiny_train_model(), tok, task_records(16), config, out=tmp_path / "fresh",
                  log=lambda line: None).steps == 3
+
+
+def _weather_and_search_chats() -> list[dict]:
+    """Two tool-calling chats whose calls and schemas have different parameters: a table of both (Parquet, a
+    datasets.Dataset) has one struct type per column, the union, so each row reads back with the other's as null."""
+    def chat(name: str, arguments: dict) -> dict:
+        schema = {"type": "object", "properties": {key: {"type": "string"} for key in arguments}}
+        return {"messages": [
+            {"role": "user", "content": "What now?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call12345", "type": "function", "function": {"name": name, "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "call12345", "content": "21 degrees"},
+            {"role": "assistant", "content": "It is 21 degrees."}],
+            "tools": [{"type": "function", "function": {"name": name, "parameters": schema}}]}
+
+    return [chat("get_weather", {"city": "Paris"}), chat("search", {"query": "fox"})]
+
+
+def test_a_datasets_dataset_or_a_parquet_dataframe_trains_as_its_parquet_file(tmp_path):
+    """3. train(model, tok, datasets.Dataset) rendered the union's nulls: the model learnt get_weather's call as
+    {"city": "Paris", "query": null} and its schema with a "query": null property (the file readers drop them).
+    4. train(model, tok, pd.read_parquet(...)) refused every chat with tool calls: pandas gives list cells as numpy
+    arrays, at every depth, and "tool_calls must be a non-empty list" was said of a non-empty array.
+    Both now train exactly the rows the Parquet file itself gives."""
+    import datasets
+    import pandas as pd
+
+    from lorakit.train.data import build_dataset
+    from lorakit.train.loop import as_dataset
+    from lorakit.train.sources import read_many
+    from test_train_tool_calls import family
+
+    tok = family("qwen2.5")
+    table = datasets.Dataset.from_list(_weather_and_search_chats())
+    assert table[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "query": None}
+    table.to_parquet(tmp_path / "chats.parquet")
+    expected = build_dataset(read_many(tmp_path / "chats.parquet"), tok, 1024).rows
+    assert "null" not in tok.decode(expected[0]["input_ids"])
+    config = TrainConfig(max_length=1024)
+    for data in (table, pd.read_parquet(tmp_path / "chats.parquet")):
+        assert as_dataset(data, tok, config, "training data", False).rows == expected, type(data).__name__
+    with pytest.raises(LorakitError, match=r"^training data row 1: the column 'completion' holds numbers \(5\), not "
+                                           r"text; convert it"):
+        as_dataset(pd.DataFrame([{"prompt": "a ", "completion": "b"}, {"prompt": "c ", "completion": 5}]), tok, config,
+                   "training data", False)

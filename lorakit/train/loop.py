@@ -130,15 +130,19 @@ def _grad_norm_and_clip(params: list[nn.Parameter], max_norm: float | None) -> f
 
 # -- setup helpers --------------------------------------------------------------------------------------------------
 def as_dataset(data: Any, tokenizer: Any, config: TrainConfig, name: str, pack: bool) -> SupervisedDataset:
-    """A :class:`SupervisedDataset` as is, or records / dicts tokenized with the config's length rules."""
+    """A :class:`SupervisedDataset` as is, or records / dicts (a pandas DataFrame, a ``datasets.Dataset``) tokenized
+    with the config's length rules."""
+    from lorakit.train.sources import table_records
+
     if isinstance(data, SupervisedDataset):
         return data
     if isinstance(data, (str, Path)):
         raise LorakitError(f"{name}: pass records or a dataset to train(); to read files use "
                            "lorakit.train.data.build_datasets(paths, tokenizer)")
     if type(data).__name__ == "DataFrame" and hasattr(data, "to_dict"):  # pandas: iterating gives the column names
-        data = [{key: value.tolist() if hasattr(value, "tolist") else value for key, value in row.items()}
-                for row in data.to_dict("records")]  # .tolist(): numpy arrays / scalars of a Parquet column
+        data = table_records(data.to_dict("records"), name)  # read as a Parquet file's rows (nulls, numpy arrays)
+    elif hasattr(data, "features") and hasattr(data, "column_names"):  # a datasets.Dataset: a table too
+        data = table_records(data, name)
     elif isinstance(data, Mapping):  # iterating gives its keys, which were then refused as records of type string
         splits = [key for key in data if str(key).lower() in ("train", "validation", "valid", "val", "test", "dev")]
         if splits and len(splits) == len(data):

@@ -850,6 +850,26 @@ def _read_datasets_folder(path: Path, split: str | None) -> list[Record]:
     return [_table_record(row, f"{label} row {i}") for i, row in enumerate(rows)]
 
 
+def table_records(rows: Iterable[Mapping[str, Any]], name: str) -> list[Record]:
+    """The rows of a table held in Python (a pandas ``DataFrame``'s ``to_dict("records")``, a ``datasets.Dataset``)
+    as records, read as a Parquet file's rows are: their nulls absent at every depth (a table's struct columns are
+    the union of every row's, so one chat's tool call gains another's parameters as null), and the numpy arrays
+    pandas gives for list columns (``pd.read_parquet``: a chat's turns, its tool calls) as lists. ``name``: what
+    the errors call the table ("training data" -> "training data row 3")."""
+    return [_table_record(_plain(row), f"{name} row {i}") for i, row in enumerate(rows)]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy arrays and scalars (pandas' cells) turned into Python lists and numbers, at any depth."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # ndarray, np.str_, np.int64, ...
+        return _plain(value.tolist())
+    return value
+
+
 def _table_record(row: Mapping[str, Any], where: str) -> Record:
     """A table row (Parquet, datasets) as a record. Its null cells count as absent (a column another record's shape
     fills), but a row whose record fields are all null is said to be so: it read as 'no known field in []'."""
