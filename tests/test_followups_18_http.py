@@ -8,6 +8,9 @@ correctly on the same or a new connection afterwards:
   never sends, so the client's next request on it was read as that body (it hung, or was cut into a 400);
 - a request target in absolute form (``POST http://host/v1/completions``, which RFC 9112 says a server MUST accept)
   was a 404 "no route '/http://host/...'": uvicorn's h11 parser hands the whole URL on as the path;
+- a request line or header over h11's 16 KiB limit, arriving in more than one packet (as any head that long does
+  over a real network), was a 400 "malformed HTTP request ... needs a Host header, Content-Length ...": now a 431
+  that says the head is too long;
 """
 
 from __future__ import annotations
@@ -188,3 +191,31 @@ def test_an_absolute_form_target_is_routed_by_its_path(server, answer):
         assert "no route GET '/'" in _error(*wire.answer()[::2], 404)["message"]
     finally:
         wire.close()
+
+
+# -- a request head over the parser's limit -------------------------------------------------------------------------
+@pytest.mark.parametrize("first, rest", [
+    (b"GET /v1/models/" + b"m" * 20_000, b" HTTP/1.1\r\nHost: localhost\r\n\r\n"),  # a long URL
+    (b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Trace: " + b"t" * 20_000, b"\r\n\r\n"),  # a long header
+])
+def test_a_request_head_over_the_limit_is_431_not_malformed(server, answer, first, rest):
+    wire = Wire(server["port"])
+    try:
+        wire.send(first)  # the head comes in two packets: h11 refuses it once the first is over its limit
+        time.sleep(0.3)
+        try:
+            wire.send(rest)
+        except OSError:  # the server may have answered and closed already
+            pass
+        error = _error(*wire.answer()[::2], 431)
+        assert "over the limit of 16 KiB" in error["message"] and error["code"] == "request_too_large"
+        assert wire.closed()
+    finally:
+        wire.close()
+    wire = Wire(server["port"])  # a malformed head is still named so
+    try:
+        wire.send(b"GET /health HTTP/1.1\r\nNo Colon Here\r\n\r\n")
+        assert _error(*wire.answer()[::2], 400)["code"] == "invalid_http"
+    finally:
+        wire.close()
+    _still_serving(server, answer)

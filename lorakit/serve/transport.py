@@ -193,7 +193,8 @@ def http_protocol(header_timeout: float | None = None):
     """uvicorn's HTTP protocol (httptools where installed, else h11, as its "auto" picks), with
 
     - a request whose parser refuses it (a bad request line or header, a negative Content-Length, HTTP/1.1
-      without Host) answered with the OpenAI error body instead of plain text "Invalid HTTP request received.";
+      without Host) answered with the OpenAI error body instead of plain text "Invalid HTTP request received."
+      (a 431 where h11 refused a request line and headers over its size limit, not a malformed one);
     - a deadline of ``header_timeout`` seconds (None: none) for a request's line and headers, counted from the
       connection's start, or on a kept-alive connection from the first byte of the next request (an idle one is
       closed by uvicorn's keep-alive timeout). A connection past it is closed, with a 408 error body where it
@@ -213,9 +214,26 @@ def http_protocol(header_timeout: float | None = None):
 
         def send_400_response(self, msg: str) -> None:
             self._cancel_head_timer()
+            limit = self._head_limit()
+            if limit is not None:  # h11 gave up on a head over its buffer, not a malformed one
+                self._write_error(431, "Request Header Fields Too Large", f"the request line and headers are over "
+                                  f"the limit of {limit // 1024} KiB; send long values (prompts, names) in the JSON "
+                                  "body", "request_too_large")
+                return
             self._write_error(400, "Bad Request", "malformed HTTP request: its request line or headers could not be "
                               "parsed (HTTP/1.1 needs a Host header, Content-Length a non-negative integer)",
                               "invalid_http")  # (uvicorn's msg: always this case)
+
+        def _head_limit(self) -> int | None:
+            """h11's limit on an incomplete request head where the bytes it holds are over it (the refusal
+            h11 hints as 431: a long URL or header that came in several packets), else None."""
+            conn = getattr(self, "conn", None)  # h11's Connection (httptools' parser has none of these)
+            limit = getattr(conn, "_max_incomplete_event_size", None)
+            held = getattr(conn, "_receive_buffer", None)
+            if not isinstance(limit, int) or held is None or len(held) <= limit:
+                return None
+            held = bytes(held)  # a head still incomplete (a malformed one leaves only the bytes after it)
+            return limit if b"\r\n\r\n" not in held and b"\n\n" not in held else None
 
         def _write_error(self, status: int, reason: str, message: str, code: str) -> None:
             body = json.dumps(error_body(message, code=code)).encode()
