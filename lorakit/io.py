@@ -34,6 +34,7 @@ from lorakit.inject import (_base_modules, _weight_read_raw, adapter_hosts, adap
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 from lorakit.mha_lora import FILE_INFIXES, MhaLora
 from lorakit.param_lora import ParamLora, file_key_prefixes, parameter_layout
+from lorakit.resized_vocab import base_copy_path
 from lorakit.token_rows import TokenRows
 
 CONFIG_NAME = "adapter_config.json"
@@ -802,6 +803,8 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
                 continue  # peft's copy of a base it rewrote (pissa on lm_head): the plain form needs the original
             if _is_unchanged_base_copy(_strip(key), tensor, base_modules, adapter_file.folder):
                 continue  # PEFT saves full embedding copies next to embedding adapters; equal to ours: harmless
+            if _is_second_trained_copy(_strip(key), tensor, adapter_file.tensors):
+                continue  # the modules_to_save copy that <path>.weight holds, saved again by save_embedding_layers
             if adapter_file.bias_mode != "none" and _is_unchanged_bias(_strip(key), tensor, base_modules, adapter_file):
                 continue  # bias="all"/"lora_only" saves the biases; untrained ones (or none at all) change nothing
             unexpected.append(key)
@@ -1205,6 +1208,15 @@ def _same_values(ours: torch.Tensor, saved: torch.Tensor) -> bool:
     return False
 
 
+def _is_second_trained_copy(key: str, tensor: torch.Tensor, tensors: dict[str, torch.Tensor]) -> bool:
+    """peft's save_embedding_layers beside a modules_to_save copy of that embedding / head also writes the wrapper's
+    own state: ``<path>.modules_to_save.<name>``, the trained copy the file holds as ``<path>.<name>`` already. True
+    when it is that tensor again (another one is left to refuse as unexpected)."""
+    path, found, name = key.partition(".modules_to_save.")
+    other = tensors.get(f"{PREFIX}{path}.{name}") if found else None
+    return other is not None and torch.equal(other, tensor)
+
+
 def _is_unchanged_bias(key: str, tensor: torch.Tensor, base_modules: dict[str, nn.Module], adapter_file: AdapterFile) -> bool:
     """A bias peft saved (``<path>.bias``, ``<path>.base_layer.bias`` on a target): True when it equals this model's;
     a trained one is refused by name (lorakit keeps base biases frozen)."""
@@ -1350,14 +1362,15 @@ def _match_key(key: str, targets: dict[str, nn.Module], saved: dict[str, nn.Modu
 
 def _is_unchanged_base_copy(key: str, tensor: torch.Tensor, base_modules: dict[str, nn.Module], folder: Path) -> bool:
     """A full copy of a base embedding / output head that PEFT saved (``save_embedding_layers``; as
-    ``<path>.base_layer.weight`` when the module holds an adapter, ``<path>.weight`` otherwise): True when it equals
-    this model's weight. A copy that differs (a resized or retrained vocabulary) is refused by name."""
-    suffix = ".base_layer.weight" if key.endswith(".base_layer.weight") else ".weight"
-    module = base_modules.get(key[: -len(suffix)])
+    ``<path>.base_layer.weight`` when the module holds an adapter, ``.token_adapter.base_layer.weight`` beside trained
+    token rows, ``.original_module.weight`` beside a modules_to_save copy, ``<path>.weight`` otherwise): True when it
+    equals this model's weight. A copy that differs (a resized or retrained vocabulary) is refused by name."""
+    path, _ = base_copy_path(key) or ("", "")
+    module = base_modules.get(path)
     weight = getattr(module, "weight", None)
-    if not key.endswith(suffix) or not isinstance(module, (nn.Embedding, nn.Linear)) or not isinstance(weight, torch.Tensor):
+    if not isinstance(module, (nn.Embedding, nn.Linear)) or not isinstance(weight, torch.Tensor):
         return False
-    path = f"{key[: -len(suffix)]}.weight"
+    path = f"{path}.weight"
     if weight.shape != tensor.shape:
         raise LorakitError(f"{folder}: {PREFIX}{key} is a full copy of {path} with shape {shown(tuple(tensor.shape))}, "
                            f"but this model's is {tuple(weight.shape)}; the adapter was trained on a vocabulary resized to "

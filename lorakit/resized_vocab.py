@@ -49,19 +49,35 @@ class Resized:
             model.vocab_size = value
 
 
+# peft's whole copies of a base embedding / head (save_embedding_layers), named by the wrapper the module was in: a
+# LoRA target (base_layer), trainable_token_indices (token_adapter.base_layer), modules_to_save (original_module, while
+# <path>.weight is then the trained copy), or none (<path>.weight)
+_BASE_COPY_SUFFIXES = (".token_adapter.base_layer.weight", ".original_module.weight", ".base_layer.weight", ".weight")
+
+
+def base_copy_path(name: str) -> tuple[str, str] | None:
+    """(module path, suffix) of a file key (without peft's prefix) that may be a whole copy of a base module's weight,
+    else None."""
+    for suffix in _BASE_COPY_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return None
+
+
 def _saved_copies(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The file's whole copies of an embedding / linear module with more rows than the model's: {path: (rows, dim)}."""
+    """The file's whole copies of an embedding / linear module with more rows than the model's: {path: (rows, dim)}.
+    A wrapper's copy of the base (original_module, ...) wins over ``<path>.weight``, a modules_to_save trained copy."""
     modules = dict(model.named_modules())
-    copies = {}
+    copies, wrapped = {}, set()
     for key, tensor in tensors.items():
-        name = key.removeprefix(prefix)
-        suffix = ".base_layer.weight" if name.endswith(".base_layer.weight") else ".weight"
-        path = name[: -len(suffix)] if name.endswith(suffix) else None
+        path, suffix = base_copy_path(key.removeprefix(prefix)) or (None, "")
         module = modules.get(path)
         weight = getattr(module, "weight", None)
-        if (isinstance(module, (nn.Embedding, nn.Linear)) and isinstance(weight, torch.Tensor)
+        if (isinstance(module, (nn.Embedding, nn.Linear)) and isinstance(weight, torch.Tensor) and path not in wrapped
                 and tensor.dim() == 2 and tensor.shape[1] == weight.shape[1] and tensor.shape[0] > weight.shape[0]):
             copies[path] = tensor
+            if suffix != ".weight":
+                wrapped.add(path)
     return copies
 
 

