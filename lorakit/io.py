@@ -34,7 +34,7 @@ from lorakit.inject import (_base_modules, _weight_read_raw, adapter_hosts, adap
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 from lorakit.mha_lora import FILE_INFIXES, MhaLora
 from lorakit.param_lora import ParamLora, file_key_prefixes, parameter_layout
-from lorakit.resized_vocab import base_copy_path
+from lorakit.resized_vocab import base_copy_path, resized_copies
 from lorakit.token_rows import TokenRows
 
 CONFIG_NAME = "adapter_config.json"
@@ -157,6 +157,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
     from lorakit import __version__
 
     tensors, config = adapter_state_dict(model, adapter)
+    tensors.update(resized_copies(model, PREFIX))  # a vocabulary load_adapter resized: its rows go with the adapter
     if peft_resolves_differently(model, config.target_modules):
         # peft 0.21 re-reads a string target ("all-linear", a regex) on transformers-5 MoE models (Mixtral, Qwen3-MoE)
         # as also covering the fused experts and the router, and "all-linear" on Mamba as covering the layers lorakit

@@ -15,6 +15,9 @@ import torch
 from torch import nn
 
 
+RESIZED_FROM = "lorakit_resized_vocabulary"  # set on a model take_resized_vocabulary resized: its vocabulary before
+
+
 @dataclass
 class Resized:
     """What ``take_resized_vocabulary`` changed, enough to say it (``lines``) and to undo it (``undo``)."""
@@ -47,6 +50,8 @@ class Resized:
             config.vocab_size = value
         if hasattr(model, "vocab_size"):
             model.vocab_size = value
+        if getattr(model, RESIZED_FROM, None) == self.before:
+            delattr(model, RESIZED_FROM)
 
 
 # peft's whole copies of a base embedding / head (save_embedding_layers), named by the wrapper the module was in: a
@@ -107,7 +112,37 @@ def take_resized_vocabulary(model: nn.Module, adapter_file) -> Resized | None:
     with torch.no_grad():
         for path, tensor in copies.items():
             modules[path].weight.copy_(tensor.to(modules[path].weight.dtype))
+    setattr(model, RESIZED_FROM, resized.before)  # save_adapter writes the resized embedding and head (resized_copies)
     head = model.get_output_embeddings()
     resized.no_head = (head is not None and head.weight is not model.get_input_embeddings().weight
                        and not any(modules[path] is head for path in copies))  # peft saved only the embedding
     return resized
+
+
+def resized_copies(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """For a base ``take_resized_vocabulary`` resized: its embedding and output head whole, as peft's
+    save_embedding_layers writes them (``<path>.base_layer.weight`` on a LoRA target, ``<path>.original_module.weight``
+    beside a whole trained copy, else ``<path>.weight``). ``save_adapter`` adds them, so the adapter it writes brings
+    the new tokens' rows the loaded file brought (without them its new rows were lost: peft's load, and lorakit's on
+    a plain base, gave other logits or was refused). {} for any other model."""
+    if getattr(model, RESIZED_FROM, None) is None or not hasattr(model, "get_input_embeddings"):
+        return {}
+    from lorakit.inject import adapter_hosts
+    from lorakit.layers import LoraLayer, ModulesToSave
+
+    hosts = adapter_hosts(model)
+    paths = {id(module): path for path, module in model.named_modules(remove_duplicate=False)}
+    copies = {}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        path = paths.get(id(module)) if module is not None else None
+        if path is None:
+            continue
+        host = hosts.get(path)
+        if isinstance(host, (ModulesToSave, LoraLayer)):
+            suffix, weight = (".original_module.weight" if isinstance(host, ModulesToSave) else ".base_layer.weight",
+                              host.base_layer.weight)
+        else:
+            suffix, weight = ".weight", getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            copies[f"{prefix}{path}{suffix}"] = weight.detach().cpu().clone()  # a tied head's own tensor: safetensors
+    return copies
