@@ -104,3 +104,17 @@ def test_a_datasets_dataset_or_a_parquet_dataframe_trains_as_its_parquet_file(tm
                                            r"text; convert it"):
         as_dataset(pd.DataFrame([{"prompt": "a ", "completion": "b"}, {"prompt": "c ", "completion": 5}]), tok, config,
                    "training data", False)
+
+
+def test_build_datasets_takes_what_train_takes():
+    """5. build_datasets(records) with a list of dicts (what train() takes, and its docstring's "lists of records")
+    raised TypeError: expected str, bytes or os.PathLike object, not dict."""
+    import pandas as pd
+
+    from lorakit.train.data import build_datasets
+
+    tok, records = tiny_tokenizer(), task_records(6)
+    bundle = build_datasets(records, tok, validation=pd.DataFrame(task_records(2, seed=1)), max_length=32)
+    assert (len(bundle.train), len(bundle.val)) == (6, 2)
+    with pytest.raises(LorakitError, match=r"^training data\[6\]: field 'completion' must be a string, got int 3"):
+        build_datasets([*records, {"prompt": "a ", "completion": 3}], tok)

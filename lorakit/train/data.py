@@ -793,11 +793,32 @@ class DataBundle:
     val: SupervisedDataset | None
 
 
-def _records(source: Any) -> list[Record]:
-    """Records already read pass through; paths are read."""
-    if isinstance(source, (list, tuple)) and source and all(isinstance(r, Record) for r in source):
-        return list(source)
-    return read_many(source)
+def python_records(data: Any, name: str) -> list[Record | Mapping]:
+    """The examples given in Python: a pandas DataFrame or a ``datasets.Dataset`` read as a Parquet file's rows
+    (:func:`lorakit.train.sources.table_records`), any other iterable as its items (validated when tokenized, named
+    ``name[i]``); one dict (of columns, or of splits) is refused, since iterating it gives its keys."""
+    from lorakit.train.sources import table_records
+
+    if type(data).__name__ == "DataFrame" and hasattr(data, "to_dict"):  # pandas: iterating gives the column names
+        return table_records(data.to_dict("records"), name)  # read as a Parquet file's rows (nulls, numpy arrays)
+    if hasattr(data, "features") and hasattr(data, "column_names"):  # a datasets.Dataset: a table too
+        return table_records(data, name)
+    if isinstance(data, Mapping):  # iterating gives its keys, which were then refused as records of type string
+        splits = [key for key in data if str(key).lower() in ("train", "validation", "valid", "val", "test", "dev")]
+        if splits and len(splits) == len(data):
+            raise LorakitError(f"{name}: a dict of splits ({', '.join(map(str, data))}); pass one split, e.g. "
+                               f"data[{str(splits[0])!r}]")
+        raise LorakitError(f"{name}: one dict ({', '.join(map(str, list(data)[:4]))}); pass a list of records, one dict "
+                           "per example (a dict of columns: datasets.Dataset.from_dict(columns))")
+    return list(data)
+
+
+def _records(source: Any, name: str) -> list[Record]:
+    """Paths are read; records, dicts, a DataFrame or a ``datasets.Dataset`` given in Python are validated."""
+    if isinstance(source, (str, Path)) or (isinstance(source, (list, tuple)) and all(
+            isinstance(item, (str, Path)) for item in source)):
+        return read_many(source)
+    return [validate_record(record, f"{name}[{i}]") for i, record in enumerate(python_records(source, name))]
 
 
 def validation_in_training(train: SupervisedDataset, validation: SupervisedDataset) -> str | None:
@@ -862,10 +883,10 @@ def build_datasets(
     """
     if validation is not None and val_fraction is not None:
         raise LorakitError("give a validation file or a validation fraction, not both")
-    records = _records(train)
+    records = _records(train, "training data")
     val_records = None
     if validation is not None:
-        val_records = _records(validation)
+        val_records = _records(validation, "validation data")
     elif val_fraction is not None:
         records, val_records = split_records(records, val_fraction, seed)
     train_ds = build_dataset(records, tokenizer, max_length, overflow, pack=pack, eot_token=eot_token, name="training data",

@@ -49,8 +49,8 @@ from lorakit.train.distributed import (  # world is re-exported: the runner impo
     is_sharded, peer_gone, resume_command, sharded_grad_norm_and_clip, with_gradient_anywhere, world)
 from lorakit.train.stopping import AgreedStop as _AgreedStop, StopRequest, TrainingInterrupted
 from lorakit.train.batches import BatchIterator, Collator
-from lorakit.train.data import (SupervisedDataset, build_dataset, pad_id_for, validation_in_another_format,
-                                validation_in_training)
+from lorakit.train.data import (SupervisedDataset, build_dataset, pad_id_for, python_records,
+                                validation_in_another_format, validation_in_training)
 from lorakit.train.evaluate import autocast_context, dataset_loss, loss_sum, supervised_tokens, to_device
 from lorakit.train.packing import check_packed_rows, sliding_window_layout, window_packed_masks
 from lorakit.train.report import CURVE_NAME, METRICS_NAME, MetricsLog, plot_loss_curve
@@ -132,26 +132,13 @@ def _grad_norm_and_clip(params: list[nn.Parameter], max_norm: float | None) -> f
 def as_dataset(data: Any, tokenizer: Any, config: TrainConfig, name: str, pack: bool) -> SupervisedDataset:
     """A :class:`SupervisedDataset` as is, or records / dicts (a pandas DataFrame, a ``datasets.Dataset``) tokenized
     with the config's length rules."""
-    from lorakit.train.sources import table_records
-
     if isinstance(data, SupervisedDataset):
         return data
     if isinstance(data, (str, Path)):
         raise LorakitError(f"{name}: pass records or a dataset to train(); to read files use "
                            "lorakit.train.data.build_datasets(paths, tokenizer)")
-    if type(data).__name__ == "DataFrame" and hasattr(data, "to_dict"):  # pandas: iterating gives the column names
-        data = table_records(data.to_dict("records"), name)  # read as a Parquet file's rows (nulls, numpy arrays)
-    elif hasattr(data, "features") and hasattr(data, "column_names"):  # a datasets.Dataset: a table too
-        data = table_records(data, name)
-    elif isinstance(data, Mapping):  # iterating gives its keys, which were then refused as records of type string
-        splits = [key for key in data if str(key).lower() in ("train", "validation", "valid", "val", "test", "dev")]
-        if splits and len(splits) == len(data):
-            raise LorakitError(f"{name}: a dict of splits ({', '.join(map(str, data))}); pass one split, e.g. "
-                               f"data[{str(splits[0])!r}]")
-        raise LorakitError(f"{name}: one dict ({', '.join(map(str, list(data)[:4]))}); pass a list of records, one dict "
-                           "per example (a dict of columns: datasets.Dataset.from_dict(columns))")
-    return build_dataset(list(data), tokenizer, config.max_length, config.overflow, pack=pack, name=name,
-                         chat_template_kwargs=config.chat_template_kwargs)
+    return build_dataset(python_records(data, name), tokenizer, config.max_length, config.overflow, pack=pack,
+                         name=name, chat_template_kwargs=config.chat_template_kwargs)
 
 
 def dataset_fingerprint(dataset: SupervisedDataset) -> str:
