@@ -269,6 +269,11 @@ class LoraConfig:
                 raise LorakitError(f"{source}: peft_type {shown(peft_type)} is not LoRA (it adds trained virtual tokens or "
                                    "layers of its own, which no merge turns into base weights); lorakit reads LoRA adapters "
                                    "only: run this one with peft (PeftModel.from_pretrained)")
+            if isinstance(peft_type, str) and peft_type.upper() == "BEFT":  # peft's merge raises on a layer without a bias
+                raise LorakitError(f"{source}: peft_type {shown(peft_type)} is not LoRA (it adds a trained bias to each target "
+                                   "layer); lorakit reads LoRA adapters only: merge this one into the base with peft "
+                                   "(merge_and_unload) if every target layer has a bias of its own (peft cannot merge it "
+                                   "into one without, as Llama's), else run it with peft (PeftModel.from_pretrained)")
             raise LorakitError(f"{source}: peft_type {shown(peft_type)} is not LoRA; lorakit reads LoRA adapters only "
                                "(merge this one into the base with peft: merge_and_unload, then load the merged model)")
         ignored = []  # fields lorakit does not know, set to values that switch nothing on

@@ -146,3 +146,31 @@ def test_an_adapter_loaded_on_a_vocabulary_it_resized_saves_the_new_rows(case, t
     lorakit.inject(plain, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
     lorakit.save_adapter(plain, tmp_path / "plain")
     assert all("lora_" in key for key in load_file(tmp_path / "plain" / WEIGHTS_NAME))
+
+
+# -- peft types lorakit does not read: the advice must work ----------------------------------------------------------
+def test_a_bias_tuning_adapter_is_not_sent_to_a_merge_that_raises(tmp_path):
+    """peft's BEFT adds a trained bias to each target layer; its merge_and_unload raises on a layer without a bias
+    (Llama's projections), so the refusal's advice, "merge this one into the base with peft", failed there. The
+    refusal now says when the merge works and to run it with peft otherwise. (Every other peft 0.21 type lorakit
+    does not read was checked the same way in this session: peft's merge works where lorakit says to merge.)"""
+    model = peft.get_peft_model(build("llama"), peft.BeftConfig(target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "beft_bias" in name:
+                parameter.add_(0.1)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="Base layer has no bias, cannot merge"):
+        peft.PeftModel.from_pretrained(build("llama"), tmp_path).merge_and_unload()
+    with pytest.raises(lorakit.LorakitError) as error:
+        lorakit.load_adapter(build("llama"), tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and "peft_type 'BEFT' is not LoRA (it adds a trained bias to each target layer)" in message
+    assert message.endswith("else run it with peft (PeftModel.from_pretrained)"), message
+    with torch.no_grad():  # where the layers have biases, the merge the message offers keeps peft's outputs
+        qwen = peft.get_peft_model(build("qwen2"), peft.BeftConfig(target_modules=["q_proj"]))
+        for name, parameter in qwen.named_parameters():
+            if "beft_bias" in name:
+                parameter.add_(0.1)
+        expected = logits(qwen.eval(), IDS)
+        assert_close(logits(qwen.merge_and_unload(), IDS), expected)
