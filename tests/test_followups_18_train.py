@@ -118,3 +118,19 @@ def test_build_datasets_takes_what_train_takes():
     assert (len(bundle.train), len(bundle.val)) == (6, 2)
     with pytest.raises(LorakitError, match=r"^training data\[6\]: field 'completion' must be a string, got int 3"):
         build_datasets([*records, {"prompt": "a ", "completion": 3}], tok)
+
+
+def test_a_held_out_split_of_repeated_records_is_warned():
+    """6. --data a.jsonl --data a.jsonl --val-fraction 0.2 (the note says a file given twice weighs it up) held out one
+    copy of most records and trained on the other: 14 of the 16 validation examples were training examples, and
+    only a validation set that was wholly inside the training set was warned about."""
+    from lorakit.train.data import build_datasets, validation_in_training
+
+    tok, records = tiny_tokenizer(), task_records(40, seed=1)
+    bundle = build_datasets(records + records, tok, val_fraction=0.2, max_length=32)
+    said = validation_in_training(bundle.train, bundle.val)
+    assert said is not None and said.startswith("validation data: 14 of its 16 examples are also in the training data")
+    assert validation_in_training(*build_datasets(records, tok, val_fraction=0.2, max_length=32).__dict__.values()) \
+        is None  # distinct records held out: nothing to say
+    few = build_datasets(records, tok, validation=records[:3] + task_records(4, seed=2), max_length=32)
+    assert validation_in_training(few.train, few.val) is None  # 3 of 7: duplicates real data has, not worth a line

@@ -822,17 +822,24 @@ def _records(source: Any, name: str) -> list[Record]:
 
 
 def validation_in_training(train: SupervisedDataset, validation: SupervisedDataset) -> str | None:
-    """The warning for a validation set whose every example is also a training one (the same file given as both),
-    else None. Such a set scores memorisation: its loss keeps falling while the model overfits, and the best adapter
-    is chosen by it. A few shared examples (duplicates in real data) are not worth a line."""
+    """The warning for a validation set whose examples are mostly training ones too, else None: the same file given
+    as both, or data that repeats its records (a file given twice to weigh it up, upsampled rows) split by
+    --val-fraction, which holds out one copy and trains on the other. Such a set scores memorisation: its loss keeps
+    falling while the model overfits, and the best adapter is chosen by it. A few shared examples (duplicates in
+    real data) are not worth a line: only more than half of them are."""
     def key(record: Record) -> str:
         return json.dumps([record.shape, record.fields], sort_keys=True, default=repr)
 
     seen = {key(record) for record in train.records}
-    if validation.records and all(key(record) in seen for record in validation.records):
-        return (f"validation data: all {len(validation.records)} examples are also in the training data (the same file "
+    shared, total = sum(key(record) in seen for record in validation.records), len(validation.records)
+    if total and shared == total:
+        return (f"validation data: all {total} examples are also in the training data (the same file "
                 "given twice?), so the validation loss cannot show overfitting; hold out examples the model does not "
                 "train on (--val-fraction 0.1)")
+    if 2 * shared > total:
+        return (f"validation data: {shared} of its {total} examples are also in the training data (records repeated "
+                "in the data, e.g. a file given twice, split by --val-fraction?), so the validation loss can hardly "
+                "show overfitting; remove the repeats before holding out, or give a separate --val-data file")
     return None
 
 
