@@ -11,6 +11,9 @@ correctly on the same or a new connection afterwards:
 - a request line or header over h11's 16 KiB limit, arriving in more than one packet (as any head that long does
   over a real network), was a 400 "malformed HTTP request ... needs a Host header, Content-Length ...": now a 431
   that says the head is too long;
+- a content part with a field missing or unknown (``cache_control``, which LiteLLM-style clients add) was refused
+  as "messages.0.content: Input should be a valid string, got list [...]": pydantic's first error, for the union's
+  string member; now the error inside the list of parts, naming the field;
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 import httpx
 import pytest
 
+from http_helpers import api_error
 from test_serve_support import ServerProcess, make_adapter, never_ending, tiny_hf_folder
 
 KEY = "http18-key"
@@ -219,3 +223,30 @@ def test_a_request_head_over_the_limit_is_431_not_malformed(server, answer, firs
     finally:
         wire.close()
     _still_serving(server, answer)
+
+
+# -- JSON: the error inside a list of content parts ------------------------------------------------------------------
+CHAT_PART = {"model": "a0", "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}
+INPUT_PART = {"model": "a0", "max_output_tokens": 16, "input": [{"role": "user", "content": [
+    {"type": "input_text", "text": "Hi"}]}]}
+
+
+@pytest.mark.parametrize("path, base, key, value, param, words", [
+    ("/v1/chat/completions", CHAT_PART, "cache_control", {"type": "ephemeral"}, "messages.0.content.0.cache_control",
+     "unknown field"),
+    ("/v1/chat/completions", CHAT_PART, "text", None, "messages.0.content.0.text", "text: Input should be a valid "
+     "string, got null"),
+    ("/v1/chat/completions", CHAT_PART, "text", ..., "messages.0.content.0.text", "missing required field"),
+    ("/v1/responses", INPUT_PART, "cache_control", {"type": "ephemeral"}, "input.0.content.0.cache_control",
+     "unknown field"),
+])
+def test_a_bad_content_part_is_named_not_called_a_bad_string(server, path, base, key, value, param, words):
+    body = json.loads(json.dumps(base))
+    part = body.get("messages", body.get("input"))[0]["content"][0]
+    if value is ...:
+        del part[key]
+    else:
+        part[key] = value
+    error = api_error(server["client"].post(path, json=body), 400)
+    assert error["param"] == param and words in error["message"], error  # before: "...content: Input should be a
+    assert server["client"].post(path, json=base).status_code == 200  # valid string, got list [...]"

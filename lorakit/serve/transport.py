@@ -27,8 +27,21 @@ if TYPE_CHECKING:
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
+def _reported(errors: list[dict]) -> dict:
+    """The one of pydantic's ``errors`` to report: the first, except where it only says a union's value is not
+    its plain member (``content``: "should be a valid string") while the value went into another member and
+    failed inside it (a content part with a field left out or unknown, ``cache_control``): that error says what
+    is wrong, the first would call a list of parts a bad string."""
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    if not (first.get("type", "").endswith("_type") and loc and loc[-1] in _UNION_TAGS):
+        return first
+    within = [e for e in errors[1:] if len(e.get("loc", ())) > len(loc) and tuple(e["loc"][:len(loc) - 1]) == loc[:-1]]
+    return within[0] if within and len({e["loc"][len(loc) - 1] for e in within}) == 1 else first
+
+
 def _validation_error(error: ValidationError) -> APIError:
-    first = error.errors()[0]
+    first = _reported(error.errors())
     kind = first.get("type", "")
     loc = list(first.get("loc", ()))
     # an unknown field's last place is the client's own key, whatever it spells ("str", "a[0]", ""): kept as sent
