@@ -1420,9 +1420,11 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
                            "its training with peft")
     from lorakit._regex_guard import check_regexes
     from lorakit.moe_legacy import convert_legacy_experts
+    from lorakit.vlm_text import text_model_adapter
 
     # before any match on module names: a catastrophic pattern would hang here for good (re has no timeout)
     check_regexes(adapter_file.config, [p for p in _base_modules(model) if p], str(adapter_file.folder / CONFIG_NAME))
+    adapter_file = text_model_adapter(model, adapter_file)  # a vision-language model's file on its text model
     adapter_file = convert_legacy_experts(model, adapter_file)  # transformers 4's per-expert LoRA -> fused experts
     adapter_file = peft_variants.to_plain_lora(model, adapter_file, trainable)  # VeLoRA, KaSA, ... as plain LoRA
     resized = None

@@ -174,3 +174,50 @@ def test_a_bias_tuning_adapter_is_not_sent_to_a_merge_that_raises(tmp_path):
                 parameter.add_(0.1)
         expected = logits(qwen.eval(), IDS)
         assert_close(logits(qwen.merge_and_unload(), IDS), expected)
+
+
+# -- a vision-language model's adapter on the text model lorakit builds ---------------------------------------------
+@pytest.mark.parametrize("options", [
+    dict(target_modules=["q_proj", "v_proj"]),  # the vision tower's q_proj / v_proj too
+    dict(target_modules=r".*language_model.*\.(q_proj|down_proj)", rank_pattern={r"^model\.language_model\.layers\.0\..*": 2}),
+    dict(target_modules="all-linear", use_dora=True),
+], ids=["names", "regex-rank-pattern", "all-linear-dora"])
+def test_an_adapter_of_the_full_vision_language_class_runs_on_its_text_model(options, tmp_path, capsys):
+    """peft users fine-tune Llama 3.2 Vision (and Llama 4) on the full ...ForConditionalGeneration class: its file
+    names model.language_model.layers... (and the vision tower's layers). lorakit.load_base and the commands build
+    the text model (MllamaForCausalLM: model.layers...), so every such adapter was refused ("unexpected tensor keys",
+    or its regex "matched no module"). The language model's tensors now load renamed (peft's logits on text, its
+    rank_pattern read for the text model's names); the vision tower's, which act on images only, are left out with
+    a warning. lorakit merge writes that model, and lorakit's own file loads in peft on AutoModelForCausalLM."""
+    from test_followups_17_models import _mllama
+
+    folder = tmp_path / "mllama"
+    _mllama().save_pretrained(folder)
+    from test_train_helpers import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(folder)
+    ids = torch.tensor([[1, 7, 10, 11, 8, 12], [1, 9, 12, 14, 15, 8]])
+    theirs = quiet(peft.get_peft_model, _mllama(), peft.LoraConfig(r=4, lora_alpha=8, **options)).eval()
+    randomize_peft(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+    model, _ = lorakit.load_base(str(folder), device="cpu")
+    assert type(model).__name__ == "MllamaForCausalLM"
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        lorakit.load_adapter(model, tmp_path / "peft")
+    vision = [str(w.message) for w in said if "vision-language" in str(w.message)]
+    if options.get("target_modules") == ["q_proj", "v_proj"]:
+        assert len(vision) == 1 and "never runs model.vision_model: their 8 tensor(s) are left out" in vision[0], vision
+    assert_close(logits(model, ids), expected)
+    if "rank_pattern" in options:
+        assert model.model.layers[0].self_attn.q_proj.adapters["default"].rank == 2
+        assert model.model.layers[1].cross_attn.q_proj.adapters["default"].rank == 4
+    lorakit.save_adapter(model, tmp_path / "ours")
+    text = quiet(tf.AutoModelForCausalLM.from_pretrained, folder)
+    assert_close(logits(quiet(peft.PeftModel.from_pretrained, text, tmp_path / "ours").eval(), ids), expected)
+    if "use_dora" in options:
+        assert quiet(main, ["merge", "--model", str(folder), "--adapter", str(tmp_path / "peft"), "--out",
+                            str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+        assert_close(logits(from_folder(tmp_path / "merged"), ids), expected)
