@@ -134,3 +134,33 @@ def test_a_held_out_split_of_repeated_records_is_warned():
         is None  # distinct records held out: nothing to say
     few = build_datasets(records, tok, validation=records[:3] + task_records(4, seed=2), max_length=32)
     assert validation_in_training(few.train, few.val) is None  # 3 of 7: duplicates real data has, not worth a line
+
+
+def test_train_from_python_honours_the_configs_validation_options(tmp_path):
+    """7. train(model, tok, records, TrainConfig(val_fraction=0.2, early_stopping_patience=2)) ran without any
+    validation set, without a word: val_fraction (and val_data files) are lorakit train's options, which train()
+    ignored. It now holds out the same records as `lorakit train --val-fraction` (same seed), reads val_data files,
+    and refuses early stopping that could never happen."""
+    import torch
+
+    from lorakit.train.batches import Collator
+    from lorakit.train.data import build_datasets, pad_id_for
+    from lorakit.train.evaluate import dataset_loss
+    from test_train_helpers import write_jsonl
+
+    tok, records = tiny_tokenizer(), task_records(20, seed=3)
+    config = TrainConfig(**{**SMALL, "max_steps": 2, "eval_every": 1, "val_fraction": 0.2, "max_length": 32})
+    said: list[str] = []
+    model = tiny_train_model()
+    result = train(model, tok, records, config, log=said.append)
+    assert [step for step, _ in result.val_losses] == [1, 2]
+    assert any(line.startswith("training data: 16 examples") for line in said), said
+    held_out = build_datasets(records, tok, val_fraction=0.2, seed=config.seed, max_length=32).val  # the CLI's split
+    loss, _ = dataset_loss(model, held_out, 8, Collator(pad_id_for(tok)), torch.device("cpu"))
+    assert loss == pytest.approx(result.val_losses[-1][1], rel=1e-6)
+    # val_data files in the config are read; early stopping without any validation set is refused
+    write_jsonl(tmp_path / "val.jsonl", task_records(4, seed=8))
+    files = config.replace(val_fraction=None, val_data=[str(tmp_path / "val.jsonl")])
+    assert len(train(tiny_train_model(), tok, records, files, log=lambda line: None).val_losses) == 2
+    with pytest.raises(LorakitError, match=r"^early_stopping_patience=2 needs a validation set; pass val_data="):
+        train(tiny_train_model(), tok, records, config.replace(val_fraction=None, early_stopping_patience=2))

@@ -49,8 +49,9 @@ from lorakit.train.distributed import (  # world is re-exported: the runner impo
     is_sharded, peer_gone, resume_command, sharded_grad_norm_and_clip, with_gradient_anywhere, world)
 from lorakit.train.stopping import AgreedStop as _AgreedStop, StopRequest, TrainingInterrupted
 from lorakit.train.batches import BatchIterator, Collator
-from lorakit.train.data import (SupervisedDataset, build_dataset, pad_id_for, python_records,
+from lorakit.train.data import (SupervisedDataset, build_dataset, pad_id_for, python_records, split_records,
                                 validation_in_another_format, validation_in_training)
+from lorakit.train.formats import validate_record
 from lorakit.train.evaluate import autocast_context, dataset_loss, loss_sum, supervised_tokens, to_device
 from lorakit.train.packing import check_packed_rows, sliding_window_layout, window_packed_masks
 from lorakit.train.report import CURVE_NAME, METRICS_NAME, MetricsLog, plot_loss_curve
@@ -139,6 +140,25 @@ def as_dataset(data: Any, tokenizer: Any, config: TrainConfig, name: str, pack: 
                            "lorakit.train.data.build_datasets(paths, tokenizer)")
     return build_dataset(python_records(data, name), tokenizer, config.max_length, config.overflow, pack=pack,
                          name=name, chat_template_kwargs=config.chat_template_kwargs)
+
+
+def _validation_from_config(train_data: Any, config: TrainConfig) -> tuple[Any, Any]:
+    """(training data, validation data) of a ``train()`` call given no ``val_data``: the config's ``val_data`` files
+    (their validation split), or its ``val_fraction`` of the records held out with the seed ``lorakit train`` uses;
+    else no validation set. Both were ignored without a word, and with them early stopping."""
+    if config.val_data:
+        from lorakit.train.sources import VALIDATION_SPLITS, read_many
+
+        return train_data, read_many(config.val_data, split=VALIDATION_SPLITS)
+    if config.val_fraction is None:
+        return train_data, None
+    if isinstance(train_data, SupervisedDataset):
+        raise LorakitError("val_fraction holds out records, but train() was given a tokenized dataset; pass the "
+                           "records, or val_data= (a dataset of held-out records) and no val_fraction")
+    # validated first: each keeps its place in the data given ("training data[7]") whichever split it lands in
+    records = [validate_record(record, f"training data[{i}]")
+               for i, record in enumerate(python_records(train_data, "training data"))]
+    return split_records(records, config.val_fraction, config.seed)
 
 
 def dataset_fingerprint(dataset: SupervisedDataset) -> str:
@@ -461,8 +481,13 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         _refuse_earlier_run(out)
     # the data first: a bad record (or too few) is refused before the model is changed (an adapter injected, every
     # weight unfrozen), else a notebook's next call, with the data fixed, trained that adapter and not its config's
+    if val_data is None:  # TrainConfig(val_fraction=0.1) or val_data=[files] from Python: as lorakit train does
+        train_data, val_data = _validation_from_config(train_data, config)
     train_ds = as_dataset(train_data, tokenizer, config, "training data", config.pack)
     val_ds = as_dataset(val_data, tokenizer, config, "validation data", False) if val_data is not None else None
+    if val_ds is None and config.early_stopping_patience:  # else it would never stop early, without a word
+        raise LorakitError(f"early_stopping_patience={config.early_stopping_patience} needs a validation set; pass "
+                           "val_data= (or set val_fraction in the TrainConfig)")
     global_micro = config.batch_size * world_size
     if len(train_ds) < global_micro:
         raise LorakitError(f"the training set has {len(train_ds)} row{'s' * (len(train_ds) != 1)}, fewer than one micro-batch of {global_micro} "
