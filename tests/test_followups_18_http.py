@@ -96,12 +96,29 @@ class Wire:
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding") == "chunked":  # a stream
+            return status, headers, self._chunks()
         size = int(headers.get("content-length", 0))
+        return status, headers, self._take(size)
+
+    def _take(self, size: int) -> bytes:
         while len(self.buffer) < size:
             if not self._fill():
                 raise ConnectionError("closed mid-body")
-        body, self.buffer = self.buffer[:size], self.buffer[size:]
-        return status, headers, body
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def _chunks(self) -> bytes:
+        body = b""
+        while True:
+            while b"\r\n" not in self.buffer:
+                if not self._fill():
+                    raise ConnectionError("closed mid-stream")
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            size = int(line.split(b";")[0], 16)
+            body += self._take(size + 2)[:size]
+            if size == 0:
+                return body
 
     def closed(self, wait: float = 5) -> bool:
         """Whether the server closes the connection within ``wait`` seconds (sending nothing more)."""
@@ -250,3 +267,31 @@ def test_a_bad_content_part_is_named_not_called_a_bad_string(server, path, base,
     error = api_error(server["client"].post(path, json=body), 400)
     assert error["param"] == param and words in error["message"], error  # before: "...content: Input should be a
     assert server["client"].post(path, json=base).status_code == 200  # valid string, got list [...]"
+
+
+# -- pipelining -----------------------------------------------------------------------------------------------------
+def test_pipelined_requests_mixing_adapters_refusals_and_a_stream_are_answered_in_order(server, answer):
+    """Requests sent back to back on one connection before any answer (HTTP/1.1 pipelining): each is answered in
+    order, a refusal among them included, and a stream's events are those of the same request sent alone."""
+    stream = json.dumps({"model": "a1", "prompt": "Hello", "max_tokens": 4, "temperature": 0, "stream": True})
+    alone = server["client"].post("/v1/completions", content=stream.replace('"stream": true', '"stream": false'))
+    wire = Wire(server["port"], timeout=60)
+    try:
+        wire.send(_request("POST", "/v1/completions", BODY) + _request("POST", "/v1/completions", b'{"model": "a0",')
+                  + _request("GET", "/health") + _request("POST", "/v1/completions", stream.encode())
+                  + _request("POST", "/v1/chat/completions", b'{"model": "a0", "messages": []}')
+                  + _request("POST", "/v1/completions", BODY, {"Connection": "close"}))
+        code, _, body = wire.answer()
+        assert code == 200 and json.loads(body)["choices"][0]["text"] == answer
+        assert _error(*wire.answer()[::2], 400)["code"] == "invalid_json"
+        assert json.loads(wire.answer()[2])["status"] == "ok"
+        code, _, body = wire.answer()
+        events = [json.loads(line[6:]) for line in body.decode().splitlines() if line.startswith("data: {")]
+        assert code == 200 and body.decode().rstrip().endswith("data: [DONE]")
+        assert "".join(e["choices"][0]["text"] for e in events) == alone.json()["choices"][0]["text"]
+        assert _error(*wire.answer()[::2], 400)["param"] == "messages"
+        code, fields, body = wire.answer()
+        assert code == 200 and json.loads(body)["choices"][0]["text"] == answer and fields["connection"] == "close"
+        assert wire.closed()
+    finally:
+        wire.close()
