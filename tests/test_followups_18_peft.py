@@ -221,3 +221,36 @@ def test_an_adapter_of_the_full_vision_language_class_runs_on_its_text_model(opt
         assert quiet(main, ["merge", "--model", str(folder), "--adapter", str(tmp_path / "peft"), "--out",
                             str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
         assert_close(logits(from_folder(tmp_path / "merged"), ids), expected)
+
+
+# -- lorakit inspect of peft's files ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind, options, save_embedding_layers", [
+    ("llama", dict(target_modules=["q_proj", "embed_tokens"], use_dora=True), "auto"),  # "auto" saves the embedding
+    ("llama", dict(target_modules=["q_proj", "lm_head"]), "auto"),
+    ("llama", dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]), True),
+    ("llama-tied", dict(target_modules=["q_proj"], trainable_token_indices=[3, 5]), True),
+], ids=["embedding-dora", "head", "copies", "token-rows"])
+def test_inspect_counts_what_the_adapter_trains(kind, options, save_embedding_layers, tmp_path, capsys):
+    """lorakit inspect counted every tensor of the file as a trainable parameter, peft's save_embedding_layers copies
+    of the base embedding / head included (a DoRA adapter of 1,136 parameters on q_proj and the embedding showed
+    4,336; on an 8B model the embedding copy alone is 525M). It now counts what peft trains
+    (get_nb_trainable_parameters) and names the saved copies on a line of their own."""
+    theirs = quiet(peft.get_peft_model, build(kind), peft.LoraConfig(r=4, **options))
+    quiet(theirs.save_pretrained, tmp_path, save_embedding_layers=save_embedding_layers)
+    trained, _ = theirs.get_nb_trainable_parameters()
+    copied = sum(t.numel() for k, t in load_file(tmp_path / WEIGHTS_NAME).items()) - trained
+    assert copied > 0  # the file holds base copies
+    from lorakit.commands.inspect import describe
+
+    info = describe(str(tmp_path))
+    if "trainable_token_indices" in options:  # the tied head's two trained rows are saved again (peft counts them once)
+        assert info["trainable_parameters"] == trained + 2 * 32
+    else:
+        assert info["trainable_parameters"] == trained
+    assert info["saved_copy_parameters"] == sum(t.numel() for k, t in load_file(tmp_path / WEIGHTS_NAME).items()) \
+        - info["trainable_parameters"]
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"trainable parameters  {info['trainable_parameters']:,} (float32)" in out, out
+    assert f"saved copies          {info['saved_copy_parameters']:,} parameters (peft's save_embedding_layers" in out, out

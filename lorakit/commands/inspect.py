@@ -69,6 +69,7 @@ def describe(folder: str) -> dict:
         kind = path.rsplit(".", 1)[-1]
         modules[kind] = modules.get(kind, 0) + 1
     ranks = sorted(ranks)
+    copies = _saved_copies(adapter.tensors, config.modules_to_save or [])
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in adapter.tensors.values()})
     return {
         "folder": str(adapter.folder),
@@ -88,7 +89,8 @@ def describe(folder: str) -> dict:
         "modules_to_save": config.modules_to_save,
         "trainable_tokens": adapter.token_indices,  # peft's trained rows, loaded as a whole copy of the embedding
         "base_rewrite": adapter.base_rewrite,  # pissa / olora: loaded as a plain LoRA of twice the rank
-        "trainable_parameters": int(sum(t.numel() for t in adapter.tensors.values())),
+        "trainable_parameters": int(sum(t.numel() for k, t in adapter.tensors.items() if k not in copies)),
+        "saved_copy_parameters": int(sum(adapter.tensors[k].numel() for k in copies)),
         "dtypes": dtypes,
         "file_bytes": adapter.size_bytes,
         "base_model": adapter.raw_config.get("base_model_name_or_path"),
@@ -96,6 +98,25 @@ def describe(folder: str) -> dict:
         "made_by": f"lorakit {adapter.metadata['lorakit_version']}" if "lorakit_version" in adapter.metadata else (
             origin(adapter.raw_config) or "peft (or another tool)"),  # AdaLoRA, VeRA, LoHa: what it was converted from
     }
+
+
+def _saved_copies(tensors: dict, modules_to_save: list[str]) -> set[str]:
+    """Keys of the whole base weights peft's save_embedding_layers writes beside an adapter (``<path>.base_layer.weight``
+    of a LoRA target, ``.original_module.weight`` / ``.token_adapter.base_layer.weight`` of a copied or token-trained
+    module, ``.modules_to_save.weight`` repeating a trained copy, ``<path>.weight`` of a module the adapter neither
+    adapts nor copies): none of them is trained, so they are not counted as trainable parameters."""
+    from lorakit.inject import saved_by
+    from lorakit.resized_vocab import base_copy_path
+
+    copies = set()
+    for key in tensors:
+        name = key.removeprefix("base_model.model.")
+        path, suffix = base_copy_path(name) or ("", "")
+        if not path or re.search(r"(^|\.)lora_[A-Za-z_]+$", path):
+            continue  # not a weight, or a LoRA factor (lora_A.weight)
+        if suffix != ".weight" or ".modules_to_save" in f".{path}" or not saved_by(path, modules_to_save):
+            copies.add(key)
+    return copies
 
 
 def _pointed(path) -> str:
@@ -127,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
         ("targets", f"{_spec(info['target_modules'])} -> {info['adapted_layers']} layers: {targets}"),
         ("modules to save", info["modules_to_save"] or "none"),
         ("trainable parameters", f"{info['trainable_parameters']:,} ({', '.join(info['dtypes'])})"),
+        *([("saved copies", f"{info['saved_copy_parameters']:,} parameters (peft's save_embedding_layers: whole "
+                            "embedding / head weights beside the adapter, not trained by it)")]
+          if info["saved_copy_parameters"] else []),
         ("file size", f"{info['file_bytes']:,} bytes ({info['file_bytes'] / 2**20:.2f} MiB)"),
         ("base model", f"{info['base_model'] or 'unknown'}" + (f" (fingerprint {info['base_fingerprint']})" if info["base_fingerprint"] else "")),
         ("made by", info["made_by"]),
