@@ -16,7 +16,7 @@ import lorakit
 from conftest import assert_close
 from lorakit.cli import main
 from model_helpers import logits, seeded_model
-from test_train_helpers import tiny_tokenizer
+from test_train_helpers import task_records, tiny_tokenizer, write_jsonl
 
 VOCAB = 128
 # the tokenizer's <s> is 1 and <|im_end|> (eos, pad) is 3: the configs name the same ids
@@ -116,3 +116,37 @@ def test_an_activation_transformers_lacks_names_its_field(quantize, tmp_path):
     assert str(refused.value) == (f'{folder / "config.json"}: "hidden_act": "swishy" is not a value transformers '
                                   f"{__import__('transformers').__version__} knows (a typo, or one a newer transformers "
                                   "added?); use the config.json saved with the weights, or upgrade transformers")
+
+
+# -- weights saved under a wrapper's names -------------------------------------------------------------------------
+@pytest.mark.parametrize("prefix, wrapper", [("module.", "DistributedDataParallel or DataParallel: model.module"),
+                                             ("_orig_mod.", "torch.compile: model._orig_mod")])
+def test_weights_saved_from_a_wrapper_are_named_with_the_prefix_and_the_fix(prefix, wrapper, tmp_path, capsys):
+    """A state_dict taken from a DistributedDataParallel or torch.compile wrapper and written with safetensors'
+    save_file has every name prefixed ("module.model.layers.0..."): transformers finds none of the model's tensors,
+    and lorakit said "the safetensors weights lack 21 of the model's tensors; the folder is incomplete or its
+    config.json is for another model", though every weight is there. The line names the prefix, the wrapper and a
+    fix, and the fix it gives makes the folder load with the saved weights."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import tiny_llama
+
+    original = tiny_llama()
+    folder = tmp_path / "own loop"
+    original.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    save_file({prefix + key: value.contiguous() for key, value in original.state_dict().items()}, weights,
+              metadata={"format": "pt"})
+    data = write_jsonl(tmp_path / "train.jsonl", task_records(8, seed=1))
+    code, out, err = cli(capsys, "train", "--model", folder, "--data", data, "--out", tmp_path / "run")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.strip() == (
+        f"lorakit train: error: {folder}: the weights are saved under the prefix {prefix!r} (e.g. "
+        f"'{prefix}lm_head.weight' for 'lm_head.weight'), as a wrapper's state_dict names them ({wrapper}); save the "
+        "model itself with save_pretrained; or take the prefix off once: from safetensors.torch import load_file, "
+        f"save_file; f = '{weights}'; save_file({{k.removeprefix({prefix!r}): v for k, v in load_file(f).items()}}, f, "
+        "metadata={'format': 'pt'})")
+    save_file({k.removeprefix(prefix): v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    model, _ = lorakit.load_base(str(folder), device="cpu")
+    assert_close(logits(model, IDS), logits(original, IDS))

@@ -101,6 +101,44 @@ def indexed_but_absent(folder: Path, keys: list[str]) -> str | None:
     return None
 
 
+# wrappers whose state_dict puts a prefix before every name, and the attribute holding the model they wrap
+_WRAPPERS = {"module.": "DistributedDataParallel or DataParallel: model.module", "_orig_mod.": "torch.compile: "
+             "model._orig_mod", "_fsdp_wrapped_module.": "FSDP: its full state dict, or the model it wraps"}
+
+
+def wrapped_names_note(folder: Path, missing: list[str], unexpected: list[str]) -> str | None:
+    """The line to say when the tensors a load found missing are all in the file under one prefix (``module.``,
+    ``_orig_mod.``: a state_dict taken from a DistributedDataParallel or torch.compile wrapper and saved with
+    safetensors' ``save_file``); None otherwise. The load said "the folder is incomplete or its config.json is for
+    another model", though every weight is there."""
+    if not missing or not unexpected:
+        return None
+    held, wanted = set(unexpected), set(missing)
+    prefixes: dict[str, int] = {}
+    for key in unexpected:
+        parts = key.split(".")
+        for cut in range(1, len(parts)):
+            if ".".join(parts[cut:]) in wanted:
+                prefix = ".".join(parts[:cut]) + "."
+                prefixes[prefix] = prefixes.get(prefix, 0) + 1
+    if not prefixes:
+        return None
+    prefix = max(prefixes, key=prefixes.get)
+    found = [name for name in missing if prefix + name in held]
+    # a tied head is missing from such a file too (the wrapper's state_dict names it, transformers' save does not)
+    if len(found) < max(1, len(missing) - 1):
+        return None
+    wrapper = next((f" ({what})" for start, what in _WRAPPERS.items() if prefix.startswith(start)), "")
+    single = folder / "model.safetensors"
+    recipe = ("" if not single.is_file() or (folder / INDEX).is_file() else  # shards: their index names them too
+              "; or take the prefix off once: from safetensors.torch import load_file, save_file; f = "
+              f"'{single}'; save_file({{k.removeprefix({prefix!r}): v for k, v in load_file(f).items()}}, f, "
+              "metadata={'format': 'pt'})")
+    return (f"{folder}: the weights are saved under the prefix {prefix!r} (e.g. {prefix + found[0]!r} for "
+            f"{found[0]!r}), as a wrapper's state_dict names them{wrapper}; save the model itself with "
+            f"save_pretrained{recipe}")
+
+
 def refuse_adapter_beside(folder: Path) -> None:
     """Refuse a model folder that also holds an adapter (adapter_config.json): transformers' from_pretrained applies
     such an adapter through peft as it loads the base, so lorakit got peft's layers and refused them as "this model

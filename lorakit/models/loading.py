@@ -15,7 +15,7 @@ import torch
 from lorakit.config import clipped, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.models.folder_layout import (INDEX, check_links, check_quantization, check_unlisted_shards,
-                                          indexed_but_absent, refuse_adapter_beside)
+                                          indexed_but_absent, refuse_adapter_beside, wrapped_names_note)
 from lorakit.models.hub_cache import cache_snapshot, hub_cache_root, hub_cache_snapshot, looks_like_hub_id
 from lorakit.models.rope_types import check_rope_types, rope_type_error, unknown_config_value, unknown_rope_type
 
@@ -857,7 +857,8 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
     if missing:
         from lorakit.io import internal_names_note
 
-        note = internal_names_note(Path(folder)) or indexed_but_absent(Path(folder), missing)
+        note = (internal_names_note(Path(folder)) or indexed_but_absent(Path(folder), missing)
+                or wrapped_names_note(Path(folder), missing, list(info.get("unexpected_keys") or [])))
         if note is not None:
             raise LorakitError(note)
     if missing and set(missing) <= heads:  # only the LM head is missing: a classifier or bare encoder folder
