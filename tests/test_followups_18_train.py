@@ -164,3 +164,46 @@ def test_train_from_python_honours_the_configs_validation_options(tmp_path):
     assert len(train(tiny_train_model(), tok, records, files, log=lambda line: None).val_losses) == 2
     with pytest.raises(LorakitError, match=r"^early_stopping_patience=2 needs a validation set; pass val_data="):
         train(tiny_train_model(), tok, records, config.replace(val_fraction=None, early_stopping_patience=2))
+
+
+def test_a_template_that_writes_todays_date_resumes_the_next_day(tmp_path, monkeypatch):
+    """8. Llama 3.2's chat template writes "Today Date: 01 Dec 2026" (transformers' strftime_now) into every chat: a run
+    stopped at 23:59 and resumed at 00:01 tokenized other rows and was refused as "other training data (data:
+    fingerprint ... then, ... now)"; lorakit eval's loss of a run's validation set moved from day to day too. Chats
+    are rendered with one fixed date (TEMPLATE_DATE) now; inference (lorakit generate / serve) keeps the real one."""
+    import datetime
+
+    from transformers.utils import chat_template_utils
+
+    from conftest import tiny_llama
+    from lorakit.train.data import TEMPLATE_DATE, render
+    from test_serve_support import CHATML, make_tokenizer
+
+    def day(when: datetime.datetime) -> type:
+        class Clock(datetime.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return when
+        return Clock
+
+    tok = make_tokenizer()  # byte-level BPE: the date's digits are tokens of their own
+    tok.chat_template = ("{%- set date_string = strftime_now('%d %b %Y') -%}<|im_start|>system\nToday Date: "
+                         "{{ date_string }}<|im_end|>\n" + CHATML)
+    records = task_records(16, shape="messages")
+    config = TrainConfig(**{**SMALL, "max_steps": 4, "save_every": 1, "max_length": 96})
+
+    def stop_at_2(step, entry):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat_template_utils, "datetime", day(datetime.datetime(2026, 12, 1, 23, 59)))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_llama(vocab_size=len(tok)), tok, records, config, out=tmp_path, on_step=stop_at_2,
+              log=lambda line: None)
+    monkeypatch.setattr(chat_template_utils, "datetime", day(datetime.datetime(2026, 12, 2, 0, 1)))
+    assert train(tiny_llama(vocab_size=len(tok)), tok, records, config, out=tmp_path, resume=tmp_path,
+                 log=lambda line: None).steps == 4
+    text, _ = render(records[0], tok)
+    assert text.startswith(f"<|im_start|>system\nToday Date: {TEMPLATE_DATE:%d %b %Y}<|im_end|>")
+    assert tok.apply_chat_template(records[0]["messages"], tokenize=False).startswith(
+        "<|im_start|>system\nToday Date: 02 Dec 2026")  # outside training, the template's clock is the real one

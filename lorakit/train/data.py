@@ -43,10 +43,12 @@ example run alone.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,16 +162,55 @@ def _render_chat(tokenizer: Any, messages: list[dict], generation_prompt: bool, 
                            "model?); put a chat template into the model folder (chat_template.jinja, e.g. its instruct "
                            "version's), or give prompt/completion or text records")
     try:
-        if any("content" in m and m["content"] is None for m in messages):
-            return _render_with_null_content(tokenizer, messages, generation_prompt, tools, template_kwargs)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                             **({"tools": tools} if tools else {}), **(template_kwargs or {}))
+        with _stopped_clock(tokenizer):
+            if any("content" in m and m["content"] is None for m in messages):
+                return _render_with_null_content(tokenizer, messages, generation_prompt, tools, template_kwargs)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                                 **({"tools": tools} if tools else {}), **(template_kwargs or {}))
     except Exception as exc:  # jinja raises TemplateError (e.g. "roles must alternate") or anything the template does
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         error = LorakitError(f"{where}: the chat template rejected this chat ({reason}){_template_fix(reason, messages)}")
         error.template_rejected = True
         raise error from None
     return text
+
+
+# the date chat templates that write today's date (Llama 3.2 / 3.3's "Today Date: 01 Dec 2026", Granite's, Mistral
+# Small's, through transformers' strftime_now) write into every training chat: a fixed one, as the tokens of a run must
+# not change with the day it runs on. With the real date, a run resumed the next day (or a torchrun process that
+# tokenized after midnight) had other token ids and was refused as "other training data", and lorakit eval's loss of
+# the run's validation set moved from day to day. The date is context, never a target; Llama's templates take
+# chat_template_kwargs '{"date_string": "26 Jul 2024"}' to write another
+TEMPLATE_DATE = datetime.datetime(2026, 1, 1)
+
+
+class _TemplateDate(datetime.datetime):
+    """``datetime`` whose ``now()`` is :data:`TEMPLATE_DATE`, for transformers' ``strftime_now``."""
+
+    @classmethod
+    def now(cls, tz=None):  # noqa: ARG003 (datetime.now's signature)
+        return TEMPLATE_DATE
+
+
+@contextlib.contextmanager
+def _stopped_clock(tokenizer: Any) -> Iterator[None]:
+    """Inside, a chat template's ``strftime_now`` reads :data:`TEMPLATE_DATE`. transformers hands a template only
+    plain data (a callable passed as a template option becomes a string), so the ``datetime`` its ``strftime_now``
+    reads is swapped for the block, and only for a template that calls it."""
+    from transformers.utils import chat_template_utils
+
+    template = getattr(tokenizer, "chat_template", None)
+    source = template if isinstance(template, str) else " ".join(map(str, (template or {}).values()))
+    real = getattr(chat_template_utils, "datetime", None)
+    if "strftime_now" not in source or not (isinstance(real, type) and issubclass(real, datetime.datetime)):
+        # another transformers, whose strftime_now reads no datetime class there: left as it is
+        yield
+        return
+    chat_template_utils.datetime = _TemplateDate
+    try:
+        yield
+    finally:
+        chat_template_utils.datetime = real
 
 
 def _template_fix(reason: str, messages: list[dict]) -> str:
