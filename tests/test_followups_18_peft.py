@@ -254,3 +254,36 @@ def test_inspect_counts_what_the_adapter_trains(kind, options, save_embedding_la
     out = capsys.readouterr().out
     assert f"trainable parameters  {info['trainable_parameters']:,} (float32)" in out, out
     assert f"saved copies          {info['saved_copy_parameters']:,} parameters (peft's save_embedding_layers" in out, out
+
+
+def test_an_adapter_of_gemma3s_text_model_runs_on_the_full_class(tmp_path):
+    """The reverse: Gemma 3 (4B and up) folders build as Gemma3ForConditionalGeneration (language model under
+    model.language_model), while adapters trained on the text model alone (Gemma3ForCausalLM: model.layers...) were
+    refused as "unexpected tensor keys" (peft itself finds none of them there and runs the base). They load renamed
+    now, with the text model's logits; lorakit's file loads in peft on the full class."""
+    text = dict(num_key_value_heads=2, head_dim=8, vocab_size=100, hidden_size=32, intermediate_size=48,
+                num_hidden_layers=2, num_attention_heads=4)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+
+    def full():
+        torch.manual_seed(0)
+        return tf.Gemma3ForConditionalGeneration(tf.Gemma3Config(
+            text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=99, boi_token_index=97,
+            eoi_token_index=98)).eval()
+
+    ids = IDS % 90  # no image token (99) nor its markers
+    whole = full()
+    alone = tf.Gemma3ForCausalLM(whole.config.text_config).eval()  # the same weights, as the text model
+    alone.model.load_state_dict(whole.model.language_model.state_dict())
+    alone.lm_head.load_state_dict(whole.lm_head.state_dict())
+    theirs = quiet(peft.get_peft_model, alone, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                  rank_pattern={r"layers\.1\.self_attn\.v_proj": 2})).eval()
+    randomize_peft(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    expected = logits(theirs, ids)
+    lorakit.load_adapter(whole, tmp_path / "peft")
+    assert_close(logits(whole, ids), expected)
+    assert whole.model.language_model.layers[1].self_attn.v_proj.adapters["default"].rank == 2
+    lorakit.save_adapter(whole, tmp_path / "ours")
+    assert_close(logits(quiet(peft.PeftModel.from_pretrained, full(), tmp_path / "ours").eval(), ids), expected)
