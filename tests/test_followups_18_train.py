@@ -207,3 +207,24 @@ def test_a_template_that_writes_todays_date_resumes_the_next_day(tmp_path, monke
     assert text.startswith(f"<|im_start|>system\nToday Date: {TEMPLATE_DATE:%d %b %Y}<|im_end|>")
     assert tok.apply_chat_template(records[0]["messages"], tokenize=False).startswith(
         "<|im_start|>system\nToday Date: 02 Dec 2026")  # outside training, the template's clock is the real one
+
+
+@pytest.mark.parametrize("name,text", [
+    ("semicolons.csv", "prompt;completion\rHello, world;fine\rfoo;bar;baz\r"),  # Excel in a European locale
+    ("excel.csv", "sep=;\rprompt;completion\rHello, world;fine\rfoo;bar;baz\r"),  # Excel's separator line
+    ("tabs.csv", "prompt\tcompletion\rHello, world\tfine\rfoo\tbar\tbaz\r"),  # tab-separated under a .csv name
+])
+def test_a_csv_with_mac_line_ends_reads_its_separator(tmp_path, name, text):
+    """9. A CSV whose lines end in a lone carriage return (Excel for Mac's "CSV (Macintosh)") was all one first line
+    to the separator check: a ";" or tab separator, or a sep= line, was not found in it, and every such file was
+    refused with "the header line names no known field ('prompt;completion')"."""
+    from lorakit.train.sources import read_many
+
+    path = tmp_path / name
+    path.write_text(text.replace("\rfoo;bar;baz\r", "\r").replace("\rfoo\tbar\tbaz\r", "\r"), encoding="utf-8",
+                    newline="")
+    assert [dict(record.fields) for record in read_many(path)] == [{"prompt": "Hello, world", "completion": "fine"}]
+    path.write_text(text, encoding="utf-8", newline="")  # a bad row is still named by its line
+    line = 4 if name == "excel.csv" else 3
+    with pytest.raises(LorakitError, match=rf"^{name}:{line}: 3 cells but the header has 2$"):
+        read_many(path)

@@ -706,12 +706,14 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise LorakitError(_not_utf8(f"{path.name}:{line}", raw, exc)) from None
-    first = text.split("\n", 1)[0]
+    # lines end in \n, \r\n or a lone \r (Excel for Mac's "CSV (Macintosh)"): with \n alone, such a file was all one
+    # first line, and a ";" or tab separator, or a sep= line, was not seen in it
+    first, rest = _first_line(text)
     skip = 0
-    if re.fullmatch(r"sep=(.)\r?", first):  # Excel's line naming the separator ("sep=;"), before the header
+    if re.fullmatch(r"sep=(.)", first):  # Excel's line naming the separator ("sep=;"), before the header
         delimiter, skip = first[4], 1
-        text = text.split("\n", 1)[1] if "\n" in text else ""
-        first = text.split("\n", 1)[0]
+        text = rest
+        first = _first_line(text)[0]
     elif delimiter == "," and "," not in first and ";" in first:  # Excel in European locales separates with ";"
         delimiter = ";"
     elif delimiter == "," and "," not in first and "\t" in first:  # tab-separated, saved under a .csv name
@@ -753,6 +755,12 @@ def _read_csv(path: Path, raw: bytes, delimiter: str = ",") -> list[Record]:
         return records
     except csv.Error as exc:
         raise LorakitError(f"{path.name}:{reader.line_num + skip}: malformed CSV ({exc}); check quoting") from None
+
+
+def _first_line(text: str) -> tuple[str, str]:
+    """(the first line of ``text``, the text after its line end), lines ending as universal newlines say."""
+    end = re.search(r"\r\n|\r|\n", text)
+    return (text[:end.start()], text[end.end():]) if end else (text, "")
 
 
 def _read_parquet(path: Path) -> list[Record]:
