@@ -863,6 +863,21 @@ def _pre_tokenizer_name(spec: dict, base_name: str) -> str:
     return "gpt-2"
 
 
+def _gguf_context(config, arch: GgufArch) -> int:
+    """The context length the GGUF declares: the model's, or its sliding window where that is shorter and the
+    family's llama.cpp graph has none (Mistral 7B v0.1, run as llama: its 4096-token window under a 32768 context).
+    Within the window full attention is the model's own; past it llama.cpp would attend to every earlier token, so the
+    file says the context in which it equals the model (llama.cpp warns when asked for more), and this is said."""
+    context = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None) if arch.arch == "llama" else None
+    if isinstance(window, int) and not isinstance(window, bool) and 0 < window < context:
+        warnings.warn(f"llama.cpp runs this {config.model_type} model without its sliding window ({window} tokens), so "
+                      f"the GGUF declares a context of {window} tokens, not {context}: within it llama.cpp attends as "
+                      "the model does, past it to every earlier token", stacklevel=3)
+        return window
+    return context
+
+
 def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str = "f16", name: str = "merged") -> Path:
     """Write ``model`` (a plain, merged model of a ``GGUF_ARCHS`` family) as GGUF ``kind`` (``f16`` or ``q8_0``) to ``path``, atomically.
 
@@ -887,7 +902,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch.arch)
         writer.add_name(name)
-        writer.add_context_length(int(config.max_position_embeddings))
+        writer.add_context_length(_gguf_context(config, arch))
         writer.add_embedding_length(int(config.hidden_size))
         writer.add_block_count(int(config.num_hidden_layers))
         writer.add_feed_forward_length(int(config.intermediate_size))

@@ -150,3 +150,36 @@ def test_weights_saved_from_a_wrapper_are_named_with_the_prefix_and_the_fix(pref
     save_file({k.removeprefix(prefix): v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
     model, _ = lorakit.load_base(str(folder), device="cpu")
     assert_close(logits(model, IDS), logits(original, IDS))
+
+
+# -- GGUF of a Mistral with a sliding window -----------------------------------------------------------------------
+def test_a_mistral_gguf_declares_the_context_its_sliding_window_allows(tmp_path):
+    """Mistral 7B v0.1 attends over a 4096-token window within a 32768-token context; llama.cpp runs Mistral as
+    llama, whose graph has no window, and the GGUF declared the full context: past the window llama.cpp attended
+    to every earlier token (here, 10 tokens past a window of 4: logits off by 11). The file now declares the window
+    as its context, within which it gives the merged model's logits, and the export says so."""
+    import warnings
+
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.export import export_merged
+    from test_gguf_architectures import IDS as LONG, SHAPE, qwen_tokenizer
+
+    tokenizer = qwen_tokenizer()
+    model = seeded_model("MistralForCausalLM", "MistralConfig", dict(vocab_size=len(tokenizer), sliding_window=4,
+                                                                     **SHAPE))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["o_proj"]), adapter="x")
+    random_adapter(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_merged(model, tokenizer, "x", tmp_path / "out", gguf_type="f16", name="m")
+    assert [str(w.message) for w in caught if "sliding window" in str(w.message)] == [
+        "llama.cpp runs this mistral model without its sliding window (4 tokens), so the GGUF declares a context of 4 "
+        "tokens, not 256: within it llama.cpp attends as the model does, past it to every earlier token"]
+    assert gguf.GGUFReader(tmp_path / "out" / "m-f16.gguf").fields["llama.context_length"].contents() == 4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    from_gguf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="m-f16.gguf").eval()
+    within = LONG[:, :4]
+    expected = logits(merged, within)
+    torch.testing.assert_close(logits(from_gguf, within), expected, rtol=0, atol=0.02 * float(expected.abs().max()))
