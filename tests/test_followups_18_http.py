@@ -14,6 +14,9 @@ correctly on the same or a new connection afterwards:
 - a content part with a field missing or unknown (``cache_control``, which LiteLLM-style clients add) was refused
   as "messages.0.content: Input should be a valid string, got list [...]": pydantic's first error, for the union's
   string member; now the error inside the list of parts, naming the field;
+- NaN or Infinity in a JSON schema (Python's reader takes them from a body): llguidance read them as null, so
+  ``{"const": Infinity}`` forced every answer to ``null``, ``"maximum": NaN`` was "Expected f64, got null"; now
+  a 400 that names them;
 """
 
 from __future__ import annotations
@@ -295,3 +298,19 @@ def test_pipelined_requests_mixing_adapters_refusals_and_a_stream_are_answered_i
         assert wire.closed()
     finally:
         wire.close()
+
+
+# -- JSON: NaN and Infinity in a format -----------------------------------------------------------------------------
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", '{"model": "a0", "prompt": "x", "max_tokens": 4, "guided_json": {"const": Infinity}}'),
+    ("/v1/completions", '{"model": "a0", "prompt": "x", "max_tokens": 4, "guided_json": {"enum": [1, NaN]}}'),
+    ("/v1/chat/completions", '{"model": "a0", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}], '
+     '"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "number", '
+     '"maximum": -Infinity}}}}'),
+])
+def test_nan_or_infinity_in_a_format_is_refused_not_read_as_null(server, path, body):
+    response = server["client"].post(path, content=body, headers={"Content-Type": "application/json"})
+    error = api_error(response, 400)  # before: a 200 whose answer was "null", or "Expected f64 ..., got null"
+    assert "NaN or Infinity" in error["message"] and error["code"] == "invalid_response_format", error
+    finite = body.replace("-Infinity", "0").replace("Infinity", "1").replace("NaN", "2")
+    assert server["client"].post(path, content=finite, headers={"Content-Type": "application/json"}).status_code == 200

@@ -308,6 +308,11 @@ def schema_of(kind: str, schema: dict | None) -> dict:
 
 def check_schema_size(value: Any, limit: int = 256 * 1024) -> None:
     """A format (schema, pattern, choices, grammar) above ``limit`` characters of JSON is refused before it is
-    compiled."""
-    if len(json.dumps(value)) > limit:
+    compiled, and so is one holding NaN or Infinity: Python's JSON reader takes them from a request body, and
+    llguidance would read each as null (``{"const": Infinity}`` made every answer ``null``)."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except ValueError:
+        raise FormatError("the format holds NaN or Infinity, which are no JSON numbers; send finite numbers") from None
+    if len(text) > limit:
         raise FormatError(f"the format is over {limit // 1024} KiB of JSON; send a smaller one")
