@@ -228,3 +228,35 @@ def test_a_csv_with_mac_line_ends_reads_its_separator(tmp_path, name, text):
     line = 4 if name == "excel.csv" else 3
     with pytest.raises(LorakitError, match=rf"^{name}:{line}: 3 cells but the header has 2$"):
         read_many(path)
+
+
+def test_a_hub_dataset_id_or_a_url_as_data_says_what_to_do(tmp_path, monkeypatch):
+    """10. --data tatsu-lab/alpaca (as --model takes org/name) was "data file not found ...; check the path", and
+    --data https://host/x.jsonl was "data file not found: https:/host/x.jsonl" (one slash: the path as Path() reads
+    it). The id is now told how to download it, or where the cache holds it; the URL, that lorakit reads local files."""
+    import pandas as pd
+
+    from lorakit.models import hub_cache
+    from lorakit.train.sources import read_many
+
+    monkeypatch.setattr(hub_cache, "hub_cache_root", lambda: tmp_path / "hub")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LorakitError, match=r"^data file not found: tatsu-lab/alpaca; if it is a Hugging Face dataset "
+                                           r"id, lorakit downloads nothing: hf download --repo-type dataset "
+                                           r"tatsu-lab/alpaca --local-dir alpaca, then"):
+        read_many("tatsu-lab/alpaca")
+    with pytest.raises(LorakitError, match=r"^data https://example\.com/x\.jsonl is a URL; lorakit reads local files "
+                                           r"and downloads nothing: download it first \(e\.g\. curl -LO "):
+        read_many("https://example.com/x.jsonl")
+    snapshot = tmp_path / "hub" / "datasets--tatsu-lab--alpaca" / "snapshots" / "abc123"
+    (snapshot / "data").mkdir(parents=True)
+    pd.DataFrame([{"instruction": "Say hi", "input": "", "output": "hi"}]).to_parquet(
+        snapshot / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(LorakitError) as error:
+        read_many("tatsu-lab/alpaca")
+    said = str(error.value)
+    assert said == (f"data file not found: tatsu-lab/alpaca; the Hugging Face dataset tatsu-lab/alpaca is in the local "
+                    f"cache: give its files, --data {snapshot / 'data'}")
+    assert len(read_many(said.rsplit("--data ", 1)[1])) == 1  # and that path reads
+    with pytest.raises(LorakitError, match=r"^data file not found: data/train\.jsonl; check the path"):
+        read_many("data/train.jsonl")  # a file name: no word of the Hub

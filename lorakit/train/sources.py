@@ -72,6 +72,9 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
     """
     if isinstance(path, str) and not path.strip():  # "" (an unset variable) is Path("."): every file here
         raise LorakitError("a data path is empty (''); give a data file or a folder of them, e.g. train.jsonl")
+    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", str(path)):  # as given: Path() would make https:// into https:/
+        raise LorakitError(f"data {path} is a URL; lorakit reads local files and downloads nothing: download it "
+                           f"first (e.g. curl -LO {path}) and give the file")
     path = Path(path).expanduser()  # "~/data.jsonl" from a config file or --data=~/...: no shell expanded it
     if not path.exists() and any(ch in str(path) for ch in "*?["):  # a pattern from a config file (no shell expands it)
         import glob
@@ -96,6 +99,9 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
         close = _nearby_data_file(path)  # a typo: val.josnl for val.jsonl
         if close is not None:
             raise LorakitError(f"data file not found: {path}; did you mean {close}?")
+        hub = _hub_dataset_hint(str(path))
+        if hub:
+            raise LorakitError(f"data file not found: {path}; {hub}")
         raise LorakitError(f"data file not found: {path}; check the path (JSONL, CSV or a datasets folder)")
     if path.is_dir():
         kind = _not_data_folder(path)
@@ -809,6 +815,24 @@ def _read_arrow(path: Path) -> list[Record]:
     if twice is not None:  # to_pylist would keep the last of them
         raise LorakitError(f"{path}: the table has two columns named {shown(twice)}; rename or remove one")
     return [_table_record(row, f"{path.name} row {i}") for i, row in enumerate(_table_rows(table, path))]
+
+
+def _hub_dataset_hint(text: str) -> str | None:
+    """For a missing data path that reads as a Hub dataset id (``tatsu-lab/alpaca``, no file type): where the
+    Hugging Face cache holds it, or how to download it; None for anything else."""
+    from lorakit.models.hub_cache import cache_snapshot, hub_cache_root, looks_like_hub_id
+
+    if not looks_like_hub_id(text) or _data_suffix(Path(text)) is not None:
+        return None
+    try:
+        snapshot = cache_snapshot(hub_cache_root() / ("datasets--" + text.replace("/", "--")), holding=None)
+    except OSError:  # an unreadable cache: said as not there
+        snapshot = None
+    if snapshot is not None:
+        inside = snapshot / "data" if (snapshot / "data").is_dir() else snapshot
+        return f"the Hugging Face dataset {text} is in the local cache: give its files, --data {inside}"
+    return (f"if it is a Hugging Face dataset id, lorakit downloads nothing: hf download --repo-type dataset {text} "
+            f"--local-dir {text.split('/')[1]}, then give the data files in that folder")
 
 
 def _hub_cache_snapshot(path: Path) -> Path | None:
