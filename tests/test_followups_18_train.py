@@ -260,3 +260,20 @@ def test_a_hub_dataset_id_or_a_url_as_data_says_what_to_do(tmp_path, monkeypatch
     assert len(read_many(said.rsplit("--data ", 1)[1])) == 1  # and that path reads
     with pytest.raises(LorakitError, match=r"^data file not found: data/train\.jsonl; check the path"):
         read_many("data/train.jsonl")  # a file name: no word of the Hub
+
+
+def test_train_from_python_reads_the_configs_data_files(tmp_path):
+    """11. train(model, tok, config=TrainConfig(data=["train.jsonl"])) raised TypeError (train_data missing), and
+    train(model, tok, None, config) "'NoneType' object is not iterable": the config's data files are read now, as
+    lorakit train reads them; with neither, one line says what to give."""
+    from test_train_helpers import write_jsonl
+
+    tok = tiny_tokenizer()
+    write_jsonl(tmp_path / "train.jsonl", task_records(12))
+    config = TrainConfig(**{**SMALL, "max_steps": 2, "data": [str(tmp_path / "train.jsonl")], "val_fraction": 0.25})
+    said: list[str] = []
+    result = train(tiny_train_model(), tok, config=config, log=said.append)
+    assert result.steps == 2 and result.val_losses and any(line.startswith("training data: 9 examples") for line in said)
+    with pytest.raises(LorakitError, match=r"^train\(\) was given no training data: pass the records \(train_data\), "
+                                           r"or data=\[files\] in the TrainConfig$"):
+        train(tiny_train_model(), tok, None, config.replace(data=None))

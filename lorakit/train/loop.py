@@ -442,7 +442,7 @@ def save_result(model: nn.Module, tokenizer: Any, folder: Path, adapter: str | N
 
 
 # -- the loop -------------------------------------------------------------------------------------------------------
-def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig | None = None, *,
+def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: TrainConfig | None = None, *,
           val_data: Any = None, out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
           log: Callable[[str], None] | None = None, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Fine-tune ``model`` on ``train_data``: LoRA (injected from ``config`` unless the model already has a trainable
@@ -451,7 +451,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
     Args:
         model: a causal LM (transformers), on the device to train on.
         tokenizer: its tokenizer (pad id, and saved beside a fully fine-tuned model).
-        train_data: a :class:`lorakit.train.data.SupervisedDataset`, or records / dicts in one of the three shapes.
+        train_data: a :class:`lorakit.train.data.SupervisedDataset`, or records / dicts in one of the three shapes
+            (a DataFrame, a ``datasets.Dataset``); None: the files of ``config.data``.
         config: the options (default ``TrainConfig()``).
         val_data: validation data (same kinds), for the periodic validation loss; None for none.
         out: the run folder (checkpoints, metrics.jsonl, loss_curve.png, adapter/); default ``config.out``;
@@ -481,6 +482,13 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any, config: TrainConfig
         _refuse_earlier_run(out)
     # the data first: a bad record (or too few) is refused before the model is changed (an adapter injected, every
     # weight unfrozen), else a notebook's next call, with the data fixed, trained that adapter and not its config's
+    if train_data is None:  # train(model, tok, config=TrainConfig(data=["train.jsonl"])): the config's files
+        if not config.data:
+            raise LorakitError("train() was given no training data: pass the records (train_data), or data=[files] in "
+                               "the TrainConfig")
+        from lorakit.train.sources import read_many
+
+        train_data = read_many(config.data)
     if val_data is None:  # TrainConfig(val_fraction=0.1) or val_data=[files] from Python: as lorakit train does
         train_data, val_data = _validation_from_config(train_data, config)
     train_ds = as_dataset(train_data, tokenizer, config, "training data", config.pack)
