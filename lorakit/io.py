@@ -33,6 +33,7 @@ from lorakit.inject import (_base_modules, _weight_read_raw, adapter_hosts, adap
                             peft_resolves_differently, saved_by)
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 from lorakit.mha_lora import FILE_INFIXES, MhaLora
+from lorakit.models.hub_cache import hub_cache_snapshot, looks_like_hub_id
 from lorakit.param_lora import ParamLora, file_key_prefixes, parameter_layout
 from lorakit.resized_vocab import base_copy_path, resized_copies
 from lorakit.token_rows import TokenRows
@@ -385,6 +386,10 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
     (files linked to blobs) needs.
     """
     folder = Path(folder).expanduser()
+    if not folder.is_dir() and looks_like_hub_id(str(folder)) and not folder.parent.is_dir():
+        # an org/name id that `hf download org/name` put in the Hugging Face cache, as --model reads one (peft's
+        # from_pretrained takes the id too); nothing is downloaded
+        folder = hub_cache_snapshot(str(folder), holding=CONFIG_NAME) or folder
     if folder.is_file() and folder.name in (CONFIG_NAME, WEIGHTS_NAME, *PICKLED_NAMES):
         raise LorakitError(f"{folder} is a file of an adapter; pass the folder that holds it: {folder.parent}")
     if not folder.is_dir():

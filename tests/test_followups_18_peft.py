@@ -287,3 +287,31 @@ def test_an_adapter_of_gemma3s_text_model_runs_on_the_full_class(tmp_path):
     assert whole.model.language_model.layers[1].self_attn.v_proj.adapters["default"].rank == 2
     lorakit.save_adapter(whole, tmp_path / "ours")
     assert_close(logits(quiet(peft.PeftModel.from_pretrained, full(), tmp_path / "ours").eval(), ids), expected)
+
+
+# -- an adapter id in the Hugging Face cache ---------------------------------------------------------------------------
+def test_an_adapter_id_downloaded_into_the_hugging_face_cache_loads(tmp_path, monkeypatch, capsys):
+    """``hf download org/adapter`` (no --local-dir) puts a peft adapter in the Hugging Face cache, from which peft's
+    from_pretrained("org/adapter") reads it and lorakit's --model reads a base. lorakit refused the adapter id ("download
+    a hub adapter first ... --local-dir DIR"), though it was there. It now reads the cached snapshot (nothing is
+    downloaded), through load_adapter and lorakit generate; an id not in the cache keeps the refusal."""
+    from huggingface_hub import constants
+
+    from test_newuser_audit_13_models import _cache_entry
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)  # org/ is no local folder here
+    theirs = quiet(peft.get_peft_model, build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    randomize_peft(theirs)
+    theirs.save_pretrained(tmp_path / "saved")
+    _cache_entry(tmp_path / "saved", cache / "models--org--adapter")
+    ours = build("llama")
+    lorakit.load_adapter(ours, "org/adapter")
+    assert_close(logits(ours, IDS), logits(theirs, IDS))
+    base = base_folder("llama", tmp_path / "base")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(base), "--adapter", "org/adapter", "--max-new-tokens", "2", "--no-chat",
+                 "copy a b"]) == 0
+    with pytest.raises(lorakit.LorakitError, match=r"download a hub adapter first \(hf download org/absent --local-dir"):
+        lorakit.load_adapter(build("llama"), "org/absent")

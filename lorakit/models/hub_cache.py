@@ -51,12 +51,13 @@ def hub_cache_root() -> Path:
         return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
 
 
-def hub_cache_snapshot(repo_id: str) -> Path | None:
+def hub_cache_snapshot(repo_id: str, holding: str = "config.json") -> Path | None:
     """The snapshot of ``org/name`` in the local Hugging Face cache (the one ``refs/main`` names, else the newest
-    holding config.json), or None. Nothing is fetched: this is the folder ``hf download org/name`` filled."""
+    holding ``holding``: a model's config.json, an adapter's adapter_config.json), or None. Nothing is fetched: this
+    is the folder ``hf download org/name`` filled."""
     entry = hub_cache_root() / ("models--" + repo_id.replace("/", "--"))
     try:
-        return cache_snapshot(entry) if entry.is_dir() else None
+        return cache_snapshot(entry, holding) if entry.is_dir() else None
     except OSError:  # an unreadable cache: said as not found
         return None
 
