@@ -259,6 +259,14 @@ def unsupported(model: nn.Module) -> str | None:
     if model_type == "recurrent_gemma":
         return ("lorakit's generation does not support RecurrentGemma (it keeps its recurrent state inside its "
                 "layers, so batched rows would lose it); generate with transformers' model.generate instead")
+    if "position_ids" not in takes and any(name.endswith("embed_positions") for name, _ in model.named_modules()):
+        # BART / mBART / Pegasus / Marian / Blenderbot / TrOCR decoders number positions from the cache's length, not
+        # from position_ids or the mask: a row left-padded beside a longer one (or joining a running batch) was
+        # read at shifted positions, so its answer depended on the batch it ran in (ALiBi models, Bloom and MPT, take
+        # their positions from the mask and are fine)
+        return (f"lorakit's generation does not support {type(model).__name__}: it numbers positions from the cache's "
+                "length (its forward takes no position_ids), so rows of different lengths side by side would be read "
+                "at shifted positions; generate with transformers' model.generate, one prompt at a time")
     if (model_type == "dory" and getattr(text, "recurrent_kv_cache_mode", None) == "last_loop"
             and "sliding_attention" in (getattr(text, "layer_types", None) or ())):
         return ("lorakit's generation does not support Dory with recurrent_kv_cache_mode='last_loop' and sliding "

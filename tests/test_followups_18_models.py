@@ -183,3 +183,42 @@ def test_a_mistral_gguf_declares_the_context_its_sliding_window_allows(tmp_path)
     within = LONG[:, :4]
     expected = logits(merged, within)
     torch.testing.assert_close(logits(from_gguf, within), expected, rtol=0, atol=0.02 * float(expected.abs().max()))
+
+
+# -- decoders that number positions from the cache's length -------------------------------------------------------
+BART_DECODER = dict(vocab_size=VOCAB, d_model=32, decoder_layers=2, encoder_layers=2, decoder_attention_heads=4,
+                    encoder_attention_heads=4, decoder_ffn_dim=48, encoder_ffn_dim=48, max_position_embeddings=128,
+                    bos_token_id=1, eos_token_id=3, pad_token_id=3)
+
+
+def test_a_decoder_numbering_positions_from_the_cache_is_refused_by_generation(tmp_path, capsys):
+    """BlenderbotForCausalLM (and BART's, mBART's, Pegasus', Marian's, TrOCR's decoders) take no position_ids: they
+    number positions from the cache's length, so a prompt left-padded beside a longer one was read at shifted
+    positions and lorakit's batched generation answered it otherwise than alone ([12, 12, 12, 109] beside a longer
+    prompt, [56, 56, 56, 56] alone, on this seeded model). Its generation now refuses such models in one line, as it
+    does RWKV's; GPT-2, Bloom and MPT (positions from position_ids or from the mask) are not affected."""
+    from lorakit import generation as G
+    from lorakit.errors import LorakitError
+
+    model = seeded_model("BlenderbotForCausalLM", "BlenderbotConfig", BART_DECODER)
+    with torch.no_grad():  # transformers' own greedy: the second prompt alone and beside the first
+        alone = model.generate(torch.tensor([[1, 9, 12]]), max_new_tokens=4, do_sample=False, eos_token_id=None,
+                               forced_eos_token_id=None)[0, 3:].tolist()
+        batch = model.generate(torch.tensor([[1, 7, 10, 11, 8, 12], [0, 0, 0, 1, 9, 12]]),
+                               attention_mask=torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]]), max_new_tokens=4,
+                               do_sample=False, eos_token_id=None, forced_eos_token_id=None, pad_token_id=0)
+    assert batch[1, 6:].tolist() != alone  # the batch changes the answer: the model cannot run left-padded rows
+    with pytest.raises(LorakitError, match=r"^lorakit's generation does not support BlenderbotForCausalLM: it numbers "
+                                           r"positions from the cache's length \(its forward takes no position_ids\)"):
+        G.generate(model, [[1, 7, 10, 11, 8, 12], [1, 9, 12]], [None, None], G.SamplingParams(max_new_tokens=4))
+    others = [("GPT2LMHeadModel", "GPT2Config", dict(n_embd=32, n_layer=1, n_head=4)),
+              ("BloomForCausalLM", "BloomConfig", dict(hidden_size=32, n_layer=1, n_head=4)),
+              ("MptForCausalLM", "MptConfig", dict(d_model=32, n_layers=1, n_heads=4))]
+    for model_class, config_class, shape in others:
+        assert G.unsupported(seeded_model(model_class, config_class, dict(vocab_size=VOCAB, **shape))) is None
+
+    folder = tmp_path / "blenderbot decoder"
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    code, out, err = cli(capsys, "generate", "--model", folder, "--max-new-tokens", 3, "reverse a b :")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "BlenderbotForCausalLM" in err, err
