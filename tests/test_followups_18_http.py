@@ -16,7 +16,10 @@ correctly on the same or a new connection afterwards:
   string member; now the error inside the list of parts, naming the field;
 - NaN or Infinity in a JSON schema (Python's reader takes them from a body): llguidance read them as null, so
   ``{"const": Infinity}`` forced every answer to ``null``, ``"maximum": NaN`` was "Expected f64, got null"; now
-  a 400 that names them;
+  a 400 that names them.
+
+The pipelining test passed as it was: a guard that the middlewares above keep HTTP/1.1 pipelining (requests sent
+back to back on one connection, a stream among them) answered in order.
 """
 
 from __future__ import annotations
@@ -246,7 +249,8 @@ def test_a_request_head_over_the_limit_is_431_not_malformed(server, answer, firs
 
 
 # -- JSON: the error inside a list of content parts ------------------------------------------------------------------
-CHAT_PART = {"model": "a0", "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}
+CHAT_PART = {"model": "a0", "max_tokens": 2, "messages": [{"role": "user", "content": [
+    {"type": "text", "text": "Hi"}]}]}
 INPUT_PART = {"model": "a0", "max_output_tokens": 16, "input": [{"role": "user", "content": [
     {"type": "input_text", "text": "Hi"}]}]}
 
