@@ -277,3 +277,21 @@ def test_train_from_python_reads_the_configs_data_files(tmp_path):
     with pytest.raises(LorakitError, match=r"^train\(\) was given no training data: pass the records \(train_data\), "
                                            r"or data=\[files\] in the TrainConfig$"):
         train(tiny_train_model(), tok, None, config.replace(data=None))
+
+
+@pytest.mark.parametrize("record,fix", [
+    ({"prompt": "2+2=", "output": "4"}, "rename 'output' to 'completion'"),
+    ({"prompt": "2+2=", "target": "4"}, "rename 'target' to 'completion'"),
+    ({"input": "2+2=", "completion": "4"}, "rename 'input' to 'prompt'"),
+    ({"query": "2+2=", "completion": "4"}, "rename 'query' to 'prompt'"),
+    ({"prompt": "2+2=", "completion": "4", "response": "four"}, "remove it"),  # the completion is there already
+])
+def test_a_half_renamed_record_is_told_to_rename_not_to_remove(record, fix):
+    """12. {"prompt", "output"} (two tools' names mixed) was told "unknown field 'output'; ... remove it": removing it
+    loses the answer, and the next run says "missing field 'completion'". The other tools' names for the missing
+    field (formats.PROMPT_LIKE, COMPLETION_LIKE) are renamed now, as a typo of it is."""
+    from lorakit.train.formats import validate_record
+
+    with pytest.raises(LorakitError) as error:
+        validate_record(record, "t.jsonl:1")
+    assert str(error.value).endswith(f"a prompt_completion record has only 'prompt', 'completion': {fix}"), error.value

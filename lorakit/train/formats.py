@@ -397,13 +397,18 @@ def _keys(keys: list, quoted: bool = True, most: int = 10) -> str:
 
 
 def _renamed(key: Any, candidates: Iterable[str]) -> str | None:
-    """The field a misspelt key most likely is ("promt" -> "prompt", "ouput" -> "output"), or None."""
+    """The field a misspelt key most likely is ("promt" -> "prompt", "ouput" -> "output"), or the one another tool's
+    name for it stands for ("output" -> "completion" beside a "prompt": :data:`PROMPT_LIKE`, ...), or None."""
     if not isinstance(key, str):
         return None
     import difflib
 
-    match = difflib.get_close_matches(key.strip().lower(), list(candidates), n=1, cutoff=0.8)
-    return match[0] if match else None
+    candidates = list(candidates)
+    match = difflib.get_close_matches(key.strip().lower(), candidates, n=1, cutoff=0.8)
+    if match:
+        return match[0]
+    like = {"prompt": PROMPT_LIKE, "completion": COMPLETION_LIKE, "messages": MESSAGE_LIKE}
+    return next((field for field in candidates if key.strip().lower() in like.get(field, ())), None)
 
 
 def _normalize_keys(obj: Mapping, known: frozenset) -> Mapping:
