@@ -222,3 +222,35 @@ def test_a_decoder_numbering_positions_from_the_cache_is_refused_by_generation(t
     tiny_tokenizer().save_pretrained(folder)
     code, out, err = cli(capsys, "generate", "--model", folder, "--max-new-tokens", 3, "reverse a b :")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "BlenderbotForCausalLM" in err, err
+
+
+# -- an index naming shards that are not safetensors ---------------------------------------------------------------
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_an_index_naming_a_pickle_as_a_shard_is_refused_before_anything_unpickles_it(quantize, tmp_path, monkeypatch):
+    """transformers picks a shard's reader by its name's ending, even for model.safetensors.index.json and with
+    use_safetensors=True: an index naming "model-00002-of-00002.bin" (a pickle, as old sharded saves wrote them) sent
+    that file to torch.load, which unpickled it (lorakit never unpickles), and a shard named "config.json" failed as
+    an UnpicklingError traceback. Such an index is refused in one line before any weight is read."""
+    import json
+
+    from conftest import tiny_llama
+    from lorakit.errors import LorakitError
+
+    folder = tmp_path / "sharded"
+    tiny_llama().save_pretrained(folder, max_shard_size="30KB")
+    tiny_tokenizer().save_pretrained(folder)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    last = sorted(set(index["weight_map"].values()))[-1]
+    renamed = last.replace(".safetensors", ".bin")
+    (folder / last).rename(folder / renamed)
+    index["weight_map"] = {key: renamed if shard == last else shard for key, shard in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    unpickled = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: unpickled.append(args) or {})
+    with pytest.raises(LorakitError) as refused:
+        lorakit.load_base(str(folder), device="cpu", quantize=quantize)
+    assert str(refused.value) == (f"{index_path}: shard {renamed!r} is not a .safetensors file; lorakit reads "
+                                  "safetensors weights only (it never unpickles a file): download "
+                                  "model.safetensors.index.json again")
+    assert unpickled == []

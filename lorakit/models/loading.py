@@ -147,6 +147,10 @@ def _check_weights_present(folder: Path) -> None:
     outside = [name for name in shards if Path(name).name != name or name in (".", "..")]
     if outside:  # "../x.safetensors", "/abs/x": the index may only name files of this folder
         raise LorakitError(f"{index}: shard {outside[0]!r} is not a file inside {folder}; download {INDEX} again")
+    other = [name for name in shards if not name.endswith(".safetensors")]
+    if other:  # transformers reads a shard by its name's ending: "weights.bin", "config.json" went to torch.load
+        raise LorakitError(f"{index}: shard {other[0]!r} is not a .safetensors file; lorakit reads safetensors weights "
+                           f"only (it never unpickles a file): download {INDEX} again")
     missing = [name for name in shards if not (folder / name).is_file()]
     if missing:
         raise LorakitError(f"{folder}: {INDEX} names {len(shards)} weight shards and {listed(missing, limit=3)} "
