@@ -295,3 +295,18 @@ def test_a_half_renamed_record_is_told_to_rename_not_to_remove(record, fix):
     with pytest.raises(LorakitError) as error:
         validate_record(record, "t.jsonl:1")
     assert str(error.value).endswith(f"a prompt_completion record has only 'prompt', 'completion': {fix}"), error.value
+
+
+def test_an_out_that_is_a_file_is_one_line_before_the_model_changes(tok, tmp_path):
+    """13. train(..., out=FILE) (or a folder under a file) raised FileExistsError / NotADirectoryError from the
+    metrics log, after the adapter was injected; now one line first, the model untouched."""
+    import lorakit
+
+    (tmp_path / "notes.txt").write_text("mine")
+    config = TrainConfig(**{**SMALL, "max_steps": 1})
+    for out, said in ((tmp_path / "notes.txt", "is a file"), (tmp_path / "notes.txt" / "run", "is inside ")):
+        model = tiny_train_model()
+        with pytest.raises(LorakitError, match=rf"^out='{out}' {said}.*; give a folder for the run$"):
+            train(model, tok, task_records(8), config, out=out)
+        assert lorakit.adapter_names(model) == []
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -478,8 +478,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
     if config.fsdp and torch.cuda.is_available() and world_size > 1:  # the base may wait on the CPU until sharded
         device = torch.device("cuda", torch.cuda.current_device())
     grad_accum = accumulation_steps(config, world_size)
-    if out is not None and resume is None:
-        _refuse_earlier_run(out)
+    if out is not None:
+        _check_out_folder(out, fresh=resume is None)
     # the data first: a bad record (or too few) is refused before the model is changed (an adapter injected, every
     # weight unfrozen), else a notebook's next call, with the data fixed, trained that adapter and not its config's
     if train_data is None:  # train(model, tok, config=TrainConfig(data=["train.jsonl"])): the config's files
@@ -601,7 +601,10 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
                 + "; ".join(state["optimizer_changes"]))
     if out is not None and main:
         _remove_stale_temporaries(out)
-    metrics = MetricsLog(out, config.tensorboard, resume_step=step if resume is not None else None) if (out and main) else None
+    try:
+        metrics = MetricsLog(out, config.tensorboard, resume_step=step if resume is not None else None) if (out and main) else None
+    except OSError as error:  # a folder that cannot be made after all (a read-only or special file system)
+        raise LorakitError(f"cannot write the run folder {out}: {error.strerror or error}; give another out") from None
 
     def checkpoint_state(pending_validation: bool) -> dict[str, Any]:
         state = {"data": batches.state_dict(), "skipped_steps": skipped, "tokens": tokens_seen, "identity": identity,
@@ -819,12 +822,20 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
                        adapter_dir, last_checkpoint, val_losses)
 
 
-def _refuse_earlier_run(out: Path) -> None:
-    """A new run (no ``resume``) into a folder that holds another run's checkpoints or adapters is refused, as
-    ``lorakit train`` refuses it: its steps were appended to the earlier run's metrics.jsonl (one loss curve of two
-    runs), and the earlier run's checkpoints and best/ adapter stayed beside the new ones, read as this run's."""
+def _check_out_folder(out: Path, fresh: bool) -> None:
+    """Before anything is read or changed: ``out`` must be a folder that can be made (a file there, or above it, was
+    an OSError traceback once the run started writing), and a new run (``fresh``: no ``resume``) into a folder that
+    holds another run's checkpoints or adapters is refused, as ``lorakit train`` refuses it: its steps were appended
+    to the earlier run's metrics.jsonl (one loss curve of two runs), and the earlier run's checkpoints and best/
+    adapter stayed beside the new ones, read as this run's."""
+    existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"is inside {existing}, a file"
+        raise LorakitError(f"out={str(out)!r} {where}; give a folder for the run")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LorakitError(f"out={str(out)!r}: {existing} is not writable; give another folder for the run")
     held = [name for name in (CHECKPOINTS_DIR, ADAPTER_DIR, BEST_DIR, MODEL_DIR) if (out / name).is_dir()
-            and any((out / name).iterdir())]
+            and any((out / name).iterdir())] if fresh else []
     if held:
         raise LorakitError(f"out={str(out)!r} holds an earlier run ({', '.join(f'{name}/' for name in held)}); pass "
                            f"resume={str(out)!r} to continue it, or another out (or remove the folder) to start again")
