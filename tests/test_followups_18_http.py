@@ -192,6 +192,8 @@ def test_expect_100_continue_read_by_the_app_keeps_the_connection(server, answer
         assert wire.answer()[0] == 200
         wire.send(_request("POST", "/v1/nothing", BODY))
         _error(*wire.answer()[::2], 404)
+        wire.send(_request("POST", "/v1/nothing", b" " * 300_000))  # a body the answer came before, read after it
+        _error(*wire.answer()[::2], 404)  # (not taken for a request head over the limit)
         wire.send(_request("POST", "/v1/completions", BODY))
         code, fields, body = wire.answer()
         assert code == 200 and json.loads(body)["choices"][0]["text"] == answer
@@ -214,8 +216,6 @@ def test_an_absolute_form_target_is_routed_by_its_path(server, answer):
         wire.send(_request("GET", "http://localhost/v1/models/a1"))
         code, _, body = wire.answer()
         assert code == 200 and json.loads(body)["id"] == "a1"
-        wire.send(_request("GET", "http://localhost"))  # no path: "/", which no route serves
-        assert "no route GET '/'" in _error(*wire.answer()[::2], 404)["message"]
     finally:
         wire.close()
 

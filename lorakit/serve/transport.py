@@ -176,6 +176,9 @@ def _expects_a_body(headers) -> bool:
         b"transfer-encoding" in fields or fields.get(b"content-length", b"0").lstrip(b"0") != b"")
 
 
+HEAD_LIMIT_BYTES = 16 * 1024  # a request line and headers still incomplete past this are refused: h11's own limit
+
+
 _ABSOLUTE_FORM = re.compile(rb"https?://([^/?#]*)", re.IGNORECASE)
 
 
@@ -208,6 +211,8 @@ def http_protocol(header_timeout: float | None = None):
     - a request whose parser refuses it (a bad request line or header, a negative Content-Length, HTTP/1.1
       without Host) answered with the OpenAI error body instead of plain text "Invalid HTTP request received."
       (a 431 where h11 refused a request line and headers over its size limit, not a malformed one);
+    - a request line and headers still incomplete past ``HEAD_LIMIT_BYTES`` answered 431 and closed, whichever
+      parser runs (httptools has no limit: a header that never ended grew the server's memory until the deadline);
     - a deadline of ``header_timeout`` seconds (None: none) for a request's line and headers, counted from the
       connection's start, or on a kept-alive connection from the first byte of the next request (an idle one is
       closed by uvicorn's keep-alive timeout). A connection past it is closed, with a 408 error body where it
@@ -224,18 +229,23 @@ def http_protocol(header_timeout: float | None = None):
     class Guarded(AutoHTTPProtocol):
         _head_timer = None  # the loop's TimerHandle while a request's head is awaited with a deadline
         _head_bytes = False  # whether any byte of that head came
+        _head_size = 0  # the bytes of it so far (httptools' parser sets no limit of its own, h11's 16 KiB)
 
         def send_400_response(self, msg: str) -> None:
             self._cancel_head_timer()
             limit = self._head_limit()
             if limit is not None:  # h11 gave up on a head over its buffer, not a malformed one
-                self._write_error(431, "Request Header Fields Too Large", f"the request line and headers are over "
-                                  f"the limit of {limit // 1024} KiB; send long values (prompts, names) in the JSON "
-                                  "body", "request_too_large")
+                self._head_too_large(limit)
                 return
             self._write_error(400, "Bad Request", "malformed HTTP request: its request line or headers could not be "
                               "parsed (HTTP/1.1 needs a Host header, Content-Length a non-negative integer)",
                               "invalid_http")  # (uvicorn's msg: always this case)
+
+        def _head_too_large(self, limit: int) -> None:
+            self._cancel_head_timer()
+            self._write_error(431, "Request Header Fields Too Large", f"the request line and headers are over the "
+                              f"limit of {limit // 1024} KiB; send long values (prompts, names) in the JSON body",
+                              "request_too_large")
 
         def _head_limit(self) -> int | None:
             """h11's limit on an incomplete request head where the bytes it holds are over it (the refusal
@@ -261,19 +271,26 @@ def http_protocol(header_timeout: float | None = None):
         def data_received(self, data: bytes) -> None:
             before = self.cycle
             awaiting = before is None or before.response_complete  # not inside a request the app handles
+            # and no longer reading its body either (one an early answer left unread): the bytes are a head's
+            heading = awaiting and not (before is not None and getattr(before, "more_body", False))
             super().data_received(data)
             if self.cycle is not before:  # a request's head was parsed (a pipelined one's too)
+                self._head_size = 0
                 self._cancel_head_timer()
                 self._close_if_ambiguous()
             elif awaiting and data:
                 if self._head_timer is None:  # the next request on a kept-alive connection began
                     self._arm_head_timer()
                 self._head_bytes = True
+                self._head_size += len(data) if heading else 0
+                if self._head_size > HEAD_LIMIT_BYTES and not self.transport.is_closing():
+                    self._head_too_large(HEAD_LIMIT_BYTES)  # a head that never ends must not fill the memory
 
         def on_response_complete(self) -> None:
             before = self.cycle
             super().on_response_complete()  # arms uvicorn's keep-alive timer for the idle wait that follows
             if self.cycle is not before:  # a pipelined request, parsed now
+                self._head_size = 0
                 self._cancel_head_timer()
                 self._close_if_ambiguous()
             elif getattr(getattr(self, "conn", None), "trailing_data", (b"",))[0] and not self.transport.is_closing():
