@@ -254,3 +254,33 @@ def test_an_index_naming_a_pickle_as_a_shard_is_refused_before_anything_unpickle
                                   "safetensors weights only (it never unpickles a file): download "
                                   "model.safetensors.index.json again")
     assert unpickled == []
+
+
+# -- a pipe, device or folder where a tokenizer or generation file goes --------------------------------------------
+@pytest.mark.timeout(60)  # the old load waited for the pipe's writer forever
+@pytest.mark.parametrize("name, kind", [("tokenizer.json", "fifo"), ("generation_config.json", "fifo"),
+                                        ("tokenizer_config.json", "device"), ("chat_template.jinja", "folder")])
+def test_a_pipe_device_or_folder_in_a_model_files_place_is_one_line(name, kind, tmp_path):
+    """A FIFO named tokenizer.json, tokenizer_config.json or generation_config.json made lorakit.load_base (and every
+    command) wait forever, as transformers opened it; a link to /dev/zero there read without end. Such files are
+    named before anything is opened, as check_weights_file names them in a safetensors file's place."""
+    import os
+
+    from conftest import tiny_llama
+    from lorakit.errors import LorakitError
+
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    path = folder / name
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+    what = "a folder" if kind == "folder" else "not a regular file (a pipe, socket or device)"
+    with pytest.raises(LorakitError) as refused:
+        lorakit.load_base(str(folder), device="cpu")
+    assert str(refused.value) == f"{folder}: {name} is {what}; it must be the file itself: download or copy it again"

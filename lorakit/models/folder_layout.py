@@ -27,7 +27,8 @@ def check_links(folder: Path) -> None:
     """Refuse a file the load reads that is a link to nothing: a Hugging Face cache snapshot links each file into
     ``blobs/``, and a blob deleted (a cache cleanup) or never finished (a killed download) left
     "model.safetensors: No such file or directory", or for a tokenizer file "Couldn't instantiate the backend
-    tokenizer", naming no cause."""
+    tokenizer", naming no cause. A pipe, device or folder in a file's place is refused too: a FIFO named
+    tokenizer.json or generation_config.json made the load wait forever."""
     names = [folder / name for name in READ_FILES] + sorted(folder.glob("*.safetensors"))
     broken = [path for path in names if path.is_symlink() and not path.exists()]
     if broken:
@@ -35,6 +36,13 @@ def check_links(folder: Path) -> None:
         raise LorakitError(f"{folder}: {broken[0].name} is a link to {target}, which does not exist (a Hugging Face "
                            "cache whose file was deleted, or a download that did not finish); download the model "
                            "again (hf download REPO, or with --local-dir DIR for a plain folder)")
+    # a pipe, socket or device (a link to /dev/zero) where a tokenizer or generation file goes: transformers opened it
+    # and waited for a writer forever, or read without end; a folder there is named too (safetensors files: their
+    # own check, check_weights_file)
+    odd = [path for path in names[:len(READ_FILES)] if path.exists() and not path.is_file()]
+    if odd:
+        kind = "a folder" if odd[0].is_dir() else "not a regular file (a pipe, socket or device)"
+        raise LorakitError(f"{folder}: {odd[0].name} is {kind}; it must be the file itself: download or copy it again")
 
 
 SHARD_NAME = re.compile(r"(.+)-(\d+)-of-(\d+)\.safetensors")
