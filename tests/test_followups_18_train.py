@@ -310,3 +310,19 @@ def test_an_out_that_is_a_file_is_one_line_before_the_model_changes(tok, tmp_pat
             train(model, tok, task_records(8), config, out=out)
         assert lorakit.adapter_names(model) == []
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train-00000-of-00001.parquet", "data-00000-of-00001.arrow",
+                                  "train.csv"])
+def test_a_git_lfs_pointer_is_said_to_be_one(tmp_path, name):
+    """14. `git clone` of a Hugging Face dataset without git-lfs leaves pointer files in place of the data: read as
+    data they were "malformed JSON (Expecting value at column 1); one object per line", "not a readable Parquet file
+    (... Parquet magic bytes not found in footer ...)" or a CSV header error."""
+    from lorakit.train.sources import read_many
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / name).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943"
+                                          "f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 24246638\n")
+    with pytest.raises(LorakitError, match=rf"^{tmp_path / 'data' / name}: a Git LFS pointer, not the data \(the "
+                                           r"repository was cloned without git-lfs\); fetch the files: git lfs"):
+        read_many(tmp_path / "data")

@@ -291,6 +291,19 @@ def _decompress(path: Path, raw: bytes, kind: str) -> bytes:
         raise LorakitError(f"{path}: a damaged {kind} file ({reason}); compress it again or give it uncompressed") from None
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def _refuse_lfs_pointer(path: Path, head: bytes) -> None:
+    """A Git LFS pointer (the few lines ``git clone`` of a Hugging Face dataset leaves in place of each large file
+    when git-lfs is not installed) said as one, with the fix: read as data it was "malformed JSON" or "not a
+    readable Parquet file (... magic bytes not found ...)"."""
+    if head.startswith(LFS_POINTER):
+        raise LorakitError(f"{path}: a Git LFS pointer, not the data (the repository was cloned without git-lfs); "
+                           "fetch the files: git lfs install && git lfs pull in the clone, or hf download --repo-type "
+                           "dataset ORG/NAME")
+
+
 def _read_bytes(path: Path, text: bool = True) -> bytes:
     """The file's bytes, decompressed when it is gzip, xz, bzip2 or zstd (:data:`_COMPRESSED`); for a ``text`` file also
     re-encoded from UTF-16 / UTF-32 to UTF-8 and refused when it is binary."""
@@ -298,6 +311,7 @@ def _read_bytes(path: Path, text: bool = True) -> bytes:
         raw = path.read_bytes()
     except OSError as exc:
         raise LorakitError(f"{path}: cannot read it ({exc.strerror}); check the file's permissions") from None
+    _refuse_lfs_pointer(path, raw)
     kind = next((name for magic, name in _COMPRESSED if raw.startswith(magic)), None)
     if kind == "bzip2" and raw[3:4] not in b"123456789":  # "BZh" then the block size: else text that starts so
         kind = None
@@ -775,6 +789,11 @@ def _read_parquet(path: Path) -> list[Record]:
     except ImportError:
         raise LorakitError(f"{path}: reading Parquet needs pyarrow: pip install 'lorakit[data]'") from None
     source: Any = path
+    try:
+        with open(path, "rb") as handle:
+            _refuse_lfs_pointer(path, handle.read(len(LFS_POINTER)))
+    except OSError:  # unreadable: pyarrow says why below
+        pass
     if path.suffix.lower() in COMPRESSED_SUFFIXES:  # Parquet reads from its end (the footer): decompressed first
         import pyarrow as pa
 
@@ -800,6 +819,11 @@ def _read_arrow(path: Path) -> list[Record]:
         import pyarrow as pa  # lazy: comes with the datasets package (lorakit[data])
     except ImportError:
         raise LorakitError(f"{path}: reading Arrow needs pyarrow: pip install 'lorakit[data]'") from None
+    try:
+        with open(path, "rb") as handle:
+            _refuse_lfs_pointer(path, handle.read(len(LFS_POINTER)))
+    except OSError:  # unreadable: pyarrow says why below
+        pass
     try:
         with pa.input_stream(str(path), compression="detect") as stream:  # detect: gzip for a .gz name
             data = pa.py_buffer(stream.read())
