@@ -326,3 +326,18 @@ def test_a_git_lfs_pointer_is_said_to_be_one(tmp_path, name):
     with pytest.raises(LorakitError, match=rf"^{tmp_path / 'data' / name}: a Git LFS pointer, not the data \(the "
                                            r"repository was cloned without git-lfs\); fetch the files: git lfs"):
         read_many(tmp_path / "data")
+
+
+def test_a_datasets_folder_of_lfs_pointers_is_said_to_be_one(tmp_path):
+    """14b. The same for a save_to_disk folder whose .arrow files are pointers: it was "not a folder written by
+    datasets' save_to_disk (Expected to read 1936876918 metadata bytes, but only read 62)"."""
+    import datasets
+
+    from lorakit.train.sources import read_many
+
+    datasets.Dataset.from_list(task_records(4)).save_to_disk(str(tmp_path / "saved"))
+    assert len(read_many(tmp_path / "saved")) == 4
+    for arrow in (tmp_path / "saved").glob("*.arrow"):
+        arrow.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 10\n")
+    with pytest.raises(LorakitError, match=r"data-00000-of-00001\.arrow: a Git LFS pointer, not the data"):
+        read_many(tmp_path / "saved")

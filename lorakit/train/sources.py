@@ -875,6 +875,12 @@ def _read_datasets_folder(path: Path, split: str | None) -> list[Record]:
         import datasets  # lazy: an optional dependency (lorakit[data])
     except ImportError:
         raise LorakitError(f"{path}: reading a datasets folder needs the 'datasets' package: pip install 'lorakit[data]'") from None
+    for arrow in sorted(path.glob("**/*.arrow"))[:64]:  # a folder cloned without git-lfs: pointers, not tables
+        try:
+            with open(arrow, "rb") as handle:
+                _refuse_lfs_pointer(arrow, handle.read(len(LFS_POINTER)))
+        except OSError:  # unreadable: load_from_disk says why below
+            pass
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises FileNotFoundError/ValueError/... for folders it did not write
