@@ -1,5 +1,6 @@
-"""The serving engine on a StaticDecoder, in process: newcomers prefilled by the decoder itself (short prompts) or by
-transformers + admit (over STATIC_PREFILL_MAX_TOKENS), both giving the tokens of offline greedy generation, with
+"""The serving engine on a StaticDecoder, in process, with chunked prefill off (tests/test_followups_18_chunked.py
+has it on): newcomers prefilled by the decoder itself (short prompts) or by transformers + admit (over
+STATIC_PREFILL_MAX_TOKENS), both giving the tokens of offline greedy generation, with
 mixed adapters, a request that ends at its first token (its row is released at once) and rows reused."""
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _model():
 
 def _serve(model, max_batch, names=NAMES):
     decoder = StaticDecoder(model, max_batch=max_batch, max_len=16)
-    engine = Engine(model, threading.RLock(), max_batch=max_batch, decoder=decoder)
+    engine = Engine(model, threading.RLock(), max_batch=max_batch, decoder=decoder, prefill_chunk=0)
     results, finished = {}, threading.Semaphore(0)
     try:
         for i, (prompt, name, new) in enumerate(zip(PROMPTS, names, NEW)):

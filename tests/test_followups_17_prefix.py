@@ -321,7 +321,7 @@ def test_the_engine_counts_shared_blocks_when_it_routes_a_burst(monkeypatch):
     model = tiny_llama(max_position_embeddings=512)
     decoder = StaticDecoder(model, max_batch=4, max_len=128, prefix_cache=1024)
     lock = threading.RLock()
-    engine = Engine(model, lock, max_batch=4, decoder=decoder)
+    engine = Engine(model, lock, max_batch=4, decoder=decoder, prefill_chunk=0)  # routing by the total
     system = list(range(20, 60))
     burst = [Request(prompt=system + [j, j + 1], adapter=None, params=SamplingParams(max_new_tokens=3),
                      on_token=lambda token, info: True, on_finish=lambda reason: None) for j in range(4)]

@@ -135,6 +135,8 @@ class StaticDecoder:
             self._host = self._host.pin_memory()
         self.lengths = [0] * B  # tokens in each row's cache (host copy; -1 marks a free row)
         self.active = [False] * B
+        # rows part way through a chunked prefill (``prefill`` with ``upto``): held (active) but not stepped
+        self.filling = [False] * B
         # whether each row holds the K/V of every position before its length in every layer: not a row admitted
         # from a cache whose sliding layers kept only their window (the prefix cache must not keep such a row)
         self.whole = [True] * B
@@ -249,12 +251,18 @@ class StaticDecoder:
                     cache[:, :, :width].index_copy_(0, rows_t, picked.to(cache.dtype))
         for row, member in zip(rows, members):
             self.lengths[row], self.active[row], self.whole[row], self.reused[row] = lengths[member], True, whole, 0
-            self._kv_source[row] = None
+            self.filling[row], self._kv_source[row] = False, None
 
     def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], adapters: Sequence[str | None],
-                salts: Sequence[str | None] | None = None) -> torch.Tensor:
+                salts: Sequence[str | None] | None = None, upto: Sequence[int] | None = None) -> torch.Tensor:
         """Run ``prompts[j]`` (token ids) through adapter ``adapters[j]`` into free cache row ``rows[j]``; returns
         (n, V) float32 next-token logits of each prompt's last token. The rows then decode with ``step``.
+
+        Chunked prefill: with ``upto[j]`` < len(prompts[j]), only the prompt's first ``upto[j]`` tokens go into
+        the row, which stays held (``filling``: not free, not stepped) until a later call with the same row,
+        prompt, adapter and salt continues it from there (only its next tokens run); the logits are then those of
+        the last token run. A server spreads a long prompt over several steps this way, so the rows decoding
+        beside it wait for one chunk at a time instead of the whole prompt.
 
         With the prefix cache on, a prompt's longest cached prefix (whole blocks, same adapter and ``salts[j]``,
         vLLM's ``cache_salt``: prompts under different salts never share K/V) is copied into its row and only the
@@ -274,13 +282,20 @@ class StaticDecoder:
                                f"{len(prompts)} prompts and {len(adapters)} adapter names")
         if len(set(rows)) != n or any(not 0 <= row < self.max_batch for row in rows):
             raise LorakitError(f"prefill rows must be distinct cache rows in 0..{self.max_batch - 1}, got {list(rows)}")
+        upto = [len(p) for p in prompts] if upto is None else [int(u) for u in upto]
+        if len(upto) != n:
+            raise LorakitError(f"prefill's upto needs one token count per row, got {len(upto)} for {n} rows")
         vocab = self.parts.embed.weight.shape[0]
-        for row, prompt in zip(rows, prompts):
-            if self.active[row]:
+        for row, prompt, end in zip(rows, prompts, upto):
+            if self.active[row] and not self.filling[row]:
                 raise LorakitError(f"cache row {row} is in use; release it first")
             if not 0 < len(prompt) < self.max_len:
                 raise LorakitError(f"a prompt of {len(prompt)} tokens does not fit the decoder's {self.max_len}-token rows "
                                    "(it needs 1 to max_len - 1 tokens)")
+            done = self.lengths[row] if self.filling[row] else 0
+            if not done < end <= len(prompt):
+                raise LorakitError(f"cache row {row} holds {done} of its prompt's {len(prompt)} tokens: upto must be "
+                                   f"in {done + 1}..{len(prompt)}, got {end}")
             if min(prompt) < 0 or max(prompt) >= vocab:
                 raise LorakitError(f"prompt token ids must be in 0..{vocab - 1}, got {min(prompt)}..{max(prompt)}")
         from lorakit.inject import adapter_names
@@ -293,28 +308,38 @@ class StaticDecoder:
         present = adapter_names(self.model) if any(a is not None and a not in self.adapters for a in adapters) else ()
         slot_of_prompt = self.adapters.slots_for(adapters, present)
         salts = [None] * n if salts is None else list(salts)
-        return self._prefill(list(rows), list(prompts), list(adapters), salts, slot_of_prompt, split=True)
+        # a chunk ends the prompt there: the rest is the next call's
+        cut = [list(p[:end]) if end < len(p) else p for p, end in zip(prompts, upto)]
+        whole = [end == len(p) for p, end in zip(prompts, upto)]
+        return self._prefill(list(rows), cut, list(adapters), salts, slot_of_prompt, split=True, whole=whole)
 
     def _prefill(self, rows: list[int], prompts: list, adapters: list, salts: list, slot_of_prompt: list[int],
-                 split: bool) -> torch.Tensor:
-        """``prefill`` of checked arguments. ``split``: prompts that share uncached blocks with an earlier prompt of
-        the call (a request's n choices, clients arriving together with one new system prompt) wait for a second
-        pass, which finds those blocks kept by the first."""
+                 split: bool, whole: list[bool]) -> torch.Tensor:
+        """``prefill`` of checked arguments (``prompts`` cut at ``upto``; ``whole[j]``: prompt j is complete).
+        ``split``: prompts that share uncached blocks with an earlier prompt of the call (a request's n choices,
+        clients arriving together with one new system prompt) wait for a second pass, which finds those blocks
+        kept by the first."""
         n = len(rows)
-        if split and self.prefix is not None and n > 1:
-            later = set(self.prefix.plan([self._prefix_root(a, s) for a, s in zip(adapters, salts)], prompts)[0])
+        fresh = [j for j in range(n) if not self.filling[rows[j]]]  # rows that start here (the others continue)
+        if split and self.prefix is not None and len(fresh) > 1:
+            later = self.prefix.plan([self._prefix_root(adapters[j], salts[j]) for j in fresh],
+                                     [prompts[j] for j in fresh])[0]
+            later = {fresh[j] for j in later}
             if later:
                 out = torch.empty(n, self.parts.vocab, dtype=torch.float32, device=self.device)
                 for wave in ([j for j in range(n) if j not in later], sorted(later)):
-                    parts = ([items[j] for j in wave] for items in (rows, prompts, adapters, salts, slot_of_prompt))
-                    out[wave] = self._prefill(*parts, split=False)
+                    parts = ([items[j] for j in wave]
+                             for items in (rows, prompts, adapters, salts, slot_of_prompt, whole))
+                    *head, part_whole = parts
+                    out[wave] = self._prefill(*head, split=False, whole=part_whole)
                 return out
-        cached = [0] * n  # leading tokens of each prompt whose K/V the prefix cache copied into its row
+        # leading tokens of each prompt already in its row: the prefix cache's copy, or a filling row's earlier chunks
+        cached = [self.lengths[row] if self.filling[row] else 0 for row in rows]
         if self.prefix is not None:
             with torch.no_grad():
-                for j, (row, prompt) in enumerate(zip(rows, prompts)):
-                    blocks = self.prefix.lookup(self._prefix_root(adapters[j], salts[j]), prompt)
-                    self.prefix.copy_in(blocks, self.k_cache, self.v_cache, row)
+                for j in fresh:
+                    blocks = self.prefix.lookup(self._prefix_root(adapters[j], salts[j]), prompts[j])
+                    self.prefix.copy_in(blocks, self.k_cache, self.v_cache, rows[j])
                     cached[j] = len(blocks) * self.prefix.block
         lengths = [len(p) - c for p, c in zip(prompts, cached)]  # the tokens each prompt runs through the layers
         T = sum(lengths)
@@ -331,9 +356,14 @@ class StaticDecoder:
             logits = self._prefill_graphed(flat, last)
         else:
             logits = self._prefill_eager(flat.to(self.device), last.to(self.device))
-        for row, prompt, copied, adapter in zip(rows, prompts, cached, adapters):
-            self.lengths[row], self.active[row], self.whole[row], self.reused[row] = len(prompt), True, True, copied
-            self._kv_source[row] = self._prefix_root(adapter, None)[:2]
+        for j, (row, prompt, adapter) in enumerate(zip(rows, prompts, adapters)):
+            source = self._prefix_root(adapter, None)[:2]
+            if self.filling[row]:  # the earlier chunks' K/V: kept only if computed under the same load
+                self._kv_source[row] = source if self._kv_source[row] == source else _STALE
+            else:
+                self.active[row], self.whole[row], self.reused[row] = True, True, cached[j]
+                self._kv_source[row] = source
+            self.lengths[row], self.filling[row] = len(prompt), not whole[j]
         for row, prompt, adapter, salt in zip(rows, prompts, adapters, salts):
             self.remember(row, prompt, adapter, salt)
         return logits
@@ -350,6 +380,13 @@ class StaticDecoder:
         if self.prefix is None:
             return sum(len(p) for p in prompts)
         return self.prefix.plan([self._prefix_root(a, s) for a, s in zip(adapters, salts)], prompts)[1]
+
+    def cached_tokens(self, prompt: Sequence[int], adapter: str | None, salt: str | None) -> int:
+        """Leading tokens of ``prompt`` whose K/V the prefix cache holds now, which a prefill of it would copy
+        (nothing is marked used); 0 without a prefix cache."""
+        if self.prefix is None:
+            return 0
+        return len(self.prefix.lookup(self._prefix_root(adapter, salt), prompt, touch=False)) * self.prefix.block
 
     def remember(self, row: int, tokens: Sequence[int], adapter: str | None, salt: str | None = None) -> None:
         """Keep the K/V of the full blocks of ``tokens`` (the sequence whose K/V row ``row`` holds, cut at the row's
@@ -479,7 +516,7 @@ class StaticDecoder:
 
     def release(self, rows: Sequence[int]) -> None:
         for row in rows:
-            self.active[row], self.lengths[row] = False, 0
+            self.active[row], self.filling[row], self.lengths[row] = False, False, 0
 
     def warm_up(self, full: bool = True) -> None:
         """Compile the kernels and capture the graphs that a first request would otherwise wait for (on an H200, a
@@ -542,6 +579,8 @@ class StaticDecoder:
         for row in rows:
             if not self.active[row]:
                 raise LorakitError(f"cache row {row} holds no sequence; admit a prefilled one first")
+            if self.filling[row]:
+                raise LorakitError(f"cache row {row} holds only part of its prompt; prefill the rest first")
             if self.lengths[row] >= self.max_len:
                 raise LorakitError(f"cache row {row} is full ({self.max_len} tokens)")
         from lorakit.inject import adapter_names

@@ -70,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "starts like an earlier prompt or answer, under the same adapter and cache_salt, copies "
                              "those blocks instead of computing them; default: a quarter of the KV cache's tokens, "
                              "which adds a quarter to its memory; 0: off)")
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=None, metavar="N",
+                        help="with the static decoder: prompt tokens prefilled per step at most (chunked prefill: a "
+                             "long prompt arriving delays the answers streaming beside it by one chunk a step, not by "
+                             "the whole prompt; default: 2048; 0: off, each step prefills its newcomers whole)")
     parser.add_argument("--reasoning-parser", choices=("auto", "none", "deepseek_r1", "qwen3", "mistral"), default="auto",
                         help="return a reasoning model's thinking block as reasoning_content (a reasoning item on "
                              "/v1/responses), not in content. 'auto' (default) picks by what the chat template writes: "
@@ -114,6 +118,10 @@ def check_arguments(args: argparse.Namespace) -> None:
             fix = f"{scheme}://{rest.split('/')[0]}" if rest else f"http://{origin.split('/')[0]}"
             raise LorakitError(f"--cors-origin {origin!r} is not an origin as a browser sends it (scheme://host[:port], "
                                f"no path or trailing slash), so no request would match it; did you mean {fix!r}?")
+    for flag, value in (("--prefix-cache-tokens", args.prefix_cache_tokens),
+                        ("--prefill-chunk-tokens", args.prefill_chunk_tokens)):
+        if value is not None and value < 0:
+            raise LorakitError(f"{flag} must be 0 (off) or more, got {value}")
     check_paths(args)
     if args.max_context is not None and args.max_context < 2:
         raise LorakitError(f"--max-context must be at least 2, got {args.max_context}")
@@ -126,6 +134,7 @@ def build_state(args: argparse.Namespace):
     from lorakit.errors import LorakitError
     from lorakit.generation import end_of_turn_ids, unsupported
     from lorakit.serve.app import ServerState
+    from lorakit.serve import engine as engine_module
     from lorakit.serve.engine import Engine
     from lorakit.serve.pool import AdapterPool
     from lorakit.serve.reasoning import select_parser
@@ -141,15 +150,17 @@ def build_state(args: argparse.Namespace):
     context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     if args.max_context is not None:
         context = min(context, args.max_context)
-    if args.prefix_cache_tokens is not None and args.prefix_cache_tokens < 0:
-        raise LorakitError(f"--prefix-cache-tokens must be 0 (off) or more, got {args.prefix_cache_tokens}")
     decoder = static_decoder(model, args.decoder, args.max_batch, context, explicit_context=args.max_context is not None,
                              prefix_cache=args.prefix_cache_tokens)
+    chunk = engine_module.PREFILL_CHUNK_TOKENS if args.prefill_chunk_tokens is None else args.prefill_chunk_tokens
     if decoder is not None:
         context = decoder.max_len
+    elif args.prefill_chunk_tokens:
+        print("lorakit serve: --prefill-chunk-tokens has no effect: chunked prefill needs the static decoder "
+              "(--decoder static)", file=sys.stderr, flush=True)
     max_prompt = args.max_prompt_tokens or context
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    engine = Engine(model, model_lock, max_batch=args.max_batch, pad_id=pad_id, decoder=decoder)
+    engine = Engine(model, model_lock, max_batch=args.max_batch, pad_id=pad_id, decoder=decoder, prefill_chunk=chunk)
     name = args.name or os.path.basename(os.path.normpath(str(args.model)))
     state = ServerState(model=model, tokenizer=tokenizer, base_name=name, pool=pool, engine=engine,
                         stop_token_ids=end_of_turn_ids(tokenizer, model), context_length=context,

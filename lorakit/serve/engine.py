@@ -14,7 +14,10 @@ so a request's output equals the same request served alone.
 With a ``StaticDecoder`` (``lorakit.decoding``: CUDA, Llama-family models) steps 2. and 3. run there instead: each
 request owns a row of its static KV cache from admission to the end, the decoder prefills newcomers straight into
 their rows (``StaticDecoder.prefill``: its fused layers, a slot per token), and a decode step is one replay of a
-captured CUDA graph over all rows.
+captured CUDA graph over all rows. Its prefill is chunked (``prefill_chunk``): a step prefills at most that many
+prompt tokens, first the rest of prompts already part way in, then newcomers', so a long prompt arriving costs the
+rows decoding beside it one chunk's time per step instead of a pause for the whole prompt; a prompt joins the
+decoding rows in the step its last chunk runs.
 
 Callbacks that may take other locks (releasing an adapter pin) run after the model lock is released, so the adapter
 pool and the engine cannot deadlock.
@@ -50,8 +53,11 @@ class TokenInfo:
 
 # Newcomers with at most this many prompt tokens in all are prefilled by the static decoder itself; longer ones go
 # through transformers' forward, whose segmented multi-LoRA kernels read each adapter once per 64-token tile where
-# the decoder's row-wise grouped kernels read it once per token.
+# the decoder's row-wise grouped kernels read it once per token. Only with chunked prefill off (prefill_chunk=0).
 STATIC_PREFILL_MAX_TOKENS = 2048
+
+# With the static decoder, prompt tokens prefilled per engine step at most (``Engine``'s prefill_chunk default)
+PREFILL_CHUNK_TOKENS = 2048
 
 # ``Engine.score`` keeps at most this many logits (float32) at once: 256 MiB, 1,365 prompt positions of a 49k
 # vocabulary per forward; a longer prompt takes one forward per slice of positions
@@ -85,7 +91,7 @@ class Request:
     # GET /metrics counts the job under (``EngineMetrics.series``: that name, or "(other)" past the cap)
     model: str | None = None
     series: str | None = None
-    row: int = -1  # its row of the static decoder's cache (-1: none)
+    row: int = -1  # its row of the static decoder's cache (-1: none); the prompt may be in it only in part
     salt: str | None = None  # vLLM's cache_salt: the static decoder's prefix cache shares K/V only under one salt
     cached: int | None = None  # prompt tokens the prefix cache gave its prefill (None: no prefix cache)
     top_k: int = 0  # sample among the k most likely tokens only (0: all); vLLM's extension of the OpenAI API
@@ -120,12 +126,19 @@ class Request:
 
 
 class Engine:
-    """The scheduler thread over one model. ``submit`` requests; ``cancel`` them; ``close`` to stop."""
+    """The scheduler thread over one model. ``submit`` requests; ``cancel`` them; ``close`` to stop.
+
+    ``prefill_chunk`` (with a static ``decoder``): prompt tokens prefilled per step at most (the module's
+    docstring); 0: each step prefills its newcomers whole (the decoder when they hold up to
+    ``STATIC_PREFILL_MAX_TOKENS`` tokens in all, transformers' forward for more)."""
 
     def __init__(self, model: nn.Module, model_lock: threading.RLock, max_batch: int = 32, pad_id: int = 0,
-                 decoder=None):
+                 decoder=None, prefill_chunk: int = PREFILL_CHUNK_TOKENS):
         if decoder is not None and decoder.max_batch < max_batch:
             raise ValueError(f"the static decoder has {decoder.max_batch} rows, fewer than max_batch={max_batch}")
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk is a number of tokens (0: off), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk if decoder is not None else 0
         self.model = model
         self.decoder = decoder  # a lorakit.decoding.StaticDecoder, or None: decode through transformers
         self.model_lock = model_lock
@@ -133,6 +146,7 @@ class Engine:
         self.pad_id = pad_id
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
+        self._filling: list[Request] = []  # holding a decoder row part way through a chunked prefill, oldest first
         self._batch: KVBatch | None = None
         self._wake = threading.Condition()
         self._closing = False
@@ -211,13 +225,14 @@ class Engine:
     def queued(self) -> tuple[list[Request], list[Request]]:
         """The requests decoding now and those waiting for a row (copies of the lists; GET /metrics per model)."""
         with self._wake:  # the deque changes only under it (a copy while it changes fails); a list's copy is one
-            return list(self._running), list(self._waiting)  # step under the GIL
+            return list(self._running) + list(self._filling), list(self._waiting)  # step under the GIL
 
     def stats(self) -> dict:
         prefix = None if self.decoder is None else self.decoder.prefix
         cached = {} if prefix is None else {"prefix_cache_hit_tokens": prefix.hits,
                                             "prefix_cache_query_tokens": prefix.queries}
-        return {"running": len(self._running), "waiting": len(self._waiting), "steps": self.steps,
+        return {"running": len(self._running) + len(self._filling), "prefilling": len(self._filling),
+                "waiting": len(self._waiting), "steps": self.steps,
                 "decoder": "static" if self.decoder is not None else "transformers", **cached,
                 **{k: round(v, 4) if isinstance(v, float) else v for k, v in self.timings.items()}}
 
@@ -225,11 +240,11 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._closing and not self._waiting and not self._running:
+                while not self._closing and not self._waiting and not self._running and not self._filling:
                     self._wake.wait()
                 if self._closing:
-                    finished = self._running + list(self._waiting)
-                    self._running, self._waiting = [], collections.deque()
+                    finished = self._running + self._filling + list(self._waiting)
+                    self._running, self._filling, self._waiting = [], [], collections.deque()
                     for request in finished:
                         request.finished = True
                         request.on_finish("cancelled")
@@ -239,22 +254,25 @@ class Engine:
                 left = [r for r in self._waiting if r.cancelled]
                 if left:
                     self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
-                room = max(0, self.max_batch - len(self._running))
+                room = max(0, self.max_batch - len(self._running) - len(self._filling))
                 newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             admitted = time.monotonic()
             for request in newcomers:
                 request.admitted = admitted
             done: list[tuple[Request, str]] = [(r, "cancelled") for r in left]
             try:
-                if newcomers or self._running:
+                if newcomers or self._running or self._filling:
                     with self.model_lock:
                         self._step(newcomers, done)
                         self.steps += 1
             except Exception as error:  # a bug or an out-of-memory: fail this batch, keep serving
                 traceback.print_exc()
                 message = f"error: {type(error).__name__}: {error}"
-                done += [(r, message) for r in self._running + newcomers if not r.finished]
-                self._running, self._batch = [], None
+                with self._wake:  # newcomers a chunked prefill put back in the queue wait on: not this batch's
+                    requeued = {id(r) for r in self._waiting}
+                done += [(r, message) for r in self._running + self._filling + newcomers
+                         if not r.finished and id(r) not in requeued]
+                self._running, self._filling, self._batch = [], [], None
                 if self.decoder is not None:
                     self.decoder.release([row for row in range(self.decoder.max_batch) if self.decoder.active[row]])
             for request, reason in done:  # outside the model lock: callbacks may take the pool's lock
@@ -273,7 +291,9 @@ class Engine:
             reasons = [self.unservable(r.adapter) for r in newcomers]
             done += [(r, f"error: {why}") for r, why in zip(newcomers, reasons) if why is not None]
             newcomers = [r for r, why in zip(newcomers, reasons) if why is None]
-        if newcomers and self.decoder is not None and self.decoder.prefill_tokens(
+        if self.prefill_chunk:
+            self._prefill_chunk(newcomers, done)
+        elif newcomers and self.decoder is not None and self.decoder.prefill_tokens(
                 [r.prompt for r in newcomers], [r.adapter for r in newcomers],
                 [r.salt for r in newcomers]) <= STATIC_PREFILL_MAX_TOKENS:
             # the decoder prefills into the rows itself (its fused layers; transformers' forward costs most of a
@@ -335,6 +355,58 @@ class Engine:
         finished = [i for i, r in enumerate(self._running)
                     if not self._accept(r, logits[i], tokens[i], errors[i], done)]
         self._drop(finished, done, None)
+
+    def _prefill_chunk(self, newcomers: list[Request], done: list[tuple[Request, str]]) -> None:
+        """This step's share of prefill, up to ``prefill_chunk`` prompt tokens through the static decoder: the next
+        chunks of prompts already part way in (oldest first), then newcomers in arrival order (their tokens the
+        prefix cache holds are copies, not counted); newcomers past the budget go back to the queue's front.
+        Prompts whose last chunk ran sample their first token and join the decoding rows."""
+        gone = [r for r in self._filling if r.cancelled]
+        if gone:
+            done += [(r, "cancelled") for r in gone]
+            self.decoder.release([r.row for r in gone])
+            self._filling = [r for r in self._filling if not r.cancelled]
+        budget, chosen, ends = self.prefill_chunk, [], []
+        for request in self._filling:
+            if budget <= 0:
+                break
+            start = self.decoder.lengths[request.row]
+            ends.append(min(len(request.prompt), start + budget))
+            budget -= ends[-1] - start
+            chosen.append(request)
+        rows, later = iter(self.decoder.free_rows()), []
+        for request in newcomers:
+            if budget <= 0:
+                later.append(request)
+                continue
+            start = self.decoder.cached_tokens(request.prompt, request.adapter, request.salt)
+            ends.append(min(len(request.prompt), start + budget))
+            budget -= ends[-1] - start
+            request.row = next(rows)
+            chosen.append(request)
+        if later:
+            with self._wake:
+                self._waiting.extendleft(reversed(later))
+        if not chosen:
+            return
+        started = time.perf_counter()
+        logits = self.decoder.prefill([r.row for r in chosen], [r.prompt for r in chosen],
+                                      [r.adapter for r in chosen], [r.salt for r in chosen], ends)
+        complete = [j for j, (r, end) in enumerate(zip(chosen, ends)) if end == len(r.prompt)]
+        finished, held = {id(chosen[j]) for j in complete}, {id(r) for r in self._filling}
+        self._filling = [r for r in self._filling if id(r) not in finished] + \
+            [r for r, end in zip(chosen, ends) if end < len(r.prompt) and id(r) not in held]
+        if complete:
+            group = [chosen[j] for j in complete]
+            tokens, errors = self._choose(group, logits[complete])
+            prefix = self.decoder.prefix is not None
+            for j, request in enumerate(group):
+                request.cached = self.decoder.reused[request.row] if prefix else None
+                if self._accept(request, logits[complete[j]], tokens[j], errors[j], done):
+                    self._running.append(request)
+                else:
+                    self.decoder.release([request.row])
+        self._time_prefill(started, len(chosen))
 
     def _time_prefill(self, started: float, rows: int) -> None:
         self.timings["prefill_s"] += time.perf_counter() - started
