@@ -284,3 +284,27 @@ def test_a_pipe_device_or_folder_in_a_model_files_place_is_one_line(name, kind, 
     with pytest.raises(LorakitError) as refused:
         lorakit.load_base(str(folder), device="cpu")
     assert str(refused.value) == f"{folder}: {name} is {what}; it must be the file itself: download or copy it again"
+
+
+@pytest.mark.timeout(60)
+def test_a_pipe_in_an_adapter_folders_tokenizer_is_one_line(tmp_path, capsys):
+    """An adapter folder carrying its own tokenizer (as transformers' Trainer saves it) with a FIFO for
+    tokenizer_config.json: lorakit generate --adapter waited forever; now one line (lorakit serve already said it)."""
+    import os
+
+    from conftest import tiny_llama
+
+    folder = tmp_path / "model"
+    model = tiny_llama()
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    adapter = tmp_path / "adapter"
+    lorakit.save_adapter(model, adapter)
+    tiny_tokenizer().save_pretrained(adapter)
+    (adapter / "tokenizer_config.json").unlink()
+    os.mkfifo(adapter / "tokenizer_config.json")
+    code, out, err = cli(capsys, "generate", "--model", folder, "--adapter", adapter, "--max-new-tokens", 2, "a")
+    assert code == 2 and err.strip() == (f"lorakit generate: error: {adapter}: tokenizer_config.json is not a regular "
+                                         "file (a pipe, socket or device); it must be the file itself: download or "
+                                         "copy it again"), err

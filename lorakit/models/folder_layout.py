@@ -36,10 +36,15 @@ def check_links(folder: Path) -> None:
         raise LorakitError(f"{folder}: {broken[0].name} is a link to {target}, which does not exist (a Hugging Face "
                            "cache whose file was deleted, or a download that did not finish); download the model "
                            "again (hf download REPO, or with --local-dir DIR for a plain folder)")
-    # a pipe, socket or device (a link to /dev/zero) where a tokenizer or generation file goes: transformers opened it
-    # and waited for a writer forever, or read without end; a folder there is named too (safetensors files: their
-    # own check, check_weights_file)
-    odd = [path for path in names[:len(READ_FILES)] if path.exists() and not path.is_file()]
+    check_file_kinds(folder)
+
+
+def check_file_kinds(folder: Path) -> None:
+    """Refuse a pipe, socket or device (a link to /dev/zero) or a folder where a config, tokenizer or generation file
+    goes (``READ_FILES``): transformers opened a FIFO and waited for a writer forever, and read /dev/zero without end.
+    Safetensors files have their own check (``check_weights_file``). Asked for model folders and for an adapter
+    folder's tokenizer."""
+    odd = [path for path in (folder / name for name in READ_FILES) if path.exists() and not path.is_file()]
     if odd:
         kind = "a folder" if odd[0].is_dir() else "not a regular file (a pipe, socket or device)"
         raise LorakitError(f"{folder}: {odd[0].name} is {kind}; it must be the file itself: download or copy it again")

@@ -14,8 +14,9 @@ import torch
 
 from lorakit.config import clipped, listed, shown
 from lorakit.errors import LorakitError
-from lorakit.models.folder_layout import (INDEX, check_links, check_quantization, check_unlisted_shards,
-                                          indexed_but_absent, refuse_adapter_beside, wrapped_names_note)
+from lorakit.models.folder_layout import (INDEX, check_file_kinds, check_links, check_quantization,
+                                          check_unlisted_shards, indexed_but_absent, refuse_adapter_beside,
+                                          wrapped_names_note)
 from lorakit.models.hub_cache import cache_snapshot, hub_cache_root, hub_cache_snapshot, looks_like_hub_id
 from lorakit.models.rope_types import check_rope_types, rope_type_error, unknown_config_value, unknown_rope_type
 
@@ -576,6 +577,7 @@ def load_tokenizer(folder: Path):
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise LorakitError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save it beside the weights "
                            "with tokenizer.save_pretrained(folder)")
+    check_file_kinds(folder)  # an adapter folder's tokenizer too: a FIFO there made generate and merge wait forever
     _check_sentencepiece(folder)
     own_code = _tokenizer_code(folder)
     try:
