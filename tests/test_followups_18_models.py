@@ -2,8 +2,17 @@
 
 Each model is a tiny random one (transformers' own config classes, hidden 32, vocab 128) saved with
 ``save_pretrained`` beside the word-level test tokenizer. The README's workflows (``lorakit.load_base`` + inject +
-save + merge in Python; ``lorakit merge`` / ``generate`` on the command line) must work on them, the merged folder
-giving the unmerged adapter's logits, or fail in one line that says what to do.
+save + merge in Python; ``lorakit merge`` / ``generate`` / ``train`` on the command line) must work on them, the
+merged folder giving the unmerged adapter's logits, or fail in one line that says what to do. Here: DeepSeek-V3's
+float32 router tensors through a bf16 merge, an activation transformers lacks, weights saved under a DDP /
+torch.compile prefix, a Mistral GGUF with a sliding window, BART-style decoders in batched generation, an index
+naming a pickle as a shard, and pipes / devices / folders where a model's or adapter's files go.
+
+(Checked and left without a test, all fine: train / generate / merge / peft of 35 more families, among them CodeGen,
+GPT-J, GPT-Neo, MPT, Persimmon, Nemotron, Helium, GLM, DeepSeek-V2, MiniCPM3, JetMoE, BitNet, CTRL, dots1, Hunyuan
+MoE, EXAONE MoE, LFM2 MoE, FlexOlmo; merged == unmerged with random A and B, LoRA and DoRA, also on embeddings, on
+96 families; llama3 / yarn / dynamic / linear / longrope rotary through merge; real-world generation_config.json
+shapes; safetensors without metadata.)
 """
 
 from __future__ import annotations
