@@ -16,7 +16,9 @@ correctly on the same or a new connection afterwards:
   string member; now the error inside the list of parts, naming the field;
 - NaN or Infinity in a JSON schema (Python's reader takes them from a body): llguidance read them as null, so
   ``{"const": Infinity}`` forced every answer to ``null``, ``"maximum": NaN`` was "Expected f64, got null"; now
-  a 400 that names them.
+  a 400 that names them;
+- a WebSocket upgrade (the openai package's realtime client: ``GET /v1/realtime``), where the ``websockets``
+  package is installed, got uvicorn's bare 403 with no body instead of the OpenAI error body's 404.
 
 The pipelining test passed as it was: a guard that the middlewares above keep HTTP/1.1 pipelining (requests sent
 back to back on one connection, a stream among them) answered in order.
@@ -318,3 +320,17 @@ def test_nan_or_infinity_in_a_format_is_refused_not_read_as_null(server, path, b
     assert "NaN or Infinity" in error["message"] and error["code"] == "invalid_response_format", error
     finite = body.replace("-Infinity", "0").replace("Infinity", "1").replace("NaN", "2")
     assert server["client"].post(path, content=finite, headers={"Content-Type": "application/json"}).status_code == 200
+
+
+# -- a WebSocket upgrade --------------------------------------------------------------------------------------------
+def test_a_websocket_upgrade_gets_the_error_body_of_an_unknown_route(server, answer):
+    wire = Wire(server["port"])
+    try:
+        wire.send(_request("GET", "/v1/realtime?model=a0", headers={
+            "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}))
+        error = _error(*wire.answer()[::2], 404)  # before, with websockets installed: 403, empty body
+        assert "no route GET '/v1/realtime'" in error["message"]
+    finally:
+        wire.close()
+    _still_serving(server, answer)

@@ -508,7 +508,9 @@ def _run(args: argparse.Namespace) -> int:
         from lorakit.serve.transport import http_protocol
 
         _raise_open_files_limit()
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+        # ws="none": the API has no WebSocket route; with a websockets package installed, uvicorn would answer an
+        # upgrade (the openai package's realtime client) with a bare 403 instead of the OpenAI error body's 404
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, ws="none",
                                 http=http_protocol(args.header_timeout), timeout_keep_alive=KEEP_ALIVE_S)
         server = _serving_server(config)
         server.run()
