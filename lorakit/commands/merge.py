@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("--model", default=None, help="the base the adapter was trained on: embedded model name, "
                         "local HF folder or org/name id in the Hugging Face cache (default: smollm2-135m)")
-    parser.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    # appended, so that a second --adapter is refused rather than silently replacing the first (argparse's store)
+    parser.add_argument("--adapter", required=True, action="append", help="adapter folder (adapter_config.json + "
+                        "adapter_model.safetensors); one: combine several first (lorakit combine)")
     parser.add_argument("--out", required=True, help="output folder: new or empty (or a previous output, with --overwrite)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights dtype of the output folder "
                         "(default: fp16 for a base stored in float16, else bf16)")
@@ -70,6 +72,23 @@ def default_dtype(model: str, stored):
     return torch.float16
 
 
+def one_adapter(adapters: list[str], model: str | None, out: str) -> str:
+    """The one --adapter given. Several were silently cut to the last (argparse keeps the last value of a plain
+    option): the folder claimed to hold A and B held B alone. Merging several is combining them into one adapter
+    first (``lorakit combine``'s default, cat with weights 1, is their exact sum), which also says how to weight them."""
+    from lorakit.errors import LorakitError
+
+    if len(adapters) == 1:
+        return adapters[0]
+    from shlex import quote
+
+    base = f" --model {quote(model)}" if model is not None else ""
+    given = " ".join(f"--adapter {quote(a)}" for a in adapters)
+    raise LorakitError(f"merge takes one --adapter, got {len(adapters)} ({', '.join(adapters)}); to merge their sum, "
+                       f"combine them into one first: lorakit combine{base} {given} --out mix, then lorakit merge{base} "
+                       f"--adapter mix --out {quote(str(out))}")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -83,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
     from lorakit.commands._adapter_folder import adapter_tokenizer, resize_for
 
+    args.adapter = one_adapter(args.adapter, args.model, args.out)
     if args.gguf_type is not None and args.format != "gguf":
         raise LorakitError(f"--gguf-type {args.gguf_type} applies to a GGUF file only; add --format gguf (or drop "
                            "--gguf-type for the Hugging Face folder alone)")

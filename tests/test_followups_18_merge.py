@@ -1,0 +1,139 @@
+"""``lorakit merge`` audited as a new user would use it: several adapters, peft's LoRA variants, and bases that
+bitsandbytes itself saved 4-bit / 8-bit. Each merged folder is loaded by plain transformers and its logits are
+checked element by element against peft running the unmerged adapter(s); every refusal is one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import cli_error
+from conftest import assert_close
+from lorakit.cli import main
+from test_serve_support import tiny_hf_folder
+
+IDS = torch.tensor([[3, 17, 42, 99, 150, 7], [5, 6, 7, 8, 9, 10]])
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    # a space in the path: every folder below is passed as one argument, as a shell user quotes it
+    return tiny_hf_folder(tmp_path_factory.mktemp("merge18") / "base model", hidden_size=64, intermediate_size=128)
+
+
+def peft_adapter(base: Path, folder: Path, seed: int, **config) -> Path:
+    """A peft adapter with random non-zero A and B (init_lora_weights=False), saved by peft itself."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **config))
+    model.save_pretrained(folder)
+    return folder
+
+
+def peft_logits(base, adapters: list[Path], dequantize: bool = False) -> torch.Tensor:
+    """peft's output with every adapter in ``adapters`` active at once (their updates summed), unmerged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, **({"device_map": "cpu"} if dequantize else {}))
+    if dequantize:  # bitsandbytes' own dequantization of its checkpoint: the weights the adapter would train on
+        model = model.dequantize().float()
+    model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
+    for i, adapter in enumerate(adapters[1:], 1):
+        model.load_adapter(adapter, adapter_name=f"a{i}")
+    model.base_model.set_adapter([f"a{i}" for i in range(len(adapters))])
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def merged_logits(out: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config  # a plain 16/32-bit folder, whatever the base was
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(out)(IDS).logits
+
+
+def test_merge_of_several_adapters_is_refused_naming_combine_and_the_advice_merges_their_sum(base, tmp_path, capsys):
+    """`--adapter a --adapter b` merged b alone (argparse keeps an option's last value) and said it merged b: the
+    folder silently lacked a. Now one line says to combine them first; doing what it says gives peft's a + b."""
+    a = peft_adapter(base, tmp_path / "adapter a", seed=1, target_modules="all-linear")
+    b = peft_adapter(base, tmp_path / "adapter b", seed=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    out = tmp_path / "merged both"
+    line = cli_error(capsys, main(["merge", "--model", str(base), "--adapter", str(a), "--adapter", str(b),
+                                   "--out", str(out), "--dtype", "fp32"]))
+    assert "merge takes one --adapter, got 2" in line and "lorakit combine" in line, line
+    assert not out.exists()
+    mix = tmp_path / "mix"
+    assert main(["combine", "--model", str(base), "--adapter", str(a), "--adapter", str(b), "--out", str(mix)]) == 0
+    assert main(["merge", "--model", str(base), "--adapter", str(mix), "--out", str(out), "--dtype", "fp32"]) == 0
+    assert_close(merged_logits(out), peft_logits(base, [a, b]))
+
+
+@pytest.mark.parametrize("variant", [
+    dict(target_modules="all-linear", use_rslora=True),
+    dict(target_modules="all-linear", use_dora=True),
+    dict(target_modules="all-linear", rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3}),
+])
+def test_merged_peft_variants_load_in_transformers_with_peft_logits(base, tmp_path, variant):
+    adapter = peft_adapter(base, tmp_path / "adapter", seed=3, **variant)
+    out = tmp_path / "out"
+    assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(out), "--dtype", "fp32"]) == 0
+    assert_close(merged_logits(out), peft_logits(base, [adapter]))
+
+
+@pytest.fixture(scope="module")
+def bnb_folders(base, tmp_path_factory):
+    """The base saved by transformers + bitsandbytes (its CPU backend) in 4-bit NF4 with and without double
+    quantization, 4-bit FP4 and 8-bit, each with the base's tokenizer beside it."""
+    pytest.importorskip("bitsandbytes")
+    import shutil
+
+    import torch._dynamo
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    root = tmp_path_factory.mktemp("bnb18")
+    kinds = {"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+             "nf4 double bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                     bnb_4bit_compute_dtype=torch.bfloat16),
+             "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"), "int8": dict(load_in_8bit=True)}
+    previous = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True  # bitsandbytes' CPU dequantize is compiled otherwise (slow, same bits)
+    try:
+        for kind, options in kinds.items():
+            model = AutoModelForCausalLM.from_pretrained(base, quantization_config=BitsAndBytesConfig(**options),
+                                                         device_map="cpu")
+            model.save_pretrained(root / kind)
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(base / name, root / kind / name)
+        yield root
+    finally:
+        torch._dynamo.config.disable = previous
+
+
+@pytest.mark.parametrize("kind", ["nf4", "nf4 double bf16"])
+def test_merge_into_a_bitsandbytes_nf4_folder_equals_bitsandbytes_dequantized_base_with_peft(
+        base, bnb_folders, tmp_path, kind, no_dynamo):
+    adapter = peft_adapter(base, tmp_path / "adapter", seed=4, target_modules="all-linear")
+    out = tmp_path / "out"
+    assert main(["merge", "--model", str(bnb_folders / kind), "--adapter", str(adapter), "--out", str(out),
+                 "--dtype", "fp32"]) == 0
+    assert_close(merged_logits(out), peft_logits(bnb_folders / kind, [adapter], dequantize=True))
+
+
+@pytest.mark.parametrize("kind, said", [("fp4", "'fp4'"), ("int8", "8-bit")])
+def test_merge_into_other_bitsandbytes_folders_is_one_line_naming_what_to_do(base, bnb_folders, tmp_path, capsys,
+                                                                             kind, said):
+    adapter = peft_adapter(base, tmp_path / "adapter", seed=5, target_modules=["q_proj"])
+    out = tmp_path / "out"
+    line = cli_error(capsys, main(["merge", "--model", str(bnb_folders / kind), "--adapter", str(adapter),
+                                   "--out", str(out)]))
+    assert said in line and "16-bit" in line, line
+    assert not out.exists()
