@@ -10,7 +10,7 @@ correctly on the same or a new connection afterwards:
   was a 404 "no route '/http://host/...'": uvicorn's h11 parser hands the whole URL on as the path;
 - a request line or header over h11's 16 KiB limit, arriving in more than one packet (as any head that long does
   over a real network), was a 400 "malformed HTTP request ... needs a Host header, Content-Length ...": now a 431
-  that says the head is too long;
+  that says the head is too long; with httptools installed (uvicorn[standard]) such heads had no limit at all;
 - a content part with a field missing or unknown (``cache_control``, which LiteLLM-style clients add) was refused
   as "messages.0.content: Input should be a valid string, got list [...]": pydantic's first error, for the union's
   string member; now the error inside the list of parts, naming the field;
@@ -20,8 +20,10 @@ correctly on the same or a new connection afterwards:
 - a WebSocket upgrade (the openai package's realtime client: ``GET /v1/realtime``), where the ``websockets``
   package is installed, got uvicorn's bare 403 with no body instead of the OpenAI error body's 404.
 
-The pipelining test passed as it was: a guard that the middlewares above keep HTTP/1.1 pipelining (requests sent
-back to back on one connection, a stream among them) answered in order.
+The tests also pass with httptools and websockets importable by the server (``PYTHONPATH`` of a folder holding
+them), the parser and WebSocket support ``uvicorn[standard]`` brings. The pipelining test passed as it was: a
+guard that the middlewares above keep HTTP/1.1 pipelining (requests sent back to back on one connection, a stream
+among them) answered in order.
 """
 
 from __future__ import annotations
