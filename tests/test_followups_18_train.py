@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lorakit.errors import LorakitError
 from lorakit.train import TrainConfig, train
-from test_train_helpers import SMALL, task_records, tiny_tokenizer, tiny_train_model
+from test_train_helpers import SMALL, task_records, tiny_folder, tiny_tokenizer, tiny_train_model  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -341,3 +343,30 @@ def test_a_datasets_folder_of_lfs_pointers_is_said_to_be_one(tmp_path):
         arrow.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 10\n")
     with pytest.raises(LorakitError, match=r"data-00000-of-00001\.arrow: a Git LFS pointer, not the data"):
         read_many(tmp_path / "saved")
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch, tiny_folder, capsys):
+    """15. Without --out a run is runs/<date-time>, named to the second and made only once its data was read: two
+    runs started in the same second (a sweep's `lorakit train --lr ... &` in a loop) were given one folder, and each
+    wrote its checkpoints, metrics and adapter over the other's. The folder is claimed as it is named now (-2, -3
+    after a taken name), and removed again when the run fails before its first checkpoint."""
+    import time
+
+    from lorakit.cli import main
+    from lorakit.train import runner
+    from test_train_helpers import write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *when: "20261201-120000")  # every run in one second
+    first, _ = runner.resolve_run_folder(None, None, False)
+    second, _ = runner.resolve_run_folder(None, None, False)
+    assert (first, second) == (Path("runs/20261201-120000"), Path("runs/20261201-120000-2"))
+    assert first.is_dir() and second.is_dir()
+    write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "a", "completion": "b"}', '{"prompt": '])
+    code = main(["train", "--model", str(tiny_folder), "--data", "bad.jsonl", "--no-progress"])
+    assert code == 2 and "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["20261201-120000", "20261201-120000-2"]
+    for folder in (first, second):
+        folder.rmdir()
+    code = main(["train", "--model", str(tiny_folder), "--data", "bad.jsonl", "--no-progress"])
+    assert code == 2 and not (tmp_path / "runs").exists()  # nothing left, runs/ included, as before

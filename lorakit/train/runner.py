@@ -71,6 +71,8 @@ def resolve_run_folder(out: str | None, resume: str | None, overwrite: bool,
             raise LorakitError(f"cannot resume: {source} does not exist; give the run folder of the earlier run")
         run_dir = Path(out) if out else (source.parent.parent if (source / "state.json").is_file() else source)
         return run_dir, source
+    if not out and clock is None:  # one process: the folder is claimed now (see claim_run_folder)
+        return claim_run_folder(), None
     run_dir = Path(out) if out else Path(RUNS_DIR) / time.strftime("%Y%m%d-%H%M%S", time.localtime(clock))
     if run_dir.exists() and not run_dir.is_dir():
         raise LorakitError(f"--out {run_dir} is a file; give a folder")
@@ -91,6 +93,24 @@ def resolve_run_folder(out: str | None, resume: str | None, overwrite: bool,
 
     check_output_folder(run_dir, overwrite=True)  # a writable place, checked before minutes of loading
     return run_dir, None
+
+
+def claim_run_folder(root: Path = Path(RUNS_DIR)) -> Path:
+    """A new, empty ``runs/<date-time>`` folder for a run without ``--out``, made at once (``-2``, ``-3``, ... after
+    the name when that one is taken): runs started in the same second (a sweep, ``lorakit train ... &`` in a loop)
+    were all given one folder, and each wrote its checkpoints, metrics and adapter over the others'. A run that
+    fails before its first checkpoint removes the folder again (``_run_training``)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        run_dir = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise LorakitError(f"cannot make the run folder {run_dir}: {error.strerror or error}; give --out") from None
+    raise LorakitError(f"{root}/{stamp}: every name up to -999 is taken; give --out")
 
 
 def _is_run_folder(run_dir: Path) -> bool:
@@ -497,6 +517,7 @@ def _run_training(config: TrainConfig, resume: str | None, overwrite: bool, conf
     # under torchrun each process names the folder: from rank 0's clock, or two processes could name two folders
     clock = rank0_clock() if world_size > 1 and not out and resume is None else None
     run_dir, resume_from = resolve_run_folder(out, resume, overwrite, clock)
+    claimed = not out and resume is None and clock is None  # runs/<date-time>, made empty just now
     if resume_from is None:  # --overwrite clears lorakit's file names in the run folder: never in an input
         from lorakit.export import check_output_folder
 
@@ -506,8 +527,15 @@ def _run_training(config: TrainConfig, resume: str | None, overwrite: bool, conf
                 inputs[f"the {kind} data" + (f" ({i + 1})" if i else "")] = path
         if os.path.isdir(os.path.expanduser(config.model)):
             inputs["the model folder"] = config.model
-        check_output_folder(run_dir, overwrite=True, protected=inputs)
-    existed = run_dir.is_dir()
+        try:
+            check_output_folder(run_dir, overwrite=True, protected=inputs)
+        except LorakitError:
+            if claimed:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    run_dir.parent.rmdir()
+            raise
+    existed = run_dir.is_dir() and not claimed
     fresh = resume_from is None and not (existed and any(run_dir.iterdir()))
     try:
         with sigterm_as_interrupt():
@@ -520,6 +548,9 @@ def _run_training(config: TrainConfig, resume: str | None, overwrite: bool, conf
         if fresh and main and run_dir.is_dir() and not resumable:
             for child in (list(run_dir.iterdir()) if existed else [run_dir]):
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            if claimed:  # and runs/ when the claim made it (rmdir: only an empty one)
+                with contextlib.suppress(OSError):
+                    run_dir.parent.rmdir()
             if isinstance(error, KeyboardInterrupt):
                 print(f"removed the unfinished run in {run_dir}", file=sys.stderr, flush=True)
         if isinstance(error, OSError) and error.filename is None and error.errno in (errno.ENOSPC, errno.EDQUOT):
