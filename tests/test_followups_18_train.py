@@ -1,11 +1,11 @@
 """``lorakit train`` and ``lorakit.train.train`` with data and habits the earlier audits did not try (eighteenth audit).
 
-1. ``train()`` from Python injected the adapter before it read the records: a bad record was refused with the model
-   already holding a rank-4 adapter, and the next call (data fixed, ``rank=8``) trained that rank-4 adapter without a
-   word. The data is now tokenized (and a too-small set refused) before the model is touched.
-2. ``train(..., out=FOLDER)`` run again without ``resume`` (a notebook cell run twice) appended its steps to the
-   earlier run's metrics.jsonl (one loss curve of two runs, steps 1, 2, 3, 1, 2, 3, 4) and left the earlier run's
-   checkpoints beside its own; it is refused now, as ``lorakit train`` refuses it, naming ``resume=``.
+Each test's docstring says what was wrong. In short: train() from Python changed the model before reading the data
+(1), appended a new run to an earlier run's folder (2), trained a ``datasets.Dataset``'s null-filled structs and
+refused ``pd.read_parquet``'s numpy cells (3-4), and ignored TrainConfig's data / val_fraction / val_data (7, 11);
+build_datasets refused a list of dicts (5); repeated records split by --val-fraction leaked unwarned (6); a chat
+template that writes today's date broke a resume the next day (8); Mac CSVs (9), Hub ids and URLs (10), half-renamed
+records (12), an ``out`` that is a file (13), Git LFS pointers (14) and runs started in the same second (15).
 """
 
 from __future__ import annotations
