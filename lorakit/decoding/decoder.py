@@ -271,8 +271,8 @@ class StaticDecoder:
         One pass over all the prompts' tokens with the decoder's own layers (fused projections, grouped LoRA with a
         slot per token) instead of transformers' forward, whose ~50 kernels per layer and Python cost most of the
         time of a server's newcomers (a few short prompts). Each token's K/V go straight to (its row, its position).
-        Prompts of up to ``PREFILL_KERNEL_MAX_PROMPT`` tokens attend with the decode kernels (each token over its
-        row's cache up to itself) and, on CUDA with up to ``PREFILL_GRAPH_MAX_TOKENS`` tokens in all, the pass is
+        Prompts of up to ``PREFILL_KERNEL_MAX_PROMPT`` tokens (after tokens already in the row: as much attention
+        work, queries x keys) attend with the decode kernels (each token over its row's cache up to itself) and, on CUDA with up to ``PREFILL_GRAPH_MAX_TOKENS`` tokens in all, the pass is
         the replay of a CUDA graph captured once per power-of-two token count; longer prompts run eagerly with
         causal ``scaled_dot_product_attention`` per prompt.
         """
@@ -350,7 +350,11 @@ class StaticDecoder:
                              [row for row, length in zip(rows, lengths) for _ in range(length)],
                              [s for s, length in zip(slot_of_prompt, lengths) for _ in range(length)]], dtype=torch.long)
         last = torch.tensor([start + length - 1 for start, length in zip(starts, lengths)], dtype=torch.long)
-        if max(lengths) > PREFILL_KERNEL_MAX_PROMPT:  # long prompts: causal SDPA per prompt (reads K/V once)
+        # a prompt's attention work: its queries x the keys they read (the row's earlier tokens too: a cached prefix,
+        # earlier chunks); past a 256-token fresh prompt's, causal SDPA per prompt (reads K/V once per block of
+        # queries, where the decode kernels read it once per query: a 512-token chunk after 5,632 tokens ran 5x
+        # slower through them on an H200)
+        if max(n * (c + n) for n, c in zip(lengths, cached)) > PREFILL_KERNEL_MAX_PROMPT ** 2:
             logits = self._prefill_eager(flat.to(self.device), last.to(self.device), rows, starts, lengths, cached)
         elif self.use_graph and T <= PREFILL_GRAPH_MAX_TOKENS:
             logits = self._prefill_graphed(flat, last)
@@ -502,8 +506,9 @@ class StaticDecoder:
                 window = layer.window if layer.window is not None and layer.window < offset + length else None
                 if layer.softcap is None and window is None and offset == 0:
                     oj = F.scaled_dot_product_attention(qj, kj, vj, is_causal=True, scale=layer.scaling, **gqa)
-                else:  # soft-capping (SDPA has none), a window the prompt outgrows, or queries after a cached
-                    # prefix (SDPA's is_causal aligns the first query with the first key): by blocks of queries
+                elif layer.softcap is None and window is None:  # after a cached prefix or earlier chunks
+                    oj = _lower_right_causal_attention(qj, kj, vj, layer.scaling)
+                else:  # soft-capping (SDPA has none) or a window the prompt outgrows: by blocks of queries
                     oj = _blocked_causal_attention(qj, kj, vj, layer.scaling, layer.softcap, window, offset)
                 result[start:start + length] = oj[0].transpose(0, 1)
             return result
@@ -855,7 +860,8 @@ _STALE = ("\0stale",)
 # the placeholder adapter of ``StaticDecoder.warm_up``: no user adapter can have this name (a NUL byte)
 WARM_UP_ADAPTER = "\0lorakit-warm-up"
 # prefill: prompts up to this many tokens attend with the decode kernels (each token reads its row's cache up to
-# itself: quadratic in the prompt, cheap when short); longer ones with causal SDPA per prompt. Up to
+# itself: quadratic in the prompt, cheap when short); longer ones with causal SDPA per prompt (a prompt after
+# tokens already in its row: when its tokens x its keys exceed this squared). Up to
 # PREFILL_GRAPH_MAX_TOKENS tokens in all, on CUDA, the pass is a CUDA graph replay (one per power-of-two bucket).
 PREFILL_KERNEL_MAX_PROMPT = 256
 PREFILL_GRAPH_MAX_TOKENS = 512
@@ -900,6 +906,20 @@ def _attention_options(layer) -> dict:
     if layer.window is not None:
         options["window"] = layer.window
     return options
+
+
+def _lower_right_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of queries after ``offset`` tokens already in the row: q (1, H, L, D) at positions
+    ``offset .. offset + L - 1``, k, v (1, Hkv, offset + L, D) -> (1, H, L, D). The mask aligns the last query with
+    the last key (``causal_lower_right``; ``is_causal`` would align the first ones): on CUDA one flash-attention
+    call, which takes K/V with as many heads as q (so GQA's are repeated: a copy of the row's K/V per layer, far
+    cheaper than the masked blocks it replaces)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    if q.shape[1] != k.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale)
 
 
 def _blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
