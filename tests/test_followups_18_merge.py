@@ -137,3 +137,35 @@ def test_merge_into_other_bitsandbytes_folders_is_one_line_naming_what_to_do(bas
                                    "--out", str(out)]))
     assert said in line and "16-bit" in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["nf4 double bf16", "int8", "fp4"])
+def test_dequantize_of_a_model_loaded_through_bitsandbytes_is_exact_or_refused(base, bnb_folders, kind, no_dynamo):
+    """lorakit.dequantize(model) on a model loaded with BitsAndBytesConfig returned it with every bitsandbytes layer
+    still 4-bit or 8-bit, silently: "dequantized", it then saved (or merged into) quantized layers. Now NF4 layers
+    become nn.Linear holding bitsandbytes' own dequantized weight; 8-bit and FP4 are refused, the model unchanged."""
+    import bitsandbytes
+    import lorakit
+    from lorakit.errors import LorakitError
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(bnb_folders / kind, device_map="cpu", dtype=torch.float32)
+    bnb_layers = (bitsandbytes.nn.Linear4bit, bitsandbytes.nn.Linear8bitLt)
+    if kind != "nf4 double bf16":
+        with pytest.raises(LorakitError, match="8-bit" if kind == "int8" else "FP4") as refused:
+            lorakit.dequantize(model)
+        assert "\n" not in str(refused.value)
+        assert isinstance(model.model.layers[0].self_attn.q_proj, bnb_layers)  # nothing changed
+        return
+    expected = {name: bitsandbytes.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                for name, module in model.named_modules() if isinstance(module, bitsandbytes.nn.Linear4bit)}
+    assert len(expected) == 14
+    lorakit.dequantize(model, torch.float32)
+    for name, weight in expected.items():
+        module = model.get_submodule(name)
+        assert type(module) is torch.nn.Linear, name
+        assert torch.equal(module.weight, weight.float()), name
+    reference = AutoModelForCausalLM.from_pretrained(bnb_folders / kind, device_map="cpu", dtype=torch.float32)
+    reference = reference.dequantize().float()
+    with torch.no_grad():
+        assert_close(model(IDS).logits, reference(IDS).logits)

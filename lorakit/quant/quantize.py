@@ -256,6 +256,9 @@ def _dense_module(layer: QuantizedLinear, dtype: torch.dtype, path: str) -> nn.M
 def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every quantized (NF4) base layer by a dense one holding its dequantized weight, in place.
 
+    bitsandbytes ``Linear4bit`` NF4 layers (a model loaded with ``BitsAndBytesConfig``) are read exactly too;
+    bitsandbytes 8-bit and FP4 layers raise ``LorakitError`` before anything changes.
+
     The inverse of ``quantize`` up to NF4's rounding: ``dense = layer.dequantize(dtype)``, exactly the weight the
     NF4 layer computes with, so an adapter trained on the 4-bit base gives the same outputs on the dequantized one
     (and merges into it without a second rounding). Use it before ``merge_and_unload`` + ``save_pretrained`` or a
@@ -283,8 +286,18 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         if isinstance(parent, host) and parent.merged and isinstance(child, QuantizedLinear):
             raise LorakitError(f"adapter(s) {parent.merged} are merged into the quantized layer '{path}'; dequantizing "
                                "would keep their re-quantized merge: call lorakit.unmerge(model) first")
-        if isinstance(child, QuantizedLinear):
+        if isinstance(child, QuantizedLinear) or _bnb_kind(child):
             targets.setdefault(id(child), (path, child, []))[2].append((parent, attribute))
+    # bitsandbytes' layers (a model loaded with BitsAndBytesConfig) were left as they were, silently: the "dense"
+    # model still held 4-bit / 8-bit layers. NF4 ones are read exactly (as quantize does); the others are refused,
+    # before anything changes
+    for key, (path, layer, parents) in list(targets.items()):
+        if _bnb_kind(layer) == "8bit":
+            raise LorakitError(f"module '{path}' is a bitsandbytes 8-bit (LLM.int8) layer, which lorakit cannot "
+                               "dequantize (it reads NF4 only): load the 16-bit model instead (or call bitsandbytes' "
+                               "model.dequantize())")
+        if _bnb_kind(layer):
+            targets[key] = (path, from_bnb_linear4bit(layer, path), parents)  # refuses FP4 naming the module
     for key in list(targets):
         path, layer, parents = targets.pop(key)
         dense = _dense_module(layer, dtype or getattr(layer, "weight_dtype", torch.float32), path)
