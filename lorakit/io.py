@@ -86,10 +86,14 @@ def base_fingerprint(model: nn.Module) -> str:
             modules.update({f"{path}.{name}": child for name, child in host.base_layer.named_modules()
                             if name and not re.search(r"(^|\.)(adapters|copies|base_layer)(\.|$)", name)})
     for path, module in modules.items():
-        if quant.is_quantized(module):
+        # bitsandbytes' packed 4-bit weight made a BitsAndBytesConfig model "another base model" than its own
+        packed = quant.holds_bnb_weight(module)
+        if quant.is_quantized(module) or packed:
             # the dense original's parameter shape ((in, out) for a Conv1D), so the NF4 and dense models agree
             entries.append(f"{path}.weight:{list(quant.weight_param_shape(module))}")
         for name, parameter in module.named_parameters(recurse=False):
+            if packed and name == "weight":
+                continue
             entries.append(f"{path + '.' if path else ''}{name}:{list(parameter.shape)}")
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]
 

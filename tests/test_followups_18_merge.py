@@ -169,3 +169,41 @@ def test_dequantize_of_a_model_loaded_through_bitsandbytes_is_exact_or_refused(b
     reference = reference.dequantize().float()
     with torch.no_grad():
         assert_close(model(IDS).logits, reference(IDS).logits)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_lorakit_adapter_on_a_bitsandbytes_4bit_model_is_not_called_another_bases(base, bnb_folders, tmp_path, kind,
+                                                                                   no_dynamo):
+    """load_adapter on a model loaded 4-bit with BitsAndBytesConfig said the adapter "was made for another base model"
+    (the fingerprint took bitsandbytes' packed (out*in/2, 1) weights for the base's shapes): the user hunted for
+    the wrong base. Now the bitsandbytes layer is named: NF4 converts with lorakit.quantize (then it loads and runs
+    as peft does on the bitsandbytes model), FP4 is refused."""
+    import lorakit
+    from lorakit.errors import LorakitError
+    from lorakit.io import base_fingerprint
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dense = AutoModelForCausalLM.from_pretrained(base)
+    folder = tmp_path / "adapter"
+    lorakit.inject(dense, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), adapter="mine")
+    with torch.no_grad():
+        for key, parameter in lorakit.lora_parameters(dense, "mine"):
+            if key.endswith("lora_B"):
+                parameter.normal_(0, 0.05)
+    lorakit.save_adapter(dense, folder, adapter="mine")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map="cpu")
+    assert base_fingerprint(model) == base_fingerprint(AutoModelForCausalLM.from_pretrained(base))
+    with pytest.raises(LorakitError) as refused:
+        lorakit.load_adapter(model, folder)
+    assert "another base" not in str(refused.value) and "bitsandbytes" in str(refused.value)
+    assert ("lorakit.quantize(model, 'nf4')" if kind == "nf4" else "'fp4'") in str(refused.value)
+    if kind == "fp4":
+        return
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map="cpu"), folder)
+    lorakit.quantize(model, "nf4")  # what the line says: exact
+    lorakit.load_adapter(model, folder)
+    with torch.no_grad():
+        assert_close(model(IDS).logits, reference(IDS).logits)

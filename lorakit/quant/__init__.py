@@ -92,6 +92,12 @@ def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.T
 _BNB_PARAMS = ("Params4bit", "Int8Params")
 
 
+def holds_bnb_weight(module: nn.Module) -> bool:
+    """A bitsandbytes layer (model loaded with ``BitsAndBytesConfig``): its ``weight`` is packed, 4-bit ones shaped
+    ``(out * in / 2, 1)``, not ``(out, in)`` (by class name: the core never imports bitsandbytes)."""
+    return type(getattr(module, "weight", None)).__name__ in _BNB_PARAMS
+
+
 def _bnb_refusal(module: nn.Module, weight: torch.Tensor) -> str:
     """Why a bitsandbytes layer cannot be read as a dense weight, and the way on for its kind: an NF4 model converts
     exactly with ``quantize``, which refuses 8-bit and FP4 layers (lorakit holds NF4 only), so those must be loaded
