@@ -939,11 +939,20 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
 def export_merged(model: nn.Module, tokenizer, adapter: str, out: str | os.PathLike, dtype: torch.dtype = torch.float32,
                   gguf_type: str | None = None, overwrite: bool = False, name: str | None = None,
                   max_shard_size: int | str = MAX_SHARD_SIZE) -> tuple[Path, DeltaReport]:
-    """Merge ``adapter`` and write the HF folder ``out`` (and ``out/<name>-<gguf_type>.gguf`` when asked).
+    """Merge ``adapter`` (one name; combine several first, ``lorakit.combine_adapters``) and write the HF folder
+    ``out`` (and ``out/<name>-<gguf_type>.gguf`` when asked).
 
     The GGUF is written from the float32 merged weights, before the folder's cast to ``dtype``. Weights above
     ``max_shard_size`` are split into shards (see ``write_folder``).
     """
+    if not isinstance(adapter, str):  # a list was told "unknown adapter ['a', 'b']; this model has: a, b"
+        from lorakit.inject import adapter_names
+
+        names = adapter_names(model)
+        mix = "{" + ", ".join(f"{n!r}: 1.0" for n in (adapter if isinstance(adapter, (list, tuple)) else names)) + "}"
+        raise LorakitError(f"export_merged merges one adapter, named by a string (this model has: "
+                           f"{', '.join(names) or 'no adapters'}), got {adapter!r}; to export several merged together, "
+                           f"combine them first: lorakit.combine_adapters(model, {mix}, name='mix'), then export 'mix'")
     if gguf_type is not None:  # fail before any work when the model cannot be exported
         gguf_arch(model.config)
         if gguf_type not in GGUF_TYPES:

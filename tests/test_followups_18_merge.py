@@ -207,3 +207,28 @@ def test_lorakit_adapter_on_a_bitsandbytes_4bit_model_is_not_called_another_base
     lorakit.load_adapter(model, folder)
     with torch.no_grad():
         assert_close(model(IDS).logits, reference(IDS).logits)
+
+
+def test_export_merged_of_several_adapters_says_to_combine_them_and_that_exports_their_sum(base, tmp_path):
+    """export_merged(model, tok, ["a", "b"], out) said "unknown adapter ['a', 'b']; this model has: a, b". Now one
+    line names combine_adapters; doing so exports what the model computes with both adapters active (a tied
+    embedding with LoRA on it included)."""
+    import lorakit
+    from lorakit.errors import LorakitError
+    from lorakit.export import export_merged
+    from transformers import AutoModelForCausalLM
+
+    tied = tiny_hf_folder(tmp_path / "tied", hidden_size=64, intermediate_size=128, tie_word_embeddings=True)
+    a = peft_adapter(tied, tmp_path / "a", seed=8, target_modules=["q_proj", "embed_tokens"])
+    b = peft_adapter(tied, tmp_path / "b", seed=9, target_modules="all-linear")
+    model = AutoModelForCausalLM.from_pretrained(tied)
+    lorakit.load_adapter(model, a, adapter="a")
+    lorakit.load_adapter(model, b, adapter="b")
+    for wrong in (["a", "b"], None):
+        with pytest.raises(LorakitError, match="combine_adapters") as refused:
+            export_merged(model, None, wrong, tmp_path / "out")
+        assert "\n" not in str(refused.value) and "unknown adapter" not in str(refused.value)
+    assert not (tmp_path / "out").exists()
+    lorakit.combine_adapters(model, {"a": 1.0, "b": 1.0}, name="mix")
+    export_merged(model, None, "mix", tmp_path / "out")
+    assert_close(merged_logits(tmp_path / "out"), peft_logits(tied, [a, b]))
