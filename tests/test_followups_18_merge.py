@@ -232,3 +232,15 @@ def test_export_merged_of_several_adapters_says_to_combine_them_and_that_exports
     lorakit.combine_adapters(model, {"a": 1.0, "b": 1.0}, name="mix")
     export_merged(model, None, "mix", tmp_path / "out")
     assert_close(merged_logits(tmp_path / "out"), peft_logits(tied, [a, b]))
+
+
+@pytest.mark.parametrize("kind, said", [("nf4", "train on it directly"), ("int8", "8-bit"), ("fp4", "'fp4'")])
+def test_quantize_of_a_bitsandbytes_folder_says_what_works(bnb_folders, tmp_path, capsys, kind, said):
+    """`lorakit quantize` of an 8-bit or FP4 folder said "train on it directly (lorakit train --model ...)", which
+    lorakit refuses for those folders: now it names the kind and the 16-bit original; an NF4 folder is trainable."""
+    out = tmp_path / "out"
+    line = cli_error(capsys, main(["quantize", "--model", str(bnb_folders / kind), "--out", str(out)]))
+    assert said in line, line
+    if kind != "nf4":
+        assert "train on it" not in line and "16-bit" in line, line
+    assert not out.exists()

@@ -71,8 +71,14 @@ def run(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr)
     source, _ = resolve_model_folder(args.model)
-    quantization = model_config_dict(Path(source)).get("quantization_config")
+    config = model_config_dict(Path(source))
+    quantization = config.get("quantization_config")
     if quantization:  # re-quantizing would only copy it (or dequantize and lose more): say so instead
+        from lorakit.quant.bnb_checkpoint import bnb_quantization
+
+        # 8-bit, FP4, GPTQ...: lorakit cannot train on them either, so "train on it directly" would send the user
+        # to a second refusal; this one says to start from the 16-bit original
+        bnb_quantization(config, f"{args.model}/config.json")
         method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
         raise LorakitError(f"{args.model} is already quantized ({method}, quantization_config in config.json); train "
                            f"on it directly (lorakit train --model {shlex.quote(str(args.model))}) or quantize its "
