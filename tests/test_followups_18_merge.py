@@ -244,3 +244,30 @@ def test_quantize_of_a_bitsandbytes_folder_says_what_works(bnb_folders, tmp_path
     if kind != "nf4":
         assert "train on it" not in line and "16-bit" in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("config", [
+    dict(target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True),  # LoRA on the tied pair
+    dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True),
+    dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),  # a trained input embedding, head untouched
+])
+def test_merge_into_a_tied_embedding_model_keeps_peft_outputs(tmp_path, config):
+    """A guard (these pass): the merged folder of an adapter on a tied embedding / head computes what peft computes
+    unmerged. peft's own merge_and_unload of the first one does not (measured once on peft 0.21.2, without the
+    scaling below: logits off by up to 500, peft warns about tied modules); lorakit unties first."""
+    tied = tiny_hf_folder(tmp_path / "tied", hidden_size=64, intermediate_size=128, tie_word_embeddings=True)
+    adapter = peft_adapter(tied, tmp_path / "adapter", seed=3, **config)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    noise = None
+    for key in tensors:
+        if "lora_embedding_B" in key or "lm_head.lora_A" in key:  # peft's random init gives logits in the
+            tensors[key] = tensors[key] * 0.05  # hundreds (float32 rounding shows); the head's A is tied to this B
+        elif "lora" not in key and "base_layer" not in key:  # trained copies (modules_to_save) unlike the base;
+            noise = 0.1 * torch.randn_like(tensors[key]) if noise is None else noise  # the tied pair's: one value
+            tensors[key] = tensors[key] + noise
+    save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert main(["merge", "--model", str(tied), "--adapter", str(adapter), "--out", str(out), "--dtype", "fp32"]) == 0
+    assert_close(merged_logits(out), peft_logits(tied, [adapter]))
