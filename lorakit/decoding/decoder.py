@@ -351,9 +351,9 @@ class StaticDecoder:
                              [s for s, length in zip(slot_of_prompt, lengths) for _ in range(length)]], dtype=torch.long)
         last = torch.tensor([start + length - 1 for start, length in zip(starts, lengths)], dtype=torch.long)
         # a prompt's attention work: its queries x the keys they read (the row's earlier tokens too: a cached prefix,
-        # earlier chunks); past a 256-token fresh prompt's, causal SDPA per prompt (reads K/V once per block of
-        # queries, where the decode kernels read it once per query: a 512-token chunk after 5,632 tokens ran 5x
-        # slower through them on an H200)
+        # earlier chunks); past a 256-token fresh prompt's, SDPA per prompt (reads K/V once per block of queries,
+        # where the decode kernels read it once per query: a 6,144-token prompt in chunks of 512 took 5x its whole
+        # prefill through them on an H200)
         if max(n * (c + n) for n, c in zip(lengths, cached)) > PREFILL_KERNEL_MAX_PROMPT ** 2:
             logits = self._prefill_eager(flat.to(self.device), last.to(self.device), rows, starts, lengths, cached)
         elif self.use_graph and T <= PREFILL_GRAPH_MAX_TOKENS:
@@ -506,9 +506,9 @@ class StaticDecoder:
                 window = layer.window if layer.window is not None and layer.window < offset + length else None
                 if layer.softcap is None and window is None and offset == 0:
                     oj = F.scaled_dot_product_attention(qj, kj, vj, is_causal=True, scale=layer.scaling, **gqa)
-                elif layer.softcap is None and window is None:  # after a cached prefix or earlier chunks
-                    oj = _lower_right_causal_attention(qj, kj, vj, layer.scaling)
-                else:  # soft-capping (SDPA has none) or a window the prompt outgrows: by blocks of queries
+                else:  # soft-capping (SDPA has none), a window the prompt outgrows, or queries after a cached
+                    # prefix or earlier chunks (SDPA's is_causal aligns the first query with the first key; its
+                    # causal_lower_right mask, K/V repeated for GQA, ran 1.5x slower on an H200): by query blocks
                     oj = _blocked_causal_attention(qj, kj, vj, layer.scaling, layer.softcap, window, offset)
                 result[start:start + length] = oj[0].transpose(0, 1)
             return result
@@ -906,20 +906,6 @@ def _attention_options(layer) -> dict:
     if layer.window is not None:
         options["window"] = layer.window
     return options
-
-
-def _lower_right_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of queries after ``offset`` tokens already in the row: q (1, H, L, D) at positions
-    ``offset .. offset + L - 1``, k, v (1, Hkv, offset + L, D) -> (1, H, L, D). The mask aligns the last query with
-    the last key (``causal_lower_right``; ``is_causal`` would align the first ones): on CUDA one flash-attention
-    call, which takes K/V with as many heads as q (so GQA's are repeated: a copy of the row's K/V per layer, far
-    cheaper than the masked blocks it replaces)."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    if q.shape[1] != k.shape[1]:
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale)
 
 
 def _blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
