@@ -271,3 +271,13 @@ def test_merge_into_a_tied_embedding_model_keeps_peft_outputs(tmp_path, config):
     out = tmp_path / "out"
     assert main(["merge", "--model", str(tied), "--adapter", str(adapter), "--out", str(out), "--dtype", "fp32"]) == 0
     assert_close(merged_logits(out), peft_logits(tied, [adapter]))
+
+
+def test_merge_refusal_names_the_adapter_folder_not_an_internal_name(base, tmp_path, capsys):
+    """A lora_bias adapter on a base without biases cannot be merged (peft refuses it too); the line said
+    "adapter 'merged' has a trained bias...", a name the user never gave. Now it names the folder."""
+    adapter = peft_adapter(base, tmp_path / "my-bias", seed=6, target_modules=["q_proj"], lora_bias=True)
+    out = tmp_path / "out"
+    line = cli_error(capsys, main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(out)]))
+    assert "adapter 'my-bias' has a trained bias" in line and "'merged'" not in line, line
+    assert not out.exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 import warnings
@@ -147,8 +148,10 @@ def run(args: argparse.Namespace) -> int:
     load_dtype = dtype if stored == dtype and args.format == "hf" else torch.float32
     model, tokenizer = lorakit.load_base(args.model, dtype=load_dtype, device="cpu")
     resize_for(model, adapter, args.adapter)
+    # the name refusals show ("adapter 'merged' has a trained bias ... cannot be merged" named none the user gave)
+    name = re.sub(r"[^\w-]", "_", os.path.basename(os.path.normpath(args.adapter))) or "merged"
     try:
-        lorakit.load_adapter(model, adapter, adapter="merged")
+        lorakit.load_adapter(model, adapter, adapter=name)
     except LorakitError as error:  # another base's adapter: say which base, and how to pass it
         raise explain_misfit(error, adapter, args.model, defaulted) from None
     tokenizer = adapter_tokenizer(args.adapter, model) or tokenizer
@@ -159,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
               "on; the output is a 16-bit model (for the original weights, pass the 16-bit folder as --model)")
     with warnings.catch_warnings(record=True) as caught, library_bars_only_on_a_terminal():
         warnings.simplefilter("always")
-        out, report = export_merged(model, tokenizer, "merged", out, dtype=dtype,
+        out, report = export_merged(model, tokenizer, name, out, dtype=dtype,
                                     gguf_type=(args.gguf_type or "f16") if args.format == "gguf" else None,
                                     overwrite=args.overwrite, max_shard_size=max_shard_size)
     print(f"merged {args.adapter} into {args.model}: {report}")
