@@ -8,14 +8,13 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
-import lorakit
 from lorakit.adapter_stack import drop_stack_caches
 from lorakit.decoding import StaticDecoder
 from lorakit.generation import SamplingParams, generate
 from lorakit.serve import engine as engine_module
 from lorakit.serve.engine import Engine, Request
+from model_helpers import with_lora_and_dora
 from tests.conftest import tiny_llama
 
 PROMPTS = [[5, 9, 2, 7, 1], [3, 4], [8, 8, 1, 2, 3, 4, 5], [11, 12, 13], [2, 3, 5, 7]]
@@ -24,14 +23,7 @@ NEW = [4, 3, 1, 4, 2]  # the third request ends with its first token
 
 
 def _model():
-    model = tiny_llama(seed=4)
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter="a")
-    lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=6, variant="dora"), adapter="d")
-    with torch.no_grad():
-        for name, p in lorakit.lora_parameters(model):
-            if name.endswith(("lora_B", "magnitude")):
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
+    return with_lora_and_dora(tiny_llama(seed=4))
 
 
 def _serve(model, max_batch, names=NAMES):

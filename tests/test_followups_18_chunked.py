@@ -17,12 +17,12 @@ import time
 import pytest
 import torch
 
-import lorakit
 from conftest import assert_close, tiny_llama
 from lorakit.decoding import StaticDecoder
 from lorakit.errors import LorakitError
 from lorakit.generation import SamplingParams, generate
 from lorakit.serve.engine import PREFILL_CHUNK_TOKENS, Engine, Request
+from model_helpers import with_lora_and_dora
 
 
 @pytest.fixture(autouse=True)
@@ -30,16 +30,6 @@ def _references(monkeypatch):
     # the kernels' PyTorch references (tested against the kernels elsewhere): this file checks which positions a
     # chunk computes and reads, and interpreted Triton kernels would take minutes on the CPU
     monkeypatch.setenv("LORAKIT_DISABLE_TRITON", "1")
-
-
-def _adapters(model):
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter="a")
-    lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=6, variant="dora"), adapter="d")
-    with torch.no_grad():
-        for name, p in lorakit.lora_parameters(model):
-            if name.endswith(("lora_B", "magnitude")):
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
 
 
 def _family(family):
@@ -82,7 +72,7 @@ def test_a_prompt_prefilled_in_chunks_gives_the_whole_prompts_logits(family, att
 
     if attention == "per-prompt":  # chunks past this run per-prompt attention after the row's earlier chunks
         monkeypatch.setattr(decoder_module, "PREFILL_KERNEL_MAX_PROMPT", 4)
-    model = _adapters(_family(family))
+    model = with_lora_and_dora(_family(family))
     names = ["a", None, "d"]
     prompts = _prompts(model.config.vocab_size, [29, 7, 18])
     expected = _whole(model, prompts, names)
@@ -107,7 +97,7 @@ def test_a_prompt_prefilled_in_chunks_gives_the_whole_prompts_logits(family, att
 
 
 def test_the_prefix_cache_serves_a_first_chunk_and_keeps_each_chunks_blocks():
-    model = _adapters(tiny_llama(max_position_embeddings=256))
+    model = with_lora_and_dora(tiny_llama(max_position_embeddings=256))
     head, = _prompts(model.config.vocab_size, [40])
     prompt = head + [5, 6, 7]
     expected = _whole(model, [prompt], ["a"])
@@ -173,7 +163,7 @@ def _serve(model, chunk, max_batch=3):
 
 @pytest.mark.parametrize("chunk", [1, 3, 8, PREFILL_CHUNK_TOKENS])
 def test_the_engine_answers_as_offline_generation_for_any_chunk_size(chunk):
-    model = _adapters(tiny_llama(seed=4))
+    model = with_lora_and_dora(tiny_llama(seed=4))
     expected = generate(model, PROMPTS, NAMES, [SamplingParams(max_new_tokens=n) for n in NEW])
     results, decoder, engine = _serve(model, chunk)  # 5 requests over 3 rows: rows are reused
     assert [results[i] for i in range(len(PROMPTS))] == [g.tokens for g in expected]
