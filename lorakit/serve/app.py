@@ -42,6 +42,7 @@ from lorakit.serve.answers import (failure, logprobs_object, prompt_details, pro
                                    vllm_prompt_logprobs)
 from lorakit.serve.adapter_tokenizer import has_tokenizer
 from lorakit.serve.engine import Engine, Request, TokenInfo
+from lorakit.serve.generation_defaults import apply_defaults
 from lorakit.serve.http_metrics import CountRequests, HTTPCounts
 from lorakit.serve.model_text import ModelText, embedding_rows
 from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name, closest
@@ -92,6 +93,8 @@ class ServerState:
     text: ModelText | None = None  # the base's text side: the fields above (built from them when not given)
     trust_request_chat_template: bool = False  # --trust-request-chat-template: a request may send chat_template
     http_counts: HTTPCounts = field(default_factory=HTTPCounts)  # answers by method, route, status (GET /metrics)
+    # --generation-config auto: the model's sampling values for the fields a request leaves out (generation_defaults)
+    sampling_defaults: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.text is None and self.tokenizer is not None:
@@ -296,6 +299,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         body = parse(CompletionRequest, await read_json(request, state))
+        apply_defaults(body, state.sampling_defaults)
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens must be at least 1 (0 only with echo, which scores the prompt)",
                            param="max_tokens")
@@ -324,6 +328,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
         body = parse(ChatRequest, await read_json(request, state))
+        apply_defaults(body, state.sampling_defaults)
         _format_without_calls(*_format_spec(body), body.calls_parsed())
         tools = body.openai_tools()
         served = await _open_model(state, body.model, request)  # its template renders the chat
@@ -353,6 +358,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/responses")
     async def responses(request: HTTPRequest):
         body = parse(ResponsesRequest, await read_json(request, state))
+        apply_defaults(body, state.sampling_defaults)
         spec = body.text.format.spec() if body.text is not None and body.text.format is not None else None
         _format_without_calls(spec, "text.format", body.calls_parsed())
         tools = body.chat_tools()

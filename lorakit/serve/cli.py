@@ -80,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "[THINK] (Magistral, Ministral 3 reasoning) -> mistral, <think> (Qwen3, DeepSeek-R1, QwQ) "
                              "-> deepseek_r1, neither -> none; 'none' never splits; deepseek_r1 / qwen3 (vLLM's names; "
                              "one <think> parser reads both) and mistral ([THINK]...[/THINK]) force that parser")
+    parser.add_argument("--generation-config", choices=("auto", "vllm"), default="auto",
+                        help="sampling defaults of requests that leave temperature, top_p, top_k, min_p or "
+                             "repetition_penalty out (vLLM's option): 'auto' (default) takes them from the model's "
+                             "generation_config.json, as its authors set them; 'vllm' keeps OpenAI's neutral ones "
+                             "(temperature 1, top_p 1)")
     parser.add_argument("--trust-request-chat-template", action="store_true",
                         help="accept a chat_template in chat requests (vLLM's option of this name): Jinja code from "
                              "clients, rendered sandboxed and under a time limit; off: such requests are refused")
@@ -136,6 +141,7 @@ def build_state(args: argparse.Namespace):
     from lorakit.serve.app import ServerState
     from lorakit.serve import engine as engine_module
     from lorakit.serve.engine import Engine
+    from lorakit.serve.generation_defaults import model_defaults, startup_lines
     from lorakit.serve.pool import AdapterPool
     from lorakit.serve.reasoning import select_parser
 
@@ -162,6 +168,9 @@ def build_state(args: argparse.Namespace):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     engine = Engine(model, model_lock, max_batch=args.max_batch, pad_id=pad_id, decoder=decoder, prefill_chunk=chunk)
     name = args.name or os.path.basename(os.path.normpath(str(args.model)))
+    defaults, ignored = model_defaults(model, getattr(args, "generation_config", "auto"))
+    for line in startup_lines(defaults, ignored):
+        print(line, file=sys.stderr, flush=True)
     state = ServerState(model=model, tokenizer=tokenizer, base_name=name, pool=pool, engine=engine,
                         stop_token_ids=end_of_turn_ids(tokenizer, model), context_length=context,
                         max_prompt_tokens=min(max_prompt, context), max_new_tokens=args.max_tokens,
@@ -169,7 +178,8 @@ def build_state(args: argparse.Namespace):
                         cors_origins=tuple(args.cors_origin),
                         reasoning=select_parser(tokenizer, getattr(args, "reasoning_parser", "auto")),
                         reasoning_parser=getattr(args, "reasoning_parser", "auto"),
-                        trust_request_chat_template=getattr(args, "trust_request_chat_template", False))
+                        trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
+                        sampling_defaults=defaults)
     from lorakit.serve.adapter_tokenizer import own_template
 
     templated = [a for a in pool.available() if a != name and own_template(pool.root / a, tokenizer.chat_template)]
