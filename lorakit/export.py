@@ -19,7 +19,9 @@ llama) has its q/k rows permuted as llama.cpp's ``convert_hf_to_gguf.py`` does (
 neighbouring dimensions; transformers pairs the two halves); Qwen2 (q/k/v biases), Qwen3 (q/k norms), Phi-3 (fused
 qkv and gate|up), Gemma 2 and Gemma 3 (norms stored as 1 + w) use NEOX-style rotary, which pairs the halves too, so
 their rows stay as they are. The tokenizer comes from the HF tokenizer (byte-level BPE as ``gpt2``, BPE with byte
-fallback as ``llama``). transformers' own GGUF loader (``modeling_gguf_pytorch_utils``) undoes exactly these
+fallback as ``llama``). Llama 3.1's rotary scaling (``rope_type`` "llama3") is written as llama.cpp's converter writes it,
+a ``rope_freqs`` tensor of per-frequency divisors (``llama3_rope_factors``); other scaled rotary types are refused.
+transformers' own GGUF loader (``modeling_gguf_pytorch_utils``) undoes exactly these
 rewrites when it reads the file back, which is how tests/test_gguf_architectures.py checks each family.
 """
 
@@ -642,6 +644,39 @@ def _rope(config, arch: GgufArch) -> dict:
     return rope if isinstance(rope, dict) else {}
 
 
+def _rope_type(rope: dict) -> str | None:
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def llama3_rope_factors(config) -> np.ndarray:
+    """Llama 3.1's rotary scaling as llama.cpp takes it: one factor per rotary frequency (the ``rope_freqs.weight``
+    tensor llama.cpp's converter writes), by which its graph divides that frequency.
+
+    transformers' llama3 init keeps the high frequencies (wavelength under original_max_position_embeddings /
+    high_freq_factor), divides the low ones (wavelength over original / low_freq_factor) by ``factor`` and blends the
+    band between; the factor here is the default inverse frequency over the llama3 one, so llama.cpp's
+    ``theta_i = pos * base^(-2i/d) / factor_i`` is transformers' angle. Returns float32, shape (head_dim // 2,).
+    """
+    rope = _rope(config, GGUF_ARCHS["llama"])
+    head_dim = _config_value(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    base = float(_config_value(config, "rope_theta", rope.get("rope_theta", 10000.0)))
+    factor = float(rope["factor"])
+    low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    # transformers falls back to the model's context when the pretraining one is not given
+    original = float(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
+    if low >= high:
+        raise LorakitError(f"GGUF export: llama3 rope_scaling needs low_freq_factor < high_freq_factor, got {low} and {high}")
+    # the frequencies and wavelengths in float32, as both transformers and llama.cpp compute them, so a wavelength
+    # on a band's edge lands in the band transformers puts it in
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = np.float32(1.0) / np.power(np.float32(base), exponents, dtype=np.float32)
+    wavelength = (np.float32(2 * np.pi) / inv_freq).astype(np.float64)
+    blend = (original / wavelength - low) / (high - low)  # 0 at the low band's edge, 1 at the high one's
+    factors = 1.0 / ((1.0 - blend) / factor + blend)
+    factors = np.where(wavelength < original / high, 1.0, np.where(wavelength > original / low, factor, factors))
+    return factors.astype(np.float32)
+
+
 def gguf_arch(config) -> GgufArch:
     """The export table for ``config``'s family; one line naming the supported ones otherwise."""
     model_type = getattr(config, "model_type", None)
@@ -650,11 +685,11 @@ def gguf_arch(config) -> GgufArch:
         raise LorakitError(f"GGUF export supports Llama-architecture models (llama, mistral) and "
                            f"{', '.join(t for t in GGUF_ARCHS if t not in ('llama', 'mistral'))}; this model is "
                            f"{model_type!r}: export the Hugging Face folder and convert it with llama.cpp's convert_hf_to_gguf.py")
-    rope = _rope(config, arch)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise LorakitError(f"GGUF export: rope type {rope_type!r} is not supported yet; export the HF folder and convert "
-                           "it with llama.cpp's convert_hf_to_gguf.py")
+    rope_type = _rope_type(_rope(config, arch))
+    # llama3 (Llama 3.1 / 3.2 / 3.3) rides in llama.cpp's llama graph as a rope_freqs tensor (llama3_rope_factors)
+    if rope_type not in ("default", None) and not (rope_type == "llama3" and arch.arch == "llama"):
+        raise LorakitError(f"GGUF export: rope type {rope_type!r} is not supported yet (default, and llama3 for "
+                           "llama/mistral, are); export the HF folder and convert it with llama.cpp's convert_hf_to_gguf.py")
     reason = arch.refuse(config) if arch.refuse is not None else None
     if reason:
         raise LorakitError(f"GGUF export of this {model_type} model: {reason}; export the Hugging Face folder and "
@@ -689,6 +724,8 @@ def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     tied = "lm_head.weight" not in state or (
         getattr(config, "tie_word_embeddings", False) and torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]))
     unsupported = f"this {config.model_type} variant is not supported"
+    if _rope_type(_rope(config, arch)) == "llama3":  # one tensor shared by every layer's rope (1-D: stays float32)
+        out["rope_freqs.weight"] = torch.from_numpy(llama3_rope_factors(config))
     for key, tensor in state.items():
         if key == "model.embed_tokens.weight":
             out["token_embd.weight"] = tensor
