@@ -76,11 +76,30 @@ class _OneLineParser(argparse.ArgumentParser):
 
     Prefixes of options are not accepted (``allow_abbrev=False``): with them ``lorakit generate --n 2 hi`` read
     ``--n`` as ``--no-chat`` and ``2`` as the prompt, and a script's ``--eval`` would change meaning the day another
-    ``--eval-...`` option is added; an unknown option gets the nearest one instead (:func:`_unknown_arguments`)."""
+    ``--eval-...`` option is added; an unknown option gets the nearest one instead (:func:`_unknown_arguments`).
+
+    A single-value option given twice with different values (``--lr 1e-4 --lr 3e-4``) is refused, naming both: argparse
+    kept the last one silently (:mod:`lorakit.commands._given_once`, whose actions replace argparse's ``store`` and
+    ``BooleanOptionalAction`` in every parser built from this class, its subcommands' and their groups' too)."""
 
     def __init__(self, *args, **kwargs):
+        from lorakit.commands._given_once import BooleanOnce, StoreOnce
+
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.given: dict[str, tuple] = {}  # dest -> (value, option, as typed) of this parse, for StoreOnce
+        self.typed: list[str] = []  # the strings of the value being stored
+        for key in (None, "store"):
+            self.register("action", key, StoreOnce)
+        self.register("action", argparse.BooleanOptionalAction, BooleanOnce)  # passed as a class: the class is the key
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.given = {}
+        return super().parse_known_args(args, namespace)
+
+    def _get_values(self, action, arg_strings):
+        self.typed = list(arg_strings)  # argparse calls the action right after: StoreOnce shows what was typed
+        return super()._get_values(action, arg_strings)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")

@@ -204,7 +204,9 @@ def test_outputs_that_cannot_be_written_or_would_destroy_an_input(tmp_path, tiny
     # none of the old run's files, and a failed --overwrite run leaves the old run as it was
     code = main([*train, str(tmp_path / "run"), "--max-length", "2"])
     assert cli_error(capsys, code) and not (tmp_path / "run").exists()
-    assert main([*train, str(tmp_path / "run"), "--save-every", "1", "--max-steps", "2"]) == 0
+    # 2 steps: FAST's "--max-steps 1" replaced in place (a second --max-steps is refused, not the last one kept)
+    two_steps = [word if i != train.index("--max-steps") + 1 else "2" for i, word in enumerate(train)]
+    assert main([*two_steps, str(tmp_path / "run"), "--save-every", "1"]) == 0
     (tmp_path / "run" / "notes.txt").write_text("mine")
     assert main([*train, str(tmp_path / "run"), "--overwrite"]) == 0
     capsys.readouterr()
