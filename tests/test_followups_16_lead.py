@@ -40,6 +40,7 @@ def test_engine_gives_generators_to_seeded_requests_only():
     """Only a seeded sampled request gets a stream of its own (its answer must not depend on its neighbours)."""
     from lorakit.generation import SamplingParams
     from lorakit.serve.engine import Engine, Request
+    from lorakit.serve.metrics import EngineMetrics
 
     class Idle(Engine):  # submit's bookkeeping without a model or an engine thread
         def __init__(self):
@@ -48,6 +49,7 @@ def test_engine_gives_generators_to_seeded_requests_only():
             self.device = torch.device("cpu")
             self._wake = threading.Condition()
             self._waiting = []
+            self.metrics = EngineMetrics()  # submit names each request's /metrics series
 
     engine = Idle()
     made = {}

@@ -106,8 +106,10 @@ class ServerProcess:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # "base" unless the test names the model itself (a flag given twice with two values is refused)
+        name = [] if any(a == "--name" or a.startswith("--name=") for a in extra) else ["--name", "base"]
         args = [sys.executable, "-m", "lorakit", "serve", "--model", str(model), "--adapters", str(adapters),
-                "--port", str(self.port), "--name", "base", *extra]
+                "--port", str(self.port), *name, *extra]
         if api_key:
             args += ["--api-key", api_key]
         # the CPU server runs the PyTorch reference path, as a real CPU deployment does (no Triton interpreter)
