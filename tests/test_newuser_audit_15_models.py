@@ -319,8 +319,8 @@ def test_a_pad_token_added_past_the_embedding_rows_pads_with_eos_instead(root, t
                                          r"eos token '<\|im_end\|>' pads instead"):
         model, tokenizer = lorakit.load_base(str(folder), device="cpu")
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == 3
-    code, out, err = _run("train", "--model", folder, "--data", root / "train.jsonl", *TRAIN, "--batch-size", 4,
-                          "--out", tmp_path / "run")
+    batch_4 = [4 if previous == "--batch-size" else a for previous, a in zip((None, *TRAIN), TRAIN)]  # given once
+    code, out, err = _run("train", "--model", folder, "--data", root / "train.jsonl", *batch_4, "--out", tmp_path / "run")
     assert code == 0 and "Traceback" not in err, err
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
