@@ -51,9 +51,10 @@ def captured(monkeypatch):
 
 def _train(files, out, *flags):
     lora = [] if "--full" in flags else ["--rank", "4", "--lr", "1e-2"]
-    steps = [] if "--epochs" in flags else ["--max-steps", "2"]
+    steps = [] if "--epochs" in flags or "--max-steps" in flags else ["--max-steps", "2"]
+    batch = [] if "--batch-size" in flags else ["--batch-size", "4"]  # the CLI refuses a flag given twice
     return main(["train", "--model", str(files["model"]), "--data", str(files["train"]), "--out", str(out),
-                 "--batch-size", "4", *steps, *QUIET, *lora, *flags])
+                 *batch, *steps, *QUIET, *lora, *flags])
 
 
 def _logits(model):
