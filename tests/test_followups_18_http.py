@@ -324,6 +324,34 @@ def test_nan_or_infinity_in_a_format_is_refused_not_read_as_null(server, path, b
     assert server["client"].post(path, content=finite, headers={"Content-Type": "application/json"}).status_code == 200
 
 
+@pytest.mark.parametrize("field, value, words", [
+    ("chat_template_kwargs", '{"enable_thinking": false, "budget": NaN}', "option 'budget' holds nan"),
+    ("chat_template_kwargs", '{"levels": [1, {"x": -Infinity}]}', "option 'levels' holds -inf"),
+    ("vllm_xargs", '{"scale": Infinity}', "'scale' holds inf"),
+    ("vllm_xargs", '{"scales": [1, NaN]}', "'scales' holds nan"),
+])
+def test_nan_or_infinity_in_template_options_or_xargs_is_refused(server, field, value, words):
+    """Python's json reads NaN and Infinity, which are no JSON: they reached the chat template (rendered "nan") or
+    vllm_xargs as they were; vLLM's parser refuses them."""
+    body = ('{"model": "a0", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}], '
+            f'"{field}": {value}}}')
+    error = api_error(server["client"].post("/v1/chat/completions", content=body,
+                                            headers={"Content-Type": "application/json"}), 400)
+    assert words in error["message"] and field in (error["param"] or "") + error["message"], error
+    finite = body.replace("-Infinity", "0").replace("Infinity", "1").replace("NaN", "2")
+    assert server["client"].post("/v1/chat/completions", content=finite,
+                                 headers={"Content-Type": "application/json"}).status_code == 200
+
+
+def test_training_refuses_nan_in_template_options():
+    from lorakit.errors import LorakitError
+    from lorakit.train.config import check_template_kwargs
+
+    with pytest.raises(LorakitError, match=r"--chat-template-kwargs: option 'x' holds nan, which is not a JSON number"):
+        check_template_kwargs('{"x": NaN}')
+    assert check_template_kwargs('{"x": 1.5, "y": [true, "s"]}') == {"x": 1.5, "y": [True, "s"]}
+
+
 # -- a WebSocket upgrade --------------------------------------------------------------------------------------------
 def test_a_websocket_upgrade_gets_the_error_body_of_an_unknown_route(server, answer):
     wire = Wire(server["port"])

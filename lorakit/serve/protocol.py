@@ -339,6 +339,17 @@ class _VllmRequest(_Penalized):
     return_mm_kwargs: bool = True
     routed_experts_prompt_start: int = Field(0, ge=0)
 
+    @field_validator("vllm_xargs")
+    @classmethod
+    def _finite_xargs(cls, value: dict | None) -> dict | None:
+        """Python's json reads NaN and Infinity, which are no JSON numbers (vLLM's parser refuses them)."""
+        for key, item in (value or {}).items():
+            for number in item if isinstance(item, list) else [item]:
+                if isinstance(number, float) and not math.isfinite(number):
+                    raise ValueError(f"vllm_xargs: {key!r} holds {number}, which is not a JSON number; give a finite "
+                                     "number")
+        return value
+
     @field_validator("priority")
     @classmethod
     def _first_come(cls, value: int) -> int:

@@ -348,7 +348,22 @@ def check_template_kwargs(value: Any, flag: str = "--chat-template-kwargs") -> d
         if key in TEMPLATE_RESERVED:
             raise LorakitError(f"{flag}: {shown(key)} is set by lorakit itself when it renders a chat, not a template "
                                "option; remove it")
+        bad = _non_finite(value[key])
+        if bad is not None:  # Python's json reads NaN / Infinity, which no JSON value is: a template would print "nan"
+            raise LorakitError(f"{flag}: option {key!r} holds {bad}, which is not a JSON number; give a finite number")
     return dict(value)
+
+
+def _non_finite(value: Any) -> float | None:
+    """The first NaN or infinity inside a JSON-like value (nested lists and mappings), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        bad = _non_finite(item)
+        if bad is not None:
+            return bad
+    return None
 
 
 def _number(value: Any) -> bool:
