@@ -250,7 +250,8 @@ def test_a_pandas_split_orient_json_file_reads_as_its_rows(tmp_path):
 def test_a_data_folder_with_a_validation_split_says_it_is_not_used(tmp_path, capsys):
     """--data folder/ with train.jsonl and validation.jsonl trains on train.jsonl (right), and the run ended with
     "best validation loss n/a" without a word about the validation file beside it. The run now names it and the flag
-    that scores it; no note once --val-data or --val-fraction is given, or for a test split alone."""
+    that scores it (with --val-fraction too, which scores a share of the train split instead); no note once --val-data
+    is given, or for a test split alone."""
     import datasets
 
     from lorakit.train.config import TrainConfig
@@ -271,8 +272,12 @@ def test_a_data_folder_with_a_validation_split_says_it_is_not_used(tmp_path, cap
             f"note: --data {path} also holds a validation split ({shown}), which training does not use; to score it "
             f"during training, pass --val-data {path}")
         read_data(TrainConfig(data=[str(path)], val_data=[str(path)]))
-        read_data(TrainConfig(data=[str(path)], val_fraction=0.25))
         assert "note" not in capsys.readouterr().out
+        # --val-fraction holds out part of the train split: right, but the folder's own split went unused unsaid
+        read_data(TrainConfig(data=[str(path)], val_fraction=0.25))
+        assert capsys.readouterr().out.strip().splitlines()[-1] == (
+            f"note: --data {path} also holds a validation split ({shown}); --val-fraction 0.25 holds out part of its "
+            f"train split instead. To score on the folder's split, pass --val-data {path} in place of --val-fraction")
     (folder / "validation.jsonl").unlink()
     read_data(TrainConfig(data=[str(folder)]))
     assert "note" not in capsys.readouterr().out

@@ -432,8 +432,8 @@ def read_data(config: TrainConfig) -> tuple[list, list | None]:
         note = repeated_note(files, flag)
         if note:
             say(note)
-    for path in train_files if val_files is None and val_fraction is None else ():
-        note = unused_validation(path)
+    for path in train_files if val_files is None else ():
+        note = unused_validation(path, val_fraction)
         if note:
             say(note)
     # a DatasetDict folder as --val-data gives its validation (or test) split, not "train"

@@ -438,7 +438,7 @@ def repeated_note(paths: Iterable[str | Path], flag: str) -> str | None:
             "rest: give a file once unless that is meant")
 
 
-def unused_validation(path: str | Path) -> str | None:
+def unused_validation(path: str | Path, val_fraction: float | None = None) -> str | None:
     """The note for a ``--data`` folder that also holds a validation split, which ``--data`` does not read (it reads
     the train split): a folder of train.jsonl + validation.jsonl (or data/train/ + data/validation/, a Hub download's
     shards) or a ``DatasetDict`` saved with a validation split. None for anything else (a test split is not named:
@@ -458,6 +458,10 @@ def unused_validation(path: str | Path) -> str | None:
     if not names:
         return None
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    if val_fraction is not None:  # the user asked for a held-out share: said, since the folder's own split is unused
+        return (f"note: --data {path} also holds a validation split ({shown}); --val-fraction {val_fraction:g} holds "
+                f"out part of its train split instead. To score on the folder's split, pass --val-data {path} in "
+                "place of --val-fraction")
     return (f"note: --data {path} also holds a validation split ({shown}), which training does not use; to score it "
             f"during training, pass --val-data {path}")
 
