@@ -265,6 +265,10 @@ class LoraConfig:
                 raise LorakitError(f"{source}: peft_type {shown(peft_type)} ({FOLDER_TYPES[peft_type.upper()]}) is read from "
                                    "its whole adapter folder, as the plain LoRA it equals: lorakit.load_adapter(model, "
                                    "folder) or lorakit.read_adapter(folder), not LoraConfig.from_peft_dict")
+            if isinstance(peft_type, str) and peft_type.upper() == "TRAINABLE_TOKENS":  # rows read with the tensors
+                raise LorakitError(f"{source}: peft_type {shown(peft_type)} (peft's TrainableTokens: trained rows of the "
+                                   "embedding, no LoRA) is read from its whole adapter folder: lorakit.load_adapter(model, "
+                                   "folder) or lorakit.read_adapter(folder), not LoraConfig.from_peft_dict")
             if isinstance(peft_type, str) and peft_type.upper() in _UNMERGEABLE_TYPES:  # no weight update to merge
                 raise LorakitError(f"{source}: peft_type {shown(peft_type)} is not LoRA (it adds trained virtual tokens or "
                                    "layers of its own, which no merge turns into base weights); lorakit reads LoRA adapters "

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit import peft_types, peft_variants, quant
+from lorakit import peft_types, peft_variants, quant, trainable_tokens
 from lorakit._finite import all_finite
 from lorakit._fs import atomic_write_bytes
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
@@ -36,7 +36,7 @@ from lorakit.mha_lora import FILE_INFIXES, MhaLora
 from lorakit.models.hub_cache import hub_cache_snapshot, looks_like_hub_id
 from lorakit.param_lora import ParamLora, file_key_prefixes, parameter_layout
 from lorakit.resized_vocab import base_copy_path, resized_copies
-from lorakit.token_rows import TokenRows
+from lorakit.token_rows import TOKEN_DELTA, TokenRows, check_indices
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,8 +47,6 @@ MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few KB (the server
 # peft's inits that rewrite the base (W -> W - s B0 A0) when an adapter is created, and again, from the same original
 # W, when PeftModel.from_pretrained loads the file: deterministic (an SVD, a QR), so lorakit can repeat them on load
 BASE_REWRITES = ("pissa", "olora")
-# peft's trainable_token_indices: new rows of an embedding (and of the output head tied to it), saved as a delta
-TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
 
 # (linear form attribute, PEFT key suffix for linear layers, for embeddings)
 _SUFFIXES = {
@@ -350,9 +348,17 @@ class AdapterFile:
         return init.lower() if isinstance(init, str) and init.lower() in BASE_REWRITES else None
 
     @property
+    def token_field(self) -> str:
+        """The config's field of trained token rows: LoRA's ``trainable_token_indices``, or ``token_indices`` of
+        peft's TrainableTokens method (``lorakit.trainable_tokens``)."""
+        rows_only = trainable_tokens.is_trainable_tokens(self.raw_config)
+        return trainable_tokens.FIELD if rows_only else "trainable_token_indices"
+
+    @property
     def token_indices(self) -> list[int] | dict[str, list[int]] | None:
-        """peft's ``trainable_token_indices`` (validated by ``read_adapter``); loaded as modules-to-save copies."""
-        value = self.raw_config.get("trainable_token_indices") if isinstance(self.raw_config, dict) else None
+        """The trained token rows' ids (``token_field``, validated by ``read_adapter``); loaded as modules-to-save
+        copies."""
+        value = self.raw_config.get(self.token_field) if isinstance(self.raw_config, dict) else None
         return value or None
 
     @property
@@ -449,7 +455,8 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
         raw_config = _read_config(config_path, config_handle)
         # no target_modules (peft would guess them from the model type): read after the tensors, which name them
         config = _parse_config(raw_config, config_path) if _names_targets(raw_config) and not (
-            peft_types.peft_type(raw_config)) else None  # AdaLoRA, VeRA, LoHa: their LoRA config comes with the tensors
+            peft_types.peft_type(raw_config) or trainable_tokens.is_trainable_tokens(raw_config)
+        ) else None  # AdaLoRA, VeRA, LoHa, TrainableTokens: their config comes with the tensors
         _check_layout(weights, weights_handle, size)
         data = _read_exactly(weights, weights_handle, size)
     from safetensors.torch import load as safetensors_load
@@ -474,6 +481,8 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
     if peft_types.peft_type(raw_config):  # before the empty check: AdaLoRA's fully pruned modules are (0, in)
         lora_config, tensors = peft_types.to_lora(raw_config, tensors, str(config_path))
         config = _parse_config(lora_config, config_path)
+    elif trainable_tokens.is_trainable_tokens(raw_config):  # token rows alone, as a LoRA file's (no LoRA layer)
+        config, tensors = trainable_tokens.to_lora_form(raw_config, tensors, str(config_path))
     empty = [k for k, t in tensors.items() if t.numel() == 0]
     if empty:  # DeepSpeed ZeRO-3 / FSDP ranks hold shards: a save that did not gather them writes shape (0,) tensors
         raise LorakitError(f"{weights}: tensor {clipped(empty[0])} is empty (shape {tuple(tensors[empty[0]].shape)}; "
@@ -523,23 +532,6 @@ def _refuse_broken_entry(path: Path, follow_symlinks: bool = True) -> None:
         raise LorakitError(f"{path} is not a regular file (a pipe, socket or device); it must be the file itself")
 
 
-def _is_index_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value) and len(set(value)) == len(value)
-
-
-def _listed_twice(lists: list[Any]) -> int | None:
-    """The first token id that one of ``lists`` names twice (a set per list: a file may list thousands), else None."""
-    for ids in lists:
-        seen: set[int] = set()
-        for i in ids if isinstance(ids, list) else ():
-            if isinstance(i, int) and not isinstance(i, bool):
-                if i in seen:
-                    return i
-                seen.add(i)
-    return None
-
-
 def _names_targets(raw_config: Any) -> bool:
     """Whether the config can be parsed before the tensors are read: it names its targets, or it is not LoRA's (a
     prompt-tuning config names none, and is refused by its peft_type before its tensors are looked at)."""
@@ -585,16 +577,7 @@ def _parse_config(raw_config: Any, config_path: Path) -> LoraConfig:
             raw_config = {**raw_config, "bias": "none"}
         tokens = raw_config.get("trainable_token_indices")
         if tokens not in (None, [], {}):  # loaded as whole copies of the embedding (``_token_copies``)
-            twice = _listed_twice(list(tokens.values()) if isinstance(tokens, dict) else [tokens])
-            if twice is not None:  # peft makes it, and index_copy writes one of the rows: which one, torch leaves open
-                raise LorakitError(f"{config_path}: trainable_token_indices lists token id {twice} more than once; peft "
-                                   "writes each entry's trained row into that one row, and which write wins is undefined "
-                                   "(torch's index_copy), so the adapter has no one value there: train it again with "
-                                   "each id listed once")
-            if not (_is_index_list(tokens) or (isinstance(tokens, dict) and tokens and all(
-                    isinstance(k, str) and k and _is_index_list(v) for k, v in tokens.items()))):
-                raise LorakitError(f"{config_path}: trainable_token_indices must be a list of token ids or a map from "
-                                   f"embedding names to such lists, got {shown(tokens)}")
+            check_indices(tokens, str(config_path), "trainable_token_indices")
             raw_config = {**raw_config, "trainable_token_indices": None}
         # VeLoRA, KaSA, ...: checked here, converted to plain LoRA by load_adapter
         raw_config = peft_variants.check_options(raw_config, str(config_path))
@@ -1153,7 +1136,7 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = T
     deltas = {_strip(k)[: -len(TOKEN_DELTA)]: t for k, t in adapter_file.tensors.items() if k.endswith(TOKEN_DELTA)}
     if not deltas and not indices_spec:
         return {}
-    where = f"{adapter_file.folder}: trainable_token_indices"
+    where = f"{adapter_file.folder}: {adapter_file.token_field}"
     if not deltas or not indices_spec:
         raise LorakitError(f"{where}: {CONFIG_NAME} and {WEIGHTS_NAME} disagree (one has trained token rows, the other "
                            f"not){(not deltas and _conversion_hint(adapter_file)) or '; save the adapter again with peft'}")
@@ -1190,8 +1173,12 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = T
                                "one embedding: merge the adapter with peft (merge_and_unload) and load the merged model")
         # the rows alone: the copy the load writes them into is the base's already (no second (vocab, dim) weight)
         trained = TokenRows(torch.tensor(indices), delta, tuple(weight.shape)) if weights else None
-        for other, tied in base_modules.items():  # the embedding and every module sharing its weight (a tied head)
-            if other and getattr(tied, "weight", None) is weight:
+        # an embedding's rows are also those of every module sharing its weight (a tied head); a head's own rows are
+        # its own: peft ties the head's token layer to the embedding's, never the reverse (rows trained on the head
+        # alone of a tied model leave the embedding the base's)
+        spread = isinstance(module, nn.Embedding)
+        for other, tied in base_modules.items():
+            if other == path or (other and spread and getattr(tied, "weight", None) is weight):
                 if other in lora_paths:
                     # (a module tied to the embedding: peft's merge_and_unload adds the rows and the LoRA into the
                     # one weight both share, so its merged model has other logits; no advice to merge it)
@@ -1408,7 +1395,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     of the embedding and its tied head; for inference only), ``ensure_weight_tying``, SEQ_CLS's ``modules_to_save``,
     ``bias="all"/"lora_only"`` when the saved biases are the base's, and VeLoRA / MonteCLoRA / QA-LoRA / BD-LoRA /
     KaSA adapters as the plain LoRA each equals when it runs (``lorakit.peft_variants``; not with trainable=True), as
-    are peft_type AdaLoRA, VeRA, LoHa and LoKr adapters (``lorakit.peft_types``). Options lorakit cannot reproduce are
+    are peft_type AdaLoRA, VeRA, LoHa and LoKr adapters (``lorakit.peft_types``); peft's TrainableTokens adapters
+    load as their token rows alone (``lorakit.trainable_tokens``). Options lorakit cannot reproduce are
     refused in one line that names them. An adapter trained on a resized vocabulary (peft's whole saved embedding
     and head with more rows) resizes a base holding no adapters to it and takes the saved weights, as peft's load
     over a resized base does (a warning says so); ``resize_vocabulary=False`` refuses it instead (a shared base).
@@ -1423,7 +1411,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     if adapter in adapter_names(model):
         raise LorakitError(f"the model already has an adapter named {adapter!r}; pass another name or delete it first")
     if trainable and adapter_file.token_indices:  # the copies have no mask: training would change every row
-        raise LorakitError(f"{adapter_file.folder}: trainable_token_indices {shown(adapter_file.token_indices)} load as whole "
+        raise LorakitError(f"{adapter_file.folder}: {adapter_file.token_field} {shown(adapter_file.token_indices)} load as whole "
                            "copies of the embedding (and of the head tied to it), so trainable=True would train all their "
                            "rows, not only these tokens as peft does; load it with trainable=False to run it, or continue "
                            "its training with peft")

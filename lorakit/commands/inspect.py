@@ -24,6 +24,7 @@ def describe(folder: str) -> dict:
     from lorakit.errors import LorakitError
     from lorakit.io import read_adapter
     from lorakit.peft_types import origin
+    from lorakit.trainable_tokens import is_trainable_tokens, origin as rows_origin
 
     if not str(folder).strip():  # "" is the current folder: "." holds adapters in subfolders / does not exist
         raise LorakitError("the adapter folder given is '' (an unset shell variable?); give the folder that holds "
@@ -71,14 +72,16 @@ def describe(folder: str) -> dict:
     ranks = sorted(ranks)
     copies = _saved_copies(adapter.tensors, config.modules_to_save or [])
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in adapter.tensors.values()})
+    rows_only = is_trainable_tokens(adapter.raw_config)  # peft's TrainableTokens: no LoRA, so no rank or alpha
     return {
         "folder": str(adapter.folder),
-        "variant": config.variant,
+        "method": "trainable_tokens" if rows_only else "lora",
+        "variant": None if rows_only else config.variant,
         "lora_bias": config.lora_bias,  # peft's lora_bias: lora_B has a trained bias, (out,) per layer
-        "rank": config.r,
+        "rank": None if rows_only else config.r,
         "ranks_in_file": ranks,
-        "alpha": config.alpha,
-        "scaling": config.scaling_for(""),
+        "alpha": None if rows_only else config.alpha,
+        "scaling": None if rows_only else config.scaling_for(""),
         "rank_pattern": config.rank_pattern,
         "alpha_pattern": config.alpha_pattern,
         "target_modules": config.target_modules,
@@ -96,7 +99,7 @@ def describe(folder: str) -> dict:
         "base_model": adapter.raw_config.get("base_model_name_or_path"),
         "base_fingerprint": adapter.metadata.get("lorakit_base_fingerprint"),
         "made_by": f"lorakit {adapter.metadata['lorakit_version']}" if "lorakit_version" in adapter.metadata else (
-            origin(adapter.raw_config) or "peft (or another tool)"),  # AdaLoRA, VeRA, LoHa: what it was converted from
+            origin(adapter.raw_config) or rows_origin(adapter.raw_config) or "peft (or another tool)"),  # AdaLoRA, ...
     }
 
 
@@ -140,12 +143,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     targets = ", ".join(f"{k} x{v}" for k, v in info["adapted_modules"].items())
-    lines = [
-        ("folder", info["folder"]),
+    lora = [
         ("variant", info["variant"] + (" with a bias on lora_B (lora_bias)" if info["lora_bias"] else "")),
         ("rank", f"{info['rank']}" + (f" (in file: {info['ranks_in_file']})" if info["ranks_in_file"] != [info["rank"]] else "")),
         ("alpha", f"{info['alpha']:g} (scaling {info['scaling']:g})"),
         ("targets", f"{_spec(info['target_modules'])} -> {info['adapted_layers']} layers: {targets}"),
+    ] if info["method"] == "lora" else [  # peft's TrainableTokens: no LoRA layer, so no rank, alpha or targets
+        ("method", "trainable tokens only (no LoRA layers)")]
+    lines = [
+        ("folder", info["folder"]),
+        *lora,
         ("modules to save", info["modules_to_save"] or "none"),
         ("trainable parameters", f"{info['trainable_parameters']:,} ({', '.join(info['dtypes'])})"),
         *([("saved copies", f"{info['saved_copy_parameters']:,} parameters (peft's save_embedding_layers: whole "
