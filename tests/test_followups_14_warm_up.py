@@ -76,7 +76,7 @@ def test_full_warm_up_runs_the_lora_kernels_and_leaves_no_trace(monkeypatch):
     for kernel in ("grouped_lora_add_", "grouped_shrink"):
         real = getattr(grouped_lora, kernel)
         monkeypatch.setattr(grouped_lora, kernel, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
-    decoder.warm_up()
+    decoder.warm_up(full=True)  # (the default on CUDA)
     assert calls, "the placeholder adapter did not run the grouped LoRA kernels"
     assert decoder.free_rows() == [0, 1, 2] and decoder.lengths == [0] * 3
     assert WARM_UP_ADAPTER not in decoder.adapters and not decoder.adapters.slot_of
@@ -160,7 +160,22 @@ def test_full_warm_up_on_a_4_bit_base_leaves_its_outputs_alone():
     names = ["a", None, "b"]
     expected = _serve(StaticDecoder(model, max_batch=3, max_len=12), model, names)
     decoder = StaticDecoder(model, max_batch=3, max_len=12)
-    decoder.warm_up()
+    decoder.warm_up(full=True)  # (the default on CUDA)
     assert not decoder.adapters.slot_of and decoder.free_rows() == [0, 1, 2]
     for step, (e, g) in enumerate(zip(expected, _serve(decoder, model, names))):
         assert torch.allclose(g, e, atol=1e-5, rtol=1e-5), f"step {step}: max diff {(g - e).abs().max():.2e}"
+
+
+def test_default_warm_up_off_cuda_is_the_short_pass(monkeypatch):
+    """Off CUDA nothing is compiled or captured ahead, so the default warm-up is the one-token pass (under Triton's
+    interpreter the full one took minutes of a CPU test); full=True still runs every pass there."""
+    model = _model()
+    decoder = StaticDecoder(model, max_batch=3, max_len=40)
+    lengths = []
+    real = decoder.prefill
+    monkeypatch.setattr(decoder, "prefill", lambda rows, prompts, names, **kw: lengths.append(
+        [len(p) for p in prompts]) or real(rows, prompts, names, **kw))
+    decoder.warm_up()
+    assert lengths == [[1]] and decoder.free_rows() == [0, 1, 2]
+    decoder.warm_up(full=True)
+    assert len(lengths) == 1 + 2 * (1 + len(decoder._warm_up_prompts(3)))

@@ -523,12 +523,13 @@ class StaticDecoder:
         for row in rows:
             self.active[row], self.filling[row], self.lengths[row] = False, False, 0
 
-    def warm_up(self, full: bool = True) -> None:
+    def warm_up(self, full: bool | None = None) -> None:
         """Compile the kernels and capture the graphs that a first request would otherwise wait for (on an H200, a
         batch shape first seen by a server cost up to 1.4 s; docs/PERFORMANCE.md).
 
         ``full=False``: a one-token prompt through ``prefill`` and one ``step``, on the base model. ``full`` (the
-        default) also runs a prefill at each token-count bucket the free rows can fill (16 ..
+        default on CUDA; elsewhere nothing is compiled or captured ahead, and Triton's CPU interpreter would spend
+        minutes on the passes) also runs a prefill at each token-count bucket the free rows can fill (16 ..
         ``PREFILL_GRAPH_MAX_TOKENS``; each its own graph and kernel shapes), one over more tokens (the eager
         pass) and one long prompt (per-prompt attention) where ``max_len`` allows; all on the base model and again
         through a placeholder adapter (``DecodeAdapters.hold``: every projection, rank ``r_max``, zero weights) so
@@ -539,6 +540,7 @@ class StaticDecoder:
         if not free:
             raise LorakitError("warm_up needs a free cache row; call it before admitting requests")
         self._sync_structure()
+        full = self.device.type == "cuda" if full is None else full
         passes = [[1]] + (self._warm_up_prompts(len(free)) if full else [])
         prefix, self.prefix = self.prefix, None  # its prompts of zeros must run whole (each bucket), and stay unkept
         try:
