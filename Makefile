@@ -32,8 +32,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/lorakit train --out runs/demo --overwrite
 
+# The suite runs on one pytest-xdist worker per core (at most 4; TEST_WORKERS=0 runs it in this process), a whole test
+# file to a worker so its module fixtures are built once; tests/conftest.py keeps each worker to one torch thread.
+TEST_WORKERS ?= auto
 test: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=25 tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

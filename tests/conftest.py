@@ -16,9 +16,24 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU in tests; set before lorakit loads
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite on two pytest-xdist workers, one per core: one torch thread each (two each would
+    # oversubscribe the cores), and the same for every process a test starts
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import signal
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# A suite started in the background (`make test &`, nohup) inherits SIGINT ignored, and lorakit rightly leaves an
+# ignored SIGINT alone (lorakit/train/stopping.py); the Ctrl-C tests (test_followups_17_stop) need a terminal's, in this
+# process and in the CLIs they start (which inherit the disposition).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # dtype -> (rtol, atol) for element-by-element comparisons of activations/logits
 TOLERANCE: dict[torch.dtype, tuple[float, float]] = {

@@ -289,12 +289,14 @@ def test_prefill_matches_transformers_and_then_decodes(family, overlap, attentio
         monkeypatch.setattr(decoder_module, "PREFILL_KERNEL_MAX_PROMPT", 0)
     model = _family(family)
     _with_adapters(model)
-    expected = _reference(model, PROMPTS, NAMES, steps=3)
+    # two steps read the caches the prefill filled, then one the first step appended to (longer decodes: the test
+    # above; each step costs ~4 s under Triton's interpreter)
+    expected = _reference(model, PROMPTS, NAMES, steps=2)
     decoder = StaticDecoder(model, max_batch=6, max_len=16, lora_overlap=overlap)
     rows = [4, 0, 2, 5]
     got = [decoder.prefill(rows, PROMPTS, NAMES)]
     assert [decoder.lengths[r] for r in rows] == [len(p) for p in PROMPTS]
-    for _ in range(3):
+    for _ in range(len(expected) - 1):
         got.append(decoder.step(rows, got[-1].argmax(dim=-1).tolist(), NAMES))
     for step, (e, g) in enumerate(zip(expected, got)):
         assert torch.allclose(g, e, atol=ATOL, rtol=1e-5), f"step {step}: max diff {(g - e).abs().max():.2e}"
