@@ -78,6 +78,7 @@ def test_slimorca_turn_weights_train_the_gpt_turns(tmp_path, tok):
 
 @pytest.mark.parametrize("row", [
     {"prompt": "Sky colour?", "completion": "Green.", "label": False},  # trl-lib/kto-mix-14k, standard form
+    {"prompt": "Sky colour?", "completion": "Green.", "label": 0},  # the same through pandas / a spreadsheet
     {"prompt": [{"role": "user", "content": "Sky colour?"}], "completion": [{"role": "assistant", "content": "Blue."}],
      "label": True},  # TRL's conversational form
 ])
@@ -95,7 +96,7 @@ def test_kto_records_are_refused_as_preference_data(tmp_path, row):
             read_many(tmp_path / "kto.csv")
     assert message.startswith("kto.jsonl:1: a KTO (unpaired preference) record: 'label' says whether the completion "
                               "is a good answer"), message
-    assert "keep the records with label true, then delete 'label'" in message and "KTOTrainer" in message
+    assert "keep the records with label true (or 1), then delete 'label'" in message and "KTOTrainer" in message
     assert "\n" not in message
 
 

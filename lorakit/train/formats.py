@@ -258,13 +258,14 @@ def _validate(obj: Any, where: str) -> Record:
             "{\"messages\": input messages + preferred_output} and drop non_preferred_output, or train DPO with TRL's "
             "DPOTrainer on an injected model (README: With TRL)")
     label = obj.get("label")
-    if "completion" in obj and (isinstance(label, bool) or str(label).strip().lower() in ("true", "false")):
-        # TRL's KTO format (trl-lib/kto-mix-14k); a CSV export writes the label as text
+    if "completion" in obj and (isinstance(label, bool) or label in (0, 1) and not isinstance(label, float)
+                                or str(label).strip().lower() in ("true", "false", "0", "1")):
+        # TRL's KTO format (trl-lib/kto-mix-14k); a CSV export writes the label as text, pandas / a spreadsheet as 0/1
         # not an unknown field to delete: without it the answers labelled bad would train as good ones
         raise LorakitError(
             f"{where}: a KTO (unpaired preference) record: 'label' says whether the completion is a good answer; "
             "lorakit trains supervised fine-tuning on every completion: to learn the good ones, keep the records with "
-            "label true, then delete 'label', or train KTO with TRL's KTOTrainer on an injected model (README: With TRL)")
+            "label true (or 1), then delete 'label', or train KTO with TRL's KTOTrainer on an injected model (README: With TRL)")
     converted = _convert_other_formats(obj, where)
     if converted is not None:
         return converted
