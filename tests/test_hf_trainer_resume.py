@@ -33,6 +33,9 @@ def captured():
 
     handler, logger = Keep(level=logging.WARNING), logging.getLogger("transformers")
     logger.addHandler(handler)  # transformers' loggers do not propagate to the root: listen on its own root
+    # a test run earlier in this process may have quietened transformers (set_verbosity_error): hear warnings here
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -40,6 +43,7 @@ def captured():
         lines.extend(str(w.message) for w in caught)
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_resume_and_best_model_are_quiet_and_exact(tmp_path):
