@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-import os
 import warnings
-
-os.environ.setdefault("LORAKIT_DISABLE_TRITON", "1")
 
 import peft
 import pytest
@@ -37,6 +34,13 @@ from test_peft_sweep import build, randomize_peft
 
 ROWS = [3, 7, 50]
 IDS = torch.tensor([[3, 7, 50, 11, 12, 3], [5, 50, 9, 7, 1, 2]])  # the trained rows are read by the prompts
+
+
+@pytest.fixture(autouse=True)
+def _references(monkeypatch):
+    """The kernels' PyTorch references (their own tests cover the kernels); set per test, never for the session:
+    set at import it turned the Triton path off for every test file collected with this one."""
+    monkeypatch.setenv("LORAKIT_DISABLE_TRITON", "1")
 
 
 def quiet(call, *args, **kwargs):
