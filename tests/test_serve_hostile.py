@@ -208,7 +208,7 @@ def test_client_leaving_stops_its_generation(server, answer, stream):
     time.sleep(0.3)
     assert client.get("/health").json()["running"] == 1
     sock.close()
-    assert wait_idle(client, 3.0), "the generation went on after its client left"
+    assert wait_idle(client, 10.0), "the generation went on after its client left"
     used = client.get("/health").json()["steps"] - steps
     # before the fix (non-streaming): all 1500 tokens were generated. The margin is wide on purpose: the steps run
     # between the close and its detection grow with the machine's load (504 once at a load average of 11)
