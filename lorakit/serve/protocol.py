@@ -343,11 +343,13 @@ class _VllmRequest(_Penalized):
     @classmethod
     def _finite_xargs(cls, value: dict | None) -> dict | None:
         """Python's json reads NaN and Infinity, which are no JSON numbers (vLLM's parser refuses them)."""
+        from lorakit.train.config import _non_finite  # the walk chat_template_kwargs' check uses
+
         for key, item in (value or {}).items():
-            for number in item if isinstance(item, list) else [item]:
-                if isinstance(number, float) and not math.isfinite(number):
-                    raise ValueError(f"vllm_xargs: {key!r} holds {number}, which is not a JSON number; give a finite "
-                                     "number")
+            number = _non_finite(item)
+            if number is not None:
+                raise ValueError(f"vllm_xargs: {key!r} holds {number}, which is not a JSON number; give a finite "
+                                 "number")
         return value
 
     @field_validator("priority")
