@@ -203,6 +203,12 @@ def test_lorakit_adapter_on_a_bitsandbytes_4bit_model_is_not_called_another_base
         return
     reference = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map="cpu"), folder)
+    # on a CPU with AVX512-BF16, bitsandbytes' first inference forward repacks each weight and rounds its absmax to
+    # bfloat16 (logits 2.5e-3 off the checkpoint's own); keep the reference on the dequantizing path, which computes
+    # with the stored state as a GPU does
+    for module in reference.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     lorakit.quantize(model, "nf4")  # what the line says: exact
     lorakit.load_adapter(model, folder)
     with torch.no_grad():
@@ -281,3 +287,31 @@ def test_merge_refusal_names_the_adapter_folder_not_an_internal_name(base, tmp_p
     line = cli_error(capsys, main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(out)]))
     assert "adapter 'my-bias' has a trained bias" in line and "'merged'" not in line, line
     assert not out.exists()
+
+
+def test_converting_a_bitsandbytes_model_after_a_cpu_forward_warns_that_its_scales_were_rounded(base, no_dynamo):
+    """bitsandbytes' first inference forward on a CPU with AVX512-BF16 repacks each 4-bit weight and rounds its
+    absmax to bfloat16, for good: lorakit.quantize then converts the rounded scales, and says so once (not once per
+    layer); converted before any forward, nothing is said and the conversion is exact."""
+    pytest.importorskip("bitsandbytes")
+    import warnings
+
+    import lorakit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map="cpu")
+    if not model.model.layers[0].self_attn.q_proj.support_avx512bf16_for_cpu:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes keeps its checkpoint layout on the CPU")
+    with torch.no_grad():
+        model(IDS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        lorakit.quantize(model, "nf4")
+    said = [str(w.message) for w in caught if "bfloat16" in str(w.message)]
+    assert len(said) == 1 and "convert before the first forward" in said[0], said
+    fresh = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        lorakit.quantize(fresh, "nf4")
+    assert not [w for w in caught if "bfloat16" in str(w.message)]

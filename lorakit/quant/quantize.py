@@ -8,6 +8,7 @@ dense layers holding exactly the dequantized weights (what merging and exporting
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -112,13 +113,19 @@ def from_bnb_linear4bit(module: nn.Module, name: str = "") -> NF4Linear:
     """An ``NF4Linear`` holding exactly the 4-bit state of a bitsandbytes ``Linear4bit`` (no re-quantization).
 
     Reads the module's own ``state_dict``: exactly what bitsandbytes' ``save_pretrained`` would write (its standard
-    layout; after an inference forward on the CPU, bitsandbytes has already repacked the weight and re-encoded the
-    absmax, and its state_dict undoes that only approximately, so convert before running it there). FP4 and corrupt
-    states are refused as for a checkpoint, naming the module.
+    layout; after an inference forward on a CPU with AVX512-BF16, bitsandbytes has already repacked the weight and
+    rounded its absmax to bfloat16, which its state_dict cannot undo: that case warns, so convert before running it
+    there). FP4 and corrupt states are refused as for a checkpoint, naming the module.
     """
     from lorakit.quant.bnb_checkpoint import read_bnb_linear
 
     prefix = name or type(module).__name__
+    if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+        # (checked before state_dict(), which undoes the repacking and clears the flag)
+        # one message for every layer (no module name), so Python's filter shows it once per model
+        warnings.warn("bitsandbytes already ran this model's 4-bit layers on the CPU, where it rounds their NF4 scales "
+                      "to bfloat16; the converted layers keep the rounded scales: convert before the first forward to "
+                      "keep the checkpoint's own exactly", stacklevel=3)
     state = {f"{prefix}.{key}": value for key, value in module.state_dict().items()}
     bias = state.pop(f"{prefix}.bias", None)
     if f"{prefix}.weight.quant_state.bitsandbytes__nf4" not in state and \
