@@ -461,7 +461,9 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
         log: where one-line messages go (default: print to stderr, on process 0 only).
         on_step: called as ``on_step(step, metrics)`` after each step (tests, notebooks).
     Returns:
-        a :class:`TrainResult`. The model is left in eval mode holding the final weights.
+        a :class:`TrainResult`. The model is left in eval mode holding the final weights. The exact-match score
+        before and after training (``eval_examples``, ``samples``) is ``lorakit train``'s, not this function's:
+        call :func:`lorakit.train.evaluate.score_generations` on held-out records before and after.
     Raises:
         TrainingInterrupted: (a KeyboardInterrupt) Ctrl-C or SIGTERM stopped the run; with ``out``, a checkpoint at
             the step it stopped at is written first (``.checkpoint``), and ``resume=out`` continues from it as if
