@@ -364,3 +364,19 @@ def test_a_websocket_upgrade_gets_the_error_body_of_an_unknown_route(server, ans
     finally:
         wire.close()
     _still_serving(server, answer)
+
+
+@pytest.mark.parametrize("before", [b"\r\n", b"\n", b"\r\n\r\n"], ids=["crlf", "lf", "two-crlf"])
+def test_empty_lines_before_a_request_line_are_ignored(server, answer, before):
+    """RFC 9112 2.2: a server SHOULD ignore at least one empty line before a request-line. Some clients end a POST
+    body with an extra CRLF that is not counted in its Content-Length; on a kept-alive connection that line came
+    before the next request, which got a 400 and a closed connection."""
+    wire = Wire(server["port"], timeout=60)
+    try:
+        wire.send(before + _request("POST", "/v1/completions", BODY) + before + _request("GET", "/health"))
+        code, _, body = wire.answer()
+        assert code == 200 and json.loads(body)["choices"][0]["text"] == answer
+        code, _, body = wire.answer()
+        assert code == 200 and json.loads(body)["status"] == "ok"
+    finally:
+        wire.close()

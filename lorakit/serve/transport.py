@@ -217,7 +217,8 @@ def http_protocol(header_timeout: float | None = None):
       connection's start, or on a kept-alive connection from the first byte of the next request (an idle one is
       closed by uvicorn's keep-alive timeout). A connection past it is closed, with a 408 error body where it
       was its first request that came in part;
-    - a request with both Transfer-Encoding and Content-Length answered, then its connection closed.
+    - a request with both Transfer-Encoding and Content-Length answered, then its connection closed;
+    - empty lines before a request line skipped (RFC 9112 2.2), under h11 as under httptools.
 
     "auto" where this uvicorn has no ``send_400_response`` hook (its internals differ from those relied on here).
     """
@@ -285,6 +286,17 @@ def http_protocol(header_timeout: float | None = None):
                 self._head_size += len(data) if heading else 0
                 if self._head_size > HEAD_LIMIT_BYTES and not self.transport.is_closing():
                     self._head_too_large(HEAD_LIMIT_BYTES)  # a head that never ends must not fill the memory
+
+        def handle_events(self) -> None:
+            # h11 only (uvicorn's httptools protocol has no such method, and its parser skips them itself): RFC 9112
+            # 2.2, a server SHOULD ignore empty lines before a request line. h11 refuses them, so a client that ends
+            # a POST body with a CRLF its Content-Length leaves out got a 400 on its next kept-alive request
+            conn = getattr(self, "conn", None)
+            held = getattr(getattr(conn, "_receive_buffer", None), "_data", None)
+            if held and getattr(conn.their_state, "__name__", "") == "IDLE":  # between two requests
+                while held[:1] == b"\n" or held[:2] == b"\r\n":
+                    conn._receive_buffer._extract(1 if held[:1] == b"\n" else 2)
+            super().handle_events()
 
         def on_response_complete(self) -> None:
             before = self.cycle
