@@ -19,8 +19,16 @@ llama) has its q/k rows permuted as llama.cpp's ``convert_hf_to_gguf.py`` does (
 neighbouring dimensions; transformers pairs the two halves); Qwen2 (q/k/v biases), Qwen3 (q/k norms), Phi-3 (fused
 qkv and gate|up), Gemma 2 and Gemma 3 (norms stored as 1 + w) use NEOX-style rotary, which pairs the halves too, so
 their rows stay as they are. The tokenizer comes from the HF tokenizer (byte-level BPE as ``gpt2``, BPE with byte
-fallback as ``llama``). Llama 3.1's rotary scaling (``rope_type`` "llama3") is written as llama.cpp's converter writes it,
-a ``rope_freqs`` tensor of per-frequency divisors (``llama3_rope_factors``); other scaled rotary types are refused.
+fallback as ``llama``). Scaled rotary embeddings are written as llama.cpp's converter writes them
+(``gguf_rope_scaling``, from transformers 5's ``rope_parameters`` or 4's ``rope_scaling``): Llama 3.1's llama3 as a
+``rope_freqs`` tensor of per-frequency divisors (``llama3_rope_factors``); linear (``rope.scaling.type`` / ``.factor``)
+and yarn (plus ``.original_context_length`` and the ``yarn_*`` keys the config sets) for llama / mistral / qwen2 /
+qwen3, linear for Gemma 3's global layers; Phi-3's longrope as ``rope_factors_long`` / ``rope_factors_short`` with
+``.original_context_length`` and ``.attn_factor`` (``GGUF_ROPE_TYPES``). Before anything is written, llama.cpp's rope
+arithmetic on those keys (``llama_cpp_rope``: what its loader reads, its yarn attention factor, ggml's rope_yarn) is
+held against transformers' own rope init; a config llama.cpp would run differently is refused (dynamic NTK, which
+llama.cpp lacks; yarn's beta_fast / beta_slow / attention_factor / mscale away from what llama.cpp's graphs assume,
+which the converter copies but llama.cpp's loader does not read for these families).
 transformers' own GGUF loader (``modeling_gguf_pytorch_utils``) undoes exactly these
 rewrites when it reads the file back, which is how tests/test_gguf_architectures.py checks each family.
 """
@@ -677,6 +685,187 @@ def llama3_rope_factors(config) -> np.ndarray:
     return factors.astype(np.float32)
 
 
+# which scaled rotary types each llama.cpp graph takes, as convert_hf_to_gguf.py writes them: its generic TextModel
+# writes linear and yarn (llama, qwen2, qwen3, and gemma3's global layers), LlamaModel adds llama3's rope_freqs, and
+# Phi3MiniModel writes longrope's two factor tensors and nothing else; Gemma2Model writes no scaling at all
+GGUF_ROPE_TYPES: dict[str, tuple[str, ...]] = {
+    "llama": ("linear", "yarn", "llama3"), "qwen2": ("linear", "yarn"), "qwen3": ("linear", "yarn"),
+    "phi3": ("longrope",), "gemma2": (), "gemma3": ("linear",),
+}
+# the yarn keys the converter copies from the config (llama.cpp's loader reads none of them for these graphs)
+_YARN_OPTIONAL = (("extrapolation_factor", "yarn_ext_factor"), ("attention_factor", "yarn_attn_factor"),
+                  ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"))
+
+
+def _head_dim(config) -> int:
+    return int(_config_value(config, "head_dim", config.hidden_size // config.num_attention_heads))
+
+
+def _original_context(config, rope: dict) -> int:
+    """The pretraining context a yarn or longrope config scales from, as transformers takes it (the rope dict's, then
+    the config's own attribute (Phi-3), then max_position_embeddings)."""
+    value = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+    return int(value or config.max_position_embeddings)
+
+
+def gguf_rope_scaling(config, arch: GgufArch) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The rotary-scaling metadata and tensors llama.cpp's ``convert_hf_to_gguf.py`` writes for ``config``.
+
+    Returns ``(kv, tensors)``: kv maps full GGUF keys (``{arch}.rope.scaling.*``) to values (str for ``type``, int for
+    ``original_context_length``, float otherwise); tensors maps names to float32 arrays of shape (head_dim // 2,).
+    The rope parameters come from transformers 5's ``rope_parameters`` or 4's ``rope_scaling`` (``type`` or
+    ``rope_type``), as the converter reads either:
+
+    * linear: ``type`` "linear" and ``factor``;
+    * yarn: ``type`` "yarn", ``factor``, ``original_context_length`` (the converter requires it in the config;
+      transformers falls back to max_position_embeddings, and so does this), and ``yarn_ext_factor`` /
+      ``yarn_attn_factor`` / ``yarn_beta_fast`` / ``yarn_beta_slow`` copied only where the config sets
+      ``extrapolation_factor`` / ``attention_factor`` / ``beta_fast`` / ``beta_slow``; never ``yarn_log_multiplier``;
+    * llama3: no key, a ``rope_freqs.weight`` tensor (``llama3_rope_factors``);
+    * longrope (phi3 only): ``original_context_length``, ``attn_factor`` = sqrt(1 + ln(s) / ln(original)) with
+      s = max_position_embeddings / original (1 when s <= 1), and ``rope_factors_long.weight`` /
+      ``rope_factors_short.weight`` (the config's long_factor / short_factor); no ``type`` key, as the converter.
+    """
+    rope = _rope(config, arch)
+    rope_type = _rope_type(rope)
+    prefix = f"{arch.arch}.rope.scaling"
+    kv: dict[str, Any] = {}
+    tensors: dict[str, np.ndarray] = {}
+    if rope_type == "linear" and rope.get("factor") is not None:
+        kv[f"{prefix}.type"] = "linear"
+        kv[f"{prefix}.factor"] = float(rope["factor"])
+    elif rope_type == "yarn" and rope.get("factor") is not None:
+        kv[f"{prefix}.type"] = "yarn"
+        kv[f"{prefix}.factor"] = float(rope["factor"])
+        kv[f"{prefix}.original_context_length"] = _original_context(config, rope)
+        for name, key in _YARN_OPTIONAL:
+            value = rope.get(name, rope.get("attn_factor")) if name == "attention_factor" else rope.get(name)
+            if value is not None:
+                kv[f"{prefix}.{key}"] = float(value)
+    elif rope_type == "llama3":
+        tensors["rope_freqs.weight"] = llama3_rope_factors(config)
+    elif rope_type == "longrope" and rope.get("long_factor"):
+        original = _original_context(config, rope)
+        kv[f"{prefix}.original_context_length"] = original
+        scale = config.max_position_embeddings / original
+        kv[f"{prefix}.attn_factor"] = float(np.sqrt(1 + np.log(scale) / np.log(original))) if scale > 1.0 else 1.0
+        tensors["rope_factors_long.weight"] = np.asarray(rope["long_factor"], dtype=np.float32)
+        tensors["rope_factors_short.weight"] = np.asarray(rope["short_factor"], dtype=np.float32)
+    return kv, tensors
+
+
+def _write_rope_scaling(writer, kv: dict[str, Any]) -> None:
+    # the value types GGUFWriter's add_rope_scaling_* methods use (type: string, context: uint32, the rest: float32)
+    for key, value in kv.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif key.endswith(".original_context_length"):
+            writer.add_uint32(key, int(value))
+        else:
+            writer.add_float32(key, float(value))
+
+
+def llama_cpp_rope(kv: dict[str, Any], tensors: dict[str, np.ndarray], arch: str, n_rot: int,
+                   n_ctx: int | None = None) -> tuple[np.ndarray, float]:
+    """What llama.cpp's rotary embedding does for a GGUF with metadata ``kv`` and rope tensors ``tensors``: the
+    inverse frequencies (position p of pair i turns by p * inv_freq[i]; float64, shape (n_rot // 2,)) and the factor
+    on cos/sin (transformers' ``attention_scaling``), at context size ``n_ctx`` (default: the file's context).
+
+    It follows llama.cpp: the loader (llama-model.cpp) reads ``rope.freq_base``, ``rope.scaling.type`` (default
+    "linear"), ``.factor`` (freq_scale = 1 / factor; none: 1), ``.original_context_length`` (default: the context
+    length) and ``.attn_factor`` (default 1), and for the llama / qwen2 / qwen3 / phi3 / gemma graphs none of the
+    ``yarn_*`` keys, so yarn runs with ext_factor 1, beta_fast 32, beta_slow 1; the context (llama-context.cpp) sets
+    yarn's cos/sin factor to 0.1 * ln(factor) + 1 (get_mscale, after cancelling the one ggml's kernel multiplies in),
+    times attn_factor; ggml's rope_yarn mixes freq_scale * theta and theta by the ramp between floor/ceil of the
+    correction dims; ``rope_freqs`` divides each frequency; phi3 divides by ``rope_factors_long`` when the context
+    exceeds the original one, else by ``rope_factors_short``.
+    """
+    n_ctx_train = int(kv[f"{arch}.context_length"])
+    n_ctx = n_ctx_train if n_ctx is None else n_ctx
+    base = float(kv.get(f"{arch}.rope.freq_base", 10000.0))
+    scaling = kv.get(f"{arch}.rope.scaling.type", "linear")
+    factor = float(kv.get(f"{arch}.rope.scaling.factor", 0.0))
+    freq_scale = 1.0 if factor == 0.0 or scaling == "none" else 1.0 / factor
+    n_orig = int(kv.get(f"{arch}.rope.scaling.original_context_length", n_ctx_train))
+    attn_factor = float(kv.get(f"{arch}.rope.scaling.attn_factor", 1.0))
+    pairs = np.arange(n_rot // 2, dtype=np.float64)
+    inv_freq = base ** (-2.0 * pairs / n_rot)
+    if "rope_freqs.weight" in tensors:
+        inv_freq = inv_freq / tensors["rope_freqs.weight"].astype(np.float64)
+    if "rope_factors_long.weight" in tensors:
+        chosen = "rope_factors_long.weight" if n_ctx > n_orig else "rope_factors_short.weight"
+        inv_freq = inv_freq / tensors[chosen].astype(np.float64)
+    if scaling != "yarn":  # ext_factor 0: theta = freq_scale * theta, cos/sin times attn_factor alone
+        return inv_freq * freq_scale, attn_factor
+
+    def corr_dim(n_rotations: float) -> np.float32:  # ggml_rope_yarn_corr_dim, in float32 as ggml computes it
+        f32 = np.float32
+        return f32(n_rot) * np.log(f32(n_orig) / (f32(n_rotations) * f32(2 * np.pi))) / (f32(2) * np.log(f32(base)))
+
+    low = max(0.0, float(np.floor(corr_dim(32.0))))
+    high = min(n_rot - 1.0, float(np.ceil(corr_dim(1.0))))
+    ramp = 1.0 - np.clip((pairs - low) / max(0.001, high - low), 0.0, 1.0)  # rope_yarn_ramp, times ext_factor 1
+    mscale = 1.0 if factor <= 1.0 else 0.1 * np.log(1.0 / freq_scale) + 1.0
+    return inv_freq * (freq_scale * (1.0 - ramp) + ramp), float(mscale * attn_factor)
+
+
+def _transformers_rope(config, arch: GgufArch, rope_type: str, long: bool = False) -> tuple[np.ndarray, float]:
+    """transformers' own inverse frequencies and cos/sin factor for this config (its ``ROPE_INIT_FUNCTIONS``);
+    ``long``: longrope's set for sequences past the original context."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kwargs: dict[str, Any] = {"seq_len": _original_context(config, _rope(config, arch)) + 1} if long else {}
+    if arch.rope_section is not None:
+        kwargs["layer_type"] = arch.rope_section
+    try:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
+    except TypeError:  # transformers 4: no layer_type (one rope_scaling, the global layers')
+        kwargs.pop("layer_type", None)
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
+    return inv_freq.double().numpy(), float(scaling)
+
+
+def _rope_mismatch(config, arch: GgufArch, rope_type: str) -> str | None:
+    """Why llama.cpp would rotate differently from transformers with the metadata ``gguf_rope_scaling`` writes (its
+    frequencies or cos/sin factor off by more than float32 rounding), or None. Catches what the converter copies but
+    llama.cpp ignores (yarn's beta_fast / beta_slow / attention_factor / mscale, truncate=False), and config fields
+    that transformers reads differently (an explicit longrope factor)."""
+    kv, tensors = gguf_rope_scaling(config, arch)
+    rope = _rope(config, arch)
+    kv[f"{arch.arch}.context_length"] = int(config.max_position_embeddings)
+    kv[f"{arch.arch}.rope.freq_base"] = float(_config_value(config, "rope_theta", rope.get("rope_theta", 10000.0)))
+    original = _original_context(config, rope)
+    for long in ((False, True) if rope_type == "longrope" else (False,)):  # longrope: both factor sets
+        n_ctx = original + 1 if long else original
+        ours, our_scale = llama_cpp_rope(kv, tensors, arch.arch, _head_dim(config), n_ctx=n_ctx)
+        theirs, their_scale = _transformers_rope(config, arch, rope_type, long)
+        error = float(np.max(np.abs(ours / theirs - 1.0))) if ours.shape == theirs.shape else float("inf")
+        if error > 1e-5 or abs(our_scale - their_scale) > 1e-6 * their_scale:
+            return (f"llama.cpp would run this {rope_type} rope differently from transformers (frequencies off by up "
+                    f"to {100 * error:.3g}%, cos/sin factor {our_scale:.6g} vs {their_scale:.6g}): llama.cpp's "
+                    f"{arch.arch} graph reads only the scaling factor, original context and attn_factor (yarn: "
+                    "beta_fast 32, beta_slow 1, attention factor 0.1*ln(factor)+1)")
+    return None
+
+
+def _refuse_rope(config, arch: GgufArch) -> str | None:
+    """Why the config's rotary scaling cannot be written so that llama.cpp runs it as transformers does, or None."""
+    rope = _rope(config, arch)
+    rope_type = _rope_type(rope)
+    if rope_type in ("default", None):
+        return None
+    if rope_type == "dynamic":  # transformers grows the base past max_position_embeddings; llama.cpp has no such rope
+        return (f"rope type 'dynamic' (dynamic NTK) has no llama.cpp equivalent: within max_position_embeddings "
+                f"({config.max_position_embeddings} tokens) it equals default rope, which llama.cpp's converter writes "
+                "instead and which drifts from transformers past it; to export that, set the base's rope_type to "
+                "'default' (config.json / model.config.rope_parameters) and export again")
+    supported = GGUF_ROPE_TYPES.get(arch.arch, ())
+    if rope_type not in supported:
+        return (f"rope type {rope_type!r} is not supported yet on llama.cpp's {arch.arch} graph (its converter writes "
+                f"{', '.join(('default',) + supported)})")
+    return _rope_mismatch(config, arch, rope_type)
+
+
 def gguf_arch(config) -> GgufArch:
     """The export table for ``config``'s family; one line naming the supported ones otherwise."""
     model_type = getattr(config, "model_type", None)
@@ -685,15 +874,16 @@ def gguf_arch(config) -> GgufArch:
         raise LorakitError(f"GGUF export supports Llama-architecture models (llama, mistral) and "
                            f"{', '.join(t for t in GGUF_ARCHS if t not in ('llama', 'mistral'))}; this model is "
                            f"{model_type!r}: export the Hugging Face folder and convert it with llama.cpp's convert_hf_to_gguf.py")
-    rope_type = _rope_type(_rope(config, arch))
-    # llama3 (Llama 3.1 / 3.2 / 3.3) rides in llama.cpp's llama graph as a rope_freqs tensor (llama3_rope_factors)
-    if rope_type not in ("default", None) and not (rope_type == "llama3" and arch.arch == "llama"):
-        raise LorakitError(f"GGUF export: rope type {rope_type!r} is not supported yet (default, and llama3 for "
-                           "llama/mistral, are); export the HF folder and convert it with llama.cpp's convert_hf_to_gguf.py")
     reason = arch.refuse(config) if arch.refuse is not None else None
     if reason:
         raise LorakitError(f"GGUF export of this {model_type} model: {reason}; export the Hugging Face folder and "
                            "convert it with llama.cpp's convert_hf_to_gguf.py")
+    # scaled rotary embeddings: what llama.cpp's converter writes for this family, and only where llama.cpp then
+    # turns the same frequencies transformers does (checked numerically: _rope_mismatch)
+    reason = _refuse_rope(config, arch)
+    if reason:
+        raise LorakitError(f"GGUF export of this {model_type} model: {reason}; the Hugging Face folder runs it as "
+                           "trained (export without GGUF)")
     return arch
 
 
@@ -724,8 +914,9 @@ def gguf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     tied = "lm_head.weight" not in state or (
         getattr(config, "tie_word_embeddings", False) and torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]))
     unsupported = f"this {config.model_type} variant is not supported"
-    if _rope_type(_rope(config, arch)) == "llama3":  # one tensor shared by every layer's rope (1-D: stays float32)
-        out["rope_freqs.weight"] = torch.from_numpy(llama3_rope_factors(config))
+    # rope_freqs (llama3) or rope_factors_long / _short (longrope): shared by every layer's rope (1-D: stay float32)
+    for name, factors in gguf_rope_scaling(config, arch)[1].items():
+        out[name] = torch.from_numpy(factors)
     for key, tensor in state.items():
         if key == "model.embed_tokens.weight":
             out["token_embd.weight"] = tensor
@@ -919,6 +1110,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
     """Write ``model`` (a plain, merged model of a ``GGUF_ARCHS`` family) as GGUF ``kind`` (``f16`` or ``q8_0``) to ``path``, atomically.
 
     Norms stay float32 and tensors whose rows do not split into Q8_0 blocks of 32 stay f16, as llama.cpp does.
+    Scaled rotary embeddings get the ``rope.scaling.*`` keys and rope tensors of ``gguf_rope_scaling``.
     """
     import gguf
 
@@ -952,6 +1144,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
         if head_dim * n_head != config.hidden_size or arch.head_dim_key:
             writer.add_key_length(int(head_dim))
             writer.add_value_length(int(head_dim))
+        _write_rope_scaling(writer, gguf_rope_scaling(config, arch)[0])
         if arch.metadata is not None:
             arch.metadata(writer, config)
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)

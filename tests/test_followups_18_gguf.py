@@ -75,12 +75,12 @@ def test_rope_freqs_are_transformers_llama3_ratio(merged):
 
 
 def test_other_rope_types_are_still_refused_in_one_line():
-    """Only llama3 on llama.cpp's llama graph is written: yarn has no rope_freqs, and qwen2's graph reads none."""
+    """llama3's rope_freqs is written for llama.cpp's llama graph only (qwen2's reads none); dynamic NTK has no
+    llama.cpp rope at all (linear and yarn are exported since test_followups_20_gguf.py)."""
     tokenizer_vocab = 360
-    yarn = llama3_model(tokenizer_vocab, {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                          "original_max_position_embeddings": 64})
-    with pytest.raises(LorakitError, match="rope type 'yarn' is not supported yet") as info:
-        gguf_arch(yarn.config)
+    dynamic = llama3_model(tokenizer_vocab, {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0})
+    with pytest.raises(LorakitError, match="rope type 'dynamic' .* has no llama.cpp equivalent") as info:
+        gguf_arch(dynamic.config)
     assert "\n" not in str(info.value)
     qwen = qwen2(tokenizer_vocab, rope_parameters=dict(LLAMA3))
     with pytest.raises(LorakitError, match="rope type 'llama3' is not supported yet"):

@@ -291,11 +291,13 @@ def test_unsupported_families_and_configs_are_refused_in_one_line(tmp_path):
     lorakit.inject(scaled, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="x")
     with pytest.raises(lorakit.LorakitError, match="query_pre_attn_scalar=64 but llama.cpp scales queries by 256"):
         export_merged(scaled, None, "x", tmp_path / "out", gguf_type="f16")
-    # Gemma 3 4B and up scale the global layers' rope linearly: refused before any work, not after the merge
-    long = gemma3(64, rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+    # a rope scaling llama.cpp's gemma3 graph is not given by its converter (yarn; Gemma 3's own linear scaling of the
+    # global layers is exported, test_followups_20_gguf.py): refused before any work, not after the merge
+    long = gemma3(64, rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 1e6,
+                                                          "original_max_position_embeddings": 32},
                                        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     lorakit.inject(long, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="x")
-    with pytest.raises(lorakit.LorakitError, match="rope type 'linear'"):
+    with pytest.raises(lorakit.LorakitError, match="rope type 'yarn' is not supported yet on llama.cpp's gemma3"):
         export_merged(long, None, "x", tmp_path / "out", gguf_type="f16")
     assert "x" in next(m for m in long.modules() if hasattr(m, "adapters")).adapters  # nothing was merged
     assert not (tmp_path / "out").exists()
