@@ -28,7 +28,7 @@ from lorakit._finite import all_finite
 from lorakit._fs import atomic_write_bytes
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
-from lorakit.inject import (_base_modules, _weight_read_raw, adapter_hosts, adapter_names,
+from lorakit.inject import (_base_modules, _matches, _weight_read_raw, adapter_hosts, adapter_names,
                             find_modules_to_save, find_param_targets, find_targets, inject, output_head_names,
                             peft_resolves_differently, saved_by)
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
@@ -814,8 +814,9 @@ def plan_load(model: nn.Module, adapter_file: AdapterFile, check_base: bool = Tr
             raise LorakitError(f"{adapter_file.folder}: {clipped(key)} is a second tensor for {path} {attr}; keep one")
         plan[(path, attr)] = tensor
     if unexpected:
+        hint = _unselected_hint(config, unexpected, base_modules) or _wrapped_hint(model, unexpected, base_modules)
         raise LorakitError(f"{adapter_file.folder}: unexpected tensor keys for this model and config: {listed(unexpected)}"
-                           f"{_wrapped_hint(model, unexpected, base_modules) or made_for}")
+                           f"{hint or made_for}")
     missing: list[str] = []
     for path, module in targets.items():
         out_features, in_features = quant.linear_shape(module)
@@ -1247,6 +1248,33 @@ def _conversion_hint(adapter_file: AdapterFile) -> str:
             "LoRA) drops DoRA magnitudes, LoRA on embeddings, modules_to_save copies and trained token rows, and peft's "
             "own load of the result runs without them too; load the adapter saved without the conversion (lorakit "
             "loads init_lora_weights 'pissa' and 'olora' on the original base itself, others on the base peft rewrote)")
+
+
+def _unselected_hint(config: LoraConfig, keys: list[str], base_modules: dict[str, nn.Module]) -> str:
+    """When every unexpected key is a LoRA tensor of a linear / embedding layer this model has, which the config's
+    target_modules (with exclude_modules, layers_to_transform, modules_to_save) does not select (a config edited by
+    hand, or copied from another run): say so, and what to change. peft's from_pretrained loads such a folder without
+    those tensors (its adapter then runs without their update), so the file and the config must agree first.
+    '' for any other key (another model's paths, peft's in-memory names)."""
+    suffixes = [s for pair in _SUFFIXES.values() for s in dict.fromkeys(pair + (pair[0] + ".weight",))]
+    paths = []
+    for key in keys:
+        key = _strip(key)
+        path = next((key[: -len(s) - 1] for s in suffixes if key.endswith("." + s)), None)
+        module = base_modules.get(path) if path else None
+        if not (quant.is_linear_like(module) or isinstance(module, nn.Embedding)):
+            return ""
+        paths.append(path)
+    others = [name for name in ("exclude_modules", "layers_to_transform", "modules_to_save")
+              if getattr(config, name, None) not in (None, [], "")]
+    targets = config.target_modules
+    named = targets == "all-linear" or bool(targets) and all(_matches(path, targets) for path in paths)
+    fix = (f"edit {' / '.join(others)} in {CONFIG_NAME} to keep them" if named and others else
+           f"add {listed(sorted({path.rsplit('.', 1)[-1] for path in paths}))} to target_modules in {CONFIG_NAME}")
+    which = f"target_modules {shown(config.target_modules)}" + (f" with {' / '.join(others)}" if others else "")
+    return (f"; they are LoRA tensors of {listed(sorted(set(paths)))}, which {CONFIG_NAME} leaves out ({which}): the "
+            f"weights and the config disagree (peft would load the adapter without them). If it was trained on them, "
+            f"{fix}")
 
 
 _IN_MEMORY_KEY = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save)"

@@ -177,6 +177,8 @@ def explain_misfit(error: Exception, adapter_file, model: str, defaulted: bool) 
     """
     if not isinstance(error, LorakitError) or not _MISFIT.search(str(error)):
         return error
+    if "which adapter_config.json leaves out" in str(error):  # io._unselected_hint: the file disagrees with itself
+        return error  # on this base's own layers; another --model would not help
     name = getattr(adapter_file, "base_name", None)
     # lorakit.io's refusals often end "(adapter_config.json names the base X)" already: then the fix alone, not again
     # which file names the base
