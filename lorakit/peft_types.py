@@ -10,7 +10,9 @@ of each (peft 0.21's forward, eval mode; dropout only trains):
   (pruned; not saved at all when peft's ``rank_pattern`` resized them) and the scale folded into B.
 * VeRA (``VERA``): ``diag(lambda_b) B_s[:out] diag(lambda_d) A_s[:, :in]``, with A_s (r, max in) and B_s (max out,
   r) shared by all layers. Read as ``A' = lambda_d * A_s`` (sliced to the layer's ``in`` by ``fit_to_model`` once the
-  model is known) and ``B' = lambda_b * B_s[:out]``. Only from a file holding A_s and B_s (``save_projection``).
+  model is known) and ``B' = lambda_b * B_s[:out]``. A file saved without A_s and B_s (``save_projection=False``)
+  has them drawn as peft draws them, from ``projection_prng_key`` at the model's largest adapted layer
+  (``fit_to_model``).
 * LoHa (``LOHA``) on linear layers: ``(W1a W1b) o (W2a W2b) * alpha / r`` (o: elementwise), W1a (out, r1), W1b
   (r1, in). Entry (o, i) is ``sum_jk W1a[o,j] W2a[o,k] W1b[j,i] W2b[k,i]``: a product of rank r1 r2 with
   ``B'[o, (j,k)] = W1a[o,j] W2a[o,k]`` and ``A'[(j,k), i] = W1b[j,i] W2b[k,i]``; read so while r1 r2 <= 256.
@@ -23,6 +25,7 @@ Each module's rank is its tensors' (``rank_pattern`` holds the others) and its a
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from typing import Any
@@ -137,11 +140,18 @@ def _adalora(raw: dict[str, Any], path: str, parts: dict[str, torch.Tensor], res
 
 def _vera(raw: dict[str, Any], path: str, parts: dict[str, torch.Tensor], rest: dict[str, torch.Tensor], where: str):
     shared_A, shared_B = rest.get("base_model.vera_A"), rest.get("base_model.vera_B")
-    if shared_A is None or shared_B is None:
-        raise LorakitError(f"{where}: this VeRA adapter was saved without its shared matrices vera_A / vera_B "
-                           "(save_projection=false: peft regenerates them from projection_prng_key, which lorakit does "
-                           "not repeat); save it again from peft with VeraConfig(save_projection=True)")
     lambda_b, lambda_d = parts["vera_lambda_b"], parts["vera_lambda_d"]
+    if (shared_A is None or shared_B is None) and _regenerated(raw):
+        if lambda_d.dim() != 1 or lambda_b.dim() != 1:
+            raise LorakitError(f"{where}: {_PREFIX}{path}'s VeRA tensors do not fit (vera_lambda_b {tuple(lambda_b.shape)}, "
+                               f"vera_lambda_d {tuple(lambda_d.shape)}; expected (out,), (r,)); save the adapter again "
+                               "with peft")
+        # peft draws vera_A / vera_B again from projection_prng_key, at sizes only the model gives: the scaling
+        # vectors alone here, (r, 1) and (out, 1), made whole by fit_to_model
+        return lambda_d[:, None], lambda_b[:, None]
+    if shared_A is None or shared_B is None:
+        raise LorakitError(f"{where}: this VeRA adapter's weights lack the shared matrices vera_A / vera_B that its config "
+                           "says were saved (save_projection true); save the adapter again with peft")
     rank = shared_A.shape[0] if shared_A.dim() == 2 else -1
     if (shared_B.dim() != 2 or shared_B.shape[1] != rank or lambda_d.shape != (rank,) or lambda_b.dim() != 1
             or lambda_b.shape[0] > shared_B.shape[0]):
@@ -223,6 +233,8 @@ def fit_to_model(model_modules: dict[str, Any], raw_config: Any, tensors: dict[s
     if kind is None:
         return tensors
     tensors = dict(tensors)
+    if kind == "VERA" and _regenerated(raw_config):
+        tensors = _vera_projections(model_modules, raw_config, tensors, where)
     for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
         path = key[: -len(".lora_A.weight")]
         path = path[len(_PREFIX):] if path.startswith(_PREFIX) else path
@@ -236,6 +248,55 @@ def fit_to_model(model_modules: dict[str, Any], raw_config: Any, tensors: dict[s
         if kind == "VERA" and tensors[key].shape[1] > in_features:
             tensors[key] = tensors[key][:, :in_features].contiguous()
     return tensors
+
+
+def _regenerated(raw: dict[str, Any]) -> bool:
+    """A VeRA config saved without vera_A / vera_B (``save_projection`` false): peft draws them again on load."""
+    return raw.get("save_projection") is False
+
+
+def _vera_projections(model_modules: dict[str, Any], raw: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
+                      ) -> dict[str, torch.Tensor]:
+    """A ``save_projection=False`` VeRA adapter's LoRA tensors for this model: ``to_lora`` left each module's
+    ``lambda_d`` (r, 1) and ``lambda_b`` (out, 1); the shared matrices are drawn as peft 0.21 draws them
+    (``VeraModel._init_vera_A_vera_B``): a CPU generator seeded with ``projection_prng_key``, then vera_A (r, max in)
+    and vera_B (max out, r), each kaiming-uniform with bound sqrt(6 / fan_in), max over the adapted linear layers.
+    Then ``A' = lambda_d * vera_A[:, :in]``, ``B' = lambda_b * vera_B[:out]`` as for a saved projection."""
+    from lorakit import quant
+
+    paths = {key[: -len(".lora_A.weight")]: key for key in tensors if key.endswith(".lora_A.weight")}
+    shapes = {}
+    for full in paths:
+        module = model_modules.get(full[len(_PREFIX):] if full.startswith(_PREFIX) else full)
+        if module is not None and quant.is_linear_like(module):
+            shapes[full] = quant.linear_shape(module)  # (out, in)
+    if not shapes:
+        return tensors  # plan_load names the paths this model lacks
+    key = raw.get("projection_prng_key", 0)
+    if isinstance(key, bool) or not isinstance(key, int):
+        raise LorakitError(f"{where}: projection_prng_key must be an integer (the seed peft draws VeRA's shared "
+                           f"matrices from), got {shown(key)}")
+    rank = tensors[paths[next(iter(shapes))]].shape[0]  # lambda_d (r, 1)
+    generator = torch.Generator(device="cpu").manual_seed(key)
+    max_out, max_in = (max(shape[i] for shape in shapes.values()) for i in (0, 1))
+
+    def kaiming(rows: int, columns: int) -> torch.Tensor:  # peft's _kaiming_init: fan_in = columns, gain sqrt(2)
+        bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(columns)
+        return torch.empty(rows, columns).uniform_(-bound, bound, generator=generator)
+
+    shared_A, shared_B = kaiming(rank, max_in), kaiming(max_out, rank)
+    out = dict(tensors)
+    for full, (size_out, size_in) in shapes.items():
+        key_A, key_B = paths[full], f"{full}.lora_B.weight"
+        lambda_d, lambda_b = tensors[key_A], tensors.get(key_B)
+        if lambda_d.shape != (rank, 1) or lambda_b is None or lambda_b.shape != (size_out, 1):
+            raise LorakitError(f"{where}: {full}'s VeRA scaling vectors (vera_lambda_d {tuple(lambda_d.shape[:1])}, "
+                               f"vera_lambda_b {None if lambda_b is None else tuple(lambda_b.shape[:1])}) do not fit this "
+                               f"model's layer ({size_out} outputs) at rank {rank}; load the adapter on the base it was "
+                               "trained on")
+        out[key_A] = (lambda_d.float() * shared_A[:, :size_in]).to(lambda_d.dtype)
+        out[key_B] = (lambda_b.float() * shared_B[:size_out]).to(lambda_b.dtype)
+    return out
 
 
 def training_reason(raw_config: Any) -> str | None:

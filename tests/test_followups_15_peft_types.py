@@ -251,9 +251,14 @@ def _refused(folder, pattern):
 
 
 def test_what_is_still_refused_says_why(saved, tmp_path):
-    # VeRA without its shared matrices: peft regenerates them from a PRNG key, which lorakit does not repeat
-    _vera(saved["base"], tmp_path / "vera-key", save_projection=False)
-    _refused(tmp_path / "vera-key", r"saved without its shared matrices.*VeraConfig\(save_projection=True\)")
+    # VeRA whose config says its shared matrices were saved, and whose weights lack them (save_projection=False
+    # files, which peft draws again from projection_prng_key, load: test_followups_20_peft)
+    from safetensors.torch import load_file, save_file
+
+    _vera(saved["base"], tmp_path / "vera-key")
+    weights = tmp_path / "vera-key" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if k != "base_model.vera_B"}, weights)
+    _refused(tmp_path / "vera-key", r"lack the shared matrices vera_A / vera_B that its config says were saved")
     # LoHa of ranks 17 x 17: a plain LoRA of rank 289
     _loha(saved["base"], tmp_path / "loha-wide", r=17)
     _refused(tmp_path / "loha-wide", r"LoHa of ranks 17 and 17, which is a LoRA of rank 289 .*merge_and_unload")

@@ -123,3 +123,37 @@ def test_keys_of_another_model_keep_their_own_hint(tmp_path):
     with pytest.raises(lorakit.LorakitError) as error:
         lorakit.load_adapter(build(), tmp_path / "inner")
     assert "leaves out" not in str(error.value) and re.search(r"'model'", str(error.value)), str(error.value)
+
+
+def test_vera_saved_without_its_projections_draws_them_as_peft_does(tmp_path, capsys):
+    """``VeraConfig(save_projection=False)`` saves the scaling vectors alone; peft draws the shared vera_A / vera_B
+    again from ``projection_prng_key`` at the model's largest adapted layer. lorakit refused such a file, saying to
+    re-save it with save_projection=True, which peft cannot do for a model loaded from it (its buffers stay
+    unsaved: "Model was initialised to not save vera_A and vera_B"). It now draws them the same way: peft's logits on
+    Qwen3 (layers of 5 shapes, a non-default key), peft's merge_and_unload through ``lorakit merge``, and inspect."""
+    from lorakit.cli import main
+    from test_serve_support import make_tokenizer
+
+    base = tmp_path / "base"
+    build("qwen3").save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    config = quiet(peft.VeraConfig, r=8, target_modules="all-linear", save_projection=False, projection_prng_key=1234)
+    folder = peft_folder(tmp_path / "vera", "qwen3", config)
+    theirs = quiet(peft.PeftModel.from_pretrained, build("qwen3"), folder).eval()
+    want = logits(theirs, IDS)
+    assert (want - logits(build("qwen3"), IDS)).abs().max() > 1e-2  # the adapter matters
+    model = build("qwen3")
+    lorakit.load_adapter(model, folder)
+    assert_close(logits(model, IDS), want)
+    assert main(["merge", "--model", str(base), "--adapter", str(folder), "--out", str(tmp_path / "merged"),
+                 "--dtype", "float32"]) == 0
+    merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert_close(logits(merged, IDS), logits(quiet(theirs.merge_and_unload), IDS))
+    capsys.readouterr()
+    assert main(["inspect", str(folder)]) == 0
+    assert "peft VeRA (VERA), loaded as the plain LoRA it equals" in capsys.readouterr().out
+    # the key is the draw: another key is another adapter (so the key is what was read)
+    edit_config(folder, projection_prng_key=0)
+    other = build("qwen3")
+    lorakit.load_adapter(other, folder)
+    assert (logits(other, IDS) - want).abs().max() > 1e-3
