@@ -342,6 +342,8 @@ class AdapterFile:
     def base_rewrite(self) -> str | None:
         """``"pissa"`` / ``"olora"`` when peft rewrote the base with that init, ``"kasa"`` when KaSA truncated it (see
         ``_plain_form``), else None."""
+        if peft_types.peft_type(self.raw_config):  # AdaLoRA's config is a LoraConfig, but its SVD layers never run
+            return None  # LoRA's inits or KaSA: peft leaves the base as it is (the other types have no such fields)
         if "kasa_config" in peft_variants.chosen(self.raw_config):
             return "kasa"
         init = self.raw_config.get("init_lora_weights") if isinstance(self.raw_config, dict) else None

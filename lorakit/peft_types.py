@@ -39,7 +39,8 @@ MAX_RANK = 256  # LoHa's r1 r2, LoKr's: the plain form's rank; beyond it the pla
 _PREFIX = "base_model.model."
 # fields of these configs that name no math lorakit's plain form needs (training schedules, inits, dropouts)
 _CARRIED = ("base_model_name_or_path", "revision", "task_type", "inference_mode", "bias", "modules_to_save",
-            "fan_in_fan_out", "peft_version")
+            "fan_in_fan_out", "peft_version",
+            "layer_replication")  # AdaLoRA's LoraModel copies layers by it: refused by name, as for a LoRA
 
 
 def peft_type(raw_config: Any) -> str | None:

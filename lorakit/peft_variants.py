@@ -110,8 +110,9 @@ def refuse_training(adapter_file: Any) -> None:
 
     raw = adapter_file.raw_config
     init = raw.get("init_lora_weights") if isinstance(raw, dict) else None
-    methods = [FIELDS[n] for n in chosen(raw)] + ([_INITS[init.lower()]] if isinstance(init, str) and init.lower() in _INITS
-                                                  else []) + [m for m in (peft_types.training_reason(raw),) if m]
+    converted = peft_types.training_reason(raw)  # AdaLoRA's LoRA fields (inits, variants) are not run by peft: unsaid
+    methods = [converted] if converted else [FIELDS[n] for n in chosen(raw)] + (
+        [_INITS[init.lower()]] if isinstance(init, str) and init.lower() in _INITS else [])
     if methods:
         raise LorakitError(f"{adapter_file.folder / CONFIG_NAME}: {'; '.join(methods)}: lorakit loads it as the plain LoRA "
                            "it equals when it runs, which trains differently; load it with trainable=False to run or "

@@ -157,3 +157,39 @@ def test_vera_saved_without_its_projections_draws_them_as_peft_does(tmp_path, ca
     other = build("qwen3")
     lorakit.load_adapter(other, folder)
     assert (logits(other, IDS) - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fields", [dict(init_lora_weights="pissa"), dict(init_lora_weights="olora"),
+                                    dict(kasa_config={})], ids=["pissa", "olora", "kasa"])
+def test_adalora_with_lora_s_base_rewriting_fields_runs_on_the_untouched_base(fields, tmp_path):
+    """AdaLoraConfig is a LoraConfig, so a user can set init_lora_weights="pissa" / "olora" or kasa_config on it;
+    peft's AdaLoRA layers (SVDLinear) never run them and leave the base as it is. lorakit read the fields from the
+    file and rewrote the base as for a LoRA (a rank-2r plain form): logits 3e-2 to 9e-2 off peft's."""
+    from peft.tuners.lora.config import KasaConfig
+
+    if "kasa_config" in fields:
+        fields = dict(kasa_config=KasaConfig())
+    config = quiet(peft.AdaLoraConfig, total_step=10, init_r=4, target_r=2, target_modules=["q_proj", "v_proj", "down_proj"],
+                   **fields)
+    folder = peft_folder(tmp_path / "adalora", config=config)
+    want = logits(quiet(peft.PeftModel.from_pretrained, build(), folder).eval(), IDS)
+    model = build()
+    lorakit.load_adapter(model, folder)
+    assert_close(logits(model, IDS), want)
+    assert lorakit.read_adapter(folder).base_rewrite is None
+    # training it is refused for being AdaLoRA, not for an init peft never ran
+    with pytest.raises(lorakit.LorakitError, match=r"AdaLoRA \(peft trains") as error:
+        lorakit.load_adapter(build(), folder, trainable=True)
+    assert "PiSSA" not in str(error.value) and "OLoRA" not in str(error.value) and "KaSA" not in str(error.value)
+
+
+def test_adalora_with_layer_replication_is_refused_by_name(tmp_path):
+    """peft's AdaLoRA copies layers by layer_replication as LoRA does (here 2 layers run as 4, each with its own
+    update); lorakit refused it as "unexpected tensor keys" of layers the model lacks. Now by name, as for a LoRA."""
+    config = quiet(peft.AdaLoraConfig, total_step=10, init_r=4, target_r=2, target_modules=["q_proj", "v_proj"],
+                   layer_replication=[[0, 2], [1, 2]])
+    folder = peft_folder(tmp_path / "adalora", config=config)
+    with pytest.raises(lorakit.LorakitError, match=r"PEFT option layer_replication=\[\[0, 2\], \[1, 2\]\] is not supported "
+                                                   r"by lorakit .*run it with peft") as error:
+        lorakit.load_adapter(build(), folder)
+    assert "\n" not in str(error.value)
