@@ -24,7 +24,7 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.export import GGUF_ARCHS, gguf_arch, gguf_rope_scaling, write_gguf
-from test_gguf_architectures import SHAPE, qwen_tokenizer
+from test_gguf_architectures import SHAPE, TRANSFORMERS_4, qwen_tokenizer
 
 # base 500, head 32, pretraining context 256: yarn's correction dims land at 0 and 10 of the 16 frequency pairs
 # (floor / ceil of ggml_rope_yarn_corr_dim for beta_fast 32 / beta_slow 1), so all three yarn bands are exercised,
@@ -43,17 +43,27 @@ def _config(cls, **overrides):
     return cls(**{**TINY, **overrides})
 
 
+def rope_kwargs(rope: dict) -> dict:
+    """The config arguments for ``rope``: transformers 5's ``rope_parameters``, or 4's ``rope_scaling`` with
+    ``rope_theta`` beside it (the export reads either)."""
+    if not TRANSFORMERS_4:
+        return {"rope_parameters": dict(rope)}
+    rope = dict(rope)
+    rope["type"] = rope.pop("rope_type")  # 4.x's Phi-3 takes the old "type" key alone
+    return {"rope_theta": rope.pop("rope_theta"), "rope_scaling": rope}
+
+
 def llama(rope: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(_config(LlamaConfig, vocab_size=360, tie_word_embeddings=False, rope_parameters=dict(rope)))
+    return LlamaForCausalLM(_config(LlamaConfig, vocab_size=360, tie_word_embeddings=False, **rope_kwargs(rope)))
 
 
 def qwen2(rope: dict, **kwargs):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     return Qwen2ForCausalLM(_config(Qwen2Config, vocab_size=360, tie_word_embeddings=True, **kwargs,
-                                    **({"rope_parameters": dict(rope)} if rope else {})))
+                                    **(rope_kwargs(rope) if rope else {})))
 
 
 def qwen2_v4_layout():
@@ -70,7 +80,7 @@ def qwen3(rope: dict):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     return Qwen3ForCausalLM(_config(Qwen3Config, vocab_size=360, tie_word_embeddings=False, head_dim=32,
-                                    rope_parameters=dict(rope)))
+                                    **rope_kwargs(rope)))
 
 
 def phi3_longrope():
@@ -78,14 +88,16 @@ def phi3_longrope():
 
     return Phi3ForCausalLM(_config(Phi3Config, vocab_size=360, tie_word_embeddings=False, pad_token_id=0,
                                    bos_token_id=1, eos_token_id=2, original_max_position_embeddings=ORIGINAL,
-                                   rope_scaling={"type": "longrope", "short_factor": SHORT, "long_factor": LONG,
-                                                 "rope_theta": BASE}))
+                                   **rope_kwargs({"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG,
+                                                  "rope_theta": BASE})))
 
 
 def gemma3_linear():
     """Gemma 3 4B and up: linear factor 8 on the global layers' rope only; the sliding layers keep base 10000."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
+    if TRANSFORMERS_4:
+        pytest.skip("transformers 4's Gemma 3 config has no per-layer-type rope_parameters")
     rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
     return Gemma3ForCausalLM(_config(Gemma3TextConfig, vocab_size=360, num_hidden_layers=6, num_attention_heads=2,
@@ -323,15 +335,15 @@ def test_what_llama_cpp_would_run_differently_is_refused_in_one_line(rope, reaso
 def test_rope_types_a_family_graph_does_not_take_are_refused():
     """Gemma2's converter writes no rope scaling (llama.cpp would run it unscaled); longrope exists only in llama.cpp's
     phi3 graph; llama3's rope_freqs only in its llama graph."""
-    from transformers import Gemma2Config
+    from transformers import Gemma2Config, LlamaConfig
 
-    gemma2 = Gemma2Config(**{**TINY, "head_dim": 16, "query_pre_attn_scalar": 16}, rope_parameters=dict(LINEAR))
+    gemma2 = Gemma2Config(**{**TINY, "head_dim": 16, "query_pre_attn_scalar": 16}, **rope_kwargs(LINEAR))
     with pytest.raises(LorakitError, match="rope type 'linear' is not supported yet on llama.cpp's gemma2 graph"):
         gguf_arch(gemma2)
     longrope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "rope_theta": BASE,
                 "original_max_position_embeddings": ORIGINAL}
     with pytest.raises(LorakitError, match="rope type 'longrope' is not supported yet on llama.cpp's llama graph"):
-        gguf_arch(llama(longrope).config)
+        gguf_arch(_config(LlamaConfig, vocab_size=360, **rope_kwargs(longrope)))
 
 
 @pytest.mark.parametrize("case", ["llama-linear", "qwen2-yarn", "qwen3-yarn", "phi3-longrope", "gemma3-linear"])
@@ -350,6 +362,8 @@ def test_llama_cpp_runs_the_scaled_rope_files_as_transformers(case, tokenizer, t
     write_gguf(model, tokenizer, path, "f16", "m")
     plain_config = copy.deepcopy(model.config)
     plain_config.rope_parameters = {"rope_type": "default", "rope_theta": BASE}
+    if TRANSFORMERS_4:
+        plain_config.rope_scaling, plain_config.rope_theta = None, BASE
     if case == "gemma3-linear":  # the global layers' rope unscaled, the sliding layers' as they were
         plain_config.rope_parameters = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
