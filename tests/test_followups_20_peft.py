@@ -7,6 +7,10 @@ merges equal to peft's (or the method refused in one line); what it fixed is tes
   exclude_modules / layers_to_transform copied from another run) was refused as "unexpected tensor keys" with no word
   on why or what to change; peft loads it without those tensors. The refusal now names the layers, the fields that
   leave them out, and the edit, and the edited file loads with peft's logits.
+* VeRA saved with ``save_projection=False`` was refused, with advice peft cannot follow; its shared matrices are now
+  drawn from ``projection_prng_key`` as peft draws them.
+* AdaLoRA whose (LoraConfig) fields name a base-rewriting init or KaSA, which peft's AdaLoRA never runs, was loaded
+  on a rewritten base (logits off peft's, silently); AdaLoRA with layer_replication is refused by name.
 """
 
 from __future__ import annotations
