@@ -235,6 +235,18 @@ def _new_cache(model: nn.Module):
 # attention states in ``linear_cache``, a list of (B, heads, d, d) tensors (``KVBatch._states`` moves them with rows).
 _OWN_CACHES = {"minimax": "MiniMaxCache"}
 
+# model_type -> why its forward cannot take lorakit's decode step (the new token, the whole rows' mask, per-row
+# positions): each failed inside transformers (a shape mismatch or an assert, a traceback) on the first step
+_OWN_DECODE_LOOP = {
+    # XLMModel.forward takes the whole sequence each step and cuts the cached part off itself (its mask must be
+    # (batch, whole length) for the ids it is given)
+    "xlm": "its forward takes the whole sequence at every step and drops the cached part itself",
+    # CPM-Ant puts prompt_length learned tokens before every input, so its cache is longer than the rows it holds
+    "cpmant": "it puts its prompt_length learned tokens before every input, so its cache is longer than the rows",
+    # ProphetNet's decoder refuses position ids other than 0..n-1, so no row can be left-padded
+    "prophetnet": "its decoder takes positions 0..n-1 only, so rows of different lengths cannot be left-padded",
+}
+
 
 def unsupported(model: nn.Module) -> str | None:
     """Why lorakit's batched generation cannot run ``model`` (one line naming the family and what to use), or None.
@@ -259,6 +271,9 @@ def unsupported(model: nn.Module) -> str | None:
     if model_type == "recurrent_gemma":
         return ("lorakit's generation does not support RecurrentGemma (it keeps its recurrent state inside its "
                 "layers, so batched rows would lose it); generate with transformers' model.generate instead")
+    if model_type in _OWN_DECODE_LOOP:
+        return (f"lorakit's generation does not support {type(model).__name__}: {_OWN_DECODE_LOOP[model_type]}; "
+                "generate with transformers' model.generate, one prompt at a time")
     if "position_ids" not in takes and any(name.endswith("embed_positions") for name, _ in model.named_modules()):
         # BART / mBART / Pegasus / Marian / Blenderbot / TrOCR decoders number positions from the cache's length, not
         # from position_ids or the mask: a row left-padded beside a longer one (or joining a running batch) was

@@ -1062,6 +1062,7 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
         else:
             excluded = list(dict.fromkeys([*(excluded or []), *inert]))
         config = config.replace(exclude_modules=excluded)
+    config = _without_absent_moe_parameters(model, config)
     copies = list(_token_copies(model, adapter_file, weights=False))
     if copies:  # whole copies of the embedding (and its tied head) with the trained rows: same outputs as peft's
         config = config.replace(modules_to_save=list(dict.fromkeys((config.modules_to_save or []) + copies)))
@@ -1073,6 +1074,31 @@ def fitted_config(model: nn.Module, adapter_file: AdapterFile) -> LoraConfig:
             if any(saved_by(p, [name]) for p in paths)
             or any(k.startswith(name + ".") or f".{name}." in k for k in keys)]  # still refused if the file has it
     return config if kept == config.modules_to_save else config.replace(modules_to_save=kept or None)
+
+
+# the target_parameters peft 0.21 writes in place of transformers 4's MoE layer names (the router ``gate`` and the
+# experts' ``gate_proj`` / ``up_proj`` / ``down_proj``, or Mixtral's ``w1`` / ``w3`` / ``w2``) on every model type its
+# conversion table lists
+_PEFT_MOE_PARAMETERS = ("gate.weight", "gate_up_proj", "down_proj")
+
+
+def _without_absent_moe_parameters(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """``config`` without the target_parameters entries peft's MoE conversion added that name no parameter of this
+    model: peft writes ``gate.weight`` for the router of every model of those types, also where the router's weight
+    has another name (Hunyuan MoE's ``gate.wg``) or where no layer has experts, and skips the entry when it matches
+    nothing; the file holds no tensor for it. Refused before as "matched no parameter". Kept when nothing else
+    would be left to adapt (the refusal then names the entry)."""
+    if not config.target_parameters:
+        return config
+    from lorakit.param_lora import matches_parameter
+
+    keys = [f"{path}.{name}" for path, module in _base_modules(model).items() if path
+            for name, _ in module.named_parameters(recurse=False)]
+    kept = [t for t in config.target_parameters
+            if t not in _PEFT_MOE_PARAMETERS or any(matches_parameter(key, [t]) for key in keys)]
+    if kept == config.target_parameters or not (kept or config.target_modules):
+        return config
+    return config.replace(target_parameters=kept or None)
 
 
 def _tied_partner_patterns(model: nn.Module, adapter_file: AdapterFile, config: LoraConfig) -> LoraConfig:
