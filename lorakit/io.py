@@ -28,7 +28,7 @@ from lorakit._finite import all_finite
 from lorakit._fs import atomic_write_bytes
 from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
-from lorakit.inject import (_base_modules, _matches, _weight_read_raw, adapter_hosts, adapter_names,
+from lorakit.inject import (_base_modules, _matches, _per_layer, _weight_read_raw, adapter_hosts, adapter_names,
                             find_modules_to_save, find_param_targets, find_targets, inject, output_head_names,
                             peft_resolves_differently, saved_by)
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
@@ -170,6 +170,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
             path for path, host in adapter_hosts(model).items()
             if isinstance(host, (LoraLayer, MhaLora)) and adapter in host.adapters))
         _warn_peft_remaps(model, config.target_modules)
+    _warn_peft_renames(model, tensors)
     has_conv1d = any(quant.from_conv1d(h.base_layer) for h in adapter_hosts(model).values() if isinstance(h, LoraLayer))
     base_name = base_name or getattr(model, "lorakit_base_name", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     peft_config = config.to_peft_dict(base_model_name_or_path=base_name or None, fan_in_fan_out=has_conv1d,
@@ -263,6 +264,36 @@ def _warn_peft_remaps(model: nn.Module, paths: list[str]) -> None:
                       f"peft.PeftModel.from_pretrained would load this adapter without its {', '.join(clashing)} "
                       "layers (lorakit loads, merges and serves it whole); for a file peft reads exactly, train with "
                       f"--exclude {' '.join(clashing)}", stacklevel=3)
+
+
+def _warn_peft_renames(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """peft (0.21) passes an adapter's keys through transformers' checkpoint conversion for the model type, whose
+    renames are written for original checkpoints: some also match keys of today's layout and move them where no
+    layer is (Laguna's ``mlp.shared_expert.`` pattern renames ``mlp.shared_experts.gate_proj``, Inkling 2's
+    ``sconv.weight_proj`` gets a ``.weight`` inserted), so peft loads the file without those layers, silently. Said
+    once here, from the installed peft's own conversion (nothing when peft is absent or converts nothing)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        if get_checkpoint_conversion_mapping(model_type) is None:  # nothing to convert (and no peft import to pay)
+            return
+        from peft.utils.peft_types import PeftType
+        from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers
+
+        class _Config:  # all the conversion reads of peft's config
+            peft_type = PeftType.LORA
+
+        kept = convert_peft_adapter_state_dict_for_transformers(model, _Config(), dict(tensors))
+    except Exception:  # transformers 4, no peft, one without this conversion, or one failing on this model: nothing to say
+        return
+    moved = sorted({_per_layer(_strip(key).split(".lora_")[0]) for key in tensors
+                    if ".lora_" in key and key not in kept})
+    if moved:
+        warnings.warn(f"peft's conversion of {model_type} checkpoints renames the keys of {', '.join(moved)}, so "
+                      f"peft.PeftModel.from_pretrained would load this adapter without those layers (lorakit loads, "
+                      f"merges and serves it whole); for a file peft reads exactly, train with --exclude "
+                      f"{' '.join(moved)}", stacklevel=3)
 
 
 # peft's task wrappers make these heads modules-to-save copies on load (so they cannot hold LoRA tensors)
