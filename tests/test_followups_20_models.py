@@ -10,19 +10,20 @@ tolerance), merged == unmerged, and a one-line reason from ``static_decoding_uns
 Fixed here: peft's own "all-linear" file on Hunyuan MoE (refused), generation on XLM / CPM-Ant / ProphetNet (a
 traceback inside transformers), and peft silently loading Laguna's file without its shared experts (now said).
 
-Checked by hand and left out for time (same checks, 2026-12-01; 90 of the 109 uncovered model types built): among
+Checked by hand and left out for time (same checks, 2026-12-01; 92 of the 109 uncovered model types built): among
 them hrm_text (its tiny model takes ~5 s per training forward: its layer stack repeats in cycles), hyperclovax,
-youtu, zaya, axk2, biogpt, bitnet, codegen, gptj, gpt_neo, ctrl, diffllama, doge, ernie, glm, helium, nemotron,
-persimmon, jetmoe, flex_olmo, vaultgemma, xglm, moshi, kimi_linear, lfm2_moe, dots1, exaone_moe, deepseek_v2,
-minicpm3, glm4_moe_lite, cohere2_moe, solar_open and the BERT / BART-style decoders. Expected, not bugs: peft's MoE
-conversion re-maps the dense / shared-expert MLPs of Qwen2-MoE-pattern types (lorakit warns on saving); LoRA on
-cross-attention of BART-style decoders, BigBird's pooler and the DSA indexers (AXK2, GLM-MoE-DSA, HY-V4,
-DeepSeek-V4) gets no gradient (peft's too); peft refuses Mamba's out_proj and fails inside its own forward on
-DeepSeek-V4; lorakit's generation refuses DeepSeek-V4's compressed cache by name; a non-zero peft LoRA on
-LongCat-Flash's raw-read router is refused by name. Not built (special inputs, or no tiny config found in time): the
-vision / audio classes (fuyu, emu3, got_ocr2, gemma4 / gemma4_unified ForConditionalGeneration, phi4_multimodal,
-moss_transcribe_diarize, musicgen, musicgen_melody, qwen4_exp, dots3_note), the drafting heads (gemma4_assistant,
-gemma4_unified_assistant), blt, dots3_note_text, qwen4_exp_text, xlstm, xmod (needs a language set), zamba.
+youtu, zaya, axk2, qwen4_exp_text, dots3_note_text, biogpt, bitnet, codegen, gptj, gpt_neo, ctrl, diffllama, doge,
+ernie, glm, helium, nemotron, persimmon, jetmoe, flex_olmo, vaultgemma, xglm, moshi, kimi_linear, lfm2_moe, dots1,
+exaone_moe, deepseek_v2, minicpm3, glm4_moe_lite, cohere2_moe, solar_open and the BERT / BART-style decoders.
+Expected, not bugs: peft's MoE conversion re-maps the dense / shared-expert MLPs of Qwen2-MoE-pattern types
+(lorakit warns on saving); LoRA on cross-attention of BART-style decoders, BigBird's pooler and the DSA indexers
+(AXK2, GLM-MoE-DSA, HY-V4, DeepSeek-V4, Qwen4-Exp, dots3) gets no gradient (peft's too); peft refuses Mamba's
+out_proj and fails inside its own forward on DeepSeek-V4; lorakit's generation refuses DeepSeek-V4's compressed
+cache by name; a non-zero peft LoRA on LongCat-Flash's raw-read router is refused by name.
+Not built (special inputs, or no tiny config found in time): the vision / audio classes (fuyu, emu3, got_ocr2,
+gemma4 / gemma4_unified ForConditionalGeneration, phi4_multimodal, moss_transcribe_diarize, musicgen,
+musicgen_melody, qwen4_exp, dots3_note), the drafting heads (gemma4_assistant, gemma4_unified_assistant), blt,
+xlstm, xmod (needs a language set), zamba.
 """
 
 from __future__ import annotations
