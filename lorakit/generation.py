@@ -358,8 +358,9 @@ class KVBatch:
 
     def _kv_layers(self):
         """The layers holding keys and values (not a layer without attention: transformers' ``DummyLayer`` for a
-        Mamba or MLP-only block holds None)."""
-        return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False)
+        Mamba or MLP-only block holds None). transformers 4.56's layers have no ``is_initialized``: an empty one holds
+        None there, which the tensor check leaves out."""
+        return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", True)
                 and isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel()]
 
     def _states(self) -> list[tuple[dict, int]]:
