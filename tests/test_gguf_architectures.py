@@ -188,11 +188,16 @@ def test_tokenizer_and_chat_template_round_trip(exported):
     assert fields["tokenizer.ggml.padding_token_id"].contents() == original.pad_token_id
     try:
         from_gguf = AutoTokenizer.from_pretrained(exported["f16"], gguf_file="m-f16.gguf")
-    except (ImportError, AttributeError) as error:
+    except (ImportError, AttributeError, TypeError) as error:
         if not TRANSFORMERS_4:
             raise
+        # TypeError (4.56 with protobuf installed): its gemma builder makes a Unigram vocabulary from
+        # tokenizer.ggml.scores and reads no merges, so this fixture's BPE ("gpt2") vocabulary gives it None scores;
+        # a real Gemma (SentencePiece-style "llama") vocabulary round-trips on 4.x
+        # (test_sentencepiece_style_vocabulary_round_trips[gemma3])
         pytest.skip(f"transformers 4.x cannot rebuild this family's tokenizer from GGUF ({type(error).__name__}: "
-                    "its gemma builder needs protobuf, its phi3 reader has no bos_token_id); 5.x can")
+                    "its gemma builder needs protobuf and reads a BPE vocabulary as Unigram scores, its phi3 reader "
+                    "has no bos_token_id); 5.x can")
     assert from_gguf(SENTENCE)["input_ids"] == original(SENTENCE)["input_ids"]
     assert from_gguf.decode(original(SENTENCE)["input_ids"]) == SENTENCE
 
