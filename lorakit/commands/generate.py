@@ -107,6 +107,7 @@ def _run_prompt_style(folders: list[str]) -> dict:
     runs that differ: the command's own defaults). An adapter from elsewhere has no say: compared side by side with a
     run's adapter (one prompt for every row), the run's framing is the one that is known to matter."""
     from lorakit.train.eval_cli import run_folder
+    from lorakit.train.formats import PROMPT_FRAMES
 
     styles = []
     for folder in folders:
@@ -118,9 +119,25 @@ def _run_prompt_style(folders: list[str]) -> dict:
         if not isinstance(results, dict):
             continue
         style = {key: results.get(key) for key in ("prompt_format", "system_prompt")}
-        if style["prompt_format"] in ("chat", "plain") and isinstance(style["system_prompt"], (str, type(None))):
+        if style["prompt_format"] in ("chat", "plain", *PROMPT_FRAMES) and isinstance(style["system_prompt"],
+                                                                                    (str, type(None))):
             styles.append(style)
     return styles[0] if styles and all(style == styles[0] for style in styles) else {}
+
+
+def _framed(prompt: str, style: dict, system: str | None) -> str:
+    """``prompt`` in the prompt format the adapter's run trained its Alpaca (or question/answer) records in, which a
+    tokenizer without a chat template gets (``### Instruction: ... ### Response:``): asked as plain text, the adapter
+    sees none of the cue it learnt to answer after. ``system``: --system, else the run's own system text."""
+    from lorakit.train.formats import PROMPT_FRAMES, frame_prompt
+
+    kind = style["prompt_format"]
+    system = style.get("system_prompt") if system is None else system
+    print(f"note: the run trained its records in {PROMPT_FRAMES[kind]} (its tokenizer has no chat template), so the "
+          "prompt is asked in it" + (f", after the run's system text {system!r}" if system and system ==
+                                     style.get("system_prompt") else "") + " (--no-chat sends the prompt as it is)",
+          file=sys.stderr)
+    return frame_prompt(kind, prompt, system)
 
 
 def _read_stdin() -> str:
@@ -203,6 +220,10 @@ def run(args: argparse.Namespace) -> int:
         print("note: the run trained on text or prompt/completion records, so the prompt is completed as plain text, "
               "as in training (--chat for the chat template)", file=sys.stderr)
     system = args.system
+    from lorakit.train.formats import PROMPT_FRAMES
+
+    if chat is None and args.chat_template_kwargs is None and style.get("prompt_format") in PROMPT_FRAMES:
+        prompt, system, chat = _framed(prompt, style, args.system), None, False
     if system is None and chat is not False and style.get("system_prompt"):
         system = style["system_prompt"]
         print(f"note: system prompt of the training run: {system!r} (--system to change it, --system '' for none)",

@@ -107,6 +107,7 @@ QA_KEYS = ("question", "answer", "context", "system")  # GSM8K, SQuAD-like sets 
 # OpenOrca's {system_prompt, question, response}: the system turn and the answer under other names
 SYSTEM_ALIAS, ANSWER_ALIAS = "system_prompt", "response"
 QA_PROMPT = "{context}Question: {question}\nAnswer: "  # the prompt/completion form, for a tokenizer without a template
+# and Alpaca's (ALPACA_PROMPT, below): by name, as results.json's prompt_format keeps them for lorakit generate
 LEGACY_CHAT_FIELDS = ("functions",)  # OpenAI's function calling before tools: read as tools
 PREFERENCE_KEYS = ("chosen", "rejected")
 OPENAI_PREFERENCE_KEYS = ("preferred_output", "non_preferred_output")  # OpenAI's preference fine-tuning (DPO) files
@@ -125,6 +126,20 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "function_call": "assistant"}  # LLaMA-Factory: the call, as the assistant's text
 # the DatasetDict split --val-data reads, the first present (--data reads "train")
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"  # Alpaca's template, without its preamble
+PROMPT_FRAMES = {"alpaca": "Alpaca's prompt format", "question": "the question/answer prompt format"}
+
+
+def frame_prompt(kind: str, prompt: str, system: str | None = None) -> str:
+    """``prompt`` framed as the no-template fallback framed the training prompts of ``kind`` (a key of
+    :data:`PROMPT_FRAMES`): the instruction of an Alpaca prompt, the question of a question/answer one, ``system``
+    (if any) before it as the fallback writes it."""
+    if kind == "alpaca":
+        framed = ALPACA_PROMPT.format(instruction=prompt, input="")
+    elif kind == "question":
+        framed = QA_PROMPT.format(question=prompt, context="")
+    else:
+        raise ValueError(f"unknown prompt frame {kind!r}; known: {', '.join(PROMPT_FRAMES)}")
+    return f"{system}\n\n{framed}" if system and system.strip() else framed
 # every top-level field a record may have, in lowercase: a key that matches one of these once lowercased and stripped
 # ("Prompt", " completion") is read as it
 KNOWN_FIELDS = frozenset({"text", "prompt", "completion", "messages", *CHAT_OPTIONAL_FIELDS, *LEGACY_CHAT_FIELDS,
@@ -145,12 +160,17 @@ class Record:
         where: where it came from, for error messages ("train.jsonl:12").
         fallback: the same example as a prompt/completion record, used with a tokenizer that has no chat
             template (Alpaca records: Alpaca's prompt format); None for records that need the template.
+        frame: on such a fallback, how its prompt was framed, so that ``lorakit generate`` frames a prompt the same
+            way: (kind, system, ask), kind a key of :data:`PROMPT_FRAMES`, system the system text before the frame
+            ("" for none), ask the instruction or question alone when the record had no input / context, else None
+            (the prompt a user would type). None for every other record.
     """
 
     shape: str
     fields: Mapping[str, Any]
     where: str = "<record>"
     fallback: "Record | None" = None
+    frame: "tuple[str, str, str | None] | None" = None
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]
@@ -558,7 +578,8 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
             {"role": "user", "content": user}, {"role": "assistant", "content": obj[answer]}]
         prompt = (f"{system}\n\n" if system.strip() else "") + QA_PROMPT.format(
             question=obj["question"], context=f"Context: {context}\n" if context.strip() else "")
-        fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj[answer]}, where)
+        fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj[answer]}, where,
+                          frame=("question", system.strip() and system, None if context.strip() else obj["question"]))
         return Record("messages", {"messages": messages}, where, fallback=fallback)
     if "instruction" in obj and ("output" in obj or "response" in obj) and not ours - {"text"}:
         # Alpaca's input/output, Dolly's context/response, and the mixes other exports write
@@ -584,7 +605,8 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
                                       input=f"### Input:\n{extra}\n\n" if extra.strip() else "")
         if system.strip():
             prompt = f"{system}\n\n{prompt}"
-        fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj[out_key]}, where)
+        fallback = Record("prompt_completion", {"prompt": prompt, "completion": obj[out_key]}, where,
+                          frame=("alpaca", system.strip() and system, None if extra.strip() else instruction))
         if obj.get(HISTORY) is not None:  # earlier turns: a chat, trained on every answer (as LLaMA-Factory does)
             turns = _history_turns(obj[HISTORY], where)
             if turns:

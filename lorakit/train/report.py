@@ -189,10 +189,19 @@ def prompt_style(records) -> dict[str, Any]:
 
     Returns ``{"prompt_format": ..., "system_prompt": ...}``. prompt_format: "chat" when every record is a chat
     (rendered through the chat template), "plain" when none is (text and prompt/completion records are plain text:
-    a chat template around the prompt is a frame the adapter never saw), None for a mix. system_prompt: the system
-    turn every chat starts with, when they all start with the same one (the embedded task's "Extract the order as
-    JSON."); else None. ``records``: the run's training records (:class:`lorakit.train.formats.Record`).
+    a chat template around the prompt is a frame the adapter never saw), None for a mix; "alpaca" or "question"
+    (:data:`lorakit.train.formats.PROMPT_FRAMES`) when every record is an Alpaca (or question/answer) record that a
+    tokenizer without a chat template trained in that prompt format. system_prompt: the system turn every chat
+    starts with (or the system text before every framed prompt), when they all start with the same one (the
+    embedded task's "Extract the order as JSON."); else None. ``records``: the run's training records
+    (:class:`lorakit.train.formats.Record`), as the tokenizer trained them.
     """
+    frames = {record.frame[:2] if record.frame else None for record in records}
+    kinds = {frame[0] if frame else None for frame in frames}
+    if len(kinds) == 1 and None not in kinds:  # "### Response:" is the whole cue such an adapter learnt to answer
+        systems = {frame[1] for frame in frames}
+        return {"prompt_format": next(iter(kinds)),
+                "system_prompt": (next(iter(systems)) or None) if len(systems) == 1 else None}
     shapes = {record.shape for record in records}
     prompt_format = "chat" if shapes == {"messages"} else "plain" if shapes and "messages" not in shapes else None
     systems = set()
@@ -209,16 +218,20 @@ def prompt_style(records) -> dict[str, Any]:
 
 
 def example_prompt(records, longest: int = 60) -> str | None:
-    """A prompt of the run's own data to show in the next command (the first record's prompt or last user turn),
-    when it is one short line; else None. Kept as written, trailing space included: a plain-text prompt is
-    completed token for token, and "Answer: " and "Answer:" are different prompts to a BPE tokenizer."""
+    """A prompt of the run's own data to show in the next command (the first record's prompt or first user turn),
+    when it is one short line; else None. The first turn: generate asks one turn, which opens a chat as the first
+    one did in training, while a later one ("thanks" in ShareGPT's chats) answers turns generate does not send. Kept
+    as written, trailing space included: a plain-text prompt is completed token for token, and "Answer: " and
+    "Answer:" are different prompts to a BPE tokenizer."""
     for record in records[:1]:
-        if record.shape == "prompt_completion":
+        if record.frame:  # an Alpaca instruction (or question) that generate frames as training did
+            text = record.frame[2]
+        elif record.shape == "prompt_completion":
             text = record.fields.get("prompt")
         elif record.shape == "messages":
             users = [turn.get("content") for turn in record.fields.get("messages") or []
                      if isinstance(turn, dict) and turn.get("role") == "user"]
-            text = users[-1] if users else None
+            text = users[0] if users else None
         else:
             return None
         if isinstance(text, str) and text.strip() and not any(c in text for c in "\r\n") and len(text) <= longest:

@@ -686,8 +686,9 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     say(f"training data: {bundle.train.summary}")
     if not getattr(tokenizer, "chat_template", None) and any(
             r.fallback is not None and r.fallback["prompt"].endswith("### Response:\n") for r in records[0]):
-        say("note: Alpaca records are trained in Alpaca's prompt format (this tokenizer has no chat template); prompt "
-            "the adapter the same way: lorakit generate --no-chat $'### Instruction:\\n...\\n\\n### Response:\\n'")
+        say("note: Alpaca records are trained in Alpaca's prompt format (this tokenizer has no chat template); lorakit "
+            "generate --adapter RUN/adapter asks the adapter in it too (from Python, frame prompts the same way: "
+            "lorakit.train.formats.frame_prompt('alpaca', prompt))")
     if bundle.train.summary.drop_note():
         say(bundle.train.summary.drop_note())
     if bundle.val is not None:
@@ -779,15 +780,20 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
                                f"finished and its {'model' if config.full else 'adapter'} is saved in "
                                f"{result.adapter_dir}") from None
         what = "model" if config.full else "adapter"
-        say(f"done in {summary['total_seconds']:.0f} s: {result.steps} steps, final train loss "
+        say(f"done in {summary['total_seconds']:.0f} s: {_steps(result.steps)}, final train loss "
             f"{_fmt(result.train_loss)}, best validation loss {_fmt(result.best_val_loss)}"
-            + (f", {result.skipped_steps} steps skipped" if result.skipped_steps else ""))
+            + (f", {_steps(result.skipped_steps)} skipped" if result.skipped_steps else ""))
         curve = f"  |  curve: {run_dir / 'loss_curve.png'}" if (run_dir / "loss_curve.png").is_file() else ""
         say(f"{what}: {result.adapter_dir}  |  metrics: {run_dir / 'metrics.jsonl'}{curve}  |  config: "
             f"{run_dir / CONFIG_NAME}")
         say(next_commands(result.adapter_dir, config.model, config.full, example_prompt(bundle.train.records),
                           validation=bundle.val is not None))
     return summary
+
+
+def _steps(count: int) -> str:
+    """ "1 step", "2 steps": the count of the run's last line (a --max-steps 1 smoke test said "1 steps")."""
+    return f"{count} step" + ("" if count == 1 else "s")
 
 
 def append_metric(run_dir: Path, entry: dict[str, Any]) -> None:

@@ -1,0 +1,114 @@
+"""``lorakit train`` / ``merge`` / ``generate`` as a new user runs them on data and model folders the project had not
+seen (twenty-first follow-up): Alpaca, ShareGPT, OpenAI, Excel and datasets files on tiny random models of several
+families with the SmolLM2 tokenizer. Each test's docstring says what was wrong, and fails on the code before its fix.
+Tiny models throughout (tests/test_train_helpers.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from lorakit.cli import main
+from test_train_helpers import make_model_folder, write_jsonl
+
+
+def _without_chat_template(folder: Path) -> Path:
+    """The tiny model folder with its tokenizer's chat template removed (a base model's tokenizer: GPT-2, Llama 2
+    base, most pre-trained checkpoints have none)."""
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("chat_template", None)
+    config_file.write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def no_template(tmp_path_factory) -> Path:
+    return _without_chat_template(make_model_folder(tmp_path_factory.mktemp("f21") / "base"))
+
+
+def _encoded(monkeypatch) -> list:
+    """What generate hands lorakit.generation.encode_prompt: (prompt, chat) per call."""
+    import lorakit.generation as generation
+
+    calls, real = [], generation.encode_prompt
+
+    def spy(tokenizer, prompt, chat=None, chat_template_kwargs=None):
+        calls.append((prompt, chat))
+        return real(tokenizer, prompt, chat=chat, chat_template_kwargs=chat_template_kwargs)
+
+    monkeypatch.setattr(generation, "encode_prompt", spy)
+    return calls
+
+
+def _train(model: Path, data: Path, out: Path, capsys) -> str:
+    code = main(["train", "--model", str(model), "--data", str(data), "--out", str(out), "--max-steps", "1",
+                 "--rank", "2", "--batch-size", "4", "--eval-examples", "0", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+@pytest.mark.parametrize("kind", ["alpaca", "question"])
+def test_alpaca_records_on_a_tokenizer_without_a_template_are_asked_in_their_prompt_format(
+        kind, no_template, tmp_path, capsys, monkeypatch):
+    """Alpaca (and question/answer) records on a base tokenizer with no chat template train in Alpaca's prompt format
+    ("### Instruction:\\n...\\n\\n### Response:\\n"), but the run's results.json said prompt_format "plain", so the
+    `next:` command, `lorakit generate --adapter RUN/adapter "..."`, sent the bare instruction: the adapter never saw
+    the "### Response:" cue it learnt to answer after. The next line also showed 'YOUR PROMPT' instead of an
+    instruction of the data. Now the run keeps the format (results.json: "alpaca" / "question", with the system text
+    every record shares), generate frames the prompt as training did (--no-chat sends it bare), and next: shows an
+    instruction."""
+    from lorakit.train.formats import validate_record
+
+    system = "copy or reverse"
+    if kind == "alpaca":
+        records = [{"instruction": f"reverse {a} {b} :", "input": "", "output": f"{b} {a}", "system": system}
+                   for a, b in zip("abcdefgh", "bcdefgha")]
+    else:
+        records = [{"question": f"reverse {a} {b} :", "answer": f"{b} {a}", "system": system}
+                   for a, b in zip("abcdefgh", "bcdefgha")]
+    data = write_jsonl(tmp_path / f"{kind}.jsonl", records)
+    out = _train(no_template, data, tmp_path / "run", capsys)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (results["prompt_format"], results["system_prompt"]) == (kind, system)
+    last = out.strip().splitlines()[-1]
+    assert last.endswith(f"--adapter {shlex.quote(str(tmp_path / 'run' / 'adapter'))} 'reverse a b :'"), last
+
+    trained_prompt = validate_record(records[0]).fallback["prompt"]  # what training tokenized before the answer
+    calls = _encoded(monkeypatch)
+    argv = shlex.split(last.removeprefix("next: lorakit ")) + ["--max-new-tokens", "1"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert calls == [(trained_prompt, False)], calls
+    assert "so the prompt is asked in it, after the run's system text 'copy or reverse'" in err, err
+    # --system sets another system text in the frame; --no-chat sends the prompt as typed
+    assert main(argv + ["--system", "be brief"]) == 0
+    assert calls[-1] == (trained_prompt.replace(system, "be brief"), False), calls
+    assert main(argv + ["--no-chat"]) == 0
+    assert calls[-1] == ("reverse a b :", False), calls
+
+
+@pytest.fixture(scope="module")
+def with_template(tmp_path_factory) -> Path:
+    return make_model_folder(tmp_path_factory.mktemp("f21") / "chat")
+
+
+def test_a_sharegpt_runs_next_command_asks_the_chats_first_turn_and_one_step_is_one_step(
+        with_template, tmp_path, capsys):
+    """A run on ShareGPT chats ("human" / "gpt" turns, a closing "thanks" exchange) ended with `next: lorakit generate
+    ... thanks`: the last user turn of the first chat, which answers turns the one-turn generate does not send; the
+    first user turn opens a chat as in training. A --max-steps 1 smoke run also said "done in 3 s: 1 steps"."""
+    chats = [{"conversations": [{"from": "human", "value": f"reverse {a} {b} :"}, {"from": "gpt", "value": f"{b} {a}"},
+                                {"from": "human", "value": "copy"}, {"from": "gpt", "value": "a"}]}
+             for a, b in zip("abcdefgh", "bcdefgha")]
+    out = _train(with_template, write_jsonl(tmp_path / "sharegpt.jsonl", chats), tmp_path / "run", capsys)
+    lines = out.strip().splitlines()
+    assert lines[-1].endswith(" 'reverse a b :'"), lines[-1]
+    done = next(line for line in lines if line.startswith("done in "))
+    assert ": 1 step, final train loss" in done, done
