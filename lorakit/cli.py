@@ -55,13 +55,16 @@ environment:
 
 # other tools' names of our options (transformers' Trainer, vLLM, peft scripts, OpenAI's API), suggested when typed;
 # each is offered only to a command that has the option it names (lorakit train adds its config-file aliases)
-OTHER_NAMES: dict[str, str] = {
+OTHER_NAMES: dict[str, str | tuple[str, ...]] = {  # a tuple: the first option the command has
     "output": "out", "output_dir": "out", "output_path": "out", "save_dir": "out", "save_path": "out",
     "adapter_path": "adapter", "adapter_dir": "adapter", "lora_path": "adapter", "lora": "adapter",
     "peft_model": "adapter", "model_path": "model", "model_name": "model", "model_name_or_path": "model",
     "base_model": "model", "base": "model", "max_tokens": "max_new_tokens", "max_length_new": "max_new_tokens",
     "adapter_dirs": "adapters", "lora_modules": "adapters", "data_path": "data", "dataset_path": "data",
-    "train_data": "data", "eval_data": "val_data",
+    "train_data": "data", "eval_data": ("val_data", "data"),
+    # lorakit eval's --limit: train's --eval-examples, lm-eval's --limit, HF scripts' --max-eval-samples
+    "eval_examples": "limit", "max_samples": "limit", "max_eval_samples": "limit", "num_examples": "limit",
+    "examples": "limit",
 }
 # other tools' switches that are one of our options with a value (a bare --variant would not say which)
 OTHER_SWITCHES: dict[str, str] = {
@@ -266,7 +269,9 @@ def _suggestion(typed: str, command: str | None, options: list[str]) -> str | No
         from lorakit.train.config import ALIASES
 
         aliases.update(ALIASES)
-    aliases = {name: target for name, target in aliases.items() if f"--{target.replace('_', '-')}" in options}
+    aliases = {name: target for name, targets in aliases.items()
+               for target in [next((t for t in ((targets,) if isinstance(targets, str) else targets)
+                                    if f"--{t.replace('_', '-')}" in options), None)] if target}
     switch = OTHER_SWITCHES.get(key)
     if switch and switch.split()[0] in options:
         return switch

@@ -112,3 +112,19 @@ def test_a_sharegpt_runs_next_command_asks_the_chats_first_turn_and_one_step_is_
     assert lines[-1].endswith(" 'reverse a b :'"), lines[-1]
     done = next(line for line in lines if line.startswith("done in "))
     assert ": 1 step, final train loss" in done, done
+
+
+@pytest.mark.parametrize("typed, meant", [("--eval-examples", "--limit"), ("--max-samples", "--limit"),
+                                          ("--eval-data", "--data"), ("--examples", "--limit")])
+def test_eval_names_the_option_meant_for_trains_and_other_tools_names(typed, meant, capsys):
+    """`lorakit eval --eval-examples 8` (train's name for how many held-out records to score by generation) was
+    answered with a bare "unrecognized arguments": eval calls it --limit. --max-samples (transformers' scripts) and
+    --examples were offered --samples (how many generations to print), and --eval-data nothing (train's alias of it
+    is --val-data, which eval lacks)."""
+    from cli_helpers import cli_error
+
+    line = cli_error(capsys, main(["eval", typed, "8"]))
+    assert line == f"lorakit eval: error: unrecognized arguments: {typed}; did you mean {meant}? (`lorakit eval --help` " \
+                   "lists the options)", line
+    assert cli_error(capsys, main(["train", "--eval-data", "x"])).endswith("did you mean --val-data? (`lorakit train "
+                                                                        "--help` lists the options)")
