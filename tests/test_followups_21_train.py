@@ -128,3 +128,45 @@ def test_eval_names_the_option_meant_for_trains_and_other_tools_names(typed, mea
                    "lists the options)", line
     assert cli_error(capsys, main(["train", "--eval-data", "x"])).endswith("did you mean --val-data? (`lorakit train "
                                                                         "--help` lists the options)")
+
+
+def test_long_texts_split_into_windows_train_every_token_once(tmp_path, capsys):
+    """Plain-text (pre-training style) records are whole documents, longer than a row: `lorakit train --data
+    docs.jsonl` dropped every one ("no examples left"), and --overflow truncate, the one way offered, trained only
+    each document's first max_length tokens. --overflow split cuts a text record into windows of max_length tokens,
+    overlapping by the one token whose label a window cannot predict, so every token but the first is a target
+    exactly once; other records keep the drop rule (a cut answer would be learnt as the whole answer)."""
+    from lorakit.errors import LorakitError
+    from lorakit.train.data import IGNORE_INDEX, build_dataset, tokenize_example, tokenize_examples
+    from test_train_helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    words = " ".join("abcdefgh"[(i * 5) % 8] for i in range(23))
+    whole = tokenize_examples({"text": words}, tok, 64)[0]
+    assert len(whole["input_ids"]) == 24  # the 23 words and <|im_end|>; its first label is never predicted
+    windows = tokenize_examples({"text": words}, tok, 8, "split")
+    assert [len(w["input_ids"]) for w in windows] == [8, 8, 8, 3]
+    targets = [t for w in windows for t in w["labels"] if t != IGNORE_INDEX]
+    assert targets == whole["input_ids"][1:]  # every token but the first, once, in order
+    for w in windows:  # each window is a slice of the whole text
+        assert " ".join(map(str, w["input_ids"])) in " ".join(map(str, whole["input_ids"]))
+    # a prompt/completion record longer than max_length is dropped, not cut
+    assert tokenize_examples({"prompt": words + " :", "completion": "a"}, tok, 8, "split") == []
+    with pytest.raises(LorakitError, match="use tokenize_examples"):
+        tokenize_example({"text": words}, tok, 8, "split")
+    data = build_dataset([{"text": words}, {"prompt": "copy a :", "completion": "a"}], tok, 8, "split")
+    assert (data.summary.examples, data.summary.split_texts, data.summary.dropped) == (5, 1, 0)
+    assert "1 text longer than max_length=8 was split into windows of at most 8 tokens" in data.summary.drop_note()
+
+    folder = make_model_folder(tmp_path / "model")
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": " ".join("abcdefgh"[(i * k) % 8] for i in range(40))}
+                                                 for k in range(1, 9)])
+    argv = ["train", "--model", str(folder), "--data", str(docs), "--out", str(tmp_path / "run"), "--max-steps", "1",
+            "--rank", "2", "--batch-size", "4", "--eval-examples", "0", "--no-progress", "--max-length", "16"]
+    from cli_helpers import cli_error
+
+    line = cli_error(capsys, main(argv))
+    assert line.endswith("or split text records into windows of max_length (--overflow split)"), line
+    assert main(argv + ["--overflow", "split"]) == 0
+    out = capsys.readouterr().out
+    assert "training data: 24 examples (from 8 records: 8 text), 0 dropped" in out, out

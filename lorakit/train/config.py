@@ -55,8 +55,9 @@ class TrainConfig:
     out: str | None = _f(None, "run folder for the adapter, checkpoints, metrics.jsonl, loss_curve.png and "
                          "config.yaml; default: runs/<date-time>", "model and data")
     max_length: int = _f(256, "most tokens per example; longer ones are handled by --overflow", "model and data")
-    overflow: str = _f("drop", "what to do with an example longer than --max-length: drop, truncate or error",
-                       "model and data", choices=("drop", "truncate", "error"))
+    overflow: str = _f("drop", "what to do with an example longer than --max-length: drop, truncate, error, or "
+                       "split (a text record into windows of --max-length tokens, every token trained once; other "
+                       "records dropped)", "model and data", choices=("drop", "truncate", "error", "split"))
     pack: bool = _f(False, "pack several examples per row (no attention across them)", "model and data")
     chat_template_kwargs: dict = _f({}, "options of the model's chat template, as a JSON object, used to render the "
                                     "chats for training and scoring, e.g. '{\"enable_thinking\": false}' (Qwen3)",
@@ -236,7 +237,7 @@ class TrainConfig:
             raise LorakitError(f"--min-lr-ratio must be in [0, 1], got {shown(self.min_lr_ratio)}")
         if self.max_grad_norm is not None and not (_number(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise LorakitError(f"--max-grad-norm must be >= 0, got {shown(self.max_grad_norm)}")
-        for name, choices in (("overflow", ("drop", "truncate", "error")), ("variant", VARIANTS), ("init", INITS),
+        for name, choices in (("overflow", ("drop", "truncate", "error", "split")), ("variant", VARIANTS), ("init", INITS),
                               ("schedule", SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise LorakitError(f"{_flag(name)} {shown(getattr(self, name))} is not one of {', '.join(choices)}")

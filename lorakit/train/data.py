@@ -47,6 +47,7 @@ import contextlib
 import datetime
 import json
 import random
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ __all__ = [  # the last six live in batches.py
     "eval_batches",
 ]
 
-OVERFLOW_CHOICES = ("drop", "truncate", "error")
+OVERFLOW_CHOICES = ("drop", "truncate", "error", "split")  # split: text records in windows, others dropped
 # tokenizing shows progress only after this many seconds: a set that takes less is done before a bar would help, and
 # its line (or bar) would only add noise before the summary line
 PROGRESS_DELAY_S = 1.5
@@ -412,7 +413,9 @@ def tokenize_example(
         tokenizer: a transformers tokenizer (a chat template is needed for ``messages`` records).
         max_length: the most tokens an example may have.
         overflow: what to do with a longer example: "drop" (return None), "truncate" (keep the first
-            ``max_length`` tokens; None if no target is left), or "error" (raise).
+            ``max_length`` tokens; None if no target is left), "error" (raise), or "split" (a text record in
+            windows of ``max_length`` tokens, every token trained once: :func:`tokenize_examples` only; any other
+            record is dropped).
         eot_token: the end-of-turn token (default: the tokenizer's eos token).
         info: a precomputed :func:`tokenizer_info` (saves re-inspecting the tokenizer per example).
         drops: if given, counts why an example was dropped: ``"too_long"`` (overflow="drop") or ``"no_target"``
@@ -430,6 +433,9 @@ def tokenize_example(
             examples (its template rewrites earlier turns: use :func:`tokenize_examples`).
     """
     record, info = _checked(record, tokenizer, max_length, overflow, eot_token, info)
+    if overflow == "split" and record.shape == "text":  # a long text trains as several windows
+        raise LorakitError(f"{record.where}: overflow='split' may make several examples of a text; use "
+                           "tokenize_examples")
     text, spans = render(record, tokenizer, chat_template_kwargs=chat_template_kwargs)
     return _tokenize_rendered(record, text, spans, tokenizer, max_length, overflow, info, drops)
 
@@ -457,12 +463,40 @@ def _tokenize_record(record: Record | Mapping, tokenizer: Any, max_length: int, 
     """:func:`tokenize_examples`, whether the chat was split per assistant turn and whether its call ids were
     shortened."""
     record, info = _checked(record, tokenizer, max_length, overflow, eot_token, info)
+    if overflow == "split" and record.shape == "text":  # a document longer than a row: every token of it trained
+        text, spans = render(record, tokenizer, chat_template_kwargs=template_kwargs)
+        whole = _tokenize_rendered(record, text, spans, tokenizer, sys.maxsize, "error", info, drops)
+        return _windows(whole, max_length, drops), False, False
     rendered, per_turn, short_ids = _render_examples(record, tokenizer, template_kwargs)
     # one example per turn: each shares all but its end with the one before, tokenized once (None: each alone)
     shared = shared_tokens(rendered, tokenizer) if per_turn and info.has_offsets else None
     examples = [_tokenize_rendered(record, text, spans, tokenizer, max_length, overflow, info, drops,
                                    shared[t] if shared else None) for t, (text, spans) in enumerate(rendered)]
     return [ex for ex in examples if ex is not None], per_turn, short_ids
+
+
+def _windows(example: dict[str, Any] | None, max_length: int, drops: Counter | None) -> list[dict[str, Any]]:
+    """A tokenized text example in windows of at most ``max_length`` tokens (overflow="split"), each starting on the
+    last token of the one before: a window's first label is never predicted (nothing precedes it), so with that one
+    token of overlap every token but the text's first is a target exactly once. Windows after the first are marked
+    ``"split": True`` (counted in the summary). ``example``: input_ids and labels of the whole text (or None)."""
+    if example is None:
+        return []
+    ids, labels = example["input_ids"], example["labels"]
+    windows, start = [], 0
+    while True:
+        window_labels = list(labels[start:start + max_length])
+        if start:
+            window_labels[0] = IGNORE_INDEX  # the previous window's last target
+        windows.append({"input_ids": ids[start:start + max_length], "labels": window_labels, "truncated": False,
+                        "split": bool(start)})
+        if start + max_length >= len(ids):
+            break
+        start += max_length - 1
+    kept = [w for w in windows if w["labels"].count(IGNORE_INDEX) < len(w["labels"])]
+    if not kept:
+        _dropped(drops, "no_target")
+    return kept
 
 
 def _checked(record: Record | Mapping, tokenizer: Any, max_length: int, overflow: str, eot_token: str | None,
@@ -521,7 +555,7 @@ def _tokenize_rendered(record: Record, text: str, spans: list[tuple[int, int]], 
                 "raise --max-length (max_length in Python), or pass --overflow drop or --overflow truncate "
                 "(overflow='drop' / 'truncate')"
             )
-        if overflow == "drop":
+        if overflow in ("drop", "split"):  # split cuts text records only (_windows): a cut chat would teach a cut answer
             if drops is not None:  # the shortest overlong example: what max_length would have kept one
                 drops["too_long_min_tokens"] = min(drops.get("too_long_min_tokens") or len(input_ids), len(input_ids))
             return _dropped(drops, "too_long")
@@ -598,6 +632,7 @@ class DataSummary:
         came from. trimmed_chats: chats that ended in user/tool turns after their last answer, which were trimmed.
         per_turn_chats: chats trained as one example per assistant turn (:func:`render_examples`).
         cut_targets: target tokens that overflow="truncate" cut off the examples it kept.
+        split_texts: text records longer than max_length that overflow="split" trained as several windows.
         short_id_chats: chats whose tool call ids were cut to 9 characters for the template (Mistral's).
         untokenized_markup: the special-token markup the chat template writes (``<|im_end|>``) that the tokenizer
         has no token for (a ChatML template on a base model without ChatML's tokens), when chats are trained.
@@ -621,6 +656,7 @@ class DataSummary:
     per_turn_chats: int = 0  # chats trained as one example per assistant turn (a template that rewrites earlier turns)
     short_id_chats: int = 0  # chats whose tool call ids were cut to the 9 characters Mistral's template requires
     cut_targets: int = 0  # target tokens that truncation cut off (overflow="truncate"): not learnt
+    split_texts: int = 0  # text records longer than max_length trained as several windows (overflow="split")
     untokenized_markup: tuple[str, ...] = ()  # markup the chat template writes that is no token of the tokenizer
     special_text_chats: int = 0  # chats whose text spells a special token of the tokenizer (read as that token)
     first_special_text: str | None = None  # the first of them: "train.jsonl:3 messages[1] (user) has '<|im_end|>'"
@@ -685,6 +721,12 @@ class DataSummary:
                    f"{self.cut_targets} target tokens ({share:.0%} of all targets: the end of an answer or a text, "
                    "later turns), which are not learnt (raise --max-length to keep them)")
             trimmed = f"{trimmed}; {cut}" if trimmed else cut
+        if self.split_texts:  # why there are more examples than records
+            n = self.split_texts
+            windows = (f"{n} text{'s' if n > 1 else ''} longer than max_length={self.max_length} "
+                       f"{'were' if n > 1 else 'was'} split into windows of at most {self.max_length} tokens, every "
+                       "token trained once")
+            trimmed = f"{trimmed}; {windows}" if trimmed else windows
         if not self.dropped:
             return f"note: {trimmed}" if trimmed else None
         parts = []
@@ -767,6 +809,7 @@ def build_dataset(
                                                           chat_template_kwargs)
         summary.per_turn_chats += per_turn
         summary.short_id_chats += short_ids
+        summary.split_texts += any(ex.get("split") for ex in tokenized)
         if drops["too_long"] + drops["no_target"] > dropped_before:  # a chat split per turn may lose some of its turns
             summary.dropped += drops["too_long"] + drops["no_target"] - dropped_before
             summary.first_dropped = summary.first_dropped or record.where
@@ -796,6 +839,8 @@ def build_dataset(
             + (f" (the shortest has {shortest})" if shortest else "")
             + (f" ({drops['no_target']} with no target within it)" if drops["no_target"] else "")
             + "; raise max_length (--max-length) or truncate them (--overflow truncate)"
+            + (", or split text records into windows of max_length (--overflow split)" if shapes.get("text")
+               and overflow != "split" else "")
         )
     summary.examples, summary.shapes = len(examples), dict(shapes)
     rows = pack_examples(examples, max_length) if pack else examples

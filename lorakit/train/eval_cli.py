@@ -43,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "--val-fraction held out), else the embedded task's held-out set")
     parser.add_argument("--max-length", type=int, default=None, help="most tokens per example (default: the "
                         "adapter's training run's, else 256, or the model's context length when shorter)")
-    parser.add_argument("--overflow", choices=("drop", "truncate", "error"), default=None,
-                        help="examples longer than --max-length: drop (counted), truncate or error (default: the "
-                        "adapter's training run's, else drop)")
+    parser.add_argument("--overflow", choices=("drop", "truncate", "error", "split"), default=None,
+                        help="examples longer than --max-length: drop (counted), truncate, error or split (text records "
+                        "in windows of --max-length tokens) (default: the adapter's training run's, else drop)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
     parser.add_argument("--limit", type=int, default=None, help="score at most this many examples")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="most tokens generated per example "
@@ -372,6 +372,6 @@ def run_length_options(adapter: str) -> dict:
     length = values.get("max_length")
     if isinstance(length, int) and not isinstance(length, bool) and length >= 2:
         found["max_length"] = length
-    if values.get("overflow") in ("drop", "truncate", "error"):
+    if values.get("overflow") in ("drop", "truncate", "error", "split"):
         found["overflow"] = values["overflow"]
     return found
