@@ -61,7 +61,10 @@ def _scripted_server(root, name: str, words: list[str], special: tuple[str, ...]
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     (root / "adapters").mkdir()
-    proc = ServerProcess(root / "model", root / "adapters", "--max-tokens", "32", log=root / "server.log")
+    # its words are tokens added to the tokenizer, which llguidance reads as markers, never as text: forced calls
+    # unconstrained (LORAKIT_TOOL_CALL_GRAMMAR=0, as without llguidance), so the scripted words go through
+    proc = ServerProcess(root / "model", root / "adapters", "--max-tokens", "32", log=root / "server.log",
+                         env={"LORAKIT_TOOL_CALL_GRAMMAR": "0"})
     return proc, httpx.Client(base_url=proc.url, timeout=60), tokenizer
 
 

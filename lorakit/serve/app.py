@@ -445,6 +445,8 @@ async def _respond(state: ServerState, body: ResponsesRequest, served: _Served, 
                                          text.encode_text)
     think = await run_in_threadpool(_think_state, text, prompt_ids) if forced is None else None
     constraints = await _constraints(state, text, spec, "text.format", params, think)
+    if forced is not None and constraints is None:  # the call held to the tools' schemas
+        constraints = await _forced_constraints(state, text, fmt, tools, body, params)
     steers = await run_in_threadpool(_steers, text, body, [prompt_ids], 1, think, fmt if calls else None, forced)
     keep = (kept_tokens(text.tokenizer, fmt) if calls else frozenset()) | \
         (think.parser.tokens(text.tokenizer) if think else frozenset())
@@ -831,6 +833,8 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
                                          side.encode_text)
     think = await run_in_threadpool(_think_state, side, prompts[0]) if chat and forced is None else None
     constraints = await _constraints(state, side, *spec, params, think)
+    if forced is not None and constraints is None and tools is not None:  # the call held to the tools' schemas
+        constraints = await _forced_constraints(state, side, tools[0], body.openai_tools(), body, params)
     steers = await run_in_threadpool(_steers, side, body, prompts, n, think, tools[0] if tools else None, forced,
                                      chat) if params else None
     if params:
@@ -1085,6 +1089,27 @@ async def _constraints(state: ServerState, text: ModelText, spec: tuple | None, 
     except FormatError as error:
         message = str(error) if str(error).startswith(param) else f"{param} {error}"  # guided_x: named once
         raise APIError(400, message, param=param, code="invalid_response_format") from None
+
+
+async def _forced_constraints(state: ServerState, text: ModelText, fmt: str | None, tools: list[dict] | None, body,
+                              params: list[SamplingParams]) -> list | None:
+    """One matcher per engine row holding a forced call's rest (tool_choice "required" or a named function: the
+    prompt ends with the call's start) to a callable name and that tool's ``parameters`` schema
+    (``forced_grammar.py``), or None where it cannot be held: no llguidance, a format not constrained, a schema
+    llguidance cannot compile, or ``LORAKIT_TOOL_CALL_GRAMMAR=0`` (``forced_grammar.enabled``). Then the model
+    writes the call unconstrained, as before, and an answer that forms no call is the 500 that says what it wrote."""
+    from lorakit.serve.forced_grammar import enabled, forced_call_grammar, marker_literal
+
+    if not fmt or not tools or not params or not enabled():
+        return None
+    grammar = forced_call_grammar(fmt, tools, body.forced_call(), body.callable_names(),
+                                  lambda marker: marker_literal(text.tokenizer, marker))
+    if grammar is None:
+        return None
+    try:
+        return await _constraints(state, text, ("grammar", grammar, "tool_choice"), "tool_choice", params, None)
+    except APIError:
+        return None
 
 
 async def _collect(state: ServerState, http: HTTPRequest, jobs: list[Request], bridge: _Bridge):

@@ -107,9 +107,11 @@ def forced_prefix(fmt: str, name: str) -> str:
 
     The server puts it at the start of the answer (after the generation prompt), so the model continues a call
     it has begun: what it writes next is read back with the prefix by :func:`parse_calls`, and an answer that does
-    not form a well-formed call of a given tool is an error, never a call made up by the server. The arguments are
-    the model's, unchecked against the schema (as with ``strict``); the name too, unless allowed_tools restricts
-    it (``tool_names.NameGate``). A reasoning model (Qwen3) then calls without reasoning first.
+    not form a well-formed call of a given tool is an error, never a call made up by the server. With llguidance
+    the rest is held to a grammar: a callable name, arguments valid for its schema (``forced_grammar.py``);
+    without it (or where that grammar cannot be built) the arguments are the model's, unchecked, and so is the
+    name unless allowed_tools restricts it (``tool_names.NameGate``). A reasoning model (Qwen3) then calls without
+    reasoning first.
     """
     if fmt in ("mistral_args", "mistral_call_id"):  # the name, then the id the model writes (v11) or the arguments
         return MISTRAL_OPEN + (name + (CALL_ID_MARK if fmt == "mistral_call_id" else ARGS_MARK) if name else "")
@@ -129,8 +131,9 @@ def forced_calls(text: str, fmt: str, tool_names: set[str], name: str, single: b
         wanted = f"a call of {name!r}" if name else "a call of one of the tools"
         shown = text[:160] + ("..." if len(text) > 160 else "")
         raise LorakitError(f"the model did not write {wanted} (tool_choice {'names it' if name else 'required'}): "
-                           f"its answer {shown!r} is no well-formed call in the {fmt} format; lorakit has no "
-                           "constrained decoding, so retry (temperature > 0) or send tool_choice 'auto'")
+                           f"its answer {shown!r} is no well-formed call in the {fmt} format (cut by max_tokens, or "
+                           "written without the tools' grammar, which needs llguidance); retry with a larger "
+                           "max_tokens or temperature > 0, or send tool_choice 'auto'")
     return parsed
 
 
