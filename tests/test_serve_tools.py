@@ -62,9 +62,9 @@ def _scripted_server(root, name: str, words: list[str], special: tuple[str, ...]
     tokenizer.save_pretrained(root / "model")
     (root / "adapters").mkdir()
     # its words are tokens added to the tokenizer, which llguidance reads as markers, never as text: forced calls
-    # unconstrained (LORAKIT_TOOL_CALL_GRAMMAR=0, as without llguidance), so the scripted words go through
-    proc = ServerProcess(root / "model", root / "adapters", "--max-tokens", "32", log=root / "server.log",
-                         env={"LORAKIT_TOOL_CALL_GRAMMAR": "0"})
+    # unconstrained (--tool-call-grammar off, as without llguidance), so the scripted words go through
+    proc = ServerProcess(root / "model", root / "adapters", "--max-tokens", "32", "--tool-call-grammar", "off",
+                         log=root / "server.log")
     return proc, httpx.Client(base_url=proc.url, timeout=60), tokenizer
 
 

@@ -92,6 +92,7 @@ class ServerState:
     reasoning_parser: str = "auto"  # --reasoning-parser's value: how an adapter's own template is read too
     text: ModelText | None = None  # the base's text side: the fields above (built from them when not given)
     trust_request_chat_template: bool = False  # --trust-request-chat-template: a request may send chat_template
+    tool_call_grammar: bool = True  # --tool-call-grammar auto: forced calls held to the tools' schemas (forced_grammar)
     http_counts: HTTPCounts = field(default_factory=HTTPCounts)  # answers by method, route, status (GET /metrics)
     # --generation-config auto: the model's sampling values for the fields a request leaves out (generation_defaults)
     sampling_defaults: dict = field(default_factory=dict)
@@ -1096,11 +1097,11 @@ async def _forced_constraints(state: ServerState, text: ModelText, fmt: str | No
     """One matcher per engine row holding a forced call's rest (tool_choice "required" or a named function: the
     prompt ends with the call's start) to a callable name and that tool's ``parameters`` schema
     (``forced_grammar.py``), or None where it cannot be held: no llguidance, a format not constrained, a schema
-    llguidance cannot compile, or ``LORAKIT_TOOL_CALL_GRAMMAR=0`` (``forced_grammar.enabled``). Then the model
-    writes the call unconstrained, as before, and an answer that forms no call is the 500 that says what it wrote."""
-    from lorakit.serve.forced_grammar import enabled, forced_call_grammar, marker_literal
+    llguidance cannot compile, or ``--tool-call-grammar off``. Then the model writes the call unconstrained, as
+    before, and an answer that forms no call is the 500 that says what it wrote."""
+    from lorakit.serve.forced_grammar import forced_call_grammar, marker_literal
 
-    if not fmt or not tools or not params or not enabled():
+    if not fmt or not tools or not params or not state.tool_call_grammar:
         return None
     grammar = forced_call_grammar(fmt, tools, body.forced_call(), body.callable_names(),
                                   lambda marker: marker_literal(text.tokenizer, marker))

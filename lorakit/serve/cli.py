@@ -88,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-request-chat-template", action="store_true",
                         help="accept a chat_template in chat requests (vLLM's option of this name): Jinja code from "
                              "clients, rendered sandboxed and under a time limit; off: such requests are refused")
+    parser.add_argument("--tool-call-grammar", choices=("auto", "off"), default="auto",
+                        help="tool_choice 'required' or a named function: 'auto' (default) holds the rest of the call "
+                             "to a grammar (llguidance: a callable name, arguments valid for its parameters schema), "
+                             "as vLLM does; 'off' leaves the model to write it, and an answer that forms no call is "
+                             "a 500 (for tokenizers whose added tokens are pieces of calls, which llguidance reads as "
+                             "markers, never as text)")
     parser.add_argument("--allow-any-lora-path", action="store_true",
                         help="let POST /v1/load_lora_adapter (vLLM's) load a lora_path outside --adapters: any folder "
                              "this server process can read, chosen by whoever holds the API key; off (default): "
@@ -179,6 +185,7 @@ def build_state(args: argparse.Namespace):
                         reasoning=select_parser(tokenizer, getattr(args, "reasoning_parser", "auto")),
                         reasoning_parser=getattr(args, "reasoning_parser", "auto"),
                         trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
+                        tool_call_grammar=getattr(args, "tool_call_grammar", "auto") != "off",
                         sampling_defaults=defaults)
     from lorakit.serve.adapter_tokenizer import own_template
 

@@ -12,7 +12,7 @@ then the call's end as the template writes it (hermes' ``\\n</tool_call>`` may f
 only an end token). One call: OpenAI's "required" asks for at least one.
 
 Mistral v11's ``[CALL_ID]`` format (the model writes an id between name and arguments) is left unconstrained,
-and so is every forced call under ``LORAKIT_TOOL_CALL_GRAMMAR=0`` (:func:`enabled`): llguidance reads every token
+and so is every forced call under ``lorakit serve --tool-call-grammar off``: llguidance reads every token
 added to a tokenizer as an opaque marker, never as its text, so a tokenizer whose added tokens are pieces of
 calls (the scripted test models' words) would have them forbidden inside a call.
 """
@@ -20,7 +20,6 @@ calls (the scripted test models' words) would have them forbidden inside a call.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable
 
 from lorakit.serve.tool_calls import ARGS_MARK, CALL_CLOSE
@@ -32,11 +31,6 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 # closes the call after the arguments' object
 _BETWEEN = {"hermes": '", "arguments": ', "llama3_json": '", "parameters": ', "mistral": '", "arguments": ',
             "mistral_args": ARGS_MARK}
-
-
-def enabled() -> bool:
-    """Whether forced calls are held to a grammar: unless the environment sets ``LORAKIT_TOOL_CALL_GRAMMAR=0``."""
-    return os.environ.get("LORAKIT_TOOL_CALL_GRAMMAR", "1").strip() != "0"
 
 
 def forced_call_grammar(fmt: str, tools: list[dict], name: str, names: set[str],
