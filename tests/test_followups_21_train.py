@@ -170,3 +170,24 @@ def test_long_texts_split_into_windows_train_every_token_once(tmp_path, capsys):
     assert main(argv + ["--overflow", "split"]) == 0
     out = capsys.readouterr().out
     assert "training data: 24 examples (from 8 records: 8 text), 0 dropped" in out, out
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--lora-bias", "--variant", "dora"], "--lora-bias cannot be used with --variant dora (peft does not support a "
+                                           "bias on DoRA's lora_B either); use --variant lora or 'rslora', or "
+                                           "--no-lora-bias"),
+    (["--lora-bias", "--init", "pissa"], "--lora-bias needs --init default, got --init pissa"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    (["--targets", "("], "--targets '(' is not a valid regular expression"),
+    (["--exclude", "q_proj("], "--exclude 'q_proj(' is not a valid regular expression")])
+def test_adapter_option_mistakes_are_said_in_the_flags_typed(argv, said, no_template, capsys, monkeypatch):
+    """`lorakit train --lora-bias --variant dora` was refused with "lora_bias=True cannot be used with
+    variant='dora' ... use variant='lora' or 'rslora', or lora_bias=False": LoraConfig's Python names, which the
+    command line has none of (every other option check says --max-length, --rank...). Said before anything loads."""
+    from cli_helpers import cli_error
+
+    import lorakit
+
+    monkeypatch.setattr(lorakit, "load_base", lambda *a, **k: pytest.fail("the model was loaded"))
+    line = cli_error(capsys, main(["train", "--model", str(no_template), *argv]))
+    assert line.startswith(f"lorakit train: error: {said}"), line

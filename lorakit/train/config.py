@@ -286,7 +286,10 @@ class TrainConfig:
         if self.loraplus_ratio is not None and not (_number(self.loraplus_ratio) and self.loraplus_ratio > 0):
             raise LorakitError(f"--loraplus-ratio must be a positive number (e.g. 16), got {shown(self.loraplus_ratio)}")
         if not self.full:
-            self.lora_config()  # LoraConfig checks rank, alpha, dropout, targets
+            try:
+                self.lora_config()  # LoraConfig checks rank, alpha, dropout, targets
+            except LorakitError as error:  # in the options' names, as every other check here says them
+                raise LorakitError(_as_flags(str(error))) from None
 
     @property
     def learning_rate(self) -> float:
@@ -377,6 +380,23 @@ def _looks_like_regex(text: str) -> bool:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+# LoraConfig's words for its fields -> the options that set them ("lora_bias=True cannot be used with
+# variant='dora'" was said to a command line that had typed --lora-bias --variant dora)
+_LORA_CONFIG_WORDS = ((re.compile(r"\blora_bias=True\b"), "--lora-bias"),
+                      (re.compile(r"\blora_bias=False\b"), "--no-lora-bias"),
+                      (re.compile(r"\b(variant|init)=(['\"])([^'\"]*)\2"), r"--\1 \3"),
+                      (re.compile(r"^dropout\b"), "--dropout"), (re.compile(r"^target_modules\b"), "--targets"),
+                      (re.compile(r"^exclude_modules\b"), "--exclude"),
+                      (re.compile(r"^modules_to_save\b"), "--modules-to-save"))
+
+
+def _as_flags(message: str) -> str:
+    """A LoraConfig error in the names of TrainConfig's options (the flags of lorakit train)."""
+    for pattern, flag in _LORA_CONFIG_WORDS:
+        message = pattern.sub(flag, message)
+    return message
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
