@@ -191,3 +191,26 @@ def test_adapter_option_mistakes_are_said_in_the_flags_typed(argv, said, no_temp
     monkeypatch.setattr(lorakit, "load_base", lambda *a, **k: pytest.fail("the model was loaded"))
     line = cli_error(capsys, main(["train", "--model", str(no_template), *argv]))
     assert line.startswith(f"lorakit train: error: {said}"), line
+
+
+def test_a_relative_base_named_by_an_adapter_is_found_from_another_folder(tmp_path, capsys, monkeypatch):
+    """An adapter trained with `--model models/base` records that path as typed (peft does the same), relative to
+    where the training ran. `lorakit merge --adapter r/adapter` (no --model) run from runs/ then said "pass --model
+    with a local folder of it (lorakit downloads nothing: hf download models/base --local-dir DIR ...)": a
+    download command for a folder of the user's own. Now the folder is looked for above the adapter's and named
+    from here (../models/base)."""
+    from cli_helpers import cli_error
+
+    project = tmp_path / "project"
+    make_model_folder(project / "models" / "base")
+    write_jsonl(project / "train.jsonl", [{"prompt": "copy a :", "completion": "a"}] * 8)
+    monkeypatch.chdir(project)
+    assert main(["train", "--model", "models/base", "--data", "train.jsonl", "--out", "runs/r", "--max-steps", "1",
+                 "--rank", "2", "--batch-size", "4", "--eval-examples", "0", "--no-progress"]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(project / "runs")
+    for command in (["merge", "--out", "merged"], ["generate", "hi"]):
+        line = cli_error(capsys, main([command[0], "--adapter", "r/adapter", *command[1:]]))
+        assert line.endswith("not on the default --model smollm2-135m; pass --model ../models/base (the folder "
+                             "'models/base' of where it was trained, it seems)"), line
+    assert not (project / "runs" / "merged").exists()

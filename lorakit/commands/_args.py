@@ -152,8 +152,11 @@ def check_base_names(model: str | None, adapters, flag: str = "--adapter") -> st
         ours, theirs = _short_name(DEFAULT_MODEL), _short_name(name)
         if ours.startswith(theirs) or theirs.startswith(ours):
             continue
+        near = _base_beside(typed, name)
         if local_model_folder(name).is_dir():  # a folder, or an org/name id in the Hugging Face cache
             how = f"pass --model {shlex.quote(name)}"
+        elif near is not None:  # a relative folder, typed where the training ran: a parent of the run's folder
+            how = f"pass --model {shlex.quote(near)} (the folder {name!r} of where it was trained, it seems)"
         elif looks_like_hub_id(name):
             how = (f"pass --model with a local folder of it (lorakit downloads nothing: hf download {name} "
                    "--local-dir DIR, then --model DIR)")
@@ -162,6 +165,27 @@ def check_base_names(model: str | None, adapters, flag: str = "--adapter") -> st
         raise LorakitError(f"{flag} {typed} was trained on {name!r} (base_model_name_or_path in its adapter_config.json), "
                            f"not on the default --model {DEFAULT_MODEL}; {how}")
     return DEFAULT_MODEL
+
+
+def _base_beside(adapter: str, name: str) -> str | None:
+    """Where the relative base folder ``name`` an adapter names is, seen from here: peft and lorakit train write the
+    path as typed (``models/qwen3``), which is relative to where the training ran, usually a folder above the run's
+    (``runs/x/adapter``). The first ``PARENT/name`` holding a config.json, as a path from the current folder; None
+    when ``name`` is absolute or no parent has it. Only suggested: the adapter's shapes are checked on loading."""
+    if os.path.isabs(name) or name.startswith("~"):
+        return None
+    try:
+        here = Path(os.path.expanduser(adapter)).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    for parent in here.parents:
+        candidate = parent / name
+        try:
+            if (candidate / "config.json").is_file():
+                return os.path.relpath(candidate)
+        except (OSError, ValueError):
+            return None
+    return None
 
 
 # what plan_load says when an adapter does not fit the loaded base (another model's shapes, modules or fingerprint)
