@@ -49,6 +49,11 @@ def block(seed: int = 0, **kwargs) -> Block:
     return Block(**kwargs).eval()
 
 
+def tower(model: nn.Module) -> str:
+    """The prefix of SigLIP's encoder and head: transformers 4.x nests them under ``vision_model.``, 5.x does not."""
+    return "vision_model." if hasattr(model, "vision_model") else ""
+
+
 def siglip(seed: int = 0) -> nn.Module:
     """A tiny random SigLIP vision tower with its attention-pooling head (an nn.MultiheadAttention named attention)."""
     torch.manual_seed(seed)
@@ -162,7 +167,7 @@ def test_attention_module_adapter_matches_peft_forward_merge_and_files(kind, tar
     with lorakit.disable_adapters(ours):
         torch.testing.assert_close(run(ours, kind), run(base, kind), rtol=0, atol=1e-6)
     lorakit.merge_and_unload(ours)
-    assert type(ours.get_submodule("attn" if kind == "block" else "head.attention")) is nn.MultiheadAttention
+    assert type(ours.get_submodule("attn" if kind == "block" else f"{tower(ours)}head.attention")) is nn.MultiheadAttention
     torch.testing.assert_close(run(ours, kind), peft_merged, rtol=0, atol=1e-6)
 
 
@@ -281,8 +286,8 @@ def test_a_name_matching_plain_layers_and_an_attention_out_proj_adapts_the_plain
         lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "out_proj"]))
     from lorakit.inject import adapter_hosts, lora_layers
 
-    assert "encoder.layers.0.self_attn.out_proj" in lora_layers(model)
-    assert "head.attention.out_proj" not in adapter_hosts(model)
+    assert f"{tower(model)}encoder.layers.0.self_attn.out_proj" in lora_layers(model)
+    assert f"{tower(model)}head.attention.out_proj" not in adapter_hosts(model)
     randomize(model)
     lorakit.save_adapter(model, tmp_path / "ours")
     with warnings.catch_warnings(record=True) as caught:
