@@ -74,7 +74,7 @@ def install(model: nn.Module) -> None:
         model.generate = functools.partial(generate, model)
     if "print_trainable_parameters" not in vars(model) and not hasattr(type(model), "print_trainable_parameters"):
         model.print_trainable_parameters = functools.partial(print_trainable_parameters, model)
-    # transformers >= 5.2x: activation_checkpointing_enable, whose deprecated alias gradient_checkpointing_enable warns
+    # transformers >= 5.23: activation_checkpointing_enable, whose deprecated alias gradient_checkpointing_enable warns
     # (FutureWarning) and, once overridden on the instance, becomes the entry point that the new name calls: so the
     # new name is the one wrapped there, and the old one stays the class's alias of it
     name = next((n for n in ("activation_checkpointing_enable", "gradient_checkpointing_enable") if hasattr(model, n)), None)

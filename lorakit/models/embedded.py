@@ -12,10 +12,13 @@ conversion that was killed are removed by the next one.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from lorakit.errors import LorakitError
@@ -222,6 +225,13 @@ def _remove_leftovers(folder: Path) -> None:
 
 def _convert(source: Path, out: Path, name: str) -> None:
     """Dequantize the GGUF file ``source`` and save it with its tokenizer as a float32 Hugging Face folder ``out``."""
+    started = time.monotonic()
+    with _bars_off_in_logs():
+        _convert_quietly(source, out, name)
+    _say(f"lorakit: converted the embedded model in {time.monotonic() - started:.0f} s")
+
+
+def _convert_quietly(source: Path, out: Path, name: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
@@ -233,6 +243,31 @@ def _convert(source: Path, out: Path, name: str) -> None:
     model.config.name_or_path = name
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _bars_off_in_logs():
+    """transformers' progress bars (GGUF tensors, loading, writing shards) off while standard error is not a
+    terminal: they redraw themselves with carriage returns, which a log file (CI, nohup, a job's output) keeps as
+    one line of hundreds of overwritten bars; the lines before and after the conversion say enough there."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
+    from transformers.utils import logging as hf_logging
+
+    bar = getattr(gguf_loader, "tqdm", None)  # plain tqdm, which no transformers setting turns off
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if bar is not None:
+        gguf_loader.tqdm = functools.partial(bar, disable=True)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_loader.tqdm = bar
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _follow_gguf_fields(tokenizer, source: Path):
