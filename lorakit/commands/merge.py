@@ -19,7 +19,9 @@ EPILOG = """examples:
   lorakit merge --model ./base --adapter ADAPTER --out merged --overwrite         # replace a previous merge
 
 A tokenizer saved in the adapter folder (as transformers' Trainer and trl do) goes into the output
-instead of the base's: the chat template the adapter was trained with.
+instead of the base's: the chat template the adapter was trained with. An adapter whose run trained
+Alpaca or question/answer records on a tokenizer without a chat template gets one in that prompt
+format ("### Instruction: ... ### Response:"), so the merged model is asked as it was trained.
 --out may be new or an empty folder; --overwrite replaces a previous output folder whole (a folder
 holding other files is refused, never emptied). --model must be the base the adapter was trained on
 (lorakit inspect ADAPTER shows it).
@@ -90,6 +92,31 @@ def one_adapter(adapters: list[str], model: str | None, out: str) -> str:
                        f"--adapter mix --out {quote(str(out))}")
 
 
+def framed_tokenizer(adapter: str, tokenizer):
+    """``tokenizer``, given a chat template in the prompt format the adapter's run trained its Alpaca (or
+    question/answer) records in, when it has none (``lorakit.train.formats.frame_chat_template``): the merged folder
+    keeps the framing its answers depend on, so ``apply_chat_template`` (transformers, a server, ``lorakit generate
+    --model OUT``) asks it as training did, system text included; bare, the model never sees the "### Response:" cue
+    it learnt to answer after. The run's results.json says the format (read as ``lorakit generate --adapter`` reads
+    it); a tokenizer with a template, or an adapter without such a run, is left as it is."""
+    from lorakit.generation import has_chat_template
+
+    if has_chat_template(tokenizer):
+        return tokenizer
+    from lorakit.commands.generate import _run_prompt_style
+    from lorakit.train.formats import PROMPT_FRAMES, with_frame_template
+
+    style = _run_prompt_style([adapter])
+    kind = style.get("prompt_format")
+    if kind not in PROMPT_FRAMES:
+        return tokenizer
+    system = style.get("system_prompt")
+    print(f"chat template: {PROMPT_FRAMES[kind]}, as the adapter's run trained its records (the tokenizer has no "
+          "template)" + (f", with the run's system text {system!r} when a chat has no system turn" if system else "")
+          + "; apply_chat_template renders a question as training framed it")
+    return with_frame_template(tokenizer, kind, system)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -154,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         lorakit.load_adapter(model, adapter, adapter=name)
     except LorakitError as error:  # another base's adapter: say which base, and how to pass it
         raise explain_misfit(error, adapter, args.model, defaulted) from None
-    tokenizer = adapter_tokenizer(args.adapter, model) or tokenizer
+    tokenizer = framed_tokenizer(args.adapter, adapter_tokenizer(args.adapter, model) or tokenizer)
     from lorakit.quant import is_quantized
 
     if any(is_quantized(module) for module in model.modules()):  # export_merged dequantizes it before merging

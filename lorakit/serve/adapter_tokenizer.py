@@ -13,6 +13,12 @@ embeddings) are fine: the ids of the base's own tokens are unchanged. A tokenize
 the Trainer saves when neither tokens nor template changed: the common case) serves as the base's text side itself,
 so adapters share it (its memory, and llguidance's view of it for structured outputs, ~1 s to build).
 
+An adapter without a tokenizer of its own, on a base whose tokenizer has no chat template, whose ``lorakit train``
+run trained Alpaca or question/answer records in their prompt format ("### Instruction: ... ### Response:", the
+run's results.json says so) is served with a copy of the base's tokenizer given a chat template in that format
+(``lorakit.train.formats.frame_chat_template``): its chat requests are rendered as its training prompts were, token
+for token, instead of refused for want of a template.
+
 The folder is as hostile as its weights (``lorakit.serve.pool``): the known tokenizer files only, each opened
 without following a symbolic link (relative to the folder's descriptor, so none can be swapped in), regular files
 under ``MAX_FILE_BYTES`` (``MAX_TOTAL_BYTES`` together), copied into a private temporary folder that transformers
@@ -38,6 +44,7 @@ TEMPLATES_FOLDER = "additional_chat_templates"  # transformers 5: one named temp
 MAX_TEMPLATES = 32
 MAX_FILE_BYTES = 64 << 20  # Gemma 3's tokenizer.json, the largest in common use, is 33 MB
 MAX_TOTAL_BYTES = 128 << 20
+RESULTS_NAME = "results.json"  # a lorakit train run's, beside its adapter/: the prompt format of its records
 
 
 def has_tokenizer(folder: Path) -> bool:
@@ -54,7 +61,8 @@ def adapter_text(folder: Path, name: str, base: ModelText, model: Any, reasoning
     saying what is wrong with "its tokenizer": the caller names the adapter) for a tokenizer that is unsafe, broken,
     or means other tokens than ``base``'s."""
     if not has_tokenizer(folder):
-        return None
+        frame = None if getattr(base.tokenizer, "chat_template", None) else run_prompt_frame(folder)
+        return None if frame is None else _framed_text(base, model, frame, name, reasoning_choice)
     with tempfile.TemporaryDirectory(prefix="lorakit-tokenizer-") as private:
         _copy_files(folder, Path(private))
         tokenizer = _load(Path(private))
@@ -66,6 +74,53 @@ def adapter_text(folder: Path, name: str, base: ModelText, model: Any, reasoning
             return base
     _check_template(tokenizer)
     return ModelText.build(tokenizer, model, reasoning_choice, adapter=name)
+
+
+def run_prompt_frame(folder: Path) -> tuple[str, str | None] | None:
+    """The prompt format (kind, system text) the ``lorakit train`` run holding adapter folder ``folder`` (RUN/adapter,
+    RUN/best, RUN/checkpoints/step-N/adapter) trained its Alpaca or question/answer records in on a tokenizer without
+    a chat template (its results.json's prompt_format and system_prompt, as ``lorakit generate --adapter`` reads
+    them), or None: no such run, another format, or a file that cannot be read (no link followed, under
+    ``MAX_FILE_BYTES``)."""
+    import json
+
+    from lorakit.io import _open, _read_exactly
+    from lorakit.train.formats import PROMPT_FRAMES
+
+    runs = [folder.parent]
+    if folder.parent.name.startswith("step-") and folder.parent.parent.name == "checkpoints":
+        runs.append(folder.parent.parent.parent)
+    for run in runs:
+        path = run / RESULTS_NAME
+        if not os.path.lexists(path):
+            continue
+        try:
+            fd = _open(path, False, None)
+            with os.fdopen(fd, "rb") as handle:
+                size = os.fstat(fd).st_size
+                if size > MAX_FILE_BYTES:
+                    return None
+                results = json.loads(_read_exactly(path, handle, size).decode("utf-8"))
+        except (LorakitError, OSError, ValueError):
+            return None
+        kind, system = (results.get("prompt_format"), results.get("system_prompt")) if isinstance(results, dict) \
+            else (None, None)
+        return (kind, system) if kind in PROMPT_FRAMES and isinstance(system, (str, type(None))) else None
+    return None
+
+
+def _framed_text(base: ModelText, model: Any, frame: tuple[str, str | None], name: str, reasoning_choice: str
+                 ) -> ModelText:
+    """The base's tokenizer (a copy) with a chat template in the run's prompt format (``frame``:
+    :func:`run_prompt_frame`; ``lorakit.train.formats.frame_chat_template``), so that adapter ``name``'s chat
+    requests are rendered as its training prompts were, token for token, not refused for want of a template."""
+    import copy
+
+    from lorakit.train.formats import with_frame_template
+
+    with base.lock:  # requests use the base's tokenizer meanwhile
+        tokenizer = copy.deepcopy(base.tokenizer)
+    return ModelText.build(with_frame_template(tokenizer, *frame), model, reasoning_choice, adapter=name)
 
 
 def own_template(folder: Path, base_template: Any) -> bool:
@@ -95,7 +150,8 @@ def own_template(folder: Path, base_template: Any) -> bool:
             return False
         if template:
             return template != base
-    return False
+    # no tokenizer of its own: the prompt format of its run, which a base without a template is given (_framed_text)
+    return base is None and not has_tokenizer(folder) and run_prompt_frame(folder) is not None
 
 
 def same_tokenizer(tokenizer: Any, other: Any) -> bool:

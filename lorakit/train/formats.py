@@ -140,6 +140,58 @@ def frame_prompt(kind: str, prompt: str, system: str | None = None) -> str:
     else:
         raise ValueError(f"unknown prompt frame {kind!r}; known: {', '.join(PROMPT_FRAMES)}")
     return f"{system}\n\n{framed}" if system and system.strip() else framed
+
+
+# each frame cut where a chat template writes it: (before the user's text, after it, the response cue). frame_prompt
+# is their concatenation: before + prompt + after + cue
+_FRAME_PARTS = {"alpaca": ("### Instruction:\n", "\n\n", "### Response:\n"), "question": ("Question: ", "\n", "Answer: ")}
+
+
+def _jinja_string(text: str) -> str:
+    """``text`` as a Jinja string literal: JSON's escapes (quotes, backslashes, control characters) are Python's,
+    which Jinja's lexer decodes; non-ASCII is kept as itself (JSON's surrogate pairs would decode to two halves)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def frame_chat_template(kind: str, system: str | None = None, bos: bool = False) -> str:
+    """A Jinja chat template that renders a chat as the no-template fallback framed the training prompts of ``kind``
+    (a key of :data:`PROMPT_FRAMES`), so that ``apply_chat_template(..., add_generation_prompt=True)`` of one user
+    turn (and an optional system turn) is ``frame_prompt(kind, user, system)`` text, token for token with training's
+    prompt ids (``bos``: the tokenizer puts BOS in front of text, as training then did: the template writes
+    ``bos_token``).
+
+    ``system``: the run's own system text, written when the chat has no system turn (every training prompt began with
+    it, and ``lorakit generate`` asks with it likewise); a system turn replaces it (an empty one drops it). Later
+    turns (never trained: each record was one exchange) continue the frame: each answer followed by ``eos_token``,
+    as training ended it, then the next user turn framed. Other roles are refused (``raise_exception``)."""
+    if kind not in _FRAME_PARTS:
+        raise ValueError(f"unknown prompt frame {kind!r}; known: {', '.join(PROMPT_FRAMES)}")
+    before, after, cue = map(_jinja_string, _FRAME_PARTS[kind])
+    default = _jinja_string(system) if system and system.strip() else '""'
+    return (
+        f"{{#- lorakit: {PROMPT_FRAMES[kind]}, as the adapter was trained on a tokenizer without a chat template -#}}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+        f"{{%- else -%}}{{%- set system = {default} -%}}{{%- set turns = messages -%}}{{%- endif -%}}"
+        + ("{{- bos_token -}}" if bos else "")
+        + "{%- if system is string and system.strip() -%}{{- system + '\\n\\n' -}}{%- endif -%}"
+        "{%- for message in turns -%}"
+        f"{{%- if message['role'] == 'user' -%}}{{{{- {before} + message['content'] + {after} -}}}}"
+        f"{{%- elif message['role'] == 'assistant' -%}}{{{{- {cue} + message['content'] + eos_token -}}}}"
+        "{%- else -%}{{- raise_exception('this model was trained on user and assistant turns only (and one system "
+        "turn first); got a ' + message['role'] + ' turn') -}}{%- endif -%}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{- {cue} -}}}}{{%- endif -%}}")
+
+
+def with_frame_template(tokenizer: Any, kind: str, system: str | None = None) -> Any:
+    """``tokenizer`` (changed in place, and returned) with :func:`frame_chat_template`'s template for ``kind`` and
+    ``system``, BOS written where the tokenizer puts it in front of text (training's rule, ``train.data``)."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    probe = tokenizer("a")["input_ids"]
+    tokenizer.chat_template = frame_chat_template(kind, system, bos=bos_id is not None and bool(probe) and
+                                                  probe[0] == bos_id)
+    return tokenizer
 # every top-level field a record may have, in lowercase: a key that matches one of these once lowercased and stripped
 # ("Prompt", " completion") is read as it
 KNOWN_FIELDS = frozenset({"text", "prompt", "completion", "messages", *CHAT_OPTIONAL_FIELDS, *LEGACY_CHAT_FIELDS,
