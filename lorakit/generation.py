@@ -260,6 +260,11 @@ def unsupported(model: nn.Module) -> str | None:
     text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
     model_type = getattr(text, "model_type", None)
     takes = inspect.signature(type(model).forward).parameters  # (the class's: use_fast_kernels wraps the instance's)
+    own = _own_cache_class(model)
+    if own is not None and "cache_params" in takes:
+        # Mamba, Mamba2, FalconMamba on transformers 4.x: their state goes in as cache_params (a MambaCache), which
+        # the "no KV cache" refusal below called them, as if no transformers version could work; 5.x takes `cache`
+        return _needs_transformers_5(model, own)
     if "cache" not in takes and "past_key_values" not in takes:
         # RWKV takes its recurrent state as `state`, OpenAI GPT no cache at all: the cache lorakit passed went into
         # **kwargs unread, each decode step saw only its one new token, and every token after the first was
@@ -287,16 +292,23 @@ def unsupported(model: nn.Module) -> str | None:
         return ("lorakit's generation does not support Dory with recurrent_kv_cache_mode='last_loop' and sliding "
                 "layers; load it with recurrent_kv_cache_mode='per_loop' (the default) or use transformers' "
                 "model.generate")
-    own = _own_cache_class(model)
     attention_only = set(getattr(text, "layer_types", None) or ["?"]) <= {"full_attention", "sliding_attention",
                                                                            "chunked_attention"}
     if own is not None and model_type not in _OWN_CACHES and not attention_only:  # an LFM2 of attention layers only: fine
-        import transformers
-
-        return (f"lorakit's generation does not support {type(model).__name__} on transformers "
-                f"{transformers.__version__}: it keeps its state in its own {own}; upgrade to transformers 5 (where "
-                "that state lives in the standard cache) or generate with transformers' model.generate")
+        return _needs_transformers_5(model, own)
     return None
+
+
+def _needs_transformers_5(model: nn.Module, own: str) -> str:
+    """The one-line refusal for a model whose state transformers 4.x keeps in its own cache class ``own``
+    (MambaCache, HybridMambaAttentionDynamicCache, ...): lorakit generates it on transformers >= 5, which keeps that
+    state in the standard cache. Names the installed version and the command that fixes it."""
+    import transformers
+
+    return (f"lorakit's generation does not support {type(model).__name__} on transformers "
+            f"{transformers.__version__}: it keeps its state in its own {own}, and lorakit generates it only on "
+            "transformers >= 5 (where that state lives in the standard cache); upgrade to transformers 5 with "
+            "pip install -U \"transformers>=5\", or generate with transformers' model.generate")
 
 
 def _own_cache_class(model: nn.Module) -> str | None:

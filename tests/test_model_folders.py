@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 
 import lorakit
 from conftest import assert_close
@@ -110,6 +111,23 @@ MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
 FUSED_EXPERTS = any(p.ndim == 3 for p in build("mixtral").parameters())
 needs_fused_experts = pytest.mark.skipif(not FUSED_EXPERTS, reason="MoE experts are fused 3-D parameters only in "
                                          "transformers >= 5 (4.x: one nn.Linear per expert, adapted as usual)")
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+# Mamba's state on 4.x lives in its own MambaCache, which lorakit's generation refuses (lorakit.generation.unsupported)
+GENERATE_NEEDS_5 = {"mamba"} if TRANSFORMERS_MAJOR < 5 else set()
+
+
+def reference_attention(kind: str) -> dict:
+    """The attention transformers' own loads (the merged folder, peft's base) use in the logits comparison.
+
+    Gemma 2 soft-caps its attention logits. transformers 4.x loads it with sdpa by default, whose path leaves the
+    soft-capping out (5.x refuses sdpa for it and runs eager); lorakit loads it eager
+    (lorakit.models.loading.attention_for). Measured on this test's gemma2 folder, transformers 4.56.2, CPU, float32:
+    merged folder sdpa vs eager 6.9e-5 (the failure against 1e-5); eager vs eager reloaded 0; with the soft-capping
+    taken out of the config, sdpa vs eager 1.3e-6; soft-capping on vs off, both eager, 6.9e-5. So the gap is the
+    missing soft-capping, not float32 ordering noise: against eager, lorakit's base + adapter is 8.9e-7 from the
+    merged folder and 0 from peft. The tolerance stays; the references run the model as it is defined.
+    """
+    return {"attn_implementation": "eager"} if kind == "gemma2" else {}
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +174,12 @@ def test_folder_train_generate_merge_inspect_and_peft(kind, variant, shared, tmp
     adapter = run / "adapter"
 
     code, out, err = cli(capsys, "generate", "--model", folder, "--adapter", adapter, "--max-new-tokens", 3, "reverse a b :")
-    assert code == 0, err
+    if kind in GENERATE_NEEDS_5:  # refused in one line naming the installed version and the fix; the rest still runs
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and "Traceback" not in err, err
+        assert f"on transformers {transformers.__version__}:" in last and 'pip install -U "transformers>=5"' in last
+    else:
+        assert code == 0, err
     code, out, err = cli(capsys, "merge", "--model", folder, "--adapter", adapter, "--out", merged, "--dtype", "fp32")
     assert code == 0, err
     assert "merged weights" in out
@@ -174,17 +197,21 @@ def test_folder_train_generate_merge_inspect_and_peft(kind, variant, shared, tmp
         expected = base(ids).logits
     assert (expected - plain).abs().max() > 1e-3  # two steps at lr 0.05 moved the adapter off zero
     with torch.no_grad():
-        merged_logits = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged, **reference_attention(kind)).eval()(ids).logits
     assert_close(merged_logits, expected)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder).eval(), adapter).eval()
+        their_base = AutoModelForCausalLM.from_pretrained(folder, **reference_attention(kind)).eval()
+        theirs = PeftModel.from_pretrained(their_base, adapter).eval()
     # peft 0.21 re-reads "all-linear" on transformers-5 MoE models as covering the experts too; lorakit's file names
     # the modules it adapted, so peft builds exactly this adapter (no missing keys, nothing extra to train)
     assert not [w for w in caught if "missing adapter keys" in str(w.message)]
     with torch.no_grad():
         assert_close(theirs(ids).logits, expected)
+    if kind in GENERATE_NEEDS_5:  # train, merge, inspect and peft passed above; generation itself did not run
+        pytest.skip(f"lorakit generate on {kind} needs transformers >= 5 (installed: {transformers.__version__}); "
+                    'pip install -U "transformers>=5"')
 
 
 @pytest.mark.parametrize("kind, words", [("bert", "'bert' is an encoder"), ("t5", "'t5' is an encoder-decoder"),
