@@ -202,8 +202,20 @@ def run(args: argparse.Namespace) -> int:
         if "rounds away" in str(warning.message):  # export_merged's bf16 share (other warnings stay silent)
             print(f"warning: {warning.message} (warning threshold: {100 * LOSS_WARNING:.0f}%)", file=sys.stderr)
     print(f"wrote {out} ({', '.join(shown_files(out))}) in {time.perf_counter() - start:.1f} s")
-    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}{_attention_hint(model)})")
     import shlex
 
     print(f"next: lorakit generate --model {shlex.quote(str(out))} 'YOUR PROMPT'")
     return 0
+
+
+def _attention_hint(model) -> str:
+    """', attn_implementation="eager"' for a soft-capped model (Gemma 2) on transformers 4.x, whose default sdpa
+    attention silently leaves the soft-capping out (transformers 5 picks eager itself); else ''."""
+    import transformers
+
+    from lorakit.models.loading import attention_for
+
+    if int(transformers.__version__.split(".")[0]) >= 5 or attention_for(model.config, "sdpa") != "eager":
+        return ""
+    return ', attn_implementation="eager"'

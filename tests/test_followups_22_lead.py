@@ -1,0 +1,27 @@
+"""Follow-ups of the twenty-second session (lead): the merge command's loading hint on transformers 4.x."""
+
+from types import SimpleNamespace
+
+import pytest
+import transformers
+
+from lorakit.commands.merge import _attention_hint
+
+
+def _model(config):
+    return SimpleNamespace(config=config)
+
+
+@pytest.mark.parametrize("version, softcapped, expected", [
+    ("4.56.2", True, ', attn_implementation="eager"'),  # 4.x sdpa drops Gemma 2's soft-capping: say eager
+    ("4.56.2", False, ""),
+    ("5.24.0", True, ""),  # transformers 5 chooses eager for soft-capped attention itself
+])
+def test_merge_hint_names_eager_attention_for_a_soft_capped_model_on_transformers_4(monkeypatch, version, softcapped,
+                                                                                     expected):
+    monkeypatch.setattr(transformers, "__version__", version)
+    config = (transformers.Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+              if softcapped else transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                          num_hidden_layers=1, num_attention_heads=2))
+    assert _attention_hint(_model(config)) == expected
