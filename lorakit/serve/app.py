@@ -18,6 +18,8 @@
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for the client's mistakes
 (bad JSON, unknown fields, oversized input, unknown or refused adapters) and 5xx only for the server's own.
+Every answer, errors included, carries an ``x-request-id`` header: the client's ``X-Request-Id`` (1-256 characters
+of ``A-Za-z0-9._~:/+=@-``), else a new one; it is also the suffix of the answer's ``id`` (transport.RequestId).
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ from lorakit.serve.steering import combined
 from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_format, forced_calls, forced_prefix,
                                       kept_tokens, parse_calls, render_variant, template_messages, template_text)
 from lorakit.serve.template_guard import TemplateTooSlow
-from lorakit.serve.transport import (CORS, AbsoluteTarget, CloseUnreadExpect, internal_error, not_found, parse,
-                                     read_json)
+from lorakit.serve.transport import (CORS, AbsoluteTarget, CloseUnreadExpect, RequestId, internal_error, not_found,
+                                     parse, read_json, request_id_of, request_ids)
 from lorakit.serve.vllm_routes import OPEN_ROUTES, add_vllm_routes
 
 # seconds a client told "every loaded adapter is in use" (503) should wait before it retries: requests finish and
@@ -191,8 +193,8 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse(error_body(message, code=code), status_code=error.status_code, headers=headers or None)
 
     @app.exception_handler(Exception)
-    async def _internal(_, error: Exception):
-        return internal_error(error)
+    async def _internal(request, error: Exception):
+        return internal_error(error, request_id_of(request))
 
     @app.middleware("http")
     async def _guard(request, call_next):
@@ -223,11 +225,12 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             return await call_next(request)
         except Exception as error:  # answered here, the keep-alive connection survives (Starlette's handler drops it)
-            return internal_error(error)
+            return internal_error(error, request_id_of(request))
 
     if state.cors_origins:  # added last, so outermost: a preflight is answered before the API key check
         app.add_middleware(CORS, allow_origins=list(state.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"], max_age=600)
+                           allow_headers=["*"], max_age=600,
+                           expose_headers=["x-request-id"])  # a web page may read the id of its answer
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
@@ -368,7 +371,8 @@ def create_app(state: ServerState) -> FastAPI:
             jobs, bridge, prompt_ids, think, calls = await _respond(state, body, served, tools, spec)
         finally:
             _let_go(state, served)
-        ident, item_id = new_ids(body.request_id)
+        sent, own = request_ids(request)  # the header's id, else the body's, else the x-request-id (vLLM's order)
+        ident, item_id = new_ids(sent or body.request_id or own)
         created = int(time.time())
         if body.stream:
             return StreamingResponse(response_events(state, body, jobs[0], bridge, ident, item_id, created,
@@ -398,6 +402,7 @@ def create_app(state: ServerState) -> FastAPI:
     # outside the checks: every answer is counted, the API key's 401s and the CORS refusals too
     app.add_middleware(CountRequests, counts=state.http_counts, routes=app.router.routes)
     app.add_middleware(AbsoluteTarget)  # outside even that: a URL as the target is counted by its route
+    app.add_middleware(RequestId)  # outermost: every answer the app sends carries x-request-id
     return app
 
 
@@ -860,7 +865,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
                     "logprobs": None if prompt_lps is None else prompt_lps[p],
                     **_prompt_extras(body, prompts[p], scored[p] if scored else None, [])}
                    for p in range(len(prompts)) for i in range(n)]
-        answer = {"id": body.answer_id("cmpl"), "object": "text_completion", "created": int(time.time()),
+        answer = {"id": _answer_id(http, body, "cmpl"), "object": "text_completion", "created": int(time.time()),
                   "model": body.model, "choices": choices,
                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
         return _streamed_whole(answer, body) if body.stream else answer
@@ -870,7 +875,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
     jobs, bridge = _submit(state, served, prompts, n, params, body.stop, logprobs, max(body.top_k, 0),
                            keep, constraints, think, bias, (body.presence_penalty, body.frequency_penalty), options,
                            shown, body.repetition_detection, steers=steers, salt=body.cache_salt)
-    ident = body.answer_id("chatcmpl" if chat else "cmpl")
+    ident = _answer_id(http, body, "chatcmpl" if chat else "cmpl")
     created = int(time.time())
     if body.stream:
         return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs,
@@ -931,6 +936,12 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
     if chat and body.return_prompt_text:
         answer["prompt_text"] = await _prompt_text(body, side, prompts)
     return answer
+
+
+def _answer_id(http: HTTPRequest, body, prefix: str) -> str:
+    """The answer's ``id``: ``prefix-`` and the client's X-Request-Id, else the body's request_id, else the
+    x-request-id the server gave the request (so the answer and its header name one id)."""
+    return body.answer_id(prefix, *request_ids(http))
 
 
 async def _prompt_text(body, side: ModelText, prompts: list[list[int]]) -> str | None:

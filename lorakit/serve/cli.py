@@ -32,37 +32,44 @@ EPILOG = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model name, local HF folder or org/name "
+    parser.add_argument("--model", default="smollm2-135m", metavar="MODEL", help="embedded model name, local HF folder or org/name "
                         "id in the Hugging Face cache (default: %(default)s)")
-    parser.add_argument("--adapters", required=True, help="folder of adapters: each subfolder is one adapter, named by the folder")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 exposes it)")
+    parser.add_argument("--adapters", required=True, metavar="DIR",
+                        help="folder of adapters (required): each subfolder holding an adapter is one, named by the "
+                             "subfolder (a training run's folder serves its 'adapter' and 'best')")
+    parser.add_argument("--host", default="127.0.0.1", metavar="ADDRESS", help="address to listen on (default: %(default)s; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    parser.add_argument("--max-loaded", type=int, default=8, help="adapters kept in memory; least recently used evicted (default: %(default)s)")
-    parser.add_argument("--max-rank", type=int, default=64, help="refuse adapters of a higher rank (default: %(default)s)")
-    parser.add_argument("--max-adapter-mb", type=float, default=512, help="refuse adapters whose file, or what they hold in memory once loaded, is larger than this (default: %(default)s MiB)")
-    parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together per step (default: %(default)s)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="refuse longer prompts (default: the model's context)")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for (default: %(default)s)")
+    parser.add_argument("--max-loaded", type=int, default=8, metavar="N", help="adapters kept in memory at once; the least recently used is evicted for another (default: %(default)s)")
+    parser.add_argument("--max-rank", type=int, default=64, metavar="R", help="refuse adapters of a higher rank (default: %(default)s)")
+    parser.add_argument("--max-adapter-mb", type=float, default=512, metavar="MIB", help="refuse adapters whose file, or what they hold in memory once loaded, is larger than this (default: %(default)s MiB)")
+    parser.add_argument("--max-batch", type=int, default=32, metavar="N", help="sequences decoded together per step (default: %(default)s)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N", help="refuse longer prompts (default: the model's context)")
+    parser.add_argument("--max-tokens", type=int, default=1024, metavar="N",
+                        help="largest max_tokens (max_completion_tokens, max_output_tokens) a request may ask for, "
+                             "and the most a chat answer gets when its request sets none (completions: 16, as OpenAI's) "
+                             "(default: %(default)s)")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="let scripts on this web origin (e.g. http://localhost:3000; '*': any) call the server "
                              "from a browser; repeat for several (default: none)")
-    parser.add_argument("--body-timeout", type=float, default=60.0,
+    parser.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="seconds a client has to send its request body; slower ones get a 408 (default: %(default)s)")
-    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S, metavar="SECONDS",
                         help="seconds a client has to send a request's line and headers, from connecting (or from the "
                              "first byte of its next request); slower ones are disconnected, so clients that send "
                              "headers a byte at a time cannot hold connections for good (default: %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $LORAKIT_API_KEY)")
-    parser.add_argument("--name", default=None, help="the base model's name in /v1/models (default: the --model value's last part)")
+    parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"), metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' on every endpoint but /health, /ping, /version and "
+                             "/metrics (default: $LORAKIT_API_KEY; none: no key asked)")
+    parser.add_argument("--name", default=None, metavar="NAME", help="the base model's name in /v1/models (default: the --model value's last part)")
     parser.add_argument("--dtype", default=None, help="weights dtype: fp32, bf16, fp16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best available)")
-    parser.add_argument("--preload", action="store_true", help="load the first --max-loaded adapters at start")
+    parser.add_argument("--preload", action="store_true", help="load the first --max-loaded adapters (by name) at start, "
+                        "instead of each on its first request")
     parser.add_argument("--decoder", choices=("auto", "static", "transformers"), default="auto",
                         help="decode steps: 'static' (lorakit.decoding: static KV cache, fused kernels, one CUDA graph "
                              "per step on CUDA, eager elsewhere; Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma 1-3 models), "
                              "'transformers' (the model's own forward), 'auto' (static on CUDA where it runs; default)")
-    parser.add_argument("--max-context", type=int, default=None,
+    parser.add_argument("--max-context", type=int, default=None, metavar="N",
                         help="tokens per sequence (prompt + output); with the static decoder this sizes its KV cache "
                              "(default: the model's context, capped at 8192 and to 40%% of free GPU memory)")
     parser.add_argument("--prefix-cache-tokens", type=int, default=None, metavar="N",
@@ -89,11 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accept a chat_template in chat requests (vLLM's option of this name): Jinja code from "
                              "clients, rendered sandboxed and under a time limit; off: such requests are refused")
     parser.add_argument("--tool-call-grammar", choices=("auto", "off"), default="auto",
-                        help="tool_choice 'required' or a named function: 'auto' (default) holds the rest of the call "
-                             "to a grammar (llguidance: a callable name, arguments valid for its parameters schema), "
-                             "as vLLM does; 'off' leaves the model to write it, and an answer that forms no call is "
-                             "a 500 (for tokenizers whose added tokens are pieces of calls, which llguidance reads as "
-                             "markers, never as text)")
+                        help="how a call is written when a request's tool_choice is 'required' or names a function: "
+                             "'auto' (default) holds the rest of the call to a grammar (llguidance: a callable name, "
+                             "arguments valid for its parameters schema), as vLLM does; 'off' leaves the model to "
+                             "write it, and an answer that forms no call is a 500. Use off for a tokenizer whose added "
+                             "tokens are pieces of calls (llguidance reads those as markers, never as text)")
     parser.add_argument("--allow-any-lora-path", action="store_true",
                         help="let POST /v1/load_lora_adapter (vLLM's) load a lora_path outside --adapters: any folder "
                              "this server process can read, chosen by whoever holds the API key; off (default): "

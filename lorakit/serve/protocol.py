@@ -384,12 +384,14 @@ class _VllmRequest(_Penalized):
         return _off(value, "logprob_token_ids", (None,), "send logprobs with top_logprobs (up to 20 of the most "
                     "likely tokens), or allowed_token_ids to choose among a label set")
 
-    def answer_id(self, prefix: str) -> str:
-        """The answer's ``id``: ``prefix`` and ``request_id`` where the client sent one (vLLM's ids), else a random
-        one."""
+    def answer_id(self, prefix: str, header_id: str | None = None, own_id: str | None = None) -> str:
+        """The answer's ``id``, as vLLM's ``_base_request_id`` picks it: ``prefix`` and the client's
+        ``X-Request-Id`` header (``header_id``, as ``transport.RequestId`` took it), else the body's
+        ``request_id``, else ``own_id`` (the server's id of the request, its ``x-request-id``), else a random one."""
         import uuid
 
-        return f"{prefix}-{self.request_id if self.request_id is not None else uuid.uuid4().hex[:24]}"
+        chosen = header_id or self.request_id or own_id or uuid.uuid4().hex
+        return f"{prefix}-{chosen}"
 
 
 class _VllmSampling(_VllmRequest):

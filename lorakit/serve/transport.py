@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 import traceback
+import uuid
 from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse
@@ -118,9 +120,70 @@ def parse(cls, data: dict):
         raise refusal from None
 
 
-def internal_error(error: Exception) -> JSONResponse:
+def internal_error(error: Exception, request_id: str | None = None) -> JSONResponse:
+    """A bug's 500; its trace goes to the server log, headed by ``request_id`` (the answer's ``x-request-id``)
+    so that a user's report of that header finds its trace."""
+    if request_id is not None:  # checked by RequestId: a client's value holds no newline or control character
+        print(f"lorakit serve: internal error in request {request_id}:", file=sys.stderr, flush=True)
     traceback.print_exception(type(error), error, error.__traceback__)  # a bug: keep its trace in the server log
     return JSONResponse(error_body(f"internal error: {type(error).__name__}", type="server_error"), status_code=500)
+
+
+# what a client's X-Request-Id may be to be taken as the request's id: up to 256 characters (as vLLM's request_id
+# field) of letters, digits and the punctuation ids are made of (UUIDs, ULIDs, base64, "svc:trace/span"); no space,
+# quote, control character or non-ASCII byte, so it can go into a response header, an answer's id and a log line
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:/+=@-]{1,256}")
+
+
+def client_request_id(headers) -> str | None:
+    """The first ``X-Request-Id`` of ASGI ``headers`` (byte pairs, names lower-case) where it is an id
+    ``_CLIENT_REQUEST_ID`` takes, else None (none sent, or one that is not taken)."""
+    value = next((value for name, value in headers if name == b"x-request-id"), None)
+    if value is None:
+        return None
+    text = value.decode("latin-1").strip()  # h11 and httptools hand header values on as sent, bytes >= 0x80 too
+    return text if _CLIENT_REQUEST_ID.fullmatch(text) else None
+
+
+def request_ids(request) -> tuple[str | None, str | None]:
+    """(the client's X-Request-Id as :class:`RequestId` took it, else None; the id it gave ``request``, its answer's
+    x-request-id, None outside it) of a Starlette request."""
+    held = request.scope.get("state", {})
+    return held.get("client_request_id"), held.get("request_id")
+
+
+def request_id_of(request) -> str | None:
+    """The id :class:`RequestId` gave ``request`` (a Starlette request), None outside it."""
+    return request_ids(request)[1]
+
+
+class RequestId:
+    """ASGI middleware: every answer carries an ``x-request-id`` header, as vLLM's (``--enable-request-id-headers``)
+    and OpenAI's do: the client's ``X-Request-Id`` where it sent one this takes (``_CLIENT_REQUEST_ID``), else a
+    new uuid4 hex. vLLM echoes any value; one out of that charset or over 256 characters is replaced here with a
+    new id rather than copied into a header, an answer's id or the log. The id is ``request.state.request_id``
+    (``request_id_of``) for the routes: completions and chat completions name their answer ``cmpl-<id>`` /
+    ``chatcmpl-<id>`` from the client's header, as vLLM's ``_base_request_id`` does (over the body's ``request_id``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = client_request_id(scope["headers"])
+        ident = sent or uuid.uuid4().hex
+        # the routes' Request objects read scope["state"]; copied, so uvicorn's lifespan state is not written
+        scope = {**scope, "state": {**scope.get("state", {}), "request_id": ident, "client_request_id": sent}}
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", ident.encode("ascii"))]}
+            await send(message)
+
+        await self.app(scope, receive, sending)
 
 
 class CORS(CORSMiddleware):
@@ -238,9 +301,17 @@ def http_protocol(header_timeout: float | None = None):
             if limit is not None:  # h11 gave up on a head over its buffer, not a malformed one
                 self._head_too_large(limit)
                 return
-            self._write_error(400, "Bad Request", "malformed HTTP request: its request line or headers could not be "
-                              "parsed (HTTP/1.1 needs a Host header, Content-Length a non-negative integer)",
-                              "invalid_http")  # (uvicorn's msg: always this case)
+            # uvicorn's msg is always "Invalid HTTP request received."; it calls this inside its ``except`` of the
+            # parser's error, which says what was wrong (a transfer coding, two Content-Lengths ...)
+            status, reason, message, code = _parse_refusal(sys.exc_info()[1])
+            self._write_error(status, reason, message, code)
+
+        def _unsupported_upgrade_warning(self) -> None:
+            # uvicorn logs "Unsupported upgrade request." and "No supported WebSocket library detected. Please use
+            # pip install 'uvicorn[standard]'" for each request with an Upgrade header (curl --http2 sends
+            # "Upgrade: h2c" on every http:// request): the request is served over HTTP/1.1 as RFC 9110 7.8 lets a
+            # server do, and the API has no WebSocket route, so nothing is wrong and nothing is to install
+            pass
 
         def _head_too_large(self, limit: int) -> None:
             self._cancel_head_timer()
@@ -261,8 +332,10 @@ def http_protocol(header_timeout: float | None = None):
 
         def _write_error(self, status: int, reason: str, message: str, code: str) -> None:
             body = json.dumps(error_body(message, code=code)).encode()
+            # an id of its own, as every answer has (RequestId's); the request's header, if any, was not parsed
             self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                                 b"connection: close\r\n\r\n" % (status, reason.encode(), len(body)) + body)
+                                 b"x-request-id: %s\r\nconnection: close\r\n\r\n"
+                                 % (status, reason.encode(), len(body), uuid.uuid4().hex.encode()) + body)
             self.transport.close()  # the parser's state is lost: the connection cannot carry another request
 
         def connection_made(self, transport) -> None:
@@ -343,6 +416,39 @@ def http_protocol(header_timeout: float | None = None):
                 self.transport.close()
 
     return Guarded
+
+
+# what h11's refusals of a request (the start of their message) mean, said to the client: a fixed text each, so no
+# byte of a hostile request is echoed. (status, reason, message, code); the last entry: any other refusal. An
+# unknown transfer coding is a 400, not RFC 9112's suggested 501: every 5xx of this server is its own fault (what
+# monitoring counts as one), and a client's "gzip, chunked" or garbled coding is the client's
+_PARSE_REFUSALS = (
+    ("Only Transfer-Encoding: chunked is supported", 400, "Bad Request", "the request's Transfer-Encoding is not "
+     "supported: send the body with Content-Length, or Transfer-Encoding: chunked alone (no gzip or other coding; "
+     "Content-Encoding is not supported either)", "unsupported_transfer_encoding"),
+    ("conflicting Content-Length headers", 400, "Bad Request", "malformed HTTP request: Content-Length headers of "
+     "different values; send one", "invalid_http"),
+    ("bad Content-Length", 400, "Bad Request", "malformed HTTP request: Content-Length is not a non-negative integer",
+     "invalid_http"),
+    ("Found multiple Host", 400, "Bad Request", "malformed HTTP request: more than one Host header; send one",
+     "invalid_http"),
+    ("Missing mandatory Host", 400, "Bad Request", "malformed HTTP request: HTTP/1.1 needs a Host header", "invalid_http"),
+    ("illegal chunk header", 400, "Bad Request", "malformed HTTP request: a chunk of the chunked body does "
+     "not start with its size in hexadecimal and CRLF", "invalid_http"),
+    ("illegal request line", 400, "Bad Request", "malformed HTTP request: the request line must be METHOD "
+     "/path HTTP/1.1, with spaces and control characters in the path percent-encoded", "invalid_http"),
+    ("illegal header line", 400, "Bad Request", "malformed HTTP request: a header line is not 'Name: value' "
+     "or holds a CR, LF or other control character in its value", "invalid_http"),
+    ("", 400, "Bad Request", "malformed HTTP request: its request line or headers could not be parsed (HTTP/1.1 "
+     "needs a Host header, Content-Length a non-negative integer)", "invalid_http"),
+)
+
+
+def _parse_refusal(error: BaseException | None) -> tuple[int, str, str, str]:
+    """The answer (status, reason, message, code) to a request the HTTP parser refused with ``error`` (h11's
+    RemoteProtocolError; None or another error: the general one)."""
+    text = str(error) if error is not None else ""
+    return next(entry[1:] for entry in _PARSE_REFUSALS if text.startswith(entry[0]))
 
 
 ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/adapters",
