@@ -244,7 +244,10 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
 
 def _unknown_before_required(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """The arguments ``parser`` does not know, found before argparse checks the required ones: it checks those first,
-    so ``lorakit merge --adapter A --output merged`` was told "--out is required" about the option it had typed."""
+    so ``lorakit merge --adapter A --output merged`` was told "--out is required" about the option it had typed.
+    Not with --help, which would print its usage while the required options are relaxed (``[--adapters DIR]``)."""
+    if "-h" in argv or "--help" in argv:
+        return []
     parsers = [parser, *(sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
                          for sub in action.choices.values())]
     required = [action for p in parsers for action in p._actions if action.required]

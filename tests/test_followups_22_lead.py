@@ -25,3 +25,14 @@ def test_merge_hint_names_eager_attention_for_a_soft_capped_model_on_transformer
               if softcapped else transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                           num_hidden_layers=1, num_attention_heads=2))
     assert _attention_hint(_model(config)) == expected
+
+
+@pytest.mark.parametrize("command, required", [("serve", "--adapters DIR"), ("merge", "--adapter ADAPTER")])
+def test_help_usage_shows_required_options_without_brackets(capsys, command, required):
+    from lorakit.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert f" {required}" in usage and f"[{required}]" not in usage
