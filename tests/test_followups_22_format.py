@@ -122,10 +122,17 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def test_merge_writes_a_chat_template_in_the_runs_prompt_format(kind, runs, tmp_path, capsys):
     """The merged folder's tokenizer renders a question as training's prompt, token for token, with the run's
     system text (transformers alone loads it); before, it had no chat template at all. The adapter folder is
-    untouched, and peft still loads it. A copy of the adapter out of its run merges as before (no template)."""
+    untouched, and peft still loads it. A copy of the adapter out of its run merges as before (no template).
+    The run is copied and its adapter's tokenizer files removed: an adapter lorakit train wrote before it kept
+    the template beside the adapter (tests/test_followups_22_train_template.py checks the folders written now)."""
+    import shutil
+
     from transformers import AutoTokenizer
 
-    adapter = runs[kind] / "adapter"
+    shutil.copytree(runs[kind], tmp_path / "run")
+    adapter = tmp_path / "run" / "adapter"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (adapter / name).unlink(missing_ok=True)
     before = sorted(p.name for p in adapter.iterdir())
     assert main(["merge", "--model", str(runs["base"]), "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
@@ -143,8 +150,6 @@ def test_merge_writes_a_chat_template_in_the_runs_prompt_format(kind, runs, tmp_
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(runs["base"]), str(adapter))
     # an adapter out of its run (copied elsewhere: no results.json) has nothing to say: no template is invented
-    import shutil
-
     shutil.copytree(adapter, tmp_path / "copied")
     assert main(["merge", "--model", str(runs["base"]), "--adapter", str(tmp_path / "copied"),
                  "--out", str(tmp_path / "m2")]) == 0

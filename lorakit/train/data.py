@@ -63,7 +63,7 @@ from lorakit.train.batches import (IGNORE_INDEX, BatchIterator, Collator, block_
 from lorakit.train.chat_tokens import shared_tokens, token_ranges
 from lorakit.train.chat_turns import (check_arguments, content_reasoning, missing_call_error, openai_tools,
                                       tool_chat_examples)
-from lorakit.train.formats import REASONING_KEYS, Record, validate_record
+from lorakit.train.formats import REASONING_KEYS, Record, frame_of_template, validate_record
 from lorakit.train.special_text import special_token_texts, spelled_special_token
 from lorakit.train.sources import read_many
 
@@ -254,7 +254,9 @@ def for_tokenizer(record: Record | Mapping, tokenizer: Any) -> Record:
     """The record validated, as this tokenizer trains it: a chat that has a prompt/completion form (an Alpaca
     record) takes that form when the tokenizer has no chat template."""
     record = validate_record(record)
-    if record.fallback is not None and not getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None)
+    # a template lorakit train saved to stand for the prompt format (formats.frame_chat_template) is that format
+    if record.fallback is not None and (not template or frame_of_template(template)):
         return record.fallback
     return record
 

@@ -147,6 +147,21 @@ def frame_prompt(kind: str, prompt: str, system: str | None = None) -> str:
 _FRAME_PARTS = {"alpaca": ("### Instruction:\n", "\n\n", "### Response:\n"), "question": ("Question: ", "\n", "Answer: ")}
 
 
+# how frame_chat_template's templates begin (a Jinja comment), so that a tokenizer given one is known for it
+# (frame_of_template): the records it trains or evaluates take the prompt format itself, as on the bare tokenizer
+FRAME_TEMPLATE_MARK = "{#- lorakit: "
+FRAME_TEMPLATE_NOTE = ", as the adapter was trained on a tokenizer without a chat template -#}"
+
+
+def frame_of_template(template: Any) -> str | None:
+    """The kind (a key of :data:`PROMPT_FRAMES`) of a chat template :func:`frame_chat_template` wrote, else None
+    (another template, none, or transformers' dict of named templates)."""
+    if not isinstance(template, str) or not template.startswith(FRAME_TEMPLATE_MARK):
+        return None
+    return next((kind for kind, name in PROMPT_FRAMES.items()
+                 if template.startswith(f"{FRAME_TEMPLATE_MARK}{name}{FRAME_TEMPLATE_NOTE}")), None)
+
+
 def _jinja_string(text: str) -> str:
     """``text`` as a Jinja string literal: JSON's escapes (quotes, backslashes, control characters) are Python's,
     which Jinja's lexer decodes; non-ASCII is kept as itself (JSON's surrogate pairs would decode to two halves)."""
@@ -169,7 +184,7 @@ def frame_chat_template(kind: str, system: str | None = None, bos: bool = False)
     before, after, cue = map(_jinja_string, _FRAME_PARTS[kind])
     default = _jinja_string(system) if system and system.strip() else '""'
     return (
-        f"{{#- lorakit: {PROMPT_FRAMES[kind]}, as the adapter was trained on a tokenizer without a chat template -#}}"
+        f"{FRAME_TEMPLATE_MARK}{PROMPT_FRAMES[kind]}{FRAME_TEMPLATE_NOTE}"
         "{%- if messages and messages[0]['role'] == 'system' -%}"
         "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
         f"{{%- else -%}}{{%- set system = {default} -%}}{{%- set turns = messages -%}}{{%- endif -%}}"

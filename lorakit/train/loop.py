@@ -417,18 +417,50 @@ def _put_back(old: Path | None, final: Path, tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def saved_tokenizer(tokenizer: Any, records: Sequence[Any], full: bool) -> Any:
+    """The tokenizer saved with the run's result: into RUN/model for full fine-tuning (``tokenizer`` itself), and
+    beside an adapter (RUN/adapter, RUN/best, each checkpoint's adapter folder) only when the run trained its
+    Alpaca or question/answer ``records`` (:class:`lorakit.train.formats.Record`) in their prompt format on a
+    tokenizer without a chat template; else None (no tokenizer files beside the adapter, as before).
+
+    That tokenizer is a copy given a chat template in the prompt format
+    (:func:`lorakit.train.formats.with_frame_template`; the run's system text included), as transformers' Trainer
+    and trl save their tokenizer beside an adapter: a folder copied out of its run (no results.json beside it) or a
+    full run's model still asks ``lorakit generate`` / ``merge`` / ``serve`` and transformers' apply_chat_template
+    in the format the answers were trained after. ``tokenizer`` itself is left as it is (training and its scores
+    go on with it)."""
+    import copy
+
+    from lorakit.train.formats import PROMPT_FRAMES, frame_of_template, with_frame_template
+    from lorakit.train.report import prompt_style
+
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if tokenizer is not None and (not template or frame_of_template(template)):  # (a run on a framed one: again)
+        style = prompt_style(records)
+        if style["prompt_format"] in PROMPT_FRAMES:
+            return with_frame_template(copy.deepcopy(tokenizer), style["prompt_format"], style["system_prompt"])
+    return tokenizer if full else None
+
+
 def save_result(model: nn.Module, tokenizer: Any, folder: Path, adapter: str | None, write: bool = True,
                 again: str = "try again") -> Path:
-    """The adapter in PEFT's format (or, for full fine-tuning, the whole model + tokenizer), written atomically.
+    """The adapter in PEFT's format, with ``tokenizer`` beside it unless None (:func:`saved_tokenizer`), or, for
+    full fine-tuning, the whole model + tokenizer; written atomically (the tokenizer's files inside the same
+    temporary folder, swapped in together).
 
     Under FSDP every process must call this (the sharded adapter is gathered); only those with ``write`` write.
     """
     from lorakit.io import save_adapter
 
     if adapter is not None:
+        def write_adapter(tmp: Path) -> None:
+            save_adapter(model, tmp, adapter=adapter)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+
         with gathered_trainable(model):
             if write:
-                _atomic_folder(folder, lambda tmp: save_adapter(model, tmp, adapter=adapter), again)
+                _atomic_folder(folder, write_adapter, again)
         return folder
     if not write:
         return folder
@@ -542,6 +574,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
     other_format = validation_in_another_format(train_ds, val_ds, tokenizer) if val_ds is not None and main else None
     if other_format:
         warnings.warn(other_format, stacklevel=2)
+    # what is saved with the adapter folders / RUN/model: the prompt format of Alpaca records as a chat template
+    kept_tokenizer = saved_tokenizer(tokenizer, train_ds.records, adapter is None)
     pad_id = pad_id_for(tokenizer)
     collator = Collator(pad_id, pad_to_multiple_of=8 if device.type == "cuda" else None,
                         mask_dtype=compute_dtype or torch.float32)
@@ -628,7 +662,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
             checkpointed_at = None if pending_validation else step
             if not main:
                 return None
-            writer = (lambda path: save_result(model, None, path, adapter)) if adapter is not None else None
+            writer = (lambda path: save_result(model, kept_tokenizer, path, adapter)) if adapter is not None else None
             return save_checkpoint(out / CHECKPOINTS_DIR, step, model, optimizer, checkpoint_state(pending_validation),
                                    writer, keep=config.keep_checkpoints, trainable=trainable, optimizer_state=opt_state,
                                    rank_rngs=rngs)
@@ -646,7 +680,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
             # a NaN first loss would stay the best for good ('x < nan' is never true)
             improved = math.isfinite(val_loss) and (best_val is None or val_loss < best_val)
             if improved and out is not None and adapter is not None:  # first: if it fails, the state is as it was
-                save_result(model, None, out / BEST_DIR, adapter, write=main, again=_once_there_is_room(out))
+                save_result(model, kept_tokenizer, out / BEST_DIR, adapter, write=main,
+                            again=_once_there_is_room(out))
             val_losses.append((step, val_loss))
             if improved:
                 best_val, best_step, since_best = val_loss, step, 0
@@ -812,7 +847,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
 
     adapter_dir = None
     if out is not None:
-        adapter_dir = save_result(model, tokenizer, out / (ADAPTER_DIR if adapter is not None else MODEL_DIR), adapter,
+        adapter_dir = save_result(model, kept_tokenizer, out / (ADAPTER_DIR if adapter is not None else MODEL_DIR), adapter,
                                   write=main, again=_once_there_is_room(out))
     if out is not None and main:
         try:

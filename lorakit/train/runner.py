@@ -687,7 +687,8 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
     if not getattr(tokenizer, "chat_template", None) and any(
             r.fallback is not None and r.fallback["prompt"].endswith("### Response:\n") for r in records[0]):
         say("note: Alpaca records are trained in Alpaca's prompt format (this tokenizer has no chat template); lorakit "
-            "generate --adapter RUN/adapter asks the adapter in it too (from Python, frame prompts the same way: "
+            "generate --adapter RUN/adapter asks the adapter in it too, and the tokenizer saved beside the adapter "
+            "has a chat template that writes it (from Python, frame prompts the same way: "
             "lorakit.train.formats.frame_prompt('alpaca', prompt))")
     if bundle.train.summary.drop_note():
         say(bundle.train.summary.drop_note())
