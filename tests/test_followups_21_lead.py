@@ -14,6 +14,18 @@ class _Terminal(io.StringIO):
         return True
 
 
+@pytest.fixture(autouse=True)
+def _transformers_bars_on():
+    """Each test starts with transformers' bars on, as a new process has them (an in-process lorakit train run of
+    another test in this worker turns them off for the rest of the process), and leaves them as it found them."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    yield
+    (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
+
+
 def _draw_the_loaders_bars():
     """What a conversion draws: the GGUF loader's plain tqdm over tensors, and transformers' own (logging) bar."""
     from transformers import modeling_gguf_pytorch_utils as gguf_loader
