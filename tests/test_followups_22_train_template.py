@@ -249,3 +249,20 @@ def test_a_failed_tokenizer_write_keeps_the_previous_adapter(runs, tmp_path):
         save_result(model, Full(), folder, "default")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert sorted(p.name for p in folder.parent.iterdir()) == ["adapter"]
+
+
+def test_generate_with_an_empty_system_drops_the_runs_system_text_in_and_out_of_the_run(runs, tmp_path, monkeypatch,
+                                                                                        capsys):
+    """--system '' leaves the run's system text out, also for a copied adapter whose saved template would write it
+    by default (the frame leaves it out for an empty system turn, which generate now sends)."""
+    from transformers import AutoTokenizer
+
+    base = AutoTokenizer.from_pretrained(runs["base"])
+    record = _records("alpaca")[1]
+    bare = _trained_prompt_ids({k: v for k, v in record.items() if k != "system"}, base)
+    assert bare != _trained_prompt_ids(record, base)
+    shutil.copytree(runs["alpaca"] / "adapter", tmp_path / "copied")
+    for adapter in (runs["alpaca"] / "adapter", tmp_path / "copied"):
+        argv = ["--model", str(runs["base"]), "--adapter", str(adapter), _ask(record), "--system", ""]
+        assert _generated_ids(monkeypatch, argv) == bare, adapter
+    capsys.readouterr()

@@ -262,7 +262,13 @@ def run(args: argparse.Namespace) -> int:
             raise LorakitError(f"{asked}: the model {args.model} has no chat template (chat_template.jinja or "
                                "tokenizer_config.json's chat_template), so the prompt can only be completed as plain "
                                f"text; drop {asked}")
-    if system:  # a system turn, then the prompt as the user's
+    from lorakit.train.formats import frame_of_template
+
+    # --system '' on a tokenizer whose template is a run's prompt frame (a copied Alpaca run's adapter): the frame
+    # writes the run's system text unless a system turn is given, and an empty one is how it leaves it out
+    dropped_frame_system = args.system == "" and chat is not False and \
+        frame_of_template(getattr(tokenizer, "chat_template", None)) is not None
+    if system or dropped_frame_system:  # a system turn, then the prompt as the user's
         ids = encode_prompt(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
                             chat_template_kwargs=template_kwargs)
     else:
