@@ -501,7 +501,7 @@ def _score_line(label: str, result: GenerationScore) -> str:
 def run_training(config: TrainConfig, *, resume: str | None = None, overwrite: bool = False,
                  config_file_values: dict[str, Any] | None = None, cli_values: dict[str, Any] | None = None) -> dict:
     """Everything ``lorakit train`` does; returns the results written to ``results.json``."""
-    with distributed_group():
+    with distributed_group(), _quiet_transformers():
         return _run_training(config, resume, overwrite, config_file_values, cli_values)
 
 
@@ -658,7 +658,6 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
             else f"{config.model} ({stored_type} 4-bit base: QLoRA, a 4-bit folder)" if stored_type else config.model)
     say(f"lorakit train: {'full fine-tuning' if config.full else config.variant} of {base} on {device.type}; "
         f"run folder {run_dir}")
-    _quiet_transformers()
     sharded = config.fsdp and world_size > 1
     records = read_data(config)  # a malformed line is found before the model loads
     check_records_fit(config, records[0], world_size)  # and a batch the data cannot fill
@@ -803,14 +802,23 @@ def append_metric(run_dir: Path, entry: dict[str, Any]) -> None:
         handle.write(json.dumps(entry) + "\n")
 
 
-def _quiet_transformers() -> None:
-    """No per-file loading bars from transformers: the run prints its own progress."""
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No per-file loading bars from transformers during the run (it prints its own progress); afterwards they are
+    as they were, for a notebook that goes on loading models."""
     try:
         from transformers.utils import logging as hf_logging
 
+        was_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
     except Exception:  # a transformers without this switch only prints more
-        pass
+        yield
+        return
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _fmt(value: float | None) -> str:
