@@ -5,7 +5,7 @@ with), loaded by lorakit with the logits those versions gave.
 a 128-word tokenizer) and, under ``<peft version>/<kind>/``, adapters that peft version saved on it with
 ``safe_serialization=True`` (the tensors given random values first), beside ``expected_logits.json``: the logits of
 the last three positions of ``input_ids`` and four greedy tokens, under that peft (torch 2.13 CPU, float32).
-``make_old_peft.py`` there wrote them. peft 0.4 / 0.6's default save is a pickled ``adapter_model.bin``: lorakit
+``make_old_peft.py`` there wrote them (AdaLoRA and (IA)^3 too). peft 0.4 / 0.6's default save is a pickled ``adapter_model.bin``: lorakit
 refuses it in one line that says how to convert, and never unpickles it.
 """
 
@@ -31,7 +31,8 @@ from lorakit.errors import LorakitError
 DATA = Path(__file__).parent / "data" / "old_peft"
 BASE = DATA / "base"
 FOLDERS = sorted(p.relative_to(DATA).as_posix() for p in DATA.glob("*/*") if (p / "adapter_config.json").is_file())
-REFUSED = {"0.10.0/layer_replication"}  # peft repeats layers inside the model: refused by name, see below
+# peft repeats layers inside the model / (IA)^3 is no low-rank product: each refused by name, see below
+REFUSED = {"0.10.0/layer_replication", "0.4.0/ia3"}
 LOADED = [name for name in FOLDERS if name not in REFUSED]
 
 
@@ -79,10 +80,12 @@ def edit_config(folder: Path, **changes) -> Path:
 
 def test_the_data_covers_each_version_and_kind():
     """The committed folders: every version, and the kinds that version saves (LoRA on q/v with an lm_head copy,
-    all-linear, rank/alpha patterns, rsLoRA, DoRA, an embedding LoRA, bias, no task_type)."""
+    all-linear, rank/alpha patterns, rsLoRA, DoRA, an embedding LoRA, bias, no task_type; AdaLoRA trained through
+    its final phase, whose rank_pattern of bool lists resized the saved tensors)."""
     assert {name.split("/")[0] for name in FOLDERS} == {"0.4.0", "0.6.2", "0.10.0", "0.13.2"}
     assert {name.split("/")[1] for name in FOLDERS} >= {"qv_safe", "qv_notask", "patterns", "all_linear", "rslora",
-                                                         "dora", "dora_all", "emb_lora", "bias_all", "layer_replication"}
+                                                         "dora", "dora_all", "emb_lora", "bias_all", "layer_replication",
+                                                         "adalora_trained", "ia3"}
     for name in FOLDERS:
         assert expected(DATA / name)["peft"] == name.split("/")[0]
         assert not list((DATA / name).glob("*.bin"))
@@ -107,6 +110,25 @@ def test_layer_replication_is_refused_by_name():
     with pytest.raises(LorakitError, match=r"layer_replication=\[\[0, 2\], \[1, 2\]\] is not supported") as error:
         lorakit.load_adapter(lorakit.load_base(str(BASE))[0], DATA / "0.10.0/layer_replication")
     assert "\n" not in str(error.value)
+
+
+def test_an_ia3_adapter_of_peft_0_4_is_refused_by_its_peft_type():
+    with pytest.raises(LorakitError, match="peft_type 'IA3' is not LoRA; lorakit reads LoRA adapters only") as error:
+        lorakit.load_adapter(lorakit.load_base(str(BASE))[0], DATA / "0.4.0/ia3")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["0.6.2/adalora_trained", "0.13.2/adalora_trained"])
+def test_the_old_adalora_rank_pattern_is_the_bool_lists_of_the_allocator(name):
+    """What the AdaLoRA folders test: rank_pattern's masks of init_r bools, and tensors peft resized to them."""
+    from safetensors.torch import load_file
+
+    pattern = json.loads((DATA / name / "adapter_config.json").read_text())["rank_pattern"]
+    tensors = load_file(DATA / name / "adapter_model.safetensors")
+    for key, mask in pattern.items():  # key: model.layers.0.self_attn.q_proj.lora_E
+        assert len(mask) == 6 and all(isinstance(x, bool) for x in mask)
+        assert tuple(tensors[f"base_model.model.{key}"].shape) == (sum(mask), 1) and sum(mask) < 6
+    assert len({sum(mask) for mask in pattern.values()}) > 1
 
 
 class _Unpickled:
@@ -192,7 +214,7 @@ def test_lorakit_generate_answers_that_peft_versions_greedy_tokens(name, capsys)
 
 
 @pytest.mark.parametrize("name", ["0.4.0/qv_safe", "0.6.2/patterns", "0.10.0/all_linear", "0.10.0/dora",
-                                  "0.4.0/emb_lora"])
+                                  "0.4.0/emb_lora", "0.6.2/adalora_trained"])
 def test_lorakit_merge_gives_a_folder_with_that_peft_versions_logits(name, tmp_path):
     from transformers import AutoModelForCausalLM
 

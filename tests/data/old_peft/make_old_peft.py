@@ -44,17 +44,20 @@ def make_adapters(out: str, base: str) -> None:
 
     version = Version(peft.__version__)
 
-    def variant(name: str, **config) -> None:
+    def variant(name: str, config_class=LoraConfig, adalora: bool = False, **config) -> None:
         torch.manual_seed(1234)
         model = LlamaForCausalLM.from_pretrained(base, torch_dtype=torch.float32).eval()
-        config = {"task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.05, **config}
-        wrapped = get_peft_model(model, LoraConfig(**config))
+        if config_class is LoraConfig:
+            config = {"task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.05, **config}
+        wrapped = get_peft_model(model, config_class(**config))
         generator = torch.Generator().manual_seed(99)
         with torch.no_grad():  # every trainable tensor moved (lora_B starts at 0): the adapter changes the logits
             for key, tensor in wrapped.named_parameters():
                 if tensor.requires_grad:
                     scale = 0.02 if "lm_head" in key and "lora" not in key else 0.2
                     tensor.add_(torch.randn(tensor.shape, generator=generator) * scale)
+        if adalora:
+            train_adalora(wrapped)
         wrapped.eval()
         with torch.no_grad():
             logits = wrapped(input_ids=IDS).logits[0]
@@ -74,7 +77,12 @@ def make_adapters(out: str, base: str) -> None:
     variant("qv_notask", target_modules=["q_proj", "v_proj"], task_type=None)
     variant("emb_lora", target_modules=["embed_tokens", "q_proj"])
     variant("bias_all", target_modules=["q_proj", "v_proj"], bias="lora_only")
-    if version >= Version("0.6.0"):
+    variant("ia3", config_class=peft.IA3Config, task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+            feedforward_modules=["down_proj"])
+    if version >= Version("0.6.0"):  # AdaLoRA trained through its final phase: rank_pattern of bool lists, resized
+        variant("adalora_trained", config_class=peft.AdaLoraConfig, adalora=True, task_type="CAUSAL_LM", init_r=6,
+                target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=8, lora_alpha=8, lora_dropout=0.0,
+                target_modules=["q_proj", "v_proj"])
         variant("patterns", rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 16}, **qv)
     if version >= Version("0.8.0"):
         variant("all_linear", target_modules="all-linear", modules_to_save=["lm_head"])
@@ -85,6 +93,18 @@ def make_adapters(out: str, base: str) -> None:
                                                            "up_proj", "down_proj"])
     if version >= Version("0.10.0"):
         variant("layer_replication", layer_replication=[[0, 2], [1, 2]], target_modules=["q_proj", "v_proj"])
+
+
+def train_adalora(wrapped) -> None:
+    """Eight SGD steps with the rank allocator: the last ones prune to target_r and set rank_pattern."""
+    optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.5)
+    data = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(5))
+    wrapped.train()
+    for step in range(8):
+        wrapped(input_ids=data, labels=data).loss.backward()
+        optimizer.step()
+        wrapped.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
 
 
 if __name__ == "__main__":
