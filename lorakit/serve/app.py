@@ -562,7 +562,9 @@ def _encode_agent(state: ServerState, text: ModelText, messages: list[dict], too
     if tools and parsed and call_format(text.tokenizer, tools) is None:
         raise APIError(400, f"tools are not supported with this model's chat template: lorakit parses tool calls in "
                        f"{PARSED_FORMATS}, and this template writes another format (or none); send tool_choice "
-                       "'none' to get the calls as text", param="tools")
+                       "'none' to get the calls as text, or for structured output response_format json_schema "
+                       "(instructor's Mode.JSON_SCHEMA, LangChain's with_structured_output(method='json_schema'))",
+                       param="tools")
     if len(messages) <= state.max_prompt_tokens:  # longer: _encode refuses it by count, before any rendering
         _check_characters(state, messages, tools, param)
         try:

@@ -25,7 +25,11 @@ def forced_tool_choice(value, named: str | None, names: list[str], form: str):
     if value != "required" and named is None:
         raise ValueError(f"tool_choice {str(value)[:60]!r} is not supported; send 'auto', 'none', 'required' or {form}")
     if not names:
-        raise ValueError(f"tool_choice {str(value)[:60]!r} is not supported without tools; send the functions in tools")
+        # llama-index's structured_predict sends "required" without tools for a model it does not know; OpenAI and
+        # vLLM refuse it too, so the message says what that client can send instead
+        raise ValueError(f"tool_choice {str(value)[:60]!r} is not supported without tools; send the functions in "
+                         "tools, or tool_choice 'none' (llama-index: llm_kwargs={'tool_choice': 'none'}) with "
+                         "response_format json_schema for an answer held to a schema")
     if named is not None and named not in names:
         raise ValueError(f"tool_choice names {named[:64]!r}, which is not among the tools ({', '.join(names)[:200]})")
     return value
