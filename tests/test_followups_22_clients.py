@@ -13,7 +13,9 @@ What a user of those clients met, and what changed:
   ``with_structured_output(method="function_calling")`` on a template without tool calls were a 400 that said only
   "send tool_choice 'none' to get the calls as text", which is not what a client extracting an object can use. It
   now names the way that works on such a template: ``response_format`` json_schema (instructor's
-  ``Mode.JSON_SCHEMA``, LangChain's ``method='json_schema'``).
+  ``Mode.JSON_SCHEMA``, LangChain's ``method='json_schema'``); on a template that never names tools (smollm2's
+  ChatML) it no longer advises ``tool_choice 'none'``, which such a template refuses too ("does not write the
+  tools"), but to describe the tools in the system message.
 - llama-index's ``structured_predict`` / ``as_structured_llm`` on an OpenAILike model whose name it does not know
   sends ``"tool_choice": "required"`` with no tools (OpenAI and vLLM refuse that too, so it stays a 400). The
   message said "send the functions in tools", which a llama-index user cannot; it now says what to pass
@@ -63,6 +65,15 @@ def test_instructor_tools_mode_names_json_schema(server):
     message = _error(server.post("/v1/chat/completions", json=body))
     assert "tools are not supported with this model's chat template" in message
     assert "response_format json_schema" in message and "Mode.JSON_SCHEMA" in message
+    # this template never names tools: tool_choice 'none' is refused as well, so it is not what the message says
+    assert "tool_choice 'none'" not in message and "describe the tools in the system message" in message
+    assert "does not write the tools" in _error(server.post("/v1/chat/completions",
+                                                            json={**body, "tool_choice": "none"}))
+    # what it says to send instead (instructor's Mode.JSON_SCHEMA body) is served, as JSON
+    schema = {"model": "base", "messages": [SYSTEM, USER], "max_tokens": 64, "temperature": 0,
+              "response_format": {"type": "json_schema", "json_schema": {"name": "Order", "schema": ORDER}}}
+    answer = server.post("/v1/chat/completions", json=schema)
+    assert answer.status_code == 200, answer.text[:300]
 
 
 def test_langchain_function_calling_names_json_schema(server):

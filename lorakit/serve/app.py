@@ -560,11 +560,14 @@ def _encode_agent(state: ServerState, text: ModelText, messages: list[dict], too
     of the earlier calls the template writes (``tool_calls.render_variant``); with calls to parse (``parsed``), the
     template must write them in a parsed format. ``param``: the request field of the chat, for errors."""
     if tools and parsed and call_format(text.tokenizer, tools) is None:
+        # tool_choice 'none' helps only where the template writes the tools (its calls then come back as text);
+        # one that never names them refuses tools with 'none' too (render_variant), so that is not said there
+        instead = ("send tool_choice 'none' to get the calls as text" if "tools" in template_text(text.tokenizer, tools)
+                   else "describe the tools in the system message")
         raise APIError(400, f"tools are not supported with this model's chat template: lorakit parses tool calls in "
-                       f"{PARSED_FORMATS}, and this template writes another format (or none); send tool_choice "
-                       "'none' to get the calls as text, or for structured output response_format json_schema "
-                       "(instructor's Mode.JSON_SCHEMA, LangChain's with_structured_output(method='json_schema'))",
-                       param="tools")
+                       f"{PARSED_FORMATS}, and this template writes another format (or none); {instead}, or for "
+                       "structured output send response_format json_schema (instructor's Mode.JSON_SCHEMA, "
+                       "LangChain's with_structured_output(method='json_schema'))", param="tools")
     if len(messages) <= state.max_prompt_tokens:  # longer: _encode refuses it by count, before any rendering
         _check_characters(state, messages, tools, param)
         try:
