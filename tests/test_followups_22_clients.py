@@ -16,6 +16,8 @@ What a user of those clients met, and what changed:
   ``Mode.JSON_SCHEMA``, LangChain's ``method='json_schema'``); on a template that never names tools (smollm2's
   ChatML) it no longer advises ``tool_choice 'none'``, which such a template refuses too ("does not write the
   tools"), but to describe the tools in the system message.
+- Embedding clients (LangChain's ``OpenAIEmbeddings``, LiteLLM's ``embedding()``) got "no route POST
+  '/v1/embeddings'" with the route list: now the 404 says this server generates text and serves no embeddings.
 - llama-index's ``structured_predict`` / ``as_structured_llm`` on an OpenAILike model whose name it does not know
   sends ``"tool_choice": "required"`` with no tools (OpenAI and vLLM refuse that too, so it stays a 400). The
   message said "send the functions in tools", which a llama-index user cannot; it now says what to pass
@@ -99,3 +101,16 @@ def test_llama_index_structured_predict_says_what_to_pass(server):
     fixed = {**body, "tool_choice": "none"}
     response = server.post("/v1/chat/completions", json=fixed)
     assert response.status_code == 200, response.text[:300]
+
+
+@pytest.mark.parametrize("body", [
+    {"input": ["hi"], "model": "base", "encoding_format": "base64"},  # LangChain's OpenAIEmbeddings (openai SDK)
+    {"model": "base", "input": ["hi"]},  # LiteLLM's embedding(model="openai/...")
+])
+def test_embeddings_say_none_are_served(server, body):
+    """Embedding clients pointed at the server: a 404 that says no embeddings are served here (before: only "no
+    route POST '/v1/embeddings'; the API is ..."), as OpenAI's error body, which the clients raise."""
+    response = server.post("/v1/embeddings", json=body)
+    assert response.status_code == 404
+    message = response.json()["error"]["message"]
+    assert "serves no embeddings" in message and "/v1/chat/completions" in message

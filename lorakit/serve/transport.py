@@ -467,4 +467,13 @@ def not_found(method: str, path: str) -> str:
         if candidate != stripped and (candidate in ROUTES or candidate.startswith("/v1/models/")):
             base = "ending in /v1" if candidate == "/v1" + stripped else "without /v1 (this client adds it)"
             return f"no route {shown}; did you mean {candidate}? Set the client's base_url to the server {base}"
+    served_not = _UNSERVED.get(stripped.split("/")[2]) if stripped.startswith("/v1/") else None
+    if served_not:  # an OpenAI route of another kind of model: say so, not only "no route"
+        return f"no route {shown}: this server generates text with a language model and serves no {served_not}; " \
+               f"the API is {', '.join(ROUTES)}"
     return f"no route {shown}; the API is {', '.join(ROUTES)}"
+
+
+# OpenAI's routes for what a text-generation server has no model for (LangChain's OpenAIEmbeddings, LiteLLM's
+# embedding(), llama-index's OpenAIEmbedding post to /v1/embeddings)
+_UNSERVED = {"embeddings": "embeddings", "moderations": "moderations", "images": "images", "audio": "audio"}
