@@ -12,6 +12,7 @@ from lorakit.errors import LorakitError
 from lorakit.serve.engine import Request, TokenInfo
 from lorakit.serve.protocol import error_body
 from lorakit.serve.reasoning import ReasoningStream
+from lorakit.serve.named_call import ArgumentStream, SchemaCall
 from lorakit.serve.tool_calls import ToolCallStream, forced_calls
 
 if TYPE_CHECKING:
@@ -108,7 +109,8 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
                   chat: bool, prompt_tokens: int, logprobs: int | None, tools: tuple[str, set[str], bool] | None = None,
                   think: str | None = None, forced: str | None = None, echoes: list[str] | None = None,
                   prompt_lps: list[dict] | None = None, side: ModelText | None = None,
-                  prompt_ids: list[list[int]] | None = None, prompt_text: str | None = None):
+                  prompt_ids: list[list[int]] | None = None, prompt_text: str | None = None,
+                  named: SchemaCall | None = None):
     """Server-sent events: one chunk per piece of final text, each choice's finish reason as it ends, then the
     usage (``stream_options.include_usage``), then ``[DONE]``.
 
@@ -128,6 +130,9 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
 
     With ``forced`` (tool_choice "required" or a named function: the start of the call the prompt ends with), the
     answer is held whole and its calls come at the end, or an error event when it forms no call.
+
+    With ``named`` (a named function on a template without a call format: ``named_call.py``), each choice's text
+    streams as its one call: the call's id and name first, then the text as argument pieces (finish "stop").
 
     With ``echoes`` (completions' ``echo``: prompt p's text, which choice ``p * n + i`` starts with), each choice's
     first chunk is its prompt, with ``prompt_lps[p]`` (the prompt's logprobs) when logprobs were asked.
@@ -161,6 +166,7 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
     for holder in holders if forced is not None else ():
         holder.feed(forced)  # the call's start: held like any call, never streamed as content
     thinking = [ReasoningStream(think) for _ in jobs] if think is not None else None
+    arguments = [ArgumentStream(named) for _ in jobs] if named is not None else None
 
     def chunk(index: int, text: str | None, finish: str | None, first: bool = False,
               tool_calls: list[dict] | None = None, reasoning: str | None = None, prompt_lp: dict | None = None) -> str:
@@ -220,7 +226,9 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
                 if reasoning and shown_reasoning:
                     yield chunk(index, None, None, reasoning=reasoning)
                 text = text if holders is None else holders[index].feed(text)
-                if text:
+                if text and arguments is not None:  # the answer is the named call's arguments
+                    yield chunk(index, None, None, tool_calls=arguments[index].deltas(text))
+                elif text:
                     yield chunk(index, text, None)
                 deltas = holders[index].call_deltas() if holders is not None else None
                 if deltas:  # the calls as they are written
@@ -247,7 +255,11 @@ async def stream_events(state: ServerState, body, jobs: list[Request], bridge: _
                 text = (content or "")[holder.emitted:]
             elif holders is not None:
                 text, calls = holders[index].finish(text)
-            if text or (logprobs is not None and ready[index] > sent[index]):
+            if arguments is not None:  # the call's last piece (its head, where nothing came before)
+                deltas = arguments[index].deltas(text)
+                if deltas or (logprobs is not None and ready[index] > sent[index]):
+                    yield chunk(index, None, None, tool_calls=deltas)
+            elif text or (logprobs is not None and ready[index] > sent[index]):
                 yield chunk(index, text, None)
             if calls:
                 deltas = holders[index].rest_deltas(calls)

@@ -57,6 +57,7 @@ from lorakit.serve.sampling import OFF, RowOptions
 from lorakit.serve.structured import FormatError, compile_format
 from lorakit.serve.text import TextAssembler
 from lorakit.serve.steering import combined
+from lorakit.serve.named_call import SchemaCall, schema_call
 from lorakit.serve.tool_calls import (PARSED_FORMATS, call_end_tokens, call_format, forced_calls, forced_prefix,
                                       kept_tokens, parse_calls, render_variant, template_messages, template_text)
 from lorakit.serve.template_guard import TemplateTooSlow
@@ -341,21 +342,25 @@ def create_app(state: ServerState) -> FastAPI:
             template_kwargs = _render_options(state, text, body)
             if body.chat_template is not None:  # a client's Jinja: tried on a sample chat first, as adapters' are
                 await run_in_threadpool(_check_request_template, body.chat_template)
-            if tools is None and not any(m.tool_calls or m.role == "tool" for m in body.messages):
+            # a named function on a template without a call format: its parameters' schema holds the answer, and
+            # the prompt has no tools (the template writes none), as vLLM serves it
+            named = schema_call(text.tokenizer, body, tools)
+            shown = None if named is not None else tools
+            if shown is None and not any(m.tool_calls or m.role == "tool" for m in body.messages):
                 messages = template_messages(body.messages)  # role, content (and an answer's reasoning_content)
                 prompt_ids = await run_in_threadpool(_encode, state, text, messages, True, template_kwargs)
             else:  # an agent's request: the tools and its earlier calls and results, as training renders them
-                prompt_ids = await run_in_threadpool(_encode_tools, state, text, body, tools, template_kwargs)
+                prompt_ids = await run_in_threadpool(_encode_tools, state, text, body, shown, template_kwargs)
             if body.add_special_tokens:  # vLLM's: the tokenizer's special tokens on top of the template's
                 prompt_ids = await run_in_threadpool(_special_tokens_around, text, prompt_ids)
             forced = None
-            if body.forced_call() is not None:  # "required" or a named function: the answer starts the call
+            if body.forced_call() is not None and named is None:  # "required" or a named function: the answer starts the call
                 forced = forced_prefix(call_format(text.tokenizer, tools), body.forced_call())
                 prompt_ids = prompt_ids + await run_in_threadpool(text.encode_text, forced)
             max_tokens = body.max_completion_tokens or body.max_tokens
             top = (body.top_logprobs or 0) if body.logprobs else None
             return await _serve(state, request, body, served, [prompt_ids], max_tokens, top, chat=True, forced=forced,
-                                chat_echo=body.echoed())
+                                chat_echo=body.echoed(), named=named)
         finally:
             _let_go(state, served)
 
@@ -812,14 +817,16 @@ def _choice_seed(seed: int | None, index: int) -> int | None:
 
 async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, prompts: list[list[int]],
                  max_tokens: int | None, logprobs: int | None, chat: bool, default_tokens: int | None = None,
-                 echoes: list[str] | None = None, forced: str | None = None, chat_echo: str | None = None):
+                 echoes: list[str] | None = None, forced: str | None = None, chat_echo: str | None = None,
+                 named: SchemaCall | None = None):
     """Generate ``body.n`` answers to each prompt on ``served`` (whose pin the jobs take over, and whose text side
     decodes them); choice ``p * n + i`` is prompt p's answer i (OpenAI's order).
     ``echoes``: the prompts' texts, which their answers then start with (their logprobs too: each prompt's tokens
     scored by one forward, the first token's None); with ``max_tokens`` 0, all there is. ``forced``: the start of
     a call that ends each chat prompt (``tool_calls.forced_prefix``), read back with the answer, which must form a
     call (else a 500 that says what the model wrote). ``chat_echo``: chat's echo (``ChatRequest.echoed``), the
-    text each answer's content starts with (streamed as its first content chunk)."""
+    text each answer's content starts with (streamed as its first content chunk). ``named``: a named function on a
+    template without a call format (``named_call.py``): its schema is the answer's format, each answer its call."""
     n = body.n
     if len(prompts) * n > MAX_ROWS:
         raise APIError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} answers, over the limit of "
@@ -831,7 +838,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
               for p, ids in enumerate(prompts)]
     side = served.text  # the template that rendered the prompts: its call format, end of turn and markers
     tools = None  # (format, names, one call only) of the calls read out of the answers
-    if chat and body.calls_parsed():
+    if chat and body.calls_parsed() and named is None:
         tools = (call_format(side.tokenizer, body.openai_tools()), body.callable_names(),
                  body.parallel_tool_calls is False)
     call_ends = call_end_tokens(side.tokenizer, call_format(side.tokenizer, body.openai_tools())) \
@@ -839,7 +846,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
     params = _sampling_params(state, body, [limit for limit in limits if limit > 0], n, body.seed,
                               body.answer_ends(side.stop_token_ids, call_ends))
     bias = _logit_bias(side, body)
-    spec = _format_spec(body)
+    spec = _format_spec(body) if named is None else (named.spec(), "tool_choice")
     options, shown = body.served_options(side.stop_token_ids, side.vocab_size, spec[1] if spec[0] is not None else None,
                                          side.encode_text)
     think = await run_in_threadpool(_think_state, side, prompts[0]) if chat and forced is None else None
@@ -886,7 +893,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
         return StreamingResponse(stream_events(state, body, jobs, bridge, ident, created, chat, prompt_tokens, logprobs,
                                                tools, think, forced,
                                                echoes if chat_echo is None else [chat_echo], prompt_lps, side,
-                                               prompts, await _prompt_text(body, side, prompts)),
+                                               prompts, await _prompt_text(body, side, prompts), named),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     collected = await _collect(state, http, jobs, bridge)
     if isinstance(collected, JSONResponse):
@@ -922,6 +929,8 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
             if parsed is not None:  # the model called tools: OpenAI's message and finish reason
                 message.update(content=parsed[0], tool_calls=parsed[1])
                 finish = "tool_calls"
+            elif named is not None:  # the schema's JSON is the named function's arguments (finish as vLLM's)
+                message = named.message(message)
             if chat_echo is not None:  # vLLM's: the echoed message, then the answer's content
                 message["content"] = chat_echo + (message["content"] or "")
             choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": lp,
