@@ -84,7 +84,6 @@ def run_prompt_frame(folder: Path) -> tuple[str, str | None] | None:
     ``MAX_FILE_BYTES``)."""
     import json
 
-    from lorakit.io import _open, _read_exactly
     from lorakit.train.formats import PROMPT_FRAMES
 
     runs = [folder.parent]
@@ -95,18 +94,27 @@ def run_prompt_frame(folder: Path) -> tuple[str, str | None] | None:
         if not os.path.lexists(path):
             continue
         try:
-            fd = _open(path, False, None)
-            with os.fdopen(fd, "rb") as handle:
-                size = os.fstat(fd).st_size
-                if size > MAX_FILE_BYTES:
-                    return None
-                results = json.loads(_read_exactly(path, handle, size).decode("utf-8"))
+            raw = _read_warily(path)
+            if raw is None:
+                return None
+            results = json.loads(raw.decode("utf-8"))
         except (LorakitError, OSError, ValueError):
             return None
         kind, system = (results.get("prompt_format"), results.get("system_prompt")) if isinstance(results, dict) \
             else (None, None)
         return (kind, system) if kind in PROMPT_FRAMES and isinstance(system, (str, type(None))) else None
     return None
+
+
+def _read_warily(path: Path) -> bytes | None:
+    """The bytes of file ``path``, opened without following a link (LorakitError / OSError if it cannot be), or None
+    when it is over ``MAX_FILE_BYTES``."""
+    from lorakit.io import _open, _read_exactly
+
+    fd = _open(path, False, None)
+    with os.fdopen(fd, "rb") as handle:
+        size = os.fstat(fd).st_size
+        return None if size > MAX_FILE_BYTES else _read_exactly(path, handle, size)
 
 
 def _framed_text(base: ModelText, model: Any, frame: tuple[str, str | None], name: str, reasoning_choice: str
@@ -129,8 +137,6 @@ def own_template(folder: Path, base_template: Any) -> bool:
     at load (no link followed, under ``MAX_FILE_BYTES``). A file that cannot be read says no: the load says why."""
     import json
 
-    from lorakit.io import _open, _read_exactly
-
     base = base_template if isinstance(base_template, str) else None
     if os.path.lexists(folder / TEMPLATES_FOLDER):
         return True
@@ -139,12 +145,10 @@ def own_template(folder: Path, base_template: Any) -> bool:
         if not os.path.lexists(path):
             continue
         try:
-            fd = _open(path, False, None)
-            with os.fdopen(fd, "rb") as handle:
-                size = os.fstat(fd).st_size
-                if size > MAX_FILE_BYTES:
-                    return False
-                data = _read_exactly(path, handle, size).decode("utf-8", "replace")
+            raw = _read_warily(path)
+            if raw is None:
+                return False
+            data = raw.decode("utf-8", "replace")
             template = data if name.endswith(".jinja") else json.loads(data).get("chat_template")
         except (LorakitError, OSError, ValueError, AttributeError):
             return False
