@@ -84,12 +84,10 @@ def run_prompt_frame(folder: Path) -> tuple[str, str | None] | None:
     ``MAX_FILE_BYTES``)."""
     import json
 
+    from lorakit.train.eval_cli import run_candidates
     from lorakit.train.formats import PROMPT_FRAMES
 
-    runs = [folder.parent]
-    if folder.parent.name.startswith("step-") and folder.parent.parent.name == "checkpoints":
-        runs.append(folder.parent.parent.parent)
-    for run in runs:
+    for run in run_candidates(folder):
         path = run / RESULTS_NAME
         if not os.path.lexists(path):
             continue

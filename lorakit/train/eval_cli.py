@@ -243,18 +243,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_candidates(folder: Path) -> list[Path]:
+    """The folders that would be the run of adapter folder ``folder`` if it is a run's: its parent (RUN/adapter,
+    RUN/best), and for a checkpoint's adapter (RUN/checkpoints/step-000120/adapter) the run three levels up."""
+    candidates = [folder.parent]
+    step = folder.parent.name  # step-000120 (lorakit.train.checkpoint's names)
+    if step.startswith("step-") and step[5:].isdigit() and folder.parent.parent.name == "checkpoints":
+        candidates.append(folder.parent.parent.parent)
+    return candidates
+
+
 def run_folder(adapter: str) -> Path | None:
     """The ``lorakit train`` run folder that holds the adapter folder ``adapter``, or None (an adapter from elsewhere).
 
     The run's own adapters sit one level down (RUN/adapter, RUN/best), a checkpoint's three
     (RUN/checkpoints/step-000120/adapter); that folder counts as a run's when its config.yaml holds a run's options
     (a user's unrelated config.yaml above an adapter is not read as one)."""
-    folder = Path(adapter).expanduser().resolve()
-    candidates = [folder.parent]
-    step = folder.parent.name  # step-000120 (lorakit.train.checkpoint's names)
-    if step.startswith("step-") and step[5:].isdigit() and folder.parent.parent.name == "checkpoints":
-        candidates.append(folder.parent.parent.parent)
-    for run_dir in candidates:
+    for run_dir in run_candidates(Path(adapter).expanduser().resolve()):
         if RUN_KEYS <= set(_read_config(run_dir / CONFIG_NAME) or {}):
             return run_dir
     return None
