@@ -141,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.getsignal(signal.SIGINT)
     noting = previous is signal.default_int_handler and threading.current_thread() is threading.main_thread()
     # (not where SIGINT is ignored (a background job) or handled already, nor off the main thread: main() in a test)
+    ending = False  # the process is ending without its command having run (--help, a usage error, a Ctrl-C)
 
     def note_interrupt(signum, frame):
         interrupts.append(signum)
-        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as without this handler
+        if not ending:
+            signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as without this handler
 
     def end_of_startup() -> None:  # the command's own code gets Ctrl-C as it always did
         nonlocal noting
@@ -155,7 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     if noting:
         signal.signal(signal.SIGINT, note_interrupt)
     try:
-        return _main(argv, end_of_startup)
+        try:
+            return _main(argv, end_of_startup)
+        finally:
+            # The process's own command line that ends before its command ran keeps this handler, quiet: a Ctrl-C
+            # as it exits (argparse's SystemExit after --help) would otherwise raise KeyboardInterrupt out of this
+            # function, past every handler, and print a traceback. One landing before this line is caught below.
+            if argv is None:
+                ending = True
+            else:
+                end_of_startup()
     except (KeyboardInterrupt, Exception) as error:
         if not isinstance(error, KeyboardInterrupt) and not interrupts:
             raise
@@ -165,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lorakit {command}: interrupted" if command in SUBCOMMANDS else "lorakit: interrupted",
                   file=sys.stderr)
         return 130
-    finally:
-        end_of_startup()
 
 
 def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
