@@ -118,3 +118,72 @@ def test_each_streamed_choice_is_its_own_call(server):
     assert len(set(ids.values())) == 2
     for text in arguments.values():
         _valid_place(text)
+
+
+# -- the Responses API (session 23): the same named call, as a function_call output item ------------------------
+RESPONSES_BODY = {"model": "base", "input": "Send it to Milan, fast.", "max_output_tokens": 64, "temperature": 0,
+                  "tools": [{"type": "function", "name": "Ship", "parameters": PLACE},
+                            {"type": "function", "name": "Other"}],
+                  "tool_choice": {"type": "function", "name": "Ship"}}
+
+
+def _response_events(server, body: dict) -> list[dict]:
+    with server.stream("POST", "/v1/responses", json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()[:300]
+        return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_responses_named_function_answers_as_its_call(server):
+    answer = server.post("/v1/responses", json=RESPONSES_BODY)
+    assert answer.status_code == 200, answer.text[:300]
+    response = answer.json()
+    assert response["status"] == "completed"
+    [item] = response["output"]  # no message: the answer is the call
+    assert item["type"] == "function_call" and item["name"] == "Ship" and item["status"] == "completed"
+    assert item["call_id"].startswith("call_") and item["id"] == "fc_" + item["call_id"].removeprefix("call_")
+    _valid_place(item["arguments"])
+    assert response["tool_choice"] == {"type": "function", "name": "Ship"}
+
+
+def test_responses_named_function_streams_as_its_call(server):
+    whole = server.post("/v1/responses", json=RESPONSES_BODY).json()["output"][0]
+    events = _response_events(server, RESPONSES_BODY)
+    kinds = [event["type"] for event in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert kinds[-3:] == ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    assert "response.output_text.delta" not in kinds and "response.content_part.added" not in kinds
+    added = events[2]["item"]
+    assert added["type"] == "function_call" and added["name"] == "Ship" and added["arguments"] == ""
+    deltas = [event for event in events if event["type"] == "response.function_call_arguments.delta"]
+    assert deltas and all(event["item_id"] == added["id"] and event["output_index"] == 0 for event in deltas)
+    arguments = "".join(event["delta"] for event in deltas)
+    assert arguments == events[-3]["arguments"] == whole["arguments"]  # greedy: the non-streamed call
+    done = events[-2]["item"]
+    assert done == {**added, "arguments": arguments, "status": "completed"}
+    assert events[-1]["response"]["output"] == [done]
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+
+
+def test_responses_named_function_cut_short_is_incomplete(server):
+    """max_output_tokens cuts the JSON: the call item says "incomplete" (the arguments as written), streamed or not,
+    and the response's reason is max_output_tokens."""
+    body = {**RESPONSES_BODY, "max_output_tokens": 16}  # OpenAI's least; the JSON needs more here
+    response = server.post("/v1/responses", json=body).json()
+    assert response["status"] == "incomplete"
+    assert response["incomplete_details"] == {"reason": "max_output_tokens"}
+    [item] = response["output"]
+    assert item["type"] == "function_call" and item["status"] == "incomplete" and item["arguments"]
+    events = _response_events(server, body)
+    assert events[-1]["type"] == "response.incomplete"
+    assert events[-1]["response"]["output"][0]["arguments"] == item["arguments"]
+    assert events[-1]["response"]["output"][0]["status"] == "incomplete"
+
+
+def test_responses_named_function_without_parameters_and_required(server):
+    other = server.post("/v1/responses", json={**RESPONSES_BODY, "tool_choice": {"type": "function", "name": "Other"}})
+    assert other.status_code == 200, other.text[:300]
+    [item] = other.json()["output"]
+    assert item["name"] == "Other" and json.loads(item["arguments"]) == {}
+    required = server.post("/v1/responses", json={**RESPONSES_BODY, "tool_choice": "required"})
+    assert required.status_code == 400, required.text[:300]
+    assert "tools are not supported with this model's chat template" in required.json()["error"]["message"]

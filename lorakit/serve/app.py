@@ -373,7 +373,7 @@ def create_app(state: ServerState) -> FastAPI:
         tools = body.chat_tools()
         served = await _open_model(state, body.model, request)  # its template renders the input
         try:
-            jobs, bridge, prompt_ids, think, calls = await _respond(state, body, served, tools, spec)
+            jobs, bridge, prompt_ids, think, calls, named = await _respond(state, body, served, tools, spec)
         finally:
             _let_go(state, served)
         sent, own = request_ids(request)  # the header's id, else the body's, else the x-request-id (vLLM's order)
@@ -381,7 +381,7 @@ def create_app(state: ServerState) -> FastAPI:
         created = int(time.time())
         if body.stream:
             return StreamingResponse(response_events(state, body, jobs[0], bridge, ident, item_id, created,
-                                                     len(prompt_ids), think, calls, served.text),
+                                                     len(prompt_ids), think, calls, served.text, named),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         collected = await _collect(state, request, jobs, bridge)
         if isinstance(collected, JSONResponse):
@@ -390,7 +390,7 @@ def create_app(state: ServerState) -> FastAPI:
         logprobs = answer_logprobs(served.text, infos[0]) if body.logprobs_count() is not None else None
         try:
             return final_response(body, ident, item_id, created, pieces[0], reasons[0], len(prompt_ids),
-                                  len(jobs[0].tokens), think, calls, logprobs, jobs[0].cached or 0)
+                                  len(jobs[0].tokens), think, calls, logprobs, jobs[0].cached or 0, named)
         except LorakitError as error:  # a forced call the model did not write
             raise APIError(500, str(error), type="server_error", code="invalid_tool_call") from None
 
@@ -431,31 +431,38 @@ def _not_the_base(state: ServerState, name: str, action: str) -> None:
 
 
 async def _respond(state: ServerState, body: ResponsesRequest, served: _Served, tools: list[dict] | None,
-                   spec: tuple | None) -> tuple[list[Request], _Bridge, list[int], AnswerStart | None, tuple | None]:
+                   spec: tuple | None) -> tuple[list[Request], _Bridge, list[int], AnswerStart | None, tuple | None,
+                                                SchemaCall | None]:
     """A Responses request's input through ``served``'s template and its one job submitted (the pin handed to it):
     ``(jobs, bridge, prompt ids, reasoning start, (call format, tool names, one call only, forced prefix) or
-    None)``. ``spec``: its ``text.format``."""
+    None, the named call held to its schema or None)``. ``spec``: its ``text.format``."""
     text = served.text
-    if tools is None and not body.has_tool_items():
+    # a named function on a template without a call format: the answer is held to its parameters' schema and the
+    # input has no tools (the template writes none), as on chat (named_call.py)
+    named = schema_call(text.tokenizer, body, tools)
+    listed = None if named is not None else tools
+    if listed is None and not body.has_tool_items():
         prompt_ids = await run_in_threadpool(_encode, state, text, body.messages(), True, body.template_options(),
                                              "input")
     else:  # an agent's request: its tools, calls and their results through the template, as chat renders them
-        prompt_ids = await run_in_threadpool(_encode_agent, state, text, body.messages(), tools, body.calls_parsed(),
-                                             body.template_options(), "input")
+        prompt_ids = await run_in_threadpool(_encode_agent, state, text, body.messages(), listed,
+                                             body.calls_parsed() and named is None, body.template_options(), "input")
     forced = None
-    if body.forced_call() is not None:  # "required" or a named function: the answer starts the call
+    if body.forced_call() is not None and named is None:  # "required" or a named function: the answer starts the call
         forced = forced_prefix(call_format(text.tokenizer, tools), body.forced_call())
         prompt_ids = prompt_ids + await run_in_threadpool(text.encode_text, forced)
     limit = _check_lengths(state, prompt_ids, body.max_output_tokens, True, which="the input",
                            field="max_output_tokens", param="input")
     fmt = call_format(text.tokenizer, tools) if tools else None
-    calls = (fmt, body.callable_names(), body.parallel_tool_calls is False, forced) if body.calls_parsed() else None
+    calls = (fmt, body.callable_names(), body.parallel_tool_calls is False, forced) \
+        if body.calls_parsed() and named is None else None
     params = _sampling_params(state, body, [limit], 1, None,
                               body.answer_ends(text.stop_token_ids, call_end_tokens(text.tokenizer, fmt)))
-    options, shown = body.served_options(text.stop_token_ids, text.vocab_size, "text.format" if spec else None,
+    spec, field = (spec, "text.format") if named is None else (named.spec(), "tool_choice")
+    options, shown = body.served_options(text.stop_token_ids, text.vocab_size, field if spec else None,
                                          text.encode_text)
     think = await run_in_threadpool(_think_state, text, prompt_ids) if forced is None else None
-    constraints = await _constraints(state, text, spec, "text.format", params, think)
+    constraints = await _constraints(state, text, spec, field, params, think)
     if forced is not None and constraints is None:  # the call held to the tools' schemas
         constraints = await _forced_constraints(state, text, fmt, tools, body, params)
     steers = await run_in_threadpool(_steers, text, body, [prompt_ids], 1, think, fmt if calls else None, forced)
@@ -467,7 +474,7 @@ async def _respond(state: ServerState, body: ResponsesRequest, served: _Served, 
                            think, _logit_bias(text, body), (body.presence_penalty, body.frequency_penalty),
                            options=options, shown=shown, repetition=body.repetition_detection, steers=steers,
                            salt=getattr(body, "cache_salt", None))
-    return jobs, bridge, prompt_ids, think, calls
+    return jobs, bridge, prompt_ids, think, calls, named
 
 
 def _encode(state: ServerState, text: ModelText, prompt, chat: bool, template_kwargs: dict | None = None,
@@ -1094,8 +1101,8 @@ async def _constraints(state: ServerState, text: ModelText, spec: tuple | None, 
     name[, whitespace])`` from the request field ``param``: structured.compile_format). Inside a reasoning block
     (``think``) the matchers wait for it to close (:func:`_submit` switches them on). Refused in one line when
     llguidance is not installed, or for a schema it cannot compile."""
-    if spec is None:
-        return None
+    if spec is None or not params:  # no row generates (echo with max_tokens 0 only scores): nothing to hold, and
+        return None                 # build() below reads params[0] (an IndexError's 500 before)
     kind, value, name, *more = spec
     head = state.model.get_output_embeddings()
     columns = head.weight.shape[0] if head is not None else state.model.config.vocab_size  # the logits' width

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from lorakit.serve.answers import logprobs_object
 from lorakit.serve.engine import Request, TokenInfo
+from lorakit.serve.named_call import SchemaCall
 from lorakit.serve.protocol import ResponsesRequest
 from lorakit.serve.reasoning import AnswerStart, ReasoningStream
 from lorakit.errors import LorakitError
@@ -148,23 +149,33 @@ def output_items(item_id: str, reasoning: str | None, content: str | None, calls
 def final_response(body: ResponsesRequest, ident: str, item_id: str, created: int, pieces: list[str], reason: str,
                    input_tokens: int, output_tokens: int, think: AnswerStart | str | None = None,
                    calls: tuple[str, set[str], bool, str | None] | None = None,
-                   logprobs: list[dict] | None = None, cached_tokens: int = 0) -> dict:
+                   logprobs: list[dict] | None = None, cached_tokens: int = 0,
+                   named: SchemaCall | None = None) -> dict:
     """The finished answer (the non-streamed body) from its engine pieces (``logprobs``: the answer's, where asked:
     :func:`answer_logprobs`); ``think``: where the answer starts
     with respect to its reasoning block (``ReasoningParser.start``; None: no reasoning is split off); ``calls``:
-    (format, tool names, first call only, the forced start of a call or None) when calls are parsed. Raises ``LorakitError`` when a forced
-    call was not written (``tool_calls.forced_calls``)."""
+    (format, tool names, first call only, the forced start of a call or None) when calls are parsed; ``named``: a
+    named function on a template without a call format (``named_call.py``): the answer (its text after any
+    reasoning) is that function's one call. Raises ``LorakitError`` when a forced call was not written
+    (``tool_calls.forced_calls``)."""
     reasoning, content, reasoning_tokens = None, "".join(pieces), 0
     if think is not None:
         split = ReasoningStream.of(pieces, think)
         (reasoning, content), reasoning_tokens = split.result(), split.reasoning_tokens
+    status = _status(reason)
+    if named is not None:  # no message: the text is the call's arguments (its item "incomplete" when cut)
+        output = [] if reasoning is None else \
+            [_reasoning(_reasoning_id(item_id), reasoning, status if content is None else "completed")]
+        if content is not None:
+            output.append(_function_call(named.call(content), status))
+        return response_object(body, ident, created, status, output,
+                               usage(input_tokens, output_tokens, reasoning_tokens, cached_tokens))
     if calls and calls[3] is not None:  # the answer continues the call its prompt began
         parsed = forced_calls(calls[3] + content, calls[0], calls[1], _forced_name(body), calls[2])
     else:
         parsed = parse_calls(content, *calls[:3]) if calls and content else None
     if parsed is not None:
         content = parsed[0] or ""
-    status = _status(reason)
     output = output_items(item_id, reasoning, content, parsed[1] if parsed else None, status, logprobs)
     return response_object(body, ident, created, status, output,
                            usage(input_tokens, output_tokens, reasoning_tokens, cached_tokens))
@@ -177,7 +188,7 @@ def _forced_name(body: ResponsesRequest) -> str:
 async def response_events(state: ServerState, body: ResponsesRequest, job: Request, bridge: _Bridge, ident: str,
                           item_id: str, created: int, input_tokens: int, think: AnswerStart | str | None = None,
                           calls: tuple[str, set[str], bool, str | None] | None = None,
-                          side: ModelText | None = None):
+                          side: ModelText | None = None, named: SchemaCall | None = None):
     """The SSE stream of one answer, from the engine events of ``job`` (``app._submit``'s bridge); ``think`` and
     ``calls`` as for :func:`final_response`, whose output the events add up to. A client that goes away closes
     this generator, and ``finally`` cancels the job, as the chat stream does.
@@ -196,6 +207,10 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
     each ``output_text.delta`` carries the logprobs of the tokens that came since the last one (a reasoning
     block's before the first), and ``output_text.done`` and the message item all the answer's tokens', as the
     non-streamed answer.
+
+    With ``named`` (a named function on a template without a call format: ``named_call.py``) there is no message:
+    the answer's text (after any reasoning) streams as that one call's arguments, its item added with the first
+    piece, as vLLM streams a named call.
     """
     sequence = 0
 
@@ -288,6 +303,27 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
                 yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
                             delta=piece)
 
+    named_head = named.call("") if named is not None else None  # the named call's id, fixed for all its events
+    named_slot: list[int] = []  # its output index once its item was added
+
+    def named_events(piece: str, status: str | None = None):
+        """The named call's item (added once, before its first piece), a piece of its arguments; with ``status``,
+        its end (the arguments whole)."""
+        item = _function_call(named_head, "in_progress", "")
+        if not named_slot:
+            named_slot.append(open_slot())
+            yield event("response.output_item.added", output_index=named_slot[0], item=item)
+        if piece:
+            texts["message"] += piece
+            yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=named_slot[0],
+                        delta=piece)
+        if status is not None:
+            done = _function_call(named_head, status, texts["message"])
+            yield event("response.function_call_arguments.done", item_id=done["id"], output_index=named_slot[0],
+                        arguments=done["arguments"])
+            yield event("response.output_item.done", output_index=named_slot[0], item=done)
+            slots[named_slot[0]] = done
+
     def end_calls(found: list[dict] | None):
         """Each call's ``.done`` and ``output_item.done``: the parsed calls whole; calls begun but not parsed in
         the end, "incomplete" with the arguments sent."""
@@ -337,7 +373,7 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
                     text = (content or "")[holder.emitted:]
                 else:
                     text, found = holder.finish(text)
-            for chunk in add("message", text):
+            for chunk in add("message", text) if named is None else named_events(text) if text else ():
                 yield chunk
             if holder is not None and reason is None:
                 for chunk in call_events(holder.call_deltas()):
@@ -352,6 +388,8 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
             for i, (index, item) in enumerate(call_items):
                 if slots[index] is None:
                     slots[index] = {**item, "arguments": holder.sent[i][2], "status": "incomplete"}
+            if named_slot:
+                slots[named_slot[0]] = _function_call(named_head, "incomplete", texts["message"])
             cached = getattr(job, "cached", None) or 0
             failed = response_object(body, ident, created, "failed", slots, usage(input_tokens, len(job.tokens), 0, cached),
                                      error=error)
@@ -362,7 +400,10 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
             for chunk in close("reasoning", status):
                 yield chunk
         unfinished = thinking is not None and not thinking.finished_thinking
-        if "message" not in open_items and not unfinished and not found:  # an answer with no text says so
+        if named is not None and not unfinished:  # the call, also where no text came (as the non-streamed answer)
+            for chunk in named_events("", status):
+                yield chunk
+        elif named is None and "message" not in open_items and not unfinished and not found:  # no text: said so
             for chunk in open_item("message"):
                 yield chunk
         if "message" in open_items:
