@@ -9,7 +9,7 @@ import json
 from typing import TYPE_CHECKING
 
 from lorakit.errors import LorakitError
-from lorakit.serve.engine import Request, TokenInfo
+from lorakit.serve.engine import NO_TOKEN, Request, TokenInfo
 from lorakit.serve.protocol import error_body
 from lorakit.serve.reasoning import ReasoningStream
 from lorakit.serve.named_call import ArgumentStream, SchemaCall
@@ -21,15 +21,19 @@ if TYPE_CHECKING:
 
 
 STRUCTURED_FAILURE = "error: structured output: "  # the engine's finish reason where a row's format failed
+NO_TOKEN_FAILURE = f"error: {NO_TOKEN}"  # ... where the request's options together allowed no token
 
 
 def failure(reason: str) -> tuple[int, dict]:
     """The HTTP status and OpenAI error body of a job that finished with ``reason`` "error: ...": a format that
     could not be followed (a grammar over llguidance's limits, or one that allows no token the model has) is the
-    request's 400; anything else failed in the server, a 500."""
+    request's 400, as is a row the request's own options left no token to draw (``engine.NO_TOKEN``); anything
+    else failed in the server, a 500."""
     if reason.startswith(STRUCTURED_FAILURE):
         return 400, error_body(f"the answer could not follow the format: {reason[len(STRUCTURED_FAILURE):]}",
                                code="invalid_response_format")
+    if reason.startswith(NO_TOKEN_FAILURE):  # the request's options allow no token together: the client's to change
+        return 400, error_body(f"the request's {reason[len(NO_TOKEN_FAILURE):]}", code="invalid_request")
     return 500, error_body(f"generation failed: {reason[7:]}", type="server_error")
 
 

@@ -56,6 +56,10 @@ class TokenInfo:
 # the decoder's row-wise grouped kernels read it once per token. Only with chunked prefill off (prefill_chunk=0).
 STATIC_PREFILL_MAX_TOKENS = 2048
 
+# the start of a job's finish reason where the request's own options (allowed_token_ids, bad_words, min_tokens, a
+# format) left its row no token to draw: the client's 400 (answers.failure), not a failure of the server
+NO_TOKEN = "no token allowed: "
+
 # With the static decoder, prompt tokens prefilled per engine step at most (``Engine``'s prefill_chunk default)
 PREFILL_CHUNK_TOKENS = 2048
 
@@ -420,6 +424,7 @@ class Engine:
         OpenAI's options), greedy rows take the argmax, sampled rows are drawn together (``sampling.sample_rows``:
         each from its own generator, so no row depends on its neighbours), and the tokens come to the host in one
         copy."""
+        model = logits  # as the model gave them: a row with nothing to draw from says whose fault that is
         processed = Engine._processed(requests, logits)
         logits = Engine._steered(requests, processed, processed is logits)
         tokens = logits.argmax(dim=-1)  # the greedy rows' tokens (and a placeholder for the others)
@@ -445,9 +450,30 @@ class Engine:
             else:
                 tokens[index] = picked
         chosen = tokens.tolist()
-        errors = [None if token >= 0 else "sampling failed: the row's probabilities are NaN or all zero (its "
-                  "logits are not finite, or allowed_token_ids and min_tokens left no token)" for token in chosen]
+        errors = [None if token >= 0 else Engine._no_token(requests[i], model[i]) for i, token in enumerate(chosen)]
         return chosen, errors
+
+    @staticmethod
+    def _no_token(request: Request, logits: torch.Tensor) -> str:
+        """Why ``request``'s row had nothing to draw from, its ``logits (V,)`` as the model gave them: logits
+        that are not finite are the server's failure; otherwise the request's own options refused every token
+        (:data:`NO_TOKEN`, the client's 400). Such a request (``allowed_token_ids`` no JSON can start with beside a
+        ``response_format``, ``bad_words`` banning a ``guided_choice``'s only word, ...) was a 500 "generation
+        failed", which the openai package retries, failing the same way each time."""
+        if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits).any()):
+            return "sampling failed: the model's logits are not finite (NaN or infinite)"
+        options, constraint = request.options, request.constraint
+        formatted = constraint is not None and constraint.active
+        given = [name for name, on in (("allowed_token_ids", options.allowed is not None),
+                                       ("bad_words", bool(options.banned)),
+                                       ("min_tokens", len(request.tokens) < options.min_tokens),
+                                       ("the format (response_format, structured_outputs, guided_* or a named "
+                                        "tool's parameters)", formatted))
+                 if on]
+        if not given:  # the server's own steering (a thinking budget, allowed_tools) left nothing: a bug of its own
+            return "sampling failed: no token was left to draw from"
+        return (f"{NO_TOKEN}{' and '.join(given)} left no token to choose from at answer token "
+                f"{len(request.tokens) + 1}; loosen them so that they allow a token together")
 
     @staticmethod
     def _processed(requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
