@@ -22,6 +22,9 @@ from lorakit.errors import LorakitError
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# NAME_PATTERN (and no "..") in words, the whole rule: a name of allowed characters only (".hidden", "_draft",
+# "a..b", 129 characters) was told to use "letters, digits, '.', '_', '-'", which it did
+NAME_RULE = "a name is 1 to 128 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit, without '..'"
 
 
 class UnsafeNameError(LorakitError):
@@ -36,8 +39,8 @@ def check_name(name: object) -> str:
     """The name itself, if it is a plain folder name; raises ``UnsafeNameError`` otherwise."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         shown = repr(name)[:80]
-        raise UnsafeNameError(f"adapter name {shown} is not allowed: use a folder name of the adapters folder "
-                              "(letters, digits, '.', '_', '-'; no paths)")
+        raise UnsafeNameError(f"adapter name {shown} is not allowed: {NAME_RULE} (a folder of the adapters folder; "
+                              "no paths)")
     return name
 
 

@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HTTPRequest
 
 from lorakit.errors import LorakitError
-from lorakit.serve.paths import UnknownAdapterError, UnsafeNameError, check_name
+from lorakit.serve.paths import NAME_RULE, UnknownAdapterError, UnsafeNameError, check_name
 from lorakit.serve.pool import AdapterBusy, NameTaken, PathForbidden
 from lorakit.serve.protocol import APIError, ChatRequest, _Strict
 from lorakit.serve.transport import parse, read_json
@@ -197,8 +197,8 @@ def _checked(name: str) -> None:
     """A 400 naming the rule for a ``lora_name`` that is no folder-style name."""
     try:
         check_name(name)
-    except UnsafeNameError as error:
-        raise APIError(400, str(error).replace("adapter name", "lora_name", 1), param="lora_name",
+    except UnsafeNameError:  # the rule alone: a lora_name names no folder (its lora_path does)
+        raise APIError(400, f"lora_name {repr(name)[:80]} is not allowed: {NAME_RULE}", param="lora_name",
                        code="invalid_adapter_name") from None
 
 
