@@ -160,14 +160,25 @@ def test_merge_writes_a_chat_template_in_the_runs_prompt_format(kind, runs, tmp_
 def test_serve_renders_the_runs_chats_in_its_prompt_format(runs, tmp_path):
     """`lorakit serve --adapters RUN` (what serve suggests for a run folder): a chat request to the run's adapter
     is rendered in the run's prompt format, its prompt ids training's; before, a 400 ("this tokenizer has no chat
-    template"). The base itself (no template, no run) still refuses chats, and /v1/completions sends text as it is."""
+    template"). The base itself (no template, no run) still refuses chats, and /v1/completions sends text as it is.
+    The run is an older one's: its adapter holds no tokenizer (a run now saves the framed one beside it, which
+    test_followups_22_train_template serves), so the format comes from results.json; /v1/models and /v1/adapters
+    say the adapter's chats are its own ("tokenizer": "adapter"; /v1/models said "base" until session 23)."""
+    import shutil
+
     from transformers import AutoTokenizer
 
     base = AutoTokenizer.from_pretrained(runs["base"])
     record = _records("alpaca")[0]
-    server = ServerProcess(runs["base"], runs["alpaca"], "--max-tokens", "4", log=tmp_path / "server.log")
+    run = shutil.copytree(runs["alpaca"], tmp_path / "run")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (run / "adapter" / name).unlink(missing_ok=True)
+    server = ServerProcess(runs["base"], run, "--max-tokens", "4", log=tmp_path / "server.log")
     try:
         with httpx.Client(base_url=server.url, timeout=120) as client:
+            listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+            assert listed["adapter"]["tokenizer"] == "adapter", listed
+            assert client.get("/v1/models/adapter").json()["tokenizer"] == "adapter"
             def chat(model, messages):
                 return client.post("/v1/chat/completions", json={
                     "model": model, "messages": messages, "max_tokens": 1, "temperature": 0, "return_token_ids": True})
@@ -184,6 +195,8 @@ def test_serve_renders_the_runs_chats_in_its_prompt_format(runs, tmp_path):
                                                          "return_token_ids": True})
             assert text.status_code == 200, text.text
             assert text.json()["choices"][0]["prompt_token_ids"] == base("Hi")["input_ids"]
+            [loaded] = [a for a in client.get("/v1/adapters").json()["data"] if a["name"] == "adapter"]
+            assert loaded["tokenizer"] == "adapter", loaded
     finally:
         server.stop()
     assert "adapters with their own chat template" in server.output() and "adapter" in server.output()

@@ -54,6 +54,15 @@ def has_tokenizer(folder: Path) -> bool:
     return any(os.path.lexists(folder / name) for name in TOKENIZER_FILES)
 
 
+def renders_own_chats(folder: Path, base_tokenizer: Any) -> bool:
+    """Whether adapter folder ``folder``'s chats are rendered by its own text side, not the base's (/v1/models'
+    ``"tokenizer": "adapter"``): it holds a tokenizer, or (on a base without a chat template) it was trained by a
+    run in a prompt format that :func:`adapter_text` gives it (a run from before adapters carried that tokenizer)."""
+    if has_tokenizer(folder):
+        return True
+    return not getattr(base_tokenizer, "chat_template", None) and run_prompt_frame(folder) is not None
+
+
 def adapter_text(folder: Path, name: str, base: ModelText, model: Any, reasoning_choice: str = "auto"
                  ) -> ModelText | None:
     """The text side of adapter ``name`` (folder ``folder``) on ``model``: None when its folder holds no tokenizer

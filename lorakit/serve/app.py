@@ -42,7 +42,7 @@ from lorakit.errors import LorakitError
 from lorakit.generation import SamplingParams
 from lorakit.serve.answers import (failure, logprobs_object, prompt_details, prompt_logprobs, stream_events,
                                    vllm_prompt_logprobs)
-from lorakit.serve.adapter_tokenizer import has_tokenizer
+from lorakit.serve.adapter_tokenizer import renders_own_chats
 from lorakit.serve.engine import Engine, Request, TokenInfo
 from lorakit.serve.generation_defaults import apply_defaults
 from lorakit.serve.http_metrics import CountRequests, HTTPCounts
@@ -262,7 +262,7 @@ def create_app(state: ServerState) -> FastAPI:
             folder = await run_in_threadpool(state.pool.listed, model)
         except LorakitError as error:
             raise await _name_error(state, error, model) from None
-        own = await run_in_threadpool(has_tokenizer, folder)
+        own = await run_in_threadpool(renders_own_chats, folder, state.text.tokenizer)
         return {"id": model, "object": "model", "created": state.created, "owned_by": "lorakit",
                 "parent": state.base_name, "loaded": await run_in_threadpool(state.pool.is_loaded, model),
                 "tokenizer": _tokenizer_of(model, {model} if own else set())}
@@ -412,8 +412,10 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 def _own_tokenizers(state: ServerState, names: list[str]) -> set[str]:
-    """The adapters among ``names`` whose folder holds a tokenizer of its own (a stat or four each)."""
-    return {name for name in names if has_tokenizer(state.pool.registered(name) or state.pool.root / name)}
+    """The adapters among ``names`` whose chats their own text side renders (``renders_own_chats``: a stat or four
+    each, and a small results.json read for a run's adapter on a base without a chat template)."""
+    return {name for name in names
+            if renders_own_chats(state.pool.registered(name) or state.pool.root / name, state.text.tokenizer)}
 
 
 def _tokenizer_of(name: str, own: set[str]) -> str:
