@@ -29,7 +29,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from test_serve_support import ServerProcess, tiny_hf_folder
+from test_serve_support import tiny_server_client
 
 SYSTEM = {"role": "system", "content": "Extract the order as JSON."}
 USER = {"role": "user", "content": "Send 3 rain jackets to Milan on Monday."}
@@ -40,16 +40,8 @@ ORDER = {"properties": {"item": {"title": "Item", "type": "string"}, "qty": {"ti
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clients22")
-    model = tiny_hf_folder(root / "model")  # ChatML without tools: a template that writes no tool calls
-    (root / "adapters").mkdir()
-    process = ServerProcess(model, root / "adapters", "--max-tokens", "64", log=root / "server.log")
-    client = httpx.Client(base_url=process.url, timeout=60)
-    try:
+    with tiny_server_client(tmp_path_factory.mktemp("clients22"), "--max-tokens", "64") as client:
         yield client
-    finally:
-        client.close()
-        process.stop()
 
 
 def _error(response: httpx.Response) -> str:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
-from test_serve_support import ServerProcess, tiny_hf_folder
+from test_serve_support import tiny_server_client
 
 # a schema a random tiny model fills in few tokens (compact JSON: no free whitespace)
 PLACE = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Milan", "Rome"]},
@@ -29,16 +28,8 @@ BODY = {"model": "base", "messages": [{"role": "user", "content": "Send it to Mi
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("named22")
-    model = tiny_hf_folder(root / "model")  # ChatML without tools: a template that writes no tool calls
-    (root / "adapters").mkdir()
-    process = ServerProcess(model, root / "adapters", "--max-tokens", "64", log=root / "server.log")
-    client = httpx.Client(base_url=process.url, timeout=60)
-    try:
+    with tiny_server_client(tmp_path_factory.mktemp("named22"), "--max-tokens", "64") as client:
         yield client
-    finally:
-        client.close()
-        process.stop()
 
 
 def _valid_place(arguments: str) -> None:

@@ -8,6 +8,7 @@ and no model cache. ``make_adapter``: a PEFT-format adapter with random non-zero
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -143,6 +144,22 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+@contextlib.contextmanager
+def tiny_server_client(root: Path, *extra: str):
+    """An ``httpx.Client`` on a server (``ServerProcess``, its log in ``root``) of a ``tiny_hf_folder`` model
+    (ChatML without tools: a template that writes no tool calls) with an empty adapters folder; stopped after."""
+    import httpx
+
+    model = tiny_hf_folder(root / "model")
+    (root / "adapters").mkdir()
+    process = ServerProcess(model, root / "adapters", *extra, log=root / "server.log")
+    try:
+        with httpx.Client(base_url=process.url, timeout=60) as client:
+            yield client
+    finally:
+        process.stop()
 
 
 # -- tests of the helpers ----------------------------------------------------------------------------------------
