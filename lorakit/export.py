@@ -971,17 +971,36 @@ def _dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_gguf_tokenizer(tokenizer, vocab_size: int) -> dict:
+    """The tokenizer.json spec of a tokenizer GGUF export can write, or one line saying why not and what to do.
+
+    ``export_merged`` asks this before merging: a Unigram / WordPiece tokenizer or one with tokens past the
+    embedding's rows was refused only once the merge (minutes on a large model on a CPU) was done, and the
+    Hugging Face folder asked for beside the GGUF was not written either."""
+    instead = ("; merge without --format gguf (the Hugging Face folder alone; in Python, gguf_type=None) and convert "
+               "that folder with llama.cpp's convert_hf_to_gguf.py")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise LorakitError(f"GGUF export needs a fast (tokenizer.json) tokenizer{instead}")
+    spec = json.loads(backend.to_str())
+    model_spec = spec.get("model", {})
+    if model_spec.get("type") != "BPE":
+        raise LorakitError(f"GGUF export supports BPE tokenizers; this one is {model_spec.get('type')!r}{instead}")
+    if len(tokenizer) > vocab_size:
+        # llama.cpp's vocabulary must fit the embedding: a token past its rows has no embedding to read
+        raise LorakitError(f"GGUF export: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                           f"{vocab_size} rows (tokens added to the tokenizer without resizing the model); resize the "
+                           "base to the tokenizer first (model.resize_token_embeddings(len(tokenizer)), then "
+                           "save_pretrained), or merge without --format gguf for the Hugging Face folder alone")
+    return spec
+
+
 def _tokenizer_metadata(writer, tokenizer, vocab_size: int, base_name: str) -> None:
     """Vocabulary, merges, special ids and chat template, as llama.cpp's converter writes them."""
     import gguf
 
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise LorakitError("GGUF export needs a fast (tokenizer.json) tokenizer")
-    spec = json.loads(backend.to_str())
+    spec = check_gguf_tokenizer(tokenizer, vocab_size)
     model_spec = spec.get("model", {})
-    if model_spec.get("type") != "BPE":
-        raise LorakitError(f"GGUF export supports BPE tokenizers; this one is {model_spec.get('type')!r}")
     id_to_token = {i: t for t, i in tokenizer.get_vocab().items()}
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     tokens, types = [], []
@@ -1126,8 +1145,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
     head_dim = _config_value(config, "head_dim", config.hidden_size // n_head)
     rope_theta = _config_value(config, "rope_theta", _rope(config, arch).get("rope_theta", 10000.0))
     vocab_size = tensors["token_embd.weight"].shape[0]
-    if len(tokenizer) > vocab_size:
-        raise LorakitError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab_size}")
+    check_gguf_tokenizer(tokenizer, vocab_size)  # before the file is opened
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch.arch)
         writer.add_name(name)
@@ -1187,6 +1205,10 @@ def export_merged(model: nn.Module, tokenizer, adapter: str, out: str | os.PathL
         gguf_arch(model.config)
         if gguf_type not in GGUF_TYPES:
             raise LorakitError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        rows = getattr(embedding, "num_embeddings", None)
+        if isinstance(rows, int):  # the tokenizer too, not only after the merge (it was: minutes lost on a big model)
+            check_gguf_tokenizer(tokenizer, rows)
     _checked_out(model, out, overwrite)  # before merging: a refused folder leaves the model as it was
     shard_size(max_shard_size)
     dtype = export_dtype(dtype)

@@ -1,0 +1,154 @@
+"""Follow-ups, session 23: other people's model folders and hostile adapter files given to the CLI.
+
+What tests/test_newuser_audit_*_models.py, *_hostile.py, test_cli_paths_audit.py and test_model_folders.py leave
+out. Each test failed on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import cli_error
+from test_serve_support import make_adapter, tiny_hf_folder
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("folders")
+    base = tiny_hf_folder(root / "base")
+    make_adapter(AutoModelForCausalLM.from_pretrained(base), root / "adapter", seed=1)
+    return root
+
+
+def _unigram_tokenizer():
+    """A small Unigram (SentencePiece-style, as T5's or ALBERT's) fast tokenizer: not BPE, so not GGUF's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=60, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                      unk_token="<unk>")
+    tokenizer.train_from_iterator(["hello world this is a test of many words", "the quick brown fox"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["unigram", "past-the-embedding"])
+def test_a_tokenizer_gguf_cannot_hold_is_refused_before_the_merge(root, tmp_path, capsys, monkeypatch, kind):
+    """``lorakit merge --format gguf`` checked the model's family before any work, but the tokenizer only once the
+    merge was done (minutes on a large model on a CPU), and the refusal ("GGUF export supports BPE tokenizers; this
+    one is 'Unigram'", "the tokenizer has 362 tokens but the model's embedding only 360") said nothing of what to do.
+    Now both are said before merging, with the way out."""
+    from transformers import AutoTokenizer
+
+    import lorakit.export
+    from lorakit.cli import main
+
+    model = shutil.copytree(root / "base", tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (model / name).unlink()
+    if kind == "unigram":
+        _unigram_tokenizer().save_pretrained(model)
+        words = "GGUF export supports BPE tokenizers; this one is 'Unigram'; merge without --format gguf"
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(root / "base")
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<tool>", "</tool>"]})  # the model not resized
+        tokenizer.save_pretrained(model)
+        words = (f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {len(tokenizer) - 2} rows"
+                 " (tokens added to the tokenizer without resizing the model); resize the base")
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("merged before the tokenizer was checked")
+
+    monkeypatch.setattr(lorakit.export, "merge_model", no_merge)
+    out = tmp_path / "merged"
+    line = cli_error(capsys, main(["merge", "--model", str(model), "--adapter", str(root / "adapter"), "--out", str(out),
+                                   "--format", "gguf"]))
+    assert words in line, line
+    assert not out.exists()
+
+
+def test_gguf_export_of_a_bpe_tokenizer_still_writes(root, tmp_path):
+    """The early check passes what write_gguf writes (the tiny BPE tokenizer of every GGUF test)."""
+    import lorakit
+    from lorakit.export import export_merged
+
+    model, tokenizer = lorakit.load_base(str(root / "base"))
+    lorakit.load_adapter(model, root / "adapter")
+    export_merged(model, tokenizer, "default", tmp_path / "m", gguf_type="f16")
+    assert (tmp_path / "m" / "m-f16.gguf").stat().st_size > 0
+
+
+def _edited(adapter: Path, folder: Path, **change) -> Path:
+    shutil.copytree(adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["targets", "shapes"])
+@pytest.mark.parametrize("command", ["generate", "merge", "combine", "eval"])
+def test_an_adapter_that_does_not_fit_its_own_base_is_not_sent_back_to_that_base(root, tmp_path, capsys, monkeypatch,
+                                                                                 damage, command):
+    """An adapter whose own files disagree with the base its adapter_config.json names (a hand-edited r or
+    target_modules, tensors from another save) was told "...; pass --model /abs/base" while --model was that very
+    folder, written as a relative path: advice that only goes round in a circle. Now the line says that base is the
+    one loaded, so the adapter's files are what changed."""
+    from lorakit.cli import main
+
+    adapter = root / "adapter"
+    if damage == "targets":
+        broken = _edited(adapter, tmp_path / "broken", target_modules=["foo_proj"])
+    else:
+        broken = _edited(adapter, tmp_path / "broken", r=5, lora_alpha=10)
+    assert json.loads((broken / "adapter_config.json").read_text())["base_model_name_or_path"] == str(root / "base")
+    monkeypatch.chdir(root)
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "the cat sat"}) + "\n")
+    extra = {"generate": ["--adapter", str(broken), "Hi"],
+             "merge": ["--adapter", str(broken), "--out", str(tmp_path / "out")],
+             "combine": ["--adapter", f"{broken}=0.5", "--out", str(tmp_path / "out")],
+             "eval": ["--adapter", str(broken), "--data", str(data), "--no-progress"]}[command]
+    line = cli_error(capsys, main([command, "--model", "base", *extra]))  # relative: the same folder as the named one
+    assert "pass --model" not in line, line
+    assert line.endswith("that is the base loaded (--model base): the adapter does not fit the model it was saved for "
+                         "(its files edited or mixed with another save's, or that base changed since); save the adapter "
+                         "again from its run"), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_on_another_folder_is_still_sent_to_its_own_base(root, tmp_path, capsys):
+    """The other base's folder, not the loaded one: the fix stays "pass --model <its base>"."""
+    from lorakit.cli import main
+
+    other = shutil.copytree(root / "base", tmp_path / "other")
+    broken = _edited(root / "adapter", tmp_path / "broken", r=5)
+    line = cli_error(capsys, main(["generate", "--model", str(other), "--adapter", str(broken), "Hi"]))
+    assert line.endswith(f"pass --model {root / 'base'}"), line
+
+
+def test_same_model_compares_folders_names_and_ids(tmp_path, monkeypatch):
+    from lorakit.commands._args import _same_model
+
+    (tmp_path / "runs" / "x" / "adapter").mkdir(parents=True)
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "models" / "base" / "config.json").write_text("{}")
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "models" / "base").mkdir(parents=True)  # the same relative name, another folder
+    (tmp_path / "here" / "models" / "base" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "here")
+    adapter = tmp_path / "runs" / "x" / "adapter"
+    assert _same_model("smollm2-135m", "smollm2-135m", adapter)
+    assert _same_model("org/tiny", "org/tiny", adapter)  # a Hub id (no such folder here)
+    assert not _same_model("org/tiny", "org/other", adapter)
+    # trained in tmp_path as models/base: that folder, found above the adapter, is not ./models/base here
+    assert not _same_model("models/base", "models/base", adapter)
+    assert _same_model("models/base", str(tmp_path / "models" / "base"), adapter)
+    assert _same_model(str(tmp_path / "here" / "models" / "base"), "models/base", None)
