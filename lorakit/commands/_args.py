@@ -204,6 +204,12 @@ def explain_misfit(error: Exception, adapter_file, model: str, defaulted: bool) 
     if "which adapter_config.json leaves out" in str(error):  # io._unselected_hint: the file disagrees with itself
         return error  # on this base's own layers; another --model would not help
     name = getattr(adapter_file, "base_name", None)
+    if name and _same_model(name, model, getattr(adapter_file, "folder", None)):
+        # "pass --model X" named the very base just loaded, so the advice could only be followed in a circle: the
+        # adapter does not fit the base it was made for, so its own files (or that base folder) changed since
+        return LorakitError(f"{error}; that is the base loaded (--model {model}): the adapter does not fit the model it "
+                            "was saved for (its files edited or mixed with another save's, or that base changed "
+                            "since); save the adapter again from its run")
     # lorakit.io's refusals often end "(adapter_config.json names the base X)" already: then the fix alone, not again
     # which file names the base
     whose = "" if "names the base" in str(error) else ", the base its adapter_config.json names"
@@ -217,6 +223,18 @@ def explain_misfit(error: Exception, adapter_file, model: str, defaulted: bool) 
     if defaulted:
         how = f"--model was not given, so the default {model} was loaded: {how}"
     return LorakitError(f"{error}; {how}")
+
+
+def _same_model(name: str, model: str, adapter_folder) -> bool:
+    """Whether the base an adapter names and the ``--model`` given are one model: one folder written two ways
+    (``base`` and ``/abs/base``, a link to it; a relative name is first looked for above the adapter, where its
+    training ran), or the same name of no folder here (an embedded model, a Hub id in the cache)."""
+    if adapter_folder is not None and not os.path.isabs(name):
+        name = _base_beside(str(adapter_folder), name) or name
+    try:
+        return os.path.samefile(os.path.expanduser(name), os.path.expanduser(model))
+    except (OSError, ValueError):  # one of them is no folder here
+        return name == model and not os.path.exists(os.path.expanduser(model))
 
 
 @contextlib.contextmanager
