@@ -9,8 +9,9 @@ module, on a tiny random Llama).
   ``response_format`` json_object, ``bad_words`` banning the words of a ``guided_choice``, ``min_tokens`` with
   ``allowed_token_ids`` holding only the end token) was a 500 "generation failed: sampling failed: ..." of type
   server_error, which the openai package retries twice, failing the same way each time. It is the client's to
-  change: now a 400 naming the options that left nothing (streamed: the error event says the same); logits that
-  are not finite stay the server's 500.
+  change: now a 400 naming the options that left nothing (streamed: the error event says the same; /v1/responses'
+  ``response.failed`` has OpenAI's ``invalid_prompt`` code for it, and for a format the answer could not follow,
+  where it said ``server_error``); logits that are not finite stay the server's 500.
 - An adapter name made only of the allowed characters but refused all the same (``_draft``, ``.hidden``, ``a..b``,
   129 characters) was told "use a folder name of the adapters folder (letters, digits, '.', '_', '-'; no paths)",
   which it was; a ``lora_name`` (POST /v1/load_lora_adapter), which names no folder, was told the same. The
@@ -109,6 +110,21 @@ def test_options_that_allow_no_token_together_are_the_clients_400(server, option
         "model": "good", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0.5,
         "seed": 1, **options})
     assert chat.status_code == 400 and named in chat.json()["error"]["message"], chat.text
+    _still_serves(server)
+
+
+def test_responses_options_that_allow_no_token_are_the_requests_fault(server):
+    """/v1/responses: a 400 when whole; streamed, ``response.failed`` said ``server_error`` and "generation
+    failed" for what is the request's doing (a format it cannot follow too). Now OpenAI's ``invalid_prompt``, with
+    the 400's message."""
+    body = {"model": "base", "input": "hi", "max_output_tokens": 16, "text": {"format": {"type": "json_object"}},
+            "allowed_token_ids": [5, 6]}
+    whole = server["client"].post("/v1/responses", json=body)
+    assert whole.status_code == 400 and "allowed_token_ids" in whole.json()["error"]["message"], whole.text
+    streamed = server["client"].post("/v1/responses", json={**body, "stream": True})
+    failed = _events(streamed)[-1]
+    assert failed["type"] == "response.failed", failed
+    assert failed["response"]["error"] == {"code": "invalid_prompt", "message": whole.json()["error"]["message"]}
     _still_serves(server)
 
 

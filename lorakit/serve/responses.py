@@ -33,7 +33,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from lorakit.serve.answers import logprobs_object
+from lorakit.serve.answers import failure, logprobs_object
 from lorakit.serve.engine import Request, TokenInfo
 from lorakit.serve.named_call import SchemaCall
 from lorakit.serve.protocol import ResponsesRequest
@@ -379,7 +379,11 @@ async def response_events(state: ServerState, body: ResponsesRequest, job: Reque
                 for chunk in call_events(holder.call_deltas()):
                     yield chunk
         if reason.startswith("error"):
-            error = {"code": "server_error", "message": f"generation failed: {reason[7:]}"}
+            status, refusal = failure(reason)
+            # the request's own doing (a format it could not follow, options that allowed no token): its 400 when
+            # not streamed, so OpenAI's code for a request at fault, not server_error's "generation failed"
+            error = {"code": "server_error" if status >= 500 else "invalid_prompt",
+                     "message": refusal["error"]["message"]}
             if reason.startswith("error: the model did not write"):  # a forced call (tool_calls.forced_calls)
                 error = {"code": "server_error", "message": reason[7:]}
             for kind, index in open_items.items():
