@@ -1235,10 +1235,13 @@ def _token_copies(model: nn.Module, adapter_file: AdapterFile, weights: bool = T
         trained = TokenRows(torch.tensor(indices), delta, tuple(weight.shape)) if weights else None
         # an embedding's rows are also those of every module sharing its weight (a tied head); a head's own rows are
         # its own: peft ties the head's token layer to the embedding's, never the reverse (rows trained on the head
-        # alone of a tied model leave the embedding the base's)
+        # alone of a tied model leave the embedding the base's). A tied head with a delta of its own in the file has
+        # rows of its own: peft ties it only when both get the same ids, and saves one delta then; with other ids it
+        # wraps each alone (the head's copies of the embedding's rows stay the base's), so the embedding's rows must
+        # not land there (they did whenever the embedding's key came after the head's: safetensors' order is random)
         spread = isinstance(module, nn.Embedding)
         for other, tied in base_modules.items():
-            if other == path or (other and spread and getattr(tied, "weight", None) is weight):
+            if other == path or (other and spread and other not in deltas and getattr(tied, "weight", None) is weight):
                 if other in lora_paths:
                     # (a module tied to the embedding: peft's merge_and_unload adds the rows and the LoRA into the
                     # one weight both share, so its merged model has other logits; no advice to merge it)
