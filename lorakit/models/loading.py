@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -798,7 +799,7 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
 
     generation_values = checked_generation_config(folder)
 
-    def load(attn: str | None):
+    def load(attn: str | None, ignore_mismatched_sizes: bool = True):
         kwargs = {"attn_implementation": attn} if attn else {}
         if config is not None:
             # a config.json naming "_attn_implementation" (fine-tuning guides tell people to add "flash_attention_2")
@@ -810,7 +811,8 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
         # ignore_mismatched_sizes: transformers' own refusal points at a load report it logs (muted here); a
         # wrong-shaped tensor is named below instead
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
-                                                    output_loading_info=True, ignore_mismatched_sizes=True,
+                                                    output_loading_info=True,
+                                                    ignore_mismatched_sizes=ignore_mismatched_sizes,
                                                     trust_remote_code=False, **kwargs)
 
     from lorakit.models.load_progress import weights_progress
@@ -823,6 +825,13 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
                 if not attn_implementation or "attention implementation" not in str(error) or attn_implementation == "eager":
                     raise
                 model, info = load("eager")
+            except RuntimeError as error:
+                # transformers 4.x with ignore_mismatched_sizes re-initializes every module, and some _init_weights
+                # (Bamba's A_log.data = ...) then fail on its not-yet-loaded parameters: load without it (a
+                # wrong-shaped tensor is then transformers' own "size mismatch" error, reported below)
+                if "set_data" not in str(error):
+                    raise
+                model, info = load(attn_implementation, ignore_mismatched_sizes=False)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError, TypeError, AssertionError,
             ArithmeticError) as error:
         # ImportError: e.g. flash_attention_2; the last three: a config.json value transformers passes on unchecked
@@ -885,6 +894,17 @@ def _load_dense(folder: Path, dtype: torch.dtype, attn_implementation: str | Non
     if missing:
         raise LorakitError(f"{folder}: the safetensors weights lack {len(missing)} of the model's tensors (e.g. "
                            f"{missing[0]!r}); the folder is incomplete or its config.json is for another model")
+    unused = sorted(key for key in info.get("unexpected_keys") or [] if not key.endswith(".weight_packed"))
+    if unused:
+        from lorakit.models.text_part import full_class
+
+        # transformers' load report (muted above) was the only word on tensors the model leaves unread, while the
+        # NF4 loader warned of the same folder: weights of layers past config.json's num_hidden_layers, or of another
+        # model, were dropped in silence. The text model of a vision-language folder leaves its vision tower
+        # unread by design (its own note says so)
+        if full_class(folder, model) is None:
+            warnings.warn(f"{folder}: {len(unused)} tensor(s) in the checkpoint are not used by the model, e.g. "
+                          f"{unused[0]!r}; check that config.json belongs to these weights", stacklevel=3)
     return model
 
 
