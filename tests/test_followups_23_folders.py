@@ -7,6 +7,7 @@ out. Each test failed on the code before its fix.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -152,3 +153,57 @@ def test_same_model_compares_folders_names_and_ids(tmp_path, monkeypatch):
     assert not _same_model("models/base", "models/base", adapter)
     assert _same_model("models/base", str(tmp_path / "models" / "base"), adapter)
     assert _same_model(str(tmp_path / "here" / "models" / "base"), "models/base", None)
+
+
+def test_weights_the_model_leaves_unread_are_said_by_the_16_bit_load_as_by_the_4_bit_one(root, tmp_path):
+    """A checkpoint holding tensors the model config.json describes never reads (layers past an edited
+    num_hidden_layers, another model's weights): the NF4 loader warned "N tensor(s) in the checkpoint are not used
+    by the model", the ordinary 16-bit load (generate, merge, quantize, train) muted transformers' load report and
+    said nothing, so the truncated model ran in silence. Both say it now."""
+    from safetensors.torch import load_file, save_file
+
+    import lorakit
+    from lorakit.cli import main
+
+    folder = shutil.copytree(root / "base", tmp_path / "model")
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.2.mlp.up_proj.weight"] = weights["model.layers.1.mlp.up_proj.weight"].clone()  # 3 layers
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    said = "tensor(s) in the checkpoint are not used by the model, e.g. 'model.layers.2.mlp.up_proj.weight'"
+    with pytest.warns(UserWarning) as caught:  # the CLI prints it as one "warning: ..." line
+        assert main(["generate", "--model", str(folder), "--max-new-tokens", "1", "Hi"]) == 0
+    assert f"{folder}: 1 {said}; check that config.json belongs to these weights" in [str(w.message) for w in caught]
+    for quantize in (None, "nf4"):
+        with pytest.warns(UserWarning, match=r"1 " + re.escape(said)):
+            lorakit.load_base(str(folder), quantize=quantize)
+
+
+def test_a_whole_checkpoint_loads_without_that_warning(root):
+    import warnings
+
+    import lorakit
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorakit.load_base(str(root / "base"))
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_the_vision_tower_a_text_model_leaves_unread_is_not_warned_about(tmp_path, quantize):
+    """Llama 3.2 Vision builds as its text model (MllamaForCausalLM), by design leaving the vision tower unread (train
+    and merge say so in their own note): the NF4 load warned "41 tensor(s) in the checkpoint are not used by the
+    model" on every load, and the 16-bit load must not start to."""
+    import warnings
+
+    import lorakit
+    from test_followups_17_models import _mllama
+
+    folder = tmp_path / "mllama"
+    _mllama().save_pretrained(folder)
+    tiny_hf_folder(tmp_path / "words")  # any tokenizer: the test reads no text
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "words" / name, folder / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, _ = lorakit.load_base(str(folder), quantize=quantize)
+    assert type(model).__name__ == "MllamaForCausalLM"
