@@ -23,7 +23,9 @@ The formats of other tools are read as chats (see :func:`_convert_other_formats`
   example rendered, is ignored). A tokenizer without a chat template trains it in Alpaca's own prompt format
   ("### Instruction: ... ### Response:") instead (``Record.fallback``).
 - ShareGPT ``{"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": str}], "system" (optional)}`` (also
-  under ``"messages"``, and role/content turns under ``"conversations"``, as many Hub datasets mix them).
+  under ``"messages"``, and role/content turns under ``"conversations"``, as many Hub datasets mix them); with
+  LLaMA-Factory's ``"tools"`` (function schemas), its ``function_call`` turns are tool calls and ``observation``
+  turns their results.
 - Gemini / Vertex AI ``{"systemInstruction" (optional), "contents": [{"role": "user" | "model", "parts": [{"text"}]}]}``.
 - Anthropic's Messages format (Amazon Bedrock's Claude fine-tuning files) ``{"system", "messages"}``: the system
   prompt becomes the first turn. LLaMA-Factory's Alpaca ``"history": [[instruction, response], ...]``: the turns
@@ -60,7 +62,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,11 +122,14 @@ COMPLETION_LIKE = ("output", "response", "answer", "target", "targets", "reply",
                    "assistant")
 MESSAGE_LIKE = ("conversation", "conversations", "dialog", "dialogue", "chat", "turns", "history")
 SHAREGPT_KEYS = ("conversations", "system")
+# LLaMA-Factory's ShareGPT tool-use records (glaive_toolcall, ...) carry the function schemas of their function_call
+# turns in a "tools" field (a JSON string of a list of {"name", "description", "parameters"})
+SHAREGPT_TOOLS = "tools"
 # ShareGPT speaker names (from FastChat, Axolotl and LLaMA-Factory exports) -> chat roles
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
                   "tool": "tool", "function": "tool", "observation": "tool", "function_response": "tool",
-                  "function_call": "assistant"}  # LLaMA-Factory: the call, as the assistant's text
+                  "function_call": "assistant"}  # LLaMA-Factory: the call (a tool call with "tools", else text)
 # the DatasetDict split --val-data reads, the first present (--data reads "train")
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"  # Alpaca's template, without its preamble
 PROMPT_FRAMES = {"alpaca": "Alpaca's prompt format", "question": "the question/answer prompt format"}
@@ -685,7 +691,11 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
     if "messages" in obj and obj.get("system") is not None and not ours - {"messages"}:
         return _with_system_field(obj, where)
     if "conversations" in obj and "messages" not in obj:
-        _refuse_unknown(obj, SHAREGPT_KEYS, "a ShareGPT record", SHAREGPT_KEYS, where)
+        # "tools" beside the chat (LLaMA-Factory's tool-use records) was refused as an unknown field, so every
+        # record of such a file failed, and the calls trained without their schemas once it was deleted
+        _refuse_unknown(obj, (*SHAREGPT_KEYS, SHAREGPT_TOOLS), "a ShareGPT record", (*SHAREGPT_KEYS, SHAREGPT_TOOLS),
+                        where)
+        tools = {"tools": obj[SHAREGPT_TOOLS]} if not _empty(obj.get(SHAREGPT_TOOLS)) else {}
         turns = _json_field(obj["conversations"], f"{where}: field 'conversations'")  # a CSV cell: JSON or pandas' repr
         if not isinstance(turns, list) or not turns:
             raise LorakitError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} objects")
@@ -695,7 +705,8 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
             if obj["system"].strip():
                 messages.append({"role": "system", "content": obj["system"]})
         if _turns_have(turns, "role"):  # OpenAI role/content turns under ShareGPT's key (many Hub datasets)
-            return validate_record({"messages": messages + turns}, where)
+            with _turns_as_given(where, "conversations", len(messages)):
+                return validate_record({"messages": messages + turns, **tools}, where)
         for i, turn in enumerate(turns):
             at = f"{where}: conversations[{i}]"
             if isinstance(turn, Mapping):  # "From"/"Value"; a column a datasets table filled with null is absent
@@ -707,10 +718,48 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
             role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
             if role is None:
                 raise LorakitError(f"{at} is from {shown(speaker)}; expected one of {', '.join(SHAREGPT_ROLES)}")
-            messages.append({"role": role, "content": turn.get("value"),
-                             **{key: turn[key] for key in ("weight", "training") if key in turn}})
-        return validate_record({"messages": messages}, where)
+            kept = {key: turn[key] for key in ("weight", "training") if key in turn}
+            if tools and speaker.lower() == "function_call":  # with its schemas: a call the template writes as one
+                messages.append({"role": role, "content": None, "tool_calls": _sharegpt_calls(turn.get("value"), at),
+                                 **kept})
+            else:
+                messages.append({"role": role, "content": turn.get("value"), **kept})
+        with _turns_as_given(where, "conversations", len(messages) - len(turns)):
+            return validate_record({"messages": messages, **tools}, where)
     return None
+
+
+@contextlib.contextmanager
+def _turns_as_given(where: str, key: str, offset: int) -> Iterator[None]:
+    """Errors of a converted chat that name a turn ("FILE:3: messages[2] ...") name it as the record has it: its
+    ``key`` ("conversations") and its index there, ``offset`` turns (a system prompt from the record's "system"
+    field) put before it. A ShareGPT record with a system field was told of "messages[2]" for its second turn,
+    in a file that has no messages and a conversations list of two."""
+    try:
+        yield
+    except LorakitError as error:
+        found = re.match(rf"{re.escape(where)}: messages\[(\d+)\]", str(error))
+        if found and error.args:
+            i = int(found.group(1)) - offset
+            error.args = (f"{where}: {key}[{i}]" if i >= 0 else f"{where}: field 'system'") + \
+                str(error)[found.end():], *error.args[1:]
+        raise
+
+
+def _sharegpt_calls(value: Any, at: str) -> list[dict[str, Any]]:
+    """A LLaMA-Factory ``function_call`` turn's value (``{"name", "arguments"}`` as JSON text, or a list of them for
+    parallel calls) as OpenAI tool calls, which the chat template writes in its own call syntax (Qwen's
+    ``<tool_call>``, Llama 3.1's JSON, Mistral's ``[TOOL_CALLS]``), as LLaMA-Factory writes them; as plain text
+    the model would learn to answer with bare JSON where its template's tool parser expects a call."""
+    calls = _json_or_none(value)
+    calls = [calls] if isinstance(calls, Mapping) else calls
+    if not isinstance(calls, list) or not calls or not all(
+            isinstance(call, Mapping) and isinstance(call.get("name"), str) and call["name"] for call in calls):
+        raise LorakitError(f"{at} (function_call) must hold a call as JSON, {{\"name\": ..., \"arguments\": {{...}}}} "
+                           "(or a list of them), as LLaMA-Factory's tool-use records do; fix its value, or remove the "
+                           "record's 'tools' to train the turn as plain text")
+    return [{"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments", {})}}
+            for call in calls]
 
 
 def _history_turns(history: Any, where: str) -> list[dict[str, str]]:
@@ -737,8 +786,9 @@ def _with_system_field(obj: Mapping, where: str) -> Record:
     system = obj["system"]
     if isinstance(system, str) and not system.strip():
         return validate_record(rest, where)
-    return validate_record({**rest, "messages": [{"role": "system", "content": system}, *(
-        turns if isinstance(turns, list) else [turns])]}, where)
+    with _turns_as_given(where, "messages", 1):
+        return validate_record({**rest, "messages": [{"role": "system", "content": system}, *(
+            turns if isinstance(turns, list) else [turns])]}, where)
 
 
 def _check_string(value: Any, key: str, where: str, nonempty: bool, what: str = "") -> None:
