@@ -160,6 +160,10 @@ class TrainConfig:
         for name in ("targets", "exclude", "modules_to_save"):  # "q_proj,v_proj" as two names
             if isinstance(getattr(self, name), list):
                 setattr(self, name, _split_names(getattr(self, name)))
+        if _number(self.val_fraction) and self.val_fraction == 0:
+            # holding out nothing is no validation set: how a command line turns off a config file's val_fraction
+            # (flags override the file, and there is no --no-val-fraction); it was refused as "not between 0 and 1"
+            self.val_fraction = None
         self.validate()
 
     # -- checks and derived values ----------------------------------------------------------------------------
@@ -606,10 +610,28 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     return value
 
 
+# the two ways to give a validation set: a layer that sets one replaces the other of the layers below it
+_VALIDATION_CHOICES = ("val_data", "val_fraction")
+
+
+def layered(*layers: dict[str, Any] | None) -> dict[str, Any]:
+    """Option values, each layer overriding those before it (a run's config.yaml, a config file, the flags). A
+    layer that gives --val-data or --val-fraction drops the other from the layers below: a config file's
+    val_fraction and the flag --val-data were refused as "give --val-data or --val-fraction, not both", though
+    the flag was the only one given on the command line and flags override the file."""
+    values: dict[str, Any] = {}
+    for layer in layers:
+        layer = layer or {}
+        for key in _VALIDATION_CHOICES:
+            if layer.get(key) and not any(other in layer for other in _VALIDATION_CHOICES if other != key):
+                values.pop(next(other for other in _VALIDATION_CHOICES if other != key), None)
+        values.update(layer)
+    return values
+
+
 def resolve_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then the config file's values, then command-line overrides."""
-    values = {**(file_values or {}), **(overrides or {})}
-    return TrainConfig(**values)
+    """Defaults, then the config file's values, then command-line overrides (:func:`layered`)."""
+    return TrainConfig(**layered(file_values, overrides))
 
 
 def dump_yaml(config: TrainConfig) -> str:

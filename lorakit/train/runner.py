@@ -19,6 +19,7 @@ import errno
 import gc
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -69,7 +70,17 @@ def resolve_run_folder(out: str | None, resume: str | None, overwrite: bool,
         source = Path(resume) if resume != "latest" else (Path(out) if out else latest_run())
         if not source.exists():
             raise LorakitError(f"cannot resume: {source} does not exist; give the run folder of the earlier run")
-        run_dir = Path(out) if out else (source.parent.parent if (source / "state.json").is_file() else source)
+        home = source.parent.parent if (source / "state.json").is_file() else source  # the run being resumed
+        run_dir = Path(out) if out else home
+        if out and (home / CONFIG_NAME).is_file() and not (run_dir / CONFIG_NAME).is_file() \
+                and run_dir.resolve() != home.resolve():
+            # the options of a resume are read from --out's config.yaml: this was refused as "its config.yaml is
+            # missing; put it back", for a folder that never held one, or (flags given) failed after loading on
+            # the defaults, leaving a config.yaml there that the next try read
+            raise LorakitError(f"--resume {source} continues the run in {home}, and --out {run_dir} is another folder, "
+                               f"which holds no run: leave --out out to continue it in {home}, or copy the run first "
+                               f"(cp -r {shlex.quote(str(home))} {shlex.quote(str(run_dir))}) and resume the copy: "
+                               f"lorakit train --resume {shlex.quote(str(run_dir))}")
         return run_dir, source
     if not out and clock is None:  # one process: the folder is claimed now (see claim_run_folder)
         return claim_run_folder(), None
@@ -627,7 +638,9 @@ def _run(config: TrainConfig, run_dir: Path, resume_from: Path | None, started: 
                                f"(model, data, adapter settings), is {state}; put it back, or give them again with the "
                                "run's original values: lorakit train --resume --out RUN --model ... --data ...")
         check_saved_paths(run_dir, earlier, given)
-        config = TrainConfig(**{**earlier, **(config_file_values or {}), **(cli_values or {})})
+        from lorakit.train.config import layered
+
+        config = TrainConfig(**layered(earlier, config_file_values, cli_values))
         from lorakit.train.loop import check_resume_options
 
         check_resume_options(saved_config(run_dir), config, run_dir)  # before minutes of loading
