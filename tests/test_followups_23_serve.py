@@ -16,11 +16,18 @@ module, on a tiny random Llama).
   129 characters) was told "use a folder name of the adapters folder (letters, digits, '.', '_', '-'; no paths)",
   which it was; a ``lora_name`` (POST /v1/load_lora_adapter), which names no folder, was told the same. The
   message now states the whole rule (starting with a letter or digit, at most 128, no '..').
+- A JSON schema with a string ``format`` llguidance does not know (what Pydantic writes for ``SecretStr``:
+  ``password``, ``bytes``: ``binary``, ``Path``: ``path``; ``uri-reference``, ...) was a 400 "the schema cannot be
+  used: Unknown format: password", and a tool's parameters with one lost their grammar. JSON Schema reads a format
+  as an annotation a validator may not know; vLLM serves these schemas. Such formats are now left out of the
+  grammar; the ones llguidance knows (date, uuid, ...) still hold the answer, and a "format" inside ``const`` /
+  ``enum`` data stays as sent.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import httpx
@@ -45,7 +52,7 @@ def server(tmp_path_factory):
     make_adapter(AutoModelForCausalLM.from_pretrained(model), adapters / "good", seed=1)
     shutil.copytree(adapters / "good", adapters / "_draft")  # a folder whose name clients cannot send
     log = root / "server.log"
-    process = ServerProcess(model, adapters, "--max-tokens", "16", log=log)
+    process = ServerProcess(model, adapters, "--max-tokens", "32", log=log)
     client = httpx.Client(base_url=process.url, timeout=60)
     try:
         yield {"client": client, "process": process, "log": log, "adapters": adapters}
@@ -167,3 +174,45 @@ def test_the_server_names_the_rule_for_a_folder_it_skips(server):
     log = server["log"].read_text(errors="replace")
     line = next(line for line in log.splitlines() if "'_draft'" in line)
     assert "is not served" in line and "starting with a letter or digit" in line, line
+
+
+PYDANTIC = {"properties": {"name": {"title": "Name", "type": "string"},  # SecretStr, bytes, Path fields
+                           "key": {"format": "password", "title": "Key", "type": "string", "writeOnly": True},
+                           "data": {"format": "binary", "title": "Data", "type": "string"},
+                           "where": {"format": "path", "title": "Where", "type": "string"}},
+            "required": ["name", "key", "data", "where"], "title": "M", "type": "object"}
+
+
+def _formatted(server, schema, max_tokens=32):
+    return server["client"].post("/v1/chat/completions", json={
+        "model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "M", "schema": schema}}})
+
+
+def test_formats_llguidance_does_not_know_are_annotations(server):
+    """Before: a 400 "the schema cannot be used: Unknown format: password" for a Pydantic model's schema."""
+    answer = _formatted(server, PYDANTIC)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"].startswith('{"name":"')
+    for unknown in ("uri-reference", "json-string", "x" * 100):
+        assert _formatted(server, {"type": "string", "format": unknown}).status_code == 200
+    # a format llguidance knows still holds the answer
+    date = _formatted(server, {"type": "string", "format": "date"}).json()["choices"][0]
+    assert date["finish_reason"] == "stop" and re.fullmatch(r'"\d{4}-\d{2}-\d{2}"', date["message"]["content"]), date
+    # "format" as data (a const, an enum) is no annotation: the answer is that data
+    const = _formatted(server, {"const": {"format": "password"}}).json()["choices"][0]
+    assert json.loads(const["message"]["content"]) == {"format": "password"}, const
+    _still_serves(server)
+
+
+def test_a_tools_parameters_keep_their_grammar_beside_an_unknown_format():
+    """The forced call's grammar (tool_choice required / named) is built from the same schema, less the unknown
+    formats: before, llguidance refused it and the call was written without a grammar."""
+    from lorakit.serve.forced_grammar import _object_schema
+    from lorakit.serve.structured import known_formats_only
+
+    schema = _object_schema(PYDANTIC)
+    assert "format" not in schema["properties"]["key"] and "format" not in schema["properties"]["data"]
+    assert known_formats_only({"type": "string", "format": "date-time"}) == {"type": "string", "format": "date-time"}
+    assert known_formats_only({"enum": [{"format": "binary"}], "properties": {"format": {"format": "path"}}}) == \
+        {"enum": [{"format": "binary"}], "properties": {"format": {}}}

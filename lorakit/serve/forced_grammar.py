@@ -61,7 +61,9 @@ def forced_call_grammar(fmt: str, tools: list[dict], name: str, names: set[str],
 def _object_schema(parameters: Any) -> dict:
     """A tool's ``parameters`` as the arguments' schema: an object (any object when none is given), written in
     :data:`JSON_STYLE` unless the schema's own ``x-guidance`` says otherwise."""
-    schema = dict(parameters) if isinstance(parameters, dict) else {}
+    from lorakit.serve.structured import known_formats_only  # (imports llguidance only when a format is met)
+
+    schema = known_formats_only(dict(parameters)) if isinstance(parameters, dict) else {}
     if not schema or "type" not in schema:
         schema.setdefault("type", "object")
     schema["x-guidance"] = {**JSON_STYLE, **(schema.get("x-guidance") or {})}

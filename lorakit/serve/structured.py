@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import re
 import threading
@@ -300,10 +301,45 @@ def mask_rows(constraints: list[Constraint], logits: torch.Tensor) -> torch.Tens
 
 def schema_of(kind: str, schema: dict | None) -> dict:
     """The JSON schema of a format: ``json_object`` is any JSON object; ``json_schema`` without a schema is any
-    JSON value (OpenAI requires one; an empty schema means anything)."""
+    JSON value (OpenAI requires one; an empty schema means anything). Formats llguidance does not know are left
+    out (:func:`known_formats_only`)."""
     if kind == "json_object":
         return {"type": "object"}
-    return schema if schema is not None else {}
+    return known_formats_only(schema) if schema is not None else {}
+
+
+# keywords whose values are JSON data, not schemas: a "format" inside them is data, kept as sent
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def known_formats_only(schema: Any) -> Any:
+    """``schema`` without the ``format`` annotations llguidance does not know: JSON Schema reads a format as an
+    annotation, and a validator ignores one it does not know. llguidance refuses it ("Unknown format"), so a
+    Pydantic model with a ``bytes`` (``binary``), ``Path`` (``path``), ``SecretStr`` (``password``) or ``Json``
+    field was a 400 (and a tool's parameters lost their grammar), where vLLM serves it. The formats llguidance
+    knows (date-time, date, time, duration, email, hostname, ipv4, ipv6, uri, uuid) still hold the answer."""
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        return {key: value if key in _DATA_KEYWORDS else walk(value) for key, value in node.items()
+                if not (key == "format" and isinstance(value, str) and not _known_format(value))}
+
+    try:
+        return walk(schema)
+    except RecursionError:  # nested past Python's stack: llguidance says so itself, for the schema as sent
+        return schema
+
+
+@functools.lru_cache(maxsize=256)
+def _known_format(name: str) -> bool:
+    """Whether llguidance's JSON schemas know string format ``name`` (one compile of a one-line schema, ~0.1 ms)."""
+    if len(name) > 64:
+        return False
+    matcher = _llguidance().LLMatcher
+    return not matcher.validate_grammar_with_warnings(
+        matcher.grammar_from_json_schema({"type": "string", "format": name}))[0]
 
 
 def check_schema_size(value: Any, limit: int = 256 * 1024) -> None:
