@@ -14,6 +14,9 @@ runner.py).
    before the turns: ``{"system", "conversations": [human, gpt with a null value]}`` was told of "messages[2]"; an
    Anthropic ``{"system", "messages"}`` record of the turn one after the faulty one. They name the turn as the
    record has it.
+5. ``train()`` from Python with an accumulation the rows cannot fill (3 rows, batch 1 x grad_accum 5) cycled the
+   data without a word, one optimizer step going through some rows twice; ``lorakit train`` refuses it, and now
+   ``train()`` does too, before the model is changed.
 """
 
 from __future__ import annotations
@@ -151,3 +154,20 @@ def test_resume_into_another_out_is_refused_before_writing(tmp_path, tiny_folder
             assert not fork.exists()  # nothing written there
     # the run's own folder given as --out, spelt another way, still resumes (nothing left to do here)
     assert main(["train", "--resume", str(run / "checkpoints" / "step-000001"), "--out", str(run) + "/"]) == 0
+
+
+def test_python_train_refuses_an_accumulation_the_rows_cannot_fill():
+    from lorakit.train import TrainConfig, train
+    from test_train_helpers import tiny_tokenizer, tiny_train_model
+
+    model, records = tiny_train_model(), task_records(3, seed=1)
+    for options, told in ((dict(grad_accum=5), "--batch-size 1 x --grad-accum 5 = 5 examples per optimizer step is "
+                           "more than the 3 training rows: one optimizer step would go through them 1.7 times; use "
+                           "--grad-accum 3 or less"),
+                          (dict(global_batch=4), "--global-batch 4 is more than the 3 training rows")):
+        with pytest.raises(LorakitError) as error:
+            train(model, tiny_tokenizer(), records, TrainConfig(batch_size=1, eval_examples=0, progress=False, **options))
+        assert str(error.value).startswith(told), str(error.value)
+    assert not any("lora" in name for name, _ in model.named_parameters())  # refused before an adapter was injected
+    assert train(model, tiny_tokenizer(), records, TrainConfig(batch_size=1, grad_accum=3, eval_examples=0, rank=2,
+                                                               progress=False)).steps == 1

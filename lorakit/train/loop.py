@@ -534,6 +534,11 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
     if len(train_ds) < global_micro:
         raise LorakitError(f"the training set has {len(train_ds)} row{'s' * (len(train_ds) != 1)}, fewer than one micro-batch of {global_micro} "
                            f"(--batch-size {config.batch_size} x {world_size} processes); lower --batch-size or add data")
+    from lorakit.train.preflight import check_batch_fits
+
+    # lorakit train refuses (runner) an accumulation the rows cannot fill; train() from Python cycled the data
+    # without a word, one optimizer step going through some rows twice or more (3 rows, batch 1 x grad_accum 5)
+    check_batch_fits(config, len(train_ds), world_size, what="training rows")
 
     torch.manual_seed(config.seed)  # adapter init and dropout; a resume restores the saved states instead
     adapter = prepare_model(model, config)
