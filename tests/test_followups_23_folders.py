@@ -207,3 +207,55 @@ def test_the_vision_tower_a_text_model_leaves_unread_is_not_warned_about(tmp_pat
         warnings.simplefilter("error")
         model, _ = lorakit.load_base(str(folder), quantize=quantize)
     assert type(model).__name__ == "MllamaForCausalLM"
+
+
+@pytest.mark.parametrize("layout", ["finished", "stopped", "full"])
+@pytest.mark.parametrize("command", ["generate", "merge", "eval", "quantize", "train"])
+def test_a_training_run_given_as_the_model_names_its_adapter_and_base(root, tmp_path, capsys, monkeypatch, layout,
+                                                                      command):
+    """``lorakit generate --model runs/mine`` (the folder train just named) said "runs/mine has no config.json; give
+    a Hugging Face model folder", naming neither the run's adapter nor the base to pass with it. Now the line names
+    both (a run stopped before its end: its latest checkpoint's adapter; a --full run: RUN/model), before anything
+    loads."""
+    from lorakit.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded before the mistake was found")
+
+    monkeypatch.setattr("lorakit.load_base", no_loading)
+    run = tmp_path / "run"
+    if layout == "finished":
+        shutil.copytree(root / "adapter", run / "adapter")
+        shutil.copytree(root / "adapter", run / "best")
+        adapter = run / "adapter"
+    elif layout == "stopped":
+        for step in ("step-000010", "step-000020"):
+            shutil.copytree(root / "adapter", run / "checkpoints" / step / "adapter")
+        adapter = run / "checkpoints" / "step-000020" / "adapter"
+    else:
+        (run / "model").mkdir(parents=True)
+        (run / "model" / "config.json").write_text("{}")
+    (run / "config.yaml").write_text("model: base\n")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "the cat sat"}) + "\n")
+    extra = {"generate": ["Hi"], "merge": ["--adapter", str(root / "adapter"), "--out", str(tmp_path / "out")],
+             "eval": ["--data", str(data)], "quantize": ["--out", str(tmp_path / "out")],
+             "train": ["--data", str(data), "--out", str(tmp_path / "out")]}[command]
+    line = cli_error(capsys, main([command, "--model", str(run), *extra]))
+    if layout == "full":
+        assert line.endswith(f"--model {run} is a training run's folder, not a model; the model it trained is "
+                             f"{run / 'model'}: pass that as --model"), line
+    else:
+        assert line.endswith(f"--model {run} is a training run's folder, not a base model; --model takes the base it "
+                             f"was trained on (its adapter_config.json names {str(root / 'base')!r}), and the run's "
+                             f"adapter is {adapter} (for --adapter)"), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_without_config_json_that_is_no_run_is_told_as_before(tmp_path, capsys):
+    from lorakit.cli import main
+
+    (tmp_path / "empty").mkdir()
+    line = cli_error(capsys, main(["generate", "--model", str(tmp_path / "empty"), "Hi"]))
+    assert line.endswith(f"{tmp_path / 'empty'} has no config.json; give a Hugging Face model folder (config.json, "
+                         "safetensors weights, tokenizer files)"), line

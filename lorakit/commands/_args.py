@@ -28,6 +28,8 @@ def check_model_arg(model: str, flag: str = "--model") -> None:
     if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
         raise LorakitError(f"{flag} {model} is an adapter folder (adapter_config.json), not a base model; give the "
                            f"folder of the base it was trained on as {flag}{_named_base(path)}")
+    if path.is_dir() and not (path / "config.json").exists():
+        _refuse_run_folder(path, model, flag)
     if not path.is_file():
         return
     try:
@@ -71,6 +73,26 @@ def _refuse_special(path: Path, typed: str, flag: str, what: str) -> None:
     """A device, pipe or socket (/dev/null, a fifo) is neither a file nor a folder: 'does not exist' would be wrong."""
     if path.exists() and not path.is_dir() and not path.is_file():
         raise LorakitError(f"{flag} {typed} is not a folder (a device, pipe or socket); give {what}")
+
+
+def _refuse_run_folder(path: Path, model: str, flag: str) -> None:
+    """A ``lorakit train`` run folder given as the model (``lorakit generate --model runs/mine``, the folder train
+    just named) was told "has no config.json; give a Hugging Face model folder", which names neither the run's
+    adapter nor the base to pass with it. Its adapters are RUN/adapter, RUN/best and RUN/checkpoints/step-N/adapter;
+    a --full run's model is RUN/model."""
+    if (path / "model" / "config.json").is_file():
+        raise LorakitError(f"{flag} {model} is a training run's folder, not a model; the model it trained is "
+                           f"{path / 'model'}: pass that as {flag}")
+    adapters = [path / "adapter", path / "best"]
+    try:
+        steps = sorted((p for p in (path / "checkpoints").iterdir() if p.name.startswith("step-")), reverse=True)
+    except OSError:  # no checkpoints folder (or an unreadable one)
+        steps = []
+    adapters += [step / "adapter" for step in steps]
+    found = next((a for a in adapters if (a / "adapter_config.json").is_file()), None)
+    if found is not None:
+        raise LorakitError(f"{flag} {model} is a training run's folder, not a base model; {flag} takes the base it was "
+                           f"trained on{_named_base(found)}, and the run's adapter is {found} (for --adapter)")
 
 
 def _named_base(adapter: Path) -> str:
