@@ -206,6 +206,10 @@ def build_state(args: argparse.Namespace):
               "adapter from any folder it can read (POST /v1/load_lora_adapter)", flush=True)
     for entry, why in skipped_folders(args.adapters):
         print(f"lorakit serve: folder {entry!r} in {args.adapters} is not served: {why}", flush=True)
+    for entry in pool.available():  # peft's save of several adapters: "default" on top, the others in subfolders
+        note = _nested_note(str(pool.root), entry)
+        if note:
+            print(f"lorakit serve: folder {entry!r} in {args.adapters} is served as one adapter{note}", flush=True)
     if name in pool.available():  # "model": name means the base: the folder could never be asked for
         print(f"lorakit serve: folder {name!r} in {args.adapters} is not served: {name!r} names the base model "
               "(--name); rename the folder, or give the base another --name", flush=True)
@@ -247,7 +251,8 @@ def check_paths(args: argparse.Namespace) -> None:
     if os.path.isfile(os.path.join(root, "adapter_config.json")):  # one adapter, not a folder of them: nothing served
         parent = os.path.dirname(os.path.abspath(root))
         raise LorakitError(f"--adapters {args.adapters} is one adapter's folder (adapter_config.json); give the folder "
-                           f"that holds it, --adapters {parent}, to serve it as {os.path.basename(os.path.abspath(root))!r}")
+                           f"that holds it, --adapters {parent}, to serve it as {os.path.basename(os.path.abspath(root))!r}"
+                           f"{_nested_note(parent, os.path.basename(os.path.abspath(root)))}")
     if args.name is not None and not args.name.strip():
         raise LorakitError("--name is empty; give the model name clients send (or leave it out: the --model folder's "
                            "name)")
@@ -274,6 +279,29 @@ def skipped_folders(root) -> list[tuple[str, str]]:
             skipped.append((entry, "it holds no adapter_config.json, so it is not an adapter folder"
                                    + _inner_adapters(root, entry)))
     return skipped
+
+
+def _nested_note(root: str, entry: str) -> str:
+    """For an adapter folder that also holds adapters in its subfolders (peft's save_pretrained of several adapters:
+    the first at the top, each other in a subfolder named after it; or a Trainer's checkpoint-N): that those are not
+    served and how to serve one, else ''. Serving such a folder served its top adapter alone, without a word about
+    the others, and the error for --adapters naming it said only how to serve that one."""
+    import shlex
+
+    folder = os.path.join(root, entry)
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):  # a training run: serves its adapter/, best/
+        return ""
+    try:
+        inner = sorted(e.name for e in os.scandir(folder)
+                       if e.is_dir() and os.path.isfile(os.path.join(e.path, "adapter_config.json")))
+    except OSError:
+        return ""
+    if not inner:
+        return ""
+    source, target = os.path.join(folder, inner[0]), os.path.join(root, f"{entry}-{inner[0]}")
+    return (f"; its subfolders {', '.join(inner[:10])}{f' and {len(inner) - 10} more' if len(inner) > 10 else ''} "
+            "hold adapters of their own (peft's other adapters, or checkpoints), which are not served: copy one beside "
+            f"it under a name of its own (cp -r {shlex.quote(source)} {shlex.quote(target)})")
 
 
 def _inner_adapters(root: str, entry: str) -> str:
