@@ -259,3 +259,27 @@ def test_a_folder_without_config_json_that_is_no_run_is_told_as_before(tmp_path,
     line = cli_error(capsys, main(["generate", "--model", str(tmp_path / "empty"), "Hi"]))
     assert line.endswith(f"{tmp_path / 'empty'} has no config.json; give a Hugging Face model folder (config.json, "
                          "safetensors weights, tokenizer files)"), line
+
+
+@pytest.mark.parametrize("given", ["model", "default"])
+def test_a_base_name_too_long_for_a_path_is_the_adapters_fault_not_an_os_error(root, tmp_path, capsys, monkeypatch,
+                                                                                 given):
+    """A hostile or mangled adapter_config.json whose base_model_name_or_path is longer than a file name may be
+    (255 bytes): the refusal of an adapter that does not fit asked the system whether that name is a folder, and the
+    system's ENAMETOOLONG came out as the whole command's error, "lorakit generate: error: aaaa...: File name too
+    long", the adapter's real fault unsaid. Now the usual line, with the name cut short."""
+    from lorakit.cli import main
+
+    long_name = "a" * 5000
+    broken = _edited(root / "adapter", tmp_path / "broken", base_model_name_or_path=long_name,
+                     **({"r": 5} if given == "model" else {}))
+    if given == "model":  # the base loads, then the adapter (rank 4 in the file, 5 in its config) does not fit it
+        line = cli_error(capsys, main(["generate", "--model", str(root / "base"), "--adapter", str(broken), "Hi"]))
+        assert "has shape (4, 32), but module model.layers.0.self_attn.q_proj needs (5, 32)" in line, line
+        assert line.endswith("; pass --model with a local folder of 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa..."
+                             "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'"), line
+    else:  # no --model: refused by the base it names, before anything loads
+        monkeypatch.setattr("lorakit.load_base", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+        line = cli_error(capsys, main(["generate", "--adapter", str(broken), "Hi"]))
+        assert line.endswith("not on the default --model smollm2-135m; pass --model with a local folder of that base")
+    assert "File name too long" not in line and len(line) < 1000, line

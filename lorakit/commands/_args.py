@@ -175,7 +175,7 @@ def check_base_names(model: str | None, adapters, flag: str = "--adapter") -> st
         if ours.startswith(theirs) or theirs.startswith(ours):
             continue
         near = _base_beside(typed, name)
-        if local_model_folder(name).is_dir():  # a folder, or an org/name id in the Hugging Face cache
+        if _is_folder(lambda: local_model_folder(name)):  # a folder, or an org/name id in the Hugging Face cache
             how = f"pass --model {shlex.quote(name)}"
         elif near is not None:  # a relative folder, typed where the training ran: a parent of the run's folder
             how = f"pass --model {shlex.quote(near)} (the folder {name!r} of where it was trained, it seems)"
@@ -184,9 +184,20 @@ def check_base_names(model: str | None, adapters, flag: str = "--adapter") -> st
                    "--local-dir DIR, then --model DIR)")
         else:
             how = "pass --model with a local folder of that base"
-        raise LorakitError(f"{flag} {typed} was trained on {name!r} (base_model_name_or_path in its adapter_config.json), "
+        from lorakit.config import shown
+
+        raise LorakitError(f"{flag} {typed} was trained on {shown(name)} (base_model_name_or_path in its adapter_config.json), "
                            f"not on the default --model {DEFAULT_MODEL}; {how}")
     return DEFAULT_MODEL
+
+
+def _is_folder(path) -> bool:
+    """Whether ``path()`` is a folder; False where the system cannot even look (a base_model_name_or_path of over
+    255 characters, ENAMETOOLONG: the refusal printed "aaaa...: File name too long" instead of the adapter's fault)."""
+    try:
+        return path().is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def _base_beside(adapter: str, name: str) -> str | None:
@@ -235,10 +246,12 @@ def explain_misfit(error: Exception, adapter_file, model: str, defaulted: bool) 
     # lorakit.io's refusals often end "(adapter_config.json names the base X)" already: then the fix alone, not again
     # which file names the base
     whose = "" if "names the base" in str(error) else ", the base its adapter_config.json names"
-    if name and Path(os.path.expanduser(name)).is_dir():
+    if name and _is_folder(lambda: Path(os.path.expanduser(name))):
         how = f"pass --model {shlex.quote(name)}{whose}"
     elif name:
-        how = f"pass --model with a local folder of {name!r}{whose}"
+        from lorakit.config import shown
+
+        how = f"pass --model with a local folder of {shown(name)}{whose}"  # capped: the file's text, any length
     else:
         how = ("pass --model with the folder of the model it was trained on (its adapter_config.json names no "
                "base_model_name_or_path)")
