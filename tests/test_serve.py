@@ -312,7 +312,7 @@ def test_path_tricks_refused(setup, name):
 
 
 @pytest.mark.parametrize("name, words", [
-    ("highrank", "rank 32 is above --max-rank 16"), ("toobig", "over the limit"), ("wrongshape", "shape"),
+    ("highrank", "rank 32 is above --max-rank 16; start the server with --max-rank 32 or more"), ("toobig", "over the limit"), ("wrongshape", "shape"),
     ("notarget", "fancy_proj"), ("otherbase", "another base model"), ("pickled", "pickled"),
     ("disguised", "not a valid safetensors"),
 ])

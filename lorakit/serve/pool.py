@@ -468,7 +468,8 @@ class AdapterPool:
             raise AdapterRejected(message) from None
         ranks = [layer.adapters[internal].rank for layer in lora_layers(self.model).values() if internal in layer.adapters]
         if ranks and max(ranks) > self.max_rank:  # the file changed between the check and the load
-            self._refuse_loaded(name, folder, internal, f"rank {max(ranks)} is above --max-rank {self.max_rank}")
+            self._refuse_loaded(name, folder, internal, f"rank {max(ranks)} is above --max-rank {self.max_rank}; "
+                                f"start the server with --max-rank {max(ranks)} or more to serve it")
         # peft's trainable tokens (and modules_to_save copies that changed a few rows) load as whole copies of
         # the embedding / head: keep only their trained rows, then count what the adapter really holds
         compact_copies(self.model, internal)
@@ -564,7 +565,8 @@ class AdapterPool:
         if max(ranks) * (2 if rewrite else 1) > self.max_rank:
             how = f" (a {rewrite} adapter of rank {max(ranks)} loads at rank {2 * max(ranks)})" if rewrite else ""
             raise AdapterRejected(f"adapter {name!r} refused: rank {max(ranks) * (2 if rewrite else 1)} is above "
-                                  f"--max-rank {self.max_rank}{how}")
+                                  f"--max-rank {self.max_rank}{how}; start the server with --max-rank "
+                                  f"{max(ranks) * (2 if rewrite else 1)} or more to serve it")
         return Admitted(adapter_file, self._read_text(name, folder))
 
     def _read_text(self, name: str, folder: Path):
