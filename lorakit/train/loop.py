@@ -248,16 +248,35 @@ def _adapter_difference(saved: Any, current: str) -> str:
 
 
 def trainable_adapter(model: nn.Module) -> str | None:
-    """The name of the adapter being trained (the first with trainable tensors), or None."""
-    from lorakit.adapters import lora_parameters
+    """The name of the adapter being trained (the active one with trainable tensors), or None when none has any.
 
+    Before, it was the first adapter with trainable tensors in parameter order: with two trainable adapters (two
+    ``inject`` calls, the second one active), the active one trained and the other, untouched, was saved as the
+    run's adapter. A trainable adapter that is not active gets no gradient, and two active trainable adapters would
+    train together but save as one: both are refused in one line."""
+    from lorakit.adapters import active_adapters, lora_parameters
+
+    trainable: dict[str, None] = {}
     for name, parameter in lora_parameters(model):
         if parameter.requires_grad:
             parts = name.split(".")
             for marker in ("adapters", "copies"):
                 if marker in parts:
-                    return parts[parts.index(marker) + 1]
-    return None
+                    trainable[parts[parts.index(marker) + 1]] = None
+                    break
+    if not trainable:
+        return None
+    active = active_adapters(model)
+    chosen = [name for name in trainable if name in active]
+    if len(chosen) == 1:
+        return chosen[0]
+    if not chosen:
+        raise LorakitError(f"adapter {next(iter(trainable))!r} is trainable but not active (active: "
+                           f"{', '.join(map(repr, active)) or 'none'}), so training would not change it; call "
+                           "lorakit.set_adapter(model, NAME) with the adapter to train first")
+    raise LorakitError(f"adapters {', '.join(map(repr, chosen))} are all active and trainable, but train() trains and "
+                       "saves one adapter; call lorakit.set_adapter(model, NAME) with the one to train (or freeze the "
+                       "others: inject(..., trainable=False))")
 
 
 def prepare_model(model: nn.Module, config: TrainConfig) -> str | None:
