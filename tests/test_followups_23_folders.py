@@ -283,3 +283,13 @@ def test_a_base_name_too_long_for_a_path_is_the_adapters_fault_not_an_os_error(r
         line = cli_error(capsys, main(["generate", "--adapter", str(broken), "Hi"]))
         assert line.endswith("not on the default --model smollm2-135m; pass --model with a local folder of that base")
     assert "File name too long" not in line and len(line) < 1000, line
+
+
+def test_a_training_run_given_to_load_base_names_load_adapter(root, tmp_path):
+    import lorakit
+
+    shutil.copytree(root / "adapter", tmp_path / "run" / "adapter")
+    with pytest.raises(lorakit.LorakitError) as caught:
+        lorakit.load_base(str(tmp_path / "run"))
+    assert str(caught.value).endswith(f"and the run's adapter is {tmp_path / 'run' / 'adapter'} (for "
+                                      "lorakit.load_adapter)"), caught.value

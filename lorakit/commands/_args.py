@@ -92,7 +92,8 @@ def _refuse_run_folder(path: Path, model: str, flag: str) -> None:
     found = next((a for a in adapters if (a / "adapter_config.json").is_file()), None)
     if found is not None:
         raise LorakitError(f"{flag} {model} is a training run's folder, not a base model; {flag} takes the base it was "
-                           f"trained on{_named_base(found)}, and the run's adapter is {found} (for --adapter)")
+                           f"trained on{_named_base(found)}, and the run's adapter is {found} (for "
+                           f"{'--adapter' if flag.startswith('--') else 'lorakit.load_adapter'})")
 
 
 def _named_base(adapter: Path) -> str:
