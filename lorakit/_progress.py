@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any, Iterable, Iterator, TypeVar
 
+from lorakit._rank import speaks
+
 T = TypeVar("T")
 
 
@@ -148,7 +150,7 @@ def slow_work(items: Iterable[T], what: str, unit: str, total: int | None = None
     process other than rank 0 (each one loads the model: one display, not one per GPU), nor with
     ``LORAKIT_PROGRESS=0``. ``total``: when ``items`` has no length."""
     total = len(items) if total is None else total  # type: ignore[arg-type]
-    mode = stderr_mode() if os.environ.get("RANK", "0") in ("", "0") and not library_progress_off() else False
+    mode = stderr_mode() if speaks() and not library_progress_off() else False
     shown = counter(total, what, mode, unit=unit, delay_s=SLOW_WORK_S)
     try:
         for item in items:

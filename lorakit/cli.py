@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         args = list(sys.argv[1:] if argv is None else argv)
         command = next((a for a in args if not a.startswith("-")), None)
-        if os.environ.get("RANK", "0") == "0":  # torchrun passes Ctrl-C to every process
+        from lorakit._rank import speaks
+
+        if speaks():  # torchrun passes Ctrl-C to every process
             print(f"lorakit {command}: interrupted" if command in SUBCOMMANDS else "lorakit: interrupted",
                   file=sys.stderr)
         return 130
@@ -239,10 +241,12 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
             raise
         name = str(error.filename) if len(str(error.filename)) <= 120 else str(error.filename)[:117] + "..."
         said, code = f"lorakit {args.command}: error: {name}: {error.strerror or error}", 2
-    torchrun = argv_given is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from lorakit._rank import speaks, world_size
+
+    torchrun = argv_given is None and world_size() > 1
     if said is not None:
         # under torchrun every process hits the same mistake (torchrun passes Ctrl-C to each, too): rank 0 says it
-        if os.environ.get("RANK", "0") == "0":
+        if speaks():
             print(said, file=sys.stderr)
         elif torchrun and wait_for_rank0:
             _let_rank0_say_it(said)

@@ -69,6 +69,7 @@ def test_the_run_decides_as_training_does_and_other_ranks_are_silent(monkeypatch
     assert data_progress(TrainConfig(progress=True)) is True
     assert data_progress(TrainConfig(progress=False)) == "lines"  # --no-progress: plain lines, as training's
     monkeypatch.setenv("RANK", "1")  # torchrun's second process tokenizes too: its bar would draw over rank 0's
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun sets both (RANK alone is not a torchrun job: lorakit._rank)
     assert data_progress(TrainConfig(progress=True)) is False
     assert data_progress(TrainConfig()) is False
     monkeypatch.setenv("RANK", "0")

@@ -353,6 +353,7 @@ def test_quick_work_and_other_ranks_say_nothing(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(lorakit._progress, "SLOW_WORK_S", 0.0)
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun sets both (RANK alone is not a torchrun job: lorakit._rank)
     quantize(tiny_llama())
     assert capsys.readouterr().err == ""
 

@@ -133,6 +133,7 @@ def test_under_torchrun_only_the_first_process_says_it_converts(monkeypatch, tmp
     """Each torchrun process loads the base: 8 processes printed 8 'converting' lines (7 of them 'waiting' now)."""
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")  # torchrun sets both (RANK alone is not a torchrun job: lorakit._rank)
     assert _whole(embedded.converted_folder()) and len(fake_convert) == 1
     assert "lorakit:" not in capsys.readouterr().err  # (transformers' own progress bar is its business)
 

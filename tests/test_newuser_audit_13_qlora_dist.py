@@ -155,6 +155,7 @@ def test_interrupted_torchrun_run_is_told_the_torchrun_command_once(tmp_path, mo
     monkeypatch.setattr("lorakit.train.runner.run_training", stopped)
     for rank, said in (("1", ""), ("0", "lorakit train: interrupted")):
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun sets both (RANK alone is not a torchrun job: lorakit._rank)
         assert main(["train", "--out", str(tmp_path / "other"), "--max-steps", "1"]) == 130
         assert capsys.readouterr().err.strip() == said
 

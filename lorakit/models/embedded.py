@@ -181,7 +181,9 @@ def _unreadable(source: Path) -> bool:
 def _say(line: str) -> None:
     """A line on standard error, from the first process of a torchrun job only (each of its processes loads the
     model: one converts, the others wait, and N copies of the same lines would say nothing more)."""
-    if os.environ.get("RANK", "0") == "0":
+    from lorakit._rank import speaks
+
+    if speaks():
         print(line, file=sys.stderr, flush=True)
 
 

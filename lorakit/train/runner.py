@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import torch
 
 from lorakit._fs import atomic_write_text
+from lorakit._rank import speaks, world_size
 from lorakit._signals import sigterm_as_interrupt
 from lorakit.errors import LorakitError
 from lorakit.train.config import TrainConfig, dump_yaml, read_config_file
@@ -49,7 +50,7 @@ EMBEDDED_DEMO_STEPS = 30  # `lorakit train` with no data: steps of the embedded 
 
 def say(message: str = "") -> None:
     """Print on the first process only (torchrun starts several)."""
-    if os.environ.get("RANK", "0") == "0":
+    if speaks():
         print(message, flush=True)
 
 
@@ -266,6 +267,33 @@ def fit_max_length(config: TrainConfig, model: Any, explicit: bool) -> TrainConf
 
 
 # -- pieces ---------------------------------------------------------------------------------------------------------
+def check_torchrun_environment() -> None:
+    """Refuse, in one line, a WORLD_SIZE > 1 that torchrun did not set up: torch's rendezvous raised a ValueError
+    traceback for a missing RANK or MASTER_ADDR (WORLD_SIZE left exported in a shell, a job script setting it by
+    hand), and on GPUs a LOCAL_RANK past the GPUs there are (`--nproc_per_node 8` on a 4-GPU machine) ended each
+    extra process in a CUDA "invalid device ordinal" traceback. Every process of such a launch gets the same
+    LOCAL_WORLD_SIZE, so each refuses it and rank 0's line is the one shown."""
+    size = world_size()
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise LorakitError(f"WORLD_SIZE={size} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                           f"not: launch several processes with torchrun --nproc_per_node {size} -m lorakit train ..., "
+                           "or unset WORLD_SIZE to train on one")
+    rank = os.environ["RANK"]
+    if not rank.isdigit() or int(rank) >= size:
+        raise LorakitError(f"RANK={rank} is not a process of WORLD_SIZE={size} (0 to {size - 1}): launch with "
+                           f"torchrun --nproc_per_node {size} -m lorakit train ..., which sets both")
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        local = os.environ.get("LOCAL_RANK", "0")
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", "")
+        wanted = int(per_node) if per_node.isdigit() else int(local) + 1 if local.isdigit() else 0
+        if wanted > gpus:
+            raise LorakitError(f"{wanted} processes on this machine (torchrun --nproc_per_node {wanted}) but it has "
+                               f"{gpus} GPU{'s' * (gpus != 1)} (CUDA_VISIBLE_DEVICES counts): one process per GPU, "
+                               f"--nproc_per_node {gpus} at most")
+
+
 @contextlib.contextmanager
 def distributed_group() -> Iterator[None]:
     """Inside: joined to the process group when launched by torchrun (WORLD_SIZE > 1). A group this made is
@@ -274,9 +302,10 @@ def distributed_group() -> Iterator[None]:
     ("terminate called without an active exception", seen twice in CI; see also ``cli.main``)."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if world_size() <= 1 or dist.is_initialized():
         yield
         return
+    check_torchrun_environment()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend)
     if torch.cuda.is_available():
@@ -483,7 +512,7 @@ def data_progress(config: TrainConfig) -> bool | str:
     first, whose bars would draw over rank 0's (every process tokenizes the same data)."""
     from lorakit.train.loop import show_bar
 
-    if os.environ.get("RANK", "0") != "0":
+    if not speaks():
         return False
     return True if show_bar(config.progress) else "lines"
 

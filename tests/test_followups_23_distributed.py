@@ -1,0 +1,88 @@
+"""The README's "Many GPUs" workflow tried on a CPU with gloo, as a new user would.
+
+* a RANK left in the environment without torchrun's WORLD_SIZE (an earlier `export RANK=1`, a scheduler setting it
+  for another tool) made every lorakit command silent, its errors included: `lorakit generate` exited 2 without a
+  word, `lorakit train` trained without printing its run folder or result; RANK counts only under WORLD_SIZE > 1 now;
+* WORLD_SIZE > 1 that torchrun did not set up (no RANK / MASTER_ADDR) was torch's ValueError traceback; a RANK past
+  WORLD_SIZE, and on GPUs more processes per machine than GPUs, are refused in one line too;
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.errors import LorakitError
+from test_train_helpers import REPO, task_records, tiny_folder, write_jsonl  # noqa: F401
+
+TESTS = Path(__file__).resolve().parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+for _name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    ENV.pop(_name, None)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _lorakit(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], env={**ENV, **(env or {})}, cwd=cwd,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_a_stale_rank_without_world_size_does_not_silence_lorakit(tmp_path, tiny_folder):  # noqa: F811
+    """RANK=1 alone is not a torchrun job: the error and the run's own lines are printed (before: nothing)."""
+    done = _lorakit("generate", "--model", str(tmp_path / "nope"), "hi", env={"RANK": "1"})
+    assert done.returncode == 2 and done.stderr.startswith("lorakit generate: error: "), done.stderr[-2000:]
+    data = write_jsonl(tmp_path / "train.jsonl", task_records(6, seed=1))
+    done = _lorakit("train", "--model", str(tiny_folder), "--data", str(data), "--batch-size", "2", "--max-steps",
+                    "1", "--rank", "2", "--out", str(tmp_path / "run"), "--no-progress", env={"RANK": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"adapter: {tmp_path / 'run' / 'adapter'}" in done.stdout, done.stdout
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    # torchrun's other processes stay silent: the same command, with WORLD_SIZE=2, from a process that is not rank 0
+    from lorakit._rank import speaks
+
+    assert speaks()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RANK", "1")
+        assert speaks()  # no WORLD_SIZE
+        patch.setenv("WORLD_SIZE", "2")
+        assert not speaks()
+        patch.setenv("RANK", "0")
+        assert speaks()
+
+
+def test_a_world_size_torchrun_did_not_set_is_one_line(tmp_path, tiny_folder, monkeypatch):  # noqa: F811
+    """WORLD_SIZE=2 alone: torch's "environment variable RANK expected, but not set" traceback before."""
+    data = write_jsonl(tmp_path / "train.jsonl", task_records(6, seed=1))
+    done = _lorakit("train", "--model", str(tiny_folder), "--data", str(data), "--max-steps", "1",
+                    "--out", str(tmp_path / "run"), env={"WORLD_SIZE": "2"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "lorakit train: error: WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT are not: launch several "
+        "processes with torchrun --nproc_per_node 2 -m lorakit train ..., or unset WORLD_SIZE to train on one")
+    assert not (tmp_path / "run").exists()
+
+    from lorakit.train.runner import check_torchrun_environment
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(LorakitError, match=r"^RANK=2 is not a process of WORLD_SIZE=2 \(0 to 1\)"):
+        check_torchrun_environment()
+    monkeypatch.setenv("RANK", "1")
+    check_torchrun_environment()
+    # on a machine with one GPU, `torchrun --nproc_per_node 2` (before: CUDA's "invalid device ordinal" traceback
+    # from the second process, which torch.cuda.set_device gave)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(LorakitError, match=r"^2 processes on this machine \(torchrun --nproc_per_node 2\) but it has "
+                                           r"1 GPU \(CUDA_VISIBLE_DEVICES counts\): one process per GPU"):
+        check_torchrun_environment()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_torchrun_environment()
