@@ -86,3 +86,27 @@ def test_a_world_size_torchrun_did_not_set_is_one_line(tmp_path, tiny_folder, mo
         check_torchrun_environment()
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     check_torchrun_environment()
+
+
+def test_a_refused_resume_of_a_named_checkpoint_suggests_that_checkpoint(tmp_path):
+    """`lorakit train --resume RUN/checkpoints/step-000002` of a 2-process run on one process: the command offered
+    named RUN alone (before), which resumes from the run's latest checkpoint, not the one asked for."""
+    import json
+
+    from lorakit.train.checkpoint import FORMAT
+    from lorakit.train.distributed import check_resume_processes
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        folder = run / "checkpoints" / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text(json.dumps({"format": FORMAT, "step": step, "identity": {"processes": 2}}))
+    (run / "checkpoints" / "latest").write_text("step-000004")
+    with pytest.raises(LorakitError) as named:
+        check_resume_processes(run / "checkpoints" / "step-000002", run, 1)
+    assert str(named.value).startswith(f"cannot resume from {run / 'checkpoints' / 'step-000002'}: it was trained on "
+                                       "2 processes and this is 1 process"), named.value
+    assert (f"resume with `torchrun --nproc_per_node 2 -m lorakit train --resume "
+            f"{run / 'checkpoints' / 'step-000002'}`") in str(named.value)
+    with pytest.raises(LorakitError, match=f"resume with `torchrun --nproc_per_node 2 -m lorakit train --resume {run}`"):
+        check_resume_processes(run, run, 1)  # the run folder: its latest, as before

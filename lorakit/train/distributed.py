@@ -262,18 +262,22 @@ def check_resume_processes(resume_from: Path, run_dir: Path, world_size: int) ->
         return
     if not isinstance(saved, int) or isinstance(saved, bool) or saved == world_size:
         return
+    # a checkpoint the user named (an earlier one than the latest, say) stays the one resumed: `--resume RUN` would
+    # continue from the run's latest checkpoint instead
+    named = resume_from if (resume_from / "state.json").is_file() else None
     raise LorakitError(f"cannot resume from {checkpoint}: it was trained on {_processes(saved)} and this is "
                        f"{_processes(world_size)} (the data order and each process's random state depend on the count); "
-                       f"resume with `{resume_command(run_dir, saved)}`, or start a new run with another --out")
+                       f"resume with `{resume_command(run_dir, saved, named)}`, or start a new run with another --out")
 
 
-def resume_command(run_dir: Path, processes: int | None = None) -> str:
+def resume_command(run_dir: Path, processes: int | None = None, checkpoint: Path | None = None) -> str:
     """The command that continues the run in ``run_dir`` on ``processes`` processes (default: this run's count):
-    a resume must use the run's own count (:func:`check_resume_processes`)."""
+    a resume must use the run's own count (:func:`check_resume_processes`). ``checkpoint``: resume from that one
+    rather than the run's latest."""
     import shlex
 
     processes = world()[1] if processes is None else processes
-    resume = f"lorakit train --resume {shlex.quote(str(run_dir))}"
+    resume = f"lorakit train --resume {shlex.quote(str(checkpoint or run_dir))}"
     return f"torchrun --nproc_per_node {processes} -m {resume}" if processes > 1 else resume
 
 
