@@ -214,6 +214,14 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
     end_of_startup()
     said, wait_for_rank0 = None, True  # the one line the command ends with, if it fails
     try:
+        from lorakit._rank import world_size
+
+        if args.command != "train" and argv_given is None and world_size() > 1:
+            # torchrun -m lorakit merge/eval/...: every process did all the work and printed it (merge: one wrote
+            # the folder, the others failed on "already exists", and torchrun reported the run as failed)
+            raise LorakitError(f"torchrun started {world_size()} copies of lorakit {args.command}, each doing all "
+                               f"of the work and writing the same files: run lorakit {args.command} without torchrun "
+                               "(lorakit train alone spreads over processes)")
         # the commands that write a folder: SIGTERM (`timeout`, a batch job's limit) removes the half-written one too
         writes = args.command in ("merge", "combine", "quantize")
         stopping = sigterm_as_interrupt() if writes else contextlib.nullcontext()

@@ -166,13 +166,13 @@ def test_a_mistake_rank1_reaches_first_is_still_said_once(tmp_path, tiny_folder)
 FAILING = '''
 import sys, time
 import lorakit.cli
-import lorakit.commands.inspect as command
+import lorakit.train.cli as command  # train: torchrun refuses the other commands
 from lorakit.errors import LorakitError
 lorakit.cli.RANK0_GRACE_S = 3.0
 def fail(args):
     raise {error}
 command.run = fail
-sys.argv = ["lorakit", "inspect", "x"]
+sys.argv = ["lorakit", "train"]
 print(time.time(), file=sys.stderr, flush=True)  # the CLI ends in os._exit under torchrun: timed from outside
 lorakit.cli.main()
 '''
@@ -190,7 +190,7 @@ def test_rank1_waits_for_rank0_on_a_mistake_not_on_ctrl_c(tmp_path):
         lines = done.stderr.strip().splitlines()[1:]
         assert done.returncode == code, done.stderr[-2000:]
         if code == 2:
-            assert lines == ["lorakit inspect: error: the data is wrong (process 1 of 2)"] and waited >= 3.0, lines
+            assert lines == ["lorakit train: error: the data is wrong (process 1 of 2)"] and waited >= 3.0, lines
         else:
             assert lines == [] and waited < 3.0, (lines, waited)
 

@@ -110,3 +110,18 @@ def test_a_refused_resume_of_a_named_checkpoint_suggests_that_checkpoint(tmp_pat
             f"{run / 'checkpoints' / 'step-000002'}`") in str(named.value)
     with pytest.raises(LorakitError, match=f"resume with `torchrun --nproc_per_node 2 -m lorakit train --resume {run}`"):
         check_resume_processes(run, run, 1)  # the run folder: its latest, as before
+
+
+def test_commands_other_than_train_under_torchrun_are_refused_once(tmp_path, tiny_folder):  # noqa: F811
+    """`torchrun -m lorakit merge` ran the whole merge in each process: one wrote the folder, the other failed on
+    "already exists" after it, and torchrun reported the run as failed; eval and generate printed everything twice.
+    Now one line, from rank 0, and nothing written."""
+    done = subprocess.run([*TORCHRUN, "-m", "lorakit", "merge", "--model", str(tiny_folder), "--adapter",
+                           str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")], env=ENV, capture_output=True,
+                          text=True, timeout=180)
+    said = [line for line in done.stderr.splitlines() if line.startswith("lorakit")]
+    assert done.returncode != 0 and said[0] == (
+        "lorakit merge: error: torchrun started 2 copies of lorakit merge, each doing all of the work and writing the "
+        "same files: run lorakit merge without torchrun (lorakit train alone spreads over processes)"), done.stderr
+    assert len([line for line in said if "error" in line]) == 1, said
+    assert not (tmp_path / "merged").exists()
