@@ -212,6 +212,7 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
     from lorakit.commands._args import plain_warnings
 
     end_of_startup()
+    _tolerant_stdout()
     said, wait_for_rank0 = None, True  # the one line the command ends with, if it fails
     try:
         from lorakit._rank import world_size
@@ -261,6 +262,17 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
     if torchrun:
         _exit_without_teardown(code)
     return code
+
+
+def _tolerant_stdout() -> None:
+    """Characters the terminal's encoding lacks are printed escaped (``\\U0001f389``), as Python's stderr does: a
+    generation (model text: emoji, U+FFFD of a cut byte sequence) printed to an ASCII or Latin-1 stdout
+    (PYTHONIOENCODING, a C locale, a Windows console) ended the command with a UnicodeEncodeError traceback after
+    the whole generation had run."""
+    stream = sys.stdout
+    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        with contextlib.suppress(ValueError, OSError, AttributeError):  # a stream that cannot change its errors
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _unknown_before_required(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

@@ -99,6 +99,13 @@ def generate(self: nn.Module, *args, adapter_names: list[str] | None = None, **k
 
     names = [None if name == "__base__" else name for name in adapter_names] \
         if isinstance(adapter_names, (list, tuple)) else adapter_names  # anything else: mixed_batch says what it takes
+    prompts = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else kwargs.get("inputs")))
+    rows = prompts.shape[0] if isinstance(prompts, torch.Tensor) and prompts.dim() >= 2 else None
+    if isinstance(names, list) and rows is not None and len(names) != rows:
+        # mixed_batch spreads k x len(names) rows k to a name (beams, num_return_sequences), so 2 prompts with one
+        # name ran that adapter on both without a word; peft refuses a list that is not one name per prompt
+        raise LorakitError(f"adapter_names has {len(names)} names for {rows} prompts (input rows); give one per "
+                           "prompt (\"__base__\" for the base alone)")
     with mixed_batch(self, names):
         return type(self).generate(self, *args, **kwargs)
 

@@ -1,0 +1,169 @@
+"""`lorakit generate` / `lorakit eval` and model.generate(adapter_names=...) as a new user runs them, on a tiny random
+Llama with a real (byte-level BPE) tokenizer: greedy answers equal transformers' own generate on the merged weights,
+eval's loss is the hand-computed mean cross-entropy, and the mistakes found in this audit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import lorakit
+from lorakit.cli import main
+from lorakit.errors import LorakitError
+from test_serve_support import make_adapter, tiny_hf_folder
+
+
+@pytest.fixture(autouse=True)
+def _reference_path(monkeypatch):
+    monkeypatch.setenv("LORAKIT_DISABLE_TRITON", "1")
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate_eval")
+    model_dir = tiny_hf_folder(root / "model", initializer_range=0.5)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    adapters = [make_adapter(base, root / name, seed=i + 1) for i, name in enumerate(["alpha", "beta"])]
+    return {"model": model_dir, "adapters": adapters, "root": root}
+
+
+def _merged(hf, adapter):
+    model, _ = lorakit.load_base(str(hf["model"]))
+    lorakit.load_adapter(model, str(adapter))
+    return lorakit.merge_and_unload(model).eval()
+
+
+def test_a_generation_prints_on_a_terminal_that_is_not_utf8(hf, tmp_path):
+    """Model text (here: U+FFFD of cut byte sequences, and the emoji of the prompt's echo-free answer) printed to an
+    ASCII stdout (PYTHONIOENCODING, a C locale, a Windows console) ended in a UnicodeEncodeError traceback after the
+    whole generation had run; the characters the encoding lacks are now escaped, as Python's stderr does."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "LORAKIT_DISABLE_TRITON": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(lorakit.__file__).parent.parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-m", "lorakit", "generate", "--model", str(hf["model"]), "--max-new-tokens",
+                           "8", "Hello there \U0001f389"], capture_output=True, timeout=120, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr.decode("ascii", "replace")[-2000:]
+    assert b"Traceback" not in done.stderr
+    out = done.stdout.decode("ascii")  # escaped, so plain ASCII
+    # the same answer as on a UTF-8 terminal, escaped where ASCII lacks the characters
+    tokenizer = AutoTokenizer.from_pretrained(hf["model"])
+    model = AutoModelForCausalLM.from_pretrained(hf["model"])
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Hello there \U0001f389"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    assert any(ord(c) > 127 for c in text)  # the case this test is about
+    assert out.rstrip("\n") == text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def test_generate_adapter_names_must_name_every_prompt(hf):
+    """model.generate(adapter_names=[...]) with fewer names than prompts ran the one name on every row without a word
+    (mixed_batch spreads k x len(names) rows k to a name, for beams); peft refuses it, and so does lorakit now. One
+    name per prompt still gives each row what it gives alone, beams included."""
+    tokenizer = AutoTokenizer.from_pretrained(hf["model"])
+    tokenizer.padding_side = "left"
+    model, _ = lorakit.load_base(str(hf["model"]))
+    for adapter in hf["adapters"]:
+        lorakit.load_adapter(model, str(adapter), adapter=adapter.name)
+    prompts = ["Hello there, what is the capital of France?", "Hi"]
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    with pytest.raises(LorakitError, match="adapter_names has 1 names for 2 prompts"):
+        model.generate(**inputs, adapter_names=["alpha"], max_new_tokens=4, do_sample=False)
+    with pytest.raises(LorakitError, match="adapter_names has 3 names for 2 prompts"):
+        model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       adapter_names=["alpha", "beta", "__base__"], max_new_tokens=4, do_sample=False)
+    names = ["beta", "__base__"]
+    out = model.generate(**inputs, adapter_names=names, max_new_tokens=6, do_sample=False, num_beams=2,
+                         num_return_sequences=2)
+    width = inputs["input_ids"].shape[1]
+    for row, (prompt, name) in enumerate(zip(prompts, names)):
+        alone = tokenizer([prompt], return_tensors="pt")
+        lorakit.set_adapter(model, "beta")
+        with lorakit.disable_adapters(model) if name == "__base__" else torch.no_grad():
+            expected = model.generate(**alone, max_new_tokens=6, do_sample=False, num_beams=2, num_return_sequences=2)
+        for k in range(2):
+            assert out[2 * row + k, width:].tolist() == expected[k, alone["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-chat"], ["--system", "Be brief."]])
+def test_cli_greedy_answers_equal_transformers_generate_on_the_merged_weights(hf, capsys, flags):
+    """Token for token (the text of the ids transformers' generate gives the merged model, up to its first
+    end-of-turn), for the chat template, a raw completion and a system turn; each row of a side-by-side run
+    equals that adapter's run alone."""
+    from lorakit.generation import end_of_turn_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(hf["model"])
+    prompt = "The capital of France is"
+    if "--no-chat" in flags:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    else:
+        messages = ([{"role": "system", "content": flags[1]}] if "--system" in flags else []) + \
+            [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+    texts = []
+    for adapter in hf["adapters"]:
+        merged = _merged(hf, adapter)
+        stops = end_of_turn_ids(tokenizer, merged)
+        new = merged.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              eos_token_id=list(stops))[0, ids.shape[1]:].tolist()
+        new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+        assert main(["generate", "--model", str(hf["model"]), "--adapter", str(adapter), "--max-new-tokens", "12",
+                     *flags, prompt]) == 0
+        assert capsys.readouterr().out == texts[-1] + "\n"
+    assert texts[0] != texts[1]  # the adapters differ (else the comparison proves little)
+    assert main(["generate", "--model", str(hf["model"]), *[a for ad in hf["adapters"] for a in ("--adapter", str(ad))],
+                 "--max-new-tokens", "12", *flags, prompt]) == 0
+    out = capsys.readouterr().out
+    for adapter, text in zip(hf["adapters"], texts):
+        assert f"=== {adapter.name} (" in out and "\n" + text.strip() + "\n" in out
+
+
+def test_sampling_with_a_seed_repeats_and_rows_sample_as_alone(hf, capsys):
+    """The same seed gives the same text; a row of a side-by-side run samples what it samples alone."""
+    model, adapter = str(hf["model"]), str(hf["adapters"][0])
+    common = ["--temperature", "1.5", "--top-p", "0.9", "--top-k", "100000", "--seed", "7", "--max-new-tokens", "10"]
+    answers = []
+    for extra in ([], [], ["--adapter", adapter], ["--adapter", adapter, "--base"]):
+        assert main(["generate", "--model", model, *extra, *common, "Hello there"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1]
+    assert answers[3].split("=== ")[1].split("\n", 1)[1] == answers[0].strip() + "\n"
+    assert answers[3].split("=== ")[2].split("\n", 1)[1] == answers[2].strip() + "\n"
+
+
+def test_eval_loss_and_perplexity_are_the_hand_computed_mean_cross_entropy(hf, tmp_path):
+    """Prompt/completion records: the completion's tokens and the closing end-of-text are the targets; the loss is
+    their mean cross-entropy under the model (here with the adapter merged), perplexity its exp."""
+    import math
+
+    data = tmp_path / "qa.jsonl"
+    records = [{"prompt": "Hello there", "completion": " The capital"}, {"prompt": "What is LoRA?", "completion": " a"},
+               {"prompt": "Say hi", "completion": " hi"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(hf["model"])
+    merged = _merged(hf, hf["adapters"][0])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for record in records:
+            prompt = tokenizer(record["prompt"])["input_ids"]
+            target = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = torch.tensor([prompt + target])
+            logits = merged(ids).logits[0, len(prompt) - 1: -1]
+            total += torch.nn.functional.cross_entropy(logits, torch.tensor(target), reduction="sum").item()
+            count += len(target)
+    out = tmp_path / "results.json"
+    assert main(["eval", "--model", str(hf["model"]), "--adapter", str(hf["adapters"][0]), "--data", str(data),
+                 "--no-progress", "--json", str(out), "--batch-size", "2"]) == 0
+    results = json.loads(out.read_text())
+    assert results["supervised_tokens"] == count and results["examples"] == 3
+    assert results["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert results["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert results["exact_match"] == 0.0 and results["scored_examples"] == 3
