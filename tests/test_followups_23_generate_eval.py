@@ -167,3 +167,39 @@ def test_eval_loss_and_perplexity_are_the_hand_computed_mean_cross_entropy(hf, t
     assert results["loss"] == pytest.approx(total / count, rel=1e-5)
     assert results["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
     assert results["exact_match"] == 0.0 and results["scored_examples"] == 3
+
+
+def test_eval_answers_do_not_depend_on_the_batch_size(hf, tmp_path, capsys):
+    """A batch ran to the context its longest prompt left, and to its largest token limit: a short record batched
+    with a prompt near the context had its answer cut there (eval's predictions, hence exact match, changed with
+    --batch-size), a prompt longer than the context emptied every answer of its batch, and a record with a small
+    limit ran on to its neighbour's. Every answer is now the one its record gets alone."""
+    from lorakit.train.evaluate import generate_records
+    from lorakit.train.sources import read_many
+
+    tokenizer = AutoTokenizer.from_pretrained(hf["model"])  # the model's context: 256 tokens
+    words = 1
+    while len(tokenizer("Hello " * words)["input_ids"]) < 248:
+        words += 1
+    data = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": "Hello " * words, "completion": " hi"}, {"prompt": "Say", "completion": " hi"},
+            {"prompt": "What is LoRA?", "completion": " a"}, {"prompt": "Hello " * 300, "completion": " hi"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    records = read_many([str(data)])
+    model, _ = lorakit.load_base(str(hf["model"]))
+    limits = [30, 30, 3, 30]
+    alone = [generate_records(model, tokenizer, [record], max_new_tokens=[limit])[0]
+             for record, limit in zip(records, limits)]
+    assert len(tokenizer(alone[1].text, add_special_tokens=False)["input_ids"]) > 8  # more than 256 - 248 steps
+    assert alone[3].text == ""  # no room at all
+    for batch_size in (2, 4, 16):
+        assert generate_records(model, tokenizer, records, max_new_tokens=limits, batch_size=batch_size) == alone
+    # the command: the same printed answers at --batch-size 1 and 16 (the over-long record is dropped there)
+    printed = []
+    for batch_size in ("1", "16"):
+        out = tmp_path / f"b{batch_size}.json"
+        assert main(["eval", "--model", str(hf["model"]), "--data", str(data), "--no-progress", "--json", str(out),
+                     "--batch-size", batch_size, "--samples", "3", "--max-new-tokens", "30"]) == 0
+        assert json.loads(out.read_text())["examples"] == 3
+        printed.append([line for line in capsys.readouterr().out.splitlines() if line.startswith("  [")])
+    assert len(printed[0]) == 3 and printed[0] == printed[1]

@@ -279,12 +279,23 @@ def generate_records(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
 
     context = context_length(model)  # learned position embeddings (GPT-2, OPT) fail with an index error beyond it
     answers = [Generation("", _opens_reasoning(tokenizer, p), False) for p in prompts]
+    # each row's own budget, what it gets generated alone: its limit, within the context its prompt leaves
+    own = [limits[i] if context is None else min(limits[i], context - len(prompts[i])) for i in range(len(prompts))]
     batches = []  # (rows, prompt width, step budget)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        new_tokens = max(limits[i] for i in chunk)
-        batches.append((chunk, width, new_tokens if context is None else min(new_tokens, context - width)))
+    chunk: list[int] = []
+    for i in order:  # shortest prompt first
+        # A batch runs to the context its longest prompt leaves: a row that needs more steps than that is not
+        # batched with it (a short record's answer was cut where a prompt near the context ended the batch, and
+        # every answer came out empty beside a prompt longer than the context: eval's exact match depended on
+        # --batch-size)
+        if chunk and (len(chunk) == batch_size or
+                      (context is not None and context - len(prompts[i]) < max(own[j] for j in chunk))):
+            batches.append(chunk)
+            chunk = []
+        chunk.append(i)
+    if chunk:
+        batches.append(chunk)
+    batches = [(chunk, max(len(prompts[i]) for i in chunk), max(own[i] for i in chunk)) for chunk in batches]
     from lorakit.train.generation_progress import GenerationProgress
 
     shown = GenerationProgress(sum(max(b, 0) for _, _, b in batches), len(order), progress, stop)
@@ -309,7 +320,7 @@ def generate_records(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
                                      generation_config=config, **({"streamer": streamer} if streamer is not None else {}))
             shown.finished(streamer)
             for row, i in enumerate(chunk):
-                new = out[row, width:].tolist()
+                new = out[row, width:width + max(own[i], 0)].tolist()  # its own limit, as alone (not the batch's)
                 cut = next((k for k, t in enumerate(new) if t in stop), len(new))
                 answers[i] = Generation(_decode(tokenizer, new[:cut]), answers[i].opened, cut < len(new))
     finally:
