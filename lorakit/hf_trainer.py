@@ -142,6 +142,8 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args, i
 
     names = adapter_names(self)
     if not names:  # merged and unloaded (or adapters deleted): a plain transformers model again
+        if state_dict is None:
+            _refuse_quantized_save(self)
         return type(self).save_pretrained(self, save_directory, *args, is_main_process=is_main_process,
                                           state_dict=state_dict, **kwargs)
     if kwargs.get("push_to_hub"):
@@ -168,6 +170,26 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args, i
             save_adapter(self, root if name == "default" else root / name, adapter=name)
         if root.name.startswith(CHECKPOINT_PREFIX):
             _save_trainable(self, root / TRAINER_WEIGHTS_NAME)
+
+
+def guard_quantized_save(model: nn.Module) -> None:
+    """Give a transformers model holding NF4 layers (``lorakit.quantize``, ``load_base(..., quantize="nf4")``) the
+    ``save_pretrained`` above, which refuses to write them. The class's own wrote lorakit's 4-bit buffers
+    (``weight_packed``, ``absmax``...) in a folder that ``AutoModelForCausalLM.from_pretrained`` loads with freshly
+    initialised linear layers (only a load report says so): e.g. ``merge_and_unload`` on a 4-bit model, then
+    ``save_pretrained``, as the README's Trainer section says works after merging."""
+    if is_transformers_model(model) and "save_pretrained" not in vars(model):
+        model.save_pretrained = functools.partial(save_pretrained, model)
+
+
+def _refuse_quantized_save(model: nn.Module) -> None:
+    from lorakit import quant
+
+    layer = next((path for path, module in model.named_modules() if quant.is_quantized(module)), None)
+    if layer is not None:
+        raise LorakitError(f"save_pretrained would write lorakit's 4-bit buffers ({layer!r} is NF4), which transformers "
+                           "loads as random weights: save the 4-bit model with lorakit.save_quantized(model, tokenizer, "
+                           "folder), or call lorakit.dequantize(model) first for a 16-bit folder")
 
 
 def load_state_dict(self: nn.Module, state_dict, strict: bool = True, assign: bool = False):

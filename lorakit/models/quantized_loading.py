@@ -332,4 +332,7 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
         model.generation_config = generation_config
     model.to(device)  # buffers created on the CPU (rotary inv_freq) follow; NF4 state stays float32
     model.eval()
+    from lorakit.hf_trainer import guard_quantized_save
+
+    guard_quantized_save(model)  # save_pretrained would write NF4 buffers transformers cannot read
     return model

@@ -230,6 +230,9 @@ def quantize(model: nn.Module, quant: str = "nf4", *, skip: Iterable[str] = DEFA
         del module, parents  # the dense weight goes as soon as nothing else holds it
     if device is not None:  # what was skipped or is not linear (embeddings, norms, the head) follows to the device
         model.to(device)
+    from lorakit.hf_trainer import guard_quantized_save
+
+    guard_quantized_save(model)  # save_pretrained would write NF4 buffers transformers cannot read
     return model
 
 
