@@ -180,6 +180,18 @@ def _no_chosen_layer(config: LoraConfig, paths: list[str]) -> str:
     return f"{target} their paths (such as {paths[0]}) hold no layer number to choose by"
 
 
+def _whole_path_note(spec: list[str] | str, modules: dict[str, nn.Module]) -> str:
+    """For a string of plain module names (``"q_proj"``, ``"q_proj|v_proj"``): it is peft's regular expression over
+    the whole module path, so it matched nothing, while the names the error lists included ``q_proj`` itself."""
+    if not isinstance(spec, str) or not re.fullmatch(r"\w+(\|\w+)*", spec):
+        return ""
+    names = spec.split("|")
+    example = next((path for path, module in modules.items() if path and _supported(module)), "")
+    return (f"; a string is a regular expression matched against the whole module path (as in peft), such as "
+            f"{example!r}: write a list of names, target_modules={names!r}, or a pattern such as "
+            f"{'.*' + chr(92) + '.(' + spec + ')'!r}")
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     """Target path -> original module, following the config's rules. Raises if nothing matches."""
     modules = _base_modules(model)
@@ -217,9 +229,10 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
                            "widen target_modules")
     if not targets:
         kinds = sorted({path.rsplit(".", 1)[-1] for path, m in modules.items() if _supported(m)})
+        regex = _whole_path_note(config.target_modules, modules)
         raise LorakitError(f"target_modules {shown(config.target_modules)} matched no module; this model's "
                            f"linear/embedding modules are named: {', '.join(kinds) or '(none)'}"
-                           f"{_expert_note(modules, config)}")
+                           f"{_expert_note(modules, config)}{regex}")
     if not isinstance(config.target_modules, str):
         unmatched = [key for key in config.target_modules if not any(_matches(p, [key]) for p in modules if p)]
         if unmatched:  # PEFT skips these silently; a typo would then train fewer layers than the user meant
