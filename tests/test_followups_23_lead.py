@@ -68,3 +68,27 @@ def test_a_bamba_folder_loads_on_transformers_4(tmp_path):
     saved = model.state_dict()
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
+
+
+def test_inspect_says_an_adapter_file_without_tensors_is_empty(tmp_path, capsys):
+    """An adapter folder whose weights file holds no tensors (a save cut short) was described as a rank-4 adapter
+    "-> 0 layers" without a word of what is wrong; inspect now says it changes nothing and will not load. An
+    adapter with tensors gets no such line."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lorakit.cli import main
+
+    save_file({}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "base_model_name_or_path": "x"}))
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "the weights file holds no adapter tensors" in out and "will not load" in out, out
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(8, 4)},
+              str(tmp_path / "adapter_model.safetensors"))
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "warning" not in out and "q_proj x1" in out, out

@@ -178,6 +178,11 @@ def run(args: argparse.Namespace) -> int:
     lines[at:at] = extra
     if info["rank_pattern"] or info["alpha_pattern"]:
         lines.insert(4, ("patterns", f"rank {info['rank_pattern']}, alpha {info['alpha_pattern']}"))
+    if not info["trainable_parameters"] and not info["saved_copy_parameters"]:
+        # an empty weights file (a save that failed or was cut short) described as a rank-4 adapter with "0 layers"
+        # said nothing of what is wrong; loading it is refused ("missing tensor keys")
+        lines.append(("warning", "the weights file holds no adapter tensors: this adapter changes nothing and will not "
+                                 "load; save it again from the trained model"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key:<{width}}  {value}")
