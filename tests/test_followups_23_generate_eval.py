@@ -203,3 +203,39 @@ def test_eval_answers_do_not_depend_on_the_batch_size(hf, tmp_path, capsys):
         assert json.loads(out.read_text())["examples"] == 3
         printed.append([line for line in capsys.readouterr().out.splitlines() if line.startswith("  [")])
     assert len(printed[0]) == 3 and printed[0] == printed[1]
+
+
+def test_eval_exact_match_counts_the_answers_transformers_generates(tmp_path):
+    """Exact match by hand: records whose reference is the greedy answer transformers' generate gives (ending at the
+    end-of-turn token) count, one with another answer does not: 2/3 (word-level tokenizer: clean texts)."""
+    import itertools
+
+    from conftest import tiny_llama
+    from test_train_helpers import LETTERS, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(seed=3, vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                       initializer_range=0.6, bos_token_id=1, eos_token_id=3, pad_token_id=3)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    found = []
+    for a, b in itertools.product(LETTERS, LETTERS):
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": f"copy : {a} {b}"}],
+                                               add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        new = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=3,
+                             pad_token_id=3)[0, inputs["input_ids"].shape[1]:].tolist()
+        if 3 in new[1:5]:  # an answer of 1-4 words, then the end of the turn
+            found.append((f"copy : {a} {b}", tokenizer.decode(new[:new.index(3)], skip_special_tokens=True)))
+        if len(found) == 2:
+            break
+    assert len(found) == 2
+    chats = [[p, answer] for p, answer in found] + [["copy : a b", "q q q"]]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant",
+                                                                                      "content": answer}]}) + "\n"
+                            for p, answer in chats), encoding="utf-8")
+    out = tmp_path / "results.json"
+    assert main(["eval", "--model", str(folder), "--data", str(data), "--no-progress", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["exact_match"] == pytest.approx(2 / 3) and results["scored_examples"] == 3
