@@ -144,6 +144,7 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args, i
     if not names:  # merged and unloaded (or adapters deleted): a plain transformers model again
         if state_dict is None:
             _refuse_quantized_save(self)
+            _refuse_wrapped_save(self)
         return type(self).save_pretrained(self, save_directory, *args, is_main_process=is_main_process,
                                           state_dict=state_dict, **kwargs)
     if kwargs.get("push_to_hub"):
@@ -190,6 +191,20 @@ def _refuse_quantized_save(model: nn.Module) -> None:
         raise LorakitError(f"save_pretrained would write lorakit's 4-bit buffers ({layer!r} is NF4), which transformers "
                            "loads as random weights: save the 4-bit model with lorakit.save_quantized(model, tokenizer, "
                            "folder), or call lorakit.dequantize(model) first for a 16-bit folder")
+
+
+def _refuse_wrapped_save(model: nn.Module) -> None:
+    """``delete_adapter`` of the last adapter leaves the layers wrapped (``q_proj.base_layer``): the class's
+    ``save_pretrained`` then wrote every adapted weight under that name, which transformers does not read (it loaded
+    those layers with random weights); ``merge_and_unload`` unwraps them (with no adapter left it merges nothing)."""
+    from lorakit.inject import adapter_hosts
+
+    wrapped = next(iter(adapter_hosts(model)), None)
+    if wrapped is not None:
+        raise LorakitError(f"save_pretrained: this model has no adapters left, but its layers are still wrapped (e.g. "
+                           f"{wrapped!r}), so its weights would be saved under lorakit's names (base_layer), which "
+                           "transformers does not read: call model = lorakit.merge_and_unload(model) first (with no "
+                           "adapter left it only unwraps the layers)")
 
 
 def load_state_dict(self: nn.Module, state_dict, strict: bool = True, assign: bool = False):

@@ -103,3 +103,24 @@ def test_a_string_of_module_names_says_it_is_a_whole_path_regex():
     assert {n.split(".adapters.")[0].rsplit(".", 1)[-1] for n, _ in lorakit.lora_parameters(gpt2)} == {"c_attn", "c_fc"}
     with pytest.raises(LorakitError, match=r"matched no module; [^;]*$"):  # a real regex: no note
         lorakit.inject(_qwen2(), lorakit.LoraConfig(target_modules=r".*\.zz"))
+
+
+def test_save_pretrained_after_deleting_every_adapter_refuses_wrapped_names(tmp_path):
+    """delete_adapter of the last adapter leaves the layers wrapped; save_pretrained then wrote q_proj.base_layer.weight
+    and the like, which transformers' from_pretrained skips, loading those layers (and the head) with random
+    weights. Refused now, naming merge_and_unload, which unwraps them and saves the base exactly."""
+    import transformers
+
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    model = _qwen2()
+    with torch.no_grad():
+        base = model(ids).logits
+    lorakit.inject(model, lorakit.LoraConfig(r=2, modules_to_save=["lm_head"]))
+    lorakit.delete_adapter(model, "default")
+    with pytest.raises(LorakitError, match="still wrapped .*lorakit.merge_and_unload"):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    lorakit.merge_and_unload(model).save_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()(ids).logits
+    assert torch.equal(again, base)
