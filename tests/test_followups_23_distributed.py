@@ -125,3 +125,66 @@ def test_commands_other_than_train_under_torchrun_are_refused_once(tmp_path, tin
         "same files: run lorakit merge without torchrun (lorakit train alone spreads over processes)"), done.stderr
     assert len([line for line in said if "error" in line]) == 1, said
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_resume_with_another_global_batch_is_refused_before_loading_naming_it(tmp_path):
+    """`torchrun ... lorakit train --resume RUN --global-batch 4` of a run trained without accumulation was refused
+    only once the model had loaded, as "another --grad-accum (grad_accum: 1 then, 2 now)", an option the user had not
+    typed; now before loading, naming --global-batch. A --global-batch giving the run's own accumulation resumes."""
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.loop import check_resume_options
+
+    saved = {"batch_size": 1, "grad_accum": 1, "global_batch": None}
+    with pytest.raises(LorakitError) as refused:
+        check_resume_options(saved, TrainConfig(batch_size=1, global_batch=4), tmp_path)
+    assert str(refused.value) == (
+        f"cannot resume from {tmp_path}: another gradient accumulation (1 micro-batch per optimizer step then, 4 now: "
+        "--global-batch 4 / (--batch-size 1 x 1 process)); resume with the run's original settings, or start a new "
+        "run with another --out")
+    with pytest.raises(LorakitError, match=r"\(2 micro-batches per optimizer step then, 1 now: --grad-accum 1\)"):
+        check_resume_options({"batch_size": 2, "grad_accum": 1, "global_batch": 4}, TrainConfig(batch_size=2), tmp_path)
+    check_resume_options(saved, TrainConfig(batch_size=1, global_batch=1), tmp_path)  # the same accumulation
+    check_resume_options({"batch_size": 2, "grad_accum": 1, "global_batch": 4},
+                         TrainConfig(batch_size=2, grad_accum=2), tmp_path)
+
+
+ONE_RANK_MISTAKE = '''
+import os, sys, time
+from pathlib import Path
+import lorakit.cli
+import lorakit.train.runner as runner
+lorakit.cli.RANK0_GRACE_S = 3.0
+read_data = runner.read_data
+
+
+def late_missing(config):  # rank 1's --data is missing on its node, found once rank 0 is past its data
+    config_yaml = Path(config.out) / "config.yaml"
+    deadline = time.monotonic() + 120
+    while not config_yaml.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # rank 0 into the training loop's first collective
+    return read_data(config.replace(data=[str(Path(config.data[0]).with_name("missing.jsonl"))]))
+
+
+if os.environ["RANK"] == "1":
+    runner.read_data = late_missing
+sys.exit(lorakit.cli.main())
+'''
+
+
+def test_a_mistake_of_one_process_alone_is_said(tmp_path, tiny_folder):  # noqa: F811
+    """A mistake one process alone makes (its --data missing on its node, say: seen with a 20 s grace): that process
+    destroyed its process group as it failed, rank 0's collective failed at once, rank 0 said "another process ...
+    ended (killed, or out of memory)" and torchrun ended the failing process while it waited to say why: the cause
+    was never printed. Now the group stays up while it waits, it says its mistake, and then rank 0 finds it gone."""
+    data = write_jsonl(tmp_path / "train.jsonl", task_records(8, seed=1))
+    script = tmp_path / "one_rank.py"
+    script.write_text(ONE_RANK_MISTAKE)
+    done = subprocess.run([*TORCHRUN, str(script), "train", "--model", str(tiny_folder), "--data", str(data),
+                           "--batch-size", "2", "--max-steps", "2", "--rank", "2", "--no-progress", "--out",
+                           str(tmp_path / "run")], env=ENV, capture_output=True, text=True, timeout=180)
+    said = [line for line in done.stderr.splitlines() if line.startswith("lorakit train: error:")]
+    assert done.returncode != 0 and said[:1] == [
+        f"lorakit train: error: data file not found: {tmp_path / 'missing.jsonl'}; check the path (JSONL, CSV or a "
+        "datasets folder) (process 1 of 2)"], done.stderr[-3000:]
+    assert not (tmp_path / "run").exists()

@@ -234,6 +234,24 @@ def check_resume_options(saved: dict[str, Any], config: TrainConfig, run_dir: Pa
             raise LorakitError(f"cannot resume from {run_dir}: {hint or 'another --' + key.replace('_', '-')} ({key}: "
                                f"{saved[key]!r} then, {getattr(config, key)!r} now); resume with the run's original "
                                "settings, or start a new run with another --out")
+    # the accumulation, which --grad-accum or --global-batch sets: a resume with another --global-batch was refused
+    # only after the model had loaded, as "another --grad-accum", an option the user had not typed
+    if "grad_accum" in saved or "global_batch" in saved:
+        from lorakit.train.distributed import world
+
+        processes = world()[1]
+        try:
+            then = accumulation_steps(config.replace(grad_accum=saved.get("grad_accum") or 1,
+                                                     global_batch=saved.get("global_batch")), processes)
+            now = accumulation_steps(config, processes)
+        except (LorakitError, TypeError):
+            return  # a global batch that does not divide: refused with its own line as the run starts
+        if then != now:
+            how = (f"--global-batch {config.global_batch} / (--batch-size {config.batch_size} x {processes} "
+                   f"process{'es' * (processes != 1)})" if config.global_batch else f"--grad-accum {config.grad_accum}")
+            raise LorakitError(f"cannot resume from {run_dir}: another gradient accumulation ({then} micro-batch"
+                               f"{'es' * (then != 1)} per optimizer step then, {now} now: {how}); resume with the run's original settings, or "
+                               "start a new run with another --out")
 
 
 def _adapter_difference(saved: Any, current: str) -> str:

@@ -310,20 +310,27 @@ def distributed_group() -> Iterator[None]:
     dist.init_process_group(backend=backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    previous = None
+    previous, keep_group = None, False
     try:
         yield
-    except BaseException:
+    except BaseException as error:
         # rank 0 ending in error: torchrun sends SIGTERM (once) the moment another process exits (one killed
         # outright, say), and its default action killed rank 0 in the teardown below, before the CLI printed why
         # (the run's checkpoint, the resume command); torchrun still sends SIGKILL 30 s later should it hang. The
         # other processes keep the default: torchrun ends them once rank 0 has said it (cli._let_rank0_say_it)
         if dist.get_rank() == 0 and threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        elif isinstance(error, (LorakitError, OSError)):
+            # a mistake of this process that the CLI says after waiting for rank 0 to say it first: the group stays
+            # up meanwhile (the process ends in os._exit). Destroying it here failed rank 0's next collective at once
+            # ("another process of this run ended ... killed, or out of memory"), torchrun then ended this process
+            # in its wait, and a mistake of this process alone (its --data missing on its node) was never said
+            keep_group = True
         raise
     finally:
-        gc.collect()
-        dist.destroy_process_group()
+        if not keep_group:
+            gc.collect()
+            dist.destroy_process_group()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
