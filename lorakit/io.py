@@ -150,12 +150,22 @@ def _doubled_rank(config: LoraConfig) -> LoraConfig:
     )
 
 
+def _check_folder_argument(folder: Any, function: str, wanted: str) -> None:
+    """A ``folder`` argument that is no path: a model object (a PeftModel given where its folder was meant) or
+    None was a bare TypeError from inside pathlib."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise LorakitError(f"{function} takes {wanted} as a path, not {type(folder).__name__}"
+                           + (" (to save a peft model's adapter, call its save_pretrained(folder); to use it here, "
+                              "give that folder)" if hasattr(folder, "peft_config") else ""))
+
+
 def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "default", base_name: str | None = None) -> Path:
     """Write ``adapter`` to ``folder`` as PEFT does (both files written atomically). Returns the folder."""
     from safetensors.torch import save as safetensors_bytes
 
     if isinstance(folder, str) and not folder.strip():  # "" (an unset variable) is Path("."): the current folder
         raise LorakitError("the adapter folder is empty (''); give the folder to write, e.g. 'my-adapter'")
+    _check_folder_argument(folder, "save_adapter", "the folder to write")
 
     from lorakit import __version__
 
@@ -1491,6 +1501,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     and head with more rows) resizes a base holding no adapters to it and takes the saved weights, as peft's load
     over a resized base does (a warning says so); ``resize_vocabulary=False`` refuses it instead (a shared base).
     """
+    if not isinstance(folder, AdapterFile):
+        _check_folder_argument(folder, "load_adapter", "the adapter's folder (or a Hub id in the local cache)")
     if isinstance(folder, AdapterFile):
         adapter_file = folder
         if max_bytes is not None and adapter_file.size_bytes > max_bytes:

@@ -92,3 +92,23 @@ def test_inspect_says_an_adapter_file_without_tensors_is_empty(tmp_path, capsys)
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "warning" not in out and "q_proj x1" in out, out
+
+
+def test_a_folder_argument_that_is_no_path_is_one_line():
+    """load_adapter(model, a_peft_model) and save_adapter(model, None) raised a bare TypeError from pathlib."""
+    import transformers
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    import lorakit
+    from lorakit.errors import LorakitError
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    peft_model = get_peft_model(transformers.LlamaForCausalLM(config), PeftLoraConfig(r=2, target_modules=["q_proj"]))
+    model = transformers.LlamaForCausalLM(config)
+    with pytest.raises(LorakitError, match="load_adapter takes the adapter's folder .* as a path, not PeftModel"
+                                           ".*call its save_pretrained"):
+        lorakit.load_adapter(model, peft_model)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(LorakitError, match="save_adapter takes the folder to write as a path, not NoneType"):
+        lorakit.save_adapter(model, None)
