@@ -291,17 +291,25 @@ def _nested_note(root: str, entry: str) -> str:
     folder = os.path.join(root, entry)
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):  # a training run: serves its adapter/, best/
         return ""
+    inner, source, target = _adapter_subfolders(root, entry)
+    if not inner:
+        return ""
+    return (f"; its subfolders {', '.join(inner[:10])}{f' and {len(inner) - 10} more' if len(inner) > 10 else ''} "
+            "hold adapters of their own (peft's other adapters, or checkpoints), which are not served: copy one beside "
+            f"it under a name of its own (cp -r {shlex.quote(source)} {shlex.quote(target)})")
+
+
+def _adapter_subfolders(root: str, entry: str) -> tuple[list[str], str, str]:
+    """The subfolders of ``root/entry`` that hold an adapter_config.json (sorted; [] when none or unreadable), and
+    the copy that would serve the first under a name of its own: ``(names, its path, root/entry-name)``."""
+    folder = os.path.join(root, entry)
     try:
         inner = sorted(e.name for e in os.scandir(folder)
                        if e.is_dir() and os.path.isfile(os.path.join(e.path, "adapter_config.json")))
     except OSError:
-        return ""
-    if not inner:
-        return ""
-    source, target = os.path.join(folder, inner[0]), os.path.join(root, f"{entry}-{inner[0]}")
-    return (f"; its subfolders {', '.join(inner[:10])}{f' and {len(inner) - 10} more' if len(inner) > 10 else ''} "
-            "hold adapters of their own (peft's other adapters, or checkpoints), which are not served: copy one beside "
-            f"it under a name of its own (cp -r {shlex.quote(source)} {shlex.quote(target)})")
+        inner = []
+    first = inner[0] if inner else ""
+    return inner, os.path.join(folder, first), os.path.join(root, f"{entry}-{first}")
 
 
 def _inner_adapters(root: str, entry: str) -> str:
@@ -311,14 +319,9 @@ def _inner_adapters(root: str, entry: str) -> str:
     import shlex
 
     folder = os.path.join(root, entry)
-    try:
-        inner = sorted(e.name for e in os.scandir(folder)
-                       if e.is_dir() and os.path.isfile(os.path.join(e.path, "adapter_config.json")))
-    except OSError:
-        return ""
+    inner, source, target = _adapter_subfolders(root, entry)
     if not inner:
         return ""
-    source, target = os.path.join(folder, inner[0]), os.path.join(root, f"{entry}-{inner[0]}")
     return (f"; its subfolders {', '.join(inner)} are (a training run?): give --adapters {shlex.quote(folder)} to "
             f"serve them, or copy one here under a name of its own (cp -r {shlex.quote(source)} {shlex.quote(target)})")
 
