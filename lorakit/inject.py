@@ -186,6 +186,8 @@ def _whole_path_note(spec: list[str] | str, modules: dict[str, nn.Module]) -> st
     if not isinstance(spec, str) or not re.fullmatch(r"\w+(\|\w+)*", spec):
         return ""
     names = spec.split("|")
+    if len(names) > 4:  # thousands of names (a generated or hostile file): the first few, as other values are quoted
+        names, spec = names[:3] + ["..."], "|".join(names[:3]) + "|..."
     example = next((path for path, module in modules.items() if path and _supported(module)), "")
     return (f"; a string is a regular expression matched against the whole module path (as in peft), such as "
             f"{example!r}: write a list of names, target_modules={names!r}, or a pattern such as "
