@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lorakit
 from lorakit.cli import main
 from lorakit.errors import LorakitError
-from test_serve_support import make_adapter, tiny_hf_folder
+from test_serve_support import tiny_folder_with_adapters
 
 
 @pytest.fixture(autouse=True)
@@ -27,11 +27,7 @@ def _reference_path(monkeypatch):
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    root = tmp_path_factory.mktemp("generate_eval")
-    model_dir = tiny_hf_folder(root / "model", initializer_range=0.5)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    adapters = [make_adapter(base, root / name, seed=i + 1) for i, name in enumerate(["alpha", "beta"])]
-    return {"model": model_dir, "adapters": adapters, "root": root}
+    return tiny_folder_with_adapters(tmp_path_factory.mktemp("generate_eval"))
 
 
 def _merged(hf, adapter):

@@ -11,7 +11,7 @@ import lorakit
 from conftest import assert_close, tiny_llama
 from lorakit import generation as G
 from lorakit.cli import main
-from test_serve_support import make_adapter, make_tokenizer, tiny_hf_folder
+from test_serve_support import make_tokenizer, tiny_folder_with_adapters
 
 
 @pytest.fixture(autouse=True)
@@ -181,13 +181,7 @@ def test_prompts_and_chat_template():
 # -- commands -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("generate")
-    model_dir = tiny_hf_folder(root / "model", initializer_range=0.5)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    adapters = [make_adapter(base, root / name, seed=i + 1) for i, name in enumerate(["alpha", "beta"])]
-    return {"model": model_dir, "adapters": adapters}
+    return tiny_folder_with_adapters(tmp_path_factory.mktemp("generate"))
 
 
 def test_generate_compares_adapters_side_by_side(hf, capsys):

@@ -146,6 +146,17 @@ class ServerProcess:
                 self.process.wait()
 
 
+def tiny_folder_with_adapters(root: Path, names=("alpha", "beta")) -> dict:
+    """A ``tiny_hf_folder`` model (large random weights, so adapters change its answers) in ``root/model`` and one
+    ``make_adapter`` adapter per name beside it: ``{"model", "adapters", "root"}``."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_hf_folder(root / "model", initializer_range=0.5)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    adapters = [make_adapter(base, root / name, seed=i + 1) for i, name in enumerate(names)]
+    return {"model": model_dir, "adapters": adapters, "root": root}
+
+
 @contextlib.contextmanager
 def tiny_server_client(root: Path, *extra: str):
     """An ``httpx.Client`` on a server (``ServerProcess``, its log in ``root``) of a ``tiny_hf_folder`` model
