@@ -266,7 +266,8 @@ def test_qlora_data_parallel_and_fsdp_with_packing_and_a_ragged_set_match_one_pr
     assert errs[0].count("each epoch trains on 12 of the 13 rows") == 2 and "each epoch" not in errs[1], errs[0][-3000:]
     killed = tmp_path / "killed"
     assert (tmp_path / "said0.txt").read_text() == repr(
-        f"another process of this run ended after step 2 (killed, or out of memory: torchrun's report names it); the "
+        f"another process of this run ended after step 2 (its own error, if it had one, is printed above; else it was "
+        f"killed or ran out of memory: torchrun's report names it); the "
         f"last checkpoint is {killed / 'checkpoints' / 'step-000001'}; continue with: torchrun --nproc_per_node 2 -m "
         f"lorakit train --resume {killed}")
     tok = tiny_tokenizer()

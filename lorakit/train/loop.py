@@ -875,8 +875,11 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
         last = latest_checkpoint(out / CHECKPOINTS_DIR) if out is not None else None
         then = (f"the last checkpoint is {last}; continue with: {resume_command(out)}" if last is not None
                 else "it had written no checkpoint yet")
-        raise LorakitError(f"another process of this run ended after step {step} (killed, or out of memory: "
-                           f"torchrun's report names it); {then}") from None
+        # a process that failed on its own mistake has said it above (runner keeps its group up until it has), so
+        # "killed" alone would mislead: both causes are named
+        raise LorakitError(f"another process of this run ended after step {step} (its own error, if it had one, is "
+                           f"printed above; else it was killed or ran out of memory: torchrun's report names it); "
+                           f"{then}") from None
     finally:
         stop.__exit__()
         if windows is not None:
