@@ -87,7 +87,7 @@ def test_a_llamafactory_call_that_is_not_json_is_one_line(call):
 def test_tool_records_on_a_template_without_tool_calls_say_so():
     from test_serve_support import make_tokenizer
 
-    with pytest.raises(LorakitError, match=r"glaive.json:1: messages\[1\] calls tool 'get_weather', but this model's "
+    with pytest.raises(LorakitError, match=r"glaive.json:1: conversations\[1\] calls tool 'get_weather', but this model's "
                                            r"chat template does not write tool calls"):
         build_dataset([validate_record(llamafactory_record(tools=SCHEMAS), "glaive.json:1")], make_tokenizer(),
                       max_length=2048)

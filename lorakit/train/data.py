@@ -63,7 +63,8 @@ from lorakit.train.batches import (IGNORE_INDEX, BatchIterator, Collator, block_
 from lorakit.train.chat_tokens import shared_tokens, token_ranges
 from lorakit.train.chat_turns import (check_arguments, content_reasoning, missing_call_error, openai_tools,
                                       tool_chat_examples)
-from lorakit.train.formats import REASONING_KEYS, Record, frame_of_template, validate_record
+from lorakit.train.formats import (REASONING_KEYS, Record, frame_of_template, turn_named_as_given, turns_as_given,
+                                   validate_record)
 from lorakit.train.special_text import special_token_texts, spelled_special_token
 from lorakit.train.sources import read_many
 
@@ -438,8 +439,9 @@ def tokenize_example(
     if overflow == "split" and record.shape == "text":  # a long text trains as several windows
         raise LorakitError(f"{record.where}: overflow='split' may make several examples of a text; use "
                            "tokenize_examples")
-    text, spans = render(record, tokenizer, chat_template_kwargs=chat_template_kwargs)
-    return _tokenize_rendered(record, text, spans, tokenizer, max_length, overflow, info, drops)
+    with turns_as_given(record):
+        text, spans = render(record, tokenizer, chat_template_kwargs=chat_template_kwargs)
+        return _tokenize_rendered(record, text, spans, tokenizer, max_length, overflow, info, drops)
 
 
 def tokenize_examples(
@@ -465,6 +467,14 @@ def _tokenize_record(record: Record | Mapping, tokenizer: Any, max_length: int, 
     """:func:`tokenize_examples`, whether the chat was split per assistant turn and whether its call ids were
     shortened."""
     record, info = _checked(record, tokenizer, max_length, overflow, eot_token, info)
+    with turns_as_given(record):  # a ShareGPT chat's errors name its conversations[i], not messages[i]
+        return _tokenize_checked(record, tokenizer, max_length, overflow, info, drops, template_kwargs)
+
+
+def _tokenize_checked(record: Record, tokenizer: Any, max_length: int, overflow: str, info: TokenizerInfo,
+                      drops: Counter | None, template_kwargs: Mapping[str, Any] | None
+                      ) -> tuple[list[dict[str, Any]], bool, bool]:
+    """The body of :func:`_tokenize_record`, on a record :func:`_checked` has validated."""
     if overflow == "split" and record.shape == "text":  # a document longer than a row: every token of it trained
         text, spans = render(record, tokenizer, chat_template_kwargs=template_kwargs)
         whole = _tokenize_rendered(record, text, spans, tokenizer, sys.maxsize, "error", info, drops)
@@ -579,7 +589,13 @@ def generation_prompt(record: Record | Mapping, tokenizer: Any, *, info: Tokeniz
     """Token ids to feed ``generate`` for evaluation: the chat up to its last assistant turn plus the generation
     prompt, or the prompt of a prompt/completion record; tokenized exactly as in training (same BOS rule)."""
     record = for_tokenizer(record, tokenizer)
-    info = info or tokenizer_info(tokenizer)
+    with turns_as_given(record):
+        return _generation_prompt(record, tokenizer, info or tokenizer_info(tokenizer), chat_template_kwargs)
+
+
+def _generation_prompt(record: Record, tokenizer: Any, info: TokenizerInfo,
+                       chat_template_kwargs: Mapping[str, Any] | None) -> list[int]:
+    """The body of :func:`generation_prompt`, on a record validated for ``tokenizer``."""
     if record.shape == "messages" and len(record["messages"]) - 1 not in record.fields.get("unsupervised", ()):
         # the context the last answer was trained after: the template's prompt, with the calls of earlier turns in
         # the form this template reads (DeepSeek's JSON-text arguments)
@@ -803,7 +819,8 @@ def build_dataset(
         spelled = spelled_special_token(record, specials)
         if spelled:
             summary.special_text_chats += 1
-            summary.first_special_text = summary.first_special_text or f"{record.where} {spelled}"
+            summary.first_special_text = summary.first_special_text or \
+                f"{record.where} {turn_named_as_given(record, spelled)}"
         shapes[record.shape] += 1
         summary.trimmed_chats += bool(record.fields.get("trimmed_turns"))
         dropped_before = drops["too_long"] + drops["no_target"]

@@ -64,7 +64,7 @@ import contextlib
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lorakit.config import clipped, shown
@@ -237,6 +237,10 @@ class Record:
             way: (kind, system, ask), kind a key of :data:`PROMPT_FRAMES`, system the system text before the frame
             ("" for none), ask the instruction or question alone when the record had no input / context, else None
             (the prompt a user would type). None for every other record.
+        turns_as: on a chat converted from a record whose turns are not its ``messages`` one for one (ShareGPT's
+            ``conversations``, a ``system`` field put before them): (the record's key for its turns, how many turns
+            lorakit put first), so that an error found later, when the chat is tokenized, names the turn as the
+            record has it (:func:`turns_as_given`). None when ``messages[i]`` is the record's own name.
     """
 
     shape: str
@@ -244,6 +248,7 @@ class Record:
     where: str = "<record>"
     fallback: "Record | None" = None
     frame: "tuple[str, str, str | None] | None" = None
+    turns_as: "tuple[str, int] | None" = None
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]
@@ -706,7 +711,8 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
                 messages.append({"role": "system", "content": obj["system"]})
         if _turns_have(turns, "role"):  # OpenAI role/content turns under ShareGPT's key (many Hub datasets)
             with _turns_as_given(where, "conversations", len(messages)):
-                return validate_record({"messages": messages + turns, **tools}, where)
+                record = validate_record({"messages": messages + turns, **tools}, where)
+            return _as_given(record, "conversations", len(messages))
         for i, turn in enumerate(turns):
             at = f"{where}: conversations[{i}]"
             if isinstance(turn, Mapping):  # "From"/"Value"; a column a datasets table filled with null is absent
@@ -724,8 +730,10 @@ def _convert_other_formats(obj: Mapping, where: str) -> Record | None:
                                  **kept})
             else:
                 messages.append({"role": role, "content": turn.get("value"), **kept})
-        with _turns_as_given(where, "conversations", len(messages) - len(turns)):
-            return validate_record({"messages": messages, **tools}, where)
+        offset = len(messages) - len(turns)
+        with _turns_as_given(where, "conversations", offset):
+            record = validate_record({"messages": messages, **tools}, where)
+        return _as_given(record, "conversations", offset)
     return None
 
 
@@ -738,12 +746,43 @@ def _turns_as_given(where: str, key: str, offset: int) -> Iterator[None]:
     try:
         yield
     except LorakitError as error:
-        found = re.match(rf"{re.escape(where)}: messages\[(\d+)\]", str(error))
-        if found and error.args:
-            i = int(found.group(1)) - offset
-            error.args = (f"{where}: {key}[{i}]" if i >= 0 else f"{where}: field 'system'") + \
-                str(error)[found.end():], *error.args[1:]
+        if error.args:
+            error.args = (_named_as_given(str(error), where, key, offset), *error.args[1:])
         raise
+
+
+def _named_as_given(text: str, where: str, key: str, offset: int) -> str:
+    """``text`` ("WHERE: messages[i] ...", or "messages[i] ..." with ``where`` "") with the turn named as the
+    record has it (see :func:`_turns_as_given`); other text as it is."""
+    lead = f"{re.escape(where)}: " if where else ""
+    found = re.match(rf"{lead}messages\[(\d+)\]", text)
+    if not found:
+        return text
+    i = int(found.group(1)) - offset
+    named = f"{key}[{i}]" if i >= 0 else "field 'system'"
+    return (f"{where}: {named}" if where else named) + text[found.end():]
+
+
+def _as_given(record: Record, key: str, offset: int) -> Record:
+    """``record`` (a chat converted from ``key``'s turns, ``offset`` turns put before them) remembering so."""
+    return replace(record, turns_as=(key, offset)) if record.shape == "messages" else record
+
+
+@contextlib.contextmanager
+def turns_as_given(record: Record) -> Iterator[None]:
+    """Errors raised inside (tokenizing ``record``: a tool call its template cannot write, reasoning it drops) name
+    the chat's turns as the record has them: a ShareGPT record's are ``conversations[i]``, not the ``messages[i]``
+    of the chat it was converted to."""
+    if record.turns_as is None:
+        yield
+        return
+    with _turns_as_given(record.where, *record.turns_as):
+        yield
+
+
+def turn_named_as_given(record: Record, text: str) -> str:
+    """A note on one of ``record``'s turns ("messages[1] (user) has ...") naming the turn as the record has it."""
+    return text if record.turns_as is None else _named_as_given(text, "", *record.turns_as)
 
 
 def _sharegpt_calls(value: Any, at: str) -> list[dict[str, Any]]:
@@ -787,8 +826,9 @@ def _with_system_field(obj: Mapping, where: str) -> Record:
     if isinstance(system, str) and not system.strip():
         return validate_record(rest, where)
     with _turns_as_given(where, "messages", 1):
-        return validate_record({**rest, "messages": [{"role": "system", "content": system}, *(
+        record = validate_record({**rest, "messages": [{"role": "system", "content": system}, *(
             turns if isinstance(turns, list) else [turns])]}, where)
+    return _as_given(record, "messages", 1)
 
 
 def _check_string(value: Any, key: str, where: str, nonempty: bool, what: str = "") -> None:

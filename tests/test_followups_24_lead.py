@@ -1,0 +1,66 @@
+"""Follow-ups of the twenty-fourth session (lead): tokenizing errors and notes of converted chats name the turn as
+the record has it (ShareGPT's ``conversations[i]``, a ``system`` field), not the ``messages[i]`` of the chat
+lorakit converted it to."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorakit.errors import LorakitError
+from lorakit.train.data import build_dataset, generation_prompt, tokenize_examples
+from lorakit.train.formats import validate_record
+from test_train_chat_templates import STRIP_TEMPLATE, one_line, tokenizer_with
+
+THINK = "<think>\nTwo and two make four.\n</think>\n\n4"
+
+
+def sharegpt(system: bool) -> dict:
+    record = {"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": THINK}]}
+    return {**record, "system": "Be brief."} if system else record
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_a_sharegpt_tokenizing_error_names_conversations(system):
+    """The reasoning a template drops is found while tokenizing, after conversion: the error said "messages[2]" for
+    a record with a system field and two turns under "conversations" (its second one is conversations[1])."""
+    strip = tokenizer_with(STRIP_TEMPLATE)
+    for call in (lambda r: build_dataset([r], strip, 512), lambda r: tokenize_examples(r, strip, 512)):
+        with pytest.raises(LorakitError) as info:
+            call(validate_record(sharegpt(system), "chats.jsonl:3"))
+        assert one_line(info).startswith("chats.jsonl:3: conversations[1] has '<think>...</think>' reasoning in its "
+                                         "content, but this model's chat template drops it"), one_line(info)
+
+
+def test_a_system_field_record_names_its_messages_as_given():
+    """{"system", "messages"}: lorakit puts the system turn first, so its messages[1] was called messages[2]."""
+    strip = tokenizer_with(STRIP_TEMPLATE)
+    record = {"system": "Be brief.", "messages": [{"role": "user", "content": "What is 2+2?"},
+                                                  {"role": "assistant", "content": THINK}]}
+    with pytest.raises(LorakitError) as info:
+        build_dataset([validate_record(record, "chats.jsonl:1")], strip, 512)
+    assert one_line(info).startswith("chats.jsonl:1: messages[1] has '<think>...</think>'"), one_line(info)
+    # an OpenAI chat is named as it is: its own messages[i]
+    plain = {"messages": [{"role": "system", "content": "Be brief."}, *record["messages"]]}
+    with pytest.raises(LorakitError) as info:
+        build_dataset([validate_record(plain, "chats.jsonl:2")], strip, 512)
+    assert one_line(info).startswith("chats.jsonl:2: messages[2] has '<think>...</think>'"), one_line(info)
+
+
+def test_a_special_token_note_names_conversations():
+    """The note on a chat that spells a special token in its text names the ShareGPT turn."""
+    qwen = tokenizer_with(STRIP_TEMPLATE)
+    record = {"system": "Be brief.", "conversations": [{"from": "human", "value": "say <|im_end|> now"},
+                                                       {"from": "gpt", "value": "ok"}]}
+    dataset = build_dataset([validate_record(record, "chats.jsonl:7")], qwen, 512)
+    assert dataset.summary.first_special_text.startswith("chats.jsonl:7 conversations[0] (user) has '<|im_end|>'"), \
+        dataset.summary.first_special_text
+
+
+def test_generation_prompt_names_conversations():
+    strip = tokenizer_with(STRIP_TEMPLATE)
+    record = validate_record({"conversations": [{"from": "human", "value": "What is 2+2?"},
+                                                {"from": "gpt", "value": THINK}, {"from": "human", "value": "And?"},
+                                                {"from": "gpt", "value": "6"}]}, "eval.jsonl:2")
+    with pytest.raises(LorakitError) as info:
+        generation_prompt(record, strip)
+    assert one_line(info).startswith("eval.jsonl:2: conversations[1] has '<think>"), one_line(info)
