@@ -199,9 +199,13 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
         command = None
     parser = build_parser(only=command)
     unknown = _unknown_before_required(parser, argv)  # a misspelt --out is said, not "--out is required"
-    if unknown:
+    if unknown and (command != "generate" or any(_is_option(u) for u in unknown)):
         return _unknown_arguments(parser, command, unknown)
     args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command == "generate" and not any(_is_option(u) for u in unknown):
+        # generate's prompts (nargs="*") after an option: argparse takes only the first run of them and leaves the
+        # rest over, so `generate "a b" --base "c d"` was refused; generate itself checks them all
+        args.prompt, unknown = [*args.prompt, *unknown], []
     if unknown:  # argparse names them from the top level ("lorakit: error"), without the option meant
         return _unknown_arguments(parser, args.command, unknown)
     if args.command is None:
@@ -262,6 +266,10 @@ def _main(argv: list[str] | None, end_of_startup: Callable[[], None]) -> int:
     if torchrun:
         _exit_without_teardown(code)
     return code
+
+
+def _is_option(argument: str) -> bool:
+    return argument.startswith("-") and argument != "-"  # "-" alone names standard input
 
 
 def _tolerant_stdout() -> None:

@@ -40,7 +40,11 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<
 class SamplingParams:
     """How to pick tokens. ``temperature == 0`` is greedy; ``top_p < 1`` keeps the smallest nucleus of that mass;
     ``top_k > 0`` samples among the k most likely tokens only. ``stop_token_ids`` end a row (one id or several);
-    ``stop`` strings end it too when ``generate`` is given the tokenizer (the text is cut before the match)."""
+    ``stop`` strings end it too when ``generate`` is given the tokenizer (the text is cut before the match).
+    ``repetition_penalty`` (> 0, 1: off) is transformers' (CTRL's): each step, the logit of every token of the
+    prompt or of the answer so far is divided by it where positive and multiplied by it otherwise, before
+    temperature and top-k / top-p (greedy decoding too). ``generate`` applies it; the server takes a request's
+    ``repetition_penalty`` from the request itself."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -49,6 +53,7 @@ class SamplingParams:
     seed: int | None = None
     top_k: int = 0
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -61,6 +66,11 @@ class SamplingParams:
                 raise LorakitError(f"{key} must be in {'(' if open_low else '['}{low:g}, {high:g}], got {value!r}")
             setattr(self, key, float(value))
         self.max_new_tokens = int(self.max_new_tokens)
+        penalty = self.repetition_penalty
+        if isinstance(penalty, bool) or not isinstance(penalty, numbers.Real) or not 0 < penalty < float("inf"):
+            raise LorakitError(f"repetition_penalty must be a number above 0 (1: off; above 1 discourages repeating "
+                               f"the prompt's and the answer's tokens), got {penalty!r}")
+        self.repetition_penalty = float(penalty)
         if not _is_int(self.top_k) or self.top_k < 0:
             raise LorakitError(f"top_k must be a non-negative integer (0: off), got {self.top_k!r}")
         self.top_k = int(self.top_k)
@@ -664,14 +674,25 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Seque
     generators = [p.generator(device) for p in per_row]
     results = [Generation([], "length") for _ in prompts]
     logits, batch = prefill(model, prompts, adapters, pad_id)
+    # the repetition penalty's rows: which tokens each has seen (its prompt's, then its answer's), as the server
+    # keeps them (lorakit.serve.sampling: new_history, penalize_rows), so both penalise alike
+    seen = {}
+    if any(p.repetition_penalty != 1.0 for p in per_row):
+        from lorakit.serve.sampling import new_history
+
+        seen = {row: new_history([int(t) for t in prompts[row]], [], logits.shape[-1], logits.device)
+                for row, p in enumerate(per_row) if p.repetition_penalty != 1.0}
     running = list(range(len(prompts)))
     while running:
         still, last = [], []
         for slot, row in enumerate(running):
-            if keep_logits:
+            if keep_logits:  # the model's own logits (before any repetition penalty)
                 results[row].logits.append(logits[slot].cpu())
-            token = sample(logits[slot], per_row[row], generators[row])
+            row_logits = logits[slot] if row not in seen else _penalized(logits[slot], seen[row], per_row[row])
+            token = sample(row_logits, per_row[row], generators[row])
             results[row].tokens.append(token)
+            if row in seen:
+                seen[row][token] += 1
             if token in per_row[row].stop_token_ids or _stopped(results[row], per_row[row], tokenizer):
                 results[row].finish_reason = "stop"
             elif len(results[row].tokens) < per_row[row].max_new_tokens:
@@ -685,10 +706,23 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Seque
         logits = decode(model, batch, last, [adapters[r] for r in running])
     if tokenizer is not None:
         for result, param in zip(results, per_row):
-            text = tokenizer.decode(result.tokens, skip_special_tokens=True)
-            cuts = [text.find(stop) for stop in param.stop if stop in text]
-            result.text = text[:min(cuts)] if cuts else text
+            result.text = cut_at_stop(tokenizer.decode(result.tokens, skip_special_tokens=True), param.stop)
     return results
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` cut before the earliest of the ``stop`` strings it holds (OpenAI's ``stop``), else whole."""
+    cuts = [text.find(s) for s in stop if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def _penalized(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One row's logits ``(V,)`` with ``params.repetition_penalty`` on the tokens ``seen`` (a history row of
+    :func:`lorakit.serve.sampling.new_history`), by the server's own function; a new tensor."""
+    from lorakit.serve.sampling import penalize_rows
+
+    penalties = torch.tensor([[params.repetition_penalty, 0.0, 0.0]], dtype=torch.float32, device=logits.device)
+    return penalize_rows(logits.float().unsqueeze(0).clone(), seen.unsqueeze(0), penalties)[0]
 
 
 def _stopped(result: Generation, params: SamplingParams, tokenizer) -> bool:

@@ -117,9 +117,11 @@ def test_other_tools_names_get_the_lorakit_option(capsys, no_load, argv, meant):
 
 
 def test_a_prompt_of_several_words_without_quotes_says_to_quote_it(capsys, no_load):
+    # (generate takes several quoted prompts since session 24: one-word ones are refused as one unquoted prompt)
     line = _one_line(capsys, ["generate", "What", "is", "LoRA?"])
-    assert line == ('lorakit generate: error: unrecognized arguments: is LoRA?; a prompt of several words goes in '
-                    'quotes: lorakit generate "Two lattes to Berlin" (`lorakit generate --help` lists the options)')
+    assert line == ('lorakit generate: error: 3 one-word prompts (What is LoRA?): a prompt of several words goes in '
+                    'quotes: lorakit generate "Two lattes to Berlin"; for several one-word prompts, use '
+                    '--prompts-file')
 
 
 # -- output into a log file ------------------------------------------------------------------------------------------
