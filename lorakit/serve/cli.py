@@ -121,8 +121,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise LorakitError(f"--body-timeout must be a positive number of seconds, got {args.body_timeout}")
     if not 0 < args.header_timeout < float("inf"):
         raise LorakitError(f"--header-timeout must be a positive number of seconds, got {args.header_timeout}")
-    if not args.max_adapter_mb > 0:  # also refuses NaN
-        raise LorakitError(f"--max-adapter-mb must be a positive number, got {args.max_adapter_mb}")
+    # also refuses NaN, and inf: it became int(inf * 2**20), an OverflowError traceback once the model had loaded
+    if not 0 < args.max_adapter_mb < float("inf"):
+        raise LorakitError(f"--max-adapter-mb must be a positive, finite number of MiB, got {args.max_adapter_mb}")
     if args.api_key is not None and not args.api_key.strip():  # served with no key at all, open to anyone
         raise LorakitError("--api-key is empty (an unset shell variable? $LORAKIT_API_KEY set to ''?); give the key, or "
                            "leave both out to serve without one")
@@ -473,6 +474,16 @@ def _serving_server(config):
             if self.stopped_by is None:
                 self.stopped_by = sig
             super().handle_exit(sig, frame)
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            # --port 0 binds a port the system picks: the start line said "http://127.0.0.1:0", and uvicorn's own
+            # "running on" line with the real port is below the default --log-level, so nobody learnt the port
+            if self.config.port == 0 and self.started and getattr(self, "servers", None):
+                port = self.servers[0].sockets[0].getsockname()[1]
+                host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+                print(f"lorakit serve: listening on http://{host}:{port} (--port 0: a free port the system chose)",
+                      flush=True)
 
         async def shutdown(self, sockets=None) -> None:
             # uvicorn waits for the running requests without a word below --log-level info: said after a second

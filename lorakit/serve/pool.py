@@ -255,7 +255,9 @@ class AdapterPool:
                                 "put the adapter there, or start the server with --allow-any-lora-path to load "
                                 "adapters from any folder it can read")
         try:
-            why = None if real.is_dir() else "no such folder"
+            # a file (adapter_config.json itself, the weights) was told "no such folder", as if nothing were there
+            why = None if real.is_dir() else (f"that is a file, not a folder; send the folder that holds {CONFIG_NAME}"
+                                              if real.exists() else "no such folder")
             why = why or (None if (real / CONFIG_NAME).is_file() else f"that folder holds no {CONFIG_NAME}")
         except OSError as error:  # a name too long, a folder it may not read
             why = error.strerror or type(error).__name__
