@@ -286,3 +286,26 @@ def test_dunder_base_names_the_base_flag(hf, capsys, monkeypatch, tmp_path):
     shutil.copytree(hf["adapters"][0], tmp_path / "__base__")
     code, out, _ = _generate(hf, capsys, "--max-new-tokens", "3", "--adapter", "__base__", "--json", "Hello there")
     assert code == 0 and _lines(out)[0]["name"] == "__base__"
+
+
+def test_a_framed_runs_prompts_are_framed_once_and_shown_as_given(hf, capsys, tmp_path):
+    """An adapter of a run that trained Alpaca records asks every prompt in Alpaca's frame (said once, not once per
+    prompt); --json's "prompt" is the prompt as given, not the framed text."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(hf["adapters"][0], run / "adapter")
+    (run / "config.yaml").write_text(f"model: {hf['model']}\nout: {run}\nrank: 4\nlr: 0.0001\n", encoding="utf-8")
+    (run / "results.json").write_text(json.dumps({"prompt_format": "alpaca", "system_prompt": None}), encoding="utf-8")
+    code, out, err = _generate(hf, capsys, "--max-new-tokens", "2", "--json", "--adapter", str(run / "adapter"),
+                               "Hello there", "What is LoRA?")
+    assert code == 0 and err.count("Alpaca's prompt format") == 1
+    from transformers import AutoTokenizer
+
+    from lorakit.train.formats import frame_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(hf["model"])
+    lines = _lines(out)
+    assert [line["prompt"] for line in lines] == ["Hello there", "What is LoRA?"]
+    assert lines[1]["prompt_tokens"] == len(G.encode_prompt(tokenizer, frame_prompt("alpaca", "What is LoRA?"),
+                                                            chat=False))

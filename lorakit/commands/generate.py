@@ -162,8 +162,8 @@ def _framed(prompts: list[dict], style: dict, system: str | None) -> None:
                                      style.get("system_prompt") else "") + " (--no-chat sends the prompt as it is)",
           file=sys.stderr)
     for prompt in prompts:
-        if "text" in prompt:
-            prompt["text"] = frame_prompt(kind, prompt["text"], system)
+        if "text" in prompt:  # (--json and the headers show the prompt as given)
+            prompt["given"], prompt["text"] = prompt["text"], frame_prompt(kind, prompt["text"], system)
 
 
 def _read_stdin() -> str:
@@ -318,7 +318,7 @@ def _gather_prompts(args: argparse.Namespace) -> list[dict]:
 
 def _shown(prompt: dict, width: int = 70) -> str:
     """A prompt on one line for a header: its text, or a chat's last message."""
-    text = prompt["text"] if "text" in prompt else prompt["messages"][-1].get("content")
+    text = prompt.get("given", prompt["text"]) if "text" in prompt else prompt["messages"][-1].get("content")
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 3] + "..."
 
@@ -485,7 +485,8 @@ def run(args: argparse.Namespace) -> int:
                                params.stop)
             if args.json:
                 prompt = prompts[index]
-                given = {"prompt": prompt["text"]} if "text" in prompt else {"messages": prompt["messages"]}
+                given = ({"prompt": prompt.get("given", prompt["text"])} if "text" in prompt else
+                         {"messages": prompt["messages"]})
                 print(json.dumps({"index": index, **given, "adapter": folder, "name": label, "text": text,
                                   "prompt_tokens": len(ids), "completion_tokens": len(result.tokens),
                                   "finish_reason": result.finish_reason}))
