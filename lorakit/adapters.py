@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.inject import _STRUCTURE_VERSION, adapter_hosts, adapter_names, lora_layers
+from lorakit.inject import _STRUCTURE_VERSION, adapter_hosts, adapter_names, lora_layers, unwrap
 from lorakit.layers import LoraLayer, ModulesToSave
 from lorakit.param_lora import ParamLora
 
@@ -73,7 +73,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for host in hosts.values():
         if name in host.adapter_names():
             host.delete_adapter(name)
-    configs = getattr(model, "lorakit_configs", {})
+    configs = getattr(unwrap(model), "lorakit_configs", {})  # DDP forwards no attributes (see unwrap)
     configs.pop(name, None)
     _STRUCTURE_VERSION[0] += 1  # a static decoder's copy of the adapter goes at its next use
 

@@ -65,7 +65,7 @@ from lorakit.adapters import _require, delete_adapter, set_adapter
 from lorakit.combine_methods import METHODS, SAME_RANK, SVD
 from lorakit.config import LoraConfig, listed, shown
 from lorakit.errors import LorakitError
-from lorakit.inject import adapter_hosts, adapter_names, check_adapter_name, find_targets
+from lorakit.inject import adapter_hosts, adapter_names, check_adapter_name, find_targets, unwrap
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 from lorakit.mha_lora import MhaLora
 from lorakit.param_lora import ParamAdapter, ParamLora, matches_parameter
@@ -116,6 +116,7 @@ def combine_adapters(model: nn.Module, adapters: dict[str, float] | Sequence[str
                   for key in peft_names]
         raise LorakitError(f"combine_adapters got unknown keyword(s): {'; '.join(advice)}")
     names, weight_list = _inputs(adapters, weights)
+    model = unwrap(model)  # torch.compile / DDP: the new adapter's LoraConfig goes on the model inside (see unwrap)
     _require(model, names)
     _check_name(model, name, overwrite)
     method = _check_options(method, density, majority_sign_method, svd_rank, svd_clamp, svd_driver, svd_lowrank)

@@ -61,6 +61,28 @@ def check_model(model: object) -> None:
     raise LorakitError(f"expected the model (a torch.nn.Module), got {what}; {fix}")
 
 
+def unwrap(model: object) -> object:
+    """The model inside the wrappers a training loop puts around it: ``torch.compile``'s ``OptimizedModule``
+    (``_orig_mod``) and ``DistributedDataParallel`` / ``DataParallel`` (``module``); anything else as it is.
+
+    lorakit names adapter tensors and the base's fingerprint by module path, so through a wrapper ``save_adapter``
+    wrote keys holding the wrapper's name (``module.model.layers...``, ``_orig_mod.model.layers...``) that neither
+    peft nor ``load_adapter`` maps back, and ``load_adapter`` called a fitting adapter "made for another base model".
+    DDP also forwards no attributes, so the injected ``LoraConfig`` was not found there either: the file got the
+    default one (r=8, alpha 16, "all-linear") beside tensors of another rank, without a word."""
+    while isinstance(model, nn.Module):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model._modules.get("module")
+        elif type(model).__name__ == "OptimizedModule":  # torch._dynamo's class (not imported: that takes seconds)
+            inner = model._modules.get("_orig_mod")
+        else:
+            return model
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
 def adapter_hosts(model: nn.Module) -> dict[str, nn.Module]:
     """LoRA layers and modules-to-save wrappers by original module path.
 
@@ -785,6 +807,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
     Returns:
         the same model.
     """
+    given, model = model, unwrap(model)  # a compiled / DDP-wrapped model: the adapters go by the inner model's names
     check_adapter_name(adapter)
     if not isinstance(config, LoraConfig):  # peft's LoraConfig or a dict: an AttributeError deep inside otherwise
         fix = ("lorakit.LoraConfig.from_peft_dict(config.to_dict())" if hasattr(config, "peft_type")
@@ -889,4 +912,4 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
     from lorakit.hf_trainer import install  # imports nothing from transformers
 
     install(model)  # transformers models: save_pretrained (what Trainer calls) writes the adapter folder
-    return model
+    return given

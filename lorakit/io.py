@@ -30,7 +30,7 @@ from lorakit.config import _RESIDUAL_INITS, LoraConfig, clipped, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.inject import (_base_modules, _matches, _per_layer, _weight_read_raw, adapter_hosts, adapter_names,
                             find_modules_to_save, find_param_targets, find_targets, inject, output_head_names,
-                            peft_resolves_differently, saved_by)
+                            peft_resolves_differently, saved_by, unwrap)
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 from lorakit.mha_lora import FILE_INFIXES, MhaLora
 from lorakit.models.hub_cache import hub_cache_snapshot, looks_like_hub_id
@@ -68,6 +68,7 @@ def base_fingerprint(model: nn.Module) -> str:
     Adapters and lorakit wrappers are left out and quantized weights count with their dense shape, so the same
     base gives the same fingerprint with or without adapters, dense or quantized.
     """
+    model = unwrap(model)  # torch.compile / DDP: the wrapper's name is no part of the base
     entries: list[str] = []
     config = getattr(model, "config", None)
     if config is not None:
@@ -99,6 +100,7 @@ def base_fingerprint(model: nn.Module) -> str:
 # -- save ----------------------------------------------------------------------------------------------------------
 def adapter_state_dict(model: nn.Module, adapter: str = "default") -> tuple[dict[str, torch.Tensor], LoraConfig]:
     """The adapter's tensors under PEFT's key names, and its config (PiSSA adapters converted to plain LoRA form)."""
+    model = unwrap(model)  # torch.compile / DDP: keys by the inner model's paths, its LoraConfig (see unwrap)
     configs = getattr(model, "lorakit_configs", {})
     if adapter not in adapter_names(model):
         if not adapter_names(model):  # after merge_and_unload the update lives in the weights
@@ -166,6 +168,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter: str = "de
     if isinstance(folder, str) and not folder.strip():  # "" (an unset variable) is Path("."): the current folder
         raise LorakitError("the adapter folder is empty (''); give the folder to write, e.g. 'my-adapter'")
     _check_folder_argument(folder, "save_adapter", "the folder to write")
+    model = unwrap(model)  # torch.compile / DDP wrapper: saved as the model inside it (see unwrap)
 
     from lorakit import __version__
 
@@ -1503,6 +1506,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike | AdapterFile, adap
     """
     if not isinstance(folder, AdapterFile):
         _check_folder_argument(folder, "load_adapter", "the adapter's folder (or a Hub id in the local cache)")
+    model = unwrap(model)  # torch.compile / DDP wrapper: loaded into the model inside it (see unwrap)
     if isinstance(folder, AdapterFile):
         adapter_file = folder
         if max_bytes is not None and adapter_file.size_bytes > max_bytes:

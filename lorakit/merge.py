@@ -18,7 +18,7 @@ from lorakit.adapters import _require, active_adapters, mixed_batch_open
 from lorakit._finite import all_finite
 from lorakit._progress import slow_work
 from lorakit.errors import LorakitError
-from lorakit.inject import _set_module, adapter_hosts, lora_layers
+from lorakit.inject import _set_module, adapter_hosts, lora_layers, unwrap
 from lorakit.layers import ModulesToSave
 from lorakit.offload import offloaded, refusal
 from lorakit.param_lora import ParamLora, param_hosts
@@ -155,8 +155,8 @@ def merge_and_unload(model: nn.Module, adapters: str | Sequence[str] | None = No
         _set_module(model, path, replacement)
     if _embeddings_parted(model):  # a trained copy (modules_to_save) of a tied head or embedding now stands alone
         _untie_config(model)
-    if hasattr(model, "lorakit_configs"):
-        del model.lorakit_configs
+    if hasattr(unwrap(model), "lorakit_configs"):  # DDP forwards no attributes (see lorakit.inject.unwrap)
+        del unwrap(model).lorakit_configs
     return model
 
 

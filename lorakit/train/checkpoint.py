@@ -33,6 +33,7 @@ import torch
 
 from lorakit._fs import atomic_write_text, temp_dir
 from lorakit.errors import LorakitError
+from lorakit.inject import unwrap
 
 FORMAT = "lorakit-checkpoint-1"
 LATEST = "latest"
@@ -205,8 +206,8 @@ def save_checkpoint(folder: str | os.PathLike, step: int, model: torch.nn.Module
     except OSError as error:
         raise LorakitError(f"cannot create a checkpoint in {folder}: {error.strerror or error}") from None
     try:
-        if trainable is None:
-            trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        if trainable is None:  # named as in the model inside a torch.compile wrapper: a resume may leave it out
+            trainable = {name: p.detach() for name, p in unwrap(model).named_parameters() if p.requires_grad}
         _write_safetensors(tmp / "trainable.safetensors", {k: v.detach().cpu() for k, v in trainable.items()})
         opt_tensors: dict[str, torch.Tensor] = {}
         opt_tree = flatten_state(optimizer.state_dict() if optimizer_state is None else optimizer_state, "optimizer",
@@ -325,7 +326,7 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
     opt_tensors = _read_safetensors(checkpoint / "optimizer.safetensors")
     opt_state = unflatten_state(_read_json(checkpoint / "optimizer.json"), opt_tensors)
     rng_tensors = _read_safetensors(checkpoint / "rng.safetensors")
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = {name: p for name, p in unwrap(model).named_parameters() if p.requires_grad}  # as save_checkpoint names them
     if set(params) != set(trainable):
         extra = sorted(set(trainable) - set(params))[:3]
         missing = sorted(set(params) - set(trainable))[:3]

@@ -286,6 +286,9 @@ def gathered_trainable(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Inside: every sharded trainable parameter is replaced by its whole value (so ``save_adapter`` and checkpoint
     writers see plain tensors); yields ``{name: whole tensor}`` of all trainable parameters. Restores the sharded
     parameters on exit. Every process must enter (the gather is a collective); the order is the model's."""
+    from lorakit.inject import unwrap
+
+    model = unwrap(model)  # a torch.compile'd model: checkpoint names without its _orig_mod. (load_checkpoint's)
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     values: dict[str, torch.Tensor] = {}
     try:
