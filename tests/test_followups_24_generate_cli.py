@@ -78,9 +78,7 @@ def test_several_prompts_answer_as_each_alone(hf, capsys):
         common = ["--max-new-tokens", "6", "--adapter", alpha, "--base", "--json", *sampling]
         together = _lines(_generate(hf, capsys, *common, "Hello there", "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42")[1])
         alone = _lines(_generate(hf, capsys, *common, "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42")[1])
-        again = _lines(_generate(hf, capsys, *common, "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42")[1])
-        assert [line["text"] for line in together[2:]] == [line["text"] for line in alone] == \
-            [line["text"] for line in again]
+        assert [line["text"] for line in together[2:]] == [line["text"] for line in alone]
 
 
 def test_several_prompts_print_a_header_each(hf, capsys):
