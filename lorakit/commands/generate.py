@@ -479,7 +479,8 @@ def run(args: argparse.Namespace) -> int:
         results = generate(model, [encoded[index][0] for index, _ in jobs], [row[1] for _, row in jobs],
                            [encoded[index][1] for index, _ in jobs], pad_id=pad,
                            tokenizer=tokenizer if params.stop else None)
-        for (index, (label, _, folder)), result in zip(jobs, results):
+        for (index, row), result in zip(jobs, results):
+            label, _, folder = row
             ids, own = encoded[index]
             text = cut_at_stop(tokenizer.decode([t for t in result.tokens if t not in stops], skip_special_tokens=True),
                                params.stop)
@@ -491,8 +492,10 @@ def run(args: argparse.Namespace) -> int:
                                   "prompt_tokens": len(ids), "completion_tokens": len(result.tokens),
                                   "finish_reason": result.finish_reason}))
                 continue
-            if several and label == rows[0][0]:
-                print(f"{'' if index == 0 else chr(10)}### prompt {index + 1}: {_shown(prompts[index])}")
+            if several and row is rows[0]:  # a prompt's first row: its header, after a blank line
+                if index:
+                    print()
+                print(f"### prompt {index + 1}: {_shown(prompts[index])}")
             if len(rows) > 1 or several:
                 print(f"=== {label} ({len(result.tokens)} tokens, {result.finish_reason}) ===")
             print(text.strip() if len(rows) > 1 or several else text)
