@@ -199,7 +199,8 @@ class LoraLayer(_AdapterHost):
 
     def _adapter_forward(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         adapter = self.adapters[name]
-        return adapter.variant.forward(adapter, self._adapter_input(x), base_out, lambda: self.linear_weight(adapter.lora_A.dtype))
+        return adapter.variant.forward(adapter, self._adapter_input(x), base_out,
+                                       lambda: self.unmerged_linear_weight(adapter.lora_A.dtype), self.bias)
 
     def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -256,10 +257,24 @@ class LoraLayer(_AdapterHost):
         return self._adapter_forward(name, x, self.base_layer(x))
 
     # -- merge -------------------------------------------------------------------------------------------------
+    def unmerged_linear_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base weight in linear form without the adapters merged into it (their merges inverted in float32,
+        newest first; nothing is changed): what DoRA's norm is taken of, in the forward and when merging, so that
+        merging an adapter after others, or running it over merged ones, gives what the unmerged forward gives."""
+        if not self.merged:
+            return self.linear_weight(dtype)
+        weight = self.linear_weight(torch.float32)
+        for name in reversed(self.merged):
+            adapter = self.adapters[name]
+            weight = adapter.variant.unmerged_weight(adapter, weight, forget=False)
+        return weight.to(dtype)
+
     def merged_candidate(self, name: str) -> torch.Tensor:
         """The float32 ``(out, in)`` weight this layer would hold after merging ``name`` (nothing is changed)."""
         adapter = self.adapters[name]
-        return adapter.variant.merged_weight(adapter, self.linear_weight(torch.float32))
+        # DoRA's norm is of the weight without earlier merges (computed only then: plain LoRA does not need it)
+        unmerged = self.unmerged_linear_weight() if self.merged and not adapter.variant.plain else None
+        return adapter.variant.merged_weight(adapter, self.linear_weight(torch.float32), unmerged)
 
     def merge(self, name: str, candidate: torch.Tensor | None = None, keep_original: bool = True) -> None:
         """Fold adapter ``name`` into the base weight. A quantized base is re-quantized, which rounds the update
@@ -410,7 +425,7 @@ class LoraEmbedding(LoraLayer):
         if scale is not None:
             low_rank = low_rank * scale.to(low_rank.dtype)
         return adapter.variant.embedding_forward(adapter, low_rank, base_out, lambda: base(ids),
-                                                 lambda: self.linear_weight(adapter.lora_A.dtype))
+                                                 lambda: self.unmerged_linear_weight(adapter.lora_A.dtype))
 
 
 class ModulesToSave(_AdapterHost):

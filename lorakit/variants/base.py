@@ -30,9 +30,12 @@ class Variant:
         """Create variant-specific parameters once A and B exist (DoRA: the magnitude vector)."""
 
     def forward(
-        self, adapter: "LoraAdapter", x: torch.Tensor, base_out: torch.Tensor, base_weight: Callable[[], torch.Tensor]
+        self, adapter: "LoraAdapter", x: torch.Tensor, base_out: torch.Tensor, base_weight: Callable[[], torch.Tensor],
+        base_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``base_out + delta``; ``base_weight()`` returns the dense base weight only if the variant needs it."""
+        """``base_out + delta``; ``base_weight()`` returns the dense base weight without merged adapters, only if the
+        variant needs it; ``base_out`` is the output so far (the base's, plus any adapter active before this one) and
+        ``base_bias`` the bias it holds (None: none)."""
         raise NotImplementedError
 
     def embedding_forward(
@@ -47,12 +50,15 @@ class Variant:
         """
         raise NotImplementedError
 
-    def merged_weight(self, adapter: "LoraAdapter", base_weight: torch.Tensor) -> torch.Tensor:
-        """W' such that ``x W'^T`` equals the adapted layer (float32, ``(out, in)``)."""
+    def merged_weight(self, adapter: "LoraAdapter", base_weight: torch.Tensor,
+                      unmerged_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """W' such that ``x W'^T`` equals the adapted layer (float32, ``(out, in)``); ``base_weight`` is the weight now
+        (with any adapters merged before), ``unmerged_weight`` the weight without them (None: the same)."""
         raise NotImplementedError
 
-    def unmerged_weight(self, adapter: "LoraAdapter", merged_weight: torch.Tensor) -> torch.Tensor:
-        """The inverse of ``merged_weight`` (float32, ``(out, in)``)."""
+    def unmerged_weight(self, adapter: "LoraAdapter", merged_weight: torch.Tensor, forget: bool = True) -> torch.Tensor:
+        """The inverse of ``merged_weight`` (float32, ``(out, in)``); ``forget=False`` keeps what the merge stored
+        (DoRA's norm), to compute the weight without merged adapters while they stay merged."""
         raise NotImplementedError
 
     def merged_bias(self, adapter: "LoraAdapter") -> torch.Tensor:
