@@ -199,6 +199,13 @@ def check_quantization(config: dict, path: Path) -> None:
         raise LorakitError(f'{path}: "quantization_config" must be an object (e.g. {{"quant_method": "bitsandbytes", '
                            f'...}}), got {type(quantization).__name__}; delete that line if the weights are not '
                            "quantized, or use the config.json saved with them")
+    if not quantization:
+        # "quantization_config": {} names no method and no settings: transformers refused the folder with "The
+        # model's quantization config from the arguments has no `quant_method` attribute. Make sure that the model
+        # has been correctly quantized", which says nothing of the file; lorakit's --quantize nf4 path ignored it
+        raise LorakitError(f'{path}: "quantization_config" is empty ({{}}), so it names no quantization; delete that '
+                           "line if the weights are 16-bit (add --quantize nf4, quantize='nf4' in Python, for a 4-bit "
+                           "base), or use the config.json saved with the weights")
     method = quantization.get("quant_method", "bitsandbytes")
     if method == "bitsandbytes":
         return

@@ -182,6 +182,15 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
             raise named from None
     reader = _TensorReader(folder)
     checkpoint_keys = reader.keys()
+    if prequantized and not any(bnb_checkpoint.QUANT_STATE_PREFIX in key for key in checkpoint_keys):
+        # config.json says bitsandbytes 4-bit NF4 but no weight is 4-bit (a config copied from a 4-bit repository, or
+        # kept by an older transformers' dequantize + save_pretrained): every layer was taken for one bitsandbytes
+        # left dense and loaded 16-bit, while `lorakit train` announced "NF4 4-bit base: QLoRA" (no memory saved)
+        raise LorakitError(f"{config_file}: quantization_config says bitsandbytes 4-bit NF4, but no weight in the "
+                           f"safetensors files is 4-bit (no {bnb_checkpoint.QUANT_STATE_PREFIX}nf4 entries), so the "
+                           "weights are not quantized; delete quantization_config from config.json (and add "
+                           "--quantize nf4, quantize='nf4' in Python, for a 4-bit base), or use the config.json saved "
+                           "with them")
     model_keys = set(model.state_dict().keys())
     to_checkpoint = _key_mapper(checkpoint_keys, model_keys, getattr(model, "base_model_prefix", ""))
     # transformers 5 builds MoE experts as fused 3-D parameters (mlp.experts.gate_up_proj) but saves them per expert

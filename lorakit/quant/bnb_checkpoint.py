@@ -55,7 +55,9 @@ def bnb_quantization(config: dict, where: str = "config.json") -> str | None:
                            "config.json saved with them")
     quant_type = qc.get("bnb_4bit_quant_type", "fp4")  # bitsandbytes' default is fp4
     if quant_type != "nf4":
-        raise LorakitError(f"{where}: bnb_4bit_quant_type is {quant_type!r}; lorakit reads only 'nf4' 4-bit "
+        # a config without the key was refused as "bnb_4bit_quant_type is 'fp4'", a value found nowhere in the file
+        shown = repr(quant_type) if "bnb_4bit_quant_type" in qc else "not set, so bitsandbytes' default 'fp4'"
+        raise LorakitError(f"{where}: bnb_4bit_quant_type is {shown}; lorakit reads only 'nf4' 4-bit "
                            "checkpoints: load the original 16-bit model with --quantize nf4 instead "
                            "(quantize=\"nf4\" from Python)")
     return "nf4"

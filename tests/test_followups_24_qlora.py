@@ -1,0 +1,105 @@
+"""QLoRA / NF4 as a new user on a CPU: a folder whose config.json's ``quantization_config`` does not match its weights.
+
+* ``"quantization_config": {}`` failed in transformers as "The model's quantization config from the arguments has no
+  `quant_method` attribute. Make sure that the model has been correctly quantized", which names neither the file
+  nor the fix (and the ``--quantize nf4`` path silently ignored it): it is now refused in one line on every path.
+* a bitsandbytes 4-bit NF4 ``quantization_config`` over weights that are not quantized (a config copied from a 4-bit
+  repository, or one an older transformers kept through ``dequantize()`` + ``save_pretrained``) loaded every layer
+  dense, silently, while ``lorakit train`` announced "NF4 4-bit base: QLoRA, a 4-bit folder": no memory saved.
+* ``{"load_in_4bit": true}`` without ``bnb_4bit_quant_type`` was refused as "bnb_4bit_quant_type is 'fp4'", a value
+  the file does not hold (bitsandbytes' default): the message now says it is not set.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.errors import LorakitError
+from lorakit.quant.nf4 import NF4Linear
+from test_serve_support import tiny_hf_folder
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return tiny_hf_folder(tmp_path_factory.mktemp("qlora") / "base")
+
+
+def _with_quantization_config(base: Path, folder: Path, value) -> Path:
+    shutil.copytree(base, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _data(tmp_path: Path) -> Path:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Order {n} pens", "completion": f" {n} pens"}) + "\n"
+                            for n in range(8)))
+    return path
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_an_empty_quantization_config_is_named_on_every_load(base, tmp_path, quantize):
+    folder = _with_quantization_config(base, tmp_path / "model", {})
+    with pytest.raises(LorakitError) as caught:
+        lorakit.load_base(str(folder), device="cpu", quantize=quantize)
+    message = str(caught.value)
+    assert '"quantization_config" is empty' in message and "delete that line" in message, message
+    assert "quant_method` attribute" not in message  # transformers' words, which name no file and no fix
+
+
+def test_an_empty_quantization_config_stops_train_in_one_line_before_the_run_folder(base, tmp_path, capsys):
+    from lorakit.cli import main
+
+    folder = _with_quantization_config(base, tmp_path / "model", {})
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(folder), "--data", str(_data(tmp_path)), "--max-steps", "1", "--out", str(out),
+                 "--no-progress"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and '"quantization_config" is empty' in error, error
+    assert not out.exists()
+
+
+def test_an_nf4_config_over_unquantized_weights_is_refused_not_loaded_dense(base, tmp_path, capsys):
+    from lorakit.cli import main
+
+    config = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+              "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "float32"}
+    folder = _with_quantization_config(base, tmp_path / "model", config)
+    for quantize in (None, "nf4"):
+        with pytest.raises(LorakitError, match="no weight in the safetensors files is 4-bit") as caught:
+            lorakit.load_base(str(folder), device="cpu", quantize=quantize)
+        assert "delete quantization_config" in str(caught.value)
+    # train announced "(NF4 4-bit base: QLoRA, a 4-bit folder)" and trained a 16-bit base
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(folder), "--data", str(_data(tmp_path)), "--max-steps", "1", "--out", str(out),
+                 "--no-progress"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "no weight in the safetensors files is 4-bit" in error, error
+    assert not out.exists()
+
+
+def test_a_real_4bit_folder_still_loads_as_nf4_with_the_weights_check(base, tmp_path):
+    """The check above reads only the safetensors keys: a folder lorakit saved 4-bit (bitsandbytes' format) with an
+    odd element count and double quantization off loads back exactly, as NF4."""
+    model, tokenizer = lorakit.load_base(str(base), device="cpu")
+    lorakit.quantize(model, "nf4", double_quant=False)
+    lorakit.save_quantized(model, tokenizer, tmp_path / "nf4")
+    loaded, _ = lorakit.load_base(str(tmp_path / "nf4"), device="cpu")
+    pairs = [(n, m, loaded.get_submodule(n)) for n, m in model.named_modules() if isinstance(m, NF4Linear)]
+    assert pairs and all(isinstance(other, NF4Linear) and not other.double_quant for _, _, other in pairs)
+    for name, layer, other in pairs:
+        assert torch.equal(layer.dequantize(), other.dequantize()), name
+
+
+def test_an_unset_4bit_quant_type_is_said_to_be_unset(base, tmp_path):
+    folder = _with_quantization_config(base, tmp_path / "model", {"load_in_4bit": True})
+    with pytest.raises(LorakitError, match="bnb_4bit_quant_type is not set, so bitsandbytes' default 'fp4'"):
+        lorakit.load_base(str(folder), device="cpu")
