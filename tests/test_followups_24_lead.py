@@ -64,3 +64,24 @@ def test_generation_prompt_names_conversations():
     with pytest.raises(LorakitError) as info:
         generation_prompt(record, strip)
     assert one_line(info).startswith("eval.jsonl:2: conversations[1] has '<think>"), one_line(info)
+
+
+def test_generate_says_the_tokenizer_outgrew_the_model(tmp_path, capsys):
+    """A folder whose tokenizer has more tokens than the model's embedding rows (markup tokens added without
+    resizing): generate said "outside this model's vocabulary; encode prompts with this model's tokenizer", which
+    the user had done; it now says what eval and train say: the tokenizer outgrew the model, resize it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.cli import main
+    from test_serve_support import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    assert len(tokenizer) > 64
+    code = main(["generate", "--model", str(tmp_path / "base"), "--max-new-tokens", "2", "tell me", "a story"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert "a prompt holds the token" in err and "the tokenizer has" in err and "resize_token_embeddings" in err, err

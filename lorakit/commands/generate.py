@@ -468,6 +468,9 @@ def run(args: argparse.Namespace) -> int:
                       f"{' for ' + prompt['where'] if len(prompts) > 1 else ''}: the prompt's {len(ids)} tokens plus "
                       f"the answer must fit the model's context of {limit}", file=sys.stderr)
         encoded.append((ids, own))
+    from lorakit.models.vocab_fit import check_prompt_ids_fit
+
+    check_prompt_ids_fit(model, tokenizer, [ids for ids, _ in encoded])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # several prompts share a batch (each row with its own generator: a seeded answer does not depend on its
     # neighbours), printed batch by batch so that a long file shows its answers as they come, and Ctrl-C keeps them

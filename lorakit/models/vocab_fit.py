@@ -50,14 +50,27 @@ def check_ids_fit(model, tokenizer, datasets: Iterable[tuple[str, Any]]) -> None
     if rows is None or len(tokenizer) <= rows:
         return
     for name, dataset in datasets:
-        if dataset is None:
-            continue
-        past = [max(row["input_ids"]) for row in dataset.rows if row["input_ids"] and max(row["input_ids"]) >= rows]
-        if past:
-            token = tokenizer.convert_ids_to_tokens(past[0])
-            raise LorakitError(f"the {name} data holds the token {token!r} (id {past[0]}; {len(past)} row"
-                               f"{'s hold' if len(past) > 1 else ' holds'} ids past the model's {rows:,} embedding "
-                               f"rows): the tokenizer has {len(tokenizer):,} tokens, more than the model was built "
-                               "for (tokens added without resizing it); resize the model once (model."
-                               "resize_token_embeddings(len(tokenizer)), then save_pretrained), or use the "
-                               "tokenizer saved with the model")
+        if dataset is not None:
+            _refuse_past(tokenizer, rows, [row["input_ids"] for row in dataset.rows], f"the {name} data", "row")
+
+
+def check_prompt_ids_fit(model, tokenizer, prompts: Iterable[list[int]]) -> None:
+    """:func:`check_ids_fit` for encoded prompts (``lorakit generate``): a chat template's markup tokens added to
+    the tokenizer without resizing the model were refused as "outside this model's vocabulary; encode prompts with
+    this model's tokenizer", which the user had done."""
+    rows, prompts = embedding_rows(model), list(prompts)
+    if rows is not None and len(tokenizer) > rows:
+        _refuse_past(tokenizer, rows, prompts, "the prompt" if len(prompts) == 1 else "a prompt", "prompt")
+
+
+def _refuse_past(tokenizer, rows: int, sequences: list[list[int]], what: str, unit: str) -> None:
+    """Refuse, naming the first token and how to fix the folder, when any of ``sequences`` holds an id ``>= rows``."""
+    past = [max(ids) for ids in sequences if ids and max(ids) >= rows]
+    if past:
+        token = tokenizer.convert_ids_to_tokens(past[0])
+        raise LorakitError(f"{what} holds the token {token!r} (id {past[0]}; {len(past)} {unit}"
+                           f"{'s hold' if len(past) > 1 else ' holds'} ids past the model's {rows:,} embedding "
+                           f"rows): the tokenizer has {len(tokenizer):,} tokens, more than the model was built "
+                           "for (tokens added without resizing it); resize the model once (model."
+                           "resize_token_embeddings(len(tokenizer)), then save_pretrained), or use the "
+                           "tokenizer saved with the model")
