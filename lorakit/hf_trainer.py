@@ -17,6 +17,8 @@ so ``inject`` installs (lazily, on transformers models only) the instance method
 - after ``merge_and_unload`` (no adapters left) it is the class's own ``save_pretrained`` again (a whole model);
 - ``generate(..., adapter_names=[...])`` (peft's per-row adapters, ``"__base__"`` for the base) runs inside
   ``lorakit.mixed_batch``;
+- transformers' own peft methods (``model.load_adapter``, ``set_adapter``, ``disable_adapters``...: ``PEFT_MIXIN``)
+  run lorakit's equivalent or name it, instead of putting peft's layers over lorakit's;
 - under ``torchrun`` Trainer wraps the model in ``DistributedDataParallel``, which expects a gradient for every
   trainable tensor in every step unless ``find_unused_parameters`` is on (Trainer turns it off under gradient
   checkpointing, and TRL's ``SFTConfig`` checkpoints by default). A trainable adapter that is not active (a second
@@ -74,6 +76,9 @@ def install(model: nn.Module) -> None:
         model.generate = functools.partial(generate, model)
     if "print_trainable_parameters" not in vars(model) and not hasattr(type(model), "print_trainable_parameters"):
         model.print_trainable_parameters = functools.partial(print_trainable_parameters, model)
+    for name in PEFT_MIXIN:  # transformers' own peft integration, by habit: see PEFT_MIXIN
+        if name not in vars(model) and hasattr(type(model), name):
+            setattr(model, name, functools.partial(peft_mixin_method, model, name))
     # transformers >= 5.23: activation_checkpointing_enable, whose deprecated alias gradient_checkpointing_enable warns
     # (FutureWarning) and, once overridden on the instance, becomes the entry point that the new name calls: so the
     # new name is the one wrapped there, and the old one stays the class's alias of it
@@ -88,6 +93,39 @@ def install(model: nn.Module) -> None:
         setattr(model, DDP_IGNORE, DDPIgnored(model))
     if not any(hook is check_ddp_adapters for hook in getattr(model, "_forward_pre_hooks", {}).values()):
         model.register_forward_pre_hook(check_ddp_adapters)
+
+
+# transformers' PeftAdapterMixin, on every PreTrainedModel: the calls a transformers user makes by habit on a model
+# holding lorakit adapters. Its load_adapter / add_adapter wrapped lorakit's layers in peft's (q_proj.base_layer became
+# peft's Linear; k_proj too), loaded part of the file into them (a table of MISSING keys: those stayed random) and
+# froze every lorakit adapter; the others failed with "The version of PEFT you are using is not compatible", which is
+# not the cause (with a newer peft: "No adapter loaded"). Here: the lorakit call that does it, in one line.
+PEFT_MIXIN = {
+    "load_adapter": "lorakit.load_adapter(model, folder, adapter=name)",
+    "add_adapter": "lorakit.inject(model, lorakit.LoraConfig(...), adapter=name)",
+    "set_adapter": None, "active_adapters": None,  # lorakit's functions of the same names do what these do
+    "disable_adapters": "`with lorakit.disable_adapters(model):` (the adapters are on again after the block)",
+    "enable_adapters": "`with lorakit.disable_adapters(model):` (the adapters are on again after the block)",
+    "delete_adapter": "lorakit.delete_adapter(model, name)",
+    "get_adapter_state_dict": "lorakit.save_adapter(model, folder, adapter=name), which writes it as peft does",
+}
+
+
+def peft_mixin_method(self: nn.Module, name: str, *args, **kwargs):
+    """``model.<name>`` of transformers' peft integration on a model holding lorakit layers (see ``PEFT_MIXIN``):
+    ``set_adapter`` / ``active_adapters`` run lorakit's, the others are refused naming lorakit's call. A model
+    without lorakit layers (after ``merge_and_unload``) gets the class's method again."""
+    from lorakit.inject import adapter_hosts
+
+    if not adapter_hosts(self):
+        return getattr(type(self), name)(self, *args, **kwargs)
+    if PEFT_MIXIN[name] is None:
+        import lorakit.adapters
+
+        return getattr(lorakit.adapters, name)(self, *args, **kwargs)
+    raise LorakitError(f"model.{name} is transformers' peft integration, which does not know lorakit's adapters (its "
+                       f"load_adapter / add_adapter put peft's layers over them); on a lorakit model use "
+                       f"{PEFT_MIXIN[name]}")
 
 
 def generate(self: nn.Module, *args, adapter_names: list[str] | None = None, **kwargs):

@@ -12,6 +12,10 @@ Found and fixed:
 - ``lorakit.train.train`` on ``torch.compile(model)`` wrote its checkpoints' tensors as ``_orig_mod.model...``, so
   resuming on the plain model (or a plain run's checkpoint on a compiled one) was refused as "does not match this
   model's trainable parameters". Checkpoints now use the inner model's names.
+- transformers' own peft integration on an injected model (``model.load_adapter(folder)``, a transformers habit)
+  put peft's layers over lorakit's, loaded part of the file and froze lorakit's adapters; its ``set_adapter`` /
+  ``disable_adapters`` / ... blamed the peft version. ``set_adapter`` / ``active_adapters`` now run lorakit's, the
+  others are refused in one line naming the lorakit call.
 """
 
 from __future__ import annotations
@@ -118,3 +122,37 @@ def test_a_checkpoint_of_a_compiled_model_resumes_without_compile_and_back(tmp_p
     plain = save_checkpoint(tmp_path / "plain", 1, compiled, optimizer, {})  # trainable read from the model
     fresh = injected(seed=2)
     load_checkpoint(plain, fresh, torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad]))
+
+
+def test_transformers_peft_integration_methods_say_the_lorakit_call_or_run_it(tmp_path):
+    """``model.load_adapter(folder)`` (transformers' PeftAdapterMixin, a habit of transformers users) on an injected
+    model wrapped lorakit's layers in peft's, loaded part of the file (the rest stayed random, a table of MISSING
+    keys said so) and froze lorakit's adapter; ``model.set_adapter`` / ``disable_adapters`` / ... said "The version of
+    PEFT you are using is not compatible", which is not the cause."""
+    from lorakit.errors import LorakitError
+
+    model = injected()
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["k_proj"]), adapter="other")
+    before = {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()}
+    kinds = {name: type(module) for name, module in model.named_modules()}
+    for call, says in [(lambda: model.load_adapter(str(tmp_path / "adapter"), adapter_name="x"), "lorakit.load_adapter("),
+                       (lambda: model.add_adapter(None), "lorakit.inject("),
+                       (lambda: model.disable_adapters(), "with lorakit.disable_adapters(model)"),
+                       (lambda: model.enable_adapters(), "with lorakit.disable_adapters(model)"),
+                       (lambda: model.delete_adapter("other"), "lorakit.delete_adapter("),
+                       (lambda: model.get_adapter_state_dict(), "lorakit.save_adapter(")]:
+        with pytest.raises(LorakitError, match="transformers' peft integration") as error:
+            call()
+        assert says in str(error.value) and "\n" not in str(error.value)
+    assert {name: type(module) for name, module in model.named_modules()} == kinds  # no peft layer anywhere
+    assert all(torch.equal(p, before[name][0]) and p.requires_grad == before[name][1]
+               for name, p in model.named_parameters())
+    model.set_adapter("default")  # the same as lorakit's
+    assert model.active_adapters() == ["default"] == lorakit.active_adapters(model)
+    model.set_adapter(["default", "other"])
+    assert model.active_adapters() == ["default", "other"]
+    assert model.num_parameters(only_trainable=True) == sum(p.numel() for _, p in lorakit.lora_parameters(model))
+    plain = lorakit.merge_and_unload(model)  # no lorakit layer left: transformers' own methods again
+    with pytest.raises(ValueError, match="(?i)peft|adapter"):
+        plain.active_adapters()
