@@ -235,7 +235,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        return {"status": "ok", **state.engine.stats()}
+        return health_answer(state)
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"])  # HEAD: what HTTP checkers send
     async def models():
@@ -409,6 +409,16 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(AbsoluteTarget)  # outside even that: a URL as the target is counted by its route
     app.add_middleware(RequestId)  # outermost: every answer the app sends carries x-request-id
     return app
+
+
+def health_answer(state: ServerState):
+    """GET /health's (and /ping's) answer: the engine's figures, a 503 once its thread has ended (a bug of its
+    own): no request would be answered then, and "ok" kept load balancers and liveness probes sending them."""
+    failure = state.engine.failure
+    if failure is not None:
+        return JSONResponse({"status": "error", "error": f"the engine stopped ({failure}); restart the server",
+                             **state.engine.stats()}, status_code=503)
+    return {"status": "ok", **state.engine.stats()}
 
 
 def _own_tokenizers(state: ServerState, names: list[str]) -> set[str]:

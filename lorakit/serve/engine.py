@@ -154,6 +154,8 @@ class Engine:
         self._batch: KVBatch | None = None
         self._wake = threading.Condition()
         self._closing = False
+        self.failure: str | None = None  # why the loop's thread ended other than by close() (GET /health: 503)
+        self._in_hand: list[Request] = []  # the requests the loop took from the queue this step
         self.steps = 0
         # where the loop's time goes (seconds of wall clock; each phase ends in a device-to-host copy, so it includes
         # the GPU work): prefill + admission of newcomers, and decode steps; GET /health reports them
@@ -171,8 +173,12 @@ class Engine:
         request.generator = request.params.generator(self.device) if request.params.seed is not None else None
         request.series = self.metrics.series(request.model)
         with self._wake:
-            self._waiting.append(request)
-            self._wake.notify()
+            if self.failure is None:
+                self._waiting.append(request)
+                self._wake.notify()
+                return
+        request.finished = True  # nothing would ever run it: its client waited for good
+        request.on_finish(self._failed())
 
     def cancel(self, request: Request) -> None:
         request.cancelled = True
@@ -240,8 +246,31 @@ class Engine:
                 "decoder": "static" if self.decoder is not None else "transformers", **cached,
                 **{k: round(v, 4) if isinstance(v, float) else v for k, v in self.timings.items()}}
 
+    def _failed(self) -> str:
+        return f"error: the engine stopped ({self.failure}); restart the server"
+
     # -- the loop ------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        """``_serve_jobs``, and where it ends by an error of its own (a bug, not a failed batch: those fail their
+        jobs and it goes on), every job it held finished as failed, and later ones at once (``submit``), with
+        ``failure`` set for GET /health: they waited for good while /health said "ok"."""
+        try:
+            self._serve_jobs()
+        except BaseException as error:
+            with self._wake:
+                self.failure = f"{type(error).__name__}: {error}"
+                jobs = self._running + self._filling + list(self._waiting) + self._in_hand
+                self._running, self._filling, self._waiting = [], [], collections.deque()
+            _print_trace()
+            for request in jobs:
+                if not request.finished:
+                    request.finished = True
+                    try:
+                        request.on_finish(self._failed())
+                    except Exception:
+                        _print_trace()
+
+    def _serve_jobs(self) -> None:
         while True:
             with self._wake:
                 while not self._closing and not self._waiting and not self._running and not self._filling:
@@ -260,6 +289,7 @@ class Engine:
                     self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
                 room = max(0, self.max_batch - len(self._running) - len(self._filling))
                 newcomers = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                self._in_hand = newcomers  # out of the queue, not yet running: _loop fails them if this ends
             admitted = time.monotonic()
             for request in newcomers:
                 request.admitted = admitted
@@ -270,7 +300,7 @@ class Engine:
                         self._step(newcomers, done)
                         self.steps += 1
             except Exception as error:  # a bug or an out-of-memory: fail this batch, keep serving
-                traceback.print_exc()
+                _print_trace()
                 message = f"error: {type(error).__name__}: {error}"
                 with self._wake:  # newcomers a chunked prefill put back in the queue wait on: not this batch's
                     requeued = {id(r) for r in self._waiting}
@@ -281,11 +311,14 @@ class Engine:
                     self.decoder.release([row for row in range(self.decoder.max_batch) if self.decoder.active[row]])
             for request, reason in done:  # outside the model lock: callbacks may take the pool's lock
                 request.finished = True
-                self.metrics.finished(request, reason)
+                try:
+                    self.metrics.finished(request, reason)
+                except Exception:  # outside any handler, it ended the loop's thread (every request after waited)
+                    _print_trace()
                 try:
                     request.on_finish(reason)
                 except Exception:
-                    traceback.print_exc()
+                    _print_trace()
 
     def _step(self, newcomers: list[Request], done: list[tuple[Request, str]]) -> None:
         self._drop([i for i, r in enumerate(self._running) if r.cancelled], done, "cancelled")
@@ -667,3 +700,13 @@ class Engine:
             self._batch.keep(keep)
         else:
             self._batch = None
+
+
+def _print_trace() -> None:
+    """The exception being handled, on stderr where stderr can still be written. The server's log pipe closed
+    (``lorakit serve ... | tee log`` and tee gone) made ``traceback.print_exc`` raise BrokenPipeError inside the
+    loop's handler of a failed batch, which ended the engine's thread: every request after it waited for good."""
+    try:
+        traceback.print_exc()
+    except (OSError, ValueError):  # BrokenPipeError; ValueError: a closed sys.stderr
+        pass

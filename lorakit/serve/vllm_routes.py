@@ -182,7 +182,7 @@ def add_vllm_routes(app: FastAPI, state) -> None:
 
     @app.api_route("/ping", methods=["GET", "HEAD", "POST"])
     async def ping():
-        return {"status": "ok", **state.engine.stats()}
+        return server.health_answer(state)
 
     @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
