@@ -215,9 +215,15 @@ def build_state(args: argparse.Namespace):
         print(f"lorakit serve: folder {name!r} in {args.adapters} is not served: {name!r} names the base model "
               "(--name); rename the folder, or give the base another --name", flush=True)
     if args.preload:
-        for adapter in [a for a in pool.available() if a != name][: args.max_loaded]:
+        # the next adapter by name takes a refused one's place: the first --max-loaded names, refused ones included,
+        # left a slot empty (and a good adapter to its first request) for each broken folder among them
+        loaded = 0
+        for adapter in [a for a in pool.available() if a != name]:
+            if loaded == args.max_loaded:
+                break
             try:
                 pool.load(adapter)
+                loaded += 1
             except LorakitError as error:
                 print(f"lorakit serve: skipped adapter {adapter!r}: {error}", flush=True)
     return state
