@@ -8,7 +8,9 @@
 - a server whose log pipe had closed (``lorakit serve ... | tee log``, tee gone) lost its engine thread at the
   first failed batch (printing its traceback raised BrokenPipeError inside the handler): every request after waited
   for good, while /health said "ok"; and an engine thread that ended for any reason left /health "ok" and every
-  request waiting: it now fails them and /health, /ping answer 503.
+  request waiting: it now fails them and /health, /ping answer 503; and a bug's 500 on that server came as
+  Starlette's plain-text "Internal Server Error" (printing its trace raised), not the OpenAI error body;
+- --preload tried the first --max-loaded names, refused ones too, leaving their slots empty.
 """
 
 from __future__ import annotations
@@ -43,6 +45,15 @@ def _planted(self, newcomers, done):
 
 
 engine.Engine._step = _planted
+
+import lorakit.serve.app as app
+
+
+def _broken(state, names):  # GET /v1/models: a bug's 500
+    raise RuntimeError("a bug planted by test_followups_24_serve_ops")
+
+
+app._own_tokenizers = _broken
 '''
 
 
@@ -193,3 +204,11 @@ def test_preload_fills_the_slots_past_a_refused_adapter(tmp_path, capsys):
         assert sorted(a["name"] for a in state.pool.loaded()) == ["b-good", "c-good"]
     finally:
         state.engine.close()
+
+
+def test_a_bugs_500_with_the_log_pipe_closed_is_still_answered(server):
+    # before: printing the bug's trace to the closed pipe raised BrokenPipeError in the handler, and the connection
+    # was dropped with no answer (httpx: "Server disconnected without sending a response")
+    answer = server["client"].get("/v1/models")
+    assert answer.status_code == 500 and answer.json()["error"]["message"] == "internal error: RuntimeError"
+    assert server["client"].get("/health").status_code == 200

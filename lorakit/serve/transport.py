@@ -123,9 +123,12 @@ def parse(cls, data: dict):
 def internal_error(error: Exception, request_id: str | None = None) -> JSONResponse:
     """A bug's 500; its trace goes to the server log, headed by ``request_id`` (the answer's ``x-request-id``)
     so that a user's report of that header finds its trace."""
-    if request_id is not None:  # checked by RequestId: a client's value holds no newline or control character
-        print(f"lorakit serve: internal error in request {request_id}:", file=sys.stderr, flush=True)
-    traceback.print_exception(type(error), error, error.__traceback__)  # a bug: keep its trace in the server log
+    try:
+        if request_id is not None:  # checked by RequestId: a client's value holds no newline or control character
+            print(f"lorakit serve: internal error in request {request_id}:", file=sys.stderr, flush=True)
+        traceback.print_exception(type(error), error, error.__traceback__)  # a bug: keep its trace in the server log
+    except (OSError, ValueError):  # the log's pipe closed (tee gone): the BrokenPipeError replaced this 500 with
+        pass  # Starlette's plain-text "Internal Server Error"; the client still gets the error body
     return JSONResponse(error_body(f"internal error: {type(error).__name__}", type="server_error"), status_code=500)
 
 
