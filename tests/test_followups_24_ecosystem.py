@@ -16,6 +16,9 @@ Found and fixed:
   put peft's layers over lorakit's, loaded part of the file and froze lorakit's adapters; its ``set_adapter`` /
   ``disable_adapters`` / ... blamed the peft version. ``set_adapter`` / ``active_adapters`` now run lorakit's, the
   others are refused in one line naming the lorakit call.
+- A compiled QLoRA model (or a mixed batch under torch.compile) warned from dynamo that it traced through a
+  ``functools.lru_cache`` in ``triton_usable`` ("silent incorrectness is only a potential risk"); the answer is now
+  remembered without the cache wrapper.
 """
 
 from __future__ import annotations
@@ -156,3 +159,19 @@ def test_transformers_peft_integration_methods_say_the_lorakit_call_or_run_it(tm
     plain = lorakit.merge_and_unload(model)  # no lorakit layer left: transformers' own methods again
     with pytest.raises(ValueError, match="(?i)peft|adapter"):
         plain.active_adapters()
+
+
+def test_a_compiled_forward_through_lorakit_kernels_checks_draws_no_dynamo_warning():
+    """``triton_usable`` (asked by every NF4 layer and mixed batch) read a ``functools.lru_cache`` function: a compiled
+    QLoRA model's first forward warned "Dynamo detected a call to a functools.lru_cache-wrapped function ... Silent
+    incorrectness is only a potential risk". The check now traces as plain code, in one graph."""
+    import warnings
+
+    from lorakit.kernels._triton import triton_usable
+
+    compiled = torch.compile(lambda x: x * 2 if triton_usable(x) else x + 1, backend="eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(torch.ones(3))
+    assert torch.equal(out, torch.ones(3) * 2 if triton_usable(torch.ones(3)) else torch.ones(3) + 1)
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]

@@ -10,14 +10,22 @@ import threading
 import torch
 
 
-@functools.lru_cache(maxsize=1)
+_IMPORTABLE: list[bool] = []  # the answer, once known
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the machine
-        return False
-    return True
+    # remembered in a module list, not functools.lru_cache: a forward under torch.compile (a compiled QLoRA model, a
+    # mixed batch) traces this call, and dynamo warned on every such model that it ignores the cache wrapper and
+    # "silent incorrectness is only a potential risk"
+    if not _IMPORTABLE:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception:  # pragma: no cover - depends on the machine
+            _IMPORTABLE.append(False)
+        else:
+            _IMPORTABLE.append(True)
+    return _IMPORTABLE[0]
 
 
 def interpreter_on() -> bool:
