@@ -126,6 +126,15 @@ def test_a_lora_path_that_is_a_file_is_told_it_is_a_file(server):
     assert loaded.status_code == 200, loaded.text
 
 
+def test_the_adapters_folder_itself_as_lora_path_is_told_so(server):
+    # it was a 403 saying the path is "outside the adapters folder"
+    answer = server["client"].post("/v1/load_lora_adapter", json={"lora_name": "y",
+                                                                  "lora_path": str(server["root"] / "adapters")})
+    assert answer.status_code == 404, answer.text
+    message = answer.json()["error"]["message"]
+    assert "is the adapters folder itself" in message and "outside" not in message
+
+
 @pytest.mark.parametrize("value", ["inf"])
 def test_max_adapter_mb_must_be_finite(server, value):
     # a real model folder: the flag passed every check before, and the model loaded before the traceback

@@ -250,6 +250,9 @@ class AdapterPool:
         if "\x00" in os.fspath(path):  # no path holds one (os.path raises ValueError)
             raise AdapterRejected(f"lora_path {shown!r} holds a NUL character; send the adapter folder's path")
         real = Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+        if real == Path(os.path.realpath(self.root)):  # was told it is "outside the adapters folder" (a 403)
+            raise UnknownAdapterError(f"lora_path {shown!r} is the adapters folder itself (--adapters), which holds "
+                                      "one adapter per subfolder; send the folder of one adapter in it")
         if not self.any_path and not inside(self.root, real):
             raise PathForbidden(f"lora_path {shown!r} is outside the adapters folder this server serves (--adapters); "
                                 "put the adapter there, or start the server with --allow-any-lora-path to load "
