@@ -8,6 +8,8 @@
   dense, silently, while ``lorakit train`` announced "NF4 4-bit base: QLoRA, a 4-bit folder": no memory saved.
 * ``{"load_in_4bit": true}`` without ``bnb_4bit_quant_type`` was refused as "bnb_4bit_quant_type is 'fp4'", a value
   the file does not hold (bitsandbytes' default): the message now says it is not set.
+* fused MoE experts (transformers 5's 3-D ``mlp.experts.*`` parameters, most of a Mixtral) stay 16-bit under NF4,
+  without a word: quantizing and loading a 4-bit folder now warn with their share of the weights.
 """
 
 from __future__ import annotations
@@ -103,3 +105,41 @@ def test_an_unset_4bit_quant_type_is_said_to_be_unset(base, tmp_path):
     folder = _with_quantization_config(base, tmp_path / "model", {"load_in_4bit": True})
     with pytest.raises(LorakitError, match="bnb_4bit_quant_type is not set, so bitsandbytes' default 'fp4'"):
         lorakit.load_base(str(folder), device="cpu")
+
+
+def _tiny_mixtral(folder: Path) -> Path:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from test_serve_support import make_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    config = MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, vocab_size=len(tokenizer),
+                           max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    MixtralForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_fused_moe_experts_left_dense_by_nf4_are_said(tmp_path):
+    """transformers 5 holds Mixtral's experts as 3-D parameters, which NF4 (linear layers only) leaves in 16-bit:
+    most of the model. ``--quantize nf4`` announced "NF4 4-bit base: QLoRA" and ``lorakit quantize`` "2.1x smaller"
+    (the float32 -> bfloat16 cast) without a word; quantizing, and loading the 4-bit folder, now warn with the share."""
+    folder = _tiny_mixtral(tmp_path / "mixtral")
+    model, tokenizer = lorakit.load_base(str(folder), device="cpu")
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    share = round(100 * experts / sum(p.numel() for p in model.parameters()))
+    with pytest.warns(UserWarning, match=rf"fused MoE expert weights \(mlp\.experts\.down_proj, "
+                                         rf"mlp\.experts\.gate_up_proj; {share}% of its weights\).*stay float32"):
+        lorakit.quantize(model, "nf4")
+    lorakit.save_quantized(model, tokenizer, tmp_path / "nf4")
+    with pytest.warns(UserWarning, match=rf"{share}% of its weights\) are 3-D parameters"):
+        lorakit.load_base(str(tmp_path / "nf4"), device="cpu")
+    with pytest.warns(UserWarning, match="NF4 quantizes linear layers only"):
+        lorakit.load_base(str(folder), device="cpu", quantize="nf4")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model without fused experts: no word
+        lorakit.quantize(lorakit.load_base(str(tiny_hf_folder(tmp_path / "llama")), device="cpu")[0], "nf4")

@@ -341,6 +341,9 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
         model.generation_config = generation_config
     model.to(device)  # buffers created on the CPU (rotary inv_freq) follow; NF4 state stays float32
     model.eval()
+    from lorakit.quant.quantize import warn_dense_experts
+
+    warn_dense_experts(model, stacklevel=3)  # a 4-bit folder of an MoE model keeps its fused experts 16-bit too
     from lorakit.hf_trainer import guard_quantized_save
 
     guard_quantized_save(model)  # save_pretrained would write NF4 buffers transformers cannot read
