@@ -18,7 +18,7 @@ from lorakit.adapters import _require, active_adapters, mixed_batch_open
 from lorakit._finite import all_finite
 from lorakit._progress import slow_work
 from lorakit.errors import LorakitError
-from lorakit.inject import _set_module, adapter_hosts, lora_layers, unwrap
+from lorakit.inject import _set_module, adapter_hosts, adapter_names, lora_layers, unwrap
 from lorakit.layers import ModulesToSave
 from lorakit.offload import offloaded, refusal
 from lorakit.param_lora import ParamLora, param_hosts
@@ -41,7 +41,19 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
     if adapters is not None and not isinstance(adapters, str) and not (
             isinstance(adapters, (list, tuple)) and all(isinstance(n, str) for n in adapters)):
         raise LorakitError(f"adapters takes an adapter name or a list of names, got {adapters!r}")
+    if any(getattr(host, "disabled", False) for host in adapter_hosts(model).values()):
+        # the block runs the base alone; merged, the adapter is in the base weights and would run there unasked
+        raise LorakitError("cannot merge inside a lorakit.disable_adapters block (it runs the base alone, and a merged "
+                           "adapter would run there too); merge before or after the block")
     names = active_adapters(model) if adapters is None else ([adapters] if isinstance(adapters, str) else list(adapters))
+    known = adapter_names(model)
+    if not names and known:  # merged nothing without a word: merge_and_unload then returned the plain base, adapters
+        # dropped, as if merged (no adapter is active after set_adapter(model, []) or deleting the active one)
+        given = "adapters=[] names no adapter" if adapters is not None else "no adapter is active"
+        raise LorakitError(f"{given}, so nothing would be merged (this model has: {', '.join(known)}); name the ones to "
+                           f"merge, e.g. lorakit.merge(model, {known[0]!r}) or merge_and_unload(model, {known[0]!r}), or "
+                           f"activate them with lorakit.set_adapter; for the plain base, delete them first "
+                           "(lorakit.delete_adapter) and then merge_and_unload")
     _require(model, names)
     _refuse_offloaded(model, names)
     layers = lora_layers(model)

@@ -198,9 +198,14 @@ def run(args: argparse.Namespace) -> int:
     text_only = text_model_note(args.model, model, merged=True)  # Llama 3.2 Vision, Llama 4: the vision tower is not
     if text_only:  # in the model AutoModelForCausalLM built, so not in the merged folder either
         print(text_only)
+    package = os.path.dirname(os.path.abspath(lorakit.__file__)) + os.sep
     for warning in caught:
-        if "rounds away" in str(warning.message):  # export_merged's bf16 share (other warnings stay silent)
+        if "rounds away" in str(warning.message):  # export_merged's bf16 share
             print(f"warning: {warning.message} (warning threshold: {100 * LOSS_WARNING:.0f}%)", file=sys.stderr)
+        elif os.path.abspath(warning.filename).startswith(package):
+            # lorakit's own other warnings, one line each: only the bf16 share was printed, so the GGUF context cut to
+            # a Mistral's sliding window (which the README says is warned about) went unsaid; the libraries' stay silent
+            print(f"warning: {warning.message}", file=sys.stderr)
     print(f"wrote {out} ({', '.join(shown_files(out))}) in {time.perf_counter() - start:.1f} s")
     print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}{_attention_hint(model)})")
     import shlex
