@@ -143,3 +143,26 @@ def test_fused_moe_experts_left_dense_by_nf4_are_said(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a model without fused experts: no word
         lorakit.quantize(lorakit.load_base(str(tiny_hf_folder(tmp_path / "llama")), device="cpu")[0], "nf4")
+
+
+def test_quantize_skip_takes_one_name_as_a_string_and_says_names_that_match_nothing(base):
+    """``skip="v_proj"`` was iterated letter by letter: nothing matched, so v_proj was quantized (and the head, whose
+    default skip the argument replaced), silently; a misspelt name in a list left its layer quantized without a word."""
+    import warnings
+
+    from lorakit.models.quantized_loading import load_quantized
+
+    model, _ = lorakit.load_base(str(base), device="cpu")
+    lorakit.quantize(model, "nf4", skip="v_proj")
+    v_proj = model.model.layers[0].self_attn.v_proj
+    assert type(v_proj) is torch.nn.Linear and isinstance(model.model.layers[0].self_attn.q_proj, NF4Linear)
+    loaded = load_quantized(base, device="cpu", skip="v_proj")
+    assert type(loaded.model.layers[1].self_attn.v_proj) is torch.nn.Linear
+    model, _ = lorakit.load_base(str(base), device="cpu")
+    with pytest.warns(UserWarning, match=r"skip names \['v_prj'\] match no linear layer"):
+        lorakit.quantize(model, "nf4", skip=("lm_head", "v_prj"))
+    model, _ = lorakit.load_base(str(base), device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # names that match (a suffix of the path too) say nothing
+        lorakit.quantize(model, "nf4", skip=["lm_head", "self_attn.v_proj"])
+    assert type(model.model.layers[0].self_attn.v_proj) is torch.nn.Linear

@@ -21,7 +21,7 @@ from lorakit.errors import LorakitError
 from lorakit.inject import keeps_own_class
 from lorakit.quant import is_conv1d, linear_shape
 from lorakit.quant.nf4 import NF4Linear
-from lorakit.quant.quantize import DEFAULT_SKIP, _output_head_names, _skipped, check_quant_type
+from lorakit.quant.quantize import DEFAULT_SKIP, _output_head_names, _skipped, check_quant_type, skip_names
 
 
 @contextlib.contextmanager
@@ -152,7 +152,7 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
     prequantized = bnb_checkpoint.bnb_quantization(config_dict, str(config_file)) is not None
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or default_dtype(device)
-    skip = tuple(skip or ())
+    skip = skip_names(skip)  # a single name given as a string, not its letters
 
     from transformers import AutoConfig, AutoModelForCausalLM
 

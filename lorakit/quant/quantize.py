@@ -30,6 +30,19 @@ def check_quant_type(quant: str) -> str:
     return name
 
 
+def skip_names(skip: Iterable[str] | str | None) -> tuple[str, ...]:
+    """``skip`` as a tuple of module names. A single name given as a string was iterated letter by letter
+    (``skip="v_proj"`` -> ``("v", "_", "p", ...)``), which matched nothing: v_proj was quantized anyway, and so was
+    the output head, whose default skip the argument had replaced, all without a word."""
+    if skip is None:
+        return ()
+    names = (skip,) if isinstance(skip, str) else tuple(skip)
+    bad = [name for name in names if not isinstance(name, str)]
+    if bad:
+        raise LorakitError(f"skip takes module names (strings), got {bad[0]!r}")
+    return names
+
+
 def _skipped(name: str, skip: Iterable[str]) -> bool:
     """``skip`` entries match a full module path, its last component, or a path suffix (``"mlp.down_proj"``)."""
     return any(name == s or name.endswith("." + s) or name.split(".")[-1] == s for s in skip)
@@ -180,9 +193,10 @@ def quantize(model: nn.Module, quant: str = "nf4", *, skip: Iterable[str] = DEFA
         raise LorakitError(f"NF4 blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     from lorakit.inject import keeps_own_class  # (inject imports this package: not at module level)
 
-    skip = tuple(skip or ())
+    skip = skip_names(skip)
     heads = _output_head_names(model)
     host = _host_class()
+    matched: set[str] = set()  # skip names that matched a linear layer (a typo leaves its layer quantized silently)
     # every (parent, attribute) pointing at a module, so a module shared by two paths is replaced in both
     targets: dict[int, tuple[str, nn.Module, list[tuple[nn.Module, str]]]] = {}
     for parent, attribute, child, path in _children(model):
@@ -190,12 +204,19 @@ def quantize(model: nn.Module, quant: str = "nf4", *, skip: Iterable[str] = DEFA
             raise LorakitError(f"adapter(s) {parent.merged} are merged into '{path}'; quantizing would bake them into "
                                "the 4-bit base: call lorakit.unmerge(model) first")
         linear = isinstance(child, nn.Linear) or is_conv1d(child)
+        if linear:
+            matched.update(name for name in skip if _skipped(path, (name,)))
         if not linear or _skipped(path, skip) or path in heads:
             continue
         if not isinstance(parent, host) and keeps_own_class(parent, attribute, child):
             continue  # Mamba's dt_proj (its weight read by the mixer), Llama 4's router (returns a tuple): dense
         entry = targets.setdefault(id(child), (path, child, []))
         entry[2].append((parent, attribute))
+    unmatched = [name for name in skip if name not in matched and name not in DEFAULT_SKIP]
+    if unmatched:
+        warnings.warn(f"skip names {unmatched} match no linear layer of this model, so they leave nothing dense "
+                      "(a typo? skip takes a module's name, e.g. 'v_proj', or the end of its path, e.g. "
+                      "'mlp.down_proj')", stacklevel=3)
     converted: dict[int, NF4Linear] = {}
     for key, (path, module, _) in targets.items():  # refuse before changing anything
         kind = _bnb_kind(module)
