@@ -33,6 +33,12 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
     measured share that survives, unless ``allow_lossy=True``. To keep the adapter exact, merge into a 16-bit copy.
     """
     if not adapter_hosts(model):  # a forgotten load_adapter would otherwise "merge" into a copy of the plain base
+        peft_layer = next((path for path, module in model.named_modules() if hasattr(module, "base_layer")
+                           and type(module).__module__.startswith("peft.tuners.")), None)
+        if peft_layer is not None:  # a PeftModel was told to load an adapter, or that it was merged and unloaded
+            raise LorakitError(f"this model holds peft's adapter layers (e.g. {peft_layer}), not lorakit's: merge it "
+                               "with peft's own model.merge_and_unload(), or load the adapter folder into the plain base "
+                               "with lorakit.load_adapter and merge that")
         raise LorakitError("this model has no lorakit adapters to merge; load one first (lorakit.load_adapter(model, "
                            "folder)), or it was merged and unloaded already")
     if mixed_batch_open(model):

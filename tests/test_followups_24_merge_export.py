@@ -119,3 +119,19 @@ def test_merge_cli_prints_the_gguf_sliding_window_warning(tmp_path, capsys):
     assert ("warning: llama.cpp runs this mistral model without its sliding window (64 tokens), so the GGUF declares a "
             "context of 64 tokens, not 256") in err
     assert (out / "merged-f16.gguf").is_file()
+
+
+def test_merge_of_a_peft_model_says_it_is_peft_s(tmp_path):
+    """A PeftModel handed to lorakit.merge was told to load an adapter first, or that it was merged and unloaded
+    already: neither, its layers are peft's."""
+    import peft
+
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    for call in (lorakit.merge, lorakit.merge_and_unload):
+        with pytest.raises(LorakitError, match=r"this model holds peft's adapter layers \(e.g. base_model\.model\.model"
+                                               r"\.layers\.0\.self_attn\.q_proj\), not lorakit's: merge it with peft's "
+                                               r"own model\.merge_and_unload\(\)"):
+            call(peft_model)
+    with pytest.raises(LorakitError, match="this model has no lorakit adapters to merge"):
+        lorakit.merge(tiny_llama())
