@@ -166,3 +166,20 @@ def test_quantize_skip_takes_one_name_as_a_string_and_says_names_that_match_noth
         warnings.simplefilter("error")  # names that match (a suffix of the path too) say nothing
         lorakit.quantize(model, "nf4", skip=["lm_head", "self_attn.v_proj"])
     assert type(model.model.layers[0].self_attn.v_proj) is torch.nn.Linear
+
+
+def test_dequantize_takes_a_dtype_name_and_quantize_an_absent_device_in_one_line(base):
+    """``lorakit.dequantize(model, "bf16")`` raised torch's "empty(): argument 'dtype' must be torch.dtype, not str"
+    (load_base takes the same names), and ``lorakit.quantize(model, device="cuda")`` on a machine without CUDA
+    torch's "AssertionError: Torch not compiled with CUDA enabled"."""
+    model, _ = lorakit.load_base(str(base), device="cpu", quantize="nf4")
+    with pytest.raises(LorakitError, match="unknown dtype 'int8'"):
+        lorakit.dequantize(model, "int8")
+    assert isinstance(model.model.layers[0].mlp.up_proj, NF4Linear)  # refused before anything changed
+    lorakit.dequantize(model, "bf16")
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    if not torch.cuda.is_available():
+        model, _ = lorakit.load_base(str(base), device="cpu")
+        with pytest.raises(LorakitError, match="device cuda: no CUDA GPU"):
+            lorakit.quantize(model, "nf4", device="cuda")
+        assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear

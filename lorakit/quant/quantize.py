@@ -191,6 +191,10 @@ def quantize(model: nn.Module, quant: str = "nf4", *, skip: Iterable[str] = DEFA
     check_quant_type(quant)
     if blocksize not in BLOCKSIZES:
         raise LorakitError(f"NF4 blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    if device is not None:  # device="cuda" on a machine without one failed in torch's weight.to() ("AssertionError:
+        from lorakit.models.loading import parse_device  # Torch not compiled with CUDA enabled"), as load_base says it
+
+        device = parse_device(device)
     from lorakit.inject import keeps_own_class  # (inject imports this package: not at module level)
 
     skip = skip_names(skip)
@@ -327,6 +331,10 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """
     _check_model(model)
     host = _host_class()
+    if dtype is not None:  # "bfloat16" / "bf16", as load_base takes them (a TypeError from torch.empty before)
+        from lorakit.models.loading import parse_dtype
+
+        dtype = parse_dtype(dtype)
     if dtype is None:  # a folder quantized from bf16 and loaded in float32 computes in float32: keep it so
         get_in = getattr(model, "get_input_embeddings", None)
         try:
