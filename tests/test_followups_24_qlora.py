@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -183,3 +184,20 @@ def test_dequantize_takes_a_dtype_name_and_quantize_an_absent_device_in_one_line
         with pytest.raises(LorakitError, match="device cuda: no CUDA GPU"):
             lorakit.quantize(model, "nf4", device="cuda")
         assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+def test_train_refuses_quantize_for_a_dense_model_it_would_train_16_bit(base, tmp_path):
+    """``train(model, tokenizer, records, config=TrainConfig(quantize="nf4"))`` never read ``quantize`` (only the
+    CLI's loader does): a dense model trained 16-bit without a word. Refused now before anything changes; a model
+    already 4-bit (what ``lorakit train --quantize nf4`` passes) trains."""
+    from lorakit.train import TrainConfig, train
+
+    records = [{"prompt": f"Order {n} pens", "completion": f" {n} pens"} for n in range(8)]
+    config = TrainConfig(max_steps=1, quantize="nf4", eval_examples=0, samples=0, progress=False)
+    model, tokenizer = lorakit.load_base(str(base), device="cpu")
+    with pytest.raises(LorakitError, match=r"call lorakit\.quantize\(model, 'nf4'\) before train\(\)"):
+        train(model, tokenizer, records, config=config)
+    assert not lorakit.adapter_names(model)  # nothing injected
+    lorakit.quantize(model, "nf4")
+    result = train(model, tokenizer, records, config=config)
+    assert math.isfinite(result.train_loss)

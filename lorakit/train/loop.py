@@ -297,6 +297,23 @@ def trainable_adapter(model: nn.Module) -> str | None:
                        "others: inject(..., trainable=False))")
 
 
+def _check_quantized(model: nn.Module, quantize: str) -> None:
+    """``TrainConfig(quantize="nf4")`` acts where the runner loads the model (load_base(..., quantize=)); a model given
+    to ``train`` is used as it is. A dense one then trained 16-bit, silently, the QLoRA asked for (and its memory
+    saving) not there: refused in one line, before anything changes. (A model already 4-bit, as the runner passes
+    it, or one loaded through bitsandbytes, is what was asked for.)"""
+    from lorakit import quant
+    from lorakit.inject import check_model
+
+    check_model(model)
+    if any(quant.is_quantized(module) or quant.holds_bnb_weight(module) for module in model.modules()):
+        return
+    raise LorakitError(f"TrainConfig(quantize={quantize!r}) applies when the model is loaded (lorakit train --model, or "
+                       f"lorakit.load_base(folder, quantize={quantize!r})); this model is already loaded with dense "
+                       f"weights and would train as it is: call lorakit.quantize(model, {quantize!r}) before train(), "
+                       "or drop quantize")
+
+
 def prepare_model(model: nn.Module, config: TrainConfig) -> str | None:
     """Inject the config's adapter (when the model has none) or unfreeze everything for ``--full``.
 
@@ -540,6 +557,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
             A second Ctrl-C while it saves stops at once; the checkpoint being written is then left out whole.
     """
     config = config or TrainConfig()
+    if config.quantize:
+        _check_quantized(model, config.quantize)
     rank, world_size = world()
     main = rank == 0
     if log is None:
