@@ -201,3 +201,20 @@ def test_train_refuses_quantize_for_a_dense_model_it_would_train_16_bit(base, tm
     lorakit.quantize(model, "nf4")
     result = train(model, tokenizer, records, config=config)
     assert math.isfinite(result.train_loss)
+
+
+def test_a_weight_past_float16_range_is_named_as_the_casts_doing(base, tmp_path):
+    """Loading into NF4 with dtype float16 casts each weight first: a value of 1e6 (finite in the file) became inf and
+    was refused as "has 1 non-finite value(s) (NaN/inf) in its weight ...: fix or skip this module", a fault the file
+    does not have. The message now names the cast and the dtype that keeps it."""
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(base, tmp_path / "model")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e6
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LorakitError, match=r"up_proj\.weight holds values up to 1e\+06, beyond float16's range.*"
+                                           r"--dtype bf16 / fp32"):
+        lorakit.load_base(str(folder), device="cpu", quantize="nf4", dtype="float16")
+    model, _ = lorakit.load_base(str(folder), device="cpu", quantize="nf4", dtype="bfloat16")  # bf16 holds it
+    assert isinstance(model.model.layers[0].mlp.up_proj, NF4Linear)

@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from lorakit._finite import all_finite
 from lorakit.errors import LorakitError
 from lorakit.inject import keeps_own_class
 from lorakit.quant import is_conv1d, linear_shape
@@ -275,7 +276,15 @@ def load_quantized(folder: str | Path, quant: str = "nf4", dtype: torch.dtype | 
             if tuple(weight.shape) != stored:
                 raise LorakitError(f"{source}: tensor {weight_key!r} has shape {tuple(weight.shape)}, the model "
                                    f"expects {stored}")
-            weight = weight.to(device, dtype)
+            stored_weight, weight = weight, weight.to(device, dtype)
+            if weight.dtype != stored_weight.dtype and not all_finite(weight) and all_finite(stored_weight):
+                # a value past float16's range (65504) became inf in this cast, and quantize_nf4 said the weight "has
+                # non-finite value(s) ... fix or skip this module", of a file that holds none
+                largest = stored_weight.abs().max().item()
+                raise LorakitError(f"{source}: {weight_key} holds values up to {largest:.4g}, beyond "
+                                   f"{str(dtype).removeprefix('torch.')}'s range: the cast to it makes them inf, which "
+                                   "NF4 cannot quantize; load with dtype bfloat16 or float32 (--dtype bf16 / fp32)")
+            del stored_weight
             quantized = NF4Linear.from_weight(weight.T.contiguous() if conv1d else weight, bias, blocksize=blocksize,
                                               double_quant=double_quant, name=name)
             del weight
