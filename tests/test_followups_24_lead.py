@@ -85,3 +85,47 @@ def test_generate_says_the_tokenizer_outgrew_the_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err
     assert "a prompt holds the token" in err and "the tokenizer has" in err and "resize_token_embeddings" in err, err
+
+
+def test_serve_refuses_a_prompt_past_the_embedding_rows_as_the_clients_400(tmp_path):
+    """A prompt whose text encodes to a token past the model's embedding rows (a tokenizer that gained tokens
+    without the model being resized) was a 500 "generation failed" with a traceback in the log, the whole engine
+    batch failing; it is the client's 400 naming the token, and the server answers the next request."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    from test_serve_support import ServerProcess, tiny_hf_folder
+
+    model = tiny_hf_folder(tmp_path / "model", vocab_size=300)  # the tokenizer has ~360: ids 300+ are past the rows
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    past = next(tokenizer.decode([i]) for i in range(len(tokenizer) - 1, 300, -1)
+                if all(t >= 300 for t in tokenizer(tokenizer.decode([i]), add_special_tokens=False)["input_ids"]))
+    (tmp_path / "adapters").mkdir()
+    server = ServerProcess(model, tmp_path / "adapters", log=tmp_path / "server.log")
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            for route, body, param in (
+                    ("/v1/completions", {"prompt": f"say {past}"}, "prompt"),
+                    ("/v1/chat/completions", {"messages": [{"role": "user", "content": past}]}, "messages"),
+                    ("/v1/responses", {"input": past}, "input")):
+                answer = client.post(route, json={"model": "base", "max_tokens": 2, **body} if "responses" not in route
+                                     else {"model": "base", "max_output_tokens": 16, **body})
+                assert answer.status_code == 400, (route, answer.text)
+                error = answer.json()["error"]
+                assert error["param"] == param and "past this model's 300 embedding rows" in error["message"], error
+            fine = client.post("/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2})
+            assert fine.status_code == 200, fine.text
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output()
+
+
+def test_serve_warns_at_startup_when_the_chat_template_is_past_the_rows(tmp_path):
+    from test_serve_support import ServerProcess, tiny_hf_folder
+
+    model = tiny_hf_folder(tmp_path / "model", vocab_size=64)
+    (tmp_path / "adapters").mkdir()
+    server = ServerProcess(model, tmp_path / "adapters", log=tmp_path / "server.log")
+    server.stop()
+    assert "warning: the chat template writes the token" in server.output() and \
+        "every chat request will be refused" in server.output(), server.output()

@@ -463,6 +463,7 @@ async def _respond(state: ServerState, body: ResponsesRequest, served: _Served, 
     if body.forced_call() is not None and named is None:  # "required" or a named function: the answer starts the call
         forced = forced_prefix(call_format(text.tokenizer, tools), body.forced_call())
         prompt_ids = prompt_ids + await run_in_threadpool(text.encode_text, forced)
+    _check_rows(text, [prompt_ids], "input")
     limit = _check_lengths(state, prompt_ids, body.max_output_tokens, True, which="the input",
                            field="max_output_tokens", param="input")
     fmt = call_format(text.tokenizer, tools) if tools else None
@@ -834,6 +835,19 @@ def _choice_seed(seed: int | None, index: int) -> int | None:
     return seed - 2**64 if seed > 2**64 - 1 else seed
 
 
+def _check_rows(text: ModelText, prompts: list[list[int]], param: str) -> None:
+    """A prompt whose text encodes to a token past the model's embedding rows (a tokenizer that gained tokens
+    without the model being resized: Llama 2 fine-tunes' "[PAD]") is the client's 400; in the engine the id failed
+    the whole batch as a 500, other clients' rows included."""
+    past = [max(ids) for ids in prompts if ids and max(ids) >= text.rows]
+    if past:
+        with text.lock:
+            token = text.tokenizer.convert_ids_to_tokens(past[0])
+        raise APIError(400, f"{param!r} encodes to the token {token!r} (id {past[0]}), past this model's "
+                       f"{text.rows:,} embedding rows (its tokenizer has {len(text.tokenizer):,} tokens: some were "
+                       "added without resizing the model); leave that token's text out", param=param)
+
+
 async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, prompts: list[list[int]],
                  max_tokens: int | None, logprobs: int | None, chat: bool, default_tokens: int | None = None,
                  echoes: list[str] | None = None, forced: str | None = None, chat_echo: str | None = None,
@@ -852,6 +866,7 @@ async def _serve(state: ServerState, http: HTTPRequest, body, served: _Served, p
                        f"{MAX_ROWS} per request; split the request", param="n")
     field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
     prompts = body.truncated(prompts, min(state.max_prompt_tokens, state.context_length - 1), echoes is not None)
+    _check_rows(served.text, prompts, "messages" if chat else "prompt")
     limits = [_check_lengths(state, ids, max_tokens, chat, default_tokens,
                              "the prompt" if len(prompts) == 1 else f"prompt {p} of the batch", field)
               for p, ids in enumerate(prompts)]

@@ -577,6 +577,9 @@ def _run(args: argparse.Namespace) -> int:
               f"{args.reasoning_parser}): " + (f"a {state.reasoning.open}...{state.reasoning.close} block in a chat "
                                                "answer is returned as reasoning_content" if state.reasoning else
                                                "answers are returned as written"), flush=True)
+        outgrown = state.text.template_past_rows()
+        if outgrown:
+            print(f"lorakit serve: warning: {outgrown}", file=sys.stderr, flush=True)
         from lorakit.serve.transport import http_protocol
 
         _raise_open_files_limit()

@@ -80,6 +80,28 @@ class ModelText:
 
         return with_deadline(render)
 
+    def template_past_rows(self) -> str | None:
+        """Why every chat request will be refused, or None: the chat template writes markup tokens past the
+        model's embedding rows (a tokenizer that gained them without the model being resized), said once at
+        startup rather than as each chat's 400."""
+        from lorakit.generation import has_chat_template
+
+        if len(self.tokenizer) <= self.rows or not has_chat_template(self.tokenizer):
+            return None
+        try:
+            ids = self.encode([{"role": "user", "content": "hi"}], True)
+        except Exception:  # noqa: BLE001 (a template that wants more than one user turn: each request says its own)
+            return None
+        past = [token for token in ids if token >= self.rows]
+        if not past:
+            return None
+        with self.lock:
+            token = self.tokenizer.convert_ids_to_tokens(past[0])
+        return (f"the chat template writes the token {token!r} (id {past[0]}), past the model's {self.rows:,} "
+                f"embedding rows (the tokenizer has {len(self.tokenizer):,} tokens: added without resizing the "
+                "model), so every chat request will be refused; resize the model once "
+                "(model.resize_token_embeddings(len(tokenizer)), then save_pretrained)")
+
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` continuing a prompt (no BOS; a template's special tokens read as themselves)."""
         with self.lock:
