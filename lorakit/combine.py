@@ -16,8 +16,10 @@ weight w_i and scaling s_i, A_i (r_i, in), B_i (out, r_i):
 TIES (Yadav et al. 2023) keeps the top ``density`` share of each input by magnitude, elects a sign per element and
 averages the inputs that agree with it; DARE (Yu et al. 2023) drops each element with probability 1 - density and
 rescales by 1 / density. DARE's masks come from torch's global generator (or ``seed``), drawn in PEFT's order
-(layer by layer in module order; per layer A's inputs then B's, or the deltas), so a run equals PEFT's run on the
-same generator state.
+(layer by layer in module order; per layer A's inputs then B's, or the deltas), so a run equals PEFT's when the
+generator is in the state PEFT's masks start from. That is not the state before ``add_weighted_adapter``: PEFT first
+draws the new adapter's random initialisation (``tests/test_combine.py`` injects quietly to line the two up);
+``seed`` makes lorakit's own runs reproducible.
 
 Where this differs from peft 0.21 on purpose (PEFT's result would be wrong or lost):
 * rsLoRA inputs: PEFT's new adapter copies ``use_rslora`` from the first input while its tensors assume scaling 1,
