@@ -208,7 +208,7 @@ def quantize(model: nn.Module, quant: str = "nf4", *, skip: Iterable[str] = DEFA
             raise LorakitError(f"adapter(s) {parent.merged} are merged into '{path}'; quantizing would bake them into "
                                "the 4-bit base: call lorakit.unmerge(model) first")
         linear = isinstance(child, nn.Linear) or is_conv1d(child)
-        if linear:
+        if linear or isinstance(child, QuantizedLinear):  # (a layer quantized by an earlier call is matched too)
             matched.update(name for name in skip if _skipped(path, (name,)))
         if not linear or _skipped(path, skip) or path in heads:
             continue
