@@ -30,7 +30,7 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None, safe: b
 
     With ``safe=True`` (the default) every merged weight is checked for NaN/Inf before any is written. Merging into
     a quantized (NF4) base re-quantizes it and loses part of the update: that warns (``LossyMergeWarning``) with the
-    measured share that survives, unless ``allow_lossy=True``. To keep the adapter exact, merge into a 16-bit copy.
+    measured share that survives, unless ``allow_lossy=True``. To keep the adapter exact, ``lorakit.dequantize(model)`` first.
     """
     if not adapter_hosts(model):  # a forgotten load_adapter would otherwise "merge" into a copy of the plain base
         peft_layer = next((path for path, module in model.named_modules() if hasattr(module, "base_layer")
@@ -132,8 +132,9 @@ def _warn_lossy(name: str, layers: dict) -> None:
         errors += loss["error_rms"] ** 2
     kept = max(0.0, 1.0 - (errors / deltas) ** 0.5) if deltas > 0 else 1.0
     warnings.warn(f"merging adapter {name!r} into {len(layers)} quantized base layer(s) re-quantizes them: about "
-                  f"{100 * kept:.0f}% of the update survives (RMS); merge into a 16-bit copy of the base to keep it "
-                  "exact, or pass allow_lossy=True to accept the loss", LossyMergeWarning, stacklevel=3)
+                  f"{100 * kept:.0f}% of the update survives (RMS); to keep it exact, call lorakit.dequantize(model) "
+                  "first (16-bit layers holding exactly the weights the adapter trained on), or pass allow_lossy=True "
+                  "to accept the loss", LossyMergeWarning, stacklevel=3)
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -129,3 +129,28 @@ def test_serve_warns_at_startup_when_the_chat_template_is_past_the_rows(tmp_path
     server.stop()
     assert "warning: the chat template writes the token" in server.output() and \
         "every chat request will be refused" in server.output(), server.output()
+
+
+def test_merging_into_nf4_advises_dequantize_first():
+    """The lossy-merge warning said "merge into a 16-bit copy of the base"; the exact route is lorakit.dequantize
+    first (16-bit layers holding the weights the adapter trained on), which the README gives. It now says so, and
+    following it merges without the warning."""
+    import warnings
+
+    import lorakit
+    from conftest import tiny_llama
+    from lorakit.quant.merge_loss import LossyMergeWarning
+
+    model = tiny_llama(seed=0, vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    lorakit.quantize(model, "nf4")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    with pytest.warns(LossyMergeWarning, match=r"call lorakit\.dequantize\(model\) first"):
+        lorakit.merge(model)
+    lorakit.unmerge(model)
+    lorakit.dequantize(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossyMergeWarning)
+        lorakit.merge(model)

@@ -65,6 +65,7 @@ def merge_warning(module: nn.Module, merged_weight: torch.Tensor | None = None, 
         detail = (f" (re-quantization error RMS {loss['error_rms']:.3g} vs adapter update RMS {loss['delta_rms']:.3g}:"
                   f" about {100 * loss['kept']:.0f}% of the update survives)")
     message = (f"merging into the quantized base layer{where} re-quantizes it and loses part of the adapter{detail}; "
-               "to keep it exact, merge into a 16-bit copy of the base model, or pass allow_lossy=True to silence this")
+               "to keep it exact, call lorakit.dequantize(model) first (16-bit layers holding exactly the weights the "
+               "adapter trained on), or pass allow_lossy=True to silence this")
     warnings.warn(message, LossyMergeWarning, stacklevel=3)
     return message
