@@ -683,7 +683,10 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Seque
         seen = {row: new_history([int(t) for t in prompts[row]], [], logits.shape[-1], logits.device)
                 for row, p in enumerate(per_row) if p.repetition_penalty != 1.0}
     running = list(range(len(prompts)))
+    step = 0
     while running:
+        _check_finite(model, logits, step)
+        step += 1
         still, last = [], []
         for slot, row in enumerate(running):
             if keep_logits:  # the model's own logits (before any repetition penalty)
@@ -708,6 +711,19 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], adapters: Seque
         for result, param in zip(results, per_row):
             result.text = cut_at_stop(tokenizer.decode(result.tokens, skip_special_tokens=True), param.stop)
     return results
+
+
+def _check_finite(model: nn.Module, logits: torch.Tensor, step: int) -> None:
+    """Refuse next-token logits ``(rows, V)`` holding NaN or +inf: argmax then picks an arbitrary token (often an end
+    of turn), and a float16 model whose activations overflow answered with an empty text and success. -inf is left
+    alone (a model may mask tokens out). One small device sync per step, beside the token's own."""
+    if not bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
+        return
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    why = ("float16 overflows in this model's activations or weights; load it in bfloat16 or float32 (--dtype bf16 "
+           "or fp32)" if dtype == torch.float16 else "the weights or an adapter hold non-finite values, or the "
+           "computation overflowed; check the adapter (lorakit inspect) or load the model in float32 (--dtype fp32)")
+    raise LorakitError(f"the model's next-token logits are not finite (NaN or inf) at step {step} of generation: {why}")
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -154,3 +154,29 @@ def test_merging_into_nf4_advises_dequantize_first():
     with warnings.catch_warnings():
         warnings.simplefilter("error", LossyMergeWarning)
         lorakit.merge(model)
+
+
+def test_generate_refuses_logits_that_are_not_finite(tmp_path, capsys):
+    """A float16 model whose activations overflow gave NaN logits, argmax picked a token at random (an end of turn
+    here), and `lorakit generate` printed an empty answer with exit 0. It now says the logits are not finite and
+    to load the model in bfloat16 or float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import main
+    from test_serve_support import tiny_hf_folder
+
+    folder = tiny_hf_folder(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        mlp = model.model.layers[0].mlp  # each weight fits float16, their product does not: float32 stays finite
+        mlp.down_proj.weight.fill_(6e4)
+        mlp.up_proj.weight.fill_(1.0)
+        mlp.gate_proj.weight.fill_(1.0)
+    model.save_pretrained(folder)
+    code = main(["generate", "--model", str(folder), "--dtype", "fp16", "--max-new-tokens", "3", "--no-chat", "hi"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err, err
+    assert "logits are not finite (NaN or inf) at step 0" in err and "--dtype bf16" in err, err
+    assert main(["generate", "--model", str(folder), "--dtype", "fp32", "--max-new-tokens", "3", "--no-chat",
+                 "hi"]) == 0
