@@ -334,8 +334,7 @@ def _warn_frozen_experts(modules: dict[str, nn.Module], config: LoraConfig) -> N
                if not matches_parameter(path, config.target_parameters or [])}
     if not experts:
         return
-    total = sum(p.numel() for m in modules.values() for p in m.parameters(recurse=False))
-    share = sum(experts.values()) / max(total, 1)
+    share = sum(experts.values()) / max(_weight_elements(modules), 1)
     names = sorted({_per_layer(path) for path in experts})
     what = "all-linear adapts the linear layers only" if config.target_modules == "all-linear" else \
         f"target_modules {shown(config.target_modules)} adapts linear layers only"
@@ -343,6 +342,17 @@ def _warn_frozen_experts(modules: dict[str, nn.Module], config: LoraConfig) -> N
                   f"{', ...' if len(names) > 4 else ''}; {100 * share:.0f}% of its weights) are 3-D parameters and stay "
                   f"frozen; to adapt them too, pass LoraConfig(target_parameters={names[:4]!r}) (lorakit train: "
                   f"--target-parameters {','.join(names[:4])})", stacklevel=4)
+
+
+def _weight_elements(modules: dict[str, nn.Module]) -> int:
+    """Every weight element of the model: its parameters, and a quantized layer's logical (dequantized) size, which
+    its packed buffers do not count (an NF4 model's expert share read 89% where it was 85%)."""
+    total = sum(p.numel() for m in modules.values() for p in m.parameters(recurse=False))
+    for module in modules.values():
+        if quant.is_quantized(module):
+            out_features, in_features = quant.linear_shape(module)
+            total += out_features * in_features
+    return total
 
 
 def read_by_parent(modules: dict[str, nn.Module], path: str, name: str) -> str | None:
@@ -387,8 +397,7 @@ def _warn_unreachable_experts(modules: dict[str, nn.Module], config: LoraConfig)
     experts = unreachable_experts(modules, config)
     if not experts:
         return
-    total = sum(p.numel() for m in modules.values() for p in m.parameters(recurse=False))
-    share = sum(size for _, size in experts.values()) / max(total, 1)
+    share = sum(size for _, size in experts.values()) / max(_weight_elements(modules), 1)
     names = sorted({_per_layer(path) for path in experts})
     reader = next(iter(experts.values()))[0]
     what = "all-linear adapts the linear layers only" if config.target_modules == "all-linear" else \

@@ -180,3 +180,21 @@ def test_generate_refuses_logits_that_are_not_finite(tmp_path, capsys):
     assert "logits are not finite (NaN or inf) at step 0" in err and "--dtype bf16" in err, err
     assert main(["generate", "--model", str(folder), "--dtype", "fp32", "--max-new-tokens", "3", "--no-chat",
                  "hi"]) == 0
+
+
+def test_the_all_linear_expert_share_counts_nf4_layers_at_their_size(tmp_path):
+    """On an NF4 model, inject's "all-linear leaves the fused experts frozen" warning divided by the parameters
+    alone, where the quantized layers are packed buffers: it said 89% for a model whose experts are 85%."""
+    import warnings
+
+    import lorakit
+    from test_followups_24_qlora import _tiny_mixtral
+
+    model, _ = lorakit.load_base(str(_tiny_mixtral(tmp_path / "mixtral")), device="cpu")
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    share = round(100 * experts / sum(p.numel() for p in model.parameters()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lorakit.quantize(model, "nf4")
+    with pytest.warns(UserWarning, match=rf"fused MoE expert weights .*; {share}% of its weights\) are 3-D"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules="all-linear"))
