@@ -270,7 +270,7 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder from a checkpoint path, a ``checkpoints/`` folder or a run folder."""
-    path = Path(path)
+    path = Path(path).expanduser()  # train(..., resume="~/runs/nb") from Python: no shell expanded it
     if (path / "state.json").is_file():
         return path
     for folder in (path / "checkpoints", path):

@@ -160,6 +160,11 @@ class TrainConfig:
         for name in ("targets", "exclude", "modules_to_save"):  # "q_proj,v_proj" as two names
             if isinstance(getattr(self, name), list):
                 setattr(self, name, _split_names(getattr(self, name)))
+        if isinstance(self.out, (str, Path)) and str(self.out).startswith("~"):
+            # "out: ~/runs/x" in a config file, --out=~/x (no shell expands a ~ after '=') or TrainConfig(out="~/x"):
+            # unexpanded, the run's files went to a folder named '~' under the current one while the adapter was
+            # saved through the expanded path into a hidden temporary folder, leaving RUN/adapter empty
+            self.out = type(self.out)(Path(self.out).expanduser())
         if _number(self.val_fraction) and self.val_fraction == 0:
             # holding out nothing is no validation set: how a command line turns off a config file's val_fraction
             # (flags override the file, and there is no --no-val-fraction); it was refused as "not between 0 and 1"

@@ -563,7 +563,8 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
     main = rank == 0
     if log is None:
         log = (lambda message: print(message, file=sys.stderr, flush=True)) if main else (lambda message: None)
-    out = Path(out) if out is not None else (Path(config.out) if config.out else None)
+    # expanded: train(..., out="~/runs/nb") saved its adapter through the expanded path and the rest under './~'
+    out = Path(out).expanduser() if out is not None else (Path(config.out).expanduser() if config.out else None)
     device = next(model.parameters()).device
     if config.fsdp and torch.cuda.is_available() and world_size > 1:  # the base may wait on the CPU until sharded
         device = torch.device("cuda", torch.cuda.current_device())

@@ -68,7 +68,8 @@ def resolve_run_folder(out: str | None, resume: str | None, overwrite: bool,
     """(run folder, folder or checkpoint to resume from). A fresh run never writes into a folder holding another run.
     Without ``out`` a fresh run is ``runs/<date-time>`` of ``clock`` (a ``time.time()``; None: now)."""
     if resume is not None:
-        source = Path(resume) if resume != "latest" else (Path(out) if out else latest_run())
+        # expanded: --resume=~/runs/x (no shell expands a ~ after '=') was "cannot resume: ~/runs/x does not exist"
+        source = Path(resume).expanduser() if resume != "latest" else (Path(out) if out else latest_run())
         if not source.exists():
             raise LorakitError(f"cannot resume: {source} does not exist; give the run folder of the earlier run")
         home = source.parent.parent if (source / "state.json").is_file() else source  # the run being resumed

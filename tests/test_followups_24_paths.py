@@ -1,0 +1,61 @@
+"""Paths as users have them (session 24, helper "paths"): ``~`` where no shell expands it, Windows backslashes in a
+config file, symlinks in a served adapters folder.
+
+``out: ~/runs/x`` in a config file (or ``--out=~/x``, ``TrainConfig(out="~/x")``) wrote the run into a folder named
+``~`` under the current one and left its ``adapter/`` empty: the adapter was saved through the expanded path into a
+hidden temporary folder. ``--resume=~/runs/x`` said the run does not exist.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lorakit.cli import main
+from cli_helpers import cli_error
+from test_train_helpers import task_records, tiny_folder, write_jsonl  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fake home folder and a current folder elsewhere, so a literal '~' folder would show up in the latter."""
+    home = tmp_path / "home é"
+    home.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    return home
+
+
+def test_a_tilde_out_in_a_config_file_is_the_home_folder(tiny_folder, home, capsys):  # noqa: F811 (fixture)
+    write_jsonl(home / "train 中文.jsonl", task_records(8, seed=1))
+    config = home / "run.yaml"
+    config.write_text(f"model: {tiny_folder}\ndata: ['~/train 中文.jsonl']\nout: ~/runs/x\nrank: 2\nmax_steps: 1\n"
+                      "batch_size: 4\nval_fraction: 0\neval_examples: 0\n", encoding="utf-8")
+    assert main(["train", "--config", str(config), "--no-progress"]) == 0
+    run = home / "runs" / "x"
+    # the adapter is whole where the line says, and nothing went to a folder named '~' under the current one
+    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not (Path.cwd() / "~").exists()
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    captured = capsys.readouterr()
+    assert f"adapter: {run / 'adapter'}" in captured.out + captured.err
+    # --resume=~/runs/x (the shell expands no ~ after '='): it continues that run
+    assert main(["train", "--resume=~/runs/x", "--max-steps", "2", "--no-progress"]) == 0
+    assert (run / "checkpoints" / "step-000002").is_dir()
+    assert not (Path.cwd() / "~").exists()
+
+
+def test_train_from_python_expands_a_tilde_out(tiny_folder, home):  # noqa: F811 (fixture)
+    import lorakit
+    from lorakit.train import TrainConfig, train
+
+    model, tokenizer = lorakit.load_base(str(tiny_folder))
+    result = train(model, tokenizer, task_records(8, seed=1),
+                   config=TrainConfig(max_steps=1, rank=2, batch_size=4, out="~/nb", eval_examples=0))
+    assert Path(result.adapter_dir) == home / "nb" / "adapter"
+    assert (home / "nb" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (Path.cwd() / "~").exists()
