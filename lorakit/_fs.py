@@ -112,3 +112,16 @@ def safetensors_os_errors() -> Iterator[None]:
             raise
         number = int(found.group(1))
         raise OSError(number, os.strerror(number)) from None
+
+
+def backslash_hint(given: str | os.PathLike) -> str:
+    """'; did you mean a/b? ...' when the path ``given`` holds Windows separators (``runs\\mine``, from a config file
+    written on Windows) and the path with '/' in their place exists, else ''. On Linux and macOS a backslash is part
+    of a file name, so such a path was "not found" (a model's was even told to be downloaded) without saying why."""
+    text = os.fspath(given)
+    if os.sep == "\\" or "\\" not in text:
+        return ""
+    fixed = text.replace("\\", "/")
+    if not os.path.exists(os.path.expanduser(fixed)):
+        return ""
+    return f"; did you mean {fixed}? (a '\\' is part of a file name here, not a folder separator: write '/')"

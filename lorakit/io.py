@@ -454,6 +454,11 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
             raise LorakitError(f"adapter folder {folder} does not exist; did you mean {close}?")
         # org/name, unless org is a local folder: runs/nope is a path, not a Hub id to download
         hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(folder)) is not None and not folder.parent.is_dir()
+        from lorakit._fs import backslash_hint
+
+        slashed = backslash_hint(folder)  # runs\mine\adapter from a config file written on Windows
+        if slashed:
+            raise LorakitError(f"adapter folder {folder} does not exist{slashed}")
         raise LorakitError(f"adapter folder {folder} does not exist (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)" + (
             f"; lorakit reads local folders: download a hub adapter first (hf download {folder} --local-dir DIR)"
             if hub else ""))

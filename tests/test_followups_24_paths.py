@@ -59,3 +59,37 @@ def test_train_from_python_expands_a_tilde_out(tiny_folder, home):  # noqa: F811
     assert Path(result.adapter_dir) == home / "nb" / "adapter"
     assert (home / "nb" / "adapter" / "adapter_model.safetensors").is_file()
     assert not (Path.cwd() / "~").exists()
+
+
+def test_windows_backslashes_name_the_path_meant(tiny_folder, tmp_path, monkeypatch, capsys):  # noqa: F811 (fixture)
+    """A config file written on Windows (model: ..\\models\\tiny): on Linux a backslash is part of a file name, so
+    the model was "neither an embedded model nor a local folder ... download it first", and the data or adapter
+    path just "not found"; each now names the path with '/'."""
+    import shutil
+
+    import lorakit
+    from lorakit.errors import LorakitError
+    from lorakit.train.sources import read_records
+
+    (tmp_path / "models").mkdir()
+    shutil.copytree(tiny_folder, tmp_path / "models" / "tiny")
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", task_records(4))
+    monkeypatch.chdir(tmp_path / "data")
+    with pytest.raises(LorakitError, match=r"model folder \.\.\\models\\tiny does not exist; did you mean "
+                                           r"\.\./models/tiny\? \(a '\\' is part of a file name here"):
+        lorakit.load_base("..\\models\\tiny")
+    with pytest.raises(LorakitError, match=r"did you mean \.\./data/train\.jsonl\?"):
+        read_records("..\\data\\train.jsonl")
+    model, _ = lorakit.load_base("../models/tiny")
+    from test_serve_support import make_adapter
+
+    make_adapter(model, tmp_path / "runs" / "mine" / "adapter", seed=1)
+    with pytest.raises(LorakitError, match=r"adapter folder \.\.\\runs\\mine\\adapter does not exist; did you mean "
+                                           r"\.\./runs/mine/adapter\?"):
+        lorakit.load_adapter(model, "..\\runs\\mine\\adapter")
+    # the command line says the same in one line, and a backslash path that exists in no form is still "check the path"
+    line = cli_error(capsys, main(["inspect", "..\\runs\\mine\\adapter"]))
+    assert "did you mean ../runs/mine/adapter?" in line
+    with pytest.raises(LorakitError, match=r"model folder \.\.\\nothing does not exist; check the path"):
+        lorakit.load_base("..\\nothing")

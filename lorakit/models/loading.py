@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lorakit._fs import backslash_hint
 from lorakit.config import clipped, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.models.folder_layout import (INDEX, check_file_kinds, check_links, check_quantization,
@@ -30,7 +31,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 def _looks_like_path(text: str) -> bool:
     """A path rather than a name: it starts at the root, the home folder or the current one, or has folders in it
     (an ``org/name`` Hub id looks like one too: ``looks_like_hub_id`` is asked first)."""
-    return text.startswith(("/", "./", "../", "~", ".\\")) or "/" in text.strip("/") or os.sep in text.strip(os.sep)
+    # a backslash too: '..\models\llama' from a config file written on Windows was "download it first"
+    return (text.startswith(("/", "./", "../", "~", ".\\")) or "/" in text.strip("/") or os.sep in text.strip(os.sep)
+            or "\\" in text)
 
 
 def _nearby_model_folder(text: str) -> str | None:
@@ -80,6 +83,9 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
         if nearby is not None:
             raise LorakitError(f"model folder {text} does not exist; did you mean {nearby}?")
         if not hub and _looks_like_path(text):  # ./my-model, /models/llama, ~/x: a folder meant, not a name
+            slashed = backslash_hint(text)
+            if slashed:
+                raise LorakitError(f"model folder {text} does not exist{slashed}")
             raise LorakitError(f"model folder {text} does not exist; check the path (lorakit reads local folders and "
                                "loads no models from the internet)")
         raise LorakitError(f"model {name_or_folder!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a "

@@ -96,6 +96,11 @@ def read_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
         if len(parts) > 1 and all(part.exists() for part in parts):  # --data a.jsonl,b.jsonl
             raise LorakitError(f"data file not found: {path}; it names {len(parts)} files joined by a comma: give them "
                                "separately (--data a.jsonl b.jsonl; in a config file a list: data: [a.jsonl, b.jsonl])")
+        from lorakit._fs import backslash_hint
+
+        slashed = backslash_hint(path)  # data\train.jsonl from a config file written on Windows
+        if slashed:
+            raise LorakitError(f"data file not found: {path}{slashed}")
         close = _nearby_data_file(path)  # a typo: val.josnl for val.jsonl
         if close is not None:
             raise LorakitError(f"data file not found: {path}; did you mean {close}?")
