@@ -93,3 +93,19 @@ def test_windows_backslashes_name_the_path_meant(tiny_folder, tmp_path, monkeypa
     assert "did you mean ../runs/mine/adapter?" in line
     with pytest.raises(LorakitError, match=r"model folder \.\.\\nothing does not exist; check the path"):
         lorakit.load_base("..\\nothing")
+
+
+def test_serve_names_broken_links_in_the_adapters_folder(tmp_path):
+    """README: start-up names any folder it skips and why. A link to a run since deleted (adapters/orders ->
+    ../runs/old/adapter) or a loop of links was left out of /v1/models without a word."""
+    from lorakit.serve.cli import skipped_folders
+
+    root = tmp_path / "adapters é"
+    root.mkdir()
+    (root / "orders").symlink_to(tmp_path / "runs" / "old" / "adapter")
+    (root / "a").symlink_to(root / "b")
+    (root / "b").symlink_to(root / "a")
+    skipped = dict(skipped_folders(root))
+    assert skipped["orders"] == f"it is a link to {tmp_path / 'runs' / 'old' / 'adapter'}, which does not exist"
+    assert skipped["a"] == f"it is a link to {root / 'b'}, a loop of links"
+    assert set(skipped) == {"orders", "a", "b"}
