@@ -111,6 +111,27 @@ def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, tor
     return total
 
 
+@torch.no_grad()
+def _first_rows_loss(model: nn.Module, dataset: SupervisedDataset, collator: Callable, device: torch.device,
+                     compute_dtype: torch.dtype | None, batch_size: int) -> float:
+    """Mean per-token loss (dropout off) of the training set's first global micro-batch of rows, each process its
+    share, summed over the processes (every process must call it: under FSDP the forward is collective); inf when
+    those rows hold no supervised token. Tells weights that give NaN everywhere from one batch that does."""
+    rank = world()[0]
+    # a full micro-batch on every process (train() checked the rows suffice): a forward each, as FSDP needs
+    batch = collator([dataset[i] for i in range(rank * batch_size, (rank + 1) * batch_size)])
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast_context(device, compute_dtype):
+            summed = float(loss_sum(model, to_device(batch, device)))
+    finally:
+        model.train(was_training)
+    tokens = supervised_tokens(batch["labels"])
+    summed, tokens = (float(x) for x in all_reduce_sum(torch.tensor([summed, tokens], dtype=torch.float64)))
+    return summed / tokens if tokens else float("inf")
+
+
 def _activation_offload(enabled: bool, device: torch.device):
     """Saved activations go to (pinned) CPU memory and come back for backward: GPU memory for PCIe time."""
     if not enabled:
@@ -729,6 +750,36 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
                                    writer, keep=config.keep_checkpoints, trainable=trainable, optimizer_state=opt_state,
                                    rank_rngs=rngs)
 
+    rows_per_epoch = batches.batches_per_epoch * batches.batch_size
+
+    def _bad_steps_error(what: str, last_bad: int) -> LorakitError:
+        return LorakitError(f"{bad_in_row} step{'s' * (bad_in_row != 1)} in a row had a NaN or infinite {what} (last "
+                            f"at step {last_bad}); lower --lr (now {config.learning_rate:g}), keep --max-grad-norm on, "
+                            "or check the data")
+
+    def _broken_weights(what: str, last_bad: int) -> LorakitError | None:
+        """After ``bad_in_row`` steps in a row skipped for a non-finite loss or gradient, up to step ``last_bad``: the
+        error to stop with when the weights themselves give a non-finite loss (on the first training rows too),
+        else None (the batches were to blame). A skipped step leaves the weights alone, so an update that broke them
+        (a learning rate far too high) made every later step NaN: skipping cannot recover, and resuming from a
+        checkpoint written since (they hold the same weights) fails the same way."""
+        if math.isfinite(_first_rows_loss(model, train_ds, collator, device, compute_dtype, config.batch_size)):
+            return None
+        first_bad = last_bad - bad_in_row + 1
+        if first_bad <= 1:  # no update before the streak: the model as given (the data, the dtype) is to blame
+            return _bad_steps_error(what, last_bad)
+        lr = f"--lr (now {config.learning_rate:g})"
+        if config.loraplus_ratio and config.loraplus_ratio != 1:  # lora_B's rate, the likelier culprit
+            lr += (f" or --loraplus-ratio (now {config.loraplus_ratio:g}: lora_B's learning rate "
+                   f"{config.learning_rate * config.loraplus_ratio:g})")
+        best = (f"; {out / BEST_DIR} holds the adapter of the best validation loss (step {best_step})"
+                if out is not None and best_step is not None and adapter is not None else "")
+        return LorakitError(f"steps {first_bad}-{last_bad} had a NaN or infinite loss and were skipped, and the "
+                            f"weights give one on other training rows too: the update of step {first_bad - 1} broke "
+                            f"them, so no adapter is saved (checkpoints from step {first_bad - 1} on hold the same "
+                            f"weights: resuming from them does not help){best}; start a new run with a lower {lr}, "
+                            "--max-grad-norm on")
+
     def validation_due() -> bool:
         return val_ds is not None and bool(eval_every) and step > 0 and (step % eval_every == 0 or step == total_steps)
 
@@ -778,6 +829,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
             raise
     # Ctrl-C / SIGTERM: a checkpoint at the step boundary, then TrainingInterrupted (lorakit/train/stopping.py)
     stop = StopRequest(together=world_size > 1, announce=main)
+    what = "loss"  # what the last skipped step had non-finite: "loss" or "gradient"
     step_start: tuple[dict, Any] | None = None  # (data position, random states) where the step being computed began
     computing = False  # inside a step, before its optimizer update: a stop abandons it
     try:
@@ -803,7 +855,9 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
                 if stopping:
                     raise _AgreedStop(stopping, signal.SIGTERM if terminated else signal.SIGINT)
                 entry: dict[str, Any] = {"kind": "train", "step": step + 1,
-                                         "epoch": round(batches.epoch + batches.index / len(train_ds), 4)}
+                                         # of the rows an epoch trains (full micro-batches): with 39 rows
+                                         # in batches of 8 the end of --epochs 1 read 0.82, not 1.0
+                                         "epoch": round(batches.epoch + batches.index / rows_per_epoch, 4)}
                 if n_tokens == 0:
                     summed = grad_norm = None
                 else:
@@ -828,10 +882,7 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
                                 f"({bad_in_row} in a row, stop at {config.max_bad_steps})")
                             entry.update(skipped=f"non-finite {what}")
                             if bad_in_row >= config.max_bad_steps:  # raised once the step's metrics line is written
-                                too_many = LorakitError(f"{bad_in_row} steps in a row had a NaN or infinite {what} "
-                                                        f"(last at step {step + 1}); lower --lr (now "
-                                                        f"{config.learning_rate:g}), keep --max-grad-norm on, or "
-                                                        "check the data")
+                                too_many = _broken_weights(what, step + 1) or _bad_steps_error(what, step + 1)
                         else:
                             bad_in_row = 0
                             factor = schedule.apply(optimizer, step)
@@ -861,6 +912,12 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
                 if config.save_every and step % config.save_every == 0:
                     with stop.uncut():
                         last_checkpoint = write_checkpoint()
+            if bad_in_row and stopped == "completed" and step != resumed_at:
+                # the run ended inside a streak of skipped steps, fewer than --max-bad-steps: when the weights give
+                # a NaN loss on other rows too, RUN/adapter (and the 'done' line, exit 0) would be that broken model
+                broken = _broken_weights(what, step)
+                if broken is not None:
+                    raise broken
             if step > 0 and step != resumed_at:  # the end of the run (a resume with nothing left to do wrote it already)
                 with stop.uncut():
                     last_checkpoint = write_checkpoint()
@@ -1005,6 +1062,10 @@ class _ProgressLines(_NoBar):
         self.total, self.n, self.first, self.log, self.every_s = total, initial, initial, log, every_s
         self.started = self.last_time = time.perf_counter()
         self.last_step = initial
+
+    def write(self, text: str) -> None:
+        # through log like every other line: the validation losses went straight to stderr, past train(log=...)
+        self.log(text)
 
     def update(self, n: int) -> None:
         self.n += n
