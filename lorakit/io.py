@@ -1043,6 +1043,15 @@ def _short_name(name: str) -> str:
     return re.sub(r"(-unsloth)?(-bnb)?-[48]bit$", "", last.rsplit("--", 1)[-1].lower())  # unsloth's quantized copies
 
 
+def _same_folder(a: str, b: str) -> bool:
+    """Whether the names ``a`` and ``b`` are paths to one existing folder (a symlinked model folder, or a relative
+    and an absolute path to it)."""
+    try:
+        return os.path.samefile(os.path.expanduser(a), os.path.expanduser(b))
+    except (OSError, ValueError):  # a name that is no local path (an org/name id), or a path too long
+        return False
+
+
 def _warn_other_base_name(model: nn.Module, adapter_file: AdapterFile) -> None:
     """Warn when the file names another base than this model's (the shapes fit, so nothing else can tell). Names are
     compared by their last part, and one that extends the other (a base and its ``-Instruct``) passes."""
@@ -1051,6 +1060,8 @@ def _warn_other_base_name(model: nn.Module, adapter_file: AdapterFile) -> None:
     if not (isinstance(ours, str) and ours and theirs):
         return
     ours_short, theirs_short = _short_name(ours), _short_name(theirs)
+    if _same_folder(ours, theirs):  # models/current -> Llama-3.2-1B: one folder by two names (a link), not another base
+        return
     if not (ours_short.startswith(theirs_short) or theirs_short.startswith(ours_short)):  # "x" and "x-instruct": quiet
         warnings.warn(f"{adapter_file.folder}: {CONFIG_NAME} names the base {shown(theirs)}, this model is {shown(ours)}; the "
                       "shapes fit, but an adapter on another base than it was trained on gives wrong outputs",

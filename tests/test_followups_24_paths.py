@@ -109,3 +109,23 @@ def test_serve_names_broken_links_in_the_adapters_folder(tmp_path):
     assert skipped["orders"] == f"it is a link to {tmp_path / 'runs' / 'old' / 'adapter'}, which does not exist"
     assert skipped["a"] == f"it is a link to {root / 'b'}, a loop of links"
     assert set(skipped) == {"orders", "a", "b"}
+
+
+def test_a_symlinked_model_folder_is_not_another_base(tiny_folder, tmp_path):  # noqa: F811 (fixture)
+    """An adapter trained on models/current (a link to the real folder) and loaded on the real folder's path was
+    warned about as 'names the base .../current, this model is .../tiny-model0 ... gives wrong outputs'."""
+    import warnings
+
+    import lorakit
+    from test_serve_support import make_adapter
+
+    link = tmp_path / "current"
+    link.symlink_to(tiny_folder, target_is_directory=True)
+    model, _ = lorakit.load_base(str(link))
+    folder = make_adapter(model, tmp_path / "adapter", seed=1)
+    assert lorakit.io.read_adapter(folder).base_name == str(link)
+    model, _ = lorakit.load_base(str(tiny_folder))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lorakit.load_adapter(model, folder)
+    assert not [w for w in caught if "names the base" in str(w.message)]
