@@ -129,3 +129,17 @@ def test_a_symlinked_model_folder_is_not_another_base(tiny_folder, tmp_path):  #
         warnings.simplefilter("always")
         lorakit.load_adapter(model, folder)
     assert not [w for w in caught if "names the base" in str(w.message)]
+
+
+def test_serve_names_the_base_by_its_folder_given_as_a_relative_path(tmp_path, monkeypatch):
+    """--model . (run inside the model folder) served the base as "." in /v1/models, and --model .. as ".."."""
+    from lorakit.serve.cli import default_base_name
+
+    folder = tmp_path / "models" / "llama é"
+    folder.mkdir(parents=True)
+    monkeypatch.chdir(folder)
+    assert default_base_name(".") == default_base_name("./") == default_base_name(str(folder) + "/") == "llama é"
+    assert default_base_name("..") == "models"
+    assert default_base_name("smollm2-135m") == "smollm2-135m" and default_base_name("org/name") == "name"
+    monkeypatch.setenv("HOME", str(tmp_path / "models"))
+    assert default_base_name("~/llama é/") == "llama é"

@@ -181,7 +181,7 @@ def build_state(args: argparse.Namespace):
     max_prompt = args.max_prompt_tokens or context
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     engine = Engine(model, model_lock, max_batch=args.max_batch, pad_id=pad_id, decoder=decoder, prefill_chunk=chunk)
-    name = args.name or os.path.basename(os.path.normpath(str(args.model)))
+    name = args.name or default_base_name(args.model)
     defaults, ignored = model_defaults(model, getattr(args, "generation_config", "auto"))
     for line in startup_lines(defaults, ignored):
         print(line, file=sys.stderr, flush=True)
@@ -292,6 +292,12 @@ def skipped_folders(root) -> list[tuple[str, str]]:
             skipped.append((entry, "it holds no adapter_config.json, so it is not an adapter folder"
                                    + _inner_adapters(root, entry)))
     return skipped
+
+
+def default_base_name(model: str) -> str:
+    """The name clients send for the base when --name is not given: the --model folder's own name. Made absolute
+    first: --model . (or ./, ..) served the base as "." (or ".."), the folder's name never appearing."""
+    return os.path.basename(os.path.abspath(os.path.expanduser(str(model))))
 
 
 def _broken_link(path: str) -> str:
