@@ -774,11 +774,11 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
                    f"{config.learning_rate * config.loraplus_ratio:g})")
         best = (f"; {out / BEST_DIR} holds the adapter of the best validation loss (step {best_step})"
                 if out is not None and best_step is not None and adapter is not None else "")
-        return LorakitError(f"steps {first_bad}-{last_bad} had a NaN or infinite loss and were skipped, and the "
-                            f"weights give one on other training rows too: the update of step {first_bad - 1} broke "
-                            f"them, so no adapter is saved (checkpoints from step {first_bad - 1} on hold the same "
-                            f"weights: resuming from them does not help){best}; start a new run with a lower {lr}, "
-                            "--max-grad-norm on")
+        return LorakitError(f"{bad_in_row} steps in a row had a NaN or infinite {what} (last at step {last_bad}); lower "
+                            f"{lr} and start a new run with --max-grad-norm on: the weights give a NaN or infinite loss "
+                            f"on other training rows too, so the update of step {first_bad - 1} broke them (no adapter "
+                            f"is saved; the checkpoints from step {first_bad - 1} on hold the same weights, so resuming "
+                            f"from them does not help){best}")
 
     def validation_due() -> bool:
         return val_ds is not None and bool(eval_every) and step > 0 and (step % eval_every == 0 or step == total_steps)
