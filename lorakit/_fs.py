@@ -125,3 +125,18 @@ def backslash_hint(given: str | os.PathLike) -> str:
     if not os.path.exists(os.path.expanduser(fixed)):
         return ""
     return f"; did you mean {fixed}? (a '\\' is part of a file name here, not a folder separator: write '/')"
+
+
+def broken_link(path: str | os.PathLike) -> str:
+    """'a link to T, which does not exist' (or '..., a loop of links') when ``path`` is a symbolic link that leads
+    nowhere, else ''. Such a path reads as missing, and as a folder it exists all the same (mkdir: 'File exists')."""
+    import errno
+
+    if not os.path.islink(path):
+        return ""
+    try:
+        os.stat(path)
+    except OSError as error:
+        target = os.readlink(path)
+        return f"a link to {target}, {'a loop of links' if error.errno == errno.ELOOP else 'which does not exist'}"
+    return ""

@@ -222,6 +222,11 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out", overwrite: 
     if not str(out).strip():  # --out "" (an unset shell variable): Path("") is the current folder
         raise LorakitError(f"{flag} is empty; give the output folder's name, e.g. {flag} merged")
     out = Path(out).expanduser()
+    from lorakit._fs import broken_link
+
+    dangling = broken_link(out)  # a traceback (RuntimeError: Symlink loop) or "cannot write: Not a directory"
+    if dangling:
+        raise LorakitError(f"{flag} {given} is {dangling}; remove the link or give another {flag}")
     if out.is_symlink() and out.is_dir():
         out = out.resolve()
     if out.exists() and not out.is_dir():

@@ -143,3 +143,26 @@ def test_serve_names_the_base_by_its_folder_given_as_a_relative_path(tmp_path, m
     assert default_base_name("smollm2-135m") == "smollm2-135m" and default_base_name("org/name") == "name"
     monkeypatch.setenv("HOME", str(tmp_path / "models"))
     assert default_base_name("~/llama é/") == "llama é"
+
+
+def test_links_that_lead_nowhere_are_named(tiny_folder, tmp_path, capsys):  # noqa: F811 (fixture)
+    """A symlink loop given as --out was a traceback (RuntimeError: Symlink loop), a dangling link 'cannot write:
+    Not a directory' (merge) or 'File exists' (train), and a dangling --model 'neither an embedded model ... download
+    it first'."""
+    import lorakit
+    from lorakit.errors import LorakitError
+    from test_serve_support import make_adapter
+
+    model, _ = lorakit.load_base(str(tiny_folder))
+    adapter = make_adapter(model, tmp_path / "adapter", seed=1)
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    for out, why in (("gone", f"a link to {tmp_path / 'nowhere'}, which does not exist"),
+                     ("loop1", f"a link to {tmp_path / 'loop2'}, a loop of links")):
+        line = cli_error(capsys, main(["merge", "--model", str(tiny_folder), "--adapter", str(adapter), "--out",
+                                       str(tmp_path / out)]))
+        assert line.endswith(f"--out {tmp_path / out} is {why}; remove the link or give another --out"), line
+    assert os.path.islink(tmp_path / "gone") and not (tmp_path / "nowhere").exists()
+    with pytest.raises(LorakitError, match=r"model folder .*gone is a link to .*nowhere, which does not exist$"):
+        lorakit.load_base(str(tmp_path / "gone"))

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lorakit._fs import backslash_hint
+from lorakit._fs import backslash_hint, broken_link
 from lorakit.config import clipped, listed, shown
 from lorakit.errors import LorakitError
 from lorakit.models.folder_layout import (INDEX, check_file_kinds, check_links, check_quantization,
@@ -73,6 +73,8 @@ def resolve_model_folder(name_or_folder: str) -> tuple[Path, str]:
         if entry.is_dir():
             raise LorakitError(f"{text!r} is in the Hugging Face cache ({entry}), but no snapshot there holds "
                                f"config.json (an interrupted download?); run `hf download {text}` again")
+    if not folder.is_dir() and broken_link(folder):  # read as "neither an embedded model ... download it first"
+        raise LorakitError(f"model folder {text} is {broken_link(folder)}")
     if not folder.is_dir():
         hub = ""
         if looks_like_hub_id(text):
