@@ -454,8 +454,10 @@ def read_adapter(folder: str | os.PathLike, max_bytes: int | None = None, follow
             raise LorakitError(f"adapter folder {folder} does not exist; did you mean {close}?")
         # org/name, unless org is a local folder: runs/nope is a path, not a Hub id to download
         hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(folder)) is not None and not folder.parent.is_dir()
-        from lorakit._fs import backslash_hint
+        from lorakit._fs import backslash_hint, broken_link
 
+        if broken_link(folder):  # adapters/orders -> a run since deleted: not just "does not exist"
+            raise LorakitError(f"adapter folder {folder} is {broken_link(folder)}")
         slashed = backslash_hint(folder)  # runs\mine\adapter from a config file written on Windows
         if slashed:
             raise LorakitError(f"adapter folder {folder} does not exist{slashed}")

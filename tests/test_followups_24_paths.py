@@ -166,3 +166,5 @@ def test_links_that_lead_nowhere_are_named(tiny_folder, tmp_path, capsys):  # no
     assert os.path.islink(tmp_path / "gone") and not (tmp_path / "nowhere").exists()
     with pytest.raises(LorakitError, match=r"model folder .*gone is a link to .*nowhere, which does not exist$"):
         lorakit.load_base(str(tmp_path / "gone"))
+    with pytest.raises(LorakitError, match=r"adapter folder .*loop1 is a link to .*loop2, a loop of links$"):
+        lorakit.load_adapter(model, tmp_path / "loop1")
