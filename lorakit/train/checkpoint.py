@@ -268,6 +268,27 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     return path if name.startswith("step-") and (path / "state.json").is_file() else None
 
 
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The step folders in ``folder`` that hold their state.json (written last), oldest first (by step number:
+    a name sort put step-1000000 before step-999999)."""
+    found = []
+    for path in Path(folder).glob("step-*"):
+        digits = path.name[len("step-"):]
+        if digits.isdigit() and (path / "state.json").is_file():
+            found.append((int(digits), path))
+    return [path for _, path in sorted(found)]
+
+
+def _earlier(checkpoint: Path) -> str:
+    """What to do about a damaged ``checkpoint``: the newest complete one before it, by name, or that none is kept."""
+    step = checkpoint.name[len("step-"):]
+    earlier = [p for p in complete_checkpoints(checkpoint.parent)
+               if step.isdigit() and int(p.name[len("step-"):]) < int(step)]
+    if earlier:
+        return f"resume from the earlier checkpoint {earlier[-1]} instead (--resume {earlier[-1]})"
+    return "no earlier checkpoint is kept: start the run again"
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder from a checkpoint path, a ``checkpoints/`` folder or a run folder."""
     path = Path(path).expanduser()  # train(..., resume="~/runs/nb") from Python: no shell expanded it
@@ -275,6 +296,14 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         return path
     for folder in (path / "checkpoints", path):
         found = latest_checkpoint(folder)
+        if found is not None:
+            return found
+    # no usable ``latest`` pointer (a kill between a first checkpoint's rename and the pointer's write, a pointer to
+    # a folder since deleted, a copy of the step folders alone): a step folder exists only once renamed complete, so
+    # the newest holding its state.json is the one to continue from. This said "no checkpoint (the run stopped
+    # before its first checkpoint); start it again with --overwrite", which deleted the checkpoints there
+    for folder in (path / "checkpoints", path):
+        found = next(iter(complete_checkpoints(folder)[::-1]), None)
         if found is not None:
             return found
     if not path.exists():
@@ -287,21 +316,23 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise LorakitError(f"checkpoint file missing: {path}; the checkpoint is incomplete")
+        raise LorakitError(f"checkpoint file missing: {path}; the checkpoint is incomplete: {_earlier(path.parent)}")
     try:
         return load_file(str(path))
     except Exception as error:  # safetensors raises its own error type for damaged files
-        raise LorakitError(f"checkpoint file {path} is damaged ({type(error).__name__}); resume from an earlier "
-                           "checkpoint") from None
+        # which earlier checkpoint: "resume from an earlier checkpoint" alone left the user to find out that
+        # --resume takes a step folder, and which ones are whole
+        raise LorakitError(f"checkpoint file {path} is damaged ({type(error).__name__}); "
+                           f"{_earlier(path.parent)}") from None
 
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
-        raise LorakitError(f"checkpoint file missing: {path}; the checkpoint is incomplete")
+        raise LorakitError(f"checkpoint file missing: {path}; the checkpoint is incomplete: {_earlier(path.parent)}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LorakitError(f"checkpoint file {path} is damaged ({error})") from None
+        raise LorakitError(f"checkpoint file {path} is damaged ({error}); {_earlier(path.parent)}") from None
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:

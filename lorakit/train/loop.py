@@ -586,6 +586,10 @@ def train(model: nn.Module, tokenizer: Any, train_data: Any = None, config: Trai
         log = (lambda message: print(message, file=sys.stderr, flush=True)) if main else (lambda message: None)
     # expanded: train(..., out="~/runs/nb") saved its adapter through the expanded path and the rest under './~'
     out = Path(out).expanduser() if out is not None else (Path(config.out).expanduser() if config.out else None)
+    if out is None and resume is not None:
+        # the resumed run's own folder, as `lorakit train --resume RUN` does: train(..., resume=RUN) alone (the form
+        # TrainingInterrupted's message gives) trained to the end and wrote nothing, no checkpoint, metrics or adapter
+        out = find_checkpoint(resume).parent.parent
     device = next(model.parameters()).device
     if config.fsdp and torch.cuda.is_available() and world_size > 1:  # the base may wait on the CPU until sharded
         device = torch.device("cuda", torch.cuda.current_device())

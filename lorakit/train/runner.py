@@ -73,6 +73,10 @@ def resolve_run_folder(out: str | None, resume: str | None, overwrite: bool,
         if not source.exists():
             raise LorakitError(f"cannot resume: {source} does not exist; give the run folder of the earlier run")
         home = source.parent.parent if (source / "state.json").is_file() else source  # the run being resumed
+        if source.name == "checkpoints" and (home.parent / CONFIG_NAME).is_file() and not (home / CONFIG_NAME).is_file():
+            # RUN/checkpoints (a shell's completion stops there): its run is RUN; this read the options from
+            # RUN/checkpoints/config.yaml and said "its config.yaml ... is missing; put it back"
+            home = source.parent
         run_dir = Path(out) if out else home
         if out and (home / CONFIG_NAME).is_file() and not (run_dir / CONFIG_NAME).is_file() \
                 and run_dir.resolve() != home.resolve():
@@ -652,6 +656,12 @@ def finished_run(run_dir: Path, resume_from: Path, earlier: dict[str, Any], give
     try:
         summary = json.loads(results.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # a damaged results file: the full resume rewrites it
+        return None
+    # results.json of an earlier finish: a run extended past it (--resume --max-steps 12 after 9 steps) that failed
+    # to write its adapter (a full disk, a kill) after its last checkpoint left the step-9 adapter and results; this
+    # said "nothing to do; the run's results are in results.json" over them. The full resume writes both again
+    output = run_dir / ("model" if earlier.get("full") else "adapter")
+    if not isinstance(summary, dict) or summary.get("steps") != step or not output.is_dir():
         return None
     say(f"checkpoint {checkpoint} {why}; the run's results are in {results}")
     return summary
