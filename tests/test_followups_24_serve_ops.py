@@ -111,6 +111,8 @@ def server(tmp_path_factory):
 def test_port_zero_says_the_port_it_listens_on(server):
     # the fixture found the URL in the output and /health answered there
     assert any("--port 0" in line for line in server["seen"])
+    # the start line before it does not give ":0" as an address
+    assert not any("127.0.0.1:0 " in line for line in server["seen"]), server["seen"]
 
 
 def test_a_lora_path_that_is_a_file_is_told_it_is_a_file(server):

@@ -598,7 +598,9 @@ def _run(args: argparse.Namespace) -> int:
     state = build_state(args)
     try:
         app = create_app(state)
-        print(f"lorakit serve: {state.base_name} with adapters from {args.adapters} on http://{args.host}:{args.port} "
+        # --port 0: the system picks the port when uvicorn binds; the "listening on" line below names it
+        where = f"http://{args.host}:{args.port}" if args.port else f"a free port of {args.host} (--port 0)"
+        print(f"lorakit serve: {state.base_name} with adapters from {args.adapters} on {where} "
               f"(max {state.pool.max_loaded} loaded, batch {state.engine.max_batch}, {state.engine.stats()['decoder']} "
               f"decoder, context {state.context_length})", flush=True)
         print(f"lorakit serve: reasoning parser {'on' if state.reasoning else 'off'} (--reasoning-parser "
