@@ -5,11 +5,15 @@ takes seconds, and the ``lorakit`` command imports this package before it can in
 ``--help``. ``from lorakit import inject`` and ``lorakit.inject`` work as before; they import what they need then.
 """
 
-import sys as _sys
-import types as _types
-from typing import TYPE_CHECKING as _TYPE_CHECKING
+from lorakit import _early_ctrl_c
 
-from lorakit._lazy import lazy_attributes as _lazy_attributes
+_early_ctrl_c.install()  # first: a Ctrl-C while the lorakit command imports this package is one line, no traceback
+
+import sys as _sys  # noqa: E402
+import types as _types  # noqa: E402
+from typing import TYPE_CHECKING as _TYPE_CHECKING  # noqa: E402
+
+from lorakit._lazy import lazy_attributes as _lazy_attributes  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -94,3 +98,5 @@ __all__ = [
     "merge_and_unload", "combine_adapters", "save_adapter", "load_adapter", "read_adapter", "AdapterFile", "base_fingerprint", "load_base",
     "quantize", "dequantize", "save_quantized", "NF4Linear", "nf4_roundtrip_error", "LossyMergeWarning", "use_fast_kernels", "disable_fast_kernels",
 ]
+
+_early_ctrl_c.release()  # last: cli.main (and __main__'s guard) handle Ctrl-C from here on

@@ -158,6 +158,13 @@ def test_an_error_that_follows_a_ctrl_c_in_startup_counts_as_the_interrupt(monke
         signal.signal(signal.SIGINT, outer)
 
 
+def _in_lorakit(traceback: str) -> bool:
+    """Whether a traceback passes through lorakit's package (not only the interpreter's start, runpy's search or pip's
+    console script's own lines, which run before lorakit's first statement)."""
+    package = str(Path(__file__).resolve().parents[1] / "lorakit") + "/"
+    return any(f'File "{package}' in line for line in traceback.splitlines())
+
+
 def _commands() -> list[list[str]]:
     commands = [[sys.executable, "-m", "lorakit", "train", "--help"]]
     script = Path(sys.executable).parent / "lorakit"  # the console script pip generates (imports lorakit.cli first)
@@ -184,6 +191,10 @@ def test_ctrl_c_during_startup_never_prints_a_traceback(command):
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=120)
+        if "Traceback" in err and not _in_lorakit(err):
+            # a loaded machine (CI beside other work) can still be in the interpreter's own start (site, runpy's
+            # search for the module) at 0.1 s: before lorakit's first statement, where no program has a handler
+            continue
         assert "Traceback" not in err, f"after {delay:.2f} s:\n{err}"
         # 0: it finished first; -SIGINT: it came before Python's handler was installed; 130: interrupted
         assert process.returncode in (0, 130, -signal.SIGINT), (delay, process.returncode, err)

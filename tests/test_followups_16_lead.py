@@ -50,6 +50,7 @@ def test_engine_gives_generators_to_seeded_requests_only():
             self._wake = threading.Condition()
             self._waiting = []
             self.metrics = EngineMetrics()  # submit names each request's /metrics series
+            self.failure = None  # a live loop (submit fails its jobs at once once the loop's thread has ended)
 
     engine = Idle()
     made = {}

@@ -198,3 +198,29 @@ def test_the_all_linear_expert_share_counts_nf4_layers_at_their_size(tmp_path):
         lorakit.quantize(model, "nf4")
     with pytest.warns(UserWarning, match=rf"fused MoE expert weights .*; {share}% of its weights\) are 3-D"):
         lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules="all-linear"))
+
+
+def test_a_ctrl_c_while_the_command_imports_the_package_is_one_line():
+    """CI saw a KeyboardInterrupt traceback from inside lorakit/__init__.py (a loaded machine, Ctrl-C at 0.1 s): the
+    package's import came before __main__'s guard and cli.main's handler. The package now installs a quiet handler
+    as its first statement when the command imports it, and gives Python's back at its end."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    init = Path(__file__).resolve().parents[1] / "lorakit" / "__init__.py"
+    body = [node for node in ast.parse(init.read_text()).body if not isinstance(node, ast.Expr) or
+            not isinstance(node.value, ast.Constant)]  # the docstring left out
+    assert ast.unparse(body[0]) == "from lorakit import _early_ctrl_c"
+    assert ast.unparse(body[1]) == "_early_ctrl_c.install()" and ast.unparse(body[-1]) == "_early_ctrl_c.release()"
+    script = ("import os, signal, sys\nsys.argv[0] = '-m'\nfrom lorakit import _early_ctrl_c as early\n"
+              "early.install()\nos.kill(os.getpid(), signal.SIGINT)\nimport time\ntime.sleep(5)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=init.parents[1])
+    assert (done.returncode, done.stderr) == (130, "lorakit: interrupted\n")
+    # a program that imports lorakit keeps Python's own handler
+    plain = subprocess.run([sys.executable, "-c", "import signal, lorakit\n"
+                            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler"],
+                           capture_output=True, text=True, timeout=60, cwd=init.parents[1])
+    assert plain.returncode == 0, plain.stderr
