@@ -9,6 +9,7 @@ import re
 import sys
 import threading
 
+from lorakit._fs import broken_link
 from lorakit.errors import LorakitError
 
 
@@ -278,9 +279,9 @@ def skipped_folders(root) -> list[tuple[str, str]]:
     for entry in sorted(os.listdir(root)):
         if entry in served or entry.startswith("."):
             continue
-        broken = _broken_link(os.path.join(root, entry))
+        broken = broken_link(os.path.join(root, entry))
         if broken:  # adapters/orders -> a run since deleted: left out of /v1/models without a word, as a file is
-            skipped.append((entry, broken))
+            skipped.append((entry, f"it is {broken}"))
             continue
         if not os.path.isdir(os.path.join(root, entry)):
             continue
@@ -298,22 +299,6 @@ def default_base_name(model: str) -> str:
     """The name clients send for the base when --name is not given: the --model folder's own name. Made absolute
     first: --model . (or ./, ..) served the base as "." (or ".."), the folder's name never appearing."""
     return os.path.basename(os.path.abspath(os.path.expanduser(str(model))))
-
-
-def _broken_link(path: str) -> str:
-    """Why the symbolic link ``path`` leads nowhere (its target is missing, or links loop), else ''."""
-    import errno
-
-    if not os.path.islink(path):
-        return ""
-    try:
-        os.stat(path)
-    except OSError as error:
-        target = os.readlink(path)
-        if error.errno == errno.ELOOP:
-            return f"it is a link to {target}, a loop of links"
-        return f"it is a link to {target}, which does not exist"
-    return ""
 
 
 def _nested_note(root: str, entry: str) -> str:
